@@ -1,0 +1,26 @@
+"""Publish typed project events to the event bus from any Python backend.
+
+    from publisher import Publisher, issue_token
+    from schemas import Blocker
+
+    bus = Publisher.from_url("redis://localhost:6379/0")
+    bus.blocker_created(1, Blocker(...))
+    bus.blocker_resolved(1, blocker_id=123, answer="Use JWT for stateless API")
+    token = issue_token(secret, projects=[1], subject="user-7")  # for the browser
+"""
+
+from publisher.client import AsyncPublisher, Publisher
+from publisher.core import Cursor, PublishError, PublisherUnavailable, Retention
+from schemas.events import EventValidationError
+from schemas.tokens import issue_token
+
+__all__ = [
+    "AsyncPublisher",
+    "Cursor",
+    "EventValidationError",
+    "PublishError",
+    "Publisher",
+    "PublisherUnavailable",
+    "Retention",
+    "issue_token",
+]

@@ -1,0 +1,314 @@
+"""``Publisher`` (sync) and ``AsyncPublisher`` (asyncio): publish typed events to Redis.
+
+Each publish validates the event, encodes it once, and runs one Lua script that appends it to the
+project's stream and publishes it on the project's channel atomically (see :mod:`schemas.lua`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Iterable
+from datetime import datetime, timedelta
+from typing import Generic, TypeVar
+
+import redis
+import redis.asyncio
+import redis.cluster
+import redis.exceptions
+
+from publisher.connection import async_client, is_cluster_url, sync_client
+from publisher.core import (
+    Cursor,
+    PreparedBatch,
+    PublishError,
+    PublisherUnavailable,
+    Retention,
+    now_if_none,
+    plan_batches,
+    prepare_single,
+)
+from schemas import lua
+from schemas.events import (
+    AgentResumed,
+    Blocker,
+    BlockerCreated,
+    BlockerExpired,
+    BlockerResolved,
+    ProjectEvent,
+)
+from schemas.keys import DEFAULT_PREFIX, Keys
+
+__all__ = ["AsyncPublisher", "Publisher"]
+
+R = TypeVar("R")
+_UNAVAILABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+
+
+class _ContractHelpers(Generic[R]):
+    """Typed helpers mirroring the contract's ``broadcast_*`` functions; timestamps default to
+    now (UTC). Each returns what ``publish`` returns: a Cursor, or an awaitable of one."""
+
+    def publish(self, event: ProjectEvent, *, idempotency_key: str | None = None) -> R:
+        raise NotImplementedError
+
+    def blocker_created(
+        self, project_id: int, blocker: Blocker, *, idempotency_key: str | None = None
+    ) -> R:
+        return self.publish(
+            BlockerCreated(project_id=project_id, blocker=blocker), idempotency_key=idempotency_key
+        )
+
+    def blocker_resolved(
+        self,
+        project_id: int,
+        blocker_id: int,
+        answer: str,
+        resolved_at: datetime | None = None,
+        *,
+        idempotency_key: str | None = None,
+    ) -> R:
+        event = BlockerResolved(
+            project_id=project_id,
+            blocker_id=blocker_id,
+            answer=answer,
+            resolved_at=now_if_none(resolved_at),
+        )
+        return self.publish(event, idempotency_key=idempotency_key)
+
+    def agent_resumed(
+        self,
+        project_id: int,
+        agent_id: str,
+        task_id: int,
+        blocker_id: int,
+        resumed_at: datetime | None = None,
+        *,
+        idempotency_key: str | None = None,
+    ) -> R:
+        event = AgentResumed(
+            project_id=project_id,
+            agent_id=agent_id,
+            task_id=task_id,
+            blocker_id=blocker_id,
+            resumed_at=now_if_none(resumed_at),
+        )
+        return self.publish(event, idempotency_key=idempotency_key)
+
+    def blocker_expired(
+        self,
+        project_id: int,
+        blocker_id: int,
+        task_id: int,
+        expired_at: datetime | None = None,
+        *,
+        idempotency_key: str | None = None,
+    ) -> R:
+        event = BlockerExpired(
+            project_id=project_id,
+            blocker_id=blocker_id,
+            task_id=task_id,
+            expired_at=now_if_none(expired_at),
+        )
+        return self.publish(event, idempotency_key=idempotency_key)
+
+
+class _Settings:
+    def __init__(
+        self,
+        *,
+        prefix: str,
+        retention: Retention | None,
+        idempotency_window: timedelta,
+        sharded: bool,
+    ) -> None:
+        self.keys = Keys(prefix)
+        self.retention = retention or Retention()
+        self.idempotency_window = idempotency_window
+        self.publish_command = "SPUBLISH" if sharded else "PUBLISH"
+
+    def single(self, event: ProjectEvent, idempotency_key: str | None) -> PreparedBatch:
+        return prepare_single(
+            event,
+            keys=self.keys,
+            retention=self.retention,
+            publish_command=self.publish_command,
+            idempotency_key=idempotency_key,
+            idempotency_window=self.idempotency_window,
+        )
+
+    def batches(self, events: Iterable[ProjectEvent]) -> list[PreparedBatch]:
+        return plan_batches(
+            events,
+            keys=self.keys,
+            retention=self.retention,
+            publish_command=self.publish_command,
+        )
+
+
+def _collect(batches: list[PreparedBatch], results: list, total: int) -> list[Cursor]:
+    cursors: list[Cursor] = [None] * total  # type: ignore[list-item]
+    for batch, result in zip(batches, results, strict=True):
+        for position, cursor in zip(batch.positions, batch.cursors(result), strict=True):
+            cursors[position] = cursor
+    return cursors
+
+
+class Publisher(_ContractHelpers[Cursor]):
+    """Publish events synchronously (threads, WSGI apps, scripts, cron jobs).
+
+    >>> publisher = Publisher.from_url("redis://localhost:6379/0")
+    >>> publisher.blocker_resolved(1, blocker_id=123, answer="Use JWT")
+    Cursor(epoch='...', seq=42)
+
+    Args:
+        client: an existing ``redis.Redis`` or ``redis.cluster.RedisCluster``.
+        prefix: key prefix shared with the gateway.
+        retention: how much history each project keeps (see :class:`Retention`).
+        idempotency_window: how long an idempotency key is remembered.
+        sharded: use ``SPUBLISH`` (Redis Cluster sharded pub/sub); defaults to True for a cluster
+            client. Must match the gateway's setting.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis | redis.cluster.RedisCluster,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        retention: Retention | None = None,
+        idempotency_window: timedelta = timedelta(minutes=10),
+        sharded: bool | None = None,
+    ) -> None:
+        is_cluster = isinstance(client, redis.cluster.RedisCluster)
+        self._settings = _Settings(
+            prefix=prefix,
+            retention=retention,
+            idempotency_window=idempotency_window,
+            sharded=is_cluster if sharded is None else sharded,
+        )
+        self.client = client
+        self._script = client.register_script(lua.PUBLISH)
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs) -> Publisher:
+        """Connect to ``redis://...`` or ``redis+cluster://...`` (see :mod:`publisher.connection`)."""
+        kwargs.setdefault("sharded", is_cluster_url(url))
+        return cls(sync_client(url), **kwargs)
+
+    def publish(self, event: ProjectEvent, *, idempotency_key: str | None = None) -> Cursor:
+        """Validate, append and publish one event; return its cursor.
+
+        With ``idempotency_key``, publishing the same key again within the idempotency window
+        returns the first publish's cursor and writes nothing.
+
+        Raises:
+            EventValidationError: the event breaks the contract; nothing was written.
+            PublisherUnavailable: Redis unreachable after bounded retries.
+        """
+        batch = self._settings.single(event, idempotency_key)
+        try:
+            result = self._script(keys=batch.keys, args=batch.args)
+        except _UNAVAILABLE as exc:
+            raise PublisherUnavailable(f"Redis unavailable: {exc}") from exc
+        except redis.exceptions.RedisError as exc:
+            raise PublishError(f"publish failed: {exc}") from exc
+        return batch.cursors(result)[0]
+
+    def publish_many(self, events: Iterable[ProjectEvent]) -> list[Cursor]:
+        """Publish a burst in one pipelined round trip; cursors come back in the input order.
+
+        Every event is validated before anything is sent. Events of one project keep their
+        relative order and are appended by one script call per 500 events.
+        """
+        events = list(events)
+        batches = self._settings.batches(events)
+        if not batches:
+            return []
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                for batch in batches:
+                    self._script(keys=batch.keys, args=batch.args, client=pipe)
+                results = pipe.execute()
+        except _UNAVAILABLE as exc:
+            raise PublisherUnavailable(f"Redis unavailable: {exc}") from exc
+        except redis.exceptions.RedisError as exc:
+            raise PublishError(f"publish failed: {exc}") from exc
+        return _collect(batches, results, len(events))
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
+    """Publish events from asyncio code; same arguments and behaviour as :class:`Publisher`.
+
+    >>> publisher = AsyncPublisher.from_url("redis://localhost:6379/0")
+    >>> await publisher.agent_resumed(1, "backend-worker-001", task_id=456, blocker_id=123)
+    """
+
+    def __init__(
+        self,
+        client: redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        retention: Retention | None = None,
+        idempotency_window: timedelta = timedelta(minutes=10),
+        sharded: bool | None = None,
+    ) -> None:
+        import redis.asyncio.cluster
+
+        is_cluster = isinstance(client, redis.asyncio.cluster.RedisCluster)
+        self._settings = _Settings(
+            prefix=prefix,
+            retention=retention,
+            idempotency_window=idempotency_window,
+            sharded=is_cluster if sharded is None else sharded,
+        )
+        self.client = client
+        self._script = client.register_script(lua.PUBLISH)
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs) -> AsyncPublisher:
+        kwargs.setdefault("sharded", is_cluster_url(url))
+        return cls(async_client(url), **kwargs)
+
+    async def publish(self, event: ProjectEvent, *, idempotency_key: str | None = None) -> Cursor:
+        """See :meth:`Publisher.publish`."""
+        batch = self._settings.single(event, idempotency_key)
+        try:
+            result = await self._script(keys=batch.keys, args=batch.args)
+        except _UNAVAILABLE as exc:
+            raise PublisherUnavailable(f"Redis unavailable: {exc}") from exc
+        except redis.exceptions.RedisError as exc:
+            raise PublishError(f"publish failed: {exc}") from exc
+        return batch.cursors(result)[0]
+
+    async def publish_many(self, events: Iterable[ProjectEvent]) -> list[Cursor]:
+        """See :meth:`Publisher.publish_many`."""
+        events = list(events)
+        batches = self._settings.batches(events)
+        if not batches:
+            return []
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for batch in batches:
+                    await self._script(keys=batch.keys, args=batch.args, client=pipe)
+                results = await pipe.execute()
+        except _UNAVAILABLE as exc:
+            raise PublisherUnavailable(f"Redis unavailable: {exc}") from exc
+        except redis.exceptions.RedisError as exc:
+            raise PublishError(f"publish failed: {exc}") from exc
+        return _collect(batches, results, len(events))
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def __aenter__(self) -> AsyncPublisher:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()

@@ -1,0 +1,172 @@
+"""The sans-I/O half of the publisher: turning events into Lua script calls and back.
+
+:class:`~publisher.Publisher` and :class:`~publisher.AsyncPublisher` only add the Redis round
+trips around these functions, so both flavours behave identically.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Iterable, Iterator
+from datetime import datetime, timedelta
+from typing import NamedTuple
+
+import msgspec
+
+from schemas.events import ProjectEvent, encode_event, utc_now
+from schemas.keys import Keys
+
+__all__ = [
+    "Cursor",
+    "PreparedBatch",
+    "PublishError",
+    "PublisherUnavailable",
+    "Retention",
+    "new_epoch",
+    "plan_batches",
+    "prepare_single",
+]
+
+#: Events per script call in ``publish_many``: large enough to amortise the round trip, small
+#: enough to keep one script from blocking Redis for long (about a millisecond).
+BATCH_SIZE = 500
+_IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,200}$")
+
+
+class PublishError(Exception):
+    """Base of the publisher's own errors (validation errors are ``EventValidationError``)."""
+
+
+class PublisherUnavailable(PublishError):
+    """Redis could not be reached after the configured retries. Nothing was published, or, if the
+    connection broke after the script was sent, the event may have been published exactly once:
+    pass an ``idempotency_key`` to make retrying such a publish safe."""
+
+
+class Cursor(NamedTuple):
+    """Position of an event in its project's history."""
+
+    epoch: str
+    seq: int
+
+
+class Retention(msgspec.Struct, frozen=True):
+    """How much history each project keeps for replay.
+
+    Defaults: the last 10,000 events, none older than 24 hours. 24 h matches the contract's
+    blocker lifetime, so a dashboard left closed overnight resumes without a full reload; 10,000
+    events bounds memory per project (~4 MB at typical event sizes) when a project is busy. Clients
+    further behind than this get ``resync_required``. ``max_age`` of 0 keeps events by count only.
+    """
+
+    max_len: int = 10_000
+    max_age: timedelta = timedelta(hours=24)
+
+    def __post_init__(self) -> None:
+        if self.max_len < 1:
+            raise ValueError("Retention.max_len must be >= 1")
+        if self.max_age < timedelta(0):
+            raise ValueError("Retention.max_age must not be negative")
+
+    @property
+    def max_age_ms(self) -> int:
+        return int(self.max_age.total_seconds() * 1000)
+
+
+def new_epoch() -> str:
+    """A random history id; 12 bytes of entropy, URL-safe."""
+    return secrets.token_urlsafe(12)
+
+
+class PreparedBatch(NamedTuple):
+    """One call of the publish script: events of one project, in order."""
+
+    project_id: int
+    keys: list[str]
+    args: list[bytes | str | int]
+    size: int
+    positions: list[int]  # index of each event in the caller's list
+
+    def cursors(self, result: list) -> list[Cursor]:
+        epoch, last, _duplicate = result
+        epoch = epoch.decode() if isinstance(epoch, bytes) else epoch
+        last = int(last)
+        return [Cursor(epoch, last - self.size + i + 1) for i in range(self.size)]
+
+
+def _common_args(
+    retention: Retention, idempotency_window: timedelta, publish_command: str
+) -> list[bytes | str | int]:
+    return [
+        new_epoch(),
+        retention.max_len,
+        retention.max_age_ms,
+        int(idempotency_window.total_seconds() * 1000),
+        publish_command,
+    ]
+
+
+def _keys(keys: Keys, project_id: int) -> list[str]:
+    return [keys.meta(project_id), keys.stream(project_id), keys.channel(project_id)]
+
+
+def prepare_single(
+    event: ProjectEvent,
+    *,
+    keys: Keys,
+    retention: Retention,
+    publish_command: str,
+    idempotency_key: str | None = None,
+    idempotency_window: timedelta = timedelta(minutes=10),
+) -> PreparedBatch:
+    """Validate and encode one event into a script call (raises ``EventValidationError``)."""
+    payload = encode_event(event)
+    script_keys = _keys(keys, event.project_id)
+    if idempotency_key is not None:
+        if not isinstance(idempotency_key, str) or not _IDEMPOTENCY_KEY_RE.match(idempotency_key):
+            raise ValueError("idempotency_key must be 1-200 printable ASCII characters, no spaces")
+        if idempotency_window <= timedelta(0):
+            raise ValueError("idempotency_window must be positive")
+        script_keys.append(keys.idempotency(event.project_id, idempotency_key))
+    args = _common_args(retention, idempotency_window, publish_command)
+    args.append(payload)
+    return PreparedBatch(event.project_id, script_keys, args, 1, [0])
+
+
+def plan_batches(
+    events: Iterable[ProjectEvent],
+    *,
+    keys: Keys,
+    retention: Retention,
+    publish_command: str,
+    batch_size: int = BATCH_SIZE,
+) -> list[PreparedBatch]:
+    """Validate and encode every event first (so an invalid one publishes nothing), then group
+    the events of each project, in the caller's order, into script calls."""
+    encoded = [(event.project_id, encode_event(event)) for event in events]
+    return list(_group(encoded, keys, retention, publish_command, batch_size))
+
+
+def _group(
+    encoded: list[tuple[int, bytes]],
+    keys: Keys,
+    retention: Retention,
+    publish_command: str,
+    batch_size: int,
+) -> Iterator[PreparedBatch]:
+    # Sequences are per project, so only the order within a project is observable: bucket by
+    # project (keeping that order) to make script calls as large as possible in mixed bursts.
+    by_project: dict[int, list[int]] = {}
+    for position, (project_id, _) in enumerate(encoded):
+        by_project.setdefault(project_id, []).append(position)
+    for project_id, positions in by_project.items():
+        for start in range(0, len(positions), batch_size):
+            chunk = positions[start : start + batch_size]
+            args = _common_args(retention, timedelta(minutes=1), publish_command)
+            args.extend(encoded[i][1] for i in chunk)
+            yield PreparedBatch(project_id, _keys(keys, project_id), args, len(chunk), chunk)
+
+
+def now_if_none(value: datetime | None) -> datetime:
+    return utc_now() if value is None else value

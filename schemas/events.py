@@ -1,0 +1,179 @@
+"""The project events of ``shared/contract/websocket-events.md``, as msgspec types.
+
+Every event is a :class:`ProjectEvent` subclass tagged on ``"type"``; field names, nesting and JSON
+shapes are exactly the contract's. These Structs are the single source of truth: the publisher
+validates against them, the JSON Schema export is generated from them, and the gateway never
+re-encodes them.
+
+Adding an event type is one new Struct in this module::
+
+    class TaskStatusChanged(ProjectEvent, tag="task_status_changed"):
+        task_id: PositiveId
+        status: Literal["PENDING", "IN_PROGRESS", "DONE", "FAILED"]
+        changed_at: UtcDatetime
+
+Every subclass defined here joins :data:`Event` (the tagged union), :func:`decode_event`, the
+publisher and ``python -m schemas`` automatically.
+
+msgspec checks constraints (``Meta``) when decoding, not in ``__init__``. The publisher therefore
+validates every event by decoding the bytes it is about to send (see :func:`encode_event`), so an
+invalid event built in Python is rejected before anything reaches Redis.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal, TypeAlias, Union
+
+import msgspec
+from msgspec import Meta
+
+__all__ = [
+    "AgentResumed",
+    "Blocker",
+    "BlockerCreated",
+    "BlockerExpired",
+    "BlockerResolved",
+    "BlockerStatus",
+    "BlockerType",
+    "Event",
+    "EventValidationError",
+    "ProjectEvent",
+    "decode_event",
+    "encode_event",
+    "event_types",
+    "utc_now",
+]
+
+PositiveId = Annotated[int, Meta(gt=0, le=2**53 - 1, description="A positive integer id.")]
+AgentId = Annotated[str, Meta(min_length=1, max_length=200, description="Non-empty agent id.")]
+Question = Annotated[str, Meta(min_length=1, max_length=2000)]
+Answer = Annotated[str, Meta(min_length=1, max_length=5000)]
+ShortText = Annotated[str, Meta(min_length=1, max_length=500)]
+UtcDatetime = Annotated[
+    datetime, Meta(tz=True, description="RFC 3339 timestamp, encoded in UTC with a 'Z' suffix.")
+]
+BlockerType = Literal["SYNC", "ASYNC"]
+BlockerStatus = Literal["PENDING", "RESOLVED", "EXPIRED"]
+
+
+class EventValidationError(ValueError):
+    """An event does not satisfy the contract; the message names the offending field."""
+
+
+def utc_now() -> datetime:
+    """The current time as a timezone-aware UTC datetime (the default for event timestamps)."""
+    return datetime.now(UTC)
+
+
+def _to_utc(value: datetime, field: str) -> datetime:
+    # Naive datetimes are ambiguous on the wire; the contract's timestamps are all UTC.
+    if not isinstance(value, datetime):
+        raise TypeError(f"Expected `datetime`, got `{type(value).__name__}` - at `$.{field}`")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"Expected a timezone-aware datetime - at `$.{field}`")
+    return value.astimezone(UTC)
+
+
+class Blocker(msgspec.Struct, kw_only=True):
+    """A question an agent raised and is waiting on (the ``blocker`` of ``blocker_created``)."""
+
+    id: PositiveId
+    agent_id: AgentId
+    agent_name: ShortText
+    task_id: PositiveId
+    task_title: ShortText
+    blocker_type: BlockerType
+    question: Question
+    status: BlockerStatus
+    created_at: UtcDatetime
+
+    def __post_init__(self) -> None:
+        self.created_at = _to_utc(self.created_at, "created_at")
+
+
+class ProjectEvent(msgspec.Struct, tag_field="type"):
+    """Base of every event: tagged on ``"type"``, scoped to one project."""
+
+    project_id: PositiveId
+
+    def __post_init__(self) -> None:
+        # Normalise every datetime field to UTC so that it encodes with a 'Z' suffix.
+        for name in self.__struct_fields__:
+            value = getattr(self, name)
+            if isinstance(value, datetime):
+                setattr(self, name, _to_utc(value, name))
+
+
+class BlockerCreated(ProjectEvent, tag="blocker_created"):
+    """Emitted when an agent creates a blocker."""
+
+    blocker: Blocker
+
+
+class BlockerResolved(ProjectEvent, tag="blocker_resolved"):
+    """Emitted when a user resolves a blocker."""
+
+    blocker_id: PositiveId
+    answer: Answer
+    resolved_at: UtcDatetime
+
+
+class AgentResumed(ProjectEvent, tag="agent_resumed"):
+    """Emitted when an agent resumes after its blocker was resolved."""
+
+    agent_id: AgentId
+    task_id: PositiveId
+    blocker_id: PositiveId
+    resumed_at: UtcDatetime
+
+
+class BlockerExpired(ProjectEvent, tag="blocker_expired"):
+    """Emitted when a blocker auto-expires after being pending too long (24 h by default)."""
+
+    blocker_id: PositiveId
+    task_id: PositiveId
+    expired_at: UtcDatetime
+
+
+def event_types() -> tuple[type[ProjectEvent], ...]:
+    """Every concrete event type, in definition order."""
+    return tuple(ProjectEvent.__subclasses__())
+
+
+# The tagged union of every event type defined above; decode with ``decode_event``.
+Event: TypeAlias = Union[event_types()]  # type: ignore[valid-type]  # noqa: UP007
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(Event)
+
+
+def decode_event(data: bytes | str) -> ProjectEvent:
+    """Decode and validate one event from JSON.
+
+    Raises :class:`EventValidationError` with msgspec's message, which names the field path
+    (e.g. ``Expected `int` >= 1 - at `$.blocker.id```).
+    """
+    try:
+        return _decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise EventValidationError(str(exc)) from None
+
+
+def encode_event(event: ProjectEvent | Any) -> bytes:
+    """Encode an event to JSON once, validating it against the contract on the way.
+
+    The bytes are decoded again with the strict types, which runs every ``Meta`` constraint that
+    ``__init__`` skips; the returned bytes are exactly what is stored and relayed.
+    """
+    if not isinstance(event, ProjectEvent):
+        raise EventValidationError(
+            f"Expected one of the event types {[t.__name__ for t in event_types()]}, "
+            f"got `{type(event).__name__}`"
+        )
+    try:
+        data = _encoder.encode(event)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise EventValidationError(str(exc)) from None
+    decode_event(data)
+    return data

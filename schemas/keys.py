@@ -1,0 +1,93 @@
+"""Redis key and channel names, and the format of what is stored and published under them.
+
+Every name for a project carries the hash tag ``{<project_id>}`` so that the stream, its metadata,
+its idempotency keys and its (sharded) pub/sub channel live in one Redis Cluster slot, which is what
+lets one Lua script touch them all atomically.
+
+Layout for project 42 with the default prefix ``eventbus``::
+
+    eventbus:{42}:meta      hash    epoch -> random id of this history, seq -> last sequence number
+    eventbus:{42}:stream    stream  entry id "<seq>-0", fields f=<frame>, t=<unix ms>
+    eventbus:{42}:live      channel messages "<epoch>|<seq>|<frame>"
+    eventbus:{42}:idem:<k>  string  "<epoch>|<seq>" of the first publish with idempotency key k
+
+A *frame* is the event's JSON with ``"seq":<n>`` appended: exactly the bytes a browser receives.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+__all__ = ["DEFAULT_PREFIX", "Envelope", "Keys", "MalformedEnvelope", "parse_envelope"]
+
+DEFAULT_PREFIX = "eventbus"
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_EPOCH_RE = re.compile(rb"^[A-Za-z0-9_-]{1,64}$")
+
+
+class Keys:
+    """All Redis names of the event bus, under one prefix (one prefix per deployment)."""
+
+    __slots__ = ("_channel_re", "prefix")
+
+    def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
+        if not _PREFIX_RE.match(prefix):
+            raise ValueError(f"key prefix must match {_PREFIX_RE.pattern}, got {prefix!r}")
+        self.prefix = prefix
+        self._channel_re = re.compile(
+            rb"^" + re.escape(prefix.encode()) + rb":\{([1-9][0-9]{0,15})\}:live$"
+        )
+
+    def meta(self, project_id: int) -> str:
+        return f"{self.prefix}:{{{project_id}}}:meta"
+
+    def stream(self, project_id: int) -> str:
+        return f"{self.prefix}:{{{project_id}}}:stream"
+
+    def channel(self, project_id: int) -> str:
+        return f"{self.prefix}:{{{project_id}}}:live"
+
+    def idempotency(self, project_id: int, key: str) -> str:
+        return f"{self.prefix}:{{{project_id}}}:idem:{key}"
+
+    def project_of_channel(self, channel: bytes | str) -> int | None:
+        """The project id a channel name belongs to, or None for a foreign channel."""
+        if isinstance(channel, str):
+            channel = channel.encode()
+        match = self._channel_re.match(channel)
+        return int(match.group(1)) if match else None
+
+
+class Envelope(NamedTuple):
+    """One event as published on a project's channel."""
+
+    epoch: str
+    seq: int
+    frame: bytes
+
+
+class MalformedEnvelope(ValueError):
+    """A channel message that was not written by the publish script."""
+
+
+def parse_envelope(data: bytes) -> Envelope:
+    """Split a channel message ``<epoch>|<seq>|<frame>`` without decoding the frame's JSON."""
+    parts = data.split(b"|", 2)
+    if len(parts) != 3:
+        raise MalformedEnvelope("expected '<epoch>|<seq>|<frame>'")
+    epoch, seq, frame = parts
+    if not _EPOCH_RE.match(epoch):
+        raise MalformedEnvelope("invalid epoch")
+    if not seq.isdigit() or len(seq) > 16:
+        raise MalformedEnvelope("invalid sequence number")
+    if not (frame.startswith(b"{") and frame.endswith(b"}")):
+        raise MalformedEnvelope("frame is not a JSON object")
+    return Envelope(epoch.decode(), int(seq), frame)
+
+
+def stream_entry_seq(entry_id: bytes | str) -> int:
+    """The sequence number of a stream entry id ``"<seq>-0"``."""
+    if isinstance(entry_id, bytes):
+        entry_id = entry_id.decode()
+    return int(entry_id.partition("-")[0])

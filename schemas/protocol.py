@@ -1,0 +1,229 @@
+"""The wire protocol between browsers and the gateway (documented in ``docs/protocol.md``).
+
+Client frames are JSON text frames decoded into :data:`ClientMessage`; gateway frames are the
+events themselves (the contract's JSON plus ``"seq"``) and the control messages below. Close codes
+live in :class:`CloseCode`, error codes in :class:`ErrorCode`, resync reasons in
+:class:`ResyncReason`: one home each.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, TypeAlias, Union
+
+import msgspec
+from msgspec import Meta
+
+__all__ = [
+    "Auth",
+    "Authenticated",
+    "ClientMessage",
+    "CloseCode",
+    "Error",
+    "ErrorCode",
+    "Ping",
+    "PollResponse",
+    "Pong",
+    "ProtocolError",
+    "ResyncReason",
+    "ResyncRequired",
+    "ServerMessage",
+    "Subscribe",
+    "Subscribed",
+    "Unsubscribe",
+    "Unsubscribed",
+    "decode_client_message",
+    "encode",
+]
+
+ProjectId = Annotated[int, Meta(gt=0, le=2**53 - 1)]
+Sequence = Annotated[int, Meta(ge=0, le=2**53 - 1)]
+Epoch = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+Token = Annotated[str, Meta(min_length=1, max_length=8192)]
+
+
+class CloseCode(enum.IntEnum):
+    """WebSocket close codes the gateway uses. 4000-4999 are private to this protocol."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    #: The pod is draining (SIGTERM); reconnect (to another pod) and resume from your cursors.
+    SERVICE_RESTART = 1012
+    #: No valid ``auth`` message in time, or the token is invalid. Get a new token, then reconnect.
+    AUTH_FAILED = 4001
+    #: The token expired and was not refreshed in-band. Get a new token, then reconnect.
+    TOKEN_EXPIRED = 4002
+    #: The client did not read fast enough; its outbound buffer passed the limit. Reconnect and
+    #: resume from your cursors: nothing is lost.
+    SLOW_CONSUMER = 4008
+    #: Too many malformed frames in a row; the client is misbehaving.
+    TOO_MANY_ERRORS = 4009
+
+
+class ErrorCode(enum.StrEnum):
+    """``code`` of an ``error`` message. The connection stays usable after every one of them."""
+
+    INVALID_JSON = "invalid_json"
+    INVALID_MESSAGE = "invalid_message"
+    UNKNOWN_TYPE = "unknown_type"
+    NOT_AUTHENTICATED = "not_authenticated"
+    INVALID_TOKEN = "invalid_token"
+    FORBIDDEN = "forbidden"
+    INVALID_CURSOR = "invalid_cursor"
+    TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
+    NOT_SUBSCRIBED = "not_subscribed"
+    UNAVAILABLE = "unavailable"
+
+
+class ResyncReason(enum.StrEnum):
+    """Why a cursor could not be honoured; the client must reload state from its API."""
+
+    #: The project's history was recreated (Redis flushed or restarted without persistence).
+    EPOCH_CHANGED = "epoch_changed"
+    #: Retention trimmed events the client has not seen.
+    HISTORY_TRIMMED = "history_trimmed"
+    #: More events were missed than one replay may carry.
+    TOO_FAR_BEHIND = "too_far_behind"
+    #: Redis lost events the gateway had already relayed (cursor ahead of the stream).
+    HISTORY_LOST = "history_lost"
+
+
+# --- client -> gateway ---------------------------------------------------------------------
+
+
+class Auth(msgspec.Struct, tag_field="type", tag="auth"):
+    """Authenticate (first frame), or refresh the token of an open connection before it expires."""
+
+    token: Token
+
+
+class Subscribe(msgspec.Struct, tag_field="type", tag="subscribe"):
+    """Receive a project's events: live from now, or resumed after ``(epoch, after)``."""
+
+    project_id: ProjectId
+    epoch: Epoch | None = None
+    after: Sequence | None = None
+
+
+class Unsubscribe(msgspec.Struct, tag_field="type", tag="unsubscribe"):
+    project_id: ProjectId
+
+
+class Ping(msgspec.Struct, tag_field="type", tag="ping"):
+    pass
+
+
+ClientMessage: TypeAlias = Union[Auth, Subscribe, Unsubscribe, Ping]  # noqa: UP007
+CLIENT_MESSAGE_TYPES = ("auth", "subscribe", "unsubscribe", "ping")
+
+
+# --- gateway -> client ---------------------------------------------------------------------
+
+
+class Authenticated(msgspec.Struct, tag_field="type", tag="authenticated"):
+    """The token was accepted. ``projects`` is null when it allows every project."""
+
+    subject: str | None
+    projects: list[int] | None
+    expires_at: int | None  # Unix seconds
+
+
+class Subscribed(msgspec.Struct, tag_field="type", tag="subscribed"):
+    """Sent after the replayed events (if any) and before any live event of the project.
+
+    ``seq`` is the project's top sequence when the subscription went live. ``resumed`` is true when
+    the client's cursor was honoured in full (``replayed`` events were re-sent).
+    """
+
+    project_id: int
+    epoch: str
+    seq: int
+    resumed: bool
+    replayed: int = 0
+
+
+class Unsubscribed(msgspec.Struct, tag_field="type", tag="unsubscribed"):
+    project_id: int
+
+
+class ResyncRequired(msgspec.Struct, tag_field="type", tag="resync_required"):
+    """The cursor cannot be honoured: reload state from the application's API; later events
+    continue after ``(epoch, seq)``."""
+
+    project_id: int
+    reason: ResyncReason
+    epoch: str
+    seq: int
+
+
+class Error(msgspec.Struct, tag_field="type", tag="error", omit_defaults=True):
+    code: ErrorCode
+    message: str
+    project_id: int | None = None
+
+
+class Pong(msgspec.Struct, tag_field="type", tag="pong"):
+    pass
+
+
+ServerMessage: TypeAlias = Union[  # noqa: UP007
+    Authenticated, Subscribed, Unsubscribed, ResyncRequired, Error, Pong
+]
+
+
+class PollResponse(msgspec.Struct):
+    """Body of ``GET /v1/projects/{id}/events``: the HTTP polling fallback.
+
+    ``events`` are the same frames a WebSocket subscriber gets (each with ``seq``), embedded
+    without re-encoding. When ``resync_required`` is set, ``events`` is empty and the client
+    reloads state, then polls again with ``after=seq``.
+    """
+
+    project_id: int
+    epoch: str
+    seq: int
+    events: list[msgspec.Raw]
+    resync_required: ResyncRequired | None = None
+    more: bool = False
+
+
+# --- codec ---------------------------------------------------------------------------------
+
+
+class ProtocolError(ValueError):
+    """A client frame that is not a valid protocol message; ``code`` says which way."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+_client_decoder = msgspec.json.Decoder(ClientMessage)
+_encoder = msgspec.json.Encoder()
+
+
+def decode_client_message(data: bytes | str) -> ClientMessage:
+    """Parse one client frame, raising :class:`ProtocolError` with a precise code and message."""
+    try:
+        return _client_decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        if text.endswith("- at `$.type`") or text.endswith("missing required field `type`"):
+            raise ProtocolError(
+                ErrorCode.UNKNOWN_TYPE,
+                f"{text}; expected one of {', '.join(CLIENT_MESSAGE_TYPES)}",
+            ) from None
+        if "$.epoch" in text or "$.after" in text:
+            raise ProtocolError(ErrorCode.INVALID_CURSOR, text) from None
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, text) from None
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(ErrorCode.INVALID_JSON, str(exc)) from None
+
+
+def encode(message: ServerMessage | PollResponse) -> bytes:
+    """Encode a gateway message to JSON bytes."""
+    return _encoder.encode(message)

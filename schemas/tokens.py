@@ -1,0 +1,117 @@
+"""Browser tokens: what the publisher mints and the gateway verifies (JWT via PyJWT).
+
+Claims::
+
+    {"sub": "user-7", "projects": [1, 2], "aud": "eventbus", "iat": ..., "exp": ...}
+
+``projects`` is a list of project ids, or ``"*"`` for every project (for trusted tools only).
+Tokens are short-lived (15 minutes by default): the browser client re-asks its token function
+before expiry and refreshes in-band, so a leaked token is worth little.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from datetime import timedelta
+from typing import Literal
+
+import jwt
+import msgspec
+
+__all__ = [
+    "AUDIENCE",
+    "DEFAULT_TOKEN_TTL",
+    "InvalidToken",
+    "TokenClaims",
+    "issue_token",
+    "verify_token",
+]
+
+AUDIENCE = "eventbus"
+DEFAULT_TOKEN_TTL = timedelta(minutes=15)
+ALLOWED_ALGORITHMS = ("HS256", "HS384", "HS512")
+
+
+class TokenClaims(msgspec.Struct, frozen=True):
+    """The verified content of a token."""
+
+    projects: frozenset[int] | Literal["*"]
+    exp: int
+    sub: str | None = None
+
+    def allows(self, project_id: int) -> bool:
+        return self.projects == "*" or project_id in self.projects
+
+
+class InvalidToken(ValueError):
+    """A token that is malformed, wrongly signed, expired or not for this audience."""
+
+    def __init__(self, message: str, *, expired: bool = False) -> None:
+        super().__init__(message)
+        self.expired = expired
+
+
+def issue_token(
+    secret: str | bytes,
+    projects: Iterable[int] | Literal["*"],
+    *,
+    ttl: timedelta | float = DEFAULT_TOKEN_TTL,
+    subject: str | None = None,
+    algorithm: str = "HS256",
+) -> str:
+    """Mint a token that lets a browser read the given projects for ``ttl``.
+
+    >>> token = issue_token("s3cret", projects=[1, 2], ttl=600, subject="user-7")
+    """
+    if not secret:
+        raise ValueError("secret must not be empty")
+    if algorithm not in ALLOWED_ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALLOWED_ALGORITHMS}")
+    seconds = ttl.total_seconds() if isinstance(ttl, timedelta) else float(ttl)
+    if seconds <= 0:
+        raise ValueError("ttl must be positive")
+    if projects != "*":
+        projects = sorted({int(p) for p in projects})
+        if any(p <= 0 for p in projects):
+            raise ValueError("project ids must be positive integers")
+    now = int(time.time())
+    claims: dict[str, object] = {
+        "projects": projects,
+        "aud": AUDIENCE,
+        "iat": now,
+        "exp": now + max(1, round(seconds)),
+    }
+    if subject is not None:
+        claims["sub"] = subject
+    return jwt.encode(claims, secret, algorithm=algorithm)
+
+
+def verify_token(
+    token: str, secret: str | bytes, *, algorithms: Iterable[str] = ("HS256",), leeway: float = 5
+) -> TokenClaims:
+    """Check signature, audience and expiry; return the claims or raise :class:`InvalidToken`."""
+    try:
+        raw = jwt.decode(
+            token,
+            secret,
+            algorithms=list(algorithms),
+            audience=AUDIENCE,
+            leeway=leeway,
+            options={"require": ["exp", "projects"]},
+        )
+    except jwt.ExpiredSignatureError:
+        raise InvalidToken("token expired", expired=True) from None
+    except jwt.PyJWTError as exc:
+        raise InvalidToken(f"invalid token: {exc}") from None
+    projects = raw.get("projects")
+    if projects == "*":
+        allowed: frozenset[int] | Literal["*"] = "*"
+    elif isinstance(projects, list) and all(
+        isinstance(p, int) and not isinstance(p, bool) and p > 0 for p in projects
+    ):
+        allowed = frozenset(projects)
+    else:
+        raise InvalidToken("invalid token: 'projects' must be a list of positive ids or '*'")
+    sub = raw.get("sub")
+    return TokenClaims(projects=allowed, exp=int(raw["exp"]), sub=sub if isinstance(sub, str) else None)
