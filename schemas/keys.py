@@ -8,7 +8,7 @@ Layout for project 42 with the default prefix ``eventbus``::
 
     eventbus:{42}:meta      hash    epoch -> random id of this history, seq -> last sequence number
     eventbus:{42}:stream    stream  entry id "<seq>-0", fields f=<frame>, t=<unix ms>
-    eventbus:{42}:live      channel messages "<epoch>|<seq>|<frame>"
+    eventbus:{42}:live      channel messages "<epoch>|<seq>|<published unix ms>|<frame>"
     eventbus:{42}:idem:<k>  string  "<epoch>|<seq>" of the first publish with idempotency key k
 
 A *frame* is the event's JSON with ``"seq":<n>`` appended: exactly the bytes a browser receives.
@@ -65,6 +65,7 @@ class Envelope(NamedTuple):
     epoch: str
     seq: int
     frame: bytes
+    published_ms: int = 0  # Redis server time of the publish, for relay-lag metrics
 
 
 class MalformedEnvelope(ValueError):
@@ -72,18 +73,25 @@ class MalformedEnvelope(ValueError):
 
 
 def parse_envelope(data: bytes) -> Envelope:
-    """Split a channel message ``<epoch>|<seq>|<frame>`` without decoding the frame's JSON."""
-    parts = data.split(b"|", 2)
-    if len(parts) != 3:
-        raise MalformedEnvelope("expected '<epoch>|<seq>|<frame>'")
-    epoch, seq, frame = parts
+    """Split a channel message ``<epoch>|<seq>|<ms>|<frame>`` without decoding the frame's JSON.
+
+    Raises :class:`MalformedEnvelope` for anything the publish script cannot have written.
+    """
+    if not isinstance(data, bytes | bytearray):
+        raise MalformedEnvelope("expected bytes")
+    parts = data.split(b"|", 3)
+    if len(parts) != 4:
+        raise MalformedEnvelope("expected '<epoch>|<seq>|<ms>|<frame>'")
+    epoch, seq, published_ms, frame = parts
     if not _EPOCH_RE.match(epoch):
         raise MalformedEnvelope("invalid epoch")
-    if not seq.isdigit() or len(seq) > 16:
+    if not seq.isdigit() or len(seq) > 16 or seq[0:1] == b"0":
         raise MalformedEnvelope("invalid sequence number")
+    if not published_ms.isdigit() or len(published_ms) > 16:
+        raise MalformedEnvelope("invalid publish time")
     if not (frame.startswith(b"{") and frame.endswith(b"}")):
         raise MalformedEnvelope("frame is not a JSON object")
-    return Envelope(epoch.decode(), int(seq), frame)
+    return Envelope(epoch.decode(), int(seq), bytes(frame), int(published_ms))
 
 
 def stream_entry_seq(entry_id: bytes | str) -> int:

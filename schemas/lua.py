@@ -50,7 +50,7 @@ end
 local n = #ARGV - 5
 local last = redis.call('HINCRBY', KEYS[1], 'seq', n)
 local time = redis.call('TIME')
-local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local now_ms = string.format('%d', tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000))
 local maxlen = ARGV[2]
 local publish = ARGV[5]
 for i = 1, n do
@@ -58,13 +58,13 @@ for i = 1, n do
   local payload = ARGV[5 + i]
   local frame = string.sub(payload, 1, -2) .. ',"seq":' .. seq .. '}'
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, seq .. '-0', 'f', frame, 't', now_ms)
-  redis.call(publish, KEYS[3], epoch .. '|' .. seq .. '|' .. frame)
+  redis.call(publish, KEYS[3], epoch .. '|' .. seq .. '|' .. now_ms .. '|' .. frame)
 end
 local max_age = tonumber(ARGV[3])
 if max_age > 0 then
   -- Age retention: drop entries older than max_age. Entry ids are dense sequence numbers, so the
   -- first entry young enough is found by bisection; the common case costs one XRANGE.
-  local cutoff = now_ms - max_age
+  local cutoff = tonumber(now_ms) - max_age
   local oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)[1]
   if oldest and tonumber(oldest[2][4]) < cutoff then
     local lo = tonumber(string.match(oldest[1], '^(%d+)'))
