@@ -144,6 +144,15 @@ class _Settings:
         )
 
 
+def _queue_eval(pipe, batch: PreparedBatch) -> None:
+    # redis-py's cluster pipelines refuse EVALSHA (they cannot load a script on whichever node
+    # a slot lives on). EVAL carries the script text, so it also works on a node that never saw
+    # the script: a promoted replica after a failover, or a slot's new owner after a migration.
+    # Redis caches the compiled script by its SHA, so the cost is the ~2 KB of text per batch.
+    # (ClusterPipeline.eval() is a stub that raises, hence execute_command.)
+    pipe.execute_command("EVAL", lua.PUBLISH, len(batch.keys), *batch.keys, *batch.args)
+
+
 def _collect(batches: list[PreparedBatch], results: list, total: int) -> list[Cursor]:
     cursors: list[Cursor] = [None] * total  # type: ignore[list-item]
     for batch, result in zip(batches, results, strict=True):
@@ -185,6 +194,7 @@ class Publisher(_ContractHelpers[Cursor]):
             sharded=is_cluster if sharded is None else sharded,
         )
         self.client = client
+        self._cluster = is_cluster
         self._script = client.register_script(lua.PUBLISH)
 
     @classmethod
@@ -225,7 +235,10 @@ class Publisher(_ContractHelpers[Cursor]):
         try:
             with self.client.pipeline(transaction=False) as pipe:
                 for batch in batches:
-                    self._script(keys=batch.keys, args=batch.args, client=pipe)
+                    if self._cluster:
+                        _queue_eval(pipe, batch)
+                    else:
+                        self._script(keys=batch.keys, args=batch.args, client=pipe)
                 results = pipe.execute()
         except _UNAVAILABLE as exc:
             raise PublisherUnavailable(f"Redis unavailable: {exc}") from exc
@@ -269,6 +282,7 @@ class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
             sharded=is_cluster if sharded is None else sharded,
         )
         self.client = client
+        self._cluster = is_cluster
         self._script = client.register_script(lua.PUBLISH)
 
     @classmethod
@@ -296,7 +310,10 @@ class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
         try:
             async with self.client.pipeline(transaction=False) as pipe:
                 for batch in batches:
-                    await self._script(keys=batch.keys, args=batch.args, client=pipe)
+                    if self._cluster:
+                        _queue_eval(pipe, batch)
+                    else:
+                        await self._script(keys=batch.keys, args=batch.args, client=pipe)
                 results = await pipe.execute()
         except _UNAVAILABLE as exc:
             raise PublisherUnavailable(f"Redis unavailable: {exc}") from exc
