@@ -12,6 +12,8 @@ import redis
 
 from tests.support.redis_server import RedisServer
 
+pytest_plugins = ["tests.support.cluster_fixtures"]
+
 
 @pytest.fixture(scope="session")
 def redis_server():
