@@ -1,5 +1,7 @@
 """Publish typed project events to the event bus from any Python backend.
 
+Usage (see ``docs/publisher.md``)::
+
     from publisher import Publisher, issue_token
     from schemas import Blocker
 

@@ -199,7 +199,10 @@ class Publisher(_ContractHelpers[Cursor]):
 
     @classmethod
     def from_url(cls, url: str, **kwargs) -> Publisher:
-        """Connect to ``redis://...`` or ``redis+cluster://...`` (see :mod:`publisher.connection`)."""
+        """Connect to ``redis://...`` or ``redis+cluster://...``.
+
+        URL schemes and the retry policy are described in :mod:`publisher.connection`.
+        """
         kwargs.setdefault("sharded", is_cluster_url(url))
         return cls(sync_client(url), **kwargs)
 

@@ -63,7 +63,8 @@ def async_client(url: str) -> redis.asyncio.Redis | redis.asyncio.cluster.RedisC
 
     if is_cluster_url(url):
         return redis.asyncio.cluster.RedisCluster.from_url(
-            _plain_url(url), retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), RETRIES),
+            _plain_url(url),
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), RETRIES),
             **_options(),
         )
     return redis.asyncio.Redis.from_url(

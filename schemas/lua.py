@@ -71,7 +71,8 @@ if max_age > 0 then
     local hi = last
     while lo < hi do
       local mid = math.floor((lo + hi) / 2)
-      local entry = redis.call('XRANGE', KEYS[2], string.format('%d', mid) .. '-0', '+', 'COUNT', 1)[1]
+      local from = string.format('%d', mid) .. '-0'
+      local entry = redis.call('XRANGE', KEYS[2], from, '+', 'COUNT', 1)[1]
       if tonumber(entry[2][4]) < cutoff then lo = mid + 1 else hi = mid end
     end
     redis.call('XTRIM', KEYS[2], 'MINID', string.format('%d', lo) .. '-0')

@@ -114,4 +114,6 @@ def verify_token(
     else:
         raise InvalidToken("invalid token: 'projects' must be a list of positive ids or '*'")
     sub = raw.get("sub")
-    return TokenClaims(projects=allowed, exp=int(raw["exp"]), sub=sub if isinstance(sub, str) else None)
+    return TokenClaims(
+        projects=allowed, exp=int(raw["exp"]), sub=sub if isinstance(sub, str) else None
+    )
