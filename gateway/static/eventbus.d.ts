@@ -1,0 +1,256 @@
+// TypeScript declarations of eventbus.js, the browser client of the eventbus gateway.
+// Wire protocol: docs/protocol.md. Usage: docs/browser.md.
+
+export declare const VERSION: string;
+
+export type ConnectionState = "connecting" | "live" | "reconnecting" | "polling" | "offline";
+
+export declare const State: Readonly<{
+  CONNECTING: "connecting";
+  LIVE: "live";
+  RECONNECTING: "reconnecting";
+  POLLING: "polling";
+  OFFLINE: "offline";
+}>;
+
+export declare const CloseCode: Readonly<{
+  NORMAL: 1000;
+  GOING_AWAY: 1001;
+  ABNORMAL: 1006;
+  POLICY_VIOLATION: 1008;
+  MESSAGE_TOO_BIG: 1009;
+  INTERNAL_ERROR: 1011;
+  SERVICE_RESTART: 1012;
+  AUTH_FAILED: 4001;
+  TOKEN_EXPIRED: 4002;
+  SLOW_CONSUMER: 4008;
+  TOO_MANY_ERRORS: 4009;
+}>;
+
+// --- events of shared/contract/websocket-events.md, as relayed (with `seq`) -------------------
+
+export type BlockerType = "SYNC" | "ASYNC";
+export type BlockerStatus = "PENDING" | "RESOLVED" | "EXPIRED";
+
+export interface Blocker {
+  id: number;
+  agent_id: string;
+  agent_name: string;
+  task_id: number;
+  task_title: string;
+  blocker_type: BlockerType;
+  question: string;
+  status: BlockerStatus;
+  /** RFC 3339, UTC ("...Z"). */
+  created_at: string;
+}
+
+interface EventBase {
+  project_id: number;
+  /** The project's sequence number: grows by exactly 1 per event. */
+  seq: number;
+}
+
+export interface BlockerCreatedEvent extends EventBase {
+  type: "blocker_created";
+  blocker: Blocker;
+}
+
+export interface BlockerResolvedEvent extends EventBase {
+  type: "blocker_resolved";
+  blocker_id: number;
+  answer: string;
+  resolved_at: string;
+}
+
+export interface AgentResumedEvent extends EventBase {
+  type: "agent_resumed";
+  agent_id: string;
+  task_id: number;
+  blocker_id: number;
+  resumed_at: string;
+}
+
+export interface BlockerExpiredEvent extends EventBase {
+  type: "blocker_expired";
+  blocker_id: number;
+  task_id: number;
+  expired_at: string;
+}
+
+/** Every event type of the contract; other types (added later) arrive with the same base fields. */
+export type ProjectEvent =
+  | BlockerCreatedEvent
+  | BlockerResolvedEvent
+  | AgentResumedEvent
+  | BlockerExpiredEvent;
+
+// --- the client --------------------------------------------------------------------------------
+
+export interface Cursor {
+  epoch: string;
+  seq: number;
+}
+
+export interface EventBusError {
+  /** A gateway error code (docs/protocol.md) or a client one: "poll_failed", "token_failed",
+   * "token_refresh_failed", "resync_failed", "handler_failed", "closed", "invalid_frame",
+   * "websocket_failed", "poll_http_<status>". */
+  code: string;
+  message?: string;
+  projectId?: number;
+  closeCode?: number;
+  error?: unknown;
+}
+
+export interface BackoffOptions {
+  /** First delay, ms (default 1000). */
+  initial?: number;
+  /** Largest delay, ms (default 30000). */
+  max?: number;
+  /** Growth per attempt (default 2). */
+  factor?: number;
+  /** Random spread, as a fraction of the delay (default 0.2 = +/-20%). */
+  jitter?: number;
+}
+
+export type TokenSource = string | (() => string | Promise<string>);
+
+export interface ConnectOptions {
+  /** WebSocket URL of the gateway, e.g. "wss://events.example.com/". Default: this page's host. */
+  url?: string;
+  /** HTTP base URL for the polling fallback (GET {httpUrl}/v1/projects/{id}/events).
+   * Default: the origin of `url`. */
+  httpUrl?: string;
+  /** The gateway token, or a function returning it (asked again on every reconnect, before
+   * expiry, and after a 401/4001/4002). Omit only for a gateway run with --no-auth. */
+  token?: TokenSource;
+  /** Reload the application's state of a project from its own API. Called on the first subscribe
+   * and on every resync_required; events arriving meanwhile are held back and delivered after the
+   * returned promise resolves. A rejected promise is retried with backoff. */
+  onResync?: (projectId: number) => void | Promise<void>;
+  onStateChange?: (state: ConnectionState, previous: ConnectionState) => void;
+  onError?: (error: EventBusError) => void;
+  backoff?: BackoffOptions;
+  /** ms a connection must stay up before the backoff starts over (default 10000). */
+  stableAfter?: number;
+  /** ms between polls while WebSocket cannot connect (default 10000). */
+  pollInterval?: number;
+  /** Failed WebSocket attempts before polling starts (default 1). */
+  pollAfterFailures?: number;
+  /** ms of silence before an application ping (default 25000). */
+  pingInterval?: number;
+  /** ms to wait for any frame after a ping before reconnecting (default 10000). */
+  pongTimeout?: number;
+  /** ms a handshake may take (default 10000). */
+  connectTimeout?: number;
+  /** Upper bound of the random delay of a prompt reconnect (1012, 4008, 4002), ms (default 500). */
+  promptDelayMax?: number;
+  // Injection points for tests and non-browser runtimes.
+  WebSocket?: typeof WebSocket | null;
+  fetch?: typeof fetch;
+  setTimeout?: (fn: () => void, ms: number) => unknown;
+  clearTimeout?: (handle: unknown) => void;
+  now?: () => number;
+  random?: () => number;
+  isOnline?: () => boolean;
+}
+
+export declare class EventBus {
+  constructor(options?: ConnectOptions);
+  readonly state: ConnectionState;
+  readonly transport: "websocket" | "polling" | null;
+  /** Epoch-milliseconds of the next WebSocket attempt, or null. */
+  readonly nextRetryAt: number | null;
+  readonly lastError: EventBusError | null;
+  /** The cursor of a subscribed project, or null before its first `subscribed`. */
+  cursor(projectId: number): Cursor | null;
+  /** Receive a project's events in order, once each. Returns the unsubscribe function. */
+  subscribe(projectId: number, onEvent: (event: ProjectEvent) => void): () => void;
+  /** Try the WebSocket now instead of waiting for the backoff. */
+  reconnect(): void;
+  /** Stop for good. */
+  close(): void;
+}
+
+export declare function connect(options?: ConnectOptions): EventBus;
+export default connect;
+
+// --- the pure logic, exported for tests and for applications that want the same policy -----
+
+export declare const DEFAULTS: Readonly<{
+  backoff: Readonly<Required<BackoffOptions>>;
+  stableAfter: number;
+  pollInterval: number;
+  pollAfterFailures: number;
+  pingInterval: number;
+  pongTimeout: number;
+  connectTimeout: number;
+  promptDelayMax: number;
+}>;
+
+export declare function backoffDelay(
+  attempt: number,
+  options?: BackoffOptions,
+  random?: () => number,
+): number;
+
+export declare class Backoff {
+  constructor(options?: BackoffOptions, random?: () => number);
+  attempt: number;
+  next(): number;
+  reset(): void;
+}
+
+export interface CloseAction {
+  delay: "prompt" | "backoff";
+  renewToken: boolean;
+  clientBug: boolean;
+}
+export declare function closeAction(code: number): CloseAction;
+
+export declare function shouldPoll(facts: {
+  websocketSupported: boolean;
+  failuresSinceLive: number;
+  threshold?: number;
+}): boolean;
+
+export declare function computeState(facts: {
+  closed: boolean;
+  online: boolean;
+  websocketLive: boolean;
+  pollingOk: boolean;
+  everConnected: boolean;
+}): ConnectionState;
+
+export declare function decodeTokenClaims(token: string): Record<string, unknown> | null;
+
+export declare function refreshDelay(facts: {
+  iat?: number;
+  exp?: number;
+  expiresAt?: number | null;
+  obtainedAt: number;
+  now: number;
+}): number | null;
+
+export interface SubscribeMessage {
+  type: "subscribe";
+  project_id: number;
+  epoch?: string;
+  after?: number;
+}
+
+export declare class ProjectCursor {
+  epoch: string | null;
+  seq: number | null;
+  resyncing: boolean;
+  generation: number;
+  buffer: ProjectEvent[];
+  readonly known: boolean;
+  subscribeMessage(projectId: number): SubscribeMessage;
+  pollQuery(): string;
+  beginResync(epoch: string, seq: number): void;
+  onSubscribed(message: { epoch: string; seq: number; resumed: boolean }): boolean;
+  accept(event: { seq: number }): { deliver: ProjectEvent[]; gap: boolean };
+  endResync(): { deliver: ProjectEvent[]; gap: boolean };
+}

@@ -1,0 +1,897 @@
+// eventbus.js: the browser client of the eventbus gateway (docs/protocol.md, docs/browser.md).
+//
+// A dependency-free ES module. One connection carries every project the page subscribes to; per
+// project it delivers events in sequence order, exactly once, and calls the application's
+// onResync(projectId) whenever the application must reload its state (first subscribe, and every
+// `resync_required`). It reconnects forever with jittered exponential backoff, resumes each project
+// from its cursor, and polls the gateway's HTTP endpoint while WebSocket cannot connect.
+//
+// The decisions (backoff schedule, cursor/dedupe, close-code policy, fallback and state) are small
+// exported pure functions and classes so they can be unit tested without a network.
+
+export const VERSION = "1.0.0";
+
+/** Connection states, as exposed by `bus.state` and `onStateChange`. */
+export const State = Object.freeze({
+  CONNECTING: "connecting", // never connected yet
+  LIVE: "live", // WebSocket open, authenticated, subscriptions sent
+  RECONNECTING: "reconnecting", // lost the connection; retrying (polling not working either)
+  POLLING: "polling", // WebSocket cannot connect; events arrive by HTTP polling
+  OFFLINE: "offline", // the browser is offline, or bus.close() was called
+});
+
+/** WebSocket close codes of the protocol (mirrors CloseCode in schemas/protocol.py). */
+export const CloseCode = Object.freeze({
+  NORMAL: 1000,
+  GOING_AWAY: 1001,
+  ABNORMAL: 1006,
+  POLICY_VIOLATION: 1008,
+  MESSAGE_TOO_BIG: 1009,
+  INTERNAL_ERROR: 1011,
+  SERVICE_RESTART: 1012,
+  AUTH_FAILED: 4001,
+  TOKEN_EXPIRED: 4002,
+  SLOW_CONSUMER: 4008,
+  TOO_MANY_ERRORS: 4009,
+});
+
+export const DEFAULTS = Object.freeze({
+  backoff: Object.freeze({ initial: 1000, max: 30000, factor: 2, jitter: 0.2 }),
+  // A connection that stayed up this long resets the backoff: a flapping gateway keeps the delays
+  // growing, a healthy one that restarts once is retried after about a second.
+  stableAfter: 10000,
+  pollInterval: 10000,
+  // Failed WebSocket attempts (never reaching "live") before falling back to polling. One: a page
+  // behind a proxy that blocks WebSocket should not wait for a second backoff round to show data.
+  pollAfterFailures: 1,
+  // Application-level ping: detects a half-open connection (laptop sleep, NAT timeout) that the
+  // browser would otherwise only notice after minutes.
+  pingInterval: 25000,
+  pongTimeout: 10000,
+  connectTimeout: 10000,
+  // "Prompt" reconnects (gateway draining with 1012, slow consumer 4008, expired token) still get a
+  // little jitter so that thousands of clients closed at once do not arrive in the same millisecond.
+  promptDelayMax: 500,
+});
+
+// ----------------------------------------------------------------------------------------------
+// Pure logic (exported for unit tests)
+// ----------------------------------------------------------------------------------------------
+
+/**
+ * Delay before reconnect attempt number `attempt` (0-based): initial * factor^attempt, spread by
+ * +/- jitter, and always within [initial, max] (1 s .. 30 s by default).
+ */
+export function backoffDelay(attempt, options = {}, random = Math.random) {
+  const { initial, max, factor, jitter } = { ...DEFAULTS.backoff, ...options };
+  const raw = Math.min(max, initial * Math.pow(factor, Math.max(0, attempt)));
+  const spread = raw * jitter * (2 * random() - 1);
+  return Math.round(Math.min(max, Math.max(initial, raw + spread)));
+}
+
+/** Stateful wrapper of backoffDelay: `next()` grows the delay, `reset()` starts over. */
+export class Backoff {
+  constructor(options = {}, random = Math.random) {
+    this.options = { ...DEFAULTS.backoff, ...options };
+    this.random = random;
+    this.attempt = 0;
+  }
+
+  next() {
+    const delay = backoffDelay(this.attempt, this.options, this.random);
+    // Capped so that factor^attempt never overflows to Infinity on a page left open for weeks.
+    this.attempt = Math.min(this.attempt + 1, 60);
+    return delay;
+  }
+
+  reset() {
+    this.attempt = 0;
+  }
+}
+
+/**
+ * What to do when the WebSocket closes with `code` (docs/protocol.md, "Close codes").
+ * Returns {delay: "prompt" | "backoff", renewToken, clientBug}. Every code reconnects: a
+ * dashboard must never give up, and the codes that signal a client bug are reported via onError.
+ */
+export function closeAction(code) {
+  switch (code) {
+    case CloseCode.GOING_AWAY:
+    case CloseCode.SERVICE_RESTART:
+    case CloseCode.SLOW_CONSUMER:
+      // The gateway is draining or dropped us for reading too slowly: resume at once (on another
+      // pod); the cursor guarantees nothing is lost.
+      return { delay: "prompt", renewToken: false, clientBug: false };
+    case CloseCode.TOKEN_EXPIRED:
+      // A new token fixes it; no reason to wait.
+      return { delay: "prompt", renewToken: true, clientBug: false };
+    case CloseCode.AUTH_FAILED:
+      // A fresh token may fix it, but a token endpoint that keeps minting bad tokens must not be
+      // hammered: back off.
+      return { delay: "backoff", renewToken: true, clientBug: false };
+    case CloseCode.POLICY_VIOLATION:
+    case CloseCode.MESSAGE_TOO_BIG:
+    case CloseCode.TOO_MANY_ERRORS:
+      return { delay: "backoff", renewToken: false, clientBug: true };
+    default:
+      // 1000 from the server, 1006 (refused, reset), 1011 and anything unknown.
+      return { delay: "backoff", renewToken: false, clientBug: false };
+  }
+}
+
+/** Whether to poll over HTTP: WebSocket unsupported, or it failed `threshold` times in a row. */
+export function shouldPoll({ websocketSupported, failuresSinceLive, threshold = DEFAULTS.pollAfterFailures }) {
+  return !websocketSupported || failuresSinceLive >= threshold;
+}
+
+/** The user-visible state, derived from the transport facts. */
+export function computeState({ closed, online, websocketLive, pollingOk, everConnected }) {
+  if (closed) return State.OFFLINE;
+  if (websocketLive) return State.LIVE;
+  if (!online) return State.OFFLINE;
+  if (pollingOk) return State.POLLING;
+  return everConnected ? State.RECONNECTING : State.CONNECTING;
+}
+
+/** Decode the claims of a JWT without verifying it (only to learn iat/exp), or null. */
+export function decodeTokenClaims(token) {
+  try {
+    const part = String(token).split(".")[1];
+    const base64 = part.replace(/-/g, "+").replace(/_/g, "/");
+    const padded = base64 + "=".repeat((4 - (base64.length % 4)) % 4);
+    const json = decodeURIComponent(
+      Array.from(atob(padded), (c) => "%" + c.charCodeAt(0).toString(16).padStart(2, "0")).join(""),
+    );
+    const claims = JSON.parse(json);
+    return claims && typeof claims === "object" ? claims : null;
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * Milliseconds from `now` until the token obtained at `obtainedAt` should be refreshed, or null
+ * when its lifetime is unknown. Uses the token's own lifetime (exp - iat) measured on the local
+ * clock from when it was obtained, so a browser clock that is off by minutes does not matter;
+ * refreshes a minute before expiry, or at 3/4 of the lifetime for short-lived tokens.
+ */
+export function refreshDelay({ iat, exp, expiresAt, obtainedAt, now }) {
+  let expiry;
+  if (Number.isFinite(iat) && Number.isFinite(exp) && exp > iat) {
+    expiry = obtainedAt + (exp - iat) * 1000;
+  } else if (Number.isFinite(expiresAt ?? exp)) {
+    expiry = (expiresAt ?? exp) * 1000; // server's clock; the best we have
+  } else {
+    return null;
+  }
+  const lifetime = Math.max(0, expiry - obtainedAt);
+  const margin = Math.min(60000, lifetime / 4);
+  return Math.max(500, expiry - margin - now);
+}
+
+/**
+ * The cursor of one project and the ordering rules: deduplicate by seq, deliver in order, detect
+ * gaps, and hold events back while the application reloads its state.
+ */
+export class ProjectCursor {
+  constructor() {
+    this.epoch = null;
+    this.seq = null;
+    this.resyncing = false;
+    this.generation = 0; // bumps on every resync, so a stale onResync completion is recognisable
+    this.buffer = [];
+    this.resyncSinceSubscribe = false;
+  }
+
+  get known() {
+    return this.epoch !== null;
+  }
+
+  /** The subscribe frame: resume after the cursor when there is one. */
+  subscribeMessage(projectId) {
+    this.resyncSinceSubscribe = false;
+    const message = { type: "subscribe", project_id: projectId };
+    if (this.known) {
+      message.epoch = this.epoch;
+      message.after = this.seq;
+    }
+    return message;
+  }
+
+  /** Query string of the polling endpoint for this cursor. */
+  pollQuery() {
+    return this.known ? `?epoch=${encodeURIComponent(this.epoch)}&after=${this.seq}` : "";
+  }
+
+  /** Start a reload: later events continue after (epoch, seq); anything buffered is obsolete. */
+  beginResync(epoch, seq) {
+    this.epoch = epoch;
+    this.seq = seq;
+    this.resyncing = true;
+    this.generation += 1;
+    this.buffer = [];
+    this.resyncSinceSubscribe = true;
+  }
+
+  /**
+   * The gateway's `subscribed`. Returns true when the application must reload its state: first
+   * subscribe, or a resume the gateway did not honour without saying resync_required first.
+   */
+  onSubscribed({ epoch, seq, resumed }) {
+    if (!this.known) {
+      this.beginResync(epoch, seq);
+      return true;
+    }
+    if (this.resyncSinceSubscribe) return false; // resync_required came first and was handled
+    if (!resumed || epoch !== this.epoch) {
+      this.beginResync(epoch, seq);
+      return true;
+    }
+    return false;
+  }
+
+  /** An event frame. Returns {deliver: events to hand to the application now, gap}. */
+  accept(event) {
+    if (this.resyncing || !this.known) {
+      this.buffer.push(event);
+      return { deliver: [], gap: false };
+    }
+    return this._apply([event]);
+  }
+
+  /** The application finished reloading: apply what arrived meanwhile (seq > cursor only). */
+  endResync() {
+    this.resyncing = false;
+    const buffered = this.buffer.sort((a, b) => a.seq - b.seq);
+    this.buffer = [];
+    return this._apply(buffered);
+  }
+
+  _apply(events) {
+    const deliver = [];
+    for (const event of events) {
+      if (event.seq <= this.seq) continue; // duplicate (replay overlap, polling/WebSocket switch)
+      if (event.seq !== this.seq + 1) return { deliver, gap: true }; // never skip silently
+      this.seq = event.seq;
+      deliver.push(event);
+    }
+    return { deliver, gap: false };
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// The client
+// ----------------------------------------------------------------------------------------------
+
+function defaultHttpUrl(url) {
+  const parsed = new URL(url, typeof location !== "undefined" ? location.href : undefined);
+  parsed.protocol = parsed.protocol === "wss:" ? "https:" : "http:";
+  return parsed.origin;
+}
+
+function defaultWebSocketUrl() {
+  if (typeof location === "undefined") throw new Error("eventbus: `url` is required");
+  return (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/";
+}
+
+class Subscription {
+  constructor(projectId) {
+    this.projectId = projectId;
+    this.handlers = new Set();
+    this.cursor = new ProjectCursor();
+    this.resyncRunning = false;
+    this.retryTimer = null;
+  }
+}
+
+export class EventBus {
+  constructor(options = {}) {
+    this.options = { ...DEFAULTS, ...options, backoff: { ...DEFAULTS.backoff, ...(options.backoff || {}) } };
+    const o = this.options;
+    this.url = o.url || defaultWebSocketUrl();
+    this.httpUrl = (o.httpUrl || defaultHttpUrl(this.url)).replace(/\/+$/, "");
+    this._WebSocket = "WebSocket" in o ? o.WebSocket : globalThis.WebSocket;
+    this._fetch = o.fetch || (globalThis.fetch ? globalThis.fetch.bind(globalThis) : null);
+    this._setTimeout = o.setTimeout || globalThis.setTimeout.bind(globalThis);
+    this._clearTimeout = o.clearTimeout || globalThis.clearTimeout.bind(globalThis);
+    this._now = o.now || (() => Date.now());
+    this._random = o.random || Math.random;
+    this._isOnline = o.isOnline || (() => typeof navigator === "undefined" || navigator.onLine !== false);
+
+    this._subs = new Map();
+    this._backoff = new Backoff(o.backoff, this._random);
+    this._state = State.CONNECTING;
+    this._closed = false;
+    this._everConnected = false;
+    this._ws = null;
+    this._wsLive = false;
+    this._failures = 0; // WebSocket attempts that never got live, since the last live connection
+    this._reconnectTimer = null;
+    this._stableTimer = null;
+    this._pingTimer = null;
+    this._pongTimer = null;
+    this._connectTimer = null;
+    this._refreshTimer = null;
+    this._token = null; // {value, obtainedAt}
+    this._tokenPromise = null;
+    this._polling = false;
+    this._pollOk = false;
+    this._pollTimer = null;
+    this._pollGeneration = 0;
+    this._pollRunning = false;
+    this._pollAgain = false;
+    this.nextRetryAt = null;
+    this.lastError = null;
+
+    if (typeof addEventListener === "function" && !o.isOnline) {
+      this._onOnline = () => this._handleOnline();
+      this._onOffline = () => this._updateState();
+      addEventListener("online", this._onOnline);
+      addEventListener("offline", this._onOffline);
+    }
+    // Deferred so that subscribe() calls right after connect() go out with the first connection.
+    Promise.resolve().then(() => this._connect());
+  }
+
+  /** Current state: "connecting" | "live" | "reconnecting" | "polling" | "offline". */
+  get state() {
+    return this._state;
+  }
+
+  /** "websocket", "polling" or null: how events currently arrive. */
+  get transport() {
+    if (this._wsLive) return "websocket";
+    return this._polling && this._pollOk ? "polling" : null;
+  }
+
+  /** The cursor {epoch, seq} of a subscribed project (null before its first `subscribed`). */
+  cursor(projectId) {
+    const sub = this._subs.get(projectId);
+    return sub && sub.cursor.known ? { epoch: sub.cursor.epoch, seq: sub.cursor.seq } : null;
+  }
+
+  /**
+   * Receive the events of `projectId`, in order, once each. Returns a function that unsubscribes
+   * this handler (the project is unsubscribed when its last handler goes).
+   */
+  subscribe(projectId, onEvent) {
+    if (!Number.isSafeInteger(projectId) || projectId <= 0) {
+      throw new TypeError("eventbus: projectId must be a positive integer");
+    }
+    if (typeof onEvent !== "function") throw new TypeError("eventbus: onEvent must be a function");
+    if (this._closed) throw new Error("eventbus: subscribe() after close()");
+    let sub = this._subs.get(projectId);
+    if (!sub) {
+      sub = new Subscription(projectId);
+      this._subs.set(projectId, sub);
+      if (this._wsLive) this._send(sub.cursor.subscribeMessage(projectId));
+      else if (this._polling) this._pollSoon();
+    }
+    sub.handlers.add(onEvent);
+    let active = true;
+    return () => {
+      if (!active) return;
+      active = false;
+      sub.handlers.delete(onEvent);
+      if (sub.handlers.size === 0 && this._subs.get(projectId) === sub) {
+        this._subs.delete(projectId);
+        this._clearTimeout(sub.retryTimer);
+        if (this._wsLive) this._send({ type: "unsubscribe", project_id: projectId });
+      }
+    };
+  }
+
+  /** Reconnect now instead of waiting for the backoff (e.g. a "retry now" button). */
+  reconnect() {
+    if (this._closed || this._wsLive) return;
+    this._clearTimeout(this._reconnectTimer);
+    this._reconnectTimer = null;
+    this._connect();
+  }
+
+  /** Close for good: no more reconnects, polls or events. */
+  close() {
+    if (this._closed) return;
+    this._closed = true;
+    for (const sub of this._subs.values()) this._clearTimeout(sub.retryTimer);
+    this._subs.clear();
+    this._stopPolling();
+    for (const timer of ["_reconnectTimer", "_stableTimer", "_refreshTimer"]) {
+      this._clearTimeout(this[timer]);
+      this[timer] = null;
+    }
+    this._dropSocket(CloseCode.NORMAL, "client closed");
+    if (this._onOnline) {
+      removeEventListener("online", this._onOnline);
+      removeEventListener("offline", this._onOffline);
+    }
+    this._updateState();
+  }
+
+  // --- tokens ----------------------------------------------------------------------------------
+
+  get _hasAuth() {
+    return this.options.token !== undefined && this.options.token !== null;
+  }
+
+  /** The token: asked again when `force` (every new connection) or when it is about to expire. */
+  async _getToken(force) {
+    const source = this.options.token;
+    if (typeof source !== "function") return source;
+    if (!force && this._token) {
+      const claims = decodeTokenClaims(this._token.value);
+      const delay = claims
+        ? refreshDelay({ iat: claims.iat, exp: claims.exp, obtainedAt: this._token.obtainedAt, now: this._now() })
+        : null;
+      if (delay === null || delay > 500) return this._token.value;
+    }
+    // Concurrent callers (a poll and a reconnect) share one request to the token endpoint.
+    if (!this._tokenPromise) {
+      this._tokenPromise = (async () => {
+        try {
+          const value = await source();
+          if (typeof value !== "string" || !value) throw new Error("eventbus: token function returned no token");
+          this._token = { value, obtainedAt: this._now() };
+          return value;
+        } finally {
+          this._tokenPromise = null;
+        }
+      })();
+    }
+    return this._tokenPromise;
+  }
+
+  _scheduleRefresh(message) {
+    this._clearTimeout(this._refreshTimer);
+    this._refreshTimer = null;
+    if (typeof this.options.token !== "function" || !this._token) return; // a fixed token cannot be renewed
+    const claims = decodeTokenClaims(this._token.value) || {};
+    const delay = refreshDelay({
+      iat: claims.iat,
+      exp: claims.exp,
+      expiresAt: message.expires_at,
+      obtainedAt: this._token.obtainedAt,
+      now: this._now(),
+    });
+    if (delay === null) return;
+    this._refreshTimer = this._setTimeout(() => this._refreshToken(), delay);
+  }
+
+  async _refreshToken(attempt = 0) {
+    const ws = this._ws;
+    if (!ws || !this._wsLive) return;
+    try {
+      const token = await this._getToken(true);
+      if (ws === this._ws && this._wsLive) this._send({ type: "auth", token }); // answered by `authenticated`
+    } catch (error) {
+      this._reportError({ code: "token_refresh_failed", message: String(error), error });
+      // Retry soon; if the token expires meanwhile the gateway closes with 4002 and we reconnect.
+      this._refreshTimer = this._setTimeout(() => this._refreshToken(attempt + 1), backoffDelay(attempt, { max: 10000 }, this._random));
+    }
+  }
+
+  // --- WebSocket -------------------------------------------------------------------------------
+
+  async _connect() {
+    if (this._closed || this._ws) return;
+    this.nextRetryAt = null;
+    if (typeof this._WebSocket !== "function") {
+      // WebSocket unsupported: polling is the only transport.
+      this._startPolling();
+      this._updateState();
+      return;
+    }
+    if (!this._isOnline()) {
+      this._updateState(); // the "online" event brings us back
+      return;
+    }
+    const attemptMarker = {};
+    this._ws = attemptMarker; // claims the slot while the token is fetched
+    let token = null;
+    if (this._hasAuth) {
+      try {
+        token = await this._getToken(true);
+      } catch (error) {
+        this._reportError({ code: "token_failed", message: String(error), error });
+        if (this._ws === attemptMarker) this._ws = null;
+        this._afterFailure(CloseCode.ABNORMAL);
+        return;
+      }
+    }
+    if (this._ws !== attemptMarker || this._closed) return;
+    let ws;
+    try {
+      ws = new this._WebSocket(this.url);
+    } catch (error) {
+      // A malformed URL or a Content-Security-Policy that forbids it: like a blocked WebSocket.
+      this._reportError({ code: "websocket_failed", message: String(error), error });
+      this._ws = null;
+      this._afterFailure(CloseCode.ABNORMAL);
+      return;
+    }
+    this._ws = ws;
+    this._connectTimer = this._setTimeout(() => {
+      if (this._ws === ws && !this._wsLive) this._dropSocket(CloseCode.ABNORMAL, "connect timeout", true);
+    }, this.options.connectTimeout);
+    ws.onopen = () => {
+      if (this._ws !== ws) return;
+      if (token !== null && token !== undefined) this._send({ type: "auth", token });
+      else this._goLive();
+    };
+    ws.onmessage = (event) => this._onMessage(ws, event.data);
+    ws.onclose = (event) => {
+      if (this._ws === ws) this._onSocketClosed(event.code);
+    };
+    ws.onerror = () => {}; // always followed by close, which carries the code
+  }
+
+  _goLive() {
+    this._clearTimeout(this._connectTimer);
+    this._wsLive = true;
+    this._everConnected = true;
+    this._failures = 0;
+    this._stopPolling();
+    this._stableTimer = this._setTimeout(() => this._backoff.reset(), this.options.stableAfter);
+    this._schedulePing();
+    for (const [projectId, sub] of this._subs) this._send(sub.cursor.subscribeMessage(projectId));
+    this._updateState();
+  }
+
+  _send(message) {
+    const ws = this._ws;
+    if (ws && typeof ws.send === "function" && ws.readyState === 1) ws.send(JSON.stringify(message));
+  }
+
+  _schedulePing() {
+    this._clearTimeout(this._pingTimer);
+    this._pingTimer = this._setTimeout(() => {
+      if (!this._wsLive) return;
+      this._send({ type: "ping" });
+      this._pongTimer = this._setTimeout(() => {
+        // Nothing at all came back: the connection is dead even if the browser has not noticed.
+        if (this._wsLive) this._dropSocket(CloseCode.ABNORMAL, "ping timeout", true);
+      }, this.options.pongTimeout);
+    }, this.options.pingInterval);
+  }
+
+  _onMessage(ws, data) {
+    if (ws !== this._ws) return;
+    // Any frame proves the connection alive.
+    this._clearTimeout(this._pongTimer);
+    this._pongTimer = null;
+    if (this._wsLive) this._schedulePing();
+    let message;
+    try {
+      message = JSON.parse(data);
+    } catch {
+      this._reportError({ code: "invalid_frame", message: "gateway sent a frame that is not JSON" });
+      return;
+    }
+    if (!message || typeof message !== "object") return;
+    switch (message.type) {
+      case "authenticated":
+        if (!this._wsLive) this._goLive();
+        this._scheduleRefresh(message);
+        return;
+      case "subscribed":
+        return this._onSubscribed(message);
+      case "resync_required":
+        return this._onResyncRequired(message);
+      case "error":
+        return this._onGatewayError(message);
+      case "unsubscribed":
+      case "pong":
+        return;
+      default:
+        if (Number.isSafeInteger(message.seq) && Number.isSafeInteger(message.project_id)) {
+          this._onEvent(message, "websocket");
+        }
+    }
+  }
+
+  _onSubscribed(message) {
+    const sub = this._subs.get(message.project_id);
+    if (!sub) return;
+    this._clearTimeout(sub.retryTimer);
+    sub.retry = 0;
+    if (sub.cursor.onSubscribed(message)) this._runResync(sub);
+  }
+
+  _onResyncRequired(message) {
+    const sub = this._subs.get(message.project_id);
+    if (!sub) return;
+    sub.cursor.beginResync(message.epoch, message.seq);
+    this._runResync(sub);
+  }
+
+  _onGatewayError(message) {
+    this._reportError({ code: message.code, message: message.message, projectId: message.project_id });
+    const sub = message.project_id != null ? this._subs.get(message.project_id) : null;
+    if (sub && message.code === "unavailable") {
+      // Redis is unreachable behind the gateway: try that subscribe again later.
+      sub.retry = (sub.retry || 0) + 1;
+      this._clearTimeout(sub.retryTimer);
+      sub.retryTimer = this._setTimeout(() => {
+        if (this._wsLive && this._subs.get(sub.projectId) === sub) this._send(sub.cursor.subscribeMessage(sub.projectId));
+      }, backoffDelay(sub.retry - 1, this.options.backoff, this._random));
+    }
+  }
+
+  _dropSocket(code, reason, treatAsClose = false) {
+    const ws = this._ws;
+    if (!ws) return;
+    if (typeof ws.close === "function") {
+      ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
+      try {
+        ws.close(code === CloseCode.NORMAL ? 1000 : 4000, reason);
+      } catch {
+        /* already closed */
+      }
+    }
+    if (treatAsClose) this._onSocketClosed(code);
+    else this._cleanupSocket();
+  }
+
+  _cleanupSocket() {
+    for (const timer of ["_connectTimer", "_pingTimer", "_pongTimer", "_stableTimer", "_refreshTimer"]) {
+      this._clearTimeout(this[timer]);
+      this[timer] = null;
+    }
+    this._ws = null;
+    this._wsLive = false;
+  }
+
+  _onSocketClosed(code) {
+    const wasLive = this._wsLive;
+    this._cleanupSocket();
+    if (this._closed) return;
+    const action = closeAction(code);
+    if (action.clientBug) this._reportError({ code: "closed", message: `gateway closed the connection with ${code}`, closeCode: code });
+    if (action.renewToken) this._token = null;
+    if (wasLive && action.delay === "prompt") {
+      this._scheduleReconnect(Math.round(this._random() * this.options.promptDelayMax));
+      this._updateState();
+      return;
+    }
+    if (!wasLive || action.delay !== "prompt") this._afterFailure(code, wasLive);
+  }
+
+  _afterFailure(code, wasLive = false) {
+    if (!wasLive) this._failures += 1;
+    if (shouldPoll({ websocketSupported: true, failuresSinceLive: this._failures, threshold: this.options.pollAfterFailures })) {
+      this._startPolling();
+    }
+    this._scheduleReconnect(this._backoff.next());
+    this._updateState();
+  }
+
+  _scheduleReconnect(delay) {
+    this._clearTimeout(this._reconnectTimer);
+    this.nextRetryAt = this._now() + delay;
+    this._reconnectTimer = this._setTimeout(() => {
+      this._reconnectTimer = null;
+      this._connect();
+    }, delay);
+  }
+
+  _handleOnline() {
+    this._updateState();
+    if (!this._wsLive) {
+      this._backoff.reset();
+      this.reconnect();
+      if (this._polling) this._pollSoon();
+    }
+  }
+
+  // --- events and resync -----------------------------------------------------------------------
+
+  _onEvent(event, via) {
+    const sub = this._subs.get(event.project_id);
+    if (!sub) return;
+    const { deliver, gap } = sub.cursor.accept(event);
+    this._deliver(sub, deliver);
+    if (gap) this._repairGap(sub, via);
+  }
+
+  _deliver(sub, events) {
+    for (const event of events) {
+      for (const handler of Array.from(sub.handlers)) {
+        try {
+          handler(event);
+        } catch (error) {
+          // One failing handler must not break ordering or the other handlers.
+          this._reportError({ code: "handler_failed", message: String(error), projectId: sub.projectId, error });
+        }
+      }
+    }
+  }
+
+  _repairGap(sub, via) {
+    // The gateway never leaves gaps; if one shows anyway, ask again from the cursor rather than
+    // skip an event. Polling asks from the cursor on its next round by construction.
+    if (via === "websocket" && this._wsLive) this._send(sub.cursor.subscribeMessage(sub.projectId));
+    else if (this._polling) this._pollSoon();
+  }
+
+  /** Call onResync until it succeeds for the latest resync, then apply what was buffered. */
+  async _runResync(sub) {
+    if (sub.resyncRunning) return; // the running loop notices the newer generation
+    sub.resyncRunning = true;
+    const backoff = new Backoff(this.options.backoff, this._random);
+    try {
+      for (;;) {
+        const generation = sub.cursor.generation;
+        let ok = true;
+        try {
+          if (this.options.onResync) await this.options.onResync(sub.projectId);
+        } catch (error) {
+          ok = false;
+          this._reportError({ code: "resync_failed", message: String(error), projectId: sub.projectId, error });
+        }
+        if (this._closed || this._subs.get(sub.projectId) !== sub) return;
+        if (!ok) {
+          // The application's API failed: keep buffering and try again; never go on with stale state.
+          await new Promise((resolve) => this._setTimeout(resolve, backoff.next()));
+          if (this._closed || this._subs.get(sub.projectId) !== sub) return;
+          continue;
+        }
+        if (generation === sub.cursor.generation) break;
+      }
+      const { deliver, gap } = sub.cursor.endResync();
+      this._deliver(sub, deliver);
+      if (gap) this._repairGap(sub, this._wsLive ? "websocket" : "polling");
+    } finally {
+      sub.resyncRunning = false;
+    }
+  }
+
+  // --- polling fallback --------------------------------------------------------------------------
+
+  _startPolling() {
+    if (this._polling || this._closed || !this._fetch) return;
+    this._polling = true;
+    this._pollGeneration += 1;
+    this._pollSoon();
+  }
+
+  _stopPolling() {
+    this._polling = false;
+    this._pollOk = false;
+    this._pollGeneration += 1; // responses of the old generation are ignored
+    this._clearTimeout(this._pollTimer);
+    this._pollTimer = null;
+  }
+
+  _pollSoon() {
+    if (this._pollRunning) {
+      this._pollAgain = true;
+      return;
+    }
+    this._clearTimeout(this._pollTimer);
+    this._pollTimer = this._setTimeout(() => this._pollAll(), 0);
+  }
+
+  async _pollAll() {
+    this._pollTimer = null;
+    if (!this._polling || this._closed) return;
+    const generation = this._pollGeneration;
+    this._pollRunning = true;
+    this._pollAgain = false;
+    const subs = Array.from(this._subs.values());
+    let ok = true;
+    try {
+      for (const sub of subs) {
+        if (generation !== this._pollGeneration) break;
+        if (!(await this._pollProject(sub, generation))) ok = false;
+      }
+    } finally {
+      this._pollRunning = false;
+    }
+    if (generation !== this._pollGeneration) {
+      // Polling was stopped (WebSocket got live) and perhaps restarted while this round ran.
+      if (this._polling && this._pollAgain && !this._pollTimer) {
+        this._pollAgain = false;
+        this._pollTimer = this._setTimeout(() => this._pollAll(), 0);
+      }
+      return;
+    }
+    // With nothing subscribed there was no request to judge the transport by.
+    if (subs.length > 0) this._pollOk = ok;
+    this._updateState();
+    const delay = this._pollAgain ? 0 : this.options.pollInterval;
+    this._pollTimer = this._setTimeout(() => this._pollAll(), delay);
+  }
+
+  /** One project, following `more` until caught up. Returns false when the poll failed. */
+  async _pollProject(sub, generation) {
+    for (let round = 0; round < 50; round += 1) {
+      let response;
+      let body;
+      try {
+        const headers = { Accept: "application/json" };
+        if (this._hasAuth) headers.Authorization = `Bearer ${await this._getToken(false)}`;
+        const url = `${this.httpUrl}/v1/projects/${sub.projectId}/events${sub.cursor.pollQuery()}`;
+        response = await this._fetch(url, { headers, cache: "no-store" });
+        if (response.status === 401) this._token = null; // re-asked on the next round
+        if (!response.ok) {
+          let detail = "";
+          try {
+            detail = (await response.json()).message || "";
+          } catch {
+            /* not JSON */
+          }
+          this._reportError({ code: `poll_http_${response.status}`, message: detail, projectId: sub.projectId });
+          return response.status === 403; // forbidden is an answer, not a transport failure
+        }
+        body = await response.json();
+      } catch (error) {
+        this._reportError({ code: "poll_failed", message: String(error), projectId: sub.projectId, error });
+        return false;
+      }
+      if (generation !== this._pollGeneration || this._subs.get(sub.projectId) !== sub) return true;
+      this._everConnected = true;
+      if (body.resync_required) {
+        sub.cursor.beginResync(body.resync_required.epoch, body.resync_required.seq);
+        this._runResync(sub);
+        return true;
+      }
+      if (!sub.cursor.known) {
+        // First contact by polling: same as a first `subscribed`.
+        sub.cursor.beginResync(body.epoch, body.seq);
+        this._runResync(sub);
+        return true;
+      }
+      const events = Array.isArray(body.events) ? body.events : [];
+      for (const event of events) {
+        if (Number.isSafeInteger(event.seq)) this._onEvent({ ...event, project_id: event.project_id ?? sub.projectId }, "polling");
+      }
+      if (!body.more || events.length === 0) return true;
+    }
+    return true;
+  }
+
+  // --- state -------------------------------------------------------------------------------------
+
+  _updateState() {
+    const next = computeState({
+      closed: this._closed,
+      online: this._isOnline(),
+      websocketLive: this._wsLive,
+      pollingOk: this._polling && this._pollOk,
+      everConnected: this._everConnected,
+    });
+    if (next === this._state) return;
+    const previous = this._state;
+    this._state = next;
+    if (this.options.onStateChange) {
+      try {
+        this.options.onStateChange(next, previous);
+      } catch (error) {
+        this._reportError({ code: "handler_failed", message: String(error), error });
+      }
+    }
+  }
+
+  _reportError(error) {
+    this.lastError = error;
+    if (this.options.onError) {
+      try {
+        this.options.onError(error);
+      } catch {
+        /* an error handler that throws has nowhere left to report to */
+      }
+    }
+  }
+}
+
+/**
+ * Open a connection to the gateway.
+ *
+ *   const bus = connect({ url: "wss://events.example.com/", token: () => fetchToken(), onResync });
+ *   const unsubscribe = bus.subscribe(1, (event) => render(event));
+ */
+export function connect(options = {}) {
+  return new EventBus(options);
+}
+
+export default connect;
