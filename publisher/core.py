@@ -96,7 +96,7 @@ class PreparedBatch(NamedTuple):
 
 
 def _common_args(
-    retention: Retention, idempotency_window: timedelta, publish_command: str
+    retention: Retention, idempotency_window: timedelta, publish_command: str, channel: str
 ) -> list[bytes | str | int]:
     return [
         new_epoch(),
@@ -104,11 +104,12 @@ def _common_args(
         retention.max_age_ms,
         int(idempotency_window.total_seconds() * 1000),
         publish_command,
+        channel,  # an argument, not a key: see schemas.lua.PUBLISH
     ]
 
 
 def _keys(keys: Keys, project_id: int) -> list[str]:
-    return [keys.meta(project_id), keys.stream(project_id), keys.channel(project_id)]
+    return [keys.meta(project_id), keys.stream(project_id)]
 
 
 def prepare_single(
@@ -129,7 +130,9 @@ def prepare_single(
         if idempotency_window <= timedelta(0):
             raise ValueError("idempotency_window must be positive")
         script_keys.append(keys.idempotency(event.project_id, idempotency_key))
-    args = _common_args(retention, idempotency_window, publish_command)
+    args = _common_args(
+        retention, idempotency_window, publish_command, keys.channel(event.project_id)
+    )
     args.append(payload)
     return PreparedBatch(event.project_id, script_keys, args, 1, [0])
 
@@ -163,7 +166,9 @@ def _group(
     for project_id, positions in by_project.items():
         for start in range(0, len(positions), batch_size):
             chunk = positions[start : start + batch_size]
-            args = _common_args(retention, timedelta(minutes=1), publish_command)
+            args = _common_args(
+                retention, timedelta(minutes=1), publish_command, keys.channel(project_id)
+            )
             args.extend(encoded[i][1] for i in chunk)
             yield PreparedBatch(project_id, _keys(keys, project_id), args, len(chunk), chunk)
 
