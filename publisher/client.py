@@ -40,7 +40,16 @@ from schemas.keys import DEFAULT_PREFIX, Keys
 __all__ = ["AsyncPublisher", "Publisher"]
 
 R = TypeVar("R")
-_UNAVAILABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+_UNAVAILABLE = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    OSError,
+    # Redis Cluster: CLUSTERDOWN during a failover, redirects/TRYAGAIN until the client's TTL ran
+    # out ("TTL exhausted"), and RedisClusterException, which redis-py raises when no node is
+    # reachable at all (and which is not even a RedisError). All mean "try again later".
+    redis.exceptions.ClusterError,
+    redis.exceptions.RedisClusterException,
+)
 
 
 class _ContractHelpers(Generic[R]):
