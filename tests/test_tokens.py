@@ -1,0 +1,198 @@
+"""Browser tokens: what backends mint (``publisher.issue_token``) and the gateway verifies."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from typing import Any
+
+import jwt
+import pytest
+
+from publisher import issue_token as exported_issue_token
+from schemas.tokens import (
+    AUDIENCE,
+    DEFAULT_TOKEN_TTL,
+    InvalidToken,
+    TokenClaims,
+    issue_token,
+    verify_token,
+)
+
+SECRET = "a-test-secret-long-enough-for-hs512-0123456789abcdef0123456789abcdef"
+
+
+def forge(claims: dict[str, Any], secret: str = SECRET, algorithm: str = "HS256") -> str:
+    """A token with arbitrary claims, as a buggy or hostile issuer would make it."""
+    base: dict[str, Any] = {"aud": AUDIENCE, "exp": int(time.time()) + 60}
+    return jwt.encode({**base, **claims}, secret, algorithm=algorithm)
+
+
+def test_publisher_exports_the_same_issue_token() -> None:
+    assert exported_issue_token is issue_token
+
+
+def test_round_trip() -> None:
+    token = issue_token(SECRET, projects=[2, 1, 2], ttl=600, subject="user-7")
+    claims = verify_token(token, SECRET)
+    assert claims.projects == frozenset({1, 2})
+    assert claims.sub == "user-7"
+    assert claims.allows(1) and claims.allows(2)
+    assert not claims.allows(3)
+    assert abs(claims.exp - (time.time() + 600)) <= 2
+
+
+def test_claims_on_the_wire() -> None:
+    token = issue_token(SECRET, projects=[3, 1], ttl=timedelta(minutes=2), subject="s")
+    raw = jwt.decode(token, SECRET, algorithms=["HS256"], audience=AUDIENCE)
+    assert raw["projects"] == [1, 3]
+    assert raw["aud"] == AUDIENCE
+    assert raw["sub"] == "s"
+    assert raw["exp"] - raw["iat"] == 120
+    assert jwt.get_unverified_header(token)["alg"] == "HS256"
+
+
+def test_default_ttl_is_short() -> None:
+    raw = jwt.decode(
+        issue_token(SECRET, projects=[1]), SECRET, algorithms=["HS256"], audience=AUDIENCE
+    )
+    assert raw["exp"] - raw["iat"] == DEFAULT_TOKEN_TTL.total_seconds() == 900
+    assert "sub" not in raw
+    assert verify_token(issue_token(SECRET, projects=[1]), SECRET).sub is None
+
+
+def test_bytes_secret() -> None:
+    token = issue_token(SECRET.encode(), projects=[1])
+    assert verify_token(token, SECRET.encode()).projects == frozenset({1})
+
+
+def test_star_allows_every_project() -> None:
+    claims = verify_token(issue_token(SECRET, projects="*"), SECRET)
+    assert claims.projects == "*"
+    assert claims.allows(1) and claims.allows(10**9)
+
+
+def test_empty_projects_allow_nothing() -> None:
+    claims = verify_token(issue_token(SECRET, projects=[]), SECRET)
+    assert claims.projects == frozenset()
+    assert not claims.allows(1)
+
+
+@pytest.mark.parametrize("algorithm", ["HS384", "HS512"])
+def test_other_hmac_algorithms_verify_when_allowed(algorithm: str) -> None:
+    token = issue_token(SECRET, projects=[1], algorithm=algorithm)
+    with pytest.raises(InvalidToken):
+        verify_token(token, SECRET)  # only HS256 by default
+    assert verify_token(token, SECRET, algorithms=[algorithm]).allows(1)
+
+
+def test_expired() -> None:
+    token = forge({"projects": [1], "exp": int(time.time()) - 60})
+    with pytest.raises(InvalidToken, match="expired") as info:
+        verify_token(token, SECRET)
+    assert info.value.expired is True
+
+
+def test_leeway_tolerates_small_clock_skew() -> None:
+    token = forge({"projects": [1], "exp": int(time.time()) - 2})
+    assert verify_token(token, SECRET, leeway=5).allows(1)
+    with pytest.raises(InvalidToken) as info:
+        verify_token(token, SECRET, leeway=0)
+    assert info.value.expired
+
+
+def test_wrong_secret() -> None:
+    token = issue_token(SECRET, projects=[1])
+    with pytest.raises(InvalidToken, match="invalid token") as info:
+        verify_token(token, "another-secret-long-enough-for-hs256-0123456789")
+    assert info.value.expired is False
+
+
+@pytest.mark.parametrize("audience", ["other-service", None])
+def test_wrong_or_missing_audience(audience: str | None) -> None:
+    claims: dict[str, Any] = {"projects": [1], "aud": audience}
+    token = (
+        forge(claims)
+        if audience
+        else jwt.encode({"projects": [1], "exp": int(time.time()) + 60}, SECRET, algorithm="HS256")
+    )
+    with pytest.raises(InvalidToken, match="invalid token"):
+        verify_token(token, SECRET)
+
+
+def test_unsigned_token_is_refused() -> None:
+    token = jwt.encode(
+        {"projects": [1], "aud": AUDIENCE, "exp": int(time.time()) + 60}, None, algorithm="none"
+    )
+    with pytest.raises(InvalidToken):
+        verify_token(token, SECRET)
+
+
+@pytest.mark.parametrize(
+    "token", ["", "garbage", "a.b.c", "a.b", "eyJhbGciOiJIUzI1NiJ9.e30.", "\x00" * 10]
+)
+def test_malformed(token: str) -> None:
+    with pytest.raises(InvalidToken, match="invalid token"):
+        verify_token(token, SECRET)
+
+
+def test_tampered_payload() -> None:
+    token = issue_token(SECRET, projects=[1])
+    header, _payload, signature = token.split(".")
+    other_payload = issue_token(SECRET, projects=[1, 2, 3]).split(".")[1]
+    with pytest.raises(InvalidToken):
+        verify_token(f"{header}.{other_payload}.{signature}", SECRET)
+
+
+@pytest.mark.parametrize(
+    "projects",
+    [[0], [-1], ["1"], [1.0], [True], "all", {"1": True}, None, 1, [[1]]],
+)
+def test_bad_projects_claim(projects: Any) -> None:
+    with pytest.raises(InvalidToken, match="projects"):
+        verify_token(forge({"projects": projects}), SECRET)
+
+
+@pytest.mark.parametrize("missing", ["projects", "exp"])
+def test_required_claims(missing: str) -> None:
+    claims: dict[str, Any] = {"projects": [1], "aud": AUDIENCE, "exp": int(time.time()) + 60}
+    del claims[missing]
+    token = jwt.encode(claims, SECRET, algorithm="HS256")
+    with pytest.raises(InvalidToken, match=missing):
+        verify_token(token, SECRET)
+
+
+def test_non_string_subject_is_ignored() -> None:
+    # PyJWT itself rejects a non-string "sub"; either way the gateway never sees a non-str.
+    try:
+        claims = verify_token(forge({"projects": [1], "sub": 7}), SECRET)
+    except InvalidToken:
+        return
+    assert claims.sub is None
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "message"),
+    [
+        (("", [1]), {}, "secret"),
+        ((b"", [1]), {}, "secret"),
+        ((SECRET, [1]), {"ttl": 0}, "ttl"),
+        ((SECRET, [1]), {"ttl": -5}, "ttl"),
+        ((SECRET, [1]), {"ttl": timedelta(seconds=-1)}, "ttl"),
+        ((SECRET, [0]), {}, "positive"),
+        ((SECRET, [1, -2]), {}, "positive"),
+        ((SECRET, [1]), {"algorithm": "none"}, "algorithm"),
+        ((SECRET, [1]), {"algorithm": "RS256"}, "algorithm"),
+        ((SECRET, ["x"]), {}, "invalid literal"),
+    ],
+)
+def test_bad_arguments(args: tuple, kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        issue_token(*args, **kwargs)
+
+
+def test_claims_struct() -> None:
+    claims = TokenClaims(projects=frozenset({5}), exp=1, sub=None)
+    assert claims.allows(5) and not claims.allows(6)
+    with pytest.raises(AttributeError):
+        claims.exp = 2  # type: ignore[misc]  # frozen
