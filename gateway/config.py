@@ -1,0 +1,189 @@
+"""The gateway's configuration: one Struct, filled from ``EVENTBUS_*`` variables and CLI flags.
+
+Every field is both a flag (``--max-connections``) and an environment variable
+(``EVENTBUS_MAX_CONNECTIONS``); flags win. ``python -m gateway --help`` lists them all, and the
+README's table is generated from the same descriptions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+import msgspec
+from msgspec import Meta
+
+__all__ = ["ConfigError", "GatewayConfig", "load_config"]
+
+ENV_PREFIX = "EVENTBUS_"
+
+
+def _doc(text: str, **constraints: Any) -> Meta:
+    return Meta(description=text, **constraints)
+
+
+class GatewayConfig(msgspec.Struct, kw_only=True, frozen=True):
+    """Settings of one gateway process."""
+
+    redis_url: Annotated[
+        str, _doc("Redis URL: redis://, rediss://, unix:// or redis+cluster://host:port.")
+    ] = "redis://127.0.0.1:6379/0"
+    host: Annotated[str, _doc("Address to listen on.")] = "127.0.0.1"
+    port: Annotated[int, _doc("Port to listen on (WebSocket and HTTP).", ge=0, le=65535)] = 8765
+    auth_secret: Annotated[str | None, _doc("HS256 secret that verifies browser tokens.")] = None
+    no_auth: Annotated[
+        bool, _doc("Development mode: accept every connection and project without a token.")
+    ] = False
+    allowed_origins: Annotated[
+        list[str], _doc("Comma-separated Origin allowlist for handshakes (empty: any origin).")
+    ] = []
+    prefix: Annotated[str, _doc("Redis key prefix, shared with the publishers.")] = "eventbus"
+    sharded_pubsub: Annotated[
+        bool | None,
+        _doc("Use SSUBSCRIBE (sharded pub/sub). Default: on for redis+cluster:// URLs."),
+    ] = None
+    max_connections: Annotated[int, _doc("Connections per process.", ge=1)] = 20_000
+    max_subscriptions: Annotated[int, _doc("Projects per connection.", ge=1)] = 100
+    max_frame_bytes: Annotated[int, _doc("Largest client frame accepted.", ge=256)] = 65_536
+    max_replay: Annotated[
+        int, _doc("Most events replayed on one resume; further behind gets a resync.", ge=1)
+    ] = 1_000
+    outbound_limit: Annotated[
+        int,
+        _doc(
+            "Bytes waiting in a connection's write buffer before it is cut as a slow consumer.",
+            ge=1024,
+        ),
+    ] = 1_048_576
+    stall_timeout: Annotated[
+        float, _doc("Seconds a non-empty write buffer may stay undrained before disconnect.", gt=0)
+    ] = 30.0
+    auth_timeout: Annotated[float, _doc("Seconds to wait for the first auth frame.", gt=0)] = 10.0
+    ping_interval: Annotated[float, _doc("WebSocket keepalive ping interval (s).", gt=0)] = 20.0
+    ping_timeout: Annotated[float, _doc("Keepalive pong timeout (s).", gt=0)] = 20.0
+    compression: Annotated[
+        bool, _doc("Negotiate permessage-deflate (costs memory and CPU per connection).")
+    ] = False
+    reconcile_interval: Annotated[
+        float, _doc("Seconds between checks of every active project's top sequence.", gt=0)
+    ] = 2.0
+    probe_interval: Annotated[
+        float, _doc("Seconds between pings on the pub/sub connection.", gt=0)
+    ] = 5.0
+    probe_timeout: Annotated[float, _doc("Seconds a pub/sub ping may take.", gt=0)] = 5.0
+    subscribe_timeout: Annotated[
+        float, _doc("Seconds a subscribe may wait for Redis before an 'unavailable' error.", gt=0)
+    ] = 5.0
+    drain_timeout: Annotated[
+        float, _doc("Seconds to close every client after SIGTERM before exiting.", gt=0)
+    ] = 20.0
+    drain_batch: Annotated[int, _doc("Clients closed per batch while draining.", ge=1)] = 500
+    log_format: Annotated[
+        Literal["auto", "json", "console"],
+        _doc("Log format; auto = console on a terminal, JSON otherwise."),
+    ] = "auto"
+    log_level: Annotated[
+        Literal["debug", "info", "warning", "error"], _doc("Minimum log level.")
+    ] = "info"
+
+    def __post_init__(self) -> None:
+        if not self.no_auth and not self.auth_secret:
+            raise ConfigError(
+                "an auth secret is required: set --auth-secret / EVENTBUS_AUTH_SECRET, "
+                "or run the development mode with --no-auth"
+            )
+
+    @property
+    def sharded(self) -> bool:
+        if self.sharded_pubsub is not None:
+            return self.sharded_pubsub
+        return self.redis_url.split("://", 1)[0].endswith("+cluster")
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message says which setting and why."""
+
+
+def _fields() -> list[tuple[str, Any, str, Any]]:
+    info = msgspec.inspect.type_info(GatewayConfig)
+    out = []
+    for field in info.fields:
+        hints = GatewayConfig.__annotations__[field.name]
+        description = ""
+        for meta in get_args(hints)[1:] if get_origin(hints) is Annotated else ():
+            if isinstance(meta, Meta) and meta.description:
+                description = meta.description
+        out.append((field.name, field.type, description, field.default))
+    return out
+
+
+def _unwrap(tp: Any) -> Any:
+    while isinstance(tp, msgspec.inspect.Metadata):
+        tp = tp.type
+    return tp
+
+
+def _is_bool(tp: Any) -> bool:
+    tp = _unwrap(tp)
+    return isinstance(tp, msgspec.inspect.BoolType) or (
+        isinstance(tp, msgspec.inspect.UnionType)
+        and any(isinstance(t, msgspec.inspect.BoolType) for t in tp.types)
+    )
+
+
+def _is_list(tp: Any) -> bool:
+    return isinstance(_unwrap(tp), msgspec.inspect.ListType)
+
+
+def _parse_env_value(tp: Any, raw: str) -> Any:
+    if _is_bool(tp):
+        lowered = raw.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off", ""):
+            return False
+        raise ConfigError(f"expected a boolean, got {raw!r}")
+    if _is_list(tp):
+        return [item.strip() for item in raw.split(",") if item.strip()]
+    return raw
+
+
+def load_config(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> GatewayConfig:
+    """Build the config from the environment, then the command line (flags win)."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for name, tp, _, _ in _fields():
+        env_name = ENV_PREFIX + name.upper()
+        if env_name in environ:
+            try:
+                values[name] = _parse_env_value(tp, environ[env_name])
+            except ConfigError as exc:
+                raise ConfigError(f"{env_name}: {exc}") from None
+
+    parser = argparse.ArgumentParser(
+        prog="python -m gateway",
+        description="The event bus gateway: relays each project's events from Redis to browsers.",
+    )
+    for name, tp, description, default in _fields():
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{description} [env {ENV_PREFIX}{name.upper()}; default {default!r}]"
+        if _is_bool(tp):
+            # store_const rather than BooleanOptionalAction, which reads "--no-auth" as False.
+            parser.add_argument(
+                flag, dest=name, action="store_const", const=True, default=None, help=help_text
+            )
+        else:
+            parser.add_argument(flag, dest=name, default=None, help=help_text, metavar="VALUE")
+    args = parser.parse_args(argv)
+    for name, tp, _, _ in _fields():
+        value = getattr(args, name)
+        if value is not None:
+            values[name] = value if _is_bool(tp) else _parse_env_value(tp, value)
+    try:
+        return msgspec.convert(values, GatewayConfig, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from None

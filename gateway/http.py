@@ -1,0 +1,240 @@
+"""Plain HTTP on the gateway's port, answered from websockets' ``process_request`` hook.
+
+Routes: ``/healthz``, ``/readyz``, ``/metrics``, ``/eventbus.js`` (+ ``.d.ts``), and the polling
+fallback ``GET /v1/projects/{id}/events``. Anything that is not a WebSocket upgrade and not one of
+these gets a JSON 404/405; nothing here can raise into websockets.
+"""
+
+from __future__ import annotations
+
+import http
+import re
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from urllib.parse import parse_qs, urlsplit
+
+import msgspec
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+from gateway.sequencing import plan_poll
+from schemas.protocol import PollResponse, ResyncRequired, encode
+from schemas.tokens import InvalidToken, TokenClaims
+
+__all__ = ["HttpRoutes", "json_response"]
+
+_POLL_PATH = re.compile(r"^/v1/projects/([^/]+)/events$")
+_STATIC = {
+    "/eventbus.js": "text/javascript; charset=utf-8",
+    "/eventbus.d.ts": "application/typescript; charset=utf-8",
+}
+MAX_POLL_LIMIT = 1000
+DEFAULT_POLL_LIMIT = 100
+
+
+def json_response(
+    status: int, body: object, headers: list[tuple[str, str]] | None = None
+) -> Response:
+    data = body if isinstance(body, bytes) else msgspec.json.encode(body)
+    return _response(status, data, "application/json", headers)
+
+
+def _error(
+    status: int, code: str, message: str, headers: list[tuple[str, str]] | None = None
+) -> Response:
+    return json_response(status, {"error": code, "message": message}, headers)
+
+
+def _response(
+    status: int, body: bytes, content_type: str, extra: list[tuple[str, str]] | None = None
+) -> Response:
+    headers = Headers(
+        [
+            ("Content-Type", content_type),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-store"),
+            ("Connection", "close"),
+        ]
+    )
+    for name, value in extra or ():
+        headers[name] = value
+    return Response(status, http.HTTPStatus(status).phrase, headers, body)
+
+
+class HttpRoutes:
+    """The HTTP side of one gateway process."""
+
+    def __init__(
+        self,
+        *,
+        gateway,  # gateway.server.Gateway (not imported: it imports us)
+        verify: Callable[[str], TokenClaims] | None,
+        allowed_origins: list[str],
+    ) -> None:
+        self.gateway = gateway
+        self.verify = verify
+        self.allowed_origins = allowed_origins
+        self._static_cache: dict[str, bytes] = {}
+        self.routes: dict[str, Callable[[Request], Awaitable[Response]]] = {
+            "/healthz": self.healthz,
+            "/readyz": self.readyz,
+            "/metrics": self.metrics,
+        }
+
+    async def handle(self, request: Request) -> Response:
+        path = urlsplit(request.path).path
+        cors = self._cors_headers(request)
+        if request.method == "OPTIONS":
+            if cors is None:
+                return _error(403, "forbidden_origin", "origin not allowed")
+            return _response(
+                204,
+                b"",
+                "text/plain",
+                [
+                    *cors,
+                    ("Access-Control-Allow-Methods", "GET, OPTIONS"),
+                    ("Access-Control-Allow-Headers", "Authorization"),
+                    ("Access-Control-Max-Age", "600"),
+                ],
+            )
+        if request.method not in ("GET", "HEAD"):
+            return _error(
+                405,
+                "method_not_allowed",
+                f"{request.method} is not supported",
+                [("Allow", "GET, HEAD, OPTIONS")],
+            )
+        if path in self.routes:
+            return await self.routes[path](request)
+        if path in _STATIC:
+            return self.static(path)
+        match = _POLL_PATH.match(path)
+        if match:
+            response = await self.poll(request, match.group(1))
+            for name, value in cors or ():
+                response.headers[name] = value
+            return response
+        return _error(404, "not_found", f"no route for {path}")
+
+    def _cors_headers(self, request: Request) -> list[tuple[str, str]] | None:
+        origin = request.headers.get("Origin")
+        if origin is None:
+            return []
+        if self.allowed_origins and origin not in self.allowed_origins:
+            return None
+        return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
+
+    async def healthz(self, request: Request) -> Response:
+        return json_response(200, {"status": "ok"})
+
+    async def readyz(self, request: Request) -> Response:
+        checks = await self.gateway.readiness()
+        status = 200 if all(checks.values()) else 503
+        return json_response(status, {"ready": status == 200, "checks": checks})
+
+    async def metrics(self, request: Request) -> Response:
+        return _response(200, self.gateway.metrics.render(), "text/plain; version=0.0.4")
+
+    def static(self, path: str) -> Response:
+        body = self._static_cache.get(path)
+        if body is None:
+            try:
+                body = (resources.files("gateway") / "static" / path.lstrip("/")).read_bytes()
+            except OSError:
+                return _error(404, "not_found", f"{path} is not installed")
+            self._static_cache[path] = body
+        return _response(
+            200,
+            body,
+            _STATIC[path],
+            [("Cache-Control", "public, max-age=300"), ("Access-Control-Allow-Origin", "*")],
+        )
+
+    async def poll(self, request: Request, raw_id: str) -> Response:
+        """``GET /v1/projects/{id}/events?epoch=&after=&limit=``: the polling fallback."""
+        if not raw_id.isdigit() or not 0 < int(raw_id) < 2**53:
+            return _error(400, "invalid_project", "project id must be a positive integer")
+        project_id = int(raw_id)
+        if self.verify is not None:
+            header = request.headers.get("Authorization", "")
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                return _error(
+                    401,
+                    "missing_token",
+                    "send 'Authorization: Bearer <token>'",
+                    [("WWW-Authenticate", "Bearer")],
+                )
+            try:
+                claims = self.verify(token.strip())
+            except InvalidToken as exc:
+                return _error(401, "invalid_token", str(exc), [("WWW-Authenticate", "Bearer")])
+            if not claims.allows(project_id):
+                return _error(403, "forbidden", f"the token does not allow project {project_id}")
+        try:
+            epoch, after, limit = _poll_query(urlsplit(request.path).query)
+        except ValueError as exc:
+            return _error(400, "invalid_query", str(exc))
+        from gateway.store import StoreUnavailable
+
+        try:
+            snapshot = await self.gateway.store.snapshot(project_id, epoch, after, limit)
+        except StoreUnavailable:
+            return _error(
+                503, "unavailable", "Redis is unavailable; poll again later", [("Retry-After", "5")]
+            )
+        plan = plan_poll(epoch, after, snapshot, limit)
+        metrics = self.gateway.metrics
+        metrics.polls_total += 1
+        metrics.replayed_total += len(plan.events)
+        resync = None
+        if plan.resync is not None:
+            metrics.resyncs_total += 1
+            resync = ResyncRequired(
+                project_id=project_id,
+                reason=plan.resync.reason,
+                epoch=plan.resync.epoch,
+                seq=plan.resync.seq,
+            )
+        body = PollResponse(
+            project_id=project_id,
+            epoch=snapshot.epoch,
+            seq=snapshot.top,
+            events=[msgspec.Raw(frame) for _, frame in plan.events],
+            resync_required=resync,
+            more=plan.more,
+        )
+        return json_response(200, encode(body))
+
+
+def _poll_query(query: str) -> tuple[str | None, int | None, int]:
+    params = parse_qs(query, keep_blank_values=True, max_num_fields=10)
+    unknown = set(params) - {"epoch", "after", "limit"}
+    if unknown:
+        raise ValueError(f"unknown query parameters: {', '.join(sorted(unknown))}")
+
+    def one(name: str) -> str | None:
+        values = params.get(name)
+        if not values or values[0] == "":
+            return None
+        if len(values) > 1:
+            raise ValueError(f"{name} given more than once")
+        return values[0]
+
+    epoch, raw_after, raw_limit = one("epoch"), one("after"), one("limit")
+    if (epoch is None) != (raw_after is None):
+        raise ValueError("give both epoch and after, or neither")
+    if epoch is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", epoch):
+        raise ValueError("epoch is malformed")
+    after = None
+    if raw_after is not None:
+        if not raw_after.isdigit() or len(raw_after) > 16:
+            raise ValueError("after must be a non-negative integer")
+        after = int(raw_after)
+    limit = DEFAULT_POLL_LIMIT
+    if raw_limit is not None:
+        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_POLL_LIMIT:
+            raise ValueError(f"limit must be an integer from 1 to {MAX_POLL_LIMIT}")
+        limit = int(raw_limit)
+    return epoch, after, limit

@@ -1,0 +1,414 @@
+"""The pod's fan-out hub: which connections follow which project, and in what order they get what.
+
+For every project with at least one subscriber on this pod there is one :class:`Feed`: one
+pub/sub channel subscription (reference-counted through its subscribers), one
+:class:`~gateway.sequencing.FeedSequencer` that turns live messages into a gap-free sequence, and
+the sets of connections that are live or still joining.
+
+Joining (gapless subscribe): the connection is registered first, so every frame the feed delivers
+from then on is captured; then the pod makes sure it is subscribed to the channel; then one atomic
+read gives the history after the client's cursor and the top. The client is sent the replay, then
+``subscribed``, then the captured frames after the top, and goes live. No frame can fall between
+the read and the capture, and duplicates are dropped by sequence number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+from gateway.logs import get_logger
+from gateway.metrics import Metrics
+from gateway.pubsub import PubSubLink
+from gateway.sequencing import (
+    FeedSequencer,
+    Resync,
+    Snapshot,
+    Step,
+    plan_subscription,
+)
+from gateway.session import Outgoing, Session
+from gateway.store import HistoryStore, StoreUnavailable
+from schemas.keys import Keys, MalformedEnvelope, parse_envelope
+from schemas.protocol import ResyncRequired, Subscribed
+
+__all__ = ["Feed", "Hub", "SubscribeUnavailable"]
+
+log = get_logger("gateway.hub")
+
+#: Entries per history read while repairing a gap or catching up after a reconnect.
+REPAIR_BATCH = 1000
+
+
+class SubscribeUnavailable(Exception):
+    """Redis could not be reached in time to start a subscription."""
+
+
+class Joiner:
+    """A connection between ``subscribe`` and live.
+
+    Until the history read returns, frames are captured in ``buffer`` (tagged with the feed's
+    epoch). After that, while the feed has not yet delivered up to the client's starting point,
+    frames pass through a filter on ``(epoch, threshold)``.
+    """
+
+    __slots__ = ("buffer", "epoch", "threshold")
+
+    def __init__(self) -> None:
+        self.buffer: list[tuple[str | None, int, Outgoing, bool]] | None = []
+        self.epoch: str | None = None
+        self.threshold = 0
+
+
+class Feed:
+    """One project followed by this pod."""
+
+    __slots__ = (
+        "channel",
+        "joining",
+        "live",
+        "project_id",
+        "reader",
+        "ready",
+        "sequencer",
+        "suspect_top",
+    )
+
+    def __init__(self, project_id: int, channel: bytes) -> None:
+        self.project_id = project_id
+        self.channel = channel
+        self.sequencer = FeedSequencer()
+        self.live: dict[Session, None] = {}  # insertion-ordered set
+        self.joining: dict[Session, Joiner] = {}
+        self.ready = asyncio.Event()  # subscribed to the channel and baseline known
+        self.reader: asyncio.Task | None = None
+        self.suspect_top: int | None = None
+
+    @property
+    def idle(self) -> bool:
+        return not self.live and not self.joining
+
+
+class Hub:
+    """Routes live messages to subscribers and runs the per-project recovery machinery."""
+
+    def __init__(
+        self,
+        *,
+        keys: Keys,
+        store: HistoryStore,
+        metrics: Metrics,
+        max_replay: int,
+        subscribe_timeout: float,
+    ) -> None:
+        self.keys = keys
+        self.store = store
+        self.metrics = metrics
+        self.max_replay = max_replay
+        self.subscribe_timeout = subscribe_timeout
+        self.feeds: dict[int, Feed] = {}
+        self.link: PubSubLink | None = None
+        self._dirty: list[Session] = []
+        self._flush_scheduled = False
+        self._loop = asyncio.get_running_loop()
+
+    # --- outbound batching -------------------------------------------------------------------
+
+    def schedule_flush(self, session: Session) -> None:
+        """Called by a session when its outbox goes from empty to non-empty."""
+        self._dirty.append(session)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        dirty, self._dirty = self._dirty, []
+        for session in dirty:
+            if not session.flush():
+                self.metrics.slow_consumer_disconnects_total += 1
+
+    # --- live path ---------------------------------------------------------------------------
+
+    def on_pubsub_message(self, channel: bytes, data: bytes) -> None:
+        """Every message of every subscribed channel, in Redis order (called by the link)."""
+        project_id = self.keys.project_of_channel(channel)
+        feed = self.feeds.get(project_id) if project_id is not None else None
+        if feed is None:
+            return  # a channel we just left, or a foreign one
+        try:
+            envelope = parse_envelope(data)
+        except MalformedEnvelope as exc:
+            self.metrics.malformed_messages_total += 1
+            log.warning(
+                "skipped malformed message",
+                project_id=project_id,
+                error=str(exc),
+                sample=data[:80].decode("utf-8", "replace"),
+            )
+            return
+        self.metrics.events_in_total += 1
+        if envelope.published_ms:
+            self.metrics.relay_lag.observe(max(0.0, time.time() - envelope.published_ms / 1000))
+        self._apply(feed, feed.sequencer.on_live(envelope.epoch, envelope.seq, envelope.frame))
+
+    def _apply(self, feed: Feed, step: Step) -> None:
+        for seq, frame in step.deliver:
+            self._fanout(feed, seq, Outgoing(frame))
+        if step.resync is not None:
+            self._fanout_resync(feed, step.resync)
+        if step.needs_read:
+            self._start_reader(feed)
+
+    def _fanout(self, feed: Feed, seq: int, item: Outgoing) -> None:
+        for session in feed.live:
+            session.send(item)
+        self.metrics.deliveries_total += len(feed.live)
+        if feed.joining:
+            epoch = feed.sequencer.epoch
+            for session, joiner in list(feed.joining.items()):
+                if joiner.buffer is not None:
+                    joiner.buffer.append((epoch, seq, item, False))
+                elif epoch == joiner.epoch:
+                    if seq > joiner.threshold:
+                        session.send(item)
+                        self.metrics.deliveries_total += 1
+                    if seq >= joiner.threshold:
+                        self._promote(feed, session)
+
+    def _fanout_resync(self, feed: Feed, resync: Resync) -> None:
+        item = Outgoing.message(
+            ResyncRequired(
+                project_id=feed.project_id, reason=resync.reason, epoch=resync.epoch, seq=resync.seq
+            )
+        )
+        log.warning(
+            "resync required",
+            project_id=feed.project_id,
+            reason=resync.reason.value,
+            epoch=resync.epoch,
+            seq=resync.seq,
+            subscribers=len(feed.live) + len(feed.joining),
+        )
+        for session in feed.live:
+            session.send(item)
+        self.metrics.resyncs_total += len(feed.live)
+        for session, joiner in list(feed.joining.items()):
+            self.metrics.resyncs_total += 1
+            if joiner.buffer is not None:
+                joiner.buffer.append((resync.epoch, resync.seq, item, True))
+            else:
+                session.send(item)
+                joiner.epoch, joiner.threshold = resync.epoch, resync.seq
+                self._promote_if_caught_up(feed, session, joiner)
+
+    def _promote(self, feed: Feed, session: Session) -> None:
+        del feed.joining[session]
+        feed.live[session] = None
+
+    def _promote_if_caught_up(self, feed: Feed, session: Session, joiner: Joiner) -> None:
+        sequencer = feed.sequencer
+        if (
+            sequencer.epoch == joiner.epoch
+            and sequencer.last is not None
+            and sequencer.last >= joiner.threshold
+        ):
+            self._promote(feed, session)
+
+    # --- history reads: baseline, gap repair, catch-up ---------------------------------------
+
+    def _start_reader(self, feed: Feed) -> None:
+        if feed.reader is None or feed.reader.done():
+            feed.reader = asyncio.create_task(self._read_history(feed))
+
+    async def _read_history(self, feed: Feed) -> None:
+        """Read the stream until the sequencer has caught up; retry while Redis is down."""
+        delay = 0.05
+        while self.feeds.get(feed.project_id) is feed:
+            sequencer = feed.sequencer
+            baseline = sequencer.last is None
+            try:
+                snapshot = await self.store.snapshot(
+                    feed.project_id, sequencer.epoch, sequencer.last, REPAIR_BATCH
+                )
+            except StoreUnavailable as exc:
+                log.warning("history read failed", project_id=feed.project_id, error=str(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            step = sequencer.on_read(snapshot, REPAIR_BATCH)
+            if not baseline:
+                self.metrics.gaps_repaired_total += len(step.deliver)
+                if step.deliver:
+                    log.info(
+                        "gap repaired",
+                        project_id=feed.project_id,
+                        events=len(step.deliver),
+                        last=sequencer.last,
+                    )
+            self._apply(feed, Step(step.deliver, step.resync))
+            if baseline:
+                feed.ready.set()
+            if not step.needs_read:
+                return
+
+    def request_catch_up(self, feed: Feed) -> None:
+        """Read history after the feed's cursor (after a reconnect or a suspicious check)."""
+        if feed.sequencer.request_read():
+            self._start_reader(feed)
+
+    def on_link_resubscribed(self) -> None:
+        """The pub/sub link came back: anything published meanwhile is only in the streams."""
+        for feed in list(self.feeds.values()):
+            self.request_catch_up(feed)
+
+    async def reconcile(self) -> None:
+        """Compare every feed with its project's top in Redis; catch up where they differ.
+
+        This finds a lost *last* message (no later one reveals the gap) and a history that was
+        flushed while nobody published. A top that is merely in flight is given one interval
+        to arrive before it counts.
+        """
+        feeds = [f for f in self.feeds.values() if f.ready.is_set() and not f.sequencer.reading]
+        if not feeds:
+            return
+        cursors = await self.store.cursors([f.project_id for f in feeds])
+        for feed, (epoch, top) in zip(feeds, cursors, strict=True):
+            sequencer = feed.sequencer
+            if not sequencer.behind(epoch, top):
+                feed.suspect_top = None
+                continue
+            assert sequencer.last is not None
+            confirmed = feed.suspect_top is not None and sequencer.last < feed.suspect_top
+            if epoch != sequencer.epoch or top is None or top < sequencer.last or confirmed:
+                feed.suspect_top = None
+                self.request_catch_up(feed)
+            else:
+                feed.suspect_top = top
+
+    # --- subscriptions -----------------------------------------------------------------------
+
+    def _acquire(self, project_id: int) -> Feed:
+        feed = self.feeds.get(project_id)
+        if feed is None:
+            channel = self.keys.channel(project_id).encode()
+            feed = self.feeds[project_id] = Feed(project_id, channel)
+            feed.reader = asyncio.create_task(self._start_feed(feed))
+        return feed
+
+    async def _start_feed(self, feed: Feed) -> None:
+        assert self.link is not None
+        await self.link.subscribe(feed.channel)
+        feed.reader = None
+        if self.feeds.get(feed.project_id) is feed:
+            self._start_reader(feed)
+
+    def _release(self, feed: Feed) -> None:
+        if not feed.idle or self.feeds.get(feed.project_id) is not feed:
+            return
+        del self.feeds[feed.project_id]
+        if feed.reader is not None:
+            feed.reader.cancel()
+        if self.link is not None:
+            self._loop.create_task(self.link.unsubscribe(feed.channel))
+
+    async def subscribe(
+        self, session: Session, project_id: int, epoch: str | None, after: int | None
+    ) -> None:
+        """Start (or restart) a subscription: replay, ``subscribed``, then live.
+
+        Raises :class:`SubscribeUnavailable` when Redis does not answer in time.
+        """
+        if project_id in session.projects:
+            self.unsubscribe(session, project_id)
+        feed = self._acquire(project_id)
+        joiner = feed.joining[session] = Joiner()
+        session.projects.add(project_id)
+        try:
+            async with asyncio.timeout(self.subscribe_timeout):
+                await feed.ready.wait()
+                snapshot = await self.store.snapshot(project_id, epoch, after, self.max_replay)
+        except (TimeoutError, StoreUnavailable) as exc:
+            if feed.joining.get(session) is joiner:
+                del feed.joining[session]
+                session.projects.discard(project_id)
+                self._release(feed)
+            raise SubscribeUnavailable(str(exc) or "Redis did not answer in time") from None
+        if feed.joining.get(session) is not joiner:
+            return  # unsubscribed (or the connection closed) while we waited
+        self._go_live(feed, session, joiner, epoch, after, snapshot)
+
+    def _go_live(
+        self,
+        feed: Feed,
+        session: Session,
+        joiner: Joiner,
+        epoch: str | None,
+        after: int | None,
+        snapshot: Snapshot,
+    ) -> None:
+        # Synchronous from here on: nothing can be delivered to the feed in between.
+        plan = plan_subscription(epoch, after, snapshot, self.max_replay)
+        for _, frame in plan.replay:
+            session.send(Outgoing(frame))
+        self.metrics.replayed_total += len(plan.replay)
+        self.metrics.deliveries_total += len(plan.replay)
+        if plan.resync is not None:
+            self.metrics.resyncs_total += 1
+            session.send_message(
+                ResyncRequired(
+                    project_id=feed.project_id,
+                    reason=plan.resync.reason,
+                    epoch=plan.resync.epoch,
+                    seq=plan.resync.seq,
+                )
+            )
+        session.send_message(
+            Subscribed(
+                project_id=feed.project_id,
+                epoch=plan.epoch,
+                seq=plan.seq,
+                resumed=plan.resumed,
+                replayed=len(plan.replay),
+            )
+        )
+        joiner.epoch, joiner.threshold = plan.epoch, plan.seq
+        captured, joiner.buffer = joiner.buffer or [], None
+        for item_epoch, seq, item, is_resync in captured:
+            if is_resync:
+                session.send(item)
+                joiner.epoch, joiner.threshold = item_epoch, seq
+            elif item_epoch == joiner.epoch and seq > joiner.threshold:
+                session.send(item)
+                joiner.threshold = seq
+        self._promote_if_caught_up(feed, session, joiner)
+
+    def unsubscribe(self, session: Session, project_id: int) -> bool:
+        """Stop a subscription; False if the session did not have it."""
+        if project_id not in session.projects:
+            return False
+        session.projects.discard(project_id)
+        feed = self.feeds.get(project_id)
+        if feed is not None:
+            feed.live.pop(session, None)
+            feed.joining.pop(session, None)
+            self._release(feed)
+        return True
+
+    def remove(self, session: Session) -> None:
+        """The connection closed: drop all its subscriptions."""
+        for project_id in list(session.projects):
+            self.unsubscribe(session, project_id)
+
+    @property
+    def subscriptions(self) -> int:
+        return sum(len(f.live) + len(f.joining) for f in self.feeds.values())
+
+    async def close(self) -> None:
+        for feed in self.feeds.values():
+            if feed.reader is not None:
+                feed.reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await feed.reader
+        self.feeds.clear()

@@ -1,0 +1,86 @@
+"""Prometheus metrics in the text exposition format, without a client library.
+
+The gateway's counters are plain attributes bumped on hot paths (an integer add); rendering
+happens only when ``/metrics`` is scraped.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Iterable
+
+__all__ = ["Metrics"]
+
+
+class Histogram:
+    """A cumulative histogram with fixed buckets (seconds)."""
+
+    __slots__ = ("bounds", "count", "counts", "sum")
+
+    def __init__(self, bounds: Iterable[float]) -> None:
+        self.bounds = sorted(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.count += 1
+        self.sum += value
+
+    def render(self, name: str) -> list[str]:
+        lines, cumulative = [], 0
+        for bound, count in zip(self.bounds, self.counts, strict=False):
+            cumulative += count
+            lines.append(f'{name}_bucket{{le="{bound}"}} {cumulative}')
+        lines.append(f'{name}_bucket{{le="+Inf"}} {self.count}')
+        lines.append(f"{name}_sum {self.sum:.6f}")
+        lines.append(f"{name}_count {self.count}")
+        return lines
+
+
+class Metrics:
+    """Every metric the gateway exports. Gauges are read from live state at scrape time."""
+
+    COUNTERS = {
+        "connections_total": "WebSocket connections accepted.",
+        "connections_rejected_total": "Handshakes refused (origin, limits, draining).",
+        "events_in_total": "Events received from Redis pub/sub.",
+        "deliveries_total": "Event frames written to subscribers (live and replayed).",
+        "replayed_total": "Events replayed from history on subscribe or poll.",
+        "resyncs_total": "resync_required messages sent.",
+        "slow_consumer_disconnects_total": "Connections closed for not reading fast enough.",
+        "pubsub_reconnects_total": "Times the Redis pub/sub link was re-established.",
+        "pubsub_probe_failures_total": "Pub/sub probes that got no answer in time.",
+        "gaps_repaired_total": "Missing live events filled from the stream.",
+        "malformed_messages_total": "Garbage or foreign messages on an event channel, skipped.",
+        "client_errors_total": "error messages sent to clients for bad input.",
+        "auth_failures_total": "Connections closed for a missing, invalid or expired token.",
+        "polls_total": "HTTP polling requests answered.",
+    }
+
+    def __init__(self) -> None:
+        for name in self.COUNTERS:
+            setattr(self, name, 0)
+        self.relay_lag = Histogram([0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5])
+        self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
+
+    def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
+        self.gauges[name] = (help_text, read)
+
+    def render(self) -> bytes:
+        lines: list[str] = []
+        for name, help_text in self.COUNTERS.items():
+            full = f"eventbus_{name}"
+            lines += [f"# HELP {full} {help_text}", f"# TYPE {full} counter"]
+            lines.append(f"{full} {getattr(self, name)}")
+        for name, (help_text, read) in self.gauges.items():
+            full = f"eventbus_{name}"
+            lines += [f"# HELP {full} {help_text}", f"# TYPE {full} gauge", f"{full} {read()}"]
+        name = "eventbus_relay_lag_seconds"
+        lines += [
+            f"# HELP {name} Time from the publish (Redis clock) to the write to subscribers.",
+            f"# TYPE {name} histogram",
+            *self.relay_lag.render(name),
+        ]
+        return ("\n".join(lines) + "\n").encode()

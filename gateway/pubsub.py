@@ -1,0 +1,203 @@
+"""The pod's pub/sub link: one Redis connection in subscribed mode, shared by every project.
+
+Channels are subscribed while at least one client of the pod follows the project (the hub keeps
+the reference count). The link reconnects by itself with capped exponential backoff, resubscribes
+every channel, and then tells the hub, which catches every project up from the streams: messages
+published while the link was down are never lost, only late.
+
+A connection can die silently (a half-open TCP connection, a proxy that stopped forwarding) while
+every health check stays green; a probe therefore pings *through the subscribed connection* every
+``probe_interval`` seconds and forces a reconnect when no pong comes back in time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import math
+import random
+from collections.abc import Callable
+
+import redis.asyncio
+import redis.exceptions
+
+from gateway.logs import get_logger
+from gateway.metrics import Metrics
+
+__all__ = ["PubSubLink", "backoff_delays"]
+
+log = get_logger("gateway.pubsub")
+
+
+def backoff_delays(base: float = 0.05, cap: float = 2.0) -> itertools.Iterator[float]:
+    """Reconnect delays: exponential from ``base`` to ``cap`` with full jitter, forever."""
+    for attempt in itertools.count():
+        yield random.uniform(0, min(cap, base * 2**attempt))
+
+
+class PubSubLink:
+    """Subscribed-mode connection to one Redis node.
+
+    Args:
+        url: Redis URL of the node.
+        sharded: use ``SSUBSCRIBE`` / ``smessage`` (Redis >= 7 sharded pub/sub).
+        on_message: called with ``(channel, data)`` for every message, in order, synchronously.
+        on_resubscribed: called after a reconnect once every channel is subscribed again.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        sharded: bool,
+        on_message: Callable[[bytes, bytes], None],
+        on_resubscribed: Callable[[], None],
+        metrics: Metrics,
+        probe_interval: float = 5.0,
+        probe_timeout: float = 5.0,
+    ) -> None:
+        # RESP2 explicitly: with RESP3 (redis-py's default in 8.x) pub/sub messages are push
+        # frames that read_response() hands to a push handler instead of returning them.
+        self._pool = redis.asyncio.ConnectionPool.from_url(
+            url, protocol=2, socket_connect_timeout=5, socket_keepalive=True
+        )
+        self._sub, self._unsub = (
+            ("SSUBSCRIBE", "SUNSUBSCRIBE") if sharded else ("SUBSCRIBE", "UNSUBSCRIBE")
+        )
+        self._message_kind = b"smessage" if sharded else b"message"
+        self._confirm_kind = b"ssubscribe" if sharded else b"subscribe"
+        self._on_message = on_message
+        self._on_resubscribed = on_resubscribed
+        self._metrics = metrics
+        self.probe_interval = probe_interval
+        self.probe_timeout = probe_timeout
+        #: Channels we want, each with an event set while Redis confirms the subscription.
+        self._channels: dict[bytes, asyncio.Event] = {}
+        self._conn: redis.asyncio.Connection | None = None
+        self._pong = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self.connected = False
+        self.connections = 0
+
+    @property
+    def alive(self) -> bool:
+        """Connected, and every wanted channel confirmed."""
+        return self.connected and all(event.is_set() for event in self._channels.values())
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="pubsub-link")
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._conn:
+            await self._conn.disconnect()
+        await self._pool.aclose()
+
+    async def subscribe(self, channel: bytes) -> None:
+        """Subscribe and wait until Redis confirms it (callers bound the wait)."""
+        event = self._channels.get(channel)
+        if event is None:
+            event = self._channels[channel] = asyncio.Event()
+            if self.connected:
+                await self._send(self._sub, channel)
+        await event.wait()
+
+    async def unsubscribe(self, channel: bytes) -> None:
+        if self._channels.pop(channel, None) is not None and self.connected:
+            await self._send(self._unsub, channel)
+
+    async def _send(self, *args: bytes | str) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        try:
+            await conn.send_command(*args, check_health=False)
+        except (redis.exceptions.RedisError, OSError) as exc:
+            # The reader notices the broken connection and reconnects; resubscribing then covers
+            # this channel too.
+            log.warning("pubsub send failed", command=args[0], error=str(exc))
+
+    async def _run(self) -> None:
+        delays = backoff_delays()
+        while True:
+            try:
+                await self._connect_and_read()
+            except asyncio.CancelledError:
+                raise
+            except (redis.exceptions.RedisError, OSError, ProbeFailed) as exc:
+                log.warning("pubsub link down", error=str(exc) or type(exc).__name__)
+            except Exception:
+                log.exception("pubsub link failed")
+            else:
+                delays = backoff_delays()
+            self.connected = False
+            for event in self._channels.values():
+                event.clear()
+            if self._conn is not None:
+                with contextlib.suppress(Exception):
+                    await self._conn.disconnect()
+                self._conn = None
+            await asyncio.sleep(next(delays))
+
+    async def _connect_and_read(self) -> None:
+        conn = self._pool.make_connection()
+        await conn.connect()
+        self._conn = conn
+        self.connected = True
+        self.connections += 1
+        reconnected = self.connections > 1
+        if reconnected:
+            self._metrics.pubsub_reconnects_total += 1
+            log.info("pubsub link reconnected", channels=len(self._channels))
+        pending = list(self._channels)
+        for start in range(0, len(pending), 500):
+            await conn.send_command(self._sub, *pending[start : start + 500], check_health=False)
+        probe = asyncio.create_task(self._probe(conn), name="pubsub-probe")
+        notified = not reconnected
+        try:
+            if not pending and not notified:
+                self._on_resubscribed()
+                notified = True
+            while True:
+                # No read timeout: an idle link is normal; the probe detects a dead one.
+                reply = await conn.read_response(timeout=math.inf, disconnect_on_error=True)
+                if probe.done():
+                    probe.result()  # raises ProbeFailed
+                if not isinstance(reply, list) or len(reply) < 2:
+                    continue
+                kind = reply[0]
+                if kind == self._message_kind:
+                    self._on_message(reply[1], reply[2])
+                elif kind == self._confirm_kind:
+                    event = self._channels.get(reply[1])
+                    if event is not None:
+                        event.set()
+                    if not notified and self.alive:
+                        notified = True
+                        self._on_resubscribed()
+                elif kind == b"pong":
+                    self._pong.set()
+        finally:
+            probe.cancel()
+
+    async def _probe(self, conn: redis.asyncio.Connection) -> None:
+        while True:
+            await asyncio.sleep(self.probe_interval)
+            self._pong.clear()
+            await conn.send_command("PING", check_health=False)
+            try:
+                async with asyncio.timeout(self.probe_timeout):
+                    await self._pong.wait()
+            except TimeoutError:
+                self._metrics.pubsub_probe_failures_total += 1
+                # Breaking the connection wakes the reader, which then reconnects.
+                await conn.disconnect()
+                raise ProbeFailed("no pong on the pub/sub connection") from None
+
+
+class ProbeFailed(Exception):
+    """The pub/sub connection did not answer a ping in time."""

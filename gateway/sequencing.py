@@ -1,0 +1,237 @@
+"""Ordering logic, without I/O: how live messages, history reads and client cursors combine.
+
+Two small state machines carry the delivery guarantee ("per project, every event in sequence
+order, exactly once, no gap, or an explicit resync"):
+
+* :class:`FeedSequencer`, one per active project per pod, turns the live pub/sub messages into a
+  gap-free sequence, asking for a history read whenever it cannot prove there is no gap.
+* :func:`plan_subscription` decides what a subscribing client gets: replayed history, a resync,
+  and the ``subscribed`` acknowledgement, from the client's cursor and one atomic history read.
+
+Both are driven by :mod:`gateway.hub`, which only adds the Redis round trips and the sockets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from schemas.protocol import ResyncReason
+
+__all__ = [
+    "FeedSequencer",
+    "Resync",
+    "Snapshot",
+    "SubscriptionPlan",
+    "plan_subscription",
+]
+
+Entry = tuple[int, bytes]  # (seq, frame)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """One atomic read of a project's history: its cursor, and entries after a given seq."""
+
+    epoch: str
+    top: int
+    entries: Sequence[Entry] = ()
+    created: bool = False  # the history did not exist and was created by this read
+
+
+@dataclass(frozen=True, slots=True)
+class Resync:
+    """Tell subscribers to reload state and continue after ``(epoch, seq)``."""
+
+    reason: ResyncReason
+    epoch: str
+    seq: int
+
+
+@dataclass(slots=True)
+class Step:
+    """What the sequencer asks of its driver after an input."""
+
+    deliver: list[Entry] = field(default_factory=list)
+    resync: Resync | None = None
+    #: Read history after ``sequencer.last`` (a gap, an unknown baseline, or a read that was cut
+    #: short by its count limit). While set, live messages are held.
+    needs_read: bool = False
+
+
+class FeedSequencer:
+    """Gap-free ordering of one project's live messages on one pod.
+
+    ``last`` is the last sequence delivered to subscribers (``None`` until a first history read
+    gives the baseline). A live message is delivered at once when it is exactly ``last + 1``;
+    anything else is held and a history read is requested. A read's entries fill the gap; when the
+    history cannot (trimmed, recreated, or behind us), a :class:`Resync` moves everyone to the new
+    cursor: nothing is skipped silently.
+    """
+
+    __slots__ = ("epoch", "held", "last", "reading")
+
+    #: Held live messages beyond this are dropped; they are re-read from the stream anyway.
+    MAX_HELD = 10_000
+
+    def __init__(self) -> None:
+        self.epoch: str | None = None
+        self.last: int | None = None
+        self.held: dict[int, tuple[str, bytes]] = {}  # seq -> (epoch, frame)
+        self.reading = True  # the baseline read is always the first
+
+    def on_live(self, epoch: str, seq: int, frame: bytes) -> Step:
+        """A message arrived on the project's channel."""
+        if self.reading:
+            if epoch == self.epoch or self.epoch is None:
+                self._hold(epoch, seq, frame)
+            return Step()
+        if epoch != self.epoch:
+            # The history was recreated behind our back; only a read can say where it stands.
+            self.held.clear()
+            self.reading = True
+            return Step(needs_read=True)
+        assert self.last is not None
+        if seq <= self.last:
+            return Step()  # already delivered (e.g. filled from the stream by a repair)
+        if seq == self.last + 1:
+            self.last = seq
+            deliver = [(seq, frame)]
+            if self.held:
+                deliver.extend(self._drain_held())
+            return Step(deliver=deliver)
+        self._hold(epoch, seq, frame)
+        self.reading = True
+        return Step(needs_read=True)
+
+    def on_read(self, snapshot: Snapshot, limit: int) -> Step:
+        """Apply a history read of entries after ``self.last`` (at most ``limit`` of them)."""
+        step = Step()
+        if self.last is None or self.epoch is None:
+            # Baseline: everything up to the top is history the subscribers read themselves.
+            self.epoch, self.last = snapshot.epoch, snapshot.top
+        elif snapshot.epoch != self.epoch:
+            step.resync = self._reset(ResyncReason.EPOCH_CHANGED, snapshot)
+        elif snapshot.top < self.last:
+            step.resync = self._reset(ResyncReason.HISTORY_LOST, snapshot)
+        else:
+            for seq, frame in snapshot.entries:
+                if seq <= self.last:
+                    continue
+                if seq != self.last + 1:
+                    break
+                self.last = seq
+                step.deliver.append((seq, frame))
+            if self.last < snapshot.top and len(snapshot.entries) < limit:
+                # The stream does not hold what we missed: retention trimmed it.
+                step.resync = self._reset(ResyncReason.HISTORY_TRIMMED, snapshot)
+        # Drop what the read covered (and what belongs to another history), deliver what now
+        # follows on, and decide whether more must be read.
+        for seq in [s for s, (e, _) in self.held.items() if s <= self.last or e != self.epoch]:
+            del self.held[seq]
+        step.deliver.extend(self._drain_held())
+        self.reading = self.last < snapshot.top or bool(self.held)
+        step.needs_read = self.reading
+        return step
+
+    def request_read(self) -> bool:
+        """Hold live messages and ask for a read (catch-up after a reconnect or a check).
+        False when a read is already pending."""
+        if self.reading or self.last is None:
+            return False
+        self.reading = True
+        return True
+
+    def behind(self, epoch: str | None, top: int | None) -> bool:
+        """Whether an observed cursor (from a periodic check) proves we missed something."""
+        if self.reading or self.last is None:
+            return False
+        return epoch != self.epoch or top is None or top != self.last
+
+    def _reset(self, reason: ResyncReason, snapshot: Snapshot) -> Resync:
+        self.epoch, self.last = snapshot.epoch, snapshot.top
+        self.held.clear()
+        return Resync(reason, snapshot.epoch, snapshot.top)
+
+    def _hold(self, epoch: str, seq: int, frame: bytes) -> None:
+        if len(self.held) < self.MAX_HELD:
+            self.held[seq] = (epoch, frame)
+
+    def _drain_held(self) -> list[Entry]:
+        out: list[Entry] = []
+        assert self.last is not None
+        while (held := self.held.pop(self.last + 1, None)) is not None:
+            self.last += 1
+            out.append((self.last, held[1]))
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionPlan:
+    """What a subscribing client is sent, in order: ``replay``, then ``resync`` (if any), then the
+    ``subscribed`` acknowledgement; live events follow from ``seq + 1``."""
+
+    replay: list[Entry]
+    resync: Resync | None
+    epoch: str
+    seq: int
+    resumed: bool
+
+
+def plan_subscription(
+    epoch: str | None, after: int | None, snapshot: Snapshot, max_replay: int
+) -> SubscriptionPlan:
+    """Decide how to honour a client's cursor given an atomic read of the project's history.
+
+    ``snapshot.entries`` must be the entries after ``after`` (at most ``max_replay``), read only
+    when ``epoch`` is the snapshot's epoch.
+    """
+    top = snapshot.top
+
+    def resync(reason: ResyncReason) -> SubscriptionPlan:
+        return SubscriptionPlan([], Resync(reason, snapshot.epoch, top), snapshot.epoch, top, False)
+
+    if epoch is None or after is None:
+        return SubscriptionPlan([], None, snapshot.epoch, top, False)
+    if epoch != snapshot.epoch:
+        return resync(ResyncReason.EPOCH_CHANGED)
+    if after > top:
+        return resync(ResyncReason.HISTORY_LOST)
+    if after == top:
+        return SubscriptionPlan([], None, snapshot.epoch, top, True)
+    if top - after > max_replay:
+        return resync(ResyncReason.TOO_FAR_BEHIND)
+    entries = list(snapshot.entries)
+    expected = list(range(after + 1, top + 1))
+    if [seq for seq, _ in entries] != expected:
+        return resync(ResyncReason.HISTORY_TRIMMED)
+    return SubscriptionPlan(entries, None, snapshot.epoch, top, True)
+
+
+@dataclass(frozen=True, slots=True)
+class PollPlan:
+    """Answer to one poll: events after the cursor (a page), or a resync."""
+
+    events: list[Entry]
+    resync: Resync | None
+    more: bool
+
+
+def plan_poll(epoch: str | None, after: int | None, snapshot: Snapshot, limit: int) -> PollPlan:
+    """Like :func:`plan_subscription`, for the HTTP fallback: pages of ``limit`` events instead of
+    a bounded replay, so a poller never falls "too far behind" while the stream holds its cursor.
+
+    ``snapshot.entries`` must be the entries after ``after``, at most ``limit``.
+    """
+    top = snapshot.top
+    if epoch is None or after is None:
+        return PollPlan([], None, False)
+    if epoch != snapshot.epoch:
+        return PollPlan([], Resync(ResyncReason.EPOCH_CHANGED, snapshot.epoch, top), False)
+    if after > top:
+        return PollPlan([], Resync(ResyncReason.HISTORY_LOST, snapshot.epoch, top), False)
+    entries = list(snapshot.entries)[:limit]
+    if after < top and (not entries or entries[0][0] != after + 1):
+        return PollPlan([], Resync(ResyncReason.HISTORY_TRIMMED, snapshot.epoch, top), False)
+    last = entries[-1][0] if entries else after
+    return PollPlan(entries, None, last < top)

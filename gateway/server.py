@@ -1,0 +1,477 @@
+"""The gateway process: websockets server, per-connection protocol, periodic checks, drain.
+
+Wiring only; the ordering logic is in :mod:`gateway.sequencing` and :mod:`gateway.hub`, the
+outbound policy in :mod:`gateway.session`, HTTP in :mod:`gateway.http`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+
+import redis.asyncio
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from gateway.config import GatewayConfig
+from gateway.http import HttpRoutes, json_response
+from gateway.hub import Hub, SubscribeUnavailable
+from gateway.logs import get_logger
+from gateway.metrics import Metrics
+from gateway.pubsub import PubSubLink
+from gateway.session import Session, SlowConsumerPolicy
+from gateway.store import HistoryStore
+from publisher.connection import async_client
+from schemas.keys import Keys
+from schemas.protocol import (
+    Auth,
+    Authenticated,
+    CloseCode,
+    Error,
+    ErrorCode,
+    Ping,
+    Pong,
+    ProtocolError,
+    Subscribe,
+    Unsubscribe,
+    Unsubscribed,
+    decode_client_message,
+)
+from schemas.tokens import InvalidToken, TokenClaims, verify_token
+
+__all__ = ["Gateway", "run"]
+
+log = get_logger("gateway")
+
+#: Consecutive malformed frames tolerated before the connection is closed with 4009.
+MAX_CONSECUTIVE_ERRORS = 10
+
+
+class Gateway:
+    """One gateway process. ``await start()``, then ``await drain()`` to stop."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.keys = Keys(config.prefix)
+        self.metrics = Metrics()
+        self.sessions: dict[Session, None] = {}
+        self.draining = False
+        self.policy = SlowConsumerPolicy(config.outbound_limit, config.stall_timeout)
+        self._preauth: dict[ServerConnection, TokenClaims] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._all_closed = asyncio.Event()
+        self.server: Server | None = None
+        self.redis: redis.asyncio.Redis | None = None
+        self.store: HistoryStore
+        self.hub: Hub
+        self.link: PubSubLink
+        verify = None if config.no_auth else self.verify
+        self.http = HttpRoutes(gateway=self, verify=verify, allowed_origins=config.allowed_origins)
+        self.metrics.gauge("connections", "Open WebSocket connections.", lambda: len(self.sessions))
+        self.metrics.gauge(
+            "subscriptions", "Project subscriptions.", lambda: self.hub.subscriptions
+        )
+        self.metrics.gauge(
+            "projects", "Projects followed by this pod.", lambda: len(self.hub.feeds)
+        )
+        self.metrics.gauge(
+            "pubsub_up", "1 when the pub/sub link is connected.", lambda: int(self.link.connected)
+        )
+        self.metrics.gauge("draining", "1 while draining.", lambda: int(self.draining))
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return self.server.sockets[0].getsockname()[1]
+
+    def verify(self, token: str) -> TokenClaims:
+        assert self.config.auth_secret is not None
+        return verify_token(token, self.config.auth_secret)
+
+    async def start(self) -> None:
+        config = self.config
+        if config.no_auth:
+            log.warning(
+                "DEVELOPMENT MODE: authentication is disabled; any client can read any project",
+                flag="--no-auth",
+            )
+        self.redis = async_client(config.redis_url)
+        self.store = HistoryStore(self.redis, self.keys)
+        self.hub = Hub(
+            keys=self.keys,
+            store=self.store,
+            metrics=self.metrics,
+            max_replay=config.max_replay,
+            subscribe_timeout=config.subscribe_timeout,
+        )
+        self.link = PubSubLink(
+            config.redis_url.replace("+cluster", ""),
+            sharded=config.sharded,
+            on_message=self.hub.on_pubsub_message,
+            on_resubscribed=self.hub.on_link_resubscribed,
+            metrics=self.metrics,
+            probe_interval=config.probe_interval,
+            probe_timeout=config.probe_timeout,
+        )
+        self.hub.link = self.link
+        self.link.start()
+        self._tasks = [
+            asyncio.create_task(self._every(config.reconcile_interval, self.hub.reconcile)),
+            asyncio.create_task(self._every(1.0, self._check_stalls)),
+        ]
+        self.server = await serve(
+            self.handler,
+            config.host,
+            config.port,
+            process_request=self.process_request,
+            compression="deflate" if config.compression else None,
+            max_size=config.max_frame_bytes,
+            max_queue=4,
+            write_limit=config.outbound_limit,
+            ping_interval=config.ping_interval,
+            ping_timeout=config.ping_timeout,
+            close_timeout=5,
+            server_header=None,
+        )
+        log.info(
+            "gateway listening",
+            host=config.host,
+            port=self.port,
+            redis=_redact(config.redis_url),
+            sharded_pubsub=config.sharded,
+            auth="disabled" if config.no_auth else "jwt",
+        )
+
+    async def _every(self, interval: float, job) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                result = job()
+                if asyncio.iscoroutine(result):
+                    await result
+            except Exception as exc:
+                log.warning("periodic check failed", job=job.__name__, error=str(exc))
+
+    def _check_stalls(self) -> None:
+        now = time.monotonic()
+        for session in list(self.sessions):
+            if session.check_stall(now):
+                self.metrics.slow_consumer_disconnects_total += 1
+
+    async def readiness(self) -> dict[str, bool]:
+        try:
+            async with asyncio.timeout(1.0):
+                redis_ok = await self.store.ping()
+        except TimeoutError:
+            redis_ok = False
+        return {"redis": redis_ok, "pubsub": self.link.connected, "not_draining": not self.draining}
+
+    # --- handshake ---------------------------------------------------------------------------
+
+    async def process_request(
+        self, connection: ServerConnection, request: Request
+    ) -> Response | None:
+        try:
+            if request.headers.get("Upgrade", "").lower() != "websocket":
+                return await self.http.handle(request)
+            return self._check_handshake(connection, request)
+        except Exception:
+            log.exception("request failed", path=request.path[:200])
+            return json_response(500, {"error": "internal", "message": "internal error"})
+
+    def _check_handshake(self, connection: ServerConnection, request: Request) -> Response | None:
+        config = self.config
+        reject = self.metrics
+        if self.draining:
+            reject.connections_rejected_total += 1
+            return json_response(
+                503, {"error": "draining", "message": "reconnect elsewhere"}, [("Retry-After", "1")]
+            )
+        if len(self.sessions) >= config.max_connections:
+            reject.connections_rejected_total += 1
+            return json_response(
+                503,
+                {"error": "too_many_connections", "message": "this gateway is full"},
+                [("Retry-After", "5")],
+            )
+        origin = request.headers.get("Origin")
+        if config.allowed_origins and origin not in config.allowed_origins:
+            reject.connections_rejected_total += 1
+            log.info("handshake refused", reason="origin", origin=origin)
+            return json_response(
+                403, {"error": "forbidden_origin", "message": f"origin {origin!r} is not allowed"}
+            )
+        header = request.headers.get("Authorization")
+        if header and not config.no_auth:
+            scheme, _, token = header.partition(" ")
+            try:
+                if scheme.lower() != "bearer":
+                    raise InvalidToken("expected 'Authorization: Bearer <token>'")
+                self._preauth[connection] = self.verify(token.strip())
+            except InvalidToken as exc:
+                reject.auth_failures_total += 1
+                return json_response(401, {"error": "invalid_token", "message": str(exc)})
+        return None
+
+    # --- connections -------------------------------------------------------------------------
+
+    async def handler(self, ws: ServerConnection) -> None:
+        raw = not ws.protocol.extensions  # permessage-deflate negotiated: websockets frames
+        session = Session(ws, self.policy, self.hub.schedule_flush, raw=raw)
+        self.sessions[session] = None
+        self.metrics.connections_total += 1
+        clog = log.bind(conn_id=session.id, peer=_peer(ws))
+        clog.debug("connected")
+        try:
+            claims = self._preauth.pop(ws, None)
+            if claims is not None:
+                self._authenticate(session, claims)
+            elif not self.config.no_auth and not await self._first_auth(session, clog):
+                return
+            while True:
+                data = await ws.recv(decode=False)
+                await self._handle(session, data, clog)
+        except ConnectionClosed:
+            pass
+        finally:
+            self._preauth.pop(ws, None)
+            self.hub.remove(session)
+            del self.sessions[session]
+            if not self.sessions:
+                self._all_closed.set()
+            if session.expiry is not None:
+                session.expiry.cancel()
+            clog.debug("disconnected", code=ws.close_code)
+
+    async def _first_auth(self, session: Session, clog) -> bool:
+        try:
+            async with asyncio.timeout(self.config.auth_timeout):
+                data = await session.ws.recv(decode=False)
+        except TimeoutError:
+            return await self._refuse(
+                session, CloseCode.AUTH_FAILED, "no auth message in time", clog
+            )
+        try:
+            message = decode_client_message(data)
+        except ProtocolError as exc:
+            return await self._refuse(
+                session, CloseCode.AUTH_FAILED, f"expected an auth message: {exc.message}", clog
+            )
+        if not isinstance(message, Auth):
+            return await self._refuse(
+                session, CloseCode.AUTH_FAILED, "the first message must be auth", clog
+            )
+        try:
+            claims = self.verify(message.token)
+        except InvalidToken as exc:
+            code = CloseCode.TOKEN_EXPIRED if exc.expired else CloseCode.AUTH_FAILED
+            return await self._refuse(session, code, str(exc), clog)
+        self._authenticate(session, claims)
+        return True
+
+    async def _refuse(self, session: Session, code: CloseCode, reason: str, clog) -> bool:
+        self.metrics.auth_failures_total += 1
+        clog.info("authentication failed", reason=reason, code=int(code))
+        session.closing = True
+        await session.ws.close(code, reason[:120])
+        return False
+
+    def _authenticate(self, session: Session, claims: TokenClaims) -> None:
+        session.claims = claims
+        if session.expiry is not None:
+            session.expiry.cancel()
+        delay = max(0.0, claims.exp - time.time())
+        session.expiry = asyncio.get_running_loop().call_later(
+            delay, session.close_later, CloseCode.TOKEN_EXPIRED, "token expired"
+        )
+        # A refreshed token may name fewer projects: drop what it no longer allows.
+        for project_id in sorted(session.projects):
+            if not claims.allows(project_id):
+                self.hub.unsubscribe(session, project_id)
+                session.send_message(
+                    Error(
+                        code=ErrorCode.FORBIDDEN,
+                        project_id=project_id,
+                        message="the refreshed token does not allow this project",
+                    )
+                )
+                session.send_message(Unsubscribed(project_id=project_id))
+        projects = None if claims.projects == "*" else sorted(claims.projects)
+        session.send_message(
+            Authenticated(subject=claims.sub, projects=projects, expires_at=claims.exp)
+        )
+
+    def _allowed(self, session: Session, project_id: int) -> bool:
+        if self.config.no_auth:
+            return True
+        return session.claims is not None and session.claims.allows(project_id)
+
+    async def _handle(self, session: Session, data: bytes, clog) -> None:
+        try:
+            message = decode_client_message(data)
+        except ProtocolError as exc:
+            self._client_error(session, exc.code, exc.message)
+            return
+        session.errors = 0
+        if isinstance(message, Subscribe):
+            await self._subscribe(session, message, clog)
+        elif isinstance(message, Unsubscribe):
+            if self.hub.unsubscribe(session, message.project_id):
+                session.send_message(Unsubscribed(project_id=message.project_id))
+            else:
+                self._client_error(
+                    session,
+                    ErrorCode.NOT_SUBSCRIBED,
+                    f"not subscribed to project {message.project_id}",
+                    message.project_id,
+                    count=False,
+                )
+        elif isinstance(message, Ping):
+            session.send_message(Pong())
+        elif isinstance(message, Auth):
+            if self.config.no_auth:
+                session.send_message(Authenticated(subject=None, projects=None, expires_at=None))
+                return
+            try:
+                claims = self.verify(message.token)
+            except InvalidToken as exc:
+                self._client_error(session, ErrorCode.INVALID_TOKEN, str(exc), count=False)
+                return
+            self._authenticate(session, claims)
+
+    async def _subscribe(self, session: Session, message: Subscribe, clog) -> None:
+        project_id = message.project_id
+        if (message.epoch is None) != (message.after is None):
+            self._client_error(
+                session,
+                ErrorCode.INVALID_CURSOR,
+                "give both epoch and after to resume, or neither",
+                project_id,
+            )
+            return
+        if not self._allowed(session, project_id):
+            self._client_error(
+                session,
+                ErrorCode.FORBIDDEN,
+                f"the token does not allow project {project_id}",
+                project_id,
+                count=False,
+            )
+            return
+        if (
+            project_id not in session.projects
+            and len(session.projects) >= self.config.max_subscriptions
+        ):
+            self._client_error(
+                session,
+                ErrorCode.TOO_MANY_SUBSCRIPTIONS,
+                f"at most {self.config.max_subscriptions} projects per connection",
+                project_id,
+                count=False,
+            )
+            return
+        try:
+            await self.hub.subscribe(session, project_id, message.epoch, message.after)
+        except SubscribeUnavailable as exc:
+            clog.warning("subscribe failed", project_id=project_id, error=str(exc))
+            self._client_error(
+                session,
+                ErrorCode.UNAVAILABLE,
+                "Redis is unavailable; subscribe again later",
+                project_id,
+                count=False,
+            )
+
+    def _client_error(
+        self,
+        session: Session,
+        code: ErrorCode,
+        message: str,
+        project_id: int | None = None,
+        *,
+        count: bool = True,
+    ) -> None:
+        self.metrics.client_errors_total += 1
+        session.send_message(Error(code=code, message=message[:500], project_id=project_id))
+        if count:
+            session.errors += 1
+            if session.errors >= MAX_CONSECUTIVE_ERRORS:
+                session.close_later(CloseCode.TOO_MANY_ERRORS, "too many malformed messages")
+
+    # --- shutdown ----------------------------------------------------------------------------
+
+    async def drain(self) -> None:
+        """SIGTERM: not ready, stop accepting, close clients with 1012 in batches, then stop."""
+        if self.draining:
+            return
+        self.draining = True
+        config = self.config
+        started = time.monotonic()
+        log.info("draining", connections=len(self.sessions), timeout=config.drain_timeout)
+        if self.server is not None:
+            self.server.close(close_connections=False)
+        sessions = list(self.sessions)
+        batches = [
+            sessions[i : i + config.drain_batch]
+            for i in range(0, len(sessions), config.drain_batch)
+        ]
+        # Spread the reconnect storm over half the drain budget, at most 1 s between batches.
+        pause = min(1.0, config.drain_timeout / 2 / max(1, len(batches)))
+        for batch in batches:
+            for session in batch:
+                session.close_later(CloseCode.SERVICE_RESTART, "server restarting")
+            await asyncio.sleep(pause)
+        deadline = started + config.drain_timeout
+        if self.sessions:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(
+                    asyncio.get_running_loop().time() + max(0.0, deadline - time.monotonic())
+                ):
+                    await self._all_closed.wait()
+        for session in list(self.sessions):
+            session.transport.abort()
+        await self.close()
+        log.info("drained", seconds=round(time.monotonic() - started, 3))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self.server is not None:
+            self.server.close()
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(5):
+                    await self.server.wait_closed()
+        await self.hub.close()
+        await self.link.close()
+        if self.redis is not None:
+            await self.redis.aclose()
+
+
+def _peer(ws: ServerConnection) -> str | None:
+    try:
+        host, port = ws.remote_address[:2]
+        return f"{host}:{port}"
+    except Exception:
+        return None
+
+
+def _redact(url: str) -> str:
+    if "@" in url:
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+async def run(config: GatewayConfig) -> None:
+    """Run until SIGTERM or SIGINT, then drain."""
+    gateway = Gateway(config)
+    await gateway.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await gateway.drain()

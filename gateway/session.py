@@ -1,0 +1,198 @@
+"""One browser connection: its token, its projects, and its outbound queue.
+
+Outbound frames are queued and flushed once per event-loop iteration, so a burst of events costs
+one ``transport.write`` per connection instead of one per event. Frames are written to the
+transport directly (the same pre-built bytes for every subscriber, see :mod:`gateway.frames`);
+websockets still owns the handshake, reading, pings and the closing handshake.
+
+The slow-consumer policy lives here too: a connection whose write buffer passes
+``outbound_limit``, or stays undrained for ``stall_timeout``, is cut with close code 4008 and its
+transport aborted, which frees its buffer at once. It reconnects and resumes from its cursors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from websockets.asyncio.server import ServerConnection
+from websockets.protocol import State
+
+from gateway.frames import text_frame
+from schemas.protocol import CloseCode, encode
+from schemas.tokens import TokenClaims
+
+if TYPE_CHECKING:
+    from schemas.protocol import ServerMessage
+
+__all__ = ["Outgoing", "Session", "SlowConsumerPolicy"]
+
+_ids = itertools.count(1)
+
+
+class Outgoing:
+    """A payload and its frame, built once and shared by every recipient."""
+
+    __slots__ = ("payload", "wire")
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+        self.wire = text_frame(payload)
+
+    @classmethod
+    def message(cls, message: ServerMessage) -> Outgoing:
+        return cls(encode(message))
+
+
+class SlowConsumerPolicy:
+    """When to give up on a connection that does not read (pure; tested without sockets).
+
+    A connection is cut when its buffered bytes exceed ``limit``, or when its buffer has been
+    non-empty without shrinking for ``stall_timeout`` seconds (a client that stopped reading while
+    no new event arrives would otherwise hold its buffer forever).
+    """
+
+    __slots__ = ("limit", "stall_timeout")
+
+    def __init__(self, limit: int, stall_timeout: float) -> None:
+        self.limit = limit
+        self.stall_timeout = stall_timeout
+
+    def over_limit(self, buffered: int) -> bool:
+        return buffered > self.limit
+
+    def stalled(
+        self, buffered: int, previous: int, stalled_since: float | None, now: float
+    ) -> float | None:
+        """Return the new ``stalled_since`` (None when draining), or raise nothing: the caller
+        compares it with ``now - stall_timeout``."""
+        if buffered == 0 or buffered < previous:
+            return None
+        return now if stalled_since is None else stalled_since
+
+    def is_stalled(self, stalled_since: float | None, now: float) -> bool:
+        return stalled_since is not None and now - stalled_since > self.stall_timeout
+
+
+class Session:
+    """State of one WebSocket connection."""
+
+    __slots__ = (
+        "claims",
+        "closing",
+        "errors",
+        "expiry",
+        "id",
+        "last_buffered",
+        "outbox",
+        "policy",
+        "projects",
+        "raw",
+        "schedule_flush",
+        "stalled_since",
+        "transport",
+        "ws",
+    )
+
+    def __init__(
+        self,
+        ws: ServerConnection,
+        policy: SlowConsumerPolicy,
+        schedule_flush: Callable[[Session], None],
+        *,
+        raw: bool,
+    ) -> None:
+        self.id = next(_ids)
+        self.ws = ws
+        self.transport = ws.transport
+        self.policy = policy
+        self.schedule_flush = schedule_flush
+        self.raw = raw  # False when permessage-deflate is negotiated: websockets frames each one
+        self.claims: TokenClaims | None = None
+        self.projects: set[int] = set()
+        self.outbox: list[Outgoing] = []
+        self.closing = False
+        self.errors = 0  # consecutive malformed frames
+        self.expiry: asyncio.TimerHandle | None = None
+        self.last_buffered = 0
+        self.stalled_since: float | None = None
+
+    def send(self, item: Outgoing) -> None:
+        """Queue a frame; it is written at the end of this event-loop iteration."""
+        if self.closing:
+            return
+        if not self.outbox:
+            self.schedule_flush(self)
+        self.outbox.append(item)
+
+    def send_message(self, message: ServerMessage) -> None:
+        self.send(Outgoing.message(message))
+
+    def flush(self) -> bool:
+        """Write the queued frames; return False when the connection was cut as slow."""
+        outbox, self.outbox = self.outbox, []
+        if self.closing or not outbox or self.ws.protocol.state is not State.OPEN:
+            return True
+        if self.policy.over_limit(self.transport.get_write_buffer_size()):
+            self.cut_slow()
+            return False
+        if self.raw:
+            if len(outbox) == 1:
+                self.transport.write(outbox[0].wire)
+            else:
+                self.transport.write(b"".join([item.wire for item in outbox]))
+        else:
+            for item in outbox:
+                self.ws.protocol.send_text(item.payload)
+            self.ws.send_data()
+        return True
+
+    def check_stall(self, now: float) -> bool:
+        """Periodic check; cuts a connection whose buffer stopped draining. True if cut."""
+        if self.closing:
+            return False
+        buffered = self.transport.get_write_buffer_size()
+        self.stalled_since = self.policy.stalled(
+            buffered, self.last_buffered, self.stalled_since, now
+        )
+        self.last_buffered = buffered
+        if self.policy.is_stalled(self.stalled_since, now) or self.policy.over_limit(buffered):
+            self.cut_slow()
+            return True
+        return False
+
+    def cut_slow(self) -> None:
+        self.abort(CloseCode.SLOW_CONSUMER, "slow consumer: resume from your cursor")
+
+    def abort(self, code: CloseCode, reason: str) -> None:
+        """Close without waiting for the peer: queue a close frame, then abort the transport.
+
+        ``websockets``' own ``close()`` waits for the buffer to drain, which a stalled client never
+        does. The close frame reaches a client that is merely slow; a stalled one sees the TCP
+        connection reset. Either way the buffer is freed now.
+        """
+        if self.closing:
+            return
+        self.closing = True
+        self.outbox.clear()
+        try:
+            if self.ws.protocol.state is State.OPEN:
+                self.ws.protocol.send_close(code, reason)
+                self.ws.send_data()
+        except Exception:
+            pass
+        self.transport.abort()
+
+    def close_later(self, code: CloseCode, reason: str) -> None:
+        """Start a normal closing handshake from synchronous code."""
+        if self.closing:
+            return
+        self.closing = True
+        asyncio.get_running_loop().create_task(self.ws.close(code, reason))
+
+
+def now() -> float:
+    return time.monotonic()
