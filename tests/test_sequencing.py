@@ -1,0 +1,222 @@
+"""The gateway's ordering logic, without sockets or Redis."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.frames import text_frame
+from gateway.sequencing import FeedSequencer, Snapshot, Step, plan_poll, plan_subscription
+from gateway.session import SlowConsumerPolicy
+from schemas.protocol import ResyncReason
+
+
+def frame(seq: int) -> bytes:
+    return b'{"type":"x","seq":%d}' % seq
+
+
+def entries(first: int, last: int) -> list[tuple[int, bytes]]:
+    return [(s, frame(s)) for s in range(first, last + 1)]
+
+
+def started(epoch: str = "e1", top: int = 0) -> FeedSequencer:
+    seq = FeedSequencer()
+    step = seq.on_read(Snapshot(epoch, top), limit=1000)
+    assert step.deliver == [] and not step.needs_read
+    return seq
+
+
+class TestFeedSequencer:
+    def test_holds_live_messages_until_the_baseline_read(self):
+        seq = FeedSequencer()
+        assert seq.on_live("e1", 5, frame(5)).deliver == []
+        assert seq.on_live("e1", 6, frame(6)).deliver == []
+        step = seq.on_read(Snapshot("e1", 5), limit=1000)
+        # 5 is covered by the baseline (subscribers read it themselves); 6 follows on.
+        assert [s for s, _ in step.deliver] == [6]
+        assert seq.last == 6 and not step.needs_read
+
+    def test_in_order_messages_are_delivered_at_once(self):
+        seq = started(top=3)
+        for n in (4, 5, 6):
+            assert [s for s, _ in seq.on_live("e1", n, frame(n)).deliver] == [n]
+
+    def test_duplicates_are_dropped(self):
+        seq = started(top=3)
+        seq.on_live("e1", 4, frame(4))
+        assert seq.on_live("e1", 4, frame(4)).deliver == []
+        assert seq.on_live("e1", 2, frame(2)).deliver == []
+
+    def test_a_gap_holds_later_messages_and_asks_for_a_read(self):
+        seq = started(top=3)
+        step = seq.on_live("e1", 6, frame(6))
+        assert step.needs_read and step.deliver == []
+        assert seq.on_live("e1", 7, frame(7)).deliver == []  # held while reading
+        step = seq.on_read(Snapshot("e1", 7, entries(4, 7)), limit=1000)
+        assert [s for s, _ in step.deliver] == [4, 5, 6, 7]
+        assert not step.needs_read
+
+    def test_a_read_cut_by_its_limit_asks_for_more(self):
+        seq = started(top=0)
+        seq.on_live("e1", 5, frame(5))
+        step = seq.on_read(Snapshot("e1", 5, entries(1, 2)), limit=2)
+        assert [s for s, _ in step.deliver] == [1, 2] and step.needs_read
+        step = seq.on_read(Snapshot("e1", 5, entries(3, 4)), limit=2)
+        assert [s for s, _ in step.deliver] == [3, 4, 5] and not step.needs_read
+
+    def test_trimmed_history_gives_a_resync_never_a_silent_skip(self):
+        seq = started(top=3)
+        seq.on_live("e1", 9, frame(9))
+        step = seq.on_read(Snapshot("e1", 9, entries(7, 9)), limit=1000)
+        assert step.resync is not None
+        assert step.resync.reason is ResyncReason.HISTORY_TRIMMED
+        assert (step.resync.epoch, step.resync.seq) == ("e1", 9)
+        assert step.deliver == []
+        assert seq.on_live("e1", 10, frame(10)).deliver == [(10, frame(10))]
+
+    def test_a_new_epoch_gives_a_resync(self):
+        seq = started(top=40)
+        step = seq.on_live("e2", 1, frame(1))
+        assert step.needs_read and step.deliver == []
+        step = seq.on_read(Snapshot("e2", 1), limit=1000)
+        assert step.resync is not None and step.resync.reason is ResyncReason.EPOCH_CHANGED
+        assert (seq.epoch, seq.last) == ("e2", 1)
+
+    def test_history_behind_the_feed_is_reported_as_lost(self):
+        seq = started(top=40)
+        assert seq.request_read()
+        step = seq.on_read(Snapshot("e1", 12), limit=1000)
+        assert step.resync is not None and step.resync.reason is ResyncReason.HISTORY_LOST
+
+    def test_behind_compares_the_observed_cursor(self):
+        seq = started(top=4)
+        assert not seq.behind("e1", 4)
+        assert seq.behind("e1", 5)
+        assert seq.behind("e2", 4)
+        assert seq.behind(None, None)
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        total=st.integers(1, 60),
+        lost=st.sets(st.integers(1, 60)),
+        dup=st.sets(st.integers(1, 60)),
+        seed=st.integers(0, 2**16),
+    )
+    def test_any_loss_pattern_is_repaired_in_order_exactly_once(self, total, lost, dup, seed):
+        """Live messages lost, duplicated and (within a read) reordered: what is delivered is
+        always exactly 1..total, in order."""
+        rng = random.Random(seed)
+        seq = started(top=0)
+        delivered: list[int] = []
+
+        def run(step):
+            delivered.extend(s for s, _ in step.deliver)
+            while step.needs_read:
+                available = entries(seq.last + 1, top) if seq.last is not None else []
+                limit = rng.randint(1, 8)
+                step = seq.on_read(Snapshot("e1", top, available[:limit]), limit=limit)
+                delivered.extend(s for s, _ in step.deliver)
+
+        for top in range(1, total + 1):
+            if top not in lost:
+                run(seq.on_live("e1", top, frame(top)))
+            if top in dup:
+                run(seq.on_live("e1", top, frame(top)))
+        # The periodic check finds the tail that no later message revealed.
+        if seq.behind("e1", total):
+            assert seq.request_read()
+            run(Step(needs_read=True))
+        assert delivered == list(range(1, total + 1))
+
+
+class TestPlanSubscription:
+    def test_fresh_subscribe_starts_at_the_top(self):
+        plan = plan_subscription(None, None, Snapshot("e1", 7), max_replay=100)
+        assert (plan.replay, plan.resync, plan.seq, plan.resumed) == ([], None, 7, False)
+
+    def test_resume_replays_exactly_what_was_missed(self):
+        plan = plan_subscription("e1", 4, Snapshot("e1", 7, entries(5, 7)), max_replay=100)
+        assert [s for s, _ in plan.replay] == [5, 6, 7]
+        assert plan.resumed and plan.resync is None and plan.seq == 7
+
+    def test_resume_at_the_top_replays_nothing(self):
+        plan = plan_subscription("e1", 7, Snapshot("e1", 7), max_replay=100)
+        assert plan.replay == [] and plan.resumed
+
+    @pytest.mark.parametrize(
+        ("epoch", "after", "snapshot", "reason"),
+        [
+            ("old", 4, Snapshot("e1", 7), ResyncReason.EPOCH_CHANGED),
+            ("e1", 9, Snapshot("e1", 7), ResyncReason.HISTORY_LOST),
+            ("e1", 1, Snapshot("e1", 500), ResyncReason.TOO_FAR_BEHIND),
+            ("e1", 2, Snapshot("e1", 7, entries(5, 7)), ResyncReason.HISTORY_TRIMMED),
+        ],
+    )
+    def test_unhonourable_cursors_resync_to_the_top(self, epoch, after, snapshot, reason):
+        plan = plan_subscription(epoch, after, snapshot, max_replay=100)
+        assert plan.resync is not None and plan.resync.reason is reason
+        assert plan.replay == [] and not plan.resumed
+        assert (plan.resync.epoch, plan.resync.seq, plan.seq) == ("e1", snapshot.top, snapshot.top)
+
+
+class TestPlanPoll:
+    def test_pages_through_history(self):
+        plan = plan_poll("e1", 2, Snapshot("e1", 10, entries(3, 5)), limit=3)
+        assert [s for s, _ in plan.events] == [3, 4, 5] and plan.more
+
+    def test_last_page(self):
+        plan = plan_poll("e1", 8, Snapshot("e1", 10, entries(9, 10)), limit=3)
+        assert [s for s, _ in plan.events] == [9, 10] and not plan.more
+
+    def test_no_cursor_only_tells_the_top(self):
+        plan = plan_poll(None, None, Snapshot("e1", 10), limit=3)
+        assert plan.events == [] and plan.resync is None
+
+    def test_trimmed_and_foreign_cursors_resync(self):
+        assert plan_poll("e1", 1, Snapshot("e1", 10, entries(5, 7)), 3).resync.reason is (
+            ResyncReason.HISTORY_TRIMMED
+        )
+        assert plan_poll("x", 1, Snapshot("e1", 10), 3).resync.reason is (
+            ResyncReason.EPOCH_CHANGED
+        )
+
+
+class TestSlowConsumerPolicy:
+    def test_over_the_limit(self):
+        policy = SlowConsumerPolicy(limit=1000, stall_timeout=5)
+        assert not policy.over_limit(1000)
+        assert policy.over_limit(1001)
+
+    def test_a_buffer_that_stops_draining_is_stalled_after_the_timeout(self):
+        policy = SlowConsumerPolicy(limit=10**6, stall_timeout=5)
+        since = policy.stalled(100, 0, None, now=0.0)
+        assert since == 0.0
+        since = policy.stalled(150, 100, since, now=4.0)
+        assert not policy.is_stalled(since, 4.0)
+        since = policy.stalled(150, 150, since, now=5.5)
+        assert policy.is_stalled(since, 5.5)
+
+    def test_a_draining_buffer_is_not_stalled(self):
+        policy = SlowConsumerPolicy(limit=10**6, stall_timeout=5)
+        since = policy.stalled(100, 0, None, now=0.0)
+        assert policy.stalled(50, 100, since, now=10.0) is None
+        assert policy.stalled(0, 50, None, now=20.0) is None
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 70000])
+def test_text_frames_parse_back(size):
+    from websockets.frames import Frame, Opcode
+    from websockets.streams import StreamReader
+
+    payload = b"x" * size
+    reader = StreamReader()
+    reader.feed_data(text_frame(payload))
+    parser = Frame.parse(reader.read_exact, mask=False)
+    try:
+        next(parser)
+    except StopIteration as done:
+        parsed = done.value
+    assert parsed.opcode is Opcode.TEXT and parsed.fin and parsed.data == payload
