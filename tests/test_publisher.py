@@ -1,0 +1,507 @@
+"""Publisher unit tests: the sans-I/O core, and both publisher flavours against fakeredis (with
+Lua). The same behaviour against a real redis-server, with concurrency, retention and outages, is
+in ``test_publisher_real_redis.py``."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
+
+import fakeredis
+import msgspec
+import pytest
+import redis
+
+from publisher import (
+    AsyncPublisher,
+    Cursor,
+    EventValidationError,
+    Publisher,
+    PublishError,
+    PublisherUnavailable,
+    Retention,
+)
+from publisher.core import BATCH_SIZE, new_epoch, plan_batches, prepare_single
+from schemas import (
+    AgentResumed,
+    Blocker,
+    BlockerCreated,
+    BlockerExpired,
+    BlockerResolved,
+    Keys,
+    decode_event,
+    encode_event,
+    parse_envelope,
+)
+from schemas.protocol import Epoch
+
+KEYS = Keys()
+T0 = datetime(2025, 11, 8, 12, 45, 30, tzinfo=UTC)
+
+
+def resolved(project_id: int = 1, n: int = 1) -> BlockerResolved:
+    return BlockerResolved(
+        project_id=project_id, blocker_id=n, answer=f"answer {n}", resolved_at=T0
+    )
+
+
+def blocker(**overrides: object) -> Blocker:
+    fields: dict[str, object] = {
+        "id": 123,
+        "agent_id": "backend-worker-001",
+        "agent_name": "Backend Worker #1",
+        "task_id": 456,
+        "task_title": "Implement authentication",
+        "blocker_type": "SYNC",
+        "question": "Should we use JWT or sessions?",
+        "status": "PENDING",
+        "created_at": datetime(2025, 11, 8, 12, 34, 56, tzinfo=UTC),
+    }
+    fields.update(overrides)
+    return Blocker(**fields)  # type: ignore[arg-type]
+
+
+def stream_frames(client: redis.Redis, project_id: int, keys: Keys = KEYS) -> list[dict]:
+    return [json.loads(fields[b"f"]) for _id, fields in client.xrange(keys.stream(project_id))]
+
+
+def drain(pubsub: redis.client.PubSub) -> list[bytes]:
+    """Every message already delivered to a fakeredis subscriber (delivery is synchronous)."""
+    out = []
+    while (message := pubsub.get_message(ignore_subscribe_messages=True, timeout=0)) is not None:
+        out.append(message["data"])
+    return out
+
+
+@pytest.fixture
+def publisher(fake_redis: fakeredis.FakeRedis) -> Iterator[Publisher]:
+    yield Publisher(fake_redis)
+
+
+@pytest.fixture
+def channel(fake_redis: fakeredis.FakeRedis) -> Iterator[redis.client.PubSub]:
+    pubsub = fake_redis.pubsub()
+    pubsub.psubscribe("eventbus:*")
+    pubsub.get_message(timeout=0)  # the psubscribe confirmation
+    yield pubsub
+    pubsub.close()
+
+
+# --- the sans-I/O core -----------------------------------------------------------------------
+
+
+def test_epochs_are_random_and_valid_everywhere_an_epoch_goes() -> None:
+    epochs = {new_epoch() for _ in range(200)}
+    assert len(epochs) == 200
+    for epoch in epochs:
+        msgspec.convert(epoch, Epoch)  # the wire protocol's constraint
+        assert parse_envelope(f"{epoch}|1|0|{{}}".encode()).epoch == epoch
+
+
+def test_retention_defaults_and_validation() -> None:
+    retention = Retention()
+    assert retention.max_len == 10_000
+    assert retention.max_age == timedelta(hours=24)
+    assert retention.max_age_ms == 86_400_000
+    assert Retention(max_age=timedelta(0)).max_age_ms == 0
+    with pytest.raises(ValueError, match="max_len"):
+        Retention(max_len=0)
+    with pytest.raises(ValueError, match="max_age"):
+        Retention(max_age=timedelta(seconds=-1))
+
+
+def test_prepare_single_validates_before_building_anything() -> None:
+    bad = resolved()
+    bad.blocker_id = 0
+    with pytest.raises(EventValidationError, match=r"\$\.blocker_id"):
+        prepare_single(bad, keys=KEYS, retention=Retention(), publish_command="PUBLISH")
+
+
+@pytest.mark.parametrize("key", ["", "has space", "tab\t", "é", "x" * 201, 42])
+def test_prepare_single_rejects_bad_idempotency_keys(key: object) -> None:
+    with pytest.raises(ValueError, match="idempotency_key"):
+        prepare_single(
+            resolved(),
+            keys=KEYS,
+            retention=Retention(),
+            publish_command="PUBLISH",
+            idempotency_key=key,  # type: ignore[arg-type]
+        )
+
+
+def test_plan_batches_groups_by_project_in_order_and_splits_large_bursts() -> None:
+    events = [resolved(project_id=1 + i % 3, n=i + 1) for i in range(3 * BATCH_SIZE + 30)]
+    batches = plan_batches(events, keys=KEYS, retention=Retention(), publish_command="PUBLISH")
+    # 510 events per project: two script calls each (500 + 10), all events covered once.
+    assert [(b.project_id, b.size) for b in batches] == [
+        (1, 500), (1, 10), (2, 500), (2, 10), (3, 500), (3, 10)
+    ]  # fmt: skip
+    positions = [p for b in batches for p in b.positions]
+    assert sorted(positions) == list(range(len(events)))
+    for batch in batches:
+        assert all(events[p].project_id == batch.project_id for p in batch.positions)
+        assert batch.positions == sorted(batch.positions)  # per-project order is the caller's
+
+
+def test_plan_batches_rejects_the_whole_burst_if_one_event_is_invalid() -> None:
+    events = [resolved(n=i + 1) for i in range(10)]
+    events[7].answer = ""
+    with pytest.raises(EventValidationError, match=r"\$\.answer"):
+        plan_batches(events, keys=KEYS, retention=Retention(), publish_command="PUBLISH")
+
+
+# --- Publisher (sync) against fakeredis -------------------------------------------------------
+
+
+def test_publish_returns_consecutive_cursors(publisher: Publisher) -> None:
+    cursors = [publisher.publish(resolved(n=i)) for i in range(1, 6)]
+    assert [c.seq for c in cursors] == [1, 2, 3, 4, 5]
+    assert len({c.epoch for c in cursors}) == 1
+    assert all(isinstance(c, Cursor) for c in cursors)
+
+
+def test_epoch_is_stored_with_the_history(publisher: Publisher, fake_redis) -> None:
+    cursor = publisher.publish(resolved())
+    assert fake_redis.hgetall(KEYS.meta(1)) == {b"epoch": cursor.epoch.encode(), b"seq": b"1"}
+
+
+def test_stream_and_channel_carry_the_same_frame(publisher: Publisher, fake_redis, channel) -> None:
+    event = resolved(n=9)
+    cursor = publisher.publish(event)
+    frame = dict(json.loads(encode_event(event)), seq=1)
+    assert stream_frames(fake_redis, 1) == [frame]
+    [message] = drain(channel)
+    envelope = parse_envelope(message)
+    assert (envelope.epoch, envelope.seq) == cursor
+    assert json.loads(envelope.frame) == frame
+    # The frame is the event's JSON with seq appended, key order kept: bytes the browser gets.
+    assert envelope.frame == encode_event(event)[:-1] + b',"seq":1}'
+    assert envelope.published_ms > 0
+    [(entry_id, fields)] = fake_redis.xrange(KEYS.stream(1))
+    assert entry_id == b"1-0"
+    assert fields[b"f"] == envelope.frame
+
+
+def test_projects_have_independent_sequences_and_epochs(publisher: Publisher) -> None:
+    a1, b1, a2 = (publisher.publish(resolved(p)) for p in (1, 2, 1))
+    assert (a1.seq, b1.seq, a2.seq) == (1, 1, 2)
+    assert a1.epoch == a2.epoch != b1.epoch
+
+
+def test_typed_helpers_publish_the_contract_events(publisher: Publisher, fake_redis) -> None:
+    publisher.blocker_created(7, blocker())
+    publisher.blocker_resolved(7, 123, "Use JWT for stateless API", T0)
+    publisher.agent_resumed(7, "backend-worker-001", 456, 123, T0)
+    publisher.blocker_expired(7, blocker_id=123, task_id=456, expired_at=T0)
+    frames = stream_frames(fake_redis, 7)
+    assert [f["type"] for f in frames] == [
+        "blocker_created",
+        "blocker_resolved",
+        "agent_resumed",
+        "blocker_expired",
+    ]
+    assert [f["seq"] for f in frames] == [1, 2, 3, 4]
+    assert frames[0]["blocker"]["question"] == "Should we use JWT or sessions?"
+    assert frames[1] == {
+        "type": "blocker_resolved",
+        "project_id": 7,
+        "blocker_id": 123,
+        "answer": "Use JWT for stateless API",
+        "resolved_at": "2025-11-08T12:45:30Z",
+        "seq": 2,
+    }
+    assert frames[2]["agent_id"] == "backend-worker-001"
+    assert (frames[3]["blocker_id"], frames[3]["task_id"]) == (123, 456)
+    for frame in frames:
+        assert type(decode_event(json.dumps(frame))) in {
+            BlockerCreated,
+            BlockerResolved,
+            AgentResumed,
+            BlockerExpired,
+        }
+
+
+def test_helper_timestamps_default_to_now_utc(publisher: Publisher, fake_redis) -> None:
+    before = datetime.now(UTC)
+    publisher.blocker_resolved(1, 1, "a")
+    publisher.agent_resumed(1, "agent", 1, 1)
+    publisher.blocker_expired(1, 1, 1)
+    after = datetime.now(UTC)
+    for frame, field in zip(
+        stream_frames(fake_redis, 1), ["resolved_at", "resumed_at", "expired_at"], strict=True
+    ):
+        assert frame[field].endswith("Z")
+        stamp = datetime.fromisoformat(frame[field])
+        assert before <= stamp <= after
+
+
+def test_helpers_normalise_offsets_to_utc(publisher: Publisher, fake_redis) -> None:
+    publisher.blocker_resolved(
+        1, 1, "a", datetime(2025, 11, 8, 14, 45, 30, tzinfo=timezone(timedelta(hours=2)))
+    )
+    assert stream_frames(fake_redis, 1)[0]["resolved_at"] == "2025-11-08T12:45:30Z"
+
+
+def test_helpers_validate(publisher: Publisher, fake_redis) -> None:
+    with pytest.raises(EventValidationError, match=r"\$\.answer"):
+        publisher.blocker_resolved(1, 1, "")
+    with pytest.raises(EventValidationError, match=r"\$\.project_id"):
+        publisher.agent_resumed(0, "agent", 1, 1)
+    with pytest.raises(EventValidationError, match=r"\$\.agent_id"):
+        publisher.agent_resumed(1, "", 1, 1)
+    with pytest.raises(EventValidationError, match=r"\$\.blocker\.blocker_type"):
+        publisher.blocker_created(1, blocker(blocker_type="MAYBE"))
+    with pytest.raises(EventValidationError, match="timezone-aware"):
+        publisher.blocker_expired(1, 1, 1, datetime(2025, 1, 1))
+    assert fake_redis.dbsize() == 0
+
+
+def test_invalid_event_writes_and_publishes_nothing(
+    publisher: Publisher, fake_redis, channel
+) -> None:
+    publisher.publish(resolved())
+    before = {k: fake_redis.dump(k) for k in fake_redis.keys("*")}
+    bad = resolved()
+    bad.project_id = -3
+    with pytest.raises(EventValidationError, match=r"\$\.project_id"):
+        publisher.publish(bad)
+    with pytest.raises(EventValidationError):
+        publisher.publish_many([resolved(n=2), bad])
+    with pytest.raises(EventValidationError):
+        publisher.publish({"type": "blocker_resolved"})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="idempotency_key"):
+        publisher.publish(resolved(), idempotency_key="not valid")
+    assert {k: fake_redis.dump(k) for k in fake_redis.keys("*")} == before
+    assert [parse_envelope(m).seq for m in drain(channel)] == [1]
+
+
+def test_publish_many_keeps_order_and_returns_cursors_in_input_order(
+    publisher: Publisher, fake_redis, channel
+) -> None:
+    publisher.publish(resolved(project_id=2, n=9999))  # project 2 already has one event
+    events = [resolved(project_id=(1, 2, 3)[i % 3], n=i + 1) for i in range(1234)]
+    cursors = publisher.publish_many(events)
+    assert len(cursors) == len(events)
+    expected_next = {1: 1, 2: 2, 3: 1}
+    for event, cursor in zip(events, cursors, strict=True):
+        assert cursor.seq == expected_next[event.project_id]
+        expected_next[event.project_id] += 1
+    for project in (1, 2, 3):
+        mine = [e for e in events if e.project_id == project]
+        frames = stream_frames(fake_redis, project)[-len(mine) :]
+        assert [f["blocker_id"] for f in frames] == [e.blocker_id for e in mine]
+        epochs = {c.epoch for e, c in zip(events, cursors, strict=True) if e.project_id == project}
+        assert len(epochs) == 1
+    messages = [parse_envelope(m) for m in drain(channel)]
+    assert len(messages) == 1 + len(events)
+    per_project: dict[int, list[int]] = {}
+    for m in messages:
+        per_project.setdefault(json.loads(m.frame)["project_id"], []).append(m.seq)
+    assert per_project == {p: list(range(1, expected_next[p])) for p in (1, 2, 3)}
+    assert len(per_project[1]) == 412  # 1234 events: 412 + 411 + 411, plus the one before
+
+
+def test_publish_many_of_nothing(publisher: Publisher, fake_redis) -> None:
+    assert publisher.publish_many([]) == []
+    assert publisher.publish_many(iter([])) == []
+    assert fake_redis.dbsize() == 0
+
+
+def test_publish_many_accepts_any_iterable(publisher: Publisher) -> None:
+    cursors = publisher.publish_many(resolved(n=i + 1) for i in range(3))
+    assert [c.seq for c in cursors] == [1, 2, 3]
+
+
+def test_idempotent_retry_publishes_once(publisher: Publisher, fake_redis, channel) -> None:
+    first = publisher.publish(resolved(n=1), idempotency_key="resolve-123")
+    publisher.publish(resolved(n=2))
+    again = publisher.publish(resolved(n=1), idempotency_key="resolve-123")
+    via_helper = publisher.blocker_resolved(1, 1, "x", idempotency_key="resolve-123")
+    assert again == first == via_helper == Cursor(first.epoch, 1)
+    assert [f["seq"] for f in stream_frames(fake_redis, 1)] == [1, 2]
+    assert [parse_envelope(m).seq for m in drain(channel)] == [1, 2]
+    # Keys are per project, and other keys are independent.
+    assert publisher.publish(resolved(project_id=2), idempotency_key="resolve-123").seq == 1
+    assert publisher.publish(resolved(), idempotency_key="resolve-124").seq == 3
+
+
+def test_idempotency_window(fake_redis) -> None:
+    publisher = Publisher(fake_redis, idempotency_window=timedelta(seconds=90))
+    publisher.publish(resolved(), idempotency_key="k")
+    assert 89_000 < fake_redis.pttl(KEYS.idempotency(1, "k")) <= 90_000
+    default = Publisher(fake_redis)
+    default.publish(resolved(), idempotency_key="k2")
+    assert 9 * 60_000 < fake_redis.pttl(KEYS.idempotency(1, "k2")) <= 10 * 60_000
+
+
+def test_zero_idempotency_window_is_refused(fake_redis) -> None:
+    publisher = Publisher(fake_redis, idempotency_window=timedelta(0))
+    with pytest.raises(ValueError, match="idempotency_window"):
+        publisher.publish(resolved(), idempotency_key="k")
+
+
+def test_retention_by_count_is_applied(fake_redis) -> None:
+    publisher = Publisher(fake_redis, retention=Retention(max_len=50, max_age=timedelta(0)))
+    publisher.publish_many(resolved(n=i + 1) for i in range(300))
+    frames = stream_frames(fake_redis, 1)
+    assert 50 <= len(frames) < 300
+    assert frames[-1]["seq"] == 300
+    assert [f["seq"] for f in frames] == list(range(301 - len(frames), 301))
+    assert fake_redis.pttl(KEYS.stream(1)) == -1  # no age limit: no TTL either
+
+
+def test_retention_by_age_sets_a_ttl(fake_redis) -> None:
+    publisher = Publisher(fake_redis, retention=Retention(max_age=timedelta(seconds=30)))
+    publisher.publish(resolved())
+    assert 29_000 < fake_redis.pttl(KEYS.stream(1)) <= 30_000
+    assert fake_redis.pttl(KEYS.meta(1)) == -1  # the epoch outlives the history
+
+
+def test_custom_prefix(fake_redis) -> None:
+    publisher = Publisher(fake_redis, prefix="tenant-a")
+    publisher.publish(resolved())
+    assert sorted(fake_redis.keys("*")) == [b"tenant-a:{1}:meta", b"tenant-a:{1}:stream"]
+    with pytest.raises(ValueError, match="prefix"):
+        Publisher(fake_redis, prefix="bad prefix")
+
+
+def test_epoch_recreated_after_flush(publisher: Publisher, fake_redis) -> None:
+    first = publisher.publish(resolved())
+    publisher.publish(resolved())
+    fake_redis.flushall()
+    after = publisher.publish(resolved())
+    assert after.seq == 1
+    assert after.epoch != first.epoch
+
+
+def test_lost_metadata_drops_the_stale_stream(publisher: Publisher, fake_redis) -> None:
+    # E.g. an eviction took the metadata but not the stream: the old entries must not be mixed
+    # into the new epoch's history.
+    publisher.publish_many([resolved(n=1), resolved(n=2)])
+    fake_redis.delete(KEYS.meta(1))
+    cursor = publisher.publish(resolved(n=3))
+    assert cursor.seq == 1
+    assert [f["blocker_id"] for f in stream_frames(fake_redis, 1)] == [3]
+
+
+def test_redis_errors_are_publish_errors(fake_redis) -> None:
+    publisher = Publisher(fake_redis)
+    fake_redis.set(KEYS.meta(1), "not a hash")  # WRONGTYPE inside the script
+    with pytest.raises(PublishError, match="publish failed") as info:
+        publisher.publish(resolved())
+    assert not isinstance(info.value, PublisherUnavailable)
+    with pytest.raises(PublishError):
+        publisher.publish_many([resolved()])
+
+
+def test_connection_failures_are_publisher_unavailable() -> None:
+    server = fakeredis.FakeServer()
+    client = fakeredis.FakeRedis(server=server)
+    publisher = Publisher(client)
+    publisher.publish(resolved())
+    server.connected = False
+    with pytest.raises(PublisherUnavailable, match="Redis unavailable"):
+        publisher.publish(resolved())
+    with pytest.raises(PublisherUnavailable):
+        publisher.publish_many([resolved()])
+    server.connected = True
+    assert publisher.publish(resolved()).seq == 2
+
+
+def test_context_manager_closes_the_client(fake_redis, monkeypatch) -> None:
+    closed: list[bool] = []
+    monkeypatch.setattr(fake_redis, "close", lambda: closed.append(True))
+    with Publisher(fake_redis) as publisher:
+        publisher.publish(resolved())
+        assert not closed
+    assert closed == [True]
+
+
+def test_error_hierarchy() -> None:
+    assert issubclass(PublisherUnavailable, PublishError)
+    assert not issubclass(EventValidationError, PublishError)
+
+
+def test_from_url_builds_a_client() -> None:
+    publisher = Publisher.from_url("redis://127.0.0.1:1/0")
+    try:
+        assert isinstance(publisher.client, redis.Redis)
+        assert publisher._settings.publish_command == "PUBLISH"
+    finally:
+        publisher.close()
+
+
+# --- AsyncPublisher against fakeredis ---------------------------------------------------------
+
+
+@pytest.fixture
+async def async_fake():
+    client = fakeredis.FakeAsyncRedis()
+    yield client
+    await client.aclose()
+
+
+async def test_async_publish_and_helpers(async_fake) -> None:
+    publisher = AsyncPublisher(async_fake)
+    first = await publisher.publish(resolved())
+    second = await publisher.blocker_created(1, blocker())
+    third = await publisher.blocker_resolved(1, 123, "yes")
+    fourth = await publisher.agent_resumed(1, "a", 1, 1)
+    fifth = await publisher.blocker_expired(1, 1, 1)
+    assert [c.seq for c in (first, second, third, fourth, fifth)] == [1, 2, 3, 4, 5]
+    entries = await async_fake.xrange(KEYS.stream(1))
+    assert [json.loads(f[b"f"])["type"] for _id, f in entries] == [
+        "blocker_resolved",
+        "blocker_created",
+        "blocker_resolved",
+        "agent_resumed",
+        "blocker_expired",
+    ]
+
+
+async def test_async_publish_many_and_idempotency(async_fake) -> None:
+    publisher = AsyncPublisher(async_fake)
+    events = [resolved(project_id=1 + i % 2, n=i + 1) for i in range(1100)]
+    cursors = await publisher.publish_many(events)
+    assert [c.seq for c in cursors[:4]] == [1, 1, 2, 2]
+    assert cursors[-1].seq == 550
+    assert await publisher.publish_many([]) == []
+    first = await publisher.publish(resolved(), idempotency_key="k")
+    assert await publisher.publish(resolved(), idempotency_key="k") == first
+    assert await async_fake.xlen(KEYS.stream(1)) == 551
+
+
+async def test_async_invalid_event_writes_nothing(async_fake) -> None:
+    publisher = AsyncPublisher(async_fake)
+    bad = resolved()
+    bad.answer = "a" * 5001
+    with pytest.raises(EventValidationError, match=r"\$\.answer"):
+        await publisher.publish(bad)
+    with pytest.raises(EventValidationError):
+        await publisher.publish_many([resolved(), bad])
+    with pytest.raises(ValueError, match="idempotency_key"):
+        await publisher.publish(resolved(), idempotency_key="")
+    assert await async_fake.dbsize() == 0
+
+
+async def test_async_context_manager(async_fake, monkeypatch) -> None:
+    closed: list[bool] = []
+
+    async def aclose() -> None:
+        closed.append(True)
+
+    monkeypatch.setattr(async_fake, "aclose", aclose)
+    async with AsyncPublisher(async_fake) as publisher:
+        assert (await publisher.publish(resolved())).seq == 1
+        assert not closed
+    assert closed == [True]
+
+
+def test_publishers_share_the_helper_signatures() -> None:
+    for name in ("blocker_created", "blocker_resolved", "agent_resumed", "blocker_expired"):
+        sync_fn = getattr(Publisher, name)
+        async_fn = getattr(AsyncPublisher, name)
+        assert sync_fn is async_fn  # one implementation for both flavours
+    assert re.search(r"idempotency", Publisher.publish.__doc__ or "")
