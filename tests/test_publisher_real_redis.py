@@ -1,0 +1,566 @@
+"""The publisher against a real redis-server (a private one on a free port, flushed per test).
+
+What users rely on: gapless per-project sequences under concurrent publishers (threads and
+processes), a channel that carries exactly what the stream holds, bounded retention, idempotent
+retries, invalid events that never reach Redis, a documented error when Redis is down, and a new
+epoch when Redis loses its data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import redis
+
+from publisher import (
+    AsyncPublisher,
+    Cursor,
+    EventValidationError,
+    Publisher,
+    PublisherUnavailable,
+    Retention,
+)
+from schemas import BlockerResolved, Envelope, Keys, encode_event, parse_envelope
+from tests.support.redis_server import RedisServer, free_port
+
+KEYS = Keys()
+T0 = datetime(2025, 11, 8, 12, 45, 30, tzinfo=UTC)
+WORKERS = 8
+PER_WORKER = 500
+
+
+def event(project_id: int, n: int) -> BlockerResolved:
+    return BlockerResolved(
+        project_id=project_id, blocker_id=n, answer=f"answer {n}", resolved_at=T0
+    )
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = 5.0, interval: float = 0.01) -> Any:
+    """Poll ``condition`` until it is truthy; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout} s")
+        time.sleep(interval)
+    return result
+
+
+def stream_entries(client: redis.Redis, project_id: int) -> list[tuple[int, bytes, int]]:
+    """(seq from the entry id, frame, publish ms) of every stored entry, oldest first."""
+    return [
+        (int(entry_id.split(b"-")[0]), fields[b"f"], int(fields[b"t"]))
+        for entry_id, fields in client.xrange(KEYS.stream(project_id))
+    ]
+
+
+class ChannelSubscriber:
+    """Collects a project's channel messages in a thread; subscribed before ``__init__`` returns,
+    so nothing published afterwards can be missed."""
+
+    def __init__(self, url: str, channel: str, *, pattern: bool = False) -> None:
+        self.client = redis.Redis.from_url(url)
+        self.pubsub = self.client.pubsub()
+        if pattern:
+            self.pubsub.psubscribe(channel)
+        else:
+            self.pubsub.subscribe(channel)
+        # The confirmation proves the server registered the subscription.
+        confirmation = self.pubsub.get_message(timeout=5)
+        assert confirmation and confirmation["type"] in ("subscribe", "psubscribe")
+        self.messages: list[bytes] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            message = self.pubsub.get_message(ignore_subscribe_messages=True, timeout=0.05)
+            if message is not None:
+                with self._lock:
+                    self.messages.append(message["data"])
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> list[Envelope]:
+        wait_until(lambda: len(self.messages) >= count, timeout)
+        with self._lock:
+            return [parse_envelope(m) for m in self.messages]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.pubsub.close()
+        self.client.close()
+
+
+@pytest.fixture
+def publisher(redis_url: str) -> Iterator[Publisher]:
+    with Publisher.from_url(redis_url) as pub:
+        yield pub
+
+
+@pytest.fixture
+def subscriber(redis_url: str) -> Iterator[Callable[..., ChannelSubscriber]]:
+    made: list[ChannelSubscriber] = []
+
+    def make(channel: str, *, pattern: bool = False) -> ChannelSubscriber:
+        made.append(ChannelSubscriber(redis_url, channel, pattern=pattern))
+        return made[-1]
+
+    yield make
+    for sub in made:
+        sub.close()
+
+
+def assert_channel_matches_stream(
+    envelopes: list[Envelope], client: redis.Redis, project_id: int, total: int
+) -> None:
+    """The channel carried exactly the stream's entries, in order, with one epoch."""
+    entries = stream_entries(client, project_id)
+    assert [e[0] for e in entries] == list(range(1, total + 1))  # no gap, no duplicate
+    assert len(envelopes) == total
+    assert [(m.seq, m.frame) for m in envelopes] == [(seq, frame) for seq, frame, _t in entries]
+    assert [m.published_ms for m in envelopes] == [t for _seq, _frame, t in entries]
+    epoch = client.hget(KEYS.meta(project_id), "epoch").decode()
+    assert {m.epoch for m in envelopes} == {epoch}
+    for seq, frame, _t in entries:
+        assert json.loads(frame)["seq"] == seq
+
+
+# --- basics -----------------------------------------------------------------------------------
+
+
+def test_publish_returns_cursors_1_to_n(publisher: Publisher, redis_client) -> None:
+    cursors = [publisher.publish(event(1, i)) for i in range(1, 21)]
+    assert [c.seq for c in cursors] == list(range(1, 21))
+    assert {c.epoch for c in cursors} == {redis_client.hget(KEYS.meta(1), "epoch").decode()}
+    assert redis_client.hget(KEYS.meta(1), "seq") == b"20"
+
+
+def test_stream_and_channel_content(
+    publisher: Publisher, redis_client, subscriber, redis_url: str
+) -> None:
+    sub = subscriber(KEYS.channel(5))
+    events = [event(5, i) for i in range(1, 4)]
+    cursors = [publisher.publish(e) for e in events]
+    envelopes = sub.wait_for(3)
+    assert_channel_matches_stream(envelopes, redis_client, 5, 3)
+    for e, cursor, envelope in zip(events, cursors, envelopes, strict=True):
+        assert (envelope.epoch, envelope.seq) == cursor
+        assert envelope.frame == encode_event(e)[:-1] + f',"seq":{cursor.seq}}}'.encode()
+    # publish time is Redis's clock, close to ours
+    assert abs(envelopes[0].published_ms / 1000 - time.time()) < 5
+
+
+def test_typed_helpers(publisher: Publisher, redis_client) -> None:
+    publisher.blocker_resolved(3, 123, "Use JWT for stateless API", resolved_at=T0)
+    publisher.agent_resumed(3, "backend-worker-001", task_id=456, blocker_id=123)
+    publisher.blocker_expired(3, blocker_id=124, task_id=457)
+    frames = [json.loads(f) for _s, f, _t in stream_entries(redis_client, 3)]
+    assert frames[0] == {
+        "type": "blocker_resolved",
+        "project_id": 3,
+        "blocker_id": 123,
+        "answer": "Use JWT for stateless API",
+        "resolved_at": "2025-11-08T12:45:30Z",
+        "seq": 1,
+    }
+    assert [f["type"] for f in frames] == ["blocker_resolved", "agent_resumed", "blocker_expired"]
+    assert frames[1]["resumed_at"].endswith("Z") and frames[2]["expired_at"].endswith("Z")
+
+
+def test_publish_many_mixed_projects_over_one_batch(
+    publisher: Publisher, redis_client, subscriber
+) -> None:
+    sub = subscriber(KEYS.prefix + ":*", pattern=True)
+    publisher.publish(event(2, 1))
+    events = [event(1 + (i % 7 == 0), i + 2) for i in range(1300)]  # mostly project 1, some 2
+    cursors = publisher.publish_many(events)
+    next_seq = {1: 1, 2: 2}
+    for e, cursor in zip(events, cursors, strict=True):
+        assert cursor.seq == next_seq[e.project_id]
+        next_seq[e.project_id] += 1
+    for project in (1, 2):
+        entries = stream_entries(redis_client, project)
+        assert [s for s, _f, _t in entries] == list(range(1, next_seq[project]))
+        stored_ids = [json.loads(f)["blocker_id"] for _s, f, _t in entries]
+        published = [e.blocker_id for e in events if e.project_id == project]
+        assert stored_ids[-len(published) :] == published
+    envelopes = sub.wait_for(1301)
+    per_project: dict[int, list[int]] = {1: [], 2: []}
+    for m in envelopes:
+        per_project[json.loads(m.frame)["project_id"]].append(m.seq)
+    assert per_project == {p: list(range(1, next_seq[p])) for p in (1, 2)}
+
+
+def test_epoch_created_on_first_publish_and_renewed_after_flushall(
+    publisher: Publisher, redis_client
+) -> None:
+    assert redis_client.exists(KEYS.meta(1)) == 0
+    first = publisher.publish(event(1, 1))
+    assert redis_client.hget(KEYS.meta(1), "epoch").decode() == first.epoch
+    assert publisher.publish(event(1, 2)) == Cursor(first.epoch, 2)
+    redis_client.flushall()
+    renewed = publisher.publish(event(1, 3))  # also reloads the flushed script
+    assert renewed.seq == 1 and renewed.epoch != first.epoch
+    redis_client.flushall()
+    [batch_first, _] = publisher.publish_many([event(1, 4), event(1, 5)])
+    assert batch_first.seq == 1 and batch_first.epoch not in (first.epoch, renewed.epoch)
+
+
+def test_script_cache_flush_is_survived(publisher: Publisher, redis_client) -> None:
+    publisher.publish(event(1, 1))
+    redis_client.script_flush()
+    assert publisher.publish(event(1, 2)).seq == 2
+    redis_client.script_flush()
+    assert [c.seq for c in publisher.publish_many([event(1, 3), event(1, 4)])] == [3, 4]
+
+
+# --- concurrency ------------------------------------------------------------------------------
+
+
+def test_concurrent_threads_give_gapless_sequences(
+    publisher: Publisher, redis_client, subscriber
+) -> None:
+    sub = subscriber(KEYS.channel(1))
+    barrier = threading.Barrier(WORKERS)
+    results: dict[int, list[Cursor]] = {}
+    errors: list[BaseException] = []
+
+    def work(worker: int) -> None:
+        try:
+            barrier.wait(10)
+            results[worker] = [
+                publisher.publish(event(1, worker * 10_000 + i + 1)) for i in range(PER_WORKER)
+            ]
+        except BaseException as exc:  # reported below, with the failing worker
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(WORKERS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    total = WORKERS * PER_WORKER
+    seqs = sorted(c.seq for cursors in results.values() for c in cursors)
+    assert seqs == list(range(1, total + 1))
+    for cursors in results.values():  # each thread's own publishes are in its order
+        assert [c.seq for c in cursors] == sorted(c.seq for c in cursors)
+    assert_channel_matches_stream(sub.wait_for(total), redis_client, 1, total)
+    # The frame with seq n is the event whose publish returned n.
+    by_seq = {c.seq: w * 10_000 + i + 1 for w, cs in results.items() for i, c in enumerate(cs)}
+    for seq, frame, _t in stream_entries(redis_client, 1):
+        assert json.loads(frame)["blocker_id"] == by_seq[seq]
+
+
+def _process_worker(url: str, worker: int, barrier: Any, out: Any) -> None:
+    with Publisher.from_url(url) as pub:
+        barrier.wait(30)
+        seqs = [pub.publish(event(1, worker * 10_000 + i + 1)).seq for i in range(PER_WORKER)]
+    out.put((worker, seqs))
+
+
+def test_concurrent_processes_give_gapless_sequences(
+    redis_url: str, redis_client, subscriber
+) -> None:
+    sub = subscriber(KEYS.channel(1))
+    # spawn, not fork: this process runs threads (the subscriber), which fork must not copy.
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(WORKERS)
+    out = ctx.Queue()
+    processes = [
+        ctx.Process(target=_process_worker, args=(redis_url, w, barrier, out))
+        for w in range(WORKERS)
+    ]
+    for p in processes:
+        p.start()
+    try:
+        results = dict(out.get(timeout=60) for _ in processes)
+    finally:
+        for p in processes:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+    assert [p.exitcode for p in processes] == [0] * WORKERS
+    total = WORKERS * PER_WORKER
+    assert sorted(s for seqs in results.values() for s in seqs) == list(range(1, total + 1))
+    for seqs in results.values():
+        assert seqs == sorted(seqs)
+    assert_channel_matches_stream(sub.wait_for(total), redis_client, 1, total)
+    by_seq = {s: w * 10_000 + i + 1 for w, seqs in results.items() for i, s in enumerate(seqs)}
+    for seq, frame, _t in stream_entries(redis_client, 1):
+        assert json.loads(frame)["blocker_id"] == by_seq[seq]
+
+
+def test_concurrent_publish_many_interleave_as_whole_batches(
+    publisher: Publisher, redis_client, subscriber
+) -> None:
+    sub = subscriber(KEYS.channel(1))
+    barrier = threading.Barrier(4)
+    results: dict[int, list[Cursor]] = {}
+
+    def work(worker: int) -> None:
+        barrier.wait(10)
+        results[worker] = publisher.publish_many(
+            [event(1, worker * 10_000 + i + 1) for i in range(300)]
+        )
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    for cursors in results.values():  # one script call per 300 events: a contiguous block
+        assert [c.seq for c in cursors] == list(range(cursors[0].seq, cursors[0].seq + 300))
+    assert_channel_matches_stream(sub.wait_for(1200), redis_client, 1, 1200)
+
+
+# --- retention --------------------------------------------------------------------------------
+
+
+def test_retention_by_count_is_bounded(redis_url: str, redis_client) -> None:
+    node_size = int(redis_client.config_get("stream-node-max-entries")["stream-node-max-entries"])
+    retention = Retention(max_len=100, max_age=timedelta(0))
+    with Publisher.from_url(redis_url, retention=retention) as pub:
+        for i in range(1, 601):
+            pub.publish(event(1, i))
+        pub.publish_many(event(2, i) for i in range(1, 2001))
+    for project, top in ((1, 600), (2, 2000)):
+        seqs = [s for s, _f, _t in stream_entries(redis_client, project)]
+        # MAXLEN ~ trims whole radix-tree nodes: at least max_len kept, at most a node more.
+        assert 100 <= len(seqs) <= 100 + node_size
+        assert seqs == list(range(top - len(seqs) + 1, top + 1))  # the newest, contiguous
+    assert redis_client.pttl(KEYS.stream(1)) == -1
+
+
+def test_retention_by_age_trims_on_the_next_publish(
+    redis_url: str, redis_client, subscriber
+) -> None:
+    sub = subscriber(KEYS.channel(1))
+    max_age_ms = 200
+    retention = Retention(max_age=timedelta(milliseconds=max_age_ms))
+    with Publisher.from_url(redis_url, retention=retention) as pub:
+        pub.publish_many(event(1, i) for i in range(1, 11))
+        assert 0 < redis_client.pttl(KEYS.stream(1)) <= max_age_ms
+        # Keep the project busy (each publish renews the TTL, so the key itself never expires)
+        # until a publish has trimmed the first batch. Redis's clock decides: poll, not sleep.
+        deadline = time.monotonic() + 5
+        while True:
+            last = pub.publish(event(1, 99))
+            if stream_entries(redis_client, 1)[0][0] > 10:
+                break
+            assert time.monotonic() < deadline, "age retention never trimmed the stream"
+            time.sleep(0.02)
+    entries = stream_entries(redis_client, 1)
+    assert entries[-1][0] == last.seq
+    # Exactly the events younger than max_age at the last publish are kept, and every older one
+    # is gone (the channel saw them all, with the same Redis timestamps).
+    cutoff = entries[-1][2] - max_age_ms
+    published = sub.wait_for(last.seq)
+    assert [(s, t) for s, _f, t in entries] == [
+        (m.seq, m.published_ms) for m in published if m.published_ms >= cutoff
+    ]
+    assert 0 < redis_client.pttl(KEYS.stream(1)) <= max_age_ms
+
+
+def test_idle_history_expires_but_the_sequence_continues(redis_url: str, redis_client) -> None:
+    retention = Retention(max_age=timedelta(milliseconds=100))
+    with Publisher.from_url(redis_url, retention=retention) as pub:
+        first = pub.publish_many([event(1, 1), event(1, 2)])[0]
+        wait_until(lambda: not redis_client.exists(KEYS.stream(1)), timeout=3)
+        after = pub.publish(event(1, 3))
+    # The epoch and sequence survive, so a client that saw seq 2 resumes without a resync.
+    assert after == Cursor(first.epoch, 3)
+    assert [s for s, _f, _t in stream_entries(redis_client, 1)] == [3]
+
+
+# --- idempotency ------------------------------------------------------------------------------
+
+
+def test_idempotent_retries_publish_once(publisher: Publisher, redis_client, subscriber) -> None:
+    sub = subscriber(KEYS.channel(1))
+    first = publisher.publish(event(1, 1), idempotency_key="req-7f3a")
+    publisher.publish(event(1, 2))
+    for _ in range(3):  # e.g. retries after a timeout
+        assert publisher.publish(event(1, 1), idempotency_key="req-7f3a") == first
+    assert [s for s, _f, _t in stream_entries(redis_client, 1)] == [1, 2]
+    assert [m.seq for m in sub.wait_for(2)] == [1, 2]
+    # A sentinel published afterwards is the next message: the retries published nothing.
+    publisher.publish(event(1, 3))
+    assert [m.seq for m in sub.wait_for(3)] == [1, 2, 3]
+
+
+def test_concurrent_idempotent_retries_publish_once(publisher: Publisher, redis_client) -> None:
+    barrier = threading.Barrier(WORKERS)
+    cursors: list[Cursor] = []
+
+    def work() -> None:
+        barrier.wait(10)
+        cursors.append(publisher.blocker_resolved(1, 1, "yes", T0, idempotency_key="once"))
+
+    threads = [threading.Thread(target=work) for _ in range(WORKERS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(cursors) == WORKERS and len(set(cursors)) == 1
+    assert redis_client.xlen(KEYS.stream(1)) == 1
+
+
+def test_idempotency_key_expires_after_the_window(redis_url: str, redis_client) -> None:
+    with Publisher.from_url(redis_url, idempotency_window=timedelta(milliseconds=150)) as pub:
+        first = pub.publish(event(1, 1), idempotency_key="k")
+        assert pub.publish(event(1, 1), idempotency_key="k") == first
+        wait_until(lambda: not redis_client.exists(KEYS.idempotency(1, "k")), timeout=3)
+        assert pub.publish(event(1, 1), idempotency_key="k").seq == 2
+
+
+# --- nothing reaches Redis for invalid input --------------------------------------------------
+
+
+def _snapshot(client: redis.Redis) -> dict[bytes, bytes | None]:
+    return {key: client.dump(key) for key in client.keys("*")}
+
+
+def _script_and_write_calls(client: redis.Redis) -> dict[str, int]:
+    stats = client.info("commandstats")
+    return {
+        name: stats.get(f"cmdstat_{name}", {}).get("calls", 0)
+        for name in ("eval", "evalsha", "xadd", "publish", "hincrby", "set")
+    }
+
+
+def test_invalid_input_never_reaches_redis(publisher: Publisher, redis_client, subscriber) -> None:
+    sub = subscriber(KEYS.prefix + ":*", pattern=True)
+    publisher.publish(event(1, 1))
+    before = _snapshot(redis_client)
+    redis_client.config_resetstat()
+    bad = event(1, 2)
+    bad.answer = ""
+    attempts: list[Callable[[], object]] = [
+        lambda: publisher.publish(bad),
+        lambda: publisher.publish_many([event(1, 3), event(2, 4), bad]),
+        lambda: publisher.blocker_resolved(1, 0, "x"),
+        lambda: publisher.publish(event(1, 5), idempotency_key="white space"),
+        lambda: publisher.publish(event(1, 5), idempotency_key="k" * 201),
+    ]
+    for attempt in attempts:
+        with pytest.raises((EventValidationError, ValueError)):
+            attempt()
+    assert _script_and_write_calls(redis_client) == dict.fromkeys(
+        ("eval", "evalsha", "xadd", "publish", "hincrby", "set"), 0
+    )
+    assert _snapshot(redis_client) == before
+    publisher.publish(event(1, 6))  # sentinel: the next message after seq 1 must be seq 2
+    assert [(m.seq, json.loads(m.frame)["blocker_id"]) for m in sub.wait_for(2)] == [(1, 1), (2, 6)]
+
+
+def test_validation_error_names_the_field(publisher: Publisher) -> None:
+    with pytest.raises(EventValidationError, match=r"`\$\.blocker_id`"):
+        publisher.blocker_resolved(1, -4, "x")
+
+
+# --- Redis down -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def own_server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+def _assert_unavailable_quickly(call: Callable[[], object], limit: float = 5.0) -> None:
+    started = time.monotonic()
+    with pytest.raises(PublisherUnavailable, match="Redis unavailable"):
+        call()
+    assert time.monotonic() - started < limit
+
+
+def test_redis_down_raises_publisher_unavailable(own_server: RedisServer) -> None:
+    with Publisher.from_url(own_server.url) as pub:
+        first = pub.publish(event(1, 1))
+        own_server.kill()
+        _assert_unavailable_quickly(lambda: pub.publish(event(1, 2)))
+        _assert_unavailable_quickly(lambda: pub.publish_many([event(1, 3), event(1, 4)]))
+        _assert_unavailable_quickly(lambda: pub.blocker_expired(1, 1, 1))
+        # Redis comes back empty (no persistence): publishing resumes in a new epoch.
+        own_server.start()
+        after = pub.publish(event(1, 5))
+    assert after.seq == 1 and after.epoch != first.epoch
+
+
+def test_redis_never_reachable_raises_publisher_unavailable() -> None:
+    with Publisher.from_url(f"redis://127.0.0.1:{free_port()}/0") as pub:
+        _assert_unavailable_quickly(lambda: pub.publish(event(1, 1)))
+
+
+async def test_async_redis_down_raises_publisher_unavailable(own_server: RedisServer) -> None:
+    async with AsyncPublisher.from_url(own_server.url) as pub:
+        first = await pub.publish(event(1, 1))
+        own_server.kill()
+        for call in (
+            lambda: pub.publish(event(1, 2)),
+            lambda: pub.publish_many([event(1, 3)]),
+        ):
+            started = time.monotonic()
+            with pytest.raises(PublisherUnavailable, match="Redis unavailable"):
+                await call()
+            assert time.monotonic() - started < 5
+        own_server.start()
+        after = await pub.publish(event(1, 4))
+    assert after.seq == 1 and after.epoch != first.epoch
+
+
+# --- AsyncPublisher parity --------------------------------------------------------------------
+
+
+async def test_async_publisher_parity(redis_url: str, redis_client, subscriber) -> None:
+    sub = subscriber(KEYS.channel(1))
+    async with AsyncPublisher.from_url(redis_url) as pub:
+        first = await pub.publish(event(1, 1))
+        assert first.seq == 1
+        assert await pub.publish(event(1, 2), idempotency_key="a") == Cursor(first.epoch, 2)
+        assert await pub.publish(event(1, 2), idempotency_key="a") == Cursor(first.epoch, 2)
+        helpers = [
+            await pub.blocker_resolved(1, 3, "x"),
+            await pub.agent_resumed(1, "agent-1", 4, 3),
+            await pub.blocker_expired(1, 5, 6),
+        ]
+        assert [c.seq for c in helpers] == [3, 4, 5]
+        many = await pub.publish_many([event(1 + i % 2, 100 + i) for i in range(1001)])
+        assert [c.seq for c in many[:4]] == [6, 1, 7, 2]
+        bad = event(1, 7)
+        bad.project_id = 0
+        with pytest.raises(EventValidationError, match=r"\$\.project_id"):
+            await pub.publish(bad)
+        with pytest.raises(EventValidationError):
+            await pub.publish_many([event(1, 8), bad])
+    total = 5 + 501
+    assert_channel_matches_stream(sub.wait_for(total), redis_client, 1, total)
+
+
+async def test_async_concurrent_tasks_give_gapless_sequences(
+    redis_url: str, redis_client, subscriber
+) -> None:
+    sub = subscriber(KEYS.channel(1))
+    async with AsyncPublisher.from_url(redis_url) as pub:
+
+        async def work(worker: int) -> list[int]:
+            return [
+                (await pub.publish(event(1, worker * 10_000 + i + 1))).seq
+                for i in range(PER_WORKER)
+            ]
+
+        results = await asyncio.gather(*(work(w) for w in range(WORKERS)))
+    total = WORKERS * PER_WORKER
+    assert sorted(s for seqs in results for s in seqs) == list(range(1, total + 1))
+    assert all(seqs == sorted(seqs) for seqs in results)
+    assert_channel_matches_stream(sub.wait_for(total), redis_client, 1, total)
