@@ -238,15 +238,14 @@ class Hub:
                 delay = min(delay * 2, 2.0)
                 continue
             step = sequencer.on_read(snapshot, REPAIR_BATCH)
-            if not baseline:
-                self.metrics.gaps_repaired_total += len(step.deliver)
-                if step.deliver:
-                    log.info(
-                        "gap repaired",
-                        project_id=feed.project_id,
-                        events=len(step.deliver),
-                        last=sequencer.last,
-                    )
+            if step.repaired:
+                self.metrics.gaps_repaired_total += step.repaired
+                log.info(
+                    "gap repaired",
+                    project_id=feed.project_id,
+                    events=step.repaired,
+                    last=sequencer.last,
+                )
             self._apply(feed, Step(step.deliver, step.resync))
             if baseline:
                 feed.ready.set()
@@ -352,6 +351,7 @@ class Hub:
         plan = plan_subscription(epoch, after, snapshot, self.max_replay)
         for _, frame in plan.replay:
             session.send(Outgoing(frame))
+            session.allowance += len(frame) + 10
         self.metrics.replayed_total += len(plan.replay)
         self.metrics.deliveries_total += len(plan.replay)
         if plan.resync is not None:

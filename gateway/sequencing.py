@@ -57,6 +57,8 @@ class Step:
     #: Read history after ``sequencer.last`` (a gap, an unknown baseline, or a read that was cut
     #: short by its count limit). While set, live messages are held.
     needs_read: bool = False
+    #: How many delivered events came from the stream without ever arriving live.
+    repaired: int = 0
 
 
 class FeedSequencer:
@@ -122,6 +124,8 @@ class FeedSequencer:
                     break
                 self.last = seq
                 step.deliver.append((seq, frame))
+                if seq not in self.held:
+                    step.repaired += 1
             if self.last < snapshot.top and len(snapshot.entries) < limit:
                 # The stream does not hold what we missed: retention trimmed it.
                 step.resync = self._reset(ResyncReason.HISTORY_TRIMMED, snapshot)

@@ -420,10 +420,11 @@ class Gateway:
         ]
         # Spread the reconnect storm over half the drain budget, at most 1 s between batches.
         pause = min(1.0, config.drain_timeout / 2 / max(1, len(batches)))
-        for batch in batches:
+        for index, batch in enumerate(batches):
+            if index:
+                await asyncio.sleep(pause)
             for session in batch:
                 session.close_later(CloseCode.SERVICE_RESTART, "server restarting")
-            await asyncio.sleep(pause)
         deadline = started + config.drain_timeout
         if self.sessions:
             with contextlib.suppress(TimeoutError):

@@ -81,6 +81,7 @@ class Session:
     """State of one WebSocket connection."""
 
     __slots__ = (
+        "allowance",
         "claims",
         "closing",
         "errors",
@@ -119,6 +120,9 @@ class Session:
         self.expiry: asyncio.TimerHandle | None = None
         self.last_buffered = 0
         self.stalled_since: float | None = None
+        #: Extra bytes tolerated above the limit while a replay burst drains, so that a resume
+        #: with a large replay is not mistaken for a slow consumer (and cut, and resumed again).
+        self.allowance = 0
 
     def send(self, item: Outgoing) -> None:
         """Queue a frame; it is written at the end of this event-loop iteration."""
@@ -136,7 +140,10 @@ class Session:
         outbox, self.outbox = self.outbox, []
         if self.closing or not outbox or self.ws.protocol.state is not State.OPEN:
             return True
-        if self.policy.over_limit(self.transport.get_write_buffer_size()):
+        buffered = self.transport.get_write_buffer_size()
+        if self.allowance and buffered <= self.policy.limit:
+            self.allowance = 0
+        if self.policy.over_limit(buffered - self.allowance):
             self.cut_slow()
             return False
         if self.raw:
@@ -159,7 +166,9 @@ class Session:
             buffered, self.last_buffered, self.stalled_since, now
         )
         self.last_buffered = buffered
-        if self.policy.is_stalled(self.stalled_since, now) or self.policy.over_limit(buffered):
+        if self.policy.is_stalled(self.stalled_since, now) or self.policy.over_limit(
+            buffered - self.allowance
+        ):
             self.cut_slow()
             return True
         return False

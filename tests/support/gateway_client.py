@@ -1,0 +1,129 @@
+"""A recording WebSocket client for gateway tests: it keeps every frame it receives, per project
+cursors, and lets a test await a condition instead of sleeping."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+CONTROL_TYPES = {
+    "authenticated",
+    "subscribed",
+    "unsubscribed",
+    "resync_required",
+    "error",
+    "pong",
+}
+
+
+class RecordingClient:
+    def __init__(self, url: str, *, token: str | None = None, headers: dict | None = None) -> None:
+        self.url = url
+        self.token = token
+        self.headers = headers or {}
+        self.ws: ClientConnection | None = None
+        self.messages: list[dict[str, Any]] = []
+        self.events: dict[int, list[int]] = defaultdict(list)  # project -> seqs received
+        self.epochs: dict[int, str] = {}
+        self.closed: asyncio.Event = asyncio.Event()
+        self.close_code: int | None = None
+        self._changed = asyncio.Event()
+        self._reader: asyncio.Task | None = None
+
+    async def connect(self, *, auth: bool = True) -> RecordingClient:
+        self.closed.clear()
+        self.close_code = None
+        self.ws = await connect(self.url, additional_headers=self.headers, max_size=2**22)
+        self._reader = asyncio.create_task(self._read(self.ws))
+        if auth and self.token is not None:
+            await self.send({"type": "auth", "token": self.token})
+            await self.wait_for(lambda: self.last("authenticated") is not None)
+        return self
+
+    async def _read(self, ws: ClientConnection) -> None:
+        try:
+            async for raw in ws:
+                message = json.loads(raw)
+                self.messages.append(message)
+                kind = message.get("type")
+                if kind == "subscribed" or kind == "resync_required":
+                    self.epochs[message["project_id"]] = message["epoch"]
+                    if kind == "resync_required":
+                        # The application reloads its state; numbering restarts after seq.
+                        self.events[message["project_id"]].append(-message["seq"] - 1)
+                elif kind not in CONTROL_TYPES:
+                    self.events[message["project_id"]].append(message["seq"])
+                self._changed.set()
+        except ConnectionClosed:
+            pass
+        finally:
+            self.close_code = ws.close_code
+            self.closed.set()
+            self._changed.set()
+
+    async def send(self, message: dict | str | bytes) -> None:
+        assert self.ws is not None
+        if isinstance(message, dict):
+            message = json.dumps(message)
+        await self.ws.send(message)
+
+    async def subscribe(self, project_id: int, *, resume: bool = False, **extra) -> dict:
+        """Subscribe (with this client's cursor when ``resume``) and wait for ``subscribed``."""
+        count = self.count("subscribed", project_id)
+        message: dict[str, Any] = {"type": "subscribe", "project_id": project_id, **extra}
+        if resume:
+            epoch, seq = self.cursor(project_id)
+            message.update(epoch=epoch, after=seq)
+        await self.send(message)
+        await self.wait_for(lambda: self.count("subscribed", project_id) > count)
+        return [m for m in self.of("subscribed") if m["project_id"] == project_id][-1]
+
+    def cursor(self, project_id: int) -> tuple[str, int]:
+        """(epoch, last seq) of the project, as a real client keeps it."""
+        last = 0
+        for message in self.messages:
+            if message.get("project_id") != project_id:
+                continue
+            kind = message["type"]
+            if kind in ("subscribed", "resync_required"):
+                last = max(last, message["seq"]) if kind == "subscribed" else message["seq"]
+            elif kind not in CONTROL_TYPES:
+                last = message["seq"]
+        return self.epochs[project_id], last
+
+    def seqs(self, project_id: int) -> list[int]:
+        return [s for s in self.events[project_id] if s >= 0]
+
+    def of(self, kind: str) -> list[dict]:
+        return [m for m in self.messages if m.get("type") == kind]
+
+    def last(self, kind: str) -> dict | None:
+        found = self.of(kind)
+        return found[-1] if found else None
+
+    def count(self, kind: str, project_id: int | None = None) -> int:
+        return sum(
+            1 for m in self.of(kind) if project_id is None or m.get("project_id") == project_id
+        )
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                self._changed.clear()
+                if predicate():
+                    return
+                await self._changed.wait()
+
+    async def close(self) -> None:
+        if self.ws is not None:
+            await self.ws.close()
+        if self._reader is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader

@@ -1,0 +1,545 @@
+"""The gateway end to end: real Redis (private), real gateways in-process, real WebSocket clients.
+
+Every delivery test compares full sequences: what a client received must be exactly what was
+published for its projects, in order, once, or an explicit ``resync_required``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import socket
+import time
+
+import pytest
+import redis.asyncio
+
+from gateway.config import GatewayConfig
+from gateway.server import Gateway
+from publisher import AsyncPublisher, issue_token
+from publisher.core import Retention, prepare_single
+from schemas.events import BlockerResolved, utc_now
+from schemas.keys import Keys
+from tests.support.gateway_client import RecordingClient
+
+SECRET = "gateway-test-secret-0123456789abcdef"
+
+
+def event(project_id: int, n: int = 1) -> BlockerResolved:
+    return BlockerResolved(project_id=project_id, blocker_id=n, answer="ok", resolved_at=utc_now())
+
+
+@pytest.fixture
+async def publisher(redis_url):
+    pub = AsyncPublisher.from_url(redis_url)
+    yield pub
+    await pub.aclose()
+
+
+@pytest.fixture
+async def gateways(redis_url):
+    started: list[Gateway] = []
+
+    async def start(**overrides) -> Gateway:
+        settings = {"redis_url": redis_url, "port": 0, "auth_secret": SECRET, "drain_timeout": 2}
+        settings.update(overrides)
+        gateway = Gateway(GatewayConfig(**settings))
+        await gateway.start()
+        started.append(gateway)
+        return gateway
+
+    yield start
+    for gateway in started:
+        if not gateway.draining:
+            await gateway.drain()
+
+
+def ws_url(gateway: Gateway) -> str:
+    return f"ws://127.0.0.1:{gateway.port}/"
+
+
+async def client_for(gateway: Gateway, projects="*", **kwargs) -> RecordingClient:
+    token = issue_token(SECRET, projects, ttl=300)
+    return await RecordingClient(ws_url(gateway), token=token, **kwargs).connect()
+
+
+async def publish(publisher: AsyncPublisher, project_id: int, count: int) -> None:
+    await publisher.publish_many(event(project_id, n + 1) for n in range(count))
+
+
+# --- delivery guarantees ---------------------------------------------------------------------
+
+
+async def test_every_client_gets_exactly_its_projects_events_in_order(gateways, publisher):
+    gateway = await gateways()
+    clients = []
+    for i in range(12):
+        projects = [1 + i % 4, 5 + i % 3]
+        client = await client_for(gateway, projects)
+        for project_id in projects:
+            subscribed = await client.subscribe(project_id)
+            assert subscribed["seq"] == 0
+        clients.append((client, projects))
+    for round_ in range(5):
+        for project_id in range(1, 8):
+            await publish(publisher, project_id, 10 + round_)
+    expected = sum(10 + r for r in range(5))
+    for client, projects in clients:
+        await client.wait_for(lambda c=client, p=projects: all(
+            len(c.seqs(x)) == expected for x in p))
+        for project_id in projects:
+            assert client.seqs(project_id) == list(range(1, expected + 1))
+        assert set(client.events) == set(projects), "no event of another project"
+        for message in client.messages:
+            if "seq" in message and message["type"] not in ("subscribed", "resync_required"):
+                assert message["project_id"] in projects
+    for client, _ in clients:
+        await client.close()
+
+
+async def test_events_carry_the_contract_json_plus_seq(gateways, publisher):
+    gateway = await gateways()
+    client = await client_for(gateway, [1])
+    await client.subscribe(1)
+    cursor = await publisher.blocker_resolved(1, blocker_id=123, answer="Use JWT for stateless API")
+    await client.wait_for(lambda: client.seqs(1) == [1])
+    received = [m for m in client.messages if m["type"] == "blocker_resolved"][0]
+    assert received == {
+        "type": "blocker_resolved",
+        "project_id": 1,
+        "blocker_id": 123,
+        "answer": "Use JWT for stateless API",
+        "resolved_at": received["resolved_at"],
+        "seq": cursor.seq,
+    }
+    assert received["resolved_at"].endswith("Z")
+    await client.close()
+
+
+async def test_resume_after_disconnect_replays_exactly_what_was_missed(gateways, publisher):
+    gateway = await gateways()
+    client = await client_for(gateway, [3])
+    await client.subscribe(3)
+    await publish(publisher, 3, 5)
+    await client.wait_for(lambda: len(client.seqs(3)) == 5)
+    await client.close()
+    await publish(publisher, 3, 7)  # missed while away
+    await client.connect()
+    subscribed = await client.subscribe(3, resume=True)
+    assert subscribed["resumed"] and subscribed["replayed"] == 7 and subscribed["seq"] == 12
+    await publish(publisher, 3, 3)
+    await client.wait_for(lambda: len(client.seqs(3)) == 15)
+    assert client.seqs(3) == list(range(1, 16))
+    # The replay comes before `subscribed`, live events after it.
+    kinds = [m["type"] for m in client.messages if m.get("project_id") == 3]
+    assert kinds.index("subscribed", 1) == 1 + 5 + 7  # first ack, 5 live, 7 replayed
+    await client.close()
+
+
+async def test_resume_on_another_gateway(gateways, publisher):
+    first, second = await gateways(), await gateways()
+    client = await client_for(first, [4])
+    await client.subscribe(4)
+    await publish(publisher, 4, 20)
+    await client.wait_for(lambda: len(client.seqs(4)) == 20)
+    await client.close()
+    await publish(publisher, 4, 20)
+    client.url = ws_url(second)
+    await client.connect()
+    await client.subscribe(4, resume=True)
+    await publish(publisher, 4, 5)
+    await client.wait_for(lambda: len(client.seqs(4)) == 45)
+    assert client.seqs(4) == list(range(1, 46))
+    await client.close()
+
+
+async def test_subscribes_racing_with_publishes_are_gapless(gateways, publisher):
+    """Clients subscribe (fresh and resuming) while events stream in: each one gets a
+    contiguous run from its starting point to the end, without gap or duplicate."""
+    gateway = await gateways()
+    total = 600
+    done = asyncio.Event()
+
+    async def produce():
+        for n in range(total // 20):
+            await publish(publisher, 5, 20)
+            await asyncio.sleep(0.002 * (n % 3))
+        done.set()
+
+    producer = asyncio.create_task(produce())
+    clients = []
+    for i in range(15):
+        client = await client_for(gateway, [5])
+        if i % 3 == 0 and clients:
+            # Resume from another client's position, mid-stream.
+            donor = clients[-1]
+            epoch, seq = donor.cursor(5)
+            await client.subscribe(5, epoch=epoch, after=max(0, seq - 3))
+            start = max(0, seq - 3)
+        else:
+            start = (await client.subscribe(5))["seq"]
+        clients.append(client)
+        client.start = start
+        await asyncio.sleep(0.01)
+    await producer
+    assert done.is_set()
+    for client in clients:
+        await client.wait_for(lambda c=client: c.cursor(5)[1] == total)
+        assert client.seqs(5) == list(range(client.start + 1, total + 1))
+        await client.close()
+
+
+async def _publish_without_live(redis_url: str, project_id: int) -> None:
+    """Append an event to the stream exactly as the publish script does, but publish it on a
+    channel nobody listens to: a pub/sub message lost between Redis and the pod."""
+    client = redis.asyncio.Redis.from_url(redis_url)
+    from schemas import lua
+
+    batch = prepare_single(
+        event(project_id, 99), keys=Keys(), retention=Retention(), publish_command="PUBLISH"
+    )
+    args = list(batch.args)
+    channel = Keys().channel(project_id)
+    args[args.index(channel)] = "eventbus:void"
+    await client.eval(lua.PUBLISH, len(batch.keys), *batch.keys, *args)
+    await client.aclose()
+
+
+async def test_a_lost_pubsub_message_is_repaired_before_later_events(
+    gateways, publisher, redis_url
+):
+    gateway = await gateways(reconcile_interval=60)  # only the gap detection can repair it
+    client = await client_for(gateway, [6])
+    await client.subscribe(6)
+    await publish(publisher, 6, 3)
+    await _publish_without_live(redis_url, 6)  # seq 4 never arrives live
+    await publish(publisher, 6, 3)
+    await client.wait_for(lambda: len(client.seqs(6)) == 7)
+    assert client.seqs(6) == list(range(1, 8))
+    assert gateway.metrics.gaps_repaired_total == 1
+    await client.close()
+
+
+async def test_a_lost_last_message_is_found_by_the_periodic_check(gateways, publisher, redis_url):
+    gateway = await gateways(reconcile_interval=0.1)
+    client = await client_for(gateway, [7])
+    await client.subscribe(7)
+    await publish(publisher, 7, 2)
+    await _publish_without_live(redis_url, 7)  # nothing after it reveals the gap
+    await client.wait_for(lambda: len(client.seqs(7)) == 3)
+    assert client.seqs(7) == [1, 2, 3]
+    await client.close()
+
+
+async def test_killing_the_pubsub_connection_loses_nothing(gateways, publisher, redis_client):
+    gateway = await gateways(reconcile_interval=60)
+    client = await client_for(gateway, [8, 9])
+    await client.subscribe(8)
+    await client.subscribe(9)
+    await publish(publisher, 8, 10)
+    await client.wait_for(lambda: len(client.seqs(8)) == 10)
+    reconnects = gateway.metrics.pubsub_reconnects_total
+    for _ in range(3):
+        redis_client.client_kill_filter(_type="pubsub")
+        # Published while the link is down or resubscribing: only the stream has them.
+        await publish(publisher, 8, 10)
+        await publish(publisher, 9, 10)
+        await asyncio.sleep(0.05)
+    await client.wait_for(lambda: len(client.seqs(8)) == 40 and len(client.seqs(9)) == 30)
+    assert client.seqs(8) == list(range(1, 41))
+    assert client.seqs(9) == list(range(1, 31))
+    assert gateway.metrics.pubsub_reconnects_total > reconnects
+    await client.close()
+
+
+async def test_flushed_redis_gives_resync_required_then_events_continue(
+    gateways, publisher, redis_client
+):
+    gateway = await gateways(reconcile_interval=0.1)
+    client = await client_for(gateway, [10])
+    first = await client.subscribe(10)
+    await publish(publisher, 10, 5)
+    await client.wait_for(lambda: len(client.seqs(10)) == 5)
+    redis_client.flushall()
+    await client.wait_for(lambda: client.count("resync_required", 10) == 1)
+    resync = client.last("resync_required")
+    assert resync["reason"] == "epoch_changed" and resync["epoch"] != first["epoch"]
+    await publish(publisher, 10, 3)
+    await client.wait_for(lambda: len(client.seqs(10)) == 8)
+    after = client.events[10][client.events[10].index(-resync["seq"] - 1) + 1 :]
+    assert after == list(range(resync["seq"] + 1, resync["seq"] + 4))
+    # A client resuming with the old cursor is told too.
+    late = await client_for(gateway, [10])
+    await late.send({"type": "subscribe", "project_id": 10, "epoch": first["epoch"], "after": 5})
+    await late.wait_for(lambda: late.count("subscribed", 10) == 1)
+    assert late.last("resync_required")["reason"] == "epoch_changed"
+    assert gateway.metrics.resyncs_total >= 2
+    await client.close()
+    await late.close()
+
+
+async def test_a_client_that_stops_reading_is_cut_and_resumes_with_nothing_lost(
+    gateways, publisher
+):
+    gateway = await gateways(outbound_limit=64 * 1024, stall_timeout=1.0, max_replay=2000)
+    healthy = await client_for(gateway, [11])
+    await healthy.subscribe(11)
+    # A raw client that authenticates, subscribes, then never reads again. Its receive window
+    # is tiny, so the gateway's kernel send buffer fills first, then its user-space buffer.
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", gateway.port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=1024)
+
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        (
+            f"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    await reader.readuntil(b"\r\n\r\n")
+    token = issue_token(SECRET, [11], ttl=300)
+    for message in ({"type": "auth", "token": token}, {"type": "subscribe", "project_id": 11}):
+        payload = json.dumps(message).encode()
+        mask = os.urandom(4)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        writer.write(bytes([0x81, 0x80 | 126]) + len(payload).to_bytes(2, "big") + mask + masked)
+    await writer.drain()
+    total = 1500  # ~7 MB: beyond the limit and whatever the kernel buffers hold
+    big_answer = "x" * 4900
+    await publisher.publish_many(
+        BlockerResolved(project_id=11, blocker_id=n + 1, answer=big_answer, resolved_at=utc_now())
+        for n in range(total)
+    )
+    deadline = time.monotonic() + 10
+    while gateway.metrics.slow_consumer_disconnects_total == 0:
+        assert time.monotonic() < deadline, "the stalled client was never cut"
+        await asyncio.sleep(0.05)
+    await healthy.wait_for(lambda: len(healthy.seqs(11)) == total)
+    assert healthy.seqs(11) == list(range(1, total + 1))
+    assert len(gateway.sessions) == 1
+    writer.close()
+    # The slow client comes back with its cursor (it had seen nothing) and loses nothing.
+    epoch = healthy.cursor(11)[0]
+    back = await client_for(gateway, [11])
+    await back.send({"type": "subscribe", "project_id": 11, "epoch": epoch, "after": 0})
+    await back.wait_for(lambda: back.count("subscribed", 11) == 1)
+    assert back.seqs(11) == list(range(1, total + 1))
+    await healthy.close()
+    await back.close()
+
+
+# --- authentication and authorisation --------------------------------------------------------
+
+
+async def test_forbidden_project_gets_an_error_and_never_an_event(gateways, publisher):
+    gateway = await gateways()
+    client = await client_for(gateway, [12])
+    await client.send({"type": "subscribe", "project_id": 13})
+    await client.wait_for(lambda: client.last("error") is not None)
+    assert client.last("error") == {
+        "type": "error",
+        "code": "forbidden",
+        "message": "the token does not allow project 13",
+        "project_id": 13,
+    }
+    await client.subscribe(12)  # the connection stays usable for its other projects
+    await publish(publisher, 13, 3)
+    await publish(publisher, 12, 1)
+    await client.wait_for(lambda: client.seqs(12) == [1])
+    assert 13 not in client.events
+    await client.close()
+
+
+@pytest.mark.parametrize(
+    ("first_frame", "code"),
+    [
+        ({"type": "subscribe", "project_id": 1}, 4001),
+        ({"type": "auth", "token": "not-a-jwt"}, 4001),
+        ({"type": "auth", "token": issue_token("another-secret-0123456789abcdef", [1])}, 4001),
+        ("{not json", 4001),
+    ],
+)
+async def test_bad_first_message_closes_with_auth_failed(gateways, first_frame, code):
+    gateway = await gateways()
+    client = await RecordingClient(ws_url(gateway)).connect(auth=False)
+    await client.send(first_frame)
+    await asyncio.wait_for(client.closed.wait(), 5)
+    assert client.close_code == code
+    assert gateway.metrics.auth_failures_total == 1
+
+
+async def test_expired_token_closes_with_token_expired(gateways):
+    import jwt
+
+    gateway = await gateways()
+    token = jwt.encode({"projects": [1], "aud": "eventbus", "exp": int(time.time()) - 60},
+                       SECRET, algorithm="HS256")
+    client = await RecordingClient(ws_url(gateway)).connect(auth=False)
+    await client.send({"type": "auth", "token": token})
+    await asyncio.wait_for(client.closed.wait(), 5)
+    assert client.close_code == 4002
+
+
+async def test_no_auth_message_in_time_closes_with_auth_failed(gateways):
+    gateway = await gateways(auth_timeout=0.3)
+    client = await RecordingClient(ws_url(gateway)).connect(auth=False)
+    await asyncio.wait_for(client.closed.wait(), 5)
+    assert client.close_code == 4001
+
+
+async def test_token_in_authorization_header(gateways, publisher):
+    gateway = await gateways()
+    token = issue_token(SECRET, [14])
+    client = await RecordingClient(
+        ws_url(gateway), headers={"Authorization": f"Bearer {token}"}
+    ).connect(auth=False)
+    await client.wait_for(lambda: client.last("authenticated") is not None)
+    await client.subscribe(14)
+    await publish(publisher, 14, 2)
+    await client.wait_for(lambda: client.seqs(14) == [1, 2])
+    await client.close()
+
+
+async def test_token_expiry_closes_and_in_band_refresh_keeps_the_connection(gateways):
+    gateway = await gateways()
+    client = await client_for(gateway, [15])
+    await client.subscribe(15)
+    # Refresh with a short-lived token that names fewer projects: 15 is dropped.
+    await client.send({"type": "auth", "token": issue_token(SECRET, [16], ttl=1)})
+    await client.wait_for(lambda: client.count("authenticated") == 2)
+    assert client.count("unsubscribed", 15) == 1
+    await asyncio.wait_for(client.closed.wait(), 10)
+    assert client.close_code == 4002
+    # A bad refresh token is an error, not a disconnect.
+    other = await client_for(gateway, [15])
+    await other.send({"type": "auth", "token": "garbage"})
+    await other.wait_for(lambda: other.last("error") is not None)
+    assert other.last("error")["code"] == "invalid_token"
+    await other.send({"type": "ping"})
+    await other.wait_for(lambda: other.last("pong") is not None)
+    await other.close()
+
+
+async def test_development_mode_needs_no_token(gateways, publisher):
+    gateway = await gateways(no_auth=True, auth_secret=None)
+    client = await RecordingClient(ws_url(gateway)).connect(auth=False)
+    await client.subscribe(17)
+    await publish(publisher, 17, 1)
+    await client.wait_for(lambda: client.seqs(17) == [1])
+    await client.close()
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        ("{nope", "invalid_json"),
+        ('{"type":"teleport"}', "unknown_type"),
+        ('{"project_id":1}', "unknown_type"),
+        ('{"type":"subscribe"}', "invalid_message"),
+        ('{"type":"subscribe","project_id":-4}', "invalid_message"),
+        ('{"type":"subscribe","project_id":"1"}', "invalid_message"),
+        ('{"type":"subscribe","project_id":1,"after":-1,"epoch":"e"}', "invalid_cursor"),
+        ('{"type":"subscribe","project_id":1,"after":3}', "invalid_cursor"),
+        ('{"type":"subscribe","project_id":1,"epoch":"bad epoch!","after":3}', "invalid_cursor"),
+        ('{"type":"unsubscribe","project_id":1}', "not_subscribed"),
+        ("[]", "invalid_message"),
+        ('"hello"', "invalid_message"),
+    ],
+)
+async def test_bad_frames_get_a_documented_error_and_the_connection_stays_usable(
+    gateways, frame, code
+):
+    gateway = await gateways()
+    client = await client_for(gateway, "*")
+    await client.send(frame)
+    await client.wait_for(lambda: client.last("error") is not None)
+    assert client.last("error")["code"] == code
+    await client.send({"type": "ping"})
+    await client.wait_for(lambda: client.last("pong") is not None)
+    await client.close()
+
+
+async def test_ten_malformed_frames_in_a_row_close_the_connection(gateways):
+    gateway = await gateways()
+    client = await client_for(gateway)
+    for _ in range(10):
+        await client.send("{")
+    await asyncio.wait_for(client.closed.wait(), 5)
+    assert client.close_code == 4009
+
+
+async def test_oversized_frames_close_with_1009_without_affecting_others(gateways, publisher):
+    gateway = await gateways(max_frame_bytes=1024)
+    bystander = await client_for(gateway, [18])
+    await bystander.subscribe(18)
+    client = await client_for(gateway)
+    await client.send(json.dumps({"type": "ping", "pad": "x" * 2000}))
+    await asyncio.wait_for(client.closed.wait(), 5)
+    assert client.close_code == 1009
+    await publish(publisher, 18, 1)
+    await bystander.wait_for(lambda: bystander.seqs(18) == [1])
+    await bystander.close()
+
+
+async def test_too_many_subscriptions(gateways):
+    gateway = await gateways(max_subscriptions=2)
+    client = await client_for(gateway)
+    await client.subscribe(1)
+    await client.subscribe(2)
+    await client.send({"type": "subscribe", "project_id": 3})
+    await client.wait_for(lambda: client.last("error") is not None)
+    assert client.last("error")["code"] == "too_many_subscriptions"
+    await client.send({"type": "unsubscribe", "project_id": 1})
+    await client.wait_for(lambda: client.count("unsubscribed", 1) == 1)
+    await client.subscribe(3)
+    await client.close()
+
+
+async def test_garbage_on_a_redis_channel_is_skipped(gateways, publisher, redis_client):
+    gateway = await gateways()
+    client = await client_for(gateway, [19])
+    await client.subscribe(19)
+    await publish(publisher, 19, 1)
+    await client.wait_for(lambda: client.seqs(19) == [1])
+    channel = Keys().channel(19)
+    for garbage in (b"hello", b"\xff\xfe|1|2|{}", b"e|x|1|{}", b"e|2|1|not json", b""):
+        redis_client.publish(channel, garbage)
+    await publish(publisher, 19, 1)
+    await client.wait_for(lambda: client.seqs(19) == [1, 2])
+    assert gateway.metrics.malformed_messages_total == 5
+    await client.close()
+
+
+async def test_origin_allowlist(gateways):
+    gateway = await gateways(allowed_origins=["https://dash.example"])
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus
+
+    with pytest.raises(InvalidStatus) as refused:
+        await connect(ws_url(gateway), origin="https://evil.example")
+    assert refused.value.response.status_code == 403
+    async with connect(ws_url(gateway), origin="https://dash.example") as ws:
+        await ws.send(json.dumps({"type": "auth", "token": issue_token(SECRET, [1])}))
+        assert json.loads(await ws.recv())["type"] == "authenticated"
+
+
+async def test_connection_limit(gateways):
+    gateway = await gateways(max_connections=2)
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus
+
+    a = await client_for(gateway)
+    b = await client_for(gateway)
+    with pytest.raises(InvalidStatus) as refused:
+        await connect(ws_url(gateway))
+    assert refused.value.response.status_code == 503
+    await a.close()
+    await b.close()
