@@ -105,7 +105,7 @@ async def test_events_carry_the_contract_json_plus_seq(gateways, publisher):
     await client.subscribe(1)
     cursor = await publisher.blocker_resolved(1, blocker_id=123, answer="Use JWT for stateless API")
     await client.wait_for(lambda: client.seqs(1) == [1])
-    received = [m for m in client.messages if m["type"] == "blocker_resolved"][0]
+    received = next(m for m in client.messages if m["type"] == "blocker_resolved")
     assert received == {
         "type": "blocker_resolved",
         "project_id": 1,

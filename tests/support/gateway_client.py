@@ -113,8 +113,9 @@ class RecordingClient:
             1 for m in self.of(kind) if project_id is None or m.get("project_id") == project_id
         )
 
-    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-        async with asyncio.timeout(timeout):
+    async def wait_for(self, predicate: Callable[[], bool], within: float = 10.0) -> None:
+        """Wait until ``predicate()`` holds, re-checking after every received frame."""
+        async with asyncio.timeout(within):
             while not predicate():
                 self._changed.clear()
                 if predicate():
