@@ -1,0 +1,1 @@
+"""Runnable examples of the event bus (``python -m examples.dashboard.run``)."""

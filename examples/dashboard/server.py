@@ -1,0 +1,500 @@
+"""The demo application backend: owns the blockers, serves the dashboard page, mints gateway
+tokens, and publishes every change through the publisher package.
+
+Standard library only (``http.server`` with a thread per request) plus this project's packages.
+
+API (JSON)::
+
+    GET  /api/config                              what the page needs to connect
+    POST /api/gateway-token                       {"token", "expires_in"} for the page's project
+    GET  /api/projects/{id}/state                 agents, tasks, pending blockers, activity
+    GET  /api/projects/{id}/blockers[?status=]    PENDING by default; RESOLVED, EXPIRED or ALL
+    POST /api/projects/{id}/blockers              raise a blocker as an agent would (demo, tests)
+    GET  /api/projects/{id}/agents | /tasks | /activity
+    GET  /api/blockers/{id}
+    POST /api/blockers/{id}/resolve               {"answer": "..."}: 200, 404, 409, 422
+
+Run alone with ``python -m examples.dashboard.server --help``; ``python -m examples.dashboard.run``
+starts it together with Redis and the gateway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import mimetypes
+import os
+import re
+import sys
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from examples.dashboard.store import (
+    MAX_ANSWER_LENGTH,
+    Conflict,
+    NotFound,
+    Store,
+    ValidationFailed,
+)
+from examples.dashboard.workers import AgentSimulation, ExpirySweeper, OutboxRelay
+from publisher import Publisher, issue_token
+
+__all__ = ["Config", "DemoApp", "main"]
+
+log = logging.getLogger("examples.dashboard")
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+MAX_BODY = 64 * 1024
+
+
+def _client_dir() -> Path:
+    """gateway/static, where eventbus.js lives (found without importing the gateway)."""
+    spec = importlib.util.find_spec("gateway")
+    if spec and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations))) / "static"
+    return Path(__file__).resolve().parents[2] / "gateway" / "static"
+
+
+@dataclass
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    project_id: int = 1
+    db: str = "examples/dashboard/data/dashboard.sqlite3"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    #: Shared with the gateway (``--auth-secret``); None when the gateway runs with ``--no-auth``.
+    auth_secret: str | None = None
+    token_ttl: float = 900.0
+    #: WebSocket URL the page connects to; by default the page's own host name on gateway_port,
+    #: so that opening the page as localhost or 127.0.0.1 both work.
+    gateway_url: str | None = None
+    gateway_port: int = 8001
+    #: HTTP base URL of the gateway for the polling fallback; by default derived like gateway_url.
+    gateway_http_url: str | None = None
+    blocker_ttl: float = 24 * 3600.0
+    sweep_interval: float | None = None
+    agents: bool = True
+    resume_delay: float = 2.0
+    work_time: tuple[float, float] = (8.0, 25.0)
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = {"error": code, "message": message, **extra}
+
+
+_ROUTES: list[tuple[str, re.Pattern[str], str]] = [
+    ("GET", re.compile(r"^/api/config$"), "config"),
+    ("POST", re.compile(r"^/api/gateway-token$"), "token"),
+    ("GET", re.compile(r"^/api/projects/(\d{1,15})/state$"), "state"),
+    ("GET", re.compile(r"^/api/projects/(\d{1,15})/blockers$"), "list_blockers"),
+    ("POST", re.compile(r"^/api/projects/(\d{1,15})/blockers$"), "create_blocker"),
+    ("GET", re.compile(r"^/api/projects/(\d{1,15})/agents$"), "agents"),
+    ("GET", re.compile(r"^/api/projects/(\d{1,15})/tasks$"), "tasks"),
+    ("GET", re.compile(r"^/api/projects/(\d{1,15})/activity$"), "activity"),
+    ("GET", re.compile(r"^/api/blockers/(\d{1,15})$"), "get_blocker"),
+    ("POST", re.compile(r"^/api/blockers/(\d{1,15})/resolve$"), "resolve"),
+    ("GET", re.compile(r"^/healthz$"), "healthz"),
+]
+
+
+class Handler(BaseHTTPRequestHandler):
+    server_version = "eventbus-dashboard/1.0"
+    protocol_version = "HTTP/1.1"
+    app: DemoApp  # set on the subclass made per server
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s %s", self.address_string(), format % args)
+
+    # --- plumbing ------------------------------------------------------------------------------
+
+    def _send(
+        self, status: int, body: bytes, content_type: str, headers: dict | None = None
+    ) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, status: int, value: Any) -> None:
+        body = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+        self._send(status, body, "application/json; charset=utf-8")
+
+    def _body(self) -> Any:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY:
+            raise HttpError(413, "too_large", f"request body over {MAX_BODY} bytes")
+        raw = self.rfile.read(length) if length else b""
+        if not raw:
+            return {}
+        try:
+            return json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise HttpError(400, "invalid_json", "request body is not valid JSON") from None
+
+    def _dispatch(self, method: str) -> None:
+        url = urllib.parse.urlsplit(self.path)
+        self.query = urllib.parse.parse_qs(url.query)
+        try:
+            if method in ("GET", "HEAD") and not url.path.startswith("/api/"):
+                return self._static(url.path)
+            allowed = False
+            for route_method, pattern, name in _ROUTES:
+                match = pattern.match(url.path)
+                if not match:
+                    continue
+                allowed = True
+                if route_method == method or (route_method == "GET" and method == "HEAD"):
+                    return getattr(self, f"do_{name}")(*match.groups())
+            if allowed:
+                raise HttpError(405, "method_not_allowed", f"{method} not allowed here")
+            raise HttpError(404, "not_found", f"no such endpoint: {url.path}")
+        except HttpError as exc:
+            self._json(exc.status, exc.body)
+        except NotFound as exc:
+            self._json(404, {"error": "not_found", "message": str(exc)})
+        except Conflict as exc:
+            self._json(409, {"error": "conflict", "message": str(exc), "status": exc.status})
+        except ValidationFailed as exc:
+            self._json(422, {"error": "invalid", "message": str(exc)})
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        except Exception:
+            log.exception("request failed: %s %s", method, self.path)
+            self._json(500, {"error": "internal", "message": "internal error"})
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_HEAD(self) -> None:
+        self._dispatch("HEAD")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def _project(self, project_id: str) -> int:
+        value = int(project_id)
+        if value != self.app.config.project_id:
+            raise HttpError(404, "not_found", f"project {value} not found")
+        return value
+
+    # --- static files --------------------------------------------------------------------------
+
+    def _static(self, path: str) -> None:
+        if path in ("/", "/index.html"):
+            file = STATIC_DIR / "index.html"
+        elif path in ("/eventbus.js", "/eventbus.d.ts"):
+            # The very file the gateway serves; served here too so the page loads it from its
+            # own origin (a cross-origin module script would need CORS headers on the gateway).
+            file = _client_dir() / path.lstrip("/")
+        elif path.startswith("/static/"):
+            file = (STATIC_DIR / path.removeprefix("/static/")).resolve()
+            if STATIC_DIR not in file.parents:
+                raise HttpError(404, "not_found", "not found")
+        else:
+            raise HttpError(404, "not_found", f"no such page: {path}")
+        if not file.is_file():
+            raise HttpError(404, "not_found", f"no such file: {path}")
+        kind = (
+            {
+                ".js": "text/javascript; charset=utf-8",
+                ".ts": "text/plain; charset=utf-8",
+                ".css": "text/css; charset=utf-8",
+                ".html": "text/html; charset=utf-8",
+                ".svg": "image/svg+xml",
+            }.get(file.suffix)
+            or mimetypes.guess_type(file.name)[0]
+            or "application/octet-stream"
+        )
+        self._send(200, file.read_bytes(), kind)
+
+    # --- API -----------------------------------------------------------------------------------
+
+    def do_healthz(self) -> None:
+        self._json(200, {"ok": True})
+
+    def do_config(self) -> None:
+        config = self.app.config
+        # The page's own host name: opening it as localhost or as 127.0.0.1 both work.
+        host = (self.headers.get("Host") or config.host).rsplit(":", 1)[0] or "127.0.0.1"
+        self._json(
+            200,
+            {
+                "project_id": config.project_id,
+                "gateway_url": config.gateway_url or f"ws://{host}:{config.gateway_port}/",
+                "poll_url": config.gateway_http_url or f"http://{host}:{config.gateway_port}",
+                "auth": config.auth_secret is not None,
+                "blocker_ttl_seconds": config.blocker_ttl,
+                "max_answer_length": MAX_ANSWER_LENGTH,
+            },
+        )
+
+    def do_token(self) -> None:
+        # A real application checks the user's session here and names only the projects that
+        # user may read. The demo has one anonymous user and one project.
+        config = self.app.config
+        if config.auth_secret is None:
+            return self._json(200, {"token": None, "expires_in": None})
+        token = issue_token(
+            config.auth_secret,
+            projects=[config.project_id],
+            ttl=config.token_ttl,
+            subject="demo-user",
+        )
+        self._json(200, {"token": token, "expires_in": config.token_ttl})
+
+    def do_state(self, project_id: str) -> None:
+        pid = self._project(project_id)
+        store = self.app.store
+        self._json(
+            200,
+            {
+                "project_id": pid,
+                "agents": store.agents(pid),
+                "tasks": store.tasks(pid),
+                "blockers": store.blockers(pid),
+                "activity": store.activity(pid),
+            },
+        )
+
+    def do_list_blockers(self, project_id: str) -> None:
+        pid = self._project(project_id)
+        status = (self.query.get("status") or ["PENDING"])[0].upper()
+        if status not in ("PENDING", "RESOLVED", "EXPIRED", "ALL"):
+            raise HttpError(
+                400, "invalid_status", "status must be PENDING, RESOLVED, EXPIRED or ALL"
+            )
+        blockers = self.app.store.blockers(pid, None if status == "ALL" else status)
+        self._json(200, {"project_id": pid, "status": status, "blockers": blockers})
+
+    def do_create_blocker(self, project_id: str) -> None:
+        pid = self._project(project_id)
+        body = self._body()
+        if not isinstance(body, dict):
+            raise HttpError(400, "invalid_body", "expected a JSON object")
+        blocker = self.app.store.create_blocker(
+            pid,
+            str(body.get("agent_id") or ""),
+            str(body.get("blocker_type") or "ASYNC").upper(),
+            body.get("question"),
+            task_title=body.get("task_title"),
+        )
+        self._json(201, blocker)
+
+    def do_agents(self, project_id: str) -> None:
+        self._json(200, self.app.store.agents(self._project(project_id)))
+
+    def do_tasks(self, project_id: str) -> None:
+        self._json(200, self.app.store.tasks(self._project(project_id)))
+
+    def do_activity(self, project_id: str) -> None:
+        self._json(200, self.app.store.activity(self._project(project_id)))
+
+    def do_get_blocker(self, blocker_id: str) -> None:
+        self._json(200, self.app.store.blocker(int(blocker_id)))
+
+    def do_resolve(self, blocker_id: str) -> None:
+        body = self._body()
+        if not isinstance(body, dict) or "answer" not in body:
+            raise ValidationFailed('expected {"answer": "..."}')
+        self._json(200, self.app.store.resolve_blocker(int(blocker_id), body["answer"]))
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class DemoApp:
+    """The backend with its threads; ``start()`` / ``stop()``, usable in-process by tests."""
+
+    def __init__(self, config: Config, publisher: Publisher | None = None) -> None:
+        self.config = config
+        self.store = Store(config.db)
+        self.store.seed(config.project_id)
+        self.publisher = publisher or Publisher.from_url(config.redis_url)
+        self.relay = OutboxRelay(self.store, self.publisher)
+        self.agents = AgentSimulation(
+            self.store,
+            config.project_id,
+            active=config.agents,
+            resume_delay=config.resume_delay,
+            work_time=config.work_time,
+        )
+        self.sweeper = ExpirySweeper(self.store, config.blocker_ttl, config.sweep_interval)
+        handler = type("BoundHandler", (Handler,), {"app": self})
+        self.httpd = _Server((config.host, config.port), handler)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return self.httpd.server_address[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.host}:{self.port}/"
+
+    def start(self) -> DemoApp:
+        self.relay.start()
+        self.agents.start()
+        self.sweeper.start()
+        self._thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="http", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        for worker in (self.agents, self.sweeper, self.relay):
+            worker.stop()
+        self.publisher.close()
+        self.store.close()
+
+    def wait_published(self, timeout: float = 10.0) -> None:
+        """Block until the outbox is empty (tests)."""
+        deadline = time.monotonic() + timeout
+        while self.store.unpublished_count():
+            if time.monotonic() > deadline:
+                raise TimeoutError("outbox not drained")
+            self.relay.wake()
+            time.sleep(0.02)
+
+    def __enter__(self) -> DemoApp:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def _env(name: str, default: Any = None) -> Any:
+    return os.environ.get(f"EVENTBUS_{name}", default)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The backend's flags (shared with ``examples.dashboard.run``); each has an env variable."""
+    parser.add_argument("--host", default=_env("DASHBOARD_HOST", "127.0.0.1"))
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=int(_env("DASHBOARD_PORT", 8000)),
+        help="HTTP port of the dashboard (0 = any free port)",
+    )
+    parser.add_argument("--project-id", type=int, default=int(_env("DASHBOARD_PROJECT", 1)))
+    parser.add_argument(
+        "--db", default=_env("DASHBOARD_DB", Config.db), help="SQLite file (created if missing)"
+    )
+    parser.add_argument(
+        "--token-ttl",
+        type=float,
+        default=float(_env("DASHBOARD_TOKEN_TTL", 900)),
+        help="lifetime of the gateway tokens minted for the page, seconds",
+    )
+    parser.add_argument(
+        "--blocker-ttl",
+        type=float,
+        default=float(_env("DASHBOARD_BLOCKER_TTL", 24 * 3600)),
+        help="seconds a blocker may stay pending before it expires (default 24 h)",
+    )
+    parser.add_argument(
+        "--sweep-interval",
+        type=float,
+        default=_env("DASHBOARD_SWEEP_INTERVAL"),
+        help="seconds between expiry sweeps (default: blocker TTL / 10, <= 60)",
+    )
+    parser.add_argument(
+        "--no-agents",
+        action="store_true",
+        default=_env("DASHBOARD_NO_AGENTS", "") not in ("", "0"),
+        help="no simulated activity (agents still resume after a resolution)",
+    )
+    parser.add_argument(
+        "--resume-delay",
+        type=float,
+        default=float(_env("DASHBOARD_RESUME_DELAY", 2.0)),
+        help="seconds between a resolution and the agent's agent_resumed",
+    )
+    parser.add_argument(
+        "--work-time",
+        type=float,
+        nargs=2,
+        metavar=("MIN", "MAX"),
+        default=(8.0, 25.0),
+        help="seconds an agent works between actions",
+    )
+
+
+def config_from_args(args: argparse.Namespace, **overrides: Any) -> Config:
+    values = dict(
+        host=args.host,
+        port=args.port,
+        project_id=args.project_id,
+        db=args.db,
+        token_ttl=args.token_ttl,
+        blocker_ttl=args.blocker_ttl,
+        sweep_interval=float(args.sweep_interval) if args.sweep_interval else None,
+        agents=not args.no_agents,
+        resume_delay=args.resume_delay,
+        work_time=tuple(args.work_time),
+    )
+    values.update(overrides)
+    return Config(**values)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m examples.dashboard.server",
+        description="The demo backend alone (Redis and the gateway must already run).",
+    )
+    add_arguments(parser)
+    parser.add_argument("--redis-url", default=_env("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    parser.add_argument(
+        "--auth-secret",
+        default=_env("AUTH_SECRET"),
+        help="the gateway's --auth-secret (omit for a --no-auth gateway)",
+    )
+    parser.add_argument(
+        "--gateway-url",
+        default=_env("DASHBOARD_GATEWAY_URL"),
+        help="WebSocket URL of the gateway for the page",
+    )
+    parser.add_argument("--gateway-port", type=int, default=int(_env("PORT", 8001)))
+    parser.add_argument("--gateway-http-url", default=_env("DASHBOARD_GATEWAY_HTTP_URL"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    config = config_from_args(
+        args,
+        redis_url=args.redis_url,
+        auth_secret=args.auth_secret,
+        gateway_url=args.gateway_url,
+        gateway_port=args.gateway_port,
+        gateway_http_url=args.gateway_http_url,
+    )
+    app = DemoApp(config).start()
+    print(f"dashboard backend on {app.url}", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        app.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

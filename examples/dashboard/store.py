@@ -1,0 +1,547 @@
+"""SQLite persistence of the demo application: agents, tasks, blockers, an activity log, and an
+outbox of events to publish.
+
+Every state change writes its event to the ``outbox`` table in the same transaction as the change
+itself; :class:`examples.dashboard.outbox.OutboxRelay` publishes the outbox in order. So a crash
+between "blocker resolved in the database" and "blocker_resolved published" cannot lose the event,
+and a restart loses nothing: the relay simply carries on with what is left in the outbox.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from schemas.events import (
+    AgentResumed,
+    Blocker,
+    BlockerCreated,
+    BlockerExpired,
+    BlockerResolved,
+    ProjectEvent,
+    encode_event,
+)
+
+__all__ = [
+    "MAX_ANSWER_LENGTH",
+    "MAX_QUESTION_LENGTH",
+    "Conflict",
+    "NotFound",
+    "Store",
+    "ValidationFailed",
+]
+
+MAX_ANSWER_LENGTH = 5000  # the contract's limit (schemas.events.Answer)
+MAX_QUESTION_LENGTH = 2000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS agents (
+    id TEXT PRIMARY KEY,
+    project_id INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    status TEXT NOT NULL,              -- working | blocked | idle
+    task_id INTEGER,
+    next_action_at REAL NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS tasks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    project_id INTEGER NOT NULL,
+    title TEXT NOT NULL,
+    agent_id TEXT,
+    status TEXT NOT NULL,              -- IN_PROGRESS | BLOCKED | DONE | FAILED
+    updated_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS blockers (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    project_id INTEGER NOT NULL,
+    agent_id TEXT NOT NULL,
+    agent_name TEXT NOT NULL,
+    task_id INTEGER NOT NULL,
+    task_title TEXT NOT NULL,
+    blocker_type TEXT NOT NULL,
+    question TEXT NOT NULL,
+    status TEXT NOT NULL,              -- PENDING | RESOLVED | EXPIRED
+    created_at TEXT NOT NULL,
+    created_ts REAL NOT NULL,
+    answer TEXT,
+    resolved_at TEXT,
+    resolved_ts REAL,
+    expired_at TEXT,
+    resumed_at TEXT
+);
+CREATE INDEX IF NOT EXISTS blockers_pending ON blockers (status, created_ts);
+CREATE TABLE IF NOT EXISTS activity (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    project_id INTEGER NOT NULL,
+    key TEXT NOT NULL UNIQUE,          -- "<event type>:<blocker id>", shared with the page
+    kind TEXT NOT NULL,
+    text TEXT NOT NULL,
+    at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    event BLOB NOT NULL,               -- the event's JSON, validated against the contract
+    published_at TEXT
+);
+CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (published_at, id);
+"""
+
+DEFAULT_AGENTS = (
+    ("backend-worker-001", "Backend Worker #1"),
+    ("frontend-worker-001", "Frontend Worker #1"),
+    ("test-worker-001", "Test Worker #1"),
+)
+
+
+class NotFound(LookupError):
+    pass
+
+
+class Conflict(RuntimeError):
+    """The blocker is no longer pending (``status`` says what it became)."""
+
+    def __init__(self, message: str, status: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ValidationFailed(ValueError):
+    pass
+
+
+def _now() -> tuple[datetime, str, float]:
+    moment = datetime.now(UTC)
+    return moment, moment.isoformat().replace("+00:00", "Z"), moment.timestamp()
+
+
+class Store:
+    """One SQLite database used from several threads (HTTP handlers, agents, sweeper, relay).
+
+    A single connection behind a lock keeps it simple: SQLite serialises writers anyway, and the
+    demo's load is a few requests per second.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+            # Idempotency keys of published events embed this id: a fresh database restarting its
+            # outbox ids at 1 must not collide with the keys of an earlier one still in Redis.
+            self._db.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('instance', ?)",
+                (secrets.token_hex(6),),
+            )
+            self.instance = self._db.execute(
+                "SELECT value FROM meta WHERE key = 'instance'"
+            ).fetchone()[0]
+        self.on_outbox: list = []  # callables notified after a commit that added events
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _emit(self, db: sqlite3.Connection, event: ProjectEvent) -> None:
+        # encode_event validates against the contract: an invalid event aborts the transaction.
+        db.execute("INSERT INTO outbox (event) VALUES (?)", (encode_event(event),))
+
+    def _notify(self) -> None:
+        for callback in self.on_outbox:
+            callback()
+
+    def _activity(
+        self, db: sqlite3.Connection, project_id: int, key: str, kind: str, text: str, at: str
+    ) -> None:
+        db.execute(
+            "INSERT OR IGNORE INTO activity (project_id, key, kind, text, at) VALUES (?,?,?,?,?)",
+            (project_id, key, kind, text, at),
+        )
+
+    # --- seeding -------------------------------------------------------------------------------
+
+    def seed(self, project_id: int, agents: tuple[tuple[str, str], ...] = DEFAULT_AGENTS) -> None:
+        """Create the project's agents (idle, no task) unless they exist."""
+        with self._tx() as db:
+            for agent_id, name in agents:
+                db.execute(
+                    "INSERT OR IGNORE INTO agents (id, project_id, name, status) "
+                    "VALUES (?, ?, ?, 'idle')",
+                    (agent_id, project_id, name),
+                )
+
+    # --- reads ---------------------------------------------------------------------------------
+
+    def _blocker_dict(self, row: sqlite3.Row) -> dict[str, Any]:
+        return {
+            "id": row["id"],
+            "project_id": row["project_id"],
+            "agent_id": row["agent_id"],
+            "agent_name": row["agent_name"],
+            "task_id": row["task_id"],
+            "task_title": row["task_title"],
+            "blocker_type": row["blocker_type"],
+            "question": row["question"],
+            "status": row["status"],
+            "created_at": row["created_at"],
+            "answer": row["answer"],
+            "resolved_at": row["resolved_at"],
+            "expired_at": row["expired_at"],
+        }
+
+    def blockers(self, project_id: int, status: str | None = "PENDING") -> list[dict[str, Any]]:
+        """Blockers of a project, SYNC first, then newest first (the BlockerPanel's order)."""
+        query = "SELECT * FROM blockers WHERE project_id = ?"
+        args: list[Any] = [project_id]
+        if status is not None:
+            query += " AND status = ?"
+            args.append(status)
+        query += " ORDER BY blocker_type = 'SYNC' DESC, created_ts DESC, id DESC"
+        with self._lock:
+            return [self._blocker_dict(row) for row in self._db.execute(query, args)]
+
+    def blocker(self, blocker_id: int) -> dict[str, Any]:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM blockers WHERE id = ?", (blocker_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"blocker {blocker_id} not found")
+        return self._blocker_dict(row)
+
+    def agents(self, project_id: int) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT a.id, a.name, a.status, a.task_id, t.title AS task_title FROM agents a "
+                "LEFT JOIN tasks t ON t.id = a.task_id WHERE a.project_id = ? ORDER BY a.id",
+                (project_id,),
+            ).fetchall()
+        return [dict(row) for row in rows]
+
+    def tasks(self, project_id: int, limit: int = 50) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, title, agent_id, status, updated_at FROM tasks WHERE project_id = ? "
+                "ORDER BY id DESC LIMIT ?",
+                (project_id, limit),
+            ).fetchall()
+        return [dict(row) for row in rows]
+
+    def activity(self, project_id: int, limit: int = 50) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT key, kind, text, at FROM activity WHERE project_id = ? "
+                "ORDER BY id DESC LIMIT ?",
+                (project_id, limit),
+            ).fetchall()
+        return [dict(row) for row in rows]
+
+    def agent_rows(self) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute("SELECT * FROM agents ORDER BY id").fetchall()
+
+    # --- tasks ---------------------------------------------------------------------------------
+
+    def start_task(self, agent_id: str, title: str, next_action_at: float) -> int:
+        """Give an agent a new task (IN_PROGRESS) and set when it next does something."""
+        _, stamp, _ = _now()
+        with self._tx() as db:
+            agent = db.execute("SELECT * FROM agents WHERE id = ?", (agent_id,)).fetchone()
+            if agent is None:
+                raise NotFound(f"agent {agent_id} not found")
+            task_id = db.execute(
+                "INSERT INTO tasks (project_id, title, agent_id, status, updated_at) "
+                "VALUES (?, ?, ?, 'IN_PROGRESS', ?)",
+                (agent["project_id"], title, agent_id, stamp),
+            ).lastrowid
+            db.execute(
+                "UPDATE agents SET status = 'working', task_id = ?, next_action_at = ? "
+                "WHERE id = ?",
+                (task_id, next_action_at, agent_id),
+            )
+        return task_id
+
+    def finish_task(self, agent_id: str) -> None:
+        _, stamp, _ = _now()
+        with self._tx() as db:
+            db.execute(
+                "UPDATE tasks SET status = 'DONE', updated_at = ? WHERE id = "
+                "(SELECT task_id FROM agents WHERE id = ?) AND status = 'IN_PROGRESS'",
+                (stamp, agent_id),
+            )
+            db.execute(
+                "UPDATE agents SET status = 'idle', task_id = NULL WHERE id = ?", (agent_id,)
+            )
+
+    def set_next_action(self, agent_id: str, when: float) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE agents SET next_action_at = ? WHERE id = ?", (when, agent_id))
+
+    # --- blockers ------------------------------------------------------------------------------
+
+    def create_blocker(
+        self,
+        project_id: int,
+        agent_id: str,
+        blocker_type: str,
+        question: str,
+        task_title: str | None = None,
+    ) -> dict[str, Any]:
+        """An agent raises a blocker on its current task (a new task when it has none).
+
+        The agent becomes ``blocked``, its task ``BLOCKED``; ``blocker_created`` is published.
+        """
+        if blocker_type not in ("SYNC", "ASYNC"):
+            raise ValidationFailed("blocker_type must be SYNC or ASYNC")
+        if not isinstance(question, str) or not question.strip():
+            raise ValidationFailed("question must be a non-empty string")
+        if len(question) > MAX_QUESTION_LENGTH:
+            raise ValidationFailed(f"question is longer than {MAX_QUESTION_LENGTH} characters")
+        moment, stamp, ts = _now()
+        with self._tx() as db:
+            agent = db.execute(
+                "SELECT * FROM agents WHERE id = ? AND project_id = ?", (agent_id, project_id)
+            ).fetchone()
+            if agent is None:
+                raise NotFound(f"agent {agent_id} not found in project {project_id}")
+            if agent["status"] == "blocked":
+                raise Conflict(f"agent {agent_id} is already blocked", "blocked")
+            task_id = agent["task_id"]
+            if task_id is None or task_title:
+                task_id = db.execute(
+                    "INSERT INTO tasks (project_id, title, agent_id, status, updated_at) "
+                    "VALUES (?, ?, ?, 'IN_PROGRESS', ?)",
+                    (project_id, task_title or "Unnamed task", agent_id, stamp),
+                ).lastrowid
+            task = db.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
+            blocker_id = db.execute(
+                "INSERT INTO blockers (project_id, agent_id, agent_name, task_id, task_title, "
+                "blocker_type, question, status, created_at, created_ts) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, 'PENDING', ?, ?)",
+                (
+                    project_id,
+                    agent_id,
+                    agent["name"],
+                    task_id,
+                    task["title"],
+                    blocker_type,
+                    question,
+                    stamp,
+                    ts,
+                ),
+            ).lastrowid
+            db.execute(
+                "UPDATE tasks SET status = 'BLOCKED', updated_at = ? WHERE id = ?", (stamp, task_id)
+            )
+            db.execute(
+                "UPDATE agents SET status = 'blocked', task_id = ? WHERE id = ?",
+                (task_id, agent_id),
+            )
+            blocker = Blocker(
+                id=blocker_id,
+                agent_id=agent_id,
+                agent_name=agent["name"],
+                task_id=task_id,
+                task_title=task["title"],
+                blocker_type=blocker_type,
+                question=question,
+                status="PENDING",
+                created_at=moment,
+            )
+            self._emit(db, BlockerCreated(project_id=project_id, blocker=blocker))
+            self._activity(
+                db,
+                project_id,
+                f"blocker_created:{blocker_id}",
+                "blocker_created",
+                f"{agent['name']} raised {blocker_type} blocker #{blocker_id}",
+                stamp,
+            )
+        self._notify()
+        return self.blocker(blocker_id)
+
+    def resolve_blocker(self, blocker_id: int, answer: Any) -> dict[str, Any]:
+        """A user answers a pending blocker; ``blocker_resolved`` is published."""
+        if not isinstance(answer, str) or not answer.strip():
+            raise ValidationFailed("answer must be a non-empty string")
+        if len(answer) > MAX_ANSWER_LENGTH:
+            raise ValidationFailed(f"answer is longer than {MAX_ANSWER_LENGTH} characters")
+        moment, stamp, ts = _now()
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM blockers WHERE id = ?", (blocker_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"blocker {blocker_id} not found")
+            if row["status"] != "PENDING":
+                raise Conflict(
+                    f"blocker {blocker_id} is already {row['status'].lower()}", row["status"]
+                )
+            db.execute(
+                "UPDATE blockers SET status = 'RESOLVED', answer = ?, resolved_at = ?, "
+                "resolved_ts = ? WHERE id = ?",
+                (answer, stamp, ts, blocker_id),
+            )
+            self._emit(
+                db,
+                BlockerResolved(
+                    project_id=row["project_id"],
+                    blocker_id=blocker_id,
+                    answer=answer,
+                    resolved_at=moment,
+                ),
+            )
+            self._activity(
+                db,
+                row["project_id"],
+                f"blocker_resolved:{blocker_id}",
+                "blocker_resolved",
+                f"Blocker #{blocker_id} resolved",
+                stamp,
+            )
+        self._notify()
+        return self.blocker(blocker_id)
+
+    def resumable(self, resume_delay: float) -> list[int]:
+        """Resolved blockers whose agent has not resumed yet and waited ``resume_delay``."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id FROM blockers WHERE status = 'RESOLVED' AND resumed_at IS NULL "
+                "AND resolved_ts <= ? ORDER BY id",
+                (time.time() - resume_delay,),
+            ).fetchall()
+        return [row["id"] for row in rows]
+
+    def resume_agent(self, blocker_id: int) -> bool:
+        """The agent of a resolved blocker goes back to work; ``agent_resumed`` is published."""
+        moment, stamp, _ = _now()
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT * FROM blockers WHERE id = ? AND status = 'RESOLVED' "
+                "AND resumed_at IS NULL",
+                (blocker_id,),
+            ).fetchone()
+            if row is None:
+                return False
+            db.execute("UPDATE blockers SET resumed_at = ? WHERE id = ?", (stamp, blocker_id))
+            db.execute(
+                "UPDATE tasks SET status = 'IN_PROGRESS', updated_at = ? WHERE id = ? "
+                "AND status = 'BLOCKED'",
+                (stamp, row["task_id"]),
+            )
+            db.execute(
+                "UPDATE agents SET status = 'working' WHERE id = ? AND task_id = ?",
+                (row["agent_id"], row["task_id"]),
+            )
+            self._emit(
+                db,
+                AgentResumed(
+                    project_id=row["project_id"],
+                    agent_id=row["agent_id"],
+                    task_id=row["task_id"],
+                    blocker_id=blocker_id,
+                    resumed_at=moment,
+                ),
+            )
+            self._activity(
+                db,
+                row["project_id"],
+                f"agent_resumed:{blocker_id}",
+                "agent_resumed",
+                f"{row['agent_name']}: Agent resumed after blocker resolution",
+                stamp,
+            )
+        self._notify()
+        return True
+
+    def expire_due(self, max_age: float) -> list[int]:
+        """Expire blockers pending for more than ``max_age`` seconds: blocker EXPIRED, its task
+        FAILED, its agent idle; ``blocker_expired`` is published for each."""
+        moment, stamp, ts = _now()
+        expired: list[int] = []
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT * FROM blockers WHERE status = 'PENDING' AND created_ts <= ? ORDER BY id",
+                (ts - max_age,),
+            ).fetchall()
+            for row in rows:
+                db.execute(
+                    "UPDATE blockers SET status = 'EXPIRED', expired_at = ? WHERE id = ?",
+                    (stamp, row["id"]),
+                )
+                db.execute(
+                    "UPDATE tasks SET status = 'FAILED', updated_at = ? WHERE id = ?",
+                    (stamp, row["task_id"]),
+                )
+                db.execute(
+                    "UPDATE agents SET status = 'idle', task_id = NULL "
+                    "WHERE id = ? AND task_id = ?",
+                    (row["agent_id"], row["task_id"]),
+                )
+                self._emit(
+                    db,
+                    BlockerExpired(
+                        project_id=row["project_id"],
+                        blocker_id=row["id"],
+                        task_id=row["task_id"],
+                        expired_at=moment,
+                    ),
+                )
+                self._activity(
+                    db,
+                    row["project_id"],
+                    f"blocker_expired:{row['id']}",
+                    "blocker_expired",
+                    f"Blocker #{row['id']} expired - task failed",
+                    stamp,
+                )
+                expired.append(row["id"])
+        if expired:
+            self._notify()
+        return expired
+
+    # --- outbox --------------------------------------------------------------------------------
+
+    def pending_events(self, limit: int = 100) -> list[tuple[int, bytes]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, event FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [(row["id"], bytes(row["event"])) for row in rows]
+
+    def mark_published(self, outbox_id: int) -> None:
+        _, stamp, _ = _now()
+        with self._tx() as db:
+            db.execute("UPDATE outbox SET published_at = ? WHERE id = ?", (stamp, outbox_id))
+
+    def unpublished_count(self) -> int:
+        with self._lock:
+            return self._db.execute(
+                "SELECT count(*) FROM outbox WHERE published_at IS NULL"
+            ).fetchone()[0]
+
+
+def dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()

@@ -1,0 +1,197 @@
+"""The demo's background threads: the outbox relay (publishes events), the simulated agents, and
+the expiry sweeper. Each is a small loop over the database, so a restart picks up exactly where
+the previous process stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+
+from examples.dashboard.store import Conflict, Store
+from publisher import PublishError, PublisherUnavailable
+from schemas.events import decode_event
+
+__all__ = ["AgentSimulation", "ExpirySweeper", "OutboxRelay"]
+
+log = logging.getLogger("examples.dashboard")
+
+
+class _Loop(threading.Thread):
+    """A daemon thread that calls ``step()`` every ``interval`` seconds until stopped."""
+
+    interval = 1.0
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name=name, daemon=True)
+        self._stopping = threading.Event()
+        self._wake = threading.Event()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self.is_alive():
+            self.join(timeout)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                delay = self.step()
+            except Exception:
+                log.exception("%s failed; retrying", self.name)
+                delay = self.interval
+            self._wake.wait(self.interval if delay is None else delay)
+            self._wake.clear()
+
+    def step(self) -> float | None:
+        raise NotImplementedError
+
+
+class OutboxRelay(_Loop):
+    """Publishes the outbox in order through the publisher package.
+
+    Each event carries an idempotency key derived from its outbox row: if the process dies after
+    Redis accepted an event but before the row was marked, the retry publishes nothing twice.
+    While Redis is down it retries with backoff; the order of events is kept because nothing later
+    is published before an earlier event succeeded.
+    """
+
+    interval = 1.0
+
+    def __init__(self, store: Store, publisher) -> None:
+        super().__init__("outbox-relay")
+        self.store = store
+        self.publisher = publisher
+        self._failures = 0
+        store.on_outbox.append(self.wake)
+
+    def step(self) -> float | None:
+        for outbox_id, payload in self.store.pending_events():
+            if self._stopping.is_set():
+                return None
+            event = decode_event(payload)
+            try:
+                self.publisher.publish(
+                    event, idempotency_key=f"dashboard-{self.store.instance}-{outbox_id}"
+                )
+            except PublisherUnavailable as exc:
+                self._failures += 1
+                delay = min(10.0, 0.25 * 2 ** min(self._failures, 6))
+                log.warning("Redis unavailable (%s); retrying the outbox in %.1f s", exc, delay)
+                return delay
+            except PublishError:
+                log.exception("publishing outbox event %s failed; retrying", outbox_id)
+                return 2.0
+            self._failures = 0
+            self.store.mark_published(outbox_id)
+        return None
+
+
+_TASKS = (
+    "Implement authentication",
+    "Add rate limiting to the public API",
+    "Migrate sessions table to Postgres",
+    "Build the billing page",
+    "Write end-to-end tests for checkout",
+    "Set up structured logging",
+    "Design the notification settings screen",
+    "Cache product search results",
+    "Add CSV export to reports",
+    "Harden file upload validation",
+)
+_QUESTIONS = (
+    "Should we use JWT or sessions?",
+    "Which error format should the API return: RFC 7807 or our own?",
+    "Is it fine to drop support for IE11 in this component?",
+    "Should retries be idempotent by request id or by payload hash?",
+    "Which time zone should reports use by default?",
+    "Can I add a new dependency (pydantic) for validation?",
+    "Do we keep soft-deleted rows forever or purge after 30 days?",
+    "Should the export include archived projects?",
+    "What is the maximum upload size we want to allow?",
+    "Which feature flag service should this use?",
+)
+
+
+class AgentSimulation(_Loop):
+    """Simulated agents: they resume shortly after their blocker is resolved and, when
+    ``active``, work on tasks and raise SYNC and ASYNC blockers now and then.
+
+    Resuming always runs (also with ``active=False``), because that is the agent's reaction to a
+    resolution, which tests exercise without the random activity.
+    """
+
+    interval = 0.2
+
+    def __init__(
+        self,
+        store: Store,
+        project_id: int,
+        *,
+        active: bool = True,
+        resume_delay: float = 2.0,
+        work_time: tuple[float, float] = (8.0, 25.0),
+        sync_ratio: float = 0.4,
+        max_pending: int = 6,
+        rng: random.Random | None = None,
+    ) -> None:
+        super().__init__("agents")
+        self.store = store
+        self.project_id = project_id
+        self.active = active
+        self.resume_delay = resume_delay
+        self.work_time = work_time
+        self.sync_ratio = sync_ratio
+        self.max_pending = max_pending
+        self.rng = rng or random.Random()
+
+    def _later(self) -> float:
+        return time.time() + self.rng.uniform(*self.work_time)
+
+    def step(self) -> float | None:
+        for blocker_id in self.store.resumable(self.resume_delay):
+            self.store.resume_agent(blocker_id)
+        if not self.active:
+            return None
+        now = time.time()
+        for agent in self.store.agent_rows():
+            if agent["project_id"] != self.project_id or agent["next_action_at"] > now:
+                continue
+            if agent["status"] == "idle":
+                self.store.start_task(agent["id"], self.rng.choice(_TASKS), self._later())
+            elif agent["status"] == "working":
+                pending = len(self.store.blockers(self.project_id))
+                if pending < self.max_pending and self.rng.random() < 0.75:
+                    kind = "SYNC" if self.rng.random() < self.sync_ratio else "ASYNC"
+                    try:
+                        self.store.create_blocker(
+                            self.project_id, agent["id"], kind, self.rng.choice(_QUESTIONS)
+                        )
+                    except Conflict:
+                        pass
+                    self.store.set_next_action(agent["id"], self._later())
+                else:
+                    self.store.finish_task(agent["id"])
+                    self.store.set_next_action(agent["id"], now + self.rng.uniform(1.0, 4.0))
+        return None
+
+
+class ExpirySweeper(_Loop):
+    """Expires blockers pending longer than ``max_age`` seconds (24 h by default)."""
+
+    def __init__(self, store: Store, max_age: float, interval: float | None = None) -> None:
+        super().__init__("expiry-sweeper")
+        self.store = store
+        self.max_age = max_age
+        # Checking a few times per lifetime keeps the lateness of an expiry small relative to it.
+        self.interval = interval if interval is not None else max(0.2, min(60.0, max_age / 10))
+
+    def step(self) -> float | None:
+        for blocker_id in self.store.expire_due(self.max_age):
+            log.info("blocker %s expired", blocker_id)
+        return None
