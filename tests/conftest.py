@@ -43,3 +43,37 @@ def fake_redis():
     client = fakeredis.FakeRedis()
     yield client
     client.close()
+
+
+@pytest.fixture
+async def publisher(redis_url):
+    """An AsyncPublisher on the clean private Redis."""
+    from publisher import AsyncPublisher
+
+    pub = AsyncPublisher.from_url(redis_url)
+    yield pub
+    await pub.aclose()
+
+
+@pytest.fixture
+async def gateways(redis_url):
+    """Start in-process gateways on free ports (``await gateways(**config overrides)``); all are
+    drained at the end of the test."""
+    from gateway.config import GatewayConfig
+    from gateway.server import Gateway
+    from tests.support.gateway_client import SECRET
+
+    started: list[Gateway] = []
+
+    async def start(**overrides) -> Gateway:
+        settings = {"redis_url": redis_url, "port": 0, "auth_secret": SECRET, "drain_timeout": 2}
+        settings.update(overrides)
+        gateway = Gateway(GatewayConfig(**settings))
+        await gateway.start()
+        started.append(gateway)
+        return gateway
+
+    yield start
+    for gateway in started:
+        if not gateway.draining:
+            await gateway.drain()

@@ -16,58 +16,18 @@ import time
 import pytest
 import redis.asyncio
 
-from gateway.config import GatewayConfig
-from gateway.server import Gateway
-from publisher import AsyncPublisher, issue_token
+from publisher import issue_token
 from publisher.core import Retention, prepare_single
 from schemas.events import BlockerResolved, utc_now
 from schemas.keys import Keys
-from tests.support.gateway_client import RecordingClient
-
-SECRET = "gateway-test-secret-0123456789abcdef"
-
-
-def event(project_id: int, n: int = 1) -> BlockerResolved:
-    return BlockerResolved(project_id=project_id, blocker_id=n, answer="ok", resolved_at=utc_now())
-
-
-@pytest.fixture
-async def publisher(redis_url):
-    pub = AsyncPublisher.from_url(redis_url)
-    yield pub
-    await pub.aclose()
-
-
-@pytest.fixture
-async def gateways(redis_url):
-    started: list[Gateway] = []
-
-    async def start(**overrides) -> Gateway:
-        settings = {"redis_url": redis_url, "port": 0, "auth_secret": SECRET, "drain_timeout": 2}
-        settings.update(overrides)
-        gateway = Gateway(GatewayConfig(**settings))
-        await gateway.start()
-        started.append(gateway)
-        return gateway
-
-    yield start
-    for gateway in started:
-        if not gateway.draining:
-            await gateway.drain()
-
-
-def ws_url(gateway: Gateway) -> str:
-    return f"ws://127.0.0.1:{gateway.port}/"
-
-
-async def client_for(gateway: Gateway, projects="*", **kwargs) -> RecordingClient:
-    token = issue_token(SECRET, projects, ttl=300)
-    return await RecordingClient(ws_url(gateway), token=token, **kwargs).connect()
-
-
-async def publish(publisher: AsyncPublisher, project_id: int, count: int) -> None:
-    await publisher.publish_many(event(project_id, n + 1) for n in range(count))
-
+from tests.support.gateway_client import (
+    SECRET,
+    RecordingClient,
+    client_for,
+    event,
+    publish,
+    ws_url,
+)
 
 # --- delivery guarantees ---------------------------------------------------------------------
 

@@ -128,3 +128,30 @@ class RecordingClient:
         if self._reader is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
+
+
+# --- helpers shared by the gateway tests -----------------------------------------------------
+
+SECRET = "gateway-test-secret-0123456789abcdef"
+
+
+def event(project_id: int, n: int = 1):
+    from schemas.events import BlockerResolved, utc_now
+
+    return BlockerResolved(project_id=project_id, blocker_id=n, answer="ok", resolved_at=utc_now())
+
+
+def ws_url(gateway) -> str:
+    return f"ws://127.0.0.1:{gateway.port}/"
+
+
+async def client_for(gateway, projects="*", **kwargs) -> RecordingClient:
+    """A connected, authenticated client of an in-process gateway."""
+    from publisher import issue_token
+
+    token = issue_token(SECRET, projects, ttl=300)
+    return await RecordingClient(ws_url(gateway), token=token, **kwargs).connect()
+
+
+async def publish(publisher, project_id: int, count: int) -> None:
+    await publisher.publish_many(event(project_id, n + 1) for n in range(count))

@@ -1,0 +1,184 @@
+"""HTTP on the gateway's port: health, readiness, metrics, the browser client, polling."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from publisher import issue_token
+from tests.support.gateway_client import SECRET, publish
+from tests.support.redis_server import RedisServer
+
+
+async def request(port: int, path: str, *, method: str = "GET", headers: dict | None = None
+                  ) -> tuple[int, dict[str, str], bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    lines = [f"{method} {path} HTTP/1.1", "Host: localhost", "Connection: close"]
+    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+    await writer.drain()
+    raw = await reader.read()
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode().split("\r\n")
+    parsed = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        parsed[name.strip().lower()] = value.strip()
+    return int(status_line.split()[1]), parsed, body
+
+
+def bearer(projects) -> dict[str, str]:
+    return {"Authorization": f"Bearer {issue_token(SECRET, projects)}"}
+
+
+async def test_healthz_and_readyz(gateways):
+    gateway = await gateways()
+    status, _, body = await request(gateway.port, "/healthz")
+    assert status == 200 and json.loads(body) == {"status": "ok"}
+    status, _, body = await request(gateway.port, "/readyz")
+    assert status == 200
+    assert json.loads(body) == {
+        "ready": True,
+        "checks": {"redis": True, "pubsub": True, "not_draining": True},
+    }
+
+
+async def test_readyz_fails_while_redis_is_down_and_recovers():
+    from gateway.config import GatewayConfig
+    from gateway.server import Gateway
+
+    with RedisServer() as server:
+        gateway = Gateway(GatewayConfig(redis_url=server.url, port=0, no_auth=True,
+                                        probe_interval=0.2, probe_timeout=0.2))
+        await gateway.start()
+        try:
+            server.kill()
+            status, _, body = await request(gateway.port, "/readyz")
+            assert status == 503 and json.loads(body)["checks"]["redis"] is False
+            server.start()
+            async with asyncio.timeout(15):
+                while (await request(gateway.port, "/readyz"))[0] != 200:  # noqa: ASYNC110 - an HTTP poll
+                    await asyncio.sleep(0.1)
+        finally:
+            await gateway.drain()
+
+
+async def test_metrics_are_prometheus_text(gateways, publisher):
+    gateway = await gateways()
+    await publish(publisher, 1, 3)
+    status, headers, body = await request(gateway.port, "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    text = body.decode()
+    for name in (
+        "eventbus_connections",
+        "eventbus_subscriptions",
+        "eventbus_events_in_total",
+        "eventbus_deliveries_total",
+        "eventbus_replayed_total",
+        "eventbus_resyncs_total",
+        "eventbus_slow_consumer_disconnects_total",
+        "eventbus_pubsub_reconnects_total",
+        "eventbus_gaps_repaired_total",
+        "eventbus_relay_lag_seconds_bucket",
+    ):
+        assert f"\n{name}" in "\n" + text, name
+    for line in text.splitlines():
+        assert line.startswith("#") or len(line.split()) == 2, line
+
+
+async def test_serves_the_browser_client(gateways):
+    gateway = await gateways()
+    status, headers, body = await request(gateway.port, "/eventbus.js")
+    assert status == 200 and headers["content-type"].startswith("text/javascript")
+    assert b"export" in body
+    status, _, _ = await request(gateway.port, "/eventbus.d.ts")
+    assert status == 200
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [("GET", "/nope", 404), ("DELETE", "/healthz", 405), ("POST", "/v1/projects/1/events", 405)],
+)
+async def test_unknown_routes_and_methods(gateways, method, path, status):
+    gateway = await gateways()
+    got, headers, body = await request(gateway.port, path, method=method)
+    assert got == status and headers["content-type"] == "application/json"
+    assert "error" in json.loads(body)
+
+
+async def test_polling_pages_through_events_after_a_cursor(gateways, publisher):
+    gateway = await gateways()
+    await publish(publisher, 2, 25)
+    status, _, body = await request(gateway.port, "/v1/projects/2/events", headers=bearer([2]))
+    assert status == 200
+    start = json.loads(body)
+    assert start["seq"] == 25 and start["events"] == [] and start["resync_required"] is None
+    epoch, after, seen = start["epoch"], 0, []
+    while True:
+        status, _, body = await request(
+            gateway.port, f"/v1/projects/2/events?epoch={epoch}&after={after}&limit=10",
+            headers=bearer([2]),
+        )
+        page = json.loads(body)
+        seen += [e["seq"] for e in page["events"]]
+        after = page["events"][-1]["seq"] if page["events"] else after
+        if not page["more"]:
+            break
+    assert seen == list(range(1, 26))
+    assert page["events"][0]["type"] == "blocker_resolved"
+
+
+async def test_polling_with_a_foreign_epoch_says_resync(gateways, publisher):
+    gateway = await gateways()
+    await publish(publisher, 3, 2)
+    status, _, body = await request(
+        gateway.port, "/v1/projects/3/events?epoch=old&after=1", headers=bearer([3])
+    )
+    page = json.loads(body)
+    assert status == 200 and page["events"] == []
+    assert page["resync_required"]["reason"] == "epoch_changed"
+    assert page["resync_required"]["seq"] == 2
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "status", "error"),
+    [
+        ("/v1/projects/4/events", {}, 401, "missing_token"),
+        ("/v1/projects/4/events", {"Authorization": "Bearer nope"}, 401, "invalid_token"),
+        ("/v1/projects/4/events", {"Authorization": "Basic abc"}, 401, "missing_token"),
+        ("/v1/projects/4/events", "other-project", 403, "forbidden"),
+        ("/v1/projects/x/events", "ok", 400, "invalid_project"),
+        ("/v1/projects/0/events", "ok", 400, "invalid_project"),
+        ("/v1/projects/4/events?after=3", "ok", 400, "invalid_query"),
+        ("/v1/projects/4/events?epoch=e&after=-1", "ok", 400, "invalid_query"),
+        ("/v1/projects/4/events?limit=5000", "ok", 400, "invalid_query"),
+        ("/v1/projects/4/events?bogus=1", "ok", 400, "invalid_query"),
+    ],
+)
+async def test_polling_rejects_bad_requests_clearly(gateways, path, headers, status, error):
+    gateway = await gateways()
+    if headers == "ok":
+        headers = bearer([0 + 4] if "/4/" in path else "*")
+    elif headers == "other-project":
+        headers = bearer([5])
+    got, _, body = await request(gateway.port, path, headers=headers)
+    assert got == status
+    assert json.loads(body)["error"] == error
+
+
+async def test_cors_preflight_for_polling(gateways):
+    gateway = await gateways(allowed_origins=["https://dash.example"])
+    status, headers, _ = await request(
+        gateway.port, "/v1/projects/1/events", method="OPTIONS",
+        headers={"Origin": "https://dash.example", "Access-Control-Request-Method": "GET",
+                 "Access-Control-Request-Headers": "authorization"},
+    )
+    assert status == 204
+    assert headers["access-control-allow-origin"] == "https://dash.example"
+    assert "authorization" in headers["access-control-allow-headers"].lower()
+    status, _, _ = await request(gateway.port, "/v1/projects/1/events", method="OPTIONS",
+                                 headers={"Origin": "https://evil.example"})
+    assert status == 403
