@@ -76,6 +76,14 @@ class GatewayConfig(msgspec.Struct, kw_only=True, frozen=True):
     subscribe_timeout: Annotated[
         float, _doc("Seconds a subscribe may wait for Redis before an 'unavailable' error.", gt=0)
     ] = 5.0
+    drain_delay: Annotated[
+        float,
+        _doc(
+            "Seconds to keep answering (readiness 503, new clients refused) after SIGTERM "
+            "before closing clients, so load balancers stop routing here first.",
+            ge=0,
+        ),
+    ] = 0.0
     drain_timeout: Annotated[
         float, _doc("Seconds to close every client after SIGTERM before exiting.", gt=0)
     ] = 20.0

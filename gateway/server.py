@@ -411,6 +411,8 @@ class Gateway:
         config = self.config
         started = time.monotonic()
         log.info("draining", connections=len(self.sessions), timeout=config.drain_timeout)
+        if config.drain_delay:
+            await asyncio.sleep(config.drain_delay)
         if self.server is not None:
             self.server.close(close_connections=False)
         sessions = list(self.sessions)

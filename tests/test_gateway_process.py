@@ -1,0 +1,157 @@
+"""The gateway as a real process: CLI, JSON logs, SIGTERM drain, and random input."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.support.gateway_client import SECRET, RecordingClient, client_for, publish
+from tests.support.redis_server import free_port
+from tests.test_gateway_http import request
+
+
+async def wait_ready(port: int, process: subprocess.Popen, within: float = 15) -> None:
+    deadline = time.monotonic() + within
+    while True:
+        assert process.poll() is None, process.stderr.read().decode()
+        try:
+            if (await request(port, "/readyz"))[0] == 200:
+                return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "gateway did not become ready"
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+def gateway_process(redis_url):
+    processes = []
+
+    def start(*args: str) -> tuple[subprocess.Popen, int]:
+        port = free_port()
+        env = {**os.environ, "EVENTBUS_REDIS_URL": redis_url, "EVENTBUS_AUTH_SECRET": SECRET}
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "--port", str(port), "--log-format", "json", *args],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        processes.append(process)
+        return process, port
+
+    yield start
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+        process.wait(10)
+
+
+async def test_sigterm_drains_readiness_first_then_closes_clients_with_1012(
+    gateway_process, publisher
+):
+    process, port = gateway_process("--drain-delay", "0.5", "--drain-timeout", "5")
+    await wait_ready(port, process)
+    url = f"ws://127.0.0.1:{port}/"
+    from publisher import issue_token
+
+    clients = [
+        await RecordingClient(url, token=issue_token(SECRET, [1])).connect() for _ in range(5)
+    ]
+    for client in clients:
+        await client.subscribe(1)
+    await publish(publisher, 1, 3)
+    for client in clients:
+        await client.wait_for(lambda c=client: c.seqs(1) == [1, 2, 3])
+    started = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    async with asyncio.timeout(5):
+        while (await request(port, "/readyz"))[0] != 503:  # noqa: ASYNC110 - an HTTP poll
+            await asyncio.sleep(0.02)
+    for client in clients:
+        await asyncio.wait_for(client.closed.wait(), 10)
+        assert client.close_code == 1012
+    assert await asyncio.to_thread(process.wait, 10) == 0
+    assert time.monotonic() - started < 6
+    logs = [json.loads(line) for line in process.stderr.read().decode().splitlines() if line]
+    events = [entry["event"] for entry in logs]
+    assert "gateway listening" in events and "draining" in events and "drained" in events
+    assert all("timestamp" in entry and "level" in entry for entry in logs)
+
+
+def test_bad_configuration_exits_2_with_a_clear_message():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTBUS_")}
+    result = subprocess.run([sys.executable, "-m", "gateway"], env=env, capture_output=True,
+                            timeout=30)
+    assert result.returncode == 2
+    assert b"auth secret is required" in result.stderr and b"Traceback" not in result.stderr
+    result = subprocess.run([sys.executable, "-m", "gateway", "--no-auth", "--port", "x"],
+                            env=env, capture_output=True, timeout=30)
+    assert result.returncode == 2 and b"port" in result.stderr
+
+
+def test_development_mode_warns_loudly(gateway_process):
+    process, port = gateway_process("--no-auth")
+    asyncio.run(wait_ready(port, process))
+    process.send_signal(signal.SIGTERM)
+    process.wait(10)
+    stderr = process.stderr.read().decode()
+    assert "DEVELOPMENT MODE: authentication is disabled" in stderr
+
+
+def random_frames(rng: random.Random, count: int) -> list[str | bytes]:
+    """Frames a buggy or hostile client might send."""
+    values = [None, True, -1, 0, 1, 2**63, 1.5, "", "x" * 300, [], {}, {"a": 1}, "subscribe"]
+    kinds = ["auth", "subscribe", "unsubscribe", "ping", "pong", "", None, 7]
+    frames: list[str | bytes] = []
+    for _ in range(count):
+        shape = rng.random()
+        if shape < 0.25:
+            frames.append(bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 64))))
+        elif shape < 0.35:
+            frames.append(rng.choice(["", "{", "}", "null", "[]", '{"type":', "\x00", "💥"]))
+        else:
+            message = {"type": rng.choice(kinds)}
+            for field in rng.sample(["project_id", "epoch", "after", "token", "extra"],
+                                    rng.randint(0, 4)):
+                message[field] = rng.choice(values)
+            frames.append(json.dumps(message))
+    return frames
+
+
+async def test_random_frames_never_break_the_gateway_or_other_clients(gateways, publisher):
+    gateway = await gateways()
+    bystander = await client_for(gateway, [2])
+    await bystander.subscribe(2)
+    rng = random.Random(1234)
+    fuzzer = await client_for(gateway, [1])
+    for index, frame in enumerate(random_frames(rng, 400)):
+        if fuzzer.closed.is_set():  # 4009 after ten bad frames in a row: come back
+            assert fuzzer.close_code == 4009
+            await fuzzer.connect()
+        try:
+            await fuzzer.send(frame)
+        except Exception:
+            await asyncio.wait_for(fuzzer.closed.wait(), 5)
+        if index % 5 == 4 and not fuzzer.closed.is_set():
+            pongs = fuzzer.count("pong")
+            await fuzzer.send({"type": "ping"})
+            await fuzzer.wait_for(
+                lambda n=pongs: fuzzer.count("pong") > n or fuzzer.closed.is_set()
+            )
+    for message in fuzzer.messages:
+        if message["type"] == "error":
+            assert message["code"] in {
+                "invalid_json", "invalid_message", "unknown_type", "invalid_cursor", "forbidden",
+                "not_subscribed", "invalid_token", "too_many_subscriptions",
+            }
+    assert not any(m.get("project_id") == 2 for m in fuzzer.messages if "seq" in m)
+    await publish(publisher, 2, 3)
+    await bystander.wait_for(lambda: bystander.seqs(2) == [1, 2, 3])
+    await bystander.close()
+    await fuzzer.close()
