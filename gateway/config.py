@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
 
 import msgspec
 from msgspec import Meta
@@ -116,14 +116,18 @@ class ConfigError(ValueError):
 
 def _fields() -> list[tuple[str, Any, str, Any]]:
     info = msgspec.inspect.type_info(GatewayConfig)
+    all_hints = get_type_hints(GatewayConfig, include_extras=True)
     out = []
     for field in info.fields:
-        hints = GatewayConfig.__annotations__[field.name]
+        hints = all_hints[field.name]
         description = ""
         for meta in get_args(hints)[1:] if get_origin(hints) is Annotated else ():
             if isinstance(meta, Meta) and meta.description:
                 description = meta.description
-        out.append((field.name, field.type, description, field.default))
+        default = field.default
+        if default is msgspec.NODEFAULT and field.default_factory is not msgspec.NODEFAULT:
+            default = field.default_factory()
+        out.append((field.name, field.type, description, default))
     return out
 
 
@@ -195,3 +199,16 @@ def load_config(
         return msgspec.convert(values, GatewayConfig, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"invalid configuration: {exc}") from None
+
+
+def markdown_table() -> str:
+    """The configuration reference as a Markdown table (it is pasted into the README)."""
+    rows = ["| flag | environment variable | default | meaning |", "| --- | --- | --- | --- |"]
+    for name, _, description, default in _fields():
+        shown = ",".join(default) if isinstance(default, list) else default
+        shown = "" if shown is None else shown
+        rows.append(
+            f"| `--{name.replace('_', '-')}` | `{ENV_PREFIX}{name.upper()}` | `{shown}` "
+            f"| {description} |"
+        )
+    return "\n".join(rows)
