@@ -1,0 +1,390 @@
+"""``python -m publisher`` / ``eventbus-publish``: publish events, read history, mint tokens.
+
+For operators and for trying the gateway by hand::
+
+    eventbus-publish publish '{"type":"blocker_resolved","project_id":1,"blocker_id":123,
+                               "answer":"Use JWT","resolved_at":"2025-11-08T12:45:30Z"}'
+    cat events.jsonl | eventbus-publish publish          # one event per line, or a JSON array
+    eventbus-publish history 1 --after 40 --limit 20
+    eventbus-publish token --project 1 --project 2 --ttl 900 --subject user-7
+
+``--redis-url`` defaults to ``$EVENTBUS_REDIS_URL`` (else ``redis://127.0.0.1:6379/0``),
+``--prefix`` to ``$EVENTBUS_PREFIX`` (else ``eventbus``), ``token --secret`` to
+``$EVENTBUS_AUTH_SECRET`` (the gateway's variable; prefer it to the flag, which other users of the
+machine can read in the process list).
+
+Exit codes: 0 success, 1 Redis answered with an error, 2 usage or validation error (nothing was
+published), 3 Redis unavailable, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from typing import NoReturn, TextIO
+
+import msgspec
+import redis
+import redis.exceptions
+
+from publisher.client import Publisher
+from publisher.connection import sync_client
+from publisher.core import PublishError, PublisherUnavailable
+from schemas.events import EventValidationError, ProjectEvent, decode_event
+from schemas.keys import DEFAULT_PREFIX, Keys, stream_entry_seq
+from schemas.tokens import issue_token
+
+__all__ = ["main"]
+
+PROG = "eventbus-publish"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+EXIT_OK = 0
+EXIT_REDIS_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+EXIT_INTERRUPTED = 130
+MAX_HISTORY_LIMIT = 10_000
+_REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+
+
+class CliError(Exception):
+    """Reported as ``eventbus-publish: error: <message>`` with ``exit_code``; never a traceback."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # argparse's own message and exit code 2, plus the usage of the subcommand at fault.
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _limit(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_HISTORY_LIMIT:
+        raise argparse.ArgumentTypeError(f"at most {MAX_HISTORY_LIMIT}, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for documentation and tests)."""
+
+    # Connection options are accepted before or after the subcommand. On the subcommands they
+    # default to SUPPRESS, so they only override the top-level value when actually given.
+    def connection_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+        group = parser.add_argument_group("connection")
+        group.add_argument(
+            "--redis-url",
+            default=(
+                os.environ.get("EVENTBUS_REDIS_URL", DEFAULT_REDIS_URL)
+                if top
+                else argparse.SUPPRESS
+            ),
+            help="redis://, rediss://, unix:// or redis+cluster:// URL "
+            f"(default: $EVENTBUS_REDIS_URL or {DEFAULT_REDIS_URL})",
+        )
+        group.add_argument(
+            "--prefix",
+            default=os.environ.get("EVENTBUS_PREFIX", DEFAULT_PREFIX) if top else argparse.SUPPRESS,
+            help="key prefix shared with the gateway (default: $EVENTBUS_PREFIX or eventbus)",
+        )
+
+    parser = _Parser(
+        prog=PROG,
+        description="Publish event-bus events, read a project's history, mint browser tokens.",
+        epilog="Exit codes: 0 ok, 1 Redis error, 2 usage/validation error (nothing published), "
+        "3 Redis unavailable.",
+    )
+    connection_options(parser, top=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    publish = commands.add_parser(
+        "publish",
+        help="validate and publish events; prints one cursor per event",
+        description="Validate and publish events. EVENT is one event as JSON; without it (or "
+        "with '-') events are read from stdin: one JSON object, a JSON array, or one object per "
+        "line. Every event is validated before anything is published. Prints one cursor per "
+        'event: {"project_id":1,"epoch":"...","seq":42}.',
+    )
+    publish.add_argument("event", nargs="?", default="-", metavar="EVENT")
+    publish.add_argument(
+        "--idempotency-key",
+        help="publish at most once per key within the idempotency window (10 min); a retry "
+        "prints the first publish's cursor (one event only)",
+    )
+    connection_options(publish, top=False)
+
+    history = commands.add_parser(
+        "history",
+        help="print a project's cursor and the stored frames after a sequence number",
+        description="Print a JSON header (project_id, epoch, seq = top, oldest stored seq, "
+        "count, more, trimmed) and then the stored frames with seq > AFTER, one per line, "
+        "oldest first. Read-only.",
+    )
+    history.add_argument("project_id", type=_positive_int, metavar="PROJECT_ID")
+    history.add_argument(
+        "--after", type=_non_negative_int, default=0, help="last seq already seen (default 0)"
+    )
+    history.add_argument(
+        "--limit",
+        type=_limit,
+        default=100,
+        help=f"maximum frames to print, 1-{MAX_HISTORY_LIMIT} (default 100)",
+    )
+    connection_options(history, top=False)
+
+    token = commands.add_parser(
+        "token",
+        help="mint a short-lived browser token for some projects",
+        description="Mint a JWT (HS256) the gateway accepts, naming the projects it may read.",
+    )
+    token.add_argument(
+        "--secret",
+        default=os.environ.get("EVENTBUS_AUTH_SECRET"),
+        help="signing secret shared with the gateway (default: $EVENTBUS_AUTH_SECRET)",
+    )
+    projects = token.add_mutually_exclusive_group(required=True)
+    projects.add_argument(
+        "--project",
+        dest="projects",
+        type=_positive_int,
+        action="append",
+        metavar="ID",
+        help="a project the token may read (repeat for several)",
+    )
+    projects.add_argument(
+        "--all-projects", action="store_true", help="every project (trusted tools only)"
+    )
+    token.add_argument(
+        "--ttl", type=_seconds, default=900.0, help="lifetime in seconds (default 900)"
+    )
+    token.add_argument("--subject", help="who the token is for (the JWT 'sub')")
+    return parser
+
+
+# --- publish ----------------------------------------------------------------------------------
+
+
+def _read_events(source: str, stdin: TextIO) -> list[ProjectEvent]:
+    """Parse and validate every event first, so that one bad line publishes nothing."""
+    if source == "-":
+        if stdin.isatty():
+            raise CliError("give an EVENT as JSON, or pipe events on stdin")
+        text = stdin.read()
+    else:
+        text = source
+    if not text.strip():
+        raise CliError("no event given (empty input)")
+    try:
+        document = msgspec.json.decode(text)
+    except msgspec.DecodeError:
+        document = None  # not one JSON document: JSON lines, parsed below
+    if isinstance(document, dict):
+        return [_validate(msgspec.json.encode(document), "event")]
+    if isinstance(document, list):
+        if not document:
+            raise CliError("no event given (empty array)")
+        return [
+            _validate(msgspec.json.encode(item), f"event {i}") for i, item in enumerate(document, 1)
+        ]
+    if document is not None:
+        raise CliError(f"invalid event: expected a JSON object, got {type(document).__name__}")
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    return [_validate(line, f"line {n}") for n, line in lines]
+
+
+def _validate(data: bytes | str, where: str) -> ProjectEvent:
+    try:
+        return decode_event(data)
+    except EventValidationError as exc:
+        raise CliError(f"invalid {where}: {exc}") from None
+
+
+def _publish(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
+    events = _read_events(args.event, stdin)
+    if args.idempotency_key is not None and len(events) != 1:
+        raise CliError("--idempotency-key needs exactly one event")
+    with _publisher(args) as publisher:
+        try:
+            if len(events) == 1:
+                cursors = [publisher.publish(events[0], idempotency_key=args.idempotency_key)]
+            else:
+                cursors = publisher.publish_many(events)
+        except ValueError as exc:  # e.g. a malformed idempotency key: raised before any I/O
+            raise CliError(str(exc)) from None
+    for event, cursor in zip(events, cursors, strict=True):
+        stdout.write(
+            msgspec.json.encode(
+                {"project_id": event.project_id, "epoch": cursor.epoch, "seq": cursor.seq}
+            ).decode()
+            + "\n"
+        )
+    return EXIT_OK
+
+
+def _publisher(args: argparse.Namespace) -> Publisher:
+    try:
+        return Publisher.from_url(args.redis_url, prefix=args.prefix)
+    except ValueError as exc:  # bad URL or prefix
+        raise CliError(str(exc)) from None
+
+
+# --- history ----------------------------------------------------------------------------------
+
+
+def _history(args: argparse.Namespace, stdout: TextIO) -> int:
+    try:
+        keys = Keys(args.prefix)
+        client = sync_client(args.redis_url)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    try:
+        # One MULTI: the cursor and the entries are read at the same instant. Read-only: unlike
+        # the gateway's snapshot script, this never creates an epoch for an unknown project.
+        with client.pipeline(transaction=True) as pipe:
+            pipe.hmget(keys.meta(args.project_id), ["epoch", "seq"])
+            pipe.xrange(keys.stream(args.project_id), "-", "+", count=1)
+            pipe.xrange(
+                keys.stream(args.project_id), f"{args.after + 1}-0", "+", count=args.limit + 1
+            )
+            (epoch, top), oldest, entries = pipe.execute()
+    finally:
+        client.close()
+    more = len(entries) > args.limit
+    entries = entries[: args.limit]
+    oldest_seq = stream_entry_seq(oldest[0][0]) if oldest else None
+    top_seq = int(top) if top is not None else 0
+    header = {
+        "project_id": args.project_id,
+        "epoch": epoch.decode() if epoch is not None else None,
+        "seq": top_seq,
+        "oldest": oldest_seq,
+        "after": args.after,
+        "count": len(entries),
+        "more": more,
+        # Events after the cursor that retention already dropped: a gateway would answer this
+        # cursor with resync_required (history_trimmed).
+        "trimmed": args.after < top_seq and (oldest_seq is None or oldest_seq > args.after + 1),
+    }
+    stdout.write(msgspec.json.encode(header).decode() + "\n")
+    for _entry_id, fields in entries:
+        stdout.write(fields[b"f"].decode() + "\n")
+    return EXIT_OK
+
+
+# --- token ------------------------------------------------------------------------------------
+
+
+def _token(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
+    if not args.secret:
+        raise CliError("a secret is required: --secret or $EVENTBUS_AUTH_SECRET")
+    projects = "*" if args.all_projects else args.projects
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            token = issue_token(args.secret, projects, ttl=args.ttl, subject=args.subject)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+    for warning in caught:  # e.g. PyJWT's InsecureKeyLengthWarning for a short secret
+        stderr.write(f"{PROG}: warning: {warning.message}\n")
+    stdout.write(token + "\n")
+    return EXIT_OK
+
+
+# --- entry point ------------------------------------------------------------------------------
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    stdin: TextIO | None = None,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+) -> int:
+    """Run the CLI; returns the exit code (``sys.exit(main())``)."""
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "publish":
+            return _publish(args, stdin, stdout)
+        if args.command == "history":
+            return _history(args, stdout)
+        return _token(args, stdout, stderr)
+    except CliError as exc:
+        stderr.write(f"{PROG}: error: {exc}\n")
+        return exc.exit_code
+    except BrokenPipeError:
+        # `eventbus-publish history 1 | head`: the reader left; not an error worth a traceback.
+        # (Before the OSError clause below: redis-py wraps its own socket errors, so a bare
+        # BrokenPipeError can only come from our stdout.) Point stdout at /dev/null so that the
+        # interpreter's final flush does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
+    except (PublisherUnavailable, *_REDIS_DOWN) as exc:
+        stderr.write(f"{PROG}: error: Redis unavailable at {_safe_url(args)}: {_reason(exc)}\n")
+        return EXIT_UNAVAILABLE
+    except (PublishError, redis.exceptions.RedisError) as exc:
+        stderr.write(f"{PROG}: error: {exc}\n")
+        return EXIT_REDIS_ERROR
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def _reason(exc: BaseException) -> str:
+    cause = exc.__cause__ if isinstance(exc, PublisherUnavailable) and exc.__cause__ else exc
+    return str(cause) or type(cause).__name__
+
+
+def _safe_url(args: argparse.Namespace) -> str:
+    # Never print a password from the URL.
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(getattr(args, "redis_url", "") or "")
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return parts._replace(netloc=netloc).geturl()
+    return parts.geturl()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
