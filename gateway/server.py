@@ -21,10 +21,10 @@ from gateway.http import HttpRoutes, json_response
 from gateway.hub import Hub, SubscribeUnavailable
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
-from gateway.pubsub import PubSubLink
+from gateway.pubsub import ClusterPubSub, PubSubLink
 from gateway.session import Session, SlowConsumerPolicy
 from gateway.store import HistoryStore
-from publisher.connection import async_client
+from publisher.connection import async_client, is_cluster_url
 from schemas.keys import Keys
 from schemas.protocol import (
     Auth,
@@ -67,7 +67,7 @@ class Gateway:
         self.redis: redis.asyncio.Redis | None = None
         self.store: HistoryStore
         self.hub: Hub
-        self.link: PubSubLink
+        self.link: PubSubLink | ClusterPubSub
         verify = None if config.no_auth else self.verify
         self.http = HttpRoutes(gateway=self, verify=verify, allowed_origins=config.allowed_origins)
         self.metrics.gauge("connections", "Open WebSocket connections.", lambda: len(self.sessions))
@@ -107,15 +107,7 @@ class Gateway:
             max_replay=config.max_replay,
             subscribe_timeout=config.subscribe_timeout,
         )
-        self.link = PubSubLink(
-            config.redis_url.replace("+cluster", ""),
-            sharded=config.sharded,
-            on_message=self.hub.on_pubsub_message,
-            on_resubscribed=self.hub.on_link_resubscribed,
-            metrics=self.metrics,
-            probe_interval=config.probe_interval,
-            probe_timeout=config.probe_timeout,
-        )
+        self.link = self._make_link()
         self.hub.link = self.link
         self.link.start()
         self._tasks = [
@@ -144,6 +136,33 @@ class Gateway:
             sharded_pubsub=config.sharded,
             auth="disabled" if config.no_auth else "jwt",
         )
+
+    def _make_link(self) -> PubSubLink | ClusterPubSub:
+        """One subscribed connection for a standalone Redis; on a Cluster, one per master with
+        channels routed by slot (sharded pub/sub only reaches the shard that owns the slot)."""
+        config = self.config
+        options = {
+            "on_message": self.hub.on_pubsub_message,
+            "metrics": self.metrics,
+            "probe_interval": config.probe_interval,
+            "probe_timeout": config.probe_timeout,
+        }
+        if is_cluster_url(config.redis_url) and config.sharded:
+            return ClusterPubSub(config.redis_url, on_recovered=self._catch_up, **options)
+        # Classic PUBLISH reaches every node of a cluster: any one node will do then.
+        return PubSubLink(
+            config.redis_url.replace("+cluster", ""),
+            sharded=config.sharded,
+            on_resubscribed=self.hub.on_link_resubscribed,
+            **options,
+        )
+
+    def _catch_up(self, channels: list[bytes]) -> None:
+        """Channels subscribed again after an interruption: read what they missed."""
+        for channel in channels:
+            feed = self.hub.feeds.get(self.keys.project_of_channel(channel) or 0)
+            if feed is not None and feed.channel == channel:
+                self.hub.request_catch_up(feed)
 
     async def _every(self, interval: float, job) -> None:
         while True:

@@ -158,7 +158,8 @@ export function decodeTokenClaims(token) {
 export function refreshDelay({ iat, exp, expiresAt, obtainedAt, now }) {
   let expiry;
   if (Number.isFinite(iat) && Number.isFinite(exp) && exp > iat) {
-    expiry = obtainedAt + (exp - iat) * 1000;
+    // iat is truncated to the second, so the token may have been minted up to 1 s after it.
+    expiry = obtainedAt + (exp - iat) * 1000 - 1000;
   } else if (Number.isFinite(expiresAt ?? exp)) {
     expiry = (expiresAt ?? exp) * 1000; // server's clock; the best we have
   } else {
