@@ -98,6 +98,8 @@ class Gateway:
                 "DEVELOPMENT MODE: authentication is disabled; any client can read any project",
                 flag="--no-auth",
             )
+        elif len(config.auth_secret or "") < 32:
+            log.warning("the auth secret is shorter than 32 bytes; HS256 wants at least 32")
         self.redis = async_client(config.redis_url)
         self.store = HistoryStore(self.redis, self.keys)
         self.hub = Hub(

@@ -67,8 +67,8 @@ class SlowConsumerPolicy:
     def stalled(
         self, buffered: int, previous: int, stalled_since: float | None, now: float
     ) -> float | None:
-        """Return the new ``stalled_since`` (None when draining), or raise nothing: the caller
-        compares it with ``now - stall_timeout``."""
+        """Track since when a buffer has stopped draining: None while it is empty or shrinking,
+        else the time it was first seen stuck. :meth:`is_stalled` judges the result."""
         if buffered == 0 or buffered < previous:
             return None
         return now if stalled_since is None else stalled_since
