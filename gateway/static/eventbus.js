@@ -326,7 +326,7 @@ export class EventBus {
 
     if (typeof addEventListener === "function" && !o.isOnline) {
       this._onOnline = () => this._handleOnline();
-      this._onOffline = () => this._updateState();
+      this._onOffline = () => this._handleOffline();
       addEventListener("online", this._onOnline);
       addEventListener("offline", this._onOffline);
     }
@@ -483,7 +483,9 @@ export class EventBus {
       return;
     }
     if (!this._isOnline()) {
-      this._updateState(); // the "online" event brings us back
+      // The "online" event brings us back at once; the slow retry covers a missed event.
+      this._scheduleReconnect(this.options.backoff.max);
+      this._updateState();
       return;
     }
     const attemptMarker = {};
@@ -673,6 +675,16 @@ export class EventBus {
       this._reconnectTimer = null;
       this._connect();
     }, delay);
+  }
+
+  _handleOffline() {
+    // The network is gone: an open socket is dead even if the browser has not noticed yet (that
+    // could take until the ping timeout). Drop it and wait for "online" rather than retry in vain.
+    if (this._closed) return;
+    if (this._ws) this._dropSocket(CloseCode.NORMAL, "browser offline");
+    this._stopPolling();
+    this._scheduleReconnect(this.options.backoff.max);
+    this._updateState();
   }
 
   _handleOnline() {

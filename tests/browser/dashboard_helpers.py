@@ -1,0 +1,74 @@
+"""Small helpers shared by the dashboard browser tests."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+from playwright.sync_api import Page
+
+from examples.dashboard.server import DemoApp
+
+
+def api(app: DemoApp, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    """Call the demo backend's HTTP API; returns (status, decoded JSON)."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(app.url.rstrip("/") + path, data=data, method=method)
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+def raise_blocker(
+    app: DemoApp,
+    blocker_type: str = "ASYNC",
+    question: str = "Should we use JWT or sessions?",
+    agent_id: str = "backend-worker-001",
+    task_title: str | None = "Implement authentication",
+) -> dict:
+    """An agent raises a blocker (through the API, as the simulated agents do in-process)."""
+    status, blocker = api(
+        app,
+        "POST",
+        f"/api/projects/{app.config.project_id}/blockers",
+        {
+            "agent_id": agent_id,
+            "blocker_type": blocker_type,
+            "question": question,
+            "task_title": task_title,
+        },
+    )
+    assert status == 201, blocker
+    return blocker
+
+
+def resolve(app: DemoApp, blocker_id: int, answer: str = "Use JWT for stateless API") -> dict:
+    status, body = api(app, "POST", f"/api/blockers/{blocker_id}/resolve", {"answer": answer})
+    assert status == 200, body
+    return body
+
+
+def blocker_item(page: Page, blocker_id: int):
+    return page.locator(f'[data-testid="blocker-item"][data-blocker-id="{blocker_id}"]')
+
+
+def agent_status(page: Page, agent_id: str):
+    return page.locator(f'[data-testid="agent-card"][data-agent-id="{agent_id}"]').get_by_test_id(
+        "agent-status"
+    )
+
+
+def task_status(page: Page, task_id: int):
+    return page.locator(f'[data-testid="task-row"][data-task-id="{task_id}"]').get_by_test_id(
+        "task-status"
+    )
+
+
+def delivered_seqs(page: Page) -> list[int]:
+    return page.evaluate("window.dashboard.events.map((e) => e.seq)")
