@@ -70,8 +70,9 @@ def test_sync_blocker_shows_a_prominent_notification(demo, new_page):
     expect(alert).to_contain_text("Should we use JWT or sessions?")
     # The notification leads straight to the answer modal.
     page.get_by_test_id("sync-alert-answer").click()
-    expect(page.get_by_test_id("answer-modal")).to_be_visible()
-    expect(page.get_by_test_id("answer-modal")).to_have_attribute("data-blocker-id", str(sync["id"]))
+    modal = page.get_by_test_id("answer-modal")
+    expect(modal).to_be_visible()
+    expect(modal).to_have_attribute("data-blocker-id", str(sync["id"]))
 
 
 def test_blocker_count_badge_follows_created_and_resolved(demo, new_page):
@@ -181,9 +182,7 @@ def test_agent_resumed_adds_an_activity_feed_entry(demo, new_page):
     page = new_page(demo.url)
     blocker = raise_blocker(demo, "ASYNC", agent_id="frontend-worker-001")
     resolve(demo, blocker["id"])
-    entry = page.locator(
-        f'[data-testid="activity-item"][data-key="agent_resumed:{blocker["id"]}"]'
-    )
+    entry = page.locator(f'[data-testid="activity-item"][data-key="agent_resumed:{blocker["id"]}"]')
     expect(entry).to_contain_text("Agent resumed after blocker resolution")
     expect(entry).to_contain_text("Frontend Worker #1")
     assert_no_duplicates(page)
