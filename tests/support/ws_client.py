@@ -1,0 +1,371 @@
+"""Load and checking helpers for end-to-end tests with real gateway processes.
+
+* :class:`ResumingClient`: a WebSocket client that behaves like ``eventbus.js`` should: it keeps
+  a cursor per project, reconnects (round robin over a list of gateway URLs) whenever its
+  connection ends, resubscribes every project with its cursor, and records everything it gets.
+* :class:`PublishLoop`: a publisher that publishes identifiable events (``blocker_id`` is unique)
+  and records the cursor Redis acknowledged for each.
+* :func:`check_delivery`: the delivery guarantee as a function: one client's record of one
+  project against the history Redis ended up with. An empty list of problems means every event
+  arrived exactly once, in order, with no gap, or after an allowed ``resync_required``.
+
+Nothing here sleeps for a fixed time to "let things settle": tests wait for conditions
+(:meth:`ResumingClient.wait_for`, :func:`wait_until`) with deadlines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from publisher import AsyncPublisher, PublisherUnavailable
+
+__all__ = [
+    "PublishLoop",
+    "Received",
+    "ResumingClient",
+    "check_delivery",
+    "read_history",
+    "wait_until",
+]
+
+Cursor = tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """One thing a client received for a project."""
+
+    kind: str  # "event", "resync" or "subscribed"
+    epoch: str
+    seq: int
+    ident: int | None = None  # the event's blocker_id: which event it is, not only where
+    reason: str | None = None  # resync reason
+    resumed: bool | None = None  # subscribed: the cursor was honoured
+
+
+@dataclass(slots=True)
+class Stats:
+    connects: int = 0
+    close_codes: list[int | None] = field(default_factory=list)
+    handshake_failures: int = 0
+    unavailable: int = 0  # 'unavailable' subscribe errors (Redis down), retried
+
+
+class ResumingClient:
+    """A client that never gives up and never forgets its cursors.
+
+    Args:
+        urls: gateway WebSocket URLs; the client starts at ``urls[start]`` and moves to the next
+            one each time a connection ends (a plain load balancer does much the same).
+        projects: project ids to follow.
+        token: JWT sent as the first frame (``None`` for ``--no-auth`` gateways).
+        fresh_start: cursors to start from (``{project: (epoch, seq)}``); without one, a project
+            is subscribed "from now".
+    """
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        projects: Iterable[int],
+        *,
+        token: str | None = None,
+        start: int = 0,
+        name: str = "",
+        cursors: Mapping[int, Cursor] | None = None,
+        retry_delay: tuple[float, float] = (0.02, 0.25),
+    ) -> None:
+        self.urls = list(urls)
+        self.projects = list(projects)
+        self.token = token
+        self.name = name
+        self.cursors: dict[int, Cursor] = dict(cursors or {})
+        self.log: dict[int, list[Received]] = {p: [] for p in self.projects}
+        self.stats = Stats()
+        self.live: set[int] = set()  # projects subscribed on the current connection
+        self.url: str | None = None  # the gateway of the current connection
+        self.retry_delay = retry_delay
+        self._next = start
+        self._stop = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._ws = None
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> ResumingClient:
+        self._task = asyncio.create_task(self._run(), name=f"client-{self.name}")
+        return self
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._ws is not None:
+            with contextlib.suppress(Exception):
+                await self._ws.close()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def drop(self) -> None:
+        """Close the current connection from the client side (it reconnects and resumes)."""
+        if self._ws is not None:
+            with contextlib.suppress(Exception):
+                await self._ws.close()
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            url = self.urls[self._next % len(self.urls)]
+            self._next += 1
+            try:
+                await self._session(url)
+            except (OSError, InvalidHandshake, InvalidStatus, TimeoutError):
+                self.stats.handshake_failures += 1
+            except ConnectionClosed:
+                pass
+            finally:
+                self.live.clear()
+                self.url = None
+                self._ws = None
+                self._changed.set()
+            if not self._stop.is_set():
+                await asyncio.sleep(random.uniform(*self.retry_delay))
+
+    async def _session(self, url: str) -> None:
+        async with connect(url, open_timeout=5, close_timeout=2, max_size=2**22) as ws:
+            self._ws, self.url = ws, url
+            self.stats.connects += 1
+            retries: list[asyncio.Task] = []
+            try:
+                if self.token is not None:
+                    await ws.send(json.dumps({"type": "auth", "token": self.token}))
+                for project_id in self.projects:
+                    await ws.send(self._subscribe_frame(project_id))
+                async for raw in ws:
+                    message = json.loads(raw)
+                    if self._on_message(message):
+                        retries.append(asyncio.create_task(self._retry(ws, message)))
+            finally:
+                self.stats.close_codes.append(ws.close_code)
+                for task in retries:
+                    task.cancel()
+
+    def _subscribe_frame(self, project_id: int) -> str:
+        message: dict[str, Any] = {"type": "subscribe", "project_id": project_id}
+        cursor = self.cursors.get(project_id)
+        if cursor is not None:
+            message["epoch"], message["after"] = cursor
+        return json.dumps(message)
+
+    async def _retry(self, ws, error: dict) -> None:
+        await asyncio.sleep(random.uniform(0.1, 0.3))
+        with contextlib.suppress(ConnectionClosed):
+            await ws.send(self._subscribe_frame(error["project_id"]))
+
+    def _on_message(self, message: dict) -> bool:
+        """Record one frame; True when the subscribe must be retried."""
+        kind = message.get("type")
+        project_id = message.get("project_id")
+        log = self.log.get(project_id)  # type: ignore[arg-type]
+        retry = False
+        if kind == "subscribed":
+            epoch, seq = message["epoch"], message["seq"]
+            self.cursors.setdefault(project_id, (epoch, seq))  # type: ignore[arg-type]
+            log.append(Received("subscribed", epoch, seq, resumed=message["resumed"]))  # type: ignore[union-attr]
+            self.live.add(project_id)  # type: ignore[arg-type]
+        elif kind == "resync_required":
+            self.cursors[project_id] = (message["epoch"], message["seq"])  # type: ignore[index]
+            log.append(  # type: ignore[union-attr]
+                Received("resync", message["epoch"], message["seq"], reason=message["reason"])
+            )
+        elif kind == "error":
+            if message.get("code") == "unavailable" and project_id in self.log:
+                self.stats.unavailable += 1
+                retry = True
+            else:
+                raise AssertionError(f"client {self.name}: unexpected error {message}")
+        elif kind in ("authenticated", "pong", "unsubscribed"):
+            pass
+        elif log is not None:
+            epoch = self.cursors[project_id][0]  # type: ignore[index]
+            seq = message["seq"]
+            log.append(Received("event", epoch, seq, ident=message.get("blocker_id")))
+            self.cursors[project_id] = (epoch, seq)  # type: ignore[index]
+        self._changed.set()
+        return retry
+
+    # --- waiting -------------------------------------------------------------------------------
+
+    def reached(self, targets: Mapping[int, Cursor]) -> bool:
+        """Every project's cursor is at its target (or past it in a later epoch)."""
+        return all(self.cursors.get(p) == target for p, target in targets.items() if p in self.log)
+
+    async def wait_for(self, predicate: Callable[[], bool], within: float, what: str = "") -> None:
+        deadline = asyncio.get_running_loop().time() + within
+        while not predicate():
+            self._changed.clear()
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                raise TimeoutError(f"client {self.name}: timed out waiting for {what or predicate}")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(remaining, 0.5)):
+                    await self._changed.wait()
+
+    def resyncs(self, project_id: int | None = None) -> list[Received]:
+        logs = [self.log[project_id]] if project_id is not None else self.log.values()
+        return [r for log in logs for r in log if r.kind == "resync"]
+
+    def events(self, project_id: int) -> list[Received]:
+        return [r for r in self.log[project_id] if r.kind == "event"]
+
+
+async def wait_until(
+    predicate: Callable[[], bool], within: float, what: str, interval: float = 0.05
+) -> None:
+    """Poll ``predicate`` until it holds; TimeoutError naming ``what`` after ``within`` s."""
+    deadline = time.monotonic() + within
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {within:.0f}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+class PublishLoop:
+    """Publishes ``blocker_resolved`` events with unique ``blocker_id`` s to random projects.
+
+    ``acked[project][(epoch, seq)] = blocker_id`` for every publish Redis acknowledged;
+    ``unavailable`` counts :class:`PublisherUnavailable` (each is retried with a new id: the
+    failed one may or may not have been written, which the stream read at the end settles).
+    """
+
+    _ids = itertools.count(1)
+
+    def __init__(
+        self,
+        redis_url: str,
+        projects: Sequence[int],
+        *,
+        rate: float,
+        seed: int = 0,
+    ) -> None:
+        self.publisher = AsyncPublisher.from_url(redis_url)
+        self.projects = list(projects)
+        self.rate = rate
+        self.random = random.Random(seed)
+        self.acked: dict[int, dict[Cursor, int]] = {p: {} for p in self.projects}
+        self.published = 0
+        self.unavailable = 0
+        self.last_error: Exception | None = None
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> PublishLoop:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+        await self.publisher.aclose()
+
+    async def publish_one(self, project_id: int) -> Cursor:
+        ident = next(self._ids)
+        cursor = await self.publisher.blocker_resolved(project_id, blocker_id=ident, answer="ok")
+        self.acked[project_id][(cursor.epoch, cursor.seq)] = ident
+        self.published += 1
+        return cursor
+
+    async def _run(self) -> None:
+        interval = 1.0 / self.rate
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                await self.publish_one(self.random.choice(self.projects))
+            except PublisherUnavailable as exc:
+                self.unavailable += 1
+                self.last_error = exc
+                await asyncio.sleep(0.05)
+            next_at = max(next_at + interval, time.monotonic() - 1.0)
+            delay = next_at - time.monotonic()
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._stop.wait()
+
+
+async def read_history(client, keys, project_id: int) -> tuple[Cursor, dict[Cursor, int]]:
+    """The project's final cursor and ``(epoch, seq) -> blocker_id`` of its whole stream, from
+    any redis-py asyncio client (standalone or cluster)."""
+    epoch, top = await client.hmget(keys.meta(project_id), "epoch", "seq")
+    epoch = epoch.decode()
+    history: dict[Cursor, int] = {}
+    for entry_id, fields in await client.xrange(keys.stream(project_id)):
+        seq = int(entry_id.split(b"-")[0])
+        history[(epoch, seq)] = json.loads(fields[b"f"])["blocker_id"]
+    return (epoch, int(top)), history
+
+
+def check_delivery(
+    records: Sequence[Received],
+    *,
+    history: Mapping[Cursor, int] | None = None,
+    final: Cursor | None = None,
+    allowed_resyncs: Iterable[str] = (),
+) -> list[str]:
+    """Problems in one client's record of one project; ``[]`` when the guarantee held.
+
+    * every event is exactly the one after the client's cursor (no gap, no duplicate, in order);
+    * a ``subscribed`` acknowledges exactly the client's cursor (nothing skipped by a resume);
+    * ``resync_required`` only with an allowed reason;
+    * with ``history`` (what Redis holds at the end): each event is the one Redis holds at that
+      position; an event Redis no longer holds (lost in a failover) must be followed by a
+      ``resync_required``, never by silence;
+    * with ``final``: the client reached the project's final cursor.
+    """
+    allowed = set(allowed_resyncs)
+    problems: list[str] = []
+    cursor: Cursor | None = None
+    diverged: Received | None = None  # an event Redis lost, not yet followed by a resync
+    epochs = {epoch for epoch, _ in history} if history else set()
+    for index, item in enumerate(records):
+        where = f"#{index} {item.kind} {item.epoch[:6]}:{item.seq}"
+        if item.kind == "subscribed":
+            if cursor is None:
+                cursor = (item.epoch, item.seq)
+            elif (item.epoch, item.seq) != cursor:
+                problems.append(f"{where}: acknowledged while the client was at {cursor}")
+                cursor = (item.epoch, item.seq)
+        elif item.kind == "resync":
+            if item.reason not in allowed:
+                problems.append(f"{where}: unexpected resync ({item.reason})")
+            cursor, diverged = (item.epoch, item.seq), None
+        else:
+            if cursor is None:
+                problems.append(f"{where}: event before subscribed")
+            elif item.seq != cursor[1] + 1:
+                kind = "duplicate/out of order" if item.seq <= cursor[1] else "gap"
+                problems.append(f"{where}: {kind}, client was at {cursor[1]}")
+            cursor = (item.epoch, item.seq)
+            if history is not None and item.epoch in epochs:
+                held = history.get(cursor)
+                if held is None or held != item.ident:
+                    diverged = diverged or item
+    if diverged is not None:
+        problems.append(
+            f"event {diverged.epoch[:6]}:{diverged.seq} (id {diverged.ident}) is not what Redis "
+            "holds there, and no resync_required followed"
+        )
+    if final is not None and cursor != final:
+        problems.append(f"ended at {cursor}, expected {final}")
+    return problems
