@@ -403,6 +403,61 @@ def test_compose_load_balancer_config(compose: dict) -> None:
     assert not re.search(r"^\s*(cookie|stick|hash-type)\b", config, re.M), "no sticky sessions"
 
 
+# --- docs/operations.md ---------------------------------------------------------------------
+
+OPERATIONS = ROOT / "docs" / "operations.md"
+
+
+def doc_section(title: str) -> str:
+    text = OPERATIONS.read_text()
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end > 0 else None]
+
+
+def documented_metrics() -> set[str]:
+    table = [line for line in doc_section("Metrics and alerts").splitlines() if "| " in line]
+    rows = [line for line in table if re.search(r"\| (gauge|counter|histogram) \|", line)]
+    return {name for row in rows for name in re.findall(r"`(eventbus_\w+)`", row)}
+
+
+def test_operations_doc_lists_every_setting() -> None:
+    table = doc_section("Configuration")
+    for name in GATEWAY_FIELDS:
+        env, flag = f"EVENTBUS_{name.upper()}", "--" + name.replace("_", "-")
+        assert f"| `{env}` | `{flag}` |" in table, f"{env} is missing from docs/operations.md"
+
+
+def test_operations_doc_has_the_required_sections() -> None:
+    text = OPERATIONS.read_text()
+    for title in (
+        "Configuration",
+        "Deployment",
+        "Redis Cluster",
+        "Retention and how long a client may be offline",
+        "Capacity",
+        "When to add pods",
+        "When to move to a Redis Cluster",
+        "Metrics and alerts",
+        "What was not run here",
+    ):
+        assert re.search(rf"^##+ {re.escape(title)}$", text, re.M), title
+    assert "PLACEHOLDER" in doc_section("Capacity"), "until the benchmark figures are in"
+    required = {
+        "eventbus_connections",
+        "eventbus_subscriptions",
+        "eventbus_events_in_total",
+        "eventbus_deliveries_total",
+        "eventbus_replayed_total",
+        "eventbus_resyncs_total",
+        "eventbus_slow_consumer_disconnects_total",
+        "eventbus_pubsub_reconnects_total",
+        "eventbus_gaps_repaired_total",
+        "eventbus_relay_lag_seconds",
+    }
+    assert required <= documented_metrics()
+
+
 # --- the image's commands, run outside a container -----------------------------------------
 
 
@@ -459,6 +514,13 @@ def test_gateway_image_commands_outside_a_container(
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as response:
             assert response.status == 200
             assert json.loads(response.read())["ready"] is True
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            exported = {
+                re.sub(r"_(bucket|sum|count)$", "", line.split("{")[0].split()[0])
+                for line in response.read().decode().splitlines()
+                if line.startswith("eventbus_")
+            }
+        assert exported == documented_metrics(), "docs/operations.md's metrics table is stale"
 
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=15) == 0, log.read_text()
