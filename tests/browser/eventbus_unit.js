@@ -1,0 +1,693 @@
+// Unit tests of gateway/static/eventbus.js, run in chromium by test_eventbus_js_unit.py.
+//
+// The client gets a fake WebSocket, a fake fetch and a fake clock through its injection points,
+// so the backoff schedule, cursor handling and fallback switching are checked deterministically
+// and in milliseconds of real time. Each `test("name", ...)` becomes one pytest item.
+import * as eb from "/eventbus.js";
+
+const registry = new Map();
+function test(name, fn) {
+  registry.set(name, fn);
+}
+
+export function names() {
+  return Array.from(registry.keys());
+}
+
+export async function runTest(name) {
+  const fn = registry.get(name);
+  if (!fn) return { ok: false, error: `no such test: ${name}` };
+  try {
+    await fn();
+    return { ok: true };
+  } catch (error) {
+    return { ok: false, error: String((error && error.stack) || error) };
+  }
+}
+
+// --- assertions and fakes ----------------------------------------------------------------------
+
+function assert(condition, message = "assertion failed") {
+  if (!condition) throw new Error(message);
+}
+
+function eq(actual, expected, message = "values differ") {
+  const a = JSON.stringify(actual);
+  const b = JSON.stringify(expected);
+  if (a !== b) throw new Error(`${message}: got ${a}, expected ${b}`);
+}
+
+async function flush() {
+  for (let i = 0; i < 50; i += 1) await Promise.resolve();
+}
+
+class Clock {
+  constructor() {
+    this.t = 1_700_000_000_000;
+    this.timers = new Map();
+    this.nextId = 1;
+    this.now = () => this.t;
+    this.setTimeout = (fn, ms) => {
+      const id = this.nextId++;
+      this.timers.set(id, { at: this.t + Math.max(0, ms || 0), fn });
+      return id;
+    };
+    this.clearTimeout = (id) => {
+      this.timers.delete(id);
+    };
+  }
+
+  /** Run every timer due within `ms`, in order, letting promises settle in between. */
+  async advance(ms) {
+    const end = this.t + ms;
+    for (;;) {
+      await flush();
+      let nextId = null;
+      let next = null;
+      for (const [id, timer] of this.timers) {
+        if (timer.at <= end && (next === null || timer.at < next.at)) {
+          next = timer;
+          nextId = id;
+        }
+      }
+      if (next === null) break;
+      this.timers.delete(nextId);
+      this.t = next.at;
+      next.fn();
+    }
+    this.t = end;
+    await flush();
+  }
+}
+
+function base64url(value) {
+  return btoa(JSON.stringify(value)).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+}
+
+function jwt(iat, exp) {
+  return `${base64url({ alg: "HS256", typ: "JWT" })}.${base64url({ iat, exp, projects: [1, 2] })}.sig`;
+}
+
+/** A client wired to fakes. `env.sockets` are the WebSockets it opened, newest last. */
+function setup({ options = {}, subscribe = [1], tokenLifetime = 900, autoFailSockets = false } = {}) {
+  const clock = new Clock();
+  const env = {
+    clock,
+    sockets: [],
+    requests: [],
+    tokens: [],
+    resyncs: [],
+    events: {},
+    states: [],
+    errors: [],
+    online: true,
+    autoFailSockets,
+    autoPong: true,
+    resyncGate: null,
+    resyncFailures: 0,
+    poll: () => ({ status: 503, body: { error: "unavailable", message: "down" } }),
+  };
+  class FakeSocket {
+    constructor(url) {
+      this.url = url;
+      this.readyState = 0;
+      this.sent = [];
+      this.closedWith = null;
+      this.createdAt = clock.now();
+      env.sockets.push(this);
+      if (env.autoFailSockets) queueMicrotask(() => this.serverClose(1006));
+    }
+    send(data) {
+      const message = JSON.parse(data);
+      this.sent.push(message);
+      // A healthy gateway answers pings; the ping-timeout test turns this off.
+      if (message.type === "ping" && env.autoPong) queueMicrotask(() => this.receive({ type: "pong" }));
+    }
+    close(code, reason) {
+      this.readyState = 3;
+      this.closedWith = { code, reason };
+    }
+    open() {
+      this.readyState = 1;
+      if (this.onopen) this.onopen({});
+    }
+    receive(message) {
+      if (this.onmessage) this.onmessage({ data: typeof message === "string" ? message : JSON.stringify(message) });
+    }
+    serverClose(code) {
+      if (this.readyState === 3) return;
+      this.readyState = 3;
+      if (this.onclose) this.onclose({ code });
+    }
+    sentOf(type) {
+      return this.sent.filter((m) => m.type === type);
+    }
+  }
+  env.FakeSocket = FakeSocket;
+  const fetch = async (url, init) => {
+    env.requests.push({ url, headers: (init && init.headers) || {}, at: clock.now() });
+    const reply = await env.poll(url, init);
+    if (reply instanceof Error) throw reply;
+    return { ok: reply.status >= 200 && reply.status < 300, status: reply.status, json: async () => reply.body };
+  };
+  env.bus = eb.connect({
+    url: "ws://gw.test/",
+    httpUrl: "http://gw.test",
+    WebSocket: FakeSocket,
+    fetch,
+    setTimeout: clock.setTimeout,
+    clearTimeout: clock.clearTimeout,
+    now: clock.now,
+    random: () => 0.5,
+    isOnline: () => env.online,
+    token: async () => {
+      const iat = Math.floor(clock.now() / 1000);
+      const token = jwt(iat, iat + tokenLifetime);
+      env.tokens.push(token);
+      return token;
+    },
+    onResync: async (projectId) => {
+      env.resyncs.push(projectId);
+      if (env.resyncFailures > 0) {
+        env.resyncFailures -= 1;
+        throw new Error("API down");
+      }
+      if (env.resyncGate) await env.resyncGate;
+    },
+    onStateChange: (state) => env.states.push(state),
+    onError: (error) => env.errors.push(error),
+    ...options,
+  });
+  env.unsubscribe = {};
+  for (const projectId of subscribe) {
+    env.events[projectId] = [];
+    env.unsubscribe[projectId] = env.bus.subscribe(projectId, (event) => env.events[projectId].push(event.seq));
+  }
+  env.last = () => env.sockets[env.sockets.length - 1];
+  return env;
+}
+
+/** Open the newest socket, authenticate it, and answer its subscribes. */
+async function goLive(env, subscribed = {}) {
+  await flush();
+  const ws = env.last();
+  assert(ws && ws.readyState === 0, "no pending socket to open");
+  ws.open();
+  await flush();
+  const auth = ws.sent[0];
+  assert(auth && auth.type === "auth", `first frame must be auth, got ${JSON.stringify(ws.sent)}`);
+  ws.receive({ type: "authenticated", subject: "u", projects: null, expires_at: Math.floor(env.clock.now() / 1000) + 900 });
+  await flush();
+  for (const message of ws.sentOf("subscribe")) {
+    const reply = subscribed[message.project_id];
+    if (reply === undefined) continue;
+    ws.receive({ type: "subscribed", project_id: message.project_id, resumed: false, replayed: 0, ...reply });
+  }
+  await flush();
+  return ws;
+}
+
+function event(projectId, seq) {
+  return { type: "blocker_resolved", project_id: projectId, blocker_id: seq, answer: "a", resolved_at: "2025-11-08T12:45:30Z", seq };
+}
+
+// --- backoff ---------------------------------------------------------------------------------
+
+test("backoff grows from 1 s to 30 s and stays there", () => {
+  const delays = Array.from({ length: 10 }, (_, attempt) => eb.backoffDelay(attempt, {}, () => 0.5));
+  eq(delays, [1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000, 30000, 30000]);
+  const backoff = new eb.Backoff({}, () => 0.5);
+  eq([backoff.next(), backoff.next(), backoff.next()], [1000, 2000, 4000]);
+  backoff.reset();
+  eq(backoff.next(), 1000, "reset starts over");
+  for (let i = 0; i < 1000; i += 1) backoff.next();
+  eq(backoff.next(), 30000, "never gives up, never overflows");
+});
+
+test("backoff jitter spreads delays by 20% within 1 s .. 30 s", () => {
+  for (let attempt = 0; attempt < 12; attempt += 1) {
+    for (const r of [0, 0.1, 0.5, 0.9, 0.9999]) {
+      const delay = eb.backoffDelay(attempt, {}, () => r);
+      const raw = Math.min(30000, 1000 * 2 ** attempt);
+      assert(delay >= 1000 && delay <= 30000, `attempt ${attempt}: ${delay} out of 1..30 s`);
+      assert(delay >= raw * 0.8 - 1 && delay <= raw * 1.2 + 1, `attempt ${attempt}: ${delay} not within 20% of ${raw}`);
+    }
+  }
+  eq([eb.backoffDelay(3, {}, () => 0), eb.backoffDelay(3, {}, () => 0.99999)], [6400, 9600]);
+  const many = new Set(Array.from({ length: 50 }, () => eb.backoffDelay(4)));
+  assert(many.size > 10, "Math.random jitter should spread reconnects");
+});
+
+// --- pure policies ---------------------------------------------------------------------------
+
+test("every close code of the protocol has a sensible action", () => {
+  const table = {
+    1000: ["backoff", false, false],
+    1001: ["prompt", false, false],
+    1006: ["backoff", false, false],
+    1008: ["backoff", false, true],
+    1009: ["backoff", false, true],
+    1011: ["backoff", false, false],
+    1012: ["prompt", false, false],
+    4001: ["backoff", true, false],
+    4002: ["prompt", true, false],
+    4008: ["prompt", false, false],
+    4009: ["backoff", false, true],
+    4999: ["backoff", false, false],
+  };
+  for (const [code, [delay, renewToken, clientBug]] of Object.entries(table)) {
+    eq(eb.closeAction(Number(code)), { delay, renewToken, clientBug }, `close code ${code}`);
+  }
+});
+
+test("fallback and state decisions", () => {
+  eq(eb.shouldPoll({ websocketSupported: false, failuresSinceLive: 0 }), true, "unsupported");
+  eq(eb.shouldPoll({ websocketSupported: true, failuresSinceLive: 0 }), false, "healthy");
+  eq(eb.shouldPoll({ websocketSupported: true, failuresSinceLive: 1 }), true, "refused once");
+  eq(eb.shouldPoll({ websocketSupported: true, failuresSinceLive: 2, threshold: 3 }), false);
+  const base = { closed: false, online: true, websocketLive: false, pollingOk: false, everConnected: false };
+  eq(eb.computeState(base), "connecting");
+  eq(eb.computeState({ ...base, everConnected: true }), "reconnecting");
+  eq(eb.computeState({ ...base, pollingOk: true }), "polling");
+  eq(eb.computeState({ ...base, websocketLive: true, pollingOk: true }), "live");
+  eq(eb.computeState({ ...base, online: false, everConnected: true }), "offline");
+  eq(eb.computeState({ ...base, websocketLive: true, closed: true }), "offline");
+});
+
+test("token refresh is scheduled before expiry, whatever the browser clock says", () => {
+  const obtainedAt = 5_000_000;
+  // 15 min token: a minute before its (conservatively estimated) expiry.
+  eq(eb.refreshDelay({ iat: 100, exp: 1000, obtainedAt, now: obtainedAt }), 839000);
+  // Same token, browser clock years off: only the token's own lifetime counts.
+  eq(eb.refreshDelay({ iat: 10, exp: 910, obtainedAt, now: obtainedAt }), 839000);
+  // Short token: a quarter of its lifetime before expiry.
+  eq(eb.refreshDelay({ iat: 0, exp: 5, obtainedAt, now: obtainedAt }), 3000);
+  // Already late: refresh at once (but not in a busy loop).
+  eq(eb.refreshDelay({ iat: 0, exp: 5, obtainedAt, now: obtainedAt + 60000 }), 500);
+  eq(eb.refreshDelay({ obtainedAt, now: obtainedAt }), null, "unknown lifetime");
+  eq(eb.decodeTokenClaims(jwt(7, 9)).exp, 9);
+  eq(eb.decodeTokenClaims("not a jwt"), null);
+});
+
+// --- cursor ----------------------------------------------------------------------------------
+
+test("cursor: dedupes by seq, delivers in order, never skips a gap", () => {
+  const cursor = new eb.ProjectCursor();
+  eq(cursor.subscribeMessage(1), { type: "subscribe", project_id: 1 }, "first subscribe has no cursor");
+  eq(cursor.onSubscribed({ epoch: "e", seq: 3, resumed: false }), true, "first subscribe needs a load");
+  eq(cursor.endResync().deliver, []);
+  const seqs = (result) => result.deliver.map((e) => e.seq);
+  eq(seqs(cursor.accept(event(1, 4))), [4]);
+  eq(seqs(cursor.accept(event(1, 4))), [], "duplicate dropped");
+  eq(seqs(cursor.accept(event(1, 3))), [], "old event dropped");
+  eq(cursor.accept(event(1, 6)), { deliver: [], gap: true }, "gap reported, 6 not delivered");
+  eq([cursor.epoch, cursor.seq], ["e", 4]);
+  eq(seqs(cursor.accept(event(1, 5))), [5]);
+  eq(cursor.subscribeMessage(1), { type: "subscribe", project_id: 1, epoch: "e", after: 5 });
+  eq(cursor.pollQuery(), "?epoch=e&after=5");
+});
+
+test("cursor: events during a reload are held, then only seq > cursor applied", () => {
+  const cursor = new eb.ProjectCursor();
+  cursor.onSubscribed({ epoch: "e", seq: 10, resumed: false });
+  for (const seq of [12, 11, 11, 13]) eq(cursor.accept(event(1, seq)).deliver, [], "held during reload");
+  const result = cursor.endResync();
+  eq(result.deliver.map((e) => e.seq), [11, 12, 13]);
+  eq(result.gap, false);
+  // A second resync_required while reloading: the old buffer is obsolete (maybe another epoch).
+  cursor.beginResync("e2", 3);
+  cursor.accept(event(1, 4));
+  cursor.beginResync("e3", 7);
+  for (const seq of [6, 7, 8]) cursor.accept(event(1, seq));
+  eq(cursor.endResync().deliver.map((e) => e.seq), [8]);
+  eq([cursor.epoch, cursor.seq], ["e3", 8]);
+});
+
+test("cursor: resume outcomes decide whether to reload", () => {
+  const cursor = new eb.ProjectCursor();
+  cursor.onSubscribed({ epoch: "e", seq: 5, resumed: false });
+  cursor.endResync();
+  cursor.subscribeMessage(1);
+  eq(cursor.onSubscribed({ epoch: "e", seq: 5, resumed: true }), false, "honoured resume");
+  cursor.subscribeMessage(1);
+  eq(cursor.onSubscribed({ epoch: "e", seq: 9, resumed: false }), true, "not honoured, no resync_required");
+  cursor.endResync();
+  cursor.subscribeMessage(1);
+  cursor.beginResync("f", 2); // resync_required came first
+  eq(cursor.onSubscribed({ epoch: "f", seq: 2, resumed: false }), false, "already reloading");
+  cursor.endResync();
+  cursor.subscribeMessage(1);
+  eq(cursor.onSubscribed({ epoch: "g", seq: 2, resumed: true }), true, "other epoch");
+});
+
+// --- the client over WebSocket ------------------------------------------------------------------
+
+test("connect authenticates first, subscribes, and loads state on the first subscribe", async () => {
+  const env = setup();
+  eq(env.bus.state, "connecting");
+  await flush();
+  const ws = env.last();
+  eq(ws.url, "ws://gw.test/");
+  ws.open();
+  await flush();
+  eq(ws.sent.map((m) => m.type), ["auth"], "nothing before authenticated");
+  eq(ws.sent[0].token, env.tokens[0]);
+  ws.receive({ type: "authenticated", subject: null, projects: [1], expires_at: 0 });
+  await flush();
+  eq(ws.sent[1], { type: "subscribe", project_id: 1 });
+  eq(env.bus.state, "live");
+  ws.receive({ type: "subscribed", project_id: 1, epoch: "e1", seq: 41, resumed: false, replayed: 0 });
+  await flush();
+  eq(env.resyncs, [1]);
+  ws.receive(event(1, 42));
+  await flush();
+  eq(env.events[1], [42]);
+  eq(env.bus.cursor(1), { epoch: "e1", seq: 42 });
+  eq(env.states, ["live"]);
+});
+
+test("events arriving while onResync is pending are delivered after it, in order, once", async () => {
+  const env = setup();
+  let release;
+  env.resyncGate = new Promise((resolve) => (release = resolve));
+  const ws = await goLive(env, { 1: { epoch: "e1", seq: 10 } });
+  for (const seq of [11, 12, 12, 13]) ws.receive(event(1, seq));
+  await flush();
+  eq(env.events[1], [], "held while the application reloads");
+  release();
+  await flush();
+  eq(env.events[1], [11, 12, 13]);
+  ws.receive(event(1, 13));
+  ws.receive(event(1, 14));
+  await flush();
+  eq(env.events[1], [11, 12, 13, 14]);
+});
+
+test("a failing onResync is retried with backoff, events held meanwhile", async () => {
+  const env = setup();
+  env.resyncFailures = 2;
+  const ws = await goLive(env, { 1: { epoch: "e1", seq: 0 } });
+  ws.receive(event(1, 1));
+  await flush();
+  eq([env.resyncs.length, env.events[1]], [1, []]);
+  await env.clock.advance(1000);
+  eq([env.resyncs.length, env.events[1]], [2, []]);
+  await env.clock.advance(2000);
+  eq([env.resyncs.length, env.events[1]], [3, [1]]);
+  assert(env.errors.some((e) => e.code === "resync_failed"));
+});
+
+test("resync_required on a live subscription reloads and continues from the new cursor", async () => {
+  const env = setup();
+  const ws = await goLive(env, { 1: { epoch: "e1", seq: 0 } });
+  ws.receive(event(1, 1));
+  await flush();
+  let release;
+  env.resyncGate = new Promise((resolve) => (release = resolve));
+  ws.receive({ type: "resync_required", project_id: 1, reason: "epoch_changed", epoch: "e2", seq: 3 });
+  for (const seq of [2, 3, 4, 5]) ws.receive(event(1, seq)); // of the new epoch
+  await flush();
+  eq(env.resyncs, [1, 1]);
+  eq(env.events[1], [1]);
+  release();
+  await flush();
+  eq(env.events[1], [1, 4, 5], "seq <= 3 is in the reloaded state");
+  eq(env.bus.cursor(1), { epoch: "e2", seq: 5 });
+});
+
+test("reconnect resubscribes every project with its cursor and drops replayed duplicates", async () => {
+  const env = setup({ subscribe: [1, 2] });
+  let ws = await goLive(env, { 1: { epoch: "a", seq: 5 }, 2: { epoch: "b", seq: 0 } });
+  ws.receive(event(1, 6));
+  ws.receive(event(2, 1));
+  await flush();
+  ws.serverClose(1006);
+  await flush();
+  eq(env.bus.state, "reconnecting");
+  await env.clock.advance(1000);
+  ws = env.last();
+  eq(env.sockets.length, 2);
+  ws.open();
+  await flush();
+  assert(env.tokens.length === 2, "token re-asked on reconnect");
+  eq(ws.sent[0], { type: "auth", token: env.tokens[1] });
+  ws.receive({ type: "authenticated", subject: null, projects: null, expires_at: null });
+  await flush();
+  eq(ws.sentOf("subscribe"), [
+    { type: "subscribe", project_id: 1, epoch: "a", after: 6 },
+    { type: "subscribe", project_id: 2, epoch: "b", after: 1 },
+  ]);
+  for (const seq of [6, 7, 8]) ws.receive(event(1, seq)); // replay overlaps what we saw
+  ws.receive({ type: "subscribed", project_id: 1, epoch: "a", seq: 8, resumed: true, replayed: 2 });
+  ws.receive({ type: "subscribed", project_id: 2, epoch: "b", seq: 1, resumed: true, replayed: 0 });
+  ws.receive(event(2, 2));
+  await flush();
+  eq(env.events, { 1: [6, 7, 8], 2: [1, 2] });
+  eq(env.resyncs, [1, 2], "a honoured resume needs no reload");
+});
+
+test("reconnect delays follow the backoff schedule forever", async () => {
+  const env = setup({ autoFailSockets: true });
+  await env.clock.advance(0);
+  for (let i = 0; i < 12; i += 1) await env.clock.advance(30000);
+  const gaps = env.sockets.slice(1).map((ws, i) => ws.createdAt - env.sockets[i].createdAt);
+  eq(gaps.slice(0, 8), [1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000]);
+  assert(gaps.length >= 13 && gaps.slice(5).every((gap) => gap === 30000), `never gives up: ${gaps}`);
+  eq(env.bus.state, "connecting", "never connected, polling fails too");
+});
+
+test("backoff resets after a stable connection, not after a flapping one", async () => {
+  const env = setup({ autoFailSockets: true });
+  await env.clock.advance(0);
+  await env.clock.advance(1000 + 2000); // two more failures: next delay would be 4 s
+  env.autoFailSockets = false;
+  await env.clock.advance(4000);
+  let ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  await env.clock.advance(2000); // not stable yet
+  ws.serverClose(1006);
+  const dropped = env.clock.now();
+  await env.clock.advance(8000);
+  eq(env.last().createdAt - dropped, 8000, "flapping: backoff keeps growing");
+  ws = await goLive(env, { 1: { epoch: "e", seq: 0, resumed: true } });
+  await env.clock.advance(10000); // stable
+  ws.serverClose(1006);
+  const dropped2 = env.clock.now();
+  await env.clock.advance(1000);
+  eq(env.last().createdAt - dropped2, 1000, "stable: backoff starts over at 1 s");
+});
+
+test("1012 and 4008 reconnect promptly and resume", async () => {
+  for (const code of [1012, 4008, 1001]) {
+    const env = setup();
+    let ws = await goLive(env, { 1: { epoch: "e", seq: 3 } });
+    ws.receive(event(1, 4));
+    await flush();
+    ws.serverClose(code);
+    await env.clock.advance(500);
+    eq(env.sockets.length, 2, `close ${code}: reconnected within 0.5 s`);
+    ws = env.last();
+    ws.open();
+    await flush();
+    ws.receive({ type: "authenticated", subject: null, projects: null, expires_at: null });
+    await flush();
+    eq(ws.sentOf("subscribe"), [{ type: "subscribe", project_id: 1, epoch: "e", after: 4 }]);
+  }
+});
+
+test("4001 and 4002 get a new token before reconnecting", async () => {
+  const env = setup();
+  let ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  ws.serverClose(4002); // expired: prompt
+  await env.clock.advance(500);
+  eq([env.sockets.length, env.tokens.length], [2, 2]);
+  ws = env.last();
+  ws.open();
+  await flush();
+  eq(ws.sent[0].token, env.tokens[1], "the new token");
+  ws.serverClose(4001); // refused before going live: with backoff
+  await env.clock.advance(999);
+  eq(env.sockets.length, 2, "4001 waits for the backoff");
+  await env.clock.advance(1);
+  eq(env.sockets.length, 3);
+  ws = env.last();
+  ws.open();
+  await flush();
+  eq(ws.sent[0].token, env.tokens[env.tokens.length - 1], "asked again (polling may ask too)");
+  assert(env.tokens.length >= 3);
+});
+
+test("1008, 1009 and 4009 are reported as client bugs and still reconnect", async () => {
+  for (const code of [1008, 1009, 4009]) {
+    const env = setup();
+    const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+    ws.serverClose(code);
+    await env.clock.advance(1000);
+    eq(env.sockets.length, 2, `close ${code} reconnects`);
+    assert(env.errors.some((e) => e.code === "closed" && e.closeCode === code), `close ${code} reported`);
+  }
+});
+
+test("the token is refreshed in-band before it expires", async () => {
+  const env = setup({ tokenLifetime: 100 });
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  // Estimated expiry 99 s (iat truncation), margin a quarter: refresh at 74.25 s.
+  await env.clock.advance(74000);
+  eq(ws.sentOf("auth").length, 1);
+  await env.clock.advance(1000);
+  eq(ws.sentOf("auth").length, 2, "refreshed");
+  eq(ws.sentOf("auth")[1].token, env.tokens[1]);
+  ws.receive({ type: "authenticated", subject: null, projects: null, expires_at: null });
+  await env.clock.advance(75000);
+  eq(ws.sentOf("auth").length, 3, "and again for the new token");
+  eq(env.sockets.length, 1, "same connection");
+});
+
+test("a token string is used as is; no token means no auth frame", async () => {
+  const env = setup({ options: { token: "static-token" } });
+  await flush();
+  env.last().open();
+  await flush();
+  eq(env.last().sent, [{ type: "auth", token: "static-token" }]);
+  const open = setup({ options: { token: undefined } });
+  await flush();
+  open.last().open();
+  await flush();
+  eq(open.last().sent, [{ type: "subscribe", project_id: 1 }], "--no-auth gateway");
+});
+
+test("a gap on the WebSocket resubscribes from the cursor", async () => {
+  const env = setup();
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  ws.receive(event(1, 1));
+  ws.receive(event(1, 3));
+  await flush();
+  eq(env.events[1], [1]);
+  eq(ws.sentOf("subscribe").slice(-1)[0], { type: "subscribe", project_id: 1, epoch: "e", after: 1 });
+});
+
+test("an unavailable subscribe is retried; unsubscribe and close stop everything", async () => {
+  const env = setup({ subscribe: [1, 2] });
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  ws.receive({ type: "error", code: "unavailable", message: "Redis down", project_id: 2 });
+  await env.clock.advance(1000);
+  eq(ws.sentOf("subscribe").filter((m) => m.project_id === 2).length, 2, "retried");
+  env.unsubscribe[1]();
+  eq(ws.sent.slice(-1)[0], { type: "unsubscribe", project_id: 1 });
+  ws.receive(event(1, 1));
+  await flush();
+  eq(env.events[1], [], "nothing after unsubscribe");
+  env.bus.close();
+  eq(ws.closedWith.code, 1000);
+  eq(env.bus.state, "offline");
+  await env.clock.advance(120000);
+  eq(env.sockets.length, 1, "no reconnect after close()");
+});
+
+test("a silent connection is dropped after the ping timeout", async () => {
+  const env = setup();
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  env.autoPong = false;
+  await env.clock.advance(25000);
+  eq(ws.sentOf("ping").length, 1);
+  await env.clock.advance(10000);
+  eq(env.bus.state, "reconnecting");
+  assert(ws.closedWith !== null, "socket closed");
+  await env.clock.advance(1000);
+  eq(env.sockets.length, 2);
+});
+
+test("offline drops the socket and reconnects when back online", async () => {
+  const env = setup();
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  env.online = false;
+  env.bus._handleOffline();
+  eq(env.bus.state, "offline");
+  assert(ws.closedWith !== null, "socket dropped");
+  await env.clock.advance(10000);
+  eq(env.sockets.length, 1, "no attempts while offline");
+  env.online = true;
+  env.bus._handleOnline();
+  await flush();
+  eq(env.sockets.length, 2, "at once when online");
+});
+
+// --- polling fallback ----------------------------------------------------------------------------
+
+function pollServer(env, history) {
+  // A tiny gateway polling endpoint over `history` (epoch "p"), seq = index + 1.
+  env.poll = (url) => {
+    const query = new URL(url).searchParams;
+    const top = history.length;
+    if (!query.has("after")) return { status: 200, body: { project_id: 1, epoch: "p", seq: top, events: [], resync_required: null, more: false } };
+    const after = Number(query.get("after"));
+    const events = history.slice(after, after + 2).map((_, i) => event(1, after + i + 1));
+    return { status: 200, body: { project_id: 1, epoch: "p", seq: top, events, resync_required: null, more: after + 2 < top } };
+  };
+}
+
+test("WebSocket refused: polls every 10 s with the token, then switches back", async () => {
+  const env = setup({ autoFailSockets: true });
+  const history = [1, 2, 3];
+  pollServer(env, history);
+  await env.clock.advance(0);
+  eq(env.bus.state, "polling");
+  eq(env.requests.length, 1);
+  eq(env.requests[0].url, "http://gw.test/v1/projects/1/events", "first poll: no cursor");
+  eq(env.requests[0].headers.Authorization, `Bearer ${env.tokens[0]}`);
+  eq(env.resyncs, [1], "first contact loads state");
+  eq(env.bus.cursor(1), { epoch: "p", seq: 3 });
+
+  history.push(4, 5, 6, 7, 8); // 5 new events: more=true is followed at once
+  await env.clock.advance(9999);
+  eq(env.events[1], [], "not before the 10 s period");
+  await env.clock.advance(1);
+  eq(env.events[1], [4, 5, 6, 7, 8]);
+  eq(env.requests.slice(1).map((r) => new URL(r.url).search), ["?epoch=p&after=3", "?epoch=p&after=5", "?epoch=p&after=7"]);
+  assert(env.sockets.length >= 4, "WebSocket retried in the background");
+
+  env.autoFailSockets = false;
+  for (let i = 0; i < 60 && env.last().readyState !== 0; i += 1) await env.clock.advance(1000);
+  const ws = env.last();
+  assert(ws.readyState === 0, "a WebSocket attempt is pending");
+  ws.open();
+  await flush();
+  ws.receive({ type: "authenticated", subject: null, projects: null, expires_at: null });
+  await flush();
+  eq(env.bus.state, "live");
+  eq(env.bus.transport, "websocket");
+  eq(ws.sentOf("subscribe"), [{ type: "subscribe", project_id: 1, epoch: "p", after: 8 }], "resume from the polled cursor");
+  const polls = env.requests.length;
+  await env.clock.advance(60000);
+  eq(env.requests.length, polls, "polling stopped");
+});
+
+test("no WebSocket support at all: polling only", async () => {
+  const env = setup({ options: { WebSocket: null } });
+  pollServer(env, [1]);
+  await env.clock.advance(0);
+  eq(env.bus.state, "polling");
+  eq(env.sockets.length, 0);
+  await env.clock.advance(20000);
+  eq(env.requests.length, 3);
+});
+
+test("polling: resync_required, 401 and an unreachable gateway", async () => {
+  const env = setup({ autoFailSockets: true });
+  pollServer(env, [1, 2]);
+  await env.clock.advance(0);
+  eq(env.bus.cursor(1), { epoch: "p", seq: 2 });
+  env.poll = () => ({
+    status: 200,
+    body: { project_id: 1, epoch: "q", seq: 9, events: [], more: false, resync_required: { type: "resync_required", project_id: 1, reason: "epoch_changed", epoch: "q", seq: 9 } },
+  });
+  await env.clock.advance(10000);
+  eq(env.resyncs, [1, 1]);
+  eq(env.bus.cursor(1), { epoch: "q", seq: 9 });
+  const tokens = env.tokens.length;
+  env.poll = () => ({ status: 401, body: { error: "invalid_token", message: "expired" } });
+  await env.clock.advance(10000);
+  env.poll = () => new TypeError("Failed to fetch");
+  await env.clock.advance(10000);
+  assert(env.tokens.length > tokens, "token re-asked after 401");
+  eq(env.bus.state, "reconnecting", "neither transport works");
+});
