@@ -187,6 +187,16 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._dispatch("POST")
 
+    # Other methods get a JSON 405/404 rather than http.server's HTML 501.
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
+    def do_PATCH(self) -> None:
+        self._dispatch("PATCH")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
     def _project(self, project_id: str) -> int:
         value = int(project_id)
         if value != self.app.config.project_id:

@@ -1,0 +1,421 @@
+"""The demo backend of examples/dashboard without a browser: its API, persistence, outbox,
+expiry sweeper, simulated agents, and ``python -m examples.dashboard.run`` start/stop.
+
+Runs against the session's private Redis (``redis_url``), never the machine's 6379.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import redis
+
+from examples.dashboard.server import Config, DemoApp
+from examples.dashboard.store import Store
+from schemas.events import decode_event
+from schemas.keys import Keys
+from schemas.tokens import verify_token
+
+ROOT = Path(__file__).resolve().parents[1]
+SECRET = "backend-tests-secret-0123456789abcdef"
+
+
+def call(app: DemoApp, method: str, path: str, body=None, raw: bytes | None = None):
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    request = urllib.request.Request(app.url.rstrip("/") + path, data=data, method=method)
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+def wait_for(condition, timeout: float = 10.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def published(redis_url: str, project_id: int = 1) -> list[dict]:
+    """The events in the project's stream, decoded."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        entries = client.xrange(Keys().stream(project_id))
+    finally:
+        client.close()
+    return [json.loads(fields[b"f"]) for _, fields in entries]
+
+
+@pytest.fixture
+def make_app(tmp_path, redis_url):
+    apps: list[DemoApp] = []
+
+    def make(**overrides) -> DemoApp:
+        values = dict(
+            port=0,
+            db=str(tmp_path / "dashboard.sqlite3"),
+            redis_url=redis_url,
+            auth_secret=SECRET,
+            agents=False,
+            resume_delay=0.1,
+        )
+        values.update(overrides)
+        app = DemoApp(Config(**values)).start()
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        try:
+            app.stop()
+        except Exception:
+            pass  # already stopped by the test
+
+
+@pytest.fixture
+def app(make_app) -> DemoApp:
+    return make_app()
+
+
+def raise_blocker(app, kind="SYNC", agent="backend-worker-001", question="JWT or sessions?"):
+    status, body = call(
+        app,
+        "POST",
+        "/api/projects/1/blockers",
+        {"agent_id": agent, "blocker_type": kind, "question": question, "task_title": "Auth"},
+    )
+    assert status == 201, body
+    return body
+
+
+# --- API -----------------------------------------------------------------------------------
+
+
+def test_blocker_lifecycle_publishes_the_contract_events(app, redis_url):
+    blocker = raise_blocker(app)
+    assert blocker["status"] == "PENDING"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+Z", blocker["created_at"])
+    status, resolved = call(
+        app, "POST", f"/api/blockers/{blocker['id']}/resolve", {"answer": "Use JWT"}
+    )
+    assert status == 200 and resolved["status"] == "RESOLVED" and resolved["answer"] == "Use JWT"
+    events = wait_for(lambda: len(published(redis_url)) == 3 and published(redis_url))
+    assert [e["type"] for e in events] == ["blocker_created", "blocker_resolved", "agent_resumed"]
+    assert [e["seq"] for e in events] == [1, 2, 3]
+    for event in events:  # every one valid against the contract
+        decode_event(json.dumps({k: v for k, v in event.items() if k != "seq"}))
+    created, resolved_event, resumed = events
+    assert created["blocker"]["id"] == blocker["id"]
+    assert created["blocker"]["agent_id"] == "backend-worker-001"
+    assert created["blocker"]["agent_name"] == "Backend Worker #1"
+    assert resolved_event["answer"] == "Use JWT"
+    assert (resumed["agent_id"], resumed["blocker_id"], resumed["task_id"]) == (
+        "backend-worker-001",
+        blocker["id"],
+        blocker["task_id"],
+    )
+    _, agents = call(app, "GET", "/api/projects/1/agents")
+    assert {a["id"]: a["status"] for a in agents}["backend-worker-001"] == "working"
+
+
+def test_resolve_errors(app):
+    blocker = raise_blocker(app)
+    path = f"/api/blockers/{blocker['id']}/resolve"
+    assert call(app, "POST", path, {"answer": ""})[0] == 422
+    assert call(app, "POST", path, {"answer": "   \n"})[0] == 422
+    assert call(app, "POST", path, {"answer": 42})[0] == 422
+    assert call(app, "POST", path, {})[0] == 422
+    status, body = call(app, "POST", path, {"answer": "x" * 5001})
+    assert status == 422 and "5000" in body["message"]
+    assert call(app, "POST", path, raw=b"{not json")[0] == 400
+    assert call(app, "POST", "/api/blockers/999999/resolve", {"answer": "a"})[0] == 404
+    assert call(app, "POST", path, {"answer": "x" * 5000})[0] == 200  # the limit itself is fine
+    status, body = call(app, "POST", path, {"answer": "again"})
+    assert (status, body["status"]) == (409, "RESOLVED")
+
+
+def test_resolve_an_expired_blocker_is_a_conflict(make_app):
+    app = make_app(blocker_ttl=0.3, sweep_interval=0.05)
+    blocker = raise_blocker(app)
+    wait_for(lambda: call(app, "GET", f"/api/blockers/{blocker['id']}")[1]["status"] == "EXPIRED")
+    status, body = call(app, "POST", f"/api/blockers/{blocker['id']}/resolve", {"answer": "a"})
+    assert (status, body["status"]) == (409, "EXPIRED")
+
+
+def test_blocker_list_filters_and_order(app):
+    first = raise_blocker(app, "ASYNC", "backend-worker-001")
+    second = raise_blocker(app, "SYNC", "frontend-worker-001")
+    third = raise_blocker(app, "ASYNC", "test-worker-001")
+    call(app, "POST", f"/api/blockers/{first['id']}/resolve", {"answer": "done"})
+    status, body = call(app, "GET", "/api/projects/1/blockers")
+    assert status == 200
+    assert [b["id"] for b in body["blockers"]] == [second["id"], third["id"]]  # SYNC, newest
+    _, body = call(app, "GET", "/api/projects/1/blockers?status=resolved")
+    assert [b["id"] for b in body["blockers"]] == [first["id"]]
+    _, body = call(app, "GET", "/api/projects/1/blockers?status=ALL")
+    assert len(body["blockers"]) == 3
+    assert call(app, "GET", "/api/projects/1/blockers?status=bogus")[0] == 400
+    assert call(app, "GET", "/api/projects/2/blockers")[0] == 404
+    assert call(app, "GET", f"/api/blockers/{second['id']}")[1]["question"] == "JWT or sessions?"
+    assert call(app, "GET", "/api/blockers/424242")[0] == 404
+    assert call(app, "DELETE", f"/api/blockers/{second['id']}")[0] in (404, 405, 501)
+
+
+def test_raising_a_blocker_validates_and_blocks_the_agent(app):
+    assert (
+        call(app, "POST", "/api/projects/1/blockers", {"agent_id": "nobody", "question": "q"})[0]
+        == 404
+    )
+    status, _ = call(
+        app, "POST", "/api/projects/1/blockers", {"agent_id": "test-worker-001", "question": ""}
+    )
+    assert status == 422
+    status, _ = call(
+        app,
+        "POST",
+        "/api/projects/1/blockers",
+        {"agent_id": "test-worker-001", "question": "q", "blocker_type": "MAYBE"},
+    )
+    assert status == 422
+    raise_blocker(app, agent="test-worker-001")
+    status, body = call(
+        app, "POST", "/api/projects/1/blockers", {"agent_id": "test-worker-001", "question": "q"}
+    )
+    assert (status, body["status"]) == (409, "blocked")
+
+
+def test_state_endpoint_has_what_a_resync_needs(app):
+    blocker = raise_blocker(app)
+    status, state = call(app, "GET", "/api/projects/1/state")
+    assert status == 200
+    assert [b["id"] for b in state["blockers"]] == [blocker["id"]]
+    assert {a["id"] for a in state["agents"]} == {
+        "backend-worker-001",
+        "frontend-worker-001",
+        "test-worker-001",
+    }
+    assert state["tasks"][0]["status"] == "BLOCKED"
+    assert state["activity"][0]["key"] == f"blocker_created:{blocker['id']}"
+
+
+def test_token_endpoint_mints_a_gateway_token_for_the_project(app):
+    status, body = call(app, "POST", "/api/gateway-token")
+    assert status == 200
+    claims = verify_token(body["token"], SECRET)
+    assert claims.projects == frozenset({1})
+    assert claims.exp - time.time() == pytest.approx(900, abs=5)
+    assert call(app, "GET", "/api/gateway-token")[0] == 405
+
+
+def test_config_and_static_files(app):
+    status, config = call(app, "GET", "/api/config")
+    assert status == 200
+    assert config["project_id"] == 1 and config["auth"] is True
+    assert config["gateway_url"].startswith("ws://127.0.0.1:")
+    with urllib.request.urlopen(app.url) as response:
+        assert b"Agent dashboard" in response.read()
+    for path, kind in [
+        ("eventbus.js", "text/javascript"),
+        ("eventbus.d.ts", "text/plain"),
+        ("static/app.js", "text/javascript"),
+        ("static/style.css", "text/css"),
+    ]:
+        with urllib.request.urlopen(app.url + path) as response:
+            assert response.headers["Content-Type"].startswith(kind)
+    for path in ("static/../server.py", "static/%2e%2e/server.py", "nope"):
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(app.url + path)
+        assert info.value.code == 404
+
+
+def test_page_uses_no_external_resources():
+    static = ROOT / "examples" / "dashboard" / "static"
+    for file in static.iterdir():
+        text = file.read_text()
+        assert not re.search(r"(src|href)=[\"']https?://", text), file
+        assert "@import url(http" not in text, file
+        assert not re.search(r"from ['\"]https?://", text), file
+
+
+# --- persistence and the outbox ------------------------------------------------------------
+
+
+def test_restart_loses_no_blockers(make_app, tmp_path):
+    app = make_app()
+    kept = raise_blocker(app, "SYNC", "backend-worker-001")
+    done = raise_blocker(app, "ASYNC", "frontend-worker-001")
+    call(app, "POST", f"/api/blockers/{done['id']}/resolve", {"answer": "ok"})
+    app.stop()
+    again = make_app()  # same database file
+    _, body = call(again, "GET", "/api/projects/1/blockers?status=ALL")
+    assert {(b["id"], b["status"]) for b in body["blockers"]} == {
+        (kept["id"], "PENDING"),
+        (done["id"], "RESOLVED"),
+    }
+    status, _ = call(again, "POST", f"/api/blockers/{kept['id']}/resolve", {"answer": "later"})
+    assert status == 200
+
+
+def test_events_written_while_redis_is_down_are_published_later(tmp_path, redis_url):
+    # The change and its event are committed together; the relay publishes when it can, in order.
+    store = Store(tmp_path / "outbox.sqlite3")
+    store.seed(1)
+    blocker = store.create_blocker(1, "backend-worker-001", "SYNC", "Q?", task_title="T")
+    store.resolve_blocker(blocker["id"], "A")
+    assert store.unpublished_count() == 2
+    store.close()
+    app = DemoApp(
+        Config(port=0, db=str(tmp_path / "outbox.sqlite3"), redis_url=redis_url, agents=False)
+    ).start()
+    try:
+        app.wait_published()
+        types = [e["type"] for e in published(redis_url)]
+        assert types[:2] == ["blocker_created", "blocker_resolved"]
+    finally:
+        app.stop()
+
+
+def test_outbox_retries_publish_each_event_once(tmp_path, redis_url):
+    store = Store(tmp_path / "once.sqlite3")
+    store.seed(1)
+    store.create_blocker(1, "backend-worker-001", "ASYNC", "Q?", task_title="T")
+    from examples.dashboard.workers import OutboxRelay
+    from publisher import Publisher
+
+    publisher = Publisher.from_url(redis_url)
+    relay = OutboxRelay(store, publisher)
+    relay.step()
+    # A crash after Redis accepted the event but before the row was marked: the retry is a no-op.
+    store._db.execute("UPDATE outbox SET published_at = NULL")
+    relay.step()
+    assert len(published(redis_url)) == 1
+    publisher.close()
+    store.close()
+
+
+def test_sweeper_expires_old_blockers_and_fails_their_task(make_app, redis_url):
+    app = make_app(blocker_ttl=0.5, sweep_interval=0.05)
+    blocker = raise_blocker(app, "ASYNC", "test-worker-001")
+    wait_for(
+        lambda: any(e["type"] == "blocker_expired" for e in published(redis_url)),
+        what="blocker_expired",
+    )
+    expired = next(e for e in published(redis_url) if e["type"] == "blocker_expired")
+    assert (expired["blocker_id"], expired["task_id"]) == (blocker["id"], blocker["task_id"])
+    _, tasks = call(app, "GET", "/api/projects/1/tasks")
+    assert {t["id"]: t["status"] for t in tasks}[blocker["task_id"]] == "FAILED"
+    _, pending = call(app, "GET", "/api/projects/1/blockers")
+    assert pending["blockers"] == []
+    _, activity = call(app, "GET", "/api/projects/1/activity")
+    assert activity[0]["text"] == f"Blocker #{blocker['id']} expired - task failed"
+
+
+def test_default_expiry_is_24_hours():
+    assert Config().blocker_ttl == 24 * 3600
+
+
+def test_simulated_agents_raise_sync_and_async_blockers(make_app, redis_url):
+    app = make_app(agents=True, work_time=(0.05, 0.1))
+    kinds: set[str] = set()
+    resolved: set[int] = set()
+    deadline = time.monotonic() + 20
+    # Agents block on their blocker: answer each one so they carry on raising new ones.
+    while kinds != {"SYNC", "ASYNC"}:
+        assert time.monotonic() < deadline, f"only saw {kinds}"
+        for event in published(redis_url):
+            if event["type"] == "blocker_created":
+                kinds.add(event["blocker"]["blocker_type"])
+                blocker_id = event["blocker"]["id"]
+                if blocker_id not in resolved:
+                    resolved.add(blocker_id)
+                    call(app, "POST", f"/api/blockers/{blocker_id}/resolve", {"answer": "go"})
+        time.sleep(0.05)
+    first = min(resolved)
+    wait_for(
+        lambda: any(
+            e["type"] == "agent_resumed" and e["blocker_id"] == first for e in published(redis_url)
+        ),
+        what="agent_resumed",
+    )
+
+
+# --- make run ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_run_starts_everything_and_stops_it_on_a_signal(tmp_path, stop_signal):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTBUS_")}
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "examples.dashboard.run",
+            "--port", "0", "--gateway-port", "0", "--no-agents",
+            "--db", str(tmp_path / "run.sqlite3"),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    output: list[str] = []
+    try:
+        url = None
+        deadline = time.monotonic() + 30
+        while url is None:
+            line = process.stdout.readline()
+            if not line:
+                raise AssertionError("run exited early:\n" + "".join(output))
+            output.append(line)
+            match = re.search(r"Dashboard\s+(http://\S+)", line)
+            if match:
+                url = match.group(1)
+            assert time.monotonic() < deadline, "".join(output)
+        gateway = re.search(r"Gateway\s+ws://([\d.]+:\d+)/", "".join(output))
+        while gateway is None:
+            output.append(process.stdout.readline())
+            gateway = re.search(r"Gateway\s+ws://([\d.]+:\d+)/", "".join(output))
+        with urllib.request.urlopen(url + "api/config", timeout=5) as response:
+            assert json.loads(response.read())["auth"] is True
+        with urllib.request.urlopen(f"http://{gateway.group(1)}/readyz", timeout=5) as response:
+            assert response.status == 200
+        children = subprocess.run(
+            ["pgrep", "-P", str(process.pid)], capture_output=True, text=True
+        ).stdout.split()
+        assert len(children) == 2, children  # redis-server and the gateway
+
+        process.send_signal(stop_signal)
+        rest, _ = process.communicate(timeout=30)
+        assert process.returncode == 0, "".join(output) + rest
+        assert "stopped." in rest
+        for pid in children:
+            assert not Path(f"/proc/{pid}").exists() or _zombie(pid), f"child {pid} still runs"
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://{gateway.group(1)}/healthz", timeout=2)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _zombie(pid: str) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except OSError:
+        return True
