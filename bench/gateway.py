@@ -1,0 +1,658 @@
+"""Gateway benchmark: our gateway against two baselines, side by side, in one run.
+
+Servers (each in its own process, pinned to core 0, one after the other):
+
+* ``gateway``: ``python -m gateway --no-auth`` (this project);
+* ``naive``: the contract's ``ConnectionManager`` looping ``await ws.send(json.dumps(event))``
+  (see :mod:`bench.baselines`);
+* ``broadcast``: websockets' own ``broadcast()``, the frame decoded once.
+
+The load generator (:mod:`bench.loadgen`, raw sockets counting frames in bulk), the publisher (the
+real :class:`publisher.Publisher`) and a private ``redis-server`` share core 1.
+
+Figures (see ``docs/benchmarks.md``):
+
+1. deliveries/s with 1,000 and 10,000 subscribers of one project and 10,000 subscribers over 100
+   projects. The publisher keeps a fixed number of events in flight per subscriber (``--window``)
+   and publishes more as the clients count deliveries, so it goes exactly as fast as the server.
+   Median of several fixed windows after a warm-up.
+2. publish-to-receive latency p50/p99, 1,000 subscribers, 100 events/s (100,000 deliveries/s):
+   each event carries its publish time; clients subtract it from their receive time.
+3. memory per idle connection: RSS delta of the server / connections, 10,000 idle subscribers.
+4. 10,000 clients resuming with 100 missed events each (gateway only): the clients are reset,
+   100 events per project are published, they reconnect with their cursors; time until every one
+   has its 100 replayed events and ``subscribed``, then every client's seqs are checked.
+
+``python -m bench.gateway`` (about 4 minutes), ``--quick`` for a smoke run (under a minute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import redis
+
+from bench.common import BenchRedis
+from bench.loadgen import LoadGen, raise_nofile, verify_resume
+from publisher import Publisher
+from schemas.events import BlockerResolved, utc_now
+from schemas.keys import Keys
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVERS = ("gateway", "naive", "broadcast")
+LABELS = {"gateway": "gateway", "naive": "naive (contract)", "broadcast": "ws broadcast()"}
+SERVER_CPU = 0
+CLIENT_CPU = 1
+
+TARGETS = {
+    "throughput": 200_000,  # deliveries/s
+    "p99_ms": 10.0,
+    "kib_per_conn": 12.0,
+    "resume_s": 10.0,
+}
+
+
+@dataclass
+class Params:
+    clients: int = 10_000
+    few: int = 1_000
+    projects: int = 100
+    warmup: float = 2.0
+    window: float = 3.0
+    windows: int = 3
+    inflight_events: int = 8  # events in flight per subscriber while measuring throughput
+    latency_rate: int = 100  # events/s
+    latency_seconds: float = 10.0
+    missed: int = 100
+    workers: int = 2
+    inflight_connects: int = 512  # handshakes + subscribes in progress at once
+
+
+QUICK = Params(
+    clients=2_000,
+    few=500,
+    projects=20,
+    warmup=0.5,
+    window=1.0,
+    windows=3,
+    latency_seconds=2.0,
+    workers=2,
+    inflight_connects=64,
+)
+
+
+# --- processes, CPUs, measurements -------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A free port below the ephemeral range, so that no client socket can take it (nor
+    connect to itself on it while the server starts)."""
+    ports = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+    low = int(ports[0])
+    for _ in range(100):
+        port = random.randrange(max(1024, low - 12000), low)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port")
+
+
+def pinning() -> bool:
+    return hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2
+
+
+def _pin_server() -> None:
+    os.sched_setaffinity(0, {SERVER_CPU})
+
+
+class Server:
+    """One server under test in its own process on core 0."""
+
+    def __init__(self, kind: str, redis_url: str) -> None:
+        self.kind = kind
+        self.port = free_port()
+        common = ["--host", "127.0.0.1", "--port", str(self.port), "--redis-url", redis_url]
+        if kind == "gateway":
+            cmd = [sys.executable, "-m", "gateway", "--no-auth", "--log-level", "warning", *common]
+        else:
+            cmd = [sys.executable, "-m", "bench.baselines", kind, *common]
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=env,
+            preexec_fn=_pin_server if pinning() else None,
+            stdout=subprocess.DEVNULL,
+            stderr=None,
+        )
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise SystemExit(f"{kind} server did not start") from None
+                time.sleep(0.05)
+
+    @property
+    def rss(self) -> int:
+        """Resident set size in bytes."""
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
+    @property
+    def cpu(self) -> float:
+        """CPU seconds used so far (user + system)."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def metric(self, name: str) -> float | None:
+        """A gauge or counter from the gateway's /metrics (None for the baselines)."""
+        if self.kind != "gateway":
+            return None
+        url = f"http://127.0.0.1:{self.port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            for line in response.read().decode().splitlines():
+                if line.startswith(f"eventbus_{name} "):
+                    return float(line.split()[1])
+        return None
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def core_busy(cpu: int) -> Callable[[], float]:
+    """Start measuring how busy one core is; the returned function gives the busy fraction."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            for line in f:
+                if line.startswith(f"cpu{cpu} "):
+                    values = [int(v) for v in line.split()[1:]]
+                    idle = values[3] + values[4]
+                    return sum(values), idle
+        return 0, 0
+
+    total0, idle0 = sample()
+
+    def done() -> float:
+        total1, idle1 = sample()
+        elapsed = total1 - total0
+        return 1.0 - (idle1 - idle0) / elapsed if elapsed else 0.0
+
+    return done
+
+
+# --- publishing ----------------------------------------------------------------------------------
+
+
+def event(project_id: int, n: int) -> BlockerResolved:
+    """A contract event carrying its publish time (ns) in ``answer``."""
+    return BlockerResolved(
+        project_id=project_id,
+        blocker_id=n,
+        answer=f"t{time.time_ns()}",
+        resolved_at=utc_now(),
+    )
+
+
+class Pump:
+    """Publishes to the clients' projects round-robin, keeping ``inflight`` events per subscriber
+    in flight (published but not yet counted by the clients): as fast as the server delivers.
+
+    Deliveries expected = sum over projects of events published x that project's subscribers.
+    """
+
+    def __init__(self, publisher: Publisher, loadgen: LoadGen) -> None:
+        self.publisher = publisher
+        self.loadgen = loadgen
+        stats = loadgen.stats()
+        self.subscribers: dict[int, int] = stats["projects"]
+        self.projects = sorted(self.subscribers)
+        self.clients = stats["clients"]
+        self.base = loadgen.frames
+        self.expected = 0  # deliveries
+        self.published = 0  # events
+        self.n = 0
+
+    def outstanding(self) -> int:
+        return self.expected - (self.loadgen.frames - self.base)
+
+    def run_until(self, deadline: float, inflight: int) -> None:
+        projects = self.projects
+        subscribers = self.subscribers
+        per_project = max(1, self.clients // len(projects))
+        limit = inflight * self.clients
+        threshold = max(per_project, limit // 2)
+        while time.monotonic() < deadline:
+            room = limit - self.outstanding()
+            if room < threshold:
+                time.sleep(0.0003)
+                continue
+            batch = []
+            while room > 0 and len(batch) < 2000:
+                project = projects[self.n % len(projects)]
+                self.n += 1
+                batch.append(event(project, self.n))
+                room -= subscribers[project]
+                self.expected += subscribers[project]
+            self.publisher.publish_many(batch)
+            self.published += len(batch)
+
+    def settle(self, timeout: float = 30.0) -> bool:
+        """Wait until every published event has been counted by every client."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.outstanding() <= 0:
+                return True
+            time.sleep(0.01)
+        return False
+
+
+# --- scenarios ------------------------------------------------------------------------------------
+
+
+def throughput(
+    server: Server,
+    publisher: Publisher,
+    loadgen: LoadGen,
+    p: Params,
+) -> dict:
+    pump = Pump(publisher, loadgen)
+    start = time.monotonic()
+    pump.run_until(start + p.warmup, p.inflight_events)
+    rates, server_cpu, client_core = [], [], []
+    for _ in range(p.windows):
+        t0, f0, c0 = time.monotonic(), loadgen.frames, server.cpu
+        busy = core_busy(CLIENT_CPU)
+        pump.run_until(t0 + p.window, p.inflight_events)
+        t1, f1, c1 = time.monotonic(), loadgen.frames, server.cpu
+        rates.append((f1 - f0) / (t1 - t0))
+        server_cpu.append((c1 - c0) / (t1 - t0))
+        client_core.append(busy())
+    settled = pump.settle()
+    stats = loadgen.stats()
+    return {
+        "deliveries_per_s": statistics.median(rates),
+        "windows": [round(r) for r in rates],
+        "server_cpu": round(statistics.median(server_cpu), 3),
+        "client_core_busy": round(statistics.median(client_core), 3),
+        "events_published": pump.published,
+        "settled": settled,
+        "clients": stats["clients"],
+        "disconnected": stats["dead"],
+    }
+
+
+def latency(
+    server: Server, publisher: Publisher, loadgen: LoadGen, project: int, p: Params
+) -> dict:
+    stats = loadgen.stats()
+    subscribers = stats["clients"]
+    loadgen.mode("latency")
+    base = loadgen.frames
+    interval = 1.0 / p.latency_rate
+    count = int(p.latency_seconds * p.latency_rate)
+    busy = core_busy(CLIENT_CPU)
+    c0 = server.cpu
+    start = time.monotonic()
+    for i in range(count):
+        delay = start + i * interval - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        publisher.publish(event(project, i + 1))
+    elapsed = time.monotonic() - start
+    server_cpu = (server.cpu - c0) / elapsed
+    client_core = busy()
+    expected = count * subscribers
+    deadline = time.monotonic() + 15
+    while loadgen.frames - base < expected and time.monotonic() < deadline:
+        time.sleep(0.02)
+    samples = sorted(loadgen.latencies())
+    loadgen.mode("count")
+    missing = expected - len(samples)
+
+    def pct(q: float) -> float | None:
+        index = int(q * expected)
+        if index >= len(samples):
+            return None  # not delivered within the timeout
+        return samples[index] / 1e6
+
+    return {
+        "p50_ms": pct(0.50),
+        "p99_ms": pct(0.99),
+        "max_ms": samples[-1] / 1e6 if samples else None,
+        "deliveries_per_s": round(expected / elapsed),
+        "missing": missing,
+        "server_cpu": round(server_cpu, 3),
+        "client_core_busy": round(client_core, 3),
+    }
+
+
+def wait_connections(server: Server, count: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.metric("connections") == count:
+            return
+        time.sleep(0.05)
+
+
+def resume(
+    server: Server,
+    publisher: Publisher,
+    loadgen: LoadGen,
+    rconn: redis.Redis,
+    projects: list[int],
+    p: Params,
+) -> dict:
+    keys = Keys()
+    cursors = {}
+    for project in projects:
+        epoch, top = rconn.hmget(keys.meta(project), "epoch", "seq")
+        cursors[project] = (epoch.decode(), int(top))
+    specs = [
+        (projects[i % len(projects)], *cursors[projects[i % len(projects)]])
+        for i in range(p.clients)
+    ]
+    loadgen.close()
+    wait_connections(server, 0)
+    for start in range(0, len(projects) * p.missed, 2000):
+        publisher.publish_many(
+            event(projects[i % len(projects)], i + 1)
+            for i in range(start, min(start + 2000, len(projects) * p.missed))
+        )
+    busy = core_busy(CLIENT_CPU)
+    c0 = server.cpu
+    result = loadgen.connect(specs, record=True, inflight=p.inflight_connects)
+    client_core = busy()
+    server_cpu = (server.cpu - c0) / result["seconds"]
+    check = verify_resume(loadgen.records(), p.missed)
+    loadgen.mode("count")
+    return {
+        "seconds": round(result["seconds"], 3),
+        "clients": result["clients"],
+        "failed": result["failed"],
+        "exact": check["exact"],
+        "problems": check["problems"],
+        "server_cpu": round(server_cpu, 3),
+        "client_core_busy": round(client_core, 3),
+    }
+
+
+def run_server(kind: str, redis_url: str, p: Params, log: Callable[[str], None]) -> dict:
+    rconn = redis.Redis.from_url(redis_url)
+    rconn.flushall()
+    publisher = Publisher.from_url(redis_url)
+    server = Server(kind, redis_url)
+    sources = [f"127.0.0.{i}" for i in range(1, 9)]
+    loadgen = LoadGen(
+        "127.0.0.1",
+        server.port,
+        workers=p.workers,
+        sources=sources,
+        cpus={CLIENT_CPU} if pinning() else None,
+    )
+    out: dict = {"server": kind}
+    try:
+        projects = list(range(1, p.projects + 1))
+        # Warm the server up (imports, first feed), then take the idle baseline.
+        loadgen.connect([(1, None, None)])
+        loadgen.close()
+        time.sleep(0.5)
+        rss0 = server.rss
+        specs = [(projects[i % len(projects)], None, None) for i in range(p.clients)]
+        connected = loadgen.connect(specs, inflight=p.inflight_connects)
+        time.sleep(1.0)
+        rss1 = server.rss
+        out["connect"] = {k: round(v, 3) for k, v in connected.items()}
+        out["memory"] = {
+            "rss_before_mib": round(rss0 / 2**20, 1),
+            "rss_after_mib": round(rss1 / 2**20, 1),
+            "kib_per_conn": round((rss1 - rss0) / connected["clients"] / 1024, 2),
+        }
+        log(f"  {kind}: {connected['clients']} clients connected in {connected['seconds']:.1f} s, "
+            f"{out['memory']['kib_per_conn']} KiB/connection")  # fmt: skip
+
+        out["many_projects"] = throughput(server, publisher, loadgen, p)
+        log(f"  {kind}: {p.clients} subscribers / {p.projects} projects: "
+            f"{out['many_projects']['deliveries_per_s']:,.0f} deliveries/s")  # fmt: skip
+
+        if kind == "gateway":
+            out["resume"] = resume(server, publisher, loadgen, rconn, projects, p)
+            r = out["resume"]
+            log(f"  {kind}: {r['clients']} resumes in {r['seconds']} s, "
+                f"{r['exact']}/{r['clients']} exact")  # fmt: skip
+
+        loadgen.resubscribe([1] * p.clients)
+        out["one_project"] = throughput(server, publisher, loadgen, p)
+        log(f"  {kind}: {p.clients} subscribers / 1 project: "
+            f"{out['one_project']['deliveries_per_s']:,.0f} deliveries/s")  # fmt: skip
+
+        loadgen.close(loadgen.stats()["clients"] - p.few)
+        out["few"] = throughput(server, publisher, loadgen, p)
+        log(f"  {kind}: {p.few} subscribers / 1 project: "
+            f"{out['few']['deliveries_per_s']:,.0f} deliveries/s")  # fmt: skip
+
+        out["latency"] = latency(server, publisher, loadgen, 1, p)
+        lat = out["latency"]
+        log(f"  {kind}: latency at {lat['deliveries_per_s']:,} deliveries/s: "
+            f"p50 {_ms(lat['p50_ms'])}, p99 {_ms(lat['p99_ms'])}")  # fmt: skip
+    finally:
+        loadgen.quit()
+        server.stop()
+        publisher.close()
+        rconn.close()
+    return out
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+
+def _ms(value: float | None) -> str:
+    return "not delivered" if value is None else f"{value:.1f} ms"
+
+
+def _rate(result: dict | None) -> str:
+    if not result:
+        return "-"
+    text = f"{result['deliveries_per_s']:,.0f}"
+    if result.get("disconnected"):
+        text += f" ({result['disconnected']} cut)"
+    return text
+
+
+def table(results: dict[str, dict], p: Params) -> str:
+    kinds = [k for k in SERVERS if k in results]
+    rows = [
+        ("", [LABELS[k] for k in kinds]),
+        (
+            f"deliveries/s, {p.few:,} subs, 1 project",
+            [_rate(results[k].get("few")) for k in kinds],
+        ),
+        (
+            f"deliveries/s, {p.clients:,} subs, 1 project",
+            [_rate(results[k].get("one_project")) for k in kinds],
+        ),
+        (
+            f"deliveries/s, {p.clients:,} subs, {p.projects} projects",
+            [_rate(results[k].get("many_projects")) for k in kinds],
+        ),
+        (
+            f"latency p50 / p99, {p.few:,} subs x {p.latency_rate} ev/s",
+            [
+                f"{_ms(results[k]['latency']['p50_ms'])} / {_ms(results[k]['latency']['p99_ms'])}"
+                if "latency" in results[k]
+                else "-"
+                for k in kinds
+            ],
+        ),
+        (
+            f"memory per idle connection ({p.clients:,})",
+            [
+                f"{results[k]['memory']['kib_per_conn']:.1f} KiB" if "memory" in results[k] else "-"
+                for k in kinds
+            ],
+        ),
+        (
+            f"{p.clients:,} resumes x {p.missed} missed events",
+            [
+                (
+                    f"{results[k]['resume']['seconds']:.2f} s, "
+                    f"{results[k]['resume']['exact']:,}/{results[k]['resume']['clients']:,} exact"
+                )
+                if "resume" in results[k]
+                else "n/a (no replay)"
+                for k in kinds
+            ],
+        ),
+    ]
+    width0 = max(len(r[0]) for r in rows)
+    widths = [max(len(r[1][i]) for r in rows) for i in range(len(kinds))]
+    lines = []
+    for label, cells in rows:
+        padded = [c.rjust(w) for c, w in zip(cells, widths, strict=True)]
+        lines.append((label.ljust(width0) + "  " + "  ".join(padded)).rstrip())
+    return "\n".join(lines)
+
+
+def check_targets(results: dict[str, dict], p: Params) -> list[str]:
+    """One line per target: met or missed, for the gateway."""
+    g = results.get("gateway")
+    if not g:
+        return []
+    out = []
+    others = [results[k] for k in ("naive", "broadcast") if k in results]
+
+    def line(ok: bool, text: str) -> None:
+        out.append(f"[{'met' if ok else 'MISSED'}] {text}")
+
+    for key in ("few", "one_project", "many_projects"):
+        rate = g[key]["deliveries_per_s"]
+        best = max((o[key]["deliveries_per_s"] for o in others), default=0)
+        line(
+            rate >= TARGETS["throughput"] and rate > best,
+            f"{key}: {rate:,.0f} deliveries/s >= {TARGETS['throughput']:,} and > baselines "
+            f"({best:,.0f}; x{rate / best:.2f})"
+            if best
+            else f"{key}: {rate:,.0f} deliveries/s",
+        )
+    p99 = g["latency"]["p99_ms"]
+    best_p99 = min(
+        (o["latency"]["p99_ms"] for o in others if o["latency"]["p99_ms"] is not None),
+        default=None,
+    )
+    line(
+        p99 is not None and p99 <= TARGETS["p99_ms"] and (best_p99 is None or p99 <= best_p99),
+        f"latency p99 {_ms(p99)} <= {TARGETS['p99_ms']} ms and <= baselines ({_ms(best_p99)})",
+    )
+    kib = g["memory"]["kib_per_conn"]
+    best_kib = min((o["memory"]["kib_per_conn"] for o in others), default=None)
+    line(
+        kib <= TARGETS["kib_per_conn"] and (best_kib is None or kib <= best_kib),
+        f"memory {kib:.1f} KiB/connection <= {TARGETS['kib_per_conn']} and <= baselines "
+        f"({best_kib} KiB)",
+    )
+    r = g["resume"]
+    line(
+        r["seconds"] <= TARGETS["resume_s"] and r["exact"] == r["clients"] == p.clients,
+        f"{r['clients']:,} resumes in {r['seconds']:.2f} s <= {TARGETS['resume_s']} s, "
+        f"{r['exact']:,} exact",
+    )
+    return out
+
+
+@contextlib.contextmanager
+def pinned_to_client_core() -> Iterator[None]:
+    if pinning():
+        before = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, {CLIENT_CPU})
+        try:
+            yield
+        finally:
+            os.sched_setaffinity(0, before)
+    else:
+        yield
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.gateway", description=(__doc__ or "").split("\n")[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="a short smoke run (under a minute)")
+    parser.add_argument(
+        "--servers", default=",".join(SERVERS), help=f"comma-separated subset of {SERVERS}"
+    )
+    parser.add_argument("--clients", type=int, help="subscribers for the 10,000 figures")
+    parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    args = parser.parse_args(argv)
+    p = Params(**vars(QUICK)) if args.quick else Params()
+    if args.clients:
+        p.clients = args.clients
+    kinds = [k.strip() for k in args.servers.split(",") if k.strip()]
+    for kind in kinds:
+        if kind not in SERVERS:
+            parser.error(f"unknown server {kind!r}")
+
+    def log(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    nofile = raise_nofile()
+    if nofile < p.clients + 100:
+        log(f"warning: RLIMIT_NOFILE is {nofile}; {p.clients} connections may not fit")
+    if not pinning():
+        log("warning: fewer than 2 CPUs available; server and load generator are not pinned")
+    started = time.monotonic()
+    results: dict[str, dict] = {}
+    with pinned_to_client_core():
+        redis_process = BenchRedis(CLIENT_CPU, "--maxclients", "15000")
+        try:
+            for kind in kinds:
+                log(f"bench.gateway: {LABELS[kind]}")
+                results[kind] = run_server(kind, redis_process.url, p, log)
+        finally:
+            redis_process.close()
+    elapsed = time.monotonic() - started
+    print()
+    print(
+        f"Gateway: {os.cpu_count()} cores, server on core {SERVER_CPU}, load generator + "
+        f"publisher + Redis on core {CLIENT_CPU}; {'quick' if args.quick else 'full'} run, "
+        f"{elapsed:.0f} s, {datetime.now(UTC):%Y-%m-%d}"
+    )
+    print(table(results, p))
+    targets = check_targets(results, p) if not args.quick and len(kinds) == len(SERVERS) else []
+    for line in targets:
+        print(line)
+    if args.json:
+        args.json.write_text(json.dumps({"params": vars(p), "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

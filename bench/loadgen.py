@@ -1,0 +1,599 @@
+"""Load generator for the gateway benchmark: raw-socket WebSocket clients that count frames in bulk.
+
+Each worker process runs one ``epoll`` loop over thousands of non-blocking sockets. A client does
+the opening handshake by hand, sends its ``subscribe`` as a masked text frame, and from then on
+only walks the frame headers of what it reads: a text frame is counted without building any
+per-frame Python object (no ``bytes`` slice, no JSON), pings are answered, a close frame or a
+reset ends the client. Reads are as large as the kernel has buffered, so a worker that falls
+behind reads more frames per system call and catches up: the server under test, not the load
+generator, sets the pace.
+
+Modes (per worker, switched between phases):
+
+* ``count``: count text frames (the hot path).
+* ``latency``: also read the publish timestamp embedded in each event (``"answer":"t<ns>"``) and
+  record ``receive time - publish time`` (same machine, same clock).
+* ``record``: also keep every payload, so that a resume can be checked seq by seq afterwards.
+
+The parent drives workers through :class:`LoadGen` (commands over a pipe); each worker publishes
+its running frame count in shared memory so that the publisher can pace itself on deliveries.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import json
+import multiprocessing
+import os
+import re
+import resource
+import select
+import socket
+import struct
+import time
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["LoadGen", "raise_nofile", "verify_resume"]
+
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+_LINGER_RST = struct.pack("ii", 1, 0)
+_TS_RE = re.compile(rb'"answer": ?"t(\d+)"')
+_SEQ_RE = re.compile(rb'"seq": ?(\d+)')
+_EPOLLIN = select.EPOLLIN
+_EPOLLOUT = select.EPOLLOUT
+
+# Client states.
+CONNECTING, HANDSHAKE, SUBSCRIBING, LIVE, DEAD = range(5)
+
+
+def raise_nofile() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; return the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def masked_text(payload: bytes) -> bytes:
+    """A client-to-server text frame (masking key 0: the payload goes through unchanged)."""
+    length = len(payload)
+    if length < 126:
+        return bytes((0x81, 0x80 | length)) + b"\0\0\0\0" + payload
+    return struct.pack("!BBH", 0x81, 0x80 | 126, length) + b"\0\0\0\0" + payload
+
+
+def _control(opcode: int, payload: bytes) -> bytes:
+    return bytes((0x80 | opcode, 0x80 | len(payload))) + b"\0\0\0\0" + payload
+
+
+def subscribe_frame(project_id: int, epoch: str | None = None, after: int | None = None) -> bytes:
+    message: dict[str, Any] = {"type": "subscribe", "project_id": project_id}
+    if epoch is not None:
+        message["epoch"], message["after"] = epoch, after
+    return masked_text(json.dumps(message, separators=(",", ":")).encode())
+
+
+def unsubscribe_frame(project_id: int) -> bytes:
+    return masked_text(b'{"type":"unsubscribe","project_id":%d}' % project_id)
+
+
+class Client:
+    __slots__ = (
+        "done_at",
+        "error",
+        "frames",
+        "fresh",
+        "head",
+        "live",
+        "project",
+        "record",
+        "rest",
+        "sock",
+        "spec",
+        "state",
+    )
+
+    def __init__(self, sock: socket.socket, spec: tuple[int, str | None, int | None]) -> None:
+        self.sock = sock
+        self.spec = spec
+        self.project = spec[0]
+        self.state = CONNECTING
+        self.live = False
+        self.head = b""
+        self.rest = b""
+        self.frames = 0
+        self.record: list[bytes] | None = None
+        self.done_at = 0.0
+        self.error: str | None = None
+        self.fresh = True  # not yet in the worker's list of live clients
+
+
+class Worker:
+    """One load-generator process (runs :meth:`run` until told to quit)."""
+
+    def __init__(self, ctrl, counter, host: str, port: int, sources: Sequence[str]) -> None:
+        self.ctrl = ctrl
+        self.counter = counter
+        self.addr = (host, port)
+        self.sources = list(sources)
+        self.source_index = 0
+        self.request = (
+            f"GET / HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            "Sec-WebSocket-Version: 13\r\nOrigin: http://localhost\r\n\r\n"
+        ).encode()
+        self.ep = select.epoll()
+        self.clients: dict[int, Client] = {}
+        self.order: list[Client] = []  # live clients, in connection order
+        self.total = 0
+        self.dead = 0
+        self.mode = "count"
+        self.latencies = array.array("q")
+        # Pending operation: clients waiting for "subscribed", clients not yet started.
+        self.waiting: set[Client] = set()
+        self.queue: list[tuple[int, str | None, int | None]] = []
+        self.inflight = 256
+        self.op: str | None = None
+        self.op_started = 0.0
+        self.op_failed = 0
+
+    # --- control -----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.ep.register(self.ctrl.fileno(), _EPOLLIN)
+        ctrl_fd = self.ctrl.fileno()
+        clients = self.clients
+        recv_size = 1 << 16
+        while True:
+            events = self.ep.poll(0.05 if self.op else 0.5)
+            total = 0
+            for fd, mask in events:
+                client = clients.get(fd)
+                if client is None:
+                    if fd == ctrl_fd and not self._command():
+                        return
+                    continue
+                state = client.state
+                if state == CONNECTING:
+                    self._connected(client, mask)
+                    continue
+                try:
+                    data = client.sock.recv(recv_size)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                if not data:
+                    self._kill(client, "connection closed by the server")
+                    continue
+                if state == HANDSHAKE:
+                    data = self._handshake(client, data)
+                    if not data:
+                        continue
+                if client.rest:
+                    data = client.rest + data
+                # --- the hot path: walk frame headers, count text frames -----------------------
+                n = len(data)
+                i = 0
+                count = 0
+                live = client.live
+                plain = live and self.mode == "count"
+                while n - i >= 2:
+                    b1 = data[i + 1]
+                    if b1 < 126:
+                        end = i + 2 + b1
+                        start = i + 2
+                    elif b1 == 126:
+                        if n - i < 4:
+                            break
+                        start = i + 4
+                        end = start + ((data[i + 2] << 8) | data[i + 3])
+                    else:
+                        if n - i < 10:
+                            break
+                        start = i + 10
+                        end = start + int.from_bytes(data[i + 2 : i + 10], "big")
+                    if end > n:
+                        break
+                    if data[i] == 0x81 and plain:
+                        count += 1
+                    elif not self._frame(client, data[i], data, start, end):
+                        n = -1
+                        break
+                    i = end
+                if n < 0:
+                    continue
+                client.rest = data[i:] if i < len(data) else b""
+                client.frames += count
+                total += count
+            self.total += total
+            self.counter.value = self.total
+            if self.op:
+                self._progress()
+
+    def _command(self) -> bool:
+        try:
+            cmd, arg = self.ctrl.recv()
+        except EOFError:
+            return False
+        if cmd == "connect":
+            specs, self.inflight, record = arg
+            self.mode = "record" if record else self.mode
+            self.queue = list(reversed(specs))
+            self._begin("connect")
+        elif cmd == "resubscribe":
+            # arg: new project per live client (in order); unsubscribe the old one first.
+            for client, project in zip(self._live(), arg, strict=False):
+                frames = unsubscribe_frame(client.project) + subscribe_frame(project)
+                client.project = project
+                client.live = False
+                client.state = SUBSCRIBING
+                self.waiting.add(client)
+                self._send(client, frames)
+            self._begin("resubscribe")
+        elif cmd == "mode":
+            self.mode = arg
+            if arg == "latency":
+                self.latencies = array.array("q")
+            if arg == "record":
+                for client in self._live():
+                    client.record = []
+        elif cmd == "stats":
+            projects: dict[int, int] = {}
+            for client in self._live():
+                projects[client.project] = projects.get(client.project, 0) + 1
+            self.ctrl.send(
+                {
+                    "clients": len(self.order),
+                    "frames": self.total,
+                    "dead": self.dead,
+                    "latencies": len(self.latencies),
+                    "projects": projects,
+                }
+            )
+        elif cmd == "latencies":
+            self.ctrl.send(self.latencies.tobytes())
+        elif cmd == "records":
+            self.ctrl.send([(c.spec, c.record or [], c.done_at) for c in self._live()])
+            for client in self.order:
+                client.record = None
+        elif cmd == "close":
+            count = len(self._live()) if arg is None else arg
+            victims, self.order = self.order[:count], self.order[count:]
+            for client in victims:
+                self._drop(client)
+            self.ctrl.send(len(victims))
+        elif cmd == "quit":
+            for client in list(self.clients.values()):
+                self._drop(client)
+            self.ctrl.send(True)
+            return False
+        return True
+
+    def _begin(self, op: str) -> None:
+        self.op = op
+        self.op_started = time.time()
+        self.op_failed = 0
+        self._progress()
+
+    def _progress(self) -> None:
+        while self.queue and len(self.waiting) < self.inflight:
+            self._open(self.queue.pop())
+        if not self.queue and not self.waiting:
+            done = [c.done_at for c in self._live() if c.done_at]
+            self.ctrl.send(
+                {
+                    "op": self.op,
+                    "clients": len(self.order),
+                    "failed": self.op_failed,
+                    "started": self.op_started,
+                    "finished": max(done, default=time.time()),
+                }
+            )
+            self.op = None
+
+    # --- connections -------------------------------------------------------------------------
+
+    def _open(self, spec: tuple[int, str | None, int | None]) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        source = self.sources[self.source_index % len(self.sources)]
+        self.source_index += 1
+        try:
+            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((source, 0))
+        except OSError:
+            pass
+        client = Client(sock, spec)
+        self.waiting.add(client)
+        err = sock.connect_ex(self.addr)
+        if err not in (0, errno.EINPROGRESS):
+            self._fail(client, os.strerror(err))
+            sock.close()
+            return
+        self.clients[sock.fileno()] = client
+        self.ep.register(sock.fileno(), _EPOLLOUT)
+
+    def _connected(self, client: Client, mask: int) -> None:
+        err = client.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._kill(client, os.strerror(err))
+            return
+        client.state = HANDSHAKE
+        self.ep.modify(client.sock.fileno(), _EPOLLIN)
+        self._send(client, self.request)
+
+    def _handshake(self, client: Client, data: bytes) -> bytes:
+        head = client.head + data
+        end = head.find(b"\r\n\r\n")
+        if end < 0:
+            client.head = head
+            return b""
+        client.head = b""
+        if not head.startswith(b"HTTP/1.1 101"):
+            self._kill(client, head.split(b"\r\n", 1)[0].decode("latin-1"))
+            return b""
+        client.state = SUBSCRIBING
+        if self.mode == "record":
+            client.record = []
+        self._send(client, subscribe_frame(*client.spec))
+        return head[end + 4 :]
+
+    def _frame(self, client: Client, op: int, data: bytes, start: int, end: int) -> bool:
+        """Every frame but a plain counted one; False when the client is gone."""
+        if op == 0x81:
+            if client.live:
+                client.frames += 1
+                self.total += 1
+                if self.mode == "latency":
+                    match = _TS_RE.search(data, start, end)
+                    if match is not None:
+                        self.latencies.append(time.time_ns() - int(match.group(1)))
+                elif client.record is not None:
+                    client.record.append(data[start:end])
+                return True
+            payload = data[start:end]
+            if client.record is not None:
+                client.record.append(payload)
+            if payload.startswith((b'{"type":"subscribed"', b'{"type": "subscribed"')):
+                client.live = True
+                client.state = LIVE
+                client.done_at = time.time()
+                self.waiting.discard(client)
+                if client.fresh:
+                    client.fresh = False
+                    self.order.append(client)
+            elif payload.startswith((b'{"type":"error"', b'{"type": "error"')):
+                self._kill(client, payload.decode("utf-8", "replace"))
+                return False
+            return True
+        if op == 0x89:  # ping
+            self._send(client, _control(0xA, data[start:end]))
+            return True
+        if op == 0x88:  # close
+            self._kill(client, f"close frame {data[start:end][:2].hex()}")
+            return False
+        return True  # pong, binary, continuation: ignored
+
+    def _send(self, client: Client, data: bytes) -> None:
+        try:
+            sent = client.sock.send(data)
+        except OSError as exc:
+            self._kill(client, str(exc))
+            return
+        if sent != len(data):  # never happens with these tiny frames and empty buffers
+            self._kill(client, "short write")
+
+    def _fail(self, client: Client, reason: str) -> None:
+        if client in self.waiting:
+            self.waiting.discard(client)
+            self.op_failed += 1
+            if self.op_failed <= 3:
+                print(f"loadgen: client failed: {reason}", flush=True)
+
+    def _kill(self, client: Client, reason: str) -> None:
+        if client.state == DEAD:
+            return
+        self._fail(client, reason)
+        if client.state == LIVE or client.live:
+            self.dead += 1
+        self._drop(client)  # dropped from self.order lazily (see _live)
+
+    def _live(self) -> list[Client]:
+        self.order = [c for c in self.order if c.state != DEAD]
+        return self.order
+
+    def _drop(self, client: Client) -> None:
+        """Close with a reset: no closing handshake, no TIME_WAIT."""
+        client.state = DEAD
+        client.live = False
+        sock = client.sock
+        self.clients.pop(sock.fileno(), None)
+        self.waiting.discard(client)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+        except OSError:
+            pass
+        sock.close()
+
+
+def _worker_main(ctrl, counter, host, port, sources, cpus) -> None:
+    if cpus:
+        try:
+            os.sched_setaffinity(0, cpus)
+        except OSError:
+            pass
+    raise_nofile()
+    Worker(ctrl, counter, host, port, sources).run()
+
+
+class LoadGen:
+    """The parent's handle on a few worker processes (clients are spread round-robin)."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        workers: int = 2,
+        sources: Sequence[str] = ("127.0.0.1",),
+        cpus: set[int] | None = None,
+    ) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.counters = [ctx.RawValue("q", 0) for _ in range(workers)]
+        self.pipes = []
+        self.procs = []
+        for index in range(workers):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(
+                target=_worker_main,
+                args=(child, self.counters[index], host, port, list(sources), cpus),
+                daemon=True,
+                name=f"loadgen-{index}",
+            )
+            proc.start()
+            child.close()
+            self.pipes.append(parent)
+            self.procs.append(proc)
+
+    @property
+    def frames(self) -> int:
+        """Text frames counted by every client so far (cheap: shared memory)."""
+        return sum(counter.value for counter in self.counters)
+
+    def _all(self, cmd: str, args: Sequence[Any], timeout: float = 600) -> list[Any]:
+        for pipe, arg in zip(self.pipes, args, strict=True):
+            pipe.send((cmd, arg))
+        return [self._reply(pipe, timeout) for pipe in self.pipes]
+
+    def _reply(self, pipe, timeout: float) -> Any:
+        if not pipe.poll(timeout):
+            raise TimeoutError("load generator did not answer")
+        return pipe.recv()
+
+    def _split(self, items: Sequence[Any]) -> list[list[Any]]:
+        n = len(self.pipes)
+        return [list(items[i::n]) for i in range(n)]
+
+    def connect(
+        self,
+        specs: Sequence[tuple[int, str | None, int | None]],
+        *,
+        inflight: int = 512,
+        record: bool = False,
+        timeout: float = 300,
+    ) -> dict[str, Any]:
+        """Open one client per spec ``(project, epoch, after)``; return when all are subscribed.
+
+        Returns the number of clients, failures, and the wall-clock time from the command to the
+        last ``subscribed`` received.
+        """
+        started = time.time()
+        per = max(1, inflight // len(self.pipes))
+        replies = self._all(
+            "connect", [(part, per, record) for part in self._split(specs)], timeout
+        )
+        finished = max(r["finished"] for r in replies)
+        return {
+            "clients": sum(r["clients"] for r in replies),
+            "failed": sum(r["failed"] for r in replies),
+            "seconds": finished - started,
+        }
+
+    def resubscribe(self, project_of: Sequence[int], timeout: float = 300) -> dict[str, Any]:
+        """Move the live clients (worker by worker, in order) to new projects."""
+        started = time.time()
+        replies = self._all("resubscribe", self._split(project_of), timeout)
+        return {
+            "clients": sum(r["clients"] for r in replies),
+            "failed": sum(r["failed"] for r in replies),
+            "seconds": max(r["finished"] for r in replies) - started,
+        }
+
+    def mode(self, mode: str) -> None:
+        for pipe in self.pipes:
+            pipe.send(("mode", mode))
+
+    def stats(self) -> dict[str, Any]:
+        """Live clients, frames counted, clients cut by the server, subscribers per project."""
+        replies = self._all("stats", [None] * len(self.pipes), 30)
+        out: dict[str, Any] = {
+            key: sum(r[key] for r in replies) for key in ("clients", "frames", "dead", "latencies")
+        }
+        projects: dict[int, int] = {}
+        for reply in replies:
+            for project, count in reply["projects"].items():
+                projects[project] = projects.get(project, 0) + count
+        out["projects"] = projects
+        return out
+
+    def latencies(self) -> array.array:
+        out = array.array("q")
+        for raw in self._all("latencies", [None] * len(self.pipes), 60):
+            out.frombytes(raw)
+        return out
+
+    def records(self) -> list[tuple[tuple[int, str | None, int | None], list[bytes], float]]:
+        out = []
+        for part in self._all("records", [None] * len(self.pipes), 120):
+            out.extend(part)
+        return out
+
+    def close(self, count: int | None = None) -> int:
+        """Reset ``count`` clients (all by default), spread evenly over the workers."""
+        if count is None:
+            args: list[int | None] = [None] * len(self.pipes)
+        else:
+            n = len(self.pipes)
+            args = [count // n + (1 if i < count % n else 0) for i in range(n)]
+        return sum(self._all("close", args, 60))
+
+    def quit(self) -> None:
+        for pipe in self.pipes:
+            try:
+                pipe.send(("quit", None))
+                pipe.poll(10)
+            except (OSError, EOFError):
+                pass
+        for proc in self.procs:
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+
+
+def verify_resume(
+    records: Sequence[tuple[tuple[int, str | None, int | None], list[bytes], float]],
+    expected: int,
+) -> dict[str, Any]:
+    """Check every resumed client got exactly ``after+1 .. after+expected``, then ``subscribed``."""
+    ok = 0
+    problems: list[str] = []
+    for (project, _epoch, after), payloads, _done in records:
+        seqs = []
+        subscribed = None
+        for payload in payloads:
+            if payload.startswith(b'{"type":"subscribed"'):
+                subscribed = json.loads(payload)
+                break
+            match = _SEQ_RE.search(payload)
+            seqs.append(int(match.group(1)) if match else -1)
+        assert after is not None
+        want = list(range(after + 1, after + expected + 1))
+        good = (
+            seqs == want
+            and subscribed is not None
+            and subscribed.get("resumed") is True
+            and subscribed.get("replayed") == expected
+            and subscribed.get("seq") == after + expected
+        )
+        if good:
+            ok += 1
+        elif len(problems) < 5:
+            problems.append(
+                f"project {project} after {after}: got {len(seqs)} events "
+                f"({seqs[:3]}..{seqs[-3:]}), subscribed={subscribed}"
+            )
+    return {"clients": len(records), "exact": ok, "problems": problems}
