@@ -26,7 +26,6 @@ import subprocess
 import tempfile
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
@@ -47,14 +46,18 @@ class ClusterError(RuntimeError):
     """The cluster could not be started, or did not reach the expected state in time."""
 
 
-# Nodes still running, killed at interpreter exit if a test run forgot (or crashed before) close().
-_live_nodes: weakref.WeakSet[ClusterNode] = weakref.WeakSet()
+# Every server process still running, killed at interpreter exit if a test forgot close() or
+# crashed before it. Strong references on purpose: a cluster object that is garbage-collected
+# without close() must not take the only handle on its processes with it.
+_running: set[subprocess.Popen[bytes]] = set()
 
 
 @atexit.register
 def _kill_leftovers() -> None:
-    for node in list(_live_nodes):
-        node.kill()
+    for process in list(_running):
+        with contextlib.suppress(OSError):
+            process.kill()
+            process.wait(5)
 
 
 def _die_with_parent() -> None:
@@ -185,7 +188,7 @@ class ClusterNode:
             # thread; nodes started from worker threads rely on close() and atexit.
             preexec_fn=_die_with_parent if in_main_thread else None,
         )
-        _live_nodes.add(self)
+        _running.add(self.process)
 
         def pong() -> bool | _Pending:
             if self.process is not None and self.process.poll() is not None:
@@ -214,8 +217,10 @@ class ClusterNode:
             self._client.close()
             self._client = None
         process, self.process = self.process, None
-        _live_nodes.discard(self)
-        if process is None or process.poll() is not None:
+        if process is None:
+            return
+        _running.discard(process)
+        if process.poll() is not None:
             return
         how(process)
         try:
@@ -319,10 +324,8 @@ class RedisCluster:
         """Start the servers, join them with ``redis-cli --cluster create``, and wait until every
         node reports ``cluster_state:ok`` with all slots covered (and replicas in sync)."""
         try:
-            ports = self._free_ports(self.n_masters * (1 + self.n_replicas))
-            self.nodes = [ClusterNode(self, port) for port in ports]
-            for node in self.nodes:
-                node.start()
+            for _ in range(self.n_masters * (1 + self.n_replicas)):
+                self.nodes.append(self._start_node())
             create = subprocess.run(
                 [
                     self.cli, "--cluster", "create",
@@ -359,20 +362,32 @@ class RedisCluster:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    @staticmethod
-    def _free_ports(count: int) -> list[int]:
-        # Cluster nodes also listen on port + 10000 (the cluster bus): both must be free.
-        ports: list[int] = []
-        for _ in range(count * 50):
+    def _start_node(self, attempts: int = 3) -> ClusterNode:
+        """A new node on a free port pair. A port found free can still be taken by another
+        process before redis-server binds it; then the server exits and another pair is tried."""
+        for attempt in range(attempts):
+            node = ClusterNode(self, self._free_port_pair())
+            try:
+                node.start()
+                return node
+            except ClusterError:
+                node.kill()
+                shutil.rmtree(node.dir, ignore_errors=True)
+                if attempt == attempts - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _free_port_pair(self) -> int:
+        # Cluster nodes also listen on port + 10000 (the cluster bus): both must be free, and
+        # neither may be one of this cluster's ports.
+        taken = {p for node in self.nodes for p in (node.port, node.port + 10000)}
+        for _ in range(200):
             port = free_port()
-            taken = {*ports, *(p + 10000 for p in ports)}
             if port + 10000 > 65535 or {port, port + 10000} & taken:
                 continue
             if _port_free(port + 10000):
-                ports.append(port)
-                if len(ports) == count:
-                    return ports
-        raise ClusterError(f"could not find {count} free port pairs (port, port+10000)")
+                return port
+        raise ClusterError("could not find a free port pair (port, port + 10000)")
 
     # --- addresses and topology -----------------------------------------------------------
 
