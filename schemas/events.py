@@ -94,7 +94,31 @@ class Blocker(msgspec.Struct, kw_only=True):
     created_at: UtcDatetime
 
     def __post_init__(self) -> None:
-        self.created_at = _to_utc(self.created_at, "created_at")
+        created_at = self.created_at
+        if created_at.__class__ is not datetime or created_at.tzinfo is not UTC:
+            self.created_at = _to_utc(created_at, "created_at")
+
+
+_DATETIME_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _datetime_fields(cls: type) -> tuple[str, ...]:
+    """Names of the fields of ``cls`` typed as datetimes (also ``datetime | None``), cached:
+    ``__post_init__`` runs on every construction and every decode, so it must not introspect."""
+    names = _DATETIME_FIELDS.get(cls)
+    if names is None:
+
+        def is_datetime(t: msgspec.inspect.Type) -> bool:
+            if isinstance(t, msgspec.inspect.Metadata):  # Annotated[..., Meta(...)]
+                return is_datetime(t.type)
+            if isinstance(t, msgspec.inspect.UnionType):
+                return any(is_datetime(member) for member in t.types)
+            return isinstance(t, msgspec.inspect.DateTimeType)
+
+        info = msgspec.inspect.type_info(cls)
+        names = tuple(f.name for f in info.fields if is_datetime(f.type))  # type: ignore[attr-defined]
+        _DATETIME_FIELDS[cls] = names
+    return names
 
 
 class ProjectEvent(msgspec.Struct, tag_field="type"):
@@ -103,10 +127,11 @@ class ProjectEvent(msgspec.Struct, tag_field="type"):
     project_id: PositiveId
 
     def __post_init__(self) -> None:
-        # Normalise every datetime field to UTC so that it encodes with a 'Z' suffix.
-        for name in self.__struct_fields__:
+        # Normalise every datetime field to UTC so that it encodes with a 'Z' suffix. Values
+        # decoded from "...Z" already are UTC datetimes: the identity checks skip them cheaply.
+        for name in _datetime_fields(type(self)):
             value = getattr(self, name)
-            if isinstance(value, datetime):
+            if value is not None and (value.__class__ is not datetime or value.tzinfo is not UTC):
                 setattr(self, name, _to_utc(value, name))
 
 

@@ -32,6 +32,7 @@ from schemas import (
     event_types,
     parse_envelope,
 )
+from schemas.events import UtcDatetime, _datetime_fields
 from schemas.keys import MalformedEnvelope, stream_entry_seq
 from schemas.protocol import (
     Auth,
@@ -745,3 +746,16 @@ def test_msgspec_struct_is_the_source_of_event_types() -> None:
     for event_type in event_types():
         assert issubclass(event_type, msgspec.Struct)
         assert event_type.__struct_config__.tag_field == "type"
+
+
+class _Sample(msgspec.Struct):  # module level: annotations are strings resolved by name
+    a: UtcDatetime
+    b: int
+    c: UtcDatetime | None = None
+    d: datetime | None = None
+
+
+def test_datetime_fields_are_found_through_annotations_and_optionals() -> None:
+    assert _datetime_fields(_Sample) == ("a", "c", "d")
+    assert _datetime_fields(BlockerResolved) == ("resolved_at",)
+    assert _datetime_fields(BlockerCreated) == ()  # the nested Blocker normalises itself
