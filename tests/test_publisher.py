@@ -100,6 +100,19 @@ def test_epochs_are_random_and_valid_everywhere_an_epoch_goes() -> None:
         assert parse_envelope(f"{epoch}|1|0|{{}}".encode()).epoch == epoch
 
 
+def test_epochs_differ_in_a_forked_child() -> None:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    parent_conn, child_conn = ctx.Pipe()
+    process = ctx.Process(target=lambda: child_conn.send([new_epoch() for _ in range(50)]))
+    process.start()
+    child = set(parent_conn.recv())
+    process.join(10)
+    parent = {new_epoch() for _ in range(50)}
+    assert len(child) == 50 and not child & parent
+
+
 def test_retention_defaults_and_validation() -> None:
     retention = Retention()
     assert retention.max_len == 10_000
