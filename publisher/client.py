@@ -227,12 +227,23 @@ class Publisher(_ContractHelpers[Cursor]):
         """
         batch = self._settings.single(event, idempotency_key)
         try:
-            result = self._script(keys=batch.keys, args=batch.args)
+            epoch, seq, _duplicate = self._evalsha(batch.keys, batch.args)
         except _UNAVAILABLE as exc:
             raise PublisherUnavailable(f"Redis unavailable: {exc}") from exc
         except redis.exceptions.RedisError as exc:
             raise PublishError(f"publish failed: {exc}") from exc
-        return batch.cursors(result)[0]
+        return Cursor(epoch.decode() if isinstance(epoch, bytes) else epoch, int(seq))
+
+    def _evalsha(self, keys: list[str], args: list) -> list:
+        # EVALSHA straight through execute_command: redis-py's Script wrapper costs several us per
+        # call on the hot path (argument tuples, an import, isinstance checks).
+        client, sha = self.client, self._script.sha
+        try:
+            return client.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            # Redis restarted or SCRIPT FLUSH (on a cluster: a promoted replica): load, retry once.
+            self._script.sha = sha = client.script_load(lua.PUBLISH)
+            return client.execute_command("EVALSHA", sha, len(keys), *keys, *args)
 
     def publish_many(self, events: Iterable[ProjectEvent]) -> list[Cursor]:
         """Publish a burst in one pipelined round trip; cursors come back in the input order.
@@ -306,12 +317,21 @@ class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
         """See :meth:`Publisher.publish`."""
         batch = self._settings.single(event, idempotency_key)
         try:
-            result = await self._script(keys=batch.keys, args=batch.args)
+            epoch, seq, _duplicate = await self._evalsha(batch.keys, batch.args)
         except _UNAVAILABLE as exc:
             raise PublisherUnavailable(f"Redis unavailable: {exc}") from exc
         except redis.exceptions.RedisError as exc:
             raise PublishError(f"publish failed: {exc}") from exc
-        return batch.cursors(result)[0]
+        return Cursor(epoch.decode() if isinstance(epoch, bytes) else epoch, int(seq))
+
+    async def _evalsha(self, keys: list[str], args: list) -> list:
+        # See Publisher._evalsha.
+        client, sha = self.client, self._script.sha
+        try:
+            return await client.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            self._script.sha = sha = await client.script_load(lua.PUBLISH)
+            return await client.execute_command("EVALSHA", sha, len(keys), *keys, *args)
 
     async def publish_many(self, events: Iterable[ProjectEvent]) -> list[Cursor]:
         """See :meth:`Publisher.publish_many`."""

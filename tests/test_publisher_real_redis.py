@@ -223,6 +223,15 @@ def test_script_cache_flush_is_survived(publisher: Publisher, redis_client) -> N
     assert [c.seq for c in publisher.publish_many([event(1, 3), event(1, 4)])] == [3, 4]
 
 
+async def test_async_script_cache_flush_is_survived(redis_url: str, redis_client) -> None:
+    async with AsyncPublisher.from_url(redis_url) as pub:
+        await pub.publish(event(1, 1))
+        redis_client.script_flush()
+        assert (await pub.publish(event(1, 2))).seq == 2
+        redis_client.script_flush()
+        assert [c.seq for c in await pub.publish_many([event(1, 3), event(1, 4)])] == [3, 4]
+
+
 # --- concurrency ------------------------------------------------------------------------------
 
 
