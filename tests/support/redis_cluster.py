@@ -50,14 +50,17 @@ class ClusterError(RuntimeError):
 # crashed before it. Strong references on purpose: a cluster object that is garbage-collected
 # without close() must not take the only handle on its processes with it.
 _running: set[subprocess.Popen[bytes]] = set()
+_directories: set[Path] = set()
 
 
 @atexit.register
 def _kill_leftovers() -> None:
     for process in list(_running):
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
             process.kill()
             process.wait(5)
+    for directory in list(_directories):
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _die_with_parent() -> None:
@@ -316,6 +319,7 @@ class RedisCluster:
         self.node_timeout_ms = node_timeout_ms
         self.extra_args = list(extra_args)
         self.dir = Path(tempfile.mkdtemp(prefix="eventbus-cluster-"))
+        _directories.add(self.dir)
         self.nodes: list[ClusterNode] = []
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -355,6 +359,7 @@ class RedisCluster:
         for node in self.nodes:
             node.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
+        _directories.discard(self.dir)
 
     def __enter__(self) -> RedisCluster:
         return self.start()
