@@ -398,7 +398,7 @@ def test_run_starts_everything_and_stops_it_on_a_signal(tmp_path, stop_signal):
         children = subprocess.run(
             ["pgrep", "-P", str(process.pid)], capture_output=True, text=True
         ).stdout.split()
-        assert len(children) == 2, children  # redis-server and the gateway
+        assert len(children) == 2, (children, "".join(output))  # redis-server and the gateway
 
         process.send_signal(stop_signal)
         rest, _ = process.communicate(timeout=30)
@@ -406,7 +406,7 @@ def test_run_starts_everything_and_stops_it_on_a_signal(tmp_path, stop_signal):
         assert "stopped." in rest
         for pid in children:
             assert not Path(f"/proc/{pid}").exists() or _zombie(pid), f"child {pid} still runs"
-        with pytest.raises(OSError):
+        with pytest.raises(OSError, match=""):
             urllib.request.urlopen(f"http://{gateway.group(1)}/healthz", timeout=2)
     finally:
         if process.poll() is None:

@@ -330,7 +330,18 @@ class Store:
             if agent["status"] == "blocked":
                 raise Conflict(f"agent {agent_id} is already blocked", "blocked")
             task_id = agent["task_id"]
-            if task_id is None or task_title:
+            current = None
+            if task_id is not None:
+                current = db.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
+            if current is not None and task_title and task_title != current["title"]:
+                # The agent moved on to another task: the one it was working on is done.
+                db.execute(
+                    "UPDATE tasks SET status = 'DONE', updated_at = ? "
+                    "WHERE id = ? AND status = 'IN_PROGRESS'",
+                    (stamp, task_id),
+                )
+                current = None
+            if current is None:
                 task_id = db.execute(
                     "INSERT INTO tasks (project_id, title, agent_id, status, updated_at) "
                     "VALUES (?, ?, ?, 'IN_PROGRESS', ?)",

@@ -1,0 +1,133 @@
+"""Regenerate ``docs/dashboard.png``: ``python -m examples.dashboard.screenshot [PATH]``.
+
+Starts a private Redis, a gateway and the demo backend (agents off), plays a fixed scene through
+the API so the picture is the same every time, and photographs the page with Playwright driving
+the system's chromium (``EVENTBUS_CHROMIUM`` or ``chromium`` on PATH). Needs the test extra.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+
+from examples.dashboard.redis_server import PrivateRedis, free_port
+from examples.dashboard.run import Gateway
+from examples.dashboard.server import Config, DemoApp
+
+SECRET = "screenshot-secret-0123456789abcdef0123"
+
+
+def _call(app: DemoApp, path: str, body: dict | None = None) -> dict:
+    request = urllib.request.Request(
+        app.url.rstrip("/") + path,
+        data=None if body is None else json.dumps(body).encode(),
+        method="GET" if body is None else "POST",
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def _raise(app: DemoApp, agent: str, kind: str, question: str, task: str) -> dict:
+    return _call(
+        app,
+        "/api/projects/1/blockers",
+        {"agent_id": agent, "blocker_type": kind, "question": question, "task_title": task},
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    from playwright.sync_api import sync_playwright
+
+    argv = sys.argv[1:] if argv is None else argv
+    target = Path(argv[0] if argv else "docs/dashboard.png")
+    chromium = os.environ.get("EVENTBUS_CHROMIUM") or shutil.which("chromium")
+    if not chromium:
+        raise SystemExit("chromium not found (set EVENTBUS_CHROMIUM)")
+    workdir = Path(tempfile.mkdtemp(prefix="dashboard-screenshot-"))
+    redis = PrivateRedis().start()
+    port = free_port()
+    gateway = Gateway(
+        [
+            "--redis-url", redis.url, "--port", str(port), "--auth-secret", SECRET,
+            "--log-level", "warning",
+        ],
+        f"http://127.0.0.1:{port}",
+    )  # fmt: skip
+    app = None
+    try:
+        gateway.start()
+        app = DemoApp(
+            Config(
+                port=0,
+                db=str(workdir / "db.sqlite3"),
+                redis_url=redis.url,
+                auth_secret=SECRET,
+                gateway_port=port,
+                agents=False,
+                resume_delay=0.2,
+            )
+        ).start()
+        first = _raise(
+            app,
+            "test-worker-001",
+            "ASYNC",
+            "Which time zone should reports use by default?",
+            "Add CSV export to reports",
+        )
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(
+                executable_path=chromium, args=["--headless=new", "--no-sandbox", "--disable-gpu"]
+            )
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(app.url)
+            page.wait_for_selector('[data-testid="connection-state"][data-state="live"]')
+            page.wait_for_function("Number(document.body.dataset.resyncs || 0) >= 1")
+            _raise(
+                app,
+                "frontend-worker-001",
+                "ASYNC",
+                "Is it fine to drop support for IE11 in the date picker?",
+                "Design the notification settings screen",
+            )
+            _raise(
+                app,
+                "backend-worker-001",
+                "SYNC",
+                "Should we use JWT or sessions?",
+                "Implement authentication",
+            )
+            _call(app, f"/api/blockers/{first['id']}/resolve", {"answer": "UTC, shown local"})
+            page.wait_for_selector(
+                f'[data-testid="activity-item"][data-key="agent_resumed:{first["id"]}"]'
+            )
+            _raise(
+                app,
+                "test-worker-001",
+                "ASYNC",
+                "Should the export include archived projects?",
+                "Add CSV export to reports",
+            )
+            page.wait_for_function(
+                "document.querySelectorAll('[data-testid=blocker-item]').length === 3"
+            )
+            page.wait_for_timeout(300)  # let the slide-in animation finish before the photo
+            target.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(target))
+            browser.close()
+        print(f"wrote {target}")
+    finally:
+        if app is not None:
+            app.stop()
+        gateway.stop()
+        redis.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
