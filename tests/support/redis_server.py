@@ -67,7 +67,8 @@ class RedisServer:
                     break
             except redis.exceptions.ConnectionError:
                 if self.process.poll() is not None:
-                    raise RuntimeError(f"redis-server exited with {self.process.returncode}")
+                    code = self.process.returncode
+                    raise RuntimeError(f"redis-server exited with {code}") from None
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"redis-server on {self.port} did not start") from None
                 time.sleep(0.02)
