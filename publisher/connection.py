@@ -17,8 +17,11 @@ from redis.backoff import ExponentialBackoff
 
 __all__ = ["async_client", "is_cluster_url", "sync_client"]
 
-#: Connection attempts per command before a publish gives up with ``PublisherUnavailable``:
-#: 3 retries with backoff 50 ms, 100 ms, 200 ms, i.e. about 0.4 s plus connect timeouts.
+#: Retries per command before a publish gives up with ``PublisherUnavailable``: the first attempt
+#: plus 3 retries, with backoff 100 ms, 200 ms, 400 ms (redis-py's ExponentialBackoff sleeps
+#: ``base * 2**failures``), i.e. about 0.7 s when the server refuses connections, plus up to
+#: CONNECT_TIMEOUT per attempt when the host does not answer, or SOCKET_TIMEOUT per attempt when
+#: a connected server hangs (worst case about 4 x 5 s + 0.7 s).
 RETRIES = 3
 CONNECT_TIMEOUT = 2.0
 SOCKET_TIMEOUT = 5.0
