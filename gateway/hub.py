@@ -230,7 +230,7 @@ class Hub:
             baseline = sequencer.last is None
             try:
                 snapshot = await self.store.snapshot(
-                    feed.project_id, sequencer.epoch, sequencer.last, REPAIR_BATCH
+                    feed.project_id, sequencer.epoch, sequencer.read_after(), REPAIR_BATCH
                 )
             except StoreUnavailable as exc:
                 log.warning("history read failed", project_id=feed.project_id, error=str(exc))

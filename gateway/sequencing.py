@@ -69,9 +69,15 @@ class FeedSequencer:
     anything else is held and a history read is requested. A read's entries fill the gap; when the
     history cannot (trimmed, recreated, or behind us), a :class:`Resync` moves everyone to the new
     cursor: nothing is skipped silently.
+
+    A number is not always proof of identity: a Redis failover can lose events the old master had
+    already published (replication is asynchronous), and the new master then hands their numbers
+    out again to new events. ``last_frame`` remembers what was delivered at ``last``; reads start
+    one entry early to compare it (:meth:`read_after`), and a live message with that number but
+    other bytes triggers such a read. A mismatch is ``history_lost``, never a silent swap.
     """
 
-    __slots__ = ("epoch", "held", "last", "reading")
+    __slots__ = ("epoch", "held", "last", "last_frame", "reading")
 
     #: Held live messages beyond this are dropped; they are re-read from the stream anyway.
     MAX_HELD = 10_000
@@ -79,6 +85,7 @@ class FeedSequencer:
     def __init__(self) -> None:
         self.epoch: str | None = None
         self.last: int | None = None
+        self.last_frame: bytes | None = None  # delivered at ``last`` (None: not by this feed)
         self.held: dict[int, tuple[str, bytes]] = {}  # seq -> (epoch, frame)
         self.reading = True  # the baseline read is always the first
 
@@ -95,9 +102,13 @@ class FeedSequencer:
             return Step(needs_read=True)
         assert self.last is not None
         if seq <= self.last:
+            if seq == self.last and self.last_frame is not None and frame != self.last_frame:
+                # Same number, another event: the history was rewritten (see the class doc).
+                self.reading = True
+                return Step(needs_read=True)
             return Step()  # already delivered (e.g. filled from the stream by a repair)
         if seq == self.last + 1:
-            self.last = seq
+            self.last, self.last_frame = seq, frame
             deliver = [(seq, frame)]
             if self.held:
                 deliver.extend(self._drain_held())
@@ -106,15 +117,22 @@ class FeedSequencer:
         self.reading = True
         return Step(needs_read=True)
 
+    def read_after(self) -> int | None:
+        """The cursor the next history read starts after: one entry before ``last`` when this
+        feed delivered ``last`` itself, so that :meth:`on_read` can check it is still there."""
+        if self.last_frame is not None and self.last:
+            return self.last - 1
+        return self.last
+
     def on_read(self, snapshot: Snapshot, limit: int) -> Step:
-        """Apply a history read of entries after ``self.last`` (at most ``limit`` of them)."""
+        """Apply a history read of entries after :meth:`read_after` (at most ``limit``)."""
         step = Step()
         if self.last is None or self.epoch is None:
             # Baseline: everything up to the top is history the subscribers read themselves.
             self.epoch, self.last = snapshot.epoch, snapshot.top
         elif snapshot.epoch != self.epoch:
             step.resync = self._reset(ResyncReason.EPOCH_CHANGED, snapshot)
-        elif snapshot.top < self.last:
+        elif snapshot.top < self.last or self._rewritten(snapshot.entries):
             step.resync = self._reset(ResyncReason.HISTORY_LOST, snapshot)
         else:
             for seq, frame in snapshot.entries:
@@ -122,7 +140,7 @@ class FeedSequencer:
                     continue
                 if seq != self.last + 1:
                     break
-                self.last = seq
+                self.last, self.last_frame = seq, frame
                 step.deliver.append((seq, frame))
                 if seq not in self.held:
                     step.repaired += 1
@@ -152,8 +170,17 @@ class FeedSequencer:
             return False
         return epoch != self.epoch or top is None or top != self.last
 
+    def _rewritten(self, entries: Sequence[Entry]) -> bool:
+        """The read's entry at ``last`` is not the event this feed delivered there."""
+        return bool(
+            entries
+            and self.last_frame is not None
+            and entries[0][0] == self.last
+            and entries[0][1] != self.last_frame
+        )
+
     def _reset(self, reason: ResyncReason, snapshot: Snapshot) -> Resync:
-        self.epoch, self.last = snapshot.epoch, snapshot.top
+        self.epoch, self.last, self.last_frame = snapshot.epoch, snapshot.top, None
         self.held.clear()
         return Resync(reason, snapshot.epoch, snapshot.top)
 
@@ -166,6 +193,7 @@ class FeedSequencer:
         assert self.last is not None
         while (held := self.held.pop(self.last + 1, None)) is not None:
             self.last += 1
+            self.last_frame = held[1]
             out.append((self.last, held[1]))
         return out
 

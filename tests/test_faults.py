@@ -1,0 +1,232 @@
+"""Scale-out and faults with real processes: several gateway processes, restarts, kills, a Redis
+that loses everything; every client's full record compared with what was published.
+
+Gateways run as ``python -m gateway`` subprocesses (:mod:`tests.support.gateway_process`), clients
+are :class:`~tests.support.ws_client.ResumingClient` s that reconnect round robin over the
+gateways and resume from their cursors, and publishers publish identifiable events. At the end
+:func:`~tests.support.ws_client.verify_clients` checks that each client received each event of
+its projects exactly once, in order, with no gap, or an allowed ``resync_required``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+import redis
+
+from publisher import PublisherUnavailable
+from schemas.keys import Keys
+from schemas.tokens import issue_token
+from tests.support.gateway_process import GatewayGroup, GatewayProcess
+from tests.support.redis_server import RedisServer
+from tests.support.ws_client import (
+    Publishers,
+    ResumingClient,
+    stop_clients,
+    verify_clients,
+    wait_live,
+    wait_until,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+KEYS = Keys()
+SECRET = "fault-tests-secret-of-at-least-32-bytes"
+
+
+@pytest.fixture
+def gateways():
+    with GatewayGroup() as group:
+        yield group
+
+
+def make_clients(
+    pods: list[GatewayProcess],
+    projects: list[int],
+    count: int,
+    per_client: int,
+    *,
+    seed: int,
+    auth: bool = False,
+) -> list[ResumingClient]:
+    """``count`` clients, each on ``per_client`` random projects, spread over the pods."""
+    rng = random.Random(seed)
+    urls = [pod.ws_url for pod in pods]
+    clients = []
+    for i in range(count):
+        followed = rng.sample(projects, per_client)
+        token = issue_token(SECRET, followed, ttl=600, subject=f"client-{i}") if auth else None
+        clients.append(ResumingClient(urls, followed, token=token, start=i, name=str(i)))
+    return [client.start() for client in clients]
+
+
+async def test_three_gateways_many_clients_every_event_exactly_once(
+    redis_url: str, gateways: GatewayGroup
+):
+    projects = list(range(1, 11))
+    pods = await asyncio.to_thread(gateways.start, redis_url, 3)
+    clients = make_clients(pods, projects, 30, 3, seed=1)
+    publishers = Publishers(redis_url, projects, count=4, rate=100)
+    try:
+        await wait_live(clients)
+        assert {c.url for c in clients} == {p.ws_url for p in pods}
+        publishers.start()
+        await publishers.wait_published(1500)
+        await publishers.stop()
+        state = await verify_clients(clients, redis_url, keys=KEYS)
+    finally:
+        await publishers.stop()
+        await stop_clients(clients)
+    assert sum(cursor[1] for cursor, _ in state.values()) >= 1500
+    assert all(c.stats.connects == 1 for c in clients), "nobody should have been disconnected"
+
+
+async def test_rolling_restart_loses_nothing(redis_url: str, gateways: GatewayGroup):
+    """SIGTERM each gateway in turn (and start it again) while events flow: its clients are
+    closed with 1012, resume on the others from their cursors, and miss nothing."""
+    projects = list(range(1, 9))
+    pods = await asyncio.to_thread(
+        gateways.start, redis_url, 3, auth_secret=SECRET, args=["--drain-timeout", "5"]
+    )
+    clients = make_clients(pods, projects, 24, 3, seed=2, auth=True)
+    publishers = Publishers(redis_url, projects, count=3, rate=100)
+    try:
+        await wait_live(clients)
+        publishers.start()
+        for pod in pods:
+            await publishers.wait_published(150)
+            moved = [c for c in clients if c.url == pod.ws_url]
+            assert moved
+            assert await asyncio.to_thread(pod.terminate) == 0
+            for client in moved:
+                await client.wait_for(
+                    lambda c=client, gone=pod.ws_url: (
+                        c.url not in (None, gone) and c.live == set(c.projects)
+                    ),
+                    20,
+                    "resumed on another gateway",
+                )
+                assert 1012 in client.stats.close_codes
+            await asyncio.to_thread(pod.start)
+        await publishers.wait_published(150)
+        await publishers.stop()
+        await verify_clients(clients, redis_url, keys=KEYS)
+    finally:
+        await publishers.stop()
+        await stop_clients(clients)
+
+
+async def test_a_killed_gateway_loses_nothing(redis_url: str, gateways: GatewayGroup):
+    """SIGKILL: no drain, no close frame. The clients see their connections drop, reconnect to
+    the other gateways and resume; nothing is lost."""
+    projects = list(range(1, 9))
+    pods = await asyncio.to_thread(gateways.start, redis_url, 3)
+    clients = make_clients(pods, projects, 24, 3, seed=3)
+    publishers = Publishers(redis_url, projects, count=3, rate=100)
+    try:
+        await wait_live(clients)
+        publishers.start()
+        await publishers.wait_published(300)
+        victim = pods[0]
+        orphans = [c for c in clients if c.url == victim.ws_url]
+        assert orphans
+        assert await asyncio.to_thread(victim.kill) == -9
+        for client in orphans:
+            await client.wait_for(
+                lambda c=client: c.url not in (None, victim.ws_url) and c.live == set(c.projects),
+                20,
+                "resumed on another gateway",
+            )
+        await publishers.wait_published(300)
+        await publishers.stop()
+        await verify_clients(clients, redis_url, keys=KEYS)
+    finally:
+        await publishers.stop()
+        await stop_clients(clients)
+    assert all(c.stats.connects == 2 for c in orphans)
+    assert all(1006 in c.stats.close_codes for c in orphans)
+
+
+async def test_redis_restarted_empty_gives_resync_then_exactly_once(gateways: GatewayGroup):
+    """Redis dies and comes back without its data. Publishers raise PublisherUnavailable while
+    it is down and work again after; gateways report 503 on /readyz meanwhile, recover by
+    themselves (pub/sub reconnects in /metrics); every client gets ``resync_required``
+    (epoch_changed) for each project, then every later event exactly once."""
+    projects = list(range(1, 5))
+    with RedisServer() as server:
+        url = server.url
+        pods = await asyncio.to_thread(gateways.start, url, 2, args=["--probe-interval", "1"])
+        clients = make_clients(pods, projects, 10, 2, seed=4)
+        publishers = Publishers(url, projects, count=2, rate=60)
+        try:
+            await wait_live(clients)
+            publishers.start()
+            await publishers.wait_published(100)
+            before = [pod.metrics()["eventbus_pubsub_reconnects_total"] for pod in pods]
+
+            await asyncio.to_thread(server.kill)
+            await wait_until(lambda: publishers.unavailable > 0, 20, "a publisher to fail")
+            errors = [loop.last_error for loop in publishers.loops if loop.last_error]
+            assert all(isinstance(e, PublisherUnavailable) for e in errors)
+            for pod in pods:
+                await asyncio.to_thread(pod.wait_ready, 20, status=503)
+                status, body = pod.readyz()
+                assert status == 503 and body["checks"]["redis"] is False, body
+
+            await asyncio.to_thread(server.start)
+            for pod in pods:
+                await asyncio.to_thread(pod.wait_ready, 20)
+            await publishers.wait_published(150)
+            await publishers.stop()
+            await verify_clients(clients, url, keys=KEYS, allowed_resyncs={"epoch_changed"})
+        finally:
+            await publishers.stop()
+            await stop_clients(clients)
+        after = [pod.metrics()["eventbus_pubsub_reconnects_total"] for pod in pods]
+    assert all(a > b for a, b in zip(after, before, strict=True)), (before, after)
+    for client in clients:
+        for project_id in client.projects:
+            reasons = [r.reason for r in client.resyncs(project_id)]
+            assert reasons and set(reasons) == {"epoch_changed"}, (client.name, reasons)
+
+
+async def test_a_rewritten_history_gives_history_lost_never_a_silent_swap(
+    redis_url: str, redis_client: redis.Redis, gateways: GatewayGroup
+):
+    """What an asynchronously replicated failover can do (see test_cluster_gateway for the real
+    thing): events 8..10 were relayed, then lost, and their numbers are handed out again to new
+    events. Clients must be told ``resync_required`` (history_lost), not be given event 11 as if
+    8..10 were still the history."""
+    project = 1
+    (pod,) = await asyncio.to_thread(
+        gateways.start, redis_url, 1, args=["--reconcile-interval", "3600"]
+    )
+    clients = make_clients([pod], [project], 3, 1, seed=5)
+    publishers = Publishers(redis_url, [project], count=1, rate=1)
+    loop = publishers.loops[0]
+    try:
+        await wait_live(clients)
+        for _ in range(10):
+            await loop.publish_one(project)
+        await wait_until(
+            lambda: all(c.cursors[project][1] == 10 for c in clients), 10, "events 1..10"
+        )
+        # The "failover": the new master never got the last three events.
+        stream = KEYS.stream(project)
+        kept = redis_client.xrange(stream, "-", "7-0")
+        with redis_client.pipeline(transaction=True) as pipe:
+            pipe.delete(stream)
+            for entry_id, fields in kept:
+                pipe.xadd(stream, fields, id=entry_id)
+            pipe.hset(KEYS.meta(project), "seq", 7)
+            pipe.execute()
+        for _ in range(4):
+            await loop.publish_one(project)  # 8', 9', 10', 11'
+        await verify_clients(clients, redis_url, keys=KEYS, allowed_resyncs={"history_lost"})
+    finally:
+        await publishers.stop()
+        await stop_clients(clients)
+    for client in clients:
+        assert [r.reason for r in client.resyncs(project)] == ["history_lost"]
