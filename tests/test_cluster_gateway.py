@@ -10,19 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 
 import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
-from publisher.connection import async_client
 from schemas.keys import Keys
 from tests.support.gateway_process import GatewayGroup, GatewayProcess
 from tests.support.redis_cluster import RedisCluster
 from tests.support.ws_client import (
-    PublishLoop,
+    Publishers,
     ResumingClient,
-    check_delivery,
-    read_history,
-    wait_until,
+    stop_clients,
+    verify_clients,
+    wait_live,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -44,75 +47,14 @@ def projects_on_every_master(cluster: RedisCluster, per_master: int) -> list[int
 
 
 def make_clients(
-    gateways: list[GatewayProcess], projects: list[int], count: int, per_client: int, seed: int
+    pods: list[GatewayProcess], projects: list[int], count: int, per_client: int, seed: int
 ) -> list[ResumingClient]:
     rng = random.Random(seed)
-    urls = [g.ws_url for g in gateways]
+    urls = [pod.ws_url for pod in pods]
     return [
         ResumingClient(urls, rng.sample(projects, per_client), start=i, name=str(i)).start()
         for i in range(count)
     ]
-
-
-async def all_live(clients: list[ResumingClient], within: float = 20.0) -> None:
-    await wait_until(
-        lambda: all(c.live == set(c.projects) for c in clients), within, "clients subscribed"
-    )
-
-
-async def publish(
-    url: str, projects: list[int], *, publishers: int, rate: float, until
-) -> list[PublishLoop]:
-    """Run ``publishers`` loops until ``await until(loops)`` returns, then stop them."""
-    loops = [
-        PublishLoop(url, projects, rate=rate, seed=i).start() for i in range(publishers)
-    ]
-    try:
-        await until(loops)
-    finally:
-        for loop in loops:
-            await loop.stop()
-    return loops
-
-
-async def final_state(url: str, projects: list[int]):
-    client = async_client(url)
-    try:
-        return {p: await read_history(client, KEYS, p) for p in projects}
-    finally:
-        await client.aclose()
-
-
-async def verify(
-    clients: list[ResumingClient],
-    url: str,
-    projects: list[int],
-    *,
-    allowed_resyncs: set[str] = frozenset(),  # type: ignore[assignment]
-    within: float = 30.0,
-) -> dict:
-    """Wait until every client reached each project's final cursor, then check every record."""
-    state = await final_state(url, projects)
-    finals = {p: cursor for p, (cursor, _) in state.items()}
-    for client in clients:
-        await client.wait_for(lambda c=client: c.reached(finals), within, "final cursors")
-    problems = []
-    for client in clients:
-        for project_id in client.projects:
-            cursor, history = state[project_id]
-            for problem in check_delivery(
-                client.log[project_id],
-                history=history,
-                final=cursor,
-                allowed_resyncs=allowed_resyncs,
-            ):
-                problems.append(f"client {client.name} project {project_id}: {problem}")
-    assert not problems, "\n".join(problems[:30])
-    return state
-
-
-async def stop_all(clients: list[ResumingClient]) -> None:
-    await asyncio.gather(*(c.stop() for c in clients))
 
 
 async def test_every_client_gets_every_event_of_projects_on_all_shards(
@@ -121,17 +63,180 @@ async def test_every_client_gets_every_event_of_projects_on_all_shards(
     projects = projects_on_every_master(redis_cluster, 3)  # 9 projects, 3 per master
     pods = await asyncio.to_thread(gateways.start, redis_cluster_url, 2)
     clients = make_clients(pods, projects, count=16, per_client=3, seed=1)
+    publishers = Publishers(redis_cluster_url, projects, count=3, rate=150)
     try:
-        await all_live(clients)
-
-        async def enough(loops):
-            await wait_until(lambda: sum(x.published for x in loops) >= 900, 60, "publishes")
-
-        await publish(redis_cluster_url, projects, publishers=3, rate=150, until=enough)
-        state = await verify(clients, redis_cluster_url, projects)
+        await wait_live(clients)
+        publishers.start()
+        await publishers.wait_published(900)
+        await publishers.stop()
+        state = await verify_clients(clients, redis_cluster_url, keys=KEYS)
         assert sum(cursor[1] for cursor, _ in state.values()) >= 900
     finally:
-        await stop_all(clients)
+        await publishers.stop()
+        await stop_clients(clients)
     for pod in pods:
         status, body = pod.readyz()
         assert status == 200, body
+
+
+async def test_slot_migration_of_a_busy_project_loses_nothing(
+    redis_cluster: RedisCluster, redis_cluster_url: str, gateways: GatewayGroup
+):
+    """Move a busy project's slot to another master and back while events flow. The old owner
+    pushes ``sunsubscribe``; each gateway resubscribes on the new owner and catches the project
+    up from the stream: no gap, no duplicate, no resync."""
+    projects = projects_on_every_master(redis_cluster, 2)
+    busy = projects[0]
+    slot = redis_cluster.project_slot(busy)
+    home = redis_cluster.master_of_slot(slot)
+    away = next(m for m in redis_cluster.masters() if m is not home)
+    # No periodic top check: the pub/sub link itself must follow the slot.
+    pods = await asyncio.to_thread(
+        gateways.start, redis_cluster_url, 2, args=["--reconcile-interval", "3600"]
+    )
+    clients = make_clients(pods, projects, count=12, per_client=3, seed=2)
+    for client in clients[:6]:  # half of them follow the busy project for sure
+        if busy not in client.projects:
+            client.projects[0] = busy
+            client.log = {p: [] for p in client.projects}
+    publishers = Publishers(redis_cluster_url, projects, count=2, rate=100)
+    hot = Publishers(redis_cluster_url, [busy], count=2, rate=150)
+    try:
+        await wait_live(clients)
+        publishers.start()
+        hot.start()
+        for target in (away, home):
+            await hot.wait_published(150)
+            await asyncio.to_thread(redis_cluster.migrate_slot, slot, target)
+            assert redis_cluster.master_of_slot(slot) is target
+        await hot.wait_published(150)
+        await publishers.stop()
+        await hot.stop()
+        state = await verify_clients(clients, redis_cluster_url, keys=KEYS)
+        assert state[busy][0][1] >= 450
+    finally:
+        await publishers.stop()
+        await hot.stop()
+        await stop_clients(clients)
+    for pod in pods:
+        assert pod.readyz()[0] == 200
+        assert pod.log_lines("pubsub slot moved"), "the link did not follow the slot"
+
+
+async def test_master_failovers_give_everything_or_resync_required(
+    redis_cluster_factory, gateways: GatewayGroup
+):
+    """A manual failover (the replica catches up first) loses nothing; a master killed with
+    SIGKILL may lose writes it acknowledged but had not replicated yet. Clients get every event
+    Redis kept, and an explicit ``resync_required`` wherever what they saw is no longer Redis'
+    history: never silence, never someone else's event under a sequence number they trust."""
+    cluster: RedisCluster = await asyncio.to_thread(redis_cluster_factory, 3, 1)
+    url = cluster.url
+    projects = projects_on_every_master(cluster, 2)
+    graceful, killed = [cluster.node_for_project(p) for p in (projects[0], projects[2])]
+    assert graceful is not killed
+    on_graceful = set(cluster.projects_by_master(projects)[graceful])
+    pods = await asyncio.to_thread(
+        gateways.start, url, 2, args=["--probe-interval", "1", "--reconcile-interval", "3600"]
+    )
+    clients = make_clients(pods, projects, count=10, per_client=3, seed=3)
+    publishers = Publishers(url, projects, count=3, rate=100)
+    try:
+        await wait_live(clients)
+        publishers.start()
+        await publishers.wait_published(200)
+        await asyncio.to_thread(cluster.failover, graceful)
+        await publishers.wait_published(200)
+        await asyncio.to_thread(cluster.kill_master, killed)
+        await publishers.wait_published(300, within=60)
+        await publishers.stop()
+        for pod in pods:
+            await asyncio.to_thread(pod.wait_ready, 30)
+        await verify_clients(
+            clients, cluster.url, keys=KEYS, allowed_resyncs={"history_lost", "epoch_changed"}
+        )
+    finally:
+        await publishers.stop()
+        await stop_clients(clients)
+    for client in clients:
+        for project_id in on_graceful & set(client.projects):
+            assert not client.resyncs(project_id), "a manual failover must lose nothing"
+
+
+def wait_asleep(node, within: float = 5.0) -> None:
+    """Until ``node`` stops answering (it is inside ``DEBUG SLEEP``)."""
+    probe = redis.Redis(
+        host="127.0.0.1", port=node.port, socket_timeout=0.05, retry=Retry(NoBackoff(), 0)
+    )
+    deadline = time.monotonic() + within
+    try:
+        while time.monotonic() < deadline:
+            try:
+                probe.ping()
+            except redis.exceptions.TimeoutError:
+                return
+            time.sleep(0.01)
+        raise AssertionError(f"{node} kept answering")
+    finally:
+        probe.close()
+
+
+async def test_writes_lost_in_a_failover_are_never_silent(
+    redis_cluster_factory, gateways: GatewayGroup
+):
+    """Force the bad case: the replica stops replicating (``DEBUG SLEEP``) while its master
+    keeps acknowledging and relaying events, then the master dies and the stale replica takes
+    over. The sequence numbers the lost events had are then handed out again to new events,
+    and publishers rush past the old top before any gateway reads the stream. Clients already
+    saw the lost events: they must be told ``resync_required`` (not be fed the new events as
+    if nothing happened)."""
+    cluster: RedisCluster = await asyncio.to_thread(redis_cluster_factory, 3, 1)
+    url = cluster.url
+    projects = projects_on_every_master(cluster, 2)
+    victim = cluster.node_for_project(projects[0])
+    doomed = cluster.projects_by_master(projects)[victim]
+    replica = cluster.replicas_of(victim)[0]
+    pods = await asyncio.to_thread(
+        gateways.start, url, 2, args=["--probe-interval", "1", "--reconcile-interval", "3600"]
+    )
+    clients = make_clients(pods, projects, count=8, per_client=3, seed=4)
+    publishers = Publishers(url, projects, count=3, rate=100)
+    burst = Publishers(url, doomed, count=1, rate=1)
+    try:
+        await wait_live(clients)
+        publishers.start()
+        await publishers.wait_published(150)
+        # The replica stops reading, and its replication link is cut while it sleeps: what the
+        # master acknowledges from now on never reaches it (not even a socket buffer).
+        sleeper = asyncio.create_task(asyncio.to_thread(replica.execute, "DEBUG", "SLEEP", "2"))
+        await asyncio.to_thread(wait_asleep, replica)
+        await asyncio.to_thread(victim.execute, "CLIENT", "KILL", "TYPE", "replica")
+        await publishers.wait_published(120)  # acknowledged by the master, never replicated
+        await asyncio.to_thread(victim.kill)
+        await sleeper
+        await asyncio.to_thread(cluster.wait_promotion, replica)
+        for _ in range(120):  # reuse the lost sequence numbers, and more, at once
+            for project_id in doomed:
+                await burst.loops[0].publish_one(project_id)
+        await publishers.wait_published(150, within=60)
+        await publishers.stop()
+        for pod in pods:
+            await asyncio.to_thread(pod.wait_ready, 30)
+        state = await verify_clients(
+            clients, url, keys=KEYS, allowed_resyncs={"history_lost", "epoch_changed"}
+        )
+    finally:
+        await publishers.stop()
+        await burst.stop()
+        await stop_clients(clients)
+    lost = [
+        cursor
+        for loop in publishers.loops
+        for p in doomed
+        for cursor, ident in loop.acked[p].items()
+        if state[p][1].get(cursor) != ident
+    ]
+    assert lost, "the scenario did not lose any write; it tests nothing"
+    for client in clients:
+        for project_id in set(doomed) & set(client.projects):
+            assert client.resyncs(project_id), f"client {client.name} was never told"
