@@ -32,10 +32,15 @@ from publisher import AsyncPublisher, PublisherUnavailable
 
 __all__ = [
     "PublishLoop",
+    "Publishers",
     "Received",
     "ResumingClient",
     "check_delivery",
+    "final_state",
     "read_history",
+    "stop_clients",
+    "verify_clients",
+    "wait_live",
     "wait_until",
 ]
 
@@ -369,3 +374,101 @@ def check_delivery(
     if final is not None and cursor != final:
         problems.append(f"ended at {cursor}, expected {final}")
     return problems
+
+
+# --- whole-test helpers ----------------------------------------------------------------------
+
+
+class Publishers:
+    """Several :class:`PublishLoop` s publishing at once to the same projects."""
+
+    def __init__(self, redis_url: str, projects: Sequence[int], *, count: int, rate: float):
+        self.loops = [PublishLoop(redis_url, projects, rate=rate, seed=i) for i in range(count)]
+
+    def start(self) -> Publishers:
+        for loop in self.loops:
+            loop.start()
+        return self
+
+    async def stop(self) -> None:
+        for loop in self.loops:
+            await loop.stop()
+
+    @property
+    def published(self) -> int:
+        return sum(loop.published for loop in self.loops)
+
+    @property
+    def unavailable(self) -> int:
+        return sum(loop.unavailable for loop in self.loops)
+
+    async def wait_published(self, count: int, within: float = 60.0) -> None:
+        """Wait until ``count`` more events than now were acknowledged."""
+        target = self.published + count
+        await wait_until(lambda: self.published >= target, within, f"{count} more publishes")
+
+
+async def wait_live(clients: Sequence[ResumingClient], within: float = 20.0) -> None:
+    """Every client connected and subscribed to all its projects."""
+    await wait_until(
+        lambda: all(c.live == set(c.projects) for c in clients), within, "clients subscribed"
+    )
+
+
+async def final_state(
+    redis_url: str, projects: Iterable[int], keys
+) -> dict[int, tuple[Cursor, dict[Cursor, int]]]:
+    from publisher.connection import async_client
+
+    client = async_client(redis_url)
+    try:
+        return {p: await read_history(client, keys, p) for p in projects}
+    finally:
+        await client.aclose()
+
+
+async def verify_clients(
+    clients: Sequence[ResumingClient],
+    redis_url: str,
+    *,
+    keys,
+    allowed_resyncs: Iterable[str] = (),
+    within: float = 30.0,
+) -> dict[int, tuple[Cursor, dict[Cursor, int]]]:
+    """After the publishers stopped: wait until every client reached each of its projects'
+    final cursor, then assert :func:`check_delivery` finds nothing wrong with any record.
+    Returns each project's final cursor and history."""
+    projects = sorted({p for c in clients for p in c.projects})
+    state = await final_state(redis_url, projects, keys)
+    finals = {p: cursor for p, (cursor, _) in state.items()}
+    for client in clients:
+        try:
+            await client.wait_for(lambda c=client: c.reached(finals), within, "final cursors")
+        except TimeoutError:
+            behind = {
+                p: (client.cursors.get(p), finals[p])
+                for p in client.projects
+                if client.cursors.get(p) != finals[p]
+            }
+            raise AssertionError(
+                f"client {client.name} never reached the final cursors (got, expected): "
+                f"{behind}; stats {client.stats}; last records "
+                f"{ {p: client.log[p][-3:] for p in behind} }"
+            ) from None
+    problems = []
+    for client in clients:
+        for project_id in client.projects:
+            cursor, history = state[project_id]
+            found = check_delivery(
+                client.log[project_id],
+                history=history,
+                final=cursor,
+                allowed_resyncs=allowed_resyncs,
+            )
+            problems += [f"client {client.name} project {project_id}: {p}" for p in found]
+    assert not problems, "\n".join(problems[:30])
+    return state
+
+
+async def stop_clients(clients: Sequence[ResumingClient]) -> None:
+    await asyncio.gather(*(c.stop() for c in clients))
