@@ -759,3 +759,12 @@ def test_datetime_fields_are_found_through_annotations_and_optionals() -> None:
     assert _datetime_fields(_Sample) == ("a", "c", "d")
     assert _datetime_fields(BlockerResolved) == ("resolved_at",)
     assert _datetime_fields(BlockerCreated) == ()  # the nested Blocker normalises itself
+
+
+def test_event_tags_never_collide_with_control_messages() -> None:
+    # Browsers tell events from the gateway's control messages by "type".
+    from schemas.protocol import ServerMessage
+
+    control = {t.__struct_config__.tag for t in ServerMessage.__args__}
+    assert control >= {"authenticated", "subscribed", "resync_required", "error", "pong"}
+    assert not control & set(EVENT_TAGS)
