@@ -1,0 +1,189 @@
+"""Shared pieces of the benchmarks: a private pinned ``redis-server``, CPU pinning, statistics and
+result files.
+
+Every benchmark runs against its own ``redis-server`` on a free port (never the machine's Redis
+on 6379), without persistence. With two or more CPUs the benchmark process is pinned to one core
+and redis-server to another, so that "one core" figures mean one core for the measured code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import redis
+
+__all__ = [
+    "BENCH_CPU",
+    "REDIS_CPU",
+    "RESULTS_DIR",
+    "BenchRedis",
+    "free_port",
+    "machine",
+    "median",
+    "percentile",
+    "pin_self",
+    "pinning_available",
+    "write_json",
+]
+
+#: Core of the benchmark process, and of redis-server, when at least two are available.
+BENCH_CPU = 0
+REDIS_CPU = 1
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# The CPUs this process may use, before any pinning below narrows them down.
+_USABLE_CPUS: frozenset[int] = (
+    frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else frozenset()
+)
+
+
+def pinning_available() -> bool:
+    """True when this process may be pinned to BENCH_CPU and redis-server to REDIS_CPU."""
+    return hasattr(os, "sched_setaffinity") and {BENCH_CPU, REDIS_CPU} <= _USABLE_CPUS
+
+
+@contextlib.contextmanager
+def pin_self(cpu: int = BENCH_CPU) -> Iterator[bool]:
+    """Pin the calling process to ``cpu`` for the block (no-op without affinity support)."""
+    if not pinning_available():
+        yield False
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield True
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+class BenchRedis:
+    """A private ``redis-server`` on 127.0.0.1 and a free port, pinned to ``cpu`` if possible."""
+
+    def __init__(self, cpu: int | None = REDIS_CPU, *extra_args: str) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise SystemExit("redis-server not found; run `make install` (it installs it)")
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix=f"eventbus-bench-redis-{self.port}-")
+        self.pinned = cpu is not None and pinning_available()
+
+        def pin() -> None:  # in the child before exec, so every redis thread inherits it
+            if self.pinned:
+                os.sched_setaffinity(0, {cpu})
+
+        self.process = subprocess.Popen(
+            [
+                binary,
+                "--port", str(self.port),
+                "--bind", "127.0.0.1",
+                "--save", "",
+                "--appendonly", "no",
+                "--dir", self.dir,
+                "--protected-mode", "no",
+                # A pub/sub channel nobody reads must not hold messages; nobody subscribes here.
+                "--client-output-buffer-limit", "pubsub 0 0 0",
+                *extra_args,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=pin,
+        )  # fmt: skip
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 10.0) -> None:
+        client = redis.Redis(host="127.0.0.1", port=self.port)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                try:
+                    client.ping()
+                    return
+                except redis.exceptions.ConnectionError:
+                    if self.process.poll() is not None or time.monotonic() > deadline:
+                        self.close()
+                        raise SystemExit("redis-server did not start") from None
+                    time.sleep(0.02)
+        finally:
+            client.close()
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port)
+
+    def version(self) -> str:
+        client = self.client()
+        try:
+            return str(client.info("server")["redis_version"])
+        finally:
+            client.close()
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> BenchRedis:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (``q`` in 0..100) of already sorted values."""
+    if not sorted_values:
+        raise ValueError("no values")
+    rank = max(1, min(len(sorted_values), math.ceil(q / 100 * len(sorted_values))))
+    return sorted_values[rank - 1]
+
+
+def median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        "cpus": os.cpu_count(),
+        "cpu_model": model or platform.processor(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON atomically (``*.tmp`` then rename: readers never see half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
