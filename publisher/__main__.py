@@ -47,7 +47,15 @@ EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
 EXIT_INTERRUPTED = 130
 MAX_HISTORY_LIMIT = 10_000
-_REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+_REDIS_DOWN = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    OSError,
+    # Redis Cluster without a reachable node or a master for the slot: transient, as for the
+    # publisher (publisher.client._UNAVAILABLE).
+    redis.exceptions.ClusterError,
+    redis.exceptions.RedisClusterException,
+)
 
 
 class CliError(Exception):
@@ -217,7 +225,7 @@ def _read_events(source: str, stdin: TextIO) -> list[ProjectEvent]:
     except msgspec.DecodeError:
         document = None  # not one JSON document: JSON lines, parsed below
     if isinstance(document, dict):
-        return [_validate(msgspec.json.encode(document), "event")]
+        return [_validate(text, "event")]
     if isinstance(document, list):
         if not document:
             raise CliError("no event given (empty array)")
@@ -305,8 +313,16 @@ def _history(args: argparse.Namespace, stdout: TextIO) -> int:
     }
     stdout.write(msgspec.json.encode(header).decode() + "\n")
     for _entry_id, fields in entries:
-        stdout.write(fields[b"f"].decode() + "\n")
+        stdout.write(_field(fields, b"f").decode() + "\n")
     return EXIT_OK
+
+
+def _field(fields: dict | list, name: bytes) -> bytes:
+    # A cluster transaction returns XRANGE entries raw (a flat [name, value, ...] list) where a
+    # standalone client applies its response callback (a dict).
+    if isinstance(fields, dict):
+        return fields[name]
+    return dict(zip(fields[::2], fields[1::2], strict=True))[name]
 
 
 # --- token ------------------------------------------------------------------------------------

@@ -395,3 +395,18 @@ def test_history_into_a_closed_pipe_exits_quietly(redis_url: str) -> None:
     stderr = process.stderr.read().decode()
     assert process.wait(30) == 0
     assert stderr == ""
+
+
+def test_redis_cluster_url() -> None:
+    from tests.support.redis_cluster import RedisCluster
+
+    with RedisCluster(masters=3, replicas=0) as cluster:
+        out, err = io.StringIO(), io.StringIO()
+        argv = ["--redis-url", cluster.url]
+        assert main([*argv, "publish", resolved_json(project_id=42)], stdout=out, stderr=err) == 0
+        cursor = json.loads(out.getvalue())
+        out = io.StringIO()
+        assert main([*argv, "history", "42"], stdout=out, stderr=err) == 0, err.getvalue()
+        header, frame = (json.loads(line) for line in out.getvalue().splitlines())
+        assert (header["epoch"], header["seq"]) == (cursor["epoch"], 1)
+        assert frame["seq"] == 1 and frame["project_id"] == 42
