@@ -151,7 +151,9 @@ class FeedSequencer:
         # follows on, and decide whether more must be read.
         for seq in [s for s, (e, _) in self.held.items() if s <= self.last or e != self.epoch]:
             del self.held[seq]
-        step.deliver.extend(self._drain_held())
+        if step.resync is None:
+            step.deliver.extend(self._drain_held())
+        # else what is still held follows the resync: the next read delivers it, in order.
         self.reading = self.last < snapshot.top or bool(self.held)
         step.needs_read = self.reading
         return step
@@ -180,8 +182,9 @@ class FeedSequencer:
         )
 
     def _reset(self, reason: ResyncReason, snapshot: Snapshot) -> Resync:
+        # Held messages are kept: those after the new top (of its epoch) are the events that
+        # follow the resync; on_read drops the others.
         self.epoch, self.last, self.last_frame = snapshot.epoch, snapshot.top, None
-        self.held.clear()
         return Resync(reason, snapshot.epoch, snapshot.top)
 
     def _hold(self, epoch: str, seq: int, frame: bytes) -> None:
