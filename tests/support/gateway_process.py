@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -149,10 +150,13 @@ class GatewayProcess:
         return code
 
     def close(self) -> None:
+        """Kill the process and remove its log (kept with ``EVENTBUS_KEEP_LOGS=1``)."""
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
         self.process = None
+        if not os.environ.get("EVENTBUS_KEEP_LOGS"):
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> GatewayProcess:
         return self.start()

@@ -65,6 +65,9 @@ class Stats:
     close_codes: list[int | None] = field(default_factory=list)
     handshake_failures: int = 0
     unavailable: int = 0  # 'unavailable' subscribe errors (Redis down), retried
+    events: int = 0
+    resyncs: int = 0
+    unexpected: list[dict] = field(default_factory=list)  # any other error message
 
 
 class ResumingClient:
@@ -190,6 +193,7 @@ class ResumingClient:
             self.live.add(project_id)  # type: ignore[arg-type]
         elif kind == "resync_required":
             self.cursors[project_id] = (message["epoch"], message["seq"])  # type: ignore[index]
+            self.stats.resyncs += 1
             log.append(  # type: ignore[union-attr]
                 Received("resync", message["epoch"], message["seq"], reason=message["reason"])
             )
@@ -198,13 +202,14 @@ class ResumingClient:
                 self.stats.unavailable += 1
                 retry = True
             else:
-                raise AssertionError(f"client {self.name}: unexpected error {message}")
+                self.stats.unexpected.append(message)
         elif kind in ("authenticated", "pong", "unsubscribed"):
             pass
         elif log is not None:
             epoch = self.cursors[project_id][0]  # type: ignore[index]
             seq = message["seq"]
             log.append(Received("event", epoch, seq, ident=message.get("blocker_id")))
+            self.stats.events += 1
             self.cursors[project_id] = (epoch, seq)  # type: ignore[index]
         self._changed.set()
         return retry
@@ -225,6 +230,18 @@ class ResumingClient:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(remaining, 0.5)):
                     await self._changed.wait()
+
+    def compact(self, allowed_resyncs: Iterable[str] = ()) -> list[str]:
+        """Check what was recorded so far with :func:`check_delivery` and forget it, keeping only
+        the cursors (for runs too long to keep every record). Returns the problems found."""
+        problems = [f"client {self.name}: unexpected {m}" for m in self.stats.unexpected]
+        self.stats.unexpected.clear()
+        for project_id, log in self.log.items():
+            found = check_delivery(log, allowed_resyncs=allowed_resyncs)
+            problems += [f"client {self.name} project {project_id}: {p}" for p in found]
+            cursor = self.cursors.get(project_id)
+            self.log[project_id] = [Received("subscribed", *cursor)] if cursor else []
+        return problems
 
     def resyncs(self, project_id: int | None = None) -> list[Received]:
         logs = [self.log[project_id]] if project_id is not None else self.log.values()
@@ -455,7 +472,7 @@ async def verify_clients(
                 f"{behind}; stats {client.stats}; last records "
                 f"{ {p: client.log[p][-3:] for p in behind} }"
             ) from None
-    problems = []
+    problems = [f"client {c.name}: unexpected {m}" for c in clients for m in c.stats.unexpected]
     for client in clients:
         for project_id in client.projects:
             cursor, history = state[project_id]
