@@ -375,7 +375,7 @@ def render(run: Run, figures: list[dict], failures: list[str]) -> str:
     lines += ["## Samples", "", f"| t (s) | {header} |", "| --- " * 7 + "|"]
     times = sorted({s.t for s in run.samples})
     by_time = {(s.t, s.pod): s for s in run.samples}
-    for t in times[:: max(1, len(times) // 20)]:  # about 20 rows
+    for t in times[:: max(1, round(len(times) / 20))]:  # about 20 rows
         cells = []
         for pod in range(2):
             s = by_time.get((t, pod))

@@ -502,27 +502,30 @@ class ClusterPubSub:
 
     # --- placement ---------------------------------------------------------------------------
 
-    async def _place(self, channel: bytes, event: asyncio.Event) -> None:
-        """Route one wanted channel to its owner's link (caller holds the lock)."""
+    async def _place(self, channel: bytes, event: asyncio.Event) -> bool:
+        """Route one wanted channel to its owner's link (caller holds the lock); True when it
+        was taken away from another node's link."""
         if self._map is None:
-            return  # placed by _maintain once the map is known
+            return False  # placed by _maintain once the map is known
         owner = self._map.owner(channel_slot(channel))
         if owner is None:
             self._reload = True
             self._wake.set()
-            return
+            return False
         link = self._route.get(channel)
+        moved = link is not None
         if link is not None:
             if link.address == owner:
-                return
+                return False
             del self._route[channel]
             self.interrupted(channel)
             await link.drop(channel)
             if self._wanted.get(channel) is not event:
-                return
+                return moved
         link = self._link(owner)
         self._route[channel] = link
         await link.want(channel, event)
+        return moved
 
     def _link(self, address: Address) -> ShardLink:
         link = self._links.get(address)
@@ -563,13 +566,17 @@ class ClusterPubSub:
         masters = self._map.masters
         for address in masters:
             self._link(address)
+        moved = 0
         for channel, event in list(self._wanted.items()):
             if self._wanted.get(channel) is event:
-                await self._place(channel, event)
+                moved += await self._place(channel, event)
+        if moved:
+            log.info("pubsub channels moved to their new masters", channels=moved)
         for address, link in list(self._links.items()):
             if address not in masters and not link.channels:
                 del self._links[address]
                 await link.close()
+                log.info("pubsub link closed: not a master", node=f"{address[0]}:{address[1]}")
 
     async def _load_map(self) -> SlotMap:
         """``CLUSTER SLOTS`` from the first node that answers: connected links first, then the

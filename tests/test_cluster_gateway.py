@@ -17,6 +17,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from gateway.pubsub import SlotMap, channel_slot
 from schemas.keys import Keys
 from tests.support.gateway_process import GatewayGroup, GatewayProcess
 from tests.support.redis_cluster import RedisCluster
@@ -37,6 +38,37 @@ KEYS = Keys()
 def gateways():
     with GatewayGroup() as group:
         yield group
+
+
+class TestSlotMap:
+    """The pure part of the cluster pub/sub routing."""
+
+    REPLY = [
+        [0, 5460, [b"10.0.0.1", 7000, b"id1"], [b"10.0.0.4", 7003, b"id4"]],
+        [5461, 10922, [b"", 7001, b"id2"]],
+        [10923, 16383, [b"?", 7002, b"id3"]],
+    ]
+
+    def test_owner_of_each_range_and_its_edges(self):
+        slots = SlotMap.from_cluster_slots(self.REPLY, "10.0.0.9")
+        assert slots.owner(0) == slots.owner(5460) == ("10.0.0.1", 7000)
+        assert slots.owner(5461) == slots.owner(10922) == ("10.0.0.9", 7001)  # empty host
+        assert slots.owner(10923) == slots.owner(16383) == ("10.0.0.9", 7002)  # unknown host
+        assert slots.masters == {("10.0.0.1", 7000), ("10.0.0.9", 7001), ("10.0.0.9", 7002)}
+
+    def test_uncovered_slots_have_no_owner(self):
+        slots = SlotMap.from_cluster_slots(self.REPLY[1:2], "h")
+        assert slots.owner(0) is None and slots.owner(16000) is None
+
+    def test_moved_overrides_one_slot(self):
+        slots = SlotMap.from_cluster_slots(self.REPLY, "h")
+        slots.moved(100, ("10.0.0.5", 7005))
+        assert slots.owner(100) == ("10.0.0.5", 7005)
+        assert slots.owner(101) == ("10.0.0.1", 7000)
+        assert ("10.0.0.5", 7005) in slots.masters
+
+    def test_a_project_channel_lives_in_the_slot_of_its_keys(self):
+        assert channel_slot(KEYS.channel(42).encode()) == RedisCluster.project_slot(42)
 
 
 def projects_on_every_master(cluster: RedisCluster, per_master: int) -> list[int]:
