@@ -73,14 +73,20 @@ def _child_kwargs() -> dict:
 class Gateway:
     """The gateway as a child process, restarted if it dies."""
 
-    def __init__(self, args: list[str], url: str) -> None:
+    def __init__(self, args: list[str], url: str, secret: str | None = None) -> None:
         self.args = args
         self.url = url
+        # The secret travels in the environment: not visible in `ps`, and a value starting with
+        # "-" cannot be mistaken for an option.
+        self.env = {**os.environ}
+        self.env.pop("EVENTBUS_AUTH_SECRET", None)
+        if secret is not None:
+            self.env["EVENTBUS_AUTH_SECRET"] = secret
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 20.0) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gateway", *self.args], **_child_kwargs()
+            [sys.executable, "-m", "gateway", *self.args], env=self.env, **_child_kwargs()
         )
         deadline = time.monotonic() + timeout
         while True:
@@ -171,8 +177,9 @@ def main(argv: list[str] | None = None) -> int:
             "--allowed-origins", ",".join(dict.fromkeys(origins)),
             "--log-level", "info" if args.verbose else "warning",
         ]  # fmt: skip
-        gateway_args += ["--no-auth"] if secret is None else ["--auth-secret", secret]
-        gateway = Gateway(gateway_args, f"http://{host}:{gateway_port}")
+        if secret is None:
+            gateway_args.append("--no-auth")
+        gateway = Gateway(gateway_args, f"http://{host}:{gateway_port}", secret)
         gateway.start()
         started.append(gateway)
 

@@ -53,12 +53,10 @@ def main(argv: list[str] | None = None) -> None:
     redis = PrivateRedis().start()
     port = free_port()
     gateway = Gateway(
-        [
-            "--redis-url", redis.url, "--port", str(port), "--auth-secret", SECRET,
-            "--log-level", "warning",
-        ],
+        ["--redis-url", redis.url, "--port", str(port), "--log-level", "warning"],
         f"http://127.0.0.1:{port}",
-    )  # fmt: skip
+        SECRET,
+    )
     app = None
     try:
         gateway.start()
