@@ -503,3 +503,19 @@ async def test_connection_limit(gateways):
     assert refused.value.response.status_code == 503
     await a.close()
     await b.close()
+
+
+async def test_resubscribing_right_after_the_last_unsubscribe_stays_live(gateways, publisher):
+    """Releasing a project's channel and acquiring it again in the same instant must leave the
+    pod subscribed (the UNSUBSCRIBE of the old feed must not cancel the new SUBSCRIBE)."""
+    gateway = await gateways(reconcile_interval=60)  # only the live path may deliver
+    client = await client_for(gateway, [21])
+    for round_ in range(5):
+        await client.subscribe(21)
+        if round_ % 2:
+            await client.send({"type": "unsubscribe", "project_id": 21})
+        await client.subscribe(21)  # a restart when still subscribed: release + acquire at once
+        await publish(publisher, 21, 1)
+        await client.wait_for(lambda n=round_: len(client.seqs(21)) == n + 1, within=3)
+    assert client.seqs(21) == [1, 2, 3, 4, 5]
+    await client.close()
