@@ -178,6 +178,8 @@ def machine() -> dict[str, Any]:
         "cpu_model": model or platform.processor(),
         "python": platform.python_version(),
         "platform": platform.platform(),
+        # Other work on the machine while measuring (1-minute load average at the end).
+        "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
 
 

@@ -239,7 +239,8 @@ def table(results: dict[str, Any]) -> str:
         [
             f"{m['date']}, {m['cpus']} x {m['cpu_model']}, Python {m['python']}, "
             f"Redis {m['redis']}, redis-py {m['redis_py']} (hiredis), {pinning}; "
-            f"median of {results['params']['rounds']} rounds.",
+            f"median of {results['params']['rounds']} rounds; load average "
+            f"{m['load_average']} at the end.",
             "",
             "| measurement | p50 | p99 | events/s | vs floor |",
             "| --- | ---: | ---: | ---: | ---: |",
