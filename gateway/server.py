@@ -19,6 +19,7 @@ from websockets.http11 import Request, Response
 from gateway.config import GatewayConfig
 from gateway.http import HttpRoutes, json_response
 from gateway.hub import Hub, SubscribeUnavailable
+from gateway.keepalive import Keepalive
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
 from gateway.pubsub import ClusterPubSub, PubSubLink
@@ -116,6 +117,9 @@ class Gateway:
             asyncio.create_task(self._every(config.reconcile_interval, self.hub.reconcile)),
             asyncio.create_task(self._every(1.0, self._check_stalls)),
         ]
+        # One timer pings every connection (see gateway.keepalive), not a task per connection.
+        self.keepalive = Keepalive(config.ping_interval, config.ping_timeout, _keepalive_timeout)
+        self.keepalive.start()
         self.server = await serve(
             self.handler,
             config.host,
@@ -125,8 +129,7 @@ class Gateway:
             max_size=config.max_frame_bytes,
             max_queue=4,
             write_limit=config.outbound_limit,
-            ping_interval=config.ping_interval,
-            ping_timeout=config.ping_timeout,
+            ping_interval=None,  # gateway.keepalive pings, with config.ping_interval/_timeout
             close_timeout=5,
             server_header=None,
         )
@@ -243,6 +246,7 @@ class Gateway:
         raw = not ws.protocol.extensions  # permessage-deflate negotiated: websockets frames
         session = Session(ws, self.policy, self.hub.schedule_flush, raw=raw)
         self.sessions[session] = None
+        self.keepalive.add(session)
         self.metrics.connections_total += 1
         clog = log.bind(conn_id=session.id, peer=_peer(ws))
         clog.debug("connected")
@@ -463,6 +467,7 @@ class Gateway:
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
+        self.keepalive.close()
         if self.server is not None:
             self.server.close()
             with contextlib.suppress(Exception):
@@ -472,6 +477,10 @@ class Gateway:
         await self.link.close()
         if self.redis is not None:
             await self.redis.aclose()
+
+
+def _keepalive_timeout(session: Session) -> None:
+    session.abort(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
 
 
 def _peer(ws: ServerConnection) -> str | None:

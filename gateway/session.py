@@ -81,6 +81,7 @@ class Session:
     """State of one WebSocket connection."""
 
     __slots__ = (
+        "__weakref__",  # gateway.keepalive holds sessions weakly
         "allowance",
         "claims",
         "closing",
