@@ -247,6 +247,11 @@ class Gateway:
         session = Session(ws, self.policy, self.hub.schedule_flush, raw=raw)
         self.sessions[session] = None
         self.keepalive.add(session)
+        # The handshake's headers are not read again (process_request has used them); with a
+        # browser's user agent and cookies they are a few KiB per connection for its lifetime.
+        ws.request.headers.clear()
+        if ws.response is not None:
+            ws.response.headers.clear()
         self.metrics.connections_total += 1
         clog = log.bind(conn_id=session.id, peer=_peer(ws))
         clog.debug("connected")
