@@ -39,6 +39,8 @@ log = get_logger("gateway.hub")
 
 #: Entries per history read while repairing a gap or catching up after a reconnect.
 REPAIR_BATCH = 1000
+#: Seconds one history read may take before it is retried.
+READ_TIMEOUT = 10.0
 
 
 class SubscribeUnavailable(Exception):
@@ -228,11 +230,13 @@ class Hub:
         while self.feeds.get(feed.project_id) is feed:
             sequencer = feed.sequencer
             baseline = sequencer.last is None
+            before = sequencer.last
             try:
-                snapshot = await self.store.snapshot(
-                    feed.project_id, sequencer.epoch, sequencer.read_after(), REPAIR_BATCH
-                )
-            except StoreUnavailable as exc:
+                async with asyncio.timeout(READ_TIMEOUT):
+                    snapshot = await self.store.snapshot(
+                        feed.project_id, sequencer.epoch, sequencer.read_after(), REPAIR_BATCH
+                    )
+            except (StoreUnavailable, TimeoutError) as exc:
                 log.warning("history read failed", project_id=feed.project_id, error=str(exc))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
@@ -251,6 +255,10 @@ class Hub:
                 feed.ready.set()
             if not step.needs_read:
                 return
+            if sequencer.last == before and step.resync is None:
+                # No progress: what is held is ahead of the stream's top (still in flight).
+                # Give it a moment instead of spinning on Redis.
+                await asyncio.sleep(0.01)
 
     def request_catch_up(self, feed: Feed) -> None:
         """Read history after the feed's cursor (after a reconnect or a suspicious check)."""

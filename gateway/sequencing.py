@@ -135,17 +135,20 @@ class FeedSequencer:
         elif snapshot.top < self.last or self._rewritten(snapshot.entries):
             step.resync = self._reset(ResyncReason.HISTORY_LOST, snapshot)
         else:
+            gap = False
             for seq, frame in snapshot.entries:
                 if seq <= self.last:
                     continue
                 if seq != self.last + 1:
+                    gap = True
                     break
                 self.last, self.last_frame = seq, frame
                 step.deliver.append((seq, frame))
                 if seq not in self.held:
                     step.repaired += 1
-            if self.last < snapshot.top and len(snapshot.entries) < limit:
-                # The stream does not hold what we missed: retention trimmed it.
+            if self.last < snapshot.top and (gap or len(snapshot.entries) < limit):
+                # The stream does not hold what we missed (it starts after our next event, or
+                # ends before the top): retention trimmed it.
                 step.resync = self._reset(ResyncReason.HISTORY_TRIMMED, snapshot)
         # Drop what the read covered (and what belongs to another history), deliver what now
         # follows on, and decide whether more must be read.

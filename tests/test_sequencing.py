@@ -77,6 +77,14 @@ class TestFeedSequencer:
         assert step.deliver == []
         assert seq.on_live("e1", 10, frame(10)).deliver == [(10, frame(10))]
 
+    def test_a_full_read_that_starts_past_the_gap_is_trimmed_history(self):
+        """A batch as large as the limit but starting after last+1 must not be re-read forever."""
+        seq = started(top=5)
+        seq.on_live("e1", 5000, frame(5000))
+        step = seq.on_read(Snapshot("e1", 5000, entries(3001, 4000)), limit=1000)
+        assert step.resync is not None and step.resync.reason is ResyncReason.HISTORY_TRIMMED
+        assert seq.last == 5000 and not step.needs_read
+
     def test_a_new_epoch_gives_a_resync(self):
         seq = started(top=40)
         step = seq.on_live("e2", 1, frame(1))
