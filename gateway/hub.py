@@ -359,7 +359,7 @@ class Hub:
         plan = plan_subscription(epoch, after, snapshot, self.max_replay)
         for _, frame in plan.replay:
             session.send(Outgoing(frame))
-            session.allowance += len(frame) + 10
+            session.grant_allowance(len(frame) + 10)
         self.metrics.replayed_total += len(plan.replay)
         self.metrics.deliveries_total += len(plan.replay)
         if plan.resync is not None:

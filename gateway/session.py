@@ -83,6 +83,7 @@ class Session:
     __slots__ = (
         "__weakref__",  # gateway.keepalive holds sessions weakly
         "allowance",
+        "allowance_granted",
         "claims",
         "closing",
         "errors",
@@ -121,9 +122,11 @@ class Session:
         self.expiry: asyncio.TimerHandle | None = None
         self.last_buffered = 0
         self.stalled_since: float | None = None
-        #: Extra bytes tolerated above the limit while a replay burst drains, so that a resume
-        #: with a large replay is not mistaken for a slow consumer (and cut, and resumed again).
+        #: Replay bytes still in the write buffer, tolerated on top of the limit, so that a
+        #: resume with a large replay is not mistaken for a slow consumer (and cut, and resumed
+        #: again, forever). Granted with the replay, counted once written, shrinks as it drains.
         self.allowance = 0
+        self.allowance_granted = 0
 
     def send(self, item: Outgoing) -> None:
         """Queue a frame; it is written at the end of this event-loop iteration."""
@@ -141,10 +144,7 @@ class Session:
         outbox, self.outbox = self.outbox, []
         if self.closing or not outbox or self.ws.protocol.state is not State.OPEN:
             return True
-        buffered = self.transport.get_write_buffer_size()
-        if self.allowance and buffered <= self.policy.limit:
-            self.allowance = 0
-        if self.policy.over_limit(buffered - self.allowance):
+        if self.over_limit():
             self.cut_slow()
             return False
         if self.raw:
@@ -156,7 +156,21 @@ class Session:
             for item in outbox:
                 self.ws.protocol.send_text(item.payload)
             self.ws.send_data()
+        if self.allowance_granted:
+            self.allowance += self.allowance_granted
+            self.allowance_granted = 0
         return True
+
+    def grant_allowance(self, nbytes: int) -> None:
+        """Tolerate ``nbytes`` of replay, queued now, on top of the outbound limit."""
+        self.allowance_granted += nbytes
+
+    def over_limit(self) -> bool:
+        buffered = self.transport.get_write_buffer_size()
+        if self.allowance:
+            # The buffer is FIFO and the replay went in first: at most ``buffered`` of it is left.
+            self.allowance = min(self.allowance, buffered)
+        return self.policy.over_limit(buffered - self.allowance)
 
     def check_stall(self, now: float) -> bool:
         """Periodic check; cuts a connection whose buffer stopped draining. True if cut."""
@@ -167,9 +181,7 @@ class Session:
             buffered, self.last_buffered, self.stalled_since, now
         )
         self.last_buffered = buffered
-        if self.policy.is_stalled(self.stalled_since, now) or self.policy.over_limit(
-            buffered - self.allowance
-        ):
+        if self.policy.is_stalled(self.stalled_since, now) or self.over_limit():
             self.cut_slow()
             return True
         return False

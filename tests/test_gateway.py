@@ -7,10 +7,7 @@ published for its projects, in order, once, or an explicit ``resync_required``.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
-import os
-import socket
 import time
 
 import pytest
@@ -22,6 +19,7 @@ from schemas.events import BlockerResolved, utc_now
 from schemas.keys import Keys
 from tests.support.gateway_client import (
     SECRET,
+    RawClient,
     RecordingClient,
     client_for,
     event,
@@ -248,27 +246,9 @@ async def test_a_client_that_stops_reading_is_cut_and_resumes_with_nothing_lost(
     await healthy.subscribe(11)
     # A raw client that authenticates, subscribes, then never reads again. Its receive window
     # is tiny, so the gateway's kernel send buffer fills first, then its user-space buffer.
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", gateway.port))
-    reader, writer = await asyncio.open_connection(sock=sock, limit=1024)
-
-    key = base64.b64encode(os.urandom(16)).decode()
-    writer.write(
-        (
-            f"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
-    )
-    await reader.readuntil(b"\r\n\r\n")
-    token = issue_token(SECRET, [11], ttl=300)
-    for message in ({"type": "auth", "token": token}, {"type": "subscribe", "project_id": 11}):
-        payload = json.dumps(message).encode()
-        mask = os.urandom(4)
-        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        writer.write(bytes([0x81, 0x80 | 126]) + len(payload).to_bytes(2, "big") + mask + masked)
-    await writer.drain()
+    stalled = await RawClient.connect(gateway.port, rcvbuf=4096)
+    await stalled.send({"type": "auth", "token": issue_token(SECRET, [11], ttl=300)})
+    await stalled.send({"type": "subscribe", "project_id": 11})
     total = 1500  # ~7 MB: beyond the limit and whatever the kernel buffers hold
     big_answer = "x" * 4900
     await publisher.publish_many(
@@ -282,7 +262,7 @@ async def test_a_client_that_stops_reading_is_cut_and_resumes_with_nothing_lost(
     await healthy.wait_for(lambda: len(healthy.seqs(11)) == total)
     assert healthy.seqs(11) == list(range(1, total + 1))
     assert len(gateway.sessions) == 1
-    writer.close()
+    stalled.close()
     # The slow client comes back with its cursor (it had seen nothing) and loses nothing.
     epoch = healthy.cursor(11)[0]
     back = await client_for(gateway, [11])
@@ -519,3 +499,34 @@ async def test_resubscribing_right_after_the_last_unsubscribe_stays_live(gateway
         await client.wait_for(lambda n=round_: len(client.seqs(21)) == n + 1, within=3)
     assert client.seqs(21) == [1, 2, 3, 4, 5]
     await client.close()
+
+
+async def test_a_large_replay_to_a_client_that_reads_late_is_not_cut_as_slow(gateways, publisher):
+    """The replay may exceed the outbound limit: it is tolerated while it drains, so a resume
+    is not cut, resumed, cut again, forever."""
+    gateway = await gateways(max_replay=3000, outbound_limit=256 * 1024)
+    first = await client_for(gateway, [31])
+    subscribed = await first.subscribe(31)
+    await first.close()
+    await publisher.publish_many(
+        BlockerResolved(project_id=31, blocker_id=n + 1, answer="x" * 4900, resolved_at=utc_now())
+        for n in range(3000)  # ~15 MB missed while away
+    )
+    client = await RawClient.connect(gateway.port, rcvbuf=65536)
+    await client.send({"type": "auth", "token": issue_token(SECRET, [31], ttl=300)})
+    await client.send(
+        {"type": "subscribe", "project_id": 31, "epoch": subscribed["epoch"], "after": 0}
+    )
+    await asyncio.sleep(1.5)  # the browser is busy for a moment before it reads
+    await publisher.publish(event(31, 3001))  # a live event while the replay still drains
+    seqs = []
+    async with asyncio.timeout(20):
+        while len(seqs) < 3001:
+            opcode, data = await client.receive()
+            assert opcode == 1, f"closed: {data[:2]!r}"
+            message = json.loads(data)
+            if "seq" in message and message["type"] not in ("subscribed", "authenticated"):
+                seqs.append(message["seq"])
+    assert seqs == list(range(1, 3002))
+    assert gateway.metrics.slow_consumer_disconnects_total == 0
+    client.close()

@@ -155,3 +155,60 @@ async def client_for(gateway, projects="*", **kwargs) -> RecordingClient:
 
 async def publish(publisher, project_id: int, count: int) -> None:
     await publisher.publish_many(event(project_id, n + 1) for n in range(count))
+
+
+# --- a raw WebSocket client, for clients that read slowly or not at all ----------------------
+
+
+class RawClient:
+    """A WebSocket client over bare asyncio streams with a chosen receive buffer, so a test can
+    make it read slowly, or stop reading, which websockets' client does not allow."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def connect(cls, port: int, *, rcvbuf: int) -> RawClient:
+        import base64
+        import os
+        import socket
+
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(sock=sock, limit=2**22)
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write(
+            "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        await reader.readuntil(b"\r\n\r\n")
+        return cls(reader, writer)
+
+    async def send(self, message: dict) -> None:
+        import os
+
+        payload = json.dumps(message).encode()
+        mask = os.urandom(4)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        if len(payload) < 126:
+            header = bytes([0x81, 0x80 | len(payload)])
+        else:
+            header = bytes([0x81, 0x80 | 126]) + len(payload).to_bytes(2, "big")
+        self.writer.write(header + mask + masked)
+        await self.writer.drain()
+
+    async def receive(self) -> tuple[int, bytes]:
+        """One frame: (opcode, payload)."""
+        head = await self.reader.readexactly(2)
+        length = head[1] & 0x7F
+        if length == 126:
+            length = int.from_bytes(await self.reader.readexactly(2), "big")
+        elif length == 127:
+            length = int.from_bytes(await self.reader.readexactly(8), "big")
+        return head[0] & 0x0F, await self.reader.readexactly(length)
+
+    def close(self) -> None:
+        self.writer.close()
