@@ -17,6 +17,7 @@ import redis.exceptions
 
 from publisher.connection import async_client, is_cluster_url, sync_client
 from publisher.core import (
+    RETRY_GUARD,
     Cursor,
     PreparedBatch,
     PublishError,
@@ -25,6 +26,7 @@ from publisher.core import (
     now_if_none,
     plan_batches,
     prepare_single,
+    refused_during_migration,
 )
 from schemas import lua
 from schemas.events import (
@@ -128,10 +130,12 @@ class _Settings:
         retention: Retention | None,
         idempotency_window: timedelta,
         sharded: bool,
+        retry_guard: timedelta | None,
     ) -> None:
         self.keys = Keys(prefix)
         self.retention = retention or Retention()
         self.idempotency_window = idempotency_window
+        self.retry_guard = retry_guard
         self.publish_command = "SPUBLISH" if sharded else "PUBLISH"
 
     def single(self, event: ProjectEvent, idempotency_key: str | None) -> PreparedBatch:
@@ -142,6 +146,7 @@ class _Settings:
             publish_command=self.publish_command,
             idempotency_key=idempotency_key,
             idempotency_window=self.idempotency_window,
+            retry_guard=self.retry_guard,
         )
 
     def batches(self, events: Iterable[ProjectEvent]) -> list[PreparedBatch]:
@@ -150,6 +155,7 @@ class _Settings:
             keys=self.keys,
             retention=self.retention,
             publish_command=self.publish_command,
+            retry_guard=self.retry_guard,
         )
 
 
@@ -184,6 +190,10 @@ class Publisher(_ContractHelpers[Cursor]):
         idempotency_window: how long an idempotency key is remembered.
         sharded: use ``SPUBLISH`` (Redis Cluster sharded pub/sub); defaults to True for a cluster
             client. Must match the gateway's setting.
+        retry_guard: how long each script call is remembered under a unique key, so that
+            redis-py's automatic retry of a call that timed out or lost its connection after
+            reaching Redis returns the first result instead of publishing twice (60 s; the keys
+            cost ~100 bytes each for that long). ``None`` disables it.
     """
 
     def __init__(
@@ -194,6 +204,7 @@ class Publisher(_ContractHelpers[Cursor]):
         retention: Retention | None = None,
         idempotency_window: timedelta = timedelta(minutes=10),
         sharded: bool | None = None,
+        retry_guard: timedelta | None = RETRY_GUARD,
     ) -> None:
         is_cluster = isinstance(client, redis.cluster.RedisCluster)
         self._settings = _Settings(
@@ -201,6 +212,7 @@ class Publisher(_ContractHelpers[Cursor]):
             retention=retention,
             idempotency_window=idempotency_window,
             sharded=is_cluster if sharded is None else sharded,
+            retry_guard=retry_guard,
         )
         self.client = client
         self._cluster = is_cluster
@@ -227,12 +239,18 @@ class Publisher(_ContractHelpers[Cursor]):
         """
         batch = self._settings.single(event, idempotency_key)
         try:
-            epoch, seq, _duplicate = self._evalsha(batch.keys, batch.args)
+            try:
+                result = self._evalsha(batch.keys, batch.args)
+            except redis.exceptions.ResponseError as exc:
+                fallback = batch.unguarded() if refused_during_migration(exc) else None
+                if fallback is None:
+                    raise
+                result = self._evalsha(fallback.keys, fallback.args)
         except _UNAVAILABLE as exc:
             raise PublisherUnavailable(f"Redis unavailable: {exc}") from exc
         except redis.exceptions.RedisError as exc:
             raise PublishError(f"publish failed: {exc}") from exc
-        return Cursor(epoch.decode() if isinstance(epoch, bytes) else epoch, int(seq))
+        return batch.cursors(result)[0]
 
     def _evalsha(self, keys: list[str], args: list) -> list:
         # EVALSHA straight through execute_command: redis-py's Script wrapper costs several us per
@@ -262,7 +280,13 @@ class Publisher(_ContractHelpers[Cursor]):
                         _queue_eval(pipe, batch)
                     else:
                         self._script(keys=batch.keys, args=batch.args, client=pipe)
-                results = pipe.execute()
+                results = pipe.execute(raise_on_error=False)
+            for index, (batch, result) in enumerate(zip(batches, results, strict=True)):
+                if isinstance(result, Exception):
+                    fallback = batch.unguarded() if refused_during_migration(result) else None
+                    if fallback is None:
+                        raise result
+                    results[index] = self._evalsha(fallback.keys, fallback.args)
         except _UNAVAILABLE as exc:
             raise PublisherUnavailable(f"Redis unavailable: {exc}") from exc
         except redis.exceptions.RedisError as exc:
@@ -294,6 +318,7 @@ class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
         retention: Retention | None = None,
         idempotency_window: timedelta = timedelta(minutes=10),
         sharded: bool | None = None,
+        retry_guard: timedelta | None = RETRY_GUARD,
     ) -> None:
         import redis.asyncio.cluster
 
@@ -303,6 +328,7 @@ class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
             retention=retention,
             idempotency_window=idempotency_window,
             sharded=is_cluster if sharded is None else sharded,
+            retry_guard=retry_guard,
         )
         self.client = client
         self._cluster = is_cluster
@@ -317,12 +343,18 @@ class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
         """See :meth:`Publisher.publish`."""
         batch = self._settings.single(event, idempotency_key)
         try:
-            epoch, seq, _duplicate = await self._evalsha(batch.keys, batch.args)
+            try:
+                result = await self._evalsha(batch.keys, batch.args)
+            except redis.exceptions.ResponseError as exc:
+                fallback = batch.unguarded() if refused_during_migration(exc) else None
+                if fallback is None:
+                    raise
+                result = await self._evalsha(fallback.keys, fallback.args)
         except _UNAVAILABLE as exc:
             raise PublisherUnavailable(f"Redis unavailable: {exc}") from exc
         except redis.exceptions.RedisError as exc:
             raise PublishError(f"publish failed: {exc}") from exc
-        return Cursor(epoch.decode() if isinstance(epoch, bytes) else epoch, int(seq))
+        return batch.cursors(result)[0]
 
     async def _evalsha(self, keys: list[str], args: list) -> list:
         # See Publisher._evalsha.
@@ -346,7 +378,13 @@ class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
                         _queue_eval(pipe, batch)
                     else:
                         await self._script(keys=batch.keys, args=batch.args, client=pipe)
-                results = await pipe.execute()
+                results = await pipe.execute(raise_on_error=False)
+            for index, (batch, result) in enumerate(zip(batches, results, strict=True)):
+                if isinstance(result, Exception):
+                    fallback = batch.unguarded() if refused_during_migration(result) else None
+                    if fallback is None:
+                        raise result
+                    results[index] = await self._evalsha(fallback.keys, fallback.args)
         except _UNAVAILABLE as exc:
             raise PublisherUnavailable(f"Redis unavailable: {exc}") from exc
         except redis.exceptions.RedisError as exc:

@@ -115,6 +115,23 @@ class PreparedBatch(NamedTuple):
     size: int
     positions: list[int]  # index of each event in the caller's list
 
+    def unguarded(self) -> PreparedBatch | None:
+        """This call without its retry guard key, or None when it has none (or the caller's own
+        idempotency key, which must never be dropped).
+
+        During a Redis Cluster slot migration the importing node refuses a script that touches a
+        key it was not given as a key ("non local key"); the guard key cannot be declared (a
+        declared key that does not exist yet is refused with TRYAGAIN while the slot migrates),
+        so such a call is run once more without it. The refusal happens before anything is
+        written, so the second run is not a duplicate.
+        """
+        key = self.args[6]
+        if not (isinstance(key, str) and GUARD_MARK in key):
+            return None
+        args = list(self.args)
+        args[6] = ""
+        return self._replace(args=args)
+
     def cursors(self, result: list) -> list[Cursor]:
         epoch, last, _duplicate = result
         epoch = epoch.decode() if isinstance(epoch, bytes) else epoch
@@ -123,7 +140,11 @@ class PreparedBatch(NamedTuple):
 
 
 def _common_args(
-    retention: Retention, idempotency_window: timedelta, publish_command: str, channel: str
+    retention: Retention,
+    idempotency_window: timedelta,
+    publish_command: str,
+    channel: str,
+    idempotency_key: str,
 ) -> list[bytes | str | int]:
     return [
         new_epoch(),
@@ -131,12 +152,32 @@ def _common_args(
         retention.max_age_ms,
         int(idempotency_window.total_seconds() * 1000),
         publish_command,
-        channel,  # an argument, not a key: see schemas.lua.PUBLISH
+        channel,  # arguments, not keys: see schemas.lua.PUBLISH
+        idempotency_key,
     ]
 
 
 def _keys(keys: Keys, project_id: int) -> list[str]:
     return [keys.meta(project_id), keys.stream(project_id)]
+
+
+#: How long the key that guards a script call against redis-py's own retries is remembered.
+#: A retry after a timeout or a dropped connection may reach Redis after the first attempt ran;
+#: with the key, it returns the first attempt's cursor instead of publishing the event again.
+RETRY_GUARD = timedelta(seconds=60)
+
+
+GUARD_MARK = ":idem:~"
+
+
+def _retry_guard_key(keys: Keys, project_id: int) -> str:
+    # Unique per call: a random per-process prefix and a counter (see new_epoch).
+    return keys.idempotency(project_id, "~" + new_epoch())
+
+
+def refused_during_migration(exc: BaseException) -> bool:
+    """A script refused by a cluster node importing its slot (see PreparedBatch.unguarded)."""
+    return "non local key" in str(exc)
 
 
 def prepare_single(
@@ -147,21 +188,29 @@ def prepare_single(
     publish_command: str,
     idempotency_key: str | None = None,
     idempotency_window: timedelta = timedelta(minutes=10),
+    retry_guard: timedelta | None = RETRY_GUARD,
 ) -> PreparedBatch:
-    """Validate and encode one event into a script call (raises ``EventValidationError``)."""
+    """Validate and encode one event into a script call (raises ``EventValidationError``).
+
+    Without an ``idempotency_key``, the call still carries a unique key remembered for
+    ``retry_guard``, so that a retry of this very call can never publish the event twice.
+    """
     payload = encode_event(event)
-    script_keys = _keys(keys, event.project_id)
-    if idempotency_key is not None:
+    key_name = ""
+    if idempotency_key is None and retry_guard:
+        key_name = _retry_guard_key(keys, event.project_id)
+        idempotency_window = retry_guard
+    elif idempotency_key is not None:
         if not isinstance(idempotency_key, str) or not _IDEMPOTENCY_KEY_RE.match(idempotency_key):
             raise ValueError("idempotency_key must be 1-200 printable ASCII characters, no spaces")
         if idempotency_window <= timedelta(0):
             raise ValueError("idempotency_window must be positive")
-        script_keys.append(keys.idempotency(event.project_id, idempotency_key))
+        key_name = keys.idempotency(event.project_id, idempotency_key)
     args = _common_args(
-        retention, idempotency_window, publish_command, keys.channel(event.project_id)
+        retention, idempotency_window, publish_command, keys.channel(event.project_id), key_name
     )
     args.append(payload)
-    return PreparedBatch(event.project_id, script_keys, args, 1, [0])
+    return PreparedBatch(event.project_id, _keys(keys, event.project_id), args, 1, [0])
 
 
 def plan_batches(
@@ -171,11 +220,13 @@ def plan_batches(
     retention: Retention,
     publish_command: str,
     batch_size: int = BATCH_SIZE,
+    retry_guard: timedelta | None = RETRY_GUARD,
 ) -> list[PreparedBatch]:
     """Validate and encode every event first (so an invalid one publishes nothing), then group
-    the events of each project, in the caller's order, into script calls."""
+    the events of each project, in the caller's order, into script calls (each guarded against
+    retries like :func:`prepare_single`)."""
     encoded = [(event.project_id, encode_event(event)) for event in events]
-    return list(_group(encoded, keys, retention, publish_command, batch_size))
+    return list(_group(encoded, keys, retention, publish_command, batch_size, retry_guard))
 
 
 def _group(
@@ -184,6 +235,7 @@ def _group(
     retention: Retention,
     publish_command: str,
     batch_size: int,
+    retry_guard: timedelta | None,
 ) -> Iterator[PreparedBatch]:
     # Sequences are per project, so only the order within a project is observable: bucket by
     # project (keeping that order) to make script calls as large as possible in mixed bursts.
@@ -194,7 +246,11 @@ def _group(
         for start in range(0, len(positions), batch_size):
             chunk = positions[start : start + batch_size]
             args = _common_args(
-                retention, timedelta(minutes=1), publish_command, keys.channel(project_id)
+                retention,
+                retry_guard or timedelta(0),
+                publish_command,
+                keys.channel(project_id),
+                _retry_guard_key(keys, project_id) if retry_guard else "",
             )
             args.extend(encoded[i][1] for i in chunk)
             yield PreparedBatch(project_id, _keys(keys, project_id), args, len(chunk), chunk)

@@ -29,20 +29,22 @@ end
 
 #: Publish a batch of events of one project.
 #:
-#: KEYS: meta, stream[, idempotency key]
+#: KEYS: meta, stream
 #: ARGV: candidate epoch, max stream length, max age (ms, 0 = none), idempotency window (ms),
-#:       publish command ("PUBLISH" or "SPUBLISH"), channel, then one JSON object per event.
-#: The channel is an argument, not a key, although it shares the slot: Redis Cluster counts a
-#: declared key that does not exist as "missing", and a multi-key call with a missing key in a
-#: slot being migrated is refused with TRYAGAIN. A channel never exists as a key, so declaring it
-#: made every publish to a migrating slot fail until the migration ended.
+#:       publish command ("PUBLISH" or "SPUBLISH"), channel, idempotency key name ('' for none),
+#:       then one JSON object per event.
+#: The channel and the idempotency key are arguments, not keys, although they share the slot:
+#: Redis Cluster counts a declared key that does not exist as "missing", and a multi-key call
+#: with a missing key in a slot being migrated is refused with TRYAGAIN. Neither exists before
+#: the call, so declaring them made every publish to a migrating slot fail until it ended.
 #: Returns {epoch, last seq, duplicate flag}: for a batch of n events, their sequence numbers are
 #: last-n+1 .. last. With an idempotency key already used, nothing is written and the first
 #: publish's cursor is returned with the duplicate flag set.
 PUBLISH = (
     """
-if #KEYS == 3 then
-  local prior = redis.call('GET', KEYS[3])
+local idempotency_key = ARGV[7]
+if idempotency_key ~= '' then
+  local prior = redis.call('GET', idempotency_key)
   if prior then
     local sep = string.find(prior, '|', 1, true)
     return {string.sub(prior, 1, sep - 1), tonumber(string.sub(prior, sep + 1)), 1}
@@ -51,7 +53,7 @@ end
 """
     + _ENSURE_EPOCH
     + """
-local n = #ARGV - 6
+local n = #ARGV - 7
 local last = redis.call('HINCRBY', KEYS[1], 'seq', n)
 local time = redis.call('TIME')
 local now_ms = string.format('%d', tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000))
@@ -60,7 +62,7 @@ local publish = ARGV[5]
 local channel = ARGV[6]
 for i = 1, n do
   local seq = string.format('%d', last - n + i)
-  local payload = ARGV[6 + i]
+  local payload = ARGV[7 + i]
   local frame = string.sub(payload, 1, -2) .. ',"seq":' .. seq .. '}'
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, seq .. '-0', 'f', frame, 't', now_ms)
   redis.call(publish, channel, epoch .. '|' .. seq .. '|' .. now_ms .. '|' .. frame)
@@ -92,8 +94,8 @@ if max_age > 0 then
   -- so that clients that saw everything resume without a needless resync.
   redis.call('PEXPIRE', KEYS[2], max_age)
 end
-if #KEYS == 3 then
-  redis.call('SET', KEYS[3], epoch .. '|' .. string.format('%d', last), 'PX', ARGV[4])
+if idempotency_key ~= '' then
+  redis.call('SET', idempotency_key, epoch .. '|' .. string.format('%d', last), 'PX', ARGV[4])
 end
 return {epoch, last, 0}
 """

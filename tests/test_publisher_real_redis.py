@@ -573,3 +573,47 @@ async def test_async_concurrent_tasks_give_gapless_sequences(
     assert sorted(s for seqs in results for s in seqs) == list(range(1, total + 1))
     assert all(seqs == sorted(seqs) for seqs in results)
     assert_channel_matches_stream(sub.wait_for(total), redis_client, 1, total)
+
+
+# --- retries never duplicate ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("many", [False, True])
+def test_a_retry_after_a_late_reply_does_not_publish_twice(redis_url, monkeypatch, many):
+    """Redis busy for longer than the socket timeout: redis-py gives up on the reply and sends
+    the call again, and both reach Redis. The retry guard makes the second a no-op."""
+    import threading
+
+    import publisher.connection as connection
+
+    monkeypatch.setattr(connection, "SOCKET_TIMEOUT", 0.5)
+    pub = Publisher.from_url(redis_url)
+    pub.publish(event(7, 1))  # seq 1; the script is loaded
+    busy = redis.Redis.from_url(redis_url)
+    stalled = threading.Event()
+
+    def stall_redis() -> None:  # a slow command elsewhere, a fork, a long script
+        stalled.set()
+        busy.eval(
+            "local t = redis.call('TIME'); local s = t[1] * 1e6 + t[2]; "
+            "while true do local n = redis.call('TIME'); "
+            "if n[1] * 1e6 + n[2] - s > 1200000 then break end end",
+            0,
+        )
+
+    thread = threading.Thread(target=stall_redis)
+    thread.start()
+    stalled.wait()
+    time.sleep(0.1)  # let the busy script start before the publish is sent
+    try:
+        if many:
+            cursors = pub.publish_many([event(7, 2), event(7, 3)])
+        else:
+            cursors = [pub.publish(event(7, 2))]
+    finally:
+        thread.join()
+    expected = [1, 2, 3] if many else [1, 2]
+    assert [c.seq for c in cursors] == expected[1:]
+    assert [s for s, _f, _t in stream_entries(busy, 7)] == expected
+    pub.close()
+    busy.close()
