@@ -18,12 +18,14 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from gateway.sequencing import plan_poll
+from gateway.store import StoreUnavailable
 from schemas.protocol import PollResponse, ResyncRequired, encode
 from schemas.tokens import InvalidToken, TokenClaims
 
 __all__ = ["HttpRoutes", "json_response"]
 
 _POLL_PATH = re.compile(r"^/v1/projects/([^/]+)/events$")
+_PROJECT_ID = re.compile(r"[1-9][0-9]{0,15}")  # ASCII only, and short enough for int()
 _STATIC = {
     "/eventbus.js": "text/javascript; charset=utf-8",
     "/eventbus.d.ts": "application/typescript; charset=utf-8",
@@ -153,7 +155,7 @@ class HttpRoutes:
 
     async def poll(self, request: Request, raw_id: str) -> Response:
         """``GET /v1/projects/{id}/events?epoch=&after=&limit=``: the polling fallback."""
-        if not raw_id.isdigit() or not 0 < int(raw_id) < 2**53:
+        if not _PROJECT_ID.fullmatch(raw_id) or int(raw_id) >= 2**53:
             return _error(400, "invalid_project", "project id must be a positive integer")
         project_id = int(raw_id)
         if self.verify is not None:
@@ -176,8 +178,6 @@ class HttpRoutes:
             epoch, after, limit = _poll_query(urlsplit(request.path).query)
         except ValueError as exc:
             return _error(400, "invalid_query", str(exc))
-        from gateway.store import StoreUnavailable
-
         try:
             snapshot = await self.gateway.store.snapshot(project_id, epoch, after, limit)
         except StoreUnavailable:

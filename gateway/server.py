@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import signal
 import time
+import weakref
 
 import redis.asyncio
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -61,7 +62,11 @@ class Gateway:
         self.sessions: dict[Session, None] = {}
         self.draining = False
         self.policy = SlowConsumerPolicy(config.outbound_limit, config.stall_timeout)
-        self._preauth: dict[ServerConnection, TokenClaims] = {}
+        # Claims verified at the handshake, for the handler; weak, because websockets may still
+        # reject the handshake after process_request, and then no handler ever pops the entry.
+        self._preauth: weakref.WeakKeyDictionary[ServerConnection, TokenClaims] = (
+            weakref.WeakKeyDictionary()
+        )
         self._tasks: list[asyncio.Task] = []
         self._all_closed = asyncio.Event()
         self.server: Server | None = None
@@ -246,6 +251,7 @@ class Gateway:
         raw = not ws.protocol.extensions  # permessage-deflate negotiated: websockets frames
         session = Session(ws, self.policy, self.hub.schedule_flush, raw=raw)
         self.sessions[session] = None
+        self._all_closed.clear()
         self.keepalive.add(session)
         # The handshake's headers are not read again (process_request has used them); with a
         # browser's user agent and cookies they are a few KiB per connection for its lifetime.

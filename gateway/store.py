@@ -83,6 +83,14 @@ class HistoryStore:
 
     async def _send_batches(self) -> None:
         """Send queued snapshots, one pipeline at a time, until the queue is empty."""
+        try:
+            await self._drain_queue()
+        finally:
+            # Leave the sender set now, not in a done-callback one loop iteration later: a caller
+            # woken by our last results may enqueue at once and must then see room for a sender.
+            self._senders.discard(asyncio.current_task())
+
+    async def _drain_queue(self) -> None:
         queue = self._queue
         while queue:
             batch: list[_Request] = []

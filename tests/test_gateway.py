@@ -530,3 +530,38 @@ async def test_a_large_replay_to_a_client_that_reads_late_is_not_cut_as_slow(gat
     assert seqs == list(range(1, 3002))
     assert gateway.metrics.slow_consumer_disconnects_total == 0
     client.close()
+
+
+async def test_drain_closes_with_1012_even_after_the_pod_was_once_empty(gateways):
+    gateway = await gateways(drain_timeout=5)
+    early = await client_for(gateway, [1])
+    await early.close()
+    await early.closed.wait()
+    async with asyncio.timeout(5):
+        while gateway.sessions:  # noqa: ASYNC110 - the handler's cleanup has no event of its own
+            await asyncio.sleep(0.01)
+    late = [await client_for(gateway, [1]) for _ in range(3)]
+    await gateway.drain()
+    for client in late:
+        await asyncio.wait_for(client.closed.wait(), 5)
+    assert [c.close_code for c in late] == [1012, 1012, 1012]
+
+
+async def test_handshakes_rejected_after_token_check_leave_nothing_behind(gateways):
+    import gc
+
+    gateway = await gateways()
+    token = issue_token(SECRET, [1], ttl=300)
+    for _ in range(20):
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        # A valid token but no Sec-WebSocket-Key: process_request passes, websockets answers 400.
+        writer.write(
+            "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Authorization: Bearer {token}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        assert (await reader.readline()).startswith(b"HTTP/1.1 400")
+        await reader.read()
+        writer.close()
+    await asyncio.sleep(0.1)
+    gc.collect()
+    assert len(gateway._preauth) == 0 and not gateway.sessions

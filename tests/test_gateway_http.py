@@ -152,6 +152,7 @@ async def test_polling_with_a_foreign_epoch_says_resync(gateways, publisher):
         ("/v1/projects/4/events", "other-project", 403, "forbidden"),
         ("/v1/projects/x/events", "ok", 400, "invalid_project"),
         ("/v1/projects/0/events", "ok", 400, "invalid_project"),
+        ("/v1/projects/" + "9" * 5000 + "/events", {}, 400, "invalid_project"),
         ("/v1/projects/4/events?after=3", "ok", 400, "invalid_query"),
         ("/v1/projects/4/events?epoch=e&after=-1", "ok", 400, "invalid_query"),
         ("/v1/projects/4/events?limit=5000", "ok", 400, "invalid_query"),
