@@ -246,6 +246,10 @@ export declare class ProjectCursor {
   resyncing: boolean;
   generation: number;
   buffer: ProjectEvent[];
+  /** More than MAX_BUFFERED events arrived during one reload: the gap is repaired after it. */
+  overflow: boolean;
+  /** Events held back per project while the application reloads (10,000). */
+  static MAX_BUFFERED: number;
   readonly known: boolean;
   subscribeMessage(projectId: number): SubscribeMessage;
   pollQuery(): string;

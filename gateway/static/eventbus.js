@@ -181,6 +181,8 @@ export class ProjectCursor {
     this.resyncing = false;
     this.generation = 0; // bumps on every resync, so a stale onResync completion is recognisable
     this.buffer = [];
+    this.heldSeqs = new Set();
+    this.overflow = false;
     this.resyncSinceSubscribe = false;
   }
 
@@ -199,9 +201,13 @@ export class ProjectCursor {
     return message;
   }
 
-  /** Query string of the polling endpoint for this cursor. */
+  /** Query string of the polling endpoint: after the cursor, or after what is already held
+   * back while the application reloads (so a slow reload does not fetch the same page again). */
   pollQuery() {
-    return this.known ? `?epoch=${encodeURIComponent(this.epoch)}&after=${this.seq}` : "";
+    if (!this.known) return "";
+    let after = this.seq;
+    for (const event of this.buffer) after = Math.max(after, event.seq);
+    return `?epoch=${encodeURIComponent(this.epoch)}&after=${after}`;
   }
 
   /** Start a reload: later events continue after (epoch, seq); anything buffered is obsolete. */
@@ -210,7 +216,8 @@ export class ProjectCursor {
     this.seq = seq;
     this.resyncing = true;
     this.generation += 1;
-    this.buffer = [];
+    this._clearBuffer();
+    this.overflow = false;
     this.resyncSinceSubscribe = true;
   }
 
@@ -234,7 +241,18 @@ export class ProjectCursor {
   /** An event frame. Returns {deliver: events to hand to the application now, gap}. */
   accept(event) {
     if (this.resyncing || !this.known) {
+      // Held back, once per seq, and bounded: a reload that keeps failing must not grow memory
+      // without end. Past the bound the held events are dropped and the gap is reported when
+      // the reload ends (the client then resumes from its cursor, so nothing is lost).
+      if (this.overflow || (this.known && event.seq <= this.seq)) return { deliver: [], gap: false };
+      if (this.heldSeqs.has(event.seq)) return { deliver: [], gap: false };
+      if (this.buffer.length >= ProjectCursor.MAX_BUFFERED) {
+        this._clearBuffer();
+        this.overflow = true;
+        return { deliver: [], gap: false };
+      }
       this.buffer.push(event);
+      this.heldSeqs.add(event.seq);
       return { deliver: [], gap: false };
     }
     return this._apply([event]);
@@ -244,8 +262,17 @@ export class ProjectCursor {
   endResync() {
     this.resyncing = false;
     const buffered = this.buffer.sort((a, b) => a.seq - b.seq);
-    this.buffer = [];
+    this._clearBuffer();
+    if (this.overflow) {
+      this.overflow = false;
+      return { deliver: [], gap: true };
+    }
     return this._apply(buffered);
+  }
+
+  _clearBuffer() {
+    this.buffer = [];
+    this.heldSeqs = new Set();
   }
 
   _apply(events) {
@@ -259,6 +286,9 @@ export class ProjectCursor {
     return { deliver, gap: false };
   }
 }
+
+/** Events held back per project while the application reloads its state. */
+ProjectCursor.MAX_BUFFERED = 10000;
 
 // ----------------------------------------------------------------------------------------------
 // The client

@@ -323,6 +323,24 @@ test("cursor: events during a reload are held, then only seq > cursor applied", 
   eq([cursor.epoch, cursor.seq], ["e3", 8]);
 });
 
+test("cursor: events held during a reload are kept once each, bounded, and polled past", () => {
+  const cursor = new eb.ProjectCursor();
+  cursor.onSubscribed({ epoch: "e", seq: 10, resumed: false });
+  for (let round = 0; round < 3; round += 1) {
+    // The same page polled again while onResync is still pending: nothing is held twice.
+    for (let seq = 11; seq <= 20; seq += 1) cursor.accept(event(1, seq));
+  }
+  eq(cursor.buffer.length, 10);
+  eq(cursor.pollQuery(), "?epoch=e&after=20", "the next poll starts after what is held");
+  eq(cursor.endResync().deliver.map((e) => e.seq), [11, 12, 13, 14, 15, 16, 17, 18, 19, 20]);
+  // A reload that never ends must not hold events without bound: past it, report a gap.
+  cursor.beginResync("e", 20);
+  for (let seq = 21; seq <= 21 + eb.ProjectCursor.MAX_BUFFERED; seq += 1) cursor.accept(event(1, seq));
+  assert(cursor.buffer.length === 0 && cursor.overflow, "held events dropped past the bound");
+  eq(cursor.endResync(), { deliver: [], gap: true }, "the gap is repaired from the cursor");
+  eq([cursor.epoch, cursor.seq], ["e", 20]);
+});
+
 test("cursor: resume outcomes decide whether to reload", () => {
   const cursor = new eb.ProjectCursor();
   cursor.onSubscribed({ epoch: "e", seq: 5, resumed: false });
