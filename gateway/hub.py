@@ -23,6 +23,7 @@ from gateway.metrics import Metrics
 from gateway.pubsub import PubSubLink
 from gateway.sequencing import (
     FeedSequencer,
+    Joiner,
     Resync,
     Snapshot,
     Step,
@@ -45,22 +46,6 @@ READ_TIMEOUT = 10.0
 
 class SubscribeUnavailable(Exception):
     """Redis could not be reached in time to start a subscription."""
-
-
-class Joiner:
-    """A connection between ``subscribe`` and live.
-
-    Until the history read returns, frames are captured in ``buffer`` (tagged with the feed's
-    epoch). After that, while the feed has not yet delivered up to the client's starting point,
-    frames pass through a filter on ``(epoch, threshold)``.
-    """
-
-    __slots__ = ("buffer", "epoch", "threshold")
-
-    def __init__(self) -> None:
-        self.buffer: list[tuple[str | None, int, Outgoing, bool]] | None = []
-        self.epoch: str | None = None
-        self.threshold = 0
 
 
 class Feed:
@@ -170,14 +155,12 @@ class Hub:
         if feed.joining:
             epoch = feed.sequencer.epoch
             for session, joiner in list(feed.joining.items()):
-                if joiner.buffer is not None:
-                    joiner.buffer.append((epoch, seq, item, False))
-                elif epoch == joiner.epoch:
-                    if seq > joiner.threshold:
-                        session.send(item)
-                        self.metrics.deliveries_total += 1
-                    if seq >= joiner.threshold:
-                        self._promote(feed, session)
+                send, caught_up = joiner.offer(epoch, seq, item)
+                if send:
+                    session.send(item)
+                    self.metrics.deliveries_total += 1
+                if caught_up:
+                    self._promote(feed, session)
 
     def _fanout_resync(self, feed: Feed, resync: Resync) -> None:
         item = Outgoing.message(
@@ -198,11 +181,8 @@ class Hub:
         self.metrics.resyncs_total += len(feed.live)
         for session, joiner in list(feed.joining.items()):
             self.metrics.resyncs_total += 1
-            if joiner.buffer is not None:
-                joiner.buffer.append((resync.epoch, resync.seq, item, True))
-            else:
+            if joiner.offer_resync(resync.epoch, resync.seq, item):
                 session.send(item)
-                joiner.epoch, joiner.threshold = resync.epoch, resync.seq
                 self._promote_if_caught_up(feed, session, joiner)
 
     def _promote(self, feed: Feed, session: Session) -> None:
@@ -211,11 +191,7 @@ class Hub:
 
     def _promote_if_caught_up(self, feed: Feed, session: Session, joiner: Joiner) -> None:
         sequencer = feed.sequencer
-        if (
-            sequencer.epoch == joiner.epoch
-            and sequencer.last is not None
-            and sequencer.last >= joiner.threshold
-        ):
+        if joiner.caught_up(sequencer.epoch, sequencer.last):
             self._promote(feed, session)
 
     # --- history reads: baseline, gap repair, catch-up ---------------------------------------
@@ -381,15 +357,8 @@ class Hub:
                 replayed=len(plan.replay),
             )
         )
-        joiner.epoch, joiner.threshold = plan.epoch, plan.seq
-        captured, joiner.buffer = joiner.buffer or [], None
-        for item_epoch, seq, item, is_resync in captured:
-            if is_resync:
-                session.send(item)
-                joiner.epoch, joiner.threshold = item_epoch, seq
-            elif item_epoch == joiner.epoch and seq > joiner.threshold:
-                session.send(item)
-                joiner.threshold = seq
+        for item in joiner.start_live(plan.epoch, plan.seq):
+            session.send(item)
         self._promote_if_caught_up(feed, session, joiner)
 
     def unsubscribe(self, session: Session, project_id: int) -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from schemas.protocol import ResyncReason
 
@@ -27,6 +28,7 @@ __all__ = [
 ]
 
 Entry = tuple[int, bytes]  # (seq, frame)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +204,64 @@ class FeedSequencer:
             self.last_frame = held[1]
             out.append((self.last, held[1]))
         return out
+
+
+class Joiner(Generic[T]):
+    """One connection between its ``subscribe`` and going live, for one project.
+
+    Until the history read returns, every frame the feed delivers is captured (tagged with the
+    feed's epoch then). Afterwards, while the feed has not yet delivered up to the client's
+    starting point ``(epoch, threshold)``, frames at or below it are dropped (the replay had
+    them). Items are opaque to this class (the hub passes pre-built frames).
+    """
+
+    __slots__ = ("buffer", "epoch", "threshold")
+
+    def __init__(self) -> None:
+        self.buffer: list[tuple[str | None, int, T, bool]] | None = []
+        self.epoch: str | None = None
+        self.threshold = 0
+
+    def offer(self, epoch: str | None, seq: int, item: T) -> tuple[bool, bool]:
+        """A frame the feed delivers: ``(send it now, the connection has caught up)``."""
+        if self.buffer is not None:
+            self.buffer.append((epoch, seq, item, False))
+            return False, False
+        if epoch != self.epoch:
+            return False, False
+        return seq > self.threshold, seq >= self.threshold
+
+    def offer_resync(self, epoch: str, seq: int, item: T) -> bool:
+        """A resync of the whole feed: True when it must be sent now (else it was captured)."""
+        if self.buffer is not None:
+            self.buffer.append((epoch, seq, item, True))
+            return False
+        self.epoch, self.threshold = epoch, seq
+        return True
+
+    def start_live(self, epoch: str, seq: int) -> list[T]:
+        """The history read is done and the client starts after ``(epoch, seq)``: the captured
+        items to send after ``subscribed``, in order."""
+        self.epoch, self.threshold = epoch, seq
+        captured, self.buffer = self.buffer or [], None
+        out: list[T] = []
+        for item_epoch, item_seq, item, is_resync in captured:
+            if is_resync:
+                out.append(item)
+                self.epoch, self.threshold = item_epoch, item_seq
+            elif item_epoch == self.epoch and item_seq > self.threshold:
+                out.append(item)
+                self.threshold = item_seq
+        return out
+
+    def caught_up(self, epoch: str | None, last: int | None) -> bool:
+        """Whether the feed, at ``(epoch, last)``, has delivered up to the starting point."""
+        return (
+            self.buffer is None
+            and epoch == self.epoch
+            and last is not None
+            and last >= self.threshold
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.frames import text_frame
-from gateway.sequencing import FeedSequencer, Snapshot, Step, plan_poll, plan_subscription
+from gateway.sequencing import (
+    FeedSequencer,
+    Joiner,
+    Snapshot,
+    Step,
+    plan_poll,
+    plan_subscription,
+)
 from gateway.session import SlowConsumerPolicy
 from schemas.protocol import ResyncReason
 
@@ -138,6 +145,40 @@ class TestFeedSequencer:
             assert seq.request_read()
             run(Step(needs_read=True))
         assert delivered == list(range(1, total + 1))
+
+
+class TestJoiner:
+    def test_frames_captured_before_the_read_follow_the_replay_without_overlap(self):
+        joiner = Joiner()
+        for seq in (5, 6, 7):
+            assert joiner.offer("e1", seq, f"f{seq}") == (False, False)
+        # The read saw the top at 6: 5 and 6 came in the replay, 7 follows `subscribed`.
+        assert joiner.start_live("e1", 6) == ["f7"]
+        assert joiner.caught_up("e1", 7)
+
+    def test_a_lagging_feed_is_filtered_until_it_reaches_the_start(self):
+        joiner = Joiner()
+        assert joiner.start_live("e1", 10) == []
+        assert not joiner.caught_up("e1", 8)
+        assert joiner.offer("e1", 9, "f9") == (False, False)
+        assert joiner.offer("e1", 10, "f10") == (False, True)  # caught up, nothing to send
+        assert joiner.offer("e1", 11, "f11") == (True, True)
+
+    def test_frames_of_another_epoch_are_never_passed(self):
+        joiner = Joiner()
+        joiner.offer("old", 50, "stale")
+        assert joiner.start_live("new", 3) == []
+        assert joiner.offer("old", 51, "stale") == (False, False)
+
+    def test_a_resync_while_joining_moves_the_start(self):
+        joiner = Joiner()
+        joiner.offer("e1", 8, "f8")
+        assert not joiner.offer_resync("e2", 0, "resync")  # captured, sent in order later
+        joiner.offer("e2", 1, "g1")
+        assert joiner.start_live("e1", 9) == ["resync", "g1"]
+        assert (joiner.epoch, joiner.threshold) == ("e2", 1)
+        assert joiner.offer_resync("e3", 4, "resync2")  # after the read: send now
+        assert joiner.caught_up("e3", 4)
 
 
 class TestPlanSubscription:
