@@ -31,6 +31,7 @@ from gateway.sequencing import (
 )
 from gateway.session import Outgoing, Session
 from gateway.store import HistoryStore, StoreUnavailable
+from gateway.tasks import spawn
 from schemas.keys import Keys, MalformedEnvelope, parse_envelope
 from schemas.protocol import ResyncRequired, Subscribed
 
@@ -294,7 +295,7 @@ class Hub:
         if feed.reader is not None:
             feed.reader.cancel()
         if self.link is not None:
-            self._loop.create_task(self.link.unsubscribe(feed.channel))
+            spawn(self.link.unsubscribe(feed.channel))
 
     async def subscribe(
         self, session: Session, project_id: int, epoch: str | None, after: int | None

@@ -27,6 +27,7 @@ from redis.crc import key_slot
 
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
+from gateway.tasks import spawn
 
 __all__ = ["ClusterPubSub", "PubSubLink", "ShardLink", "SlotMap", "backoff_delays"]
 
@@ -357,7 +358,7 @@ class ShardLink(PubSubLink):
             return  # the answer to our own unsubscribe
         event.clear()
         self._owner.interrupted(channel)
-        asyncio.get_running_loop().create_task(self._resubscribe(channel))
+        spawn(self._resubscribe(channel))
 
     async def _resubscribe(self, channel: bytes) -> None:
         if channel in self._channels and self.connected:

@@ -22,6 +22,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.protocol import State
 
 from gateway.frames import text_frame
+from gateway.tasks import spawn
 from schemas.protocol import CloseCode, encode
 from schemas.tokens import TokenClaims
 
@@ -213,7 +214,7 @@ class Session:
         if self.closing:
             return
         self.closing = True
-        asyncio.get_running_loop().create_task(self.ws.close(code, reason))
+        spawn(self.ws.close(code, reason))
 
 
 def now() -> float:
