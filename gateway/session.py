@@ -213,6 +213,7 @@ class Session:
         """Start a normal closing handshake from synchronous code."""
         if self.closing:
             return
+        self.flush()  # what is queued (e.g. the error that explains the close) goes first
         self.closing = True
         spawn(self.ws.close(code, reason))
 

@@ -414,6 +414,7 @@ async def test_ten_malformed_frames_in_a_row_close_the_connection(gateways):
         await client.send("{")
     await asyncio.wait_for(client.closed.wait(), 5)
     assert client.close_code == 4009
+    assert client.count("error") == 10  # the last error arrives before the close
 
 
 async def test_oversized_frames_close_with_1009_without_affecting_others(gateways, publisher):
