@@ -116,7 +116,7 @@ async def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8766)
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
-    parser.add_argument("--backlog", type=int, default=100)
+    parser.add_argument("--backlog", type=int, default=4096)
     args = parser.parse_args(argv)
     baseline = Baseline(args.kind, args.redis_url)
     stop = asyncio.Event()
