@@ -176,6 +176,11 @@ class PubSubLink:
                     continue
                 if probe.done():
                     probe.result()  # raises ProbeFailed
+                if reply == b"PONG":
+                    # Not subscribed to anything (every channel left): Redis is out of subscribed
+                    # mode and answers the probe's PING with a plain PONG.
+                    self._pong.set()
+                    continue
                 if not isinstance(reply, list) or len(reply) < 2:
                     continue
                 kind = reply[0]

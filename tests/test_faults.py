@@ -230,3 +230,27 @@ async def test_a_rewritten_history_gives_history_lost_never_a_silent_swap(
         await stop_clients(clients)
     for client in clients:
         assert [r.reason for r in client.resyncs(project)] == ["history_lost"]
+
+
+async def test_the_probe_of_an_idle_link_does_not_break_it(
+    redis_url: str, redis_client: redis.Redis, gateways: GatewayGroup
+):
+    """A pub/sub connection with no channel left is out of subscribed mode, and Redis answers
+    its probe PING with a plain PONG, not the subscribed-mode ["pong", ""]. Either is a pong: a
+    quiet pod (every client gone) must not see probe failures, reconnects and readiness flaps."""
+    (pod,) = await asyncio.to_thread(
+        gateways.start, redis_url, 1, args=["--probe-interval", "0.3", "--probe-timeout", "0.3"]
+    )
+    clients = make_clients([pod], [1], 1, 1, seed=6)
+    await wait_live(clients)
+    await stop_clients(clients)  # the project is unsubscribed: no channel left on the link
+    await wait_until(lambda: pod.metrics()["eventbus_subscriptions"] == 0, 10, "unsubscribed")
+
+    def pings() -> int:
+        return int(redis_client.info("commandstats").get("cmdstat_ping", {}).get("calls", 0))
+
+    start = pings()
+    await wait_until(lambda: pings() >= start + 5, 10, "five probes")
+    metrics = pod.metrics()
+    assert metrics["eventbus_pubsub_probe_failures_total"] == 0
+    assert metrics["eventbus_pubsub_reconnects_total"] == 0
