@@ -300,7 +300,7 @@ async def test_forbidden_project_gets_an_error_and_never_an_event(gateways, publ
     [
         ({"type": "subscribe", "project_id": 1}, 4001),
         ({"type": "auth", "token": "not-a-jwt"}, 4001),
-        ({"type": "auth", "token": issue_token("another-secret-0123456789abcdef", [1])}, 4001),
+        ({"type": "auth", "token": issue_token("another-secret-0123456789abcdef-x", [1])}, 4001),
         ("{not json", 4001),
     ],
 )
