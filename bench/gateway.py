@@ -84,14 +84,14 @@ class Params:
 
 
 QUICK = Params(
-    clients=2_000,
-    few=500,
-    projects=20,
-    warmup=0.5,
-    window=1.0,
-    windows=3,
-    latency_seconds=2.0,
-    workers=2,
+    clients=1_000,
+    few=200,
+    projects=10,
+    warmup=0.3,
+    window=0.75,
+    windows=2,
+    latency_seconds=1.0,
+    workers=1,
 )
 
 
