@@ -252,6 +252,10 @@ def analyse(run: Run) -> tuple[list[dict], list[str]]:
         rss_q2 = statistics.median(s.rss_kib for s in q2)
         rss_q4 = statistics.median(s.rss_kib for s in q4)
         growth = rss_q4 / rss_q2 - 1
+        second_half = [s for s in pod_samples if s.t >= run.seconds / 2]
+        slope = statistics.linear_regression(
+            [s.t / 60 for s in second_half], [s.rss_kib / 1024 for s in second_half]
+        ).slope
         other_q2, other_q4 = max(s.other_fds for s in q2), max(s.other_fds for s in q4)
         redis_max = max(s.redis_fds for s in pod_samples)
         figures.append(
@@ -264,6 +268,7 @@ def analyse(run: Run) -> tuple[list[dict], list[str]]:
                 "rss_q4": rss_q4,
                 "rss_max": max(s.rss_kib for s in pod_samples),
                 "growth": growth,
+                "slope": slope,
                 "fds_max": max(s.fds for s in pod_samples),
                 "other_q2": other_q2,
                 "other_q4": other_q4,
@@ -324,15 +329,16 @@ def render(run: Run, figures: list[dict], failures: list[str]) -> str:
         "Memory (RSS of each gateway process):",
         "",
         "| gateway | at start | idle after warm-up | median, 2nd quarter | median, last quarter "
-        "| change | max | after all clients left |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| change | max | after all clients left | trend over the 2nd half |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     mib = "{:.1f} MiB".format
     for f in figures:
         lines.append(
             f"| {f['pod']} | {mib(f['start'].rss_kib / 1024)} | {mib(f['idle'].rss_kib / 1024)} "
             f"| {mib(f['rss_q2'] / 1024)} | {mib(f['rss_q4'] / 1024)} | {f['growth']:+.1%} "
-            f"| {mib(f['rss_max'] / 1024)} | {mib(f['end'].rss_kib / 1024)} |"
+            f"| {mib(f['rss_max'] / 1024)} | {mib(f['end'].rss_kib / 1024)} "
+            f"| {f['slope']:+.2f} MiB/min |"
         )
     lines += [
         "",
