@@ -13,9 +13,9 @@ real :class:`publisher.Publisher`) and a private ``redis-server`` share core 1.
 Figures (see ``docs/benchmarks.md``):
 
 1. deliveries/s with 1,000 and 10,000 subscribers of one project and 10,000 subscribers over 100
-   projects. The publisher keeps a fixed number of events in flight per subscriber (``--window``)
-   and publishes more as the clients count deliveries, so it goes exactly as fast as the server.
-   Median of several fixed windows after a warm-up.
+   projects. The publisher keeps 16 events per subscriber in flight (published, not yet counted
+   by the client) and publishes more as the clients count deliveries, so it goes as fast as the
+   server delivers. Median of 3 windows of 3 s after a warm-up of 2 s.
 2. publish-to-receive latency p50/p99, 1,000 subscribers, 100 events/s (100,000 deliveries/s):
    each event carries its publish time; clients subtract it from their receive time.
 3. memory per idle connection: RSS delta of the server / connections, 10,000 idle subscribers.
@@ -23,7 +23,12 @@ Figures (see ``docs/benchmarks.md``):
    100 events per project are published, they reconnect with their cursors; time until every one
    has its 100 replayed events and ``subscribed``, then every client's seqs are checked.
 
-``python -m bench.gateway`` (about 4 minutes), ``--quick`` for a smoke run (under a minute).
+Every measurement also records the CPU used by the server, the load generator, Redis, the
+publisher, and by other processes on the machine; throughput windows disturbed by other work are
+measured again, and disturbed figures are marked in the report.
+
+``python -m bench.gateway`` (about 4.5 minutes), ``--quick`` for a smoke run (about 40 s),
+``--runs 3`` for medians of three full runs, ``--servers gateway`` for one server.
 """
 
 from __future__ import annotations
