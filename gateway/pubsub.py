@@ -276,11 +276,9 @@ class SlotMap:
         for entry in reply:
             host, port = entry[2][0], entry[2][1]
             host = host.decode() if isinstance(host, bytes) else str(host)
-            ranges.append((int(entry[0]), int(entry[1]), (host or queried_host, int(port))))
-        for i, (host, port) in enumerate(a for _, _, a in ranges):
-            if host == "?":
-                start, end, _ = ranges[i]
-                ranges[i] = (start, end, (queried_host, port))
+            if host in ("", "?"):
+                host = queried_host
+            ranges.append((int(entry[0]), int(entry[1]), (host, int(port))))
         return cls(ranges)
 
     def owner(self, slot: int) -> Address | None:
