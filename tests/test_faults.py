@@ -16,9 +16,8 @@ import random
 import pytest
 import redis
 
-from publisher import PublisherUnavailable
+from publisher import PublisherUnavailable, issue_token
 from schemas.keys import Keys
-from schemas.tokens import issue_token
 from tests.support.gateway_process import GatewayGroup, GatewayProcess
 from tests.support.redis_server import RedisServer
 from tests.support.ws_client import (
