@@ -523,6 +523,7 @@ def run_server(kind: str, redis: BenchRedis, p: Params, log: Callable[[str], Non
             f"{m['kib_per_conn']} KiB/connection")  # fmt: skip
 
         out["many_projects"] = t = run.throughput()
+        t["expected"] = p.clients
         log(f"  {kind}: {t['clients']} subscribers / {p.projects} projects: "
             f"{t['deliveries_per_s']:,.0f} deliveries/s, cpu {t['cpu']}")  # fmt: skip
 
@@ -533,15 +534,18 @@ def run_server(kind: str, redis: BenchRedis, p: Params, log: Callable[[str], Non
 
         run.loadgen.resubscribe([projects[0]] * p.clients)
         out["one_project"] = t = run.throughput()
+        t["expected"] = p.clients
         log(f"  {kind}: {t['clients']} subscribers / 1 project: "
             f"{t['deliveries_per_s']:,.0f} deliveries/s, cpu {t['cpu']}")  # fmt: skip
 
         run.loadgen.close(run.loadgen.stats()["clients"] - p.few)
         out["few"] = t = run.throughput()
+        t["expected"] = p.few
         log(f"  {kind}: {t['clients']} subscribers / 1 project: "
             f"{t['deliveries_per_s']:,.0f} deliveries/s, cpu {t['cpu']}")  # fmt: skip
 
         out["latency"] = lat = run.latency(projects[0])
+        lat["expected"] = p.few
         log(f"  {kind}: latency at {lat['deliveries_per_s']:,} deliveries/s: "
             f"p50 {_ms(lat['p50_ms'])}, p99 {_ms(lat['p99_ms'])}, cpu {lat['cpu']}")  # fmt: skip
     finally:
@@ -565,14 +569,17 @@ INF = float("inf")
 
 
 def figures(result: dict) -> dict[str, tuple[float | None, bool]]:
-    """One run's figures for one server: name -> (value, disturbed by other processes)."""
+    """One run's figures for one server: name -> (value, flagged). A figure is flagged when
+    other processes disturbed it, or when fewer clients than planned took part (failures)."""
     out: dict[str, tuple[float | None, bool]] = {}
     for key in ("few", "one_project", "many_projects"):
         if key in result:
-            out[key] = (result[key]["deliveries_per_s"], result[key]["noisy"])
+            r = result[key]
+            short = r["clients"] < r.get("expected", 0)
+            out[key] = (r["deliveries_per_s"], r["noisy"] or short)
     if "latency" in result:
         lat = result["latency"]
-        noisy = lat["cpu"]["others"] > QUIET
+        noisy = lat["cpu"]["others"] > QUIET or lat["subscribers"] < lat.get("expected", 0)
         out["p50_ms"] = (INF if lat["p50_ms"] is None else lat["p50_ms"], noisy)
         out["p99_ms"] = (INF if lat["p99_ms"] is None else lat["p99_ms"], noisy)
     if "memory" in result:
@@ -759,7 +766,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(table(summary, p))
     if any(noisy for figs in summary.values() for _, noisy in figs.values()):
-        print(f"* other processes used more than {QUIET:.0%} of a core during that measurement")
+        print(
+            f"* other processes used more than {QUIET:.0%} of a core during that measurement, "
+            "or fewer clients than planned took part (see the JSON)"
+        )
     if not args.quick:
         for line in check_targets(summary, p):
             print(line)
