@@ -583,7 +583,7 @@ def figures(result: dict) -> dict[str, tuple[float | None, bool]]:
         out["p50_ms"] = (INF if lat["p50_ms"] is None else lat["p50_ms"], noisy)
         out["p99_ms"] = (INF if lat["p99_ms"] is None else lat["p99_ms"], noisy)
     if "memory" in result:
-        out["kib_per_conn"] = (result["memory"]["kib_per_conn"], False)
+        out["kib_per_conn"] = (result["memory"]["kib_per_conn"], result["memory"]["failed"] > 0)
     if "resume" in result:
         r = result["resume"]
         ok = r["exact"] == r["clients"] and not r["failed"]
