@@ -25,21 +25,10 @@ from examples.dashboard.store import Store
 from schemas.events import decode_event
 from schemas.keys import Keys
 from schemas.tokens import verify_token
+from tests.support.dashboard_api import api as call
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "backend-tests-secret-0123456789abcdef"
-
-
-def call(app: DemoApp, method: str, path: str, body=None, raw: bytes | None = None):
-    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-    request = urllib.request.Request(app.url.rstrip("/") + path, data=data, method=method)
-    if data is not None:
-        request.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"null")
 
 
 def wait_for(condition, timeout: float = 10.0, what: str = "condition"):

@@ -2,27 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
-from typing import Any
-
 from playwright.sync_api import Page
 
 from examples.dashboard.server import DemoApp
-
-
-def api(app: DemoApp, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-    """Call the demo backend's HTTP API; returns (status, decoded JSON)."""
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(app.url.rstrip("/") + path, data=data, method=method)
-    if data is not None:
-        request.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"null")
+from tests.support.dashboard_api import api
 
 
 def raise_blocker(
