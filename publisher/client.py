@@ -168,6 +168,24 @@ def _queue_eval(pipe, batch: PreparedBatch) -> None:
     pipe.execute_command("EVAL", lua.PUBLISH, len(batch.keys), *batch.keys, *batch.args)
 
 
+def _unguarded_or_raise(batch: PreparedBatch, exc: Exception) -> PreparedBatch:
+    """The call to run again after ``exc``: without its retry guard when a cluster node that is
+    importing the slot refused it (see PreparedBatch.unguarded); any other error is raised."""
+    fallback = batch.unguarded() if refused_during_migration(exc) else None
+    if fallback is None:
+        raise exc
+    return fallback
+
+
+def _to_rerun(batches: list[PreparedBatch], results: list) -> list[tuple[int, PreparedBatch]]:
+    """The pipelined calls to run again (index, call), as :func:`_unguarded_or_raise` decides."""
+    return [
+        (index, _unguarded_or_raise(batch, result))
+        for index, (batch, result) in enumerate(zip(batches, results, strict=True))
+        if isinstance(result, Exception)
+    ]
+
+
 def _collect(batches: list[PreparedBatch], results: list, total: int) -> list[Cursor]:
     cursors: list[Cursor] = [None] * total  # type: ignore[list-item]
     for batch, result in zip(batches, results, strict=True):
@@ -242,9 +260,7 @@ class Publisher(_ContractHelpers[Cursor]):
             try:
                 result = self._evalsha(batch.keys, batch.args)
             except redis.exceptions.ResponseError as exc:
-                fallback = batch.unguarded() if refused_during_migration(exc) else None
-                if fallback is None:
-                    raise
+                fallback = _unguarded_or_raise(batch, exc)
                 result = self._evalsha(fallback.keys, fallback.args)
         except _UNAVAILABLE as exc:
             raise PublisherUnavailable(f"Redis unavailable: {exc}") from exc
@@ -281,12 +297,8 @@ class Publisher(_ContractHelpers[Cursor]):
                     else:
                         self._script(keys=batch.keys, args=batch.args, client=pipe)
                 results = pipe.execute(raise_on_error=False)
-            for index, (batch, result) in enumerate(zip(batches, results, strict=True)):
-                if isinstance(result, Exception):
-                    fallback = batch.unguarded() if refused_during_migration(result) else None
-                    if fallback is None:
-                        raise result
-                    results[index] = self._evalsha(fallback.keys, fallback.args)
+            for index, fallback in _to_rerun(batches, results):
+                results[index] = self._evalsha(fallback.keys, fallback.args)
         except _UNAVAILABLE as exc:
             raise PublisherUnavailable(f"Redis unavailable: {exc}") from exc
         except redis.exceptions.RedisError as exc:
@@ -346,9 +358,7 @@ class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
             try:
                 result = await self._evalsha(batch.keys, batch.args)
             except redis.exceptions.ResponseError as exc:
-                fallback = batch.unguarded() if refused_during_migration(exc) else None
-                if fallback is None:
-                    raise
+                fallback = _unguarded_or_raise(batch, exc)
                 result = await self._evalsha(fallback.keys, fallback.args)
         except _UNAVAILABLE as exc:
             raise PublisherUnavailable(f"Redis unavailable: {exc}") from exc
@@ -379,12 +389,8 @@ class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
                     else:
                         await self._script(keys=batch.keys, args=batch.args, client=pipe)
                 results = await pipe.execute(raise_on_error=False)
-            for index, (batch, result) in enumerate(zip(batches, results, strict=True)):
-                if isinstance(result, Exception):
-                    fallback = batch.unguarded() if refused_during_migration(result) else None
-                    if fallback is None:
-                        raise result
-                    results[index] = await self._evalsha(fallback.keys, fallback.args)
+            for index, fallback in _to_rerun(batches, results):
+                results[index] = await self._evalsha(fallback.keys, fallback.args)
         except _UNAVAILABLE as exc:
             raise PublisherUnavailable(f"Redis unavailable: {exc}") from exc
         except redis.exceptions.RedisError as exc:
