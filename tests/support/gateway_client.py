@@ -132,6 +132,20 @@ class RecordingClient:
 
 # --- helpers shared by the gateway tests -----------------------------------------------------
 
+#: The metrics issue 3 names; /metrics must export them and docs/operations.md document them.
+REQUIRED_METRICS = (
+    "eventbus_connections",
+    "eventbus_subscriptions",
+    "eventbus_events_in_total",
+    "eventbus_deliveries_total",
+    "eventbus_replayed_total",
+    "eventbus_resyncs_total",
+    "eventbus_slow_consumer_disconnects_total",
+    "eventbus_pubsub_reconnects_total",
+    "eventbus_gaps_repaired_total",
+    "eventbus_relay_lag_seconds",
+)
+
 SECRET = "gateway-test-secret-0123456789abcdef"
 
 
