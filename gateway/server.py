@@ -219,14 +219,14 @@ class Gateway:
 
     def _check_handshake(self, connection: ServerConnection, request: Request) -> Response | None:
         config = self.config
-        reject = self.metrics
+        metrics = self.metrics
         if self.draining:
-            reject.connections_rejected_total += 1
+            metrics.connections_rejected_total += 1
             return json_response(
                 503, {"error": "draining", "message": "reconnect elsewhere"}, [("Retry-After", "1")]
             )
         if len(self.sessions) >= config.max_connections:
-            reject.connections_rejected_total += 1
+            metrics.connections_rejected_total += 1
             return json_response(
                 503,
                 {"error": "too_many_connections", "message": "this gateway is full"},
@@ -234,7 +234,7 @@ class Gateway:
             )
         origin = request.headers.get("Origin")
         if config.allowed_origins and origin not in config.allowed_origins:
-            reject.connections_rejected_total += 1
+            metrics.connections_rejected_total += 1
             log.info("handshake refused", reason="origin", origin=origin)
             return json_response(
                 403, {"error": "forbidden_origin", "message": f"origin {origin!r} is not allowed"}
@@ -247,7 +247,7 @@ class Gateway:
                     raise InvalidToken("expected 'Authorization: Bearer <token>'")
                 self._preauth[connection] = self.verify(token.strip())
             except InvalidToken as exc:
-                reject.auth_failures_total += 1
+                metrics.auth_failures_total += 1
                 return json_response(401, {"error": "invalid_token", "message": str(exc)})
         return None
 

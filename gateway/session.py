@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -216,7 +215,3 @@ class Session:
         self.flush()  # what is queued (e.g. the error that explains the close) goes first
         self.closing = True
         spawn(self.ws.close(code, reason))
-
-
-def now() -> float:
-    return time.monotonic()
