@@ -150,9 +150,19 @@ class Hub:
             self._start_reader(feed)
 
     def _fanout(self, feed: Feed, seq: int, item: Outgoing) -> None:
-        for session in feed.live:
-            session.send(item)
-        self.metrics.deliveries_total += len(feed.live)
+        live = feed.live
+        if live:
+            # Session.send inlined: this loop runs once per subscriber per event.
+            dirty = self._dirty
+            for session in live:
+                outbox = session.outbox
+                if not outbox:
+                    dirty.append(session)
+                outbox.append(item)
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                self._loop.call_soon(self._flush)
+            self.metrics.deliveries_total += len(live)
         if feed.joining:
             epoch = feed.sequencer.epoch
             for session, joiner in list(feed.joining.items()):

@@ -1,9 +1,16 @@
 """One browser connection: its token, its projects, and its outbound queue.
 
 Outbound frames are queued and flushed once per event-loop iteration, so a burst of events costs
-one ``transport.write`` per connection instead of one per event. Frames are written to the
-transport directly (the same pre-built bytes for every subscriber, see :mod:`gateway.frames`);
-websockets still owns the handshake, reading, pings and the closing handshake.
+one write per connection instead of one per event. Frames are the same pre-built bytes for every
+subscriber (see :mod:`gateway.frames`); websockets still owns the handshake, reading, pings and the
+closing handshake.
+
+The write itself is the hot path of the whole gateway (one per subscriber per event at low rates),
+so while the transport has nothing buffered it is a single ``os.write`` on the socket: same bytes,
+same order, without asyncio's per-call bookkeeping. Whatever the socket does not take goes to
+``transport.write``, which buffers it, and from then on every write goes through the transport
+until its buffer is empty again, so frames (ours, and websockets' pings and close frames) are never
+reordered or interleaved.
 
 The slow-consumer policy lives here too: a connection whose write buffer passes
 ``outbound_limit``, or stays undrained for ``stall_timeout``, is cut with close code 4008 and its
@@ -14,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -88,11 +96,13 @@ class Session:
         "closing",
         "errors",
         "expiry",
+        "fd",
         "id",
         "last_buffered",
         "outbox",
         "policy",
         "projects",
+        "protocol",
         "raw",
         "schedule_flush",
         "stalled_since",
@@ -111,9 +121,12 @@ class Session:
         self.id = next(_ids)
         self.ws = ws
         self.transport = ws.transport
+        self.protocol = ws.protocol
         self.policy = policy
         self.schedule_flush = schedule_flush
         self.raw = raw  # False when permessage-deflate is negotiated: websockets frames each one
+        #: The socket's descriptor for direct writes, or -1 (not a plain socket, or not raw).
+        self.fd = _socket_fd(ws.transport) if raw else -1
         self.claims: TokenClaims | None = None
         self.projects: set[int] = set()
         self.outbox: list[Outgoing] = []
@@ -141,21 +154,38 @@ class Session:
 
     def flush(self) -> bool:
         """Write the queued frames; return False when the connection was cut as slow."""
-        outbox, self.outbox = self.outbox, []
-        if self.closing or not outbox or self.ws.protocol.state is not State.OPEN:
+        outbox = self.outbox
+        if not outbox:
             return True
-        if self.over_limit():
-            self.cut_slow()
-            return False
-        if self.raw:
-            if len(outbox) == 1:
-                self.transport.write(outbox[0].wire)
-            else:
-                self.transport.write(b"".join([item.wire for item in outbox]))
-        else:
+        if self.closing or self.protocol.state is not State.OPEN:
+            outbox.clear()
+            return True
+        if not self.raw:
             for item in outbox:
-                self.ws.protocol.send_text(item.payload)
+                self.protocol.send_text(item.payload)
+            outbox.clear()
             self.ws.send_data()
+            return True
+        wire = outbox[0].wire if len(outbox) == 1 else b"".join([item.wire for item in outbox])
+        outbox.clear()
+        transport = self.transport
+        if self.fd >= 0 and not transport.get_write_buffer_size():
+            # Nothing buffered: nothing to overtake, and far below any limit. ``fd`` is still
+            # this connection's: asyncio closes the socket only after connection_lost, which
+            # leaves the protocol CLOSED, and the state was OPEN above.
+            try:
+                sent = os.write(self.fd, wire)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                sent = 0  # a dead peer: transport.write below meets the error and closes
+            if sent < len(wire):
+                transport.write(wire[sent:] if sent else wire)
+        else:
+            if self.over_limit():
+                self.cut_slow()
+                return False
+            transport.write(wire)
         if self.allowance_granted:
             self.allowance += self.allowance_granted
             self.allowance_granted = 0
@@ -201,8 +231,8 @@ class Session:
         self.closing = True
         self.outbox.clear()
         try:
-            if self.ws.protocol.state is State.OPEN:
-                self.ws.protocol.send_close(code, reason)
+            if self.protocol.state is State.OPEN:
+                self.protocol.send_close(code, reason)
                 self.ws.send_data()
         except Exception:
             pass
@@ -215,3 +245,14 @@ class Session:
         self.flush()  # what is queued (e.g. the error that explains the close) goes first
         self.closing = True
         spawn(self.ws.close(code, reason))
+
+
+def _socket_fd(transport: asyncio.BaseTransport) -> int:
+    """The descriptor of a transport's plain TCP socket, or -1 (TLS, a test double, ...)."""
+    if not isinstance(transport, asyncio.Transport) or transport.get_extra_info("sslcontext"):
+        return -1
+    sock = transport.get_extra_info("socket")
+    try:
+        return sock.fileno() if sock is not None else -1
+    except (AttributeError, OSError):
+        return -1
