@@ -14,7 +14,12 @@ Modes (per worker, switched between phases):
 
 * ``count``: count text frames (the hot path).
 * ``latency``: also read the publish timestamp embedded in each event (``"answer":"t<ns>"``) and
-  record ``receive time - publish time`` (same machine, same clock).
+  record two latencies per frame (same machine, same clock): *arrival*, from the kernel's receive
+  timestamp of the segment (``SO_TIMESTAMPNS``, read with ``recvmsg``), the moment the frame
+  reached the client's socket; and *handled*, from the clock when this worker got round to it.
+  Arrival is the server's figure: a client on another machine sees the frame then, whatever its
+  own process is doing. Handled adds this worker's own scheduling lag on a core it shares with
+  Redis and the publisher, and is reported beside it so that the difference stays visible.
 * ``record``: also keep every payload, so that a resume can be checked seq by seq afterwards.
 
 The parent drives workers through :class:`LoadGen` (commands over a pipe); each worker publishes
@@ -42,6 +47,11 @@ __all__ = ["LoadGen", "raise_nofile", "verify_resume"]
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 _LINGER_RST = struct.pack("ii", 1, 0)
 _TS_RE = re.compile(rb'"answer": ?"t(\d+)')
+#: Linux's SO_TIMESTAMPNS (= SCM_TIMESTAMPNS; not in Python's socket module): receive timestamps
+#: as a struct timespec of two longs. Room for one such control message per recvmsg.
+_SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+_ANC_SIZE = socket.CMSG_SPACE(16)
+_TIMESPEC = struct.Struct("@qq")
 _SEQ_RE = re.compile(rb'"seq": ?(\d+)')
 _EPOLLIN = select.EPOLLIN
 _EPOLLOUT = select.EPOLLOUT
@@ -132,7 +142,9 @@ class Worker:
         self.total = 0
         self.dead = 0
         self.mode = "count"
-        self.latencies = array.array("q")
+        self.latencies = array.array("q")  # arrival (kernel receive timestamp) - publish
+        self.handled = array.array("q")  # processing time in this worker - publish
+        self.arrival_ns = 0  # kernel receive timestamp of the chunk being walked (latency mode)
         # Pending operation: clients waiting for "subscribed", clients not yet started.
         self.waiting: set[Client] = set()
         self.queue: list[tuple[int, str | None, int | None]] = []
@@ -162,7 +174,11 @@ class Worker:
                     self._connected(client, mask)
                     continue
                 try:
-                    data = client.sock.recv(recv_size)
+                    if self.mode == "latency":
+                        data, ancdata, _, _ = client.sock.recvmsg(recv_size, _ANC_SIZE)
+                        self.arrival_ns = _arrival_ns(ancdata)
+                    else:
+                        data = client.sock.recv(recv_size)
                 except BlockingIOError:
                     continue
                 except OSError:
@@ -267,6 +283,9 @@ class Worker:
             self.mode = arg
             if arg == "latency":
                 self.latencies = array.array("q")
+                self.handled = array.array("q")
+                for client in self._live():
+                    client.sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
             if arg == "record":
                 for client in self._live():
                     client.record = []
@@ -293,7 +312,7 @@ class Worker:
                 }
             )
         elif cmd == "latencies":
-            self.ctrl.send(self.latencies.tobytes())
+            self.ctrl.send((self.latencies.tobytes(), self.handled.tobytes()))
         elif cmd == "records":
             self.ctrl.send([(c.spec, c.record or [], c.done_at) for c in self._live()])
             for client in self.order:
@@ -390,7 +409,9 @@ class Worker:
                 if self.mode == "latency":
                     match = _TS_RE.search(data, start, end)
                     if match is not None:
-                        self.latencies.append(time.time_ns() - int(match.group(1)))
+                        published = int(match.group(1))
+                        self.handled.append(time.time_ns() - published)
+                        self.latencies.append((self.arrival_ns or time.time_ns()) - published)
                 elif client.record is not None:
                     client.record.append(data[start:end])
                 return True
@@ -457,6 +478,15 @@ class Worker:
         except OSError:
             pass
         sock.close()
+
+
+def _arrival_ns(ancdata: list[tuple[int, int, bytes]]) -> int:
+    """The SCM_TIMESTAMPNS of a ``recvmsg`` (the last segment read), or 0 when absent."""
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS:
+            seconds, nanoseconds = _TIMESPEC.unpack_from(payload)
+            return seconds * 1_000_000_000 + nanoseconds
+    return 0
 
 
 def _worker_main(ctrl, counter, host, port, sources, cpus) -> None:
@@ -573,11 +603,14 @@ class LoadGen:
         out["projects"] = projects
         return out
 
-    def latencies(self) -> array.array:
-        out = array.array("q")
-        for raw in self._all("latencies", [None] * len(self.pipes), 60):
-            out.frombytes(raw)
-        return out
+    def latencies(self) -> tuple[array.array, array.array]:
+        """Nanoseconds from publish to (arrival at the socket, handling by a worker), per frame
+        received in ``latency`` mode, in no particular order."""
+        arrival, handled = array.array("q"), array.array("q")
+        for raw_arrival, raw_handled in self._all("latencies", [None] * len(self.pipes), 60):
+            arrival.frombytes(raw_arrival)
+            handled.frombytes(raw_handled)
+        return arrival, handled
 
     def records(self) -> list[tuple[tuple[int, str | None, int | None], list[bytes], float]]:
         out = []
