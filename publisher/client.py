@@ -15,7 +15,7 @@ import redis.asyncio
 import redis.cluster
 import redis.exceptions
 
-from publisher.connection import async_client, is_cluster_url, sync_client
+from publisher.connection import DirectCommands, async_client, is_cluster_url, sync_client
 from publisher.core import (
     RETRY_GUARD,
     Cursor,
@@ -24,6 +24,7 @@ from publisher.core import (
     PublisherUnavailable,
     Retention,
     now_if_none,
+    pack_command,
     plan_batches,
     prepare_single,
     refused_during_migration,
@@ -235,6 +236,7 @@ class Publisher(_ContractHelpers[Cursor]):
         self.client = client
         self._cluster = is_cluster
         self._script = client.register_script(lua.PUBLISH)
+        self._direct = DirectCommands(client) if DirectCommands.supports(client) else None
 
     @classmethod
     def from_url(cls, url: str, **kwargs) -> Publisher:
@@ -269,6 +271,18 @@ class Publisher(_ContractHelpers[Cursor]):
         return batch.cursors(result)[0]
 
     def _evalsha(self, keys: list[str], args: list) -> list:
+        direct = self._direct
+        if direct is not None:
+            # The hot path: one send and one read on a held connection (see DirectCommands).
+            # On any failure the call goes again through redis-py below, which loads the script
+            # after NOSCRIPT and retries with backoff; the script's retry guard makes a call that
+            # did reach Redis return its first result instead of publishing twice.
+            try:
+                return direct.execute(
+                    pack_command("EVALSHA", self._script.sha, len(keys), *keys, *args)
+                )
+            except (redis.exceptions.NoScriptError, *_UNAVAILABLE):
+                pass
         # EVALSHA straight through execute_command: redis-py's Script wrapper costs several us per
         # call on the hot path (argument tuples, an import, isinstance checks).
         client, sha = self.client, self._script.sha
@@ -306,6 +320,8 @@ class Publisher(_ContractHelpers[Cursor]):
         return _collect(batches, results, len(events))
 
     def close(self) -> None:
+        if self._direct is not None:
+            self._direct.close()
         self.client.close()
 
     def __enter__(self) -> Publisher:

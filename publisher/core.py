@@ -26,6 +26,7 @@ __all__ = [
     "PublisherUnavailable",
     "Retention",
     "new_epoch",
+    "pack_command",
     "plan_batches",
     "prepare_single",
 ]
@@ -254,6 +255,22 @@ def _group(
             )
             args.extend(encoded[i][1] for i in chunk)
             yield PreparedBatch(project_id, _keys(keys, project_id), args, len(chunk), chunk)
+
+
+def pack_command(*args: bytes | str | int) -> bytes:
+    """One Redis command in RESP (an array of bulk strings), encoded as redis-py would encode it
+    (``str`` as UTF-8, ``int`` in decimal), in one join: about a third of the cost of redis-py's
+    general-purpose ``pack_command`` for a publish call's dozen arguments."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        if isinstance(arg, str):
+            arg = arg.encode()
+        elif isinstance(arg, int):
+            arg = b"%d" % arg
+        parts.append(b"$%d\r\n" % len(arg))
+        parts.append(arg)
+        parts.append(b"\r\n")
+    return b"".join(parts)
 
 
 def now_if_none(value: datetime | None) -> datetime:

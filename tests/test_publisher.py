@@ -13,6 +13,8 @@ import fakeredis
 import msgspec
 import pytest
 import redis
+from hypothesis import given
+from hypothesis import strategies as st
 
 from publisher import (
     AsyncPublisher,
@@ -23,7 +25,7 @@ from publisher import (
     PublisherUnavailable,
     Retention,
 )
-from publisher.core import BATCH_SIZE, new_epoch, plan_batches, prepare_single
+from publisher.core import BATCH_SIZE, new_epoch, pack_command, plan_batches, prepare_single
 from schemas import (
     AgentResumed,
     Blocker,
@@ -520,3 +522,19 @@ def test_publishers_share_the_helper_signatures() -> None:
         async_fn = getattr(AsyncPublisher, name)
         assert sync_fn is async_fn  # one implementation for both flavours
     assert re.search(r"idempotency", Publisher.publish.__doc__ or "")
+
+
+# --- the hot path's own command encoding -------------------------------------------------------
+
+_command_args = st.lists(
+    st.one_of(st.binary(max_size=300), st.text(max_size=100), st.integers(-(2**63), 2**63 - 1)),
+    max_size=20,
+)
+
+
+@given(_command_args)
+def test_pack_command_is_byte_for_byte_what_redis_py_sends(args) -> None:
+    """The publisher packs its script calls itself (publisher.connection.DirectCommands): Redis
+    must receive exactly what redis-py would have sent for the same arguments."""
+    expected = b"".join(redis.Connection().pack_command("EVALSHA", *args))
+    assert pack_command("EVALSHA", *args) == expected

@@ -617,3 +617,43 @@ def test_a_retry_after_a_late_reply_does_not_publish_twice(redis_url, monkeypatc
     assert [s for s, _f, _t in stream_entries(busy, 7)] == expected
     pub.close()
     busy.close()
+
+
+# --- the hot path: connections held by the publisher (publisher.connection.DirectCommands) ------
+
+
+def test_a_killed_connection_costs_nothing(publisher: Publisher, redis_client) -> None:
+    """Redis closes the publisher's connection (CLIENT KILL, a proxy's idle timeout, a restart
+    of a load balancer): the next publish goes through, exactly once."""
+    cursors = [publisher.publish(event(3, 1)), publisher.publish(event(3, 2))]
+    killed = redis_client.client_kill_filter(_type="normal", skipme=True)
+    assert killed >= 1
+    cursors += [publisher.publish(event(3, n)) for n in (3, 4)]
+    assert [c.seq for c in cursors] == [1, 2, 3, 4]
+    assert [s for s, _f, _t in stream_entries(redis_client, 3)] == [1, 2, 3, 4]
+
+
+def _publish_in_forked_child(pub: Publisher, out) -> None:
+    out.send([tuple(pub.publish(event(4, 1000 + n))) for n in range(200)])
+    out.close()
+
+
+def test_a_forked_child_never_shares_the_parents_connection(
+    publisher: Publisher, redis_client
+) -> None:
+    """A publisher created before a fork (a pre-forking web server) keeps working in parent and
+    child at once: a shared socket would interleave their replies."""
+    first = publisher.publish(event(4, 1))  # the parent now holds a connection
+    context = multiprocessing.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_publish_in_forked_child, args=(publisher, send))
+    child.start()
+    send.close()
+    mine = [publisher.publish(event(4, 2 + n)) for n in range(200)]
+    theirs = [Cursor(*c) for c in receive.recv()]
+    child.join(30)
+    assert child.exitcode == 0
+    seqs = sorted(c.seq for c in [first, *mine, *theirs])
+    assert seqs == list(range(1, 402))
+    assert {c.epoch for c in [first, *mine, *theirs]} == {first.epoch}
+    assert [s for s, _f, _t in stream_entries(redis_client, 4)] == seqs
