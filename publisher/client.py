@@ -15,7 +15,13 @@ import redis.asyncio
 import redis.cluster
 import redis.exceptions
 
-from publisher.connection import DirectCommands, async_client, is_cluster_url, sync_client
+from publisher.connection import (
+    AsyncDirectCommands,
+    DirectCommands,
+    async_client,
+    is_cluster_url,
+    sync_client,
+)
 from publisher.core import (
     RETRY_GUARD,
     Cursor,
@@ -361,6 +367,7 @@ class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
         self.client = client
         self._cluster = is_cluster
         self._script = client.register_script(lua.PUBLISH)
+        self._direct = AsyncDirectCommands(client) if AsyncDirectCommands.supports(client) else None
 
     @classmethod
     def from_url(cls, url: str, **kwargs) -> AsyncPublisher:
@@ -384,6 +391,14 @@ class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
 
     async def _evalsha(self, keys: list[str], args: list) -> list:
         # See Publisher._evalsha.
+        direct = self._direct
+        if direct is not None:
+            try:
+                return await direct.execute(
+                    pack_command("EVALSHA", self._script.sha, len(keys), *keys, *args)
+                )
+            except (redis.exceptions.NoScriptError, *_UNAVAILABLE):
+                pass
         client, sha = self.client, self._script.sha
         try:
             return await client.execute_command("EVALSHA", sha, len(keys), *keys, *args)
@@ -414,6 +429,8 @@ class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
         return _collect(batches, results, len(events))
 
     async def aclose(self) -> None:
+        if self._direct is not None:
+            await self._direct.aclose()
         await self.client.aclose()
 
     async def __aenter__(self) -> AsyncPublisher:

@@ -17,7 +17,13 @@ import redis.asyncio.cluster
 import redis.cluster
 from redis.backoff import ExponentialBackoff
 
-__all__ = ["DirectCommands", "async_client", "is_cluster_url", "sync_client"]
+__all__ = [
+    "AsyncDirectCommands",
+    "DirectCommands",
+    "async_client",
+    "is_cluster_url",
+    "sync_client",
+]
 
 #: Retries per command before a publish gives up with ``PublisherUnavailable``: the first attempt
 #: plus 3 retries, with backoff 100 ms, 200 ms, 400 ms (redis-py's ExponentialBackoff sleeps
@@ -141,7 +147,50 @@ class DirectCommands:
         self._idle = []
 
 
-_lanes: weakref.WeakSet[DirectCommands] = weakref.WeakSet()
+class AsyncDirectCommands:
+    """:class:`DirectCommands` for ``redis.asyncio`` clients (same rules; a call cancelled
+    half-way drops its connection, which may hold half a reply)."""
+
+    def __init__(self, client: redis.asyncio.Redis) -> None:
+        self._pool = client.connection_pool
+        self._idle: list[redis.asyncio.connection.AbstractConnection] = []
+        _lanes.add(self)
+
+    @staticmethod
+    def supports(client: object) -> bool:
+        return (
+            isinstance(client, redis.asyncio.Redis)
+            and client.connection is None
+            and isinstance(client.connection_pool, redis.asyncio.ConnectionPool)
+        )
+
+    async def execute(self, packed: bytes):
+        try:
+            conn = self._idle.pop()
+        except IndexError:
+            conn = await self._pool.get_connection()
+        try:
+            await conn.send_packed_command((packed,))
+            reply = await conn.read_response()
+        except redis.exceptions.ResponseError:
+            self._idle.append(conn)
+            raise
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            await self._pool.release(conn)
+            raise
+        self._idle.append(conn)
+        return reply
+
+    async def aclose(self) -> None:
+        while self._idle:
+            await self._pool.release(self._idle.pop())
+
+    def _forget(self) -> None:
+        self._idle = []
+
+
+_lanes: weakref.WeakSet[DirectCommands | AsyncDirectCommands] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:

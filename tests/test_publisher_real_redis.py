@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import redis
+import redis.asyncio
 
 from publisher import (
     AsyncPublisher,
@@ -657,3 +658,43 @@ def test_a_forked_child_never_shares_the_parents_connection(
     assert seqs == list(range(1, 402))
     assert {c.epoch for c in [first, *mine, *theirs]} == {first.epoch}
     assert [s for s, _f, _t in stream_entries(redis_client, 4)] == seqs
+
+
+async def test_async_a_killed_connection_costs_nothing(redis_url: str, redis_client) -> None:
+    async with AsyncPublisher.from_url(redis_url) as pub:
+        cursors = [await pub.publish(event(5, 1))]
+        assert redis_client.client_kill_filter(_type="normal", skipme=True) >= 1
+        cursors += [await pub.publish(event(5, n)) for n in (2, 3)]
+    assert [c.seq for c in cursors] == [1, 2, 3]
+    assert [s for s, _f, _t in stream_entries(redis_client, 5)] == [1, 2, 3]
+
+
+async def test_async_a_cancelled_publish_leaves_no_reply_behind(
+    redis_url: str, redis_client
+) -> None:
+    """A publish cancelled while waiting for its reply (a request timeout in a web app) must not
+    leave that reply on a connection for the next publish to read as its own."""
+    async with AsyncPublisher.from_url(redis_url) as pub:
+        await pub.publish(event(6, 1))
+        busy = redis.asyncio.Redis.from_url(redis_url)
+        stall = asyncio.create_task(busy.eval(_STALL_SCRIPT % 300_000, 0))
+        await asyncio.sleep(0.05)  # the busy script runs: the next reply is late
+        cancelled = asyncio.create_task(pub.publish(event(6, 2)))
+        await asyncio.sleep(0.05)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        await stall
+        await busy.aclose()
+        after = await pub.publish(event(6, 3))
+    entries = stream_entries(redis_client, 6)
+    assert [s for s, _f, _t in entries] == [1, 2, 3]  # the cancelled call did reach Redis
+    assert after.seq == 3
+    assert json.loads(entries[-1][1])["blocker_id"] == 3
+
+
+_STALL_SCRIPT = (
+    "local t = redis.call('TIME'); local s = t[1] * 1e6 + t[2]; "
+    "while true do local n = redis.call('TIME'); "
+    "if n[1] * 1e6 + n[2] - s > %d then break end end"
+)
