@@ -5,6 +5,12 @@ pub/sub channel subscription (reference-counted through its subscribers), one
 :class:`~gateway.sequencing.FeedSequencer` that turns live messages into a gap-free sequence, and
 the sets of connections that are live or still joining.
 
+Live frames are queued per feed, not per connection: in each event-loop iteration a feed's new
+frames are joined once and the same bytes are written to each of its live subscribers, after
+each connection's own queued frames (replay, ``subscribed``, replies). A subscriber that went live
+during the iteration gets only the feed's frames queued after that moment (the ones before reached
+it through its joiner).
+
 Joining (gapless subscribe): the connection is registered first, so every frame the feed delivers
 from then on is captured; then the pod makes sure it is subscribed to the channel; then one atomic
 read gives the history after the client's cursor and the top. The client is sent the replay, then
@@ -29,7 +35,7 @@ from gateway.sequencing import (
     Step,
     plan_subscription,
 )
-from gateway.session import Outgoing, Session
+from gateway.session import Outgoing, Session, joined
 from gateway.store import HistoryStore, StoreUnavailable
 from gateway.tasks import spawn
 from schemas.keys import Keys, MalformedEnvelope, parse_envelope
@@ -56,7 +62,9 @@ class Feed:
         "channel",
         "joining",
         "live",
+        "pending",
         "project_id",
+        "promoted",
         "reader",
         "ready",
         "sequencer",
@@ -69,6 +77,10 @@ class Feed:
         self.sequencer = FeedSequencer()
         self.live: dict[Session, None] = {}  # insertion-ordered set
         self.joining: dict[Session, Joiner] = {}
+        #: Frames for every live subscriber, written at the end of this event-loop iteration.
+        self.pending: list[Outgoing] = []
+        #: Subscribers that went live in this iteration -> how much of ``pending`` is not theirs.
+        self.promoted: dict[Session, int] = {}
         self.ready = asyncio.Event()  # subscribed to the channel and baseline known
         self.reader: asyncio.Task | None = None
         self.suspect_top: int | None = None
@@ -97,7 +109,8 @@ class Hub:
         self.subscribe_timeout = subscribe_timeout
         self.feeds: dict[int, Feed] = {}
         self.link: PubSubLink | None = None
-        self._dirty: list[Session] = []
+        self._dirty: list[Session] = []  # sessions with frames of their own queued
+        self._dirty_feeds: list[Feed] = []  # feeds with pending frames
         self._flush_scheduled = False
         self._loop = asyncio.get_running_loop()
 
@@ -106,16 +119,42 @@ class Hub:
     def schedule_flush(self, session: Session) -> None:
         """Called by a session when its outbox goes from empty to non-empty."""
         self._dirty.append(session)
+        self._schedule()
+
+    def _queue(self, feed: Feed, item: Outgoing) -> None:
+        """Queue a frame for every live subscriber of ``feed``."""
+        if not feed.pending:
+            self._dirty_feeds.append(feed)
+            self._schedule()
+        feed.pending.append(item)
+
+    def _schedule(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        cut = 0
+        # Each connection's own frames first: a subscriber promoted in this iteration was sent
+        # its replay and ``subscribed`` that way, and they come before its first live frame.
         dirty, self._dirty = self._dirty, []
         for session in dirty:
             if not session.flush():
-                self.metrics.slow_consumer_disconnects_total += 1
+                cut += 1
+        feeds, self._dirty_feeds = self._dirty_feeds, []
+        for feed in feeds:
+            items, feed.pending = feed.pending, []
+            promoted, feed.promoted = feed.promoted, {}
+            wire = joined(items)
+            for session in feed.live:
+                if promoted and session in promoted:
+                    mine = items[promoted[session] :]
+                    if mine and not session.write(joined(mine), mine):
+                        cut += 1
+                elif not session.write(wire, items):
+                    cut += 1
+        self.metrics.slow_consumer_disconnects_total += cut
 
     # --- live path ---------------------------------------------------------------------------
 
@@ -150,19 +189,9 @@ class Hub:
             self._start_reader(feed)
 
     def _fanout(self, feed: Feed, seq: int, item: Outgoing) -> None:
-        live = feed.live
-        if live:
-            # Session.send inlined: this loop runs once per subscriber per event.
-            dirty = self._dirty
-            for session in live:
-                outbox = session.outbox
-                if not outbox:
-                    dirty.append(session)
-                outbox.append(item)
-            if not self._flush_scheduled:
-                self._flush_scheduled = True
-                self._loop.call_soon(self._flush)
-            self.metrics.deliveries_total += len(live)
+        if feed.live:
+            self._queue(feed, item)
+            self.metrics.deliveries_total += len(feed.live)
         if feed.joining:
             epoch = feed.sequencer.epoch
             for session, joiner in list(feed.joining.items()):
@@ -187,9 +216,9 @@ class Hub:
             seq=resync.seq,
             subscribers=len(feed.live) + len(feed.joining),
         )
-        for session in feed.live:
-            session.send(item)
-        self.metrics.resyncs_total += len(feed.live)
+        if feed.live:
+            self._queue(feed, item)
+            self.metrics.resyncs_total += len(feed.live)
         for session, joiner in list(feed.joining.items()):
             self.metrics.resyncs_total += 1
             if joiner.offer_resync(resync.epoch, resync.seq, item):
@@ -199,6 +228,8 @@ class Hub:
     def _promote(self, feed: Feed, session: Session) -> None:
         del feed.joining[session]
         feed.live[session] = None
+        if feed.pending:
+            feed.promoted[session] = len(feed.pending)
 
     def _promote_if_caught_up(self, feed: Feed, session: Session, joiner: Joiner) -> None:
         sequencer = feed.sequencer

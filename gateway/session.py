@@ -1,9 +1,11 @@
 """One browser connection: its token, its projects, and its outbound queue.
 
-Outbound frames are queued and flushed once per event-loop iteration, so a burst of events costs
-one write per connection instead of one per event. Frames are the same pre-built bytes for every
-subscriber (see :mod:`gateway.frames`); websockets still owns the handshake, reading, pings and the
-closing handshake.
+Outbound frames are queued and written once per event-loop iteration, so a burst of events costs
+one write per connection instead of one per event. A project's frames are queued once for all its
+live subscribers (see :mod:`gateway.hub`) and reach each of them through :meth:`Session.write`;
+what concerns one connection alone (replies, replay) waits in its own outbox. Frames are the same
+pre-built bytes for every subscriber (see :mod:`gateway.frames`); websockets still owns the
+handshake, reading, pings and the closing handshake.
 
 The write itself is the hot path of the whole gateway (one per subscriber per event at low rates),
 so while the transport has nothing buffered it is a single ``os.write`` on the socket: same bytes,
@@ -36,7 +38,7 @@ from schemas.tokens import TokenClaims
 if TYPE_CHECKING:
     from schemas.protocol import ServerMessage
 
-__all__ = ["Outgoing", "Session", "SlowConsumerPolicy"]
+__all__ = ["Outgoing", "Session", "SlowConsumerPolicy", "joined"]
 
 _ids = itertools.count(1)
 
@@ -53,6 +55,11 @@ class Outgoing:
     @classmethod
     def message(cls, message: ServerMessage) -> Outgoing:
         return cls(encode(message))
+
+
+def joined(items: list[Outgoing]) -> bytes:
+    """The frames of ``items`` as one write."""
+    return items[0].wire if len(items) == 1 else b"".join([item.wire for item in items])
 
 
 class SlowConsumerPolicy:
@@ -153,21 +160,26 @@ class Session:
         self.send(Outgoing.message(message))
 
     def flush(self) -> bool:
-        """Write the queued frames; return False when the connection was cut as slow."""
+        """Write this connection's own queued frames; False when it was cut as slow."""
         outbox = self.outbox
         if not outbox:
             return True
+        self.outbox = []
+        return self.write(joined(outbox), outbox)
+
+    def write(self, wire: bytes, items: list[Outgoing]) -> bool:
+        """Write ``items``, whose frames joined are ``wire``, now; False when cut as slow.
+
+        The hub calls this with one feed's frames for every live subscriber, the same ``wire``
+        for all of them, and :meth:`flush` with this connection's own frames.
+        """
         if self.closing or self.protocol.state is not State.OPEN:
-            outbox.clear()
             return True
         if not self.raw:
-            for item in outbox:
+            for item in items:
                 self.protocol.send_text(item.payload)
-            outbox.clear()
             self.ws.send_data()
             return True
-        wire = outbox[0].wire if len(outbox) == 1 else b"".join([item.wire for item in outbox])
-        outbox.clear()
         transport = self.transport
         if self.fd >= 0 and not transport.get_write_buffer_size():
             # Nothing buffered: nothing to overtake, and far below any limit. ``fd`` is still

@@ -1,0 +1,157 @@
+"""The hub's write path, without sockets or Redis: which frames each connection gets, in order.
+
+The hub queues a project's live frames once per event-loop iteration for all its live
+subscribers (see :mod:`gateway.hub`). These tests drive it message by message with a fake history
+store and fake connections, so that the interleavings that real timing makes rare happen every
+time: a subscriber that catches up (and goes live) in the very iteration whose frames are
+already queued for the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from websockets.protocol import State
+
+from gateway.hub import Hub
+from gateway.metrics import Metrics
+from gateway.sequencing import Snapshot
+from gateway.session import Session, SlowConsumerPolicy
+from schemas.keys import Keys
+
+KEYS = Keys()
+PROJECT = 1
+EPOCH = "e0000000000001"
+
+
+def frame(seq: int) -> bytes:
+    return b'{"type":"x","seq":%d}' % seq
+
+
+class FakeStore:
+    """The project's history as the hub's reads see it: entries 1..top."""
+
+    def __init__(self, top: int) -> None:
+        self.top = top
+
+    async def snapshot(self, project_id, epoch=None, after=None, limit=0) -> Snapshot:
+        entries = ()
+        if epoch == EPOCH and after is not None and after < self.top:
+            last = self.top if not limit else min(self.top, after + limit)
+            entries = tuple((s, frame(s)) for s in range(after + 1, last + 1))
+        return Snapshot(EPOCH, self.top, entries)
+
+
+class FakeLink:
+    async def subscribe(self, channel: bytes) -> None:
+        pass
+
+    async def unsubscribe(self, channel: bytes) -> None:
+        pass
+
+
+class RecordingTransport:
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def messages(self) -> list[dict]:
+        """The server-to-client text frames written so far (unmasked, short)."""
+        out, data, i = [], bytes(self.data), 0
+        while i < len(data):
+            assert data[i] == 0x81
+            length, start = data[i + 1], i + 2
+            if length == 126:
+                length, start = int.from_bytes(data[i + 2 : i + 4], "big"), i + 4
+            out.append(json.loads(data[start : start + length]))
+            i = start + length
+        return out
+
+
+class FakeConnection:
+    def __init__(self) -> None:
+        self.transport = RecordingTransport()
+        self.protocol = self
+        self.state = State.OPEN
+        self.extensions: list = []
+
+
+async def hub_with(store: FakeStore) -> Hub:
+    hub = Hub(keys=KEYS, store=store, metrics=Metrics(), max_replay=1000, subscribe_timeout=5)
+    hub.link = FakeLink()
+    return hub
+
+
+def session_of(hub: Hub) -> Session:
+    return Session(FakeConnection(), SlowConsumerPolicy(1 << 20, 30), hub.schedule_flush, raw=True)
+
+
+def live(hub: Hub, *seqs: int) -> None:
+    """Deliver pub/sub messages, all in one event-loop iteration."""
+    channel = KEYS.channel(PROJECT).encode()
+    for seq in seqs:
+        hub.on_pubsub_message(channel, b"%s|%d|0|%s" % (EPOCH.encode(), seq, frame(seq)))
+
+
+def received(session: Session) -> list:
+    """What one connection was sent: event seqs, and the types of other messages."""
+    return [m["seq"] if m["type"] == "x" else m["type"] for m in session.transport.messages()]
+
+
+async def next_iteration() -> None:
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+
+
+async def test_a_subscriber_that_catches_up_mid_iteration_gets_each_frame_once() -> None:
+    store = FakeStore(top=3)
+    hub = await hub_with(store)
+    first = session_of(hub)
+    await hub.subscribe(first, PROJECT, None, None)  # live from seq 3
+    # The second one resumes from 0 and reads up to 5, which this pod has not relayed yet: it
+    # stays joining until 4 and 5 arrive live, and 5 makes it live in the same iteration in
+    # which 4 and 5 were queued for the first one.
+    store.top = 5
+    second = session_of(hub)
+    await hub.subscribe(second, PROJECT, EPOCH, 0)
+    await next_iteration()
+    live(hub, 4, 5)
+    await next_iteration()
+    live(hub, 6)
+    await next_iteration()
+    assert received(first) == ["subscribed", 4, 5, 6]
+    assert received(second) == [1, 2, 3, 4, 5, "subscribed", 6]
+
+
+async def test_live_frames_of_one_iteration_are_one_write_shared_by_all_subscribers() -> None:
+    hub = await hub_with(FakeStore(top=0))
+    sessions = [session_of(hub) for _ in range(3)]
+    for session in sessions:
+        await hub.subscribe(session, PROJECT, None, None)
+    await next_iteration()
+    before = [len(s.transport.data) for s in sessions]
+    live(hub, 1, 2, 3)
+    await next_iteration()
+    writes = {bytes(s.transport.data[n:]) for s, n in zip(sessions, before, strict=True)}
+    assert len(writes) == 1  # the same bytes for everyone
+    assert [m["seq"] for m in sessions[0].transport.messages()[1:]] == [1, 2, 3]
+    assert hub.metrics.deliveries_total == 9
+
+
+async def test_an_unsubscribe_takes_effect_for_frames_not_yet_written() -> None:
+    hub = await hub_with(FakeStore(top=0))
+    staying, leaving = session_of(hub), session_of(hub)
+    for session in (staying, leaving):
+        await hub.subscribe(session, PROJECT, None, None)
+    await next_iteration()
+    live(hub, 1)
+    hub.unsubscribe(leaving, PROJECT)
+    await next_iteration()
+    assert received(staying) == ["subscribed", 1]
+    assert received(leaving) == ["subscribed"]
