@@ -24,7 +24,7 @@ from gateway.keepalive import Keepalive
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
 from gateway.pubsub import ClusterPubSub, PubSubLink
-from gateway.session import Session, SlowConsumerPolicy
+from gateway.session import GatewayConnection, Session, SlowConsumerPolicy
 from gateway.store import HistoryStore
 from publisher.connection import async_client, is_cluster_url
 from schemas.keys import Keys
@@ -143,6 +143,7 @@ class Gateway:
             close_timeout=5,
             server_header=None,
             backlog=LISTEN_BACKLOG,
+            create_connection=GatewayConnection,
         )
         log.info(
             "gateway listening",

@@ -38,7 +38,7 @@ from schemas.tokens import TokenClaims
 if TYPE_CHECKING:
     from schemas.protocol import ServerMessage
 
-__all__ = ["Outgoing", "Session", "SlowConsumerPolicy", "joined"]
+__all__ = ["GatewayConnection", "Outgoing", "Session", "SlowConsumerPolicy", "joined"]
 
 _ids = itertools.count(1)
 
@@ -92,6 +92,28 @@ class SlowConsumerPolicy:
         return stalled_since is not None and now - stalled_since > self.stall_timeout
 
 
+class GatewayConnection(ServerConnection):
+    """websockets' server connection, telling its :class:`Session` about every write of its own.
+
+    websockets writes to the transport only through ``send_data`` (the handshake response,
+    pings, pongs, close frames), and a change of state out of OPEN always comes with such a write
+    or with ``connection_lost``: hooking both keeps ``Session.writable`` true to the connection
+    without asking the protocol and the transport on every frame.
+    """
+
+    session: Session | None = None
+
+    def send_data(self) -> None:
+        super().send_data()
+        if self.session is not None:
+            self.session.on_websockets_write()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.session is not None:
+            self.session.writable = False
+        super().connection_lost(exc)
+
+
 class Session:
     """State of one WebSocket connection."""
 
@@ -114,6 +136,7 @@ class Session:
         "schedule_flush",
         "stalled_since",
         "transport",
+        "writable",
         "ws",
     )
 
@@ -134,6 +157,12 @@ class Session:
         self.raw = raw  # False when permessage-deflate is negotiated: websockets frames each one
         #: The socket's descriptor for direct writes, or -1 (not a plain socket, or not raw).
         self.fd = _socket_fd(ws.transport) if raw else -1
+        #: True while a write may go straight to ``fd``: raw, open, not closing, nothing buffered
+        #: in the transport. Cleared by whatever changes one of those (our own writes, and
+        #: websockets' through :class:`GatewayConnection`); set again by the next full check.
+        self.writable = False
+        if isinstance(ws, GatewayConnection):
+            ws.session = self
         self.claims: TokenClaims | None = None
         self.projects: set[int] = set()
         self.outbox: list[Outgoing] = []
@@ -173,6 +202,27 @@ class Session:
         The hub calls this with one feed's frames for every live subscriber, the same ``wire``
         for all of them, and :meth:`flush` with this connection's own frames.
         """
+        if self.writable:
+            # The hot path: one flag, one system call. ``fd`` is still this connection's while
+            # ``writable``: asyncio closes the socket only after connection_lost, which clears it.
+            try:
+                sent = os.write(self.fd, wire)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                sent = 0  # a dead peer: transport.write below meets the error and closes
+            if sent < len(wire):
+                self.writable = False  # the rest waits in the transport, and what follows too
+                self.transport.write(wire[sent:] if sent else wire)
+        elif not self._write_checked(wire, items):
+            return False
+        if self.allowance_granted:
+            self.allowance += self.allowance_granted
+            self.allowance_granted = 0
+        return True
+
+    def _write_checked(self, wire: bytes, items: list[Outgoing]) -> bool:
+        """:meth:`write` with every check made; False when cut as slow."""
         if self.closing or self.protocol.state is not State.OPEN:
             return True
         if not self.raw:
@@ -181,27 +231,24 @@ class Session:
             self.ws.send_data()
             return True
         transport = self.transport
-        if self.fd >= 0 and not transport.get_write_buffer_size():
-            # Nothing buffered: nothing to overtake, and far below any limit. ``fd`` is still
-            # this connection's: asyncio closes the socket only after connection_lost, which
-            # leaves the protocol CLOSED, and the state was OPEN above.
-            try:
-                sent = os.write(self.fd, wire)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                sent = 0  # a dead peer: transport.write below meets the error and closes
-            if sent < len(wire):
-                transport.write(wire[sent:] if sent else wire)
-        else:
+        if transport.get_write_buffer_size():
             if self.over_limit():
                 self.cut_slow()
                 return False
             transport.write(wire)
-        if self.allowance_granted:
-            self.allowance += self.allowance_granted
-            self.allowance_granted = 0
+            return True
+        self.writable = self.fd >= 0  # drained: direct writes again from now on
+        if self.writable:
+            return self.write(wire, items)
+        transport.write(wire)
         return True
+
+    def on_websockets_write(self) -> None:
+        """websockets wrote to the transport (a ping, a pong, a close frame) or lost it."""
+        if self.writable and (
+            self.protocol.state is not State.OPEN or self.transport.get_write_buffer_size()
+        ):
+            self.writable = False
 
     def grant_allowance(self, nbytes: int) -> None:
         """Tolerate ``nbytes`` of replay, queued now, on top of the outbound limit."""
@@ -241,6 +288,7 @@ class Session:
         if self.closing:
             return
         self.closing = True
+        self.writable = False
         self.outbox.clear()
         try:
             if self.protocol.state is State.OPEN:
@@ -256,6 +304,7 @@ class Session:
             return
         self.flush()  # what is queued (e.g. the error that explains the close) goes first
         self.closing = True
+        self.writable = False
         spawn(self.ws.close(code, reason))
 
 

@@ -1,0 +1,139 @@
+"""A connection's write path, without a network: direct writes never overtake buffered bytes.
+
+``Session.write`` writes straight to the socket while ``Session.writable`` says nothing is
+buffered in the transport and the connection is open; websockets' own writes (pings, pongs, close
+frames) reach the transport behind its back, and :class:`gateway.session.GatewayConnection`
+reports them. Here the "socket" is a pipe and the transport a stand-in that buffers everything
+until told to flush, so the order in which bytes reach the pipe is the order on the wire.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+
+from gateway.session import GatewayConnection, Outgoing, Session, SlowConsumerPolicy
+
+
+class HoldingTransport:
+    """A transport whose socket is full: it keeps every write until :meth:`flush_to`."""
+
+    def __init__(self) -> None:
+        self.held = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.held += data
+
+    def get_write_buffer_size(self) -> int:
+        return len(self.held)
+
+    def is_closing(self) -> bool:
+        return False
+
+    # What websockets calls when the connection is made.
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def flush_to(self, fd: int) -> None:
+        os.write(fd, self.held)
+        self.held.clear()
+
+
+def frames(data: bytes) -> list[tuple[int, bytes]]:
+    """(opcode, payload) of each unmasked short frame in ``data``."""
+    out, i = [], 0
+    while i < len(data):
+        length = data[i + 1] & 0x7F
+        out.append((data[i] & 0x0F, data[i + 2 : i + 2 + length]))
+        i += 2 + length
+    return out
+
+
+@pytest.fixture
+def pipe():
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    yield read_end, write_end
+    os.close(read_end)
+    os.close(write_end)
+
+
+def read_all(fd: int) -> bytes:
+    try:
+        return os.read(fd, 1 << 16)
+    except BlockingIOError:
+        return b""
+
+
+class StubServer:
+    """What a websockets connection asks of its server: a handler to run, a set to join."""
+
+    def __init__(self) -> None:
+        self.handler_tasks: set = set()
+
+    async def handler(self, connection: GatewayConnection) -> None:
+        pass
+
+
+async def session_on(write_end: int) -> tuple[Session, GatewayConnection, HoldingTransport]:
+    protocol = ServerProtocol()
+    protocol.state = State.OPEN
+    connection = GatewayConnection(protocol, StubServer())
+    transport = HoldingTransport()
+    connection.connection_made(transport)
+    session = Session(connection, SlowConsumerPolicy(1 << 20, 30), lambda s: None, raw=True)
+    session.fd = write_end  # the "socket"
+    return session, connection, transport
+
+
+async def test_an_event_frame_never_overtakes_a_ping_websockets_left_in_the_buffer(pipe) -> None:
+    read_end, write_end = pipe
+    session, connection, transport = await session_on(write_end)
+    first = Outgoing(b'{"seq":1}')
+    session.write(first.wire, [first])  # checked once, then direct
+    assert session.writable
+    # A keepalive ping meets a full socket: websockets leaves it in the transport's buffer.
+    connection.protocol.send_ping(b"ping")
+    connection.send_data()
+    second = Outgoing(b'{"seq":2}')
+    session.write(second.wire, [second])
+    transport.flush_to(write_end)  # the socket drains: asyncio writes what it holds
+    assert frames(read_all(read_end)) == [(0x1, b'{"seq":1}'), (0x9, b"ping"), (0x1, b'{"seq":2}')]
+
+
+async def test_writes_go_direct_again_once_the_buffer_is_empty(pipe) -> None:
+    read_end, write_end = pipe
+    session, connection, transport = await session_on(write_end)
+    connection.protocol.send_ping(b"ping")
+    connection.send_data()
+    items = [Outgoing(b'{"seq":%d}' % n) for n in (1, 2, 3)]
+    session.write(items[0].wire, items[:1])  # behind the ping, in the transport
+    transport.flush_to(write_end)
+    session.write(items[1].wire, items[1:2])  # nothing buffered any more: direct
+    assert session.writable
+    session.write(items[2].wire, items[2:])
+    assert transport.held == b""
+    assert [p for _, p in frames(read_all(read_end))] == [b"ping", *(i.payload for i in items)]
+
+
+async def test_nothing_is_written_to_the_descriptor_once_the_connection_is_lost(pipe) -> None:
+    """asyncio closes the socket right after connection_lost, and the descriptor number may then
+    be given to a new connection: a frame written to it would reach another client."""
+    read_end, write_end = pipe
+    session, connection, _ = await session_on(write_end)
+    first = Outgoing(b'{"seq":1}')
+    session.write(first.wire, [first])
+    read_all(read_end)
+    connection.connection_lost(None)
+    second = Outgoing(b'{"seq":2}')
+    session.write(second.wire, [second])
+    assert read_all(read_end) == b""
