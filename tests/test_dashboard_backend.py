@@ -26,6 +26,7 @@ from schemas.events import decode_event
 from schemas.keys import Keys
 from schemas.tokens import verify_token
 from tests.support.dashboard_api import api as call
+from tests.support.dashboard_api import demo_apps
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "backend-tests-secret-0123456789abcdef"
@@ -54,28 +55,15 @@ def published(redis_url: str, project_id: int = 1) -> list[dict]:
 
 @pytest.fixture
 def make_app(tmp_path, redis_url):
-    apps: list[DemoApp] = []
-
-    def make(**overrides) -> DemoApp:
-        values = dict(
-            port=0,
-            db=str(tmp_path / "dashboard.sqlite3"),
-            redis_url=redis_url,
-            auth_secret=SECRET,
-            agents=False,
-            resume_delay=0.1,
-        )
-        values.update(overrides)
-        app = DemoApp(Config(**values)).start()
-        apps.append(app)
-        return app
-
-    yield make
-    for app in apps:
-        try:
-            app.stop()
-        except Exception:
-            pass  # already stopped by the test
+    # One database file for all: a test restarts the backend on the same data.
+    with demo_apps(
+        tmp_path,
+        db=str(tmp_path / "dashboard.sqlite3"),
+        redis_url=redis_url,
+        auth_secret=SECRET,
+        resume_delay=0.1,
+    ) as make:
+        yield make
 
 
 @pytest.fixture

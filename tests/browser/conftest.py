@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from examples.dashboard.server import Config, DemoApp
+from examples.dashboard.server import DemoApp
+from tests.support.dashboard_api import demo_apps
 from tests.support.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -138,27 +139,14 @@ def gateway(redis_url: str, tmp_path: Path) -> Iterator[GatewayProcess]:
 @pytest.fixture
 def make_demo(tmp_path: Path, redis_url: str, gateway: GatewayProcess) -> Iterator[Callable]:
     """Start a demo backend (agents off, quick resume) wired to the test gateway."""
-    apps: list[DemoApp] = []
-
-    def make(**overrides) -> DemoApp:
-        values = dict(
-            host="127.0.0.1",
-            port=0,
-            db=str(tmp_path / f"dashboard-{len(apps)}.sqlite3"),
-            redis_url=redis_url,
-            auth_secret=SECRET,
-            gateway_port=gateway.port,
-            agents=False,
-            resume_delay=0.3,
-        )
-        values.update(overrides)
-        app = DemoApp(Config(**values)).start()
-        apps.append(app)
-        return app
-
-    yield make
-    for app in apps:
-        app.stop()
+    with demo_apps(
+        tmp_path,
+        redis_url=redis_url,
+        auth_secret=SECRET,
+        gateway_port=gateway.port,
+        resume_delay=0.3,
+    ) as make:
+        yield make
 
 
 @pytest.fixture
