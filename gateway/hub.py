@@ -39,7 +39,7 @@ from gateway.session import Outgoing, Session, joined
 from gateway.store import HistoryStore, StoreUnavailable
 from gateway.tasks import spawn
 from schemas.keys import Keys, MalformedEnvelope, parse_envelope
-from schemas.protocol import ResyncRequired, Subscribed
+from schemas.protocol import CloseCode, ResyncRequired, Subscribed
 
 __all__ = ["Feed", "Hub", "SubscribeUnavailable"]
 
@@ -49,6 +49,13 @@ log = get_logger("gateway.hub")
 REPAIR_BATCH = 1000
 #: Seconds one history read may take before it is retried.
 READ_TIMEOUT = 10.0
+
+
+def _write_failed(session: Session) -> None:
+    """A write raised (a bug, or a transport in a state we did not foresee): that connection is
+    closed with 1011 and resumes from its cursors; the others of the iteration are still served."""
+    log.exception("write failed; closing the connection", conn_id=session.id)
+    session.abort(CloseCode.INTERNAL_ERROR, "internal error: reconnect and resume")
 
 
 class SubscribeUnavailable(Exception):
@@ -140,20 +147,26 @@ class Hub:
         # its replay and ``subscribed`` that way, and they come before its first live frame.
         dirty, self._dirty = self._dirty, []
         for session in dirty:
-            if not session.flush():
-                cut += 1
+            try:
+                if not session.flush():
+                    cut += 1
+            except Exception:
+                _write_failed(session)
         feeds, self._dirty_feeds = self._dirty_feeds, []
         for feed in feeds:
             items, feed.pending = feed.pending, []
             promoted, feed.promoted = feed.promoted, {}
             wire = joined(items)
             for session in feed.live:
-                if promoted and session in promoted:
-                    mine = items[promoted[session] :]
-                    if mine and not session.write(joined(mine), mine):
+                try:
+                    if promoted and session in promoted:
+                        mine = items[promoted[session] :]
+                        if mine and not session.write(joined(mine), mine):
+                            cut += 1
+                    elif not session.write(wire, items):
                         cut += 1
-                elif not session.write(wire, items):
-                    cut += 1
+                except Exception:
+                    _write_failed(session)
         self.metrics.slow_consumer_disconnects_total += cut
 
     # --- live path ---------------------------------------------------------------------------

@@ -54,12 +54,16 @@ class FakeLink:
 class RecordingTransport:
     def __init__(self) -> None:
         self.data = bytearray()
+        self.aborted = False
 
     def write(self, data: bytes) -> None:
         self.data += data
 
     def get_write_buffer_size(self) -> int:
         return 0
+
+    def abort(self) -> None:
+        self.aborted = True
 
     def messages(self) -> list[dict]:
         """The server-to-client text frames written so far (unmasked, short)."""
@@ -155,3 +159,21 @@ async def test_an_unsubscribe_takes_effect_for_frames_not_yet_written() -> None:
     await next_iteration()
     assert received(staying) == ["subscribed", 1]
     assert received(leaving) == ["subscribed"]
+
+
+async def test_a_connection_whose_write_fails_does_not_hold_up_the_others() -> None:
+    hub = await hub_with(FakeStore(top=0))
+    sessions = [session_of(hub) for _ in range(3)]
+    for session in sessions:
+        await hub.subscribe(session, PROJECT, None, None)
+    await next_iteration()
+
+    def broken(data: bytes) -> None:
+        raise RuntimeError("a transport in a state nobody foresaw")
+
+    sessions[1].transport.write = broken
+    live(hub, 1)
+    await next_iteration()
+    assert received(sessions[0]) == ["subscribed", 1]
+    assert received(sessions[2]) == ["subscribed", 1]
+    assert sessions[1].closing and sessions[1].transport.aborted
