@@ -13,17 +13,12 @@ import json
 import math
 import os
 import platform
-import shutil
-import socket
-import subprocess
-import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import redis
+from examples.dashboard.redis_server import PrivateRedis, free_port
 
 __all__ = [
     "BENCH_CPU",
@@ -43,12 +38,6 @@ __all__ = [
 BENCH_CPU = 0
 REDIS_CPU = 1
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # The CPUs this process may use, before any pinning below narrows them down.
@@ -76,78 +65,23 @@ def pin_self(cpu: int = BENCH_CPU) -> Iterator[bool]:
         os.sched_setaffinity(0, before)
 
 
-class BenchRedis:
-    """A private ``redis-server`` on 127.0.0.1 and a free port, pinned to ``cpu`` if possible."""
+class BenchRedis(PrivateRedis):
+    """A private ``redis-server`` (started at once), pinned to ``cpu`` if possible."""
 
     def __init__(self, cpu: int | None = REDIS_CPU, *extra_args: str) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise SystemExit("redis-server not found; run `make install` (it installs it)")
-        self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix=f"eventbus-bench-redis-{self.port}-")
+        # A pub/sub channel nobody reads must not hold messages; nobody subscribes here.
+        super().__init__(None, "--client-output-buffer-limit", "pubsub 0 0 0", *extra_args)
         self.pinned = cpu is not None and pinning_available()
 
         def pin() -> None:  # in the child before exec, so every redis thread inherits it
             if self.pinned:
                 os.sched_setaffinity(0, {cpu})
 
-        self.process = subprocess.Popen(
-            [
-                binary,
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", self.dir,
-                "--protected-mode", "no",
-                # A pub/sub channel nobody reads must not hold messages; nobody subscribes here.
-                "--client-output-buffer-limit", "pubsub 0 0 0",
-                *extra_args,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            preexec_fn=pin,
-        )  # fmt: skip
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self._wait_ready()
-
-    def _wait_ready(self, timeout: float = 10.0) -> None:
-        client = redis.Redis(host="127.0.0.1", port=self.port)
-        deadline = time.monotonic() + timeout
         try:
-            while True:
-                try:
-                    client.ping()
-                    return
-                except redis.exceptions.ConnectionError:
-                    if self.process.poll() is not None or time.monotonic() > deadline:
-                        self.close()
-                        raise SystemExit("redis-server did not start") from None
-                    time.sleep(0.02)
-        finally:
-            client.close()
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port)
-
-    def version(self) -> str:
-        client = self.client()
-        try:
-            return str(client.info("server")["redis_version"])
-        finally:
-            client.close()
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> BenchRedis:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+            self.start(preexec_fn=pin)
+        except (RuntimeError, TimeoutError) as exc:
+            self.close()
+            raise SystemExit(f"redis-server did not start: {exc}") from None
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
