@@ -29,7 +29,8 @@ __all__ = [
 #: plus 3 retries, with backoff 100 ms, 200 ms, 400 ms (redis-py's ExponentialBackoff sleeps
 #: ``base * 2**failures``), i.e. about 0.7 s when the server refuses connections, plus up to
 #: CONNECT_TIMEOUT per attempt when the host does not answer, or SOCKET_TIMEOUT per attempt when
-#: a connected server hangs (worst case about 4 x 5 s + 0.7 s).
+#: a connected server hangs (worst case about 4 x 5 s + 0.7 s; a single publish makes one attempt
+#: on a held connection first, see DirectCommands, so one timeout more).
 RETRIES = 3
 CONNECT_TIMEOUT = 2.0
 SOCKET_TIMEOUT = 5.0
