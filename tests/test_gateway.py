@@ -57,6 +57,27 @@ async def test_every_client_gets_exactly_its_projects_events_in_order(gateways, 
         await client.close()
 
 
+async def test_compressed_and_plain_connections_get_the_same_events(gateways, publisher):
+    """With --compression, a client that negotiates permessage-deflate gets its frames from
+    websockets (compressed per connection), one that does not gets the shared raw frames:
+    both exactly the published events, in order, bursts and single events alike."""
+    gateway = await gateways(compression=True)
+    compressed = await client_for(gateway, [21])
+    plain = await RecordingClient(
+        ws_url(gateway), token=issue_token(SECRET, [21], ttl=300), compression=None
+    ).connect()
+    assert compressed.ws.protocol.extensions and not plain.ws.protocol.extensions
+    for client in (compressed, plain):
+        await client.subscribe(21)
+    await publish(publisher, 21, 40)  # one burst: several frames per write
+    for n in range(10):
+        await publisher.publish(event(21, 100 + n))
+    for client in (compressed, plain):
+        await client.wait_for(lambda c=client: len(c.seqs(21)) == 50)
+        assert client.seqs(21) == list(range(1, 51))
+        await client.close()
+
+
 async def test_events_carry_the_contract_json_plus_seq(gateways, publisher):
     gateway = await gateways()
     client = await client_for(gateway, [1])

@@ -24,10 +24,18 @@ CONTROL_TYPES = {
 
 
 class RecordingClient:
-    def __init__(self, url: str, *, token: str | None = None, headers: dict | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str | None = None,
+        headers: dict | None = None,
+        compression: str | None = "deflate",  # offered; used only if the gateway enables it
+    ) -> None:
         self.url = url
         self.token = token
         self.headers = headers or {}
+        self.compression = compression
         self.ws: ClientConnection | None = None
         self.messages: list[dict[str, Any]] = []
         self.events: dict[int, list[int]] = defaultdict(list)  # project -> seqs received
@@ -40,7 +48,12 @@ class RecordingClient:
     async def connect(self, *, auth: bool = True) -> RecordingClient:
         self.closed.clear()
         self.close_code = None
-        self.ws = await connect(self.url, additional_headers=self.headers, max_size=2**22)
+        self.ws = await connect(
+            self.url,
+            additional_headers=self.headers,
+            max_size=2**22,
+            compression=self.compression,
+        )
         self._reader = asyncio.create_task(self._read(self.ws))
         if auth and self.token is not None:
             await self.send({"type": "auth", "token": self.token})
