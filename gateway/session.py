@@ -265,6 +265,10 @@ class Session:
         """Periodic check; cuts a connection whose buffer stopped draining. True if cut."""
         if self.closing:
             return False
+        if self.writable:  # true only while nothing is buffered: the common case, made cheap
+            self.stalled_since = None
+            self.last_buffered = 0
+            return False
         buffered = self.transport.get_write_buffer_size()
         self.stalled_since = self.policy.stalled(
             buffered, self.last_buffered, self.stalled_since, now
