@@ -113,6 +113,16 @@ async def next_iteration() -> None:
     await asyncio.sleep(0)
 
 
+async def live_subscribers(count: int) -> tuple[Hub, list[Session]]:
+    """A hub over an empty history and ``count`` connections live on the project."""
+    hub = await hub_with(FakeStore(top=0))
+    sessions = [session_of(hub) for _ in range(count)]
+    for session in sessions:
+        await hub.subscribe(session, PROJECT, None, None)
+    await next_iteration()
+    return hub, sessions
+
+
 async def test_a_subscriber_that_catches_up_mid_iteration_gets_each_frame_once() -> None:
     store = FakeStore(top=3)
     hub = await hub_with(store)
@@ -134,11 +144,7 @@ async def test_a_subscriber_that_catches_up_mid_iteration_gets_each_frame_once()
 
 
 async def test_live_frames_of_one_iteration_are_one_write_shared_by_all_subscribers() -> None:
-    hub = await hub_with(FakeStore(top=0))
-    sessions = [session_of(hub) for _ in range(3)]
-    for session in sessions:
-        await hub.subscribe(session, PROJECT, None, None)
-    await next_iteration()
+    hub, sessions = await live_subscribers(3)
     before = [len(s.transport.data) for s in sessions]
     live(hub, 1, 2, 3)
     await next_iteration()
@@ -149,11 +155,7 @@ async def test_live_frames_of_one_iteration_are_one_write_shared_by_all_subscrib
 
 
 async def test_an_unsubscribe_takes_effect_for_frames_not_yet_written() -> None:
-    hub = await hub_with(FakeStore(top=0))
-    staying, leaving = session_of(hub), session_of(hub)
-    for session in (staying, leaving):
-        await hub.subscribe(session, PROJECT, None, None)
-    await next_iteration()
+    hub, (staying, leaving) = await live_subscribers(2)
     live(hub, 1)
     hub.unsubscribe(leaving, PROJECT)
     await next_iteration()
@@ -162,11 +164,7 @@ async def test_an_unsubscribe_takes_effect_for_frames_not_yet_written() -> None:
 
 
 async def test_a_connection_whose_write_fails_does_not_hold_up_the_others() -> None:
-    hub = await hub_with(FakeStore(top=0))
-    sessions = [session_of(hub) for _ in range(3)]
-    for session in sessions:
-        await hub.subscribe(session, PROJECT, None, None)
-    await next_iteration()
+    hub, sessions = await live_subscribers(3)
 
     def broken(data: bytes) -> None:
         raise RuntimeError("a transport in a state nobody foresaw")
