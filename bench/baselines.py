@@ -1,17 +1,22 @@
-"""The two baselines the gateway is benchmarked against, fed from the same Redis channels.
+"""The baselines the gateway is benchmarked against, fed from the same Redis channels.
 
 * ``naive``: the design in the contract (``websocket_broadcasts.py``): a ``ConnectionManager``
   holding each project's connections and looping ``await ws.send(json.dumps(event))`` over them.
   As such code does, it decodes each event's JSON once and re-encodes it per client.
 * ``broadcast``: websockets' own :func:`websockets.asyncio.server.broadcast`: the frame is decoded
   to ``str`` once and broadcast to the project's connections.
+* ``floor``: not a design anyone would ship but a reference for the latency figure: each event's
+  frame is built once and written with one ``send()`` system call per subscriber, straight to
+  the socket (no queue, no limit, no check). Every WebSocket server makes at least that system
+  call per delivery, so its publish-to-receive latency is what this machine's kernel allows.
 
-Both use websockets' defaults (as an application would), subscribe to every project channel with
-one ``PSUBSCRIBE``, and speak just enough of the gateway's protocol for the load generator:
+All three use websockets' defaults (as an application would) for the handshake and what clients
+send, subscribe to every project channel with one ``PSUBSCRIBE``, and speak just enough of the
+gateway's protocol for the load generator:
 ``subscribe`` / ``unsubscribe`` by project id, answered by ``subscribed`` / ``unsubscribed``.
-Neither has history, replay, gap repair or backpressure.
+None has history, replay, gap repair or backpressure.
 
-Run: ``python -m bench.baselines {naive,broadcast} --port P --redis-url URL``.
+Run: ``python -m bench.baselines {naive,broadcast,floor} --port P --redis-url URL``.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 from collections import defaultdict
 
@@ -103,6 +109,11 @@ class Baseline:
             if self.kind == "naive":
                 event = json.loads(frame)
                 await self.manager.broadcast(event, project_id=event["project_id"])
+            elif self.kind == "floor":
+                project_id = self.keys.project_of_channel(message["channel"])
+                connections = self.subscribers.get(project_id)
+                if connections:
+                    send_all(connections, text_frame(frame))
             else:
                 project_id = self.keys.project_of_channel(message["channel"])
                 connections = self.subscribers.get(project_id)
@@ -110,9 +121,37 @@ class Baseline:
                     broadcast(connections, frame.decode())
 
 
+def text_frame(payload: bytes) -> bytes:
+    """An unmasked, final text frame (RFC 6455 section 5.2)."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x81, n)) + payload
+    if n < 65536:
+        return bytes((0x81, 126)) + n.to_bytes(2, "big") + payload
+    return bytes((0x81, 127)) + n.to_bytes(8, "big") + payload
+
+
+def send_all(connections: set[ServerConnection], frame: bytes) -> None:
+    """One ``send()`` of the same bytes per connection, straight to its socket: the least any
+    relay does per delivery. What the kernel does not take at once goes to the transport."""
+    for ws in connections:
+        transport = ws.transport
+        if transport.get_write_buffer_size():
+            transport.write(frame)
+            continue
+        try:
+            sent = os.write(transport.get_extra_info("socket").fileno(), frame)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            continue
+        if sent < len(frame):
+            transport.write(frame[sent:])
+
+
 async def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.baselines")
-    parser.add_argument("kind", choices=["naive", "broadcast"])
+    parser.add_argument("kind", choices=["naive", "broadcast", "floor"])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8766)
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")

@@ -1,11 +1,13 @@
-"""Gateway benchmark: our gateway against two baselines, side by side, in one run.
+"""Gateway benchmark: our gateway against two baselines and a floor, side by side, in one run.
 
 Servers (each in its own process, pinned to core 0, one after the other):
 
 * ``gateway``: ``python -m gateway --no-auth`` (this project);
 * ``naive``: the contract's ``ConnectionManager`` looping ``await ws.send(json.dumps(event))``
   (see :mod:`bench.baselines`);
-* ``broadcast``: websockets' own ``broadcast()``, the frame decoded once.
+* ``broadcast``: websockets' own ``broadcast()``, the frame decoded once;
+* ``floor`` (latency only): one bare ``send()`` per subscriber, the least any server does, so
+  its latency is this machine's floor (see :mod:`bench.baselines`).
 
 The load generator (:mod:`bench.loadgen`, raw sockets counting frames in bulk), the publisher (the
 real :class:`publisher.Publisher`) and a private ``redis-server`` share core 1.
@@ -55,8 +57,15 @@ from schemas.events import BlockerResolved, utc_now
 from schemas.keys import Keys
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVERS = ("gateway", "naive", "broadcast")
-LABELS = {"gateway": "gateway", "naive": "naive (contract)", "broadcast": "ws broadcast()"}
+SERVERS = ("gateway", "naive", "broadcast", "floor")
+LABELS = {
+    "gateway": "gateway",
+    "naive": "naive (contract)",
+    "broadcast": "ws broadcast()",
+    "floor": "send() floor",
+}
+#: Servers the gateway must beat; the floor is a reference, measured for latency only.
+BASELINES = ("naive", "broadcast")
 SERVER_CPU = 0
 CLIENT_CPU = 1
 
@@ -531,6 +540,8 @@ class Run:
 
 
 def run_server(kind: str, redis: BenchRedis, p: Params, log: Callable[[str], None]) -> dict:
+    if kind == "floor":
+        return run_floor(redis, p, log)
     run = Run(kind, redis, p)
     out: dict = {"server": kind}
     try:
@@ -568,6 +579,21 @@ def run_server(kind: str, redis: BenchRedis, p: Params, log: Callable[[str], Non
     finally:
         run.close()
     return out
+
+
+def run_floor(redis: BenchRedis, p: Params, log: Callable[[str], None]) -> dict:
+    """The latency figure alone, for the bare ``send()`` loop of :mod:`bench.baselines`."""
+    run = Run("floor", redis, p)
+    try:
+        connected = run.loadgen.connect([(1, None, None)] * p.few, inflight=p.inflight_connects)
+        lat = run.latency(1)
+        lat["expected"] = p.few
+        log(f"  floor: {connected['clients']} subscribers, latency at "
+            f"{lat['deliveries_per_s']:,} deliveries/s: p50 {_ms(lat['p50_ms'])}, "
+            f"p99 {_ms(lat['p99_ms'])}, cpu {lat['cpu']}")  # fmt: skip
+    finally:
+        run.close()
+    return {"server": "floor", "latency": lat}
 
 
 # --- report ---------------------------------------------------------------------------------------
@@ -653,7 +679,9 @@ def table(summary: dict[str, dict[str, tuple[float | None, bool]]], p: Params) -
     for name, (label, _unit, _higher) in FIGURES.items():
         cells = []
         for kind in kinds:
-            if name == "resume_s" and kind != "gateway":
+            if kind == "floor" and name not in ("p50_ms", "p99_ms"):
+                cells.append("n/a")
+            elif name == "resume_s" and kind != "gateway":
                 cells.append("n/a (no replay)")
             else:
                 cells.append(_cell(name, *summary[kind].get(name, (None, False))))
@@ -680,7 +708,7 @@ def check_targets(summary: dict[str, dict[str, tuple[float | None, bool]]], p: P
     g = summary.get("gateway")
     if not g:
         return []
-    others = {k: summary[k] for k in ("naive", "broadcast") if k in summary}
+    others = {k: summary[k] for k in BASELINES if k in summary}
     limits = {
         "few": TARGETS["throughput"],
         "one_project": TARGETS["throughput"],
@@ -712,6 +740,14 @@ def check_targets(summary: dict[str, dict[str, tuple[float | None, bool]]], p: P
         out.append(
             f"[{'met' if ok else 'MISSED'}] {label}: {_cell(name, *g[name])}{limit}; "
             + (", ".join(ratios) or "no baseline")
+        )
+    floor = summary.get("floor", {}).get("p99_ms")
+    if floor and "p99_ms" in g and floor[0] not in (None, INF):
+        ours = g["p99_ms"][0]
+        out.append(
+            f"[info] latency p99 against the bare send() loop on this machine: gateway "
+            f"{_cell('p99_ms', *g['p99_ms'])}, floor {_cell('p99_ms', *floor)} "
+            f"(gateway/floor {ours / floor[0]:.2f})"
         )
     return out
 
