@@ -479,6 +479,7 @@ class Run:
                 break
             time.sleep(0.02)
         arrival, handled = (sorted(samples) for samples in loadgen.latencies())
+        shared = loadgen.stats()["shared"]
         loadgen.mode("count")
 
         def pct(samples: list[int], q: float) -> float | None:
@@ -496,6 +497,8 @@ class Run:
             "subscribers": subscribers,
             "deliveries_per_s": round(expected / elapsed),
             "missing": expected - len(arrival),
+            # Frames read together with a later one: dated by its arrival (an upper bound).
+            "shared_read_share": round(shared / max(1, loadgen.frames - base), 4),
             "cpu": cpu,
         }
 
@@ -575,22 +578,27 @@ def run_server(kind: str, redis: BenchRedis, p: Params, log: Callable[[str], Non
         out["latency"] = lat = run.latency(projects[0])
         lat["expected"] = p.few
         log(f"  {kind}: latency at {lat['deliveries_per_s']:,} deliveries/s: "
-            f"p50 {_ms(lat['p50_ms'])}, p99 {_ms(lat['p99_ms'])}, cpu {lat['cpu']}")  # fmt: skip
+            f"p50 {_ms(lat['p50_ms'])}, p99 {_ms(lat['p99_ms'])}, "
+            f"shared reads {lat['shared_read_share']:.2%}, cpu {lat['cpu']}")  # fmt: skip
     finally:
         run.close()
     return out
 
 
 def run_floor(redis: BenchRedis, p: Params, log: Callable[[str], None]) -> dict:
-    """The latency figure alone, for the bare ``send()`` loop of :mod:`bench.baselines`."""
+    """The latency figure alone, for the bare ``send()`` loop of :mod:`bench.baselines`, after
+    the same phase as the other servers' latency test follows (deliveries/s to those clients):
+    connections that have carried traffic answer faster than fresh ones (TCP quick-ack)."""
     run = Run("floor", redis, p)
     try:
         connected = run.loadgen.connect([(1, None, None)] * p.few, inflight=p.inflight_connects)
+        run.throughput()
         lat = run.latency(1)
         lat["expected"] = p.few
         log(f"  floor: {connected['clients']} subscribers, latency at "
             f"{lat['deliveries_per_s']:,} deliveries/s: p50 {_ms(lat['p50_ms'])}, "
-            f"p99 {_ms(lat['p99_ms'])}, cpu {lat['cpu']}")  # fmt: skip
+            f"p99 {_ms(lat['p99_ms'])}, shared reads {lat['shared_read_share']:.2%}, "
+            f"cpu {lat['cpu']}")  # fmt: skip
     finally:
         run.close()
     return {"server": "floor", "latency": lat}

@@ -20,6 +20,11 @@ Modes (per worker, switched between phases):
   Arrival is the server's figure: a client on another machine sees the frame then, whatever its
   own process is doing. Handled adds this worker's own scheduling lag on a core it shares with
   Redis and the publisher, and is reported beside it so that the difference stays visible.
+  A client that falls an event behind loses the first frame's own arrival: the kernel merges
+  segments waiting in a receive queue into one carrying the later timestamp
+  (``tcp_try_coalesce``), and ``recvmsg`` reports the timestamp of the last segment it read
+  anyway. Such a frame is dated by the later arrival, an upper bound; ``stats()["shared"]``
+  counts them (every text frame of a read but its last).
 * ``record``: also keep every payload, so that a resume can be checked seq by seq afterwards.
 
 The parent drives workers through :class:`LoadGen` (commands over a pipe); each worker publishes
@@ -144,6 +149,7 @@ class Worker:
         self.mode = "count"
         self.latencies = array.array("q")  # arrival (kernel receive timestamp) - publish
         self.handled = array.array("q")  # processing time in this worker - publish
+        self.shared = 0  # latency mode: frames read together with a later one (see the docstring)
         self.arrival_ns = 0  # kernel receive timestamp of the chunk being walked (latency mode)
         # Pending operation: clients waiting for "subscribed", clients not yet started.
         self.waiting: set[Client] = set()
@@ -226,6 +232,7 @@ class Worker:
                 n = len(data)
                 i = 0
                 count = 0
+                texts = 0
                 while n - i >= 2:
                     b1 = data[i + 1]
                     if b1 < 126:
@@ -243,6 +250,8 @@ class Worker:
                         end = start + int.from_bytes(data[i + 2 : i + 10], "big")
                     if end > n:
                         break
+                    if data[i] == 0x81:
+                        texts += 1
                     if data[i] == 0x81 and plain:
                         count += 1
                     elif not self._frame(client, data[i], data, start, end):
@@ -251,6 +260,8 @@ class Worker:
                     i = end
                 if n < 0:
                     continue
+                if texts > 1 and self.mode == "latency":
+                    self.shared += texts - 1
                 client.rest = data[i:] if i < len(data) else b""
                 client.frames += count
                 total += count
@@ -284,6 +295,7 @@ class Worker:
             if arg == "latency":
                 self.latencies = array.array("q")
                 self.handled = array.array("q")
+                self.shared = 0
                 for client in self._live():
                     client.sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
             if arg == "record":
@@ -308,6 +320,7 @@ class Worker:
                     "frames": self.total,
                     "dead": self.dead,
                     "latencies": len(self.latencies),
+                    "shared": self.shared,
                     "projects": projects,
                 }
             )
@@ -594,7 +607,8 @@ class LoadGen:
         """Live clients, frames counted, clients cut by the server, subscribers per project."""
         replies = self._all("stats", [None] * len(self.pipes), 30)
         out: dict[str, Any] = {
-            key: sum(r[key] for r in replies) for key in ("clients", "frames", "dead", "latencies")
+            key: sum(r[key] for r in replies)
+            for key in ("clients", "frames", "dead", "latencies", "shared")
         }
         projects: dict[int, int] = {}
         for reply in replies:
