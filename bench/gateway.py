@@ -29,7 +29,7 @@ Every measurement also records the CPU used by the server, the load generator, R
 publisher, and by other processes on the machine; throughput windows disturbed by other work are
 measured again, and disturbed figures are marked in the report.
 
-``python -m bench.gateway`` (about 4.5 minutes), ``--quick`` for a smoke run (about 40 s),
+``python -m bench.gateway`` (about 3.5 minutes), ``--quick`` for a smoke run (about 40 s),
 ``--runs 3`` for medians of three full runs, ``--servers gateway`` for one server.
 """
 
