@@ -687,12 +687,12 @@ def table(summary: dict[str, dict[str, tuple[float | None, bool]]], p: Params) -
     for name, (label, _unit, _higher) in FIGURES.items():
         cells = []
         for kind in kinds:
-            if kind == "floor" and name not in ("p50_ms", "p99_ms"):
-                cells.append("n/a")
-            elif name == "resume_s" and kind != "gateway":
+            if name == "resume_s" and kind != "gateway":
                 cells.append("n/a (no replay)")
+            elif name not in summary[kind]:
+                cells.append("n/a")  # not measured for this server (the floor: latency only)
             else:
-                cells.append(_cell(name, *summary[kind].get(name, (None, False))))
+                cells.append(_cell(name, *summary[kind][name]))
         rows.append((label.format(**vars(p)), cells))
     width0 = max(len(r[0]) for r in rows)
     widths = [max(len(r[1][i]) for r in rows) for i in range(len(kinds))]
