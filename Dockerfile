@@ -30,12 +30,16 @@ WORKDIR /src
 # README.m[d]: copied when present (pyproject names it as the long description) without making
 # the build fail on a checkout that lacks it.
 COPY pyproject.toml README.m[d] ./
+COPY requirements/runtime.txt ./requirements/
 COPY schemas ./schemas
 COPY publisher ./publisher
 COPY gateway ./gateway
 # A regular (non-editable) install: the runtime stage needs the venv only, not /src. Bytecode is
 # compiled here because the runtime filesystem is meant to be read-only.
-RUN /opt/eventbus/bin/pip install . \
+# Dependencies and the build backend come pinned with hashes from requirements/runtime.txt (the
+# versions CI tested), so a rebuild cannot pick up an upstream release.
+RUN /opt/eventbus/bin/pip install --require-hashes -r requirements/runtime.txt \
+    && /opt/eventbus/bin/pip install --no-deps --no-build-isolation . \
     && /opt/eventbus/bin/python -m compileall -q /opt/eventbus/lib
 
 # --- base: slim runtime with the virtualenv and an unprivileged user ---------------------------

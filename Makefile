@@ -4,17 +4,35 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint format run gateway bench soak schema clean
+.PHONY: install test test-fast test-latest lock lint format run gateway bench soak schema clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/bootstrap.sh
+$(STAMP): pyproject.toml requirements/lock.txt scripts/bootstrap.sh
 	VENV=$(VENV) scripts/bootstrap.sh
 	@touch $(STAMP)
 
 ## The whole suite: lint, unit, real Redis, gateway end to end, browser tests.
 test: install lint
 	$(PY) -m pytest
+
+## The whole suite against the newest versions pyproject.toml allows (a separate venv): run it
+## before `make lock` so that an upgrade is a deliberate, reviewed change.
+test-latest:
+	EVENTBUS_LATEST=1 VENV=.venv-latest scripts/bootstrap.sh
+	.venv-latest/bin/python -m pytest
+
+## Re-resolve requirements/lock.txt (everything, pinned with hashes) and requirements/runtime.txt
+## (the same versions, without the test extra: the container image) from pyproject.toml.
+lock:
+	test -x .venv-lock/bin/pip-compile || { python3 -m venv .venv-lock && \
+		.venv-lock/bin/python -m pip install -q pip-tools==7.6.2; }
+	.venv-lock/bin/pip-compile -q --upgrade --extra test --all-build-deps --generate-hashes \
+		--allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
+		-o requirements/lock.txt pyproject.toml
+	.venv-lock/bin/pip-compile -q --all-build-deps --generate-hashes --allow-unsafe \
+		--strip-extras --no-emit-index-url --no-emit-find-links \
+		-c requirements/lock.txt -o requirements/runtime.txt pyproject.toml
 
 ## Without the browser tests.
 test-fast: install
@@ -47,4 +65,4 @@ schema: install
 	$(PY) -m schemas > schemas/eventbus.schema.json
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) .venv-latest .venv-lock .pytest_cache .ruff_cache build *.egg-info

@@ -39,6 +39,16 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "bootstrap: creating $VENV with $PYTHON"
   "$PYTHON" -m venv "$VENV"
 fi
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check -U pip
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]"
+PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
+if [ "${EVENTBUS_LATEST:-0}" = 1 ]; then
+  # `make test-latest`: the newest versions pyproject.toml allows, to review an upgrade before
+  # `make lock` records it.
+  "${PIP[@]}" -U pip
+  "${PIP[@]}" -U --upgrade-strategy eager -e ".[test]"
+else
+  # Exactly what CI tested: every package (build backend included) pinned with its hashes in
+  # requirements/lock.txt, so an upstream release cannot change a fresh install.
+  "${PIP[@]}" --require-hashes -r requirements/lock.txt
+  "${PIP[@]}" --no-deps --no-build-isolation -e .
+fi
 echo "bootstrap: ready ($("$VENV/bin/python" --version), $(redis-server --version | cut -d' ' -f3))"
