@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
 
@@ -176,8 +177,10 @@ def load_config(
             except ConfigError as exc:
                 raise ConfigError(f"{env_name}: {exc}") from None
 
+    # The name the user typed: the console script, or the module form.
+    invoked_as_module = sys.argv[0].endswith("__main__.py")
     parser = argparse.ArgumentParser(
-        prog="python -m gateway",
+        prog="python -m gateway" if invoked_as_module else "eventbus-gateway",
         description="The event bus gateway: relays each project's events from Redis to browsers.",
     )
     for name, tp, description, default in _fields():

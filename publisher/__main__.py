@@ -39,7 +39,8 @@ from schemas.tokens import issue_token
 
 __all__ = ["main"]
 
-PROG = "eventbus-publish"
+#: The name the user typed: the console script, or the module form.
+PROG = "python -m publisher" if sys.argv[0].endswith("__main__.py") else "eventbus-publish"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 EXIT_OK = 0
 EXIT_REDIS_ERROR = 1
