@@ -139,7 +139,7 @@ def test_publish_rejects_invalid_input_and_publishes_nothing(
     result = cli("publish", stdin=stdin)
     assert result.code == 2
     assert result.out == ""
-    assert result.err.startswith("eventbus-publish: error: ")
+    assert result.err.startswith("python -m publisher: error: ")
     assert re.search(message, result.err), result.err
     assert redis_client.dbsize() == 0
 
@@ -278,7 +278,7 @@ def test_token_all_projects_and_env_secret(cli, monkeypatch) -> None:
 def test_token_short_secret_warns_cleanly(cli) -> None:
     result = cli("token", "--secret", "short", "--project", "1")
     assert result.code == 0
-    assert result.err.startswith("eventbus-publish: warning: ")
+    assert result.err.startswith("python -m publisher: warning: ")
 
 
 @pytest.mark.parametrize(
@@ -361,6 +361,10 @@ def test_console_script(redis_url: str) -> None:
     result = run_process(str(script), "token", "--secret", SECRET, "--project", "3", module=False)
     assert result.returncode == 0, result.stderr
     assert verify_token(result.stdout.strip(), SECRET).projects == frozenset({3})
+    # --help names the command the user typed, not the module.
+    usage = run_process(str(script), "--help", module=False)
+    assert usage.stdout.startswith("usage: eventbus-publish "), usage.stdout
+    assert run_process("--help").stdout.startswith("usage: python -m publisher ")
 
 
 def _events(*, blocker_ids: range, project_id: int) -> list[ProjectEvent]:
