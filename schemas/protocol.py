@@ -64,12 +64,15 @@ class CloseCode(enum.IntEnum):
 
 
 class ErrorCode(enum.StrEnum):
-    """``code`` of an ``error`` message. The connection stays usable after every one of them."""
+    """``code`` of an ``error`` message. The connection stays usable after every one of them.
+
+    There is no "not authenticated" error: before a successful ``auth`` every frame that is not a
+    valid ``auth`` closes the connection with :attr:`CloseCode.AUTH_FAILED` (4001).
+    """
 
     INVALID_JSON = "invalid_json"
     INVALID_MESSAGE = "invalid_message"
     UNKNOWN_TYPE = "unknown_type"
-    NOT_AUTHENTICATED = "not_authenticated"
     INVALID_TOKEN = "invalid_token"
     FORBIDDEN = "forbidden"
     INVALID_CURSOR = "invalid_cursor"
