@@ -32,6 +32,7 @@ lock:
 		-o requirements/lock.txt pyproject.toml
 	.venv-lock/bin/pip-compile -q --all-build-deps --generate-hashes --allow-unsafe \
 		--strip-extras --no-emit-index-url --no-emit-find-links \
+		--extra postgres --extra http-api \
 		-c requirements/lock.txt -o requirements/runtime.txt pyproject.toml
 
 ## Without the browser tests.

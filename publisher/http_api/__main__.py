@@ -1,0 +1,121 @@
+"""``python -m publisher.http_api``: serve the HTTP publish API, or make an API key.
+
+python -m publisher.http_api new-key --id billing --projects 1,2   # prints the key and its entry
+python -m publisher.http_api serve --keys-file keys.json --port 8766
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import msgspec
+
+from publisher.http_api.app import HttpApiSettings, PublishApi
+from publisher.http_api.core import ApiKey, Credentials, hash_key, new_key
+
+__all__ = ["main"]
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the HTTP publish API")
+    serve.add_argument(
+        "--redis-url", default=os.environ.get("EVENTBUS_REDIS_URL", DEFAULT_REDIS_URL)
+    )
+    serve.add_argument("--prefix", default=os.environ.get("EVENTBUS_PREFIX", "eventbus"))
+    serve.add_argument(
+        "--keys-file",
+        default=os.environ.get("EVENTBUS_PUBLISH_KEYS_FILE"),
+        help="JSON file of API keys (hashes); env EVENTBUS_PUBLISH_KEYS_FILE",
+    )
+    serve.add_argument("--host", default=os.environ.get("EVENTBUS_HTTP_API_HOST", "127.0.0.1"))
+    serve.add_argument(
+        "--port", type=int, default=int(os.environ.get("EVENTBUS_HTTP_API_PORT", "8766"))
+    )
+    defaults = HttpApiSettings()
+    for field in msgspec.structs.fields(HttpApiSettings):
+        serve.add_argument(
+            "--" + field.name.replace("_", "-"),
+            type=type(field.default),
+            default=getattr(defaults, field.name),
+        )
+    serve.add_argument(
+        "--limit-concurrency",
+        type=int,
+        default=1000,
+        help="requests in progress at once; more get 503 (uvicorn)",
+    )
+
+    key = commands.add_parser("new-key", help="print a new API key and its keys-file entry")
+    key.add_argument("--id", required=True, help="a name for the credential (e.g. the service)")
+    key.add_argument("--projects", required=True, help="comma-separated project ids, or '*'")
+    key.add_argument("--rate", type=float, default=None, help="events/s for this key")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    prog = "python -m publisher.http_api"
+    args = _parser(prog).parse_args(argv)
+    if args.command == "new-key":
+        return _new_key(args)
+    return _serve(args, prog)
+
+
+def _new_key(args: argparse.Namespace) -> int:
+    key = new_key()
+    projects = "*" if args.projects.strip() == "*" else [int(p) for p in args.projects.split(",")]
+    entry = msgspec.convert(
+        {"id": args.id, "sha256": hash_key(key), "projects": projects, "rate": args.rate},
+        ApiKey,
+    )
+    sys.stdout.write(f"key (shown once; give it to the service): {key}\n")
+    sys.stdout.write('keys-file entry (add it to the file\'s "keys" list):\n')
+    sys.stdout.write(msgspec.json.encode(entry).decode() + "\n")
+    return 0
+
+
+def _serve(args: argparse.Namespace, prog: str) -> int:
+    import uvicorn
+
+    from publisher.client import AsyncPublisher
+
+    if not args.keys_file:
+        sys.stderr.write(
+            f"{prog}: error: --keys-file (or EVENTBUS_PUBLISH_KEYS_FILE) is required\n"
+        )
+        return 2
+    try:
+        credentials = Credentials.from_json(Path(args.keys_file).read_bytes())
+    except (OSError, ValueError) as exc:
+        sys.stderr.write(f"{prog}: error: {args.keys_file}: {exc}\n")
+        return 2
+    settings = HttpApiSettings(
+        **{f.name: getattr(args, f.name) for f in msgspec.structs.fields(HttpApiSettings)}
+    )
+    publisher = AsyncPublisher.from_url(args.redis_url, prefix=args.prefix)
+    app = PublishApi(publisher, credentials, settings)
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        http="httptools",
+        loop="asyncio",
+        lifespan="on",
+        access_log=False,
+        log_level="warning",
+        limit_concurrency=args.limit_concurrency,
+        timeout_graceful_shutdown=10,
+    )
+    uvicorn.Server(config).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

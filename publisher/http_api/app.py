@@ -1,0 +1,247 @@
+"""The HTTP publish API as an ASGI application (served by uvicorn, see ``__main__``).
+
+``POST /v1/projects/{id}/events`` publishes one event or a JSON array of events of that project
+through :class:`publisher.AsyncPublisher`, so an HTTP publish is exactly a library publish: the
+same validation, the same atomic Lua script, the same idempotency keys. ``GET /healthz`` and
+``GET /readyz`` serve probes. Everything the API decides is in :mod:`publisher.http_api.core`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from typing import Any
+
+import msgspec
+import structlog
+
+from publisher.core import PublishError, PublisherUnavailable
+from publisher.http_api.core import (
+    ApiError,
+    Credentials,
+    RateLimiter,
+    cursor_body,
+    error_body,
+    header,
+    parse_events,
+    parse_project_path,
+)
+
+__all__ = ["HttpApiSettings", "PublishApi"]
+
+log = structlog.get_logger("eventbus.http_api")
+
+_IDEMPOTENCY_HEADER_MAX = 100
+_JSON = [(b"content-type", b"application/json")]
+
+
+class HttpApiSettings(msgspec.Struct, kw_only=True, frozen=True):
+    """Limits of the HTTP publish API (each is a flag of ``eventbus-publish http-api``)."""
+
+    max_body: int = 4 * 1024 * 1024
+    """Largest request body in bytes (413 above it)."""
+    max_events: int = 500
+    """Most events in one request (one atomic script call in Redis)."""
+    rate: float = 5000.0
+    """Default events/s per API key (a key's own ``rate`` in the keys file wins)."""
+    burst: int = 10000
+    """Default burst per API key, in events."""
+    body_timeout: float = 10.0
+    """Seconds to receive a whole request body (408 after it)."""
+    ready_timeout: float = 1.0
+    """Seconds ``/readyz`` waits for Redis' answer to PING."""
+
+
+class Counters:
+    """Outcomes by status code (``/metrics`` renders them for Prometheus)."""
+
+    def __init__(self) -> None:
+        self.responses: dict[tuple[int, str], int] = {}
+        self.events = 0
+
+    def count(self, status: int, code: str) -> None:
+        self.responses[status, code] = self.responses.get((status, code), 0) + 1
+
+    def render(self) -> bytes:
+        lines = [
+            "# HELP eventbus_http_publish_events_total Events published through the HTTP API.",
+            "# TYPE eventbus_http_publish_events_total counter",
+            f"eventbus_http_publish_events_total {self.events}",
+            "# HELP eventbus_http_publish_responses_total HTTP API answers by status and code.",
+            "# TYPE eventbus_http_publish_responses_total counter",
+        ]
+        for (status, code), value in sorted(self.responses.items()):
+            lines.append(
+                f'eventbus_http_publish_responses_total{{status="{status}",code="{code}"}} {value}'
+            )
+        return ("\n".join(lines) + "\n").encode()
+
+
+class PublishApi:
+    """ASGI application. ``publisher`` is an :class:`publisher.AsyncPublisher` (or anything with
+    its ``publish``/``publish_many`` coroutines and a ``client`` answering ``ping``)."""
+
+    def __init__(
+        self,
+        publisher: Any,
+        credentials: Credentials,
+        settings: HttpApiSettings | None = None,
+        *,
+        clock=time.monotonic,
+    ) -> None:
+        self.publisher = publisher
+        self.credentials = credentials
+        self.settings = settings or HttpApiSettings()
+        self.limiter = RateLimiter(self.settings.rate, self.settings.burst)
+        self.counters = Counters()
+        self._clock = clock
+
+    async def __call__(self, scope: dict, receive, send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive, send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.publisher.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _http(self, scope: dict, receive, send) -> None:
+        method, path = scope["method"], scope["path"]
+        try:
+            if path == "/healthz" and method in ("GET", "HEAD"):
+                await _respond(send, 200, b'{"status":"ok"}')
+                return
+            if path == "/readyz" and method in ("GET", "HEAD"):
+                await self._readyz(send)
+                return
+            if path == "/metrics" and method == "GET":
+                await _respond(send, 200, self.counters.render(), content_type=b"text/plain")
+                return
+            project_id = parse_project_path(path)
+            if method != "POST":
+                raise ApiError(405, "method_not_allowed", "use POST")
+            status, body = await self._publish(scope, receive, project_id)
+            self.counters.count(status, "ok")
+            await _respond(send, status, body)
+        except ApiError as error:
+            self.counters.count(error.status, error.code)
+            extra = []
+            if error.retry_after is not None:
+                extra.append((b"retry-after", b"%d" % max(1, math.ceil(error.retry_after))))
+            if error.status == 405:
+                extra.append((b"allow", b"POST"))
+            await _respond(send, error.status, error_body(error), extra)
+
+    async def _publish(self, scope: dict, receive, project_id: int) -> tuple[int, bytes]:
+        headers: dict[bytes, list[bytes]] = {}
+        for name, value in scope["headers"]:
+            headers.setdefault(name, []).append(value)
+        key = self.credentials.authenticate(header(headers, b"authorization"))
+        if not key.allows(project_id):
+            raise ApiError(403, "forbidden", f"key {key.id!r} may not publish to {project_id}")
+        content_type = header(headers, b"content-type") or ""
+        if content_type.split(";")[0].strip().lower() != "application/json":
+            raise ApiError(415, "unsupported_media_type", "send Content-Type: application/json")
+        idempotency_key = header(headers, b"idempotency-key")
+        if idempotency_key is not None and not _valid_idempotency_key(idempotency_key):
+            raise ApiError(
+                400,
+                "invalid_idempotency_key",
+                f"Idempotency-Key must be 1-{_IDEMPOTENCY_HEADER_MAX} printable ASCII "
+                "characters without spaces",
+            )
+        body = await self._body(headers, receive)
+        events, is_batch = parse_events(body, project_id, self.settings.max_events)
+        self.limiter.take(key, len(events), self._clock())
+        # Keys are namespaced by credential: two services choosing the same key never collide.
+        namespaced = None if idempotency_key is None else f"http:{key.id}:{idempotency_key}"
+        try:
+            if is_batch and namespaced is None:
+                cursors = await self.publisher.publish_many(events)
+            elif is_batch:
+                cursors = await self.publisher.publish_many(events, idempotency_key=namespaced)
+            else:
+                cursors = [await self.publisher.publish(events[0], idempotency_key=namespaced)]
+        except PublisherUnavailable as exc:
+            log.warning("http_publish_unavailable", project_id=project_id, error=str(exc))
+            raise ApiError(503, "unavailable", "Redis is unavailable", retry_after=1) from None
+        except PublishError as exc:
+            status, code = _publish_error_status(exc)
+            raise ApiError(status, code, str(exc)) from None
+        self.counters.events += len(events)
+        return 200, cursor_body(cursors, is_batch)
+
+    async def _body(self, headers: dict[bytes, list[bytes]], receive) -> bytes:
+        limit = self.settings.max_body
+        declared = header(headers, b"content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise ApiError(400, "invalid_header", "Content-Length is not a number")
+            if int(declared) > limit:
+                raise ApiError(413, "body_too_large", f"the body exceeds {limit} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout(self.settings.body_timeout):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        raise ApiError(400, "disconnected", "the client went away")
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > limit:
+                        raise ApiError(413, "body_too_large", f"the body exceeds {limit} bytes")
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            raise ApiError(408, "body_timeout", "the body did not arrive in time") from None
+        return b"".join(chunks)
+
+    async def _readyz(self, send) -> None:
+        try:
+            async with asyncio.timeout(self.settings.ready_timeout):
+                await self.publisher.client.ping()
+        except Exception as exc:  # any failure means "not ready"; the reason is in the body
+            body = msgspec.json.encode({"ready": False, "redis": str(exc) or type(exc).__name__})
+            await _respond(send, 503, body)
+            return
+        await _respond(send, 200, b'{"ready":true}')
+
+
+def _valid_idempotency_key(value: str) -> bool:
+    return 0 < len(value) <= _IDEMPOTENCY_HEADER_MAX and all("!" <= char <= "~" for char in value)
+
+
+def _publish_error_status(exc: PublishError) -> tuple[int, str]:
+    # An idempotency key reused for another payload is the caller's mistake (409); any other
+    # PublishError is Redis refusing the write (a damaged key, a script error): 502.
+    if type(exc).__name__ == "IdempotencyConflict":
+        return 409, "idempotency_conflict"
+    return 502, "publish_failed"
+
+
+async def _respond(
+    send,
+    status: int,
+    body: bytes,
+    extra: list[tuple[bytes, bytes]] | None = None,
+    *,
+    content_type: bytes = b"application/json",
+) -> None:
+    headers = [
+        (b"content-type", content_type),
+        (b"content-length", b"%d" % len(body)),
+        *(extra or ()),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,265 @@
+"""The pure core of the HTTP publish API: credentials, rate limits, request bodies, answers.
+
+Nothing here does I/O, so every rule is unit tested without a socket (``tests/test_http_api.py``).
+The ASGI application in :mod:`publisher.http_api.app` is a thin layer that reads the request,
+asks these functions, publishes, and writes the answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from collections.abc import Iterable, Mapping
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+from schemas.events import EventValidationError, ProjectEvent, decode_event
+
+__all__ = [
+    "ApiError",
+    "ApiKey",
+    "ApiKeyFile",
+    "Credentials",
+    "RateLimiter",
+    "TokenBucket",
+    "cursor_body",
+    "error_body",
+    "hash_key",
+    "new_key",
+    "parse_events",
+    "parse_project_path",
+]
+
+#: A key as handed to a service: a fixed prefix (so a leaked key is recognisable in logs and by
+#: secret scanners) and 32 random bytes, URL-safe base64.
+KEY_PREFIX = "ebk_"
+_PATH_RE = re.compile(r"/v1/projects/([0-9]{1,16})/events")
+
+
+class ApiError(Exception):
+    """A request the API refuses: ``status`` and a stable ``code`` (see docs/http-publish.md)."""
+
+    def __init__(
+        self, status: int, code: str, message: str, *, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
+
+
+class ApiKey(msgspec.Struct, kw_only=True, frozen=True):
+    """One publisher credential, as stored in the keys file. The key itself is never stored:
+    only its SHA-256, so a leaked file does not leak a working key."""
+
+    id: Annotated[str, Meta(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._:-]+$")]
+    sha256: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")]
+    projects: list[Annotated[int, Meta(gt=0, le=2**53 - 1)]] | Literal["*"]
+    rate: Annotated[float, Meta(gt=0)] | None = None
+    burst: Annotated[int, Meta(ge=1)] | None = None
+
+    def allows(self, project_id: int) -> bool:
+        return self.projects == "*" or project_id in self.projects
+
+
+class ApiKeyFile(msgspec.Struct, kw_only=True, frozen=True):
+    """The keys file: ``{"keys": [{"id": ..., "sha256": ..., "projects": [1, 2] | "*"}]}``."""
+
+    keys: list[ApiKey]
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key() -> str:
+    """A fresh random API key (show it once; store only :func:`hash_key` of it)."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+class Credentials:
+    """The configured keys, looked up by the hash of the presented bearer key.
+
+    Hashing first makes the lookup independent of how much of a guess matches (no timing
+    oracle on the key), and the file holds only hashes.
+    """
+
+    def __init__(self, keys: Iterable[ApiKey]) -> None:
+        self._by_hash: dict[str, ApiKey] = {}
+        for key in keys:
+            if key.sha256 in self._by_hash:
+                raise ValueError(f"keys {self._by_hash[key.sha256].id!r} and {key.id!r} are equal")
+            self._by_hash[key.sha256] = key
+        if len({key.id for key in self._by_hash.values()}) != len(self._by_hash):
+            raise ValueError("key ids must be unique")
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> Credentials:
+        """Parse a keys file; raises ``ValueError`` naming the offending field."""
+        try:
+            parsed = msgspec.json.decode(data, type=ApiKeyFile)
+        except msgspec.DecodeError as exc:
+            raise ValueError(f"invalid keys file: {exc}") from None
+        return cls(parsed.keys)
+
+    def __len__(self) -> int:
+        return len(self._by_hash)
+
+    def authenticate(self, authorization: str | None) -> ApiKey:
+        """The key named by an ``Authorization: Bearer <key>`` header, or ApiError 401."""
+        if not authorization:
+            raise ApiError(401, "unauthorized", "missing Authorization: Bearer <api key>")
+        scheme, _, presented = authorization.partition(" ")
+        presented = presented.strip()
+        if scheme.lower() != "bearer" or not presented:
+            raise ApiError(401, "unauthorized", "expected Authorization: Bearer <api key>")
+        digest = hash_key(presented)
+        key = self._by_hash.get(digest)
+        # compare_digest on the hash: the dict lookup already found it; this keeps the final
+        # comparison constant-time should the table ever be replaced by a scan.
+        if key is None or not hmac.compare_digest(key.sha256, digest):
+            raise ApiError(401, "unauthorized", "unknown API key")
+        return key
+
+
+class TokenBucket:
+    """``rate`` tokens per second, at most ``burst`` saved up. Pure: the caller passes the time."""
+
+    __slots__ = ("burst", "rate", "tokens", "updated")
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = float(burst)
+        self.updated = now
+
+    def take(self, count: int, now: float) -> float:
+        """Take ``count`` tokens and return 0, or return the seconds until they would be there
+        (nothing is taken then). A request larger than ``burst`` can never pass."""
+        elapsed = now - self.updated
+        if elapsed > 0:
+            self.tokens = min(self.burst, self.tokens + elapsed * self.rate)
+            self.updated = now
+        if count <= self.tokens:
+            self.tokens -= count
+            return 0.0
+        if count > self.burst:
+            return float("inf")
+        return (count - self.tokens) / self.rate
+
+
+class RateLimiter:
+    """One :class:`TokenBucket` per credential; each event costs one token."""
+
+    def __init__(self, default_rate: float, default_burst: int) -> None:
+        self.default_rate = default_rate
+        self.default_burst = default_burst
+        self._buckets: dict[str, TokenBucket] = {}
+
+    def take(self, key: ApiKey, events: int, now: float) -> None:
+        """Charge ``events`` to ``key`` or raise ApiError 429 with the seconds to wait."""
+        bucket = self._buckets.get(key.id)
+        if bucket is None:
+            rate = key.rate or self.default_rate
+            burst = key.burst or max(self.default_burst, int(rate))
+            bucket = self._buckets[key.id] = TokenBucket(rate, burst, now)
+        wait = bucket.take(events, now)
+        if wait == float("inf"):
+            raise ApiError(
+                429,
+                "rate_limited",
+                f"{events} events exceed this key's burst of {bucket.burst}: split the request",
+            )
+        if wait:
+            raise ApiError(
+                429,
+                "rate_limited",
+                f"rate limit of {bucket.rate:g} events/s for key {key.id!r}",
+                retry_after=wait,
+            )
+
+
+def parse_project_path(path: str) -> int:
+    """The project id of ``/v1/projects/{id}/events``, or ApiError 404."""
+    match = _PATH_RE.fullmatch(path)
+    if match is None:
+        raise ApiError(404, "not_found", "POST /v1/projects/{id}/events is the only endpoint")
+    project_id = int(match.group(1))
+    if not 0 < project_id <= 2**53 - 1:
+        raise ApiError(404, "not_found", "project ids are positive integers")
+    return project_id
+
+
+def parse_events(body: bytes, project_id: int, max_events: int) -> tuple[list[ProjectEvent], bool]:
+    """Decode a request body into validated events of ``project_id``.
+
+    The body is one event object or a JSON array of them (``bool`` in the result says which).
+    An event may omit ``project_id`` (the path names it); one that names another project is
+    refused. Raises ApiError 400 (not JSON, wrong shape), 413 (too many events) or 422 (an
+    event breaks the contract: the message names the index and the field).
+    """
+    try:
+        document = msgspec.json.decode(body)
+    except (msgspec.DecodeError, RecursionError):
+        raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
+    is_batch = isinstance(document, list)
+    items = document if is_batch else [document]
+    if not items:
+        raise ApiError(400, "invalid_body", "an empty array publishes nothing")
+    if len(items) > max_events:
+        raise ApiError(
+            413, "too_many_events", f"at most {max_events} events per request, got {len(items)}"
+        )
+    events: list[ProjectEvent] = []
+    for index, item in enumerate(items):
+        where = f"event {index}: " if is_batch else ""
+        if not isinstance(item, dict):
+            raise ApiError(422, "invalid_event", f"{where}expected a JSON object - at `$`")
+        named = item.setdefault("project_id", project_id)
+        if named != project_id:
+            raise ApiError(
+                422,
+                "invalid_event",
+                f"{where}project_id {named!r} differs from the path's {project_id} - "
+                "at `$.project_id`",
+            )
+        try:
+            events.append(decode_event(msgspec.json.encode(item)))
+        except EventValidationError as exc:
+            raise ApiError(422, "invalid_event", f"{where}{exc}") from None
+    return events, is_batch
+
+
+class _CursorBody(msgspec.Struct):
+    epoch: str
+    seq: int
+
+
+def cursor_body(cursors: list, is_batch: bool) -> bytes:
+    """``{"cursor": {...}}`` for one event, ``{"cursors": [...]}`` for an array."""
+    encoded = [_CursorBody(c.epoch, c.seq) for c in cursors]
+    if is_batch:
+        return msgspec.json.encode({"cursors": encoded})
+    return msgspec.json.encode({"cursor": encoded[0]})
+
+
+def error_body(error: ApiError) -> bytes:
+    return msgspec.json.encode({"error": {"code": error.code, "message": error.message}})
+
+
+def header(headers: Mapping[bytes, list[bytes]], name: bytes) -> str | None:
+    """One header's value, or ApiError 400 when it is repeated (which value would count?)."""
+    values = headers.get(name)
+    if not values:
+        return None
+    if len(values) > 1:
+        raise ApiError(400, "repeated_header", f"the {name.decode()} header is repeated")
+    try:
+        return values[0].decode("ascii")
+    except UnicodeDecodeError:
+        raise ApiError(400, "invalid_header", f"the {name.decode()} header is not ASCII") from None

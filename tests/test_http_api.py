@@ -1,0 +1,462 @@
+"""The HTTP publish API: its pure core without sockets, then the served API against real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import subprocess
+import sys
+
+import msgspec
+import pytest
+import redis
+import uvicorn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from publisher import AsyncPublisher
+from publisher.http_api import ApiError, ApiKey, Credentials, HttpApiSettings, PublishApi, hash_key
+from publisher.http_api.core import (
+    RateLimiter,
+    TokenBucket,
+    header,
+    parse_events,
+    parse_project_path,
+)
+from schemas.keys import Keys
+from tests.support.redis_server import RedisServer, free_port
+
+KEY_ALL = "ebk_all-projects-key"
+KEY_ONE = "ebk_project-one-key"
+EXPIRED = {
+    "type": "blocker_expired",
+    "blocker_id": 1,
+    "task_id": 2,
+    "expired_at": "2026-12-03T08:00:00Z",
+}
+
+
+def resolved(blocker_id: int, **extra) -> dict:
+    return {
+        "type": "blocker_resolved",
+        "blocker_id": blocker_id,
+        "answer": f"answer {blocker_id}",
+        "resolved_at": "2026-12-03T08:00:00Z",
+        **extra,
+    }
+
+
+def credentials(**rate) -> Credentials:
+    return Credentials(
+        [
+            ApiKey(id="all", sha256=hash_key(KEY_ALL), projects="*", **rate),
+            ApiKey(id="one", sha256=hash_key(KEY_ONE), projects=[1]),
+        ]
+    )
+
+
+# --- pure core -------------------------------------------------------------------------------
+
+
+def test_a_key_is_found_by_its_hash_and_scoped_to_its_projects() -> None:
+    creds = credentials()
+    assert creds.authenticate(f"Bearer {KEY_ONE}").id == "one"
+    assert creds.authenticate(f"bearer {KEY_ALL}").allows(12345)
+    assert not creds.authenticate(f"Bearer {KEY_ONE}").allows(2)
+    for bad in (None, "", "Bearer", "Basic abc", f"Token {KEY_ONE}", "Bearer ebk_nope"):
+        with pytest.raises(ApiError) as error:
+            creds.authenticate(bad)
+        assert error.value.status == 401
+
+
+def test_keys_file_errors_name_the_field_and_duplicates_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"\$.keys\[0\].sha256"):
+        Credentials.from_json(b'{"keys":[{"id":"a","sha256":"xyz","projects":"*"}]}')
+    entry = {"id": "a", "sha256": hash_key("k"), "projects": [1]}
+    with pytest.raises(ValueError, match="equal"):
+        Credentials.from_json(json.dumps({"keys": [entry, {**entry, "id": "b"}]}))
+    with pytest.raises(ValueError, match="unique"):
+        Credentials.from_json(json.dumps({"keys": [entry, {**entry, "sha256": hash_key("j")}]}))
+
+
+def test_token_bucket_refills_at_its_rate_and_never_exceeds_its_burst() -> None:
+    bucket = TokenBucket(rate=10, burst=20, now=0.0)
+    assert bucket.take(20, 0.0) == 0
+    assert bucket.take(1, 0.0) == pytest.approx(0.1)
+    assert bucket.take(5, 0.5) == 0  # 5 tokens came back in 0.5 s
+    assert bucket.take(1, 100.0) == 0 and bucket.tokens == 19  # capped at the burst
+    assert bucket.take(21, 200.0) == float("inf")
+
+
+def test_rate_limiter_answers_429_with_the_wait_per_key() -> None:
+    limiter = RateLimiter(default_rate=100, default_burst=100)
+    key = ApiKey(id="k", sha256=hash_key("k"), projects="*")
+    other = ApiKey(id="o", sha256=hash_key("o"), projects="*")
+    limiter.take(key, 100, now=0.0)
+    with pytest.raises(ApiError) as error:
+        limiter.take(key, 10, now=0.0)
+    assert error.value.status == 429 and error.value.retry_after == pytest.approx(0.1)
+    limiter.take(other, 100, now=0.0)  # buckets are per credential
+    with pytest.raises(ApiError, match="burst"):
+        limiter.take(key, 1000, now=10.0)
+
+
+def test_project_path() -> None:
+    assert parse_project_path("/v1/projects/42/events") == 42
+    for bad in (
+        "/v1/projects/0/events",
+        "/v1/projects/-1/events",
+        "/v1/projects/x/events",
+        "/v1/projects/9007199254740992/events",
+        "/v1/projects/1/events/",
+        "/",
+    ):
+        with pytest.raises(ApiError) as error:
+            parse_project_path(bad)
+        assert error.value.status == 404
+
+
+def test_parse_events_takes_one_object_or_an_array_and_names_the_field() -> None:
+    events, is_batch = parse_events(json.dumps(EXPIRED).encode(), 7, 500)
+    assert not is_batch and events[0].project_id == 7
+    events, is_batch = parse_events(json.dumps([resolved(1), resolved(2)]).encode(), 7, 500)
+    assert is_batch and [e.blocker_id for e in events] == [1, 2]
+    cases = {
+        b"{": (400, "invalid_json"),
+        b"[]": (400, "invalid_body"),
+        b"[1]": (422, "expected a JSON object"),
+        json.dumps([resolved(1), resolved(0)]).encode(): (422, "event 1: .*blocker_id"),
+        json.dumps({**EXPIRED, "project_id": 8}).encode(): (422, "differs from the path"),
+        json.dumps({**EXPIRED, "type": "nope"}).encode(): (422, "type"),
+        json.dumps([EXPIRED] * 3).encode(): (413, "at most 2"),
+        b"[" * 5000 + b"]" * 5000: (400, "invalid_json"),
+    }
+    for body, (status, message) in cases.items():
+        with pytest.raises(
+            ApiError, match=message if status == 422 or status == 413 else None
+        ) as error:
+            parse_events(body, 7, 2)
+        assert error.value.status == status, body[:40]
+        if status == 400:
+            assert error.value.code == message
+
+
+def test_a_repeated_header_is_refused_rather_than_guessed() -> None:
+    assert header({b"a": [b"1"]}, b"a") == "1"
+    assert header({}, b"a") is None
+    with pytest.raises(ApiError) as error:
+        header({b"authorization": [b"Bearer x", b"Bearer y"]}, b"authorization")
+    assert error.value.status == 400 and error.value.code == "repeated_header"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(
+        st.binary(max_size=300),
+        st.recursive(
+            st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+            lambda inner: (
+                st.lists(inner, max_size=4)
+                | st.dictionaries(
+                    st.sampled_from(
+                        [
+                            "type",
+                            "project_id",
+                            "blocker_id",
+                            "task_id",
+                            "answer",
+                            "expired_at",
+                            "resolved_at",
+                            "blocker",
+                            "x",
+                        ]
+                    ),
+                    inner,
+                    max_size=6,
+                )
+            ),
+            max_leaves=20,
+        ).map(lambda doc: json.dumps(doc).encode()),
+    )
+)
+def test_any_body_is_an_api_error_or_valid_events_of_the_path_project(body: bytes) -> None:
+    try:
+        events, _ = parse_events(body, 3, 10)
+    except ApiError as error:
+        assert error.status in (400, 413, 422)
+    else:
+        assert events and all(event.project_id == 3 for event in events)
+
+
+# --- served, against real Redis --------------------------------------------------------------
+
+
+class Api:
+    """The API served by uvicorn in this event loop, and a raw HTTP/1.1 client for it."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    async def raw(self, request: bytes) -> tuple[int, dict[str, str], bytes]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        try:
+            writer.write(request)
+            await writer.drain()
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            lines = head.decode("latin-1").split("\r\n")
+            status = int(lines[0].split()[1])
+            headers = {}
+            for line in lines[1:]:
+                if line:
+                    name, _, value = line.partition(":")
+                    headers[name.strip().lower()] = value.strip()
+            length = int(headers.get("content-length", 0))
+            body = await asyncio.wait_for(reader.readexactly(length), 10) if length else b""
+            return status, headers, body
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    async def post(
+        self,
+        project: int | str,
+        body: bytes | object,
+        *,
+        key: str | None = KEY_ALL,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, dict[str, str], dict]:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        head = [
+            f"POST /v1/projects/{project}/events HTTP/1.1",
+            "Host: test",
+            "Content-Type: application/json",
+            f"Content-Length: {len(data)}",
+            "Connection: close",
+        ]
+        if key is not None:
+            head.append(f"Authorization: Bearer {key}")
+        head += [f"{name}: {value}" for name, value in (headers or {}).items()]
+        status, answer_headers, answer = await self.raw(
+            ("\r\n".join(head) + "\r\n\r\n").encode() + data
+        )
+        return status, answer_headers, json.loads(answer) if answer else {}
+
+
+@contextlib.asynccontextmanager
+async def served(redis_url: str, **setting_overrides):
+    publisher = AsyncPublisher.from_url(redis_url)
+    app = PublishApi(publisher, credentials(), HttpApiSettings(**setting_overrides))
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, port=port, http="httptools", lifespan="on", log_level="warning")
+    )
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    try:
+        yield Api(port)
+    finally:
+        server.should_exit = True
+        await task
+
+
+def stream(redis_url: str, project: int) -> list[dict]:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        entries = client.xrange(Keys().stream(project))
+        return [json.loads(fields[b"f"]) for _, fields in entries]
+    finally:
+        client.close()
+
+
+async def test_publish_one_event_and_a_batch_answers_their_cursors(redis_url) -> None:
+    async with served(redis_url) as api:
+        status, _, body = await api.post(5, EXPIRED)
+        assert status == 200 and body["cursor"]["seq"] == 1
+        epoch = body["cursor"]["epoch"]
+        status, _, body = await api.post(5, [resolved(i) for i in range(1, 4)])
+        assert status == 200
+        assert body["cursors"] == [{"epoch": epoch, "seq": s} for s in (2, 3, 4)]
+    frames = stream(redis_url, 5)
+    assert [f["seq"] for f in frames] == [1, 2, 3, 4]
+    assert [f["type"] for f in frames] == ["blocker_expired"] + ["blocker_resolved"] * 3
+    assert all(f["project_id"] == 5 for f in frames)
+
+
+async def test_bad_requests_get_their_documented_status_and_publish_nothing(redis_url) -> None:
+    async with served(redis_url, max_body=4096, max_events=3) as api:
+        cases = [
+            (dict(project=1, body=EXPIRED, key=None), 401, "unauthorized"),
+            (dict(project=1, body=EXPIRED, key="ebk_wrong"), 401, "unauthorized"),
+            (dict(project=2, body=EXPIRED, key=KEY_ONE), 403, "forbidden"),
+            (dict(project=1, body={**EXPIRED, "task_id": "x"}), 422, "invalid_event"),
+            (dict(project=1, body=b"not json"), 400, "invalid_json"),
+            (dict(project=1, body=[EXPIRED] * 4), 413, "too_many_events"),
+            (dict(project=1, body=[EXPIRED] * 100), 413, "body_too_large"),
+            (
+                dict(project=1, body=EXPIRED, headers={"Idempotency-Key": "has space"}),
+                400,
+                "invalid_idempotency_key",
+            ),
+            (dict(project="x", body=EXPIRED), 404, "not_found"),
+        ]
+        for kwargs, status, code in cases:
+            got, _, body = await api.post(**kwargs)
+            assert (got, body["error"]["code"]) == (status, code), kwargs
+        status, _, body = await api.post(1, [resolved(1), {**resolved(2), "answer": ""}])
+        assert status == 422 and "event 1" in body["error"]["message"]
+        assert "$.answer" in body["error"]["message"]
+        # Repeated Authorization and a form body.
+        request = (
+            "POST /v1/projects/1/events HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {KEY_ALL}\r\nAuthorization: Bearer {KEY_ONE}\r\n"
+            "Content-Length: 2\r\nConnection: close\r\n\r\n{}"
+        )
+        status, _, body = await api.raw(request.encode())
+        assert status == 400 and b"repeated_header" in body
+        status, _, body = await api.raw(
+            request.replace(f"Authorization: Bearer {KEY_ONE}\r\n", "")
+            .replace("application/json", "application/x-www-form-urlencoded")
+            .encode()
+        )
+        assert status == 415
+        status, headers, _ = await api.raw(
+            b"GET /v1/projects/1/events HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+        )
+        assert status == 405 and headers["allow"] == "POST"
+    assert stream(redis_url, 1) == [] and stream(redis_url, 2) == []
+
+
+async def test_a_retry_with_the_same_idempotency_key_publishes_once(redis_url) -> None:
+    async with served(redis_url) as api:
+        first = await api.post(3, EXPIRED, headers={"Idempotency-Key": "job-17"})
+        again = await api.post(3, EXPIRED, headers={"Idempotency-Key": "job-17"})
+        other = await api.post(3, EXPIRED, headers={"Idempotency-Key": "job-18"})
+        # Keys are per credential: another service's "job-17" is its own.
+        theirs = await api.post(1, EXPIRED, key=KEY_ONE, headers={"Idempotency-Key": "job-17"})
+    assert first[0] == again[0] == other[0] == theirs[0] == 200
+    assert first[2] == again[2]
+    assert other[2]["cursor"]["seq"] == 2
+    assert [f["seq"] for f in stream(redis_url, 3)] == [1, 2]
+    assert [f["seq"] for f in stream(redis_url, 1)] == [1]
+
+
+async def test_rate_limit_per_key_answers_429_with_retry_after(redis_url) -> None:
+    async with served(redis_url, rate=1.0, burst=3) as api:
+        assert (await api.post(4, [EXPIRED] * 3))[0] == 200
+        status, headers, body = await api.post(4, EXPIRED)
+        assert status == 429 and body["error"]["code"] == "rate_limited"
+        assert int(headers["retry-after"]) >= 1
+        status, _, body = await api.post(4, [EXPIRED] * 4)
+        assert status == 429 and "burst" in body["error"]["message"]
+    assert len(stream(redis_url, 4)) == 3
+
+
+async def test_redis_down_is_503_with_retry_after_and_ready_says_so() -> None:
+    with RedisServer() as server:
+        async with served(server.url) as api:
+            assert (await api.post(1, EXPIRED))[0] == 200
+            assert (await api.raw(b"GET /readyz HTTP/1.1\r\nHost: t\r\n\r\n"))[0] == 200
+            server.stop()
+            status, headers, body = await api.post(1, EXPIRED)
+            assert status == 503 and body["error"]["code"] == "unavailable"
+            assert headers["retry-after"] == "1"
+            status, _, body = await api.raw(b"GET /readyz HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert status == 503 and b'"ready":false' in body
+            metrics = await api.raw(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert b'status="503",code="unavailable"} 1' in metrics[2]
+
+
+_TOKEN = st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=12)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    method=st.sampled_from(["POST", "GET", "PUT", "DELETE", "OPTIONS", "PATCH"]),
+    path=st.sampled_from(
+        [
+            "/v1/projects/1/events",
+            "/v1/projects/0/events",
+            "/",
+            "/x/../y",
+            "/v1/projects/1/events?x=1",
+            "/v1/projects/%31/events",
+        ]
+    ),
+    headers=st.lists(
+        st.tuples(
+            st.sampled_from(["Authorization", "Content-Type", "Idempotency-Key", "X-Other"]),
+            st.one_of(_TOKEN, st.just(f"Bearer {KEY_ALL}"), st.just("application/json")),
+        ),
+        max_size=5,
+    ),
+    body=st.one_of(st.binary(max_size=200), st.just(json.dumps(EXPIRED).encode())),
+)
+def test_fuzzed_requests_never_get_a_500(redis_url, method, path, headers, body) -> None:
+    async def run() -> None:
+        async with served(redis_url) as api:
+            head = [
+                f"{method} {path} HTTP/1.1",
+                "Host: t",
+                f"Content-Length: {len(body)}",
+                "Connection: close",
+            ]
+            head += [f"{name}: {value}" for name, value in headers]
+            status, _, answer = await api.raw(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+            assert status < 500, (status, answer)
+            if status >= 400:
+                assert msgspec.json.decode(answer)["error"]["code"]
+
+    asyncio.run(run())
+
+
+def test_new_key_prints_a_key_whose_entry_authenticates_it() -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "publisher.http_api",
+            "new-key",
+            "--id",
+            "billing",
+            "--projects",
+            "1,2",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    key = out[0].split()[-1]
+    creds = Credentials.from_json(json.dumps({"keys": [json.loads(out[-1])]}))
+    assert creds.authenticate(f"Bearer {key}").projects == [1, 2]
+
+
+def _doc_snippet(language: str, marker: str) -> str:
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "http-publish.md").read_text()
+    blocks = text.split("```" + language + "\n")[1:]
+    return next(block.split("```")[0] for block in blocks if marker in block)
+
+
+async def test_the_documented_curl_and_node_examples_publish(redis_url) -> None:
+    async with served(redis_url) as api:
+        env = {"EVENTBUS_API_KEY": KEY_ONE, "PATH": "/usr/bin:/bin:/usr/local/bin"}
+        url = f"http://127.0.0.1:{api.port}/"
+        curl = _doc_snippet("sh", "curl -sS").replace("http://127.0.0.1:8766/", url)
+        done = await asyncio.create_subprocess_exec(
+            "bash", "-c", curl, env=env, stdout=subprocess.PIPE
+        )
+        out, _ = await done.communicate()
+        assert json.loads(out)["cursor"]["seq"] == 1
+        node = _doc_snippet("js", "fetch(url").replace("http://127.0.0.1:8766/", url)
+        done = await asyncio.create_subprocess_exec(
+            "node", "--input-type=module", "-e", node, env=env, stdout=subprocess.PIPE
+        )
+        out, _ = await done.communicate()
+        assert done.returncode == 0 and b"seq: 2" in out
+    assert [f["type"] for f in stream(redis_url, 1)] == ["blocker_expired", "blocker_resolved"]
