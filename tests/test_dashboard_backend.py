@@ -7,6 +7,7 @@ Runs against the session's private Redis (``redis_url``), never the machine's 63
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -26,7 +27,7 @@ from schemas.events import decode_event
 from schemas.keys import Keys
 from schemas.tokens import verify_token
 from tests.support.dashboard_api import api as call
-from tests.support.dashboard_api import demo_apps
+from tests.support.dashboard_api import demo_apps, http_request, raw_request
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "backend-tests-secret-0123456789abcdef"
@@ -222,6 +223,11 @@ def test_config_and_static_files(app):
         assert info.value.code == 404
 
 
+def test_healthz_answers(app):
+    # It was routed to the static files (404) before.
+    assert call(app, "GET", "/healthz") == (200, {"ok": True})
+
+
 def test_page_uses_no_external_resources():
     static = ROOT / "examples" / "dashboard" / "static"
     for file in static.iterdir():
@@ -229,6 +235,144 @@ def test_page_uses_no_external_resources():
         assert not re.search(r"(src|href)=[\"']https?://", text), file
         assert "@import url(http" not in text, file
         assert not re.search(r"from ['\"]https?://", text), file
+
+
+# --- malformed requests (issue 11 item 7): a JSON 4xx each, bounded, never a 500 -----------
+
+
+@pytest.fixture
+def no_tracebacks(caplog):
+    """Fails the test if the backend logged an error (a traceback) while it ran."""
+    caplog.set_level(logging.ERROR, logger="examples.dashboard")
+    yield
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
+
+
+def assert_json_error(response, status: int, code: str | None = None) -> dict:
+    assert response.status == status, (response.status, response.body)
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert isinstance(body.get("message"), str) and body["message"]
+    if code is not None:
+        assert body["error"] == code, body
+    return body
+
+
+RESOLVE_1 = "/api/blockers/1/resolve"
+
+
+def test_negative_content_length_is_refused_at_once(app, no_tracebacks):
+    # Before: read "everything" (64 MiB) and blocked while the client kept the connection open.
+    request = http_request("POST", RESOLVE_1, headers={"Content-Length": "-1"})
+    response = raw_request(app, request + b'{"answer": "x"}', timeout=5)
+    assert_json_error(response, 400, "invalid_content_length")
+    assert response.headers.get("connection") == "close"
+
+
+@pytest.mark.parametrize("value", ["abc", "1e3", "+5", "0x10", "5, 5", "99999999999999999999"])
+def test_content_length_that_is_not_a_number_is_a_400(app, value, no_tracebacks):
+    request = http_request("POST", RESOLVE_1, headers={"Content-Length": value})
+    response = raw_request(app, request, timeout=5)
+    assert response.status in (400, 413)
+    assert_json_error(response, response.status)
+
+
+def test_two_content_length_headers_are_a_400(app, no_tracebacks):
+    request = (
+        b"POST /api/blockers/1/resolve HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+        b"Content-Length: 15\r\nContent-Type: application/json\r\n\r\n{}"
+    )
+    assert_json_error(raw_request(app, request, timeout=5), 400, "invalid_content_length")
+
+
+def test_body_over_the_limit_is_a_413_without_reading_it(app, no_tracebacks):
+    request = http_request("POST", RESOLVE_1, headers={"Content-Length": str(64 * 1024 + 1)})
+    response = raw_request(app, request, timeout=5)  # nothing of the body sent: not awaited
+    assert_json_error(response, 413, "too_large")
+    assert response.headers.get("connection") == "close"
+
+
+def test_chunked_body_is_a_411(app, no_tracebacks):
+    request = (
+        http_request("POST", RESOLVE_1, headers={"Transfer-Encoding": "chunked"})
+        + b"5\r\nhello\r\n0\r\n\r\n"
+    )
+    assert_json_error(raw_request(app, request, timeout=5), 411, "length_required")
+
+
+def test_body_that_is_not_json_typed_is_a_415(app, no_tracebacks):
+    request = http_request("POST", RESOLVE_1, b'{"answer":"x"}', {"Content-Type": "text/plain"})
+    assert_json_error(raw_request(app, request, timeout=5), 415, "unsupported_media_type")
+
+
+def test_body_that_never_completes_is_a_408_within_the_deadline(app, monkeypatch, no_tracebacks):
+    monkeypatch.setattr("examples.dashboard.server.BODY_READ_TIMEOUT", 0.5)
+    request = http_request("POST", RESOLVE_1, headers={"Content-Length": "100"})
+    response = raw_request(app, request + b'{"ans', timeout=5)  # 95 bytes never come
+    assert_json_error(response, 408, "timeout")
+
+
+def test_deeply_nested_json_is_a_400(app, no_tracebacks):
+    body = b'{"answer": ' + b"[" * 100_00 + b"]" * 100_00 + b"}"
+    request = http_request("POST", RESOLVE_1, body, {"Content-Type": "application/json"})
+    assert_json_error(raw_request(app, request, timeout=5), 400, "invalid_json")
+
+
+def test_lone_surrogate_in_a_string_is_a_400(app, no_tracebacks):
+    blocker = raise_blocker(app)
+    body = b'{"answer": "\\ud800"}'
+    path = f"/api/blockers/{blocker['id']}/resolve"
+    request = http_request("POST", path, body, {"Content-Type": "application/json"})
+    assert_json_error(raw_request(app, request, timeout=5), 400, "invalid_json")
+    assert call(app, "GET", f"/api/blockers/{blocker['id']}")[1]["status"] == "PENDING"
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("task_title", 123),
+        ("task_title", ["a"]),
+        ("task_title", {"a": 1}),
+        ("task_title", "t" * 501),  # the contract's limit: the event could not be encoded
+        ("task_title", ""),
+        ("agent_id", {"id": "backend-worker-001"}),
+        ("agent_id", 7),
+        ("blocker_type", 1),
+        ("question", ["q"]),
+    ],
+)
+def test_raise_blocker_with_a_bad_field_type_is_a_422(app, field, value, no_tracebacks):
+    body = {"agent_id": "backend-worker-001", "blocker_type": "SYNC", "question": "Q?"}
+    body[field] = value
+    status, answer = call(app, "POST", "/api/projects/1/blockers", body)
+    assert status == 422, answer
+    assert field in answer["message"]
+    assert call(app, "GET", "/api/projects/1/agents")[1][0]["status"] == "idle"  # nothing done
+
+
+@pytest.mark.parametrize("body", [b"[]", b'"answer"', b"42", b"null"])
+def test_body_that_is_not_an_object_is_a_400(app, body, no_tracebacks):
+    request = http_request("POST", RESOLVE_1, body, {"Content-Type": "application/json"})
+    assert_json_error(raw_request(app, request, timeout=5), 400, "invalid_body")
+
+
+def test_http_servers_own_errors_are_json(app, no_tracebacks):
+    unknown_method = raw_request(app, http_request("BREW", "/api/config"), timeout=5)
+    assert_json_error(unknown_method, 405)
+    garbage = raw_request(app, b"GARBAGE\r\n\r\n", timeout=5)
+    assert_json_error(garbage, 400)
+    long_header = http_request("GET", "/api/config", headers={"X-Long": "a" * 70_000})
+    assert_json_error(raw_request(app, long_header, timeout=5), 431)
+
+
+def test_unread_body_of_a_get_closes_the_connection(app, no_tracebacks):
+    # The body of a GET is not read: answering and keeping the connection would parse it as the
+    # next request.
+    request = http_request("GET", "/api/config", b"GET /api/config HTTP/1.1\r\n\r\n")
+    response = raw_request(app, request, timeout=5)
+    assert response.status == 200
+    assert response.headers.get("connection") == "close"
 
 
 # --- persistence and the outbox ------------------------------------------------------------

@@ -32,10 +32,21 @@ import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from examples.dashboard.http_input import (
+    BODY_READ_TIMEOUT,
+    MAX_BODY,
+    BadRequest,
+    answer_request,
+    blocker_request,
+    body_length,
+    check_content_type,
+    decode_object,
+)
 from examples.dashboard.store import (
     MAX_ANSWER_LENGTH,
     Conflict,
@@ -51,7 +62,8 @@ __all__ = ["Config", "DemoApp", "main"]
 log = logging.getLogger("examples.dashboard")
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-MAX_BODY = 64 * 1024
+#: Seconds a connection may stay silent (between requests, or within one) before it is closed.
+IDLE_TIMEOUT = 30.0
 
 
 def _client_dir() -> Path:
@@ -92,28 +104,62 @@ class HttpError(Exception):
         self.body = {"error": code, "message": message, **extra}
 
 
+def _route(pattern: str) -> re.Pattern[str]:
+    # ASCII: "\d" alone would also match other scripts' digits, which int() accepts.
+    return re.compile(pattern.replace("ID", "([0-9]{1,15})"), re.ASCII)
+
+
 _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
-    ("GET", re.compile(r"^/api/config$"), "config"),
-    ("POST", re.compile(r"^/api/gateway-token$"), "token"),
-    ("GET", re.compile(r"^/api/projects/(\d{1,15})/state$"), "state"),
-    ("GET", re.compile(r"^/api/projects/(\d{1,15})/blockers$"), "list_blockers"),
-    ("POST", re.compile(r"^/api/projects/(\d{1,15})/blockers$"), "create_blocker"),
-    ("GET", re.compile(r"^/api/projects/(\d{1,15})/agents$"), "agents"),
-    ("GET", re.compile(r"^/api/projects/(\d{1,15})/tasks$"), "tasks"),
-    ("GET", re.compile(r"^/api/projects/(\d{1,15})/activity$"), "activity"),
-    ("GET", re.compile(r"^/api/blockers/(\d{1,15})$"), "get_blocker"),
-    ("POST", re.compile(r"^/api/blockers/(\d{1,15})/resolve$"), "resolve"),
-    ("GET", re.compile(r"^/healthz$"), "healthz"),
+    ("GET", _route(r"^/api/config$"), "config"),
+    ("POST", _route(r"^/api/gateway-token$"), "token"),
+    ("GET", _route(r"^/api/projects/ID/state$"), "state"),
+    ("GET", _route(r"^/api/projects/ID/blockers$"), "list_blockers"),
+    ("POST", _route(r"^/api/projects/ID/blockers$"), "create_blocker"),
+    ("GET", _route(r"^/api/projects/ID/agents$"), "agents"),
+    ("GET", _route(r"^/api/projects/ID/tasks$"), "tasks"),
+    ("GET", _route(r"^/api/projects/ID/activity$"), "activity"),
+    ("GET", _route(r"^/api/blockers/ID$"), "get_blocker"),
+    ("POST", _route(r"^/api/blockers/ID/resolve$"), "resolve"),
+    ("GET", _route(r"^/healthz$"), "healthz"),
 ]
 
 
 class Handler(BaseHTTPRequestHandler):
     server_version = "eventbus-dashboard/1.0"
     protocol_version = "HTTP/1.1"
+    # socketserver applies it to the connection: a client that sends nothing for this long (in
+    # the request line, the headers, a body, or between keep-alive requests) is disconnected.
+    timeout = IDLE_TIMEOUT
     app: DemoApp  # set on the subclass made per server
 
     def log_message(self, format: str, *args: Any) -> None:
+        # Per request and per client mistake: debug only (a client cannot flood the log).
         log.debug("%s %s", self.address_string(), format % args)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own errors (bad request line, header too long, unknown method...) as
+        JSON like every other answer, and always closing the connection."""
+        if code == HTTPStatus.NOT_IMPLEMENTED:  # a method without a do_ handler
+            code, message = HTTPStatus.METHOD_NOT_ALLOWED, f"{self.command} not allowed"
+        try:
+            phrase = HTTPStatus(code).phrase
+        except ValueError:
+            phrase = "error"
+        self.log_error("code %d, message %s", code, message)
+        # http.server takes a one-word request line for HTTP/0.9 and would answer without a
+        # status line or headers; nobody speaks 0.9 any more.
+        self.request_version = "HTTP/1.1"
+        body = json.dumps(
+            {"error": phrase.lower().replace(" ", "_"), "message": message or phrase}
+        ).encode()
+        self.close_connection = True
+        self.send_response(code, message)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD" and code >= 200 and code not in (204, 304):
+            self.wfile.write(body)
 
     # --- plumbing ------------------------------------------------------------------------------
 
@@ -127,31 +173,64 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("X-Content-Type-Options", "nosniff")
         for name, value in (headers or {}).items():
             self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
 
     def _json(self, status: int, value: Any) -> None:
+        if getattr(self, "_body_pending", False):
+            self.close_connection = True
         body = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
         self._send(status, body, "application/json; charset=utf-8")
 
-    def _body(self) -> Any:
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY:
-            raise HttpError(413, "too_large", f"request body over {MAX_BODY} bytes")
-        raw = self.rfile.read(length) if length else b""
-        if not raw:
-            return {}
+    def _body(self) -> dict[str, Any]:
+        """The request's JSON object body: at most MAX_BODY bytes, read within
+        BODY_READ_TIMEOUT seconds in all, else a 4xx (see examples.dashboard.http_input)."""
+        self._body_pending = False  # from here on, _read_body consumes it or we close
+        length = body_length(
+            self.headers.get_all("Content-Length") or [],
+            self.headers.get_all("Transfer-Encoding") or [],
+        )
+        if length:
+            check_content_type(self.headers.get("Content-Type"))
+        return decode_object(self._read_body(length))
+
+    def _read_body(self, length: int) -> bytes:
+        deadline = time.monotonic() + BODY_READ_TIMEOUT
+        chunks: list[bytes] = []
+        left = length
         try:
-            return json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise HttpError(400, "invalid_json", "request body is not valid JSON") from None
+            while left:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                self.connection.settimeout(remaining)
+                chunk = self.rfile.read1(min(left, MAX_BODY))
+                if not chunk:
+                    raise BadRequest(400, "incomplete_body", "the body ended early", close=True)
+                chunks.append(chunk)
+                left -= len(chunk)
+        except TimeoutError:
+            raise BadRequest(
+                408, "timeout", f"the body did not arrive within {BODY_READ_TIMEOUT:g} s",
+                close=True,
+            ) from None  # fmt: skip
+        finally:
+            self.connection.settimeout(self.timeout)
+        return b"".join(chunks)
 
     def _dispatch(self, method: str) -> None:
         url = urllib.parse.urlsplit(self.path)
         self.query = urllib.parse.parse_qs(url.query)
+        # A body nobody reads would be parsed as the next request: such connections are closed.
+        self._body_pending = bool(
+            self.headers.get("Content-Length", "0").strip() not in ("", "0")
+            or self.headers.get("Transfer-Encoding")
+        )
         try:
-            if method in ("GET", "HEAD") and not url.path.startswith("/api/"):
+            if method in ("GET", "HEAD") and not url.path.startswith(("/api/", "/healthz")):
                 return self._static(url.path)
             allowed = False
             for route_method, pattern, name in _ROUTES:
@@ -166,6 +245,9 @@ class Handler(BaseHTTPRequestHandler):
             raise HttpError(404, "not_found", f"no such endpoint: {url.path}")
         except HttpError as exc:
             self._json(exc.status, exc.body)
+        except BadRequest as exc:
+            self.close_connection = self.close_connection or exc.close
+            self._json(exc.status, {"error": exc.code, "message": str(exc)})
         except NotFound as exc:
             self._json(404, {"error": "not_found", "message": str(exc)})
         except Conflict as exc:
@@ -294,15 +376,13 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_create_blocker(self, project_id: str) -> None:
         pid = self._project(project_id)
-        body = self._body()
-        if not isinstance(body, dict):
-            raise HttpError(400, "invalid_body", "expected a JSON object")
+        request = blocker_request(self._body())
         blocker = self.app.store.create_blocker(
             pid,
-            str(body.get("agent_id") or ""),
-            str(body.get("blocker_type") or "ASYNC").upper(),
-            body.get("question"),
-            task_title=body.get("task_title"),
+            request.agent_id,
+            request.blocker_type,
+            request.question,
+            task_title=request.task_title,
         )
         self._json(201, blocker)
 
@@ -319,10 +399,8 @@ class Handler(BaseHTTPRequestHandler):
         self._json(200, self.app.store.blocker(int(blocker_id)))
 
     def do_resolve(self, blocker_id: str) -> None:
-        body = self._body()
-        if not isinstance(body, dict) or "answer" not in body:
-            raise ValidationFailed('expected {"answer": "..."}')
-        self._json(200, self.app.store.resolve_blocker(int(blocker_id), body["answer"]))
+        answer = answer_request(self._body())
+        self._json(200, self.app.store.resolve_blocker(int(blocker_id), answer))
 
 
 class _Server(ThreadingHTTPServer):

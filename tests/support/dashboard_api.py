@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +42,7 @@ def demo_apps(tmp_path: Path, **defaults: Any) -> Iterator[Callable[..., DemoApp
                 app.stop()
 
 
-def api(app, method: str, path: str, body: Any = None, raw: bytes | None = None
-        ) -> tuple[int, Any]:
+def api(app, method: str, path: str, body: Any = None, raw: bytes | None = None) -> tuple[int, Any]:
     """Call ``app`` (a running DemoApp); returns (status, decoded JSON). ``raw`` sends bytes
     as they are (for malformed bodies)."""
     data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
@@ -53,3 +54,49 @@ def api(app, method: str, path: str, body: Any = None, raw: bytes | None = None
             return response.status, json.loads(response.read() or b"null")
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read() or b"null")
+
+
+@dataclass
+class RawResponse:
+    status: int
+    headers: dict[str, str]  # lower-case names
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def raw_request(
+    app, data: bytes, *, timeout: float = 15.0, shut_write: bool = False
+) -> RawResponse:
+    """Send ``data`` as it is over a new connection to ``app`` and read one response.
+
+    The connection stays open for writing unless ``shut_write`` (a client that keeps it open
+    is how a server blocked on a read shows: no answer before ``timeout``, TimeoutError)."""
+    with socket.create_connection(("127.0.0.1", app.port), timeout=timeout) as sock:
+        sock.sendall(data)
+        if shut_write:
+            sock.shutdown(socket.SHUT_WR)
+        reader = sock.makefile("rb")
+        status = 100
+        while 100 <= status < 200:  # "100 Continue" before the answer
+            status_line = reader.readline(65537)
+            if not status_line:
+                raise ConnectionError("closed without an answer")
+            status = int(status_line.split()[1])
+            headers: dict[str, str] = {}
+            while (line := reader.readline(65537)) not in (b"\r\n", b"\n", b""):
+                name, _, value = line.decode("latin-1").partition(":")
+                headers[name.strip().lower()] = value.strip()
+        body = reader.read(int(headers.get("content-length", "0")))
+        return RawResponse(status, headers, body)
+
+
+def http_request(
+    method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
+) -> bytes:
+    """A request's bytes (HTTP/1.1, Host and Content-Length filled in unless given)."""
+    fields = {"Host": "127.0.0.1", **({"Content-Length": str(len(body))} if body else {})}
+    fields.update(headers or {})
+    head = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in fields.items())
+    return head.encode("latin-1") + b"\r\n" + body
