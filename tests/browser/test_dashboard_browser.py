@@ -1,7 +1,7 @@
 """The reference dashboard in a real browser, against the real gateway and a private Redis.
 
 One test per "Client Action" and per "Connection Management" line of
-shared/contract/websocket-events.md. Every wait is on a condition (Playwright ``expect`` or
+docs/contract.md. Every wait is on a condition (Playwright ``expect`` or
 ``wait_for_function``), never a fixed sleep.
 """
 

@@ -1,4 +1,4 @@
-// The reference dashboard: every "Client Action" of shared/contract/websocket-events.md, driven by
+// The reference dashboard: every "Client Action" of the event contract (docs/contract.md), driven by
 // eventbus.js. State comes from the demo backend's API (on load and whenever eventbus.js asks for a
 // resync); events update it live. Every event handler is idempotent, because an event may arrive
 // after a reload that already contains its effect (docs/protocol.md, "Resync").

@@ -1,0 +1,65 @@
+"""The documentation stands on its own: every link resolves inside the repository, and the
+contract page (docs/contract.md) names every field of every event the code defines."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from schemas.events import event_types
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
+LINK = re.compile(r"\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+#: Files of the design brief this project started from; they are not in the repository.
+OUTSIDE = re.compile(r"shared/(DESIGN\.md|contract/)")
+
+
+def _local_targets(text: str) -> list[str]:
+    targets = []
+    for target in LINK.findall(text):
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):
+            continue  # http:, mailto:, an anchor on the same page
+        targets.append(target.split("#", 1)[0])
+    return targets
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda path: str(path.relative_to(ROOT)))
+def test_every_link_resolves_inside_the_repository(doc: Path):
+    text = doc.read_text()
+    for target in _local_targets(text):
+        resolved = (doc.parent / target).resolve()
+        assert resolved.is_relative_to(ROOT), f"{doc.name} links outside the repository: {target}"
+        assert resolved.exists(), f"{doc.name} links to a missing file: {target}"
+    mentions = OUTSIDE.findall(text)
+    assert not mentions, f"{doc.name} refers to files that are not in the repository: {mentions}"
+
+
+def _sections(text: str) -> dict[str, str]:
+    """Level-3 sections of contract.md keyed by the event type in their heading."""
+    parts = re.split(r"^### `([a-z_]+)`$", text, flags=re.M)
+    return {parts[i]: parts[i + 1].split("\n## ", 1)[0] for i in range(1, len(parts), 2)}
+
+
+def _field_paths(struct: type, prefix: str = "") -> list[str]:
+    paths = []
+    for field in msgspec.structs.fields(struct):
+        paths.append(prefix + field.encode_name)
+        kind = field.type
+        if isinstance(kind, type) and issubclass(kind, msgspec.Struct):
+            paths.extend(_field_paths(kind, f"{prefix}{field.encode_name}."))
+    return paths
+
+
+def test_contract_page_names_every_field_of_every_event():
+    sections = _sections((ROOT / "docs" / "contract.md").read_text())
+    tags = {event.__struct_config__.tag: event for event in event_types()}
+    assert set(sections) == set(tags), "one section per event type, no more"
+    for tag, event in tags.items():
+        section = sections[tag]
+        for path in ["type", *_field_paths(event)]:
+            assert f"| `{path}` |" in section, f"docs/contract.md, {tag}: field `{path}` missing"
+        assert f'"type": "{tag}"' in section, f"{tag}: no example"
