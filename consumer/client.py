@@ -1,0 +1,652 @@
+"""``Consumer``: an asyncio client of the gateway's WebSocket protocol (``docs/protocol.md``) with
+the guarantees of ``eventbus.js``, for Python services::
+
+    store = FileCursorStore("cursors.json")
+    async with Consumer("ws://gateway:8765/", token=mint_token, store=store) as c:
+        async for item in c.events(1):
+            match item:
+                case Delivery(event=BlockerResolved() as event):
+                    ...
+                case Resync():
+                    ...  # reload state; deliveries continue after item.cursor
+
+One background task owns the connection: it connects (round robin over the URLs), authenticates
+with the token in the first frame, subscribes every followed project from its cursor, routes each
+frame through the project's :class:`~consumer.ordering.ProjectState`, refreshes the token in-band
+before it expires, and reconnects forever with full-jitter exponential backoff. Each
+:meth:`Consumer.events` call returns a :class:`Subscription`: an async iterator over a bounded
+queue of typed items. When the caller reads slower than events arrive the queue fills and the
+connection stops reading (TCP backpressure; the gateway may then cut it as a slow consumer, after
+which it resumes from its cursor, losing nothing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import itertools
+import random as _random
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import msgspec
+import structlog
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from consumer.frames import EVENT_TYPES, FrameError, decode_frame, event_seq
+from consumer.ordering import ProjectState, Verdict
+from consumer.policy import (
+    Backoff,
+    ReconnectPolicy,
+    Retry,
+    close_action,
+    decode_token_claims,
+    refresh_delay,
+)
+from consumer.stores import CursorStore
+from consumer.types import (
+    AuthenticationFailed,
+    ConsumerClosed,
+    ConsumerError,
+    Cursor,
+    Delivery,
+    Forbidden,
+    GatewayError,
+    Item,
+    Resync,
+    UndecodableEvent,
+)
+from schemas.protocol import (
+    Authenticated,
+    Error,
+    ErrorCode,
+    ResyncRequired,
+    Subscribed,
+    Unsubscribed,
+)
+
+__all__ = ["Consumer", "Start", "Subscription", "TokenSource"]
+
+log = structlog.get_logger("eventbus.consumer")
+
+#: A fixed token, or a function (plain or async) returning a fresh one each time it is called.
+TokenSource = str | Callable[[], str | Awaitable[str]]
+#: Where a project without a cursor starts: "now" (live), "beginning" (the oldest retained event
+#: of the current epoch), or a sequence number of the current epoch to start after.
+Start = Literal["now", "beginning"] | int
+
+_encode = msgspec.json.encode
+_CLOSED = object()  # queue sentinel: wake a waiting iterator
+
+
+class Subscription:
+    """The items of some projects, in order per project: ``async for item in subscription``.
+
+    Items are :class:`~consumer.Delivery` and :class:`~consumer.Resync`. With the consumer's
+    ``auto_commit`` (the default), the cursor of an item is saved to the store when the caller asks
+    for the next one (so only after it was processed), and when an ``async with`` block around the
+    subscription exits without an exception. A gateway refusal for a project (e.g.
+    :class:`~consumer.Forbidden`) is raised in order; the other projects go on, and the iterator
+    ends when no project is left. Iteration ends when the consumer is closed, and raises the
+    consumer's fatal error (e.g. :class:`~consumer.AuthenticationFailed`) if it failed.
+    """
+
+    def __init__(self, consumer: Consumer, project_ids: tuple[int, ...], buffer: int) -> None:
+        self._consumer = consumer
+        self.project_ids = project_ids
+        self._active = set(project_ids)
+        self._queue: asyncio.Queue[Any] = asyncio.Queue(buffer)
+        self._uncommitted: Item | UndecodableEvent | None = None
+        self._ready: dict[int, asyncio.Event] = {p: asyncio.Event() for p in project_ids}
+        self._closed = False
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> Item:
+        consumer = self._consumer
+        if self._uncommitted is not None:
+            done, self._uncommitted = self._uncommitted, None
+            if consumer.auto_commit:
+                await consumer.commit(done)
+        while True:
+            if self._closed or (consumer._closed and consumer._failure is None):
+                raise StopAsyncIteration
+            if consumer._failure is not None and self._queue.empty():
+                raise consumer._failure
+            if not self._active and self._queue.empty():
+                raise StopAsyncIteration
+            item = await self._queue.get()
+            if item is _CLOSED:
+                continue
+            if isinstance(item, Delivery | Resync):
+                self._uncommitted = item
+                return item
+            if isinstance(item, UndecodableEvent):
+                self._uncommitted = item
+            raise item
+
+    async def wait_subscribed(self) -> None:
+        """Wait until the gateway acknowledged every project of this subscription once (its
+        cursor is known): from then on, nothing published is missed. Bound it with
+        ``asyncio.timeout``."""
+        for event in self._ready.values():
+            await event.wait()
+
+    async def commit(self) -> None:
+        """Save the cursor of the item returned last (with ``auto_commit=False``, or to save it
+        before asking for the next item)."""
+        if self._uncommitted is not None:
+            done, self._uncommitted = self._uncommitted, None
+            await self._consumer.commit(done)
+
+    async def aclose(self) -> None:
+        """Stop following these projects (unsubscribes them on the gateway)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._wake()
+        await self._consumer._unregister(self)
+
+    async def __aenter__(self) -> Subscription:
+        return self
+
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        try:
+            if exc_type is None and self._consumer.auto_commit:
+                await self.commit()
+        finally:
+            await self.aclose()
+
+    # --- fed by the connection task ------------------------------------------------------------
+
+    def _wake(self) -> None:
+        if not self._queue.full():
+            self._queue.put_nowait(_CLOSED)
+
+
+class Consumer:
+    """An asyncio client of one or more gateways, following any number of projects.
+
+    Args:
+        url: the gateway's WebSocket URL (``ws://`` or ``wss://``), or several: each reconnect
+            goes to the next one (round robin), like a client behind a load balancer.
+        token: a fixed token, or a function (plain or async) returning a fresh token. A function
+            is called for every new connection and again before the token expires (refreshed
+            in-band). None for a gateway running ``--no-auth``.
+        store: where cursors are loaded from and saved to (see :mod:`consumer.stores`); None keeps
+            them in memory only (resumes across reconnects, not across restarts).
+        start: where a project without a saved cursor starts (:data:`Start`), "now" by default.
+        auto_commit: save each item's cursor once the caller asked for the next item. False: the
+            caller saves, with :meth:`commit` or in its own transaction
+            (:meth:`~consumer.SqlCursorStore.save_in`).
+        reconnect: backoff and authentication-retry policy.
+        buffer: items held per subscription before the connection stops reading.
+        open_timeout, ping_interval, ping_timeout: WebSocket handshake timeout and keepalive (a
+            connection that answers no ping within ``ping_timeout`` is dropped and resumed).
+        compression: offer permessage-deflate (the gateway uses it only with ``--compression``).
+    """
+
+    def __init__(
+        self,
+        url: str | Sequence[str],
+        *,
+        token: TokenSource | None = None,
+        store: CursorStore | None = None,
+        start: Start = "now",
+        auto_commit: bool = True,
+        reconnect: ReconnectPolicy | None = None,
+        buffer: int = 10_000,
+        open_timeout: float = 10.0,
+        ping_interval: float | None = 20.0,
+        ping_timeout: float | None = 20.0,
+        compression: bool = False,
+        random: Callable[[], float] = _random.random,
+    ) -> None:
+        urls = [url] if isinstance(url, str) else list(url)
+        if not urls:
+            raise ValueError("at least one gateway URL is required")
+        if not (start in ("now", "beginning") or (isinstance(start, int) and start >= 0)):
+            raise ValueError("start must be 'now', 'beginning' or a sequence number >= 0")
+        if buffer < 1:
+            raise ValueError("buffer must be >= 1")
+        self.urls = urls
+        self.store = store
+        self.start = start
+        self.auto_commit = auto_commit
+        self.policy = reconnect or ReconnectPolicy()
+        self.buffer = buffer
+        self._token_source = token
+        self._connect_options: dict[str, Any] = {
+            "open_timeout": open_timeout,
+            "ping_interval": ping_interval,
+            "ping_timeout": ping_timeout,
+            "compression": "deflate" if compression else None,
+            "max_size": 2**22,
+            "close_timeout": 2,
+        }
+        self._random = random
+        self._backoff = Backoff(self.policy, random)
+        self._url_index = itertools.count()
+        self._states: dict[int, ProjectState] = {}
+        self._routes: dict[int, Subscription] = {}
+        self._ws: ClientConnection | None = None
+        # The connection whose subscribes went out: a project added later subscribes by itself.
+        self._subscribed_on: ClientConnection | None = None
+        self._authenticated = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._helpers: set[asyncio.Task[Any]] = set()
+        self._closed = False
+        self._failure: ConsumerError | None = None
+        self._token: tuple[str, float] | None = None  # (token, monotonic time it was obtained)
+        self._auth_failures = 0
+        self.connects = 0  # connections that opened (for tests and metrics)
+        self.close_codes: list[int | None] = []  # how each connection ended, oldest first
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Consumer:
+        self.start_connection()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def start_connection(self) -> None:
+        """Start the connection task (``async with`` does it)."""
+        if self._closed:
+            raise ConsumerClosed("the consumer is closed")
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="eventbus-consumer")
+
+    async def aclose(self) -> None:
+        """Close the connection for good; iterators end (``StopAsyncIteration``)."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in list(self._helpers):
+            task.cancel()
+        ws = self._ws
+        if ws is not None:
+            with contextlib.suppress(Exception):
+                await ws.close()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for subscription in set(self._routes.values()):
+            subscription._wake()
+
+    @property
+    def live(self) -> bool:
+        """True while a connection is open and authenticated."""
+        return self._ws is not None and self._authenticated.is_set()
+
+    def cursor(self, project_id: int) -> Cursor | None:
+        """The cursor of the last item *received* for the project (may be ahead of what the
+        caller processed), or None before the gateway first acknowledged it."""
+        state = self._states.get(project_id)
+        return state.cursor if state is not None else None
+
+    # --- subscriptions ---------------------------------------------------------------------------
+
+    def events(
+        self,
+        *project_ids: int,
+        after: Cursor | Mapping[int, Cursor] | None = None,
+        start: Start | None = None,
+    ) -> Subscription:
+        """Follow ``project_ids`` on this consumer's connection; returns their async iterator.
+
+        Each project resumes after ``after`` (one cursor, or one per project) when given, else
+        after the cursor in the store, else as ``start`` says (default: the consumer's ``start``).
+        A project may be followed by one subscription at a time.
+        """
+        if not project_ids:
+            raise ValueError("give at least one project id")
+        for project_id in project_ids:
+            if not isinstance(project_id, int) or isinstance(project_id, bool) or project_id <= 0:
+                raise ValueError(f"project ids are positive integers, got {project_id!r}")
+            if project_id in self._routes:
+                raise ValueError(f"project {project_id} is already followed")
+        if len(set(project_ids)) != len(project_ids):
+            raise ValueError("a project id is repeated")
+        if self._closed:
+            raise ConsumerClosed("the consumer is closed")
+        self.start_connection()
+        start = self.start if start is None else start
+        subscription = Subscription(self, tuple(project_ids), self.buffer)
+        for project_id in project_ids:
+            explicit = after.get(project_id) if isinstance(after, Mapping) else after
+            self._routes[project_id] = subscription
+            self._spawn(self._prepare(project_id, explicit, start))
+        return subscription
+
+    async def _prepare(self, project_id: int, explicit: Cursor | None, start: Start) -> None:
+        cursor = Cursor(*explicit) if explicit is not None else None
+        if cursor is None and self.store is not None:
+            cursor = await self.store.load(project_id)
+        start_after = None if start == "now" else 0 if start == "beginning" else int(start)
+        state = ProjectState(project_id, cursor, start_after)
+        if self._routes.get(project_id) is None:
+            return  # unsubscribed meanwhile
+        self._states[project_id] = state
+        if cursor is not None:
+            self._routes[project_id]._ready[project_id].set()
+        if self._subscribed_on is not None:
+            await self._send(state.subscribe_message())
+
+    async def _unregister(self, subscription: Subscription) -> None:
+        for project_id in subscription.project_ids:
+            if self._routes.get(project_id) is subscription:
+                del self._routes[project_id]
+                state = self._states.pop(project_id, None)
+                if state is not None and self._subscribed_on is not None:
+                    await self._send({"type": "unsubscribe", "project_id": project_id})
+
+    async def commit(self, item: Item | UndecodableEvent) -> None:
+        """Save the cursor of ``item`` (processed by the caller) to the store, if any."""
+        if self.store is not None:
+            await self.store.save(item.project_id, item.cursor)
+
+    # --- the connection task ---------------------------------------------------------------------
+
+    def _spawn(self, coroutine: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._helpers.add(task)
+        task.add_done_callback(self._helper_done)
+
+    def _helper_done(self, task: asyncio.Future[Any]) -> None:
+        self._helpers.discard(task)  # type: ignore[arg-type]
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            if isinstance(exc, ConsumerError):
+                self._fail(exc)
+            elif not isinstance(exc, ConnectionClosed):
+                log.error("consumer helper failed", error=repr(exc))
+                self._fail(ConsumerClosed(f"internal error: {exc!r}"))
+
+    def _fail(self, error: ConsumerError) -> None:
+        """A fatal error: every iterator raises it; no more reconnects."""
+        if self._failure is None:
+            self._failure = error
+            log.error("consumer stopped", error=str(error))
+        self._closed = True
+        if self._task is not None and self._task is not asyncio.current_task():
+            self._task.cancel()
+        ws = self._ws
+        if ws is not None:
+            self._spawn(ws.close())
+        for subscription in set(self._routes.values()):
+            subscription._wake()
+
+    async def _run(self) -> None:
+        try:
+            while not self._closed:
+                delay = await self._connect_once()
+                if self._closed:
+                    return
+                await asyncio.sleep(delay)
+        except ConsumerError as exc:
+            self._fail(exc)
+
+    async def _connect_once(self) -> float:
+        """One connection attempt and its session; returns the delay before the next attempt."""
+        url = self.urls[next(self._url_index) % len(self.urls)]
+        try:
+            # A fresh token for every connection (like eventbus.js): a reused one may be about to
+            # expire, and a refused one must not be sent again.
+            token = await self._get_token(renew=True)
+        except ConsumerError:
+            raise
+        except Exception as exc:  # the caller's token function failed: try again later
+            log.warning("token function failed", error=repr(exc))
+            return self._backoff.next()
+        opened_at = None
+        code: int | None = None
+        retry_after = 0.0
+        try:
+            async with connect(url, **self._connect_options) as ws:
+                opened_at = time.monotonic()
+                self.connects += 1
+                self._ws = ws
+                log.info("connected", url=url)
+                try:
+                    await self._session(ws, token)
+                finally:
+                    self._ws = self._subscribed_on = None
+                    self._authenticated.clear()
+                    code = ws.close_code
+        except InvalidStatus as exc:
+            # HTTP answer instead of a WebSocket: 503 (full or draining) says when to come back.
+            header = exc.response.headers.get("Retry-After", "")
+            retry_after = float(header) if header.isdigit() else 0.0
+            log.warning("handshake refused", url=url, status=exc.response.status_code)
+        except (OSError, TimeoutError, InvalidHandshake) as exc:
+            log.warning("cannot connect", url=url, error=str(exc) or type(exc).__name__)
+        except ConnectionClosed as exc:
+            code = exc.rcvd.code if exc.rcvd is not None else None
+        finally:
+            self._ws = self._subscribed_on = None
+        if opened_at is not None:
+            self.close_codes.append(code)
+            log.info("disconnected", url=url, code=code)
+            if time.monotonic() - opened_at >= self.policy.stable_after:
+                self._backoff.reset()
+        if self._closed:
+            return 0.0
+        return max(retry_after, self._after_close(code if opened_at is not None else None))
+
+    def _after_close(self, code: int | None) -> float:
+        action = close_action(code)
+        if action.client_bug:
+            log.error("the gateway closed the connection for a protocol violation", code=code)
+        if action.auth_failure:
+            if not callable(self._token_source):
+                what = "no token was given" if self._token_source is None else "the token is fixed"
+                raise AuthenticationFailed(
+                    f"the gateway refused the token (close code {code}) and {what}", code
+                )
+            self._auth_failures += 1
+            if self._auth_failures >= self.policy.max_auth_failures:
+                raise AuthenticationFailed(
+                    f"the gateway refused {self._auth_failures} tokens in a row "
+                    f"(last close code {code})",
+                    code,
+                )
+        if action.renew_token:
+            self._token = None
+        if action.retry is Retry.PROMPT:
+            return self._random() * self.policy.prompt_max
+        return self._backoff.next()
+
+    async def _session(self, ws: ClientConnection, token: str | None) -> None:
+        refresh: asyncio.Task[None] | None = None
+        try:
+            if token is not None:
+                await ws.send(_encode({"type": "auth", "token": token}), text=True)
+            else:
+                self._authenticated.set()
+            # The gateway reads the auth frame before anything else: subscribes can follow it at
+            # once (a refused token closes the connection with 4001 before they are read).
+            self._subscribed_on = ws
+            for state in list(self._states.values()):
+                await ws.send(_encode(state.subscribe_message()), text=True)
+            while True:
+                raw = await ws.recv(decode=False)
+                message = await self._on_frame(ws, raw)
+                if type(message) is Authenticated:
+                    self._authenticated.set()
+                    self._auth_failures = 0
+                    if refresh is not None:
+                        refresh.cancel()
+                    refresh = self._schedule_refresh(ws, message)
+        finally:
+            if refresh is not None:
+                refresh.cancel()
+
+    async def _on_frame(self, ws: ClientConnection, raw: bytes) -> object:
+        try:
+            message = decode_frame(raw)
+        except FrameError as exc:
+            if exc.header is None:
+                log.warning("ignored a frame that is not a protocol message", error=str(exc))
+                return None
+            _type, project_id, seq = exc.header
+            state = self._states.get(project_id)
+            if state is not None:
+                verdict = state.on_event(seq)
+                if verdict is Verdict.DELIVER:
+                    epoch = state.cursor.epoch  # type: ignore[union-attr]
+                    await self._put(
+                        project_id, UndecodableEvent(project_id, epoch, seq, raw, str(exc))
+                    )
+                elif verdict is Verdict.GAP:
+                    await ws.send(_encode(state.subscribe_message()), text=True)
+            return None
+        cls = type(message)
+        if cls in EVENT_TYPES:
+            project_id = message.project_id  # type: ignore[attr-defined]
+            state = self._states.get(project_id)
+            if state is None:
+                return None  # unsubscribed meanwhile
+            seq = event_seq(raw)
+            verdict = state.on_event(seq)
+            if verdict is Verdict.DELIVER:
+                subscription = self._routes[project_id]
+                delivery = Delivery(project_id, state.cursor[0], seq, message, raw)  # type: ignore[index,arg-type]
+                queue = subscription._queue
+                if queue.full():
+                    await queue.put(delivery)
+                else:
+                    queue.put_nowait(delivery)
+            elif verdict is Verdict.GAP:
+                log.warning("gap in a project's events; resubscribing", project_id=project_id)
+                await ws.send(_encode(state.subscribe_message()), text=True)
+            return None
+        if cls is Subscribed:
+            state = self._states.get(message.project_id)  # type: ignore[attr-defined]
+            if state is None:
+                return None
+            outcome = state.on_subscribed(message.epoch, message.seq, message.resumed)  # type: ignore[attr-defined]
+            if outcome.resync is not None:
+                await self._put(state.project_id, outcome.resync)
+            if outcome.resubscribe:
+                await ws.send(_encode(state.subscribe_message()), text=True)
+            else:
+                subscription = self._routes.get(state.project_id)
+                if subscription is not None:
+                    subscription._ready[state.project_id].set()
+            return None
+        if cls is ResyncRequired:
+            state = self._states.get(message.project_id)  # type: ignore[attr-defined]
+            if state is not None:
+                resync = state.on_resync(message.reason, message.epoch, message.seq)  # type: ignore[attr-defined]
+                log.info("resync required", project_id=state.project_id, reason=str(resync.reason))
+                await self._put(state.project_id, resync)
+            return None
+        if cls is Error:
+            await self._on_error(ws, message)  # type: ignore[arg-type]
+            return None
+        if cls is Unsubscribed:
+            return None
+        return message  # Authenticated, Pong
+
+    async def _put(self, project_id: int, item: Any) -> None:
+        subscription = self._routes.get(project_id)
+        if subscription is not None:
+            await subscription._queue.put(item)
+
+    async def _on_error(self, ws: ClientConnection, error: Error) -> None:
+        project_id = error.project_id
+        state = self._states.get(project_id) if project_id is not None else None
+        if error.code == ErrorCode.UNAVAILABLE and state is not None:
+            # Redis is unreachable behind the gateway: subscribe again a little later.
+            log.warning("subscribe unavailable; retrying", project_id=project_id)
+            self._spawn(self._resubscribe_later(ws, state, self._random() * self.policy.initial))
+            return
+        if error.code == ErrorCode.INVALID_TOKEN:
+            # An in-band refresh was refused; the connection keeps its token until it expires
+            # (then 4002 and a reconnect with a new one). Try again after a while.
+            log.warning("token refresh refused", message=error.message)
+            self._spawn(self._refresh_later(ws, self._random() * self.policy.max))
+            return
+        if state is not None:
+            kind = Forbidden if error.code == ErrorCode.FORBIDDEN else GatewayError
+            subscription = self._routes.get(project_id)  # type: ignore[arg-type]
+            del self._states[project_id]  # type: ignore[arg-type]
+            if subscription is not None:
+                del self._routes[project_id]  # type: ignore[arg-type]
+                subscription._active.discard(project_id)  # type: ignore[arg-type]
+                subscription._ready[project_id].set()  # type: ignore[index]
+                await subscription._queue.put(kind(error.code, error.message, project_id))
+            return
+        log.error("gateway error", code=str(error.code), message=error.message)
+
+    async def _resubscribe_later(self, ws: ClientConnection, state: ProjectState, delay: float):
+        await asyncio.sleep(delay)
+        if self._ws is ws and self._states.get(state.project_id) is state:
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send(_encode(state.subscribe_message()), text=True)
+
+    async def _send(self, message: dict[str, object]) -> None:
+        ws = self._ws
+        if ws is not None:
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send(_encode(message), text=True)
+
+    # --- tokens ----------------------------------------------------------------------------------
+
+    async def _get_token(self, *, renew: bool) -> str | None:
+        source = self._token_source
+        if source is None or isinstance(source, str):
+            return source
+        if not renew and self._token is not None:
+            return self._token[0]
+        value = source()
+        if inspect.isawaitable(value):
+            value = await value
+        if not isinstance(value, str) or not value:
+            raise TypeError("the token function returned no token")
+        self._token = (value, time.monotonic())
+        return value
+
+    def _schedule_refresh(
+        self, ws: ClientConnection, message: Authenticated
+    ) -> asyncio.Task[None] | None:
+        if not callable(self._token_source) or self._token is None:
+            return None  # a fixed token cannot be renewed
+        token, obtained_at = self._token
+        claims = decode_token_claims(token) or {}
+        now = time.monotonic()
+        expires_at = (
+            now + (message.expires_at - time.time()) if message.expires_at is not None else None
+        )
+        delay = refresh_delay(
+            iat=claims.get("iat"),
+            exp=claims.get("exp"),
+            obtained_at=obtained_at,
+            now=now,
+            expires_at=expires_at,
+        )
+        if delay is None:
+            return None
+        return asyncio.create_task(self._refresh_later(ws, delay))
+
+    async def _refresh_later(self, ws: ClientConnection, delay: float) -> None:
+        await asyncio.sleep(delay)
+        backoff = Backoff(ReconnectPolicy(initial=1.0, max=10.0), self._random)
+        while self._ws is ws:
+            try:
+                token = await self._get_token(renew=True)
+            except Exception as exc:
+                # If the token expires meanwhile the gateway closes with 4002 and we reconnect.
+                log.warning("token refresh failed", error=repr(exc))
+                await asyncio.sleep(backoff.next())
+                continue
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send(_encode({"type": "auth", "token": token}), text=True)
+            return  # answered by `authenticated`, which schedules the next refresh

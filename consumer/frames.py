@@ -1,0 +1,86 @@
+"""Decoding of the gateway's frames: events into the schema Structs, control messages into the
+protocol Structs, in one pass.
+
+Every frame is one JSON object tagged on ``"type"``; the events of ``schemas.events`` and the
+control messages of ``schemas.protocol`` share that tag field, so one msgspec decoder for their
+union parses either. An event frame is the event's JSON with ``,"seq":N`` spliced in before the
+closing brace (``docs/architecture.md``, "A frame is built once"): the sequence number is read
+from that tail without a second parse, and with a small second decode for any other layout.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+
+from schemas.events import event_types
+from schemas.protocol import (
+    Authenticated,
+    Error,
+    Pong,
+    ResyncRequired,
+    Subscribed,
+    Unsubscribed,
+)
+
+__all__ = ["CONTROL_TYPES", "EVENT_TYPES", "FrameError", "decode_frame", "event_seq", "is_event"]
+
+EVENT_TYPES: frozenset[type] = frozenset(event_types())
+CONTROL_TYPES = (Authenticated, Subscribed, Unsubscribed, ResyncRequired, Error, Pong)
+
+_decoder = msgspec.json.Decoder(Union[(*event_types(), *CONTROL_TYPES)])
+
+
+class _Header(msgspec.Struct):
+    """The fields every event frame has, whatever its type (unknown fields are skipped)."""
+
+    type: str
+    project_id: int
+    seq: int
+
+
+_header_decoder = msgspec.json.Decoder(_Header)
+_SEQ_KEY = b',"seq":'
+
+
+class FrameError(ValueError):
+    """A frame that is neither a known control message nor a known event.
+
+    ``header`` holds ``(type, project_id, seq)`` when the frame at least looks like an event (so
+    its place in the order can still be kept), else None.
+    """
+
+    def __init__(self, message: str, header: tuple[str, int, int] | None) -> None:
+        super().__init__(message)
+        self.header = header
+
+
+def event_seq(raw: bytes) -> int:
+    """The ``seq`` of an event frame: read from the ``,"seq":N}`` tail the gateway's frames end
+    with, else by a decode of the header fields."""
+    index = raw.rfind(_SEQ_KEY)
+    if index > 0 and raw[-1:] == b"}":
+        try:
+            return int(raw[index + 7 : -1])
+        except ValueError:
+            pass
+    return _header_decoder.decode(raw).seq
+
+
+def decode_frame(raw: bytes) -> object:
+    """Decode one gateway frame into an event Struct (see :data:`EVENT_TYPES`) or a control
+    message Struct (:data:`CONTROL_TYPES`); raise :class:`FrameError` for anything else."""
+    try:
+        return _decoder.decode(raw)
+    except msgspec.DecodeError as exc:
+        try:
+            header = _header_decoder.decode(raw)
+        except msgspec.DecodeError:
+            raise FrameError(str(exc), None) from None
+        raise FrameError(str(exc), (header.type, header.project_id, header.seq)) from None
+
+
+def is_event(message: object) -> bool:
+    """Whether a decoded frame is an event (a :class:`~schemas.events.ProjectEvent`)."""
+    return type(message) in EVENT_TYPES

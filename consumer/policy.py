@@ -1,0 +1,173 @@
+"""Pure reconnect and token policies of the consumer (no sockets, no clock of its own).
+
+* :class:`Backoff`: exponential backoff with *full jitter* (the delay is uniform in
+  ``[0, min(max, initial * factor**attempt)]``), so thousands of consumers cut off by the same
+  gateway restart spread their reconnects instead of arriving in waves.
+* :func:`close_action`: what a close code of ``docs/protocol.md`` asks the client to do.
+* :func:`refresh_delay`: when to refresh a token in-band, from its own lifetime.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import json
+import random as _random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from schemas.protocol import CloseCode
+
+__all__ = [
+    "Backoff",
+    "CloseAction",
+    "ReconnectPolicy",
+    "Retry",
+    "close_action",
+    "decode_token_claims",
+    "refresh_delay",
+]
+
+#: websockets reports a connection that ended without a close frame (reset, killed peer) as 1006.
+ABNORMAL_CLOSURE = 1006
+
+
+@dataclass(frozen=True, slots=True)
+class ReconnectPolicy:
+    """How the consumer reconnects. It never gives up on a transport failure (forever).
+
+    Attributes:
+        initial: cap of the first backoff delay, seconds.
+        max: largest cap, seconds.
+        factor: growth of the cap per failed attempt.
+        stable_after: a connection that stayed up this long resets the backoff (a gateway that
+            flaps keeps the delays growing; one restart is retried within ``initial``).
+        prompt_max: upper bound of the small random delay before a *prompt* reconnect (gateway
+            draining with 1012, slow consumer 4008, expired token): spreads the herd.
+        max_auth_failures: refused tokens (4001) in a row, each fetched anew from the token
+            function, before :class:`~consumer.AuthenticationFailed` is raised.
+    """
+
+    initial: float = 1.0
+    max: float = 30.0
+    factor: float = 2.0
+    stable_after: float = 10.0
+    prompt_max: float = 0.5
+    max_auth_failures: int = 3
+
+    def __post_init__(self) -> None:
+        if not (0 < self.initial <= self.max) or self.factor < 1 or self.prompt_max < 0:
+            raise ValueError("need 0 < initial <= max, factor >= 1, prompt_max >= 0")
+        if self.max_auth_failures < 1:
+            raise ValueError("max_auth_failures must be >= 1")
+
+
+class Backoff:
+    """Full-jitter exponential backoff: ``next()`` returns the delay before the next attempt and
+    grows the cap; ``reset()`` starts over. Every delay lies in ``[0, policy.max]``."""
+
+    def __init__(
+        self, policy: ReconnectPolicy | None = None, random: Callable[[], float] = _random.random
+    ) -> None:
+        self.policy = policy or ReconnectPolicy()
+        self.random = random
+        self.attempt = 0
+
+    def cap(self, attempt: int) -> float:
+        """The upper bound of the delay of attempt ``attempt`` (0-based)."""
+        policy = self.policy
+        # The exponent is capped so that factor**attempt never overflows on a process left
+        # retrying for weeks.
+        return min(policy.max, policy.initial * policy.factor ** min(attempt, 64))
+
+    def next(self) -> float:
+        delay = self.random() * self.cap(self.attempt)
+        self.attempt += 1
+        return delay
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class Retry(enum.Enum):
+    """How soon to reconnect after a close."""
+
+    PROMPT = "prompt"  # a small random delay (ReconnectPolicy.prompt_max)
+    BACKOFF = "backoff"  # the next Backoff delay
+
+
+@dataclass(frozen=True, slots=True)
+class CloseAction:
+    """What to do after the connection closed with a given code.
+
+    ``renew_token``: ask the token function for a new token first. ``auth_failure``: counts
+    towards ``max_auth_failures`` (and is fatal at once with a fixed token). ``client_bug``: the
+    gateway says this client broke the protocol; logged as an error, then retried with backoff.
+    """
+
+    retry: Retry
+    renew_token: bool = False
+    auth_failure: bool = False
+    client_bug: bool = False
+
+
+def close_action(code: int | None) -> CloseAction:
+    """The reaction to close code ``code`` (``docs/protocol.md``, "Close codes"); ``None`` or
+    1006 mean the connection ended without a close frame (killed gateway, reset, refused)."""
+    if code in (CloseCode.GOING_AWAY, CloseCode.SERVICE_RESTART, CloseCode.SLOW_CONSUMER):
+        # Draining pod, or we read too slowly: resume at once elsewhere; the cursor loses nothing.
+        return CloseAction(Retry.PROMPT)
+    if code == CloseCode.TOKEN_EXPIRED:
+        # A new token fixes it; no reason to wait (a fixed token cannot be renewed: fatal).
+        return CloseAction(Retry.PROMPT, renew_token=True, auth_failure=True)
+    if code == CloseCode.AUTH_FAILED:
+        # A fresh token may fix it, but a token source that keeps minting refused tokens must not
+        # be hammered, nor retried forever: back off, and give up after max_auth_failures.
+        return CloseAction(Retry.BACKOFF, renew_token=True, auth_failure=True)
+    if code in (
+        CloseCode.POLICY_VIOLATION,
+        CloseCode.MESSAGE_TOO_BIG,
+        CloseCode.TOO_MANY_ERRORS,
+    ):
+        return CloseAction(Retry.BACKOFF, client_bug=True)
+    # 1000 from the server, 1006 (killed, reset, refused), 1011 and anything unknown.
+    return CloseAction(Retry.BACKOFF)
+
+
+def decode_token_claims(token: str) -> dict | None:
+    """The claims of a JWT, read without verifying it (only to learn ``iat``/``exp``), or None."""
+    try:
+        part = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+    except (IndexError, ValueError, TypeError):
+        return None
+    return claims if isinstance(claims, dict) else None
+
+
+def refresh_delay(
+    *,
+    iat: float | None,
+    exp: float | None,
+    obtained_at: float,
+    now: float,
+    expires_at: float | None = None,
+) -> float | None:
+    """Seconds from ``now`` until the token obtained at ``obtained_at`` (local monotonic clock)
+    should be refreshed, or None when its lifetime is unknown.
+
+    The token's own lifetime (``exp - iat``), counted from when this process got it, is used, so
+    a local clock that is off by minutes does not matter. Refreshes a minute before expiry, or at
+    3/4 of the lifetime for tokens shorter than 4 minutes. ``expires_at`` (the gateway's
+    ``authenticated.expires_at`` converted by the caller to the clock of ``now``) is only a
+    fallback for tokens without ``iat``.
+    """
+    if isinstance(iat, int | float) and isinstance(exp, int | float) and exp > iat:
+        # iat is truncated to the second: the token may have been minted up to 1 s after it.
+        expiry = obtained_at + (exp - iat) - 1.0
+    elif isinstance(expires_at, int | float):
+        expiry = float(expires_at)
+    else:
+        return None
+    lifetime = max(0.0, expiry - obtained_at)
+    margin = min(60.0, lifetime / 4)
+    return max(0.5, expiry - margin - now)

@@ -1,0 +1,252 @@
+"""Cursor persistence: where a consumer keeps, per project, the cursor of the last event the
+caller *processed*, so that a restarted consumer resumes exactly there.
+
+:class:`CursorStore` is the protocol (two coroutines); three implementations ship:
+
+* :class:`FileCursorStore`: one JSON file, replaced atomically on every save;
+* :class:`RedisCursorStore`: a Redis hash (any redis-py asyncio client);
+* :class:`SqlCursorStore`: a table in the caller's own database through a DB-API connection
+  (sqlite3, psycopg 3, ...). Its :meth:`SqlCursorStore.save_in` writes the cursor *inside the
+  caller's transaction*, next to the effect of the event: the one pattern that gives exactly-once
+  processing across crashes (see ``docs/consumer.md``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from consumer.types import Cursor
+
+__all__ = [
+    "CursorStore",
+    "FileCursorStore",
+    "MemoryCursorStore",
+    "RedisCursorStore",
+    "SqlCursorStore",
+]
+
+
+@runtime_checkable
+class CursorStore(Protocol):
+    """Loads and saves the cursor of each project.
+
+    ``save`` is called after the caller processed the item with that cursor; it must be durable
+    (or at least atomic) when it returns. ``load`` returns None for a project never saved.
+    """
+
+    async def load(self, project_id: int) -> Cursor | None: ...
+
+    async def save(self, project_id: int, cursor: Cursor) -> None: ...
+
+
+class MemoryCursorStore:
+    """A dict: cursors survive reconnects of one process, not a restart (useful in tests)."""
+
+    def __init__(self) -> None:
+        self.cursors: dict[int, Cursor] = {}
+
+    async def load(self, project_id: int) -> Cursor | None:
+        return self.cursors.get(project_id)
+
+    async def save(self, project_id: int, cursor: Cursor) -> None:
+        self.cursors[project_id] = Cursor(*cursor)
+
+
+class FileCursorStore:
+    """Every project's cursor in one JSON file (``{"1": ["<epoch>", 42], ...}``).
+
+    Each save writes a temporary file in the same directory and renames it over the old one, so
+    the file always holds a complete state: a process killed at any instant leaves either the old
+    or the new cursor, never a torn file. With ``durable=True`` the data and the directory are
+    fsync'ed too, so the cursor also survives a power loss or kernel crash (costs a disk flush,
+    about a millisecond or more, per save).
+
+    One file belongs to one consumer process at a time.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, durable: bool = False) -> None:
+        self.path = Path(path)
+        self.durable = durable
+        self._cursors: dict[int, Cursor] | None = None
+
+    def _read(self) -> dict[int, Cursor]:
+        if self._cursors is None:
+            try:
+                data = json.loads(self.path.read_text())
+            except FileNotFoundError:
+                data = {}
+            self._cursors = {int(k): Cursor(str(v[0]), int(v[1])) for k, v in data.items()}
+        return self._cursors
+
+    async def load(self, project_id: int) -> Cursor | None:
+        return self._read().get(project_id)
+
+    async def save(self, project_id: int, cursor: Cursor) -> None:
+        cursors = self._read()
+        cursors[project_id] = Cursor(*cursor)
+        payload = json.dumps({str(k): [c.epoch, c.seq] for k, c in cursors.items()})
+        directory = self.path.parent
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=directory)
+        try:
+            with os.fdopen(fd, "w") as file:
+                file.write(payload)
+                if self.durable:
+                    file.flush()
+                    os.fsync(file.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        if self.durable:
+            dir_fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)  # the rename itself
+            finally:
+                os.close(dir_fd)
+
+
+class RedisCursorStore:
+    """Cursors in one Redis hash, ``<key>`` -> ``{project_id: "<epoch>|<seq>"}``.
+
+    Args:
+        client: a ``redis.asyncio.Redis`` (or cluster) client.
+        name: the consumer's name; the hash is ``eventbus:consumer:<name>:cursors``.
+
+    To save the cursor atomically with an effect the caller also keeps in Redis, queue
+    :meth:`save_in` on the same ``MULTI`` pipeline as that effect.
+    """
+
+    def __init__(self, client: Any, name: str, *, prefix: str = "eventbus:consumer") -> None:
+        self.client = client
+        self.key = f"{prefix}:{name}:cursors"
+
+    async def load(self, project_id: int) -> Cursor | None:
+        value = await self.client.hget(self.key, str(project_id))
+        if value is None:
+            return None
+        text = value.decode() if isinstance(value, bytes) else str(value)
+        epoch, _, seq = text.rpartition("|")
+        return Cursor(epoch, int(seq))
+
+    async def save(self, project_id: int, cursor: Cursor) -> None:
+        await self.client.hset(self.key, str(project_id), f"{cursor[0]}|{cursor[1]}")
+
+    def save_in(self, pipeline: Any, project_id: int, cursor: Cursor) -> None:
+        """Queue the save on ``pipeline`` (e.g. ``client.pipeline(transaction=True)``)."""
+        pipeline.hset(self.key, str(project_id), f"{cursor[0]}|{cursor[1]}")
+
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class SqlCursorStore:
+    """Cursors in a table of the caller's database, through a DB-API 2.0 connection.
+
+    The table (created by :meth:`create_table`, or by your migrations with :meth:`ddl`)::
+
+        CREATE TABLE IF NOT EXISTS eventbus_cursors (
+            consumer   TEXT   NOT NULL,
+            project_id BIGINT NOT NULL,
+            epoch      TEXT   NOT NULL,
+            seq        BIGINT NOT NULL,
+            PRIMARY KEY (consumer, project_id)
+        )
+
+    The upsert (``INSERT ... ON CONFLICT ... DO UPDATE``) works on PostgreSQL and SQLite >= 3.24.
+
+    Two ways to use it:
+
+    * as the consumer's ``store`` with ``auto_commit=True``: ``save`` writes and commits the
+      connection (at-least-once: a crash between your effect and this save replays one event);
+    * exactly-once: ``Consumer(..., store=store, auto_commit=False)``, and in your own transaction
+      call :meth:`save_in` with the same DB-API cursor that applies the event's effect, then
+      commit: the effect and the cursor are stored together or not at all.
+
+    DB-API calls block; they run on the event loop's thread (a local database answers in well
+    under a millisecond). ``paramstyle`` is the driver's (``"qmark"`` for sqlite3, ``"format"``
+    for psycopg); by default it is taken from the connection's module.
+    """
+
+    def __init__(
+        self,
+        connection: Any,
+        name: str,
+        *,
+        table: str = "eventbus_cursors",
+        paramstyle: str | None = None,
+    ) -> None:
+        if not _IDENTIFIER.match(table):
+            raise ValueError(f"table must be a plain SQL identifier, got {table!r}")
+        self.connection = connection
+        self.name = name
+        self.table = table
+        style = paramstyle or _paramstyle_of(connection)
+        if style not in ("qmark", "format"):
+            raise ValueError(f"paramstyle must be 'qmark' or 'format', got {style!r}")
+        mark = "?" if style == "qmark" else "%s"
+        self._select = (
+            f"SELECT epoch, seq FROM {table} WHERE consumer = {mark} AND project_id = {mark}"
+        )
+        self._upsert = (
+            f"INSERT INTO {table} (consumer, project_id, epoch, seq) "
+            f"VALUES ({mark}, {mark}, {mark}, {mark}) "
+            "ON CONFLICT (consumer, project_id) "
+            "DO UPDATE SET epoch = excluded.epoch, seq = excluded.seq"
+        )
+
+    def ddl(self) -> str:
+        """The ``CREATE TABLE`` statement of the cursor table."""
+        return (
+            f"CREATE TABLE IF NOT EXISTS {self.table} (consumer TEXT NOT NULL, "
+            "project_id BIGINT NOT NULL, epoch TEXT NOT NULL, seq BIGINT NOT NULL, "
+            "PRIMARY KEY (consumer, project_id))"
+        )
+
+    def create_table(self) -> None:
+        cursor = self.connection.cursor()
+        try:
+            cursor.execute(self.ddl())
+        finally:
+            cursor.close()
+        self.connection.commit()
+
+    async def load(self, project_id: int) -> Cursor | None:
+        cursor = self.connection.cursor()
+        try:
+            cursor.execute(self._select, (self.name, project_id))
+            row = cursor.fetchone()
+        finally:
+            cursor.close()
+        # End the read's implicit transaction so this connection never holds a snapshot open.
+        self.connection.commit()
+        return None if row is None else Cursor(str(row[0]), int(row[1]))
+
+    async def save(self, project_id: int, cursor: Cursor) -> None:
+        db_cursor = self.connection.cursor()
+        try:
+            self.save_in(db_cursor, project_id, cursor)
+        finally:
+            db_cursor.close()
+        self.connection.commit()
+
+    def save_in(self, db_cursor: Any, project_id: int, cursor: Cursor) -> None:
+        """Write the cursor with ``db_cursor`` inside the caller's open transaction (no commit)."""
+        db_cursor.execute(self._upsert, (self.name, project_id, cursor[0], cursor[1]))
+
+
+def _paramstyle_of(connection: Any) -> str:
+    module = type(connection).__module__.split(".")[0]
+    if module == "sqlite3":
+        return "qmark"
+    if module == "psycopg" or module == "psycopg2":
+        return "format"
+    with contextlib.suppress(ImportError, AttributeError):
+        return str(__import__(module).paramstyle)
+    return "format"

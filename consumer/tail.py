@@ -1,0 +1,240 @@
+"""``tail``: print a project's events live, like ``tail -f`` for the event bus.
+
+    python -m consumer tail 1                    # live from now, one readable line per event
+    python -m consumer tail 1 2 --from-start     # the retained history of the epoch, then live
+    python -m consumer tail 1 --after 40 --json  # raw frames after seq 40 of the current epoch
+
+It is a :class:`~consumer.Consumer` like any other (reconnects forever, resumes from its cursor,
+prints ``resync_required`` rather than ever skipping silently). The gateway URL comes from
+``--url`` or ``$EVENTBUS_GATEWAY_URL`` (default ``ws://127.0.0.1:8765/``). The token comes from
+``--token`` / ``$EVENTBUS_TOKEN``; or, with ``--secret`` / ``$EVENTBUS_AUTH_SECRET`` (the gateway's
+own secret, for operators), a token naming the tailed projects is minted for every connection
+(prefer the variable: other users of the machine can read flags in the process list).
+
+Exit codes: 0 done (``--count`` reached), 2 usage error or a refusal by the gateway (token,
+forbidden project), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import TextIO
+
+import msgspec
+import structlog
+
+from consumer.client import Consumer, Start, TokenSource
+from consumer.types import ConsumerError, Delivery, Item, Resync, UndecodableEvent
+from schemas.tokens import issue_token
+
+__all__ = ["add_arguments", "format_item", "main", "run", "tail"]
+
+DEFAULT_URL = "ws://127.0.0.1:8765/"
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+_MAX_TEXT = 80
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``tail`` options, for a subcommand parser (``eventbus-publish tail``) or our own."""
+    parser.add_argument("project_ids", type=_positive_int, nargs="+", metavar="PROJECT_ID")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--from-start",
+        action="store_true",
+        help="start with the oldest retained event of the current epoch (default: live from now)",
+    )
+    where.add_argument(
+        "--after",
+        type=_non_negative_int,
+        metavar="SEQ",
+        help="start after SEQ of the current epoch",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the raw frames (one JSON object per line)"
+    )
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("EVENTBUS_GATEWAY_URL", DEFAULT_URL),
+        help=f"gateway WebSocket URL (default: $EVENTBUS_GATEWAY_URL or {DEFAULT_URL})",
+    )
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("EVENTBUS_TOKEN"),
+        help="token for the gateway (default: $EVENTBUS_TOKEN)",
+    )
+    parser.add_argument(
+        "--secret",
+        default=None,
+        help="mint tokens with this secret (default, without --token: $EVENTBUS_AUTH_SECRET)",
+    )
+    parser.add_argument(
+        "--count", type=_positive_int, metavar="N", help="exit after N events (default: never)"
+    )
+
+
+def _short(value: object) -> str:
+    if isinstance(value, str):
+        text = value if len(value) <= _MAX_TEXT else value[: _MAX_TEXT - 1] + "…"
+        return msgspec.json.encode(text).decode()
+    return str(value)
+
+
+def _fields(struct: msgspec.Struct, prefix: str = "") -> tuple[datetime | None, list[str]]:
+    """``key=value`` of every field but the project id, and the first timestamp found."""
+    when: datetime | None = None
+    parts: list[str] = []
+    for name in struct.__struct_fields__:
+        value = getattr(struct, name)
+        if name == "project_id" and not prefix:
+            continue
+        if isinstance(value, datetime):
+            when = when or value
+            continue
+        if isinstance(value, msgspec.Struct):
+            inner_when, inner = _fields(value, f"{prefix}{name}.")
+            when = when or inner_when
+            parts += inner
+            continue
+        parts.append(f"{prefix}{name}={_short(value)}")
+    return when, parts
+
+
+def _time(value: datetime | None) -> str:
+    value = value or datetime.now(UTC)
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def format_item(item: Item | UndecodableEvent, *, as_json: bool = False) -> str:
+    """One line for an item: readable (time, project and seq, type, key fields), or the raw
+    frame with ``as_json`` (a resync as the gateway's ``resync_required`` message)."""
+    if isinstance(item, Delivery):
+        if as_json:
+            return item.raw.decode()
+        when, parts = _fields(item.event)
+        tag = type(item.event).__struct_config__.tag
+        return f"{_time(when)}  p{item.project_id} #{item.seq}  {tag}  {' '.join(parts)}"
+    if isinstance(item, Resync):
+        if as_json:
+            message = {"type": "resync_required", **msgspec.structs.asdict(item)}
+            return msgspec.json.encode(message).decode()
+        return (
+            f"{_time(None)}  p{item.project_id} #{item.seq}  resync_required  "
+            f"reason={item.reason} epoch={item.epoch} "
+            "(events were missed: continuing after this seq)"
+        )
+    if as_json:
+        return item.raw.decode()
+    return f"{_time(None)}  p{item.project_id} #{item.seq}  undecodable  {item.reason}"
+
+
+async def tail(
+    url: str,
+    project_ids: Sequence[int],
+    *,
+    token: str | None = None,
+    secret: str | None = None,
+    start: Start = "now",
+    as_json: bool = False,
+    count: int | None = None,
+    out: TextIO | None = None,
+) -> int:
+    """Print the projects' items to ``out`` until ``count`` events (forever without); returns
+    the number of events printed. Raises :class:`~consumer.ConsumerError` on a refusal."""
+    out = out or sys.stdout
+    source: TokenSource | None = token
+    if token is None and secret:
+        projects = list(project_ids)
+
+        def mint() -> str:  # a fresh token for every connection and every refresh
+            return issue_token(secret, projects, subject="eventbus-tail")
+
+        source = mint
+
+    printed = 0
+    async with Consumer(url, token=source, start=start) as consumer:
+        events = consumer.events(*project_ids)
+        while count is None or printed < count:
+            try:
+                item = await anext(events)
+            except StopAsyncIteration:
+                break
+            except UndecodableEvent as exc:
+                item = exc
+            out.write(format_item(item, as_json=as_json) + "\n")
+            out.flush()
+            if not isinstance(item, Resync):
+                printed += 1
+    return printed
+
+
+def run(args: argparse.Namespace, *, stdout: TextIO, stderr: TextIO) -> int:
+    """Run ``tail`` with parsed arguments; returns the exit code."""
+    start: Start = (
+        "beginning" if args.from_start else args.after if args.after is not None else "now"
+    )
+    secret = args.secret or (None if args.token else os.environ.get("EVENTBUS_AUTH_SECRET"))
+    # The consumer's logs (connected, reconnecting, ...) go to stderr: stdout is the events.
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(stderr))
+    try:
+        asyncio.run(
+            tail(
+                args.url,
+                args.project_ids,
+                token=args.token,
+                secret=secret,
+                start=start,
+                as_json=args.json,
+                count=args.count,
+                out=stdout,
+            )
+        )
+    except ConsumerError as exc:
+        stderr.write(f"tail: error: {exc}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    return EXIT_OK
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    prog: str = "python -m consumer tail",
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+) -> int:
+    """``tail`` as a program: ``argv`` are its arguments (without ``tail`` itself)."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return run(args, stdout=stdout or sys.stdout, stderr=stderr or sys.stderr)
