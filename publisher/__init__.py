@@ -12,7 +12,14 @@ Usage (see ``docs/publisher.md``)::
 """
 
 from publisher.client import AsyncPublisher, Publisher
-from publisher.core import Cursor, PublishError, PublisherUnavailable, Retention
+from publisher.core import (
+    Cursor,
+    IdempotencyConflict,
+    PublishError,
+    PublisherUnavailable,
+    PublishManyError,
+    Retention,
+)
 from schemas.events import EventValidationError
 from schemas.tokens import issue_token
 
@@ -20,7 +27,9 @@ __all__ = [
     "AsyncPublisher",
     "Cursor",
     "EventValidationError",
+    "IdempotencyConflict",
     "PublishError",
+    "PublishManyError",
     "Publisher",
     "PublisherUnavailable",
     "Retention",

@@ -6,7 +6,9 @@ project's stream and publishes it on the project's channel atomically (see :mod:
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Iterable
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime, timedelta
 from typing import Generic, TypeVar
 
@@ -15,6 +17,7 @@ import redis.asyncio
 import redis.cluster
 import redis.exceptions
 
+from publisher import connection
 from publisher.connection import (
     AsyncDirectCommands,
     DirectCommands,
@@ -28,12 +31,15 @@ from publisher.core import (
     PreparedBatch,
     PublishError,
     PublisherUnavailable,
+    PublishManyError,
     Retention,
+    RetryPolicy,
     now_if_none,
     pack_command,
     plan_batches,
     prepare_single,
     refused_during_migration,
+    script_error,
 )
 from schemas import lua
 from schemas.events import (
@@ -49,6 +55,9 @@ from schemas.keys import DEFAULT_PREFIX, Keys
 __all__ = ["AsyncPublisher", "Publisher"]
 
 R = TypeVar("R")
+T = TypeVar("T")
+#: Default bound of every publisher call when Redis does not answer (see RetryPolicy).
+DEFAULT_TIMEOUT = 10.0
 _UNAVAILABLE = (
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
@@ -185,20 +194,53 @@ def _unguarded_or_raise(batch: PreparedBatch, exc: Exception) -> PreparedBatch:
 
 
 def _to_rerun(batches: list[PreparedBatch], results: list) -> list[tuple[int, PreparedBatch]]:
-    """The pipelined calls to run again (index, call), as :func:`_unguarded_or_raise` decides."""
-    return [
-        (index, _unguarded_or_raise(batch, result))
-        for index, (batch, result) in enumerate(zip(batches, results, strict=True))
-        if isinstance(result, Exception)
-    ]
+    """The pipelined calls refused by a node importing their slot, to run again without their
+    guard (index, call); other errors stay in ``results``."""
+    reruns = []
+    for index, (batch, result) in enumerate(zip(batches, results, strict=True)):
+        if isinstance(result, Exception) and refused_during_migration(result):
+            fallback = batch.unguarded()
+            if fallback is not None:
+                reruns.append((index, fallback))
+    return reruns
 
 
 def _collect(batches: list[PreparedBatch], results: list, total: int) -> list[Cursor]:
-    cursors: list[Cursor] = [None] * total  # type: ignore[list-item]
+    """Cursors in the input order, or PublishManyError naming what was and was not written.
+
+    Every error reply of the publish script comes before its first write (schemas.lua.PUBLISH),
+    so a failed call wrote nothing and the events of the calls that succeeded are exactly the
+    published ones.
+    """
+    cursors: list[Cursor | None] = [None] * total
+    errors: dict[int, PublishError] = {}
     for batch, result in zip(batches, results, strict=True):
+        if isinstance(result, Exception):
+            errors.setdefault(batch.project_id, script_error(result))
+            continue
         for position, cursor in zip(batch.positions, batch.cursors(result), strict=True):
             cursors[position] = cursor
-    return cursors
+    if errors:
+        raise PublishManyError(cursors, errors)
+    return cursors  # type: ignore[return-value]
+
+
+def _policy(client: object, timeout: float | None, built: bool) -> RetryPolicy:
+    if timeout is None:
+        timeout = DEFAULT_TIMEOUT
+    if not timeout > 0:
+        raise ValueError("timeout must be positive")
+    attempt = _attempt_timeout(timeout) if built else None
+    return RetryPolicy(timeout, sum(attempt) if attempt else None)
+
+
+def _attempt_timeout(timeout: float) -> tuple[float, float]:
+    """Connect and socket timeouts of the clients ``from_url`` builds for a call ``timeout``:
+    the defaults, shrunk to fit for a short ``timeout`` (connect 20 %, read 50 % of it)."""
+    return (
+        min(connection.CONNECT_TIMEOUT, timeout * 0.2),
+        min(connection.SOCKET_TIMEOUT, timeout * 0.5),
+    )
 
 
 class Publisher(_ContractHelpers[Cursor]):
@@ -215,10 +257,14 @@ class Publisher(_ContractHelpers[Cursor]):
         idempotency_window: how long an idempotency key is remembered.
         sharded: use ``SPUBLISH`` (Redis Cluster sharded pub/sub); defaults to True for a cluster
             client. Must match the gateway's setting.
-        retry_guard: how long each script call is remembered under a unique key, so that
-            redis-py's automatic retry of a call that timed out or lost its connection after
-            reaching Redis returns the first result instead of publishing twice (60 s; the keys
-            cost ~100 bytes each for that long). ``None`` disables it.
+        retry_guard: how long each script call is remembered under a unique key, so that a
+            retry of a call that timed out or lost its connection after reaching Redis returns
+            the first result instead of publishing twice (60 s; the keys cost ~100 bytes each
+            for that long). ``None`` disables it.
+        timeout: with a client made by :meth:`from_url`, every call returns or raises
+            ``PublisherUnavailable`` within this many seconds (default 10) when Redis is down
+            or hung; see :class:`publisher.core.RetryPolicy`. With a client of your own, its
+            timeouts and retry policy decide, and the publisher makes one attempt.
     """
 
     def __init__(
@@ -230,6 +276,8 @@ class Publisher(_ContractHelpers[Cursor]):
         idempotency_window: timedelta = timedelta(minutes=10),
         sharded: bool | None = None,
         retry_guard: timedelta | None = RETRY_GUARD,
+        timeout: float | None = None,
+        _built: bool = False,
     ) -> None:
         is_cluster = isinstance(client, redis.cluster.RedisCluster)
         self._settings = _Settings(
@@ -239,56 +287,85 @@ class Publisher(_ContractHelpers[Cursor]):
             sharded=is_cluster if sharded is None else sharded,
             retry_guard=retry_guard,
         )
+        self._policy = _policy(client, timeout, _built)
         self.client = client
         self._cluster = is_cluster
         self._script = client.register_script(lua.PUBLISH)
         self._direct = DirectCommands(client) if DirectCommands.supports(client) else None
 
     @classmethod
-    def from_url(cls, url: str, **kwargs) -> Publisher:
+    def from_url(cls, url: str, *, timeout: float | None = None, **kwargs) -> Publisher:
         """Connect to ``redis://...`` or ``redis+cluster://...``.
 
-        URL schemes and the retry policy are described in :mod:`publisher.connection`.
+        The client makes one connect and one command per attempt (connect timeout 2 s, read
+        timeout 5 s, shrunk for a ``timeout`` under 10 s); the publisher retries within
+        ``timeout``. URL schemes are described in :mod:`publisher.connection`.
         """
         kwargs.setdefault("sharded", is_cluster_url(url))
-        return cls(sync_client(url), **kwargs)
+        timeout = DEFAULT_TIMEOUT if timeout is None else timeout
+        if not timeout > 0:
+            raise ValueError("timeout must be positive")
+        connect, read = _attempt_timeout(timeout)
+        client = sync_client(url, retries=0, connect_timeout=connect, socket_timeout=read)
+        return cls(client, timeout=timeout, _built=True, **kwargs)
 
     def publish(self, event: ProjectEvent, *, idempotency_key: str | None = None) -> Cursor:
         """Validate, append and publish one event; return its cursor.
 
-        With ``idempotency_key``, publishing the same key again within the idempotency window
-        returns the first publish's cursor and writes nothing.
+        With ``idempotency_key``, publishing the same event with the same key again within the
+        idempotency window returns the first publish's cursor and writes nothing.
 
         Raises:
             EventValidationError: the event breaks the contract; nothing was written.
-            PublisherUnavailable: Redis unreachable after bounded retries.
+            ValueError: a malformed idempotency key; nothing was written.
+            IdempotencyConflict: the key was already used for a different event; nothing was
+                written.
+            PublisherUnavailable: Redis unreachable or hung within ``timeout``.
+            PublishError: Redis refused the call (a damaged key, OOM); nothing was written.
         """
         batch = self._settings.single(event, idempotency_key)
+        started = time.monotonic()
         try:
             try:
-                result = self._evalsha(batch.keys, batch.args)
+                result = self._run(lambda: self._evalsha(batch.keys, batch.args), started)
             except redis.exceptions.ResponseError as exc:
                 fallback = _unguarded_or_raise(batch, exc)
-                result = self._evalsha(fallback.keys, fallback.args)
-        except _UNAVAILABLE as exc:
-            raise PublisherUnavailable(f"Redis unavailable: {exc}") from exc
+                result = self._run(lambda: self._evalsha(fallback.keys, fallback.args), started)
         except redis.exceptions.RedisError as exc:
-            raise PublishError(f"publish failed: {exc}") from exc
+            raise script_error(exc) from exc
         return batch.cursors(result)[0]
 
+    def _run(self, attempt: Callable[[], T], started: float) -> T:
+        """``attempt()`` until it succeeds or the retry policy gives up (PublisherUnavailable)."""
+        failures = 0
+        while True:
+            try:
+                return attempt()
+            except _UNAVAILABLE as exc:
+                failures += 1
+                pause = self._policy.delay(failures, time.monotonic() - started)
+                if pause is None:
+                    raise PublisherUnavailable(f"Redis unavailable: {exc}") from exc
+                if pause:
+                    time.sleep(pause)
+
     def _evalsha(self, keys: list[str], args: list) -> list:
+        """One attempt of one script call."""
         direct = self._direct
         if direct is not None:
             # The hot path: one send and one read on a held connection (see DirectCommands).
-            # On any failure the call goes again through redis-py below, which loads the script
-            # after NOSCRIPT and retries with backoff; the script's retry guard makes a call that
-            # did reach Redis return its first result instead of publishing twice.
             try:
                 return direct.execute(
                     pack_command("EVALSHA", self._script.sha, len(keys), *keys, *args)
                 )
-            except (redis.exceptions.NoScriptError, *_UNAVAILABLE):
-                pass
+            except redis.exceptions.NoScriptError:
+                pass  # loaded below
+            except _UNAVAILABLE:
+                if self._policy.attempt_timeout is not None:
+                    raise  # the next attempt (RetryPolicy) takes another connection
+                # A client of your own: one more try through redis-py with your retry policy;
+                # the script's retry guard makes a call that did reach Redis return its first
+                # result instead of publishing twice.
         # EVALSHA straight through execute_command: redis-py's Script wrapper costs several us per
         # call on the hot path (argument tuples, an import, isinstance checks).
         client, sha = self.client, self._script.sha
@@ -304,26 +381,41 @@ class Publisher(_ContractHelpers[Cursor]):
 
         Every event is validated before anything is sent. Events of one project keep their
         relative order and are appended by one script call per 500 events.
+
+        Raises:
+            EventValidationError: an event breaks the contract; nothing was written.
+            PublisherUnavailable: Redis unreachable or hung within ``timeout``; a prefix of the
+                script calls may have been applied.
+            PublishManyError: Redis refused some script calls (e.g. a damaged key of one
+                project); its ``cursors`` say exactly which events were published.
         """
         events = list(events)
         batches = self._settings.batches(events)
         if not batches:
             return []
+        started = time.monotonic()
         try:
-            with self.client.pipeline(transaction=False) as pipe:
-                for batch in batches:
-                    if self._cluster:
-                        _queue_eval(pipe, batch)
-                    else:
-                        self._script(keys=batch.keys, args=batch.args, client=pipe)
-                results = pipe.execute(raise_on_error=False)
+            results = self._run(lambda: self._pipeline(batches), started)
             for index, fallback in _to_rerun(batches, results):
-                results[index] = self._evalsha(fallback.keys, fallback.args)
-        except _UNAVAILABLE as exc:
-            raise PublisherUnavailable(f"Redis unavailable: {exc}") from exc
+                try:
+                    results[index] = self._run(
+                        lambda f=fallback: self._evalsha(f.keys, f.args), started
+                    )
+                except redis.exceptions.ResponseError as exc:
+                    results[index] = exc
         except redis.exceptions.RedisError as exc:
-            raise PublishError(f"publish failed: {exc}") from exc
+            raise script_error(exc) from exc
         return _collect(batches, results, len(events))
+
+    def _pipeline(self, batches: list[PreparedBatch]) -> list:
+        """One attempt: every script call in one pipeline; error replies come back as results."""
+        with self.client.pipeline(transaction=False) as pipe:
+            for batch in batches:
+                if self._cluster:
+                    _queue_eval(pipe, batch)
+                else:
+                    self._script(keys=batch.keys, args=batch.args, client=pipe)
+            return pipe.execute(raise_on_error=False)
 
     def close(self) -> None:
         if self._direct is not None:
@@ -342,6 +434,9 @@ class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
 
     >>> publisher = AsyncPublisher.from_url("redis://localhost:6379/0")
     >>> await publisher.agent_resumed(1, "backend-worker-001", task_id=456, blocker_id=123)
+
+    With any client (yours too), every call also ends within ``timeout`` (default 10 s): when
+    it runs out, the call is cancelled (its connection dropped) and PublisherUnavailable raised.
     """
 
     def __init__(
@@ -353,6 +448,8 @@ class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
         idempotency_window: timedelta = timedelta(minutes=10),
         sharded: bool | None = None,
         retry_guard: timedelta | None = RETRY_GUARD,
+        timeout: float | None = None,
+        _built: bool = False,
     ) -> None:
         import redis.asyncio.cluster
 
@@ -364,30 +461,56 @@ class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
             sharded=is_cluster if sharded is None else sharded,
             retry_guard=retry_guard,
         )
+        self._policy = _policy(client, timeout, _built)
         self.client = client
         self._cluster = is_cluster
         self._script = client.register_script(lua.PUBLISH)
         self._direct = AsyncDirectCommands(client) if AsyncDirectCommands.supports(client) else None
 
     @classmethod
-    def from_url(cls, url: str, **kwargs) -> AsyncPublisher:
+    def from_url(cls, url: str, *, timeout: float | None = None, **kwargs) -> AsyncPublisher:
+        """See :meth:`Publisher.from_url`."""
         kwargs.setdefault("sharded", is_cluster_url(url))
-        return cls(async_client(url), **kwargs)
+        timeout = DEFAULT_TIMEOUT if timeout is None else timeout
+        if not timeout > 0:
+            raise ValueError("timeout must be positive")
+        connect, read = _attempt_timeout(timeout)
+        client = async_client(url, retries=0, connect_timeout=connect, socket_timeout=read)
+        return cls(client, timeout=timeout, _built=True, **kwargs)
 
     async def publish(self, event: ProjectEvent, *, idempotency_key: str | None = None) -> Cursor:
         """See :meth:`Publisher.publish`."""
         batch = self._settings.single(event, idempotency_key)
+        started = time.monotonic()
         try:
-            try:
-                result = await self._evalsha(batch.keys, batch.args)
-            except redis.exceptions.ResponseError as exc:
-                fallback = _unguarded_or_raise(batch, exc)
-                result = await self._evalsha(fallback.keys, fallback.args)
-        except _UNAVAILABLE as exc:
-            raise PublisherUnavailable(f"Redis unavailable: {exc}") from exc
+            async with asyncio.timeout(self._policy.timeout):
+                try:
+                    result = await self._run(lambda: self._evalsha(batch.keys, batch.args), started)
+                except redis.exceptions.ResponseError as exc:
+                    fallback = _unguarded_or_raise(batch, exc)
+                    result = await self._run(
+                        lambda: self._evalsha(fallback.keys, fallback.args), started
+                    )
+        except TimeoutError as exc:  # asyncio.timeout ran out (redis-py's TimeoutError is not one)
+            raise PublisherUnavailable(
+                f"Redis unavailable: no reply within {self._policy.timeout} s"
+            ) from exc
         except redis.exceptions.RedisError as exc:
-            raise PublishError(f"publish failed: {exc}") from exc
+            raise script_error(exc) from exc
         return batch.cursors(result)[0]
+
+    async def _run(self, attempt: Callable[[], Awaitable[T]], started: float) -> T:
+        """See :meth:`Publisher._run`."""
+        failures = 0
+        while True:
+            try:
+                return await attempt()
+            except _UNAVAILABLE as exc:
+                failures += 1
+                pause = self._policy.delay(failures, time.monotonic() - started)
+                if pause is None:
+                    raise PublisherUnavailable(f"Redis unavailable: {exc}") from exc
+                await asyncio.sleep(pause)
 
     async def _evalsha(self, keys: list[str], args: list) -> list:
         # See Publisher._evalsha.
@@ -397,8 +520,11 @@ class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
                 return await direct.execute(
                     pack_command("EVALSHA", self._script.sha, len(keys), *keys, *args)
                 )
-            except (redis.exceptions.NoScriptError, *_UNAVAILABLE):
+            except redis.exceptions.NoScriptError:
                 pass
+            except _UNAVAILABLE:
+                if self._policy.attempt_timeout is not None:
+                    raise
         client, sha = self.client, self._script.sha
         try:
             return await client.execute_command("EVALSHA", sha, len(keys), *keys, *args)
@@ -412,21 +538,33 @@ class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
         batches = self._settings.batches(events)
         if not batches:
             return []
+        started = time.monotonic()
         try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for batch in batches:
-                    if self._cluster:
-                        _queue_eval(pipe, batch)
-                    else:
-                        await self._script(keys=batch.keys, args=batch.args, client=pipe)
-                results = await pipe.execute(raise_on_error=False)
-            for index, fallback in _to_rerun(batches, results):
-                results[index] = await self._evalsha(fallback.keys, fallback.args)
-        except _UNAVAILABLE as exc:
-            raise PublisherUnavailable(f"Redis unavailable: {exc}") from exc
+            async with asyncio.timeout(self._policy.timeout):
+                results = await self._run(lambda: self._pipeline(batches), started)
+                for index, fallback in _to_rerun(batches, results):
+                    try:
+                        results[index] = await self._run(
+                            lambda f=fallback: self._evalsha(f.keys, f.args), started
+                        )
+                    except redis.exceptions.ResponseError as exc:
+                        results[index] = exc
+        except TimeoutError as exc:
+            raise PublisherUnavailable(
+                f"Redis unavailable: no reply within {self._policy.timeout} s"
+            ) from exc
         except redis.exceptions.RedisError as exc:
-            raise PublishError(f"publish failed: {exc}") from exc
+            raise script_error(exc) from exc
         return _collect(batches, results, len(events))
+
+    async def _pipeline(self, batches: list[PreparedBatch]) -> list:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for batch in batches:
+                if self._cluster:
+                    _queue_eval(pipe, batch)
+                else:
+                    await self._script(keys=batch.keys, args=batch.args, client=pipe)
+            return await pipe.execute(raise_on_error=False)
 
     async def aclose(self) -> None:
         if self._direct is not None:

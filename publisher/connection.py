@@ -25,12 +25,12 @@ __all__ = [
     "sync_client",
 ]
 
-#: Retries per command before a publish gives up with ``PublisherUnavailable``: the first attempt
-#: plus 3 retries, with backoff 100 ms, 200 ms, 400 ms (redis-py's ExponentialBackoff sleeps
-#: ``base * 2**failures``), i.e. about 0.7 s when the server refuses connections, plus up to
-#: CONNECT_TIMEOUT per attempt when the host does not answer, or SOCKET_TIMEOUT per attempt when
-#: a connected server hangs (worst case about 4 x 5 s + 0.7 s; a single publish makes one attempt
-#: on a held connection first, see DirectCommands, so one timeout more).
+#: Retries per command for clients made with the default ``retries`` (the gateway's): the first
+#: attempt plus 3 retries, with backoff 100 ms, 200 ms, 400 ms (redis-py's ExponentialBackoff
+#: sleeps ``base * 2**failures``). redis-py applies this policy around each command AND around
+#: each connect inside it, so with a hung server the waits multiply. The publisher therefore
+#: builds its clients with ``retries=0`` (one connect, one command per call) and retries itself
+#: within one deadline (publisher.core.RetryPolicy).
 RETRIES = 3
 CONNECT_TIMEOUT = 2.0
 SOCKET_TIMEOUT = 5.0
@@ -45,45 +45,60 @@ def _plain_url(url: str) -> str:
     return urlunsplit(parts._replace(scheme=parts.scheme.removesuffix("+cluster")))
 
 
-def _options() -> dict:
+def _options(connect_timeout: float | None, socket_timeout: float | None) -> dict:
     return {
-        "socket_connect_timeout": CONNECT_TIMEOUT,
-        "socket_timeout": SOCKET_TIMEOUT,
+        "socket_connect_timeout": CONNECT_TIMEOUT if connect_timeout is None else connect_timeout,
+        "socket_timeout": SOCKET_TIMEOUT if socket_timeout is None else socket_timeout,
         "health_check_interval": 30,
     }
 
 
-def sync_client(url: str) -> redis.Redis | redis.cluster.RedisCluster:
-    """A synchronous client for ``url``."""
+def sync_client(
+    url: str,
+    *,
+    retries: int = RETRIES,
+    connect_timeout: float | None = None,
+    socket_timeout: float | None = None,
+) -> redis.Redis | redis.cluster.RedisCluster:
+    """A synchronous client for ``url``: ``retries`` retries per command (0: one attempt, one
+    connect), CONNECT_TIMEOUT and SOCKET_TIMEOUT unless given."""
+    from redis.retry import Retry
+
+    retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), retries)
+    options = _options(connect_timeout, socket_timeout)
     if is_cluster_url(url):
-        return redis.cluster.RedisCluster.from_url(
-            _plain_url(url),
-            retry=redis.retry.Retry(ExponentialBackoff(cap=0.5, base=0.05), RETRIES),
-            **_options(),
-        )
+        return redis.cluster.RedisCluster.from_url(_plain_url(url), retry=retry, **options)
     return redis.Redis.from_url(
         url,
-        retry=redis.retry.Retry(ExponentialBackoff(cap=0.5, base=0.05), RETRIES),
-        retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
-        **_options(),
+        retry=retry,
+        retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError]
+        if retries
+        else [],
+        **options,
     )
 
 
-def async_client(url: str) -> redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster:
-    """An asyncio client for ``url``."""
+def async_client(
+    url: str,
+    *,
+    retries: int = RETRIES,
+    connect_timeout: float | None = None,
+    socket_timeout: float | None = None,
+) -> redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster:
+    """An asyncio client for ``url`` (same arguments as :func:`sync_client`)."""
     from redis.asyncio.retry import Retry
 
+    retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), retries)
+    options = _options(connect_timeout, socket_timeout)
     if is_cluster_url(url):
-        return redis.asyncio.cluster.RedisCluster.from_url(
-            _plain_url(url),
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), RETRIES),
-            **_options(),
-        )
+        return redis.asyncio.cluster.RedisCluster.from_url(_plain_url(url), retry=retry, **options)
     return redis.asyncio.Redis.from_url(
         url,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), RETRIES),
-        retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
-        **_options(),
+        retry=retry,
+        retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError]
+        if retries
+        else [],
+        **options,
     )
 
 
@@ -98,9 +113,10 @@ class DirectCommands:
     TLS, database and timeouts, still apply) and runs each call as one send and one read.
 
     This lane makes one attempt and no retry: on a connection error or timeout the connection is
-    dropped and the error raised, and the caller repeats the call through the client, with its
-    retry policy (the publish script's retry guard makes that repeat safe). Reply errors leave
-    the connection in a clean state and keep it.
+    dropped and the error raised, and the caller repeats the call (the publish script's retry
+    guard makes that repeat safe). Taking a new connection from the pool connects with the
+    client's own connect policy (one connect for the clients the publisher builds). Reply errors
+    leave the connection in a clean state and keep it.
 
     Thread-safe: a connection is used by one call at a time (``list.pop``/``append`` are atomic).
     A forked child starts with no idle connections, never sharing its parent's sockets.

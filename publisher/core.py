@@ -6,6 +6,7 @@ trips around these functions, so both flavours behave identically.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import re
@@ -21,10 +22,13 @@ from schemas.keys import Keys
 
 __all__ = [
     "Cursor",
+    "IdempotencyConflict",
     "PreparedBatch",
     "PublishError",
+    "PublishManyError",
     "PublisherUnavailable",
     "Retention",
+    "RetryPolicy",
     "new_epoch",
     "pack_command",
     "plan_batches",
@@ -42,9 +46,74 @@ class PublishError(Exception):
 
 
 class PublisherUnavailable(PublishError):
-    """Redis could not be reached after the configured retries. Nothing was published, or, if the
-    connection broke after the script was sent, the event may have been published exactly once:
-    pass an ``idempotency_key`` to make retrying such a publish safe."""
+    """Redis could not be reached (refused, reset, timed out, hung) within the publisher's
+    ``timeout``. Nothing was published, or, if the script was sent before the connection failed,
+    the event may have been published exactly once: pass an ``idempotency_key`` to make retrying
+    such a publish safe."""
+
+
+class IdempotencyConflict(PublishError):
+    """An idempotency key was used again, within its window and the same epoch, for a different
+    event (another type, or any field other than the event's own timestamp). Nothing was written;
+    ``cursor`` is where the first event under ``key`` was published."""
+
+    def __init__(self, key: str, cursor: Cursor) -> None:
+        super().__init__(
+            f"idempotency key {key!r} was already used for a different event "
+            f"(published at epoch {cursor.epoch!r}, seq {cursor.seq}); nothing was written"
+        )
+        self.key = key
+        self.cursor = cursor
+
+
+class PublishManyError(PublishError):
+    """``publish_many``: Redis refused some of the burst's script calls (e.g. a project whose
+    keys another writer damaged) while the others were applied.
+
+    ``cursors`` has one entry per input event, in the input order: the event's cursor if it was
+    published, ``None`` if nothing of it was written. ``errors`` maps each project that failed to
+    its error. Retrying exactly the events at ``unpublished`` neither loses nor duplicates any.
+    """
+
+    def __init__(self, cursors: list[Cursor | None], errors: dict[int, PublishError]) -> None:
+        self.cursors = cursors
+        self.errors = errors
+        self.unpublished = [i for i, cursor in enumerate(cursors) if cursor is None]
+        published = len(cursors) - len(self.unpublished)
+        reasons = "; ".join(f"project {p}: {e}" for p, e in sorted(errors.items()))
+        super().__init__(
+            f"{len(self.unpublished)} of {len(cursors)} events not published, "
+            f"{published} published (see .cursors): {reasons}"
+        )
+
+
+class RetryPolicy(NamedTuple):
+    """When a publisher call tries again after Redis did not answer, and when it gives up.
+
+    A call makes attempts, pausing ``backoff[i]`` seconds before attempt ``i + 2``; it gives up
+    with :class:`PublisherUnavailable` when the pauses are used up or when the next attempt could
+    end later than ``timeout`` seconds after the call began, an attempt taking at most
+    ``attempt_timeout`` when Redis does not answer (one connect plus one read timeout: the
+    clients the publisher builds make exactly one connect and one command per attempt). So a call
+    never fails later than ``timeout`` (as long as ``attempt_timeout <= timeout``), and re-sends
+    the same script call with the same retry guard, so an attempt that reached Redis late is not
+    published twice. ``attempt_timeout=None`` (a client you built, with your timeouts and retries)
+    means one attempt and no retry by the publisher.
+    """
+
+    timeout: float
+    attempt_timeout: float | None
+    backoff: tuple[float, ...] = (0.0, 0.1, 0.2, 0.4)
+
+    def delay(self, failures: int, elapsed: float) -> float | None:
+        """The pause before the next attempt after ``failures`` failed ones, ``elapsed`` seconds
+        into the call, or None to give up."""
+        if self.attempt_timeout is None or failures > len(self.backoff):
+            return None
+        pause = self.backoff[failures - 1]
+        if elapsed + pause + self.attempt_timeout > self.timeout:
+            return None
+        return pause
 
 
 class Cursor(NamedTuple):
@@ -133,11 +202,91 @@ class PreparedBatch(NamedTuple):
         args[6] = ""
         return self._replace(args=args)
 
-    def cursors(self, result: list) -> list[Cursor]:
-        epoch, last, _duplicate = result
-        epoch = epoch.decode() if isinstance(epoch, bytes) else epoch
-        last = int(last)
-        return [Cursor(epoch, last - self.size + i + 1) for i in range(self.size)]
+    def cursors(self, result: object) -> list[Cursor]:
+        """The cursors of this call's events from the script's reply.
+
+        Raises :class:`IdempotencyConflict` when the idempotency key was used for another event,
+        and :class:`PublishError` for a reply the script cannot have given.
+        """
+        reply = parse_reply(result)
+        if reply.status == CONFLICT:
+            key = str(self.args[6]).partition(":idem:")[2]
+            raise IdempotencyConflict(key, Cursor(reply.epoch, reply.last))
+        if reply.last < self.size:
+            raise PublishError(f"unexpected reply from the publish script: {result!r}")
+        return [Cursor(reply.epoch, reply.last - self.size + i + 1) for i in range(self.size)]
+
+
+#: Statuses of the publish script's reply (see schemas.lua.PUBLISH).
+PUBLISHED, DUPLICATE, CONFLICT = 0, 1, 2
+_REPLY_EPOCH_RE = re.compile(rb"^[A-Za-z0-9_-]{1,64}$")
+
+
+class ScriptReply(NamedTuple):
+    epoch: str
+    last: int
+    status: int
+
+
+def parse_reply(result: object) -> ScriptReply:
+    """Check the publish script's reply ``[epoch, last seq, status]`` at the boundary: an epoch as
+    the script writes it, a positive seq, a known status. Anything else raises PublishError (not
+    a bare UnicodeDecodeError or ValueError from deep inside the publisher)."""
+    if isinstance(result, list | tuple) and len(result) == 3:
+        epoch, last, status = result
+        if isinstance(epoch, str):
+            epoch = epoch.encode()
+        if (
+            isinstance(epoch, bytes)
+            and _REPLY_EPOCH_RE.match(epoch)
+            and isinstance(last, int)
+            and 0 < last < 2**53
+            and status in (PUBLISHED, DUPLICATE, CONFLICT)
+        ):
+            return ScriptReply(epoch.decode(), last, status)
+    raise PublishError(f"unexpected reply from the publish script: {result!r}"[:300])
+
+
+#: Prefix of the error reply with which the publish script refuses a damaged key.
+CORRUPT_MARK = "EVENTBUS_CORRUPT "
+
+
+def script_error(exc: Exception) -> PublishError:
+    """The publisher's error for an error reply of the publish script.
+
+    A key another writer damaged (see schemas.lua.PUBLISH) names that key; nothing was written,
+    and every publish to that project is refused the same way until the key is repaired or
+    deleted (deleting the project's meta key starts a new epoch: clients resync).
+    """
+    text = str(exc)
+    if text.startswith(CORRUPT_MARK):
+        detail = text[len(CORRUPT_MARK) :].partition(" script:")[0]
+        return PublishError(
+            f"refused, nothing written: the Redis key {detail} (not written by this publisher: "
+            "repair or delete it)"
+        )
+    return PublishError(f"publish failed: {text}")
+
+
+def event_digest(event: ProjectEvent, payload: bytes) -> str:
+    """What an idempotency record remembers of its event: a 128-bit BLAKE2b digest of the
+    encoded event without its own top-level timestamps.
+
+    Two publishes under one key are the same event when they agree on the type and on every
+    field but those timestamps, so a retry that stamps the time anew (the typed helpers default
+    to now) is recognised, and anything else is an :class:`IdempotencyConflict`.
+    """
+    stamps = [
+        field.name
+        for field in msgspec.structs.fields(event)
+        if isinstance(getattr(event, field.name), datetime)
+    ]
+    if stamps:
+        document = msgspec.json.decode(payload)
+        for name in stamps:
+            document.pop(name, None)
+        payload = msgspec.json.encode(document)
+    return hashlib.blake2b(payload, digest_size=16).hexdigest()
 
 
 def _common_args(
@@ -146,6 +295,7 @@ def _common_args(
     publish_command: str,
     channel: str,
     idempotency_key: str,
+    digest: str = "",
 ) -> list[bytes | str | int]:
     return [
         new_epoch(),
@@ -155,6 +305,7 @@ def _common_args(
         publish_command,
         channel,  # arguments, not keys: see schemas.lua.PUBLISH
         idempotency_key,
+        digest,
     ]
 
 
@@ -197,7 +348,7 @@ def prepare_single(
     ``retry_guard``, so that a retry of this very call can never publish the event twice.
     """
     payload = encode_event(event)
-    key_name = ""
+    key_name = digest = ""
     if idempotency_key is None and retry_guard:
         key_name = _retry_guard_key(keys, event.project_id)
         idempotency_window = retry_guard
@@ -207,8 +358,14 @@ def prepare_single(
         if idempotency_window <= timedelta(0):
             raise ValueError("idempotency_window must be positive")
         key_name = keys.idempotency(event.project_id, idempotency_key)
+        digest = event_digest(event, payload)
     args = _common_args(
-        retention, idempotency_window, publish_command, keys.channel(event.project_id), key_name
+        retention,
+        idempotency_window,
+        publish_command,
+        keys.channel(event.project_id),
+        key_name,
+        digest,
     )
     args.append(payload)
     return PreparedBatch(event.project_id, _keys(keys, event.project_id), args, 1, [0])

@@ -32,40 +32,91 @@ end
 #: KEYS: meta, stream
 #: ARGV: candidate epoch, max stream length, max age (ms, 0 = none), idempotency window (ms),
 #:       publish command ("PUBLISH" or "SPUBLISH"), channel, idempotency key name ('' for none),
-#:       then one JSON object per event.
+#:       digest of the event for that key ('' for none), then one JSON object per event.
 #: The channel and the idempotency key are arguments, not keys, although they share the slot:
 #: Redis Cluster counts a declared key that does not exist as "missing", and a multi-key call
 #: with a missing key in a slot being migrated is refused with TRYAGAIN. Neither exists before
 #: the call, so declaring them made every publish to a migrating slot fail until it ended.
-#: Returns {epoch, last seq, duplicate flag}: for a batch of n events, their sequence numbers are
-#: last-n+1 .. last. With an idempotency key already used, nothing is written and the first
-#: publish's cursor is returned with the duplicate flag set.
-PUBLISH = (
-    """
+#:
+#: Returns {epoch, last seq, status}: for a batch of n events, their sequence numbers are
+#: last-n+1 .. last; status 0 = published. With an idempotency key whose record belongs to the
+#: current epoch, nothing is written and the recorded cursor is returned with status 1 (same
+#: event: a duplicate) or 2 (the record's digest differs: another event under the same key).
+#: A record of another epoch is stale (the history it points into is gone): the batch is
+#: published again and the record replaced. Records are "<epoch>|<seq>|<digest>", or
+#: "<epoch>|<seq>" (retry guards, and records written before digests existed: never a conflict).
+#:
+#: Everything read is checked before the first write, so a key another writer damaged refuses
+#: the call with an error reply "EVENTBUS_CORRUPT <key> <what>" and nothing is written: a meta
+#: key that is not a hash or whose epoch or seq is not what this script writes, an idempotency
+#: key that is not a record, a stream key of another type or whose entries run ahead of seq
+#: (refused by the first XADD, which runs before any other write). Redis refuses a script for
+#: OOM only at its first write, so an OOM refusal also writes nothing.
+PUBLISH = """
+local function corrupt(key, what)
+  return redis.error_reply('EVENTBUS_CORRUPT ' .. key .. ' ' .. what)
+end
+local meta = redis.pcall('HMGET', KEYS[1], 'epoch', 'seq')
+if meta['err'] then return corrupt(KEYS[1], 'is not a hash') end
+local epoch, seq = meta[1], meta[2]
+if epoch then
+  if #epoch > 64 or not string.find(epoch, '^[%w_-]+$') then
+    return corrupt(KEYS[1], 'has an invalid epoch')
+  end
+  if not seq or #seq > 15 or not string.find(seq, '^%d+$') then
+    return corrupt(KEYS[1], 'has an invalid seq')
+  end
+  seq = tonumber(seq)
+end
 local idempotency_key = ARGV[7]
 if idempotency_key ~= '' then
-  local prior = redis.call('GET', idempotency_key)
+  local prior = redis.pcall('GET', idempotency_key)
+  if type(prior) == 'table' then return corrupt(idempotency_key, 'is not a string') end
   if prior then
-    local sep = string.find(prior, '|', 1, true)
-    return {string.sub(prior, 1, sep - 1), tonumber(string.sub(prior, sep + 1)), 1}
+    local e, s, d = string.match(prior, '^([%w_-]+)|(%d+)|(%x+)$')
+    if not e then
+      e, s = string.match(prior, '^([%w_-]+)|(%d+)$')
+      d = ''
+    end
+    if not e or #s > 15 then return corrupt(idempotency_key, 'is not an idempotency record') end
+    if e == epoch then
+      local status = 1
+      if d ~= '' and ARGV[8] ~= '' and d ~= ARGV[8] then status = 2 end
+      return {e, tonumber(s), status}
+    end
   end
 end
-"""
-    + _ENSURE_EPOCH
-    + """
-local n = #ARGV - 7
-local last = redis.call('HINCRBY', KEYS[1], 'seq', n)
+if not epoch then
+  -- A new history (first publish, or Redis lost the metadata): a stale stream goes with it.
+  epoch = ARGV[1]
+  seq = 0
+  redis.call('DEL', KEYS[2])
+end
+local n = #ARGV - 8
+local last = seq + n
 local time = redis.call('TIME')
 local now_ms = string.format('%d', tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000))
 local maxlen = ARGV[2]
 local publish = ARGV[5]
 local channel = ARGV[6]
 for i = 1, n do
-  local seq = string.format('%d', last - n + i)
-  local payload = ARGV[7 + i]
-  local frame = string.sub(payload, 1, -2) .. ',"seq":' .. seq .. '}'
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, seq .. '-0', 'f', frame, 't', now_ms)
-  redis.call(publish, channel, epoch .. '|' .. seq .. '|' .. now_ms .. '|' .. frame)
+  local id = string.format('%d', seq + i)
+  local payload = ARGV[8 + i]
+  local frame = string.sub(payload, 1, -2) .. ',"seq":' .. id .. '}'
+  if i == 1 then
+    local added = redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', maxlen, id .. '-0', 'f', frame,
+                              't', now_ms)
+    if type(added) == 'table' and added['err'] then
+      if string.find(added['err'], '^OOM') then return added end
+      return corrupt(KEYS[2], 'refused the next entry: ' .. added['err'])
+    end
+    redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', last)
+    -- A history a read created (SNAPSHOT) expires unless published to: now it is permanent.
+    if seq == 0 then redis.call('PERSIST', KEYS[1]) end
+  else
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, id .. '-0', 'f', frame, 't', now_ms)
+  end
+  redis.call(publish, channel, epoch .. '|' .. id .. '|' .. now_ms .. '|' .. frame)
 end
 local max_age = tonumber(ARGV[3])
 if max_age > 0 then
@@ -95,11 +146,12 @@ if max_age > 0 then
   redis.call('PEXPIRE', KEYS[2], max_age)
 end
 if idempotency_key ~= '' then
-  redis.call('SET', idempotency_key, epoch .. '|' .. string.format('%d', last), 'PX', ARGV[4])
+  local record = epoch .. '|' .. string.format('%d', last)
+  if ARGV[8] ~= '' then record = record .. '|' .. ARGV[8] end
+  redis.call('SET', idempotency_key, record, 'PX', ARGV[4])
 end
 return {epoch, last, 0}
 """
-)
 
 #: Read a project's cursor and, optionally, the history after a client's cursor, atomically.
 #:

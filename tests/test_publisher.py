@@ -333,7 +333,8 @@ def test_idempotent_retry_publishes_once(publisher: Publisher, fake_redis, chann
     first = publisher.publish(resolved(n=1), idempotency_key="resolve-123")
     publisher.publish(resolved(n=2))
     again = publisher.publish(resolved(n=1), idempotency_key="resolve-123")
-    via_helper = publisher.blocker_resolved(1, 1, "x", idempotency_key="resolve-123")
+    # The helper stamps resolved_at anew: still the same event for its idempotency key.
+    via_helper = publisher.blocker_resolved(1, 1, "answer 1", idempotency_key="resolve-123")
     assert again == first == via_helper == Cursor(first.epoch, 1)
     assert [f["seq"] for f in stream_frames(fake_redis, 1)] == [1, 2]
     assert [parse_envelope(m).seq for m in drain(channel)] == [1, 2]
@@ -406,7 +407,7 @@ def test_lost_metadata_drops_the_stale_stream(publisher: Publisher, fake_redis) 
 def test_redis_errors_are_publish_errors(fake_redis) -> None:
     publisher = Publisher(fake_redis)
     fake_redis.set(KEYS.meta(1), "not a hash")  # WRONGTYPE inside the script
-    with pytest.raises(PublishError, match="publish failed") as info:
+    with pytest.raises(PublishError, match=r"eventbus:\{1\}:meta is not a hash") as info:
         publisher.publish(resolved())
     assert not isinstance(info.value, PublisherUnavailable)
     with pytest.raises(PublishError):
