@@ -21,7 +21,7 @@ from pathlib import Path
 from bench.common import RESULTS_DIR
 
 #: Benchmarks in the order they run. ``bench.gateway`` may not exist yet: it is skipped then.
-MODULES = ["bench.publisher", "bench.gateway"]
+MODULES = ["bench.publisher", "bench.gateway", "bench.http_api"]
 
 
 def _exists(module: str) -> bool:
