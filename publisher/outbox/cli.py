@@ -1,0 +1,170 @@
+"""``python -m publisher.outbox``: run the outbox relay, print or apply the migration.
+
+    python -m publisher.outbox relay --dsn postgresql://app@db/app --redis-url redis://redis:6379/0
+    python -m publisher.outbox relay --sqlite /var/lib/app/app.db
+    python -m publisher.outbox migrate --dialect postgresql            # print the DDL
+    python -m publisher.outbox migrate --dsn postgresql://app@db/app   # apply it
+
+``--dsn`` defaults to ``$EVENTBUS_OUTBOX_DSN``, ``--redis-url`` to ``$EVENTBUS_REDIS_URL`` (else
+``redis://127.0.0.1:6379/0``), ``--prefix`` to ``$EVENTBUS_PREFIX``. The relay logs structlog
+JSON lines on stderr and stops cleanly on SIGTERM / SIGINT (exit 0). Exit 2: usage error.
+
+:func:`relay_main` takes the arguments after ``relay``, for wiring as ``python -m publisher
+relay``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sqlite3
+import sys
+from collections.abc import Sequence
+from datetime import timedelta
+
+import structlog
+
+from publisher.outbox.relay import OutboxRelay, PostgresOutboxStore, SQLiteOutboxStore
+from publisher.outbox.sql import DEFAULT_TABLE, POSTGRES, SQLITE, migration_sql, validate_table
+from schemas.keys import DEFAULT_PREFIX
+
+__all__ = ["main", "relay_main"]
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def _table(text: str) -> str:
+    try:
+        return validate_table(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _source(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--dsn",
+        default=os.environ.get("EVENTBUS_OUTBOX_DSN"),
+        help="PostgreSQL connection string or URL (default $EVENTBUS_OUTBOX_DSN)",
+    )
+    group.add_argument("--sqlite", metavar="PATH", help="SQLite database file")
+    parser.add_argument("--table", type=_table, default=DEFAULT_TABLE, help="outbox table")
+
+
+def _relay_arguments(parser: argparse.ArgumentParser) -> None:
+    _source(parser)
+    parser.add_argument(
+        "--redis-url", default=os.environ.get("EVENTBUS_REDIS_URL", DEFAULT_REDIS_URL)
+    )
+    parser.add_argument("--prefix", default=os.environ.get("EVENTBUS_PREFIX", DEFAULT_PREFIX))
+    parser.add_argument("--batch-size", type=int, default=500, help="rows per batch (500)")
+    parser.add_argument(
+        "--max-rate",
+        type=float,
+        default=5_000,
+        help="events/s at most, e.g. while catching up after an outage (5000; 0: no limit)",
+    )
+    parser.add_argument(
+        "--poll-interval", type=float, default=1.0, help="seconds between looks when not woken"
+    )
+    parser.add_argument(
+        "--retention",
+        type=float,
+        default=3600,
+        help="seconds published rows are kept (3600; each project's newest is always kept)",
+    )
+    parser.add_argument(
+        "--no-leader",
+        action="store_true",
+        help="PostgreSQL: every relay works (default: one active relay per table, the others wait)",
+    )
+    parser.add_argument("--stats-interval", type=float, default=10.0)
+    parser.add_argument("--log-level", default="info")
+
+
+def _configure_logging(level: str) -> None:
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]
+        ),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
+
+
+def _run_relay(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from publisher.client import Publisher
+
+    if args.sqlite:
+        store = SQLiteOutboxStore(args.sqlite, args.table)
+    elif args.dsn:
+        store = PostgresOutboxStore(args.dsn, args.table, leader=not args.no_leader)
+    else:
+        parser.error("give --dsn (or $EVENTBUS_OUTBOX_DSN) or --sqlite")
+    _configure_logging(args.log_level)
+    publisher = Publisher.from_url(args.redis_url, prefix=args.prefix)
+    relay = OutboxRelay(
+        store,
+        publisher,
+        batch_size=args.batch_size,
+        max_rate=args.max_rate,
+        poll_interval=args.poll_interval,
+        retention=timedelta(seconds=args.retention),
+        stats_interval=args.stats_interval,
+    )
+
+    def stop(_signum: int, _frame: object) -> None:
+        relay._stop.set()  # the loop ends after the current batch (marked) or wait
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    structlog.get_logger("publisher.outbox").info(
+        "outbox_relay_started", table=args.table, source="sqlite" if args.sqlite else "postgresql"
+    )
+    try:
+        relay.run()
+    finally:
+        store.close()
+        publisher.close()
+    return 0
+
+
+def relay_main(argv: Sequence[str] | None = None, prog: str = "python -m publisher.outbox relay"):
+    """The ``relay`` subcommand alone (arguments after ``relay``)."""
+    parser = argparse.ArgumentParser(prog=prog, description="Publish the outbox table to Redis.")
+    _relay_arguments(parser)
+    return _run_relay(parser.parse_args(argv), parser)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m publisher.outbox", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    relay = sub.add_parser("relay", help="publish the outbox table to Redis, forever")
+    _relay_arguments(relay)
+    migrate = sub.add_parser("migrate", help="print (or, with --dsn/--sqlite, apply) the DDL")
+    migrate.add_argument("--dialect", choices=[POSTGRES, SQLITE])
+    _source(migrate)
+    args = parser.parse_args(argv)
+    if args.command == "relay":
+        return _run_relay(args, relay)
+    if args.sqlite:
+        with sqlite3.connect(args.sqlite) as conn:
+            conn.executescript(migration_sql(SQLITE, args.table))
+        return 0
+    if args.dsn and not args.dialect:
+        import psycopg
+
+        with psycopg.connect(args.dsn) as conn:
+            conn.execute(migration_sql(POSTGRES, args.table))
+        return 0
+    if not args.dialect:
+        migrate.error("give --dialect to print the DDL, or --dsn / --sqlite to apply it")
+    sys.stdout.write(migration_sql(args.dialect, args.table))
+    return 0

@@ -1,0 +1,463 @@
+"""The relay: publishes the outbox table to Redis, in order per project, exactly once.
+
+How it stays exact (see ``docs/outbox.md`` for the long form):
+
+* Rows are read in id order, which is commit order within a project (the writer's per-project
+  advisory lock on PostgreSQL; SQLite has one writer at a time), and published one after the
+  other in that order.
+* Each row is published with the idempotency key ``outbox:<table>:<id>:<token>``. A row that was
+  published but not yet marked (the relay died in between, or another relay got there first) is
+  published again as a no-op that returns the first cursor: nothing is duplicated.
+* Two relays that both run never reorder: a relay publishes row *k* of a project only after its
+  own publish of the project's previous row returned, i.e. after that row is in the stream (put
+  there by itself or by the other relay). Leadership (``pg_try_advisory_lock``) only saves the
+  duplicated work; correctness does not depend on it.
+* The one bound: the idempotency window (10 minutes by default, ``Publisher(idempotency_window=)``).
+  A relay that stalls for longer than that between reading a batch and publishing it could
+  publish rows again that another relay published meanwhile; a batch older than
+  ``stale_after`` (5 minutes) is therefore dropped and read again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any, NamedTuple, Protocol
+
+import structlog
+
+from publisher.core import Cursor, PublishError, PublisherUnavailable
+from publisher.outbox.metrics import RateLimiter, RelayMetrics
+from publisher.outbox.sql import DEFAULT_TABLE, POSTGRES, SQLITE, Statements, for_psycopg
+from schemas.events import EventValidationError, decode_event
+
+__all__ = ["OutboxRelay", "OutboxRow", "PostgresOutboxStore", "SQLiteOutboxStore"]
+
+log = structlog.get_logger("publisher.outbox")
+
+
+class OutboxRow(NamedTuple):
+    id: int
+    project_id: int
+    token: str
+    event: str
+    created_at: float  # unix seconds, database clock
+
+
+def idempotency_key(table: str, row: OutboxRow) -> str:
+    """The key a row is published with: unique per row, even across a re-created table."""
+    return f"outbox:{table}:{row.id}:{row.token}"
+
+
+class OutboxStore(Protocol):
+    """The relay's side of the table (its own connections, never the application's)."""
+
+    table: str
+
+    def lead(self) -> bool:
+        """True while this relay may publish (always True without leader election)."""
+
+    def fetch(self, limit: int) -> list[OutboxRow]: ...
+
+    def mark(self, published: list[tuple[int, Cursor]]) -> None: ...
+
+    def backlog(self) -> int: ...
+
+    def cleanup(self, retention: timedelta, limit: int) -> int: ...
+
+    def wait(self, timeout: float) -> None:
+        """Return when woken (NOTIFY, :meth:`wake`) or after ``timeout`` seconds."""
+
+    def wake(self) -> None: ...
+
+    def reset(self) -> None:
+        """Drop the connections after an error; the next call reconnects."""
+
+    def close(self) -> None: ...
+
+
+class PostgresOutboxStore:
+    """The relay's two connections to PostgreSQL (psycopg 3): one for its work, which also holds
+    the leader lock, and one that LISTENs for the writers' NOTIFY.
+
+    Args:
+        dsn: a libpq connection string or URL.
+        leader: elect one active relay per table with ``pg_try_advisory_lock`` (the others wait
+            and take over when its session ends). False lets every relay work: still exact, but
+            duplicated work.
+    """
+
+    def __init__(self, dsn: str, table: str = DEFAULT_TABLE, *, leader: bool = True) -> None:
+        import psycopg  # the optional 'postgres' extra
+
+        self._psycopg = psycopg
+        self.dsn = dsn
+        self.table = table
+        self.leader = leader
+        self.st = Statements(table, POSTGRES)
+        self._work: Any = None
+        self._listen: Any = None
+        self._is_leader = False
+
+    def _conn(self) -> Any:
+        if self._work is None or self._work.closed:
+            self._work = self._psycopg.connect(self.dsn, autocommit=True)
+            self._is_leader = False
+        return self._work
+
+    def _q(self, sql: str, params: dict[str, Any]) -> list[tuple]:
+        cur = self._conn().execute(for_psycopg(sql), params)
+        return cur.fetchall() if cur.description is not None else []
+
+    def lead(self) -> bool:
+        if not self.leader:
+            return True
+        if not self._is_leader:
+            (self._is_leader,) = self._q(self.st.try_lead, {"key": self.st.leader_key})[0]
+        return self._is_leader
+
+    def fetch(self, limit: int) -> list[OutboxRow]:
+        rows = self._q(self.st.pending, {"limit": limit})
+        return [OutboxRow(r[0], r[1], r[2], r[3], float(r[4])) for r in rows]
+
+    def mark(self, published: list[tuple[int, Cursor]]) -> None:
+        conn = self._conn()
+        with conn.transaction(), conn.cursor() as cur:
+            cur.executemany(
+                for_psycopg(self.st.mark),
+                [{"id": i, "epoch": c.epoch, "seq": c.seq} for i, c in published],
+            )
+
+    def backlog(self) -> int:
+        return int(self._q(self.st.backlog, {})[0][0])
+
+    def cleanup(self, retention: timedelta, limit: int) -> int:
+        cur = self._conn().execute(
+            for_psycopg(self.st.cleanup),
+            {"retention": retention.total_seconds(), "limit": limit},
+        )
+        return cur.rowcount
+
+    def wait(self, timeout: float) -> None:
+        if self._listen is None or self._listen.closed:
+            self._listen = self._psycopg.connect(self.dsn, autocommit=True)
+            self._listen.execute(f"LISTEN {self.st.channel}")
+        for _ in self._listen.notifies(timeout=timeout, stop_after=1):
+            pass
+        # Several commits may have notified meanwhile: one wake-up serves them all.
+        for _ in self._listen.notifies(timeout=0):
+            pass
+
+    def wake(self) -> None:
+        with contextlib.suppress(Exception):
+            self._q(self.st.notify, {"channel": self.st.channel})
+
+    def reset(self) -> None:
+        for conn in (self._work, self._listen):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.close()
+        self._work = self._listen = None
+        self._is_leader = False
+
+    close = reset
+
+
+class SQLiteOutboxStore:
+    """The relay's connection to a SQLite database file. No leader election (run one relay per
+    file; a second one is exact too, only wasteful); woken by :meth:`wake` from the writing
+    process, else by polling."""
+
+    def __init__(self, path: str, table: str = DEFAULT_TABLE) -> None:
+        self.path = path
+        self.table = table
+        self.st = Statements(table, SQLITE)
+        self._conn: sqlite3.Connection | None = None
+        self._woken = threading.Event()
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            # Autocommit (isolation_level=None): each statement is its own transaction, and the
+            # marks of a batch one explicit transaction. The busy timeout rides out writers.
+            self._conn = sqlite3.connect(
+                self.path, isolation_level=None, timeout=30, check_same_thread=False
+            )
+        return self._conn
+
+    def lead(self) -> bool:
+        return True
+
+    def fetch(self, limit: int) -> list[OutboxRow]:
+        rows = self._db().execute(self.st.pending, {"limit": limit}).fetchall()
+        return [OutboxRow(*row) for row in rows]
+
+    def mark(self, published: list[tuple[int, Cursor]]) -> None:
+        db = self._db()
+        now = time.time()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(
+                self.st.mark,
+                [{"id": i, "epoch": c.epoch, "seq": c.seq, "now": now} for i, c in published],
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def backlog(self) -> int:
+        return int(self._db().execute(self.st.backlog).fetchone()[0])
+
+    def cleanup(self, retention: timedelta, limit: int) -> int:
+        cutoff = time.time() - retention.total_seconds()
+        return self._db().execute(self.st.cleanup, {"cutoff": cutoff, "limit": limit}).rowcount
+
+    def wait(self, timeout: float) -> None:
+        self._woken.wait(timeout)
+        self._woken.clear()
+
+    def wake(self) -> None:
+        self._woken.set()
+
+    def reset(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+        self._conn = None
+
+    close = reset
+
+
+def _chunks(rows: list[OutboxRow], size: int) -> Iterator[list[OutboxRow]]:
+    for start in range(0, len(rows), size):
+        yield rows[start : start + size]
+
+
+class OutboxRelay:
+    """Publishes an outbox table through a :class:`~publisher.Publisher`, in order per project.
+
+    In-process: ``relay.start()`` (a daemon thread) and ``relay.stop()``; or drive it yourself
+    with :meth:`run_once` / :meth:`run`. Command line: ``python -m publisher.outbox relay``.
+
+    Args:
+        store: :class:`PostgresOutboxStore` or :class:`SQLiteOutboxStore` (or use
+            :meth:`postgres` / :meth:`sqlite`).
+        publisher: publishes the events; its ``idempotency_window`` (10 minutes by default) is how
+            long a published row stays recognisable if it is published again.
+        batch_size: rows read per batch (500).
+        max_rate: at most this many events per second on average, bursts of a tenth of it
+            (5,000/s; 0 for no limit): bounds the catch-up after an outage.
+        poll_interval: longest sleep between two looks at the table when nothing woke the relay
+            (1 s; NOTIFY wakes a PostgreSQL relay at once).
+        retention: published rows are deleted this long after publishing (1 hour), except each
+            project's newest published row (its cursor serves snapshots).
+        stats_interval: seconds between two ``outbox_relay_stats`` log lines (when anything
+            changed).
+        stale_after: a batch read longer ago than this is dropped and read again (see the module
+            docstring); keep it well below the publisher's idempotency window.
+    """
+
+    def __init__(
+        self,
+        store: OutboxStore,
+        publisher: Any,
+        *,
+        batch_size: int = 500,
+        max_rate: float | None = 5_000,
+        poll_interval: float = 1.0,
+        retention: timedelta = timedelta(hours=1),
+        stats_interval: float = 10.0,
+        backlog_interval: float = 1.0,
+        cleanup_interval: float = 60.0,
+        stale_after: float = 300.0,
+        max_backoff: float = 5.0,
+        metrics: RelayMetrics | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if retention < timedelta(minutes=1):
+            raise ValueError("retention must be at least a minute (snapshots read the cursors)")
+        self.store = store
+        self.publisher = publisher
+        self.table = store.table
+        self.batch_size = batch_size
+        self.limiter = RateLimiter(max_rate)
+        self.poll_interval = poll_interval
+        self.retention = retention
+        self.stats_interval = stats_interval
+        self.backlog_interval = backlog_interval
+        self.cleanup_interval = cleanup_interval
+        self.stale_after = stale_after
+        self.max_backoff = max_backoff
+        self.metrics = metrics or RelayMetrics()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._invalid_logged: set[int] = set()
+        self._next_backlog = self._next_cleanup = 0.0
+        self._next_stats = time.monotonic() + stats_interval
+        self._last_stats: dict[str, Any] | None = None
+
+    @classmethod
+    def postgres(
+        cls, dsn: str, publisher: Any, *, table: str = DEFAULT_TABLE, leader: bool = True, **kw
+    ) -> OutboxRelay:
+        return cls(PostgresOutboxStore(dsn, table, leader=leader), publisher, **kw)
+
+    @classmethod
+    def sqlite(cls, path: str, publisher: Any, *, table: str = DEFAULT_TABLE, **kw) -> OutboxRelay:
+        return cls(SQLiteOutboxStore(path, table), publisher, **kw)
+
+    # --- one batch ----------------------------------------------------------------------------
+
+    def run_once(self) -> int:
+        """Publish one batch (up to ``batch_size`` rows) and mark it; return how many rows were
+        published. Raises ``PublisherUnavailable`` / ``PublishError`` / database errors after
+        marking what was published before the error."""
+        if not self.store.lead():
+            self.metrics.leader = False
+            return 0
+        self.metrics.leader = True
+        rows = self.store.fetch(self.batch_size)
+        if not rows:
+            self.metrics.oldest_pending_s = None
+            return 0
+        fetched = time.monotonic()
+        self.metrics.oldest_pending_s = max(time.time() - rows[0].created_at, 0.0)
+        published: list[tuple[int, Cursor]] = []
+        lags: list[float] = []
+        held: set[int] = set()  # projects with an invalid row: nothing later of theirs goes out
+        try:
+            # Chunks of at most the rate limiter's burst, so the limit holds within a batch.
+            for chunk in _chunks(rows, max(1, min(self.batch_size, int(self.limiter.burst)))):
+                pause = self.limiter.delay(len(chunk))
+                if pause and self._stop.wait(pause):
+                    break
+                if time.monotonic() - fetched > self.stale_after:
+                    break
+                for row in chunk:
+                    if row.project_id in held:
+                        continue
+                    event = self._decode(row)
+                    if event is None:
+                        held.add(row.project_id)
+                        continue
+                    cursor = self.publisher.publish(
+                        event, idempotency_key=idempotency_key(self.table, row)
+                    )
+                    published.append((row.id, cursor))
+                    lags.append((time.time() - row.created_at) * 1000)
+        finally:
+            if published:
+                self.store.mark(published)
+                self.metrics.record_published(lags)
+        return len(published)
+
+    def _decode(self, row: OutboxRow) -> Any:
+        try:
+            event = decode_event(row.event)
+            if event.project_id != row.project_id:
+                raise EventValidationError(
+                    f"the event's project_id {event.project_id} is not the row's {row.project_id}"
+                )
+            return event
+        except EventValidationError as exc:
+            if row.id not in self._invalid_logged:  # once per row, however often it is retried
+                self._invalid_logged.add(row.id)
+                self.metrics.invalid_rows += 1
+                log.error(
+                    "outbox_invalid_row",
+                    table=self.table,
+                    row_id=row.id,
+                    project_id=row.project_id,
+                    error=str(exc),
+                    action="this project's later rows wait until the row is fixed or deleted",
+                )
+            return None
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Publish until :meth:`stop`: batches back to back while the table has rows, then
+        sleep until woken or ``poll_interval``; back off (0.1 s doubling to ``max_backoff``)
+        while Redis or the database fails."""
+        failures = 0
+        outage_started: float | None = None
+        while not self._stop.is_set():
+            try:
+                count = self.run_once()
+            except PublisherUnavailable as exc:
+                self.metrics.unavailable += 1
+                if outage_started is None:
+                    outage_started = time.monotonic()
+                    log.warning("outbox_redis_unavailable", table=self.table, error=str(exc))
+                failures += 1
+                self._stop.wait(min(0.1 * 2 ** (failures - 1), self.max_backoff))
+                self._housekeeping()
+                continue
+            except Exception as exc:  # a Redis error reply, the database gone, ...
+                self.metrics.errors += 1
+                failures += 1
+                if failures == 1 or failures % 50 == 0:  # bounded logging during an outage
+                    kind = "redis" if isinstance(exc, PublishError) else "database"
+                    log.warning(
+                        "outbox_relay_error", table=self.table, source=kind, error=repr(exc)
+                    )
+                if not isinstance(exc, PublishError):
+                    self.store.reset()
+                self._stop.wait(min(0.1 * 2 ** (failures - 1), self.max_backoff))
+                continue
+            failures = 0
+            if outage_started is not None and count:
+                log.info(
+                    "outbox_redis_available",
+                    table=self.table,
+                    outage_s=round(time.monotonic() - outage_started, 1),
+                    backlog=self.metrics.backlog,
+                )
+                outage_started = None
+            self._housekeeping()
+            if count < self.batch_size and not self._stop.is_set():
+                self.store.wait(self.poll_interval)
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        try:
+            if now >= self._next_backlog:
+                self._next_backlog = now + self.backlog_interval
+                self.metrics.backlog = self.store.backlog()
+            if now >= self._next_cleanup and self.metrics.leader:
+                self._next_cleanup = now + self.cleanup_interval
+                self.store.cleanup(self.retention, 10_000)
+        except Exception as exc:
+            log.warning("outbox_relay_error", table=self.table, source="database", error=repr(exc))
+            self.store.reset()
+        if now >= self._next_stats:
+            self._next_stats = now + self.stats_interval
+            stats = self.metrics.as_dict()
+            if stats != self._last_stats:
+                self._last_stats = stats
+                log.info("outbox_relay_stats", table=self.table, **stats)
+
+    def start(self) -> OutboxRelay:
+        """Run :meth:`run` in a daemon thread."""
+        self._stop.clear()
+        self._thread = threading.Thread(target=self.run, name="outbox-relay", daemon=True)
+        self._thread.start()
+        return self
+
+    def wake(self) -> None:
+        """Look at the table now (call after a commit when the relay runs in-process; PostgreSQL
+        writers NOTIFY by themselves)."""
+        self.store.wake()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self.store.wake()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        self.store.close()

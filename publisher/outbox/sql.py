@@ -1,0 +1,177 @@
+"""The outbox table: its migration SQL (PostgreSQL and SQLite) and every statement run on it.
+
+Pure: strings and small functions, no database driver imported. Statements are written once with
+named parameters (``:name``, what ``sqlite3`` and SQLAlchemy's ``text()`` take) and converted to
+psycopg's ``%(name)s`` by :func:`for_psycopg`.
+
+The migration SQL ships as constants (:data:`POSTGRES_DDL`, :data:`SQLITE_DDL`, formatted with the
+table name by :func:`migration_sql`) rather than files, so it is part of the installed package
+without package-data settings; ``python -m publisher.outbox migrate --dialect postgres`` prints it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+__all__ = [
+    "DEFAULT_TABLE",
+    "POSTGRES",
+    "POSTGRES_DDL",
+    "SQLITE",
+    "SQLITE_DDL",
+    "Statements",
+    "for_psycopg",
+    "lock_key",
+    "migration_sql",
+    "notify_channel",
+    "validate_table",
+]
+
+POSTGRES = "postgresql"
+SQLITE = "sqlite"
+DEFAULT_TABLE = "eventbus_outbox"
+
+_TABLE_RE = re.compile(r"^(?:[a-z_][a-z0-9_]{0,62}\.)?[a-z_][a-z0-9_]{0,40}$")
+
+#: PostgreSQL. ``id`` order is commit order per project (writers of one project serialize on a
+#: transaction-level advisory lock, see ``publisher.outbox.writer``); ``token`` is random per row
+#: and part of the idempotency key, so ids re-issued after a restore from backup or a re-created
+#: table can never be mistaken for rows already published. ``epoch``/``seq`` are the cursor the
+#: relay got for the row, which the snapshot helper returns.
+POSTGRES_DDL = """\
+CREATE TABLE IF NOT EXISTS {table} (
+    id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    project_id   bigint NOT NULL,
+    token        text NOT NULL,
+    event        text NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT clock_timestamp(),
+    published_at timestamptz,
+    epoch        text,
+    seq          bigint
+);
+CREATE INDEX IF NOT EXISTS {name}_pending ON {table} (id) WHERE published_at IS NULL;
+CREATE INDEX IF NOT EXISTS {name}_project ON {table} (project_id, id);
+"""
+
+#: SQLite. AUTOINCREMENT, because a plain INTEGER PRIMARY KEY reuses the highest id once that
+#: row is deleted. Times are unix seconds (REAL). SQLite runs one writer at a time, so id order is
+#: commit order without any lock of ours.
+SQLITE_DDL = """\
+CREATE TABLE IF NOT EXISTS {table} (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    project_id   INTEGER NOT NULL,
+    token        TEXT NOT NULL,
+    event        TEXT NOT NULL,
+    created_at   REAL NOT NULL,
+    published_at REAL,
+    epoch        TEXT,
+    seq          INTEGER
+);
+CREATE INDEX IF NOT EXISTS {name}_pending ON {table} (id) WHERE published_at IS NULL;
+CREATE INDEX IF NOT EXISTS {name}_project ON {table} (project_id, id);
+"""
+
+
+def validate_table(table: str) -> str:
+    """The table name if it is a plain lower-case identifier, optionally schema-qualified (it is
+    interpolated into SQL, and the idempotency keys derived from it must stay short)."""
+    if not isinstance(table, str) or not _TABLE_RE.match(table):
+        raise ValueError(
+            "outbox table must be a lower-case identifier (optionally schema.table), "
+            f"at most 41 characters for the table itself, got {table!r}"
+        )
+    return table
+
+
+def migration_sql(dialect: str, table: str = DEFAULT_TABLE) -> str:
+    """The ``CREATE TABLE`` / ``CREATE INDEX`` script for ``dialect`` (idempotent: ``IF NOT
+    EXISTS`` everywhere)."""
+    validate_table(table)
+    name = table.rpartition(".")[2]
+    if dialect == POSTGRES:
+        return POSTGRES_DDL.format(table=table, name=name)
+    if dialect == SQLITE:
+        return SQLITE_DDL.format(table=table, name=name)
+    raise ValueError(f"unknown dialect {dialect!r}: {POSTGRES!r} or {SQLITE!r}")
+
+
+def lock_key(table: str, project_id: int) -> int:
+    """The PostgreSQL advisory lock key (a signed 64-bit int) of one project's outbox writes.
+
+    Derived from the table and the project, so it does not collide with the application's own
+    advisory locks in practice; a collision would only serialize two writers a little more."""
+    digest = hashlib.blake2b(f"eventbus-outbox:{table}:{project_id}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "big", signed=True)
+
+
+def notify_channel(table: str) -> str:
+    """The LISTEN/NOTIFY channel that wakes the relays of ``table``."""
+    return f"{table.replace('.', '_')}_wakeup"
+
+
+def leader_key(table: str) -> int:
+    """The session-level advisory lock a relay holds while it is the table's active relay."""
+    digest = hashlib.blake2b(f"eventbus-outbox-relay:{table}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "big", signed=True)
+
+
+_NAMED = re.compile(r"(?<![:\w]):([a-z_][a-z0-9_]*)")
+
+
+def for_psycopg(sql: str) -> str:
+    """``:name`` parameters to psycopg's ``%(name)s`` (the statements here contain no ``%``)."""
+    return _NAMED.sub(r"%(\1)s", sql)
+
+
+class Statements:
+    """Every statement on one outbox table, for one dialect (``:name`` parameters)."""
+
+    def __init__(self, table: str, dialect: str) -> None:
+        self.table = t = validate_table(table)
+        self.dialect = dialect
+        if dialect not in (POSTGRES, SQLITE):
+            raise ValueError(f"unknown dialect {dialect!r}")
+        pg = dialect == POSTGRES
+        self.channel = notify_channel(table)
+        self.insert = (
+            f"INSERT INTO {t} (project_id, token, event) VALUES (:project_id, :token, :event)"
+            if pg
+            else f"INSERT INTO {t} (project_id, token, event, created_at) "
+            "VALUES (:project_id, :token, :event, :created_at)"
+        )
+        # Taken before the insert and held to commit: the next writer of the project gets its
+        # id only after this transaction has committed (or rolled back), so ids are in commit
+        # order per project and the relay never sees a later row of a project before an earlier.
+        self.lock = "SELECT pg_advisory_xact_lock(:key)"
+        # Delivered at commit, once per transaction (PostgreSQL folds identical notifications).
+        self.notify = "SELECT pg_notify(:channel, '')"
+        self.pending = (
+            f"SELECT id, project_id, token, event, "
+            f"{'extract(epoch from created_at)' if pg else 'created_at'} "
+            f"FROM {t} WHERE published_at IS NULL ORDER BY id LIMIT :limit"
+        )
+        self.still_pending = f"SELECT count(*) FROM {t} WHERE published_at IS NULL AND id = :id"
+        self.mark = (
+            f"UPDATE {t} SET published_at = clock_timestamp(), epoch = :epoch, seq = :seq "
+            "WHERE id = :id"
+            if pg
+            else f"UPDATE {t} SET published_at = :now, epoch = :epoch, seq = :seq WHERE id = :id"
+        )
+        self.backlog = f"SELECT count(*) FROM {t} WHERE published_at IS NULL"
+        # Published rows older than the retention go, except each project's newest published
+        # row: it holds the project's last cursor, which the snapshot helper may still need.
+        older = "clock_timestamp() - make_interval(secs => :retention)" if pg else ":cutoff"
+        self.cleanup = (
+            f"DELETE FROM {t} WHERE id IN (SELECT o.id FROM {t} o "
+            f"WHERE o.published_at IS NOT NULL AND o.published_at < {older} "
+            f"AND o.id < (SELECT max(n.id) FROM {t} n WHERE n.project_id = o.project_id "
+            "AND n.published_at IS NOT NULL) LIMIT :limit)"
+        )
+        self.newest_of_project = (
+            f"SELECT id, epoch, seq FROM {t} WHERE project_id = :project_id "
+            "ORDER BY id DESC LIMIT 1"
+        )
+        self.cursor_of_row = f"SELECT epoch, seq FROM {t} WHERE id = :id"
+        self.try_lead = "SELECT pg_try_advisory_lock(:key)"
+        self.leader_key = leader_key(table)

@@ -1,0 +1,265 @@
+"""Writing events into the outbox in the caller's transaction, and snapshots with a cursor.
+
+See ``docs/outbox.md``. The relay that publishes the rows is :mod:`publisher.outbox.relay`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from publisher.core import Cursor
+from publisher.outbox.db import AsyncDB, SyncDB, adapt
+from publisher.outbox.sql import DEFAULT_TABLE, POSTGRES, Statements, lock_key, migration_sql
+from schemas.events import ProjectEvent, encode_event
+
+__all__ = ["Outbox", "Snapshot", "SnapshotTimeout"]
+
+T = TypeVar("T")
+
+#: How often the snapshot helper looks whether the row it waits for has been published.
+_SNAPSHOT_POLL = 0.005
+
+
+class SnapshotTimeout(TimeoutError):
+    """The outbox rows a snapshot includes were not all published within the timeout (the relay
+    is down, or Redis is): the application answers without a cursor, or with an error."""
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot(Generic[T]):
+    """What the application read, and the cursor of exactly the events that data includes.
+
+    ``cursor`` is the ``(epoch, seq)`` of the newest outbox event of the project that the read
+    saw committed; a browser subscribing from there receives exactly the events after the data.
+    ``None`` means no event of this project has ever gone through the outbox.
+    """
+
+    data: T
+    cursor: Cursor | None
+
+    def cursor_json(self) -> dict[str, Any] | None:
+        """``{"epoch": "...", "seq": 42}`` or ``None``: the value of ``"cursor"`` in the
+        application's JSON answer."""
+        if self.cursor is None:
+            return None
+        return {"epoch": self.cursor.epoch, "seq": self.cursor.seq}
+
+
+def _token() -> str:
+    # 48 random bits: part of the idempotency key (see sql.POSTGRES_DDL), so a row id re-issued
+    # by a restored or re-created table is not mistaken for one published before.
+    return secrets.token_urlsafe(6)
+
+
+class Outbox:
+    """One outbox table: write events in your transaction, read snapshots with a cursor.
+
+    >>> outbox = Outbox()                       # table "eventbus_outbox"
+    >>> with psycopg.connect(dsn) as conn:      # one transaction
+    ...     conn.execute("UPDATE blockers SET status = 'RESOLVED' WHERE id = %s", (123,))
+    ...     outbox.write(conn, BlockerResolved(project_id=1, blocker_id=123, ...))
+
+    The event is validated exactly as ``Publisher.publish`` validates it (an invalid event raises
+    ``EventValidationError`` before any SQL runs) and inserted in the connection's current
+    transaction: it is published by the relay if and only if that transaction commits.
+
+    On PostgreSQL each write takes a transaction-level advisory lock per project (held until
+    commit or rollback), so that ids, and hence the published order, follow commit order within
+    a project: concurrent transactions writing events of the same project serialize from their
+    first outbox write to their commit. Write the events of several projects in one
+    :meth:`write_many` call (it locks them in a fixed order), or in the same project order in
+    every transaction: two transactions locking two projects in opposite orders deadlock, and
+    PostgreSQL then aborts one of them.
+
+    Args:
+        table: the outbox table (create it with :meth:`create_table` or :meth:`migration_sql`).
+        notify: PostgreSQL only: ``pg_notify`` the relays at commit, so they publish at once
+            instead of at their next poll.
+    """
+
+    def __init__(self, table: str = DEFAULT_TABLE, *, notify: bool = True) -> None:
+        self.table = table
+        self.notify = notify
+        self._statements = {dialect: Statements(table, dialect) for dialect in (POSTGRES, "sqlite")}
+
+    # --- schema -----------------------------------------------------------------------------
+
+    def migration_sql(self, dialect: str) -> str:
+        """The idempotent DDL of this table for ``"postgresql"`` or ``"sqlite"``."""
+        return migration_sql(dialect, self.table)
+
+    def create_table(self, conn: Any) -> None:
+        """Run the migration on a synchronous connection, in its current transaction (commit
+        it yourself; sqlite3 runs DDL in the transaction too)."""
+        db = adapt(conn)
+        if not isinstance(db, SyncDB):
+            raise TypeError("create_table needs a synchronous connection; use acreate_table")
+        for statement in _split(migration_sql(db.dialect, self.table)):
+            db.execute(statement, {})
+
+    async def acreate_table(self, conn: Any) -> None:
+        db = adapt(conn)
+        if not isinstance(db, AsyncDB):
+            raise TypeError("acreate_table needs an asyncio connection; use create_table")
+        for statement in _split(migration_sql(db.dialect, self.table)):
+            await db.execute(statement, {})
+
+    # --- writing ----------------------------------------------------------------------------
+
+    def write(self, conn: Any, event: ProjectEvent) -> None:
+        """Insert ``event`` in ``conn``'s current transaction (see the class docstring)."""
+        self.write_many(conn, [event])
+
+    def write_many(self, conn: Any, events: Iterable[ProjectEvent]) -> None:
+        """Insert ``events`` in order in ``conn``'s current transaction. Every event is validated
+        first: one invalid event writes none of them."""
+        db = adapt(conn)
+        if not isinstance(db, SyncDB):
+            raise TypeError("write needs a synchronous connection; use awrite with asyncio ones")
+        for kind, sql, params in self._plan(db.dialect, events):
+            if kind == "many":
+                db.executemany(sql, params)
+            else:
+                db.execute(sql, params)
+
+    async def awrite(self, conn: Any, event: ProjectEvent) -> None:
+        """:meth:`write` for ``psycopg.AsyncConnection`` and SQLAlchemy ``AsyncSession`` /
+        ``AsyncConnection``."""
+        await self.awrite_many(conn, [event])
+
+    async def awrite_many(self, conn: Any, events: Iterable[ProjectEvent]) -> None:
+        db = adapt(conn)
+        if not isinstance(db, AsyncDB):
+            raise TypeError("awrite needs an asyncio connection; use write with synchronous ones")
+        for kind, sql, params in self._plan(db.dialect, events):
+            if kind == "many":
+                await db.executemany(sql, params)
+            else:
+                await db.execute(sql, params)
+
+    def _plan(self, dialect: str, events: Iterable[ProjectEvent]) -> Iterator[tuple[str, str, Any]]:
+        """The statements of one write: validation and encoding happen before the first one."""
+        st = self._statements[dialect]
+        now = time.time()
+        rows = [
+            {
+                "project_id": event.project_id,
+                "token": _token(),
+                "event": encode_event(event).decode(),
+                **({} if dialect == POSTGRES else {"created_at": now}),
+            }
+            for event in events
+        ]
+        if not rows:
+            return
+        if dialect == POSTGRES:
+            keys = sorted({lock_key(self.table, row["project_id"]) for row in rows})
+            for key in keys:
+                yield "one", st.lock, {"key": key}
+            if self.notify:
+                yield "one", st.notify, {"channel": st.channel}
+        if len(rows) == 1:
+            yield "one", st.insert, rows[0]
+        else:
+            yield "many", st.insert, rows
+
+    # --- snapshots --------------------------------------------------------------------------
+
+    def snapshot(
+        self,
+        conn: Any,
+        project_id: int,
+        read: Callable[[Any], T],
+        *,
+        max_wait: float = 5.0,
+    ) -> Snapshot[T]:
+        """Run ``read(conn)`` and return its result with the cursor of exactly the events of
+        ``project_id`` that the result includes.
+
+        ``read`` runs in a read-only snapshot transaction opened here (REPEATABLE READ on
+        PostgreSQL; one SQLite read transaction), together with a query for the newest outbox
+        row of the project visible in the same snapshot. If that row has not been published
+        yet, this waits (up to ``max_wait`` seconds, polling every 5 ms on fresh transactions)
+        until the relay has published it and recorded its cursor. ``read`` should return plain
+        values (what you serialize), not ORM instances, which expire when the transaction ends.
+
+        Raises:
+            InTransaction: ``conn`` is inside a transaction.
+            SnapshotTimeout: the relay did not publish the row within ``max_wait``.
+        """
+        db = adapt(conn)
+        if not isinstance(db, SyncDB):
+            raise TypeError("snapshot needs a synchronous connection; use asnapshot")
+        st = self._statements[db.dialect]
+        with db.snapshot_transaction():
+            data = read(db.target)
+            newest = db.execute(st.newest_of_project, {"project_id": project_id})
+        cursor, row_id = _cursor_or_wait(newest)
+        deadline = time.monotonic() + max_wait
+        while cursor is None and row_id is not None:
+            if time.monotonic() > deadline:
+                raise _timeout(row_id, project_id, max_wait)
+            time.sleep(_SNAPSHOT_POLL)
+            cursor = _published(db.fresh(st.cursor_of_row, {"id": row_id}))
+        return Snapshot(data, cursor)
+
+    async def asnapshot(
+        self,
+        conn: Any,
+        project_id: int,
+        read: Callable[[Any], Awaitable[T]],
+        *,
+        max_wait: float = 5.0,
+    ) -> Snapshot[T]:
+        """:meth:`snapshot` for asyncio connections; ``read`` is a coroutine function."""
+        db = adapt(conn)
+        if not isinstance(db, AsyncDB):
+            raise TypeError("asnapshot needs an asyncio connection; use snapshot")
+        st = self._statements[db.dialect]
+        async with db.snapshot_transaction():
+            data = await read(db.target)
+            newest = await db.execute(st.newest_of_project, {"project_id": project_id})
+        cursor, row_id = _cursor_or_wait(newest)
+        deadline = time.monotonic() + max_wait
+        while cursor is None and row_id is not None:
+            if time.monotonic() > deadline:
+                raise _timeout(row_id, project_id, max_wait)
+            await asyncio.sleep(_SNAPSHOT_POLL)
+            cursor = _published(await db.fresh(st.cursor_of_row, {"id": row_id}))
+        return Snapshot(data, cursor)
+
+
+def _cursor_or_wait(newest: list[tuple]) -> tuple[Cursor | None, int | None]:
+    """(cursor, None) when the newest row is published; (None, row id) to wait for that row;
+    (None, None) when the project has no outbox row at all."""
+    if not newest:
+        return None, None
+    row_id, epoch, seq = newest[0]
+    if epoch is not None:
+        return Cursor(epoch, int(seq)), None
+    return None, int(row_id)
+
+
+def _published(rows: list[tuple]) -> Cursor | None:
+    if not rows:
+        # Deleted: only published rows older than the retention are (and never a project's
+        # newest published one), so a row we are waiting for cannot be; say so if it happens.
+        raise RuntimeError("the outbox row a snapshot waits for was deleted")
+    epoch, seq = rows[0]
+    return None if epoch is None else Cursor(epoch, int(seq))
+
+
+def _timeout(row_id: int, project_id: int, timeout: float) -> SnapshotTimeout:
+    return SnapshotTimeout(
+        f"outbox row {row_id} of project {project_id} was not published within {timeout} s "
+        "(is the relay running, and Redis reachable?)"
+    )
+
+
+def _split(script: str) -> list[str]:
+    return [part.strip() for part in script.split(";") if part.strip()]
