@@ -39,6 +39,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from consumer.frames import EVENT_TYPES, FrameError, decode_frame, event_seq
 from consumer.ordering import ProjectState, Verdict
 from consumer.policy import (
+    ABNORMAL_CLOSURE,
     Backoff,
     ReconnectPolicy,
     Retry,
@@ -419,7 +420,8 @@ class Consumer:
                 finally:
                     self._ws = self._subscribed_on = None
                     self._authenticated.clear()
-                    code = ws.close_code
+                    # No close frame (killed gateway, reset, keepalive timeout): 1006.
+                    code = ws.close_code if ws.close_code is not None else ABNORMAL_CLOSURE
         except InvalidStatus as exc:
             # HTTP answer instead of a WebSocket: 503 (full or draining) says when to come back.
             header = exc.response.headers.get("Retry-After", "")
@@ -428,7 +430,7 @@ class Consumer:
         except (OSError, TimeoutError, InvalidHandshake) as exc:
             log.warning("cannot connect", url=url, error=str(exc) or type(exc).__name__)
         except ConnectionClosed as exc:
-            code = exc.rcvd.code if exc.rcvd is not None else None
+            code = exc.rcvd.code if exc.rcvd is not None else ABNORMAL_CLOSURE
         finally:
             self._ws = self._subscribed_on = None
         if opened_at is not None:

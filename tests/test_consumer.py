@@ -1,0 +1,388 @@
+"""The Python consumer end to end: real ``python -m gateway`` processes on a real Redis.
+
+Every test compares what the consumer delivered with what Redis holds at the end: each event of
+each project exactly once, in order, or a typed ``Resync`` where history was lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+
+from consumer import (
+    AuthenticationFailed,
+    Consumer,
+    Cursor,
+    Delivery,
+    FileCursorStore,
+    Forbidden,
+    Resync,
+)
+from publisher import AsyncPublisher, issue_token
+from schemas.events import BlockerResolved, utc_now
+from schemas.keys import Keys
+from schemas.protocol import ResyncReason
+from tests.support.gateway_process import ROOT, GatewayGroup, GatewayProcess
+from tests.support.ws_client import PublishLoop, final_state, wait_until
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+KEYS = Keys()
+SECRET = "consumer-tests-secret-of-at-least-32-bytes"
+
+
+def tokens(projects: list[int], ttl: float = 600):
+    """A token function that counts its calls."""
+
+    def mint() -> str:
+        mint.calls += 1  # type: ignore[attr-defined]
+        return issue_token(SECRET, projects, ttl=ttl, subject="consumer-test")
+
+    mint.calls = 0  # type: ignore[attr-defined]
+    return mint
+
+
+@pytest.fixture
+def gateway(redis_url):
+    with GatewayProcess(redis_url, auth_secret=SECRET) as process:
+        yield process
+
+
+async def collect(subscription, until, within: float = 30.0) -> list:
+    """Items of ``subscription`` until ``until(items)`` holds (TimeoutError after ``within``)."""
+    items: list = []
+    async with asyncio.timeout(within):
+        async for item in subscription:
+            items.append(item)
+            if until(items):
+                break
+    return items
+
+
+def resolved(project_id: int, ident: int) -> BlockerResolved:
+    return BlockerResolved(
+        project_id=project_id, blocker_id=ident, answer=f"answer {ident}", resolved_at=utc_now()
+    )
+
+
+async def history(redis_url: str, projects: list[int]) -> dict[int, list[tuple[str, int, int]]]:
+    """``project -> [(epoch, seq, blocker_id), ...]`` of what Redis holds, in order."""
+    state = await final_state(redis_url, projects, KEYS)
+    return {
+        p: [(epoch, seq, ident) for (epoch, seq), ident in sorted(held.items())]
+        for p, (_, held) in state.items()
+    }
+
+
+def as_records(items: list) -> dict[int, list[tuple[str, int, int]]]:
+    records: dict[int, list[tuple[str, int, int]]] = {}
+    for item in items:
+        assert isinstance(item, Delivery), item
+        records.setdefault(item.project_id, []).append(
+            (item.epoch, item.seq, item.event.blocker_id)  # type: ignore[attr-defined]
+        )
+    return records
+
+
+async def test_every_event_of_several_projects_exactly_once_in_order(gateway, redis_url):
+    projects = [1, 2, 3]
+    mint = tokens(projects)
+    publisher = AsyncPublisher.from_url(redis_url)
+    try:
+        async with Consumer(gateway.ws_url, token=mint) as consumer:
+            subscription = consumer.events(*projects)
+            async with asyncio.timeout(20):
+                await subscription.wait_subscribed()
+            ident = 0
+            for _round in range(5):
+                burst = []
+                for _ in range(60):
+                    ident += 1
+                    burst.append(resolved(projects[ident % 3], ident))
+                await publisher.publish_many(burst)
+                ident += 1
+                await publisher.publish(resolved(2, ident))
+            items = await collect(subscription, lambda items: len(items) == ident)
+            await asyncio.sleep(0.2)  # anything extra (a duplicate) would be queued by now
+            assert subscription._queue.empty()
+    finally:
+        await publisher.aclose()
+    assert as_records(items) == await history(redis_url, projects)
+    assert consumer.connects == 1 and mint.calls == 1
+
+
+def _start_worker(gateway: GatewayProcess, *args: str) -> subprocess.Popen[str]:
+    command = [sys.executable, "-m", "tests.support.consumer_worker", "--url", gateway.ws_url]
+    command += ["--secret", SECRET, *args]
+    return subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+
+
+async def _read_raw(process: subprocess.Popen[str], count: int) -> list[str]:
+    """The next ``count`` lines a child process prints."""
+
+    def read() -> list[str]:
+        assert process.stdout is not None
+        lines: list[str] = []
+        while len(lines) < count:
+            line = process.stdout.readline()
+            if not line:
+                raise AssertionError(f"the process exited ({process.poll()}) after {lines[-1:]}")
+            lines.append(line.rstrip("\n"))
+        return lines
+
+    return await asyncio.wait_for(asyncio.to_thread(read), 60)
+
+
+async def _read_lines(process: subprocess.Popen[str], count: int) -> list[list[str]]:
+    """The next ``count`` lines the worker prints, split (``kind epoch seq ident``)."""
+    return [line.split() for line in await _read_raw(process, count)]
+
+
+def _kill(process: subprocess.Popen[str]) -> list[list[str]]:
+    """SIGKILL, then whatever it printed before dying."""
+    process.send_signal(signal.SIGKILL)
+    rest, _ = process.communicate(timeout=10)
+    return [line.split() for line in rest.splitlines()]
+
+
+async def _publish(publisher: AsyncPublisher, project: int, first: int, count: int) -> None:
+    await publisher.publish_many(resolved(project, i) for i in range(first, first + count))
+
+
+async def test_a_killed_consumer_resumes_exactly_after_its_file_cursor(
+    gateway, redis_url, tmp_path: Path
+):
+    """SIGKILL mid-stream: the restarted process starts with the event right after the cursor
+    in its file. Saving after processing is at-least-once: the event being processed when the
+    process died (after the saved cursor) may have had its effect (printed) already."""
+    path = tmp_path / "cursors.json"
+    publisher = AsyncPublisher.from_url(redis_url)
+    try:
+        await _publish(publisher, 1, 1, 300)
+        first = _start_worker(gateway, "--file", str(path), "--work", "0.002")
+        printed = await _read_lines(first, 100)
+        printed += _kill(first)
+        saved = await FileCursorStore(path).load(1)
+        # Printed means processed; the cursor of the last one printed may not be saved yet.
+        assert saved is not None and len(printed) - 1 <= saved.seq < 300, (saved, len(printed))
+        await _publish(publisher, 1, 301, 100)  # published while nobody listens
+        second = _start_worker(gateway, "--file", str(path))
+        try:
+            resumed = await _read_lines(second, 400 - saved.seq)
+        finally:
+            second.kill()
+            second.communicate(timeout=10)
+    finally:
+        await publisher.aclose()
+    (held,) = (await history(redis_url, [1])).values()
+    epoch = held[0][0]
+    as_tuples = [(e, int(s), int(i)) for kind, e, s, i in resumed if kind == "event"]
+    assert as_tuples == held[saved.seq :], "the restart resumes right after the saved cursor"
+    seen = [int(s) for _, _, s, _ in printed]
+    assert seen[: saved.seq] == list(range(1, saved.seq + 1))
+    assert seen[saved.seq :] in ([], [saved.seq + 1]), "at most the in-flight event twice"
+    assert all(e == epoch for _, e, _, _ in printed + resumed)
+
+
+async def test_the_cursor_in_the_callers_transaction_gives_exactly_once_across_kills(
+    gateway, redis_url, tmp_path: Path
+):
+    """The documented exactly-once pattern: effect and cursor in one SQLite transaction. Killed
+    twice mid-stream, the effects table ends up with every event once, in order."""
+    db_path = tmp_path / "app.db"
+    publisher = AsyncPublisher.from_url(redis_url)
+    try:
+        await _publish(publisher, 1, 1, 300)
+        for stop_after in (80, 60):
+            worker = _start_worker(gateway, "--sqlite", str(db_path), "--work", "0.002")
+            await _read_lines(worker, stop_after)
+            _kill(worker)
+        await _publish(publisher, 1, 301, 50)
+        worker = _start_worker(gateway, "--sqlite", str(db_path))
+        try:
+            db = sqlite3.connect(db_path)
+
+            def done() -> bool:
+                return db.execute("SELECT count(*) FROM effects").fetchone()[0] >= 350
+
+            await wait_until(done, 60, "350 effects")
+            rows = db.execute("SELECT epoch, seq, ident FROM effects ORDER BY seq").fetchall()
+            db.close()
+        finally:
+            worker.kill()
+            worker.communicate(timeout=10)
+    finally:
+        await publisher.aclose()
+    (held,) = (await history(redis_url, [1])).values()
+    assert rows == held  # a duplicate would have violated the primary key and killed the worker
+
+
+async def test_through_a_gateway_sigkill_to_a_second_gateway_nothing_lost_or_repeated(
+    redis_url,
+):
+    projects = [1, 2]
+    with GatewayGroup() as group:
+        first, second = await asyncio.to_thread(group.start, redis_url, 2, auth_secret=SECRET)
+        loop = PublishLoop(redis_url, projects, rate=200)
+        async with Consumer([first.ws_url, second.ws_url], token=tokens(projects)) as consumer:
+            subscription = consumer.events(*projects)
+            async with asyncio.timeout(20):
+                await subscription.wait_subscribed()
+            items: list = []
+
+            async def read() -> None:
+                async for item in subscription:
+                    items.append(item)
+
+            reader = asyncio.create_task(read())
+            try:
+                loop.start()
+                await wait_until(lambda: len(items) >= 150, 30, "150 events")
+                assert await asyncio.to_thread(first.kill) == -9
+                await wait_until(lambda: consumer.connects == 2 and consumer.live, 30, "resumed")
+                published = loop.published
+                await wait_until(lambda: loop.published >= published + 150, 30, "150 more")
+                await loop.stop()
+                state = await final_state(redis_url, projects, KEYS)
+                finals = {p: cursor for p, (cursor, _) in state.items()}
+                await wait_until(
+                    lambda: all(consumer.cursor(p) == finals[p] for p in projects),
+                    30,
+                    "the final cursors",
+                )
+            finally:
+                await loop.stop()
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
+    assert consumer.close_codes[0] == 1006  # then 1000: the consumer closed at the end
+    records = as_records(items)
+    for project in projects:
+        _, held = state[project]
+        assert records[project] == [(e, s, i) for (e, s), i in sorted(held.items())]
+
+
+async def test_a_flushed_redis_is_surfaced_as_a_typed_resync(redis_url):
+    client = redis.Redis.from_url(redis_url)
+    publisher = AsyncPublisher.from_url(redis_url)
+    args = ["--reconcile-interval", "0.5"]
+    try:
+        with GatewayProcess(redis_url, auth_secret=SECRET, args=args) as gateway:
+            async with Consumer(gateway.ws_url, token=tokens([1])) as consumer:
+                subscription = consumer.events(1)
+                async with asyncio.timeout(20):
+                    await subscription.wait_subscribed()
+                await _publish(publisher, 1, 1, 5)
+                before = await collect(subscription, lambda items: len(items) == 5)
+                old_epoch = before[0].epoch
+                client.flushall()
+                (resync,) = await collect(subscription, lambda items: True)
+                await _publish(publisher, 1, 6, 3)
+                after = await collect(subscription, lambda items: len(items) == 3)
+    finally:
+        client.close()
+        await publisher.aclose()
+    assert [d.seq for d in before] == [1, 2, 3, 4, 5]
+    assert isinstance(resync, Resync)
+    assert resync.reason is ResyncReason.EPOCH_CHANGED and resync.epoch != old_epoch
+    (held,) = (await history(redis_url, [1])).values()
+    assert [(d.epoch, d.seq, d.event.blocker_id) for d in after] == held[-3:]
+    assert after[0].cursor == Cursor(resync.epoch, resync.seq + 1)
+
+
+async def test_a_token_function_refreshes_in_band_and_the_connection_stays_up(gateway, publisher):
+    """3-second tokens: without an in-band refresh the gateway closes the connection at expiry
+    (4002); with the token function, the consumer sends fresh tokens on the same connection."""
+    mint = tokens([1], ttl=3)
+    async with Consumer(gateway.ws_url, token=mint) as consumer:
+        subscription = consumer.events(1)
+        async with asyncio.timeout(20):
+            await subscription.wait_subscribed()
+        await wait_until(lambda: mint.calls >= 5, 30, "four refreshes")  # ~6 s: past two expiries
+        await publisher.publish(resolved(1, 1))
+        (item,) = await collect(subscription, lambda items: True)
+    assert consumer.connects == 1 and 4002 not in consumer.close_codes
+    assert isinstance(item, Delivery) and item.seq == 1
+
+
+async def test_a_fixed_token_that_expires_is_surfaced_not_retried(gateway):
+    async with Consumer(gateway.ws_url, token=issue_token(SECRET, [1], ttl=2)) as consumer:
+        subscription = consumer.events(1)
+        with pytest.raises(AuthenticationFailed) as info:
+            await collect(subscription, lambda items: False)
+    assert info.value.close_code == 4002
+    assert consumer.connects == 1
+
+
+async def test_a_refused_token_is_surfaced_and_a_bad_token_function_gives_up(gateway):
+    async with Consumer(gateway.ws_url, token="not-a-token") as consumer:
+        with pytest.raises(AuthenticationFailed) as info:
+            await collect(consumer.events(1), lambda items: False)
+    assert info.value.close_code == 4001 and consumer.connects == 1
+
+    calls = []
+
+    def wrong_secret() -> str:
+        calls.append(1)
+        return issue_token("another-secret-of-at-least-32-bytes!!", [1])
+
+    from consumer import ReconnectPolicy
+
+    policy = ReconnectPolicy(initial=0.05, max=0.2, max_auth_failures=3)
+    async with Consumer(gateway.ws_url, token=wrong_secret, reconnect=policy) as consumer:
+        with pytest.raises(AuthenticationFailed):
+            await collect(consumer.events(1), lambda items: False)
+    assert len(calls) == 3 and consumer.connects == 3
+
+
+async def test_a_forbidden_project_is_surfaced_and_the_others_go_on(gateway, publisher):
+    async with Consumer(gateway.ws_url, token=tokens([1])) as consumer:
+        subscription = consumer.events(1, 2)
+        with pytest.raises(Forbidden) as info:
+            await collect(subscription, lambda items: False, within=20)
+        assert info.value.project_id == 2 and info.value.code == "forbidden"
+        async with asyncio.timeout(20):
+            await subscription.wait_subscribed()
+        await publisher.publish(resolved(1, 1))
+        await publisher.publish(resolved(2, 2))
+        await publisher.publish(resolved(1, 3))
+        items = await collect(subscription, lambda items: len(items) == 2)
+    assert [(d.project_id, d.event.blocker_id) for d in items] == [(1, 1), (1, 3)]
+
+
+async def test_tail_prints_the_history_then_live_events(gateway, redis_url):
+    publisher = AsyncPublisher.from_url(redis_url)
+    try:
+        await _publish(publisher, 1, 1, 3)
+        command = [sys.executable, "-m", "consumer", "tail", "1", "--from-start", "--json"]
+        command += ["--count", "5", "--url", gateway.ws_url]
+        env = {**os.environ, "EVENTBUS_AUTH_SECRET": SECRET}
+        process = subprocess.Popen(  # noqa: ASYNC220 - a child that runs beside the test
+            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        try:
+            first = await _read_raw(process, 3)
+            await _publish(publisher, 1, 4, 2)
+            rest, errors = await asyncio.to_thread(process.communicate, timeout=30)
+        finally:
+            process.kill()
+    finally:
+        await publisher.aclose()
+    assert process.returncode == 0, errors
+    frames = first + rest.splitlines()
+    (held,) = (await history(redis_url, [1])).values()
+    assert [(json.loads(f)["seq"], json.loads(f)["blocker_id"]) for f in frames] == [
+        (seq, ident) for _, seq, ident in held
+    ]

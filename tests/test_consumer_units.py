@@ -1,0 +1,392 @@
+"""The consumer's pure parts, without sockets: per-project ordering (dedupe, gap repair, resync),
+the frame decoder, reconnect and token policies, the cursor stores, the frame handling of the
+client with a fake connection, and tail's output format."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+from datetime import UTC, datetime
+
+import fakeredis
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from consumer import (
+    Consumer,
+    Cursor,
+    Delivery,
+    FileCursorStore,
+    Forbidden,
+    RedisCursorStore,
+    Resync,
+    SqlCursorStore,
+    UndecodableEvent,
+)
+from consumer.frames import FrameError, decode_frame, event_seq
+from consumer.ordering import ProjectState, Verdict
+from consumer.policy import (
+    Backoff,
+    ReconnectPolicy,
+    Retry,
+    close_action,
+    decode_token_claims,
+    refresh_delay,
+)
+from consumer.tail import format_item
+from schemas.events import BlockerResolved, encode_event
+from schemas.protocol import ResyncReason
+from schemas.tokens import issue_token
+
+EPOCH = "e1"
+
+
+def frame(project_id: int, seq: int, blocker_id: int | None = None) -> bytes:
+    """An event frame as the gateway sends it: the event's JSON with ``,"seq":N`` spliced in."""
+    event = BlockerResolved(
+        project_id=project_id,
+        blocker_id=blocker_id or seq,
+        answer="ok",
+        resolved_at=datetime(2025, 11, 8, 12, 45, 30, tzinfo=UTC),
+    )
+    return encode_event(event)[:-1] + b',"seq":%d}' % seq
+
+
+# --- ordering ------------------------------------------------------------------------------------
+
+
+def live_state(seq: int = 0) -> ProjectState:
+    state = ProjectState(1)
+    state.subscribe_message()
+    state.on_subscribed(EPOCH, seq, resumed=False)
+    return state
+
+
+def test_next_event_is_delivered_duplicates_dropped_gap_resubscribes_from_the_cursor():
+    state = live_state(5)
+    assert state.on_event(6) is Verdict.DELIVER
+    assert state.on_event(6) is Verdict.DUPLICATE
+    assert state.on_event(3) is Verdict.DUPLICATE
+    assert state.on_event(8) is Verdict.GAP
+    assert state.cursor == Cursor(EPOCH, 6)
+    assert state.subscribe_message() == {
+        "type": "subscribe",
+        "project_id": 1,
+        "epoch": EPOCH,
+        "after": 6,
+    }
+    # While that subscribe is in flight, later events are left to its replay.
+    assert state.on_event(9) is Verdict.DROP
+    assert state.on_event(7) is Verdict.DELIVER
+    assert state.on_event(8) is Verdict.DELIVER
+    assert state.on_subscribed(EPOCH, 8, resumed=True).resubscribe is False
+
+
+def test_a_subscribed_above_the_cursor_after_a_replay_is_a_gap():
+    state = live_state(5)
+    state.subscribe_message()
+    outcome = state.on_subscribed(EPOCH, 9, resumed=True)  # replay 6..9 never arrived
+    assert outcome.resubscribe and outcome.resync is None
+
+
+def test_resync_moves_the_cursor_and_the_following_subscribed_is_not_a_second_resync():
+    state = live_state(5)
+    state.subscribe_message()
+    resync = state.on_resync(ResyncReason.EPOCH_CHANGED, "e2", 3)
+    assert resync == Resync(1, ResyncReason.EPOCH_CHANGED, "e2", 3)
+    assert state.on_subscribed("e2", 3, resumed=False).resync is None
+    assert state.on_event(4) is Verdict.DELIVER
+    assert state.cursor == Cursor("e2", 4)
+
+
+def test_an_unannounced_epoch_change_on_subscribed_is_surfaced_never_silent():
+    state = live_state(5)
+    state.subscribe_message()
+    outcome = state.on_subscribed("e2", 2, resumed=False)
+    assert outcome.resync == Resync(1, ResyncReason.EPOCH_CHANGED, "e2", 2)
+
+
+def test_start_after_replays_from_that_seq_of_the_current_epoch():
+    state = ProjectState(1, start_after=0)
+    assert "epoch" not in state.subscribe_message()
+    assert state.on_subscribed(EPOCH, 4, resumed=False).resubscribe
+    assert state.subscribe_message()["after"] == 0
+    for seq in (1, 2, 3, 4):
+        assert state.on_event(seq) is Verdict.DELIVER
+    assert state.on_subscribed(EPOCH, 4, resumed=True).resubscribe is False
+    # Starting after a seq above the top starts live from the top.
+    late = ProjectState(2, start_after=10)
+    late.subscribe_message()
+    assert late.on_subscribed(EPOCH, 4, resumed=False).resubscribe is False
+    assert late.cursor == Cursor(EPOCH, 4)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    start=st.integers(0, 20),
+    noise=st.lists(st.integers(1, 60), max_size=80),
+    top=st.integers(0, 60),
+)
+def test_whatever_arrives_deliveries_are_consecutive_and_a_replay_completes_them(
+    start: int, noise: list[int], top: int
+):
+    """Any mix of duplicates, reordering and gaps delivers a consecutive run after the cursor,
+    never a skip or a repeat; and the gateway's answer to the resubscribe (replay after the
+    cursor up to the top, then subscribed) always brings the cursor to the top."""
+    top = max(top, start)
+    state = live_state(start)
+    delivered: list[int] = []
+    needs_subscribe = False
+    for seq in [*noise, *range(start + 1, top + 1)]:
+        verdict = state.on_event(seq)
+        if verdict is Verdict.DELIVER:
+            delivered.append(seq)
+        elif verdict is Verdict.GAP:
+            needs_subscribe = True
+            state.subscribe_message()
+    assert delivered == list(range(start + 1, start + 1 + len(delivered)))
+    if needs_subscribe or state.cursor.seq < top:
+        state.subscribe_message()
+        cursor = state.cursor.seq
+        for seq in range(cursor + 1, top + 1):
+            assert state.on_event(seq) is Verdict.DELIVER
+            delivered.append(seq)
+        assert not state.on_subscribed(EPOCH, top, resumed=True).resubscribe
+    assert delivered == list(range(start + 1, start + 1 + len(delivered)))
+    assert state.cursor.seq >= top
+
+
+# --- frames --------------------------------------------------------------------------------------
+
+
+def test_frames_decode_into_schema_structs_and_the_seq_is_read_from_the_tail():
+    raw = frame(3, 42, blocker_id=7)
+    event = decode_frame(raw)
+    assert isinstance(event, BlockerResolved) and event.blocker_id == 7
+    assert event_seq(raw) == 42
+    # Another layout (seq first, spaces) still works through the header decode.
+    other = b'{"seq": 9, "type":"blocker_resolved","project_id":1,"blocker_id":2,"answer":"a",'
+    other += b'"resolved_at":"2025-11-08T12:45:30Z"}'
+    assert event_seq(other) == 9
+
+
+def test_an_unknown_event_type_keeps_its_place_and_garbage_has_none():
+    with pytest.raises(FrameError) as info:
+        decode_frame(b'{"type":"task_status_changed","project_id":1,"task_id":2,"seq":5}')
+    assert info.value.header == ("task_status_changed", 1, 5)
+    with pytest.raises(FrameError) as info:
+        decode_frame(b"not json")
+    assert info.value.header is None
+
+
+# --- policies ------------------------------------------------------------------------------------
+
+
+def test_full_jitter_backoff_stays_within_a_growing_cap_and_resets():
+    policy = ReconnectPolicy(initial=1.0, max=30.0, factor=2.0)
+    draws = iter([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.5])
+    backoff = Backoff(policy, random=lambda: next(draws))
+    assert [backoff.next() for _ in range(6)] == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0]
+    assert backoff.next() == 0.0  # full jitter: anywhere down to zero
+    backoff.reset()
+    assert backoff.next() == 0.5
+    assert Backoff(policy).cap(10_000) == 30.0  # no overflow after weeks of retrying
+
+
+@settings(max_examples=100, deadline=None)
+@given(attempts=st.integers(0, 200), draw=st.floats(0, 1))
+def test_every_backoff_delay_is_between_zero_and_max(attempts: int, draw: float):
+    backoff = Backoff(ReconnectPolicy(initial=0.5, max=7.0, factor=3.0), random=lambda: draw)
+    delays = [backoff.next() for _ in range(attempts)]
+    assert all(0 <= d <= 7.0 for d in delays)
+
+
+def test_close_codes_map_to_the_documented_reaction():
+    assert close_action(1012).retry is Retry.PROMPT and not close_action(1012).renew_token
+    assert close_action(4008).retry is Retry.PROMPT
+    assert close_action(4002) == close_action(4002)
+    assert close_action(4002).retry is Retry.PROMPT and close_action(4002).renew_token
+    assert close_action(4001).retry is Retry.BACKOFF and close_action(4001).auth_failure
+    assert close_action(4009).client_bug and close_action(1008).client_bug
+    for code in (None, 1000, 1006, 1011, 4999):
+        action = close_action(code)
+        assert action.retry is Retry.BACKOFF and not action.auth_failure
+
+
+def test_refresh_is_scheduled_from_the_tokens_own_lifetime():
+    token = issue_token("s" * 32, [1], ttl=900)
+    claims = decode_token_claims(token)
+    assert claims is not None and claims["exp"] - claims["iat"] == 900
+    # Local clock 1000 s off: only the lifetime counts. A minute before expiry (899 s left).
+    delay = refresh_delay(iat=claims["iat"], exp=claims["exp"], obtained_at=1000.0, now=1000.0)
+    assert delay == pytest.approx(899 - 60)
+    # Short-lived: at 3/4 of the lifetime.
+    assert refresh_delay(iat=0, exp=9, obtained_at=0.0, now=0.0) == pytest.approx(6.0)
+    assert refresh_delay(iat=None, exp=None, obtained_at=0.0, now=0.0) is None
+    assert refresh_delay(iat=None, exp=None, obtained_at=0.0, now=0.0, expires_at=100.0) == 75.0
+    assert decode_token_claims("not-a-jwt") is None
+
+
+# --- stores --------------------------------------------------------------------------------------
+
+
+async def test_file_store_survives_a_new_instance_and_never_leaves_a_torn_file(tmp_path):
+    path = tmp_path / "cursors.json"
+    store = FileCursorStore(path, durable=True)
+    assert await store.load(1) is None
+    await store.save(1, Cursor("e", 5))
+    await store.save(2, Cursor("f", 7))
+    await store.save(1, Cursor("e", 6))
+    assert json.loads(path.read_text()) == {"1": ["e", 6], "2": ["f", 7]}
+    again = FileCursorStore(path)
+    assert await again.load(1) == ("e", 6) and await again.load(2) == Cursor("f", 7)
+    assert os.listdir(tmp_path) == ["cursors.json"]  # no temporary file left behind
+
+
+async def test_redis_store_and_its_pipeline_form():
+    client = fakeredis.FakeAsyncRedis()
+    store = RedisCursorStore(client, "audit")
+    assert await store.load(1) is None
+    await store.save(1, Cursor("ab|c", 9))  # an epoch never has "|", but rpartition copes
+    assert await store.load(1) == Cursor("ab|c", 9)
+    async with client.pipeline(transaction=True) as pipe:
+        pipe.set("effect", "done")
+        store.save_in(pipe, 2, Cursor("e", 3))
+        await pipe.execute()
+    assert await store.load(2) == Cursor("e", 3)
+    await client.aclose()
+
+
+async def test_sql_store_saves_inside_the_callers_transaction_or_not_at_all(tmp_path):
+    db = sqlite3.connect(tmp_path / "app.db")
+    store = SqlCursorStore(db, "notifier")
+    store.create_table()
+    db.execute("CREATE TABLE effects (seq INTEGER PRIMARY KEY)")
+    db.commit()
+    # The effect and the cursor in one transaction...
+    cur = db.cursor()
+    cur.execute("INSERT INTO effects VALUES (1)")
+    store.save_in(cur, 1, Cursor("e", 1))
+    db.commit()
+    # ...and a transaction rolled back leaves neither.
+    cur.execute("INSERT INTO effects VALUES (2)")
+    store.save_in(cur, 1, Cursor("e", 2))
+    db.rollback()
+    assert await store.load(1) == Cursor("e", 1)
+    assert [r[0] for r in db.execute("SELECT seq FROM effects")] == [1]
+    await store.save(1, Cursor("e", 3))
+    assert await SqlCursorStore(db, "notifier").load(1) == Cursor("e", 3)
+    assert await SqlCursorStore(db, "someone-else").load(1) is None
+    with pytest.raises(ValueError):
+        SqlCursorStore(db, "x", table="cursors; DROP TABLE effects")
+    db.close()
+
+
+# --- the client's frame handling, with a fake connection ------------------------------------------
+
+
+class FakeConnection:
+    """Records what the client sends."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict] = []
+
+    async def send(self, data: bytes, text: bool = True) -> None:
+        self.sent.append(json.loads(data))
+
+
+async def fed_consumer(*project_ids: int) -> tuple[Consumer, FakeConnection, list]:
+    consumer = Consumer("ws://unused/")
+    consumer._task = asyncio.get_running_loop().create_future()  # no real connection task
+    subscription = consumer.events(*project_ids)
+    await asyncio.sleep(0)  # the cursors are prepared
+    ws = FakeConnection()
+    consumer._ws = consumer._subscribed_on = ws  # type: ignore[assignment]
+    for state in consumer._states.values():
+        state.subscribe_message()
+    return consumer, ws, subscription
+
+
+def subscribed(project_id: int, seq: int, epoch: str = EPOCH, resumed: bool = False) -> bytes:
+    return msgspec.json.encode(
+        {
+            "type": "subscribed",
+            "project_id": project_id,
+            "epoch": epoch,
+            "seq": seq,
+            "resumed": resumed,
+            "replayed": 0,
+        }
+    )
+
+
+def drain(subscription) -> list:
+    items = []
+    while not subscription._queue.empty():
+        items.append(subscription._queue.get_nowait())
+    return items
+
+
+async def test_the_client_delivers_in_order_per_project_and_repairs_a_gap_by_resubscribing():
+    consumer, ws, subscription = await fed_consumer(1, 2)
+    for raw in (subscribed(1, 10), subscribed(2, 0)):
+        await consumer._on_frame(ws, raw)  # type: ignore[arg-type]
+    for raw in (frame(1, 11), frame(2, 1), frame(1, 11), frame(1, 13), frame(2, 2)):
+        await consumer._on_frame(ws, raw)  # type: ignore[arg-type]
+    items = drain(subscription)
+    assert [(d.project_id, d.seq) for d in items] == [(1, 11), (2, 1), (2, 2)]
+    assert all(isinstance(d, Delivery) and isinstance(d.event, BlockerResolved) for d in items)
+    assert items[0].raw == frame(1, 11) and items[0].cursor == Cursor(EPOCH, 11)
+    assert ws.sent == [{"type": "subscribe", "project_id": 1, "epoch": EPOCH, "after": 11}]
+    await consumer._on_frame(ws, frame(1, 12))  # type: ignore[arg-type]
+    await consumer._on_frame(ws, frame(1, 13))  # type: ignore[arg-type]
+    await consumer._on_frame(ws, subscribed(1, 13, resumed=True))  # type: ignore[arg-type]
+    assert [d.seq for d in drain(subscription)] == [12, 13]
+    assert consumer.cursor(1) == Cursor(EPOCH, 13)
+
+
+async def test_the_client_surfaces_resync_forbidden_and_undecodable_in_order():
+    consumer, ws, subscription = await fed_consumer(1, 2)
+    await consumer._on_frame(ws, subscribed(1, 3))  # type: ignore[arg-type]
+    resync = {"type": "resync_required", "project_id": 1, "reason": "epoch_changed"}
+    await consumer._on_frame(ws, json.dumps({**resync, "epoch": "e2", "seq": 0}).encode())  # type: ignore[arg-type]
+    unknown = b'{"type":"task_status_changed","project_id":1,"task_id":2,"seq":1}'
+    await consumer._on_frame(ws, unknown)  # type: ignore[arg-type]
+    await consumer._on_frame(ws, frame(1, 2))  # type: ignore[arg-type]
+    error = {"type": "error", "code": "forbidden", "message": "no", "project_id": 2}
+    await consumer._on_frame(ws, json.dumps(error).encode())  # type: ignore[arg-type]
+    first = await anext(subscription)
+    assert first == Resync(1, ResyncReason.EPOCH_CHANGED, "e2", 0)
+    with pytest.raises(UndecodableEvent) as info:
+        await anext(subscription)
+    assert (info.value.seq, info.value.raw) == (1, unknown)
+    after = await anext(subscription)  # the iterator goes on after it
+    assert isinstance(after, Delivery) and after.cursor == Cursor("e2", 2)
+    with pytest.raises(Forbidden) as refused:
+        await anext(subscription)
+    assert refused.value.project_id == 2
+    assert consumer.cursor(2) is None and 2 not in consumer._routes
+
+
+# --- tail ----------------------------------------------------------------------------------------
+
+
+def test_tail_prints_one_readable_line_per_item_or_the_raw_frame():
+    raw = frame(1, 42, blocker_id=123)
+    delivery = Delivery(1, EPOCH, 42, decode_frame(raw), raw)  # type: ignore[arg-type]
+    line = format_item(delivery)
+    assert line == '2025-11-08T12:45:30.000Z  p1 #42  blocker_resolved  blocker_id=123 answer="ok"'
+    assert format_item(delivery, as_json=True) == raw.decode()
+    resync = Resync(1, ResyncReason.HISTORY_TRIMMED, "e2", 57)
+    assert "p1 #57  resync_required  reason=history_trimmed epoch=e2" in format_item(resync)
+    assert json.loads(format_item(resync, as_json=True)) == {
+        "type": "resync_required",
+        "project_id": 1,
+        "reason": "history_trimmed",
+        "epoch": "e2",
+        "seq": 57,
+    }
