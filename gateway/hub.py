@@ -36,10 +36,11 @@ from gateway.sequencing import (
     plan_subscription,
 )
 from gateway.session import Outgoing, Session, joined
-from gateway.store import HistoryStore, StoreUnavailable
+from gateway.store import ForeignValues, HistoryStore, ProjectUnreadable, StoreUnavailable
 from gateway.tasks import spawn
-from schemas.keys import Keys, MalformedEnvelope, parse_envelope
-from schemas.protocol import CloseCode, ResyncRequired, Subscribed
+from schemas.keys import Keys
+from schemas.protocol import CloseCode, Error, ErrorCode, ResyncRequired, Subscribed
+from schemas.stored import ForeignKind, ForeignValue, parse_channel_message
 
 __all__ = ["Feed", "Hub", "SubscribeUnavailable"]
 
@@ -49,6 +50,13 @@ log = get_logger("gateway.hub")
 REPAIR_BATCH = 1000
 #: Seconds one history read may take before it is retried.
 READ_TIMEOUT = 10.0
+#: Pause after a history read that made no progress (what is held is ahead of the stream's top),
+#: doubled after each such read up to the cap; reset by a read that makes progress.
+IDLE_READ_PAUSE = 0.01
+IDLE_READ_PAUSE_CAP = 1.0
+#: Seconds one reconcile pass (one pipeline of HMGETs) may take; a pass that times out is
+#: skipped and the next one starts ``--reconcile-interval`` later.
+RECONCILE_TIMEOUT = 5.0
 
 
 def _write_failed(session: Session) -> None:
@@ -67,6 +75,7 @@ class Feed:
 
     __slots__ = (
         "channel",
+        "failed",
         "joining",
         "live",
         "pending",
@@ -91,6 +100,9 @@ class Feed:
         self.ready = asyncio.Event()  # subscribed to the channel and baseline known
         self.reader: asyncio.Task | None = None
         self.suspect_top: int | None = None
+        #: Why the project cannot be followed (its metadata in Redis is unreadable); set with
+        #: ``ready`` so that waiting subscribes see it at once.
+        self.failed: ProjectUnreadable | None = None
 
     @property
     def idle(self) -> bool:
@@ -116,6 +128,9 @@ class Hub:
         self.subscribe_timeout = subscribe_timeout
         self.feeds: dict[int, Feed] = {}
         self.link: PubSubLink | None = None
+        self.foreign = ForeignValues(metrics)
+        if isinstance(store, HistoryStore):
+            store.foreign = self.foreign  # counted in this gateway's metrics, logged once per key
         self._dirty: list[Session] = []  # sessions with frames of their own queued
         self._dirty_feeds: list[Feed] = []  # feeds with pending frames
         self._flush_scheduled = False
@@ -178,15 +193,10 @@ class Hub:
         if feed is None:
             return  # a channel we just left, or a foreign one
         try:
-            envelope = parse_envelope(data)
-        except MalformedEnvelope as exc:
+            envelope = parse_channel_message(data)
+        except ForeignValue as exc:
             self.metrics.malformed_messages_total += 1
-            log.warning(
-                "skipped malformed message",
-                project_id=project_id,
-                error=str(exc),
-                sample=data[:80].decode("utf-8", "replace"),
-            )
+            self.foreign.report(exc.kind, channel.decode(), exc.problem, feed.project_id, data)
             return
         self.metrics.events_in_total += 1
         if envelope.published_ms:
@@ -258,6 +268,7 @@ class Hub:
     async def _read_history(self, feed: Feed) -> None:
         """Read the stream until the sequencer has caught up; retry while Redis is down."""
         delay = 0.05
+        idle_pause = IDLE_READ_PAUSE
         while self.feeds.get(feed.project_id) is feed:
             sequencer = feed.sequencer
             baseline = sequencer.last is None
@@ -265,14 +276,26 @@ class Hub:
             try:
                 async with asyncio.timeout(READ_TIMEOUT):
                     snapshot = await self.store.snapshot(
-                        feed.project_id, sequencer.epoch, sequencer.read_after(), REPAIR_BATCH
+                        feed.project_id, sequencer.epoch, sequencer.begin_read(), REPAIR_BATCH
                     )
+            except ProjectUnreadable as exc:
+                self._fail_feed(feed, exc)
+                return
             except (StoreUnavailable, TimeoutError) as exc:
                 log.warning("history read failed", project_id=feed.project_id, error=str(exc))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
             step = sequencer.on_read(snapshot, REPAIR_BATCH)
+            if step.dropped_ahead:
+                self.foreign.report(
+                    ForeignKind.CHANNEL_SEQ,
+                    feed.channel.decode(),
+                    f"{step.dropped_ahead} message(s) numbered beyond the history's top "
+                    f"{snapshot.top}, dropped",
+                    feed.project_id,
+                    count=step.dropped_ahead,
+                )
             if step.repaired:
                 self.metrics.gaps_repaired_total += step.repaired
                 log.info(
@@ -287,9 +310,14 @@ class Hub:
             if not step.needs_read:
                 return
             if sequencer.last == before and step.resync is None:
-                # No progress: what is held is ahead of the stream's top (still in flight).
-                # Give it a moment instead of spinning on Redis.
-                await asyncio.sleep(0.01)
+                # No progress: what is held is ahead of the stream's top (still in flight, or
+                # dropped by the next read if it is not). Give it a moment instead of spinning on
+                # Redis, longer each time, so a writer flooding the channel with numbers ahead
+                # costs at most a few reads a second.
+                await asyncio.sleep(idle_pause)
+                idle_pause = min(idle_pause * 2, IDLE_READ_PAUSE_CAP)
+            else:
+                idle_pause = IDLE_READ_PAUSE
 
     def request_catch_up(self, feed: Feed) -> None:
         """Read history after the feed's cursor (after a reconnect or a suspicious check)."""
@@ -306,13 +334,22 @@ class Hub:
 
         This finds a lost *last* message (no later one reveals the gap) and a history that was
         flushed while nobody published. A top that is merely in flight is given one interval
-        to arrive before it counts.
+        to arrive before it counts. A project whose metadata is unreadable ends its
+        subscriptions (:meth:`_fail_feed`); the others are compared as usual. The pass gives up
+        after ``RECONCILE_TIMEOUT`` seconds (raising ``TimeoutError``) when Redis hangs.
         """
         feeds = [f for f in self.feeds.values() if f.ready.is_set() and not f.sequencer.reading]
         if not feeds:
             return
-        cursors = await self.store.cursors([f.project_id for f in feeds])
-        for feed, (epoch, top) in zip(feeds, cursors, strict=True):
+        async with asyncio.timeout(RECONCILE_TIMEOUT):
+            cursors = await self.store.cursors([f.project_id for f in feeds])
+        for feed, cursor in zip(feeds, cursors, strict=True):
+            if self.feeds.get(feed.project_id) is not feed:
+                continue  # released while we waited
+            if isinstance(cursor, ProjectUnreadable):
+                self._fail_feed(feed, cursor)
+                continue
+            epoch, top = cursor if cursor is not None else (None, None)
             sequencer = feed.sequencer
             if not sequencer.behind(epoch, top):
                 feed.suspect_top = None
@@ -324,6 +361,42 @@ class Hub:
                 self.request_catch_up(feed)
             else:
                 feed.suspect_top = top
+
+    def _fail_feed(self, feed: Feed, exc: ProjectUnreadable) -> None:
+        """The project's metadata in Redis is unreadable: end its subscriptions explicitly.
+
+        Every subscriber, live or joining, gets ``error`` ``unavailable`` naming the project
+        (clients subscribe again later, as after any ``unavailable``) and the subscription
+        ends. The feed is dropped, so the next subscribe reads the metadata afresh.
+        """
+        log.warning(
+            "project unreadable: subscriptions ended",
+            project_id=feed.project_id,
+            key=exc.key,
+            problem=exc.problem,
+            subscribers=len(feed.live) + len(feed.joining),
+        )
+        feed.failed = exc
+        feed.ready.set()  # wakes the subscribes waiting for the baseline; they see ``failed``
+        message = Error(
+            code=ErrorCode.UNAVAILABLE,
+            message=f"the project's data in Redis is unreadable ({exc.problem}); "
+            "subscribe again later",
+            project_id=feed.project_id,
+        )
+        for session in [*feed.live, *feed.joining]:
+            session.projects.discard(feed.project_id)
+            session.send_message(message)
+        feed.live.clear()
+        feed.joining.clear()
+        feed.pending.clear()
+        feed.promoted.clear()
+        if self.feeds.get(feed.project_id) is feed:
+            del self.feeds[feed.project_id]
+            if self.link is not None:
+                spawn(self.link.unsubscribe(feed.channel))
+        if feed.reader is not None and feed.reader is not asyncio.current_task():
+            feed.reader.cancel()
 
     # --- subscriptions -----------------------------------------------------------------------
 
@@ -363,18 +436,22 @@ class Hub:
         feed = self._acquire(project_id)
         joiner = feed.joining[session] = Joiner()
         session.projects.add(project_id)
+        snapshot = None
         try:
             async with asyncio.timeout(self.subscribe_timeout):
                 await feed.ready.wait()
-                snapshot = await self.store.snapshot(project_id, epoch, after, self.max_replay)
+                if feed.failed is None:
+                    snapshot = await self.store.snapshot(project_id, epoch, after, self.max_replay)
         except (TimeoutError, StoreUnavailable) as exc:
             if feed.joining.get(session) is joiner:
                 del feed.joining[session]
                 session.projects.discard(project_id)
                 self._release(feed)
-            raise SubscribeUnavailable(str(exc) or "Redis did not answer in time") from None
-        if feed.joining.get(session) is not joiner:
-            return  # unsubscribed (or the connection closed) while we waited
+                raise SubscribeUnavailable(str(exc) or "Redis did not answer in time") from None
+        if snapshot is None or feed.joining.get(session) is not joiner:
+            # Unsubscribed (or the connection closed) while we waited, or the project turned
+            # out unreadable and _fail_feed has told the client.
+            return
         self._go_live(feed, session, joiner, epoch, after, snapshot)
 
     def _go_live(

@@ -9,6 +9,8 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable, Iterable
 
+from schemas.stored import ForeignKind
+
 __all__ = ["Metrics"]
 
 
@@ -62,6 +64,8 @@ class Metrics:
     def __init__(self) -> None:
         for name in self.COUNTERS:
             setattr(self, name, 0)
+        #: Values read from Redis that the event bus cannot have written, skipped, by kind.
+        self.foreign_values: dict[str, int] = {kind.value: 0 for kind in ForeignKind}
         self.relay_lag = Histogram([0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5])
         self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
 
@@ -74,6 +78,13 @@ class Metrics:
             full = f"eventbus_{name}"
             lines += [f"# HELP {full} {help_text}", f"# TYPE {full} counter"]
             lines.append(f"{full} {getattr(self, name)}")
+        name = "eventbus_foreign_values_total"
+        lines += [
+            f"# HELP {name} Values read from Redis that the event bus cannot have written, "
+            "skipped (see docs/operations.md, 'A writer to Redis').",
+            f"# TYPE {name} counter",
+        ]
+        lines += [f'{name}{{kind="{kind}"}} {n}' for kind, n in self.foreign_values.items()]
         for name, (help_text, read) in self.gauges.items():
             full = f"eventbus_{name}"
             lines += [f"# HELP {full} {help_text}", f"# TYPE {full} gauge", f"{full} {read()}"]

@@ -37,8 +37,19 @@ class Snapshot:
 
     epoch: str
     top: int
+    #: Valid entries, in order, up to the top and before ``corrupt_at``.
     entries: Sequence[Entry] = ()
     created: bool = False  # the history did not exist and was created by this read
+    #: The first entry at or below the top that is not an event (a foreign value written by
+    #: someone else): it can never be delivered, so whoever needs it is told to resync.
+    corrupt_at: int | None = None
+    #: How many stream entries the read returned, valid or not (compared with its limit to know
+    #: whether the read was cut short). ``None``: as many as ``entries``.
+    scanned: int | None = None
+
+    @property
+    def read_count(self) -> int:
+        return len(self.entries) if self.scanned is None else self.scanned
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +72,9 @@ class Step:
     needs_read: bool = False
     #: How many delivered events came from the stream without ever arriving live.
     repaired: int = 0
+    #: Held live messages numbered beyond the history's top although the read started after
+    #: they arrived, dropped (see :meth:`FeedSequencer.on_read`).
+    dropped_ahead: int = 0
 
 
 class FeedSequencer:
@@ -77,9 +91,16 @@ class FeedSequencer:
     out again to new events. ``last_frame`` remembers what was delivered at ``last``; reads start
     one entry early to compare it (:meth:`read_after`), and a live message with that number but
     other bytes triggers such a read. A mismatch is ``history_lost``, never a silent swap.
+
+    Live messages cannot be trusted further than Redis itself: the publish script appends an
+    event to the stream and publishes it in one atomic step, so a message numbered beyond the
+    stream's top *in a read that started after the message arrived* was not published by it
+    (someone wrote to the channel, or a failover lost the event). Such messages are dropped
+    (``Step.dropped_ahead``) instead of being waited for: one forged number costs at most two
+    reads. Reads are numbered (:meth:`begin_read`) to tell which messages arrived before a read.
     """
 
-    __slots__ = ("epoch", "held", "last", "last_frame", "reading")
+    __slots__ = ("epoch", "held", "last", "last_frame", "read_number", "reading", "reread")
 
     #: Held live messages beyond this are dropped; they are re-read from the stream anyway.
     MAX_HELD = 10_000
@@ -88,8 +109,12 @@ class FeedSequencer:
         self.epoch: str | None = None
         self.last: int | None = None
         self.last_frame: bytes | None = None  # delivered at ``last`` (None: not by this feed)
-        self.held: dict[int, tuple[str, bytes]] = {}  # seq -> (epoch, frame)
+        #: seq -> (epoch, frame, number of the last read begun when it arrived)
+        self.held: dict[int, tuple[str, bytes, int]] = {}
         self.reading = True  # the baseline read is always the first
+        #: A catch-up was asked for while a read was in flight: read again after it.
+        self.reread = False
+        self.read_number = 0
 
     def on_live(self, epoch: str, seq: int, frame: bytes) -> Step:
         """A message arrived on the project's channel."""
@@ -119,6 +144,11 @@ class FeedSequencer:
         self.reading = True
         return Step(needs_read=True)
 
+    def begin_read(self) -> int | None:
+        """A read is about to be sent: the cursor it starts after (:meth:`read_after`)."""
+        self.read_number += 1
+        return self.read_after()
+
     def read_after(self) -> int | None:
         """The cursor the next history read starts after: one entry before ``last`` when this
         feed delivered ``last`` itself, so that :meth:`on_read` can check it is still there."""
@@ -127,7 +157,8 @@ class FeedSequencer:
         return self.last
 
     def on_read(self, snapshot: Snapshot, limit: int) -> Step:
-        """Apply a history read of entries after :meth:`read_after` (at most ``limit``)."""
+        """Apply a history read of entries after :meth:`read_after` (at most ``limit``), begun
+        with the latest :meth:`begin_read`."""
         step = Step()
         if self.last is None or self.epoch is None:
             # Baseline: everything up to the top is history the subscribers read themselves.
@@ -148,25 +179,39 @@ class FeedSequencer:
                 step.deliver.append((seq, frame))
                 if seq not in self.held:
                     step.repaired += 1
-            if self.last < snapshot.top and (gap or len(snapshot.entries) < limit):
+            corrupt = snapshot.corrupt_at
+            if not gap and corrupt is not None and corrupt <= self.last + 1:
+                # The next event we owe is not an event (or the one at ``last`` was overwritten
+                # with garbage): it cannot be delivered, so everyone moves past it, explicitly.
+                step.resync = self._reset(ResyncReason.HISTORY_CORRUPT, snapshot)
+            elif self.last < snapshot.top and (gap or snapshot.read_count < limit):
                 # The stream does not hold what we missed (it starts after our next event, or
                 # ends before the top): retention trimmed it.
                 step.resync = self._reset(ResyncReason.HISTORY_TRIMMED, snapshot)
-        # Drop what the read covered (and what belongs to another history), deliver what now
-        # follows on, and decide whether more must be read.
-        for seq in [s for s, (e, _) in self.held.items() if s <= self.last or e != self.epoch]:
-            del self.held[seq]
+        # Drop what the read covered (and what belongs to another history), and what claims a
+        # number beyond the top although it arrived before this read began (see the class doc).
+        number = self.read_number
+        for seq, (epoch, _, arrived) in list(self.held.items()):
+            if seq <= self.last or epoch != self.epoch:
+                del self.held[seq]
+            elif seq > snapshot.top and arrived < number:
+                del self.held[seq]
+                step.dropped_ahead += 1
+        # Deliver what now follows on, and decide whether more must be read.
         if step.resync is None:
             step.deliver.extend(self._drain_held())
         # else what is still held follows the resync: the next read delivers it, in order.
-        self.reading = self.last < snapshot.top or bool(self.held)
+        self.reading = self.last < snapshot.top or bool(self.held) or self.reread
+        self.reread = False
         step.needs_read = self.reading
         return step
 
     def request_read(self) -> bool:
         """Hold live messages and ask for a read (catch-up after a reconnect or a check).
-        False when a read is already pending."""
-        if self.reading or self.last is None:
+        False when a read is already pending; the pending read is then followed by another one
+        (the one in flight may have started before what the caller knows was published)."""
+        if self.reading:
+            self.reread = True
             return False
         self.reading = True
         return True
@@ -194,7 +239,7 @@ class FeedSequencer:
 
     def _hold(self, epoch: str, seq: int, frame: bytes) -> None:
         if len(self.held) < self.MAX_HELD:
-            self.held[seq] = (epoch, frame)
+            self.held[seq] = (epoch, frame, self.read_number)
 
     def _drain_held(self) -> list[Entry]:
         out: list[Entry] = []
@@ -299,6 +344,8 @@ def plan_subscription(
         return SubscriptionPlan([], None, snapshot.epoch, top, True)
     if top - after > max_replay:
         return resync(ResyncReason.TOO_FAR_BEHIND)
+    if snapshot.corrupt_at is not None:
+        return resync(ResyncReason.HISTORY_CORRUPT)
     entries = list(snapshot.entries)
     expected = list(range(after + 1, top + 1))
     if [seq for seq, _ in entries] != expected:
@@ -329,6 +376,9 @@ def plan_poll(epoch: str | None, after: int | None, snapshot: Snapshot, limit: i
     if after > top:
         return PollPlan([], Resync(ResyncReason.HISTORY_LOST, snapshot.epoch, top), False)
     entries = list(snapshot.entries)[:limit]
+    if after < top and snapshot.corrupt_at == after + 1:
+        # The next entry is not an event; the valid ones before a corrupt one are paged first.
+        return PollPlan([], Resync(ResyncReason.HISTORY_CORRUPT, snapshot.epoch, top), False)
     if after < top and (not entries or entries[0][0] != after + 1):
         return PollPlan([], Resync(ResyncReason.HISTORY_TRIMMED, snapshot.epoch, top), False)
     last = entries[-1][0] if entries else after

@@ -7,6 +7,11 @@ trips on a few connections. One call per client would hold one pooled connection
 client, and redis-py's pool refuses more than ``max_connections`` (100 by default) with "Too many
 connections", which turned a storm into a wave of ``unavailable`` errors. On Redis Cluster the
 reads stay one call each (the slots live on different nodes), bounded by a semaphore instead.
+
+Every value read is checked by :mod:`schemas.stored` before it is used. A foreign value (written
+by someone else than the event bus) is skipped, counted in ``eventbus_foreign_values_total`` and
+logged once per key (:class:`ForeignValues`); a project whose metadata is unreadable raises
+:class:`ProjectUnreadable` for that project only.
 """
 
 from __future__ import annotations
@@ -19,16 +24,96 @@ import redis.asyncio
 import redis.asyncio.cluster
 import redis.exceptions
 
+from gateway.logs import get_logger
+from gateway.metrics import Metrics
 from gateway.sequencing import Snapshot
 from publisher.core import new_epoch
 from schemas import lua
-from schemas.keys import Keys, stream_entry_seq
+from schemas.keys import Keys
+from schemas.stored import (
+    ForeignKind,
+    ForeignValue,
+    Meta,
+    parse_meta,
+    parse_stream_entries,
+)
 
-__all__ = ["HistoryStore", "StoreUnavailable"]
+__all__ = ["ForeignValues", "HistoryStore", "ProjectUnreadable", "StoreUnavailable"]
+
+log = get_logger("gateway.store")
 
 
 class StoreUnavailable(Exception):
     """Redis did not answer a history read."""
+
+
+class ProjectUnreadable(StoreUnavailable):
+    """The project's metadata in Redis is not what the event bus writes (a key of the wrong type,
+    an invalid epoch or seq): the project cannot be followed until an operator repairs or deletes
+    the key. Only this project is affected."""
+
+    def __init__(self, project_id: int, key: str, problem: str) -> None:
+        super().__init__(f"project {project_id}: {key} {problem}")
+        self.project_id = project_id
+        self.key = key
+        self.problem = problem
+
+
+#: Lifetime of the history a read creates for a project that has none (see ``lua.SNAPSHOT``).
+NO_HISTORY_TTL_MS = 24 * 3600 * 1000
+
+#: Problems the SNAPSHOT script reports, and the kind of foreign value each one is.
+_SCRIPT_PROBLEMS = {
+    b"meta_wrong_type": (ForeignKind.META, "meta", "is not a hash"),
+    b"meta_bad_epoch": (ForeignKind.META, "meta", "has an invalid epoch"),
+    b"meta_bad_seq": (ForeignKind.META, "meta", "has an invalid seq"),
+    b"stream_wrong_type": (ForeignKind.STREAM_KEY, "stream", "is not a stream"),
+}
+
+
+class ForeignValues:
+    """Counts every foreign value read from Redis, and logs it once per key.
+
+    Each value is counted in ``eventbus_foreign_values_total{kind}``. The first one of each key
+    is logged at warning level, with the key and the problem; the others of the same key are not
+    (a poisoned key is read again on every access). At most ``MAX_KEYS`` keys are remembered;
+    past that the memory is emptied and keys may be logged once more, so a writer flooding Redis
+    with garbage costs at most one log line per key and per ``MAX_KEYS`` keys.
+    """
+
+    MAX_KEYS = 10_000
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self._logged: set[tuple[str, str]] = set()
+
+    def report(
+        self,
+        kind: ForeignKind,
+        key: str,
+        problem: str,
+        project_id: int,
+        sample: object = None,
+        count: int = 1,
+    ) -> None:
+        """``count`` foreign values of ``kind`` found under ``key``."""
+        self.metrics.foreign_values[kind.value] += count
+        if (kind.value, key) in self._logged:
+            return
+        if len(self._logged) >= self.MAX_KEYS:
+            self._logged.clear()
+        self._logged.add((kind.value, key))
+        details = {}
+        if isinstance(sample, bytes | bytearray):
+            details["sample"] = bytes(sample[:80]).decode("utf-8", "replace")
+        log.warning(
+            "skipped a value the event bus did not write",
+            kind=kind.value,
+            key=key,
+            project_id=project_id,
+            problem=problem,
+            **details,
+        )
 
 
 #: Snapshot reads per pipeline, and pipelines in flight at once (standalone Redis).
@@ -43,9 +128,12 @@ _Request = tuple[list[str], list, "asyncio.Future[list]"]
 class HistoryStore:
     """Atomic snapshots of projects' cursors and history, through the ``SNAPSHOT`` script."""
 
-    def __init__(self, client: redis.asyncio.Redis, keys: Keys) -> None:
+    def __init__(
+        self, client: redis.asyncio.Redis, keys: Keys, foreign: ForeignValues | None = None
+    ) -> None:
         self.client = client
         self.keys = keys
+        self.foreign = foreign if foreign is not None else ForeignValues(Metrics())
         self._snapshot = client.register_script(lua.SNAPSHOT)
         self._cluster = isinstance(client, redis.asyncio.cluster.RedisCluster)
         self._queue: collections.deque[_Request] = collections.deque()
@@ -56,9 +144,14 @@ class HistoryStore:
         self, project_id: int, epoch: str | None = None, after: int | None = None, limit: int = 0
     ) -> Snapshot:
         """The project's ``(epoch, top)`` and, when ``epoch`` is current and ``after`` is behind,
-        up to ``limit`` entries after ``after``. Creates the history if it does not exist."""
+        up to ``limit`` entries after ``after``. A project without history gets one that expires
+        after ``NO_HISTORY_TTL_MS`` unless something is published (``lua.SNAPSHOT``).
+
+        Raises :class:`ProjectUnreadable` when the project's keys hold foreign values,
+        :class:`StoreUnavailable` when Redis does not answer. Foreign stream entries are left
+        out (``Snapshot.corrupt_at`` says where the first one was)."""
         keys = [self.keys.meta(project_id), self.keys.stream(project_id)]
-        args = [new_epoch(), epoch or "", -1 if after is None else after, limit]
+        args = [new_epoch(), epoch or "", -1 if after is None else after, limit, NO_HISTORY_TTL_MS]
         try:
             if self._cluster:
                 async with self._cluster_slots:
@@ -67,9 +160,47 @@ class HistoryStore:
                 reply = await self._batched(keys, args)
         except (redis.exceptions.RedisError, OSError) as exc:
             raise StoreUnavailable(str(exc)) from exc
-        raw_epoch, top, created, raw_entries = reply
-        entries = [(stream_entry_seq(entry_id), _frame(fields)) for entry_id, fields in raw_entries]
-        return Snapshot(raw_epoch.decode(), int(top), entries, bool(created))
+        return self._parse_snapshot(project_id, reply)
+
+    def _parse_snapshot(self, project_id: int, reply: object) -> Snapshot:
+        if not isinstance(reply, list) or len(reply) != 5:
+            raise StoreUnavailable(f"unexpected snapshot reply: {str(reply)[:80]}")
+        raw_epoch, top, created, raw_entries, problem = reply
+        if problem:
+            kind, which, text = _SCRIPT_PROBLEMS.get(
+                problem, (ForeignKind.META, "meta", problem.decode("ascii", "replace"))
+            )
+            key = self.keys.meta(project_id) if which == "meta" else self.keys.stream(project_id)
+            self.foreign.report(kind, key, text, project_id)
+            raise ProjectUnreadable(project_id, key, text)
+        try:  # checked by the script already; a reply of another script version is refused
+            meta = parse_meta(raw_epoch, str(top).encode())
+        except ForeignValue as exc:
+            raise StoreUnavailable(f"unexpected snapshot reply: {exc}") from None
+        assert meta is not None
+        good, bad = parse_stream_entries(raw_entries)
+        corrupt_at = None
+        if bad:
+            stream_key = self.keys.stream(project_id)
+            for seq, exc in bad:
+                self.foreign.report(exc.kind, stream_key, exc.problem, project_id)
+                if seq is not None and seq <= meta.seq and (corrupt_at is None or seq < corrupt_at):
+                    corrupt_at = seq
+        entries = [
+            (seq, frame)
+            for seq, frame in good
+            if seq <= meta.seq and (corrupt_at is None or seq < corrupt_at)
+        ]
+        if len(entries) < len(good):
+            ahead = [seq for seq, _ in good if seq > meta.seq]
+            if ahead:  # written by hand beyond the top: never an event of this history (yet)
+                self.foreign.report(
+                    ForeignKind.STREAM_ENTRY,
+                    self.keys.stream(project_id),
+                    f"entry {ahead[0]} is beyond the top {meta.seq}",
+                    project_id,
+                )
+        return Snapshot(meta.epoch, meta.seq, entries, bool(created), corrupt_at, len(raw_entries))
 
     def _batched(self, keys: list[str], args: list) -> asyncio.Future[list]:
         loop = asyncio.get_running_loop()
@@ -122,31 +253,38 @@ class HistoryStore:
                 else:
                     future.set_result(result)
 
-    async def cursors(self, project_ids: Sequence[int]) -> list[tuple[str | None, int | None]]:
-        """``(epoch, top)`` of each project, ``(None, None)`` where its history is missing."""
+    async def cursors(self, project_ids: Sequence[int]) -> list[Meta | ProjectUnreadable | None]:
+        """The cursor of each project: its :class:`Meta`, ``None`` where it has no history, or
+        :class:`ProjectUnreadable` where its metadata is foreign (that project only: one bad key
+        never hides the others). Raises :class:`StoreUnavailable` when Redis does not answer."""
         if not project_ids:
             return []
         try:
             async with self.client.pipeline(transaction=False) as pipe:
                 for project_id in project_ids:
                     pipe.hmget(self.keys.meta(project_id), "epoch", "seq")
-                rows = await pipe.execute()
+                rows = await pipe.execute(raise_on_error=False)
         except (redis.exceptions.RedisError, OSError) as exc:
             raise StoreUnavailable(str(exc)) from exc
-        return [
-            (epoch.decode(), int(seq)) if epoch is not None and seq is not None else (None, None)
-            for epoch, seq in rows
-        ]
+        out: list[Meta | ProjectUnreadable | None] = []
+        for project_id, row in zip(project_ids, rows, strict=True):
+            key = self.keys.meta(project_id)
+            if isinstance(row, redis.exceptions.ResponseError):
+                problem = "is not a hash" if "WRONGTYPE" in str(row) else str(row)[:80]
+            elif isinstance(row, BaseException):
+                raise StoreUnavailable(str(row)) from row
+            else:
+                try:
+                    out.append(parse_meta(*row))
+                    continue
+                except ForeignValue as exc:
+                    problem = exc.problem
+            self.foreign.report(ForeignKind.META, key, problem, project_id)
+            out.append(ProjectUnreadable(project_id, key, problem))
+        return out
 
     async def ping(self) -> bool:
         try:
             return bool(await self.client.ping())
         except (redis.exceptions.RedisError, OSError):
             return False
-
-
-def _frame(fields: list[bytes] | dict) -> bytes:
-    # XRANGE inside a script returns a flat [field, value, ...] list.
-    if isinstance(fields, dict):
-        return fields[b"f"]
-    return fields[fields.index(b"f") + 1]

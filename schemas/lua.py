@@ -157,19 +157,61 @@ return {epoch, last, 0}
 #:
 #: KEYS: meta, stream
 #: ARGV: candidate epoch, client's epoch ('' for none), client's last seen seq (-1 for none),
-#:       maximum number of entries to return.
-#: Returns {epoch, top seq, created flag, entries} where entries (oldest first, at most the
+#:       maximum number of entries to return, lifetime (ms) of a history this read creates.
+#: Returns {epoch, top seq, created flag, entries, problem}. ``entries`` (oldest first, at most the
 #: maximum) is only read when the client's epoch is the current one and it is behind.
-SNAPSHOT = (
-    _ENSURE_EPOCH
-    + """
-local top = tonumber(redis.call('HGET', KEYS[1], 'seq'))
+#:
+#: A read never leaves permanent state behind: when the project has no history yet, the history
+#: it creates (so that the reader gets a real cursor, which the first publish continues) expires
+#: after the given lifetime unless an event is published meanwhile (the publish script then
+#: makes it permanent). Every read renews that lifetime while nothing was published, and makes a
+#: history permanent once it holds events.
+#:
+#: Values that the publish script cannot have written are never used: a meta or stream key of
+#: another type, an epoch that is not 1-64 characters of [A-Za-z0-9_-], or a seq that is not an
+#: integer give {'', 0, 0, {}, problem} with problem one of 'meta_wrong_type', 'meta_bad_epoch',
+#: 'meta_bad_seq', 'stream_wrong_type' (problem is '' otherwise). Stream entries are returned as
+#: stored; the gateway checks each one (schemas.stored).
+SNAPSHOT = """
+local meta_type = redis.call('TYPE', KEYS[1])['ok']
+if meta_type ~= 'hash' and meta_type ~= 'none' then
+  return {'', 0, 0, {}, 'meta_wrong_type'}
+end
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+local created = 0
+local top = 0
+if not epoch then
+  epoch = ARGV[1]
+  created = 1
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0)
+  redis.call('PEXPIRE', KEYS[1], ARGV[5])
+else
+  if #epoch > 64 or not string.match(epoch, '^[A-Za-z0-9_-]+$') then
+    return {'', 0, 0, {}, 'meta_bad_epoch'}
+  end
+  local raw_seq = redis.call('HGET', KEYS[1], 'seq')
+  if not raw_seq or #raw_seq > 15 or not string.match(raw_seq, '^%d+$') then
+    return {'', 0, 0, {}, 'meta_bad_seq'}
+  end
+  top = tonumber(raw_seq)
+  if redis.call('PTTL', KEYS[1]) >= 0 then
+    if top > 0 then
+      redis.call('PERSIST', KEYS[1])
+    else
+      redis.call('PEXPIRE', KEYS[1], ARGV[5])
+    end
+  end
+end
 local after = tonumber(ARGV[3])
 local entries = {}
 if ARGV[2] == epoch and after >= 0 and after < top then
+  local stream_type = redis.call('TYPE', KEYS[2])['ok']
+  if stream_type ~= 'stream' and stream_type ~= 'none' then
+    return {'', 0, 0, {}, 'stream_wrong_type'}
+  end
   entries = redis.call('XRANGE', KEYS[2], string.format('%d', after + 1) .. '-0', '+', 'COUNT',
                        tonumber(ARGV[4]))
 end
-return {epoch, top, created, entries}
+return {epoch, top, created, entries, ''}
 """
-)

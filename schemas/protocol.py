@@ -92,6 +92,9 @@ class ResyncReason(enum.StrEnum):
     TOO_FAR_BEHIND = "too_far_behind"
     #: Redis lost events the gateway had already relayed (cursor ahead of the stream).
     HISTORY_LOST = "history_lost"
+    #: An entry of the history is not an event the bus wrote (another writer to Redis, or
+    #: corruption): it can never be delivered, so clients move past it.
+    HISTORY_CORRUPT = "history_corrupt"
 
 
 # --- client -> gateway ---------------------------------------------------------------------

@@ -12,13 +12,16 @@ from __future__ import annotations
 import asyncio
 import json
 
+from structlog.testing import capture_logs
 from websockets.protocol import State
 
 from gateway.hub import Hub
 from gateway.metrics import Metrics
 from gateway.sequencing import Snapshot
 from gateway.session import Session, SlowConsumerPolicy
+from gateway.store import ProjectUnreadable
 from schemas.keys import Keys
+from schemas.stored import Meta
 
 KEYS = Keys()
 PROJECT = 1
@@ -30,17 +33,36 @@ def frame(seq: int) -> bytes:
 
 
 class FakeStore:
-    """The project's history as the hub's reads see it: entries 1..top."""
+    """The project's history as the hub's reads see it: entries 1..top (every project has the
+    same history). ``gate``, when set, holds each read's answer (taken at the call) until it is
+    set; ``unreadable`` projects have foreign metadata."""
 
     def __init__(self, top: int) -> None:
         self.top = top
+        self.reads = 0
+        self.gate: asyncio.Event | None = None
+        self.unreadable: set[int] = set()
 
     async def snapshot(self, project_id, epoch=None, after=None, limit=0) -> Snapshot:
+        self.reads += 1
+        if project_id in self.unreadable:
+            raise ProjectUnreadable(project_id, KEYS.meta(project_id), "has an invalid seq")
         entries = ()
         if epoch == EPOCH and after is not None and after < self.top:
             last = self.top if not limit else min(self.top, after + limit)
             entries = tuple((s, frame(s)) for s in range(after + 1, last + 1))
-        return Snapshot(EPOCH, self.top, entries)
+        snapshot = Snapshot(EPOCH, self.top, entries)
+        if self.gate is not None:
+            await self.gate.wait()
+        return snapshot
+
+    async def cursors(self, project_ids):
+        return [
+            ProjectUnreadable(p, KEYS.meta(p), "has an invalid seq")
+            if p in self.unreadable
+            else Meta(EPOCH, self.top)
+            for p in project_ids
+        ]
 
 
 class FakeLink:
@@ -96,11 +118,26 @@ def session_of(hub: Hub) -> Session:
     return Session(FakeConnection(), SlowConsumerPolicy(1 << 20, 30), hub.schedule_flush, raw=True)
 
 
-def live(hub: Hub, *seqs: int) -> None:
+def live(hub: Hub, *seqs: int, project: int = PROJECT) -> None:
     """Deliver pub/sub messages, all in one event-loop iteration."""
-    channel = KEYS.channel(PROJECT).encode()
+    channel = KEYS.channel(project).encode()
     for seq in seqs:
         hub.on_pubsub_message(channel, b"%s|%d|0|%s" % (EPOCH.encode(), seq, frame(seq)))
+
+
+async def until(predicate, within: float = 2.0) -> None:
+    """Let the event loop run until ``predicate()`` holds, checked every millisecond (the hub's
+    reader pauses briefly between reads that make no progress), at most ``within`` seconds."""
+    for _ in range(int(within * 1000)):
+        if predicate():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("condition not reached")
+
+
+async def reader_done(hub: Hub, project: int = PROJECT) -> None:
+    feed = hub.feeds[project]
+    await until(lambda: feed.reader is None or feed.reader.done())
 
 
 def received(session: Session) -> list:
@@ -175,3 +212,98 @@ async def test_a_connection_whose_write_fails_does_not_hold_up_the_others() -> N
     assert received(sessions[0]) == ["subscribed", 1]
     assert received(sessions[2]) == ["subscribed", 1]
     assert sessions[1].closing and sessions[1].transport.aborted
+
+
+# --- Redis values the event bus did not write, and recovery reads (issue 11) ------------------
+
+
+async def test_a_catch_up_asked_while_a_read_is_in_flight_runs_right_after_it() -> None:
+    hub, (session,) = await live_subscribers(1)
+    store = hub.store
+    live(hub, 1, 2, 3)
+    store.top = 3
+    await next_iteration()
+    feed = hub.feeds[PROJECT]
+    store.gate = asyncio.Event()
+    reads = store.reads
+    hub.request_catch_up(feed)  # e.g. the pub/sub link came back
+    await until(lambda: store.reads == reads + 1)  # this read is taken at top 3, and held
+    # Event 4 is published and its live message lost, while that read (taken at top 3) is in
+    # flight; the periodic check notices and asks for a catch-up.
+    store.top = 4
+    hub.request_catch_up(feed)
+    store.gate.set()
+    await reader_done(hub)
+    await next_iteration()
+    assert received(session) == ["subscribed", 1, 2, 3, 4]
+
+
+async def test_a_forged_number_on_the_channel_costs_one_read_and_delays_nothing() -> None:
+    hub, (session,) = await live_subscribers(1)
+    store = hub.store
+    reads = store.reads
+    live(hub, 999_999)  # "<epoch>|999999|..." written to the channel by someone else
+    await reader_done(hub)
+    assert store.reads == reads + 1
+    assert hub.metrics.foreign_values["channel_seq"] == 1
+    store.top = 1
+    live(hub, 1)
+    await next_iteration()
+    assert received(session) == ["subscribed", 1]
+    assert store.reads == reads + 1
+
+
+async def test_foreign_channel_messages_are_never_relayed_and_logged_once_per_channel() -> None:
+    hub, (session,) = await live_subscribers(1)
+    channel = KEYS.channel(PROJECT).encode()
+    with capture_logs() as logs:
+        hub.on_pubsub_message(channel, EPOCH.encode() + b"|1|0|{\xff\xfe}")  # not UTF-8
+        hub.on_pubsub_message(channel, EPOCH.encode() + b"|1|0|[1]")  # not an object
+        hub.on_pubsub_message(channel, b"garbage")
+    await next_iteration()
+    assert received(session) == ["subscribed"]
+    assert hub.metrics.foreign_values["channel_message"] == 3
+    assert hub.metrics.malformed_messages_total == 3
+    warnings = [entry for entry in logs if entry["log_level"] == "warning"]
+    assert len(warnings) == 1 and warnings[0]["key"] == channel.decode()
+    live(hub, 1)
+    await next_iteration()
+    assert received(session) == ["subscribed", 1]
+
+
+async def test_an_unreadable_project_ends_its_subscriptions_and_spares_the_others() -> None:
+    """Issue 11 #3: one bad meta key must not stop the catch-up check of every project."""
+    store = FakeStore(top=0)
+    hub = await hub_with(store)
+    healthy, poisoned = session_of(hub), session_of(hub)
+    await hub.subscribe(healthy, 1, None, None)
+    await hub.subscribe(poisoned, 2, None, None)
+    await next_iteration()
+    store.unreadable.add(2)  # e.g. HSET eventbus:{2}:meta seq abc
+    store.top = 1  # project 1's event 1 was published, its live message lost
+    await hub.reconcile()  # suspicious: a top may be in flight
+    await hub.reconcile()  # confirmed: caught up
+    await reader_done(hub, 1)
+    await next_iteration()
+    assert received(healthy) == ["subscribed", 1]
+    assert received(poisoned) == ["subscribed", "error"]
+    error = poisoned.transport.messages()[-1]
+    assert (error["code"], error["project_id"]) == ("unavailable", 2)
+    assert 2 not in hub.feeds and 2 not in poisoned.projects
+
+
+async def test_subscribing_to_an_unreadable_project_is_an_explicit_error() -> None:
+    store = FakeStore(top=0)
+    store.unreadable.add(1)
+    hub = await hub_with(store)
+    session = session_of(hub)
+    await hub.subscribe(session, 1, None, None)  # the feed's first read fails and tells it
+    await next_iteration()
+    assert [(m["type"], m["code"]) for m in session.transport.messages()] == [
+        ("error", "unavailable")
+    ]
+    assert 1 not in hub.feeds and 1 not in session.projects
+    store.unreadable.clear()  # repaired: the next subscribe works
+    await hub.subscribe(session, 1, None, None)
+    await next_iteration()
+    assert received(session) == ["error", "subscribed"]

@@ -147,6 +147,73 @@ class TestFeedSequencer:
         assert delivered == list(range(1, total + 1))
 
 
+class TestFeedSequencerAgainstForeignValues:
+    """What is in Redis may not be what the publish script wrote (issue 11)."""
+
+    def test_a_corrupt_entry_is_announced_with_a_resync_after_the_events_before_it(self):
+        seq = started(top=3)
+        seq.on_live("e1", 8, frame(8))
+        seq.begin_read()
+        step = seq.on_read(Snapshot("e1", 8, entries(4, 5), corrupt_at=6, scanned=5), limit=1000)
+        assert [s for s, _ in step.deliver] == [4, 5]
+        assert step.resync is not None and step.resync.reason is ResyncReason.HISTORY_CORRUPT
+        assert (step.resync.epoch, step.resync.seq) == ("e1", 8)
+        assert not step.needs_read  # 8 is covered by the resync; 9 follows live
+        assert seq.on_live("e1", 9, frame(9)).deliver == [(9, frame(9))]
+
+    def test_an_overwritten_last_entry_is_announced_too(self):
+        seq = started(top=3)
+        seq.on_live("e1", 4, frame(4))
+        seq.request_read()
+        seq.begin_read()  # reads from 3 to check that 4 is still what was delivered
+        step = seq.on_read(Snapshot("e1", 4, (), corrupt_at=4, scanned=1), limit=1000)
+        assert step.resync is not None and step.resync.reason is ResyncReason.HISTORY_CORRUPT
+
+    def test_foreign_entries_count_against_the_limit_so_a_full_read_is_not_trimmed(self):
+        seq = started(top=0)
+        seq.on_live("e1", 5, frame(5))
+        seq.begin_read()
+        # Two entries returned, one of them foreign (skipped): the read was cut by its limit.
+        step = seq.on_read(Snapshot("e1", 5, entries(1, 1), scanned=2), limit=2)
+        assert step.resync is None and step.needs_read
+        step = seq.on_read(Snapshot("e1", 5, entries(2, 5)), limit=1000)
+        assert [s for s, _ in step.deliver] == [2, 3, 4, 5]
+
+    def test_a_message_numbered_beyond_the_top_is_dropped_by_the_next_read(self):
+        seq = started(top=3)
+        step = seq.on_live("e1", 999_999, frame(999_999))  # forged on the channel
+        assert step.needs_read
+        seq.begin_read()  # begun after it arrived: the publish script would have stored it
+        step = seq.on_read(Snapshot("e1", 3), limit=1000)
+        assert step.dropped_ahead == 1 and not step.needs_read and step.deliver == []
+        assert seq.on_live("e1", 4, frame(4)).deliver == [(4, frame(4))]
+
+    def test_a_message_arriving_during_a_read_is_kept_for_the_next_one(self):
+        seq = started(top=3)
+        seq.on_live("e1", 5, frame(5))
+        seq.begin_read()
+        seq.on_live("e1", 6, frame(6))  # arrives while the read is in flight
+        step = seq.on_read(Snapshot("e1", 4, entries(4, 4)), limit=1000)
+        # 5 arrived before the read and is beyond its top 4: it is dropped; 6 may be in flight.
+        assert [s for s, _ in step.deliver] == [4] and step.dropped_ahead == 1
+        assert step.needs_read and 6 in seq.held
+        seq.begin_read()
+        step = seq.on_read(Snapshot("e1", 6, entries(5, 6)), limit=1000)
+        assert [s for s, _ in step.deliver] == [5, 6] and not step.needs_read
+
+    def test_a_catch_up_asked_during_a_read_runs_right_after_it(self):
+        """Issue 11 #13: the read in flight may predate what the caller knows was published."""
+        seq = started(top=3)
+        assert seq.request_read()
+        seq.begin_read()
+        assert not seq.request_read()  # a read is in flight: no second one at once...
+        step = seq.on_read(Snapshot("e1", 3), limit=1000)
+        assert step.needs_read  # ...but one more right after it
+        seq.begin_read()
+        step = seq.on_read(Snapshot("e1", 5, entries(4, 5)), limit=1000)
+        assert [s for s, _ in step.deliver] == [4, 5] and not step.needs_read
+
+
 class TestJoiner:
     def test_frames_captured_before_the_read_follow_the_replay_without_overlap(self):
         joiner = Joiner()
@@ -202,6 +269,12 @@ class TestPlanSubscription:
             ("e1", 9, Snapshot("e1", 7), ResyncReason.HISTORY_LOST),
             ("e1", 1, Snapshot("e1", 500), ResyncReason.TOO_FAR_BEHIND),
             ("e1", 2, Snapshot("e1", 7, entries(5, 7)), ResyncReason.HISTORY_TRIMMED),
+            (
+                "e1",
+                2,
+                Snapshot("e1", 7, entries(3, 4), corrupt_at=5, scanned=3),
+                ResyncReason.HISTORY_CORRUPT,
+            ),
         ],
     )
     def test_unhonourable_cursors_resync_to_the_top(self, epoch, after, snapshot, reason):
@@ -223,6 +296,14 @@ class TestPlanPoll:
     def test_no_cursor_only_tells_the_top(self):
         plan = plan_poll(None, None, Snapshot("e1", 10), limit=3)
         assert plan.events == [] and plan.resync is None
+
+    def test_a_corrupt_entry_ends_the_page_then_resyncs(self):
+        snapshot = Snapshot("e1", 10, entries(3, 4), corrupt_at=5, scanned=3)
+        plan = plan_poll("e1", 2, snapshot, limit=5)
+        assert [s for s, _ in plan.events] == [3, 4] and plan.more and plan.resync is None
+        plan = plan_poll("e1", 4, Snapshot("e1", 10, (), corrupt_at=5, scanned=1), limit=5)
+        assert plan.events == [] and plan.resync.reason is ResyncReason.HISTORY_CORRUPT
+        assert (plan.resync.epoch, plan.resync.seq) == ("e1", 10)
 
     def test_trimmed_and_foreign_cursors_resync(self):
         assert plan_poll("e1", 1, Snapshot("e1", 10, entries(5, 7)), 3).resync.reason is (

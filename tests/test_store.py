@@ -34,7 +34,7 @@ class ReleasedTogether:
 
             async def execute(self, raise_on_error=True):
                 await client.release.wait()
-                return [[b"E", 5, 0, []]] * self.count
+                return [[b"E", 5, 0, [], b""]] * self.count
 
         return Pipe()
 
@@ -61,3 +61,108 @@ async def test_a_follow_up_read_made_as_every_sender_finishes_is_still_sent():
     await asyncio.gather(*tasks)
     assert outcome["follow_up"].top == 5
     assert not store._senders and not store._queue
+
+
+# --- against a real Redis: the SNAPSHOT script and the checks of what it returns (issue 11) ----
+
+KEYS = Keys()
+
+
+def real_store(redis_url: str) -> HistoryStore:
+    from gateway.metrics import Metrics
+    from gateway.store import ForeignValues
+    from publisher.connection import async_client
+
+    return HistoryStore(async_client(redis_url), KEYS, ForeignValues(Metrics()))
+
+
+async def test_reading_a_project_without_history_leaves_nothing_permanent(redis_url, publisher):
+    import redis
+
+    from gateway.store import NO_HISTORY_TTL_MS
+    from tests.support.gateway_client import event
+
+    raw = redis.Redis.from_url(redis_url)
+    store = real_store(redis_url)
+    first = await store.snapshot(7)
+    assert (first.top, first.created) == (0, True)
+    ttl = raw.pttl(KEYS.meta(7))
+    assert 0 < ttl <= NO_HISTORY_TTL_MS  # expires unless something is published
+    again = await store.snapshot(7, first.epoch, 0, 10)
+    assert (again.epoch, again.top, again.created) == (first.epoch, 0, False)
+    # The first publish continues the reader's cursor: no resync, and event 1 is not missed.
+    cursor = await publisher.publish(event(7))
+    assert (cursor.epoch, cursor.seq) == (first.epoch, 1)
+    after = await store.snapshot(7, first.epoch, 0, 10)
+    assert [seq for seq, _ in after.entries] == [1]
+    assert raw.pttl(KEYS.meta(7)) == -1  # a history with events is permanent
+    raw.close()
+    await store.client.aclose()
+
+
+async def test_foreign_metadata_fails_that_project_only(redis_url, publisher):
+    import redis
+
+    from gateway.store import ProjectUnreadable
+    from tests.support.gateway_client import event
+
+    raw = redis.Redis.from_url(redis_url)
+    for project_id in range(1, 7):
+        await publisher.publish(event(project_id))
+    raw.hset(KEYS.meta(2), "seq", "abc")
+    raw.hset(KEYS.meta(3), "epoch", b"\xff\xfe")
+    raw.delete(KEYS.meta(4))
+    raw.set(KEYS.meta(4), "a string")
+    raw.delete(KEYS.stream(5))
+    raw.set(KEYS.stream(5), "a string")
+    store = real_store(redis_url)
+    epoch = (await store.snapshot(1)).epoch
+    epoch5 = raw.hget(KEYS.meta(5), "epoch").decode()
+    # All in flight together: they share pipelines, and one error must not fail the others.
+    results = await asyncio.gather(
+        *(store.snapshot(p, epoch5 if p == 5 else epoch, 0, 10) for p in range(1, 7)),
+        return_exceptions=True,
+    )
+    assert [s.top for s in (results[0], results[5])] == [1, 1]
+    problems = {
+        p: r.problem
+        for p, r in zip(range(1, 7), results, strict=True)
+        if isinstance(r, ProjectUnreadable)
+    }
+    assert problems == {
+        2: "has an invalid seq",
+        3: "has an invalid epoch",
+        4: "is not a hash",
+        5: "is not a stream",
+    }
+    cursors = await store.cursors([1, 2, 3, 4, 6, 99])
+    assert cursors[0].seq == 1 and cursors[4].seq == 1 and cursors[5] is None
+    assert [type(c).__name__ for c in cursors[1:4]] == ["ProjectUnreadable"] * 3
+    assert store.foreign.metrics.foreign_values["meta"] == 6
+    raw.close()
+    await store.client.aclose()
+
+
+async def test_foreign_stream_entries_are_left_out_and_the_first_corrupt_one_reported(
+    redis_url, publisher
+):
+    import redis
+
+    from tests.support.gateway_client import event
+
+    raw = redis.Redis.from_url(redis_url)
+    for n in range(2):
+        await publisher.publish(event(9, n + 1))
+    stream, meta = KEYS.stream(9), KEYS.meta(9)
+    raw.xadd(stream, {"f": b'{"type":"x","seq":2}', "extra": "y"}, id="2-1")  # foreign id
+    raw.xadd(stream, {"x": "y"}, id="3-0")  # no field f
+    raw.xadd(stream, {"f": b'{"bad":"\xff"}'}, id="4-0")  # not UTF-8
+    raw.hset(meta, "seq", 4)
+    store = real_store(redis_url)
+    epoch = raw.hget(meta, "epoch").decode()
+    snapshot = await store.snapshot(9, epoch, 0, 10)
+    assert [seq for seq, _ in snapshot.entries] == [1, 2]
+    assert (snapshot.top, snapshot.corrupt_at, snapshot.scanned) == (4, 3, 5)
+    assert store.foreign.metrics.foreign_values["stream_entry"] == 3
+    raw.close()
+    await store.client.aclose()
