@@ -40,6 +40,11 @@ def backoff_delays(base: float = 0.05, cap: float = 2.0) -> itertools.Iterator[f
         yield random.uniform(0, min(cap, base * 2**attempt))
 
 
+#: Seconds a link must have been connected with every channel confirmed before its reconnect
+#: backoff starts again from the base delay (a flapping link keeps backing off).
+HEALTHY_PERIOD = 5.0
+
+
 class PubSubLink:
     """Subscribed-mode connection to one Redis node.
 
@@ -83,6 +88,11 @@ class PubSubLink:
         self._task: asyncio.Task | None = None
         self.connected = False
         self.connections = 0
+        self.healthy_period = HEALTHY_PERIOD
+        #: Loop time at which the current connection was confirmed whole (None: not yet).
+        self._healthy_since: float | None = None
+        #: Reconnect delays used in a row since the link was last healthy (0: next is the base).
+        self.backoff_attempts = 0
 
     @property
     def alive(self) -> bool:
@@ -127,7 +137,9 @@ class PubSubLink:
 
     async def _run(self) -> None:
         delays = backoff_delays()
+        loop = asyncio.get_running_loop()
         while True:
+            self._healthy_since = None
             try:
                 await self._connect_and_read()
             except asyncio.CancelledError:
@@ -136,8 +148,13 @@ class PubSubLink:
                 log.warning("pubsub link down", error=str(exc) or type(exc).__name__)
             except Exception:
                 log.exception("pubsub link failed")
-            else:
+            # _connect_and_read only ends by raising; a connection that was whole for a while
+            # was healthy, and its loss starts a fresh backoff (else, after a few early
+            # failures, every later reconnect would wait up to the cap for the process's life).
+            since = self._healthy_since
+            if since is not None and loop.time() - since >= self.healthy_period:
                 delays = backoff_delays()
+                self.backoff_attempts = 0
             self.connected = False
             self._on_down()
             for event in self._channels.values():
@@ -146,6 +163,7 @@ class PubSubLink:
                 with contextlib.suppress(Exception):
                     await self._conn.disconnect()
                 self._conn = None
+            self.backoff_attempts += 1
             await asyncio.sleep(next(delays))
 
     async def _connect_and_read(self) -> None:
@@ -163,10 +181,13 @@ class PubSubLink:
             await conn.send_command(self._sub, *batch, check_health=False)
         probe = asyncio.create_task(self._probe(conn), name="pubsub-probe")
         notified = not reconnected
+        loop = asyncio.get_running_loop()
         try:
-            if not pending and not notified:
-                self._on_resubscribed()
-                notified = True
+            if not pending:
+                self._healthy_since = loop.time()
+                if not notified:
+                    self._on_resubscribed()
+                    notified = True
             while True:
                 # No read timeout: an idle link is normal; the probe detects a dead one.
                 try:
@@ -188,6 +209,8 @@ class PubSubLink:
                     self._on_message(reply[1], reply[2])
                 elif kind == self._confirm_kind:
                     self._confirmed(reply[1])
+                    if self._healthy_since is None and self.alive:
+                        self._healthy_since = loop.time()
                     if not notified and self.alive:
                         notified = True
                         self._on_resubscribed()

@@ -253,3 +253,41 @@ async def test_the_probe_of_an_idle_link_does_not_break_it(
     metrics = pod.metrics()
     assert metrics["eventbus_pubsub_probe_failures_total"] == 0
     assert metrics["eventbus_pubsub_reconnects_total"] == 0
+
+
+async def test_the_pubsub_reconnect_backoff_starts_again_after_a_healthy_period(redis_url: str):
+    """Issue 11 #9: after a few quick reconnects, a link that then stayed healthy must reconnect
+    with the base delay (50 ms), not the capped one (2 s) for the rest of the process's life."""
+    from gateway.metrics import Metrics
+    from gateway.pubsub import PubSubLink
+
+    admin = redis.Redis.from_url(redis_url)  # the private server: killing its clients is fine
+    link = PubSubLink(
+        redis_url,
+        sharded=False,
+        on_message=lambda c, d: None,
+        on_resubscribed=lambda: None,
+        metrics=Metrics(),
+    )
+    link.healthy_period = 0.5
+    link.start()
+    try:
+        async with asyncio.timeout(10):
+            await link.subscribe(b"backoff-test")
+
+        async def kill_and_wait_for_the_reconnect() -> None:
+            connections = link.connections
+            assert admin.client_kill_filter(_type="pubsub") >= 1
+            await wait_until(
+                lambda: link.connections > connections and link.alive, 15, "the reconnect", 0.01
+            )
+
+        for _ in range(4):  # each one right after the reconnect: never healthy for 0.5 s
+            await kill_and_wait_for_the_reconnect()
+        assert link.backoff_attempts == 4
+        await asyncio.sleep(0.6)  # the time that makes the connection healthy (no event to await)
+        await kill_and_wait_for_the_reconnect()
+        assert link.backoff_attempts == 1  # the base delay again
+    finally:
+        await link.close()
+        admin.close()
