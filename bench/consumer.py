@@ -263,11 +263,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench.consumer: {text}", file=sys.stderr, flush=True)
 
     # The consumer's own logs (connected, disconnected) would interleave with the report.
+    previous = structlog.get_config()
     structlog.configure(
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
     )
-    result = run(count, rounds, log)
+    try:
+        result = run(count, rounds, log)
+    finally:
+        structlog.configure(**previous)
     if args.json:
         write_json(args.json, result)
     print(table(result))

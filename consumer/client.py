@@ -329,7 +329,14 @@ class Consumer:
     async def _prepare(self, project_id: int, explicit: Cursor | None, start: Start) -> None:
         cursor = Cursor(*explicit) if explicit is not None else None
         if cursor is None and self.store is not None:
-            cursor = await self.store.load(project_id)
+            try:
+                cursor = await self.store.load(project_id)
+            except Exception as exc:
+                # Starting from anywhere else could skip or repeat events: stop, loudly.
+                raise ConsumerError(
+                    f"cannot load the cursor of project {project_id}: {exc!r}"
+                ) from exc
+
         start_after = None if start == "now" else 0 if start == "beginning" else int(start)
         state = ProjectState(project_id, cursor, start_after)
         if self._routes.get(project_id) is None:

@@ -386,3 +386,35 @@ async def test_tail_prints_the_history_then_live_events(gateway, redis_url):
     assert [(json.loads(f)["seq"], json.loads(f)["blocker_id"]) for f in frames] == [
         (seq, ident) for _, seq, ident in held
     ]
+
+
+async def test_a_caller_too_slow_for_the_gateway_is_cut_and_resumes_exactly(redis_url):
+    """The caller stops reading: the consumer's buffer fills, the connection stops reading, the
+    gateway's write buffer passes --outbound-limit and it cuts the connection (4008). Once the
+    caller reads again, the consumer resumes from the last item it received: exact sequence."""
+    # 12 MB of events: more than the kernel's socket buffers on loopback hold, so the gateway's
+    # own write buffer grows; a replay of that many must not be "too far behind".
+    count = 3000
+    args = ["--outbound-limit", "1024", "--max-replay", str(count)]
+    publisher = AsyncPublisher.from_url(redis_url)
+    try:
+        with GatewayProcess(redis_url, auth_secret=SECRET, args=args) as gateway:
+            async with Consumer(gateway.ws_url, token=tokens([1]), buffer=5) as consumer:
+                subscription = consumer.events(1)
+                async with asyncio.timeout(20):
+                    await subscription.wait_subscribed()
+                big = "x" * 4000
+                await publisher.publish_many(
+                    BlockerResolved(project_id=1, blocker_id=i, answer=big, resolved_at=utc_now())
+                    for i in range(1, count + 1)
+                )
+                await wait_until(
+                    lambda: gateway.metrics()["eventbus_slow_consumer_disconnects_total"] >= 1,
+                    30,
+                    "the gateway to cut the consumer",
+                )
+                items = await collect(subscription, lambda items: len(items) == count, within=60)
+    finally:
+        await publisher.aclose()
+    assert consumer.connects >= 2 and consumer.close_codes[0] in (4008, 1006), consumer.close_codes
+    assert as_records(items) == await history(redis_url, [1])

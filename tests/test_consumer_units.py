@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from consumer import (
     Consumer,
+    ConsumerError,
     Cursor,
     Delivery,
     FileCursorStore,
@@ -390,3 +391,12 @@ def test_tail_prints_one_readable_line_per_item_or_the_raw_frame():
         "epoch": "e2",
         "seq": 57,
     }
+
+
+async def test_a_cursor_store_that_cannot_load_stops_the_consumer_loudly(tmp_path):
+    path = tmp_path / "cursors.json"
+    path.write_text("{not json")
+    async with Consumer("ws://127.0.0.1:9/", store=FileCursorStore(path)) as consumer:
+        with pytest.raises(ConsumerError, match="cannot load the cursor of project 1"):
+            async with asyncio.timeout(10):
+                await anext(consumer.events(1))
