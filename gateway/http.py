@@ -7,6 +7,7 @@ these gets a JSON 404/405; nothing here can raise into websockets.
 
 from __future__ import annotations
 
+import asyncio
 import http
 import re
 from collections.abc import Awaitable, Callable
@@ -32,6 +33,8 @@ _STATIC = {
 }
 MAX_POLL_LIMIT = 1000
 DEFAULT_POLL_LIMIT = 100
+#: Seconds a poller is asked to wait (``Retry-After``) when Redis did not answer in time.
+POLL_RETRY_AFTER = 5
 
 
 def json_response(
@@ -179,10 +182,16 @@ class HttpRoutes:
         except ValueError as exc:
             return _error(400, "invalid_query", str(exc))
         try:
-            snapshot = await self.gateway.store.snapshot(project_id, epoch, after, limit)
-        except StoreUnavailable:
+            # The same bound as a subscribe: a hung Redis gets a 503 in time, not a dropped
+            # request (the browser client's fetch would otherwise wait for its own timeout).
+            async with asyncio.timeout(self.gateway.config.subscribe_timeout):
+                snapshot = await self.gateway.store.snapshot(project_id, epoch, after, limit)
+        except (StoreUnavailable, TimeoutError):
             return _error(
-                503, "unavailable", "Redis is unavailable; poll again later", [("Retry-After", "5")]
+                503,
+                "unavailable",
+                "Redis is unavailable; poll again later",
+                [("Retry-After", str(POLL_RETRY_AFTER))],
             )
         plan = plan_poll(epoch, after, snapshot, limit)
         metrics = self.gateway.metrics

@@ -59,6 +59,10 @@ class Metrics:
         "client_errors_total": "error messages sent to clients for bad input.",
         "auth_failures_total": "Connections closed for a missing, invalid or expired token.",
         "polls_total": "HTTP polling requests answered.",
+        "bad_requests_total": "HTTP requests and handshakes refused as malformed (400).",
+        "protocol_violations_total": (
+            "Connections closed for breaking the WebSocket protocol (1002, 1007, 1009)."
+        ),
     }
 
     def __init__(self) -> None:

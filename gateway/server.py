@@ -17,14 +17,15 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from gateway.client_input import decode_frame, repeated_header
 from gateway.config import GatewayConfig
 from gateway.http import HttpRoutes, json_response
 from gateway.hub import Hub, SubscribeUnavailable
 from gateway.keepalive import Keepalive
-from gateway.logs import get_logger
+from gateway.logs import LogThrottle, get_logger
 from gateway.metrics import Metrics
 from gateway.pubsub import ClusterPubSub, PubSubLink
-from gateway.session import GatewayConnection, Session, SlowConsumerPolicy
+from gateway.session import Admission, GatewayConnection, Session, SlowConsumerPolicy
 from gateway.store import HistoryStore
 from publisher.connection import async_client, is_cluster_url
 from schemas.keys import Keys
@@ -40,7 +41,6 @@ from schemas.protocol import (
     Subscribe,
     Unsubscribe,
     Unsubscribed,
-    decode_client_message,
 )
 from schemas.tokens import InvalidToken, TokenClaims, verify_token
 
@@ -56,6 +56,18 @@ LISTEN_BACKLOG = 4096
 #: Consecutive malformed frames tolerated before the connection is closed with 4009.
 MAX_CONSECUTIVE_ERRORS = 10
 
+#: Sockets accepted beyond ``--max-connections`` before further ones are dropped at accept: room
+#: for a polite 503 to a client arriving at a full pod, and for health probes and scrapes.
+ACCEPT_SLACK = 64
+
+#: Close codes websockets itself sends when a client breaks the WebSocket protocol: 1002 (a bad
+#: frame), 1007 (a text frame that is not UTF-8), 1009 (a frame over ``--max-frame-bytes``).
+PROTOCOL_VIOLATIONS = frozenset({1002, 1007, 1009})
+
+#: Seconds each step of the final shutdown (listener, feeds, pub/sub, Redis client) may take
+#: after the clients are gone: a hung Redis must not hold the exit.
+CLOSE_STEP_TIMEOUT = 2.0
+
 
 class Gateway:
     """One gateway process. ``await start()``, then ``await drain()`` to stop."""
@@ -67,6 +79,10 @@ class Gateway:
         self.sessions: dict[Session, None] = {}
         self.draining = False
         self.policy = SlowConsumerPolicy(config.outbound_limit, config.stall_timeout)
+        self.admission = Admission(config.max_connections, ACCEPT_SLACK)
+        # Lines caused by clients (failed auth, refused handshakes, unavailable subscribes): a few
+        # per minute per kind; the counters count every one.
+        self.client_log_throttle = LogThrottle()
         # Claims verified at the handshake, for the handler; weak, because websockets may still
         # reject the handshake after process_request, and then no handler ever pops the entry.
         self._preauth: weakref.WeakKeyDictionary[ServerConnection, TokenClaims] = (
@@ -82,6 +98,11 @@ class Gateway:
         verify = None if config.no_auth else self.verify
         self.http = HttpRoutes(gateway=self, verify=verify, allowed_origins=config.allowed_origins)
         self.metrics.gauge("connections", "Open WebSocket connections.", lambda: len(self.sessions))
+        self.metrics.gauge(
+            "sockets",
+            "Sockets open on the port, from accept to close (handshakes, unauthenticated, HTTP).",
+            lambda: self.admission.open,
+        )
         self.metrics.gauge(
             "subscriptions", "Project subscriptions.", lambda: self.hub.subscriptions
         )
@@ -137,13 +158,16 @@ class Gateway:
             process_request=self.process_request,
             compression="deflate" if config.compression else None,
             max_size=config.max_frame_bytes,
+            # The handshake counts against the auth deadline (see _first_auth): a socket that
+            # sends nothing is dropped after auth_timeout, whatever stage it stalls in.
+            open_timeout=config.auth_timeout,
             max_queue=4,
             write_limit=config.outbound_limit,
             ping_interval=None,  # gateway.keepalive pings, with config.ping_interval/_timeout
             close_timeout=5,
             server_header=None,
             backlog=LISTEN_BACKLOG,
-            create_connection=GatewayConnection,
+            create_connection=self._new_connection,  # type: ignore[arg-type]  # a factory
         )
         log.info(
             "gateway listening",
@@ -153,6 +177,11 @@ class Gateway:
             sharded_pubsub=config.sharded,
             auth="disabled" if config.no_auth else "jwt",
         )
+
+    def _new_connection(self, *args, **kwargs) -> GatewayConnection:
+        connection = GatewayConnection(*args, **kwargs)
+        connection.admission = self.admission
+        return connection
 
     def _make_link(self) -> PubSubLink | ClusterPubSub:
         """One subscribed connection for a standalone Redis; on a Cluster, one per master with
@@ -211,12 +240,27 @@ class Gateway:
         self, connection: ServerConnection, request: Request
     ) -> Response | None:
         try:
+            repeated = repeated_header(request.headers)
+            if repeated is not None:
+                return self._bad_request(f"the {repeated} header is given more than once")
             if request.headers.get("Upgrade", "").lower() != "websocket":
                 return await self.http.handle(request)
             return self._check_handshake(connection, request)
         except Exception:
             log.exception("request failed", path=request.path[:200])
             return json_response(500, {"error": "internal", "message": "internal error"})
+
+    def _bad_request(self, message: str) -> Response:
+        """A malformed request (the client's mistake): 400, counted, logged a few times a minute."""
+        self.metrics.bad_requests_total += 1
+        self._client_log("bad request", kind="bad_request", message=message)
+        return json_response(400, {"error": "bad_request", "message": message})
+
+    def _client_log(self, event: str, *, kind: str, **fields) -> None:
+        """Log a line caused by a client at info level, throttled per ``kind``."""
+        suppressed = self.client_log_throttle.allow(kind)
+        if suppressed is not None:
+            log.info(event, **fields, **({"suppressed": suppressed} if suppressed else {}))
 
     def _check_handshake(self, connection: ServerConnection, request: Request) -> Response | None:
         config = self.config
@@ -226,7 +270,7 @@ class Gateway:
             return json_response(
                 503, {"error": "draining", "message": "reconnect elsewhere"}, [("Retry-After", "1")]
             )
-        if len(self.sessions) >= config.max_connections:
+        if self.admission.full():
             metrics.connections_rejected_total += 1
             return json_response(
                 503,
@@ -236,7 +280,9 @@ class Gateway:
         origin = request.headers.get("Origin")
         if config.allowed_origins and origin not in config.allowed_origins:
             metrics.connections_rejected_total += 1
-            log.info("handshake refused", reason="origin", origin=origin)
+            self._client_log(
+                "handshake refused", kind="forbidden_origin", reason="origin", origin=origin
+            )
             return json_response(
                 403, {"error": "forbidden_origin", "message": f"origin {origin!r} is not allowed"}
             )
@@ -275,11 +321,16 @@ class Gateway:
             elif not self.config.no_auth and not await self._first_auth(session, clog):
                 return
             while True:
-                data = await ws.recv(decode=False)
+                # Text frames come decoded: one that is not UTF-8 closes with 1007 (RFC 6455),
+                # inside websockets. Binary frames come as bytes and are read the same way.
+                data = await ws.recv()
                 await self._handle(session, data, clog)
         except ConnectionClosed:
             pass
         finally:
+            sent = ws.protocol.close_sent
+            if sent is not None and sent.code in PROTOCOL_VIOLATIONS:
+                self.metrics.protocol_violations_total += 1
             self._preauth.pop(ws, None)
             self.hub.remove(session)
             del self.sessions[session]
@@ -290,15 +341,20 @@ class Gateway:
             clog.debug("disconnected", code=ws.close_code)
 
     async def _first_auth(self, session: Session, clog) -> bool:
+        """Wait for the first frame, a valid ``auth``; anything else closes with 4001 (4002 for
+        an expired token). The deadline runs from the TCP accept, so the handshake counts."""
+        ws = session.ws
+        loop = asyncio.get_running_loop()
+        accepted_at = getattr(ws, "accepted_at", 0.0) or loop.time()
         try:
-            async with asyncio.timeout(self.config.auth_timeout):
-                data = await session.ws.recv(decode=False)
+            async with asyncio.timeout_at(accepted_at + self.config.auth_timeout):
+                data = await ws.recv()
         except TimeoutError:
             return await self._refuse(
                 session, CloseCode.AUTH_FAILED, "no auth message in time", clog
             )
         try:
-            message = decode_client_message(data)
+            message = decode_frame(data)
         except ProtocolError as exc:
             return await self._refuse(
                 session, CloseCode.AUTH_FAILED, f"expected an auth message: {exc.message}", clog
@@ -317,7 +373,10 @@ class Gateway:
 
     async def _refuse(self, session: Session, code: CloseCode, reason: str, clog) -> bool:
         self.metrics.auth_failures_total += 1
-        clog.info("authentication failed", reason=reason, code=int(code))
+        suppressed = self.client_log_throttle.allow("auth_failed")
+        if suppressed is not None:
+            extra = {"suppressed": suppressed} if suppressed else {}
+            clog.info("authentication failed", reason=reason[:200], code=int(code), **extra)
         session.closing = True
         await session.ws.close(code, reason[:120])
         return False
@@ -352,9 +411,9 @@ class Gateway:
             return True
         return session.claims is not None and session.claims.allows(project_id)
 
-    async def _handle(self, session: Session, data: bytes, clog) -> None:
+    async def _handle(self, session: Session, data: bytes | str, clog) -> None:
         try:
-            message = decode_client_message(data)
+            message = decode_frame(data)
         except ProtocolError as exc:
             self._client_error(session, exc.code, exc.message)
             return
@@ -419,7 +478,10 @@ class Gateway:
         try:
             await self.hub.subscribe(session, project_id, message.epoch, message.after)
         except SubscribeUnavailable as exc:
-            clog.warning("subscribe failed", project_id=project_id, error=str(exc))
+            suppressed = self.client_log_throttle.allow("subscribe_unavailable")
+            if suppressed is not None:
+                extra = {"suppressed": suppressed} if suppressed else {}
+                clog.warning("subscribe failed", project_id=project_id, error=str(exc), **extra)
             self._client_error(
                 session,
                 ErrorCode.UNAVAILABLE,
@@ -483,18 +545,27 @@ class Gateway:
         log.info("drained", seconds=round(time.monotonic() - started, 3))
 
     async def close(self) -> None:
+        """Stop everything; each step is bounded by CLOSE_STEP_TIMEOUT (Redis may hang)."""
         for task in self._tasks:
             task.cancel()
         self.keepalive.close()
         if self.server is not None:
             self.server.close()
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(5):
-                    await self.server.wait_closed()
-        await self.hub.close()
-        await self.link.close()
+            await _bounded(self.server.wait_closed(), "listener")
+        await _bounded(self.hub.close(), "feeds")
+        await _bounded(self.link.close(), "pubsub")
         if self.redis is not None:
-            await self.redis.aclose()
+            await _bounded(self.redis.aclose(), "redis")
+
+
+async def _bounded(step, name: str) -> None:
+    try:
+        async with asyncio.timeout(CLOSE_STEP_TIMEOUT):
+            await step
+    except TimeoutError:
+        log.warning("shutdown step timed out", step=name, timeout=CLOSE_STEP_TIMEOUT)
+    except Exception as exc:
+        log.warning("shutdown step failed", step=name, error=str(exc))
 
 
 def _keepalive_timeout(session: Session) -> None:

@@ -22,8 +22,10 @@ transport aborted, which frees its buffer at once. It reconnects and resumes fro
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import itertools
 import os
+import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -38,9 +40,17 @@ from schemas.tokens import TokenClaims
 if TYPE_CHECKING:
     from schemas.protocol import ServerMessage
 
-__all__ = ["GatewayConnection", "Outgoing", "Session", "SlowConsumerPolicy", "joined"]
+__all__ = [
+    "Admission",
+    "GatewayConnection",
+    "Outgoing",
+    "Session",
+    "SlowConsumerPolicy",
+    "joined",
+]
 
 _ids = itertools.count(1)
+_INT = struct.Struct("i")
 
 
 class Outgoing:
@@ -92,6 +102,46 @@ class SlowConsumerPolicy:
         return stalled_since is not None and now - stalled_since > self.stall_timeout
 
 
+class Admission:
+    """How many sockets the WebSocket port holds, from accept to close (pure).
+
+    Every TCP connection counts, whatever it has done so far: one that has sent nothing yet, one
+    waiting for its handshake answer, one not yet authenticated, one subscribed, an HTTP request.
+    A handshake is refused (503) while the *other* sockets reach ``max_connections``; a socket
+    accepted while ``max_connections + slack`` are open is dropped at once, so silent sockets
+    can never hold more descriptors than that. The slack keeps room for polite 503 answers and
+    for health probes while the pod is full.
+    """
+
+    __slots__ = ("max_connections", "open", "slack")
+
+    def __init__(self, max_connections: int, slack: int) -> None:
+        self.max_connections = max_connections
+        self.slack = slack
+        self.open = 0
+
+    def accept(self) -> bool:
+        """A socket was accepted: count it, or False when it must be dropped now."""
+        if self.open >= self.max_connections + self.slack:
+            return False
+        self.open += 1
+        return True
+
+    def release(self) -> None:
+        self.open -= 1
+
+    def full(self) -> bool:
+        """No room for a new WebSocket (the asking socket itself is counted already)."""
+        return self.open - 1 >= self.max_connections
+
+
+#: ``ioctl`` request for the bytes in a TCP socket's send queue not yet sent (Linux
+#: ``SIOCOUTQNSD``): what a client that stopped reading leaves in the kernel once its receive
+#: window is closed. Bytes sent but not yet acknowledged are not counted, so a healthy client on a
+#: slow link does not look stuck.
+SIOCOUTQNSD = 0x894B
+
+
 class GatewayConnection(ServerConnection):
     """websockets' server connection, telling its :class:`Session` about every write of its own.
 
@@ -99,9 +149,25 @@ class GatewayConnection(ServerConnection):
     pings, pongs, close frames), and a change of state out of OPEN always comes with such a write
     or with ``connection_lost``: hooking both keeps ``Session.writable`` true to the connection
     without asking the protocol and the transport on every frame.
+
+    It also counts itself in ``admission`` (when set) from accept to close, drops itself at once
+    when the port is over its bound, and records when it was accepted (``accepted_at``,
+    event-loop time): the auth deadline runs from there.
     """
 
     session: Session | None = None
+    admission: Admission | None = None
+    accepted_at: float = 0.0
+    _counted: bool = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.accepted_at = asyncio.get_running_loop().time()
+        if self.admission is not None:
+            if not self.admission.accept():
+                transport.abort()
+                return
+            self._counted = True
 
     def send_data(self) -> None:
         super().send_data()
@@ -111,6 +177,9 @@ class GatewayConnection(ServerConnection):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.session is not None:
             self.session.writable = False
+        if self._counted and self.admission is not None:
+            self._counted = False
+            self.admission.release()
         super().connection_lost(exc)
 
 
@@ -134,6 +203,7 @@ class Session:
         "protocol",
         "raw",
         "schedule_flush",
+        "sent_since_check",
         "stalled_since",
         "transport",
         "writable",
@@ -171,6 +241,9 @@ class Session:
         self.expiry: asyncio.TimerHandle | None = None
         self.last_buffered = 0
         self.stalled_since: float | None = None
+        #: Set by every write, and kept set by :meth:`check_stall` while the kernel holds unsent
+        #: bytes: only such connections are asked for their kernel queue once a second.
+        self.sent_since_check = False
         #: Replay bytes still in the write buffer, tolerated on top of the limit, so that a
         #: resume with a large replay is not mistaken for a slow consumer (and cut, and resumed
         #: again, forever). Granted with the replay, counted once written, shrinks as it drains.
@@ -202,6 +275,7 @@ class Session:
         The hub calls this with one feed's frames for every live subscriber, the same ``wire``
         for all of them, and :meth:`flush` with this connection's own frames.
         """
+        self.sent_since_check = True
         if self.writable:
             # The hot path: one flag, one system call. ``fd`` is still this connection's while
             # ``writable``: asyncio closes the socket only after connection_lost, which clears it.
@@ -265,11 +339,18 @@ class Session:
         """Periodic check; cuts a connection whose buffer stopped draining. True if cut."""
         if self.closing:
             return False
-        if self.writable:  # true only while nothing is buffered: the common case, made cheap
+        if self.writable and not self.sent_since_check:
+            # Nothing buffered, nothing written since the last check, nothing left in the
+            # kernel then: the common case (an idle or healthy connection), made cheap.
             self.stalled_since = None
             self.last_buffered = 0
             return False
-        buffered = self.transport.get_write_buffer_size()
+        # What the client has not taken yet: our transport's buffer plus what the kernel has not
+        # sent (a client that reads nothing fills its receive window, then the kernel's send
+        # buffer, megabytes that the transport never sees, before anything reaches ours).
+        unsent = unsent_in_kernel(self.fd)
+        self.sent_since_check = unsent > 0
+        buffered = (0 if self.writable else self.transport.get_write_buffer_size()) + unsent
         self.stalled_since = self.policy.stalled(
             buffered, self.last_buffered, self.stalled_since, now
         )
@@ -310,6 +391,16 @@ class Session:
         self.closing = True
         self.writable = False
         spawn(self.ws.close(code, reason))
+
+
+def unsent_in_kernel(fd: int) -> int:
+    """Bytes queued in the socket's kernel send buffer and not yet sent (0 if unknown)."""
+    if fd < 0:
+        return 0
+    try:
+        return _INT.unpack(fcntl.ioctl(fd, SIOCOUTQNSD, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0  # not a TCP socket (a pipe in tests), or already closed
 
 
 def _socket_fd(transport: asyncio.BaseTransport) -> int:

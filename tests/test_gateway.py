@@ -45,8 +45,9 @@ async def test_every_client_gets_exactly_its_projects_events_in_order(gateways, 
             await publish(publisher, project_id, 10 + round_)
     expected = sum(10 + r for r in range(5))
     for client, projects in clients:
-        await client.wait_for(lambda c=client, p=projects: all(
-            len(c.seqs(x)) == expected for x in p))
+        await client.wait_for(
+            lambda c=client, p=projects: all(len(c.seqs(x)) == expected for x in p)
+        )
         for project_id in projects:
             assert client.seqs(project_id) == list(range(1, expected + 1))
         assert set(client.events) == set(projects), "no event of another project"
@@ -338,8 +339,11 @@ async def test_expired_token_closes_with_token_expired(gateways):
     import jwt
 
     gateway = await gateways()
-    token = jwt.encode({"projects": [1], "aud": "eventbus", "exp": int(time.time()) - 60},
-                       SECRET, algorithm="HS256")
+    token = jwt.encode(
+        {"projects": [1], "aud": "eventbus", "exp": int(time.time()) - 60},
+        SECRET,
+        algorithm="HS256",
+    )
     client = await RecordingClient(ws_url(gateway)).connect(auth=False)
     await client.send({"type": "auth", "token": token})
     await asyncio.wait_for(client.closed.wait(), 5)
@@ -587,3 +591,132 @@ async def test_handshakes_rejected_after_token_check_leave_nothing_behind(gatewa
     await asyncio.sleep(0.1)
     gc.collect()
     assert len(gateway._preauth) == 0 and not gateway.sessions
+
+
+# --- never silent at the edges (issue 11) -----------------------------------------------------
+
+DEEP = "[" * 1000 + "]" * 1000  # ~2 KB, far deeper than the JSON decoder recurses
+
+
+async def test_deeply_nested_json_before_auth_closes_with_auth_failed_not_1011(gateways):
+    gateway = await gateways()
+    client = await RecordingClient(ws_url(gateway)).connect(auth=False)
+    await client.send('{"type":"auth","x":' + DEEP + ',"token":"a"}')
+    await asyncio.wait_for(client.closed.wait(), 5)
+    assert client.close_code == 4001
+    assert gateway.metrics.auth_failures_total == 1
+
+
+async def test_deeply_nested_json_after_auth_is_an_invalid_json_error(gateways):
+    gateway = await gateways()
+    client = await client_for(gateway)
+    await client.send('{"type":"ping","x":' + DEEP + "}")
+    await client.wait_for(lambda: client.last("error") is not None)
+    assert client.last("error")["code"] == "invalid_json"
+    await client.send({"type": "ping"})
+    await client.wait_for(lambda: client.last("pong") is not None)
+    await client.close()
+
+
+@pytest.mark.parametrize("authenticated", [False, True])
+async def test_a_text_frame_that_is_not_utf8_closes_with_1007(gateways, authenticated):
+    gateway = await gateways()
+    client = await RecordingClient(ws_url(gateway), token=issue_token(SECRET, [1])).connect(
+        auth=authenticated
+    )
+    assert client.ws is not None
+    # websockets sends bytes with text=True as they are: a text frame carrying invalid UTF-8.
+    await client.ws.send(b'{"type":"ping","x":"\xff\xfe"}', text=True)
+    await asyncio.wait_for(client.closed.wait(), 5)
+    assert client.close_code == 1007
+    assert gateway.metrics.protocol_violations_total == 1
+
+
+@pytest.mark.parametrize("header", ["Origin", "Authorization", "Upgrade"])
+@pytest.mark.parametrize("path", ["/", "/healthz", "/v1/projects/1/events"])
+async def test_a_repeated_header_gets_400_not_500(gateways, header, path):
+    gateway = await gateways()
+    values = {"Origin": "https://a.example", "Authorization": "Bearer x", "Upgrade": "websocket"}
+    lines = [
+        f"GET {path} HTTP/1.1",
+        "Host: localhost",
+        "Connection: Upgrade",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version: 13",
+    ]
+    lines += [f"{name}: {value}" for name, value in values.items() if name != header]
+    lines += [f"{header}: {values[header]}", f"{header}: {values[header]}"]
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+    raw = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.split()[1] == b"400", raw[:300]
+    assert json.loads(body) == {
+        "error": "bad_request",
+        "message": f"the {header} header is given more than once",
+    }
+    assert gateway.metrics.bad_requests_total == 1
+
+
+async def test_silent_sockets_count_against_the_connection_limit_until_the_auth_timeout(gateways):
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus
+
+    gateway = await gateways(max_connections=3, auth_timeout=1.0)
+    silent = [await asyncio.open_connection("127.0.0.1", gateway.port) for _ in range(3)]
+    assert gateway.admission.open == 3
+    with pytest.raises(InvalidStatus) as refused:
+        await connect(ws_url(gateway))
+    assert refused.value.response.status_code == 503
+    # Silent sockets are dropped auth_timeout after their accept, handshake or not.
+    for reader, _ in silent:
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+    client = await client_for(gateway)
+    assert gateway.admission.open == 1
+    await client.close()
+
+
+async def test_sockets_beyond_the_limit_and_its_slack_are_dropped_at_accept(gateways):
+    from gateway.server import ACCEPT_SLACK
+
+    gateway = await gateways(max_connections=1, auth_timeout=5.0)
+    held = [
+        await asyncio.open_connection("127.0.0.1", gateway.port) for _ in range(1 + ACCEPT_SLACK)
+    ]
+    await wait_until_true(lambda: gateway.admission.open == 1 + ACCEPT_SLACK)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    assert await asyncio.wait_for(reader.read(), 5) == b"", "dropped at once"
+    assert gateway.admission.open == 1 + ACCEPT_SLACK
+    for _, held_writer in [*held, (reader, writer)]:
+        held_writer.close()
+    await wait_until_true(lambda: gateway.admission.open == 0)
+
+
+async def test_a_client_that_reads_nothing_is_cut_even_when_the_kernel_holds_its_backlog(
+    gateways, publisher
+):
+    # All it is sent fits in the kernel's send buffer: the gateway's own buffer stays empty,
+    # so only the kernel's unsent bytes show that this client stopped reading.
+    gateway = await gateways(stall_timeout=1.0)
+    stalled = await RawClient.connect(gateway.port, rcvbuf=4096)
+    # Its stream reader stops taking bytes from the socket past 2 KiB: it reads nothing more.
+    stalled.reader._limit = 1024
+    await stalled.send({"type": "auth", "token": issue_token(SECRET, [23], ttl=300)})
+    await stalled.send({"type": "subscribe", "project_id": 23})
+    await wait_until_true(lambda: gateway.hub.subscriptions == 1)
+    (session,) = gateway.sessions
+    await publisher.publish_many(
+        BlockerResolved(project_id=23, blocker_id=n + 1, answer="x" * 500, resolved_at=utc_now())
+        for n in range(60)
+    )
+    await wait_until_true(lambda: gateway.metrics.deliveries_total == 60)
+    assert session.transport.get_write_buffer_size() == 0, "all of it went to the kernel"
+    await wait_until_true(lambda: gateway.metrics.slow_consumer_disconnects_total == 1, within=8)
+    stalled.close()
+
+
+async def wait_until_true(predicate, within: float = 5.0) -> None:
+    async with asyncio.timeout(within):
+        while not predicate():  # noqa: ASYNC110 - state of an in-process gateway, no event to await
+            await asyncio.sleep(0.02)

@@ -173,3 +173,34 @@ async def test_cors_preflight_for_polling(gateways):
     status, _, _ = await request(gateway.port, "/v1/projects/1/events", method="OPTIONS",
                                  headers={"Origin": "https://evil.example"})
     assert status == 403
+
+
+async def test_polling_against_a_hung_redis_gets_503_within_the_subscribe_timeout():
+    import os
+    import signal
+    import time
+
+    from gateway.config import GatewayConfig
+    from gateway.server import Gateway
+
+    with RedisServer() as server:
+        gateway = Gateway(GatewayConfig(redis_url=server.url, port=0, auth_secret=SECRET,
+                                        subscribe_timeout=1.0, drain_timeout=1))
+        await gateway.start()
+        headers = bearer([6])
+        try:
+            assert (await request(gateway.port, "/v1/projects/6/events", headers=headers))[0] == 200
+            os.kill(server.process.pid, signal.SIGSTOP)  # sockets open, nothing answers
+            try:
+                started = time.monotonic()
+                status, got_headers, body = await asyncio.wait_for(
+                    request(gateway.port, "/v1/projects/6/events?epoch=e&after=0",
+                            headers=headers), 4)
+                elapsed = time.monotonic() - started
+            finally:
+                os.kill(server.process.pid, signal.SIGCONT)
+            assert status == 503 and got_headers["retry-after"] == "5"
+            assert json.loads(body)["error"] == "unavailable"
+            assert 0.9 < elapsed < 3, elapsed
+        finally:
+            await gateway.drain()

@@ -155,3 +155,34 @@ async def test_random_frames_never_break_the_gateway_or_other_clients(gateways, 
     await bystander.wait_for(lambda: bystander.seqs(2) == [1, 2, 3])
     await bystander.close()
     await fuzzer.close()
+
+
+async def test_drain_is_bounded_while_redis_hangs():
+    """SIGTERM with Redis stopped (sockets open, nothing answers) and live subscribers: the
+    process exits within --drain-timeout plus the bounded shutdown steps (docs/operations.md)."""
+    from publisher import issue_token
+    from tests.support.gateway_process import GatewayProcess
+    from tests.support.redis_server import RedisServer
+
+    with RedisServer() as server, GatewayProcess(
+        server.url, auth_secret=SECRET, args=["--drain-timeout", "2"]
+    ) as gateway:
+        clients = [
+            await RecordingClient(gateway.ws_url, token=issue_token(SECRET, [p])).connect()
+            for p in (1, 2, 3)
+        ]
+        for project_id, client in zip((1, 2, 3), clients, strict=True):
+            await client.subscribe(project_id)
+        os.kill(server.process.pid, signal.SIGSTOP)
+        try:
+            # A subscribe in flight when Redis stopped, and one more project to let go of.
+            await clients[0].send({"type": "subscribe", "project_id": 1})
+            started = time.monotonic()
+            code = await asyncio.to_thread(gateway.terminate, 30)
+            elapsed = time.monotonic() - started
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+        assert code == 0, gateway.tail()
+        assert elapsed < 2 + 8 + 1, f"exited after {elapsed:.1f}s; {gateway.tail()}"
+        for client in clients:
+            await client.close()

@@ -1,0 +1,46 @@
+"""What a client sends, judged before anything acts on it (pure; tested without sockets).
+
+Every way a client frame or an HTTP request can be malformed must end in a documented answer:
+an ``error`` message or a close code for frames, a 4xx status for requests. Nothing a client
+sends may reach the gateway as an unexpected exception (which websockets turns into a 1011 close
+or an HTTP 500 with an error-level traceback: a log line per hostile request).
+
+* :func:`decode_frame` is :func:`schemas.protocol.decode_client_message` that also turns the
+  decoder's own limits (JSON nested deeper than msgspec recurses) into a :class:`ProtocolError`.
+* :func:`repeated_header` finds a header the gateway reads as single-valued but that the request
+  repeats (websockets' ``Headers.get`` raises ``MultipleValuesError`` for those).
+"""
+
+from __future__ import annotations
+
+from websockets.datastructures import Headers
+
+from schemas.protocol import ClientMessage, ErrorCode, ProtocolError, decode_client_message
+
+__all__ = ["SINGLE_VALUED_HEADERS", "decode_frame", "repeated_header"]
+
+#: Headers the gateway reads with ``Headers.get`` (handshake checks, CORS, polling auth). A request
+#: that repeats one of them is refused with 400 before any of them is read. (websockets checks the
+#: ones it reads itself, ``Sec-WebSocket-Key`` and ``-Version``, and answers 400 on its own.)
+SINGLE_VALUED_HEADERS = ("Upgrade", "Origin", "Authorization")
+
+
+def decode_frame(data: bytes | str) -> ClientMessage:
+    """Parse one client frame; any malformed frame raises :class:`ProtocolError`, nothing else.
+
+    ``invalid_json`` covers JSON nested too deeply for the decoder (msgspec raises
+    ``RecursionError`` past its depth limit, a few hundred levels, long before the frame size
+    limit): a real client never nests its four message types more than two levels deep.
+    """
+    try:
+        return decode_client_message(data)
+    except RecursionError:
+        raise ProtocolError(ErrorCode.INVALID_JSON, "JSON nested too deeply") from None
+
+
+def repeated_header(headers: Headers, names: tuple[str, ...] = SINGLE_VALUED_HEADERS) -> str | None:
+    """The first of ``names`` that ``headers`` holds more than once, else None."""
+    for name in names:
+        if len(headers.get_all(name)) > 1:
+            return name
+    return None
