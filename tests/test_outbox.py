@@ -16,6 +16,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -527,12 +528,15 @@ def test_snapshot_cursor_matches_the_data_under_concurrent_commits(
     def writer() -> None:
         conn = connect()
         n = 0
-        while not stop.is_set() and n < 2000:
+        while not stop.is_set():
             n += 1
             conn.execute(f"INSERT INTO {items} (n) VALUES ({n})")
             outbox.write(conn, event(1, n))
             conn.commit()
             relay.wake()
+            # Paced: SQLite's busy handler is not fair, and a writer committing in a tight loop
+            # can keep the relay from ever taking the write lock to mark its batch.
+            stop.wait(0.001)
         conn.close()
 
     def count(c) -> int:
@@ -558,15 +562,14 @@ def test_snapshot_cursor_matches_the_data_under_concurrent_commits(
         else:
             reader = psycopg.connect(pg_url)
         wait_until(lambda: len(stream_ids(bus.client, 1)) >= 10)
-        seen = set()
-        for _ in range(40):
+        seen: set[int] = set()
+        deadline = time.monotonic() + 20
+        while len(seen) < 5:  # snapshots interleaved with at least five states of the writer
+            assert time.monotonic() < deadline, seen
             snap = outbox.snapshot(reader, 1, count)
-            if snap.cursor is None:
-                assert snap.data == 0
-                continue
+            assert snap.cursor is not None
             assert snap.data == snap.cursor.seq
             seen.add(snap.data)
-        assert len(seen) > 1  # the snapshots did interleave with the writer
         reader.close()
     finally:
         stop.set()

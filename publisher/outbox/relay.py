@@ -32,6 +32,7 @@ import structlog
 
 from publisher.core import Cursor, PublishError, PublisherUnavailable
 from publisher.outbox.metrics import RateLimiter, RelayMetrics
+from publisher.outbox.publishing import KeyedPublisher
 from publisher.outbox.sql import DEFAULT_TABLE, POSTGRES, SQLITE, Statements, for_psycopg
 from schemas.events import EventValidationError, decode_event
 
@@ -283,6 +284,7 @@ class OutboxRelay:
             raise ValueError("retention must be at least a minute (snapshots read the cursors)")
         self.store = store
         self.publisher = publisher
+        self._keyed = KeyedPublisher(publisher)
         self.table = store.table
         self.batch_size = batch_size
         self.limiter = RateLimiter(max_rate)
@@ -332,12 +334,16 @@ class OutboxRelay:
         held: set[int] = set()  # projects with an invalid row: nothing later of theirs goes out
         try:
             # Chunks of at most the rate limiter's burst, so the limit holds within a batch.
-            for chunk in _chunks(rows, max(1, min(self.batch_size, int(self.limiter.burst)))):
+            size = self.batch_size
+            if self.limiter.rate:
+                size = max(1, min(size, int(self.limiter.burst)))
+            for chunk in _chunks(rows, size):
                 pause = self.limiter.delay(len(chunk))
                 if pause and self._stop.wait(pause):
                     break
                 if time.monotonic() - fetched > self.stale_after:
                     break
+                items: list[tuple[OutboxRow, Any]] = []
                 for row in chunk:
                     if row.project_id in held:
                         continue
@@ -345,11 +351,16 @@ class OutboxRelay:
                     if event is None:
                         held.add(row.project_id)
                         continue
-                    cursor = self.publisher.publish(
-                        event, idempotency_key=idempotency_key(self.table, row)
-                    )
+                    items.append((row, event))
+                cursors, error = self._keyed.publish(
+                    [(event, idempotency_key(self.table, row)) for row, event in items]
+                )
+                done = time.time()
+                for (row, _), cursor in zip(items, cursors, strict=False):
                     published.append((row.id, cursor))
-                    lags.append((time.time() - row.created_at) * 1000)
+                    lags.append((done - row.created_at) * 1000)
+                if error is not None:
+                    raise error
         finally:
             if published:
                 self.store.mark(published)
