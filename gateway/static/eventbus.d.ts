@@ -17,6 +17,8 @@ export declare const CloseCode: Readonly<{
   NORMAL: 1000;
   GOING_AWAY: 1001;
   ABNORMAL: 1006;
+  PROTOCOL_ERROR: 1002;
+  INVALID_DATA: 1007;
   POLICY_VIOLATION: 1008;
   MESSAGE_TOO_BIG: 1009;
   INTERNAL_ERROR: 1011;
@@ -27,7 +29,7 @@ export declare const CloseCode: Readonly<{
   TOO_MANY_ERRORS: 4009;
 }>;
 
-// --- events of shared/contract/websocket-events.md, as relayed (with `seq`) -------------------
+// --- events of the contract (docs/contract.md), as relayed (with `seq`) ------------------------
 
 export type BlockerType = "SYNC" | "ASYNC";
 export type BlockerStatus = "PENDING" | "RESOLVED" | "EXPIRED";

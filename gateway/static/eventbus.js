@@ -25,6 +25,8 @@ export const CloseCode = Object.freeze({
   NORMAL: 1000,
   GOING_AWAY: 1001,
   ABNORMAL: 1006,
+  PROTOCOL_ERROR: 1002,
+  INVALID_DATA: 1007,
   POLICY_VIOLATION: 1008,
   MESSAGE_TOO_BIG: 1009,
   INTERNAL_ERROR: 1011,
@@ -109,6 +111,8 @@ export function closeAction(code) {
       // A fresh token may fix it, but a token endpoint that keeps minting bad tokens must not be
       // hammered: back off.
       return { delay: "backoff", renewToken: true, clientBug: false };
+    case CloseCode.PROTOCOL_ERROR:
+    case CloseCode.INVALID_DATA:
     case CloseCode.POLICY_VIOLATION:
     case CloseCode.MESSAGE_TOO_BIG:
     case CloseCode.TOO_MANY_ERRORS:
@@ -850,10 +854,12 @@ export class EventBus {
     for (let round = 0; round < 50; round += 1) {
       let response;
       let body;
+      let query;
       try {
         const headers = { Accept: "application/json" };
         if (this._hasAuth) headers.Authorization = `Bearer ${await this._getToken(false)}`;
-        const url = `${this.httpUrl}/v1/projects/${sub.projectId}/events${sub.cursor.pollQuery()}`;
+        query = sub.cursor.pollQuery();
+        const url = `${this.httpUrl}/v1/projects/${sub.projectId}/events${query}`;
         response = await this._fetch(url, { headers, cache: "no-store" });
         if (response.status === 401) this._token = null; // re-asked on the next round
         if (!response.ok) {
@@ -889,6 +895,10 @@ export class EventBus {
         if (Number.isSafeInteger(event.seq)) this._onEvent({ ...event, project_id: event.project_id ?? sub.projectId }, "polling");
       }
       if (!body.more || events.length === 0) return true;
+      // Follow `more` only when this page moved the cursor (or what is held back): a held buffer
+      // that overflowed while onResync is pending takes nothing more, and asking again would
+      // fetch the same page up to 50 times a round. The gap is repaired when the reload ends.
+      if (sub.cursor.pollQuery() === query) return true;
     }
     return true;
   }

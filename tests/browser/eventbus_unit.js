@@ -244,7 +244,9 @@ test("every close code of the protocol has a sensible action", () => {
   const table = {
     1000: ["backoff", false, false],
     1001: ["prompt", false, false],
+    1002: ["backoff", false, true],
     1006: ["backoff", false, false],
+    1007: ["backoff", false, true],
     1008: ["backoff", false, true],
     1009: ["backoff", false, true],
     1011: ["backoff", false, false],
@@ -534,8 +536,8 @@ test("4001 and 4002 get a new token before reconnecting", async () => {
   assert(env.tokens.length >= 3);
 });
 
-test("1008, 1009 and 4009 are reported as client bugs and still reconnect", async () => {
-  for (const code of [1008, 1009, 4009]) {
+test("1002, 1007, 1008, 1009 and 4009 are reported as client bugs and still reconnect", async () => {
+  for (const code of [1002, 1007, 1008, 1009, 4009]) {
     const env = setup();
     const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
     ws.serverClose(code);
@@ -708,4 +710,34 @@ test("polling: resync_required, 401 and an unreachable gateway", async () => {
   await env.clock.advance(10000);
   assert(env.tokens.length > tokens, "token re-asked after 401");
   eq(env.bus.state, "reconnecting", "neither transport works");
+});
+
+test("polling: a held buffer that overflowed while onResync is pending is not polled again and again", async () => {
+  const bound = eb.ProjectCursor.MAX_BUFFERED;
+  eb.ProjectCursor.MAX_BUFFERED = 4;
+  try {
+    const env = setup({ autoFailSockets: true });
+    const history = [1, 2, 3];
+    pollServer(env, history);
+    let release;
+    env.resyncGate = new Promise((resolve) => {
+      release = resolve;
+    });
+    await env.clock.advance(0);
+    eq(env.resyncs, [1], "first contact: onResync pending");
+    for (let seq = 4; seq <= 23; seq += 1) history.push(seq);
+    const before = env.requests.length;
+    await env.clock.advance(10000);
+    const round = env.requests.slice(before).map((r) => new URL(r.url).search);
+    // Pages of 2 are held (after=3, 5, 7), the third overflows the bound of 4 and drops them,
+    // the cursor is asked once more and nothing moved: the round stops there (it used to ask
+    // the same page 50 times).
+    eq(round, ["?epoch=p&after=3", "?epoch=p&after=5", "?epoch=p&after=7", "?epoch=p&after=3"]);
+    eq(env.events[1], [], "nothing delivered while the application reloads");
+    release();
+    await env.clock.advance(0);
+    eq(env.events[1], Array.from({ length: 20 }, (_, i) => i + 4), "the gap is repaired from the cursor");
+  } finally {
+    eb.ProjectCursor.MAX_BUFFERED = bound;
+  }
 });
