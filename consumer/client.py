@@ -123,7 +123,7 @@ class Subscription:
             item = await self._queue.get()
             if item is _CLOSED:
                 continue
-            if isinstance(item, Delivery | Resync):
+            if type(item) is Delivery or type(item) is Resync:
                 self._uncommitted = item
                 return item
             if isinstance(item, UndecodableEvent):
@@ -133,9 +133,18 @@ class Subscription:
     async def wait_subscribed(self) -> None:
         """Wait until the gateway acknowledged every project of this subscription once (its
         cursor is known): from then on, nothing published is missed. Bound it with
-        ``asyncio.timeout``."""
-        for event in self._ready.values():
-            await event.wait()
+        ``asyncio.timeout``. Raises the consumer's fatal error, or :class:`ConsumerClosed`, if it
+        stops meanwhile."""
+        consumer = self._consumer
+        ready = asyncio.ensure_future(asyncio.gather(*(e.wait() for e in self._ready.values())))
+        stopped = asyncio.ensure_future(consumer._stopped.wait())
+        try:
+            await asyncio.wait((ready, stopped), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+            stopped.cancel()
+        if not ready.done() or ready.cancelled():
+            raise consumer._failure or ConsumerClosed("the consumer is closed")
 
     async def commit(self) -> None:
         """Save the cursor of the item returned last (with ``auto_commit=False``, or to save it
@@ -241,9 +250,11 @@ class Consumer:
         self._task: asyncio.Task[None] | None = None
         self._helpers: set[asyncio.Task[Any]] = set()
         self._closed = False
+        self._stopped = asyncio.Event()  # set when closed or failed
         self._failure: ConsumerError | None = None
         self._token: tuple[str, float] | None = None  # (token, monotonic time it was obtained)
         self._auth_failures = 0
+        self._failed_attempts = 0  # connection attempts in a row that did not open
         self.connects = 0  # connections that opened (for tests and metrics)
         self.close_codes: list[int | None] = []  # how each connection ended, oldest first
 
@@ -268,6 +279,7 @@ class Consumer:
         if self._closed:
             return
         self._closed = True
+        self._stopped.set()
         for task in list(self._helpers):
             task.cancel()
         ws = self._ws
@@ -383,6 +395,7 @@ class Consumer:
             self._failure = error
             log.error("consumer stopped", error=str(error))
         self._closed = True
+        self._stopped.set()
         if self._task is not None and self._task is not asyncio.current_task():
             self._task.cancel()
         ws = self._ws
@@ -411,7 +424,7 @@ class Consumer:
         except ConsumerError:
             raise
         except Exception as exc:  # the caller's token function failed: try again later
-            log.warning("token function failed", error=repr(exc))
+            self._log_failure("token function failed", error=repr(exc))
             return self._backoff.next()
         opened_at = None
         code: int | None = None
@@ -433,14 +446,15 @@ class Consumer:
             # HTTP answer instead of a WebSocket: 503 (full or draining) says when to come back.
             header = exc.response.headers.get("Retry-After", "")
             retry_after = float(header) if header.isdigit() else 0.0
-            log.warning("handshake refused", url=url, status=exc.response.status_code)
+            self._log_failure("handshake refused", url=url, status=exc.response.status_code)
         except (OSError, TimeoutError, InvalidHandshake) as exc:
-            log.warning("cannot connect", url=url, error=str(exc) or type(exc).__name__)
+            self._log_failure("cannot connect", url=url, error=str(exc) or type(exc).__name__)
         except ConnectionClosed as exc:
             code = exc.rcvd.code if exc.rcvd is not None else ABNORMAL_CLOSURE
         finally:
             self._ws = self._subscribed_on = None
         if opened_at is not None:
+            self._failed_attempts = 0
             self.close_codes.append(code)
             log.info("disconnected", url=url, code=code)
             if time.monotonic() - opened_at >= self.policy.stable_after:
@@ -448,6 +462,13 @@ class Consumer:
         if self._closed:
             return 0.0
         return max(retry_after, self._after_close(code if opened_at is not None else None))
+
+    def _log_failure(self, event: str, **fields: object) -> None:
+        # Once when the gateway becomes unreachable, then every tenth attempt: a consumer that
+        # retries for hours must not fill the logs.
+        self._failed_attempts += 1
+        if self._failed_attempts % 10 == 1:
+            log.warning(event, attempts=self._failed_attempts, **fields)
 
     def _after_close(self, code: int | None) -> float:
         action = close_action(code)

@@ -328,8 +328,12 @@ async def test_a_fixed_token_that_expires_is_surfaced_not_retried(gateway):
 
 async def test_a_refused_token_is_surfaced_and_a_bad_token_function_gives_up(gateway):
     async with Consumer(gateway.ws_url, token="not-a-token") as consumer:
+        subscription = consumer.events(1)
         with pytest.raises(AuthenticationFailed) as info:
-            await collect(consumer.events(1), lambda items: False)
+            async with asyncio.timeout(20):
+                await subscription.wait_subscribed()
+        with pytest.raises(AuthenticationFailed):
+            await collect(subscription, lambda items: False)
     assert info.value.close_code == 4001 and consumer.connects == 1
 
     calls = []
@@ -418,3 +422,14 @@ async def test_a_caller_too_slow_for_the_gateway_is_cut_and_resumes_exactly(redi
         await publisher.aclose()
     assert consumer.connects >= 2 and consumer.close_codes[0] in (4008, 1006), consumer.close_codes
     assert as_records(items) == await history(redis_url, [1])
+
+
+def test_tail_exits_2_naming_a_forbidden_project(gateway):
+    token = issue_token(SECRET, [1], ttl=600)
+    command = [sys.executable, "-m", "consumer", "tail", "2", "--url", gateway.ws_url]
+    result = subprocess.run(
+        [*command, "--token", token], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "tail: error: forbidden" in result.stderr and "(project 2)" in result.stderr
+    assert result.stdout == ""
