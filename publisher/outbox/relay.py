@@ -126,12 +126,14 @@ class PostgresOutboxStore:
         return [OutboxRow(r[0], r[1], r[2], r[3], float(r[4])) for r in rows]
 
     def mark(self, published: list[tuple[int, Cursor]]) -> None:
-        conn = self._conn()
-        with conn.transaction(), conn.cursor() as cur:
-            cur.executemany(
-                for_psycopg(self.st.mark),
-                [{"id": i, "epoch": c.epoch, "seq": c.seq} for i, c in published],
-            )
+        self._q(
+            self.st.mark_many,
+            {
+                "ids": [i for i, _ in published],
+                "epochs": [c.epoch for _, c in published],
+                "seqs": [c.seq for _, c in published],
+            },
+        )
 
     def backlog(self) -> int:
         return int(self._q(self.st.backlog, {})[0][0])

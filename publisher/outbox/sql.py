@@ -158,6 +158,12 @@ class Statements:
             if pg
             else f"UPDATE {t} SET published_at = :now, epoch = :epoch, seq = :seq WHERE id = :id"
         )
+        # PostgreSQL: a whole batch in one statement (a third of the cost of one UPDATE per row).
+        self.mark_many = (
+            f"UPDATE {t} SET published_at = clock_timestamp(), epoch = v.epoch, seq = v.seq "
+            "FROM unnest(CAST(:ids AS bigint[]), CAST(:epochs AS text[]), "
+            f"CAST(:seqs AS bigint[])) AS v(id, epoch, seq) WHERE {t}.id = v.id"
+        )
         self.backlog = f"SELECT count(*) FROM {t} WHERE published_at IS NULL"
         # Published rows older than the retention go, except each project's newest published
         # row: it holds the project's last cursor, which the snapshot helper may still need.
