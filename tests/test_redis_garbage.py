@@ -1,0 +1,248 @@
+"""Garbage in every key the gateway reads, injected while clients are live (issue 11, items 1-3).
+
+A real gateway (in-process) on the private Redis; clients follow healthy projects and one
+poisoned project. Each test writes into the poisoned project's keys what the event bus cannot
+have written, then checks:
+
+* the clients of the OTHER projects still get every event, in order, exactly once, with no
+  resync (and a lost message of theirs is still repaired by the periodic check);
+* the poisoned project's subscribers get every valid event in order, or an explicit outcome
+  (``resync_required`` followed by the later events, or ``error`` ``unavailable``), never
+  silence, and never a byte that is not a valid JSON object (the client parses every frame).
+
+The parser itself is fuzzed in tests/test_stored.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from schemas.keys import Keys
+from tests.support.gateway_client import RecordingClient, client_for, publish
+
+KEYS = Keys()
+HEALTHY = (1, 2)
+POISONED = 10
+BEFORE = 3  # events of every project published before the garbage
+
+
+def check_record(record: list[int]) -> None:
+    """A client's record of one project (seqs; ``-s-1`` for a resync to ``s``) is gapless: each
+    event follows the previous one, or the cursor of the resync before it."""
+    expected = 1
+    for item in record:
+        if item < 0:
+            expected = -item - 1 + 1
+            continue
+        assert item == expected, f"got {item}, expected {expected}: {record}"
+        expected += 1
+
+
+@pytest.fixture
+async def live(gateways, publisher):
+    gateway = await gateways(reconcile_interval=0.2)
+    healthy = await client_for(gateway, list(HEALTHY))
+    for project_id in HEALTHY:
+        await healthy.subscribe(project_id)
+    poisoned = await client_for(gateway, [POISONED])
+    await poisoned.subscribe(POISONED)
+    for project_id in (*HEALTHY, POISONED):
+        await publish(publisher, project_id, BEFORE)
+    await healthy.wait_for(lambda: all(len(healthy.seqs(p)) == BEFORE for p in HEALTHY))
+    await poisoned.wait_for(lambda: len(poisoned.seqs(POISONED)) == BEFORE)
+    yield gateway, healthy, poisoned
+    await healthy.close()
+    await poisoned.close()
+
+
+async def others_get_everything(healthy: RecordingClient, publisher, redis_client) -> None:
+    """More events for the healthy projects, one of them written to the stream only (its live
+    message "lost"): all arrive in order, the lost one through the periodic check."""
+    await publish(publisher, HEALTHY[0], 2)
+    top = int(redis_client.hget(KEYS.meta(HEALTHY[0]), "seq"))
+    frame = json.dumps({"type": "x", "project_id": HEALTHY[0], "seq": top + 1}).encode()
+    redis_client.xadd(KEYS.stream(HEALTHY[0]), {"f": frame, "t": "0"}, id=f"{top + 1}-0")
+    redis_client.hset(KEYS.meta(HEALTHY[0]), "seq", top + 1)
+    await publish(publisher, HEALTHY[1], 4)
+    await healthy.wait_for(
+        lambda: (
+            len(healthy.seqs(HEALTHY[0])) == BEFORE + 3
+            and len(healthy.seqs(HEALTHY[1])) == BEFORE + 4
+        )
+    )
+    assert healthy.events[HEALTHY[0]] == list(range(1, BEFORE + 4))
+    assert healthy.events[HEALTHY[1]] == list(range(1, BEFORE + 5))
+    assert healthy.count("resync_required") == 0 and healthy.count("error") == 0
+
+
+def epoch_of(redis_client, project_id: int) -> str:
+    return redis_client.hget(KEYS.meta(project_id), "epoch").decode()
+
+
+# --- stream entries --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"x": "y"},  # no field f (issue 11 #1)
+        {"f": b'{"type":"x","text":"\xff\xfe"}'},  # not UTF-8 (issue 11 #2)
+        {"f": b"[1,2,3]"},  # not a JSON object
+    ],
+    ids=["no_f", "not_utf8", "not_object"],
+)
+async def test_a_foreign_stream_entry_gives_a_resync_and_the_project_carries_on(
+    live, publisher, redis_client, fields
+):
+    gateway, healthy, poisoned = live
+    stream, meta = KEYS.stream(POISONED), KEYS.meta(POISONED)
+    garbage = BEFORE + 1
+    redis_client.xadd(stream, fields, id=f"{garbage}-0")
+    redis_client.hincrby(meta, "seq", 1)
+    if "f" in fields:  # a complete forgery: also on the channel, with a valid envelope
+        envelope = b"%s|%d|0|%s" % (epoch_of(redis_client, POISONED).encode(), garbage, fields["f"])
+        redis_client.publish(KEYS.channel(POISONED), envelope)
+    await publish(publisher, POISONED, 3)  # garbage + 1 .. garbage + 3
+    await poisoned.wait_for(lambda: poisoned.count("resync_required", POISONED) == 1)
+    resync = poisoned.last("resync_required")
+    assert resync["reason"] == "history_corrupt" and resync["seq"] > garbage
+    await publish(publisher, POISONED, 2)
+    last = garbage + 5
+    await poisoned.wait_for(lambda: poisoned.seqs(POISONED)[-1:] == [last])
+    check_record(poisoned.events[POISONED])
+    assert garbage not in poisoned.seqs(POISONED)
+    # A client resuming from before the garbage is told the same, then gets what follows.
+    late = await client_for(gateway, [POISONED])
+    await late.subscribe(POISONED, epoch=epoch_of(redis_client, POISONED), after=BEFORE)
+    assert late.last("resync_required")["reason"] == "history_corrupt"
+    await publish(publisher, POISONED, 1)
+    await late.wait_for(lambda: late.seqs(POISONED) == [last + 1])
+    await poisoned.wait_for(lambda: poisoned.seqs(POISONED)[-1:] == [last + 1])
+    check_record(poisoned.events[POISONED])
+    assert gateway.metrics.foreign_values["stream_entry"] >= 1
+    await others_get_everything(healthy, publisher, redis_client)
+    await late.close()
+
+
+async def test_polling_pages_up_to_a_corrupt_entry_then_resyncs(live, publisher, redis_client):
+    import urllib.request
+
+    gateway, _, _ = live
+    stream, meta = KEYS.stream(POISONED), KEYS.meta(POISONED)
+    redis_client.xadd(stream, {"x": "y"}, id=f"{BEFORE + 1}-0")
+    redis_client.hincrby(meta, "seq", 1)
+    await publish(publisher, POISONED, 1)
+    epoch = epoch_of(redis_client, POISONED)
+    from publisher import issue_token
+    from tests.support.gateway_client import SECRET
+
+    token = issue_token(SECRET, [POISONED], ttl=60)
+
+    def poll(after: int) -> dict:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{gateway.port}/v1/projects/{POISONED}/events"
+            f"?epoch={epoch}&after={after}",
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return json.loads(response.read())
+
+    import asyncio
+
+    page = await asyncio.to_thread(poll, 1)
+    assert [e["seq"] for e in page["events"]] == [2, 3] and page["more"]
+    page = await asyncio.to_thread(poll, 3)
+    assert page["events"] == [] and page["resync_required"]["reason"] == "history_corrupt"
+    assert page["resync_required"]["seq"] == BEFORE + 2
+
+
+# --- channel messages ------------------------------------------------------------------------
+
+
+async def test_foreign_channel_messages_are_never_relayed(live, publisher, redis_client):
+    gateway, healthy, poisoned = live
+    channel = KEYS.channel(POISONED)
+    epoch = epoch_of(redis_client, POISONED).encode()
+    for garbage in (
+        b"garbage",
+        b"%s|%d|0|{\xff\xfe}" % (epoch, BEFORE + 1),  # not UTF-8
+        b"%s|%d|0|[1]" % (epoch, BEFORE + 1),  # not a JSON object
+        b"%s|x|0|{}" % epoch,  # bad envelope
+    ):
+        redis_client.publish(channel, garbage)
+    await publish(publisher, POISONED, 3)
+    await poisoned.wait_for(lambda: len(poisoned.seqs(POISONED)) == BEFORE + 3)
+    assert poisoned.events[POISONED] == list(range(1, BEFORE + 4))
+    assert gateway.metrics.foreign_values["channel_message"] == 4
+    await others_get_everything(healthy, publisher, redis_client)
+
+
+async def test_a_forged_future_seq_is_dropped_and_costs_one_read(live, publisher, redis_client):
+    gateway, healthy, poisoned = live
+    epoch = epoch_of(redis_client, POISONED).encode()
+    redis_client.publish(KEYS.channel(POISONED), b'%s|999999|0|{"type":"x"}' % epoch)
+    await publish(publisher, POISONED, 3)
+    await poisoned.wait_for(lambda: len(poisoned.seqs(POISONED)) == BEFORE + 3)
+    assert poisoned.events[POISONED] == list(range(1, BEFORE + 4))
+    assert gateway.metrics.foreign_values["channel_seq"] == 1
+    assert gateway.hub.feeds[POISONED].sequencer.held == {}
+    await others_get_everything(healthy, publisher, redis_client)
+
+
+# --- meta hashes and key types ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda r, meta: r.hset(meta, "seq", "abc"),  # issue 11 #3
+        lambda r, meta: r.hset(meta, "epoch", b"\xff\xfe"),
+        lambda r, meta: (r.delete(meta), r.set(meta, "not a hash")),
+    ],
+    ids=["bad_seq", "non_utf8_epoch", "wrong_type"],
+)
+async def test_unreadable_metadata_ends_that_project_only(live, publisher, redis_client, damage):
+    gateway, healthy, poisoned = live
+    damage(redis_client, KEYS.meta(POISONED))
+    # The periodic check finds it: the subscription ends explicitly.
+    await poisoned.wait_for(lambda: poisoned.count("error") == 1)
+    error = poisoned.last("error")
+    assert (error["code"], error["project_id"]) == ("unavailable", POISONED)
+    assert POISONED not in gateway.hub.feeds
+    # Subscribing again is refused the same way, in time, not with a hang or 1011.
+    await poisoned.send({"type": "subscribe", "project_id": POISONED})
+    await poisoned.wait_for(lambda: poisoned.count("error") == 2)
+    assert poisoned.last("error")["code"] == "unavailable"
+    assert poisoned.close_code is None
+    # Every other project carries on, and the catch-up check still works for them.
+    await others_get_everything(healthy, publisher, redis_client)
+    assert gateway.metrics.foreign_values["meta"] >= 1
+
+
+async def test_a_stream_key_of_another_type_refuses_the_resume_of_that_project_only(
+    live, publisher, redis_client
+):
+    gateway, healthy, _ = live
+    epoch = epoch_of(redis_client, POISONED)
+    redis_client.delete(KEYS.stream(POISONED))
+    redis_client.set(KEYS.stream(POISONED), "not a stream")
+    late = await client_for(gateway, [POISONED])
+    await late.send({"type": "subscribe", "project_id": POISONED, "epoch": epoch, "after": 1})
+    await late.wait_for(lambda: late.count("error") == 1)
+    assert late.last("error")["code"] == "unavailable" and late.close_code is None
+    assert gateway.metrics.foreign_values["stream_key"] >= 1
+    await others_get_everything(healthy, publisher, redis_client)
+    await late.close()
+
+
+async def test_reading_never_published_projects_leaves_no_permanent_keys(live, redis_client):
+    gateway, _, _ = live
+    client = await client_for(gateway, "*")
+    for project_id in range(1000, 1020):
+        subscribed = await client.subscribe(project_id)
+        assert subscribed["seq"] == 0
+    for project_id in range(1000, 1020):
+        assert redis_client.pttl(KEYS.meta(project_id)) > 0
+    await client.close()
