@@ -3,8 +3,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DEMO_ENV := examples/dashboard/data/demo.env
 
-.PHONY: install test test-fast test-latest lock lint format run gateway bench soak schema clean
+.PHONY: install test test-fast test-latest lock lint format run shell gateway bench soak schema clean
 
 install: $(STAMP)
 
@@ -50,6 +51,14 @@ format: install
 ## Gateway + demo backend + simulated agents (+ a private Redis when none is configured).
 run: install
 	$(PY) -m examples.dashboard.run
+
+## A shell with .venv/bin first on PATH (eventbus-publish, eventbus-gateway, python) and, while
+## `make run` runs, its environment (EVENTBUS_REDIS_URL, from examples/dashboard/data/demo.env).
+shell: install
+	@if [ -f "$(DEMO_ENV)" ]; then . "$(abspath $(DEMO_ENV))"; \
+		echo "make shell: .venv/bin on PATH; EVENTBUS_REDIS_URL=$$EVENTBUS_REDIS_URL (the running demo)"; \
+	else echo "make shell: .venv/bin on PATH; no demo running (start one with make run)"; fi; \
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" VIRTUAL_ENV="$(CURDIR)/$(VENV)" exec $${SHELL:-/bin/sh}
 
 ## The gateway alone, in development mode (no auth), against EVENTBUS_REDIS_URL or localhost.
 gateway: install

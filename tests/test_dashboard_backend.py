@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import re
 import signal
 import subprocess
@@ -22,7 +23,8 @@ import pytest
 import redis
 
 from examples.dashboard.server import Config, DemoApp
-from examples.dashboard.store import Store
+from examples.dashboard.store import REVIEWER_PREFIX, Store
+from examples.dashboard.workers import AgentSimulation
 from schemas.events import decode_event
 from schemas.keys import Keys
 from schemas.tokens import verify_token
@@ -197,7 +199,7 @@ def test_token_endpoint_mints_a_gateway_token_for_the_project(app):
     status, body = call(app, "POST", "/api/gateway-token")
     assert status == 200
     claims = verify_token(body["token"], SECRET)
-    assert claims.projects == frozenset({1})
+    assert claims.projects == frozenset({1, 2})  # the demo project and the sandbox
     assert claims.exp - time.time() == pytest.approx(900, abs=5)
     assert call(app, "GET", "/api/gateway-token")[0] == 405
 
@@ -477,6 +479,64 @@ def test_simulated_agents_raise_sync_and_async_blockers(make_app, redis_url):
     )
 
 
+def test_simulated_reviewer_answers_async_blockers_and_leaves_sync_ones(tmp_path):
+    # The demo must not go quiet when nobody answers: ASYNC blockers get a labelled answer.
+    store = Store(tmp_path / "review.sqlite3")
+    store.seed(1)
+    asynchronous = store.create_blocker(1, "backend-worker-001", "ASYNC", "Q?", task_title="T")
+    sync = store.create_blocker(1, "frontend-worker-001", "SYNC", "Q?", task_title="T")
+    simulation = AgentSimulation(
+        store, 1, reviewer_delay=0.001, work_time=(60, 60), rng=random.Random(7)
+    )
+    time.sleep(0.01)
+    simulation.step()
+    answered = store.blocker(asynchronous["id"])
+    assert answered["status"] == "RESOLVED"
+    assert answered["answer"].startswith(REVIEWER_PREFIX)
+    assert store.blocker(sync["id"])["status"] == "PENDING"  # SYNC waits for a person
+    texts = [entry["text"] for entry in store.activity(1)]
+    assert f"Blocker #{asynchronous['id']} resolved by the simulated reviewer" in texts
+    simulation.step()  # the agent resumes after resume_delay; nothing is answered twice
+    assert store.blocker(asynchronous["id"])["answer"] == answered["answer"]
+    store.close()
+
+
+def test_simulated_agents_never_all_wait_on_sync_blockers(tmp_path, monkeypatch):
+    # All three agents blocked on SYNC blockers made the demo go quiet until they expired.
+    store = Store(tmp_path / "alive.sqlite3")
+    store.seed(1)
+    simulation = AgentSimulation(
+        store, 1, sync_ratio=1.0, work_time=(0, 0), reviewer_delay=None, rng=random.Random(3)
+    )
+    raised: list[str] = []
+    for _ in range(200):
+        simulation.step()
+        pending = store.blockers(1)
+        assert sum(b["blocker_type"] == "SYNC" for b in pending) <= 2, pending
+        raised = [b["blocker_type"] for b in store.blockers(1, None)]
+        if len(raised) == 3:
+            break
+    assert sorted(raised) == ["ASYNC", "SYNC", "SYNC"]
+    store.close()
+
+
+def test_sandbox_project_is_in_the_config_and_the_token(app):
+    _, config = call(app, "GET", "/api/config")
+    assert (config["project_id"], config["sandbox_project_id"]) == (1, 2)
+    _, body = call(app, "POST", "/api/gateway-token")
+    assert verify_token(body["token"], SECRET).projects == frozenset({1, 2})
+
+
+def test_no_sandbox_when_turned_off_or_equal_to_the_project(make_app):
+    for sandbox in (None, 1):
+        app = make_app(sandbox_project_id=sandbox)
+        _, config = call(app, "GET", "/api/config")
+        assert config["sandbox_project_id"] is None
+        _, body = call(app, "POST", "/api/gateway-token")
+        assert verify_token(body["token"], SECRET).projects == frozenset({1})
+        app.stop()
+
+
 # --- make run ------------------------------------------------------------------------------
 
 
@@ -512,6 +572,14 @@ def test_run_starts_everything_and_stops_it_on_a_signal(tmp_path, stop_signal):
         while gateway is None:
             output.append(process.stdout.readline())
             gateway = re.search(r"Gateway\s+ws://([\d.]+:\d+)/", "".join(output))
+        while "Press Ctrl-C" not in output[-1]:
+            output.append(process.stdout.readline())
+        # The environment to publish into this demo, printed and saved for `make shell`.
+        export = re.search(r"export EVENTBUS_REDIS_URL=(redis://[\d.]+:\d+/0)\n", "".join(output))
+        assert export, "".join(output)
+        env_file = tmp_path / "demo.env"
+        assert env_file.read_text() == f"export EVENTBUS_REDIS_URL={export.group(1)}\n"
+        redis.Redis.from_url(export.group(1)).ping()
         with urllib.request.urlopen(url + "api/config", timeout=5) as response:
             assert json.loads(response.read())["auth"] is True
         with urllib.request.urlopen(f"http://{gateway.group(1)}/readyz", timeout=5) as response:
@@ -525,6 +593,7 @@ def test_run_starts_everything_and_stops_it_on_a_signal(tmp_path, stop_signal):
         rest, _ = process.communicate(timeout=30)
         assert process.returncode == 0, "".join(output) + rest
         assert "stopped." in rest
+        assert not env_file.exists()
         for pid in children:
             assert not Path(f"/proc/{pid}").exists() or _zombie(pid), f"child {pid} still runs"
         with pytest.raises(OSError):

@@ -3,6 +3,7 @@ contract page (docs/contract.md) names every field of every event the code defin
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -63,3 +64,39 @@ def test_contract_page_names_every_field_of_every_event():
         for path in ["type", *_field_paths(event)]:
             assert f"| `{path}` |" in section, f"docs/contract.md, {tag}: field `{path}` missing"
         assert f'"type": "{tag}"' in section, f"{tag}: no example"
+
+
+# --- the demo runner's documented flags and defaults (docs/browser.md) ------------------------
+
+
+def _runner_help(monkeypatch) -> str:
+    for name in list(os.environ):
+        if name.startswith("EVENTBUS_"):
+            monkeypatch.delenv(name)
+    from examples.dashboard.run import build_parser
+
+    return build_parser().format_help()
+
+
+def test_demo_environment_variables_in_the_docs_are_the_ones_help_lists(monkeypatch):
+    help_text = " ".join(_runner_help(monkeypatch).split())  # argparse wraps lines
+    documented = set(
+        re.findall(r"EVENTBUS_DASHBOARD_[A-Z_]+", (ROOT / "docs/browser.md").read_text())
+    )
+    listed = set(re.findall(r"EVENTBUS_DASHBOARD_[A-Z_]+", help_text))
+    assert documented == listed
+    for name in ("EVENTBUS_REDIS_URL", "EVENTBUS_PORT", "EVENTBUS_AUTH_SECRET"):
+        assert f"[env {name}]" in help_text
+
+
+def test_documented_blocker_ttl_defaults_are_the_real_ones(monkeypatch):
+    from examples.dashboard.run import DEMO_BLOCKER_TTL, build_parser
+    from examples.dashboard.server import Config
+
+    _runner_help(monkeypatch)  # clears EVENTBUS_* first
+    assert build_parser().parse_args([]).blocker_ttl == DEMO_BLOCKER_TTL == 180
+    assert Config().blocker_ttl == 86_400
+    docs = " ".join((ROOT / "docs/browser.md").read_text().split())
+    assert "86,400 s (24 h) for the backend alone" in docs
+    assert "180 s under `make run`" in docs
+    assert "(default 180.0)" in " ".join(_runner_help(monkeypatch).split())

@@ -1,8 +1,22 @@
-"""The README's promises: its first commands, and a configuration table that matches the code."""
+"""The README's promises: its first commands, a configuration table that matches the code, and
+its publishing snippet and shell lines working as written against a running `make run`."""
 
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+import redis
+
 from gateway.config import markdown_table
+from schemas.keys import Keys
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 
@@ -18,3 +32,117 @@ def test_readme_configuration_table_is_generated_from_the_config_struct():
         "README's configuration table is stale: paste the output of "
         "`python -c 'from gateway.config import markdown_table; print(markdown_table())'`"
     )
+
+
+# --- the README's commands and snippets, as written, against a running `make run` -------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _section(title: str) -> str:
+    return README.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def _blocks(text: str, language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)
+
+
+@pytest.fixture(scope="module")
+def running_demo(tmp_path_factory) -> Iterator[dict[str, str]]:
+    """``make run`` (its command, without simulated agents, on free ports): the environment it
+    printed to use against it, and the dashboard's URL."""
+    tmp = tmp_path_factory.mktemp("readme-demo")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTBUS_")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "examples.dashboard.run", "--port", "0", "--gateway-port", "0",
+         "--no-agents", "--db", str(tmp / "demo.sqlite3")],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    output = ""
+    try:
+        deadline = time.monotonic() + 60
+        while "Press Ctrl-C" not in output:
+            line = process.stdout.readline()
+            assert line and time.monotonic() < deadline, f"make run did not start:\n{output}"
+            output += line
+        exports = dict(re.findall(r"^\s+export (EVENTBUS_\w+)=(\S+)$", output, flags=re.M))
+        assert "EVENTBUS_REDIS_URL" in exports, output
+        dashboard = re.search(r"Dashboard\s+(http://\S+)", output).group(1)
+        yield {**env, **exports, "DASHBOARD": dashboard, "OUTPUT": output}
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+
+
+def _stream(redis_url: str, project: int) -> list[dict]:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return [json.loads(f[b"f"]) for _, f in client.xrange(Keys().stream(project))]
+    finally:
+        client.close()
+
+
+def test_publishing_snippet_works_as_written_against_make_run(running_demo, tmp_path):
+    snippet = _blocks(_section("Publishing events"), "python")[0]
+    assert 'os.environ.get("EVENTBUS_REDIS_URL"' in snippet
+    script = tmp_path / "publish_demo.py"
+    script.write_text(snippet)
+    env = {k: v for k, v in running_demo.items() if k not in ("DASHBOARD", "OUTPUT")}
+    result = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    redis_url = running_demo["EVENTBUS_REDIS_URL"]
+    events = _stream(redis_url, 2)[-4:]
+    assert [e["type"] for e in events] == [
+        "blocker_created", "blocker_resolved", "agent_resumed", "blocker_expired",
+    ]  # fmt: skip
+    assert _stream(redis_url, 1) == []  # the demo backend's own project is left alone
+
+
+def test_shell_lines_work_as_written_against_make_run(running_demo):
+    block = next(b for b in _blocks(_section("Publishing events"), "sh") if "eventbus-publish" in b)
+    lines = [line for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+    env = {k: v for k, v in running_demo.items() if k not in ("DASHBOARD", "OUTPUT")}
+    port = urllib.parse.urlsplit(running_demo["DASHBOARD"]).port
+    for line in lines:
+        if line.startswith("export "):
+            continue  # the value is the running demo's: in env already
+        command = line.replace("127.0.0.1:8000", f"127.0.0.1:{port}")  # the demo took a free port
+        result = subprocess.run(
+            ["bash", "-c", command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0, (line, result.stdout, result.stderr)
+        if "curl" in line:
+            assert json.loads(result.stdout)["status"] == "PENDING", result.stdout
+    assert _stream(running_demo["EVENTBUS_REDIS_URL"], 2)[-1]["type"] == "blocker_resolved"
+
+
+def test_make_run_prints_the_readme_lines(running_demo):
+    output = running_demo["OUTPUT"]
+    assert re.search(r"export EVENTBUS_REDIS_URL=redis://127\.0\.0\.1:\d+/0$", output, re.M)
+    assert ".venv/bin/eventbus-publish publish '" in output
+    assert "make shell" in output
+
+
+def test_make_shell_has_the_commands_and_the_demos_environment(running_demo, tmp_path):
+    # This module's demo saves its environment next to its own database, not in the default
+    # examples/dashboard/data/demo.env: DEMO_ENV points make there. "-o install": the venv is
+    # there already (a test never reinstalls it).
+    env_file = next(Path(p) for p in re.findall(r"saved in (\S+)\)", running_demo["OUTPUT"]))
+    result = subprocess.run(
+        ["make", "-s", "-o", "install", f"DEMO_ENV={env_file}", "shell"],
+        cwd=ROOT,
+        input='echo "url=$EVENTBUS_REDIS_URL"; command -v eventbus-publish\n',
+        env={**os.environ, "SHELL": "/bin/bash"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"url={running_demo['EVENTBUS_REDIS_URL']}" in result.stdout
+    assert result.stdout.strip().endswith(".venv/bin/eventbus-publish")

@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 from examples.dashboard.redis_server import PrivateRedis, free_port
 from examples.dashboard.server import DemoApp, add_arguments, config_from_args
@@ -29,6 +30,59 @@ log = logging.getLogger("examples.dashboard.run")
 #: Blockers expire after this many seconds in the demo (24 h in the backend's default), so that
 #: expiry can be watched; override with --blocker-ttl or EVENTBUS_DASHBOARD_BLOCKER_TTL.
 DEMO_BLOCKER_TTL = 180.0
+#: Written next to the database while the demo runs (removed on exit): the environment to use
+#: against it. ``make shell`` sources it.
+ENV_FILE = "demo.env"
+
+
+def demo_environment(redis_url: str) -> dict[str, str]:
+    """What a shell needs to publish into the running demo (the README's snippet, the CLI)."""
+    return {"EVENTBUS_REDIS_URL": redis_url}
+
+
+def banner(
+    app_url: str,
+    host: str,
+    gateway_port: int,
+    redis_url: str,
+    private_redis: bool,
+    config,
+    env_file: Path,
+) -> str:
+    """The text printed once everything runs: where to look, and how to publish into it."""
+    exports = "".join(f"      export {k}={v}\n" for k, v in demo_environment(redis_url).items())
+    sandbox = config.sandbox_project_id
+    lines = [
+        "",
+        f"  Dashboard   {app_url}   <- open this",
+        f"  Gateway     ws://{host}:{gateway_port}/  (http://{host}:{gateway_port}/metrics)",
+        f"  Redis       {redis_url}{'  (private, stopped on exit)' if private_redis else ''}",
+        f"  Database    {config.db}",
+        f"  Agents      {'simulated' if config.agents else 'off'}; blockers expire after "
+        f"{config.blocker_ttl:g} s"
+        + (
+            f"; a simulated reviewer answers ASYNC ones after {config.reviewer_delay:g} s"
+            if config.agents and config.reviewer_delay
+            else ""
+        ),
+        "",
+    ]
+    if sandbox:
+        lines += [
+            f"  Try publishing: project {sandbox} is the dashboard's Sandbox panel (project "
+            f"{config.project_id}",
+            "  is the demo backend's own: change it through its API). In another shell:",
+            "",
+            exports.rstrip("\n"),
+            f'      .venv/bin/eventbus-publish publish \'{{"type":"blocker_resolved",'
+            f'"project_id":{sandbox},"blocker_id":123,"answer":"Use JWT",'
+            f'"resolved_at":"2025-11-08T12:45:30Z"}}\'',
+            "",
+            f"  or `make shell`: this environment (saved in {env_file}), .venv/bin on PATH.",
+            "",
+        ]
+    lines += ["  Press Ctrl-C to stop.", ""]
+    return "\n".join(lines)
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -115,7 +169,24 @@ class Gateway:
                 self.process.wait(5)
 
 
+class EnvFile:
+    """``export NAME=value`` lines in a file that exists while the demo runs."""
+
+    def __init__(self, path: Path, values: dict[str, str]) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(f"export {k}={v}\n" for k, v in values.items()))
+
+    def stop(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The runner's flags: the backend's (examples.dashboard.server) and its own."""
     parser = argparse.ArgumentParser(
         prog="python -m examples.dashboard.run",
         description="Run the demo: private Redis, gateway, demo backend and simulated agents.",
@@ -138,13 +209,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--auth-secret",
         default=os.environ.get("EVENTBUS_AUTH_SECRET"),
-        help="token secret shared by backend and gateway (default: random per run)",
+        help="token secret shared by backend and gateway (default: random per run) "
+        "[env EVENTBUS_AUTH_SECRET]",
     )
     parser.add_argument(
         "--no-auth", action="store_true", help="run the gateway without auth (development mode)"
     )
     parser.add_argument("--verbose", action="store_true", help="info logs from the gateway")
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,18 +264,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         app = DemoApp(config).start()
         started.append(app)
+        env_file = EnvFile(Path(config.db).parent / ENV_FILE, demo_environment(redis_url))
+        started.append(env_file)
 
         print(
-            "\n"
-            f"  Dashboard   {app.url}   <- open this\n"
-            f"  Gateway     ws://{host}:{gateway_port}/  (http://{host}:{gateway_port}/metrics)\n"
-            f"  Redis       {redis_url}{'' if args.redis_url else '  (private, stopped on exit)'}\n"
-            f"  Database    {config.db}\n"
-            f"  Agents      {'simulated' if config.agents else 'off'}; blockers expire after "
-            f"{config.blocker_ttl:g} s\n"
-            "\n  Press Ctrl-C to stop.\n",
+            banner(
+                app.url, host, gateway_port, redis_url, not args.redis_url, config, env_file.path
+            ),
             flush=True,
-        )  # fmt: skip
+        )
 
         while not stop.wait(0.5):
             if not gateway.alive():

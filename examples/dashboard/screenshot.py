@@ -1,4 +1,5 @@
-"""Regenerate ``docs/dashboard.png``: ``python -m examples.dashboard.screenshot [PATH]``.
+"""Regenerate ``docs/dashboard.png``: ``python -m examples.dashboard.screenshot [PATH]
+[--width PX]`` (a narrower width, e.g. 360, photographs the whole page as a phone shows it).
 
 Starts a private Redis, a gateway and the demo backend (agents off), plays a fixed scene through
 the API so the picture is the same every time, and photographs the page with Playwright driving
@@ -7,6 +8,7 @@ the system's chromium (``EVENTBUS_CHROMIUM`` or ``chromium`` on PATH). Needs the
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -18,6 +20,7 @@ from pathlib import Path
 from examples.dashboard.redis_server import PrivateRedis, free_port
 from examples.dashboard.run import Gateway
 from examples.dashboard.server import Config, DemoApp
+from publisher import Publisher
 
 SECRET = "screenshot-secret-0123456789abcdef0123"
 
@@ -44,8 +47,12 @@ def _raise(app: DemoApp, agent: str, kind: str, question: str, task: str) -> dic
 def main(argv: list[str] | None = None) -> None:
     from playwright.sync_api import sync_playwright
 
-    argv = sys.argv[1:] if argv is None else argv
-    target = Path(argv[0] if argv else "docs/dashboard.png")
+    parser = argparse.ArgumentParser(prog="python -m examples.dashboard.screenshot")
+    parser.add_argument("path", nargs="?", default="docs/dashboard.png")
+    parser.add_argument("--width", type=int, default=1280, help="viewport width, px")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    target = Path(args.path)
+    mobile = args.width < 900
     chromium = os.environ.get("EVENTBUS_CHROMIUM") or shutil.which("chromium")
     if not chromium:
         raise SystemExit("chromium not found (set EVENTBUS_CHROMIUM)")
@@ -82,7 +89,10 @@ def main(argv: list[str] | None = None) -> None:
             browser = playwright.chromium.launch(
                 executable_path=chromium, args=["--headless=new", "--no-sandbox", "--disable-gpu"]
             )
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page = browser.new_page(
+                viewport={"width": args.width, "height": 800 if mobile else 1060},
+                device_scale_factor=2 if mobile else 1,
+            )
             page.goto(app.url)
             page.wait_for_selector('[data-testid="connection-state"][data-state="live"]')
             page.wait_for_function("Number(document.body.dataset.resyncs || 0) >= 1")
@@ -114,9 +124,13 @@ def main(argv: list[str] | None = None) -> None:
             page.wait_for_function(
                 "document.querySelectorAll('[data-testid=blocker-item]').length === 3"
             )
+            # What a newcomer publishes from outside lands in the Sandbox panel (project 2).
+            with Publisher.from_url(redis.url) as bus:
+                bus.blocker_resolved(2, blocker_id=123, answer="Use JWT for stateless API")
+            page.wait_for_selector('[data-testid="sandbox-item"]')
             page.wait_for_timeout(300)  # let the slide-in animation finish before the photo
             target.parent.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(target))
+            page.screenshot(path=str(target), full_page=mobile)
             browser.close()
         print(f"wrote {target}")
     finally:

@@ -79,6 +79,9 @@ class Config:
     host: str = "127.0.0.1"
     port: int = 8000
     project_id: int = 1
+    #: A second project the page shows purely from its events (the "Sandbox" panel): where a
+    #: newcomer's own publishing goes, since this backend owns project_id's state. None: no panel.
+    sandbox_project_id: int | None = 2
     db: str = "examples/dashboard/data/dashboard.sqlite3"
     redis_url: str = "redis://127.0.0.1:6379/0"
     #: Shared with the gateway (``--auth-secret``); None when the gateway runs with ``--no-auth``.
@@ -94,6 +97,8 @@ class Config:
     sweep_interval: float | None = None
     agents: bool = True
     resume_delay: float = 2.0
+    #: Seconds after which the simulated reviewer answers an ASYNC blocker (with ``agents`` on).
+    reviewer_delay: float | None = 45.0
     work_time: tuple[float, float] = (8.0, 25.0)
 
 
@@ -328,6 +333,7 @@ class Handler(BaseHTTPRequestHandler):
             200,
             {
                 "project_id": config.project_id,
+                "sandbox_project_id": self.app.sandbox_project_id,
                 "gateway_url": config.gateway_url or f"ws://{host}:{config.gateway_port}/",
                 "poll_url": config.gateway_http_url or f"http://{host}:{config.gateway_port}",
                 "auth": config.auth_secret is not None,
@@ -344,7 +350,7 @@ class Handler(BaseHTTPRequestHandler):
             return self._json(200, {"token": None, "expires_in": None})
         token = issue_token(
             config.auth_secret,
-            projects=[config.project_id],
+            projects=self.app.projects,
             ttl=config.token_ttl,
             subject="demo-user",
         )
@@ -423,11 +429,22 @@ class DemoApp:
             active=config.agents,
             resume_delay=config.resume_delay,
             work_time=config.work_time,
+            reviewer_delay=config.reviewer_delay,
         )
         self.sweeper = ExpirySweeper(self.store, config.blocker_ttl, config.sweep_interval)
         handler = type("BoundHandler", (Handler,), {"app": self})
         self.httpd = _Server((config.host, config.port), handler)
         self._thread: threading.Thread | None = None
+
+    @property
+    def sandbox_project_id(self) -> int | None:
+        sandbox = self.config.sandbox_project_id
+        return sandbox if sandbox and sandbox != self.config.project_id else None
+
+    @property
+    def projects(self) -> list[int]:
+        """The projects the page may read (its gateway token names them)."""
+        return [self.config.project_id, *filter(None, [self.sandbox_project_id])]
 
     @property
     def port(self) -> int:
@@ -475,56 +492,78 @@ def _env(name: str, default: Any = None) -> Any:
     return os.environ.get(f"EVENTBUS_{name}", default)
 
 
+def _flag(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    env: str,
+    help: str,
+    *,
+    show_default: bool = True,
+    **kwargs: Any,
+) -> None:
+    """A flag whose default comes from ``EVENTBUS_<env>``; ``--help`` names the variable and
+    shows the default in effect (unless ``show_default`` is false: secrets)."""
+    kind = kwargs.get("type", str)
+    raw = os.environ.get(f"EVENTBUS_{env}")
+    if raw is not None and kwargs.get("action") != "store_true":
+        kwargs["default"] = kind(raw)
+    elif raw is not None:
+        kwargs["default"] = raw not in ("", "0")
+    shown = (
+        " (default %(default)s)" if show_default and kwargs.get("action") != "store_true" else ""
+    )
+    parser.add_argument(flag, help=f"{help}{shown} [env EVENTBUS_{env}]", **kwargs)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The backend's flags (shared with ``examples.dashboard.run``); each has an env variable."""
-    parser.add_argument("--host", default=_env("DASHBOARD_HOST", "127.0.0.1"))
-    parser.add_argument(
-        "--port",
-        type=int,
-        default=int(_env("DASHBOARD_PORT", 8000)),
-        help="HTTP port of the dashboard (0 = any free port)",
-    )
-    parser.add_argument("--project-id", type=int, default=int(_env("DASHBOARD_PROJECT", 1)))
-    parser.add_argument(
-        "--db", default=_env("DASHBOARD_DB", Config.db), help="SQLite file (created if missing)"
-    )
-    parser.add_argument(
-        "--token-ttl",
-        type=float,
-        default=float(_env("DASHBOARD_TOKEN_TTL", 900)),
-        help="lifetime of the gateway tokens minted for the page, seconds",
-    )
-    parser.add_argument(
-        "--blocker-ttl",
-        type=float,
-        default=float(_env("DASHBOARD_BLOCKER_TTL", 24 * 3600)),
-        help="seconds a blocker may stay pending before it expires (default 24 h)",
-    )
-    parser.add_argument(
-        "--sweep-interval",
-        type=float,
-        default=_env("DASHBOARD_SWEEP_INTERVAL"),
-        help="seconds between expiry sweeps (default: blocker TTL / 10, <= 60)",
-    )
-    parser.add_argument(
-        "--no-agents",
-        action="store_true",
-        default=_env("DASHBOARD_NO_AGENTS", "") not in ("", "0"),
-        help="no simulated activity (agents still resume after a resolution)",
-    )
-    parser.add_argument(
-        "--resume-delay",
-        type=float,
-        default=float(_env("DASHBOARD_RESUME_DELAY", 2.0)),
-        help="seconds between a resolution and the agent's agent_resumed",
-    )
+    """The backend's flags (shared with ``examples.dashboard.run``); each has an environment
+    variable, named in ``--help``."""
+    _flag(parser, "--host", "DASHBOARD_HOST", "address to listen on", default="127.0.0.1")
+    _flag(
+        parser, "--port", "DASHBOARD_PORT", "HTTP port of the dashboard (0 = any free port)",
+        type=int, default=8000,
+    )  # fmt: skip
+    _flag(parser, "--project-id", "DASHBOARD_PROJECT", "the demo's project", type=int, default=1)
+    _flag(
+        parser, "--sandbox-project", "DASHBOARD_SANDBOX_PROJECT",
+        "a second project the page shows as it arrives, for your own publishing (0 = none)",
+        type=int, default=2,
+    )  # fmt: skip
+    _flag(parser, "--db", "DASHBOARD_DB", "SQLite file (created if missing)", default=Config.db)
+    _flag(
+        parser, "--token-ttl", "DASHBOARD_TOKEN_TTL",
+        "lifetime of the gateway tokens minted for the page, seconds", type=float, default=900.0,
+    )  # fmt: skip
+    _flag(
+        parser, "--blocker-ttl", "DASHBOARD_BLOCKER_TTL",
+        "seconds a blocker may stay pending before it expires", type=float, default=24 * 3600.0,
+    )  # fmt: skip
+    _flag(
+        parser, "--sweep-interval", "DASHBOARD_SWEEP_INTERVAL",
+        "seconds between expiry sweeps (None: blocker TTL / 10, at most 60)", type=float,
+        default=None,
+    )  # fmt: skip
+    _flag(
+        parser, "--no-agents", "DASHBOARD_NO_AGENTS",
+        "no simulated activity and no simulated reviewer (agents still resume after a "
+        "resolution)", action="store_true",
+    )  # fmt: skip
+    _flag(
+        parser, "--resume-delay", "DASHBOARD_RESUME_DELAY",
+        "seconds between a resolution and the agent's agent_resumed", type=float, default=2.0,
+    )  # fmt: skip
+    _flag(
+        parser, "--reviewer-delay", "DASHBOARD_REVIEWER_DELAY",
+        "seconds after which the simulated reviewer answers an ASYNC blocker (0 = never)",
+        type=float, default=45.0,
+    )  # fmt: skip
     parser.add_argument(
         "--work-time",
         type=float,
         nargs=2,
         metavar=("MIN", "MAX"),
         default=(8.0, 25.0),
-        help="seconds an agent works between actions",
+        help="seconds an agent works between actions (default 8 25)",
     )
 
 
@@ -533,12 +572,14 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> Config:
         host=args.host,
         port=args.port,
         project_id=args.project_id,
+        sandbox_project_id=args.sandbox_project or None,
         db=args.db,
         token_ttl=args.token_ttl,
         blocker_ttl=args.blocker_ttl,
-        sweep_interval=float(args.sweep_interval) if args.sweep_interval else None,
+        sweep_interval=args.sweep_interval or None,
         agents=not args.no_agents,
         resume_delay=args.resume_delay,
+        reviewer_delay=args.reviewer_delay or None,
         work_time=tuple(args.work_time),
     )
     values.update(overrides)
@@ -551,19 +592,20 @@ def main(argv: list[str] | None = None) -> None:
         description="The demo backend alone (Redis and the gateway must already run).",
     )
     add_arguments(parser)
-    parser.add_argument("--redis-url", default=_env("REDIS_URL", "redis://127.0.0.1:6379/0"))
-    parser.add_argument(
-        "--auth-secret",
-        default=_env("AUTH_SECRET"),
-        help="the gateway's --auth-secret (omit for a --no-auth gateway)",
-    )
-    parser.add_argument(
-        "--gateway-url",
-        default=_env("DASHBOARD_GATEWAY_URL"),
-        help="WebSocket URL of the gateway for the page",
-    )
-    parser.add_argument("--gateway-port", type=int, default=int(_env("PORT", 8001)))
-    parser.add_argument("--gateway-http-url", default=_env("DASHBOARD_GATEWAY_HTTP_URL"))
+    _flag(parser, "--redis-url", "REDIS_URL", "Redis to publish to", default=Config.redis_url)
+    _flag(
+        parser, "--auth-secret", "AUTH_SECRET",
+        "the gateway's --auth-secret (omit for a --no-auth gateway)", show_default=False,
+    )  # fmt: skip
+    _flag(
+        parser, "--gateway-url", "DASHBOARD_GATEWAY_URL",
+        "WebSocket URL of the gateway for the page (None: ws://<page's host>:<gateway port>/)",
+    )  # fmt: skip
+    _flag(parser, "--gateway-port", "PORT", "port of the gateway", type=int, default=8001)
+    _flag(
+        parser, "--gateway-http-url", "DASHBOARD_GATEWAY_HTTP_URL",
+        "HTTP base URL of the gateway for polling (None: derived like --gateway-url)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     config = config_from_args(

@@ -33,6 +33,7 @@ from schemas.events import (
 __all__ = [
     "MAX_ANSWER_LENGTH",
     "MAX_QUESTION_LENGTH",
+    "REVIEWER_PREFIX",
     "Conflict",
     "NotFound",
     "Store",
@@ -41,6 +42,9 @@ __all__ = [
 
 MAX_ANSWER_LENGTH = 5000  # the contract's limit (schemas.events.Answer)
 MAX_QUESTION_LENGTH = 2000
+#: Every answer of the demo's simulated reviewer starts with this, so that the activity feed (and
+#: the page, from the event) can say who answered.
+REVIEWER_PREFIX = "[simulated reviewer] "
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -224,6 +228,16 @@ class Store:
         query += " ORDER BY blocker_type = 'SYNC' DESC, created_ts DESC, id DESC"
         with self._lock:
             return [self._blocker_dict(row) for row in self._db.execute(query, args)]
+
+    def pending_async_before(self, project_id: int, created_before: float) -> list[int]:
+        """Ids of the project's pending ASYNC blockers raised before ``created_before``."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id FROM blockers WHERE project_id = ? AND status = 'PENDING' "
+                "AND blocker_type = 'ASYNC' AND created_ts <= ? ORDER BY id",
+                (project_id, created_before),
+            ).fetchall()
+        return [row["id"] for row in rows]
 
     def blocker(self, blocker_id: int) -> dict[str, Any]:
         with self._lock:
@@ -428,7 +442,8 @@ class Store:
                 row["project_id"],
                 f"blocker_resolved:{blocker_id}",
                 "blocker_resolved",
-                f"Blocker #{blocker_id} resolved",
+                f"Blocker #{blocker_id} resolved"
+                + (" by the simulated reviewer" if answer.startswith(REVIEWER_PREFIX) else ""),
                 stamp,
             )
         self._notify()

@@ -10,7 +10,7 @@ import random
 import threading
 import time
 
-from examples.dashboard.store import Conflict, Store
+from examples.dashboard.store import REVIEWER_PREFIX, Conflict, Store
 from publisher import PublishError, PublisherUnavailable
 from schemas.events import decode_event
 
@@ -118,12 +118,28 @@ _QUESTIONS = (
 )
 
 
+_REVIEWER_ANSWERS = (
+    "Go with the simpler option; we can revisit it later.",
+    "Follow what the rest of the codebase does.",
+    "Yes, go ahead.",
+    "No, keep the current behaviour for now.",
+)
+
+
 class AgentSimulation(_Loop):
     """Simulated agents: they resume shortly after their blocker is resolved and, when
     ``active``, work on tasks and raise SYNC and ASYNC blockers now and then.
 
     Resuming always runs (also with ``active=False``), because that is the agent's reaction to a
     resolution, which tests exercise without the random activity.
+
+    So that the demo never goes quiet while nobody answers, when ``active``:
+
+    * a *simulated reviewer* answers every ASYNC blocker ``reviewer_delay`` seconds after it was
+      raised (its answers start with :data:`REVIEWER_PREFIX`; SYNC blockers are left to the
+      person at the dashboard, and expire if nobody answers);
+    * at most ``len(agents) - 1`` SYNC blockers are pending at a time: the last agent free of a
+      SYNC blocker raises ASYNC ones, which the reviewer answers, so events keep flowing.
     """
 
     interval = 0.2
@@ -138,6 +154,7 @@ class AgentSimulation(_Loop):
         work_time: tuple[float, float] = (8.0, 25.0),
         sync_ratio: float = 0.4,
         max_pending: int = 6,
+        reviewer_delay: float | None = 45.0,
         rng: random.Random | None = None,
     ) -> None:
         super().__init__("agents")
@@ -148,6 +165,7 @@ class AgentSimulation(_Loop):
         self.work_time = work_time
         self.sync_ratio = sync_ratio
         self.max_pending = max_pending
+        self.reviewer_delay = reviewer_delay
         self.rng = rng or random.Random()
 
     def _later(self) -> float:
@@ -158,16 +176,22 @@ class AgentSimulation(_Loop):
             self.store.resume_agent(blocker_id)
         if not self.active:
             return None
+        self._review()
         now = time.time()
-        for agent in self.store.agent_rows():
-            if agent["project_id"] != self.project_id or agent["next_action_at"] > now:
+        agents = [a for a in self.store.agent_rows() if a["project_id"] == self.project_id]
+        for agent in agents:
+            if agent["next_action_at"] > now:
                 continue
             if agent["status"] == "idle":
                 self.store.start_task(agent["id"], self.rng.choice(_TASKS), self._later())
             elif agent["status"] == "working":
-                pending = len(self.store.blockers(self.project_id))
-                if pending < self.max_pending and self.rng.random() < 0.75:
-                    kind = "SYNC" if self.rng.random() < self.sync_ratio else "ASYNC"
+                pending = self.store.blockers(self.project_id)
+                if len(pending) < self.max_pending and self.rng.random() < 0.75:
+                    sync_pending = sum(b["blocker_type"] == "SYNC" for b in pending)
+                    sync_allowed = sync_pending < len(agents) - 1
+                    kind = (
+                        "SYNC" if sync_allowed and self.rng.random() < self.sync_ratio else "ASYNC"
+                    )
                     try:
                         self.store.create_blocker(
                             self.project_id, agent["id"], kind, self.rng.choice(_QUESTIONS)
@@ -179,6 +203,18 @@ class AgentSimulation(_Loop):
                     self.store.finish_task(agent["id"])
                     self.store.set_next_action(agent["id"], now + self.rng.uniform(1.0, 4.0))
         return None
+
+    def _review(self) -> None:
+        if not self.reviewer_delay:
+            return
+        for blocker_id in self.store.pending_async_before(
+            self.project_id, time.time() - self.reviewer_delay
+        ):
+            answer = REVIEWER_PREFIX + self.rng.choice(_REVIEWER_ANSWERS)
+            try:
+                self.store.resolve_blocker(blocker_id, answer)
+            except Conflict:
+                pass  # answered or expired meanwhile
 
 
 class ExpirySweeper(_Loop):

@@ -159,8 +159,10 @@ def new_page(browser: Browser) -> Iterator[Callable[..., Page]]:
     """Pages in fresh contexts; console errors are collected to explain failures."""
     contexts = []
 
-    def make(url: str | None = None, *, wait_live: bool = True, setup=None) -> Page:
-        context = browser.new_context(viewport={"width": 1280, "height": 860})
+    def make(
+        url: str | None = None, *, wait_live: bool = True, setup=None, viewport: dict | None = None
+    ) -> Page:
+        context = browser.new_context(viewport=viewport or {"width": 1280, "height": 860})
         contexts.append(context)
         page = context.new_page()
         page.console_messages_seen = []  # type: ignore[attr-defined]

@@ -41,10 +41,12 @@ def blocker_item(page: Page, blocker_id: int):
     return page.locator(f'[data-testid="blocker-item"][data-blocker-id="{blocker_id}"]')
 
 
+def agent_card(page: Page, agent_id: str):
+    return page.locator(f'[data-testid="agent-card"][data-agent-id="{agent_id}"]')
+
+
 def agent_status(page: Page, agent_id: str):
-    return page.locator(f'[data-testid="agent-card"][data-agent-id="{agent_id}"]').get_by_test_id(
-        "agent-status"
-    )
+    return agent_card(page, agent_id).get_by_test_id("agent-status")
 
 
 def task_status(page: Page, task_id: int):
@@ -55,3 +57,21 @@ def task_status(page: Page, task_id: int):
 
 def delivered_seqs(page: Page) -> list[int]:
     return page.evaluate("window.dashboard.events.map((e) => e.seq)")
+
+
+def overflowing(page: Page) -> dict:
+    """What sticks out sideways: the page's scroll width against the viewport, and any panel,
+    card, row, toast or banner whose box leaves it (empty lists when nothing does)."""
+    return page.evaluate(
+        """() => {
+          const width = window.innerWidth;
+          const boxes = document.querySelectorAll(
+            '.panel, .agent-card, .blocker, .toast, .sync-alert, .topbar, .modal, tr');
+          const clipped = Array.from(boxes)
+            .filter((node) => node.offsetParent !== null)
+            .map((node) => [node.className || node.tagName, node.getBoundingClientRect()])
+            .filter(([, r]) => r.left < -0.5 || r.right > width + 0.5)
+            .map(([name, r]) => `${name}: ${Math.round(r.left)}..${Math.round(r.right)}`);
+          return {scrollWidth: document.scrollingElement.scrollWidth, innerWidth: width, clipped};
+        }"""
+    )

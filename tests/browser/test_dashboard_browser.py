@@ -14,12 +14,16 @@ import pytest
 import redis
 from playwright.sync_api import Page, expect
 
+from publisher import Publisher
+from schemas import Blocker, utc_now
 from tests.browser.conftest import wait_live_and_loaded
 from tests.browser.dashboard_helpers import (
+    agent_card,
     agent_status,
     api,
     blocker_item,
     delivered_seqs,
+    overflowing,
     raise_blocker,
     resolve,
     task_status,
@@ -211,6 +215,12 @@ def test_blocker_expired_fails_the_task_and_warns(make_demo, new_page):
     expect(page.get_by_test_id("answer-modal")).to_be_hidden()
     status, stored = api(app, "GET", f"/api/blockers/{blocker['id']}")
     assert (status, stored["status"]) == (200, "EXPIRED")
+    # Its agent is idle with no task, from the event alone (no reload): not idle with the
+    # failed task's title still on the card.
+    card = agent_card(page, "test-worker-001")
+    expect(card.get_by_test_id("agent-status")).to_have_text("idle")
+    expect(card.get_by_test_id("agent-task")).to_have_text("No task")
+    assert page.evaluate("Number(document.body.dataset.resyncs)") == 1
 
 
 # --- Connection Management ------------------------------------------------------------------------
@@ -355,3 +365,125 @@ def test_token_is_refreshed_in_band_before_it_expires(make_demo, new_page):
     expect(blocker_item(page, blocker["id"])).to_be_visible()
     expect(page.get_by_test_id("connection-state")).to_have_attribute("data-state", "live")
     assert page.evaluate("window.__sockets") == 1, "reconnected instead of refreshing in-band"
+
+
+# --- the sandbox project ---------------------------------------------------------------------
+
+
+def test_events_published_to_the_sandbox_show_in_its_panel_only(demo, new_page, redis_url):
+    # What a newcomer publishes from outside (the README's snippet) shows up, and does not
+    # contradict the demo backend's own project.
+    page = new_page(demo.url)
+    panel = page.get_by_test_id("sandbox-panel")
+    expect(panel).to_be_visible()
+    expect(panel).to_contain_text("project 2")
+    expect(page.get_by_test_id("sandbox-empty")).to_be_visible()
+    with Publisher.from_url(redis_url) as bus:
+        bus.blocker_created(
+            2,
+            Blocker(
+                id=123, agent_id="backend-worker-001", agent_name="Backend Worker #1",
+                task_id=456, task_title="Implement authentication", blocker_type="SYNC",
+                question="Should we use JWT or sessions?", status="PENDING", created_at=utc_now(),
+            ),
+        )  # fmt: skip
+        bus.blocker_resolved(2, blocker_id=123, answer="Use JWT for stateless API")
+        bus.agent_resumed(2, "backend-worker-001", task_id=456, blocker_id=123)
+        bus.blocker_expired(2, blocker_id=124, task_id=457)
+    items = page.get_by_test_id("sandbox-item")
+    expect(items).to_have_count(4)
+    assert items.evaluate_all("items => items.map((item) => item.dataset.type)") == [
+        "blocker_expired",
+        "agent_resumed",
+        "blocker_resolved",
+        "blocker_created",
+    ]
+    expect(items.first).to_contain_text("Blocker #124 expired - task #457 failed")
+    expect(items.last).to_contain_text("Should we use JWT or sessions?")
+    expect(page.get_by_test_id("sandbox-empty")).to_be_hidden()
+    # The demo's own project is untouched: no phantom blocker, task or agent state.
+    expect(page.get_by_test_id("blocker-count")).to_have_text("0")
+    expect(page.get_by_test_id("blocker-item")).to_have_count(0)
+    expect(page.get_by_test_id("task-row")).to_have_count(0)
+    expect(agent_status(page, "backend-worker-001")).to_have_text("idle")
+    assert delivered_seqs(page) == []
+    assert page.evaluate("window.dashboard.sandboxEvents.map((e) => e.seq)") == [1, 2, 3, 4]
+
+
+# --- layout: phones and toasts ---------------------------------------------------------------
+
+PHONE = {"width": 360, "height": 740}
+LONG_WORD = "Should-we-use-" + "x" * 80 + "-or-sessions?"
+
+
+def _busy_scene(app) -> None:
+    """Long words, a SYNC banner, all three agents blocked, tasks and activity."""
+    raise_blocker(app, "SYNC", LONG_WORD, agent_id="backend-worker-001")
+    raise_blocker(
+        app, "ASYNC", "A question", agent_id="frontend-worker-001",
+        task_title="Design-the-notification-settings-screen-" + "y" * 60,
+    )  # fmt: skip
+    raise_blocker(app, "ASYNC", "Another question", agent_id="test-worker-001")
+
+
+@pytest.mark.parametrize("width", [360, 390])
+def test_no_horizontal_overflow_on_a_phone(demo, new_page, redis_url, width):
+    _busy_scene(demo)
+    page = new_page(demo.url, viewport={"width": width, "height": 740})
+    with Publisher.from_url(redis_url) as bus:  # the sandbox shows what arrives after loading
+        bus.blocker_resolved(2, blocker_id=123, answer="z" * 150)
+    expect(page.get_by_test_id("blocker-item")).to_have_count(3)
+    expect(page.get_by_test_id("sandbox-item")).to_have_count(1)
+    expect(page.get_by_test_id("sync-alert")).to_be_visible()
+    state = overflowing(page)
+    assert state["scrollWidth"] <= state["innerWidth"] and not state["clipped"], state
+    # The answer dialog fits too.
+    page.get_by_test_id("sync-alert-answer").click()
+    expect(page.get_by_test_id("answer-modal")).to_be_visible()
+    state = overflowing(page)
+    assert state["scrollWidth"] <= state["innerWidth"] and not state["clipped"], state
+
+
+def _boxes_overlap(page, toast_selector: str, target_selector: str) -> list:
+    return page.evaluate(
+        """([toasts, target]) => {
+          const t = document.querySelector(target).getBoundingClientRect();
+          return Array.from(document.querySelectorAll(toasts))
+            .filter((node) => node.offsetParent !== null)
+            .map((node) => node.getBoundingClientRect())
+            .filter((r) => r.left < t.right && r.right > t.left)
+            .filter((r) => r.top < t.bottom && r.bottom > t.top)
+            .map((r) => [r.left, r.top, r.right, r.bottom]);
+        }""",
+        [toast_selector, target_selector],
+    )
+
+
+@pytest.mark.parametrize(
+    "viewport", [{"width": 1280, "height": 860}, PHONE], ids=["desktop", "phone"]
+)
+def test_toasts_never_cover_the_activity_feed_and_are_bounded(demo, new_page, viewport):
+    page = new_page(demo.url, viewport=viewport)
+    agents = ["backend-worker-001", "frontend-worker-001", "test-worker-001"]
+    # Two rounds of three resolutions: six toasts within their 7 s lifetime, and a long feed.
+    for _ in range(2):
+        blockers = [raise_blocker(demo, "ASYNC", agent_id=agent) for agent in agents]
+        for blocker in blockers:
+            resolve(demo, blocker["id"])
+        for agent in agents:
+            expect(agent_status(page, agent)).to_have_text("working")
+    expect(page.get_by_test_id("toast").first).to_be_visible()
+    most = 3 if viewport["width"] > 900 else 2
+    assert page.get_by_test_id("toast").count() <= 3
+    visible = page.locator('[data-testid="toast"]:visible')
+    assert 1 <= visible.count() <= most
+    expect(page.get_by_test_id("toast").first).to_contain_text("resolved")  # newest first
+    feed = page.locator("section", has=page.get_by_test_id("activity-feed"))
+    feed.scroll_into_view_if_needed()
+    assert (
+        _boxes_overlap(page, '[data-testid="toast"]', '[aria-labelledby="activity-heading"]') == []
+    )
+    page.evaluate("window.scrollTo(0, document.scrollingElement.scrollHeight)")
+    assert (
+        _boxes_overlap(page, '[data-testid="toast"]', '[aria-labelledby="activity-heading"]') == []
+    )

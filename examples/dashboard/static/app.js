@@ -12,6 +12,7 @@ const model = {
   agents: new Map(), // id -> {id, name, status, task_id, task_title}
   tasks: new Map(), // id -> {id, title, agent_id, status}
   activity: [], // newest first: {key, kind, text, at}
+  sandbox: [], // newest first: events of the sandbox project, as they arrived
   dismissedSync: new Set(),
   modalBlockerId: null,
   loads: 0, // state reloads issued (for the latest-wins rule below)
@@ -19,7 +20,7 @@ const model = {
 };
 
 // Exposed for the browser tests and for poking around in the console.
-window.dashboard = { model, bus: null, resyncs: 0, events: [], ready: false };
+window.dashboard = { model, bus: null, resyncs: 0, events: [], sandboxEvents: [], ready: false };
 
 // --- API -------------------------------------------------------------------------------------
 
@@ -64,12 +65,78 @@ async function loadState() {
 }
 
 async function onResync(projectId) {
+  if (projectId === model.config.sandbox_project_id) return sandboxResync();
   window.dashboard.resyncs += 1;
   await loadState();
   document.body.dataset.resyncs = String(window.dashboard.resyncs);
 }
 
+// --- the sandbox project -----------------------------------------------------------------------
+// A second project that no backend owns: the page shows its events as they arrive, so that what
+// a newcomer publishes (the README's snippet, eventbus-publish) shows up without contradicting
+// the demo backend's own project. Purely event-driven: there is no state to reload, so a resync
+// only says that earlier events are not shown.
+
+const SANDBOX_SHOWN = 20;
+
+function sandboxResync() {
+  if (model.sandbox.length) {
+    model.sandbox.unshift({ key: `resync:${Date.now()}`, resync: true });
+    renderSandbox();
+  }
+}
+
+function sandboxSummary(event) {
+  switch (event.type) {
+    case "blocker_created": {
+      const b = event.blocker;
+      return `${b.agent_name} raised ${b.blocker_type} blocker #${b.id}: ${b.question}`;
+    }
+    case "blocker_resolved":
+      return `Blocker #${event.blocker_id} resolved: ${event.answer}`;
+    case "agent_resumed":
+      return `${event.agent_id} resumed task #${event.task_id} after blocker #${event.blocker_id}`;
+    case "blocker_expired":
+      return `Blocker #${event.blocker_id} expired - task #${event.task_id} failed`;
+    default:
+      return "(an event type this page does not know)";
+  }
+}
+
+function onSandboxEvent(event) {
+  window.dashboard.sandboxEvents.push({ type: event.type, seq: event.seq });
+  model.sandbox.unshift({ key: `seq:${event.seq}`, seq: event.seq, type: event.type, text: sandboxSummary(event) });
+  model.sandbox.length = Math.min(model.sandbox.length, SANDBOX_SHOWN);
+  renderSandbox();
+}
+
+function renderSandbox() {
+  const panel = $("#sandbox-panel");
+  if (!model.config.sandbox_project_id) {
+    panel.hidden = true;
+    return;
+  }
+  panel.hidden = false;
+  $("#sandbox-project").textContent = `project ${model.config.sandbox_project_id}`;
+  $("#sandbox-empty").hidden = model.sandbox.length > 0;
+  $("#sandbox-feed").replaceChildren(
+    ...model.sandbox.map((entry) =>
+      entry.resync
+        ? el("li", { class: "sandbox-item resync muted small" }, "Resynchronised: events before this line are not shown.")
+        : el(
+            "li",
+            { class: "sandbox-item", "data-testid": "sandbox-item", dataset: { seq: entry.seq, type: entry.type } },
+            el("span", { class: "sandbox-seq muted small" }, `#${entry.seq}`),
+            el("code", { class: "sandbox-type small" }, entry.type),
+            el("span", { class: "sandbox-text" }, entry.text),
+          ),
+    ),
+  );
+}
+
 // --- events (the contract's Client Actions) --------------------------------------------------
+
+const REVIEWER_PREFIX = "[simulated reviewer] ";
 
 const handlers = {
   blocker_created(event) {
@@ -86,7 +153,9 @@ const handlers = {
     model.blockers.delete(event.blocker_id);
     if (model.modalBlockerId === event.blocker_id) closeModal();
     toast(`Blocker #${event.blocker_id} resolved`, "success");
-    addActivity(`blocker_resolved:${event.blocker_id}`, "blocker_resolved", `Blocker #${event.blocker_id} resolved`, event.resolved_at);
+    // The demo's simulated reviewer signs its answers; say so, as the backend's activity does.
+    const by = event.answer.startsWith(REVIEWER_PREFIX) ? " by the simulated reviewer" : "";
+    addActivity(`blocker_resolved:${event.blocker_id}`, "blocker_resolved", `Blocker #${event.blocker_id} resolved${by}`, event.resolved_at);
   },
   agent_resumed(event) {
     const agent = model.agents.get(event.agent_id);
@@ -100,7 +169,9 @@ const handlers = {
     if (model.modalBlockerId === event.blocker_id) closeModal();
     upsertTask(event.task_id, { status: "FAILED" });
     for (const agent of model.agents.values()) {
-      if (agent.task_id === event.task_id && agent.status === "blocked") upsertAgent(agent.id, { status: "idle" });
+      // The task failed: the agent is idle with no task (as the backend records it), not idle
+      // with the failed task's title still on its card.
+      if (agent.task_id === event.task_id && agent.status === "blocked") upsertAgent(agent.id, { status: "idle", task_id: null, task_title: null });
     }
     toast(`Blocker #${event.blocker_id} expired - task failed`, "warning");
     addActivity(`blocker_expired:${event.blocker_id}`, "blocker_expired", `Blocker #${event.blocker_id} expired - task failed`, event.expired_at);
@@ -236,7 +307,7 @@ function renderAgents() {
           el("span", { class: `status-pill ${a.status}`, "data-testid": "agent-status" }, a.status),
         ),
         el("p", { class: "muted small" }, a.id),
-        el("p", { class: "agent-task small" }, a.task_title || (a.task_id ? `Task #${a.task_id}` : "No task")),
+        el("p", { class: "agent-task small", "data-testid": "agent-task" }, a.task_title || (a.task_id ? `Task #${a.task_id}` : "No task")),
       ),
     ),
   );
@@ -251,7 +322,7 @@ function renderTasks() {
         { "data-testid": "task-row", dataset: { taskId: t.id, status: t.status } },
         el("td", { class: "muted" }, String(t.id)),
         el("td", {}, t.title),
-        el("td", { class: "muted small nowrap" }, (model.agents.get(t.agent_id) || {}).name || t.agent_id || ""),
+        el("td", { class: "muted small nowrap agent-col" }, (model.agents.get(t.agent_id) || {}).name || t.agent_id || ""),
         el("td", {}, el("span", { class: `task-status ${t.status.toLowerCase()}`, "data-testid": "task-status" }, t.status)),
       ),
     ),
@@ -305,12 +376,18 @@ function renderConnection() {
 
 // --- toasts and notifications ----------------------------------------------------------------
 
+// Toasts stack in their own corner (style.css keeps it clear of the Activity feed); beyond this
+// many the oldest goes at once, so a burst of events never builds a wall over the page.
+const MAX_TOASTS = 3;
+
 function toast(text, kind = "info") {
   const node = el("div", { class: `toast ${kind}`, "data-testid": "toast", dataset: { kind }, role: kind === "warning" ? "alert" : "status" },
     el("span", { class: "toast-icon", "aria-hidden": "true" }, kind === "warning" ? "!" : "✓"),
     el("span", {}, text),
   );
-  $("#toasts").prepend(node);
+  const box = $("#toasts");
+  box.prepend(node);
+  while (box.children.length > MAX_TOASTS) box.lastElementChild.remove();
   setTimeout(() => node.classList.add("leaving"), 7000);
   setTimeout(() => node.remove(), 7400);
 }
@@ -437,6 +514,8 @@ async function main() {
   });
   window.dashboard.bus = bus;
   bus.subscribe(model.config.project_id, onEvent);
+  if (model.config.sandbox_project_id) bus.subscribe(model.config.sandbox_project_id, onSandboxEvent);
+  renderSandbox();
   renderConnection();
   // Relative times and the retry countdown tick.
   setInterval(renderConnection, 1000);
