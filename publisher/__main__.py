@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import warnings
 from collections.abc import Sequence
 from typing import NoReturn, TextIO
@@ -31,10 +32,10 @@ import redis
 import redis.exceptions
 
 from publisher.client import Publisher
-from publisher.connection import sync_client
-from publisher.core import PublishError, PublisherUnavailable
+from publisher.core import PublishError, PublisherUnavailable, PublishManyError
 from schemas.events import EventValidationError, ProjectEvent, decode_event
 from schemas.keys import DEFAULT_PREFIX, Keys, stream_entry_seq
+from schemas.stored import ForeignValue, parse_meta, parse_stream_entries
 from schemas.tokens import issue_token
 
 __all__ = ["main"]
@@ -250,6 +251,7 @@ def _publish(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
     events = _read_events(args.event, stdin)
     if args.idempotency_key is not None and len(events) != 1:
         raise CliError("--idempotency-key needs exactly one event")
+    partial: PublishManyError | None = None
     with _publisher(args) as publisher:
         try:
             if len(events) == 1:
@@ -258,13 +260,17 @@ def _publish(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
                 cursors = publisher.publish_many(events)
         except ValueError as exc:  # e.g. a malformed idempotency key: raised before any I/O
             raise CliError(str(exc)) from None
+        except PublishManyError as exc:  # some projects refused: say exactly what was written
+            partial, cursors = exc, exc.cursors
     for event, cursor in zip(events, cursors, strict=True):
-        stdout.write(
-            msgspec.json.encode(
-                {"project_id": event.project_id, "epoch": cursor.epoch, "seq": cursor.seq}
-            ).decode()
-            + "\n"
+        line = (
+            {"project_id": event.project_id, "epoch": cursor.epoch, "seq": cursor.seq}
+            if cursor is not None
+            else {"project_id": event.project_id, "published": False}
         )
+        stdout.write(msgspec.json.encode(line).decode() + "\n")
+    if partial is not None:
+        raise CliError(str(partial), EXIT_REDIS_ERROR)
     return EXIT_OK
 
 
@@ -278,52 +284,66 @@ def _publisher(args: argparse.Namespace) -> Publisher:
 # --- history ----------------------------------------------------------------------------------
 
 
-def _history(args: argparse.Namespace, stdout: TextIO) -> int:
+def _history(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     try:
         keys = Keys(args.prefix)
-        client = sync_client(args.redis_url)
+        publisher = Publisher.from_url(args.redis_url, prefix=args.prefix)
     except ValueError as exc:
         raise CliError(str(exc)) from None
-    try:
+    meta_key, stream_key = keys.meta(args.project_id), keys.stream(args.project_id)
+
+    def read() -> list:
         # One MULTI: the cursor and the entries are read at the same instant. Read-only: unlike
         # the gateway's snapshot script, this never creates an epoch for an unknown project.
-        with client.pipeline(transaction=True) as pipe:
-            pipe.hmget(keys.meta(args.project_id), ["epoch", "seq"])
-            pipe.xrange(keys.stream(args.project_id), "-", "+", count=1)
-            pipe.xrange(
-                keys.stream(args.project_id), f"{args.after + 1}-0", "+", count=args.limit + 1
-            )
-            (epoch, top), oldest, entries = pipe.execute()
+        with publisher.client.pipeline(transaction=True) as pipe:
+            pipe.hmget(meta_key, ["epoch", "seq"])
+            pipe.xrange(stream_key, "-", "+", count=1)
+            pipe.xrange(stream_key, f"{args.after + 1}-0", "+", count=args.limit + 1)
+            return pipe.execute()
+
+    try:
+        # Bounded like a publish: PublisherUnavailable within the publisher's timeout (10 s).
+        (epoch, top), oldest, entries = publisher._run(read, time.monotonic())
+    except redis.exceptions.ResponseError as exc:  # WRONGTYPE: a key of another type
+        raise CliError(f"cannot read project {args.project_id}: {exc}", EXIT_REDIS_ERROR) from None
     finally:
-        client.close()
+        publisher.close()
+    try:
+        meta = parse_meta(epoch, top)
+    except ForeignValue as exc:
+        raise CliError(
+            f"{meta_key} holds a value the publisher did not write: {exc}", EXIT_REDIS_ERROR
+        ) from None
     more = len(entries) > args.limit
-    entries = entries[: args.limit]
-    oldest_seq = stream_entry_seq(oldest[0][0]) if oldest else None
-    top_seq = int(top) if top is not None else 0
+    frames, foreign = parse_stream_entries(entries[: args.limit])
+    for seq, problem in foreign:  # shown, never printed as frames: stdout stays valid JSON lines
+        where = f"entry {seq}" if seq is not None else "an entry"
+        stderr.write(f"{PROG}: warning: skipped {where} of {stream_key}: {problem}\n")
+    oldest_seq = _entry_seq(oldest[0][0]) if oldest else None
+    top_seq = meta.seq if meta is not None else 0
     header = {
         "project_id": args.project_id,
-        "epoch": epoch.decode() if epoch is not None else None,
+        "epoch": meta.epoch if meta is not None else None,
         "seq": top_seq,
         "oldest": oldest_seq,
         "after": args.after,
-        "count": len(entries),
+        "count": len(frames),
         "more": more,
         # Events after the cursor that retention already dropped: a gateway would answer this
         # cursor with resync_required (history_trimmed).
         "trimmed": args.after < top_seq and (oldest_seq is None or oldest_seq > args.after + 1),
     }
     stdout.write(msgspec.json.encode(header).decode() + "\n")
-    for _entry_id, fields in entries:
-        stdout.write(_field(fields, b"f").decode() + "\n")
+    for _seq, frame in frames:
+        stdout.write(frame.decode() + "\n")
     return EXIT_OK
 
 
-def _field(fields: dict | list, name: bytes) -> bytes:
-    # A cluster transaction returns XRANGE entries raw (a flat [name, value, ...] list) where a
-    # standalone client applies its response callback (a dict).
-    if isinstance(fields, dict):
-        return fields[name]
-    return dict(zip(fields[::2], fields[1::2], strict=True))[name]
+def _entry_seq(entry_id: bytes | str) -> int | None:
+    try:
+        return stream_entry_seq(entry_id)
+    except ValueError:  # a foreign id ("5-1" parses; "x-0" does not): not a position of ours
+        return None
 
 
 # --- token ------------------------------------------------------------------------------------
@@ -364,7 +384,7 @@ def main(
         if args.command == "publish":
             return _publish(args, stdin, stdout)
         if args.command == "history":
-            return _history(args, stdout)
+            return _history(args, stdout, stderr)
         return _token(args, stdout, stderr)
     except CliError as exc:
         stderr.write(f"{PROG}: error: {exc}\n")

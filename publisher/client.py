@@ -225,11 +225,21 @@ def _collect(batches: list[PreparedBatch], results: list, total: int) -> list[Cu
     return cursors  # type: ignore[return-value]
 
 
-def _policy(client: object, timeout: float | None, built: bool) -> RetryPolicy:
+def _valid_timeout(timeout: object) -> float:
+    """``timeout`` as a finite positive number of seconds (None: DEFAULT_TIMEOUT), or ValueError."""
     if timeout is None:
-        timeout = DEFAULT_TIMEOUT
-    if not timeout > 0:
-        raise ValueError("timeout must be positive")
+        return DEFAULT_TIMEOUT
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not 0 < timeout < float("inf")
+    ):
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    return float(timeout)
+
+
+def _policy(client: object, timeout: float | None, built: bool) -> RetryPolicy:
+    timeout = _valid_timeout(timeout)
     attempt = _attempt_timeout(timeout) if built else None
     return RetryPolicy(timeout, sum(attempt) if attempt else None)
 
@@ -302,9 +312,7 @@ class Publisher(_ContractHelpers[Cursor]):
         ``timeout``. URL schemes are described in :mod:`publisher.connection`.
         """
         kwargs.setdefault("sharded", is_cluster_url(url))
-        timeout = DEFAULT_TIMEOUT if timeout is None else timeout
-        if not timeout > 0:
-            raise ValueError("timeout must be positive")
+        timeout = _valid_timeout(timeout)
         connect, read = _attempt_timeout(timeout)
         client = sync_client(url, retries=0, connect_timeout=connect, socket_timeout=read)
         return cls(client, timeout=timeout, _built=True, **kwargs)
@@ -471,9 +479,7 @@ class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
     def from_url(cls, url: str, *, timeout: float | None = None, **kwargs) -> AsyncPublisher:
         """See :meth:`Publisher.from_url`."""
         kwargs.setdefault("sharded", is_cluster_url(url))
-        timeout = DEFAULT_TIMEOUT if timeout is None else timeout
-        if not timeout > 0:
-            raise ValueError("timeout must be positive")
+        timeout = _valid_timeout(timeout)
         connect, read = _attempt_timeout(timeout)
         client = async_client(url, retries=0, connect_timeout=connect, socket_timeout=read)
         return cls(client, timeout=timeout, _built=True, **kwargs)

@@ -56,14 +56,19 @@ PUBLISH = """
 local function corrupt(key, what)
   return redis.error_reply('EVENTBUS_CORRUPT ' .. key .. ' ' .. what)
 end
+local function wrong_type(reply)
+  if type(reply) ~= 'table' or not reply['err'] then return false end
+  return string.find(tostring(reply['err']), '^WRONGTYPE') ~= nil
+end
 local meta = redis.pcall('HMGET', KEYS[1], 'epoch', 'seq')
-if meta['err'] then return corrupt(KEYS[1], 'is not a hash') end
+if wrong_type(meta) then return corrupt(KEYS[1], 'is not a hash') end
+if meta['err'] then return meta end
 local epoch, seq = meta[1], meta[2]
 if epoch then
   if #epoch > 64 or not string.find(epoch, '^[%w_-]+$') then
     return corrupt(KEYS[1], 'has an invalid epoch')
   end
-  if not seq or #seq > 15 or not string.find(seq, '^%d+$') then
+  if not seq or #seq > 15 or not (seq == '0' or string.find(seq, '^[1-9]%d*$')) then
     return corrupt(KEYS[1], 'has an invalid seq')
   end
   seq = tonumber(seq)
@@ -71,7 +76,9 @@ end
 local idempotency_key = ARGV[7]
 if idempotency_key ~= '' then
   local prior = redis.pcall('GET', idempotency_key)
-  if type(prior) == 'table' then return corrupt(idempotency_key, 'is not a string') end
+  if wrong_type(prior) then return corrupt(idempotency_key, 'is not a string') end
+  -- Any other error (e.g. 'non local key' from a node importing the slot) goes back as it is.
+  if type(prior) == 'table' then return prior end
   if prior then
     local e, s, d = string.match(prior, '^([%w_-]+)|(%d+)|(%x+)$')
     if not e then
@@ -106,9 +113,12 @@ for i = 1, n do
   if i == 1 then
     local added = redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', maxlen, id .. '-0', 'f', frame,
                               't', now_ms)
+    if wrong_type(added) then return corrupt(KEYS[2], 'is not a stream') end
     if type(added) == 'table' and added['err'] then
-      if string.find(added['err'], '^OOM') then return added end
-      return corrupt(KEYS[2], 'refused the next entry: ' .. added['err'])
+      if string.find(tostring(added['err']), 'equal or smaller', 1, true) then
+        return corrupt(KEYS[2], 'has entries beyond the seq of ' .. KEYS[1])
+      end
+      return added  -- OOM (refused at the first write), or anything else Redis says
     end
     redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', last)
     -- A history a read created (SNAPSHOT) expires unless published to: now it is permanent.

@@ -1,0 +1,586 @@
+"""The publisher at the edges (issue 11): a hung Redis, damaged keys, misused idempotency keys,
+a burst that is only partly accepted, and arbitrary arguments.
+
+What users rely on: every call ends within its documented ``timeout`` with
+``PublisherUnavailable`` when Redis hangs, and the retries it made never publish an event twice;
+a key another writer damaged gives a ``PublishError`` naming it and writes nothing, while other
+projects go on; ``publish_many`` says exactly which events were written; an idempotency key never
+answers for another event or another epoch; bad arguments get documented errors, never a Redis
+error or a partial write. Real Redis (a private server for anything that stops it) unless a test
+says otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import io
+import json
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+
+import fakeredis
+import pytest
+import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from publisher import (
+    AsyncPublisher,
+    Cursor,
+    EventValidationError,
+    IdempotencyConflict,
+    Publisher,
+    PublishError,
+    PublisherUnavailable,
+    PublishManyError,
+)
+from publisher.__main__ import main as cli_main
+from publisher.client import DEFAULT_TIMEOUT
+from publisher.core import RetryPolicy
+from schemas import AgentResumed, BlockerExpired, BlockerResolved, Keys
+from tests.support.redis_server import RedisServer
+
+KEYS = Keys()
+T0 = datetime(2025, 11, 8, 12, 45, 30, tzinfo=UTC)
+#: Scheduling noise allowed on top of a documented bound (2 shared cores).
+SLACK = 1.0
+
+
+def event(project_id: int, n: int, answer: str | None = None) -> BlockerResolved:
+    return BlockerResolved(
+        project_id=project_id,
+        blocker_id=n,
+        answer=answer or f"answer {n}",
+        resolved_at=T0,
+    )
+
+
+def stream(client: redis.Redis, project_id: int) -> list[tuple[int, int]]:
+    """(seq, blocker_id) of every stored entry, oldest first."""
+    return [
+        (int(entry_id.split(b"-")[0]), json.loads(fields[b"f"])["blocker_id"])
+        for entry_id, fields in client.xrange(KEYS.stream(project_id))
+    ]
+
+
+def assert_exactly_once(client: redis.Redis, project_id: int) -> list[int]:
+    """The project's history is gapless from 1 and holds no event twice; its blocker ids."""
+    entries = stream(client, project_id)
+    assert [seq for seq, _ in entries] == list(range(1, len(entries) + 1))
+    ids = [blocker_id for _, blocker_id in entries]
+    assert len(ids) == len(set(ids)), f"an event was published twice: {ids}"
+    return ids
+
+
+@pytest.fixture
+def server() -> Iterator[RedisServer]:
+    with RedisServer() as own:
+        yield own
+
+
+@contextmanager
+def hung(server: RedisServer) -> Iterator[None]:
+    """The server process stopped (its sockets stay open, nothing answers), resumed after."""
+    assert server.process is not None
+    os.kill(server.process.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+
+
+def fails_within(call: Callable[[], object], bound: float) -> float:
+    started = time.monotonic()
+    with pytest.raises(PublisherUnavailable, match="Redis unavailable"):
+        call()
+    elapsed = time.monotonic() - started
+    assert elapsed < bound + SLACK, f"took {elapsed:.1f} s, documented bound {bound} s"
+    return elapsed
+
+
+async def afails_within(call: Callable[[], object], bound: float) -> float:
+    started = time.monotonic()
+    with pytest.raises(PublisherUnavailable, match="Redis unavailable"):
+        await call()  # type: ignore[misc]
+    elapsed = time.monotonic() - started
+    assert elapsed < bound + SLACK, f"took {elapsed:.1f} s, documented bound {bound} s"
+    return elapsed
+
+
+# --- the retry policy (pure) ------------------------------------------------------------------
+
+
+def test_retry_policy_never_starts_an_attempt_that_could_end_after_the_timeout() -> None:
+    policy = RetryPolicy(timeout=10.0, attempt_timeout=7.0)
+    assert policy.delay(1, elapsed=0.01) == 0.0  # a dropped connection: at once
+    assert policy.delay(2, elapsed=0.02) == 0.1
+    assert policy.delay(3, elapsed=2.9) is None or policy.delay(3, elapsed=2.9) == 0.2
+    assert policy.delay(1, elapsed=5.0) is None  # 5 + 7 > 10: a hung server is tried once
+    assert policy.delay(5, elapsed=0.1) is None  # pauses used up
+    assert RetryPolicy(timeout=10.0, attempt_timeout=None).delay(1, 0.0) is None
+
+
+# --- a hung Redis (SIGSTOP): every call ends within its timeout --------------------------------
+
+
+def test_a_publish_on_a_new_connection_fails_within_the_default_timeout(server) -> None:
+    """The issue's case: 167 s on a fresh connection (redis-py's retry around the command and
+    again around each connect). Now one deadline: DEFAULT_TIMEOUT."""
+    with Publisher.from_url(server.url) as pub, hung(server):
+        fails_within(lambda: pub.publish(event(1, 1)), DEFAULT_TIMEOUT)
+
+
+def test_every_sync_call_fails_within_its_timeout_and_nothing_is_published_twice(
+    server,
+) -> None:
+    timeout = 2.0
+    with Publisher.from_url(server.url, timeout=timeout) as pub:
+        first = pub.publish(event(1, 1), idempotency_key="e1")  # the lane holds a connection
+        pub.publish_many([event(1, 2), event(2, 1)])  # the pool holds one for pipelines
+        with hung(server):
+            # On the held connection (the script is sent, then no reply), on a new one (the
+            # handshake gets no reply), as a pipeline.
+            fails_within(lambda: pub.publish(event(1, 3), idempotency_key="e3"), timeout)
+            fails_within(lambda: pub.publish(event(1, 4), idempotency_key="e4"), timeout)
+            fails_within(lambda: pub.publish_many([event(1, 5), event(2, 2)]), timeout)
+            fails_within(lambda: pub.blocker_expired(2, 3, 3, idempotency_key="x3"), timeout)
+        # Redis resumes and runs whatever reached it. The caller retries what failed, with the
+        # same idempotency keys: each event ends up in the history exactly once.
+        again = [
+            pub.publish(event(1, 3), idempotency_key="e3"),
+            pub.publish(event(1, 4), idempotency_key="e4"),
+        ]
+        assert pub.publish(event(1, 1), idempotency_key="e1") == first
+    client = server.client()
+    ids = assert_exactly_once(client, 1)
+    assert {1, 2, 3, 4} <= set(ids) <= {1, 2, 3, 4, 5}
+    assert [c.seq for c in again] == [ids.index(3) + 1, ids.index(4) + 1]
+    assert_exactly_once(client, 2)
+    client.close()
+
+
+async def test_every_async_call_fails_within_its_timeout_and_nothing_is_published_twice(
+    server,
+) -> None:
+    timeout = 2.0
+    async with AsyncPublisher.from_url(server.url, timeout=timeout) as pub:
+        await pub.publish(event(1, 1))
+        await pub.publish_many([event(1, 2), event(2, 1)])
+        with hung(server):
+            await afails_within(lambda: pub.publish(event(1, 3), idempotency_key="e3"), timeout)
+            await afails_within(lambda: pub.publish(event(1, 4), idempotency_key="e4"), timeout)
+            await afails_within(lambda: pub.publish_many([event(1, 5), event(2, 2)]), timeout)
+        again = await pub.publish(event(1, 3), idempotency_key="e3")
+        await pub.publish(event(1, 4), idempotency_key="e4")
+        later = await pub.publish(event(1, 6))  # no reply of a cancelled call is read as its own
+    client = server.client()
+    ids = assert_exactly_once(client, 1)
+    assert again.seq == ids.index(3) + 1
+    assert later.seq == ids.index(6) + 1 == len(ids)
+    assert_exactly_once(client, 2)
+    client.close()
+
+
+async def test_an_async_publisher_on_a_client_of_your_own_is_bounded_too(server) -> None:
+    """A client you built keeps its timeouts and retries (here: none, so it would wait forever
+    on a hung server); the publisher still ends the call at its timeout."""
+    client = redis.asyncio.Redis.from_url(server.url, socket_timeout=None)
+    async with AsyncPublisher(client, timeout=1.0) as pub:
+        await pub.publish(event(1, 1))
+        with hung(server):
+            await afails_within(lambda: pub.publish(event(1, 2)), 1.0)
+        assert (await pub.publish(event(1, 3))).seq in (2, 3)
+
+
+def test_cli_history_fails_within_the_default_timeout(server) -> None:
+    with Publisher.from_url(server.url) as pub:
+        pub.publish(event(1, 1))
+    err = io.StringIO()
+    with hung(server):
+        started = time.monotonic()
+        code = cli_main(
+            ["--redis-url", server.url, "history", "1"], stdout=io.StringIO(), stderr=err
+        )
+        elapsed = time.monotonic() - started
+    assert code == 3, err.getvalue()
+    assert "Redis unavailable" in err.getvalue()
+    assert elapsed < DEFAULT_TIMEOUT + SLACK
+
+
+@pytest.mark.slow
+def test_a_hung_cluster_master_fails_within_the_timeout(redis_cluster_factory) -> None:
+    cluster = redis_cluster_factory(masters=3, replicas=0)
+    timeout = 3.0
+    with Publisher.from_url(cluster.url, timeout=timeout) as pub:
+        pub.publish(event(5, 1))
+        master = cluster.node_for_project(5)
+        assert master.process is not None
+        os.kill(master.process.pid, signal.SIGSTOP)
+        try:
+            fails_within(lambda: pub.publish(event(5, 2)), timeout)
+            fails_within(lambda: pub.publish_many([event(5, 3)]), timeout)
+        finally:
+            os.kill(master.process.pid, signal.SIGCONT)
+        cluster.wait_healthy(30)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                last = pub.publish(event(5, 4))
+                break
+            except PublisherUnavailable:
+                assert time.monotonic() < deadline
+    client = cluster.client()
+    entries = [
+        json.loads(fields[b"f"])["blocker_id"] for _id, fields in client.xrange(KEYS.stream(5))
+    ]
+    client.close()
+    assert len(entries) == len(set(entries)) == last.seq
+    assert entries[0] == 1 and entries[-1] == 4
+
+
+# --- keys another writer damaged: a clear error naming the key, nothing written --------------
+
+
+@pytest.fixture
+def pub(redis_url: str) -> Iterator[Publisher]:
+    with Publisher.from_url(redis_url) as publisher:
+        yield publisher
+
+
+@pytest.mark.parametrize(
+    ("damage", "named"),
+    [
+        (lambda c: c.hset(KEYS.meta(1), mapping={"epoch": b"\xff\xfe", "seq": 1}), "meta"),
+        (lambda c: c.hset(KEYS.meta(1), mapping={"epoch": "e" * 65, "seq": 1}), "meta"),
+        (lambda c: c.hset(KEYS.meta(1), mapping={"epoch": "ok", "seq": "abc"}), "meta"),
+        (lambda c: c.hset(KEYS.meta(1), mapping={"epoch": "ok", "seq": "-1"}), "meta"),
+        (lambda c: c.hset(KEYS.meta(1), mapping={"epoch": "ok", "seq": "01"}), "meta"),
+        (lambda c: c.hset(KEYS.meta(1), "epoch", "ok"), "meta"),  # no seq
+        (lambda c: c.rpush(KEYS.meta(1), "x"), "meta"),
+        (lambda c: c.set(KEYS.stream(1), "x"), "stream"),
+        (lambda c: c.xadd(KEYS.stream(1), {"x": "y"}, id="9-0"), "stream"),  # ahead of seq
+    ],
+)
+def test_a_damaged_key_refuses_the_publish_and_names_the_key(
+    pub: Publisher, redis_client, damage, named
+) -> None:
+    pub.publish(event(1, 1))  # a normal history: epoch, seq 1
+    meta_before = redis_client.hgetall(KEYS.meta(1))
+    key = KEYS.meta(1) if named == "meta" else KEYS.stream(1)
+    if redis_client.type(key) != b"stream" or named == "meta":
+        redis_client.delete(key)
+    damage(redis_client)
+    raw = {k: redis_client.dump(k) for k in (KEYS.meta(1), KEYS.stream(1))}
+    pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(KEYS.channel(1))
+    with pytest.raises(PublishError) as info:
+        pub.publish(event(1, 2))
+    assert not isinstance(info.value, PublisherUnavailable)
+    assert key in str(info.value) and "nothing written" in str(info.value)
+    # Nothing was written: both keys as they were (the seq did not advance), nothing published.
+    assert {k: redis_client.dump(k) for k in raw} == raw
+    if named == "stream":
+        assert redis_client.hgetall(KEYS.meta(1)) == meta_before
+    assert pubsub.get_message(timeout=0.1) is None  # a publish would already be there
+    pubsub.close()
+    # Other projects are not affected, nor is this one once the key is repaired (deleted).
+    assert pub.publish(event(2, 1)).seq == 1
+    redis_client.delete(KEYS.meta(1), KEYS.stream(1))
+    assert pub.publish(event(1, 3)).seq == 1
+
+
+def test_cli_history_reports_a_damaged_meta_and_skips_foreign_entries(
+    pub: Publisher, redis_client, redis_url
+) -> None:
+    for n in (1, 2):
+        pub.publish(event(1, n))
+    redis_client.xadd(KEYS.stream(1), {"x": "y"}, id="3-0")  # a foreign entry...
+    redis_client.hincrby(KEYS.meta(1), "seq", 1)  # ...counted as an event
+    pub.publish(event(1, 4))
+    out, err = io.StringIO(), io.StringIO()
+    assert cli_main(["--redis-url", redis_url, "history", "1"], stdout=out, stderr=err) == 0
+    header, *frames = (json.loads(line) for line in out.getvalue().splitlines())
+    assert header["seq"] == 4 and header["count"] == 3
+    assert [f["seq"] for f in frames] == [1, 2, 4]
+    assert "skipped entry 3" in err.getvalue()
+
+    redis_client.hset(KEYS.meta(1), "epoch", b"\xff")
+    out, err = io.StringIO(), io.StringIO()
+    assert cli_main(["--redis-url", redis_url, "history", "1"], stdout=out, stderr=err) == 1
+    assert KEYS.meta(1) in err.getvalue() and "Traceback" not in err.getvalue()
+
+
+# --- publish_many: a burst partly refused says exactly what was written ------------------------
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_publish_many_names_what_was_written_and_a_retry_of_the_rest_is_exact(
+    redis_url: str, redis_client, flavour: str
+) -> None:
+    redis_client.set(KEYS.meta(2), "not a hash")  # project 2 is damaged
+    burst = [event(1, 1), event(2, 1), event(3, 1), event(1, 2), event(2, 2)]
+
+    def publish_many(events):
+        if flavour == "sync":
+            with Publisher.from_url(redis_url) as pub:
+                return pub.publish_many(events)
+
+        async def run():
+            async with AsyncPublisher.from_url(redis_url) as pub:
+                return await pub.publish_many(events)
+
+        return asyncio.run(run())
+
+    with pytest.raises(PublishManyError) as info:
+        publish_many(burst)
+    error = info.value
+    assert isinstance(error, PublishError)
+    assert error.unpublished == [1, 4]
+    assert [c is None for c in error.cursors] == [False, True, False, False, True]
+    assert [c.seq for c in error.cursors if c is not None] == [1, 1, 2]
+    assert list(error.errors) == [2] and KEYS.meta(2) in str(error)
+    assert stream(redis_client, 1) == [(1, 1), (2, 2)]
+    assert stream(redis_client, 3) == [(1, 1)]
+    assert redis_client.get(KEYS.meta(2)) == b"not a hash"  # untouched
+
+    # The operator repairs the key; the caller retries exactly the events not published.
+    redis_client.delete(KEYS.meta(2))
+    retried = publish_many([burst[i] for i in error.unpublished])
+    assert [c.seq for c in retried] == [1, 2]
+    for project_id in (1, 2, 3):
+        assert_exactly_once(redis_client, project_id)
+    assert stream(redis_client, 2) == [(1, 1), (2, 2)]
+
+
+def test_cli_publish_prints_what_was_written_when_a_project_refuses(
+    redis_url: str, redis_client
+) -> None:
+    redis_client.set(KEYS.meta(2), "not a hash")
+    lines = "\n".join(json.dumps(json.loads(_json(e))) for e in (event(1, 1), event(2, 1)))
+    out, err = io.StringIO(), io.StringIO()
+    code = cli_main(
+        ["--redis-url", redis_url, "publish", "-"],
+        stdin=_Stdin(lines),
+        stdout=out,
+        stderr=err,
+    )
+    assert code == 1
+    written, refused = (json.loads(line) for line in out.getvalue().splitlines())
+    assert written["project_id"] == 1 and written["seq"] == 1
+    assert refused == {"project_id": 2, "published": False}
+    assert KEYS.meta(2) in err.getvalue()
+
+
+class _Stdin(io.StringIO):
+    def isatty(self) -> bool:
+        return False
+
+
+def _json(e: BlockerResolved) -> bytes:
+    from schemas import encode_event
+
+    return encode_event(e)
+
+
+# --- idempotency keys: never another event, never another epoch --------------------------------
+
+
+def test_a_key_reused_for_another_event_is_a_conflict_and_writes_nothing(
+    pub: Publisher, redis_client
+) -> None:
+    first = pub.publish(event(1, 1, "Use JWT"), idempotency_key="k")
+    with pytest.raises(IdempotencyConflict) as info:
+        pub.publish(event(1, 1, "Use sessions"), idempotency_key="k")
+    assert info.value.cursor == first and info.value.key == "k"
+    assert "'k'" in str(info.value)
+    with pytest.raises(IdempotencyConflict):  # another type under the same key
+        pub.publish(
+            BlockerExpired(project_id=1, blocker_id=1, task_id=1, expired_at=T0),
+            idempotency_key="k",
+        )
+    with pytest.raises(IdempotencyConflict):
+        pub.agent_resumed(1, "agent-1", 1, 1, idempotency_key="k")
+    assert stream(redis_client, 1) == [(1, 1)]
+    # The same event stamped anew (a helper's default time on retry) is the same event.
+    later = T0 + timedelta(seconds=30)
+    restamped = BlockerResolved(project_id=1, blocker_id=1, answer="Use JWT", resolved_at=later)
+    assert pub.publish(restamped, idempotency_key="k") == first
+    assert pub.blocker_resolved(1, 1, "Use JWT", idempotency_key="k") == first
+    assert stream(redis_client, 1) == [(1, 1)]
+
+
+async def test_async_conflict(redis_url: str) -> None:
+    async with AsyncPublisher.from_url(redis_url) as pub:
+        first = await pub.agent_resumed(1, "agent-1", 2, 3, idempotency_key="r")
+        assert await pub.agent_resumed(1, "agent-1", 2, 3, idempotency_key="r") == first
+        with pytest.raises(IdempotencyConflict):
+            await pub.agent_resumed(1, "agent-2", 2, 3, idempotency_key="r")
+
+
+def test_a_key_never_answers_with_a_cursor_of_a_lost_epoch(pub: Publisher, redis_client) -> None:
+    """Redis lost the project's metadata (a flush, a restore, an eviction): the record still
+    points into the dead history. The event is not in the live one, so it is published there."""
+    first = pub.publish(event(1, 1), idempotency_key="k")
+    redis_client.delete(KEYS.meta(1))
+    again = pub.publish(event(1, 1), idempotency_key="k")
+    assert again.epoch != first.epoch and again.seq == 1
+    assert stream(redis_client, 1) == [(1, 1)]  # the stale stream went with its epoch
+    assert pub.publish(event(1, 1), idempotency_key="k") == again  # and now it is recorded
+
+
+def test_records_of_the_old_format_keep_working(pub: Publisher, redis_client) -> None:
+    """Records written before digests existed ("<epoch>|<seq>") still answer retries (they
+    cannot detect a conflict; they expire with the idempotency window)."""
+    first = pub.publish(event(1, 1))
+    redis_client.set(KEYS.idempotency(1, "old"), f"{first.epoch}|1", px=60_000)
+    assert pub.publish(event(1, 1), idempotency_key="old") == first
+    assert pub.publish(event(1, 9), idempotency_key="old") == first  # no digest: no check
+    assert stream(redis_client, 1) == [(1, 1)]
+
+
+@pytest.mark.parametrize("record", [b"garbage", b"e|x", b"\xff|1", b"ok|1|zz"])
+def test_a_damaged_idempotency_record_is_refused(pub: Publisher, redis_client, record) -> None:
+    pub.publish(event(1, 1))
+    redis_client.set(KEYS.idempotency(1, "k"), record)
+    with pytest.raises(PublishError, match=r"idem:k is not an idempotency record"):
+        pub.publish(event(1, 2), idempotency_key="k")
+    redis_client.delete(KEYS.idempotency(1, "k"))
+    redis_client.hset(KEYS.idempotency(1, "k"), "a", "b")
+    with pytest.raises(PublishError, match=r"idem:k is not a string"):
+        pub.publish(event(1, 2), idempotency_key="k")
+    assert stream(redis_client, 1) == [(1, 1)]
+
+
+# --- arbitrary arguments: documented errors, never a Redis error or a partial write ----------
+
+_FUZZ = settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+_anything = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True),
+    st.text(max_size=30),
+    st.binary(max_size=10),
+    st.datetimes(timezones=st.one_of(st.none(), st.just(UTC))),
+)
+_project_ids = st.one_of(st.integers(min_value=1, max_value=5), _anything)
+_texts = st.one_of(
+    st.text(min_size=0, max_size=20),  # lone surrogates included
+    st.text(min_size=4990, max_size=5010, alphabet="ab"),
+    _anything,
+)
+
+
+@st.composite
+def _events(draw) -> Callable[[], object]:
+    """A thunk building an event from arbitrary field values: building may already raise the
+    documented EventValidationError (a timestamp that is not a datetime)."""
+    kind = draw(st.sampled_from(["resolved", "resumed", "expired"]))
+    project_id = draw(_project_ids)
+    when = draw(st.one_of(st.just(T0), _anything))
+    ids = st.one_of(st.integers(1, 9), _anything)
+    if kind == "resolved":
+        return functools.partial(
+            BlockerResolved,
+            project_id=project_id,
+            blocker_id=draw(ids),
+            answer=draw(_texts),
+            resolved_at=when,
+        )
+    if kind == "resumed":
+        return functools.partial(
+            AgentResumed,
+            project_id=project_id,
+            agent_id=draw(_texts),
+            task_id=draw(ids),
+            blocker_id=1,
+            resumed_at=when,
+        )
+    return functools.partial(
+        BlockerExpired, project_id=project_id, blocker_id=1, task_id=1, expired_at=when
+    )
+
+
+_keys = st.one_of(st.none(), st.text(max_size=210), _anything)
+
+
+def _snapshot(client) -> dict:
+    return {key: client.dump(key) for key in sorted(client.keys("eventbus:{[0-9]*}:*[ma]"))}
+
+
+@pytest.fixture(params=["fakeredis", "redis-server"])
+def fuzz_redis(request):
+    """Both Lua engines: fakeredis (fast) and the private redis-server (the real one)."""
+    if request.param == "fakeredis":
+        client = fakeredis.FakeRedis()
+    else:
+        client = redis.Redis.from_url(request.getfixturevalue("redis_url"))
+    yield client
+    client.close()
+
+
+@_FUZZ
+@given(candidate=_events(), key=_keys)
+def test_fuzz_publish(fuzz_redis, candidate, key) -> None:
+    pub = Publisher(fuzz_redis)
+    before = _snapshot(fuzz_redis)
+    try:
+        candidate = candidate()
+        cursor = pub.publish(candidate, idempotency_key=key)  # type: ignore[arg-type]
+    except (EventValidationError, ValueError, IdempotencyConflict):
+        assert _snapshot(fuzz_redis) == before  # nothing written
+        return
+    assert isinstance(cursor, Cursor) and cursor.seq >= 1
+    frame = fuzz_redis.xrange(KEYS.stream(candidate.project_id), "-", "+")[-1][1][b"f"]
+    assert json.loads(frame)["seq"] == cursor.seq
+
+
+@_FUZZ
+@given(burst=st.lists(_events(), max_size=12))
+def test_fuzz_publish_many(fuzz_redis, burst) -> None:
+    pub = Publisher(fuzz_redis)
+    before = _snapshot(fuzz_redis)
+    try:
+        burst = [build() for build in burst]
+        cursors = pub.publish_many(burst)
+    except (EventValidationError, ValueError):
+        assert _snapshot(fuzz_redis) == before  # one invalid event: none published
+        return
+    assert len(cursors) == len(burst)
+    for project_id in {e.project_id for e in burst}:
+        seqs = [c.seq for c, e in zip(cursors, burst, strict=True) if e.project_id == project_id]
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # consecutive, in order
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    timeout=st.one_of(_anything, st.floats(min_value=-5, max_value=5)),
+)
+def test_fuzz_timeout(timeout) -> None:
+    try:
+        pub = Publisher.from_url("redis://127.0.0.1:1/0", timeout=timeout)  # type: ignore[arg-type]
+    except ValueError:
+        number = isinstance(timeout, int | float) and not isinstance(timeout, bool)
+        assert not (number and 0 < timeout < float("inf"))
+        assert timeout is not None
+        return
+    expected = DEFAULT_TIMEOUT if timeout is None else timeout
+    assert pub._policy.timeout == expected > 0
+    assert pub._policy.attempt_timeout <= expected  # the bound holds for any timeout
+    pub.close()
+
+
+def test_parse_of_the_script_reply_is_strict() -> None:
+    from publisher.core import parse_reply
+
+    assert parse_reply([b"ok", 3, 0]) == ("ok", 3, 0)
+    for bad in ([b"\xff", 1, 0], [b"ok", b"1", 0], [b"ok", 0, 0], [b"ok", 1, 7], "x", None, []):
+        with pytest.raises(PublishError, match="unexpected reply"):
+            parse_reply(bad)
