@@ -52,6 +52,16 @@ def tokens(projects: list[int], ttl: float = 600):
     return mint
 
 
+def async_tokens(projects: list[int]):
+    """An async token function (as one that asks the application's token endpoint would be)."""
+
+    async def mint() -> str:
+        await asyncio.sleep(0)
+        return issue_token(SECRET, projects, ttl=600, subject="consumer-test")
+
+    return mint
+
+
 @pytest.fixture
 def gateway(redis_url):
     with GatewayProcess(redis_url, auth_secret=SECRET) as process:
@@ -236,7 +246,8 @@ async def test_through_a_gateway_sigkill_to_a_second_gateway_nothing_lost_or_rep
     with GatewayGroup() as group:
         first, second = await asyncio.to_thread(group.start, redis_url, 2, auth_secret=SECRET)
         loop = PublishLoop(redis_url, projects, rate=200)
-        async with Consumer([first.ws_url, second.ws_url], token=tokens(projects)) as consumer:
+        urls = [first.ws_url, second.ws_url]
+        async with Consumer(urls, token=async_tokens(projects)) as consumer:
             subscription = consumer.events(*projects)
             async with asyncio.timeout(20):
                 await subscription.wait_subscribed()

@@ -400,3 +400,145 @@ async def test_a_cursor_store_that_cannot_load_stops_the_consumer_loudly(tmp_pat
         with pytest.raises(ConsumerError, match="cannot load the cursor of project 1"):
             async with asyncio.timeout(10):
                 await anext(consumer.events(1))
+
+
+# --- the client against a simulated gateway and a hostile network -------------------------------
+
+
+class SimulatedGateway:
+    """A gateway in memory: per project an epoch and its events (``blocker_id`` s), and the
+    frames in flight to one client. It answers the client's subscribes like the real one
+    (replay after the cursor, or ``resync_required``, then ``subscribed``); the test then lets the
+    network drop, duplicate and swap live frames, cut the connection, and flush a project."""
+
+    def __init__(self, projects: list[int]) -> None:
+        self.epochs = {p: "e0" for p in projects}
+        self.history: dict[tuple[int, str], list[int]] = {(p, "e0"): [] for p in projects}
+        self.live: set[int] = set()  # projects subscribed on the current connection
+        self.in_flight: list[bytes] = []
+        self.flushes = 0
+        self.idents = iter(range(1, 10**9))
+
+    def events(self, project: int) -> list[int]:
+        return self.history[(project, self.epochs[project])]
+
+    def publish(self, project: int) -> None:
+        events = self.events(project)
+        events.append(next(self.idents))
+        if project in self.live:
+            self.in_flight.append(frame(project, len(events), events[-1]))
+
+    def flush(self, project: int) -> None:
+        self.flushes += 1
+        epoch = f"e{self.flushes}"
+        self.epochs[project] = epoch
+        self.history[(project, epoch)] = []
+        if project in self.live:
+            message = {"type": "resync_required", "project_id": project}
+            message |= {"reason": "epoch_changed", "epoch": epoch, "seq": 0}
+            self.in_flight.append(json.dumps(message).encode())
+
+    def subscribe(self, message: dict) -> None:
+        project, epoch, events = message["project_id"], None, None
+        epoch = self.epochs[project]
+        events = self.events(project)
+        top, after, resumed = len(events), message.get("after"), False
+        if message.get("epoch") is not None:
+            reason = None
+            if message["epoch"] != epoch:
+                reason = "epoch_changed"
+            elif after > top:
+                reason = "history_lost"
+            if reason:
+                resync = {"type": "resync_required", "project_id": project, "reason": reason}
+                self.in_flight.append(json.dumps(resync | {"epoch": epoch, "seq": top}).encode())
+            else:
+                resumed = True
+                for seq in range(after + 1, top + 1):
+                    self.in_flight.append(frame(project, seq, events[seq - 1]))
+        self.in_flight.append(subscribed(project, top, epoch, resumed))
+        self.live.add(project)
+
+
+async def deliver(gateway: SimulatedGateway, consumer: Consumer, ws: FakeConnection, n: int):
+    """Hand the first ``n`` frames in flight to the client; its subscribes reach the gateway."""
+    delivered = 0
+    while gateway.in_flight and delivered < n:
+        await consumer._on_frame(ws, gateway.in_flight.pop(0))  # type: ignore[arg-type]
+        delivered += 1
+        while ws.sent:
+            gateway.subscribe(ws.sent.pop(0))
+
+
+operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("publish"), st.integers(1, 2), st.integers(1, 5)),
+        st.tuples(st.just("deliver"), st.integers(0, 8), st.just(0)),
+        st.tuples(st.sampled_from(["drop", "duplicate", "swap"]), st.integers(0, 20), st.just(0)),
+        st.tuples(st.just("reconnect"), st.just(0), st.just(0)),
+        st.tuples(st.just("flush"), st.integers(1, 2), st.just(0)),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(operations)
+async def test_through_drops_duplicates_swaps_reconnects_and_flushes_every_event_once_in_order(
+    steps: list[tuple[str, int, int]],
+):
+    """Whatever the network does to live frames, each project's items are the events of its
+    history, each once and in order, with a ``Resync`` exactly where its history was lost; and the
+    client ends at the top of every project."""
+    projects = [1, 2]
+    consumer, ws, subscription = await fed_consumer(*projects)
+    gateway = SimulatedGateway(projects)
+    for project in projects:
+        gateway.subscribe(consumer._states[project].subscribe_message())
+    for op, a, b in steps:
+        flight = gateway.in_flight
+        if op == "publish":
+            for _ in range(b):
+                gateway.publish(a)
+        elif op == "deliver":
+            await deliver(gateway, consumer, ws, a)
+        elif op in ("drop", "duplicate", "swap") and flight:
+            i = a % len(flight)
+            if b'"type":"blocker_resolved"' not in flight[i]:
+                # Only event frames are damaged: a lost control message (a resync) could not be
+                # noticed by any client, and no gateway or TCP connection loses one.
+                continue
+            if op == "drop":
+                del flight[i]
+            elif op == "duplicate":
+                flight.insert(min(len(flight), i + 1 + a % 3), flight[i])
+            elif i + 1 < len(flight):
+                flight[i], flight[i + 1] = flight[i + 1], flight[i]
+        elif op == "reconnect":
+            gateway.in_flight.clear()
+            gateway.live.clear()
+            for state in consumer._states.values():
+                gateway.subscribe(state.subscribe_message())
+        elif op == "flush":
+            gateway.flush(a)
+    # A healthy network from here: one more event per project reveals any trailing gap.
+    await deliver(gateway, consumer, ws, 10**6)
+    for project in projects:
+        gateway.publish(project)
+    await deliver(gateway, consumer, ws, 10**6)
+
+    items = drain(subscription)
+    for project in projects:
+        cursor: tuple[str, int] | None = None
+        for item in (i for i in items if i.project_id == project):
+            if isinstance(item, Resync):
+                cursor = (item.epoch, item.seq)
+                continue
+            if cursor is None:  # "from now": wherever the first acknowledged subscribe was
+                cursor = (item.epoch, item.seq - 1)
+            assert (item.epoch, item.seq) == (cursor[0], cursor[1] + 1), (item, cursor)
+            assert item.event.blocker_id == gateway.history[(project, item.epoch)][item.seq - 1]
+            cursor = (item.epoch, item.seq)
+        final = (gateway.epochs[project], len(gateway.events(project)))
+        assert consumer.cursor(project) == final
+        assert cursor == final or (cursor is None and final == ("e0", 0))
