@@ -445,7 +445,7 @@ def test_an_invalid_row_holds_its_project_only_and_is_reported_once(sqlite_path,
             "VALUES (5, 'tok', '{\"type\":\"nope\"}', 0)"
         )
         outbox.write_many(conn, [event(5, 2), event(6, 3)])
-    relay = OutboxRelay.sqlite(sqlite_path, bus, table=table)
+    relay = OutboxRelay.sqlite(sqlite_path, bus, table=table, hold_interval=0)
     assert relay.run_once() == 2  # project 5's first event and project 6's
     assert relay.run_once() == 0
     assert relay.metrics.invalid_rows == 1
@@ -455,6 +455,33 @@ def test_an_invalid_row_holds_its_project_only_and_is_reported_once(sqlite_path,
     drain(relay)
     relay.store.close()
     assert_exact(bus.client, {5: [1, 2], 6: [3]})
+
+
+def test_a_damaged_redis_key_holds_that_project_while_the_others_go_on(pg_url, pg_outbox, bus):
+    """Redis refuses every publish of project 2 (its meta key was overwritten by something
+    else): projects 1 and 3 are published completely, project 2 waits, with nothing of it
+    published out of order, and resumes once the key is repaired."""
+    _write_committed(pg_url, pg_outbox, [event(1 + n % 3, n) for n in range(1, 31)])
+    bus.client.set("eventbus:{2}:meta", "not a hash")
+    relay = OutboxRelay.postgres(pg_url, bus, table=pg_outbox.table, hold_interval=3600)
+    try:
+        assert drain_available(relay) == 20
+        assert relay.metrics.errors == 1
+        assert_exact(bus.client, {1: list(range(3, 31, 3)), 3: list(range(2, 31, 3))})
+        bus.client.delete("eventbus:{2}:meta")  # repaired (a new epoch for project 2)
+        relay.hold_interval = 0
+        relay._held.clear()
+        assert drain(relay) == 10
+    finally:
+        relay.store.close()
+    assert_exact(bus.client, {2: list(range(1, 31, 3))})
+
+
+def drain_available(relay: OutboxRelay) -> int:
+    total = 0
+    while count := relay.run_once():
+        total += count
+    return total
 
 
 def test_cleanup_keeps_each_projects_newest_published_row(pg_url, pg_outbox, bus):
@@ -739,3 +766,28 @@ def test_random_interleavings_of_writes_commits_rollbacks_and_relay_runs(pg_url,
             conn.close()
         publisher.close()
         client.close()
+
+
+def test_any_object_with_publish_can_be_the_relays_publisher(sqlite_path, table, bus):
+    """The batched path (MULTI/EXEC of keyed calls) is an optimisation for a standalone
+    ``Publisher``; anything else with ``publish(event, idempotency_key=)`` gets one call per
+    row, with the same result."""
+    from publisher.outbox.publishing import KeyedPublisher
+
+    class Wrapped:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def publish(self, event, *, idempotency_key=None):
+            self.calls += 1
+            return bus.publish(event, idempotency_key=idempotency_key)
+
+    assert KeyedPublisher(bus).batched
+    wrapped = Wrapped()
+    assert not KeyedPublisher(wrapped).batched
+    with sqlite3.connect(sqlite_path) as conn:
+        Outbox(table).write_many(conn, [event(8, n) for n in range(1, 6)])
+    relay = OutboxRelay.sqlite(sqlite_path, wrapped, table=table)
+    assert drain(relay) == 5 and wrapped.calls == 5
+    relay.store.close()
+    assert_exact(bus.client, {8: [1, 2, 3, 4, 5]})

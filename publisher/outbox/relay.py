@@ -21,6 +21,7 @@ How it stays exact (see ``docs/outbox.md`` for the long form):
 from __future__ import annotations
 
 import contextlib
+import json
 import sqlite3
 import threading
 import time
@@ -62,7 +63,8 @@ class OutboxStore(Protocol):
     def lead(self) -> bool:
         """True while this relay may publish (always True without leader election)."""
 
-    def fetch(self, limit: int) -> list[OutboxRow]: ...
+    def fetch(self, limit: int, held: list[int]) -> list[OutboxRow]:
+        """Unpublished rows in id order, without those of the ``held`` projects."""
 
     def mark(self, published: list[tuple[int, Cursor]]) -> None: ...
 
@@ -121,8 +123,8 @@ class PostgresOutboxStore:
             (self._is_leader,) = self._q(self.st.try_lead, {"key": self.st.leader_key})[0]
         return self._is_leader
 
-    def fetch(self, limit: int) -> list[OutboxRow]:
-        rows = self._q(self.st.pending, {"limit": limit})
+    def fetch(self, limit: int, held: list[int]) -> list[OutboxRow]:
+        rows = self._q(self.st.pending, {"limit": limit, "held": held})
         return [OutboxRow(r[0], r[1], r[2], r[3], float(r[4])) for r in rows]
 
     def mark(self, published: list[tuple[int, Cursor]]) -> None:
@@ -194,8 +196,9 @@ class SQLiteOutboxStore:
     def lead(self) -> bool:
         return True
 
-    def fetch(self, limit: int) -> list[OutboxRow]:
-        rows = self._db().execute(self.st.pending, {"limit": limit}).fetchall()
+    def fetch(self, limit: int, held: list[int]) -> list[OutboxRow]:
+        params = {"limit": limit, "held": json.dumps(held)}
+        rows = self._db().execute(self.st.pending, params).fetchall()
         return [OutboxRow(*row) for row in rows]
 
     def mark(self, published: list[tuple[int, Cursor]]) -> None:
@@ -262,6 +265,7 @@ class OutboxRelay:
             changed).
         stale_after: a batch read longer ago than this is dropped and read again (see the module
             docstring); keep it well below the publisher's idempotency window.
+        hold_interval: how long a held project (see :meth:`run_once`) waits before its next try.
     """
 
     def __init__(
@@ -278,6 +282,7 @@ class OutboxRelay:
         cleanup_interval: float = 60.0,
         stale_after: float = 300.0,
         max_backoff: float = 5.0,
+        hold_interval: float = 5.0,
         metrics: RelayMetrics | None = None,
     ) -> None:
         if batch_size < 1:
@@ -300,6 +305,9 @@ class OutboxRelay:
         self.metrics = metrics or RelayMetrics()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.hold_interval = hold_interval
+        self._held: dict[int, float] = {}  # project -> monotonic time of its next attempt
+        self._hold_logged: dict[int, float] = {}
         self._invalid_logged: set[int] = set()
         self._next_backlog = self._next_cleanup = 0.0
         self._next_stats = time.monotonic() + stats_interval
@@ -319,13 +327,20 @@ class OutboxRelay:
 
     def run_once(self) -> int:
         """Publish one batch (up to ``batch_size`` rows) and mark it; return how many rows were
-        published. Raises ``PublisherUnavailable`` / ``PublishError`` / database errors after
-        marking what was published before the error."""
+        published.
+
+        A project whose row does not validate, or whose publish Redis refuses (a damaged key,
+        an idempotency conflict), is *held*: nothing later of that project is published, the
+        other projects go on, and the project is tried again after ``hold_interval``.
+        ``PublisherUnavailable`` (Redis unreachable) and database errors are raised, after
+        marking what was published before them."""
         if not self.store.lead():
             self.metrics.leader = False
             return 0
         self.metrics.leader = True
-        rows = self.store.fetch(self.batch_size)
+        now = time.monotonic()
+        self._held = {p: until for p, until in self._held.items() if until > now}
+        rows = self.store.fetch(self.batch_size, sorted(self._held))
         if not rows:
             self.metrics.oldest_pending_s = None
             return 0
@@ -333,7 +348,6 @@ class OutboxRelay:
         self.metrics.oldest_pending_s = max(time.time() - rows[0].created_at, 0.0)
         published: list[tuple[int, Cursor]] = []
         lags: list[float] = []
-        held: set[int] = set()  # projects with an invalid row: nothing later of theirs goes out
         try:
             # Chunks of at most the rate limiter's burst, so the limit holds within a batch.
             size = self.batch_size
@@ -345,29 +359,56 @@ class OutboxRelay:
                     break
                 if time.monotonic() - fetched > self.stale_after:
                     break
-                items: list[tuple[OutboxRow, Any]] = []
-                for row in chunk:
-                    if row.project_id in held:
-                        continue
-                    event = self._decode(row)
-                    if event is None:
-                        held.add(row.project_id)
-                        continue
-                    items.append((row, event))
-                cursors, error = self._keyed.publish(
-                    [(event, idempotency_key(self.table, row)) for row, event in items]
-                )
-                done = time.time()
-                for (row, _), cursor in zip(items, cursors, strict=False):
-                    published.append((row.id, cursor))
-                    lags.append((done - row.created_at) * 1000)
-                if error is not None:
-                    raise error
+                self._publish_chunk(chunk, published, lags)
         finally:
             if published:
                 self.store.mark(published)
                 self.metrics.record_published(lags)
         return len(published)
+
+    def _publish_chunk(
+        self, chunk: list[OutboxRow], published: list[tuple[int, Cursor]], lags: list[float]
+    ) -> None:
+        items: list[tuple[OutboxRow, Any]] = []
+        for row in chunk:
+            if row.project_id in self._held:
+                continue
+            event = self._decode(row)
+            if event is None:
+                self._hold(row.project_id)
+                continue
+            items.append((row, event))
+        while items:
+            cursors, error = self._keyed.publish(
+                [(event, idempotency_key(self.table, row)) for row, event in items]
+            )
+            done = time.time()
+            for (row, _), cursor in zip(items, cursors, strict=False):
+                published.append((row.id, cursor))
+                lags.append((done - row.created_at) * 1000)
+            if error is None:
+                return
+            if isinstance(error, PublisherUnavailable) or not isinstance(error, PublishError):
+                raise error
+            failed = items[len(cursors)][0]
+            self.metrics.errors += 1
+            self._hold(failed.project_id, error)
+            items = [(r, e) for r, e in items[len(cursors) + 1 :] if r.project_id not in self._held]
+
+    def _hold(self, project_id: int, error: Exception | None = None) -> None:
+        self._held[project_id] = time.monotonic() + self.hold_interval
+        if error is None:
+            return  # an invalid row: logged once per row by _decode
+        last = self._hold_logged.get(project_id)
+        if last is None or time.monotonic() - last > 60:  # at most once a minute per project
+            self._hold_logged[project_id] = time.monotonic()
+            log.error(
+                "outbox_project_held",
+                table=self.table,
+                project_id=project_id,
+                error=str(error),
+                retry_in_s=self.hold_interval,
+            )
 
     def _decode(self, row: OutboxRow) -> Any:
         try:

@@ -146,12 +146,18 @@ class Statements:
         self.lock = "SELECT pg_advisory_xact_lock(:key)"
         # Delivered at commit, once per transaction (PostgreSQL folds identical notifications).
         self.notify = "SELECT pg_notify(:channel, '')"
+        # Projects the relay holds back (a row that does not validate, a Redis key of theirs
+        # that refuses writes) are left out, so they cannot starve the others.
+        held = (
+            "project_id <> ALL(CAST(:held AS bigint[]))"
+            if pg
+            else "project_id NOT IN (SELECT value FROM json_each(:held))"
+        )
         self.pending = (
             f"SELECT id, project_id, token, event, "
             f"{'extract(epoch from created_at)' if pg else 'created_at'} "
-            f"FROM {t} WHERE published_at IS NULL ORDER BY id LIMIT :limit"
+            f"FROM {t} WHERE published_at IS NULL AND {held} ORDER BY id LIMIT :limit"
         )
-        self.still_pending = f"SELECT count(*) FROM {t} WHERE published_at IS NULL AND id = :id"
         self.mark = (
             f"UPDATE {t} SET published_at = clock_timestamp(), epoch = :epoch, seq = :seq "
             "WHERE id = :id"
