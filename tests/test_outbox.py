@@ -791,3 +791,26 @@ def test_any_object_with_publish_can_be_the_relays_publisher(sqlite_path, table,
     assert drain(relay) == 5 and wrapped.calls == 5
     relay.store.close()
     assert_exact(bus.client, {8: [1, 2, 3, 4, 5]})
+
+
+def test_a_standby_relay_takes_over_when_the_leader_stops(pg_url, pg_outbox, bus):
+    def relay() -> OutboxRelay:
+        return OutboxRelay.postgres(
+            pg_url, bus, table=pg_outbox.table, poll_interval=0.05, max_rate=None
+        ).start()
+
+    first = relay()
+    wait_until(lambda: first.metrics.leader)
+    second = relay()
+    try:
+        _write_committed(pg_url, pg_outbox, [event(1, n) for n in range(1, 6)])
+        wait_until(lambda: first.metrics.published == 5)
+        assert not second.metrics.leader and second.metrics.published == 0
+        first.stop()  # its session ends: the advisory lock is released
+        _write_committed(pg_url, pg_outbox, [event(1, n) for n in range(6, 11)])
+        wait_until(lambda: second.metrics.published == 5)
+        assert second.metrics.leader
+    finally:
+        first.stop()
+        second.stop()
+    assert_exact(bus.client, {1: list(range(1, 11))})

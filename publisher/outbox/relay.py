@@ -151,6 +151,7 @@ class PostgresOutboxStore:
         if self._listen is None or self._listen.closed:
             self._listen = self._psycopg.connect(self.dsn, autocommit=True)
             self._listen.execute(f"LISTEN {self.st.channel}")
+            return  # rows committed before LISTEN notified nobody: look at the table first
         for _ in self._listen.notifies(timeout=timeout, stop_after=1):
             pass
         # Several commits may have notified meanwhile: one wake-up serves them all.
@@ -440,6 +441,7 @@ class OutboxRelay:
         while Redis or the database fails."""
         failures = 0
         outage_started: float | None = None
+        was_leader: bool | None = None
         while not self._stop.is_set():
             try:
                 count = self.run_once()
@@ -465,6 +467,17 @@ class OutboxRelay:
                 self._stop.wait(min(0.1 * 2 ** (failures - 1), self.max_backoff))
                 continue
             failures = 0
+            if self.metrics.leader != was_leader:
+                was_leader = self.metrics.leader
+                log.info(
+                    "outbox_relay_leader" if was_leader else "outbox_relay_standby",
+                    table=self.table,
+                )
+            if not was_leader:
+                # Another relay is active: try to take over once per poll_interval (its session
+                # ending releases the lock), without listening to every commit meanwhile.
+                self._stop.wait(self.poll_interval)
+                continue
             if outage_started is not None and count:
                 log.info(
                     "outbox_redis_available",
