@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 
 import pytest
@@ -720,3 +721,18 @@ async def wait_until_true(predicate, within: float = 5.0) -> None:
     async with asyncio.timeout(within):
         while not predicate():  # noqa: ASYNC110 - state of an in-process gateway, no event to await
             await asyncio.sleep(0.02)
+
+
+def test_the_documented_error_codes_are_exactly_the_protocol_s():
+    """docs/protocol.md's error table lists every ErrorCode and nothing else (it once listed a
+    `not_authenticated` error the gateway never sends: a first frame that is not `auth` closes
+    the connection with 4001)."""
+    from pathlib import Path
+
+    from schemas.protocol import ErrorCode
+
+    text = (Path(__file__).parents[1] / "docs" / "protocol.md").read_text()
+    table = text.split("### Error codes", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `([a-z_]+)` \|", table, re.MULTILINE))
+    assert documented == {code.value for code in ErrorCode}
+    assert "not_authenticated" not in documented

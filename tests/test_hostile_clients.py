@@ -1,0 +1,493 @@
+"""Property-based fuzzing of the gateway's client edges against a running gateway (issue 11).
+
+A real ``python -m gateway`` process (auth, an Origin allowlist, a small frame limit, a short auth
+timeout) on a private Redis gets what hypothesis makes of WebSocket frames (bytes, text, invalid
+UTF-8, JSON of any shape, deep nesting, huge numbers, wrong types, oversized), before and after
+authentication, and of raw HTTP requests (methods, paths, query strings, headers, repeated ones).
+Whatever it gets:
+
+* a frame ends in a documented ``error`` code or a documented close code, never 1011;
+* a request gets a documented status, never 500;
+* the gateway logs nothing at error level (no traceback) and stays healthy;
+* a bystander subscribed to another project all along receives every one of its events, in
+  order, exactly once (a publisher feeds that project during the whole module).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import string
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection, connect
+
+from publisher import Publisher, issue_token
+from schemas.protocol import ErrorCode
+from tests.support.gateway_client import SECRET
+from tests.support.gateway_process import GatewayProcess
+from tests.support.redis_server import RedisServer
+
+ORIGIN = "https://dash.example"
+MAX_FRAME = 4096
+BYSTANDER_PROJECT = 999
+FUZZER_PROJECTS = [1, 2, 3, 4, 5]
+
+#: Close codes a frame may end in (docs/protocol.md): auth failed / token expired before auth,
+#: too many malformed frames after it, and websockets' own protocol closes.
+CLOSES_BEFORE_AUTH = {4001, 4002, 1002, 1007, 1009}
+CLOSES_AFTER_AUTH = {4009, 1002, 1007, 1009}
+ERROR_CODES = {code.value for code in ErrorCode}
+CONTROL = {"authenticated", "subscribed", "unsubscribed", "resync_required", "error", "pong"}
+#: Every status the gateway documents for a request (101: a fuzzed request that happens to be a
+#: valid WebSocket upgrade; None: websockets' HTTP parser refused the request, a body, a bad
+#: Content-Length or header line, and closed the connection without an answer).
+STATUSES = {None, 101, 200, 204, 400, 401, 403, 404, 405, 426, 503, 505}
+
+FUZZ = settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
+# --- the running gateway and its bystander ----------------------------------------------------
+
+
+class Bystander:
+    """A healthy subscriber of :data:`BYSTANDER_PROJECT`, and a publisher feeding that project,
+    each in a thread for the whole module."""
+
+    def __init__(self, gateway: GatewayProcess, redis_url: str) -> None:
+        self.gateway = gateway
+        self.publisher = Publisher.from_url(redis_url)
+        self.seqs: list[int] = []
+        self.start_seq = 0
+        self.published = 0  # seq of the last acknowledged publish
+        self.unexpected: list[object] = []
+        self.closed_with: int | None = None
+        self._stop = threading.Event()
+        self._changed = threading.Condition()
+        self._threads: list[threading.Thread] = []
+        self.ws: ClientConnection | None = None
+
+    def start(self) -> Bystander:
+        token = issue_token(SECRET, [BYSTANDER_PROJECT], ttl=3600)
+        ws = self.ws = connect(self.gateway.ws_url, origin=ORIGIN, open_timeout=5).__enter__()
+        ws.send(json.dumps({"type": "auth", "token": token}))
+        assert json.loads(ws.recv(timeout=5))["type"] == "authenticated"
+        ws.send(json.dumps({"type": "subscribe", "project_id": BYSTANDER_PROJECT}))
+        subscribed = json.loads(ws.recv(timeout=5))
+        assert subscribed["type"] == "subscribed", subscribed
+        self.start_seq = self.published = subscribed["seq"]
+        self._threads = [
+            threading.Thread(target=self._read, daemon=True),
+            threading.Thread(target=self._publish, daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def _read(self) -> None:
+        assert self.ws is not None
+        try:
+            for raw in self.ws:
+                message = json.loads(raw)
+                with self._changed:
+                    if message.get("type") in CONTROL:
+                        self.unexpected.append(message)
+                    else:
+                        self.seqs.append(message["seq"])
+                    self._changed.notify_all()
+        except ConnectionClosed as exc:
+            with self._changed:
+                self.closed_with = exc.rcvd.code if exc.rcvd else 1006
+                self._changed.notify_all()
+
+    def _publish(self) -> None:
+        n = 0
+        while not self._stop.wait(0.02):
+            n += 1
+            cursor = self.publisher.blocker_resolved(BYSTANDER_PROJECT, blocker_id=n, answer="ok")
+            self.published = cursor.seq
+
+    def check(self, within: float = 15.0) -> None:
+        """Everything published so far arrives, in order, exactly once, on the same connection."""
+        target = self.published
+        deadline = time.monotonic() + within
+        with self._changed:
+            while not (self.seqs and self.seqs[-1] >= target) and self.closed_with is None:
+                remaining = deadline - time.monotonic()
+                assert remaining > 0, f"bystander stuck at {self.seqs[-1:]}, published {target}"
+                self._changed.wait(remaining)
+            assert self.closed_with is None, f"the bystander was closed with {self.closed_with}"
+            assert not self.unexpected, self.unexpected
+            expected = list(range(self.start_seq + 1, self.seqs[-1] + 1))
+            assert self.seqs == expected, "the bystander missed, repeated or reordered events"
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.ws is not None:
+            self.ws.close()
+        for thread in self._threads:
+            thread.join(10)
+        self.publisher.close()
+
+
+@pytest.fixture(scope="module")
+def gateway() -> Iterator[GatewayProcess]:
+    with RedisServer() as server, GatewayProcess(
+        server.url,
+        auth_secret=SECRET,
+        args=[
+            "--allowed-origins", ORIGIN,
+            "--max-frame-bytes", str(MAX_FRAME),
+            "--auth-timeout", "3",
+            "--max-subscriptions", "5",
+            "--subscribe-timeout", "3",
+        ],
+    ) as process:  # fmt: skip
+        process.bystander = Bystander(process, server.url).start()  # type: ignore[attr-defined]
+        try:
+            yield process
+        finally:
+            process.bystander.stop()  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def running(gateway: GatewayProcess) -> Iterator[GatewayProcess]:
+    """The gateway, checked after each test: alive, ready, no error-level log line, the
+    bystander complete."""
+    seen = len(gateway.log_lines())
+    yield gateway
+    assert gateway.running, gateway.tail()
+    status, _ = gateway.readyz()
+    assert status == 200
+    new = gateway.log_lines()[seen:]
+    bad = [line for line in new if '"level": "error"' in line or "Traceback" in line]
+    bad += [line for line in new if '"level": "critical"' in line]
+    assert not bad, "\n".join(bad[:5])
+    gateway.bystander.check()  # type: ignore[attr-defined]
+
+
+# --- frames -------------------------------------------------------------------------------------
+
+huge_numbers = st.one_of(
+    st.integers(min_value=2**53 - 2, max_value=2**70),
+    st.integers(min_value=-(2**70), max_value=0),
+    st.sampled_from([1e308, -1e308, 1.5, 0.1, 10**400]),
+)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | huge_numbers | st.floats() | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=15,
+)
+message_types = st.sampled_from(["auth", "subscribe", "unsubscribe", "ping", "pong", "", "AUTH"])
+project_ids = st.one_of(
+    st.sampled_from([*FUZZER_PROJECTS, BYSTANDER_PROJECT, 0, -1, 2**53, 2**53 - 1]), json_values
+)
+messages = st.fixed_dictionaries(
+    {},
+    optional={
+        "type": message_types | json_values,
+        "project_id": project_ids,
+        "epoch": st.sampled_from(["e", "", "bad epoch!", "x" * 65]) | json_values,
+        "after": st.integers(min_value=-2, max_value=5) | huge_numbers | json_values,
+        "token": st.sampled_from(["", "a.b.c", "not-a-jwt"]) | json_values,
+    },
+)
+
+
+@st.composite
+def nested(draw) -> str:
+    depth = draw(st.integers(1, 1900))  # up to ~3.8 KB, under the frame limit
+    opener, closer = draw(st.sampled_from([("[", "]"), ('{"a":', "}")]))
+    inner = opener * depth + "1" + closer * depth
+    kind = draw(st.sampled_from(["auth", "ping", "subscribe"]))
+    return f'{{"type":"{kind}","x":{inner},"token":"a","project_id":1}}'
+
+
+#: (how to send it, payload): "text" a str, "binary" bytes, "raw-text" bytes as a text frame
+#: (websockets sends them unchecked: invalid UTF-8 reaches the gateway).
+frames = st.one_of(
+    st.binary(max_size=200).map(lambda data: ("binary", data)),
+    st.binary(min_size=1, max_size=60).map(lambda data: ("raw-text", b"\xff" + data)),
+    st.text(max_size=200).map(lambda text: ("text", text)),
+    json_values.map(lambda value: ("text", json.dumps(value))),
+    messages.map(lambda message: ("text", json.dumps(message))),
+    messages.map(lambda message: ("binary", json.dumps(message).encode())),
+    nested().map(lambda text: ("text", text)),
+    st.integers(MAX_FRAME + 1, MAX_FRAME + 2000).map(lambda n: ("text", "x" * n)),
+)
+
+
+def send(ws: ClientConnection, frame: tuple[str, str | bytes]) -> None:
+    how, payload = frame
+    if how == "raw-text":
+        ws.send(payload, text=True)
+    else:
+        ws.send(payload)
+
+
+def read_until_closed(ws: ClientConnection, within: float = 10.0) -> tuple[list[dict], int]:
+    """Every message until the gateway closes the connection, and its close code."""
+    received = []
+    deadline = time.monotonic() + within
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"the connection stayed open; got {received}"
+            received.append(json.loads(ws.recv(timeout=remaining)))
+    except ConnectionClosed as exc:
+        return received, exc.rcvd.code if exc.rcvd else 1006
+
+
+@FUZZ
+@given(frame=frames)
+def test_any_first_frame_closes_with_a_documented_code(running, frame):
+    with connect(running.ws_url, origin=ORIGIN, open_timeout=5, max_size=2**20) as ws:
+        with contextlib.suppress(ConnectionClosed):
+            send(ws, frame)
+        received, code = read_until_closed(ws)
+    assert code in CLOSES_BEFORE_AUTH, (code, frame)
+    assert received == [], received
+
+
+HANDSHAKE = (
+    "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    f"Origin: {ORIGIN}\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    "Sec-WebSocket-Version: 13\r\n\r\n"
+).encode()
+
+
+def close_code_of(data: bytes) -> int | None:
+    """The code of the close frame the server sent first, if its first frame is one."""
+    if len(data) >= 4 and data[0] & 0x0F == 0x8 and data[1] & 0x7F >= 2:
+        return int.from_bytes(data[2:4], "big")
+    return None
+
+
+@FUZZ
+@given(
+    garbage=st.one_of(
+        st.binary(min_size=1, max_size=300),
+        # A frame header with any opcode and flags, masked or not, then anything.
+        st.builds(
+            lambda first, second, rest: bytes([first, second]) + rest,
+            st.integers(0, 255),
+            st.integers(0, 255),
+            st.binary(max_size=64),
+        ),
+    )
+)
+def test_any_bytes_after_the_handshake_end_in_a_documented_close(running, garbage):
+    with socket.create_connection(("127.0.0.1", running.port), timeout=10) as sock:
+        sock.sendall(HANDSHAKE)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(4096)
+            assert chunk, "no handshake answer"
+            head += chunk
+        assert head.startswith(b"HTTP/1.1 101"), head[:100]
+        data = head.split(b"\r\n\r\n", 1)[1]
+        sock.sendall(garbage)
+        sock.shutdown(socket.SHUT_WR)  # then EOF: an incomplete frame must not wait for more
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(4096):
+                data += chunk
+    code = close_code_of(data)
+    assert code is None or code in CLOSES_BEFORE_AUTH, (code, garbage)
+
+
+class Fuzzer:
+    """One authenticated connection reused across examples (reconnected after a close)."""
+
+    def __init__(self, gateway: GatewayProcess) -> None:
+        self.gateway = gateway
+        self.ws: ClientConnection | None = None
+
+    def connection(self) -> ClientConnection:
+        if self.ws is None:
+            self.ws = connect(
+                self.gateway.ws_url, origin=ORIGIN, open_timeout=5, max_size=2**20
+            ).__enter__()
+            token = issue_token(SECRET, FUZZER_PROJECTS, ttl=3600)
+            self.ws.send(json.dumps({"type": "auth", "token": token}))
+            assert json.loads(self.ws.recv(timeout=5))["type"] == "authenticated"
+        return self.ws
+
+    def close(self) -> None:
+        if self.ws is not None:
+            self.ws.close()
+            self.ws = None
+
+
+@pytest.fixture(scope="module")
+def fuzzer(gateway: GatewayProcess) -> Iterator[Fuzzer]:
+    fuzzer = Fuzzer(gateway)
+    yield fuzzer
+    fuzzer.close()
+
+
+def check_messages(received: list[dict]) -> None:
+    for message in received:
+        kind = message.get("type")
+        if kind == "error":
+            assert message["code"] in ERROR_CODES, message
+        elif kind not in CONTROL:
+            # An event: only of a project the token names, never the bystander's.
+            assert message.get("project_id") in FUZZER_PROJECTS, message
+
+
+@FUZZ
+@given(batch=st.lists(frames, min_size=1, max_size=12))
+def test_any_frames_after_auth_get_documented_errors_or_closes(running, fuzzer, batch):
+    ws = fuzzer.connection()
+    try:
+        for frame in batch:
+            send(ws, frame)
+        # The ping's pong (or a close) tells that every frame before it was handled.
+        ws.send(json.dumps({"type": "ping"}))
+        received: list[dict] = []
+        deadline = time.monotonic() + 10
+        while not received or received[-1].get("type") != "pong":
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"no pong; got {received}"
+            received.append(json.loads(ws.recv(timeout=remaining)))
+        check_messages(received)
+    except ConnectionClosed as exc:
+        fuzzer.ws = None
+        code = exc.rcvd.code if exc.rcvd else 1006
+        assert code in CLOSES_AFTER_AUTH, (code, batch)
+
+
+# --- HTTP requests ------------------------------------------------------------------------------
+
+paths = st.one_of(
+    st.sampled_from(
+        [
+            "/",
+            "/healthz",
+            "/readyz",
+            "/metrics",
+            "/eventbus.js",
+            "/eventbus.d.ts",
+            "/v1/projects/1/events",
+            "/v1/projects/999/events",
+            "/v1/projects/0/events",
+            "/v1/projects/1/events?epoch=e&after=1&limit=5",
+            "/v1/projects/" + "9" * 40 + "/events",
+            "/../etc/passwd",
+            "*",
+        ]
+    ),
+    st.builds(
+        lambda project, query: f"/v1/projects/{project}/events?{query}",
+        st.text(string.ascii_letters + string.digits + "%-_.", max_size=12),
+        st.text(string.ascii_letters + string.digits + "=&%;+-_.", max_size=40),
+    ),
+    st.text(string.ascii_letters + string.digits + "/?=&%.-_~;:@!$'()*+,", max_size=60).map(
+        lambda tail: "/" + tail
+    ),
+)
+methods = st.one_of(
+    st.sampled_from(["GET", "HEAD", "OPTIONS", "POST", "PUT", "DELETE", "PATCH", "CONNECT"]),
+    st.text(string.ascii_letters, min_size=1, max_size=8),
+)
+header_values = st.one_of(
+    st.sampled_from(
+        [
+            "websocket",
+            "Upgrade",
+            "13",
+            "dGhlIHNhbXBsZSBub25jZQ==",
+            ORIGIN,
+            "https://evil.example",
+            f"Bearer {issue_token(SECRET, [1], ttl=3600)}",
+            "Bearer nope",
+            "Basic abc",
+            "",
+            "0",
+            "-1",
+        ]
+    ),
+    # Any header text a proxy could pass on: printable ASCII and Latin-1, never CR or LF.
+    st.text(
+        st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"),
+        max_size=40,
+    ),
+)
+header_names = st.one_of(
+    st.sampled_from(
+        [
+            "Upgrade",
+            "Connection",
+            "Origin",
+            "Authorization",
+            "Sec-WebSocket-Key",
+            "Sec-WebSocket-Version",
+            "Sec-WebSocket-Extensions",
+            "Sec-WebSocket-Protocol",
+            "Content-Length",
+            "Transfer-Encoding",
+            "Host",
+            "Access-Control-Request-Method",
+        ]
+    ),
+    st.text(string.ascii_letters + "-", min_size=1, max_size=12),
+)
+
+
+@st.composite
+def requests(draw) -> bytes:
+    method = draw(methods)
+    lines = [f"{method} {draw(paths)} HTTP/{draw(st.sampled_from(['1.1', '1.1', '1.0']))}"]
+    if draw(st.booleans()):
+        lines.append("Host: 127.0.0.1")
+    # Often the pieces of a real upgrade, so the handshake checks are reached, some repeated.
+    headers = draw(st.lists(st.tuples(header_names, header_values), max_size=8))
+    if draw(st.booleans()):
+        headers += [
+            ("Upgrade", "websocket"),
+            ("Connection", "Upgrade"),
+            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("Sec-WebSocket-Version", "13"),
+        ]
+    if headers and draw(st.booleans()):
+        headers.append(draw(st.sampled_from(headers)))  # a repeat
+    lines += [f"{name}: {value}" for name, value in draw(st.permutations(headers))]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def http_status(port: int, request: bytes, within: float = 10.0) -> int | None:
+    """Send ``request``; the status of the answer, None when the connection was closed without
+    one (the gateway closes the connection after every non-WebSocket answer)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=within) as sock:
+        sock.sendall(request)
+        data = b""
+        while b"\r\n" not in data:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    if not data:
+        return None
+    status_line = data.split(b"\r\n", 1)[0].split()
+    assert status_line[0].startswith(b"HTTP/1.1"), data[:200]
+    return int(status_line[1])
+
+
+@FUZZ
+@given(request=requests())
+def test_any_request_gets_a_documented_status(running, request):
+    status = http_status(running.port, request)
+    assert status in STATUSES, (status, request)
