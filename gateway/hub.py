@@ -79,6 +79,7 @@ class Feed:
         "joining",
         "live",
         "pending",
+        "permanent",
         "project_id",
         "promoted",
         "reader",
@@ -103,6 +104,8 @@ class Feed:
         #: Why the project cannot be followed (its metadata in Redis is unreadable); set with
         #: ``ready`` so that waiting subscribes see it at once.
         self.failed: ProjectUnreadable | None = None
+        #: The periodic check made the project's history permanent (once it held events).
+        self.permanent = False
 
     @property
     def idle(self) -> bool:
@@ -129,6 +132,7 @@ class Hub:
         self.feeds: dict[int, Feed] = {}
         self.link: PubSubLink | None = None
         self.foreign = ForeignValues(metrics)
+        self._unreadable_logged: set[str] = set()
         if isinstance(store, HistoryStore):
             store.foreign = self.foreign  # counted in this gateway's metrics, logged once per key
         self._dirty: list[Session] = []  # sessions with frames of their own queued
@@ -341,8 +345,17 @@ class Hub:
         feeds = [f for f in self.feeds.values() if f.ready.is_set() and not f.sequencer.reading]
         if not feeds:
             return
+        # A history created by a read expires unless something is published: renew it while
+        # its followers wait for a first event, and make it permanent (once per feed) when it
+        # holds events, so that it never expires under its subscribers (HistoryStore.cursors).
+        waiting = [f.project_id for f in feeds if f.sequencer.last == 0]
+        started = [f for f in feeds if f.sequencer.last and not f.permanent]
         async with asyncio.timeout(RECONCILE_TIMEOUT):
-            cursors = await self.store.cursors([f.project_id for f in feeds])
+            cursors = await self.store.cursors(
+                [f.project_id for f in feeds], waiting, [f.project_id for f in started]
+            )
+        for feed in started:
+            feed.permanent = True
         for feed, cursor in zip(feeds, cursors, strict=True):
             if self.feeds.get(feed.project_id) is not feed:
                 continue  # released while we waited
@@ -369,13 +382,17 @@ class Hub:
         (clients subscribe again later, as after any ``unavailable``) and the subscription
         ends. The feed is dropped, so the next subscribe reads the metadata afresh.
         """
-        log.warning(
-            "project unreadable: subscriptions ended",
-            project_id=feed.project_id,
-            key=exc.key,
-            problem=exc.problem,
-            subscribers=len(feed.live) + len(feed.joining),
-        )
+        if exc.key not in self._unreadable_logged:  # once per key: clients retry subscribing
+            if len(self._unreadable_logged) >= ForeignValues.MAX_KEYS:
+                self._unreadable_logged.clear()
+            self._unreadable_logged.add(exc.key)
+            log.warning(
+                "project unreadable: subscriptions ended",
+                project_id=feed.project_id,
+                key=exc.key,
+                problem=exc.problem,
+                subscribers=len(feed.live) + len(feed.joining),
+            )
         feed.failed = exc
         feed.ready.set()  # wakes the subscribes waiting for the baseline; they see ``failed``
         message = Error(

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import redis.asyncio
 import redis.asyncio.cluster
@@ -253,21 +253,36 @@ class HistoryStore:
                 else:
                     future.set_result(result)
 
-    async def cursors(self, project_ids: Sequence[int]) -> list[Meta | ProjectUnreadable | None]:
+    async def cursors(
+        self,
+        project_ids: Sequence[int],
+        keep_alive: Collection[int] = (),
+        make_permanent: Collection[int] = (),
+    ) -> list[Meta | ProjectUnreadable | None]:
         """The cursor of each project: its :class:`Meta`, ``None`` where it has no history, or
         :class:`ProjectUnreadable` where its metadata is foreign (that project only: one bad key
-        never hides the others). Raises :class:`StoreUnavailable` when Redis does not answer."""
+        never hides the others). Raises :class:`StoreUnavailable` when Redis does not answer.
+
+        The projects of ``keep_alive`` (followed, nothing published yet) have the lifetime of
+        their empty history renewed (``PEXPIRE ... XX``: only a history that expires), so a
+        subscription that waits for a first event longer than ``NO_HISTORY_TTL_MS`` keeps its
+        cursor. The projects of ``make_permanent`` (they hold events) lose any lifetime a read
+        gave their history before the first publish (``PERSIST``; a no-op otherwise)."""
         if not project_ids:
             return []
         try:
             async with self.client.pipeline(transaction=False) as pipe:
                 for project_id in project_ids:
                     pipe.hmget(self.keys.meta(project_id), "epoch", "seq")
+                for project_id in keep_alive:
+                    pipe.pexpire(self.keys.meta(project_id), NO_HISTORY_TTL_MS, xx=True)
+                for project_id in make_permanent:
+                    pipe.persist(self.keys.meta(project_id))
                 rows = await pipe.execute(raise_on_error=False)
         except (redis.exceptions.RedisError, OSError) as exc:
             raise StoreUnavailable(str(exc)) from exc
         out: list[Meta | ProjectUnreadable | None] = []
-        for project_id, row in zip(project_ids, rows, strict=True):
+        for project_id, row in zip(project_ids, rows[: len(project_ids)], strict=True):
             key = self.keys.meta(project_id)
             if isinstance(row, redis.exceptions.ResponseError):
                 problem = "is not a hash" if "WRONGTYPE" in str(row) else str(row)[:80]

@@ -201,7 +201,8 @@ else
     return {'', 0, 0, {}, 'meta_bad_epoch'}
   end
   local raw_seq = redis.call('HGET', KEYS[1], 'seq')
-  if not raw_seq or #raw_seq > 15 or not string.match(raw_seq, '^%d+$') then
+  local canonical = raw_seq == '0' or (raw_seq and string.match(raw_seq, '^[1-9]%d*$'))
+  if not canonical or #raw_seq > 15 then
     return {'', 0, 0, {}, 'meta_bad_seq'}
   end
   top = tonumber(raw_seq)

@@ -56,7 +56,7 @@ class FakeStore:
             await self.gate.wait()
         return snapshot
 
-    async def cursors(self, project_ids):
+    async def cursors(self, project_ids, keep_alive=(), make_permanent=()):
         return [
             ProjectUnreadable(p, KEYS.meta(p), "has an invalid seq")
             if p in self.unreadable

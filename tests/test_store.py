@@ -166,3 +166,27 @@ async def test_foreign_stream_entries_are_left_out_and_the_first_corrupt_one_rep
     assert store.foreign.metrics.foreign_values["stream_entry"] == 3
     raw.close()
     await store.client.aclose()
+
+
+async def test_the_periodic_check_keeps_a_followed_empty_history_alive(redis_url, publisher):
+    import redis
+
+    from gateway.store import NO_HISTORY_TTL_MS
+    from tests.support.gateway_client import event
+
+    raw = redis.Redis.from_url(redis_url)
+    store = real_store(redis_url)
+    await store.snapshot(11)  # followed, nothing published: expires...
+    await publisher.publish(event(12))  # ...and a permanent one
+    raw.pexpire(KEYS.meta(11), 60_000)  # as if the last read was long ago
+    cursors = await store.cursors([11, 12, 13], keep_alive=[11, 12, 13])
+    assert [c.seq if c else None for c in cursors] == [0, 1, None]
+    assert raw.pttl(KEYS.meta(11)) > NO_HISTORY_TTL_MS - 60_000  # renewed
+    assert raw.pttl(KEYS.meta(12)) == -1  # never given a lifetime
+    assert not raw.exists(KEYS.meta(13))  # never created
+    # Published to after a read created it: made permanent by the check of a pod following it.
+    await publisher.publish(event(11))
+    await store.cursors([11], make_permanent=[11])
+    assert raw.pttl(KEYS.meta(11)) == -1
+    raw.close()
+    await store.client.aclose()
