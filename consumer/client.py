@@ -413,6 +413,10 @@ class Consumer:
                 await asyncio.sleep(delay)
         except ConsumerError as exc:
             self._fail(exc)
+        except Exception as exc:
+            # A bug here must not leave the iterators waiting forever: they raise it.
+            log.exception("consumer connection task failed")
+            self._fail(ConsumerClosed(f"internal error: {exc!r}"))
 
     async def _connect_once(self) -> float:
         """One connection attempt and its session; returns the delay before the next attempt."""
@@ -430,18 +434,7 @@ class Consumer:
         code: int | None = None
         retry_after = 0.0
         try:
-            async with connect(url, **self._connect_options) as ws:
-                opened_at = time.monotonic()
-                self.connects += 1
-                self._ws = ws
-                log.info("connected", url=url)
-                try:
-                    await self._session(ws, token)
-                finally:
-                    self._ws = self._subscribed_on = None
-                    self._authenticated.clear()
-                    # No close frame (killed gateway, reset, keepalive timeout): 1006.
-                    code = ws.close_code if ws.close_code is not None else ABNORMAL_CLOSURE
+            ws = await connect(url, **self._connect_options)
         except InvalidStatus as exc:
             # HTTP answer instead of a WebSocket: 503 (full or draining) says when to come back.
             header = exc.response.headers.get("Retry-After", "")
@@ -449,10 +442,21 @@ class Consumer:
             self._log_failure("handshake refused", url=url, status=exc.response.status_code)
         except (OSError, TimeoutError, InvalidHandshake) as exc:
             self._log_failure("cannot connect", url=url, error=str(exc) or type(exc).__name__)
-        except ConnectionClosed as exc:
-            code = exc.rcvd.code if exc.rcvd is not None else ABNORMAL_CLOSURE
-        finally:
-            self._ws = self._subscribed_on = None
+        else:
+            opened_at = time.monotonic()
+            self.connects += 1
+            self._ws = ws
+            log.info("connected", url=url)
+            try:
+                await self._session(ws, token)
+            except (ConnectionClosed, OSError):
+                pass  # the connection ended; how is in its close code
+            finally:
+                self._ws = self._subscribed_on = None
+                self._authenticated.clear()
+                await ws.close()
+                # No close frame (killed gateway, reset, keepalive timeout): 1006.
+                code = ws.close_code if ws.close_code is not None else ABNORMAL_CLOSURE
         if opened_at is not None:
             self._failed_attempts = 0
             self.close_codes.append(code)

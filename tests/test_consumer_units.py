@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from consumer import (
     Consumer,
+    ConsumerClosed,
     ConsumerError,
     Cursor,
     Delivery,
@@ -542,3 +543,17 @@ async def test_through_drops_duplicates_swaps_reconnects_and_flushes_every_event
         final = (gateway.epochs[project], len(gateway.events(project)))
         assert consumer.cursor(project) == final
         assert cursor == final or (cursor is None and final == ("e0", 0))
+
+
+async def test_a_bug_in_the_connection_task_is_raised_to_the_iterators_not_a_silent_hang():
+    consumer = Consumer("ws://127.0.0.1:9/")
+
+    async def broken() -> float:
+        raise RuntimeError("boom")
+
+    consumer._connect_once = broken  # type: ignore[method-assign]
+    async with consumer:
+        subscription = consumer.events(1)
+        with pytest.raises(ConsumerClosed, match="boom"):
+            async with asyncio.timeout(10):
+                await anext(subscription)
