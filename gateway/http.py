@@ -19,7 +19,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from gateway.sequencing import plan_poll
-from gateway.store import StoreUnavailable
+from gateway.store import ProjectUnreadable, StoreUnavailable
 from schemas.protocol import PollResponse, ResyncRequired, encode
 from schemas.tokens import InvalidToken, TokenClaims
 
@@ -186,13 +186,13 @@ class HttpRoutes:
             # request (the browser client's fetch would otherwise wait for its own timeout).
             async with asyncio.timeout(self.gateway.config.subscribe_timeout):
                 snapshot = await self.gateway.store.snapshot(project_id, epoch, after, limit)
-        except (StoreUnavailable, TimeoutError):
-            return _error(
-                503,
-                "unavailable",
-                "Redis is unavailable; poll again later",
-                [("Retry-After", str(POLL_RETRY_AFTER))],
+        except (StoreUnavailable, TimeoutError) as exc:
+            message = (
+                "the project's data in Redis is unreadable; poll again later"
+                if isinstance(exc, ProjectUnreadable)
+                else "Redis is unavailable; poll again later"
             )
+            return _error(503, "unavailable", message, [("Retry-After", str(POLL_RETRY_AFTER))])
         plan = plan_poll(epoch, after, snapshot, limit)
         metrics = self.gateway.metrics
         metrics.polls_total += 1

@@ -491,3 +491,69 @@ def http_status(port: int, request: bytes, within: float = 10.0) -> int | None:
 def test_any_request_gets_a_documented_status(running, request):
     status = http_status(running.port, request)
     assert status in STATUSES, (status, request)
+
+
+# --- the pure parts, without sockets ------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    data=st.one_of(
+        st.binary(max_size=300),
+        st.text(max_size=300),
+        json_values.map(json.dumps),
+        messages.map(json.dumps),
+        nested(),
+        st.integers(1, 20_000).map(lambda depth: "[" * depth),
+    )
+)
+def test_decode_frame_only_ever_raises_protocol_error(data):
+    from gateway.client_input import decode_frame
+    from schemas.protocol import ProtocolError
+
+    try:
+        decode_frame(data)
+    except ProtocolError as exc:
+        assert exc.code in ErrorCode and exc.message
+
+
+@settings(max_examples=200, deadline=None)
+@given(headers=st.lists(st.tuples(header_names, header_values), max_size=10))
+def test_repeated_header_finds_exactly_the_repeated_single_valued_ones(headers):
+    from websockets.datastructures import Headers
+
+    from gateway.client_input import SINGLE_VALUED_HEADERS, repeated_header
+
+    counts = {}
+    for name, _ in headers:
+        counts[name.lower()] = counts.get(name.lower(), 0) + 1
+    repeated = [n for n in SINGLE_VALUED_HEADERS if counts.get(n.lower(), 0) > 1]
+    assert repeated_header(Headers(headers)) == (repeated[0] if repeated else None)
+    if not repeated:
+        for name in SINGLE_VALUED_HEADERS:
+            Headers(headers).get(name)  # never MultipleValuesError
+
+
+def test_log_throttle_allows_a_burst_per_kind_per_interval_and_counts_the_rest():
+    from gateway.logs import LogThrottle
+
+    now = [0.0]
+    throttle = LogThrottle(interval=60, burst=2, clock=lambda: now[0])
+    assert [throttle.allow("a") for _ in range(5)] == [0, 0, None, None, None]
+    assert throttle.allow("b") == 0, "kinds are limited separately"
+    now[0] = 60.0
+    assert throttle.allow("a") == 3, "the first line of a new interval says how many were dropped"
+    assert throttle.allow("a") == 0
+
+
+def test_admission_counts_every_socket_and_bounds_them():
+    from gateway.session import Admission
+
+    admission = Admission(max_connections=2, slack=1)
+    assert admission.accept() and not admission.full()  # the first asks: 0 others
+    assert admission.accept() and not admission.full()  # 1 other
+    assert admission.accept() and admission.full()  # 2 others: 503
+    assert not admission.accept(), "past the limit and its slack: dropped at accept"
+    assert admission.open == 3
+    admission.release()
+    assert admission.open == 2 and admission.accept()
