@@ -76,6 +76,12 @@ def _relay_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds published rows are kept (3600; each project's newest is always kept)",
     )
     parser.add_argument(
+        "--idempotency-window",
+        type=float,
+        default=600,
+        help="seconds a published row stays recognisable if published again (600)",
+    )
+    parser.add_argument(
         "--no-leader",
         action="store_true",
         help="PostgreSQL: every relay works (default: one active relay per table, the others wait)",
@@ -109,7 +115,11 @@ def _run_relay(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     else:
         parser.error("give --dsn (or $EVENTBUS_OUTBOX_DSN) or --sqlite")
     _configure_logging(args.log_level)
-    publisher = Publisher.from_url(args.redis_url, prefix=args.prefix)
+    publisher = Publisher.from_url(
+        args.redis_url,
+        prefix=args.prefix,
+        idempotency_window=timedelta(seconds=args.idempotency_window),
+    )
     relay = OutboxRelay(
         store,
         publisher,

@@ -265,7 +265,7 @@ class OutboxRelay:
         stats_interval: seconds between two ``outbox_relay_stats`` log lines (when anything
             changed).
         stale_after: a batch read longer ago than this is dropped and read again (see the module
-            docstring); keep it well below the publisher's idempotency window.
+            docstring): 5 minutes, or half the publisher's idempotency window if that is less.
         hold_interval: how long a held project (see :meth:`run_once`) waits before its next try.
     """
 
@@ -281,7 +281,7 @@ class OutboxRelay:
         stats_interval: float = 10.0,
         backlog_interval: float = 1.0,
         cleanup_interval: float = 60.0,
-        stale_after: float = 300.0,
+        stale_after: float | None = None,
         max_backoff: float = 5.0,
         hold_interval: float = 5.0,
         metrics: RelayMetrics | None = None,
@@ -301,6 +301,9 @@ class OutboxRelay:
         self.stats_interval = stats_interval
         self.backlog_interval = backlog_interval
         self.cleanup_interval = cleanup_interval
+        if stale_after is None:
+            window = getattr(getattr(publisher, "_settings", None), "idempotency_window", None)
+            stale_after = min(300.0, window.total_seconds() / 2) if window else 300.0
         self.stale_after = stale_after
         self.max_backoff = max_backoff
         self.metrics = metrics or RelayMetrics()
