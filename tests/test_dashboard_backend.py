@@ -520,6 +520,28 @@ def test_simulated_agents_never_all_wait_on_sync_blockers(tmp_path, monkeypatch)
     store.close()
 
 
+def test_demo_keeps_going_while_nobody_answers(tmp_path):
+    # Issue 10: the demo went quiet ~40 s after start, once all three agents were blocked. Run
+    # the simulation at a fast pace with nobody at the dashboard: blockers keep being raised and
+    # answered by the reviewer, far beyond one per agent.
+    store = Store(tmp_path / "quiet.sqlite3")
+    store.seed(1)
+    simulation = AgentSimulation(
+        store, 1, work_time=(0.02, 0.05), idle_time=(0.01, 0.02), resume_delay=0.02,
+        reviewer_delay=0.2, rng=random.Random(11),
+    )  # fmt: skip
+    simulation.interval = 0.02  # steps 10x as often as the demo's
+    simulation.start()
+    try:
+        wait_for(lambda: len(store.blockers(1, None)) >= 12, timeout=30, what="12 blockers")
+    finally:
+        simulation.stop()
+    everything = store.blockers(1, None)
+    assert any(b["status"] == "RESOLVED" for b in everything)
+    assert all(b["answer"].startswith(REVIEWER_PREFIX) for b in everything if b["answer"])
+    store.close()
+
+
 def test_sandbox_project_is_in_the_config_and_the_token(app):
     _, config = call(app, "GET", "/api/config")
     assert (config["project_id"], config["sandbox_project_id"]) == (1, 2)

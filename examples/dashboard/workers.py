@@ -152,6 +152,7 @@ class AgentSimulation(_Loop):
         active: bool = True,
         resume_delay: float = 2.0,
         work_time: tuple[float, float] = (8.0, 25.0),
+        idle_time: tuple[float, float] = (1.0, 4.0),
         sync_ratio: float = 0.4,
         max_pending: int = 6,
         reviewer_delay: float | None = 45.0,
@@ -163,6 +164,7 @@ class AgentSimulation(_Loop):
         self.active = active
         self.resume_delay = resume_delay
         self.work_time = work_time
+        self.idle_time = idle_time
         self.sync_ratio = sync_ratio
         self.max_pending = max_pending
         self.reviewer_delay = reviewer_delay
@@ -201,7 +203,7 @@ class AgentSimulation(_Loop):
                     self.store.set_next_action(agent["id"], self._later())
                 else:
                     self.store.finish_task(agent["id"])
-                    self.store.set_next_action(agent["id"], now + self.rng.uniform(1.0, 4.0))
+                    self.store.set_next_action(agent["id"], now + self.rng.uniform(*self.idle_time))
         return None
 
     def _review(self) -> None:
