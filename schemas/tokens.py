@@ -62,6 +62,10 @@ def issue_token(
 ) -> str:
     """Mint a token that lets a browser read the given projects for ``ttl``.
 
+    The gateway verifies HS256 only (:func:`verify_token`'s default, and it has no setting to
+    change that): ``algorithm="HS384"``/``"HS512"`` are for tools of your own that verify with
+    ``verify_token(..., algorithms=[...])``.
+
     >>> token = issue_token("s3cret", projects=[1, 2], ttl=600, subject="user-7")
     """
     if not secret:

@@ -86,6 +86,23 @@ def test_other_hmac_algorithms_verify_when_allowed(algorithm: str) -> None:
     assert verify_token(token, SECRET, algorithms=[algorithm]).allows(1)
 
 
+def test_the_gateway_verifies_hs256_only_as_the_docs_say() -> None:
+    """docs/publisher.md once offered HS384/HS512 "when the gateways are configured for it":
+    there is no such setting, and the gateway verifies with verify_token's default (HS256)."""
+    import inspect
+    from pathlib import Path
+
+    from gateway.config import GatewayConfig
+    from gateway.server import Gateway
+
+    assert not [name for name in GatewayConfig.__struct_fields__ if "alg" in name]
+    assert "verify_token(token, self.config.auth_secret)" in inspect.getsource(Gateway.verify)
+    assert inspect.signature(verify_token).parameters["algorithms"].default == ("HS256",)
+    docs = (Path(__file__).parents[1] / "docs" / "publisher.md").read_text()
+    assert "configured for it" not in docs
+    assert "HS256, the only algorithm the gateway accepts" in docs
+
+
 def test_expired() -> None:
     token = forge({"projects": [1], "exp": int(time.time()) - 60})
     with pytest.raises(InvalidToken, match="expired") as info:
