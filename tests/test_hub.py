@@ -307,3 +307,22 @@ async def test_subscribing_to_an_unreadable_project_is_an_explicit_error() -> No
     await hub.subscribe(session, 1, None, None)
     await next_iteration()
     assert received(session) == ["error", "subscribed"]
+
+
+async def test_a_reconcile_pass_against_a_hung_redis_gives_up_in_time(monkeypatch) -> None:
+    import gateway.hub
+
+    class HungStore(FakeStore):
+        async def cursors(self, project_ids, keep_alive=(), make_permanent=()):
+            await asyncio.Event().wait()  # Redis stopped: never answers
+
+    monkeypatch.setattr(gateway.hub, "RECONCILE_TIMEOUT", 0.05)
+    hub = await hub_with(HungStore(top=0))
+    await hub.subscribe(session_of(hub), PROJECT, None, None)
+    async with asyncio.timeout(2):  # the pass itself must end, not this guard
+        try:
+            await hub.reconcile()
+        except TimeoutError:
+            pass
+        else:
+            raise AssertionError("the pass returned without an answer")
