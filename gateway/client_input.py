@@ -17,7 +17,17 @@ from websockets.datastructures import Headers
 
 from schemas.protocol import ClientMessage, ErrorCode, ProtocolError, decode_client_message
 
-__all__ = ["SINGLE_VALUED_HEADERS", "decode_frame", "repeated_header"]
+__all__ = [
+    "MAX_CLOSE_REASON_BYTES",
+    "SINGLE_VALUED_HEADERS",
+    "close_reason",
+    "decode_frame",
+    "repeated_header",
+]
+
+#: A close frame's reason is at most 123 bytes of UTF-8 (RFC 6455: 125-byte payload, 2 of them
+#: the code); websockets raises on a longer one.
+MAX_CLOSE_REASON_BYTES = 123
 
 #: Headers the gateway reads with ``Headers.get`` (handshake checks, CORS, polling auth). A request
 #: that repeats one of them is refused with 400 before any of them is read. (websockets checks the
@@ -36,6 +46,15 @@ def decode_frame(data: bytes | str) -> ClientMessage:
         return decode_client_message(data)
     except RecursionError:
         raise ProtocolError(ErrorCode.INVALID_JSON, "JSON nested too deeply") from None
+
+
+def close_reason(text: str) -> str:
+    """``text`` cut to fit a close frame, at a character boundary. Reasons may quote what the
+    client sent (a decoder message), so they are cut by bytes, not characters."""
+    data = text.encode()
+    if len(data) <= MAX_CLOSE_REASON_BYTES:
+        return text
+    return data[:MAX_CLOSE_REASON_BYTES].decode(errors="ignore")
 
 
 def repeated_header(headers: Headers, names: tuple[str, ...] = SINGLE_VALUED_HEADERS) -> str | None:

@@ -17,7 +17,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from gateway.client_input import decode_frame, repeated_header
+from gateway.client_input import close_reason, decode_frame, repeated_header
 from gateway.config import GatewayConfig
 from gateway.http import HttpRoutes, json_response
 from gateway.hub import Hub, SubscribeUnavailable
@@ -378,7 +378,7 @@ class Gateway:
             extra = {"suppressed": suppressed} if suppressed else {}
             clog.info("authentication failed", reason=reason[:200], code=int(code), **extra)
         session.closing = True
-        await session.ws.close(code, reason[:120])
+        await session.ws.close(code, close_reason(reason))
         return False
 
     def _authenticate(self, session: Session, claims: TokenClaims) -> None:

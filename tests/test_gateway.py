@@ -736,3 +736,13 @@ def test_the_documented_error_codes_are_exactly_the_protocol_s():
     documented = set(re.findall(r"^\| `([a-z_]+)` \|", table, re.MULTILINE))
     assert documented == {code.value for code in ErrorCode}
     assert "not_authenticated" not in documented
+
+
+async def test_a_first_frame_echoing_long_non_ascii_text_still_closes_with_auth_failed(gateways):
+    # The close reason quotes the decoder's message, which quotes the client's text: cut to the
+    # 123 bytes a close frame allows, not 120 characters (here 2 bytes each).
+    gateway = await gateways()
+    client = await RecordingClient(ws_url(gateway)).connect(auth=False)
+    await client.send(json.dumps({"type": "é" * 100}, ensure_ascii=False))
+    await asyncio.wait_for(client.closed.wait(), 5)
+    assert client.close_code == 4001

@@ -195,14 +195,16 @@ message_types = st.sampled_from(["auth", "subscribe", "unsubscribe", "ping", "po
 project_ids = st.one_of(
     st.sampled_from([*FUZZER_PROJECTS, BYSTANDER_PROJECT, 0, -1, 2**53, 2**53 - 1]), json_values
 )
+#: Long text, often not ASCII: error messages and close reasons quote what the client sent.
+long_texts = st.text(min_size=40, max_size=150)
 messages = st.fixed_dictionaries(
     {},
     optional={
-        "type": message_types | json_values,
+        "type": message_types | json_values | long_texts,
         "project_id": project_ids,
         "epoch": st.sampled_from(["e", "", "bad epoch!", "x" * 65]) | json_values,
         "after": st.integers(min_value=-2, max_value=5) | huge_numbers | json_values,
-        "token": st.sampled_from(["", "a.b.c", "not-a-jwt"]) | json_values,
+        "token": st.sampled_from(["", "a.b.c", "not-a-jwt"]) | json_values | long_texts,
     },
 )
 
@@ -557,3 +559,15 @@ def test_admission_counts_every_socket_and_bounds_them():
     assert admission.open == 3
     admission.release()
     assert admission.open == 2 and admission.accept()
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(max_size=300))
+def test_close_reason_fits_a_close_frame_and_keeps_whole_characters(text):
+    from gateway.client_input import MAX_CLOSE_REASON_BYTES, close_reason
+
+    reason = close_reason(text)
+    assert len(reason.encode()) <= MAX_CLOSE_REASON_BYTES
+    assert text.startswith(reason)
+    if len(text.encode()) <= MAX_CLOSE_REASON_BYTES:
+        assert reason == text
