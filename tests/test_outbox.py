@@ -215,6 +215,27 @@ def test_postgres_commit_publishes_and_rollback_publishes_nothing(pg_url, pg_out
     assert relay.metrics.published == 4 and relay.metrics.lag.count == 4
 
 
+def test_write_many_keeps_the_callers_order(pg_url, pg_outbox, sqlite_path, table, bus):
+    import random
+
+    order = list(range(1, 201))
+    random.Random(7).shuffle(order)
+    with psycopg.connect(pg_url) as conn:
+        pg_outbox.write_many(conn, [event(21 + n % 2, n) for n in order])
+    with sqlite3.connect(sqlite_path) as conn:
+        Outbox(table).write_many(conn, [event(23, n) for n in order])
+    for relay in [
+        OutboxRelay.postgres(pg_url, bus, table=pg_outbox.table),
+        OutboxRelay.sqlite(sqlite_path, bus, table=table),
+    ]:
+        drain(relay)
+        relay.store.close()
+    assert_exact(
+        bus.client,
+        {21: [n for n in order if n % 2 == 0], 22: [n for n in order if n % 2], 23: order},
+    )
+
+
 async def test_postgres_async_connection(pg_url, pg_outbox, bus):
     async with await psycopg.AsyncConnection.connect(pg_url) as conn:
         await pg_outbox.awrite(conn, event(7, 1))

@@ -146,6 +146,16 @@ class Statements:
         self.lock = "SELECT pg_advisory_xact_lock(:key)"
         # Delivered at commit, once per transaction (PostgreSQL folds identical notifications).
         self.notify = "SELECT pg_notify(:channel, '')"
+        # The common case in one round trip: one project's lock, and the notification.
+        self.lock_and_notify = "SELECT pg_advisory_xact_lock(:key), pg_notify(:channel, '')"
+        # PostgreSQL, several rows in one statement; ORDER BY the position makes the ids follow
+        # the caller's order (the id default is evaluated on the sorted rows).
+        self.insert_many = (
+            f"INSERT INTO {t} (project_id, token, event) "
+            "SELECT u.project_id, u.token, u.event FROM unnest(CAST(:project_ids AS bigint[]), "
+            "CAST(:tokens AS text[]), CAST(:events AS text[])) WITH ORDINALITY "
+            "AS u(project_id, token, event, position) ORDER BY u.position"
+        )
         # Projects the relay holds back (a row that does not validate, a Redis key of theirs
         # that refuses writes) are left out, so they cannot starve the others.
         held = (

@@ -157,8 +157,15 @@ class Outbox:
         ]
         if not rows:
             return
-        if dialect == POSTGRES:
-            keys = sorted({lock_key(self.table, row["project_id"]) for row in rows})
+        if dialect != POSTGRES:
+            yield ("one", st.insert, rows[0]) if len(rows) == 1 else ("many", st.insert, rows)
+            return
+        # Locks in one fixed order (sorted keys), so that two write_many calls over the same
+        # projects cannot deadlock each other.
+        keys = sorted({lock_key(self.table, row["project_id"]) for row in rows})
+        if self.notify and len(keys) == 1:
+            yield "one", st.lock_and_notify, {"key": keys[0], "channel": st.channel}
+        else:
             for key in keys:
                 yield "one", st.lock, {"key": key}
             if self.notify:
@@ -166,7 +173,12 @@ class Outbox:
         if len(rows) == 1:
             yield "one", st.insert, rows[0]
         else:
-            yield "many", st.insert, rows
+            columns = {"project_ids": "project_id", "tokens": "token", "events": "event"}
+            yield (
+                "one",
+                st.insert_many,
+                {name: [row[column] for row in rows] for name, column in columns.items()},
+            )
 
     # --- snapshots --------------------------------------------------------------------------
 
