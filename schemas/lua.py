@@ -14,19 +14,6 @@ from __future__ import annotations
 
 __all__ = ["PUBLISH", "SNAPSHOT"]
 
-# Shared prelude: ensure the project's history exists. KEYS[1] = meta, KEYS[2] = stream,
-# ARGV[1] = candidate epoch (random, made by the caller: scripts must stay deterministic).
-_ENSURE_EPOCH = """
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-local created = 0
-if not epoch then
-  epoch = ARGV[1]
-  created = 1
-  redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0)
-end
-"""
-
 #: Publish a batch of events of one project.
 #:
 #: KEYS: meta, stream
