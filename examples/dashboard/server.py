@@ -178,6 +178,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("X-Content-Type-Options", "nosniff")
         for name, value in (headers or {}).items():
             self.send_header(name, value)
+        if getattr(self, "_body_pending", False):
+            self.close_connection = True  # its unread body would be taken for the next request
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
@@ -185,8 +187,6 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _json(self, status: int, value: Any) -> None:
-        if getattr(self, "_body_pending", False):
-            self.close_connection = True
         body = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
         self._send(status, body, "application/json; charset=utf-8")
 

@@ -73,23 +73,53 @@ def raw_request(
 
     The connection stays open for writing unless ``shut_write`` (a client that keeps it open
     is how a server blocked on a read shows: no answer before ``timeout``, TimeoutError)."""
+    responses = raw_exchange(app, data, count=1, timeout=timeout, shut_write=shut_write)
+    if not responses:
+        raise ConnectionError("closed without an answer")
+    return responses[0]
+
+
+def raw_exchange(
+    app,
+    data: bytes,
+    *,
+    count: int,
+    timeout: float = 15.0,
+    shut_write: bool = True,
+    heads: tuple[bool, ...] = (),
+) -> list[RawResponse]:
+    """Send ``data`` (one or more pipelined requests) over a new connection and read up to
+    ``count`` responses, fewer if the server closes first. ``heads[i]`` says the i-th request
+    was a HEAD (its answer has a Content-Length but no body)."""
+    responses: list[RawResponse] = []
     with socket.create_connection(("127.0.0.1", app.port), timeout=timeout) as sock:
         sock.sendall(data)
         if shut_write:
             sock.shutdown(socket.SHUT_WR)
         reader = sock.makefile("rb")
-        status = 100
-        while 100 <= status < 200:  # "100 Continue" before the answer
-            status_line = reader.readline(65537)
-            if not status_line:
-                raise ConnectionError("closed without an answer")
-            status = int(status_line.split()[1])
-            headers: dict[str, str] = {}
-            while (line := reader.readline(65537)) not in (b"\r\n", b"\n", b""):
-                name, _, value = line.decode("latin-1").partition(":")
-                headers[name.strip().lower()] = value.strip()
-        body = reader.read(int(headers.get("content-length", "0")))
-        return RawResponse(status, headers, body)
+        while len(responses) < count:
+            head = heads[len(responses)] if len(responses) < len(heads) else False
+            response = _read_response(reader, head=head)
+            if response is None:
+                break
+            responses.append(response)
+    return responses
+
+
+def _read_response(reader, *, head: bool) -> RawResponse | None:
+    status = 100
+    headers: dict[str, str] = {}
+    while 100 <= status < 200:  # "100 Continue" before the answer
+        status_line = reader.readline(65537)
+        if not status_line:
+            return None
+        status = int(status_line.split()[1])
+        headers = {}
+        while (line := reader.readline(65537)) not in (b"\r\n", b"\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+    body = b"" if head else reader.read(int(headers.get("content-length", "0")))
+    return RawResponse(status, headers, body)
 
 
 def http_request(
