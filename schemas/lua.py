@@ -67,9 +67,10 @@ if idempotency_key ~= '' then
   -- Any other error (e.g. 'non local key' from a node importing the slot) goes back as it is.
   if type(prior) == 'table' then return prior end
   if prior then
-    local e, s, d = string.match(prior, '^([%w_-]+)|(%d+)|(%x+)$')
+    -- The rule of schemas.stored.parse_idempotency_record.
+    local e, s, d = string.match(prior, '^([%w_-]+)|([1-9]%d*)|(%x+)$')
     if not e then
-      e, s = string.match(prior, '^([%w_-]+)|(%d+)$')
+      e, s = string.match(prior, '^([%w_-]+)|([1-9]%d*)$')
       d = ''
     end
     if not e or #s > 15 then return corrupt(idempotency_key, 'is not an idempotency record') end

@@ -165,3 +165,37 @@ def _entry_seq(entry_id: object) -> int | None:
         entry_id = entry_id.encode()
     match = _ENTRY_ID_RE.match(entry_id) if isinstance(entry_id, bytes) else None
     return int(match.group(1)) if match else None
+
+
+# --- idempotency records (read by the publish script; this is its rule, in Python) -------------
+
+
+class IdempotencyRecord(NamedTuple):
+    """What the publish script remembers under an idempotency key or a retry guard."""
+
+    epoch: str
+    seq: int
+    #: Hex digest of the event (publisher.core.event_digest); None for retry guards and for
+    #: records written before digests existed: such a record answers without a conflict check.
+    digest: str | None
+
+
+_RECORD_RE = re.compile(rb"^([A-Za-z0-9_-]+)\|([1-9][0-9]{0,14})(?:\|([0-9A-Fa-f]+))?\Z")
+
+
+def parse_idempotency_record(value: object) -> IdempotencyRecord | None:
+    """An idempotency record ``<epoch>|<seq>`` or ``<epoch>|<seq>|<digest>``, or None when the
+    publish script cannot have written it.
+
+    The check itself runs inside the publish script (``schemas.lua.PUBLISH``), which refuses a
+    key holding anything else ("is not an idempotency record") before writing; this function is
+    the same rule for Python readers, and ``tests/test_publisher_edges.py`` checks that the two
+    agree on arbitrary values. A record whose epoch is not the project's current one is stale.
+    """
+    if isinstance(value, str):
+        value = value.encode("utf-8", "surrogatepass")
+    match = _RECORD_RE.match(value) if isinstance(value, bytes) else None
+    if match is None:
+        return None
+    epoch, seq, digest = match.groups()
+    return IdempotencyRecord(epoch.decode(), int(seq), digest.decode() if digest else None)

@@ -41,8 +41,9 @@ from publisher import (
 )
 from publisher.__main__ import main as cli_main
 from publisher.client import DEFAULT_TIMEOUT
-from publisher.core import RetryPolicy
-from schemas import AgentResumed, BlockerExpired, BlockerResolved, Keys
+from publisher.core import RetryPolicy, event_digest
+from schemas import AgentResumed, BlockerExpired, BlockerResolved, Keys, encode_event
+from schemas.stored import parse_idempotency_record
 from tests.support.redis_server import RedisServer
 
 KEYS = Keys()
@@ -454,6 +455,44 @@ def test_a_damaged_idempotency_record_is_refused(pub: Publisher, redis_client, r
     with pytest.raises(PublishError, match=r"idem:k is not a string"):
         pub.publish(event(1, 2), idempotency_key="k")
     assert stream(redis_client, 1) == [(1, 1)]
+
+
+_record_parts = st.tuples(
+    st.sampled_from([b"EPOCH", b"other-epoch", b"", b"a b", b"\xff", b"E" * 70]),
+    st.sampled_from([b"|"]),
+    st.sampled_from([b"1", b"2", b"0", b"007", b"123456789012345", b"1234567890123456", b"x"]),
+    st.sampled_from([b"", b"|DIGEST", b"|abc", b"|ABC", b"|zz", b"|", b"|DIGEST\n"]),
+).map(b"".join)
+
+
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(raw=st.one_of(_record_parts, st.binary(max_size=30)))
+def test_the_script_and_the_python_parser_agree_on_idempotency_records(
+    pub: Publisher, redis_client, raw: bytes
+) -> None:
+    """schemas.stored.parse_idempotency_record is the publish script's rule: for any value under
+    an idempotency key, the script refuses it, answers with it, reports a conflict or treats it as
+    stale exactly as the parser predicts."""
+    redis_client.delete(KEYS.meta(1), KEYS.stream(1), KEYS.idempotency(1, "k"))
+    current = pub.publish(event(1, 1))
+    again = event(1, 2)
+    digest = event_digest(again, encode_event(again))
+    value = raw.replace(b"EPOCH", current.epoch.encode()).replace(b"DIGEST", digest.encode())
+    redis_client.set(KEYS.idempotency(1, "k"), value)
+    record = parse_idempotency_record(value)
+    if record is None:
+        with pytest.raises(PublishError, match="is not an idempotency record"):
+            pub.publish(again, idempotency_key="k")
+    elif record.epoch != current.epoch:  # stale: published in the live history
+        assert pub.publish(again, idempotency_key="k") == Cursor(current.epoch, 2)
+    elif record.digest not in (None, digest):
+        with pytest.raises(IdempotencyConflict) as info:
+            pub.publish(again, idempotency_key="k")
+        assert info.value.cursor == Cursor(current.epoch, record.seq)
+    else:
+        assert pub.publish(again, idempotency_key="k") == Cursor(current.epoch, record.seq)
 
 
 # --- arbitrary arguments: documented errors, never a Redis error or a partial write ----------
