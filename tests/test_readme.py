@@ -68,7 +68,7 @@ def running_demo(tmp_path_factory) -> Iterator[dict[str, str]]:
         exports = dict(re.findall(r"^\s+export (EVENTBUS_\w+)=(\S+)$", output, flags=re.M))
         assert "EVENTBUS_REDIS_URL" in exports, output
         dashboard = re.search(r"Dashboard\s+(http://\S+)", output).group(1)
-        yield {**env, **exports, "DASHBOARD": dashboard, "OUTPUT": output}
+        yield {**env, **exports, "DASHBOARD": dashboard, "OUTPUT": output, "DIR": str(tmp)}
     finally:
         process.send_signal(signal.SIGINT)
         try:
@@ -91,7 +91,7 @@ def test_publishing_snippet_works_as_written_against_make_run(running_demo, tmp_
     assert 'os.environ.get("EVENTBUS_REDIS_URL"' in snippet
     script = tmp_path / "publish_demo.py"
     script.write_text(snippet)
-    env = {k: v for k, v in running_demo.items() if k not in ("DASHBOARD", "OUTPUT")}
+    env = {k: v for k, v in running_demo.items() if k not in ("DASHBOARD", "OUTPUT", "DIR")}
     result = subprocess.run(
         [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=60
     )
@@ -107,7 +107,7 @@ def test_publishing_snippet_works_as_written_against_make_run(running_demo, tmp_
 def test_shell_lines_work_as_written_against_make_run(running_demo):
     block = next(b for b in _blocks(_section("Publishing events"), "sh") if "eventbus-publish" in b)
     lines = [line for line in block.replace("\\\n", " ").splitlines() if line.strip()]
-    env = {k: v for k, v in running_demo.items() if k not in ("DASHBOARD", "OUTPUT")}
+    env = {k: v for k, v in running_demo.items() if k not in ("DASHBOARD", "OUTPUT", "DIR")}
     port = urllib.parse.urlsplit(running_demo["DASHBOARD"]).port
     for line in lines:
         if line.startswith("export "):
@@ -133,7 +133,8 @@ def test_make_shell_has_the_commands_and_the_demos_environment(running_demo, tmp
     # This module's demo saves its environment next to its own database, not in the default
     # examples/dashboard/data/demo.env: DEMO_ENV points make there. "-o install": the venv is
     # there already (a test never reinstalls it).
-    env_file = next(Path(p) for p in re.findall(r"saved in (\S+)\)", running_demo["OUTPUT"]))
+    env_file = Path(running_demo["DIR"]) / "demo.env"
+    assert f"make shell DEMO_ENV={env_file}" in running_demo["OUTPUT"]
     result = subprocess.run(
         ["make", "-s", "-o", "install", f"DEMO_ENV={env_file}", "shell"],
         cwd=ROOT,

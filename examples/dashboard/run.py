@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 
 from examples.dashboard.redis_server import PrivateRedis, free_port
-from examples.dashboard.server import DemoApp, add_arguments, config_from_args
+from examples.dashboard.server import Config, DemoApp, add_arguments, config_from_args
 
 log = logging.getLogger("examples.dashboard.run")
 
@@ -78,7 +78,11 @@ def banner(
             f'"project_id":{sandbox},"blocker_id":123,"answer":"Use JWT",'
             f'"resolved_at":"2025-11-08T12:45:30Z"}}\'',
             "",
-            f"  or `make shell`: this environment (saved in {env_file}), .venv/bin on PATH.",
+            (
+                f"  or `make shell`: this environment (saved in {env_file}), .venv/bin on PATH."
+                if env_file == Path(Config.db).parent / ENV_FILE
+                else f"  or `make shell DEMO_ENV={env_file}`: this environment, .venv/bin on PATH."
+            ),
             "",
         ]
     lines += ["  Press Ctrl-C to stop.", ""]
