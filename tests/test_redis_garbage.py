@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from schemas.keys import Keys
 from tests.support.gateway_client import RecordingClient, client_for, publish
@@ -246,3 +248,88 @@ async def test_reading_never_published_projects_leaves_no_permanent_keys(live, r
     for project_id in range(1000, 1020):
         assert redis_client.pttl(KEYS.meta(project_id)) > 0
     await client.close()
+
+
+# --- the history read against anything at all in a project's keys ----------------------------
+
+stored_entries = st.lists(
+    st.tuples(
+        st.integers(1, 12),
+        st.dictionaries(
+            st.sampled_from([b"f", b"t", b"x"]),
+            st.one_of(st.binary(max_size=12), st.sampled_from([b"{}", b'{"a":"\xc3\xa9"}'])),
+            min_size=1,
+            max_size=3,
+        ),
+    ),
+    max_size=6,
+)
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    meta_type=st.sampled_from(["hash", "string", "none"]),
+    epoch=st.one_of(st.none(), st.binary(max_size=8), st.just(b"Ep0ch")),
+    seq=st.one_of(st.none(), st.binary(max_size=4), st.integers(0, 14).map(lambda n: b"%d" % n)),
+    entries=stored_entries,
+    stream_is_string=st.booleans(),
+    after=st.integers(-1, 14),
+)
+def test_the_history_read_copes_with_any_stored_values(
+    redis_url, meta_type, epoch, seq, entries, stream_is_string, after
+):
+    """Whatever the keys hold, a history read returns only valid frames in order, up to the top
+    and before the first corrupt entry, or says that this project is unreadable."""
+    import asyncio
+
+    import redis
+
+    from gateway.store import ProjectUnreadable
+    from schemas.stored import ForeignKind, check_frame
+
+    raw = redis.Redis.from_url(redis_url)
+    raw.flushall()
+    meta, stream = KEYS.meta(1), KEYS.stream(1)
+    if meta_type == "string":
+        raw.set(meta, b"x")
+    elif meta_type == "hash":
+        raw.hset(meta, "other", "1")
+        if epoch is not None:
+            raw.hset(meta, "epoch", epoch)
+        if seq is not None:
+            raw.hset(meta, "seq", seq)
+    if stream_is_string:
+        raw.set(stream, b"x")
+    else:
+        for n in sorted({n for n, _ in entries}):
+            raw.xadd(stream, dict(next(f for m, f in entries if m == n)), id=f"{n}-0")
+    raw.close()
+
+    async def read():
+        from gateway.metrics import Metrics
+        from gateway.store import ForeignValues, HistoryStore
+        from publisher.connection import async_client
+
+        store = HistoryStore(async_client(redis_url), KEYS, ForeignValues(Metrics()))
+        try:
+            client_epoch = epoch.decode() if epoch and epoch.isalnum() else "other"
+            return await store.snapshot(1, client_epoch, after, 10)
+        except ProjectUnreadable as exc:
+            return exc
+        finally:
+            await store.client.aclose()
+
+    result = asyncio.run(read())
+    if isinstance(result, ProjectUnreadable):
+        assert meta_type == "string" or stream_is_string or epoch is not None
+        return
+    seqs = [s for s, _ in result.entries]
+    assert seqs == sorted(set(seqs)) and all(after < s <= result.top for s in seqs)
+    if result.corrupt_at is not None:
+        assert all(s < result.corrupt_at for s in seqs)
+    for _, frame in result.entries:
+        check_frame(frame, ForeignKind.STREAM_ENTRY)
