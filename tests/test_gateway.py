@@ -746,3 +746,51 @@ async def test_a_first_frame_echoing_long_non_ascii_text_still_closes_with_auth_
     await client.send(json.dumps({"type": "é" * 100}, ensure_ascii=False))
     await asyncio.wait_for(client.closed.wait(), 5)
     assert client.close_code == 4001
+
+
+async def test_a_subscribe_against_a_hung_redis_gets_unavailable_in_time_then_works():
+    import os
+    import signal
+
+    from gateway.config import GatewayConfig
+    from gateway.server import Gateway
+    from publisher import AsyncPublisher
+    from tests.support.redis_server import RedisServer
+
+    with RedisServer() as server:
+        gateway = Gateway(
+            GatewayConfig(
+                redis_url=server.url,
+                port=0,
+                auth_secret=SECRET,
+                subscribe_timeout=1.0,
+                drain_timeout=1,
+            )
+        )
+        await gateway.start()
+        client = await client_for(gateway, [31])
+        try:
+            os.kill(server.process.pid, signal.SIGSTOP)  # sockets open, nothing answers
+            try:
+                started = time.monotonic()
+                await client.send({"type": "subscribe", "project_id": 31})
+                await client.wait_for(lambda: client.last("error") is not None, within=4)
+                elapsed = time.monotonic() - started
+            finally:
+                os.kill(server.process.pid, signal.SIGCONT)
+            assert client.last("error") == {
+                "type": "error",
+                "code": "unavailable",
+                "message": "Redis is unavailable; subscribe again later",
+                "project_id": 31,
+            }
+            assert 0.9 < elapsed < 3, elapsed
+            # Redis is back: the same connection subscribes and gets every event.
+            await client.subscribe(31)
+            publisher = AsyncPublisher.from_url(server.url)
+            await publish(publisher, 31, 3)
+            await publisher.aclose()
+            await client.wait_for(lambda: client.seqs(31) == [1, 2, 3])
+        finally:
+            await client.close()
+            await gateway.drain()
