@@ -547,14 +547,16 @@ def test_snapshot_waits_for_the_relay_and_returns_exactly_the_included_events_cu
             pg_outbox.snapshot(conn, 1, lambda c: None)
 
 
-@pytest.mark.parametrize("flavour", ["psycopg", "sqlite", "sqlalchemy"])
+@pytest.mark.parametrize(
+    "flavour", ["psycopg", "sqlite", "sqlalchemy-postgresql", "sqlalchemy-sqlite"]
+)
 def test_snapshot_cursor_matches_the_data_under_concurrent_commits(
     flavour, pg_url, pg_outbox, sqlite_path, table, bus
 ):
     """A writer commits (item row + its event) continuously; every snapshot's data (the number of
     items) must equal its cursor's seq: the cursor covers exactly the events the data includes."""
     items = f"items_{table}"
-    if flavour == "sqlite":
+    if flavour.endswith("sqlite"):
         outbox = Outbox(table)
 
         def connect():
@@ -588,7 +590,7 @@ def test_snapshot_cursor_matches_the_data_under_concurrent_commits(
         conn.close()
 
     def count(c) -> int:
-        if flavour == "sqlalchemy":
+        if flavour.startswith("sqlalchemy"):
             from sqlalchemy import text
 
             return c.execute(text(f"SELECT count(*) FROM {items}")).scalar_one()
@@ -599,11 +601,15 @@ def test_snapshot_cursor_matches_the_data_under_concurrent_commits(
     thread.start()
     engine = None
     try:
-        if flavour == "sqlalchemy":
+        if flavour.startswith("sqlalchemy"):
             from sqlalchemy import create_engine
             from sqlalchemy.orm import Session
 
-            engine = create_engine(pg_url.replace("postgresql://", "postgresql+psycopg://"))
+            engine = create_engine(
+                f"sqlite:///{sqlite_path}"
+                if flavour.endswith("sqlite")
+                else pg_url.replace("postgresql://", "postgresql+psycopg://")
+            )
             reader = Session(engine)
         elif flavour == "sqlite":
             reader = sqlite3.connect(sqlite_path, timeout=30)
@@ -835,3 +841,46 @@ def test_a_standby_relay_takes_over_when_the_leader_stops(pg_url, pg_outbox, bus
         first.stop()
         second.stop()
     assert_exact(bus.client, {1: list(range(1, 11))})
+
+
+async def test_snapshots_through_sqlalchemy_on_sqlite_and_asyncio(
+    pg_url, pg_outbox, sqlite_path, table, bus
+):
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+    from sqlalchemy.orm import Session
+
+    _write_committed(pg_url, pg_outbox, [event(31, 1), event(31, 2)])
+    with sqlite3.connect(sqlite_path) as conn:
+        Outbox(table).write_many(conn, [event(32, 1), event(32, 2), event(32, 3)])
+    relays = [
+        OutboxRelay.postgres(pg_url, bus, table=pg_outbox.table, poll_interval=0.05).start(),
+        OutboxRelay.sqlite(sqlite_path, bus, table=table, poll_interval=0.05).start(),
+    ]
+    sync_engine = create_engine(f"sqlite:///{sqlite_path}")
+    async_engine = create_async_engine(pg_url.replace("postgresql://", "postgresql+psycopg://"))
+    try:
+        with Session(sync_engine) as session:
+            snap = await asyncio.to_thread(
+                Outbox(table).snapshot,
+                session,
+                32,
+                lambda s: s.execute(text(f"SELECT count(*) FROM {table}")).scalar_one(),
+            )
+            assert (snap.data, snap.cursor.seq) == (3, 3)
+            assert not session.in_transaction()
+
+        async def read(session):
+            return (await session.execute(text("SELECT 7"))).scalar_one()
+
+        async with AsyncSession(async_engine) as session:
+            snap = await pg_outbox.asnapshot(session, 31, read)
+            assert (snap.data, snap.cursor.seq) == (7, 2)
+            async with session.begin():
+                with pytest.raises(InTransaction):
+                    await pg_outbox.asnapshot(session, 31, read)
+    finally:
+        sync_engine.dispose()
+        await async_engine.dispose()
+        for relay in relays:
+            await asyncio.to_thread(relay.stop)
