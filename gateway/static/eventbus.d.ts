@@ -138,6 +138,8 @@ export interface ConnectOptions {
   stableAfter?: number;
   /** ms between polls while WebSocket cannot connect (default 10000). */
   pollInterval?: number;
+  /** ms before an unanswered poll is abandoned and counted as failed (default 30000). */
+  pollTimeout?: number;
   /** Failed WebSocket attempts before polling starts (default 1). */
   pollAfterFailures?: number;
   /** ms of silence before an application ping (default 25000). */
@@ -184,6 +186,7 @@ export declare const DEFAULTS: Readonly<{
   backoff: Readonly<Required<BackoffOptions>>;
   stableAfter: number;
   pollInterval: number;
+  pollTimeout: number;
   pollAfterFailures: number;
   pingInterval: number;
   pongTimeout: number;

@@ -43,6 +43,10 @@ export const DEFAULTS = Object.freeze({
   // growing, a healthy one that restarts once is retried after about a second.
   stableAfter: 10000,
   pollInterval: 10000,
+  // A poll not answered in this time is abandoned (and the round counts as failed): a gateway
+  // answers within its subscribe timeout (5 s) even when Redis hangs, but a proxy or a dead
+  // network may hold the request open forever, and polling would stop with it.
+  pollTimeout: 30000,
   // Failed WebSocket attempts (never reaching "live") before falling back to polling. One: a page
   // behind a proxy that blocks WebSocket should not wait for a second backoff round to show data.
   pollAfterFailures: 1,
@@ -855,12 +859,16 @@ export class EventBus {
       let response;
       let body;
       let query;
+      const controller = typeof AbortController === "function" ? new AbortController() : null;
+      const deadline = controller ? this._setTimeout(() => controller.abort(), this.options.pollTimeout) : null;
       try {
         const headers = { Accept: "application/json" };
         if (this._hasAuth) headers.Authorization = `Bearer ${await this._getToken(false)}`;
         query = sub.cursor.pollQuery();
         const url = `${this.httpUrl}/v1/projects/${sub.projectId}/events${query}`;
-        response = await this._fetch(url, { headers, cache: "no-store" });
+        const init = { headers, cache: "no-store" };
+        if (controller) init.signal = controller.signal;
+        response = await this._fetch(url, init);
         if (response.status === 401) this._token = null; // re-asked on the next round
         if (!response.ok) {
           let detail = "";
@@ -876,6 +884,8 @@ export class EventBus {
       } catch (error) {
         this._reportError({ code: "poll_failed", message: String(error), projectId: sub.projectId, error });
         return false;
+      } finally {
+        if (deadline !== null) this._clearTimeout(deadline);
       }
       if (generation !== this._pollGeneration || this._subs.get(sub.projectId) !== sub) return true;
       this._everConnected = true;

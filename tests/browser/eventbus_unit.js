@@ -146,7 +146,11 @@ function setup({ options = {}, subscribe = [1], tokenLifetime = 900, autoFailSoc
   env.FakeSocket = FakeSocket;
   const fetch = async (url, init) => {
     env.requests.push({ url, headers: (init && init.headers) || {}, at: clock.now() });
-    const reply = await env.poll(url, init);
+    const reply = await new Promise((resolve, reject) => {
+      // Like the browser's fetch: an aborted signal rejects the pending request.
+      if (init && init.signal) init.signal.addEventListener("abort", () => reject(new DOMException("aborted", "AbortError")));
+      Promise.resolve(env.poll(url, init)).then(resolve, reject);
+    });
     if (reply instanceof Error) throw reply;
     return { ok: reply.status >= 200 && reply.status < 300, status: reply.status, json: async () => reply.body };
   };
@@ -740,4 +744,24 @@ test("polling: a held buffer that overflowed while onResync is pending is not po
   } finally {
     eb.ProjectCursor.MAX_BUFFERED = bound;
   }
+});
+
+test("polling: a poll nobody answers is abandoned after pollTimeout and polling carries on", async () => {
+  const env = setup({ autoFailSockets: true });
+  const history = [1, 2];
+  pollServer(env, history);
+  await env.clock.advance(0);
+  eq(env.bus.cursor(1), { epoch: "p", seq: 2 });
+  env.poll = () => new Promise(() => {}); // a proxy that holds the request open forever
+  await env.clock.advance(10000);
+  const hung = env.requests.length;
+  await env.clock.advance(29999);
+  eq(env.requests.length, hung, "still waiting for the answer");
+  await env.clock.advance(1);
+  assert(env.errors.some((e) => e.code === "poll_failed"), "the abandoned poll is reported");
+  pollServer(env, history);
+  history.push(3, 4);
+  await env.clock.advance(10000);
+  eq(env.requests.length, hung + 1, "the next poll follows the usual interval");
+  eq(env.events[1], [3, 4]);
 });
