@@ -238,7 +238,9 @@ def _valid_timeout(timeout: object) -> float:
     return float(timeout)
 
 
-def _policy(client: object, timeout: float | None, built: bool) -> RetryPolicy:
+def _policy(timeout: float | None, built: bool) -> RetryPolicy:
+    """The retry policy of a publisher: retries within ``timeout`` for a client ``from_url``
+    built (its attempt bound is known), one attempt for a client of your own."""
     timeout = _valid_timeout(timeout)
     attempt = _attempt_timeout(timeout) if built else None
     return RetryPolicy(timeout, sum(attempt) if attempt else None)
@@ -297,7 +299,7 @@ class Publisher(_ContractHelpers[Cursor]):
             sharded=is_cluster if sharded is None else sharded,
             retry_guard=retry_guard,
         )
-        self._policy = _policy(client, timeout, _built)
+        self._policy = _policy(timeout, _built)
         self.client = client
         self._cluster = is_cluster
         self._script = client.register_script(lua.PUBLISH)
@@ -469,7 +471,7 @@ class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
             sharded=is_cluster if sharded is None else sharded,
             retry_guard=retry_guard,
         )
-        self._policy = _policy(client, timeout, _built)
+        self._policy = _policy(timeout, _built)
         self.client = client
         self._cluster = is_cluster
         self._script = client.register_script(lua.PUBLISH)
