@@ -451,6 +451,7 @@ async def test_oversized_frames_close_with_1009_without_affecting_others(gateway
     await client.send(json.dumps({"type": "ping", "pad": "x" * 2000}))
     await asyncio.wait_for(client.closed.wait(), 5)
     assert client.close_code == 1009
+    assert gateway.metrics.protocol_violations_total == 1
     await publish(publisher, 18, 1)
     await bystander.wait_for(lambda: bystander.seqs(18) == [1])
     await bystander.close()
@@ -794,3 +795,19 @@ async def test_a_subscribe_against_a_hung_redis_gets_unavailable_in_time_then_wo
         finally:
             await client.close()
             await gateway.drain()
+
+
+async def test_failed_authentications_are_counted_each_but_logged_a_few_times_a_minute(gateways):
+    from structlog.testing import capture_logs
+
+    gateway = await gateways()
+    with capture_logs() as logs:
+        for _ in range(30):
+            client = await RecordingClient(ws_url(gateway)).connect(auth=False)
+            await client.send({"type": "auth", "token": "not-a-jwt"})
+            await asyncio.wait_for(client.closed.wait(), 5)
+            assert client.close_code == 4001
+    assert gateway.metrics.auth_failures_total == 30
+    lines = [entry for entry in logs if entry["event"] == "authentication failed"]
+    assert len(lines) == gateway.client_log_throttle.burst == 5
+    assert all(entry["log_level"] == "info" for entry in lines)
