@@ -147,3 +147,15 @@ def test_make_shell_has_the_commands_and_the_demos_environment(running_demo, tmp
     assert result.returncode == 0, result.stderr
     assert f"url={running_demo['EVENTBUS_REDIS_URL']}" in result.stdout
     assert result.stdout.strip().endswith(".venv/bin/eventbus-publish")
+
+
+def test_readme_documents_the_set_up_variables_a_user_sets():
+    # scripts/bootstrap.sh (every make target's set-up) reads these; those the Makefile sets
+    # itself (make test-latest) are internal, the others are for users and must be documented.
+    bootstrap = (ROOT / "scripts" / "bootstrap.sh").read_text()
+    makefile = (ROOT / "Makefile").read_text()
+    read = set(re.findall(r"\$\{(EVENTBUS_[A-Z_]+)", bootstrap))
+    internal = {name for name in read if f"{name}=" in makefile}
+    assert "EVENTBUS_SKIP_BROWSER" in read - internal
+    for name in read - internal:
+        assert name in README, f"README does not mention {name} (read by scripts/bootstrap.sh)"
