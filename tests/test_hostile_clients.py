@@ -405,6 +405,10 @@ methods = st.one_of(
     st.sampled_from(["GET", "HEAD", "OPTIONS", "POST", "PUT", "DELETE", "PATCH", "CONNECT"]),
     st.text(string.ascii_letters, min_size=1, max_size=8),
 )
+#: Any header text a proxy could pass on: printable ASCII and Latin-1, never CR or LF.
+latin1_texts = st.text(
+    st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"), max_size=40
+)
 header_values = st.one_of(
     st.sampled_from(
         [
@@ -422,10 +426,11 @@ header_values = st.one_of(
             "-1",
         ]
     ),
-    # Any header text a proxy could pass on: printable ASCII and Latin-1, never CR or LF.
-    st.text(
-        st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"),
-        max_size=40,
+    latin1_texts,
+    latin1_texts.map(lambda text: "Bearer " + text),
+    st.builds(
+        lambda parts: "Bearer " + ".".join(parts),
+        st.lists(st.text(string.ascii_letters + string.digits + "-_=", max_size=30), max_size=4),
     ),
 )
 header_names = st.one_of(
