@@ -196,6 +196,7 @@ class Session:
         "expiry",
         "fd",
         "id",
+        "kernel_fd",
         "last_buffered",
         "outbox",
         "policy",
@@ -227,6 +228,9 @@ class Session:
         self.raw = raw  # False when permessage-deflate is negotiated: websockets frames each one
         #: The socket's descriptor for direct writes, or -1 (not a plain socket, or not raw).
         self.fd = _socket_fd(ws.transport) if raw else -1
+        #: The same descriptor for the once-a-second look at the kernel's send queue, compressed
+        #: or not (-1 when not a plain socket).
+        self.kernel_fd = _socket_fd(ws.transport)
         #: True while a write may go straight to ``fd``: raw, open, not closing, nothing buffered
         #: in the transport. Cleared by whatever changes one of those (our own writes, and
         #: websockets' through :class:`GatewayConnection`); set again by the next full check.
@@ -348,7 +352,7 @@ class Session:
         # What the client has not taken yet: our transport's buffer plus what the kernel has not
         # sent (a client that reads nothing fills its receive window, then the kernel's send
         # buffer, megabytes that the transport never sees, before anything reaches ours).
-        unsent = unsent_in_kernel(self.fd)
+        unsent = unsent_in_kernel(self.kernel_fd)
         self.sent_since_check = unsent > 0
         buffered = (0 if self.writable else self.transport.get_write_buffer_size()) + unsent
         self.stalled_since = self.policy.stalled(
