@@ -15,8 +15,11 @@ until its buffer is empty again, so frames (ours, and websockets' pings and clos
 reordered or interleaved.
 
 The slow-consumer policy lives here too: a connection whose write buffer passes
-``outbound_limit``, or stays undrained for ``stall_timeout``, is cut with close code 4008 and its
+``outbound_limit``, or whose unsent bytes (its write buffer plus what the kernel has not sent yet,
+looked at once a second) stop shrinking for ``stall_timeout``, is cut with close code 4008 and its
 transport aborted, which frees its buffer at once. It reconnects and resumes from its cursors.
+
+:class:`Admission` counts every socket of the port from accept to close (``--max-connections``).
 """
 
 from __future__ import annotations
