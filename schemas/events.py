@@ -1,4 +1,4 @@
-"""The project events of ``shared/contract/websocket-events.md``, as msgspec types.
+"""The project events of the contract (docs/contract.md), as msgspec types.
 
 Every event is a :class:`ProjectEvent` subclass tagged on ``"type"``; field names, nesting and JSON
 shapes are exactly the contract's. These Structs are the single source of truth: the publisher
