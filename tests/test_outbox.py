@@ -457,6 +457,27 @@ def test_redis_down_then_back_the_outbox_grows_then_drains_in_order(pg_url, pg_o
         assert_exact(server.client(), expected)
 
 
+def test_the_relay_reconnects_after_its_database_sessions_are_killed(pg_url, pg_outbox, bus):
+    relay = OutboxRelay.postgres(
+        pg_url, bus, table=pg_outbox.table, poll_interval=0.05, max_backoff=0.2
+    ).start()
+    try:
+        _write_committed(pg_url, pg_outbox, [event(1, n) for n in range(1, 21)])
+        wait_until(lambda: relay.metrics.published == 20)
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            killed = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = 'eventbus-outbox-relay' AND datname = current_database()"
+            ).fetchone()[0]
+        assert killed == 2  # its work and LISTEN sessions
+        _write_committed(pg_url, pg_outbox, [event(1, n) for n in range(21, 41)])
+        wait_until(lambda: relay.metrics.published == 40)
+        assert relay.metrics.errors >= 1
+    finally:
+        relay.stop()
+    assert_exact(bus.client, {1: list(range(1, 41))})
+
+
 def test_an_invalid_row_holds_its_project_only_and_is_reported_once(sqlite_path, table, bus):
     outbox = Outbox(table)
     with sqlite3.connect(sqlite_path) as conn:

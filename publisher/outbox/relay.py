@@ -106,9 +106,16 @@ class PostgresOutboxStore:
         self._listen: Any = None
         self._is_leader = False
 
+    def _connect(self) -> Any:
+        # Named, so that operators see the relay's sessions in pg_stat_activity (unless the DSN
+        # names them itself).
+        named = "application_name" in self._psycopg.conninfo.conninfo_to_dict(self.dsn)
+        extra = {} if named else {"application_name": "eventbus-outbox-relay"}
+        return self._psycopg.connect(self.dsn, autocommit=True, **extra)
+
     def _conn(self) -> Any:
         if self._work is None or self._work.closed:
-            self._work = self._psycopg.connect(self.dsn, autocommit=True)
+            self._work = self._connect()
             self._is_leader = False
         return self._work
 
@@ -149,7 +156,7 @@ class PostgresOutboxStore:
 
     def wait(self, timeout: float) -> None:
         if self._listen is None or self._listen.closed:
-            self._listen = self._psycopg.connect(self.dsn, autocommit=True)
+            self._listen = self._connect()
             self._listen.execute(f"LISTEN {self.st.channel}")
             return  # rows committed before LISTEN notified nobody: look at the table first
         for _ in self._listen.notifies(timeout=timeout, stop_after=1):
@@ -313,6 +320,7 @@ class OutboxRelay:
         self._held: dict[int, float] = {}  # project -> monotonic time of its next attempt
         self._hold_logged: dict[int, float] = {}
         self._invalid_logged: set[int] = set()
+        self._database_errors = 0
         self._next_backlog = self._next_cleanup = 0.0
         self._next_stats = time.monotonic() + stats_interval
         self._last_stats: dict[str, Any] | None = None
@@ -491,7 +499,11 @@ class OutboxRelay:
                 outage_started = None
             self._housekeeping()
             if count < self.batch_size and not self._stop.is_set():
-                self.store.wait(self.poll_interval)
+                try:
+                    self.store.wait(self.poll_interval)
+                except Exception as exc:  # the LISTEN connection failed: poll after a pause
+                    self._database_error(exc)
+                    self._stop.wait(self.poll_interval)
 
     def _housekeeping(self) -> None:
         now = time.monotonic()
@@ -503,14 +515,22 @@ class OutboxRelay:
                 self._next_cleanup = now + self.cleanup_interval
                 self.store.cleanup(self.retention, 10_000)
         except Exception as exc:
-            log.warning("outbox_relay_error", table=self.table, source="database", error=repr(exc))
-            self.store.reset()
+            self._database_error(exc)
         if now >= self._next_stats:
             self._next_stats = now + self.stats_interval
             stats = self.metrics.as_dict()
             if stats != self._last_stats:
                 self._last_stats = stats
                 log.info("outbox_relay_stats", table=self.table, **stats)
+
+    def _database_error(self, exc: Exception) -> None:
+        """Outside a batch (housekeeping, waiting): count, log the first and every 50th, and
+        reconnect on the next call."""
+        self.metrics.errors += 1
+        self._database_errors += 1
+        if self._database_errors % 50 == 1:
+            log.warning("outbox_relay_error", table=self.table, source="database", error=repr(exc))
+        self.store.reset()
 
     def start(self) -> OutboxRelay:
         """Run :meth:`run` in a daemon thread."""
