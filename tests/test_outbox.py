@@ -478,6 +478,40 @@ def test_the_relay_reconnects_after_its_database_sessions_are_killed(pg_url, pg_
     assert_exact(bus.client, {1: list(range(1, 41))})
 
 
+def test_the_catch_up_after_an_outage_is_paced_by_max_rate(sqlite_path, table, bus):
+    """3,000 queued rows at max_rate=1,000/s: the relay sleeps (on a fake clock here) so that
+    publishing them takes at least (3,000 - one burst) / 1,000 s, in chunks of one burst."""
+    with sqlite3.connect(sqlite_path) as conn:
+        Outbox(table).write_many(conn, [event(1 + n % 4, n) for n in range(1, 3001)])
+    relay = OutboxRelay.sqlite(sqlite_path, bus, table=table, max_rate=1000)
+    now = [0.0]
+    relay.limiter = RateLimiter(1000, clock=lambda: now[0])  # bursts of 100
+    slept: list[float] = []
+
+    def fake_wait(seconds: float) -> bool:
+        slept.append(seconds)
+        now[0] += seconds
+        return False
+
+    relay._stop.wait = fake_wait
+    published_per_chunk = []
+    original = relay._keyed.publish
+
+    def counting(items):
+        published_per_chunk.append(len(items))
+        return original(items)
+
+    relay._keyed.publish = counting
+    assert drain(relay) == 3000
+    relay.store.close()
+    assert max(published_per_chunk) == 100
+    assert sum(slept) == pytest.approx((3000 - 100) / 1000)
+    expected: dict[int, list[int]] = {}
+    for n in range(1, 3001):
+        expected.setdefault(1 + n % 4, []).append(n)
+    assert_exact(bus.client, expected)
+
+
 def test_an_invalid_row_holds_its_project_only_and_is_reported_once(sqlite_path, table, bus):
     outbox = Outbox(table)
     with sqlite3.connect(sqlite_path) as conn:
