@@ -28,8 +28,10 @@ import inspect
 import itertools
 import random as _random
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Literal
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import msgspec
 import structlog
@@ -60,10 +62,13 @@ from consumer.types import (
     Resync,
     UndecodableEvent,
 )
+from schemas.events import ProjectEvent
 from schemas.protocol import (
     Authenticated,
     Error,
     ErrorCode,
+    PollResponse,
+    ResyncReason,
     ResyncRequired,
     Subscribed,
     Unsubscribed,
@@ -75,12 +80,31 @@ log = structlog.get_logger("eventbus.consumer")
 
 #: A fixed token, or a function (plain or async) returning a fresh one each time it is called.
 TokenSource = str | Callable[[], str | Awaitable[str]]
-#: Where a project without a cursor starts: "now" (live), "beginning" (the oldest retained event
-#: of the current epoch), or a sequence number of the current epoch to start after.
+#: Where a project without a cursor starts: "now" (live), "beginning" (seq 1 of the current epoch;
+#: a Resync(history_trimmed) when retention dropped it), or a seq of the current epoch to start
+#: after.
 Start = Literal["now", "beginning"] | int
 
 _encode = msgspec.json.encode
 _CLOSED = object()  # queue sentinel: wake a waiting iterator
+_poll_decoder = msgspec.json.Decoder(PollResponse)
+#: Events per page when catching up (the polling endpoint's maximum).
+POLL_PAGE = 1000
+
+
+def _http_url(ws_url: str) -> str:
+    """The origin of the gateway's HTTP endpoints for a WebSocket URL (same host and port)."""
+    parts = urlsplit(ws_url)
+    return urlunsplit(("https" if parts.scheme == "wss" else "http", parts.netloc, "", "", ""))
+
+
+def _http_get(url: str, token: str | None, timeout: float) -> bytes:
+    headers = {"Accept": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, headers=headers)
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return response.read()
 
 
 class Subscription:
@@ -198,6 +222,10 @@ class Consumer:
         open_timeout, ping_interval, ping_timeout: WebSocket handshake timeout and keepalive (a
             connection that answers no ping within ``ping_timeout`` is dropped and resumed).
         compression: offer permessage-deflate (the gateway uses it only with ``--compression``).
+        catch_up: when a resume is further behind than one replay carries (``resync_required``
+            ``too_far_behind``) but the history still holds the cursor, read the missed events
+            page by page from the gateway's polling endpoint instead of surfacing a resync.
+        http_url: base URL of that endpoint (default: the WebSocket URL's origin, http(s)).
     """
 
     def __init__(
@@ -214,6 +242,8 @@ class Consumer:
         ping_interval: float | None = 20.0,
         ping_timeout: float | None = 20.0,
         compression: bool = False,
+        catch_up: bool = True,
+        http_url: str | None = None,
         random: Callable[[], float] = _random.random,
     ) -> None:
         urls = [url] if isinstance(url, str) else list(url)
@@ -229,6 +259,10 @@ class Consumer:
         self.auto_commit = auto_commit
         self.policy = reconnect or ReconnectPolicy()
         self.buffer = buffer
+        self.catch_up = catch_up
+        self.http_url = http_url.rstrip("/") if http_url else None
+        self._current_url = urls[0]
+        self._poll_timeout = open_timeout
         self._token_source = token
         self._connect_options: dict[str, Any] = {
             "open_timeout": open_timeout,
@@ -446,6 +480,7 @@ class Consumer:
             opened_at = time.monotonic()
             self.connects += 1
             self._ws = ws
+            self._current_url = url
             log.info("connected", url=url)
             try:
                 await self._session(ws, token)
@@ -508,7 +543,8 @@ class Consumer:
             # once (a refused token closes the connection with 4001 before they are read).
             self._subscribed_on = ws
             for state in list(self._states.values()):
-                await ws.send(_encode(state.subscribe_message()), text=True)
+                if not state.catching_up:  # that one subscribes when its pages are read
+                    await ws.send(_encode(state.subscribe_message()), text=True)
             while True:
                 raw = await ws.recv(decode=False)
                 message = await self._on_frame(ws, raw)
@@ -529,36 +565,20 @@ class Consumer:
             if exc.header is None:
                 log.warning("ignored a frame that is not a protocol message", error=str(exc))
                 return None
-            _type, project_id, seq = exc.header
-            state = self._states.get(project_id)
+            state = self._states.get(exc.header[1])
             if state is not None:
-                verdict = state.on_event(seq)
-                if verdict is Verdict.DELIVER:
-                    epoch = state.cursor.epoch  # type: ignore[union-attr]
-                    await self._put(
-                        project_id, UndecodableEvent(project_id, epoch, seq, raw, str(exc))
-                    )
-                elif verdict is Verdict.GAP:
+                verdict = await self._on_undecodable(state, exc, raw)
+                if verdict is Verdict.GAP:
                     await ws.send(_encode(state.subscribe_message()), text=True)
             return None
         cls = type(message)
         if cls in EVENT_TYPES:
-            project_id = message.project_id  # type: ignore[attr-defined]
-            state = self._states.get(project_id)
+            state = self._states.get(message.project_id)  # type: ignore[attr-defined]
             if state is None:
                 return None  # unsubscribed meanwhile
-            seq = event_seq(raw)
-            verdict = state.on_event(seq)
-            if verdict is Verdict.DELIVER:
-                subscription = self._routes[project_id]
-                delivery = Delivery(project_id, state.cursor[0], seq, message, raw)  # type: ignore[index,arg-type]
-                queue = subscription._queue
-                if queue.full():
-                    await queue.put(delivery)
-                else:
-                    queue.put_nowait(delivery)
-            elif verdict is Verdict.GAP:
-                log.warning("gap in a project's events; resubscribing", project_id=project_id)
+            verdict = await self._on_event(state, message, raw)  # type: ignore[arg-type]
+            if verdict is Verdict.GAP:
+                log.warning("gap in a project's events; resubscribing", project_id=state.project_id)
                 await ws.send(_encode(state.subscribe_message()), text=True)
             return None
         if cls is Subscribed:
@@ -577,10 +597,20 @@ class Consumer:
             return None
         if cls is ResyncRequired:
             state = self._states.get(message.project_id)  # type: ignore[attr-defined]
-            if state is not None:
-                resync = state.on_resync(message.reason, message.epoch, message.seq)  # type: ignore[attr-defined]
-                log.info("resync required", project_id=state.project_id, reason=str(resync.reason))
-                await self._put(state.project_id, resync)
+            if state is None:
+                return None
+            reason, epoch = message.reason, message.epoch  # type: ignore[attr-defined]
+            if state.catching_up and reason == ResyncReason.TOO_FAR_BEHIND:
+                return None  # the catch-up in progress covers it
+            if self.catch_up and state.can_catch_up(reason, epoch):
+                # Still in the history, only more than one replay carries: read it by pages.
+                state.begin_catch_up()
+                fallback = Resync(state.project_id, reason, epoch, message.seq)  # type: ignore[attr-defined]
+                self._spawn(self._catch_up(state, state.generation, fallback))
+                return None
+            resync = state.on_resync(reason, epoch, message.seq)  # type: ignore[attr-defined]
+            log.info("resync required", project_id=state.project_id, reason=str(resync.reason))
+            await self._put(state.project_id, resync)
             return None
         if cls is Error:
             await self._on_error(ws, message)  # type: ignore[arg-type]
@@ -588,6 +618,34 @@ class Consumer:
         if cls is Unsubscribed:
             return None
         return message  # Authenticated, Pong
+
+    async def _on_event(
+        self, state: ProjectState, event: ProjectEvent, raw: bytes, *, paged: bool = False
+    ) -> Verdict:
+        """Order one decoded event frame and queue it when it is the next one."""
+        seq = event_seq(raw)
+        verdict = state.on_event(seq, paged=paged)
+        if verdict is Verdict.DELIVER:
+            project_id = state.project_id
+            delivery = Delivery(project_id, state.cursor[0], seq, event, raw)  # type: ignore[index]
+            queue = self._routes[project_id]._queue
+            if queue.full():
+                await queue.put(delivery)
+            else:
+                queue.put_nowait(delivery)
+        return verdict
+
+    async def _on_undecodable(
+        self, state: ProjectState, exc: FrameError, raw: bytes, *, paged: bool = False
+    ) -> Verdict:
+        """An event of a type this consumer does not know keeps its place in the order."""
+        seq = exc.header[2]  # type: ignore[index]
+        verdict = state.on_event(seq, paged=paged)
+        if verdict is Verdict.DELIVER:
+            epoch = state.cursor.epoch  # type: ignore[union-attr]
+            item = UndecodableEvent(state.project_id, epoch, seq, raw, str(exc))
+            await self._put(state.project_id, item)
+        return verdict
 
     async def _put(self, project_id: int, item: Any) -> None:
         subscription = self._routes.get(project_id)
@@ -619,6 +677,75 @@ class Consumer:
                 await subscription._queue.put(kind(error.code, error.message, project_id))
             return
         log.error("gateway error", code=str(error.code), message=error.message)
+
+    # --- catching up by pages -----------------------------------------------------------------
+
+    async def _catch_up(self, state: ProjectState, generation: int, fallback: Resync) -> None:
+        """Read the events after the cursor from the gateway's polling endpoint, page by page,
+        then resubscribe from where the pages ended. If the pages cannot be read, surface the
+        gateway's ``resync_required`` (``fallback``) after all: never silence."""
+        project_id = state.project_id
+
+        def current() -> bool:
+            return self._states.get(project_id) is state and state.generation == generation
+
+        try:
+            for _page in range(100_000):
+                cursor = state.cursor
+                assert cursor is not None
+                page = await self._poll(project_id, cursor)
+                if not current():
+                    return
+                if page.resync_required is not None:
+                    resync = page.resync_required
+                    item = state.on_resync(resync.reason, resync.epoch, resync.seq)
+                    await self._put(project_id, item)
+                    break
+                more = page.more and bool(page.events)
+                for raw in page.events:
+                    frame = bytes(raw)
+                    try:
+                        event = decode_frame(frame)
+                    except FrameError as exc:
+                        if exc.header is None:
+                            raise
+                        verdict = await self._on_undecodable(state, exc, frame, paged=True)
+                    else:
+                        if type(event) not in EVENT_TYPES:
+                            raise FrameError(f"not an event: {frame[:80]!r}", None)
+                        verdict = await self._on_event(state, event, frame, paged=True)  # type: ignore[arg-type]
+                    if not current():
+                        return
+                    if verdict not in (Verdict.DELIVER, Verdict.DUPLICATE):
+                        more = False  # out of order: the resubscribe after the pages repairs it
+                        break
+                if not more:
+                    break
+            log.info("caught up by pages", project_id=project_id, cursor=state.cursor)
+        except Exception as exc:
+            if not current():
+                return
+            log.warning(
+                "catch-up failed; surfacing the resync", project_id=project_id, error=repr(exc)
+            )
+            item = state.on_resync(fallback.reason, fallback.epoch, fallback.seq)
+            await self._put(project_id, item)
+        finally:
+            # The WebSocket's events were dropped meanwhile: resubscribe from the cursor (on the
+            # current connection; a later one subscribes every project anyway).
+            if self._states.get(project_id) is state:
+                message = state.end_catch_up()
+                if message is not None and self._subscribed_on is not None:
+                    await self._send(message)
+
+    async def _poll(self, project_id: int, cursor: Cursor) -> PollResponse:
+        """One page of ``GET /v1/projects/{id}/events`` after ``cursor``."""
+        base = self.http_url or _http_url(self._current_url)
+        query = urlencode({"epoch": cursor[0], "after": cursor[1], "limit": POLL_PAGE})
+        url = f"{base}/v1/projects/{project_id}/events?{query}"
+        token = await self._get_token(renew=False)
+        body = await asyncio.to_thread(_http_get, url, token, self._poll_timeout)
+        return _poll_decoder.decode(body)
 
     async def _resubscribe_later(self, ws: ClientConnection, state: ProjectState, delay: float):
         await asyncio.sleep(delay)

@@ -12,7 +12,10 @@ are the ones of ``eventbus.js``'s ``ProjectCursor``:
 * while a subscribe is in flight, out-of-order events are dropped: that subscribe's replay (which
   always precedes its ``subscribed``) brings them in order; a ``subscribed`` that leaves the cursor
   behind the top it announces is a gap too;
-* ``resync_required`` moves the cursor to the given ``(epoch, seq)`` and is surfaced as an item.
+* ``resync_required`` moves the cursor to the given ``(epoch, seq)`` and is surfaced as an item;
+  except ``too_far_behind`` in the cursor's own epoch, which the client may *catch up* instead: it
+  reads the missed events page by page (the gateway's HTTP polling endpoint has no replay bound),
+  ignoring the WebSocket's events meanwhile, then resubscribes from where the pages ended.
 """
 
 from __future__ import annotations
@@ -59,6 +62,9 @@ class ProjectState:
     start_after: int | None = None
     pending: bool = False  # a subscribe was sent and its `subscribed` has not arrived yet
     resync_seen: bool = False  # a resync_required arrived since the last subscribe
+    catching_up: bool = False  # missed events are being read page by page
+    resubscribe_when_acknowledged: bool = False  # a catch-up ended before its `subscribed`
+    generation: int = 0  # bumps on every resync and catch-up: a stale catch-up recognises itself
 
     @property
     def known(self) -> bool:
@@ -68,12 +74,16 @@ class ProjectState:
         """The subscribe frame to send now (on every connect, and after a gap)."""
         self.pending = True
         self.resync_seen = False
+        self.resubscribe_when_acknowledged = False  # this subscribe is the one
         message: dict[str, object] = {"type": "subscribe", "project_id": self.project_id}
         if self.cursor is not None:
             message["epoch"], message["after"] = self.cursor
         return message
 
-    def on_event(self, seq: int) -> Verdict:
+    def on_event(self, seq: int, *, paged: bool = False) -> Verdict:
+        """An event frame from the WebSocket, or (``paged``) from a catch-up page."""
+        if self.catching_up and not paged:
+            return Verdict.DROP  # the pages bring it; the resubscribe after them the rest
         cursor = self.cursor
         if cursor is None:
             # Only a `subscribed` places the first event; the subscribe in flight covers it.
@@ -89,6 +99,9 @@ class ProjectState:
     def on_subscribed(self, epoch: str, seq: int, resumed: bool) -> SubscribedOutcome:
         """The gateway's ``subscribed``: the project is live after ``(epoch, seq)``."""
         self.pending = False
+        if self.resubscribe_when_acknowledged:
+            self.resubscribe_when_acknowledged = False
+            return SubscribedOutcome(resubscribe=True)
         if self.cursor is None:
             start = self.start_after
             self.start_after = None
@@ -114,9 +127,39 @@ class ProjectState:
             return SubscribedOutcome(resubscribe=True)
         return SubscribedOutcome()
 
+    def can_catch_up(self, reason: ResyncReason, epoch: str) -> bool:
+        """Whether a ``resync_required`` only says the replay would be too long: the events are
+        still in the history of the cursor's epoch and can be read page by page."""
+        return (
+            reason == ResyncReason.TOO_FAR_BEHIND
+            and self.cursor is not None
+            and self.cursor.epoch == epoch
+            and not self.catching_up
+        )
+
+    def begin_catch_up(self) -> None:
+        """Read the missed events by pages; WebSocket events are dropped until :meth:`end_catch_up`
+        (the ``subscribed`` that follows the resync too: it acknowledges a position we skip)."""
+        self.catching_up = True
+        self.resync_seen = True
+        self.generation += 1
+
+    def end_catch_up(self) -> dict[str, object] | None:
+        """The pages are read (or failed): the subscribe to send now, from wherever the cursor
+        is, or None when the gateway has not yet acknowledged the subscribe that led here (its
+        ``subscribed`` cannot be told from the answer to a new one): :meth:`on_subscribed` asks
+        for the resubscribe then."""
+        self.catching_up = False
+        if self.pending:
+            self.resubscribe_when_acknowledged = True
+            return None
+        return self.subscribe_message()
+
     def on_resync(self, reason: ResyncReason, epoch: str, seq: int) -> Resync:
         """The gateway's ``resync_required``: later events continue after ``(epoch, seq)``."""
         self.cursor = Cursor(epoch, seq)
         self.start_after = None
         self.resync_seen = True
+        self.catching_up = False  # a catch-up in progress is obsolete
+        self.generation += 1
         return Resync(self.project_id, reason, epoch, seq)

@@ -1,7 +1,7 @@
 """``tail``: print a project's events live, like ``tail -f`` for the event bus.
 
     python -m consumer tail 1                    # live from now, one readable line per event
-    python -m consumer tail 1 2 --from-start     # the retained history of the epoch, then live
+    python -m consumer tail 1 2 --from-start     # the history of the current epoch, then live
     python -m consumer tail 1 --after 40 --json  # raw frames after seq 40 of the current epoch
 
 It is a :class:`~consumer.Consumer` like any other (reconnects forever, resumes from its cursor,
@@ -68,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument(
         "--from-start",
         action="store_true",
-        help="start with the oldest retained event of the current epoch (default: live from now)",
+        help="start with seq 1 of the current epoch (default: live from now)",
     )
     where.add_argument(
         "--after",

@@ -26,6 +26,7 @@ from consumer import (
     Delivery,
     FileCursorStore,
     Forbidden,
+    MemoryCursorStore,
     Resync,
 )
 from publisher import AsyncPublisher, issue_token
@@ -444,3 +445,56 @@ def test_tail_exits_2_naming_a_forbidden_project(gateway):
     assert result.returncode == 2
     assert "tail: error: forbidden" in result.stderr and "(project 2)" in result.stderr
     assert result.stdout == ""
+
+
+async def test_a_resume_beyond_one_replay_catches_up_by_pages_exactly(redis_url):
+    """A consumer that was away for more events than one replay carries (--max-replay 50) but
+    that the history still holds: it reads them from the polling endpoint page by page while
+    events keep coming, then goes live; exact sequence, no Resync. With catch-up off, the same
+    resume is the gateway's Resync(too_far_behind)."""
+    store = MemoryCursorStore()
+    args = ["--max-replay", "50"]
+    publisher = AsyncPublisher.from_url(redis_url)
+    loop = PublishLoop(redis_url, [1], rate=150)
+    try:
+        with GatewayProcess(redis_url, auth_secret=SECRET, args=args) as gateway:
+            async with Consumer(gateway.ws_url, token=tokens([1]), store=store) as consumer:
+                subscription = consumer.events(1)
+                async with asyncio.timeout(20):
+                    await subscription.wait_subscribed()
+                await _publish(publisher, 1, 1, 30)
+                async with subscription:
+                    first = await collect(subscription, lambda items: len(items) == 30)
+            assert await store.load(1) == first[-1].cursor
+            await _publish(publisher, 1, 31, 2500)  # three pages of 1,000
+
+            async with Consumer(gateway.ws_url, token=tokens([1]), catch_up=False) as consumer:
+                (resync,) = await collect(
+                    consumer.events(1, after=first[-1].cursor), lambda items: True
+                )
+            assert isinstance(resync, Resync) and resync.reason is ResyncReason.TOO_FAR_BEHIND
+
+            async with Consumer(gateway.ws_url, token=tokens([1]), store=store) as consumer:
+                subscription = consumer.events(1)
+                loop.start()  # and events keep coming during the catch-up
+                items: list = []
+
+                async def read() -> None:
+                    async for item in subscription:
+                        items.append(item)
+
+                reader = asyncio.create_task(read())
+                try:
+                    await wait_until(lambda: len(items) >= 2600, 60, "the backlog and more")
+                    await loop.stop()
+                    ((cursor, _),) = (await final_state(redis_url, [1], KEYS)).values()
+                    await wait_until(lambda: consumer.cursor(1) == cursor, 30, "the top")
+                finally:
+                    await loop.stop()
+                    reader.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await reader
+    finally:
+        await publisher.aclose()
+    assert consumer.connects == 1
+    assert as_records(first + items) == await history(redis_url, [1])
