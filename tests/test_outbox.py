@@ -939,3 +939,23 @@ async def test_snapshots_through_sqlalchemy_on_sqlite_and_asyncio(
         await async_engine.dispose()
         for relay in relays:
             await asyncio.to_thread(relay.stop)
+
+
+def test_neither_sqlalchemy_nor_psycopg_is_imported_for_sqlite(tmp_path):
+    code = (
+        "import sqlite3, sys\n"
+        "from publisher.outbox import Outbox\n"
+        "from schemas import BlockerResolved, utc_now\n"
+        f"conn = sqlite3.connect({str(tmp_path / 'a.db')!r})\n"
+        "Outbox().create_table(conn)\n"
+        "Outbox().write(conn, BlockerResolved(project_id=1, blocker_id=1, answer='a',"
+        " resolved_at=utc_now()))\n"
+        "conn.commit()\n"
+        "print(sorted(m for m in ('sqlalchemy', 'psycopg') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert out.strip() == "[]"
