@@ -156,6 +156,20 @@ def test_too_far_behind_in_the_same_epoch_is_caught_up_by_pages_not_resynced():
     assert not state.catching_up and state.generation != generation
 
 
+def test_a_catch_up_that_ends_before_its_subscribed_waits_for_it_to_resubscribe():
+    """The ``subscribed`` answering the resume that was too far behind says ``resumed: false``;
+    taken for the answer to the subscribe after the pages, it would look like a failed resume."""
+    state = live_state(5)
+    state.subscribe_message()
+    state.begin_catch_up()
+    assert state.on_event(6, paged=True) is Verdict.DELIVER
+    assert state.end_catch_up() is None  # the gateway has not answered the last subscribe yet
+    outcome = state.on_subscribed(EPOCH, 900, resumed=False)
+    assert outcome == SubscribedOutcome(resubscribe=True)
+    assert state.subscribe_message()["after"] == 6
+    assert state.on_subscribed(EPOCH, 6, resumed=True) == SubscribedOutcome()
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     start=st.integers(0, 20),
