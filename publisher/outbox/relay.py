@@ -509,8 +509,10 @@ class OutboxRelay:
         now = time.monotonic()
         try:
             if now >= self._next_backlog:
-                self._next_backlog = now + self.backlog_interval
                 self.metrics.backlog = self.store.backlog()
+                # A count over a backlog of millions takes a while: at most 10% of the time.
+                spent = time.monotonic() - now
+                self._next_backlog = now + max(self.backlog_interval, 10 * spent)
             if now >= self._next_cleanup and self.metrics.leader:
                 self._next_cleanup = now + self.cleanup_interval
                 self.store.cleanup(self.retention, 10_000)
