@@ -959,3 +959,24 @@ def test_neither_sqlalchemy_nor_psycopg_is_imported_for_sqlite(tmp_path):
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     assert out.strip() == "[]"
+
+
+def test_cli_relay_publishes_and_stops_cleanly_on_sigterm(sqlite_path, table, bus, redis_url):
+    with sqlite3.connect(sqlite_path) as conn:
+        Outbox(table).write_many(conn, [event(41, n) for n in range(1, 4)])
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "publisher.outbox", "relay", "--sqlite", sqlite_path,
+            "--table", table, "--redis-url", redis_url, "--poll-interval", "0.1",
+        ],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: len(stream_ids(bus.client, 41)) == 3)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=15)
+    assert process.returncode == 0, stderr
+    assert '"event": "outbox_relay_started"' in stderr
+    assert_exact(bus.client, {41: [1, 2, 3]})
