@@ -12,7 +12,7 @@ import http
 import re
 from collections.abc import Awaitable, Callable
 from importlib import resources
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 import msgspec
 from websockets.datastructures import Headers
@@ -87,7 +87,7 @@ class HttpRoutes:
         }
 
     async def handle(self, request: Request) -> Response:
-        path = urlsplit(request.path).path
+        path, query = _split_target(request.path)
         cors = self._cors_headers(request)
         if request.method == "OPTIONS":
             if cors is None:
@@ -116,7 +116,7 @@ class HttpRoutes:
             return self.static(path)
         match = _POLL_PATH.match(path)
         if match:
-            response = await self.poll(request, match.group(1))
+            response = await self.poll(request, match.group(1), query)
             for name, value in cors or ():
                 response.headers[name] = value
             return response
@@ -156,7 +156,7 @@ class HttpRoutes:
             [("Cache-Control", "public, max-age=300"), ("Access-Control-Allow-Origin", "*")],
         )
 
-    async def poll(self, request: Request, raw_id: str) -> Response:
+    async def poll(self, request: Request, raw_id: str, query: str = "") -> Response:
         """``GET /v1/projects/{id}/events?epoch=&after=&limit=``: the polling fallback."""
         if not _PROJECT_ID.fullmatch(raw_id) or int(raw_id) >= 2**53:
             return _error(400, "invalid_project", "project id must be a positive integer")
@@ -178,7 +178,7 @@ class HttpRoutes:
             if not claims.allows(project_id):
                 return _error(403, "forbidden", f"the token does not allow project {project_id}")
         try:
-            epoch, after, limit = _poll_query(urlsplit(request.path).query)
+            epoch, after, limit = _poll_query(query)
         except ValueError as exc:
             return _error(400, "invalid_query", str(exc))
         try:
@@ -215,6 +215,13 @@ class HttpRoutes:
             more=plan.more,
         )
         return json_response(200, encode(body))
+
+
+def _split_target(target: str) -> tuple[str, str]:
+    """A request target's path and query. Not ``urlsplit``: it parses a target such as
+    ``//[x`` as an authority and raises on it; routes only ever match plain paths anyway."""
+    path, _, query = target.partition("?")
+    return path.partition("#")[0], query.partition("#")[0]
 
 
 def _poll_query(query: str) -> tuple[str | None, int | None, int]:

@@ -281,7 +281,10 @@ class Gateway:
         if config.allowed_origins and origin not in config.allowed_origins:
             metrics.connections_rejected_total += 1
             self._client_log(
-                "handshake refused", kind="forbidden_origin", reason="origin", origin=origin
+                "handshake refused",
+                kind="forbidden_origin",
+                reason="origin",
+                origin=(origin or "")[:200],
             )
             return json_response(
                 403, {"error": "forbidden_origin", "message": f"origin {origin!r} is not allowed"}

@@ -204,3 +204,10 @@ async def test_polling_against_a_hung_redis_gets_503_within_the_subscribe_timeou
             assert 0.9 < elapsed < 3, elapsed
         finally:
             await gateway.drain()
+
+
+@pytest.mark.parametrize("path", ["//[x", "//[::1/v1/projects/1/events", "http://[x/healthz"])
+async def test_request_targets_that_are_not_plain_paths_get_404_not_500(gateways, path):
+    gateway = await gateways()
+    status, _, body = await request(gateway.port, path)
+    assert status == 404 and json.loads(body)["error"] == "not_found"

@@ -390,6 +390,8 @@ paths = st.one_of(
             "/v1/projects/" + "9" * 40 + "/events",
             "/../etc/passwd",
             "*",
+            "//[x",
+            "http://[::1/healthz",
         ]
     ),
     st.builds(
@@ -397,7 +399,7 @@ paths = st.one_of(
         st.text(string.ascii_letters + string.digits + "%-_.", max_size=12),
         st.text(string.ascii_letters + string.digits + "=&%;+-_.", max_size=40),
     ),
-    st.text(string.ascii_letters + string.digits + "/?=&%.-_~;:@!$'()*+,", max_size=60).map(
+    st.text(string.ascii_letters + string.digits + "/?=&%.-_~;:@!$'()*+,[]#", max_size=60).map(
         lambda tail: "/" + tail
     ),
 )
