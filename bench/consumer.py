@@ -5,6 +5,8 @@ process) runs on core 0. Three measurements, each over ``N`` events of one proje
 
 * ``resume``: a backlog of ``N`` events is published with ``publish_many``; the consumer starts
   at the beginning of the history and the gateway replays it (``--max-replay`` raised to ``N``).
+* ``paged``: the same backlog from a gateway with the default ``--max-replay`` (1,000): the
+  consumer catches it up page by page from the HTTP polling endpoint, then goes live.
 * ``live``: the consumer follows the project live while a publisher process (on core 1) publishes
   ``N`` events in bursts of 1,000 with ``publish_many``, as fast as it can.
 * ``floor``: a bare ``websockets`` client receiving the same replay without decoding anything:
@@ -187,15 +189,24 @@ async def _live(url: str, redis_url: str, count: int) -> tuple[float, float]:
 
 
 def run(count: int, rounds: int, log) -> dict[str, Any]:
-    results: dict[str, list[dict[str, float]]] = {"resume": [], "live": [], "floor": []}
+    results: dict[str, list[dict[str, float]]] = {
+        "resume": [],
+        "paged": [],
+        "live": [],
+        "floor": [],
+    }
     with BenchRedis() as redis, pin_self(BENCH_CPU) as pinned:
         for round_ in range(rounds):
             redis.client().flushall()
             gateway = Gateway(redis.url, max_replay=count)
+            # The default --max-replay: the backlog is caught up by pages over HTTP.
+            paging = Gateway(redis.url, max_replay=1000)
             try:
                 _publish_backlog(redis.url, count)
                 wall, cpu = asyncio.run(_consume(gateway.url, count, "beginning"))
                 results["resume"].append(_rates(count, wall, cpu))
+                wall, cpu = asyncio.run(_consume(paging.url, count, "beginning"))
+                results["paged"].append(_rates(count, wall, cpu))
                 wall, cpu = asyncio.run(_floor(gateway.url, count))
                 results["floor"].append(_rates(count, wall, cpu))
                 redis.client().flushall()
@@ -203,6 +214,7 @@ def run(count: int, rounds: int, log) -> dict[str, Any]:
                 results["live"].append(_rates(count, wall, cpu))
             finally:
                 gateway.stop()
+                paging.stop()
             log(f"round {round_ + 1}/{rounds}: " + ", ".join(
                 f"{name} {runs[-1]['events_per_s']:,}/s ({runs[-1]['events_per_cpu_s']:,}/cpu-s)"
                 for name, runs in results.items()
