@@ -28,6 +28,7 @@ from publisher.connection import (
 from publisher.core import (
     RETRY_GUARD,
     Cursor,
+    IdempotencyConflict,
     PreparedBatch,
     PublishError,
     PublisherUnavailable,
@@ -165,13 +166,17 @@ class _Settings:
             retry_guard=self.retry_guard,
         )
 
-    def batches(self, events: Iterable[ProjectEvent]) -> list[PreparedBatch]:
+    def batches(
+        self, events: Iterable[ProjectEvent], idempotency_keys: Iterable[str | None] | None
+    ) -> list[PreparedBatch]:
         return plan_batches(
             events,
             keys=self.keys,
             retention=self.retention,
             publish_command=self.publish_command,
             retry_guard=self.retry_guard,
+            idempotency_keys=idempotency_keys,
+            idempotency_window=self.idempotency_window,
         )
 
 
@@ -218,7 +223,12 @@ def _collect(batches: list[PreparedBatch], results: list, total: int) -> list[Cu
         if isinstance(result, Exception):
             errors.setdefault(batch.project_id, script_error(result))
             continue
-        for position, cursor in zip(batch.positions, batch.cursors(result), strict=True):
+        try:
+            batch_cursors = batch.cursors(result)
+        except IdempotencyConflict as conflict:  # that event only; the others went on
+            errors.setdefault(batch.project_id, conflict)
+            continue
+        for position, cursor in zip(batch.positions, batch_cursors, strict=True):
             cursors[position] = cursor
     if errors:
         raise PublishManyError(cursors, errors)
@@ -386,21 +396,30 @@ class Publisher(_ContractHelpers[Cursor]):
             self._script.sha = sha = client.script_load(lua.PUBLISH)
             return client.execute_command("EVALSHA", sha, len(keys), *keys, *args)
 
-    def publish_many(self, events: Iterable[ProjectEvent]) -> list[Cursor]:
+    def publish_many(
+        self,
+        events: Iterable[ProjectEvent],
+        *,
+        idempotency_keys: Iterable[str | None] | None = None,
+    ) -> list[Cursor]:
         """Publish a burst in one pipelined round trip; cursors come back in the input order.
 
-        Every event is validated before anything is sent. Events of one project keep their
-        relative order and are appended by one script call per 500 events.
+        Every event (and idempotency key) is validated before anything is sent. Events of one
+        project keep their relative order and are appended by one script call per 500 events.
+        ``idempotency_keys``, one per event (``None`` for none), publishes each keyed event as
+        ``publish(event, idempotency_key=key)`` would, in the same pipeline.
 
         Raises:
             EventValidationError: an event breaks the contract; nothing was written.
+            ValueError: a malformed idempotency key, or not one per event; nothing was written.
             PublisherUnavailable: Redis unreachable or hung within ``timeout``; a prefix of the
-                script calls may have been applied.
+                script calls may have been applied (retrying keyed events is exact).
             PublishManyError: Redis refused some script calls (e.g. a damaged key of one
-                project); its ``cursors`` say exactly which events were published.
+                project, an idempotency key used for another event); its ``cursors`` say
+                exactly which events were published.
         """
         events = list(events)
-        batches = self._settings.batches(events)
+        batches = self._settings.batches(events, idempotency_keys)
         if not batches:
             return []
         started = time.monotonic()
@@ -540,10 +559,15 @@ class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
             self._script.sha = sha = await client.script_load(lua.PUBLISH)
             return await client.execute_command("EVALSHA", sha, len(keys), *keys, *args)
 
-    async def publish_many(self, events: Iterable[ProjectEvent]) -> list[Cursor]:
+    async def publish_many(
+        self,
+        events: Iterable[ProjectEvent],
+        *,
+        idempotency_keys: Iterable[str | None] | None = None,
+    ) -> list[Cursor]:
         """See :meth:`Publisher.publish_many`."""
         events = list(events)
-        batches = self._settings.batches(events)
+        batches = self._settings.batches(events, idempotency_keys)
         if not batches:
             return []
         started = time.monotonic()

@@ -348,27 +348,52 @@ def prepare_single(
     ``retry_guard``, so that a retry of this very call can never publish the event twice.
     """
     payload = encode_event(event)
-    key_name = digest = ""
-    if idempotency_key is None and retry_guard:
+    if idempotency_key is not None:
+        _check_idempotency_key(idempotency_key, idempotency_window)
+        return _keyed_call(
+            event, payload, 0, idempotency_key, keys, retention, publish_command, idempotency_window
+        )
+    key_name = ""
+    if retry_guard:
         key_name = _retry_guard_key(keys, event.project_id)
         idempotency_window = retry_guard
-    elif idempotency_key is not None:
-        if not isinstance(idempotency_key, str) or not _IDEMPOTENCY_KEY_RE.match(idempotency_key):
-            raise ValueError("idempotency_key must be 1-200 printable ASCII characters, no spaces")
-        if idempotency_window <= timedelta(0):
-            raise ValueError("idempotency_window must be positive")
-        key_name = keys.idempotency(event.project_id, idempotency_key)
-        digest = event_digest(event, payload)
     args = _common_args(
-        retention,
-        idempotency_window,
-        publish_command,
-        keys.channel(event.project_id),
-        key_name,
-        digest,
+        retention, idempotency_window, publish_command, keys.channel(event.project_id), key_name
     )
     args.append(payload)
     return PreparedBatch(event.project_id, _keys(keys, event.project_id), args, 1, [0])
+
+
+def _check_idempotency_key(key: object, window: timedelta) -> None:
+    if not isinstance(key, str) or not _IDEMPOTENCY_KEY_RE.match(key):
+        raise ValueError("idempotency_key must be 1-200 printable ASCII characters, no spaces")
+    if window <= timedelta(0):
+        raise ValueError("idempotency_window must be positive")
+
+
+def _keyed_call(
+    event: ProjectEvent,
+    payload: bytes,
+    position: int,
+    idempotency_key: str,
+    keys: Keys,
+    retention: Retention,
+    publish_command: str,
+    window: timedelta,
+) -> PreparedBatch:
+    """The script call of one event under the caller's idempotency key (with the digest that
+    lets the script tell a retry from another event)."""
+    project_id = event.project_id
+    args = _common_args(
+        retention,
+        window,
+        publish_command,
+        keys.channel(project_id),
+        keys.idempotency(project_id, idempotency_key),
+        event_digest(event, payload),
+    )
+    args.append(payload)
+    return PreparedBatch(project_id, _keys(keys, project_id), args, 1, [position])
 
 
 def plan_batches(
@@ -379,15 +404,80 @@ def plan_batches(
     publish_command: str,
     batch_size: int = BATCH_SIZE,
     retry_guard: timedelta | None = RETRY_GUARD,
+    idempotency_keys: Iterable[str | None] | None = None,
+    idempotency_window: timedelta = timedelta(minutes=10),
 ) -> list[PreparedBatch]:
     """Validate and encode every event first (so an invalid one publishes nothing), then group
     the events of each project, in the caller's order, into script calls (each guarded against
-    retries like :func:`prepare_single`)."""
+    retries like :func:`prepare_single`).
+
+    ``idempotency_keys`` (one per event, ``None`` for an event without) makes each keyed event a
+    script call of its own under its key, exactly as :func:`prepare_single` would; the events
+    without a key between them are grouped as usual. Malformed keys raise ``ValueError``.
+    """
+    events = list(events)
     encoded = [(event.project_id, encode_event(event)) for event in events]
-    return list(_group(encoded, keys, retention, publish_command, batch_size, retry_guard))
+    keyed: dict[int, str] = {}
+    if idempotency_keys is not None:
+        idempotency_keys = list(idempotency_keys)
+        if len(idempotency_keys) != len(events):
+            raise ValueError(
+                f"idempotency_keys must have one entry per event: got {len(idempotency_keys)} "
+                f"for {len(events)} events"
+            )
+        for position, key in enumerate(idempotency_keys):
+            if key is not None:
+                _check_idempotency_key(key, idempotency_window)
+                keyed[position] = key
+    # Sequences are per project, so only the order within a project is observable: bucket by
+    # project (keeping that order) to make script calls as large as possible in mixed bursts.
+    by_project: dict[int, list[int]] = {}
+    for position, (project_id, _) in enumerate(encoded):
+        by_project.setdefault(project_id, []).append(position)
+    calls: list[PreparedBatch] = []
+    for project_id, positions in by_project.items():
+        run: list[int] = []  # consecutive events without a key
+        for position in positions:
+            key = keyed.get(position)
+            if key is None:
+                run.append(position)
+                continue
+            calls.extend(
+                _guarded_calls(
+                    project_id,
+                    run,
+                    encoded,
+                    keys,
+                    retention,
+                    publish_command,
+                    batch_size,
+                    retry_guard,
+                )
+            )
+            run = []
+            calls.append(
+                _keyed_call(
+                    events[position],
+                    encoded[position][1],
+                    position,
+                    key,
+                    keys,
+                    retention,
+                    publish_command,
+                    idempotency_window,
+                )
+            )
+        calls.extend(
+            _guarded_calls(
+                project_id, run, encoded, keys, retention, publish_command, batch_size, retry_guard
+            )
+        )
+    return calls
 
 
-def _group(
+def _guarded_calls(
+    project_id: int,
+    positions: list[int],
     encoded: list[tuple[int, bytes]],
     keys: Keys,
     retention: Retention,
@@ -395,23 +485,18 @@ def _group(
     batch_size: int,
     retry_guard: timedelta | None,
 ) -> Iterator[PreparedBatch]:
-    # Sequences are per project, so only the order within a project is observable: bucket by
-    # project (keeping that order) to make script calls as large as possible in mixed bursts.
-    by_project: dict[int, list[int]] = {}
-    for position, (project_id, _) in enumerate(encoded):
-        by_project.setdefault(project_id, []).append(position)
-    for project_id, positions in by_project.items():
-        for start in range(0, len(positions), batch_size):
-            chunk = positions[start : start + batch_size]
-            args = _common_args(
-                retention,
-                retry_guard or timedelta(0),
-                publish_command,
-                keys.channel(project_id),
-                _retry_guard_key(keys, project_id) if retry_guard else "",
-            )
-            args.extend(encoded[i][1] for i in chunk)
-            yield PreparedBatch(project_id, _keys(keys, project_id), args, len(chunk), chunk)
+    """Script calls of up to ``batch_size`` events of one project, each under a retry guard."""
+    for start in range(0, len(positions), batch_size):
+        chunk = positions[start : start + batch_size]
+        args = _common_args(
+            retention,
+            retry_guard or timedelta(0),
+            publish_command,
+            keys.channel(project_id),
+            _retry_guard_key(keys, project_id) if retry_guard else "",
+        )
+        args.extend(encoded[i][1] for i in chunk)
+        yield PreparedBatch(project_id, _keys(keys, project_id), args, len(chunk), chunk)
 
 
 def pack_command(*args: bytes | str | int) -> bytes:

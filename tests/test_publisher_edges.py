@@ -581,21 +581,45 @@ def test_fuzz_publish(fuzz_redis, candidate, key) -> None:
     assert json.loads(frame)["seq"] == cursor.seq
 
 
+_STAMPS = ("resolved_at", "resumed_at", "expired_at")
+
+
 @_FUZZ
-@given(burst=st.lists(_events(), max_size=12))
-def test_fuzz_publish_many(fuzz_redis, burst) -> None:
+@given(
+    items=st.lists(
+        st.tuples(_events(), st.one_of(st.none(), st.sampled_from("ab"), _keys)), max_size=12
+    ),
+    keyed=st.booleans(),
+)
+def test_fuzz_publish_many(fuzz_redis, items, keyed) -> None:
     pub = Publisher(fuzz_redis)
     before = _snapshot(fuzz_redis)
+    keys = [key for _, key in items] if keyed else None
     try:
-        burst = [build() for build in burst]
-        cursors = pub.publish_many(burst)
+        burst = [build() for build, _ in items]
+        cursors = pub.publish_many(burst, idempotency_keys=keys)
     except (EventValidationError, ValueError):
-        assert _snapshot(fuzz_redis) == before  # one invalid event: none published
+        assert _snapshot(fuzz_redis) == before  # one invalid event or key: none published
         return
+    except PublishManyError as error:  # only a key reused for another event can refuse here
+        assert all(isinstance(e, IdempotencyConflict) for e in error.errors.values())
+        cursors = error.cursors
     assert len(cursors) == len(burst)
-    for project_id in {e.project_id for e in burst}:
-        seqs = [c.seq for c, e in zip(cursors, burst, strict=True) if e.project_id == project_id]
-        assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # consecutive, in order
+    keys = keys or [None] * len(burst)
+    for event_, key, cursor in zip(burst, keys, cursors, strict=True):
+        if cursor is None:
+            continue
+        # The cursor points at this event in the stream (for a keyed retry: the same event,
+        # perhaps stamped at another time).
+        entry = fuzz_redis.xrange(KEYS.stream(event_.project_id), f"{cursor.seq}-0", "+", count=1)
+        stored = json.loads(entry[0][1][b"f"])
+        assert stored.pop("seq") == cursor.seq
+        expected = json.loads(encode_event(event_))
+        if key is not None:
+            for name in _STAMPS:
+                stored.pop(name, None)
+                expected.pop(name, None)
+        assert stored == expected
 
 
 @settings(max_examples=60, deadline=None)
@@ -623,3 +647,49 @@ def test_parse_of_the_script_reply_is_strict() -> None:
     for bad in ([b"\xff", 1, 0], [b"ok", b"1", 0], [b"ok", 0, 0], [b"ok", 1, 7], "x", None, []):
         with pytest.raises(PublishError, match="unexpected reply"):
             parse_reply(bad)
+
+
+# --- publish_many with idempotency keys (one per event) -----------------------------------------
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_publish_many_with_idempotency_keys_is_exact_on_retry(
+    redis_url: str, redis_client, flavour: str
+) -> None:
+    burst = [event(1, 1), event(2, 1), event(1, 2), event(1, 3), event(2, 2)]
+    keys = ["a", "b", None, "c", "d"]
+
+    def publish_many(events, idempotency_keys):
+        if flavour == "sync":
+            with Publisher.from_url(redis_url) as pub:
+                return pub.publish_many(events, idempotency_keys=idempotency_keys)
+
+        async def run():
+            async with AsyncPublisher.from_url(redis_url) as pub:
+                return await pub.publish_many(events, idempotency_keys=idempotency_keys)
+
+        return asyncio.run(run())
+
+    first = publish_many(burst, keys)
+    assert [c.seq for c in first] == [1, 1, 2, 3, 2]  # order within each project kept
+    assert stream(redis_client, 1) == [(1, 1), (2, 2), (3, 3)]
+    # The whole burst again, keyed events only: each answers with its first cursor.
+    keyed = [i for i, k in enumerate(keys) if k is not None]
+    again = publish_many([burst[i] for i in keyed], [keys[i] for i in keyed])
+    assert again == [first[i] for i in keyed]
+    assert stream(redis_client, 1) == [(1, 1), (2, 2), (3, 3)]
+    assert stream(redis_client, 2) == [(1, 1), (2, 2)]
+    # A key used for another event: that event only is refused, the rest is published.
+    with pytest.raises(PublishManyError) as info:
+        publish_many([event(1, 9), event(2, 9)], ["a", "new"])
+    assert info.value.unpublished == [0]
+    assert isinstance(info.value.errors[1], IdempotencyConflict)
+    assert info.value.cursors[1] == Cursor(first[1].epoch, 3)
+    assert stream(redis_client, 1) == [(1, 1), (2, 2), (3, 3)]
+
+
+def test_publish_many_checks_its_idempotency_keys_before_sending(pub, redis_client) -> None:
+    for keys in (["a"], ["a", "b", "c"], ["a", "has space"], [None, ""], [1, None]):
+        with pytest.raises(ValueError, match="idempotency_key"):
+            pub.publish_many([event(1, 1), event(1, 2)], idempotency_keys=keys)
+    assert redis_client.keys("*") == []
