@@ -627,3 +627,54 @@ async def test_a_bug_in_the_connection_task_is_raised_to_the_iterators_not_a_sil
         with pytest.raises(ConsumerClosed, match="boom"):
             async with asyncio.timeout(10):
                 await anext(subscription)
+
+
+def _postgres_admin():
+    """A connection to the machine's PostgreSQL server (127.0.0.1:5432), or skip."""
+    psycopg = pytest.importorskip("psycopg")
+    errors = []
+    urls = (
+        [os.environ.get("EVENTBUS_TEST_POSTGRES", "")]
+        if "EVENTBUS_TEST_POSTGRES" in os.environ
+        else []
+    )
+    urls += [
+        "postgresql://postgres@127.0.0.1:5432/postgres",
+        "postgresql://root@127.0.0.1:5432/postgres",
+    ]
+    for url in urls:
+        try:
+            return url, psycopg.connect(url, autocommit=True, connect_timeout=3)
+        except psycopg.OperationalError as exc:
+            errors.append(str(exc).strip())
+    pytest.skip(f"no PostgreSQL server: {errors}")
+
+
+async def test_sql_store_on_postgresql_through_psycopg():
+    import psycopg
+
+    admin_url, admin = _postgres_admin()
+    name = f"eventbus_consumer_test_{os.getpid()}"
+    admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    admin.execute(f"CREATE DATABASE {name}")
+    try:
+        with psycopg.connect(admin_url.rpartition("/")[0] + "/" + name) as db:
+            store = SqlCursorStore(db, "pager")  # paramstyle "format", from the connection
+            store.create_table()
+            db.execute("CREATE TABLE pages (seq BIGINT PRIMARY KEY)")
+            db.commit()
+            with db.cursor() as cur:
+                cur.execute("INSERT INTO pages VALUES (1)")
+                store.save_in(cur, 7, Cursor("e", 1))
+            db.commit()
+            with db.cursor() as cur:
+                cur.execute("INSERT INTO pages VALUES (2)")
+                store.save_in(cur, 7, Cursor("e", 2))
+            db.rollback()
+            assert await store.load(7) == Cursor("e", 1)
+            await store.save(7, Cursor("f", 9))
+            assert await store.load(7) == Cursor("f", 9)
+            assert [r[0] for r in db.execute("SELECT seq FROM pages")] == [1]
+    finally:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()
