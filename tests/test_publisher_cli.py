@@ -152,6 +152,14 @@ def test_publish_idempotency_key(cli, redis_client: redis.Redis) -> None:
     assert redis_client.xlen(KEYS.stream(1)) == 1
 
 
+def test_publish_idempotency_key_used_for_another_event(cli, redis_client: redis.Redis) -> None:
+    assert cli("publish", resolved_json(), "--idempotency-key", "k").code == 0
+    other = cli("publish", resolved_json(answer="Other"), "--idempotency-key", "k")
+    assert other.code == 1 and other.out == ""
+    assert "idempotency key 'k' was already used for a different event" in other.err
+    assert redis_client.xlen(KEYS.stream(1)) == 1
+
+
 def test_publish_idempotency_key_errors(cli, redis_client: redis.Redis) -> None:
     two = resolved_json() + "\n" + resolved_json()
     result = cli("publish", "--idempotency-key", "k", stdin=two)
