@@ -39,6 +39,10 @@ EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 _MAX_TEXT = 80
+DESCRIPTION = (
+    "Print a project's events live, one readable line each (--json: the raw frames); reconnects "
+    "and resumes by itself, and prints resync_required rather than ever skipping silently."
+)
 
 
 def _positive_int(text: str) -> int:
@@ -63,7 +67,13 @@ def _non_negative_int(text: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``tail`` options, for a subcommand parser (``eventbus-publish tail``) or our own."""
-    parser.add_argument("project_ids", type=_positive_int, nargs="+", metavar="PROJECT_ID")
+    parser.add_argument(
+        "project_ids",
+        type=_positive_int,
+        nargs="+",
+        metavar="PROJECT_ID",
+        help="project(s) to follow",
+    )
     where = parser.add_mutually_exclusive_group()
     where.add_argument(
         "--from-start",
@@ -234,7 +244,7 @@ def main(
     stderr: TextIO | None = None,
 ) -> int:
     """``tail`` as a program: ``argv`` are its arguments (without ``tail`` itself)."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
     add_arguments(parser)
     args = parser.parse_args(argv)
     return run(args, stdout=stdout or sys.stdout, stderr=stderr or sys.stderr)

@@ -678,3 +678,15 @@ async def test_sql_store_on_postgresql_through_psycopg():
     finally:
         admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         admin.close()
+
+
+def test_tail_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]):
+    from consumer.__main__ import main as consumer_main
+    from consumer.tail import main as tail_main
+
+    for argv in (["0"], ["1", "--from-start", "--after", "3"], ["1", "--after", "-1"], []):
+        with pytest.raises(SystemExit) as info:
+            tail_main(argv)
+        assert info.value.code == 2, argv
+    assert consumer_main(["nope"]) == 2
+    assert "usage: python -m consumer tail" in capsys.readouterr().err
