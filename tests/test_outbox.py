@@ -25,7 +25,7 @@ import psycopg
 import pytest
 import redis
 
-from publisher import EventValidationError, Publisher
+from publisher import AsyncPublisher, EventValidationError, Publisher
 from publisher.outbox import (
     InTransaction,
     LagHistogram,
@@ -865,6 +865,8 @@ def test_any_object_with_publish_can_be_the_relays_publisher(sqlite_path, table,
             return bus.publish(event, idempotency_key=idempotency_key)
 
     assert KeyedPublisher(bus).batched
+    with pytest.raises(TypeError, match="AsyncPublisher"):
+        OutboxRelay.sqlite(sqlite_path, AsyncPublisher.from_url("redis://127.0.0.1:1"))
     wrapped = Wrapped()
     assert not KeyedPublisher(wrapped).batched
     with sqlite3.connect(sqlite_path) as conn:

@@ -21,6 +21,7 @@ How it stays exact (see ``docs/outbox.md`` for the long form):
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import sqlite3
 import threading
@@ -295,6 +296,8 @@ class OutboxRelay:
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if inspect.iscoroutinefunction(getattr(publisher, "publish", None)):
+            raise TypeError("the relay runs in a thread: give it a Publisher, not AsyncPublisher")
         if retention < timedelta(minutes=1):
             raise ValueError("retention must be at least a minute (snapshots read the cursors)")
         self.store = store
