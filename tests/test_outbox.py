@@ -982,3 +982,9 @@ def test_cli_relay_publishes_and_stops_cleanly_on_sigterm(sqlite_path, table, bu
     assert process.returncode == 0, stderr
     assert '"event": "outbox_relay_started"' in stderr
     assert_exact(bus.client, {41: [1, 2, 3]})
+
+
+def test_the_ddl_in_the_docs_is_what_the_package_ships():
+    docs = (ROOT / "docs" / "outbox.md").read_text()
+    blocks = [block.split("```", 1)[0] for block in docs.split("```sql\n")[1:]]
+    assert blocks[:2] == [migration_sql("postgresql"), migration_sql("sqlite")]
