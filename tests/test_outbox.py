@@ -988,3 +988,29 @@ def test_the_ddl_in_the_docs_is_what_the_package_ships():
     docs = (ROOT / "docs" / "outbox.md").read_text()
     blocks = [block.split("```", 1)[0] for block in docs.split("```sql\n")[1:]]
     assert blocks[:2] == [migration_sql("postgresql"), migration_sql("sqlite")]
+
+
+def test_the_applications_row_factories_do_not_matter(pg_url, pg_outbox, sqlite_path, table, bus):
+    from psycopg.rows import dict_row
+
+    with psycopg.connect(pg_url, row_factory=dict_row) as conn:
+        pg_outbox.write(conn, event(51, 1))
+    sqlite_outbox = Outbox(table)
+    with sqlite3.connect(sqlite_path) as conn:
+        sqlite_outbox.write(conn, event(52, 1))
+    for relay in [
+        OutboxRelay.postgres(pg_url, bus, table=pg_outbox.table),
+        OutboxRelay.sqlite(sqlite_path, bus, table=table),
+    ]:
+        drain(relay)
+        relay.store.close()
+    with psycopg.connect(pg_url, row_factory=dict_row, autocommit=True) as conn:
+        snap = pg_outbox.snapshot(conn, 51, lambda c: c.execute("SELECT 1 AS one").fetchone())
+        assert snap.data == {"one": 1} and snap.cursor.seq == 1
+    conn = sqlite3.connect(sqlite_path)
+    conn.row_factory = lambda cursor, row: {
+        column[0]: value for column, value in zip(cursor.description, row, strict=True)
+    }
+    snap = sqlite_outbox.snapshot(conn, 52, lambda c: c.execute("SELECT 2 AS two").fetchone())
+    assert snap.data == {"two": 2} and snap.cursor.seq == 1
+    conn.close()

@@ -114,7 +114,9 @@ class _SQLite(SyncDB):
         return self.conn
 
     def execute(self, sql: str, params: Params) -> list[tuple]:
-        return self.conn.execute(sql, params).fetchall()
+        cursor = self.conn.cursor()
+        cursor.row_factory = None  # tuples, whatever row factory the application set
+        return cursor.execute(sql, params).fetchall()
 
     def executemany(self, sql: str, params: Sequence[Params]) -> None:
         self.conn.executemany(sql, params)
@@ -132,10 +134,14 @@ class _SQLite(SyncDB):
             self.conn.rollback()
 
     def fresh(self, sql: str, params: Params) -> list[tuple]:
-        rows = self.conn.execute(sql, params).fetchall()
+        rows = self.execute(sql, params)
         if self.conn.in_transaction:  # isolation_level=None connections never are
             self.conn.rollback()
         return rows
+
+
+def _tuple_row() -> Any:
+    return sys.modules["psycopg.rows"].tuple_row  # imported by psycopg itself
 
 
 class _Psycopg(SyncDB):
@@ -149,8 +155,10 @@ class _Psycopg(SyncDB):
         return self.conn
 
     def execute(self, sql: str, params: Params) -> list[tuple]:
-        cur = self.conn.execute(for_psycopg(sql), params)
-        return cur.fetchall() if cur.description is not None else []
+        # Tuples, whatever row factory (dict_row, ...) the application set on the connection.
+        with self.conn.cursor(row_factory=_tuple_row()) as cur:
+            cur.execute(for_psycopg(sql), params)
+            return cur.fetchall() if cur.description is not None else []
 
     def executemany(self, sql: str, params: Sequence[Params]) -> None:
         with self.conn.cursor() as cur:
@@ -180,8 +188,9 @@ class _AsyncPsycopg(AsyncDB):
         return self.conn
 
     async def execute(self, sql: str, params: Params) -> list[tuple]:
-        cur = await self.conn.execute(for_psycopg(sql), params)
-        return await cur.fetchall() if cur.description is not None else []
+        async with self.conn.cursor(row_factory=_tuple_row()) as cur:
+            await cur.execute(for_psycopg(sql), params)
+            return await cur.fetchall() if cur.description is not None else []
 
     async def executemany(self, sql: str, params: Sequence[Params]) -> None:
         async with self.conn.cursor() as cur:
