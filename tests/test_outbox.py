@@ -165,6 +165,28 @@ def test_rate_limiter_bounds_the_average_rate():
     assert RateLimiter(0).delay(10**6) == 0
 
 
+def test_rate_limiter_never_lets_more_than_burst_plus_rate_times_elapsed_through():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        st.floats(1, 10_000),
+        st.lists(st.tuples(st.floats(0, 2), st.integers(1, 500)), max_size=50),
+    )
+    def check(rate, steps):
+        now = [0.0]
+        limiter = RateLimiter(rate, clock=lambda: now[0])
+        taken = 0
+        for idle, n in steps:
+            now[0] += idle
+            now[0] += limiter.delay(n)  # the caller sleeps what it is told
+            taken += n
+            assert taken <= limiter.burst + rate * now[0] + 1e-6 * taken
+
+    check()
+
+
 def test_lag_histogram_quantiles():
     histogram = LagHistogram()
     assert histogram.quantile(0.99) is None
