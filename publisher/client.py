@@ -210,6 +210,17 @@ def _to_rerun(batches: list[PreparedBatch], results: list) -> list[tuple[int, Pr
     return reruns
 
 
+def _unless_unavailable(results: list) -> list:
+    """A pipeline's results, or the first "try again later" error among them raised (a cluster
+    pipeline returns CLUSTERDOWN or a lost node as a result), so that the whole pipeline is
+    attempted again: every call in it is guarded or keyed, so a call that did run is not
+    published twice."""
+    for result in results:
+        if isinstance(result, _UNAVAILABLE):
+            raise result
+    return results
+
+
 def _collect(batches: list[PreparedBatch], results: list, total: int) -> list[Cursor]:
     """Cursors in the input order, or PublishManyError naming what was and was not written.
 
@@ -444,7 +455,7 @@ class Publisher(_ContractHelpers[Cursor]):
                     _queue_eval(pipe, batch)
                 else:
                     self._script(keys=batch.keys, args=batch.args, client=pipe)
-            return pipe.execute(raise_on_error=False)
+            return _unless_unavailable(pipe.execute(raise_on_error=False))
 
     def close(self) -> None:
         if self._direct is not None:
@@ -596,7 +607,7 @@ class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
                     _queue_eval(pipe, batch)
                 else:
                     await self._script(keys=batch.keys, args=batch.args, client=pipe)
-            return await pipe.execute(raise_on_error=False)
+            return _unless_unavailable(await pipe.execute(raise_on_error=False))
 
     async def aclose(self) -> None:
         if self._direct is not None:

@@ -49,7 +49,7 @@ from tests.support.redis_server import RedisServer
 KEYS = Keys()
 T0 = datetime(2025, 11, 8, 12, 45, 30, tzinfo=UTC)
 #: Scheduling noise allowed on top of a documented bound (2 shared cores).
-SLACK = 1.0
+SLACK = 2.0
 
 
 def event(project_id: int, n: int, answer: str | None = None) -> BlockerResolved:
