@@ -38,7 +38,7 @@ from publisher.outbox import (
 )
 from publisher.outbox.relay import OutboxRow
 from publisher.outbox.sql import for_psycopg, lock_key, validate_table
-from schemas import BlockerResolved
+from schemas import BlockerResolved, encode_event
 from tests.support.outbox_db import private_database, stream_ids, wait_until
 from tests.support.redis_server import RedisServer
 
@@ -580,6 +580,35 @@ def drain_available(relay: OutboxRelay) -> int:
     while count := relay.run_once():
         total += count
     return total
+
+
+def test_a_row_changed_after_its_publish_is_held_and_reported_never_silent(pg_url, pg_outbox, bus):
+    """Row 1 was published, then (by hand) unmarked and given another event: its key now
+    conflicts. Row 2 of the same project, in the same MULTI/EXEC, goes out ahead of it: that
+    cannot be undone, so it is logged as an error, and the project is held."""
+    import structlog
+
+    _write_committed(pg_url, pg_outbox, [event(61, 1)])
+    relay = OutboxRelay.postgres(pg_url, bus, table=pg_outbox.table, hold_interval=3600)
+    try:
+        drain(relay)
+        changed = encode_event(event(61, 99)).decode()
+        with psycopg.connect(pg_url) as conn:
+            conn.execute(
+                f"UPDATE {pg_outbox.table} SET published_at = NULL, epoch = NULL, seq = NULL, "
+                "event = %s",
+                (changed,),
+            )
+        _write_committed(pg_url, pg_outbox, [event(61, 2)])
+        with structlog.testing.capture_logs() as logs:
+            assert relay.run_once() == 0
+    finally:
+        relay.store.close()
+    assert 61 in relay._held
+    events = {entry["event"]: entry for entry in logs}
+    assert events["outbox_event_overtaken"]["later_calls_published"] == 1
+    assert "already used for a different event" in events["outbox_project_held"]["error"]
+    assert [b for _, b in stream_ids(bus.client, 61)] == [1, 2]
 
 
 def test_cleanup_keeps_each_projects_newest_published_row(pg_url, pg_outbox, bus):

@@ -93,6 +93,8 @@ class KeyedPublisher:
                     cursors.append(call.cursors(reply)[0])
                 except PublishError:  # e.g. IdempotencyConflict: the fallback raises it
                     break
+            if len(cursors) < len(calls):
+                _report_overtaking(calls, replies, len(cursors))
             return cursors
         except (redis.exceptions.RedisError, OSError):
             return []  # the fallback retries these rows one by one (with the publisher's policy)
@@ -102,3 +104,36 @@ class KeyedPublisher:
                 log.warning("outbox_batched_publish_disabled", error=repr(exc))
             self.batched = False
             return []
+
+
+def _report_overtaking(calls: list, replies: list, failed: int) -> None:
+    """Say so, loudly, if a later call of the failed call's project succeeded in the same EXEC.
+
+    Errors that depend on the project's state (a damaged key, OOM) fail every later call of the
+    project in the same EXEC too; only an error specific to one row (an IdempotencyConflict: the
+    row's event was changed after it was first published) can let a later row of the project
+    through ahead of it. That cannot be undone, so it is never silent either."""
+    project_id = calls[failed].project_id
+    overtaken = [
+        index
+        for index in range(failed + 1, len(calls))
+        if calls[index].project_id == project_id and _published(calls[index], replies[index])
+    ]
+    if overtaken:
+        log.error(
+            "outbox_event_overtaken",
+            project_id=project_id,
+            failed_call=failed,
+            later_calls_published=len(overtaken),
+            error=repr(replies[failed])[:300],
+        )
+
+
+def _published(call, reply: object) -> bool:
+    if isinstance(reply, Exception):
+        return False
+    try:
+        call.cursors(reply)
+    except PublishError:
+        return False
+    return True
