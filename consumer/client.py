@@ -29,6 +29,7 @@ import itertools
 import random as _random
 import time
 import urllib.request
+import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Literal
 from urllib.parse import urlencode, urlsplit, urlunsplit
@@ -107,6 +108,24 @@ def _http_get(url: str, token: str | None, timeout: float) -> bytes:
         return response.read()
 
 
+class _Route:
+    """Where the connection task puts a subscription's items. Held by the consumer, apart from
+    the :class:`Subscription` the caller holds, so that a subscription the caller dropped can be
+    collected (and its projects unfollowed) instead of stalling the connection once full."""
+
+    __slots__ = ("active", "queue", "ready")
+
+    def __init__(self, project_ids: tuple[int, ...], buffer: int) -> None:
+        self.active = set(project_ids)  # projects not refused by the gateway
+        self.queue: asyncio.Queue[Any] = asyncio.Queue(buffer)
+        self.ready: dict[int, asyncio.Event] = {p: asyncio.Event() for p in project_ids}
+
+    def wake(self) -> None:
+        """Wake an iterator waiting on the queue (to notice a close)."""
+        if not self.queue.full():
+            self.queue.put_nowait(_CLOSED)
+
+
 class Subscription:
     """The items of some projects, in order per project: ``async for item in subscription``.
 
@@ -117,16 +136,19 @@ class Subscription:
     :class:`~consumer.Forbidden`) is raised in order; the other projects go on, and the iterator
     ends when no project is left. Iteration ends when the consumer is closed, and raises the
     consumer's fatal error (e.g. :class:`~consumer.AuthenticationFailed`) if it failed.
+
+    A subscription the caller drops without closing it (``break`` out of ``async for`` over
+    ``bus.events(1)`` without keeping it) is unsubscribed when Python collects it.
     """
 
-    def __init__(self, consumer: Consumer, project_ids: tuple[int, ...], buffer: int) -> None:
+    def __init__(self, consumer: Consumer, project_ids: tuple[int, ...], route: _Route) -> None:
         self._consumer = consumer
         self.project_ids = project_ids
-        self._active = set(project_ids)
-        self._queue: asyncio.Queue[Any] = asyncio.Queue(buffer)
+        self._route = route
         self._uncommitted: Item | UndecodableEvent | None = None
-        self._ready: dict[int, asyncio.Event] = {p: asyncio.Event() for p in project_ids}
         self._closed = False
+        # Must not reference `self`: it runs when nothing else does.
+        self._finalizer = weakref.finalize(self, consumer._abandon, route, project_ids)
 
     def __aiter__(self) -> Subscription:
         return self
@@ -140,11 +162,12 @@ class Subscription:
         while True:
             if self._closed or (consumer._closed and consumer._failure is None):
                 raise StopAsyncIteration
-            if consumer._failure is not None and self._queue.empty():
+            queue = self._route.queue
+            if consumer._failure is not None and queue.empty():
                 raise consumer._failure
-            if not self._active and self._queue.empty():
+            if not self._route.active and queue.empty():
                 raise StopAsyncIteration
-            item = await self._queue.get()
+            item = await queue.get()
             if item is _CLOSED:
                 continue
             if type(item) is Delivery or type(item) is Resync:
@@ -160,15 +183,17 @@ class Subscription:
         ``asyncio.timeout``. Raises the consumer's fatal error, or :class:`ConsumerClosed`, if it
         stops meanwhile."""
         consumer = self._consumer
-        ready = asyncio.ensure_future(asyncio.gather(*(e.wait() for e in self._ready.values())))
-        stopped = asyncio.ensure_future(consumer._stopped.wait())
-        try:
-            await asyncio.wait((ready, stopped), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            ready.cancel()
-            stopped.cancel()
-        if not ready.done() or ready.cancelled():
-            raise consumer._failure or ConsumerClosed("the consumer is closed")
+        for event in self._route.ready.values():
+            if not event.is_set() and not consumer._stopped.is_set():
+                ready = asyncio.ensure_future(event.wait())
+                stopped = asyncio.ensure_future(consumer._stopped.wait())
+                try:
+                    await asyncio.wait((ready, stopped), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    ready.cancel()
+                    stopped.cancel()
+            if not event.is_set():
+                raise consumer._failure or ConsumerClosed("the consumer is closed")
 
     async def commit(self) -> None:
         """Save the cursor of the item returned last (with ``auto_commit=False``, or to save it
@@ -182,8 +207,9 @@ class Subscription:
         if self._closed:
             return
         self._closed = True
-        self._wake()
-        await self._consumer._unregister(self)
+        self._finalizer.detach()
+        self._route.wake()
+        await self._consumer._unregister(self._route, self.project_ids)
 
     async def __aenter__(self) -> Subscription:
         return self
@@ -194,12 +220,6 @@ class Subscription:
                 await self.commit()
         finally:
             await self.aclose()
-
-    # --- fed by the connection task ------------------------------------------------------------
-
-    def _wake(self) -> None:
-        if not self._queue.full():
-            self._queue.put_nowait(_CLOSED)
 
 
 class Consumer:
@@ -276,7 +296,7 @@ class Consumer:
         self._backoff = Backoff(self.policy, random)
         self._url_index = itertools.count()
         self._states: dict[int, ProjectState] = {}
-        self._routes: dict[int, Subscription] = {}
+        self._routes: dict[int, _Route] = {}
         self._ws: ClientConnection | None = None
         # The connection whose subscribes went out: a project added later subscribes by itself.
         self._subscribed_on: ClientConnection | None = None
@@ -324,8 +344,8 @@ class Consumer:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for subscription in set(self._routes.values()):
-            subscription._wake()
+        for route in set(self._routes.values()):
+            route.wake()
 
     @property
     def live(self) -> bool:
@@ -365,12 +385,12 @@ class Consumer:
             raise ConsumerClosed("the consumer is closed")
         self.start_connection()
         start = self.start if start is None else start
-        subscription = Subscription(self, tuple(project_ids), self.buffer)
+        route = _Route(tuple(project_ids), self.buffer)
         for project_id in project_ids:
             explicit = after.get(project_id) if isinstance(after, Mapping) else after
-            self._routes[project_id] = subscription
+            self._routes[project_id] = route
             self._spawn(self._prepare(project_id, explicit, start))
-        return subscription
+        return Subscription(self, tuple(project_ids), route)
 
     async def _prepare(self, project_id: int, explicit: Cursor | None, start: Start) -> None:
         cursor = Cursor(*explicit) if explicit is not None else None
@@ -389,17 +409,33 @@ class Consumer:
             return  # unsubscribed meanwhile
         self._states[project_id] = state
         if cursor is not None:
-            self._routes[project_id]._ready[project_id].set()
+            self._routes[project_id].ready[project_id].set()
         if self._subscribed_on is not None:
             await self._send(state.subscribe_message())
 
-    async def _unregister(self, subscription: Subscription) -> None:
-        for project_id in subscription.project_ids:
-            if self._routes.get(project_id) is subscription:
+    async def _unregister(self, route: _Route, project_ids: tuple[int, ...]) -> None:
+        for project_id in self._forget(route, project_ids):
+            if self._subscribed_on is not None:
+                await self._send({"type": "unsubscribe", "project_id": project_id})
+
+    def _forget(self, route: _Route, project_ids: tuple[int, ...]) -> list[int]:
+        """Stop routing the projects to ``route``; returns those that were subscribed."""
+        forgotten = []
+        for project_id in project_ids:
+            if self._routes.get(project_id) is route:
                 del self._routes[project_id]
-                state = self._states.pop(project_id, None)
-                if state is not None and self._subscribed_on is not None:
-                    await self._send({"type": "unsubscribe", "project_id": project_id})
+                if self._states.pop(project_id, None) is not None:
+                    forgotten.append(project_id)
+        return forgotten
+
+    def _abandon(self, route: _Route, project_ids: tuple[int, ...]) -> None:
+        """A subscription was collected without being closed: unfollow its projects."""
+        forgotten = self._forget(route, project_ids)
+        if forgotten and self._subscribed_on is not None and not self._closed:
+            log.info("unsubscribing the projects of a dropped subscription", projects=forgotten)
+            with contextlib.suppress(RuntimeError):  # no running loop (interpreter exit)
+                for project_id in forgotten:
+                    self._spawn(self._send({"type": "unsubscribe", "project_id": project_id}))
 
     async def commit(self, item: Item | UndecodableEvent) -> None:
         """Save the cursor of ``item`` (processed by the caller) to the store, if any."""
@@ -435,8 +471,8 @@ class Consumer:
         ws = self._ws
         if ws is not None:
             self._spawn(ws.close())
-        for subscription in set(self._routes.values()):
-            subscription._wake()
+        for route in set(self._routes.values()):
+            route.wake()
 
     async def _run(self) -> None:
         try:
@@ -591,9 +627,9 @@ class Consumer:
             if outcome.resubscribe:
                 await ws.send(_encode(state.subscribe_message()), text=True)
             else:
-                subscription = self._routes.get(state.project_id)
-                if subscription is not None:
-                    subscription._ready[state.project_id].set()
+                route = self._routes.get(state.project_id)
+                if route is not None:
+                    route.ready[state.project_id].set()
             return None
         if cls is ResyncRequired:
             state = self._states.get(message.project_id)  # type: ignore[attr-defined]
@@ -628,7 +664,7 @@ class Consumer:
         if verdict is Verdict.DELIVER:
             project_id = state.project_id
             delivery = Delivery(project_id, state.cursor[0], seq, event, raw)  # type: ignore[index]
-            queue = self._routes[project_id]._queue
+            queue = self._routes[project_id].queue
             if queue.full():
                 await queue.put(delivery)
             else:
@@ -648,9 +684,9 @@ class Consumer:
         return verdict
 
     async def _put(self, project_id: int, item: Any) -> None:
-        subscription = self._routes.get(project_id)
-        if subscription is not None:
-            await subscription._queue.put(item)
+        route = self._routes.get(project_id)
+        if route is not None:
+            await route.queue.put(item)
 
     async def _on_error(self, ws: ClientConnection, error: Error) -> None:
         project_id = error.project_id
@@ -668,13 +704,13 @@ class Consumer:
             return
         if state is not None:
             kind = Forbidden if error.code == ErrorCode.FORBIDDEN else GatewayError
-            subscription = self._routes.get(project_id)  # type: ignore[arg-type]
+            route = self._routes.get(project_id)  # type: ignore[arg-type]
             del self._states[project_id]  # type: ignore[arg-type]
-            if subscription is not None:
+            if route is not None:
                 del self._routes[project_id]  # type: ignore[arg-type]
-                subscription._active.discard(project_id)  # type: ignore[arg-type]
-                subscription._ready[project_id].set()  # type: ignore[index]
-                await subscription._queue.put(kind(error.code, error.message, project_id))
+                route.active.discard(project_id)  # type: ignore[arg-type]
+                route.ready[project_id].set()  # type: ignore[index]
+                await route.queue.put(kind(error.code, error.message, project_id))
             return
         log.error("gateway error", code=str(error.code), message=error.message)
 

@@ -125,7 +125,7 @@ async def test_every_event_of_several_projects_exactly_once_in_order(gateway, re
                 await publisher.publish(resolved(2, ident))
             items = await collect(subscription, lambda items: len(items) == ident)
             await asyncio.sleep(0.2)  # anything extra (a duplicate) would be queued by now
-            assert subscription._queue.empty()
+            assert subscription._route.queue.empty()
     finally:
         await publisher.aclose()
     assert as_records(items) == await history(redis_url, projects)

@@ -5,6 +5,7 @@ client with a fake connection, and tail's output format."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import sqlite3
@@ -371,8 +372,8 @@ def subscribed(project_id: int, seq: int, epoch: str = EPOCH, resumed: bool = Fa
 
 def drain(subscription) -> list:
     items = []
-    while not subscription._queue.empty():
-        items.append(subscription._queue.get_nowait())
+    while not subscription._route.queue.empty():
+        items.append(subscription._route.queue.get_nowait())
     return items
 
 
@@ -690,3 +691,22 @@ def test_tail_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]):
         assert info.value.code == 2, argv
     assert consumer_main(["nope"]) == 2
     assert "usage: python -m consumer tail" in capsys.readouterr().err
+
+
+async def test_a_subscription_dropped_without_closing_unfollows_its_projects():
+    """``break`` out of ``async for item in bus.events(1)``: nothing holds the subscription any
+    more; its projects must not go on filling a queue nobody reads (which would stall the
+    connection for every other project), and may be followed again."""
+    consumer, ws, subscription = await fed_consumer(1, 2)
+    await consumer._on_frame(ws, subscribed(1, 0))  # type: ignore[arg-type]
+    del subscription
+    gc.collect()
+    await asyncio.sleep(0)  # the unsubscribes go out
+    assert consumer._routes == {} and consumer._states == {}
+    assert ws.sent == [
+        {"type": "unsubscribe", "project_id": 1},
+        {"type": "unsubscribe", "project_id": 2},
+    ]
+    await consumer._on_frame(ws, frame(1, 1))  # type: ignore[arg-type]  # ignored, not queued
+    again = consumer.events(1)
+    assert again.project_ids == (1,)
