@@ -30,6 +30,8 @@ __all__ = [
 
 #: websockets reports a connection that ended without a close frame (reset, killed peer) as 1006.
 ABNORMAL_CLOSURE = 1006
+#: RFC 6455: a text frame that is not UTF-8 (sent by the gateway's websockets, not in CloseCode).
+INVALID_DATA = 1007
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +127,7 @@ def close_action(code: int | None) -> CloseAction:
         # be hammered, nor retried forever: back off, and give up after max_auth_failures.
         return CloseAction(Retry.BACKOFF, renew_token=True, auth_failure=True)
     if code in (
+        INVALID_DATA,
         CloseCode.POLICY_VIOLATION,
         CloseCode.MESSAGE_TOO_BIG,
         CloseCode.TOO_MANY_ERRORS,

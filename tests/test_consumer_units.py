@@ -258,6 +258,7 @@ def test_close_codes_map_to_the_documented_reaction():
     assert close_action(4002).retry is Retry.PROMPT and close_action(4002).renew_token
     assert close_action(4001).retry is Retry.BACKOFF and close_action(4001).auth_failure
     assert close_action(4009).client_bug and close_action(1008).client_bug
+    assert close_action(1007).client_bug and close_action(1009).client_bug
     for code in (None, 1000, 1006, 1011, 4999):
         action = close_action(code)
         assert action.retry is Retry.BACKOFF and not action.auth_failure
