@@ -258,6 +258,38 @@ def test_write_many_keeps_the_callers_order(pg_url, pg_outbox, sqlite_path, tabl
     )
 
 
+def test_a_write_on_an_autocommit_connection_is_one_transaction(
+    pg_url, pg_outbox, sqlite_path, table, bus, monkeypatch
+):
+    """The project lock and the insert must share a transaction (else the lock protects
+    nothing): on an autocommit connection outside a transaction the write opens its own."""
+    from publisher.outbox import db as outbox_db
+
+    seen: list[object] = []
+    original = outbox_db._Psycopg.execute
+
+    def spy(self, sql, params):
+        seen.append(self.conn.info.transaction_status)
+        return original(self, sql, params)
+
+    monkeypatch.setattr(outbox_db._Psycopg, "execute", spy)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        pg_outbox.write_many(conn, [event(71, 1), event(71, 2)])
+    assert seen == [psycopg.pq.TransactionStatus.INTRANS] * 2  # lock+notify, insert
+
+    sqlite_outbox = Outbox(table)
+    conn = sqlite3.connect(sqlite_path, isolation_level=None)
+    with pytest.raises(EventValidationError):
+        sqlite_outbox.write_many(conn, [event(72, 1), event(72, 0)])
+    sqlite_outbox.write_many(conn, [event(72, 1), event(72, 2)])
+    assert not conn.in_transaction  # committed on return
+    conn.close()
+    relay = OutboxRelay.sqlite(sqlite_path, bus, table=table)
+    drain(relay)
+    relay.store.close()
+    assert_exact(bus.client, {72: [1, 2]})
+
+
 async def test_postgres_async_connection(pg_url, pg_outbox, bus):
     async with await psycopg.AsyncConnection.connect(pg_url) as conn:
         await pg_outbox.awrite(conn, event(7, 1))

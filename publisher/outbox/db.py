@@ -71,6 +71,11 @@ class SyncDB:
         """A read-only transaction in which every statement sees one snapshot of the database."""
         raise NotImplementedError
 
+    def atomic(self) -> contextlib.AbstractContextManager[None]:
+        """The caller's transaction if there is one, else (autocommit) one of our own, so that a
+        write's statements (the lock, the insert) are never split across transactions."""
+        return contextlib.nullcontext()
+
     def fresh(self, sql: str, params: Params) -> list[tuple]:
         """Run one query in a short transaction of its own (sees everything committed)."""
         raise NotImplementedError
@@ -94,6 +99,9 @@ class AsyncDB:
 
     def snapshot_transaction(self) -> contextlib.AbstractAsyncContextManager[None]:
         raise NotImplementedError
+
+    def atomic(self) -> contextlib.AbstractAsyncContextManager[None]:
+        return contextlib.nullcontext()
 
     async def fresh(self, sql: str, params: Params) -> list[tuple]:
         raise NotImplementedError
@@ -132,6 +140,21 @@ class _SQLite(SyncDB):
             yield
         finally:
             self.conn.rollback()
+
+    @contextlib.contextmanager
+    def atomic(self) -> Iterator[None]:
+        # Only an autocommit connection (isolation_level=None) outside BEGIN needs one: the
+        # default mode opens a transaction before the INSERT by itself.
+        if self.conn.isolation_level is not None or self.conn.in_transaction:
+            yield
+            return
+        self.conn.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            self.conn.rollback()
+            raise
+        self.conn.commit()
 
     def fresh(self, sql: str, params: Params) -> list[tuple]:
         rows = self.execute(sql, params)
@@ -176,6 +199,11 @@ class _Psycopg(SyncDB):
         with self.conn.transaction():
             return self.execute(sql, params)
 
+    def atomic(self) -> contextlib.AbstractContextManager[Any]:
+        if self.conn.autocommit and self.conn.info.transaction_status == 0:
+            return self.conn.transaction()
+        return contextlib.nullcontext()
+
 
 class _AsyncPsycopg(AsyncDB):
     dialect = POSTGRES
@@ -207,6 +235,11 @@ class _AsyncPsycopg(AsyncDB):
     async def fresh(self, sql: str, params: Params) -> list[tuple]:
         async with self.conn.transaction():
             return await self.execute(sql, params)
+
+    def atomic(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        if self.conn.autocommit and self.conn.info.transaction_status == 0:
+            return self.conn.transaction()
+        return contextlib.nullcontext()
 
 
 def _text(sql: str) -> Any:

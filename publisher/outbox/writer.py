@@ -117,15 +117,18 @@ class Outbox:
 
     def write_many(self, conn: Any, events: Iterable[ProjectEvent]) -> None:
         """Insert ``events`` in order in ``conn``'s current transaction. Every event is validated
-        first: one invalid event writes none of them."""
+        first: one invalid event writes none of them. On a connection in autocommit mode outside
+        a transaction, the write runs in a transaction of its own (committed on return)."""
         db = adapt(conn)
         if not isinstance(db, SyncDB):
             raise TypeError("write needs a synchronous connection; use awrite with asyncio ones")
-        for kind, sql, params in self._plan(db.dialect, events):
-            if kind == "many":
-                db.executemany(sql, params)
-            else:
-                db.execute(sql, params)
+        steps = list(self._plan(db.dialect, events))  # validates every event first
+        with db.atomic():
+            for kind, sql, params in steps:
+                if kind == "many":
+                    db.executemany(sql, params)
+                else:
+                    db.execute(sql, params)
 
     async def awrite(self, conn: Any, event: ProjectEvent) -> None:
         """:meth:`write` for ``psycopg.AsyncConnection`` and SQLAlchemy ``AsyncSession`` /
@@ -136,11 +139,13 @@ class Outbox:
         db = adapt(conn)
         if not isinstance(db, AsyncDB):
             raise TypeError("awrite needs an asyncio connection; use write with synchronous ones")
-        for kind, sql, params in self._plan(db.dialect, events):
-            if kind == "many":
-                await db.executemany(sql, params)
-            else:
-                await db.execute(sql, params)
+        steps = list(self._plan(db.dialect, events))
+        async with db.atomic():
+            for kind, sql, params in steps:
+                if kind == "many":
+                    await db.executemany(sql, params)
+                else:
+                    await db.execute(sql, params)
 
     def _plan(self, dialect: str, events: Iterable[ProjectEvent]) -> Iterator[tuple[str, str, Any]]:
         """The statements of one write: validation and encoding happen before the first one."""
