@@ -14,7 +14,14 @@ from typing import Any, Generic, TypeVar
 
 from publisher.core import Cursor
 from publisher.outbox.db import AsyncDB, SyncDB, adapt
-from publisher.outbox.sql import DEFAULT_TABLE, POSTGRES, Statements, lock_key, migration_sql
+from publisher.outbox.sql import (
+    DEFAULT_TABLE,
+    POSTGRES,
+    SQLITE,
+    Statements,
+    lock_key,
+    migration_sql,
+)
 from schemas.events import ProjectEvent, encode_event
 
 __all__ = ["Outbox", "Snapshot", "SnapshotTimeout"]
@@ -85,7 +92,7 @@ class Outbox:
     def __init__(self, table: str = DEFAULT_TABLE, *, notify: bool = True) -> None:
         self.table = table
         self.notify = notify
-        self._statements = {dialect: Statements(table, dialect) for dialect in (POSTGRES, "sqlite")}
+        self._statements = {dialect: Statements(table, dialect) for dialect in (POSTGRES, SQLITE)}
 
     # --- schema -----------------------------------------------------------------------------
 
