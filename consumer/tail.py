@@ -116,6 +116,22 @@ def _short(value: object) -> str:
     return str(value)
 
 
+#: The fields worth a glance, per event type (``blocker.id`` is a nested field). Types not listed
+#: here (a newer event) show every field.
+KEY_FIELDS: dict[str, tuple[str, ...]] = {
+    "blocker_created": (
+        "blocker.id",
+        "blocker.agent_id",
+        "blocker.blocker_type",
+        "blocker.task_id",
+        "blocker.question",
+    ),
+    "blocker_resolved": ("blocker_id", "answer"),
+    "agent_resumed": ("agent_id", "task_id", "blocker_id"),
+    "blocker_expired": ("blocker_id", "task_id"),
+}
+
+
 def _fields(struct: msgspec.Struct, prefix: str = "") -> tuple[datetime | None, list[str]]:
     """``key=value`` of every field but the project id, and the first timestamp found."""
     when: datetime | None = None
@@ -149,6 +165,10 @@ def format_item(item: Item | UndecodableEvent, *, as_json: bool = False) -> str:
             return item.raw.decode()
         when, parts = _fields(item.event)
         tag = type(item.event).__struct_config__.tag
+        keys = KEY_FIELDS.get(tag)  # type: ignore[arg-type]
+        if keys is not None:
+            by_name = dict(part.split("=", 1) for part in parts)
+            parts = [f"{key}={by_name[key]}" for key in keys if key in by_name]
         return f"{_time(when)}  p{item.project_id} #{item.seq}  {tag}  {' '.join(parts)}"
     if isinstance(item, Resync):
         if as_json:

@@ -41,7 +41,7 @@ from consumer.policy import (
     refresh_delay,
 )
 from consumer.tail import format_item
-from schemas.events import BlockerResolved, encode_event
+from schemas.events import Blocker, BlockerCreated, BlockerResolved, encode_event
 from schemas.protocol import PollResponse, ResyncReason, ResyncRequired
 from schemas.tokens import issue_token
 
@@ -428,6 +428,26 @@ def test_tail_prints_one_readable_line_per_item_or_the_raw_frame():
     line = format_item(delivery)
     assert line == '2025-11-08T12:45:30.000Z  p1 #42  blocker_resolved  blocker_id=123 answer="ok"'
     assert format_item(delivery, as_json=True) == raw.decode()
+    created = BlockerCreated(
+        project_id=1,
+        blocker=Blocker(
+            id=5,
+            agent_id="a-1",
+            agent_name="Agent 1",
+            task_id=7,
+            task_title="Auth",
+            blocker_type="SYNC",
+            question="JWT or sessions? " * 10,
+            status="PENDING",
+            created_at=datetime(2025, 11, 8, 12, 0, tzinfo=UTC),
+        ),
+    )
+    line = format_item(Delivery(1, EPOCH, 3, created, b""))
+    assert line.startswith(
+        '2025-11-08T12:00:00.000Z  p1 #3  blocker_created  blocker.id=5 blocker.agent_id="a-1" '
+        'blocker.blocker_type="SYNC" blocker.task_id=7 blocker.question="JWT or sessions? JWT'
+    )
+    assert line.endswith('…"') and len(line) < 200
     resync = Resync(1, ResyncReason.HISTORY_TRIMMED, "e2", 57)
     assert "p1 #57  resync_required  reason=history_trimmed epoch=e2" in format_item(resync)
     assert json.loads(format_item(resync, as_json=True)) == {
