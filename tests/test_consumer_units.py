@@ -447,7 +447,7 @@ def test_tail_prints_one_readable_line_per_item_or_the_raw_frame():
         '2025-11-08T12:00:00.000Z  p1 #3  blocker_created  blocker.id=5 blocker.agent_id="a-1" '
         'blocker.blocker_type="SYNC" blocker.task_id=7 blocker.question="JWT or sessions? JWT'
     )
-    assert line.endswith('…"') and len(line) < 200
+    assert line.endswith('JWT or sess…"')  # cut at 80 characters
     resync = Resync(1, ResyncReason.HISTORY_TRIMMED, "e2", 57)
     assert "p1 #57  resync_required  reason=history_trimmed epoch=e2" in format_item(resync)
     assert json.loads(format_item(resync, as_json=True)) == {
