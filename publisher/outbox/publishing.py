@@ -40,7 +40,11 @@ __all__ = ["CHUNK", "KeyedPublisher"]
 #: Script calls per MULTI/EXEC: about 1-2 ms of Redis time, which other clients wait for.
 CHUNK = 100
 
-log = structlog.get_logger("publisher.outbox")
+
+def log() -> structlog.typing.FilteringBoundLogger:
+    """The logger, looked up per message (rare ones): a logger cached at first use would keep
+    the structlog configuration of that moment (tests capture logs by reconfiguring)."""
+    return structlog.get_logger("publisher.outbox")
 
 
 class KeyedPublisher:
@@ -101,7 +105,7 @@ class KeyedPublisher:
         except Exception as exc:  # the publisher's internals changed: use the public API only
             if not self._fallback_logged:
                 self._fallback_logged = True
-                log.warning("outbox_batched_publish_disabled", error=repr(exc))
+                log().warning("outbox_batched_publish_disabled", error=repr(exc))
             self.batched = False
             return []
 
@@ -120,7 +124,7 @@ def _report_overtaking(calls: list, replies: list, failed: int) -> None:
         if calls[index].project_id == project_id and _published(calls[index], replies[index])
     ]
     if overtaken:
-        log.error(
+        log().error(
             "outbox_event_overtaken",
             project_id=project_id,
             failed_call=failed,

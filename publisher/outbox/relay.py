@@ -40,7 +40,11 @@ from schemas.events import EventValidationError, decode_event
 
 __all__ = ["OutboxRelay", "OutboxRow", "PostgresOutboxStore", "SQLiteOutboxStore"]
 
-log = structlog.get_logger("publisher.outbox")
+
+def log() -> structlog.typing.FilteringBoundLogger:
+    """The logger, looked up per message (rare ones): a logger cached at first use would keep
+    the structlog configuration of that moment (tests capture logs by reconfiguring)."""
+    return structlog.get_logger("publisher.outbox")
 
 
 class OutboxRow(NamedTuple):
@@ -417,7 +421,7 @@ class OutboxRelay:
         last = self._hold_logged.get(project_id)
         if last is None or time.monotonic() - last > 60:  # at most once a minute per project
             self._hold_logged[project_id] = time.monotonic()
-            log.error(
+            log().error(
                 "outbox_project_held",
                 table=self.table,
                 project_id=project_id,
@@ -437,7 +441,7 @@ class OutboxRelay:
             if row.id not in self._invalid_logged:  # once per row, however often it is retried
                 self._invalid_logged.add(row.id)
                 self.metrics.invalid_rows += 1
-                log.error(
+                log().error(
                     "outbox_invalid_row",
                     table=self.table,
                     row_id=row.id,
@@ -463,7 +467,7 @@ class OutboxRelay:
                 self.metrics.unavailable += 1
                 if outage_started is None:
                     outage_started = time.monotonic()
-                    log.warning("outbox_redis_unavailable", table=self.table, error=str(exc))
+                    log().warning("outbox_redis_unavailable", table=self.table, error=str(exc))
                 failures += 1
                 self._stop.wait(min(0.1 * 2 ** (failures - 1), self.max_backoff))
                 self._housekeeping()
@@ -473,7 +477,7 @@ class OutboxRelay:
                 failures += 1
                 if failures == 1 or failures % 50 == 0:  # bounded logging during an outage
                     kind = "redis" if isinstance(exc, PublishError) else "database"
-                    log.warning(
+                    log().warning(
                         "outbox_relay_error", table=self.table, source=kind, error=repr(exc)
                     )
                 if not isinstance(exc, PublishError):
@@ -483,7 +487,7 @@ class OutboxRelay:
             failures = 0
             if self.metrics.leader != was_leader:
                 was_leader = self.metrics.leader
-                log.info(
+                log().info(
                     "outbox_relay_leader" if was_leader else "outbox_relay_standby",
                     table=self.table,
                 )
@@ -493,7 +497,7 @@ class OutboxRelay:
                 self._stop.wait(self.poll_interval)
                 continue
             if outage_started is not None and count:
-                log.info(
+                log().info(
                     "outbox_redis_available",
                     table=self.table,
                     outage_s=round(time.monotonic() - outage_started, 1),
@@ -526,7 +530,7 @@ class OutboxRelay:
             stats = self.metrics.as_dict()
             if stats != self._last_stats:
                 self._last_stats = stats
-                log.info("outbox_relay_stats", table=self.table, **stats)
+                log().info("outbox_relay_stats", table=self.table, **stats)
 
     def _database_error(self, exc: Exception) -> None:
         """Outside a batch (housekeeping, waiting): count, log the first and every 50th, and
@@ -534,7 +538,9 @@ class OutboxRelay:
         self.metrics.errors += 1
         self._database_errors += 1
         if self._database_errors % 50 == 1:
-            log.warning("outbox_relay_error", table=self.table, source="database", error=repr(exc))
+            log().warning(
+                "outbox_relay_error", table=self.table, source="database", error=repr(exc)
+            )
         self.store.reset()
 
     def start(self) -> OutboxRelay:
