@@ -9,7 +9,7 @@ the browser client (every event of a project in order, exactly once, or an expli
             ...
 """
 
-from consumer.client import Consumer, Start, Subscription, TokenSource
+from consumer.client import Consumer, ConsumerStats, Start, Subscription, TokenSource
 from consumer.policy import ReconnectPolicy
 from consumer.stores import (
     CursorStore,
@@ -36,6 +36,7 @@ __all__ = [
     "Consumer",
     "ConsumerClosed",
     "ConsumerError",
+    "ConsumerStats",
     "Cursor",
     "CursorStore",
     "Delivery",

@@ -31,6 +31,7 @@ import time
 import urllib.request
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
@@ -75,7 +76,7 @@ from schemas.protocol import (
     Unsubscribed,
 )
 
-__all__ = ["Consumer", "Start", "Subscription", "TokenSource"]
+__all__ = ["Consumer", "ConsumerStats", "Start", "Subscription", "TokenSource"]
 
 log = structlog.get_logger("eventbus.consumer")
 
@@ -106,6 +107,17 @@ def _http_get(url: str, token: str | None, timeout: float) -> bytes:
     request = urllib.request.Request(url, headers=headers)
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return response.read()
+
+
+@dataclass(slots=True)
+class ConsumerStats:
+    """What a consumer went through, for metrics and tests (counters since it started)."""
+
+    delivered: int = 0  # Delivery items queued for the caller
+    duplicates: int = 0  # events dropped as already received (replay overlap)
+    gaps: int = 0  # resubscribes after a missing event was noticed client-side
+    resyncs: int = 0  # Resync items surfaced
+    catch_ups: int = 0  # resumes read page by page instead of a Resync(too_far_behind)
 
 
 class _Route:
@@ -309,6 +321,7 @@ class Consumer:
         self._token: tuple[str, float] | None = None  # (token, monotonic time it was obtained)
         self._auth_failures = 0
         self._failed_attempts = 0  # connection attempts in a row that did not open
+        self.stats = ConsumerStats()
         self.connects = 0  # connections that opened (for tests and metrics)
         self.close_codes: list[int | None] = []  # how each connection ended, oldest first
 
@@ -605,6 +618,7 @@ class Consumer:
             if state is not None:
                 verdict = await self._on_undecodable(state, exc, raw)
                 if verdict is Verdict.GAP:
+                    self.stats.gaps += 1
                     await ws.send(_encode(state.subscribe_message()), text=True)
             return None
         cls = type(message)
@@ -614,6 +628,7 @@ class Consumer:
                 return None  # unsubscribed meanwhile
             verdict = await self._on_event(state, message, raw)  # type: ignore[arg-type]
             if verdict is Verdict.GAP:
+                self.stats.gaps += 1
                 log.warning("gap in a project's events; resubscribing", project_id=state.project_id)
                 await ws.send(_encode(state.subscribe_message()), text=True)
             return None
@@ -641,6 +656,7 @@ class Consumer:
             if self.catch_up and state.can_catch_up(reason, epoch):
                 # Still in the history, only more than one replay carries: read it by pages.
                 state.begin_catch_up()
+                self.stats.catch_ups += 1
                 fallback = Resync(state.project_id, reason, epoch, message.seq)  # type: ignore[attr-defined]
                 self._spawn(self._catch_up(state, state.generation, fallback))
                 return None
@@ -664,11 +680,14 @@ class Consumer:
         if verdict is Verdict.DELIVER:
             project_id = state.project_id
             delivery = Delivery(project_id, state.cursor[0], seq, event, raw)  # type: ignore[index]
+            self.stats.delivered += 1
             queue = self._routes[project_id].queue
             if queue.full():
                 await queue.put(delivery)
             else:
                 queue.put_nowait(delivery)
+        elif verdict is Verdict.DUPLICATE:
+            self.stats.duplicates += 1
         return verdict
 
     async def _on_undecodable(
@@ -686,6 +705,8 @@ class Consumer:
     async def _put(self, project_id: int, item: Any) -> None:
         route = self._routes.get(project_id)
         if route is not None:
+            if type(item) is Resync:
+                self.stats.resyncs += 1
             await route.queue.put(item)
 
     async def _on_error(self, ws: ClientConnection, error: Error) -> None:

@@ -130,6 +130,7 @@ async def test_every_event_of_several_projects_exactly_once_in_order(gateway, re
         await publisher.aclose()
     assert as_records(items) == await history(redis_url, projects)
     assert consumer.connects == 1 and mint.calls == 1
+    assert consumer.stats.gaps == consumer.stats.duplicates == consumer.stats.resyncs == 0
 
 
 def _start_worker(gateway: GatewayProcess, *args: str) -> subprocess.Popen[str]:
@@ -280,6 +281,7 @@ async def test_through_a_gateway_sigkill_to_a_second_gateway_nothing_lost_or_rep
                 with contextlib.suppress(asyncio.CancelledError):
                     await reader
     assert consumer.close_codes[0] == 1006  # then 1000: the consumer closed at the end
+    assert consumer.stats.gaps == consumer.stats.resyncs == 0
     records = as_records(items)
     for project in projects:
         _, held = state[project]
@@ -312,6 +314,7 @@ async def test_a_flushed_redis_is_surfaced_as_a_typed_resync(redis_url):
     (held,) = (await history(redis_url, [1])).values()
     assert [(d.epoch, d.seq, d.event.blocker_id) for d in after] == held[-3:]
     assert after[0].cursor == Cursor(resync.epoch, resync.seq + 1)
+    assert consumer.stats.resyncs == 1
 
 
 async def test_a_token_function_refreshes_in_band_and_the_connection_stays_up(gateway, publisher):
@@ -497,4 +500,5 @@ async def test_a_resume_beyond_one_replay_catches_up_by_pages_exactly(redis_url)
     finally:
         await publisher.aclose()
     assert consumer.connects == 1
+    assert consumer.stats.catch_ups >= 1 and consumer.stats.resyncs == 0
     assert as_records(first + items) == await history(redis_url, [1])

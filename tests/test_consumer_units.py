@@ -394,6 +394,8 @@ async def test_the_client_delivers_in_order_per_project_and_repairs_a_gap_by_res
     await consumer._on_frame(ws, subscribed(1, 13, resumed=True))  # type: ignore[arg-type]
     assert [d.seq for d in drain(subscription)] == [12, 13]
     assert consumer.cursor(1) == Cursor(EPOCH, 13)
+    stats = consumer.stats
+    assert (stats.delivered, stats.duplicates, stats.gaps, stats.resyncs) == (5, 1, 1, 0)
 
 
 async def test_the_client_surfaces_resync_forbidden_and_undecodable_in_order():
