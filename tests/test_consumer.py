@@ -27,6 +27,7 @@ from consumer import (
     FileCursorStore,
     Forbidden,
     MemoryCursorStore,
+    ReconnectPolicy,
     Resync,
 )
 from publisher import AsyncPublisher, issue_token
@@ -357,8 +358,6 @@ async def test_a_refused_token_is_surfaced_and_a_bad_token_function_gives_up(gat
         calls.append(1)
         return issue_token("another-secret-of-at-least-32-bytes!!", [1])
 
-    from consumer import ReconnectPolicy
-
     policy = ReconnectPolicy(initial=0.05, max=0.2, max_auth_failures=3)
     async with Consumer(gateway.ws_url, token=wrong_secret, reconnect=policy) as consumer:
         with pytest.raises(AuthenticationFailed):
@@ -502,3 +501,43 @@ async def test_a_resume_beyond_one_replay_catches_up_by_pages_exactly(redis_url)
     assert consumer.connects == 1
     assert consumer.stats.catch_ups >= 1 and consumer.stats.resyncs == 0
     assert as_records(first + items) == await history(redis_url, [1])
+
+
+async def test_a_draining_gateway_1012_is_left_promptly_for_another_exactly(redis_url):
+    """A rolling deploy: SIGTERM drains the gateway, which closes its clients with 1012; the
+    consumer reconnects at once (no backoff) to the next URL and resumes: exact sequence."""
+    with GatewayGroup() as group:
+        first, second = await asyncio.to_thread(
+            group.start, redis_url, 2, auth_secret=SECRET, args=["--drain-timeout", "5"]
+        )
+        slow = ReconnectPolicy(initial=30.0, max=30.0)  # a backoff would outlast the test
+        loop = PublishLoop(redis_url, [1], rate=200)
+        urls = [first.ws_url, second.ws_url]
+        async with Consumer(urls, token=tokens([1]), reconnect=slow) as consumer:
+            subscription = consumer.events(1)
+            async with asyncio.timeout(20):
+                await subscription.wait_subscribed()
+            items: list = []
+
+            async def read() -> None:
+                async for item in subscription:
+                    items.append(item)
+
+            reader = asyncio.create_task(read())
+            try:
+                loop.start()
+                await wait_until(lambda: len(items) >= 100, 30, "100 events")
+                assert await asyncio.to_thread(first.terminate) == 0
+                await wait_until(lambda: consumer.connects == 2 and consumer.live, 10, "moved")
+                published = loop.published
+                await wait_until(lambda: loop.published >= published + 100, 30, "100 more")
+                await loop.stop()
+                ((cursor, _),) = (await final_state(redis_url, [1], KEYS)).values()
+                await wait_until(lambda: consumer.cursor(1) == cursor, 30, "the final cursor")
+            finally:
+                await loop.stop()
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
+    assert consumer.close_codes[0] == 1012
+    assert as_records(items) == await history(redis_url, [1])
