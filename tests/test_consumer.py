@@ -513,7 +513,9 @@ async def test_a_draining_gateway_1012_is_left_promptly_for_another_exactly(redi
         slow = ReconnectPolicy(initial=30.0, max=30.0)  # a backoff would outlast the test
         loop = PublishLoop(redis_url, [1], rate=200)
         urls = [first.ws_url, second.ws_url]
-        async with Consumer(urls, token=tokens([1]), reconnect=slow) as consumer:
+        # random() near 1: any backoff delay is ~30 s, a prompt reconnect ~0.5 s.
+        consumer = Consumer(urls, token=tokens([1]), reconnect=slow, random=lambda: 0.99)
+        async with consumer:
             subscription = consumer.events(1)
             async with asyncio.timeout(20):
                 await subscription.wait_subscribed()
