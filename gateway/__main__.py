@@ -1,13 +1,16 @@
-"""``python -m gateway`` / ``eventbus-gateway``: run one gateway process."""
+"""``python -m gateway`` / ``eventbus-gateway``: run one gateway process, or ``--workers N`` of
+them on one port under a supervisor (:mod:`gateway.workers`)."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import socket
 import sys
 
-from gateway.config import ConfigError, load_config
+from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.logs import configure_logging
+from gateway.workers import Supervisor, resolve_workers, worker_command
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -17,10 +20,36 @@ def main(argv: list[str] | None = None) -> None:
         sys.stderr.write(f"python -m gateway: {exc}\n")
         raise SystemExit(2) from None
     configure_logging(config.log_format, config.log_level)
+    workers = resolve_workers(config.workers)
+    if workers > 1:
+        raise SystemExit(
+            asyncio.run(supervise(config, workers, sys.argv[1:] if argv is None else argv))
+        )
     from gateway.server import run
 
     tune_gc()
     asyncio.run(run(config))
+
+
+async def supervise(config: GatewayConfig, workers: int, argv: list[str]) -> int:
+    """Run ``workers`` gateways on one port (see gateway.workers) until SIGTERM/SIGINT."""
+    command = worker_command(argv)
+    # The workers bind with SO_REUSEPORT, which would let them join any other process of this
+    # user listening there (another group started by mistake): refuse a port in use, as a single
+    # gateway does. With port 0, choose the port once here: every worker must bind the same one.
+    with socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((config.host, config.port))
+        except OSError as exc:
+            sys.stderr.write(f"python -m gateway: port {config.port}: {exc.strerror}\n")
+            return 1
+        if config.port == 0:
+            command += ["--port", str(probe.getsockname()[1])]
+    supervisor = Supervisor(
+        command, workers, drain_timeout=config.drain_delay + config.drain_timeout
+    )
+    return await supervisor.run()
 
 
 def tune_gc() -> None:

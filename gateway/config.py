@@ -45,7 +45,13 @@ class GatewayConfig(msgspec.Struct, kw_only=True, frozen=True):
         bool | None,
         _doc("Use SSUBSCRIBE (sharded pub/sub). Default: on for redis+cluster:// URLs."),
     ] = None
-    max_connections: Annotated[int, _doc("Connections per process.", ge=1)] = 20_000
+    max_connections: Annotated[
+        int,
+        _doc(
+            "Sockets per process, counted from accept to close (WebSocket, handshakes, HTTP).",
+            ge=1,
+        ),
+    ] = 20_000
     max_subscriptions: Annotated[int, _doc("Projects per connection.", ge=1)] = 100
     max_frame_bytes: Annotated[int, _doc("Largest client frame accepted.", ge=256)] = 65_536
     max_replay: Annotated[
@@ -89,6 +95,14 @@ class GatewayConfig(msgspec.Struct, kw_only=True, frozen=True):
         float, _doc("Seconds to close every client after SIGTERM before exiting.", gt=0)
     ] = 20.0
     drain_batch: Annotated[int, _doc("Clients closed per batch while draining.", ge=1)] = 500
+    workers: Annotated[
+        str,
+        _doc(
+            "Gateway processes sharing the port (SO_REUSEPORT), supervised by this one: "
+            "a number, or 'auto' for one per usable core.",
+            pattern=r"^(auto|[1-9][0-9]{0,3})$",
+        ),
+    ] = "1"
     log_format: Annotated[
         Literal["auto", "json", "console"],
         _doc("Log format; auto = console on a terminal, JSON otherwise."),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import http
+import os
 import re
 from collections.abc import Awaitable, Callable
 from importlib import resources
@@ -131,15 +132,28 @@ class HttpRoutes:
         return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
 
     async def healthz(self, request: Request) -> Response:
-        return json_response(200, {"status": "ok"})
+        worker = self.gateway.worker_id
+        if worker is None:
+            return json_response(200, {"status": "ok"})
+        return json_response(200, {"status": "ok", "worker": worker, "pid": os.getpid()})
 
     async def readyz(self, request: Request) -> Response:
         checks = await self.gateway.readiness()
+        group = self.gateway.group
+        if group is not None:
+            # Any worker answers for the whole --workers group: ready when every worker is.
+            ready_workers = group.ready_workers(all(checks.values()))
+            checks["all_workers"] = ready_workers >= group.workers
         status = 200 if all(checks.values()) else 503
         return json_response(status, {"ready": status == 200, "checks": checks})
 
     async def metrics(self, request: Request) -> Response:
-        return _response(200, self.gateway.metrics.render(), "text/plain; version=0.0.4")
+        group = self.gateway.group
+        if group is not None:
+            body = group.render(self.gateway.ready_now)
+        else:
+            body = self.gateway.metrics.render()
+        return _response(200, body, "text/plain; version=0.0.4")
 
     def static(self, path: str) -> Response:
         body = self._static_cache.get(path)

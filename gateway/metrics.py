@@ -45,7 +45,7 @@ class Metrics:
     """Every metric the gateway exports. Gauges are read from live state at scrape time."""
 
     COUNTERS = {
-        "connections_total": "WebSocket connections accepted.",
+        "connections_accepted_total": "WebSocket connections accepted.",
         "connections_rejected_total": "Handshakes refused (origin, limits, draining).",
         "events_in_total": "Events received from Redis pub/sub.",
         "deliveries_total": "Event frames written to subscribers (live and replayed).",

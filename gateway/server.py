@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import time
 import weakref
@@ -19,6 +20,7 @@ from websockets.http11 import Request, Response
 
 from gateway.client_input import close_reason, decode_frame, repeated_header
 from gateway.config import GatewayConfig
+from gateway.group import GroupView
 from gateway.http import HttpRoutes, json_response
 from gateway.hub import Hub, SubscribeUnavailable
 from gateway.keepalive import Keepalive
@@ -27,6 +29,7 @@ from gateway.metrics import Metrics
 from gateway.pubsub import ClusterPubSub, PubSubLink
 from gateway.session import Admission, GatewayConnection, Session, SlowConsumerPolicy
 from gateway.store import HistoryStore
+from gateway.workers import GROUP_SIZE_ENV, WORKER_ID_ENV
 from publisher.connection import async_client, is_cluster_url
 from schemas.keys import Keys
 from schemas.protocol import (
@@ -91,6 +94,12 @@ class Gateway:
         self._tasks: list[asyncio.Task] = []
         self._all_closed = asyncio.Event()
         self.server: Server | None = None
+        #: In a ``--workers`` group (see gateway.workers): this worker's number and the group's
+        #: shared view of metrics and readiness; None for a single gateway.
+        self.worker_id: str | None = os.environ.get(WORKER_ID_ENV)
+        self.group: GroupView | None = None
+        #: Readiness as of the last group sync (once a second), for the group's /metrics.
+        self.ready_now = False
         self.redis: redis.asyncio.Redis | None = None
         self.store: HistoryStore
         self.hub: Hub
@@ -151,6 +160,14 @@ class Gateway:
         # One timer pings every connection (see gateway.keepalive), not a task per connection.
         self.keepalive = Keepalive(config.ping_interval, config.ping_timeout, _keepalive_timeout)
         self.keepalive.start()
+        group_size = os.environ.get(GROUP_SIZE_ENV)
+        if group_size:
+            self.group = GroupView(
+                self.metrics,
+                workers=int(group_size),
+                directory=os.environ["PROMETHEUS_MULTIPROC_DIR"],
+            )
+            self._tasks.append(asyncio.create_task(self._every(1.0, self._sync_group)))
         self.server = await serve(
             self.handler,
             config.host,
@@ -167,6 +184,8 @@ class Gateway:
             close_timeout=5,
             server_header=None,
             backlog=LISTEN_BACKLOG,
+            # Workers of one group share the port; the kernel spreads new connections.
+            reuse_port=self.group is not None,
             create_connection=self._new_connection,  # type: ignore[arg-type]  # a factory
         )
         log.info(
@@ -176,6 +195,7 @@ class Gateway:
             redis=_redact(config.redis_url),
             sharded_pubsub=config.sharded,
             auth="disabled" if config.no_auth else "jwt",
+            **({"worker": self.worker_id} if self.worker_id is not None else {}),
         )
 
     def _new_connection(self, *args, **kwargs) -> GatewayConnection:
@@ -225,6 +245,12 @@ class Gateway:
         for session in list(self.sessions):
             if session.check_stall(now):
                 self.metrics.slow_consumer_disconnects_total += 1
+
+    async def _sync_group(self) -> None:
+        """Publish this worker's counters, gauges and readiness to the group (once a second)."""
+        assert self.group is not None
+        self.ready_now = all((await self.readiness()).values())
+        self.group.sync(self.ready_now)
 
     async def readiness(self) -> dict[str, bool]:
         try:
@@ -314,7 +340,7 @@ class Gateway:
         ws.request.headers.clear()
         if ws.response is not None:
             ws.response.headers.clear()
-        self.metrics.connections_total += 1
+        self.metrics.connections_accepted_total += 1
         clog = log.bind(conn_id=session.id, peer=_peer(ws))
         clog.debug("connected")
         try:

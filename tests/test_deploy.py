@@ -419,7 +419,7 @@ def doc_section(title: str) -> str:
 def documented_metrics() -> set[str]:
     table = [line for line in doc_section("Metrics and alerts").splitlines() if "| " in line]
     rows = [line for line in table if re.search(r"\| (gauge|counter|histogram) \|", line)]
-    return {name for row in rows for name in re.findall(r"`(eventbus_\w+)`", row)}
+    return {name for row in rows for name in re.findall(r"`(eventbus_\w+)(?:\{\w+\})?`", row)}
 
 
 def test_operations_doc_lists_every_setting() -> None:

@@ -1,0 +1,147 @@
+"""The view of a ``--workers`` group that any one worker serves: ``/metrics`` and ``/readyz``.
+
+With ``SO_REUSEPORT`` a scrape or a probe reaches whichever worker the kernel picks, so each
+worker must answer for all of them. prometheus-client's multiprocess mode is the ecosystem's way
+to do that: every process writes its values into memory-mapped files in one directory
+(``PROMETHEUS_MULTIPROC_DIR``, made by the supervisor) and any process can read and merge them.
+
+The gateway's hot paths keep their plain integer counters (:class:`gateway.metrics.Metrics`): a
+worker copies what changed into its files once a second (:meth:`GroupView.sync`) and right
+before it renders, so the group's totals lag at most a second behind the other workers. Counters
+add up over the group; gauges are summed over the live workers (a dead worker's gauges vanish,
+its counters stay so totals never go backwards); the relay-lag histogram is observed into the
+files as it happens.
+
+Readiness: each worker publishes 1 in ``eventbus_worker_ready`` while it is ready; the group is
+ready when the live workers' sum equals the group's size, i.e. every worker is up and ready.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from gateway.metrics import Metrics
+
+__all__ = ["GroupView"]
+
+
+class GroupView:
+    """One worker's share of the group's metrics, and the group's merged view.
+
+    ``directory`` must be the ``PROMETHEUS_MULTIPROC_DIR`` the process was started with
+    (prometheus-client picks its storage when first imported).
+    """
+
+    def __init__(self, metrics: Metrics, *, workers: int, directory: str) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.metrics = metrics
+        self.workers = workers
+        self.directory = directory
+        # Our own registry: the families below are written to the files, never served from it.
+        registry = CollectorRegistry()
+        self._counters = {
+            name: Counter(f"eventbus_{name.removesuffix('_total')}", help_text, registry=registry)
+            for name, help_text in metrics.COUNTERS.items()
+        }
+        self._synced = dict.fromkeys(metrics.COUNTERS, 0)
+        self._foreign = Counter(
+            "eventbus_foreign_values",
+            "Values read from Redis that the event bus cannot have written, skipped.",
+            ["kind"],
+            registry=registry,
+        )
+        self._foreign_synced = dict.fromkeys(metrics.foreign_values, 0)
+        for kind in metrics.foreign_values:  # every kind exported from the start, as 0
+            self._foreign.labels(kind=kind)
+        self._gauges: dict[str, tuple[object, Callable[[], float]]] = {
+            name: (
+                Gauge(
+                    f"eventbus_{name}", help_text, registry=registry, multiprocess_mode="livesum"
+                ),
+                read,
+            )
+            for name, (help_text, read) in metrics.gauges.items()
+        }
+        self._ready = Gauge(
+            "eventbus_worker_ready",
+            "1 per live worker that is ready (the group is ready when this is the group size).",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self._workers = Gauge(
+            "eventbus_workers",
+            "Workers the supervisor runs in this group.",
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self._workers.set(workers)
+        lag = metrics.relay_lag
+        shared = Histogram(
+            "eventbus_relay_lag_seconds",
+            "Time from the publish (Redis clock) to the write to subscribers.",
+            buckets=lag.bounds,
+            registry=registry,
+        )
+        metrics.relay_lag = _Tee(lag, shared.observe)  # type: ignore[assignment]
+
+    def sync(self, ready: bool) -> None:
+        """Copy this worker's counter increments and current gauges into the shared files."""
+        metrics = self.metrics
+        for name, counter in self._counters.items():
+            value = getattr(metrics, name)
+            delta = value - self._synced[name]
+            if delta > 0:
+                counter.inc(delta)
+                self._synced[name] = value
+        for kind, value in metrics.foreign_values.items():
+            delta = value - self._foreign_synced.get(kind, 0)
+            if delta > 0:
+                self._foreign.labels(kind=kind).inc(delta)
+                self._foreign_synced[kind] = value
+        for gauge, read in self._gauges.values():
+            gauge.set(read())  # type: ignore[attr-defined]
+        self._ready.set(1 if ready else 0)
+
+    def _collect(self) -> list:
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=self.directory)
+        return list(registry.collect())
+
+    def render(self, ready: bool) -> bytes:
+        """The whole group's metrics in the Prometheus text format."""
+        from prometheus_client import CollectorRegistry, generate_latest
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        self.sync(ready)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=self.directory)
+        return generate_latest(registry)
+
+    def ready_workers(self, ready: bool) -> int:
+        """How many live workers of the group are ready right now (this one included)."""
+        self.sync(ready)
+        for family in self._collect():
+            if family.name == "eventbus_worker_ready":
+                return int(sum(sample.value for sample in family.samples))
+        return 0
+
+
+class _Tee:
+    """The worker's own histogram and the group's, fed by the one ``observe`` call."""
+
+    __slots__ = ("_local", "_shared_observe")
+
+    def __init__(self, local, shared_observe: Callable[[float], None]) -> None:
+        self._local = local
+        self._shared_observe = shared_observe
+
+    def observe(self, value: float) -> None:
+        self._local.observe(value)
+        self._shared_observe(value)
+
+    def __getattr__(self, name: str):
+        return getattr(self._local, name)
