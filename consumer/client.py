@@ -321,6 +321,7 @@ class Consumer:
         self._token: tuple[str, float] | None = None  # (token, monotonic time it was obtained)
         self._auth_failures = 0
         self._failed_attempts = 0  # connection attempts in a row that did not open
+        self._unavailable: dict[int, int] = {}  # project -> 'unavailable' answers in a row
         self.stats = ConsumerStats()
         self.connects = 0  # connections that opened (for tests and metrics)
         self.close_codes: list[int | None] = []  # how each connection ended, oldest first
@@ -637,6 +638,7 @@ class Consumer:
             if state is None:
                 return None
             outcome = state.on_subscribed(message.epoch, message.seq, message.resumed)  # type: ignore[attr-defined]
+            self._unavailable.pop(state.project_id, None)
             if outcome.resync is not None:
                 await self._put(state.project_id, outcome.resync)
             if outcome.resubscribe:
@@ -713,9 +715,16 @@ class Consumer:
         project_id = error.project_id
         state = self._states.get(project_id) if project_id is not None else None
         if error.code == ErrorCode.UNAVAILABLE and state is not None:
-            # Redis is unreachable behind the gateway: subscribe again a little later.
-            log.warning("subscribe unavailable; retrying", project_id=project_id)
-            self._spawn(self._resubscribe_later(ws, state, self._random() * self.policy.initial))
+            # Redis is unreachable behind the gateway: subscribe again later, with backoff (it
+            # may be down for a while), logged when it starts and then every tenth attempt.
+            attempts = self._unavailable.get(state.project_id, 0)
+            self._unavailable[state.project_id] = attempts + 1
+            if attempts % 10 == 0:
+                log.warning(
+                    "subscribe unavailable; retrying", project_id=project_id, attempts=attempts + 1
+                )
+            delay = self._random() * self._backoff.cap(attempts)
+            self._spawn(self._resubscribe_later(ws, state, delay))
             return
         if error.code == ErrorCode.INVALID_TOKEN:
             # An in-band refresh was refused; the connection keeps its token until it expires

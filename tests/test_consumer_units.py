@@ -733,3 +733,23 @@ async def test_a_subscription_dropped_without_closing_unfollows_its_projects():
     await consumer._on_frame(ws, frame(1, 1))  # type: ignore[arg-type]  # ignored, not queued
     again = consumer.events(1)
     assert again.project_ids == (1,)
+
+
+async def test_unavailable_subscribes_are_retried_with_backoff_per_project():
+    consumer, ws, _subscription = await fed_consumer(1)  # kept: a dropped one unsubscribes
+    consumer._random = lambda: 1.0  # the whole cap: the delays are the caps
+    delays: list[float] = []
+
+    async def record(ws, state, delay: float) -> None:
+        delays.append(delay)
+
+    consumer._resubscribe_later = record  # type: ignore[method-assign]
+    error = {"type": "error", "code": "unavailable", "message": "redis", "project_id": 1}
+    for _ in range(7):
+        await consumer._on_frame(ws, json.dumps(error).encode())  # type: ignore[arg-type]
+        await asyncio.sleep(0)
+    assert delays == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    await consumer._on_frame(ws, subscribed(1, 0))  # type: ignore[arg-type]
+    await consumer._on_frame(ws, json.dumps(error).encode())  # type: ignore[arg-type]
+    await asyncio.sleep(0)
+    assert delays[-1] == 1.0  # a subscribed starts the backoff over
