@@ -21,7 +21,13 @@ from pathlib import Path
 from bench.common import RESULTS_DIR
 
 #: Benchmarks in the order they run. ``bench.gateway`` may not exist yet: it is skipped then.
-MODULES = ["bench.publisher", "bench.gateway", "bench.http_api"]
+MODULES = [
+    "bench.publisher",
+    "bench.gateway",
+    "bench.http_api",
+    "bench.outbox",
+    "bench.consumer",
+]
 
 
 def _exists(module: str) -> bool:
