@@ -118,6 +118,7 @@ class ConsumerStats:
     gaps: int = 0  # resubscribes after a missing event was noticed client-side
     resyncs: int = 0  # Resync items surfaced
     catch_ups: int = 0  # resumes read page by page instead of a Resync(too_far_behind)
+    unavailable: int = 0  # subscribes the gateway answered 'unavailable' (Redis down), retried
 
 
 class _Route:
@@ -717,6 +718,7 @@ class Consumer:
         if error.code == ErrorCode.UNAVAILABLE and state is not None:
             # Redis is unreachable behind the gateway: subscribe again later, with backoff (it
             # may be down for a while), logged when it starts and then every tenth attempt.
+            self.stats.unavailable += 1
             attempts = self._unavailable.get(state.project_id, 0)
             self._unavailable[state.project_id] = attempts + 1
             if attempts % 10 == 0:

@@ -35,6 +35,7 @@ from schemas.events import BlockerResolved, utc_now
 from schemas.keys import Keys
 from schemas.protocol import ResyncReason
 from tests.support.gateway_process import ROOT, GatewayGroup, GatewayProcess
+from tests.support.redis_server import RedisServer
 from tests.support.ws_client import PublishLoop, final_state, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -543,3 +544,27 @@ async def test_a_draining_gateway_1012_is_left_promptly_for_another_exactly(redi
                     await reader
     assert consumer.close_codes[0] == 1012
     assert as_records(items) == await history(redis_url, [1])
+
+
+async def test_a_subscribe_while_redis_is_down_is_retried_until_it_is_back():
+    """The gateway answers 'unavailable' while Redis is down; the consumer keeps asking (with
+    backoff) and, once Redis is back, follows the project as if nothing happened."""
+    args = ["--subscribe-timeout", "0.5", "--probe-interval", "0.5"]
+    policy = ReconnectPolicy(initial=0.2, max=1.0)
+    with RedisServer() as server:
+        with GatewayProcess(server.url, auth_secret=SECRET, args=args) as gateway:
+            await asyncio.to_thread(server.kill)
+            async with Consumer(gateway.ws_url, token=tokens([1]), reconnect=policy) as consumer:
+                subscription = consumer.events(1)
+                await wait_until(lambda: consumer.stats.unavailable > 0, 20, "an 'unavailable'")
+                await asyncio.to_thread(server.start)
+                async with asyncio.timeout(30):
+                    await subscription.wait_subscribed()
+                publisher = AsyncPublisher.from_url(server.url)
+                try:
+                    await _publish(publisher, 1, 1, 3)
+                finally:
+                    await publisher.aclose()
+                items = await collect(subscription, lambda items: len(items) == 3)
+    assert [(d.seq, d.event.blocker_id) for d in items] == [(1, 1), (2, 2), (3, 3)]
+    assert consumer.connects == 1 and consumer.stats.resyncs == 0
