@@ -338,6 +338,8 @@ class Publisher(_ContractHelpers[Cursor]):
         timeout = _valid_timeout(timeout)
         connect, read = _attempt_timeout(timeout)
         client = sync_client(url, retries=0, connect_timeout=connect, socket_timeout=read)
+        if isinstance(client, redis.cluster.RedisCluster):
+            connection.defer_refresh_after_timeouts(client)  # else a hang costs 5 s per node
         return cls(client, timeout=timeout, _built=True, **kwargs)
 
     def publish(self, event: ProjectEvent, *, idempotency_key: str | None = None) -> Cursor:

@@ -8,6 +8,8 @@ the same functions, so one URL means the same thing everywhere.
 from __future__ import annotations
 
 import os
+import sys
+import threading
 import weakref
 from urllib.parse import urlsplit, urlunsplit
 
@@ -21,6 +23,7 @@ __all__ = [
     "AsyncDirectCommands",
     "DirectCommands",
     "async_client",
+    "defer_refresh_after_timeouts",
     "is_cluster_url",
     "sync_client",
 ]
@@ -100,6 +103,43 @@ def async_client(
         else [],
         **options,
     )
+
+
+def defer_refresh_after_timeouts(client: redis.cluster.RedisCluster) -> None:
+    """Make a sync cluster client refresh its topology in the background after a timeout.
+
+    After a command times out, redis-py's RedisCluster asks the cluster's nodes for the slot map
+    before it raises, one node after the other, each with the full read timeout: with every node
+    hung (a stopped host, a stalled network) a publish took its timeout plus 5 s per node. After
+    this call, a refresh that redis-py starts while handling a ``TimeoutError`` runs in a daemon
+    thread instead (one at a time), and the error reaches the caller at once, who retries
+    within its own deadline; the next attempt uses the refreshed map when it is there. Refreshes
+    after anything else (a refused connection in a failover, MOVED, CLUSTERDOWN) still run inline,
+    as before: the nodes answer then. The asyncio client needs none of this (its calls are
+    bounded by ``asyncio.timeout``).
+    """
+    manager = client.nodes_manager
+    refresh = manager.initialize
+    running = threading.Lock()
+
+    def initialize(*args, **kwargs):
+        if not isinstance(sys.exc_info()[1], redis.exceptions.TimeoutError):
+            return refresh(*args, **kwargs)
+        if not running.acquire(blocking=False):
+            return None  # one refresh is already under way
+
+        def run() -> None:
+            try:
+                refresh(*args, **kwargs)
+            except Exception:  # the caller's next attempt reports what is wrong
+                pass
+            finally:
+                running.release()
+
+        threading.Thread(target=run, name="eventbus-cluster-refresh", daemon=True).start()
+        return None
+
+    manager.initialize = initialize
 
 
 class DirectCommands:
