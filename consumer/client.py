@@ -444,13 +444,19 @@ class Consumer:
         return forgotten
 
     def _abandon(self, route: _Route, project_ids: tuple[int, ...]) -> None:
-        """A subscription was collected without being closed: unfollow its projects."""
+        """A subscription was collected without being closed: unfollow its projects.
+
+        Runs wherever the garbage collector happens to run (in the middle of frame handling,
+        say), so it only schedules the work for the event loop's next turn."""
+        with contextlib.suppress(RuntimeError):  # no running loop: nothing left to unfollow
+            asyncio.get_running_loop().call_soon(self._drop_abandoned, route, project_ids)
+
+    def _drop_abandoned(self, route: _Route, project_ids: tuple[int, ...]) -> None:
         forgotten = self._forget(route, project_ids)
         if forgotten and self._subscribed_on is not None and not self._closed:
             log.info("unsubscribing the projects of a dropped subscription", projects=forgotten)
-            with contextlib.suppress(RuntimeError):  # no running loop (interpreter exit)
-                for project_id in forgotten:
-                    self._spawn(self._send({"type": "unsubscribe", "project_id": project_id}))
+            for project_id in forgotten:
+                self._spawn(self._send({"type": "unsubscribe", "project_id": project_id}))
 
     async def commit(self, item: Item | UndecodableEvent) -> None:
         """Save the cursor of ``item`` (processed by the caller) to the store, if any."""
@@ -684,7 +690,7 @@ class Consumer:
             project_id = state.project_id
             delivery = Delivery(project_id, state.cursor[0], seq, event, raw)  # type: ignore[index]
             self.stats.delivered += 1
-            queue = self._routes[project_id].queue
+            queue = self._routes[project_id].queue  # (routes and states change together)
             if queue.full():
                 await queue.put(delivery)
             else:
