@@ -160,6 +160,36 @@ def test_plan_batches_groups_by_project_in_order_and_splits_large_bursts() -> No
         assert batch.positions == sorted(batch.positions)  # per-project order is the caller's
 
 
+def test_plan_batches_gives_each_keyed_event_its_own_call_in_order() -> None:
+    events = [resolved(project_id=p, n=i + 1) for i, p in enumerate([1, 1, 2, 1, 1, 2])]
+    keys = [None, "k1", None, None, None, "k2"]
+    batches = plan_batches(
+        events, keys=KEYS, retention=Retention(), publish_command="PUBLISH", idempotency_keys=keys
+    )
+    assert [(b.project_id, b.positions) for b in batches] == [
+        (1, [0]), (1, [1]), (1, [3, 4]), (2, [2]), (2, [5])
+    ]  # fmt: skip
+    keyed = [b for b in batches if str(b.args[6]).endswith((":idem:k1", ":idem:k2"))]
+    assert [b.positions for b in keyed] == [[1], [5]]
+    assert all(len(str(b.args[7])) == 32 for b in keyed)  # the event's digest
+    assert all(b.args[7] == "" for b in batches if b not in keyed)  # retry guards: no digest
+
+
+def test_a_try_again_later_result_retries_the_whole_pipeline() -> None:
+    """A cluster pipeline returns CLUSTERDOWN or a lost node as a result, not an exception."""
+    from publisher.client import _unless_unavailable
+
+    fine = [[b"e", 1, 0], redis.exceptions.ResponseError("WRONGTYPE")]
+    assert _unless_unavailable(fine) is fine
+    for error in (
+        redis.exceptions.ClusterDownError("CLUSTERDOWN"),
+        redis.exceptions.ConnectionError("lost"),
+        redis.exceptions.TimeoutError("late"),
+    ):
+        with pytest.raises(type(error)):
+            _unless_unavailable([[b"e", 1, 0], error])
+
+
 def test_plan_batches_rejects_the_whole_burst_if_one_event_is_invalid() -> None:
     events = [resolved(n=i + 1) for i in range(10)]
     events[7].answer = ""
