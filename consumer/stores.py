@@ -165,6 +165,8 @@ class SqlCursorStore:
 
     * as the consumer's ``store`` with ``auto_commit=True``: ``save`` writes and commits the
       connection (at-least-once: a crash between your effect and this save replays one event);
+      give the store a connection of its own then, as that commit would commit anything else
+      pending on it;
     * exactly-once: ``Consumer(..., store=store, auto_commit=False)``, and in your own transaction
       call :meth:`save_in` with the same DB-API cursor that applies the event's effect, then
       commit: the effect and the cursor are stored together or not at all.
@@ -224,8 +226,8 @@ class SqlCursorStore:
             row = cursor.fetchone()
         finally:
             cursor.close()
-        # End the read's implicit transaction so this connection never holds a snapshot open.
-        self.connection.commit()
+        # No commit here: the connection may be the caller's, in the middle of its own
+        # transaction (a project subscribed while another one's event is being applied).
         return None if row is None else Cursor(str(row[0]), int(row[1]))
 
     async def save(self, project_id: int, cursor: Cursor) -> None:
