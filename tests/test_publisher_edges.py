@@ -165,6 +165,32 @@ def test_every_sync_call_fails_within_its_timeout_and_nothing_is_published_twice
     client.close()
 
 
+def test_retries_that_all_reached_a_hung_redis_publish_the_event_once(server, monkeypatch) -> None:
+    """Three attempts send the same script on three held connections while Redis is stopped;
+    when it resumes it runs all three: the retry guard makes two of them no-ops."""
+    from publisher import connection
+
+    monkeypatch.setattr(connection, "SOCKET_TIMEOUT", 0.5)
+    monkeypatch.setattr(connection, "CONNECT_TIMEOUT", 0.2)
+    admin = server.client()
+    with Publisher.from_url(server.url, timeout=3.0) as pub:
+        pub.publish(event(1, 1))
+        assert pub._direct is not None
+        # Three idle connections in the held-connection lane (as after concurrent publishes).
+        pub._direct._idle[:] = [pub.client.connection_pool.get_connection() for _ in range(3)]
+        calls = admin.info("commandstats")["cmdstat_evalsha"]["calls"]
+        with hung(server):
+            fails_within(lambda: pub.publish(event(1, 2)), 3.0)
+        # Redis resumes and runs every script call that reached it (awaited, not slept on).
+        deadline = time.monotonic() + 5
+        while admin.info("commandstats")["cmdstat_evalsha"]["calls"] < calls + 3:
+            assert time.monotonic() < deadline, "the three attempts never ran"
+            time.sleep(0.01)
+        assert pub.publish(event(1, 3)).seq == 3
+    assert stream(admin, 1) == [(1, 1), (2, 2), (3, 3)]
+    admin.close()
+
+
 async def test_every_async_call_fails_within_its_timeout_and_nothing_is_published_twice(
     server,
 ) -> None:
