@@ -760,3 +760,29 @@ async def test_unavailable_subscribes_are_retried_with_backoff_per_project():
     await consumer._on_frame(ws, json.dumps(error).encode())  # type: ignore[arg-type]
     await asyncio.sleep(0)
     assert delays[-1] == 1.0  # a subscribed starts the backoff over
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=200), st.text(max_size=200).map(str.encode)))
+def test_any_bytes_decode_to_a_message_or_a_frame_error(data: bytes):
+    try:
+        decode_frame(data)
+    except FrameError:
+        pass
+
+
+async def test_a_catch_up_whose_pages_cannot_be_read_surfaces_the_resync():
+    consumer, ws, subscription = await fed_consumer(1)
+    await consumer._on_frame(ws, subscribed(1, 5))  # type: ignore[arg-type]
+    consumer._states[1].subscribe_message()  # a resume from (e1, 5)...
+
+    async def unreachable(project_id: int, cursor: Cursor) -> PollResponse:
+        raise OSError("connection refused")
+
+    consumer._poll = unreachable  # type: ignore[method-assign]
+    resync = {"type": "resync_required", "project_id": 1, "reason": "too_far_behind"}
+    await consumer._on_frame(ws, json.dumps(resync | {"epoch": EPOCH, "seq": 5000}).encode())  # type: ignore[arg-type]
+    await asyncio.gather(*consumer._helpers)
+    assert drain(subscription) == [Resync(1, ResyncReason.TOO_FAR_BEHIND, EPOCH, 5000)]
+    assert consumer.stats.catch_ups == 1 and consumer.stats.resyncs == 1
+    assert consumer.cursor(1) == Cursor(EPOCH, 5000)
