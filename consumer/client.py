@@ -684,7 +684,13 @@ class Consumer:
         self, state: ProjectState, event: ProjectEvent, raw: bytes, *, paged: bool = False
     ) -> Verdict:
         """Order one decoded event frame and queue it when it is the next one."""
-        seq = event_seq(raw)
+        try:
+            seq = event_seq(raw)
+        except msgspec.DecodeError:
+            # An event without its place in the order: the gateway never sends one. It cannot
+            # be delivered in order; say so (the next event shows whether one is missing).
+            log.warning("ignored an event frame without a seq", frame=raw[:200])
+            return Verdict.DROP
         verdict = state.on_event(seq, paged=paged)
         if verdict is Verdict.DELIVER:
             project_id = state.project_id

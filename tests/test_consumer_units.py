@@ -771,6 +771,15 @@ def test_any_bytes_decode_to_a_message_or_a_frame_error(data: bytes):
         pass
 
 
+async def test_an_event_frame_without_seq_is_ignored_not_fatal():
+    consumer, ws, subscription = await fed_consumer(1)
+    await consumer._on_frame(ws, subscribed(1, 0))  # type: ignore[arg-type]
+    no_seq = frame(1, 1)[: -len(b',"seq":1}')] + b"}"
+    await consumer._on_frame(ws, no_seq)  # type: ignore[arg-type]
+    await consumer._on_frame(ws, frame(1, 1))  # type: ignore[arg-type]
+    assert [d.seq for d in drain(subscription)] == [1]
+
+
 async def test_a_catch_up_whose_pages_cannot_be_read_surfaces_the_resync():
     consumer, ws, subscription = await fed_consumer(1)
     await consumer._on_frame(ws, subscribed(1, 5))  # type: ignore[arg-type]
