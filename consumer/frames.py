@@ -41,6 +41,7 @@ class _Header(msgspec.Struct):
 
 
 _header_decoder = msgspec.json.Decoder(_Header)
+_CONTROL_TAGS = frozenset(t.__struct_config__.tag for t in CONTROL_TYPES)
 _SEQ_KEY = b',"seq":'
 
 
@@ -77,6 +78,9 @@ def decode_frame(raw: bytes) -> object:
         try:
             header = _header_decoder.decode(raw)
         except msgspec.DecodeError:
+            raise FrameError(str(exc), None) from None
+        if header.type in _CONTROL_TAGS:
+            # A malformed control message is not an event, whatever fields it has.
             raise FrameError(str(exc), None) from None
         raise FrameError(str(exc), (header.type, header.project_id, header.seq)) from None
 

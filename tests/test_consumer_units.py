@@ -227,6 +227,10 @@ def test_an_unknown_event_type_keeps_its_place_and_garbage_has_none():
     with pytest.raises(FrameError) as info:
         decode_frame(b"not json")
     assert info.value.header is None
+    # A malformed control message with the fields of an event is still not an event.
+    with pytest.raises(FrameError) as info:
+        decode_frame(b'{"type":"subscribed","project_id":1,"seq":5}')
+    assert info.value.header is None
 
 
 # --- policies ------------------------------------------------------------------------------------
