@@ -259,12 +259,34 @@ def _valid_timeout(timeout: object) -> float:
     return float(timeout)
 
 
-def _policy(timeout: float | None, built: bool) -> RetryPolicy:
-    """The retry policy of a publisher: retries within ``timeout`` for a client ``from_url``
-    built (its attempt bound is known), one attempt for a client of your own."""
+def _policy(timeout: float | None, built: bool, client: object) -> RetryPolicy:
+    """The retry policy of a publisher: retries within ``timeout`` when one attempt's worst case
+    is known (a client ``from_url`` built, or one of yours configured the same way), else one
+    attempt."""
     timeout = _valid_timeout(timeout)
-    attempt = _attempt_timeout(timeout) if built else None
-    return RetryPolicy(timeout, sum(attempt) if attempt else None)
+    attempt = sum(_attempt_timeout(timeout)) if built else _attempt_bound(client)
+    if attempt is not None and attempt > timeout:
+        attempt = None  # an attempt may outlast the timeout: no retries can fit
+    return RetryPolicy(timeout, attempt)
+
+
+def _attempt_bound(client: object) -> float | None:
+    """How long one attempt on a client of yours can take when Redis does not answer, when that
+    is known: a standalone client (sync or asyncio) with ``socket_connect_timeout`` and
+    ``socket_timeout`` set and no retries of its own (``retry=Retry(NoBackoff(), 0)``), so one
+    call is one connect and one read. None otherwise (redis-py retries by default)."""
+    if getattr(client, "connection", None) is not None:
+        return None  # a single-connection client
+    kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", None)
+    if not isinstance(kwargs, dict):
+        return None  # a cluster client, or something else
+    connect, read = kwargs.get("socket_connect_timeout"), kwargs.get("socket_timeout")
+    retry = kwargs.get("retry")
+    retries = retry.get_retries() if retry is not None else 0
+    timeouts = (connect, read)
+    if retries or not all(isinstance(t, int | float) and 0 < t < float("inf") for t in timeouts):
+        return None
+    return float(connect + read)
 
 
 def _attempt_timeout(timeout: float) -> tuple[float, float]:
@@ -294,10 +316,11 @@ class Publisher(_ContractHelpers[Cursor]):
             retry of a call that timed out or lost its connection after reaching Redis returns
             the first result instead of publishing twice (60 s; the keys cost ~100 bytes each
             for that long). ``None`` disables it.
-        timeout: with a client made by :meth:`from_url`, every call returns or raises
+        timeout: with a client made by :meth:`from_url` (or one of yours with both socket
+            timeouts set and no retries of its own), every call returns or raises
             ``PublisherUnavailable`` within this many seconds (default 10) when Redis is down
-            or hung; see :class:`publisher.core.RetryPolicy`. With a client of your own, its
-            timeouts and retry policy decide, and the publisher makes one attempt.
+            or hung; see :class:`publisher.core.RetryPolicy`. With another client of yours,
+            its timeouts and retry policy decide, and the publisher makes one attempt.
     """
 
     def __init__(
@@ -320,7 +343,7 @@ class Publisher(_ContractHelpers[Cursor]):
             sharded=is_cluster if sharded is None else sharded,
             retry_guard=retry_guard,
         )
-        self._policy = _policy(timeout, _built)
+        self._policy = _policy(timeout, _built, client)
         self.client = client
         self._cluster = is_cluster
         self._script = client.register_script(lua.PUBLISH)
@@ -503,7 +526,7 @@ class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
             sharded=is_cluster if sharded is None else sharded,
             retry_guard=retry_guard,
         )
-        self._policy = _policy(timeout, _built)
+        self._policy = _policy(timeout, _built, client)
         self.client = client
         self._cluster = is_cluster
         self._script = client.register_script(lua.PUBLISH)

@@ -224,6 +224,27 @@ async def test_an_async_publisher_on_a_client_of_your_own_is_bounded_too(server)
         assert (await pub.publish(event(1, 3))).seq in (2, 3)
 
 
+def test_a_client_of_your_own_configured_like_from_urls_gets_the_bound(server) -> None:
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    client = redis.Redis.from_url(
+        server.url, socket_timeout=0.5, socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0)
+    )
+    with Publisher(client, timeout=2.0) as pub:
+        assert pub._policy.attempt_timeout == pytest.approx(0.7)
+        pub.publish(event(1, 1))
+        with hung(server):
+            fails_within(lambda: pub.publish(event(1, 2)), 2.0)
+            fails_within(lambda: pub.publish_many([event(1, 3)]), 2.0)
+    # redis-py's defaults retry on their own (and have no read timeout): one attempt, their bound.
+    assert Publisher(redis.Redis.from_url(server.url))._policy.attempt_timeout is None
+    slow = redis.Redis.from_url(
+        server.url, socket_timeout=5, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0)
+    )
+    assert Publisher(slow, timeout=3)._policy.attempt_timeout is None  # 7 s > 3 s
+
+
 def test_cli_history_fails_within_the_default_timeout(server) -> None:
     with Publisher.from_url(server.url) as pub:
         pub.publish(event(1, 1))
