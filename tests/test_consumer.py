@@ -568,3 +568,28 @@ async def test_a_subscribe_while_redis_is_down_is_retried_until_it_is_back():
                 items = await collect(subscription, lambda items: len(items) == 3)
     assert [(d.seq, d.event.blocker_id) for d in items] == [(1, 1), (2, 2), (3, 3)]
     assert consumer.connects == 1 and consumer.stats.resyncs == 0
+
+
+async def test_through_a_gateway_sigkill_and_restart_on_the_same_url_exactly(redis_url):
+    """One URL: the gateway is SIGKILLed, events are published while it is down, and it comes
+    back on the same port; the consumer retries (backoff) until it answers, then resumes."""
+    policy = ReconnectPolicy(initial=0.2, max=1.0)
+    publisher = AsyncPublisher.from_url(redis_url)
+    try:
+        with GatewayProcess(redis_url, auth_secret=SECRET) as gateway:
+            async with Consumer(gateway.ws_url, token=tokens([1]), reconnect=policy) as consumer:
+                subscription = consumer.events(1)
+                async with asyncio.timeout(20):
+                    await subscription.wait_subscribed()
+                await _publish(publisher, 1, 1, 50)
+                items = await collect(subscription, lambda items: len(items) == 50)
+                assert await asyncio.to_thread(gateway.kill) == -9
+                await _publish(publisher, 1, 51, 50)  # nobody relays these now
+                await wait_until(lambda: not consumer.live, 10, "the consumer to notice")
+                await asyncio.to_thread(gateway.start)
+                await _publish(publisher, 1, 101, 50)
+                items += await collect(subscription, lambda items: len(items) == 100)
+    finally:
+        await publisher.aclose()
+    assert consumer.connects == 2 and consumer.close_codes[0] == 1006
+    assert as_records(items) == await history(redis_url, [1])
