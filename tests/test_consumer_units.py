@@ -799,3 +799,20 @@ async def test_a_catch_up_whose_pages_cannot_be_read_surfaces_the_resync():
     assert drain(subscription) == [Resync(1, ResyncReason.TOO_FAR_BEHIND, EPOCH, 5000)]
     assert consumer.stats.catch_ups == 1 and consumer.stats.resyncs == 1
     assert consumer.cursor(1) == Cursor(EPOCH, 5000)
+
+
+async def test_two_subscriptions_on_one_connection_each_get_their_projects():
+    consumer, ws, first = await fed_consumer(1)
+    second = consumer.events(2)
+    await asyncio.sleep(0)  # its cursor is prepared and its subscribe sent on the live connection
+    assert ws.sent == [{"type": "subscribe", "project_id": 2}]
+    with pytest.raises(ValueError, match="already followed"):
+        consumer.events(2)
+    for raw in (subscribed(1, 0), subscribed(2, 0), frame(2, 1), frame(1, 1), frame(2, 2)):
+        await consumer._on_frame(ws, raw)  # type: ignore[arg-type]
+    assert [(d.project_id, d.seq) for d in drain(first)] == [(1, 1)]
+    assert [(d.project_id, d.seq) for d in drain(second)] == [(2, 1), (2, 2)]
+    await second.aclose()
+    assert ws.sent[-1] == {"type": "unsubscribe", "project_id": 2}
+    await consumer._on_frame(ws, frame(2, 3))  # type: ignore[arg-type]  # late: ignored
+    assert drain(first) == [] and consumer.cursor(2) is None
