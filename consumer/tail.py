@@ -224,8 +224,17 @@ async def tail(
     return printed
 
 
-def run(args: argparse.Namespace, *, stdout: TextIO, stderr: TextIO) -> int:
-    """Run ``tail`` with parsed arguments; returns the exit code."""
+def run(args: argparse.Namespace, *, stdout: TextIO, stderr: TextIO, prog: str = "tail") -> int:
+    """Run ``tail`` with arguments parsed by a parser :func:`add_arguments` set up; returns the
+    exit code. Errors are reported as ``<prog>: error: ...`` on ``stderr``.
+
+    To make it a subcommand of another CLI (``eventbus-publish tail``)::
+
+        add_arguments(commands.add_parser("tail", help="print a project's events live"))
+        ...
+        if args.command == "tail":
+            return run(args, stdout=stdout, stderr=stderr, prog="eventbus-publish tail")
+    """
     start: Start = (
         "beginning" if args.from_start else args.after if args.after is not None else "now"
     )
@@ -246,7 +255,7 @@ def run(args: argparse.Namespace, *, stdout: TextIO, stderr: TextIO) -> int:
             )
         )
     except ConsumerError as exc:
-        stderr.write(f"tail: error: {exc}\n")
+        stderr.write(f"{prog}: error: {exc}\n")
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
@@ -267,4 +276,4 @@ def main(
     parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
     add_arguments(parser)
     args = parser.parse_args(argv)
-    return run(args, stdout=stdout or sys.stdout, stderr=stderr or sys.stderr)
+    return run(args, stdout=stdout or sys.stdout, stderr=stderr or sys.stderr, prog=prog)

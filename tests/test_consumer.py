@@ -446,7 +446,8 @@ def test_tail_exits_2_naming_a_forbidden_project(gateway):
         [*command, "--token", token], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 2
-    assert "tail: error: forbidden" in result.stderr and "(project 2)" in result.stderr
+    assert "python -m consumer tail: error: forbidden" in result.stderr
+    assert "(project 2)" in result.stderr
     assert result.stdout == ""
 
 

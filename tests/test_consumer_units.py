@@ -816,3 +816,18 @@ async def test_two_subscriptions_on_one_connection_each_get_their_projects():
     assert ws.sent[-1] == {"type": "unsubscribe", "project_id": 2}
     await consumer._on_frame(ws, frame(2, 3))  # type: ignore[arg-type]  # late: ignored
     assert drain(first) == [] and consumer.cursor(2) is None
+
+
+def test_tail_plugs_into_another_cli_as_a_subcommand():
+    """How ``eventbus-publish tail`` is wired: the same options on a subparser."""
+    import argparse
+
+    from consumer.tail import add_arguments
+
+    parser = argparse.ArgumentParser(prog="eventbus-publish")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("history").add_argument("--after", type=int)
+    add_arguments(commands.add_parser("tail"))
+    args = parser.parse_args(["tail", "1", "2", "--after", "40", "--json", "--url", "ws://g/"])
+    assert (args.command, args.project_ids, args.after, args.json) == ("tail", [1, 2], 40, True)
+    assert (args.url, args.from_start, args.count) == ("ws://g/", False, None)
