@@ -767,3 +767,14 @@ def test_publish_many_checks_its_idempotency_keys_before_sending(pub, redis_clie
         with pytest.raises(ValueError, match="idempotency_key"):
             pub.publish_many([event(1, 1), event(1, 2)], idempotency_keys=keys)
     assert redis_client.keys("*") == []
+
+
+def test_the_first_publish_makes_a_history_a_read_created_permanent(pub, redis_client) -> None:
+    """A gateway's read of a never-published project creates an expiring history (seq 0), so
+    that its subscriber gets a real cursor; the first event keeps that epoch and makes it
+    permanent."""
+    redis_client.hset(KEYS.meta(1), mapping={"epoch": "readmade", "seq": 0})
+    redis_client.pexpire(KEYS.meta(1), 60_000)
+    assert pub.publish(event(1, 1)) == Cursor("readmade", 1)
+    assert redis_client.pttl(KEYS.meta(1)) == -1
+    assert redis_client.hgetall(KEYS.meta(1)) == {b"epoch": b"readmade", b"seq": b"1"}
