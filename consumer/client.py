@@ -404,10 +404,12 @@ class Consumer:
         for project_id in project_ids:
             explicit = after.get(project_id) if isinstance(after, Mapping) else after
             self._routes[project_id] = route
-            self._spawn(self._prepare(project_id, explicit, start))
+            self._spawn(self._prepare(route, project_id, explicit, start))
         return Subscription(self, tuple(project_ids), route)
 
-    async def _prepare(self, project_id: int, explicit: Cursor | None, start: Start) -> None:
+    async def _prepare(
+        self, route: _Route, project_id: int, explicit: Cursor | None, start: Start
+    ) -> None:
         cursor = Cursor(*explicit) if explicit is not None else None
         if cursor is None and self.store is not None:
             try:
@@ -420,11 +422,11 @@ class Consumer:
 
         start_after = None if start == "now" else 0 if start == "beginning" else int(start)
         state = ProjectState(project_id, cursor, start_after)
-        if self._routes.get(project_id) is None:
-            return  # unsubscribed meanwhile
+        if self._routes.get(project_id) is not route:
+            return  # unsubscribed meanwhile (and perhaps followed again by a newer subscription)
         self._states[project_id] = state
         if cursor is not None:
-            self._routes[project_id].ready[project_id].set()
+            route.ready[project_id].set()
         if self._subscribed_on is not None:
             await self._send(state.subscribe_message())
 

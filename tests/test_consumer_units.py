@@ -25,6 +25,7 @@ from consumer import (
     Delivery,
     FileCursorStore,
     Forbidden,
+    MemoryCursorStore,
     RedisCursorStore,
     Resync,
     SqlCursorStore,
@@ -831,3 +832,30 @@ def test_tail_plugs_into_another_cli_as_a_subcommand():
     args = parser.parse_args(["tail", "1", "2", "--after", "40", "--json", "--url", "ws://g/"])
     assert (args.command, args.project_ids, args.after, args.json) == ("tail", [1, 2], 40, True)
     assert (args.url, args.from_start, args.count) == ("ws://g/", False, None)
+
+
+async def test_a_project_followed_again_before_its_cursor_loaded_gets_the_newer_cursor():
+    """aclose() then events() again while the first cursor is still loading: the stale load must
+    not install its state for the new subscription."""
+
+    class SlowStore(MemoryCursorStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.release = asyncio.Event()
+
+        async def load(self, project_id: int) -> Cursor | None:
+            await self.release.wait()
+            return Cursor("old", 1)
+
+    store = SlowStore()
+    consumer = Consumer("ws://unused/", store=store)
+    consumer._task = asyncio.get_running_loop().create_future()  # no real connection task
+    first = consumer.events(1)
+    await first.aclose()
+    second = consumer.events(1, after=Cursor("new", 7))
+    await asyncio.sleep(0)
+    store.release.set()
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert consumer.cursor(1) == Cursor("new", 7)
+    assert second.project_ids == (1,)
