@@ -602,7 +602,9 @@ class Consumer:
             # once (a refused token closes the connection with 4001 before they are read).
             self._subscribed_on = ws
             for state in list(self._states.values()):
-                if not state.catching_up:  # that one subscribes when its pages are read
+                # Skipped: one unfollowed while an earlier send waited, and one catching up
+                # (it subscribes when its pages are read).
+                if self._states.get(state.project_id) is state and not state.catching_up:
                     await ws.send(_encode(state.subscribe_message()), text=True)
             while True:
                 raw = await ws.recv(decode=False)
