@@ -32,8 +32,10 @@ WORKDIR /src
 COPY pyproject.toml README.m[d] ./
 COPY requirements/runtime.txt ./requirements/
 COPY schemas ./schemas
+COPY redisconn ./redisconn
 COPY publisher ./publisher
 COPY gateway ./gateway
+COPY consumer ./consumer
 # A regular (non-editable) install: the runtime stage needs the venv only, not /src. Bytecode is
 # compiled here because the runtime filesystem is meant to be read-only.
 # Dependencies and the build backend come pinned with hashes from requirements/runtime.txt (the

@@ -30,7 +30,7 @@ from gateway.pubsub import ClusterPubSub, PubSubLink
 from gateway.session import Admission, GatewayConnection, Session, SlowConsumerPolicy
 from gateway.store import HistoryStore
 from gateway.workers import GROUP_SIZE_ENV, WORKER_ID_ENV
-from publisher.connection import async_client, is_cluster_url
+from redisconn import async_client, is_cluster_url
 from schemas.keys import Keys
 from schemas.protocol import (
     Auth,

@@ -27,9 +27,8 @@ import redis.exceptions
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
 from gateway.sequencing import Snapshot
-from publisher.core import new_epoch
 from schemas import lua
-from schemas.keys import Keys
+from schemas.keys import Keys, new_epoch
 from schemas.stored import (
     ForeignKind,
     ForeignValue,

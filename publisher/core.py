@@ -7,10 +7,7 @@ trips around these functions, so both flavours behave identically.
 from __future__ import annotations
 
 import hashlib
-import itertools
-import os
 import re
-import secrets
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timedelta
 from typing import NamedTuple
@@ -18,7 +15,7 @@ from typing import NamedTuple
 import msgspec
 
 from schemas.events import ProjectEvent, encode_event, utc_now
-from schemas.keys import Keys
+from schemas.keys import Keys, new_epoch
 
 __all__ = [
     "Cursor",
@@ -144,36 +141,6 @@ class Retention(msgspec.Struct, frozen=True):
     @property
     def max_age_ms(self) -> int:
         return int(self.max_age.total_seconds() * 1000)
-
-
-class _EpochSource:
-    """Unique candidate epochs without a ``getrandom()`` system call per publish.
-
-    Every publish passes a candidate epoch (the script uses it only when it creates a history),
-    so this is on the hot path: a system call there cost ~5 us of publish latency. A candidate is
-    a random 72-bit per-process prefix plus a counter: unique within the process by the counter,
-    across processes by the prefix. A forked child draws a new prefix, so parent and child never
-    share a sequence of candidates.
-    """
-
-    def __init__(self) -> None:
-        self._reseed()
-        os.register_at_fork(after_in_child=self._reseed)
-
-    def _reseed(self) -> None:
-        self._prefix = secrets.token_urlsafe(9)  # 12 URL-safe characters
-        self._counter = itertools.count()  # next() is atomic under the GIL: thread-safe
-
-    def __call__(self) -> str:
-        return f"{self._prefix}{next(self._counter):x}"
-
-
-_epochs = _EpochSource()
-
-
-def new_epoch() -> str:
-    """A new unique history id: URL-safe, 13 to 28 characters, 72 random bits per process."""
-    return _epochs()
 
 
 class PreparedBatch(NamedTuple):

@@ -1,0 +1,143 @@
+"""Redis clients built from URLs, standalone or Cluster, with bounded retries.
+
+The neutral home of what the publisher, the gateway and the tools share about connecting to
+Redis: it depends on redis-py only, never on ``publisher`` or ``gateway``, so both can use it
+without depending on each other. ``redis://`` / ``rediss://`` / ``unix://`` give a standalone
+client; ``redis+cluster://host:port`` (or ``rediss+cluster://``) gives a Redis Cluster client
+seeded from that node: one URL means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+import redis.asyncio
+import redis.asyncio.cluster
+import redis.cluster
+from redis.backoff import ExponentialBackoff
+
+__all__ = [
+    "CONNECT_TIMEOUT",
+    "RETRIES",
+    "SOCKET_TIMEOUT",
+    "async_client",
+    "defer_refresh_after_timeouts",
+    "is_cluster_url",
+    "sync_client",
+]
+
+#: Retries per command for clients made with the default ``retries`` (the gateway's): the first
+#: attempt plus 3 retries, with backoff 100 ms, 200 ms, 400 ms (redis-py's ExponentialBackoff
+#: sleeps ``base * 2**failures``). redis-py applies this policy around each command AND around
+#: each connect inside it, so with a hung server the waits multiply. The publisher therefore
+#: builds its clients with ``retries=0`` (one connect, one command per call) and retries itself
+#: within one deadline (publisher.core.RetryPolicy).
+RETRIES = 3
+CONNECT_TIMEOUT = 2.0
+SOCKET_TIMEOUT = 5.0
+
+
+def is_cluster_url(url: str) -> bool:
+    return urlsplit(url).scheme.endswith("+cluster")
+
+
+def _plain_url(url: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(scheme=parts.scheme.removesuffix("+cluster")))
+
+
+def _options(connect_timeout: float | None, socket_timeout: float | None) -> dict:
+    return {
+        "socket_connect_timeout": CONNECT_TIMEOUT if connect_timeout is None else connect_timeout,
+        "socket_timeout": SOCKET_TIMEOUT if socket_timeout is None else socket_timeout,
+        "health_check_interval": 30,
+    }
+
+
+def sync_client(
+    url: str,
+    *,
+    retries: int = RETRIES,
+    connect_timeout: float | None = None,
+    socket_timeout: float | None = None,
+) -> redis.Redis | redis.cluster.RedisCluster:
+    """A synchronous client for ``url``: ``retries`` retries per command (0: one attempt, one
+    connect), CONNECT_TIMEOUT and SOCKET_TIMEOUT unless given."""
+    from redis.retry import Retry
+
+    retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), retries)
+    options = _options(connect_timeout, socket_timeout)
+    if is_cluster_url(url):
+        return redis.cluster.RedisCluster.from_url(_plain_url(url), retry=retry, **options)
+    return redis.Redis.from_url(
+        url,
+        retry=retry,
+        retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError]
+        if retries
+        else [],
+        **options,
+    )
+
+
+def async_client(
+    url: str,
+    *,
+    retries: int = RETRIES,
+    connect_timeout: float | None = None,
+    socket_timeout: float | None = None,
+) -> redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster:
+    """An asyncio client for ``url`` (same arguments as :func:`sync_client`)."""
+    from redis.asyncio.retry import Retry
+
+    retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), retries)
+    options = _options(connect_timeout, socket_timeout)
+    if is_cluster_url(url):
+        return redis.asyncio.cluster.RedisCluster.from_url(_plain_url(url), retry=retry, **options)
+    return redis.asyncio.Redis.from_url(
+        url,
+        retry=retry,
+        retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError]
+        if retries
+        else [],
+        **options,
+    )
+
+
+def defer_refresh_after_timeouts(client: redis.cluster.RedisCluster) -> None:
+    """Make a sync cluster client refresh its topology in the background after a timeout.
+
+    After a command times out, redis-py's RedisCluster asks the cluster's nodes for the slot map
+    before it raises, one node after the other, each with the full read timeout: with every node
+    hung (a stopped host, a stalled network) a publish took its timeout plus 5 s per node. After
+    this call, a refresh that redis-py starts while handling a ``TimeoutError`` runs in a daemon
+    thread instead (one at a time), and the error reaches the caller at once, who retries
+    within its own deadline; the next attempt uses the refreshed map when it is there. Refreshes
+    after anything else (a refused connection in a failover, MOVED, CLUSTERDOWN) still run inline,
+    as before: the nodes answer then. The asyncio client needs none of this (its calls are
+    bounded by ``asyncio.timeout``).
+    """
+    manager = client.nodes_manager
+    refresh = manager.initialize
+    running = threading.Lock()
+
+    def initialize(*args, **kwargs):
+        if not isinstance(sys.exc_info()[1], redis.exceptions.TimeoutError):
+            return refresh(*args, **kwargs)
+        if not running.acquire(blocking=False):
+            return None  # one refresh is already under way
+
+        def run() -> None:
+            try:
+                refresh(*args, **kwargs)
+            except Exception:  # the caller's next attempt reports what is wrong
+                pass
+            finally:
+                running.release()
+
+        threading.Thread(target=run, name="eventbus-cluster-refresh", daemon=True).start()
+        return None
+
+    manager.initialize = initialize
