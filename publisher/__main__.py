@@ -180,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     connection_options(history, top=False)
 
+    # Programs of their own, reached through this command too; everything after the subcommand
+    # is theirs (``eventbus-publish relay --help`` shows their options).
+    for name, help_text in _DELEGATED.items():
+        delegated = commands.add_parser(name, help=help_text, add_help=False)
+        delegated.add_argument("delegated_args", nargs=argparse.REMAINDER)
+
     token = commands.add_parser(
         "token",
         help="mint a short-lived browser token for some projects",
@@ -379,6 +385,11 @@ def main(
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
+    argv = list(sys.argv[1:] if argv is None else argv)
+    delegated = _delegated_command(argv)
+    if delegated is not None:
+        command, rest = delegated
+        return _delegate(command, rest, stdout, stderr)
     args = build_parser().parse_args(argv)
     try:
         if args.command == "publish":
@@ -405,6 +416,53 @@ def main(
         return EXIT_REDIS_ERROR
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+
+
+#: Subcommands that are programs of their own, each with its own options and exit codes.
+_DELEGATED = {
+    "tail": "print a project's events live, through a gateway (docs/consumer.md)",
+    "relay": "publish an outbox table to Redis (docs/outbox.md)",
+    "http-api": "serve the HTTP publish API, or make an API key (docs/http-publish.md)",
+}
+
+
+def _delegated_command(argv: list[str]) -> tuple[str, list[str]] | None:
+    """``(command, its arguments)`` when the subcommand is a delegated program. Its arguments
+    are passed untouched (argparse would take ``--help`` after it for its own). Connection
+    options given before it are passed on after it."""
+    before: list[str] = []
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        if arg in ("--redis-url", "--prefix") and index + 1 < len(argv):
+            before += argv[index : index + 2]
+            index += 2
+        elif arg.startswith(("--redis-url=", "--prefix=")):
+            before.append(arg)
+            index += 1
+        elif arg in _DELEGATED:
+            rest = argv[index + 1 :]
+            # tail talks to a gateway, not to Redis: it takes no connection options.
+            return arg, rest if arg == "tail" else [*rest, *before]
+        else:
+            return None
+    return None
+
+
+def _delegate(command: str, argv: list[str], stdout: TextIO, stderr: TextIO) -> int:
+    prog = f"{PROG} {command}"
+    if command == "tail":
+        # The command line composes the packages: the library itself never imports the consumer.
+        from consumer.tail import main as tail_main
+
+        return tail_main(argv, prog=prog, stdout=stdout, stderr=stderr)
+    if command == "relay":
+        from publisher.outbox.cli import relay_main
+
+        return relay_main(argv, prog=prog)
+    from publisher.http_api.__main__ import main as http_api_main
+
+    return http_api_main(argv, prog=prog)
 
 
 def _reason(exc: BaseException) -> str:

@@ -235,6 +235,9 @@ def script_error(exc: Exception) -> PublishError:
     return PublishError(f"publish failed: {text}")
 
 
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
 def event_digest(event: ProjectEvent, payload: bytes) -> str:
     """What an idempotency record remembers of its event: a 128-bit BLAKE2b digest of the
     encoded event without its own top-level timestamps.
@@ -243,11 +246,10 @@ def event_digest(event: ProjectEvent, payload: bytes) -> str:
     field but those timestamps, so a retry that stamps the time anew (the typed helpers default
     to now) is recognised, and anything else is an :class:`IdempotencyConflict`.
     """
-    stamps = [
-        field.name
-        for field in msgspec.structs.fields(event)
-        if isinstance(getattr(event, field.name), datetime)
-    ]
+    names = _FIELD_NAMES.get(type(event))
+    if names is None:  # msgspec.structs.fields costs ~45 us: once per event type
+        names = _FIELD_NAMES[type(event)] = tuple(f.name for f in msgspec.structs.fields(event))
+    stamps = [name for name in names if isinstance(getattr(event, name), datetime)]
     if stamps:
         document = msgspec.json.decode(payload)
         for name in stamps:

@@ -460,3 +460,22 @@ async def test_the_documented_curl_and_node_examples_publish(redis_url) -> None:
         out, _ = await done.communicate()
         assert done.returncode == 0 and b"seq: 2" in out
     assert [f["type"] for f in stream(redis_url, 1)] == ["blocker_expired", "blocker_resolved"]
+
+
+async def test_an_array_retried_with_its_idempotency_key_publishes_each_event_once(redis_url):
+    batch = [resolved(i) for i in range(1, 6)]
+    async with served(redis_url) as api:
+        first = await api.post(6, batch, headers={"Idempotency-Key": "burst-1"})
+        again = await api.post(6, batch, headers={"Idempotency-Key": "burst-1"})
+        # The same key for a different event is the caller's mistake: 409, nothing written.
+        conflict = await api.post(
+            6, {**resolved(1), "answer": "another"}, headers={"Idempotency-Key": "single-1"}
+        )
+        assert conflict[0] == 200
+        conflict = await api.post(
+            6, {**resolved(1), "answer": "changed"}, headers={"Idempotency-Key": "single-1"}
+        )
+    assert first[0] == again[0] == 200 and first[2] == again[2]
+    assert [c["seq"] for c in first[2]["cursors"]] == [1, 2, 3, 4, 5]
+    assert conflict[0] == 409 and conflict[2]["error"]["code"] == "idempotency_conflict"
+    assert [f["seq"] for f in stream(redis_url, 6)] == [1, 2, 3, 4, 5, 6]

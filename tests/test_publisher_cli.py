@@ -6,6 +6,7 @@ variables, stdin and exit codes of the process run it as a subprocess.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -422,3 +423,18 @@ def test_redis_cluster_url() -> None:
         header, frame = (json.loads(line) for line in out.getvalue().splitlines())
         assert (header["epoch"], header["seq"]) == (cursor["epoch"], 1)
         assert frame["seq"] == 1 and frame["project_id"] == 42
+
+
+def test_tail_relay_and_http_api_are_reached_through_the_cli() -> None:
+    from publisher.__main__ import PROG
+
+    for command in ("tail", "relay", "http-api"):
+        usage = f"usage: {PROG} {command} "
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as done:
+            main([command, "--help"])
+        assert done.value.code == 0 and out.getvalue().startswith(usage), out.getvalue()[:200]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["http-api", "new-key", "--id", "svc", "--projects", "3"]) == 0
+    assert out.getvalue().startswith("key (shown once")

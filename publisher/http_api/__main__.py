@@ -60,8 +60,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    prog = "python -m publisher.http_api"
+def main(argv: list[str] | None = None, *, prog: str = "python -m publisher.http_api") -> int:
     args = _parser(prog).parse_args(argv)
     if args.command == "new-key":
         return _new_key(args)

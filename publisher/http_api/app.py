@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 import structlog
 
-from publisher.core import PublishError, PublisherUnavailable
+from publisher.core import IdempotencyConflict, PublishError, PublisherUnavailable, PublishManyError
 from publisher.http_api.core import (
     ApiError,
     Credentials,
@@ -168,7 +168,10 @@ class PublishApi:
             if is_batch and namespaced is None:
                 cursors = await self.publisher.publish_many(events)
             elif is_batch:
-                cursors = await self.publisher.publish_many(events, idempotency_key=namespaced)
+                # One key per event: a retry of the same request publishes exactly what is
+                # missing (each keyed event is its own script call).
+                keys = [f"{namespaced}:{index}" for index in range(len(events))]
+                cursors = await self.publisher.publish_many(events, idempotency_keys=keys)
             else:
                 cursors = [await self.publisher.publish(events[0], idempotency_key=namespaced)]
         except PublisherUnavailable as exc:
@@ -225,7 +228,8 @@ def _valid_idempotency_key(value: str) -> bool:
 def _publish_error_status(exc: PublishError) -> tuple[int, str]:
     # An idempotency key reused for another payload is the caller's mistake (409); any other
     # PublishError is Redis refusing the write (a damaged key, a script error): 502.
-    if type(exc).__name__ == "IdempotencyConflict":
+    causes = exc.errors.values() if isinstance(exc, PublishManyError) else [exc]
+    if any(isinstance(cause, IdempotencyConflict) for cause in causes):
         return 409, "idempotency_conflict"
     return 502, "publish_failed"
 
