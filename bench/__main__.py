@@ -27,6 +27,7 @@ MODULES = [
     "bench.http_api",
     "bench.outbox",
     "bench.consumer",
+    "bench.workers",
 ]
 
 
