@@ -7,22 +7,21 @@ Connections wait in a queue ordered by when their next ping is due: every connec
 interval, so appending keeps the queue sorted and each tick only looks at what is due. A ping not
 answered within ``timeout`` closes the connection with 1011, as websockets' keepalive does.
 
-Pings go through websockets' protocol object and its ``pending_pings`` table, so pongs are
-matched (and latency recorded) by websockets exactly as for its own pings.
+What a ping is belongs to the session's transport (:meth:`ClientSession.ping`): a WebSocket
+ping goes through websockets' protocol object and its ``pending_pings`` table, so pongs are
+matched (and latency recorded) by websockets exactly as for its own pings; an SSE stream gets a
+comment line, which keeps proxies from closing an idle stream and awaits no answer (a dead peer
+shows up as a stalled or failed write).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import random
-import struct
 import weakref
 from collections.abc import Callable
 
-from websockets.protocol import State
-
-from gateway.session import Session
+from gateway.session import ClientSession as Session
 
 __all__ = ["Keepalive"]
 
@@ -72,30 +71,16 @@ class Keepalive:
             session = ref()
             if session is None or not _open(session):
                 continue
-            data = self._ping(session, now)
+            data = session.ping(now)
             if data is not None:
                 checks.append((now + self.timeout, ref, data))
             pings.append((now + self.interval, ref))
         while checks and checks[0][0] <= now:
             _, ref, data = checks.popleft()
             session = ref()
-            # websockets removes a ping from pending_pings when its pong (or a later one) comes.
-            if session is not None and _open(session) and data in session.ws.pending_pings:
+            if session is not None and _open(session) and session.ping_unanswered(data):
                 self.on_timeout(session)
-
-    def _ping(self, session: Session, now: float) -> bytes | None:
-        ws = session.ws
-        data = struct.pack("!I", random.getrandbits(32))
-        while data in ws.pending_pings:
-            data = struct.pack("!I", random.getrandbits(32))
-        try:
-            ws.protocol.send_ping(data)
-            ws.send_data()
-        except Exception:
-            return None  # the connection is going away; its handler cleans up
-        ws.pending_pings[data] = (self._loop.create_future(), now)
-        return data
 
 
 def _open(session: Session) -> bool:
-    return not session.closing and session.ws.protocol.state is State.OPEN
+    return session.is_open()

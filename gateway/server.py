@@ -1,7 +1,8 @@
-"""The gateway process: websockets server, per-connection protocol, periodic checks, drain.
+"""The gateway process: websockets server, the WebSocket transport, periodic checks, drain.
 
 Wiring only; the ordering logic is in :mod:`gateway.sequencing` and :mod:`gateway.hub`, the
-outbound policy in :mod:`gateway.session`, HTTP in :mod:`gateway.http`.
+client protocol (auth, subscribe, errors) in :mod:`gateway.clients`, the outbound policy in
+:mod:`gateway.session`, HTTP in :mod:`gateway.http`.
 """
 
 from __future__ import annotations
@@ -19,35 +20,30 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from gateway.client_input import close_reason, decode_frame, repeated_header
+from gateway.clients import MAX_CONSECUTIVE_ERRORS, ClientProtocol
 from gateway.config import GatewayConfig
 from gateway.group import GroupView
 from gateway.http import HttpRoutes, json_response
-from gateway.hub import Hub, SubscribeUnavailable
+from gateway.hub import Hub
 from gateway.keepalive import Keepalive
 from gateway.logs import LogThrottle, get_logger
 from gateway.metrics import Metrics
 from gateway.pubsub import ClusterPubSub, PubSubLink
-from gateway.session import Admission, GatewayConnection, Session, SlowConsumerPolicy
+from gateway.session import (
+    Admission,
+    ClientSession,
+    GatewayConnection,
+    SlowConsumerPolicy,
+    WebSocketSession,
+)
 from gateway.store import HistoryStore
 from gateway.workers import GROUP_SIZE_ENV, WORKER_ID_ENV
 from redisconn import async_client, is_cluster_url
 from schemas.keys import Keys
-from schemas.protocol import (
-    Auth,
-    Authenticated,
-    CloseCode,
-    Error,
-    ErrorCode,
-    Ping,
-    Pong,
-    ProtocolError,
-    Subscribe,
-    Unsubscribe,
-    Unsubscribed,
-)
+from schemas.protocol import Auth, CloseCode, ProtocolError
 from schemas.tokens import InvalidToken, TokenClaims, verify_token
 
-__all__ = ["Gateway", "run"]
+__all__ = ["MAX_CONSECUTIVE_ERRORS", "Gateway", "run"]
 
 log = get_logger("gateway")
 
@@ -55,9 +51,6 @@ log = get_logger("gateway")
 #: default of 100 overflows in a reconnect storm: the kernel then drops handshakes, and each
 #: dropped client waits a 1 s SYN retransmission (2,229 drops while 10,000 clients resumed).
 LISTEN_BACKLOG = 4096
-
-#: Consecutive malformed frames tolerated before the connection is closed with 4009.
-MAX_CONSECUTIVE_ERRORS = 10
 
 #: Sockets accepted beyond ``--max-connections`` before further ones are dropped at accept: room
 #: for a polite 503 to a client arriving at a full pod, and for health probes and scrapes.
@@ -79,7 +72,7 @@ class Gateway:
         self.config = config
         self.keys = Keys(config.prefix)
         self.metrics = Metrics()
-        self.sessions: dict[Session, None] = {}
+        self.sessions: dict[ClientSession, None] = {}
         self.draining = False
         self.policy = SlowConsumerPolicy(config.outbound_limit, config.stall_timeout)
         self.admission = Admission(config.max_connections, ACCEPT_SLACK)
@@ -106,6 +99,7 @@ class Gateway:
         self.link: PubSubLink | ClusterPubSub
         verify = None if config.no_auth else self.verify
         self.http = HttpRoutes(gateway=self, verify=verify, allowed_origins=config.allowed_origins)
+        self.clients = ClientProtocol(self, verify)
         self.metrics.gauge("connections", "Open WebSocket connections.", lambda: len(self.sessions))
         self.metrics.gauge(
             "sockets",
@@ -279,81 +273,67 @@ class Gateway:
     def _bad_request(self, message: str) -> Response:
         """A malformed request (the client's mistake): 400, counted, logged a few times a minute."""
         self.metrics.bad_requests_total += 1
-        self._client_log("bad request", kind="bad_request", message=message)
+        self.client_log("bad request", kind="bad_request", message=message)
         return json_response(400, {"error": "bad_request", "message": message})
 
-    def _client_log(self, event: str, *, kind: str, **fields) -> None:
+    def client_log(self, event: str, *, kind: str, **fields) -> None:
         """Log a line caused by a client at info level, throttled per ``kind``."""
         suppressed = self.client_log_throttle.allow(kind)
         if suppressed is not None:
             log.info(event, **fields, **({"suppressed": suppressed} if suppressed else {}))
 
     def _check_handshake(self, connection: ServerConnection, request: Request) -> Response | None:
-        config = self.config
-        metrics = self.metrics
-        if self.draining:
-            metrics.connections_rejected_total += 1
-            return json_response(
-                503, {"error": "draining", "message": "reconnect elsewhere"}, [("Retry-After", "1")]
-            )
-        if self.admission.full():
-            metrics.connections_rejected_total += 1
-            return json_response(
-                503,
-                {"error": "too_many_connections", "message": "this gateway is full"},
-                [("Retry-After", "5")],
-            )
-        origin = request.headers.get("Origin")
-        if config.allowed_origins and origin not in config.allowed_origins:
-            metrics.connections_rejected_total += 1
-            self._client_log(
-                "handshake refused",
-                kind="forbidden_origin",
-                reason="origin",
-                origin=(origin or "")[:200],
-            )
-            return json_response(
-                403, {"error": "forbidden_origin", "message": f"origin {origin!r} is not allowed"}
-            )
+        refusal = self.clients.refusal(request.headers.get("Origin"))
+        if refusal is not None:
+            return refusal
         header = request.headers.get("Authorization")
-        if header and not config.no_auth:
-            scheme, _, token = header.partition(" ")
+        if header and not self.config.no_auth:
             try:
-                if scheme.lower() != "bearer":
-                    raise InvalidToken("expected 'Authorization: Bearer <token>'")
-                self._preauth[connection] = self.verify(token.strip())
+                self._preauth[connection] = self.clients.verify_bearer(header)
             except InvalidToken as exc:
-                metrics.auth_failures_total += 1
                 return json_response(401, {"error": "invalid_token", "message": str(exc)})
         return None
 
     # --- connections -------------------------------------------------------------------------
 
-    async def handler(self, ws: ServerConnection) -> None:
-        raw = not ws.protocol.extensions  # permessage-deflate negotiated: websockets frames
-        session = Session(ws, self.policy, self.hub.schedule_flush, raw=raw)
+    def add_session(self, session: ClientSession) -> None:
+        """A client connection (any transport) is open: count it for metrics and drain."""
         self.sessions[session] = None
         self._all_closed.clear()
+        self.metrics.connections_accepted_total += 1
+
+    def remove_session(self, session: ClientSession) -> None:
+        """A client connection closed: drop its subscriptions and its expiry timer."""
+        self.hub.remove(session)
+        self.sessions.pop(session, None)
+        if not self.sessions:
+            self._all_closed.set()
+        if session.expiry is not None:
+            session.expiry.cancel()
+
+    async def handler(self, ws: ServerConnection) -> None:
+        raw = not ws.protocol.extensions  # permessage-deflate negotiated: websockets frames
+        session = WebSocketSession(ws, self.policy, self.hub.schedule_flush, raw=raw)
+        self.add_session(session)
         self.keepalive.add(session)
         # The handshake's headers are not read again (process_request has used them); with a
         # browser's user agent and cookies they are a few KiB per connection for its lifetime.
         ws.request.headers.clear()
         if ws.response is not None:
             ws.response.headers.clear()
-        self.metrics.connections_accepted_total += 1
         clog = log.bind(conn_id=session.id, peer=_peer(ws))
         clog.debug("connected")
         try:
             claims = self._preauth.pop(ws, None)
             if claims is not None:
-                self._authenticate(session, claims)
+                self.clients.authenticate(session, claims)
             elif not self.config.no_auth and not await self._first_auth(session, clog):
                 return
             while True:
                 # Text frames come decoded: one that is not UTF-8 closes with 1007 (RFC 6455),
                 # inside websockets. Binary frames come as bytes and are read the same way.
                 data = await ws.recv()
-                await self._handle(session, data, clog)
+                await self.clients.handle(session, data, clog)
         except ConnectionClosed:
             pass
         finally:
@@ -361,15 +341,10 @@ class Gateway:
             if sent is not None and sent.code in PROTOCOL_VIOLATIONS:
                 self.metrics.protocol_violations_total += 1
             self._preauth.pop(ws, None)
-            self.hub.remove(session)
-            del self.sessions[session]
-            if not self.sessions:
-                self._all_closed.set()
-            if session.expiry is not None:
-                session.expiry.cancel()
+            self.remove_session(session)
             clog.debug("disconnected", code=ws.close_code)
 
-    async def _first_auth(self, session: Session, clog) -> bool:
+    async def _first_auth(self, session: WebSocketSession, clog) -> bool:
         """Wait for the first frame, a valid ``auth``; anything else closes with 4001 (4002 for
         an expired token). The deadline runs from the TCP accept, so the handshake counts."""
         ws = session.ws
@@ -397,10 +372,10 @@ class Gateway:
         except InvalidToken as exc:
             code = CloseCode.TOKEN_EXPIRED if exc.expired else CloseCode.AUTH_FAILED
             return await self._refuse(session, code, str(exc), clog)
-        self._authenticate(session, claims)
+        self.clients.authenticate(session, claims)
         return True
 
-    async def _refuse(self, session: Session, code: CloseCode, reason: str, clog) -> bool:
+    async def _refuse(self, session: WebSocketSession, code: CloseCode, reason: str, clog) -> bool:
         self.metrics.auth_failures_total += 1
         suppressed = self.client_log_throttle.allow("auth_failed")
         if suppressed is not None:
@@ -409,131 +384,6 @@ class Gateway:
         session.closing = True
         await session.ws.close(code, close_reason(reason))
         return False
-
-    def _authenticate(self, session: Session, claims: TokenClaims) -> None:
-        session.claims = claims
-        if session.expiry is not None:
-            session.expiry.cancel()
-        delay = max(0.0, claims.exp - time.time())
-        session.expiry = asyncio.get_running_loop().call_later(
-            delay, session.close_later, CloseCode.TOKEN_EXPIRED, "token expired"
-        )
-        # A refreshed token may name fewer projects: drop what it no longer allows.
-        for project_id in sorted(session.projects):
-            if not claims.allows(project_id):
-                self.hub.unsubscribe(session, project_id)
-                session.send_message(
-                    Error(
-                        code=ErrorCode.FORBIDDEN,
-                        project_id=project_id,
-                        message="the refreshed token does not allow this project",
-                    )
-                )
-                session.send_message(Unsubscribed(project_id=project_id))
-        projects = None if claims.projects == "*" else sorted(claims.projects)
-        session.send_message(
-            Authenticated(subject=claims.sub, projects=projects, expires_at=claims.exp)
-        )
-
-    def _allowed(self, session: Session, project_id: int) -> bool:
-        if self.config.no_auth:
-            return True
-        return session.claims is not None and session.claims.allows(project_id)
-
-    async def _handle(self, session: Session, data: bytes | str, clog) -> None:
-        try:
-            message = decode_frame(data)
-        except ProtocolError as exc:
-            self._client_error(session, exc.code, exc.message)
-            return
-        session.errors = 0
-        if isinstance(message, Subscribe):
-            await self._subscribe(session, message, clog)
-        elif isinstance(message, Unsubscribe):
-            if self.hub.unsubscribe(session, message.project_id):
-                session.send_message(Unsubscribed(project_id=message.project_id))
-            else:
-                self._client_error(
-                    session,
-                    ErrorCode.NOT_SUBSCRIBED,
-                    f"not subscribed to project {message.project_id}",
-                    message.project_id,
-                    count=False,
-                )
-        elif isinstance(message, Ping):
-            session.send_message(Pong())
-        elif isinstance(message, Auth):
-            if self.config.no_auth:
-                session.send_message(Authenticated(subject=None, projects=None, expires_at=None))
-                return
-            try:
-                claims = self.verify(message.token)
-            except InvalidToken as exc:
-                self._client_error(session, ErrorCode.INVALID_TOKEN, str(exc), count=False)
-                return
-            self._authenticate(session, claims)
-
-    async def _subscribe(self, session: Session, message: Subscribe, clog) -> None:
-        project_id = message.project_id
-        if (message.epoch is None) != (message.after is None):
-            self._client_error(
-                session,
-                ErrorCode.INVALID_CURSOR,
-                "give both epoch and after to resume, or neither",
-                project_id,
-            )
-            return
-        if not self._allowed(session, project_id):
-            self._client_error(
-                session,
-                ErrorCode.FORBIDDEN,
-                f"the token does not allow project {project_id}",
-                project_id,
-                count=False,
-            )
-            return
-        if (
-            project_id not in session.projects
-            and len(session.projects) >= self.config.max_subscriptions
-        ):
-            self._client_error(
-                session,
-                ErrorCode.TOO_MANY_SUBSCRIPTIONS,
-                f"at most {self.config.max_subscriptions} projects per connection",
-                project_id,
-                count=False,
-            )
-            return
-        try:
-            await self.hub.subscribe(session, project_id, message.epoch, message.after)
-        except SubscribeUnavailable as exc:
-            suppressed = self.client_log_throttle.allow("subscribe_unavailable")
-            if suppressed is not None:
-                extra = {"suppressed": suppressed} if suppressed else {}
-                clog.warning("subscribe failed", project_id=project_id, error=str(exc), **extra)
-            self._client_error(
-                session,
-                ErrorCode.UNAVAILABLE,
-                "Redis is unavailable; subscribe again later",
-                project_id,
-                count=False,
-            )
-
-    def _client_error(
-        self,
-        session: Session,
-        code: ErrorCode,
-        message: str,
-        project_id: int | None = None,
-        *,
-        count: bool = True,
-    ) -> None:
-        self.metrics.client_errors_total += 1
-        session.send_message(Error(code=code, message=message[:500], project_id=project_id))
-        if count:
-            session.errors += 1
-            if session.errors >= MAX_CONSECUTIVE_ERRORS:
-                session.close_later(CloseCode.TOO_MANY_ERRORS, "too many malformed messages")
 
     # --- shutdown ----------------------------------------------------------------------------
 
@@ -597,7 +447,7 @@ async def _bounded(step, name: str) -> None:
         log.warning("shutdown step failed", step=name, error=str(exc))
 
 
-def _keepalive_timeout(session: Session) -> None:
+def _keepalive_timeout(session: ClientSession) -> None:
     session.abort(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
 
 

@@ -1,11 +1,17 @@
-"""One browser connection: its token, its projects, and its outbound queue.
+"""One client connection: its token, its projects, its outbound queue and its write path.
+
+:class:`ClientSession` is the transport-agnostic part (what the client protocol in
+:mod:`gateway.clients` and the hub in :mod:`gateway.hub` work with); :class:`WebSocketSession`
+adds what is WebSocket-specific (websockets' protocol state, close frames, compression), and
+:class:`gateway.sse.SseSession` what is SSE-specific. Both share the write path and the
+slow-consumer, stall and drain behaviour described here.
 
 Outbound frames are queued and written once per event-loop iteration, so a burst of events costs
 one write per connection instead of one per event. A project's frames are queued once for all its
-live subscribers (see :mod:`gateway.hub`) and reach each of them through :meth:`Session.write`;
-what concerns one connection alone (replies, replay) waits in its own outbox. Frames are the same
-pre-built bytes for every subscriber (see :mod:`gateway.frames`); websockets still owns the
-handshake, reading, pings and the closing handshake.
+live subscribers (see :mod:`gateway.hub`) and reach each of them through
+:meth:`ClientSession.write`; what concerns one connection alone (replies, replay) waits in its
+own outbox. Frames are the same pre-built bytes for every subscriber (see :mod:`gateway.frames`);
+websockets still owns the handshake, reading, pings and the closing handshake.
 
 The write itself is the hot path of the whole gateway (one per subscriber per event at low rates),
 so while the transport has nothing buffered it is a single ``os.write`` on the socket: same bytes,
@@ -28,6 +34,7 @@ import asyncio
 import fcntl
 import itertools
 import os
+import random
 import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -37,7 +44,7 @@ from websockets.protocol import State
 
 from gateway.frames import text_frame
 from gateway.tasks import spawn
-from schemas.protocol import CloseCode, encode
+from schemas.protocol import CloseCode, ResyncRequired, Subscribed, encode
 from schemas.tokens import TokenClaims
 
 if TYPE_CHECKING:
@@ -45,10 +52,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Admission",
+    "ClientSession",
     "GatewayConnection",
     "Outgoing",
     "Session",
     "SlowConsumerPolicy",
+    "WebSocketSession",
     "joined",
 ]
 
@@ -57,17 +66,32 @@ _INT = struct.Struct("i")
 
 
 class Outgoing:
-    """A payload and its frame, built once and shared by every recipient."""
+    """A payload and its frame, built once and shared by every recipient.
 
-    __slots__ = ("payload", "wire")
+    ``project_id`` and ``seq`` say which event it is (0 for control messages, and when the
+    sender did not say); ``kind`` is the control message's type ("" for an event) and
+    ``epoch`` the epoch a ``subscribed`` or ``resync_required`` continues from: what a
+    transport that numbers its messages by cursor (SSE) needs, read without decoding JSON.
+    """
 
-    def __init__(self, payload: bytes) -> None:
+    __slots__ = ("epoch", "kind", "payload", "project_id", "seq", "wire")
+
+    def __init__(self, payload: bytes, project_id: int = 0, seq: int = 0) -> None:
         self.payload = payload
         self.wire = text_frame(payload)
+        self.project_id = project_id
+        self.seq = seq
+        self.kind = ""
+        self.epoch: str | None = None
 
     @classmethod
     def message(cls, message: ServerMessage) -> Outgoing:
-        return cls(encode(message))
+        item = cls(encode(message), getattr(message, "project_id", None) or 0)
+        item.kind = type(message).__struct_config__.tag or ""
+        if isinstance(message, Subscribed | ResyncRequired):
+            item.epoch = message.epoch
+            item.seq = message.seq
+        return item
 
 
 def joined(items: list[Outgoing]) -> bytes:
@@ -146,19 +170,19 @@ SIOCOUTQNSD = 0x894B
 
 
 class GatewayConnection(ServerConnection):
-    """websockets' server connection, telling its :class:`Session` about every write of its own.
+    """websockets' server connection, telling its :class:`WebSocketSession` about its writes.
 
     websockets writes to the transport only through ``send_data`` (the handshake response,
     pings, pongs, close frames), and a change of state out of OPEN always comes with such a write
-    or with ``connection_lost``: hooking both keeps ``Session.writable`` true to the connection
-    without asking the protocol and the transport on every frame.
+    or with ``connection_lost``: hooking both keeps ``ClientSession.writable`` true to the
+    connection without asking the protocol and the transport on every frame.
 
     It also counts itself in ``admission`` (when set) from accept to close, drops itself at once
     when the port is over its bound, and records when it was accepted (``accepted_at``,
     event-loop time): the auth deadline runs from there.
     """
 
-    session: Session | None = None
+    session: WebSocketSession | None = None
     admission: Admission | None = None
     accepted_at: float = 0.0
     _counted: bool = False
@@ -186,8 +210,15 @@ class GatewayConnection(ServerConnection):
         super().connection_lost(exc)
 
 
-class Session:
-    """State of one WebSocket connection."""
+class ClientSession:
+    """One client connection, whatever its transport: its token, its projects, its outbox, and
+    the write path with the slow-consumer policy.
+
+    Transport-specific subclasses (:class:`WebSocketSession`, :class:`gateway.sse.SseSession`)
+    say how frames become bytes (:meth:`write` may be overridden to re-frame ``items``), how a
+    connection is closed (:meth:`_send_close`, :meth:`_close_gracefully`), whether it is open
+    (:meth:`is_open`) and how it is kept alive (:meth:`ping`).
+    """
 
     __slots__ = (
         "__weakref__",  # gateway.keepalive holds sessions weakly
@@ -204,42 +235,38 @@ class Session:
         "outbox",
         "policy",
         "projects",
-        "protocol",
-        "raw",
         "schedule_flush",
         "sent_since_check",
         "stalled_since",
         "transport",
         "writable",
-        "ws",
     )
+
+    #: The transport's name, as reported in logs and to clients ("websocket", "sse").
+    transport_name = "websocket"
 
     def __init__(
         self,
-        ws: ServerConnection,
+        transport: asyncio.Transport,
         policy: SlowConsumerPolicy,
-        schedule_flush: Callable[[Session], None],
+        schedule_flush: Callable[[ClientSession], None],
         *,
-        raw: bool,
+        direct: bool = True,
     ) -> None:
         self.id = next(_ids)
-        self.ws = ws
-        self.transport = ws.transport
-        self.protocol = ws.protocol
+        self.transport = transport
         self.policy = policy
         self.schedule_flush = schedule_flush
-        self.raw = raw  # False when permessage-deflate is negotiated: websockets frames each one
-        #: The socket's descriptor for direct writes, or -1 (not a plain socket, or not raw).
-        self.fd = _socket_fd(ws.transport) if raw else -1
-        #: The same descriptor for the once-a-second look at the kernel's send queue, compressed
-        #: or not (-1 when not a plain socket).
-        self.kernel_fd = _socket_fd(ws.transport)
-        #: True while a write may go straight to ``fd``: raw, open, not closing, nothing buffered
-        #: in the transport. Cleared by whatever changes one of those (our own writes, and
-        #: websockets' through :class:`GatewayConnection`); set again by the next full check.
+        #: The socket's descriptor for direct writes, or -1 (not a plain socket, or ``direct``
+        #: is off because the transport frames each message itself).
+        self.fd = _socket_fd(transport) if direct else -1
+        #: The same descriptor for the once-a-second look at the kernel's send queue (-1 when
+        #: not a plain socket).
+        self.kernel_fd = _socket_fd(transport)
+        #: True while a write may go straight to ``fd``: direct, open, not closing, nothing
+        #: buffered in the transport. Cleared by whatever changes one of those (our own writes,
+        #: and the transport library's); set again by the next full check.
         self.writable = False
-        if isinstance(ws, GatewayConnection):
-            ws.session = self
         self.claims: TokenClaims | None = None
         self.projects: set[int] = set()
         self.outbox: list[Outgoing] = []
@@ -256,6 +283,30 @@ class Session:
         #: again, forever). Granted with the replay, counted once written, shrinks as it drains.
         self.allowance = 0
         self.allowance_granted = 0
+
+    # --- transport-specific ------------------------------------------------------------------
+
+    def is_open(self) -> bool:
+        """True while frames may be written (not closing, the transport's protocol is open)."""
+        raise NotImplementedError
+
+    def _send_close(self, code: CloseCode, reason: str) -> None:
+        """Queue this transport's goodbye (a close frame, a final SSE event) before an abort."""
+        raise NotImplementedError
+
+    def _close_gracefully(self, code: CloseCode, reason: str) -> None:
+        """Start an orderly close (the outbox has been flushed)."""
+        raise NotImplementedError
+
+    def ping(self, now: float) -> bytes | None:
+        """Keepalive: send a ping, returning what identifies its answer (None: none awaited)."""
+        raise NotImplementedError
+
+    def ping_unanswered(self, data: bytes) -> bool:
+        """True when the ping ``data`` has not been answered yet."""
+        return False
+
+    # --- the write path ----------------------------------------------------------------------
 
     def send(self, item: Outgoing) -> None:
         """Queue a frame; it is written at the end of this event-loop iteration."""
@@ -280,7 +331,8 @@ class Session:
         """Write ``items``, whose frames joined are ``wire``, now; False when cut as slow.
 
         The hub calls this with one feed's frames for every live subscriber, the same ``wire``
-        for all of them, and :meth:`flush` with this connection's own frames.
+        for all of them, and :meth:`flush` with this connection's own frames. A transport whose
+        bytes differ from WebSocket frames overrides this to build them, then calls it.
         """
         self.sent_since_check = True
         if self.writable:
@@ -304,12 +356,7 @@ class Session:
 
     def _write_checked(self, wire: bytes, items: list[Outgoing]) -> bool:
         """:meth:`write` with every check made; False when cut as slow."""
-        if self.closing or self.protocol.state is not State.OPEN:
-            return True
-        if not self.raw:
-            for item in items:
-                self.protocol.send_text(item.payload)
-            self.ws.send_data()
+        if not self.is_open():
             return True
         transport = self.transport
         if transport.get_write_buffer_size():
@@ -320,16 +367,9 @@ class Session:
             return True
         self.writable = self.fd >= 0  # drained: direct writes again from now on
         if self.writable:
-            return self.write(wire, items)
+            return ClientSession.write(self, wire, items)
         transport.write(wire)
         return True
-
-    def on_websockets_write(self) -> None:
-        """websockets wrote to the transport (a ping, a pong, a close frame) or lost it."""
-        if self.writable and (
-            self.protocol.state is not State.OPEN or self.transport.get_write_buffer_size()
-        ):
-            self.writable = False
 
     def grant_allowance(self, nbytes: int) -> None:
         """Tolerate ``nbytes`` of replay, queued now, on top of the outbound limit."""
@@ -371,11 +411,11 @@ class Session:
         self.abort(CloseCode.SLOW_CONSUMER, "slow consumer: resume from your cursor")
 
     def abort(self, code: CloseCode, reason: str) -> None:
-        """Close without waiting for the peer: queue a close frame, then abort the transport.
+        """Close without waiting for the peer: queue the goodbye, then abort the transport.
 
-        ``websockets``' own ``close()`` waits for the buffer to drain, which a stalled client never
-        does. The close frame reaches a client that is merely slow; a stalled one sees the TCP
-        connection reset. Either way the buffer is freed now.
+        An orderly close waits for the buffer to drain, which a stalled client never does. The
+        goodbye reaches a client that is merely slow; a stalled one sees the TCP connection
+        reset. Either way the buffer is freed now.
         """
         if self.closing:
             return
@@ -383,21 +423,94 @@ class Session:
         self.writable = False
         self.outbox.clear()
         try:
-            if self.protocol.state is State.OPEN:
-                self.protocol.send_close(code, reason)
-                self.ws.send_data()
+            self._send_close(code, reason)
         except Exception:
             pass
         self.transport.abort()
 
     def close_later(self, code: CloseCode, reason: str) -> None:
-        """Start a normal closing handshake from synchronous code."""
+        """Start a normal close from synchronous code."""
         if self.closing:
             return
         self.flush()  # what is queued (e.g. the error that explains the close) goes first
         self.closing = True
         self.writable = False
+        self._close_gracefully(code, reason)
+
+
+class WebSocketSession(ClientSession):
+    """A :class:`ClientSession` on a websockets connection: websockets owns the handshake,
+    reading, pings and the closing handshake; frames are pre-built (see :mod:`gateway.frames`)
+    and written by :class:`ClientSession` directly, unless permessage-deflate is negotiated
+    (``raw`` False), when websockets frames and compresses each one."""
+
+    __slots__ = ("protocol", "raw", "ws")
+
+    def __init__(
+        self,
+        ws: ServerConnection,
+        policy: SlowConsumerPolicy,
+        schedule_flush: Callable[[ClientSession], None],
+        *,
+        raw: bool,
+    ) -> None:
+        super().__init__(ws.transport, policy, schedule_flush, direct=raw)
+        self.ws = ws
+        self.protocol = ws.protocol
+        self.raw = raw  # False when permessage-deflate is negotiated: websockets frames each one
+        if isinstance(ws, GatewayConnection):
+            ws.session = self
+
+    def is_open(self) -> bool:
+        return not self.closing and self.protocol.state is State.OPEN
+
+    def _write_framed(self, items: list[Outgoing]) -> None:
+        for item in items:
+            self.protocol.send_text(item.payload)
+        self.ws.send_data()
+
+    def _write_checked(self, wire: bytes, items: list[Outgoing]) -> bool:
+        if not self.raw and self.is_open():
+            self._write_framed(items)  # whatever the transport (a test double included)
+            return True
+        return super()._write_checked(wire, items)
+
+    def on_websockets_write(self) -> None:
+        """websockets wrote to the transport (a ping, a pong, a close frame) or lost it."""
+        if self.writable and (
+            self.protocol.state is not State.OPEN or self.transport.get_write_buffer_size()
+        ):
+            self.writable = False
+
+    def _send_close(self, code: CloseCode, reason: str) -> None:
+        if self.protocol.state is State.OPEN:
+            self.protocol.send_close(code, reason)
+            self.ws.send_data()
+
+    def _close_gracefully(self, code: CloseCode, reason: str) -> None:
         spawn(self.ws.close(code, reason))
+
+    def ping(self, now: float) -> bytes | None:
+        ws = self.ws
+        data = struct.pack("!I", random.getrandbits(32))
+        while data in ws.pending_pings:
+            data = struct.pack("!I", random.getrandbits(32))
+        try:
+            ws.protocol.send_ping(data)
+            ws.send_data()
+        except Exception:
+            return None  # the connection is going away; its handler cleans up
+        ws.pending_pings[data] = (asyncio.get_running_loop().create_future(), now)
+        return data
+
+    def ping_unanswered(self, data: bytes) -> bool:
+        # websockets removes a ping from pending_pings when its pong (or a later one) comes.
+        return data in self.ws.pending_pings
+
+
+#: The name the hub and older code use for a session: a WebSocket one (the hub works with any
+#: :class:`ClientSession`).
+Session = WebSocketSession
 
 
 def unsent_in_kernel(fd: int) -> int:

@@ -1,0 +1,258 @@
+"""The client protocol, whatever the transport: admission, authentication, subscriptions, errors.
+
+A WebSocket connection (:mod:`gateway.server`) and an SSE stream (:mod:`gateway.sse`) both drive
+a :class:`ClientProtocol` with a :class:`gateway.session.ClientSession`; each transport only
+turns its own input into these calls and the session's output into its own bytes:
+
+* :meth:`ClientProtocol.refusal`: whether a new connection may open at all (draining, a full
+  pod, a foreign ``Origin``), as the HTTP answer that refuses it;
+* :meth:`ClientProtocol.verify_bearer`: an ``Authorization: Bearer`` header's claims;
+* :meth:`ClientProtocol.authenticate`: claims for a session, with the expiry timer, and a
+  refreshed token dropping the projects it no longer allows;
+* :meth:`ClientProtocol.subscribe` / :meth:`ClientProtocol.unsubscribe` with their checks and
+  errors; :meth:`ClientProtocol.handle` for a frame (WebSocket: the four client messages);
+* :meth:`ClientProtocol.client_error`: an ``error`` message, counted, and the rule that ten
+  malformed frames in a row close the connection (4009).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from gateway.client_input import decode_frame
+from gateway.http import json_response
+from gateway.hub import SubscribeUnavailable
+from gateway.logs import get_logger
+from schemas.protocol import (
+    Auth,
+    Authenticated,
+    CloseCode,
+    Error,
+    ErrorCode,
+    Ping,
+    Pong,
+    ProtocolError,
+    Subscribe,
+    Unsubscribe,
+    Unsubscribed,
+)
+from schemas.tokens import InvalidToken, TokenClaims
+
+if TYPE_CHECKING:
+    from websockets.http11 import Response
+
+    from gateway.session import ClientSession
+
+__all__ = ["MAX_CONSECUTIVE_ERRORS", "ClientProtocol"]
+
+log = get_logger("gateway")
+
+#: Consecutive malformed frames tolerated before the connection is closed with 4009.
+MAX_CONSECUTIVE_ERRORS = 10
+
+
+class ClientProtocol:
+    """What every transport's connections share; one per gateway process."""
+
+    def __init__(self, gateway, verify: Callable[[str], TokenClaims] | None) -> None:
+        # gateway.server.Gateway (not imported: it imports us): config, hub, metrics, draining.
+        self.gateway = gateway
+        self.config = gateway.config
+        self.metrics = gateway.metrics
+        #: None with ``--no-auth``: every project is allowed, no token is asked for.
+        self.verify = verify
+
+    # --- admission ---------------------------------------------------------------------------
+
+    def refusal(self, origin: str | None) -> Response | None:
+        """The answer refusing a new client connection, or None when it may open."""
+        gateway, metrics = self.gateway, self.metrics
+        if gateway.draining:
+            metrics.connections_rejected_total += 1
+            return json_response(
+                503, {"error": "draining", "message": "reconnect elsewhere"}, [("Retry-After", "1")]
+            )
+        if gateway.admission.full():
+            metrics.connections_rejected_total += 1
+            return json_response(
+                503,
+                {"error": "too_many_connections", "message": "this gateway is full"},
+                [("Retry-After", "5")],
+            )
+        allowed = self.config.allowed_origins
+        if allowed and origin not in allowed:
+            metrics.connections_rejected_total += 1
+            gateway.client_log(
+                "handshake refused",
+                kind="forbidden_origin",
+                reason="origin",
+                origin=(origin or "")[:200],
+            )
+            return json_response(
+                403, {"error": "forbidden_origin", "message": f"origin {origin!r} is not allowed"}
+            )
+        return None
+
+    # --- authentication ----------------------------------------------------------------------
+
+    def verify_bearer(self, header: str) -> TokenClaims:
+        """The claims of an ``Authorization: Bearer <token>`` header; :class:`InvalidToken`
+        (counted as an auth failure) when it is not one, or the token is not valid."""
+        assert self.verify is not None
+        scheme, _, token = header.partition(" ")
+        try:
+            if scheme.lower() != "bearer" or not token.strip():
+                raise InvalidToken("expected 'Authorization: Bearer <token>'")
+            return self.verify(token.strip())
+        except InvalidToken:
+            self.metrics.auth_failures_total += 1
+            raise
+
+    def authenticate(self, session: ClientSession, claims: TokenClaims) -> None:
+        """Give ``session`` these claims: (re)arm its expiry, drop projects a refreshed token no
+        longer allows (``error`` forbidden + ``unsubscribed`` each), answer ``authenticated``."""
+        session.claims = claims
+        if session.expiry is not None:
+            session.expiry.cancel()
+        delay = max(0.0, claims.exp - time.time())
+        session.expiry = asyncio.get_running_loop().call_later(delay, self.expire, session)
+        # A refreshed token may name fewer projects: drop what it no longer allows.
+        hub = self.gateway.hub
+        for project_id in sorted(session.projects):
+            if not claims.allows(project_id):
+                hub.unsubscribe(session, project_id)
+                session.send_message(
+                    Error(
+                        code=ErrorCode.FORBIDDEN,
+                        project_id=project_id,
+                        message="the refreshed token does not allow this project",
+                    )
+                )
+                session.send_message(Unsubscribed(project_id=project_id))
+        projects = None if claims.projects == "*" else sorted(claims.projects)
+        session.send_message(
+            Authenticated(subject=claims.sub, projects=projects, expires_at=claims.exp)
+        )
+
+    def expire(self, session: ClientSession) -> None:
+        """The session's token expired without a refresh: close it (4002)."""
+        session.close_later(CloseCode.TOKEN_EXPIRED, "token expired")
+
+    def allowed(self, session: ClientSession, project_id: int) -> bool:
+        if self.verify is None:
+            return True
+        return session.claims is not None and session.claims.allows(project_id)
+
+    # --- messages ----------------------------------------------------------------------------
+
+    async def handle(self, session: ClientSession, data: bytes | str, clog) -> None:
+        """One frame from an authenticated client (malformed ones answer ``error``)."""
+        try:
+            message = decode_frame(data)
+        except ProtocolError as exc:
+            self.client_error(session, exc.code, exc.message)
+            return
+        session.errors = 0
+        if isinstance(message, Subscribe):
+            if (message.epoch is None) != (message.after is None):
+                self.client_error(
+                    session,
+                    ErrorCode.INVALID_CURSOR,
+                    "give both epoch and after to resume, or neither",
+                    message.project_id,
+                )
+                return
+            await self.subscribe(session, message.project_id, message.epoch, message.after, clog)
+        elif isinstance(message, Unsubscribe):
+            self.unsubscribe(session, message.project_id)
+        elif isinstance(message, Ping):
+            session.send_message(Pong())
+        elif isinstance(message, Auth):
+            if self.verify is None:
+                session.send_message(Authenticated(subject=None, projects=None, expires_at=None))
+                return
+            try:
+                claims = self.verify(message.token)
+            except InvalidToken as exc:
+                self.client_error(session, ErrorCode.INVALID_TOKEN, str(exc), count=False)
+                return
+            self.authenticate(session, claims)
+
+    async def subscribe(
+        self,
+        session: ClientSession,
+        project_id: int,
+        epoch: str | None,
+        after: int | None,
+        clog,
+    ) -> bool:
+        """Subscribe with the checks a client may fail (each answers ``error``); True when the
+        hub took the subscription (its replay and ``subscribed`` are on their way)."""
+        if not self.allowed(session, project_id):
+            self.client_error(
+                session,
+                ErrorCode.FORBIDDEN,
+                f"the token does not allow project {project_id}",
+                project_id,
+                count=False,
+            )
+            return False
+        limit = self.config.max_subscriptions
+        if project_id not in session.projects and len(session.projects) >= limit:
+            self.client_error(
+                session,
+                ErrorCode.TOO_MANY_SUBSCRIPTIONS,
+                f"at most {limit} projects per connection",
+                project_id,
+                count=False,
+            )
+            return False
+        try:
+            await self.gateway.hub.subscribe(session, project_id, epoch, after)
+        except SubscribeUnavailable as exc:
+            suppressed = self.gateway.client_log_throttle.allow("subscribe_unavailable")
+            if suppressed is not None:
+                extra = {"suppressed": suppressed} if suppressed else {}
+                clog.warning("subscribe failed", project_id=project_id, error=str(exc), **extra)
+            self.client_error(
+                session,
+                ErrorCode.UNAVAILABLE,
+                "Redis is unavailable; subscribe again later",
+                project_id,
+                count=False,
+            )
+            return False
+        return True
+
+    def unsubscribe(self, session: ClientSession, project_id: int) -> None:
+        if self.gateway.hub.unsubscribe(session, project_id):
+            session.send_message(Unsubscribed(project_id=project_id))
+        else:
+            self.client_error(
+                session,
+                ErrorCode.NOT_SUBSCRIBED,
+                f"not subscribed to project {project_id}",
+                project_id,
+                count=False,
+            )
+
+    def client_error(
+        self,
+        session: ClientSession,
+        code: ErrorCode,
+        message: str,
+        project_id: int | None = None,
+        *,
+        count: bool = True,
+    ) -> None:
+        """Answer ``error`` (a metric, not a log line); ``count``: a malformed frame, and the
+        tenth in a row closes the connection with 4009."""
+        self.metrics.client_errors_total += 1
+        session.send_message(Error(code=code, message=message[:500], project_id=project_id))
+        if count:
+            session.errors += 1
+            if session.errors >= MAX_CONSECUTIVE_ERRORS:
+                session.close_later(CloseCode.TOO_MANY_ERRORS, "too many malformed messages")
