@@ -11,6 +11,10 @@ Layout for project 42 with the default prefix ``eventbus``::
     eventbus:{42}:live      channel messages "<epoch>|<seq>|<published unix ms>|<frame>"
     eventbus:{42}:idem:<k>  string  "<epoch>|<seq>|<digest>" of the first publish with key k
                                     (records of the older form "<epoch>|<seq>" are still read)
+    eventbus:{42}:presence:pods     zset    gateway pod id -> deadline (Redis time, unix ms)
+    eventbus:{42}:presence:versions hash    pod id -> version of that pod's member records
+    eventbus:{42}:presence:pod:<p>  hash    member id -> JSON record, the members on pod p
+    eventbus:{42}:presence          channel "<pod>|<version>|<JSON changes>" (docs/presence.md)
 
 A *frame* is the event's JSON with ``"seq":<n>`` appended: exactly the bytes a browser receives.
 An *epoch* names one history of a project (:func:`new_epoch` makes candidates); a cursor is only
@@ -42,7 +46,7 @@ _EPOCH_RE = re.compile(rb"^[A-Za-z0-9_-]{1,64}$")
 class Keys:
     """All Redis names of the event bus, under one prefix (one prefix per deployment)."""
 
-    __slots__ = ("_channel_re", "prefix")
+    __slots__ = ("_channel_re", "_presence_re", "prefix")
 
     def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
         if not _PREFIX_RE.match(prefix):
@@ -50,6 +54,9 @@ class Keys:
         self.prefix = prefix
         self._channel_re = re.compile(
             rb"^" + re.escape(prefix.encode()) + rb":\{([1-9][0-9]{0,15})\}:live$"
+        )
+        self._presence_re = re.compile(
+            rb"^" + re.escape(prefix.encode()) + rb":\{([1-9][0-9]{0,15})\}:presence$"
         )
 
     def meta(self, project_id: int) -> str:
@@ -63,6 +70,32 @@ class Keys:
 
     def idempotency(self, project_id: int, key: str) -> str:
         return f"{self.prefix}:{{{project_id}}}:idem:{key}"
+
+    # Presence (docs/presence.md, schemas/presence.py): all in the project's slot, so one script
+    # reads or writes a project's presence atomically, also on Redis Cluster.
+
+    def presence_pods(self, project_id: int) -> str:
+        return f"{self.prefix}:{{{project_id}}}:presence:pods"
+
+    def presence_versions(self, project_id: int) -> str:
+        return f"{self.prefix}:{{{project_id}}}:presence:versions"
+
+    def presence_pod_prefix(self, project_id: int) -> str:
+        """Prefix of the per-pod member hashes: append the pod id."""
+        return f"{self.prefix}:{{{project_id}}}:presence:pod:"
+
+    def presence_pod(self, project_id: int, pod_id: str) -> str:
+        return self.presence_pod_prefix(project_id) + pod_id
+
+    def presence_channel(self, project_id: int) -> str:
+        return f"{self.prefix}:{{{project_id}}}:presence"
+
+    def project_of_presence_channel(self, channel: bytes | str) -> int | None:
+        """The project id a presence channel name belongs to, or None for another channel."""
+        if isinstance(channel, str):
+            channel = channel.encode()
+        match = self._presence_re.match(channel)
+        return int(match.group(1)) if match else None
 
     def project_of_channel(self, channel: bytes | str) -> int | None:
         """The project id a channel name belongs to, or None for a foreign channel."""

@@ -15,15 +15,20 @@ import msgspec
 from msgspec import Meta
 
 __all__ = [
+    "Activity",
     "Auth",
     "Authenticated",
     "ClientMessage",
     "CloseCode",
     "Error",
     "ErrorCode",
+    "Member",
     "Ping",
     "PollResponse",
     "Pong",
+    "Presence",
+    "PresenceDiff",
+    "PresenceGet",
     "ProtocolError",
     "ResyncReason",
     "ResyncRequired",
@@ -40,6 +45,8 @@ ProjectId = Annotated[int, Meta(gt=0, le=2**53 - 1)]
 Sequence = Annotated[int, Meta(ge=0, le=2**53 - 1)]
 Epoch = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 Token = Annotated[str, Meta(min_length=1, max_length=8192)]
+#: What a member is looking at or answering: an application id (a blocker's id in the dashboard).
+ItemId = Annotated[int, Meta(gt=0, le=2**53 - 1)]
 
 
 class CloseCode(enum.IntEnum):
@@ -112,6 +119,9 @@ class Subscribe(msgspec.Struct, tag_field="type", tag="subscribe"):
     project_id: ProjectId
     epoch: Epoch | None = None
     after: Sequence | None = None
+    #: Also receive the project's member list (``presence``) and then its coalesced changes
+    #: (``presence_diff``, at most one per second). See docs/presence.md.
+    presence: bool = False
 
 
 class Unsubscribe(msgspec.Struct, tag_field="type", tag="unsubscribe"):
@@ -122,8 +132,26 @@ class Ping(msgspec.Struct, tag_field="type", tag="ping"):
     pass
 
 
-ClientMessage: TypeAlias = Union[Auth, Subscribe, Unsubscribe, Ping]  # noqa: UP007
-CLIENT_MESSAGE_TYPES = ("auth", "subscribe", "unsubscribe", "ping")
+class Activity(msgspec.Struct, tag_field="type", tag="activity"):
+    """What this tab's person is doing in a project: the item on screen (``viewing``) and the
+    item they are typing an answer to (``answering``); null for none. Replaces the tab's previous
+    activity in that project."""
+
+    project_id: ProjectId
+    viewing: ItemId | None = None
+    answering: ItemId | None = None
+
+
+class PresenceGet(msgspec.Struct, tag_field="type", tag="presence_get"):
+    """Ask for a project's member list once; answered with ``presence``."""
+
+    project_id: ProjectId
+
+
+ClientMessage: TypeAlias = Union[  # noqa: UP007
+    Auth, Subscribe, Unsubscribe, Ping, Activity, PresenceGet
+]
+CLIENT_MESSAGE_TYPES = ("auth", "subscribe", "unsubscribe", "ping", "activity", "presence_get")
 
 
 # --- gateway -> client ---------------------------------------------------------------------
@@ -175,8 +203,49 @@ class Pong(msgspec.Struct, tag_field="type", tag="pong"):
     pass
 
 
+class Member(msgspec.Struct, frozen=True):
+    """One person present in a project, merged over all their tabs on all gateway pods.
+
+    ``id`` is the token's ``sub``; ``name`` its optional ``name`` claim. ``viewing`` and
+    ``answering`` are those of the tab that reported activity last. ``since`` is when the member
+    became present (Unix milliseconds, the earliest of its tabs still open).
+    """
+
+    id: str
+    name: str | None
+    viewing: int | None
+    answering: int | None
+    since: int
+
+
+class Presence(msgspec.Struct, tag_field="type", tag="presence"):
+    """A project's full member list (answer to ``presence_get``, and first presence message of a
+    ``subscribe`` with ``"presence": true``), sorted by ``id``."""
+
+    project_id: int
+    members: list[Member]
+
+
+class PresenceDiff(msgspec.Struct, tag_field="type", tag="presence_diff"):
+    """The changes since the previous ``presence``/``presence_diff`` of the project on this
+    connection: apply ``left`` (ids to remove), then ``joined`` and ``changed`` (members to put,
+    replacing any with the same id). At most one per project per second."""
+
+    project_id: int
+    joined: list[Member]
+    left: list[str]
+    changed: list[Member]
+
+
 ServerMessage: TypeAlias = Union[  # noqa: UP007
-    Authenticated, Subscribed, Unsubscribed, ResyncRequired, Error, Pong
+    Authenticated,
+    Subscribed,
+    Unsubscribed,
+    ResyncRequired,
+    Error,
+    Pong,
+    Presence,
+    PresenceDiff,
 ]
 
 

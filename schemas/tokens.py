@@ -2,9 +2,11 @@
 
 Claims::
 
-    {"sub": "user-7", "projects": [1, 2], "aud": "eventbus", "iat": ..., "exp": ...}
+    {"sub": "user-7", "name": "Alice", "projects": [1, 2], "aud": "eventbus", "iat": .., "exp": ..}
 
 ``projects`` is a list of project ids, or ``"*"`` for every project (for trusted tools only).
+``sub`` identifies the person (several tabs with one ``sub`` are one presence member) and the
+optional ``name`` is the display name presence shows (docs/presence.md).
 Tokens are short-lived (15 minutes by default): the browser client re-asks its token function
 before expiry and refreshes in-band, so a leaked token is worth little.
 """
@@ -22,6 +24,7 @@ import msgspec
 __all__ = [
     "AUDIENCE",
     "DEFAULT_TOKEN_TTL",
+    "MAX_NAME_LENGTH",
     "InvalidToken",
     "TokenClaims",
     "issue_token",
@@ -31,6 +34,8 @@ __all__ = [
 AUDIENCE = "eventbus"
 DEFAULT_TOKEN_TTL = timedelta(minutes=15)
 ALLOWED_ALGORITHMS = ("HS256", "HS384", "HS512")
+#: Longest display name (``name`` claim) a token may carry; longer ones are ignored on verify.
+MAX_NAME_LENGTH = 200
 
 
 class TokenClaims(msgspec.Struct, frozen=True):
@@ -39,6 +44,8 @@ class TokenClaims(msgspec.Struct, frozen=True):
     projects: frozenset[int] | Literal["*"]
     exp: int
     sub: str | None = None
+    #: Display name for presence; None when the token has none (or it is not a string).
+    name: str | None = None
 
     def allows(self, project_id: int) -> bool:
         return self.projects == "*" or project_id in self.projects
@@ -59,6 +66,7 @@ def issue_token(
     ttl: timedelta | float = DEFAULT_TOKEN_TTL,
     subject: str | None = None,
     algorithm: str = "HS256",
+    name: str | None = None,
 ) -> str:
     """Mint a token that lets a browser read the given projects for ``ttl``.
 
@@ -66,7 +74,10 @@ def issue_token(
     change that): ``algorithm="HS384"``/``"HS512"`` are for tools of your own that verify with
     ``verify_token(..., algorithms=[...])``.
 
-    >>> token = issue_token("s3cret", projects=[1, 2], ttl=600, subject="user-7")
+    ``name`` is the person's display name shown by presence (at most
+    :data:`MAX_NAME_LENGTH` characters); tokens without it stay valid.
+
+    >>> token = issue_token("s3cret", projects=[1, 2], ttl=600, subject="user-7", name="Alice")
     """
     if not secret:
         raise ValueError("secret must not be empty")
@@ -88,6 +99,10 @@ def issue_token(
     }
     if subject is not None:
         claims["sub"] = subject
+    if name is not None:
+        if not isinstance(name, str) or not name or len(name) > MAX_NAME_LENGTH:
+            raise ValueError(f"name must be a string of 1 to {MAX_NAME_LENGTH} characters")
+        claims["name"] = name
     return jwt.encode(claims, secret, algorithm=algorithm)
 
 
@@ -118,6 +133,12 @@ def verify_token(
     else:
         raise InvalidToken("invalid token: 'projects' must be a list of positive ids or '*'")
     sub = raw.get("sub")
+    name = raw.get("name")
+    if not (isinstance(name, str) and 0 < len(name) <= MAX_NAME_LENGTH):
+        name = None  # a display name is decoration: a bad one is dropped, not a bad token
     return TokenClaims(
-        projects=allowed, exp=int(raw["exp"]), sub=sub if isinstance(sub, str) else None
+        projects=allowed,
+        exp=int(raw["exp"]),
+        sub=sub if isinstance(sub, str) else None,
+        name=name,
     )

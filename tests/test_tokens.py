@@ -13,6 +13,7 @@ from publisher import issue_token as exported_issue_token
 from schemas.tokens import (
     AUDIENCE,
     DEFAULT_TOKEN_TTL,
+    MAX_NAME_LENGTH,
     InvalidToken,
     TokenClaims,
     issue_token,
@@ -213,3 +214,32 @@ def test_claims_struct() -> None:
     assert claims.allows(5) and not claims.allows(6)
     with pytest.raises(AttributeError):
         claims.exp = 2  # type: ignore[misc]  # frozen
+
+
+def test_display_name_round_trip() -> None:
+    token = issue_token(SECRET, projects=[1], subject="user-7", name="Alice")
+    raw = jwt.decode(token, SECRET, algorithms=["HS256"], audience=AUDIENCE)
+    assert raw["name"] == "Alice"
+    assert verify_token(token, SECRET).name == "Alice"
+
+
+def test_tokens_without_a_name_still_verify() -> None:
+    # Tokens minted before the claim existed (and by issuers that never set it).
+    assert "name" not in jwt.decode(
+        issue_token(SECRET, projects=[1]), SECRET, algorithms=["HS256"], audience=AUDIENCE
+    )
+    assert verify_token(issue_token(SECRET, projects=[1]), SECRET).name is None
+    assert TokenClaims(projects=frozenset({1}), exp=1).name is None
+
+
+@pytest.mark.parametrize("name", [7, "", "x" * (MAX_NAME_LENGTH + 1), ["Alice"], None])
+def test_a_bad_display_name_is_dropped_not_fatal(name: object) -> None:
+    claims = verify_token(forge({"projects": [1], "sub": "u", "name": name}), SECRET)
+    assert claims.name is None
+    assert claims.sub == "u" and claims.allows(1)
+
+
+@pytest.mark.parametrize("name", ["", "x" * (MAX_NAME_LENGTH + 1)])
+def test_issue_refuses_a_bad_display_name(name: str) -> None:
+    with pytest.raises(ValueError, match="name"):
+        issue_token(SECRET, projects=[1], name=name)

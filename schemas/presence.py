@@ -1,0 +1,268 @@
+"""Presence as stored in Redis: the record format, the merge rule and the three Lua scripts.
+
+Shared by the gateway (which writes and reads presence) and the publisher (which reads it), so it
+lives in the contract package and does no I/O. The design is in docs/presence.md; the key names
+are in :mod:`schemas.keys`.
+
+Each gateway *pod* (process) owns, per project, one hash of the members connected to it::
+
+    eventbus:{42}:presence:pod:<pod>   member id -> record JSON (one per member, tabs merged)
+    eventbus:{42}:presence:pods        zset: pod -> deadline (Redis server time, unix ms)
+    eventbus:{42}:presence:versions    hash: pod -> version of that pod's hash
+
+A pod keeps its deadline ahead by refreshing; a pod past its deadline is dead and its members are
+gone (every script ignores it, and the write and refresh scripts delete it). Every write bumps
+the pod's version and is announced on the project's presence channel as::
+
+    <pod>|<version>|<base>|<JSON object: member id -> record, or null for a member who left>
+
+``base`` is the version the changes apply to, or ``0`` when the message is the pod's complete
+member list (a replacement). A reader whose copy of the pod is at ``base`` applies the changes;
+one that is further behind has missed a message and re-reads the project (:data:`READ`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, NamedTuple
+
+import msgspec
+
+from schemas.protocol import Member
+
+__all__ = [
+    "READ",
+    "REFRESH",
+    "WRITE",
+    "Announcement",
+    "MalformedAnnouncement",
+    "PodRecord",
+    "PodState",
+    "decode_record",
+    "encode_record",
+    "merge_member",
+    "merge_pods",
+    "parse_announcement",
+    "parse_read_reply",
+]
+
+
+class PodRecord(msgspec.Struct, frozen=True, array_like=True):
+    """One member as one pod sees it (its tabs there merged): stored as a JSON array.
+
+    ``at`` orders activity reports (unix ms of the pod that took it); the most recent wins the
+    merge. ``since`` is when the member's earliest open tab joined (unix ms).
+    """
+
+    name: str | None
+    viewing: int | None
+    answering: int | None
+    since: int
+    at: int
+
+
+_record_encoder = msgspec.json.Encoder()
+_record_decoder = msgspec.json.Decoder(PodRecord)
+_changes_decoder = msgspec.json.Decoder(dict[str, PodRecord | None])
+
+
+def encode_record(record: PodRecord) -> bytes:
+    return _record_encoder.encode(record)
+
+
+def decode_record(data: bytes | str) -> PodRecord:
+    """Raises ``msgspec.DecodeError`` (a ``ValueError``) for anything :func:`encode_record`
+    cannot have written."""
+    return _record_decoder.decode(data)
+
+
+def merge_member(member_id: str, records: Iterable[tuple[str, PodRecord]]) -> Member:
+    """One member from its records on several pods (``(pod id, record)`` pairs, at least one).
+
+    The activity and name are those of the most recent report (``at``; ties go to the greater pod
+    id, so every pod computes the same member); ``since`` is the earliest.
+    """
+    latest: tuple[int, str, PodRecord] | None = None
+    since: int | None = None
+    for pod, record in records:
+        if latest is None or (record.at, pod) > (latest[0], latest[1]):
+            latest = (record.at, pod, record)
+        since = record.since if since is None else min(since, record.since)
+    if latest is None or since is None:
+        raise ValueError("a member needs at least one record")
+    winner = latest[2]
+    return Member(
+        id=member_id,
+        name=winner.name,
+        viewing=winner.viewing,
+        answering=winner.answering,
+        since=since,
+    )
+
+
+def merge_pods(pods: Mapping[str, Mapping[str, PodRecord]]) -> dict[str, Member]:
+    """The members of a project from every live pod's records (pod id -> member id -> record)."""
+    by_member: dict[str, list[tuple[str, PodRecord]]] = {}
+    for pod, records in pods.items():
+        for member_id, record in records.items():
+            by_member.setdefault(member_id, []).append((pod, record))
+    return {member_id: merge_member(member_id, recs) for member_id, recs in by_member.items()}
+
+
+class PodState(NamedTuple):
+    """One pod's part of a project as read from Redis."""
+
+    version: int
+    records: dict[str, PodRecord]
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes | bytearray) else str(value)
+
+
+def parse_read_reply(reply: list) -> dict[str, PodState]:
+    """The reply of :data:`READ`: pod id -> its state. Records that do not decode are skipped
+    (another writer to Redis: presence is advisory, one bad record must not hide the rest)."""
+    pods: dict[str, PodState] = {}
+    for entry in reply:
+        pod, version, flat = _text(entry[0]), int(entry[1]), entry[2]
+        records: dict[str, PodRecord] = {}
+        for i in range(0, len(flat) - 1, 2):
+            try:
+                records[_text(flat[i])] = decode_record(flat[i + 1])
+            except (msgspec.DecodeError, UnicodeDecodeError):
+                continue
+        pods[pod] = PodState(version, records)
+    return pods
+
+
+class Announcement(NamedTuple):
+    """A message of a project's presence channel: changes of one pod's member records."""
+
+    pod: str
+    version: int
+    base: int  # 0: ``changes`` is the pod's complete member list
+    changes: dict[str, PodRecord | None]
+
+
+class MalformedAnnouncement(ValueError):
+    """A presence channel message that :data:`WRITE` cannot have published."""
+
+
+def parse_announcement(data: bytes) -> Announcement:
+    parts = bytes(data).split(b"|", 3)
+    if len(parts) != 4 or not parts[1].isdigit() or not parts[2].isdigit() or not parts[0]:
+        raise MalformedAnnouncement("expected '<pod>|<version>|<base>|<changes>'")
+    try:
+        changes = _changes_decoder.decode(parts[3])
+    except msgspec.DecodeError as exc:
+        raise MalformedAnnouncement(str(exc)) from None
+    return Announcement(parts[0].decode(), int(parts[1]), int(parts[2]), changes)
+
+
+# --- scripts ----------------------------------------------------------------------------------
+# All three declare the project's pods zset and versions hash as KEYS; the per-pod hashes are
+# named from a prefix argument (same slot: "{<project>}"), since they are created and deleted
+# by the scripts (see schemas/lua.py on why keys that may not exist are not declared).
+
+_NOW_AND_PRUNE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+for _, p in ipairs(dead) do
+  redis.call('DEL', ARGV[1] .. p)
+  redis.call('HDEL', KEYS[2], p)
+end
+if #dead > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now) end
+local function keep_alive(pod, ttl)
+  redis.call('ZADD', KEYS[1], now + ttl, pod)
+  redis.call('PEXPIRE', ARGV[1] .. pod, ttl)
+  -- the two index keys live as long as the longest-lived pod
+  for _, k in ipairs(KEYS) do
+    if redis.call('PTTL', k) < ttl then redis.call('PEXPIRE', k, ttl) end
+  end
+end
+"""
+
+#: Write one pod's member changes in a project and announce them.
+#:
+#: KEYS: pods, versions. ARGV: pod hash prefix, pod, ttl ms, base version ('0' = replace the
+#: pod's hash), new version, publish command ('PUBLISH' or 'SPUBLISH'), channel, then pairs of
+#: member id, record JSON ('' = the member left this pod).
+#: Returns 1, or 0 without writing when the pod's stored version is not ``base`` (Redis lost
+#: the pod's hash: flushed, restarted, or the pod was taken for dead): the caller then writes its
+#: complete member list with base '0'. An empty hash removes the pod from the project.
+WRITE = (
+    _NOW_AND_PRUNE
+    + """
+local pod, ttl, base = ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local hash = ARGV[1] .. pod
+if base ~= '0' and redis.call('HGET', KEYS[2], pod) ~= base then return 0 end
+if base == '0' then redis.call('DEL', hash) end
+for i = 8, #ARGV - 1, 2 do
+  if ARGV[i + 1] == '' then
+    redis.call('HDEL', hash, ARGV[i])
+  else
+    redis.call('HSET', hash, ARGV[i], ARGV[i + 1])
+  end
+end
+if redis.call('EXISTS', hash) == 1 then
+  redis.call('HSET', KEYS[2], pod, ARGV[5])
+  keep_alive(pod, ttl)
+else
+  redis.call('ZREM', KEYS[1], pod)
+  redis.call('HDEL', KEYS[2], pod)
+end
+if #ARGV >= 8 or base == '0' then
+  -- records are JSON already: splice them in rather than decode and re-encode them
+  local parts = {}
+  for i = 8, #ARGV - 1, 2 do
+    local value = ARGV[i + 1]
+    if value == '' then value = 'null' end
+    parts[#parts + 1] = cjson.encode(ARGV[i]) .. ':' .. value
+  end
+  local body = '{' .. table.concat(parts, ',') .. '}'
+  redis.call(ARGV[6], ARGV[7], pod .. '|' .. ARGV[5] .. '|' .. base .. '|' .. body)
+end
+return 1
+"""
+)
+
+#: Keep a pod's members alive in a project (one call per project per refresh interval), prune
+#: dead pods, and report every live pod's version.
+#:
+#: KEYS: pods, versions. ARGV: pod hash prefix, pod ('' = only prune and report), ttl ms, the
+#: version the pod expects to be stored.
+#: Returns {ok, {pod, version, pod, version, ...}}: ok 0 when the pod's stored version is not the
+#: expected one (its records were lost: the caller rewrites them with :data:`WRITE`, base '0').
+REFRESH = (
+    _NOW_AND_PRUNE
+    + """
+local ok = 1
+if ARGV[2] ~= '' then
+  if redis.call('HGET', KEYS[2], ARGV[2]) ~= ARGV[4] then
+    ok = 0
+  else
+    keep_alive(ARGV[2], tonumber(ARGV[3]))
+  end
+end
+return {ok, redis.call('HGETALL', KEYS[2])}
+"""
+)
+
+#: A project's presence, atomically: every live pod's version and records. Read-only.
+#:
+#: KEYS: pods, versions. ARGV: pod hash prefix.
+#: Returns {{pod, version, {member, record, ...}}, ...} for the pods whose deadline is ahead.
+READ = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local out = {}
+for _, p in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf')) do
+  local version = redis.call('HGET', KEYS[2], p)
+  if version then
+    out[#out + 1] = {p, version, redis.call('HGETALL', ARGV[1] .. p)}
+  end
+end
+return out
+"""
