@@ -16,6 +16,15 @@ from then on is captured; then the pod makes sure it is subscribed to the channe
 read gives the history after the client's cursor and the top. The client is sent the replay, then
 ``subscribed``, then the captured frames after the top, and goes live. No frame can fall between
 the read and the capture, and duplicates are dropped by sequence number.
+
+Resuming from memory: each feed keeps the frames it delivered last in a
+:class:`~gateway.window.ResumeWindow` (``window_events`` per feed, ``window_bytes`` for the whole
+pod). A subscribe whose cursor falls in that window, while the feed is not repairing, is answered
+from it synchronously at the feed's ``(epoch, last)``: the window is contiguous up to ``last`` and
+everything after ``last`` reaches the connection through the feed, as after a read whose top was
+``last``. A resume older than the window triggers one read that fills the window for every resume
+of the project waiting at that moment (single-flight); whatever the window still cannot answer
+takes the atomic read above.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from gateway.sequencing import (
 from gateway.session import Outgoing, Session, joined
 from gateway.store import ForeignValues, HistoryStore, ProjectUnreadable, StoreUnavailable
 from gateway.tasks import spawn
+from gateway.window import ResumeWindow, WindowBudget, seed_run
 from schemas.keys import Keys
 from schemas.protocol import CloseCode, Error, ErrorCode, ResyncRequired, Subscribed
 from schemas.stored import ForeignKind, ForeignValue, parse_channel_message
@@ -57,6 +67,15 @@ IDLE_READ_PAUSE_CAP = 1.0
 #: Seconds one reconcile pass (one pipeline of HMGETs) may take; a pass that times out is
 #: skipped and the next one starts ``--reconcile-interval`` later.
 RECONCILE_TIMEOUT = 5.0
+#: Frames each feed keeps for resumes, and the bytes all the feeds of a pod may keep together.
+WINDOW_EVENTS = 1000
+WINDOW_BYTES = 64 * 1024 * 1024
+#: Bytes a window entry is counted for beyond its payload and frame (the objects around them).
+WINDOW_ENTRY_OVERHEAD = 160
+
+
+def _window_size(item: Outgoing) -> int:
+    return len(item.payload) + len(item.wire) + WINDOW_ENTRY_OVERHEAD
 
 
 def _write_failed(session: Session) -> None:
@@ -76,6 +95,7 @@ class Feed:
     __slots__ = (
         "channel",
         "failed",
+        "fill",
         "joining",
         "live",
         "pending",
@@ -86,9 +106,12 @@ class Feed:
         "ready",
         "sequencer",
         "suspect_top",
+        "window",
     )
 
-    def __init__(self, project_id: int, channel: bytes) -> None:
+    def __init__(
+        self, project_id: int, channel: bytes, window: ResumeWindow[Outgoing] | None = None
+    ) -> None:
         self.project_id = project_id
         self.channel = channel
         self.sequencer = FeedSequencer()
@@ -106,6 +129,10 @@ class Feed:
         self.failed: ProjectUnreadable | None = None
         #: The periodic check made the project's history permanent (once it held events).
         self.permanent = False
+        #: The frames delivered last, contiguous up to ``sequencer.last`` (see the module doc).
+        self.window: ResumeWindow[Outgoing] = window if window is not None else ResumeWindow(0)
+        #: The read that extends the window for resumes older than it (one at a time).
+        self.fill: asyncio.Task | None = None
 
     @property
     def idle(self) -> bool:
@@ -123,6 +150,8 @@ class Hub:
         metrics: Metrics,
         max_replay: int,
         subscribe_timeout: float,
+        window_events: int = WINDOW_EVENTS,
+        window_bytes: int = WINDOW_BYTES,
     ) -> None:
         self.keys = keys
         self.store = store
@@ -130,6 +159,12 @@ class Hub:
         self.max_replay = max_replay
         self.subscribe_timeout = subscribe_timeout
         self.feeds: dict[int, Feed] = {}
+        self.window_events = window_events
+        self.window_budget = WindowBudget(window_bytes)
+        #: Subscribes answered from a window, and history reads made for subscribes.
+        self.resumes_from_memory = 0
+        self.subscribe_reads = 0
+        self.window_fills = 0
         self.link: PubSubLink | None = None
         self.foreign = ForeignValues(metrics)
         self._unreadable_logged: set[str] = set()
@@ -208,10 +243,19 @@ class Hub:
         self._apply(feed, feed.sequencer.on_live(envelope.epoch, envelope.seq, envelope.frame))
 
     def _apply(self, feed: Feed, step: Step) -> None:
+        window = feed.window
         for seq, frame in step.deliver:
-            self._fanout(feed, seq, Outgoing(frame))
+            item = Outgoing(frame)
+            self._fanout(feed, seq, item)
+            window.append(seq, item, _window_size(item))
+        sequencer = feed.sequencer
         if step.resync is not None:
             self._fanout_resync(feed, step.resync)
+            window.reset(sequencer.epoch, sequencer.last or 0)
+        elif window.epoch != sequencer.epoch or window.last != sequencer.last:
+            # The baseline (or anything else that moved the feed without delivering): the window
+            # starts empty at the feed's cursor.
+            window.reset(sequencer.epoch, sequencer.last or 0)
         if step.needs_read:
             self._start_reader(feed)
 
@@ -394,6 +438,7 @@ class Hub:
                 subscribers=len(feed.live) + len(feed.joining),
             )
         feed.failed = exc
+        feed.window.clear()
         feed.ready.set()  # wakes the subscribes waiting for the baseline; they see ``failed``
         message = Error(
             code=ErrorCode.UNAVAILABLE,
@@ -421,7 +466,8 @@ class Hub:
         feed = self.feeds.get(project_id)
         if feed is None:
             channel = self.keys.channel(project_id).encode()
-            feed = self.feeds[project_id] = Feed(project_id, channel)
+            window = ResumeWindow[Outgoing](self.window_events, self.window_budget)
+            feed = self.feeds[project_id] = Feed(project_id, channel, window)
             feed.reader = asyncio.create_task(self._start_feed(feed))
         return feed
 
@@ -436,8 +482,11 @@ class Hub:
         if not feed.idle or self.feeds.get(feed.project_id) is not feed:
             return
         del self.feeds[feed.project_id]
+        feed.window.clear()
         if feed.reader is not None:
             feed.reader.cancel()
+        if feed.fill is not None:
+            feed.fill.cancel()
         if self.link is not None:
             spawn(self.link.unsubscribe(feed.channel))
 
@@ -454,10 +503,21 @@ class Hub:
         joiner = feed.joining[session] = Joiner()
         session.projects.add(project_id)
         snapshot = None
+        from_memory = False
         try:
             async with asyncio.timeout(self.subscribe_timeout):
-                await feed.ready.wait()
-                if feed.failed is None:
+                await feed.ready.wait()  # no suspension when the feed is ready
+                snapshot = self._from_window(feed, epoch, after)
+                if snapshot is None and self._fill_would_answer(feed, epoch, after):
+                    fill = feed.fill
+                    if fill is None or fill.done():
+                        fill = feed.fill = asyncio.create_task(self._fill_window(feed))
+                    await asyncio.wait({fill})  # a timeout here leaves the shared read alone
+                    if feed.joining.get(session) is joiner:
+                        snapshot = self._from_window(feed, epoch, after)
+                from_memory = snapshot is not None
+                if snapshot is None and feed.failed is None and feed.joining.get(session) is joiner:
+                    self.subscribe_reads += 1
                     snapshot = await self.store.snapshot(project_id, epoch, after, self.max_replay)
         except (TimeoutError, StoreUnavailable) as exc:
             if feed.joining.get(session) is joiner:
@@ -469,7 +529,75 @@ class Hub:
             # Unsubscribed (or the connection closed) while we waited, or the project turned
             # out unreadable and _fail_feed has told the client.
             return
-        self._go_live(feed, session, joiner, epoch, after, snapshot)
+        if from_memory:
+            self.resumes_from_memory += 1
+        self._go_live(feed, session, joiner, epoch, after, snapshot, from_memory)
+
+    def _from_window(self, feed: Feed, epoch: str | None, after: int | None) -> Snapshot | None:
+        """The window's answer to a subscribe (entries are the feed's :class:`Outgoing` items),
+        or ``None`` when only Redis can answer: the feed is unready, failed, repairing (holding
+        messages, or it saw another epoch on the channel), or the cursor is outside the window."""
+        sequencer = feed.sequencer
+        window = feed.window
+        if (
+            not feed.ready.is_set()
+            or feed.failed is not None
+            or sequencer.reading
+            or self.feeds.get(feed.project_id) is not feed
+            or window.epoch is None
+            or window.epoch != sequencer.epoch
+            or window.last != sequencer.last
+        ):
+            return None
+        return window.snapshot(epoch, after, self.max_replay)
+
+    def _fill_would_answer(self, feed: Feed, epoch: str | None, after: int | None) -> bool:
+        """Whether a read extending the window back to its capacity would cover this cursor."""
+        window = feed.window
+        return (
+            feed.failed is None
+            and not feed.sequencer.reading
+            and after is not None
+            and epoch is not None
+            and epoch == window.epoch
+            and window.last - window.capacity <= after < window.lo - 1
+        )
+
+    async def _fill_window(self, feed: Feed) -> None:
+        """One read of the entries before the window, shared by every resume waiting for it.
+
+        The entries are taken only when they join the window exactly: same epoch and
+        generation (no resync since the read began), a top not behind the window, contiguous up
+        to the window's oldest entry, and that oldest entry (or, for an empty window, the frame
+        the feed delivered at ``last``) still the same bytes in the stream. Failures are left to
+        the waiting subscribes, which then read for themselves."""
+        window = feed.window
+        generation, epoch, lo, last = window.generation, window.epoch, window.lo, window.last
+        if epoch is None:
+            return
+        if window.entries:
+            check_seq, check = lo, window.entries[0][1].payload
+        else:
+            check_seq, check = last, feed.sequencer.last_frame
+        start = max(0, last - window.capacity)
+        if start >= lo - 1:
+            return
+        self.window_fills += 1
+        try:
+            async with asyncio.timeout(READ_TIMEOUT):
+                snapshot = await self.store.snapshot(feed.project_id, epoch, start, lo - start)
+        except (StoreUnavailable, TimeoutError):
+            return
+        if snapshot.epoch != epoch or snapshot.top < window.last:
+            return
+        if check is not None:
+            if not any(seq == check_seq and frame == check for seq, frame in snapshot.entries):
+                return  # the stream no longer holds what the feed delivered: not ours to mix
+        run = []
+        for seq, frame in seed_run(snapshot.entries, lo - 1):
+            item = Outgoing(frame)
+            run.append((seq, item, _window_size(item)))
+        window.prepend(generation, epoch, run)
 
     def _go_live(
         self,
@@ -479,12 +607,15 @@ class Hub:
         epoch: str | None,
         after: int | None,
         snapshot: Snapshot,
+        prebuilt: bool = False,
     ) -> None:
+        """``prebuilt``: the snapshot's entries hold :class:`Outgoing` items (from a window)."""
         # Synchronous from here on: nothing can be delivered to the feed in between.
         plan = plan_subscription(epoch, after, snapshot, self.max_replay)
         for _, frame in plan.replay:
-            session.send(Outgoing(frame))
-            session.grant_allowance(len(frame) + 10)
+            item = frame if prebuilt else Outgoing(frame)
+            session.send(item)
+            session.grant_allowance(len(item.wire))
         self.metrics.replayed_total += len(plan.replay)
         self.metrics.deliveries_total += len(plan.replay)
         if plan.resync is not None:
@@ -533,6 +664,8 @@ class Hub:
 
     async def close(self) -> None:
         for feed in self.feeds.values():
+            if feed.fill is not None:
+                feed.fill.cancel()
             if feed.reader is not None:
                 feed.reader.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -1,0 +1,215 @@
+"""A feed's most recent frames, kept in memory so that most resumes need no Redis read (pure).
+
+A :class:`ResumeWindow` holds the frames a feed delivered last, contiguous and ending at the
+feed's ``last``: entries ``lo .. last`` of one epoch, with no hole. It is appended to in
+delivery order, reset when the feed moves to another cursor (a resync), trimmed from its oldest
+end when it holds more than its count, and by :class:`WindowBudget` when the windows of the whole
+pod hold more bytes than the budget. Trimming only ever drops the oldest entries, so what is left
+is still contiguous up to ``last``.
+
+:meth:`ResumeWindow.snapshot` answers a subscribe as one atomic history read at the feed's
+``(epoch, last)`` would, or returns ``None`` when only Redis can answer (a cursor older than the
+window, ahead of the feed, or of an epoch the feed never had). Whoever calls it must make sure the
+feed is not repairing (see :meth:`gateway.hub.Hub`); anything after ``last`` reaches the client
+through the feed, exactly as after a read whose top was ``last``. The answer goes through the same
+:func:`gateway.sequencing.plan_subscription` as a read, so the rules (epoch, ``history_lost``,
+``too_far_behind``) are the same.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from collections.abc import Iterable
+from typing import Generic, TypeVar
+
+from gateway.sequencing import Snapshot
+
+__all__ = ["ResumeWindow", "WindowBudget", "seed_run"]
+
+T = TypeVar("T")
+
+#: Epochs a window remembers it moved away from: a client resuming with one of them is told
+#: ``epoch_changed`` from memory (a storm after a Redis flush) instead of one read per client.
+RETIRED_EPOCHS = 4
+
+
+class WindowBudget:
+    """The bytes the windows of one pod may hold together, evicted least recently appended first.
+
+    Each window reports its byte count changes (:meth:`grow`/:meth:`shrink`) and its appends
+    (:meth:`touched`); when the total passes ``limit``, the oldest entries of the window that
+    went longest without an append are dropped first (an idle project's clients resume at its
+    ``last``, which needs no entry), then the next one's.
+    """
+
+    __slots__ = ("_order", "bytes", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.bytes = 0
+        self._order: collections.OrderedDict[ResumeWindow, None] = collections.OrderedDict()
+
+    def touched(self, window: ResumeWindow) -> None:
+        self._order[window] = None
+        self._order.move_to_end(window)
+
+    def holds(self, window: ResumeWindow) -> None:
+        """``window`` holds entries (it is evicted in its turn, without counting as an append)."""
+        self._order.setdefault(window, None)
+
+    def forget(self, window: ResumeWindow) -> None:
+        self._order.pop(window, None)
+
+    def enforce(self) -> None:
+        """Drop oldest entries, least recently appended window first, until within the limit."""
+        while self.bytes > self.limit and self._order:
+            window = next(iter(self._order))
+            while self.bytes > self.limit and window.entries:
+                window.drop_oldest()
+            if not window.entries:
+                self.forget(window)
+
+
+class ResumeWindow(Generic[T]):
+    """The last frames of one feed: ``entries`` hold ``(seq, item, size)`` for ``lo .. last``.
+
+    ``epoch``/``last`` mirror the feed's cursor (``epoch`` is ``None`` until the feed knows its
+    baseline); items are opaque (the hub keeps its pre-built frames). ``generation`` changes on
+    every reset, so that a read begun before one is not merged into the new history.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "budget",
+        "bytes",
+        "capacity",
+        "entries",
+        "epoch",
+        "generation",
+        "last",
+        "retired",
+    )
+
+    def __init__(self, capacity: int, budget: WindowBudget | None = None) -> None:
+        self.capacity = capacity
+        self.budget = budget
+        self.epoch: str | None = None
+        self.last = 0
+        self.entries: collections.deque[tuple[int, T, int]] = collections.deque()
+        self.bytes = 0
+        self.generation = 0
+        self.retired: collections.deque[str] = collections.deque(maxlen=RETIRED_EPOCHS)
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+    @property
+    def lo(self) -> int:
+        """The oldest seq held (``last + 1`` when empty)."""
+        return self.last - len(self.entries) + 1
+
+    def reset(self, epoch: str | None, last: int) -> None:
+        """The feed now stands at ``(epoch, last)`` without having delivered what led there: drop
+        everything (a window never spans a resync)."""
+        if self.epoch is not None and epoch != self.epoch and self.epoch not in self.retired:
+            self.retired.append(self.epoch)
+        self.clear()
+        self.epoch, self.last = epoch, last
+        self.generation += 1
+
+    def clear(self) -> None:
+        """Drop every entry and give their bytes back to the budget (the feed is going away)."""
+        self.entries.clear()
+        if self.budget is not None:
+            self.budget.bytes -= self.bytes
+            self.budget.forget(self)
+        self.bytes = 0
+
+    def append(self, seq: int, item: T, size: int) -> None:
+        """The feed delivered ``seq``. Anything but ``last + 1`` empties the window first, so it
+        stays contiguous (the hub never does that; it is a guard, not a path)."""
+        if seq != self.last + 1 or self.epoch is None:
+            self.clear()
+        self.last = seq
+        self.entries.append((seq, item, size))
+        self.bytes += size
+        if len(self.entries) > self.capacity:
+            self.drop_oldest()
+        if self.budget is not None:
+            self.budget.bytes += size
+            self.budget.touched(self)
+            self.budget.enforce()
+
+    def drop_oldest(self) -> None:
+        _, _, size = self.entries.popleft()
+        self.bytes -= size
+        if self.budget is not None:
+            self.budget.bytes -= size
+
+    def prepend(self, generation: int, epoch: str, run: list[tuple[int, T, int]]) -> int:
+        """Add older entries read from the history: ``run`` must be contiguous and end at
+        ``lo - 1`` (see :func:`seed_run`), read in ``epoch`` while the window was at
+        ``generation``. Keeps the newest of them that fit the capacity; returns how many."""
+        if generation != self.generation or epoch != self.epoch or not run:
+            return 0
+        if run[-1][0] != self.lo - 1:
+            return 0
+        room = self.capacity - len(self.entries)
+        if room <= 0:
+            return 0
+        taken = run[-room:]
+        self.entries.extendleft(reversed(taken))
+        size = sum(entry[2] for entry in taken)
+        self.bytes += size
+        if self.budget is not None:
+            self.budget.bytes += size
+            self.budget.holds(self)
+            self.budget.enforce()
+        return len(taken)
+
+    def snapshot(self, epoch: str | None, after: int | None, max_replay: int) -> Snapshot | None:
+        """What one atomic read at ``(self.epoch, self.last)`` would give a client resuming after
+        ``(epoch, after)``, with the window's items as entries; ``None`` when only Redis knows.
+
+        A fresh subscribe (no cursor) starts at ``last``; a cursor of a retired epoch gets the
+        current one (``epoch_changed``); a cursor further behind than ``max_replay`` gets
+        ``too_far_behind`` (the history holds at least ``last`` in this epoch). A cursor ahead of
+        ``last`` (the client saw events this feed has not delivered yet) or older than the
+        window needs a read.
+        """
+        current = self.epoch
+        if current is None:
+            return None
+        if epoch is None or after is None:
+            return Snapshot(current, self.last)
+        if epoch != current:
+            return Snapshot(current, self.last) if epoch in self.retired else None
+        if after > self.last or after < 0:
+            return None
+        if self.last - after > max_replay:
+            return Snapshot(current, self.last)
+        lo = self.lo
+        if after < lo - 1:
+            return None
+        skip = after - lo + 1
+        items = [(seq, item) for seq, item, _ in itertools.islice(self.entries, skip, None)]
+        return Snapshot(current, self.last, items)  # type: ignore[arg-type]
+
+
+def seed_run(entries: Iterable[tuple[int, bytes]], end: int) -> list[tuple[int, bytes]]:
+    """The longest contiguous run of ``entries`` (in seq order) that ends exactly at ``end``;
+    empty when none does (a hole, a corrupt entry or a trimmed stream right before ``end``)."""
+    run: list[tuple[int, bytes]] = []
+    for seq, frame in entries:
+        if seq > end:
+            break
+        if run and seq != run[-1][0] + 1:
+            run = []
+        run.append((seq, frame))
+    if not run or run[-1][0] != end:
+        return []
+    return run

@@ -1,0 +1,232 @@
+"""Resumes answered from a feed's window (gateway/hub.py + gateway/window.py), without sockets or
+Redis: which subscribes read history, and that what each connection receives is exactly its
+missed events, then ``subscribed``, then live ones; or an explicit resync."""
+
+from __future__ import annotations
+
+import asyncio
+
+from gateway.hub import Hub, _window_size
+from gateway.sequencing import Snapshot
+from gateway.session import Outgoing, Session
+from tests.test_hub import (
+    EPOCH,
+    KEYS,
+    PROJECT,
+    FakeStore,
+    frame,
+    hub_with,
+    live,
+    next_iteration,
+    reader_done,
+    received,
+    session_of,
+)
+
+
+class HistoryStore(FakeStore):
+    """A fake history with an epoch that can change, a stream trimmed below ``first``, and
+    frames that can be rewritten (``rewritten`` seqs carry other bytes)."""
+
+    def __init__(self, top: int) -> None:
+        super().__init__(top)
+        self.epoch = EPOCH
+        self.first = 1
+        self.rewritten: set[int] = set()
+
+    def frame_at(self, seq: int) -> bytes:
+        return frame(seq) if seq not in self.rewritten else b'{"type":"x","seq":%d,"v":2}' % seq
+
+    async def snapshot(self, project_id, epoch=None, after=None, limit=0) -> Snapshot:
+        self.reads += 1
+        entries = ()
+        if epoch == self.epoch and after is not None and after < self.top:
+            last = self.top if not limit else min(self.top, after + limit)
+            start = max(after + 1, self.first)
+            entries = tuple((s, self.frame_at(s)) for s in range(start, last + 1))
+        snapshot = Snapshot(self.epoch, self.top, entries)
+        if self.gate is not None:
+            await self.gate.wait()
+        return snapshot
+
+
+async def live_at(top: int, **options) -> tuple[Hub, HistoryStore, Session]:
+    """A hub whose feed of PROJECT is live at ``top``, with one subscriber keeping it, and the
+    events 1..top delivered live (so they are in the window)."""
+    store = HistoryStore(top=0)
+    hub = await hub_with(store, **options)
+    keeper = session_of(hub)
+    await hub.subscribe(keeper, PROJECT, None, None)
+    live(hub, *range(1, top + 1))
+    store.top = top
+    await next_iteration()
+    return hub, store, keeper
+
+
+async def resume(hub: Hub, after: int | None, epoch: str | None = EPOCH) -> Session:
+    session = session_of(hub)
+    await hub.subscribe(session, PROJECT, epoch, after)
+    await next_iteration()
+    return session
+
+
+async def test_a_resume_inside_the_window_reads_nothing_and_gets_exactly_what_it_missed():
+    hub, store, _ = await live_at(20)
+    reads, answered = store.reads, hub.resumes_from_memory
+    session = await resume(hub, 12)
+    live(hub, 21)
+    await next_iteration()
+    assert received(session) == [13, 14, 15, 16, 17, 18, 19, 20, "subscribed", 21]
+    assert store.reads == reads and hub.resumes_from_memory == answered + 1
+
+
+async def test_a_resume_at_the_top_and_a_fresh_subscribe_read_nothing():
+    hub, store, _ = await live_at(5)
+    reads = store.reads
+    at_top, fresh = await resume(hub, 5), await resume(hub, None, None)
+    live(hub, 6)
+    await next_iteration()
+    assert received(at_top) == received(fresh) == ["subscribed", 6]
+    assert store.reads == reads
+
+
+async def test_just_inside_and_just_outside_a_trimmed_window():
+    hub, store, _ = await live_at(10, window_events=4)  # holds 7..10
+    assert hub.feeds[PROJECT].window.lo == 7
+    reads = store.reads
+    inside = await resume(hub, 6)
+    assert received(inside) == [7, 8, 9, 10, "subscribed"]
+    assert store.reads == reads
+    # One older than the window: a read that can only cover the window's capacity is useless,
+    # so the client reads for itself (the atomic read of every subscribe before the window).
+    outside = await resume(hub, 5)
+    assert received(outside) == [6, 7, 8, 9, 10, "subscribed"]
+    assert hub.subscribe_reads == 1 and hub.window_fills == 0
+
+
+async def test_resumes_older_than_the_window_share_one_read_that_fills_it():
+    store = HistoryStore(top=100)
+    hub = await hub_with(store)
+    gate = store.gate = asyncio.Event()
+    sessions = [session_of(hub) for _ in range(50)]
+    subscribes = [
+        asyncio.create_task(hub.subscribe(s, PROJECT, EPOCH, n)) for n, s in enumerate(sessions)
+    ]
+    await next_iteration()
+    gate.set()
+    await asyncio.wait_for(asyncio.gather(*subscribes), 5)
+    await next_iteration()
+    assert store.reads == 2  # the feed's baseline, then one fill for all 50
+    assert hub.window_fills == 1 and hub.subscribe_reads == 0
+    live(hub, 101)
+    await next_iteration()
+    for n, session in enumerate(sessions):
+        assert received(session) == [*range(n + 1, 101), "subscribed", 101]
+
+
+async def test_a_feed_repairing_a_gap_never_answers_from_its_window():
+    hub, store, keeper = await live_at(5)
+    store.top = 7
+    gate = store.gate = asyncio.Event()
+    live(hub, 7)  # 6 was lost: the feed holds 7 and reads
+    assert hub.feeds[PROJECT].sequencer.reading
+    answered = hub.resumes_from_memory
+    waiting = session_of(hub)
+    subscribe = asyncio.create_task(hub.subscribe(waiting, PROJECT, EPOCH, 3))
+    await next_iteration()
+    gate.set()
+    await asyncio.wait_for(subscribe, 5)
+    await reader_done(hub)
+    await next_iteration()
+    assert hub.resumes_from_memory == answered and hub.subscribe_reads == 1
+    assert received(waiting) == [4, 5, 6, 7, "subscribed"]
+    assert received(keeper) == ["subscribed", 1, 2, 3, 4, 5, 6, 7]
+    # Repaired: the window is whole again (6 came from the stream) and answers.
+    again = await resume(hub, 3)
+    assert received(again) == [4, 5, 6, 7, "subscribed"]
+    assert hub.resumes_from_memory == answered + 1
+
+
+async def test_an_epoch_change_is_never_answered_with_a_replay_of_the_old_window():
+    hub, store, keeper = await live_at(10)
+    # Redis flushed and a publisher started a new history: its first event arrives live.
+    store.epoch, store.top = "e-new", 1
+    gate = store.gate = asyncio.Event()
+    channel = KEYS.channel(PROJECT).encode()
+    hub.on_pubsub_message(channel, b"e-new|1|0|" + frame(1))
+    answered = hub.resumes_from_memory
+    during = session_of(hub)  # resumes while the feed is finding out
+    subscribe = asyncio.create_task(hub.subscribe(during, PROJECT, EPOCH, 8))
+    await next_iteration()
+    gate.set()
+    await asyncio.wait_for(subscribe, 5)
+    await reader_done(hub)
+    store.gate = None
+    after = await resume(hub, 8)  # the old cursor again, once the feed has resynced
+    for session in (during, after):
+        # No event of the old history; the resync (the one joining during the feed's own read
+        # may get the feed's identical resync too, which the protocol allows) then subscribed.
+        messages = session.transport.messages()
+        assert {m["type"] for m in messages} == {"resync_required", "subscribed"}
+        for message in messages:
+            assert message["epoch"] == "e-new" and message.get("seq") == 1
+            if message["type"] == "resync_required":
+                assert message["reason"] == "epoch_changed"
+    assert hub.resumes_from_memory == answered + 1  # a retired epoch, told from memory
+    assert received(keeper)[-1] == "resync_required"
+
+
+async def test_a_history_lost_at_the_same_top_empties_the_window():
+    hub, store, keeper = await live_at(10)
+    store.rewritten = {10}  # a failover handed number 10 to another event
+    hub.on_pubsub_message(
+        KEYS.channel(PROJECT).encode(), b"%s|10|0|%s" % (EPOCH.encode(), store.frame_at(10))
+    )
+    await reader_done(hub)
+    assert received(keeper)[-1] == "resync_required"
+    assert not hub.feeds[PROJECT].window.entries
+    # The old window's 9 and 10 are never replayed: the late client gets the stream's own
+    # events (through a fill, as a read would), where 10 is now the other event.
+    late = await resume(hub, 8)
+    assert received(late) == [9, 10, "subscribed"]
+    assert late.transport.messages()[1]["v"] == 2
+    assert hub.window_fills == 1
+
+
+async def test_a_fill_that_finds_a_trimmed_stream_leaves_the_window_alone():
+    store = HistoryStore(top=50)
+    store.first = 30  # retention dropped 1..29
+    hub = await hub_with(store)
+    session = await resume(hub, 10)
+    assert hub.window_fills == 1
+    assert hub.feeds[PROJECT].window.lo == 30  # filled with 30..50, contiguous up to last
+    assert [m["type"] for m in session.transport.messages()] == ["resync_required", "subscribed"]
+    assert session.transport.messages()[0]["reason"] == "history_trimmed"
+    inside = await resume(hub, 29)
+    assert received(inside) == [*range(30, 51), "subscribed"]
+
+
+async def test_a_fill_is_not_mixed_with_a_rewritten_stream():
+    size = _window_size(Outgoing(frame(9)))
+    hub, store, _ = await live_at(10, window_bytes=4 * size)  # the budget keeps the last 3-4
+    lo = hub.feeds[PROJECT].window.lo
+    assert 5 < lo < 10
+    hub.window_budget.limit = 1 << 30  # room again: only the check can refuse the fill
+    store.rewritten = {lo}  # the stream now holds another event at the window's oldest
+    late = await resume(hub, 2)  # a fill, whose entry at lo does not match: not merged
+    assert hub.window_fills == 1 and hub.feeds[PROJECT].window.lo == lo
+    assert hub.subscribe_reads == 1  # the client then read for itself, as without a window
+    assert received(late)[-1] == "subscribed"
+
+
+async def test_the_pod_byte_budget_bounds_every_window_together():
+    hub, _, _ = await live_at(50, window_bytes=20 * 250)
+    window = hub.feeds[PROJECT].window
+    assert hub.window_budget.bytes == window.bytes <= 20 * 250
+    assert window.last == 50 and 0 < len(window.entries) < 50
+    inside = await resume(hub, window.lo - 1)
+    assert received(inside) == [*range(window.lo, 51), "subscribed"]
+    hub.unsubscribe(inside, PROJECT)
+    for session in list(hub.feeds[PROJECT].live):
+        hub.unsubscribe(session, PROJECT)
+    assert PROJECT not in hub.feeds and hub.window_budget.bytes == 0

@@ -1,0 +1,212 @@
+"""The resume window (gateway/window.py), pure: what a feed keeps in memory answers a resume
+exactly as one atomic history read at the feed's cursor would, or not at all."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.sequencing import Snapshot, plan_subscription
+from gateway.window import ResumeWindow, WindowBudget, seed_run
+from schemas.protocol import ResyncReason
+
+
+def item(epoch: str, seq: int) -> str:
+    """Every (epoch, seq) names one event; the window's items are opaque."""
+    return f"{epoch}:{seq}"
+
+
+def filled(epoch: str = "e1", last: int = 10, capacity: int = 5) -> ResumeWindow[str]:
+    window: ResumeWindow[str] = ResumeWindow(capacity)
+    window.reset(epoch, 0)
+    for seq in range(1, last + 1):
+        window.append(seq, item(epoch, seq), 10)
+    return window
+
+
+def replayed(snapshot: Snapshot | None) -> list[int] | None:
+    return None if snapshot is None else [seq for seq, _ in snapshot.entries]
+
+
+def test_keeps_the_last_capacity_frames_contiguous_up_to_last():
+    window = filled(last=10, capacity=5)
+    assert (window.lo, window.last) == (6, 10)
+    assert [seq for seq, _, _ in window.entries] == [6, 7, 8, 9, 10]
+
+
+def test_a_cursor_just_inside_the_window_is_answered_and_just_outside_is_not():
+    window = filled(last=10, capacity=5)
+    assert replayed(window.snapshot("e1", 5, 1000)) == [6, 7, 8, 9, 10]  # lo - 1: inside
+    assert window.snapshot("e1", 4, 1000) is None  # one older: only Redis has 5
+    assert replayed(window.snapshot("e1", 10, 1000)) == []  # at last: nothing to replay
+    assert window.snapshot("e1", 11, 1000) is None  # ahead of the feed: only Redis knows
+
+
+def test_a_fresh_subscribe_starts_at_last_and_an_empty_window_still_answers_a_cursor_at_last():
+    window: ResumeWindow[str] = ResumeWindow(5)
+    assert window.snapshot(None, None, 1000) is None  # no baseline yet
+    window.reset("e1", 42)
+    assert window.snapshot(None, None, 1000) == Snapshot("e1", 42)
+    assert replayed(window.snapshot("e1", 42, 1000)) == []
+    assert window.snapshot("e1", 41, 1000) is None
+
+
+def test_a_reset_drops_the_window_and_a_retired_epoch_gets_epoch_changed():
+    window = filled(last=10)
+    window.reset("e2", 3)  # Redis flushed: the feed resynced to a new history
+    assert window.snapshot("e1", 9, 1000) == Snapshot("e2", 3)  # never a replay of e1
+    plan = plan_subscription("e1", 9, Snapshot("e2", 3), 1000)
+    assert plan.resync is not None and plan.resync.reason == ResyncReason.EPOCH_CHANGED
+    assert window.snapshot("e-unknown", 9, 1000) is None  # maybe newer than the feed: Redis
+    assert window.snapshot("e2", 2, 1000) is None  # before the resync point: not held
+
+
+def test_a_resync_within_the_same_epoch_empties_the_window():
+    window = filled(last=10)
+    window.reset("e1", 10)  # history_lost at the same top: the frames may be other events
+    assert not window.entries
+    assert window.snapshot("e1", 9, 1000) is None
+
+
+def test_too_far_behind_is_answered_without_entries():
+    window = filled(last=2000, capacity=5)
+    snapshot = window.snapshot("e1", 10, 1000)
+    assert snapshot == Snapshot("e1", 2000)
+    plan = plan_subscription("e1", 10, snapshot, 1000)
+    assert plan.resync is not None and plan.resync.reason == ResyncReason.TOO_FAR_BEHIND
+
+
+def test_an_append_out_of_sequence_never_leaves_a_hole():
+    window = filled(last=10)
+    window.append(12, item("e1", 12), 10)
+    assert [seq for seq, _, _ in window.entries] == [12]
+    assert window.snapshot("e1", 10, 1000) is None
+
+
+def test_prepend_only_joins_a_run_that_ends_right_before_the_window():
+    window = filled(last=10, capacity=8)  # holds 3..10
+    generation = window.generation
+    window.entries.popleft()  # 4..10
+    window.entries.popleft()  # 5..10 (as if trimmed by the budget)
+    run = [(s, item("e1", s), 10) for s in range(1, 4)]  # ends at 3: does not join 5
+    assert window.prepend(generation, "e1", run) == 0
+    run = [(s, item("e1", s), 10) for s in range(1, 5)]  # ends at 4: joins; room for 2
+    assert window.prepend(generation, "e1", run) == 2
+    assert [seq for seq, _, _ in window.entries] == list(range(3, 11))
+    window.reset("e1", 10)  # a resync at the same cursor (history_lost): lo is 11 again
+    run = [(s, item("e1", s), 10) for s in range(5, 11)]  # joins 11, but was read before it
+    assert window.prepend(generation, "e1", run) == 0
+
+
+def test_seed_run_is_the_contiguous_run_ending_at_end():
+    assert seed_run([(1, b"a"), (2, b"b"), (4, b"d"), (5, b"e")], 5) == [(4, b"d"), (5, b"e")]
+    assert seed_run([(1, b"a"), (2, b"b")], 3) == []  # stops short (trimmed or corrupt at 3)
+    assert seed_run([(1, b"a"), (2, b"b"), (3, b"c")], 2) == [(1, b"a"), (2, b"b")]
+
+
+def test_the_pod_budget_evicts_the_least_recently_appended_window_first():
+    budget = WindowBudget(limit=100)
+    idle: ResumeWindow[str] = ResumeWindow(100, budget)
+    busy: ResumeWindow[str] = ResumeWindow(100, budget)
+    idle.reset("a", 0)
+    busy.reset("b", 0)
+    for seq in range(1, 6):
+        idle.append(seq, item("a", seq), 10)
+    for seq in range(1, 8):
+        busy.append(seq, item("b", seq), 10)
+    assert budget.bytes == 100 and idle.bytes + busy.bytes == 100
+    assert [s for s, _, _ in idle.entries] == [3, 4, 5]  # the idle one lost its oldest first
+    assert idle.snapshot("a", 5, 1000) is not None  # its clients, at last, are still answered
+    busy.clear()
+    assert budget.bytes == idle.bytes == 30
+
+
+# --- property: random appends, resets, fills and queries against a reference model ------------
+
+operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("append"), st.integers(0, 2), st.integers(1, 40)),
+        st.tuples(st.just("reset"), st.integers(0, 2), st.sampled_from(["e1", "e2", "e3"])),
+        st.tuples(st.just("fill"), st.integers(0, 2), st.integers(0, 12)),
+        st.tuples(st.just("query"), st.integers(0, 2), st.integers(-2, 40)),
+    ),
+    max_size=80,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    ops=operations,
+    capacity=st.integers(0, 8),
+    limit=st.one_of(st.none(), st.integers(0, 300)),
+    max_replay=st.integers(1, 12),
+)
+def test_window_answers_like_a_read_at_its_cursor_or_not_at_all(ops, capacity, limit, max_replay):
+    budget = WindowBudget(limit if limit is not None else 1 << 60)
+    windows: list[ResumeWindow[str]] = [ResumeWindow(capacity, budget) for _ in range(3)]
+    # The reference: each window's cursor, the epochs it left, and, with no byte limit, how many
+    # entries it must hold (all of the run since its last reset, up to the capacity).
+    cursor: list[tuple[str, int] | None] = [None, None, None]
+    retired: list[list[str]] = [[], [], []]
+    held = [0, 0, 0]
+    for op, index, arg in ops:
+        window = windows[index]
+        if op == "append" and cursor[index] is not None:
+            epoch, last = cursor[index]
+            window.append(last + 1, item(epoch, last + 1), arg)
+            cursor[index] = (epoch, last + 1)
+            held[index] = min(capacity, held[index] + 1)
+        elif op == "reset":
+            last = cursor[index][1] if cursor[index] is not None else 0
+            if cursor[index] is not None and cursor[index][0] != arg:
+                retired[index].append(cursor[index][0])
+            window.reset(arg, last + 3)
+            cursor[index] = (arg, last + 3)
+            held[index] = 0
+        elif op == "fill" and cursor[index] is not None:
+            epoch, _ = cursor[index]
+            end = window.lo - 1
+            run = [(s, item(epoch, s), 5) for s in range(max(1, end - arg + 1), end + 1)]
+            added = window.prepend(window.generation, epoch, run)
+            assert added <= len(run)
+            held[index] = min(capacity, held[index] + added)
+        elif op == "query":
+            for epoch in ["e1", "e2", "e3", None]:
+                check_answer(window, cursor[index], retired[index], epoch, arg, max_replay)
+            if cursor[index] is not None:
+                epoch, last = cursor[index]
+                if limit is None and 0 <= last - held[index] <= arg <= last:
+                    assert window.snapshot(epoch, arg, max_replay) is not None, "must answer"
+        # Invariants: contiguous up to the cursor, within the count, the pod's bytes counted.
+        for each, at in zip(windows, cursor, strict=True):
+            seqs = [s for s, _, _ in each.entries]
+            assert seqs == list(range(each.lo, each.last + 1))
+            assert len(seqs) <= capacity
+            if at is not None:
+                assert (each.epoch, each.last) == at
+        assert budget.bytes == sum(w.bytes for w in windows)
+        assert budget.bytes <= budget.limit
+        if limit is None:
+            assert [len(w.entries) for w in windows] == held
+
+
+def check_answer(window, cursor, retired, epoch, after, max_replay) -> None:
+    """An answer, when given, is the one a read at the window's cursor would give."""
+    client = (epoch, after if epoch is not None else None)
+    answer = window.snapshot(*client, max_replay)
+    if answer is None:
+        return
+    assert cursor is not None
+    current, last = cursor
+    assert (answer.epoch, answer.top) == (current, last)
+    truth = [(s, item(current, s)) for s in range(after + 1, last + 1)]
+    plan = plan_subscription(*client, answer, max_replay)
+    if epoch is None:
+        assert plan.resync is None and plan.replay == []
+    elif epoch != current:
+        assert epoch in retired
+        assert plan.resync is not None and plan.resync.reason == ResyncReason.EPOCH_CHANGED
+    elif last - after > max_replay:
+        assert plan.resync is not None and plan.resync.reason == ResyncReason.TOO_FAR_BEHIND
+    else:
+        assert plan.resync is None and plan.replay == truth
