@@ -1,8 +1,9 @@
 """Plain HTTP on the gateway's port, answered from websockets' ``process_request`` hook.
 
-Routes: ``/healthz``, ``/readyz``, ``/metrics``, ``/eventbus.js`` (+ ``.d.ts``), and the polling
-fallback ``GET /v1/projects/{id}/events``. Anything that is not a WebSocket upgrade and not one of
-these gets a JSON 404/405; nothing here can raise into websockets.
+Routes: ``/healthz``, ``/readyz``, ``/metrics``, ``/eventbus.js`` (+ ``.d.ts``), the polling
+fallback ``GET /v1/projects/{id}/events``, and the CORS preflight of every route, SSE streams'
+included (the streams themselves are :mod:`gateway.sse`). Anything that is not a WebSocket upgrade
+and not one of these gets a JSON 404/405; nothing here can raise into websockets.
 """
 
 from __future__ import annotations
@@ -100,7 +101,8 @@ class HttpRoutes:
                 [
                     *cors,
                     ("Access-Control-Allow-Methods", "GET, OPTIONS"),
-                    ("Access-Control-Allow-Headers", "Authorization"),
+                    # Last-Event-ID: an SSE stream resumed by fetch() (see gateway.sse).
+                    ("Access-Control-Allow-Headers", "Authorization, Last-Event-ID"),
                     ("Access-Control-Max-Age", "600"),
                 ],
             )

@@ -36,6 +36,7 @@ from gateway.session import (
     SlowConsumerPolicy,
     WebSocketSession,
 )
+from gateway.sse import SseStreams
 from gateway.store import HistoryStore
 from gateway.workers import GROUP_SIZE_ENV, WORKER_ID_ENV
 from redisconn import async_client, is_cluster_url
@@ -100,7 +101,12 @@ class Gateway:
         verify = None if config.no_auth else self.verify
         self.http = HttpRoutes(gateway=self, verify=verify, allowed_origins=config.allowed_origins)
         self.clients = ClientProtocol(self, verify)
-        self.metrics.gauge("connections", "Open WebSocket connections.", lambda: len(self.sessions))
+        self.streams = SseStreams(self)
+        self.metrics.gauge(
+            "connections",
+            "Open client connections (WebSocket and SSE streams).",
+            lambda: len(self.sessions),
+        )
         self.metrics.gauge(
             "sockets",
             "Sockets open on the port, from accept to close (handshakes, unauthenticated, HTTP).",
@@ -154,6 +160,11 @@ class Gateway:
         # One timer pings every connection (see gateway.keepalive), not a task per connection.
         self.keepalive = Keepalive(config.ping_interval, config.ping_timeout, _keepalive_timeout)
         self.keepalive.start()
+        # SSE streams get a comment line instead, on their own interval (no answer awaited).
+        self.streams.keepalive = Keepalive(
+            config.sse_keepalive_interval, config.ping_timeout, _keepalive_timeout
+        )
+        self.streams.keepalive.start()
         group_size = os.environ.get(GROUP_SIZE_ENV)
         if group_size:
             self.group = GroupView(
@@ -195,6 +206,7 @@ class Gateway:
     def _new_connection(self, *args, **kwargs) -> GatewayConnection:
         connection = GatewayConnection(*args, **kwargs)
         connection.admission = self.admission
+        connection.takeover = self.streams.takeover
         return connection
 
     def _make_link(self) -> PubSubLink | ClusterPubSub:
@@ -428,6 +440,8 @@ class Gateway:
         for task in self._tasks:
             task.cancel()
         self.keepalive.close()
+        if self.streams.keepalive is not None:
+            self.streams.keepalive.close()
         if self.server is not None:
             self.server.close()
             await _bounded(self.server.wait_closed(), "listener")

@@ -40,6 +40,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from websockets.asyncio.server import ServerConnection
+from websockets.http11 import Request
 from websockets.protocol import State
 
 from gateway.frames import text_frame
@@ -186,6 +187,27 @@ class GatewayConnection(ServerConnection):
     admission: Admission | None = None
     accepted_at: float = 0.0
     _counted: bool = False
+    #: Called with the request before websockets answers it; True when it took the connection
+    #: over (an SSE stream, see gateway.sse), and websockets must leave the transport alone.
+    takeover: Callable[[GatewayConnection, Request], bool] | None = None
+
+    async def handshake(self, *args, **kwargs) -> None:
+        """websockets' handshake, unless ``takeover`` claims the request first.
+
+        websockets can only answer a request with a complete response (then EOF); a stream
+        needs the connection. A claimed connection keeps its handshake state (CONNECTING), so
+        websockets' handler ends without a handler call, aborting ``self.transport``, which the
+        taker has replaced with a stand-in.
+        """
+        takeover = self.takeover
+        if takeover is not None:
+            await asyncio.wait(
+                [self.request_rcvd, self.connection_lost_waiter],
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if self.request is not None and takeover(self, self.request):
+                return
+        await super().handshake(*args, **kwargs)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)

@@ -1,0 +1,638 @@
+"""Server-Sent Events: the live fallback when a WebSocket cannot connect.
+
+``GET /v1/projects/{id}/stream`` (one project) or ``GET /v1/stream?project=1&project=2`` (several)
+on the gateway's port answers ``text/event-stream`` carrying exactly what a WebSocket client gets
+(see docs/protocol.md, "Server-Sent Events"):
+
+* an event is the default ``message`` event, ``data`` the event's JSON frame, ``id`` the cursor
+  after it: ``<epoch>:<seq>``, or for a stream of several projects the cursor of every project,
+  ``1=<epoch>:<seq>,2=<epoch>:<seq>``; a ``Last-Event-ID`` header of either form resumes exactly;
+* control messages are named events (``subscribed``, ``resync_required``, ``error``,
+  ``authenticated``, ...) with the same JSON; ``subscribed`` and ``resync_required`` carry the
+  cursor as their ``id`` too;
+* the stream's last event is ``close``, ``{"type":"close","code":<the WebSocket close code>,
+  "reason":...}`` (1012 draining, 4002 token expired (after an ``error``), 4008 slow consumer,
+  1011 a subscription that could not be made), when the gateway gets to write it;
+* a comment line every ``--sse-keepalive-interval`` (15 s) keeps proxies from closing the stream.
+
+The pure part (formatting, parsing, cursors, the request path) is tested without sockets; the
+I/O part takes the TCP connection over from websockets before it answers the request (see
+:meth:`gateway.session.GatewayConnection.handshake` and docs/architecture.md), then drives the
+same :class:`gateway.clients.ClientProtocol` and the same write path
+(:class:`gateway.session.ClientSession`) as a WebSocket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, NamedTuple
+from urllib.parse import parse_qs
+
+import msgspec
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+from gateway.client_input import repeated_header
+from gateway.http import json_response
+from gateway.logs import get_logger
+from gateway.session import Admission, ClientSession, Outgoing, SlowConsumerPolicy
+from gateway.tasks import spawn
+from schemas.protocol import CloseCode
+from schemas.tokens import InvalidToken
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from gateway.server import Gateway
+
+__all__ = [
+    "Cursor",
+    "SseEvent",
+    "SseParser",
+    "SseSession",
+    "StreamRequest",
+    "comment",
+    "data_lines",
+    "format_cursor",
+    "format_event",
+    "parse_last_event_id",
+    "parse_stream_target",
+]
+
+log = get_logger("gateway")
+
+_SINGLE_PATH = re.compile(r"^/v1/projects/([^/]+)/stream$")
+_MULTI_PATH = "/v1/stream"
+_PROJECT_ID = re.compile(r"[1-9][0-9]{0,15}")
+_EPOCH = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_SEQ = re.compile(r"0|[1-9][0-9]{0,15}")
+#: Any of the three line ends SSE knows (CRLF first, so it counts as one).
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+#: Sent first on every stream: how long EventSource-style clients wait before reconnecting (ms).
+RETRY_MS = 1000
+#: A keepalive: an SSE comment line, ignored by every parser, and an empty line.
+KEEPALIVE = b":\n\n"
+
+
+class Cursor(NamedTuple):
+    epoch: str
+    seq: int
+
+
+# --- pure: formatting ------------------------------------------------------------------------
+
+
+def data_lines(payload: bytes) -> bytes:
+    """``payload`` as ``data:`` lines: one per line of it, so no byte of it can end a field
+    early or start another one (a parser joins them back with ``\\n``; a CR or CRLF inside
+    ``payload`` comes back as ``\\n``, which in JSON is the same whitespace)."""
+    if b"\n" not in payload and b"\r" not in payload:
+        return b"data: " + payload + b"\n"
+    return b"".join([b"data: " + line + b"\n" for line in _LINE_END.split(payload)])
+
+
+def format_event(payload: bytes, *, event: str | None = None, event_id: str | None = None) -> bytes:
+    """One SSE event: optional ``event:`` and ``id:`` lines, the data, an empty line.
+
+    ``event`` and ``event_id`` are ours (a message type, a cursor: no line breaks, no NUL).
+    """
+    head = b""
+    if event is not None:
+        head += b"event: " + event.encode() + b"\n"
+    if event_id is not None:
+        head += b"id: " + event_id.encode() + b"\n"
+    return head + data_lines(payload) + b"\n"
+
+
+def comment(text: str = "") -> bytes:
+    """A comment line (ignored by parsers), e.g. a keepalive."""
+    return b":" + _LINE_END.sub(b" ", text.encode()) + b"\n\n"
+
+
+def format_cursor(cursors: dict[int, Cursor], multi: bool) -> str:
+    """The ``id`` of an event: ``<epoch>:<seq>``, or ``<project>=<epoch>:<seq>,...`` (sorted by
+    project) for a stream of several projects."""
+    if not multi:
+        (cursor,) = cursors.values()
+        return f"{cursor.epoch}:{cursor.seq}"
+    return ",".join(f"{p}={c.epoch}:{c.seq}" for p, c in sorted(cursors.items()))
+
+
+def _parse_cursor(text: str) -> Cursor:
+    epoch, sep, seq = text.rpartition(":")
+    if not sep or not _EPOCH.fullmatch(epoch) or not _SEQ.fullmatch(seq):
+        raise ValueError(f"{text[:80]!r} is not a cursor <epoch>:<seq>")
+    return Cursor(epoch, int(seq))
+
+
+def parse_last_event_id(value: str | None, projects: list[int]) -> dict[int, Cursor]:
+    """The cursors a ``Last-Event-ID`` names for the stream's ``projects``.
+
+    ``<epoch>:<seq>`` applies to a stream of one project; ``<project>=<epoch>:<seq>,...`` to any
+    stream (projects it names that the stream does not follow are ignored; projects it does not
+    name start from now). Empty or absent: no cursor. Anything else raises ``ValueError``.
+    """
+    if not value:
+        return {}
+    if "=" not in value:
+        if len(projects) != 1:
+            raise ValueError("a stream of several projects resumes from <project>=<epoch>:<seq>,…")
+        return {projects[0]: _parse_cursor(value)}
+    cursors: dict[int, Cursor] = {}
+    wanted = set(projects)
+    parts = value.split(",")
+    if len(parts) > 1000:
+        raise ValueError("too many cursors")
+    for part in parts:
+        raw_id, _, cursor = part.partition("=")
+        if not _PROJECT_ID.fullmatch(raw_id):
+            raise ValueError(f"{raw_id[:20]!r} is not a project id")
+        project_id = int(raw_id)
+        if project_id in cursors:
+            raise ValueError(f"project {project_id} is given twice")
+        parsed = _parse_cursor(cursor)
+        if project_id in wanted:
+            cursors[project_id] = parsed
+    return cursors
+
+
+class StreamRequest(NamedTuple):
+    """What a stream request asks for: its projects, in order, and whether the stream is the
+    several-project kind (compound cursors)."""
+
+    projects: list[int]
+    multi: bool
+
+
+def is_stream_target(target: str) -> bool:
+    path = target.partition("?")[0]
+    return path == _MULTI_PATH or _SINGLE_PATH.match(path) is not None
+
+
+def parse_stream_target(target: str, max_projects: int) -> StreamRequest:
+    """The projects of ``/v1/projects/{id}/stream`` or ``/v1/stream?project=1&project=2``;
+    ``ValueError`` with a message for the client otherwise."""
+    path, _, query = target.partition("?")
+    query = query.partition("#")[0]
+    match = _SINGLE_PATH.match(path)
+    if match:
+        if query:
+            raise ValueError("a project's stream takes no query parameters")
+        return StreamRequest([_project_id(match.group(1))], False)
+    params = parse_qs(query, keep_blank_values=True, max_num_fields=max_projects + 1)
+    unknown = set(params) - {"project"}
+    if unknown:
+        raise ValueError(f"unknown query parameters: {', '.join(sorted(unknown))[:200]}")
+    raw = params.get("project", [])
+    if not raw:
+        raise ValueError("name the projects: /v1/stream?project=1&project=2")
+    projects = list(dict.fromkeys(_project_id(value) for value in raw))
+    if len(projects) > max_projects:
+        raise ValueError(f"at most {max_projects} projects per stream")
+    return StreamRequest(projects, True)
+
+
+def _project_id(raw: str) -> int:
+    if not _PROJECT_ID.fullmatch(raw) or int(raw) >= 2**53:
+        raise ValueError("project id must be a positive integer")
+    return int(raw)
+
+
+# --- pure: parsing (tests, benchmarks, non-browser clients) ----------------------------------
+
+
+class SseEvent(NamedTuple):
+    event: str  # "message" when the stream names none
+    data: str
+    id: str | None  # the last event id in force after this event (None: never set)
+
+
+class SseParser:
+    """The WHATWG event-stream parsing algorithm, fed bytes as they come.
+
+    Lines end at CRLF, CR or LF; ``field: value`` (one space after the colon dropped); ``data``
+    lines are joined with ``\\n``; an empty line dispatches an event (none when there is no
+    data); comments (a leading colon) and unknown fields are ignored; an ``id`` containing NUL
+    is ignored. ``comments`` counts comment lines (keepalives).
+    """
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._data: list[str] = []
+        self._event = ""
+        self.last_id: str | None = None
+        self.comments = 0
+        self.retry: int | None = None
+        self._skip_lf = False
+
+    def feed(self, chunk: bytes) -> list[SseEvent]:
+        events: list[SseEvent] = []
+        buffer = self._buffer + chunk
+        start = 0
+        while True:
+            if self._skip_lf and start < len(buffer):
+                if buffer[start : start + 1] == b"\n":
+                    start += 1
+                self._skip_lf = False
+            match = re.compile(rb"\r|\n").search(buffer, start)
+            if match is None:
+                break
+            line = buffer[start : match.start()]
+            if match.group() == b"\r":
+                if match.end() == len(buffer):
+                    self._skip_lf = True  # a CRLF may be split between chunks
+                elif buffer[match.end() : match.end() + 1] == b"\n":
+                    start = match.end() + 1
+                    self._line(line.decode("utf-8", "replace"), events)
+                    continue
+            start = match.end()
+            self._line(line.decode("utf-8", "replace"), events)
+        self._buffer = buffer[start:]
+        return events
+
+    def _line(self, line: str, events: list[SseEvent]) -> None:
+        if not line:
+            if self._data:
+                events.append(
+                    SseEvent(self._event or "message", "\n".join(self._data), self.last_id)
+                )
+            self._data = []
+            self._event = ""
+            return
+        if line.startswith(":"):
+            self.comments += 1
+            return
+        name, colon, value = line.partition(":")
+        if colon and value.startswith(" "):
+            value = value[1:]
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._event = value
+        elif name == "id":
+            if "\0" not in value:
+                self.last_id = value
+        elif name == "retry" and value.isdigit():
+            self.retry = int(value)
+
+
+# --- I/O: the session and the connection -----------------------------------------------------
+
+
+class _JoinCache:
+    """The last (items list -> bytes) a single-project stream built, for the next subscriber.
+
+    The hub writes the same ``items`` list object to every live subscriber of a feed in turn;
+    their cursors before it are the same (they have seen the same events), so the bytes are
+    too. The cache holds a reference to ``items``, so the identity test cannot match a new list
+    at a recycled address.
+    """
+
+    __slots__ = ("after", "before", "data", "items")
+
+    def __init__(self) -> None:
+        self.items: list[Outgoing] | None = None
+        self.before: Cursor | None = None
+        self.after: Cursor | None = None
+        self.data = b""
+
+
+_cache = _JoinCache()
+
+
+class _Head(msgspec.Struct):
+    project_id: int = 0
+
+
+_head_decoder = msgspec.json.Decoder(_Head)
+
+
+def _project_of(item: Outgoing, cursors: dict[int, Cursor]) -> int:
+    """The project of an event ``item`` of a several-project stream, read from its frame once
+    per event (the item is shared by every subscriber) when the hub did not say; 0 if unknown."""
+    try:
+        project_id = _head_decoder.decode(item.payload).project_id
+    except (msgspec.DecodeError, RecursionError):
+        project_id = 0
+    item.project_id = project_id
+    return project_id
+
+
+class SseSession(ClientSession):
+    """A :class:`ClientSession` on an SSE stream: bytes built from ``items`` (not the WebSocket
+    frames the hub joined), the cursor of each project kept for the events' ``id``."""
+
+    __slots__ = ("cursors", "multi")
+
+    transport_name = "sse"
+
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        policy: SlowConsumerPolicy,
+        schedule_flush: Callable[[ClientSession], None],
+        *,
+        multi: bool,
+        cursors: dict[int, Cursor],
+    ) -> None:
+        super().__init__(transport, policy, schedule_flush)
+        self.multi = multi
+        #: Per project, the cursor of the last event or control message written: the ``id``.
+        self.cursors = dict(cursors)
+
+    def is_open(self) -> bool:
+        return not self.closing and not self.transport.is_closing()
+
+    def flush(self) -> bool:
+        outbox = self.outbox
+        if not outbox:
+            return True
+        self.outbox = []
+        return self.write(b"", outbox)
+
+    def write(self, wire: bytes, items: list[Outgoing]) -> bool:
+        """Write ``items`` as SSE events (``wire``, their WebSocket frames, is not used)."""
+        return ClientSession.write(self, self.encode(items), items)
+
+    def encode(self, items: list[Outgoing]) -> bytes:
+        """The SSE bytes of ``items``, advancing this stream's cursors."""
+        if not self.multi and len(self.cursors) == 1:
+            cache = _cache
+            ((project_id, before),) = self.cursors.items()
+            if cache.items is items and cache.before == before:
+                if cache.after is not None:
+                    self.cursors[project_id] = cache.after
+                return cache.data
+            data = self._encode(items)
+            cache.items, cache.before, cache.data = items, before, data
+            cache.after = self.cursors.get(project_id)
+            return data
+        return self._encode(items)
+
+    def _encode(self, items: list[Outgoing]) -> bytes:
+        cursors, multi = self.cursors, self.multi
+        out: list[bytes] = []
+        for item in items:
+            kind = item.kind
+            if not kind:
+                project_id = item.project_id
+                if not project_id:
+                    project_id = _project_of(item, cursors) if multi else next(iter(cursors), 0)
+                cursor = cursors.get(project_id)
+                if cursor is not None:
+                    # The hub delivers every event of a project once, in order, after the
+                    # cursor the stream resumed from (or ``subscribed``, or a resync): the
+                    # next one is the cursor's successor (the item says so, when it knows).
+                    seq = item.seq or cursor.seq + 1
+                    cursors[project_id] = Cursor(cursor.epoch, seq)
+                    out.append(format_event(item.payload, event_id=format_cursor(cursors, multi)))
+                else:  # not expected: an event of a project without a cursor yet
+                    out.append(format_event(item.payload))
+            elif item.epoch is not None:  # subscribed, resync_required: a new cursor
+                cursors[item.project_id] = Cursor(item.epoch, item.seq)
+                out.append(
+                    format_event(item.payload, event=kind, event_id=format_cursor(cursors, multi))
+                )
+            else:
+                if kind == "error" and item.project_id and item.project_id not in self.projects:
+                    # A subscription this stream needs is gone (the project is unreadable, or
+                    # Redis did not answer): end the stream; the client reconnects and resumes.
+                    asyncio.get_running_loop().call_soon(
+                        self.close_later, CloseCode.INTERNAL_ERROR, "subscription failed"
+                    )
+                out.append(format_event(item.payload, event=kind))
+        return b"".join(out)
+
+    def _goodbye(self, code: CloseCode, reason: str) -> bytes:
+        data = b""
+        if code == CloseCode.TOKEN_EXPIRED:
+            data += format_event(
+                msgspec.json.encode(
+                    {"type": "error", "code": "invalid_token", "message": "token expired"}
+                ),
+                event="error",
+            )
+        payload = msgspec.json.encode({"type": "close", "code": int(code), "reason": reason})
+        return data + format_event(payload, event="close")
+
+    def _send_close(self, code: CloseCode, reason: str) -> None:
+        if not self.transport.is_closing():
+            self.transport.write(self._goodbye(code, reason))
+
+    def _close_gracefully(self, code: CloseCode, reason: str) -> None:
+        transport = self.transport
+        if not transport.is_closing():
+            transport.write(self._goodbye(code, reason))
+            transport.close()  # after the buffer is sent; a stall check still cuts a stuck one
+
+    def ping(self, now: float) -> bytes | None:
+        ClientSession.write(self, KEEPALIVE, [])
+        return None
+
+
+class _Detached:
+    """What a websockets connection is left holding once its transport is taken over: its
+    protocol handler aborts ``connection.transport`` after a handshake that did not open a
+    WebSocket, which must not reach the SSE stream's transport."""
+
+    def abort(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return True
+
+    def get_extra_info(self, name: str, default=None):
+        return default
+
+
+class SseConnection(asyncio.Protocol):
+    """The asyncio protocol of a TCP connection serving one SSE stream."""
+
+    def __init__(self, gateway: Gateway, admission: Admission | None, counted: bool) -> None:
+        self.gateway = gateway
+        self.admission = admission
+        self.counted = counted
+        self.session: SseSession | None = None
+        self.task: asyncio.Task | None = None
+
+    def data_received(self, data: bytes) -> None:
+        pass  # a stream's client has nothing more to say; whatever it sends is dropped
+
+    def eof_received(self) -> bool:
+        return False  # the client went away: close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.counted and self.admission is not None:
+            self.counted = False
+            self.admission.release()
+        session = self.session
+        if session is not None:
+            session.writable = False
+            session.closing = True
+            self.gateway.remove_session(session)
+        if self.task is not None:
+            self.task.cancel()
+
+
+class SseStreams:
+    """Opens SSE streams for a gateway: checks the request, takes the transport over, and
+    subscribes the stream's projects."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.keepalive = None  # a gateway.keepalive.Keepalive, set by the gateway at start
+
+    def takeover(self, connection, request: Request) -> bool:
+        """Called with every request before websockets answers it: False to leave it to
+        websockets (not a stream request), True when this took the connection over (to
+        answer an error, or to stream)."""
+        if (
+            request.method == "OPTIONS"  # a CORS preflight: gateway.http answers it
+            or not is_stream_target(request.path)
+            or "Upgrade" in request.headers  # (never .get: it raises on a repeated header)
+        ):
+            return False
+        transport = connection.transport
+        # From here on websockets must not touch the transport: its handler aborts
+        # connection.transport when no WebSocket opened.
+        connection.transport = _Detached()
+        counted = connection._counted
+        connection._counted = False  # the count moves to the SSE connection
+        protocol = SseConnection(self.gateway, connection.admission, counted)
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        try:
+            response, session_args = self._check(request)
+        except Exception:
+            log.exception("stream request failed", path=request.path[:200])
+            response = json_response(500, {"error": "internal", "message": "internal error"})
+        if response is not None:
+            transport.write(response.serialize())
+            transport.close()
+            return True
+        try:
+            self._open(transport, protocol, *session_args)
+        except Exception:
+            log.exception("stream failed to open", path=request.path[:200])
+            transport.abort()
+        return True
+
+    def _check(self, request: Request):
+        gateway = self.gateway
+        clients = gateway.clients
+        repeated = repeated_header(request.headers, ("Origin", "Authorization", "Last-Event-ID"))
+        if repeated is not None:
+            return gateway._bad_request(f"the {repeated} header is given more than once"), ()
+        origin_headers = self._cors(request.headers.get("Origin"))
+        if request.method != "GET":
+            return json_response(
+                405,
+                {"error": "method_not_allowed", "message": f"{request.method} is not supported"},
+                [("Allow", "GET, OPTIONS"), *origin_headers],
+            ), ()
+        refusal = clients.refusal(request.headers.get("Origin"))
+        if refusal is not None:
+            return _with(refusal, origin_headers), ()
+        try:
+            stream = parse_stream_target(request.path, gateway.config.max_subscriptions)
+            cursors = parse_last_event_id(request.headers.get("Last-Event-ID"), stream.projects)
+        except ValueError as exc:
+            return _with(gateway._bad_request(str(exc)), origin_headers), ()
+        claims = None
+        if clients.verify is not None:
+            header = request.headers.get("Authorization")
+            if not header:
+                clients.metrics.auth_failures_total += 1
+                return json_response(
+                    401,
+                    {"error": "missing_token", "message": "send 'Authorization: Bearer <token>'"},
+                    [("WWW-Authenticate", "Bearer"), *origin_headers],
+                ), ()
+            try:
+                claims = clients.verify_bearer(header)
+            except InvalidToken as exc:
+                return json_response(
+                    401,
+                    {"error": "invalid_token", "message": str(exc)},
+                    [("WWW-Authenticate", "Bearer"), *origin_headers],
+                ), ()
+            refused = [p for p in stream.projects if not claims.allows(p)]
+            if refused:
+                gateway.metrics.client_errors_total += 1
+                return json_response(
+                    403,
+                    {"error": "forbidden", "message": f"the token does not allow {refused}"},
+                    origin_headers,
+                ), ()
+        return None, (stream, cursors, claims, origin_headers)
+
+    def _cors(self, origin: str | None) -> list[tuple[str, str]]:
+        """CORS headers for an allowed ``Origin`` (none for a foreign one: it is refused)."""
+        allowed = self.gateway.config.allowed_origins
+        if origin is None or (allowed and origin not in allowed):
+            return []
+        return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
+
+    def _open(
+        self,
+        transport,
+        protocol: SseConnection,
+        stream,
+        cursors,
+        claims,
+        origin_headers,
+    ) -> None:
+        gateway = self.gateway
+        session = SseSession(
+            transport,
+            gateway.policy,
+            gateway.hub.schedule_flush,
+            multi=stream.multi,
+            cursors=cursors,
+        )
+        protocol.session = session
+        headers = Headers(
+            [
+                ("Content-Type", "text/event-stream; charset=utf-8"),
+                ("Cache-Control", "no-store"),
+                ("Connection", "close"),
+                ("X-Accel-Buffering", "no"),  # nginx: do not buffer the stream
+                *origin_headers,
+            ]
+        )
+        head = Response(200, "OK", headers).serialize()
+        transport.write(head + f"retry: {RETRY_MS}\n\n".encode())
+        gateway.add_session(session)
+        if self.keepalive is not None:
+            self.keepalive.add(session)
+        clog = log.bind(conn_id=session.id, transport="sse")
+        protocol.task = spawn(self._subscribe(session, stream.projects, cursors, claims, clog))
+
+    async def _subscribe(
+        self, session: SseSession, projects: Iterable[int], cursors, claims, clog
+    ) -> None:
+        clients = self.gateway.clients
+        if claims is not None:
+            clients.authenticate(session, claims)
+        for project_id in projects:
+            if session.closing:
+                return
+            cursor = cursors.get(project_id)
+            epoch, after = (cursor.epoch, cursor.seq) if cursor is not None else (None, None)
+            if not await clients.subscribe(session, project_id, epoch, after, clog):
+                # The ``error`` event says why; a stream cannot ask again: it ends, and the
+                # client reconnects with its Last-Event-ID.
+                session.close_later(CloseCode.INTERNAL_ERROR, "subscription failed")
+                return
+
+
+def _with(response: Response, headers: list[tuple[str, str]]) -> Response:
+    for name, value in headers:
+        response.headers[name] = value
+    return response

@@ -1,0 +1,367 @@
+"""Server-Sent Events: the pure formatting and parsing (hypothesis), then streams end to end
+against in-process gateways on a private Redis, every delivery compared as a full sequence."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+import redis.asyncio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.sse import (
+    Cursor,
+    SseParser,
+    comment,
+    data_lines,
+    format_cursor,
+    format_event,
+    parse_last_event_id,
+    parse_stream_target,
+)
+from publisher import issue_token
+from schemas.keys import Keys
+from tests.support.gateway_client import SECRET, client_for, publish
+from tests.support.sse_client import open_stream
+from tests.support.ws_client import wait_until
+
+# --- pure: formatting and parsing ------------------------------------------------------------
+
+
+def _normalised(payload: bytes) -> str:
+    """What SSE can carry of ``payload``: its lines, joined with LF."""
+    return payload.decode().replace("\r\n", "\n").replace("\r", "\n")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    payload=st.text().map(str.encode),
+    event=st.sampled_from([None, "subscribed", "resync_required", "error"]),
+    event_id=st.one_of(st.none(), st.from_regex(r"\A[A-Za-z0-9_-]{1,20}:[0-9]{1,6}\Z")),
+    cut=st.lists(st.integers(min_value=0, max_value=400), max_size=5),
+)
+def test_any_frame_parses_back_to_its_data_and_injects_no_field(payload, event, event_id, cut):
+    """Whatever bytes a frame holds (a foreign one in Redis included: line breaks, ``id:``,
+    ``event:``, ``retry:``, empty lines), it is exactly one event with its own data, name and id,
+    however the stream is cut into reads."""
+    preceding = format_event(b'{"a":1}', event_id="e:1")
+    stream = preceding + format_event(payload, event=event, event_id=event_id) + comment("k")
+    parser = SseParser()
+    events = []
+    bounds = sorted({min(c, len(stream)) for c in cut})
+    start = 0
+    for bound in [*bounds, len(stream)]:
+        events += parser.feed(stream[start:bound])
+        start = bound
+    assert len(events) == 2
+    assert events[0].data == '{"a":1}' and events[0].id == "e:1"
+    got = events[1]
+    assert got.data == _normalised(payload)
+    assert got.event == (event or "message")
+    assert got.id == (event_id if event_id is not None else "e:1")
+    assert parser.retry is None
+    assert parser.comments == 1
+
+
+def test_data_lines_split_every_line_end():
+    assert data_lines(b'{"a":1}') == b'data: {"a":1}\n'
+    assert data_lines(b"{\n\r\n\r}") == b"data: {\ndata: \ndata: \ndata: }\n"
+    assert data_lines(b" x") == b"data:  x\n"  # the one space after the colon is dropped
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.dictionaries(
+        st.integers(min_value=1, max_value=2**53 - 1),
+        st.tuples(st.from_regex(r"\A[A-Za-z0-9_-]{1,64}\Z"), st.integers(0, 10**15)),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_compound_cursors_round_trip(raw):
+    cursors = {p: Cursor(e, s) for p, (e, s) in raw.items()}
+    projects = sorted(cursors)
+    assert parse_last_event_id(format_cursor(cursors, True), projects) == cursors
+    if len(cursors) == 1:
+        assert parse_last_event_id(format_cursor(cursors, False), projects) == cursors
+
+
+def test_last_event_id_forms():
+    assert parse_last_event_id(None, [1]) == {}
+    assert parse_last_event_id("", [1, 2]) == {}
+    assert parse_last_event_id("abc:5", [7]) == {7: Cursor("abc", 5)}
+    # Projects the stream does not follow are ignored; missing ones start from now.
+    assert parse_last_event_id("1=a:1,3=b:2", [1, 2]) == {1: Cursor("a", 1)}
+    for bad in ("abc", "abc:x", "a b:1", "1=a:1,1=a:2", "x=a:1", "abc:-1", "é:1"):
+        with pytest.raises(ValueError):
+            parse_last_event_id(bad, [1])
+    with pytest.raises(ValueError, match="several"):
+        parse_last_event_id("abc:5", [1, 2])
+
+
+def test_stream_targets():
+    assert parse_stream_target("/v1/projects/12/stream", 100) == ([12], False)
+    assert parse_stream_target("/v1/stream?project=2&project=1&project=2", 100) == ([2, 1], True)
+    for bad in (
+        "/v1/projects/0/stream",
+        "/v1/projects/x/stream",
+        "/v1/projects/1/stream?token=abc",  # never a token in the URL
+        "/v1/stream",
+        "/v1/stream?project=1&token=abc",
+        "/v1/stream?project=1&project=2&project=3",
+    ):
+        with pytest.raises(ValueError):
+            parse_stream_target(bad, 2)
+
+
+# --- streams end to end ----------------------------------------------------------------------
+
+
+def _auth(projects, ttl: int = 300, **extra) -> dict[str, str]:
+    return {"Authorization": f"Bearer {issue_token(SECRET, projects, ttl=ttl)}", **extra}
+
+
+def _url(gateway) -> str:
+    return f"http://127.0.0.1:{gateway.port}"
+
+
+def _events(items):
+    return [item for item in items if item.event == "message"]
+
+
+async def test_a_stream_carries_the_websocket_frames_with_cursor_ids(gateways, publisher):
+    gateway = await gateways()
+    ws = await client_for(gateway, [1])
+    await ws.subscribe(1)
+    status, headers, stream = await open_stream(_url(gateway), "/v1/projects/1/stream", _auth([1]))
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    head = await stream.until("subscribed")
+    assert [e.event for e in head] == ["authenticated", "subscribed"]
+    subscribed = json.loads(head[-1].data)
+    epoch = subscribed["epoch"]
+    assert head[-1].id == f"{epoch}:0" and subscribed["resumed"] is False
+    await publish(publisher, 1, 30)
+    got = [await stream.next() for _ in range(30)]
+    assert [e.event for e in got] == ["message"] * 30
+    assert [e.id for e in got] == [f"{epoch}:{n}" for n in range(1, 31)]
+    await ws.wait_for(lambda: len(ws.seqs(1)) == 30)
+    frames = [m for m in ws.messages if m.get("type") == "blocker_resolved"]
+    assert [json.loads(e.data) for e in got] == frames  # the same JSON as the WebSocket's
+    stream.close()
+    await ws.close()
+
+
+async def test_last_event_id_resumes_exactly(gateways, publisher):
+    gateway = await gateways()
+    _, _, stream = await open_stream(_url(gateway), "/v1/projects/2/stream", _auth([2]))
+    await stream.until("subscribed")
+    await publish(publisher, 2, 5)
+    got = [await stream.next() for _ in range(5)]
+    last_id = got[-1].id
+    stream.close()
+    await publish(publisher, 2, 7)  # missed while away
+    _, _, stream = await open_stream(
+        _url(gateway), "/v1/projects/2/stream", _auth([2], **{"Last-Event-ID": last_id})
+    )
+    head = await stream.until("subscribed")
+    replayed = _events(head)
+    assert [json.loads(e.data)["seq"] for e in replayed] == list(range(6, 13))
+    subscribed = json.loads(head[-1].data)
+    assert subscribed["resumed"] is True and subscribed["replayed"] == 7
+    await publish(publisher, 2, 1)
+    live = await stream.next()
+    assert json.loads(live.data)["seq"] == 13 and live.id.endswith(":13")
+    stream.close()
+
+
+async def test_an_unknown_epoch_gets_resync_required_then_continues(gateways, publisher):
+    gateway = await gateways()
+    await publish(publisher, 3, 4)
+    _, _, stream = await open_stream(
+        _url(gateway), "/v1/projects/3/stream", _auth([3], **{"Last-Event-ID": "gone:2"})
+    )
+    head = await stream.until("subscribed")
+    assert [e.event for e in head] == ["authenticated", "resync_required", "subscribed"]
+    resync = json.loads(head[1].data)
+    assert resync["reason"] == "epoch_changed" and head[1].id == f"{resync['epoch']}:4"
+    await publish(publisher, 3, 1)
+    assert (await stream.next()).id == f"{resync['epoch']}:5"
+    stream.close()
+
+
+async def test_several_projects_share_one_stream_with_a_compound_cursor(gateways, publisher):
+    gateway = await gateways()
+    path = "/v1/stream?project=4&project=5"
+    _, _, stream = await open_stream(_url(gateway), path, _auth([4, 5]))
+    head = await stream.until("subscribed")
+    head += await stream.until("subscribed")
+    epochs = {
+        json.loads(e.data)["project_id"]: json.loads(e.data)["epoch"]
+        for e in head
+        if e.event == "subscribed"
+    }
+    assert head[-1].id == f"4={epochs[4]}:0,5={epochs[5]}:0"
+    await publish(publisher, 4, 2)
+    await publish(publisher, 5, 1)
+    got = [await stream.next() for _ in range(3)]
+    assert [e.id for e in got] == [
+        f"4={epochs[4]}:1,5={epochs[5]}:0",
+        f"4={epochs[4]}:2,5={epochs[5]}:0",
+        f"4={epochs[4]}:2,5={epochs[5]}:1",
+    ]
+    stream.close()
+    await publish(publisher, 5, 2)
+    _, _, stream = await open_stream(
+        _url(gateway), path, _auth([4, 5], **{"Last-Event-ID": got[-1].id})
+    )
+    head = await stream.until("subscribed")
+    head += await stream.until("subscribed")
+    assert [json.loads(e.data)["seq"] for e in _events(head)] == [2, 3]
+    assert all(json.loads(e.data)["resumed"] for e in head if e.event == "subscribed")
+    assert head[-1].id == f"4={epochs[4]}:2,5={epochs[5]}:3"
+    stream.close()
+
+
+async def test_streams_are_authorised_by_the_header_only(gateways):
+    gateway = await gateways()
+    url = _url(gateway)
+    token = issue_token(SECRET, [6], ttl=300)
+    cases = [
+        ("/v1/projects/6/stream", {}, 401),
+        ("/v1/projects/6/stream", {"Authorization": "Bearer nope"}, 401),
+        ("/v1/projects/6/stream", {"Authorization": f"Basic {token}"}, 401),
+        (f"/v1/projects/6/stream?token={token}", {}, 400),  # never from the URL
+        ("/v1/projects/7/stream", {"Authorization": f"Bearer {token}"}, 403),
+        ("/v1/stream?project=6&project=7", {"Authorization": f"Bearer {token}"}, 403),
+        ("/v1/projects/6/stream", {"Authorization": f"Bearer {token}", "Last-Event-ID": "x"}, 400),
+    ]
+    for path, headers, expected in cases:
+        status, response_headers, stream = await open_stream(url, path, headers)
+        body = await stream.reader.read()
+        stream.close()
+        assert status == expected, (path, headers, body)
+        assert json.loads(body)["error"]
+        assert response_headers["content-type"] == "application/json"
+    before = gateway.metrics.auth_failures_total
+    await open_stream(url, "/v1/projects/6/stream", {"Authorization": "Bearer x"})
+    assert gateway.metrics.auth_failures_total == before + 1
+
+
+async def test_an_expired_token_ends_the_stream_with_a_named_error(gateways):
+    gateway = await gateways()
+    token = issue_token(SECRET, [8], ttl=2)
+    _, _, stream = await open_stream(
+        _url(gateway), "/v1/projects/8/stream", {"Authorization": f"Bearer {token}"}
+    )
+    await stream.until("subscribed")
+    rest = await stream.rest(within=10)
+    assert [e.event for e in rest] == ["error", "close"]
+    assert json.loads(rest[0].data)["code"] == "invalid_token"
+    assert json.loads(rest[1].data)["code"] == 4002
+
+
+async def test_cors_for_the_dashboard_origin(gateways):
+    origin = "https://dash.example"
+    gateway = await gateways(allowed_origins=[origin])
+    url = _url(gateway)
+    status, headers, stream = await open_stream(
+        url,
+        "/v1/projects/9/stream",
+        {"Origin": origin, "Access-Control-Request-Headers": "authorization,last-event-id"},
+        method="OPTIONS",
+    )
+    stream.close()
+    assert status == 204 and headers["access-control-allow-origin"] == origin
+    allowed = {h.strip().lower() for h in headers["access-control-allow-headers"].split(",")}
+    assert {"authorization", "last-event-id"} <= allowed
+    status, headers, stream = await open_stream(
+        url, "/v1/projects/9/stream", _auth([9], Origin=origin)
+    )
+    assert status == 200 and headers["access-control-allow-origin"] == origin
+    await stream.until("subscribed")
+    stream.close()
+    status, headers, stream = await open_stream(
+        url, "/v1/projects/9/stream", _auth([9], Origin="https://evil.example")
+    )
+    stream.close()
+    assert status == 403 and "access-control-allow-origin" not in headers
+
+
+async def test_streams_count_against_max_connections(gateways):
+    gateway = await gateways(max_connections=2)
+    url = _url(gateway)
+    streams = []
+    for _ in range(2):
+        status, _, stream = await open_stream(url, "/v1/projects/10/stream", _auth([10]))
+        assert status == 200
+        await stream.until("subscribed")
+        streams.append(stream)
+    status, headers, stream = await open_stream(url, "/v1/projects/10/stream", _auth([10]))
+    stream.close()
+    assert status == 503 and headers["retry-after"]
+    assert gateway.admission.open == 2
+    streams.pop().close()
+    await _wait(lambda: gateway.admission.open == 1)
+    status, _, stream = await open_stream(url, "/v1/projects/10/stream", _auth([10]))
+    assert status == 200
+    for s in [*streams, stream]:
+        s.close()
+    await _wait(lambda: gateway.admission.open == 0 and not gateway.sessions)
+    assert gateway.hub.subscriptions == 0
+
+
+async def test_idle_streams_get_keepalive_comments(gateways):
+    gateway = await gateways(sse_keepalive_interval=0.2)
+    _, _, stream = await open_stream(_url(gateway), "/v1/projects/11/stream", _auth([11]))
+    await stream.until("subscribed")
+    with pytest.raises(TimeoutError):
+        await stream.next(within=0.7)  # nothing but comments
+    assert stream.parser.comments >= 2
+    stream.close()
+
+
+async def test_draining_ends_streams_with_close_1012(gateways):
+    gateway = await gateways()
+    _, _, stream = await open_stream(_url(gateway), "/v1/projects/12/stream", _auth([12]))
+    await stream.until("subscribed")
+    drain = asyncio.create_task(gateway.drain())
+    rest = await stream.rest()
+    await drain
+    assert [e.event for e in rest] == ["close"] and json.loads(rest[0].data)["code"] == 1012
+    assert not gateway.sessions
+
+
+async def test_a_foreign_frame_with_line_breaks_cannot_inject_sse_fields(
+    gateways, publisher, redis_url
+):
+    """Someone else writes the next event into Redis by hand, its JSON full of raw line breaks
+    and SSE field names: the stream still carries it as one event with its own id."""
+    gateway = await gateways()
+    await publish(publisher, 13, 1)
+    _, _, stream = await open_stream(_url(gateway), "/v1/projects/13/stream", _auth([13]))
+    subscribed = json.loads((await stream.until("subscribed"))[-1].data)
+    epoch = subscribed["epoch"]
+    frame = b'{"type":"x",\r\n"project_id":13,\n\nid: evil\nevent: evil\r"seq":2}'
+    keys = Keys()
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        await client.xadd(keys.stream(13), {"f": frame, "t": 0}, id="2-0")
+        await client.hset(keys.meta(13), "seq", 2)
+        ms = int(time.time() * 1000)
+        await client.publish(keys.channel(13), f"{epoch}|2|{ms}|".encode() + frame)
+    finally:
+        await client.aclose()
+    got = await stream.next()
+    assert got.event == "message" and got.id == f"{epoch}:2"
+    assert got.data == _normalised(frame)
+    await publish(publisher, 13, 1)
+    after = await stream.next()
+    assert after.event == "message" and after.id == f"{epoch}:3"
+    stream.close()
+
+
+async def _wait(predicate, within: float = 5.0) -> None:
+    await wait_until(predicate, within, "the gateway to notice", interval=0.01)
