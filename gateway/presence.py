@@ -1,0 +1,539 @@
+"""Presence, the pure core: who is in a project, merged across tabs and pods, and the coalesced
+diffs sent to subscribers. No I/O: :mod:`gateway.presence_store` runs it against Redis.
+
+Three tables, each small and each tested on its own (tests/test_presence.py):
+
+* :class:`PodTable` - this pod's tabs (``(session key, project)`` pairs) merged into one
+  :class:`~schemas.presence.PodRecord` per member: what this pod writes to Redis.
+* :class:`ProjectView` - a replica of one project's presence on every pod (this pod's records
+  plus the other pods', kept current from their announcements), the merged member list, and
+  what was last sent to subscribers: the base of the next :class:`~schemas.protocol.PresenceDiff`.
+* :class:`PresenceCore` - both, plus the pending Redis writes and the presence subscribers.
+
+Contracts that the whole design rests on (docs/presence.md):
+
+* A member is a token subject; its tabs (on any pods) are one member. The activity shown is the
+  one reported last (by any tab); ``since`` is the earliest join among its open tabs.
+* Subscribers of a project all get the same diffs, computed once per project per interval and
+  only from the members that changed (cost proportional to changes, not members). A subscriber's
+  first ``presence`` is the state those diffs start from, so ``apply_diff`` over its messages
+  reproduces the view exactly.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Hashable, Iterable, Mapping
+from dataclasses import dataclass
+
+from schemas.presence import Announcement, PodRecord, PodState, merge_member, merge_pods
+from schemas.protocol import Member, Presence, PresenceDiff
+
+__all__ = [
+    "PodTable",
+    "PresenceCore",
+    "ProjectView",
+    "SessionKey",
+    "Write",
+    "apply_diff",
+    "compute_diff",
+]
+
+#: How the gateway names a connection: any hashable (the session object itself will do).
+SessionKey = Hashable
+
+
+# --- diffs (the client's side of them too) ----------------------------------------------------
+
+
+def compute_diff(
+    project_id: int,
+    old: Mapping[str, Member],
+    new: Mapping[str, Member],
+    candidates: Iterable[str] | None = None,
+) -> PresenceDiff | None:
+    """The diff that turns ``old`` into ``new``, or None when they are equal.
+
+    ``candidates`` are the only ids that may differ (the ones touched since ``old``); None means
+    compare everything. Lists are sorted by id so every pod sends the same bytes.
+    """
+    ids = set(old) | set(new) if candidates is None else set(candidates)
+    joined: list[Member] = []
+    left: list[str] = []
+    changed: list[Member] = []
+    for member_id in sorted(ids):
+        before, after = old.get(member_id), new.get(member_id)
+        if before is None and after is not None:
+            joined.append(after)
+        elif before is not None and after is None:
+            left.append(member_id)
+        elif before is not None and after is not None and before != after:
+            changed.append(after)
+    if not (joined or left or changed):
+        return None
+    return PresenceDiff(project_id=project_id, joined=joined, left=left, changed=changed)
+
+
+def apply_diff(members: Mapping[str, Member], diff: PresenceDiff) -> dict[str, Member]:
+    """What a client does with a ``presence_diff``: remove ``left``, put ``joined`` and
+    ``changed``. Returns the new member table (the argument is not modified)."""
+    result = dict(members)
+    for member_id in diff.left:
+        result.pop(member_id, None)
+    for member in (*diff.joined, *diff.changed):
+        result[member.id] = member
+    return result
+
+
+def presence_message(project_id: int, members: Mapping[str, Member]) -> Presence:
+    return Presence(project_id=project_id, members=[members[k] for k in sorted(members)])
+
+
+# --- this pod's tabs --------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Tab:
+    member_id: str
+    name: str | None
+    viewing: int | None
+    answering: int | None
+    since: int  # unix ms when the tab joined
+    at: int  # unix ms of its last activity report (join counts as one)
+    order: int  # tie-break among tabs reporting in the same millisecond: later wins
+
+
+class PodTable:
+    """This pod's tabs, one record per (project, member): the activity of the tab that reported
+    last, ``since`` of the tab that joined first, and that tab's display name."""
+
+    def __init__(self) -> None:
+        self._tabs: dict[tuple[SessionKey, int], _Tab] = {}
+        self._members: dict[int, dict[str, set[SessionKey]]] = {}
+        self._sessions: dict[SessionKey, set[int]] = {}
+        self._order = itertools.count()
+
+    def record(self, project_id: int, member_id: str) -> PodRecord | None:
+        sessions = self._members.get(project_id, {}).get(member_id)
+        if not sessions:
+            return None
+        tabs = [self._tabs[(session, project_id)] for session in sessions]
+        latest = max(tabs, key=lambda tab: (tab.at, tab.order))
+        return PodRecord(
+            name=latest.name,
+            viewing=latest.viewing,
+            answering=latest.answering,
+            since=min(tab.since for tab in tabs),
+            at=latest.at,
+        )
+
+    def records(self, project_id: int) -> dict[str, PodRecord]:
+        return {
+            member_id: record
+            for member_id in self._members.get(project_id, {})
+            if (record := self.record(project_id, member_id)) is not None
+        }
+
+    def projects(self) -> list[int]:
+        return list(self._members)
+
+    def member_of(self, session: SessionKey, project_id: int) -> str | None:
+        tab = self._tabs.get((session, project_id))
+        return tab.member_id if tab else None
+
+    def join(
+        self, session: SessionKey, project_id: int, member_id: str, name: str | None, now_ms: int
+    ) -> list[str]:
+        """Add (or re-identify) a tab; returns the member ids whose record may have changed."""
+        touched = []
+        tab = self._tabs.get((session, project_id))
+        if tab is not None:
+            if tab.member_id == member_id:
+                if tab.name == name:
+                    return []
+                tab.name = name
+                tab.at, tab.order = now_ms, next(self._order)
+                return [member_id]
+            touched = self.leave(session, project_id)  # the token now names someone else
+        self._tabs[(session, project_id)] = _Tab(
+            member_id, name, None, None, now_ms, now_ms, next(self._order)
+        )
+        self._members.setdefault(project_id, {}).setdefault(member_id, set()).add(session)
+        self._sessions.setdefault(session, set()).add(project_id)
+        return [*touched, member_id]
+
+    def activity(
+        self,
+        session: SessionKey,
+        project_id: int,
+        viewing: int | None,
+        answering: int | None,
+        now_ms: int,
+    ) -> list[str]:
+        """Record a tab's activity; [] when the tab has not joined the project."""
+        tab = self._tabs.get((session, project_id))
+        if tab is None:
+            return []
+        tab.viewing, tab.answering = viewing, answering
+        tab.at, tab.order = now_ms, next(self._order)
+        return [tab.member_id]
+
+    def leave(self, session: SessionKey, project_id: int) -> list[str]:
+        tab = self._tabs.pop((session, project_id), None)
+        if tab is None:
+            return []
+        members = self._members[project_id]
+        sessions = members[tab.member_id]
+        sessions.discard(session)
+        if not sessions:
+            del members[tab.member_id]
+            if not members:
+                del self._members[project_id]
+        projects = self._sessions[session]
+        projects.discard(project_id)
+        if not projects:
+            del self._sessions[session]
+        return [tab.member_id]
+
+    def projects_of(self, session: SessionKey) -> list[int]:
+        return sorted(self._sessions.get(session, ()))
+
+
+# --- one project's replica --------------------------------------------------------------------
+
+
+class ProjectView:
+    """One project's presence as this pod knows it: every pod's records, merged members, and
+    the members last sent to subscribers (``emitted``)."""
+
+    #: A pod absent from this many consecutive refresh reports is dead (one absence may be a
+    #: Redis flush that the pod repairs at its next refresh).
+    MISSES_BEFORE_DROP = 2
+
+    def __init__(self, project_id: int, own_pod: str) -> None:
+        self.project_id = project_id
+        self.own_pod = own_pod
+        self.pods: dict[str, dict[str, PodRecord]] = {}
+        self.versions: dict[str, int] = {}
+        self.loaded = False
+        self.members: dict[str, Member] = {}
+        self.emitted: dict[str, Member] | None = None
+        self._dirty: set[str] = set()  # members to re-merge
+        self._unsent: set[str] = set()  # members that may differ from ``emitted``
+        self._misses: dict[str, int] = {}
+        self._behind: dict[str, int] = {}  # pod -> version Redis reported that we lacked
+        self._early: list[Announcement] = []  # received while the first read is under way
+
+    # updates
+
+    def _touch(self, ids: Iterable[str]) -> None:
+        self._dirty.update(ids)
+
+    def set_record(self, pod: str, member_id: str, record: PodRecord | None) -> None:
+        records = self.pods.setdefault(pod, {})
+        if record is None:
+            records.pop(member_id, None)
+            if not records:
+                del self.pods[pod]
+        else:
+            records[member_id] = record
+        self._touch((member_id,))
+
+    def replace_pod(self, pod: str, records: Mapping[str, PodRecord], version: int) -> None:
+        self._touch(self.pods.pop(pod, {}))
+        if records:
+            self.pods[pod] = dict(records)
+            self._touch(records)
+        self.versions[pod] = version
+        self._misses.pop(pod, None)
+
+    def drop_pod(self, pod: str) -> None:
+        self._touch(self.pods.pop(pod, {}))
+        self.versions.pop(pod, None)
+        self._misses.pop(pod, None)
+        self._behind.pop(pod, None)
+
+    def apply(self, announcement: Announcement) -> bool:
+        """Apply another pod's announcement; False when one was missed (re-read the project)."""
+        pod = announcement.pod
+        if pod == self.own_pod:
+            return True
+        if not self.loaded:
+            self._early.append(announcement)  # applied after the read, in order
+            return True
+        known = self.versions.get(pod, 0)
+        if announcement.version <= known:
+            return True  # already have it (or newer), e.g. from a read
+        if announcement.base == 0:
+            records = {k: v for k, v in announcement.changes.items() if v is not None}
+            self.replace_pod(pod, records, announcement.version)
+            return True
+        if announcement.base != known:
+            return False
+        for member_id, record in announcement.changes.items():
+            self.set_record(pod, member_id, record)
+        self.versions[pod] = announcement.version
+        self._misses.pop(pod, None)
+        return True
+
+    def load(self, snapshot: Mapping[str, PodState], own_records: Mapping[str, PodRecord]) -> bool:
+        """Install a read of the whole project (this pod's part comes from ``own_records``, which
+        is fresher than Redis). A pod this view already knows at a newer version keeps it.
+        Announcements received before the first read are applied after it; False when one of
+        them shows a gap (read again)."""
+        for pod in list(self.pods) + list(self.versions):
+            if pod != self.own_pod and pod not in snapshot:
+                self.drop_pod(pod)
+        for pod, state in snapshot.items():
+            if pod != self.own_pod and state.version >= self.versions.get(pod, 0):
+                self.replace_pod(pod, state.records, state.version)
+        self.replace_pod(self.own_pod, own_records, 0)
+        self._behind.clear()
+        self.loaded = True
+        early, self._early = self._early, []
+        return all([self.apply(announcement) for announcement in early])
+
+    def check_live(self, live: Mapping[str, int]) -> bool:
+        """Compare with a refresh's report of live pods and their versions: drop pods missing
+        :data:`MISSES_BEFORE_DROP` times in a row; True when a pod has stayed ahead of this view
+        since the previous report (an announcement was lost: re-read the project)."""
+        for pod in [p for p in self.pods if p != self.own_pod and p not in live]:
+            misses = self._misses.get(pod, 0) + 1
+            if misses >= self.MISSES_BEFORE_DROP:
+                self.drop_pod(pod)
+            else:
+                self._misses[pod] = misses
+        stale = False
+        behind: dict[str, int] = {}
+        for pod, version in live.items():
+            if pod == self.own_pod:
+                continue
+            self._misses.pop(pod, None)
+            if version > self.versions.get(pod, 0):
+                behind[pod] = version
+                # An announcement may still be in flight; behind twice running, it was lost.
+                previous = self._behind.get(pod)
+                if previous is not None and self.versions.get(pod, 0) < previous:
+                    stale = True
+        self._behind = behind
+        return stale
+
+    # reading
+
+    def current(self) -> dict[str, Member]:
+        """The merged members, re-merging only those touched since the last call."""
+        for member_id in self._dirty:
+            records = [
+                (pod, recs[member_id]) for pod, recs in self.pods.items() if member_id in recs
+            ]
+            if records:
+                self.members[member_id] = merge_member(member_id, records)
+            else:
+                self.members.pop(member_id, None)
+        self._unsent |= self._dirty
+        self._dirty.clear()
+        return self.members
+
+    def snapshot(self) -> Presence:
+        """What a new subscriber (or ``presence_get``) receives: the state the next diff
+        applies to."""
+        if self.emitted is None:
+            self.emitted = dict(self.current())
+            self._unsent.clear()
+        return presence_message(self.project_id, self.emitted)
+
+    def take_diff(self) -> PresenceDiff | None:
+        """The changes since the last snapshot/diff, or None; afterwards they count as sent."""
+        current = self.current()
+        if self.emitted is None:
+            return None  # nobody has a base yet
+        diff = compute_diff(self.project_id, self.emitted, current, self._unsent)
+        self._unsent.clear()
+        if diff is not None:
+            for member_id in diff.left:
+                del self.emitted[member_id]
+            for member in (*diff.joined, *diff.changed):
+                self.emitted[member.id] = member
+        return diff
+
+
+# --- everything ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """One project's pending write (:data:`schemas.presence.WRITE`): ``changes`` (member id ->
+    record, None for gone) turn version ``base`` into ``version``; base 0 replaces the pod's
+    whole member list, which ``changes`` then is."""
+
+    project_id: int
+    base: int
+    version: int
+    changes: dict[str, PodRecord | None]
+
+
+class PresenceCore:
+    """The whole presence state of one pod, driven by the gateway's calls and Redis replies.
+
+    Not thread-safe; one event loop drives it. Time comes from ``clock_ms`` (unix ms).
+    """
+
+    def __init__(self, pod_id: str, clock_ms: Callable[[], int]) -> None:
+        self.pod_id = pod_id
+        self._clock_ms = clock_ms
+        self.table = PodTable()
+        self.views: dict[int, ProjectView] = {}
+        self.subscribers: dict[int, set[SessionKey]] = {}
+        self._pending: dict[int, set[str]] = {}  # project -> members to write
+        self._stored: dict[int, int] = {}  # project -> our version in Redis (absent: unknown)
+        self._versions = itertools.count(1)
+
+    # the connection lifecycle
+
+    def join(self, session: SessionKey, project_id: int, member_id: str, name: str | None) -> None:
+        if not member_id:
+            raise ValueError("a member needs a non-empty id (the token's sub)")
+        self._changed(
+            project_id, self.table.join(session, project_id, member_id, name, self._now())
+        )
+
+    def activity(
+        self, session: SessionKey, project_id: int, viewing: int | None, answering: int | None
+    ) -> bool:
+        """False when the session has not joined the project (nothing changes)."""
+        touched = self.table.activity(session, project_id, viewing, answering, self._now())
+        self._changed(project_id, touched)
+        return bool(touched)
+
+    def leave(self, session: SessionKey, project_id: int) -> None:
+        self._changed(project_id, self.table.leave(session, project_id))
+
+    def unsubscribe(self, session: SessionKey, project_id: int) -> bool:
+        """Stop the session's presence messages of the project. True when it was the last
+        subscriber: the view is dropped (the caller stops listening to the project)."""
+        subscribers = self.subscribers.get(project_id)
+        if not subscribers or session not in subscribers:
+            return False
+        subscribers.discard(session)
+        if subscribers:
+            return False
+        del self.subscribers[project_id]
+        del self.views[project_id]
+        return True
+
+    def close_session(self, session: SessionKey) -> list[int]:
+        """The connection closed: it leaves every project; returns the projects whose view was
+        dropped (stop listening to them)."""
+        for project_id in self.table.projects_of(session):
+            self.leave(session, project_id)
+        return [p for p in list(self.subscribers) if self.unsubscribe(session, p)]
+
+    # presence subscriptions
+
+    def view(self, project_id: int) -> ProjectView:
+        """The project's view, created empty (not ``loaded``) when absent."""
+        view = self.views.get(project_id)
+        if view is None:
+            view = self.views[project_id] = ProjectView(project_id, self.pod_id)
+            view.replace_pod(self.pod_id, self.table.records(project_id), 0)
+        return view
+
+    def subscribe(self, session: SessionKey, project_id: int) -> Presence:
+        """Add a presence subscriber to a loaded view; returns its first message."""
+        view = self.views[project_id]
+        if not view.loaded:
+            raise RuntimeError("load the project's view before subscribing to it")
+        self.subscribers.setdefault(project_id, set()).add(session)
+        return view.snapshot()
+
+    def load(self, project_id: int, snapshot: Mapping[str, PodState]) -> bool:
+        """Install a read of the project; False when it must be read again."""
+        return self.view(project_id).load(snapshot, self.table.records(project_id))
+
+    def snapshot_of_read(self, project_id: int, snapshot: Mapping[str, PodState]) -> Presence:
+        """A ``presence`` answer from a Redis read, for a project without a view (this pod's
+        part from its own table, fresher than Redis)."""
+        pods = {pod: state.records for pod, state in snapshot.items() if pod != self.pod_id}
+        own = self.table.records(project_id)
+        if own:
+            pods[self.pod_id] = own
+        return presence_message(project_id, merge_pods(pods))
+
+    def on_announcement(self, project_id: int, announcement: Announcement) -> bool:
+        """False when the project must be re-read (an announcement was missed)."""
+        view = self.views.get(project_id)
+        return view is None or view.apply(announcement)
+
+    def tick(self) -> list[tuple[list[SessionKey], PresenceDiff]]:
+        """Once per diff interval: each subscribed project's diff and who receives it."""
+        out = []
+        for project_id, sessions in self.subscribers.items():
+            view = self.views.get(project_id)
+            if view is None or not view.loaded:
+                continue
+            diff = view.take_diff()
+            if diff is not None:
+                out.append((list(sessions), diff))
+        return out
+
+    # Redis writes and refreshes
+
+    def take_writes(self) -> list[Write]:
+        """The pending writes, one per project; afterwards call :meth:`written` with each."""
+        writes = []
+        for project_id, members in self._pending.items():
+            base = self._stored.get(project_id, 0)
+            if base == 0:
+                changes: dict[str, PodRecord | None] = dict(self.table.records(project_id))
+            else:
+                changes = {m: self.table.record(project_id, m) for m in sorted(members)}
+            writes.append(Write(project_id, base, next(self._versions), changes))
+        self._pending.clear()
+        return writes
+
+    def written(self, write: Write, ok: bool) -> None:
+        """The outcome of a write: False (refused because Redis lost our records, or failed)
+        means the next write of the project replaces our whole member list."""
+        project_id = write.project_id
+        if ok and self.table.records(project_id):
+            self._stored[project_id] = write.version
+            return
+        self._stored.pop(project_id, None)
+        if not ok:
+            self._pending.setdefault(project_id, set())
+
+    def refresh_plan(self) -> dict[int, int | None]:
+        """Projects to refresh: ours (with the version we expect stored; 0 = not written yet)
+        and the ones we only watch (None)."""
+        plan: dict[int, int | None] = dict.fromkeys(self.views)
+        for project_id in self.table.projects():
+            plan[project_id] = self._stored.get(project_id, 0)
+        return plan
+
+    def refreshed(self, project_id: int, ok: bool, live: Mapping[str, int]) -> bool:
+        """Apply a refresh reply; True when the project's view must be re-read."""
+        if not ok:
+            self._stored.pop(project_id, None)  # Redis lost our records: write them again
+            self._pending.setdefault(project_id, set())
+        view = self.views.get(project_id)
+        return view is not None and view.loaded and view.check_live(live)
+
+    def has_pending_writes(self) -> bool:
+        return bool(self._pending)
+
+    def stored_versions(self) -> dict[int, int]:
+        return dict(self._stored)
+
+    # internals
+
+    def _now(self) -> int:
+        return self._clock_ms()
+
+    def _changed(self, project_id: int, members: list[str]) -> None:
+        if not members:
+            return
+        self._pending.setdefault(project_id, set()).update(members)
+        view = self.views.get(project_id)
+        if view is not None:
+            for member_id in members:
+                view.set_record(self.pod_id, member_id, self.table.record(project_id, member_id))

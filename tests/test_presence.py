@@ -1,0 +1,439 @@
+"""Presence, the pure core (gateway/presence.py, schemas/presence.py): no sockets, no Redis.
+
+The central property: several pods, each with tabs joining, reporting activity and leaving, their
+writes announced to each other (through an in-memory stand-in for Redis), and a subscriber on any
+pod who applies its ``presence`` and then every ``presence_diff``: it always ends up with exactly
+the members the tabs imply, merged across tabs and pods.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.presence import (
+    PodTable,
+    PresenceCore,
+    ProjectView,
+    Write,
+    apply_diff,
+    compute_diff,
+)
+from schemas.presence import (
+    Announcement,
+    MalformedAnnouncement,
+    PodRecord,
+    PodState,
+    decode_record,
+    encode_record,
+    merge_member,
+    parse_announcement,
+    parse_read_reply,
+)
+from schemas.protocol import (
+    Activity,
+    Member,
+    Presence,
+    PresenceDiff,
+    PresenceGet,
+    Subscribe,
+    decode_client_message,
+    encode,
+)
+
+# --- the wire ---------------------------------------------------------------------------------
+
+
+def test_client_messages_decode() -> None:
+    assert decode_client_message(
+        b'{"type":"activity","project_id":1,"viewing":123,"answering":null}'
+    ) == Activity(project_id=1, viewing=123, answering=None)
+    assert decode_client_message(b'{"type":"activity","project_id":1}') == Activity(1, None, None)
+    assert decode_client_message(b'{"type":"presence_get","project_id":7}') == PresenceGet(7)
+    assert decode_client_message(b'{"type":"subscribe","project_id":1,"presence":true}').presence
+    assert not decode_client_message(b'{"type":"subscribe","project_id":1}').presence
+    assert Subscribe(project_id=1).presence is False
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        b'{"type":"activity","project_id":1,"viewing":0}',
+        b'{"type":"activity","project_id":1,"answering":"x"}',
+        b'{"type":"activity","viewing":1}',
+        b'{"type":"presence_get","project_id":0}',
+    ],
+)
+def test_bad_presence_messages_are_invalid(frame: bytes) -> None:
+    from schemas.protocol import ErrorCode, ProtocolError
+
+    with pytest.raises(ProtocolError) as info:
+        decode_client_message(frame)
+    assert info.value.code == ErrorCode.INVALID_MESSAGE
+
+
+def test_server_messages_encode() -> None:
+    alice = Member(id="u1", name="Alice", viewing=123, answering=None, since=1700000000000)
+    assert msgspec.json.decode(encode(Presence(project_id=1, members=[alice]))) == {
+        "type": "presence",
+        "project_id": 1,
+        "members": [
+            {"id": "u1", "name": "Alice", "viewing": 123, "answering": None, "since": 1700000000000}
+        ],
+    }
+    diff = PresenceDiff(project_id=1, joined=[], left=["u2"], changed=[alice])
+    assert msgspec.json.decode(encode(diff))["left"] == ["u2"]
+
+
+def test_record_and_announcement_formats() -> None:
+    record = PodRecord(name="A", viewing=1, answering=None, since=5, at=9)
+    assert encode_record(record) == b'["A",1,null,5,9]'
+    assert decode_record(encode_record(record)) == record
+    parsed = parse_announcement(b'pod1|7|6|{"u1":["A",1,null,5,9],"u2":null}')
+    assert parsed == Announcement("pod1", 7, 6, {"u1": record, "u2": None})
+    for bad in (b"pod|x|0|{}", b"|1|0|{}", b"pod|1|0|[]", b"pod|1|0", b'pod|1|0|{"u":[1]}'):
+        with pytest.raises(MalformedAnnouncement):
+            parse_announcement(bad)
+
+
+def test_read_reply_skips_records_another_writer_damaged() -> None:
+    reply = [[b"p1", b"3", [b"u1", b'["A",null,null,1,2]', b"u2", b"garbage"]]]
+    assert parse_read_reply(reply) == {"p1": PodState(3, {"u1": PodRecord("A", None, None, 1, 2)})}
+
+
+# --- merging ----------------------------------------------------------------------------------
+
+
+def test_latest_activity_wins_and_since_is_the_earliest() -> None:
+    member = merge_member(
+        "u",
+        [
+            ("p1", PodRecord("Old", 1, None, since=10, at=50)),
+            ("p2", PodRecord("New", 2, 2, since=20, at=60)),
+        ],
+    )
+    assert member == Member(id="u", name="New", viewing=2, answering=2, since=10)
+
+
+def test_merge_ties_are_the_same_on_every_pod() -> None:
+    a = ("p1", PodRecord(None, 1, None, 1, 5))
+    b = ("p2", PodRecord(None, 2, None, 1, 5))
+    assert merge_member("u", [a, b]) == merge_member("u", [b, a])
+
+
+def test_tabs_of_one_person_are_one_member() -> None:
+    table = PodTable()
+    table.join("tab1", 1, "alice", "Alice", now_ms=100)
+    table.join("tab2", 1, "alice", "Alice", now_ms=200)
+    table.activity("tab2", 1, viewing=7, answering=7, now_ms=300)
+    assert table.records(1) == {"alice": PodRecord("Alice", 7, 7, since=100, at=300)}
+    table.leave("tab2", 1)  # the answering tab closes: the other tab's activity shows
+    assert table.records(1) == {"alice": PodRecord("Alice", None, None, since=100, at=100)}
+    table.leave("tab1", 1)
+    assert table.records(1) == {} and table.projects() == []
+
+
+def test_a_token_for_someone_else_moves_the_tab() -> None:
+    table = PodTable()
+    table.join("tab", 1, "alice", None, now_ms=1)
+    assert table.join("tab", 1, "bob", None, now_ms=2) == ["alice", "bob"]
+    assert set(table.records(1)) == {"bob"}
+
+
+def test_activity_without_join_is_refused() -> None:
+    core = PresenceCore("pod", clock_ms=lambda: 1)
+    assert core.activity("tab", 1, 5, None) is False
+    assert core.take_writes() == []
+
+
+# --- diffs ------------------------------------------------------------------------------------
+
+member_ids = st.sampled_from([f"u{i}" for i in range(8)])
+members_st = st.builds(
+    Member,
+    id=st.just(""),
+    name=st.none() | st.sampled_from(["A", "B"]),
+    viewing=st.none() | st.integers(1, 3),
+    answering=st.none() | st.integers(1, 3),
+    since=st.integers(1, 3),
+)
+tables = st.dictionaries(member_ids, members_st).map(
+    lambda d: {k: msgspec.structs.replace(m, id=k) for k, m in d.items()}
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(tables, tables)
+def test_a_diff_applied_to_the_old_table_gives_the_new_one(old, new) -> None:
+    diff = compute_diff(1, old, new)
+    assert (diff is None) == (old == new)
+    assert (apply_diff(old, diff) if diff else old) == new
+
+
+def test_diff_lists_are_sorted_and_exclusive() -> None:
+    def m(member_id: str) -> Member:
+        return Member(member_id, None, None, None, 1)
+
+    diff = compute_diff(1, {"c": m("c")}, {"b": m("b"), "a": m("a")})
+    assert diff is not None
+    assert [x.id for x in diff.joined] == ["a", "b"] and diff.left == ["c"] and diff.changed == []
+
+
+# --- the core, several pods, and a stand-in for Redis ------------------------------------------
+
+
+@dataclass
+class FakeRedis:
+    """The WRITE script's semantics in memory: versions, base checks, announcements."""
+
+    pods: dict[int, dict[str, PodState]] = field(default_factory=dict)
+    outbox: list[tuple[int, Announcement]] = field(default_factory=list)
+
+    def write(self, pod: str, w: Write) -> bool:
+        project = self.pods.setdefault(w.project_id, {})
+        stored = project.get(pod)
+        if w.base != 0 and (stored is None or stored.version != w.base):
+            return False
+        records = {} if w.base == 0 or stored is None else dict(stored.records)
+        for member_id, record in w.changes.items():
+            if record is None:
+                records.pop(member_id, None)
+            else:
+                records[member_id] = record
+        if records:
+            project[pod] = PodState(w.version, records)
+        else:
+            project.pop(pod, None)
+        self.outbox.append((w.project_id, Announcement(pod, w.version, w.base, w.changes)))
+        return True
+
+    def read(self, project_id: int) -> dict[str, PodState]:
+        return dict(self.pods.get(project_id, {}))
+
+
+class Cluster:
+    def __init__(self, n_pods: int) -> None:
+        self.now = 0
+        self.redis = FakeRedis()
+        self.cores = [PresenceCore(f"pod{i}", clock_ms=self.clock) for i in range(n_pods)]
+        self.clients: dict[tuple[int, str], dict[str, Member]] = {}  # (pod, session) -> view
+
+    def clock(self) -> int:
+        self.now += 1
+        return self.now
+
+    def flush(self) -> None:
+        for core in self.cores:
+            for w in core.take_writes():
+                core.written(w, self.redis.write(core.pod_id, w))
+        for project_id, announcement in self.redis.outbox:
+            for core in self.cores:
+                if not core.on_announcement(project_id, announcement):
+                    core.load(project_id, self.redis.read(project_id))
+        self.redis.outbox.clear()
+
+    def subscribe(self, pod: int, session: str, project_id: int = 1) -> None:
+        core = self.cores[pod]
+        self.flush()
+        if project_id not in core.views or not core.views[project_id].loaded:
+            core.load(project_id, self.redis.read(project_id))
+        presence = core.subscribe(session, project_id)
+        self.clients[(pod, session)] = {m.id: m for m in presence.members}
+
+    def tick(self) -> None:
+        self.flush()
+        for pod, core in enumerate(self.cores):
+            for sessions, diff in core.tick():
+                for session in sessions:
+                    key = (pod, session)
+                    self.clients[key] = apply_diff(self.clients[key], diff)
+
+
+def expected_members(tabs: dict[tuple[int, str], dict]) -> dict[str, Member]:
+    """The members the open tabs imply, computed without the code under test's tables."""
+    out: dict[str, Member] = {}
+    for member_id in {tab["member"] for tab in tabs.values()}:
+        mine = [tab for tab in tabs.values() if tab["member"] == member_id]
+        latest = max(mine, key=lambda tab: tab["at"])
+        out[member_id] = Member(
+            member_id,
+            latest["name"],
+            latest["viewing"],
+            latest["answering"],
+            min(tab["since"] for tab in mine),
+        )
+    return out
+
+
+operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("join"), st.integers(0, 2), st.integers(0, 5), member_ids),
+        st.tuples(
+            st.just("activity"),
+            st.integers(0, 2),
+            st.integers(0, 5),
+            st.none() | st.integers(1, 3),
+            st.none() | st.integers(1, 3),
+        ),
+        st.tuples(st.just("leave"), st.integers(0, 2), st.integers(0, 5)),
+        st.tuples(st.just("tick")),
+        st.tuples(st.just("lose"), st.integers(0, 2)),  # Redis loses a pod's records
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(operations)
+def test_diffs_reproduce_the_members_across_pods_and_tabs(ops) -> None:
+    cluster = Cluster(3)
+    cluster.subscribe(0, "watcher0")
+    cluster.subscribe(2, "watcher2")
+    tabs: dict[tuple[int, str], dict] = {}
+    for op in ops:
+        if op[0] == "join":
+            _, pod, tab, member = op
+            key = (pod, f"tab{tab}")
+            if key in tabs and tabs[key]["member"] == member:
+                continue
+            cluster.cores[pod].join(key[1], 1, member, member.upper())
+            tabs[key] = {
+                "member": member,
+                "name": member.upper(),
+                "viewing": None,
+                "answering": None,
+                "since": cluster.now,
+                "at": cluster.now,
+            }
+        elif op[0] == "activity":
+            _, pod, tab, viewing, answering = op
+            key = (pod, f"tab{tab}")
+            joined = cluster.cores[pod].activity(key[1], 1, viewing, answering)
+            assert joined == (key in tabs)
+            if joined:
+                tabs[key].update(viewing=viewing, answering=answering, at=cluster.now)
+        elif op[0] == "leave":
+            _, pod, tab = op
+            cluster.cores[pod].leave(f"tab{tab}", 1)
+            tabs.pop((pod, f"tab{tab}"), None)
+        elif op[0] == "lose":
+            # Redis forgets the pod (flush); its next refresh says so and it rewrites.
+            pod_id = cluster.cores[op[1]].pod_id
+            cluster.redis.pods.get(1, {}).pop(pod_id, None)
+            live = {p: s.version for p, s in cluster.redis.read(1).items()}
+            cluster.cores[op[1]].refreshed(1, ok=False, live=live)
+        else:
+            cluster.tick()
+    cluster.tick()
+    want = expected_members(tabs)
+    assert cluster.clients[(0, "watcher0")] == want
+    assert cluster.clients[(2, "watcher2")] == want
+    # A late subscriber starts from the same state, and Redis holds it too.
+    cluster.subscribe(1, "late")
+    assert cluster.clients[(1, "late")] == want
+    assert cluster.cores[1].snapshot_of_read(1, cluster.redis.read(1)).members == [
+        want[k] for k in sorted(want)
+    ]
+
+
+def test_at_most_one_diff_per_tick_whatever_the_changes() -> None:
+    cluster = Cluster(2)
+    cluster.subscribe(1, "watcher")
+    for i in range(50):
+        cluster.cores[0].join(f"tab{i}", 1, f"u{i}", None)
+        cluster.cores[0].activity(f"tab{i}", 1, 1, None)
+        cluster.cores[0].activity(f"tab{i}", 1, 2, None)
+    cluster.flush()
+    diffs = cluster.cores[1].tick()
+    assert len(diffs) == 1 and len(diffs[0][1].joined) == 50
+    assert cluster.cores[1].tick() == []  # nothing new: nothing sent
+
+
+def test_only_changed_members_are_merged_again() -> None:
+    core = PresenceCore("p", clock_ms=iter(range(1, 10**6)).__next__)
+    core.load(1, {})
+    core.subscribe("watcher", 1)
+    for i in range(100):
+        core.join(f"t{i}", 1, f"u{i}", None)
+    core.tick()
+    core.activity("t5", 1, 9, None)
+    [(_, diff)] = core.tick()
+    assert [m.id for m in diff.changed] == ["u5"] and not diff.joined and not diff.left
+
+
+def test_a_writes_carry_changes_only_and_a_lost_pod_rewrites_everything() -> None:
+    clock = iter(range(1, 10**6)).__next__
+    core = PresenceCore("p", clock_ms=clock)
+    for i in range(3):
+        core.join(f"t{i}", 1, f"u{i}", None)
+    [first] = core.take_writes()
+    assert first.base == 0 and set(first.changes) == {"u0", "u1", "u2"}
+    core.written(first, ok=True)
+    core.activity("t1", 1, 4, None)
+    [second] = core.take_writes()
+    assert second.base == first.version and set(second.changes) == {"u1"}
+    core.written(second, ok=False)  # Redis no longer had version `first.version`
+    [third] = core.take_writes()
+    assert third.base == 0 and set(third.changes) == {"u0", "u1", "u2"}
+
+
+def test_the_refresh_plan_is_one_entry_per_project_not_per_connection() -> None:
+    core = PresenceCore("p", clock_ms=lambda: 1)
+    for i in range(500):
+        core.join(f"t{i}", 1 + i % 2, f"u{i}", None)
+    core.load(3, {})
+    assert core.refresh_plan() == {1: 0, 2: 0, 3: None}
+
+
+def test_a_missed_announcement_asks_for_a_read() -> None:
+    view = ProjectView(1, "me")
+    view.load({"other": PodState(3, {})}, {})
+    record = PodRecord(None, None, None, 1, 1)
+    assert view.apply(Announcement("other", 4, 3, {"u": record}))
+    assert not view.apply(Announcement("other", 6, 5, {"v": record}))  # 5 never arrived
+    assert view.apply(Announcement("other", 4, 3, {"u": record}))  # an old one: ignored
+
+
+def test_announcements_before_the_first_read_are_applied_after_it() -> None:
+    view = ProjectView(1, "me")
+    record = PodRecord(None, None, None, 1, 1)
+    view.apply(Announcement("other", 2, 1, {"late": record}))
+    assert view.load({"other": PodState(1, {"early": record})}, {})
+    assert set(view.current()) == {"early", "late"}
+
+
+def test_a_pod_missing_from_two_refresh_reports_is_dropped() -> None:
+    view = ProjectView(1, "me")
+    view.load({"dead": PodState(1, {"u": PodRecord(None, None, None, 1, 1)})}, {})
+    view.snapshot()
+    assert not view.check_live({})  # once: perhaps Redis was flushed and it is rewriting
+    assert "u" in view.current()
+    view.check_live({})
+    assert view.take_diff() == PresenceDiff(1, joined=[], left=["u"], changed=[])
+
+
+def test_a_pod_ahead_of_the_view_twice_running_means_a_lost_announcement() -> None:
+    view = ProjectView(1, "me")
+    view.load({"other": PodState(1, {})}, {})
+    assert not view.check_live({"other": 2})  # the announcement may be in flight
+    assert view.check_live({"other": 2})
+
+
+def test_closing_a_session_leaves_and_unsubscribes_everywhere() -> None:
+    core = PresenceCore("p", clock_ms=lambda: 1)
+    core.load(1, {})
+    core.join("tab", 1, "alice", None)
+    core.join("tab", 2, "alice", None)
+    core.subscribe("tab", 1)
+    assert core.close_session("tab") == [1]
+    assert core.table.projects() == [] and core.views == {}
+    assert {w.project_id for w in core.take_writes()} == {1, 2}
+
+
+def test_an_empty_member_id_is_refused() -> None:
+    with pytest.raises(ValueError, match="non-empty"):
+        PresenceCore("p", clock_ms=lambda: 1).join("tab", 1, "", None)
