@@ -152,7 +152,10 @@ class ResumingSseClient(ResumingClient):
             headers["Authorization"] = f"Bearer {self.token}"
         if self.last_event_id:
             headers["Last-Event-ID"] = self.last_event_id
-        status, _, stream = await open_stream(url, stream_path(self.projects), headers)
+        try:
+            status, _, stream = await open_stream(url, stream_path(self.projects), headers)
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+            raise OSError(f"no HTTP answer: {exc!r}") from exc  # counted as a failed connect
         self._stream = stream
         close_code = None
         try:

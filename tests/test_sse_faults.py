@@ -1,0 +1,240 @@
+"""The WebSocket fault tests, over SSE: gateway processes killed and drained, a Redis that loses
+everything, the pub/sub link dropped, a client that stops reading. Every SSE client resumes with
+the ``Last-Event-ID`` the gateway gave it, and its full record is compared with what Redis holds:
+every event exactly once, in order, or an allowed ``resync_required``; and every ``id`` it got
+was the cursor of what it had just received (:class:`ResumingSseClient` checks that)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import socket
+
+import pytest
+
+from publisher import issue_token
+from schemas.events import BlockerResolved, utc_now
+from schemas.keys import Keys
+from tests.support.gateway_client import SECRET as INPROC_SECRET
+from tests.support.gateway_client import publish
+from tests.support.gateway_process import GatewayGroup, GatewayProcess
+from tests.support.redis_server import RedisServer
+from tests.support.sse_client import ResumingSseClient, Stream, open_stream
+from tests.support.ws_client import (
+    Publishers,
+    stop_clients,
+    verify_clients,
+    wait_live,
+    wait_until,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+KEYS = Keys()
+SECRET = "fault-tests-secret-of-at-least-32-bytes"
+
+
+@pytest.fixture
+def group():
+    with GatewayGroup() as gateways:
+        yield gateways
+
+
+def make_clients(
+    pods: list[GatewayProcess], projects: list[int], count: int, *, seed: int, auth: bool = False
+) -> list[ResumingSseClient]:
+    """``count`` SSE clients over the pods: every other one follows two projects on one stream
+    (compound cursors), the others one project."""
+    rng = random.Random(seed)
+    urls = [pod.http_url for pod in pods]
+    clients = []
+    for i in range(count):
+        followed = rng.sample(projects, 1 + i % 2)
+        token = issue_token(SECRET, followed, ttl=600) if auth else None
+        clients.append(ResumingSseClient(urls, followed, token=token, start=i, name=f"sse-{i}"))
+    return [client.start() for client in clients]
+
+
+async def test_a_killed_gateway_loses_nothing_over_sse(redis_url: str, group: GatewayGroup):
+    projects = list(range(1, 7))
+    pods = await asyncio.to_thread(group.start, redis_url, 2)
+    clients = make_clients(pods, projects, 16, seed=11)
+    publishers = Publishers(redis_url, projects, count=3, rate=100)
+    try:
+        await wait_live(clients)
+        publishers.start()
+        await publishers.wait_published(300)
+        victim = pods[0]
+        orphans = [c for c in clients if c.url == victim.http_url]
+        assert orphans
+        assert await asyncio.to_thread(victim.kill) == -9
+        for client in orphans:
+            await client.wait_for(
+                lambda c=client: c.url not in (None, victim.http_url) and c.live == set(c.projects),
+                20,
+                "resumed on the other gateway",
+            )
+        await publishers.wait_published(300)
+        await publishers.stop()
+        await verify_clients(clients, redis_url, keys=KEYS)
+    finally:
+        await publishers.stop()
+        await stop_clients(clients)
+    assert all(c.stats.connects >= 2 for c in orphans)
+
+
+async def test_a_rolling_restart_loses_nothing_over_sse(redis_url: str, group: GatewayGroup):
+    """SIGTERM each gateway in turn: its streams end with ``close`` 1012, the clients resume on
+    the other one with Last-Event-ID and miss nothing."""
+    projects = list(range(1, 7))
+    pods = await asyncio.to_thread(
+        group.start, redis_url, 2, auth_secret=SECRET, args=["--drain-timeout", "5"]
+    )
+    clients = make_clients(pods, projects, 12, seed=12, auth=True)
+    publishers = Publishers(redis_url, projects, count=2, rate=100)
+    try:
+        await wait_live(clients)
+        publishers.start()
+        for pod in pods:
+            await publishers.wait_published(150)
+            moved = [c for c in clients if c.url == pod.http_url]
+            assert moved
+            assert await asyncio.to_thread(pod.terminate) == 0
+            for client in moved:
+                await client.wait_for(
+                    lambda c=client, gone=pod.http_url: (
+                        c.url not in (None, gone) and c.live == set(c.projects)
+                    ),
+                    20,
+                    "resumed on the other gateway",
+                )
+                assert 1012 in client.stats.close_codes
+            await asyncio.to_thread(pod.start)
+        await publishers.wait_published(150)
+        await publishers.stop()
+        await verify_clients(clients, redis_url, keys=KEYS)
+    finally:
+        await publishers.stop()
+        await stop_clients(clients)
+
+
+async def test_redis_restarted_empty_gives_resync_then_exactly_once_over_sse(group: GatewayGroup):
+    projects = list(range(1, 4))
+    with RedisServer() as server:
+        url = server.url
+        pods = await asyncio.to_thread(group.start, url, 2, args=["--probe-interval", "1"])
+        clients = make_clients(pods, projects, 8, seed=13)
+        publishers = Publishers(url, projects, count=2, rate=60)
+        try:
+            await wait_live(clients)
+            publishers.start()
+            await publishers.wait_published(100)
+            await asyncio.to_thread(server.kill)
+            await wait_until(lambda: publishers.unavailable > 0, 20, "a publisher to fail")
+            await asyncio.to_thread(server.start)
+            for pod in pods:
+                await asyncio.to_thread(pod.wait_ready, 20)
+            await publishers.wait_published(150)
+            await publishers.stop()
+            await verify_clients(clients, url, keys=KEYS, allowed_resyncs={"epoch_changed"})
+        finally:
+            await publishers.stop()
+            await stop_clients(clients)
+    for client in clients:
+        for project_id in client.projects:
+            reasons = [r.reason for r in client.resyncs(project_id)]
+            assert reasons and set(reasons) == {"epoch_changed"}, (client.name, reasons)
+
+
+# --- in-process gateways ---------------------------------------------------------------------
+
+
+def _auth(projects, **extra) -> dict[str, str]:
+    return {"Authorization": f"Bearer {issue_token(INPROC_SECRET, projects, ttl=300)}", **extra}
+
+
+async def _seqs(stream: Stream, count: int) -> list[int]:
+    out = []
+    while len(out) < count:
+        item = await stream.next(within=10)
+        assert item is not None, f"the stream ended after {out}"
+        if item.event == "message":
+            out.append(json.loads(item.data)["seq"])
+    return out
+
+
+async def test_killing_the_pubsub_connection_loses_nothing_over_sse(
+    gateways, publisher, redis_client
+):
+    gateway = await gateways(reconcile_interval=60)
+    url = f"http://127.0.0.1:{gateway.port}"
+    _, _, single = await open_stream(url, "/v1/projects/8/stream", _auth([8]))
+    _, _, multi = await open_stream(url, "/v1/stream?project=8&project=9", _auth([8, 9]))
+    await single.until("subscribed")
+    await multi.until("subscribed")
+    await multi.until("subscribed")
+    await publish(publisher, 8, 10)
+    for _ in range(3):
+        redis_client.client_kill_filter(_type="pubsub")
+        # Published while the link is down or resubscribing: only the stream has them.
+        await publish(publisher, 8, 10)
+        await publish(publisher, 9, 10)
+        await asyncio.sleep(0.05)
+    assert await _seqs(single, 40) == list(range(1, 41))
+    got: dict[int, list[int]] = {8: [], 9: []}
+    while len(got[8]) < 40 or len(got[9]) < 30:
+        item = await multi.next(within=10)
+        assert item is not None
+        if item.event == "message":
+            frame = json.loads(item.data)
+            got[frame["project_id"]].append(frame["seq"])
+            assert f"{frame['project_id']}=" in item.id
+    assert got == {8: list(range(1, 41)), 9: list(range(1, 31))}
+    single.close()
+    multi.close()
+
+
+async def test_a_stream_that_stops_reading_is_cut_and_resumes_with_nothing_lost(
+    gateways, publisher
+):
+    gateway = await gateways(outbound_limit=64 * 1024, stall_timeout=1.0, max_replay=2000)
+    url = f"http://127.0.0.1:{gateway.port}"
+    _, _, healthy = await open_stream(url, "/v1/projects/11/stream", _auth([11]))
+    subscribed = json.loads((await healthy.until("subscribed"))[-1].data)
+    # A raw stream with a tiny receive window that reads its head, then nothing more.
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", gateway.port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=2**22)
+    token = issue_token(INPROC_SECRET, [11], ttl=300)
+    writer.write(
+        f"GET /v1/projects/11/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+        "\r\n".encode()
+    )
+    await reader.readuntil(b"\r\n\r\n")
+    await wait_until(lambda: len(gateway.sessions) == 2 and gateway.hub.subscriptions == 2, 5, "")
+    total = 1500  # ~7 MB: beyond the limit and whatever the kernel buffers hold
+    healthy_seqs = asyncio.create_task(_seqs(healthy, total))  # it keeps reading meanwhile
+    await publisher.publish_many(
+        BlockerResolved(project_id=11, blocker_id=n + 1, answer="x" * 4900, resolved_at=utc_now())
+        for n in range(total)
+    )
+    await wait_until(
+        lambda: gateway.metrics.slow_consumer_disconnects_total == 1, 10, "the stalled cut"
+    )
+    assert await healthy_seqs == list(range(1, total + 1))
+    assert len(gateway.sessions) == 1
+    writer.close()
+    # It comes back with the cursor it had (it had seen nothing) and loses nothing.
+    last_id = f"{subscribed['epoch']}:0"
+    _, _, back = await open_stream(
+        url, "/v1/projects/11/stream", _auth([11], **{"Last-Event-ID": last_id})
+    )
+    head = await back.until("subscribed")
+    seqs = [json.loads(e.data)["seq"] for e in head if e.event == "message"]
+    assert seqs == list(range(1, total + 1))
+    assert json.loads(head[-1].data)["resumed"] is True
+    healthy.close()
+    back.close()
