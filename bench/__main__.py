@@ -28,6 +28,7 @@ MODULES = [
     "bench.outbox",
     "bench.consumer",
     "bench.workers",
+    "bench.storm",
 ]
 
 

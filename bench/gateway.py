@@ -45,7 +45,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -143,25 +143,45 @@ def _pin_server() -> None:
 
 
 class Server:
-    """One server under test in its own process on core 0."""
+    """One server under test in its own process on core 0.
 
-    def __init__(self, kind: str, redis_url: str) -> None:
+    ``module`` runs the gateway through another entry point (same flags, e.g. a variant with
+    other constants), ``extra`` adds flags, ``nofile`` raises the process's descriptor limit
+    (when this process may: root)."""
+
+    def __init__(
+        self,
+        kind: str,
+        redis_url: str,
+        *,
+        module: str = "gateway",
+        extra: Sequence[str] = (),
+        nofile: int = 0,
+    ) -> None:
         self.kind = kind
         self.port = free_port()
         common = ["--host", "127.0.0.1", "--port", str(self.port), "--redis-url", redis_url]
         if kind == "gateway":
-            cmd = [sys.executable, "-m", "gateway", "--no-auth", "--log-level", "warning", *common]
+            cmd = [sys.executable, "-m", module, "--no-auth", "--log-level", "warning", *common]
+            cmd += list(extra)
         else:
             cmd = [sys.executable, "-m", "bench.baselines", kind, *common]
         # For profiling, e.g. BENCH_SERVER_PREFIX="taskset -c 1 py-spy record -o gw.txt -f raw --
         # taskset -c 0"; the server's own command follows.
         cmd = os.environ.get("BENCH_SERVER_PREFIX", "").split() + cmd
         env = dict(os.environ, PYTHONPATH=str(ROOT))
+
+        def prepare() -> None:  # in the child, before exec
+            if pinning():
+                _pin_server()
+            if nofile:
+                raise_nofile(nofile)
+
         self.proc = subprocess.Popen(
             cmd,
             cwd=ROOT,
             env=env,
-            preexec_fn=_pin_server if pinning() else None,
+            preexec_fn=prepare if (pinning() or nofile) else None,
             stdout=subprocess.DEVNULL,
             stderr=None,
         )

@@ -38,6 +38,7 @@ import errno
 import json
 import multiprocessing
 import os
+import random
 import re
 import resource
 import select
@@ -65,9 +66,16 @@ _EPOLLOUT = select.EPOLLOUT
 CONNECTING, HANDSHAKE, SUBSCRIBING, LIVE, DEAD = range(5)
 
 
-def raise_nofile() -> int:
-    """Raise the soft RLIMIT_NOFILE to the hard limit; return the new soft limit."""
+def raise_nofile(want: int = 0) -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (and both to ``want`` when the process may:
+    root, up to ``fs.nr_open``); return the new soft limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if want > hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+            return want
+        except (OSError, ValueError):
+            pass
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -153,7 +161,7 @@ class Worker:
         self.arrival_ns = 0  # kernel receive timestamp of the chunk being walked (latency mode)
         # Pending operation: clients waiting for "subscribed", clients not yet started.
         self.waiting: set[Client] = set()
-        self.queue: list[tuple[int, str | None, int | None]] = []
+        self.queue: list[tuple[float, tuple[int, str | None, int | None]]] = []
         self.inflight = 256
         self.op: str | None = None
         self.op_started = 0.0
@@ -167,7 +175,7 @@ class Worker:
         clients = self.clients
         recv_size = 1 << 16
         while True:
-            events = self.ep.poll(0.05 if self.op else 0.5)
+            events = self.ep.poll((0.002 if self.queue else 0.05) if self.op else 0.5)
             total = 0
             for fd, mask in events:
                 client = clients.get(fd)
@@ -276,9 +284,13 @@ class Worker:
         except EOFError:
             return False
         if cmd == "connect":
-            specs, self.inflight, record = arg
+            specs, self.inflight, record, spread = arg
             self.mode = "record" if record else self.mode
-            self.queue = list(reversed(specs))
+            # Each client starts at a random moment within ``spread`` seconds (a reconnect
+            # storm with the client's own jitter); the queue is popped from its end.
+            now = time.time()
+            starts = [now + (random.random() * spread if spread else 0.0) for _ in specs]
+            self.queue = sorted(zip(starts, specs, strict=True), key=lambda x: x[0], reverse=True)
             self._begin("connect")
         elif cmd == "resubscribe":
             # arg: new project per live client (in order); unsubscribe the old one first.
@@ -350,8 +362,9 @@ class Worker:
         self._progress()
 
     def _progress(self) -> None:
-        while self.queue and len(self.waiting) < self.inflight:
-            self._open(self.queue.pop())
+        now = time.time()
+        while self.queue and len(self.waiting) < self.inflight and self.queue[-1][0] <= now:
+            self._open(self.queue.pop()[1])
         if not self.queue and not self.waiting:
             done = [c.done_at for c in self._live() if c.done_at]
             self.ctrl.send(
@@ -567,8 +580,11 @@ class LoadGen:
         inflight: int = 512,
         record: bool = False,
         timeout: float = 300,
+        spread: float = 0.0,
     ) -> dict[str, Any]:
         """Open one client per spec ``(project, epoch, after)``; return when all are subscribed.
+        With ``spread``, each client starts at a uniformly random moment within that many seconds
+        (at most ``inflight`` handshakes in progress at once either way).
 
         Returns the number of clients, failures, and the wall-clock time from the command to the
         last ``subscribed`` received.
@@ -576,7 +592,7 @@ class LoadGen:
         started = time.time()
         per = max(1, inflight // len(self.pipes))
         replies = self._all(
-            "connect", [(part, per, record) for part in self._split(specs)], timeout
+            "connect", [(part, per, record, spread) for part in self._split(specs)], timeout
         )
         finished = max(r["finished"] for r in replies)
         return {

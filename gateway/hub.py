@@ -150,8 +150,8 @@ class Hub:
         metrics: Metrics,
         max_replay: int,
         subscribe_timeout: float,
-        window_events: int = WINDOW_EVENTS,
-        window_bytes: int = WINDOW_BYTES,
+        window_events: int | None = None,
+        window_bytes: int | None = None,
     ) -> None:
         self.keys = keys
         self.store = store
@@ -159,8 +159,10 @@ class Hub:
         self.max_replay = max_replay
         self.subscribe_timeout = subscribe_timeout
         self.feeds: dict[int, Feed] = {}
-        self.window_events = window_events
-        self.window_budget = WindowBudget(window_bytes)
+        # Defaults read at construction (not bound at definition) so that a benchmark can run a
+        # pod without windows by setting the module's constants.
+        self.window_events = WINDOW_EVENTS if window_events is None else window_events
+        self.window_budget = WindowBudget(WINDOW_BYTES if window_bytes is None else window_bytes)
         #: Subscribes answered from a window, and history reads made for subscribes.
         self.resumes_from_memory = 0
         self.subscribe_reads = 0

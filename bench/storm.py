@@ -1,0 +1,260 @@
+"""Reconnect storm benchmark: 10,000 clients of 100 projects, each 100 events behind, reconnect at
+once; time until every client is exact, and the gateway's CPU per resume.
+
+A rolling restart sends every client of the pod being replaced to the others at once. Here the
+clients subscribe, are reset, 100 events per project are published while they are away, and they
+all reconnect with their cursors (at most ``inflight`` handshakes in progress at once, or each at
+a random moment within 0.5 s, the jitter eventbus.js adds to such "prompt" reconnects). The time
+runs from the first reconnect to the last ``subscribed``; then every client's seqs are checked
+(exactly its 100 missed events, in order, then ``subscribed``).
+
+Scenarios, each for two servers side by side:
+
+* ``cold``: the pod follows none of the projects when the storm arrives (the clients were its
+  only subscribers): each project's feed starts during the storm;
+* ``warm``: the pod already follows every project (one client of its own per project stays
+  connected), as the surviving pods of a rolling restart do;
+* ``warm, jitter``: the same, the reconnects spread over 0.5 s.
+
+Servers: ``gateway`` (this project) and ``no window`` (the same gateway with resume windows of 0
+events, :mod:`bench.gateway_without_window`: every resume behind the feed reads from Redis, as
+before the windows). The gateway runs on core 0; the load generator, the publisher and Redis
+share core 1. Each figure is the median of ``repeats`` storms. History reads are Redis's count
+of ``EVAL`` calls during the storm (the snapshot script; nothing else runs it then).
+
+    python -m bench.storm            # about 2 minutes
+    python -m bench.storm --quick    # 1,000 clients of 10 projects, one storm each (smoke run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bench.common import BenchRedis, machine, write_json
+from bench.gateway import (
+    CLIENT_CPU,
+    QUIET,
+    Server,
+    Usage,
+    event,
+    pinned_to_client_core,
+    pinning,
+)
+from bench.loadgen import LoadGen, raise_nofile, verify_resume
+from publisher import Publisher
+from schemas.keys import Keys
+
+SERVERS = {"gateway": "gateway", "no window": "bench.gateway_without_window"}
+SCENARIOS = (("cold", False, 0.0), ("warm", True, 0.0), ("warm, jitter 0.5 s", True, 0.5))
+TARGET_S = 2.0
+SOURCES = [f"127.0.0.{i}" for i in range(1, 9)]
+
+
+@dataclass
+class Params:
+    clients: int = 10_000
+    projects: int = 100
+    missed: int = 100
+    repeats: int = 3
+    inflight: int = 2048  # handshakes + subscribes in progress at once ("at once")
+    workers: int = 2
+
+
+QUICK = Params(clients=1_000, projects=10, missed=100, repeats=1, inflight=512, workers=1)
+
+
+def eval_calls(rconn) -> int:
+    stats = rconn.info("commandstats")
+    return sum(int(stats.get(name, {}).get("calls", 0)) for name in ("cmdstat_eval",))
+
+
+class StormRun:
+    """One server, its load generator, and (warm scenarios) one client per project of its own."""
+
+    def __init__(self, name: str, redis: BenchRedis, p: Params) -> None:
+        self.p = p
+        self.redis = redis
+        self.rconn = redis.client()
+        self.rconn.flushall()
+        self.publisher = Publisher.from_url(redis.url)
+        self.server = Server("gateway", redis.url, module=SERVERS[name])
+        cpus = {CLIENT_CPU} if pinning() else None
+        self.loadgen = LoadGen("127.0.0.1", self.server.port, workers=p.workers,
+                               sources=SOURCES, cpus=cpus)  # fmt: skip
+        self.keepers: LoadGen | None = None
+        self.projects = list(range(1, p.projects + 1))
+
+    def close(self) -> None:
+        self.loadgen.quit()
+        if self.keepers is not None:
+            self.keepers.quit()
+        self.server.stop()
+        self.publisher.close()
+        self.rconn.close()
+
+    def keep_feeds(self) -> None:
+        """One subscriber per project of the pod's own, so that it follows every project."""
+        cpus = {CLIENT_CPU} if pinning() else None
+        self.keepers = LoadGen("127.0.0.1", self.server.port, workers=1, sources=SOURCES,
+                               cpus=cpus)  # fmt: skip
+        self.keepers.connect([(project, None, None) for project in self.projects])
+
+    def wait_connections(self, count: int, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.server.metric("connections") == count:
+                return
+            time.sleep(0.05)
+        raise SystemExit(f"the gateway still has connections other than the {count} expected")
+
+    def storm(self, spread: float) -> dict:
+        """Subscribe every client, reset them, publish ``missed`` events per project, reconnect."""
+        p, loadgen, keys = self.p, self.loadgen, Keys()
+        specs = [(self.projects[i % p.projects], None, None) for i in range(p.clients)]
+        loadgen.connect(specs, inflight=p.inflight)
+        cursors = {}
+        for project in self.projects:
+            epoch, top = self.rconn.hmget(keys.meta(project), "epoch", "seq")
+            cursors[project] = (epoch.decode(), int(top))
+        loadgen.close()
+        keeping = len(self.projects) if self.keepers is not None else 0
+        self.wait_connections(keeping)
+        kept = self.keepers.frames if self.keepers is not None else 0
+        missed = [event(project, n + 1) for n in range(p.missed) for project in self.projects]
+        for start in range(0, len(missed), 2000):
+            self.publisher.publish_many(missed[start : start + 2000])
+        if self.keepers is not None:  # the pod has relayed them all (its windows hold them)
+            deadline = time.monotonic() + 30
+            while self.keepers.frames < kept + len(missed) and time.monotonic() < deadline:
+                time.sleep(0.02)
+        resumes = [(project, *cursors[project]) for project, _, _ in specs]
+        usage = Usage(self.server, loadgen, self.redis.process.pid)
+        reads0, cpu0 = eval_calls(self.rconn), self.server.cpu
+        result = loadgen.connect(resumes, record=True, inflight=p.inflight, spread=spread)
+        cpu_s = self.server.cpu - cpu0
+        reads = eval_calls(self.rconn) - reads0
+        cpu = usage.done()
+        check = verify_resume(loadgen.records(), p.missed)
+        loadgen.mode("count")
+        loadgen.close()
+        self.wait_connections(keeping)
+        return {
+            "seconds": round(result["seconds"], 3),
+            "clients": result["clients"],
+            "failed": result["failed"],
+            "exact": check["exact"],
+            "problems": check["problems"],
+            "server_cpu_s": round(cpu_s, 3),
+            "cpu_ms_per_resume": round(cpu_s / max(1, result["clients"]) * 1000, 4),
+            "history_reads": reads,
+            "cpu": cpu,
+            "noisy": cpu["others"] > QUIET,
+        }
+
+
+def run_server(name: str, redis: BenchRedis, p: Params, log) -> dict:
+    run = StormRun(name, redis, p)
+    out: dict = {}
+    try:
+        for scenario, warm, spread in SCENARIOS:
+            if warm and run.keepers is None:
+                run.keep_feeds()
+            storms = []
+            for _ in range(p.repeats):
+                s = run.storm(spread)
+                storms.append(s)
+                log(f"  {name} / {scenario}: {s['clients']:,} resumes in {s['seconds']} s, "
+                    f"{s['exact']:,} exact, {s['cpu_ms_per_resume']} ms CPU each, "
+                    f"{s['history_reads']:,} reads, others {s['cpu']['others']}")  # fmt: skip
+            out[scenario] = {"storms": storms, "median": summarize(storms)}
+    finally:
+        run.close()
+    return out
+
+
+def summarize(storms: list[dict]) -> dict:
+    return {
+        "seconds": statistics.median(s["seconds"] for s in storms),
+        "cpu_ms_per_resume": statistics.median(s["cpu_ms_per_resume"] for s in storms),
+        "history_reads": statistics.median(s["history_reads"] for s in storms),
+        "all_exact": all(s["exact"] == s["clients"] and not s["failed"] for s in storms),
+        "noisy": any(s["noisy"] for s in storms),
+    }
+
+
+def table(results: dict[str, dict], p: Params) -> str:
+    names = list(results)
+    head = "| storm | " + " | ".join(names) + " |"
+    lines = [head, "|" + " --- |" * (len(names) + 1)]
+    for scenario, _, _ in SCENARIOS:
+        rows = {
+            "s": f"{p.clients:,} x {p.missed} missed, {scenario}: time until all exact (s)",
+            "cpu": f"{scenario}: gateway CPU per resume (ms)",
+            "reads": f"{scenario}: history reads",
+        }
+        for key, label in rows.items():
+            cells = []
+            for name in names:
+                m = results[name][scenario]["median"]
+                value = {"s": m["seconds"], "cpu": m["cpu_ms_per_resume"],
+                         "reads": f"{m['history_reads']:,.0f}"}[key]  # fmt: skip
+                mark = "" if m["all_exact"] else " (NOT EXACT)"
+                cells.append(f"{value}{mark}{' *' if m['noisy'] else ''}")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.storm",
+                                     description=(__doc__ or "").split("\n")[0])  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="a smoke run (seconds)")
+    parser.add_argument("--servers", default=",".join(SERVERS), help=f"subset of {list(SERVERS)}")
+    parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    args = parser.parse_args(argv)
+    p = Params(**vars(QUICK)) if args.quick else Params()
+    names = [n.strip() for n in args.servers.split(",") if n.strip()]
+    for name in names:
+        if name not in SERVERS:
+            parser.error(f"unknown server {name!r}")
+
+    def log(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    raise_nofile(4 * p.clients)
+    started = time.monotonic()
+    results: dict[str, dict] = {}
+    with pinned_to_client_core():
+        redis = BenchRedis(CLIENT_CPU, "--maxclients", "15000")
+        try:
+            for name in names:
+                log(f"bench.storm: {name}")
+                results[name] = run_server(name, redis, p, log)
+        finally:
+            redis.close()
+    elapsed = time.monotonic() - started
+    print()
+    print(f"Storm: {os.cpu_count()} cores, gateway on core 0, load generator + Redis on core "
+          f"{CLIENT_CPU}; {'quick' if args.quick else 'full'} run, medians of {p.repeats}, "
+          f"{elapsed:.0f} s, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC")  # fmt: skip
+    print(table(results, p))
+    print(f"* other processes used more than {QUIET:.0%} of a core during a storm")
+    if not args.quick and "gateway" in results:
+        for scenario, _, _ in SCENARIOS:
+            m = results["gateway"][scenario]["median"]
+            ok = m["all_exact"] and m["seconds"] <= TARGET_S
+            print(f"[{'met' if ok else 'MISSED'}] {scenario}: {m['seconds']} s "
+                  f"(target {TARGET_S} s, every client exact)")  # fmt: skip
+    if args.json:
+        write_json(args.json, {"machine": machine(), "params": vars(p), "results": results})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
