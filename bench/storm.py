@@ -52,6 +52,8 @@ from publisher import Publisher
 from schemas.keys import Keys
 
 SERVERS = {"gateway": "gateway", "no window": "bench.gateway_without_window"}
+#: Not run by default: the gateway under cProfile (:mod:`bench.profiled_gateway`).
+EXTRA_SERVERS = {"profiled": "bench.profiled_gateway"}
 SCENARIOS = (("cold", False, 0.0), ("warm", True, 0.0), ("warm, jitter 0.5 s", True, 0.5))
 TARGET_S = 2.0
 SOURCES = [f"127.0.0.{i}" for i in range(1, 9)]
@@ -70,6 +72,14 @@ class Params:
 QUICK = Params(clients=1_000, projects=10, missed=100, repeats=1, inflight=512, workers=1)
 
 
+def cpu_split(pid: int) -> tuple[float, float]:
+    """CPU seconds (user, system) used so far by a process."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
 def eval_calls(rconn) -> int:
     stats = rconn.info("commandstats")
     return sum(int(stats.get(name, {}).get("calls", 0)) for name in ("cmdstat_eval",))
@@ -84,7 +94,8 @@ class StormRun:
         self.rconn = redis.client()
         self.rconn.flushall()
         self.publisher = Publisher.from_url(redis.url)
-        self.server = Server("gateway", redis.url, module=SERVERS[name])
+        module = SERVERS.get(name) or EXTRA_SERVERS[name]
+        self.server = Server("gateway", redis.url, module=module)
         cpus = {CLIENT_CPU} if pinning() else None
         self.loadgen = LoadGen("127.0.0.1", self.server.port, workers=p.workers,
                                sources=SOURCES, cpus=cpus)  # fmt: skip
@@ -136,9 +147,10 @@ class StormRun:
                 time.sleep(0.02)
         resumes = [(project, *cursors[project]) for project, _, _ in specs]
         usage = Usage(self.server, loadgen, self.redis.process.pid)
-        reads0, cpu0 = eval_calls(self.rconn), self.server.cpu
+        reads0, (user0, sys0) = eval_calls(self.rconn), cpu_split(self.server.proc.pid)
         result = loadgen.connect(resumes, record=True, inflight=p.inflight, spread=spread)
-        cpu_s = self.server.cpu - cpu0
+        user1, sys1 = cpu_split(self.server.proc.pid)
+        cpu_s = user1 - user0 + sys1 - sys0
         reads = eval_calls(self.rconn) - reads0
         cpu = usage.done()
         check = verify_resume(loadgen.records(), p.missed)
@@ -152,6 +164,8 @@ class StormRun:
             "exact": check["exact"],
             "problems": check["problems"],
             "server_cpu_s": round(cpu_s, 3),
+            "server_user_s": round(user1 - user0, 3),
+            "server_system_s": round(sys1 - sys0, 3),
             "cpu_ms_per_resume": round(cpu_s / max(1, result["clients"]) * 1000, 4),
             "history_reads": reads,
             "cpu": cpu,
@@ -172,7 +186,8 @@ def run_server(name: str, redis: BenchRedis, p: Params, log) -> dict:
                 storms.append(s)
                 log(f"  {name} / {scenario}: {s['clients']:,} resumes in {s['seconds']} s, "
                     f"{s['exact']:,} exact, {s['cpu_ms_per_resume']} ms CPU each, "
-                    f"{s['history_reads']:,} reads, others {s['cpu']['others']}")  # fmt: skip
+                    f"({s['server_system_s']} s in the kernel), {s['history_reads']:,} reads, "
+                    f"others {s['cpu']['others']}")  # fmt: skip
             out[scenario] = {"storms": storms, "median": summarize(storms)}
     finally:
         run.close()
@@ -221,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     p = Params(**vars(QUICK)) if args.quick else Params()
     names = [n.strip() for n in args.servers.split(",") if n.strip()]
     for name in names:
-        if name not in SERVERS:
+        if name not in SERVERS and name not in EXTRA_SERVERS:
             parser.error(f"unknown server {name!r}")
 
     def log(text: str) -> None:

@@ -504,6 +504,13 @@ class Hub:
         feed = self._acquire(project_id)
         joiner = feed.joining[session] = Joiner()
         session.projects.add(project_id)
+        if feed.ready.is_set():
+            # The common case of a storm, without a timer or a suspension: answered from memory.
+            snapshot = self._from_window(feed, epoch, after)
+            if snapshot is not None:
+                self.resumes_from_memory += 1
+                self._go_live(feed, session, joiner, epoch, after, snapshot, True)
+                return
         snapshot = None
         from_memory = False
         try:
@@ -614,10 +621,10 @@ class Hub:
         """``prebuilt``: the snapshot's entries hold :class:`Outgoing` items (from a window)."""
         # Synchronous from here on: nothing can be delivered to the feed in between.
         plan = plan_subscription(epoch, after, snapshot, self.max_replay)
-        for _, frame in plan.replay:
-            item = frame if prebuilt else Outgoing(frame)
-            session.send(item)
-            session.grant_allowance(len(item.wire))
+        if plan.replay:
+            items = [item if prebuilt else Outgoing(item) for _, item in plan.replay]
+            session.send_many(items)
+            session.grant_allowance(sum([len(item.wire) for item in items]))
         self.metrics.replayed_total += len(plan.replay)
         self.metrics.deliveries_total += len(plan.replay)
         if plan.resync is not None:

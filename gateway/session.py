@@ -338,6 +338,14 @@ class ClientSession:
             self.schedule_flush(self)
         self.outbox.append(item)
 
+    def send_many(self, items: list[Outgoing]) -> None:
+        """Queue several frames at once (a replay): :meth:`send` for each, in one call."""
+        if self.closing or not items:
+            return
+        if not self.outbox:
+            self.schedule_flush(self)
+        self.outbox.extend(items)
+
     def send_message(self, message: ServerMessage) -> None:
         self.send(Outgoing.message(message))
 
