@@ -5,6 +5,15 @@ export declare const VERSION: string;
 
 export type ConnectionState = "connecting" | "live" | "reconnecting" | "polling" | "offline";
 
+/** How events currently arrive: WebSocket, Server-Sent Events, HTTP polling, or nothing yet. */
+export type Transport = "websocket" | "sse" | "polling";
+
+/** The third argument of onStateChange. */
+export interface ConnectionStatus {
+  state: ConnectionState;
+  transport: Transport | null;
+}
+
 export declare const State: Readonly<{
   CONNECTING: "connecting";
   LIVE: "live";
@@ -97,7 +106,7 @@ export interface Cursor {
 export interface EventBusError {
   /** A gateway error code (docs/protocol.md) or a client one: "poll_failed", "token_failed",
    * "token_refresh_failed", "resync_failed", "handler_failed", "closed", "invalid_frame",
-   * "websocket_failed", "poll_http_<status>". */
+   * "websocket_failed", "poll_http_<status>", "sse_failed", "sse_http_<status>". */
   code: string;
   message?: string;
   projectId?: number;
@@ -121,8 +130,8 @@ export type TokenSource = string | (() => string | Promise<string>);
 export interface ConnectOptions {
   /** WebSocket URL of the gateway, e.g. "wss://events.example.com/". Default: this page's host. */
   url?: string;
-  /** HTTP base URL for the polling fallback (GET {httpUrl}/v1/projects/{id}/events).
-   * Default: the origin of `url`. */
+  /** HTTP base URL of the fallbacks (SSE: GET {httpUrl}/v1/projects/{id}/stream; polling:
+   * GET {httpUrl}/v1/projects/{id}/events). Default: the origin of `url`. */
   httpUrl?: string;
   /** The gateway token, or a function returning it (asked again on every reconnect, before
    * expiry, and after a 401/4001/4002). Omit only for a gateway run with --no-auth. */
@@ -131,7 +140,9 @@ export interface ConnectOptions {
    * and on every resync_required; events arriving meanwhile are held back and delivered after the
    * returned promise resolves. A rejected promise is retried with backoff. */
   onResync?: (projectId: number) => void | Promise<void>;
-  onStateChange?: (state: ConnectionState, previous: ConnectionState) => void;
+  /** Called when the state or the live transport changes ("live" over SSE, then over
+   * WebSocket: state and previous are both "live", status.transport says which). */
+  onStateChange?: (state: ConnectionState, previous: ConnectionState, status: ConnectionStatus) => void;
   onError?: (error: EventBusError) => void;
   backoff?: BackoffOptions;
   /** ms a connection must stay up before the backoff starts over (default 10000). */
@@ -140,8 +151,14 @@ export interface ConnectOptions {
   pollInterval?: number;
   /** ms before an unanswered poll is abandoned and counted as failed (default 30000). */
   pollTimeout?: number;
-  /** Failed WebSocket attempts before polling starts (default 1). */
+  /** Failed WebSocket attempts before the fallbacks start: SSE, else polling (default 1). */
   pollAfterFailures?: number;
+  /** false: WebSocket off; SSE (else polling) from the start (default true). */
+  websocket?: boolean;
+  /** false: no SSE; polling is the only fallback (default true). */
+  sse?: boolean;
+  /** ms of silence (not even a keepalive comment) before an SSE stream is reopened (45000). */
+  sseIdleTimeout?: number;
   /** ms of silence before an application ping (default 25000). */
   pingInterval?: number;
   /** ms to wait for any frame after a ping before reconnecting (default 10000). */
@@ -163,7 +180,7 @@ export interface ConnectOptions {
 export declare class EventBus {
   constructor(options?: ConnectOptions);
   readonly state: ConnectionState;
-  readonly transport: "websocket" | "polling" | null;
+  readonly transport: Transport | null;
   /** Epoch-milliseconds of the next WebSocket attempt, or null. */
   readonly nextRetryAt: number | null;
   readonly lastError: EventBusError | null;
@@ -188,6 +205,8 @@ export declare const DEFAULTS: Readonly<{
   pollInterval: number;
   pollTimeout: number;
   pollAfterFailures: number;
+  sse: boolean;
+  sseIdleTimeout: number;
   pingInterval: number;
   pongTimeout: number;
   connectTimeout: number;
@@ -224,6 +243,7 @@ export declare function computeState(facts: {
   closed: boolean;
   online: boolean;
   websocketLive: boolean;
+  sseLive?: boolean;
   pollingOk: boolean;
   everConnected: boolean;
 }): ConnectionState;
@@ -237,6 +257,26 @@ export declare function refreshDelay(facts: {
   obtainedAt: number;
   now: number;
 }): number | null;
+
+export interface SseEvent {
+  /** "message" when the stream names none. */
+  event: string;
+  data: string;
+  /** The last event id in force (the cursor), or null. */
+  id: string | null;
+}
+
+/** The event-stream parser: feed decoded text as it arrives, get the completed events. */
+export declare class SseParser {
+  lastId: string | null;
+  feed(text: string): SseEvent[];
+}
+
+/** The SSE request path and Last-Event-ID for these projects and their cursors. */
+export declare function sseRequest(cursors: Array<[number, Cursor | null]>): {
+  path: string;
+  lastEventId: string | null;
+};
 
 export interface SubscribeMessage {
   type: "subscribe";

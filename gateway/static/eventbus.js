@@ -3,8 +3,11 @@
 // A dependency-free ES module. One connection carries every project the page subscribes to; per
 // project it delivers events in sequence order, exactly once, and calls the application's
 // onResync(projectId) whenever the application must reload its state (first subscribe, and every
-// `resync_required`). It reconnects forever with jittered exponential backoff, resumes each project
-// from its cursor, and polls the gateway's HTTP endpoint while WebSocket cannot connect.
+// `resync_required`). It reconnects forever with jittered exponential backoff and resumes each
+// project from its cursor. Transports, best first: WebSocket; Server-Sent Events (read with fetch(),
+// since EventSource cannot send the Authorization header) while WebSocket cannot connect; HTTP
+// polling every 10 s only while neither works. WebSocket is retried on its backoff all along, and
+// the client moves back up as soon as a better transport works again.
 //
 // The decisions (backoff schedule, cursor/dedupe, close-code policy, fallback and state) are small
 // exported pure functions and classes so they can be unit tested without a network.
@@ -14,9 +17,9 @@ export const VERSION = "1.0.0";
 /** Connection states, as exposed by `bus.state` and `onStateChange`. */
 export const State = Object.freeze({
   CONNECTING: "connecting", // never connected yet
-  LIVE: "live", // WebSocket open, authenticated, subscriptions sent
+  LIVE: "live", // events arrive live: WebSocket open and authenticated, or an SSE stream open
   RECONNECTING: "reconnecting", // lost the connection; retrying (polling not working either)
-  POLLING: "polling", // WebSocket cannot connect; events arrive by HTTP polling
+  POLLING: "polling", // neither WebSocket nor SSE can connect; events arrive by HTTP polling
   OFFLINE: "offline", // the browser is offline, or bus.close() was called
 });
 
@@ -47,9 +50,13 @@ export const DEFAULTS = Object.freeze({
   // answers within its subscribe timeout (5 s) even when Redis hangs, but a proxy or a dead
   // network may hold the request open forever, and polling would stop with it.
   pollTimeout: 30000,
-  // Failed WebSocket attempts (never reaching "live") before falling back to polling. One: a page
-  // behind a proxy that blocks WebSocket should not wait for a second backoff round to show data.
+  // Failed WebSocket attempts (never reaching "live") before falling back (to SSE, else polling).
+  // One: a page behind a proxy that blocks WebSocket should not wait for a second backoff round.
   pollAfterFailures: 1,
+  // Server-Sent Events as the first fallback (false: straight to polling).
+  sse: true,
+  // An SSE stream silent this long (the gateway sends a comment every 15 s) is dropped and reopened.
+  sseIdleTimeout: 45000,
   // Application-level ping: detects a half-open connection (laptop sleep, NAT timeout) that the
   // browser would otherwise only notice after minutes.
   pingInterval: 25000,
@@ -133,9 +140,9 @@ export function shouldPoll({ websocketSupported, failuresSinceLive, threshold = 
 }
 
 /** The user-visible state, derived from the transport facts. */
-export function computeState({ closed, online, websocketLive, pollingOk, everConnected }) {
+export function computeState({ closed, online, websocketLive, sseLive = false, pollingOk, everConnected }) {
   if (closed) return State.OFFLINE;
-  if (websocketLive) return State.LIVE;
+  if (websocketLive || sseLive) return State.LIVE;
   if (!online) return State.OFFLINE;
   if (pollingOk) return State.POLLING;
   return everConnected ? State.RECONNECTING : State.CONNECTING;
@@ -176,6 +183,82 @@ export function refreshDelay({ iat, exp, expiresAt, obtainedAt, now }) {
   const lifetime = Math.max(0, expiry - obtainedAt);
   const margin = Math.min(60000, lifetime / 4);
   return Math.max(500, expiry - margin - now);
+}
+
+/**
+ * The WHATWG event-stream parser, fed decoded text as it arrives (chunks may split lines, and a
+ * CRLF). `feed(text)` returns the events completed: {event ("message" when unnamed), data, id}.
+ */
+export class SseParser {
+  constructor() {
+    this.buffer = "";
+    this.data = [];
+    this.event = "";
+    this.lastId = null;
+    this.skipLf = false;
+  }
+
+  feed(text) {
+    const events = [];
+    let buffer = this.buffer + text;
+    let start = 0;
+    for (;;) {
+      if (this.skipLf && start < buffer.length) {
+        if (buffer[start] === "\n") start += 1;
+        this.skipLf = false;
+      }
+      let end = start;
+      while (end < buffer.length && buffer[end] !== "\n" && buffer[end] !== "\r") end += 1;
+      if (end >= buffer.length) break;
+      const line = buffer.slice(start, end);
+      if (buffer[end] === "\r") {
+        if (end + 1 >= buffer.length) this.skipLf = true;
+        else if (buffer[end + 1] === "\n") end += 1;
+      }
+      start = end + 1;
+      this._line(line, events);
+    }
+    this.buffer = buffer.slice(start);
+    return events;
+  }
+
+  _line(line, events) {
+    if (line === "") {
+      if (this.data.length) events.push({ event: this.event || "message", data: this.data.join("\n"), id: this.lastId });
+      this.data = [];
+      this.event = "";
+      return;
+    }
+    if (line[0] === ":") return; // a comment: the gateway's keepalive
+    const colon = line.indexOf(":");
+    const name = colon < 0 ? line : line.slice(0, colon);
+    let value = colon < 0 ? "" : line.slice(colon + 1);
+    if (value[0] === " ") value = value.slice(1);
+    if (name === "data") this.data.push(value);
+    else if (name === "event") this.event = value;
+    else if (name === "id" && !value.includes("\0")) this.lastId = value;
+  }
+}
+
+/**
+ * The SSE request for `cursors` ([[projectId, {epoch, seq} | null], ...]): its path and its
+ * Last-Event-ID (null when no project has a cursor). One project: `/v1/projects/{id}/stream` and
+ * `<epoch>:<seq>`; several: `/v1/stream?project=..` and `<id>=<epoch>:<seq>,...` (docs/protocol.md).
+ */
+export function sseRequest(cursors) {
+  const known = cursors.filter(([, cursor]) => cursor);
+  if (cursors.length === 1) {
+    const [projectId, cursor] = cursors[0];
+    return { path: `/v1/projects/${projectId}/stream`, lastEventId: cursor ? `${cursor.epoch}:${cursor.seq}` : null };
+  }
+  const path = "/v1/stream?" + cursors.map(([projectId]) => `project=${projectId}`).join("&");
+  const lastEventId = known.length
+    ? known
+        .sort((a, b) => a[0] - b[0])
+        .map(([projectId, cursor]) => `${projectId}=${cursor.epoch}:${cursor.seq}`)
+        .join(",")
+    : null;
+  return { path, lastEventId };
 }
 
 /**
@@ -329,7 +412,8 @@ export class EventBus {
     const o = this.options;
     this.url = o.url || defaultWebSocketUrl();
     this.httpUrl = (o.httpUrl || defaultHttpUrl(this.url)).replace(/\/+$/, "");
-    this._WebSocket = "WebSocket" in o ? o.WebSocket : globalThis.WebSocket;
+    // `websocket: false` configures WebSocket off (SSE, else polling, from the start).
+    this._WebSocket = o.websocket === false ? null : "WebSocket" in o ? o.WebSocket : globalThis.WebSocket;
     this._fetch = o.fetch || (globalThis.fetch ? globalThis.fetch.bind(globalThis) : null);
     this._setTimeout = o.setTimeout || globalThis.setTimeout.bind(globalThis);
     this._clearTimeout = o.clearTimeout || globalThis.clearTimeout.bind(globalThis);
@@ -359,6 +443,12 @@ export class EventBus {
     this._pollGeneration = 0;
     this._pollRunning = false;
     this._pollAgain = false;
+    this._sse = null; // the SSE attempt in progress or open: {controller, live, closeCode, reopen}
+    this._sseLive = false;
+    this._sseBackoff = new Backoff(o.backoff, this._random);
+    this._sseRetryTimer = null;
+    this._sseRefreshTimer = null;
+    this._reportedTransport = null;
     this.nextRetryAt = null;
     this.lastError = null;
 
@@ -377,9 +467,10 @@ export class EventBus {
     return this._state;
   }
 
-  /** "websocket", "polling" or null: how events currently arrive. */
+  /** "websocket", "sse", "polling" or null: how events currently arrive. */
   get transport() {
     if (this._wsLive) return "websocket";
+    if (this._sseLive) return "sse";
     return this._polling && this._pollOk ? "polling" : null;
   }
 
@@ -404,7 +495,11 @@ export class EventBus {
       sub = new Subscription(projectId);
       this._subs.set(projectId, sub);
       if (this._wsLive) this._send(sub.cursor.subscribeMessage(projectId));
-      else if (this._polling) this._pollSoon();
+      else if (this._sse) this._reopenSse(); // a stream's projects are fixed: open a new one
+      else {
+        if (this._polling) this._pollSoon();
+        if (this._fallingBack()) this._fallBack();
+      }
     }
     sub.handlers.add(onEvent);
     let active = true;
@@ -416,6 +511,7 @@ export class EventBus {
         this._subs.delete(projectId);
         this._clearTimeout(sub.retryTimer);
         if (this._wsLive) this._send({ type: "unsubscribe", project_id: projectId });
+        else if (this._sse) this._reopenSse();
       }
     };
   }
@@ -435,6 +531,7 @@ export class EventBus {
     for (const sub of this._subs.values()) this._clearTimeout(sub.retryTimer);
     this._subs.clear();
     this._stopPolling();
+    this._stopSse();
     for (const timer of ["_reconnectTimer", "_stableTimer", "_refreshTimer"]) {
       this._clearTimeout(this[timer]);
       this[timer] = null;
@@ -515,8 +612,8 @@ export class EventBus {
     if (this._closed || this._ws) return;
     this.nextRetryAt = null;
     if (typeof this._WebSocket !== "function") {
-      // WebSocket unsupported: polling is the only transport.
-      this._startPolling();
+      // WebSocket unsupported or configured off: SSE, else polling.
+      this._fallBack();
       this._updateState();
       return;
     }
@@ -572,6 +669,7 @@ export class EventBus {
     this._everConnected = true;
     this._failures = 0;
     this._stopPolling();
+    this._stopSse(); // back at the top of the ladder
     this._stableTimer = this._setTimeout(() => this._backoff.reset(), this.options.stableAfter);
     this._schedulePing();
     for (const [projectId, sub] of this._subs) this._send(sub.cursor.subscribeMessage(projectId));
@@ -700,7 +798,7 @@ export class EventBus {
   _afterFailure(code, wasLive = false) {
     if (!wasLive) this._failures += 1;
     if (shouldPoll({ websocketSupported: true, failuresSinceLive: this._failures, threshold: this.options.pollAfterFailures })) {
-      this._startPolling();
+      this._fallBack();
     }
     this._scheduleReconnect(this._backoff.next());
     this._updateState();
@@ -721,6 +819,7 @@ export class EventBus {
     if (this._closed) return;
     if (this._ws) this._dropSocket(CloseCode.NORMAL, "browser offline");
     this._stopPolling();
+    this._stopSse();
     this._scheduleReconnect(this.options.backoff.max);
     this._updateState();
   }
@@ -729,6 +828,7 @@ export class EventBus {
     this._updateState();
     if (!this._wsLive) {
       this._backoff.reset();
+      this._sseBackoff.reset();
       this.reconnect();
       if (this._polling) this._pollSoon();
     }
@@ -761,6 +861,7 @@ export class EventBus {
     // The gateway never leaves gaps; if one shows anyway, ask again from the cursor rather than
     // skip an event. Polling asks from the cursor on its next round by construction.
     if (via === "websocket" && this._wsLive) this._send(sub.cursor.subscribeMessage(sub.projectId));
+    else if (via === "sse" && this._sse) this._reopenSse(); // resumes from the cursors
     else if (this._polling) this._pollSoon();
   }
 
@@ -790,10 +891,203 @@ export class EventBus {
       }
       const { deliver, gap } = sub.cursor.endResync();
       this._deliver(sub, deliver);
-      if (gap) this._repairGap(sub, this._wsLive ? "websocket" : "polling");
+      if (gap) this._repairGap(sub, this._wsLive ? "websocket" : this._sseLive ? "sse" : "polling");
     } finally {
       sub.resyncRunning = false;
     }
+  }
+
+  // --- Server-Sent Events fallback ---------------------------------------------------------------
+
+  _sseSupported() {
+    return (
+      this.options.sse !== false &&
+      !!this._fetch &&
+      typeof TextDecoder === "function" &&
+      typeof AbortController === "function"
+    );
+  }
+
+  /** WebSocket cannot connect: SSE when it can work (polling meanwhile only if it fails), else
+   * polling. */
+  _fallBack() {
+    if (this._sseSupported()) this._startSse();
+    else this._startPolling();
+  }
+
+  /** Whether WebSocket is off, unsupported, or has failed often enough to use the fallbacks. */
+  _fallingBack() {
+    return typeof this._WebSocket !== "function" || this._failures >= this.options.pollAfterFailures;
+  }
+
+  _startSse() {
+    if (this._closed || this._wsLive || this._sse || this._sseRetryTimer || !this._sseSupported()) return;
+    if (this._subs.size === 0) return; // nothing to stream; subscribe() starts it
+    this._connectSse();
+  }
+
+  _stopSse() {
+    this._clearTimeout(this._sseRetryTimer);
+    this._sseRetryTimer = null;
+    this._clearTimeout(this._sseRefreshTimer);
+    this._sseRefreshTimer = null;
+    const attempt = this._sse;
+    this._sse = null;
+    this._sseLive = false;
+    if (attempt) attempt.controller.abort();
+  }
+
+  /** Open a new stream now (other projects, a gap, a token about to expire). */
+  _reopenSse() {
+    const attempt = this._sse;
+    if (!attempt) return;
+    attempt.reopen = true;
+    attempt.controller.abort(); // the read loop ends; _sseEnded opens the next stream at once
+  }
+
+  async _connectSse() {
+    this._clearTimeout(this._sseRetryTimer);
+    this._sseRetryTimer = null;
+    const attempt = { controller: new AbortController(), live: false, closeCode: null, reopen: false, openedAt: null };
+    this._sse = attempt;
+    const { signal } = attempt.controller;
+    let response;
+    let idle = null;
+    const watch = () => {
+      // No byte (not even a keepalive comment) for this long: the stream is dead.
+      this._clearTimeout(idle);
+      idle = this._setTimeout(() => attempt.controller.abort(), attempt.live ? this.options.sseIdleTimeout : this.options.connectTimeout);
+    };
+    try {
+      watch();
+      const { path, lastEventId } = sseRequest(Array.from(this._subs, ([projectId]) => [projectId, this.cursor(projectId)]));
+      const headers = { Accept: "text/event-stream" };
+      if (this._hasAuth) headers.Authorization = `Bearer ${await this._getToken(false)}`;
+      if (lastEventId) headers["Last-Event-ID"] = lastEventId;
+      if (this._sse !== attempt) return;
+      response = await this._fetch(this.httpUrl + path, { headers, cache: "no-store", signal });
+      if (this._sse !== attempt) return;
+      if (!response.ok || !response.body || typeof response.body.getReader !== "function") {
+        if (response.status === 401) this._token = null;
+        let detail = "";
+        try {
+          detail = (await response.json()).message || "";
+        } catch {
+          /* not JSON */
+        }
+        this._reportError({ code: `sse_http_${response.status}`, message: detail });
+        return;
+      }
+      attempt.live = true;
+      attempt.openedAt = this._now();
+      this._sseLive = true;
+      this._everConnected = true;
+      this._stopPolling();
+      this._updateState();
+      watch();
+      const reader = response.body.getReader();
+      const decoder = new TextDecoder();
+      const parser = new SseParser();
+      for (;;) {
+        const { done, value } = await reader.read();
+        if (done || this._sse !== attempt) break;
+        watch();
+        for (const item of parser.feed(decoder.decode(value, { stream: true }))) {
+          if (this._sse !== attempt) break;
+          this._onSseEvent(attempt, item);
+        }
+      }
+    } catch (error) {
+      if (this._sse === attempt && !attempt.reopen) this._reportError({ code: "sse_failed", message: String(error), error });
+    } finally {
+      this._clearTimeout(idle);
+      this._sseEnded(attempt);
+    }
+  }
+
+  _onSseEvent(attempt, item) {
+    let message;
+    try {
+      message = JSON.parse(item.data);
+    } catch {
+      this._reportError({ code: "invalid_frame", message: "gateway sent an SSE event that is not JSON" });
+      return;
+    }
+    if (!message || typeof message !== "object") return;
+    switch (item.event) {
+      case "message":
+        if (Number.isSafeInteger(message.seq) && Number.isSafeInteger(message.project_id)) this._onEvent(message, "sse");
+        return;
+      case "subscribed":
+        return this._onSubscribed(message);
+      case "resync_required":
+        return this._onResyncRequired(message);
+      case "authenticated":
+        return this._scheduleSseRefresh(message);
+      case "error":
+        // The stream ends after an error it cannot recover from; we reopen it from the cursors.
+        this._reportError({ code: message.code, message: message.message, projectId: message.project_id });
+        return;
+      case "close":
+        attempt.closeCode = message.code;
+        return;
+      default:
+        return;
+    }
+  }
+
+  /** A stream cannot refresh its token in-band: open the next one with a new token before this
+   * one's expires (docs/protocol.md, "Server-Sent Events"). */
+  _scheduleSseRefresh(message) {
+    this._clearTimeout(this._sseRefreshTimer);
+    this._sseRefreshTimer = null;
+    if (typeof this.options.token !== "function" || !this._token) return;
+    const claims = decodeTokenClaims(this._token.value) || {};
+    const delay = refreshDelay({
+      iat: claims.iat,
+      exp: claims.exp,
+      expiresAt: message.expires_at,
+      obtainedAt: this._token.obtainedAt,
+      now: this._now(),
+    });
+    if (delay !== null) {
+      this._sseRefreshTimer = this._setTimeout(() => {
+        this._token = null; // the next stream asks for a new one
+        this._reopenSse();
+      }, delay);
+    }
+  }
+
+  _sseEnded(attempt) {
+    if (this._sse !== attempt) return;
+    this._sse = null;
+    this._sseLive = false;
+    this._clearTimeout(this._sseRefreshTimer);
+    this._sseRefreshTimer = null;
+    if (this._closed || this._wsLive) {
+      this._updateState();
+      return;
+    }
+    if (attempt.live && this._now() - attempt.openedAt >= this.options.stableAfter) this._sseBackoff.reset();
+    const action = closeAction(attempt.closeCode);
+    if (action.renewToken) this._token = null;
+    if (attempt.reopen) {
+      this._connectSse();
+    } else if (attempt.live && attempt.closeCode !== null && action.delay === "prompt") {
+      // Draining (1012), slow consumer (4008), token expired (4002): resume at once, jittered.
+      this._sseRetryTimer = this._setTimeout(() => {
+        this._sseRetryTimer = null;
+        if (!this._wsLive && !this._closed) this._connectSse();
+      }, Math.round(this._random() * this.options.promptDelayMax));
+    } else {
+      // The stream could not open, or broke: poll meanwhile, and try SSE again on its backoff.
+      this._startPolling();
+      this._sseRetryTimer = this._setTimeout(() => {
+        this._sseRetryTimer = null;
+        this._startSse();
+      }, this._sseBackoff.next());
+    }
+    this._updateState();
   }
 
   // --- polling fallback --------------------------------------------------------------------------
@@ -920,15 +1214,20 @@ export class EventBus {
       closed: this._closed,
       online: this._isOnline(),
       websocketLive: this._wsLive,
+      sseLive: this._sseLive,
       pollingOk: this._polling && this._pollOk,
       everConnected: this._everConnected,
     });
-    if (next === this._state) return;
+    const transport = this.transport;
+    if (next === this._state && transport === this._reportedTransport) return;
     const previous = this._state;
     this._state = next;
+    this._reportedTransport = transport;
     if (this.options.onStateChange) {
       try {
-        this.options.onStateChange(next, previous);
+        // Called when the state or the live transport changes (e.g. "live" over SSE, then over
+        // WebSocket): the third argument is the status, {state, transport}.
+        this.options.onStateChange(next, previous, { state: next, transport });
       } catch (error) {
         this._reportError({ code: "handler_failed", message: String(error), error });
       }

@@ -106,6 +106,9 @@ function setup({ options = {}, subscribe = [1], tokenLifetime = 900, autoFailSoc
     resyncGate: null,
     resyncFailures: 0,
     poll: () => ({ status: 503, body: { error: "unavailable", message: "down" } }),
+    // SSE stream requests (kept apart from polls): refused unless a test serves them.
+    streams: [],
+    sse: () => ({ status: 404, body: { error: "not_found", message: "no SSE here" } }),
   };
   class FakeSocket {
     constructor(url) {
@@ -145,6 +148,14 @@ function setup({ options = {}, subscribe = [1], tokenLifetime = 900, autoFailSoc
   }
   env.FakeSocket = FakeSocket;
   const fetch = async (url, init) => {
+    if (new URL(url).pathname.endsWith("/stream")) {
+      const request = { url, headers: (init && init.headers) || {}, at: clock.now(), signal: init && init.signal };
+      env.streams.push(request);
+      const reply = await env.sse(url, init, request);
+      if (reply instanceof Error) throw reply;
+      if (reply.stream) return { ok: true, status: 200, body: reply.stream, json: async () => ({}) };
+      return { ok: false, status: reply.status, body: null, json: async () => reply.body };
+    }
     env.requests.push({ url, headers: (init && init.headers) || {}, at: clock.now() });
     const reply = await new Promise((resolve, reject) => {
       // Like the browser's fetch: an aborted signal rejects the pending request.
@@ -178,7 +189,10 @@ function setup({ options = {}, subscribe = [1], tokenLifetime = 900, autoFailSoc
       }
       if (env.resyncGate) await env.resyncGate;
     },
-    onStateChange: (state) => env.states.push(state),
+    onStateChange: (state, previous, status) => {
+      env.states.push(state);
+      (env.statuses = env.statuses || []).push(status);
+    },
     onError: (error) => env.errors.push(error),
     ...options,
   });
@@ -764,4 +778,195 @@ test("polling: a poll nobody answers is abandoned after pollTimeout and polling 
   await env.clock.advance(10000);
   eq(env.requests.length, hung + 1, "the next poll follows the usual interval");
   eq(env.events[1], [3, 4]);
+});
+
+// --- Server-Sent Events ------------------------------------------------------------------------
+
+/** Serve every stream request with 200 and a body the test writes to: `env.open` lists them. */
+function sseServer(env) {
+  env.open = [];
+  env.sse = (url, init, request) => {
+    const handle = { request, closed: false };
+    const encoder = new TextEncoder();
+    handle.stream = new ReadableStream({
+      start(controller) {
+        handle.controller = controller;
+      },
+    });
+    handle.send = (text) => handle.controller.enqueue(encoder.encode(text));
+    handle.event = (name, data, id) =>
+      handle.send(`${name ? `event: ${name}\n` : ""}${id ? `id: ${id}\n` : ""}data: ${JSON.stringify(data)}\n\n`);
+    handle.end = () => {
+      handle.closed = true;
+      handle.controller.close();
+    };
+    // Like the browser: aborting the fetch errors its body.
+    init.signal.addEventListener("abort", () => {
+      handle.closed = true;
+      try {
+        handle.controller.error(new DOMException("aborted", "AbortError"));
+      } catch {
+        /* already closed */
+      }
+    });
+    env.open.push(handle);
+    return { stream: handle.stream };
+  };
+}
+
+/** The newest stream: authenticated, then `subscribed` for each project given. */
+async function sseLive(env, subscribed = {}) {
+  await flush();
+  const stream = env.open[env.open.length - 1];
+  assert(stream && !stream.closed, "no open stream");
+  stream.event("authenticated", { type: "authenticated", subject: "u", projects: null, expires_at: Math.floor(env.clock.now() / 1000) + 900 });
+  for (const [projectId, reply] of Object.entries(subscribed)) {
+    const message = { type: "subscribed", project_id: Number(projectId), resumed: false, replayed: 0, ...reply };
+    stream.event("subscribed", message, `${message.epoch}:${message.seq}`);
+  }
+  await flush();
+  return stream;
+}
+
+test("sse: the parser splits lines at CR, LF and CRLF across chunks, and ignores comments", () => {
+  const parser = new eb.SseParser();
+  const text = ':\n\nid: e:1\ndata: {"a":\r\ndata: 1}\r\rid: e:2\nevent: subscribed\ndata: x\n\ndata: y\r\n\r\n';
+  const events = [];
+  for (const chunk of [text.slice(0, 17), text.slice(17, 28), text.slice(28, 29), text.slice(29)]) events.push(...parser.feed(chunk));
+  eq(events, [
+    { event: "message", data: '{"a":\n1}', id: "e:1" },
+    { event: "subscribed", data: "x", id: "e:2" },
+    { event: "message", data: "y", id: "e:2" },
+  ]);
+});
+
+test("sse: the request path and Last-Event-ID of one project and of several", () => {
+  eq(eb.sseRequest([[3, null]]), { path: "/v1/projects/3/stream", lastEventId: null });
+  eq(eb.sseRequest([[3, { epoch: "e", seq: 7 }]]), { path: "/v1/projects/3/stream", lastEventId: "e:7" });
+  eq(eb.sseRequest([[5, { epoch: "b", seq: 1 }], [2, null], [1, { epoch: "a", seq: 0 }]]), {
+    path: "/v1/stream?project=5&project=2&project=1",
+    lastEventId: "1=a:0,5=b:1",
+  });
+});
+
+test("WebSocket refused: live over SSE with the token header, no polling", async () => {
+  const env = setup({ autoFailSockets: true });
+  sseServer(env);
+  await env.clock.advance(0);
+  eq(env.streams.length, 1);
+  const request = env.streams[0];
+  eq(request.url, "http://gw.test/v1/projects/1/stream");
+  eq(request.headers.Authorization, `Bearer ${env.tokens[env.tokens.length - 1]}`);
+  eq(request.headers["Last-Event-ID"], undefined, "no cursor yet");
+  const stream = await sseLive(env, { 1: { epoch: "e", seq: 0 } });
+  eq(env.bus.state, "live");
+  eq(env.bus.transport, "sse");
+  eq(env.statuses[env.statuses.length - 1], { state: "live", transport: "sse" });
+  eq(env.resyncs, [1], "first subscribe loads state");
+  for (let seq = 1; seq <= 3; seq += 1) stream.event(null, event(1, seq), `e:${seq}`);
+  await flush();
+  eq(env.events[1], [1, 2, 3]);
+  await env.clock.advance(30000);
+  eq(env.requests.length, 0, "no polling while SSE is live");
+  assert(env.sockets.length >= 3, "WebSocket retried in the background");
+});
+
+test("sse: a stream closed with 1012 is reopened at once with Last-Event-ID; a broken one on backoff", async () => {
+  const env = setup({ autoFailSockets: true });
+  sseServer(env);
+  await env.clock.advance(0);
+  const first = await sseLive(env, { 1: { epoch: "e", seq: 0 } });
+  first.event(null, event(1, 1), "e:1");
+  first.event("close", { type: "close", code: 1012, reason: "server restarting" });
+  first.end();
+  await env.clock.advance(500);
+  eq(env.streams.length, 2, "reopened within the prompt delay");
+  eq(env.streams[1].headers["Last-Event-ID"], "e:1");
+  const second = await sseLive(env, { 1: { epoch: "e", seq: 1 } });
+  second.event(null, event(1, 1), "e:1"); // a replayed duplicate is dropped
+  second.event(null, event(1, 2), "e:2");
+  await flush();
+  eq(env.events[1], [1, 2]);
+  eq(env.resyncs, [1], "a resumed stream does not reload");
+  second.end(); // no close event: the connection broke
+  await env.clock.advance(0);
+  eq(env.bus.transport, null, "polling meanwhile (nothing to poll from yet in this fake)");
+  const count = env.streams.length;
+  await env.clock.advance(999);
+  eq(env.streams.length, count, "not before the backoff");
+  await env.clock.advance(1);
+  eq(env.streams.length, count + 1);
+  eq(env.streams[count].headers["Last-Event-ID"], "e:2");
+});
+
+test("sse: several projects share one stream; a new subscribe reopens it with every cursor", async () => {
+  const env = setup({ autoFailSockets: true, subscribe: [1, 2] });
+  sseServer(env);
+  await env.clock.advance(0);
+  eq(new URL(env.streams[0].url).search, "?project=1&project=2");
+  const stream = await sseLive(env, { 1: { epoch: "a", seq: 4 }, 2: { epoch: "b", seq: 0 } });
+  stream.event(null, event(2, 1), "1=a:4,2=b:1");
+  await flush();
+  env.events[3] = [];
+  env.bus.subscribe(3, (e) => env.events[3].push(e.seq));
+  await env.clock.advance(0);
+  eq(env.streams.length, 2);
+  eq(new URL(env.streams[1].url).search, "?project=1&project=2&project=3");
+  eq(env.streams[1].headers["Last-Event-ID"], "1=a:4,2=b:1");
+  assert(stream.closed, "the old stream is closed");
+});
+
+test("SSE refused too: polling, SSE retried, then back up to WebSocket", async () => {
+  const env = setup({ autoFailSockets: true });
+  pollServer(env, [1, 2]);
+  await env.clock.advance(0);
+  eq(env.bus.state, "polling");
+  eq(env.bus.transport, "polling");
+  eq(env.bus.cursor(1), { epoch: "p", seq: 2 });
+  sseServer(env);
+  for (let i = 0; i < 40 && env.open.length === 0; i += 1) await env.clock.advance(1000);
+  const stream = await sseLive(env, { 1: { epoch: "p", seq: 2 } });
+  eq(env.open[0].request.headers["Last-Event-ID"], "p:2", "SSE resumes from the polled cursor");
+  eq(env.bus.transport, "sse");
+  const polls = env.requests.length;
+  stream.event(null, event(1, 3), "p:3");
+  await env.clock.advance(20000);
+  eq(env.requests.length, polls, "polling stopped once SSE is live");
+  eq(env.events[1], [3]);
+  env.autoFailSockets = false;
+  for (let i = 0; i < 60 && env.last().readyState !== 0; i += 1) await env.clock.advance(1000);
+  const ws = await goLive(env);
+  eq(env.bus.transport, "websocket");
+  assert(stream.closed, "the stream is closed when WebSocket is back");
+  eq(ws.sentOf("subscribe"), [{ type: "subscribe", project_id: 1, epoch: "p", after: 3 }], "resume from the SSE cursor");
+  eq(env.statuses.map((s) => s.transport).filter((t, i, all) => t !== all[i - 1]), ["polling", "sse", "websocket"]);
+});
+
+test("sse: false goes straight to polling; websocket: false starts with SSE", async () => {
+  const polling = setup({ autoFailSockets: true, options: { sse: false } });
+  pollServer(polling, [1]);
+  await polling.clock.advance(0);
+  eq(polling.bus.transport, "polling");
+  eq(polling.streams.length, 0);
+  const sse = setup({ options: { websocket: false } });
+  sseServer(sse);
+  await sse.clock.advance(0);
+  eq(sse.sockets.length, 0);
+  await sseLive(sse, { 1: { epoch: "e", seq: 0 } });
+  eq(sse.bus.transport, "sse");
+});
+
+test("sse: a silent stream is dropped after sseIdleTimeout and reopened", async () => {
+  const env = setup({ autoFailSockets: true });
+  sseServer(env);
+  await env.clock.advance(0);
+  const stream = await sseLive(env, { 1: { epoch: "e", seq: 0 } });
+  await env.clock.advance(30000);
+  stream.send(":\n\n"); // a keepalive comment keeps it alive
+  await env.clock.advance(44000);
+  assert(!stream.closed, "alive: a comment came 44 s ago");
+  await env.clock.advance(1000);
+  assert(stream.closed, "dropped after 45 s of silence");
+  await env.clock.advance(1000);
+  eq(env.streams[env.streams.length - 1].headers["Last-Event-ID"], "e:0");
 });

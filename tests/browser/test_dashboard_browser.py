@@ -297,35 +297,59 @@ def test_reconnection_after_gateway_restart_catches_up(demo, new_page, gateway, 
     assert delivered_seqs(page) == list(range(1, len(delivered_seqs(page)) + 1))
 
 
-def test_fallback_polls_while_websocket_is_blocked_then_switches_back(demo, new_page, gateway):
-    blocked = {"on": True}
+def test_fallback_ladder_sse_then_polling_then_back_to_websocket(demo, new_page, gateway):
+    """WebSocket blocked by a "proxy": live over SSE (updates within seconds, not a polling
+    period); SSE blocked too: polling every 10 s; both allowed again: back to WebSocket. The
+    dashboard shows the live transport all along, and nothing is delivered twice."""
+    blocked = {"websocket": True, "sse": False}
 
-    def route(ws):
+    def route_ws(ws):
         # A proxy that refuses WebSocket: the connection dies before the gateway sees it.
-        if blocked["on"]:
+        if blocked["websocket"]:
             ws.close(code=1011, reason="blocked by proxy")
         else:
             ws.connect_to_server()
 
-    page = new_page(setup=lambda page: page.route_web_socket(re.compile(r"^ws://"), route))
+    def route_sse(route):
+        if blocked["sse"]:
+            route.abort("connectionrefused")
+        else:
+            route.continue_()
+
+    def setup(page):
+        page.route_web_socket(re.compile(r"^ws://"), route_ws)
+        page.route(re.compile(r"/v1/(projects/[0-9]+/)?stream"), route_sse)
+
+    page = new_page(setup=setup)
     page.goto(demo.url)
     state = page.get_by_test_id("connection-state")
-    expect(state).to_have_attribute("data-state", "polling")
-    expect(page.get_by_test_id("connection-text")).to_contain_text("polling")
+    text = page.get_by_test_id("connection-text")
+    expect(state).to_have_attribute("data-state", "live")
+    expect(state).to_have_attribute("data-transport", "sse")
+    expect(text).to_contain_text("Server-Sent Events")
     page.wait_for_function("Number(document.body.dataset.resyncs || 0) >= 1")
+    over_sse = raise_blocker(demo, "SYNC", "arrives over SSE")
+    expect(blocker_item(page, over_sse["id"])).to_be_visible(timeout=3_000)  # live, not polled
 
-    blocker = raise_blocker(demo, "SYNC", "arrives by polling")
+    # SSE blocked too, and the open stream cut (the gateway restarts): polling.
+    blocked["sse"] = True
+    gateway.kill()
+    gateway.start()
+    expect(state).to_have_attribute("data-state", "polling", timeout=20_000)
+    expect(state).to_have_attribute("data-transport", "polling")
+    expect(text).to_contain_text("polling")
+    by_polling = raise_blocker(demo, "SYNC", "arrives by polling", agent_id="frontend-worker-001")
     published = time.monotonic()
-    expect(blocker_item(page, blocker["id"])).to_be_visible(timeout=13_000)
+    expect(blocker_item(page, by_polling["id"])).to_be_visible(timeout=13_000)
     assert time.monotonic() - published < 12.5  # one 10 s polling period, plus slack
-    assert page.evaluate("window.dashboard.bus.transport") == "polling"
 
-    # WebSocket works again: the client, still retrying in the background, switches back.
-    blocked["on"] = False
-    expect(state).to_have_attribute("data-state", "live", timeout=40_000)
-    resolve(demo, blocker["id"])
-    expect(blocker_item(page, blocker["id"])).to_have_count(0, timeout=3_000)  # live, not polled
-    assert page.evaluate("window.dashboard.bus.transport") == "websocket"
+    # Both work again: the client, still retrying in the background, climbs back to WebSocket.
+    blocked["sse"] = blocked["websocket"] = False
+    expect(state).to_have_attribute("data-transport", "websocket", timeout=45_000)
+    expect(state).to_have_attribute("data-state", "live")
+    expect(text).to_contain_text("WebSocket")
+    resolve(demo, by_polling["id"])
+    expect(blocker_item(page, by_polling["id"])).to_have_count(0, timeout=3_000)  # live
     assert_no_duplicates(page)
 
 

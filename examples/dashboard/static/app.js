@@ -365,7 +365,11 @@ function renderConnection() {
   const state = bus ? bus.state : "connecting";
   const box = $("#connection");
   box.dataset.state = state;
+  // Which transport carries the events (eventbus.js falls back WebSocket -> SSE -> polling).
+  const transport = (bus && bus.transport) || "";
+  box.dataset.transport = transport;
   let text = STATE_TEXT[state] || state;
+  if (state === "live") text = transport === "sse" ? "Live (Server-Sent Events)" : "Live (WebSocket)";
   if (state === "reconnecting" && bus.nextRetryAt) {
     const seconds = Math.max(0, Math.ceil((bus.nextRetryAt - Date.now()) / 1000));
     text = seconds > 0 ? `Reconnecting in ${seconds} s…` : "Reconnecting…";
