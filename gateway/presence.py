@@ -206,9 +206,9 @@ class ProjectView:
     """One project's presence as this pod knows it: every pod's records, merged members, and
     the members last sent to subscribers (``emitted``)."""
 
-    #: A pod absent from this many consecutive refresh reports is dead (one absence may be a
-    #: Redis flush that the pod repairs at its next refresh).
-    MISSES_BEFORE_DROP = 2
+    #: A pod absent from this many consecutive refresh reports is dead (an absence or two may
+    #: be a Redis flush or restart that the pod repairs at its next refresh).
+    MISSES_BEFORE_DROP = 3
 
     def __init__(self, project_id: int, own_pod: str) -> None:
         self.project_id = project_id
@@ -278,12 +278,12 @@ class ProjectView:
 
     def load(self, snapshot: Mapping[str, PodState], own_records: Mapping[str, PodRecord]) -> bool:
         """Install a read of the whole project (this pod's part comes from ``own_records``, which
-        is fresher than Redis). A pod this view already knows at a newer version keeps it.
+        is fresher than Redis). A pod this view already knows at a newer version keeps it; a pod
+        absent from the read is kept until :meth:`check_live` finds it dead.
         Announcements received before the first read are applied after it; False when one of
         them shows a gap (read again)."""
-        for pod in list(self.pods) + list(self.versions):
-            if pod != self.own_pod and pod not in snapshot:
-                self.drop_pod(pod)
+        # A pod absent from the read is kept: it may be rewriting what a Redis flush or restart
+        # lost. Dead pods are dropped by check_live; pods that left announced it.
         for pod, state in snapshot.items():
             if pod != self.own_pod and state.version >= self.versions.get(pod, 0):
                 self.replace_pod(pod, state.records, state.version)

@@ -1,0 +1,451 @@
+"""Presence against Redis: :class:`PresenceStore` (the Redis calls, batched) and
+:class:`PresenceService` (the loops that run :class:`gateway.presence.PresenceCore` with them).
+
+Cost per pod (docs/presence.md has the formulas): one pipeline per ``flush_interval`` when
+something changed, with one script call per changed project; one pipeline per
+``refresh_interval`` with one script call per project the pod has members in or watches; one
+read per project when a subscriber first needs it or an announcement was missed. Nothing is
+sent per connection.
+
+Bounds, with the defaults (all settable on :class:`PresenceService`):
+
+* A pod's records live ``ttl`` = 10 s past its last refresh (every ``refresh_interval`` = 3 s).
+* A SIGKILLed pod's members leave every view within ttl + 3 x refresh_interval + diff_interval
+  = 20 s (other pods drop a pod after missing it from three refresh reports in a row: fewer
+  would show a Redis flush or restart as everyone leaving and joining again).
+* A drained pod (SIGTERM, rolling restart) keeps its members for ``drain_grace`` = 15 s: a client
+  that reconnects to another pod within it never appears to leave.
+* A closed tab is written within ``flush_interval`` = 0.1 s and reaches subscribers at the next
+  diff, within ``diff_interval`` = 1 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+import redis.asyncio
+import redis.exceptions
+
+from gateway.logs import LogThrottle, get_logger
+from gateway.presence import PresenceCore, SessionKey, Write
+from schemas.keys import Keys
+from schemas.presence import (
+    READ,
+    REFRESH,
+    WRITE,
+    MalformedAnnouncement,
+    PodState,
+    encode_record,
+    parse_announcement,
+    parse_read_reply,
+)
+from schemas.protocol import encode
+
+__all__ = ["PresenceService", "PresenceStore", "new_pod_id"]
+
+log = get_logger("gateway.presence")
+
+#: Deliver one encoded message to some sessions (the gateway's fan-out; must not block).
+Deliver = Callable[[Sequence[SessionKey], bytes], None]
+
+
+def new_pod_id() -> str:
+    """A new pod id: random per process start, so a restarted pod never inherits a dead one's
+    records (they expire on their own)."""
+    return secrets.token_urlsafe(9)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes | bytearray) else str(value)
+
+
+class PresenceStore:
+    """The Redis calls of one pod's presence. Each method is one round trip (a pipeline)."""
+
+    def __init__(
+        self,
+        client: Any,
+        pod_id: str,
+        *,
+        keys: Keys | None = None,
+        ttl: float = 10.0,
+        publish_command: str = "PUBLISH",
+    ) -> None:
+        self.client = client
+        self.pod_id = pod_id
+        self.keys = keys or Keys()
+        self.ttl_ms = round(ttl * 1000)
+        self.publish_command = publish_command
+        self._write = client.register_script(WRITE)
+        self._refresh = client.register_script(REFRESH)
+        self._read = client.register_script(READ)
+        #: Commands sent and round trips made: what the cost bounds count.
+        self.commands = 0
+        self.round_trips = 0
+
+    def _keys(self, project_id: int) -> list[str]:
+        return [self.keys.presence_pods(project_id), self.keys.presence_versions(project_id)]
+
+    async def write(self, writes: Sequence[Write]) -> list[bool]:
+        """Apply writes (one script call each, one pipeline); per write, whether it was applied
+        (False: Redis had lost this pod's records, so it must be written whole)."""
+        if not writes:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for w in writes:
+            args: list[Any] = [
+                self.keys.presence_pod_prefix(w.project_id),
+                self.pod_id,
+                self.ttl_ms,
+                w.base,
+                w.version,
+                self.publish_command,
+                self.keys.presence_channel(w.project_id),
+            ]
+            for member_id, record in w.changes.items():
+                args += [member_id, b"" if record is None else encode_record(record)]
+            await self._write(keys=self._keys(w.project_id), args=args, client=pipe)
+        replies = await pipe.execute()
+        self._count(len(writes))
+        return [int(r) == 1 for r in replies]
+
+    async def refresh(
+        self, plan: Mapping[int, int | None], ttl_ms: int | None = None
+    ) -> dict[int, tuple[bool, dict[str, int]]]:
+        """Keep this pod's records alive in the projects mapped to a version (None: only watch
+        the project) and report each project's live pods: project -> (ok, pod -> version)."""
+        if not plan:
+            return {}
+        ttl_ms = self.ttl_ms if ttl_ms is None else ttl_ms
+        pipe = self.client.pipeline(transaction=False)
+        projects = list(plan)
+        for project_id in projects:
+            version = plan[project_id]
+            args = [
+                self.keys.presence_pod_prefix(project_id),
+                "" if version is None else self.pod_id,
+                ttl_ms,
+                version or 0,
+            ]
+            await self._refresh(keys=self._keys(project_id), args=args, client=pipe)
+        replies = await pipe.execute()
+        self._count(len(projects))
+        out = {}
+        for project_id, (ok, flat) in zip(projects, replies, strict=True):
+            live = {_text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
+            out[project_id] = (int(ok) == 1, live)
+        return out
+
+    async def read(self, project_id: int) -> dict[str, PodState]:
+        """A project's presence on every live pod, read atomically."""
+        reply = await self._read(
+            keys=self._keys(project_id), args=[self.keys.presence_pod_prefix(project_id)]
+        )
+        self._count(1)
+        return parse_read_reply(reply)
+
+    def _count(self, commands: int) -> None:
+        self.commands += commands
+        self.round_trips += 1
+
+
+class PresenceService:
+    """Presence for one gateway pod: the calls the connection lifecycle makes, and the loops.
+
+    The gateway calls, for each connection (``session`` is any hashable naming it):
+
+    * :meth:`join` when it subscribes to a project (token subject and display name),
+      :meth:`activity` for an ``activity`` message, :meth:`leave` on unsubscribe or when a token
+      refresh drops the project, :meth:`close_session` when the connection ends;
+    * :meth:`subscribe` for ``subscribe`` with ``"presence": true`` (returns the ``presence``
+      frame to send), :meth:`unsubscribe`, and :meth:`get` for ``presence_get``;
+    * :meth:`start` once, :meth:`drain` on SIGTERM (records kept for ``drain_grace``).
+
+    Diffs reach sessions through ``deliver(sessions, frame)``. Access control is the caller's:
+    call these only for projects the connection's token allows.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        deliver: Deliver,
+        *,
+        keys: Keys | None = None,
+        pod_id: str | None = None,
+        ttl: float = 10.0,
+        refresh_interval: float = 3.0,
+        flush_interval: float = 0.1,
+        diff_interval: float = 1.0,
+        drain_grace: float = 15.0,
+        publish_command: str = "PUBLISH",
+        listen: bool = True,
+        clock_ms: Callable[[], int] | None = None,
+    ) -> None:
+        if not refresh_interval * 2 < ttl:
+            raise ValueError("ttl must exceed two refresh intervals")
+        self.keys = keys or Keys()
+        self.pod_id = pod_id or new_pod_id()
+        self.store = PresenceStore(
+            client, self.pod_id, keys=self.keys, ttl=ttl, publish_command=publish_command
+        )
+        self.core = PresenceCore(self.pod_id, clock_ms or (lambda: int(time.time() * 1000)))
+        self.client = client
+        self.deliver = deliver
+        self.refresh_interval = refresh_interval
+        self.flush_interval = flush_interval
+        self.diff_interval = diff_interval
+        self.drain_grace = drain_grace
+        self._listen = listen
+        self._tasks: list[asyncio.Task] = []
+        self._wake = asyncio.Event()
+        self._loading: dict[int, asyncio.Task] = {}
+        self._reread: set[int] = set()
+        self._channels: set[str] = set()
+        self._pubsub: Any = None
+        self._channels_changed = asyncio.Event()
+        self._throttle = LogThrottle()
+        self.stopped = False
+        #: Counters for metrics and the benchmark.
+        self.deliveries = 0
+        self.diffs = 0
+        self.rereads = 0
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loops: list[Callable[[], Awaitable[None]]] = [self._redis_loop, self._diff_loop]
+        if self._listen:
+            loops.append(self._listen_loop)
+        self._tasks = [asyncio.create_task(loop()) for loop in loops]
+
+    async def drain(self) -> None:
+        """Hand over for a rolling restart: write what is pending, then keep this pod's records
+        for ``drain_grace`` (its clients reconnect elsewhere meanwhile) and stop. No leave is
+        announced: members who come back within the grace never appear to leave."""
+        await self.stop()
+        with contextlib.suppress(redis.exceptions.RedisError, OSError):
+            await self._flush()
+            plan = {p: v for p, v in self.core.refresh_plan().items() if v}
+            await self.store.refresh(plan, ttl_ms=round(self.drain_grace * 1000))
+
+    async def stop(self) -> None:
+        """Stop every loop without touching Redis (what a crash looks like to other pods)."""
+        self.stopped = True
+        tasks = self._tasks + list(self._loading.values())
+        self._tasks = []
+        for _ in range(3):
+            # redis-py's read timeouts can swallow a cancel that coincides with them (the loops
+            # also check ``stopped``): cancel until done, boundedly.
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                _, pending = await asyncio.wait(tasks, timeout=1.0)
+                tasks = list(pending)
+        if self._pubsub is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._pubsub.aclose(), 1.0)
+            self._pubsub = None
+
+    # --- the connection lifecycle -------------------------------------------------------------
+
+    def join(self, session: SessionKey, project_id: int, member_id: str, name: str | None) -> None:
+        self.core.join(session, project_id, member_id, name)
+        self._wake.set()
+
+    def activity(
+        self, session: SessionKey, project_id: int, viewing: int | None, answering: int | None
+    ) -> bool:
+        """False when the session has not joined the project (answer ``not_subscribed``)."""
+        ok = self.core.activity(session, project_id, viewing, answering)
+        self._wake.set()
+        return ok
+
+    def leave(self, session: SessionKey, project_id: int) -> None:
+        self.core.leave(session, project_id)
+        self.unsubscribe(session, project_id)
+        self._wake.set()
+
+    def close_session(self, session: SessionKey) -> None:
+        for project_id in self.core.close_session(session):
+            self._unwatch(project_id)
+        self._wake.set()
+
+    async def subscribe(self, session: SessionKey, project_id: int) -> bytes:
+        """Start presence messages for a session; returns its ``presence`` frame."""
+        await self._ensure_loaded(project_id)
+        return encode(self.core.subscribe(session, project_id))
+
+    def unsubscribe(self, session: SessionKey, project_id: int) -> None:
+        if self.core.unsubscribe(session, project_id):
+            self._unwatch(project_id)
+
+    async def get(self, project_id: int) -> bytes:
+        """The ``presence`` frame for ``presence_get``: from the view when this pod has one
+        (the state its subscribers' diffs start from), else read from Redis."""
+        view = self.core.views.get(project_id)
+        if view is not None and view.loaded:
+            return encode(view.snapshot())
+        return encode(self.core.snapshot_of_read(project_id, await self.store.read(project_id)))
+
+    def on_message(self, channel: bytes | str, data: bytes) -> None:
+        """A message of a presence channel (from this service's listener, or from the gateway's
+        own pub/sub when it routes the channels itself, e.g. sharded on Redis Cluster)."""
+        project_id = self.keys.project_of_presence_channel(channel)
+        if project_id is None:
+            return
+        try:
+            announcement = parse_announcement(data)
+        except MalformedAnnouncement as exc:
+            if (suppressed := self._throttle.allow("malformed_announcement")) is not None:
+                log.warning(
+                    "malformed presence announcement", error=str(exc), suppressed=suppressed
+                )
+            return
+        if not self.core.on_announcement(project_id, announcement):
+            self._reread.add(project_id)
+            self._wake.set()
+
+    # --- loops --------------------------------------------------------------------------------
+
+    async def _ensure_loaded(self, project_id: int) -> None:
+        view = self.core.view(project_id)
+        if view.loaded:
+            return
+        task = self._loading.get(project_id)
+        if task is None:
+            task = self._loading[project_id] = asyncio.create_task(self._load(project_id))
+        await asyncio.shield(task)
+
+    async def _load(self, project_id: int) -> None:
+        try:
+            await self._watch(project_id)
+            if not self.core.load(project_id, await self.store.read(project_id)):
+                self._reread.add(project_id)  # loaded; an early announcement showed a gap
+                self._wake.set()
+        except BaseException:
+            if not self.core.subscribers.get(project_id):
+                self.core.views.pop(project_id, None)  # nobody waits for it any more
+                self._unwatch(project_id)
+            raise
+        finally:
+            self._loading.pop(project_id, None)
+
+    async def _reload(self, project_id: int) -> None:
+        self.rereads += 1
+        if project_id in self.core.views and not self.core.load(
+            project_id, await self.store.read(project_id)
+        ):
+            self._reread.add(project_id)
+
+    async def _watch(self, project_id: int) -> None:
+        """Listen to the project's presence channel (the listener subscribes within 0.2 s; an
+        announcement published before Redis has the subscription shows up as a gap that the
+        next announcement or refresh repairs with a read)."""
+        channel = self.keys.presence_channel(project_id)
+        if channel not in self._channels:
+            self._channels.add(channel)
+            self._channels_changed.set()
+
+    def _unwatch(self, project_id: int) -> None:
+        channel = self.keys.presence_channel(project_id)
+        if channel in self._channels:
+            self._channels.discard(channel)
+            self._channels_changed.set()
+
+    async def _flush(self) -> None:
+        writes = self.core.take_writes()
+        if not writes:
+            return
+        try:
+            results = await self.store.write(writes)
+        except BaseException:
+            for w in writes:
+                self.core.written(w, ok=False)
+            raise
+        for w, ok in zip(writes, results, strict=True):
+            self.core.written(w, ok)
+
+    async def _refresh(self) -> None:
+        replies = await self.store.refresh(self.core.refresh_plan())
+        for project_id, (ok, live) in replies.items():
+            if self.core.refreshed(project_id, ok, live):
+                self._reread.add(project_id)
+        await self._flush()  # rewrite whatever Redis lost, now
+
+    async def _redis_loop(self) -> None:
+        """Writes, refreshes and re-reads, one at a time (a write and a refresh never race)."""
+        loop = asyncio.get_running_loop()
+        next_refresh = loop.time()
+        backoff = self.flush_interval
+        while True:
+            try:
+                if loop.time() >= next_refresh:
+                    next_refresh = loop.time() + self.refresh_interval
+                    await self._refresh()
+                await self._flush()
+                while self._reread:
+                    await self._reload(self._reread.pop())
+                backoff = self.flush_interval
+            except (redis.exceptions.RedisError, OSError) as exc:
+                if (suppressed := self._throttle.allow("redis_error")) is not None:
+                    log.warning(
+                        "presence: redis unavailable", error=str(exc), suppressed=suppressed
+                    )
+                backoff = min(backoff * 2, self.refresh_interval)
+            await asyncio.sleep(backoff)  # coalesces a burst of changes into one write
+            if not (self.core.has_pending_writes() or self._reread):
+                with contextlib.suppress(TimeoutError):
+                    timeout = max(0.0, next_refresh - loop.time())
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+            self._wake.clear()
+
+    async def _diff_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.diff_interval)
+            for sessions, diff in self.core.tick():
+                frame = encode(diff)
+                self.diffs += 1
+                self.deliveries += len(sessions)
+                self.deliver(sessions, frame)
+
+    async def _listen_loop(self) -> None:
+        """Listen to the presence channels of the watched projects. After a reconnect every
+        view is read again: announcements sent while disconnected are lost."""
+        backoff = 0.05
+        while not self.stopped:
+            subscribed: set[str] = set()
+            try:
+                self._pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+                reconnected = bool(self.core.views)
+                while not self.stopped:
+                    self._channels_changed.clear()
+                    wanted = set(self._channels)
+                    if wanted - subscribed:
+                        await self._pubsub.subscribe(*(wanted - subscribed))
+                    if subscribed - wanted:
+                        await self._pubsub.unsubscribe(*(subscribed - wanted))
+                    subscribed = wanted
+                    if reconnected:
+                        reconnected = False
+                        self._reread.update(self.core.views)
+                        self._wake.set()
+                    if not subscribed:
+                        await self._channels_changed.wait()
+                        continue
+                    message = await self._pubsub.get_message(timeout=0.2)
+                    if message is not None and message.get("type") == "message":
+                        self.on_message(message["channel"], message["data"])
+                    backoff = 0.05
+            except (redis.exceptions.RedisError, OSError) as exc:
+                if (suppressed := self._throttle.allow("pubsub_error")) is not None:
+                    log.warning("presence: pub/sub down", error=str(exc), suppressed=suppressed)
+            pubsub, self._pubsub = self._pubsub, None
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)

@@ -1,0 +1,49 @@
+"""Read a project's presence from a backend: who is connected, viewing and answering what.
+
+The read is one atomic script call (:data:`schemas.presence.READ`) over every live gateway pod's
+records, merged exactly as the gateway merges them, so a backend sees what the dashboards see
+(at most one write interval, 0.1 s, behind). These functions are what
+``Publisher.presence(project_id)``, ``AsyncPublisher.presence(project_id)`` and
+``eventbus-publish presence <project>`` call; they take a redis-py client (sync or asyncio,
+standalone or Cluster) and the deployment's :class:`~schemas.keys.Keys`::
+
+    members = read_presence(redis.Redis(), 1)
+    answering = [(m.name, m.answering) for m in members if m.answering is not None]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from schemas.keys import Keys
+from schemas.presence import READ, merge_pods, parse_read_reply
+from schemas.protocol import Member
+
+__all__ = ["aread_presence", "read_presence"]
+
+
+def _args(keys: Keys, project_id: int) -> tuple[list[str], list[str]]:
+    if not isinstance(project_id, int) or isinstance(project_id, bool) or project_id <= 0:
+        raise ValueError("project_id must be a positive integer")
+    return (
+        [keys.presence_pods(project_id), keys.presence_versions(project_id)],
+        [keys.presence_pod_prefix(project_id)],
+    )
+
+
+def _members(reply: list) -> list[Member]:
+    pods = {pod: state.records for pod, state in parse_read_reply(reply).items()}
+    members = merge_pods(pods)
+    return [members[k] for k in sorted(members)]
+
+
+def read_presence(client: Any, project_id: int, *, keys: Keys | None = None) -> list[Member]:
+    """The members of a project, sorted by id (empty when nobody is connected)."""
+    key_names, args = _args(keys or Keys(), project_id)
+    return _members(client.eval(READ, len(key_names), *key_names, *args))
+
+
+async def aread_presence(client: Any, project_id: int, *, keys: Keys | None = None) -> list[Member]:
+    """:func:`read_presence` for a ``redis.asyncio`` client."""
+    key_names, args = _args(keys or Keys(), project_id)
+    return _members(await client.eval(READ, len(key_names), *key_names, *args))

@@ -1,0 +1,291 @@
+"""Presence against real Redis (gateway/presence_store.py, publisher/presence.py): several pods
+as several PresenceService instances in one process, each with its own Redis clients.
+
+Timings are scaled down (refresh 0.25 s, ttl 0.8 s, diffs every 0.2 s) so that the bounds the
+defaults give in seconds are exercised in fractions of one; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Awaitable, Callable
+
+import msgspec
+import pytest
+import redis
+import redis.asyncio
+
+from gateway.presence import ProjectView, apply_diff
+from gateway.presence_store import PresenceService
+from publisher.presence import aread_presence, read_presence
+from schemas.protocol import Member, Presence, PresenceDiff
+from tests.support.redis_server import RedisServer
+
+TIMINGS = {"ttl": 0.8, "refresh_interval": 0.25, "flush_interval": 0.02, "diff_interval": 0.2}
+#: How long after a pod stops refreshing its members may still be shown (docs/presence.md):
+#: ttl + MISSES_BEFORE_DROP refresh intervals + one diff interval.
+KILL_BOUND = (
+    TIMINGS["ttl"]
+    + ProjectView.MISSES_BEFORE_DROP * TIMINGS["refresh_interval"]
+    + TIMINGS["diff_interval"]
+)
+SLACK = 1.0  # scheduling on a loaded 2-core machine
+
+_decode = msgspec.json.Decoder(Presence | PresenceDiff)
+
+
+class Watcher:
+    """A client of the presence messages of one project: applies them as a browser would and
+    remembers every member that ever left."""
+
+    def __init__(self) -> None:
+        self.members: dict[str, Member] = {}
+        self.left: list[str] = []
+        self.diffs = 0
+        self._changed = asyncio.Event()
+
+    def receive(self, frame: bytes) -> None:
+        message = _decode.decode(frame)
+        if isinstance(message, Presence):
+            self.members = {m.id: m for m in message.members}
+        else:
+            self.diffs += 1
+            self.left += message.left
+            self.members = apply_diff(self.members, message)
+        self._changed.set()
+
+    async def until(self, predicate: Callable[[dict[str, Member]], bool], within: float) -> None:
+        """Wait until the members satisfy ``predicate`` (checked at each message received)."""
+
+        async def wait() -> None:
+            while not predicate(self.members):
+                self._changed.clear()
+                await self._changed.wait()
+
+        await asyncio.wait_for(wait(), within)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], within: float) -> None:
+    """Poll state that announces nothing (what Redis holds) until ``check`` holds; bounded."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    for _ in itertools.count():
+        if await check():
+            return
+        if loop.time() > deadline:
+            raise TimeoutError(f"not true within {within} s")
+        await asyncio.sleep(0.05)
+
+
+class Pods:
+    """Start pods (PresenceService) on one Redis; route their deliveries to Watchers."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.watchers: dict[str, Watcher] = {}
+        self.services: list[PresenceService] = []
+
+    def deliver(self, sessions, frame: bytes) -> None:
+        for session in sessions:
+            if session in self.watchers:
+                self.watchers[session].receive(frame)
+
+    async def start(self, name: str, **overrides) -> PresenceService:
+        client = redis.asyncio.Redis.from_url(self.url, socket_timeout=2, socket_connect_timeout=2)
+        service = PresenceService(client, self.deliver, pod_id=name, **{**TIMINGS, **overrides})
+        await service.start()
+        self.services.append(service)
+        return service
+
+    async def watch(self, service: PresenceService, session: str, project_id: int = 1) -> Watcher:
+        watcher = self.watchers[session] = Watcher()
+        watcher.receive(await service.subscribe(session, project_id))
+        return watcher
+
+    async def close(self) -> None:
+        for service in self.services:
+            await service.stop()
+            await service.client.aclose()
+
+
+@pytest.fixture
+async def pods(redis_url):
+    cluster = Pods(redis_url)
+    yield cluster
+    await cluster.close()
+
+
+def people(n: int, prefix: str = "u") -> dict[str, str]:
+    return {f"{prefix}{i}": f"Person {i}" for i in range(n)}
+
+
+async def test_members_on_three_pods_are_seen_from_every_pod(pods, redis_url) -> None:
+    a, b, c = [await pods.start(name) for name in ("a", "b", "c")]
+    everyone = people(30)
+    for i, (member_id, name) in enumerate(everyone.items()):
+        pod = (a, b, c)[i % 3]
+        pod.join(f"tab{i}", 1, member_id, name)
+        pod.join(f"second-tab{i}", 1, member_id, name)  # one person, two tabs: one member
+    watchers = [await pods.watch(pod, f"watcher-{pod.pod_id}") for pod in (a, b, c)]
+    for watcher in watchers:
+        await watcher.until(lambda m: set(m) == set(everyone), within=5)
+    b.activity("tab1", 1, viewing=123, answering=123)
+    for watcher in watchers:
+        await watcher.until(lambda m: m["u1"].answering == 123, within=5)
+        assert {m.name for m in watcher.members.values()} == set(everyone.values())
+    # Backends read the same thing.
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert read_presence(client, 1) == sorted(watchers[0].members.values(), key=lambda m: m.id)
+    finally:
+        client.close()
+    assert [m.id for m in await aread_presence(a.client, 1)] == sorted(everyone)
+    assert await a.get(2) == b'{"type":"presence","project_id":2,"members":[]}'
+
+
+async def test_a_closed_tab_leaves_at_the_next_diff(pods) -> None:
+    a, b = await pods.start("a"), await pods.start("b")
+    a.join("tab", 1, "alice", "Alice")
+    a.join("other-tab", 1, "bob", None)
+    watcher = await pods.watch(b, "watcher")
+    await watcher.until(lambda m: set(m) == {"alice", "bob"}, within=5)
+    a.close_session("tab")
+    await watcher.until(lambda m: set(m) == {"bob"}, within=5)
+    assert watcher.left == ["alice"]
+
+
+async def test_a_pod_that_stops_refreshing_loses_its_members_within_the_bound(pods) -> None:
+    victim, survivor = await pods.start("victim"), await pods.start("survivor")
+    for i in range(50):
+        victim.join(f"tab{i}", 1, f"v{i}", None)
+    survivor.join("tab", 1, "stays", None)
+    watcher = await pods.watch(survivor, "watcher")
+    await watcher.until(lambda m: len(m) == 51, within=5)
+    await victim.stop()  # what a SIGKILL looks like to Redis and the other pods: silence
+    killed = time.monotonic()
+    await watcher.until(lambda m: set(m) == {"stays"}, within=KILL_BOUND + SLACK)
+    assert time.monotonic() - killed <= KILL_BOUND + SLACK
+    assert sorted(watcher.left) == sorted(f"v{i}" for i in range(50))
+    assert [m.id for m in await aread_presence(survivor.client, 1)] == ["stays"]
+
+
+async def test_a_flush_is_rebuilt_from_live_pods_without_anyone_leaving(pods, redis_client) -> None:
+    a, b, c = [await pods.start(name) for name in ("a", "b", "c")]
+    for i in range(10):
+        (a, b)[i % 2].join(f"tab{i}", 1, f"u{i}", None)
+    watcher = await pods.watch(c, "watcher")
+    await watcher.until(lambda m: len(m) == 10, within=5)
+    redis_client.flushall()
+    assert read_presence(redis_client, 1) == []
+
+    async def rebuilt() -> bool:
+        return len(read_presence(redis_client, 1)) == 10
+
+    # Each pod notices at its next refresh and writes its members again.
+    await eventually(rebuilt, TIMINGS["refresh_interval"] + SLACK)
+    a.activity("tab0", 1, 5, None)  # and life goes on
+    await watcher.until(lambda m: m["u0"].viewing == 5, within=5)
+    assert watcher.left == []  # no leave/join flicker for the flush
+
+
+async def test_a_redis_restart_is_rebuilt_and_announcements_resume() -> None:
+    with RedisServer() as server:
+        pods = Pods(server.url)
+        try:
+            a, b = await pods.start("a"), await pods.start("b")
+            a.join("tab", 1, "alice", None)
+            watcher = await pods.watch(b, "watcher")
+            await watcher.until(lambda m: "alice" in m, within=5)
+            server.kill()
+            server.start()
+            a.join("tab2", 1, "bob", None)  # written once Redis is back
+            await watcher.until(lambda m: set(m) == {"alice", "bob"}, within=10)
+            client = server.client()
+            try:
+                await eventually(_reads(client, {"alice", "bob"}), 5)
+            finally:
+                client.close()
+            a.activity("tab", 1, 7, None)
+            await watcher.until(lambda m: m["alice"].viewing == 7, within=5)
+        finally:
+            await pods.close()
+
+
+def _reads(client: redis.Redis, ids: set[str]) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return {m.id for m in read_presence(client, 1)} == ids
+
+    return check
+
+
+async def test_a_drained_pod_keeps_its_members_through_the_grace(pods) -> None:
+    old, new, other = [await pods.start(name, drain_grace=2.0) for name in ("old", "new", "other")]
+    old.join("tab-alice", 1, "alice", "Alice")
+    old.join("tab-bob", 1, "bob", "Bob")
+    watcher = await pods.watch(other, "watcher")
+    await watcher.until(lambda m: set(m) == {"alice", "bob"}, within=5)
+    await old.drain()  # rolling restart: alice's tab reconnects to the new pod, bob's does not
+    new.join("tab-alice", 1, "alice", "Alice")
+    drained = time.monotonic()
+    await watcher.until(lambda m: set(m) == {"alice"}, within=2.0 + KILL_BOUND + SLACK)
+    assert time.monotonic() - drained >= 2.0 - SLACK / 2  # bob stayed through the grace
+    assert watcher.left == ["bob"]  # alice never appeared to leave
+
+
+async def test_diffs_are_coalesced_to_one_per_interval(pods) -> None:
+    a, b = await pods.start("a"), await pods.start("b", diff_interval=0.5)
+    watcher = await pods.watch(b, "watcher")
+    for i in range(20):
+        a.join(f"tab{i}", 1, f"u{i}", None)
+    for round_ in range(1, 6):  # 100 changes in quick succession
+        for i in range(20):
+            a.activity(f"tab{i}", 1, round_, None)
+    await watcher.until(lambda m: len(m) == 20 and all(x.viewing == 5 for x in m.values()), 5)
+    assert watcher.diffs <= 3  # a burst of 120 changes: a couple of diffs, not 120
+
+
+async def test_refresh_costs_one_command_per_project_not_per_connection(pods, redis_client) -> None:
+    service = await pods.start("a", refresh_interval=0.2, ttl=0.6)
+    for i in range(300):
+        service.join(f"tab{i}", 1 + i % 3, f"u{i}", None)  # 300 connections, 3 projects
+    await pods.watch(service, "watcher", project_id=4)  # and one project only watched
+    await asyncio.sleep(0.3)  # let the joins be written
+
+    def script_calls() -> int:
+        stats = redis_client.info("commandstats")
+        return sum(stats.get(f"cmdstat_{c}", {}).get("calls", 0) for c in ("evalsha", "eval"))
+
+    redis_client.config_resetstat()
+    before = service.store.commands
+    await service.store.refresh(service.core.refresh_plan())
+    assert script_calls() == 4
+    assert service.store.commands - before == 4
+    # Idle, the running service's traffic is its refreshes only: projects per interval.
+    redis_client.config_resetstat()
+    round_trips = service.store.round_trips
+    await asyncio.sleep(1.0)
+    refreshes = service.store.round_trips - round_trips
+    assert 1 <= refreshes <= 1.0 / 0.2 + 1
+    assert script_calls() <= 4 * refreshes
+
+
+async def test_presence_get_without_a_view_reads_redis(pods) -> None:
+    a, b = await pods.start("a"), await pods.start("b")
+    a.join("tab", 3, "alice", "Alice")
+    b.join("tab", 3, "alice", "Alice")  # alice has a tab on each pod
+
+    async def both() -> bool:
+        return len(msgspec.json.decode(await b.get(3))["members"]) == 1
+
+    await eventually(both, 5)
+    a.close_session("tab")
+    b.activity("tab", 3, None, 9)
+    frame = msgspec.json.decode(await b.get(3))
+    assert [(m["id"], m["answering"]) for m in frame["members"]] == [("alice", 9)]
+
+
+def test_read_presence_refuses_a_bad_project(redis_client) -> None:
+    with pytest.raises(ValueError, match="positive"):
+        read_presence(redis_client, 0)
