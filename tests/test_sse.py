@@ -365,3 +365,41 @@ async def test_a_foreign_frame_with_line_breaks_cannot_inject_sse_fields(
 
 async def _wait(predicate, within: float = 5.0) -> None:
     await wait_until(predicate, within, "the gateway to notice", interval=0.01)
+
+
+async def _raw(port: int, request: bytes) -> tuple[int, dict]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    raw = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+async def test_malformed_stream_requests_get_4xx_not_500(gateways):
+    """A repeated header, another method, a cursor that is not one: a JSON 4xx each, counted,
+    and the gateway keeps serving."""
+    gateway = await gateways()
+    token = issue_token(SECRET, [14], ttl=300)
+    auth = f"Authorization: Bearer {token}\r\n"
+    head = "GET /v1/projects/14/stream HTTP/1.1\r\nHost: x\r\n" + auth
+    cases = [
+        (f"{head}{auth}\r\n", 400),
+        (f"{head}Origin: a\r\nOrigin: b\r\n\r\n", 400),
+        (f"{head}Last-Event-ID: a:1\r\nLast-Event-ID: b:2\r\n\r\n", 400),
+        (
+            f"POST /v1/projects/14/stream HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 0\r\n\r\n",
+            405,
+        ),
+        (f"GET /v1/projects/99999999999999999/stream HTTP/1.1\r\nHost: x\r\n{auth}\r\n", 400),
+        (f"GET /v1/stream?project=14&project=x HTTP/1.1\r\nHost: x\r\n{auth}\r\n", 400),
+        (f"{head}Last-Event-ID: {'9' * 5000}\r\n\r\n", 400),
+    ]
+    for request, expected in cases:
+        status, body = await _raw(gateway.port, request.encode())
+        assert status == expected, (request[:80], body)
+        assert body["error"]
+    assert gateway.metrics.bad_requests_total >= 5
+    _, _, stream = await open_stream(_url(gateway), "/v1/projects/14/stream", _auth([14]))
+    await stream.until("subscribed")
+    stream.close()
