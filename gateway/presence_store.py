@@ -310,6 +310,12 @@ class PresenceService:
             self._reread.add(project_id)
             self._wake.set()
 
+    def reread_all(self) -> None:
+        """Read every watched project again: call after the pub/sub connection that feeds
+        :meth:`on_message` reconnected (announcements sent meanwhile are lost)."""
+        self._reread.update(self.core.views)
+        self._wake.set()
+
     # --- loops --------------------------------------------------------------------------------
 
     async def _ensure_loaded(self, project_id: int) -> None:
@@ -432,8 +438,7 @@ class PresenceService:
                     subscribed = wanted
                     if reconnected:
                         reconnected = False
-                        self._reread.update(self.core.views)
-                        self._wake.set()
+                        self.reread_all()
                     if not subscribed:
                         await self._channels_changed.wait()
                         continue
