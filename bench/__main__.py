@@ -29,6 +29,7 @@ MODULES = [
     "bench.consumer",
     "bench.workers",
     "bench.storm",
+    "bench.density",
 ]
 
 

@@ -27,6 +27,12 @@ Modes (per worker, switched between phases):
   counts them (every text frame of a read but its last).
 * ``record``: also keep every payload, so that a resume can be checked seq by seq afterwards.
 
+Transports (per load generator): ``websocket`` (above), or ``sse``: each client opens
+``GET /v1/projects/{id}/stream`` (a gateway run with ``--no-auth``), is live at its
+``event: subscribed``, and counts events as ``data: {`` lines (every line of the stream is
+complete before it is counted; the benchmark's events hold no line break); in latency mode each
+event's timestamp is read the same way. ``record`` and ``resubscribe`` are WebSocket-only.
+
 The parent drives workers through :class:`LoadGen` (commands over a pipe); each worker publishes
 its running frame count in shared memory so that the publisher can pace itself on deliveries.
 """
@@ -138,8 +144,18 @@ class Client:
 class Worker:
     """One load-generator process (runs :meth:`run` until told to quit)."""
 
-    def __init__(self, ctrl, counter, host: str, port: int, sources: Sequence[str]) -> None:
+    def __init__(
+        self,
+        ctrl,
+        counter,
+        host: str,
+        port: int,
+        sources: Sequence[str],
+        transport: str = "websocket",
+    ) -> None:
         self.ctrl = ctrl
+        self.sse = transport == "sse"
+        self.host_header = f"{host}:{port}"
         self.counter = counter
         self.addr = (host, port)
         self.sources = list(sources)
@@ -206,6 +222,9 @@ class Worker:
                         continue
                 if client.rest:
                     data = client.rest + data
+                if self.sse:
+                    total += self._sse_chunk(client, data)
+                    continue
                 live = client.live
                 plain = live and self.mode == "count"
                 # --- the hot path: count text frames with C-speed scans -------------------------
@@ -408,7 +427,55 @@ class Worker:
             return
         client.state = HANDSHAKE
         self.ep.modify(client.sock.fileno(), _EPOLLIN)
+        if self.sse:
+            self._send(
+                client,
+                f"GET /v1/projects/{client.project}/stream HTTP/1.1\r\nHost: {self.host_header}\r\n"
+                "Accept: text/event-stream\r\nOrigin: http://localhost\r\n\r\n".encode(),
+            )
+            return
         self._send(client, self.request)
+
+    def _sse_chunk(self, client: Client, data: bytes) -> int:
+        """An SSE client's bytes: count the ``data: {`` lines of events (complete lines only);
+        returns the events counted."""
+        cut = data.rfind(b"\n") + 1
+        client.rest = data[cut:]
+        if not client.live:
+            at = data.find(b"event: subscribed\n", 0, cut)
+            if (
+                data.find(b"event: error\n", 0, cut) >= 0
+                or data.find(b"event: close\n", 0, cut) >= 0
+            ):
+                self._kill(client, data[:cut].decode("utf-8", "replace")[:200])
+                return 0
+            if at < 0:
+                return 0
+            end = data.find(b"\n\n", at)
+            client.live = True
+            client.state = LIVE
+            client.done_at = time.time()
+            self.waiting.discard(client)
+            if client.fresh:
+                client.fresh = False
+                self.order.append(client)
+            start = end + 2 if end >= 0 else cut
+        else:
+            start = 0
+            if data.find(b"event: close\n", 0, cut) >= 0:
+                self._kill(client, "close event")
+                return 0
+        count = data.count(b"data: {", start, cut)
+        if count and self.mode == "latency":
+            if count > 1:
+                self.shared += count - 1
+            now = time.time_ns()
+            for match in _TS_RE.finditer(data, start, cut):
+                published = int(match.group(1))
+                self.handled.append(now - published)
+                self.latencies.append((self.arrival_ns or now) - published)
+        client.frames += count
+        return count
 
     def _handshake(self, client: Client, data: bytes) -> bytes:
         head = client.head + data
@@ -417,6 +484,12 @@ class Worker:
             client.head = head
             return b""
         client.head = b""
+        if self.sse:
+            if not head.startswith(b"HTTP/1.1 200"):
+                self._kill(client, head.split(b"\r\n", 1)[0].decode("latin-1"))
+                return b""
+            client.state = SUBSCRIBING
+            return head[end + 4 :]
         if not head.startswith(b"HTTP/1.1 101"):
             self._kill(client, head.split(b"\r\n", 1)[0].decode("latin-1"))
             return b""
@@ -515,14 +588,14 @@ def _arrival_ns(ancdata: list[tuple[int, int, bytes]]) -> int:
     return 0
 
 
-def _worker_main(ctrl, counter, host, port, sources, cpus) -> None:
+def _worker_main(ctrl, counter, host, port, sources, cpus, transport="websocket") -> None:
     if cpus:
         try:
             os.sched_setaffinity(0, cpus)
         except OSError:
             pass
     raise_nofile()
-    Worker(ctrl, counter, host, port, sources).run()
+    Worker(ctrl, counter, host, port, sources, transport).run()
 
 
 class LoadGen:
@@ -536,7 +609,9 @@ class LoadGen:
         workers: int = 2,
         sources: Sequence[str] = ("127.0.0.1",),
         cpus: set[int] | None = None,
+        transport: str = "websocket",
     ) -> None:
+        """``transport``: "websocket" or "sse" (see the module doc)."""
         ctx = multiprocessing.get_context("spawn")
         self.counters = [ctx.RawValue("q", 0) for _ in range(workers)]
         self.pipes = []
@@ -545,7 +620,7 @@ class LoadGen:
             parent, child = ctx.Pipe()
             proc = ctx.Process(
                 target=_worker_main,
-                args=(child, self.counters[index], host, port, list(sources), cpus),
+                args=(child, self.counters[index], host, port, list(sources), cpus, transport),
                 daemon=True,
                 name=f"loadgen-{index}",
             )
