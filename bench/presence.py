@@ -1,0 +1,231 @@
+"""Presence benchmark (issue 12's targets): 1,000 members of one project over 2 pods, 10% of them
+changing activity every second.
+
+Both pods are :class:`gateway.presence_store.PresenceService` instances in this process, each
+with its own Redis connections, against a private ``redis-server``; every member is one
+connection subscribed to presence (so 1,000 subscribers). Measured:
+
+* convergence: from an activity change to the moment the views on *both* pods show it (p50, p99,
+  max; target: every view within 1.5 s);
+* presence deliveries per second (frames to connections; bound: members x 1 diff/s) against what
+  per-change fan-out would send (members x changes/s);
+* Redis commands per second (``INFO commandstats``, all commands of the run);
+* without ``--quick``: the pod with 500 members stops silently (a SIGKILL as the others see it)
+  and the time until none of its members is left in the other pod's view (target <= 30 s).
+
+``python -m bench.presence [--quick] [--json PATH]`` (``--quick``: 5 s of changes, no kill:
+about 10 s; full: 20 s of changes and the kill: about 50 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import redis
+import redis.asyncio
+
+from bench.common import RESULTS_DIR, BenchRedis, machine, percentile, write_json
+from gateway.presence_store import PresenceService
+from schemas.protocol import Member, Presence, PresenceDiff
+
+MEMBERS = 1_000
+CHANGE_FRACTION = 0.10  # of the members, per second
+TARGET_CONVERGENCE_S = 1.5
+TARGET_KILL_S = 30.0
+PROJECT = 1
+
+_decode = msgspec.json.Decoder(Presence | PresenceDiff)
+
+
+class PodViews:
+    """What the connections of one pod see. All of them get the same frames (one encode per
+    diff), so one table per pod stands for all of its connections; deliveries count each."""
+
+    def __init__(self, name: str, pending: dict[str, tuple[int, float]]) -> None:
+        self.name = name
+        self.members: dict[str, Member] = {}
+        self.deliveries = 0
+        self.frames = 0
+        self._pending = pending  # member -> (viewing it must show, when it changed)
+        self.converged: dict[tuple[str, int], float] = {}
+        self.changed = asyncio.Event()
+
+    def deliver(self, sessions, frame: bytes) -> None:
+        self.deliveries += len(sessions)
+        self.frames += 1
+        message = _decode.decode(frame)
+        if isinstance(message, Presence):
+            self.members = {m.id: m for m in message.members}
+            return
+        now = time.monotonic()
+        for member_id in message.left:
+            self.members.pop(member_id, None)
+        for member in (*message.joined, *message.changed):
+            self.members[member.id] = member
+            want = self._pending.get(member.id)
+            if want is not None and member.viewing == want[0]:
+                self.converged[(member.id, want[0])] = now
+        self.changed.set()
+
+
+async def _run(url: str, *, seconds: float, kill: bool) -> dict[str, Any]:
+    pending: dict[str, tuple[int, float]] = {}
+    changes: list[tuple[str, int, float]] = []
+    views = {name: PodViews(name, pending) for name in ("a", "b")}
+    pods: dict[str, PresenceService] = {}
+    for name, view in views.items():
+        client = redis.asyncio.Redis.from_url(url)
+        pods[name] = PresenceService(client, view.deliver, pod_id=name)
+        await pods[name].start()
+    members = [f"user-{i}" for i in range(MEMBERS)]
+    home = {m: ("a", "b")[i % 2] for i, m in enumerate(members)}
+    for m in members:
+        pods[home[m]].join(m, PROJECT, m, m.title())
+    for m in members:
+        views[home[m]].deliver([m], await pods[home[m]].subscribe(m, PROJECT))
+
+    async def everyone_seen() -> None:
+        while not all(len(v.members) == MEMBERS for v in views.values()):
+            for v in views.values():
+                v.changed.clear()
+            await asyncio.wait(
+                [asyncio.create_task(v.changed.wait()) for v in views.values()],
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+
+    await asyncio.wait_for(everyone_seen(), 30)
+    sync = redis.Redis.from_url(url)
+    sync.config_resetstat()
+    for v in views.values():
+        v.deliveries = v.frames = 0
+    started = time.monotonic()
+    rng = random.Random(12)
+    per_tick = round(MEMBERS * CHANGE_FRACTION / 10)  # every 100 ms
+    value = 0
+    while time.monotonic() - started < seconds:
+        for m in rng.sample(members, per_tick):
+            value += 1
+            pending[m] = (value, time.monotonic())
+            changes.append((m, value, pending[m][1]))
+            pods[home[m]].activity(m, PROJECT, value, None)
+        await asyncio.sleep(0.1)
+    elapsed = time.monotonic() - started
+    await asyncio.sleep(2.5)  # let the last changes arrive (a change not seen counts as missed)
+    stats = sync.info("commandstats")
+    # commandstats counts the commands run inside scripts too: report both views.
+    commands = sum(v.get("calls", 0) for v in stats.values() if isinstance(v, dict))
+    scripts = sum(stats.get(f"cmdstat_{c}", {}).get("calls", 0) for c in ("evalsha", "eval"))
+    script_exists = stats.get("cmdstat_script|exists", {}).get("calls", 0)
+    # A change is converged once every view shows it, or a later value of the same member.
+    latencies = []
+    missed = 0
+    last_value = {m: v for m, v, _ in changes}
+    for m, v, at in changes:
+        if v != last_value[m]:
+            continue  # superseded within the run: coalesced away, by design
+        seen = [view.converged.get((m, v)) for view in views.values()]
+        if any(s is None for s in seen):
+            missed += 1
+        else:
+            latencies.append(max(seen) - at)
+    latencies.sort()
+    deliveries = sum(v.deliveries for v in views.values())
+    results: dict[str, Any] = {
+        "members": MEMBERS,
+        "pods": 2,
+        "changes_per_s": len(changes) / elapsed,
+        "seconds": round(elapsed, 2),
+        "convergence_s": {
+            "p50": percentile(latencies, 50) if latencies else None,
+            "p99": percentile(latencies, 99) if latencies else None,
+            "max": latencies[-1] if latencies else None,
+            "measured": len(latencies),
+            "not_converged": missed,
+            "target": TARGET_CONVERGENCE_S,
+        },
+        "deliveries_per_s": deliveries / elapsed,
+        "deliveries_bound_per_s": MEMBERS * 1.0,
+        "per_change_fanout_per_s": MEMBERS * len(changes) / elapsed,
+        "redis_commands_per_s": commands / elapsed,
+        "redis_script_calls_per_s": scripts / elapsed,
+        # redis-py checks the scripts are loaded before each pipeline: one per round trip
+        "redis_script_exists_per_s": script_exists / elapsed,
+    }
+    if kill:
+        victim, survivor = pods["b"], views["a"]
+        gone = {m for m in members if home[m] == "b"}
+        await victim.stop()
+        killed = time.monotonic()
+
+        async def ghosts_gone() -> None:
+            while gone & set(survivor.members):
+                survivor.changed.clear()
+                await survivor.changed.wait()
+
+        await asyncio.wait_for(ghosts_gone(), 60)
+        results["kill"] = {
+            "members": len(gone),
+            "gone_after_s": time.monotonic() - killed,
+            "target": TARGET_KILL_S,
+        }
+    for pod in pods.values():
+        await pod.stop()
+        await pod.client.aclose()
+    sync.close()
+    return results
+
+
+def run(*, quick: bool = False) -> dict[str, Any]:
+    with BenchRedis() as server:
+        results = asyncio.run(_run(server.url, seconds=5 if quick else 20, kill=not quick))
+    return {"machine": machine(), "quick": quick, **results}
+
+
+def _report(r: dict[str, Any]) -> str:
+    c = r["convergence_s"]
+    converged = c["max"] is not None and c["max"] <= c["target"] and not c["not_converged"]
+    bounded = r["deliveries_per_s"] <= r["deliveries_bound_per_s"] * 1.05
+    lines = [
+        f"presence benchmark ({r['machine']['date']}, {r['members']} members on {r['pods']} pods, "
+        f"{r['changes_per_s']:.0f} changes/s for {r['seconds']} s, "
+        f"load average {r['machine']['load_average']})",
+        f"| convergence, every view | p50 {c['p50']:.2f} s, p99 {c['p99']:.2f} s, max "
+        f"{c['max']:.2f} s ({c['not_converged']} not converged) | target <= {c['target']} s "
+        f"| {'met' if converged else 'MISSED'} |",
+        f"| presence deliveries | {r['deliveries_per_s']:,.0f}/s "
+        f"| bound {r['deliveries_bound_per_s']:,.0f}/s (per-change fan-out would be "
+        f"{r['per_change_fanout_per_s']:,.0f}/s) | {'met' if bounded else 'MISSED'} |",
+        f"| Redis calls | {r['redis_script_calls_per_s']:,.1f} script calls/s + "
+        f"{r['redis_script_exists_per_s']:,.1f} SCRIPT EXISTS/s "
+        f"({r['redis_commands_per_s']:,.0f} commands/s counting those inside the scripts) | | |",
+    ]
+    if "kill" in r:
+        k = r["kill"]
+        lines.append(
+            f"| pod with {k['members']} members stopped: gone from the other view | "
+            f"{k['gone_after_s']:.1f} s | target <= {k['target']:.0f} s | "
+            f"{'met' if k['gone_after_s'] <= k['target'] else 'MISSED'} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.presence", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="5 s of changes, no kill")
+    parser.add_argument("--json", type=Path, default=RESULTS_DIR / "presence.json")
+    args = parser.parse_args(argv)
+    results = run(quick=args.quick)
+    print(_report(results))
+    write_json(args.json, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
