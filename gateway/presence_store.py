@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -190,6 +191,8 @@ class PresenceService:
             raise ValueError("ttl must exceed two refresh intervals")
         self.keys = keys or Keys()
         self.pod_id = pod_id or new_pod_id()
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", self.pod_id):
+            raise ValueError("pod_id must be 1 to 64 of A-Z a-z 0-9 _ -")
         self.store = PresenceStore(
             client, self.pod_id, keys=self.keys, ttl=ttl, publish_command=publish_command
         )
@@ -395,7 +398,12 @@ class PresenceService:
                     await self._refresh()
                 await self._flush()
                 while self._reread:
-                    await self._reload(self._reread.pop())
+                    project_id = self._reread.pop()
+                    try:
+                        await self._reload(project_id)
+                    except BaseException:
+                        self._reread.add(project_id)  # read it again on the next round
+                        raise
                 backoff = self.flush_interval
             except (redis.exceptions.RedisError, OSError) as exc:
                 if (suppressed := self._throttle.allow("redis_error")) is not None:
@@ -417,7 +425,16 @@ class PresenceService:
                 frame = encode(diff)
                 self.diffs += 1
                 self.deliveries += len(sessions)
-                self.deliver(sessions, frame)
+                try:
+                    self.deliver(sessions, frame)
+                except Exception as exc:  # the gateway's bug must not end presence for all
+                    if (suppressed := self._throttle.allow("deliver_failed")) is not None:
+                        log.error(
+                            "presence: deliver failed",
+                            error=repr(exc),
+                            project_id=diff.project_id,
+                            suppressed=suppressed,
+                        )
 
     async def _listen_loop(self) -> None:
         """Listen to the presence channels of the watched projects. After a reconnect every

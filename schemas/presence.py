@@ -23,6 +23,7 @@ one that is further behind has missed a message and re-reads the project (:data:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -149,9 +150,20 @@ class MalformedAnnouncement(ValueError):
     """A presence channel message that :data:`WRITE` cannot have published."""
 
 
+_POD_RE = re.compile(rb"^[A-Za-z0-9_-]{1,64}$")
+
+
 def parse_announcement(data: bytes) -> Announcement:
+    """Raises :class:`MalformedAnnouncement` for anything :data:`WRITE` cannot have published."""
     parts = bytes(data).split(b"|", 3)
-    if len(parts) != 4 or not parts[1].isdigit() or not parts[2].isdigit() or not parts[0]:
+    if (
+        len(parts) != 4
+        or not _POD_RE.match(parts[0])
+        or not parts[1].isdigit()
+        or not parts[2].isdigit()
+        or len(parts[1]) > 18
+        or len(parts[2]) > 18
+    ):
         raise MalformedAnnouncement("expected '<pod>|<version>|<base>|<changes>'")
     try:
         changes = _changes_decoder.decode(parts[3])

@@ -95,7 +95,16 @@ def test_record_and_announcement_formats() -> None:
     assert decode_record(encode_record(record)) == record
     parsed = parse_announcement(b'pod1|7|6|{"u1":["A",1,null,5,9],"u2":null}')
     assert parsed == Announcement("pod1", 7, 6, {"u1": record, "u2": None})
-    for bad in (b"pod|x|0|{}", b"|1|0|{}", b"pod|1|0|[]", b"pod|1|0", b'pod|1|0|{"u":[1]}'):
+    for bad in (
+        b"pod|x|0|{}",
+        b"|1|0|{}",
+        b"pod|1|0|[]",
+        b"pod|1|0",
+        b'pod|1|0|{"u":[1]}',
+        b"\xff\xfe|1|0|{}",  # another writer's bytes: refused, not a UnicodeDecodeError
+        b"p:d|1|0|{}",
+        b"pod|" + b"9" * 30 + b"|0|{}",
+    ):
         with pytest.raises(MalformedAnnouncement):
             parse_announcement(bad)
 
@@ -404,6 +413,19 @@ def test_announcements_before_the_first_read_are_applied_after_it() -> None:
     view.apply(Announcement("other", 2, 1, {"late": record}))
     assert view.load({"other": PodState(1, {"early": record})}, {})
     assert set(view.current()) == {"early", "late"}
+
+
+def test_a_read_without_a_pod_keeps_it_until_refreshes_miss_it() -> None:
+    # After a Redis flush or restart, a read may come before the pod has rewritten its records:
+    # dropping it then would show all its members leaving and joining again.
+    view = ProjectView(1, "me")
+    record = PodRecord(None, None, None, 1, 1)
+    view.load({"other": PodState(1, {"u": record})}, {})
+    view.snapshot()
+    view.load({}, {})
+    assert view.take_diff() is None
+    view.apply(Announcement("other", 5, 0, {"u": record}))  # the pod rewrote everything
+    assert view.take_diff() is None and view.versions["other"] == 5
 
 
 def test_a_pod_missing_from_consecutive_refresh_reports_is_dropped() -> None:

@@ -289,3 +289,30 @@ async def test_presence_get_without_a_view_reads_redis(pods) -> None:
 def test_read_presence_refuses_a_bad_project(redis_client) -> None:
     with pytest.raises(ValueError, match="positive"):
         read_presence(redis_client, 0)
+
+
+async def test_a_failing_deliver_does_not_end_presence(pods) -> None:
+    calls = []
+
+    def deliver(sessions, frame: bytes) -> None:
+        calls.append(frame)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in the gateway's fan-out")
+        pods.deliver(sessions, frame)
+
+    a = await pods.start("a")
+    a.deliver = deliver
+    watcher = await pods.watch(a, "watcher")
+    a.join("tab", 1, "alice", None)
+
+    async def first_diff_failed() -> bool:
+        return len(calls) >= 1
+
+    await eventually(first_diff_failed, 5)
+    a.join("tab2", 1, "bob", None)
+    await watcher.until(lambda m: "bob" in m, within=5)
+
+
+def test_a_pod_id_must_be_a_plain_name() -> None:
+    with pytest.raises(ValueError, match="pod_id"):
+        PresenceService(redis.asyncio.Redis(), lambda s, f: None, pod_id="a|b")
