@@ -325,7 +325,7 @@ class SseSession(ClientSession):
     """A :class:`ClientSession` on an SSE stream: bytes built from ``items`` (not the WebSocket
     frames the hub joined), the cursor of each project kept for the events' ``id``."""
 
-    __slots__ = ("cursors", "multi")
+    __slots__ = ("cursor", "cursors", "multi", "single")
 
     transport_name = "sse"
 
@@ -337,11 +337,16 @@ class SseSession(ClientSession):
         *,
         multi: bool,
         cursors: dict[int, Cursor],
+        project_id: int = 0,
     ) -> None:
         super().__init__(transport, policy, schedule_flush)
         self.multi = multi
         #: Per project, the cursor of the last event or control message written: the ``id``.
         self.cursors = dict(cursors)
+        #: A single-project stream's project (0 for several), and its cursor (the same object
+        #: as in ``cursors``; identical across streams that took the same bytes from the cache).
+        self.single = 0 if multi else project_id
+        self.cursor: Cursor | None = self.cursors.get(self.single) if self.single else None
 
     def is_open(self) -> bool:
         return not self.closing and not self.transport.is_closing()
@@ -355,22 +360,32 @@ class SseSession(ClientSession):
 
     def write(self, wire: bytes, items: list[Outgoing]) -> bool:
         """Write ``items`` as SSE events (``wire``, their WebSocket frames, is not used)."""
+        cache = _cache
+        cursor = self.cursor
+        if items is cache.items and cursor is cache.before and cursor is not None:
+            # The hub's next live subscriber of the same feed: the bytes the previous one got.
+            after = self.cursor = cache.after
+            self.cursors[self.single] = after
+            return ClientSession.write(self, cache.data, items)
         return ClientSession.write(self, self.encode(items), items)
 
     def encode(self, items: list[Outgoing]) -> bytes:
         """The SSE bytes of ``items``, advancing this stream's cursors."""
-        if not self.multi and len(self.cursors) == 1:
-            cache = _cache
-            ((project_id, before),) = self.cursors.items()
-            if cache.items is items and cache.before == before:
-                if cache.after is not None:
-                    self.cursors[project_id] = cache.after
-                return cache.data
+        single = self.single
+        if not single:
+            return self._encode(items)
+        cache = _cache
+        before = self.cursors.get(single)
+        if before is not None and cache.items is items and cache.before == before:
+            data = cache.data
+            self.cursors[single] = cache.after
+        else:
             data = self._encode(items)
-            cache.items, cache.before, cache.data = items, before, data
-            cache.after = self.cursors.get(project_id)
-            return data
-        return self._encode(items)
+            if before is not None:
+                cache.items, cache.before, cache.data = items, before, data
+                cache.after = self.cursors[single]
+        self.cursor = self.cursors.get(single)
+        return data
 
     def _encode(self, items: list[Outgoing]) -> bytes:
         cursors, multi = self.cursors, self.multi
@@ -595,6 +610,7 @@ class SseStreams:
             gateway.hub.schedule_flush,
             multi=stream.multi,
             cursors=cursors,
+            project_id=stream.projects[0],
         )
         protocol.session = session
         headers = Headers(

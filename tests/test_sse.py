@@ -403,3 +403,98 @@ async def test_malformed_stream_requests_get_4xx_not_500(gateways):
     _, _, stream = await open_stream(_url(gateway), "/v1/projects/14/stream", _auth([14]))
     await stream.until("subscribed")
     stream.close()
+
+
+class _Transport:
+    """A transport double that keeps what is written (no socket: every write is buffered)."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def get_extra_info(self, name: str, default=None):
+        return default
+
+
+def test_streams_sharing_cached_bytes_keep_exact_cursors():
+    """The hub writes one items list to each live subscriber in turn; single-project streams
+    reuse the bytes the previous one built. Whatever the order, a stream leaving, and replies of
+    its own in between (an error, a resync), every stream's ids stay its own exact cursors."""
+    from gateway.session import Outgoing, SlowConsumerPolicy
+    from gateway.sse import SseSession
+    from schemas.protocol import Error, ErrorCode, ResyncReason, ResyncRequired
+
+    policy = SlowConsumerPolicy(1 << 20, 30)
+    streams = [
+        SseSession(
+            _Transport(),
+            policy,
+            lambda s: None,
+            multi=False,
+            cursors={7: Cursor("e", 0)},
+            project_id=7,
+        )
+        for _ in range(4)
+    ]
+    expected: list[list[str]] = [[] for _ in streams]
+    epoch, seq = "e", 0
+
+    def frame(n: int) -> Outgoing:
+        return Outgoing(b'{"type":"x","project_id":7,"seq":%d}' % n)
+
+    stream_epoch = "e"  # the epoch the streams are in before a burst
+    for burst in range(12):
+        live = [i for i in range(len(streams)) if not (burst >= 6 and i == 0)]  # 0 leaves
+        live = live[burst % len(live) :] + live[: burst % len(live)]  # the order changes
+        items = []
+        for _ in range(1 + burst % 3):
+            seq += 1
+            items.append(frame(seq))
+        if burst == 8:  # the feed's history was recreated: a resync in the shared list
+            epoch, seq = "f", 40
+            items.append(
+                Outgoing.message(
+                    ResyncRequired(
+                        project_id=7, reason=ResyncReason.EPOCH_CHANGED, epoch=epoch, seq=seq
+                    )
+                )
+            )
+            seq += 1
+            items.append(frame(seq))
+        wire = b"".join(item.wire for item in items)
+        ids, after = _ids_of(items, stream_epoch)
+        for i in live:
+            streams[i].write(wire, items)
+            expected[i] += ids
+        stream_epoch = after
+        # A reply of its own to one stream (through its outbox), between two bursts.
+        lone = streams[live[-1]]
+        lone.outbox = [
+            Outgoing.message(Error(code=ErrorCode.UNAVAILABLE, message="x", project_id=None))
+        ]
+        lone.flush()
+    for stream, want in zip(streams, expected, strict=True):
+        parser = SseParser()
+        got = [e.id for e in parser.feed(stream.transport.data) if e.event != "error"]
+        assert got == want
+
+
+def _ids_of(items, epoch: str) -> tuple[list[str], str]:
+    """The ids a stream's events carry for ``items`` (events, and a resync's new cursor), from
+    ``epoch``; and the epoch after them."""
+    ids = []
+    for item in items:
+        if item.kind == "resync_required":
+            epoch = item.epoch
+            ids.append(f"{epoch}:{item.seq}")
+        elif not item.kind:
+            ids.append(f"{epoch}:{int(item.payload.rsplit(b':', 1)[1][:-1])}")
+    return ids, epoch
