@@ -55,6 +55,7 @@ class PodViews:
         self.frames = 0
         self._pending = pending  # member -> (viewing it must show, when it changed)
         self.converged: dict[tuple[str, int], float] = {}
+        self.diff_times: list[float] = []  # every connection of the pod gets these diffs
         self.changed = asyncio.Event()
 
     def deliver(self, sessions, frame: bytes) -> None:
@@ -65,6 +66,7 @@ class PodViews:
             self.members = {m.id: m for m in message.members}
             return
         now = time.monotonic()
+        self.diff_times.append(now)
         for member_id in message.left:
             self.members.pop(member_id, None)
         for member in (*message.joined, *message.changed):
@@ -117,12 +119,13 @@ async def _run(url: str, *, seconds: float, kill: bool) -> dict[str, Any]:
             pods[home[m]].activity(m, PROJECT, value, None)
         await asyncio.sleep(0.1)
     elapsed = time.monotonic() - started
-    await asyncio.sleep(2.5)  # let the last changes arrive (a change not seen counts as missed)
-    stats = sync.info("commandstats")
+    deliveries = sum(v.deliveries for v in views.values())  # during the changes only
     # commandstats counts the commands run inside scripts too: report both views.
+    stats = sync.info("commandstats")
     commands = sum(v.get("calls", 0) for v in stats.values() if isinstance(v, dict))
     scripts = sum(stats.get(f"cmdstat_{c}", {}).get("calls", 0) for c in ("evalsha", "eval"))
     script_exists = stats.get("cmdstat_script|exists", {}).get("calls", 0)
+    await asyncio.sleep(2.5)  # let the last changes arrive (a change not seen counts as missed)
     # A change is converged once every view shows it, or a later value of the same member.
     latencies = []
     missed = 0
@@ -136,7 +139,11 @@ async def _run(url: str, *, seconds: float, kill: bool) -> dict[str, Any]:
         else:
             latencies.append(max(seen) - at)
     latencies.sort()
-    deliveries = sum(v.deliveries for v in views.values())
+    gaps = [
+        later - earlier
+        for v in views.values()
+        for earlier, later in zip(v.diff_times, v.diff_times[1:], strict=False)
+    ]
     results: dict[str, Any] = {
         "members": MEMBERS,
         "pods": 2,
@@ -152,6 +159,8 @@ async def _run(url: str, *, seconds: float, kill: bool) -> dict[str, Any]:
         },
         "deliveries_per_s": deliveries / elapsed,
         "deliveries_bound_per_s": MEMBERS * 1.0,
+        # one connection's diffs: at most one per second means no two closer than ~1 s
+        "min_gap_between_diffs_s": min(gaps) if gaps else None,
         "per_change_fanout_per_s": MEMBERS * len(changes) / elapsed,
         "redis_commands_per_s": commands / elapsed,
         "redis_script_calls_per_s": scripts / elapsed,
@@ -202,6 +211,8 @@ def _report(r: dict[str, Any]) -> str:
         f"| presence deliveries | {r['deliveries_per_s']:,.0f}/s "
         f"| bound {r['deliveries_bound_per_s']:,.0f}/s (per-change fan-out would be "
         f"{r['per_change_fanout_per_s']:,.0f}/s) | {'met' if bounded else 'MISSED'} |",
+        f"| diffs per connection | closest two {r['min_gap_between_diffs_s']:.2f} s apart "
+        f"| at most 1 per second | |",
         f"| Redis calls | {r['redis_script_calls_per_s']:,.1f} script calls/s + "
         f"{r['redis_script_exists_per_s']:,.1f} SCRIPT EXISTS/s "
         f"({r['redis_commands_per_s']:,.0f} commands/s counting those inside the scripts) | | |",

@@ -211,6 +211,8 @@ class PresenceService:
         self._channels: set[str] = set()
         self._pubsub: Any = None
         self._channels_changed = asyncio.Event()
+        self._confirmed: set[str] = set()  # channels Redis confirmed on the current connection
+        self._confirmations = asyncio.Event()
         self._throttle = LogThrottle()
         self.stopped = False
         #: Counters for metrics and the benchmark.
@@ -352,13 +354,21 @@ class PresenceService:
             self._reread.add(project_id)
 
     async def _watch(self, project_id: int) -> None:
-        """Listen to the project's presence channel (the listener subscribes within 0.2 s; an
-        announcement published before Redis has the subscription shows up as a gap that the
-        next announcement or refresh repairs with a read)."""
+        """Listen to the project's presence channel and wait (at most 2 s) until Redis confirms
+        the subscription, so that a read made next misses no announcement. Without the built-in
+        listener, or past the wait, a missed announcement shows up as a gap that the next
+        announcement or refresh repairs with a read."""
         channel = self.keys.presence_channel(project_id)
         if channel not in self._channels:
             self._channels.add(channel)
             self._channels_changed.set()
+        if not self._listen:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2.0):
+                while channel not in self._confirmed and channel in self._channels:
+                    self._confirmations.clear()
+                    await self._confirmations.wait()
 
     def _unwatch(self, project_id: int) -> None:
         channel = self.keys.presence_channel(project_id)
@@ -443,7 +453,8 @@ class PresenceService:
         while not self.stopped:
             subscribed: set[str] = set()
             try:
-                self._pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+                self._confirmed.clear()
+                self._pubsub = self.client.pubsub()
                 reconnected = bool(self.core.views)
                 while not self.stopped:
                     self._channels_changed.clear()
@@ -460,8 +471,14 @@ class PresenceService:
                         await self._channels_changed.wait()
                         continue
                     message = await self._pubsub.get_message(timeout=0.2)
-                    if message is not None and message.get("type") == "message":
+                    kind = message and message.get("type")
+                    if kind == "message":
                         self.on_message(message["channel"], message["data"])
+                    elif kind == "subscribe":
+                        self._confirmed.add(_text(message["channel"]))
+                        self._confirmations.set()
+                    elif kind == "unsubscribe":
+                        self._confirmed.discard(_text(message["channel"]))
                     backoff = 0.05
             except (redis.exceptions.RedisError, OSError) as exc:
                 if (suppressed := self._throttle.allow("pubsub_error")) is not None:
