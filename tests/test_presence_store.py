@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
+import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -23,6 +27,7 @@ from publisher.presence import aread_presence, read_presence
 from schemas.protocol import Member, Presence, PresenceDiff
 from tests.support.redis_server import RedisServer
 
+ROOT = Path(__file__).resolve().parents[1]
 TIMINGS = {"ttl": 0.8, "refresh_interval": 0.25, "flush_interval": 0.02, "diff_interval": 0.2}
 #: How long after a pod stops refreshing its members may still be shown (docs/presence.md):
 #: ttl + MISSES_BEFORE_DROP refresh intervals + one diff interval.
@@ -316,3 +321,43 @@ async def test_a_failing_deliver_does_not_end_presence(pods) -> None:
 def test_a_pod_id_must_be_a_plain_name() -> None:
     with pytest.raises(ValueError, match="pod_id"):
         PresenceService(redis.asyncio.Redis(), lambda s, f: None, pod_id="a|b")
+
+
+POD_PROCESS = """
+import asyncio, json, sys
+import redis.asyncio
+from gateway.presence_store import PresenceService
+
+async def main(url, count, timings):
+    service = PresenceService(redis.asyncio.Redis.from_url(url), lambda s, f: None,
+                              pod_id="doomed", **timings)
+    await service.start()
+    for i in range(count):
+        service.join(f"tab{i}", 1, f"doomed{i}", None)
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])))
+"""
+
+
+async def test_a_sigkilled_pod_process_loses_its_members_within_the_bound(pods, redis_url):
+    survivor = await pods.start("survivor")
+    watcher = await pods.watch(survivor, "watcher")
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-c", POD_PROCESS, redis_url, "40", json.dumps(TIMINGS)),
+        stdout=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+    )
+    try:
+        assert await asyncio.wait_for(process.stdout.readline(), 30) == b"ready\n"
+        await watcher.until(lambda m: len(m) == 40, within=10)
+        process.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        await watcher.until(lambda m: not m, within=KILL_BOUND + SLACK)
+        assert time.monotonic() - killed <= KILL_BOUND + SLACK
+        assert sorted(watcher.left) == sorted(f"doomed{i}" for i in range(40))
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
