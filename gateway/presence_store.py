@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import redis.asyncio
+import redis.asyncio.cluster
 import redis.exceptions
 
 from gateway.logs import LogThrottle, get_logger
@@ -85,6 +86,7 @@ class PresenceStore:
         self._write = client.register_script(WRITE)
         self._refresh = client.register_script(REFRESH)
         self._read = client.register_script(READ)
+        self._cluster = isinstance(client, redis.asyncio.cluster.RedisCluster)
         #: Commands sent and round trips made: what the cost bounds count.
         self.commands = 0
         self.round_trips = 0
@@ -110,7 +112,7 @@ class PresenceStore:
             ]
             for member_id, record in w.changes.items():
                 args += [member_id, b"" if record is None else encode_record(record)]
-            await self._write(keys=self._keys(w.project_id), args=args, client=pipe)
+            await self._queue(pipe, self._write, WRITE, self._keys(w.project_id), args)
         replies = await pipe.execute()
         self._count(len(writes))
         return [int(r) == 1 for r in replies]
@@ -133,7 +135,7 @@ class PresenceStore:
                 ttl_ms,
                 version or 0,
             ]
-            await self._refresh(keys=self._keys(project_id), args=args, client=pipe)
+            await self._queue(pipe, self._refresh, REFRESH, self._keys(project_id), args)
         replies = await pipe.execute()
         self._count(len(projects))
         out = {}
@@ -149,6 +151,14 @@ class PresenceStore:
         )
         self._count(1)
         return parse_read_reply(reply)
+
+    async def _queue(self, pipe: Any, script: Any, text: str, keys: list, args: list) -> None:
+        if self._cluster:
+            # redis-py's cluster pipelines refuse EVALSHA; EVAL carries the text, so it also runs
+            # on a node that never saw the script (as the publisher does, publisher/client.py).
+            pipe.execute_command("EVAL", text, len(keys), *keys, *args)
+        else:
+            await script(keys=keys, args=args, client=pipe)
 
     def _count(self, commands: int) -> None:
         self.commands += commands
