@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import re
 import secrets
 import time
@@ -83,9 +84,8 @@ class PresenceStore:
         self.keys = keys or Keys()
         self.ttl_ms = round(ttl * 1000)
         self.publish_command = publish_command
-        self._write = client.register_script(WRITE)
-        self._refresh = client.register_script(REFRESH)
         self._read = client.register_script(READ)
+        self._shas = {text: hashlib.sha1(text.encode()).hexdigest() for text in (WRITE, REFRESH)}
         self._cluster = isinstance(client, redis.asyncio.cluster.RedisCluster)
         #: Commands sent and round trips made: what the cost bounds count.
         self.commands = 0
@@ -99,7 +99,7 @@ class PresenceStore:
         (False: Redis had lost this pod's records, so it must be written whole)."""
         if not writes:
             return []
-        pipe = self.client.pipeline(transaction=False)
+        calls = []
         for w in writes:
             args: list[Any] = [
                 self.keys.presence_pod_prefix(w.project_id),
@@ -112,8 +112,8 @@ class PresenceStore:
             ]
             for member_id, record in w.changes.items():
                 args += [member_id, b"" if record is None else encode_record(record)]
-            await self._queue(pipe, self._write, WRITE, self._keys(w.project_id), args)
-        replies = await pipe.execute()
+            calls.append((WRITE, self._keys(w.project_id), args))
+        replies = await self._pipeline(calls)
         self._count(len(writes))
         return [int(r) == 1 for r in replies]
 
@@ -125,7 +125,7 @@ class PresenceStore:
         if not plan:
             return {}
         ttl_ms = self.ttl_ms if ttl_ms is None else ttl_ms
-        pipe = self.client.pipeline(transaction=False)
+        calls = []
         projects = list(plan)
         for project_id in projects:
             version = plan[project_id]
@@ -135,8 +135,8 @@ class PresenceStore:
                 ttl_ms,
                 version or 0,
             ]
-            await self._queue(pipe, self._refresh, REFRESH, self._keys(project_id), args)
-        replies = await pipe.execute()
+            calls.append((REFRESH, self._keys(project_id), args))
+        replies = await self._pipeline(calls)
         self._count(len(projects))
         out = {}
         for project_id, (ok, flat) in zip(projects, replies, strict=True):
@@ -152,13 +152,39 @@ class PresenceStore:
         self._count(1)
         return parse_read_reply(reply)
 
-    async def _queue(self, pipe: Any, script: Any, text: str, keys: list, args: list) -> None:
-        if self._cluster:
-            # redis-py's cluster pipelines refuse EVALSHA; EVAL carries the text, so it also runs
-            # on a node that never saw the script (as the publisher does, publisher/client.py).
-            pipe.execute_command("EVAL", text, len(keys), *keys, *args)
-        else:
-            await script(keys=keys, args=args, client=pipe)
+    async def _pipeline(self, calls: list[tuple[str, list, list]]) -> list:
+        """Run script calls in one pipeline and return their replies (raising the first error).
+
+        EVALSHA by the script's SHA, without redis-py's ``SCRIPT EXISTS`` before each pipeline;
+        the calls Redis refuses with NOSCRIPT (it restarted, or ``SCRIPT FLUSH``) did not run:
+        they run again once with the scripts loaded. On a cluster, EVAL: redis-py's cluster
+        pipelines refuse EVALSHA, and EVAL also runs on a node that never saw the script (as
+        the publisher does, publisher/client.py).
+        """
+
+        async def run(indexes: list[int]) -> list:
+            pipe = self.client.pipeline(transaction=False)
+            for i in indexes:
+                text, keys, args = calls[i]
+                if self._cluster:
+                    pipe.execute_command("EVAL", text, len(keys), *keys, *args)
+                else:
+                    pipe.execute_command("EVALSHA", self._shas[text], len(keys), *keys, *args)
+            return await pipe.execute(raise_on_error=False)
+
+        replies = await run(list(range(len(calls))))
+        missing = [
+            i for i, r in enumerate(replies) if isinstance(r, redis.exceptions.NoScriptError)
+        ]
+        if missing:
+            for text in {calls[i][0] for i in missing}:
+                await self.client.script_load(text)
+            for i, reply in zip(missing, await run(missing), strict=True):
+                replies[i] = reply
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
 
     def _count(self, commands: int) -> None:
         self.commands += commands

@@ -266,6 +266,8 @@ async def test_refresh_costs_one_command_per_project_not_per_connection(pods, re
     before = service.store.commands
     await service.store.refresh(service.core.refresh_plan())
     assert script_calls() == 4
+    # and nothing else per round trip (redis-py's Script objects send SCRIPT EXISTS first)
+    assert "cmdstat_script|exists" not in redis_client.info("commandstats")
     assert service.store.commands - before == 4
     # Idle, the running service's traffic is its refreshes only: projects per interval.
     redis_client.config_resetstat()
@@ -361,3 +363,13 @@ async def test_a_sigkilled_pod_process_loses_its_members_within_the_bound(pods, 
         if process.returncode is None:
             process.kill()
         await process.wait()
+
+
+async def test_writes_go_on_after_redis_forgets_the_scripts(pods, redis_client) -> None:
+    a, b = await pods.start("a"), await pods.start("b")
+    watcher = await pods.watch(b, "watcher")
+    a.join("tab", 1, "alice", None)
+    await watcher.until(lambda m: "alice" in m, within=5)
+    redis_client.script_flush()  # what a restart does to the script cache
+    a.activity("tab", 1, 3, None)
+    await watcher.until(lambda m: m["alice"].viewing == 3, within=5)
