@@ -461,3 +461,16 @@ def test_closing_a_session_leaves_and_unsubscribes_everywhere() -> None:
 def test_an_empty_member_id_is_refused() -> None:
     with pytest.raises(ValueError, match="non-empty"):
         PresenceCore("p", clock_ms=lambda: 1).join("tab", 1, "", None)
+
+
+def test_one_refresh_report_without_a_pod_is_not_its_death() -> None:
+    # Between a Redis flush and the pod's next refresh, the reports of the other pods lack it;
+    # taking that for death would show its members leaving and joining again.
+    view = ProjectView(1, "me")
+    view.load({"other": PodState(1, {"u": PodRecord(None, None, None, 1, 1)})}, {})
+    view.snapshot()
+    assert not view.check_live({})
+    assert not view.check_live({})
+    assert view.take_diff() is None
+    assert not view.check_live({"other": 1})  # it is back: the count starts again
+    assert not view.check_live({}) and view.take_diff() is None
