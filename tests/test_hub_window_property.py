@@ -1,0 +1,178 @@
+"""Property: whatever the interleaving of publishes, lost and late live messages, Redis flushes,
+periodic checks and subscribes (fresh or resuming, inside, at the edge of or outside the window),
+every connection's record is gapless and exactly-once from its starting point, with explicit
+resyncs only when the history really moved (a new epoch) or the cursor is too far behind, and
+ends at the project's top. Driven through the hub with a model of Redis, so
+the window answers some subscribes and reads answer the others."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.hub import Hub
+from gateway.metrics import Metrics
+from gateway.sequencing import Snapshot
+from schemas.keys import Keys
+from schemas.stored import Meta
+from tests.test_hub import FakeLink, session_of
+
+KEYS = Keys()
+PROJECT = 3
+CHANNEL = KEYS.channel(PROJECT).encode()
+
+
+def frame(epoch: str, seq: int) -> bytes:
+    return b'{"type":"x","seq":%d,"e":"%s"}' % (seq, epoch.encode())
+
+
+class ModelRedis:
+    """One project's history: its epoch and events 1..top; a flush starts a new epoch."""
+
+    def __init__(self) -> None:
+        self.epochs = (f"ep{n}" for n in itertools.count())
+        self.epoch = next(self.epochs)
+        self.top = 0
+
+    def flush(self) -> None:
+        self.epoch, self.top = next(self.epochs), 0
+
+    async def snapshot(self, project_id, epoch=None, after=None, limit=0) -> Snapshot:
+        await asyncio.sleep(0)  # a round trip: live messages may arrive meanwhile
+        entries = ()
+        if epoch == self.epoch and after is not None and 0 <= after < self.top:
+            last = self.top if not limit else min(self.top, after + limit)
+            entries = tuple((s, frame(self.epoch, s)) for s in range(after + 1, last + 1))
+        return Snapshot(self.epoch, self.top, entries)
+
+    async def cursors(self, project_ids, keep_alive=(), make_permanent=()):
+        return [Meta(self.epoch, self.top) for _ in project_ids]
+
+
+operation = st.one_of(
+    st.tuples(st.just("publish"), st.sampled_from(["live", "live", "lost", "late"])),
+    st.tuples(st.just("deliver_late"), st.integers(0, 5)),
+    st.tuples(st.just("subscribe"), st.integers(-3, 12)),
+    st.tuples(st.just("flush"), st.just(0)),
+    st.tuples(st.just("reconcile"), st.just(0)),
+    st.tuples(st.just("run"), st.integers(1, 4)),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    ops=st.lists(operation, max_size=40),
+    window_events=st.integers(0, 6),
+    max_replay=st.integers(2, 10),
+)
+def test_every_record_is_gapless_exactly_once_and_ends_at_the_top(ops, window_events, max_replay):
+    asyncio.run(scenario(ops, window_events, max_replay))
+
+
+async def scenario(ops, window_events: int, max_replay: int) -> None:
+    redis = ModelRedis()
+    hub = Hub(
+        keys=KEYS,
+        store=redis,
+        metrics=Metrics(),
+        max_replay=max_replay,
+        subscribe_timeout=5,
+        window_events=window_events,
+    )
+    hub.link = FakeLink()
+    late: list[bytes] = []
+    starts = []  # (session, epoch, after) as subscribed
+    tasks = []
+
+    def live(message: bytes) -> None:
+        hub.on_pubsub_message(CHANNEL, message)
+
+    # The pod follows the project before the interleaving starts (its feed is ready), as a pod
+    # with clients does: most subscribes can then be answered from the window.
+    keeper = session_of(hub)
+    starts.append((keeper, None, None))
+    await asyncio.wait_for(hub.subscribe(keeper, PROJECT, None, None), 5)
+    for op, arg in ops:
+        if op == "publish":
+            redis.top += 1
+            message = b"%s|%d|0|%s" % (
+                redis.epoch.encode(),
+                redis.top,
+                frame(redis.epoch, redis.top),
+            )
+            if arg == "live":
+                live(message)
+            elif arg == "late":
+                late.append(message)
+        elif op == "deliver_late" and late:
+            live(late.pop(arg % len(late)))
+        elif op == "subscribe":
+            session = session_of(hub)
+            if arg < 0:
+                epoch, after = None, None  # fresh
+            elif arg == 11:
+                epoch, after = "ep-unknown", 1
+            else:
+                epoch, after = redis.epoch, max(0, redis.top - arg)
+            starts.append((session, epoch, after))
+            tasks.append(asyncio.create_task(hub.subscribe(session, PROJECT, epoch, after)))
+            await asyncio.sleep(0)  # its synchronous part (registration, a window answer) runs
+        elif op == "flush":
+            redis.flush()
+        elif op == "reconcile":
+            await hub.reconcile()
+        elif op == "run":
+            for _ in range(arg):
+                await asyncio.sleep(0)
+    # Settle: late messages arrive, subscribes finish, the periodic check finds what was lost.
+    for message in late:
+        live(message)
+    await asyncio.wait_for(asyncio.gather(*tasks), 5)
+    for _ in range(4):
+        for _ in range(10):
+            await asyncio.sleep(0)
+        await hub.reconcile()
+    for _ in range(20):
+        await asyncio.sleep(0)
+        feed = hub.feeds.get(PROJECT)
+        if feed is None or (feed.reader is None or feed.reader.done()):
+            break
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    for session, epoch, after in starts:
+        check_record(session, epoch, after, redis)
+
+
+def check_record(session, epoch, after, redis: ModelRedis) -> None:
+    """Events follow on one by one from the client's position; ``resync_required`` and
+    ``subscribed`` move it explicitly; every event is the one the history holds at that number
+    in the client's epoch; the record ends at the project's top."""
+    import json
+
+    position = (epoch, after) if epoch is not None and after is not None else None
+    for message in session.transport.messages():
+        kind = message["type"]
+        if kind == "x":
+            assert position is not None, "an event before any starting point"
+            assert message["e"] == position[0] and message["seq"] == position[1] + 1, (
+                message,
+                position,
+            )
+            position = (position[0], message["seq"])
+        elif kind == "resync_required":
+            # The model never trims nor rewrites: a new epoch (a flush, or a cursor of an epoch
+            # unknown to the pod) and a cursor too far behind are the only reasons there are.
+            assert message["reason"] in ("epoch_changed", "too_far_behind"), message
+            if message["reason"] == "too_far_behind":
+                assert position is not None and message["seq"] - position[1] > 0, message
+            position = (message["epoch"], message["seq"])
+        elif kind == "subscribed":
+            if message["resumed"]:
+                assert position == (message["epoch"], message["seq"]), (message, position)
+            position = (message["epoch"], message["seq"])
+        else:
+            raise AssertionError(json.dumps(message))
+    assert position == (redis.epoch, redis.top), (position, redis.epoch, redis.top)
