@@ -180,6 +180,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     connection_options(history, top=False)
 
+    presence = commands.add_parser(
+        "presence",
+        help="print who is on a project's dashboards now (docs/presence.md)",
+        description="Print the project's members, merged over every gateway pod: one line per "
+        "member (id, name, viewing, answering), or JSON with --json. Read-only.",
+    )
+    presence.add_argument("project_id", type=_positive_int, metavar="PROJECT_ID")
+    presence.add_argument("--json", action="store_true", help="one JSON array of members")
+    connection_options(presence, top=False)
+
     # Programs of their own, reached through this command too; everything after the subcommand
     # is theirs (``eventbus-publish relay --help`` shows their options).
     for name, help_text in _DELEGATED.items():
@@ -290,6 +300,31 @@ def _publisher(args: argparse.Namespace) -> Publisher:
 # --- history ----------------------------------------------------------------------------------
 
 
+def _presence(args: argparse.Namespace, stdout: TextIO) -> int:
+    try:
+        publisher = Publisher.from_url(args.redis_url, prefix=args.prefix)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    try:
+        members = publisher.presence(args.project_id)
+    finally:
+        publisher.close()
+    if args.json:
+        stdout.write(msgspec.json.encode(members).decode() + "\n")
+        return EXIT_OK
+    if not members:
+        stdout.write(f"nobody on project {args.project_id}\n")
+    for member in members:
+        doing = []
+        if member.viewing is not None:
+            doing.append(f"viewing {member.viewing}")
+        if member.answering is not None:
+            doing.append(f"answering {member.answering}")
+        name = f" ({member.name})" if member.name else ""
+        stdout.write(f"{member.id}{name}: {', '.join(doing) or 'online'}\n")
+    return EXIT_OK
+
+
 def _history(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     try:
         keys = Keys(args.prefix)
@@ -396,6 +431,8 @@ def main(
             return _publish(args, stdin, stdout)
         if args.command == "history":
             return _history(args, stdout, stderr)
+        if args.command == "presence":
+            return _presence(args, stdout)
         return _token(args, stdout, stderr)
     except CliError as exc:
         stderr.write(f"{PROG}: error: {exc}\n")

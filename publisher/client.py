@@ -42,6 +42,7 @@ from publisher.core import (
     refused_during_migration,
     script_error,
 )
+from publisher.presence import aread_presence, read_presence
 from schemas import lua
 from schemas.events import (
     AgentResumed,
@@ -52,6 +53,7 @@ from schemas.events import (
     ProjectEvent,
 )
 from schemas.keys import DEFAULT_PREFIX, Keys
+from schemas.protocol import Member
 
 __all__ = ["AsyncPublisher", "Publisher"]
 
@@ -391,6 +393,21 @@ class Publisher(_ContractHelpers[Cursor]):
             raise script_error(exc) from exc
         return batch.cursors(result)[0]
 
+    def presence(self, project_id: int) -> list[Member]:
+        """Who is on the project's dashboards now, merged over every gateway pod (see
+        docs/presence.md): one atomic read, members sorted by id, empty when nobody is there.
+
+        Raises:
+            ValueError: ``project_id`` is not a positive integer.
+            PublisherUnavailable: Redis unreachable or hung within ``timeout``.
+        """
+        keys = self._settings.keys
+        started = time.monotonic()
+        try:
+            return self._run(lambda: read_presence(self.client, project_id, keys=keys), started)
+        except redis.exceptions.RedisError as exc:
+            raise PublishError(f"presence read failed: {exc}") from exc
+
     def _run(self, attempt: Callable[[], T], started: float) -> T:
         """``attempt()`` until it succeeds or the retry policy gives up (PublisherUnavailable)."""
         failures = 0
@@ -561,6 +578,22 @@ class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
         except redis.exceptions.RedisError as exc:
             raise script_error(exc) from exc
         return batch.cursors(result)[0]
+
+    async def presence(self, project_id: int) -> list[Member]:
+        """See :meth:`Publisher.presence`."""
+        keys = self._settings.keys
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self._policy.timeout):
+                return await self._run(
+                    lambda: aread_presence(self.client, project_id, keys=keys), started
+                )
+        except TimeoutError as exc:
+            raise PublisherUnavailable(
+                f"Redis unavailable: no reply within {self._policy.timeout} s"
+            ) from exc
+        except redis.exceptions.RedisError as exc:
+            raise PublishError(f"presence read failed: {exc}") from exc
 
     async def _run(self, attempt: Callable[[], Awaitable[T]], started: float) -> T:
         """See :meth:`Publisher._run`."""

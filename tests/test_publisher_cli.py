@@ -438,3 +438,36 @@ def test_tail_relay_and_http_api_are_reached_through_the_cli() -> None:
     with contextlib.redirect_stdout(out):
         assert main(["http-api", "new-key", "--id", "svc", "--projects", "3"]) == 0
     assert out.getvalue().startswith("key (shown once")
+
+
+async def test_publisher_and_cli_read_presence_as_the_gateways_store_it(redis_url) -> None:
+    import redis.asyncio
+
+    from gateway.presence import PresenceCore
+    from gateway.presence_store import PresenceStore
+    from publisher import AsyncPublisher
+
+    client = redis.asyncio.Redis.from_url(redis_url)
+    core = PresenceCore("pod1", clock_ms=iter(range(1, 10**6)).__next__)
+    store = PresenceStore(client, "pod1", ttl=30, publish_command="PUBLISH")
+    core.join("tab-a", 5, "alice", "Alice")
+    core.join("tab-b", 5, "bob", None)
+    core.activity("tab-a", 5, 12, 12)
+    for write, ok in zip(writes := core.take_writes(), await store.write(writes), strict=True):
+        core.written(write, ok)
+    await client.aclose()
+
+    with Publisher.from_url(redis_url) as pub:
+        assert [(m.id, m.name, m.answering) for m in pub.presence(5)] == [
+            ("alice", "Alice", 12),
+            ("bob", None, None),
+        ]
+        assert pub.presence(6) == []
+        with pytest.raises(ValueError):
+            pub.presence(0)
+    async with AsyncPublisher.from_url(redis_url) as apub:
+        assert [m.id for m in await apub.presence(5)] == ["alice", "bob"]
+    out = run_process("--redis-url", redis_url, "presence", "5")
+    assert out.stdout.splitlines() == ["alice (Alice): viewing 12, answering 12", "bob: online"]
+    members = json.loads(run_process("--redis-url", redis_url, "presence", "5", "--json").stdout)
+    assert [m["id"] for m in members] == ["alice", "bob"]
