@@ -57,6 +57,18 @@ class GatewayConfig(msgspec.Struct, kw_only=True, frozen=True):
     max_replay: Annotated[
         int, _doc("Most events replayed on one resume; further behind gets a resync.", ge=1)
     ] = 1_000
+    resume_window_events: Annotated[
+        int,
+        _doc(
+            "Recent events each followed project keeps in memory to answer resumes without a "
+            "Redis read (0: off).",
+            ge=0,
+        ),
+    ] = 1_000
+    resume_window_bytes: Annotated[
+        int,
+        _doc("Bytes all resume windows of the process may hold together.", ge=0),
+    ] = 64 * 1024 * 1024
     outbound_limit: Annotated[
         int,
         _doc(

@@ -163,10 +163,6 @@ class Hub:
         # pod without windows by setting the module's constants.
         self.window_events = WINDOW_EVENTS if window_events is None else window_events
         self.window_budget = WindowBudget(WINDOW_BYTES if window_bytes is None else window_bytes)
-        #: Subscribes answered from a window, and history reads made for subscribes.
-        self.resumes_from_memory = 0
-        self.subscribe_reads = 0
-        self.window_fills = 0
         self.link: PubSubLink | None = None
         self.foreign = ForeignValues(metrics)
         self._unreadable_logged: set[str] = set()
@@ -176,6 +172,21 @@ class Hub:
         self._dirty_feeds: list[Feed] = []  # feeds with pending frames
         self._flush_scheduled = False
         self._loop = asyncio.get_running_loop()
+
+    @property
+    def resumes_from_memory(self) -> int:
+        """Subscribes answered from a feed's window, without a history read."""
+        return self.metrics.resumes_from_memory_total
+
+    @property
+    def subscribe_reads(self) -> int:
+        """History reads made for subscribes (shared by concurrent ones)."""
+        return self.metrics.subscribe_reads_total
+
+    @property
+    def window_fills(self) -> int:
+        """History reads merged into a feed's window."""
+        return self.metrics.window_fills_total
 
     # --- outbound batching -------------------------------------------------------------------
 
@@ -508,7 +519,7 @@ class Hub:
             # The common case of a storm, without a timer or a suspension: answered from memory.
             snapshot = self._from_window(feed, epoch, after)
             if snapshot is not None:
-                self.resumes_from_memory += 1
+                self.metrics.resumes_from_memory_total += 1
                 self._go_live(feed, session, joiner, epoch, after, snapshot, True)
                 return
         snapshot = None
@@ -526,7 +537,7 @@ class Hub:
                         snapshot = self._from_window(feed, epoch, after)
                 from_memory = snapshot is not None
                 if snapshot is None and feed.failed is None and feed.joining.get(session) is joiner:
-                    self.subscribe_reads += 1
+                    self.metrics.subscribe_reads_total += 1
                     snapshot = await self.store.snapshot(project_id, epoch, after, self.max_replay)
         except (TimeoutError, StoreUnavailable) as exc:
             if feed.joining.get(session) is joiner:
@@ -539,7 +550,7 @@ class Hub:
             # out unreadable and _fail_feed has told the client.
             return
         if from_memory:
-            self.resumes_from_memory += 1
+            self.metrics.resumes_from_memory_total += 1
         self._go_live(feed, session, joiner, epoch, after, snapshot, from_memory)
 
     def _from_window(self, feed: Feed, epoch: str | None, after: int | None) -> Snapshot | None:
@@ -591,7 +602,7 @@ class Hub:
         start = max(0, last - window.capacity)
         if start >= lo - 1:
             return
-        self.window_fills += 1
+        self.metrics.window_fills_total += 1
         try:
             async with asyncio.timeout(READ_TIMEOUT):
                 snapshot = await self.store.snapshot(feed.project_id, epoch, start, lo - start)

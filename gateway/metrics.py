@@ -60,6 +60,9 @@ class Metrics:
         "auth_failures_total": "Connections closed for a missing, invalid or expired token.",
         "polls_total": "HTTP polling requests answered.",
         "bad_requests_total": "HTTP requests and handshakes refused as malformed (400).",
+        "resumes_from_memory_total": "Subscribes answered from a feed's resume window (no read).",
+        "subscribe_reads_total": "History reads made for subscribes (shared by concurrent ones).",
+        "window_fills_total": "History reads merged into a feed's resume window.",
         "protocol_violations_total": (
             "Connections closed for breaking the WebSocket protocol (1002, 1007, 1009)."
         ),

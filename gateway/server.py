@@ -149,6 +149,8 @@ class Gateway:
             metrics=self.metrics,
             max_replay=config.max_replay,
             subscribe_timeout=config.subscribe_timeout,
+            window_events=config.resume_window_events,
+            window_bytes=config.resume_window_bytes,
         )
         self.link = self._make_link()
         self.hub.link = self.link
