@@ -4,12 +4,16 @@ them on one port under a supervisor (:mod:`gateway.workers`)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import resource
 import socket
 import sys
 
+import msgspec
+
 from gateway.config import ConfigError, GatewayConfig, load_config
-from gateway.logs import configure_logging
+from gateway.logs import configure_logging, get_logger, throttle_loop_errors
 from gateway.workers import Supervisor, resolve_workers, worker_command
 
 
@@ -25,10 +29,52 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(
             asyncio.run(supervise(config, workers, sys.argv[1:] if argv is None else argv))
         )
-    from gateway.server import run
+    from gateway.server import ACCEPT_SLACK, run
 
+    config = fit_descriptors(config, ACCEPT_SLACK)
     tune_gc()
-    asyncio.run(run(config))
+    asyncio.run(_serve(config, run))
+
+
+async def _serve(config: GatewayConfig, run) -> None:
+    throttle_loop_errors(asyncio.get_running_loop())
+    await run(config)
+
+
+#: Descriptors a gateway needs besides its clients: the listening socket, Redis connections,
+#: epoll, log files, the interpreter's own.
+DESCRIPTOR_RESERVE = 256
+
+
+def fit_descriptors(config: GatewayConfig, slack: int) -> GatewayConfig:
+    """Raise the soft descriptor limit to the hard one, and lower ``max_connections`` to what
+    it can hold (with a warning) rather than run out of descriptors under load: past the limit
+    every accept fails, and the admission bound (``max_connections`` + ``slack`` sockets) is
+    what must refuse connections first."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1_048_576)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    fitted = fitted_connections(config.max_connections, slack, limit)
+    if fitted < config.max_connections:
+        get_logger("gateway").warning(
+            "max_connections lowered to fit the descriptor limit",
+            configured=config.max_connections,
+            effective=fitted,
+            descriptor_limit=limit,
+            hint="raise the limit (ulimit -n, LimitNOFILE=, the container runtime's nofile)",
+        )
+        config = msgspec.structs.replace(config, max_connections=fitted)
+    return config
+
+
+def fitted_connections(max_connections: int, slack: int, descriptor_limit: int) -> int:
+    """The most connections (>= 1) whose sockets, plus ``slack`` and the reserve, fit the
+    descriptor limit (pure)."""
+    room = descriptor_limit - slack - DESCRIPTOR_RESERVE
+    return max(1, min(max_connections, room))
 
 
 async def supervise(config: GatewayConfig, workers: int, argv: list[str]) -> int:

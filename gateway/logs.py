@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import structlog
 
-__all__ = ["LogThrottle", "configure_logging", "get_logger"]
+__all__ = ["LogThrottle", "configure_logging", "get_logger", "throttle_loop_errors"]
 
 
 def configure_logging(fmt: str = "auto", level: str = "info") -> None:
@@ -102,3 +102,25 @@ class LogThrottle:
             self._suppressed[key] = self._suppressed.get(key, 0) + 1
             return None
         return self._suppressed.pop(key, 0)
+
+
+def throttle_loop_errors(loop, throttle: LogThrottle | None = None) -> None:
+    """Limit what asyncio itself logs through ``loop``'s exception handler to a few lines per
+    minute per message (``throttle``, default 5 per minute).
+
+    asyncio logs some conditions once per occurrence: with every descriptor in use, each accept
+    attempt logs "socket.accept() out of system resource" at error level, which a client flood
+    turns into hundreds of thousands of lines. Counting them is the metrics' job; the log keeps
+    the first few of each kind and how many were dropped.
+    """
+    throttle = throttle or LogThrottle()
+
+    def handler(loop, context: dict) -> None:
+        suppressed = throttle.allow(str(context.get("message", ""))[:100])
+        if suppressed is None:
+            return
+        if suppressed:
+            context = {**context, "message": f"{context.get('message')} ({suppressed} suppressed)"}
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
