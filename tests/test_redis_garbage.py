@@ -44,7 +44,19 @@ def check_record(record: list[int]) -> None:
 
 @pytest.fixture
 async def live(gateways, publisher):
-    gateway = await gateways(reconcile_interval=0.2)
+    async for state in _live(gateways, publisher):
+        yield state
+
+
+@pytest.fixture
+async def live_without_windows(gateways, publisher):
+    """As ``live``, with resume windows off: every resume reads its history from Redis."""
+    async for state in _live(gateways, publisher, resume_window_events=0):
+        yield state
+
+
+async def _live(gateways, publisher, **overrides):
+    gateway = await gateways(reconcile_interval=0.2, **overrides)
     healthy = await client_for(gateway, list(HEALTHY))
     for project_id in HEALTHY:
         await healthy.subscribe(project_id)
@@ -224,9 +236,9 @@ async def test_unreadable_metadata_ends_that_project_only(live, publisher, redis
 
 
 async def test_a_stream_key_of_another_type_refuses_the_resume_of_that_project_only(
-    live, publisher, redis_client
+    live_without_windows, publisher, redis_client
 ):
-    gateway, healthy, _ = live
+    gateway, healthy, _ = live_without_windows
     epoch = epoch_of(redis_client, POISONED)
     redis_client.delete(KEYS.stream(POISONED))
     redis_client.set(KEYS.stream(POISONED), "not a stream")
@@ -333,3 +345,20 @@ def test_the_history_read_copes_with_any_stored_values(
         assert all(s < result.corrupt_at for s in seqs)
     for _, frame in result.entries:
         check_frame(frame, ForeignKind.STREAM_ENTRY)
+
+
+async def test_a_resume_inside_the_window_is_exact_even_with_the_stream_key_damaged(
+    live, publisher, redis_client
+):
+    """The window holds what the feed delivered: a resume inside it needs no read of the damaged
+    key and gets exactly the valid events; the damage is met at the next read instead."""
+    gateway, healthy, _ = live
+    epoch = epoch_of(redis_client, POISONED)
+    redis_client.delete(KEYS.stream(POISONED))
+    redis_client.set(KEYS.stream(POISONED), "not a stream")
+    late = await client_for(gateway, [POISONED])
+    subscribed = await late.subscribe(POISONED, epoch=epoch, after=1)
+    assert subscribed["resumed"] is True
+    assert late.seqs(POISONED) == list(range(2, BEFORE + 1))
+    await others_get_everything(healthy, publisher, redis_client)
+    await late.close()
