@@ -193,13 +193,14 @@ class Handler(BaseHTTPRequestHandler):
     def _body(self) -> dict[str, Any]:
         """The request's JSON object body: at most MAX_BODY bytes, read within
         BODY_READ_TIMEOUT seconds in all, else a 4xx (see examples.dashboard.http_input)."""
-        self._body_pending = False  # from here on, _read_body consumes it or we close
         length = body_length(
             self.headers.get_all("Content-Length") or [],
             self.headers.get_all("Transfer-Encoding") or [],
         )
         if length:
+            # Refused before it is read (415): the body stays pending, so the answer closes.
             check_content_type(self.headers.get("Content-Type"))
+        self._body_pending = False  # from here on, _read_body consumes it or we close
         return decode_object(self._read_body(length))
 
     def _read_body(self, length: int) -> bytes:
