@@ -276,7 +276,7 @@ class Gateway:
         try:
             repeated = repeated_header(request.headers)
             if repeated is not None:
-                return self._bad_request(f"the {repeated} header is given more than once")
+                return self.bad_request(f"the {repeated} header is given more than once")
             if request.headers.get("Upgrade", "").lower() != "websocket":
                 return await self.http.handle(request)
             return self._check_handshake(connection, request)
@@ -284,7 +284,7 @@ class Gateway:
             log.exception("request failed", path=request.path[:200])
             return json_response(500, {"error": "internal", "message": "internal error"})
 
-    def _bad_request(self, message: str) -> Response:
+    def bad_request(self, message: str) -> Response:
         """A malformed request (the client's mistake): 400, counted, logged a few times a minute."""
         self.metrics.bad_requests_total += 1
         self.client_log("bad request", kind="bad_request", message=message)

@@ -218,6 +218,15 @@ class GatewayConnection(ServerConnection):
                 return
             self._counted = True
 
+    def detach(self, stand_in) -> tuple[asyncio.Transport, bool]:
+        """Give up the transport to another protocol (see ``takeover``): websockets is left
+        holding ``stand_in`` (its handler aborts ``self.transport`` when no WebSocket opened,
+        which must not reach the new owner). Returns the transport, and whether this connection
+        counted it in ``admission``: that count moves to the new owner, who releases it."""
+        transport, self.transport = self.transport, stand_in
+        counted, self._counted = self._counted, False
+        return transport, counted
+
     def send_data(self) -> None:
         super().send_data()
         if self.session is not None:

@@ -513,12 +513,7 @@ class SseStreams:
             or "Upgrade" in request.headers  # (never .get: it raises on a repeated header)
         ):
             return False
-        transport = connection.transport
-        # From here on websockets must not touch the transport: its handler aborts
-        # connection.transport when no WebSocket opened.
-        connection.transport = _Detached()
-        counted = connection._counted
-        connection._counted = False  # the count moves to the SSE connection
+        transport, counted = connection.detach(_Detached())
         protocol = SseConnection(self.gateway, connection.admission, counted)
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
@@ -543,7 +538,7 @@ class SseStreams:
         clients = gateway.clients
         repeated = repeated_header(request.headers, ("Origin", "Authorization", "Last-Event-ID"))
         if repeated is not None:
-            return gateway._bad_request(f"the {repeated} header is given more than once"), ()
+            return gateway.bad_request(f"the {repeated} header is given more than once"), ()
         origin_headers = self._cors(request.headers.get("Origin"))
         if request.method != "GET":
             return json_response(
@@ -558,7 +553,7 @@ class SseStreams:
             stream = parse_stream_target(request.path, gateway.config.max_subscriptions)
             cursors = parse_last_event_id(request.headers.get("Last-Event-ID"), stream.projects)
         except ValueError as exc:
-            return _with(gateway._bad_request(str(exc)), origin_headers), ()
+            return _with(gateway.bad_request(str(exc)), origin_headers), ()
         claims = None
         if clients.verify is not None:
             header = request.headers.get("Authorization")
