@@ -11,10 +11,12 @@ WebSocket, ...), each on a fresh gateway:
    p50/p99 of (kernel receive timestamp - publish time) over every delivery, as in
    :mod:`bench.gateway`.
 
-Figures are the medians over ``--rounds`` (3). Targets (issue 13): SSE p99 within 2x the
-WebSocket p99, SSE memory per idle connection at most the WebSocket figure.
+A latency phase during which other processes used more than 5 % of a core is measured again (up
+to 3 times; the quietest counts). Figures are the medians over ``--rounds`` (5). Targets
+(issue 13): SSE p99 within 2x the WebSocket p99, SSE memory per idle connection at most the
+WebSocket figure.
 
-``python -m bench.sse`` (about 2 minutes), ``--quick`` for a smoke run.
+``python -m bench.sse`` (about 5 minutes), ``--quick`` for a smoke run.
 """
 
 from __future__ import annotations
@@ -28,7 +30,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.common import BenchRedis, machine, write_json
-from bench.gateway import CLIENT_CPU, Params, Run, Server, pinned_to_client_core, pinning
+from bench.gateway import (
+    CLIENT_CPU,
+    QUIET,
+    Params,
+    Run,
+    Server,
+    pinned_to_client_core,
+    pinning,
+)
 from bench.loadgen import LoadGen, raise_nofile
 
 TRANSPORTS = ("websocket", "sse")
@@ -39,10 +49,11 @@ class SseParams:
     idle: int = 5_000
     subscribers: int = 1_000
     seconds: float = 10.0
-    rounds: int = 3
+    rounds: int = 5
+    attempts: int = 3
 
 
-QUICK = SseParams(idle=1_000, subscribers=500, seconds=2.0, rounds=1)
+QUICK = SseParams(idle=1_000, subscribers=500, seconds=2.0, rounds=1, attempts=1)
 
 
 class TransportRun(Run):
@@ -82,13 +93,23 @@ def one_round(transport: str, redis: BenchRedis, sp: SseParams, log) -> dict:
         memory = run.memory([1])
         run.loadgen.close(run.loadgen.stats()["clients"] - sp.subscribers)
         time.sleep(0.5)
-        latency = run.latency(1)
+        # A latency phase during which other processes took CPU is measured again (at most
+        # ``attempts`` times); the quietest one counts, and says whether it was quiet.
+        attempts = []
+        for _ in range(sp.attempts):
+            attempts.append(run.latency(1))
+            if attempts[-1]["cpu"]["others"] <= QUIET:
+                break
+        latency = min(attempts, key=lambda lat: lat["cpu"]["others"])
+        latency["noisy"] = latency["cpu"]["others"] > QUIET
+        latency["attempts"] = len(attempts)
     finally:
         run.close()
     log(
         f"  {transport}: {memory['clients']} idle, {memory['kib_per_conn']} KiB/connection; "
         f"{latency['subscribers']} x 100 events/s: p50 {latency['p50_ms']} ms, "
         f"p99 {latency['p99_ms']} ms, missing {latency['missing']}, cpu {latency['cpu']}"
+        f"{' (noisy)' if latency['noisy'] else ''}"
     )
     return {"memory": memory, "latency": latency}
 
@@ -128,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             "p99_ms": _median([r["latency"]["p99_ms"] for r in results[t]]),
             "kib_per_conn": _median([r["memory"]["kib_per_conn"] for r in results[t]]),
             "missing": max(r["latency"]["missing"] for r in results[t]),
+            "noisy_rounds": sum(r["latency"]["noisy"] for r in results[t]),
+            "server_cpu": _median([r["latency"]["cpu"]["server"] for r in results[t]]),
         }
         for t in TRANSPORTS
     }
