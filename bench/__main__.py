@@ -30,6 +30,8 @@ MODULES = [
     "bench.workers",
     "bench.storm",
     "bench.density",
+    "bench.sse",
+    "bench.presence",
 ]
 
 
