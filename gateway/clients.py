@@ -11,8 +11,15 @@ turns its own input into these calls and the session's output into its own bytes
   refreshed token dropping the projects it no longer allows;
 * :meth:`ClientProtocol.subscribe` / :meth:`ClientProtocol.unsubscribe` with their checks and
   errors; :meth:`ClientProtocol.handle` for a frame (WebSocket: the four client messages);
+* :meth:`ClientProtocol.activity` / :meth:`ClientProtocol.presence_get`: presence (who is
+  here, what they are doing; docs/presence.md), which :meth:`ClientProtocol.subscribe` joins
+  the connection to and :meth:`ClientProtocol.unsubscribe` leaves;
 * :meth:`ClientProtocol.client_error`: an ``error`` message, counted, and the rule that ten
   malformed frames in a row close the connection (4009).
+
+Presence follows access control exactly as events do: a connection is listed in, and receives
+presence of, only the projects its token allows and it is subscribed to (``presence_get`` needs
+only the token); a refreshed token that drops a project leaves it.
 """
 
 from __future__ import annotations
@@ -22,11 +29,15 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import redis.exceptions
+
 from gateway.client_input import decode_frame
 from gateway.http import json_response
 from gateway.hub import SubscribeUnavailable
 from gateway.logs import get_logger
+from gateway.session import Outgoing
 from schemas.protocol import (
+    Activity,
     Auth,
     Authenticated,
     CloseCode,
@@ -34,6 +45,7 @@ from schemas.protocol import (
     ErrorCode,
     Ping,
     Pong,
+    PresenceGet,
     ProtocolError,
     Subscribe,
     Unsubscribe,
@@ -46,7 +58,7 @@ if TYPE_CHECKING:
 
     from gateway.session import ClientSession
 
-__all__ = ["MAX_CONSECUTIVE_ERRORS", "ClientProtocol"]
+__all__ = ["MAX_CONSECUTIVE_ERRORS", "ClientProtocol", "presence_item"]
 
 log = get_logger("gateway")
 
@@ -114,7 +126,7 @@ class ClientProtocol:
     def authenticate(self, session: ClientSession, claims: TokenClaims) -> None:
         """Give ``session`` these claims: (re)arm its expiry, drop projects a refreshed token no
         longer allows (``error`` forbidden + ``unsubscribed`` each), answer ``authenticated``."""
-        session.claims = claims
+        previous, session.claims = session.claims, claims
         if session.expiry is not None:
             session.expiry.cancel()
         delay = max(0.0, claims.exp - time.time())
@@ -124,6 +136,7 @@ class ClientProtocol:
         for project_id in sorted(session.projects):
             if not claims.allows(project_id):
                 hub.unsubscribe(session, project_id)
+                self.gateway.presence.leave(session, project_id)
                 session.send_message(
                     Error(
                         code=ErrorCode.FORBIDDEN,
@@ -132,6 +145,10 @@ class ClientProtocol:
                     )
                 )
                 session.send_message(Unsubscribed(project_id=project_id))
+        if previous is not None and (previous.sub, previous.name) != (claims.sub, claims.name):
+            # Another person or display name: the tab is listed under the new one.
+            for project_id in sorted(session.projects):
+                self._list(session, project_id)
         projects = None if claims.projects == "*" else sorted(claims.projects)
         session.send_message(
             Authenticated(subject=claims.sub, projects=projects, expires_at=claims.exp)
@@ -165,7 +182,18 @@ class ClientProtocol:
                     message.project_id,
                 )
                 return
-            await self.subscribe(session, message.project_id, message.epoch, message.after, clog)
+            await self.subscribe(
+                session,
+                message.project_id,
+                message.epoch,
+                message.after,
+                clog,
+                presence=message.presence,
+            )
+        elif isinstance(message, Activity):
+            self.activity(session, message)
+        elif isinstance(message, PresenceGet):
+            await self.presence_get(session, message.project_id)
         elif isinstance(message, Unsubscribe):
             self.unsubscribe(session, message.project_id)
         elif isinstance(message, Ping):
@@ -188,9 +216,15 @@ class ClientProtocol:
         epoch: str | None,
         after: int | None,
         clog,
+        *,
+        presence: bool = False,
     ) -> bool:
         """Subscribe with the checks a client may fail (each answers ``error``); True when the
-        hub took the subscription (its replay and ``subscribed`` are on their way)."""
+        hub took the subscription (its replay and ``subscribed`` are on their way).
+
+        The connection is then listed in the project's presence (when its token has a ``sub``),
+        and with ``presence`` it gets the ``presence`` message after ``subscribed`` and then
+        the project's ``presence_diff`` messages; a re-subscribe without it stops them."""
         if not self.allowed(session, project_id):
             self.client_error(
                 session,
@@ -225,10 +259,87 @@ class ClientProtocol:
                 count=False,
             )
             return False
+        self._list(session, project_id)
+        service = self.gateway.presence
+        if not presence:
+            service.unsubscribe(session, project_id)
+            return True
+        try:
+            async with asyncio.timeout(self.config.subscribe_timeout):
+                frame = await service.subscribe(session, project_id)
+        except (TimeoutError, redis.exceptions.RedisError, OSError):
+            self.client_error(
+                session,
+                ErrorCode.UNAVAILABLE,
+                "presence is unavailable (Redis did not answer); events are not affected; "
+                "subscribe again later for presence",
+                project_id,
+                count=False,
+            )
+            return True
+        if project_id in session.projects and session in self.gateway.sessions:
+            session.send(presence_item(frame, project_id, "presence"))
+        else:  # unsubscribed or closed while presence was read
+            service.unsubscribe(session, project_id)
         return True
+
+    def _list(self, session: ClientSession, project_id: int) -> None:
+        """List the connection in the project's presence as its token's person (a token
+        without ``sub`` reads presence but is not listed; past ``presence_max_members`` a new
+        person is not listed either, counted)."""
+        service = self.gateway.presence
+        claims = session.claims
+        if claims is None or not claims.sub:
+            service.leave(session, project_id, messages=False)
+        elif service.core.is_full(project_id, claims.sub, self.config.presence_max_members):
+            self.metrics.presence_unlisted_total += 1
+            service.leave(session, project_id, messages=False)
+        else:
+            service.join(session, project_id, claims.sub, claims.name)
+
+    def activity(self, session: ClientSession, message: Activity) -> None:
+        """This tab's activity in a subscribed project (ignored for a tab that is not listed)."""
+        if message.project_id not in session.projects:
+            self.client_error(
+                session,
+                ErrorCode.NOT_SUBSCRIBED,
+                f"subscribe to project {message.project_id} before reporting activity in it",
+                message.project_id,
+                count=False,
+            )
+            return
+        self.gateway.presence.activity(
+            session, message.project_id, message.viewing, message.answering
+        )
+
+    async def presence_get(self, session: ClientSession, project_id: int) -> None:
+        """Answer ``presence`` once: the project's members (the token must allow it)."""
+        if not self.allowed(session, project_id):
+            self.client_error(
+                session,
+                ErrorCode.FORBIDDEN,
+                f"the token does not allow project {project_id}",
+                project_id,
+                count=False,
+            )
+            return
+        try:
+            async with asyncio.timeout(self.config.subscribe_timeout):
+                frame = await self.gateway.presence.get(project_id)
+        except (TimeoutError, redis.exceptions.RedisError, OSError):
+            self.client_error(
+                session,
+                ErrorCode.UNAVAILABLE,
+                "presence is unavailable (Redis did not answer); ask again later",
+                project_id,
+                count=False,
+            )
+            return
+        session.send(presence_item(frame, project_id, "presence"))
 
     def unsubscribe(self, session: ClientSession, project_id: int) -> None:
         if self.gateway.hub.unsubscribe(session, project_id):
+            self.gateway.presence.leave(session, project_id)
             session.send_message(Unsubscribed(project_id=project_id))
         else:
             self.client_error(
@@ -256,3 +367,11 @@ class ClientProtocol:
             session.errors += 1
             if session.errors >= MAX_CONSECUTIVE_ERRORS:
                 session.close_later(CloseCode.TOO_MANY_ERRORS, "too many malformed messages")
+
+
+def presence_item(frame: bytes, project_id: int, kind: str) -> Outgoing:
+    """A ``presence`` or ``presence_diff`` frame as an outgoing item (SSE names its event by
+    ``kind``); one item is shared by every recipient of a diff."""
+    item = Outgoing(frame, project_id)
+    item.kind = kind
+    return item

@@ -98,6 +98,38 @@ class GatewayConfig(msgspec.Struct, kw_only=True, frozen=True):
     subscribe_timeout: Annotated[
         float, _doc("Seconds a subscribe may wait for Redis before an 'unavailable' error.", gt=0)
     ] = 5.0
+    presence_ttl: Annotated[
+        float,
+        _doc(
+            "Seconds a pod's presence records outlive its last refresh (a SIGKILLed pod's "
+            "members are gone within ttl + 3 refreshes + 1 diff interval).",
+            gt=0,
+        ),
+    ] = 10.0
+    presence_refresh_interval: Annotated[
+        float,
+        _doc("Seconds between a pod's presence refreshes (less than half the ttl).", gt=0),
+    ] = 3.0
+    presence_diff_interval: Annotated[
+        float,
+        _doc("Seconds between presence_diff messages of a project to one connection.", gt=0),
+    ] = 1.0
+    presence_drain_grace: Annotated[
+        float,
+        _doc(
+            "Seconds a draining pod keeps its members present, so clients that reconnect "
+            "elsewhere in time never appear to leave.",
+            ge=0,
+        ),
+    ] = 15.0
+    presence_max_members: Annotated[
+        int,
+        _doc(
+            "Members listed per project: further people read presence but are not listed "
+            "(bounds the size of presence messages).",
+            ge=1,
+        ),
+    ] = 1_000
     drain_delay: Annotated[
         float,
         _doc(
@@ -131,6 +163,11 @@ class GatewayConfig(msgspec.Struct, kw_only=True, frozen=True):
             raise ConfigError(
                 "an auth secret is required: set --auth-secret / EVENTBUS_AUTH_SECRET, "
                 "or run the development mode with --no-auth"
+            )
+        if not self.presence_refresh_interval * 2 < self.presence_ttl:
+            raise ConfigError(
+                "--presence-ttl must exceed two --presence-refresh-interval: one late refresh "
+                "must not expire a live pod's members"
             )
 
     @property

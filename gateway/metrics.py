@@ -63,6 +63,11 @@ class Metrics:
         "resumes_from_memory_total": "Subscribes answered from a feed's resume window (no read).",
         "subscribe_reads_total": "History reads made for subscribes (shared by concurrent ones).",
         "window_fills_total": "History reads merged into a feed's resume window.",
+        "presence_diffs_total": "presence_diff messages built (one per project per interval).",
+        "presence_deliveries_total": "presence_diff frames queued to connections.",
+        "presence_unlisted_total": (
+            "Subscribes not listed in presence because the project had --presence-max-members."
+        ),
         "protocol_violations_total": (
             "Connections closed for breaking the WebSocket protocol (1002, 1007, 1009)."
         ),

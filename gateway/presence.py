@@ -137,6 +137,14 @@ class PodTable:
     def projects(self) -> list[int]:
         return list(self._members)
 
+    def hosts(self, project_id: int, member_id: str) -> bool:
+        """Whether a tab of ``member_id`` on this pod has joined the project."""
+        return member_id in self._members.get(project_id, ())
+
+    def member_count(self, project_id: int) -> int:
+        """Members with a tab on this pod in the project."""
+        return len(self._members.get(project_id, ()))
+
     def member_of(self, session: SessionKey, project_id: int) -> str | None:
         tab = self._tabs.get((session, project_id))
         return tab.member_id if tab else None
@@ -396,6 +404,17 @@ class PresenceCore:
         self._changed(
             project_id, self.table.join(session, project_id, member_id, name, self._now())
         )
+
+    def is_full(self, project_id: int, member_id: str, cap: int) -> bool:
+        """Whether listing ``member_id`` would take the project past ``cap`` members, as far as
+        this pod knows: from its view of every pod when it has one, else from its own tabs.
+        Approximate across pods (joins on several pods within one write interval may pass
+        the cap by a few); a member already listed is never refused."""
+        view = self.views.get(project_id)
+        known = view.members if view is not None and view.loaded else {}
+        if member_id in known or self.table.hosts(project_id, member_id):
+            return False
+        return max(len(known), self.table.member_count(project_id)) >= cap
 
     def activity(
         self, session: SessionKey, project_id: int, viewing: int | None, answering: int | None

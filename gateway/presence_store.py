@@ -28,7 +28,7 @@ import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import redis.asyncio
 import redis.asyncio.cluster
@@ -36,6 +36,7 @@ import redis.exceptions
 
 from gateway.logs import LogThrottle, get_logger
 from gateway.presence import PresenceCore, SessionKey, Write
+from gateway.tasks import spawn
 from schemas.keys import Keys
 from schemas.presence import (
     READ,
@@ -55,6 +56,18 @@ log = get_logger("gateway.presence")
 
 #: Deliver one encoded message to some sessions (the gateway's fan-out; must not block).
 Deliver = Callable[[Sequence[SessionKey], bytes], None]
+
+
+class ChannelLink(Protocol):
+    """A pub/sub connection someone else owns (the gateway's :class:`gateway.pubsub.PubSubLink`
+    or its cluster counterpart) that presence channels can ride on: the owner routes their
+    messages to :meth:`PresenceService.on_message` and calls
+    :meth:`PresenceService.reread_all` after it resubscribed."""
+
+    async def subscribe(self, channel: bytes) -> None:
+        """Subscribe and return once Redis confirmed it."""
+
+    async def unsubscribe(self, channel: bytes) -> None: ...
 
 
 def new_pod_id() -> str:
@@ -221,6 +234,7 @@ class PresenceService:
         drain_grace: float = 15.0,
         publish_command: str = "PUBLISH",
         listen: bool = True,
+        link: ChannelLink | None = None,
         clock_ms: Callable[[], int] | None = None,
     ) -> None:
         if not refresh_interval * 2 < ttl:
@@ -239,7 +253,10 @@ class PresenceService:
         self.flush_interval = flush_interval
         self.diff_interval = diff_interval
         self.drain_grace = drain_grace
-        self._listen = listen
+        # With a ``link`` the presence channels ride on the owner's pub/sub connection (one
+        # connection per pod, and sharded pub/sub on a Cluster); else ``listen`` runs our own.
+        self._link = link
+        self._listen = listen and link is None
         self._tasks: list[asyncio.Task] = []
         self._wake = asyncio.Event()
         self._loading: dict[int, asyncio.Task] = {}
@@ -306,9 +323,12 @@ class PresenceService:
         self._wake.set()
         return ok
 
-    def leave(self, session: SessionKey, project_id: int) -> None:
+    def leave(self, session: SessionKey, project_id: int, *, messages: bool = True) -> None:
+        """The tab is no longer listed in the project; with ``messages`` (the default) its
+        presence messages of the project stop too."""
         self.core.leave(session, project_id)
-        self.unsubscribe(session, project_id)
+        if messages:
+            self.unsubscribe(session, project_id)
         self._wake.set()
 
     def close_session(self, session: SessionKey) -> None:
@@ -398,6 +418,11 @@ class PresenceService:
         if channel not in self._channels:
             self._channels.add(channel)
             self._channels_changed.set()
+        if self._link is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await self._link.subscribe(channel.encode())
+            return
         if not self._listen:
             return
         with contextlib.suppress(TimeoutError):
@@ -411,6 +436,13 @@ class PresenceService:
         if channel in self._channels:
             self._channels.discard(channel)
             self._channels_changed.set()
+            if self._link is not None:
+                spawn(self._drop(channel))
+
+    async def _drop(self, channel: str) -> None:
+        # Checked when the task runs: a project watched again meanwhile keeps its channel.
+        if channel not in self._channels and self._link is not None:
+            await self._link.unsubscribe(channel.encode())
 
     async def _flush(self) -> None:
         writes = self.core.take_writes()

@@ -2,7 +2,8 @@
 
 Wiring only; the ordering logic is in :mod:`gateway.sequencing` and :mod:`gateway.hub`, the
 client protocol (auth, subscribe, errors) in :mod:`gateway.clients`, the outbound policy in
-:mod:`gateway.session`, HTTP in :mod:`gateway.http`.
+:mod:`gateway.session`, HTTP in :mod:`gateway.http`, presence in :mod:`gateway.presence_store`
+(its channels ride on the same pub/sub link as the events).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from gateway.client_input import close_reason, decode_frame, repeated_header
-from gateway.clients import MAX_CONSECUTIVE_ERRORS, ClientProtocol
+from gateway.clients import MAX_CONSECUTIVE_ERRORS, ClientProtocol, presence_item
 from gateway.config import GatewayConfig
 from gateway.group import GroupView
 from gateway.http import HttpRoutes, json_response
@@ -28,6 +29,7 @@ from gateway.hub import Hub
 from gateway.keepalive import Keepalive
 from gateway.logs import LogThrottle, get_logger
 from gateway.metrics import Metrics
+from gateway.presence_store import PresenceService
 from gateway.pubsub import ClusterPubSub, PubSubLink
 from gateway.session import (
     Admission,
@@ -97,6 +99,7 @@ class Gateway:
         self.redis: redis.asyncio.Redis | None = None
         self.store: HistoryStore
         self.hub: Hub
+        self.presence: PresenceService
         self.link: PubSubLink | ClusterPubSub
         verify = None if config.no_auth else self.verify
         self.http = HttpRoutes(gateway=self, verify=verify, allowed_origins=config.allowed_origins)
@@ -154,7 +157,19 @@ class Gateway:
         )
         self.link = self._make_link()
         self.hub.link = self.link
+        self.presence = PresenceService(
+            self.redis,
+            self._deliver_presence,
+            keys=self.keys,
+            ttl=config.presence_ttl,
+            refresh_interval=config.presence_refresh_interval,
+            diff_interval=config.presence_diff_interval,
+            drain_grace=config.presence_drain_grace,
+            publish_command="SPUBLISH" if config.sharded else "PUBLISH",
+            link=self.link,
+        )
         self.link.start()
+        await self.presence.start()
         self._tasks = [
             asyncio.create_task(self._every(config.reconcile_interval, self.hub.reconcile)),
             asyncio.create_task(self._every(1.0, self._check_stalls)),
@@ -216,7 +231,7 @@ class Gateway:
         channels routed by slot (sharded pub/sub only reaches the shard that owns the slot)."""
         config = self.config
         options = {
-            "on_message": self.hub.on_pubsub_message,
+            "on_message": self._on_pubsub_message,
             "metrics": self.metrics,
             "probe_interval": config.probe_interval,
             "probe_timeout": config.probe_timeout,
@@ -227,12 +242,34 @@ class Gateway:
         return PubSubLink(
             config.redis_url.replace("+cluster", ""),
             sharded=config.sharded,
-            on_resubscribed=self.hub.on_link_resubscribed,
+            on_resubscribed=self._on_link_resubscribed,
             **options,
         )
 
+    def _on_pubsub_message(self, channel: bytes, data: bytes) -> None:
+        """Every pub/sub message: a project's presence channel, or (the hot path) its events."""
+        if channel.endswith(b":presence"):
+            self.presence.on_message(channel, data)
+        else:
+            self.hub.on_pubsub_message(channel, data)
+
+    def _on_link_resubscribed(self) -> None:
+        """The pub/sub link is back: what was published meanwhile is only in Redis."""
+        self.hub.on_link_resubscribed()
+        self.presence.reread_all()
+
+    def _deliver_presence(self, sessions, frame: bytes) -> None:
+        """One ``presence_diff`` to its recipients: one shared item, queued like events."""
+        item = presence_item(frame, 0, "presence_diff")
+        for session in sessions:
+            session.send(item)
+        self.metrics.presence_diffs_total += 1
+        self.metrics.presence_deliveries_total += len(sessions)
+
     def _catch_up(self, channels: list[bytes]) -> None:
         """Channels subscribed again after an interruption: read what they missed."""
+        if any(channel.endswith(b":presence") for channel in channels):
+            self.presence.reread_all()
         for channel in channels:
             feed = self.hub.feeds.get(self.keys.project_of_channel(channel) or 0)
             if feed is not None and feed.channel == channel:
@@ -317,8 +354,9 @@ class Gateway:
         self.metrics.connections_accepted_total += 1
 
     def remove_session(self, session: ClientSession) -> None:
-        """A client connection closed: drop its subscriptions and its expiry timer."""
+        """A client connection closed: drop its subscriptions, presence and expiry timer."""
         self.hub.remove(session)
+        self.presence.close_session(session)
         self.sessions.pop(session, None)
         if not self.sessions:
             self._all_closed.set()
@@ -413,6 +451,9 @@ class Gateway:
             await asyncio.sleep(config.drain_delay)
         if self.server is not None:
             self.server.close(close_connections=False)
+        # Presence first: this pod's members stay listed for the grace while their clients
+        # reconnect elsewhere, so nobody appears to leave and join again.
+        await _bounded(self.presence.drain(), "presence")
         sessions = list(self.sessions)
         batches = [
             sessions[i : i + config.drain_batch]
@@ -442,6 +483,7 @@ class Gateway:
         for task in self._tasks:
             task.cancel()
         self.keepalive.close()
+        await _bounded(self.presence.stop(), "presence")
         if self.streams.keepalive is not None:
             self.streams.keepalive.close()
         if self.server is not None:

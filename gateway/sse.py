@@ -160,11 +160,13 @@ def parse_last_event_id(value: str | None, projects: list[int]) -> dict[int, Cur
 
 
 class StreamRequest(NamedTuple):
-    """What a stream request asks for: its projects, in order, and whether the stream is the
-    several-project kind (compound cursors)."""
+    """What a stream request asks for: its projects, in order, whether the stream is the
+    several-project kind (compound cursors), and whether it wants presence messages
+    (``?presence=1``: ``presence`` and ``presence_diff`` events, docs/presence.md)."""
 
     projects: list[int]
     multi: bool
+    presence: bool = False
 
 
 def is_stream_target(target: str) -> bool:
@@ -178,21 +180,29 @@ def parse_stream_target(target: str, max_projects: int) -> StreamRequest:
     path, _, query = target.partition("?")
     query = query.partition("#")[0]
     match = _SINGLE_PATH.match(path)
-    if match:
-        if query:
-            raise ValueError("a project's stream takes no query parameters")
-        return StreamRequest([_project_id(match.group(1))], False)
-    params = parse_qs(query, keep_blank_values=True, max_num_fields=max_projects + 1)
-    unknown = set(params) - {"project"}
+    params = parse_qs(query, keep_blank_values=True, max_num_fields=max_projects + 2)
+    allowed = {"presence"} if match else {"project", "presence"}
+    unknown = set(params) - allowed
     if unknown:
         raise ValueError(f"unknown query parameters: {', '.join(sorted(unknown))[:200]}")
+    presence = _flag(params.get("presence", []), "presence")
+    if match:
+        return StreamRequest([_project_id(match.group(1))], False, presence)
     raw = params.get("project", [])
     if not raw:
         raise ValueError("name the projects: /v1/stream?project=1&project=2")
     projects = list(dict.fromkeys(_project_id(value) for value in raw))
     if len(projects) > max_projects:
         raise ValueError(f"at most {max_projects} projects per stream")
-    return StreamRequest(projects, True)
+    return StreamRequest(projects, True, presence)
+
+
+def _flag(values: list[str], name: str) -> bool:
+    if not values:
+        return False
+    if len(values) > 1 or values[0] not in ("0", "1", "true", "false"):
+        raise ValueError(f"{name} takes one of 1, true, 0, false")
+    return values[0] in ("1", "true")
 
 
 def _project_id(raw: str) -> int:
@@ -623,10 +633,18 @@ class SseStreams:
         if self.keepalive is not None:
             self.keepalive.add(session)
         clog = log.bind(conn_id=session.id, transport="sse")
-        protocol.task = spawn(self._subscribe(session, stream.projects, cursors, claims, clog))
+        protocol.task = spawn(
+            self._subscribe(session, stream.projects, cursors, claims, clog, stream.presence)
+        )
 
     async def _subscribe(
-        self, session: SseSession, projects: Iterable[int], cursors, claims, clog
+        self,
+        session: SseSession,
+        projects: Iterable[int],
+        cursors,
+        claims,
+        clog,
+        presence: bool = False,
     ) -> None:
         clients = self.gateway.clients
         if claims is not None:
@@ -636,7 +654,9 @@ class SseStreams:
                 return
             cursor = cursors.get(project_id)
             epoch, after = (cursor.epoch, cursor.seq) if cursor is not None else (None, None)
-            if not await clients.subscribe(session, project_id, epoch, after, clog):
+            if not await clients.subscribe(
+                session, project_id, epoch, after, clog, presence=presence
+            ):
                 # The ``error`` event says why; a stream cannot ask again: it ends, and the
                 # client reconnects with its Last-Event-ID.
                 session.close_later(CloseCode.INTERNAL_ERROR, "subscription failed")

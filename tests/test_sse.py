@@ -103,9 +103,19 @@ def test_last_event_id_forms():
 
 
 def test_stream_targets():
-    assert parse_stream_target("/v1/projects/12/stream", 100) == ([12], False)
-    assert parse_stream_target("/v1/stream?project=2&project=1&project=2", 100) == ([2, 1], True)
+    assert parse_stream_target("/v1/projects/12/stream", 100) == ([12], False, False)
+    assert parse_stream_target("/v1/stream?project=2&project=1&project=2", 100) == (
+        [2, 1],
+        True,
+        False,
+    )
+    assert parse_stream_target("/v1/projects/12/stream?presence=1", 100) == ([12], False, True)
+    assert parse_stream_target("/v1/stream?presence=true&project=3", 100) == ([3], True, True)
+    assert parse_stream_target("/v1/projects/12/stream?presence=0", 100).presence is False
     for bad in (
+        "/v1/projects/1/stream?presence=yes",
+        "/v1/projects/1/stream?presence=1&presence=1",
+        "/v1/projects/1/stream?project=2",
         "/v1/projects/0/stream",
         "/v1/projects/x/stream",
         "/v1/projects/1/stream?token=abc",  # never a token in the URL

@@ -20,6 +20,8 @@ CONTROL_TYPES = {
     "resync_required",
     "error",
     "pong",
+    "presence",
+    "presence_diff",
 }
 
 

@@ -1,0 +1,290 @@
+"""Presence through real gateways: what a person on a dashboard sees of the others.
+
+Each browser here is a :class:`RecordingClient`; its view of a project is rebuilt from the
+``presence`` and ``presence_diff`` frames it received, exactly as eventbus.js applies them, and
+compared with who is really connected. Gateways run in-process (three of them on one Redis,
+members spread over them) with short presence intervals; the pod-kill test runs real gateway
+processes and SIGKILLs one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from publisher import issue_token
+from tests.support.gateway_client import SECRET, RecordingClient, ws_url
+from tests.support.gateway_process import GatewayProcess
+from tests.support.sse_client import open_stream
+
+#: Fast presence for tests: diffs every 0.2 s, refresh every 0.5 s, records live 2 s.
+FAST = {
+    "presence_diff_interval": 0.2,
+    "presence_refresh_interval": 0.5,
+    "presence_ttl": 2.0,
+    "presence_drain_grace": 1.0,
+}
+
+
+def token(projects="*", sub: str | None = None, name: str | None = None) -> str:
+    return issue_token(SECRET, projects, ttl=300, subject=sub, name=name)
+
+
+async def person(gateway, sub: str | None, name: str | None = None, projects="*"):
+    client = RecordingClient(ws_url(gateway), token=token(projects, sub, name))
+    return await client.connect()
+
+
+def view(client: RecordingClient, project_id: int) -> dict[str, dict] | None:
+    """The members as the client knows them: its last ``presence`` plus every later diff."""
+    members: dict[str, dict] | None = None
+    for message in client.messages:
+        if message.get("project_id") != project_id:
+            continue
+        if message["type"] == "presence":
+            members = {m["id"]: m for m in message["members"]}
+        elif message["type"] == "presence_diff":
+            assert members is not None, "a presence_diff before any presence"
+            for member_id in message["left"]:
+                del members[member_id]
+            for member in (*message["joined"], *message["changed"]):
+                members[member["id"]] = member
+    return members
+
+
+def ids(client: RecordingClient, project_id: int = 1) -> set[str] | None:
+    members = view(client, project_id)
+    return None if members is None else set(members)
+
+
+async def until(client: RecordingClient, predicate, within: float = 5.0) -> None:
+    await client.wait_for(predicate, within)
+
+
+async def test_members_spread_over_three_gateways_see_each_other_and_their_activity(gateways):
+    pods = [await gateways(**FAST) for _ in range(3)]
+    alice = await person(pods[0], "alice", "Alice")
+    alice_tab2 = await person(pods[2], "alice", "Alice")
+    bob = await person(pods[1], "bob", "Bob")
+    carol = await person(pods[2], "carol", None)
+    everyone = [alice, alice_tab2, bob, carol]
+    for client in everyone:
+        await client.subscribe(1, presence=True)
+    for client in everyone:
+        await until(client, lambda c=client: ids(c) == {"alice", "bob", "carol"})
+    members = view(bob, 1)
+    assert members["alice"]["name"] == "Alice" and members["carol"]["name"] is None
+    assert members["alice"]["viewing"] is None
+
+    # One person's activity reaches every pod; the tab that reported last wins.
+    await alice.send({"type": "activity", "project_id": 1, "viewing": 12, "answering": 12})
+    for client in everyone:
+        await until(client, lambda c=client: view(c, 1)["alice"]["answering"] == 12)
+    await alice_tab2.send({"type": "activity", "project_id": 1, "viewing": 7})
+    for client in everyone:
+        await until(
+            client,
+            lambda c=client: (
+                (view(c, 1)["alice"]["viewing"], view(c, 1)["alice"]["answering"]) == (7, None)
+            ),
+        )
+
+    # Every view is the same.
+    assert all(view(c, 1) == view(alice, 1) for c in everyone)
+
+
+async def test_a_closed_tab_leaves_but_the_person_stays_while_another_tab_is_open(gateways):
+    pods = [await gateways(**FAST) for _ in range(2)]
+    watcher = await person(pods[0], "watcher")
+    await watcher.subscribe(1, presence=True)
+    tab1 = await person(pods[0], "dave", "Dave")
+    tab2 = await person(pods[1], "dave", "Dave")
+    await tab1.subscribe(1)
+    await tab2.subscribe(1)
+    await until(watcher, lambda: ids(watcher) == {"watcher", "dave"})
+    await tab1.close()
+    await tab2.send({"type": "ping"})
+    await tab2.wait_for(lambda: tab2.last("pong") is not None)
+    # Dave is still here on the other pod: no leave is ever shown.
+    left_before = [m for m in watcher.messages if m["type"] == "presence_diff" and m["left"]]
+    await tab2.close()
+    started = time.monotonic()
+    await until(watcher, lambda: ids(watcher) == {"watcher"}, within=3.0)
+    assert time.monotonic() - started < 1.5  # a closed tab leaves within ~1 s (write + diff)
+    assert left_before == []
+
+
+async def test_a_refreshed_token_that_drops_the_project_leaves_it(gateways):
+    gateway = await gateways(**FAST)
+    watcher = await person(gateway, "watcher")
+    await watcher.subscribe(1, presence=True)
+    erin = await person(gateway, "erin", "Erin", projects=[1, 2])
+    await erin.subscribe(1, presence=True)
+    await until(watcher, lambda: ids(watcher) == {"watcher", "erin"})
+    await erin.send({"type": "auth", "token": token([2], "erin", "Erin")})
+    await erin.wait_for(lambda: erin.last("unsubscribed") is not None)
+    assert erin.last("error")["code"] == "forbidden"
+    await until(watcher, lambda: ids(watcher) == {"watcher"})
+    # Erin gets no more presence of project 1, and may not ask for it.
+    seen = len([m for m in erin.messages if m.get("type", "").startswith("presence")])
+    await watcher.send({"type": "activity", "project_id": 1, "viewing": 3})
+    await until(watcher, lambda: view(watcher, 1)["watcher"]["viewing"] == 3)
+    await erin.send({"type": "presence_get", "project_id": 1})
+    await erin.wait_for(lambda: erin.count("error") == 2)
+    assert erin.of("error")[-1]["code"] == "forbidden"
+    assert len([m for m in erin.messages if m.get("type", "").startswith("presence")]) == seen
+
+
+async def test_a_forbidden_project_leaks_nothing(gateways):
+    gateway = await gateways(**FAST)
+    insider = await person(gateway, "insider", "Insider", projects=[1])
+    await insider.subscribe(1, presence=True)
+    await insider.send({"type": "activity", "project_id": 1, "viewing": 99})
+    outsider = await person(gateway, "outsider", "Mallory", projects=[2])
+    await outsider.subscribe(2, presence=True)
+    for message in (
+        {"type": "subscribe", "project_id": 1, "presence": True},
+        {"type": "presence_get", "project_id": 1},
+        {"type": "activity", "project_id": 1, "viewing": 99},
+    ):
+        count = outsider.count("error")
+        await outsider.send(message)
+        await outsider.wait_for(lambda c=count: outsider.count("error") > c)
+    codes = [m["code"] for m in outsider.of("error")]
+    assert codes == ["forbidden", "forbidden", "not_subscribed"]
+    # The outsider is not listed in project 1, and saw nothing of it; the insider sees no
+    # trace of the outsider.
+    await until(insider, lambda: view(insider, 1)["insider"]["viewing"] == 99)
+    await outsider.send({"type": "ping"})
+    await outsider.wait_for(lambda: outsider.last("pong") is not None)
+    assert not [m for m in outsider.messages if m.get("project_id") == 1 and "members" in m]
+    assert not [
+        m for m in outsider.messages if m.get("type") == "presence_diff" and m["project_id"] == 1
+    ]
+    assert ids(insider) == {"insider"}
+    assert ids(outsider, 2) == {"outsider"}
+
+
+async def test_presence_get_activity_rules_and_tokens_without_a_subject(gateways):
+    gateway = await gateways(**FAST)
+    reader = await person(gateway, None)  # a token without sub: reads, is not listed
+    frank = await person(gateway, "frank", "Frank")
+    await frank.send({"type": "activity", "project_id": 1, "viewing": 1})
+    await frank.wait_for(lambda: frank.last("error") is not None)
+    assert frank.last("error")["code"] == "not_subscribed"
+    await frank.subscribe(1)
+    await reader.subscribe(1, presence=True)
+    await reader.send({"type": "activity", "project_id": 1, "viewing": 4})  # ignored, no error
+    await until(reader, lambda: ids(reader) == {"frank"})
+    await reader.send({"type": "presence_get", "project_id": 1})
+    await reader.wait_for(lambda: reader.count("presence") == 2)
+    assert [m["id"] for m in reader.of("presence")[-1]["members"]] == ["frank"]
+    assert reader.of("error") == []
+    # presence_get needs no subscription, only the token.
+    await frank.send({"type": "presence_get", "project_id": 1})
+    await frank.wait_for(lambda: frank.last("presence") is not None)
+    assert frank.last("presence")["members"][0]["name"] == "Frank"
+
+
+async def test_presence_comes_after_subscribed_and_a_resubscribe_keeps_the_member(gateways):
+    gateway = await gateways(**FAST)
+    watcher = await person(gateway, "watcher")
+    await watcher.subscribe(1, presence=True)
+    types = [m["type"] for m in watcher.messages if m.get("project_id") == 1]
+    await watcher.wait_for(lambda: watcher.count("presence") == 1)
+    types = [m["type"] for m in watcher.messages if m.get("project_id") == 1]
+    assert types[:2] == ["subscribed", "presence"]
+    grace = await person(gateway, "grace", "Grace")
+    await grace.subscribe(1)
+    await grace.send({"type": "activity", "project_id": 1, "answering": 5})
+    await until(watcher, lambda: (view(watcher, 1).get("grace") or {}).get("answering") == 5)
+    for _ in range(3):  # a client resuming from its cursor: the person never leaves
+        await grace.subscribe(1, resume=True)
+    await watcher.send({"type": "activity", "project_id": 1, "viewing": 8})
+    await until(watcher, lambda: view(watcher, 1)["watcher"]["viewing"] == 8)
+    assert not [m for m in watcher.of("presence_diff") if "grace" in m["left"]]
+    assert view(watcher, 1)["grace"]["answering"] == 5
+    # A re-subscribe without the flag stops presence messages; events go on.
+    other = await person(gateway, "other")
+    await other.subscribe(1, presence=True)
+    await until(other, lambda: ids(other) == {"watcher", "grace", "other"})
+    await watcher.subscribe(1, resume=True)
+    diffs = watcher.count("presence_diff")
+    await grace.send({"type": "activity", "project_id": 1, "answering": None})
+    await until(other, lambda: view(other, 1)["grace"]["answering"] is None)
+    assert watcher.count("presence_diff") == diffs  # the same diff went to presence subscribers
+
+
+async def test_sse_streams_get_presence_as_named_events(gateways):
+    gateway = await gateways(**FAST)
+    base = f"http://127.0.0.1:{gateway.port}"
+    headers = {"Authorization": f"Bearer {token('*', 'sse-viewer', 'Heidi')}"}
+    status, _, stream = await open_stream(base, "/v1/projects/1/stream?presence=1", headers)
+    assert status == 200
+    try:
+        seen = await stream.until("presence")
+        assert [e.event for e in seen] == ["authenticated", "subscribed", "presence"]
+        first = json.loads(seen[-1].data)
+        assert [m["id"] for m in first["members"]] == ["sse-viewer"]  # the stream is listed
+        ivan = await person(gateway, "ivan", "Ivan")
+        await ivan.subscribe(1)
+        diff = json.loads((await stream.until("presence_diff")).pop().data)
+        assert [m["id"] for m in diff["joined"]] == ["ivan"]
+    finally:
+        stream.close()
+    status, _, stream = await open_stream(base, "/v1/projects/1/stream?presence=maybe", headers)
+    assert status == 400
+    stream.close()
+
+
+async def test_past_the_member_cap_people_read_but_are_not_listed(gateways):
+    gateway = await gateways(**FAST, presence_max_members=2)
+    people = [await person(gateway, f"p{n}") for n in range(3)]
+    for client in people:
+        await client.subscribe(1, presence=True)
+        await client.wait_for(lambda c=client: c.count("presence") == 1)
+    await until(people[2], lambda: ids(people[2]) == {"p0", "p1"})
+    assert gateway.metrics.presence_unlisted_total == 1
+    await people[2].send({"type": "activity", "project_id": 1, "viewing": 1})  # no error
+    await people[0].close()
+    await until(people[1], lambda: ids(people[1]) == {"p1"})
+
+
+async def test_a_sigkilled_pods_members_leave_every_view_within_the_bound(redis_url):
+    args = [
+        "--presence-ttl", "2",
+        "--presence-refresh-interval", "0.5",
+        "--presence-diff-interval", "0.5",
+    ]  # fmt: skip
+    bound = 2 + 3 * 0.5 + 0.5  # ttl + 3 refresh intervals + one diff interval (docs/presence.md)
+    pods = [GatewayProcess(redis_url, auth_secret=SECRET, args=args) for _ in range(3)]
+    clients: list[RecordingClient] = []
+    try:
+        for pod in pods:
+            await asyncio.to_thread(pod.start)
+        for n in range(30):  # ten people per pod
+            pod = pods[n % 3]
+            client = RecordingClient(pod.ws_url, token=token("*", f"user-{n:02}"))
+            clients.append(await client.connect())
+            await client.subscribe(1, presence=True)
+        everyone = {f"user-{n:02}" for n in range(30)}
+        for client in clients:
+            await until(client, lambda c=client: ids(c) == everyone, within=10)
+        await asyncio.to_thread(pods[0].kill)
+        killed_at = time.monotonic()
+        survivors = [c for n, c in enumerate(clients) if n % 3]
+        remaining = {f"user-{n:02}" for n in range(30) if n % 3}
+        for client in survivors:
+            await until(client, lambda c=client: ids(c) == remaining, within=bound + 5)
+        took = time.monotonic() - killed_at
+        assert took <= bound + 1.0, f"ghosts stayed {took:.1f} s (bound {bound} s)"
+        # Nobody else flickered out meanwhile.
+        for client in survivors:
+            left = {i for m in client.of("presence_diff") for i in m["left"]}
+            assert left == everyone - remaining
+    finally:
+        for client in clients:
+            await client.close()
+        for pod in pods:
+            await asyncio.to_thread(pod.close)
