@@ -46,6 +46,8 @@ CLOSES_BEFORE_AUTH = {4001, 4002, 1002, 1007, 1009}
 CLOSES_AFTER_AUTH = {4009, 1002, 1007, 1009}
 ERROR_CODES = {code.value for code in ErrorCode}
 CONTROL = {"authenticated", "subscribed", "unsubscribed", "resync_required", "error", "pong"}
+#: Presence messages: like events, only ever of a project the token names.
+PRESENCE = {"presence", "presence_diff"}
 #: Every status the gateway documents for a request (101: a fuzzed request that happens to be a
 #: valid WebSocket upgrade; None: websockets' HTTP parser refused the request, a body, a bad
 #: Content-Length or header line, and closed the connection without an answer).
@@ -191,7 +193,10 @@ json_values = st.recursive(
     ),
     max_leaves=15,
 )
-message_types = st.sampled_from(["auth", "subscribe", "unsubscribe", "ping", "pong", "", "AUTH"])
+message_types = st.sampled_from(
+    ["auth", "subscribe", "unsubscribe", "ping", "pong", "", "AUTH", "activity", "presence_get"]
+)
+item_ids = st.one_of(st.none(), st.integers(min_value=-2, max_value=5), huge_numbers, json_values)
 project_ids = st.one_of(
     st.sampled_from([*FUZZER_PROJECTS, BYSTANDER_PROJECT, 0, -1, 2**53, 2**53 - 1]), json_values
 )
@@ -205,6 +210,9 @@ messages = st.fixed_dictionaries(
         "epoch": st.sampled_from(["e", "", "bad epoch!", "x" * 65]) | json_values,
         "after": st.integers(min_value=-2, max_value=5) | huge_numbers | json_values,
         "token": st.sampled_from(["", "a.b.c", "not-a-jwt"]) | json_values | long_texts,
+        "presence": st.booleans() | json_values,
+        "viewing": item_ids,
+        "answering": item_ids,
     },
 )
 
@@ -345,6 +353,8 @@ def check_messages(received: list[dict]) -> None:
         kind = message.get("type")
         if kind == "error":
             assert message["code"] in ERROR_CODES, message
+        elif kind in PRESENCE:
+            assert message["project_id"] in FUZZER_PROJECTS, message
         elif kind not in CONTROL:
             # An event: only of a project the token names, never the bystander's.
             assert message.get("project_id") in FUZZER_PROJECTS, message
