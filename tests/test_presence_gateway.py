@@ -13,7 +13,10 @@ import asyncio
 import json
 import time
 
+import redis.asyncio
+
 from publisher import issue_token
+from publisher.presence import aread_presence
 from tests.support.gateway_client import SECRET, RecordingClient, ws_url
 from tests.support.gateway_process import GatewayProcess
 from tests.support.sse_client import open_stream
@@ -288,3 +291,92 @@ async def test_a_sigkilled_pods_members_leave_every_view_within_the_bound(redis_
             await client.close()
         for pod in pods:
             await asyncio.to_thread(pod.close)
+
+
+async def test_a_rolling_restart_shows_no_leave_for_people_who_come_back_in_the_grace(gateways):
+    old, new = await gateways(**{**FAST, "presence_drain_grace": 5.0}), await gateways(**FAST)
+    watcher = await person(new, "watcher")
+    await watcher.subscribe(1, presence=True)
+    judy = await person(old, "judy", "Judy")
+    await judy.subscribe(1)
+    await judy.send({"type": "activity", "project_id": 1, "viewing": 3})
+    await until(watcher, lambda: (view(watcher, 1).get("judy") or {}).get("viewing") == 3)
+    await old.drain()  # SIGTERM: Judy's client is closed with 1012 ...
+    await judy.closed.wait()
+    assert judy.close_code == 1012
+    # A diff goes out while Judy is away (she takes longer than one diff interval to return).
+    await watcher.send({"type": "activity", "project_id": 1, "viewing": 1})
+    await until(watcher, lambda: view(watcher, 1)["watcher"]["viewing"] == 1)
+    back = await person(new, "judy", "Judy")  # ... and comes back on the other pod
+    await back.subscribe(1)
+    await back.send({"type": "activity", "project_id": 1, "viewing": 3, "answering": 3})
+    await until(watcher, lambda: view(watcher, 1)["judy"]["answering"] == 3)
+    # The old pod's records expire after its grace; by then Judy's new tab is listed, so the
+    # merged member never goes: wait until the old pod is dropped from the view, then check.
+    view_of_new = new.presence.core.views[1]
+    async with asyncio.timeout(5.0 + 3 * 0.5 + 3):
+        while old.presence.pod_id in view_of_new.pods:  # noqa: ASYNC110 (no event for it)
+            await asyncio.sleep(0.1)
+    await watcher.send({"type": "activity", "project_id": 1, "viewing": 4})
+    await until(watcher, lambda: view(watcher, 1)["watcher"]["viewing"] == 4)
+    assert not [m for m in watcher.of("presence_diff") if "judy" in m["left"]]
+    assert ids(watcher) == {"watcher", "judy"}
+
+
+async def test_a_redis_flush_is_rebuilt_without_anyone_leaving(gateways, redis_url):
+    pods = [await gateways(**FAST) for _ in range(2)]
+    kim = await person(pods[0], "kim", "Kim")
+    leo = await person(pods[1], "leo", "Leo")
+    for client in (kim, leo):
+        await client.subscribe(1, presence=True)
+    await until(leo, lambda: ids(leo) == {"kim", "leo"})
+    flusher = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        await flusher.flushall()
+
+        # Every pod rewrites its members at its next refresh: Redis has them both again.
+        async def stored() -> set[str]:
+            return {m.id for m in await aread_presence(flusher, 1)}
+
+        async with asyncio.timeout(5):
+            while await stored() != {"kim", "leo"}:  # noqa: ASYNC110 (polls Redis)
+                await asyncio.sleep(0.1)
+    finally:
+        await flusher.aclose()
+    await kim.send({"type": "activity", "project_id": 1, "viewing": 11})
+    await until(leo, lambda: view(leo, 1)["kim"]["viewing"] == 11)
+    for client in (kim, leo):
+        assert not [m for m in client.of("presence_diff") if m["left"]]
+
+
+async def test_presence_across_gateways_on_a_redis_cluster(redis_cluster_url):
+    from gateway.config import GatewayConfig
+    from gateway.server import Gateway
+
+    pods = []
+    try:
+        for _ in range(2):
+            pod = Gateway(
+                GatewayConfig(
+                    redis_url=redis_cluster_url, port=0, auth_secret=SECRET, drain_timeout=2, **FAST
+                )
+            )
+            await pod.start()
+            pods.append(pod)
+        people = []
+        for n, project_id in enumerate((1, 2, 3, 4, 5, 6)):  # spread over the masters' slots
+            for pod in pods:
+                client = await person(pod, f"p{n}-{pod.port}")
+                await client.subscribe(project_id, presence=True)
+                people.append((client, project_id))
+        for client, project_id in people:
+            expected = {f"p{n}-{pod.port}" for pod in pods for n in [project_id - 1]}
+            await until(client, lambda c=client, p=project_id, e=expected: ids(c, p) == e)
+        first, project_id = people[0]
+        await first.send({"type": "activity", "project_id": project_id, "viewing": 2})
+        other = people[1][0]
+        me = f"p0-{pods[0].port}"
+        await until(other, lambda: view(other, project_id)[me]["viewing"] == 2)
+    finally:
+        for pod in pods:
+            await pod.drain()
