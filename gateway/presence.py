@@ -392,6 +392,8 @@ class PresenceCore:
         self.table = PodTable()
         self.views: dict[int, ProjectView] = {}
         self.subscribers: dict[int, set[SessionKey]] = {}
+        # The other way round, so that a closing connection costs its own projects, not all.
+        self._subscribed: dict[SessionKey, set[int]] = {}
         self._pending: dict[int, set[str]] = {}  # project -> members to write
         self._stored: dict[int, int] = {}  # project -> our version in Redis (absent: unknown)
         self._versions = itertools.count(1)
@@ -434,6 +436,10 @@ class PresenceCore:
         if not subscribers or session not in subscribers:
             return False
         subscribers.discard(session)
+        projects = self._subscribed[session]
+        projects.discard(project_id)
+        if not projects:
+            del self._subscribed[session]
         if subscribers:
             return False
         del self.subscribers[project_id]
@@ -445,7 +451,8 @@ class PresenceCore:
         dropped (stop listening to them)."""
         for project_id in self.table.projects_of(session):
             self.leave(session, project_id)
-        return [p for p in list(self.subscribers) if self.unsubscribe(session, p)]
+        projects = sorted(self._subscribed.get(session, ()))
+        return [p for p in projects if self.unsubscribe(session, p)]
 
     # presence subscriptions
 
@@ -463,6 +470,7 @@ class PresenceCore:
         if not view.loaded:
             raise RuntimeError("load the project's view before subscribing to it")
         self.subscribers.setdefault(project_id, set()).add(session)
+        self._subscribed.setdefault(session, set()).add(project_id)
         return view.snapshot()
 
     def load(self, project_id: int, snapshot: Mapping[str, PodState]) -> bool:
