@@ -47,6 +47,7 @@ from schemas.presence import (
     encode_record,
     parse_announcement,
     parse_read_reply,
+    parse_versions,
 )
 from schemas.protocol import encode
 
@@ -153,8 +154,7 @@ class PresenceStore:
         self._count(len(projects))
         out = {}
         for project_id, (ok, flat) in zip(projects, replies, strict=True):
-            live = {_text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
-            out[project_id] = (int(ok) == 1, live)
+            out[project_id] = (ok == 1, parse_versions(flat))
         return out
 
     async def read(self, project_id: int) -> dict[str, PodState]:
@@ -488,6 +488,10 @@ class PresenceService:
                     log.warning(
                         "presence: redis unavailable", error=str(exc), suppressed=suppressed
                     )
+                backoff = min(backoff * 2, self.refresh_interval)
+            except Exception as exc:  # a reply nobody foresaw must not end presence for the pod
+                if (suppressed := self._throttle.allow("loop_failed")) is not None:
+                    log.warning("presence: a round failed", error=repr(exc), suppressed=suppressed)
                 backoff = min(backoff * 2, self.refresh_interval)
             await asyncio.sleep(backoff)  # coalesces a burst of changes into one write
             if not (self.core.has_pending_writes() or self._reread):

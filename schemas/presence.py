@@ -117,16 +117,45 @@ class PodState(NamedTuple):
     records: dict[str, PodRecord]
 
 
+_POD_RE = re.compile(rb"^[A-Za-z0-9_-]{1,64}\Z")
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes | bytearray) else str(value)
 
 
+def _pod_and_version(pod: Any, version: Any) -> tuple[str, int] | None:
+    """A pod id and its version as the scripts write them, or None for anything else."""
+    if not isinstance(pod, bytes | bytearray):
+        pod = str(pod).encode("utf-8", "replace")
+    if not isinstance(version, bytes | bytearray):
+        version = str(version).encode()
+    if not _POD_RE.match(pod) or not version.isdigit() or len(version) > 18:
+        return None
+    return pod.decode(), int(version)
+
+
+def parse_versions(flat: list) -> dict[str, int]:
+    """A versions hash as ``HGETALL`` returns it (pod, version, ...): pod id -> version. Entries
+    the scripts cannot have written (another writer to Redis) are skipped."""
+    out = {}
+    for i in range(0, len(flat) - 1, 2):
+        parsed = _pod_and_version(flat[i], flat[i + 1])
+        if parsed is not None:
+            out[parsed[0]] = parsed[1]
+    return out
+
+
 def parse_read_reply(reply: list) -> dict[str, PodState]:
-    """The reply of :data:`READ`: pod id -> its state. Records that do not decode are skipped
-    (another writer to Redis: presence is advisory, one bad record must not hide the rest)."""
+    """The reply of :data:`READ`: pod id -> its state. Pods and records the scripts cannot have
+    written are skipped (another writer to Redis: presence is advisory, one bad record must not
+    hide the rest)."""
     pods: dict[str, PodState] = {}
     for entry in reply:
-        pod, version, flat = _text(entry[0]), int(entry[1]), entry[2]
+        parsed = _pod_and_version(entry[0], entry[1])
+        if parsed is None or not isinstance(entry[2], list):
+            continue
+        (pod, version), flat = parsed, entry[2]
         records: dict[str, PodRecord] = {}
         for i in range(0, len(flat) - 1, 2):
             try:
@@ -148,9 +177,6 @@ class Announcement(NamedTuple):
 
 class MalformedAnnouncement(ValueError):
     """A presence channel message that :data:`WRITE` cannot have published."""
-
-
-_POD_RE = re.compile(rb"^[A-Za-z0-9_-]{1,64}$")
 
 
 def parse_announcement(data: bytes) -> Announcement:

@@ -33,6 +33,7 @@ from schemas.presence import (
     merge_member,
     parse_announcement,
     parse_read_reply,
+    parse_versions,
 )
 from schemas.protocol import (
     Activity,
@@ -474,3 +475,42 @@ def test_one_refresh_report_without_a_pod_is_not_its_death() -> None:
     assert view.take_diff() is None
     assert not view.check_live({"other": 1})  # it is back: the count starts again
     assert not view.check_live({}) and view.take_diff() is None
+
+
+# --- garbage in Redis ------------------------------------------------------------------------
+
+_redis_values = st.one_of(
+    st.binary(max_size=40),
+    st.integers(min_value=-(2**63), max_value=2**63),
+    st.sampled_from([b"pod-1", b"7", b"0", b"-1", b"1e3", b"pod 1", b"\xff\xfe", b"9" * 30]),
+)
+_replies = st.recursive(_redis_values, lambda inner: st.lists(inner, max_size=5), max_leaves=30)
+
+
+@given(st.lists(st.lists(_replies, min_size=3, max_size=3), max_size=4))
+def test_any_read_reply_parses_to_what_the_scripts_could_have_written(reply) -> None:
+    """Another writer to the presence keys (garbage pods, versions, records) never raises: what
+    the scripts cannot have written is skipped, the rest is kept."""
+    for pod, state in parse_read_reply(reply).items():
+        assert 1 <= len(pod) <= 64 and state.version >= 0
+        assert all(isinstance(record, PodRecord) for record in state.records.values())
+
+
+@given(st.lists(_redis_values, max_size=10))
+def test_any_versions_hash_parses_to_valid_pods(flat) -> None:
+    for pod, version in parse_versions(flat).items():
+        assert 1 <= len(pod) <= 64 and 0 <= version < 10**18
+
+
+def test_a_garbage_pod_is_skipped_and_the_others_kept() -> None:
+    good = encode_record(PodRecord(name="A", viewing=None, answering=None, since=1, at=1))
+    reply = [
+        [b"pod-1", b"3", [b"alice", good, b"bob", b"{not json"]],
+        [b"pod 2", b"3", [b"carol", good]],
+        [b"pod-3", b"three", [b"dave", good]],
+        [b"pod-4", b"1", b"not a list"],
+    ]
+    assert {pod: set(s.records) for pod, s in parse_read_reply(reply).items()} == {
+        "pod-1": {"alice"}
+    }
+    assert parse_versions([b"pod-1", b"2", b"pod\n", b"3", b"pod-2", b"x"]) == {"pod-1": 2}

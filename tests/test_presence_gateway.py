@@ -380,3 +380,43 @@ async def test_presence_across_gateways_on_a_redis_cluster(redis_cluster_url):
     finally:
         for pod in pods:
             await pod.drain()
+
+
+async def test_garbage_in_a_projects_presence_keys_stays_in_that_project(gateways, redis_url):
+    """Another writer to Redis: presence of the damaged project is served from what can be read
+    (or answers ``unavailable``), other projects never notice, and the pod's loops go on."""
+    from schemas.keys import Keys
+
+    gateway = await gateways(**FAST)
+    keys = Keys()
+    raw = redis.asyncio.Redis.from_url(redis_url)
+    watcher = await person(gateway, "watcher")
+    await watcher.subscribe(2, presence=True)
+    damages = [
+        lambda: raw.hset(keys.presence_versions(1), mapping={"pod-x": "not a number"}),
+        lambda: raw.zadd(keys.presence_pods(1), {"pod-x": 2**52, "bad pod!": 2**52}),
+        lambda: raw.hset(keys.presence_versions(1), mapping={"bad pod!": "1", "pod-y": "2"}),
+        lambda: raw.zadd(keys.presence_pods(1), {"pod-y": 2**52}),
+        lambda: raw.hset(keys.presence_pod(1, "pod-y"), mapping={"eve": "{garbage", "al": "[]"}),
+        lambda: raw.publish(keys.presence_channel(1), b"\xff|garbage"),
+        lambda: raw.publish(keys.presence_channel(2), b"pod-z|1|0|{}"),
+        lambda: raw.delete(keys.presence_versions(1)),
+        lambda: raw.set(keys.presence_versions(1), "a string, not a hash"),
+    ]
+    try:
+        for step, damage in enumerate(damages):
+            await damage()
+            reader = await person(gateway, f"reader-{step}")
+            await reader.send({"type": "subscribe", "project_id": 1, "presence": True})
+            await reader.wait_for(
+                lambda r=reader: r.last("presence") is not None or r.last("error") is not None
+            )
+            error = reader.last("error")
+            assert error is None or error["code"] == "unavailable", error
+            # Project 2 is untouched: the watcher still sees changes there.
+            await watcher.send({"type": "activity", "project_id": 2, "viewing": step + 1})
+            await until(watcher, lambda s=step: view(watcher, 2)["watcher"]["viewing"] == s + 1)
+            await reader.close()
+        assert all(not task.done() for task in gateway.presence._tasks)
+    finally:
+        await raw.aclose()
