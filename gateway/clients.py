@@ -247,6 +247,8 @@ class ClientProtocol:
         try:
             await self.gateway.hub.subscribe(session, project_id, epoch, after)
         except SubscribeUnavailable as exc:
+            # A failed re-subscribe has ended the old subscription: its presence ends with it.
+            self.gateway.presence.leave(session, project_id)
             suppressed = self.gateway.client_log_throttle.allow("subscribe_unavailable")
             if suppressed is not None:
                 extra = {"suppressed": suppressed} if suppressed else {}
