@@ -106,7 +106,8 @@ export interface Cursor {
 export interface EventBusError {
   /** A gateway error code (docs/protocol.md) or a client one: "poll_failed", "token_failed",
    * "token_refresh_failed", "resync_failed", "handler_failed", "closed", "invalid_frame",
-   * "websocket_failed", "poll_http_<status>", "sse_failed", "sse_http_<status>". */
+   * "websocket_failed", "poll_http_<status>", "sse_failed", "sse_http_<status>",
+   * "invalid_snapshot_cursor", "snapshot_cursor_ignored". */
   code: string;
   message?: string;
   projectId?: number;
@@ -138,8 +139,11 @@ export interface ConnectOptions {
   token?: TokenSource;
   /** Reload the application's state of a project from its own API. Called on the first subscribe
    * and on every resync_required; events arriving meanwhile are held back and delivered after the
-   * returned promise resolves. A rejected promise is retried with backoff. */
-  onResync?: (projectId: number) => void | Promise<void>;
+   * returned promise resolves. A rejected promise is retried with backoff. Resolve to the
+   * snapshot's cursor (the position the reloaded state includes, e.g. from
+   * publisher.outbox's snapshot helper) and the bus continues exactly after it: events at or
+   * before it are dropped, the ones after it delivered once, asked for again if not held. */
+  onResync?: (projectId: number) => void | Cursor | null | Promise<void | Cursor | null>;
   /** Called when the state or the live transport changes ("live" over SSE, then over
    * WebSocket: state and previous are both "live", status.transport says which). */
   onStateChange?: (state: ConnectionState, previous: ConnectionState, status: ConnectionStatus) => void;
@@ -177,6 +181,43 @@ export interface ConnectOptions {
   isOnline?: () => boolean;
 }
 
+// --- presence (docs/presence.md) ----------------------------------------------------------------
+
+export interface PresenceMember {
+  /** The token's `sub`: one member per person, whatever the tabs and pods. */
+  id: string;
+  /** The token's `name` claim, or null. */
+  name: string | null;
+  /** The item on screen / being answered, of the tab that reported last. */
+  viewing: number | null;
+  answering: number | null;
+  /** Unix ms when the member arrived (their earliest open tab). */
+  since: number;
+}
+
+export interface PresenceChange {
+  joined: PresenceMember[];
+  left: string[];
+  changed: PresenceMember[];
+}
+
+export interface Activity {
+  viewing?: number | null;
+  answering?: number | null;
+}
+
+/** One project's members: `load` a `presence` list, `apply` each `presence_diff`. */
+export declare class PresenceTable {
+  members: Map<string, PresenceMember>;
+  load(members: PresenceMember[]): void;
+  apply(diff: Partial<PresenceChange>): PresenceChange;
+  /** Every member, sorted by id. */
+  list(): PresenceMember[];
+}
+
+/** Whether a value is a snapshot cursor {epoch: non-empty string, seq: integer >= 0}. */
+export declare function isCursor(value: unknown): value is Cursor;
+
 export declare class EventBus {
   constructor(options?: ConnectOptions);
   readonly state: ConnectionState;
@@ -188,6 +229,19 @@ export declare class EventBus {
   cursor(projectId: number): Cursor | null;
   /** Receive a project's events in order, once each. Returns the unsubscribe function. */
   subscribe(projectId: number, onEvent: (event: ProjectEvent) => void): () => void;
+  /** Who is on the project's dashboards. `onChange` gets every member (sorted by id) after each
+   * `presence` (change null) and `presence_diff`, and `null` once when presence becomes
+   * unavailable (polling, offline, closed). Subscribes to the project if nothing else did.
+   * Returns the function that removes this listener. */
+  presence(
+    projectId: number,
+    onChange: (members: PresenceMember[] | null, change: PresenceChange | null) => void,
+  ): () => void;
+  /** The project's members, or null while presence is unknown. */
+  members(projectId: number): PresenceMember[] | null;
+  /** This tab's activity in a project (positive integer ids or null); sent over WebSocket now
+   * and after every resubscribe, kept while on SSE or polling. */
+  activity(projectId: number, activity?: Activity): void;
   /** Try the WebSocket now instead of waiting for the backoff. */
   reconnect(): void;
   /** Stop for good. */
@@ -273,7 +327,10 @@ export declare class SseParser {
 }
 
 /** The SSE request path and Last-Event-ID for these projects and their cursors. */
-export declare function sseRequest(cursors: Array<[number, Cursor | null]>): {
+export declare function sseRequest(
+  cursors: Array<[number, Cursor | null]>,
+  options?: { presence?: boolean },
+): {
   path: string;
   lastEventId: string | null;
 };
@@ -283,6 +340,7 @@ export interface SubscribeMessage {
   project_id: number;
   epoch?: string;
   after?: number;
+  presence?: boolean;
 }
 
 export declare class ProjectCursor {
@@ -301,5 +359,7 @@ export declare class ProjectCursor {
   beginResync(epoch: string, seq: number): void;
   onSubscribed(message: { epoch: string; seq: number; resumed: boolean }): boolean;
   accept(event: { seq: number }): { deliver: ProjectEvent[]; gap: boolean };
+  /** onResync's snapshot cursor: continue exactly after it (between beginResync and endResync). */
+  adoptSnapshot(snapshot: Cursor): void;
   endResync(): { deliver: ProjectEvent[]; gap: boolean };
 }

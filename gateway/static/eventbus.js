@@ -244,14 +244,18 @@ export class SseParser {
  * The SSE request for `cursors` ([[projectId, {epoch, seq} | null], ...]): its path and its
  * Last-Event-ID (null when no project has a cursor). One project: `/v1/projects/{id}/stream` and
  * `<epoch>:<seq>`; several: `/v1/stream?project=..` and `<id>=<epoch>:<seq>,...` (docs/protocol.md).
+ * With `presence`, the stream also carries presence messages (`presence=1`).
  */
-export function sseRequest(cursors) {
+export function sseRequest(cursors, { presence = false } = {}) {
   const known = cursors.filter(([, cursor]) => cursor);
   if (cursors.length === 1) {
     const [projectId, cursor] = cursors[0];
-    return { path: `/v1/projects/${projectId}/stream`, lastEventId: cursor ? `${cursor.epoch}:${cursor.seq}` : null };
+    return {
+      path: `/v1/projects/${projectId}/stream${presence ? "?presence=1" : ""}`,
+      lastEventId: cursor ? `${cursor.epoch}:${cursor.seq}` : null,
+    };
   }
-  const path = "/v1/stream?" + cursors.map(([projectId]) => `project=${projectId}`).join("&");
+  const path = "/v1/stream?" + cursors.map(([projectId]) => `project=${projectId}`).join("&") + (presence ? "&presence=1" : "");
   const lastEventId = known.length
     ? known
         .sort((a, b) => a[0] - b[0])
@@ -275,6 +279,7 @@ export class ProjectCursor {
     this.heldSeqs = new Set();
     this.overflow = false;
     this.resyncSinceSubscribe = false;
+    this.askAgain = false;
   }
 
   get known() {
@@ -349,16 +354,44 @@ export class ProjectCursor {
     return this._apply([event]);
   }
 
+  /**
+   * The application's reloaded state includes every event up to `snapshot` ({epoch, seq}, e.g.
+   * from publisher.outbox's snapshot helper): continue exactly after it. In the same epoch the
+   * cursor moves to the later of the two (held or late events at or before the snapshot are
+   * dropped as already applied; a snapshot older than the cursor leaves a gap that endResync
+   * reports, so the events in between are asked for again). Another epoch: the cursor becomes
+   * the snapshot's and the events after it are asked for (the gateway answers resync_required
+   * if it cannot honour it). Call between beginResync and endResync.
+   */
+  adoptSnapshot({ epoch, seq }) {
+    if (epoch !== this.epoch) {
+      this.epoch = epoch;
+      this._clearBuffer(); // held events are of the other epoch
+      this.askAgain = true;
+    } else if (seq < this.seq) {
+      this.askAgain = true; // (seq, this.seq] is neither in the snapshot nor held
+    } else if (seq === this.seq) {
+      return;
+    }
+    this.seq = seq;
+  }
+
   /** The application finished reloading: apply what arrived meanwhile (seq > cursor only). */
   endResync() {
     this.resyncing = false;
     const buffered = this.buffer.sort((a, b) => a.seq - b.seq);
     this._clearBuffer();
+    const askAgain = this.askAgain;
+    this.askAgain = false;
     if (this.overflow) {
       this.overflow = false;
       return { deliver: [], gap: true };
     }
-    return this._apply(buffered);
+    const result = this._apply(buffered);
+    // A snapshot behind the resync point or of another epoch: what follows it is not held (a
+    // held event after the gap stops _apply), so ask for it from the new cursor.
+    if (askAgain && result.deliver.length === 0) result.gap = true;
+    return result;
   }
 
   _clearBuffer() {
@@ -381,6 +414,54 @@ export class ProjectCursor {
 /** Events held back per project while the application reloads its state. */
 ProjectCursor.MAX_BUFFERED = 10000;
 
+/** Whether `value` is a snapshot cursor {epoch: non-empty string, seq: integer >= 0}. */
+export function isCursor(value) {
+  return (
+    !!value &&
+    typeof value === "object" &&
+    typeof value.epoch === "string" &&
+    value.epoch.length > 0 &&
+    Number.isSafeInteger(value.seq) &&
+    value.seq >= 0
+  );
+}
+
+/**
+ * One project's members as the gateway announces them (docs/presence.md): `load` a `presence`
+ * message's list, `apply` each `presence_diff` (remove `left`, then put `joined` and `changed`).
+ */
+export class PresenceTable {
+  constructor() {
+    this.members = new Map();
+  }
+
+  load(members) {
+    this.members = new Map();
+    for (const member of members || []) if (member && typeof member.id === "string") this.members.set(member.id, member);
+  }
+
+  /** Apply a diff; returns the change {joined, left, changed}. */
+  apply(diff) {
+    const joined = Array.isArray(diff.joined) ? diff.joined : [];
+    const left = Array.isArray(diff.left) ? diff.left : [];
+    const changed = Array.isArray(diff.changed) ? diff.changed : [];
+    for (const id of left) this.members.delete(id);
+    for (const member of [...joined, ...changed]) if (member && typeof member.id === "string") this.members.set(member.id, member);
+    return { joined, left, changed };
+  }
+
+  /** Every member, sorted by id. */
+  list() {
+    return Array.from(this.members.values()).sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
+  }
+}
+
+function checkItemId(value, name) {
+  if (value === undefined || value === null) return null;
+  if (!Number.isSafeInteger(value) || value <= 0) throw new TypeError(`eventbus: ${name} must be a positive integer or null`);
+  return value;
+}
+
 // ----------------------------------------------------------------------------------------------
 // The client
 // ----------------------------------------------------------------------------------------------
@@ -400,9 +481,17 @@ class Subscription {
   constructor(projectId) {
     this.projectId = projectId;
     this.handlers = new Set();
+    this.presenceHandlers = new Set();
+    this.presence = null; // a PresenceTable once the gateway sent `presence`
     this.cursor = new ProjectCursor();
     this.resyncRunning = false;
     this.retryTimer = null;
+    this.wsSubscribed = false; // `subscribed` received on the current WebSocket
+    this.staleSnapshots = 0; // snapshot cursors in a row of another epoch than the gateway's
+  }
+
+  get idle() {
+    return this.handlers.size === 0 && this.presenceHandlers.size === 0;
   }
 }
 
@@ -422,6 +511,7 @@ export class EventBus {
     this._isOnline = o.isOnline || (() => typeof navigator === "undefined" || navigator.onLine !== false);
 
     this._subs = new Map();
+    this._activity = new Map(); // projectId -> {viewing, answering}, this tab's latest
     this._backoff = new Backoff(o.backoff, this._random);
     this._state = State.CONNECTING;
     this._closed = false;
@@ -494,7 +584,7 @@ export class EventBus {
     if (!sub) {
       sub = new Subscription(projectId);
       this._subs.set(projectId, sub);
-      if (this._wsLive) this._send(sub.cursor.subscribeMessage(projectId));
+      if (this._wsLive) this._send(this._subscribeMessage(sub));
       else if (this._sse) this._reopenSse(); // a stream's projects are fixed: open a new one
       else {
         if (this._polling) this._pollSoon();
@@ -507,13 +597,132 @@ export class EventBus {
       if (!active) return;
       active = false;
       sub.handlers.delete(onEvent);
-      if (sub.handlers.size === 0 && this._subs.get(projectId) === sub) {
-        this._subs.delete(projectId);
-        this._clearTimeout(sub.retryTimer);
-        if (this._wsLive) this._send({ type: "unsubscribe", project_id: projectId });
+      this._dropIfIdle(sub);
+    };
+  }
+
+  _dropIfIdle(sub) {
+    if (!sub.idle || this._subs.get(sub.projectId) !== sub) return;
+    this._subs.delete(sub.projectId);
+    this._clearTimeout(sub.retryTimer);
+    if (this._wsLive) this._send({ type: "unsubscribe", project_id: sub.projectId });
+    else if (this._sse) this._reopenSse();
+  }
+
+  _subscribeMessage(sub) {
+    const message = sub.cursor.subscribeMessage(sub.projectId);
+    if (sub.presenceHandlers.size > 0) message.presence = true;
+    return message;
+  }
+
+  /**
+   * Who is on the project's dashboards (docs/presence.md). `onChange(members, change)` is called
+   * after every `presence` (change null) and `presence_diff` (change {joined, left, changed}),
+   * with every member sorted by id, and once with `members` null when presence becomes
+   * unavailable (fallen back to polling, offline, closed). Subscribes to the project like
+   * subscribe() when nothing else did. Returns the function that removes this listener.
+   */
+  presence(projectId, onChange) {
+    if (!Number.isSafeInteger(projectId) || projectId <= 0) {
+      throw new TypeError("eventbus: projectId must be a positive integer");
+    }
+    if (typeof onChange !== "function") throw new TypeError("eventbus: onChange must be a function");
+    if (this._closed) throw new Error("eventbus: presence() after close()");
+    let sub = this._subs.get(projectId);
+    const created = !sub;
+    if (!sub) {
+      sub = new Subscription(projectId);
+      this._subs.set(projectId, sub);
+    }
+    const first = sub.presenceHandlers.size === 0;
+    sub.presenceHandlers.add(onChange);
+    if (created || first) {
+      // A live project asks again from its cursor with the flag: the replay that follows is
+      // handled like any resume (nothing lost, nothing twice).
+      if (this._wsLive) this._send(this._subscribeMessage(sub));
+      else if (this._sse) this._reopenSse();
+      else if (created) {
+        if (this._polling) this._pollSoon();
+        if (this._fallingBack()) this._fallBack();
+      }
+    } else if (sub.presence) {
+      this._notifyOne(sub, onChange, sub.presence.list(), null);
+    }
+    let active = true;
+    return () => {
+      if (!active) return;
+      active = false;
+      sub.presenceHandlers.delete(onChange);
+      if (sub.presenceHandlers.size > 0 || this._subs.get(projectId) !== sub) return;
+      sub.presence = null;
+      if (!sub.idle) {
+        if (this._wsLive) this._send(this._subscribeMessage(sub)); // without the flag: no more diffs
         else if (this._sse) this._reopenSse();
       }
+      this._dropIfIdle(sub);
     };
+  }
+
+  /** The members of a project (sorted by id), or null while presence is unknown. */
+  members(projectId) {
+    const sub = this._subs.get(projectId);
+    return sub && sub.presence ? sub.presence.list() : null;
+  }
+
+  /**
+   * What this tab's person is doing in a project: `viewing` the item on screen, `answering` the
+   * item being answered (positive integers, or null). Sent now when the WebSocket is live and
+   * the project subscribed, and again after every `subscribed` of it (a new connection starts
+   * with none); kept and sent later over SSE and polling, which cannot carry it.
+   */
+  activity(projectId, { viewing = null, answering = null } = {}) {
+    if (!Number.isSafeInteger(projectId) || projectId <= 0) {
+      throw new TypeError("eventbus: projectId must be a positive integer");
+    }
+    const value = { viewing: checkItemId(viewing, "viewing"), answering: checkItemId(answering, "answering") };
+    const previous = this._activity.get(projectId);
+    if (previous && previous.viewing === value.viewing && previous.answering === value.answering) return;
+    this._activity.set(projectId, value);
+    const sub = this._subs.get(projectId);
+    if (sub && this._wsLive && sub.wsSubscribed) this._sendActivity(projectId, value);
+  }
+
+  _sendActivity(projectId, value) {
+    this._send({ type: "activity", project_id: projectId, viewing: value.viewing, answering: value.answering });
+  }
+
+  _onPresence(message) {
+    const sub = this._subs.get(message.project_id);
+    if (!sub || sub.presenceHandlers.size === 0) return;
+    if (message.type === "presence") {
+      sub.presence = sub.presence || new PresenceTable();
+      sub.presence.load(message.members);
+      this._notify(sub, null);
+    } else if (sub.presence) {
+      this._notify(sub, sub.presence.apply(message));
+    }
+  }
+
+  _notify(sub, change) {
+    const members = sub.presence ? sub.presence.list() : null;
+    for (const handler of Array.from(sub.presenceHandlers)) this._notifyOne(sub, handler, members, change);
+  }
+
+  _notifyOne(sub, handler, members, change) {
+    try {
+      handler(members, change);
+    } catch (error) {
+      this._reportError({ code: "handler_failed", message: String(error), projectId: sub.projectId, error });
+    }
+  }
+
+  /** Presence is unknown now (polling, offline, closed): tell the listeners once. */
+  _forgetPresence() {
+    for (const sub of this._subs.values()) {
+      if (!sub.presence) continue;
+      sub.presence = null;
+      this._notify(sub, null);
+    }
   }
 
   /** Reconnect now instead of waiting for the backoff (e.g. a "retry now" button). */
@@ -672,7 +881,7 @@ export class EventBus {
     this._stopSse(); // back at the top of the ladder
     this._stableTimer = this._setTimeout(() => this._backoff.reset(), this.options.stableAfter);
     this._schedulePing();
-    for (const [projectId, sub] of this._subs) this._send(sub.cursor.subscribeMessage(projectId));
+    for (const sub of this._subs.values()) this._send(this._subscribeMessage(sub));
     this._updateState();
   }
 
@@ -718,6 +927,9 @@ export class EventBus {
         return this._onResyncRequired(message);
       case "error":
         return this._onGatewayError(message);
+      case "presence":
+      case "presence_diff":
+        return this._onPresence(message);
       case "unsubscribed":
       case "pong":
         return;
@@ -733,6 +945,12 @@ export class EventBus {
     if (!sub) return;
     this._clearTimeout(sub.retryTimer);
     sub.retry = 0;
+    if (this._wsLive) {
+      sub.wsSubscribed = true;
+      // A (re)subscribe lists this tab afresh, with no activity: say it again.
+      const activity = this._activity.get(sub.projectId);
+      if (activity && (activity.viewing !== null || activity.answering !== null)) this._sendActivity(sub.projectId, activity);
+    }
     if (sub.cursor.onSubscribed(message)) this._runResync(sub);
   }
 
@@ -751,7 +969,7 @@ export class EventBus {
       sub.retry = (sub.retry || 0) + 1;
       this._clearTimeout(sub.retryTimer);
       sub.retryTimer = this._setTimeout(() => {
-        if (this._wsLive && this._subs.get(sub.projectId) === sub) this._send(sub.cursor.subscribeMessage(sub.projectId));
+        if (this._wsLive && this._subs.get(sub.projectId) === sub) this._send(this._subscribeMessage(sub));
       }, backoffDelay(sub.retry - 1, this.options.backoff, this._random));
     }
   }
@@ -778,6 +996,7 @@ export class EventBus {
     }
     this._ws = null;
     this._wsLive = false;
+    for (const sub of this._subs.values()) sub.wsSubscribed = false;
   }
 
   _onSocketClosed(code) {
@@ -860,7 +1079,7 @@ export class EventBus {
   _repairGap(sub, via) {
     // The gateway never leaves gaps; if one shows anyway, ask again from the cursor rather than
     // skip an event. Polling asks from the cursor on its next round by construction.
-    if (via === "websocket" && this._wsLive) this._send(sub.cursor.subscribeMessage(sub.projectId));
+    if (via === "websocket" && this._wsLive) this._send(this._subscribeMessage(sub));
     else if (via === "sse" && this._sse) this._reopenSse(); // resumes from the cursors
     else if (this._polling) this._pollSoon();
   }
@@ -874,8 +1093,9 @@ export class EventBus {
       for (;;) {
         const generation = sub.cursor.generation;
         let ok = true;
+        let snapshot;
         try {
-          if (this.options.onResync) await this.options.onResync(sub.projectId);
+          if (this.options.onResync) snapshot = await this.options.onResync(sub.projectId);
         } catch (error) {
           ok = false;
           this._reportError({ code: "resync_failed", message: String(error), projectId: sub.projectId, error });
@@ -887,7 +1107,10 @@ export class EventBus {
           if (this._closed || this._subs.get(sub.projectId) !== sub) return;
           continue;
         }
-        if (generation === sub.cursor.generation) break;
+        if (generation === sub.cursor.generation) {
+          this._adoptSnapshot(sub, snapshot);
+          break;
+        }
       }
       const { deliver, gap } = sub.cursor.endResync();
       this._deliver(sub, deliver);
@@ -895,6 +1118,27 @@ export class EventBus {
     } finally {
       sub.resyncRunning = false;
     }
+  }
+
+  /** onResync's answer: a snapshot cursor to continue after, or nothing (docs/browser.md). */
+  _adoptSnapshot(sub, snapshot) {
+    if (snapshot === undefined || snapshot === null) return;
+    if (!isCursor(snapshot)) {
+      this._reportError({ code: "invalid_snapshot_cursor", message: "onResync resolved to something that is not {epoch, seq}", projectId: sub.projectId });
+      return;
+    }
+    if (snapshot.epoch !== sub.cursor.epoch) {
+      // The gateway answers a cursor of a lost epoch with resync_required: an application whose
+      // snapshots keep naming another epoch would reload forever. Past 3 in a row, ignore them.
+      sub.staleSnapshots += 1;
+      if (sub.staleSnapshots > 3) {
+        this._reportError({ code: "snapshot_cursor_ignored", message: `the snapshot's epoch ${snapshot.epoch} is not the gateway's ${sub.cursor.epoch}`, projectId: sub.projectId });
+        return;
+      }
+    } else {
+      sub.staleSnapshots = 0;
+    }
+    sub.cursor.adoptSnapshot(snapshot);
   }
 
   // --- Server-Sent Events fallback ---------------------------------------------------------------
@@ -960,7 +1204,11 @@ export class EventBus {
     };
     try {
       watch();
-      const { path, lastEventId } = sseRequest(Array.from(this._subs, ([projectId]) => [projectId, this.cursor(projectId)]));
+      const presence = Array.from(this._subs.values()).some((sub) => sub.presenceHandlers.size > 0);
+      const { path, lastEventId } = sseRequest(
+        Array.from(this._subs, ([projectId]) => [projectId, this.cursor(projectId)]),
+        { presence },
+      );
       const headers = { Accept: "text/event-stream" };
       if (this._hasAuth) headers.Authorization = `Bearer ${await this._getToken(false)}`;
       if (lastEventId) headers["Last-Event-ID"] = lastEventId;
@@ -1027,6 +1275,10 @@ export class EventBus {
       case "error":
         // The stream ends after an error it cannot recover from; we reopen it from the cursors.
         this._reportError({ code: message.code, message: message.message, projectId: message.project_id });
+        return;
+      case "presence":
+      case "presence_diff":
+        if (message.type === item.event) this._onPresence(message);
         return;
       case "close":
         attempt.closeCode = message.code;
@@ -1219,6 +1471,7 @@ export class EventBus {
       everConnected: this._everConnected,
     });
     const transport = this.transport;
+    if (this._closed || next === State.POLLING || next === State.OFFLINE) this._forgetPresence();
     if (next === this._state && transport === this._reportedTransport) return;
     const previous = this._state;
     this._state = next;

@@ -188,6 +188,7 @@ function setup({ options = {}, subscribe = [1], tokenLifetime = 900, autoFailSoc
         throw new Error("API down");
       }
       if (env.resyncGate) await env.resyncGate;
+      return env.snapshot ? env.snapshot(projectId) : undefined;
     },
     onStateChange: (state, previous, status) => {
       env.states.push(state);
@@ -969,4 +970,191 @@ test("sse: a silent stream is dropped after sseIdleTimeout and reopened", async 
   assert(stream.closed, "dropped after 45 s of silence");
   await env.clock.advance(1000);
   eq(env.streams[env.streams.length - 1].headers["Last-Event-ID"], "e:0");
+});
+
+// --- presence ------------------------------------------------------------------------------------
+
+function member(id, extra = {}) {
+  return { id, name: null, viewing: null, answering: null, since: 1, ...extra };
+}
+
+test("presence: the table loads a list and applies diffs as the gateway describes", () => {
+  const table = new eb.PresenceTable();
+  table.load([member("b"), member("a")]);
+  eq(table.list().map((m) => m.id), ["a", "b"]);
+  const change = table.apply({ joined: [member("c")], left: ["a"], changed: [member("b", { viewing: 4 })] });
+  eq(change.left, ["a"]);
+  eq(table.list(), [member("b", { viewing: 4 }), member("c")]);
+  table.apply({ joined: [], left: ["zz"], changed: [] }); // an unknown id leaves nothing behind
+  eq(table.list().length, 2);
+  table.load([member("x")]);
+  eq(table.list().map((m) => m.id), ["x"], "a presence message replaces the table");
+});
+
+test("presence: a listener asks with presence: true and gets the list, then each diff", async () => {
+  const env = setup();
+  const seen = [];
+  env.bus.presence(1, (members, change) => seen.push([members && members.map((m) => m.id), change && change.left]));
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  eq(ws.sentOf("subscribe"), [{ type: "subscribe", project_id: 1, presence: true }]);
+  ws.receive({ type: "presence", project_id: 1, members: [member("u2"), member("u1")] });
+  ws.receive({ type: "presence_diff", project_id: 1, joined: [member("u3")], left: ["u1"], changed: [] });
+  ws.receive({ type: "presence_diff", project_id: 2, joined: [member("other")], left: [], changed: [] });
+  await flush();
+  eq(seen, [[["u1", "u2"], null], [["u2", "u3"], ["u1"]]]);
+  eq(env.bus.members(1).map((m) => m.id), ["u2", "u3"]);
+  eq(env.bus.members(2), null);
+});
+
+test("presence: the first listener on a live project re-subscribes from its cursor; nothing lost or doubled", async () => {
+  const env = setup();
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 3 } });
+  ws.receive(event(1, 4));
+  await flush();
+  eq(env.events[1], [4]);
+  env.bus.presence(1, () => {});
+  await flush();
+  eq(ws.sentOf("subscribe")[1], { type: "subscribe", project_id: 1, epoch: "e", after: 4, presence: true });
+  ws.receive(event(1, 4)); // in flight before the gateway took the new subscribe: a duplicate
+  ws.receive({ type: "subscribed", project_id: 1, epoch: "e", seq: 6, resumed: true, replayed: 2 });
+  ws.receive(event(1, 5));
+  ws.receive(event(1, 6));
+  ws.receive(event(1, 7));
+  await flush();
+  eq(env.events[1], [4, 5, 6, 7]);
+  eq(env.resyncs, [1], "a resumed subscribe does not reload");
+});
+
+test("presence: removing the last listener re-subscribes without the flag; the events go on", async () => {
+  const env = setup();
+  const off = env.bus.presence(1, () => {});
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  ws.receive({ type: "presence", project_id: 1, members: [member("u1")] });
+  off();
+  await flush();
+  eq(ws.sentOf("subscribe")[1], { type: "subscribe", project_id: 1, epoch: "e", after: 0 });
+  eq(env.bus.members(1), null);
+  eq(ws.sentOf("unsubscribe"), [], "the event handler still wants the project");
+});
+
+test("presence: activity is sent while subscribed on WebSocket, again after every subscribed, kept over SSE", async () => {
+  const env = setup();
+  env.bus.activity(1, { viewing: 5 });
+  let ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  eq(ws.sentOf("activity"), [{ type: "activity", project_id: 1, viewing: 5, answering: null }]);
+  env.bus.activity(1, { viewing: 5, answering: 5 });
+  env.bus.activity(1, { viewing: 5, answering: 5 }); // no change, nothing sent
+  eq(ws.sentOf("activity").length, 2);
+  let threw = false;
+  try {
+    env.bus.activity(1, { viewing: -1 });
+  } catch (error) {
+    threw = error instanceof TypeError;
+  }
+  assert(threw, "a bad id is refused");
+  ws.serverClose(1012);
+  await env.clock.advance(500);
+  ws = await goLive(env, {});
+  eq(ws.sentOf("activity"), [], "not before the new subscribed");
+  ws.receive({ type: "subscribed", project_id: 1, epoch: "e", seq: 0, resumed: true, replayed: 0 });
+  await flush();
+  eq(ws.sentOf("activity"), [{ type: "activity", project_id: 1, viewing: 5, answering: 5 }]);
+});
+
+test("presence: over SSE the stream asks presence=1, gets named events and sends no activity", async () => {
+  const env = setup({ autoFailSockets: true });
+  sseServer(env);
+  const seen = [];
+  env.bus.presence(1, (members) => seen.push(members && members.map((m) => m.id)));
+  env.bus.activity(1, { viewing: 2 });
+  await env.clock.advance(0);
+  eq(new URL(env.streams[env.streams.length - 1].url).search, "?presence=1");
+  const stream = await sseLive(env, { 1: { epoch: "e", seq: 0 } });
+  stream.event("presence", { type: "presence", project_id: 1, members: [member("me")] });
+  stream.event("presence_diff", { type: "presence_diff", project_id: 1, joined: [member("you")], left: [], changed: [] });
+  await flush();
+  eq(seen, [["me"], ["me", "you"]]);
+  assert(env.sockets.every((ws) => ws.sentOf("activity").length === 0));
+  eq(eb.sseRequest([[1, null], [2, null]], { presence: true }).path, "/v1/stream?project=1&project=2&presence=1");
+});
+
+test("presence: falling back to polling makes it unknown, once", async () => {
+  const env = setup();
+  const seen = [];
+  env.bus.presence(1, (members) => seen.push(members && members.length));
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  ws.receive({ type: "presence", project_id: 1, members: [member("u1")] });
+  await flush();
+  env.autoFailSockets = true;
+  pollServer(env, []);
+  ws.serverClose(1006);
+  await env.clock.advance(5000);
+  eq(env.bus.state, "polling");
+  eq(seen, [1, null]);
+  eq(env.bus.members(1), null);
+});
+
+// --- snapshot cursors -----------------------------------------------------------------------------
+
+test("snapshot cursor: events at or before it are dropped, later ones delivered once in order", async () => {
+  const env = setup();
+  let release;
+  env.resyncGate = new Promise((resolve) => (release = resolve));
+  env.snapshot = () => ({ epoch: "e", seq: 12 });
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 10 } });
+  for (const seq of [11, 12, 13]) ws.receive(event(1, seq));
+  await flush();
+  release();
+  await flush();
+  eq(env.events[1], [13], "11 and 12 are in the snapshot");
+  ws.receive(event(1, 14));
+  await flush();
+  eq(env.events[1], [13, 14]);
+  eq(ws.sentOf("subscribe").length, 1, "nothing asked again");
+});
+
+test("snapshot cursor ahead of what arrived: the late events are skipped, none asked again", async () => {
+  const env = setup();
+  env.snapshot = () => ({ epoch: "e", seq: 15 });
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 10 } });
+  await flush();
+  for (const seq of [11, 12, 13, 14, 15, 16]) ws.receive(event(1, seq));
+  await flush();
+  eq(env.events[1], [16]);
+  eq(env.bus.cursor(1), { epoch: "e", seq: 16 });
+});
+
+test("snapshot cursor behind the gateway's position: the events in between are asked for", async () => {
+  const env = setup();
+  env.snapshot = () => ({ epoch: "e", seq: 8 });
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 10 } });
+  await flush();
+  eq(ws.sentOf("subscribe")[1], { type: "subscribe", project_id: 1, epoch: "e", after: 8 });
+  ws.receive(event(1, 9));
+  ws.receive(event(1, 10));
+  ws.receive({ type: "subscribed", project_id: 1, epoch: "e", seq: 10, resumed: true, replayed: 2 });
+  ws.receive(event(1, 11));
+  await flush();
+  eq(env.events[1], [9, 10, 11]);
+});
+
+test("snapshot cursor of another epoch: the bus re-subscribes from it; undefined keeps the old rule", async () => {
+  const env = setup({ subscribe: [1, 2] });
+  env.snapshot = (projectId) => (projectId === 1 ? { epoch: "newer", seq: 3 } : undefined);
+  const ws = await goLive(env, { 1: { epoch: "old", seq: 10 }, 2: { epoch: "b", seq: 0 } });
+  await flush();
+  eq(ws.sentOf("subscribe").filter((m) => m.project_id === 1)[1], { type: "subscribe", project_id: 1, epoch: "newer", after: 3 });
+  eq(ws.sentOf("subscribe").filter((m) => m.project_id === 2).length, 1);
+  ws.receive({ type: "subscribed", project_id: 1, epoch: "newer", seq: 4, resumed: true, replayed: 1 });
+  ws.receive(event(1, 4));
+  await flush();
+  eq(env.events[1], [4]);
+  eq(env.bus.cursor(1), { epoch: "newer", seq: 4 });
+  env.snapshot = () => ({ epoch: 7 });
+  ws.receive({ type: "resync_required", project_id: 2, reason: "history_trimmed", epoch: "b", seq: 9 });
+  await flush();
+  assert(env.errors.some((e) => e.code === "invalid_snapshot_cursor"));
+  ws.receive(event(2, 10));
+  await flush();
+  eq(env.events[2], [10], "an invalid cursor is ignored: the gateway's rule applies");
 });
