@@ -204,6 +204,48 @@ def test_token_endpoint_mints_a_gateway_token_for_the_project(app):
     assert call(app, "GET", "/api/gateway-token")[0] == 405
 
 
+def test_token_endpoint_names_the_pages_person_for_presence(app):
+    status, body = call(app, "POST", "/api/gateway-token", {"user": "u-42_x", "name": "  Alice "})
+    assert status == 200, body
+    claims = verify_token(body["token"], SECRET)
+    assert (claims.sub, claims.name) == ("u-42_x", "Alice")
+    anonymous = verify_token(call(app, "POST", "/api/gateway-token", {})[1]["token"], SECRET)
+    assert (anonymous.sub, anonymous.name) == ("demo-user", None)
+    for bad in (
+        {"user": "has space"},
+        {"user": "x" * 65},
+        {"user": 7},
+        {"user": "u1", "name": ""},
+        {"user": "u1", "name": "x" * 41},
+        {"user": "u1", "name": "bell\a"},
+        {"user": "u1", "name": ["Alice"]},
+        {"name": "Alice"},
+    ):
+        status, body = call(app, "POST", "/api/gateway-token", bad)
+        assert status == 422 and body["error"] == "invalid", (bad, body)
+
+
+def test_first_seen_is_recorded_once_with_the_agents_time_to_first_view(app):
+    blocker = raise_blocker(app)
+    assert (blocker["first_seen_at"], blocker["first_seen_by"]) == (None, None)
+    status, seen = call(app, "POST", f"/api/blockers/{blocker['id']}/seen", {"by": "Alice"})
+    assert status == 200, seen
+    assert seen["first_seen_by"] == "Alice" and seen["first_seen_at"].endswith("Z")
+    again = call(app, "POST", f"/api/blockers/{blocker['id']}/seen", {"by": "Bob"})[1]
+    assert (again["first_seen_at"], again["first_seen_by"]) == (seen["first_seen_at"], "Alice")
+    _, activity = call(app, "GET", "/api/projects/1/activity")
+    entry = next(a for a in activity if a["key"] == f"blocker_seen:{blocker['id']}")
+    assert re.fullmatch(
+        r"Blocker #\d+ of Backend Worker #1 first seen by Alice \d+ s after it was asked",
+        entry["text"],
+    ), entry
+    _, state = call(app, "GET", "/api/projects/1/state")
+    assert state["blockers"][0]["first_seen_by"] == "Alice"
+    assert call(app, "POST", "/api/blockers/999999/seen", {})[0] == 404
+    assert call(app, "POST", f"/api/blockers/{blocker['id']}/seen", {"by": 5})[0] == 422
+    assert call(app, "GET", f"/api/blockers/{blocker['id']}/seen")[0] == 405
+
+
 def test_config_and_static_files(app):
     status, config = call(app, "GET", "/api/config")
     assert status == 200

@@ -53,6 +53,9 @@ blocker_bodies = st.fixed_dictionaries(
         "question": field_values,
         "task_title": field_values,
         "answer": field_values,
+        "user": field_values,
+        "name": field_values,
+        "by": field_values,
     },
 )
 bodies = st.one_of(
@@ -67,6 +70,7 @@ paths = st.one_of(
         [
             "/api/projects/1/blockers",
             "/api/blockers/1/resolve",
+            "/api/blockers/1/seen",
             "/api/gateway-token",
             "/api/config",
             "/api/projects/1/state",

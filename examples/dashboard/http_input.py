@@ -30,11 +30,15 @@ __all__ = [
     "MAX_TITLE_LENGTH",
     "BadRequest",
     "BlockerRequest",
+    "Identity",
     "answer_request",
     "blocker_request",
     "body_length",
     "check_content_type",
     "decode_object",
+    "display_name",
+    "identity_request",
+    "seen_request",
 ]
 
 MAX_BODY = 64 * 1024
@@ -205,3 +209,49 @@ def answer_request(body: dict[str, Any]) -> str:
     answer = _text(body, "answer", MAX_ANSWER_LENGTH, required=True)
     assert answer is not None
     return answer
+
+
+#: A demo person's id (the token's ``sub``) and display name (its ``name`` claim).
+_USER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+MAX_DISPLAY_NAME = 40
+
+
+@dataclass(frozen=True)
+class Identity:
+    """``POST /api/gateway-token`` body: who the page says its person is (the demo has no login;
+    a real application takes both from its session)."""
+
+    user: str | None
+    name: str | None
+
+
+def display_name(value: Any, field: str = "name") -> str:
+    """A display name: 1 to 40 printable characters after trimming (422 otherwise)."""
+    if not isinstance(value, str) or not value.strip():
+        raise _invalid(f"{field} must be a non-empty string")
+    value = value.strip()
+    if len(value) > MAX_DISPLAY_NAME:
+        raise _invalid(f"{field} is longer than {MAX_DISPLAY_NAME} characters")
+    if not value.isprintable():
+        raise _invalid(f"{field} must be printable (no control characters)")
+    return value
+
+
+def identity_request(body: dict[str, Any]) -> Identity:
+    """Validate ``{"user": "<id>", "name": "<display name>"}`` (both optional; a name needs a
+    user)."""
+    user = body.get("user")
+    if user is not None and (not isinstance(user, str) or not _USER_ID.fullmatch(user)):
+        raise _invalid("user must be 1 to 64 of A-Z a-z 0-9 _ -")
+    name = body.get("name")
+    if name is not None:
+        if user is None:
+            raise _invalid("name needs a user")
+        name = display_name(name)
+    return Identity(user, name)
+
+
+def seen_request(body: dict[str, Any]) -> str | None:
+    """Validate ``{"by": "<display name>"}`` (optional) of ``POST /api/blockers/{id}/seen``."""
+    by = body.get("by")
+    return None if by is None else display_name(by, "by")

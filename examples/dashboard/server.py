@@ -46,6 +46,8 @@ from examples.dashboard.http_input import (
     body_length,
     check_content_type,
     decode_object,
+    identity_request,
+    seen_request,
 )
 from examples.dashboard.store import (
     MAX_ANSWER_LENGTH,
@@ -125,6 +127,7 @@ _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
     ("GET", _route(r"^/api/projects/ID/activity$"), "activity"),
     ("GET", _route(r"^/api/blockers/ID$"), "get_blocker"),
     ("POST", _route(r"^/api/blockers/ID/resolve$"), "resolve"),
+    ("POST", _route(r"^/api/blockers/ID/seen$"), "seen"),
     ("GET", _route(r"^/healthz$"), "healthz"),
 ]
 
@@ -345,7 +348,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_token(self) -> None:
         # A real application checks the user's session here and names only the projects that
-        # user may read. The demo has one anonymous user and one project.
+        # user may read, with the user's id and name for presence. The demo has no login: the
+        # page says who it is ({"user": "<id>", "name": "Alice"}, kept in its localStorage).
+        identity = identity_request(self._body())
         config = self.app.config
         if config.auth_secret is None:
             return self._json(200, {"token": None, "expires_in": None})
@@ -353,7 +358,8 @@ class Handler(BaseHTTPRequestHandler):
             config.auth_secret,
             projects=self.app.projects,
             ttl=config.token_ttl,
-            subject="demo-user",
+            subject=identity.user or "demo-user",
+            name=identity.name,
         )
         self._json(200, {"token": token, "expires_in": config.token_ttl})
 
@@ -404,6 +410,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_get_blocker(self, blocker_id: str) -> None:
         self._json(200, self.app.store.blocker(int(blocker_id)))
+
+    def do_seen(self, blocker_id: str) -> None:
+        by = seen_request(self._body())
+        self._json(200, self.app.store.mark_seen(int(blocker_id), by))
 
     def do_resolve(self, blocker_id: str) -> None:
         answer = answer_request(self._body())

@@ -80,7 +80,10 @@ CREATE TABLE IF NOT EXISTS blockers (
     resolved_at TEXT,
     resolved_ts REAL,
     expired_at TEXT,
-    resumed_at TEXT
+    resumed_at TEXT,
+    first_seen_at TEXT,                -- when a person first opened it (RFC 3339), and who
+    first_seen_by TEXT,
+    first_seen_ts REAL
 );
 CREATE INDEX IF NOT EXISTS blockers_pending ON blockers (status, created_ts);
 CREATE TABLE IF NOT EXISTS activity (
@@ -122,6 +125,16 @@ class ValidationFailed(ValueError):
     pass
 
 
+def _duration(seconds: float) -> str:
+    """ "8 s", "3 min 5 s", "2 h 4 min": how long an agent waited, for the activity feed."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
 def _now() -> tuple[datetime, str, float]:
     moment = datetime.now(UTC)
     return moment, moment.isoformat().replace("+00:00", "Z"), moment.timestamp()
@@ -145,6 +158,15 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            # A database of an earlier demo version: add the columns it lacks.
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(blockers)")}
+            for column, kind in (
+                ("first_seen_at", "TEXT"),
+                ("first_seen_by", "TEXT"),
+                ("first_seen_ts", "REAL"),
+            ):
+                if column not in columns:
+                    self._db.execute(f"ALTER TABLE blockers ADD COLUMN {column} {kind}")
             # Idempotency keys of published events embed this id: a fresh database restarting its
             # outbox ids at 1 must not collide with the keys of an earlier one still in Redis.
             self._db.execute(
@@ -216,6 +238,8 @@ class Store:
             "answer": row["answer"],
             "resolved_at": row["resolved_at"],
             "expired_at": row["expired_at"],
+            "first_seen_at": row["first_seen_at"],
+            "first_seen_by": row["first_seen_by"],
         }
 
     def blockers(self, project_id: int, status: str | None = "PENDING") -> list[dict[str, Any]]:
@@ -447,6 +471,33 @@ class Store:
                 stamp,
             )
         self._notify()
+        return self.blocker(blocker_id)
+
+    def mark_seen(self, blocker_id: int, by: str | None) -> dict[str, Any]:
+        """A person opened the blocker: the first time is recorded (who, when) with an activity
+        entry giving the agent's time-to-first-view; later calls change nothing."""
+        _, stamp, ts = _now()
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM blockers WHERE id = ?", (blocker_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"blocker {blocker_id} not found")
+            if row["first_seen_at"] is None:
+                db.execute(
+                    "UPDATE blockers SET first_seen_at = ?, first_seen_by = ?, first_seen_ts = ? "
+                    "WHERE id = ?",
+                    (stamp, by, ts, blocker_id),
+                )
+                waited = max(0.0, ts - row["created_ts"])
+                self._activity(
+                    db,
+                    row["project_id"],
+                    f"blocker_seen:{blocker_id}",
+                    "blocker_seen",
+                    f"Blocker #{blocker_id} of {row['agent_name']} first seen"
+                    + (f" by {by}" if by else "")
+                    + f" {_duration(waited)} after it was asked",
+                    stamp,
+                )
         return self.blocker(blocker_id)
 
     def resumable(self, resume_delay: float) -> list[int]:
