@@ -188,3 +188,12 @@ def wait_live_and_loaded(page: Page) -> None:
     """Connected, and the first resync (the full state load) done."""
     expect(page.get_by_test_id("connection-state")).to_have_attribute("data-state", "live")
     page.wait_for_function("Number(document.body.dataset.resyncs || 0) >= 1")
+    # The sandbox project is subscribed on the same connection, from "now": an event published
+    # before its `subscribed` is (rightly) not shown, so wait for it too.
+    page.wait_for_function(
+        """() => {
+          const d = window.dashboard;
+          const sandbox = d.model.config && d.model.config.sandbox_project_id;
+          return !sandbox || (d.bus !== null && d.bus.cursor(sandbox) !== null);
+        }"""
+    )

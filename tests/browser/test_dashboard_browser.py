@@ -137,9 +137,13 @@ def test_two_pages_resolving_in_one_closes_the_modal_in_the_other(demo, new_page
     expect(modal.get_by_test_id("modal-question")).to_have_text("Should we use JWT or sessions?")
     first.get_by_test_id("answer-input").fill("Sessions, I think")
 
-    # ...while the second answers it in their own page.
+    # ...while the second answers it in their own page: told that the first is answering, and
+    # sending anyway (tests/browser/test_dashboard_presence.py covers the warning itself).
     blocker_item(second, blocker["id"]).get_by_test_id("answer-button").click()
+    expect(second.get_by_test_id("modal-presence")).to_contain_text("is answering", timeout=6_000)
     second.get_by_test_id("answer-input").fill("Use JWT for stateless API")
+    second.get_by_test_id("answer-submit").click()
+    expect(second.get_by_test_id("answer-warning")).to_be_visible()
     second.get_by_test_id("answer-submit").click()
     expect(second.get_by_test_id("answer-modal")).to_be_hidden()
     expect(blocker_item(second, blocker["id"])).to_have_count(0)

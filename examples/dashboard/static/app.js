@@ -17,6 +17,10 @@ const model = {
   modalBlockerId: null,
   loads: 0, // state reloads issued (for the latest-wins rule below)
   appliedLoad: 0,
+  me: null, // this browser's person: {id, name} (localStorage)
+  members: null, // presence of the project: [{id, name, viewing, answering, since}] or null
+  seenSent: new Set(), // blockers this tab reported as seen
+  warnedFor: null, // the blocker whose "someone else is answering" warning was shown
 };
 
 // Exposed for the browser tests and for poking around in the console.
@@ -45,8 +49,41 @@ async function api(path, options = {}) {
 }
 
 async function fetchToken() {
-  const { token } = await api("/api/gateway-token", { method: "POST" });
+  const { token } = await api("/api/gateway-token", {
+    method: "POST",
+    body: JSON.stringify({ user: model.me.id, name: model.me.name }),
+  });
   return token;
+}
+
+// --- who am I (the demo has no login) ----------------------------------------------------------
+// Each browser is one person: a random id and a first name, kept in localStorage, so that two
+// tabs of one browser are one member of the project's presence and another browser is another.
+
+const NAMES = ["Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi", "Ivan", "Judy"];
+const ME_KEY = "eventbus-demo-person";
+
+function loadMe() {
+  try {
+    const stored = JSON.parse(localStorage.getItem(ME_KEY) || "null");
+    if (stored && /^[A-Za-z0-9_-]{1,64}$/.test(stored.id) && typeof stored.name === "string" && stored.name.trim()) {
+      return { id: stored.id, name: stored.name.trim().slice(0, 40) };
+    }
+  } catch {
+    /* unreadable: start a new person */
+  }
+  const bytes = crypto.getRandomValues(new Uint8Array(6));
+  const id = "p-" + Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+  const me = { id, name: NAMES[bytes[0] % NAMES.length] };
+  localStorage.setItem(ME_KEY, JSON.stringify(me));
+  return me;
+}
+
+function rename(name) {
+  const trimmed = name.trim().slice(0, 40);
+  if (!trimmed || trimmed === model.me.name) return;
+  localStorage.setItem(ME_KEY, JSON.stringify({ id: model.me.id, name: trimmed }));
+  location.reload(); // a new token carries the new name
 }
 
 /** Reload everything from the backend: the full blocker list, agents, tasks, activity. */
@@ -62,13 +99,128 @@ async function loadState() {
   model.activity = state.activity.slice();
   if (model.modalBlockerId !== null && !model.blockers.has(model.modalBlockerId)) closeModal();
   renderAll();
+  return state.cursor || null;
 }
 
 async function onResync(projectId) {
   if (projectId === model.config.sandbox_project_id) return sandboxResync();
   window.dashboard.resyncs += 1;
-  await loadState();
+  const cursor = await loadState();
   document.body.dataset.resyncs = String(window.dashboard.resyncs);
+  // The position the state includes (publisher.outbox's snapshot): the bus continues exactly
+  // after it, so an event published while the state was read is applied once, not twice.
+  return cursor;
+}
+
+// --- presence: who else is here, and what they are doing --------------------------------------
+
+function onPresence(members) {
+  model.members = members;
+  renderPresence();
+  renderBlockers();
+  renderModalPresence();
+}
+
+/** Other people's activity on a blocker: [{name, answering}] (answering first). */
+function othersOn(blockerId) {
+  if (!model.members) return [];
+  return model.members
+    .filter((m) => m.id !== model.me.id && (m.viewing === blockerId || m.answering === blockerId))
+    .map((m) => ({ name: m.name || m.id, answering: m.answering === blockerId }))
+    .sort((a, b) => Number(b.answering) - Number(a.answering) || a.name.localeCompare(b.name));
+}
+
+function presenceText(blockerId) {
+  return othersOn(blockerId)
+    .map((o) => (o.answering ? `${o.name} is answering…` : `${o.name} is viewing`))
+    .join(" · ");
+}
+
+function initials(name) {
+  const parts = name.trim().split(/\s+/).filter(Boolean);
+  const letters = parts.length > 1 ? parts[0][0] + parts[parts.length - 1][0] : name.slice(0, 2);
+  return letters.toUpperCase();
+}
+
+function hue(id) {
+  let h = 0;
+  for (const c of id) h = (h * 31 + c.charCodeAt(0)) % 360;
+  return h;
+}
+
+function renderPresence() {
+  const box = $("#presence");
+  if (!model.members) {
+    box.hidden = true;
+    return;
+  }
+  box.hidden = false;
+  const members = model.members.slice().sort((a, b) => Number(b.id === model.me.id) - Number(a.id === model.me.id));
+  $("#presence-list").replaceChildren(
+    ...members.map((m) => {
+      const name = m.name || m.id;
+      const me = m.id === model.me.id;
+      const doing = m.answering ? ` (answering #${m.answering})` : m.viewing ? ` (viewing #${m.viewing})` : "";
+      return el(
+        "li",
+        {
+          class: `avatar${me ? " me" : ""}${m.answering ? " answering" : ""}`,
+          "data-testid": "presence-member",
+          dataset: { memberId: m.id, name },
+          title: `${name}${me ? " (you)" : ""}${doing}`,
+          style: `--hue: ${hue(m.id)}`,
+        },
+        el("span", { "aria-hidden": "true" }, initials(name)),
+        el("span", { class: "visually-hidden" }, `${name}${me ? " (you)" : ""}${doing}`),
+      );
+    }),
+  );
+  $("#presence-count").textContent = `${model.members.length} online`;
+}
+
+function renderModalPresence() {
+  const line = $('[data-testid="modal-presence"]');
+  if (model.modalBlockerId === null) return;
+  const text = presenceText(model.modalBlockerId);
+  line.textContent = text;
+  line.hidden = !text;
+  const warning = $('[data-testid="answer-warning"]');
+  if (!warning.hidden && !othersOn(model.modalBlockerId).some((o) => o.answering)) {
+    warning.hidden = true; // they stopped: no reason to ask twice
+    model.warnedFor = null;
+    $('[data-testid="answer-submit"]').textContent = "Send answer";
+  }
+}
+
+function reportActivity() {
+  const bus = window.dashboard.bus;
+  if (!bus) return;
+  const id = model.modalBlockerId;
+  const typing = id !== null && $("#answer-input").value.trim() !== "";
+  bus.activity(model.config.project_id, { viewing: id, answering: typing ? id : null });
+}
+
+async function markSeen(blockerId) {
+  if (model.seenSent.has(blockerId)) return;
+  model.seenSent.add(blockerId);
+  try {
+    const blocker = await api(`/api/blockers/${blockerId}/seen`, { method: "POST", body: JSON.stringify({ by: model.me.name }) });
+    if (model.blockers.has(blockerId)) model.blockers.set(blockerId, { ...model.blockers.get(blockerId), ...blocker });
+    const activity = await api(`/api/projects/${model.config.project_id}/activity`);
+    const seen = activity.find((entry) => entry.key === `blocker_seen:${blockerId}`);
+    if (seen) addActivity(seen.key, seen.kind, seen.text, seen.at);
+    renderAll();
+  } catch (error) {
+    model.seenSent.delete(blockerId);
+    console.warn("could not record the view", error);
+  }
+}
+
+function seenText(b) {
+  if (!b.first_seen_at) return "not seen by anyone yet";
+  const waited = Math.max(0, Math.round((Date.parse(b.first_seen_at) - Date.parse(b.created_at)) / 1000));
+  const after = waited < 60 ? `${waited} s` : `${Math.round(waited / 60)} min`;
+  return `seen by ${b.first_seen_by || "someone"} after ${after}`;
 }
 
 // --- the sandbox project -----------------------------------------------------------------------
@@ -245,6 +397,13 @@ export function sortBlockers(blockers) {
 
 let shownBlockers = new Set();
 
+function presenceLine(blockerId) {
+  const text = presenceText(blockerId);
+  if (!text) return null;
+  const answering = othersOn(blockerId).some((o) => o.answering);
+  return el("p", { class: `presence-line small${answering ? " answering" : ""}`, "data-testid": "blocker-presence" }, text);
+}
+
 function renderBlockers() {
   const list = $("#blocker-list");
   const blockers = sortBlockers(Array.from(model.blockers.values()));
@@ -262,7 +421,11 @@ function renderBlockers() {
             el("span", { class: "muted" }, `${b.agent_name} · ${b.task_title}`),
           ),
           el("p", { class: "question", "data-testid": "blocker-question" }, b.question),
-          el("p", { class: "muted small" }, `${relativeTime(b.created_at)} · ${expiresIn(b.created_at)}`),
+          el("p", { class: "muted small" },
+            `${relativeTime(b.created_at)} · ${expiresIn(b.created_at)} · `,
+            el("span", { "data-testid": "blocker-seen" }, seenText(b)),
+          ),
+          presenceLine(b.id),
         ),
         el("button", { type: "button", class: `button ${b.blocker_type === "SYNC" ? "primary" : ""}`, "data-testid": "answer-button", onclick: () => openModal(b.id) }, "Answer"),
       ),
@@ -429,9 +592,13 @@ function openModal(blockerId) {
   const input = $("#answer-input");
   input.value = "";
   setModalError(null);
+  setWarning(null);
   updateCounter();
   modal.hidden = false;
   input.focus();
+  renderModalPresence();
+  reportActivity();
+  markSeen(blockerId);
 }
 
 function closeModal() {
@@ -439,6 +606,24 @@ function closeModal() {
   const modal = $("#answer-modal");
   modal.hidden = true;
   delete modal.dataset.blockerId;
+  setWarning(null);
+  reportActivity();
+}
+
+/** The warning before a second answer: someone else is answering this blocker right now. */
+function setWarning(names) {
+  const warning = $('[data-testid="answer-warning"]');
+  const submit = $('[data-testid="answer-submit"]');
+  if (!names) {
+    warning.hidden = true;
+    model.warnedFor = null;
+    submit.textContent = "Send answer";
+    return;
+  }
+  warning.textContent = `${names} ${names.includes(" and ") ? "are" : "is"} answering this blocker too. Send yours anyway?`;
+  warning.hidden = false;
+  model.warnedFor = model.modalBlockerId;
+  submit.textContent = "Send anyway";
 }
 
 function setModalError(message) {
@@ -461,6 +646,12 @@ async function submitAnswer(event) {
   if (blockerId === null) return;
   const answer = $("#answer-input").value;
   const submit = $('[data-testid="answer-submit"]');
+  const answering = othersOn(blockerId).filter((o) => o.answering).map((o) => o.name);
+  if (answering.length && model.warnedFor !== blockerId) {
+    // Ask once before a second answer; the backend's 409 still settles a real race.
+    setWarning(answering.length > 1 ? `${answering.slice(0, -1).join(", ")} and ${answering[answering.length - 1]}` : answering[0]);
+    return;
+  }
   submit.disabled = true;
   try {
     await api(`/api/blockers/${blockerId}/resolve`, { method: "POST", body: JSON.stringify({ answer }) });
@@ -486,9 +677,17 @@ async function submitAnswer(event) {
 
 async function main() {
   model.config = await api("/api/config");
+  model.me = loadMe();
+  window.dashboard.me = model.me;
   $("#project-name").textContent = `Project ${model.config.project_id}`;
+  const myName = $("#my-name");
+  myName.value = model.me.name;
+  myName.addEventListener("change", () => rename(myName.value));
   $("#answer-input").maxLength = model.config.max_answer_length;
-  $("#answer-input").addEventListener("input", updateCounter);
+  $("#answer-input").addEventListener("input", () => {
+    updateCounter();
+    reportActivity();
+  });
   $("#answer-form").addEventListener("submit", submitAnswer);
   $('[data-testid="answer-cancel"]').addEventListener("click", closeModal);
   $("#answer-modal").addEventListener("click", (event) => {
@@ -518,6 +717,7 @@ async function main() {
   });
   window.dashboard.bus = bus;
   bus.subscribe(model.config.project_id, onEvent);
+  bus.presence(model.config.project_id, onPresence);
   if (model.config.sandbox_project_id) bus.subscribe(model.config.sandbox_project_id, onSandboxEvent);
   renderSandbox();
   renderConnection();
