@@ -64,7 +64,9 @@ def test_two_people_see_each_other_what_they_do_and_get_warned_before_a_second_a
     # Alice's own card shows nobody (she is not "someone else"), and that she saw it first.
     own = blocker_item(alice, blocker["id"])
     expect(own.get_by_test_id("blocker-presence")).to_have_count(0)
-    expect(own.get_by_test_id("blocker-seen")).to_have_text(re.compile(r"seen by Alice after \d+ s"))
+    expect(own.get_by_test_id("blocker-seen")).to_have_text(
+        re.compile(r"seen by Alice after \d+ s")
+    )
     expect(alice.get_by_test_id("activity-item").first).to_contain_text("first seen by Alice")
 
     # Bob opens it too: the modal says Alice is answering; his first send only warns.
