@@ -30,6 +30,7 @@ from schemas.keys import Keys
 from schemas.tokens import verify_token
 from tests.support.dashboard_api import api as call
 from tests.support.dashboard_api import demo_apps, http_request, raw_exchange, raw_request
+from tests.support.gateway_process import GatewayProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "backend-tests-secret-0123456789abcdef"
@@ -56,8 +57,15 @@ def published(redis_url: str, project_id: int = 1) -> list[dict]:
     return [json.loads(fields[b"f"]) for _, fields in entries]
 
 
+@pytest.fixture(scope="module")
+def gateway(redis_server):
+    """The gateway through which the backend's agents wait for answers (the Python consumer)."""
+    with GatewayProcess(redis_server.url, auth_secret=SECRET) as process:
+        yield process
+
+
 @pytest.fixture
-def make_app(tmp_path, redis_url):
+def make_app(tmp_path, redis_url, gateway):
     # One database file for all: a test restarts the backend on the same data.
     with demo_apps(
         tmp_path,
@@ -65,6 +73,7 @@ def make_app(tmp_path, redis_url):
         redis_url=redis_url,
         auth_secret=SECRET,
         resume_delay=0.1,
+        gateway_port=gateway.port,
     ) as make:
         yield make
 
@@ -459,21 +468,182 @@ def test_events_written_while_redis_is_down_are_published_later(tmp_path, redis_
 
 
 def test_outbox_retries_publish_each_event_once(tmp_path, redis_url):
+    # The demo writes through publisher.outbox and publishes with its relay.
+    from publisher import Publisher
+    from publisher.outbox import OutboxRelay
+
     store = Store(tmp_path / "once.sqlite3")
     store.seed(1)
     store.create_blocker(1, "backend-worker-001", "ASYNC", "Q?", task_title="T")
-    from examples.dashboard.workers import OutboxRelay
-    from publisher import Publisher
-
     publisher = Publisher.from_url(redis_url)
-    relay = OutboxRelay(store, publisher)
-    relay.step()
+    relay = OutboxRelay.sqlite(store.path, publisher)
+    assert relay.run_once() == 1
     # A crash after Redis accepted the event but before the row was marked: the retry is a no-op.
-    store._db.execute("UPDATE outbox SET published_at = NULL")
-    relay.step()
+    store._db.execute("UPDATE eventbus_outbox SET published_at = NULL, epoch = NULL, seq = NULL")
+    relay.run_once()
     assert len(published(redis_url)) == 1
+    assert store.unpublished_count() == 0
+    relay.stop()
     publisher.close()
     store.close()
+
+
+def test_a_database_of_the_old_demo_keeps_its_unpublished_events(tmp_path, redis_url):
+    # Before publisher.outbox, the demo had an "outbox" table of its own: what it had not
+    # published yet moves to the library's table, in order, and goes out.
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    Store(path).close()
+    old = sqlite3.connect(path, isolation_level=None)
+    old.execute("CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, event BLOB NOT NULL, "
+                "published_at TEXT)")  # fmt: skip
+    events = [
+        b'{"type":"blocker_expired","project_id":1,"blocker_id":%d,"task_id":9,'
+        b'"expired_at":"2026-12-01T00:00:00Z"}' % number
+        for number in (1, 2, 3)
+    ]
+    old.execute("INSERT INTO outbox (event, published_at) VALUES (?, 'x')", (events[0],))
+    old.executemany("INSERT INTO outbox (event) VALUES (?)", [(e,) for e in events[1:]])
+    old.close()
+    app = DemoApp(Config(port=0, db=str(path), redis_url=redis_url, agents=False)).start()
+    try:
+        app.wait_published()
+        assert [e["blocker_id"] for e in published(redis_url)] == [2, 3]
+        tables = app.store._db.execute("SELECT name FROM sqlite_master WHERE name = 'outbox'")
+        assert tables.fetchall() == []
+    finally:
+        app.stop()
+
+
+# --- snapshots with a cursor ---------------------------------------------------------------
+
+
+def test_state_comes_with_the_cursor_of_exactly_the_events_it_includes(app, redis_url):
+    _, empty = call(app, "GET", "/api/projects/1/state")
+    assert empty["cursor"] is None  # no event yet: the page subscribes as without a snapshot
+    first = raise_blocker(app, "SYNC", "backend-worker-001")
+    second = raise_blocker(app, "ASYNC", "frontend-worker-001")
+    _, state = call(app, "GET", "/api/projects/1/state")
+    events = published(redis_url)
+    assert [b["id"] for b in state["blockers"]] == [first["id"], second["id"]]
+    assert state["cursor"]["seq"] == len(events) == 2
+    client = redis.Redis.from_url(redis_url)
+    assert state["cursor"]["epoch"] == client.hget(Keys().meta(1), "epoch").decode()
+    client.close()
+    _, listed = call(app, "GET", "/api/projects/1/blockers")
+    assert listed["cursor"] == state["cursor"]
+
+
+def test_snapshots_are_exact_while_events_are_being_written(app, redis_url):
+    # Every snapshot's blockers are exactly what the events up to its cursor say: replaying the
+    # published events 1..cursor.seq gives the pending set the snapshot holds.
+    import threading
+
+    stop = threading.Event()
+    agents = ["backend-worker-001", "frontend-worker-001", "test-worker-001"]
+
+    def churn() -> None:
+        while not stop.is_set():
+            for agent in agents:  # (409 while the agent has not resumed yet: the next one)
+                body = {"agent_id": agent, "blocker_type": "ASYNC", "question": "Q?"}
+                status, blocker = call(app, "POST", "/api/projects/1/blockers", body)
+                if status == 201:
+                    call(app, "POST", f"/api/blockers/{blocker['id']}/resolve", {"answer": "go"})
+
+    writer = threading.Thread(target=churn, daemon=True)
+    writer.start()
+    try:
+        checked = 0
+        deadline = time.monotonic() + 30
+        while checked < 25 or len(published(redis_url)) < 60:
+            assert time.monotonic() < deadline, "the writer did not get going"
+            _, state = call(app, "GET", "/api/projects/1/state")
+            if state["cursor"] is None:
+                continue
+            events = published(redis_url)[: state["cursor"]["seq"]]
+            pending: set[int] = set()
+            for event in events:
+                if event["type"] == "blocker_created":
+                    pending.add(event["blocker"]["id"])
+                elif event["type"] in ("blocker_resolved", "blocker_expired"):
+                    pending.discard(event["blocker_id"])
+            assert {b["id"] for b in state["blockers"]} == pending, state["cursor"]
+            checked += 1
+    finally:
+        stop.set()
+        writer.join(10)
+
+
+def test_state_without_redis_answers_without_a_cursor(make_app):
+    # The relay cannot publish: the read waits (bounded) and answers with the data, no cursor.
+    app = make_app(redis_url="redis://127.0.0.1:1/0")
+    raise_blocker(app, "SYNC", "backend-worker-001")
+    started = time.monotonic()
+    status, state = call(app, "GET", "/api/projects/1/state")
+    assert status == 200 and state["cursor"] is None and len(state["blockers"]) == 1
+    assert time.monotonic() - started < 10
+
+
+# --- the agents wait for their answers through the bus --------------------------------------
+
+
+def test_agents_learn_of_answers_from_the_bus_not_the_database(app, redis_url, gateway):
+    assert app.answers.ready.wait(10), "the answer listener never subscribed"
+    blocker = raise_blocker(app, "SYNC", "backend-worker-001")
+    # Resolved in the database without publishing its event: the agent must not resume...
+    with app.store._tx() as db:
+        db.execute(
+            "UPDATE blockers SET status = 'RESOLVED', answer = 'x', resolved_ts = 0 WHERE id = ?",
+            (blocker["id"],),
+        )
+    app.agents.step()  # (the agents polled the database: this step would have resumed it)
+    assert {a["id"]: a["status"] for a in app.store.agents(1)}["backend-worker-001"] == "blocked"
+    # ...until the bus says so.
+    from publisher import Publisher
+    from schemas.events import BlockerResolved, utc_now
+
+    with Publisher.from_url(redis_url) as bus:
+        bus.publish(
+            BlockerResolved(
+                project_id=1, blocker_id=blocker["id"], answer="x", resolved_at=utc_now()
+            )
+        )
+    wait_for(
+        lambda: any(
+            e["type"] == "agent_resumed" and e["blocker_id"] == blocker["id"]
+            for e in published(redis_url)
+        ),
+        what="agent_resumed",
+    )
+    assert app.answers.consumer is not None and app.answers.consumer.stats.delivered >= 2
+
+
+def test_answers_missed_while_the_backend_was_down_are_reloaded(make_app, redis_url):
+    from publisher import Publisher
+    from publisher.outbox import OutboxRelay
+
+    app = make_app()
+    blocker = raise_blocker(app, "SYNC", "backend-worker-001")
+    app.stop()
+    # Answered, and its event published, while no backend listened: the next backend's listener
+    # subscribes from "now", so only its reload from the database can tell the agent.
+    store = Store(app.config.db)
+    store.resolve_blocker(blocker["id"], "done while you were away")
+    with Publisher.from_url(redis_url) as publisher:
+        relay = OutboxRelay.sqlite(store.path, publisher)
+        assert relay.run_once() == 1
+        relay.stop()
+    store.close()
+    again = make_app()
+    wait_for(
+        lambda: any(
+            e["type"] == "agent_resumed" and e["blocker_id"] == blocker["id"]
+            for e in published(redis_url)
+        ),
+        what="agent_resumed after the reload",
+    )
+    assert again.answers.ready.is_set()
 
 
 def test_sweeper_expires_old_blockers_and_fails_their_task(make_app, redis_url):
@@ -563,26 +733,19 @@ def test_simulated_agents_never_all_wait_on_sync_blockers(tmp_path, monkeypatch)
     store.close()
 
 
-def test_demo_keeps_going_while_nobody_answers(tmp_path):
+def test_demo_keeps_going_while_nobody_answers(make_app):
     # Issue 10: the demo went quiet ~40 s after start, once all three agents were blocked. Run
-    # the simulation at a fast pace with nobody at the dashboard: blockers keep being raised and
-    # answered by the reviewer, far beyond one per agent.
-    store = Store(tmp_path / "quiet.sqlite3")
-    store.seed(1)
-    simulation = AgentSimulation(
-        store, 1, work_time=(0.02, 0.05), idle_time=(0.01, 0.02), resume_delay=0.02,
-        reviewer_delay=0.2, rng=random.Random(11),
-    )  # fmt: skip
-    simulation.interval = 0.02  # steps 10x as often as the demo's
-    simulation.start()
-    try:
-        wait_for(lambda: len(store.blockers(1, None)) >= 12, timeout=30, what="12 blockers")
-    finally:
-        simulation.stop()
+    # the whole backend at a fast pace with nobody at the dashboard: blockers keep being raised
+    # and answered by the reviewer, far beyond one per agent (each agent resuming on the
+    # blocker_resolved it receives through the gateway).
+    app = make_app(agents=True, work_time=(0.02, 0.05), resume_delay=0.02, reviewer_delay=0.2)
+    app.agents.idle_time = (0.01, 0.02)
+    app.agents.interval = 0.02  # steps 10x as often as the demo's
+    store = app.store
+    wait_for(lambda: len(store.blockers(1, None)) >= 12, timeout=30, what="12 blockers")
     everything = store.blockers(1, None)
     assert any(b["status"] == "RESOLVED" for b in everything)
     assert all(b["answer"].startswith(REVIEWER_PREFIX) for b in everything if b["answer"])
-    store.close()
 
 
 def test_sandbox_project_is_in_the_config_and_the_token(app):

@@ -12,8 +12,9 @@ from tests.support.gateway_client import REQUIRED_METRICS, SECRET, publish
 from tests.support.redis_server import RedisServer
 
 
-async def request(port: int, path: str, *, method: str = "GET", headers: dict | None = None
-                  ) -> tuple[int, dict[str, str], bytes]:
+async def request(
+    port: int, path: str, *, method: str = "GET", headers: dict | None = None
+) -> tuple[int, dict[str, str], bytes]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     lines = [f"{method} {path} HTTP/1.1", "Host: localhost", "Connection: close"]
     lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
@@ -51,8 +52,11 @@ async def test_readyz_fails_while_redis_is_down_and_recovers():
     from gateway.server import Gateway
 
     with RedisServer() as server:
-        gateway = Gateway(GatewayConfig(redis_url=server.url, port=0, no_auth=True,
-                                        probe_interval=0.2, probe_timeout=0.2))
+        gateway = Gateway(
+            GatewayConfig(
+                redis_url=server.url, port=0, no_auth=True, probe_interval=0.2, probe_timeout=0.2
+            )
+        )
         await gateway.start()
         try:
             server.kill()
@@ -109,7 +113,8 @@ async def test_polling_pages_through_events_after_a_cursor(gateways, publisher):
     epoch, after, seen = start["epoch"], 0, []
     while True:
         status, _, body = await request(
-            gateway.port, f"/v1/projects/2/events?epoch={epoch}&after={after}&limit=10",
+            gateway.port,
+            f"/v1/projects/2/events?epoch={epoch}&after={after}&limit=10",
             headers=bearer([2]),
         )
         page = json.loads(body)
@@ -163,15 +168,24 @@ async def test_polling_rejects_bad_requests_clearly(gateways, path, headers, sta
 async def test_cors_preflight_for_polling(gateways):
     gateway = await gateways(allowed_origins=["https://dash.example"])
     status, headers, _ = await request(
-        gateway.port, "/v1/projects/1/events", method="OPTIONS",
-        headers={"Origin": "https://dash.example", "Access-Control-Request-Method": "GET",
-                 "Access-Control-Request-Headers": "authorization"},
+        gateway.port,
+        "/v1/projects/1/events",
+        method="OPTIONS",
+        headers={
+            "Origin": "https://dash.example",
+            "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "authorization",
+        },
     )
     assert status == 204
     assert headers["access-control-allow-origin"] == "https://dash.example"
     assert "authorization" in headers["access-control-allow-headers"].lower()
-    status, _, _ = await request(gateway.port, "/v1/projects/1/events", method="OPTIONS",
-                                 headers={"Origin": "https://evil.example"})
+    status, _, _ = await request(
+        gateway.port,
+        "/v1/projects/1/events",
+        method="OPTIONS",
+        headers={"Origin": "https://evil.example"},
+    )
     assert status == 403
 
 
@@ -184,8 +198,15 @@ async def test_polling_against_a_hung_redis_gets_503_within_the_subscribe_timeou
     from gateway.server import Gateway
 
     with RedisServer() as server:
-        gateway = Gateway(GatewayConfig(redis_url=server.url, port=0, auth_secret=SECRET,
-                                        subscribe_timeout=1.0, drain_timeout=1))
+        gateway = Gateway(
+            GatewayConfig(
+                redis_url=server.url,
+                port=0,
+                auth_secret=SECRET,
+                subscribe_timeout=1.0,
+                drain_timeout=1,
+            )
+        )
         await gateway.start()
         headers = bearer([6])
         try:
@@ -194,8 +215,9 @@ async def test_polling_against_a_hung_redis_gets_503_within_the_subscribe_timeou
             try:
                 started = time.monotonic()
                 status, got_headers, body = await asyncio.wait_for(
-                    request(gateway.port, "/v1/projects/6/events?epoch=e&after=0",
-                            headers=headers), 4)
+                    request(gateway.port, "/v1/projects/6/events?epoch=e&after=0", headers=headers),
+                    4,
+                )
                 elapsed = time.monotonic() - started
             finally:
                 os.kill(server.process.pid, signal.SIGCONT)

@@ -40,7 +40,9 @@ def gateway_process(redis_url):
         env = {**os.environ, "EVENTBUS_REDIS_URL": redis_url, "EVENTBUS_AUTH_SECRET": SECRET}
         process = subprocess.Popen(
             [sys.executable, "-m", "gateway", "--port", str(port), "--log-format", "json", *args],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
         processes.append(process)
         return process, port
@@ -86,12 +88,17 @@ async def test_sigterm_drains_readiness_first_then_closes_clients_with_1012(
 
 def test_bad_configuration_exits_2_with_a_clear_message():
     env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTBUS_")}
-    result = subprocess.run([sys.executable, "-m", "gateway"], env=env, capture_output=True,
-                            timeout=30)
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway"], env=env, capture_output=True, timeout=30
+    )
     assert result.returncode == 2
     assert b"auth secret is required" in result.stderr and b"Traceback" not in result.stderr
-    result = subprocess.run([sys.executable, "-m", "gateway", "--no-auth", "--port", "x"],
-                            env=env, capture_output=True, timeout=30)
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "--no-auth", "--port", "x"],
+        env=env,
+        capture_output=True,
+        timeout=30,
+    )
     assert result.returncode == 2 and b"port" in result.stderr
 
 
@@ -117,8 +124,9 @@ def random_frames(rng: random.Random, count: int) -> list[str | bytes]:
             frames.append(rng.choice(["", "{", "}", "null", "[]", '{"type":', "\x00", "💥"]))
         else:
             message = {"type": rng.choice(kinds)}
-            for field in rng.sample(["project_id", "epoch", "after", "token", "extra"],
-                                    rng.randint(0, 4)):
+            for field in rng.sample(
+                ["project_id", "epoch", "after", "token", "extra"], rng.randint(0, 4)
+            ):
                 message[field] = rng.choice(values)
             frames.append(json.dumps(message))
     return frames
@@ -147,8 +155,14 @@ async def test_random_frames_never_break_the_gateway_or_other_clients(gateways, 
     for message in fuzzer.messages:
         if message["type"] == "error":
             assert message["code"] in {
-                "invalid_json", "invalid_message", "unknown_type", "invalid_cursor", "forbidden",
-                "not_subscribed", "invalid_token", "too_many_subscriptions",
+                "invalid_json",
+                "invalid_message",
+                "unknown_type",
+                "invalid_cursor",
+                "forbidden",
+                "not_subscribed",
+                "invalid_token",
+                "too_many_subscriptions",
             }
     assert not any(m.get("project_id") == 2 for m in fuzzer.messages if "seq" in m)
     await publish(publisher, 2, 3)
@@ -164,9 +178,10 @@ async def test_drain_is_bounded_while_redis_hangs():
     from tests.support.gateway_process import GatewayProcess
     from tests.support.redis_server import RedisServer
 
-    with RedisServer() as server, GatewayProcess(
-        server.url, auth_secret=SECRET, args=["--drain-timeout", "2"]
-    ) as gateway:
+    with (
+        RedisServer() as server,
+        GatewayProcess(server.url, auth_secret=SECRET, args=["--drain-timeout", "2"]) as gateway,
+    ):
         clients = [
             await RecordingClient(gateway.ws_url, token=issue_token(SECRET, [p])).connect()
             for p in (1, 2, 3)

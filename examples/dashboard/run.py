@@ -89,6 +89,11 @@ def banner(
     return "\n".join(lines)
 
 
+def _connect_host(host: str) -> str:
+    """Where a process on this machine reaches a server listening on ``host``."""
+    return "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
+
+
 def _port_free(host: str, port: int) -> bool:
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -265,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
             redis_url=redis_url,
             auth_secret=secret,
             gateway_port=gateway_port,
+            # The backend's own consumer (the agents wait for answers through it).
+            consumer_url=f"ws://{_connect_host(host)}:{gateway_port}/",
         )
         app = DemoApp(config).start()
         started.append(app)

@@ -37,6 +37,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from examples.dashboard.answers import AnswerListener
 from examples.dashboard.http_input import (
     BODY_READ_TIMEOUT,
     MAX_BODY,
@@ -56,8 +57,9 @@ from examples.dashboard.store import (
     Store,
     ValidationFailed,
 )
-from examples.dashboard.workers import AgentSimulation, ExpirySweeper, OutboxRelay
+from examples.dashboard.workers import AgentSimulation, ExpirySweeper
 from publisher import Publisher, issue_token
+from publisher.outbox import OutboxRelay
 
 __all__ = ["Config", "DemoApp", "main"]
 
@@ -95,6 +97,9 @@ class Config:
     gateway_port: int = 8001
     #: HTTP base URL of the gateway for the polling fallback; by default derived like gateway_url.
     gateway_http_url: str | None = None
+    #: WebSocket URL of the gateway for the backend's own consumer (the simulated agents wait for
+    #: their answers through it); by default ws://127.0.0.1:<gateway_port>/.
+    consumer_url: str | None = None
     blocker_ttl: float = 24 * 3600.0
     sweep_interval: float | None = None
     agents: bool = True
@@ -365,17 +370,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_state(self, project_id: str) -> None:
         pid = self._project(project_id)
-        store = self.app.store
-        self._json(
-            200,
-            {
-                "project_id": pid,
-                "agents": store.agents(pid),
-                "tasks": store.tasks(pid),
-                "blockers": store.blockers(pid),
-                "activity": store.activity(pid),
-            },
-        )
+        # One snapshot, with the cursor of exactly the events it includes: the page's bus
+        # continues from there (docs/browser.md, "Snapshot cursors").
+        state, cursor = self.app.store.state(pid)
+        self._json(200, {"project_id": pid, **state, "cursor": cursor})
 
     def do_list_blockers(self, project_id: str) -> None:
         pid = self._project(project_id)
@@ -384,8 +382,10 @@ class Handler(BaseHTTPRequestHandler):
             raise HttpError(
                 400, "invalid_status", "status must be PENDING, RESOLVED, EXPIRED or ALL"
             )
-        blockers = self.app.store.blockers(pid, None if status == "ALL" else status)
-        self._json(200, {"project_id": pid, "status": status, "blockers": blockers})
+        blockers, cursor = self.app.store.blocker_list(pid, None if status == "ALL" else status)
+        self._json(
+            200, {"project_id": pid, "status": status, "blockers": blockers, "cursor": cursor}
+        )
 
     def do_create_blocker(self, project_id: str) -> None:
         pid = self._project(project_id)
@@ -433,7 +433,12 @@ class DemoApp:
         self.store = Store(config.db)
         self.store.seed(config.project_id)
         self.publisher = publisher or Publisher.from_url(config.redis_url)
-        self.relay = OutboxRelay(self.store, self.publisher)
+        # The library's relay, in-process; woken by every commit that wrote events, so the
+        # demo's events go out at once (it polls every second besides).
+        self.relay = OutboxRelay.sqlite(
+            self.store.path, self.publisher, table=self.store.outbox.table
+        )
+        self.store.on_outbox.append(self.relay.wake)
         self.agents = AgentSimulation(
             self.store,
             config.project_id,
@@ -442,10 +447,24 @@ class DemoApp:
             work_time=config.work_time,
             reviewer_delay=config.reviewer_delay,
         )
+        self.answers = AnswerListener(
+            config.consumer_url or f"ws://127.0.0.1:{config.gateway_port}/",
+            config.project_id,
+            token=self._consumer_token if config.auth_secret is not None else None,
+            on_answered=self.agents.answered,
+            on_reload=self.agents.reload,
+        )
         self.sweeper = ExpirySweeper(self.store, config.blocker_ttl, config.sweep_interval)
         handler = type("BoundHandler", (Handler,), {"app": self})
         self.httpd = _Server((config.host, config.port), handler)
         self._thread: threading.Thread | None = None
+
+    def _consumer_token(self) -> str:
+        # No subject: the backend's consumer is not a person, so it is not in presence.
+        assert self.config.auth_secret is not None
+        return issue_token(
+            self.config.auth_secret, projects=[self.config.project_id], ttl=self.config.token_ttl
+        )
 
     @property
     def sandbox_project_id(self) -> int | None:
@@ -468,6 +487,7 @@ class DemoApp:
     def start(self) -> DemoApp:
         self.relay.start()
         self.agents.start()
+        self.answers.start()
         self.sweeper.start()
         self._thread = threading.Thread(
             target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="http", daemon=True
@@ -478,7 +498,7 @@ class DemoApp:
     def stop(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
-        for worker in (self.agents, self.sweeper, self.relay):
+        for worker in (self.answers, self.agents, self.sweeper, self.relay):
             worker.stop()
         self.publisher.close()
         self.store.close()
@@ -617,6 +637,11 @@ def main(argv: list[str] | None = None) -> None:
         parser, "--gateway-http-url", "DASHBOARD_GATEWAY_HTTP_URL",
         "HTTP base URL of the gateway for polling (None: derived like --gateway-url)",
     )  # fmt: skip
+    _flag(
+        parser, "--consumer-url", "DASHBOARD_CONSUMER_URL",
+        "WebSocket URL of the gateway for the backend's own consumer, through which the simulated "
+        "agents wait for answers (None: ws://127.0.0.1:<gateway port>/)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     config = config_from_args(
@@ -626,6 +651,7 @@ def main(argv: list[str] | None = None) -> None:
         gateway_url=args.gateway_url,
         gateway_port=args.gateway_port,
         gateway_http_url=args.gateway_http_url,
+        consumer_url=args.consumer_url,
     )
     app = DemoApp(config).start()
     print(f"dashboard backend on {app.url}", flush=True)

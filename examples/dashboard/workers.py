@@ -1,6 +1,7 @@
-"""The demo's background threads: the outbox relay (publishes events), the simulated agents, and
-the expiry sweeper. Each is a small loop over the database, so a restart picks up exactly where
-the previous process stopped.
+"""The demo's background threads: the simulated agents and the expiry sweeper. Each is a small
+loop over the database, so a restart picks up exactly where the previous process stopped. (The
+outbox relay is the library's: :class:`publisher.outbox.OutboxRelay`, started by ``DemoApp``;
+the agents learn of answers through :class:`examples.dashboard.answers.AnswerListener`.)
 """
 
 from __future__ import annotations
@@ -11,10 +12,8 @@ import threading
 import time
 
 from examples.dashboard.store import REVIEWER_PREFIX, Conflict, Store
-from publisher import PublishError, PublisherUnavailable
-from schemas.events import decode_event
 
-__all__ = ["AgentSimulation", "ExpirySweeper", "OutboxRelay"]
+__all__ = ["AgentSimulation", "ExpirySweeper"]
 
 log = logging.getLogger("examples.dashboard")
 
@@ -50,46 +49,6 @@ class _Loop(threading.Thread):
 
     def step(self) -> float | None:
         raise NotImplementedError
-
-
-class OutboxRelay(_Loop):
-    """Publishes the outbox in order through the publisher package.
-
-    Each event carries an idempotency key derived from its outbox row: if the process dies after
-    Redis accepted an event but before the row was marked, the retry publishes nothing twice.
-    While Redis is down it retries with backoff; the order of events is kept because nothing later
-    is published before an earlier event succeeded.
-    """
-
-    interval = 1.0
-
-    def __init__(self, store: Store, publisher) -> None:
-        super().__init__("outbox-relay")
-        self.store = store
-        self.publisher = publisher
-        self._failures = 0
-        store.on_outbox.append(self.wake)
-
-    def step(self) -> float | None:
-        for outbox_id, payload in self.store.pending_events():
-            if self._stopping.is_set():
-                return None
-            event = decode_event(payload)
-            try:
-                self.publisher.publish(
-                    event, idempotency_key=f"dashboard-{self.store.instance}-{outbox_id}"
-                )
-            except PublisherUnavailable as exc:
-                self._failures += 1
-                delay = min(10.0, 0.25 * 2 ** min(self._failures, 6))
-                log.warning("Redis unavailable (%s); retrying the outbox in %.1f s", exc, delay)
-                return delay
-            except PublishError:
-                log.exception("publishing outbox event %s failed; retrying", outbox_id)
-                return 2.0
-            self._failures = 0
-            self.store.mark_published(outbox_id)
-        return None
 
 
 _TASKS = (
@@ -130,8 +89,12 @@ class AgentSimulation(_Loop):
     """Simulated agents: they resume shortly after their blocker is resolved and, when
     ``active``, work on tasks and raise SYNC and ASYNC blockers now and then.
 
-    Resuming always runs (also with ``active=False``), because that is the agent's reaction to a
-    resolution, which tests exercise without the random activity.
+    An agent learns that its blocker was answered from :meth:`answered` (the
+    :class:`~examples.dashboard.answers.AnswerListener` calls it for every ``blocker_resolved``
+    it receives from the bus) or from :meth:`reload` (the database, after a resync), and resumes
+    ``resume_delay`` seconds after the answer. Resuming always runs (also with
+    ``active=False``), because that is the agent's reaction to a resolution, which tests
+    exercise without the random activity.
 
     So that the demo never goes quiet while nobody answers, when ``active``:
 
@@ -169,13 +132,37 @@ class AgentSimulation(_Loop):
         self.max_pending = max_pending
         self.reviewer_delay = reviewer_delay
         self.rng = rng or random.Random()
+        self._answered: dict[int, float] = {}  # blocker id -> when its agent resumes
+        self._answered_lock = threading.Lock()
+
+    def answered(self, blocker_id: int, at: float | None = None) -> None:
+        """Blocker ``blocker_id`` was answered (at ``at``, unix seconds; now by default): its
+        agent resumes ``resume_delay`` later. Thread-safe; repeating it changes nothing."""
+        due = (time.time() if at is None else at) + self.resume_delay
+        with self._answered_lock:
+            self._answered.setdefault(blocker_id, due)
+        self.wake()
+
+    def reload(self) -> None:
+        """Read from the database the answered blockers whose agent has not resumed (what the
+        events would have said: after a resync, and when the listener first subscribes)."""
+        for blocker_id, resolved_ts in self.store.answered_waiting(self.project_id):
+            self.answered(blocker_id, resolved_ts)
+
+    def _resume_due(self) -> None:
+        now = time.time()
+        with self._answered_lock:
+            due = sorted(b for b, at in self._answered.items() if at <= now)
+            for blocker_id in due:
+                del self._answered[blocker_id]
+        for blocker_id in due:
+            self.store.resume_agent(blocker_id)  # at most once per blocker, whoever asks
 
     def _later(self) -> float:
         return time.time() + self.rng.uniform(*self.work_time)
 
     def step(self) -> float | None:
-        for blocker_id in self.store.resumable(self.resume_delay):
-            self.store.resume_agent(blocker_id)
+        self._resume_due()
         if not self.active:
             return None
         self._review()

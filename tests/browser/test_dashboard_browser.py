@@ -244,6 +244,48 @@ def test_state_resync_on_connect_fetches_the_full_blocker_list(demo, new_page):
     expect(page.get_by_test_id("blocker-count")).to_have_text("2")
 
 
+def test_events_around_the_state_load_are_applied_exactly_once(demo, new_page, redis_url):
+    # The contract's "fetch the full blocker list on (re)connect" races the live stream: an
+    # event published after the page subscribed but before the state was read is in both; one
+    # published after the read but before the answer arrives is in neither. The state carries
+    # the cursor of exactly what it includes (publisher.outbox's snapshot) and the bus continues
+    # from there: each event applied once, none lost.
+    # (The project has events already, so that the page subscribes in the epoch they are in.)
+    around = {"earlier": raise_blocker(demo, "ASYNC", "earlier", agent_id="frontend-worker-001")}
+    page = new_page()
+
+    loads = []
+
+    def slow_state(route) -> None:
+        # The page loads the state twice: at once when it opens (to show something even before
+        # the gateway answers), then from the bus's onResync once subscribed: that one counts.
+        loads.append(route.request.url)
+        if len(loads) != 2:
+            route.continue_()
+            return
+        around["before"] = raise_blocker(
+            demo, "ASYNC", "before the read", agent_id="test-worker-001"
+        )
+        response = route.fetch()  # the read: includes "before"
+        around["after"] = raise_blocker(
+            demo, "SYNC", "after the read", agent_id="backend-worker-001"
+        )
+        demo.wait_published()
+        route.fulfill(response=response)
+
+    page.route(re.compile(r"/api/projects/1/state$"), slow_state)
+    page.goto(demo.url)
+    wait_live_and_loaded(page)
+    assert len(loads) == 2 and page.evaluate("window.dashboard.resyncs") == 1
+    for blocker in around.values():
+        expect(blocker_item(page, blocker["id"])).to_have_count(1)
+    expect(page.get_by_test_id("blocker-count")).to_have_text("3")
+    # Only what the state did not include came through the bus: the later blocker's event.
+    events = page.evaluate("window.dashboard.events")
+    assert [(e["type"], e["seq"]) for e in events] == [("blocker_created", 3)]
+    assert_no_duplicates(page)
+
+
 def test_state_resync_required_refetches_the_blocker_list(demo, new_page, redis_url):
     page = new_page(demo.url)
     before = raise_blocker(demo, "ASYNC", "before the flush", agent_id="backend-worker-001")

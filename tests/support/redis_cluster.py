@@ -162,23 +162,36 @@ class ClusterNode:
         binary = self.cluster.binary
         args = [
             binary,
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--protected-mode", "no",
-            "--dir", str(self.dir),
-            "--logfile", str(self.log),
-            "--save", "",
-            "--appendonly", "no",
-            "--cluster-enabled", "yes",
-            "--cluster-config-file", "nodes.conf",
-            "--cluster-node-timeout", str(self.cluster.node_timeout_ms),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--protected-mode",
+            "no",
+            "--dir",
+            str(self.dir),
+            "--logfile",
+            str(self.log),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            str(self.cluster.node_timeout_ms),
             # A replica may take over however long it was disconnected: tests kill masters at
             # arbitrary moments and must get a deterministic failover, not a refused one.
-            "--cluster-replica-validity-factor", "0",
+            "--cluster-replica-validity-factor",
+            "0",
             # Keep the topology the test built: no replica wanders off to an orphaned master.
-            "--cluster-allow-replica-migration", "no",
+            "--cluster-allow-replica-migration",
+            "no",
             # DEBUG SLEEP lets fault tests freeze a node without killing it.
-            "--enable-debug-command", "local",
+            "--enable-debug-command",
+            "local",
             *self.cluster.extra_args,
         ]
         in_main_thread = threading.current_thread() is threading.main_thread()
@@ -332,9 +345,12 @@ class RedisCluster:
                 self.nodes.append(self._start_node())
             create = subprocess.run(
                 [
-                    self.cli, "--cluster", "create",
+                    self.cli,
+                    "--cluster",
+                    "create",
                     *(node.address for node in self.nodes),
-                    "--cluster-replicas", str(self.n_replicas),
+                    "--cluster-replicas",
+                    str(self.n_replicas),
                     "--cluster-yes",
                 ],
                 stdin=subprocess.DEVNULL,
@@ -629,9 +645,7 @@ class RedisCluster:
         raise ClusterError("no node answered CLUSTER NODES")
 
     @staticmethod
-    def _roles_seen_by(
-        node: ClusterNode, alive: list[ClusterNode]
-    ) -> dict[str, tuple[str, str]]:
+    def _roles_seen_by(node: ClusterNode, alive: list[ClusterNode]) -> dict[str, tuple[str, str]]:
         """What ``node`` believes about every live node: id -> (role, id of its master)."""
         view = _cluster_nodes(node)
         ids = {n.node_id for n in alive}
