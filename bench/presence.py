@@ -1,39 +1,58 @@
 """Presence benchmark (issue 12's targets): 1,000 members of one project over 2 pods, 10% of them
 changing activity every second.
 
-Both pods are :class:`gateway.presence_store.PresenceService` instances in this process, each
-with its own Redis connections, against a private ``redis-server``; every member is one
-connection subscribed to presence (so 1,000 subscribers). Measured:
+By default the pods are two ``python -m gateway`` processes against a private ``redis-server``,
+and every member is one WebSocket connection of this process (half on each gateway) with a token
+of its own (``sub`` = the member), subscribed with ``"presence": true``: each connection keeps its
+own view from the ``presence`` and ``presence_diff`` frames it receives, and the members that
+change send ``activity`` frames. ``--in-process`` measures the presence machinery alone: both pods
+are :class:`gateway.presence_store.PresenceService` instances in this process (one view per pod
+stands for its connections). Measured:
 
 * convergence: from an activity change to the moment the views on *both* pods show it (p50, p99,
   max; target: every view within 1.5 s);
 * presence deliveries per second (frames to connections; bound: members x 1 diff/s) against what
   per-change fan-out would send (members x changes/s);
 * Redis commands per second (``INFO commandstats``, all commands of the run);
-* without ``--quick``: the pod with 500 members stops silently (a SIGKILL as the others see it)
-  and the time until none of its members is left in the other pod's view (target <= 30 s).
+* without ``--quick``: the gateway with 500 members is SIGKILLed (in-process: its service stops
+  silently) and the time until none of its members is left in any view on the other gateway
+  (target <= 30 s).
 
-``python -m bench.presence [--quick] [--json PATH]`` (``--quick``: 5 s of changes, no kill:
-about 10 s; full: 20 s of changes and the kill: about 50 s).
+``python -m bench.presence [--quick] [--in-process] [--json PATH]`` (``--quick``: 5 s of changes,
+no kill: about 20 s; full: 20 s of changes and the kill: about 60 s).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
+import signal
+import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import redis
 import redis.asyncio
+from websockets.asyncio.client import ClientConnection, connect
 
-from bench.common import RESULTS_DIR, BenchRedis, machine, percentile, write_json
+from bench.common import (
+    REDIS_CPU,
+    RESULTS_DIR,
+    BenchRedis,
+    free_port,
+    machine,
+    percentile,
+    write_json,
+)
 from gateway.presence_store import PresenceService
 from schemas.protocol import Member, Presence, PresenceDiff
+from schemas.tokens import issue_token
 
 MEMBERS = 1_000
 CHANGE_FRACTION = 0.10  # of the members, per second
@@ -109,7 +128,7 @@ async def _run(url: str, *, seconds: float, kill: bool) -> dict[str, Any]:
         v.deliveries = v.frames = 0
     started = time.monotonic()
     rng = random.Random(12)
-    per_tick = round(MEMBERS * CHANGE_FRACTION / 10)  # every 100 ms
+    per_tick = max(1, round(MEMBERS * CHANGE_FRACTION / 10))  # every 100 ms
     value = 0
     while time.monotonic() - started < seconds:
         for m in rng.sample(members, per_tick):
@@ -191,9 +210,227 @@ async def _run(url: str, *, seconds: float, kill: bool) -> dict[str, Any]:
     return results
 
 
-def run(*, quick: bool = False) -> dict[str, Any]:
+# --- through gateway processes ------------------------------------------------------------------
+
+SECRET = "bench-presence-secret-0123456789abcdef"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class GatewayProcess:
+    """``python -m gateway`` beside Redis (on ``REDIS_CPU`` when there are two cores)."""
+
+    def __init__(self, redis_url: str) -> None:
+        self.port = free_port()
+        cmd = [
+            sys.executable, "-m", "gateway", "--auth-secret", SECRET, "--log-level", "warning",
+            "--host", "127.0.0.1", "--port", str(self.port), "--redis-url", redis_url,
+        ]  # fmt: skip
+
+        def pin() -> None:
+            if hasattr(os, "sched_setaffinity") and REDIS_CPU in os.sched_getaffinity(0):
+                os.sched_setaffinity(0, {REDIS_CPU})
+
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, preexec_fn=pin, stdout=subprocess.DEVNULL)
+        self.url = f"ws://127.0.0.1:{self.port}/"
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1):
+                    return
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise SystemExit("the gateway did not start") from None
+                time.sleep(0.05)
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Tally:
+    """What all connections saw: when each awaited (member, viewing) reached each view."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, int] = {}  # member -> the viewing value its views must show
+        self.seen: dict[tuple[str, int], list[float]] = {}  # (member, value) -> arrival times
+        self.deliveries = 0
+        self.counting = False
+        self.changed = asyncio.Event()
+
+
+class MemberConnection:
+    """One member's connection: its own view of the project's presence."""
+
+    def __init__(self, member: str, home: str, tally: Tally) -> None:
+        self.member = member
+        self.home = home
+        self.tally = tally
+        self.members: dict[str, int | None] = {}  # member -> viewing
+        self.diff_times: list[float] = []
+        self.ws: ClientConnection | None = None
+        self.subscribed = asyncio.Event()
+
+    async def run(self, url: str) -> None:
+        token = issue_token(SECRET, [PROJECT], ttl=3600, subject=self.member, name=self.member)
+        self.ws = ws = await connect(url, max_size=2**24, ping_interval=None, open_timeout=60)
+        await ws.send(msgspec.json.encode({"type": "auth", "token": token}).decode())
+        subscribe = {"type": "subscribe", "project_id": PROJECT, "presence": True}
+        await ws.send(msgspec.json.encode(subscribe).decode())
+        tally = self.tally
+        async for raw in ws:
+            if isinstance(raw, str):
+                raw = raw.encode()
+            if b'"presence' not in raw[:32]:
+                if b'"subscribed"' in raw[:32]:
+                    self.subscribed.set()
+                continue
+            message = _decode.decode(raw)
+            now = time.monotonic()
+            if tally.counting:
+                tally.deliveries += 1
+            if isinstance(message, Presence):
+                self.members = {m.id: m.viewing for m in message.members}
+            else:
+                self.diff_times.append(now)
+                for member_id in message.left:
+                    self.members.pop(member_id, None)
+                for member in (*message.joined, *message.changed):
+                    self.members[member.id] = member.viewing
+                    want = tally.pending.get(member.id)
+                    if want is not None and member.viewing == want:
+                        tally.seen.setdefault((member.id, want), []).append(now)
+            tally.changed.set()
+
+    async def activity(self, viewing: int) -> None:
+        assert self.ws is not None
+        frame = {"type": "activity", "project_id": PROJECT, "viewing": viewing, "answering": None}
+        await self.ws.send(msgspec.json.encode(frame).decode())
+
+
+async def _wait_until(condition, tally: Tally, limit: float) -> None:
+    async def loop() -> None:
+        while not condition():
+            tally.changed.clear()
+            await tally.changed.wait()
+
+    await asyncio.wait_for(loop(), limit)
+
+
+async def _run_gateways(url: str, *, seconds: float, kill: bool) -> dict[str, Any]:
+    gateways = {"a": GatewayProcess(url), "b": GatewayProcess(url)}
+    tally = Tally()
+    members = [f"user-{i}" for i in range(MEMBERS)]
+    connections = [MemberConnection(m, ("a", "b")[i % 2], tally) for i, m in enumerate(members)]
+    tasks = []
+    try:
+        for start in range(0, MEMBERS, 100):  # in waves: a thousand handshakes at once time out
+            wave = connections[start : start + 100]
+            tasks += [asyncio.create_task(c.run(gateways[c.home].url)) for c in wave]
+            await asyncio.wait_for(asyncio.gather(*(c.subscribed.wait() for c in wave)), 60)
+        await _wait_until(lambda: all(len(c.members) == MEMBERS for c in connections), tally, 60)
+        sync = redis.Redis.from_url(url)
+        sync.config_resetstat()
+        tally.counting = True
+        started = time.monotonic()
+        rng = random.Random(12)
+        per_tick = max(1, round(MEMBERS * CHANGE_FRACTION / 10))  # every 100 ms
+        by_member = {c.member: c for c in connections}
+        changes: list[tuple[str, int, float]] = []
+        value = 0
+        while time.monotonic() - started < seconds:
+            for m in rng.sample(members, per_tick):
+                value += 1
+                tally.pending[m] = value
+                changes.append((m, value, time.monotonic()))
+                await by_member[m].activity(value)
+            await asyncio.sleep(0.1)
+        elapsed = time.monotonic() - started
+        tally.counting = False
+        deliveries = tally.deliveries
+        stats = sync.info("commandstats")
+        commands = sum(v.get("calls", 0) for v in stats.values() if isinstance(v, dict))
+        scripts = sum(stats.get(f"cmdstat_{c}", {}).get("calls", 0) for c in ("evalsha", "eval"))
+        await asyncio.sleep(3)  # let the last changes arrive (a change not seen counts as missed)
+        latencies = []
+        missed = 0
+        last_value = {m: v for m, v, _ in changes}
+        for m, v, at in changes:
+            if v != last_value[m]:
+                continue  # superseded within the run: coalesced away, by design
+            seen = tally.seen.get((m, v), [])
+            if len(seen) < MEMBERS:
+                missed += 1
+            else:
+                latencies.append(max(seen) - at)
+        latencies.sort()
+        gaps = [
+            later - earlier
+            for c in connections
+            for earlier, later in zip(c.diff_times, c.diff_times[1:], strict=False)
+        ]
+        results: dict[str, Any] = {
+            "mode": "gateway processes",
+            "members": MEMBERS,
+            "pods": 2,
+            "changes_per_s": len(changes) / elapsed,
+            "seconds": round(elapsed, 2),
+            "convergence_s": {
+                "p50": percentile(latencies, 50) if latencies else None,
+                "p99": percentile(latencies, 99) if latencies else None,
+                "max": latencies[-1] if latencies else None,
+                "measured": len(latencies),
+                "not_converged": missed,
+                "target": TARGET_CONVERGENCE_S,
+            },
+            "deliveries_per_s": deliveries / elapsed,
+            "deliveries_bound_per_s": MEMBERS * 1.0,
+            "min_gap_between_diffs_s": min(gaps) if gaps else None,
+            "per_change_fanout_per_s": MEMBERS * len(changes) / elapsed,
+            "redis_commands_per_s": commands / elapsed,
+            "redis_script_calls_per_s": scripts / elapsed,
+            "redis_script_exists_per_s": 0.0,
+        }
+        if kill:
+            gone = {c.member for c in connections if c.home == "b"}
+            survivors = [c for c in connections if c.home == "a"]
+            gateways["b"].kill()
+            killed = time.monotonic()
+            await _wait_until(
+                lambda: not any(gone & c.members.keys() for c in survivors), tally, 90
+            )
+            results["kill"] = {
+                "members": len(gone),
+                "gone_after_s": time.monotonic() - killed,
+                "target": TARGET_KILL_S,
+            }
+        sync.close()
+        return results
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for gateway in gateways.values():
+            gateway.stop()
+
+
+def run(
+    *, quick: bool = False, in_process: bool = False, seconds: float | None = None
+) -> dict[str, Any]:
+    seconds = seconds or (5 if quick else 20)
     with BenchRedis() as server:
-        results = asyncio.run(_run(server.url, seconds=5 if quick else 20, kill=not quick))
+        main = _run if in_process else _run_gateways
+        results = asyncio.run(main(server.url, seconds=seconds, kill=not quick))
+    if in_process:
+        results["mode"] = "in-process"
     return {"machine": machine(), "quick": quick, **results}
 
 
@@ -202,7 +439,8 @@ def _report(r: dict[str, Any]) -> str:
     converged = c["max"] is not None and c["max"] <= c["target"] and not c["not_converged"]
     bounded = r["deliveries_per_s"] <= r["deliveries_bound_per_s"] * 1.05
     lines = [
-        f"presence benchmark ({r['machine']['date']}, {r['members']} members on {r['pods']} pods, "
+        f"presence benchmark ({r['machine']['date']}, {r['mode']}: {r['members']} members on "
+        f"{r['pods']} pods, "
         f"{r['changes_per_s']:.0f} changes/s for {r['seconds']} s, "
         f"load average {r['machine']['load_average']})",
         f"| convergence, every view | p50 {c['p50']:.2f} s, p99 {c['p99']:.2f} s, max "
@@ -230,11 +468,16 @@ def _report(r: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.presence", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="5 s of changes, no kill")
-    parser.add_argument("--json", type=Path, default=RESULTS_DIR / "presence.json")
+    parser.add_argument(
+        "--in-process", action="store_true", help="two PresenceService pods in this process"
+    )
+    parser.add_argument("--seconds", type=float, help="seconds of changes (default 20, quick 5)")
+    parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    results = run(quick=args.quick)
+    results = run(quick=args.quick, in_process=args.in_process, seconds=args.seconds)
     print(_report(results))
-    write_json(args.json, results)
+    name = "presence-in-process.json" if args.in_process else "presence.json"
+    write_json(args.json or RESULTS_DIR / name, results)
     return 0
 
 

@@ -22,6 +22,7 @@ from websockets.http11 import Request, Response
 
 from gateway.client_input import close_reason, decode_frame, repeated_header
 from gateway.clients import MAX_CONSECUTIVE_ERRORS, ClientProtocol, presence_item
+from gateway.cluster_pubsub import ClusterPubSub
 from gateway.config import GatewayConfig
 from gateway.group import GroupView
 from gateway.http import HttpRoutes, json_response
@@ -30,7 +31,7 @@ from gateway.keepalive import Keepalive
 from gateway.logs import LogThrottle, get_logger
 from gateway.metrics import Metrics
 from gateway.presence_store import PresenceService
-from gateway.pubsub import ClusterPubSub, PubSubLink
+from gateway.pubsub import PubSubLink
 from gateway.session import (
     Admission,
     ClientSession,

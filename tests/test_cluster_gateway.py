@@ -17,7 +17,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from gateway.pubsub import SlotMap, channel_slot
+from gateway.cluster_pubsub import SlotMap, channel_slot
 from schemas.keys import Keys
 from tests.support.gateway_process import GatewayGroup, GatewayProcess
 from tests.support.redis_cluster import RedisCluster
