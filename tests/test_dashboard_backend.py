@@ -837,3 +837,76 @@ def _zombie(pid: str) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
     except OSError:
         return True
+
+
+# --- the answer listener and the agents, without sockets -------------------------------------
+
+
+def test_the_listener_skips_an_event_it_cannot_decode_and_goes_on():
+    # A newer publisher's event type (or garbage in Redis) must not stop the agents' waiting:
+    # the consumer raises UndecodableEvent in its place, and the iterator goes on after it.
+    import asyncio
+
+    from consumer import Delivery, Resync, UndecodableEvent
+    from examples.dashboard.answers import AnswerListener
+    from schemas.events import BlockerResolved, utc_now
+    from schemas.protocol import ResyncReason
+
+    def resolved(seq: int, blocker_id: int) -> Delivery:
+        event = BlockerResolved(
+            project_id=1, blocker_id=blocker_id, answer="a", resolved_at=utc_now()
+        )
+        return Delivery(1, "e", seq, event, b"")
+
+    script = [
+        resolved(1, 10),
+        UndecodableEvent(1, "e", 2, b'{"type":"task_status_changed"}', "unknown type"),
+        resolved(3, 11),
+        Resync(1, ResyncReason.EPOCH_CHANGED, "f", 0),
+        resolved(1, 12),
+    ]
+
+    class Items:
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self):
+            if not script:
+                raise StopAsyncIteration
+            item = script.pop(0)
+            if isinstance(item, Exception):
+                raise item
+            return item
+
+    calls: list = []
+    listener = AnswerListener(
+        "ws://unused/", 1, token=None,
+        on_answered=lambda b: calls.append(("answered", b)),
+        on_reload=lambda: calls.append(("reload",)),
+    )  # fmt: skip
+    asyncio.run(listener.route(Items()))
+    assert calls == [("answered", 10), ("answered", 11), ("reload",), ("answered", 12)]
+
+
+def test_an_agent_whose_resume_failed_resumes_at_the_next_step(tmp_path, monkeypatch):
+    store = Store(tmp_path / "retry.sqlite3")
+    store.seed(1)
+    blocker = store.create_blocker(1, "backend-worker-001", "SYNC", "Q?", task_title="T")
+    store.resolve_blocker(blocker["id"], "go")
+    simulation = AgentSimulation(store, 1, active=False, resume_delay=0)
+    simulation.answered(blocker["id"])
+    real = store.resume_agent
+
+    def busy(blocker_id: int) -> bool:
+        monkeypatch.setattr(store, "resume_agent", real)
+        raise sqlite3.OperationalError("database is locked")
+
+    import sqlite3
+
+    monkeypatch.setattr(store, "resume_agent", busy)
+    with pytest.raises(sqlite3.OperationalError):
+        simulation.step()
+    assert {a["id"]: a["status"] for a in store.agents(1)}["backend-worker-001"] == "blocked"
+    simulation.step()
+    assert {a["id"]: a["status"] for a in store.agents(1)}["backend-worker-001"] == "working"
+    store.close()

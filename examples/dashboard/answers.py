@@ -25,9 +25,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
-from consumer import Consumer, ConsumerError, Delivery, Resync
+from consumer import Consumer, ConsumerError, Delivery, Item, Resync, UndecodableEvent
 from consumer.client import TokenSource
 from schemas.events import BlockerResolved
 
@@ -119,10 +119,26 @@ class AnswerListener:
                 await subscription.wait_subscribed()
                 await asyncio.to_thread(self.on_reload)
                 self.ready.set()
-                async for item in subscription:
-                    if isinstance(item, Delivery):
-                        if isinstance(item.event, BlockerResolved):
-                            self.on_answered(item.event.blocker_id)
-                    elif isinstance(item, Resync):
-                        log.info("answers resync (%s): reloading from the database", item.reason)
-                        await asyncio.to_thread(self.on_reload)
+                await self.route(subscription)
+
+    async def route(self, items: AsyncIterator[Item]) -> None:
+        """Hand each item to the agents until the iterator ends.
+
+        An event this version cannot decode (a type added by a newer publisher, or garbage in
+        Redis) is skipped with a warning and the iteration goes on: it is no answer these agents
+        could act on, and restarting the consumer for it would only repeat the warning.
+        """
+        while True:
+            try:
+                item = await anext(items)
+            except StopAsyncIteration:
+                return
+            except UndecodableEvent as exc:
+                log.warning("answers: skipping event %s:%s (%s)", exc.epoch, exc.seq, exc)
+                continue
+            if isinstance(item, Delivery):
+                if isinstance(item.event, BlockerResolved):
+                    self.on_answered(item.event.blocker_id)
+            elif isinstance(item, Resync):
+                log.info("answers resync (%s): reloading from the database", item.reason)
+                await asyncio.to_thread(self.on_reload)

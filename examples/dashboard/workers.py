@@ -155,8 +155,15 @@ class AgentSimulation(_Loop):
             due = sorted(b for b, at in self._answered.items() if at <= now)
             for blocker_id in due:
                 del self._answered[blocker_id]
-        for blocker_id in due:
-            self.store.resume_agent(blocker_id)  # at most once per blocker, whoever asks
+        for position, blocker_id in enumerate(due):
+            try:
+                self.store.resume_agent(blocker_id)  # at most once per blocker, whoever asks
+            except Exception:
+                # (the database was busy, say): these agents resume at the next step instead
+                with self._answered_lock:
+                    for waiting in due[position:]:
+                        self._answered.setdefault(waiting, now)
+                raise
 
     def _later(self) -> float:
         return time.time() + self.rng.uniform(*self.work_time)
