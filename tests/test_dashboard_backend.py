@@ -504,7 +504,9 @@ def test_a_database_of_the_old_demo_keeps_its_unpublished_events(tmp_path, redis
         for number in (1, 2, 3)
     ]
     old.execute("INSERT INTO outbox (event, published_at) VALUES (?, 'x')", (events[0],))
-    old.executemany("INSERT INTO outbox (event) VALUES (?)", [(e,) for e in events[1:]])
+    old.execute("INSERT INTO outbox (event) VALUES (?)", (events[1],))
+    old.execute("INSERT INTO outbox (event) VALUES (?)", (b"not an event",))  # dropped, logged
+    old.execute("INSERT INTO outbox (event) VALUES (?)", (events[2].decode(),))  # stored as TEXT
     old.close()
     app = DemoApp(Config(port=0, db=str(path), redis_url=redis_url, agents=False)).start()
     try:

@@ -178,8 +178,13 @@ class Store:
                 if column not in columns:
                     self._db.execute(f"ALTER TABLE blockers ADD COLUMN {column} {kind}")
             self._db.execute("BEGIN IMMEDIATE")
-            self.outbox.create_table(self._db)
-            self._adopt_old_outbox()
+            try:
+                self.outbox.create_table(self._db)
+                self._adopt_old_outbox()
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                self._db.close()
+                raise
             self._db.execute("COMMIT")
         self.on_outbox: list = []  # callables notified after a commit that added events
 
@@ -195,8 +200,9 @@ class Store:
         for row in self._db.execute(
             "SELECT id, event FROM outbox WHERE published_at IS NULL ORDER BY id"
         ).fetchall():
+            raw = row["event"]
             try:
-                events.append(decode_event(bytes(row["event"])))
+                events.append(decode_event(raw.encode() if isinstance(raw, str) else bytes(raw)))
             except Exception:  # written by this demo, validated then; never expected
                 log.exception("dropping undecodable event %s of the old outbox", row["id"])
         if events:
