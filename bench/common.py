@@ -13,6 +13,10 @@ import json
 import math
 import os
 import platform
+import subprocess
+import sys
+import time
+import urllib.request
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,6 +28,7 @@ __all__ = [
     "BENCH_CPU",
     "REDIS_CPU",
     "RESULTS_DIR",
+    "BenchGateway",
     "BenchRedis",
     "free_port",
     "machine",
@@ -82,6 +87,51 @@ class BenchRedis(PrivateRedis):
         except (RuntimeError, TimeoutError) as exc:
             self.close()
             raise SystemExit(f"redis-server did not start: {exc}") from None
+
+
+class BenchGateway:
+    """``python -m gateway`` with ``args`` (auth flags included), on ``REDIS_CPU`` beside Redis when
+    there are two cores, started and ready (``GET /readyz``) when constructed."""
+
+    def __init__(self, redis_url: str, *args: str) -> None:
+        self.port = free_port()
+        cmd = [
+            sys.executable, "-m", "gateway", "--log-level", "warning", "--host", "127.0.0.1",
+            "--port", str(self.port), "--redis-url", redis_url, *args,
+        ]  # fmt: skip
+
+        def pin() -> None:
+            if hasattr(os, "sched_setaffinity") and REDIS_CPU in os.sched_getaffinity(0):
+                os.sched_setaffinity(0, {REDIS_CPU})
+
+        root = Path(__file__).resolve().parents[1]
+        self.proc = subprocess.Popen(cmd, cwd=root, preexec_fn=pin, stdout=subprocess.DEVNULL)
+        self.url = f"ws://127.0.0.1:{self.port}/"
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1):
+                    return
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.stop()
+                    raise SystemExit("the gateway did not start") from None
+                time.sleep(0.05)
+
+    def kill(self) -> None:
+        """SIGKILL, and wait for the process to be gone."""
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self) -> None:
+        """SIGTERM (the gateway drains), SIGKILL after 20 s."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:

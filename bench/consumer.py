@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import statistics
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime
@@ -37,8 +36,15 @@ from typing import Any
 
 import structlog
 
-from bench.common import BENCH_CPU, REDIS_CPU, BenchRedis, machine, pin_self, write_json
-from bench.common import free_port as _free_port
+from bench.common import (
+    BENCH_CPU,
+    REDIS_CPU,
+    BenchGateway,
+    BenchRedis,
+    machine,
+    pin_self,
+    write_json,
+)
 from consumer import Consumer, Delivery
 from publisher import Publisher, Retention
 from schemas.events import BlockerResolved, utc_now
@@ -57,47 +63,11 @@ def _event(n: int) -> BlockerResolved:
     )
 
 
-class Gateway:
-    """``python -m gateway --no-auth`` on core ``REDIS_CPU`` (beside Redis), built for replays."""
-
-    def __init__(self, redis_url: str, max_replay: int) -> None:
-        self.port = _free_port()
-        cmd = [
-            sys.executable, "-m", "gateway", "--no-auth", "--log-level", "warning",
-            "--host", "127.0.0.1", "--port", str(self.port), "--redis-url", redis_url,
-            "--max-replay", str(max_replay), "--outbound-limit", str(1 << 30),
-        ]  # fmt: skip
-
-        def pin() -> None:
-            if hasattr(os, "sched_setaffinity") and REDIS_CPU in os.sched_getaffinity(0):
-                os.sched_setaffinity(0, {REDIS_CPU})
-
-        self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, preexec_fn=pin, stdout=subprocess.DEVNULL, stderr=None
-        )
-        self.url = f"ws://127.0.0.1:{self.port}/"
-        self._wait_ready()
-
-    def _wait_ready(self) -> None:
-        import urllib.request
-
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1):
-                    return
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise SystemExit("the gateway did not start") from None
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+def _gateway(redis_url: str, max_replay: int) -> BenchGateway:
+    """A ``--no-auth`` gateway built for replays (no outbound limit in the way)."""
+    return BenchGateway(
+        redis_url, "--no-auth", "--max-replay", str(max_replay), "--outbound-limit", str(1 << 30)
+    )
 
 
 def _publish_backlog(redis_url: str, count: int) -> None:
@@ -198,9 +168,9 @@ def run(count: int, rounds: int, log) -> dict[str, Any]:
     with BenchRedis() as redis, pin_self(BENCH_CPU) as pinned:
         for round_ in range(rounds):
             redis.client().flushall()
-            gateway = Gateway(redis.url, max_replay=count)
+            gateway = _gateway(redis.url, max_replay=count)
             # The default --max-replay: the backlog is caught up by pages over HTTP.
-            paging = Gateway(redis.url, max_replay=1000)
+            paging = _gateway(redis.url, max_replay=1000)
             try:
                 _publish_backlog(redis.url, count)
                 wall, cpu = asyncio.run(_consume(gateway.url, count, "beginning"))

@@ -26,13 +26,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
+import itertools
 import random
-import signal
-import subprocess
 import sys
 import time
-import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +40,9 @@ import redis.asyncio
 from websockets.asyncio.client import ClientConnection, connect
 
 from bench.common import (
-    REDIS_CPU,
     RESULTS_DIR,
+    BenchGateway,
     BenchRedis,
-    free_port,
     machine,
     percentile,
     write_json,
@@ -139,53 +136,16 @@ async def _run(url: str, *, seconds: float, kill: bool) -> dict[str, Any]:
         await asyncio.sleep(0.1)
     elapsed = time.monotonic() - started
     deliveries = sum(v.deliveries for v in views.values())  # during the changes only
-    # commandstats counts the commands run inside scripts too: report both views.
-    stats = sync.info("commandstats")
-    commands = sum(v.get("calls", 0) for v in stats.values() if isinstance(v, dict))
-    scripts = sum(stats.get(f"cmdstat_{c}", {}).get("calls", 0) for c in ("evalsha", "eval"))
-    script_exists = stats.get("cmdstat_script|exists", {}).get("calls", 0)
+    calls = _redis_calls(sync)
     await asyncio.sleep(2.5)  # let the last changes arrive (a change not seen counts as missed)
-    # A change is converged once every view shows it, or a later value of the same member.
-    latencies = []
-    missed = 0
-    last_value = {m: v for m, v, _ in changes}
-    for m, v, at in changes:
-        if v != last_value[m]:
-            continue  # superseded within the run: coalesced away, by design
-        seen = [view.converged.get((m, v)) for view in views.values()]
-        if any(s is None for s in seen):
-            missed += 1
-        else:
-            latencies.append(max(seen) - at)
-    latencies.sort()
-    gaps = [
-        later - earlier
-        for v in views.values()
-        for earlier, later in zip(v.diff_times, v.diff_times[1:], strict=False)
-    ]
-    results: dict[str, Any] = {
-        "members": MEMBERS,
-        "pods": 2,
-        "changes_per_s": len(changes) / elapsed,
-        "seconds": round(elapsed, 2),
-        "convergence_s": {
-            "p50": percentile(latencies, 50) if latencies else None,
-            "p99": percentile(latencies, 99) if latencies else None,
-            "max": latencies[-1] if latencies else None,
-            "measured": len(latencies),
-            "not_converged": missed,
-            "target": TARGET_CONVERGENCE_S,
-        },
-        "deliveries_per_s": deliveries / elapsed,
-        "deliveries_bound_per_s": MEMBERS * 1.0,
-        # one connection's diffs: at most one per second means no two closer than ~1 s
-        "min_gap_between_diffs_s": min(gaps) if gaps else None,
-        "per_change_fanout_per_s": MEMBERS * len(changes) / elapsed,
-        "redis_commands_per_s": commands / elapsed,
-        "redis_script_calls_per_s": scripts / elapsed,
-        # redis-py checks the scripts are loaded before each pipeline: one per round trip
-        "redis_script_exists_per_s": script_exists / elapsed,
-    }
+
+    def arrivals(member: str, value: int) -> list[float] | None:
+        seen = [view.converged.get((member, value)) for view in views.values()]
+        return None if any(t is None for t in seen) else seen  # type: ignore[return-value]
+
+    results = _figures(
+        changes, arrivals, [v.diff_times for v in views.values()], deliveries, elapsed, calls
+    )
     if kill:
         victim, survivor = pods["b"], views["a"]
         gone = {m for m in members if home[m] == "b"}
@@ -213,47 +173,6 @@ async def _run(url: str, *, seconds: float, kill: bool) -> dict[str, Any]:
 # --- through gateway processes ------------------------------------------------------------------
 
 SECRET = "bench-presence-secret-0123456789abcdef"
-ROOT = Path(__file__).resolve().parents[1]
-
-
-class GatewayProcess:
-    """``python -m gateway`` beside Redis (on ``REDIS_CPU`` when there are two cores)."""
-
-    def __init__(self, redis_url: str) -> None:
-        self.port = free_port()
-        cmd = [
-            sys.executable, "-m", "gateway", "--auth-secret", SECRET, "--log-level", "warning",
-            "--host", "127.0.0.1", "--port", str(self.port), "--redis-url", redis_url,
-        ]  # fmt: skip
-
-        def pin() -> None:
-            if hasattr(os, "sched_setaffinity") and REDIS_CPU in os.sched_getaffinity(0):
-                os.sched_setaffinity(0, {REDIS_CPU})
-
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, preexec_fn=pin, stdout=subprocess.DEVNULL)
-        self.url = f"ws://127.0.0.1:{self.port}/"
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1):
-                    return
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise SystemExit("the gateway did not start") from None
-                time.sleep(0.05)
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 class Tally:
@@ -326,7 +245,7 @@ async def _wait_until(condition, tally: Tally, limit: float) -> None:
 
 
 async def _run_gateways(url: str, *, seconds: float, kill: bool) -> dict[str, Any]:
-    gateways = {"a": GatewayProcess(url), "b": GatewayProcess(url)}
+    gateways = {name: BenchGateway(url, "--auth-secret", SECRET) for name in ("a", "b")}
     tally = Tally()
     members = [f"user-{i}" for i in range(MEMBERS)]
     connections = [MemberConnection(m, ("a", "b")[i % 2], tally) for i, m in enumerate(members)]
@@ -356,49 +275,17 @@ async def _run_gateways(url: str, *, seconds: float, kill: bool) -> dict[str, An
         elapsed = time.monotonic() - started
         tally.counting = False
         deliveries = tally.deliveries
-        stats = sync.info("commandstats")
-        commands = sum(v.get("calls", 0) for v in stats.values() if isinstance(v, dict))
-        scripts = sum(stats.get(f"cmdstat_{c}", {}).get("calls", 0) for c in ("evalsha", "eval"))
+        calls = _redis_calls(sync)
         await asyncio.sleep(3)  # let the last changes arrive (a change not seen counts as missed)
-        latencies = []
-        missed = 0
-        last_value = {m: v for m, v, _ in changes}
-        for m, v, at in changes:
-            if v != last_value[m]:
-                continue  # superseded within the run: coalesced away, by design
-            seen = tally.seen.get((m, v), [])
-            if len(seen) < MEMBERS:
-                missed += 1
-            else:
-                latencies.append(max(seen) - at)
-        latencies.sort()
-        gaps = [
-            later - earlier
-            for c in connections
-            for earlier, later in zip(c.diff_times, c.diff_times[1:], strict=False)
-        ]
-        results: dict[str, Any] = {
-            "mode": "gateway processes",
-            "members": MEMBERS,
-            "pods": 2,
-            "changes_per_s": len(changes) / elapsed,
-            "seconds": round(elapsed, 2),
-            "convergence_s": {
-                "p50": percentile(latencies, 50) if latencies else None,
-                "p99": percentile(latencies, 99) if latencies else None,
-                "max": latencies[-1] if latencies else None,
-                "measured": len(latencies),
-                "not_converged": missed,
-                "target": TARGET_CONVERGENCE_S,
-            },
-            "deliveries_per_s": deliveries / elapsed,
-            "deliveries_bound_per_s": MEMBERS * 1.0,
-            "min_gap_between_diffs_s": min(gaps) if gaps else None,
-            "per_change_fanout_per_s": MEMBERS * len(changes) / elapsed,
-            "redis_commands_per_s": commands / elapsed,
-            "redis_script_calls_per_s": scripts / elapsed,
-            "redis_script_exists_per_s": 0.0,
-        }
+
+        def arrivals(member: str, value: int) -> list[float] | None:
+            seen = tally.seen.get((member, value), [])
+            return seen if len(seen) >= MEMBERS else None
+
+        results = _figures(
+            changes, arrivals, [c.diff_times for c in connections], deliveries, elapsed, calls
+        )
+        results["mode"] = "gateway processes"
         if kill:
             gone = {c.member for c in connections if c.home == "b"}
             survivors = [c for c in connections if c.home == "a"]
@@ -420,6 +307,66 @@ async def _run_gateways(url: str, *, seconds: float, kill: bool) -> dict[str, An
         await asyncio.gather(*tasks, return_exceptions=True)
         for gateway in gateways.values():
             gateway.stop()
+
+
+def _redis_calls(client: redis.Redis) -> dict[str, int]:
+    """Redis's command counts since the last ``CONFIG RESETSTAT`` (commandstats counts the
+    commands run inside scripts too: both are reported)."""
+    stats = client.info("commandstats")
+    return {
+        "commands": sum(v.get("calls", 0) for v in stats.values() if isinstance(v, dict)),
+        "scripts": sum(stats.get(f"cmdstat_{c}", {}).get("calls", 0) for c in ("evalsha", "eval")),
+        # redis-py used to check the scripts were loaded before each pipeline
+        "script_exists": stats.get("cmdstat_script|exists", {}).get("calls", 0),
+    }
+
+
+def _figures(
+    changes: list[tuple[str, int, float]],
+    arrivals: Callable[[str, int], list[float] | None],
+    diff_times: list[list[float]],
+    deliveries: int,
+    elapsed: float,
+    calls: dict[str, int],
+) -> dict[str, Any]:
+    """The run's figures. A change converged once every view shows it (``arrivals``: when each
+    view did, or None when one never did); a change superseded by a later one of the same member
+    within the run is coalesced away by design and not counted."""
+    latencies = []
+    missed = 0
+    last_value = {m: v for m, v, _ in changes}
+    for m, v, at in changes:
+        if v != last_value[m]:
+            continue
+        seen = arrivals(m, v)
+        if seen is None:
+            missed += 1
+        else:
+            latencies.append(max(seen) - at)
+    latencies.sort()
+    gaps = [later - earlier for times in diff_times for earlier, later in itertools.pairwise(times)]
+    return {
+        "members": MEMBERS,
+        "pods": 2,
+        "changes_per_s": len(changes) / elapsed,
+        "seconds": round(elapsed, 2),
+        "convergence_s": {
+            "p50": percentile(latencies, 50) if latencies else None,
+            "p99": percentile(latencies, 99) if latencies else None,
+            "max": latencies[-1] if latencies else None,
+            "measured": len(latencies),
+            "not_converged": missed,
+            "target": TARGET_CONVERGENCE_S,
+        },
+        "deliveries_per_s": deliveries / elapsed,
+        "deliveries_bound_per_s": MEMBERS * 1.0,
+        # one connection's diffs: at most one per second means no two closer than ~1 s
+        "min_gap_between_diffs_s": min(gaps) if gaps else None,
+        "per_change_fanout_per_s": MEMBERS * len(changes) / elapsed,
+        "redis_commands_per_s": calls["commands"] / elapsed,
+        "redis_script_calls_per_s": calls["scripts"] / elapsed,
+        "redis_script_exists_per_s": calls["script_exists"] / elapsed,
+    }
 
 
 def run(
