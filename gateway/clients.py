@@ -163,6 +163,20 @@ class ClientProtocol:
             return True
         return session.claims is not None and session.claims.allows(project_id)
 
+    def check_allowed(self, session: ClientSession, project_id: int) -> bool:
+        """:meth:`allowed`, answering ``forbidden`` when not (not counted as a client mistake:
+        a token may rightly name fewer projects than the page shows)."""
+        if self.allowed(session, project_id):
+            return True
+        self.client_error(
+            session,
+            ErrorCode.FORBIDDEN,
+            f"the token does not allow project {project_id}",
+            project_id,
+            count=False,
+        )
+        return False
+
     # --- messages ----------------------------------------------------------------------------
 
     async def handle(self, session: ClientSession, data: bytes | str, clog) -> None:
@@ -225,14 +239,7 @@ class ClientProtocol:
         The connection is then listed in the project's presence (when its token has a ``sub``),
         and with ``presence`` it gets the ``presence`` message after ``subscribed`` and then
         the project's ``presence_diff`` messages; a re-subscribe without it stops them."""
-        if not self.allowed(session, project_id):
-            self.client_error(
-                session,
-                ErrorCode.FORBIDDEN,
-                f"the token does not allow project {project_id}",
-                project_id,
-                count=False,
-            )
+        if not self.check_allowed(session, project_id):
             return False
         limit = self.config.max_subscriptions
         if project_id not in session.projects and len(session.projects) >= limit:
@@ -316,14 +323,7 @@ class ClientProtocol:
 
     async def presence_get(self, session: ClientSession, project_id: int) -> None:
         """Answer ``presence`` once: the project's members (the token must allow it)."""
-        if not self.allowed(session, project_id):
-            self.client_error(
-                session,
-                ErrorCode.FORBIDDEN,
-                f"the token does not allow project {project_id}",
-                project_id,
-                count=False,
-            )
+        if not self.check_allowed(session, project_id):
             return
         try:
             async with asyncio.timeout(self.config.subscribe_timeout):
