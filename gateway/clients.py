@@ -95,7 +95,12 @@ class ClientProtocol:
                 [("Retry-After", "5")],
             )
         allowed = self.config.allowed_origins
-        if allowed and origin not in allowed:
+        # The allowlist stops other sites' pages from using a visitor's browser (browsers always
+        # send Origin on a WebSocket handshake and a cross-origin request). A request without
+        # Origin is not a browser's (the Python consumer, tail, curl): it is let through like the
+        # polling endpoint lets it, and its token still decides what it may read. A client able
+        # to leave Origin out could as well send an allowed one.
+        if allowed and origin is not None and origin not in allowed:
             metrics.connections_rejected_total += 1
             gateway.client_log(
                 "handshake refused",

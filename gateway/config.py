@@ -38,7 +38,11 @@ class GatewayConfig(msgspec.Struct, kw_only=True, frozen=True):
         bool, _doc("Development mode: accept every connection and project without a token.")
     ] = False
     allowed_origins: Annotated[
-        list[str], _doc("Comma-separated Origin allowlist for handshakes (empty: any origin).")
+        list[str],
+        _doc(
+            "Comma-separated Origin allowlist for handshakes (empty: any origin); requests "
+            "without Origin (not browsers) are not checked."
+        ),
     ] = []
     prefix: Annotated[str, _doc("Redis key prefix, shared with the publishers.")] = "eventbus"
     sharded_pubsub: Annotated[

@@ -18,6 +18,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import redis
@@ -814,6 +815,23 @@ def test_run_starts_everything_and_stops_it_on_a_signal(tmp_path, stop_signal):
             assert json.loads(response.read())["auth"] is True
         with urllib.request.urlopen(f"http://{gateway.group(1)}/readyz", timeout=5) as response:
             assert response.status == 200
+        # The agents wait for answers through the backend's own consumer on this gateway (which
+        # runs with an Origin allowlist for the page: the consumer sends no Origin).
+        demo = SimpleNamespace(url=url)
+        blocker = raise_blocker(demo, "SYNC", "backend-worker-001")
+        assert (
+            call(demo, "POST", f"/api/blockers/{blocker['id']}/resolve", {"answer": "go"})[0] == 200
+        )
+        wait_for(
+            lambda: (
+                {a["id"]: a["status"] for a in call(demo, "GET", "/api/projects/1/agents")[1]}[
+                    "backend-worker-001"
+                ]
+                == "working"
+            ),
+            timeout=20,
+            what="the agent resumed through the consumer",
+        )
         children = subprocess.run(
             ["pgrep", "-P", str(process.pid)], capture_output=True, text=True
         ).stdout.split()

@@ -497,6 +497,10 @@ async def test_origin_allowlist(gateways):
     async with connect(ws_url(gateway), origin="https://dash.example") as ws:
         await ws.send(json.dumps({"type": "auth", "token": issue_token(SECRET, [1])}))
         assert json.loads(await ws.recv())["type"] == "authenticated"
+    # No Origin at all: not a browser (the Python consumer, tail): the token decides.
+    async with connect(ws_url(gateway)) as ws:
+        await ws.send(json.dumps({"type": "auth", "token": issue_token(SECRET, [1])}))
+        assert json.loads(await ws.recv())["type"] == "authenticated"
 
 
 async def test_connection_limit(gateways):

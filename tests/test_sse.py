@@ -298,6 +298,11 @@ async def test_cors_for_the_dashboard_origin(gateways):
     )
     stream.close()
     assert status == 403 and "access-control-allow-origin" not in headers
+    # Without Origin (not a browser): the token decides, no CORS headers.
+    status, headers, stream = await open_stream(url, "/v1/projects/9/stream", _auth([9]))
+    assert status == 200 and "access-control-allow-origin" not in headers
+    await stream.until("subscribed")
+    stream.close()
 
 
 async def test_streams_count_against_max_connections(gateways):
