@@ -22,6 +22,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import structlog
+
 from examples.dashboard.redis_server import PrivateRedis, free_port
 from examples.dashboard.server import Config, DemoApp, add_arguments, config_from_args
 
@@ -224,13 +226,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-auth", action="store_true", help="run the gateway without auth (development mode)"
     )
-    parser.add_argument("--verbose", action="store_true", help="info logs from the gateway")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="info logs from the gateway, the outbox relay and the agents' consumer",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # The libraries in this process (the outbox relay, the agents' consumer) log with structlog:
+    # warnings and errors only, like the gateway, unless --verbose.
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.INFO if args.verbose else logging.WARNING
+        )
+    )
     stop = threading.Event()
 
     def request_stop(signum: int, frame: object) -> None:
