@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
@@ -137,3 +139,55 @@ async def test_nothing_is_written_to_the_descriptor_once_the_connection_is_lost(
     second = Outgoing(b'{"seq":2}')
     session.write(second.wire, [second])
     assert read_all(read_end) == b""
+
+
+# --- the lighter queues of an idle connection ---------------------------------------------------
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("append"), st.integers()),
+            st.tuples(st.just("popleft"), st.none()),
+            st.tuples(st.just("extendleft"), st.lists(st.integers(), max_size=4)),
+        ),
+        max_size=40,
+    )
+)
+def test_frame_queue_behaves_as_the_deque_it_replaces(operations):
+    # websockets' SimpleQueue calls append, popleft, extendleft(reversed(items)), len and bool.
+    from collections import deque
+
+    from gateway.session import _FrameQueue
+
+    real, light = deque(), _FrameQueue()
+    for name, argument in operations:
+        if name == "popleft":
+            if not real:
+                continue
+            assert light.popleft() == real.popleft()
+        elif name == "extendleft":
+            real.extendleft(reversed(argument))
+            light.extendleft(reversed(argument))
+        else:
+            real.append(argument)
+            light.append(argument)
+        assert list(light) == list(real) and len(light) == len(real) and bool(light) == bool(real)
+
+
+async def test_a_connection_reads_fragmented_messages_through_the_lighter_queue(gateways):
+    # A message in fragments goes through the frame queue (websockets' put_back included).
+    import json
+
+    from websockets.asyncio.client import connect
+
+    from publisher import issue_token
+    from tests.support.gateway_client import SECRET, ws_url
+
+    gateway = await gateways()
+    async with connect(ws_url(gateway)) as ws:
+        token = json.dumps({"type": "auth", "token": issue_token(SECRET, [1])})
+        await ws.send([token[:10], token[10:20], token[20:]])  # one text message, three frames
+        assert json.loads(await ws.recv())["type"] == "authenticated"
+        await ws.send(['{"type":', '"ping"}'])
+        assert json.loads(await ws.recv())["type"] == "pong"
