@@ -6,10 +6,17 @@ import logging
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import structlog
 
-__all__ = ["LogThrottle", "configure_logging", "get_logger", "throttle_loop_errors"]
+__all__ = [
+    "ConnectionLog",
+    "LogThrottle",
+    "configure_logging",
+    "get_logger",
+    "throttle_loop_errors",
+]
 
 
 def configure_logging(fmt: str = "auto", level: str = "info") -> None:
@@ -25,6 +32,8 @@ def configure_logging(fmt: str = "auto", level: str = "info") -> None:
         else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
     numeric = logging.getLevelNamesMapping()[level.upper()]
+    global _debug_enabled
+    _debug_enabled = numeric <= logging.DEBUG
     shared = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -63,6 +72,63 @@ def _drop_meta(logger, name, event_dict):
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
     return structlog.get_logger(name)
+
+
+class ConnectionLog:
+    """One connection's logger, bound to its id (and its peer's address, or its transport) on
+    first use.
+
+    Most connections never log a line (``debug`` is off in production), and a bound structlog
+    logger kept for a connection's lifetime is ~0.3 KiB and a few microseconds to build: at
+    100,000 connections, ~30 MiB for nothing. This object is 64 bytes.
+    """
+
+    __slots__ = ("_bound", "_connection", "_logger", "conn_id", "transport")
+
+    def __init__(
+        self, logger: Any, conn_id: int, *, connection: Any = None, transport: str | None = None
+    ) -> None:
+        self._logger = logger
+        self.conn_id = conn_id
+        self._connection = connection  # anything with websockets' ``remote_address``
+        self.transport = transport
+        self._bound: Any = None
+
+    def _get(self) -> Any:
+        if self._bound is None:
+            fields: dict[str, Any] = {"conn_id": self.conn_id}
+            if self._connection is not None:
+                fields["peer"] = _peer(self._connection)
+            if self.transport is not None:
+                fields["transport"] = self.transport
+            self._bound = self._logger.bind(**fields)
+            self._connection = None
+        return self._bound
+
+    def debug(self, event: str, **fields: Any) -> None:
+        if self._bound is not None or _debug_enabled:
+            self._get().debug(event, **fields)
+
+    def info(self, event: str, **fields: Any) -> None:
+        self._get().info(event, **fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self._get().warning(event, **fields)
+
+    def error(self, event: str, **fields: Any) -> None:
+        self._get().error(event, **fields)
+
+
+def _peer(connection: Any) -> str | None:
+    try:
+        host, port = connection.remote_address[:2]
+        return f"{host}:{port}"
+    except Exception:
+        return None
+
+
+#: Whether debug lines are written: set by configure_logging (before it, assume they are).
+_debug_enabled = True
 
 
 class LogThrottle:

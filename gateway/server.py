@@ -28,7 +28,7 @@ from gateway.group import GroupView
 from gateway.http import HttpRoutes, json_response
 from gateway.hub import Hub
 from gateway.keepalive import Keepalive
-from gateway.logs import LogThrottle, get_logger
+from gateway.logs import ConnectionLog, LogThrottle, get_logger
 from gateway.metrics import Metrics
 from gateway.presence_store import PresenceService
 from gateway.pubsub import PubSubLink
@@ -374,7 +374,7 @@ class Gateway:
         ws.request.headers.clear()
         if ws.response is not None:
             ws.response.headers.clear()
-        clog = log.bind(conn_id=session.id, peer=_peer(ws))
+        clog = ConnectionLog(log, session.id, connection=ws)
         clog.debug("connected")
         try:
             claims = self._preauth.pop(ws, None)
@@ -508,14 +508,6 @@ async def _bounded(step, name: str) -> None:
 
 def _keepalive_timeout(session: ClientSession) -> None:
     session.abort(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
-
-
-def _peer(ws: ServerConnection) -> str | None:
-    try:
-        host, port = ws.remote_address[:2]
-        return f"{host}:{port}"
-    except Exception:
-        return None
 
 
 def _redact(url: str) -> str:

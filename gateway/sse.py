@@ -36,7 +36,7 @@ from websockets.http11 import Request, Response
 
 from gateway.client_input import repeated_header
 from gateway.http import json_response
-from gateway.logs import get_logger
+from gateway.logs import ConnectionLog, get_logger
 from gateway.session import Admission, ClientSession, Outgoing, SlowConsumerPolicy
 from gateway.tasks import spawn
 from schemas.protocol import CloseCode
@@ -632,7 +632,7 @@ class SseStreams:
         gateway.add_session(session)
         if self.keepalive is not None:
             self.keepalive.add(session)
-        clog = log.bind(conn_id=session.id, transport="sse")
+        clog = ConnectionLog(log, session.id, transport="sse")
         protocol.task = spawn(
             self._subscribe(session, stream.projects, cursors, claims, clog, stream.presence)
         )

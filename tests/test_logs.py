@@ -1,0 +1,49 @@
+"""gateway.logs: a connection's logger is bound only when it writes a line."""
+
+from __future__ import annotations
+
+import structlog
+
+from gateway import logs
+
+
+def test_a_connection_log_binds_only_when_it_writes(monkeypatch):
+    monkeypatch.setattr(logs, "_debug_enabled", False)  # as configure_logging("json", "info")
+    built = []
+
+    class Connection:
+        @property
+        def remote_address(self):
+            built.append(1)
+            return ("127.0.0.1", 5555)
+
+    with structlog.testing.capture_logs() as captured:
+        clog = logs.ConnectionLog(structlog.get_logger("gateway"), 7, connection=Connection())
+        clog.debug("connected")  # debug is off: nothing bound, nothing written
+        assert built == [] and captured == []
+        clog.info("authentication failed", reason="expired")
+        clog.warning("subscribe failed", project_id=3)
+    assert built == [1]  # bound once
+    assert captured == [
+        {"event": "authentication failed", "reason": "expired", "conn_id": 7,
+         "peer": "127.0.0.1:5555", "log_level": "info"},
+        {"event": "subscribe failed", "project_id": 3, "conn_id": 7, "peer": "127.0.0.1:5555",
+         "log_level": "warning"},
+    ]  # fmt: skip
+
+
+def test_configure_logging_says_whether_debug_lines_are_written(monkeypatch):
+    import logging
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))  # restored after the test
+    monkeypatch.setattr(logs, "_debug_enabled", True)
+    level, before = root.level, structlog.get_config()
+    try:
+        logs.configure_logging("json", "info")
+        assert logs._debug_enabled is False
+        logs.configure_logging("json", "debug")
+        assert logs._debug_enabled is True
+    finally:
+        structlog.configure(**before)
+        root.setLevel(level)
