@@ -200,15 +200,20 @@ class GatewayConnection(ServerConnection):
     event-loop time): the auth deadline runs from there.
     """
 
-    session: WebSocketSession | None = None
-    admission: Admission | None = None
-    accepted_at: float = 0.0
-    _counted: bool = False
-    #: Called with the request before websockets answers it; True when it took the connection
-    #: over (an SSE stream, see gateway.sse), and websockets must leave the transport alone.
-    takeover: Callable[[GatewayConnection, Request], bool] | None = None
+    # Slots, not instance attributes: websockets' own attributes fill the instance dict to
+    # the size past which CPython stops sharing its keys among instances, and each one more
+    # turned it into a dict of its own (~1.5 KiB per connection).
+    __slots__ = ("_counted", "accepted_at", "admission", "session", "takeover")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.session: WebSocketSession | None = None
+        self.admission: Admission | None = None
+        self.accepted_at = 0.0
+        self._counted = False
+        #: Called with the request before websockets answers it; True when it took the
+        #: connection over (an SSE stream, see gateway.sse), and websockets must leave the
+        #: transport alone.
+        self.takeover: Callable[[GatewayConnection, Request], bool] | None = None
         super().__init__(*args, **kwargs)
         # websockets keeps these in deques, 760 bytes each even when empty, which an idle
         # connection's are: lists take 56 (see _FrameQueue). Left alone if websockets renames it.
