@@ -121,3 +121,25 @@ def test_two_tabs_of_one_person_are_one_member(demo, new_page):
         0, timeout=PRESENCE_TIMEOUT
     )
     expect(members(dave)).to_have_count(2)
+
+
+def test_a_hostile_name_is_shown_as_text_everywhere(demo, new_page):
+    # Names come from other people (the token's name claim): markup in one is text, not HTML.
+    hostile = '<img src=x onerror="window.pwned=1">'
+    blocker = raise_blocker(demo, "SYNC", "Which cache?")
+    mallory = new_page(demo.url, setup=as_person("p-mallory", hostile))
+    erin = new_page(demo.url, setup=as_person("p-erin", "Erin"))
+    blocker_item(mallory, blocker["id"]).get_by_test_id("answer-button").click()
+    mallory.get_by_test_id("answer-input").fill("typing")
+    card = blocker_item(erin, blocker["id"])
+    expect(card.get_by_test_id("blocker-presence")).to_have_text(
+        f"{hostile} is answering…", timeout=PRESENCE_TIMEOUT
+    )
+    expect(erin.locator('[data-member-id="p-mallory"]')).to_have_attribute("data-name", hostile)
+    own = blocker_item(mallory, blocker["id"])  # (other pages learn "seen" at their next load)
+    expect(own.get_by_test_id("blocker-seen")).to_contain_text(f"seen by {hostile}")
+    feed = mallory.get_by_test_id("activity-item").first
+    expect(feed).to_contain_text(f"first seen by {hostile}")
+    for page in (mallory, erin):
+        assert page.evaluate("window.pwned") is None
+        assert page.locator("img[src='x']").count() == 0
