@@ -44,6 +44,14 @@ def _raise(app: DemoApp, agent: str, kind: str, question: str, task: str) -> dic
     )
 
 
+def _person_page(browser, person_id: str, name: str, **context):
+    """A page in a browser context of its own, as the person the demo page keeps in localStorage."""
+    page = browser.new_context(**context).new_page()
+    person = json.dumps(json.dumps({"id": person_id, "name": name}))
+    page.add_init_script(f"localStorage.setItem('eventbus-demo-person', {person})")
+    return page
+
+
 def main(argv: list[str] | None = None) -> None:
     from playwright.sync_api import sync_playwright
 
@@ -89,7 +97,10 @@ def main(argv: list[str] | None = None) -> None:
             browser = playwright.chromium.launch(
                 executable_path=chromium, args=["--headless=new", "--no-sandbox", "--disable-gpu"]
             )
-            page = browser.new_page(
+            page = _person_page(
+                browser,
+                "p-alice",
+                "Alice",
                 viewport={"width": args.width, "height": 800 if mobile else 1060},
                 device_scale_factor=2 if mobile else 1,
             )
@@ -103,13 +114,22 @@ def main(argv: list[str] | None = None) -> None:
                 "Is it fine to drop support for IE11 in the date picker?",
                 "Design the notification settings screen",
             )
-            _raise(
+            sync = _raise(
                 app,
                 "backend-worker-001",
                 "SYNC",
                 "Should we use JWT or sessions?",
                 "Implement authentication",
             )
+            # A second person, Bob, answering the SYNC blocker in his own browser (presence).
+            bob = _person_page(browser, "p-bob", "Bob", viewport={"width": 1280, "height": 900})
+            bob.goto(app.url)
+            bob.wait_for_selector('[data-testid="connection-state"][data-state="live"]')
+            bob.click(
+                f'[data-testid="blocker-item"][data-blocker-id="{sync["id"]}"] '
+                '[data-testid="answer-button"]'
+            )
+            bob.fill('[data-testid="answer-input"]', "Sessions, I think")
             _call(app, f"/api/blockers/{first['id']}/resolve", {"answer": "UTC, shown local"})
             page.wait_for_selector(
                 f'[data-testid="activity-item"][data-key="agent_resumed:{first["id"]}"]'
@@ -128,6 +148,10 @@ def main(argv: list[str] | None = None) -> None:
             with Publisher.from_url(redis.url) as bus:
                 bus.blocker_resolved(2, blocker_id=123, answer="Use JWT for stateless API")
             page.wait_for_selector('[data-testid="sandbox-item"]')
+            page.wait_for_function(
+                "Array.from(document.querySelectorAll('[data-testid=blocker-presence]'))"
+                ".some((n) => n.textContent === 'Bob is answering…')"
+            )
             page.wait_for_timeout(300)  # let the slide-in animation finish before the photo
             target.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(target), full_page=mobile)

@@ -54,6 +54,10 @@ def test_two_people_see_each_other_what_they_do_and_get_warned_before_a_second_a
     expect(card.get_by_test_id("blocker-presence")).to_have_text(
         "Alice is viewing", timeout=PRESENCE_TIMEOUT
     )
+    # ...and, asked of the backend once presence shows her on it, that she saw it first.
+    expect(card.get_by_test_id("blocker-seen")).to_have_text(
+        re.compile(r"seen by Alice after \d+ s")
+    )
     alice.get_by_test_id("answer-input").fill("Sessions, I think")
     expect(card.get_by_test_id("blocker-presence")).to_have_text(
         "Alice is answering…", timeout=PRESENCE_TIMEOUT
@@ -136,8 +140,7 @@ def test_a_hostile_name_is_shown_as_text_everywhere(demo, new_page):
         f"{hostile} is answering…", timeout=PRESENCE_TIMEOUT
     )
     expect(erin.locator('[data-member-id="p-mallory"]')).to_have_attribute("data-name", hostile)
-    own = blocker_item(mallory, blocker["id"])  # (other pages learn "seen" at their next load)
-    expect(own.get_by_test_id("blocker-seen")).to_contain_text(f"seen by {hostile}")
+    expect(card.get_by_test_id("blocker-seen")).to_contain_text(f"seen by {hostile}")
     feed = mallory.get_by_test_id("activity-item").first
     expect(feed).to_contain_text(f"first seen by {hostile}")
     for page in (mallory, erin):

@@ -20,6 +20,7 @@ const model = {
   me: null, // this browser's person: {id, name} (localStorage)
   members: null, // presence of the project: [{id, name, viewing, answering, since}] or null
   seenSent: new Set(), // blockers this tab reported as seen
+  seenAsked: new Set(), // blockers whose "first seen" this tab fetched after presence showed someone on them
   warnedFor: null, // the blocker whose "someone else is answering" warning was shown
 };
 
@@ -119,6 +120,33 @@ function onPresence(members) {
   renderPresence();
   renderBlockers();
   renderModalPresence();
+  // Someone else opened a blocker this page has no "first seen" for: the backend recorded it
+  // (no contract event says so), so ask once rather than show "not seen by anyone yet".
+  for (const m of members) {
+    const id = m.id !== model.me.id ? m.viewing ?? m.answering : null;
+    const b = id !== null ? model.blockers.get(id) : undefined;
+    if (b && !b.first_seen_at && !model.seenAsked.has(id)) adoptSeen(id);
+  }
+}
+
+/** Fetch a blocker's "first seen" (and its activity line) from the backend, once per blocker. */
+async function adoptSeen(blockerId, blocker = null) {
+  model.seenAsked.add(blockerId);
+  try {
+    const fresh = blocker || (await api(`/api/blockers/${blockerId}`));
+    if (!fresh.first_seen_at) {
+      model.seenAsked.delete(blockerId); // not recorded yet (their report is on its way): ask again later
+      return;
+    }
+    if (model.blockers.has(blockerId)) model.blockers.set(blockerId, { ...model.blockers.get(blockerId), ...fresh });
+    const activity = await api(`/api/projects/${model.config.project_id}/activity`);
+    const seen = activity.find((entry) => entry.key === `blocker_seen:${blockerId}`);
+    if (seen) addActivity(seen.key, seen.kind, seen.text, seen.at);
+    renderAll();
+  } catch (error) {
+    model.seenAsked.delete(blockerId);
+    console.warn("could not read the blocker", error);
+  }
 }
 
 /** Other people's activity on a blocker: [{name, answering}] (answering first). */
@@ -205,11 +233,7 @@ async function markSeen(blockerId) {
   model.seenSent.add(blockerId);
   try {
     const blocker = await api(`/api/blockers/${blockerId}/seen`, { method: "POST", body: JSON.stringify({ by: model.me.name }) });
-    if (model.blockers.has(blockerId)) model.blockers.set(blockerId, { ...model.blockers.get(blockerId), ...blocker });
-    const activity = await api(`/api/projects/${model.config.project_id}/activity`);
-    const seen = activity.find((entry) => entry.key === `blocker_seen:${blockerId}`);
-    if (seen) addActivity(seen.key, seen.kind, seen.text, seen.at);
-    renderAll();
+    await adoptSeen(blockerId, blocker);
   } catch (error) {
     model.seenSent.delete(blockerId);
     console.warn("could not record the view", error);
