@@ -19,9 +19,12 @@ Why that keeps the stream exact:
 * A reply lost with the connection: the fallback publishes the same rows again under the same
   keys, which returns the first cursors for those that ran.
 
-TODO(lead): ``Publisher.publish_many(events, idempotency_keys=...)`` in ``publisher/client.py``
-would make this module a thin call to the public API (it reaches ``Publisher._settings`` and
-``Publisher._script`` today, and only for a standalone, synchronous ``Publisher``).
+Why not ``Publisher.publish_many(events, idempotency_keys=...)``: it pipelines without
+``MULTI`` and goes on after a refused call, so a later row of a project could be published ahead
+of an earlier one that failed; the relay must stop at the first failure. TODO(lead): a public
+"in order, stop at the first failure" mode of ``publish_many`` would make this module a thin call
+to the public API (it reaches ``Publisher._settings`` and ``Publisher._script`` today, and only
+for a standalone, synchronous ``Publisher``).
 """
 
 from __future__ import annotations
