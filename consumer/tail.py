@@ -184,6 +184,12 @@ def format_item(item: Item | UndecodableEvent, *, as_json: bool = False) -> str:
     return f"{_time(None)}  p{item.project_id} #{item.seq}  undecodable  {item.reason}"
 
 
+def service_token(secret: str, projects: list[int]) -> str:
+    """A token for a service reading ``projects``: no ``sub``, so the gateway does not list it in
+    the projects' presence (a tail is nobody on the dashboard)."""
+    return issue_token(secret, projects)
+
+
 async def tail(
     url: str,
     project_ids: Sequence[int],
@@ -203,7 +209,7 @@ async def tail(
         projects = list(project_ids)
 
         def mint() -> str:  # a fresh token for every connection and every refresh
-            return issue_token(secret, projects, subject="eventbus-tail")
+            return service_token(secret, projects)
 
         source = mint
 

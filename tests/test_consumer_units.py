@@ -859,3 +859,13 @@ async def test_a_project_followed_again_before_its_cursor_loaded_gets_the_newer_
         await asyncio.sleep(0)
     assert consumer.cursor(1) == Cursor("new", 7)
     assert second.project_ids == (1,)
+
+
+def test_tail_mints_tokens_without_a_subject_so_it_is_not_in_presence():
+    # A token with `sub` lists its connection in the project's presence (docs/presence.md).
+    from consumer.tail import service_token
+    from schemas.tokens import verify_token
+
+    claims = verify_token(service_token("s3cret-0123456789abcdef0123456789", [1, 2]),
+                          "s3cret-0123456789abcdef0123456789")  # fmt: skip
+    assert claims.sub is None and claims.projects == frozenset({1, 2})
