@@ -32,7 +32,7 @@ from consumer.client import Consumer, Start, TokenSource
 from consumer.types import ConsumerError, Delivery, Item, Resync, UndecodableEvent
 from schemas.tokens import issue_token
 
-__all__ = ["add_arguments", "format_item", "main", "run", "tail"]
+__all__ = ["add_arguments", "format_item", "main", "run", "service_token", "tail"]
 
 DEFAULT_URL = "ws://127.0.0.1:8765/"
 EXIT_OK = 0
