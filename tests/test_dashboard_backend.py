@@ -507,6 +507,8 @@ def test_a_database_of_the_old_demo_keeps_its_unpublished_events(tmp_path, redis
     old.execute("INSERT INTO outbox (event, published_at) VALUES (?, 'x')", (events[0],))
     old.execute("INSERT INTO outbox (event) VALUES (?)", (events[1],))
     old.execute("INSERT INTO outbox (event) VALUES (?)", (b"not an event",))  # dropped, logged
+    # Not text at all (a BLOB column takes anything): dropped, without bytes(10**12) first.
+    old.execute("INSERT INTO outbox (event) VALUES (?)", (10**12,))
     old.execute("INSERT INTO outbox (event) VALUES (?)", (events[2].decode(),))  # stored as TEXT
     old.close()
     app = DemoApp(Config(port=0, db=str(path), redis_url=redis_url, agents=False)).start()
@@ -586,6 +588,24 @@ def test_state_without_redis_answers_without_a_cursor(make_app):
     status, state = call(app, "GET", "/api/projects/1/state")
     assert status == 200 and state["cursor"] is None and len(state["blockers"]) == 1
     assert time.monotonic() - started < 10
+
+
+def test_stopping_the_backend_while_redis_hangs_is_bounded(make_app):
+    # Ctrl-C while Redis answers nothing: the relay's publish gives up within the demo's 2 s
+    # bound (not the library's 10 s), so stop() returns promptly with the event still queued.
+    from tests.support.redis_server import RedisServer
+
+    with RedisServer() as server:
+        app = make_app(redis_url=server.url)
+        os.kill(server.process.pid, signal.SIGSTOP)
+        try:
+            raise_blocker(app, "SYNC", "backend-worker-001")  # committed; the relay is stuck
+            started = time.monotonic()
+            app.stop()
+            assert time.monotonic() - started < 5
+            assert Store(app.config.db).unpublished_count() == 1  # kept for the next start
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
 
 
 # --- the agents wait for their answers through the bus --------------------------------------

@@ -671,8 +671,10 @@ def test_snapshot_waits_for_the_relay_and_returns_exactly_the_included_events_cu
     pg_outbox.write(pending, event(1, 4))
     relay = OutboxRelay.postgres(pg_url, bus, table=pg_outbox.table, poll_interval=0.05)
     with psycopg.connect(pg_url, autocommit=True) as conn:
-        with pytest.raises(SnapshotTimeout, match="not published within"):
-            pg_outbox.snapshot(conn, 1, lambda c: None, max_wait=0.1)
+        with pytest.raises(SnapshotTimeout, match="not published within") as timed_out:
+            pg_outbox.snapshot(conn, 1, lambda c: "read before the wait", max_wait=0.1)
+        # What was read in the snapshot transaction, to answer with "cursor": null.
+        assert timed_out.value.data == "read before the wait"
         relay.start()
         try:
             snap = pg_outbox.snapshot(conn, 1, lambda c: "data")

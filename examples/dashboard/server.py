@@ -7,12 +7,16 @@ API (JSON)::
 
     GET  /api/config                              what the page needs to connect
     POST /api/gateway-token                       {"token", "expires_in"} for the page's project
-    GET  /api/projects/{id}/state                 agents, tasks, pending blockers, activity
-    GET  /api/projects/{id}/blockers[?status=]    PENDING by default; RESOLVED, EXPIRED or ALL
+    GET  /api/projects/{id}/state                 agents, tasks, pending blockers, activity,
+                                                  and the "cursor" they include (or null)
+    GET  /api/projects/{id}/blockers[?status=]    {"blockers", "cursor"}: PENDING by default;
+                                                  RESOLVED, EXPIRED or ALL
     POST /api/projects/{id}/blockers              raise a blocker as an agent would (demo, tests)
     GET  /api/projects/{id}/agents | /tasks | /activity
     GET  /api/blockers/{id}
     POST /api/blockers/{id}/resolve               {"answer": "..."}: 200, 404, 409, 422
+    POST /api/blockers/{id}/seen                  the page first showed it to a person
+    GET  /healthz                                 200 while the backend runs
 
 Run alone with ``python -m examples.dashboard.server --help``; ``python -m examples.dashboard.run``
 starts it together with Redis and the gateway.
@@ -432,7 +436,9 @@ class DemoApp:
         self.config = config
         self.store = Store(config.db)
         self.store.seed(config.project_id)
-        self.publisher = publisher or Publisher.from_url(config.redis_url)
+        # A 2 s bound per publish (not the library's 10 s): the relay retries anyway, and a
+        # hung Redis must not hold up stop() (Ctrl-C) for longer than that.
+        self.publisher = publisher or Publisher.from_url(config.redis_url, timeout=2.0)
         # The library's relay, in-process; woken by every commit that wrote events, so the
         # demo's events go out at once (it polls every second besides).
         self.relay = OutboxRelay.sqlite(

@@ -34,7 +34,15 @@ _SNAPSHOT_POLL = 0.005
 
 class SnapshotTimeout(TimeoutError):
     """The outbox rows a snapshot includes were not all published within the timeout (the relay
-    is down, or Redis is): the application answers without a cursor, or with an error."""
+    is down, or Redis is): the application answers without a cursor, or with an error.
+
+    ``data`` is what ``read`` returned, read in the snapshot's one transaction: answer with it
+    and ``"cursor": null`` rather than reading again outside a transaction.
+    """
+
+    def __init__(self, message: str, data: Any = None) -> None:
+        super().__init__(message)
+        self.data = data
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,7 +222,8 @@ class Outbox:
 
         Raises:
             InTransaction: ``conn`` is inside a transaction.
-            SnapshotTimeout: the relay did not publish the row within ``max_wait``.
+            SnapshotTimeout: the relay did not publish the row within ``max_wait``; the
+                exception's ``data`` holds what ``read`` returned.
         """
         db = adapt(conn)
         if not isinstance(db, SyncDB):
@@ -227,7 +236,7 @@ class Outbox:
         deadline = time.monotonic() + max_wait
         while cursor is None and row_id is not None:
             if time.monotonic() > deadline:
-                raise _timeout(row_id, project_id, max_wait)
+                raise _timeout(row_id, project_id, max_wait, data)
             time.sleep(_SNAPSHOT_POLL)
             cursor = _published(db.fresh(st.cursor_of_row, {"id": row_id}))
         return Snapshot(data, cursor)
@@ -252,7 +261,7 @@ class Outbox:
         deadline = time.monotonic() + max_wait
         while cursor is None and row_id is not None:
             if time.monotonic() > deadline:
-                raise _timeout(row_id, project_id, max_wait)
+                raise _timeout(row_id, project_id, max_wait, data)
             await asyncio.sleep(_SNAPSHOT_POLL)
             cursor = _published(await db.fresh(st.cursor_of_row, {"id": row_id}))
         return Snapshot(data, cursor)
@@ -278,10 +287,11 @@ def _published(rows: list[tuple]) -> Cursor | None:
     return None if epoch is None else Cursor(epoch, int(seq))
 
 
-def _timeout(row_id: int, project_id: int, timeout: float) -> SnapshotTimeout:
+def _timeout(row_id: int, project_id: int, timeout: float, data: Any) -> SnapshotTimeout:
     return SnapshotTimeout(
         f"outbox row {row_id} of project {project_id} was not published within {timeout} s "
-        "(is the relay running, and Redis reachable?)"
+        "(is the relay running, and Redis reachable?)",
+        data,
     )
 
 
