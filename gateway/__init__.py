@@ -13,9 +13,10 @@ Layout (sans-I/O logic first, thin I/O around it):
 * :mod:`gateway.clients`        -- the client protocol, whatever the transport
 * :mod:`gateway.presence`       -- presence state and diffs (pure)
 * :mod:`gateway.presence_store` -- presence in Redis, shared by the pods
+* :mod:`gateway.websocket`      -- the WebSocket transport (websockets' Sans-I/O protocol)
 * :mod:`gateway.sse`            -- Server-Sent Events
 * :mod:`gateway.http`           -- health, readiness, metrics, polling, the browser client
-* :mod:`gateway.server`         -- wiring, the WebSocket transport, drain
+* :mod:`gateway.server`         -- wiring: the listening socket, periodic checks, drain
 * :mod:`gateway.workers`        -- ``--workers N``: supervised processes sharing the port
 * :mod:`gateway.config`         -- the one config Struct (flags and ``EVENTBUS_*`` variables)
 """

@@ -1,6 +1,6 @@
 """The client protocol, whatever the transport: admission, authentication, subscriptions, errors.
 
-A WebSocket connection (:mod:`gateway.server`) and an SSE stream (:mod:`gateway.sse`) both drive
+A WebSocket connection (:mod:`gateway.websocket`) and an SSE stream (:mod:`gateway.sse`) both drive
 a :class:`ClientProtocol` with a :class:`gateway.session.ClientSession`; each transport only
 turns its own input into these calls and the session's output into its own bytes:
 
@@ -10,7 +10,8 @@ turns its own input into these calls and the session's output into its own bytes
 * :meth:`ClientProtocol.authenticate`: claims for a session, with the expiry timer, and a
   refreshed token dropping the projects it no longer allows;
 * :meth:`ClientProtocol.subscribe` / :meth:`ClientProtocol.unsubscribe` with their checks and
-  errors; :meth:`ClientProtocol.handle` for a frame (WebSocket: the four client messages);
+  errors; :meth:`ClientProtocol.handle_now` for a frame (WebSocket: the client messages),
+  handled at once unless it has to wait for Redis;
 * :meth:`ClientProtocol.activity` / :meth:`ClientProtocol.presence_get`: presence (who is
   here, what they are doing; docs/presence.md), which :meth:`ClientProtocol.subscribe` joins
   the connection to and :meth:`ClientProtocol.unsubscribe` leaves;
@@ -26,8 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 import redis.exceptions
 
@@ -184,13 +185,18 @@ class ClientProtocol:
 
     # --- messages ----------------------------------------------------------------------------
 
-    async def handle(self, session: ClientSession, data: bytes | str, clog) -> None:
-        """One frame from an authenticated client (malformed ones answer ``error``)."""
+    def handle_now(
+        self, session: ClientSession, data: bytes | str, clog
+    ) -> Coroutine[Any, Any, Any] | None:
+        """One frame from an authenticated client (malformed ones answer ``error``), handled
+        here and now when nothing has to wait for Redis: None then. Else the coroutine that
+        finishes it (a subscribe that the feed's memory cannot answer, presence), which the
+        transport runs before the connection's next frame."""
         try:
             message = decode_frame(data)
         except ProtocolError as exc:
             self.client_error(session, exc.code, exc.message)
-            return
+            return None
         session.errors = 0
         if isinstance(message, Subscribe):
             if (message.epoch is None) != (message.after is None):
@@ -200,8 +206,12 @@ class ClientProtocol:
                     "give both epoch and after to resume, or neither",
                     message.project_id,
                 )
-                return
-            await self.subscribe(
+                return None
+            if not message.presence and self._subscribe_from_memory(
+                session, message.project_id, message.epoch, message.after
+            ):
+                return None
+            return self.subscribe(
                 session,
                 message.project_id,
                 message.epoch,
@@ -209,10 +219,10 @@ class ClientProtocol:
                 clog,
                 presence=message.presence,
             )
-        elif isinstance(message, Activity):
+        if isinstance(message, Activity):
             self.activity(session, message)
         elif isinstance(message, PresenceGet):
-            await self.presence_get(session, message.project_id)
+            return self.presence_get(session, message.project_id)
         elif isinstance(message, Unsubscribe):
             self.unsubscribe(session, message.project_id)
         elif isinstance(message, Ping):
@@ -220,13 +230,50 @@ class ClientProtocol:
         elif isinstance(message, Auth):
             if self.verify is None:
                 session.send_message(Authenticated(subject=None, projects=None, expires_at=None))
-                return
+                return None
             try:
                 claims = self.verify(message.token)
             except InvalidToken as exc:
                 self.client_error(session, ErrorCode.INVALID_TOKEN, str(exc), count=False)
-                return
+                return None
             self.authenticate(session, claims)
+        return None
+
+    async def handle(self, session: ClientSession, data: bytes | str, clog) -> None:
+        """:meth:`handle_now`, awaiting what it leaves to do."""
+        pending = self.handle_now(session, data, clog)
+        if pending is not None:
+            await pending
+
+    def _subscribe_from_memory(
+        self, session: ClientSession, project_id: int, epoch: str | None, after: int | None
+    ) -> bool:
+        """:meth:`subscribe` without presence, when the feed's memory answers it (the common
+        case of a reconnect storm): no suspension, no task. False when it cannot (nothing has
+        changed then) or a check failed (its ``error`` is sent)."""
+        if not self.check_allowed(session, project_id):
+            return True
+        if not self._room_for(session, project_id):
+            return True
+        if not self.gateway.hub.subscribe_from_memory(session, project_id, epoch, after):
+            return False
+        self._list(session, project_id)
+        self.gateway.presence.unsubscribe(session, project_id)
+        return True
+
+    def _room_for(self, session: ClientSession, project_id: int) -> bool:
+        """Whether the connection may follow one more project (answers ``error`` if not)."""
+        limit = self.config.max_subscriptions
+        if project_id not in session.projects and len(session.projects) >= limit:
+            self.client_error(
+                session,
+                ErrorCode.TOO_MANY_SUBSCRIPTIONS,
+                f"at most {limit} projects per connection",
+                project_id,
+                count=False,
+            )
+            return False
+        return True
 
     async def subscribe(
         self,
@@ -244,17 +291,7 @@ class ClientProtocol:
         The connection is then listed in the project's presence (when its token has a ``sub``),
         and with ``presence`` it gets the ``presence`` message after ``subscribed`` and then
         the project's ``presence_diff`` messages; a re-subscribe without it stops them."""
-        if not self.check_allowed(session, project_id):
-            return False
-        limit = self.config.max_subscriptions
-        if project_id not in session.projects and len(session.projects) >= limit:
-            self.client_error(
-                session,
-                ErrorCode.TOO_MANY_SUBSCRIPTIONS,
-                f"at most {limit} projects per connection",
-                project_id,
-                count=False,
-            )
+        if not self.check_allowed(session, project_id) or not self._room_for(session, project_id):
             return False
         try:
             await self.gateway.hub.subscribe(session, project_id, epoch, after)

@@ -1,9 +1,10 @@
-"""Plain HTTP on the gateway's port, answered from websockets' ``process_request`` hook.
+"""Plain HTTP on the gateway's port: every request without ``Upgrade: websocket`` that is not an
+SSE stream (:mod:`gateway.websocket` hands it here, and sends the answer with websockets).
 
 Routes: ``/healthz``, ``/readyz``, ``/metrics``, ``/eventbus.js`` (+ ``.d.ts``), the polling
 fallback ``GET /v1/projects/{id}/events``, and the CORS preflight of every route, SSE streams'
 included (the streams themselves are :mod:`gateway.sse`). Anything that is not a WebSocket upgrade
-and not one of these gets a JSON 404/405; nothing here can raise into websockets.
+and not one of these gets a JSON 404/405; nothing here can raise into the transport.
 """
 
 from __future__ import annotations

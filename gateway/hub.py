@@ -512,16 +512,11 @@ class Hub:
         """
         if project_id in session.projects:
             self.unsubscribe(session, project_id)
+        if self.subscribe_from_memory(session, project_id, epoch, after):
+            return
         feed = self._acquire(project_id)
         joiner = feed.joining[session] = Joiner()
         session.projects.add(project_id)
-        if feed.ready.is_set():
-            # The common case of a storm, without a timer or a suspension: answered from memory.
-            snapshot = self._from_window(feed, epoch, after)
-            if snapshot is not None:
-                self.metrics.resumes_from_memory_total += 1
-                self._go_live(feed, session, joiner, epoch, after, snapshot, True)
-                return
         snapshot = None
         from_memory = False
         try:
@@ -552,6 +547,24 @@ class Hub:
         if from_memory:
             self.metrics.resumes_from_memory_total += 1
         self._go_live(feed, session, joiner, epoch, after, snapshot, from_memory)
+
+    def subscribe_from_memory(
+        self, session: Session, project_id: int, epoch: str | None, after: int | None
+    ) -> bool:
+        """:meth:`subscribe`, when the feed's window answers it: the common case of a reconnect
+        storm, without a timer, a suspension or a task. False (and nothing changed) when only
+        :meth:`subscribe` can: no ready feed, a cursor outside the window, or a re-subscribe."""
+        feed = self.feeds.get(project_id)
+        if feed is None or project_id in session.projects:
+            return False
+        snapshot = self._from_window(feed, epoch, after)
+        if snapshot is None:
+            return False
+        joiner = feed.joining[session] = Joiner()
+        session.projects.add(project_id)
+        self.metrics.resumes_from_memory_total += 1
+        self._go_live(feed, session, joiner, epoch, after, snapshot, True)
+        return True
 
     def _from_window(self, feed: Feed, epoch: str | None, after: int | None) -> Snapshot | None:
         """The window's answer to a subscribe (entries are the feed's :class:`Outgoing` items),

@@ -8,8 +8,8 @@ interval, so appending keeps the queue sorted and each tick only looks at what i
 answered within ``timeout`` closes the connection with 1011, as websockets' keepalive does.
 
 What a ping is belongs to the session's transport (:meth:`ClientSession.ping`): a WebSocket
-ping goes through websockets' protocol object and its ``pending_pings`` table, so pongs are
-matched (and latency recorded) by websockets exactly as for its own pings; an SSE stream gets a
+ping goes through websockets' protocol object, and the pong carrying its payload answers it
+(:class:`gateway.websocket.WebSocketSession`); an SSE stream gets a
 comment line, which keeps proxies from closing an idle stream and awaits no answer (a dead peer
 shows up as a stalled or failed write).
 """

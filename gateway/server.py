@@ -1,9 +1,10 @@
-"""The gateway process: websockets server, the WebSocket transport, periodic checks, drain.
+"""The gateway process: the listening socket, periodic checks, drain.
 
 Wiring only; the ordering logic is in :mod:`gateway.sequencing` and :mod:`gateway.hub`, the
-client protocol (auth, subscribe, errors) in :mod:`gateway.clients`, the outbound policy in
-:mod:`gateway.session`, HTTP in :mod:`gateway.http`, presence in :mod:`gateway.presence_store`
-(its channels ride on the same pub/sub link as the events).
+client protocol (auth, subscribe, errors) in :mod:`gateway.clients`, the transports in
+:mod:`gateway.websocket` and :mod:`gateway.sse`, the outbound policy in :mod:`gateway.session`,
+HTTP in :mod:`gateway.http`, presence in :mod:`gateway.presence_store` (its channels ride on the
+same pub/sub link as the events).
 """
 
 from __future__ import annotations
@@ -13,14 +14,10 @@ import contextlib
 import os
 import signal
 import time
-import weakref
 
 import redis.asyncio
-from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.exceptions import ConnectionClosed
-from websockets.http11 import Request, Response
+from websockets.http11 import Response
 
-from gateway.client_input import close_reason, decode_frame, repeated_header
 from gateway.clients import MAX_CONSECUTIVE_ERRORS, ClientProtocol, presence_item
 from gateway.cluster_pubsub import ClusterPubSub
 from gateway.config import GatewayConfig
@@ -28,24 +25,19 @@ from gateway.group import GroupView
 from gateway.http import HttpRoutes, json_response
 from gateway.hub import Hub
 from gateway.keepalive import Keepalive
-from gateway.logs import ConnectionLog, LogThrottle, get_logger
+from gateway.logs import LogThrottle, get_logger
 from gateway.metrics import Metrics
 from gateway.presence_store import PresenceService
 from gateway.pubsub import PubSubLink
-from gateway.session import (
-    Admission,
-    ClientSession,
-    GatewayConnection,
-    SlowConsumerPolicy,
-    WebSocketSession,
-)
+from gateway.session import Admission, ClientSession, SlowConsumerPolicy
 from gateway.sse import SseStreams
 from gateway.store import HistoryStore
+from gateway.websocket import WebSocketEndpoint
 from gateway.workers import GROUP_SIZE_ENV, WORKER_ID_ENV
 from redisconn import async_client, is_cluster_url
 from schemas.keys import Keys
-from schemas.protocol import Auth, CloseCode, ProtocolError
-from schemas.tokens import InvalidToken, TokenClaims, verify_token
+from schemas.protocol import CloseCode
+from schemas.tokens import TokenClaims, verify_token
 
 __all__ = ["MAX_CONSECUTIVE_ERRORS", "Gateway", "run"]
 
@@ -59,10 +51,6 @@ LISTEN_BACKLOG = 4096
 #: Sockets accepted beyond ``--max-connections`` before further ones are dropped at accept: room
 #: for a polite 503 to a client arriving at a full pod, and for health probes and scrapes.
 ACCEPT_SLACK = 64
-
-#: Close codes websockets itself sends when a client breaks the WebSocket protocol: 1002 (a bad
-#: frame), 1007 (a text frame that is not UTF-8), 1009 (a frame over ``--max-frame-bytes``).
-PROTOCOL_VIOLATIONS = frozenset({1002, 1007, 1009})
 
 #: Seconds each step of the final shutdown (listener, feeds, pub/sub, Redis client) may take
 #: after the clients are gone: a hung Redis must not hold the exit.
@@ -83,14 +71,9 @@ class Gateway:
         # Lines caused by clients (failed auth, refused handshakes, unavailable subscribes): a few
         # per minute per kind; the counters count every one.
         self.client_log_throttle = LogThrottle()
-        # Claims verified at the handshake, for the handler; weak, because websockets may still
-        # reject the handshake after process_request, and then no handler ever pops the entry.
-        self._preauth: weakref.WeakKeyDictionary[ServerConnection, TokenClaims] = (
-            weakref.WeakKeyDictionary()
-        )
         self._tasks: list[asyncio.Task] = []
         self._all_closed = asyncio.Event()
-        self.server: Server | None = None
+        self.server: asyncio.Server | None = None
         #: In a ``--workers`` group (see gateway.workers): this worker's number and the group's
         #: shared view of metrics and readiness; None for a single gateway.
         self.worker_id: str | None = os.environ.get(WORKER_ID_ENV)
@@ -106,6 +89,7 @@ class Gateway:
         self.http = HttpRoutes(gateway=self, verify=verify, allowed_origins=config.allowed_origins)
         self.clients = ClientProtocol(self, verify)
         self.streams = SseStreams(self)
+        self.websockets = WebSocketEndpoint(self)
         self.metrics.gauge(
             "connections",
             "Open client connections (WebSocket and SSE streams).",
@@ -191,25 +175,13 @@ class Gateway:
                 directory=os.environ["PROMETHEUS_MULTIPROC_DIR"],
             )
             self._tasks.append(asyncio.create_task(self._every(1.0, self._sync_group)))
-        self.server = await serve(
-            self.handler,
+        self.server = await asyncio.get_running_loop().create_server(
+            self.websockets.connection,
             config.host,
             config.port,
-            process_request=self.process_request,
-            compression="deflate" if config.compression else None,
-            max_size=config.max_frame_bytes,
-            # The handshake counts against the auth deadline (see _first_auth): a socket that
-            # sends nothing is dropped after auth_timeout, whatever stage it stalls in.
-            open_timeout=config.auth_timeout,
-            max_queue=4,
-            write_limit=config.outbound_limit,
-            ping_interval=None,  # gateway.keepalive pings, with config.ping_interval/_timeout
-            close_timeout=5,
-            server_header=None,
             backlog=LISTEN_BACKLOG,
             # Workers of one group share the port; the kernel spreads new connections.
             reuse_port=self.group is not None,
-            create_connection=self._new_connection,  # type: ignore[arg-type]  # a factory
         )
         log.info(
             "gateway listening",
@@ -220,12 +192,6 @@ class Gateway:
             auth="disabled" if config.no_auth else "jwt",
             **({"worker": self.worker_id} if self.worker_id is not None else {}),
         )
-
-    def _new_connection(self, *args, **kwargs) -> GatewayConnection:
-        connection = GatewayConnection(*args, **kwargs)
-        connection.admission = self.admission
-        connection.takeover = self.streams.takeover
-        return connection
 
     def _make_link(self) -> PubSubLink | ClusterPubSub:
         """One subscribed connection for a standalone Redis; on a Cluster, one per master with
@@ -306,21 +272,7 @@ class Gateway:
             redis_ok = False
         return {"redis": redis_ok, "pubsub": self.link.connected, "not_draining": not self.draining}
 
-    # --- handshake ---------------------------------------------------------------------------
-
-    async def process_request(
-        self, connection: ServerConnection, request: Request
-    ) -> Response | None:
-        try:
-            repeated = repeated_header(request.headers)
-            if repeated is not None:
-                return self.bad_request(f"the {repeated} header is given more than once")
-            if request.headers.get("Upgrade", "").lower() != "websocket":
-                return await self.http.handle(request)
-            return self._check_handshake(connection, request)
-        except Exception:
-            log.exception("request failed", path=request.path[:200])
-            return json_response(500, {"error": "internal", "message": "internal error"})
+    # --- clients' mistakes -------------------------------------------------------------------
 
     def bad_request(self, message: str) -> Response:
         """A malformed request (the client's mistake): 400, counted, logged a few times a minute."""
@@ -333,18 +285,6 @@ class Gateway:
         suppressed = self.client_log_throttle.allow(kind)
         if suppressed is not None:
             log.info(event, **fields, **({"suppressed": suppressed} if suppressed else {}))
-
-    def _check_handshake(self, connection: ServerConnection, request: Request) -> Response | None:
-        refusal = self.clients.refusal(request.headers.get("Origin"))
-        if refusal is not None:
-            return refusal
-        header = request.headers.get("Authorization")
-        if header and not self.config.no_auth:
-            try:
-                self._preauth[connection] = self.clients.verify_bearer(header)
-            except InvalidToken as exc:
-                return json_response(401, {"error": "invalid_token", "message": str(exc)})
-        return None
 
     # --- connections -------------------------------------------------------------------------
 
@@ -364,80 +304,6 @@ class Gateway:
         if session.expiry is not None:
             session.expiry.cancel()
 
-    async def handler(self, ws: ServerConnection) -> None:
-        raw = not ws.protocol.extensions  # permessage-deflate negotiated: websockets frames
-        session = WebSocketSession(ws, self.policy, self.hub.schedule_flush, raw=raw)
-        self.add_session(session)
-        self.keepalive.add(session)
-        # The handshake's headers are not read again (process_request has used them); with a
-        # browser's user agent and cookies they are a few KiB per connection for its lifetime.
-        ws.request.headers.clear()
-        if ws.response is not None:
-            ws.response.headers.clear()
-        clog = ConnectionLog(log, session.id, connection=ws)
-        clog.debug("connected")
-        try:
-            claims = self._preauth.pop(ws, None)
-            if claims is not None:
-                self.clients.authenticate(session, claims)
-            elif not self.config.no_auth and not await self._first_auth(session, clog):
-                return
-            while True:
-                # Text frames come decoded: one that is not UTF-8 closes with 1007 (RFC 6455),
-                # inside websockets. Binary frames come as bytes and are read the same way.
-                data = await ws.recv()
-                await self.clients.handle(session, data, clog)
-        except ConnectionClosed:
-            pass
-        finally:
-            sent = ws.protocol.close_sent
-            if sent is not None and sent.code in PROTOCOL_VIOLATIONS:
-                self.metrics.protocol_violations_total += 1
-            self._preauth.pop(ws, None)
-            self.remove_session(session)
-            clog.debug("disconnected", code=ws.close_code)
-
-    async def _first_auth(self, session: WebSocketSession, clog) -> bool:
-        """Wait for the first frame, a valid ``auth``; anything else closes with 4001 (4002 for
-        an expired token). The deadline runs from the TCP accept, so the handshake counts."""
-        ws = session.ws
-        loop = asyncio.get_running_loop()
-        accepted_at = getattr(ws, "accepted_at", 0.0) or loop.time()
-        try:
-            async with asyncio.timeout_at(accepted_at + self.config.auth_timeout):
-                data = await ws.recv()
-        except TimeoutError:
-            return await self._refuse(
-                session, CloseCode.AUTH_FAILED, "no auth message in time", clog
-            )
-        try:
-            message = decode_frame(data)
-        except ProtocolError as exc:
-            return await self._refuse(
-                session, CloseCode.AUTH_FAILED, f"expected an auth message: {exc.message}", clog
-            )
-        if not isinstance(message, Auth):
-            return await self._refuse(
-                session, CloseCode.AUTH_FAILED, "the first message must be auth", clog
-            )
-        try:
-            claims = self.verify(message.token)
-        except InvalidToken as exc:
-            code = CloseCode.TOKEN_EXPIRED if exc.expired else CloseCode.AUTH_FAILED
-            return await self._refuse(session, code, str(exc), clog)
-        self.clients.authenticate(session, claims)
-        return True
-
-    async def _refuse(self, session: WebSocketSession, code: CloseCode, reason: str, clog) -> bool:
-        self.metrics.auth_failures_total += 1
-        suppressed = self.client_log_throttle.allow("auth_failed")
-        if suppressed is not None:
-            extra = {"suppressed": suppressed} if suppressed else {}
-            clog.info("authentication failed", reason=reason[:200], code=int(code), **extra)
-        session.closing = True
-        await session.ws.close(code, close_reason(reason))
-        return False
-
     # --- shutdown ----------------------------------------------------------------------------
 
     async def drain(self) -> None:
@@ -451,7 +317,7 @@ class Gateway:
         if config.drain_delay:
             await asyncio.sleep(config.drain_delay)
         if self.server is not None:
-            self.server.close(close_connections=False)
+            self.server.close()  # the listening socket only: clients are closed below
         # Presence first: this pod's members stay listed for the grace while their clients
         # reconnect elsewhere, so nobody appears to leave and join again.
         await _bounded(self.presence.drain(), "presence")

@@ -1,9 +1,10 @@
 """One client connection: its token, its projects, its outbound queue and its write path.
 
 :class:`ClientSession` is the transport-agnostic part (what the client protocol in
-:mod:`gateway.clients` and the hub in :mod:`gateway.hub` work with); :class:`WebSocketSession`
-adds what is WebSocket-specific (websockets' protocol state, close frames, compression), and
-:class:`gateway.sse.SseSession` what is SSE-specific. Both share the write path and the
+:mod:`gateway.clients` and the hub in :mod:`gateway.hub` work with);
+:class:`gateway.websocket.WebSocketSession` adds what is WebSocket-specific (websockets'
+protocol state, close frames, compression), and :class:`gateway.sse.SseSession` what is
+SSE-specific. Both share the write path and the
 slow-consumer, stall and drain behaviour described here.
 
 Outbound frames are queued and written once per event-loop iteration, so a burst of events costs
@@ -31,21 +32,14 @@ transport aborted, which frees its buffer at once. It reconnects and resumes fro
 from __future__ import annotations
 
 import asyncio
-import collections
 import fcntl
 import itertools
 import os
-import random
 import struct
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
-
-from websockets.asyncio.server import ServerConnection
-from websockets.http11 import Request
-from websockets.protocol import State
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from gateway.frames import text_frame
-from gateway.tasks import spawn
 from schemas.protocol import CloseCode, ResyncRequired, Subscribed, encode
 from schemas.tokens import TokenClaims
 
@@ -55,11 +49,9 @@ if TYPE_CHECKING:
 __all__ = [
     "Admission",
     "ClientSession",
-    "GatewayConnection",
     "Outgoing",
     "Session",
     "SlowConsumerPolicy",
-    "WebSocketSession",
     "joined",
 ]
 
@@ -169,108 +161,6 @@ class Admission:
 #: window is closed. Bytes sent but not yet acknowledged are not counted, so a healthy client on a
 #: slow link does not look stuck.
 SIOCOUTQNSD = 0x894B
-
-
-class _FrameQueue(list):
-    """The frames a connection received and has not read yet, with the deque operations
-    websockets' ``SimpleQueue`` uses. Usually empty (a client sends a few small messages), where
-    a deque costs 760 bytes and a list 56: ~1.4 KiB less per idle connection with
-    ``drain_waiters`` (docs/benchmarks.md, density)."""
-
-    __slots__ = ()
-
-    def popleft(self) -> Any:
-        return self.pop(0)
-
-    def extendleft(self, items: Iterable[Any]) -> None:
-        # deque.extendleft puts each item first in turn, so the last one ends up in front.
-        self[:0] = reversed(list(items))
-
-
-class GatewayConnection(ServerConnection):
-    """websockets' server connection, telling its :class:`WebSocketSession` about its writes.
-
-    websockets writes to the transport only through ``send_data`` (the handshake response,
-    pings, pongs, close frames), and a change of state out of OPEN always comes with such a write
-    or with ``connection_lost``: hooking both keeps ``ClientSession.writable`` true to the
-    connection without asking the protocol and the transport on every frame.
-
-    It also counts itself in ``admission`` (when set) from accept to close, drops itself at once
-    when the port is over its bound, and records when it was accepted (``accepted_at``,
-    event-loop time): the auth deadline runs from there.
-    """
-
-    # Slots, not instance attributes: websockets' own attributes fill the instance dict to
-    # the size past which CPython stops sharing its keys among instances, and each one more
-    # turned it into a dict of its own (~1.5 KiB per connection).
-    __slots__ = ("_counted", "accepted_at", "admission", "session", "takeover")
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.session: WebSocketSession | None = None
-        self.admission: Admission | None = None
-        self.accepted_at = 0.0
-        self._counted = False
-        #: Called with the request before websockets answers it; True when it took the
-        #: connection over (an SSE stream, see gateway.sse), and websockets must leave the
-        #: transport alone.
-        self.takeover: Callable[[GatewayConnection, Request], bool] | None = None
-        super().__init__(*args, **kwargs)
-        # websockets keeps these in deques, 760 bytes each even when empty, which an idle
-        # connection's are: lists take 56 (see _FrameQueue). Left alone if websockets renames it.
-        if isinstance(getattr(self, "drain_waiters", None), collections.deque):
-            self.drain_waiters = []  # type: ignore[assignment]  # append, remove, iterate only
-
-    async def handshake(self, *args, **kwargs) -> None:
-        """websockets' handshake, unless ``takeover`` claims the request first.
-
-        websockets can only answer a request with a complete response (then EOF); a stream
-        needs the connection. A claimed connection keeps its handshake state (CONNECTING), so
-        websockets' handler ends without a handler call, aborting ``self.transport``, which the
-        taker has replaced with a stand-in.
-        """
-        takeover = self.takeover
-        if takeover is not None:
-            await asyncio.wait(
-                [self.request_rcvd, self.connection_lost_waiter],
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-            if self.request is not None and takeover(self, self.request):
-                return
-        await super().handshake(*args, **kwargs)
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        frames = getattr(getattr(self, "recv_messages", None), "frames", None)
-        if isinstance(getattr(frames, "queue", None), collections.deque) and not frames.queue:
-            frames.queue = _FrameQueue()
-        self.accepted_at = asyncio.get_running_loop().time()
-        if self.admission is not None:
-            if not self.admission.accept():
-                transport.abort()
-                return
-            self._counted = True
-
-    def detach(self, stand_in) -> tuple[asyncio.Transport, bool]:
-        """Give up the transport to another protocol (see ``takeover``): websockets is left
-        holding ``stand_in`` (its handler aborts ``self.transport`` when no WebSocket opened,
-        which must not reach the new owner). Returns the transport, and whether this connection
-        counted it in ``admission``: that count moves to the new owner, who releases it."""
-        transport, self.transport = self.transport, stand_in
-        counted, self._counted = self._counted, False
-        return transport, counted
-
-    def send_data(self) -> None:
-        super().send_data()
-        if self.session is not None:
-            self.session.on_websockets_write()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.session is not None:
-            self.session.writable = False
-        if self._counted and self.admission is not None:
-            self._counted = False
-            self.admission.release()
-        super().connection_lost(exc)
 
 
 class ClientSession:
@@ -509,79 +399,8 @@ class ClientSession:
         self._close_gracefully(code, reason)
 
 
-class WebSocketSession(ClientSession):
-    """A :class:`ClientSession` on a websockets connection: websockets owns the handshake,
-    reading, pings and the closing handshake; frames are pre-built (see :mod:`gateway.frames`)
-    and written by :class:`ClientSession` directly, unless permessage-deflate is negotiated
-    (``raw`` False), when websockets frames and compresses each one."""
-
-    __slots__ = ("protocol", "raw", "ws")
-
-    def __init__(
-        self,
-        ws: ServerConnection,
-        policy: SlowConsumerPolicy,
-        schedule_flush: Callable[[ClientSession], None],
-        *,
-        raw: bool,
-    ) -> None:
-        super().__init__(ws.transport, policy, schedule_flush, direct=raw)
-        self.ws = ws
-        self.protocol = ws.protocol
-        self.raw = raw  # False when permessage-deflate is negotiated: websockets frames each one
-        if isinstance(ws, GatewayConnection):
-            ws.session = self
-
-    def is_open(self) -> bool:
-        return not self.closing and self.protocol.state is State.OPEN
-
-    def _write_framed(self, items: list[Outgoing]) -> None:
-        for item in items:
-            self.protocol.send_text(item.payload)
-        self.ws.send_data()
-
-    def _write_checked(self, wire: bytes, items: list[Outgoing]) -> bool:
-        if not self.raw and self.is_open():
-            self._write_framed(items)  # whatever the transport (a test double included)
-            return True
-        return super()._write_checked(wire, items)
-
-    def on_websockets_write(self) -> None:
-        """websockets wrote to the transport (a ping, a pong, a close frame) or lost it."""
-        if self.writable and (
-            self.protocol.state is not State.OPEN or self.transport.get_write_buffer_size()
-        ):
-            self.writable = False
-
-    def _send_close(self, code: CloseCode, reason: str) -> None:
-        if self.protocol.state is State.OPEN:
-            self.protocol.send_close(code, reason)
-            self.ws.send_data()
-
-    def _close_gracefully(self, code: CloseCode, reason: str) -> None:
-        spawn(self.ws.close(code, reason))
-
-    def ping(self, now: float) -> bytes | None:
-        ws = self.ws
-        data = struct.pack("!I", random.getrandbits(32))
-        while data in ws.pending_pings:
-            data = struct.pack("!I", random.getrandbits(32))
-        try:
-            ws.protocol.send_ping(data)
-            ws.send_data()
-        except Exception:
-            return None  # the connection is going away; its handler cleans up
-        ws.pending_pings[data] = (asyncio.get_running_loop().create_future(), now)
-        return data
-
-    def ping_unanswered(self, data: bytes) -> bool:
-        # websockets removes a ping from pending_pings when its pong (or a later one) comes.
-        return data in self.ws.pending_pings
-
-
-#: The name the hub and older code use for a session: a WebSocket one (the hub works with any
-#: :class:`ClientSession`).
-Session = WebSocketSession
+#: The name the hub and tests use for any session.
+Session = ClientSession
 
 
 def unsent_in_kernel(fd: int) -> int:

@@ -16,9 +16,9 @@ on the gateway's port answers ``text/event-stream`` carrying exactly what a WebS
 * a comment line every ``--sse-keepalive-interval`` (15 s) keeps proxies from closing the stream.
 
 The pure part (formatting, parsing, cursors, the request path) is tested without sockets; the
-I/O part takes the TCP connection over from websockets before it answers the request (see
-:meth:`gateway.session.GatewayConnection.handshake` and docs/architecture.md), then drives the
-same :class:`gateway.clients.ClientProtocol` and the same write path
+I/O part takes the TCP connection over from the WebSocket transport before it answers the
+request (see :class:`gateway.websocket.WebSocketConnection` and docs/architecture.md), then
+drives the same :class:`gateway.clients.ClientProtocol` and the same write path
 (:class:`gateway.session.ClientSession`) as a WebSocket.
 """
 
@@ -459,9 +459,8 @@ class SseSession(ClientSession):
 
 
 class _Detached:
-    """What a websockets connection is left holding once its transport is taken over: its
-    protocol handler aborts ``connection.transport`` after a handshake that did not open a
-    WebSocket, which must not reach the SSE stream's transport."""
+    """What a WebSocket connection is left holding once its transport is taken over, so that
+    nothing it still does (a deadline, a late write) can reach the SSE stream's transport."""
 
     def abort(self) -> None:
         pass
@@ -514,9 +513,9 @@ class SseStreams:
         self.keepalive = None  # a gateway.keepalive.Keepalive, set by the gateway at start
 
     def takeover(self, connection, request: Request) -> bool:
-        """Called with every request before websockets answers it: False to leave it to
-        websockets (not a stream request), True when this took the connection over (to
-        answer an error, or to stream)."""
+        """Called with every request first: False to leave it to the WebSocket transport (not a
+        stream request), True when this took the connection over (to answer an error, or to
+        stream)."""
         if (
             request.method == "OPTIONS"  # a CORS preflight: gateway.http answers it
             or not is_stream_target(request.path)

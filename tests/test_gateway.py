@@ -586,7 +586,7 @@ async def test_handshakes_rejected_after_token_check_leave_nothing_behind(gatewa
     token = issue_token(SECRET, [1], ttl=300)
     for _ in range(20):
         reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
-        # A valid token but no Sec-WebSocket-Key: process_request passes, websockets answers 400.
+        # A valid token but no Sec-WebSocket-Key: our checks pass, websockets answers 400.
         writer.write(
             "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             f"Authorization: Bearer {token}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
@@ -596,7 +596,11 @@ async def test_handshakes_rejected_after_token_check_leave_nothing_behind(gatewa
         writer.close()
     await asyncio.sleep(0.1)
     gc.collect()
-    assert len(gateway._preauth) == 0 and not gateway.sessions
+    # No session, no socket counted, and no connection object alive.
+    from gateway.websocket import WebSocketConnection
+
+    assert not gateway.sessions and gateway.admission.open == 0
+    assert not [o for o in gc.get_objects() if isinstance(o, WebSocketConnection)]
 
 
 # --- never silent at the edges (issue 11) -----------------------------------------------------
@@ -815,3 +819,61 @@ async def test_failed_authentications_are_counted_each_but_logged_a_few_times_a_
     lines = [entry for entry in logs if entry["event"] == "authentication failed"]
     assert len(lines) == gateway.client_log_throttle.burst == 5
     assert all(entry["log_level"] == "info" for entry in lines)
+
+
+async def test_messages_behind_a_subscribe_that_waits_for_redis_keep_their_order(gateways):
+    # A subscribe to a project this pod does not follow yet waits for Redis; what the client sent
+    # after it waits behind it (reading pauses past MAX_BACKLOG), and every answer comes in the
+    # order of the messages: never an "unsubscribed" before its "subscribed".
+    gateway = await gateways()
+    client = await client_for(gateway)
+    burst = [
+        {"type": "subscribe", "project_id": 7},
+        {"type": "unsubscribe", "project_id": 7},
+        {"type": "ping"},
+        {"type": "subscribe", "project_id": 8},
+        *[{"type": "ping"}] * 6,
+        {"type": "unsubscribe", "project_id": 8},
+    ]
+    for message in burst:
+        await client.send(message)
+    await client.wait_for(lambda: client.count("unsubscribed") == 2)
+    answers = [(m["type"], m.get("project_id")) for m in client.messages[1:]]
+    assert answers == [
+        ("subscribed", 7),
+        ("unsubscribed", 7),
+        ("pong", None),
+        ("subscribed", 8),
+        *[("pong", None)] * 6,
+        ("unsubscribed", 8),
+    ]
+    await client.close()
+
+
+@pytest.mark.parametrize("trailer", [b"\xff\xff\xff\xff", b"\x89\x80abcd"])
+async def test_bytes_sent_before_the_handshake_answer_are_handled_quietly(
+    gateways, caplog, trailer
+):
+    # Garbage (or a ping) in the same write as the handshake request: a client may not send a
+    # frame before the 101. Garbage drops the socket; a valid frame waits for the handshake.
+    # Either way nothing is logged as an error, and the socket is released.
+    import logging
+
+    gateway = await gateways()
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    writer.write(
+        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        + trailer
+    )
+    async with asyncio.timeout(5):
+        head = await reader.read(4096)
+    writer.close()
+    if trailer.startswith(b"\xff"):
+        assert head == b""  # dropped
+    else:
+        assert head.startswith(b"HTTP/1.1 101")
+    async with asyncio.timeout(5):
+        while gateway.admission.open:  # noqa: ASYNC110 - the server side of the close
+            await asyncio.sleep(0.01)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -233,3 +233,17 @@ async def test_request_targets_that_are_not_plain_paths_get_404_not_500(gateways
     gateway = await gateways()
     status, _, body = await request(gateway.port, path)
     assert status == 404 and json.loads(body)["error"] == "not_found"
+
+
+async def test_bytes_after_a_request_do_not_stop_its_answer(gateways):
+    # A client that pipelines (or sends garbage after the request head) still gets its answer:
+    # nothing after an HTTP request is read, let alone parsed as WebSocket frames.
+    gateway = await gateways()
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    writer.write(
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\n\xff\xff\xff\xff"
+    )
+    async with asyncio.timeout(5):
+        answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200") and answer.count(b"HTTP/1.1") == 1

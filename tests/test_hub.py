@@ -18,8 +18,9 @@ from websockets.protocol import State
 from gateway.hub import Hub
 from gateway.metrics import Metrics
 from gateway.sequencing import Snapshot
-from gateway.session import Session, SlowConsumerPolicy
+from gateway.session import SlowConsumerPolicy
 from gateway.store import ProjectUnreadable
+from gateway.websocket import WebSocketSession as Session
 from schemas.keys import Keys
 from schemas.stored import Meta
 

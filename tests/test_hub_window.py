@@ -8,7 +8,8 @@ import asyncio
 
 from gateway.hub import Hub, _window_size
 from gateway.sequencing import Snapshot
-from gateway.session import Outgoing, Session
+from gateway.session import Outgoing
+from gateway.websocket import WebSocketSession as Session
 from tests.test_hub import (
     EPOCH,
     KEYS,

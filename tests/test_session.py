@@ -2,7 +2,7 @@
 
 ``Session.write`` writes straight to the socket while ``Session.writable`` says nothing is
 buffered in the transport and the connection is open; websockets' own writes (pings, pongs, close
-frames) reach the transport behind its back, and :class:`gateway.session.GatewayConnection`
+frames) reach the transport behind its back, and :class:`gateway.websocket.WebSocketConnection`
 reports them. Here the "socket" is a pipe and the transport a stand-in that buffers everything
 until told to flush, so the order in which bytes reach the pipe is the order on the wire.
 """
@@ -10,14 +10,14 @@ until told to flush, so the order in which bytes reach the pipe is the order on 
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 from websockets.protocol import State
-from websockets.server import ServerProtocol
 
-from gateway.session import GatewayConnection, Outgoing, Session, SlowConsumerPolicy
+from gateway.metrics import Metrics
+from gateway.session import Admission, Outgoing, SlowConsumerPolicy
+from gateway.websocket import WebSocketConnection, WebSocketSession
 
 
 class HoldingTransport:
@@ -76,23 +76,30 @@ def read_all(fd: int) -> bytes:
         return b""
 
 
-class StubServer:
-    """What a websockets connection asks of its server: a handler to run, a set to join."""
+class StubEndpoint:
+    """What a connection asks of its endpoint, without a gateway behind it."""
 
     def __init__(self) -> None:
-        self.handler_tasks: set = set()
+        self.admission = Admission(10, 0)
+        self.config = SimpleNamespace(auth_timeout=10.0, no_auth=True)
+        self.extensions = None
+        self.max_size = 1 << 16
+        self.metrics = Metrics()
+        self.removed: list = []
+        self.gateway = SimpleNamespace(remove_session=self.removed.append)
 
-    async def handler(self, connection: GatewayConnection) -> None:
-        pass
 
-
-async def session_on(write_end: int) -> tuple[Session, GatewayConnection, HoldingTransport]:
-    protocol = ServerProtocol()
-    protocol.state = State.OPEN
-    connection = GatewayConnection(protocol, StubServer())
+async def session_on(
+    write_end: int,
+) -> tuple[WebSocketSession, WebSocketConnection, HoldingTransport]:
+    connection = WebSocketConnection(StubEndpoint())  # type: ignore[arg-type]
     transport = HoldingTransport()
-    connection.connection_made(transport)
-    session = Session(connection, SlowConsumerPolicy(1 << 20, 30), lambda s: None, raw=True)
+    connection.connection_made(transport)  # type: ignore[arg-type]
+    connection.protocol.state = State.OPEN  # as after the handshake
+    session = WebSocketSession(
+        connection, SlowConsumerPolicy(1 << 20, 30), lambda s: None, raw=True
+    )
+    connection.session = session
     session.fd = write_end  # the "socket"
     return session, connection, transport
 
@@ -141,42 +148,11 @@ async def test_nothing_is_written_to_the_descriptor_once_the_connection_is_lost(
     assert read_all(read_end) == b""
 
 
-# --- the lighter queues of an idle connection ---------------------------------------------------
+# --- messages in fragments ----------------------------------------------------------------
 
 
-@given(
-    st.lists(
-        st.one_of(
-            st.tuples(st.just("append"), st.integers()),
-            st.tuples(st.just("popleft"), st.none()),
-            st.tuples(st.just("extendleft"), st.lists(st.integers(), max_size=4)),
-        ),
-        max_size=40,
-    )
-)
-def test_frame_queue_behaves_as_the_deque_it_replaces(operations):
-    # websockets' SimpleQueue calls append, popleft, extendleft(reversed(items)), len and bool.
-    from collections import deque
-
-    from gateway.session import _FrameQueue
-
-    real, light = deque(), _FrameQueue()
-    for name, argument in operations:
-        if name == "popleft":
-            if not real:
-                continue
-            assert light.popleft() == real.popleft()
-        elif name == "extendleft":
-            real.extendleft(reversed(argument))
-            light.extendleft(reversed(argument))
-        else:
-            real.append(argument)
-            light.append(argument)
-        assert list(light) == list(real) and len(light) == len(real) and bool(light) == bool(real)
-
-
-async def test_a_connection_reads_fragmented_messages_through_the_lighter_queue(gateways):
-    # A message in fragments goes through the frame queue (websockets' put_back included).
+async def test_a_connection_reads_fragmented_messages(gateways):
+    # A message in fragments is joined before it is read; text and binary alike.
     import json
 
     from websockets.asyncio.client import connect
@@ -190,4 +166,9 @@ async def test_a_connection_reads_fragmented_messages_through_the_lighter_queue(
         await ws.send([token[:10], token[10:20], token[20:]])  # one text message, three frames
         assert json.loads(await ws.recv())["type"] == "authenticated"
         await ws.send(['{"type":', '"ping"}'])
+        assert json.loads(await ws.recv())["type"] == "pong"
+        # A character split between two fragments is still one valid UTF-8 message.
+        await ws.send([b'{"type":"ping","x":"\xc3', b'\xa9"}'], text=True)
+        assert json.loads(await ws.recv())["type"] == "pong"
+        await ws.send([b'{"type":', b'"ping"}'])  # binary, in fragments
         assert json.loads(await ws.recv())["type"] == "pong"

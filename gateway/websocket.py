@@ -1,0 +1,605 @@
+"""The WebSocket transport: websockets' Sans-I/O protocol, driven from asyncio's callbacks.
+
+websockets parses and writes RFC 6455 (the opening handshake, frames and masking, pings and pongs,
+the closing handshake, permessage-deflate, size limits); this module only moves bytes between it
+and the socket and hands each complete message to the client protocol (:mod:`gateway.clients`).
+
+Nothing waits on a connection's behalf. websockets' asyncio server keeps a task per connection
+blocked in ``recv()`` (the task, its coroutine frames, a message queue, a handful of futures):
+about 3 KiB of an idle connection's ~9 and a third of the CPU of a reconnect storm
+(docs/benchmarks.md). Here a connection is its protocol object, websockets' parser, the session
+and the socket; a message is handled in ``data_received`` itself, and only what has to wait for
+Redis (a subscribe the feed's memory cannot answer, presence) runs in a task, which ends with it.
+
+Per connection, in order:
+
+1. **The request.** A stream request is taken over by :mod:`gateway.sse`; any other request
+   without ``Upgrade: websocket`` is answered by :mod:`gateway.http`; a WebSocket handshake is
+   checked by :meth:`WebSocketEndpoint.check_request` (draining, full, ``Origin``, a bearer
+   token), then accepted or refused by websockets (``accept`` answers 400/426 to a malformed
+   handshake on its own).
+2. **Authentication.** Unless the handshake carried a valid bearer token (or ``--no-auth``), the
+   first message must be a valid ``auth``; anything else closes with 4001 (4002 for an expired
+   token). The handshake and the ``auth`` together must arrive within ``auth_timeout`` of the
+   TCP accept, or the socket is dropped (no handshake) or closed with 4001.
+3. **Messages**, in the order received: each text or binary message (fragments joined; a text
+   message that is not UTF-8 closes with 1007) goes to :meth:`ClientProtocol.handle_now`. When
+   that returns work still to do, later messages wait in the connection's backlog until it is
+   done (reading pauses at :data:`MAX_BACKLOG` of them), so a subscribe is never overtaken by the
+   unsubscribe after it.
+4. **Closing.** A close frame from either side, or a protocol error (1002, 1007, 1009, sent by
+   websockets), ends with a half-close; a peer that does not close its side within
+   :data:`CLOSE_TIMEOUT` s is dropped.
+
+Every wait is bounded by a timer on the event loop, not by a task per connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import struct
+from typing import TYPE_CHECKING, Any
+
+from websockets.extensions.permessage_deflate import enable_server_permessage_deflate
+from websockets.frames import CloseCode as WebSocketCloseCode
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request, Response
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+
+from gateway.client_input import close_reason, decode_frame, repeated_header
+from gateway.http import json_response
+from gateway.logs import ConnectionLog, get_logger
+from gateway.session import Admission, ClientSession, SlowConsumerPolicy
+from gateway.tasks import spawn
+from schemas.protocol import Auth, CloseCode, ProtocolError
+from schemas.tokens import InvalidToken, TokenClaims
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from gateway.server import Gateway
+
+__all__ = [
+    "CLOSE_TIMEOUT",
+    "MAX_BACKLOG",
+    "PROTOCOL_VIOLATIONS",
+    "WebSocketConnection",
+    "WebSocketEndpoint",
+    "WebSocketSession",
+]
+
+log = get_logger("gateway")
+
+#: Seconds a peer has to close its side of the TCP connection after the closing handshake (or
+#: after an HTTP answer) before the socket is dropped.
+CLOSE_TIMEOUT = 5.0
+
+#: Messages a connection may have waiting behind one that waits for Redis before reading from
+#: its socket pauses (websockets' ``max_queue``): the kernel's buffers, then TCP, hold the rest.
+MAX_BACKLOG = 4
+
+#: Close codes websockets itself sends when a client breaks the WebSocket protocol: 1002 (a bad
+#: frame), 1007 (a text frame that is not UTF-8), 1009 (a frame over ``--max-frame-bytes``).
+PROTOCOL_VIOLATIONS = frozenset({1002, 1007, 1009})
+
+_TEXT, _BINARY, _CONT, _PONG = Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PONG
+_OPEN = State.OPEN
+_PING = struct.Struct("!I")
+
+
+class WebSocketEndpoint:
+    """What every WebSocket connection of one gateway process shares: the gateway, the client
+    protocol, the handshake checks, websockets' settings. :meth:`connection` is the asyncio
+    protocol factory for ``loop.create_server``."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        config = gateway.config
+        self.config = config
+        self.clients = gateway.clients
+        self.metrics = gateway.metrics
+        self.admission: Admission = gateway.admission
+        self.policy: SlowConsumerPolicy = gateway.policy
+        self.max_size = config.max_frame_bytes
+        self.extensions = enable_server_permessage_deflate(None) if config.compression else None
+        #: Called with every request first: True when it took the connection over (SSE).
+        self.takeover: Callable[[WebSocketConnection, Request], bool] = gateway.streams.takeover
+
+    def connection(self) -> WebSocketConnection:
+        return WebSocketConnection(self)
+
+    def check_request(self, request: Request) -> tuple[Response | None, TokenClaims | None, bool]:
+        """Judge a request that is not an SSE stream's: ``(refusal, claims, is_websocket)``.
+
+        A request without ``Upgrade: websocket`` is HTTP (``is_websocket`` False, for
+        :meth:`answer_http`). A WebSocket handshake is refused when the gateway is draining or
+        full, for a foreign ``Origin``, or for a bad bearer token; else ``refusal`` is None and
+        ``claims`` are those of a valid ``Authorization`` header, if it has one."""
+        gateway = self.gateway
+        headers = request.headers
+        repeated = repeated_header(headers)  # first: Headers.get raises on a repeated header
+        if repeated is not None:
+            return gateway.bad_request(f"the {repeated} header is given more than once"), None, True
+        if headers.get("Upgrade", "").lower() != "websocket":
+            return None, None, False
+        refusal = self.clients.refusal(headers.get("Origin"))
+        if refusal is not None:
+            return refusal, None, True
+        header = headers.get("Authorization")
+        if header and not self.config.no_auth:
+            try:
+                return None, self.clients.verify_bearer(header), True
+            except InvalidToken as exc:
+                refusal = json_response(401, {"error": "invalid_token", "message": str(exc)})
+                return refusal, None, True
+        return None, None, True
+
+    async def answer_http(self, request: Request) -> Response:
+        """A plain HTTP request on the port (health, metrics, polling, CORS preflight)."""
+        try:
+            return await self.gateway.http.handle(request)
+        except Exception:
+            log.exception("request failed", path=request.path[:200])
+            return json_response(500, {"error": "internal", "message": "internal error"})
+
+
+class WebSocketConnection(asyncio.Protocol):
+    """One TCP connection of the gateway's port, from accept to close (see the module).
+
+    It counts itself in the endpoint's :class:`Admission` from accept to close (dropping itself
+    at once when the port is over its bound), holds websockets' :class:`ServerProtocol` for the
+    bytes, and, once the handshake succeeds, a :class:`WebSocketSession` for the client protocol.
+    """
+
+    __slots__ = (
+        "answering_http",
+        "awaiting_auth",
+        "backlog",
+        "counted",
+        "endpoint",
+        "fragment_text",
+        "fragments",
+        "paused",
+        "protocol",
+        "session",
+        "timer",
+        "transport",
+    )
+
+    def __init__(self, endpoint: WebSocketEndpoint) -> None:
+        self.endpoint = endpoint
+        self.protocol = ServerProtocol(extensions=endpoint.extensions, max_size=endpoint.max_size)
+        self.transport: Any = None
+        self.session: WebSocketSession | None = None
+        self.counted = False
+        #: The one pending deadline: the handshake and ``auth`` (from accept), then the peer's
+        #: side of the close. None when there is none (an open, authenticated connection).
+        self.timer: asyncio.TimerHandle | None = None
+        self.awaiting_auth = False
+        #: An HTTP request is being answered: what else the client sends is not read.
+        self.answering_http = False
+        #: Messages received while an earlier one still waits for Redis (None: nothing waits).
+        self.backlog: list[bytes | str] | None = None
+        self.paused = False
+        #: The fragments of a message in progress (rare: browsers send small messages whole).
+        self.fragments: list[bytes] | None = None
+        self.fragment_text = False
+
+    # --- asyncio.Protocol --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        endpoint = self.endpoint
+        if not endpoint.admission.accept():
+            transport.abort()
+            return
+        self.counted = True
+        loop = asyncio.get_running_loop()
+        self.timer = loop.call_at(loop.time() + endpoint.config.auth_timeout, self._deadline)
+
+    def data_received(self, data: bytes) -> None:
+        if self.answering_http:
+            return  # nothing after an HTTP request is read (websockets would parse it as frames)
+        protocol = self.protocol
+        protocol.receive_data(data)
+        events = protocol.events_received()
+        try:
+            if self.session is None and events and type(events[0]) is not Frame:
+                # The request, answered before whatever websockets wrote in reply to bytes that
+                # came after it in the same read.
+                self._request(events[0])  # type: ignore[arg-type]
+                if self.session is None:
+                    return  # taken over, refused, or an HTTP request: no frames follow
+                events = events[1:]
+            self.send_data()  # websockets' own answers: pongs, the close echo
+            if protocol.close_expected():
+                self._expect_close()
+            if self.session is not None:
+                for event in events:
+                    self._frame(event)  # type: ignore[arg-type]
+        except Exception:  # a bug: this connection ends (1011), no other is affected
+            log.exception("connection failed")
+            if self.session is not None:
+                self.session.abort(CloseCode.INTERNAL_ERROR, "internal error")
+            else:
+                self.transport.abort()
+
+    def eof_received(self) -> None:
+        if self.answering_http:
+            return  # None: asyncio closes the transport; the answer, if written, is on its way
+        self.protocol.receive_eof()
+        self.send_data()
+        # None: asyncio closes the transport (WebSocket never writes after the peer's EOF).
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.protocol.receive_eof()  # idempotent; the state is CLOSED from here on
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.counted:
+            self.counted = False
+            self.endpoint.admission.release()
+        self.backlog = None
+        session = self.session
+        if session is None:
+            return
+        session.writable = False
+        session.closing = True
+        sent = self.protocol.close_sent
+        if sent is not None and sent.code in PROTOCOL_VIOLATIONS:
+            self.endpoint.metrics.protocol_violations_total += 1
+        self.endpoint.gateway.remove_session(session)
+        self.log().debug("disconnected", code=self.close_code)
+
+    # --- what the session and the SSE takeover use -------------------------------------------
+
+    @property
+    def remote_address(self) -> Any:
+        return self.transport.get_extra_info("peername") if self.transport is not None else None
+
+    @property
+    def close_code(self) -> int | None:
+        return self.protocol.close_code if self.protocol.state is State.CLOSED else None
+
+    def log(self) -> ConnectionLog:
+        """This connection's logger (bound on first use: most connections never log)."""
+        session_id = self.session.id if self.session is not None else 0
+        return ConnectionLog(log, session_id, connection=self)
+
+    def send_data(self) -> None:
+        """Write what websockets has to send (frames, a response; an empty one: half-close)."""
+        transport = self.transport
+        for data in self.protocol.data_to_send():
+            if data:
+                transport.write(data)
+            elif transport.can_write_eof():
+                try:
+                    transport.write_eof()
+                except Exception:  # OSError; the peer is gone, connection_lost follows
+                    pass
+            else:
+                transport.close()
+        if self.session is not None:
+            self.session.on_websockets_write()
+
+    def close(self, code: CloseCode | int, reason: str) -> None:
+        """Start the closing handshake; the peer has :data:`CLOSE_TIMEOUT` s to finish it."""
+        if self.protocol.state is _OPEN:
+            self.protocol.send_close(code, close_reason(reason))
+            self.send_data()
+            self._expect_close()
+
+    def detach(self, stand_in: Any) -> tuple[asyncio.Transport, bool]:
+        """Give the transport to another protocol (an SSE stream, see ``takeover``): this
+        connection keeps ``stand_in`` and no timer. Returns the transport, and whether this
+        connection counted it in the admission: that count moves to the new owner, who releases
+        it."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        transport, self.transport = self.transport, stand_in
+        counted, self.counted = self.counted, False
+        return transport, counted
+
+    @property
+    def admission(self) -> Admission:
+        return self.endpoint.admission
+
+    # --- the handshake -----------------------------------------------------------------------
+
+    def _request(self, request: Request) -> None:
+        endpoint = self.endpoint
+        protocol = self.protocol
+        try:
+            if endpoint.takeover(self, request):
+                return
+            response, claims, websocket = endpoint.check_request(request)
+            if not websocket:
+                # An HTTP request (health, metrics, polling): answered once its handler has run,
+                # written here (websockets may have failed on bytes after the request already).
+                self.answering_http = True
+                protocol.data_to_send()  # dropped
+                spawn(self._answer_http(request))
+                return
+            if protocol.eof_sent:
+                # What followed the handshake request in the same read was not a WebSocket frame
+                # (a client may not send any before the answer): websockets has given up on it.
+                self.transport.abort()
+                return
+            if response is None:
+                response = protocol.accept(request)  # 400/426: a malformed handshake
+        except Exception:
+            log.exception("request failed", path=request.path[:200])
+            response = json_response(500, {"error": "internal", "message": "internal error"})
+            claims = None
+            if protocol.eof_sent:
+                self.transport.abort()
+                return
+        # websockets' replies to frames sent too early (a pong) go after the answer, not before.
+        early = protocol.data_to_send()
+        protocol.send_response(response)
+        self.send_data()
+        if protocol.state is _OPEN:
+            for data in early:
+                self.transport.write(data)
+            self._open(claims)
+        else:
+            self._expect_close()
+
+    async def _answer_http(self, request: Request) -> None:
+        response = await self.endpoint.answer_http(request)
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return  # the client left (or the deadline passed) before the answer
+        transport.write(response.serialize())
+        # Half-close, and let the client close (closing now could reset the connection under a
+        # response the client has not read yet); it has CLOSE_TIMEOUT s.
+        if transport.can_write_eof():
+            transport.write_eof()
+        else:
+            transport.close()
+        self._expect_close()
+
+    def _open(self, claims: TokenClaims | None) -> None:
+        endpoint = self.endpoint
+        gateway = endpoint.gateway
+        # Without permessage-deflate, the gateway's pre-built frames go out as they are.
+        session = WebSocketSession(
+            self, endpoint.policy, gateway.hub.schedule_flush, raw=not self.protocol.extensions
+        )
+        self.session = session
+        gateway.add_session(session)
+        gateway.keepalive.add(session)
+        self.log().debug("connected")
+        if claims is not None:
+            endpoint.clients.authenticate(session, claims)
+        elif not endpoint.config.no_auth:
+            self.awaiting_auth = True
+            return  # the deadline runs on until the auth message
+        self._cancel_timer()
+
+    def _deadline(self) -> None:
+        """``auth_timeout`` after accept: no handshake yet (drop the socket), or no ``auth``."""
+        self.timer = None
+        if self.session is None:
+            self.transport.abort()
+        elif self.awaiting_auth:
+            self._refuse(CloseCode.AUTH_FAILED, "no auth message in time")
+
+    def _first_auth(self, data: bytes | str) -> None:
+        """The first message: a valid ``auth``, or the connection closes (4001, 4002)."""
+        session = self.session
+        assert session is not None
+        clients = self.endpoint.clients
+        try:
+            message = decode_frame(data)
+        except ProtocolError as exc:
+            return self._refuse(CloseCode.AUTH_FAILED, f"expected an auth message: {exc.message}")
+        if not isinstance(message, Auth):
+            return self._refuse(CloseCode.AUTH_FAILED, "the first message must be auth")
+        try:
+            claims = self.endpoint.gateway.verify(message.token)
+        except InvalidToken as exc:
+            code = CloseCode.TOKEN_EXPIRED if exc.expired else CloseCode.AUTH_FAILED
+            return self._refuse(code, str(exc))
+        self.awaiting_auth = False
+        self._cancel_timer()
+        clients.authenticate(session, claims)
+        return None
+
+    def _refuse(self, code: CloseCode, reason: str) -> None:
+        gateway = self.endpoint.gateway
+        gateway.metrics.auth_failures_total += 1
+        suppressed = gateway.client_log_throttle.allow("auth_failed")
+        if suppressed is not None:
+            extra = {"suppressed": suppressed} if suppressed else {}
+            self.log().info("authentication failed", reason=reason[:200], code=int(code), **extra)
+        self.awaiting_auth = False
+        if self.session is not None:
+            self.session.closing = True
+        self.close(code, reason)
+
+    # --- messages ----------------------------------------------------------------------------
+
+    def _frame(self, frame: Frame) -> None:
+        opcode = frame.opcode
+        if opcode is _TEXT or opcode is _BINARY:
+            if not frame.fin:
+                self.fragments = [frame.data]
+                self.fragment_text = opcode is _TEXT
+                return
+            data = frame.data
+            text = opcode is _TEXT
+        elif opcode is _CONT:
+            fragments = self.fragments
+            assert fragments is not None  # websockets refuses a stray continuation (1002)
+            fragments.append(frame.data)
+            if not frame.fin:
+                return
+            self.fragments = None
+            data = b"".join(fragments)
+            text = self.fragment_text
+        else:
+            if opcode is _PONG:
+                self.session.pong(bytes(frame.data))  # type: ignore[union-attr]
+            return  # pings are answered and close frames handled by websockets
+        if text:
+            try:
+                message: bytes | str = data.decode()
+            except UnicodeDecodeError as exc:
+                # RFC 6455: a text message must be UTF-8 (websockets checks this in recv()).
+                self.protocol.fail(
+                    WebSocketCloseCode.INVALID_DATA, f"{exc.reason} at position {exc.start}"
+                )
+                self.send_data()
+                self._expect_close()
+                return
+        else:
+            message = bytes(data)
+        self._message(message)
+
+    def _message(self, data: bytes | str) -> None:
+        session = self.session
+        if session is None or session.closing:
+            return
+        backlog = self.backlog
+        if backlog is not None:
+            backlog.append(data)
+            if len(backlog) >= MAX_BACKLOG and not self.paused:
+                self.paused = True
+                self.transport.pause_reading()
+            return
+        if self.awaiting_auth:
+            self._first_auth(data)
+            return
+        try:
+            pending = self.endpoint.clients.handle_now(session, data, self.log())
+        except Exception:
+            log.exception("message handling failed", conn_id=session.id)
+            session.abort(CloseCode.INTERNAL_ERROR, "internal error")
+            return
+        if pending is not None:
+            self.backlog = []
+            spawn(self._finish(pending))
+
+    async def _finish(self, pending: Awaitable[Any]) -> None:
+        """Finish a message that waits for Redis, then the messages that came meanwhile."""
+        session = self.session
+        assert session is not None
+        clients = self.endpoint.clients
+        try:
+            await pending
+            while self.backlog:
+                data = self.backlog.pop(0)
+                if self.paused and len(self.backlog) < MAX_BACKLOG // 2:
+                    self.paused = False
+                    self.transport.resume_reading()
+                if session.closing:
+                    break
+                pending = clients.handle_now(session, data, self.log())
+                if pending is not None:
+                    await pending
+        except Exception:
+            log.exception("message handling failed", conn_id=session.id)
+            session.abort(CloseCode.INTERNAL_ERROR, "internal error")
+        finally:
+            if self.backlog is not None:
+                self.backlog = None
+            if self.paused:
+                self.paused = False
+                if not self.transport.is_closing():
+                    self.transport.resume_reading()
+
+    # --- timers ------------------------------------------------------------------------------
+
+    def _expect_close(self) -> None:
+        """websockets expects the TCP connection to end: give the peer CLOSE_TIMEOUT s."""
+        if self.timer is not None:
+            self.timer.cancel()
+        loop = asyncio.get_running_loop()
+        self.timer = loop.call_at(loop.time() + CLOSE_TIMEOUT, self._close_overdue)
+
+    def _close_overdue(self) -> None:
+        self.timer = None
+        self.transport.abort()
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
+class WebSocketSession(ClientSession):
+    """A :class:`ClientSession` on a :class:`WebSocketConnection`: websockets owns the framing
+    of what it sends itself (pings, pongs, close frames); the gateway's frames are pre-built
+    (see :mod:`gateway.frames`) and written by :class:`ClientSession` directly, unless
+    permessage-deflate is negotiated (``raw`` False), when websockets frames and compresses
+    each one."""
+
+    __slots__ = ("connection", "ping_data", "protocol", "raw")
+
+    def __init__(
+        self,
+        connection: Any,
+        policy: SlowConsumerPolicy,
+        schedule_flush: Callable[[ClientSession], None],
+        *,
+        raw: bool,
+    ) -> None:
+        super().__init__(connection.transport, policy, schedule_flush, direct=raw)
+        #: The :class:`WebSocketConnection` (anything with ``transport``, ``protocol``,
+        #: ``send_data()`` and ``close(code, reason)``).
+        self.connection = connection
+        self.protocol = connection.protocol
+        self.raw = raw  # False when permessage-deflate is negotiated: websockets frames each one
+        #: The payload of the keepalive ping not answered yet (None: none is).
+        self.ping_data: bytes | None = None
+
+    def is_open(self) -> bool:
+        return not self.closing and self.protocol.state is _OPEN
+
+    def _write_framed(self, items: list) -> None:
+        for item in items:
+            self.protocol.send_text(item.payload)
+        self.connection.send_data()
+
+    def _write_checked(self, wire: bytes, items: list) -> bool:
+        if not self.raw and self.is_open():
+            self._write_framed(items)  # whatever the transport (a test double included)
+            return True
+        return super()._write_checked(wire, items)
+
+    def on_websockets_write(self) -> None:
+        """websockets wrote to the transport (a ping, a pong, a close frame) or lost it."""
+        if self.writable and (
+            self.protocol.state is not _OPEN or self.transport.get_write_buffer_size()
+        ):
+            self.writable = False
+
+    def _send_close(self, code: CloseCode, reason: str) -> None:
+        if self.protocol.state is _OPEN:
+            self.protocol.send_close(code, close_reason(reason))
+            self.connection.send_data()
+
+    def _close_gracefully(self, code: CloseCode, reason: str) -> None:
+        self.connection.close(code, reason)
+
+    def ping(self, now: float) -> bytes | None:
+        data = _PING.pack(random.getrandbits(32))
+        try:
+            self.protocol.send_ping(data)
+            self.connection.send_data()
+        except Exception:
+            return None  # the connection is going away
+        self.ping_data = data
+        return data
+
+    def pong(self, data: bytes) -> None:
+        """A pong arrived: it answers the pending ping when it carries its payload."""
+        if data == self.ping_data:
+            self.ping_data = None
+
+    def ping_unanswered(self, data: bytes) -> bool:
+        return data == self.ping_data
