@@ -104,6 +104,8 @@ class WebSocketEndpoint:
         self.policy: SlowConsumerPolicy = gateway.policy
         self.max_size = config.max_frame_bytes
         self.extensions = enable_server_permessage_deflate(None) if config.compression else None
+        #: The hub's ``schedule_flush``, bound once (the hub exists once the gateway started).
+        self.schedule_flush: Callable[[ClientSession], None] | None = None
         #: Called with every request first: True when it took the connection over (SSE).
         self.takeover: Callable[[WebSocketConnection, Request], bool] = gateway.streams.takeover
 
@@ -234,7 +236,14 @@ class WebSocketConnection(asyncio.Protocol):
         # None: asyncio closes the transport (WebSocket never writes after the peer's EOF).
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.protocol.receive_eof()  # idempotent; the state is CLOSED from here on
+        protocol = self.protocol
+        protocol.receive_eof()  # idempotent; the state is CLOSED from here on
+        # Reference cycles, broken so that a closed connection is freed at once instead of
+        # waiting for a full cyclic collection: websockets' parser generator and the exception
+        # that stopped it (its traceback holds the generator's frame) both point back at the
+        # protocol; the session points back here (dropped below).
+        protocol.parser_exc = None
+        protocol.parser = None  # type: ignore[assignment]  # nothing is fed after this
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -247,11 +256,12 @@ class WebSocketConnection(asyncio.Protocol):
             return
         session.writable = False
         session.closing = True
-        sent = self.protocol.close_sent
+        sent = protocol.close_sent
         if sent is not None and sent.code in PROTOCOL_VIOLATIONS:
             self.endpoint.metrics.protocol_violations_total += 1
         self.endpoint.gateway.remove_session(session)
         self.log().debug("disconnected", code=self.close_code)
+        self.session = None
 
     # --- what the session and the SSE takeover use -------------------------------------------
 
@@ -340,6 +350,10 @@ class WebSocketConnection(asyncio.Protocol):
         # websockets' replies to frames sent too early (a pong) go after the answer, not before.
         early = protocol.data_to_send()
         protocol.send_response(response)
+        # websockets' parser keeps the request for the connection's lifetime; its headers are
+        # not read again, and with a browser's user agent and cookies they are a few KiB and a
+        # dozen objects for the garbage collector to walk, per connection.
+        request.headers.clear()
         self.send_data()
         if protocol.state is _OPEN:
             for data in early:
@@ -366,8 +380,11 @@ class WebSocketConnection(asyncio.Protocol):
         endpoint = self.endpoint
         gateway = endpoint.gateway
         # Without permessage-deflate, the gateway's pre-built frames go out as they are.
+        schedule_flush = endpoint.schedule_flush
+        if schedule_flush is None:  # one bound method for all sessions, not one each
+            schedule_flush = endpoint.schedule_flush = gateway.hub.schedule_flush
         session = WebSocketSession(
-            self, endpoint.policy, gateway.hub.schedule_flush, raw=not self.protocol.extensions
+            self, endpoint.policy, schedule_flush, raw=not self.protocol.extensions
         )
         self.session = session
         gateway.add_session(session)

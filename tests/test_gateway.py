@@ -877,3 +877,37 @@ async def test_bytes_sent_before_the_handshake_answer_are_handled_quietly(
         while gateway.admission.open:  # noqa: ASYNC110 - the server side of the close
             await asyncio.sleep(0.01)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_closed_connection_is_freed_without_waiting_for_the_cycle_collector(gateways):
+    # A closed connection leaves no reference cycle (websockets' parser generator, the exception
+    # that stopped it, the session and its connection): refcounting frees it at once, so the
+    # gateway can run full collections rarely (gateway.__main__.tune_gc).
+    import gc
+
+    from websockets.server import ServerProtocol
+
+    from gateway.websocket import WebSocketConnection, WebSocketSession
+
+    gateway = await gateways()
+    gc.collect()
+    gc.disable()  # what refcounting does not free stays until the collection below
+    try:
+        for abort in (True, False):  # dropped, then closed cleanly
+            client = await client_for(gateway)
+            await client.subscribe(1)
+            if abort:
+                client.ws.transport.abort()
+            await client.close()
+        async with asyncio.timeout(5):
+            while gateway.sessions:  # noqa: ASYNC110 - the server side of the close
+                await asyncio.sleep(0.01)
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        ours = (WebSocketConnection, WebSocketSession, ServerProtocol)
+        left = [o for o in gc.garbage if type(o) in ours]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert left == []
