@@ -555,7 +555,7 @@ class WebSocketSession(ClientSession):
     permessage-deflate is negotiated (``raw`` False), when websockets frames and compresses
     each one."""
 
-    __slots__ = ("connection", "ping_data", "protocol", "raw")
+    __slots__ = ("connection", "ping_data", "ping_latest", "protocol", "raw")
 
     def __init__(
         self,
@@ -571,8 +571,10 @@ class WebSocketSession(ClientSession):
         self.connection = connection
         self.protocol = connection.protocol
         self.raw = raw  # False when permessage-deflate is negotiated: websockets frames each one
-        #: The payload of the keepalive ping not answered yet (None: none is).
+        #: The payloads of the oldest keepalive ping not answered yet and of the latest one
+        #: (None: every ping is answered). A pong answers its ping and every earlier one.
         self.ping_data: bytes | None = None
+        self.ping_latest: bytes | None = None
 
     def is_open(self) -> bool:
         return not self.closing and self.protocol.state is _OPEN
@@ -610,13 +612,20 @@ class WebSocketSession(ClientSession):
             self.connection.send_data()
         except Exception:
             return None  # the connection is going away
-        self.ping_data = data
+        if self.ping_data is None:
+            self.ping_data = data
+        self.ping_latest = data
         return data
 
     def pong(self, data: bytes) -> None:
-        """A pong arrived: it answers the pending ping when it carries its payload."""
-        if data == self.ping_data:
-            self.ping_data = None
+        """A pong arrived: it answers the ping with its payload, and the earlier ones."""
+        if data == self.ping_latest:
+            self.ping_data = self.ping_latest = None
+        elif data == self.ping_data:
+            self.ping_data = self.ping_latest  # the later ping is the oldest one left
 
     def ping_unanswered(self, data: bytes) -> bool:
+        # Pings are checked in the order they were sent: the one checked now is unanswered
+        # exactly when it is still the oldest outstanding one (a newer ping sent meanwhile does
+        # not answer it).
         return data == self.ping_data

@@ -911,3 +911,29 @@ async def test_a_closed_connection_is_freed_without_waiting_for_the_cycle_collec
         gc.garbage.clear()
         gc.enable()
     assert left == []
+
+
+@pytest.mark.parametrize("interval, pong_wait", [(0.2, 0.2), (0.2, 0.5), (0.5, 0.2)])
+async def test_a_client_that_never_answers_pings_is_dropped_one_that_does_stays(
+    gateways, interval, pong_wait
+):
+    # Keepalive: a ping unanswered within ping_timeout ends the connection (1011), whatever the
+    # interval (a newer ping sent meanwhile does not excuse the older one); a client that
+    # answers (websockets does, in its protocol layer) stays connected.
+    gateway = await gateways(no_auth=True, ping_interval=interval, ping_timeout=pong_wait)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    writer.write(
+        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    assert (await reader.readline()).startswith(b"HTTP/1.1 101")
+    answering = await RecordingClient(ws_url(gateway)).connect(auth=False)
+    received = b""
+    async with asyncio.timeout(interval + pong_wait + 5):
+        while chunk := await reader.read(4096):  # pings, then the close frame, then EOF
+            received += chunk
+    writer.close()
+    assert b"\x88" in received  # a close frame (1011) before the end
+    await asyncio.sleep(2 * (interval + pong_wait))
+    assert not answering.closed.is_set()
+    await answering.close()
