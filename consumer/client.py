@@ -277,7 +277,7 @@ class Consumer:
         compression: bool = False,
         catch_up: bool = True,
         http_url: str | None = None,
-        random: Callable[[], float] = _random.random,
+        random: Callable[[], float] | None = None,
     ) -> None:
         urls = [url] if isinstance(url, str) else list(url)
         if not urls:
@@ -305,8 +305,10 @@ class Consumer:
             "max_size": 2**22,
             "close_timeout": 2,
         }
-        self._random = random
-        self._backoff = Backoff(self.policy, random)
+        # Jitter from a generator of its own unless given one: the application's global
+        # ``random`` state is left alone (seeded simulations, property-based tests).
+        self._random = random or _random.Random().random
+        self._backoff = Backoff(self.policy, self._random)
         self._url_index = itertools.count()
         self._states: dict[int, ProjectState] = {}
         self._routes: dict[int, _Route] = {}

@@ -69,10 +69,12 @@ class Backoff:
     grows the cap; ``reset()`` starts over. Every delay lies in ``[0, policy.max]``."""
 
     def __init__(
-        self, policy: ReconnectPolicy | None = None, random: Callable[[], float] = _random.random
+        self, policy: ReconnectPolicy | None = None, random: Callable[[], float] | None = None
     ) -> None:
         self.policy = policy or ReconnectPolicy()
-        self.random = random
+        # A generator of its own by default: the jitter leaves the application's global
+        # ``random`` state alone (seeded simulations, property-based tests).
+        self.random = random or _random.Random().random
         self.attempt = 0
 
     def cap(self, attempt: int) -> float:

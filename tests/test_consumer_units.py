@@ -869,3 +869,19 @@ def test_tail_mints_tokens_without_a_subject_so_it_is_not_in_presence():
     claims = verify_token(service_token("s3cret-0123456789abcdef0123456789", [1, 2]),
                           "s3cret-0123456789abcdef0123456789")  # fmt: skip
     assert claims.sub is None and claims.projects == frozenset({1, 2})
+
+
+def test_the_reconnect_jitter_leaves_the_global_random_state_alone():
+    # An application seeding ``random`` (a simulation, a property-based test) draws the same
+    # numbers whether or not a consumer reconnected meanwhile.
+    import random
+
+    from consumer.policy import Backoff
+
+    random.seed(7)
+    expected = [random.random() for _ in range(3)]
+    random.seed(7)
+    backoff = Backoff()
+    delays = [backoff.next() for _ in range(5)]
+    assert [random.random() for _ in range(3)] == expected
+    assert all(delay >= 0 for delay in delays)
