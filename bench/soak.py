@@ -361,9 +361,10 @@ def render(run: Run, figures: list[dict], failures: list[str]) -> str:
     lines += [
         "",
         "RSS rises for the first minutes of load whatever the run: CPython's allocator grows to "
-        "its working set, which includes the cyclic garbage closed connections leave between two "
-        "collections (the gateway lets 50,000 young objects accumulate before collecting, see "
-        "`gateway/__main__.py`), and freed arenas are rarely returned to the OS. A leak shows as "
+        "its working set (the gateway lets 50,000 young objects accumulate before a cyclic "
+        "collection, and walks the old generation rarely, see `gateway/__main__.py`; a closed "
+        "WebSocket connection itself leaves no cycle), and freed arenas are rarely returned to "
+        "the OS. A leak shows as "
         "a trend that does not flatten; the trend column is the slope over the last quarter.",
         "",
         "Criteria: the last-quarter median RSS within "
