@@ -310,6 +310,8 @@ class ClientProtocol:
                 count=False,
             )
             return False
+        if session.closing:
+            return False  # the connection closed while the hub waited: nothing to list
         self._list(session, project_id)
         service = self.gateway.presence
         if not presence:

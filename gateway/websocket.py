@@ -57,7 +57,7 @@ from schemas.protocol import Auth, CloseCode, ProtocolError
 from schemas.tokens import InvalidToken, TokenClaims
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Callable, Coroutine
 
     from gateway.server import Gateway
 
@@ -159,6 +159,7 @@ class WebSocketConnection(asyncio.Protocol):
         "answering_http",
         "awaiting_auth",
         "backlog",
+        "close_armed",
         "counted",
         "endpoint",
         "fragment_text",
@@ -180,6 +181,7 @@ class WebSocketConnection(asyncio.Protocol):
         #: side of the close. None when there is none (an open, authenticated connection).
         self.timer: asyncio.TimerHandle | None = None
         self.awaiting_auth = False
+        self.close_armed = False
         #: An HTTP request is being answered: what else the client sends is not read.
         self.answering_http = False
         #: Messages received while an earlier one still waits for Redis (None: nothing waits).
@@ -370,10 +372,14 @@ class WebSocketConnection(asyncio.Protocol):
         transport.write(response.serialize())
         # Half-close, and let the client close (closing now could reset the connection under a
         # response the client has not read yet); it has CLOSE_TIMEOUT s.
-        if transport.can_write_eof():
-            transport.write_eof()
-        else:
-            transport.close()
+        try:
+            if transport.can_write_eof():
+                transport.write_eof()
+            else:
+                transport.close()
+        except OSError:
+            transport.abort()
+            return
         self._expect_close()
 
     def _open(self, claims: TokenClaims | None) -> None:
@@ -467,6 +473,7 @@ class WebSocketConnection(asyncio.Protocol):
                 message: bytes | str = data.decode()
             except UnicodeDecodeError as exc:
                 # RFC 6455: a text message must be UTF-8 (websockets checks this in recv()).
+                self.session.closing = True  # type: ignore[union-attr]
                 self.protocol.fail(
                     WebSocketCloseCode.INVALID_DATA, f"{exc.reason} at position {exc.start}"
                 )
@@ -499,14 +506,15 @@ class WebSocketConnection(asyncio.Protocol):
             return
         if pending is not None:
             self.backlog = []
-            spawn(self._finish(pending))
+            spawn(self._finish(session, pending))
 
-    async def _finish(self, pending: Awaitable[Any]) -> None:
+    async def _finish(self, session: WebSocketSession, pending: Coroutine[Any, Any, Any]) -> None:
         """Finish a message that waits for Redis, then the messages that came meanwhile."""
-        session = self.session
-        assert session is not None
         clients = self.endpoint.clients
         try:
+            if session.closing:  # the connection went before this task started
+                pending.close()
+                return
             await pending
             while self.backlog:
                 data = self.backlog.pop(0)
@@ -533,6 +541,9 @@ class WebSocketConnection(asyncio.Protocol):
 
     def _expect_close(self) -> None:
         """websockets expects the TCP connection to end: give the peer CLOSE_TIMEOUT s."""
+        if self.close_armed:
+            return
+        self.close_armed = True
         if self.timer is not None:
             self.timer.cancel()
         loop = asyncio.get_running_loop()
@@ -555,7 +566,7 @@ class WebSocketSession(ClientSession):
     permessage-deflate is negotiated (``raw`` False), when websockets frames and compresses
     each one."""
 
-    __slots__ = ("connection", "ping_data", "ping_latest", "protocol", "raw")
+    __slots__ = ("connection", "pings", "protocol", "raw")
 
     def __init__(
         self,
@@ -571,10 +582,9 @@ class WebSocketSession(ClientSession):
         self.connection = connection
         self.protocol = connection.protocol
         self.raw = raw  # False when permessage-deflate is negotiated: websockets frames each one
-        #: The payloads of the oldest keepalive ping not answered yet and of the latest one
-        #: (None: every ping is answered). A pong answers its ping and every earlier one.
-        self.ping_data: bytes | None = None
-        self.ping_latest: bytes | None = None
+        #: The payloads of the keepalive pings not answered yet, oldest first (None: none). A
+        #: pong answers its ping and every earlier one (as websockets' ``pending_pings``).
+        self.pings: list[bytes] | None = None
 
     def is_open(self) -> bool:
         return not self.closing and self.protocol.state is _OPEN
@@ -612,20 +622,18 @@ class WebSocketSession(ClientSession):
             self.connection.send_data()
         except Exception:
             return None  # the connection is going away
-        if self.ping_data is None:
-            self.ping_data = data
-        self.ping_latest = data
+        if self.pings is None:
+            self.pings = []
+        self.pings.append(data)
         return data
 
     def pong(self, data: bytes) -> None:
-        """A pong arrived: it answers the ping with its payload, and the earlier ones."""
-        if data == self.ping_latest:
-            self.ping_data = self.ping_latest = None
-        elif data == self.ping_data:
-            self.ping_data = self.ping_latest  # the later ping is the oldest one left
+        """A pong arrived: it answers the ping with its payload, and every earlier one."""
+        pings = self.pings
+        if pings is not None and data in pings:
+            del pings[: pings.index(data) + 1]
+            if not pings:
+                self.pings = None
 
     def ping_unanswered(self, data: bytes) -> bool:
-        # Pings are checked in the order they were sent: the one checked now is unanswered
-        # exactly when it is still the oldest outstanding one (a newer ping sent meanwhile does
-        # not answer it).
-        return data == self.ping_data
+        return self.pings is not None and data in self.pings

@@ -7,6 +7,7 @@ published for its projects, in order, once, or an explicit ``resync_required``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import time
@@ -937,3 +938,27 @@ async def test_a_client_that_never_answers_pings_is_dropped_one_that_does_stays(
     await asyncio.sleep(2 * (interval + pong_wait))
     assert not answering.closed.is_set()
     await answering.close()
+
+
+async def test_a_refused_client_that_keeps_sending_is_dropped_after_the_close_timeout(gateways):
+    # Refused (4001: no auth in time), the client never closes but keeps sending pings: the
+    # close deadline is armed once, not restarted by every read, so the socket (and its place
+    # under --max-connections) is released after CLOSE_TIMEOUT.
+    from gateway.websocket import CLOSE_TIMEOUT
+
+    gateway = await gateways(auth_timeout=0.5)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    writer.write(
+        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    assert (await reader.readline()).startswith(b"HTTP/1.1 101")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    ping = b"\x89\x80abcd"  # a masked, empty ping
+    with contextlib.suppress(ConnectionError):
+        while gateway.admission.open and loop.time() - started < CLOSE_TIMEOUT + 5:
+            writer.write(ping)
+            await asyncio.sleep(0.5)
+    writer.close()
+    assert gateway.admission.open == 0

@@ -172,3 +172,15 @@ async def test_a_connection_reads_fragmented_messages(gateways):
         assert json.loads(await ws.recv())["type"] == "pong"
         await ws.send([b'{"type":', b'"ping"}'])  # binary, in fragments
         assert json.loads(await ws.recv())["type"] == "pong"
+
+
+async def test_a_pong_answers_its_ping_and_every_earlier_one(pipe) -> None:
+    _, write_end = pipe
+    session, _, _ = await session_on(write_end)
+    first, second, third = (session.ping(0.0) for _ in range(3))
+    assert first and second and third
+    session.pong(second)  # RFC 6455 lets a client answer only the latest ping it processed
+    assert not session.ping_unanswered(first) and not session.ping_unanswered(second)
+    assert session.ping_unanswered(third)
+    session.pong(third)
+    assert not session.ping_unanswered(third)
