@@ -337,9 +337,15 @@ class PresenceService:
         self._wake.set()
 
     async def subscribe(self, session: SessionKey, project_id: int) -> bytes:
-        """Start presence messages for a session; returns its ``presence`` frame."""
-        await self._ensure_loaded(project_id)
-        return encode(self.core.subscribe(session, project_id))
+        """Start presence messages for a session; returns its ``presence`` frame.
+
+        Waits (callers bound the wait) until the project's view is loaded; a view dropped while
+        this waited (its last subscriber left first) is loaded again."""
+        while True:
+            await self._ensure_loaded(project_id)
+            view = self.core.views.get(project_id)
+            if view is not None and view.loaded:
+                return encode(self.core.subscribe(session, project_id))
 
     def unsubscribe(self, session: SessionKey, project_id: int) -> None:
         if self.core.unsubscribe(session, project_id):

@@ -373,3 +373,23 @@ async def test_writes_go_on_after_redis_forgets_the_scripts(pods, redis_client) 
     redis_client.script_flush()  # what a restart does to the script cache
     a.activity("tab", 1, 3, None)
     await watcher.until(lambda m: m["alice"].viewing == 3, within=5)
+
+
+async def test_a_subscriber_waiting_for_a_load_survives_the_view_being_dropped(pods) -> None:
+    """Two tabs wait for the same first read of a project; the first one subscribes and
+    closes before the second resumes, which drops the view. The second still gets its
+    ``presence`` (the view is loaded again), never an internal error."""
+    service = await pods.start("a")
+    service.join("other", 4, "bob", "Bob")
+
+    async def subscribe_and_close() -> bytes:
+        frame = await service.subscribe("t1", 4)
+        service.close_session("t1")  # before the second subscribe resumes
+        return frame
+
+    first = asyncio.create_task(subscribe_and_close())
+    second = asyncio.create_task(service.subscribe("t2", 4))
+    frames = await asyncio.wait_for(asyncio.gather(first, second), 5)
+    for frame in frames:
+        assert [m["id"] for m in msgspec.json.decode(frame)["members"]] == ["bob"]
+    assert service.core.subscribers == {4: {"t2"}}
