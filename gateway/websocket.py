@@ -165,6 +165,7 @@ class WebSocketConnection(asyncio.Protocol):
         "fragment_text",
         "fragments",
         "paused",
+        "peer_done",
         "protocol",
         "session",
         "timer",
@@ -184,6 +185,8 @@ class WebSocketConnection(asyncio.Protocol):
         self.close_armed = False
         #: An HTTP request is being answered: what else the client sends is not read.
         self.answering_http = False
+        #: The client half-closed after its HTTP request (its EOF came before the answer).
+        self.peer_done = False
         #: Messages received while an earlier one still waits for Redis (None: nothing waits).
         self.backlog: list[bytes | str] | None = None
         self.paused = False
@@ -230,9 +233,12 @@ class WebSocketConnection(asyncio.Protocol):
             else:
                 self.transport.abort()
 
-    def eof_received(self) -> None:
+    def eof_received(self) -> bool | None:
         if self.answering_http:
-            return  # None: asyncio closes the transport; the answer, if written, is on its way
+            # The client sent its request and then its EOF (`printf ... | nc`): the answer is
+            # still due. True keeps the transport; _answer_http closes it after writing.
+            self.peer_done = True
+            return True
         self.protocol.receive_eof()
         self.send_data()
         # None: asyncio closes the transport (WebSocket never writes after the peer's EOF).
@@ -370,6 +376,9 @@ class WebSocketConnection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return  # the client left (or the deadline passed) before the answer
         transport.write(response.serialize())
+        if self.peer_done:
+            transport.close()  # both sides are done: close once the answer is written
+            return
         # Half-close, and let the client close (closing now could reset the connection under a
         # response the client has not read yet); it has CLOSE_TIMEOUT s.
         try:

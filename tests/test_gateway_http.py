@@ -247,3 +247,20 @@ async def test_bytes_after_a_request_do_not_stop_its_answer(gateways):
         answer = await reader.read()
     writer.close()
     assert answer.startswith(b"HTTP/1.1 200") and answer.count(b"HTTP/1.1") == 1
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/v1/projects/2/events"])
+async def test_a_client_that_half_closes_after_its_request_still_gets_the_answer(gateways, path):
+    # `printf 'GET ...' | nc host port` sends its request and then its EOF: the answer is
+    # still written (the request is complete; only the client's sending side is done). The
+    # polling answer waits for Redis, so the EOF arrives before it.
+    gateway = await gateways()
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    head = [f"GET {path} HTTP/1.1", "Host: x"]
+    head += [f"{name}: {value}" for name, value in bearer([2]).items()]
+    writer.write(("\r\n".join(head) + "\r\n\r\n").encode())
+    writer.write_eof()
+    async with asyncio.timeout(5):
+        answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200"), answer
