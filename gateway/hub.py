@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import operator
 import time
 
 from gateway.logs import get_logger
@@ -72,6 +73,10 @@ WINDOW_EVENTS = 1000
 WINDOW_BYTES = 64 * 1024 * 1024
 #: Bytes a window entry is counted for beyond its payload and frame (the objects around them).
 WINDOW_ENTRY_OVERHEAD = 160
+
+
+_ITEM = operator.itemgetter(1)
+_WIRE = operator.attrgetter("wire")
 
 
 def _window_size(item: Outgoing) -> int:
@@ -642,13 +647,17 @@ class Hub:
         snapshot: Snapshot,
         prebuilt: bool = False,
     ) -> None:
-        """``prebuilt``: the snapshot's entries hold :class:`Outgoing` items (from a window)."""
+        """``prebuilt``: the snapshot's entries are a window's ``(seq, item, size)`` triples,
+        whose items are the :class:`Outgoing` frames the feed delivered."""
         # Synchronous from here on: nothing can be delivered to the feed in between.
         plan = plan_subscription(epoch, after, snapshot, self.max_replay)
         if plan.replay:
-            items = [item if prebuilt else Outgoing(item) for _, item in plan.replay]
+            if prebuilt:
+                items = list(map(_ITEM, plan.replay))
+            else:
+                items = [Outgoing(frame) for _, frame in plan.replay]
             session.send_many(items)
-            session.grant_allowance(sum([len(item.wire) for item in items]))
+            session.grant_allowance(sum(map(len, map(_WIRE, items))))
         self.metrics.replayed_total += len(plan.replay)
         self.metrics.deliveries_total += len(plan.replay)
         if plan.resync is not None:

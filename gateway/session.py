@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import itertools
+import operator
 import os
 import struct
 from collections.abc import Callable
@@ -88,9 +89,12 @@ class Outgoing:
         return item
 
 
+_WIRE = operator.attrgetter("wire")
+
+
 def joined(items: list[Outgoing]) -> bytes:
     """The frames of ``items`` as one write."""
-    return items[0].wire if len(items) == 1 else b"".join([item.wire for item in items])
+    return items[0].wire if len(items) == 1 else b"".join(map(_WIRE, items))
 
 
 class SlowConsumerPolicy:

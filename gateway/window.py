@@ -173,7 +173,8 @@ class ResumeWindow(Generic[T]):
 
     def snapshot(self, epoch: str | None, after: int | None, max_replay: int) -> Snapshot | None:
         """What one atomic read at ``(self.epoch, self.last)`` would give a client resuming after
-        ``(epoch, after)``, with the window's items as entries; ``None`` when only Redis knows.
+        ``(epoch, after)``; ``None`` when only Redis knows. Its entries are the window's own
+        ``(seq, item, size)`` triples: ``entry[0]`` and ``entry[1]`` are a read's seq and frame.
 
         A fresh subscribe (no cursor) starts at ``last``; a cursor of a retired epoch gets the
         current one (``epoch_changed``); a cursor further behind than ``max_replay`` gets
@@ -192,12 +193,14 @@ class ResumeWindow(Generic[T]):
             return None
         if self.last - after > max_replay:
             return Snapshot(current, self.last)
-        lo = self.lo
-        if after < lo - 1:
-            return None
-        skip = after - lo + 1
-        items = [(seq, item) for seq, item, _ in itertools.islice(self.entries, skip, None)]
-        return Snapshot(current, self.last, items)  # type: ignore[arg-type]
+        count = self.last - after
+        if count > len(self.entries):
+            return None  # older than the window
+        # The newest ``count`` entries, taken from the right: a resume is usually a few events
+        # behind a window of up to a thousand, and the triples are shared, not rebuilt.
+        entries = list(itertools.islice(reversed(self.entries), count))
+        entries.reverse()
+        return Snapshot(current, self.last, entries)  # type: ignore[arg-type]
 
 
 def seed_run(entries: Iterable[tuple[int, bytes]], end: int) -> list[tuple[int, bytes]]:
