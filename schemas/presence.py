@@ -158,8 +158,11 @@ def parse_read_reply(reply: list) -> dict[str, PodState]:
         (pod, version), flat = parsed, entry[2]
         records: dict[str, PodRecord] = {}
         for i in range(0, len(flat) - 1, 2):
+            member, value = flat[i], flat[i + 1]
+            if not isinstance(member, bytes | str) or not isinstance(value, bytes | str):
+                continue  # a nested reply: not a hash field the scripts wrote
             try:
-                records[_text(flat[i])] = decode_record(flat[i + 1])
+                records[_text(member)] = decode_record(value)
             except (msgspec.DecodeError, UnicodeDecodeError):
                 continue
         pods[pod] = PodState(version, records)

@@ -514,3 +514,12 @@ def test_a_garbage_pod_is_skipped_and_the_others_kept() -> None:
         "pod-1": {"alice"}
     }
     assert parse_versions([b"pod-1", b"2", b"pod\n", b"3", b"pod-2", b"x"]) == {"pod-1": 2}
+
+
+def test_a_nested_reply_in_place_of_a_record_is_skipped() -> None:
+    # Found by the property test above: a list where a record's JSON belongs raised TypeError.
+    good = encode_record(PodRecord(name="A", viewing=None, answering=None, since=1, at=1))
+    reply = [[b"pod-1", b"3", [b"alice", good, b"bob", [b"x"], [b"carol"], good]]]
+    assert {pod: set(s.records) for pod, s in parse_read_reply(reply).items()} == {
+        "pod-1": {"alice"}
+    }
