@@ -52,8 +52,12 @@ from publisher import Publisher
 from schemas.keys import Keys
 
 SERVERS = {"gateway": "gateway", "no window": "bench.gateway_without_window"}
-#: Not run by default: the gateway under cProfile (:mod:`bench.profiled_gateway`).
-EXTRA_SERVERS = {"profiled": "bench.profiled_gateway"}
+#: Not run by default: the gateway under cProfile (:mod:`bench.profiled_gateway`), and on
+#: asyncio's event loop instead of uvloop (:mod:`bench.gateway_asyncio_loop`).
+EXTRA_SERVERS = {
+    "profiled": "bench.profiled_gateway",
+    "asyncio loop": "bench.gateway_asyncio_loop",
+}
 SCENARIOS = (("cold", False, 0.0), ("warm", True, 0.0), ("warm, jitter 0.5 s", True, 0.5))
 TARGET_S = 2.0
 SOURCES = [f"127.0.0.{i}" for i in range(1, 9)]
@@ -230,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.storm",
                                      description=(__doc__ or "").split("\n")[0])  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="a smoke run (seconds)")
-    parser.add_argument("--servers", default=",".join(SERVERS), help=f"subset of {list(SERVERS)}")
+    parser.add_argument("--servers", default=",".join(SERVERS),
+                        help=f"subset of {[*SERVERS, *EXTRA_SERVERS]}")  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = parser.parse_args(argv)
     p = Params(**vars(QUICK)) if args.quick else Params()

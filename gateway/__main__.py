@@ -9,6 +9,7 @@ import gc
 import resource
 import socket
 import sys
+from collections.abc import Callable
 
 import msgspec
 
@@ -33,12 +34,35 @@ def main(argv: list[str] | None = None) -> None:
 
     config = fit_descriptors(config, ACCEPT_SLACK)
     tune_gc()
-    asyncio.run(_serve(config, run))
+    with asyncio.Runner(loop_factory=loop_factory(config.loop)) as runner:
+        runner.run(_serve(config, run))
 
 
 async def _serve(config: GatewayConfig, run) -> None:
     throttle_loop_errors(asyncio.get_running_loop())
     await run(config)
+
+
+def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop for ``--loop``: uvloop's for ``uvloop`` (an error when it is not
+    installed), and for ``auto`` where it is installed; None (asyncio's own) otherwise.
+
+    uvloop runs the same asyncio protocols and transports in libuv: accepting a connection,
+    reading and writing cost a fraction of the selector loop's Python code, which is most of a
+    resume's cost in a reconnect storm (docs/benchmarks.md). ``asyncio`` stays for platforms
+    without uvloop and for ruling it out when chasing a problem."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise SystemExit(
+                "python -m gateway: --loop uvloop: uvloop is not installed "
+                "(pip install uvloop, or --loop asyncio)"
+            ) from None
+        return None
+    return uvloop.new_event_loop
 
 
 #: Descriptors a gateway needs besides its clients: the listening socket, Redis connections,

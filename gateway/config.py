@@ -154,6 +154,13 @@ class GatewayConfig(msgspec.Struct, kw_only=True, frozen=True):
             pattern=r"^(auto|[1-9][0-9]{0,3})$",
         ),
     ] = "1"
+    loop: Annotated[
+        Literal["auto", "uvloop", "asyncio"],
+        _doc(
+            "Event loop: uvloop (libuv: cheaper accepts, reads and writes), asyncio (the "
+            "standard library's), or auto = uvloop where it is installed (Linux, macOS)."
+        ),
+    ] = "auto"
     log_format: Annotated[
         Literal["auto", "json", "console"],
         _doc("Log format; auto = console on a terminal, JSON otherwise."),

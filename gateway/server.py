@@ -190,6 +190,7 @@ class Gateway:
             redis=_redact(config.redis_url),
             sharded_pubsub=config.sharded,
             auth="disabled" if config.no_auth else "jwt",
+            loop=event_loop_name(asyncio.get_running_loop()),
             **({"worker": self.worker_id} if self.worker_id is not None else {}),
         )
 
@@ -374,6 +375,11 @@ async def _bounded(step, name: str) -> None:
 
 def _keepalive_timeout(session: ClientSession) -> None:
     session.abort(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+
+
+def event_loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    """``uvloop`` or ``asyncio``: which event loop runs the gateway (logged at start)."""
+    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
 
 
 def _redact(url: str) -> str:

@@ -214,11 +214,11 @@ class ClientSession:
         self.transport = transport
         self.policy = policy
         self.schedule_flush = schedule_flush
-        #: The socket's descriptor for direct writes, or -1 (not a plain socket, or ``direct``
-        #: is off because the transport frames each message itself).
-        self.fd = _socket_fd(transport) if direct else -1
-        #: The same descriptor for the once-a-second look at the kernel's send queue (-1 when
-        #: not a plain socket).
+        #: The socket's descriptor for direct writes, or -1 (not asyncio's own transport of a
+        #: plain socket, or ``direct`` is off because the transport frames each message itself).
+        self.fd = _direct_fd(transport) if direct else -1
+        #: The socket's descriptor for the once-a-second look at the kernel's send queue, on
+        #: any event loop (-1 when not a plain socket).
         self.kernel_fd = _socket_fd(transport)
         #: True while a write may go straight to ``fd``: direct, open, not closing, nothing
         #: buffered in the transport. Cleared by whatever changes one of those (our own writes,
@@ -418,11 +418,19 @@ def unsent_in_kernel(fd: int) -> int:
 
 
 def _socket_fd(transport: asyncio.BaseTransport) -> int:
-    """The descriptor of a transport's plain TCP socket, or -1 (TLS, a test double, ...)."""
-    if not isinstance(transport, asyncio.Transport) or transport.get_extra_info("sslcontext"):
-        return -1
-    sock = transport.get_extra_info("socket")
+    """The descriptor of a transport's plain TCP socket, asyncio's or uvloop's, or -1 (TLS, a
+    test double, ...)."""
     try:
+        if transport.get_extra_info("sslcontext") is not None:
+            return -1
+        sock = transport.get_extra_info("socket")
         return sock.fileno() if sock is not None else -1
     except (AttributeError, OSError):
         return -1
+
+
+def _direct_fd(transport: asyncio.BaseTransport) -> int:
+    """:func:`_socket_fd` for asyncio's own transports only: their Python ``write`` is what
+    direct writes save, and their buffering is what the rules of ``writable`` were shown
+    against. uvloop's ``write`` is C already (``isinstance`` is False for its transports)."""
+    return _socket_fd(transport) if isinstance(transport, asyncio.Transport) else -1

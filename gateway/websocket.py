@@ -37,6 +37,7 @@ Every wait is bounded by a timer on the event loop, not by a task per connection
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import struct
 from typing import TYPE_CHECKING, Any
@@ -71,6 +72,8 @@ __all__ = [
 ]
 
 log = get_logger("gateway")
+#: websockets' logger, looked up once rather than by every connection's protocol object.
+_WEBSOCKETS_LOG = logging.getLogger("websockets.server")
 
 #: Seconds a peer has to close its side of the TCP connection after the closing handshake (or
 #: after an HTTP answer) before the socket is dropped.
@@ -174,7 +177,9 @@ class WebSocketConnection(asyncio.Protocol):
 
     def __init__(self, endpoint: WebSocketEndpoint) -> None:
         self.endpoint = endpoint
-        self.protocol = ServerProtocol(extensions=endpoint.extensions, max_size=endpoint.max_size)
+        self.protocol = ServerProtocol(
+            extensions=endpoint.extensions, max_size=endpoint.max_size, logger=_WEBSOCKETS_LOG
+        )
         self.transport: Any = None
         self.session: WebSocketSession | None = None
         self.counted = False

@@ -6,13 +6,29 @@ Real-Redis tests run against a private ``redis-server`` started for the session 
 
 from __future__ import annotations
 
+import asyncio
+
 import fakeredis
 import pytest
 import redis
+import uvloop
 
 from tests.support.redis_server import RedisServer
 
 pytest_plugins = ["tests.support.cluster_fixtures"]
+
+#: Test modules whose async tests run twice, on asyncio's loop and on uvloop (the gateway's
+#: default, ``--loop``): the end-to-end ones, which drive the transports' callbacks (EOF,
+#: pause/resume, half-close, slow readers, the SSE takeover) with real sockets. Every other
+#: in-process test runs on asyncio's loop; gateway processes (tests/support/gateway_process.py,
+#: the fuzzing of tests/test_hostile_clients.py) run on uvloop unless a test says otherwise.
+BOTH_LOOPS = {"test_gateway", "test_gateway_http", "test_sse", "test_sse_faults"}
+
+
+def pytest_asyncio_loop_factories(config, item):
+    if item.module.__name__.rpartition(".")[2] in BOTH_LOOPS:
+        return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
 
 
 @pytest.fixture(scope="session")

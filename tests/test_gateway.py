@@ -297,6 +297,29 @@ async def test_a_client_that_stops_reading_is_cut_and_resumes_with_nothing_lost(
     await back.close()
 
 
+async def test_a_stalled_client_is_cut_when_all_it_has_not_read_is_in_the_kernel(
+    gateways, publisher
+):
+    # Nothing waits in the gateway's own buffer: the frames the client does not read sit in the
+    # kernel's send queue. The once-a-second stall check must see them there (on both event
+    # loops: uvloop's transports are not asyncio.Transport instances).
+    gateway = await gateways(stall_timeout=1.0)
+    stalled = await RawClient.connect(gateway.port, rcvbuf=4096)
+    await stalled.send({"type": "auth", "token": issue_token(SECRET, [12], ttl=300)})
+    await stalled.send({"type": "subscribe", "project_id": 12})
+    async with asyncio.timeout(5):
+        while b'"subscribed"' not in (await stalled.receive())[1]:
+            pass
+    stalled.writer.transport.pause_reading()  # the client stops reading from its socket
+    await publisher.publish_many(
+        BlockerResolved(project_id=12, blocker_id=n + 1, answer="x" * 2000, resolved_at=utc_now())
+        for n in range(10)
+    )
+    await wait_until_true(lambda: gateway.metrics.slow_consumer_disconnects_total == 1, within=8)
+    assert not gateway.sessions
+    stalled.close()
+
+
 # --- authentication and authorisation --------------------------------------------------------
 
 

@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from gateway.__main__ import loop_factory
 from tests.support.gateway_client import SECRET, RecordingClient, client_for, publish
 from tests.support.redis_server import free_port
 from tests.test_gateway_http import request
@@ -54,10 +55,11 @@ def gateway_process(redis_url):
         process.wait(10)
 
 
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 async def test_sigterm_drains_readiness_first_then_closes_clients_with_1012(
-    gateway_process, publisher
+    gateway_process, publisher, loop
 ):
-    process, port = gateway_process("--drain-delay", "0.5", "--drain-timeout", "5")
+    process, port = gateway_process("--drain-delay", "0.5", "--drain-timeout", "5", "--loop", loop)
     await wait_ready(port, process)
     url = f"ws://127.0.0.1:{port}/"
     from publisher import issue_token
@@ -84,6 +86,20 @@ async def test_sigterm_drains_readiness_first_then_closes_clients_with_1012(
     events = [entry["event"] for entry in logs]
     assert "gateway listening" in events and "draining" in events and "drained" in events
     assert all("timestamp" in entry and "level" in entry for entry in logs)
+    listening = next(entry for entry in logs if entry["event"] == "gateway listening")
+    assert listening["loop"] == loop
+
+
+def test_the_event_loop_is_uvloop_where_installed_unless_asyncio_is_asked_for(monkeypatch):
+    import uvloop
+
+    assert loop_factory("auto") is uvloop.new_event_loop
+    assert loop_factory("uvloop") is uvloop.new_event_loop
+    assert loop_factory("asyncio") is None
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as on a platform without it
+    assert loop_factory("auto") is None
+    with pytest.raises(SystemExit, match="uvloop is not installed"):
+        loop_factory("uvloop")
 
 
 def test_bad_configuration_exits_2_with_a_clear_message():
