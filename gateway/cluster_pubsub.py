@@ -114,6 +114,10 @@ class ShardLink(PubSubLink):
     def channels(self) -> list[bytes]:
         return list(self._channels)
 
+    def holds(self, channel: bytes, event: asyncio.Event) -> bool:
+        """Whether ``channel`` is subscribed (or being subscribed) here for ``event``."""
+        return self._channels.get(channel) is event
+
     async def want(self, channel: bytes, event: asyncio.Event) -> None:
         """Subscribe without waiting; ``event`` is set when the node confirms."""
         self._channels[channel] = event
@@ -242,23 +246,34 @@ class ClusterPubSub:
             await link.close()
         self._links.clear()
 
-    async def subscribe(self, channel: bytes) -> None:
-        """Subscribe on the owner of the channel's slot; wait until it confirms."""
+    async def subscribe(self, channel: bytes) -> bool:
+        """Subscribe on the owner of the channel's slot; wait until it confirms: True; False
+        when the channel was unsubscribed before that (as :meth:`PubSubLink.subscribe`)."""
         event = self._wanted.get(channel)
         if event is None:
             event = self._wanted[channel] = asyncio.Event()
             async with self._lock:
-                if self._wanted.get(channel) is event and channel not in self._route:
+                if self._wanted.get(channel) is event:
                     await self._place(channel, event)
         await event.wait()
+        return self._wanted.get(channel) is event
 
     async def unsubscribe(self, channel: bytes) -> None:
-        if self._wanted.pop(channel, None) is None:
+        """Leave the channel; the subscribes still waiting for it return False."""
+        event = self._wanted.pop(channel, None)
+        if event is None:
             return
+        event.set()  # else its waiters wait forever (see PubSubLink.unsubscribe)
         self._interrupted.discard(channel)
         async with self._lock:
+            if channel in self._wanted:
+                # Wanted again while we waited for the lock: the route stays, and that
+                # subscribe's placement (after us) hands its event to the link. Taking the route
+                # away without leaving the channel would leave it on the shard for good should
+                # that subscribe be cancelled before its turn.
+                return
             link = self._route.pop(channel, None)
-            if link is not None and channel not in self._wanted:
+            if link is not None:
                 await link.drop(channel)
 
     # --- called by the shard links ---------------------------------------------------------
@@ -304,6 +319,10 @@ class ClusterPubSub:
         moved = link is not None
         if link is not None:
             if link.address == owner:
+                if not link.holds(channel, event):
+                    # Wanted again after an unsubscribe that left it here: the link still has
+                    # the old event; subscribing again gets this one confirmed.
+                    await link.want(channel, event)
                 return False
             del self._route[channel]
             self.interrupted(channel)

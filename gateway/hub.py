@@ -490,6 +490,9 @@ class Hub:
         return feed
 
     async def _start_feed(self, feed: Feed) -> None:
+        """Subscribe to the feed's channel, then read its baseline. A feed released meanwhile
+        cancels this task, and its unsubscribe wakes the link's wait (the subscribe returns
+        False) should the cancellation not stop it first."""
         assert self.link is not None
         await self.link.subscribe(feed.channel)
         feed.reader = None

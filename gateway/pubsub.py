@@ -27,6 +27,7 @@ import redis.exceptions
 
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
+from gateway.tasks import spawn
 
 __all__ = ["PubSubLink", "backoff_delays"]
 
@@ -110,23 +111,44 @@ class PubSubLink:
             await self._conn.disconnect()
         await self._pool.aclose()
 
-    async def subscribe(self, channel: bytes) -> None:
-        """Subscribe and wait until Redis confirms it (callers bound the wait)."""
+    async def subscribe(self, channel: bytes) -> bool:
+        """Subscribe and wait until Redis confirms it (callers bound the wait): True; False when
+        the channel was unsubscribed before that (no confirmation would ever come for it)."""
         event = self._channels.get(channel)
         if event is None:
             event = self._channels[channel] = asyncio.Event()
             if self.connected:
                 await self._send(self._sub, channel)
         await event.wait()
+        return self._channels.get(channel) is event
 
     async def unsubscribe(self, channel: bytes) -> None:
-        if self._channels.pop(channel, None) is not None and self.connected:
+        """Leave the channel; the subscribes still waiting for it return False."""
+        event = self._channels.pop(channel, None)
+        if event is None:
+            return
+        # Its waiters would otherwise wait forever, unreachable once their caller dropped them
+        # (a hub feed released while its subscribe went on: "Task was destroyed but it is
+        # pending!").
+        event.set()
+        if self.connected:
             await self._send(self._unsub, channel)
 
     async def _send(self, *args: bytes | str) -> None:
+        """Write a command, in a task of its own that the caller's cancellation does not reach.
+
+        Cancelling a write would make redis-py drop the connection, and with it every channel of
+        the pod. And the cancellation itself must reach the caller: on Python 3.11, redis-py
+        writes through ``asyncio.wait_for``, which returns normally when the write finished as
+        the cancellation came, so a cancelled subscribe went on waiting for its confirmation.
+        The tasks start in the order of the calls: the commands keep that order on the wire.
+        """
+        await asyncio.shield(spawn(self._write(*args)))
+
+    async def _write(self, *args: bytes | str) -> None:
         conn = self._conn
-        if conn is None:
-            return
+        if conn is None or not self.connected:
+            return  # the link is down: resubscribing after the reconnect covers the channel
         try:
             await conn.send_command(*args, check_health=False)
         except (redis.exceptions.RedisError, OSError) as exc:
