@@ -609,10 +609,18 @@ class WebSocketSession(ClientSession):
         self.connection.send_data()
 
     def _write_checked(self, wire: bytes, items: list) -> bool:
-        if not self.raw and self.is_open():
-            self._write_framed(items)  # whatever the transport (a test double included)
+        if self.raw:
+            return super()._write_checked(wire, items)
+        if not self.is_open():
             return True
-        return super()._write_checked(wire, items)
+        # The same limit as a raw write, checked before websockets frames (and compresses) the
+        # messages: a client that stops reading is cut here, not up to a second of traffic
+        # later by the periodic check.
+        if self.transport.get_write_buffer_size() and self.over_limit():
+            self.cut_slow()
+            return False
+        self._write_framed(items)  # whatever the transport (a test double included)
+        return True
 
     def on_websockets_write(self) -> None:
         """websockets wrote to the transport (a ping, a pong, a close frame) or lost it."""

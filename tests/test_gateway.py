@@ -81,6 +81,71 @@ async def test_compressed_and_plain_connections_get_the_same_events(gateways, pu
         await client.close()
 
 
+async def test_a_compressed_connection_that_stops_reading_is_cut_before_passing_the_limit(
+    gateways, publisher, monkeypatch
+):
+    """With --compression, websockets frames and compresses each message, and the outbound
+    limit is still checked before each write, as on a raw connection: a client that stops
+    reading holds at most the limit plus one write in the gateway, then it is cut (4008)."""
+    import base64
+    import os
+    import socket
+
+    from websockets.asyncio.client import connect
+
+    from gateway.websocket import WebSocketSession
+
+    # Only the write path can cut it here: the once-a-second stall and limit check is off.
+    monkeypatch.setattr(WebSocketSession, "check_stall", lambda self, now: False)
+    limit = 64 * 1024
+    gateway = await gateways(compression=True, outbound_limit=limit)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the kernel holds little
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", gateway.port))
+    # max_queue=1: once a message waits unread, websockets stops reading the socket.
+    ws = await connect(ws_url(gateway), sock=sock, compression="deflate", max_queue=1)
+    await ws.send(json.dumps({"type": "auth", "token": issue_token(SECRET, [41], ttl=300)}))
+    assert json.loads(await ws.recv())["type"] == "authenticated"
+    await ws.send(json.dumps({"type": "subscribe", "project_id": 41}))
+    assert json.loads(await ws.recv())["type"] == "subscribed"
+    (session,) = gateway.sessions
+    assert not session.raw  # permessage-deflate negotiated: websockets frames each message
+    transport = session.transport
+    peak = 0
+    write = transport.write
+
+    def measuring_write(data: bytes) -> None:  # every byte for this socket goes through here
+        nonlocal peak
+        write(data)
+        if not session.closing:  # the 4008 close frame is queued on purpose
+            peak = max(peak, transport.get_write_buffer_size())
+
+    transport.write = measuring_write
+    batch = 8  # ~30 KB compressed per write: random base64 barely compresses
+    published = 0
+    while not session.closing and published < 4000:  # ~15 MB of payload at most
+        await publisher.publish_many(
+            BlockerResolved(
+                project_id=41,
+                blocker_id=published + n + 1,
+                answer=base64.b64encode(os.urandom(3600)).decode(),
+                resolved_at=utc_now(),
+            )
+            for n in range(batch)
+        )
+        published += batch
+        # Each batch is written on its own (the next one is published after it was).
+        await wait_until_true(
+            lambda n=published: session.closing or gateway.metrics.deliveries_total >= n
+        )
+    assert session.closing, f"never cut; {peak} bytes buffered for a client reading nothing"
+    assert gateway.metrics.slow_consumer_disconnects_total == 1
+    assert peak <= limit + 64 * 1024, peak
+    await wait_until_true(lambda: not gateway.sessions)
+    ws.transport.abort()
+
+
 async def test_events_carry_the_contract_json_plus_seq(gateways, publisher):
     gateway = await gateways()
     client = await client_for(gateway, [1])
