@@ -252,11 +252,9 @@ class WebSocketConnection(asyncio.Protocol):
         protocol = self.protocol
         protocol.receive_eof()  # idempotent; the state is CLOSED from here on
         # Reference cycles, broken so that a closed connection is freed at once instead of
-        # waiting for a full cyclic collection: websockets' parser generator and the exception
-        # that stopped it (its traceback holds the generator's frame) both point back at the
-        # protocol; the session points back here (dropped below).
-        protocol.parser_exc = None
-        protocol.parser = None  # type: ignore[assignment]  # nothing is fed after this
+        # waiting for a full cyclic collection: websockets' parser's, and the session's, which
+        # points back here (dropped below).
+        self._drop_parser()
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -316,15 +314,26 @@ class WebSocketConnection(asyncio.Protocol):
 
     def detach(self, stand_in: Any) -> tuple[asyncio.Transport, bool]:
         """Give the transport to another protocol (an SSE stream, see ``takeover``): this
-        connection keeps ``stand_in`` and no timer. Returns the transport, and whether this
-        connection counted it in the admission: that count moves to the new owner, who releases
-        it."""
+        connection keeps ``stand_in``, no timer and no parser. Returns the transport, and
+        whether this connection counted it in the admission: that count moves to the new owner,
+        who releases it."""
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        # This connection never hears connection_lost now: websockets' parser is let go here.
+        self._drop_parser()
         transport, self.transport = self.transport, stand_in
         counted, self.counted = self.counted, False
         return transport, counted
+
+    def _drop_parser(self) -> None:
+        """Break websockets' reference cycles once nothing more is fed to it: its parser
+        generator (suspended, its frame holds the protocol and the handshake request) and the
+        exception that stopped it (its traceback holds the generator's frame) both point back
+        at the protocol."""
+        protocol = self.protocol
+        protocol.parser_exc = None
+        protocol.parser = None  # type: ignore[assignment]
 
     @property
     def admission(self) -> Admission:
