@@ -330,10 +330,20 @@ class WebSocketConnection(asyncio.Protocol):
         """Break websockets' reference cycles once nothing more is fed to it: its parser
         generator (suspended, its frame holds the protocol and the handshake request) and the
         exception that stopped it (its traceback holds the generator's frame) both point back
-        at the protocol."""
+        at the protocol. So does a refused handshake's exception (``handshake_exc``, which the
+        request holds too): the frames of its traceback, and of its causes', hold this
+        connection and the protocol."""
         protocol = self.protocol
         protocol.parser_exc = None
         protocol.parser = None  # type: ignore[assignment]
+        exc = protocol.handshake_exc
+        if exc is not None:
+            protocol.handshake_exc = None
+            for _ in range(8):  # websockets chains one or two
+                exc.__traceback__ = None
+                exc = exc.__cause__ or exc.__context__
+                if exc is None:
+                    break
 
     @property
     def admission(self) -> Admission:
