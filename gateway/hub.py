@@ -708,7 +708,7 @@ class Hub:
         return sum(len(f.live) + len(f.joining) for f in self.feeds.values())
 
     async def close(self) -> None:
-        for feed in self.feeds.values():
+        for feed in list(self.feeds.values()):  # a release may run while a reader finishes
             if feed.fill is not None:
                 feed.fill.cancel()
             if feed.reader is not None:

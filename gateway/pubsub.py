@@ -107,6 +107,7 @@ class PubSubLink:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        self.connected = False  # a write after this must not open a new connection
         if self._conn:
             await self._conn.disconnect()
         await self._pool.aclose()
