@@ -152,10 +152,12 @@ class PubSubLink:
             return  # the link is down: resubscribing after the reconnect covers the channel
         try:
             await conn.send_command(*args, check_health=False)
-        except (redis.exceptions.RedisError, OSError) as exc:
+        except Exception as exc:
             # The reader notices the broken connection and reconnects; resubscribing then covers
-            # this channel too.
-            log.warning("pubsub send failed", command=args[0], error=str(exc))
+            # this channel too. Not only RedisError/OSError: a connection torn down under the
+            # write (the link closing) fails inside redis-py with AttributeError, and nobody
+            # awaits a spawned unsubscribe to hear it.
+            log.warning("pubsub send failed", command=args[0], error=repr(exc))
 
     async def _run(self) -> None:
         delays = backoff_delays()
