@@ -26,7 +26,9 @@ Per connection, in order:
    message that is not UTF-8 closes with 1007) goes to :meth:`ClientProtocol.handle_now`. When
    that returns work still to do, later messages wait in the connection's backlog until it is
    done (reading pauses at :data:`MAX_BACKLOG` of them), so a subscribe is never overtaken by the
-   unsubscribe after it.
+   unsubscribe after it. With permessage-deflate, a read is given to websockets
+   :data:`INFLATE_SLICE` bytes at a time, and what is left of it when the backlog fills waits,
+   compressed, until it drains: a read of tiny messages is never decompressed whole.
 4. **Closing.** A close frame from either side, or a protocol error (1002, 1007, 1009, sent by
    websockets), ends with a half-close; a peer that does not close its side within
    :data:`CLOSE_TIMEOUT` s is dropped.
@@ -64,6 +66,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CLOSE_TIMEOUT",
+    "INFLATE_SLICE",
     "MAX_BACKLOG",
     "PROTOCOL_VIOLATIONS",
     "WebSocketConnection",
@@ -82,6 +85,16 @@ CLOSE_TIMEOUT = 5.0
 #: Messages a connection may have waiting behind one that waits for Redis before reading from
 #: its socket pauses (websockets' ``max_queue``): the kernel's buffers, then TCP, hold the rest.
 MAX_BACKLOG = 4
+
+#: Bytes of a read handed to websockets at a time on a connection with permessage-deflate
+#: (``--compression``), each slice's messages handled before the next is fed. websockets
+#: decompresses every message of what it is given at once, and deflate inflates up to 1,032
+#: times (a 258-byte match per two bits): a 256 KiB read of tiny messages that each inflate to
+#: nearly ``--max-frame-bytes`` could be ~140 MB (36 MB measured in one connection). A slice is
+#: at most ~2 MiB of messages, plus one begun in an earlier slice (at most ``--max-frame-bytes``);
+#: once the backlog is full the rest of the read waits, compressed, until it drains. A raw
+#: connection's read is fed whole (its messages are at most the read).
+INFLATE_SLICE = 2048
 
 #: Close codes websockets itself sends when a client breaks the WebSocket protocol: 1002 (a bad
 #: frame), 1007 (a text frame that is not UTF-8), 1009 (a frame over ``--max-frame-bytes``).
@@ -167,12 +180,14 @@ class WebSocketConnection(asyncio.Protocol):
         "endpoint",
         "fragment_text",
         "fragments",
+        "inflating",
         "paused",
         "peer_done",
         "protocol",
         "session",
         "timer",
         "transport",
+        "unfed",
     )
 
     def __init__(self, endpoint: WebSocketEndpoint) -> None:
@@ -195,6 +210,10 @@ class WebSocketConnection(asyncio.Protocol):
         #: Messages received while an earlier one still waits for Redis (None: nothing waits).
         self.backlog: list[bytes | str] | None = None
         self.paused = False
+        #: permessage-deflate is negotiated: reads are fed to websockets in slices (_inflate).
+        self.inflating = False
+        #: What websockets was not given yet of the read that filled the backlog (compressed).
+        self.unfed: bytes | None = None
         #: The fragments of a message in progress (rare: browsers send small messages whole).
         self.fragments: list[bytes] | None = None
         self.fragment_text = False
@@ -214,6 +233,9 @@ class WebSocketConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.answering_http:
             return  # nothing after an HTTP request is read (websockets would parse it as frames)
+        if self.inflating:
+            self._inflate(data)
+            return
         protocol = self.protocol
         protocol.receive_data(data)
         events = protocol.events_received()
@@ -262,6 +284,7 @@ class WebSocketConnection(asyncio.Protocol):
             self.counted = False
             self.endpoint.admission.release()
         self.backlog = None
+        self.unfed = None
         session = self.session
         if session is None:
             return
@@ -426,6 +449,9 @@ class WebSocketConnection(asyncio.Protocol):
             self, endpoint.policy, schedule_flush, raw=not self.protocol.extensions
         )
         self.session = session
+        # From here on frames are parsed with the extensions the handshake negotiated (before,
+        # an early frame is not decompressed: websockets refuses a compressed one).
+        self.inflating = not session.raw
         gateway.add_session(session)
         gateway.keepalive.add(session)
         self.log().debug("connected")
@@ -478,6 +504,60 @@ class WebSocketConnection(asyncio.Protocol):
         self.close(code, reason)
 
     # --- messages ----------------------------------------------------------------------------
+
+    def _inflate(self, data: bytes) -> None:
+        """A read of a connection with permessage-deflate: given to websockets
+        :data:`INFLATE_SLICE` bytes at a time, each slice's frames handled before the next is
+        fed, so that no more than a slice's messages are ever decompressed at once. When the
+        backlog is full (reading paused), the rest of the read is kept in ``unfed``, compressed,
+        until :meth:`_resume` feeds it, before anything read later."""
+        if self.unfed is not None:  # not expected: nothing is read while paused
+            self.unfed += data
+            return
+        protocol = self.protocol
+        transport = self.transport
+        size = len(data)
+        start = 0
+        try:
+            while start < size:
+                end = start + INFLATE_SLICE
+                protocol.receive_data(data[start:end])
+                start = end
+                self.send_data()  # websockets' own answers: pongs, the close echo
+                if protocol.close_expected():
+                    self._expect_close()
+                events = protocol.events_received()
+                if self.session is not None:
+                    for event in events:
+                        self._frame(event)  # type: ignore[arg-type]
+                if start >= size or transport.is_closing():
+                    return  # all fed; or aborted (a slow consumer): the rest is of no use
+                backlog = self.backlog
+                if backlog is not None and len(backlog) >= MAX_BACKLOG:
+                    self.unfed = data[start:]  # reading is paused: _resume goes on from here
+                    return
+        except Exception:  # a bug: this connection ends (1011), no other is affected
+            log.exception("connection failed")
+            if self.session is not None:
+                self.session.abort(CloseCode.INTERNAL_ERROR, "internal error")
+            else:
+                transport.abort()
+
+    def _resume(self) -> None:
+        """The backlog has room again (or is gone): what was left unfed of the read that filled
+        it is fed first, then the socket is read again, unless that filled the backlog again."""
+        transport = self.transport
+        unfed = self.unfed
+        if unfed is not None:
+            self.unfed = None
+            if not transport.is_closing():
+                self._inflate(unfed)  # its messages join the backlog behind the waiting ones
+            backlog = self.backlog
+            if backlog is not None and len(backlog) >= MAX_BACKLOG:
+                return  # still paused: the next _finish round comes back here
+        self.paused = False
+        if not transport.is_closing():
+            transport.resume_reading()
 
     def _frame(self, frame: Frame) -> None:
         opcode = frame.opcode
@@ -552,8 +632,7 @@ class WebSocketConnection(asyncio.Protocol):
             while self.backlog:
                 data = self.backlog.pop(0)
                 if self.paused and len(self.backlog) < MAX_BACKLOG // 2:
-                    self.paused = False
-                    self.transport.resume_reading()
+                    self._resume()
                 if session.closing:
                     break
                 pending = clients.handle_now(session, data, self.log())
@@ -566,9 +645,7 @@ class WebSocketConnection(asyncio.Protocol):
             if self.backlog is not None:
                 self.backlog = None
             if self.paused:
-                self.paused = False
-                if not self.transport.is_closing():
-                    self.transport.resume_reading()
+                self._resume()  # the rest of a compressed read first (its close frame, say)
 
     # --- timers ------------------------------------------------------------------------------
 

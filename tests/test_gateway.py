@@ -148,6 +148,141 @@ async def test_a_compressed_connection_that_stops_reading_is_cut_before_passing_
     ws.transport.abort()
 
 
+def _burst(ws, count: int) -> bytes:
+    """The wire bytes of a subscribe to a project the gateway does not follow yet (it waits for
+    Redis) and ``count`` unsubscribes padded to nearly --max-frame-bytes, each compressed to
+    ~100 bytes by the client's permessage-deflate (``ws`` writes none of it)."""
+    pad = "x" * 65_000  # unknown fields are ignored
+    ws.protocol.send_text(json.dumps({"type": "subscribe", "project_id": 5}).encode())
+    for i in range(count):
+        message = {"type": "unsubscribe", "project_id": 1000 + i, "pad": pad}
+        ws.protocol.send_text(json.dumps(message).encode())
+    return b"".join(ws.protocol.data_to_send())
+
+
+def _answers_in_order(answers: list[dict], count: int) -> tuple[bool, list[tuple]]:
+    """What the burst's messages are answered with, in order: ``subscribed``, then one
+    ``not_subscribed`` error per unsubscribe, naming its project; a prefix of that is in order.
+    Returns (in order, the last answer)."""
+    expected = [("subscribed", None, 5)]
+    expected += [("error", "not_subscribed", 1000 + i) for i in range(count)]
+    got = [(a["type"], a.get("code"), a.get("project_id")) for a in answers]
+    return got == expected[: len(got)], got[-1:]
+
+
+async def test_a_compressed_read_is_decompressed_a_slice_at_a_time(gateways, monkeypatch):
+    """With --compression, websockets decompresses every message of what it is given at once,
+    and deflate inflates up to ~1,000 times: of ~110 KB of tiny messages that each inflate to
+    nearly --max-frame-bytes, 36 MB were decompressed at once in one connection. The gateway
+    feeds websockets a compressed read INFLATE_SLICE bytes at a time, and keeps the rest of the
+    read, compressed, while its backlog is full: what a connection holds decompressed (its
+    backlog plus what websockets just parsed, measured after every feed) stays within a slice's
+    worth plus the backlog, every message is answered in order, and the client goes on as
+    usual."""
+    from websockets.asyncio.client import connect
+    from websockets.frames import Frame
+    from websockets.server import ServerProtocol
+
+    from gateway.websocket import INFLATE_SLICE, MAX_BACKLOG
+
+    gateway = await gateways(compression=True)
+    connection = None
+    peak = 0
+    fed_while_paused = 0
+    receive_data = ServerProtocol.receive_data
+
+    def measured_receive_data(self, data):
+        nonlocal peak, fed_while_paused
+        receive_data(self, data)
+        if connection is not None and self is connection.protocol:
+            parsed = sum(len(e.data) for e in self.events if isinstance(e, Frame))
+            waiting = sum(len(m) for m in connection.backlog or ())
+            peak = max(peak, parsed + waiting)
+            fed_while_paused += connection.paused
+
+    monkeypatch.setattr(ServerProtocol, "receive_data", measured_receive_data)
+    count = 1000
+    async with connect(ws_url(gateway), compression="deflate", max_size=None) as ws:
+        await ws.send(json.dumps({"type": "auth", "token": issue_token(SECRET, "*", ttl=300)}))
+        assert json.loads(await ws.recv())["type"] == "authenticated"
+        (session,) = gateway.sessions
+        assert not session.raw  # permessage-deflate negotiated
+        connection = session.connection
+        wire = _burst(ws, count)
+        assert len(wire) < 150_000, len(wire)  # ~65 MB of messages
+        ws.transport.write(wire)
+        answers = []
+        async with asyncio.timeout(30):
+            while len(answers) < 1 + count:
+                answers.append(json.loads(await ws.recv()))
+        in_order, last = _answers_in_order(answers, count)
+        assert in_order, last
+        # Deflate's limit (1,032:1) on a slice, a message begun in an earlier slice, the backlog.
+        bound = INFLATE_SLICE * 1032 + MAX_BACKLOG * gateway.config.max_frame_bytes
+        assert peak <= bound, f"{peak} bytes decompressed at once (bound {bound})"
+        assert fed_while_paused, "the backlog never filled: the test proves nothing"
+        # The same client goes on as usual.
+        await ws.send(json.dumps({"type": "ping"}))
+        assert json.loads(await ws.recv()) == {"type": "pong"}
+        await ws.send(json.dumps({"type": "unsubscribe", "project_id": 5}))
+        assert json.loads(await ws.recv()) == {"type": "unsubscribed", "project_id": 5}
+    assert connection.unfed is None
+
+
+@pytest.mark.parametrize("trailer", ["close", "bad frame"])
+async def test_a_close_or_a_bad_frame_behind_a_compressed_burst_is_read_in_its_turn(
+    gateways, monkeypatch, trailer
+):
+    """A close frame (or a frame websockets refuses: unmasked) in the same write as a burst of
+    compressed messages is in the part of the read the gateway keeps while the backlog is full:
+    it is fed once the backlog drains, after every message before it (each handled), and ends
+    the connection as promptly as ever (1000 echoed, or 1002), long before CLOSE_TIMEOUT.
+    (Answers still queued when the close goes out are not sent, as on any connection.)"""
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
+
+    from gateway.websocket import CLOSE_TIMEOUT, WebSocketConnection
+
+    kept = 0  # times the backlog drained with part of a read still unfed
+    resume = WebSocketConnection._resume
+
+    def counted_resume(self):
+        nonlocal kept
+        kept += self.unfed is not None
+        resume(self)
+
+    monkeypatch.setattr(WebSocketConnection, "_resume", counted_resume)
+    gateway = await gateways(compression=True)
+    count = 200
+    async with connect(ws_url(gateway), compression="deflate", max_size=None) as ws:
+        await ws.send(json.dumps({"type": "auth", "token": issue_token(SECRET, "*", ttl=300)}))
+        assert json.loads(await ws.recv())["type"] == "authenticated"
+        (session,) = gateway.sessions
+        connection = session.connection
+        wire = _burst(ws, count)
+        if trailer == "close":
+            ws.protocol.send_close(1000)
+            wire += b"".join(ws.protocol.data_to_send())
+        else:
+            wire += b"\x81\x02hi"  # a text frame without a mask
+        started = time.monotonic()
+        ws.transport.write(wire)
+        answers = []
+        async with asyncio.timeout(CLOSE_TIMEOUT / 2):
+            with contextlib.suppress(ConnectionClosed):
+                while True:
+                    answers.append(json.loads(await ws.recv()))
+            await ws.wait_closed()
+        assert time.monotonic() - started < CLOSE_TIMEOUT / 2
+        in_order, last = _answers_in_order(answers, count)
+        assert in_order, last
+        assert ws.protocol.close_rcvd.code == (1000 if trailer == "close" else 1002)
+    await wait_until_true(lambda: not gateway.sessions)
+    assert gateway.metrics.client_errors_total == count  # every unsubscribe before the close
+    assert kept, "the backlog never filled: the test proves nothing"
+    assert connection.unfed is None
+
+
 async def test_events_carry_the_contract_json_plus_seq(gateways, publisher):
     gateway = await gateways()
     client = await client_for(gateway, [1])
