@@ -53,11 +53,8 @@ from schemas.keys import Keys
 
 SERVERS = {"gateway": "gateway", "no window": "bench.gateway_without_window"}
 #: Not run by default: the gateway under cProfile (:mod:`bench.profiled_gateway`), and on
-#: asyncio's event loop instead of uvloop (:mod:`bench.gateway_asyncio_loop`).
-EXTRA_SERVERS = {
-    "profiled": "bench.profiled_gateway",
-    "asyncio loop": "bench.gateway_asyncio_loop",
-}
+#: uvloop instead of asyncio's event loop (:mod:`bench.gateway_uvloop`).
+EXTRA_SERVERS = {"profiled": "bench.profiled_gateway", "uvloop": "bench.gateway_uvloop"}
 SCENARIOS = (("cold", False, 0.0), ("warm", True, 0.0), ("warm, jitter 0.5 s", True, 0.5))
 TARGET_S = 2.0
 SOURCES = [f"127.0.0.{i}" for i in range(1, 9)]

@@ -185,6 +185,7 @@ class ClientSession:
         "closing",
         "errors",
         "expiry",
+        "fast",
         "fd",
         "id",
         "kernel_fd",
@@ -220,7 +221,11 @@ class ClientSession:
         #: The socket's descriptor for the once-a-second look at the kernel's send queue, on
         #: any event loop (-1 when not a plain socket).
         self.kernel_fd = _socket_fd(transport)
-        #: True while a write may go straight to ``fd``: direct, open, not closing, nothing
+        #: Whether writes may skip the checks while nothing is buffered: to ``fd`` (asyncio),
+        #: or through the transport's own write, in C (uvloop: writing to its descriptor behind
+        #: its back is not safe, as it closes it before ``connection_lost``).
+        self.fast = direct and self.kernel_fd >= 0
+        #: True while a write may take the fast path: ``fast``, open, not closing, nothing
         #: buffered in the transport. Cleared by whatever changes one of those (our own writes,
         #: and the transport library's); set again by the next full check.
         self.writable = False
@@ -301,17 +306,26 @@ class ClientSession:
         """
         self.sent_since_check = True
         if self.writable:
-            # The hot path: one flag, one system call. ``fd`` is still this connection's while
-            # ``writable``: asyncio closes the socket only after connection_lost, which clears it.
-            try:
-                sent = os.write(self.fd, wire)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                sent = 0  # a dead peer: transport.write below meets the error and closes
-            if sent < len(wire):
-                self.writable = False  # the rest waits in the transport, and what follows too
-                self.transport.write(wire[sent:] if sent else wire)
+            fd = self.fd
+            if fd < 0:
+                # uvloop: its write tries the socket at once and buffers what is left.
+                transport = self.transport
+                transport.write(wire)
+                if transport.get_write_buffer_size():
+                    self.writable = False  # what follows waits behind it, checked
+            else:
+                # The hot path: one flag, one system call. ``fd`` is still this connection's
+                # while ``writable``: asyncio closes the socket only after connection_lost,
+                # which clears it.
+                try:
+                    sent = os.write(fd, wire)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except OSError:
+                    sent = 0  # a dead peer: transport.write below meets the error and closes
+                if sent < len(wire):
+                    self.writable = False  # the rest waits in the transport, and what follows
+                    self.transport.write(wire[sent:] if sent else wire)
         elif not self._write_checked(wire, items):
             return False
         if self.allowance_granted:
@@ -330,7 +344,7 @@ class ClientSession:
                 return False
             transport.write(wire)
             return True
-        self.writable = self.fd >= 0  # drained: direct writes again from now on
+        self.writable = self.fast  # drained: the fast path again from now on
         if self.writable:
             return ClientSession.write(self, wire, items)
         transport.write(wire)

@@ -17,11 +17,10 @@ from tests.support.redis_server import RedisServer
 
 pytest_plugins = ["tests.support.cluster_fixtures"]
 
-#: Test modules whose async tests run twice, on asyncio's loop and on uvloop (the gateway's
-#: default, ``--loop``): the end-to-end ones, which drive the transports' callbacks (EOF,
+#: Test modules whose async tests run twice, on asyncio's loop (the gateway's default) and on
+#: uvloop (``--loop uvloop``): the end-to-end ones, which drive the transports' callbacks (EOF,
 #: pause/resume, half-close, slow readers, the SSE takeover) with real sockets. Every other
-#: in-process test runs on asyncio's loop; gateway processes (tests/support/gateway_process.py,
-#: the fuzzing of tests/test_hostile_clients.py) run on uvloop unless a test says otherwise.
+#: in-process test, and every gateway process unless a test says otherwise, runs on asyncio's.
 BOTH_LOOPS = {"test_gateway", "test_gateway_http", "test_sse", "test_sse_faults"}
 
 

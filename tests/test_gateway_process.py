@@ -90,14 +90,12 @@ async def test_sigterm_drains_readiness_first_then_closes_clients_with_1012(
     assert listening["loop"] == loop
 
 
-def test_the_event_loop_is_uvloop_where_installed_unless_asyncio_is_asked_for(monkeypatch):
+def test_the_event_loop_is_asyncio_unless_uvloop_is_asked_for(monkeypatch):
     import uvloop
 
-    assert loop_factory("auto") is uvloop.new_event_loop
-    assert loop_factory("uvloop") is uvloop.new_event_loop
     assert loop_factory("asyncio") is None
+    assert loop_factory("uvloop") is uvloop.new_event_loop
     monkeypatch.setitem(sys.modules, "uvloop", None)  # as on a platform without it
-    assert loop_factory("auto") is None
     with pytest.raises(SystemExit, match="uvloop is not installed"):
         loop_factory("uvloop")
 

@@ -101,6 +101,7 @@ async def session_on(
     )
     connection.session = session
     session.fd = write_end  # the "socket"
+    session.fast = True  # as for asyncio's own transport of a plain socket
     return session, connection, transport
 
 
