@@ -223,7 +223,8 @@ class ClientSession:
         self.kernel_fd = _socket_fd(transport)
         #: Whether writes may skip the checks while nothing is buffered: to ``fd`` (asyncio),
         #: or through the transport's own write, in C (uvloop: writing to its descriptor behind
-        #: its back is not safe, as it closes it before ``connection_lost``).
+        #: its back would rest on libuv's buffering and close order, which nothing here checks;
+        #: asyncio's are what the rules of ``writable`` were shown against).
         self.fast = direct and self.kernel_fd >= 0
         #: True while a write may take the fast path: ``fast``, open, not closing, nothing
         #: buffered in the transport. Cleared by whatever changes one of those (our own writes,
