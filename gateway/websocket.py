@@ -262,6 +262,10 @@ class WebSocketConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         if self.answering_http:
+            if self.close_armed:
+                # The answer is written and our side half-closed: the client, done reading,
+                # closes its side too. Both are done: close now (not at CLOSE_TIMEOUT).
+                return None
             # The client sent its request and then its EOF (`printf ... | nc`): the answer is
             # still due. True keeps the transport; _answer_http closes it after writing.
             self.peer_done = True

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 
 from publisher import issue_token
 from tests.support.gateway_client import REQUIRED_METRICS, SECRET, publish
 from tests.support.redis_server import RedisServer
+from tests.support.ws_client import wait_until
 
 
 async def request(
@@ -264,3 +266,21 @@ async def test_a_client_that_half_closes_after_its_request_still_gets_the_answer
         answer = await reader.read()
     writer.close()
     assert answer.startswith(b"HTTP/1.1 200"), answer
+
+
+async def test_an_http_connection_closes_when_the_client_closes_after_the_answer(gateways):
+    """The gateway answers, half-closes, and the client, done reading, closes its side: the
+    socket is freed at once (keeping the transport for an answer still due must not keep it
+    once the answer is written, until CLOSE_TIMEOUT)."""
+    gateway = await gateways()
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    async with asyncio.timeout(5):
+        answer = await reader.read()  # the gateway half-closes after its answer
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+    writer.close()  # the client closes its side too: nothing is left to do on either side
+    await writer.wait_closed()
+    started = time.monotonic()
+    await wait_until(lambda: not gateway.admission.open, 8, "the connection to be closed")
+    held = time.monotonic() - started
+    assert held < 1.0, f"the server held the finished connection {held:.1f} s"
