@@ -410,9 +410,14 @@ class PresenceService:
 
     async def _reload(self, project_id: int) -> None:
         self.rereads += 1
-        if project_id in self.core.views and not self.core.load(
-            project_id, await self.store.read(project_id)
-        ):
+        view = self.core.views.get(project_id)
+        if view is None:
+            return
+        snapshot = await self.store.read(project_id)
+        # Only into the view the read was made for: one dropped meanwhile (its last subscriber
+        # left, its channel unwatched) must not come back loaded, unwatched, for the next
+        # subscriber to take as it is.
+        if self.core.views.get(project_id) is view and not self.core.load(project_id, snapshot):
             self._reread.add(project_id)
 
     async def _watch(self, project_id: int) -> None:

@@ -393,3 +393,34 @@ async def test_a_subscriber_waiting_for_a_load_survives_the_view_being_dropped(p
     for frame in frames:
         assert [m["id"] for m in msgspec.json.decode(frame)["members"]] == ["bob"]
     assert service.core.subscribers == {4: {"t2"}}
+
+
+async def test_a_reread_finishing_after_the_last_subscriber_left_leaves_no_unwatched_view(
+    pods,
+) -> None:
+    """A re-read in flight when the project's last subscriber leaves must not install the view
+    again: nobody is subscribed and its channel is no longer watched, so the next subscriber
+    would get a view that no announcement updates."""
+    a, b = await pods.start("a"), await pods.start("b")
+    a.join("tab", 1, "alice", "Alice")
+    watcher = await pods.watch(b, "w1")
+    await watcher.until(lambda m: set(m) == {"alice"}, within=5)
+    gate = asyncio.Event()
+    reading = asyncio.Event()
+    read = b.store.read
+
+    async def slow_read(project_id: int):
+        reading.set()
+        await gate.wait()
+        return await read(project_id)
+
+    b.store.read = slow_read
+    b.reread_all()
+    await asyncio.wait_for(reading.wait(), 5)
+    b.close_session("w1")  # the last subscriber leaves while the re-read waits
+    assert 1 not in b.core.views
+    gate.set()
+    await asyncio.sleep(0.2)
+    b.store.read = read
+    channel = b.keys.presence_channel(1)
+    assert 1 not in b.core.views or channel in b._channels, "a loaded view nobody watches"
