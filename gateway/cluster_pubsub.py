@@ -109,6 +109,10 @@ class ShardLink(PubSubLink):
         )
         self.address = address
         self._owner = owner
+        #: Our own SUNSUBSCRIBEs written on the current connection and not answered yet, per
+        #: channel: their answers are not the node's (a channel wanted again meanwhile would
+        #: otherwise be taken as interrupted by the node).
+        self._leaving: dict[bytes, int] = {}
 
     @property
     def channels(self) -> list[bytes]:
@@ -140,10 +144,24 @@ class ShardLink(PubSubLink):
             super()._confirmed(channel)
             self._owner.confirmed(channel)
 
+    async def _write(self, *args: bytes | str) -> None:
+        if args[0] == self._unsub and self._conn is not None and self.connected:
+            for channel in args[1:]:
+                self._leaving[channel] = self._leaving.get(channel, 0) + 1  # type: ignore[index]
+        await super()._write(*args)
+
     def _on_other_reply(self, kind: bytes, reply: list) -> None:
         if kind != b"sunsubscribe":
             return
         channel = reply[1]
+        leaving = self._leaving.get(channel)
+        if leaving:
+            # The answer to our own unsubscribe, whether or not the channel is wanted again.
+            if leaving == 1:
+                del self._leaving[channel]
+            else:
+                self._leaving[channel] = leaving - 1
+            return
         event = self._channels.get(channel)
         if event is None:
             return  # the answer to our own unsubscribe
@@ -164,6 +182,7 @@ class ShardLink(PubSubLink):
         self._owner.redirected(self, misplaced, exc.slot_id, (exc.host, exc.port))
 
     def _on_down(self) -> None:
+        self._leaving.clear()  # their answers died with the connection
         for channel in self._channels:
             self._owner.interrupted(channel)
         self._owner.link_down(self)
