@@ -15,10 +15,11 @@ own outbox. Frames are the same pre-built bytes for every subscriber (see :mod:`
 websockets still owns the handshake, reading, pings and the closing handshake.
 
 The write itself is the hot path of the whole gateway (one per subscriber per event at low rates),
-so while the transport has nothing buffered it is a single ``os.write`` on the socket: same bytes,
-same order, without asyncio's per-call bookkeeping. Whatever the socket does not take goes to
-``transport.write``, which buffers it, and from then on every write goes through the transport
-until its buffer is empty again, so frames (ours, and websockets' pings and close frames) are never
+so while the transport has nothing buffered it skips every check: on asyncio's own transports it
+is a single ``os.write`` on the socket (same bytes, same order, without asyncio's per-call
+bookkeeping), on uvloop's the transport's own ``write``, in C. Whatever the socket does not take
+is buffered by the transport, and from then on every write goes through the checked path until
+that buffer is empty again, so frames (ours, and websockets' pings and close frames) are never
 reordered or interleaved.
 
 The slow-consumer policy lives here too: a connection whose write buffer passes

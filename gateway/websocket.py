@@ -275,6 +275,12 @@ class WebSocketConnection(asyncio.Protocol):
         # None: asyncio closes the transport (WebSocket never writes after the peer's EOF).
 
     def connection_lost(self, exc: Exception | None) -> None:
+        session = self.session
+        if session is not None:
+            # First of all: asyncio closes the socket after this returns, even should anything
+            # below raise, and no direct write may reach a descriptor number reused since.
+            session.writable = False
+            session.closing = True
         protocol = self.protocol
         protocol.receive_eof()  # idempotent; the state is CLOSED from here on
         # Reference cycles, broken so that a closed connection is freed at once instead of
@@ -289,11 +295,8 @@ class WebSocketConnection(asyncio.Protocol):
             self.endpoint.admission.release()
         self.backlog = None
         self.unfed = None
-        session = self.session
         if session is None:
             return
-        session.writable = False
-        session.closing = True
         sent = protocol.close_sent
         if sent is not None and sent.code in PROTOCOL_VIOLATIONS:
             self.endpoint.metrics.protocol_violations_total += 1
