@@ -49,9 +49,9 @@ def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
 
     Both run the same protocols and timers. Measured side by side (docs/benchmarks.md): uvloop
     takes less CPU per resume in a reconnect storm and less memory per idle connection, and
-    delivers about a tenth fewer events per second to 1,000 subscribers (asyncio's transports let
-    the gateway write to the socket directly; uvloop's do not). asyncio stays the default so that
-    no established figure regresses; uvloop is one flag away for pods that live through storms."""
+    delivers about a tenth fewer events per second to 1,000 subscribers. asyncio stays the default
+    so that no established figure regresses; uvloop is one flag away for pods that live through
+    storms."""
     if choice == "asyncio":
         return None
     try:

@@ -247,18 +247,27 @@ class WebSocketConnection(asyncio.Protocol):
                 if self.session is None:
                     return  # taken over, refused, or an HTTP request: no frames follow
                 events = events[1:]
-            self.send_data()  # websockets' own answers: pongs, the close echo
-            if protocol.close_expected():
-                self._expect_close()
-            if self.session is not None:
-                for event in events:
-                    self._frame(event)  # type: ignore[arg-type]
-        except Exception:  # a bug: this connection ends (1011), no other is affected
-            log.exception("connection failed")
-            if self.session is not None:
-                self.session.abort(CloseCode.INTERNAL_ERROR, "internal error")
-            else:
-                self.transport.abort()
+            self._dispatch(events)
+        except Exception:
+            self._failed()
+
+    def _dispatch(self, events: list) -> None:
+        """What websockets made of a read: its own answers (pongs, the close echo) go out first,
+        a close it now expects arms the close deadline, then the frames are handled in order."""
+        self.send_data()
+        if self.protocol.close_expected():
+            self._expect_close()
+        if self.session is not None:
+            for event in events:
+                self._frame(event)
+
+    def _failed(self) -> None:
+        """A bug while handling a read: this connection ends (1011), no other is affected."""
+        log.exception("connection failed")
+        if self.session is not None:
+            self.session.abort(CloseCode.INTERNAL_ERROR, "internal error")
+        else:
+            self.transport.abort()
 
     def eof_received(self) -> bool | None:
         if self.answering_http:
@@ -530,25 +539,15 @@ class WebSocketConnection(asyncio.Protocol):
                 end = start + INFLATE_SLICE
                 protocol.receive_data(data[start:end])
                 start = end
-                self.send_data()  # websockets' own answers: pongs, the close echo
-                if protocol.close_expected():
-                    self._expect_close()
-                events = protocol.events_received()
-                if self.session is not None:
-                    for event in events:
-                        self._frame(event)  # type: ignore[arg-type]
+                self._dispatch(protocol.events_received())
                 if start >= size or transport.is_closing():
                     return  # all fed; or aborted (a slow consumer): the rest is of no use
                 backlog = self.backlog
                 if backlog is not None and len(backlog) >= MAX_BACKLOG:
                     self.unfed = data[start:]  # reading is paused: _resume goes on from here
                     return
-        except Exception:  # a bug: this connection ends (1011), no other is affected
-            log.exception("connection failed")
-            if self.session is not None:
-                self.session.abort(CloseCode.INTERNAL_ERROR, "internal error")
-            else:
-                transport.abort()
+        except Exception:
+            self._failed()
 
     def _resume(self) -> None:
         """The backlog has room again (or is gone): what was left unfed of the read that filled
