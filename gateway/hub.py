@@ -76,7 +76,6 @@ WINDOW_ENTRY_OVERHEAD = 160
 
 
 _ITEM = operator.itemgetter(1)
-_WIRE = operator.attrgetter("wire")
 
 
 def _window_size(item: Outgoing) -> int:
@@ -659,8 +658,7 @@ class Hub:
                 items = list(map(_ITEM, plan.replay))
             else:
                 items = [Outgoing(frame) for _, frame in plan.replay]
-            session.send_many(items)
-            session.grant_allowance(sum(map(len, map(_WIRE, items))))
+            session.send_replay(items)
         self.metrics.replayed_total += len(plan.replay)
         self.metrics.deliveries_total += len(plan.replay)
         if plan.resync is not None:

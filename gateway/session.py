@@ -280,9 +280,14 @@ class ClientSession:
             self.schedule_flush(self)
         self.outbox.append(item)
 
-    def send_many(self, items: list[Outgoing]) -> None:
-        """Queue several frames at once (a replay): :meth:`send` for each, in one call."""
-        if self.closing or not items:
+    def send_replay(self, items: list[Outgoing]) -> None:
+        """Queue a replay's frames at once (:meth:`send` for each, in one call), and tolerate
+        their bytes on top of the outbound limit, so a large resume is not taken for a slow
+        consumer."""
+        if not items:
+            return
+        self.allowance_granted += sum(map(len, map(_WIRE, items)))
+        if self.closing:
             return
         if not self.outbox:
             self.schedule_flush(self)
@@ -351,10 +356,6 @@ class ClientSession:
             return ClientSession.write(self, wire, items)
         transport.write(wire)
         return True
-
-    def grant_allowance(self, nbytes: int) -> None:
-        """Tolerate ``nbytes`` of replay, queued now, on top of the outbound limit."""
-        self.allowance_granted += nbytes
 
     def over_limit(self) -> bool:
         buffered = self.transport.get_write_buffer_size()
