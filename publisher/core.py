@@ -333,8 +333,14 @@ def prepare_single(
     return PreparedBatch(event.project_id, _keys(keys, event.project_id), args, 1, [0])
 
 
+def valid_idempotency_key(key: object) -> bool:
+    """Whether ``key`` is an idempotency key the publisher takes: 1-200 printable ASCII
+    characters, no spaces."""
+    return isinstance(key, str) and _IDEMPOTENCY_KEY_RE.match(key) is not None
+
+
 def _check_idempotency_key(key: object, window: timedelta) -> None:
-    if not isinstance(key, str) or not _IDEMPOTENCY_KEY_RE.match(key):
+    if not valid_idempotency_key(key):
         raise ValueError("idempotency_key must be 1-200 printable ASCII characters, no spaces")
     if window <= timedelta(0):
         raise ValueError("idempotency_window must be positive")

@@ -593,6 +593,36 @@ def test_an_invalid_row_holds_its_project_only_and_is_reported_once(sqlite_path,
     assert_exact(bus.client, {5: [1, 2], 6: [3]})
 
 
+@pytest.mark.parametrize("token", ["to k", "x" * 200, "t\u00f6k"])
+def test_a_row_whose_token_makes_an_unusable_key_holds_its_project_only(
+    sqlite_path, table, bus, token
+):
+    """A hand-made row whose token makes an idempotency key the publisher refuses (a space,
+    too long, not ASCII) is an invalid row like any other: reported, its project held, the other
+    projects published. It used to raise out of every batch: one such row stopped the relay
+    for every project, for good."""
+    outbox = Outbox(table)
+    with sqlite3.connect(sqlite_path) as conn:
+        conn.execute(
+            f"INSERT INTO {table} (project_id, token, event, created_at) VALUES (5, ?, ?, 0)",
+            (token, encode_event(event(5, 1)).decode()),
+        )
+        outbox.write_many(conn, [event(5, 2), event(6, 3)])
+    relay = OutboxRelay.sqlite(sqlite_path, bus, table=table, hold_interval=0)
+    try:
+        assert relay.run_once() == 1  # project 6's event
+        assert relay.run_once() == 0
+        assert relay.metrics.invalid_rows == 1
+        assert relay._keyed.batched  # nothing made the relay give up its MULTI/EXEC path
+        assert_exact(bus.client, {5: [], 6: [3]})
+        with sqlite3.connect(sqlite_path) as conn:  # the operator fixes the token
+            conn.execute(f"UPDATE {table} SET token = 'fixed' WHERE project_id = 5 AND id = 1")
+        drain(relay)
+    finally:
+        relay.store.close()
+    assert_exact(bus.client, {5: [1, 2], 6: [3]})
+
+
 def test_a_damaged_redis_key_holds_that_project_while_the_others_go_on(pg_url, pg_outbox, bus):
     """Redis refuses every publish of project 2 (its meta key was overwritten by something
     else): projects 1 and 3 are published completely, project 2 waits, with nothing of it

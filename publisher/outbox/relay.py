@@ -32,7 +32,7 @@ from typing import Any, NamedTuple, Protocol
 
 import structlog
 
-from publisher.core import Cursor, PublishError, PublisherUnavailable
+from publisher.core import Cursor, PublishError, PublisherUnavailable, valid_idempotency_key
 from publisher.outbox.metrics import RateLimiter, RelayMetrics
 from publisher.outbox.publishing import KeyedPublisher
 from publisher.outbox.sql import DEFAULT_TABLE, POSTGRES, SQLITE, Statements, for_psycopg
@@ -430,7 +430,17 @@ class OutboxRelay:
             )
 
     def _decode(self, row: OutboxRow) -> Any:
+        """The row's event, or None (reported once per row) if the row cannot be published as
+        it is: an event that does not validate or names another project, or a token (a
+        hand-made row's) that makes an idempotency key the publisher refuses. The latter raised
+        out of every batch before, so one such row stopped the relay for every project."""
         try:
+            key = idempotency_key(self.table, row)
+            if not valid_idempotency_key(key):
+                raise EventValidationError(
+                    f"the row's token {row.token!r} makes the idempotency key {key!r}, which the "
+                    "publisher refuses (1-200 printable ASCII characters, no spaces)"
+                )
             event = decode_event(row.event)
             if event.project_id != row.project_id:
                 raise EventValidationError(
