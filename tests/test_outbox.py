@@ -623,6 +623,37 @@ def test_a_row_whose_token_makes_an_unusable_key_holds_its_project_only(
     assert_exact(bus.client, {5: [1, 2], 6: [3]})
 
 
+@pytest.mark.parametrize(
+    ("project_id", "created_at"), [("'abc'", "0"), ("x'05'", "0"), ("5", "'yesterday'")]
+)
+def test_sqlite_columns_of_another_type_hold_that_row_s_project_only(
+    sqlite_path, table, bus, project_id, created_at
+):
+    """SQLite keeps whatever a hand-made INSERT gives a column (text in an INTEGER or REAL
+    column). Such a row, first in the table and next to a held project, used to raise out of
+    every batch (TypeError): the relay stopped for every project. Now it is an invalid row."""
+    outbox = Outbox(table)
+    with sqlite3.connect(sqlite_path) as conn:
+        conn.execute(
+            f"INSERT INTO {table} (project_id, token, event, created_at) "
+            f"VALUES ({project_id}, 'tok', ?, {created_at})",
+            (encode_event(event(5, 1)).decode(),),
+        )
+        conn.execute(
+            f"INSERT INTO {table} (project_id, token, event, created_at) "
+            "VALUES (7, 'tok', '{}', 0)"
+        )
+        outbox.write_many(conn, [event(6, 2), event(7, 3)])
+    relay = OutboxRelay.sqlite(sqlite_path, bus, table=table, hold_interval=3600)
+    try:
+        assert relay.run_once() == 1  # project 6's event
+        assert relay.run_once() == 0
+        assert relay.metrics.invalid_rows == 2
+        assert_exact(bus.client, {5: [], 6: [2], 7: []})
+    finally:
+        relay.store.close()
+
+
 def test_a_damaged_redis_key_holds_that_project_while_the_others_go_on(pg_url, pg_outbox, bus):
     """Redis refuses every publish of project 2 (its meta key was overwritten by something
     else): projects 1 and 3 are published completely, project 2 waits, with nothing of it

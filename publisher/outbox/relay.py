@@ -53,6 +53,9 @@ class OutboxRow(NamedTuple):
     token: str
     event: str
     created_at: float  # unix seconds, database clock
+    #: Why the row cannot be published as it is, found by the store (a SQLite column holding a
+    #: value of another type); the relay reports it and holds the project like an invalid event.
+    problem: str | None = None
 
 
 def idempotency_key(table: str, row: OutboxRow) -> str:
@@ -212,7 +215,7 @@ class SQLiteOutboxStore:
     def fetch(self, limit: int, held: list[int]) -> list[OutboxRow]:
         params = {"limit": limit, "held": json.dumps(held)}
         rows = self._db().execute(self.st.pending, params).fetchall()
-        return [OutboxRow(*row) for row in rows]
+        return [_sqlite_row(*row) for row in rows]
 
     def mark(self, published: list[tuple[int, Cursor]]) -> None:
         db = self._db()
@@ -249,6 +252,22 @@ class SQLiteOutboxStore:
         self._conn = None
 
     close = reset
+
+
+def _sqlite_row(row_id: int, project_id: Any, token: Any, event: Any, created_at: Any) -> OutboxRow:
+    """One fetched SQLite row. Column types are only affinities there: a hand-made ``INSERT``
+    can leave text in ``project_id`` or ``created_at``, which raised (a str in arithmetic, in
+    ``sorted``) out of every batch that fetched the row, stopping the relay for every project.
+    Such a row gets a ``problem`` (reported, its project held), a text ``project_id`` to hold
+    it by, and the relay's clock as its ``created_at`` (its lag is unknown)."""
+    problem = None
+    if type(project_id) is not int:
+        problem = f"the row's project_id {project_id!r} is not an integer"
+        project_id = str(project_id)
+    if type(created_at) not in (int, float):
+        problem = problem or f"the row's created_at {created_at!r} is not a number (unix seconds)"
+        created_at = time.time()
+    return OutboxRow(row_id, project_id, token, event, created_at, problem)
 
 
 def _chunks(rows: list[OutboxRow], size: int) -> Iterator[list[OutboxRow]]:
@@ -359,7 +378,7 @@ class OutboxRelay:
         self.metrics.leader = True
         now = time.monotonic()
         self._held = {p: until for p, until in self._held.items() if until > now}
-        rows = self.store.fetch(self.batch_size, sorted(self._held))
+        rows = self.store.fetch(self.batch_size, list(self._held))
         if not rows:
             self.metrics.oldest_pending_s = None
             return 0
@@ -435,6 +454,8 @@ class OutboxRelay:
         hand-made row's) that makes an idempotency key the publisher refuses. The latter raised
         out of every batch before, so one such row stopped the relay for every project."""
         try:
+            if row.problem is not None:
+                raise EventValidationError(row.problem)
             key = idempotency_key(self.table, row)
             if not valid_idempotency_key(key):
                 raise EventValidationError(
