@@ -32,6 +32,9 @@ __all__ = [
 ]
 
 AUDIENCE = "eventbus"
+#: Latest ``exp`` a token may carry: the largest integer a browser reads exactly (and far from
+#: where a float, as the gateway's expiry timer computes, overflows).
+MAX_EXP = 2**53 - 1
 DEFAULT_TOKEN_TTL = timedelta(minutes=15)
 ALLOWED_ALGORITHMS = ("HS256", "HS384", "HS512")
 #: Longest display name (``name`` claim) a token may carry; longer ones are ignored on verify.
@@ -84,13 +87,17 @@ def issue_token(
     if algorithm not in ALLOWED_ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALLOWED_ALGORITHMS}")
     seconds = ttl.total_seconds() if isinstance(ttl, timedelta) else float(ttl)
-    if seconds <= 0:
-        raise ValueError("ttl must be positive")
-    if projects != "*":
-        projects = sorted({int(p) for p in projects})
-        if any(p <= 0 for p in projects):
-            raise ValueError("project ids must be positive integers")
     now = int(time.time())
+    # NaN and infinity raised bare ValueError/OverflowError from round(); a huge finite ttl
+    # made an exp that no browser reads exactly and verify_token refuses.
+    if not 0 < seconds <= MAX_EXP - now:
+        raise ValueError("ttl must be a positive, finite number of seconds")
+    if projects != "*":
+        # A str was iterated character by character ("12" granted projects 1 and 2), and
+        # int() truncated floats (1.9 granted project 1): only integers are project ids.
+        if isinstance(projects, str | bytes):
+            raise ValueError(f"projects must be '*' or a list of project ids, got {projects!r}")
+        projects = sorted({_project_id(p) for p in projects})
     claims: dict[str, object] = {
         "projects": projects,
         "aud": AUDIENCE,
@@ -104,6 +111,12 @@ def issue_token(
             raise ValueError(f"name must be a string of 1 to {MAX_NAME_LENGTH} characters")
         claims["name"] = name
     return jwt.encode(claims, secret, algorithm=algorithm)
+
+
+def _project_id(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"project ids must be positive integers, got {value!r}")
+    return int(value)
 
 
 def verify_token(
@@ -132,6 +145,8 @@ def verify_token(
         allowed = frozenset(projects)
     else:
         raise InvalidToken("invalid token: 'projects' must be a list of positive ids or '*'")
+    if int(raw["exp"]) > MAX_EXP:  # PyJWT took any integer; the gateway's timer overflowed
+        raise InvalidToken(f"invalid token: 'exp' is later than {MAX_EXP}")
     sub = raw.get("sub")
     name = raw.get("name")
     if not (isinstance(name, str) and 0 < len(name) <= MAX_NAME_LENGTH):

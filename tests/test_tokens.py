@@ -201,12 +201,28 @@ def test_non_string_subject_is_ignored() -> None:
         ((SECRET, [1, -2]), {}, "positive"),
         ((SECRET, [1]), {"algorithm": "none"}, "algorithm"),
         ((SECRET, [1]), {"algorithm": "RS256"}, "algorithm"),
-        ((SECRET, ["x"]), {}, "invalid literal"),
+        ((SECRET, ["x"]), {}, "positive integers"),
+        ((SECRET, "12"), {}, "projects must be"),  # was projects 1 and 2
+        ((SECRET, b"12"), {}, "projects must be"),
+        ((SECRET, [1.9]), {}, "positive integers"),  # was project 1
+        ((SECRET, [True]), {}, "positive integers"),
+        ((SECRET, [1]), {"ttl": float("inf")}, "ttl"),  # was OverflowError
+        ((SECRET, [1]), {"ttl": float("nan")}, "ttl"),
+        ((SECRET, [1]), {"ttl": 1e300}, "ttl"),  # was an exp of 301 digits
     ],
 )
 def test_bad_arguments(args: tuple, kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         issue_token(*args, **kwargs)
+
+
+@pytest.mark.parametrize("exp", [2**53, 10**400])
+def test_an_exp_beyond_what_a_browser_reads_exactly_is_refused(exp: int) -> None:
+    """PyJWT takes any integer exp; the gateway's expiry timer (exp - time.time()) raised
+    OverflowError for one beyond a float, and a browser misreads any beyond 2**53 - 1."""
+    with pytest.raises(InvalidToken, match="exp"):
+        verify_token(forge({"projects": [1], "exp": exp}), SECRET)
+    assert verify_token(forge({"projects": [1], "exp": 2**53 - 1}), SECRET).exp == 2**53 - 1
 
 
 def test_claims_struct() -> None:
