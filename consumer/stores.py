@@ -143,7 +143,7 @@ class RedisCursorStore:
         pipeline.hset(self.key, str(project_id), f"{cursor[0]}|{cursor[1]}")
 
 
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 class SqlCursorStore:

@@ -35,7 +35,7 @@ __all__ = [
 #: Events per script call in ``publish_many``: large enough to amortise the round trip, small
 #: enough to keep one script from blocking Redis for long (about a millisecond).
 BATCH_SIZE = 500
-_IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,200}$")
+_IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,200}\Z")
 
 
 class PublishError(Exception):
@@ -186,7 +186,7 @@ class PreparedBatch(NamedTuple):
 
 #: Statuses of the publish script's reply (see schemas.lua.PUBLISH).
 PUBLISHED, DUPLICATE, CONFLICT = 0, 1, 2
-_REPLY_EPOCH_RE = re.compile(rb"^[A-Za-z0-9_-]{1,64}$")
+_REPLY_EPOCH_RE = re.compile(rb"^[A-Za-z0-9_-]{1,64}\Z")
 
 
 class ScriptReply(NamedTuple):

@@ -39,8 +39,8 @@ __all__ = [
 ]
 
 DEFAULT_PREFIX = "eventbus"
-_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_EPOCH_RE = re.compile(rb"^[A-Za-z0-9_-]{1,64}$")
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
+_EPOCH_RE = re.compile(rb"^[A-Za-z0-9_-]{1,64}\Z")
 
 
 class Keys:

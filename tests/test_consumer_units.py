@@ -335,6 +335,8 @@ async def test_sql_store_saves_inside_the_callers_transaction_or_not_at_all(tmp_
     assert await SqlCursorStore(db, "someone-else").load(1) is None
     with pytest.raises(ValueError):
         SqlCursorStore(db, "x", table="cursors; DROP TABLE effects")
+    with pytest.raises(ValueError):
+        SqlCursorStore(db, "x", table="cursors\n")  # a regex's $ matches before a final newline
     # Loading a cursor (another project subscribed) in the middle of the caller's transaction
     # must not commit the caller's half-done work.
     cur.execute("INSERT INTO effects VALUES (4)")

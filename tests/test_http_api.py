@@ -73,6 +73,9 @@ def test_a_key_is_found_by_its_hash_and_scoped_to_its_projects() -> None:
 def test_keys_file_errors_name_the_field_and_duplicates_are_refused() -> None:
     with pytest.raises(ValueError, match=r"\$.keys\[0\].sha256"):
         Credentials.from_json(b'{"keys":[{"id":"a","sha256":"xyz","projects":"*"}]}')
+    # A hash with a final newline can never match a key (a regex's $ matched before it).
+    with pytest.raises(ValueError, match=r"\$.keys\[0\].sha256"):
+        Credentials.from_json(json.dumps({"keys": [{"id": "a", "sha256": hash_key("k") + "\n"}]}))
     entry = {"id": "a", "sha256": hash_key("k"), "projects": [1]}
     with pytest.raises(ValueError, match="equal"):
         Credentials.from_json(json.dumps({"keys": [entry, {**entry, "id": "b"}]}))

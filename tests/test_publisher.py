@@ -134,7 +134,7 @@ def test_prepare_single_validates_before_building_anything() -> None:
         prepare_single(bad, keys=KEYS, retention=Retention(), publish_command="PUBLISH")
 
 
-@pytest.mark.parametrize("key", ["", "has space", "tab\t", "é", "x" * 201, 42])
+@pytest.mark.parametrize("key", ["", "has space", "tab\t", "é", "x" * 201, 42, "newline\n"])
 def test_prepare_single_rejects_bad_idempotency_keys(key: object) -> None:
     with pytest.raises(ValueError, match="idempotency_key"):
         prepare_single(

@@ -718,7 +718,8 @@ def test_parse_of_the_script_reply_is_strict() -> None:
     from publisher.core import parse_reply
 
     assert parse_reply([b"ok", 3, 0]) == ("ok", 3, 0)
-    for bad in ([b"\xff", 1, 0], [b"ok", b"1", 0], [b"ok", 0, 0], [b"ok", 1, 7], "x", None, []):
+    bad_replies = ([b"\xff", 1, 0], [b"ok\n", 1, 0], [b"ok", b"1", 0], [b"ok", 0, 0], [b"ok", 1, 7])
+    for bad in (*bad_replies, "x", None, []):
         with pytest.raises(PublishError, match="unexpected reply"):
             parse_reply(bad)
 

@@ -701,7 +701,7 @@ def test_project_of_channel() -> None:
     assert keys.project_of_channel("bus.test:{7}:stream") is None
 
 
-@pytest.mark.parametrize("prefix", ["", "a b", "x:y", "{tag}", "é", "p" * 65])
+@pytest.mark.parametrize("prefix", ["", "a b", "x:y", "{tag}", "é", "p" * 65, "eventbus\n"])
 def test_bad_prefixes_are_refused(prefix: str) -> None:
     with pytest.raises(ValueError, match="prefix"):
         Keys(prefix)
@@ -721,6 +721,7 @@ def test_parse_envelope() -> None:
         b"e|1|1",
         b"e|1|1|not-json",
         b"bad epoch|1|1|{}",
+        b"epoch\n|1|1|{}",
         b"|1|1|{}",
         b"e|0|1|{}",
         b"e|01|1|{}",

@@ -57,8 +57,8 @@ class ApiKey(msgspec.Struct, kw_only=True, frozen=True):
     """One publisher credential, as stored in the keys file. The key itself is never stored:
     only its SHA-256, so a leaked file does not leak a working key."""
 
-    id: Annotated[str, Meta(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._:-]+$")]
-    sha256: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")]
+    id: Annotated[str, Meta(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._:-]+\Z")]
+    sha256: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}\Z")]
     projects: list[Annotated[int, Meta(gt=0, le=2**53 - 1)]] | Literal["*"]
     rate: Annotated[float, Meta(gt=0)] | None = None
     burst: Annotated[int, Meta(ge=1)] | None = None

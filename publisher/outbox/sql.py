@@ -32,7 +32,7 @@ POSTGRES = "postgresql"
 SQLITE = "sqlite"
 DEFAULT_TABLE = "eventbus_outbox"
 
-_TABLE_RE = re.compile(r"^(?:[a-z_][a-z0-9_]{0,62}\.)?[a-z_][a-z0-9_]{0,40}$")
+_TABLE_RE = re.compile(r"^(?:[a-z_][a-z0-9_]{0,62}\.)?[a-z_][a-z0-9_]{0,40}\Z")
 
 #: PostgreSQL. ``id`` order is commit order per project (writers of one project serialize on a
 #: transaction-level advisory lock, see ``publisher.outbox.writer``); ``token`` is random per row
