@@ -37,11 +37,12 @@ from publisher.outbox import (
     idempotency_key,
     migration_sql,
 )
-from publisher.outbox.relay import OutboxRow
+from publisher.outbox.relay import OutboxRow, PostgresOutboxStore
 from publisher.outbox.sql import for_psycopg, lock_key, validate_table
 from schemas import BlockerResolved, encode_event
 from tests.support.outbox_db import private_database, stream_ids, wait_until
 from tests.support.redis_server import RedisServer
+from tests.support.tcp_proxy import FreezableProxy
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = datetime(2025, 11, 8, 12, 45, 30, tzinfo=UTC)
@@ -537,6 +538,40 @@ def test_the_relay_reconnects_after_its_database_sessions_are_killed(pg_url, pg_
     finally:
         relay.stop()
     assert_exact(bus.client, {1: list(range(1, 41))})
+
+
+def test_a_hung_database_holds_up_the_relay_only_for_its_statement_timeout(pg_url, pg_outbox, bus):
+    """PostgreSQL stopped with its sockets open (SIGSTOP, a frozen VM; a frozen proxy here):
+    nothing refuses, nothing answers. Each of the relay's statements ends within the store's
+    ``timeout``: the relay reports it and reconnects with backoff, publishes again once the
+    database answers, and ``stop()`` returns with the thread ended. Before, the relay waited
+    for the answer forever without a word, and ``stop()`` left its thread running."""
+    proxy = FreezableProxy("127.0.0.1", int(pg_url.rpartition(":")[2].partition("/")[0]))
+    url = pg_url.replace(":5432/", f":{proxy.port}/")
+    relay = OutboxRelay(
+        PostgresOutboxStore(url, pg_outbox.table, timeout=1.0),
+        bus,
+        poll_interval=0.1,
+        max_backoff=0.2,
+    ).start()
+    try:
+        _write_committed(pg_url, pg_outbox, [event(1, 1)])
+        wait_until(lambda: len(stream_ids(bus.client, 1)) == 1)
+        proxy.freeze()
+        _write_committed(pg_url, pg_outbox, [event(1, 2)])
+        wait_until(lambda: relay.metrics.errors >= 2, timeout=8)  # noticed, again and again
+        proxy.thaw()
+        wait_until(lambda: len(stream_ids(bus.client, 1)) == 2)
+        proxy.freeze()
+        time.sleep(0.3)  # the relay is inside a statement or about to start one
+        thread, started = relay._thread, time.monotonic()
+        relay.stop(timeout=5)
+        assert time.monotonic() - started < 4
+        assert thread is not None and not thread.is_alive()
+    finally:
+        relay._stop.set()
+        proxy.close()
+    assert_exact(bus.client, {1: [1, 2]})
 
 
 def test_the_catch_up_after_an_outage_is_paced_by_max_rate(sqlite_path, table, bus):

@@ -23,6 +23,9 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import math
+import os
+import socket
 import sqlite3
 import threading
 import time
@@ -100,15 +103,25 @@ class PostgresOutboxStore:
         leader: elect one active relay per table with ``pg_try_advisory_lock`` (the others wait
             and take over when its session ends). False lets every relay work: still exact, but
             duplicated work.
+        timeout: the longest one statement may wait for the database (30 s), and the connect
+            timeout unless the DSN sets ``connect_timeout``. A database that does not answer
+            (stopped with its sockets open, a frozen VM, a lost network) fails the statement with
+            ``TimeoutError``: the relay reports it and reconnects with backoff. libpq has no
+            such bound of its own: without it the relay waited forever, without a word.
     """
 
-    def __init__(self, dsn: str, table: str = DEFAULT_TABLE, *, leader: bool = True) -> None:
+    def __init__(
+        self, dsn: str, table: str = DEFAULT_TABLE, *, leader: bool = True, timeout: float = 30.0
+    ) -> None:
         import psycopg  # the optional 'postgres' extra
 
+        if not timeout > 0:
+            raise ValueError("timeout must be positive")
         self._psycopg = psycopg
         self.dsn = dsn
         self.table = table
         self.leader = leader
+        self.timeout = timeout
         self.st = Statements(table, POSTGRES)
         self._work: Any = None
         self._listen: Any = None
@@ -117,9 +130,28 @@ class PostgresOutboxStore:
     def _connect(self) -> Any:
         # Named, so that operators see the relay's sessions in pg_stat_activity (unless the DSN
         # names them itself).
-        named = "application_name" in self._psycopg.conninfo.conninfo_to_dict(self.dsn)
-        extra = {} if named else {"application_name": "eventbus-outbox-relay"}
+        params = self._psycopg.conninfo.conninfo_to_dict(self.dsn)
+        extra: dict[str, Any] = {}
+        if "application_name" not in params:
+            extra["application_name"] = "eventbus-outbox-relay"
+        if "connect_timeout" not in params:
+            extra["connect_timeout"] = max(2, math.ceil(self.timeout))  # libpq: whole seconds
         return self._psycopg.connect(self.dsn, autocommit=True, **extra)
+
+    @contextlib.contextmanager
+    def _deadline(self, conn: Any) -> Iterator[None]:
+        """Bound what runs inside to ``timeout``: then the connection's socket is shut down,
+        and the statement waiting on it fails at once (psycopg has no client-side statement
+        timeout, and the server's ``statement_timeout`` needs a server that runs)."""
+        deadline = _Deadline(conn.fileno(), self.timeout)
+        try:
+            yield
+        except self._psycopg.OperationalError as exc:
+            if deadline.expired:
+                raise TimeoutError(f"PostgreSQL did not answer within {self.timeout:g} s") from exc
+            raise
+        finally:
+            deadline.cancel()
 
     def _conn(self) -> Any:
         if self._work is None or self._work.closed:
@@ -128,8 +160,10 @@ class PostgresOutboxStore:
         return self._work
 
     def _q(self, sql: str, params: dict[str, Any]) -> list[tuple]:
-        cur = self._conn().execute(for_psycopg(sql), params)
-        return cur.fetchall() if cur.description is not None else []
+        conn = self._conn()
+        with self._deadline(conn):
+            cur = conn.execute(for_psycopg(sql), params)
+            return cur.fetchall() if cur.description is not None else []
 
     def lead(self) -> bool:
         if not self.leader:
@@ -156,16 +190,19 @@ class PostgresOutboxStore:
         return int(self._q(self.st.backlog, {})[0][0])
 
     def cleanup(self, retention: timedelta, limit: int) -> int:
-        cur = self._conn().execute(
-            for_psycopg(self.st.cleanup),
-            {"retention": retention.total_seconds(), "limit": limit},
-        )
-        return cur.rowcount
+        conn = self._conn()
+        with self._deadline(conn):
+            cur = conn.execute(
+                for_psycopg(self.st.cleanup),
+                {"retention": retention.total_seconds(), "limit": limit},
+            )
+            return cur.rowcount
 
     def wait(self, timeout: float) -> None:
         if self._listen is None or self._listen.closed:
             self._listen = self._connect()
-            self._listen.execute(f"LISTEN {self.st.channel}")
+            with self._deadline(self._listen):
+                self._listen.execute(f"LISTEN {self.st.channel}")
             return  # rows committed before LISTEN notified nobody: look at the table first
         for _ in self._listen.notifies(timeout=timeout, stop_after=1):
             pass
@@ -186,6 +223,35 @@ class PostgresOutboxStore:
         self._is_leader = False
 
     close = reset
+
+
+class _Deadline:
+    """Shuts down a socket ``seconds`` from now, unless cancelled first.
+
+    ``shutdown``, not ``close``: the descriptor stays libpq's until it closes the connection, so
+    it is never reused under it; a shut-down socket wakes every wait on it with end-of-file."""
+
+    def __init__(self, fd: int, seconds: float) -> None:
+        self.expired = False
+        self._fd: int | None = fd
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _expire(self) -> None:
+        with self._lock:
+            if self._fd is None:  # the statement returned meanwhile: the socket is in use again
+                return
+            self.expired = True
+            with contextlib.suppress(OSError):
+                with socket.socket(fileno=os.dup(self._fd)) as sock:  # closes the copy only
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._fd = None
+        self._timer.cancel()
 
 
 class SQLiteOutboxStore:
