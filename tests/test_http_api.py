@@ -248,9 +248,9 @@ class Api:
 
 
 @contextlib.asynccontextmanager
-async def served(redis_url: str, **setting_overrides):
+async def served(redis_url: str, keys: Credentials | None = None, **setting_overrides):
     publisher = AsyncPublisher.from_url(redis_url)
-    app = PublishApi(publisher, credentials(), HttpApiSettings(**setting_overrides))
+    app = PublishApi(publisher, keys or credentials(), HttpApiSettings(**setting_overrides))
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(app, port=port, http="httptools", lifespan="on", log_level="warning")
@@ -346,6 +346,21 @@ async def test_a_retry_with_the_same_idempotency_key_publishes_once(redis_url) -
     assert other[2]["cursor"]["seq"] == 2
     assert [f["seq"] for f in stream(redis_url, 3)] == [1, 2]
     assert [f["seq"] for f in stream(redis_url, 1)] == [1]
+
+
+async def test_the_longest_key_id_and_idempotency_key_publish_exactly_once(redis_url) -> None:
+    """A key id and an Idempotency-Key of 100 characters each (both allowed) made publisher
+    keys longer than its 200: a bare 500 (uvicorn's), for one event and for an array."""
+    long_key = ApiKey(id="k" * 100, sha256=hash_key(KEY_ALL), projects="*")
+    headers = {"Idempotency-Key": "i" * 100}
+    async with served(redis_url, Credentials([long_key])) as api:
+        answers = [await api.post(6, EXPIRED, headers=headers) for _ in range(2)]
+        batch = [resolved(n) for n in range(1, 12)]
+        answers += [await api.post(7, batch, headers=headers) for _ in range(2)]
+    assert [status for status, _, _ in answers] == [200] * 4, answers
+    assert answers[0][2] == answers[1][2] and answers[2][2] == answers[3][2]
+    assert [f["seq"] for f in stream(redis_url, 6)] == [1]
+    assert [f["blocker_id"] for f in stream(redis_url, 7)] == list(range(1, 12))
 
 
 async def test_rate_limit_per_key_answers_429_with_retry_after(redis_url) -> None:

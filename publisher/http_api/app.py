@@ -9,6 +9,7 @@ same validation, the same atomic Lua script, the same idempotency keys. ``GET /h
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import time
 from typing import Any
@@ -33,6 +34,7 @@ __all__ = ["HttpApiSettings", "PublishApi"]
 log = structlog.get_logger("eventbus.http_api")
 
 _IDEMPOTENCY_HEADER_MAX = 100
+_PUBLISHER_KEY_MAX = 200  # publisher.core: idempotency keys of 1-200 printable characters
 _JSON = [(b"content-type", b"application/json")]
 
 
@@ -162,17 +164,18 @@ class PublishApi:
         body = await self._body(headers, receive)
         events, is_batch = parse_events(body, project_id, self.settings.max_events)
         self.limiter.take(key, len(events), self._clock())
-        # Keys are namespaced by credential: two services choosing the same key never collide.
-        namespaced = None if idempotency_key is None else f"http:{key.id}:{idempotency_key}"
         try:
-            if is_batch and namespaced is None:
+            if is_batch and idempotency_key is None:
                 cursors = await self.publisher.publish_many(events)
             elif is_batch:
                 # One key per event: a retry of the same request publishes exactly what is
                 # missing (each keyed event is its own script call).
-                keys = [f"{namespaced}:{index}" for index in range(len(events))]
+                keys = _publisher_keys(key.id, idempotency_key, len(events))  # type: ignore[arg-type]
                 cursors = await self.publisher.publish_many(events, idempotency_keys=keys)
             else:
+                namespaced = None
+                if idempotency_key is not None:
+                    namespaced = _publisher_keys(key.id, idempotency_key, None)[0]
                 cursors = [await self.publisher.publish(events[0], idempotency_key=namespaced)]
         except PublisherUnavailable as exc:
             log.warning("http_publish_unavailable", project_id=project_id, error=str(exc))
@@ -223,6 +226,22 @@ class PublishApi:
 
 def _valid_idempotency_key(value: str) -> bool:
     return 0 < len(value) <= _IDEMPOTENCY_HEADER_MAX and all("!" <= char <= "~" for char in value)
+
+
+def _publisher_keys(key_id: str, idempotency_key: str, count: int | None) -> list[str]:
+    """The publisher's idempotency keys of a request: ``http:<key id>:<Idempotency-Key>``, with
+    ``:<index>`` per event of an array (``count`` events; None: one event, no suffix).
+
+    Namespaced by credential, so two services choosing the same key never collide. A key id
+    and an Idempotency-Key may each be 100 characters, which made keys longer than the
+    publisher's 200: ``publish`` raised ValueError and the client got a bare 500. Such keys
+    are replaced by a digest of the whole (``~`` never occurs in a key id, so the two forms
+    cannot meet)."""
+    namespaced = f"http:{key_id}:{idempotency_key}"
+    suffixes = [""] if count is None else [f":{index}" for index in range(count)]
+    if len(namespaced) + len(suffixes[-1]) > _PUBLISHER_KEY_MAX:
+        namespaced = "http:~" + hashlib.blake2b(namespaced.encode(), digest_size=16).hexdigest()
+    return [namespaced + suffix for suffix in suffixes]
 
 
 def _publish_error_status(exc: PublishError) -> tuple[int, str]:
