@@ -77,7 +77,15 @@ def _to_utc(value: datetime, field: str) -> datetime:
         )
     if value.tzinfo is None or value.utcoffset() is None:
         raise EventValidationError(f"Expected a timezone-aware datetime - at `$.{field}`")
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        # 9999-12-31T23:59-05:00 or 0001-01-01T00:00+05:00: no UTC datetime. OverflowError is
+        # no ValueError: it escaped msgspec's decode as it was (a 500 from the HTTP API, a relay
+        # stopped for every project by one outbox row, a consumer's connection task dead).
+        raise EventValidationError(
+            f"Expected a datetime that exists in UTC (years 1-9999) - at `$.{field}`"
+        ) from None
 
 
 class Blocker(msgspec.Struct, kw_only=True):

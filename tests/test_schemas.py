@@ -349,6 +349,29 @@ def test_naive_datetime_is_rejected_when_built_in_python() -> None:
         )
 
 
+@pytest.mark.parametrize("when", ["9999-12-31T23:59:00-05:00", "0001-01-01T00:00:00+05:00"])
+def test_a_datetime_beyond_utcs_range_is_a_validation_error(when: str) -> None:
+    """Converting it to UTC overflows; the OverflowError used to escape every decoder."""
+    from consumer.frames import FrameError, decode_frame
+    from publisher.http_api import ApiError
+    from publisher.http_api.core import parse_events
+
+    event = {"type": "blocker_resolved", "blocker_id": 1, "answer": "a", "resolved_at": when}
+    data = json.dumps({**event, "project_id": 1}).encode()
+    with pytest.raises(EventValidationError, match=r"UTC.*`\$\.resolved_at`"):
+        decode_event(data)
+    with pytest.raises(EventValidationError, match=r"`\$\.resolved_at`"):
+        BlockerResolved(
+            project_id=1, blocker_id=1, answer="a", resolved_at=datetime.fromisoformat(when)
+        )
+    with pytest.raises(ApiError) as error:  # the HTTP API: 422, not 500
+        parse_events(json.dumps(event).encode(), 1, 10)
+    assert error.value.status == 422
+    with pytest.raises(FrameError) as frame_error:  # the consumer: an undecodable event
+        decode_frame(data[:-1] + b',"seq":3}')
+    assert frame_error.value.header == ("blocker_resolved", 1, 3)
+
+
 def test_naive_datetime_assigned_after_construction_is_rejected_by_encode() -> None:
     event = decode_event(CONTRACT_EXAMPLES["agent_resumed"])
     event.resumed_at = datetime(2025, 11, 8, 12, 0)  # type: ignore[attr-defined]
