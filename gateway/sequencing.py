@@ -384,7 +384,14 @@ def plan_poll(epoch: str | None, after: int | None, snapshot: Snapshot, limit: i
     if after < top and snapshot.corrupt_at == after + 1:
         # The next entry is not an event; the valid ones before a corrupt one are paged first.
         return PollPlan([], Resync(ResyncReason.HISTORY_CORRUPT, snapshot.epoch, top), False)
-    if after < top and (not entries or entries[0][0] != after + 1):
+    # Only the run that follows the cursor without a hole: an entry missing from the middle of
+    # the stream (deleted by hand) ends the page before it, and the next poll, which starts at
+    # the hole, gets ``history_trimmed`` (as a subscribe and a feed do), never a silent skip.
+    for count, (seq, _) in enumerate(entries):
+        if seq != after + 1 + count:
+            del entries[count:]
+            break
+    if after < top and not entries:
         return PollPlan([], Resync(ResyncReason.HISTORY_TRIMMED, snapshot.epoch, top), False)
     last = entries[-1][0] if entries else after
     return PollPlan(entries, None, last < top)

@@ -172,6 +172,36 @@ async def test_polling_pages_up_to_a_corrupt_entry_then_resyncs(live, publisher,
     assert page["resync_required"]["seq"] == BEFORE + 2
 
 
+async def test_polling_never_skips_an_entry_deleted_from_the_middle(live, redis_client):
+    """A hole in the stream (an entry deleted by hand) ends the page before it and then gives
+    ``history_trimmed``, as a subscribe does: the events after it are never paged over it."""
+    import asyncio
+    import urllib.request
+
+    from publisher import issue_token
+    from tests.support.gateway_client import SECRET
+
+    gateway, _, _ = live
+    redis_client.xdel(KEYS.stream(POISONED), "2-0")
+    epoch = epoch_of(redis_client, POISONED)
+    token = issue_token(SECRET, [POISONED], ttl=60)
+
+    def poll(after: int) -> dict:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{gateway.port}/v1/projects/{POISONED}/events"
+            f"?epoch={epoch}&after={after}",
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return json.loads(response.read())
+
+    page = await asyncio.to_thread(poll, 0)
+    assert [e["seq"] for e in page["events"]] == [1] and page["more"]
+    page = await asyncio.to_thread(poll, 1)
+    assert page["events"] == [] and page["resync_required"]["reason"] == "history_trimmed"
+    assert page["resync_required"]["seq"] == BEFORE
+
+
 # --- channel messages ------------------------------------------------------------------------
 
 

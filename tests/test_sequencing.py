@@ -305,6 +305,13 @@ class TestPlanPoll:
         assert plan.events == [] and plan.resync.reason is ResyncReason.HISTORY_CORRUPT
         assert (plan.resync.epoch, plan.resync.seq) == ("e1", 10)
 
+    def test_a_hole_in_the_history_ends_the_page_then_resyncs(self):
+        snapshot = Snapshot("e1", 10, [*entries(3, 4), *entries(6, 8)])
+        plan = plan_poll("e1", 2, snapshot, limit=5)
+        assert [s for s, _ in plan.events] == [3, 4] and plan.more and plan.resync is None
+        plan = plan_poll("e1", 4, Snapshot("e1", 10, entries(6, 8)), limit=5)
+        assert plan.events == [] and plan.resync.reason is ResyncReason.HISTORY_TRIMMED
+
     def test_trimmed_and_foreign_cursors_resync(self):
         assert plan_poll("e1", 1, Snapshot("e1", 10, entries(5, 7)), 3).resync.reason is (
             ResyncReason.HISTORY_TRIMMED
