@@ -261,8 +261,11 @@ class Hub:
 
     def _apply(self, feed: Feed, step: Step) -> None:
         window = feed.window
+        project_id = feed.project_id
         for seq, frame in step.deliver:
-            item = Outgoing(frame)
+            # The item says which event it is: a transport numbering events by cursor (SSE)
+            # takes that from the feed, never from the frame, whose JSON may be anyone's.
+            item = Outgoing(frame, project_id, seq)
             self._fanout(feed, seq, item)
             window.append(seq, item, _window_size(item))
         sequencer = feed.sequencer
@@ -635,7 +638,7 @@ class Hub:
                 return  # the stream no longer holds what the feed delivered: not ours to mix
         run = []
         for seq, frame in seed_run(snapshot.entries, lo - 1):
-            item = Outgoing(frame)
+            item = Outgoing(frame, feed.project_id, seq)
             run.append((seq, item, _window_size(item)))
         window.prepend(generation, epoch, run)
 
@@ -657,7 +660,8 @@ class Hub:
             if prebuilt:
                 items = list(map(_ITEM, plan.replay))
             else:
-                items = [Outgoing(frame) for _, frame in plan.replay]
+                project_id = feed.project_id
+                items = [Outgoing(frame, project_id, seq) for seq, frame in plan.replay]
             session.send_replay(items)
         self.metrics.replayed_total += len(plan.replay)
         self.metrics.deliveries_total += len(plan.replay)

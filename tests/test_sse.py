@@ -378,6 +378,50 @@ async def test_a_foreign_frame_with_line_breaks_cannot_inject_sse_fields(
     stream.close()
 
 
+@pytest.mark.parametrize(
+    "frame",
+    [b'{"type":"x","seq":2}', b'{"type":"x","project_id":16,"seq":2}'],
+    ids=["no_project_id", "another_project_id"],
+)
+async def test_a_foreign_frame_cannot_move_another_projects_cursor(
+    gateways, publisher, redis_url, frame
+):
+    """On a stream of several projects, an event's ``id`` comes from the feed it was delivered
+    by, not from the frame's JSON: a frame written into project 15's history by hand that
+    names no project, or project 16, is still project 15's event 2, and both cursors stay
+    exact (a wrong one would make a resume repeat or skip events)."""
+    gateway = await gateways(reconcile_interval=0.2)
+    await publish(publisher, 15, 1)
+    await publish(publisher, 16, 1)
+    path = "/v1/stream?project=15&project=16"
+    _, _, stream = await open_stream(_url(gateway), path, _auth([15, 16]))
+    head = await stream.until("subscribed")
+    head += await stream.until("subscribed")
+    epochs = {
+        json.loads(e.data)["project_id"]: json.loads(e.data)["epoch"]
+        for e in head
+        if e.event == "subscribed"
+    }
+    keys = Keys()
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:  # in the stream only: the periodic check finds it
+        await client.xadd(keys.stream(15), {"f": frame, "t": 0}, id="2-0")
+        await client.hset(keys.meta(15), "seq", 2)
+    finally:
+        await client.aclose()
+    got = await stream.next()
+    assert got.data == frame.decode()
+    assert got.id == f"15={epochs[15]}:2,16={epochs[16]}:1"
+    await publish(publisher, 15, 1)
+    await publish(publisher, 16, 1)
+    got = [await stream.next() for _ in range(2)]
+    assert [e.id for e in got] == [
+        f"15={epochs[15]}:3,16={epochs[16]}:1",
+        f"15={epochs[15]}:3,16={epochs[16]}:2",
+    ]
+    stream.close()
+
+
 async def test_a_closed_stream_is_freed_without_waiting_for_the_cycle_collector(gateways):
     # As a WebSocket connection (tests/test_gateway.py), a stream leaves no reference cycle once
     # it ends, however it ends: the stream, its session, and the WebSocket connection it took
