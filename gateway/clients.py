@@ -310,8 +310,11 @@ class ClientProtocol:
                 count=False,
             )
             return False
-        if session.closing:
-            return False  # the connection closed while the hub waited: nothing to list
+        if session.closing or project_id not in session.projects:
+            # The connection closed while the hub waited, or the subscription ended before it
+            # went live (the project's metadata turned out unreadable; the hub's ``error`` said
+            # so): nothing to list, since presence is visible only where events are.
+            return False
         self._list(session, project_id)
         service = self.gateway.presence
         if not presence:

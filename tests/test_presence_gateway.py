@@ -420,3 +420,28 @@ async def test_garbage_in_a_projects_presence_keys_stays_in_that_project(gateway
         assert all(not task.done() for task in gateway.presence._tasks)
     finally:
         await raw.aclose()
+
+
+async def test_a_subscribe_that_ends_unavailable_does_not_list_the_person(gateways, redis_url):
+    """A subscribe whose project turns out unreadable (its metadata in Redis is foreign) gets
+    ``error`` ``unavailable`` and no subscription: the person must not be listed in the
+    project's presence either (presence is visible only where events are), and an
+    ``unsubscribe`` is then rightly ``not_subscribed``."""
+    from schemas.keys import Keys
+
+    gateway = await gateways(**FAST)
+    raw = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        await raw.set(Keys().meta(1), "not a hash")
+    finally:
+        await raw.aclose()
+    ghost = await person(gateway, "ghost")
+    await ghost.send({"type": "subscribe", "project_id": 1, "presence": True})
+    await ghost.wait_for(lambda: ghost.last("error") is not None)
+    assert ghost.last("error")["code"] == "unavailable"
+    await asyncio.sleep(0.3)  # a listing would have been written by now (flush interval 0.1 s)
+    watcher = await person(gateway, "watcher")
+    await watcher.send({"type": "presence_get", "project_id": 1})
+    await watcher.wait_for(lambda: watcher.last("presence") is not None)
+    assert watcher.last("presence")["members"] == []
+    assert gateway.presence.core.table.records(1) == {}
