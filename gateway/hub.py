@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import operator
 import time
+from collections.abc import Callable
 
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
@@ -87,6 +88,10 @@ def _write_failed(session: Session) -> None:
     closed with 1011 and resumes from its cursors; the others of the iteration are still served."""
     log.exception("write failed; closing the connection", conn_id=session.id)
     session.abort(CloseCode.INTERNAL_ERROR, "internal error: reconnect and resume")
+
+
+def _nothing(*args: object) -> None:
+    pass
 
 
 class SubscribeUnavailable(Exception):
@@ -176,6 +181,10 @@ class Hub:
         self._dirty_feeds: list[Feed] = []  # feeds with pending frames
         self._flush_scheduled = False
         self._loop = asyncio.get_running_loop()
+        #: Called with ``(session, project_id)`` for each subscription the hub itself ends
+        #: (:meth:`_fail_feed`), so that what goes with a subscription (the tab's presence)
+        #: ends with it; the gateway wires it to ``PresenceService.leave``.
+        self.on_subscription_ended: Callable[[Session, int], object] = _nothing
 
     @property
     def resumes_from_memory(self) -> int:
@@ -469,6 +478,7 @@ class Hub:
         for session in [*feed.live, *feed.joining]:
             session.projects.discard(feed.project_id)
             session.send_message(message)
+            self.on_subscription_ended(session, feed.project_id)
         feed.live.clear()
         feed.joining.clear()
         feed.pending.clear()

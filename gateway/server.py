@@ -153,6 +153,9 @@ class Gateway:
             publish_command="SPUBLISH" if config.sharded else "PUBLISH",
             link=self.link,
         )
+        # A subscription the hub ends (its project turned unreadable) takes the tab's presence
+        # in the project with it, as an unsubscribe does.
+        self.hub.on_subscription_ended = self.presence.leave
         self.link.start()
         await self.presence.start()
         self._tasks = [

@@ -445,3 +445,29 @@ async def test_a_subscribe_that_ends_unavailable_does_not_list_the_person(gatewa
     await watcher.wait_for(lambda: watcher.last("presence") is not None)
     assert watcher.last("presence")["members"] == []
     assert gateway.presence.core.table.records(1) == {}
+
+
+async def test_a_live_subscription_ended_as_unavailable_leaves_the_presence_too(
+    gateways, redis_url
+):
+    """The periodic check finds a followed project's metadata foreign: its subscriptions end
+    with ``error`` ``unavailable``. Their tabs leave the project's presence with them: they are
+    no longer listed, and they get no more ``presence_diff`` of a project they do not follow."""
+    from schemas.keys import Keys
+
+    gateway = await gateways(reconcile_interval=0.2, **FAST)
+    gone = await person(gateway, "gone")
+    await gone.subscribe(1, presence=True)
+    await until(gone, lambda: ids(gone) == {"gone"})
+    raw = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        await raw.hset(Keys().meta(1), "seq", "garbage")
+    finally:
+        await raw.aclose()
+    await gone.wait_for(lambda: gone.last("error") is not None)
+    assert (gone.last("error")["code"], gone.last("error")["project_id"]) == ("unavailable", 1)
+    assert gateway.presence.core.subscribers.get(1, set()) == set()  # no more diffs for it
+    newcomer = await person(gateway, "newcomer")
+    await newcomer.send({"type": "presence_get", "project_id": 1})  # no subscription needed
+    await newcomer.wait_for(lambda: newcomer.last("presence") is not None)
+    assert newcomer.last("presence")["members"] == []
