@@ -43,7 +43,9 @@ __all__ = [
 
 ProjectId = Annotated[int, Meta(gt=0, le=2**53 - 1)]
 Sequence = Annotated[int, Meta(ge=0, le=2**53 - 1)]
-Epoch = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+#: ``(?!\n)``: msgspec searches the pattern with Python's ``re``, whose ``$`` also matches before
+#: a final line feed (``\Z`` would say it in Python only: the pattern is exported to JSON Schema).
+Epoch = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+(?!\n)$")]
 Token = Annotated[str, Meta(min_length=1, max_length=8192)]
 #: What a member is looking at or answering: an application id (a blocker's id in the dashboard).
 ItemId = Annotated[int, Meta(gt=0, le=2**53 - 1)]

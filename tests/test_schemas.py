@@ -616,6 +616,7 @@ def test_protocol_examples_decode(frame: str, expected: Any) -> None:
         ('{"type":"subscribe","project_id":0}', ErrorCode.INVALID_MESSAGE),
         ('{"type":"subscribe","project_id":1,"epoch":"bad epoch!","after":1}', "invalid_cursor"),
         ('{"type":"subscribe","project_id":1,"epoch":"e","after":-1}', "invalid_cursor"),
+        ('{"type":"subscribe","project_id":1,"epoch":"e\\n","after":1}', "invalid_cursor"),
         ('{"type":"auth","token":""}', ErrorCode.INVALID_MESSAGE),
     ],
 )

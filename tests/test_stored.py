@@ -152,6 +152,7 @@ def test_foreign_stream_entries(entry_id, fields, problem) -> None:
         b"e1|5|0|[1]",
         b"e1|x|0|{}",
         b"e\xff|5|0|{}",
+        b"e1\n|5|0|{}",  # '$' would match before a trailing line feed
         b"no pipes at all",
     ],
 )
