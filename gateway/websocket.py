@@ -254,12 +254,26 @@ class WebSocketConnection(asyncio.Protocol):
     def _dispatch(self, events: list) -> None:
         """What websockets made of a read: its own answers (pongs, the close echo) go out first,
         a close it now expects arms the close deadline, then the frames are handled in order."""
-        self.send_data()
+        if self.send_data() and self._answers_over_limit():
+            return  # cut: the rest of the read is of no use
         if self.protocol.close_expected():
             self._expect_close()
         if self.session is not None:
             for event in events:
                 self._frame(event)
+
+    def _answers_over_limit(self) -> bool:
+        """Whether websockets' answers to a read (pongs, written at once) took the connection
+        past ``--outbound-limit``; it is then cut (4008), as it would be before a write of ours.
+        A client that sends pings as fast as it can and reads nothing would otherwise make the
+        gateway buffer its pongs until the once-a-second check (16 MB measured, against a 64 KiB
+        limit)."""
+        session = self.session
+        if session is None or session.closing or not session.over_limit():
+            return False
+        session.cut_slow()
+        self.endpoint.metrics.slow_consumer_disconnects_total += 1
+        return True
 
     def _failed(self) -> None:
         """A bug while handling a read: this connection ends (1011), no other is affected."""
@@ -328,12 +342,15 @@ class WebSocketConnection(asyncio.Protocol):
         session_id = self.session.id if self.session is not None else 0
         return ConnectionLog(log, session_id, connection=self)
 
-    def send_data(self) -> None:
-        """Write what websockets has to send (frames, a response; an empty one: half-close)."""
+    def send_data(self) -> bool:
+        """Write what websockets has to send (frames, a response; an empty one: half-close).
+        True when there were bytes to write."""
         transport = self.transport
+        wrote = False
         for data in self.protocol.data_to_send():
             if data:
                 transport.write(data)
+                wrote = True
             elif transport.can_write_eof():
                 try:
                     transport.write_eof()
@@ -343,6 +360,7 @@ class WebSocketConnection(asyncio.Protocol):
                 transport.close()
         if self.session is not None:
             self.session.on_websockets_write()
+        return wrote
 
     def close(self, code: CloseCode | int, reason: str) -> None:
         """Start the closing handshake; the peer has :data:`CLOSE_TIMEOUT` s to finish it."""

@@ -81,6 +81,50 @@ async def test_compressed_and_plain_connections_get_the_same_events(gateways, pu
         await client.close()
 
 
+async def test_a_client_that_floods_pings_without_reading_is_cut_at_the_outbound_limit(
+    gateways, monkeypatch
+):
+    """websockets answers every ping with a pong, written at once: a client that sends pings
+    as fast as it can and reads nothing makes the gateway buffer pongs. The outbound limit
+    applies to them too, checked after each read: the connection is cut (4008) holding at most
+    the limit plus one read's pongs, not whatever the client uploads before the once-a-second
+    check (gigabytes a second on a fast link)."""
+    from gateway.websocket import WebSocketConnection, WebSocketSession
+
+    # Only the read path can cut it here: the once-a-second stall and limit check is off.
+    monkeypatch.setattr(WebSocketSession, "check_stall", lambda self, now: False)
+    limit = 64 * 1024
+    gateway = await gateways(outbound_limit=limit)
+    client = await RawClient.connect(gateway.port, rcvbuf=4096)
+    await client.send({"type": "auth", "token": issue_token(SECRET, [1], ttl=300)})
+    (session,) = gateway.sessions
+    await wait_until_true(lambda: session.claims is not None)
+    transport = session.transport
+    peak = 0
+    send_data = WebSocketConnection.send_data
+
+    def measuring_send_data(connection: WebSocketConnection):
+        nonlocal peak
+        result = send_data(connection)
+        if connection.session is session and not session.closing:  # 4008 is queued on purpose
+            peak = max(peak, transport.get_write_buffer_size())
+        return result
+
+    monkeypatch.setattr(WebSocketConnection, "send_data", measuring_send_data)
+    ping = b"\x89\xfd" + b"\0\0\0\0" + b"p" * 125  # masked (with a zero key), 125 bytes
+    sent = 0
+    with contextlib.suppress(OSError):
+        while not session.closing and sent < 32 * 1024 * 1024:
+            client.writer.write(ping * 8000)  # ~1 MB
+            await client.writer.drain()
+            sent += len(ping) * 8000
+    assert session.closing, f"never cut; {peak} bytes of pongs buffered, nothing read"
+    assert gateway.metrics.slow_consumer_disconnects_total == 1
+    assert peak <= limit + 512 * 1024, peak
+    client.writer.transport.abort()
+    await wait_until_true(lambda: not gateway.sessions)
+
+
 async def test_a_compressed_connection_that_stops_reading_is_cut_before_passing_the_limit(
     gateways, publisher, monkeypatch
 ):
