@@ -603,6 +603,8 @@ class Consumer:
             # The gateway reads the auth frame before anything else: subscribes can follow it at
             # once (a refused token closes the connection with 4001 before they are read).
             self._subscribed_on = ws
+            for state in self._states.values():
+                state.on_connection()
             for state in list(self._states.values()):
                 # Skipped: one unfollowed while an earlier send waited, and one catching up
                 # (it subscribes when its pages are read).
@@ -784,7 +786,7 @@ class Consumer:
                     return
                 if page.resync_required is not None:
                     resync = page.resync_required
-                    item = state.on_resync(resync.reason, resync.epoch, resync.seq)
+                    item = state.on_resync(resync.reason, resync.epoch, resync.seq, paged=True)
                     await self._put(project_id, item)
                     break
                 more = page.more and bool(page.events)

@@ -15,7 +15,11 @@ are the ones of ``eventbus.js``'s ``ProjectCursor``:
 * ``resync_required`` moves the cursor to the given ``(epoch, seq)`` and is surfaced as an item;
   except ``too_far_behind`` in the cursor's own epoch, which the client may *catch up* instead: it
   reads the missed events page by page (the gateway's HTTP polling endpoint has no replay bound),
-  ignoring the WebSocket's events meanwhile, then resubscribes from where the pages ended.
+  ignoring the WebSocket's events meanwhile, then resubscribes from where the pages ended;
+* event frames carry no epoch: the WebSocket's events are taken to be in the epoch its last
+  ``subscribed`` or ``resync_required`` named. When a catch-up's page moved the cursor to another
+  epoch (the history was flushed while the pages were read), the WebSocket's events are still the
+  old epoch's, and are dropped until it names the cursor's epoch too.
 """
 
 from __future__ import annotations
@@ -65,10 +69,21 @@ class ProjectState:
     catching_up: bool = False  # missed events are being read page by page
     resubscribe_when_acknowledged: bool = False  # a catch-up ended before its `subscribed`
     generation: int = 0  # bumps on every resync and catch-up: a stale catch-up recognises itself
+    #: The epoch of the WebSocket's events: what its last ``subscribed`` or ``resync_required``
+    #: for the project named (None: nothing yet on this connection).
+    stream_epoch: str | None = None
 
     @property
     def known(self) -> bool:
         return self.cursor is not None
+
+    def on_connection(self) -> None:
+        """A new connection: what was sent on an earlier one is never answered (a subscribe
+        still unacknowledged there must not hold back the next one), and none of its events
+        follow."""
+        self.pending = False
+        self.resubscribe_when_acknowledged = False
+        self.stream_epoch = None
 
     def subscribe_message(self) -> dict[str, object]:
         """The subscribe frame to send now (on every connect, and after a gap)."""
@@ -88,6 +103,11 @@ class ProjectState:
         if cursor is None:
             # Only a `subscribed` places the first event; the subscribe in flight covers it.
             return Verdict.DROP
+        if not paged and self.stream_epoch is not None and self.stream_epoch != cursor[0]:
+            # A catch-up's page moved the cursor to a newer epoch; this event is of the old one
+            # (it carries no epoch of its own), whatever its number: the resubscribe brings the
+            # new epoch's.
+            return Verdict.DROP if self.pending else Verdict.GAP
         last = cursor[1]
         if seq == last + 1:
             self.cursor = Cursor(cursor[0], seq)
@@ -99,6 +119,7 @@ class ProjectState:
     def on_subscribed(self, epoch: str, seq: int, resumed: bool) -> SubscribedOutcome:
         """The gateway's ``subscribed``: the project is live after ``(epoch, seq)``."""
         self.pending = False
+        self.stream_epoch = epoch
         if self.resubscribe_when_acknowledged:
             self.resubscribe_when_acknowledged = False
             return SubscribedOutcome(resubscribe=True)
@@ -143,6 +164,8 @@ class ProjectState:
         self.catching_up = True
         self.resync_seen = True
         self.generation += 1
+        if self.cursor is not None:
+            self.stream_epoch = self.cursor.epoch  # the resync named it (see can_catch_up)
 
     def end_catch_up(self) -> dict[str, object] | None:
         """The pages are read (or failed): the subscribe to send now, from wherever the cursor
@@ -155,9 +178,15 @@ class ProjectState:
             return None
         return self.subscribe_message()
 
-    def on_resync(self, reason: ResyncReason, epoch: str, seq: int) -> Resync:
-        """The gateway's ``resync_required``: later events continue after ``(epoch, seq)``."""
+    def on_resync(
+        self, reason: ResyncReason, epoch: str, seq: int, *, paged: bool = False
+    ) -> Resync:
+        """The gateway's ``resync_required``: later events continue after ``(epoch, seq)``;
+        ``paged``: it came with a catch-up's page, not on the WebSocket (whose events are still
+        in the epoch it last named)."""
         self.cursor = Cursor(epoch, seq)
+        if not paged:
+            self.stream_epoch = epoch
         self.start_after = None
         self.resync_seen = True
         self.catching_up = False  # a catch-up in progress is obsolete

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 import fakeredis
 import msgspec
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from consumer import (
@@ -170,6 +170,42 @@ def test_a_catch_up_that_ends_before_its_subscribed_waits_for_it_to_resubscribe(
     assert outcome == SubscribedOutcome(resubscribe=True)
     assert state.subscribe_message()["after"] == 6
     assert state.on_subscribed(EPOCH, 6, resumed=True) == SubscribedOutcome()
+
+
+def test_events_of_the_old_epoch_are_dropped_after_a_page_moved_the_cursor_to_a_new_one():
+    """A catch-up whose page says the epoch changed (the history was flushed while the pages were
+    read) moves the cursor to the new epoch; the WebSocket's events, which carry no epoch, are
+    still the old one's until the WebSocket names the new epoch: delivering one would put the old
+    epoch's event under the new epoch's number (found by hypothesis, the test further below)."""
+    state = live_state(0)
+    state.subscribe_message()
+    state.begin_catch_up()
+    state.on_resync(ResyncReason.EPOCH_CHANGED, "e9", 5, paged=True)
+    assert state.end_catch_up() is None  # the resume's subscribed is still to come
+    assert state.on_subscribed(EPOCH, 5, resumed=False) == SubscribedOutcome(resubscribe=True)
+    state.subscribe_message()
+    assert state.on_event(6) is Verdict.DROP  # the old epoch's 6th event, live
+    # The WebSocket's own resync names the new epoch: its events count from there.
+    state.on_resync(ResyncReason.EPOCH_CHANGED, "e9", 0)
+    assert state.on_event(1) is Verdict.DELIVER
+    assert state.cursor == ("e9", 1)
+
+
+def test_a_new_connection_forgets_the_subscribe_the_old_one_left_unanswered():
+    """A connection lost between a resume's resync_required (a catch-up starts) and its
+    subscribed: the catch-up's end must subscribe on the new connection, not wait for an answer
+    the old one will never give (the project would stay silent)."""
+    state = live_state(5)
+    state.subscribe_message()
+    state.begin_catch_up()
+    state.on_connection()  # the catch-up goes on; its project is not subscribed meanwhile
+    assert state.on_event(6, paged=True) is Verdict.DELIVER
+    assert state.end_catch_up() == {
+        "type": "subscribe",
+        "project_id": 1,
+        "epoch": EPOCH,
+        "after": 6,
+    }
 
 
 @settings(max_examples=300, deadline=None)
@@ -583,6 +619,16 @@ operations = st.lists(
 
 @settings(max_examples=300, deadline=None)
 @given(operations)
+@example(  # a flush while a catch-up's pages were read (ProjectState.stream_epoch)
+    [
+        ("deliver", 1, 0),
+        ("publish", 1, 5),
+        ("reconnect", 0, 0),
+        ("publish", 1, 1),
+        ("flush", 1, 0),
+        ("publish", 1, 5),
+    ]
+)
 async def test_through_drops_duplicates_swaps_reconnects_and_flushes_every_event_once_in_order(
     steps: list[tuple[str, int, int]],
 ):
@@ -624,6 +670,7 @@ async def test_through_drops_duplicates_swaps_reconnects_and_flushes_every_event
             gateway.in_flight.clear()
             gateway.live.clear()
             for state in consumer._states.values():
+                state.on_connection()
                 gateway.subscribe(state.subscribe_message())
         elif op == "flush":
             gateway.flush(a)
