@@ -361,7 +361,7 @@ def render(run: Run, figures: list[dict], failures: list[str]) -> str:
     lines += [
         "",
         "RSS rises for the first minutes of load whatever the run: CPython's allocator grows to "
-        "its working set (the gateway lets 50,000 young objects accumulate before a cyclic "
+        "its working set (the gateway lets 500,000 young objects accumulate before a cyclic "
         "collection, and walks the old generation rarely, see `gateway/__main__.py`; a closed "
         "WebSocket connection itself leaves no cycle), and freed arenas are rarely returned to "
         "the OS. A leak shows as "

@@ -124,20 +124,22 @@ async def supervise(config: GatewayConfig, workers: int, argv: list[str]) -> int
 def tune_gc() -> None:
     """Fewer, cheaper cyclic garbage collections for a process holding thousands of connections.
 
-    Each idle connection is about 20 objects tracked by the collector. With CPython's defaults (a
-    young collection every 700 new objects, the old generation walked whenever it grew by a
-    quarter) a reconnect storm of 10,000 clients spent more time in the collector than in
-    everything else. Here the young generation is 50,000 objects, and the old generation is
-    considered after every 10 gen1 collections (about 5 million objects allocated and kept), and
-    then walked only once it has grown by a quarter (CPython's rule): a storm that adds 10,000
-    connections no longer triggers a walk of every connection the process holds. A closed
-    WebSocket connection leaves no reference cycle behind (gateway.websocket breaks them), so
-    nothing waits for those rarer full collections to be freed. Modules and startup objects are
-    frozen out of every collection.
+    Each connection is a few dozen objects tracked by the collector while it sets up (about 20
+    once idle). With CPython's defaults (a young collection every 700 new objects, the old
+    generation walked whenever it grew by a quarter) a reconnect storm of 10,000 clients spent
+    more time in the collector than in everything else. Here a young collection waits for
+    500,000 new objects: a storm of 10,000 resumes mostly runs without one (at 50,000 the
+    collector still took about a tenth of a storm's CPU: every young object alive at a
+    collection is walked, connections in the middle of their handshake included). The old
+    generation is considered after every 10 gen1 collections and then walked only once it has
+    grown by a quarter (CPython's rule). What this defers is only what reference counting cannot
+    free, and the gateway makes none of it per connection: a closed connection leaves no
+    reference cycle (gateway.websocket and gateway.sse break them). Modules and startup objects
+    are frozen out of every collection.
     """
     gc.collect()
     gc.freeze()
-    gc.set_threshold(50_000, 10, 10)
+    gc.set_threshold(500_000, 10, 10)
 
 
 if __name__ == "__main__":

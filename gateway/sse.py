@@ -37,7 +37,13 @@ from websockets.http11 import Request, Response
 from gateway.client_input import repeated_header
 from gateway.http import json_response
 from gateway.logs import ConnectionLog, get_logger
-from gateway.session import Admission, ClientSession, Outgoing, SlowConsumerPolicy
+from gateway.session import (
+    Admission,
+    ClientSession,
+    Outgoing,
+    SlowConsumerPolicy,
+    release_transport,
+)
 from gateway.tasks import spawn
 from schemas.protocol import CloseCode
 from schemas.tokens import InvalidToken
@@ -484,6 +490,10 @@ class SseConnection(asyncio.Protocol):
         self.counted = counted
         self.session: SseSession | None = None
         self.task: asyncio.Task | None = None
+        self.transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
 
     def data_received(self, data: bytes) -> None:
         pass  # a stream's client has nothing more to say; whatever it sends is dropped
@@ -492,6 +502,8 @@ class SseConnection(asyncio.Protocol):
         return False  # the client went away: close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
+        release_transport(self.transport)
+        self.transport = None
         if self.counted and self.admission is not None:
             self.counted = False
             self.admission.release()

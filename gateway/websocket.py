@@ -54,7 +54,7 @@ from websockets.server import ServerProtocol
 from gateway.client_input import close_reason, decode_frame, repeated_header
 from gateway.http import json_response
 from gateway.logs import ConnectionLog, get_logger
-from gateway.session import Admission, ClientSession, SlowConsumerPolicy
+from gateway.session import Admission, ClientSession, SlowConsumerPolicy, release_transport
 from gateway.tasks import spawn
 from schemas.protocol import Auth, CloseCode, ProtocolError
 from schemas.tokens import InvalidToken, TokenClaims
@@ -307,9 +307,10 @@ class WebSocketConnection(asyncio.Protocol):
         protocol = self.protocol
         protocol.receive_eof()  # idempotent; the state is CLOSED from here on
         # Reference cycles, broken so that a closed connection is freed at once instead of
-        # waiting for a full cyclic collection: websockets' parser's, and the session's, which
-        # points back here (dropped below).
+        # waiting for a full cyclic collection: websockets' parser's, asyncio's transport's, and
+        # the session's, which points back here (dropped below).
         self._drop_parser()
+        release_transport(self.transport)
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None

@@ -170,6 +170,15 @@ def event(project_id: int, n: int = 1):
     return BlockerResolved(project_id=project_id, blocker_id=n, answer="ok", resolved_at=utc_now())
 
 
+def served_transport(obj: object, port: int) -> bool:
+    """Whether ``obj`` is a server-side asyncio transport of a gateway listening on ``port`` (a
+    test's own client transports have it as their peer's port, not their own)."""
+    if not issubclass(type(obj), asyncio.BaseTransport):  # (no isinstance: obj may be a proxy)
+        return False
+    sockname = obj.get_extra_info("sockname")
+    return isinstance(sockname, tuple) and sockname[1] == port
+
+
 def ws_url(gateway) -> str:
     return f"ws://127.0.0.1:{gateway.port}/"
 
