@@ -115,6 +115,7 @@ class Feed:
         "ready",
         "sequencer",
         "suspect_top",
+        "waits",
         "window",
     )
 
@@ -126,6 +127,9 @@ class Feed:
         self.sequencer = FeedSequencer()
         self.live: dict[Session, None] = {}  # insertion-ordered set
         self.joining: dict[Session, Joiner] = {}
+        #: Joining sessions whose subscribe waits for Redis -> that wait's deadline, brought
+        #: forward to now when the subscription ends first (:meth:`Hub._end_wait`).
+        self.waits: dict[Session, asyncio.Timeout] = {}
         #: Frames for every live subscriber, written at the end of this event-loop iteration.
         self.pending: list[Outgoing] = []
         #: Subscribers that went live in this iteration -> how much of ``pending`` is not theirs.
@@ -479,6 +483,7 @@ class Hub:
             session.projects.discard(feed.project_id)
             session.send_message(message)
             self.on_subscription_ended(session, feed.project_id)
+            self._end_wait(feed, session)  # a subscribe in its own read: nothing left to read for
         feed.live.clear()
         feed.joining.clear()
         feed.pending.clear()
@@ -528,7 +533,9 @@ class Hub:
     ) -> None:
         """Start (or restart) a subscription: replay, ``subscribed``, then live.
 
-        Raises :class:`SubscribeUnavailable` when Redis does not answer in time.
+        Raises :class:`SubscribeUnavailable` when Redis does not answer in time. A subscription
+        that ends while this waits for Redis (unsubscribed, the connection closed, the project
+        unreadable) ends the wait at once: this returns without sending anything.
         """
         if project_id in session.projects:
             self.unsubscribe(session, project_id)
@@ -539,8 +546,10 @@ class Hub:
         session.projects.add(project_id)
         snapshot = None
         from_memory = False
+        wait = asyncio.timeout(self.subscribe_timeout)
         try:
-            async with asyncio.timeout(self.subscribe_timeout):
+            async with wait:
+                feed.waits[session] = wait
                 await feed.ready.wait()  # no suspension when the feed is ready
                 snapshot = self._from_window(feed, epoch, after)
                 if snapshot is None and self._fill_would_answer(feed, epoch, after):
@@ -560,6 +569,12 @@ class Hub:
                 session.projects.discard(project_id)
                 self._release(feed)
                 raise SubscribeUnavailable(str(exc) or "Redis did not answer in time") from None
+        finally:
+            if feed.waits.get(session) is wait:
+                del feed.waits[session]
+            # The Timeout holds this task: should the task end with an exception (cancelled by
+            # its transport), that exception's traceback holds this frame, and so the task.
+            del wait
         if snapshot is None or feed.joining.get(session) is not joiner:
             # Unsubscribed (or the connection closed) while we waited, or the project turned
             # out unreadable and _fail_feed has told the client.
@@ -707,8 +722,19 @@ class Hub:
         if feed is not None:
             feed.live.pop(session, None)
             feed.joining.pop(session, None)
+            self._end_wait(feed, session)
             self._release(feed)
         return True
+
+    def _end_wait(self, feed: Feed, session: Session) -> None:
+        """A subscribe still waiting for Redis for a subscription that has just ended returns
+        now, not at its deadline: a closed connection's task (and the session it holds) must not
+        linger for ``subscribe_timeout`` behind a hung Redis. Its deadline is brought forward,
+        so the wait ends as a timeout would (what it awaited is cancelled, a shared read is left
+        alone), and :meth:`subscribe` returns quietly since its joiner is gone."""
+        wait = feed.waits.pop(session, None)
+        if wait is not None and not wait.expired():
+            wait.reschedule(self._loop.time())
 
     def remove(self, session: Session) -> None:
         """The connection closed: drop all its subscriptions."""

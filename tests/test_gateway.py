@@ -1126,6 +1126,67 @@ async def test_a_subscribe_against_a_hung_redis_gets_unavailable_in_time_then_wo
             await gateway.drain()
 
 
+async def test_a_connection_closed_while_its_subscribe_waits_for_a_hung_redis_is_let_go_at_once():
+    # Bounded and prompt: a client that goes while its subscribe waits for Redis (stopped: the
+    # feed's channel confirmation never comes) does not leave its handler task, and with it the
+    # session, waiting for --subscribe-timeout. A client of the same project that stays still
+    # waits, and once Redis answers gets subscribed, then every event once, in order.
+    import os
+    import signal
+    import weakref
+
+    from gateway.config import GatewayConfig
+    from gateway.server import Gateway
+    from gateway.tasks import _running
+    from publisher import AsyncPublisher
+    from tests.support.redis_server import RedisServer
+
+    def handlers() -> list[asyncio.Task]:
+        """The connections' tasks for messages that wait for Redis."""
+        return [t for t in _running if t.get_coro().__qualname__ == "WebSocketConnection._finish"]
+
+    with RedisServer() as server:
+        gateway = Gateway(
+            GatewayConfig(
+                redis_url=server.url,
+                port=0,
+                auth_secret=SECRET,
+                subscribe_timeout=5.0,
+                drain_timeout=1,
+            )
+        )
+        await gateway.start()
+        staying = await client_for(gateway, [33])
+        leaving = await client_for(gateway, [33])
+        try:
+            os.kill(server.process.pid, signal.SIGSTOP)  # sockets open, nothing answers
+            try:
+                for client in (staying, leaving):
+                    await client.send({"type": "subscribe", "project_id": 33})
+                await wait_until_true(lambda: len(handlers()) == 2)
+                session = weakref.ref(list(gateway.sessions)[1])  # the leaving client's
+                await asyncio.sleep(0.2)
+                assert len(handlers()) == 2, "both wait for Redis"
+                started = time.monotonic()
+                await leaving.close()
+                await wait_until_true(lambda: len(handlers()) == 1 and session() is None, within=4)
+                elapsed = time.monotonic() - started
+                assert len(gateway.sessions) == 1 and not staying.of("subscribed")
+            finally:
+                os.kill(server.process.pid, signal.SIGCONT)
+            assert elapsed < 0.5, f"let go after {elapsed:.2f} s (subscribe timeout: 5 s)"
+            await staying.wait_for(lambda: staying.count("subscribed") == 1, within=4)
+            publisher = AsyncPublisher.from_url(server.url)
+            await publish(publisher, 33, 3)
+            await publisher.aclose()
+            await staying.wait_for(lambda: staying.seqs(33) == [1, 2, 3])
+            assert staying.count("subscribed") == 1 and not staying.of("error")
+        finally:
+            await staying.close()
+            await leaving.close()
+            await gateway.drain()
+
+
 async def test_failed_authentications_are_counted_each_but_logged_a_few_times_a_minute(gateways):
     from structlog.testing import capture_logs
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
 from structlog.testing import capture_logs
 from websockets.protocol import State
 
@@ -329,3 +330,61 @@ async def test_a_reconcile_pass_against_a_hung_redis_gives_up_in_time(monkeypatc
             pass
         else:
             raise AssertionError("the pass returned without an answer")
+
+
+# --- a subscribe waiting for Redis ends with its subscription, not at its deadline -----------
+
+
+class HungLink(FakeLink):
+    """The pod's channel subscribe is confirmed only once ``confirm`` is set (Redis hangs)."""
+
+    def __init__(self) -> None:
+        self.confirm = asyncio.Event()
+
+    async def subscribe(self, channel: bytes) -> None:
+        await self.confirm.wait()
+
+
+@pytest.mark.parametrize("waiting_for", ["channel", "baseline", "read"])
+async def test_a_subscribe_whose_connection_closed_returns_at_once_the_others_wait(
+    waiting_for,
+) -> None:
+    """A subscribe waiting for Redis (the feed's channel confirmation, the feed's first read, or
+    its own read) for a connection that closes meanwhile returns at once, not at
+    ``subscribe_timeout``: its task, which holds the session, ends. A subscriber of the same
+    project that stays still waits, and gets every event once, in order, when Redis answers."""
+    store = FakeStore(top=0)
+    hub = await hub_with(store, window_events=0)  # a resume reads: "read" waits in the store
+    cursor: tuple[str | None, int | None] = (None, None)
+    if waiting_for == "channel":
+        hub.link = link = HungLink()
+    elif waiting_for == "baseline":
+        store.gate = asyncio.Event()
+    else:
+        await hub.subscribe(session_of(hub), PROJECT, None, None)  # the feed is ready
+        store.top = 2  # published, not relayed yet
+        store.gate = asyncio.Event()
+        cursor = (EPOCH, 1)  # ahead of what the feed relayed: only a read answers
+    staying, leaving = session_of(hub), session_of(hub)
+    stays = asyncio.create_task(hub.subscribe(staying, PROJECT, *cursor))
+    goes = asyncio.create_task(hub.subscribe(leaving, PROJECT, *cursor))
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert not stays.done() and not goes.done()  # both wait for Redis
+
+    hub.remove(leaving)  # the connection closed
+    done, _ = await asyncio.wait({goes}, timeout=0.5)  # subscribe_timeout is 5 s
+    assert done, f"the closed connection's subscribe still waits for the {waiting_for}"
+    assert goes.result() is None and received(leaving) == []
+    assert not stays.done()  # nothing changed for the one that stays
+
+    if waiting_for == "channel":
+        link.confirm.set()
+    else:
+        store.gate.set()  # Redis answers again
+    async with asyncio.timeout(2):
+        await stays
+    live(hub, 1, 2, 3, 4)
+    await next_iteration()
+    expected = [2, "subscribed", 3, 4] if waiting_for == "read" else ["subscribed", 1, 2, 3, 4]
+    assert received(staying) == expected
