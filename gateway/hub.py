@@ -494,6 +494,7 @@ class Hub:
                 spawn(self.link.unsubscribe(feed.channel))
         if feed.reader is not None and feed.reader is not asyncio.current_task():
             feed.reader.cancel()
+            feed.reader = None  # not kept: see _release
 
     # --- subscriptions -----------------------------------------------------------------------
 
@@ -521,10 +522,14 @@ class Hub:
             return
         del self.feeds[feed.project_id]
         feed.window.clear()
+        # Cancelled tasks are let go: each keeps its CancelledError, whose traceback holds the
+        # task's frame and so the feed (a cycle the collector alone would free).
         if feed.reader is not None:
             feed.reader.cancel()
+            feed.reader = None
         if feed.fill is not None:
             feed.fill.cancel()
+            feed.fill = None
         if self.link is not None:
             spawn(self.link.unsubscribe(feed.channel))
 

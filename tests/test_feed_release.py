@@ -113,6 +113,64 @@ async def test_a_feed_released_at_any_point_of_its_subscribe_leaves_nothing_behi
         await client.aclose()
 
 
+async def test_a_feed_released_while_its_read_waits_for_a_hung_redis_is_freed_at_once():
+    """Redis stopped (SIGSTOP, a private server) while a feed reads its history: the release
+    cancels the read inside ``asyncio.timeout`` and redis-py's pipeline, and the feed is freed by
+    reference counting (the cancelled task, whose traceback holds the feed, is not kept by it)."""
+    import os
+    import signal
+
+    from gateway.hub import Feed
+    from tests.support.redis_server import RedisServer
+
+    with RedisServer() as server:
+        client = redis.asyncio.Redis.from_url(server.url)
+        metrics = Metrics()
+        hub = Hub(
+            keys=KEYS,
+            store=HistoryStore(client, KEYS),
+            metrics=metrics,
+            max_replay=100,
+            subscribe_timeout=5,
+        )
+        link = hub.link = link_for(server.url, metrics, hub)
+        link.start()
+        session = session_of(hub)
+        try:
+            async with asyncio.timeout(5):
+                await hub.subscribe(session, PROJECT, None, None)
+            gc.collect()
+            gc.disable()  # what reference counting does not free stays until the end
+            os.kill(server.process.pid, signal.SIGSTOP)
+            try:
+                hub.request_catch_up(hub.feeds[PROJECT])  # a read that Redis never answers
+                reading = hub.feeds[PROJECT].reader
+                await asyncio.sleep(0.1)
+                assert reading is not None and not reading.done()
+                hub.remove(session)  # the feed is released: its read is cancelled
+                await asyncio.wait({reading}, timeout=1)
+                assert reading.cancelled() and not hub.feeds
+                del reading
+                budget = hub.window_budget  # shared by this hub's feeds only
+                alive = [
+                    o for o in gc.get_objects() if type(o) is Feed and o.window.budget is budget
+                ]
+                gc.set_debug(gc.DEBUG_SAVEALL)
+                gc.collect()
+                garbage = [type(o).__name__ for o in gc.garbage]
+            finally:
+                os.kill(server.process.pid, signal.SIGCONT)
+                gc.set_debug(0)
+                gc.garbage.clear()
+                gc.enable()
+            assert not alive, "the released feed is kept for the cycle collector"
+            assert "Feed" not in garbage
+        finally:
+            await hub.close()
+            await link.close()
+            await client.aclose()
+
+
 async def test_a_cancelled_subscribe_is_cancelled_wherever_the_cancellation_finds_it(redis_url):
     """The cancellation reaches the caller (it used to be lost in the write on Python 3.11, the
     subscribe then returning normally once Redis confirmed) and never interrupts the write."""

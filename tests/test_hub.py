@@ -10,13 +10,14 @@ already queued for the others.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 
 import pytest
 from structlog.testing import capture_logs
 from websockets.protocol import State
 
-from gateway.hub import Hub
+from gateway.hub import Feed, Hub
 from gateway.metrics import Metrics
 from gateway.sequencing import Snapshot
 from gateway.session import SlowConsumerPolicy
@@ -388,3 +389,57 @@ async def test_a_subscribe_whose_connection_closed_returns_at_once_the_others_wa
     await next_iteration()
     expected = [2, "subscribed", 3, 4] if waiting_for == "read" else ["subscribed", 1, 2, 3, 4]
     assert received(staying) == expected
+
+
+@pytest.mark.parametrize("during", ["channel", "baseline", "repair", "fill"])
+async def test_a_feed_released_while_it_waits_for_redis_is_freed_by_reference_counting(
+    during,
+) -> None:
+    """A feed released while one of its tasks waits for Redis (its channel subscribe, its first
+    read, a gap repair, a window fill) is freed at once, not left in a reference cycle for the
+    collector: a cancelled task keeps its CancelledError, whose traceback holds the task's
+    frame, which holds the feed; the feed must not hold that task."""
+    project = 4242  # no other test's feed
+    store = FakeStore(top=0)
+    hub = await hub_with(store)
+    gc.collect()
+    gc.disable()  # what reference counting does not free stays until the collection below
+    try:
+        keeper, resumer = session_of(hub), session_of(hub)
+        if during == "channel":
+            hub.link = HungLink()
+        elif during == "baseline":
+            store.gate = asyncio.Event()
+        else:
+            await hub.subscribe(keeper, project, None, None)
+            store.gate = asyncio.Event()
+            if during == "repair":
+                live(hub, 2, project=project)  # 1 is missing: a read repairs the gap
+            else:
+                live(hub, 1, 2, 3, project=project)
+                store.top = 3
+                await next_iteration()
+                hub.feeds[project].window.clear()  # older resumes take a fill (the read waits)
+        waiting = asyncio.create_task(hub.subscribe(resumer, project, EPOCH, 1))
+        for _ in range(10):
+            await asyncio.sleep(0)
+        # Reads begun (all held): the feed's baseline, then its repair (and the resume's own
+        # read, while the feed repairs) or the fill.
+        assert store.reads == {"channel": 0, "baseline": 1, "repair": 3, "fill": 2}[during]
+        assert hub.window_fills == (during == "fill")
+        hub.remove(keeper)
+        hub.remove(resumer)  # the feed is released: its waiting task is cancelled
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert waiting.done() and not hub.feeds
+        del waiting
+        alive = [o for o in gc.get_objects() if type(o) is Feed and o.project_id == project]
+        assert not alive, "a released feed that only the cycle collector frees"
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        left = [o for o in gc.garbage if type(o) is Feed]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert left == []
