@@ -85,7 +85,14 @@ class GatewayConfig(msgspec.Struct, kw_only=True, frozen=True):
     ] = 30.0
     auth_timeout: Annotated[float, _doc("Seconds to wait for the first auth frame.", gt=0)] = 10.0
     ping_interval: Annotated[float, _doc("WebSocket keepalive ping interval (s).", gt=0)] = 20.0
-    ping_timeout: Annotated[float, _doc("Keepalive pong timeout (s).", gt=0)] = 20.0
+    ping_timeout: Annotated[
+        float,
+        _doc(
+            "Keepalive pong timeout (s); on SSE streams, how long written bytes may stay "
+            "unacknowledged (TCP_USER_TIMEOUT, Linux).",
+            gt=0,
+        ),
+    ] = 20.0
     sse_keepalive_interval: Annotated[
         float, _doc("Seconds between keepalive comments on an idle SSE stream.", gt=0)
     ] = 15.0

@@ -10,8 +10,9 @@ answered within ``timeout`` closes the connection with 1011, as websockets' keep
 What a ping is belongs to the session's transport (:meth:`ClientSession.ping`): a WebSocket
 ping goes through websockets' protocol object, and the pong carrying its payload answers it
 (:class:`gateway.websocket.WebSocketSession`); an SSE stream gets a
-comment line, which keeps proxies from closing an idle stream and awaits no answer (a dead peer
-shows up as a stalled or failed write).
+comment line, which keeps proxies from closing an idle stream and awaits no answer (a peer that
+stops reading shows up as a stalled write; one that vanished, as bytes never acknowledged, which
+the stream's ``TCP_USER_TIMEOUT`` bounds: :func:`gateway.session.bound_unacknowledged`).
 """
 
 from __future__ import annotations

@@ -37,6 +37,7 @@ import fcntl
 import itertools
 import operator
 import os
+import socket
 import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -54,6 +55,7 @@ __all__ = [
     "Outgoing",
     "Session",
     "SlowConsumerPolicy",
+    "bound_unacknowledged",
     "joined",
 ]
 
@@ -432,6 +434,34 @@ def unsent_in_kernel(fd: int) -> int:
         return _INT.unpack(fcntl.ioctl(fd, SIOCOUTQNSD, b"\0\0\0\0"))[0]
     except OSError:
         return 0  # not a TCP socket (a pipe in tests), or already closed
+
+
+#: Linux's ``TCP_USER_TIMEOUT`` (None where the platform has no such option).
+_TCP_USER_TIMEOUT: int | None = getattr(socket, "TCP_USER_TIMEOUT", None)
+
+
+def bound_unacknowledged(transport: asyncio.BaseTransport, seconds: float) -> bool:
+    """Have the kernel end the connection once bytes written to it stay unacknowledged for
+    ``seconds`` (or stay unsent for that long behind a receive window the peer keeps closed):
+    Linux's ``TCP_USER_TIMEOUT``. True when set; False, silently, where the option does not
+    exist (another platform, not a TCP socket, a test double).
+
+    For a transport that awaits no answer from its peer (SSE): a peer that vanished without a
+    FIN or RST (a partition, a crashed machine) acknowledges nothing, yet what was written to
+    it counts as *sent*, so the stall check (:data:`SIOCOUTQNSD`) never sees it, and the kernel
+    would otherwise retransmit for ~15 minutes (``tcp_retries2``) before giving up. The
+    connection then fails with ``ETIMEDOUT`` and ``connection_lost`` follows as for any reset.
+    """
+    if _TCP_USER_TIMEOUT is None:
+        return False
+    try:
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return False
+        sock.setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, max(1, round(seconds * 1000)))
+    except (AttributeError, OSError):
+        return False
+    return True
 
 
 def _socket_fd(transport: asyncio.BaseTransport) -> int:

@@ -13,7 +13,9 @@ on the gateway's port answers ``text/event-stream`` carrying exactly what a WebS
 * the stream's last event is ``close``, ``{"type":"close","code":<the WebSocket close code>,
   "reason":...}`` (1012 draining, 4002 token expired (after an ``error``), 4008 slow consumer,
   1011 a subscription that could not be made), when the gateway gets to write it;
-* a comment line every ``--sse-keepalive-interval`` (15 s) keeps proxies from closing the stream.
+* a comment line every ``--sse-keepalive-interval`` (15 s) keeps proxies from closing the stream;
+  what the peer leaves unacknowledged for ``--ping-timeout`` ends it (``TCP_USER_TIMEOUT``: a
+  peer that vanished without a FIN or RST is not held for the kernel's ~15 minutes).
 
 The pure part (formatting, parsing, cursors, the request path) is tested without sockets; the
 I/O part takes the TCP connection over from the WebSocket transport before it answers the
@@ -42,6 +44,7 @@ from gateway.session import (
     ClientSession,
     Outgoing,
     SlowConsumerPolicy,
+    bound_unacknowledged,
     release_transport,
 )
 from gateway.tasks import spawn
@@ -638,6 +641,10 @@ class SseStreams:
                 *origin_headers,
             ]
         )
+        # A stream's keepalive awaits no answer: without this, a peer that vanished without a
+        # FIN or RST would hold the stream until the kernel gives up (~15 min). What it has not
+        # acknowledged for --ping-timeout ends it, as an unanswered ping ends a WebSocket.
+        bound_unacknowledged(transport, gateway.config.ping_timeout)
         head = Response(200, "OK", headers).serialize()
         transport.write(head + f"retry: {RETRY_MS}\n\n".encode())
         gateway.add_session(session)

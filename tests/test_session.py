@@ -185,3 +185,29 @@ async def test_a_pong_answers_its_ping_and_every_earlier_one(pipe) -> None:
     assert session.ping_unanswered(third)
     session.pong(third)
     assert not session.ping_unanswered(third)
+
+
+def test_the_unacknowledged_bound_is_set_on_tcp_sockets_and_skipped_elsewhere():
+    # TCP_USER_TIMEOUT in ms on a TCP socket; False, quietly, for a socket without the option
+    # (a Unix socket), a transport without a socket, or one without get_extra_info at all.
+    import socket
+
+    from gateway.session import bound_unacknowledged
+
+    def transport(sock):
+        return SimpleNamespace(get_extra_info=lambda name, default=None: sock)
+
+    server = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(server.getsockname())
+    accepted, _ = server.accept()
+    left, right = socket.socketpair()
+    try:
+        assert bound_unacknowledged(transport(accepted), 2.5) is True
+        got = accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
+        assert got == 2500
+        assert bound_unacknowledged(transport(left), 2.5) is False
+        assert bound_unacknowledged(transport(None), 2.5) is False
+        assert bound_unacknowledged(SimpleNamespace(), 2.5) is False
+    finally:
+        for sock in (server, client, accepted, left, right):
+            sock.close()

@@ -238,3 +238,89 @@ async def test_a_stream_that_stops_reading_is_cut_and_resumes_with_nothing_lost(
     assert json.loads(head[-1].data)["resumed"] is True
     healthy.close()
     back.close()
+
+
+# --- a peer that vanishes without a FIN or RST -----------------------------------------------
+
+#: The SSE client run inside the namespace: it opens a stream, says "ready" once subscribed,
+#: then reads (and so acknowledges) keepalive comments until it is killed.
+_VANISHING_CLIENT = """
+import socket, sys
+host, port, token = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+sock = socket.create_connection((host, port), timeout=10)
+sock.sendall(f"GET /v1/projects/21/stream HTTP/1.1\\r\\nHost: x\\r\\n"
+             f"Authorization: Bearer {token}\\r\\n\\r\\n".encode())
+seen = b""
+while b"event: subscribed" not in seen:
+    chunk = sock.recv(65536)
+    if not chunk:
+        sys.exit("the stream ended")
+    seen += chunk
+print("ready", flush=True)
+sock.settimeout(None)
+while sock.recv(65536):
+    pass
+"""
+
+
+@pytest.fixture
+def veth_peer():
+    """A network namespace behind a veth pair (tests/support/netns.py), always removed. Not
+    skipped where ``ip netns`` fails: CI runs as root, and the fault it reproduces matters."""
+    from tests.support.netns import VethPeer
+
+    with VethPeer() as peer:
+        yield peer
+
+
+async def test_a_stream_whose_peer_vanished_is_dropped_after_the_ping_timeout(
+    gateways, publisher, veth_peer
+):
+    """A client in another network namespace opens a stream; its link is cut, then it is
+    SIGKILLed, so no FIN or RST ever reaches the gateway (a partition, a crashed machine). Its
+    keepalive comments are sent but never acknowledged, which the stall check (unsent bytes)
+    never sees: the kernel would retransmit for ~15 minutes. TCP_USER_TIMEOUT (--ping-timeout)
+    ends the stream within the next keepalive plus the ping timeout; a healthy stream on the
+    same gateway is untouched."""
+    import os
+    import signal
+    import sys
+
+    keepalive, ping_timeout = 0.2, 1.0
+    gateway = await gateways(
+        host=veth_peer.host_address, sse_keepalive_interval=keepalive, ping_timeout=ping_timeout
+    )
+    url = f"http://{veth_peer.host_address}:{gateway.port}"
+    _, _, healthy = await open_stream(url, "/v1/projects/21/stream", _auth([21]))
+    await healthy.until("subscribed")
+    (control,) = gateway.sessions
+    token = issue_token(INPROC_SECRET, [21], ttl=300)
+    argv = [sys.executable, "-c", _VANISHING_CLIENT, veth_peer.host_address, str(gateway.port)]
+    client = await asyncio.create_subprocess_exec(
+        *veth_peer.command(*argv, token), stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert await asyncio.wait_for(client.stdout.readline(), 10) == b"ready\n"
+        (victim,) = [s for s in gateway.sessions if s is not control]
+        await asyncio.sleep(3 * keepalive)  # healthy: its keepalives are acknowledged
+        assert victim in gateway.sessions
+        loop = asyncio.get_running_loop()
+        cut = loop.time()
+        await asyncio.to_thread(veth_peer.cut)
+        os.kill(client.pid, signal.SIGKILL)  # its FIN or RST goes nowhere
+        assert await client.wait() == -signal.SIGKILL
+        bound = keepalive + ping_timeout + 2.0  # the next comment, its timeout, RTO and slack
+        await wait_until(lambda: victim not in gateway.sessions, bound, "the vanished stream")
+        assert loop.time() - cut >= ping_timeout * 0.9  # ended by the timeout, not by the cut
+    finally:
+        if client.returncode is None:
+            client.kill()
+            await client.wait()
+    assert victim.closing and gateway.admission.open == 1
+    assert gateway.hub.subscriptions == 1
+    # The healthy stream carries on: keepalives only, then the next event.
+    await publish(publisher, 21, 1)
+    events = [e for e in await healthy.until("message") if e.event == "message"]
+    assert [json.loads(e.data)["seq"] for e in events] == [1]
+    assert list(gateway.sessions) == [control]
+    healthy.close()
