@@ -7,6 +7,14 @@ Connections wait in a queue ordered by when their next ping is due: every connec
 interval, so appending keeps the queue sorted and each tick only looks at what is due. A ping not
 answered within ``timeout`` closes the connection with 1011, as websockets' keepalive does.
 
+Only time during which the gateway was reading the connection counts against a ping. While it
+holds reading paused (a WebSocket's messages waiting behind a subscribe that waits for Redis,
+:data:`gateway.websocket.MAX_BACKLOG`), the client's pong may be waiting unread: the ping's
+deadline moves back by that time (:meth:`ClientSession.read_paused_for`), and such a ping is
+checked again from a small heap. Every wait stays bounded: a pause lasts while messages wait
+for Redis, each bounded by ``--subscribe-timeout``, and a client that truly never answers is
+closed once the gateway has been reading for ``timeout`` since the ping.
+
 What a ping is belongs to the session's transport (:meth:`ClientSession.ping`): a WebSocket
 ping goes through websockets' protocol object, and the pong carrying its payload answers it
 (:class:`gateway.websocket.WebSocketSession`); an SSE stream gets a
@@ -19,6 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import heapq
+import itertools
 import weakref
 from collections.abc import Callable
 
@@ -44,7 +54,11 @@ class Keepalive:
         self._loop = asyncio.get_running_loop()
         # Weak references: a closed connection must not wait here until its next ping is due.
         self._pings: collections.deque[tuple[float, _Ref]] = collections.deque()
-        self._checks: collections.deque[tuple[float, _Ref, bytes]] = collections.deque()
+        #: (deadline, session, ping, seconds its reading had been paused when it was sent).
+        self._checks: collections.deque[tuple[float, _Ref, bytes, float]] = collections.deque()
+        #: Checks put off by a pause: (new deadline, tie-breaker, then as in ``_checks``).
+        self._deferred: list[tuple[float, int, _Ref, bytes, float, float]] = []
+        self._order = itertools.count()
         self._handle: asyncio.TimerHandle | None = None
 
     def add(self, session: Session) -> None:
@@ -74,13 +88,29 @@ class Keepalive:
                 continue
             data = session.ping(now)
             if data is not None:
-                checks.append((now + self.timeout, ref, data))
+                checks.append((now + self.timeout, ref, data, session.read_paused_for(now)))
             pings.append((now + self.interval, ref))
         while checks and checks[0][0] <= now:
-            _, ref, data = checks.popleft()
-            session = ref()
-            if session is not None and _open(session) and session.ping_unanswered(data):
-                self.on_timeout(session)
+            deadline, ref, data, paused = checks.popleft()
+            self._check(now, ref, data, deadline, paused)
+        deferred = self._deferred
+        while deferred and deferred[0][0] <= now:
+            _, _, ref, data, deadline, paused = heapq.heappop(deferred)
+            self._check(now, ref, data, deadline, paused)
+
+    def _check(self, now: float, ref: _Ref, data: bytes, deadline: float, paused: float) -> None:
+        """A ping's ``deadline`` (sent + timeout) has passed: ``on_timeout`` if it is still
+        unanswered, unless reading was paused for some of that time (``paused``: the session's
+        total when the ping was sent), which moves the deadline back by as much."""
+        session = ref()
+        if session is None or not _open(session) or not session.ping_unanswered(data):
+            return
+        extra = session.read_paused_for(now) - paused  # exactly 0.0 when never paused since
+        if extra > 0 and deadline + extra > now:
+            entry = (deadline + extra, next(self._order), ref, data, deadline, paused)
+            heapq.heappush(self._deferred, entry)
+            return
+        self.on_timeout(session)
 
 
 def _open(session: Session) -> bool:

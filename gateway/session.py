@@ -272,6 +272,13 @@ class ClientSession:
         """True when the ping ``data`` has not been answered yet."""
         return False
 
+    def read_paused_for(self, now: float) -> float:
+        """Seconds, up to ``now`` (the event loop's clock), during which the gateway held reading
+        this connection paused by its own choice; the keepalive does not count them against a
+        ping, whose answer may be waiting unread. Never decreases; 0.0 for a transport that
+        never pauses (SSE)."""
+        return 0.0
+
     # --- the write path ----------------------------------------------------------------------
 
     def send(self, item: Outgoing) -> None:

@@ -26,9 +26,11 @@ Per connection, in order:
    message that is not UTF-8 closes with 1007) goes to :meth:`ClientProtocol.handle_now`. When
    that returns work still to do, later messages wait in the connection's backlog until it is
    done (reading pauses at :data:`MAX_BACKLOG` of them), so a subscribe is never overtaken by the
-   unsubscribe after it. With permessage-deflate, a read is given to websockets
-   :data:`INFLATE_SLICE` bytes at a time, and what is left of it when the backlog fills waits,
-   compressed, until it drains: a read of tiny messages is never decompressed whole.
+   unsubscribe after it; time reading is paused does not count against the client's pong
+   deadline (:meth:`WebSocketConnection.paused_for`, :mod:`gateway.keepalive`). With
+   permessage-deflate, a read is given to websockets :data:`INFLATE_SLICE` bytes at a time,
+   and what is left of it when the backlog fills waits, compressed, until it drains: a read of
+   tiny messages is never decompressed whole.
 4. **Closing.** A close frame from either side, or a protocol error (1002, 1007, 1009, sent by
    websockets), ends with a half-close; a peer that does not close its side within
    :data:`CLOSE_TIMEOUT` s is dropped.
@@ -182,6 +184,8 @@ class WebSocketConnection(asyncio.Protocol):
         "fragments",
         "inflating",
         "paused",
+        "paused_at",
+        "paused_total",
         "peer_done",
         "protocol",
         "session",
@@ -210,6 +214,10 @@ class WebSocketConnection(asyncio.Protocol):
         #: Messages received while an earlier one still waits for Redis (None: nothing waits).
         self.backlog: list[bytes | str] | None = None
         self.paused = False
+        #: When reading was last paused, and for how long it was paused before that in all:
+        #: time the keepalive does not count against the client (:meth:`paused_for`).
+        self.paused_at = 0.0
+        self.paused_total = 0.0
         #: permessage-deflate is negotiated: reads are fed to websockets in slices (_inflate).
         self.inflating = False
         #: What websockets was not given yet of the read that filled the backlog (compressed).
@@ -581,6 +589,7 @@ class WebSocketConnection(asyncio.Protocol):
             if backlog is not None and len(backlog) >= MAX_BACKLOG:
                 return  # still paused: the next _finish round comes back here
         self.paused = False
+        self.paused_total += asyncio.get_running_loop().time() - self.paused_at
         if not transport.is_closing():
             transport.resume_reading()
 
@@ -631,6 +640,7 @@ class WebSocketConnection(asyncio.Protocol):
             backlog.append(data)
             if len(backlog) >= MAX_BACKLOG and not self.paused:
                 self.paused = True
+                self.paused_at = asyncio.get_running_loop().time()
                 self.transport.pause_reading()
             return
         if self.awaiting_auth:
@@ -673,6 +683,12 @@ class WebSocketConnection(asyncio.Protocol):
                 self._resume()  # the rest of a compressed read first (its close frame, say)
 
     # --- timers ------------------------------------------------------------------------------
+
+    def paused_for(self, now: float) -> float:
+        """Seconds, up to ``now``, that reading was paused (a full backlog waiting for Redis)."""
+        if self.paused:
+            return self.paused_total + (now - self.paused_at)
+        return self.paused_total
 
     def _expect_close(self) -> None:
         """websockets expects the TCP connection to end: give the peer CLOSE_TIMEOUT s."""
@@ -780,3 +796,7 @@ class WebSocketSession(ClientSession):
 
     def ping_unanswered(self, data: bytes) -> bool:
         return self.pings is not None and data in self.pings
+
+    def read_paused_for(self, now: float) -> float:
+        # While the backlog is full nothing is read, pongs included: the gateway's wait.
+        return self.connection.paused_for(now)

@@ -1187,6 +1187,104 @@ async def test_a_connection_closed_while_its_subscribe_waits_for_a_hung_redis_is
             await gateway.drain()
 
 
+async def _hung_redis_gateway(server, **overrides):
+    from gateway.config import GatewayConfig
+    from gateway.server import Gateway
+
+    settings = dict(redis_url=server.url, port=0, auth_secret=SECRET, drain_timeout=1)
+    gateway = Gateway(GatewayConfig(**{**settings, **overrides}))
+    await gateway.start()
+    return gateway
+
+
+#: Subscribes that each wait --subscribe-timeout for a hung Redis: their connection's reading
+#: pauses behind them (MAX_BACKLOG) for several ping timeouts.
+_WAITING = list(range(41, 51))
+
+
+async def test_a_hung_redis_does_not_get_a_client_that_answers_its_pings_closed():
+    # A dashboard subscribes to many projects while Redis hangs: the subscribes are answered one
+    # after the other, each after --subscribe-timeout, and the gateway reads nothing meanwhile
+    # (its backlog is full), the client's pongs included. That time is the gateway's, not the
+    # client's: the keepalive does not count it, and the client gets its `unavailable` errors in
+    # order, then subscribes once Redis is back, on the same connection.
+    import os
+    import signal
+
+    from publisher import AsyncPublisher
+    from tests.support.redis_server import RedisServer
+
+    with RedisServer() as server:
+        gateway = await _hung_redis_gateway(
+            server, subscribe_timeout=0.4, ping_interval=0.1, ping_timeout=0.3
+        )
+        client = await client_for(gateway)
+        try:
+            os.kill(server.process.pid, signal.SIGSTOP)
+            try:
+                for project_id in _WAITING:
+                    await client.send({"type": "subscribe", "project_id": project_id})
+                await client.wait_for(
+                    lambda: client.count("error") == len(_WAITING) or client.closed.is_set(),
+                    within=len(_WAITING) * 0.4 + 5,
+                )
+            finally:
+                os.kill(server.process.pid, signal.SIGCONT)
+            assert not client.closed.is_set(), client.close_code
+            errors = client.of("error")
+            assert [e["project_id"] for e in errors] == _WAITING
+            assert {e["code"] for e in errors} == {"unavailable"}
+            await client.subscribe(_WAITING[0])
+            publisher = AsyncPublisher.from_url(server.url)
+            await publish(publisher, _WAITING[0], 2)
+            await publisher.aclose()
+            await client.wait_for(lambda: client.seqs(_WAITING[0]) == [1, 2])
+            assert not client.closed.is_set()
+        finally:
+            await client.close()
+            await gateway.drain()
+
+
+async def test_a_client_that_never_answers_pings_is_dropped_once_reading_resumes():
+    # The same subscribes from a client that never answers a ping: the time reading was paused
+    # is not counted against it, but once the gateway reads again for good the ping timeout
+    # runs, and it is closed with 1011 before its last subscribes are answered. Reading pauses
+    # with MAX_BACKLOG (4) messages waiting and resumes below half: the last resume comes with
+    # the 9th subscribe waiting for Redis and the 10th behind it, nothing more to read, so the
+    # close comes within ping_timeout + a tick (0.4 s), before the 9th's answer (0.6 s).
+    import os
+    import signal
+
+    from tests.support.redis_server import RedisServer
+
+    with RedisServer() as server:
+        gateway = await _hung_redis_gateway(
+            server, subscribe_timeout=0.6, ping_interval=0.1, ping_timeout=0.3
+        )
+        client = await RawClient.connect(gateway.port, rcvbuf=65536)
+        try:
+            await client.send({"type": "auth", "token": issue_token(SECRET, "*", ttl=300)})
+            os.kill(server.process.pid, signal.SIGSTOP)
+            try:
+                for project_id in _WAITING:
+                    await client.send({"type": "subscribe", "project_id": project_id})
+                errors, close = [], None
+                async with asyncio.timeout(len(_WAITING) * 0.6 + 5):
+                    while close is None:
+                        opcode, payload = await client.receive()
+                        if opcode == 1 and json.loads(payload)["type"] == "error":
+                            errors.append(json.loads(payload)["project_id"])
+                        elif opcode == 8:
+                            close = int.from_bytes(payload[:2], "big")
+            finally:
+                os.kill(server.process.pid, signal.SIGCONT)
+        finally:
+            client.close()
+            await gateway.drain()
+    assert close == 1011
+    assert errors == _WAITING[:-2]  # before: closed during the first pause, after [41]
+
+
 async def test_failed_authentications_are_counted_each_but_logged_a_few_times_a_minute(gateways):
     from structlog.testing import capture_logs
 
