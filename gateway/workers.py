@@ -153,6 +153,11 @@ class Supervisor:
         while not self._stopping.is_set():
             started = time.monotonic()
             process = await self._spawn(index)
+            if self._stopping.is_set():
+                # The stop signal came while this worker was starting: _stop signalled only the
+                # workers it knew of then. It waits for this keeper, so the worker drains too.
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signal.SIGTERM)
             code = await process.wait()
             _forget_process(self._metrics_dir, process.pid)
             if self._stopping.is_set():
@@ -166,25 +171,27 @@ class Supervisor:
                 await asyncio.wait_for(self._stopping.wait(), delay)
 
     async def _stop(self, keepers: list[asyncio.Task]) -> int:
+        """SIGTERM every worker, wait for each keeper to see its worker exit (within the drain
+        timeout; a worker still running then is killed), and return 0, or 1 if one was killed.
+
+        The keepers are what is waited for, not the workers known now: a worker being started
+        when the signal came is registered only once it has started (its keeper then signals
+        it). Waiting for the workers alone let the supervisor return with that one running,
+        unsupervised, still accepting connections on the shared port."""
         log.info("stopping workers", workers=len(self.processes), drain_timeout=self.drain_timeout)
         for process in self.processes.values():
             if process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     process.send_signal(signal.SIGTERM)
-        waiting = [p.wait() for p in self.processes.values() if p.returncode is None]
+        _, pending = await asyncio.wait(keepers, timeout=self.drain_timeout + EXIT_GRACE)
         killed = 0
-        if waiting:
-            _, pending = await asyncio.wait(
-                [asyncio.ensure_future(w) for w in waiting],
-                timeout=self.drain_timeout + EXIT_GRACE,
-            )
+        if pending:
             for process in self.processes.values():
                 if process.returncode is None:
                     killed += 1
                     with contextlib.suppress(ProcessLookupError):
                         process.kill()
-            if pending:
-                await asyncio.wait(pending)
+            await asyncio.wait(pending, timeout=EXIT_GRACE)  # they return once it is reaped
         for keeper in keepers:
             keeper.cancel()
         await asyncio.gather(*keepers, return_exceptions=True)

@@ -220,8 +220,10 @@ async def test_sigterm_drains_every_worker_and_the_supervisor_exits(redis_url) -
             with pytest.raises(ProcessLookupError):
                 os.kill(pid, 0)
         await stop_clients(clients)
-        closes = group.log_lines("drained")
-        assert len(closes) == 2, group.tail()
+        # (counted in the text, not by line: two workers writing at the same moment to the
+        # output they share can interleave their lines)
+        drained = sum(line.count('"event": "drained"') for line in group.log_lines("drained"))
+        assert drained == 2, group.tail()
 
 
 async def test_workers_die_with_a_killed_supervisor(redis_url) -> None:
@@ -251,3 +253,62 @@ async def test_the_group_exports_every_metric_a_single_gateway_exports(redis_url
     with GatewayProcess(redis_url, args=["--workers", "2"]) as group:
         grouped = names(group.get("/metrics")[1].decode())
     assert grouped == alone | {"eventbus_worker_ready", "eventbus_workers"}
+
+
+async def test_a_worker_starting_when_the_stop_signal_comes_is_drained_too(monkeypatch, tmp_path):
+    # SIGTERM landing while a dead worker is being started again: that worker was not yet among
+    # the ones the supervisor signalled, and the supervisor returned with it still running,
+    # unsupervised (it shares the port: it accepts clients). It is signalled and waited for.
+    import asyncio
+    import signal
+
+    from gateway.workers import Supervisor
+
+    marker = tmp_path / "drained"
+    script = textwrap.dedent(
+        f"""
+        import signal, sys, time
+        def drain(*_):
+            with open({str(marker)!r}, "a") as f:
+                f.write("drained\\n")
+            sys.exit(0)
+        signal.signal(signal.SIGTERM, drain)
+        print("up", flush=True)
+        while True:
+            time.sleep(1)
+        """
+    )
+    supervisor = Supervisor(
+        [sys.executable, "-c", script], 1, drain_timeout=5, policy=RestartPolicy(base=0.0)
+    )
+    started: list[asyncio.subprocess.Process] = []
+    first_started = asyncio.Event()
+    real = asyncio.create_subprocess_exec
+
+    def catches_sigterm(pid: int) -> bool:
+        """Whether the worker's SIGTERM handler (its drain, here a marker file) is in place."""
+        with open(f"/proc/{pid}/status") as status:
+            caught = next(line for line in status if line.startswith("SigCgt:"))
+        return bool(int(caught.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+
+    async def starting_slowly(*args, **kwargs):
+        process = await real(*args, **kwargs)
+        if started:  # the second start: the signal comes while it is under way
+            async with asyncio.timeout(10):
+                while not catches_sigterm(process.pid):  # noqa: ASYNC110 - /proc has no event
+                    await asyncio.sleep(0.01)
+            supervisor.stop()
+            await asyncio.sleep(0.5)  # the supervisor's _stop runs meanwhile
+        started.append(process)
+        first_started.set()
+        return process
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", starting_slowly)
+    run = asyncio.create_task(supervisor.run())
+    await first_started.wait()
+    started[0].send_signal(signal.SIGKILL)  # dies; its keeper starts it again
+    async with asyncio.timeout(15):
+        assert await run == 0
+    assert len(started) == 2
+    assert started[1].returncode == 0, "the worker started last was left running"
+    assert marker.read_text() == "drained\n"  # the second worker's, on SIGTERM
