@@ -246,7 +246,7 @@ def run(args: argparse.Namespace, *, stdout: TextIO, stderr: TextIO, prog: str =
     )
     secret = args.secret or (None if args.token else os.environ.get("EVENTBUS_AUTH_SECRET"))
     # The consumer's logs (connected, reconnecting, ...) go to stderr: stdout is the events.
-    structlog.configure(logger_factory=structlog.PrintLoggerFactory(stderr))
+    structlog.configure(logger_factory=structlog.WriteLoggerFactory(stderr))  # a write per line
     try:
         asyncio.run(
             tail(

@@ -47,7 +47,10 @@ def configure_logging(fmt: str = "auto", level: str = "info") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        # One write per line (print() makes two: the line, then its newline): workers of a group
+        # share the output, and with PYTHONUNBUFFERED (the container image sets it) two lines
+        # written at the same moment interleaved into one that no log collector could parse.
+        logger_factory=structlog.WriteLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )
     # Library loggers (websockets' handshake failures, redis-py) go through the same renderer.

@@ -47,3 +47,31 @@ def test_configure_logging_says_whether_debug_lines_are_written(monkeypatch):
     finally:
         structlog.configure(**before)
         root.setLevel(level)
+
+
+def test_processes_sharing_an_unbuffered_output_write_whole_lines(tmp_path):
+    # Workers of a group share stderr; the container image sets PYTHONUNBUFFERED. Each JSON line
+    # must reach the output in one write, or two written at once interleave ('{..}{..}\n\n').
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "from gateway.logs import configure_logging, get_logger\n"
+        "configure_logging('json')\n"
+        "log = get_logger('t')\n"
+        "for n in range(20000):\n"
+        "    log.info('line', n=n, pad='x' * 200)\n"
+    )
+    out = tmp_path / "out.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(out, "wb") as sink:
+        writers = [
+            subprocess.Popen([sys.executable, "-c", script], stderr=sink, env=env) for _ in range(2)
+        ]
+        for writer in writers:
+            assert writer.wait(timeout=120) == 0
+    lines = out.read_text().splitlines()
+    assert len(lines) == 40000
+    assert sum(1 for line in lines if json.loads(line)["event"] == "line") == 40000
