@@ -41,6 +41,7 @@ Every wait is bounded by a timer on the event loop, not by a task per connection
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import random
 import struct
@@ -180,6 +181,7 @@ class WebSocketConnection(asyncio.Protocol):
         "close_armed",
         "counted",
         "endpoint",
+        "finishing",
         "fragment_text",
         "fragments",
         "inflating",
@@ -222,6 +224,8 @@ class WebSocketConnection(asyncio.Protocol):
         self.inflating = False
         #: What websockets was not given yet of the read that filled the backlog (compressed).
         self.unfed: bytes | None = None
+        #: The task finishing a message that waits for Redis, and that message's coroutine.
+        self.finishing: tuple[asyncio.Task, Coroutine[Any, Any, Any]] | None = None
         #: The fragments of a message in progress (rare: browsers send small messages whole).
         self.fragments: list[bytes] | None = None
         self.fragment_text = False
@@ -335,6 +339,21 @@ class WebSocketConnection(asyncio.Protocol):
         self.endpoint.gateway.remove_session(session)
         self.log().debug("disconnected", code=self.close_code)
         self.session = None
+        self._stop_finishing()
+
+    def _stop_finishing(self) -> None:
+        """The connection is gone: what its messages still wait for (Redis, for a subscribe's
+        presence or a ``presence_get``) is of no use, and must not hold the task and the session
+        until ``--subscribe-timeout``. Cancelled as that timeout would (every such wait is
+        cancellation-safe); a message not started yet is closed instead of left unawaited."""
+        finishing = self.finishing
+        if finishing is None:
+            return
+        self.finishing = None
+        task, pending = finishing
+        if inspect.getcoroutinestate(pending) == inspect.CORO_CREATED:
+            pending.close()
+        task.cancel()
 
     # --- what the session and the SSE takeover use -------------------------------------------
 
@@ -654,7 +673,7 @@ class WebSocketConnection(asyncio.Protocol):
             return
         if pending is not None:
             self.backlog = []
-            spawn(self._finish(session, pending))
+            self.finishing = (spawn(self._finish(session, pending)), pending)
 
     async def _finish(self, session: WebSocketSession, pending: Coroutine[Any, Any, Any]) -> None:
         """Finish a message that waits for Redis, then the messages that came meanwhile."""
@@ -677,6 +696,7 @@ class WebSocketConnection(asyncio.Protocol):
             log.exception("message handling failed", conn_id=session.id)
             session.abort(CloseCode.INTERNAL_ERROR, "internal error")
         finally:
+            self.finishing = None
             if self.backlog is not None:
                 self.backlog = None
             if self.paused:

@@ -1126,6 +1126,65 @@ async def test_a_subscribe_against_a_hung_redis_gets_unavailable_in_time_then_wo
             await gateway.drain()
 
 
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"type": "presence_get", "project_id": 33},
+        {"type": "subscribe", "project_id": 33, "presence": True},
+    ],
+    ids=["presence_get", "subscribe_with_presence"],
+)
+async def test_a_connection_closed_while_presence_waits_for_a_hung_redis_is_let_go_at_once(message):
+    # As a subscribe's own wait (below): a client that goes while its presence read waits for
+    # Redis does not leave its handler task, and the session, waiting for --subscribe-timeout.
+    # The feed answers the subscribe from memory; only presence waits.
+    import os
+    import signal
+    import weakref
+
+    from gateway.config import GatewayConfig
+    from gateway.server import Gateway
+    from gateway.tasks import _running
+    from publisher import AsyncPublisher
+    from tests.support.redis_server import RedisServer
+
+    def handlers() -> list[asyncio.Task]:
+        return [t for t in _running if t.get_coro().__qualname__ == "WebSocketConnection._finish"]
+
+    with RedisServer() as server:
+        gateway = Gateway(
+            GatewayConfig(redis_url=server.url, port=0, auth_secret=SECRET, subscribe_timeout=5.0)
+        )
+        await gateway.start()
+        staying = await client_for(gateway, [33])
+        await staying.subscribe(33)
+        leaving = await client_for(gateway, [33])
+        try:
+            os.kill(server.process.pid, signal.SIGSTOP)  # sockets open, nothing answers
+            try:
+                await leaving.send(message)
+                await wait_until_true(lambda: len(handlers()) == 1)
+                session = weakref.ref(list(gateway.sessions)[1])  # the leaving client's
+                await asyncio.sleep(0.2)
+                assert len(handlers()) == 1, "presence waits for Redis"
+                started = time.monotonic()
+                await leaving.close()
+                await wait_until_true(lambda: not handlers() and session() is None, within=4)
+                elapsed = time.monotonic() - started
+            finally:
+                os.kill(server.process.pid, signal.SIGCONT)
+            assert elapsed < 0.5, f"let go after {elapsed:.2f} s (subscribe timeout: 5 s)"
+            publisher = AsyncPublisher.from_url(server.url)
+            await publish(publisher, 33, 3)
+            await publisher.aclose()
+            await staying.wait_for(lambda: staying.seqs(33) == [1, 2, 3])
+            assert not staying.of("error")
+        finally:
+            await staying.close()
+            await leaving.close()
+            await gateway.drain()
+
+
 async def test_a_connection_closed_while_its_subscribe_waits_for_a_hung_redis_is_let_go_at_once():
     # Bounded and prompt: a client that goes while its subscribe waits for Redis (stopped: the
     # feed's channel confirmation never comes) does not leave its handler task, and with it the
