@@ -574,6 +574,54 @@ def test_a_hung_database_holds_up_the_relay_only_for_its_statement_timeout(pg_ur
     assert_exact(bus.client, {1: [1, 2]})
 
 
+def test_the_store_closed_while_a_statement_waits_ends_it_and_harms_no_other_socket(
+    pg_url, pg_outbox
+):
+    """The store closed from another thread while one of its statements waits (what
+    ``OutboxRelay.stop`` does once ``join(timeout)`` gives up on the thread, and a reset after a
+    failure does while an application thread's ``wake()`` waits). libpq used to close the
+    connection's descriptor at once: the next socket opened in the process got its number, the
+    statement went on waiting on that socket, and its deadline, when it fired, shut that
+    socket down (here a socket pair; in an application, any connection of its own, or the
+    publisher's to Redis). Now the statement ends at once, and no other socket is touched."""
+    import socket
+
+    store = PostgresOutboxStore(pg_url, pg_outbox.table, timeout=1.5)
+    store._conn()
+    outcome: list[tuple[BaseException | None, float]] = []
+
+    def slow_statement() -> None:
+        try:
+            store._q("SELECT pg_sleep(3)", {})
+            outcome.append((None, time.monotonic()))
+        except BaseException as exc:  # recorded for the assertion below
+            outcome.append((exc, time.monotonic()))
+
+    thread = threading.Thread(target=slow_statement, daemon=True)
+    thread.start()
+    time.sleep(0.3)  # the statement waits for PostgreSQL
+    closed = time.monotonic()
+    store.close()  # from this thread, as stop() does
+    others = [socket.socketpair() for _ in range(4)]  # (one got the freed number before)
+    try:
+        time.sleep(1.7)  # past the statement's deadline (1.5 s)
+        for left, right in others:
+            left.sendall(b"ping")  # EPIPE once shut down
+            assert right.recv(4) == b"ping"
+            right.sendall(b"pong")
+            assert left.recv(4) == b"pong"
+        thread.join(2)
+        assert len(outcome) == 1
+        error, ended = outcome[0]
+        assert isinstance(error, psycopg.OperationalError)
+        assert ended - closed < 0.5  # at once: not at its deadline, nor the statement's end
+        assert store._work is None and not store._running
+    finally:
+        for pair in others:
+            for sock in pair:
+                sock.close()
+
+
 def test_the_catch_up_after_an_outage_is_paced_by_max_rate(sqlite_path, table, bus):
     """3,000 queued rows at max_rate=1,000/s: the relay sleeps (on a fake clock here) so that
     publishing them takes at least (3,000 - one burst) / 1,000 s, in chunks of one burst."""

@@ -126,6 +126,11 @@ class PostgresOutboxStore:
         self._work: Any = None
         self._listen: Any = None
         self._is_leader = False
+        #: Statements under way -> their connection; with ``_lock``, :meth:`reset` (called from
+        #: any thread: ``OutboxRelay.stop`` closes the store) never closes a connection a
+        #: statement waits on, whose descriptor libpq would free under it.
+        self._running: dict[_Deadline, Any] = {}
+        self._lock = threading.Lock()
 
     def _connect(self) -> Any:
         # Named, so that operators see the relay's sessions in pg_stat_activity (unless the DSN
@@ -139,11 +144,17 @@ class PostgresOutboxStore:
         return self._psycopg.connect(self.dsn, autocommit=True, **extra)
 
     @contextlib.contextmanager
-    def _deadline(self, conn: Any) -> Iterator[None]:
-        """Bound what runs inside to ``timeout``: then the connection's socket is shut down,
-        and the statement waiting on it fails at once (psycopg has no client-side statement
-        timeout, and the server's ``statement_timeout`` needs a server that runs)."""
-        deadline = _Deadline(conn.fileno(), self.timeout)
+    def _deadline(self, conn: Any, seconds: float | None = None) -> Iterator[None]:
+        """Bound what runs inside to ``seconds`` (``timeout``): then the connection's socket is
+        shut down, and the statement waiting on it fails at once (psycopg has no client-side
+        statement timeout, and the server's ``statement_timeout`` needs a server that runs).
+        A :meth:`reset` from another thread meanwhile shuts it down too, and leaves closing the
+        connection to this thread, once the statement has let go of it."""
+        with self._lock:
+            if conn.closed:  # reset by another thread since this one took it
+                raise self._psycopg.OperationalError("the connection is closed")
+            deadline = _Deadline(conn.fileno(), self.timeout if seconds is None else seconds)
+            self._running[deadline] = conn
         try:
             yield
         except self._psycopg.OperationalError as exc:
@@ -152,6 +163,10 @@ class PostgresOutboxStore:
             raise
         finally:
             deadline.cancel()
+            with self._lock:
+                del self._running[deadline]
+            if deadline.interrupted:
+                conn.close()
 
     def _conn(self) -> Any:
         if self._work is None or self._work.closed:
@@ -204,23 +219,27 @@ class PostgresOutboxStore:
             with self._deadline(self._listen):
                 self._listen.execute(f"LISTEN {self.st.channel}")
             return  # rows committed before LISTEN notified nobody: look at the table first
-        for _ in self._listen.notifies(timeout=timeout, stop_after=1):
-            pass
-        # Several commits may have notified meanwhile: one wake-up serves them all.
-        for _ in self._listen.notifies(timeout=0):
-            pass
+        listen = self._listen
+        with self._deadline(listen, timeout + self.timeout):
+            for _ in listen.notifies(timeout=timeout, stop_after=1):
+                pass
+            # Several commits may have notified meanwhile: one wake-up serves them all.
+            for _ in listen.notifies(timeout=0):
+                pass
 
     def wake(self) -> None:
         with contextlib.suppress(Exception):
             self._q(self.st.notify, {"channel": self.st.channel})
 
     def reset(self) -> None:
-        for conn in (self._work, self._listen):
-            if conn is not None:
-                with contextlib.suppress(Exception):
-                    conn.close()
-        self._work = self._listen = None
-        self._is_leader = False
+        with self._lock:
+            busy = {id(conn) for deadline, conn in self._running.items() if deadline.interrupt()}
+            for conn in (self._work, self._listen):
+                if conn is not None and id(conn) not in busy:  # (busy: its statement closes it)
+                    with contextlib.suppress(Exception):
+                        conn.close()
+            self._work = self._listen = None
+            self._is_leader = False
 
     close = reset
 
@@ -228,30 +247,48 @@ class PostgresOutboxStore:
 class _Deadline:
     """Shuts down a socket ``seconds`` from now, unless cancelled first.
 
-    ``shutdown``, not ``close``: the descriptor stays libpq's until it closes the connection, so
-    it is never reused under it; a shut-down socket wakes every wait on it with end-of-file."""
+    ``shutdown``, not ``close``: the descriptor stays libpq's, which closes it with the
+    connection; a shut-down socket wakes every wait on it with end-of-file. It is shut down
+    through a duplicate of the descriptor, the deadline's own until :meth:`cancel`, never by
+    libpq's number, which another socket of the process may hold by then."""
 
     def __init__(self, fd: int, seconds: float) -> None:
         self.expired = False
-        self._fd: int | None = fd
+        #: Shut down by :meth:`interrupt` (the store was reset): the statement's thread closes
+        #: the connection.
+        self.interrupted = False
         self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        with contextlib.suppress(OSError):  # not a socket: nothing to shut down
+            self._sock = socket.socket(fileno=os.dup(fd))
         self._timer = threading.Timer(seconds, self._expire)
         self._timer.daemon = True
         self._timer.start()
 
     def _expire(self) -> None:
         with self._lock:
-            if self._fd is None:  # the statement returned meanwhile: the socket is in use again
+            if self._sock is None:  # the statement returned meanwhile: the socket is in use again
                 return
             self.expired = True
             with contextlib.suppress(OSError):
-                with socket.socket(fileno=os.dup(self._fd)) as sock:  # closes the copy only
-                    sock.shutdown(socket.SHUT_RDWR)
+                self._sock.shutdown(socket.SHUT_RDWR)
+
+    def interrupt(self) -> bool:
+        """End the statement now; False if it has already returned."""
+        with self._lock:
+            if self._sock is None:
+                return False
+            self.interrupted = True
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+            return True
 
     def cancel(self) -> None:
         with self._lock:
-            self._fd = None
+            sock, self._sock = self._sock, None
         self._timer.cancel()
+        if sock is not None:
+            sock.close()  # the duplicate only
 
 
 class SQLiteOutboxStore:
