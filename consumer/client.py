@@ -94,6 +94,15 @@ _poll_decoder = msgspec.json.Decoder(PollResponse)
 POLL_PAGE = 1000
 
 
+async def _nothing() -> None:
+    pass
+
+
+async def _send_on(ws: ClientConnection, message: dict[str, object]) -> None:
+    with contextlib.suppress(ConnectionClosed):
+        await ws.send(_encode(message), text=True)
+
+
 def _http_url(ws_url: str) -> str:
     """The origin of the gateway's HTTP endpoints for a WebSocket URL (same host and port)."""
     parts = urlsplit(ws_url)
@@ -315,6 +324,9 @@ class Consumer:
         self._ws: ClientConnection | None = None
         # The connection whose subscribes went out: a project added later subscribes by itself.
         self._subscribed_on: ClientConnection | None = None
+        #: Projects unsubscribed on this connection -> unsubscribes the gateway has not answered
+        #: yet: until it does, every frame of the project is the old subscription's.
+        self._unsubscribing: dict[int, int] = {}
         self._authenticated = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._helpers: set[asyncio.Task[Any]] = set()
@@ -434,8 +446,36 @@ class Consumer:
 
     async def _unregister(self, route: _Route, project_ids: tuple[int, ...]) -> None:
         for project_id in self._forget(route, project_ids):
-            if self._subscribed_on is not None:
-                await self._send({"type": "unsubscribe", "project_id": project_id})
+            await self._unsubscribe(project_id)
+
+    def _unsubscribe(self, project_id: int) -> Awaitable[None]:
+        """Unsubscribe on the current connection (the send to await). Until the gateway answers
+        (``unsubscribed``, or ``not_subscribed`` when it had ended the subscription itself),
+        the project's frames are the old subscription's: events, ``subscribed``, errors sent
+        before the gateway read the unsubscribe. A subscription following the project again
+        meanwhile must not take them for its own (an event of another epoch under its cursor's
+        epoch; a ``not_subscribed`` ending it)."""
+        ws = self._ws
+        if ws is None or ws is not self._subscribed_on:
+            return _nothing()  # no connection, or not subscribed on it yet: nothing to leave
+        self._unsubscribing[project_id] = self._unsubscribing.get(project_id, 0) + 1
+        return _send_on(ws, {"type": "unsubscribe", "project_id": project_id})
+
+    def _left(self, project_id: int | None, message: object) -> bool:
+        """Whether a frame of ``project_id`` belongs to a subscription left on this connection
+        and not yet confirmed gone (dropped); the confirmation itself is consumed."""
+        count = self._unsubscribing.get(project_id)  # type: ignore[arg-type]
+        if not count:
+            return False
+        cls = type(message)
+        if cls is Unsubscribed or (
+            cls is Error and message.code == ErrorCode.NOT_SUBSCRIBED  # type: ignore[attr-defined]
+        ):
+            if count == 1:
+                del self._unsubscribing[project_id]  # type: ignore[arg-type]
+            else:
+                self._unsubscribing[project_id] = count - 1  # type: ignore[index]
+        return True
 
     def _forget(self, route: _Route, project_ids: tuple[int, ...]) -> list[int]:
         """Stop routing the projects to ``route``; returns those that were subscribed."""
@@ -460,7 +500,7 @@ class Consumer:
         if forgotten and self._subscribed_on is not None and not self._closed:
             log.info("unsubscribing the projects of a dropped subscription", projects=forgotten)
             for project_id in forgotten:
-                self._spawn(self._send({"type": "unsubscribe", "project_id": project_id}))
+                self._spawn(self._unsubscribe(project_id))
 
     async def commit(self, item: Item | UndecodableEvent) -> None:
         """Save the cursor of ``item`` (processed by the caller) to the store, if any."""
@@ -602,6 +642,7 @@ class Consumer:
                 self._authenticated.set()
             # The gateway reads the auth frame before anything else: subscribes can follow it at
             # once (a refused token closes the connection with 4001 before they are read).
+            self._unsubscribing.clear()  # (what the last connection left, it answers no more)
             self._subscribed_on = ws
             for state in self._states.values():
                 state.on_connection()
@@ -630,6 +671,8 @@ class Consumer:
             if exc.header is None:
                 log.warning("ignored a frame that is not a protocol message", error=str(exc))
                 return None
+            if self._unsubscribing and self._left(exc.header[1], None):
+                return None
             state = self._states.get(exc.header[1])
             if state is not None:
                 verdict = await self._on_undecodable(state, exc, raw)
@@ -638,6 +681,8 @@ class Consumer:
                     await ws.send(_encode(state.subscribe_message()), text=True)
             return None
         cls = type(message)
+        if self._unsubscribing and self._left(getattr(message, "project_id", None), message):
+            return None
         if cls in EVENT_TYPES:
             state = self._states.get(message.project_id)  # type: ignore[attr-defined]
             if state is None:

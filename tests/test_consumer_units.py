@@ -447,6 +447,53 @@ async def test_the_client_delivers_in_order_per_project_and_repairs_a_gap_by_res
     assert (stats.delivered, stats.duplicates, stats.gaps, stats.resyncs) == (5, 1, 1, 0)
 
 
+async def test_a_project_followed_again_takes_nothing_of_the_subscription_it_left():
+    """A subscription closed and the project followed again on the same connection: what the
+    gateway sent for the old subscription before it read the unsubscribe (an event, an error)
+    arrives after the new subscription exists. Event frames carry no epoch: an event of the
+    epoch the old one followed was delivered under the new cursor's epoch, and the
+    ``not_subscribed`` answering the unsubscribe of a subscription the gateway had already
+    ended (``unavailable``) ended the new one. Everything of the project up to the gateway's
+    answer to the unsubscribe belongs to the old subscription."""
+    consumer, ws, old = await fed_consumer(1)
+    await consumer._on_frame(ws, subscribed(1, 5, epoch="e1"))  # type: ignore[arg-type]
+    await consumer._on_frame(ws, frame(1, 6))  # type: ignore[arg-type]
+    assert [d.cursor for d in drain(old)] == [Cursor("e1", 6)]
+    await old.aclose()
+    new = consumer.events(1, after=Cursor("e0", 6))  # a cursor of an older history
+    await asyncio.sleep(0)
+    assert ws.sent[-2:] == [
+        {"type": "unsubscribe", "project_id": 1},
+        {"type": "subscribe", "project_id": 1, "epoch": "e0", "after": 6},
+    ]
+    # Sent by the gateway before it read the unsubscribe: e1's 7th event, then the answer.
+    await consumer._on_frame(ws, frame(1, 7, 777))  # type: ignore[arg-type]
+    await consumer._on_frame(ws, b'{"type":"unsubscribed","project_id":1}')  # type: ignore[arg-type]
+    assert drain(new) == []
+    # The answers to the new subscribe are its own.
+    resync = {"type": "resync_required", "project_id": 1, "reason": "epoch_changed"}
+    await consumer._on_frame(ws, json.dumps({**resync, "epoch": "e1", "seq": 7}).encode())  # type: ignore[arg-type]
+    await consumer._on_frame(ws, subscribed(1, 7, epoch="e1"))  # type: ignore[arg-type]
+    await consumer._on_frame(ws, frame(1, 8))  # type: ignore[arg-type]
+    items = drain(new)
+    assert items[0] == Resync(1, ResyncReason.EPOCH_CHANGED, "e1", 7)
+    assert [d.cursor for d in items[1:]] == [Cursor("e1", 8)]
+
+    # The gateway had ended the old subscription itself: it answers the unsubscribe with
+    # not_subscribed, which is the old subscription's too.
+    unavailable = {"type": "error", "code": "unavailable", "message": "later", "project_id": 1}
+    await consumer._on_frame(ws, json.dumps(unavailable).encode())  # type: ignore[arg-type]
+    await new.aclose()
+    again = consumer.events(1)
+    await asyncio.sleep(0)
+    refused = {"type": "error", "code": "not_subscribed", "message": "no", "project_id": 1}
+    await consumer._on_frame(ws, json.dumps(refused).encode())  # type: ignore[arg-type]
+    assert 1 in consumer._states and drain(again) == []
+    await consumer._on_frame(ws, subscribed(1, 8, epoch="e1"))  # type: ignore[arg-type]
+    await consumer._on_frame(ws, frame(1, 9))  # type: ignore[arg-type]
+    assert [d.cursor for d in drain(again)] == [Cursor("e1", 9)]
+
+
 async def test_the_client_surfaces_resync_forbidden_and_undecodable_in_order():
     consumer, ws, subscription = await fed_consumer(1, 2)
     await consumer._on_frame(ws, subscribed(1, 3))  # type: ignore[arg-type]
