@@ -574,6 +574,36 @@ def test_a_hung_database_holds_up_the_relay_only_for_its_statement_timeout(pg_ur
     assert_exact(bus.client, {1: [1, 2]})
 
 
+def test_stop_returns_within_its_timeout_while_the_database_hangs(pg_url, pg_outbox, bus):
+    """``stop(timeout)`` against a hung PostgreSQL (a frozen proxy): it returns within its
+    ``timeout``, and the relay thread ends at once after it, not at the store's statement
+    ``timeout``. stop() sent its waking NOTIFY and waited for it first, which a hung database
+    answers only at the deadline (30 s by default), whatever ``timeout`` the caller gave."""
+    proxy = FreezableProxy("127.0.0.1", int(pg_url.rpartition(":")[2].partition("/")[0]))
+    url = pg_url.replace(":5432/", f":{proxy.port}/")
+    relay = OutboxRelay(
+        PostgresOutboxStore(url, pg_outbox.table, timeout=5.0),
+        bus,
+        poll_interval=0.2,
+        max_backoff=0.2,
+    ).start()
+    try:
+        _write_committed(pg_url, pg_outbox, [event(1, 1)])
+        wait_until(lambda: len(stream_ids(bus.client, 1)) == 1)
+        proxy.freeze()
+        time.sleep(0.5)  # the relay is inside a statement, or waiting for a notification
+        thread, started = relay._thread, time.monotonic()
+        relay.stop(timeout=0.5)
+        assert time.monotonic() - started < 1.5
+        assert thread is not None
+        thread.join(1.0)
+        assert not thread.is_alive()
+    finally:
+        relay._stop.set()
+        proxy.close()
+    assert_exact(bus.client, {1: [1]})
+
+
 def test_the_store_closed_while_a_statement_waits_ends_it_and_harms_no_other_socket(
     pg_url, pg_outbox
 ):

@@ -690,9 +690,18 @@ class OutboxRelay:
         self.store.wake()
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop the relay and close its store, within ``timeout`` seconds whatever the database
+        does: the relay thread ends after its current batch, or at once when closing the store
+        ends a statement still waiting for a hung database."""
         self._stop.set()
-        self.store.wake()
+        deadline = time.monotonic() + timeout
+        # The wake-up (PostgreSQL: a NOTIFY to the relay's LISTEN) waits for the database, so
+        # it is sent from a thread of its own: a hung database holds it until the store's
+        # statement timeout (30 s), not this stop.
+        waker = threading.Thread(target=self.store.wake, name="outbox-relay-stop", daemon=True)
+        waker.start()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        waker.join(max(0.0, deadline - time.monotonic()))
         self.store.close()
