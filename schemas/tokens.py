@@ -13,6 +13,7 @@ before expiry and refreshes in-band, so a leaked token is worth little.
 
 from __future__ import annotations
 
+import operator
 import time
 from collections.abc import Iterable
 from datetime import timedelta
@@ -114,9 +115,15 @@ def issue_token(
 
 
 def _project_id(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    """A project id given to :func:`issue_token`: an integer (``int``, or any type that is one
+    exactly, such as numpy's, through ``__index__``), never a bool, a float or a str."""
+    try:
+        project = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        project = 0
+    if isinstance(value, bool) or project <= 0:
         raise ValueError(f"project ids must be positive integers, got {value!r}")
-    return int(value)
+    return project
 
 
 def verify_token(

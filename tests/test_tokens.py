@@ -189,6 +189,21 @@ def test_non_string_subject_is_ignored() -> None:
     assert claims.sub is None
 
 
+def test_project_ids_of_integer_types_other_than_int_are_taken() -> None:
+    """What ``int()`` used to accept exactly (an integer type with ``__index__``, such as numpy's
+    or a database driver's) is still a project id; only inexact values are refused."""
+
+    class Integer:
+        def __init__(self, value: int) -> None:
+            self.value = value
+
+        def __index__(self) -> int:
+            return self.value
+
+    claims = verify_token(issue_token(SECRET, [Integer(3), 4]), SECRET)
+    assert claims.projects == frozenset({3, 4})
+
+
 @pytest.mark.parametrize(
     ("args", "kwargs", "message"),
     [
