@@ -363,6 +363,20 @@ async def test_the_longest_key_id_and_idempotency_key_publish_exactly_once(redis
     assert [f["blocker_id"] for f in stream(redis_url, 7)] == list(range(1, 12))
 
 
+async def test_a_longer_retry_under_a_long_key_finds_the_first_events_keys(redis_url) -> None:
+    """Near the key length limit, whether an array's keys are digested depended on its length:
+    a retry with more events (5 then 11 under one Idempotency-Key) used the other form and
+    published the first five again. The form now depends on the longest index allowed."""
+    long_key = ApiKey(id="k" * 100, sha256=hash_key(KEY_ALL), projects="*")
+    headers = {"Idempotency-Key": "i" * 92}  # "http:" + 100 + ":" + 92 + ":4" is 200
+    batch = [resolved(n) for n in range(1, 12)]
+    async with served(redis_url, Credentials([long_key])) as api:
+        first = await api.post(8, batch[:5], headers=headers)
+        second = await api.post(8, batch, headers=headers)
+    assert first[0] == second[0] == 200, (first, second)
+    assert [f["blocker_id"] for f in stream(redis_url, 8)] == list(range(1, 12))
+
+
 async def test_rate_limit_per_key_answers_429_with_retry_after(redis_url) -> None:
     async with served(redis_url, rate=1.0, burst=3) as api:
         assert (await api.post(4, [EXPIRED] * 3))[0] == 200

@@ -170,12 +170,17 @@ class PublishApi:
             elif is_batch:
                 # One key per event: a retry of the same request publishes exactly what is
                 # missing (each keyed event is its own script call).
-                keys = _publisher_keys(key.id, idempotency_key, len(events))  # type: ignore[arg-type]
+                keys = _publisher_keys(
+                    key.id,
+                    idempotency_key,  # type: ignore[arg-type]
+                    len(events),
+                    self.settings.max_events,
+                )
                 cursors = await self.publisher.publish_many(events, idempotency_keys=keys)
             else:
                 namespaced = None
                 if idempotency_key is not None:
-                    namespaced = _publisher_keys(key.id, idempotency_key, None)[0]
+                    namespaced = _publisher_keys(key.id, idempotency_key, None, 1)[0]
                 cursors = [await self.publisher.publish(events[0], idempotency_key=namespaced)]
         except PublisherUnavailable as exc:
             log.warning("http_publish_unavailable", project_id=project_id, error=str(exc))
@@ -228,7 +233,9 @@ def _valid_idempotency_key(value: str) -> bool:
     return 0 < len(value) <= _IDEMPOTENCY_HEADER_MAX and all("!" <= char <= "~" for char in value)
 
 
-def _publisher_keys(key_id: str, idempotency_key: str, count: int | None) -> list[str]:
+def _publisher_keys(
+    key_id: str, idempotency_key: str, count: int | None, max_events: int
+) -> list[str]:
     """The publisher's idempotency keys of a request: ``http:<key id>:<Idempotency-Key>``, with
     ``:<index>`` per event of an array (``count`` events; None: one event, no suffix).
 
@@ -236,10 +243,13 @@ def _publisher_keys(key_id: str, idempotency_key: str, count: int | None) -> lis
     and an Idempotency-Key may each be 100 characters, which made keys longer than the
     publisher's 200: ``publish`` raised ValueError and the client got a bare 500. Such keys
     are replaced by a digest of the whole (``~`` never occurs in a key id, so the two forms
-    cannot meet)."""
+    cannot meet). Which form an array's keys take depends on the longest index an array may
+    have (``max_events``), not on this one's length: a retry of the same key with more events
+    then finds the first ones' keys (published once), instead of a form of its own."""
     namespaced = f"http:{key_id}:{idempotency_key}"
     suffixes = [""] if count is None else [f":{index}" for index in range(count)]
-    if len(namespaced) + len(suffixes[-1]) > _PUBLISHER_KEY_MAX:
+    longest = 0 if count is None else len(f":{max(0, max_events - 1)}")
+    if len(namespaced) + longest > _PUBLISHER_KEY_MAX:
         namespaced = "http:~" + hashlib.blake2b(namespaced.encode(), digest_size=16).hexdigest()
     return [namespaced + suffix for suffix in suffixes]
 
