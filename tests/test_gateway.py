@@ -1047,6 +1047,13 @@ async def test_a_client_that_reads_nothing_is_cut_even_when_the_kernel_holds_its
     stalled.close()
 
 
+def handlers() -> list[asyncio.Task]:
+    """The in-process gateway's connection tasks for messages that wait for Redis."""
+    from gateway.tasks import _running
+
+    return [t for t in _running if t.get_coro().__qualname__ == "WebSocketConnection._finish"]
+
+
 async def wait_until_true(predicate, within: float = 5.0) -> None:
     async with asyncio.timeout(within):
         while not predicate():  # noqa: ASYNC110 - state of an in-process gateway, no event to await
@@ -1144,12 +1151,8 @@ async def test_a_connection_closed_while_presence_waits_for_a_hung_redis_is_let_
 
     from gateway.config import GatewayConfig
     from gateway.server import Gateway
-    from gateway.tasks import _running
     from publisher import AsyncPublisher
     from tests.support.redis_server import RedisServer
-
-    def handlers() -> list[asyncio.Task]:
-        return [t for t in _running if t.get_coro().__qualname__ == "WebSocketConnection._finish"]
 
     with RedisServer() as server:
         gateway = Gateway(
@@ -1196,13 +1199,8 @@ async def test_a_connection_closed_while_its_subscribe_waits_for_a_hung_redis_is
 
     from gateway.config import GatewayConfig
     from gateway.server import Gateway
-    from gateway.tasks import _running
     from publisher import AsyncPublisher
     from tests.support.redis_server import RedisServer
-
-    def handlers() -> list[asyncio.Task]:
-        """The connections' tasks for messages that wait for Redis."""
-        return [t for t in _running if t.get_coro().__qualname__ == "WebSocketConnection._finish"]
 
     with RedisServer() as server:
         gateway = Gateway(
