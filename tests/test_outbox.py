@@ -20,6 +20,7 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -602,6 +603,66 @@ def test_stop_returns_within_its_timeout_while_the_database_hangs(pg_url, pg_out
         relay._stop.set()
         proxy.close()
     assert_exact(bus.client, {1: [1]})
+
+
+def sessions_left(url: str, pids: list[int]) -> int:
+    """How many of these PostgreSQL sessions are still there (the relay's name, this database)."""
+    with psycopg.connect(url, autocommit=True) as admin:
+        return admin.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s) "
+            "AND application_name = 'eventbus-outbox-relay' AND datname = current_database()",
+            [pids],
+        ).fetchone()[0]
+
+
+def recording_connects(store: PostgresOutboxStore) -> tuple[list, list[int]]:
+    """Wrap the store's ``_connect``: each connection it makes, and its session's pid, are
+    appended to the returned lists (which keep it from the garbage collector: it is closed only
+    if the store closes it)."""
+    connect, made, pids = store._connect, [], []
+
+    def recorded() -> Any:
+        conn = connect()
+        made.append(conn)
+        pids.append(conn.info.backend_pid)
+        return conn
+
+    store._connect = recorded
+    return made, pids
+
+
+def test_a_wake_and_the_relay_that_connect_at_once_leave_no_connection_open(pg_url, pg_outbox):
+    """An application's ``wake()`` (a NOTIFY on the work connection) and the relay thread both
+    find no work connection (at start, or after a reset) and connect at once: here each connect
+    waits for the other's before returning. Both statements run, on one connection; the other
+    is closed at once, and ``close()`` leaves no session. Before, each thread stored its own in
+    turn and the one overwritten was never closed by the store: it stayed open until the
+    garbage collector got to it (with a ResourceWarning), holding the leader lock if it had
+    taken it."""
+    store = PostgresOutboxStore(pg_url, pg_outbox.table)
+    both = threading.Barrier(2, timeout=10)
+    made, pids = recording_connects(store)
+    connect = store._connect
+
+    def connect_with_the_other() -> Any:
+        conn = connect()
+        both.wait()  # both threads have connected before either stores its connection
+        return conn
+
+    store._connect = connect_with_the_other
+    waker = threading.Thread(target=store.wake, daemon=True)  # the application's thread
+    waker.start()
+    try:
+        assert store.backlog() == 0  # the relay's thread
+        waker.join(10)
+        assert not waker.is_alive() and both.n_waiting == 0 and not both.broken
+        assert len(made) == 2
+        kept = [conn for conn in made if not conn.closed]
+        assert kept == [store._work]
+    finally:
+        store.close()
+    assert all(conn.closed for conn in made)
+    wait_until(lambda: sessions_left(pg_url, pids) == 0, timeout=5)
 
 
 def test_the_store_closed_while_a_statement_waits_ends_it_and_harms_no_other_socket(

@@ -169,10 +169,23 @@ class PostgresOutboxStore:
                 conn.close()
 
     def _conn(self) -> Any:
-        if self._work is None or self._work.closed:
-            self._work = self._connect()
-            self._is_leader = False
-        return self._work
+        """The work connection, connected first if there is none (or it broke).
+
+        Two threads may find none at once, the relay's and an application's :meth:`wake`: each
+        connects (outside ``_lock``, so that :meth:`reset` never waits for a connect), the first
+        to be done keeps its connection, and the other closes its own and uses that one. Before,
+        each stored its own in turn, and the one overwritten was never closed."""
+        work = self._work
+        if work is not None and not work.closed:
+            return work
+        fresh = self._connect()
+        with self._lock:
+            work = self._work
+            if work is None or work.closed:
+                self._work, self._is_leader = fresh, False
+                return fresh
+        fresh.close()
+        return work
 
     def _q(self, sql: str, params: dict[str, Any]) -> list[tuple]:
         conn = self._conn()
