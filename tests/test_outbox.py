@@ -665,6 +665,43 @@ def test_a_wake_and_the_relay_that_connect_at_once_leave_no_connection_open(pg_u
     wait_until(lambda: sessions_left(pg_url, pids) == 0, timeout=5)
 
 
+def test_a_relay_thread_that_connects_after_stop_leaves_no_connection_open(pg_url, pg_outbox, bus):
+    """stop() runs while the relay thread, and stop's own wake-up, are connecting to PostgreSQL
+    (here each connect returns only once stop has returned; in life a slow or hung server, which
+    libpq lets take up to the connect timeout): stop returns within its timeout, and the
+    connections that arrive after it are closed at once; an application's ``wake()`` after stop
+    opens none. Before, each was stored and used after ``close()``, and stayed open with the
+    stopped relay."""
+    store = PostgresOutboxStore(pg_url, pg_outbox.table)
+    made, pids = recording_connects(store)
+    connect, connecting, go_on = store._connect, threading.Semaphore(0), threading.Event()
+
+    def connect_after_stop() -> Any:
+        conn = connect()
+        connecting.release()
+        assert go_on.wait(10)  # the connect returns only now
+        return conn
+
+    store._connect = connect_after_stop
+    relay = OutboxRelay(store, bus, poll_interval=0.05, max_backoff=0.1).start()
+    thread = relay._thread
+    try:
+        assert connecting.acquire(timeout=10)  # the relay thread is connecting
+        started = time.monotonic()
+        relay.stop(timeout=0.3)
+        assert time.monotonic() - started < 1.0
+        assert connecting.acquire(timeout=10)  # so is stop's wake-up (and stays so)
+    finally:
+        go_on.set()
+    assert thread is not None
+    thread.join(10)
+    assert not thread.is_alive()
+    wait_until(lambda: len(made) == 2 and all(conn.closed for conn in made))
+    relay.wake()  # an application's, after stop: nothing to wake, nothing to connect
+    assert len(made) == 2
+    wait_until(lambda: sessions_left(pg_url, pids) == 0, timeout=5)
+
+
 def test_the_store_closed_while_a_statement_waits_ends_it_and_harms_no_other_socket(
     pg_url, pg_outbox
 ):

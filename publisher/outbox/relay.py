@@ -91,7 +91,11 @@ class OutboxStore(Protocol):
     def reset(self) -> None:
         """Drop the connections after an error; the next call reconnects."""
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Drop the connections for good: none is opened after it, until :meth:`open`."""
+
+    def open(self) -> None:
+        """Let a closed store connect again (a relay started again after ``stop``)."""
 
 
 class PostgresOutboxStore:
@@ -131,8 +135,13 @@ class PostgresOutboxStore:
         #: statement waits on, whose descriptor libpq would free under it.
         self._running: dict[_Deadline, Any] = {}
         self._lock = threading.Lock()
+        #: Set by :meth:`close` (with ``_lock``): a connect that ends after it, in the relay's
+        #: thread or a wake-up's, closes its connection instead of storing it.
+        self._closed = False
 
     def _connect(self) -> Any:
+        if self._closed:  # (a connect that ends after close(): see _keep_unless_closed)
+            raise self._psycopg.OperationalError("the store is closed")
         # Named, so that operators see the relay's sessions in pg_stat_activity (unless the DSN
         # names them itself).
         params = self._psycopg.conninfo.conninfo_to_dict(self.dsn)
@@ -180,12 +189,22 @@ class PostgresOutboxStore:
             return work
         fresh = self._connect()
         with self._lock:
+            self._keep_unless_closed(fresh)
             work = self._work
             if work is None or work.closed:
                 self._work, self._is_leader = fresh, False
                 return fresh
         fresh.close()
         return work
+
+    def _keep_unless_closed(self, fresh: Any) -> None:
+        """With ``_lock``: close ``fresh`` and fail if :meth:`close` ran while it was connecting
+        (``stop(timeout)`` does not wait for a connect, which a hung server holds up to the
+        connect timeout). Before, a relay thread or a wake-up that connected after ``stop``
+        stored the connection and left it open."""
+        if self._closed:
+            fresh.close()
+            raise self._psycopg.OperationalError("the store is closed")
 
     def _q(self, sql: str, params: dict[str, Any]) -> list[tuple]:
         conn = self._conn()
@@ -228,9 +247,12 @@ class PostgresOutboxStore:
 
     def wait(self, timeout: float) -> None:
         if self._listen is None or self._listen.closed:
-            self._listen = self._connect()
-            with self._deadline(self._listen):
-                self._listen.execute(f"LISTEN {self.st.channel}")
+            fresh = self._connect()
+            with self._lock:
+                self._keep_unless_closed(fresh)
+                self._listen = fresh
+            with self._deadline(fresh):
+                fresh.execute(f"LISTEN {self.st.channel}")
             return  # rows committed before LISTEN notified nobody: look at the table first
         listen = self._listen
         with self._deadline(listen, timeout + self.timeout):
@@ -254,7 +276,15 @@ class PostgresOutboxStore:
             self._work = self._listen = None
             self._is_leader = False
 
-    close = reset
+    def close(self) -> None:
+        """:meth:`reset` for good: from now on (until :meth:`open`) no connection is opened,
+        and one that was being opened meanwhile is closed when it is made."""
+        with self._lock:
+            self._closed = True
+        self.reset()
+
+    def open(self) -> None:
+        self._closed = False
 
 
 class _Deadline:
@@ -368,6 +398,9 @@ class SQLiteOutboxStore:
         self._conn = None
 
     close = reset
+
+    def open(self) -> None:
+        pass  # (close() is reset(): the next call reconnects)
 
 
 def _sqlite_row(row_id: int, project_id: Any, token: Any, event: Any, created_at: Any) -> OutboxRow:
@@ -693,6 +726,7 @@ class OutboxRelay:
     def start(self) -> OutboxRelay:
         """Run :meth:`run` in a daemon thread."""
         self._stop.clear()
+        self.store.open()  # closed by a previous stop()
         self._thread = threading.Thread(target=self.run, name="outbox-relay", daemon=True)
         self._thread.start()
         return self
