@@ -1089,22 +1089,11 @@ async def test_a_subscribe_against_a_hung_redis_gets_unavailable_in_time_then_wo
     import os
     import signal
 
-    from gateway.config import GatewayConfig
-    from gateway.server import Gateway
     from publisher import AsyncPublisher
     from tests.support.redis_server import RedisServer
 
     with RedisServer() as server:
-        gateway = Gateway(
-            GatewayConfig(
-                redis_url=server.url,
-                port=0,
-                auth_secret=SECRET,
-                subscribe_timeout=1.0,
-                drain_timeout=1,
-            )
-        )
-        await gateway.start()
+        gateway = await _hung_redis_gateway(server, subscribe_timeout=1.0)
         client = await client_for(gateway, [31])
         try:
             os.kill(server.process.pid, signal.SIGSTOP)  # sockets open, nothing answers
@@ -1149,16 +1138,11 @@ async def test_a_connection_closed_while_presence_waits_for_a_hung_redis_is_let_
     import signal
     import weakref
 
-    from gateway.config import GatewayConfig
-    from gateway.server import Gateway
     from publisher import AsyncPublisher
     from tests.support.redis_server import RedisServer
 
     with RedisServer() as server:
-        gateway = Gateway(
-            GatewayConfig(redis_url=server.url, port=0, auth_secret=SECRET, subscribe_timeout=5.0)
-        )
-        await gateway.start()
+        gateway = await _hung_redis_gateway(server, subscribe_timeout=5.0)
         staying = await client_for(gateway, [33])
         await staying.subscribe(33)
         leaving = await client_for(gateway, [33])
@@ -1197,22 +1181,11 @@ async def test_a_connection_closed_while_its_subscribe_waits_for_a_hung_redis_is
     import signal
     import weakref
 
-    from gateway.config import GatewayConfig
-    from gateway.server import Gateway
     from publisher import AsyncPublisher
     from tests.support.redis_server import RedisServer
 
     with RedisServer() as server:
-        gateway = Gateway(
-            GatewayConfig(
-                redis_url=server.url,
-                port=0,
-                auth_secret=SECRET,
-                subscribe_timeout=5.0,
-                drain_timeout=1,
-            )
-        )
-        await gateway.start()
+        gateway = await _hung_redis_gateway(server, subscribe_timeout=5.0)
         staying = await client_for(gateway, [33])
         leaving = await client_for(gateway, [33])
         try:
@@ -1245,6 +1218,7 @@ async def test_a_connection_closed_while_its_subscribe_waits_for_a_hung_redis_is
 
 
 async def _hung_redis_gateway(server, **overrides):
+    """A started in-process gateway on ``server`` (a private redis-server the test may stop)."""
     from gateway.config import GatewayConfig
     from gateway.server import Gateway
 
