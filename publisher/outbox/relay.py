@@ -21,7 +21,9 @@ How it stays exact (see ``docs/outbox.md`` for the long form):
 from __future__ import annotations
 
 import contextlib
+import heapq
 import inspect
+import itertools
 import json
 import math
 import os
@@ -293,7 +295,9 @@ class _Deadline:
     ``shutdown``, not ``close``: the descriptor stays libpq's, which closes it with the
     connection; a shut-down socket wakes every wait on it with end-of-file. It is shut down
     through a duplicate of the descriptor, the deadline's own until :meth:`cancel`, never by
-    libpq's number, which another socket of the process may hold by then."""
+    libpq's number, which another socket of the process may hold by then. Every deadline of the
+    process is kept by one :class:`_Watchdog` thread (a thread per statement cost the relay's
+    lag a millisecond)."""
 
     def __init__(self, fd: int, seconds: float) -> None:
         self.expired = False
@@ -304,11 +308,14 @@ class _Deadline:
         self._sock: socket.socket | None = None
         with contextlib.suppress(OSError):  # not a socket: nothing to shut down
             self._sock = socket.socket(fileno=os.dup(fd))
-        self._timer = threading.Timer(seconds, self._expire)
-        self._timer.daemon = True
-        self._timer.start()
+        _WATCHDOG.add(self, time.monotonic() + seconds)
 
-    def _expire(self) -> None:
+    @property
+    def done(self) -> bool:
+        """Cancelled (the statement returned): the watchdog drops it."""
+        return self._sock is None
+
+    def expire(self) -> None:
         with self._lock:
             if self._sock is None:  # the statement returned meanwhile: the socket is in use again
                 return
@@ -329,9 +336,71 @@ class _Deadline:
     def cancel(self) -> None:
         with self._lock:
             sock, self._sock = self._sock, None
-        self._timer.cancel()
         if sock is not None:
             sock.close()  # the duplicate only
+            _WATCHDOG.cancelled()
+
+
+class _Watchdog:
+    """One daemon thread that expires :class:`_Deadline` s when they are due.
+
+    Deadlines wait in a heap; a cancelled one stays until it comes up (or until cancelled ones
+    are half the heap: then they are swept), so that a statement's return costs no search. The
+    thread starts with the first deadline, and again in a forked child (threads do not survive
+    a fork)."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._heap: list[tuple[float, int, _Deadline]] = []
+        self._order = itertools.count()
+        self._cancelled = 0
+        self._thread: threading.Thread | None = None
+
+    def add(self, deadline: _Deadline, when: float) -> None:
+        with self._condition:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="outbox-statement-deadlines", daemon=True
+                )
+                self._thread.start()
+            entry = (when, next(self._order), deadline)
+            heapq.heappush(self._heap, entry)
+            if self._heap[0] is entry:
+                self._condition.notify()  # sooner than what the thread waits for
+
+    def cancelled(self) -> None:
+        with self._condition:
+            self._cancelled += 1
+            heap = self._heap
+            if self._cancelled > 64 and self._cancelled * 2 > len(heap):
+                heap[:] = [entry for entry in heap if not entry[2].done]
+                heapq.heapify(heap)
+                self._cancelled = 0
+
+    def _run(self) -> None:
+        heap, condition = self._heap, self._condition
+        while True:
+            with condition:
+                while not heap:
+                    condition.wait()
+                when, _, deadline = heap[0]
+                delay = when - time.monotonic()
+                if delay > 0 and not deadline.done:
+                    condition.wait(delay)
+                    continue
+                heapq.heappop(heap)
+                if deadline.done:
+                    self._cancelled = max(0, self._cancelled - 1)
+                    continue
+            deadline.expire()
+
+    def after_fork(self) -> None:
+        self.__init__()  # the parent's thread, lock and deadlines are not this process's
+
+
+_WATCHDOG = _Watchdog()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_WATCHDOG.after_fork)
 
 
 class SQLiteOutboxStore:
