@@ -156,8 +156,7 @@ class Supervisor:
             if self._stopping.is_set():
                 # The stop signal came while this worker was starting: _stop signalled only the
                 # workers it knew of then. It waits for this keeper, so the worker drains too.
-                with contextlib.suppress(ProcessLookupError):
-                    process.send_signal(signal.SIGTERM)
+                _signal(process, signal.SIGTERM)
             code = await process.wait()
             _forget_process(self._metrics_dir, process.pid)
             if self._stopping.is_set():
@@ -181,16 +180,14 @@ class Supervisor:
         log.info("stopping workers", workers=len(self.processes), drain_timeout=self.drain_timeout)
         for process in self.processes.values():
             if process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    process.send_signal(signal.SIGTERM)
+                _signal(process, signal.SIGTERM)
         _, pending = await asyncio.wait(keepers, timeout=self.drain_timeout + EXIT_GRACE)
         killed = 0
         if pending:
             for process in self.processes.values():
                 if process.returncode is None:
                     killed += 1
-                    with contextlib.suppress(ProcessLookupError):
-                        process.kill()
+                    _signal(process, signal.SIGKILL)
             await asyncio.wait(pending, timeout=EXIT_GRACE)  # they return once it is reaped
         for keeper in keepers:
             keeper.cancel()
@@ -199,6 +196,12 @@ class Supervisor:
             log.error("workers killed after the drain timeout", killed=killed)
         log.info("workers stopped")
         return 1 if killed else 0
+
+
+def _signal(process: asyncio.subprocess.Process, signum: int) -> None:
+    """Send ``signum`` to ``process``; one that has exited already (not yet reaped) is fine."""
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(signum)
 
 
 def _die_with_supervisor() -> None:
