@@ -74,17 +74,12 @@ async def publisher(redis_url):
 async def gateways(redis_url):
     """Start in-process gateways on free ports (``await gateways(**config overrides)``); all are
     drained at the end of the test."""
-    from gateway.config import GatewayConfig
-    from gateway.server import Gateway
-    from tests.support.gateway_client import SECRET
+    from tests.support.gateway_client import start_gateway
 
-    started: list[Gateway] = []
+    started = []
 
-    async def start(**overrides) -> Gateway:
-        settings = {"redis_url": redis_url, "port": 0, "auth_secret": SECRET, "drain_timeout": 2}
-        settings.update(overrides)
-        gateway = Gateway(GatewayConfig(**settings))
-        await gateway.start()
+    async def start(**overrides):
+        gateway = await start_gateway(overrides.pop("redis_url", redis_url), **overrides)
         started.append(gateway)
         return gateway
 

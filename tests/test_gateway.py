@@ -27,6 +27,7 @@ from tests.support.gateway_client import (
     event,
     publish,
     served_transport,
+    start_gateway,
     ws_url,
 )
 
@@ -1219,13 +1220,7 @@ async def test_a_connection_closed_while_its_subscribe_waits_for_a_hung_redis_is
 
 async def _hung_redis_gateway(server, **overrides):
     """A started in-process gateway on ``server`` (a private redis-server the test may stop)."""
-    from gateway.config import GatewayConfig
-    from gateway.server import Gateway
-
-    settings = dict(redis_url=server.url, port=0, auth_secret=SECRET, drain_timeout=1)
-    gateway = Gateway(GatewayConfig(**{**settings, **overrides}))
-    await gateway.start()
-    return gateway
+    return await start_gateway(server.url, **{"drain_timeout": 1, **overrides})
 
 
 #: Subscribes that each wait --subscribe-timeout for a hung Redis: their connection's reading

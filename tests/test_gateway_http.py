@@ -9,7 +9,7 @@ import time
 import pytest
 
 from publisher import issue_token
-from tests.support.gateway_client import REQUIRED_METRICS, SECRET, publish
+from tests.support.gateway_client import REQUIRED_METRICS, SECRET, publish, start_gateway
 from tests.support.redis_server import RedisServer
 from tests.support.ws_client import wait_until
 
@@ -50,16 +50,10 @@ async def test_healthz_and_readyz(gateways):
 
 
 async def test_readyz_fails_while_redis_is_down_and_recovers():
-    from gateway.config import GatewayConfig
-    from gateway.server import Gateway
-
     with RedisServer() as server:
-        gateway = Gateway(
-            GatewayConfig(
-                redis_url=server.url, port=0, no_auth=True, probe_interval=0.2, probe_timeout=0.2
-            )
+        gateway = await start_gateway(
+            server.url, auth_secret=None, no_auth=True, probe_interval=0.2, probe_timeout=0.2
         )
-        await gateway.start()
         try:
             server.kill()
             status, _, body = await request(gateway.port, "/readyz")
@@ -196,20 +190,8 @@ async def test_polling_against_a_hung_redis_gets_503_within_the_subscribe_timeou
     import signal
     import time
 
-    from gateway.config import GatewayConfig
-    from gateway.server import Gateway
-
     with RedisServer() as server:
-        gateway = Gateway(
-            GatewayConfig(
-                redis_url=server.url,
-                port=0,
-                auth_secret=SECRET,
-                subscribe_timeout=1.0,
-                drain_timeout=1,
-            )
-        )
-        await gateway.start()
+        gateway = await start_gateway(server.url, subscribe_timeout=1.0, drain_timeout=1)
         headers = bearer([6])
         try:
             assert (await request(gateway.port, "/v1/projects/6/events", headers=headers))[0] == 200

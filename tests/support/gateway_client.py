@@ -179,6 +179,19 @@ def served_transport(obj: object, port: int) -> bool:
     return isinstance(sockname, tuple) and sockname[1] == port
 
 
+async def start_gateway(redis_url: str, **overrides):
+    """A started in-process gateway on a free port, Redis at ``redis_url``: authentication by
+    :data:`SECRET` and a 2 s drain unless ``overrides`` (GatewayConfig fields) say otherwise. The
+    caller drains it."""
+    from gateway.config import GatewayConfig
+    from gateway.server import Gateway
+
+    settings = {"redis_url": redis_url, "port": 0, "auth_secret": SECRET, "drain_timeout": 2}
+    gateway = Gateway(GatewayConfig(**{**settings, **overrides}))
+    await gateway.start()
+    return gateway
+
+
 def ws_url(gateway) -> str:
     return f"ws://127.0.0.1:{gateway.port}/"
 
