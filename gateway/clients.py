@@ -35,7 +35,7 @@ import redis.exceptions
 from gateway.client_input import decode_frame
 from gateway.http import json_response
 from gateway.hub import SubscribeUnavailable
-from gateway.logs import get_logger
+from gateway.logs import describe, get_logger
 from gateway.session import Outgoing
 from schemas.protocol import (
     Activity,
@@ -301,7 +301,9 @@ class ClientProtocol:
             suppressed = self.gateway.client_log_throttle.allow("subscribe_unavailable")
             if suppressed is not None:
                 extra = {"suppressed": suppressed} if suppressed else {}
-                clog.warning("subscribe failed", project_id=project_id, error=str(exc), **extra)
+                clog.warning(
+                    "subscribe failed", project_id=project_id, error=describe(exc), **extra
+                )
             self.client_error(
                 session,
                 ErrorCode.UNAVAILABLE,

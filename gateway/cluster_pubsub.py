@@ -24,7 +24,7 @@ import redis.asyncio
 import redis.exceptions
 from redis.crc import key_slot
 
-from gateway.logs import get_logger
+from gateway.logs import describe, get_logger
 from gateway.metrics import Metrics
 from gateway.pubsub import PubSubLink
 from gateway.tasks import spawn
@@ -371,7 +371,7 @@ class ClusterPubSub:
                     self._map = await self._load_map()
                 except (redis.exceptions.RedisError, OSError) as exc:
                     failures += 1
-                    log.warning("cluster slot map unavailable", error=str(exc))
+                    log.warning("cluster slot map unavailable", error=describe(exc))
                     await asyncio.sleep(min(2.0, 0.05 * 2**failures))
                     continue
                 failures = 0

@@ -35,7 +35,7 @@ import operator
 import time
 from collections.abc import Callable
 
-from gateway.logs import get_logger
+from gateway.logs import describe, get_logger
 from gateway.metrics import Metrics
 from gateway.pubsub import PubSubLink
 from gateway.sequencing import (
@@ -363,7 +363,7 @@ class Hub:
                 self._fail_feed(feed, exc)
                 return
             except (StoreUnavailable, TimeoutError) as exc:
-                log.warning("history read failed", project_id=feed.project_id, error=str(exc))
+                log.warning("history read failed", project_id=feed.project_id, error=describe(exc))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue

@@ -14,6 +14,7 @@ __all__ = [
     "ConnectionLog",
     "LogThrottle",
     "configure_logging",
+    "describe",
     "get_logger",
     "throttle_loop_errors",
 ]
@@ -71,6 +72,12 @@ def _drop_meta(logger, name, event_dict):
     event_dict.pop("_record", None)
     event_dict.pop("_from_structlog", None)
     return event_dict
+
+
+def describe(exc: BaseException) -> str:
+    """An exception as a log field: its message, or its type's name when it has none (a
+    deadline's ``TimeoutError`` has no message, which logged an empty ``error``)."""
+    return str(exc) or type(exc).__name__
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

@@ -34,7 +34,7 @@ import redis.asyncio
 import redis.asyncio.cluster
 import redis.exceptions
 
-from gateway.logs import LogThrottle, get_logger
+from gateway.logs import LogThrottle, describe, get_logger
 from gateway.presence import PresenceCore, SessionKey, Write
 from gateway.tasks import spawn
 from schemas.keys import Keys
@@ -370,7 +370,7 @@ class PresenceService:
         except MalformedAnnouncement as exc:
             if (suppressed := self._throttle.allow("malformed_announcement")) is not None:
                 log.warning(
-                    "malformed presence announcement", error=str(exc), suppressed=suppressed
+                    "malformed presence announcement", error=describe(exc), suppressed=suppressed
                 )
             return
         if not self.core.on_announcement(project_id, announcement):
@@ -497,7 +497,7 @@ class PresenceService:
             except (redis.exceptions.RedisError, OSError) as exc:
                 if (suppressed := self._throttle.allow("redis_error")) is not None:
                     log.warning(
-                        "presence: redis unavailable", error=str(exc), suppressed=suppressed
+                        "presence: redis unavailable", error=describe(exc), suppressed=suppressed
                     )
                 backoff = min(backoff * 2, self.refresh_interval)
             except Exception as exc:  # a reply nobody foresaw must not end presence for the pod
@@ -565,7 +565,9 @@ class PresenceService:
                     backoff = 0.05
             except (redis.exceptions.RedisError, OSError) as exc:
                 if (suppressed := self._throttle.allow("pubsub_error")) is not None:
-                    log.warning("presence: pub/sub down", error=str(exc), suppressed=suppressed)
+                    log.warning(
+                        "presence: pub/sub down", error=describe(exc), suppressed=suppressed
+                    )
             pubsub, self._pubsub = self._pubsub, None
             with contextlib.suppress(Exception):
                 await pubsub.aclose()

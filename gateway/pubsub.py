@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 import redis.asyncio
 import redis.exceptions
 
-from gateway.logs import get_logger
+from gateway.logs import describe, get_logger
 from gateway.metrics import Metrics
 from gateway.tasks import spawn
 
@@ -169,7 +169,7 @@ class PubSubLink:
             except asyncio.CancelledError:
                 raise
             except (redis.exceptions.RedisError, OSError, ProbeFailed) as exc:
-                log.warning("pubsub link down", error=str(exc) or type(exc).__name__)
+                log.warning("pubsub link down", error=describe(exc))
             except Exception:
                 log.exception("pubsub link failed")
             # _connect_and_read only ends by raising; a connection that was whole for a while

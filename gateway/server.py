@@ -25,7 +25,7 @@ from gateway.group import GroupView
 from gateway.http import HttpRoutes, json_response
 from gateway.hub import Hub
 from gateway.keepalive import Keepalive
-from gateway.logs import LogThrottle, get_logger
+from gateway.logs import LogThrottle, describe, get_logger
 from gateway.metrics import Metrics
 from gateway.presence_store import PresenceService
 from gateway.pubsub import PubSubLink
@@ -254,7 +254,7 @@ class Gateway:
                 if asyncio.iscoroutine(result):
                     await result
             except Exception as exc:
-                log.warning("periodic check failed", job=job.__name__, error=str(exc))
+                log.warning("periodic check failed", job=job.__name__, error=describe(exc))
 
     def _check_stalls(self) -> None:
         now = time.monotonic()
@@ -373,7 +373,7 @@ async def _bounded(step, name: str) -> None:
     except TimeoutError:
         log.warning("shutdown step timed out", step=name, timeout=CLOSE_STEP_TIMEOUT)
     except Exception as exc:
-        log.warning("shutdown step failed", step=name, error=str(exc))
+        log.warning("shutdown step failed", step=name, error=describe(exc))
 
 
 def _keepalive_timeout(session: ClientSession) -> None:

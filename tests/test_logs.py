@@ -75,3 +75,10 @@ def test_processes_sharing_an_unbuffered_output_write_whole_lines(tmp_path):
     lines = out.read_text().splitlines()
     assert len(lines) == 40000
     assert sum(1 for line in lines if json.loads(line)["event"] == "line") == 40000
+
+
+def test_an_exception_without_a_message_is_logged_by_its_type():
+    # A deadline (asyncio.timeout) raises a TimeoutError with no message: a warning about a
+    # periodic check must still say what went wrong, not `error=`.
+    assert logs.describe(TimeoutError()) == "TimeoutError"
+    assert logs.describe(ConnectionError("Connection refused")) == "Connection refused"
