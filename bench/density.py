@@ -52,7 +52,10 @@ def measure(redis: BenchRedis, clients: int, *, workers: int, inflight: int, log
         time.sleep(0.5)
         rss0 = server.rss
         usage = Usage(server, loadgen, redis.process.pid)
-        connected = loadgen.connect([(1, None, None)] * clients, inflight=inflight)
+        # (A slow machine, or an emulated one, may need minutes for 100,000: 10 ms each at most.)
+        connected = loadgen.connect(
+            [(1, None, None)] * clients, inflight=inflight, timeout=max(300, clients / 100)
+        )
         connect_cpu = usage.done()
         time.sleep(1.0)
         rss1 = server.rss
