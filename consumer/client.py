@@ -700,6 +700,11 @@ class Consumer:
             outcome = state.on_subscribed(message.epoch, message.seq, message.resumed)  # type: ignore[attr-defined]
             self._unavailable.pop(state.project_id, None)
             if outcome.resync is not None:
+                log.info(
+                    "resync required",
+                    project_id=state.project_id,
+                    reason=str(outcome.resync.reason),
+                )
                 await self._put(state.project_id, outcome.resync)
             if outcome.resubscribe:
                 await ws.send(_encode(state.subscribe_message()), text=True)

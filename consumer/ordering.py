@@ -11,7 +11,9 @@ are the ones of ``eventbus.js``'s ``ProjectCursor``:
   from its cursor (the gateway replays what is missing) instead of skipping an event;
 * while a subscribe is in flight, out-of-order events are dropped: that subscribe's replay (which
   always precedes its ``subscribed``) brings them in order; a ``subscribed`` that leaves the cursor
-  behind the top it announces is a gap too;
+  behind the top it announces is a gap too; twice in a row from the same cursor, it is surfaced
+  as ``history_corrupt`` instead: the next event cannot be delivered (a stream entry someone else
+  wrote, which the gateway relays but no client can place), and asking again would loop;
 * ``resync_required`` moves the cursor to the given ``(epoch, seq)`` and is surfaced as an item;
   except ``too_far_behind`` in the cursor's own epoch, which the client may *catch up* instead: it
   reads the missed events page by page (the gateway's HTTP polling endpoint has no replay bound),
@@ -72,6 +74,8 @@ class ProjectState:
     #: The epoch of the WebSocket's events: what its last ``subscribed`` or ``resync_required``
     #: for the project named (None: nothing yet on this connection).
     stream_epoch: str | None = None
+    #: The cursor of the last resubscribe made because a replay stopped short of its top.
+    short_replay: Cursor | None = None
 
     @property
     def known(self) -> bool:
@@ -144,9 +148,23 @@ class ProjectState:
             self.cursor = Cursor(epoch, seq)
             return SubscribedOutcome(resync=Resync(self.project_id, reason, epoch, seq))
         if self.cursor.seq < seq:
-            # The replay did not bring us up to the announced top: ask again from the cursor.
+            if self.short_replay == self.cursor:
+                # The replay from this cursor stopped short twice: the event after it is one no
+                # client can place (a foreign frame in the stream, relayed as it is), and every
+                # further replay would stop there again, a busy loop with nothing delivered.
+                # Skip to the top, as the gateway's own history_corrupt does: never silence.
+                return SubscribedOutcome(resync=self._corrupt(epoch, seq))
+            # The replay did not bring us up to the announced top: ask again from the cursor
+            # (once: an event dropped while the subscribe was in flight is in the next replay).
+            self.short_replay = self.cursor
             return SubscribedOutcome(resubscribe=True)
         return SubscribedOutcome()
+
+    def _corrupt(self, epoch: str, seq: int) -> Resync:
+        self.cursor = Cursor(epoch, seq)
+        self.short_replay = None
+        self.generation += 1
+        return Resync(self.project_id, ResyncReason.HISTORY_CORRUPT, epoch, seq)
 
     def can_catch_up(self, reason: ResyncReason, epoch: str) -> bool:
         """Whether a ``resync_required`` only says the replay would be too long: the events are
@@ -185,6 +203,7 @@ class ProjectState:
         ``paged``: it came with a catch-up's page, not on the WebSocket (whose events are still
         in the epoch it last named)."""
         self.cursor = Cursor(epoch, seq)
+        self.short_replay = None
         if not paged:
             self.stream_epoch = epoch
         self.start_after = None

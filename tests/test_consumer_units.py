@@ -97,6 +97,29 @@ def test_a_subscribed_above_the_cursor_after_a_replay_is_a_gap():
     assert outcome.resubscribe and outcome.resync is None
 
 
+def test_a_replay_that_stops_short_twice_at_the_same_cursor_is_surfaced_not_retried():
+    """A stream entry someone else wrote (no type, no seq, or a wrong seq) is relayed by the gateway
+    as it is and no client can place it: every replay from the cursor before it stops there. The
+    consumer resubscribed after each one, about 5,000 times a second, delivering nothing and never
+    saying so; now the second short replay from one cursor is Resync(history_corrupt) to the top."""
+    state = live_state(3)
+    state.subscribe_message()
+    assert state.on_event(99) is Verdict.DROP  # the foreign entry at 4, numbered 99
+    assert state.on_event(5) is Verdict.DROP
+    assert state.on_subscribed(EPOCH, 5, resumed=True) == SubscribedOutcome(resubscribe=True)
+    state.subscribe_message()
+    assert state.on_event(99) is Verdict.DROP and state.on_event(5) is Verdict.DROP
+    outcome = state.on_subscribed(EPOCH, 5, resumed=True)
+    assert outcome == SubscribedOutcome(resync=Resync(1, ResyncReason.HISTORY_CORRUPT, EPOCH, 5))
+    assert state.cursor == Cursor(EPOCH, 5) and state.on_event(6) is Verdict.DELIVER
+    # A short replay that made progress is asked again, as before (no stale memory).
+    state.subscribe_message()
+    assert state.on_subscribed(EPOCH, 9, resumed=True).resubscribe
+    state.subscribe_message()
+    assert state.on_event(7) is Verdict.DELIVER
+    assert state.on_subscribed(EPOCH, 9, resumed=True) == SubscribedOutcome(resubscribe=True)
+
+
 def test_resync_moves_the_cursor_and_the_following_subscribed_is_not_a_second_resync():
     state = live_state(5)
     state.subscribe_message()
@@ -870,6 +893,19 @@ def test_any_bytes_decode_to_a_message_or_a_frame_error(data: bytes):
         decode_frame(data)
     except FrameError:
         pass
+
+
+async def test_a_foreign_frame_in_every_replay_ends_in_a_resync_not_a_busy_loop():
+    consumer, ws, subscription = await fed_consumer(1)
+    await consumer._on_frame(ws, subscribed(1, 3))  # type: ignore[arg-type]
+    consumer._states[1].subscribe_message()  # a resume from (e1, 3); entry 4 is b'{"x":1}'
+    for _ in range(2):
+        for raw in (b'{"x":1}', frame(1, 5), subscribed(1, 5, resumed=True)):
+            await consumer._on_frame(ws, raw)  # type: ignore[arg-type]
+    assert ws.sent == [{"type": "subscribe", "project_id": 1, "epoch": EPOCH, "after": 3}]
+    assert drain(subscription) == [Resync(1, ResyncReason.HISTORY_CORRUPT, EPOCH, 5)]
+    await consumer._on_frame(ws, frame(1, 6))  # type: ignore[arg-type]
+    assert [d.seq for d in drain(subscription)] == [6]
 
 
 async def test_an_event_frame_without_seq_is_ignored_not_fatal():

@@ -15,6 +15,7 @@ The parser itself is fuzzed in tests/test_stored.py.
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -138,6 +139,50 @@ async def test_a_foreign_stream_entry_gives_a_resync_and_the_project_carries_on(
     assert gateway.metrics.foreign_values["stream_entry"] >= 1
     await others_get_everything(healthy, publisher, redis_client)
     await late.close()
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        b'{"x":1}',  # no type, no project, no seq
+        b'{"type":"blocker_expired","project_id":10,"blocker_id":1,"task_id":2,'
+        b'"expired_at":"2026-12-03T08:00:00Z","seq":99}',  # a valid event, the wrong seq
+    ],
+    ids=["no_header", "wrong_seq"],
+)
+async def test_the_python_consumer_resyncs_past_a_relayed_entry_it_cannot_place(
+    gateways, publisher, redis_client, frame
+):
+    """A foreign entry that passes the gateway's check (a JSON object) is relayed as it is, and
+    the consumer cannot place it: every replay from before it stopped there, and the consumer
+    resubscribed in a busy loop (about 5,000 times a second), silent, never past it. Now it says
+    history_corrupt to the top and carries on live."""
+    from consumer import Consumer, Delivery, Resync
+    from publisher import issue_token
+    from schemas.protocol import ResyncReason
+    from tests.support.gateway_client import SECRET, ws_url
+
+    gateway = await gateways()
+    await publish(publisher, POISONED, BEFORE)
+    redis_client.xadd(KEYS.stream(POISONED), {"f": frame, "t": "0"}, id=f"{BEFORE + 1}-0")
+    redis_client.hincrby(KEYS.meta(POISONED), "seq", 1)
+    await publish(publisher, POISONED, 2)
+    token = issue_token(SECRET, [POISONED], ttl=60)
+    items: list = []
+    async with Consumer(ws_url(gateway), token=token, start="beginning") as consumer:
+        subscription = consumer.events(POISONED)
+        async with asyncio.timeout(10):
+            async for item in subscription:
+                items.append(item)
+                if len(items) == BEFORE + 1:
+                    await publish(publisher, POISONED, 1)
+                if len(items) == BEFORE + 2:
+                    break
+    top = BEFORE + 3
+    assert [i.seq for i in items[:BEFORE]] == list(range(1, BEFORE + 1))
+    assert all(isinstance(i, Delivery) for i in items[:BEFORE])
+    assert items[BEFORE] == Resync(POISONED, ResyncReason.HISTORY_CORRUPT, items[0].epoch, top)
+    assert isinstance(items[-1], Delivery) and items[-1].seq == top + 1
 
 
 async def test_polling_pages_up_to_a_corrupt_entry_then_resyncs(live, publisher, redis_client):
