@@ -24,6 +24,7 @@ from publisher.http_api.core import (
     parse_events,
     parse_project_path,
 )
+from publisher.http_api.server import server_config
 from schemas.keys import Keys
 from tests.support.redis_server import RedisServer, free_port
 
@@ -248,13 +249,16 @@ class Api:
 
 
 @contextlib.asynccontextmanager
-async def served(redis_url: str, keys: Credentials | None = None, **setting_overrides):
+async def served(
+    redis_url: str,
+    keys: Credentials | None = None,
+    limit_concurrency: int | None = None,
+    **setting_overrides,
+):
     publisher = AsyncPublisher.from_url(redis_url)
     app = PublishApi(publisher, keys or credentials(), HttpApiSettings(**setting_overrides))
     port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, port=port, http="httptools", lifespan="on", log_level="warning")
-    )
+    server = uvicorn.Server(server_config(app, port=port, limit_concurrency=limit_concurrency))
     task = asyncio.create_task(server.serve())
     while not server.started:
         if task.done():
@@ -351,6 +355,54 @@ async def test_a_content_length_with_thousands_of_leading_zeros_is_its_number(re
         )
         assert status == 413 and b"body_too_large" in answer
     assert len(stream(redis_url, 1)) == 1
+
+
+async def test_headers_that_do_not_arrive_in_time_close_the_connection(redis_url) -> None:
+    """uvicorn bounds neither the wait for a request's headers nor a keep-alive connection that
+    keeps sending bytes: connections that sent nothing, or their headers a byte at a time
+    (slowloris), were held for ever, and all of them count against --limit-concurrency, so a few
+    made the API answer 503 to everyone. Past --header-timeout they are closed; a request whose
+    headers arrived is not (its body has --body-timeout)."""
+    body = json.dumps(EXPIRED).encode()
+    head = (
+        "POST /v1/projects/1/events HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {KEY_ALL}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    async with served(redis_url, limit_concurrency=4, header_timeout=0.5) as api:
+        held = [await asyncio.open_connection("127.0.0.1", api.port) for _ in range(3)]
+        # One sends nothing; one its request line, then a header a byte at a time; one is
+        # answered once (keep-alive), then trickles its next request the same way.
+        held[2][1].write(head + body)
+        await held[2][0].readuntil(b'"seq":1}}')
+        trickles = [
+            b"",
+            b"POST /v1/projects/1/events HTTP/1.1\r\nHost: t\r\n",
+            b"POST / HTTP/1.1\r\n",
+        ]
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        async with asyncio.timeout(5):
+            for (reader, writer), start in zip(held, trickles, strict=True):
+                writer.write(start)
+                while not reader.at_eof():
+                    if start:
+                        writer.write(b"x")  # a header name that never ends
+                    with contextlib.suppress(ConnectionError, TimeoutError):
+                        await writer.drain()
+                        assert await asyncio.wait_for(reader.read(1000), 0.1) == b""
+        assert loop.time() - started < 2
+        for _, writer in held:
+            writer.close()
+        # A request whose body comes after the header deadline is answered.
+        reader, writer = await asyncio.open_connection("127.0.0.1", api.port)
+        writer.write(head)
+        await asyncio.sleep(1)
+        writer.write(body)
+        status = await asyncio.wait_for(reader.readline(), 5)
+        assert status.startswith(b"HTTP/1.1 200")
+        writer.close()
+        assert (await api.post(1, EXPIRED))[0] == 200
+    assert len(stream(redis_url, 1)) == 3
 
 
 async def test_a_retry_with_the_same_idempotency_key_publishes_once(redis_url) -> None:

@@ -84,6 +84,7 @@ def _serve(args: argparse.Namespace, prog: str) -> int:
     import uvicorn
 
     from publisher.client import AsyncPublisher
+    from publisher.http_api.server import server_config
 
     if not args.keys_file:
         sys.stderr.write(
@@ -100,15 +101,10 @@ def _serve(args: argparse.Namespace, prog: str) -> int:
     )
     publisher = AsyncPublisher.from_url(args.redis_url, prefix=args.prefix)
     app = PublishApi(publisher, credentials, settings)
-    config = uvicorn.Config(
+    config = server_config(
         app,
         host=args.host,
         port=args.port,
-        http="httptools",
-        loop="asyncio",
-        lifespan="on",
-        access_log=False,
-        log_level="warning",
         limit_concurrency=args.limit_concurrency,
         timeout_graceful_shutdown=10,
     )

@@ -51,6 +51,9 @@ class HttpApiSettings(msgspec.Struct, kw_only=True, frozen=True):
     """Default burst per API key, in events."""
     body_timeout: float = 10.0
     """Seconds to receive a whole request body (408 after it)."""
+    header_timeout: float = 10.0
+    """Seconds to receive a request's headers, from the connection's start or the previous
+    answer; the connection is closed after it (``publisher.http_api.server``)."""
     ready_timeout: float = 1.0
     """Seconds ``/readyz`` waits for Redis' answer to PING."""
 
