@@ -24,9 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import inspect
 import itertools
 import random as _random
+import socket
+import threading
 import time
 import urllib.request
 import weakref
@@ -92,6 +95,8 @@ _CLOSED = object()  # queue sentinel: wake a waiting iterator
 _poll_decoder = msgspec.json.Decoder(PollResponse)
 #: Events per page when catching up (the polling endpoint's maximum).
 POLL_PAGE = 1000
+#: Largest catch-up page read: 1,000 of the largest events the contract allows are ~30 MB.
+MAX_PAGE_BYTES = 64 * 1024 * 1024
 
 
 async def _nothing() -> None:
@@ -109,13 +114,95 @@ def _http_url(ws_url: str) -> str:
     return urlunsplit(("https" if parts.scheme == "wss" else "http", parts.netloc, "", "", ""))
 
 
-def _http_get(url: str, token: str | None, timeout: float) -> bytes:
-    headers = {"Accept": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    request = urllib.request.Request(url, headers=headers)
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return response.read()
+class _PageRequest:
+    """One GET of a catch-up page, made by urllib in a worker thread, that the event loop can end
+    at any time with :meth:`cut`: the request's sockets are shut down, so a read blocked on them
+    returns at once and the thread with it.
+
+    urllib's ``timeout`` bounds each read, not the request: a server sending a byte now and then
+    (its headers, or a body that never completes) held the page, the catch-up and the project
+    (whose WebSocket events are dropped meanwhile) for ever, and the thread kept ``asyncio.run``
+    from returning. Sockets are shut down through duplicates of their descriptors, which only
+    this object closes (under its lock): never a descriptor the thread closed and the process
+    reused meanwhile.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._handles: list[socket.socket] = []
+        self._cut = False
+
+    def get(self, url: str, token: str | None, timeout: float) -> bytes:
+        """The body of ``url`` (at most :data:`MAX_PAGE_BYTES`); any failure raises, and a cut
+        request raises TimeoutError."""
+        headers = {"Accept": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        request = urllib.request.Request(url, headers=headers)
+        opener = urllib.request.build_opener(
+            _TrackedHTTPHandler(self._connect), _TrackedHTTPSHandler(self._connect)
+        )
+        try:
+            with opener.open(request, timeout=timeout) as response:
+                body = response.read(MAX_PAGE_BYTES + 1)
+        except Exception:
+            if self._cut:
+                raise TimeoutError("the page was not read in time") from None
+            raise
+        finally:
+            with self._lock:
+                self._cut = True  # no connection after this one
+                for handle in self._handles:
+                    handle.close()
+                self._handles.clear()
+        if len(body) > MAX_PAGE_BYTES:
+            raise ValueError(f"a page of more than {MAX_PAGE_BYTES} bytes")
+        return body
+
+    def cut(self) -> None:
+        """End the request now (from any thread): its reads fail, it connects no more."""
+        with self._lock:
+            self._cut = True
+            for handle in self._handles:
+                with contextlib.suppress(OSError):
+                    handle.shutdown(socket.SHUT_RDWR)
+
+    def _connect(self, *args: Any, **kwargs: Any) -> socket.socket:
+        sock = socket.create_connection(*args, **kwargs)
+        with self._lock:
+            if not self._cut:
+                self._handles.append(sock.dup())
+                return sock
+        sock.close()
+        raise TimeoutError("the page was not read in time")
+
+
+def _tracked(connection_class: type[http.client.HTTPConnection], connect: Callable[..., Any]):
+    def make(host: str, **kwargs: Any) -> http.client.HTTPConnection:
+        connection = connection_class(host, **kwargs)
+        connection._create_connection = connect  # type: ignore[attr-defined]
+        return connection
+
+    return make
+
+
+class _TrackedHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, connect: Callable[..., Any]) -> None:
+        super().__init__()
+        self._connect = connect
+
+    def http_open(self, req: urllib.request.Request) -> Any:
+        return self.do_open(_tracked(http.client.HTTPConnection, self._connect), req)
+
+
+class _TrackedHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, connect: Callable[..., Any]) -> None:
+        super().__init__()
+        self._connect = connect
+
+    def https_open(self, req: urllib.request.Request) -> Any:
+        # No context: the connection makes the default one, as with urlopen.
+        return self.do_open(_tracked(http.client.HTTPSConnection, self._connect), req)
 
 
 @dataclass(slots=True)
@@ -261,8 +348,9 @@ class Consumer:
             (:meth:`~consumer.SqlCursorStore.save_in`).
         reconnect: backoff and authentication-retry policy.
         buffer: items held per subscription before the connection stops reading.
-        open_timeout, ping_interval, ping_timeout: WebSocket handshake timeout and keepalive (a
-            connection that answers no ping within ``ping_timeout`` is dropped and resumed).
+        open_timeout, ping_interval, ping_timeout: WebSocket handshake timeout (also the time a
+            catch-up page may take, whole) and keepalive (a connection that answers no ping
+            within ``ping_timeout`` is dropped and resumed).
         compression: offer permessage-deflate (the gateway uses it only with ``--compression``).
         catch_up: when a resume is further behind than one replay carries (``resync_required``
             ``too_far_behind``) but the history still holds the cursor, read the missed events
@@ -877,12 +965,19 @@ class Consumer:
                     await self._send(message)
 
     async def _poll(self, project_id: int, cursor: Cursor) -> PollResponse:
-        """One page of ``GET /v1/projects/{id}/events`` after ``cursor``."""
+        """One page of ``GET /v1/projects/{id}/events`` after ``cursor``, read within
+        ``open_timeout`` (TimeoutError after it)."""
         base = self.http_url or _http_url(self._current_url)
         query = urlencode({"epoch": cursor[0], "after": cursor[1], "limit": POLL_PAGE})
         url = f"{base}/v1/projects/{project_id}/events?{query}"
         token = await self._get_token(renew=False)
-        body = await asyncio.to_thread(_http_get, url, token, self._poll_timeout)
+        request = _PageRequest()
+        deadline = asyncio.get_running_loop().call_later(self._poll_timeout, request.cut)
+        try:
+            body = await asyncio.to_thread(request.get, url, token, self._poll_timeout)
+        finally:
+            deadline.cancel()
+            request.cut()  # cancelled (the consumer closed): the thread ends now, too
         return _poll_decoder.decode(body)
 
     async def _resubscribe_later(self, ws: ClientConnection, state: ProjectState, delay: float):

@@ -5,6 +5,7 @@ client with a fake connection, and tail's output format."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import os
@@ -932,6 +933,79 @@ async def test_a_catch_up_whose_pages_cannot_be_read_surfaces_the_resync():
     assert drain(subscription) == [Resync(1, ResyncReason.TOO_FAR_BEHIND, EPOCH, 5000)]
     assert consumer.stats.catch_ups == 1 and consumer.stats.resyncs == 1
     assert consumer.cursor(1) == Cursor(EPOCH, 5000)
+
+
+class TricklingServer:
+    """An HTTP server that answers ``header`` and then a byte every 0.1 s, until its client goes
+    away (``ended`` is set then)."""
+
+    def __init__(self, header: bytes) -> None:
+        self.header = header
+        self.started: list[float] = []
+        self.answering = asyncio.Event()
+        self.ended = asyncio.Event()
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._answer, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.server.close()
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.ended.clear()
+        self.started.append(asyncio.get_running_loop().time())
+        await reader.readuntil(b"\r\n\r\n")
+        self.answering.set()
+        writer.write(self.header)
+        with contextlib.suppress(ConnectionError):
+            while True:
+                writer.write(b" ")
+                await writer.drain()
+                with contextlib.suppress(TimeoutError):
+                    if await asyncio.wait_for(reader.read(1), 0.1) == b"":
+                        break
+        self.ended.set()
+        writer.close()
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 99999\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX-Slow: ",  # the headers never end
+    ],
+    ids=["body", "headers"],
+)
+async def test_a_catch_up_page_trickled_by_the_server_ends_at_open_timeout(header: bytes):
+    """``open_timeout`` bounded each read of a catch-up page, not the page: a server sending a
+    byte now and then held the catch-up, and the project (its WebSocket events are dropped
+    meanwhile) silent, for ever. Now the page ends at the timeout, and the resync is surfaced."""
+    server = TricklingServer(header)
+    async with server as url:
+        consumer, ws, subscription = await fed_consumer(1)
+        consumer.http_url = url
+        consumer._poll_timeout = 0.5
+        await consumer._on_frame(ws, subscribed(1, 5))  # type: ignore[arg-type]
+        consumer._states[1].subscribe_message()
+        resync = {"type": "resync_required", "project_id": 1, "reason": "too_far_behind"}
+        await consumer._on_frame(ws, json.dumps(resync | {"epoch": EPOCH, "seq": 5000}).encode())  # type: ignore[arg-type]
+        async with asyncio.timeout(5):
+            await asyncio.gather(*consumer._helpers)
+            await server.ended.wait()
+        assert asyncio.get_running_loop().time() - server.started[0] < 2
+        assert drain(subscription) == [Resync(1, ResyncReason.TOO_FAR_BEHIND, EPOCH, 5000)]
+        # Closing the consumer while a page is read ends the request at once too (its thread
+        # no longer reads on: asyncio.run waits for it before it returns).
+        consumer._poll_timeout = 60
+        consumer._states[1].begin_catch_up()
+        server.answering.clear()
+        consumer._spawn(consumer._poll(1, Cursor(EPOCH, 5000)))
+        async with asyncio.timeout(5):
+            await server.answering.wait()
+            await consumer.aclose()
+            await server.ended.wait()
+        assert asyncio.get_running_loop().time() - server.started[1] < 2
 
 
 async def test_two_subscriptions_on_one_connection_each_get_their_projects():
