@@ -448,6 +448,31 @@ async def test_a_longer_retry_under_a_long_key_finds_the_first_events_keys(redis
     assert [f["blocker_id"] for f in stream(redis_url, 8)] == list(range(1, 12))
 
 
+async def test_idempotency_keys_with_colons_never_meet_another_requests_keys(redis_url):
+    """Publisher keys were ``http:<key id>:<Idempotency-Key>[:<index>]``, and both may contain
+    ':': an array under "x" and one event under "x:1" shared a key (409 for a key never used,
+    or the event answered with another's cursor and never published), and so did credential
+    "svc" with key "eu:1" and credential "svc:eu" with key "1": one service's event silently
+    not published because another's was."""
+    keys = Credentials(
+        [
+            ApiKey(id="svc", sha256=hash_key(KEY_ALL), projects="*"),
+            ApiKey(id="svc:eu", sha256=hash_key(KEY_ONE), projects="*"),
+        ]
+    )
+    async with served(redis_url, keys) as api:
+        batch = await api.post(9, [resolved(1), resolved(2)], headers={"Idempotency-Key": "x"})
+        same = await api.post(9, resolved(2), headers={"Idempotency-Key": "x:1"})
+        other = await api.post(9, resolved(3), headers={"Idempotency-Key": "x:1:0"})
+        first = await api.post(10, EXPIRED, headers={"Idempotency-Key": "eu:1"})
+        second = await api.post(10, EXPIRED, key=KEY_ONE, headers={"Idempotency-Key": "1"})
+        retried = await api.post(10, EXPIRED, key=KEY_ONE, headers={"Idempotency-Key": "1"})
+    assert [a[0] for a in (batch, same, other, first, second, retried)] == [200] * 6
+    assert [f["blocker_id"] for f in stream(redis_url, 9)] == [1, 2, 2, 3]
+    assert second[2] == retried[2] != first[2]
+    assert [f["seq"] for f in stream(redis_url, 10)] == [1, 2]
+
+
 async def test_rate_limit_per_key_answers_429_with_retry_after(redis_url) -> None:
     async with served(redis_url, rate=1.0, burst=3) as api:
         assert (await api.post(4, [EXPIRED] * 3))[0] == 200

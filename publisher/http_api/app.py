@@ -252,11 +252,21 @@ def _publisher_keys(
     are replaced by a digest of the whole (``~`` never occurs in a key id, so the two forms
     cannot meet). Which form an array's keys take depends on the longest index an array may
     have (``max_events``), not on this one's length: a retry of the same key with more events
-    then finds the first ones' keys (published once), instead of a form of its own."""
+    then finds the first ones' keys (published once), instead of a form of its own.
+
+    Both may contain ':', which made the plain form ambiguous: an array under ``x`` and one
+    event under ``x:1`` had a key in common, and so did key id ``a`` with ``b:c`` and key id
+    ``a:b`` with ``c``. With a ':' in either, the digest form is taken, of the two as a JSON
+    pair (the plain text, the digest's input before, is unambiguous without one: keys without
+    a ':' are unchanged)."""
     namespaced = f"http:{key_id}:{idempotency_key}"
     suffixes = [""] if count is None else [f":{index}" for index in range(count)]
     longest = 0 if count is None else len(f":{max(0, max_events - 1)}")
-    if len(namespaced) + longest > _PUBLISHER_KEY_MAX:
+    if ":" in key_id or ":" in idempotency_key:
+        # (A JSON array never equals the plain text, which starts with "http:".)
+        whole = msgspec.json.encode([key_id, idempotency_key])
+        namespaced = "http:~" + hashlib.blake2b(whole, digest_size=16).hexdigest()
+    elif len(namespaced) + longest > _PUBLISHER_KEY_MAX:
         namespaced = "http:~" + hashlib.blake2b(namespaced.encode(), digest_size=16).hexdigest()
     return [namespaced + suffix for suffix in suffixes]
 
