@@ -473,6 +473,30 @@ async def test_idempotency_keys_with_colons_never_meet_another_requests_keys(red
     assert [f["seq"] for f in stream(redis_url, 10)] == [1, 2]
 
 
+async def test_a_keyed_array_partly_written_says_which_events_were(redis_url) -> None:
+    """Each event of an array with an Idempotency-Key is its own script call, so a conflict on
+    one does not stop the others: the API answered 409, documented as "nothing is written", and
+    the events after the conflicting one were published without the client learning it (a
+    corrected request under a new key then published them twice). The error now carries the
+    array's cursors, null for the events not written."""
+    headers = {"Idempotency-Key": "k"}
+    async with served(redis_url) as api:
+        first = await api.post(11, [resolved(1), resolved(2)], headers=headers)
+        status, _, body = await api.post(
+            11, [resolved(1), resolved(3), resolved(4)], headers=headers
+        )
+    assert first[0] == 200 and status == 409
+    assert body["error"]["code"] == "idempotency_conflict"
+    cursors = body["cursors"]
+    assert cursors[0] == first[2]["cursors"][0] and cursors[1] is None
+    assert cursors[2]["seq"] == 3
+    assert [f["blocker_id"] for f in stream(redis_url, 11)] == [1, 2, 4]
+    async with served(redis_url) as api:  # a 409 that wrote nothing has no cursors
+        status, _, body = await api.post(11, resolved(5), headers={"Idempotency-Key": "k:0"})
+        status, _, body = await api.post(11, resolved(6), headers={"Idempotency-Key": "k:0"})
+    assert status == 409 and "cursors" not in body
+
+
 async def test_rate_limit_per_key_answers_429_with_retry_after(redis_url) -> None:
     async with served(redis_url, rate=1.0, burst=3) as api:
         assert (await api.post(4, [EXPIRED] * 3))[0] == 200

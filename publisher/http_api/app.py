@@ -190,7 +190,11 @@ class PublishApi:
             raise ApiError(503, "unavailable", "Redis is unavailable", retry_after=1) from None
         except PublishError as exc:
             status, code = _publish_error_status(exc)
-            raise ApiError(status, code, str(exc)) from None
+            cursors = None
+            if isinstance(exc, PublishManyError) and any(c is not None for c in exc.cursors):
+                cursors = exc.cursors  # some were written after all: say which
+                self.counters.events += len(cursors) - len(exc.unpublished)
+            raise ApiError(status, code, str(exc), cursors=cursors) from None
         self.counters.events += len(events)
         return 200, cursor_body(cursors, is_batch)
 

@@ -44,13 +44,22 @@ class ApiError(Exception):
     """A request the API refuses: ``status`` and a stable ``code`` (see docs/http-publish.md)."""
 
     def __init__(
-        self, status: int, code: str, message: str, *, retry_after: float | None = None
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        cursors: list | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.retry_after = retry_after
+        #: An array partly written (its events under an Idempotency-Key are separate script
+        #: calls): each event's cursor, None for those not written.
+        self.cursors = cursors
 
 
 class ApiKey(msgspec.Struct, kw_only=True, frozen=True):
@@ -249,7 +258,12 @@ def cursor_body(cursors: list, is_batch: bool) -> bytes:
 
 
 def error_body(error: ApiError) -> bytes:
-    return msgspec.json.encode({"error": {"code": error.code, "message": error.message}})
+    body: dict = {"error": {"code": error.code, "message": error.message}}
+    if error.cursors is not None:
+        body["cursors"] = [
+            None if c is None else _CursorBody(c.epoch, c.seq) for c in error.cursors
+        ]
+    return msgspec.json.encode(body)
 
 
 def header(headers: Mapping[bytes, list[bytes]], name: bytes) -> str | None:
