@@ -106,6 +106,42 @@ def test_rate_limiter_answers_429_with_the_wait_per_key() -> None:
         limiter.take(key, 1000, now=10.0)
 
 
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("rate", 0.0),  # divided by zero once the burst was spent: a bare 500
+        ("rate", float("nan")),
+        ("max_events", 501),  # an array without a key would be two script calls
+        ("max_events", 0),
+        ("burst", 0),
+        ("header_timeout", -1.0),
+        ("body_timeout", float("inf")),
+    ],
+)
+def test_settings_that_cannot_work_are_refused_by_name(flag: str, value: float, tmp_path) -> None:
+    with pytest.raises(ValueError, match=flag.replace("_", "-")):
+        HttpApiSettings(**{flag: value})
+    keys = tmp_path / "keys.json"
+    keys.write_text('{"keys": []}')
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "publisher.http_api",
+            "serve",
+            "--keys-file",
+            str(keys),
+            f"--{flag.replace('_', '-')}",
+            str(value),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert out.returncode == 2 and flag.replace("_", "-") in out.stderr, out.stderr
+
+
 def test_project_path() -> None:
     assert parse_project_path("/v1/projects/42/events") == 42
     for bad in (

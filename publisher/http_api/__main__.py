@@ -96,9 +96,13 @@ def _serve(args: argparse.Namespace, prog: str) -> int:
     except (OSError, ValueError) as exc:
         sys.stderr.write(f"{prog}: error: {args.keys_file}: {exc}\n")
         return 2
-    settings = HttpApiSettings(
-        **{f.name: getattr(args, f.name) for f in msgspec.structs.fields(HttpApiSettings)}
-    )
+    try:
+        settings = HttpApiSettings(
+            **{f.name: getattr(args, f.name) for f in msgspec.structs.fields(HttpApiSettings)}
+        )
+    except ValueError as exc:
+        sys.stderr.write(f"{prog}: error: {exc}\n")
+        return 2
     publisher = AsyncPublisher.from_url(args.redis_url, prefix=args.prefix)
     app = PublishApi(publisher, credentials, settings)
     config = server_config(

@@ -17,7 +17,13 @@ from typing import Any
 import msgspec
 import structlog
 
-from publisher.core import IdempotencyConflict, PublishError, PublisherUnavailable, PublishManyError
+from publisher.core import (
+    BATCH_SIZE,
+    IdempotencyConflict,
+    PublishError,
+    PublisherUnavailable,
+    PublishManyError,
+)
 from publisher.http_api.core import (
     ApiError,
     Credentials,
@@ -56,6 +62,19 @@ class HttpApiSettings(msgspec.Struct, kw_only=True, frozen=True):
     answer; the connection is closed after it (``publisher.http_api.server``)."""
     ready_timeout: float = 1.0
     """Seconds ``/readyz`` waits for Redis' answer to PING."""
+
+    def __post_init__(self) -> None:
+        # Refused here, with the flag's name, instead of failing request by request: --rate 0
+        # divided by zero once a key's burst was spent (a bare 500 for every request of it), and
+        # --max-events above the publisher's script-call batch split an array without a key
+        # into several calls, no longer all or nothing as documented.
+        if not 1 <= self.max_events <= BATCH_SIZE:
+            raise ValueError(f"--max-events must be from 1 to {BATCH_SIZE} (one script call)")
+        if self.max_body < 1 or self.burst < 1:
+            raise ValueError("--max-body and --burst must be at least 1")
+        for name in ("rate", "body_timeout", "header_timeout", "ready_timeout"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive number")
 
 
 class Counters:
