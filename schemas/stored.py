@@ -10,10 +10,13 @@ it was and what is wrong with it; the caller skips it, counts it and logs it (se
 What is checked, and why it is enough (the gateway never decodes an event's JSON on its hot path):
 
 * a **frame** (stream field ``f``, or the last part of a channel message) is valid UTF-8, starts
-  with ``{`` and ends with ``}``. The publish script builds every frame by splicing
-  ``,"seq":N}`` into a JSON object the publisher encoded, so a frame of ours always passes; a
-  frame that passes is safe to send as a WebSocket text frame (valid UTF-8 is what browsers
-  require; anything else makes them fail the connection).
+  with ``{`` and ends with ``}``, and is at most :data:`MAX_FRAME_BYTES` long. The publish script
+  builds every frame by splicing ``,"seq":N}`` into a JSON object the publisher encoded (an event
+  whose every field is bounded by the contract: ~30 KB at most), so a frame of ours always
+  passes; a frame that passes is safe to send as a WebSocket text frame (valid UTF-8 is what
+  browsers require; anything else makes them fail the connection) that every client accepts
+  (the Python consumer's limit is 4 MiB: a larger one closed its connection, every project's,
+  on every replay that reached it).
 * a **channel message** is ``<epoch>|<seq>|<unix ms>|<frame>`` (:func:`parse_channel_message`).
 * a **stream entry** has the id ``<seq>-0`` and a field ``f`` holding a frame
   (:func:`parse_stream_entry`).
@@ -31,6 +34,7 @@ from typing import NamedTuple
 from schemas.keys import Envelope, MalformedEnvelope, parse_envelope
 
 __all__ = [
+    "MAX_FRAME_BYTES",
     "ForeignKind",
     "ForeignValue",
     "Meta",
@@ -40,6 +44,10 @@ __all__ = [
     "parse_stream_entries",
     "parse_stream_entry",
 ]
+
+#: Largest frame the gateway relays: far above any event of the contract, below every client's
+#: message limit (the Python consumer's is 4 MiB).
+MAX_FRAME_BYTES = 1 << 20
 
 _EPOCH_RE = re.compile(rb"^[A-Za-z0-9_-]{1,64}\Z")
 _SEQ_RE = re.compile(rb"^(?:0|[1-9][0-9]{0,14})\Z")
@@ -77,6 +85,8 @@ def check_frame(frame: object, kind: ForeignKind) -> bytes:
         raise ForeignValue(kind, "frame is not a string")
     if not (frame.startswith(b"{") and frame.endswith(b"}")):
         raise ForeignValue(kind, "frame is not a JSON object")
+    if len(frame) > MAX_FRAME_BYTES:
+        raise ForeignValue(kind, f"frame is longer than {MAX_FRAME_BYTES} bytes")
     if not frame.isascii():  # the common case costs one fast scan; only non-ASCII is decoded
         try:
             frame.decode("utf-8")

@@ -185,6 +185,43 @@ async def test_the_python_consumer_resyncs_past_a_relayed_entry_it_cannot_place(
     assert isinstance(items[-1], Delivery) and items[-1].seq == top + 1
 
 
+async def test_an_oversized_entry_is_corrupt_and_stops_no_consumer(
+    gateways, publisher, redis_client
+):
+    """A 5 MiB frame written by hand passed the gateway's check and was relayed: over the Python
+    consumer's 4 MiB message limit, it closed the connection on every replay that reached it, so
+    the consumer, reconnecting for ever, delivered nothing of any project on that connection."""
+    from consumer import Consumer, Delivery, Resync
+    from publisher import issue_token
+    from schemas.protocol import ResyncReason
+    from tests.support.gateway_client import SECRET, ws_url
+
+    gateway = await gateways()
+    for project_id in (HEALTHY[0], POISONED):
+        await publish(publisher, project_id, BEFORE)
+    big = b'{"type":"blocker_expired","project_id":10,"x":"' + b"a" * (5 << 20) + b'"}'
+    redis_client.xadd(KEYS.stream(POISONED), {"f": big, "t": "0"}, id=f"{BEFORE + 1}-0")
+    redis_client.hincrby(KEYS.meta(POISONED), "seq", 1)
+    await publish(publisher, POISONED, 1)
+    token = issue_token(SECRET, [HEALTHY[0], POISONED], ttl=60)
+    items: dict[int, list] = {HEALTHY[0]: [], POISONED: []}
+    async with Consumer(ws_url(gateway), token=token, start="beginning") as consumer:
+        async with asyncio.timeout(10):
+            async for item in consumer.events(HEALTHY[0], POISONED):
+                items[item.project_id].append(item)
+                poisoned = items[POISONED]
+                if poisoned and isinstance(poisoned[-1], Resync):
+                    if len(items[HEALTHY[0]]) == BEFORE:
+                        break
+        assert consumer.connects == 1
+    assert [i.seq for i in items[HEALTHY[0]]] == list(range(1, BEFORE + 1))
+    *delivered, resync = items[POISONED]  # the events before the entry, if replayed first
+    assert all(isinstance(i, Delivery) for i in delivered)
+    assert [i.seq for i in delivered] == list(range(1, len(delivered) + 1))
+    assert (resync.reason, resync.seq) == (ResyncReason.HISTORY_CORRUPT, BEFORE + 2)
+    assert gateway.metrics.foreign_values["stream_entry"] >= 1
+
+
 async def test_polling_pages_up_to_a_corrupt_entry_then_resyncs(live, publisher, redis_client):
     import urllib.request
 

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from schemas.stored import (
+    MAX_FRAME_BYTES,
     ForeignKind,
     ForeignValue,
     Meta,
@@ -176,3 +177,33 @@ def test_entries_are_parsed_in_order_with_the_foreign_ones_apart() -> None:
         (2, "entry has no field 'f'"),
         (None, "entry id is not '<seq>-0'"),
     ]
+
+
+def test_a_frame_longer_than_any_event_is_foreign_and_every_event_fits() -> None:
+    """A frame over MAX_FRAME_BYTES (a hand-written one: 5 MiB went through, over the Python
+    consumer's 4 MiB limit) is foreign; the longest frame any event of the contract can make,
+    every string at its longest and each character escaped to six bytes, stays far below it."""
+    import msgspec.inspect as mi
+
+    from schemas.events import event_types
+
+    edge = b"{" + b" " * (MAX_FRAME_BYTES - 2) + b"}"
+    assert check_frame(edge, ForeignKind.STREAM_ENTRY) == edge
+    with pytest.raises(ForeignValue, match="longer than"):
+        check_frame(b"{ " + edge[1:], ForeignKind.STREAM_ENTRY)
+
+    def longest(info: object) -> int:
+        if isinstance(info, mi.Metadata):
+            return longest(info.type)
+        if isinstance(info, mi.StrType):
+            assert info.max_length is not None, "an unbounded string in an event"
+            return 6 * info.max_length + 2
+        if isinstance(info, mi.StructType):
+            return 2 + sum(len(f.encode_name) + 4 + longest(f.type) for f in info.fields)
+        if isinstance(info, mi.UnionType):
+            return max(longest(t) for t in info.types)
+        assert not isinstance(info, mi.ListType | mi.DictType | mi.SetType), "unbounded"
+        return 40  # a number, a boolean, null, a timestamp
+
+    for event_type in event_types():
+        assert longest(mi.type_info(event_type)) + 40 < MAX_FRAME_BYTES // 16, event_type
