@@ -660,8 +660,12 @@ class Consumer:
             ws = await connect(url, **self._connect_options)
         except InvalidStatus as exc:
             # HTTP answer instead of a WebSocket: 503 (full or draining) says when to come back.
+            # Headers are ISO-8859-1: only ASCII digits are a number ("\u00b2" passes
+            # isdigit and float() raised out of the connection task, stopping the consumer for
+            # good); and no answer makes it wait longer than the policy's max.
             header = exc.response.headers.get("Retry-After", "")
-            retry_after = float(header) if header.isdigit() else 0.0
+            if header.isascii() and header.isdigit():
+                retry_after = min(float(header), self.policy.max)
             self._log_failure("handshake refused", url=url, status=exc.response.status_code)
         except (OSError, TimeoutError, InvalidHandshake) as exc:
             self._log_failure("cannot connect", url=url, error=str(exc) or type(exc).__name__)

@@ -1008,6 +1008,34 @@ async def test_a_catch_up_page_trickled_by_the_server_ends_at_open_timeout(heade
         assert asyncio.get_running_loop().time() - server.started[1] < 2
 
 
+@pytest.mark.parametrize("retry_after", ["\u00b2", "99999999999", "3"])
+async def test_a_refused_handshakes_retry_after_neither_kills_nor_freezes_the_consumer(
+    retry_after: str,
+):
+    """Retry-After is read as ISO-8859-1: "\u00b2" passed str.isdigit and float() raised
+    ValueError out of the connection task, which stopped the consumer for good (ConsumerClosed);
+    and any number was waited, 99999999999 s included. Now only ASCII digits count, and the wait
+    is at most the reconnect policy's max."""
+
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: %s\r\nContent-Length: 0\r\n\r\n"
+            % retry_after.encode("latin-1")
+        )
+        writer.close()
+
+    server = await asyncio.start_server(refuse, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    consumer = Consumer(f"ws://127.0.0.1:{port}/", reconnect=ReconnectPolicy(max=4.0))
+    try:
+        delay = await consumer._connect_once()
+    finally:
+        server.close()
+    assert 0 <= delay <= 4.0
+    assert delay == 3.0 or retry_after != "3"
+
+
 async def test_two_subscriptions_on_one_connection_each_get_their_projects():
     consumer, ws, first = await fed_consumer(1)
     second = consumer.events(2)
