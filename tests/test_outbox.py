@@ -704,6 +704,61 @@ def test_a_relay_thread_that_connects_after_stop_leaves_no_connection_open(pg_ur
     wait_until(lambda: sessions_left(pg_url, pids) == 0, timeout=5)
 
 
+def test_a_sqlite_relay_that_connects_after_stop_leaves_no_connection_open_and_starts_again(
+    sqlite_path, table, bus, monkeypatch
+):
+    """The SQLite store closes like the PostgreSQL one: stop() runs while the relay thread is
+    connecting (here ``sqlite3.connect`` returns only once stop has returned; in life a slow
+    file system, or a thread descheduled there). The late connection is closed at once and
+    used for nothing; the row waits in the table, and the relay started again publishes it.
+    Before, ``close()`` only dropped the connection there was: the late one was stored, the
+    stopped relay published the row with it, and it stayed open."""
+    with sqlite3.connect(sqlite_path) as conn:
+        Outbox(table).write(conn, event(1, 1))
+    connect, made = sqlite3.connect, []
+    connecting, go_on = threading.Semaphore(0), threading.Event()
+
+    def connect_after_stop(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        conn = connect(*args, **kwargs)
+        if threading.current_thread().name == "outbox-relay":
+            made.append(conn)
+            if len(made) == 1:
+                connecting.release()
+                assert go_on.wait(10)  # the first connect returns only now
+        return conn
+
+    def closed(conn: sqlite3.Connection) -> bool:
+        try:
+            conn.execute("SELECT 1")
+        except sqlite3.ProgrammingError:  # "Cannot operate on a closed database."
+            return True
+        return False
+
+    monkeypatch.setattr(sqlite3, "connect", connect_after_stop)
+    relay = OutboxRelay.sqlite(sqlite_path, bus, table=table, poll_interval=0.05, max_backoff=0.1)
+    relay.start()
+    thread = relay._thread
+    try:
+        assert connecting.acquire(timeout=10)  # the relay thread is connecting
+        started = time.monotonic()
+        relay.stop(timeout=0.3)
+        assert time.monotonic() - started < 1.0
+    finally:
+        go_on.set()
+    assert thread is not None
+    thread.join(10)
+    assert not thread.is_alive()
+    assert len(made) == 1 and closed(made[0])
+    assert stream_ids(bus.client, 1) == []  # nothing published after stop, nothing lost
+    relay.start()  # stopped, then started again
+    try:
+        wait_until(lambda: len(stream_ids(bus.client, 1)) == 1)
+    finally:
+        relay.stop()
+    assert len(made) == 2 and all(closed(conn) for conn in made)
+    assert_exact(bus.client, {1: [1]})
+
+
 def test_the_store_closed_while_a_statement_waits_ends_it_and_harms_no_other_socket(
     pg_url, pg_outbox
 ):

@@ -100,7 +100,49 @@ class OutboxStore(Protocol):
         """Let a closed store connect again (a relay started again after ``stop``)."""
 
 
-class PostgresOutboxStore:
+class _ClosableStore:
+    """What both stores share about closing. :meth:`close` may run in any thread while another
+    one connects (``OutboxRelay.stop`` closes the store while the relay thread, or stop's own
+    wake-up, may be connecting): it marks the store closed under ``_lock``, no connect starts
+    after it, and a connect that ends after it closes its connection and fails
+    (:meth:`_keep_unless_closed`), so that no connection is left open with a stopped relay.
+    :meth:`open` lets the store connect again (a relay started again after ``stop``)."""
+
+    #: What a closed store's connect raises: the driver's ``OperationalError``.
+    _closed_error: type[Exception]
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def reset(self) -> None:
+        raise NotImplementedError
+
+    def _check_open(self) -> None:
+        """Fail a connect about to start on a closed store."""
+        if self._closed:
+            raise self._closed_error("the store is closed")
+
+    def _keep_unless_closed(self, fresh: Any) -> None:
+        """With ``_lock``: close ``fresh`` and fail if :meth:`close` ran while it was connecting.
+        Before, a relay thread or a wake-up that connected after ``stop`` stored the connection
+        and left it open (and a SQLite relay published with it after ``stop``)."""
+        if self._closed:
+            fresh.close()
+            raise self._closed_error("the store is closed")
+
+    def close(self) -> None:
+        """:meth:`reset` for good: from now on (until :meth:`open`) no connection is opened,
+        and one that was being opened meanwhile is closed when it is made."""
+        with self._lock:
+            self._closed = True
+        self.reset()
+
+    def open(self) -> None:
+        self._closed = False
+
+
+class PostgresOutboxStore(_ClosableStore):
     """The relay's two connections to PostgreSQL (psycopg 3): one for its work, which also holds
     the leader lock, and one that LISTENs for the writers' NOTIFY.
 
@@ -123,7 +165,9 @@ class PostgresOutboxStore:
 
         if not timeout > 0:
             raise ValueError("timeout must be positive")
+        super().__init__()
         self._psycopg = psycopg
+        self._closed_error = psycopg.OperationalError
         self.dsn = dsn
         self.table = table
         self.leader = leader
@@ -136,14 +180,9 @@ class PostgresOutboxStore:
         #: any thread: ``OutboxRelay.stop`` closes the store) never closes a connection a
         #: statement waits on, whose descriptor libpq would free under it.
         self._running: dict[_Deadline, Any] = {}
-        self._lock = threading.Lock()
-        #: Set by :meth:`close` (with ``_lock``): a connect that ends after it, in the relay's
-        #: thread or a wake-up's, closes its connection instead of storing it.
-        self._closed = False
 
     def _connect(self) -> Any:
-        if self._closed:  # (a connect that ends after close(): see _keep_unless_closed)
-            raise self._psycopg.OperationalError("the store is closed")
+        self._check_open()  # (a connect that ends after close(): see _keep_unless_closed)
         # Named, so that operators see the relay's sessions in pg_stat_activity (unless the DSN
         # names them itself).
         params = self._psycopg.conninfo.conninfo_to_dict(self.dsn)
@@ -198,15 +237,6 @@ class PostgresOutboxStore:
                 return fresh
         fresh.close()
         return work
-
-    def _keep_unless_closed(self, fresh: Any) -> None:
-        """With ``_lock``: close ``fresh`` and fail if :meth:`close` ran while it was connecting
-        (``stop(timeout)`` does not wait for a connect, which a hung server holds up to the
-        connect timeout). Before, a relay thread or a wake-up that connected after ``stop``
-        stored the connection and left it open."""
-        if self._closed:
-            fresh.close()
-            raise self._psycopg.OperationalError("the store is closed")
 
     def _q(self, sql: str, params: dict[str, Any]) -> list[tuple]:
         conn = self._conn()
@@ -277,16 +307,6 @@ class PostgresOutboxStore:
                         conn.close()
             self._work = self._listen = None
             self._is_leader = False
-
-    def close(self) -> None:
-        """:meth:`reset` for good: from now on (until :meth:`open`) no connection is opened,
-        and one that was being opened meanwhile is closed when it is made."""
-        with self._lock:
-            self._closed = True
-        self.reset()
-
-    def open(self) -> None:
-        self._closed = False
 
 
 class _Deadline:
@@ -403,26 +423,37 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_WATCHDOG.after_fork)
 
 
-class SQLiteOutboxStore:
+class SQLiteOutboxStore(_ClosableStore):
     """The relay's connection to a SQLite database file. No leader election (run one relay per
     file; a second one is exact too, only wasteful); woken by :meth:`wake` from the writing
     process, else by polling."""
 
+    _closed_error = sqlite3.OperationalError
+
     def __init__(self, path: str, table: str = DEFAULT_TABLE) -> None:
+        super().__init__()
         self.path = path
         self.table = table
         self.st = Statements(table, SQLITE)
         self._conn: sqlite3.Connection | None = None
         self._woken = threading.Event()
 
+    def _connect(self) -> sqlite3.Connection:
+        self._check_open()
+        # Autocommit (isolation_level=None): each statement is its own transaction, and the
+        # marks of a batch one explicit transaction. The busy timeout rides out writers.
+        return sqlite3.connect(self.path, isolation_level=None, timeout=30, check_same_thread=False)
+
     def _db(self) -> sqlite3.Connection:
-        if self._conn is None:
-            # Autocommit (isolation_level=None): each statement is its own transaction, and the
-            # marks of a batch one explicit transaction. The busy timeout rides out writers.
-            self._conn = sqlite3.connect(
-                self.path, isolation_level=None, timeout=30, check_same_thread=False
-            )
-        return self._conn
+        """The connection, connected first if there is none. Only the relay's thread connects
+        (:meth:`wake` needs no connection); :meth:`close`, from ``stop``, may run meanwhile."""
+        conn = self._conn
+        if conn is None:
+            conn = self._connect()
+            with self._lock:
+                self._keep_unless_closed(conn)
+                self._conn = conn
+        return conn
 
     def lead(self) -> bool:
         return True
@@ -461,15 +492,11 @@ class SQLiteOutboxStore:
         self._woken.set()
 
     def reset(self) -> None:
-        if self._conn is not None:
+        with self._lock:
+            conn, self._conn = self._conn, None
+        if conn is not None:
             with contextlib.suppress(Exception):
-                self._conn.close()
-        self._conn = None
-
-    close = reset
-
-    def open(self) -> None:
-        pass  # (close() is reset(): the next call reconnects)
+                conn.close()
 
 
 def _sqlite_row(row_id: int, project_id: Any, token: Any, event: Any, created_at: Any) -> OutboxRow:
