@@ -577,11 +577,11 @@ def test_a_hung_database_holds_up_the_relay_only_for_its_statement_timeout(pg_ur
 
 def test_stop_returns_within_its_timeout_while_the_database_hangs(pg_url, pg_outbox, bus):
     """``stop(timeout)`` against a hung PostgreSQL (a frozen proxy): it returns within its
-    ``timeout``. stop() sent its waking NOTIFY and waited for it first, which a hung database
-    answers only at the deadline (30 s by default), whatever ``timeout`` the caller gave. The
-    relay thread ends soon after: at once when it waited in a statement (closing the store
-    ends that), else (the proxy froze while it was connecting, which nothing interrupts) at
-    the connect timeout, here 5 s."""
+    ``timeout``, with the relay thread ended. stop() sent its waking NOTIFY and waited for it
+    first, which a hung database answers only at the deadline (30 s by default), whatever
+    ``timeout`` the caller gave; then it closed the store only once ``timeout`` had run out,
+    so the thread waiting in a statement ended after stop returned (and one connecting, at the
+    connect timeout: see the next test)."""
     proxy = FreezableProxy("127.0.0.1", int(pg_url.rpartition(":")[2].partition("/")[0]))
     url = pg_url.replace(":5432/", f":{proxy.port}/")
     relay = OutboxRelay(
@@ -597,10 +597,44 @@ def test_stop_returns_within_its_timeout_while_the_database_hangs(pg_url, pg_out
         time.sleep(0.5)  # the relay is inside a statement, or waiting for a notification
         thread, started = relay._thread, time.monotonic()
         relay.stop(timeout=0.5)
+        assert time.monotonic() - started < 1.0
+        assert thread is not None and not thread.is_alive()
+    finally:
+        relay._stop.set()
+        proxy.close()
+    assert_exact(bus.client, {1: [1]})
+
+
+def test_stop_ends_a_connect_that_a_hung_database_never_answers(pg_url, pg_outbox, bus):
+    """PostgreSQL accepts TCP but never answers the startup (a frozen proxy from the start: a
+    hung server, a frozen VM). The relay thread, and stop's own wake-up, wait in psycopg's
+    connect; ``stop(timeout)`` returns within its timeout with both ended, and the row waits
+    in the table: the same relay started again once the database answers publishes it. Before,
+    nothing interrupted a connect: the relay thread and its socket stayed until the connect
+    timeout, here 30 s (the store's ``timeout``)."""
+    _write_committed(pg_url, pg_outbox, [event(1, 1)])
+    proxy = FreezableProxy("127.0.0.1", int(pg_url.rpartition(":")[2].partition("/")[0]))
+    proxy.freeze()
+    url = pg_url.replace(":5432/", f":{proxy.port}/")
+    relay = OutboxRelay(
+        PostgresOutboxStore(url, pg_outbox.table), bus, poll_interval=0.1, max_backoff=0.2
+    ).start()
+    before = set(threading.enumerate())
+    try:
+        wait_until(lambda: proxy._sockets)  # the relay thread is connecting
+        time.sleep(0.2)
+        thread, started = relay._thread, time.monotonic()
+        relay.stop(timeout=1.0)
         assert time.monotonic() - started < 1.5
-        assert thread is not None
-        thread.join(5.0 + 1.0)
-        assert not thread.is_alive()
+        assert thread is not None and not thread.is_alive()
+        wakers = [t for t in threading.enumerate() if t.name == "outbox-relay-stop"]
+        assert not [t for t in wakers if t not in before]  # stop's wake-up ended too
+        assert not relay.store._running
+        assert stream_ids(bus.client, 1) == []
+        proxy.thaw()
+        relay.start()
+        wait_until(lambda: len(stream_ids(bus.client, 1)) == 1)
+        relay.stop()
     finally:
         relay._stop.set()
         proxy.close()

@@ -168,6 +168,7 @@ class PostgresOutboxStore(_ClosableStore):
         super().__init__()
         self._psycopg = psycopg
         self._closed_error = psycopg.OperationalError
+        self._connection_class = _interruptible_connection(psycopg, self._connecting)
         self.dsn = dsn
         self.table = table
         self.leader = leader
@@ -176,9 +177,10 @@ class PostgresOutboxStore(_ClosableStore):
         self._work: Any = None
         self._listen: Any = None
         self._is_leader = False
-        #: Statements under way -> their connection; with ``_lock``, :meth:`reset` (called from
-        #: any thread: ``OutboxRelay.stop`` closes the store) never closes a connection a
-        #: statement waits on, whose descriptor libpq would free under it.
+        #: Statements under way -> their connection, and connects under way -> None; with
+        #: ``_lock``, :meth:`reset` (called from any thread: ``OutboxRelay.stop`` closes the
+        #: store) ends them all, and never closes a connection a statement waits on, whose
+        #: descriptor libpq would free under it.
         self._running: dict[_Deadline, Any] = {}
 
     def _connect(self) -> Any:
@@ -191,7 +193,50 @@ class PostgresOutboxStore(_ClosableStore):
             extra["application_name"] = "eventbus-outbox-relay"
         if "connect_timeout" not in params:
             extra["connect_timeout"] = max(2, math.ceil(self.timeout))  # libpq: whole seconds
-        return self._psycopg.connect(self.dsn, autocommit=True, **extra)
+        return self._connection_class.connect(self.dsn, autocommit=True, **extra)
+
+    def _connecting(self, gen: Any) -> Any:
+        """psycopg's connect, step by step (``gen`` yields the socket it waits for, and what it
+        waits for): at each step the socket is registered in ``_running`` like a statement's,
+        so that :meth:`reset` (and :meth:`close`, from ``OutboxRelay.stop``) shuts it down and
+        the connect fails at once. Before, a connect to a server that accepts TCP and never
+        answers (hung, frozen) ran to the connect timeout (30 s), whatever ``stop`` was given.
+        The socket may change between steps (libpq tries the next address): an interruption
+        that hit the old one fails the connect at its next step."""
+        deadline: _Deadline | None = None
+        try:
+            step = next(gen)
+            while True:
+                deadline = self._connect_step(step[0], deadline)
+                try:
+                    step = gen.send((yield step))
+                except self._closed_error as exc:
+                    if deadline.interrupted:  # (libpq says "server closed the connection")
+                        raise self._closed_error(_INTERRUPTED) from exc
+                    raise
+        except StopIteration as done:
+            if deadline is not None and deadline.interrupted:  # done just as it was shut down
+                done.value.close()
+                raise self._closed_error(_INTERRUPTED) from None
+            return done.value
+        finally:
+            if deadline is not None:
+                deadline.cancel()
+                with self._lock:
+                    self._running.pop(deadline, None)  # (gone if _connect_step failed)
+            gen.close()
+
+    def _connect_step(self, fd: int, previous: _Deadline | None) -> _Deadline:
+        with self._lock:
+            if previous is not None:
+                previous.cancel()
+                del self._running[previous]
+                if previous.interrupted:
+                    raise self._closed_error(_INTERRUPTED)
+            self._check_open()
+            current = _Deadline(fd, None)  # bounded by the connect timeout (psycopg's own)
+            self._running[current] = None
+            return current
 
     @contextlib.contextmanager
     def _deadline(self, conn: Any, seconds: float | None = None) -> Iterator[None]:
@@ -309,8 +354,29 @@ class PostgresOutboxStore(_ClosableStore):
             self._is_leader = False
 
 
+_INTERRUPTED = "the connect was interrupted: the store was closed or reset"
+
+
+def _interruptible_connection(psycopg: Any, watch: Any) -> Any:
+    """A ``psycopg.Connection`` whose ``connect`` runs its steps through ``watch`` (see
+    :meth:`PostgresOutboxStore._connecting`). psycopg connects without blocking, one step per
+    wait for the socket, through ``_connect_gen`` (psycopg's internal API, checked with 3.3; the
+    tests pin it); without that method this is ``psycopg.Connection``, whose connect ends only
+    at the connect timeout."""
+    if not callable(getattr(psycopg.Connection, "_connect_gen", None)):
+        return psycopg.Connection
+
+    class InterruptibleConnection(psycopg.Connection):
+        @classmethod
+        def _connect_gen(cls, *args: Any, **kwargs: Any) -> Any:
+            return watch(super()._connect_gen(*args, **kwargs))
+
+    return InterruptibleConnection
+
+
 class _Deadline:
-    """Shuts down a socket ``seconds`` from now, unless cancelled first.
+    """Shuts down a socket ``seconds`` from now (never if None), unless cancelled first, or at
+    once when :meth:`interrupt` ed.
 
     ``shutdown``, not ``close``: the descriptor stays libpq's, which closes it with the
     connection; a shut-down socket wakes every wait on it with end-of-file. It is shut down
@@ -319,7 +385,7 @@ class _Deadline:
     process is kept by one :class:`_Watchdog` thread (a thread per statement cost the relay's
     lag a millisecond)."""
 
-    def __init__(self, fd: int, seconds: float) -> None:
+    def __init__(self, fd: int, seconds: float | None) -> None:
         self.expired = False
         #: Shut down by :meth:`interrupt` (the store was reset): the statement's thread closes
         #: the connection.
@@ -328,7 +394,10 @@ class _Deadline:
         self._sock: socket.socket | None = None
         with contextlib.suppress(OSError):  # not a socket: nothing to shut down
             self._sock = socket.socket(fileno=os.dup(fd))
-        _WATCHDOG.add(self, time.monotonic() + seconds)
+        #: None: no deadline, only :meth:`interrupt` (a connect, which has its own timeout).
+        self._watched = seconds is not None
+        if seconds is not None:
+            _WATCHDOG.add(self, time.monotonic() + seconds)
 
     @property
     def done(self) -> bool:
@@ -358,7 +427,8 @@ class _Deadline:
             sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()  # the duplicate only
-            _WATCHDOG.cancelled()
+            if self._watched:
+                _WATCHDOG.cancelled()
 
 
 class _Watchdog:
@@ -834,17 +904,22 @@ class OutboxRelay:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the relay and close its store, within ``timeout`` seconds whatever the database
-        does: the relay thread ends after its current batch, or at once when closing the store
-        ends a statement still waiting for a hung database."""
+        does, with the relay thread ended: the thread ends after its current batch, which it
+        is given half of ``timeout`` to finish; then the store is closed, which ends at once a
+        statement or a connect still waiting for a hung database, and the thread ends within
+        the other half. Not cut short: a publish waiting for a hung Redis (up to the
+        publisher's ``timeout``), and a SQLite statement waiting for another writer's lock (up
+        to its busy timeout, 30 s; closing its connection waits for it too)."""
         self._stop.set()
         deadline = time.monotonic() + timeout
         # The wake-up (PostgreSQL: a NOTIFY to the relay's LISTEN) waits for the database, so
-        # it is sent from a thread of its own: a hung database holds it until the store's
-        # statement timeout (30 s), not this stop.
+        # it is sent from a thread of its own; closing the store ends it too.
         waker = threading.Thread(target=self.store.wake, name="outbox-relay-stop", daemon=True)
         waker.start()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-        waker.join(max(0.0, deadline - time.monotonic()))
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout / 2)
         self.store.close()
+        for ending in (thread, waker):
+            if ending is not None:
+                ending.join(max(0.0, deadline - time.monotonic()))
