@@ -2,7 +2,8 @@
 
 Figures: RSS per connection (the server's RSS after the connections, minus before, divided by
 their number), the connect rate (handshake + ``subscribe`` + ``subscribed``, at most
-``inflight`` in progress), then one event published to the project all of them follow: the time
+``inflight`` in progress), the gateway's CPU while they idle (keepalive pings and the stall
+check: ``--idle-seconds``), then one event published to the project all of them follow: the time
 from the publish until the last delivery reaches a client's socket (the kernel's receive
 timestamp, ``SO_TIMESTAMPNS``; see :mod:`bench.loadgen`), and until the gateway has written it
 to every connection (its ``deliveries_total`` counter, polled).
@@ -23,11 +24,20 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.common import BenchRedis, machine, write_json
-from bench.gateway import CLIENT_CPU, Server, Usage, event, pinned_to_client_core, pinning
+from bench.gateway import (
+    CLIENT_CPU,
+    Server,
+    Usage,
+    event,
+    pinned_to_client_core,
+    pinning,
+    proc_cpu,
+)
 from bench.loadgen import LoadGen, raise_nofile
 from publisher import Publisher
 
@@ -40,10 +50,20 @@ def port_range() -> tuple[int, int]:
     return int(low), int(high)
 
 
-def measure(redis: BenchRedis, clients: int, *, workers: int, inflight: int, log) -> dict:
-    """Connect ``clients`` idle subscribers of one project; RSS, connect rate, one event."""
-    server = Server("gateway", redis.url, extra=["--max-connections", str(clients + 100)],
-                    nofile=clients + 1000)  # fmt: skip
+def measure(
+    redis: BenchRedis,
+    clients: int,
+    *,
+    workers: int,
+    inflight: int,
+    log,
+    idle_seconds: float = 0.0,
+    gateway_args: Sequence[str] = (),
+) -> dict:
+    """Connect ``clients`` idle subscribers of one project; RSS, connect rate, the gateway's
+    CPU while they idle (over ``idle_seconds``, 0 to skip), one event."""
+    extra = ["--max-connections", str(clients + 100), *gateway_args]
+    server = Server("gateway", redis.url, extra=extra, nofile=clients + 1000)
     cpus = {CLIENT_CPU} if pinning() else None
     loadgen = LoadGen("127.0.0.1", server.port, workers=workers, sources=SOURCES, cpus=cpus)
     publisher = Publisher.from_url(redis.url)
@@ -64,6 +84,14 @@ def measure(redis: BenchRedis, clients: int, *, workers: int, inflight: int, log
         log(f"  {total:,} connected ({connected['failed']} failed) in "
             f"{connected['seconds']:.2f} s; RSS {rss0 / 2**20:.0f} -> "
             f"{rss1 / 2**20:.0f} MiB")  # fmt: skip
+        idle_core = None
+        if idle_seconds > 0:
+            # Keepalive pings (one per connection per --ping-interval) and the stall check (every
+            # connection each second) are what an idle connection costs.
+            before, started = proc_cpu(server.proc.pid), time.monotonic()
+            time.sleep(idle_seconds)
+            idle_core = (proc_cpu(server.proc.pid) - before) / (time.monotonic() - started)
+            log(f"  idle: the gateway used {idle_core:.1%} of a core over {idle_seconds:.0f} s")
 
         loadgen.mode("latency")
         loadgen.stats()  # answered once every worker has switched
@@ -94,6 +122,9 @@ def measure(redis: BenchRedis, clients: int, *, workers: int, inflight: int, log
             if connected["seconds"]
             else None,
             "connect_cpu": connect_cpu,
+            "idle_core": None if idle_core is None else round(idle_core, 4),
+            "idle_seconds": idle_seconds,
+            "gateway_args": list(gateway_args),
             "rss_before_mib": round(rss0 / 2**20, 1),
             "rss_after_mib": round(rss1 / 2**20, 1),
             "kib_per_conn": round((rss1 - rss0) / max(1, opened) / 1024, 2),
@@ -115,6 +146,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="5,000 connections (seconds)")
     parser.add_argument("--clients", type=int, help="connections (default 100,000)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    parser.add_argument(
+        "--idle-seconds",
+        type=float,
+        default=None,
+        help="measure the gateway's CPU while the connections idle for this long "
+        "(default 45: two keepalive intervals and more; 0 with --quick)",
+    )
+    parser.add_argument(
+        "--gateway-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="an extra gateway flag, e.g. --gateway-arg=--ping-interval=60",
+    )
     args = parser.parse_args(argv)
     clients = args.clients or (5_000 if args.quick else 100_000)
 
@@ -139,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     with pinned_to_client_core():
         redis = BenchRedis(CLIENT_CPU)
         try:
-            result = measure(redis, clients, workers=2, inflight=2048, log=log)
+            idle = args.idle_seconds if args.idle_seconds is not None else 0 if args.quick else 45
+            result = measure(redis, clients, workers=2, inflight=2048, log=log,
+                             idle_seconds=idle, gateway_args=args.gateway_arg)  # fmt: skip
         finally:
             redis.close()
     elapsed = time.monotonic() - started
@@ -155,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| (limited by) | {limited_by}; {requested:,} asked |")
     print(f"| memory per idle connection | {result['kib_per_conn']} KiB |")
     print(f"| connect rate (handshake + subscribe) | {result['connects_per_s']:,}/s |")
+    if result["idle_core"] is not None:
+        print(f"| gateway CPU while they idle | {result['idle_core']:.1%} of a core |")
     print(f"| one event to all: last arrival | {fanout} s ({result['fanout_received']:,} got it) |")
     print(f"| one event to all: written by the gateway | {result['fanout_written_s']} s |")
     if not args.quick:
