@@ -209,12 +209,13 @@ class Server:
         """CPU seconds used so far (user + system)."""
         return proc_cpu(self.proc.pid)
 
-    def metric(self, name: str) -> float | None:
-        """A gauge or counter from the gateway's /metrics (None for the baselines)."""
+    def metric(self, name: str, timeout: float = 5) -> float | None:
+        """A gauge or counter from the gateway's /metrics (None for the baselines); the gateway
+        answers between callbacks, so a long one (a fan-out) delays the answer."""
         if self.kind != "gateway":
             return None
         url = f"http://127.0.0.1:{self.port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as response:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
             for line in response.read().decode().splitlines():
                 if line.startswith(f"eventbus_{name} "):
                     return float(line.split()[1])
