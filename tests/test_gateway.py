@@ -1446,6 +1446,32 @@ async def test_a_client_that_never_answers_pings_is_dropped_one_that_does_stays(
     await answering.close()
 
 
+async def test_a_compressed_connection_gets_pings_it_can_answer_and_stays(gateways, publisher):
+    # The gateway writes its pings itself (not through websockets' protocol): on a connection
+    # that negotiated permessage-deflate they must still be plain control frames, which the
+    # client's websockets answers, and events keep flowing after them.
+    gateway = await gateways(compression=True, ping_interval=0.1, ping_timeout=0.3)
+    client = await client_for(gateway, [23])
+    await client.subscribe(23)
+    await asyncio.sleep(1.0)  # ten keepalive rounds: each pong must arrive within 0.3 s
+    await publish(publisher, 23, 2)
+    await client.wait_for(lambda: client.seqs(23) == [1, 2])
+    assert not client.closed.is_set() and not client.of("error")
+    await client.close()
+
+
+def test_the_gateways_ping_frame_is_what_websockets_would_write():
+    from websockets.extensions.permessage_deflate import PerMessageDeflate
+    from websockets.frames import Frame, Opcode
+
+    from gateway.websocket import _PING_HEADER
+
+    data = b"\x01\x02\x03\x04"
+    for extensions in ([], [PerMessageDeflate(False, False, 15, 15)]):
+        expected = Frame(Opcode.PING, data).serialize(mask=False, extensions=extensions)
+        assert _PING_HEADER + data == expected
+
+
 async def test_a_refused_client_that_keeps_sending_is_dropped_after_the_close_timeout(gateways):
     # Refused (4001: no auth in time), the client never closes but keeps sending pings: the
     # close deadline is armed once, not restarted by every read, so the socket (and its place
