@@ -16,8 +16,9 @@ for Redis, each bounded by ``--subscribe-timeout``, and a client that truly neve
 closed once the gateway has been reading for ``timeout`` since the ping.
 
 What a ping is belongs to the session's transport (:meth:`ClientSession.ping`): a WebSocket
-ping goes through websockets' protocol object, and the pong carrying its payload answers it
-(:class:`gateway.websocket.WebSocketSession`); an SSE stream gets a
+ping is a control frame with a random 4-byte payload, written by the session itself (the same
+bytes websockets would write, for less), and the pong carrying that payload, parsed by
+websockets, answers it (:class:`gateway.websocket.WebSocketSession`); an SSE stream gets a
 comment line, which keeps proxies from closing an idle stream and awaits no answer (a peer that
 stops reading shows up as a stalled write; one that vanished, as bytes never acknowledged, which
 the stream's ``TCP_USER_TIMEOUT`` bounds: :func:`gateway.session.bound_unacknowledged`).
