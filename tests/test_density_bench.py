@@ -13,7 +13,15 @@ def test_idle_connections_memory_and_one_event_to_all() -> None:
     raise_nofile()
     redis = BenchRedis(None)
     try:
-        result = measure(redis, 200, workers=1, inflight=64, log=lambda _: None)
+        result = measure(
+            redis,
+            200,
+            workers=1,
+            inflight=64,
+            log=lambda _: None,
+            idle_seconds=0.5,
+            gateway_args=["--ping-interval=0.1"],  # passed on: several ping rounds while idle
+        )
     finally:
         redis.close()
     assert result["clients"] == 200 and result["failed"] == 0
@@ -22,3 +30,4 @@ def test_idle_connections_memory_and_one_event_to_all() -> None:
     assert 0 < result["fanout_last_s"] < 30
     assert result["fanout_written_s"] is not None
     assert result["connects_per_s"] > 0 and result["rss_after_mib"] > 0
+    assert result["idle_core"] is not None and 0 < result["idle_core"] < 2
