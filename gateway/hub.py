@@ -262,7 +262,7 @@ class Hub:
         if feed is None:
             return  # a channel we just left, or a foreign one
         try:
-            envelope = parse_channel_message(data)
+            envelope = parse_channel_message(data, feed.project_id)
         except ForeignValue as exc:
             self.metrics.malformed_messages_total += 1
             self.foreign.report(exc.kind, channel.decode(), exc.problem, feed.project_id, data)

@@ -177,7 +177,7 @@ class HistoryStore:
         except ForeignValue as exc:
             raise StoreUnavailable(f"unexpected snapshot reply: {exc}") from None
         assert meta is not None
-        good, bad = parse_stream_entries(raw_entries)
+        good, bad = parse_stream_entries(raw_entries, project_id)
         corrupt_at = None
         if bad:
             stream_key = self.keys.stream(project_id)

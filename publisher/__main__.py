@@ -356,7 +356,7 @@ def _history(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
             f"{meta_key} holds a value the publisher did not write: {exc}", EXIT_REDIS_ERROR
         ) from None
     more = len(entries) > args.limit
-    frames, foreign = parse_stream_entries(entries[: args.limit])
+    frames, foreign = parse_stream_entries(entries[: args.limit], args.project_id)
     for seq, problem in foreign:  # shown, never printed as frames: stdout stays valid JSON lines
         where = f"entry {seq}" if seq is not None else "an entry"
         stderr.write(f"{PROG}: warning: skipped {where} of {stream_key}: {problem}\n")

@@ -17,9 +17,24 @@ What is checked, and why it is enough (the gateway never decodes an event's JSON
   browsers require; anything else makes them fail the connection) that every client accepts
   (the Python consumer's limit is 4 MiB: a larger one closed its connection, every project's,
   on every replay that reached it).
-* a **channel message** is ``<epoch>|<seq>|<unix ms>|<frame>`` (:func:`parse_channel_message`).
-* a **stream entry** has the id ``<seq>-0`` and a field ``f`` holding a frame
-  (:func:`parse_stream_entry`).
+* a frame also **names its place**: it starts ``{"type":"<tag>","project_id":<P>,`` with ``P``
+  the project whose key it was read from, and ends ``,"seq":<N>}`` with ``N`` the seq it is
+  stored under (the stream entry's id, the channel message's seq). Every event the publisher
+  encodes starts with its tag and then ``project_id``, the first field of ``ProjectEvent``
+  (msgspec writes the tag first, then the fields in order), and the publish script appends the
+  seq; ``tests/test_stored.py`` checks this for every event type. Clients take an event's project
+  and seq from these fields, so without the check a frame copied or written into project 1's
+  keys that named project 2 was relayed to project 1's subscribers, and a client following both
+  projects on one connection took it as project 2's event (and then dropped project 2's real
+  event of that seq as a duplicate): garbage in one project's keys corrupted another project.
+  This is a bytes check (an anchored regex and an ``endswith``: no JSON is decoded), so it
+  catches a frame of another project or position (misplaced, copied, restored, written by hand),
+  not a frame crafted to fool it (a second ``"project_id"`` key further in, say): whoever can
+  write that can write project 2's keys as well.
+* a **channel message** is ``<epoch>|<seq>|<unix ms>|<frame>``, the frame of that project and seq
+  (:func:`parse_channel_message`).
+* a **stream entry** has the id ``<seq>-0`` and a field ``f`` holding a frame of that project and
+  seq (:func:`parse_stream_entry`).
 * a **meta hash** has ``epoch`` (1-64 characters of ``[A-Za-z0-9_-]``) and ``seq`` (a decimal
   integer, at most 15 digits so it stays exact everywhere) (:func:`parse_meta`).
 """
@@ -52,16 +67,22 @@ MAX_FRAME_BYTES = 1 << 20
 _EPOCH_RE = re.compile(rb"^[A-Za-z0-9_-]{1,64}\Z")
 _SEQ_RE = re.compile(rb"^(?:0|[1-9][0-9]{0,14})\Z")
 _ENTRY_ID_RE = re.compile(rb"^([1-9][0-9]{0,14})-0\Z")
+#: The start of every frame the publisher encodes, up to the project id: the tag (a JSON string
+#: without quotes, as every event type's is: tests/test_stored.py) then ``project_id``. ``match``
+#: anchors it at the start of the frame.
+_HEADER_RE = re.compile(rb'\{"type":"[^"]*","project_id":')
 
 
 class ForeignKind(enum.StrEnum):
     """Which kind of stored value was foreign (the ``kind`` label of the metric)."""
 
-    #: A message on a project's channel that the publish script cannot have written.
+    #: A message on a project's channel that the publish script cannot have written (also one
+    #: whose frame names another project, or another seq than its envelope).
     CHANNEL_MESSAGE = "channel_message"
     #: A channel message numbered beyond the project's history (forged, or lost in a failover).
     CHANNEL_SEQ = "channel_seq"
-    #: A stream entry with a foreign id, without a field ``f``, or with an invalid frame.
+    #: A stream entry with a foreign id, without a field ``f``, or with an invalid frame (also
+    #: one of another project or seq).
     STREAM_ENTRY = "stream_entry"
     #: The stream key holds another type than a stream.
     STREAM_KEY = "stream_key"
@@ -78,37 +99,73 @@ class ForeignValue(ValueError):
         self.problem = problem
 
 
-def check_frame(frame: object, kind: ForeignKind) -> bytes:
-    """``frame`` as bytes when it is a frame the publish script can have built (see the module
-    doc), else :class:`ForeignValue` of ``kind``."""
-    if not isinstance(frame, bytes | bytearray):
-        raise ForeignValue(kind, "frame is not a string")
-    if not (frame.startswith(b"{") and frame.endswith(b"}")):
-        raise ForeignValue(kind, "frame is not a JSON object")
-    if len(frame) > MAX_FRAME_BYTES:
-        raise ForeignValue(kind, f"frame is longer than {MAX_FRAME_BYTES} bytes")
+def check_frame(frame: object, kind: ForeignKind, project_id: int, seq: int) -> bytes:
+    """``frame`` as bytes when it is a frame the publish script can have built for event ``seq``
+    of project ``project_id`` (see the module doc), else :class:`ForeignValue` of ``kind``."""
+    return _check_frame(frame, kind, b"%d," % project_id, b',"seq":%d}' % seq)
+
+
+def _check_frame(frame: object, kind: ForeignKind, project: bytes, tail: bytes) -> bytes:
+    """:func:`check_frame` with the project as ``b"<id>,"`` and the seq as ``b',"seq":<n>}'``
+    (made once per read, not once per entry: this runs for every event the gateway relays)."""
+    if type(frame) is not bytes:  # (what redis-py gives; the check is cheaper than isinstance)
+        if not isinstance(frame, bytearray):
+            raise ForeignValue(kind, "frame is not a string")
+        frame = bytes(frame)
+    header = _HEADER_RE.match(frame)
+    if (
+        header is None
+        or not frame.startswith(project, header.end())
+        or not frame.endswith(tail)
+        or len(frame) > MAX_FRAME_BYTES
+    ):
+        raise ForeignValue(kind, _frame_problem(frame, project, tail))
     if not frame.isascii():  # the common case costs one fast scan; only non-ASCII is decoded
         try:
             frame.decode("utf-8")
         except UnicodeDecodeError:
             raise ForeignValue(kind, "frame is not valid UTF-8") from None
-    return bytes(frame)
+    return frame
 
 
-def parse_channel_message(data: object) -> Envelope:
-    """A channel message ``<epoch>|<seq>|<unix ms>|<frame>``, or :class:`ForeignValue`."""
+def _frame_problem(frame: bytes, project: bytes, tail: bytes) -> str:
+    """What is wrong with a frame :func:`_check_frame` refused (its first problem, in the order
+    of the module doc)."""
+    if not (frame.startswith(b"{") and frame.endswith(b"}")):
+        return "frame is not a JSON object"
+    if len(frame) > MAX_FRAME_BYTES:
+        return f"frame is longer than {MAX_FRAME_BYTES} bytes"
+    try:
+        frame.decode("utf-8")
+    except UnicodeDecodeError:
+        return "frame is not valid UTF-8"
+    if _HEADER_RE.match(frame) is None:
+        return 'frame does not start with {"type":<tag>,"project_id":'
+    if not frame.endswith(tail):
+        return f"frame does not end with {tail.decode()}"
+    return f"frame does not name project {project[:-1].decode()}"
+
+
+def parse_channel_message(data: object, project_id: int) -> Envelope:
+    """A channel message ``<epoch>|<seq>|<unix ms>|<frame>`` of project ``project_id``'s channel,
+    or :class:`ForeignValue`."""
     try:
         envelope = parse_envelope(data)  # type: ignore[arg-type]
     except MalformedEnvelope as exc:
         raise ForeignValue(ForeignKind.CHANNEL_MESSAGE, str(exc)) from None
-    check_frame(envelope.frame, ForeignKind.CHANNEL_MESSAGE)
+    project, tail = b"%d," % project_id, b',"seq":%d}' % envelope.seq
+    _check_frame(envelope.frame, ForeignKind.CHANNEL_MESSAGE, project, tail)
     return envelope
 
 
-def parse_stream_entry(entry_id: object, fields: object) -> tuple[int, bytes]:
-    """``(seq, frame)`` of one stream entry as ``XRANGE`` returns it (a flat
-    ``[field, value, ...]`` list inside a script, a dict through redis-py), or
+def parse_stream_entry(entry_id: object, fields: object, project_id: int) -> tuple[int, bytes]:
+    """``(seq, frame)`` of one entry of project ``project_id``'s stream as ``XRANGE`` returns it
+    (a flat ``[field, value, ...]`` list inside a script, a dict through redis-py), or
     :class:`ForeignValue`."""
+    return _parse_stream_entry(entry_id, fields, b"%d," % project_id)
+
+
+def _parse_stream_entry(entry_id: object, fields: object, project: bytes) -> tuple[int, bytes]:
     kind = ForeignKind.STREAM_ENTRY
     if isinstance(entry_id, str):
         entry_id = entry_id.encode()
@@ -125,7 +182,8 @@ def parse_stream_entry(entry_id: object, fields: object) -> tuple[int, bytes]:
         frame = None
     if frame is None:
         raise ForeignValue(kind, "entry has no field 'f'")
-    return int(match.group(1)), check_frame(frame, kind)
+    digits = match.group(1)
+    return int(digits), _check_frame(frame, kind, project, b',"seq":' + digits + b"}")
 
 
 class Meta(NamedTuple):
@@ -149,16 +207,18 @@ def parse_meta(epoch: object, seq: object) -> Meta | None:
 
 
 def parse_stream_entries(
-    raw_entries: Sequence[object],
+    raw_entries: Sequence[object], project_id: int
 ) -> tuple[list[tuple[int, bytes]], list[tuple[int | None, ForeignValue]]]:
-    """Parse the entries of one ``XRANGE`` in order: the valid ``(seq, frame)`` entries, and the
-    foreign ones as ``(seq or None when the id itself is foreign, ForeignValue)``."""
+    """Parse the entries of one ``XRANGE`` of project ``project_id``'s stream in order: the valid
+    ``(seq, frame)`` entries, and the foreign ones as ``(seq or None when the id itself is
+    foreign, ForeignValue)``."""
     good: list[tuple[int, bytes]] = []
     bad: list[tuple[int | None, ForeignValue]] = []
+    project = b"%d," % project_id
     for raw in raw_entries:
         entry_id, fields = _pair(raw)
         try:
-            good.append(parse_stream_entry(entry_id, fields))
+            good.append(_parse_stream_entry(entry_id, fields, project))
         except ForeignValue as exc:
             bad.append((_entry_seq(entry_id), exc))
     return good, bad

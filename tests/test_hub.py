@@ -31,8 +31,9 @@ PROJECT = 1
 EPOCH = "e0000000000001"
 
 
-def frame(seq: int) -> bytes:
-    return b'{"type":"x","seq":%d}' % seq
+def frame(seq: int, project_id: int = PROJECT) -> bytes:
+    """A frame as the publish script stores it: the project first, the seq last."""
+    return b'{"type":"x","project_id":%d,"seq":%d}' % (project_id, seq)
 
 
 class FakeStore:
@@ -53,7 +54,7 @@ class FakeStore:
         entries = ()
         if epoch == EPOCH and after is not None and after < self.top:
             last = self.top if not limit else min(self.top, after + limit)
-            entries = tuple((s, frame(s)) for s in range(after + 1, last + 1))
+            entries = tuple((s, frame(s, project_id)) for s in range(after + 1, last + 1))
         snapshot = Snapshot(EPOCH, self.top, entries)
         if self.gate is not None:
             await self.gate.wait()
@@ -127,7 +128,8 @@ def live(hub: Hub, *seqs: int, project: int = PROJECT) -> None:
     """Deliver pub/sub messages, all in one event-loop iteration."""
     channel = KEYS.channel(project).encode()
     for seq in seqs:
-        hub.on_pubsub_message(channel, b"%s|%d|0|%s" % (EPOCH.encode(), seq, frame(seq)))
+        message = b"%s|%d|0|%s" % (EPOCH.encode(), seq, frame(seq, project))
+        hub.on_pubsub_message(channel, message)
 
 
 async def until(predicate, within: float = 2.0) -> None:

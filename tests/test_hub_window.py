@@ -36,7 +36,9 @@ class HistoryStore(FakeStore):
         self.rewritten: set[int] = set()
 
     def frame_at(self, seq: int) -> bytes:
-        return frame(seq) if seq not in self.rewritten else b'{"type":"x","seq":%d,"v":2}' % seq
+        if seq in self.rewritten:
+            return b'{"type":"x","project_id":%d,"v":2,"seq":%d}' % (PROJECT, seq)
+        return frame(seq)
 
     async def snapshot(self, project_id, epoch=None, after=None, limit=0) -> Snapshot:
         self.reads += 1

@@ -26,7 +26,7 @@ CHANNEL = KEYS.channel(PROJECT).encode()
 
 
 def frame(epoch: str, seq: int) -> bytes:
-    return b'{"type":"x","seq":%d,"e":"%s"}' % (seq, epoch.encode())
+    return b'{"type":"x","project_id":%d,"e":"%s","seq":%d}' % (PROJECT, epoch.encode(), seq)
 
 
 class ModelRedis:

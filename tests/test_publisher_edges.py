@@ -377,12 +377,16 @@ def test_cli_history_reports_a_damaged_meta_and_skips_foreign_entries(
     redis_client.xadd(KEYS.stream(1), {"x": "y"}, id="3-0")  # a foreign entry...
     redis_client.hincrby(KEYS.meta(1), "seq", 1)  # ...counted as an event
     pub.publish(event(1, 4))
+    other = b'{"type":"x","project_id":2,"seq":5}'  # project 2's frame, in project 1's stream
+    redis_client.xadd(KEYS.stream(1), {"f": other, "t": "0"}, id="5-0")
+    redis_client.hincrby(KEYS.meta(1), "seq", 1)
     out, err = io.StringIO(), io.StringIO()
     assert cli_main(["--redis-url", redis_url, "history", "1"], stdout=out, stderr=err) == 0
     header, *frames = (json.loads(line) for line in out.getvalue().splitlines())
-    assert header["seq"] == 4 and header["count"] == 3
+    assert header["seq"] == 5 and header["count"] == 3
     assert [f["seq"] for f in frames] == [1, 2, 4]
     assert "skipped entry 3" in err.getvalue()
+    assert "skipped entry 5" in err.getvalue() and "does not name project 1" in err.getvalue()
 
     redis_client.hset(KEYS.meta(1), "epoch", b"\xff")
     out, err = io.StringIO(), io.StringIO()

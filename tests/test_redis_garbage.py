@@ -77,7 +77,7 @@ async def others_get_everything(healthy: RecordingClient, publisher, redis_clien
     message "lost"): all arrive in order, the lost one through the periodic check."""
     await publish(publisher, HEALTHY[0], 2)
     top = int(redis_client.hget(KEYS.meta(HEALTHY[0]), "seq"))
-    frame = json.dumps({"type": "x", "project_id": HEALTHY[0], "seq": top + 1}).encode()
+    frame = b'{"type":"x","project_id":%d,"seq":%d}' % (HEALTHY[0], top + 1)  # as ours are
     redis_client.xadd(KEYS.stream(HEALTHY[0]), {"f": frame, "t": "0"}, id=f"{top + 1}-0")
     redis_client.hset(KEYS.meta(HEALTHY[0]), "seq", top + 1)
     await publish(publisher, HEALTHY[1], 4)
@@ -142,21 +142,28 @@ async def test_a_foreign_stream_entry_gives_a_resync_and_the_project_carries_on(
 
 
 @pytest.mark.parametrize(
-    "frame",
+    ("frame", "relayed"),
     [
-        b'{"x":1}',  # no type, no project, no seq
-        b'{"type":"blocker_expired","project_id":10,"blocker_id":1,"task_id":2,'
-        b'"expired_at":"2026-12-03T08:00:00Z","seq":99}',  # a valid event, the wrong seq
+        # Passes the gateway's bytes check (it names project 10 and seq 4), but is no JSON.
+        (b'{"type":"blocker_expired","project_id":10,"blocker_id":,"seq":4}', True),
+        # Refused by the gateway: it says history_corrupt itself.
+        (b'{"x":1}', False),  # no type, no project, no seq
+        (
+            b'{"type":"blocker_expired","project_id":10,"blocker_id":1,"task_id":2,'
+            b'"expired_at":"2026-12-03T08:00:00Z","seq":99}',  # a valid event, the wrong seq
+            False,
+        ),
     ],
-    ids=["no_header", "wrong_seq"],
+    ids=["not_json", "no_header", "wrong_seq"],
 )
 async def test_the_python_consumer_resyncs_past_a_relayed_entry_it_cannot_place(
-    gateways, publisher, redis_client, frame
+    gateways, publisher, redis_client, frame, relayed
 ):
-    """A foreign entry that passes the gateway's check (a JSON object) is relayed as it is, and
-    the consumer cannot place it: every replay from before it stopped there, and the consumer
-    resubscribed in a busy loop (about 5,000 times a second), silent, never past it. Now it says
-    history_corrupt to the top and carries on live."""
+    """A foreign entry that passes the gateway's check is relayed as it is, and the consumer
+    cannot place it: every replay from before it stopped there, and the consumer resubscribed in
+    a busy loop (about 5,000 times a second), silent, never past it. Now it says history_corrupt
+    to the top and carries on live. An entry the gateway refuses (another seq than its id, no
+    header) gives the gateway's own history_corrupt: the same outcome for the application."""
     from consumer import Consumer, Delivery, Resync
     from publisher import issue_token
     from schemas.protocol import ResyncReason
@@ -168,21 +175,26 @@ async def test_the_python_consumer_resyncs_past_a_relayed_entry_it_cannot_place(
     redis_client.hincrby(KEYS.meta(POISONED), "seq", 1)
     await publish(publisher, POISONED, 2)
     token = issue_token(SECRET, [POISONED], ttl=60)
+    top = BEFORE + 3
     items: list = []
     async with Consumer(ws_url(gateway), token=token, start="beginning") as consumer:
         subscription = consumer.events(POISONED)
         async with asyncio.timeout(10):
             async for item in subscription:
                 items.append(item)
-                if len(items) == BEFORE + 1:
+                if isinstance(item, Resync):
                     await publish(publisher, POISONED, 1)
-                if len(items) == BEFORE + 2:
+                elif item.seq == top + 1:
                     break
-    top = BEFORE + 3
-    assert [i.seq for i in items[:BEFORE]] == list(range(1, BEFORE + 1))
-    assert all(isinstance(i, Delivery) for i in items[:BEFORE])
-    assert items[BEFORE] == Resync(POISONED, ResyncReason.HISTORY_CORRUPT, items[0].epoch, top)
-    assert isinstance(items[-1], Delivery) and items[-1].seq == top + 1
+    *delivered, resync, last = items
+    if relayed:  # the replay up to the entry, then the consumer's own resync
+        assert len(delivered) == BEFORE
+    assert all(isinstance(i, Delivery) for i in delivered)
+    assert [i.seq for i in delivered] == list(range(1, len(delivered) + 1))
+    assert resync == Resync(POISONED, ResyncReason.HISTORY_CORRUPT, resync.epoch, top)
+    assert resync.epoch == epoch_of(redis_client, POISONED)
+    assert isinstance(last, Delivery) and last.seq == top + 1
+    assert (gateway.metrics.foreign_values["stream_entry"] > 0) is not relayed
 
 
 async def test_an_oversized_entry_is_corrupt_and_stops_no_consumer(
@@ -308,13 +320,116 @@ async def test_foreign_channel_messages_are_never_relayed(live, publisher, redis
 async def test_a_forged_future_seq_is_dropped_and_costs_one_read(live, publisher, redis_client):
     gateway, healthy, poisoned = live
     epoch = epoch_of(redis_client, POISONED).encode()
-    redis_client.publish(KEYS.channel(POISONED), b'%s|999999|0|{"type":"x"}' % epoch)
+    frame = b'{"type":"x","project_id":%d,"seq":999999}' % POISONED  # passes the frame check
+    redis_client.publish(KEYS.channel(POISONED), b"%s|999999|0|%s" % (epoch, frame))
     await publish(publisher, POISONED, 3)
     await poisoned.wait_for(lambda: len(poisoned.seqs(POISONED)) == BEFORE + 3)
     assert poisoned.events[POISONED] == list(range(1, BEFORE + 4))
     assert gateway.metrics.foreign_values["channel_seq"] == 1
     assert gateway.hub.feeds[POISONED].sequencer.held == {}
     await others_get_everything(healthy, publisher, redis_client)
+
+
+#: The answer of the forged event: no real event carries it.
+FORGED = "forged: no event of the project it names"
+
+
+@pytest.mark.parametrize("names", ["other_project", "other_seq"])
+@pytest.mark.parametrize("written_to", ["stream_and_channel", "channel"])
+async def test_a_frame_naming_another_project_or_seq_never_reaches_a_client(
+    gateways, publisher, redis_client, names, written_to
+):
+    """A real event's frame written into project 1's keys (a stream entry and its channel
+    message, or a channel message alone) that names project 2 and project 2's next seq, or
+    project 1 and another seq than the one it is stored under. It was relayed to project 1's
+    subscribers, and a client following projects 1 and 2 on one connection took it as project
+    2's event, then dropped project 2's real event of that seq as a duplicate: garbage in one
+    project's keys corrupted another. Now the gateway refuses it: project 2's events all arrive
+    exactly once, in order; project 1's subscribers get history_corrupt (the entry is in the
+    history) or nothing in its place (a channel message alone), then every later event; no
+    client ever gets the forged frame. Both a raw WebSocket client and the Python consumer."""
+    from consumer import Consumer, Delivery, Resync
+    from publisher import issue_token
+    from schemas.events import BlockerResolved, encode_event, utc_now
+    from schemas.protocol import ResyncReason
+    from tests.support.gateway_client import SECRET, ws_url
+
+    poisoned, victim = 1, 2
+    gateway = await gateways()
+    watcher = await client_for(gateway, [poisoned, victim])
+    for project_id in (poisoned, victim):
+        await watcher.subscribe(project_id)
+    items: dict[int, list] = {poisoned: [], victim: []}
+    token = issue_token(SECRET, [poisoned, victim], ttl=60)
+    consumer = Consumer(ws_url(gateway), token=token, start="beginning")
+    consumed = asyncio.Event()
+
+    async def consume() -> None:
+        async for item in consumer.events(poisoned, victim):
+            items[item.project_id].append(item)
+            consumed.set()
+
+    def at(project_id: int) -> int | None:
+        return items[project_id][-1].seq if items[project_id] else None
+
+    async def consumer_at(victim_seq: int, poisoned_seq: int) -> None:
+        async with asyncio.timeout(10):
+            while (at(victim), at(poisoned)) != (victim_seq, poisoned_seq):
+                consumed.clear()
+                await consumed.wait()
+
+    for project_id in (poisoned, victim):
+        await publish(publisher, project_id, BEFORE)
+    async with consumer:
+        consuming = asyncio.create_task(consume())
+        await watcher.wait_for(lambda: len(watcher.seqs(victim)) == BEFORE)
+        await watcher.wait_for(lambda: len(watcher.seqs(poisoned)) == BEFORE)
+        top = int(redis_client.hget(KEYS.meta(poisoned), "seq"))
+        named, named_seq = (victim, BEFORE + 1) if names == "other_project" else (poisoned, top + 2)
+        forgery = BlockerResolved(
+            project_id=named, blocker_id=999, answer=FORGED, resolved_at=utc_now()
+        )
+        frame = encode_event(forgery)[:-1] + b',"seq":%d}' % named_seq  # as the script does
+        if written_to == "stream_and_channel":
+            redis_client.xadd(KEYS.stream(poisoned), {"f": frame, "t": "0"}, id=f"{top + 1}-0")
+            redis_client.hset(KEYS.meta(poisoned), "seq", top + 1)
+        epoch = epoch_of(redis_client, poisoned).encode()
+        redis_client.publish(KEYS.channel(poisoned), b"%s|%d|0|%s" % (epoch, top + 1, frame))
+        await publish(publisher, victim, 3)
+        await publish(publisher, poisoned, 2)
+        last = int(redis_client.hget(KEYS.meta(poisoned), "seq"))
+        # Both clients at both tops (after a resync, if any)...
+        await watcher.wait_for(
+            lambda: watcher.cursor(victim)[1] == BEFORE + 3 and watcher.cursor(poisoned)[1] == last
+        )
+        await consumer_at(BEFORE + 3, last)
+        await publish(publisher, poisoned, 1)  # ...and what follows is delivered
+        last += 1
+        await watcher.wait_for(lambda: watcher.seqs(poisoned)[-1:] == [last])
+        await consumer_at(BEFORE + 3, last)
+        consuming.cancel()
+
+    # Project 2: every event exactly once, in order, never the forged one, never a resync.
+    assert watcher.events[victim] == list(range(1, BEFORE + 4))
+    assert all(isinstance(i, Delivery) for i in items[victim])
+    assert [i.seq for i in items[victim]] == list(range(1, BEFORE + 4))
+    assert all(i.event.answer != FORGED for i in items[victim])
+    # Project 1: the explicit outcome, then every later event; the forged frame never arrives.
+    assert not any(FORGED in str(m) for m in watcher.messages)
+    assert not any(isinstance(i, Delivery) and FORGED in i.raw.decode() for i in items[poisoned])
+    check_record(watcher.events[poisoned])
+    resyncs = [i for i in items[poisoned] if isinstance(i, Resync)]
+    if written_to == "stream_and_channel":
+        assert watcher.last("resync_required")["reason"] == "history_corrupt"
+        assert [r.reason for r in resyncs] == [ResyncReason.HISTORY_CORRUPT]
+        assert gateway.metrics.foreign_values["stream_entry"] >= 1
+    else:  # a channel message alone is skipped: the next event is the real top + 1
+        assert watcher.events[poisoned] == list(range(1, last + 1))
+        assert resyncs == []
+    check_record([i.seq if isinstance(i, Delivery) else -i.seq - 1 for i in items[poisoned]])
+    assert items[poisoned][-1].seq == last
+    assert gateway.metrics.foreign_values["channel_message"] == 1
+    await watcher.close()
 
 
 # --- meta hashes and key types ---------------------------------------------------------------
@@ -376,12 +491,24 @@ async def test_reading_never_published_projects_leaves_no_permanent_keys(live, r
 
 # --- the history read against anything at all in a project's keys ----------------------------
 
+#: Stands for a frame of ours at the entry's seq, in the project read (1).
+OURS = b"<a frame of ours>"
+
+
+def _stored(n: int, fields: dict) -> dict:
+    ours = b'{"type":"x","project_id":1,"\xc3\xa9":"\\"","seq":%d}' % n
+    return {name: value.replace(OURS, ours) for name, value in fields.items()}
+
+
 stored_entries = st.lists(
     st.tuples(
         st.integers(1, 12),
         st.dictionaries(
             st.sampled_from([b"f", b"t", b"x"]),
-            st.one_of(st.binary(max_size=12), st.sampled_from([b"{}", b'{"a":"\xc3\xa9"}'])),
+            st.one_of(
+                st.binary(max_size=12),
+                st.sampled_from([b"{}", b'{"a":"\xc3\xa9"}', OURS, OURS + b"x", b"x" + OURS]),
+            ),
             min_size=1,
             max_size=3,
         ),
@@ -430,7 +557,7 @@ def test_the_history_read_copes_with_any_stored_values(
         raw.set(stream, b"x")
     else:
         for n in sorted({n for n, _ in entries}):
-            raw.xadd(stream, dict(next(f for m, f in entries if m == n)), id=f"{n}-0")
+            raw.xadd(stream, _stored(n, next(f for m, f in entries if m == n)), id=f"{n}-0")
     raw.close()
 
     async def read():
@@ -455,8 +582,8 @@ def test_the_history_read_copes_with_any_stored_values(
     assert seqs == sorted(set(seqs)) and all(after < s <= result.top for s in seqs)
     if result.corrupt_at is not None:
         assert all(s < result.corrupt_at for s in seqs)
-    for _, frame in result.entries:
-        check_frame(frame, ForeignKind.STREAM_ENTRY)
+    for seq, frame in result.entries:
+        check_frame(frame, ForeignKind.STREAM_ENTRY, 1, seq)
 
 
 async def test_a_resume_inside_the_window_is_exact_even_with_the_stream_key_damaged(

@@ -353,13 +353,14 @@ async def test_a_foreign_frame_with_line_breaks_cannot_inject_sse_fields(
     gateways, publisher, redis_url
 ):
     """Someone else writes the next event into Redis by hand, its JSON full of raw line breaks
-    and SSE field names: the stream still carries it as one event with its own id."""
+    and SSE field names (after its project, before its seq: the gateway's frame check passes it):
+    the stream still carries it as one event with its own id."""
     gateway = await gateways()
     await publish(publisher, 13, 1)
     _, _, stream = await open_stream(_url(gateway), "/v1/projects/13/stream", _auth([13]))
     subscribed = json.loads((await stream.until("subscribed"))[-1].data)
     epoch = subscribed["epoch"]
-    frame = b'{"type":"x",\r\n"project_id":13,\n\nid: evil\nevent: evil\r"seq":2}'
+    frame = b'{"type":"x","project_id":13,\r\n"a":1,\n\nid: evil\nevent: evil\r,"seq":2}'
     keys = Keys()
     client = redis.asyncio.Redis.from_url(redis_url)
     try:
@@ -386,10 +387,11 @@ async def test_a_foreign_frame_with_line_breaks_cannot_inject_sse_fields(
 async def test_a_foreign_frame_cannot_move_another_projects_cursor(
     gateways, publisher, redis_url, frame
 ):
-    """On a stream of several projects, an event's ``id`` comes from the feed it was delivered
-    by, not from the frame's JSON: a frame written into project 15's history by hand that
-    names no project, or project 16, is still project 15's event 2, and both cursors stay
-    exact (a wrong one would make a resume repeat or skip events)."""
+    """On a stream of several projects, a frame written into project 15's history by hand that
+    names no project, or project 16, is foreign (schemas.stored): project 15 gets
+    history_corrupt instead, and both cursors stay exact (a wrong one would make a resume
+    repeat or skip events). An event's ``id`` comes from the feed it was delivered by anyway,
+    never from the frame's JSON."""
     gateway = await gateways(reconcile_interval=0.2)
     await publish(publisher, 15, 1)
     await publish(publisher, 16, 1)
@@ -409,8 +411,10 @@ async def test_a_foreign_frame_cannot_move_another_projects_cursor(
         await client.hset(keys.meta(15), "seq", 2)
     finally:
         await client.aclose()
-    got = await stream.next()
-    assert got.data == frame.decode()
+    got = await stream.next()  # never relayed: the gateway says so, for project 15 alone
+    assert got.event == "resync_required"
+    resync = json.loads(got.data)
+    assert (resync["project_id"], resync["reason"], resync["seq"]) == (15, "history_corrupt", 2)
     assert got.id == f"15={epochs[15]}:2,16={epochs[16]}:1"
     await publish(publisher, 15, 1)
     await publish(publisher, 16, 1)
