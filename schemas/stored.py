@@ -30,7 +30,9 @@ What is checked, and why it is enough (the gateway never decodes an event's JSON
   This is a bytes check (an anchored regex and an ``endswith``: no JSON is decoded), so it
   catches a frame of another project or position (misplaced, copied, restored, written by hand),
   not a frame crafted to fool it (a second ``"project_id"`` key further in, say): whoever can
-  write that can write project 2's keys as well.
+  write that can write project 2's keys as well. The tag must not be a protocol message's
+  (``authenticated``, ``subscribed``...): clients read the type first, and such a frame would
+  act on the connection instead of being an event.
 * a **channel message** is ``<epoch>|<seq>|<unix ms>|<frame>``, the frame of that project and seq
   (:func:`parse_channel_message`).
 * a **stream entry** has the id ``<seq>-0`` and a field ``f`` holding a frame of that project and
@@ -44,9 +46,10 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import NamedTuple, get_args
 
 from schemas.keys import Envelope, MalformedEnvelope, parse_envelope
+from schemas.protocol import ClientMessage, ServerMessage
 
 __all__ = [
     "MAX_FRAME_BYTES",
@@ -71,6 +74,13 @@ _ENTRY_ID_RE = re.compile(rb"^([1-9][0-9]{0,14})-0\Z")
 #: without quotes, as every event type's is: tests/test_stored.py) then ``project_id``. ``match``
 #: anchors it at the start of the frame.
 _HEADER_RE = re.compile(rb'\{"type":"[^"]*","project_id":')
+#: Headers of frames whose type is a protocol message's (``authenticated``, ``subscribed``...):
+#: a client reads the type first, so such a "event" would act on its connection (a forged
+#: ``authenticated`` moves the browser client's token refresh). No event can have one.
+_PROTOCOL_HEADERS = frozenset(
+    b'{"type":"%s","project_id":' % message.__struct_config__.tag.encode()
+    for message in (*get_args(ClientMessage), *get_args(ServerMessage))
+)
 
 
 class ForeignKind(enum.StrEnum):
@@ -115,6 +125,7 @@ def _check_frame(frame: object, kind: ForeignKind, project: bytes, tail: bytes) 
     header = _HEADER_RE.match(frame)
     if (
         header is None
+        or frame[: header.end()] in _PROTOCOL_HEADERS
         or not frame.startswith(project, header.end())
         or not frame.endswith(tail)
         or len(frame) > MAX_FRAME_BYTES
@@ -139,8 +150,11 @@ def _frame_problem(frame: bytes, project: bytes, tail: bytes) -> str:
         frame.decode("utf-8")
     except UnicodeDecodeError:
         return "frame is not valid UTF-8"
-    if _HEADER_RE.match(frame) is None:
+    header = _HEADER_RE.match(frame)
+    if header is None:
         return 'frame does not start with {"type":<tag>,"project_id":'
+    if frame[: header.end()] in _PROTOCOL_HEADERS:
+        return "frame's type is a protocol message's, not an event's"
     if not frame.endswith(tail):
         return f"frame does not end with {tail.decode()}"
     return f"frame does not name project {project[:-1].decode()}"

@@ -377,3 +377,25 @@ def test_every_event_type_encodes_its_tag_then_its_project_first() -> None:
         assert info.tag_field == "type" and isinstance(info.tag, str), event_type
         assert '"' not in info.tag and "\\" not in info.tag, event_type  # encoded as it is
         assert info.fields[0].encode_name == "project_id", event_type
+
+
+@pytest.mark.parametrize("tag", ["authenticated", "subscribed", "resync_required", "error", "pong"])
+def test_a_frame_typed_as_a_protocol_message_is_foreign(tag) -> None:
+    # A client reads the type first: a stored "event" typed `authenticated` would act on the
+    # connection (the browser client's token refresh), not be delivered as an event.
+    frame = b'{"type":"%s","project_id":7,"expires_at":1,"seq":5}' % tag.encode()
+    with pytest.raises(ForeignValue) as info:
+        check_frame(frame, ForeignKind.STREAM_ENTRY, PROJECT, 5)
+    assert "protocol message" in info.value.problem
+
+
+def test_no_event_type_is_named_like_a_protocol_message() -> None:
+    from typing import get_args
+
+    from schemas.events import event_types
+    from schemas.protocol import ClientMessage, ServerMessage
+
+    protocol = {
+        m.__struct_config__.tag for m in (*get_args(ClientMessage), *get_args(ServerMessage))
+    }
+    assert not protocol & {t.__struct_config__.tag for t in event_types()}
