@@ -167,7 +167,7 @@ export interface ConnectOptions {
   pingInterval?: number;
   /** ms to wait for any frame after a ping before reconnecting (default 10000). */
   pongTimeout?: number;
-  /** ms a handshake may take (default 10000). */
+  /** ms a handshake, or the token function, may take (default 10000); longer counts as a failure. */
   connectTimeout?: number;
   /** Upper bound of the random delay of a prompt reconnect (1012, 4008, 4002), ms (default 500). */
   promptDelayMax?: number;

@@ -773,12 +773,24 @@ export class EventBus {
     // Concurrent callers (a poll and a reconnect) share one request to the token endpoint.
     if (!this._tokenPromise) {
       this._tokenPromise = (async () => {
+        // Bounded: a token endpoint that never answers (a proxy holding the request) would
+        // otherwise hold every later connect, stream and poll behind this shared promise.
+        let timer = null;
         try {
-          const value = await source();
+          const value = await Promise.race([
+            Promise.resolve().then(() => source()),
+            new Promise((_, reject) => {
+              timer = this._setTimeout(
+                () => reject(new Error(`eventbus: the token function did not answer within ${this.options.connectTimeout} ms`)),
+                this.options.connectTimeout,
+              );
+            }),
+          ]);
           if (typeof value !== "string" || !value) throw new Error("eventbus: token function returned no token");
           this._token = { value, obtainedAt: this._now() };
           return value;
         } finally {
+          this._clearTimeout(timer);
           this._tokenPromise = null;
         }
       })();

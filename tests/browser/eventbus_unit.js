@@ -1158,3 +1158,28 @@ test("snapshot cursor of another epoch: the bus re-subscribes from it; undefined
   await flush();
   eq(env.events[2], [10], "an invalid cursor is ignored: the gateway's rule applies");
 });
+
+// --- a hostile or buggy gateway, a hung token endpoint, throwing callbacks ------------------------
+
+test("a token function that never answers is abandoned after connectTimeout; the client connects", async () => {
+  let calls = 0;
+  const env = setup({
+    options: {
+      token: () => {
+        calls += 1;
+        if (calls === 1) return new Promise(() => {}); // the token endpoint holds the request
+        const iat = Math.floor(env.clock.now() / 1000);
+        return jwt(iat, iat + 900);
+      },
+    },
+  });
+  await env.clock.advance(9999);
+  eq(env.sockets.length, 0, "still waiting for the token");
+  await env.clock.advance(1);
+  assert(env.errors.some((e) => e.code === "token_failed"), "the hung token request is reported");
+  for (let i = 0; i < 10 && env.sockets.length === 0; i += 1) await env.clock.advance(1000);
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  ws.receive(event(1, 1));
+  await flush();
+  eq(env.events[1], [1]);
+});
