@@ -426,6 +426,17 @@ export function isCursor(value) {
   );
 }
 
+/** Whether `body` is an answer of the polling endpoint (docs/protocol.md, "Polling"): a cursor
+ * (of the resync when there is one) and events that each have a seq. Anything else would move
+ * the cursor somewhere meaningless, or stop polling with a TypeError. */
+function isPollAnswer(body) {
+  if (!body || typeof body !== "object") return false;
+  if (body.resync_required) return isCursor(body.resync_required);
+  if (!isCursor(body)) return false;
+  const events = body.events ?? [];
+  return Array.isArray(events) && events.every((event) => !!event && typeof event === "object" && Number.isSafeInteger(event.seq));
+}
+
 /**
  * One project's members as the gateway announces them (docs/presence.md): `load` a `presence`
  * message's list, `apply` each `presence_diff` (remove `left`, then put `joined` and `changed`).
@@ -1439,6 +1450,7 @@ export class EventBus {
           return response.status === 403; // forbidden is an answer, not a transport failure
         }
         body = await response.json();
+        if (!isPollAnswer(body)) throw new Error("eventbus: the gateway's poll answer is not {epoch, seq, events, resync_required}");
       } catch (error) {
         this._reportError({ code: "poll_failed", message: String(error), projectId: sub.projectId, error });
         return false;
@@ -1458,10 +1470,8 @@ export class EventBus {
         this._runResync(sub);
         return true;
       }
-      const events = Array.isArray(body.events) ? body.events : [];
-      for (const event of events) {
-        if (Number.isSafeInteger(event.seq)) this._onEvent({ ...event, project_id: event.project_id ?? sub.projectId }, "polling");
-      }
+      const events = body.events ?? [];
+      for (const event of events) this._onEvent({ ...event, project_id: event.project_id ?? sub.projectId }, "polling");
       if (!body.more || events.length === 0) return true;
       // Follow `more` only when this page moved the cursor (or what is held back): a held buffer
       // that overflowed while onResync is pending takes nothing more, and asking again would

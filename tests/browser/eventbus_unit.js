@@ -1183,3 +1183,29 @@ test("a token function that never answers is abandoned after connectTimeout; the
   await flush();
   eq(env.events[1], [1]);
 });
+
+test("polling: an answer that is not a poll answer is reported and polling carries on", async () => {
+  const env = setup({ autoFailSockets: true });
+  const history = [1, 2];
+  pollServer(env, history);
+  await env.clock.advance(0);
+  eq(env.bus.cursor(1), { epoch: "p", seq: 2 });
+  const garbage = [
+    null,
+    42,
+    { events: [null, 5] },
+    { epoch: "p", seq: 2, events: [], resync_required: { epoch: null } },
+    { epoch: "p", seq: 2, events: [], resync_required: { epoch: "q", seq: "9" } },
+  ];
+  for (const body of garbage) {
+    env.poll = () => ({ status: 200, body });
+    await env.clock.advance(10000);
+    eq(env.bus.cursor(1), { epoch: "p", seq: 2 }, `cursor untouched by ${JSON.stringify(body)}`);
+  }
+  assert(env.errors.filter((e) => e.code === "poll_failed").length >= garbage.length, "each is reported");
+  eq(env.resyncs, [1], "garbage never asks the application to reload");
+  pollServer(env, history);
+  history.push(3);
+  await env.clock.advance(10000);
+  eq(env.events[1], [3], "polling still works");
+});
