@@ -1471,7 +1471,11 @@ export class EventBus {
         return true;
       }
       const events = body.events ?? [];
-      for (const event of events) this._onEvent({ ...event, project_id: event.project_id ?? sub.projectId }, "polling");
+      for (const event of events) {
+        // This project's answer speaks for this project only: another one's seq would move (and
+        // later dedupe away) that project's real events.
+        if ((event.project_id ?? sub.projectId) === sub.projectId) this._onEvent({ ...event, project_id: sub.projectId }, "polling");
+      }
       if (!body.more || events.length === 0) return true;
       // Follow `more` only when this page moved the cursor (or what is held back): a held buffer
       // that overflowed while onResync is pending takes nothing more, and asking again would

@@ -1209,3 +1209,24 @@ test("polling: an answer that is not a poll answer is reported and polling carri
   await env.clock.advance(10000);
   eq(env.events[1], [3], "polling still works");
 });
+
+test("polling: events of another project in a project's answer are ignored", async () => {
+  const env = setup({ autoFailSockets: true, subscribe: [1, 2] });
+  const history = [1, 2];
+  pollServer(env, history);
+  const serve = env.poll;
+  env.poll = (url) => {
+    const reply = serve(url);
+    if (url.includes("/projects/2/")) return { status: 200, body: { ...reply.body, project_id: 2, seq: 2, events: [], more: false } };
+    // A buggy gateway slips project 2's "event 3" into project 1's answer.
+    if (new URL(url).searchParams.has("after")) reply.body.events = [...reply.body.events, event(2, 3)];
+    return reply;
+  };
+  await env.clock.advance(0);
+  eq([env.bus.cursor(1), env.bus.cursor(2)], [{ epoch: "p", seq: 2 }, { epoch: "p", seq: 2 }]);
+  history.push(3);
+  await env.clock.advance(10000);
+  eq(env.events[1], [3]);
+  eq(env.events[2], [], "project 2 gets only what project 2's polls answer");
+  eq(env.bus.cursor(2), { epoch: "p", seq: 2 });
+});
