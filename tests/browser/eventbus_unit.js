@@ -1230,3 +1230,20 @@ test("polling: events of another project in a project's answer are ignored", asy
   eq(env.events[2], [], "project 2 gets only what project 2's polls answer");
   eq(env.bus.cursor(2), { epoch: "p", seq: 2 });
 });
+
+test("polling: a gateway that keeps answering with a gap is not polled in a busy loop", async () => {
+  const env = setup({ autoFailSockets: true });
+  pollServer(env, [1, 2]);
+  await env.clock.advance(0);
+  eq(env.bus.cursor(1), { epoch: "p", seq: 2 });
+  const before = env.requests.length;
+  env.poll = () => {
+    if (env.requests.length - before > 20) return new Promise(() => {}); // stop a runaway loop
+    return { status: 200, body: { project_id: 1, epoch: "p", seq: 9, events: [event(1, 5)], resync_required: null, more: false } };
+  };
+  await env.clock.advance(10000);
+  eq(env.requests.length - before, 1, "one poll per interval");
+  await env.clock.advance(10000);
+  eq(env.requests.length - before, 2);
+  eq(env.events[1], [], "the gap is never skipped");
+});
