@@ -965,7 +965,7 @@ export class EventBus {
 
   _onSubscribed(message) {
     const sub = this._subs.get(message.project_id);
-    if (!sub) return;
+    if (!sub || !this._hasCursor(sub, message)) return;
     this._clearTimeout(sub.retryTimer);
     sub.retry = 0;
     if (this._wsLive) {
@@ -979,9 +979,18 @@ export class EventBus {
 
   _onResyncRequired(message) {
     const sub = this._subs.get(message.project_id);
-    if (!sub) return;
+    if (!sub || !this._hasCursor(sub, message)) return;
     sub.cursor.beginResync(message.epoch, message.seq);
     this._runResync(sub);
+  }
+
+  /** `subscribed` and `resync_required` carry the cursor to continue from; one without a valid
+   * {epoch, seq} would leave the project's cursor unknown (every later event held, never
+   * delivered) or nonsensical: it is reported and ignored. */
+  _hasCursor(sub, message) {
+    if (isCursor(message)) return true;
+    this._reportError({ code: "invalid_frame", message: `gateway sent ${message.type} without a valid {epoch, seq}`, projectId: sub.projectId });
+    return false;
   }
 
   _onGatewayError(message) {

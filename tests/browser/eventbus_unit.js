@@ -1247,3 +1247,20 @@ test("polling: a gateway that keeps answering with a gap is not polled in a busy
   eq(env.requests.length - before, 2);
   eq(env.events[1], [], "the gap is never skipped");
 });
+
+test("WebSocket: subscribed and resync_required without a valid cursor are ignored, never silence", async () => {
+  const env = setup();
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  ws.receive(event(1, 1));
+  await flush();
+  ws.receive({ type: "resync_required", project_id: 1, reason: "epoch_changed" }); // no epoch, no seq
+  ws.receive({ type: "resync_required", project_id: 1, reason: "epoch_changed", epoch: "f", seq: -3 });
+  ws.receive({ type: "subscribed", project_id: 1, epoch: 7, seq: "top", resumed: false, replayed: 0 });
+  await flush();
+  eq(env.bus.cursor(1), { epoch: "e", seq: 1 }, "cursor untouched");
+  eq(env.resyncs, [1], "no reload on garbage");
+  assert(env.errors.filter((e) => e.code === "invalid_frame").length === 3, "each is reported");
+  ws.receive(event(1, 2));
+  await flush();
+  eq(env.events[1], [1, 2], "events go on");
+});
