@@ -319,7 +319,9 @@ export class ProjectCursor {
 
   /**
    * The gateway's `subscribed`. Returns true when the application must reload its state: first
-   * subscribe, or a resume the gateway did not honour without saying resync_required first.
+   * subscribe, or a resume the gateway did not honour without saying resync_required first
+   * (not `resumed`, another epoch, or a top behind the cursor: the events up to the cursor of
+   * that history would otherwise be dropped as duplicates of the ones already applied).
    */
   onSubscribed({ epoch, seq, resumed }) {
     if (!this.known) {
@@ -327,7 +329,7 @@ export class ProjectCursor {
       return true;
     }
     if (this.resyncSinceSubscribe) return false; // resync_required came first and was handled
-    if (!resumed || epoch !== this.epoch) {
+    if (resumed !== true || epoch !== this.epoch || seq < this.seq) {
       this.beginResync(epoch, seq);
       return true;
     }
@@ -1239,6 +1241,9 @@ export class EventBus {
     try {
       watch();
       const presence = Array.from(this._subs.values()).some((sub) => sub.presenceHandlers.size > 0);
+      // A new stream is a new resume of every project: its `subscribed` is judged afresh, as
+      // after a WebSocket subscribe (an earlier reload must not excuse an unhonoured resume).
+      for (const sub of this._subs.values()) sub.cursor.resyncSinceSubscribe = false;
       const { path, lastEventId } = sseRequest(
         Array.from(this._subs, ([projectId]) => [projectId, this.cursor(projectId)]),
         { presence },

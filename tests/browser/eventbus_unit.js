@@ -883,7 +883,7 @@ test("sse: a stream closed with 1012 is reopened at once with Last-Event-ID; a b
   await env.clock.advance(500);
   eq(env.streams.length, 2, "reopened within the prompt delay");
   eq(env.streams[1].headers["Last-Event-ID"], "e:1");
-  const second = await sseLive(env, { 1: { epoch: "e", seq: 1 } });
+  const second = await sseLive(env, { 1: { epoch: "e", seq: 1, resumed: true } });
   second.event(null, event(1, 1), "e:1"); // a replayed duplicate is dropped
   second.event(null, event(1, 2), "e:2");
   await flush();
@@ -926,8 +926,9 @@ test("SSE refused too: polling, SSE retried, then back up to WebSocket", async (
   eq(env.bus.cursor(1), { epoch: "p", seq: 2 });
   sseServer(env);
   for (let i = 0; i < 40 && env.open.length === 0; i += 1) await env.clock.advance(1000);
-  const stream = await sseLive(env, { 1: { epoch: "p", seq: 2 } });
+  const stream = await sseLive(env, { 1: { epoch: "p", seq: 2, resumed: true } });
   eq(env.open[0].request.headers["Last-Event-ID"], "p:2", "SSE resumes from the polled cursor");
+  eq(env.resyncs, [1], "a resume the gateway honoured needs no reload");
   eq(env.bus.transport, "sse");
   const polls = env.requests.length;
   stream.event(null, event(1, 3), "p:3");
@@ -1263,4 +1264,40 @@ test("WebSocket: subscribed and resync_required without a valid cursor are ignor
   ws.receive(event(1, 2));
   await flush();
   eq(env.events[1], [1, 2], "events go on");
+});
+
+test("WebSocket: a resumed subscribed whose top is behind the cursor reloads instead of dropping events", async () => {
+  const env = setup();
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  for (const seq of [1, 2, 3, 4, 5]) ws.receive(event(1, seq));
+  await flush();
+  ws.serverClose(1012);
+  await env.clock.advance(500);
+  const next = await goLive(env);
+  eq(next.sentOf("subscribe")[0], { type: "subscribe", project_id: 1, epoch: "e", after: 5 });
+  // The history went back to seq 2 in the same epoch but the gateway says "resumed": events 3..5
+  // of the new history would be dropped as duplicates of the old ones.
+  next.receive({ type: "subscribed", project_id: 1, epoch: "e", seq: 2, resumed: true, replayed: 0 });
+  await flush();
+  eq(env.resyncs, [1, 1], "the application reloads");
+  eq(env.bus.cursor(1), { epoch: "e", seq: 2 });
+  next.receive(event(1, 3));
+  await flush();
+  eq(env.events[1], [1, 2, 3, 4, 5, 3]);
+});
+
+test("sse: the subscribed of a reopened stream is judged like a WebSocket resume, even after an earlier reload", async () => {
+  const env = setup({ autoFailSockets: true });
+  sseServer(env);
+  await env.clock.advance(0);
+  const first = await sseLive(env, { 1: { epoch: "e", seq: 0 } });
+  for (const seq of [1, 2, 3]) first.event(null, event(1, seq), `e:${seq}`);
+  first.event("close", { type: "close", code: 1012, reason: "server restarting" });
+  first.end();
+  await env.clock.advance(500);
+  eq(env.streams[env.streams.length - 1].headers["Last-Event-ID"], "e:3");
+  // Not resumed, and no resync_required first: the application must reload.
+  await sseLive(env, { 1: { epoch: "e2", seq: 7, resumed: false } });
+  eq(env.resyncs, [1, 1], "the reload the first subscribe needed does not hide this one");
+  eq(env.bus.cursor(1), { epoch: "e2", seq: 7 });
 });
