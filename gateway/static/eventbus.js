@@ -469,6 +469,17 @@ export class PresenceTable {
   }
 }
 
+/** The message of a thrown value for onError. Never throws itself: String() of an object without
+ * a prototype does, and it would escape the catch block that reports it (stopping delivery to the
+ * other handlers with the cursor already past the event, or a reload loop for good). */
+function describe(error) {
+  try {
+    return String(error);
+  } catch {
+    return "a thrown value that cannot be converted to a string";
+  }
+}
+
 function checkItemId(value, name) {
   if (value === undefined || value === null) return null;
   if (!Number.isSafeInteger(value) || value <= 0) throw new TypeError(`eventbus: ${name} must be a positive integer or null`);
@@ -725,7 +736,7 @@ export class EventBus {
     try {
       handler(members, change);
     } catch (error) {
-      this._reportError({ code: "handler_failed", message: String(error), projectId: sub.projectId, error });
+      this._reportError({ code: "handler_failed", message: describe(error), projectId: sub.projectId, error });
     }
   }
 
@@ -834,7 +845,7 @@ export class EventBus {
       const token = await this._getToken(true);
       if (ws === this._ws && this._wsLive) this._send({ type: "auth", token }); // answered by `authenticated`
     } catch (error) {
-      this._reportError({ code: "token_refresh_failed", message: String(error), error });
+      this._reportError({ code: "token_refresh_failed", message: describe(error), error });
       // Retry soon; if the token expires meanwhile the gateway closes with 4002 and we reconnect.
       this._refreshTimer = this._setTimeout(() => this._refreshToken(attempt + 1), backoffDelay(attempt, { max: 10000 }, this._random));
     }
@@ -864,7 +875,7 @@ export class EventBus {
       try {
         token = await this._getToken(true);
       } catch (error) {
-        this._reportError({ code: "token_failed", message: String(error), error });
+        this._reportError({ code: "token_failed", message: describe(error), error });
         if (this._ws === attemptMarker) this._ws = null;
         this._afterFailure(CloseCode.ABNORMAL);
         return;
@@ -876,7 +887,7 @@ export class EventBus {
       ws = new this._WebSocket(this.url);
     } catch (error) {
       // A malformed URL or a Content-Security-Policy that forbids it: like a blocked WebSocket.
-      this._reportError({ code: "websocket_failed", message: String(error), error });
+      this._reportError({ code: "websocket_failed", message: describe(error), error });
       this._ws = null;
       this._afterFailure(CloseCode.ABNORMAL);
       return;
@@ -1106,7 +1117,7 @@ export class EventBus {
           handler(event);
         } catch (error) {
           // One failing handler must not break ordering or the other handlers.
-          this._reportError({ code: "handler_failed", message: String(error), projectId: sub.projectId, error });
+          this._reportError({ code: "handler_failed", message: describe(error), projectId: sub.projectId, error });
         }
       }
     }
@@ -1134,7 +1145,7 @@ export class EventBus {
           if (this.options.onResync) snapshot = await this.options.onResync(sub.projectId);
         } catch (error) {
           ok = false;
-          this._reportError({ code: "resync_failed", message: String(error), projectId: sub.projectId, error });
+          this._reportError({ code: "resync_failed", message: describe(error), projectId: sub.projectId, error });
         }
         if (this._closed || this._subs.get(sub.projectId) !== sub) return;
         if (!ok) {
@@ -1285,7 +1296,7 @@ export class EventBus {
         }
       }
     } catch (error) {
-      if (this._sse === attempt && !attempt.reopen) this._reportError({ code: "sse_failed", message: String(error), error });
+      if (this._sse === attempt && !attempt.reopen) this._reportError({ code: "sse_failed", message: describe(error), error });
     } finally {
       this._clearTimeout(idle);
       this._sseEnded(attempt);
@@ -1468,7 +1479,7 @@ export class EventBus {
         body = await response.json();
         if (!isPollAnswer(body)) throw new Error("eventbus: the gateway's poll answer is not {epoch, seq, events, resync_required}");
       } catch (error) {
-        this._reportError({ code: "poll_failed", message: String(error), projectId: sub.projectId, error });
+        this._reportError({ code: "poll_failed", message: describe(error), projectId: sub.projectId, error });
         return false;
       } finally {
         if (deadline !== null) this._clearTimeout(deadline);
@@ -1524,7 +1535,7 @@ export class EventBus {
         // WebSocket): the third argument is the status, {state, transport}.
         this.options.onStateChange(next, previous, { state: next, transport });
       } catch (error) {
-        this._reportError({ code: "handler_failed", message: String(error), error });
+        this._reportError({ code: "handler_failed", message: describe(error), error });
       }
     }
   }

@@ -1301,3 +1301,48 @@ test("sse: the subscribed of a reopened stream is judged like a WebSocket resume
   eq(env.resyncs, [1, 1], "the reload the first subscribe needed does not hide this one");
   eq(env.bus.cursor(1), { epoch: "e2", seq: 7 });
 });
+
+test("a handler, onResync or the token function throwing a value that cannot be printed breaks nothing", async () => {
+  const env = setup();
+  const second = [];
+  env.bus.subscribe(1, (e) => {
+    if (e.seq === 1) throw Object.create(null); // String() of it throws
+  });
+  env.bus.subscribe(1, (e) => second.push(e.seq));
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  ws.receive(event(1, 1));
+  ws.receive(event(1, 2));
+  await flush();
+  eq(second, [1, 2], "the other handler gets every event");
+  eq(env.events[1], [1, 2]);
+  assert(env.errors.some((e) => e.code === "handler_failed"));
+  let fail = true;
+  const other = setup({
+    options: {
+      onResync: async () => {
+        if (fail) {
+          fail = false;
+          throw Object.create(null);
+        }
+      },
+    },
+  });
+  const ws2 = await goLive(other, { 1: { epoch: "e", seq: 0 } });
+  ws2.receive(event(1, 1));
+  await other.clock.advance(1000);
+  eq(other.events[1], [1], "the reload is retried and the held event delivered");
+  let first = true;
+  const third = setup({
+    options: {
+      token: async () => {
+        if (first) {
+          first = false;
+          throw Object.create(null);
+        }
+        return jwt(0, 900);
+      },
+    },
+  });
+  for (let i = 0; i < 5 && third.sockets.length === 0; i += 1) await third.clock.advance(1000);
+  assert(third.sockets.length > 0, "a token function that failed so is asked again");
+});
