@@ -161,7 +161,7 @@ export interface ConnectOptions {
   websocket?: boolean;
   /** false: no SSE; polling is the only fallback (default true). */
   sse?: boolean;
-  /** ms of silence (not even a keepalive comment) before an SSE stream is reopened (45000). */
+  /** ms without a completed line (not even a keepalive comment) before an SSE stream is reopened (45000). */
   sseIdleTimeout?: number;
   /** ms of silence before an application ping (default 25000). */
   pingInterval?: number;
@@ -323,7 +323,12 @@ export interface SseEvent {
 /** The event-stream parser: feed decoded text as it arrives, get the completed events. */
 export declare class SseParser {
   lastId: string | null;
+  /** Lines completed so far (a keepalive comment is one). */
+  lines: number;
+  /** Throws when the event being read grows past MAX_EVENT_LENGTH characters. */
   feed(text: string): SseEvent[];
+  /** The longest event (data plus the line not ended yet) accepted, in characters (4 Mi). */
+  static MAX_EVENT_LENGTH: number;
 }
 
 /** The SSE request path and Last-Event-ID for these projects and their cursors. */

@@ -191,34 +191,52 @@ export function refreshDelay({ iat, exp, expiresAt, obtainedAt, now }) {
  */
 export class SseParser {
   constructor() {
-    this.buffer = "";
+    this.pending = []; // the pieces of a line not ended yet
+    this.pendingLength = 0;
     this.data = [];
+    this.dataLength = 0;
     this.event = "";
     this.lastId = null;
     this.skipLf = false;
+    this.lines = 0; // lines completed so far: a stream's sign of life (a keepalive is one)
   }
 
+  /** Throws when the event being read (its data and the line not ended yet) grows past
+   * SseParser.MAX_EVENT_LENGTH characters: a stream that never ends a line or an event must not
+   * hold memory without bound. Each chunk is scanned once, however it splits lines. */
   feed(text) {
     const events = [];
-    let buffer = this.buffer + text;
     let start = 0;
     for (;;) {
-      if (this.skipLf && start < buffer.length) {
-        if (buffer[start] === "\n") start += 1;
+      if (this.skipLf && start < text.length) {
+        if (text[start] === "\n") start += 1;
         this.skipLf = false;
       }
-      let end = start;
-      while (end < buffer.length && buffer[end] !== "\n" && buffer[end] !== "\r") end += 1;
-      if (end >= buffer.length) break;
-      const line = buffer.slice(start, end);
-      if (buffer[end] === "\r") {
-        if (end + 1 >= buffer.length) this.skipLf = true;
-        else if (buffer[end + 1] === "\n") end += 1;
+      LINE_END.lastIndex = start;
+      const match = LINE_END.exec(text);
+      if (match === null) break;
+      let end = match.index;
+      let line = text.slice(start, end);
+      if (this.pending.length) {
+        line = this.pending.join("") + line;
+        this.pending = [];
+        this.pendingLength = 0;
+      }
+      if (text[end] === "\r") {
+        if (end + 1 >= text.length) this.skipLf = true;
+        else if (text[end + 1] === "\n") end += 1;
       }
       start = end + 1;
+      this.lines += 1;
       this._line(line, events);
     }
-    this.buffer = buffer.slice(start);
+    if (start < text.length) {
+      this.pending.push(text.slice(start));
+      this.pendingLength += text.length - start;
+    }
+    if (this.pendingLength + this.dataLength > SseParser.MAX_EVENT_LENGTH) {
+      throw new Error(`eventbus: an SSE event longer than ${SseParser.MAX_EVENT_LENGTH} characters`);
+    }
     return events;
   }
 
@@ -226,6 +244,7 @@ export class SseParser {
     if (line === "") {
       if (this.data.length) events.push({ event: this.event || "message", data: this.data.join("\n"), id: this.lastId });
       this.data = [];
+      this.dataLength = 0;
       this.event = "";
       return;
     }
@@ -234,11 +253,20 @@ export class SseParser {
     const name = colon < 0 ? line : line.slice(0, colon);
     let value = colon < 0 ? "" : line.slice(colon + 1);
     if (value[0] === " ") value = value.slice(1);
-    if (name === "data") this.data.push(value);
+    if (name === "data") {
+      this.data.push(value);
+      this.dataLength += value.length + 1;
+    }
     else if (name === "event") this.event = value;
     else if (name === "id" && !value.includes("\0")) this.lastId = value;
   }
 }
+
+const LINE_END = /[\r\n]/g;
+
+/** The longest SSE event accepted, in characters: an event frame is at most 1 MiB
+ * (schemas/stored.py), a presence list of 1,000 members far less. */
+SseParser.MAX_EVENT_LENGTH = 4 * 1024 * 1024;
 
 /**
  * The SSE request for `cursors` ([[projectId, {epoch, seq} | null], ...]): its path and its
@@ -1289,8 +1317,12 @@ export class EventBus {
       for (;;) {
         const { done, value } = await reader.read();
         if (done || this._sse !== attempt) break;
-        watch();
-        for (const item of parser.feed(decoder.decode(value, { stream: true }))) {
+        const lines = parser.lines;
+        const items = parser.feed(decoder.decode(value, { stream: true }));
+        // Alive when lines arrive (a keepalive comment is one), not bytes: a stream trickling
+        // the bytes of a line that never ends delivers nothing and must not look alive.
+        if (parser.lines !== lines) watch();
+        for (const item of items) {
           if (this._sse !== attempt) break;
           this._onSseEvent(attempt, item);
         }
@@ -1299,6 +1331,7 @@ export class EventBus {
       if (this._sse === attempt && !attempt.reopen) this._reportError({ code: "sse_failed", message: describe(error), error });
     } finally {
       this._clearTimeout(idle);
+      attempt.controller.abort(); // a stream given up on (e.g. an event too long) is closed too
       this._sseEnded(attempt);
     }
   }

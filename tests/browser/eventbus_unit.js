@@ -1346,3 +1346,46 @@ test("a handler, onResync or the token function throwing a value that cannot be 
   for (let i = 0; i < 5 && third.sockets.length === 0; i += 1) await third.clock.advance(1000);
   assert(third.sockets.length > 0, "a token function that failed so is asked again");
 });
+
+test("sse: a line that never ends is bounded; a stream that trickles bytes of it is not kept alive", async () => {
+  const bound = eb.SseParser.MAX_EVENT_LENGTH;
+  eb.SseParser.MAX_EVENT_LENGTH = 1000;
+  try {
+    const parser = new eb.SseParser();
+    let threw = false;
+    try {
+      for (let i = 0; i < 20; i += 1) parser.feed("data: " + "x".repeat(100));
+    } catch {
+      threw = true;
+    }
+    assert(threw, "a pending event over the bound is refused");
+    const many = new eb.SseParser();
+    threw = false;
+    try {
+      for (let i = 0; i < 20; i += 1) many.feed("data: " + "x".repeat(100) + "\n"); // no blank line
+    } catch {
+      threw = true;
+    }
+    assert(threw, "data lines that never end the event are bounded too");
+    const env = setup({ autoFailSockets: true });
+    sseServer(env);
+    await env.clock.advance(0);
+    const stream = await sseLive(env, { 1: { epoch: "e", seq: 0 } });
+    stream.send("data: ");
+    for (let i = 0; i < 3; i += 1) {
+      await env.clock.advance(30000);
+      if (!stream.closed) stream.send("x"); // a byte every 30 s, never a line
+    }
+    assert(stream.closed, "dropped: no line for sseIdleTimeout");
+    const env2 = setup({ autoFailSockets: true });
+    sseServer(env2);
+    await env2.clock.advance(0);
+    const fat = await sseLive(env2, { 1: { epoch: "e", seq: 0 } });
+    fat.send("data: " + "x".repeat(2000));
+    await env2.clock.advance(0);
+    assert(fat.closed, "a stream sending an endless line is dropped");
+    assert(env2.errors.some((e) => e.code === "sse_failed"));
+  } finally {
+    eb.SseParser.MAX_EVENT_LENGTH = bound;
+  }
+});
