@@ -1140,6 +1140,8 @@ export class EventBus {
 
   _deliver(sub, events) {
     for (const event of events) {
+      // A handler may have closed the bus or dropped the project: nothing more of this batch.
+      if (this._closed || this._subs.get(sub.projectId) !== sub) return;
       for (const handler of Array.from(sub.handlers)) {
         try {
           handler(event);

@@ -1389,3 +1389,20 @@ test("sse: a line that never ends is bounded; a stream that trickles bytes of it
     eb.SseParser.MAX_EVENT_LENGTH = bound;
   }
 });
+
+test("close() inside a handler stops the rest of a held batch", async () => {
+  const env = setup({ subscribe: [] });
+  const seen = [];
+  env.bus.subscribe(1, (e) => {
+    seen.push(e.seq);
+    if (e.seq === 2) env.bus.close();
+  });
+  let release;
+  env.resyncGate = new Promise((resolve) => (release = resolve));
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  for (const seq of [1, 2, 3, 4]) ws.receive(event(1, seq));
+  await flush();
+  release();
+  await flush();
+  eq(seen, [1, 2], "no event after close()");
+});
