@@ -7,11 +7,14 @@ Inside a guest the benchmark is root of its own kernel and raises the limit itse
 How: QEMU boots Debian's kernel with a small initramfs (busybox) that mounts *this host's* root
 file system over 9p (so the guest runs this checkout, its ``.venv`` and ``redis-server`` as they
 are here), gives the guest its own ``/tmp``, then runs the command and powers off. Results the
-command writes under the checkout land on the host. KVM is used when it works (``--accel kvm``);
-otherwise QEMU emulates the CPU (TCG), which is what this repository's 100,000-connection
-figures were measured with: **memory per connection and correctness are the guest's own, but
-times are the emulator's** (10-15x slower than the host); docs/benchmarks.md compares them only
-with runs at other sizes in the same guest.
+command writes under the checkout land on the host. ``--accel kvm`` uses KVM where the host
+offers it for a normal kernel (not here: this host's KVM is ``kvm_pvm``, which boots only
+PVM-built kernels; a normal one stops at "Booting from ROM"); by default QEMU emulates the CPU
+(TCG), which is what this repository's 100,000-connection figures were measured with: **memory
+per connection and correctness are the guest's own, but times are the emulator's** (10-20x
+slower than the host); docs/benchmarks.md compares them only with runs at other sizes in the
+same guest. At 100,000 connections give the gateway ``--ping-interval=600``
+(``--gateway-arg``): an emulated CPU cannot keep up with 5,000 pings a second.
 
     python -m bench.vm -- .venv/bin/python -m bench.density --clients 100000 --json out.json
     python -m bench.vm --memory 14G --cpus 2 -- sh -c 'uname -a; ulimit -Hn'
