@@ -16,7 +16,8 @@ slower than the host); docs/benchmarks.md compares them only with runs at other 
 same guest. At 100,000 connections give the gateway ``--ping-interval=600``
 (``--gateway-arg``): an emulated CPU cannot keep up with 5,000 pings a second.
 
-    python -m bench.vm -- .venv/bin/python -m bench.density --clients 100000 --json out.json
+    python -m bench.vm -- .venv/bin/python -m bench.density --clients 100000 \
+        --idle-seconds 0 --gateway-arg=--ping-interval=600 --json out.json
     python -m bench.vm --memory 14G --cpus 2 -- sh -c 'uname -a; ulimit -Hn'
 
 Needs root (apt): installs ``qemu-system-x86`` if missing, and downloads the pinned kernel and
