@@ -138,8 +138,10 @@ class ProjectState:
             return SubscribedOutcome()
         if self.resync_seen:
             return SubscribedOutcome()  # resync_required came first and was surfaced
-        if not resumed or epoch != self.cursor.epoch:
-            # The gateway always says resync_required first; never trust silence, though.
+        if not resumed or epoch != self.cursor.epoch or seq < self.cursor.seq:
+            # The gateway always says resync_required first; never trust silence, though. A top
+            # behind the cursor in its epoch (history lost) would otherwise have every event up
+            # to the cursor dropped as a duplicate.
             reason = (
                 ResyncReason.EPOCH_CHANGED
                 if epoch != self.cursor.epoch

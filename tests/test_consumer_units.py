@@ -121,6 +121,17 @@ def test_a_replay_that_stops_short_twice_at_the_same_cursor_is_surfaced_not_retr
     assert state.on_subscribed(EPOCH, 9, resumed=True) == SubscribedOutcome(resubscribe=True)
 
 
+def test_a_resumed_subscribed_behind_the_cursor_is_surfaced_as_history_lost():
+    # A gateway that says resumed but whose top is behind our cursor, in the same epoch (its
+    # history lost events we got), without the resync_required it always sends first: the
+    # consumer kept its cursor and dropped the new events up to it as duplicates, silently.
+    state = live_state(10)
+    state.subscribe_message()
+    outcome = state.on_subscribed(EPOCH, 7, resumed=True)
+    assert outcome.resync == Resync(1, ResyncReason.HISTORY_LOST, EPOCH, 7)
+    assert state.cursor == Cursor(EPOCH, 7) and state.on_event(8) is Verdict.DELIVER
+
+
 def test_resync_moves_the_cursor_and_the_following_subscribed_is_not_a_second_resync():
     state = live_state(5)
     state.subscribe_message()
