@@ -538,6 +538,7 @@ class Subscription {
     this.cursor = new ProjectCursor();
     this.resyncRunning = false;
     this.retryTimer = null;
+    this.resyncWait = null; // {timer, resolve}: a failed onResync waiting to be called again
     this.wsSubscribed = false; // `subscribed` received on the current WebSocket
     this.staleSnapshots = 0; // snapshot cursors in a row of another epoch than the gateway's
   }
@@ -656,9 +657,21 @@ export class EventBus {
   _dropIfIdle(sub) {
     if (!sub.idle || this._subs.get(sub.projectId) !== sub) return;
     this._subs.delete(sub.projectId);
-    this._clearTimeout(sub.retryTimer);
+    this._clearTimers(sub);
     if (this._wsLive) this._send({ type: "unsubscribe", project_id: sub.projectId });
     else if (this._sse) this._reopenSse();
+  }
+
+  /** A project is dropped (or the bus closed): none of its timers may stay pending. */
+  _clearTimers(sub) {
+    this._clearTimeout(sub.retryTimer);
+    sub.retryTimer = null;
+    const wait = sub.resyncWait;
+    sub.resyncWait = null;
+    if (wait) {
+      this._clearTimeout(wait.timer);
+      wait.resolve(); // the reload loop sees the project gone and ends
+    }
   }
 
   _subscribeMessage(sub) {
@@ -789,7 +802,7 @@ export class EventBus {
   close() {
     if (this._closed) return;
     this._closed = true;
-    for (const sub of this._subs.values()) this._clearTimeout(sub.retryTimer);
+    for (const sub of this._subs.values()) this._clearTimers(sub);
     this._subs.clear();
     this._stopPolling();
     this._stopSse();
@@ -1180,7 +1193,11 @@ export class EventBus {
         if (this._closed || this._subs.get(sub.projectId) !== sub) return;
         if (!ok) {
           // The application's API failed: keep buffering and try again; never go on with stale state.
-          await new Promise((resolve) => this._setTimeout(resolve, backoff.next()));
+          // The wait is the subscription's, so close() (and dropping the project) ends it at once.
+          await new Promise((resolve) => {
+            sub.resyncWait = { resolve, timer: this._setTimeout(resolve, backoff.next()) };
+          });
+          sub.resyncWait = null;
           if (this._closed || this._subs.get(sub.projectId) !== sub) return;
           continue;
         }

@@ -1406,3 +1406,27 @@ test("close() inside a handler stops the rest of a held batch", async () => {
   await flush();
   eq(seen, [1, 2], "no event after close()");
 });
+
+test("close() while a failing onResync waits to retry leaves no timer behind", async () => {
+  const env = setup();
+  env.resyncFailures = 100;
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  ws.receive(event(1, 1));
+  await env.clock.advance(1000);
+  eq(env.resyncs.length, 2, "retried once, now waiting 2 s for the next try");
+  env.bus.close();
+  await flush();
+  eq(Array.from(env.clock.timers.values()).map((t) => t.at - env.clock.now()), [], "no timer pending after close()");
+  await env.clock.advance(60000);
+  eq(env.resyncs.length, 2, "onResync is not called after close()");
+  // Dropping the project's last handler ends the wait too.
+  const other = setup();
+  other.resyncFailures = 100;
+  await goLive(other, { 1: { epoch: "e", seq: 0 } });
+  await flush();
+  const waits = () => Array.from(other.clock.timers.values()).filter((t) => t.at - other.clock.now() === 1000).length;
+  eq(waits(), 1, "the first retry waits 1 s");
+  other.unsubscribe[1]();
+  await flush();
+  eq(waits(), 0, "the retry wait is cleared");
+});
