@@ -467,6 +467,25 @@ function isPollAnswer(body) {
   return Array.isArray(events) && events.every((event) => !!event && typeof event === "object" && Number.isSafeInteger(event.seq));
 }
 
+function isMember(value) {
+  return !!value && typeof value === "object" && typeof value.id === "string";
+}
+
+/** Whether `message` is a well-formed `presence` (members: an array of {id: string, ...}) or
+ * `presence_diff` (joined and changed: such arrays; left: an array of ids). */
+function isPresenceMessage(message) {
+  if (message.type === "presence") return Array.isArray(message.members) && message.members.every(isMember);
+  const { joined, left, changed } = message;
+  return (
+    Array.isArray(joined) &&
+    joined.every(isMember) &&
+    Array.isArray(changed) &&
+    changed.every(isMember) &&
+    Array.isArray(left) &&
+    left.every((id) => typeof id === "string")
+  );
+}
+
 /**
  * One project's members as the gateway announces them (docs/presence.md): `load` a `presence`
  * message's list, `apply` each `presence_diff` (remove `left`, then put `joined` and `changed`).
@@ -478,7 +497,7 @@ export class PresenceTable {
 
   load(members) {
     this.members = new Map();
-    for (const member of members || []) if (member && typeof member.id === "string") this.members.set(member.id, member);
+    for (const member of Array.isArray(members) ? members : []) if (member && typeof member.id === "string") this.members.set(member.id, member);
   }
 
   /** Apply a diff; returns the change {joined, left, changed}. */
@@ -759,6 +778,11 @@ export class EventBus {
   _onPresence(message) {
     const sub = this._subs.get(message.project_id);
     if (!sub || sub.presenceHandlers.size === 0) return;
+    if (!isPresenceMessage(message)) {
+      // A buggy gateway: the frame is ignored (the list stays as it was), nothing else changes.
+      this._reportError({ code: "invalid_frame", message: `gateway sent a malformed ${message.type}`, projectId: sub.projectId });
+      return;
+    }
     if (message.type === "presence") {
       sub.presence = sub.presence || new PresenceTable();
       sub.presence.load(message.members);

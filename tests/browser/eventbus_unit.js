@@ -1430,3 +1430,41 @@ test("close() while a failing onResync waits to retry leaves no timer behind", a
   await flush();
   eq(waits(), 0, "the retry wait is cleared");
 });
+
+test("presence: a malformed presence or presence_diff is reported and ignored; nothing else is affected", async () => {
+  const env = setup();
+  const seen = [];
+  env.bus.presence(1, (members) => seen.push(members && members.map((m) => m.id)));
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  ws.receive({ type: "presence", project_id: 1, members: [member("u1")] });
+  const garbage = [
+    { type: "presence", project_id: 1, members: 5 },
+    { type: "presence", project_id: 1, members: { id: "x" } },
+    { type: "presence", project_id: 1, members: [null] },
+    { type: "presence", project_id: 1 },
+    { type: "presence_diff", project_id: 1, joined: 3, left: [], changed: [] },
+    { type: "presence_diff", project_id: 1, joined: [], left: [{}], changed: [] },
+    { type: "presence_diff", project_id: 1, joined: [], left: [], changed: [{ id: 7 }] },
+  ];
+  for (const message of garbage) ws.receive(message);
+  ws.receive(event(1, 1));
+  await flush();
+  eq(env.errors.filter((e) => e.code === "invalid_frame").length, garbage.length, "each is reported");
+  eq(seen, [["u1"]], "the list is untouched");
+  eq(env.events[1], [1], "events go on");
+  ws.receive({ type: "presence_diff", project_id: 1, joined: [member("u2")], left: [], changed: [] });
+  await flush();
+  eq(seen, [["u1"], ["u1", "u2"]]);
+  // Over SSE a throw would have ended the stream.
+  const sse = setup({ autoFailSockets: true });
+  sseServer(sse);
+  sse.bus.presence(1, () => {});
+  await sse.clock.advance(0);
+  const stream = await sseLive(sse, { 1: { epoch: "e", seq: 0 } });
+  stream.event("presence", { type: "presence", project_id: 1, members: 5 });
+  stream.event(null, event(1, 1), "e:1");
+  await flush();
+  assert(!stream.closed, "the stream stays open");
+  eq(sse.events[1], [1]);
+  assert(sse.errors.some((e) => e.code === "invalid_frame"));
+});
