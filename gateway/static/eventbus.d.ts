@@ -246,6 +246,9 @@ export declare class EventBus {
   reconnect(): void;
   /** Stop for good. */
   close(): void;
+  /** The longest poll answer read, in characters (4 Mi): a longer one is a failed poll
+   * (`poll_failed`), and the project is then polled in smaller pages until caught up. */
+  static MAX_POLL_LENGTH: number;
 }
 
 export declare function connect(options?: ConnectOptions): EventBus;

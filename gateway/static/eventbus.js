@@ -444,6 +444,9 @@ export class ProjectCursor {
 /** Events held back per project while the application reloads its state. */
 ProjectCursor.MAX_BUFFERED = 10000;
 
+/** The gateway's page size when a poll gives no `limit` (docs/protocol.md, "Polling"). */
+const DEFAULT_POLL_LIMIT = 100;
+
 /** Whether `value` is a snapshot cursor {epoch: non-empty string, seq: integer >= 0}. */
 export function isCursor(value) {
   return (
@@ -527,6 +530,50 @@ function describe(error) {
   }
 }
 
+/**
+ * The body of `response` as JSON, read as a stream and given up (the stream cancelled) as soon as
+ * it grows past `limit` characters: an answer without end must not hold memory without bound.
+ * Without a streaming body (old browsers) the text is read whole and checked afterwards.
+ */
+async function readJson(response, limit) {
+  const tooLong = () => Object.assign(new Error(`eventbus: the gateway's answer is longer than ${limit} characters`), { tooLong: true });
+  const body = response.body;
+  if (!body || typeof body.getReader !== "function" || typeof TextDecoder !== "function") {
+    const text = await response.text();
+    if (text.length > limit) throw tooLong();
+    return JSON.parse(text);
+  }
+  const reader = body.getReader();
+  const decoder = new TextDecoder();
+  const parts = [];
+  let length = 0;
+  try {
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      const text = decoder.decode(value, { stream: true });
+      length += text.length;
+      if (length > limit) throw tooLong();
+      parts.push(text);
+    }
+  } catch (error) {
+    reader.cancel().catch(() => {});
+    throw error;
+  }
+  parts.push(decoder.decode());
+  return JSON.parse(parts.join(""));
+}
+
+/** The `message` of a refused request's JSON body (bounded), or "". */
+async function errorDetail(response) {
+  try {
+    const body = await readJson(response, 64 * 1024);
+    return (body && typeof body.message === "string" && body.message) || "";
+  } catch {
+    return ""; // not JSON, or too long
+  }
+}
+
 function checkItemId(value, name) {
   if (value === undefined || value === null) return null;
   if (!Number.isSafeInteger(value) || value <= 0) throw new TypeError(`eventbus: ${name} must be a positive integer or null`);
@@ -560,6 +607,7 @@ class Subscription {
     this.resyncWait = null; // {timer, resolve}: a failed onResync waiting to be called again
     this.wsSubscribed = false; // `subscribed` received on the current WebSocket
     this.staleSnapshots = 0; // snapshot cursors in a row of another epoch than the gateway's
+    this.pollLimit = null; // the `limit` of this project's polls after an answer too long
   }
 
   get idle() {
@@ -1338,12 +1386,7 @@ export class EventBus {
       if (this._sse !== attempt) return;
       if (!response.ok || !response.body || typeof response.body.getReader !== "function") {
         if (response.status === 401) this._token = null;
-        let detail = "";
-        try {
-          detail = (await response.json()).message || "";
-        } catch {
-          /* not JSON */
-        }
+        const detail = await errorDetail(response);
         this._reportError({ code: `sse_http_${response.status}`, message: detail });
         return;
       }
@@ -1537,22 +1580,25 @@ export class EventBus {
         const headers = { Accept: "application/json" };
         if (this._hasAuth) headers.Authorization = `Bearer ${await this._getToken(false)}`;
         query = sub.cursor.pollQuery();
-        const url = `${this.httpUrl}/v1/projects/${sub.projectId}/events${query}`;
+        // After an answer too long, smaller pages until caught up (an event is at most 1 MiB).
+        const limit = query && sub.pollLimit !== null ? `&limit=${sub.pollLimit}` : "";
+        const url = `${this.httpUrl}/v1/projects/${sub.projectId}/events${query}${limit}`;
         const init = { headers, cache: "no-store" };
         if (controller) init.signal = controller.signal;
         response = await this._fetch(url, init);
         if (response.status === 401) this._token = null; // re-asked on the next round
         if (!response.ok) {
-          let detail = "";
-          try {
-            detail = (await response.json()).message || "";
-          } catch {
-            /* not JSON */
-          }
+          const detail = await errorDetail(response);
           this._reportError({ code: `poll_http_${response.status}`, message: detail, projectId: sub.projectId });
           return response.status === 403; // forbidden is an answer, not a transport failure
         }
-        body = await response.json();
+        try {
+          body = await readJson(response, EventBus.MAX_POLL_LENGTH);
+        } catch (error) {
+          // Too long: ask for pages of a quarter the size next time (100, 25, 6, 1).
+          if (error && error.tooLong && query) sub.pollLimit = Math.max(1, Math.floor((sub.pollLimit ?? DEFAULT_POLL_LIMIT) / 4));
+          throw error;
+        }
         if (!isPollAnswer(body)) throw new Error("eventbus: the gateway's poll answer is not {epoch, seq, events, resync_required}");
       } catch (error) {
         this._reportError({ code: "poll_failed", message: describe(error), projectId: sub.projectId, error });
@@ -1579,6 +1625,7 @@ export class EventBus {
         // later dedupe away) that project's real events.
         if ((event.project_id ?? sub.projectId) === sub.projectId) this._onEvent({ ...event, project_id: sub.projectId }, "polling");
       }
+      if (!body.more) sub.pollLimit = null; // caught up: the gateway's default page again
       if (!body.more || events.length === 0) return true;
       // Follow `more` only when this page moved the cursor (or what is held back): a held buffer
       // that overflowed while onResync is pending takes nothing more, and asking again would
@@ -1627,6 +1674,11 @@ export class EventBus {
     }
   }
 }
+
+/** The longest poll answer read, in characters (its body is read as a stream and given up past
+ * it: a poll_failed): as long as the longest SSE event accepted. A page of big events that is
+ * longer is asked for again in smaller pages. */
+EventBus.MAX_POLL_LENGTH = 4 * 1024 * 1024;
 
 /**
  * Open a connection to the gateway.

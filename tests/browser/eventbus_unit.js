@@ -88,6 +88,35 @@ function jwt(iat, exp) {
   return `${base64url({ alg: "HS256", typ: "JWT" })}.${base64url({ iat, exp, projects: [1, 2] })}.sig`;
 }
 
+/** A poll's response, like the browser's: the body is a byte stream (1 MiB chunks, each pull
+ * counted in `env.pulls`), and json()/text() read all of it. */
+function fakeResponse(status, text, env) {
+  const bytes = new TextEncoder().encode(text);
+  let offset = 0;
+  const body = new ReadableStream({
+    pull(controller) {
+      env.pulls = (env.pulls || 0) + 1;
+      if (offset >= bytes.length) {
+        controller.close();
+        return;
+      }
+      controller.enqueue(bytes.slice(offset, offset + 1024 * 1024));
+      offset += 1024 * 1024;
+    },
+  });
+  const text_ = async () => {
+    const reader = body.getReader();
+    const decoder = new TextDecoder();
+    let all = "";
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) return all + decoder.decode();
+      all += decoder.decode(value, { stream: true });
+    }
+  };
+  return { ok: status >= 200 && status < 300, status, body, text: text_, json: async () => JSON.parse(await text_()) };
+}
+
 /** A client wired to fakes. `env.sockets` are the WebSockets it opened, newest last. */
 function setup({ options = {}, subscribe = [1], tokenLifetime = 900, autoFailSockets = false } = {}) {
   const clock = new Clock();
@@ -163,7 +192,7 @@ function setup({ options = {}, subscribe = [1], tokenLifetime = 900, autoFailSoc
       Promise.resolve(env.poll(url, init)).then(resolve, reject);
     });
     if (reply instanceof Error) throw reply;
-    return { ok: reply.status >= 200 && reply.status < 300, status: reply.status, json: async () => reply.body };
+    return fakeResponse(reply.status, reply.raw !== undefined ? reply.raw : JSON.stringify(reply.body), env);
   };
   env.bus = eb.connect({
     url: "ws://gw.test/",
@@ -1467,4 +1496,34 @@ test("presence: a malformed presence or presence_diff is reported and ignored; n
   assert(!stream.closed, "the stream stays open");
   eq(sse.events[1], [1]);
   assert(sse.errors.some((e) => e.code === "invalid_frame"));
+});
+
+test("polling: an answer longer than MAX_POLL_LENGTH is not read to the end; a failed poll, paced, then smaller pages", async () => {
+  eq(eb.EventBus.MAX_POLL_LENGTH, 4 * 1024 * 1024);
+  const env = setup({ autoFailSockets: true });
+  const history = [1, 2];
+  pollServer(env, history);
+  await env.clock.advance(0);
+  eq(env.bus.cursor(1), { epoch: "p", seq: 2 });
+  const huge = { ...event(1, 3), pad: "x".repeat(10 * 1024 * 1024) };
+  env.poll = () => ({ status: 200, body: { project_id: 1, epoch: "p", seq: 3, events: [huge], resync_required: null, more: false } });
+  env.pulls = 0;
+  const before = env.requests.length;
+  await env.clock.advance(10000);
+  eq(env.requests.length - before, 1, "one poll");
+  assert(env.pulls <= 6, `the body is read only up to the bound (${env.pulls} chunks of 1 MiB pulled)`);
+  assert(env.errors.some((e) => e.code === "poll_failed"), "reported as poll_failed");
+  eq(env.bus.cursor(1), { epoch: "p", seq: 2 }, "nothing applied");
+  eq(env.events[1], []);
+  pollServer(env, history);
+  history.push(3, 4, 5);
+  await env.clock.advance(9999);
+  eq(env.requests.length - before, 1, "the next poll follows the usual interval");
+  await env.clock.advance(1);
+  eq(new URL(env.requests[before + 1].url).searchParams.get("limit"), "25", "smaller pages after an answer too long");
+  eq(env.events[1], [3, 4, 5]);
+  history.push(6);
+  await env.clock.advance(10000);
+  eq(new URL(env.requests[env.requests.length - 1].url).searchParams.get("limit"), null, "the default page once caught up");
+  eq(env.events[1], [3, 4, 5, 6]);
 });
