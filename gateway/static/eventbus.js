@@ -441,6 +441,9 @@ export class ProjectCursor {
   }
 }
 
+/** Repairs of a gap from one cursor before it is surfaced as a resync (history_corrupt). */
+const GAP_REPAIRS = 2;
+
 /** Events held back per project while the application reloads its state. */
 ProjectCursor.MAX_BUFFERED = 10000;
 
@@ -605,6 +608,13 @@ class Subscription {
     this.resyncRunning = false;
     this.retryTimer = null;
     this.resyncWait = null; // {timer, resolve}: a failed onResync waiting to be called again
+    // Gap repairs (EventBus._onGap): one at a time, paced, at most GAP_REPAIRS from one cursor.
+    this.gapWaiting = false; // a repair's subscribe (or stream) was sent; its `subscribed` is due
+    this.gapTimer = null; // a paced repair
+    this.gapFrom = null; // "epoch:seq" of the cursor the repairs were made from
+    this.gapRepairs = 0; // repairs made from it
+    this.gapBackoff = null;
+    this.lastRepairAt = null;
     this.wsSubscribed = false; // `subscribed` received on the current WebSocket
     this.staleSnapshots = 0; // snapshot cursors in a row of another epoch than the gateway's
     this.pollLimit = null; // the `limit` of this project's polls after an answer too long
@@ -733,6 +743,8 @@ export class EventBus {
   _clearTimers(sub) {
     this._clearTimeout(sub.retryTimer);
     sub.retryTimer = null;
+    this._clearTimeout(sub.gapTimer);
+    sub.gapTimer = null;
     const wait = sub.resyncWait;
     sub.resyncWait = null;
     if (wait) {
@@ -1094,6 +1106,8 @@ export class EventBus {
     if (!sub || !this._hasCursor(sub, message)) return;
     this._clearTimeout(sub.retryTimer);
     sub.retry = 0;
+    const repaired = sub.gapWaiting;
+    sub.gapWaiting = false;
     if (this._wsLive) {
       sub.wsSubscribed = true;
       // A (re)subscribe lists this tab afresh, with no activity: say it again.
@@ -1101,6 +1115,11 @@ export class EventBus {
       if (activity && (activity.viewing !== null || activity.answering !== null)) this._sendActivity(sub.projectId, activity);
     }
     if (sub.cursor.onSubscribed(message)) this._runResync(sub);
+    else if (repaired && !sub.cursor.resyncing && sub.cursor.seq < message.seq) {
+      // The replay of a repair (it comes before `subscribed`) stopped short of the top: the gap
+      // is still there, even if no later event comes to show it.
+      this._onGap(sub, null, this._wsLive ? "websocket" : "sse", message.seq);
+    }
   }
 
   _onResyncRequired(message) {
@@ -1154,7 +1173,10 @@ export class EventBus {
     }
     this._ws = null;
     this._wsLive = false;
-    for (const sub of this._subs.values()) sub.wsSubscribed = false;
+    for (const sub of this._subs.values()) {
+      sub.wsSubscribed = false;
+      sub.gapWaiting = false; // the next connection's events are its own replay
+    }
   }
 
   _onSocketClosed(code) {
@@ -1213,14 +1235,16 @@ export class EventBus {
 
   // --- events and resync -----------------------------------------------------------------------
 
+  /** An event frame. Returns the event when it is past a gap (else null). */
   _onEvent(event, via) {
     const sub = this._subs.get(event.project_id);
-    if (!sub) return;
+    if (!sub) return null;
     const { deliver, gap } = sub.cursor.accept(event);
     this._deliver(sub, deliver);
-    // A gap in a poll answer is asked for by the next poll (the cursor stopped before it); asking
-    // at once would poll a gateway that keeps answering with the gap in a busy loop.
-    if (gap && via !== "polling") this._repairGap(sub, via);
+    if (!gap) return null;
+    // A gap in a poll answer is judged once per answer (_pollProject).
+    if (via !== "polling") this._onGap(sub, event, via);
+    return event;
   }
 
   _deliver(sub, events) {
@@ -1238,12 +1262,69 @@ export class EventBus {
     }
   }
 
-  _repairGap(sub, via) {
-    // The gateway never leaves gaps; if one shows anyway, ask again from the cursor rather than
-    // skip an event. Polling asks from the cursor on its next round by construction.
-    if (via === "websocket" && this._wsLive) this._send(this._subscribeMessage(sub));
-    else if (via === "sse" && this._sse) this._reopenSse(); // resumes from the cursors
-    else if (this._polling) this._pollSoon();
+  /**
+   * A gap: `event` is past cursor + 1, or (event null) a repair's replay stopped short of `top`.
+   * The gateway never leaves gaps; if one shows anyway, ask again from the cursor rather than
+   * skip an event: one repair at a time (events after a gap keep coming until the repair's
+   * `subscribed`), paced (at once, then on backoff while gaps keep coming), and after GAP_REPAIRS
+   * repairs from the same cursor the gap is surfaced as a resync (history_corrupt), as the
+   * Python consumer does: an entry no client can place would otherwise be asked for forever,
+   * nothing delivered past it and nothing said. Over polling the next poll is the repair.
+   */
+  _onGap(sub, event, via, top = null) {
+    if (this._closed || this._subs.get(sub.projectId) !== sub || sub.cursor.resyncing) return;
+    if (via !== "polling" && (sub.gapWaiting || sub.gapTimer !== null)) return; // on its way
+    const from = `${sub.cursor.epoch}:${sub.cursor.seq}`;
+    if (sub.gapFrom !== from) {
+      sub.gapFrom = from;
+      sub.gapRepairs = 0;
+    }
+    if (sub.gapRepairs >= GAP_REPAIRS) {
+      sub.gapFrom = null;
+      sub.gapRepairs = 0;
+      const seq = event ? event.seq - 1 : top;
+      this._reportError({
+        code: "history_corrupt",
+        message: `the events after seq ${sub.cursor.seq} did not come after ${GAP_REPAIRS} repairs: reloading, to continue after seq ${seq}`,
+        projectId: sub.projectId,
+      });
+      sub.cursor.beginResync(sub.cursor.epoch, seq);
+      if (event) sub.cursor.accept(event); // held, delivered after the reload
+      this._runResync(sub);
+      return;
+    }
+    sub.gapRepairs += 1;
+    if (via !== "polling") this._scheduleRepair(sub);
+  }
+
+  /** Ask again from the cursor: at once after a quiet while, else on the project's backoff. */
+  _scheduleRepair(sub) {
+    if (sub.gapTimer !== null) return;
+    sub.gapBackoff = sub.gapBackoff || new Backoff(this.options.backoff, this._random);
+    if (sub.lastRepairAt === null || this._now() - sub.lastRepairAt >= this.options.stableAfter) {
+      sub.gapBackoff.reset();
+      this._repairNow(sub);
+      return;
+    }
+    sub.gapTimer = this._setTimeout(() => {
+      sub.gapTimer = null;
+      this._repairNow(sub);
+    }, sub.gapBackoff.next());
+  }
+
+  _repairNow(sub) {
+    // During a reload the repair waits: endResync reports a gap still there.
+    if (this._closed || this._subs.get(sub.projectId) !== sub || sub.cursor.resyncing) return;
+    sub.lastRepairAt = this._now();
+    if (this._wsLive) {
+      sub.gapWaiting = true;
+      this._send(this._subscribeMessage(sub));
+    } else if (this._sse) {
+      sub.gapWaiting = true;
+      this._reopenSse(); // resumes from the cursors
+    } else if (this._polling) {
+      this._pollSoon();
+    }
   }
 
   /** Call onResync until it succeeds for the latest resync, then apply what was buffered. */
@@ -1280,7 +1361,7 @@ export class EventBus {
       }
       const { deliver, gap } = sub.cursor.endResync();
       this._deliver(sub, deliver);
-      if (gap) this._repairGap(sub, this._wsLive ? "websocket" : this._sseLive ? "sse" : "polling");
+      if (gap) this._scheduleRepair(sub);
     } finally {
       sub.resyncRunning = false;
     }
@@ -1620,10 +1701,19 @@ export class EventBus {
         return true;
       }
       const events = body.events ?? [];
+      let gap = null;
       for (const event of events) {
         // This project's answer speaks for this project only: another one's seq would move (and
         // later dedupe away) that project's real events.
-        if ((event.project_id ?? sub.projectId) === sub.projectId) this._onEvent({ ...event, project_id: sub.projectId }, "polling");
+        if ((event.project_id ?? sub.projectId) !== sub.projectId) continue;
+        const past = this._onEvent({ ...event, project_id: sub.projectId }, "polling");
+        if (past && !gap) gap = past;
+      }
+      if (gap) {
+        // Asked for by the next poll (the cursor stopped before it), after the usual interval:
+        // asking at once would poll a gateway that keeps answering with the gap in a busy loop.
+        this._onGap(sub, gap, "polling");
+        return true;
       }
       if (!body.more) sub.pollLimit = null; // caught up: the gateway's default page again
       if (!body.more || events.length === 0) return true;

@@ -1527,3 +1527,79 @@ test("polling: an answer longer than MAX_POLL_LENGTH is not read to the end; a f
   eq(new URL(env.requests[env.requests.length - 1].url).searchParams.get("limit"), null, "the default page once caught up");
   eq(env.events[1], [3, 4, 5, 6]);
 });
+
+test("WebSocket: a gap that keeps coming is repaired on backoff, then surfaced as a resync", async () => {
+  const env = setup();
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  const repairs = () => ws.sentOf("subscribe").length - 1;
+  ws.receive(event(1, 1));
+  ws.receive(event(1, 3));
+  await flush();
+  eq(repairs(), 1, "the first gap is asked for at once");
+  eq(ws.sentOf("subscribe")[1], { type: "subscribe", project_id: 1, epoch: "e", after: 1 });
+  for (const seq of [4, 5, 6]) ws.receive(event(1, seq)); // in flight before the resubscribe
+  await flush();
+  eq(repairs(), 1, "events in flight before the repair's subscribed do not ask again");
+  ws.receive({ type: "subscribed", project_id: 1, epoch: "e", seq: 6, resumed: true, replayed: 0 });
+  ws.receive(event(1, 7)); // the replay stopped short: the gap is still there
+  ws.receive(event(1, 8));
+  await flush();
+  eq(repairs(), 1, "not at once a second time");
+  await env.clock.advance(999);
+  eq(repairs(), 1);
+  await env.clock.advance(1);
+  eq(repairs(), 2, "asked again after the backoff (1 s)");
+  ws.receive({ type: "subscribed", project_id: 1, epoch: "e", seq: 8, resumed: true, replayed: 0 });
+  ws.receive(event(1, 9));
+  await flush();
+  eq(repairs(), 2, "two repairs from the same cursor: no third");
+  eq(env.resyncs, [1, 1], "surfaced: the application reloads");
+  assert(env.errors.some((e) => e.code === "history_corrupt" && e.projectId === 1), "and it is reported");
+  eq(env.events[1], [1, 9], "continues after the reload point");
+  ws.receive(event(1, 10));
+  await flush();
+  eq(env.events[1], [1, 9, 10]);
+  eq(env.bus.cursor(1), { epoch: "e", seq: 10 });
+});
+
+test("sse: a gap that keeps coming reopens the stream on backoff, then is surfaced as a resync", async () => {
+  const env = setup({ autoFailSockets: true });
+  sseServer(env);
+  await env.clock.advance(0);
+  const first = await sseLive(env, { 1: { epoch: "e", seq: 0 } });
+  first.event(null, event(1, 1), "e:1");
+  first.event(null, event(1, 3), "e:3");
+  first.event(null, event(1, 4), "e:4");
+  await env.clock.advance(0);
+  eq(env.streams.length, 2, "reopened at once, once");
+  const second = await sseLive(env, { 1: { epoch: "e", seq: 4, resumed: true } });
+  second.event(null, event(1, 5), "e:5");
+  await env.clock.advance(0);
+  eq(env.streams.length, 2, "not at once a second time");
+  await env.clock.advance(1000);
+  eq(env.streams.length, 3, "reopened after the backoff");
+  eq(env.streams[2].headers["Last-Event-ID"], "e:1");
+  const third = await sseLive(env, { 1: { epoch: "e", seq: 4, resumed: true } });
+  third.event(null, event(1, 5), "e:5");
+  await env.clock.advance(30000); // (within sseIdleTimeout)
+  eq(env.streams.length, 3, "no third repair from the same cursor");
+  eq(env.resyncs, [1, 1]);
+  eq(env.events[1], [1, 5]);
+  assert(!third.closed);
+});
+
+test("polling: a gap that persists over repeated polls from the same cursor is surfaced as a resync", async () => {
+  const env = setup({ autoFailSockets: true });
+  pollServer(env, [1, 2]);
+  await env.clock.advance(0);
+  env.poll = () => ({ status: 200, body: { project_id: 1, epoch: "p", seq: 9, events: [event(1, 5), event(1, 6)], resync_required: null, more: false } });
+  await env.clock.advance(20000);
+  eq([env.resyncs, env.events[1]], [[1], []], "asked again twice");
+  await env.clock.advance(10000);
+  eq(env.resyncs, [1, 1], "then the application reloads");
+  assert(env.errors.some((e) => e.code === "history_corrupt"));
+  eq(env.events[1], [5]);
+  eq(new URL(env.requests[env.requests.length - 1].url).searchParams.get("after"), "2");
+  await env.clock.advance(10000);
+  eq(new URL(env.requests[env.requests.length - 1].url).searchParams.get("after"), "5", "polling goes on from the reload point");
+});
