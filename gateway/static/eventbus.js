@@ -1106,8 +1106,7 @@ export class EventBus {
     if (!sub || !this._hasCursor(sub, message)) return;
     this._clearTimeout(sub.retryTimer);
     sub.retry = 0;
-    const repaired = sub.gapWaiting;
-    sub.gapWaiting = false;
+    sub.gapWaiting = false; // a `subscribed` after a replay from the cursor: the repair's, or as good
     if (this._wsLive) {
       sub.wsSubscribed = true;
       // A (re)subscribe lists this tab afresh, with no activity: say it again.
@@ -1115,9 +1114,11 @@ export class EventBus {
       if (activity && (activity.viewing !== null || activity.answering !== null)) this._sendActivity(sub.projectId, activity);
     }
     if (sub.cursor.onSubscribed(message)) this._runResync(sub);
-    else if (repaired && !sub.cursor.resyncing && sub.cursor.seq < message.seq) {
-      // The replay of a repair (it comes before `subscribed`) stopped short of the top: the gap
-      // is still there, even if no later event comes to show it.
+    else if (!sub.cursor.resyncing && !sub.cursor.resyncSinceSubscribe && sub.cursor.seq < message.seq) {
+      // A resume's replay (it comes before `subscribed`) stopped short of the top: a repair's,
+      // or a reconnect's (every project resumes from its cursor on a new WebSocket or SSE
+      // stream). Either way it is a gap, even if no later event comes to show it, paced and
+      // counted like any other. (After resync_required, nothing was replayed: not a gap.)
       this._onGap(sub, null, this._wsLive ? "websocket" : "sse", message.seq);
     }
   }
@@ -1263,7 +1264,8 @@ export class EventBus {
   }
 
   /**
-   * A gap: `event` is past cursor + 1, or (event null) a repair's replay stopped short of `top`.
+   * A gap: `event` is past cursor + 1, or (event null) a resume's replay (a repair's or a
+   * reconnect's) stopped short of `top`.
    * The gateway never leaves gaps; if one shows anyway, ask again from the cursor rather than
    * skip an event: one repair at a time (events after a gap keep coming until the repair's
    * `subscribed`), paced (at once, then on backoff while gaps keep coming), and after GAP_REPAIRS

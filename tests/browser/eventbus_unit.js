@@ -1603,3 +1603,83 @@ test("polling: a gap that persists over repeated polls from the same cursor is s
   await env.clock.advance(10000);
   eq(new URL(env.requests[env.requests.length - 1].url).searchParams.get("after"), "5", "polling goes on from the reload point");
 });
+
+test("WebSocket: a reconnect's replay that stops short of its top is a gap, repaired and surfaced like a repair's", async () => {
+  const env = setup();
+  let ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  ws.receive(event(1, 1));
+  ws.receive(event(1, 2));
+  await flush();
+  ws.serverClose(1006);
+  await env.clock.advance(1000);
+  ws = await goLive(env);
+  const subscribes = () => ws.sentOf("subscribe");
+  eq(subscribes(), [{ type: "subscribe", project_id: 1, epoch: "e", after: 2 }]);
+  ws.receive(event(1, 3)); // the replay stops at 3
+  ws.receive({ type: "subscribed", project_id: 1, epoch: "e", seq: 5, resumed: true, replayed: 1 });
+  await flush();
+  eq(env.events[1], [1, 2, 3]);
+  eq(subscribes().length, 2, "no later event needed: asked for at once");
+  eq(subscribes()[1], { type: "subscribe", project_id: 1, epoch: "e", after: 3 });
+  ws.receive({ type: "subscribed", project_id: 1, epoch: "e", seq: 5, resumed: true, replayed: 0 });
+  await flush();
+  eq(subscribes().length, 2, "not at once a second time");
+  await env.clock.advance(1000);
+  eq(subscribes().length, 3, "asked again after the backoff (1 s)");
+  ws.receive({ type: "subscribed", project_id: 1, epoch: "e", seq: 5, resumed: true, replayed: 0 });
+  await flush();
+  eq(subscribes().length, 3, "two repairs from the same cursor: no third");
+  eq(env.resyncs, [1, 1], "surfaced: the application reloads");
+  assert(env.errors.some((e) => e.code === "history_corrupt" && e.projectId === 1), "and it is reported");
+  eq(env.bus.cursor(1), { epoch: "e", seq: 5 }, "continues after the announced top");
+  ws.receive(event(1, 6));
+  await flush();
+  eq(env.events[1], [1, 2, 3, 6]);
+});
+
+test("WebSocket: a reconnect's replay that reaches its top asks nothing more", async () => {
+  const env = setup();
+  let ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  ws.receive(event(1, 1));
+  await flush();
+  ws.serverClose(1006);
+  await env.clock.advance(1000);
+  ws = await goLive(env);
+  for (const seq of [2, 3]) ws.receive(event(1, seq));
+  ws.receive({ type: "subscribed", project_id: 1, epoch: "e", seq: 3, resumed: true, replayed: 2 });
+  await env.clock.advance(60000);
+  eq(ws.sentOf("subscribe").length, 1);
+  eq([env.events[1], env.resyncs], [[1, 2, 3], [1]]);
+});
+
+test("sse: a reopened stream's replay that stops short of its top is a gap, reopened on the same pacing", async () => {
+  const env = setup({ autoFailSockets: true });
+  sseServer(env);
+  await env.clock.advance(0);
+  const first = await sseLive(env, { 1: { epoch: "e", seq: 0 } });
+  first.event(null, event(1, 1), "e:1");
+  first.event("close", { type: "close", code: 1012, reason: "server restarting" });
+  first.end();
+  await env.clock.advance(500);
+  eq(env.streams.length, 2);
+  eq(env.streams[1].headers["Last-Event-ID"], "e:1");
+  await flush();
+  env.open[1].event(null, event(1, 2), "e:2"); // the replay stops at 2
+  await sseLive(env, { 1: { epoch: "e", seq: 4, resumed: true } });
+  await env.clock.advance(0);
+  eq(env.events[1], [1, 2]);
+  eq(env.streams.length, 3, "reopened at once, with no later event");
+  eq(env.streams[2].headers["Last-Event-ID"], "e:2");
+  await sseLive(env, { 1: { epoch: "e", seq: 4, resumed: true } });
+  await env.clock.advance(0);
+  eq(env.streams.length, 3, "not at once a second time");
+  await env.clock.advance(1000);
+  eq(env.streams.length, 4, "reopened after the backoff");
+  const last = await sseLive(env, { 1: { epoch: "e", seq: 4, resumed: true } });
+  await env.clock.advance(30000); // (within sseIdleTimeout)
+  eq(env.streams.length, 4, "no third repair from the same cursor");
+  eq(env.resyncs, [1, 1]);
+  assert(env.errors.some((e) => e.code === "history_corrupt"));
+  eq(env.bus.cursor(1), { epoch: "e", seq: 4 });
+  assert(!last.closed);
+});
