@@ -901,15 +901,22 @@ test("WebSocket refused: live over SSE with the token header, no polling", async
   assert(env.sockets.length >= 3, "WebSocket retried in the background");
 });
 
-test("sse: a stream closed with 1012 is reopened at once with Last-Event-ID; a broken one on backoff", async () => {
+/** A bus live over SSE on project 1 whose stream delivered `seqs`, then was closed for a
+ * gateway restart (1012): 500 ms later, within the prompt delay, a second stream is open. */
+async function sseRestartedAfter(seqs) {
   const env = setup({ autoFailSockets: true });
   sseServer(env);
   await env.clock.advance(0);
   const first = await sseLive(env, { 1: { epoch: "e", seq: 0 } });
-  first.event(null, event(1, 1), "e:1");
+  for (const seq of seqs) first.event(null, event(1, seq), `e:${seq}`);
   first.event("close", { type: "close", code: 1012, reason: "server restarting" });
   first.end();
   await env.clock.advance(500);
+  return env;
+}
+
+test("sse: a stream closed with 1012 is reopened at once with Last-Event-ID; a broken one on backoff", async () => {
+  const env = await sseRestartedAfter([1]);
   eq(env.streams.length, 2, "reopened within the prompt delay");
   eq(env.streams[1].headers["Last-Event-ID"], "e:1");
   const second = await sseLive(env, { 1: { epoch: "e", seq: 1, resumed: true } });
@@ -1316,14 +1323,7 @@ test("WebSocket: a resumed subscribed whose top is behind the cursor reloads ins
 });
 
 test("sse: the subscribed of a reopened stream is judged like a WebSocket resume, even after an earlier reload", async () => {
-  const env = setup({ autoFailSockets: true });
-  sseServer(env);
-  await env.clock.advance(0);
-  const first = await sseLive(env, { 1: { epoch: "e", seq: 0 } });
-  for (const seq of [1, 2, 3]) first.event(null, event(1, seq), `e:${seq}`);
-  first.event("close", { type: "close", code: 1012, reason: "server restarting" });
-  first.end();
-  await env.clock.advance(500);
+  const env = await sseRestartedAfter([1, 2, 3]);
   eq(env.streams[env.streams.length - 1].headers["Last-Event-ID"], "e:3");
   // Not resumed, and no resync_required first: the application must reload.
   await sseLive(env, { 1: { epoch: "e2", seq: 7, resumed: false } });
@@ -1653,14 +1653,7 @@ test("WebSocket: a reconnect's replay that reaches its top asks nothing more", a
 });
 
 test("sse: a reopened stream's replay that stops short of its top is a gap, reopened on the same pacing", async () => {
-  const env = setup({ autoFailSockets: true });
-  sseServer(env);
-  await env.clock.advance(0);
-  const first = await sseLive(env, { 1: { epoch: "e", seq: 0 } });
-  first.event(null, event(1, 1), "e:1");
-  first.event("close", { type: "close", code: 1012, reason: "server restarting" });
-  first.end();
-  await env.clock.advance(500);
+  const env = await sseRestartedAfter([1]);
   eq(env.streams.length, 2);
   eq(env.streams[1].headers["Last-Event-ID"], "e:1");
   await flush();
