@@ -36,7 +36,6 @@ from bench.gateway import (
     event,
     pinned_to_client_core,
     pinning,
-    proc_cpu,
 )
 from bench.loadgen import LoadGen, raise_nofile
 from publisher import Publisher
@@ -84,14 +83,16 @@ def measure(
         log(f"  {total:,} connected ({connected['failed']} failed) in "
             f"{connected['seconds']:.2f} s; RSS {rss0 / 2**20:.0f} -> "
             f"{rss1 / 2**20:.0f} MiB")  # fmt: skip
-        idle_core = None
+        idle_core = idle_cpu = None
         if idle_seconds > 0:
             # Keepalive pings (one per connection per --ping-interval) and the stall check (every
             # connection each second) are what an idle connection costs.
-            before, started = proc_cpu(server.proc.pid), time.monotonic()
+            usage = Usage(server, loadgen, redis.process.pid)
             time.sleep(idle_seconds)
-            idle_core = (proc_cpu(server.proc.pid) - before) / (time.monotonic() - started)
-            log(f"  idle: the gateway used {idle_core:.1%} of a core over {idle_seconds:.0f} s")
+            idle_cpu = usage.done()
+            idle_core = idle_cpu["server"]
+            log(f"  idle: the gateway used {idle_core:.1%} of a core over {idle_seconds:.0f} s "
+                f"(other processes {idle_cpu['others']:.1%})")  # fmt: skip
 
         loadgen.mode("latency")
         loadgen.stats()  # answered once every worker has switched
@@ -124,7 +125,8 @@ def measure(
             if connected["seconds"]
             else None,
             "connect_cpu": connect_cpu,
-            "idle_core": None if idle_core is None else round(idle_core, 4),
+            "idle_core": idle_core,
+            "idle_cpu": idle_cpu,
             "idle_seconds": idle_seconds,
             "gateway_args": list(gateway_args),
             "rss_before_mib": round(rss0 / 2**20, 1),

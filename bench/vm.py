@@ -129,9 +129,9 @@ def prepare() -> tuple[Path, Path]:
     (tree / "init").write_text(INIT.format(modules=" ".join(MODULES)))
     (tree / "init").chmod(0o755)
     listing = subprocess.run(["find", "."], cwd=tree, capture_output=True, check=True).stdout
+    # The busybox just extracted has cpio (hosts often have no cpio of their own).
     archive = subprocess.run(
-        ["busybox", "cpio", "-o", "-H", "newc"] if shutil.which("cpio") is None else
-        ["cpio", "-o", "-H", "newc", "--quiet"],
+        [str(tree / "bin" / "busybox"), "cpio", "-o", "-H", "newc"],
         cwd=tree, input=listing, capture_output=True, check=True,
     ).stdout  # fmt: skip
     initrd.write_bytes(gzip.compress(archive, compresslevel=1))
@@ -146,7 +146,6 @@ def run(command: list[str], *, memory: str, cpus: int, accel: str) -> int:
     """Boot the guest, run ``command`` in this checkout as root, stream its output; its exit
     status is printed by the guest (QEMU's own is returned)."""
     kernel, initrd = prepare()
-    CACHE.mkdir(parents=True, exist_ok=True)
     script = CACHE / "guest.sh"
     script.write_text(GUEST_SCRIPT.format(cwd=shlex.quote(os.getcwd()),
                                           command=shlex.join(command)))  # fmt: skip
