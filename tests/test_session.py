@@ -187,6 +187,70 @@ async def test_a_pong_answers_its_ping_and_every_earlier_one(pipe) -> None:
     assert not session.ping_unanswered(third)
 
 
+async def opened_by_handshake(write_end: int) -> tuple[WebSocketSession, WebSocketConnection]:
+    """A session whose websockets parser went through a real opening handshake, so that it
+    parses frames as on a live connection (``session_on`` only sets the state)."""
+    session, connection, _ = await session_on(write_end)
+    protocol = connection.protocol
+    protocol.state = State.CONNECTING
+    protocol.receive_data(
+        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    (request,) = protocol.events_received()
+    protocol.send_response(protocol.accept(request))
+    protocol.data_to_send()
+    assert protocol.state is State.OPEN
+    return session, connection
+
+
+def masked_pong(payload: bytes) -> bytes:
+    from websockets.frames import Frame, Opcode
+
+    return Frame(Opcode.PONG, payload).serialize(mask=True, extensions=[])
+
+
+async def test_a_pong_read_on_its_own_answers_its_ping_without_websockets(pipe) -> None:
+    # An idle connection's most frequent read: handled without websockets' parser (half of
+    # an idle connection's CPU). With the locked websockets the shortcut must be live: a
+    # websockets whose parser is made differently would turn it off, and this test says so.
+    _, write_end = pipe
+    session, connection = await opened_by_handshake(write_end)
+    assert connection.between_frames()
+    payload = session.ping(0.0)
+    assert payload is not None
+    fed: list[bytes] = []
+    connection.protocol.receive_data = fed.append  # type: ignore[method-assign]
+    connection.data_received(masked_pong(payload))
+    assert fed == []
+    assert not session.ping_unanswered(payload)
+
+
+async def test_pong_shaped_bytes_are_a_frames_payload_when_they_arrive_inside_one(
+    pipe, monkeypatch
+) -> None:
+    # Ten bytes that look like a pong are the payload of a frame whose header came in an
+    # earlier read (or the rest of a frame begun there): websockets must parse them.
+    _, write_end = pipe
+    session, connection = await opened_by_handshake(write_end)
+    payload = session.ping(0.0)
+    assert payload is not None
+    pong = masked_pong(payload)
+    messages: list[bytes | str] = []
+    monkeypatch.setattr(WebSocketConnection, "_message", lambda self, data: messages.append(data))
+    connection.data_received(b"\x82\x8a\x00\x00\x00\x00")  # binary, 10 bytes, zero mask
+    assert not connection.between_frames()
+    connection.data_received(pong)
+    assert messages == [pong]
+    assert session.ping_unanswered(payload)
+    # A read that ends inside a frame header leaves bytes buffered: not between frames either.
+    connection.data_received(pong[:1])
+    assert not connection.between_frames()
+    connection.data_received(pong[1:])
+    assert not session.ping_unanswered(payload)
+    assert connection.between_frames()
+
+
 def test_the_unacknowledged_bound_is_set_on_tcp_sockets_and_skipped_elsewhere():
     # TCP_USER_TIMEOUT in ms on a TCP socket; False, quietly, for a socket without the option
     # (a Unix socket), a transport without a socket, or one without get_extra_info at all.
