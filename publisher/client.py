@@ -418,7 +418,7 @@ class Publisher(_ContractHelpers[Cursor]):
                 failures += 1
                 pause = self._policy.delay(failures, time.monotonic() - started)
                 if pause is None:
-                    raise PublisherUnavailable(f"Redis unavailable: {exc}") from exc
+                    raise PublisherUnavailable(f"Redis unavailable: {_describe(exc)}") from exc
                 if pause:
                     time.sleep(pause)
 
@@ -605,7 +605,7 @@ class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
                 failures += 1
                 pause = self._policy.delay(failures, time.monotonic() - started)
                 if pause is None:
-                    raise PublisherUnavailable(f"Redis unavailable: {exc}") from exc
+                    raise PublisherUnavailable(f"Redis unavailable: {_describe(exc)}") from exc
                 await asyncio.sleep(pause)
 
     async def _evalsha(self, keys: list[str], args: list) -> list:
@@ -677,3 +677,8 @@ class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception for a message: its text, or its type when it has none (a bare timeout)."""
+    return str(exc) or type(exc).__name__
