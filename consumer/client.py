@@ -66,6 +66,7 @@ from consumer.types import (
     Item,
     Resync,
     UndecodableEvent,
+    checked_cursor,
 )
 from schemas.events import ProjectEvent
 from schemas.protocol import (
@@ -487,7 +488,9 @@ class Consumer:
 
         Each project resumes after ``after`` (one cursor, or one per project) when given, else
         after the cursor in the store, else as ``start`` says (default: the consumer's ``start``).
-        A project may be followed by one subscription at a time.
+        A project may be followed by one subscription at a time. A cursor the gateway would refuse
+        (:func:`~consumer.types.checked_cursor`) raises ValueError here; one loaded from the store,
+        a fatal :class:`ConsumerError`.
         """
         if not project_ids:
             raise ValueError("give at least one project id")
@@ -500,22 +503,28 @@ class Consumer:
             raise ValueError("a project id is repeated")
         if self._closed:
             raise ConsumerClosed("the consumer is closed")
+        explicit = {
+            p: checked_cursor(cursor)
+            for p in project_ids
+            if (cursor := after.get(p) if isinstance(after, Mapping) else after) is not None
+        }
         self.start_connection()
         start = self.start if start is None else start
         route = _Route(tuple(project_ids), self.buffer)
         for project_id in project_ids:
-            explicit = after.get(project_id) if isinstance(after, Mapping) else after
             self._routes[project_id] = route
-            self._spawn(self._prepare(route, project_id, explicit, start))
+            self._spawn(self._prepare(route, project_id, explicit.get(project_id), start))
         return Subscription(self, tuple(project_ids), route)
 
     async def _prepare(
         self, route: _Route, project_id: int, explicit: Cursor | None, start: Start
     ) -> None:
-        cursor = Cursor(*explicit) if explicit is not None else None
+        cursor = explicit
         if cursor is None and self.store is not None:
             try:
                 cursor = await self.store.load(project_id)
+                if cursor is not None:
+                    cursor = checked_cursor(cursor)  # whatever store it comes from
             except Exception as exc:
                 # Starting from anywhere else could skip or repeat events: stop, loudly.
                 raise ConsumerError(

@@ -21,7 +21,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from consumer.types import Cursor
+import msgspec
+
+from consumer.types import Cursor, checked_cursor
 
 __all__ = [
     "CursorStore",
@@ -37,7 +39,9 @@ class CursorStore(Protocol):
     """Loads and saves the cursor of each project.
 
     ``save`` is called after the caller processed the item with that cursor; it must be durable
-    (or at least atomic) when it returns. ``load`` returns None for a project never saved.
+    (or at least atomic) when it returns. ``load`` returns None for a project never saved, and
+    raises (the shipped stores: ValueError) when what it holds is not a valid cursor
+    (:func:`~consumer.types.checked_cursor`; the consumer checks a loaded cursor too).
     """
 
     async def load(self, project_id: int) -> Cursor | None: ...
@@ -76,12 +80,18 @@ class FileCursorStore:
         self._cursors: dict[int, Cursor] | None = None
 
     def _read(self) -> dict[int, Cursor]:
+        """The file's cursors; ValueError when it is not such a file (truncated, or another
+        shape): one project's garbage makes every load fail, as the file cannot be trusted."""
         if self._cursors is None:
             try:
-                data = json.loads(self.path.read_text())
+                text = self.path.read_bytes()
             except FileNotFoundError:
-                data = {}
-            self._cursors = {int(k): Cursor(str(v[0]), int(v[1])) for k, v in data.items()}
+                text = b"{}"
+            try:
+                data = msgspec.json.decode(text, type=dict[int, list[Any]])
+                self._cursors = {int(k): checked_cursor(v) for k, v in data.items()}
+            except (msgspec.DecodeError, ValueError) as exc:
+                raise ValueError(f"{self.path} is not a cursor file: {exc}") from None
         return self._cursors
 
     async def load(self, project_id: int) -> Cursor | None:
@@ -133,7 +143,10 @@ class RedisCursorStore:
             return None
         text = value.decode() if isinstance(value, bytes) else str(value)
         epoch, _, seq = text.rpartition("|")
-        return Cursor(epoch, int(seq))
+        # int() also takes " 5", "5_0" and other scripts' digits: only what save() writes.
+        if not (seq.isascii() and seq.isdigit()):
+            raise ValueError(f"not a valid cursor in {self.key}: {text!r:.200}")
+        return checked_cursor((epoch, int(seq)))
 
     async def save(self, project_id: int, cursor: Cursor) -> None:
         await self.client.hset(self.key, str(project_id), f"{cursor[0]}|{cursor[1]}")
@@ -228,7 +241,9 @@ class SqlCursorStore:
             cursor.close()
         # No commit here: the connection may be the caller's, in the middle of its own
         # transaction (a project subscribed while another one's event is being applied).
-        return None if row is None else Cursor(str(row[0]), int(row[1]))
+        # As stored (SQLite keeps any type in any column): a float or text seq is garbage, not
+        # a position to round to.
+        return None if row is None else checked_cursor(tuple(row))
 
     async def save(self, project_id: int, cursor: Cursor) -> None:
         db_cursor = self.connection.cursor()

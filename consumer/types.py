@@ -12,7 +12,7 @@ from typing import NamedTuple, TypeAlias, Union
 import msgspec
 
 from schemas.events import ProjectEvent
-from schemas.protocol import ResyncReason
+from schemas.protocol import Epoch, ResyncReason, Sequence
 
 __all__ = [
     "AuthenticationFailed",
@@ -25,6 +25,7 @@ __all__ = [
     "Item",
     "Resync",
     "UndecodableEvent",
+    "checked_cursor",
 ]
 
 
@@ -34,6 +35,24 @@ class Cursor(NamedTuple):
 
     epoch: str
     seq: int
+
+
+_CURSOR = tuple[Epoch, Sequence]
+
+
+def checked_cursor(value: object) -> Cursor:
+    """``value`` (a ``Cursor`` or any ``(epoch, seq)`` pair) as a :class:`Cursor` if a gateway
+    accepts it (the protocol's ``Epoch``: 1-64 characters of ``A-Za-z0-9_-``; ``Sequence``: an
+    int, 0 to 2**53-1), else ValueError naming what is wrong.
+
+    A cursor the gateway refuses is answered with an error that names no project (the subscribe
+    did not decode), so a project subscribed with one would deliver nothing, and say nothing.
+    """
+    try:
+        epoch, seq = msgspec.convert(value, _CURSOR, strict=True)
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"not a valid cursor: {value!r:.200} ({exc})") from None
+    return Cursor(epoch, seq)
 
 
 class Delivery(msgspec.Struct, frozen=True, gc=False):

@@ -22,6 +22,7 @@ import redis
 from consumer import (
     AuthenticationFailed,
     Consumer,
+    ConsumerError,
     Cursor,
     Delivery,
     FileCursorStore,
@@ -379,6 +380,22 @@ async def test_a_forbidden_project_is_surfaced_and_the_others_go_on(gateway, pub
         await publisher.publish(resolved(1, 3))
         items = await collect(subscription, lambda items: len(items) == 2)
     assert [(d.project_id, d.event.blocker_id) for d in items] == [(1, 1), (1, 3)]
+
+
+async def test_a_stored_cursor_the_gateway_would_refuse_is_an_error_not_silence(
+    gateway, publisher, tmp_path
+):
+    """A cursor file holding a cursor no gateway accepts (an epoch with a space, a negative seq):
+    the gateway answers the subscribe with an ``invalid_cursor`` error that names no project
+    (the frame did not decode), so the consumer logged it and the project stayed subscribed to
+    nothing, on every reconnect, for ever: no item, no error. Now loading it fails loudly."""
+    path = tmp_path / "cursors.json"
+    path.write_text(json.dumps({"1": ["not an epoch", -1]}))
+    async with Consumer(gateway.ws_url, token=tokens([1]), store=FileCursorStore(path)) as bus:
+        subscription = bus.events(1)
+        await publisher.publish(resolved(1, 1))
+        with pytest.raises(ConsumerError, match="cannot load the cursor of project 1"):
+            await collect(subscription, lambda items: True, within=10)
 
 
 async def test_tail_prints_the_history_then_live_events(gateway, redis_url):

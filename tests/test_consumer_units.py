@@ -9,8 +9,11 @@ import contextlib
 import gc
 import json
 import os
+import shutil
 import sqlite3
+import tempfile
 from datetime import UTC, datetime
+from pathlib import Path
 
 import fakeredis
 import msgspec
@@ -374,8 +377,8 @@ async def test_redis_store_and_its_pipeline_form():
     client = fakeredis.FakeAsyncRedis()
     store = RedisCursorStore(client, "audit")
     assert await store.load(1) is None
-    await store.save(1, Cursor("ab|c", 9))  # an epoch never has "|", but rpartition copes
-    assert await store.load(1) == Cursor("ab|c", 9)
+    await store.save(1, Cursor("ab-c_9", 9))
+    assert await store.load(1) == Cursor("ab-c_9", 9)
     async with client.pipeline(transaction=True) as pipe:
         pipe.set("effect", "done")
         store.save_in(pipe, 2, Cursor("e", 3))
@@ -415,6 +418,117 @@ async def test_sql_store_saves_inside_the_callers_transaction_or_not_at_all(tmp_
     db.rollback()
     assert [r[0] for r in db.execute("SELECT seq FROM effects")] == [1]
     db.close()
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=70),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner),
+    max_leaves=6,
+)
+
+
+def write_file(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def acceptable(cursor: object) -> bool:
+    """Whether a gateway accepts ``cursor`` in a subscribe (schemas.protocol's Epoch, Sequence)."""
+    return (
+        isinstance(cursor, Cursor)
+        and isinstance(cursor.epoch, str)
+        and 1 <= len(cursor.epoch) <= 64
+        and all(c.isascii() and (c.isalnum() or c in "_-") for c in cursor.epoch)
+        and type(cursor.seq) is int
+        and 0 <= cursor.seq <= 2**53 - 1
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(entry=json_values)
+@example(entry=["not an epoch", -1])
+@example(entry=["e", 5.7])
+@example(entry=["e", True])
+@example(entry=[None, 3])
+@example(entry=["e", 2**60])
+async def test_a_cursor_store_holding_garbage_loads_a_valid_cursor_or_raises(entry: object):
+    """Whatever a cursor file or hash holds, ``load`` returns a cursor the gateway accepts, or
+    None, or raises ValueError: a cursor the gateway refuses (``["not an epoch", -1]``) is
+    answered with an error naming no project, and the project then delivered nothing, silently,
+    for ever; a float or bool seq was truncated into another position (``5.7`` -> 5)."""
+    directory = tempfile.mkdtemp()
+    try:
+        path = write_file(Path(directory, "cursors.json"), json.dumps({"1": entry}))
+        try:
+            cursor = await FileCursorStore(path).load(1)
+        except ValueError:
+            pass
+        else:
+            assert acceptable(cursor), cursor
+    finally:
+        shutil.rmtree(directory)
+    client = fakeredis.FakeAsyncRedis()
+    store = RedisCursorStore(client, "fuzz")
+    await client.hset(store.key, "1", entry if isinstance(entry, str) else json.dumps(entry))
+    try:
+        cursor = await store.load(1)
+    except ValueError:
+        pass
+    else:
+        assert acceptable(cursor), cursor
+    await client.aclose()
+
+
+@pytest.mark.parametrize(
+    "content", ["", "{", "[]", '{"x": ["e", 1]}', '{"1": ["e", "5"]}', '{"1": ["e", 5, 6]}']
+)
+async def test_a_truncated_or_ill_typed_cursor_file_raises_value_error(tmp_path, content: str):
+    path = tmp_path / "cursors.json"
+    path.write_text(content)
+    with pytest.raises(ValueError):
+        await FileCursorStore(path).load(1)
+
+
+@pytest.mark.parametrize("value", ["e|-1", "e| 5", "e|\u0663", "e|5_0", "|5", "a b|5", "e|5.0"])
+async def test_a_redis_cursor_of_garbage_raises_value_error(value: str):
+    client = fakeredis.FakeAsyncRedis()
+    store = RedisCursorStore(client, "garbage")
+    await client.hset(store.key, "1", value)
+    with pytest.raises(ValueError):
+        await store.load(1)
+    await client.aclose()
+
+
+@pytest.mark.parametrize("row", [("e", 5.5), ("e", "five"), ("e", -1), ("a b", 1)])
+async def test_a_sql_cursor_row_of_the_wrong_type_raises_value_error(row: tuple):
+    # SQLite keeps whatever type was written, whatever the column says.
+    db = sqlite3.connect(":memory:")
+    store = SqlCursorStore(db, "garbage")
+    store.create_table()
+    db.execute("INSERT INTO eventbus_cursors VALUES ('garbage', 1, ?, ?)", row)
+    with pytest.raises(ValueError):
+        await store.load(1)
+    db.close()
+
+
+async def test_a_cursor_the_gateway_would_refuse_is_refused_before_it_is_sent():
+    """An explicit ``after`` is checked when it is given; a custom store's cursor when it is
+    loaded (a fatal error, as any failed load): sent, the gateway answers an error naming no
+    project, and the project stays silent."""
+    consumer = Consumer("ws://unused/")
+    for bad in (Cursor("e", -1), Cursor("not an epoch", 1), ("e",), Cursor("e", 2**53)):
+        with pytest.raises(ValueError, match="cursor"):
+            consumer.events(1, after=bad)  # type: ignore[arg-type]
+    assert consumer._routes == {}
+
+    class Garbage(MemoryCursorStore):
+        async def load(self, project_id: int) -> Cursor | None:
+            return Cursor("e", "5")  # type: ignore[arg-type]
+
+    async with Consumer("ws://127.0.0.1:9/", store=Garbage()) as consumer:
+        with pytest.raises(ConsumerError, match="cannot load the cursor of project 1"):
+            async with asyncio.timeout(10):
+                await anext(consumer.events(1))
 
 
 # --- the client's frame handling, with a fake connection ------------------------------------------
