@@ -115,6 +115,24 @@ def _http_url(ws_url: str) -> str:
     return urlunsplit(("https" if parts.scheme == "wss" else "http", parts.netloc, "", "", ""))
 
 
+def _has_valid_cursor(message: Subscribed | ResyncRequired) -> bool:
+    """Whether a ``subscribed`` or ``resync_required`` names a cursor the gateway accepts; one
+    that does not (an epoch of garbage, a negative seq) is not taken as the project's cursor,
+    which the caller would be handed, save, and have refused on every restart (as eventbus.js,
+    which reports such a frame as ``invalid_frame`` and ignores it)."""
+    try:
+        checked_cursor((message.epoch, message.seq))
+    except ValueError as exc:
+        log.warning(
+            "ignored a frame with an invalid cursor",
+            type=type(message).__struct_config__.tag,
+            project_id=message.project_id,
+            error=str(exc),
+        )
+        return False
+    return True
+
+
 class _PageRequest:
     """One GET of a catch-up page, made by urllib in a worker thread, that the event loop can end
     at any time with :meth:`cut`: the request's sockets are shut down, so a read blocked on them
@@ -794,6 +812,8 @@ class Consumer:
                 log.warning("gap in a project's events; resubscribing", project_id=state.project_id)
                 await ws.send(_encode(state.subscribe_message()), text=True)
             return None
+        if (cls is Subscribed or cls is ResyncRequired) and not _has_valid_cursor(message):
+            return None
         if cls is Subscribed:
             state = self._states.get(message.project_id)  # type: ignore[attr-defined]
             if state is None:
@@ -937,6 +957,7 @@ class Consumer:
                     return
                 if page.resync_required is not None:
                     resync = page.resync_required
+                    checked_cursor((resync.epoch, resync.seq))  # else the fallback, below
                     item = state.on_resync(resync.reason, resync.epoch, resync.seq, paged=True)
                     await self._put(project_id, item)
                     break

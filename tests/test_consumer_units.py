@@ -1034,6 +1034,62 @@ async def test_a_foreign_frame_in_every_replay_ends_in_a_resync_not_a_busy_loop(
     assert [d.seq for d in drain(subscription)] == [6]
 
 
+def control(kind: str, project_id: int, epoch: object, seq: object, resumed: bool) -> bytes:
+    message = {"type": kind, "project_id": project_id, "epoch": epoch, "seq": seq}
+    if kind == "subscribed":
+        message["resumed"] = resumed
+    else:
+        message["reason"] = "epoch_changed"
+    return json.dumps(message).encode()
+
+
+hostile_frames = st.lists(
+    st.one_of(
+        st.tuples(st.just("event"), st.integers(1, 2), st.integers(-2, 12), st.just(False)),
+        st.tuples(
+            st.sampled_from(["subscribed", "resync_required"]),
+            st.integers(1, 2),
+            st.tuples(
+                st.sampled_from(["e1", "e2", "", "a b", "x" * 65, "e\n"]),
+                st.sampled_from([-5, -1, 0, 3, 9, 2**53 - 1, 2**53, 2**63]),
+            ),
+            st.booleans(),
+        ),
+    ),
+    max_size=30,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(hostile_frames)
+@example([("subscribed", 1, ("e1", -5), False), ("event", 1, -4, False)])
+@example([("subscribed", 1, ("e1", 3), False), ("resync_required", 1, ("a b", 2**63), False)])
+async def test_whatever_a_gateway_sends_items_are_in_order_once_with_cursors_it_accepts(
+    frames: list,
+):
+    """A hostile or broken gateway's frames: per project, each delivery is the one after the
+    item before it (after a Resync: its seq + 1), never a repeat or a skip; and every cursor the
+    caller is handed (and would save) is one a gateway accepts. A ``subscribed`` or
+    ``resync_required`` with an epoch or seq outside the protocol (``"a b"``, -5, 2**63) was
+    taken as the cursor: deliveries of seq -4, and a cursor that, saved, refused every restart."""
+    consumer, ws, subscription = await fed_consumer(1, 2)
+    for kind, project_id, what, resumed in frames:
+        if kind == "event":
+            await consumer._on_frame(ws, frame(project_id, what, abs(what) + 1))  # type: ignore[arg-type]
+        else:
+            await consumer._on_frame(ws, control(kind, project_id, *what, resumed))  # type: ignore[arg-type]
+    items = drain(subscription)
+    last: dict[int, Cursor] = {}
+    for item in items:
+        assert acceptable(item.cursor), item
+        previous = last.get(item.project_id)
+        if isinstance(item, Delivery) and previous is not None:
+            assert item.cursor == (previous.epoch, previous.seq + 1), (previous, item)
+        last[item.project_id] = item.cursor
+    for project_id in (1, 2):
+        assert consumer.cursor(project_id) is None or acceptable(consumer.cursor(project_id))
+
+
 async def test_an_event_frame_without_seq_is_ignored_not_fatal():
     consumer, ws, subscription = await fed_consumer(1)
     await consumer._on_frame(ws, subscribed(1, 0))  # type: ignore[arg-type]
