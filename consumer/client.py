@@ -368,8 +368,8 @@ class Consumer:
         reconnect: backoff and authentication-retry policy.
         buffer: items held per subscription before the connection stops reading.
         open_timeout, ping_interval, ping_timeout: WebSocket handshake timeout (also the time a
-            catch-up page may take, whole) and keepalive (a connection that answers no ping
-            within ``ping_timeout`` is dropped and resumed).
+            catch-up page may take, whole, and an async token function may take) and keepalive
+            (a connection that answers no ping within ``ping_timeout`` is dropped and resumed).
         compression: offer permessage-deflate (the gateway uses it only with ``--compression``).
         catch_up: when a resume is further behind than one replay carries (``resync_required``
             ``too_far_behind``) but the history still holds the cursor, read the missed events
@@ -411,7 +411,7 @@ class Consumer:
         self.catch_up = catch_up
         self.http_url = http_url.rstrip("/") if http_url else None
         self._current_url = urls[0]
-        self._poll_timeout = open_timeout
+        self._open_timeout = self._poll_timeout = open_timeout
         self._token_source = token
         self._connect_options: dict[str, Any] = {
             "open_timeout": open_timeout,
@@ -1036,7 +1036,16 @@ class Consumer:
             return self._token[0]
         value = source()
         if inspect.isawaitable(value):
-            value = await value
+            # A token endpoint that never answers must not hold the connection task (no
+            # connection, no retry, no word) for ever; a plain function blocks the event loop
+            # itself and cannot be bounded from here.
+            try:
+                async with asyncio.timeout(self._open_timeout):
+                    value = await value
+            except TimeoutError:
+                raise TimeoutError(
+                    f"the token function did not answer within {self._open_timeout} s"
+                ) from None
         if not isinstance(value, str) or not value:
             raise TypeError("the token function returned no token")
         self._token = (value, time.monotonic())

@@ -895,6 +895,29 @@ async def test_through_drops_duplicates_swaps_reconnects_and_flushes_every_event
         assert cursor == final or (cursor is None and final == ("e0", 0))
 
 
+async def test_a_token_function_that_never_answers_is_abandoned_after_open_timeout():
+    """An async token function stuck on a hung token endpoint held the connection task for ever:
+    no connection, no retry, no log, nothing raised (eventbus.js abandons it after its
+    connectTimeout). Now it is given up after ``open_timeout`` and asked again with backoff."""
+    calls: list[float] = []
+    asked_again = asyncio.Event()
+
+    async def hung() -> str:
+        calls.append(asyncio.get_running_loop().time())
+        if len(calls) == 3:
+            asked_again.set()
+        await asyncio.Event().wait()
+        return "never"
+
+    policy = ReconnectPolicy(initial=0.05, max=0.1)
+    consumer = Consumer("ws://127.0.0.1:9/", token=hung, open_timeout=0.3, reconnect=policy)
+    async with consumer:
+        consumer.events(1)
+        async with asyncio.timeout(5):
+            await asked_again.wait()
+    assert calls[1] - calls[0] >= 0.3
+
+
 async def test_a_bug_in_the_connection_task_is_raised_to_the_iterators_not_a_silent_hang():
     consumer = Consumer("ws://127.0.0.1:9/")
 
