@@ -770,10 +770,26 @@ class Consumer:
                 # (it subscribes when its pages are read).
                 if self._states.get(state.project_id) is state and not state.catching_up:
                     await ws.send(_encode(state.subscribe_message()), text=True)
+            # A gateway that never answers the token (its handler stuck, a proxy that accepts
+            # and forwards nothing) would hold this connection, answering pings, for ever.
+            auth_deadline = None
+            if token is not None:
+                auth_deadline = asyncio.get_running_loop().time() + self._open_timeout
             while True:
-                raw = await ws.recv(decode=False)
+                if auth_deadline is None:
+                    raw = await ws.recv(decode=False)
+                else:
+                    try:
+                        async with asyncio.timeout_at(auth_deadline):
+                            raw = await ws.recv(decode=False)
+                    except TimeoutError:
+                        log.warning(
+                            "no answer to the token; reconnecting", timeout=self._open_timeout
+                        )
+                        return
                 message = await self._on_frame(ws, raw)
                 if type(message) is Authenticated:
+                    auth_deadline = None
                     self._authenticated.set()
                     self._auth_failures = 0
                     if refresh is not None:

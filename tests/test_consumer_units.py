@@ -895,6 +895,36 @@ async def test_through_drops_duplicates_swaps_reconnects_and_flushes_every_event
         assert cursor == final or (cursor is None and final == ("e0", 0))
 
 
+async def test_a_gateway_that_never_answers_the_token_is_left_after_open_timeout():
+    """A gateway (or something in front of it) that completes the handshake and answers pings,
+    then sends nothing: the consumer sat on that connection for ever, never authenticated,
+    nothing delivered, nothing logged (eventbus.js drops it after its connectTimeout). Now a
+    connection without ``authenticated`` within ``open_timeout`` is closed and another made."""
+    from websockets.asyncio.server import serve
+
+    opened: list[float] = []
+    reconnected = asyncio.Event()
+
+    async def mute(connection) -> None:
+        opened.append(asyncio.get_running_loop().time())
+        if len(opened) == 2:
+            reconnected.set()
+        await connection.wait_closed()
+
+    async with serve(mute, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        policy = ReconnectPolicy(initial=0.05, max=0.1)
+        consumer = Consumer(
+            f"ws://127.0.0.1:{port}/", token="t", open_timeout=0.5, reconnect=policy
+        )
+        async with consumer:
+            consumer.events(1)
+            async with asyncio.timeout(5):
+                await reconnected.wait()
+    assert opened[1] - opened[0] >= 0.5
+    assert consumer.close_codes[0] is not None and not consumer.live
+
+
 async def test_a_token_function_that_never_answers_is_abandoned_after_open_timeout():
     """An async token function stuck on a hung token endpoint held the connection task for ever:
     no connection, no retry, no log, nothing raised (eventbus.js abandons it after its
