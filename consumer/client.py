@@ -887,7 +887,9 @@ class Consumer:
             log.warning("ignored an event frame without a seq", frame=raw[:200])
             return Verdict.DROP
         verdict = state.on_event(seq, paged=paged)
-        if verdict is Verdict.DELIVER:
+        if verdict is Verdict.CORRUPT:
+            await self._surface_corrupt(state)
+        if verdict is Verdict.DELIVER or verdict is Verdict.CORRUPT:
             project_id = state.project_id
             delivery = Delivery(project_id, state.cursor[0], seq, event, raw)  # type: ignore[index]
             self.stats.delivered += 1
@@ -906,11 +908,24 @@ class Consumer:
         """An event of a type this consumer does not know keeps its place in the order."""
         seq = exc.header[2]  # type: ignore[index]
         verdict = state.on_event(seq, paged=paged)
-        if verdict is Verdict.DELIVER:
+        if verdict is Verdict.CORRUPT:
+            await self._surface_corrupt(state)
+        if verdict is Verdict.DELIVER or verdict is Verdict.CORRUPT:
             epoch = state.cursor.epoch  # type: ignore[union-attr]
             item = UndecodableEvent(state.project_id, epoch, seq, raw, str(exc))
             await self._put(state.project_id, item)
         return verdict
+
+    async def _surface_corrupt(self, state: ProjectState) -> None:
+        """A gap that repairs did not fill: its Resync, before the event after it."""
+        resync = state.corrupt
+        assert resync is not None
+        log.warning(
+            "events after a gap never came; surfacing a resync",
+            project_id=state.project_id,
+            seq=resync.seq,
+        )
+        await self._put(state.project_id, resync)
 
     async def _put(self, project_id: int, item: Any) -> None:
         route = self._routes.get(project_id)
@@ -992,7 +1007,7 @@ class Consumer:
                         verdict = await self._on_event(state, event, frame, paged=True)  # type: ignore[arg-type]
                     if not current():
                         return
-                    if verdict not in (Verdict.DELIVER, Verdict.DUPLICATE):
+                    if verdict not in (Verdict.DELIVER, Verdict.DUPLICATE, Verdict.CORRUPT):
                         more = False  # out of order: the resubscribe after the pages repairs it
                         break
                 if not more:

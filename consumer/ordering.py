@@ -8,7 +8,11 @@ are the ones of ``eventbus.js``'s ``ProjectCursor``:
 * an event is delivered only when it is exactly ``seq + 1``; lower numbers are duplicates (replay
   overlap after a reconnect) and are dropped;
 * a higher number is a gap, which the gateway never leaves on purpose: the client resubscribes
-  from its cursor (the gateway replays what is missing) instead of skipping an event;
+  from its cursor (the gateway replays what is missing) instead of skipping an event; after
+  :data:`GAP_REPAIRS` such repairs from the same cursor (the history does not have the missing
+  event, or numbers an entry wrongly), the next gap from it is surfaced as ``history_corrupt``
+  to just before the event, which is then delivered: asking again would loop for ever, nothing
+  delivered and nothing said (``eventbus.js`` does the same);
 * while a subscribe is in flight, out-of-order events are dropped: that subscribe's replay (which
   always precedes its ``subscribed``) brings them in order; a ``subscribed`` that leaves the cursor
   behind the top it announces is a gap too; twice in a row from the same cursor, it is surfaced
@@ -32,7 +36,10 @@ from dataclasses import dataclass
 from consumer.types import Cursor, Resync
 from schemas.protocol import ResyncReason
 
-__all__ = ["ProjectState", "SubscribedOutcome", "Verdict"]
+__all__ = ["GAP_REPAIRS", "ProjectState", "SubscribedOutcome", "Verdict"]
+
+#: Resubscribes after a gap from one cursor before the next gap from it is a resync.
+GAP_REPAIRS = 2
 
 
 class Verdict(enum.Enum):
@@ -42,6 +49,9 @@ class Verdict(enum.Enum):
     DUPLICATE = "duplicate"  # already received: drop
     GAP = "gap"  # events are missing: drop it and send a subscribe from the cursor
     DROP = "drop"  # out of order while a subscribe is in flight: its replay brings it
+    #: A gap the repairs did not fill: surface ``ProjectState.corrupt`` (a Resync to just before
+    #: this event), then deliver this event (the cursor moved to it).
+    CORRUPT = "corrupt"
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +86,11 @@ class ProjectState:
     stream_epoch: str | None = None
     #: The cursor of the last resubscribe made because a replay stopped short of its top.
     short_replay: Cursor | None = None
+    #: The cursor the last gap repairs were made from, and how many.
+    gap_from: Cursor | None = None
+    gap_repairs: int = 0
+    #: The Resync of the last :attr:`Verdict.CORRUPT`.
+    corrupt: Resync | None = None
 
     @property
     def known(self) -> bool:
@@ -118,7 +133,16 @@ class ProjectState:
             return Verdict.DELIVER
         if seq <= last:
             return Verdict.DUPLICATE
-        return Verdict.DROP if self.pending else Verdict.GAP
+        if self.pending and not paged:
+            return Verdict.DROP  # (a page's gap is not in that replay: the pages stop at it)
+        if self.gap_from != cursor:
+            self.gap_from, self.gap_repairs = cursor, 0
+        if self.gap_repairs < GAP_REPAIRS:
+            self.gap_repairs += 1
+            return Verdict.GAP
+        self.corrupt = self._corrupt(cursor[0], seq - 1)
+        self.cursor = Cursor(cursor[0], seq)
+        return Verdict.CORRUPT
 
     def on_subscribed(self, epoch: str, seq: int, resumed: bool) -> SubscribedOutcome:
         """The gateway's ``subscribed``: the project is live after ``(epoch, seq)``."""
@@ -164,7 +188,7 @@ class ProjectState:
 
     def _corrupt(self, epoch: str, seq: int) -> Resync:
         self.cursor = Cursor(epoch, seq)
-        self.short_replay = None
+        self.short_replay = self.gap_from = None
         self.generation += 1
         return Resync(self.project_id, ResyncReason.HISTORY_CORRUPT, epoch, seq)
 
@@ -205,7 +229,7 @@ class ProjectState:
         ``paged``: it came with a catch-up's page, not on the WebSocket (whose events are still
         in the epoch it last named)."""
         self.cursor = Cursor(epoch, seq)
-        self.short_replay = None
+        self.short_replay = self.gap_from = None
         if not paged:
             self.stream_epoch = epoch
         self.start_after = None

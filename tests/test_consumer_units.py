@@ -1152,6 +1152,53 @@ async def test_an_event_frame_without_seq_is_ignored_not_fatal():
     assert [d.seq for d in drain(subscription)] == [1]
 
 
+async def test_a_gap_that_repairs_never_fill_ends_in_a_resync_not_an_endless_loop():
+    """A gateway whose live events skip a seq that its history does not have (its answer to the
+    repair says the top is the cursor): every event after the gap was a gap again, answered by
+    another subscribe, for ever: nothing delivered, nothing surfaced. As in eventbus.js, after
+    two repairs from the same cursor the gap is a Resync(history_corrupt) to just before the
+    event, which is then delivered."""
+    consumer, ws, subscription = await fed_consumer(1)
+    await consumer._on_frame(ws, subscribed(1, 3))  # type: ignore[arg-type]
+    for seq in (5, 6, 7, 8):
+        await consumer._on_frame(ws, frame(1, seq))  # type: ignore[arg-type]
+        if ws.sent:  # a repair: the gateway replays nothing and says the top is 3
+            ws.sent.clear()
+            await consumer._on_frame(ws, subscribed(1, 3, resumed=True))  # type: ignore[arg-type]
+    items = drain(subscription)
+    assert items[0] == Resync(1, ResyncReason.HISTORY_CORRUPT, EPOCH, 6)
+    assert [d.seq for d in items[1:]] == [7, 8]
+    assert consumer.stats.gaps == 2 and consumer.stats.resyncs == 1
+
+
+async def test_a_catch_up_page_with_a_gap_that_never_fills_ends_in_a_resync():
+    """The same gap in every catch-up page (an entry numbered wrongly, past more than one
+    replay): the page stopped there, the resubscribe was too far behind again, and the next
+    catch-up read the same page, for ever. After two repairs from one cursor it is surfaced."""
+    consumer, ws, subscription = await fed_consumer(1)
+    await consumer._on_frame(ws, subscribed(1, 5))  # type: ignore[arg-type]
+    consumer._states[1].subscribe_message()  # a resume from (e1, 5)
+
+    async def page(project_id: int, cursor: Cursor) -> PollResponse:
+        # The entry after 6 says it is 99.
+        frames = [msgspec.Raw(frame(1, seq)) for seq in (6, 99) if seq > cursor.seq]
+        return PollResponse(1, EPOCH, 5000, frames, None, bool(frames))
+
+    consumer._poll = page  # type: ignore[method-assign]
+    too_far = {"type": "resync_required", "project_id": 1, "reason": "too_far_behind"}
+    too_far_raw = json.dumps(too_far | {"epoch": EPOCH, "seq": 5000}).encode()
+    for _ in range(3):  # the resume, and two resubscribes after pages that stopped at the gap
+        await consumer._on_frame(ws, too_far_raw)  # type: ignore[arg-type]
+        await asyncio.gather(*consumer._helpers)
+        await consumer._on_frame(ws, subscribed(1, 5000))  # type: ignore[arg-type]
+        assert [m["type"] for m in ws.sent] == ["subscribe"]
+        ws.sent.clear()
+    items = drain(subscription)
+    assert [type(i).__name__ for i in items] == ["Delivery", "Resync", "Delivery"]
+    assert items[1] == Resync(1, ResyncReason.HISTORY_CORRUPT, EPOCH, 98)
+    assert items[2].seq == 99
+
+
 async def test_a_catch_up_whose_pages_cannot_be_read_surfaces_the_resync():
     consumer, ws, subscription = await fed_consumer(1)
     await consumer._on_frame(ws, subscribed(1, 5))  # type: ignore[arg-type]
