@@ -368,8 +368,9 @@ class Consumer:
         reconnect: backoff and authentication-retry policy.
         buffer: items held per subscription before the connection stops reading.
         open_timeout, ping_interval, ping_timeout: WebSocket handshake timeout (also the time a
-            catch-up page may take, whole, and an async token function may take) and keepalive
-            (a connection that answers no ping within ``ping_timeout`` is dropped and resumed).
+            catch-up page, an async token function, and a cursor store's load or save may take)
+            and keepalive (a connection that answers no ping within ``ping_timeout`` is dropped
+            and resumed).
         compression: offer permessage-deflate (the gateway uses it only with ``--compression``).
         catch_up: when a resume is further behind than one replay carries (``resync_required``
             ``too_far_behind``) but the history still holds the cursor, read the missed events
@@ -540,7 +541,9 @@ class Consumer:
         cursor = explicit
         if cursor is None and self.store is not None:
             try:
-                cursor = await self.store.load(project_id)
+                # A store on a hung Redis or database must not keep the project unsubscribed,
+                # and its iterator waiting, for ever without a word.
+                cursor = await self._bounded(self.store.load(project_id), "load")
                 if cursor is not None:
                     cursor = checked_cursor(cursor)  # whatever store it comes from
             except Exception as exc:
@@ -618,9 +621,24 @@ class Consumer:
                 self._spawn(self._unsubscribe(project_id))
 
     async def commit(self, item: Item | UndecodableEvent) -> None:
-        """Save the cursor of ``item`` (processed by the caller) to the store, if any."""
+        """Save the cursor of ``item`` (processed by the caller) to the store, if any; a save
+        that takes longer than ``open_timeout`` raises TimeoutError (it may have been made)."""
         if self.store is not None:
-            await self.store.save(item.project_id, item.cursor)
+            await self._bounded(self.store.save(item.project_id, item.cursor), "save")
+
+    async def _bounded(self, operation: Awaitable[Any], what: str) -> Any:
+        """A cursor store's operation, within ``open_timeout`` (a store that blocks the event
+        loop, such as a DB-API one, cannot be interrupted, only one that awaits)."""
+        deadline = asyncio.timeout(self._open_timeout)
+        try:
+            async with deadline:
+                return await operation
+        except TimeoutError:
+            if not deadline.expired():
+                raise  # the store's own
+            raise TimeoutError(
+                f"the cursor store's {what} did not finish within {self._open_timeout} s"
+            ) from None
 
     # --- the connection task ---------------------------------------------------------------------
 

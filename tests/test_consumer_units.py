@@ -715,6 +715,47 @@ async def test_a_cursor_store_that_cannot_load_stops_the_consumer_loudly(tmp_pat
                 await anext(consumer.events(1))
 
 
+async def test_a_cursor_store_that_hangs_is_an_error_after_open_timeout():
+    """A store on a hung Redis or database: its ``load`` never returned, so the project never
+    subscribed and its iterator waited for ever, nothing said; a hung ``save`` held the caller's
+    ``anext`` for ever. Now each is given ``open_timeout``: a load that takes longer is the
+    fatal ConsumerError of any failed load, a save raises TimeoutError from ``anext`` (the item
+    is not saved, as for any failing save)."""
+
+    class Hung(MemoryCursorStore):
+        def __init__(self, hang_load: bool) -> None:
+            super().__init__()
+            self.hang_load = hang_load
+
+        async def load(self, project_id: int) -> Cursor | None:
+            if self.hang_load:
+                await asyncio.Event().wait()
+            return await super().load(project_id)
+
+        async def save(self, project_id: int, cursor: Cursor) -> None:
+            await asyncio.Event().wait()
+
+    async with Consumer("ws://127.0.0.1:9/", store=Hung(True), open_timeout=0.3) as consumer:
+        with pytest.raises(ConsumerError, match="cannot load the cursor of project 1"):
+            async with asyncio.timeout(5):
+                await anext(consumer.events(1))
+
+    consumer = Consumer("ws://unused/", store=Hung(False), open_timeout=0.3)
+    consumer._task = asyncio.get_running_loop().create_future()  # no real connection task
+    subscription = consumer.events(1)
+    await asyncio.sleep(0)  # the cursor is loaded
+    ws = FakeConnection()
+    consumer._ws = consumer._subscribed_on = ws  # type: ignore[assignment]
+    consumer._states[1].subscribe_message()
+    for raw in (subscribed(1, 0), frame(1, 1), frame(1, 2)):
+        await consumer._on_frame(ws, raw)  # type: ignore[arg-type]
+    async with asyncio.timeout(5):
+        assert (await anext(subscription)).seq == 1
+        with pytest.raises(TimeoutError):
+            await anext(subscription)  # saving 1's cursor
+        assert (await anext(subscription)).seq == 2
+
+
 # --- the client against a simulated gateway and a hostile network -------------------------------
 
 
