@@ -518,15 +518,17 @@ class PresenceCore:
         self._pending.clear()
         return writes
 
-    def written(self, write: Write, ok: bool) -> None:
+    def written(self, write: Write, ok: bool, *, retry: bool = True) -> None:
         """The outcome of a write: False (refused because Redis lost our records, or failed)
-        means the next write of the project replaces our whole member list."""
+        means the next write of the project replaces our whole member list; with ``retry``
+        that write is pending now, else it waits for the next refresh (:meth:`refresh_failed`
+        or a refused :meth:`refreshed`), which finds our records missing."""
         project_id = write.project_id
         if ok and self.table.records(project_id):
             self._stored[project_id] = write.version
             return
         self._stored.pop(project_id, None)
-        if not ok:
+        if not ok and retry:
             self._pending.setdefault(project_id, set())
 
     def refresh_plan(self) -> dict[int, int | None]:
@@ -544,6 +546,13 @@ class PresenceCore:
             self._pending.setdefault(project_id, set())
         view = self.views.get(project_id)
         return view is not None and view.loaded and view.check_live(live)
+
+    def refresh_failed(self, project_id: int) -> None:
+        """The project's refresh answered an error: our records there are written whole again
+        (the view is left as it is: the error says nothing of which pods are alive)."""
+        self._stored.pop(project_id, None)
+        if self.table.records(project_id):
+            self._pending.setdefault(project_id, set())
 
     def has_pending_writes(self) -> bool:
         return bool(self._pending)

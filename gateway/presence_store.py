@@ -108,9 +108,10 @@ class PresenceStore:
     def _keys(self, project_id: int) -> list[str]:
         return [self.keys.presence_pods(project_id), self.keys.presence_versions(project_id)]
 
-    async def write(self, writes: Sequence[Write]) -> list[bool]:
+    async def write(self, writes: Sequence[Write]) -> list[bool | redis.exceptions.ResponseError]:
         """Apply writes (one script call each, one pipeline); per write, whether it was applied
-        (False: Redis had lost this pod's records, so it must be written whole)."""
+        (False: Redis had lost this pod's records, so it must be written whole), or the error
+        Redis answered for that project alone (a key of the wrong type there: another writer)."""
         if not writes:
             return []
         calls = []
@@ -129,13 +130,16 @@ class PresenceStore:
             calls.append((WRITE, self._keys(w.project_id), args))
         replies = await self._pipeline(calls)
         self._count(len(writes))
-        return [int(r) == 1 for r in replies]
+        return [
+            r if isinstance(r, redis.exceptions.ResponseError) else int(r) == 1 for r in replies
+        ]
 
     async def refresh(
         self, plan: Mapping[int, int | None], ttl_ms: int | None = None
-    ) -> dict[int, tuple[bool, dict[str, int]]]:
+    ) -> dict[int, tuple[bool, dict[str, int]] | redis.exceptions.ResponseError]:
         """Keep this pod's records alive in the projects mapped to a version (None: only watch
-        the project) and report each project's live pods: project -> (ok, pod -> version)."""
+        the project) and report each project's live pods: project -> (ok, pod -> version), or
+        the error Redis answered for that project alone."""
         if not plan:
             return {}
         ttl_ms = self.ttl_ms if ttl_ms is None else ttl_ms
@@ -152,9 +156,13 @@ class PresenceStore:
             calls.append((REFRESH, self._keys(project_id), args))
         replies = await self._pipeline(calls)
         self._count(len(projects))
-        out = {}
-        for project_id, (ok, flat) in zip(projects, replies, strict=True):
-            out[project_id] = (ok == 1, parse_versions(flat))
+        out: dict[int, tuple[bool, dict[str, int]] | redis.exceptions.ResponseError] = {}
+        for project_id, reply in zip(projects, replies, strict=True):
+            if isinstance(reply, redis.exceptions.ResponseError):
+                out[project_id] = reply
+            else:
+                ok, flat = reply
+                out[project_id] = (ok == 1, parse_versions(flat))
         return out
 
     async def read(self, project_id: int) -> dict[str, PodState]:
@@ -166,7 +174,9 @@ class PresenceStore:
         return parse_read_reply(reply)
 
     async def _pipeline(self, calls: list[tuple[str, list, list]]) -> list:
-        """Run script calls in one pipeline and return their replies (raising the first error).
+        """Run script calls in one pipeline and return their replies, a call's error reply
+        (``ResponseError``) in its place: one project's keys of the wrong type must not fail the
+        calls of every other project in the pipeline. A lost connection raises.
 
         EVALSHA by the script's SHA, without redis-py's ``SCRIPT EXISTS`` before each pipeline;
         the calls Redis refuses with NOSCRIPT (it restarted, or ``SCRIPT FLUSH``) did not run:
@@ -195,7 +205,9 @@ class PresenceStore:
             for i, reply in zip(missing, await run(missing), strict=True):
                 replies[i] = reply
         for reply in replies:
-            if isinstance(reply, Exception):
+            if isinstance(reply, Exception) and not isinstance(
+                reply, redis.exceptions.ResponseError
+            ):
                 raise reply
         return replies
 
@@ -465,15 +477,34 @@ class PresenceService:
             for w in writes:
                 self.core.written(w, ok=False)
             raise
-        for w, ok in zip(writes, results, strict=True):
-            self.core.written(w, ok)
+        for w, result in zip(writes, results, strict=True):
+            if isinstance(result, redis.exceptions.ResponseError):
+                # Written whole at the next refresh (not every write interval while it fails).
+                self._project_error(w.project_id, result)
+                self.core.written(w, ok=False, retry=False)
+            else:
+                self.core.written(w, result)
 
     async def _refresh(self) -> None:
         replies = await self.store.refresh(self.core.refresh_plan())
-        for project_id, (ok, live) in replies.items():
-            if self.core.refreshed(project_id, ok, live):
+        for project_id, reply in replies.items():
+            if isinstance(reply, redis.exceptions.ResponseError):
+                self._project_error(project_id, reply)
+                self.core.refresh_failed(project_id)
+            elif self.core.refreshed(project_id, *reply):
                 self._reread.add(project_id)
         await self._flush()  # rewrite whatever Redis lost, now
+
+    def _project_error(self, project_id: int, exc: Exception) -> None:
+        """One project's presence keys answer errors (another writer left a key of the wrong
+        type there): said in the log; the pod's other projects go on."""
+        if (suppressed := self._throttle.allow("project_error")) is not None:
+            log.warning(
+                "presence: a project's keys in Redis are unusable",
+                project_id=project_id,
+                error=describe(exc),
+                suppressed=suppressed,
+            )
 
     async def _redis_loop(self) -> None:
         """Writes, refreshes and re-reads, one at a time (a write and a refresh never race)."""

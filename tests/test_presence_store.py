@@ -424,3 +424,35 @@ async def test_a_reread_finishing_after_the_last_subscriber_left_leaves_no_unwat
     b.store.read = read
     channel = b.keys.presence_channel(1)
     assert 1 not in b.core.views or channel in b._channels, "a loaded view nobody watches"
+
+
+@pytest.mark.parametrize("damage", ["pods", "versions"])
+async def test_a_damaged_project_does_not_stop_the_pods_other_projects(
+    pods, redis_client, damage
+) -> None:
+    """Another writer leaves a key of the wrong type in project 1's presence: the pod's writes
+    and refreshes of its other projects must go on (one pipeline carries them all). Project 2's
+    member is written, its activity reaches other pods, and it outlives the ttl."""
+    a, b = await pods.start("a"), await pods.start("b")
+    keys = a.keys
+    bad = keys.presence_pods(1) if damage == "pods" else keys.presence_versions(1)
+    redis_client.set(bad, "a string, not a zset or hash")
+    a.join("tab", 1, "alice", None)  # project 1's write fails on every round
+    a.join("tab", 2, "alice", None)
+    watcher = await pods.watch(b, "watcher", project_id=2)
+    await watcher.until(lambda m: set(m) == {"alice"}, within=5)
+    a.activity("tab", 2, 7, None)
+    await watcher.until(lambda m: m["alice"].viewing == 7, within=5)
+    await asyncio.sleep(TIMINGS["ttl"] + 2 * TIMINGS["refresh_interval"])  # refreshes must land
+    assert [m.id for m in read_presence(redis_client, 2)] == ["alice"]
+    assert watcher.left == []
+    try:  # the damaged project says so, clearly, or lists what it can read: nobody
+        assert read_presence(redis_client, 1) == []
+    except redis.ResponseError as exc:
+        assert "WRONGTYPE" in str(exc)
+    redis_client.delete(bad)  # repaired: the pod lists its member there at its next refresh
+
+    async def listed() -> bool:
+        return [m.id for m in read_presence(redis_client, 1)] == ["alice"]
+
+    await eventually(listed, TIMINGS["refresh_interval"] + SLACK)
