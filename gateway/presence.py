@@ -22,6 +22,7 @@ Contracts that the whole design rests on (docs/presence.md):
 
 from __future__ import annotations
 
+import heapq
 import itertools
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
@@ -100,32 +101,59 @@ class _Tab:
     answering: int | None
     since: int  # unix ms when the tab joined
     at: int  # unix ms of its last activity report (join counts as one)
-    order: int  # tie-break among tabs reporting in the same millisecond: later wins
+    closed: bool = False
 
 
-class PodTable:
-    """This pod's tabs, one record per (project, member): the activity of the tab that reported
-    last, ``since`` of the tab that joined first, and that tab's display name."""
+class _Member:
+    """One member's tabs on this pod, kept so that its record costs the same whatever the
+    number of tabs (one person may have thousands: a kiosk token shared by many screens)."""
+
+    __slots__ = ("joined", "tabs")
 
     def __init__(self) -> None:
-        self._tabs: dict[tuple[SessionKey, int], _Tab] = {}
-        self._members: dict[int, dict[str, set[SessionKey]]] = {}
-        self._sessions: dict[SessionKey, set[int]] = {}
-        self._order = itertools.count()
+        #: Session -> tab, in the order they reported (a join counts): the last one wins.
+        self.tabs: dict[SessionKey, _Tab] = {}
+        #: A heap of (since, join order, tab): the earliest-joined open tab on top. Closed tabs
+        #: are dropped when they reach the top, or all at once when they outnumber open ones.
+        self.joined: list[tuple[int, int, _Tab]] = []
 
-    def record(self, project_id: int, member_id: str) -> PodRecord | None:
-        sessions = self._members.get(project_id, {}).get(member_id)
-        if not sessions:
-            return None
-        tabs = [self._tabs[(session, project_id)] for session in sessions]
-        latest = max(tabs, key=lambda tab: (tab.at, tab.order))
+    def reported(self, session: SessionKey, tab: _Tab) -> None:
+        self.tabs.pop(session, None)
+        self.tabs[session] = tab
+
+    def close(self, session: SessionKey) -> None:
+        self.tabs.pop(session).closed = True
+        if len(self.joined) > 2 * len(self.tabs) + 8:
+            self.joined = [entry for entry in self.joined if not entry[2].closed]
+            heapq.heapify(self.joined)
+
+    def record(self) -> PodRecord:
+        latest = self.tabs[next(reversed(self.tabs))]
+        while self.joined[0][2].closed:
+            heapq.heappop(self.joined)
         return PodRecord(
             name=latest.name,
             viewing=latest.viewing,
             answering=latest.answering,
-            since=min(tab.since for tab in tabs),
+            since=self.joined[0][0],
             at=latest.at,
         )
+
+
+class PodTable:
+    """This pod's tabs, one record per (project, member): the activity of the tab that reported
+    last, ``since`` of the tab that joined first, and that tab's display name. Each change
+    costs O(log tabs) of its member, never a pass over them."""
+
+    def __init__(self) -> None:
+        self._tabs: dict[tuple[SessionKey, int], _Tab] = {}
+        self._members: dict[int, dict[str, _Member]] = {}
+        self._sessions: dict[SessionKey, set[int]] = {}
+        self._order = itertools.count()
+
+    def record(self, project_id: int, member_id: str) -> PodRecord | None:
+        member = self._members.get(project_id, {}).get(member_id)
+        return None if member is None else member.record()
 
     def records(self, project_id: int) -> dict[str, PodRecord]:
         return {
@@ -160,13 +188,16 @@ class PodTable:
                 if tab.name == name:
                     return []
                 tab.name = name
-                tab.at, tab.order = now_ms, next(self._order)
+                tab.at = now_ms
+                self._members[project_id][member_id].reported(session, tab)
                 return [member_id]
             touched = self.leave(session, project_id)  # the token now names someone else
-        self._tabs[(session, project_id)] = _Tab(
-            member_id, name, None, None, now_ms, now_ms, next(self._order)
-        )
-        self._members.setdefault(project_id, {}).setdefault(member_id, set()).add(session)
+        tab = self._tabs[(session, project_id)] = _Tab(member_id, name, None, None, now_ms, now_ms)
+        member = self._members.setdefault(project_id, {}).get(member_id)
+        if member is None:
+            member = self._members[project_id][member_id] = _Member()
+        member.reported(session, tab)
+        heapq.heappush(member.joined, (now_ms, next(self._order), tab))
         self._sessions.setdefault(session, set()).add(project_id)
         return [*touched, member_id]
 
@@ -183,7 +214,8 @@ class PodTable:
         if tab is None:
             return []
         tab.viewing, tab.answering = viewing, answering
-        tab.at, tab.order = now_ms, next(self._order)
+        tab.at = now_ms
+        self._members[project_id][tab.member_id].reported(session, tab)
         return [tab.member_id]
 
     def leave(self, session: SessionKey, project_id: int) -> list[str]:
@@ -191,9 +223,9 @@ class PodTable:
         if tab is None:
             return []
         members = self._members[project_id]
-        sessions = members[tab.member_id]
-        sessions.discard(session)
-        if not sessions:
+        member = members[tab.member_id]
+        member.close(session)
+        if not member.tabs:
             del members[tab.member_id]
             if not members:
                 del self._members[project_id]

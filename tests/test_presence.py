@@ -523,3 +523,31 @@ def test_a_nested_reply_in_place_of_a_record_is_skipped() -> None:
     assert {pod: set(s.records) for pod, s in parse_read_reply(reply).items()} == {
         "pod-1": {"alice"}
     }
+
+
+def test_one_person_with_many_tabs_costs_each_tab_its_own_work() -> None:
+    """One ``sub`` in thousands of tabs (a shared kiosk token, or one hostile user opening
+    sockets) on a watched project: each join, activity and leave must cost about the same as
+    with one tab. Merging all of a member's tabs on every change made N tabs cost N^2 (10,000
+    tabs: about a minute of the event loop, every other client frozen meanwhile)."""
+    import time
+
+    tabs = 10_000
+    core = PresenceCore("p", clock_ms=iter(range(1, 10**6)).__next__)
+    core.load(1, {})
+    core.subscribe("watcher", 1)
+    started = time.perf_counter()
+    budget = 3.0  # ~0.2 s on one core when each change costs its own tab's work
+    for step, op in enumerate(("join", "activity", "leave")):
+        for i in range(tabs):
+            if op == "join":
+                core.join(f"t{i}", 1, "kiosk", None)
+            elif op == "activity":
+                core.activity(f"t{i}", 1, i + 1, None)
+            elif i < tabs - 1:  # the first tab stays: it is the earliest to have joined
+                core.leave(f"t{tabs - 1 - i}", 1)
+            if i % 500 == 0:
+                assert time.perf_counter() - started < budget, f"{op} of tab {i} over budget"
+        if step == 1:
+            assert core.table.record(1, "kiosk") == PodRecord(None, tabs, None, 1, 2 * tabs)
+    assert core.table.record(1, "kiosk") == PodRecord(None, 1, None, 1, tabs + 1)
