@@ -294,7 +294,9 @@ return {ok, redis.call('HGETALL', KEYS[2])}
 #: A project's presence, atomically: every live pod's version and records. Read-only.
 #:
 #: KEYS: pods, versions. ARGV: pod hash prefix.
-#: Returns {{pod, version, {member, record, ...}}, ...} for the pods whose deadline is ahead.
+#: Returns {{pod, version, {member, record, ...}}, ...} for the pods whose deadline is ahead and
+#: whose records key is a hash: one that is not (another writer) is skipped, not an error that
+#: would hide every other pod's members for as long as the key stays.
 READ = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -302,7 +304,8 @@ local out = {}
 for _, p in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf')) do
   local version = redis.call('HGET', KEYS[2], p)
   if version then
-    out[#out + 1] = {p, version, redis.call('HGETALL', ARGV[1] .. p)}
+    local records = redis.pcall('HGETALL', ARGV[1] .. p)
+    if records.err == nil then out[#out + 1] = {p, version, records} end
   end
 end
 return out

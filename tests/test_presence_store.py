@@ -456,3 +456,24 @@ async def test_a_damaged_project_does_not_stop_the_pods_other_projects(
         return [m.id for m in read_presence(redis_client, 1)] == ["alice"]
 
     await eventually(listed, TIMINGS["refresh_interval"] + SLACK)
+
+
+async def test_a_pod_hash_of_the_wrong_type_hides_only_that_pod(pods, redis_client) -> None:
+    """Another writer lists a pod whose records key is not a hash (and never expires): a read
+    skips that pod and lists everyone else, from a backend and through a pod alike, instead of
+    failing the whole project's presence for as long as the key stays."""
+    a, b = await pods.start("a"), await pods.start("b")
+    keys = a.keys
+    redis_client.zadd(keys.presence_pods(1), {"forged": 2**52})
+    redis_client.hset(keys.presence_versions(1), "forged", "1")
+    redis_client.set(keys.presence_pod(1, "forged"), "a string, not a hash")
+    a.join("tab", 1, "alice", None)
+
+    async def listed() -> bool:
+        return [m.id for m in read_presence(redis_client, 1)] == ["alice"]
+
+    await eventually(listed, 5)
+    assert [m.id for m in await aread_presence(b.client, 1)] == ["alice"]
+    assert msgspec.json.decode(await b.get(1))["members"][0]["id"] == "alice"
+    watcher = await pods.watch(b, "watcher")
+    assert set(watcher.members) == {"alice"}
