@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
 import msgspec
+from msgspec import Meta
 
-from schemas.protocol import Member
+from schemas.protocol import ItemId, Member
+from schemas.tokens import MAX_NAME_LENGTH
 
 __all__ = [
     "READ",
@@ -48,23 +50,33 @@ __all__ = [
 ]
 
 
+#: Unix milliseconds, as a browser reads them exactly.
+UnixMs = Annotated[int, Meta(ge=0, le=2**53 - 1)]
+#: A display name as :func:`schemas.tokens.verify_token` passes it on.
+Name = Annotated[str, Meta(min_length=1, max_length=MAX_NAME_LENGTH)]
+#: A member id: a token's ``sub``, never empty (:meth:`gateway.presence.PresenceCore.join`).
+MemberId = Annotated[str, Meta(min_length=1)]
+
+
 class PodRecord(msgspec.Struct, frozen=True, array_like=True):
     """One member as one pod sees it (its tabs there merged): stored as a JSON array.
 
     ``at`` orders activity reports (unix ms of the pod that took it); the most recent wins the
-    merge. ``since`` is when the member's earliest open tab joined (unix ms).
+    merge. ``since`` is when the member's earliest open tab joined (unix ms). The field types
+    are what a pod can write (a token's name, the protocol's item ids): decoding refuses
+    anything else, so another writer's values never reach a browser.
     """
 
-    name: str | None
-    viewing: int | None
-    answering: int | None
-    since: int
-    at: int
+    name: Name | None
+    viewing: ItemId | None
+    answering: ItemId | None
+    since: UnixMs
+    at: UnixMs
 
 
 _record_encoder = msgspec.json.Encoder()
 _record_decoder = msgspec.json.Decoder(PodRecord)
-_changes_decoder = msgspec.json.Decoder(dict[str, PodRecord | None])
+_changes_decoder = msgspec.json.Decoder(dict[MemberId, PodRecord | None])
 
 
 def encode_record(record: PodRecord) -> bytes:
@@ -161,6 +173,8 @@ def parse_read_reply(reply: list) -> dict[str, PodState]:
             member, value = flat[i], flat[i + 1]
             if not isinstance(member, bytes | str) or not isinstance(value, bytes | str):
                 continue  # a nested reply: not a hash field the scripts wrote
+            if not member:
+                continue  # no pod lists a member without an id
             try:
                 records[_text(member)] = decode_record(value)
             except (msgspec.DecodeError, UnicodeDecodeError):

@@ -551,3 +551,39 @@ def test_one_person_with_many_tabs_costs_each_tab_its_own_work() -> None:
         if step == 1:
             assert core.table.record(1, "kiosk") == PodRecord(None, tabs, None, 1, 2 * tabs)
     assert core.table.record(1, "kiosk") == PodRecord(None, 1, None, 1, tabs + 1)
+
+
+_any_int = st.one_of(
+    st.integers(min_value=-(2**64), max_value=2**64), st.sampled_from([0, 1, 2**53 - 1, 2**53, -1])
+)
+_record_values = st.tuples(
+    st.none() | st.text(max_size=3) | st.just("x" * 201) | _any_int,
+    st.none() | _any_int | st.booleans(),
+    st.none() | _any_int | st.text(max_size=2),
+    _any_int | st.none(),
+    _any_int,
+)
+
+
+@given(_record_values, st.sampled_from([b"u", b""]))
+def test_a_record_is_only_what_a_pod_can_have_written(values, member_id) -> None:
+    """A pod writes what a token and ``activity`` allow: a name of 1 to 200 characters or
+    none, item ids of the protocol (1 to 2**53 - 1) or none, times in unix ms, a non-empty member
+    id. Anything else in Redis or on the channel is another writer's and must not reach
+    browsers (a negative or unsafe id in a presence frame), from a read or an announcement."""
+    raw = msgspec.json.encode(list(values))
+    reply = [[b"pod-1", b"3", [member_id, raw]]]
+    records = parse_read_reply(reply)["pod-1"].records
+    try:
+        announced = parse_announcement(b'pod-1|3|0|{"' + member_id + b'":' + raw + b"}").changes
+    except MalformedAnnouncement:
+        announced = {}
+    for parsed in (records, announced):
+        for key, record in parsed.items():
+            assert key and record is not None
+            name, viewing, answering, since, at = values
+            assert name is None or 1 <= len(name) <= 200
+            assert all(
+                v is None or (type(v) is int and 0 < v < 2**53) for v in (viewing, answering)
+            )
+            assert all(type(t) is int and 0 <= t < 2**53 for t in (since, at))
