@@ -477,3 +477,40 @@ async def test_a_pod_hash_of_the_wrong_type_hides_only_that_pod(pods, redis_clie
     assert msgspec.json.decode(await b.get(1))["members"][0]["id"] == "alice"
     watcher = await pods.watch(b, "watcher")
     assert set(watcher.members) == {"alice"}
+
+
+async def test_a_tab_closed_while_redis_hangs_leaves_once_it_answers() -> None:
+    """Redis stopped (SIGSTOP: connections open, no answer) for longer than the ttl while a tab
+    closes: nothing waits on Redis unboundedly (diffs go on, the pods' own changes show), and
+    once Redis answers the closed tab's member leaves every view within the kill bound, while
+    the member still connected is listed again and stays."""
+    import os
+
+    with RedisServer() as server:
+        pods = Pods(server.url)
+        try:
+            a, b = await pods.start("a"), await pods.start("b")
+            a.join("tab", 1, "alice", None)
+            b.join("tab", 1, "bob", None)
+            watcher = await pods.watch(b, "watcher")
+            await watcher.until(lambda m: set(m) == {"alice", "bob"}, within=5)
+            os.kill(server.process.pid, signal.SIGSTOP)
+            try:
+                a.close_session("tab")
+                b.activity("tab", 1, 4, None)  # this pod's own change shows without Redis
+                await watcher.until(lambda m: m["bob"].viewing == 4, within=2)
+                await asyncio.sleep(3 * TIMINGS["ttl"])  # every deadline in Redis passes
+            finally:
+                os.kill(server.process.pid, signal.SIGCONT)
+            resumed = time.monotonic()
+            # A call in flight may wait out its socket timeout (2 s) first.
+            await watcher.until(lambda m: set(m) == {"bob"}, within=2 + KILL_BOUND + SLACK)
+            client = server.client()
+            try:
+                await eventually(_reads(client, {"bob"}), 5)
+            finally:
+                client.close()
+            assert time.monotonic() - resumed <= 2 + KILL_BOUND + SLACK
+            assert all(not task.done() for s in (a, b) for task in s._tasks)
+        finally:
+            await pods.close()
