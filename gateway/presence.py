@@ -28,7 +28,7 @@ from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 
 from schemas.presence import Announcement, PodRecord, PodState, merge_member, merge_pods
-from schemas.protocol import Member, Presence, PresenceDiff
+from schemas.protocol import Member, Presence, PresenceDiff, encode
 
 __all__ = [
     "PodTable",
@@ -258,6 +258,7 @@ class ProjectView:
         self.loaded = False
         self.members: dict[str, Member] = {}
         self.emitted: dict[str, Member] | None = None
+        self._frame: bytes | None = None  # ``snapshot()`` encoded, while ``emitted`` stays
         self._dirty: set[str] = set()  # members to re-merge
         self._unsent: set[str] = set()  # members that may differ from ``emitted``
         self._misses: dict[str, int] = {}
@@ -382,6 +383,13 @@ class ProjectView:
             self._unsent.clear()
         return presence_message(self.project_id, self.emitted)
 
+    def snapshot_frame(self) -> bytes:
+        """:meth:`snapshot` encoded, built once per state: every new subscriber and every
+        ``presence_get`` of a large project would otherwise encode the whole list again."""
+        if self._frame is None or self.emitted is None:
+            self._frame = encode(self.snapshot())
+        return self._frame
+
     def take_diff(self) -> PresenceDiff | None:
         """The changes since the last snapshot/diff, or None; afterwards they count as sent."""
         current = self.current()
@@ -390,6 +398,7 @@ class ProjectView:
         diff = compute_diff(self.project_id, self.emitted, current, self._unsent)
         self._unsent.clear()
         if diff is not None:
+            self._frame = None
             for member_id in diff.left:
                 del self.emitted[member_id]
             for member in (*diff.joined, *diff.changed):

@@ -272,6 +272,9 @@ class PresenceService:
         self._tasks: list[asyncio.Task] = []
         self._wake = asyncio.Event()
         self._loading: dict[int, asyncio.Task] = {}
+        #: project -> (until when, the read of its ``presence`` frame) for ``presence_get``
+        #: without a view.
+        self._answers: dict[int, tuple[float, asyncio.Task]] = {}
         self._reread: set[int] = set()
         self._channels: set[str] = set()
         self._pubsub: Any = None
@@ -307,6 +310,7 @@ class PresenceService:
         """Stop every loop without touching Redis (what a crash looks like to other pods)."""
         self.stopped = True
         tasks = self._tasks + list(self._loading.values())
+        tasks += [task for _, task in self._answers.values() if not task.done()]
         self._tasks = []
         for _ in range(3):
             # redis-py's read timeouts can swallow a cancel that coincides with them (the loops
@@ -357,7 +361,8 @@ class PresenceService:
             await self._ensure_loaded(project_id)
             view = self.core.views.get(project_id)
             if view is not None and view.loaded:
-                return encode(self.core.subscribe(session, project_id))
+                self.core.subscribe(session, project_id)
+                return view.snapshot_frame()
 
     def unsubscribe(self, session: SessionKey, project_id: int) -> None:
         if self.core.unsubscribe(session, project_id):
@@ -365,11 +370,35 @@ class PresenceService:
 
     async def get(self, project_id: int) -> bytes:
         """The ``presence`` frame for ``presence_get``: from the view when this pod has one
-        (the state its subscribers' diffs start from), else read from Redis."""
+        (the state its subscribers' diffs start from), else read from Redis.
+
+        Either is at most ``diff_interval`` old, as a view is: a read's frame answers every
+        ``presence_get`` of the project for that long (and concurrent ones share the read), so
+        a client asking in a loop costs Redis one read per project per interval, not one per
+        request."""
         view = self.core.views.get(project_id)
         if view is not None and view.loaded:
-            return encode(view.snapshot())
+            return view.snapshot_frame()
+        now = asyncio.get_running_loop().time()
+        answer = self._answers.get(project_id)
+        if answer is None or answer[0] <= now:
+            if len(self._answers) >= 256:  # frames of projects nobody asked for lately
+                self._answers = {p: a for p, a in self._answers.items() if a[0] > now}
+            task = asyncio.ensure_future(self._read_frame(project_id))
+            answer = self._answers[project_id] = (now + self.diff_interval, task)
+            task.add_done_callback(lambda t, p=project_id, a=answer: self._read_done(p, a))
+        # Shielded: a caller whose wait ends (its timeout, its connection closed) must not
+        # cancel the read the others wait for.
+        return await asyncio.shield(answer[1])
+
+    async def _read_frame(self, project_id: int) -> bytes:
         return encode(self.core.snapshot_of_read(project_id, await self.store.read(project_id)))
+
+    def _read_done(self, project_id: int, answer: tuple[float, asyncio.Task]) -> None:
+        task = answer[1]
+        if task.cancelled() or task.exception() is not None:  # (retrieved: never logged)
+            if self._answers.get(project_id) is answer:
+                del self._answers[project_id]  # a failure is not an answer: the next one reads
 
     def on_message(self, channel: bytes | str, data: bytes) -> None:
         """A message of a presence channel (from this service's listener, or from the gateway's

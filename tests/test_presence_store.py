@@ -289,8 +289,12 @@ async def test_presence_get_without_a_view_reads_redis(pods) -> None:
     await eventually(both, 5)
     a.close_session("tab")
     b.activity("tab", 3, None, 9)
-    frame = msgspec.json.decode(await b.get(3))
-    assert [(m["id"], m["answering"]) for m in frame["members"]] == [("alice", 9)]
+
+    async def answering() -> bool:  # an answer is at most one diff interval old
+        frame = msgspec.json.decode(await b.get(3))
+        return [(m["id"], m["answering"]) for m in frame["members"]] == [("alice", 9)]
+
+    await eventually(answering, TIMINGS["diff_interval"] + SLACK)
 
 
 def test_read_presence_refuses_a_bad_project(redis_client) -> None:
@@ -514,3 +518,40 @@ async def test_a_tab_closed_while_redis_hangs_leaves_once_it_answers() -> None:
             assert all(not task.done() for s in (a, b) for task in s._tasks)
         finally:
             await pods.close()
+
+
+async def test_a_presence_get_flood_costs_one_read_and_one_encoding_per_interval(
+    pods, monkeypatch
+) -> None:
+    """``presence_get`` answers from state at most one diff interval old (docs/presence.md): a
+    client asking in a loop, or many clients at once, must not cost a Redis read (O(members) on
+    the Redis every project shares) or an encoding of the whole list (O(members) on the event
+    loop) per request."""
+    import gateway.presence
+    import gateway.presence_store
+
+    a, b = await pods.start("a"), await pods.start("b", diff_interval=5.0)
+    for i in range(200):
+        a.join(f"tab{i}", 3, f"u{i}", f"Person {i}")
+
+    async def all_there() -> bool:
+        return len(msgspec.json.decode(await b.get(3))["members"]) == 200
+
+    await eventually(all_there, 5)
+    encodings = []
+    encode = gateway.presence_store.encode
+    for module in (gateway.presence, gateway.presence_store):
+        monkeypatch.setattr(
+            module, "encode", lambda m: encodings.append(1) or encode(m), raising=False
+        )
+    reads = b.store.commands
+    frames = await asyncio.gather(*(b.get(3) for _ in range(50)))  # many clients at once
+    frames += [await b.get(3) for _ in range(200)]  # one client in a loop
+    assert b.store.commands - reads <= 1 and len(encodings) <= 1
+    assert len(set(frames)) == 1
+    # With a view (presence subscribers on the pod): the frame is built once per state too.
+    watcher = await pods.watch(b, "watcher", project_id=3)
+    assert len(watcher.members) == 200
+    encodings.clear()
+    frames = [await b.get(3) for _ in range(200)]
+    assert len(encodings) <= 1 and len(set(frames)) == 1
