@@ -10,6 +10,7 @@ empty); a snapshot's cursor covers exactly the events its data includes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sqlite3
@@ -27,7 +28,7 @@ import pytest
 import redis
 import structlog
 
-from publisher import AsyncPublisher, EventValidationError, Publisher
+from publisher import AsyncPublisher, Cursor, EventValidationError, Publisher
 from publisher.outbox import (
     InTransaction,
     LagHistogram,
@@ -38,7 +39,7 @@ from publisher.outbox import (
     idempotency_key,
     migration_sql,
 )
-from publisher.outbox.relay import OutboxRow, PostgresOutboxStore
+from publisher.outbox.relay import OutboxRow, PostgresOutboxStore, SQLiteOutboxStore
 from publisher.outbox.sql import for_psycopg, lock_key, validate_table
 from schemas import BlockerResolved, encode_event
 from tests.support.outbox_db import private_database, stream_ids, wait_until
@@ -839,6 +840,80 @@ def test_the_store_closed_while_a_statement_waits_ends_it_and_harms_no_other_soc
         for pair in others:
             for sock in pair:
                 sock.close()
+
+
+@pytest.mark.parametrize("journal", ["wal", "delete"])
+def test_stop_returns_within_its_timeout_while_another_sqlite_writer_holds_the_lock(
+    tmp_path, table, bus, journal
+):
+    """Another connection holds SQLite's lock (an application transaction left open): in WAL
+    mode the relay has published a row and waits to mark it; in rollback-journal mode an
+    exclusive lock keeps it from even reading the table. ``stop(timeout)`` returns within its
+    timeout with the thread ended, and once the lock is released the relay started again
+    publishes (or republishes as a no-op) the row and marks it: nothing lost, nothing
+    duplicated. Before, the statement waited in SQLite's busy handler for up to 30 s; stop()
+    closed the connection under it from its own thread, which waited for the statement and
+    then crashed the process (a segmentation fault, here when a timer released the lock after
+    5 s)."""
+    sqlite_path = str(tmp_path / f"{journal}.db")
+    with contextlib.closing(sqlite3.connect(sqlite_path)) as conn, conn:
+        conn.execute(f"PRAGMA journal_mode={journal}")
+        Outbox(table).create_table(conn)
+        Outbox(table).write(conn, event(1, 1))
+    holder = sqlite3.connect(sqlite_path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE" if journal == "wal" else "BEGIN EXCLUSIVE")
+    release = threading.Timer(5, holder.rollback)
+    release.start()
+    relay = OutboxRelay.sqlite(sqlite_path, bus, table=table, poll_interval=0.05)
+    relay.start()
+    thread = relay._thread
+    try:
+        if journal == "wal":
+            wait_until(lambda: len(stream_ids(bus.client, 1)) == 1)  # published, to be marked
+        else:
+            wait_until(lambda: relay.store._using)  # reading, or waiting to
+        started = time.monotonic()
+        relay.stop(timeout=1.0)
+        assert time.monotonic() - started < 1.5
+        assert thread is not None and not thread.is_alive()
+    finally:
+        release.cancel()
+        holder.rollback()
+        holder.close()
+    with sqlite3.connect(sqlite_path) as conn:
+        assert conn.execute(f"SELECT count(*) FROM {table} WHERE seq IS NULL").fetchone()[0] == 1
+    relay.start()
+    try:
+        wait_until(lambda: relay.metrics.published == 1)
+    finally:
+        relay.stop()
+    with sqlite3.connect(sqlite_path) as conn:
+        assert conn.execute(f"SELECT seq FROM {table}").fetchall() == [(1,)]
+    assert_exact(bus.client, {1: [1]})
+
+
+def test_a_sqlite_store_waits_for_another_writers_lock_up_to_its_timeout(sqlite_path, table):
+    """The relay's SQLite statements wait for another connection's lock (released here by a
+    timer after 0.3 s) and then succeed; a lock held longer than the store's ``timeout`` fails
+    the statement with ``database is locked`` once that time is up, not before."""
+    with sqlite3.connect(sqlite_path) as conn:
+        Outbox(table).write(conn, event(1, 1))
+    store = SQLiteOutboxStore(sqlite_path, table, timeout=1.0)
+    holder = sqlite3.connect(sqlite_path, isolation_level=None, check_same_thread=False)
+    try:
+        (row,) = store.fetch(10, [])
+        holder.execute("BEGIN IMMEDIATE")
+        threading.Timer(0.3, holder.rollback).start()
+        store.mark([(row.id, Cursor("e", 1))])  # waited for the lock
+        assert store.fetch(10, []) == []
+        holder.execute("BEGIN IMMEDIATE")
+        started = time.monotonic()
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            store.cleanup(timedelta(minutes=1), 10)
+        assert 1.0 <= time.monotonic() - started < 2.0
+    finally:
+        holder.close()
+        store.close()
 
 
 def test_the_catch_up_after_an_outage_is_paced_by_max_rate(sqlite_path, table, bus):

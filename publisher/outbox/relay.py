@@ -31,9 +31,9 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import structlog
 
@@ -44,6 +44,8 @@ from publisher.outbox.sql import DEFAULT_TABLE, POSTGRES, SQLITE, Statements, fo
 from schemas.events import EventValidationError, decode_event
 
 __all__ = ["OutboxRelay", "OutboxRow", "PostgresOutboxStore", "SQLiteOutboxStore"]
+
+_T = TypeVar("_T")
 
 
 def log() -> structlog.typing.FilteringBoundLogger:
@@ -496,63 +498,121 @@ if hasattr(os, "register_at_fork"):
 class SQLiteOutboxStore(_ClosableStore):
     """The relay's connection to a SQLite database file. No leader election (run one relay per
     file; a second one is exact too, only wasteful); woken by :meth:`wake` from the writing
-    process, else by polling."""
+    process, else by polling. Only the relay's thread runs statements; :meth:`close` (from
+    ``OutboxRelay.stop``) may run in another thread meanwhile.
+
+    Args:
+        timeout: the longest one step (a read, a batch's marks, a cleanup) waits for another
+            connection's lock (an application's write transaction) before it fails with
+            ``database is locked`` (30 s): the relay reports it and tries again with backoff.
+            :meth:`close` ends such a wait at once.
+    """
 
     _closed_error = sqlite3.OperationalError
 
-    def __init__(self, path: str, table: str = DEFAULT_TABLE) -> None:
+    def __init__(self, path: str, table: str = DEFAULT_TABLE, *, timeout: float = 30.0) -> None:
+        if not timeout > 0:
+            raise ValueError("timeout must be positive")
         super().__init__()
         self.path = path
         self.table = table
+        self.timeout = timeout
         self.st = Statements(table, SQLITE)
         self._conn: sqlite3.Connection | None = None
+        #: With ``_lock``: a statement of the relay's thread runs on ``_conn`` (see :meth:`_run`).
+        self._using = False
+        self._closing = threading.Event()  # set by close(): a wait for a lock ends at once
         self._woken = threading.Event()
 
     def _connect(self) -> sqlite3.Connection:
         self._check_open()
         # Autocommit (isolation_level=None): each statement is its own transaction, and the
-        # marks of a batch one explicit transaction. The busy timeout rides out writers.
-        return sqlite3.connect(self.path, isolation_level=None, timeout=30, check_same_thread=False)
+        # marks of a batch one explicit transaction. No busy timeout (timeout=0): SQLite's busy
+        # handler cannot be cut short (sqlite3_interrupt does not end its wait), so waiting for
+        # another writer's lock is done by _run, where close() can end it.
+        return sqlite3.connect(self.path, isolation_level=None, timeout=0, check_same_thread=False)
 
-    def _db(self) -> sqlite3.Connection:
-        """The connection, connected first if there is none. Only the relay's thread connects
-        (:meth:`wake` needs no connection); :meth:`close`, from ``stop``, may run meanwhile."""
-        conn = self._conn
+    def _run(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        """``work(connection)``, connected first if there is none, run again while another
+        connection's lock makes it fail with ``SQLITE_BUSY`` (pausing 1 ms doubling to 50 ms),
+        for up to ``timeout`` seconds; ``work`` must be safe to run again after a failure.
+
+        While it runs, :meth:`close` from another thread interrupts it and leaves closing the
+        connection to this thread: closing a ``sqlite3`` connection while another thread runs
+        a statement on it crashed the process (a segmentation fault, once the statement
+        returned), and the close itself waited for the statement, up to the busy timeout (30 s)
+        while another writer held the lock, whatever ``stop`` was given."""
+        with self._lock:
+            self._check_open()
+            conn = self._conn
+            self._using = conn is not None
         if conn is None:
-            conn = self._connect()
+            fresh = self._connect()
             with self._lock:
-                self._keep_unless_closed(conn)
-                self._conn = conn
-        return conn
+                self._keep_unless_closed(fresh)
+                self._conn = conn = fresh
+                self._using = True
+        try:
+            deadline = time.monotonic() + self.timeout
+            pause = 0.001
+            while True:
+                try:
+                    return work(conn)
+                except sqlite3.OperationalError as exc:
+                    if self._closed:
+                        raise self._closed_error("the store is closed") from exc
+                    busy = getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY
+                    left = deadline - time.monotonic()
+                    if not busy or left <= 0:
+                        raise
+                    self._closing.wait(min(pause, left))
+                    pause = min(2 * pause, 0.05)
+        finally:
+            with self._lock:
+                self._using = False
+                orphaned = conn is not self._conn  # reset or closed meanwhile
+            if orphaned:
+                conn.close()
+
+    def _transaction(self, sql: str, params: list[dict[str, Any]]) -> int:
+        """``sql`` for each of ``params`` in one write transaction (taken at once: ``BEGIN
+        IMMEDIATE``), run again as a whole if the lock is busy (the statements are
+        idempotent); the number of rows changed."""
+
+        def work(db: sqlite3.Connection) -> int:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                changed = db.executemany(sql, params).rowcount
+                db.execute("COMMIT")
+                return changed
+            except BaseException:
+                if db.in_transaction:  # (a busy BEGIN opened none; an interrupt rolled back)
+                    db.execute("ROLLBACK")
+                raise
+
+        return self._run(work)
 
     def lead(self) -> bool:
         return True
 
     def fetch(self, limit: int, held: list[int]) -> list[OutboxRow]:
         params = {"limit": limit, "held": json.dumps(held)}
-        rows = self._db().execute(self.st.pending, params).fetchall()
+        rows = self._run(lambda db: db.execute(self.st.pending, params).fetchall())
         return [_sqlite_row(*row) for row in rows]
 
     def mark(self, published: list[tuple[int, Cursor]]) -> None:
-        db = self._db()
         now = time.time()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            db.executemany(
-                self.st.mark,
-                [{"id": i, "epoch": c.epoch, "seq": c.seq, "now": now} for i, c in published],
-            )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+        self._transaction(
+            self.st.mark,
+            [{"id": i, "epoch": c.epoch, "seq": c.seq, "now": now} for i, c in published],
+        )
 
     def backlog(self) -> int:
-        return int(self._db().execute(self.st.backlog).fetchone()[0])
+        return int(self._run(lambda db: db.execute(self.st.backlog).fetchone()[0]))
 
     def cleanup(self, retention: timedelta, limit: int) -> int:
         cutoff = time.time() - retention.total_seconds()
-        return self._db().execute(self.st.cleanup, {"cutoff": cutoff, "limit": limit}).rowcount
+        return self._transaction(self.st.cleanup, [{"cutoff": cutoff, "limit": limit}])
 
     def wait(self, timeout: float) -> None:
         self._woken.wait(timeout)
@@ -561,9 +621,20 @@ class SQLiteOutboxStore(_ClosableStore):
     def wake(self) -> None:
         self._woken.set()
 
+    def close(self) -> None:
+        super().close()
+        self._closing.set()
+
+    def open(self) -> None:
+        self._closing.clear()
+        super().open()
+
     def reset(self) -> None:
         with self._lock:
             conn, self._conn = self._conn, None
+            if conn is not None and self._using:
+                conn.interrupt()  # a statement under way ends now; its thread closes conn
+                return
         if conn is not None:
             with contextlib.suppress(Exception):
                 conn.close()
@@ -907,9 +978,8 @@ class OutboxRelay:
         does, with the relay thread ended: the thread ends after its current batch, which it
         is given half of ``timeout`` to finish; then the store is closed, which ends at once a
         statement or a connect still waiting for a hung database, and the thread ends within
-        the other half. Not cut short: a publish waiting for a hung Redis (up to the
-        publisher's ``timeout``), and a SQLite statement waiting for another writer's lock (up
-        to its busy timeout, 30 s; closing its connection waits for it too)."""
+        the other half; so does a SQLite statement waiting for another connection's lock. Not
+        cut short: a publish waiting for a hung Redis (up to the publisher's ``timeout``)."""
         self._stop.set()
         deadline = time.monotonic() + timeout
         # The wake-up (PostgreSQL: a NOTIFY to the relay's LISTEN) waits for the database, so
