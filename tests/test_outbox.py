@@ -739,6 +739,47 @@ def test_a_relay_thread_that_connects_after_stop_leaves_no_connection_open(pg_ur
     wait_until(lambda: sessions_left(pg_url, pids) == 0, timeout=5)
 
 
+def test_a_row_lock_held_by_another_session_leaves_no_relay_session_behind(pg_url, pg_outbox, bus):
+    """Another session holds a row lock on an outbox row (``SELECT ... FOR UPDATE``, or a
+    hand-made ``UPDATE``, in a transaction left open): the relay publishes the row and its mark
+    waits for the lock. ``stop(timeout)`` returns within its timeout, and the relay's session
+    ends on the server too while the lock is still held; once the lock is released, the relay
+    started again republishes the row as a no-op and marks it: nothing lost, nothing
+    duplicated. Before, the session whose socket stop() shut down stayed on the server waiting
+    for the lock (PostgreSQL notices a client gone only when it next reads from it), with the
+    row locks its UPDATE had taken, and marked the rows after the relay had stopped; a relay
+    whose statement timed out on such a lock left one more such session each time."""
+    _write_committed(pg_url, pg_outbox, [event(1, 1)])
+    store = PostgresOutboxStore(pg_url, pg_outbox.table)
+    _, pids = recording_connects(store)
+    relay = OutboxRelay(store, bus, poll_interval=0.05)
+    with psycopg.connect(pg_url) as holder, psycopg.connect(pg_url, autocommit=True) as admin:
+        holder.execute(f"SELECT id FROM {pg_outbox.table} FOR UPDATE")
+        relay.start()
+        thread = relay._thread
+        wait_until(
+            lambda: admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s) "
+                "AND wait_event_type = 'Lock'",
+                [pids],
+            ).fetchone()[0]
+        )  # published, and its mark waits for the row lock
+        started = time.monotonic()
+        relay.stop(timeout=1.0)
+        assert time.monotonic() - started < 1.5
+        assert thread is not None and not thread.is_alive()
+        wait_until(lambda: sessions_left(pg_url, pids) == 0, timeout=5)  # lock still held
+        holder.rollback()
+    assert [r[4] for r in pg_rows(pg_url, pg_outbox.table)] == [None]  # not marked after stop
+    relay.start()
+    try:
+        wait_until(lambda: relay.metrics.published == 1)  # the republish, a no-op
+    finally:
+        relay.stop()
+    assert [r[4] for r in pg_rows(pg_url, pg_outbox.table)] == [1]
+    assert_exact(bus.client, {1: [1]})
+
+
 def test_a_sqlite_relay_that_connects_after_stop_leaves_no_connection_open_and_starts_again(
     sqlite_path, table, bus, monkeypatch
 ):

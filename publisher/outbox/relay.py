@@ -195,7 +195,36 @@ class PostgresOutboxStore(_ClosableStore):
             extra["application_name"] = "eventbus-outbox-relay"
         if "connect_timeout" not in params:
             extra["connect_timeout"] = max(2, math.ceil(self.timeout))  # libpq: whole seconds
-        return self._connection_class.connect(self.dsn, autocommit=True, **extra)
+        conn = self._connection_class.connect(self.dsn, autocommit=True, **extra)
+        try:
+            self._end_with_the_client(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _end_with_the_client(self, conn: Any) -> None:
+        """Have the session end when its client is gone, even inside a statement (PostgreSQL
+        14+: ``client_connection_check_interval``, 1 s, unless the DSN or the server set it).
+
+        When a statement is ended from here (its deadline, :meth:`reset`, ``stop``), its socket
+        is shut down; a server that waits for a lock (another session's row lock on an outbox
+        row, a ``LOCK TABLE``) notices only when it next reads from the socket. Before, such a
+        session stayed on the server after ``stop`` (and one more after each timed-out
+        statement), holding the row locks its UPDATE had taken, until the lock was released;
+        then it marked its rows, after the relay had stopped."""
+        if conn.info.server_version < 140000:
+            return
+        with self._deadline(conn):
+            try:
+                conn.execute(
+                    "SELECT set_config('client_connection_check_interval', '1s', false) "
+                    "WHERE current_setting('client_connection_check_interval') = '0'"
+                )
+            except self._psycopg.OperationalError:
+                raise
+            except self._psycopg.Error:
+                pass  # a platform without it (the server refuses a non-zero value)
 
     def _connecting(self, gen: Any) -> Any:
         """psycopg's connect, step by step (``gen`` yields the socket it waits for, and what it
@@ -248,7 +277,7 @@ class PostgresOutboxStore(_ClosableStore):
         A :meth:`reset` from another thread meanwhile shuts it down too, and leaves closing the
         connection to this thread, once the statement has let go of it."""
         with self._lock:
-            if conn.closed:  # reset by another thread since this one took it
+            if conn.closed or self._closed:  # reset or closed by another thread meanwhile
                 raise self._psycopg.OperationalError("the connection is closed")
             deadline = _Deadline(conn.fileno(), self.timeout if seconds is None else seconds)
             self._running[deadline] = conn
