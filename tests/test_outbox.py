@@ -744,11 +744,11 @@ def test_a_row_lock_held_by_another_session_leaves_no_relay_session_behind(pg_ur
     hand-made ``UPDATE``, in a transaction left open): the relay publishes the row and its mark
     waits for the lock. ``stop(timeout)`` returns within its timeout, and the relay's session
     ends on the server too while the lock is still held; once the lock is released, the relay
-    started again republishes the row as a no-op and marks it: nothing lost, nothing
-    duplicated. Before, the session whose socket stop() shut down stayed on the server waiting
-    for the lock (PostgreSQL notices a client gone only when it next reads from it), with the
-    row locks its UPDATE had taken, and marked the rows after the relay had stopped; a relay
-    whose statement timed out on such a lock left one more such session each time."""
+    started again marks the row with the cursor it kept: nothing lost, nothing duplicated.
+    Before, the session whose socket stop() shut down stayed on the server waiting for the
+    lock (PostgreSQL notices a client gone only when it next reads from it), with the row locks
+    its UPDATE had taken, and marked the rows after the relay had stopped; a relay whose
+    statement timed out on such a lock left one more such session each time."""
     _write_committed(pg_url, pg_outbox, [event(1, 1)])
     store = PostgresOutboxStore(pg_url, pg_outbox.table)
     _, pids = recording_connects(store)
@@ -773,7 +773,7 @@ def test_a_row_lock_held_by_another_session_leaves_no_relay_session_behind(pg_ur
     assert [r[4] for r in pg_rows(pg_url, pg_outbox.table)] == [None]  # not marked after stop
     relay.start()
     try:
-        wait_until(lambda: relay.metrics.published == 1)  # the republish, a no-op
+        wait_until(lambda: relay.metrics.published == 1)
     finally:
         relay.stop()
     assert [r[4] for r in pg_rows(pg_url, pg_outbox.table)] == [1]
@@ -891,7 +891,7 @@ def test_stop_returns_within_its_timeout_while_another_sqlite_writer_holds_the_l
     mode the relay has published a row and waits to mark it; in rollback-journal mode an
     exclusive lock keeps it from even reading the table. ``stop(timeout)`` returns within its
     timeout with the thread ended, and once the lock is released the relay started again
-    publishes (or republishes as a no-op) the row and marks it: nothing lost, nothing
+    publishes the row (WAL: marks it with the cursor it kept): nothing lost, nothing
     duplicated. Before, the statement waited in SQLite's busy handler for up to 30 s; stop()
     closed the connection under it from its own thread, which waited for the statement and
     then crashed the process (a segmentation fault, here when a timer released the lock after
@@ -955,6 +955,44 @@ def test_a_sqlite_store_waits_for_another_writers_lock_up_to_its_timeout(sqlite_
     finally:
         holder.close()
         store.close()
+
+
+def test_rows_whose_marks_keep_failing_are_not_published_again(tmp_path, table, redis_url):
+    """The database keeps refusing the relay's marks (here a trigger; in life another
+    session's row lock held past the store's timeout, a read-only database, a revoked
+    privilege) for longer than the idempotency window. The relay retries the marks it owes
+    before it publishes anything else, so the row is published once; when the database
+    accepts the marks again, the row is marked with its cursor. Before, every batch published
+    the row again, a no-op only within the idempotency window: after it, each republish was a
+    new event in the stream (a duplicate every window, for as long as the marks failed)."""
+    path = str(tmp_path / "app.db")
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        Outbox(table).create_table(conn)
+        Outbox(table).write(conn, event(1, 1))
+        conn.execute(
+            f"CREATE TRIGGER refuse BEFORE UPDATE ON {table} "
+            "BEGIN SELECT RAISE(ABORT, 'marks refused'); END"
+        )
+    window = timedelta(seconds=1)
+    publisher = Publisher.from_url(redis_url, idempotency_window=window)
+    relay = OutboxRelay.sqlite(path, publisher, table=table, poll_interval=0.05, max_backoff=0.1)
+    relay.start()
+    try:
+        wait_until(lambda: relay.metrics.errors >= 1)  # published, its mark refused
+        refused = time.monotonic()
+        wait_until(lambda: time.monotonic() - refused > 2.5 * window.total_seconds())
+        assert relay.metrics.errors >= 5  # the marks were retried meanwhile
+        assert stream_ids(publisher.client, 1) == [(1, 1)]
+        with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+            conn.execute("DROP TRIGGER refuse")
+        wait_until(lambda: relay.metrics.published == 1)
+        relay.stop()
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            assert conn.execute(f"SELECT seq FROM {table}").fetchall() == [(1,)]
+        assert_exact(publisher.client, {1: [1]})
+    finally:
+        relay.stop()
+        publisher.close()
 
 
 def test_the_catch_up_after_an_outage_is_paced_by_max_rate(sqlite_path, table, bus):

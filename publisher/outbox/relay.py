@@ -759,6 +759,8 @@ class OutboxRelay:
         self._thread: threading.Thread | None = None
         self.hold_interval = hold_interval
         self._held: dict[int, float] = {}  # project -> monotonic time of its next attempt
+        #: Rows published whose marks failed, and their lags: marked first by the next batch.
+        self._unmarked: tuple[list[tuple[int, Cursor]], list[float]] | None = None
         self._hold_logged: dict[int, float] = {}
         self._invalid_logged: set[int] = set()
         self._database_errors = 0
@@ -786,7 +788,10 @@ class OutboxRelay:
         an idempotency conflict), is *held*: nothing later of that project is published, the
         other projects go on, and the project is tried again after ``hold_interval``.
         ``PublisherUnavailable`` (Redis unreachable) and database errors are raised, after
-        marking what was published before them."""
+        marking what was published before them. Rows whose marks failed are marked first by
+        the next call, before anything is published (see :meth:`_mark`)."""
+        if self._unmarked is not None:
+            self._mark(*self._unmarked)
         if not self.store.lead():
             self.metrics.leader = False
             return 0
@@ -815,9 +820,20 @@ class OutboxRelay:
                 self._publish_chunk(chunk, published, lags)
         finally:
             if published:
-                self.store.mark(published)
-                self.metrics.record_published(lags)
+                self._mark(published, lags)
         return len(published)
+
+    def _mark(self, published: list[tuple[int, Cursor]], lags: list[float]) -> None:
+        """Record the cursors of rows this relay published. If that fails they are kept, and
+        recorded before anything else is published: this relay never publishes such a row
+        again. Before, a mark that kept failing (another session's row lock held past the
+        store's timeout, a read-only database, a revoked privilege) made every batch publish
+        the rows again, which is a no-op only within the idempotency window: after it, each
+        republish was a new event in the stream, a duplicate every window."""
+        self._unmarked = (published, lags)
+        self.store.mark(published)
+        self._unmarked = None
+        self.metrics.record_published(lags)
 
     def _publish_chunk(
         self, chunk: list[OutboxRow], published: list[tuple[int, Cursor]], lags: list[float]
