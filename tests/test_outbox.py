@@ -218,6 +218,17 @@ def test_an_invalid_event_writes_nothing(sqlite_path, table):
         outbox.write(object(), event(1, 1))
 
 
+@pytest.mark.parametrize("bad", [None, {"type": "blocker_resolved", "project_id": 1}, "event"])
+def test_something_that_is_not_an_event_is_refused_as_publish_refuses_it(sqlite_path, table, bad):
+    """Not an event at all (None, a dict, a string): ``EventValidationError`` naming the event
+    types, as ``Publisher.publish`` raises, and nothing written. Before, the writer read
+    ``project_id`` off it before validating, and raised ``AttributeError``."""
+    with sqlite3.connect(sqlite_path) as conn:
+        with pytest.raises(EventValidationError, match="Expected one of the event types"):
+            Outbox(table).write_many(conn, [event(1, 1), bad])
+        assert conn.execute(f"SELECT count(*) FROM {table}").fetchone() == (0,)
+
+
 def test_postgres_commit_publishes_and_rollback_publishes_nothing(pg_url, pg_outbox, bus):
     client = bus.client
     with psycopg.connect(pg_url) as conn:

@@ -166,14 +166,16 @@ class Outbox:
         """The statements of one write: validation and encoding happen before the first one."""
         st = self._statements[dialect]
         now = time.time()
+        # Encoded (validated) first: project_id is read only off what is an event.
+        encoded = [(encode_event(event).decode(), event) for event in events]
         rows = [
             {
                 "project_id": event.project_id,
                 "token": _token(),
-                "event": encode_event(event).decode(),
+                "event": payload,
                 **({} if dialect == POSTGRES else {"created_at": now}),
             }
-            for event in events
+            for payload, event in encoded
         ]
         if not rows:
             return
