@@ -57,6 +57,7 @@ __all__ = [
     "SlowConsumerPolicy",
     "bound_unacknowledged",
     "joined",
+    "unsent",
 ]
 
 _ids = itertools.count(1)
@@ -441,6 +442,12 @@ def unsent_in_kernel(fd: int) -> int:
         return _INT.unpack(fcntl.ioctl(fd, SIOCOUTQNSD, b"\0\0\0\0"))[0]
     except OSError:
         return 0  # not a TCP socket (a pipe in tests), or already closed
+
+
+def unsent(transport: asyncio.WriteTransport) -> int:
+    """Bytes written to ``transport`` that have not been sent to the peer yet: the transport's
+    buffer plus the kernel's unsent bytes (:func:`unsent_in_kernel`)."""
+    return transport.get_write_buffer_size() + unsent_in_kernel(_socket_fd(transport))
 
 
 #: Linux's ``TCP_USER_TIMEOUT`` (None where the platform has no such option).

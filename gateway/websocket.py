@@ -58,7 +58,13 @@ from websockets.streams import StreamReader
 from gateway.client_input import close_reason, decode_frame, repeated_header
 from gateway.http import json_response
 from gateway.logs import ConnectionLog, get_logger
-from gateway.session import Admission, ClientSession, SlowConsumerPolicy, release_transport
+from gateway.session import (
+    Admission,
+    ClientSession,
+    SlowConsumerPolicy,
+    release_transport,
+    unsent,
+)
 from gateway.tasks import spawn
 from schemas.protocol import Auth, CloseCode, ProtocolError
 from schemas.tokens import InvalidToken, TokenClaims
@@ -69,6 +75,7 @@ if TYPE_CHECKING:
     from gateway.server import Gateway
 
 __all__ = [
+    "ANSWER_CHECK_INTERVAL",
     "CLOSE_TIMEOUT",
     "INFLATE_SLICE",
     "MAX_BACKLOG",
@@ -83,8 +90,12 @@ log = get_logger("gateway")
 _WEBSOCKETS_LOG = logging.getLogger("websockets.server")
 
 #: Seconds a peer has to close its side of the TCP connection after the closing handshake (or
-#: after an HTTP answer) before the socket is dropped.
+#: after an HTTP answer has been sent) before the socket is dropped.
 CLOSE_TIMEOUT = 5.0
+
+#: Seconds between looks at an HTTP answer still being sent CLOSE_TIMEOUT after it was written
+#: (:meth:`WebSocketConnection._answer_wait`), as the stall check looks at sessions.
+ANSWER_CHECK_INTERVAL = 1.0
 
 #: Messages a connection may have waiting behind one that waits for Redis before reading from
 #: its socket pauses (websockets' ``max_queue``): the kernel's buffers, then TCP, hold the rest.
@@ -189,6 +200,8 @@ class WebSocketConnection(asyncio.Protocol):
     """
 
     __slots__ = (
+        "answer_stalled_since",
+        "answer_unsent",
         "answering_http",
         "awaiting_auth",
         "backlog",
@@ -227,6 +240,10 @@ class WebSocketConnection(asyncio.Protocol):
         self.answering_http = False
         #: The client half-closed after its HTTP request (its EOF came before the answer).
         self.peer_done = False
+        #: An HTTP answer's unsent bytes at the last look (None: not looked at yet), and since
+        #: when they stopped shrinking (:meth:`_answer_wait`).
+        self.answer_unsent: int | None = None
+        self.answer_stalled_since: float | None = None
         #: Messages received while an earlier one still waits for Redis (None: nothing waits).
         self.backlog: list[bytes | str] | None = None
         self.paused = False
@@ -531,6 +548,7 @@ class WebSocketConnection(asyncio.Protocol):
         transport.write(response.serialize())
         if self.peer_done:
             transport.close()  # both sides are done: close once the answer is written
+            self._expect_close()  # (bounded like any answer: a client that reads none of it)
             return
         # Half-close, and let the client close (closing now could reset the connection under a
         # response the client has not read yet); it has CLOSE_TIMEOUT s.
@@ -766,7 +784,33 @@ class WebSocketConnection(asyncio.Protocol):
 
     def _close_overdue(self) -> None:
         self.timer = None
-        self.transport.abort()
+        wait = self._answer_wait() if self.answering_http else None
+        if wait is None:
+            self.transport.abort()
+            return
+        loop = asyncio.get_running_loop()
+        self.timer = loop.call_at(loop.time() + wait, self._close_overdue)
+
+    def _answer_wait(self) -> float | None:
+        """Seconds until an HTTP answer is looked at again, or None to drop the connection now.
+
+        The CLOSE_TIMEOUT a client has to close its side starts only once the answer is sent: a
+        large poll answer on a slow link takes longer than that, and cut short the client would
+        ask for the same page again, and have it cut again, for ever. The slow-consumer rule
+        bounds the wait: the answer's unsent bytes (the transport's and the kernel's) may not
+        stop shrinking for ``--stall-timeout`` (looked at every :data:`ANSWER_CHECK_INTERVAL`).
+        """
+        left = unsent(self.transport)
+        previous, self.answer_unsent = self.answer_unsent, left
+        if left == 0:
+            # Sent since the last look: CLOSE_TIMEOUT from now to close; else that has passed.
+            return CLOSE_TIMEOUT if previous else None
+        now = asyncio.get_running_loop().time()
+        policy = self.endpoint.policy
+        self.answer_stalled_since = policy.stalled(
+            left, left + 1 if previous is None else previous, self.answer_stalled_since, now
+        )
+        return None if policy.is_stalled(self.answer_stalled_since, now) else ANSWER_CHECK_INTERVAL
 
     def _cancel_timer(self) -> None:
         if self.timer is not None:

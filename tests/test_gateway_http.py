@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 
 import pytest
 
+from gateway.websocket import CLOSE_TIMEOUT
 from publisher import issue_token
+from schemas.events import BlockerResolved, utc_now
 from tests.support.gateway_client import REQUIRED_METRICS, SECRET, publish, start_gateway
 from tests.support.redis_server import RedisServer
 from tests.support.ws_client import wait_until
@@ -266,3 +269,82 @@ async def test_an_http_connection_closes_when_the_client_closes_after_the_answer
     await wait_until(lambda: not gateway.admission.open, 8, "the connection to be closed")
     held = time.monotonic() - started
     assert held < 1.0, f"the server held the finished connection {held:.1f} s"
+
+
+async def _raw_socket(port: int, rcvbuf: int) -> socket.socket:
+    """A connected non-blocking socket with a small receive buffer: what it does not read, the
+    gateway has to keep."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    return sock
+
+
+async def _read_all(sock: socket.socket) -> bytes:
+    loop = asyncio.get_running_loop()
+    data = b""
+    while chunk := await loop.sock_recv(sock, 1 << 20):
+        data += chunk
+    return data
+
+
+async def test_a_client_that_reads_a_large_poll_answer_slowly_gets_all_of_it(gateways, publisher):
+    """A poll answer larger than the socket buffers is written whole to a client that pauses
+    longer than CLOSE_TIMEOUT (a slow link, a busy tab) but keeps reading: the answer is cut
+    only when it stops moving for --stall-timeout, as for any slow consumer. Cut short, the
+    client would ask for the same page again, and get it cut again, for ever."""
+    gateway = await gateways()
+    events = [
+        BlockerResolved(project_id=9, blocker_id=n, answer="€" * 5000, resolved_at=utc_now())
+        for n in range(1, 1001)
+    ]
+    for start in range(0, len(events), 100):
+        await publisher.publish_many(events[start : start + 100])
+    _, _, body = await request(gateway.port, "/v1/projects/9/events", headers=bearer([9]))
+    epoch = json.loads(body)["epoch"]
+    sock = await _raw_socket(gateway.port, 16384)
+    loop = asyncio.get_running_loop()
+    try:
+        head = [f"GET /v1/projects/9/events?epoch={epoch}&after=0&limit=1000 HTTP/1.1", "Host: x"]
+        head += [f"{name}: {value}" for name, value in bearer([9]).items()]
+        await loop.sock_sendall(sock, ("\r\n".join(head) + "\r\n\r\n").encode())
+        first = await loop.sock_recv(sock, 4096)
+        assert first.startswith(b"HTTP/1.1 200"), first[:200]
+        await asyncio.sleep(CLOSE_TIMEOUT + 1)  # the slow link: reads nothing for a while
+        async with asyncio.timeout(30):
+            answer = first + await _read_all(sock)
+    finally:
+        sock.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    assert len(body) == length > 15_000_000
+    assert [e["seq"] for e in json.loads(body)["events"]] == list(range(1, 1001))
+
+
+async def test_a_client_that_reads_none_of_a_poll_answer_is_dropped_after_the_stall_timeout(
+    gateways, publisher
+):
+    """Waiting for a slow reader is bounded by the slow-consumer rule: an answer that stops
+    moving for --stall-timeout is dropped, and its socket with it."""
+    gateway = await gateways(stall_timeout=0.5)
+    events = [
+        BlockerResolved(project_id=10, blocker_id=n, answer="€" * 5000, resolved_at=utc_now())
+        for n in range(1, 501)
+    ]
+    for start in range(0, len(events), 100):
+        await publisher.publish_many(events[start : start + 100])
+    _, _, body = await request(gateway.port, "/v1/projects/10/events", headers=bearer([10]))
+    epoch = json.loads(body)["epoch"]
+    sock = await _raw_socket(gateway.port, 16384)
+    loop = asyncio.get_running_loop()
+    try:
+        head = [f"GET /v1/projects/10/events?epoch={epoch}&after=0&limit=500 HTTP/1.1", "Host: x"]
+        head += [f"{name}: {value}" for name, value in bearer([10]).items()]
+        await loop.sock_sendall(sock, ("\r\n".join(head) + "\r\n\r\n").encode())
+        await wait_until(lambda: gateway.admission.open == 1, 5, "the request to be answered")
+        started = time.monotonic()
+        await wait_until(lambda: gateway.admission.open == 0, 15, "the reader to be dropped")
+        assert time.monotonic() - started < CLOSE_TIMEOUT + 4
+    finally:
+        sock.close()
