@@ -255,7 +255,8 @@ class WebSocketConnection(asyncio.Protocol):
         self.inflating = False
         #: What websockets was not given yet of the read that filled the backlog (compressed).
         self.unfed: bytes | None = None
-        #: The task finishing a message that waits for Redis, and that message's coroutine.
+        #: The task finishing a message that waits for Redis, and that message's coroutine (or
+        #: the task answering an HTTP request, and its coroutine).
         self.finishing: tuple[asyncio.Task, Coroutine[Any, Any, Any]] | None = None
         #: The fragments of a message in progress (rare: browsers send small messages whole).
         self.fragments: list[bytes] | None = None
@@ -393,6 +394,7 @@ class WebSocketConnection(asyncio.Protocol):
         self.backlog = None
         self.unfed = None
         if session is None:
+            self._stop_finishing()  # an HTTP answer still waiting (a poll, for Redis)
             return
         sent = protocol.close_sent
         if sent is not None and sent.code in PROTOCOL_VIOLATIONS:
@@ -404,9 +406,10 @@ class WebSocketConnection(asyncio.Protocol):
 
     def _stop_finishing(self) -> None:
         """The connection is gone: what its messages still wait for (Redis, for a subscribe's
-        presence or a ``presence_get``) is of no use, and must not hold the task and the session
-        until ``--subscribe-timeout``. Cancelled as that timeout would (every such wait is
-        cancellation-safe); a message not started yet is closed instead of left unawaited."""
+        presence, a ``presence_get`` or a poll) is of no use, and must not hold the task and the
+        session (or the request) until ``--subscribe-timeout``. Cancelled as that timeout would
+        (every such wait is cancellation-safe); a message not started yet is closed instead of
+        left unawaited."""
         finishing = self.finishing
         if finishing is None:
             return
@@ -509,7 +512,10 @@ class WebSocketConnection(asyncio.Protocol):
                 # written here (websockets may have failed on bytes after the request already).
                 self.answering_http = True
                 protocol.data_to_send()  # dropped
-                spawn(self._answer_http(request))
+                # Kept, so that a client that goes away stops it (connection_lost): a poll waits
+                # for Redis, and the socket no longer counts in --max-connections.
+                pending = self._answer_http(request)
+                self.finishing = (spawn(pending), pending)
                 return
             if protocol.eof_sent:
                 # What followed the handshake request in the same read was not a WebSocket frame
@@ -542,6 +548,7 @@ class WebSocketConnection(asyncio.Protocol):
 
     async def _answer_http(self, request: Request) -> None:
         response = await self.endpoint.answer_http(request)
+        self.finishing = None
         transport = self.transport
         if transport is None or transport.is_closing():
             return  # the client left (or the deadline passed) before the answer

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import struct
 import time
 
 import pytest
@@ -348,3 +349,43 @@ async def test_a_client_that_reads_none_of_a_poll_answer_is_dropped_after_the_st
         assert time.monotonic() - started < CLOSE_TIMEOUT + 4
     finally:
         sock.close()
+
+
+def _answers_in_flight() -> list[asyncio.Task]:
+    return [
+        task
+        for task in asyncio.all_tasks()
+        if getattr(task.get_coro(), "__qualname__", "").endswith("._answer_http")
+    ]
+
+
+async def test_a_poll_whose_client_left_stops_waiting_for_redis_at_once():
+    """A poll waiting for a hung Redis when its client goes away ends with the socket: its task,
+    and the request it holds (headers of up to ~1 MB), are not kept until --subscribe-timeout.
+    The socket leaves --max-connections at once, so otherwise a client that opens and closes
+    polls as fast as it can would pile them up beyond that bound."""
+    import os
+    import signal
+
+    with RedisServer() as server:
+        gateway = await start_gateway(server.url, subscribe_timeout=10.0, drain_timeout=1)
+        headers = bearer([6])
+        try:
+            assert (await request(gateway.port, "/v1/projects/6/events", headers=headers))[0] == 200
+            os.kill(server.process.pid, signal.SIGSTOP)  # sockets open, nothing answers
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+                head = ["GET /v1/projects/6/events?epoch=e&after=0 HTTP/1.1", "Host: x"]
+                head += [f"{name}: {value}" for name, value in headers.items()]
+                writer.write(("\r\n".join(head) + "\r\n\r\n").encode())
+                await wait_until(lambda: len(_answers_in_flight()) == 1, 5, "the poll to wait")
+                # A reset (a FIN could be a half-close: the answer would still be due).
+                sock = writer.transport.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                writer.transport.abort()
+                await wait_until(lambda: gateway.admission.open == 0, 5, "the socket to close")
+                await wait_until(lambda: not _answers_in_flight(), 2, "the poll to end")
+            finally:
+                os.kill(server.process.pid, signal.SIGCONT)
+        finally:
+            await gateway.drain()
