@@ -47,6 +47,7 @@ import random
 import struct
 from typing import TYPE_CHECKING, Any
 
+from websockets.exceptions import InvalidMessage
 from websockets.extensions.permessage_deflate import enable_server_permessage_deflate
 from websockets.frames import CloseCode as WebSocketCloseCode
 from websockets.frames import Frame, Opcode
@@ -298,6 +299,8 @@ class WebSocketConnection(asyncio.Protocol):
                 if self.session is None:
                     return  # taken over, refused, or an HTTP request: no frames follow
                 events = events[1:]
+            elif self.session is None and not events and self._unreadable_request():
+                return
             self._dispatch(events)
         except Exception:
             self._failed()
@@ -324,6 +327,21 @@ class WebSocketConnection(asyncio.Protocol):
             return False
         waiting = frames.gi_yieldfrom
         return waiting is not None and waiting.gi_code is _AT_EOF
+
+    def _unreadable_request(self) -> bool:
+        """websockets could not read the request (a request line that is not HTTP/1.1, a
+        request body or ``Transfer-Encoding``: the gateway takes none) and only half-closes:
+        answer 400 first, so the client learns why. True when answered (now or before)."""
+        exc = self.protocol.handshake_exc
+        if type(exc) is not InvalidMessage:
+            return False  # none, or one websockets answered itself (414, 431)
+        if not self.close_armed:
+            reason = str(exc.__cause__)[:200]  # (it may quote the request line)
+            response = self.endpoint.gateway.bad_request(f"unreadable request: {reason}")
+            self.transport.write(response.serialize())
+            self.send_data()  # websockets' half-close
+            self._expect_close()
+        return True
 
     def _dispatch(self, events: list) -> None:
         """What websockets made of a read: its own answers (pongs, the close echo) go out first,

@@ -389,3 +389,33 @@ async def test_a_poll_whose_client_left_stops_waiting_for_redis_at_once():
                 os.kill(server.process.pid, signal.SIGCONT)
         finally:
             await gateway.drain()
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"POST /v1/projects/1/events HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+        b"GET /v1/projects/1/events HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc",
+        b"GET /v1/projects/1/stream HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx",
+        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nContent-Length: 1\r\n\r\nx",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+        b"GET /healthz\r\n\r\n",
+        b"GET /caf\xc3\xa9 HTTP/1.1\r\nHost: x\r\n\r\n",
+    ],
+)
+async def test_a_request_that_cannot_be_read_gets_400_not_a_silent_close(gateways, raw):
+    """A request with a body (the gateway takes none: publishing is eventbus-publish's), a
+    Transfer-Encoding, or a request line that is not HTTP/1.1 is told why, in the JSON every
+    other refusal has, rather than having the connection closed without a word."""
+    gateway = await gateways()
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    writer.write(raw)
+    async with asyncio.timeout(5):
+        answer = await reader.read()
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), answer[:200]
+    assert json.loads(body)["error"] == "bad_request"
+    assert gateway.metrics.bad_requests_total == 1
+    await wait_until(lambda: not gateway.admission.open, 5, "the connection to be closed")
