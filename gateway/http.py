@@ -10,6 +10,7 @@ and not one of these gets a JSON 404/405; nothing here can raise into the transp
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import http
 import os
 import re
@@ -90,6 +91,14 @@ class HttpRoutes:
         }
 
     async def handle(self, request: Request) -> Response:
+        response = await self._route(request)
+        if request.method == "HEAD":
+            # The GET's status and headers (Content-Length included), without its content (RFC
+            # 9110, 9.3.2): a client reads bytes after the head as the start of another answer.
+            response = dataclasses.replace(response, body=b"")
+        return response
+
+    async def _route(self, request: Request) -> Response:
         path, query = _split_target(request.path)
         cors = self._cors_headers(request)
         if request.method == "OPTIONS":

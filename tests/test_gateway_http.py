@@ -419,3 +419,18 @@ async def test_a_request_that_cannot_be_read_gets_400_not_a_silent_close(gateway
     assert json.loads(body)["error"] == "bad_request"
     assert gateway.metrics.bad_requests_total == 1
     await wait_until(lambda: not gateway.admission.open, 5, "the connection to be closed")
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/metrics", "/eventbus.js", "/v1/projects/2/events"])
+async def test_head_gets_the_headers_of_get_and_no_body(gateways, path):
+    """A HEAD answer has no content (RFC 9110, 9.3.2): bytes after its head would be read by
+    a client as the start of its next answer."""
+    gateway = await gateways()
+    status, headers, body = await request(gateway.port, path, headers=bearer([2]))
+    got, head_headers, head_body = await request(
+        gateway.port, path, method="HEAD", headers=bearer([2])
+    )
+    assert (got, head_body) == (status, b"")
+    assert head_headers["content-type"] == headers["content-type"]
+    if path != "/metrics":  # (its figures change between the two requests)
+        assert int(head_headers["content-length"]) == len(body)
