@@ -31,6 +31,7 @@ __all__ = ["HttpRoutes", "json_response"]
 
 _POLL_PATH = re.compile(r"^/v1/projects/([^/]+)/events$")
 _PROJECT_ID = re.compile(r"[1-9][0-9]{0,15}")  # ASCII only, and short enough for int()
+_DECIMAL = re.compile(r"[0-9]+")  # ASCII only (re's [0-9], unlike str.isdigit and \d)
 _STATIC = {
     "/eventbus.js": "text/javascript; charset=utf-8",
     "/eventbus.d.ts": "application/typescript; charset=utf-8",
@@ -269,14 +270,21 @@ def _poll_query(query: str) -> tuple[str | None, int | None, int]:
         raise ValueError("give both epoch and after, or neither")
     if epoch is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", epoch):
         raise ValueError("epoch is malformed")
+    # ASCII digits only: str.isdigit() and int() also take other scripts' digits (Arabic-Indic,
+    # fullwidth), isdigit() superscripts that int() then refuses with a message of its own, and
+    # int() refuses more than 4,300 digits likewise.
     after = None
     if raw_after is not None:
-        if not raw_after.isdigit() or len(raw_after) > 16:
+        if not _DECIMAL.fullmatch(raw_after) or len(raw_after) > 16:
             raise ValueError("after must be a non-negative integer")
         after = int(raw_after)
     limit = DEFAULT_POLL_LIMIT
     if raw_limit is not None:
-        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_POLL_LIMIT:
+        if (
+            not _DECIMAL.fullmatch(raw_limit)
+            or len(raw_limit) > 4
+            or not 1 <= int(raw_limit) <= MAX_POLL_LIMIT
+        ):
             raise ValueError(f"limit must be an integer from 1 to {MAX_POLL_LIMIT}")
         limit = int(raw_limit)
     return epoch, after, limit

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import struct
 import time
+from urllib.parse import urlencode
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.websocket import CLOSE_TIMEOUT
 from publisher import issue_token
@@ -434,3 +438,39 @@ async def test_head_gets_the_headers_of_get_and_no_body(gateways, path):
     assert head_headers["content-type"] == headers["content-type"]
     if path != "/metrics":  # (its figures change between the two requests)
         assert int(head_headers["content-length"]) == len(body)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    name=st.sampled_from(["after", "limit"]),
+    value=st.one_of(
+        st.text(max_size=20),
+        # Arabic-Indic 3, fullwidth 2, superscript 2: digits to str.isdigit()
+        st.text("0123456789\u0663\uff12\u00b2", min_size=1, max_size=17),
+        st.integers(0, 10**17).map(str),
+        st.integers(4000, 5000).map("9".__mul__),  # past int()'s own limit, 4300 digits
+    ),
+)
+def test_poll_numbers_are_ascii_decimals_or_a_clear_error(name, value):
+    """``after`` and ``limit`` are what the protocol says (ASCII decimal digits: no Unicode
+    digit that Python's int() would take, no sign, no space) or a 400 naming the parameter."""
+    from gateway.http import MAX_POLL_LIMIT, _poll_query
+
+    query = urlencode({"epoch": "e", name: value})
+    after_ok = re.fullmatch(r"[0-9]{1,16}", value) is not None
+    limit_ok = re.fullmatch(r"[0-9]{1,4}", value) is not None and 1 <= int(value) <= MAX_POLL_LIMIT
+    if value == "":
+        return  # a blank parameter is an absent one
+    if name == "after":
+        if after_ok:
+            assert _poll_query(query)[1] == int(value)
+        else:
+            with pytest.raises(ValueError, match=r"^after must be"):
+                _poll_query(query)
+    else:
+        query = urlencode({name: value})
+        if limit_ok:
+            assert _poll_query(query)[2] == int(value)
+        else:
+            with pytest.raises(ValueError, match=r"^limit must be"):
+                _poll_query(query)
