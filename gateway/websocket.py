@@ -77,6 +77,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ANSWER_CHECK_INTERVAL",
+    "ANSWER_MIN_RATE",
     "CLOSE_TIMEOUT",
     "INFLATE_SLICE",
     "MAX_BACKLOG",
@@ -97,6 +98,12 @@ CLOSE_TIMEOUT = 5.0
 #: Seconds between looks at an HTTP answer still being sent CLOSE_TIMEOUT after it was written
 #: (:meth:`WebSocketConnection._answer_wait`), as the stall check looks at sessions.
 ANSWER_CHECK_INTERVAL = 1.0
+
+#: Bytes per second an HTTP answer must be read at on average: once written it has CLOSE_TIMEOUT
+#: plus its size at this rate to be sent, however steadily the client reads. A poll's page of
+#: a few MB takes minutes at this rate; a client without a token fetching ``/eventbus.js``
+#: (70 KB) a few bytes at a time cannot hold a socket past ~10 s.
+ANSWER_MIN_RATE = 16384
 
 #: Messages a connection may have waiting behind one that waits for Redis before reading from
 #: its socket pauses (websockets' ``max_queue``): the kernel's buffers, then TCP, hold the rest.
@@ -201,6 +208,7 @@ class WebSocketConnection(asyncio.Protocol):
     """
 
     __slots__ = (
+        "answer_deadline",
         "answer_stalled_since",
         "answer_unsent",
         "answering_http",
@@ -245,6 +253,8 @@ class WebSocketConnection(asyncio.Protocol):
         #: when they stopped shrinking (:meth:`_answer_wait`).
         self.answer_unsent: int | None = None
         self.answer_stalled_since: float | None = None
+        #: When an HTTP answer must have been sent, whatever its progress (ANSWER_MIN_RATE).
+        self.answer_deadline = 0.0
         #: Messages received while an earlier one still waits for Redis (None: nothing waits).
         self.backlog: list[bytes | str] | None = None
         self.paused = False
@@ -570,7 +580,10 @@ class WebSocketConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return  # the client left (or the deadline passed) before the answer
-        transport.write(response.serialize())
+        data = response.serialize()
+        transport.write(data)
+        loop = asyncio.get_running_loop()
+        self.answer_deadline = loop.time() + CLOSE_TIMEOUT + len(data) / ANSWER_MIN_RATE
         if self.peer_done:
             transport.close()  # both sides are done: close once the answer is written
             self._expect_close()  # (bounded like any answer: a client that reads none of it)
@@ -821,9 +834,11 @@ class WebSocketConnection(asyncio.Protocol):
 
         The CLOSE_TIMEOUT a client has to close its side starts only once the answer is sent: a
         large poll answer on a slow link takes longer than that, and cut short the client would
-        ask for the same page again, and have it cut again, for ever. The slow-consumer rule
-        bounds the wait: the answer's unsent bytes (the transport's and the kernel's) may not
-        stop shrinking for ``--stall-timeout`` (looked at every :data:`ANSWER_CHECK_INTERVAL`).
+        ask for the same page again, and have it cut again, for ever. Two bounds: the
+        slow-consumer rule (the answer's unsent bytes, the transport's and the kernel's, may not
+        stop shrinking for ``--stall-timeout``; looked at every :data:`ANSWER_CHECK_INTERVAL`),
+        and a deadline, CLOSE_TIMEOUT plus the answer's size at :data:`ANSWER_MIN_RATE`, so that
+        a client reading a few bytes at a time cannot hold the socket for ever.
         """
         left = unsent(self.transport)
         previous, self.answer_unsent = self.answer_unsent, left
@@ -831,6 +846,8 @@ class WebSocketConnection(asyncio.Protocol):
             # Sent since the last look: CLOSE_TIMEOUT from now to close; else that has passed.
             return CLOSE_TIMEOUT if previous else None
         now = asyncio.get_running_loop().time()
+        if now >= self.answer_deadline:
+            return None
         policy = self.endpoint.policy
         self.answer_stalled_since = policy.stalled(
             left, left + 1 if previous is None else previous, self.answer_stalled_since, now

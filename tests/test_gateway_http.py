@@ -474,3 +474,28 @@ def test_poll_numbers_are_ascii_decimals_or_a_clear_error(name, value):
         else:
             with pytest.raises(ValueError, match=r"^limit must be"):
                 _poll_query(query)
+
+
+async def test_a_client_that_dribbles_through_an_answer_is_dropped_in_bounded_time(gateways):
+    """The patience a slow reader gets has an end even for one that keeps reading: an answer
+    must be read at ANSWER_MIN_RATE on average, so a client without a token cannot hold a
+    socket (in --max-connections) for minutes by reading /eventbus.js a few bytes at a time."""
+    from gateway.websocket import ANSWER_MIN_RATE
+
+    gateway = await gateways()
+    size = len((await request(gateway.port, "/eventbus.js"))[2])
+    bound = CLOSE_TIMEOUT + size / ANSWER_MIN_RATE + 2
+    sock = await _raw_socket(gateway.port, 2048)
+    loop = asyncio.get_running_loop()
+    received = 0
+    started = time.monotonic()
+    try:
+        await loop.sock_sendall(sock, b"GET /eventbus.js HTTP/1.1\r\nHost: x\r\n\r\n")
+        async with asyncio.timeout(bound + 10):
+            while gateway.admission.open:
+                received += len(await loop.sock_recv(sock, 256))  # ~1 KiB/s
+                await asyncio.sleep(0.25)
+    finally:
+        sock.close()
+    assert time.monotonic() - started < bound
+    assert received < size
