@@ -499,3 +499,83 @@ async def test_a_client_that_dribbles_through_an_answer_is_dropped_in_bounded_ti
         sock.close()
     assert time.monotonic() - started < bound
     assert received < size
+
+
+async def _poll_forever(port: int, project_id: int, records: list, stop: asyncio.Event) -> None:
+    """A poller as the protocol describes it: start from the top, then page with its cursor
+    (at once while ``more``), carry on from a ``resync_required``'s cursor; Redis being away
+    (503, a dropped connection) is retried. Records what it got as the WebSocket tests do."""
+    from tests.support.ws_client import Received
+
+    cursor = None
+    while not stop.is_set():
+        query = "" if cursor is None else f"?epoch={cursor[0]}&after={cursor[1]}&limit=7"
+        try:
+            status, _, body = await request(
+                port, f"/v1/projects/{project_id}/events{query}", headers=bearer([project_id])
+            )
+        except (OSError, ValueError, IndexError):
+            status = 0
+        if status != 200:
+            await asyncio.sleep(0.05)
+            continue
+        page = json.loads(body)
+        if cursor is None:
+            cursor = (page["epoch"], page["seq"])
+            records.append(Received("subscribed", *cursor))
+        resync = page["resync_required"]
+        if resync is not None:
+            cursor = (resync["epoch"], resync["seq"])
+            records.append(Received("resync", *cursor, reason=resync["reason"]))
+        for event in page["events"]:
+            cursor = (cursor[0], event["seq"])
+            records.append(Received("event", *cursor, ident=event["blocker_id"]))
+        if not page["more"]:
+            await asyncio.sleep(0.02)
+
+
+async def test_polling_across_a_redis_restart_is_exact_or_an_explicit_resync():
+    """Pollers following their cursors while events are published and Redis restarts without
+    its data: every event once, in order, an explicit resync(epoch_changed) for the lost
+    history, then every event of the new one, up to the top."""
+    from schemas.keys import Keys
+    from tests.support.ws_client import PublishLoop, check_delivery, final_state
+
+    projects = [1, 2]
+    with RedisServer() as server:
+        gateway = await start_gateway(server.url, drain_timeout=1, probe_interval=0.2)
+        publishers = PublishLoop(server.url, projects, rate=100)
+        stop = asyncio.Event()
+        records: dict[int, list] = {p: [] for p in projects}
+        pollers = [
+            asyncio.create_task(_poll_forever(gateway.port, p, records[p], stop)) for p in projects
+        ]
+        try:
+            await wait_until(lambda: all(records.values()), 10, "the pollers to start")
+            publishers.start()
+            await wait_until(lambda: publishers.published >= 100, 20, "publishes")
+            await asyncio.to_thread(server.kill)
+            await asyncio.to_thread(server.start)
+            target = publishers.published + 100
+            await wait_until(lambda: publishers.published >= target, 30, "publishes after")
+            await publishers.stop()
+            state = await final_state(server.url, projects, Keys("eventbus"))
+            for project_id, (top, _) in state.items():
+                await wait_until(
+                    lambda p=project_id, t=top: (records[p][-1].epoch, records[p][-1].seq) == t,
+                    20,
+                    "the top",
+                )
+        finally:
+            stop.set()
+            await publishers.stop()
+            await asyncio.gather(*pollers)
+            await gateway.drain()
+    for project_id, (top, history) in state.items():
+        got = records[project_id]
+        assert (
+            check_delivery(got, history=history, final=top, allowed_resyncs={"epoch_changed"}) == []
+        ), project_id
+        assert [r.reason for r in got if r.kind == "resync"] == ["epoch_changed"]
+        events = [r for r in got if r.kind == "event" and r.epoch == top[0]]
+        assert [r.seq for r in events] == list(range(events[0].seq, top[1] + 1))
