@@ -185,14 +185,15 @@ class HttpRoutes:
 
     async def poll(self, request: Request, raw_id: str, query: str = "") -> Response:
         """``GET /v1/projects/{id}/events?epoch=&after=&limit=``: the polling fallback."""
+        refuse = self._refuse
         if not _PROJECT_ID.fullmatch(raw_id) or int(raw_id) >= 2**53:
-            return _error(400, "invalid_project", "project id must be a positive integer")
+            return refuse(400, "invalid_project", "project id must be a positive integer")
         project_id = int(raw_id)
         if self.verify is not None:
             header = request.headers.get("Authorization", "")
             scheme, _, token = header.partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
-                return _error(
+                return refuse(
                     401,
                     "missing_token",
                     "send 'Authorization: Bearer <token>'",
@@ -201,13 +202,13 @@ class HttpRoutes:
             try:
                 claims = self.verify(token.strip())
             except InvalidToken as exc:
-                return _error(401, "invalid_token", str(exc), [("WWW-Authenticate", "Bearer")])
+                return refuse(401, "invalid_token", str(exc), [("WWW-Authenticate", "Bearer")])
             if not claims.allows(project_id):
-                return _error(403, "forbidden", f"the token does not allow project {project_id}")
+                return refuse(403, "forbidden", f"the token does not allow project {project_id}")
         try:
             epoch, after, limit = _poll_query(query)
         except ValueError as exc:
-            return _error(400, "invalid_query", str(exc))
+            return refuse(400, "invalid_query", str(exc))
         try:
             # The same bound as a subscribe: a hung Redis gets a 503 in time, not a dropped
             # request (the browser client's fetch would otherwise wait for its own timeout).
@@ -242,6 +243,21 @@ class HttpRoutes:
             more=plan.more,
         )
         return json_response(200, encode(body))
+
+    def _refuse(
+        self, status: int, code: str, message: str, headers: list[tuple[str, str]] | None = None
+    ) -> Response:
+        """A poll refused for the client's own mistake, counted as the same mistake is on a
+        stream or a handshake: 400 in ``bad_requests_total``, 401 in ``auth_failures_total``,
+        403 in ``client_errors_total``."""
+        metrics = self.gateway.metrics
+        if status == 400:
+            metrics.bad_requests_total += 1
+        elif status == 401:
+            metrics.auth_failures_total += 1
+        else:
+            metrics.client_errors_total += 1
+        return _error(status, code, message, headers)
 
 
 def _split_target(target: str) -> tuple[str, str]:

@@ -159,14 +159,22 @@ async def test_polling_with_a_foreign_epoch_says_resync(gateways, publisher):
     ],
 )
 async def test_polling_rejects_bad_requests_clearly(gateways, path, headers, status, error):
+    """Each refusal is the client's mistake: a 4xx, counted as the same mistake is on a stream
+    (400 bad_requests_total, 401 auth_failures_total, 403 client_errors_total), never logged
+    as an error."""
     gateway = await gateways()
     if headers == "ok":
         headers = bearer([0 + 4] if "/4/" in path else "*")
     elif headers == "other-project":
         headers = bearer([5])
+    counters = ("bad_requests_total", "auth_failures_total", "client_errors_total")
+    before = {name: getattr(gateway.metrics, name) for name in counters}
     got, _, body = await request(gateway.port, path, headers=headers)
     assert got == status
     assert json.loads(body)["error"] == error
+    counted = {400: "bad_requests_total", 401: "auth_failures_total", 403: "client_errors_total"}
+    after = {name: getattr(gateway.metrics, name) for name in counters}
+    assert after == {**before, counted[status]: before[counted[status]] + 1}
 
 
 async def test_cors_preflight_for_polling(gateways):
