@@ -27,6 +27,7 @@ drives the same :class:`gateway.clients.ClientProtocol` and the same write path
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, NamedTuple
@@ -547,6 +548,8 @@ class SseStreams:
             log.exception("stream request failed", path=request.path[:200])
             response = json_response(500, {"error": "internal", "message": "internal error"})
         if response is not None:
+            if request.method == "HEAD":  # (405) a HEAD answer has no content: RFC 9110, 9.3.2
+                response = dataclasses.replace(response, body=b"")
             transport.write(response.serialize())
             transport.close()
             return True

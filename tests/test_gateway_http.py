@@ -587,3 +587,14 @@ async def test_polling_across_a_redis_restart_is_exact_or_an_explicit_resync():
         assert [r.reason for r in got if r.kind == "resync"] == ["epoch_changed"]
         events = [r for r in got if r.kind == "event" and r.epoch == top[0]]
         assert [r.seq for r in events] == list(range(events[0].seq, top[1] + 1))
+
+
+async def test_head_of_a_stream_is_refused_without_a_body(gateways):
+    """A stream has no HEAD (405, Allow: GET, OPTIONS), and the refusal, a HEAD answer, has
+    no content either."""
+    gateway = await gateways()
+    got, headers, body = await request(
+        gateway.port, "/v1/projects/2/stream", method="HEAD", headers=bearer([2])
+    )
+    assert (got, headers["allow"], body) == (405, "GET, OPTIONS", b"")
+    assert int(headers["content-length"]) > 0  # the length of the GET's JSON error
