@@ -42,7 +42,7 @@ from publisher.outbox import (
 from publisher.outbox.relay import OutboxRow, PostgresOutboxStore, SQLiteOutboxStore
 from publisher.outbox.sql import for_psycopg, lock_key, validate_table
 from schemas import BlockerResolved, encode_event
-from tests.support.outbox_db import private_database, stream_ids, wait_until
+from tests.support.outbox_db import KEYS, private_database, stream_ids, wait_until
 from tests.support.redis_server import RedisServer
 from tests.support.tcp_proxy import FreezableProxy
 
@@ -1516,6 +1516,154 @@ def test_a_standby_relay_takes_over_when_the_leader_stops(pg_url, pg_outbox, bus
         first.stop()
         second.stop()
     assert_exact(bus.client, {1: list(range(1, 11))})
+
+
+class StderrLines:
+    """A subprocess's stderr, read line by line on a thread, so that a test can wait for a log
+    line while the process runs."""
+
+    def __init__(self, process: subprocess.Popen) -> None:
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._read, args=(process.stderr,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream: Any) -> None:
+        for line in stream:
+            self.lines.append(line)
+
+    def count(self, name: str) -> int:
+        return sum(f'"event": "{name}"' in line for line in list(self.lines))
+
+    def text(self) -> str:
+        self._thread.join(5)
+        return "".join(self.lines)
+
+
+def assert_marks_match_stream(client: redis.Redis, url: str, table: str) -> None:
+    """Every row is marked with the cursor its event has in the stream."""
+    by_project: dict[int, list[tuple]] = {}
+    for row in pg_rows(url, table):
+        by_project.setdefault(row[1], []).append(row)
+    for project_id, rows in by_project.items():
+        epoch = client.hget(KEYS.meta(project_id), "epoch").decode()
+        assert [(r[3], r[4]) for r in rows] == [(epoch, n) for n in range(1, len(rows) + 1)]
+
+
+def test_a_frozen_leader_loses_the_lead_within_its_lease_and_publishes_nothing_after(
+    pg_url, pg_outbox, bus, redis_url
+):
+    """The leader relay (a process) is frozen in the middle of a batch (SIGSTOP: a paused VM, a
+    GC-stalled or deadlocked process look the same to PostgreSQL: a live idle session). Its
+    session ends ``lease`` seconds after its last statement, which releases the leader lock: the
+    standby takes over within ``lease + poll_interval`` and publishes everything. Resumed
+    (SIGCONT), the old leader notices before its next publish that it lost the lead and
+    publishes nothing more: each event once, in order, every row marked with its stream cursor.
+    A healthy leader in a batch longer than the lease keeps the lead meanwhile. Before, the
+    frozen leader kept the lock as long as it was frozen, and the outbox stopped, silently."""
+    lease, poll = 2.0, 0.1
+    events = [event(1 + n % 2, n) for n in range(1, 101)]
+    _write_committed(pg_url, pg_outbox, events)
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "publisher.outbox", "relay",
+            "--dsn", pg_url, "--table", pg_outbox.table, "--redis-url", redis_url,
+            # one batch of 100 rows at 10 events/s (chunks of one row): 10 s, five leases
+            "--max-rate", "10", "--batch-size", "100", "--poll-interval", str(poll),
+            "--leader-lease", str(lease),
+        ],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    logs = StderrLines(process)
+    client = bus.client
+
+    def in_stream() -> int:
+        return len(stream_ids(client, 1)) + len(stream_ids(client, 2))
+
+    standby = OutboxRelay(
+        PostgresOutboxStore(pg_url, pg_outbox.table, lease=lease),
+        bus,
+        poll_interval=poll,
+        max_rate=None,
+    )
+    try:
+        wait_until(lambda: in_stream() >= 1)  # the process leads
+        standby.start()
+        # A healthy leader keeps the lead through a batch that lasts longer than its lease.
+        wait_until(lambda: in_stream() >= 10 * (lease + 1), timeout=15)
+        assert standby.metrics.published == 0 and not standby.metrics.leader
+        process.send_signal(signal.SIGSTOP)
+        stopped = time.monotonic()
+        published_by_leader = in_stream()  # (a round trip under way may add one row)
+        # The standby takes over within the bound (with some slack for a loaded machine).
+        wait_until(lambda: standby.metrics.leader, timeout=lease + poll + 3)
+        assert time.monotonic() - stopped < lease + poll + 3
+        wait_until(lambda: standby.metrics.backlog == 0 and in_stream() == 100)
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            wait_until(
+                lambda: (
+                    not conn.execute(
+                        f"SELECT count(*) FROM {pg_outbox.table} WHERE published_at IS NULL"
+                    ).fetchone()[0]
+                )
+            )
+            (resumed_at,) = conn.execute("SELECT clock_timestamp()").fetchone()
+        process.send_signal(signal.SIGCONT)
+        wait_until(lambda: logs.count("outbox_relay_standby"), timeout=10)
+    finally:
+        process.send_signal(signal.SIGCONT)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=15)
+        standby.stop()
+    assert process.returncode == 0, logs.text()
+    with psycopg.connect(pg_url) as conn:
+        # What the old leader marked after it resumed: only rows it had published before it
+        # was frozen (their marks were due), none it published afterwards.
+        marked_after = [
+            row_id
+            for (row_id,) in conn.execute(
+                f"SELECT id FROM {pg_outbox.table} WHERE published_at > %s ORDER BY id",
+                [resumed_at],
+            )
+        ]
+        first_ids = [
+            row_id
+            for (row_id,) in conn.execute(
+                f"SELECT id FROM {pg_outbox.table} ORDER BY id LIMIT %s",
+                [published_by_leader + 1],
+            )
+        ]
+    assert set(marked_after) <= set(first_ids), logs.text()
+    assert_exact(client, blocker_ids_by_project(pg_url, pg_outbox.table))
+    assert_marks_match_stream(client, pg_url, pg_outbox.table)
+
+
+def test_an_idle_leader_keeps_the_lead_however_long_its_poll_interval(pg_url, pg_outbox, bus):
+    """The lease is renewed while the leader waits for work: with a poll interval far longer
+    than the lease and nothing to publish, the leader's session stays, and a NOTIFY still wakes
+    it at once. (Nothing can be awaited here: the test is that nothing happens for three
+    leases.)"""
+    lease = 0.6
+    leader = OutboxRelay.postgres(
+        pg_url, bus, table=pg_outbox.table, lease=lease, poll_interval=30
+    ).start()
+    standby = OutboxRelay.postgres(
+        pg_url, bus, table=pg_outbox.table, lease=lease, poll_interval=0.05
+    )
+    try:
+        wait_until(lambda: leader.metrics.leader)
+        standby.start()
+        session = leader.store._work.info.backend_pid
+        time.sleep(3 * lease)
+        assert leader.store._work.info.backend_pid == session and leader.metrics.errors == 0
+        assert not standby.metrics.leader
+        _write_committed(pg_url, pg_outbox, [event(1, 1)])
+        wait_until(lambda: leader.metrics.published == 1, timeout=2)
+    finally:
+        leader.stop()
+        standby.stop()
+    assert standby.metrics.published == 0
+    assert_exact(bus.client, {1: [1]})
 
 
 async def test_snapshots_through_sqlalchemy_on_sqlite_and_asyncio(

@@ -86,6 +86,13 @@ def _relay_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="PostgreSQL: every relay works (default: one active relay per table, the others wait)",
     )
+    parser.add_argument(
+        "--leader-lease",
+        type=float,
+        default=30.0,
+        help="PostgreSQL 14+: seconds a frozen leader keeps the lead before a standby takes "
+        "over (30)",
+    )
     parser.add_argument("--stats-interval", type=float, default=10.0)
     parser.add_argument("--log-level", default="info")
 
@@ -111,7 +118,9 @@ def _run_relay(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     if args.sqlite:
         store = SQLiteOutboxStore(args.sqlite, args.table)
     elif args.dsn:
-        store = PostgresOutboxStore(args.dsn, args.table, leader=not args.no_leader)
+        store = PostgresOutboxStore(
+            args.dsn, args.table, leader=not args.no_leader, lease=args.leader_lease
+        )
     else:
         parser.error("give --dsn (or $EVENTBUS_OUTBOX_DSN) or --sqlite")
     _configure_logging(args.log_level)

@@ -11,7 +11,9 @@ How it stays exact (see ``docs/outbox.md`` for the long form):
 * Two relays that both run never reorder: a relay publishes row *k* of a project only after its
   own publish of the project's previous row returned, i.e. after that row is in the stream (put
   there by itself or by the other relay). Leadership (``pg_try_advisory_lock``) only saves the
-  duplicated work; correctness does not depend on it.
+  duplicated work; correctness does not depend on it. The leader's session has a lease
+  (``idle_session_timeout``): a leader frozen for longer loses the lead to a standby, and once
+  it runs again it finds out before it publishes anything more.
 * The one bound: the idempotency window (10 minutes by default, ``Publisher(idempotency_window=)``).
   A relay that stalls for longer than that between reading a batch and publishing it could
   publish rows again that another relay published meanwhile; a batch older than
@@ -76,7 +78,9 @@ class OutboxStore(Protocol):
     table: str
 
     def lead(self) -> bool:
-        """True while this relay may publish (always True without leader election)."""
+        """True while this relay may publish (always True without leader election). Asked
+        before each batch and before each chunk of one: a leader that may have lost the lead
+        meanwhile (frozen for longer than its lease) finds out here, before it publishes."""
 
     def fetch(self, limit: int, held: list[int]) -> list[OutboxRow]:
         """Unpublished rows in id order, without those of the ``held`` projects."""
@@ -153,6 +157,14 @@ class PostgresOutboxStore(_ClosableStore):
         leader: elect one active relay per table with ``pg_try_advisory_lock`` (the others wait
             and take over when its session ends). False lets every relay work: still exact, but
             duplicated work.
+        lease: PostgreSQL 14+: the leader's session ends when it has run no statement for this
+            long (30 s, ``idle_session_timeout`` on that session alone), which releases the
+            lock: a leader that is frozen (``SIGSTOP``, a paused VM, a stalled or deadlocked
+            relay thread) keeps the lead at most ``lease`` seconds, and a standby takes over
+            within ``lease`` plus its poll interval. A healthy leader runs a statement at
+            least every third of it (:meth:`lead`, :meth:`wait`). Before, PostgreSQL saw a
+            frozen leader's session as alive, and it kept the lock, and the outbox stopped,
+            for as long as it was frozen.
         timeout: the longest one statement may wait for the database (30 s), and the connect
             timeout unless the DSN sets ``connect_timeout``. A database that does not answer
             (stopped with its sockets open, a frozen VM, a lost network) fails the statement with
@@ -161,12 +173,20 @@ class PostgresOutboxStore(_ClosableStore):
     """
 
     def __init__(
-        self, dsn: str, table: str = DEFAULT_TABLE, *, leader: bool = True, timeout: float = 30.0
+        self,
+        dsn: str,
+        table: str = DEFAULT_TABLE,
+        *,
+        leader: bool = True,
+        timeout: float = 30.0,
+        lease: float = 30.0,
     ) -> None:
         import psycopg  # the optional 'postgres' extra
 
         if not timeout > 0:
             raise ValueError("timeout must be positive")
+        if not lease >= 0.1:
+            raise ValueError("lease must be at least 0.1 s")
         super().__init__()
         self._psycopg = psycopg
         self._closed_error = psycopg.OperationalError
@@ -175,10 +195,14 @@ class PostgresOutboxStore(_ClosableStore):
         self.table = table
         self.leader = leader
         self.timeout = timeout
+        self.lease = lease
         self.st = Statements(table, POSTGRES)
         self._work: Any = None
         self._listen: Any = None
         self._is_leader = False
+        #: Monotonic time the work session last ran a statement: its lease runs from there.
+        self._used = 0.0
+        self._lease_warned = False
         #: Statements under way -> their connection, and connects under way -> None; with
         #: ``_lock``, :meth:`reset` (called from any thread: ``OutboxRelay.stop`` closes the
         #: store) ends them all, and never closes a connection a statement waits on, whose
@@ -318,13 +342,35 @@ class PostgresOutboxStore(_ClosableStore):
         conn = self._conn()
         with self._deadline(conn):
             cur = conn.execute(for_psycopg(sql), params)
-            return cur.fetchall() if cur.description is not None else []
+            rows = cur.fetchall() if cur.description is not None else []
+        self._used = time.monotonic()
+        return rows
 
     def lead(self) -> bool:
+        """Take the lead if free; as the leader, renew the lease when a third of it has gone
+        by without a statement. That statement also proves the lead is still held (a session
+        that lives holds its lock): a leader that was frozen for longer than its lease fails
+        it, because PostgreSQL ended the session, before it publishes anything more; the
+        relay reconnects and finds another relay leading."""
         if not self.leader:
             return True
         if not self._is_leader:
-            (self._is_leader,) = self._q(self.st.try_lead, {"key": self.st.leader_key})[0]
+            if self._conn().info.server_version >= 140000:
+                sql = self.st.try_lead_with_lease
+            else:
+                sql = self.st.try_lead
+                if not self._lease_warned:
+                    self._lease_warned = True
+                    log().warning(
+                        "outbox_relay_no_lease",
+                        table=self.table,
+                        reason="PostgreSQL < 14 has no idle_session_timeout: a frozen leader "
+                        "keeps the lead until its session ends",
+                    )
+            params = {"key": self.st.leader_key, "lease_ms": str(math.ceil(self.lease * 1000))}
+            (self._is_leader,) = self._q(sql, params)[0]
+        elif time.monotonic() - self._used > self.lease / 3:
+            self._q("SELECT 1", {})
         return self._is_leader
 
     def fetch(self, limit: int, held: list[int]) -> list[OutboxRow]:
@@ -351,9 +397,15 @@ class PostgresOutboxStore(_ClosableStore):
                 for_psycopg(self.st.cleanup),
                 {"retention": retention.total_seconds(), "limit": limit},
             )
-            return cur.rowcount
+        self._used = time.monotonic()
+        return cur.rowcount
 
     def wait(self, timeout: float) -> None:
+        """Return when a writer NOTIFYs, or after ``timeout`` seconds; a leader's wait ends
+        after a third of its lease at the latest, so that the relay renews the lease (the next
+        batch's statements) however long its poll interval."""
+        if self._is_leader:
+            timeout = min(timeout, self.lease / 3)
         if self._listen is None or self._listen.closed:
             fresh = self._connect()
             with self._lock:
@@ -770,9 +822,16 @@ class OutboxRelay:
 
     @classmethod
     def postgres(
-        cls, dsn: str, publisher: Any, *, table: str = DEFAULT_TABLE, leader: bool = True, **kw
+        cls,
+        dsn: str,
+        publisher: Any,
+        *,
+        table: str = DEFAULT_TABLE,
+        leader: bool = True,
+        lease: float = 30.0,
+        **kw,
     ) -> OutboxRelay:
-        return cls(PostgresOutboxStore(dsn, table, leader=leader), publisher, **kw)
+        return cls(PostgresOutboxStore(dsn, table, leader=leader, lease=lease), publisher, **kw)
 
     @classmethod
     def sqlite(cls, path: str, publisher: Any, *, table: str = DEFAULT_TABLE, **kw) -> OutboxRelay:
@@ -816,6 +875,11 @@ class OutboxRelay:
                 if pause and self._stop.wait(pause):
                     break
                 if time.monotonic() - fetched > self.stale_after:
+                    break
+                # Still the leader? A relay frozen in the middle of a batch for longer than its
+                # lease lost the lead, and the rows to another relay: it stops here (raising,
+                # as its session is gone) instead of publishing the rest of the batch again.
+                if not self.store.lead():
                     break
                 self._publish_chunk(chunk, published, lags)
         finally:

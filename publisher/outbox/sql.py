@@ -192,4 +192,13 @@ class Statements:
         )
         self.cursor_of_row = f"SELECT epoch, seq FROM {t} WHERE id = :id"
         self.try_lead = "SELECT pg_try_advisory_lock(:key)"
+        # PostgreSQL 14+: the lock and the session's lease in one statement (CASE evaluates its
+        # THEN only when the lock was taken): a session holds the lock only with the lease, and
+        # a standby's session, which only polls, gets none. PostgreSQL ends a session idle for
+        # longer than the lease, which releases the lock.
+        self.try_lead_with_lease = (
+            "SELECT CASE WHEN pg_try_advisory_lock(:key) "
+            "THEN set_config('idle_session_timeout', :lease_ms, false) IS NOT NULL "
+            "ELSE false END"
+        )
         self.leader_key = leader_key(table)
