@@ -7,7 +7,8 @@
 
 ``--dsn`` defaults to ``$EVENTBUS_OUTBOX_DSN``, ``--redis-url`` to ``$EVENTBUS_REDIS_URL`` (else
 ``redis://127.0.0.1:6379/0``), ``--prefix`` to ``$EVENTBUS_PREFIX``. The relay logs structlog
-JSON lines on stderr and stops cleanly on SIGTERM / SIGINT (exit 0). Exit 2: usage error.
+JSON lines on stderr and on SIGTERM / SIGINT exits 0 within ``--stop-timeout`` (10 s), whatever
+the database does (see ``OutboxRelay.stop``). Exit 2: usage error; 1: the relay thread died.
 
 :func:`relay_main` takes the arguments after ``relay``, for wiring as ``python -m publisher
 relay``.
@@ -93,6 +94,12 @@ def _relay_arguments(parser: argparse.ArgumentParser) -> None:
         help="PostgreSQL 14+: seconds a frozen leader keeps the lead before a standby takes "
         "over (30)",
     )
+    parser.add_argument(
+        "--stop-timeout",
+        type=float,
+        default=10.0,
+        help="seconds to exit in after SIGTERM / SIGINT; the batch under way gets half of it (10)",
+    )
     parser.add_argument("--stats-interval", type=float, default=10.0)
     parser.add_argument("--log-level", default="info")
 
@@ -139,20 +146,31 @@ def _run_relay(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         stats_interval=args.stats_interval,
     )
 
-    def stop(_signum: int, _frame: object) -> None:
-        relay._stop.set()  # the loop ends after the current batch (marked) or wait
+    signals: list[int] = []
+
+    def stop(signum: int, _frame: object) -> None:
+        # Only noted: the handler runs in the main thread between two of its bytecodes, where
+        # taking a lock (Event.set) could deadlock with the code it interrupted.
+        signals.append(signum)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     structlog.get_logger("publisher.outbox").info(
         "outbox_relay_started", table=args.table, source="sqlite" if args.sqlite else "postgresql"
     )
+    # The relay works in its thread, so that stop() can end a statement it waits in (another
+    # session's lock, a hung database) at once. Before, the relay ran in this thread and the
+    # signal only set its stop flag: such a statement held the exit up to the store's timeout
+    # (30 s, Kubernetes' default grace period). The join's timeout is how late a signal is
+    # noticed (a signal does not end a join: it resumes after the handler).
+    thread = relay.start()._thread
     try:
-        relay.run()
+        while not signals and thread is not None and thread.is_alive():
+            thread.join(0.1)
     finally:
-        store.close()
+        relay.stop(args.stop_timeout)
         publisher.close()
-    return 0
+    return 0 if signals else 1
 
 
 def relay_main(argv: Sequence[str] | None = None, prog: str = "python -m publisher.outbox relay"):
