@@ -1762,12 +1762,18 @@ def test_cli_relay_exits_within_its_stop_timeout_on_sigterm_while_its_mark_waits
     period."""
     _write_committed(pg_url, pg_outbox, [event(1, n) for n in range(1, 4)])
     stop_timeout = 2.0
+    # The database is shared by the module's tests: other tests' relays may have sessions too.
     relay_sessions = (
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'eventbus-outbox-relay' "
+        "SELECT pid FROM pg_stat_activity WHERE application_name = 'eventbus-outbox-relay' "
         "AND datname = current_database()"
     )
     with psycopg.connect(pg_url) as holder, psycopg.connect(pg_url, autocommit=True) as admin:
         holder.execute(f"SELECT id FROM {pg_outbox.table} FOR UPDATE")
+
+        def relay_pids() -> set[int]:
+            return {row[0] for row in admin.execute(relay_sessions)}
+
+        others = relay_pids()
         process = subprocess.Popen(
             [
                 sys.executable, "-m", "publisher.outbox", "relay",
@@ -1780,11 +1786,10 @@ def test_cli_relay_exits_within_its_stop_timeout_on_sigterm_while_its_mark_waits
         try:
             # Published, and its mark waits for the row lock.
             wait_until(
-                lambda: admin.execute(relay_sessions + " AND wait_event_type = 'Lock'").fetchone()[
-                    0
-                ]
+                lambda: admin.execute(relay_sessions + " AND wait_event_type = 'Lock'").fetchone()
             )
             assert len(stream_ids(bus.client, 1)) == 3
+            ours = relay_pids() - others
             started = time.monotonic()
             process.send_signal(signal.SIGTERM)
             _, stderr = process.communicate(timeout=60)
@@ -1795,7 +1800,7 @@ def test_cli_relay_exits_within_its_stop_timeout_on_sigterm_while_its_mark_waits
                 process.wait()
         assert process.returncode == 0, stderr
         assert elapsed < stop_timeout + 1.0, stderr
-        wait_until(lambda: admin.execute(relay_sessions).fetchone()[0] == 0, timeout=5)
+        wait_until(lambda: not ours & relay_pids(), timeout=5)
         holder.rollback()
     assert [r[4] for r in pg_rows(pg_url, pg_outbox.table)] == [None, None, None]
     relay = OutboxRelay.postgres(pg_url, bus, table=pg_outbox.table)
@@ -1837,3 +1842,4 @@ def test_the_applications_row_factories_do_not_matter(pg_url, pg_outbox, sqlite_
     snap = sqlite_outbox.snapshot(conn, 52, lambda c: c.execute("SELECT 2 AS two").fetchone())
     assert snap.data == {"two": 2} and snap.cursor.seq == 1
     conn.close()
+

@@ -36,6 +36,11 @@ class FreezableProxy:
         self._closed = True
         self._running.set()
         for sock in [self._listener, *self._sockets]:
+            # shutdown() first: close() alone does not end a recv() another thread is blocked
+            # in, and while one is, the connection stays open (no FIN): a PostgreSQL session
+            # behind the proxy would outlive the test.
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(OSError):
                 sock.close()
 
