@@ -445,6 +445,10 @@ class Consumer:
         self._auth_failures = 0
         self._failed_attempts = 0  # connection attempts in a row that did not open
         self._unavailable: dict[int, int] = {}  # project -> 'unavailable' answers in a row
+        #: The connection's pending token refresh (scheduled, or a retry): one at a time.
+        self._refresh: asyncio.Future[None] | None = None
+        #: Project -> its retry after 'unavailable', while it sleeps (one at a time per project).
+        self._retries: dict[int, asyncio.Future[None]] = {}
         self.stats = ConsumerStats()
         self.connects = 0  # connections that opened (for tests and metrics)
         self.close_codes: list[int | None] = []  # how each connection ended, oldest first
@@ -601,6 +605,7 @@ class Consumer:
         for project_id in project_ids:
             if self._routes.get(project_id) is route:
                 del self._routes[project_id]
+                self._cancel_retry(project_id)
                 if self._states.pop(project_id, None) is not None:
                     forgotten.append(project_id)
         return forgotten
@@ -642,10 +647,11 @@ class Consumer:
 
     # --- the connection task ---------------------------------------------------------------------
 
-    def _spawn(self, coroutine: Awaitable[Any]) -> None:
+    def _spawn(self, coroutine: Awaitable[Any]) -> asyncio.Future[Any]:
         task = asyncio.ensure_future(coroutine)
         self._helpers.add(task)
         task.add_done_callback(self._helper_done)
+        return task
 
     def _helper_done(self, task: asyncio.Future[Any]) -> None:
         self._helpers.discard(task)  # type: ignore[arg-type]
@@ -727,6 +733,8 @@ class Consumer:
             finally:
                 self._ws = self._subscribed_on = None
                 self._authenticated.clear()
+                for project_id in list(self._retries):  # the next connection subscribes anyway
+                    self._cancel_retry(project_id)
                 await ws.close()
                 # No close frame (killed gateway, reset, keepalive timeout): 1006.
                 code = ws.close_code if ws.close_code is not None else ABNORMAL_CLOSURE
@@ -771,7 +779,6 @@ class Consumer:
         return self._backoff.next()
 
     async def _session(self, ws: ClientConnection, token: str | None) -> None:
-        refresh: asyncio.Task[None] | None = None
         try:
             if token is not None:
                 await ws.send(_encode({"type": "auth", "token": token}), text=True)
@@ -810,12 +817,13 @@ class Consumer:
                     auth_deadline = None
                     self._authenticated.set()
                     self._auth_failures = 0
-                    if refresh is not None:
-                        refresh.cancel()
-                    refresh = self._schedule_refresh(ws, message)
+                    if self._refresh is not None:
+                        self._refresh.cancel()
+                    self._refresh = self._schedule_refresh(ws, message)
         finally:
-            if refresh is not None:
-                refresh.cancel()
+            if self._refresh is not None:
+                self._refresh.cancel()
+                self._refresh = None
 
     async def _on_frame(self, ws: ClientConnection, raw: bytes) -> object:
         try:
@@ -854,6 +862,7 @@ class Consumer:
                 return None
             outcome = state.on_subscribed(message.epoch, message.seq, message.resumed)  # type: ignore[attr-defined]
             self._unavailable.pop(state.project_id, None)
+            self._cancel_retry(state.project_id)  # answered: nothing left to retry
             if outcome.resync is not None:
                 log.info(
                     "resync required",
@@ -958,6 +967,12 @@ class Consumer:
         if error.code == ErrorCode.UNAVAILABLE and state is not None:
             # Redis is unreachable behind the gateway: subscribe again later, with backoff (it
             # may be down for a while), logged when it starts and then every tenth attempt.
+            # One retry per project at a time: more 'unavailable' errors while it sleeps answer
+            # no subscribe of ours (a gateway bug, or a hostile one) and would each have started
+            # a task and, when it woke, a subscribe.
+            retry = self._retries.get(state.project_id)
+            if retry is not None and not retry.done():
+                return
             self.stats.unavailable += 1
             attempts = self._unavailable.get(state.project_id, 0)
             self._unavailable[state.project_id] = attempts + 1
@@ -966,13 +981,17 @@ class Consumer:
                     "subscribe unavailable; retrying", project_id=project_id, attempts=attempts + 1
                 )
             delay = self._random() * self._backoff.cap(attempts)
-            self._spawn(self._resubscribe_later(ws, state, delay))
+            self._retries[state.project_id] = self._spawn(self._resubscribe_later(ws, state, delay))
             return
         if error.code == ErrorCode.INVALID_TOKEN:
             # An in-band refresh was refused; the connection keeps its token until it expires
-            # (then 4002 and a reconnect with a new one). Try again after a while.
+            # (then 4002 and a reconnect with a new one). Try again after a while, unless a
+            # refresh is pending already: then this error answers no refresh of ours (a gateway
+            # bug, or a hostile one), and a task and a token call for each would be a burst.
+            if self._refresh is not None and not self._refresh.done():
+                return
             log.warning("token refresh refused", message=error.message)
-            self._spawn(self._refresh_later(ws, self._random() * self.policy.max))
+            self._refresh = self._spawn(self._refresh_later(ws, self._random() * self.policy.max))
             return
         if state is not None:
             kind = Forbidden if error.code == ErrorCode.FORBIDDEN else GatewayError
@@ -1065,9 +1084,16 @@ class Consumer:
 
     async def _resubscribe_later(self, ws: ClientConnection, state: ProjectState, delay: float):
         await asyncio.sleep(delay)
+        if self._retries.get(state.project_id) is asyncio.current_task():
+            del self._retries[state.project_id]  # awake: the next 'unavailable' may retry again
         if self._ws is ws and self._states.get(state.project_id) is state:
             with contextlib.suppress(ConnectionClosed):
                 await ws.send(_encode(state.subscribe_message()), text=True)
+
+    def _cancel_retry(self, project_id: int) -> None:
+        retry = self._retries.pop(project_id, None)
+        if retry is not None:
+            retry.cancel()
 
     async def _send(self, message: dict[str, object]) -> None:
         ws = self._ws

@@ -1441,3 +1441,118 @@ def test_the_reconnect_jitter_leaves_the_global_random_state_alone():
     delays = [backoff.next() for _ in range(5)]
     assert [random.random() for _ in range(3)] == expected
     assert all(delay >= 0 for delay in delays)
+
+
+# --- the client against a fake gateway that misbehaves after authenticating ---------------------
+
+
+def error_frame(code: str, project_id: int | None = None) -> str:
+    message: dict[str, object] = {"type": "error", "code": code, "message": "flood"}
+    if project_id is not None:
+        message["project_id"] = project_id
+    return json.dumps(message)
+
+
+AUTHENTICATED = json.dumps(
+    {"type": "authenticated", "subject": None, "projects": None, "expires_at": None}
+)
+FLOOD = 1000
+
+
+async def test_a_flood_of_unavailable_errors_is_one_retry_and_the_project_resumes_once():
+    """A gateway (buggy or hostile) answering one subscribe with a thousand ``unavailable``
+    errors: the consumer started a retry task per error, each sleeping up to ``max`` and then
+    subscribing again, a thousand tasks and a burst of a thousand subscribes. Now a project has
+    at most one retry pending; when the gateway recovers, the project resumes once, in order."""
+    from websockets.asyncio.server import serve
+
+    subscribes: list[int] = []
+
+    async def gateway(connection) -> None:
+        flooded = other_subscribed = sentinel_sent = False
+        async for raw in connection:
+            message = json.loads(raw)
+            if message["type"] != "subscribe":
+                continue
+            project, after = message["project_id"], message.get("after")
+            subscribes.append(project)
+            if project == 2:
+                await connection.send(subscribed(2, 0, resumed=True).decode())
+                other_subscribed = True
+            elif not flooded:
+                for _ in range(FLOOD):
+                    await connection.send(error_frame("unavailable", 1))
+                flooded = True
+            else:  # recovered: the replay after the cursor, then `subscribed`
+                for seq in range(after + 1, 4):
+                    await connection.send(frame(1, seq).decode())
+                await connection.send(subscribed(1, 3, resumed=True).decode())
+            if flooded and other_subscribed and not sentinel_sent:
+                # Read after every error: once it is delivered, the flood was handled.
+                await connection.send(frame(2, 1).decode())
+                sentinel_sent = True
+
+    async with serve(gateway, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        policy = ReconnectPolicy(initial=1.0, max=1.0)
+        consumer = Consumer(f"ws://127.0.0.1:{port}/", reconnect=policy, random=lambda: 1.0)
+        async with consumer:
+            first = consumer.events(1, after=Cursor(EPOCH, 0))
+            other = consumer.events(2, after=Cursor(EPOCH, 0))
+            async with asyncio.timeout(10):
+                assert (await anext(other)).seq == 1
+            assert len(consumer._helpers) <= 1  # one retry sleeping, not a thousand
+            items = []
+            async with asyncio.timeout(10):
+                while len(items) < 3:
+                    items.append(await anext(first))
+    assert [(d.project_id, d.seq) for d in items] == [(1, 1), (1, 2), (1, 3)]
+    assert subscribes.count(1) == 2  # the first and one retry
+    assert consumer.connects == 1 and consumer.stats.duplicates == 0
+
+
+async def test_a_flood_of_invalid_token_errors_is_one_pending_refresh():
+    """A gateway sending a thousand ``invalid_token`` errors (answers to no refresh of ours, or
+    a thousand to one): the consumer started a refresh task per error, each calling the token
+    function after a while, a thousand calls. Now one refresh is pending at a time."""
+    from websockets.asyncio.server import serve
+
+    auths = 0
+    refreshed = asyncio.Event()
+
+    def token() -> str:
+        token.calls += 1  # type: ignore[attr-defined]
+        return f"t{token.calls}"  # type: ignore[attr-defined]
+
+    token.calls = 0  # type: ignore[attr-defined]
+
+    async def gateway(connection) -> None:
+        nonlocal auths
+        async for raw in connection:
+            message = json.loads(raw)
+            if message["type"] == "auth":
+                auths += 1
+                await connection.send(AUTHENTICATED)
+                if auths == 2:
+                    refreshed.set()
+            elif message["type"] == "subscribe":
+                await connection.send(subscribed(1, 0).decode())
+                for _ in range(FLOOD):
+                    await connection.send(error_frame("invalid_token"))
+                await connection.send(frame(1, 1).decode())  # read after every error
+
+    async with serve(gateway, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        policy = ReconnectPolicy(initial=1.0, max=1.0)
+        consumer = Consumer(
+            f"ws://127.0.0.1:{port}/", token=token, reconnect=policy, random=lambda: 1.0
+        )
+        async with consumer:
+            subscription = consumer.events(1)
+            async with asyncio.timeout(10):
+                assert (await anext(subscription)).seq == 1
+            assert len(consumer._helpers) <= 1 and token.calls == 1  # type: ignore[attr-defined]
+            async with asyncio.timeout(10):
+                await refreshed.wait()
+            assert token.calls == 2  # type: ignore[attr-defined]
+            assert consumer.connects == 1
