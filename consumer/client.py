@@ -368,9 +368,9 @@ class Consumer:
         reconnect: backoff and authentication-retry policy.
         buffer: items held per subscription before the connection stops reading.
         open_timeout, ping_interval, ping_timeout: WebSocket handshake timeout (also the time a
-            catch-up page, an async token function, and a cursor store's load or save may take)
-            and keepalive (a connection that answers no ping within ``ping_timeout`` is dropped
-            and resumed).
+            catch-up page, an async token function, a cursor store's load or save, and the
+            gateway's answer to the token or to a subscribe may take) and keepalive (a
+            connection that answers no ping within ``ping_timeout`` is dropped and resumed).
         compression: offer permessage-deflate (the gateway uses it only with ``--compression``).
         catch_up: when a resume is further behind than one replay carries (``resync_required``
             ``too_far_behind``) but the history still holds the cursor, read the missed events
@@ -449,6 +449,14 @@ class Consumer:
         self._refresh: asyncio.Future[None] | None = None
         #: Project -> its retry after 'unavailable', while it sleeps (one at a time per project).
         self._retries: dict[int, asyncio.Future[None]] = {}
+        # The bound on a subscribe's answer (see _check_answers), on the reading clock.
+        self._asked: dict[int, float] = {}  # project -> when its unanswered subscribe was sent
+        self._progress_at = 0.0  # the gateway's last answer, in part or whole, to a subscribe
+        self._answer_timer: asyncio.TimerHandle | None = None
+        self._paused = 0.0  # seconds the connection task waited for a caller's room, in all
+        self._paused_since: float | None = None
+        #: The connection the consumer gave up on for not answering (not a stable one).
+        self._given_up: ClientConnection | None = None
         self.stats = ConsumerStats()
         self.connects = 0  # connections that opened (for tests and metrics)
         self.close_codes: list[int | None] = []  # how each connection ended, oldest first
@@ -564,7 +572,7 @@ class Consumer:
         if cursor is not None:
             route.ready[project_id].set()
         if self._subscribed_on is not None:
-            await self._send(state.subscribe_message())
+            await self._send(self._subscribe_message(state))
 
     async def _unregister(self, route: _Route, project_ids: tuple[int, ...]) -> None:
         for project_id in self._forget(route, project_ids):
@@ -735,6 +743,10 @@ class Consumer:
                 self._authenticated.clear()
                 for project_id in list(self._retries):  # the next connection subscribes anyway
                     self._cancel_retry(project_id)
+                self._asked.clear()
+                if self._answer_timer is not None:
+                    self._answer_timer.cancel()
+                    self._answer_timer = None
                 await ws.close()
                 # No close frame (killed gateway, reset, keepalive timeout): 1006.
                 code = ws.close_code if ws.close_code is not None else ABNORMAL_CLOSURE
@@ -742,8 +754,13 @@ class Consumer:
             self._failed_attempts = 0
             self.close_codes.append(code)
             log.info("disconnected", url=url, code=code)
-            if time.monotonic() - opened_at >= self.policy.stable_after:
+            # A connection given up on for not answering was up, not stable: keep backing off.
+            if (
+                time.monotonic() - opened_at >= self.policy.stable_after
+                and self._given_up is not ws
+            ):
                 self._backoff.reset()
+            self._given_up = None
         if self._closed:
             return 0.0
         return max(retry_after, self._after_close(code if opened_at is not None else None))
@@ -788,13 +805,14 @@ class Consumer:
             # once (a refused token closes the connection with 4001 before they are read).
             self._unsubscribing.clear()  # (what the last connection left, it answers no more)
             self._subscribed_on = ws
+            self._progress_at = self._reading_time()
             for state in self._states.values():
                 state.on_connection()
             for state in list(self._states.values()):
                 # Skipped: one unfollowed while an earlier send waited, and one catching up
                 # (it subscribes when its pages are read).
                 if self._states.get(state.project_id) is state and not state.catching_up:
-                    await ws.send(_encode(state.subscribe_message()), text=True)
+                    await ws.send(_encode(self._subscribe_message(state)), text=True)
             # A gateway that never answers the token (its handler stuck, a proxy that accepts
             # and forwards nothing) would hold this connection, answering pings, for ever.
             auth_deadline = None
@@ -811,9 +829,13 @@ class Consumer:
                         log.warning(
                             "no answer to the token; reconnecting", timeout=self._open_timeout
                         )
+                        self._given_up = ws
                         return
                 message = await self._on_frame(ws, raw)
                 if type(message) is Authenticated:
+                    if auth_deadline is not None:
+                        # The gateway reads the subscribes after the token: they wait from here.
+                        self._progress_at = self._reading_time()
                     auth_deadline = None
                     self._authenticated.set()
                     self._auth_failures = 0
@@ -836,10 +858,13 @@ class Consumer:
                 return None
             state = self._states.get(exc.header[1])
             if state is not None:
+                pending = state.pending
                 verdict = await self._on_undecodable(state, exc, raw)
+                if pending and verdict is not Verdict.DROP:
+                    self._heard(state.project_id)
                 if verdict is Verdict.GAP:
                     self.stats.gaps += 1
-                    await ws.send(_encode(state.subscribe_message()), text=True)
+                    await ws.send(_encode(self._subscribe_message(state)), text=True)
             return None
         cls = type(message)
         if self._unsubscribing and self._left(getattr(message, "project_id", None), message):
@@ -848,11 +873,16 @@ class Consumer:
             state = self._states.get(message.project_id)  # type: ignore[attr-defined]
             if state is None:
                 return None  # unsubscribed meanwhile
+            pending = state.pending
             verdict = await self._on_event(state, message, raw)  # type: ignore[arg-type]
+            if pending and verdict is not Verdict.DROP:
+                # The replay answering the subscribe (its live events are dropped meanwhile,
+                # and come whether or not the gateway handles the subscribe: not an answer).
+                self._heard(state.project_id)
             if verdict is Verdict.GAP:
                 self.stats.gaps += 1
                 log.warning("gap in a project's events; resubscribing", project_id=state.project_id)
-                await ws.send(_encode(state.subscribe_message()), text=True)
+                await ws.send(_encode(self._subscribe_message(state)), text=True)
             return None
         if (cls is Subscribed or cls is ResyncRequired) and not _has_valid_cursor(message):
             return None
@@ -861,6 +891,7 @@ class Consumer:
             if state is None:
                 return None
             outcome = state.on_subscribed(message.epoch, message.seq, message.resumed)  # type: ignore[attr-defined]
+            self._answered(state.project_id)
             self._unavailable.pop(state.project_id, None)
             self._cancel_retry(state.project_id)  # answered: nothing left to retry
             if outcome.resync is not None:
@@ -871,7 +902,7 @@ class Consumer:
                 )
                 await self._put(state.project_id, outcome.resync)
             if outcome.resubscribe:
-                await ws.send(_encode(state.subscribe_message()), text=True)
+                await ws.send(_encode(self._subscribe_message(state)), text=True)
             else:
                 route = self._routes.get(state.project_id)
                 if route is not None:
@@ -882,6 +913,7 @@ class Consumer:
             if state is None:
                 return None
             reason, epoch = message.reason, message.epoch  # type: ignore[attr-defined]
+            self._heard(state.project_id)  # (its `subscribed` follows)
             if state.catching_up and reason == ResyncReason.TOO_FAR_BEHIND:
                 return None  # the catch-up in progress covers it
             if self.catch_up and state.can_catch_up(reason, epoch):
@@ -922,7 +954,7 @@ class Consumer:
             self.stats.delivered += 1
             queue = self._routes[project_id].queue  # (routes and states change together)
             if queue.full():
-                await queue.put(delivery)
+                await self._wait_for_room(queue, delivery)
             else:
                 queue.put_nowait(delivery)
         elif verdict is Verdict.DUPLICATE:
@@ -959,11 +991,27 @@ class Consumer:
         if route is not None:
             if type(item) is Resync:
                 self.stats.resyncs += 1
-            await route.queue.put(item)
+            await self._wait_for_room(route.queue, item)
+
+    async def _wait_for_room(self, queue: asyncio.Queue[Any], item: Any) -> None:
+        """Queue an item, waiting for the caller to make room. While the connection task waits,
+        nothing is read: that time is the consumer's, not the gateway's (:meth:`_reading_time`)."""
+        if not queue.full() or asyncio.current_task() is not self._task:
+            await queue.put(item)  # (a catch-up's task waiting does not stop the reading)
+            return
+        loop = asyncio.get_running_loop()
+        self._paused_since = loop.time()
+        try:
+            await queue.put(item)
+        finally:
+            self._paused += loop.time() - self._paused_since
+            self._paused_since = None
 
     async def _on_error(self, ws: ClientConnection, error: Error) -> None:
         project_id = error.project_id
         state = self._states.get(project_id) if project_id is not None else None
+        if state is not None:
+            self._answered(state.project_id)
         if error.code == ErrorCode.UNAVAILABLE and state is not None:
             # Redis is unreachable behind the gateway: subscribe again later, with backoff (it
             # may be down for a while), logged when it starts and then every tenth attempt.
@@ -1001,7 +1049,7 @@ class Consumer:
                 del self._routes[project_id]  # type: ignore[arg-type]
                 route.active.discard(project_id)  # type: ignore[arg-type]
                 route.ready[project_id].set()  # type: ignore[index]
-                await route.queue.put(kind(error.code, error.message, project_id))
+                await self._wait_for_room(route.queue, kind(error.code, error.message, project_id))
             return
         log.error("gateway error", code=str(error.code), message=error.message)
 
@@ -1064,6 +1112,7 @@ class Consumer:
             if self._states.get(project_id) is state:
                 message = state.end_catch_up()
                 if message is not None and self._subscribed_on is not None:
+                    self._asking(project_id)
                     await self._send(message)
 
     async def _poll(self, project_id: int, cursor: Cursor) -> PollResponse:
@@ -1088,12 +1137,99 @@ class Consumer:
             del self._retries[state.project_id]  # awake: the next 'unavailable' may retry again
         if self._ws is ws and self._states.get(state.project_id) is state:
             with contextlib.suppress(ConnectionClosed):
-                await ws.send(_encode(state.subscribe_message()), text=True)
+                await ws.send(_encode(self._subscribe_message(state)), text=True)
 
     def _cancel_retry(self, project_id: int) -> None:
         retry = self._retries.pop(project_id, None)
         if retry is not None:
             retry.cancel()
+
+    # --- the bound on a subscribe's answer --------------------------------------------------------
+
+    def _subscribe_message(self, state: ProjectState) -> dict[str, object]:
+        """The project's subscribe frame, for a send now on the current connection."""
+        message = state.subscribe_message()
+        self._asking(state.project_id)
+        return message
+
+    def _reading_time(self) -> float:
+        """The event loop's clock less the time the connection task waited for a caller to make
+        room in a full queue (backpressure): the gateway's answers wait unread meanwhile, and
+        taking that for a gateway that does not answer would reconnect a slow reader for
+        nothing (as the gateway moves a ping's deadline back by the time its reading paused)."""
+        now = asyncio.get_running_loop().time()
+        paused = self._paused
+        if self._paused_since is not None:
+            paused += now - self._paused_since
+        return now - paused
+
+    def _asking(self, project_id: int) -> None:
+        """A subscribe of the project goes out now: its answer is due (:meth:`_check_answers`)."""
+        self._asked[project_id] = self._reading_time()
+        if self._answer_timer is None and self._subscribed_on is not None:
+            loop = asyncio.get_running_loop()
+            self._answer_timer = loop.call_later(
+                self._open_timeout, self._check_answers, self._subscribed_on
+            )
+
+    def _heard(self, project_id: int) -> None:
+        """A frame answering the project's subscribe in part (its replay, a resync_required)."""
+        if project_id in self._asked:
+            self._progress_at = self._reading_time()
+
+    def _answered(self, project_id: int) -> None:
+        """The project's subscribe is answered (``subscribed``, an error)."""
+        if self._asked.pop(project_id, None) is not None:
+            self._progress_at = self._reading_time()
+
+    def _check_answers(self, ws: ClientConnection) -> None:
+        """The timer of the bound on a subscribe's answer.
+
+        A gateway whose handler is stuck after authenticating (websockets answers the pings by
+        itself, and the project's live events, which do not go through the handler, may flow)
+        would leave a subscribe unanswered for ever: the project silent, nothing said. So an
+        unanswered subscribe is given ``open_timeout`` from when it was sent, pushed back by
+        every frame answering it or a subscribe sent before it: the replay comes before
+        ``subscribed``, and the gateway handles a connection's messages one after the other
+        (each subscribe may wait for Redis up to its ``--subscribe-timeout``), so subscribes sent
+        together are answered one after the other, and a long replay of one holds the others
+        back. A live event of a project whose subscribe is unanswered is dropped, and does not
+        count: it comes whether or not the gateway handles the subscribe. When the bound
+        passes, the consumer gives the connection up (warning) and connects again with backoff,
+        resuming every project from its cursor: a stuck handler holds every later message of
+        the connection, so a subscribe sent again on it would wait behind the stuck one.
+
+        The timer is lazy: pushing the bound back is a store, and the timer, when it fires,
+        checks the bounds and sets itself for the earliest.
+        """
+        self._answer_timer = None
+        if self._subscribed_on is not ws or self._given_up is ws:
+            return
+        now = self._reading_time()
+        earliest = None
+        for project_id, asked in list(self._asked.items()):
+            state = self._states.get(project_id)
+            if state is None or not state.pending:
+                del self._asked[project_id]  # unfollowed (perhaps followed again), not waiting
+                continue
+            deadline = max(asked, self._progress_at) + self._open_timeout
+            if deadline <= now:
+                log.warning(
+                    "no answer to a subscribe; reconnecting",
+                    project_id=project_id,
+                    timeout=self._open_timeout,
+                )
+                self._given_up = ws
+                self._spawn(ws.close())
+                return
+            earliest = deadline if earliest is None else min(earliest, deadline)
+        if earliest is not None:
+            # While the connection task waits for a caller the reading clock stands still:
+            # look again later rather than every few milliseconds.
+            delay = earliest - now if self._paused_since is None else self._open_timeout
+            self._answer_timer = asyncio.get_running_loop().call_later(
+                delay, self._check_answers, ws
+            )
 
     async def _send(self, message: dict[str, object]) -> None:
         ws = self._ws

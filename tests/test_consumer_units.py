@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import itertools
 import json
 import os
 import shutil
@@ -1556,3 +1557,145 @@ async def test_a_flood_of_invalid_token_errors_is_one_pending_refresh():
                 await refreshed.wait()
             assert token.calls == 2  # type: ignore[attr-defined]
             assert consumer.connects == 1
+
+
+async def test_a_subscribe_the_gateway_never_answers_is_given_up_and_the_connection_made_again():
+    """A gateway whose handler is stuck after ``authenticated`` (websockets still answers pings,
+    the project's live events may even flow): the subscribe of project 1 was never answered and
+    the consumer waited for ever, the project silent, nothing said. Now a subscribe answered by
+    nothing of its project within ``open_timeout`` ends the connection (warning), and the next
+    one, with backoff, resumes the project from its cursor. Another project's live events on the
+    same connection do not count as an answer, and a connection given up on is not a stable one
+    (the backoff keeps growing while the gateway stays stuck)."""
+    from structlog.testing import capture_logs
+    from websockets.asyncio.server import serve
+
+    opened: list[float] = []
+
+    async def gateway(connection) -> None:
+        opened.append(asyncio.get_running_loop().time())
+        first = len(opened) <= 2  # stuck twice
+        live: asyncio.Task | None = None
+
+        async def project_2_live() -> None:
+            for seq in itertools.count(1):
+                await connection.send(frame(2, seq).decode())
+                await asyncio.sleep(0.05)
+
+        try:
+            async for raw in connection:
+                message = json.loads(raw)
+                if message["type"] != "subscribe":
+                    continue
+                project, after = message["project_id"], message.get("after")
+                if project == 2:
+                    await connection.send(subscribed(2, 0, resumed=True).decode())
+                    if first:
+                        live = asyncio.create_task(project_2_live())
+                elif not first:  # project 1: stuck on the first connection, answered after
+                    for seq in range(after + 1, 3):
+                        await connection.send(frame(1, seq).decode())
+                    await connection.send(subscribed(1, 2, resumed=True).decode())
+        finally:
+            if live is not None:
+                live.cancel()
+
+    async with serve(gateway, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        policy = ReconnectPolicy(initial=0.05, max=0.1, stable_after=0.1)
+        consumer = Consumer(f"ws://127.0.0.1:{port}/", open_timeout=0.5, reconnect=policy)
+        with capture_logs() as logs:
+            async with consumer:
+                stuck = consumer.events(1, after=Cursor(EPOCH, 0))
+                consumer.events(2, after=Cursor(EPOCH, 0))
+                items = []
+                async with asyncio.timeout(10):
+                    while len(items) < 2:
+                        items.append(await anext(stuck))
+                attempts = consumer._backoff.attempt
+    assert [(d.project_id, d.seq) for d in items] == [(1, 1), (1, 2)]
+    assert consumer.connects == 3 and opened[1] - opened[0] >= 0.5
+    assert consumer.close_codes[:2] == [1000, 1000]  # closed by the consumer, not the gateway
+    assert attempts == 2  # not reset by the connections up longer than stable_after
+    warnings = [e for e in logs if e["event"] == "no answer to a subscribe; reconnecting"]
+    assert len(warnings) == 2 and all(e["log_level"] == "warning" for e in warnings)
+    assert all(e["project_id"] == 1 for e in warnings)
+
+
+async def test_a_slow_replay_and_subscribes_answered_one_after_another_are_waited_for():
+    """The bound on a subscribe's answer is not a bound on the subscribe: each frame of the
+    project (its replay comes before ``subscribed``) pushes it back, and the gateway answers a
+    connection's subscribes one after the other (each may wait for Redis up to its
+    ``--subscribe-timeout``), so a subscribe is waited for ``open_timeout`` after the answer
+    before it, not after it was sent. Nothing here is given up."""
+    from websockets.asyncio.server import serve
+
+    async def gateway(connection) -> None:
+        async for raw in connection:  # one message after the other, as the gateway does
+            message = json.loads(raw)
+            if message["type"] != "subscribe":
+                continue
+            project, after = message["project_id"], message.get("after")
+            if project == 1:
+                for seq in range(after + 1, 5):  # 4 events, 0.6 s apart: 2.4 s in all
+                    await asyncio.sleep(0.6)
+                    await connection.send(frame(1, seq).decode())
+                await connection.send(subscribed(1, 4, resumed=True).decode())
+            else:
+                await asyncio.sleep(0.7)
+                await connection.send(subscribed(project, 0, resumed=True).decode())
+
+    async with serve(gateway, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        consumer = Consumer(f"ws://127.0.0.1:{port}/", open_timeout=1.0)
+        async with consumer:
+            slow = consumer.events(1, after=Cursor(EPOCH, 0))
+            later = consumer.events(2, 3)  # live from now: acknowledged by their `subscribed`
+            async with asyncio.timeout(10):
+                assert [(await anext(slow)).seq for _ in range(4)] == [1, 2, 3, 4]
+                await later.wait_subscribed()
+    assert consumer.connects == 1 and consumer.close_codes == [1000]
+
+
+async def test_time_the_consumer_waits_for_its_caller_does_not_count_against_the_gateway():
+    """A caller that reads slowly stops the connection task (backpressure) with the gateway's
+    answers unread behind: that wait is the consumer's own, and must not be taken for a gateway
+    that does not answer (a reconnect, and a replay, for nothing)."""
+    from structlog.testing import capture_logs
+    from websockets.asyncio.server import serve
+
+    answered = asyncio.Event()
+
+    async def gateway(connection) -> None:
+        async for raw in connection:
+            message = json.loads(raw)
+            if message["type"] != "subscribe":
+                continue
+            project = message["project_id"]
+            if project == 1:
+                for seq in (1, 2, 3):
+                    await connection.send(frame(1, seq).decode())
+                await connection.send(subscribed(1, 3, resumed=True).decode())
+            else:
+                await connection.send(subscribed(2, 0, resumed=True).decode())
+            if message["project_id"] == 2:
+                answered.set()
+
+    async with serve(gateway, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        consumer = Consumer(f"ws://127.0.0.1:{port}/", open_timeout=0.5, buffer=1)
+        with capture_logs() as logs:
+            async with consumer:
+                busy = consumer.events(1, after=Cursor(EPOCH, 0))
+                other = consumer.events(2, after=Cursor(EPOCH, 0))
+                async with asyncio.timeout(10):
+                    await answered.wait()
+                # The caller is busy elsewhere for 3 open_timeouts; the connection task waits
+                # for room for event 2 (buffer=1), with `subscribed` of 1 and 2 unread behind.
+                await asyncio.sleep(1.5)
+                assert busy._route.queue.full() and consumer._states[2].pending
+                async with asyncio.timeout(10):
+                    assert [(await anext(busy)).seq for _ in range(3)] == [1, 2, 3]
+                    await other.wait_subscribed()
+    assert not [e for e in logs if e["event"] == "no answer to a subscribe; reconnecting"]
+    assert consumer.close_codes == [1000]  # the one closed at the end
