@@ -43,6 +43,7 @@ import structlog
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from consumer.answers import PendingAnswers, ReadingClock
 from consumer.frames import EVENT_TYPES, FrameError, decode_frame, event_seq
 from consumer.ordering import ProjectState, Verdict
 from consumer.policy import (
@@ -449,12 +450,11 @@ class Consumer:
         self._refresh: asyncio.Future[None] | None = None
         #: Project -> its retry after 'unavailable', while it sleeps (one at a time per project).
         self._retries: dict[int, asyncio.Future[None]] = {}
-        # The bound on a subscribe's answer (see _check_answers), on the reading clock.
-        self._asked: dict[int, float] = {}  # project -> when its unanswered subscribe was sent
-        self._progress_at = 0.0  # the gateway's last answer, in part or whole, to a subscribe
+        #: The bound on a subscribe's answer (consumer.answers), on a clock that stands still
+        #: while the connection task waits for the caller's room; one lazy timer.
+        self._answers = PendingAnswers(open_timeout)
+        self._clock = ReadingClock(time.monotonic)
         self._answer_timer: asyncio.TimerHandle | None = None
-        self._paused = 0.0  # seconds the connection task waited for a caller's room, in all
-        self._paused_since: float | None = None
         #: The connection the consumer gave up on for not answering (not a stable one).
         self._given_up: ClientConnection | None = None
         self.stats = ConsumerStats()
@@ -743,7 +743,7 @@ class Consumer:
                 self._authenticated.clear()
                 for project_id in list(self._retries):  # the next connection subscribes anyway
                     self._cancel_retry(project_id)
-                self._asked.clear()
+                self._answers.start(self._clock.now())
                 if self._answer_timer is not None:
                     self._answer_timer.cancel()
                     self._answer_timer = None
@@ -805,7 +805,7 @@ class Consumer:
             # once (a refused token closes the connection with 4001 before they are read).
             self._unsubscribing.clear()  # (what the last connection left, it answers no more)
             self._subscribed_on = ws
-            self._progress_at = self._reading_time()
+            self._answers.start(self._clock.now())
             for state in self._states.values():
                 state.on_connection()
             for state in list(self._states.values()):
@@ -835,7 +835,7 @@ class Consumer:
                 if type(message) is Authenticated:
                     if auth_deadline is not None:
                         # The gateway reads the subscribes after the token: they wait from here.
-                        self._progress_at = self._reading_time()
+                        self._answers.progressed(self._clock.now())
                     auth_deadline = None
                     self._authenticated.set()
                     self._auth_failures = 0
@@ -995,17 +995,15 @@ class Consumer:
 
     async def _wait_for_room(self, queue: asyncio.Queue[Any], item: Any) -> None:
         """Queue an item, waiting for the caller to make room. While the connection task waits,
-        nothing is read: that time is the consumer's, not the gateway's (:meth:`_reading_time`)."""
+        nothing is read: that time is the consumer's, not the gateway's (the reading clock)."""
         if not queue.full() or asyncio.current_task() is not self._task:
             await queue.put(item)  # (a catch-up's task waiting does not stop the reading)
             return
-        loop = asyncio.get_running_loop()
-        self._paused_since = loop.time()
+        self._clock.pause()
         try:
             await queue.put(item)
         finally:
-            self._paused += loop.time() - self._paused_since
-            self._paused_since = None
+            self._clock.resume()
 
     async def _on_error(self, ws: ClientConnection, error: Error) -> None:
         project_id = error.project_id
@@ -1152,20 +1150,9 @@ class Consumer:
         self._asking(state.project_id)
         return message
 
-    def _reading_time(self) -> float:
-        """The event loop's clock less the time the connection task waited for a caller to make
-        room in a full queue (backpressure): the gateway's answers wait unread meanwhile, and
-        taking that for a gateway that does not answer would reconnect a slow reader for
-        nothing (as the gateway moves a ping's deadline back by the time its reading paused)."""
-        now = asyncio.get_running_loop().time()
-        paused = self._paused
-        if self._paused_since is not None:
-            paused += now - self._paused_since
-        return now - paused
-
     def _asking(self, project_id: int) -> None:
         """A subscribe of the project goes out now: its answer is due (:meth:`_check_answers`)."""
-        self._asked[project_id] = self._reading_time()
+        self._answers.asking(project_id, self._clock.now())
         if self._answer_timer is None and self._subscribed_on is not None:
             loop = asyncio.get_running_loop()
             self._answer_timer = loop.call_later(
@@ -1174,30 +1161,17 @@ class Consumer:
 
     def _heard(self, project_id: int) -> None:
         """A frame answering the project's subscribe in part (its replay, a resync_required)."""
-        if project_id in self._asked:
-            self._progress_at = self._reading_time()
+        self._answers.heard(project_id, self._clock.now())
 
     def _answered(self, project_id: int) -> None:
         """The project's subscribe is answered (``subscribed``, an error)."""
-        if self._asked.pop(project_id, None) is not None:
-            self._progress_at = self._reading_time()
+        self._answers.answered(project_id, self._clock.now())
 
     def _check_answers(self, ws: ClientConnection) -> None:
-        """The timer of the bound on a subscribe's answer.
-
-        A gateway whose handler is stuck after authenticating (websockets answers the pings by
-        itself, and the project's live events, which do not go through the handler, may flow)
-        would leave a subscribe unanswered for ever: the project silent, nothing said. So an
-        unanswered subscribe is given ``open_timeout`` from when it was sent, pushed back by
-        every frame answering it or a subscribe sent before it: the replay comes before
-        ``subscribed``, and the gateway handles a connection's messages one after the other
-        (each subscribe may wait for Redis up to its ``--subscribe-timeout``), so subscribes sent
-        together are answered one after the other, and a long replay of one holds the others
-        back. A live event of a project whose subscribe is unanswered is dropped, and does not
-        count: it comes whether or not the gateway handles the subscribe. When the bound
-        passes, the consumer gives the connection up (warning) and connects again with backoff,
-        resuming every project from its cursor: a stuck handler holds every later message of
-        the connection, so a subscribe sent again on it would wait behind the stuck one.
+        """The timer of the bound on a subscribe's answer (:mod:`consumer.answers`). When it has
+        passed, the consumer gives the connection up (warning) and connects again with backoff,
+        resuming every project from its cursor: a stuck handler holds every later message of the
+        connection, so a subscribe sent again on it would wait behind the stuck one.
 
         The timer is lazy: pushing the bound back is a store, and the timer, when it fires,
         checks the bounds and sets itself for the earliest.
@@ -1205,28 +1179,26 @@ class Consumer:
         self._answer_timer = None
         if self._subscribed_on is not ws or self._given_up is ws:
             return
-        now = self._reading_time()
-        earliest = None
-        for project_id, asked in list(self._asked.items()):
+        now = self._clock.now()
+
+        def waiting(project_id: int) -> bool:
             state = self._states.get(project_id)
-            if state is None or not state.pending:
-                del self._asked[project_id]  # unfollowed (perhaps followed again), not waiting
-                continue
-            deadline = max(asked, self._progress_at) + self._open_timeout
-            if deadline <= now:
-                log.warning(
-                    "no answer to a subscribe; reconnecting",
-                    project_id=project_id,
-                    timeout=self._open_timeout,
-                )
-                self._given_up = ws
-                self._spawn(ws.close())
-                return
-            earliest = deadline if earliest is None else min(earliest, deadline)
-        if earliest is not None:
+            return state is not None and state.pending
+
+        overdue, earliest = self._answers.overdue(now, waiting)
+        if overdue is not None:
+            log.warning(
+                "no answer to a subscribe; reconnecting",
+                project_id=overdue,
+                timeout=self._open_timeout,
+            )
+            self._given_up = ws
+            self._spawn(ws.close())
+            return
+        if earliest != float("inf"):
             # While the connection task waits for a caller the reading clock stands still:
             # look again later rather than every few milliseconds.
-            delay = earliest - now if self._paused_since is None else self._open_timeout
+            delay = self._open_timeout if self._clock.paused else earliest - now
             self._answer_timer = asyncio.get_running_loop().call_later(
                 delay, self._check_answers, ws
             )

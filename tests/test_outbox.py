@@ -1842,4 +1842,3 @@ def test_the_applications_row_factories_do_not_matter(pg_url, pg_outbox, sqlite_
     snap = sqlite_outbox.snapshot(conn, 52, lambda c: c.execute("SELECT 2 AS two").fetchone())
     assert snap.data == {"two": 2} and snap.cursor.seq == 1
     conn.close()
-
