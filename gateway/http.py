@@ -24,7 +24,7 @@ from websockets.http11 import Request, Response
 
 from gateway.sequencing import plan_poll
 from gateway.store import ProjectUnreadable, StoreUnavailable
-from schemas.protocol import PollResponse, ResyncRequired, encode
+from schemas.protocol import MAX_SEQ, PollResponse, ResyncRequired, encode
 from schemas.tokens import InvalidToken, TokenClaims
 
 __all__ = ["HttpRoutes", "json_response"]
@@ -288,11 +288,11 @@ def _poll_query(query: str) -> tuple[str | None, int | None, int]:
         raise ValueError("epoch is malformed")
     # ASCII digits only: str.isdigit() and int() also take other scripts' digits (Arabic-Indic,
     # fullwidth), isdigit() superscripts that int() then refuses with a message of its own, and
-    # int() refuses more than 4,300 digits likewise.
+    # int() refuses more than 4,300 digits likewise. At most MAX_SEQ, as a subscribe's ``after``.
     after = None
     if raw_after is not None:
-        if not _DECIMAL.fullmatch(raw_after) or len(raw_after) > 16:
-            raise ValueError("after must be a non-negative integer")
+        if not _DECIMAL.fullmatch(raw_after) or len(raw_after) > 16 or int(raw_after) > MAX_SEQ:
+            raise ValueError(f"after must be an integer from 0 to {MAX_SEQ}")
         after = int(raw_after)
     limit = DEFAULT_POLL_LIMIT
     if raw_limit is not None:

@@ -49,7 +49,7 @@ from gateway.session import (
     release_transport,
 )
 from gateway.tasks import spawn
-from schemas.protocol import CloseCode
+from schemas.protocol import MAX_SEQ, CloseCode
 from schemas.tokens import InvalidToken
 
 if TYPE_CHECKING:
@@ -133,8 +133,9 @@ def format_cursor(cursors: dict[int, Cursor], multi: bool) -> str:
 
 def _parse_cursor(text: str) -> Cursor:
     epoch, sep, seq = text.rpartition(":")
-    if not sep or not _EPOCH.fullmatch(epoch) or not _SEQ.fullmatch(seq):
-        raise ValueError(f"{text[:80]!r} is not a cursor <epoch>:<seq>")
+    # The seq within the protocol's bound, as a WebSocket subscribe's ``after`` and a poll's.
+    if not sep or not _EPOCH.fullmatch(epoch) or not _SEQ.fullmatch(seq) or int(seq) > MAX_SEQ:
+        raise ValueError(f"{text[:80]!r} is not a cursor <epoch>:<seq> (seq at most {MAX_SEQ})")
     return Cursor(epoch, int(seq))
 
 
@@ -158,7 +159,7 @@ def parse_last_event_id(value: str | None, projects: list[int]) -> dict[int, Cur
         raise ValueError("too many cursors")
     for part in parts:
         raw_id, _, cursor = part.partition("=")
-        if not _PROJECT_ID.fullmatch(raw_id):
+        if not _PROJECT_ID.fullmatch(raw_id) or int(raw_id) >= 2**53:
             raise ValueError(f"{raw_id[:20]!r} is not a project id")
         project_id = int(raw_id)
         if project_id in cursors:

@@ -15,6 +15,7 @@ import msgspec
 from msgspec import Meta
 
 __all__ = [
+    "MAX_SEQ",
     "Activity",
     "Auth",
     "Authenticated",
@@ -41,8 +42,12 @@ __all__ = [
     "encode",
 ]
 
+#: The largest sequence number (a cursor's, an event's): exact in every client's numbers (a
+#: JavaScript number is an integer exactly up to here). Every transport refuses a cursor beyond it.
+MAX_SEQ = 2**53 - 1
+
 ProjectId = Annotated[int, Meta(gt=0, le=2**53 - 1)]
-Sequence = Annotated[int, Meta(ge=0, le=2**53 - 1)]
+Sequence = Annotated[int, Meta(ge=0, le=MAX_SEQ)]
 #: ``(?!\n)``: msgspec searches the pattern with Python's ``re``, whose ``$`` also matches before
 #: a final line feed (``\Z`` would say it in Python only: the pattern is exported to JSON Schema).
 Epoch = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+(?!\n)$")]

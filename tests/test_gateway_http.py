@@ -154,6 +154,8 @@ async def test_polling_with_a_foreign_epoch_says_resync(gateways, publisher):
         ("/v1/projects/" + "9" * 5000 + "/events", {}, 400, "invalid_project"),
         ("/v1/projects/4/events?after=3", "ok", 400, "invalid_query"),
         ("/v1/projects/4/events?epoch=e&after=-1", "ok", 400, "invalid_query"),
+        # Beyond 2**53 - 1, the protocol's largest seq (a subscribe's ``after`` is refused too).
+        ("/v1/projects/4/events?epoch=e&after=9007199254740992", "ok", 400, "invalid_query"),
         ("/v1/projects/4/events?limit=5000", "ok", 400, "invalid_query"),
         ("/v1/projects/4/events?bogus=1", "ok", 400, "invalid_query"),
     ],
@@ -456,16 +458,18 @@ async def test_head_gets_the_headers_of_get_and_no_body(gateways, path):
         # Arabic-Indic 3, fullwidth 2, superscript 2: digits to str.isdigit()
         st.text("0123456789\u0663\uff12\u00b2", min_size=1, max_size=17),
         st.integers(0, 10**17).map(str),
+        st.integers(2**53 - 2, 10**16 - 1).map(str),  # around the protocol's largest seq
         st.integers(4000, 5000).map("9".__mul__),  # past int()'s own limit, 4300 digits
     ),
 )
 def test_poll_numbers_are_ascii_decimals_or_a_clear_error(name, value):
     """``after`` and ``limit`` are what the protocol says (ASCII decimal digits: no Unicode
-    digit that Python's int() would take, no sign, no space) or a 400 naming the parameter."""
+    digit that Python's int() would take, no sign, no space; ``after`` at most 2**53 - 1, as a
+    subscribe's) or a 400 naming the parameter."""
     from gateway.http import MAX_POLL_LIMIT, _poll_query
 
     query = urlencode({"epoch": "e", name: value})
-    after_ok = re.fullmatch(r"[0-9]{1,16}", value) is not None
+    after_ok = re.fullmatch(r"[0-9]{1,16}", value) is not None and int(value) < 2**53
     limit_ok = re.fullmatch(r"[0-9]{1,4}", value) is not None and 1 <= int(value) <= MAX_POLL_LIMIT
     if value == "":
         return  # a blank parameter is an absent one

@@ -95,7 +95,11 @@ def test_last_event_id_forms():
     assert parse_last_event_id("abc:5", [7]) == {7: Cursor("abc", 5)}
     # Projects the stream does not follow are ignored; missing ones start from now.
     assert parse_last_event_id("1=a:1,3=b:2", [1, 2]) == {1: Cursor("a", 1)}
-    for bad in ("abc", "abc:x", "a b:1", "1=a:1,1=a:2", "x=a:1", "abc:-1", "é:1"):
+    # The protocol's bounds (schemas.protocol: a seq and a project id are at most 2**53 - 1),
+    # the same as a WebSocket subscribe's and a poll's.
+    assert parse_last_event_id("a:9007199254740991", [1]) == {1: Cursor("a", 2**53 - 1)}
+    beyond = ("a:9007199254740992", "1=a:9007199254740992", "9007199254740992=a:1,1=a:1")
+    for bad in ("abc", "abc:x", "a b:1", "1=a:1,1=a:2", "x=a:1", "abc:-1", "é:1", *beyond):
         with pytest.raises(ValueError):
             parse_last_event_id(bad, [1])
     with pytest.raises(ValueError, match="several"):
@@ -247,6 +251,11 @@ async def test_streams_are_authorised_by_the_header_only(gateways):
         ("/v1/projects/7/stream", {"Authorization": f"Bearer {token}"}, 403),
         ("/v1/stream?project=6&project=7", {"Authorization": f"Bearer {token}"}, 403),
         ("/v1/projects/6/stream", {"Authorization": f"Bearer {token}", "Last-Event-ID": "x"}, 400),
+        (  # a seq beyond 2**53 - 1, which a WebSocket subscribe and a poll refuse too
+            "/v1/projects/6/stream",
+            {"Authorization": f"Bearer {token}", "Last-Event-ID": "e:9007199254740992"},
+            400,
+        ),
     ]
     for path, headers, expected in cases:
         status, response_headers, stream = await open_stream(url, path, headers)
