@@ -104,7 +104,7 @@ class HttpRoutes:
         cors = self._cors_headers(request)
         if request.method == "OPTIONS":
             if cors is None:
-                return _error(403, "forbidden_origin", "origin not allowed")
+                return self._forbidden_origin(request)
             return _response(
                 204,
                 b"",
@@ -130,11 +130,26 @@ class HttpRoutes:
             return self.static(path)
         match = _POLL_PATH.match(path)
         if match:
+            if cors is None:
+                # Refused as a WebSocket handshake or a stream from that origin is: answered
+                # without CORS headers, a browser would not show it to the page, but the request
+                # would still cost a token check and a Redis read.
+                return self._forbidden_origin(request)
             response = await self.poll(request, match.group(1), query)
             for name, value in cors or ():
                 response.headers[name] = value
             return response
         return _error(404, "not_found", f"no route for {path}")
+
+    def _forbidden_origin(self, request: Request) -> Response:
+        """403 for a request (a poll, a preflight) from an origin not in ``--allowed-origins``,
+        counted and logged as a refused handshake is (``ClientProtocol.refusal``)."""
+        origin = request.headers.get("Origin", "")
+        self.gateway.metrics.connections_rejected_total += 1
+        self.gateway.client_log(
+            "request refused", kind="forbidden_origin", reason="origin", origin=origin[:200]
+        )
+        return _error(403, "forbidden_origin", f"origin {origin[:200]!r} is not allowed")
 
     def _cors_headers(self, request: Request) -> list[tuple[str, str]] | None:
         origin = request.headers.get("Origin")

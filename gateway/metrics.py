@@ -46,7 +46,9 @@ class Metrics:
 
     COUNTERS = {
         "connections_accepted_total": "WebSocket connections accepted.",
-        "connections_rejected_total": "Handshakes refused (origin, limits, draining).",
+        "connections_rejected_total": (
+            "Handshakes refused (origin, limits, draining); polls refused for their origin."
+        ),
         "events_in_total": "Events received from Redis pub/sub.",
         "deliveries_total": "Event frames written to subscribers (live and replayed).",
         "replayed_total": "Events replayed from history on subscribe or poll.",

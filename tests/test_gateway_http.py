@@ -203,6 +203,46 @@ async def test_cors_preflight_for_polling(gateways):
     assert status == 403
 
 
+async def test_a_poll_from_an_origin_not_allowed_is_refused_like_a_stream(gateways, publisher):
+    """With --allowed-origins, a poll from another origin gets 403 forbidden_origin (as a
+    WebSocket handshake and an SSE stream do), before its token or Redis is looked at, and is
+    counted in connections_rejected_total; so is its preflight, the only request a browser
+    makes once that is refused. Allowed origins, and requests without Origin, are answered."""
+    gateway = await gateways(allowed_origins=["https://dash.example"])
+    await publish(publisher, 12, 1)
+    path = "/v1/projects/12/events"
+    polls, rejected = gateway.metrics.polls_total, gateway.metrics.connections_rejected_total
+    for method in ("GET", "HEAD"):
+        for headers in ({}, bearer([12])):
+            status, got, body = await request(
+                gateway.port,
+                path,
+                method=method,
+                headers={**headers, "Origin": "https://evil.example"},
+            )
+            assert status == 403, (method, headers, body)
+            assert "access-control-allow-origin" not in got
+            if method == "GET":
+                assert json.loads(body)["error"] == "forbidden_origin"
+    status, _, _ = await request(
+        gateway.port,
+        path,
+        method="OPTIONS",
+        headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"},
+    )
+    assert status == 403
+    assert gateway.metrics.connections_rejected_total == rejected + 5
+    assert gateway.metrics.polls_total == polls  # nothing was read for them
+    status, got, body = await request(
+        gateway.port, path, headers={**bearer([12]), "Origin": "https://dash.example"}
+    )
+    assert status == 200 and json.loads(body)["seq"] == 1
+    assert got["access-control-allow-origin"] == "https://dash.example"
+    status, _, body = await request(gateway.port, path, headers=bearer([12]))  # not a browser
+    assert status == 200 and json.loads(body)["seq"] == 1
+    assert gateway.metrics.connections_rejected_total == rejected + 5
+
+
 async def test_polling_against_a_hung_redis_gets_503_within_the_subscribe_timeout():
     import os
     import signal
