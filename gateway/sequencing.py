@@ -371,7 +371,8 @@ def plan_poll(epoch: str | None, after: int | None, snapshot: Snapshot, limit: i
     """Like :func:`plan_subscription`, for the HTTP fallback: pages of ``limit`` events instead of
     a bounded replay, so a poller never falls "too far behind" while the stream holds its cursor.
 
-    ``snapshot.entries`` must be the entries after ``after``, at most ``limit``.
+    ``snapshot.entries`` must be the entries after ``after``, at most ``limit`` (fewer when the
+    read was cut short by bytes: the page then ends before the top, and says ``more``).
     """
     top = snapshot.top
     if epoch is None or after is None:

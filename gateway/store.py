@@ -140,17 +140,35 @@ class HistoryStore:
         self._cluster_slots = asyncio.Semaphore(CLUSTER_CONCURRENCY)
 
     async def snapshot(
-        self, project_id: int, epoch: str | None = None, after: int | None = None, limit: int = 0
+        self,
+        project_id: int,
+        epoch: str | None = None,
+        after: int | None = None,
+        limit: int = 0,
+        *,
+        max_bytes: int = 0,
     ) -> Snapshot:
         """The project's ``(epoch, top)`` and, when ``epoch`` is current and ``after`` is behind,
         up to ``limit`` entries after ``after``. A project without history gets one that expires
         after ``NO_HISTORY_TTL_MS`` unless something is published (``lua.SNAPSHOT``).
 
+        With ``max_bytes`` (a poll's page), the entries stop before the one that would take them
+        past that many bytes, but are never none while the stream holds one after ``after``: a
+        read cut short so ends before the top, as one cut by ``limit`` does. Reads whose caller
+        needs every entry up to ``limit`` (subscribes, feeds) pass none.
+
         Raises :class:`ProjectUnreadable` when the project's keys hold foreign values,
         :class:`StoreUnavailable` when Redis does not answer. Foreign stream entries are left
         out (``Snapshot.corrupt_at`` says where the first one was)."""
         keys = [self.keys.meta(project_id), self.keys.stream(project_id)]
-        args = [new_epoch(), epoch or "", -1 if after is None else after, limit, NO_HISTORY_TTL_MS]
+        args = [
+            new_epoch(),
+            epoch or "",
+            -1 if after is None else after,
+            limit,
+            NO_HISTORY_TTL_MS,
+            max_bytes,
+        ]
         try:
             if self._cluster:
                 async with self._cluster_slots:

@@ -155,9 +155,15 @@ return {epoch, last, 0}
 #:
 #: KEYS: meta, stream
 #: ARGV: candidate epoch, client's epoch ('' for none), client's last seen seq (-1 for none),
-#:       maximum number of entries to return, lifetime (ms) of a history this read creates.
+#:       maximum number of entries to return, lifetime (ms) of a history this read creates,
+#:       maximum bytes of entries to return (0 or absent: no byte limit).
 #: Returns {epoch, top seq, created flag, entries, problem}. ``entries`` (oldest first, at most the
 #: maximum) is only read when the client's epoch is the current one and it is behind.
+#:
+#: With a byte limit, ``entries`` ends before the entry that would take them past it (an entry
+#: weighs the bytes of its field names and values), but always holds the first entry, so that
+#: a reader paging on from the last entry always progresses. The stream is then read in chunks
+#: of 64 entries, so that the script itself never holds much more than the limit either.
 #:
 #: A read never leaves permanent state behind: when the project has no history yet, the history
 #: it creates (so that the reader gets a real cursor, which the first publish continues) expires
@@ -209,8 +215,30 @@ if ARGV[2] == epoch and after >= 0 and after < top then
   if stream_type ~= 'stream' and stream_type ~= 'none' then
     return {'', 0, 0, {}, 'stream_wrong_type'}
   end
-  entries = redis.call('XRANGE', KEYS[2], string.format('%d', after + 1) .. '-0', '+', 'COUNT',
-                       tonumber(ARGV[4]))
+  local from = string.format('%d', after + 1) .. '-0'
+  local count = tonumber(ARGV[4])
+  local budget = tonumber(ARGV[6] or '0')
+  if budget <= 0 then
+    entries = redis.call('XRANGE', KEYS[2], from, '+', 'COUNT', count)
+  else
+    local used, full = 0, false
+    while not full and #entries < count do
+      local want = math.min(count - #entries, 64)
+      local chunk = redis.call('XRANGE', KEYS[2], from, '+', 'COUNT', want)
+      for _, entry in ipairs(chunk) do
+        local size = 0
+        for _, value in ipairs(entry[2]) do size = size + #value end
+        if #entries > 0 and used + size > budget then
+          full = true
+          break
+        end
+        used = used + size
+        entries[#entries + 1] = entry
+      end
+      if #chunk < want then break end  -- the end of the stream
+      from = '(' .. chunk[#chunk][1]  -- after the last entry read, whatever its id
+    end
+  end
 end
 return {epoch, top, created, entries, ''}
 """

@@ -522,6 +522,39 @@ async def test_a_resume_beyond_one_replay_catches_up_by_pages_exactly(redis_url)
     assert as_records(first + items) == await history(redis_url, [1])
 
 
+async def test_a_catch_up_through_pages_cut_by_bytes_is_exact(redis_url):
+    """Poll pages carry at most 1 MiB (gateway.http.POLL_PAGE_BYTES), fewer events than the
+    consumer's ``limit`` when events are large: the catch-up follows ``more`` all the same and
+    goes live without a gap or a Resync."""
+    store = MemoryCursorStore()
+    publisher = AsyncPublisher.from_url(redis_url)
+    try:
+        with GatewayProcess(redis_url, auth_secret=SECRET, args=["--max-replay", "50"]) as gateway:
+            async with Consumer(gateway.ws_url, token=tokens([3]), store=store) as consumer:
+                subscription = consumer.events(3)
+                async with asyncio.timeout(20):
+                    await subscription.wait_subscribed()
+                await _publish(publisher, 3, 1, 1)
+                async with subscription:
+                    first = await collect(subscription, lambda items: len(items) == 1)
+            large = [
+                BlockerResolved(
+                    project_id=3, blocker_id=n, answer="€" * 5000, resolved_at=utc_now()
+                )
+                for n in range(2, 202)
+            ]
+            for start in range(0, 200, 50):  # 200 events of ~15 KB: three pages
+                await publisher.publish_many(large[start : start + 50])
+            polls = gateway.metrics()["eventbus_polls_total"]
+            async with Consumer(gateway.ws_url, token=tokens([3]), store=store) as consumer:
+                items = await collect(consumer.events(3), lambda items: len(items) == 200)
+            assert gateway.metrics()["eventbus_polls_total"] - polls >= 3  # cut by bytes
+    finally:
+        await publisher.aclose()
+    assert consumer.stats.catch_ups == 1 and consumer.stats.resyncs == 0
+    assert as_records(first + items) == await history(redis_url, [3])
+
+
 async def test_a_draining_gateway_1012_is_left_promptly_for_another_exactly(redis_url):
     """A rolling deploy: SIGTERM drains the gateway, which closes its clients with 1012; the
     consumer reconnects at once (no backoff) to the next URL and resumes: exact sequence."""

@@ -190,3 +190,45 @@ async def test_the_periodic_check_keeps_a_followed_empty_history_alive(redis_url
     assert raw.pttl(KEYS.meta(11)) == -1
     raw.close()
     await store.client.aclose()
+
+
+async def test_a_read_with_a_byte_budget_stops_before_it_but_always_returns_an_entry(
+    redis_url, publisher
+):
+    """A read given ``max_bytes`` (a poll's page) ends before the entry that would take the
+    entries it returns past that many bytes, but always holds at least one, so that paging
+    progresses whatever an entry's size; the count ``limit`` still applies. Without a budget
+    (subscribes, feeds) only the count limits a read."""
+    import redis
+
+    from schemas.events import BlockerResolved, utc_now
+
+    events = [
+        BlockerResolved(project_id=13, blocker_id=n, answer="x" * (30 * n), resolved_at=utc_now())
+        for n in range(1, 151)
+    ]
+    await publisher.publish_many(events)
+    raw = redis.Redis.from_url(redis_url)
+    epoch = raw.hget(KEYS.meta(13), "epoch").decode()
+    # What an entry weighs: every field name and value of it, as XRANGE returns it.
+    sizes = [
+        sum(map(len, [*fields, *fields.values()])) for _, fields in raw.xrange(KEYS.stream(13))
+    ]
+    store = real_store(redis_url)
+
+    async def seqs(after: int, limit: int, max_bytes: int) -> list[int]:
+        snapshot = await store.snapshot(13, epoch, after, limit, max_bytes=max_bytes)
+        assert snapshot.top == 150
+        return [seq for seq, _ in snapshot.entries]
+
+    assert await seqs(0, 1000, 1) == [1]  # larger than the budget: still one
+    assert await seqs(149, 1000, 1) == [150]
+    assert await seqs(0, 1000, sum(sizes[:3])) == [1, 2, 3]
+    assert await seqs(0, 1000, sum(sizes[:3]) - 1) == [1, 2]
+    assert await seqs(100, 1000, sizes[100] + sizes[101]) == [101, 102]
+    assert await seqs(0, 1000, sum(sizes[:100])) == list(range(1, 101))
+    assert await seqs(0, 1000, sum(sizes)) == list(range(1, 151))
+    assert await seqs(0, 70, sum(sizes)) == list(range(1, 71))  # the count still applies
+    assert await seqs(0, 1000, 0) == list(range(1, 151))  # no budget
+    raw.close()
+    await store.client.aclose()
