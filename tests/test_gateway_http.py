@@ -377,6 +377,33 @@ async def _read_all(sock: socket.socket) -> bytes:
     return data
 
 
+async def _large_poll_sent(gateway, publisher, project_id: int, count: int) -> socket.socket:
+    """``count`` events of ~15 KB published to the project, and a poll for all of them sent on a
+    socket with a small receive buffer (returned, to be closed by the caller)."""
+    events = [
+        BlockerResolved(
+            project_id=project_id, blocker_id=n, answer="€" * 5000, resolved_at=utc_now()
+        )
+        for n in range(1, count + 1)
+    ]
+    for start in range(0, len(events), 100):
+        await publisher.publish_many(events[start : start + 100])
+    path = f"/v1/projects/{project_id}/events"
+    _, _, body = await request(gateway.port, path, headers=bearer([project_id]))
+    epoch = json.loads(body)["epoch"]
+    sock = await _raw_socket(gateway.port, 16384)
+    head = [f"GET {path}?epoch={epoch}&after=0&limit={count} HTTP/1.1", "Host: x"]
+    head += [f"{name}: {value}" for name, value in bearer([project_id]).items()]
+    try:
+        await asyncio.get_running_loop().sock_sendall(
+            sock, ("\r\n".join(head) + "\r\n\r\n").encode()
+        )
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 async def test_a_client_that_reads_a_large_poll_answer_slowly_gets_all_of_it(gateways, publisher):
     """A poll answer far larger than the client's receive buffer (a full page, about 1 MiB,
     unsent in the gateway's buffers or its kernel's) is written whole to a client that pauses
@@ -384,20 +411,9 @@ async def test_a_client_that_reads_a_large_poll_answer_slowly_gets_all_of_it(gat
     only when it stops moving for --stall-timeout, as for any slow consumer. Cut short, the
     client would ask for the same page again, and get it cut again, for ever."""
     gateway = await gateways()
-    events = [
-        BlockerResolved(project_id=9, blocker_id=n, answer="€" * 5000, resolved_at=utc_now())
-        for n in range(1, 1001)
-    ]
-    for start in range(0, len(events), 100):
-        await publisher.publish_many(events[start : start + 100])
-    _, _, body = await request(gateway.port, "/v1/projects/9/events", headers=bearer([9]))
-    epoch = json.loads(body)["epoch"]
-    sock = await _raw_socket(gateway.port, 16384)
+    sock = await _large_poll_sent(gateway, publisher, 9, 1000)
     loop = asyncio.get_running_loop()
     try:
-        head = [f"GET /v1/projects/9/events?epoch={epoch}&after=0&limit=1000 HTTP/1.1", "Host: x"]
-        head += [f"{name}: {value}" for name, value in bearer([9]).items()]
-        await loop.sock_sendall(sock, ("\r\n".join(head) + "\r\n\r\n").encode())
         first = await loop.sock_recv(sock, 4096)
         assert first.startswith(b"HTTP/1.1 200"), first[:200]
         await asyncio.sleep(CLOSE_TIMEOUT + 1)  # the slow link: reads nothing for a while
@@ -418,20 +434,8 @@ async def test_a_client_that_reads_none_of_a_poll_answer_is_dropped_after_the_st
     """Waiting for a slow reader is bounded by the slow-consumer rule: an answer that stops
     moving for --stall-timeout is dropped, and its socket with it."""
     gateway = await gateways(stall_timeout=0.5)
-    events = [
-        BlockerResolved(project_id=10, blocker_id=n, answer="€" * 5000, resolved_at=utc_now())
-        for n in range(1, 501)
-    ]
-    for start in range(0, len(events), 100):
-        await publisher.publish_many(events[start : start + 100])
-    _, _, body = await request(gateway.port, "/v1/projects/10/events", headers=bearer([10]))
-    epoch = json.loads(body)["epoch"]
-    sock = await _raw_socket(gateway.port, 16384)
-    loop = asyncio.get_running_loop()
+    sock = await _large_poll_sent(gateway, publisher, 10, 500)
     try:
-        head = [f"GET /v1/projects/10/events?epoch={epoch}&after=0&limit=500 HTTP/1.1", "Host: x"]
-        head += [f"{name}: {value}" for name, value in bearer([10]).items()]
-        await loop.sock_sendall(sock, ("\r\n".join(head) + "\r\n\r\n").encode())
         await wait_until(lambda: gateway.admission.open == 1, 5, "the request to be answered")
         started = time.monotonic()
         await wait_until(lambda: gateway.admission.open == 0, 15, "the reader to be dropped")
