@@ -108,7 +108,9 @@ export interface EventBusError {
    * "token_refresh_failed", "resync_failed", "handler_failed", "closed", "invalid_frame",
    * "websocket_failed", "poll_http_<status>", "sse_failed", "sse_http_<status>",
    * "invalid_snapshot_cursor", "snapshot_cursor_ignored", "history_corrupt" (a gap still there
-   * after two repairs from the same cursor: onResync runs, delivery continues after it). */
+   * after two repairs from the same cursor: onResync runs, delivery continues after it),
+   * "subscribe_timeout" (the gateway did not answer a subscribe within connectTimeout: the
+   * connection, or SSE stream, is closed and made again on the backoff). */
   code: string;
   message?: string;
   projectId?: number;
@@ -168,7 +170,9 @@ export interface ConnectOptions {
   pingInterval?: number;
   /** ms to wait for any frame after a ping before reconnecting (default 10000). */
   pongTimeout?: number;
-  /** ms a handshake, or the token function, may take (default 10000); longer counts as a failure. */
+  /** ms a handshake, or the token function, may take (default 10000); longer counts as a failure.
+   * Also the bound on the gateway's answer to a subscribe (keep it above the gateway's
+   * --subscribe-timeout, 5 s): see docs/browser.md, "Reconnection and close codes". */
   connectTimeout?: number;
   /** Upper bound of the random delay of a prompt reconnect (1012, 4008, 4002), ms (default 500). */
   promptDelayMax?: number;

@@ -61,6 +61,9 @@ export const DEFAULTS = Object.freeze({
   // browser would otherwise only notice after minutes.
   pingInterval: 25000,
   pongTimeout: 10000,
+  // A handshake, a token function, and the gateway's answer to a subscribe (from when it was
+  // sent, pushed back by every part of an answer; see EventBus._checkAnswers) take at most this
+  // long. Above the gateway's --subscribe-timeout (5 s), which bounds its own wait for Redis.
   connectTimeout: 10000,
   // "Prompt" reconnects (gateway draining with 1012, slow consumer 4008, expired token) still get a
   // little jitter so that thousands of clients closed at once do not arrive in the same millisecond.
@@ -650,11 +653,15 @@ export class EventBus {
     this._wsLive = false;
     this._failures = 0; // WebSocket attempts that never got live, since the last live connection
     this._reconnectTimer = null;
-    this._stableTimer = null;
     this._pingTimer = null;
     this._pongTimer = null;
     this._connectTimer = null;
     this._refreshTimer = null;
+    this._liveAt = null; // when the WebSocket got live
+    // The subscribes of the current connection (the WebSocket, or an SSE stream) not answered
+    // yet: {conn, asked: Map projectId -> {sub, at}, progressAt, timer} (_checkAnswers).
+    this._answers = { conn: null, asked: new Map(), progressAt: 0, timer: null };
+    this._gaveUp = null; // the connection given up on for not answering (not a stable one)
     this._token = null; // {value, obtainedAt}
     this._tokenPromise = null;
     this._polling = false;
@@ -753,9 +760,11 @@ export class EventBus {
     }
   }
 
+  /** The project's subscribe frame, for a send now on the live WebSocket: its answer is due. */
   _subscribeMessage(sub) {
     const message = sub.cursor.subscribeMessage(sub.projectId);
     if (sub.presenceHandlers.size > 0) message.presence = true;
+    this._asking(this._ws, sub);
     return message;
   }
 
@@ -890,7 +899,7 @@ export class EventBus {
     this._subs.clear();
     this._stopPolling();
     this._stopSse();
-    for (const timer of ["_reconnectTimer", "_stableTimer", "_refreshTimer"]) {
+    for (const timer of ["_reconnectTimer", "_refreshTimer"]) {
       this._clearTimeout(this[timer]);
       this[timer] = null;
     }
@@ -1040,7 +1049,7 @@ export class EventBus {
     this._failures = 0;
     this._stopPolling();
     this._stopSse(); // back at the top of the ladder
-    this._stableTimer = this._setTimeout(() => this._backoff.reset(), this.options.stableAfter);
+    this._liveAt = this._now();
     this._schedulePing();
     for (const sub of this._subs.values()) this._send(this._subscribeMessage(sub));
     this._updateState();
@@ -1103,7 +1112,9 @@ export class EventBus {
 
   _onSubscribed(message) {
     const sub = this._subs.get(message.project_id);
-    if (!sub || !this._hasCursor(sub, message)) return;
+    if (!sub) return this._answered(message.project_id); // dropped meanwhile: an answer all the same
+    if (!this._hasCursor(sub, message)) return;
+    this._answered(sub.projectId);
     this._clearTimeout(sub.retryTimer);
     sub.retry = 0;
     sub.gapWaiting = false; // a `subscribed` after a replay from the cursor: the repair's, or as good
@@ -1126,6 +1137,7 @@ export class EventBus {
   _onResyncRequired(message) {
     const sub = this._subs.get(message.project_id);
     if (!sub || !this._hasCursor(sub, message)) return;
+    this._heard(sub.projectId); // (its `subscribed` follows)
     sub.cursor.beginResync(message.epoch, message.seq);
     this._runResync(sub);
   }
@@ -1141,6 +1153,7 @@ export class EventBus {
 
   _onGatewayError(message) {
     this._reportError({ code: message.code, message: message.message, projectId: message.project_id });
+    if (message.project_id != null) this._answered(message.project_id);
     const sub = message.project_id != null ? this._subs.get(message.project_id) : null;
     if (sub && message.code === "unavailable") {
       // Redis is unreachable behind the gateway: try that subscribe again later.
@@ -1168,10 +1181,11 @@ export class EventBus {
   }
 
   _cleanupSocket() {
-    for (const timer of ["_connectTimer", "_pingTimer", "_pongTimer", "_stableTimer", "_refreshTimer"]) {
+    for (const timer of ["_connectTimer", "_pingTimer", "_pongTimer", "_refreshTimer"]) {
       this._clearTimeout(this[timer]);
       this[timer] = null;
     }
+    this._forgetAnswers(this._ws);
     this._ws = null;
     this._wsLive = false;
     for (const sub of this._subs.values()) {
@@ -1182,8 +1196,13 @@ export class EventBus {
 
   _onSocketClosed(code) {
     const wasLive = this._wsLive;
+    // A connection up for stableAfter resets the backoff; one given up on for not answering a
+    // subscribe was up, not stable: while a gateway stays stuck the delays keep growing.
+    const stable = wasLive && this._gaveUp !== this._ws && this._now() - this._liveAt >= this.options.stableAfter;
+    this._gaveUp = null;
     this._cleanupSocket();
     if (this._closed) return;
+    if (stable) this._backoff.reset();
     const action = closeAction(code);
     if (action.clientBug) this._reportError({ code: "closed", message: `gateway closed the connection with ${code}`, closeCode: code });
     if (action.renewToken) this._token = null;
@@ -1241,6 +1260,9 @@ export class EventBus {
     const sub = this._subs.get(event.project_id);
     if (!sub) return null;
     const { deliver, gap } = sub.cursor.accept(event);
+    // A replay answering the project's subscribe in part; an event past a gap (a live one,
+    // dropped while a repair is due) comes whether or not the gateway handles the subscribe.
+    if (!gap) this._heard(sub.projectId);
     this._deliver(sub, deliver);
     if (!gap) return null;
     // A gap in a poll answer is judged once per answer (_pollProject).
@@ -1427,7 +1449,10 @@ export class EventBus {
     const attempt = this._sse;
     this._sse = null;
     this._sseLive = false;
-    if (attempt) attempt.controller.abort();
+    if (attempt) {
+      this._forgetAnswers(attempt);
+      attempt.controller.abort();
+    }
   }
 
   /** Open a new stream now (other projects, a gap, a token about to expire). */
@@ -1475,6 +1500,9 @@ export class EventBus {
       }
       attempt.live = true;
       attempt.openedAt = this._now();
+      // The gateway subscribes the stream's projects one after the other: each `subscribed` is
+      // due, as after a WebSocket subscribe (keepalive comments are no answer).
+      for (const sub of this._subs.values()) this._asking(attempt, sub);
       this._sseLive = true;
       this._everConnected = true;
       this._stopPolling();
@@ -1497,7 +1525,7 @@ export class EventBus {
         }
       }
     } catch (error) {
-      if (this._sse === attempt && !attempt.reopen) this._reportError({ code: "sse_failed", message: describe(error), error });
+      if (this._sse === attempt && !attempt.reopen && this._gaveUp !== attempt) this._reportError({ code: "sse_failed", message: describe(error), error });
     } finally {
       this._clearTimeout(idle);
       attempt.controller.abort(); // a stream given up on (e.g. an event too long) is closed too
@@ -1527,6 +1555,7 @@ export class EventBus {
       case "error":
         // The stream ends after an error it cannot recover from; we reopen it from the cursors.
         this._reportError({ code: message.code, message: message.message, projectId: message.project_id });
+        if (message.project_id != null) this._answered(message.project_id);
         return;
       case "presence":
       case "presence_diff":
@@ -1566,13 +1595,17 @@ export class EventBus {
     if (this._sse !== attempt) return;
     this._sse = null;
     this._sseLive = false;
+    this._forgetAnswers(attempt);
+    const gaveUp = this._gaveUp === attempt;
+    if (gaveUp) this._gaveUp = null;
     this._clearTimeout(this._sseRefreshTimer);
     this._sseRefreshTimer = null;
     if (this._closed || this._wsLive) {
       this._updateState();
       return;
     }
-    if (attempt.live && this._now() - attempt.openedAt >= this.options.stableAfter) this._sseBackoff.reset();
+    // Given up on for not answering a subscribe: up, not stable (the backoff keeps growing).
+    if (attempt.live && !gaveUp && this._now() - attempt.openedAt >= this.options.stableAfter) this._sseBackoff.reset();
     const action = closeAction(attempt.closeCode);
     if (action.renewToken) this._token = null;
     if (attempt.reopen) {
@@ -1592,6 +1625,79 @@ export class EventBus {
       }, this._sseBackoff.next());
     }
     this._updateState();
+  }
+
+  // --- the bound on a subscribe's answer ----------------------------------------------------------
+
+  /** A subscribe of `sub` goes out now on `conn` (the WebSocket, or an SSE stream as it opens). */
+  _asking(conn, sub) {
+    let answers = this._answers;
+    if (answers.conn !== conn) {
+      this._clearTimeout(answers.timer);
+      answers = this._answers = { conn, asked: new Map(), progressAt: this._now(), timer: null };
+    }
+    answers.asked.set(sub.projectId, { sub, at: this._now() });
+    if (answers.timer === null) answers.timer = this._setTimeout(() => this._checkAnswers(conn), this.options.connectTimeout);
+  }
+
+  /** A frame answering the project's subscribe in part (its replay, a resync_required). */
+  _heard(projectId) {
+    if (this._answers.asked.has(projectId)) this._answers.progressAt = this._now();
+  }
+
+  /** The project's subscribe is answered (`subscribed`, an error). */
+  _answered(projectId) {
+    if (this._answers.asked.delete(projectId)) this._answers.progressAt = this._now();
+  }
+
+  /** `conn` is gone: what it was asked is never answered (the next connection asks again). */
+  _forgetAnswers(conn) {
+    if (this._answers.conn !== conn) return;
+    this._clearTimeout(this._answers.timer);
+    this._answers = { conn: null, asked: new Map(), progressAt: 0, timer: null };
+  }
+
+  /**
+   * The timer of the bound on a subscribe's answer. A gateway whose message handling is stuck
+   * (its WebSocket library answers pings by itself, an SSE stream's keepalives go on, and the
+   * live events of other projects may keep flowing) would leave a subscribe unanswered for ever:
+   * the project silent, its gap repairs on hold, nothing said. So a subscribe is given
+   * connectTimeout from when it was sent, pushed back by every frame answering it or a subscribe
+   * sent before it: the replay comes before `subscribed`, and the gateway handles a connection's
+   * subscribes one after the other (each may wait for Redis up to its --subscribe-timeout). An
+   * event past a gap does not count (a live one: it comes whether or not the subscribe is
+   * handled). When the bound passes, it is reported (`subscribe_timeout`) and the connection is
+   * given up: reconnected on the backoff (not counted as stable), every project resuming from
+   * its cursor; a subscribe sent again on it would wait behind the stuck one. The timer is
+   * lazy: pushing the bound back is a store; when it fires it checks and sets itself again.
+   */
+  _checkAnswers(conn) {
+    const answers = this._answers;
+    if (answers.conn !== conn) return;
+    answers.timer = null;
+    const now = this._now();
+    const bound = this.options.connectTimeout;
+    let earliest = null;
+    for (const [projectId, { sub, at }] of answers.asked) {
+      if (this._subs.get(projectId) !== sub) {
+        answers.asked.delete(projectId); // unsubscribed (perhaps subscribed again): not waiting
+        continue;
+      }
+      const deadline = Math.max(at, answers.progressAt) + bound;
+      if (deadline <= now) {
+        this._reportError({
+          code: "subscribe_timeout",
+          message: `the gateway did not answer the subscribe of project ${projectId} within ${bound} ms: reconnecting`,
+          projectId,
+        });
+        this._gaveUp = conn;
+        if (conn === this._ws) this._dropSocket(CloseCode.ABNORMAL, "no answer to a subscribe", true);
+        else if (conn === this._sse) conn.controller.abort(); // _sseEnded reopens it on the backoff
+        return;
+      }
+      earliest = earliest === null ? deadline : Math.min(earliest, deadline);
+    }
+    if (earliest !== null) answers.timer = this._setTimeout(() => this._checkAnswers(conn), earliest - now);
   }
 
   // --- polling fallback --------------------------------------------------------------------------

@@ -724,6 +724,7 @@ test("WebSocket refused: polls every 10 s with the token, then switches back", a
   eq(env.bus.state, "live");
   eq(env.bus.transport, "websocket");
   eq(ws.sentOf("subscribe"), [{ type: "subscribe", project_id: 1, epoch: "p", after: 8 }], "resume from the polled cursor");
+  ws.receive({ type: "subscribed", project_id: 1, epoch: "p", seq: 8, resumed: true, replayed: 0 });
   const polls = env.requests.length;
   await env.clock.advance(60000);
   eq(env.requests.length, polls, "polling stopped");
@@ -1675,4 +1676,121 @@ test("sse: a reopened stream's replay that stops short of its top is a gap, reop
   assert(env.errors.some((e) => e.code === "history_corrupt"));
   eq(env.bus.cursor(1), { epoch: "e", seq: 4 });
   assert(!last.closed);
+});
+
+// --- the bound on a subscribe's answer -------------------------------------------------------------
+
+test("WebSocket: a subscribe never answered ends the connection after connectTimeout; it reconnects on backoff and resumes", async () => {
+  const env = setup({ subscribe: [1, 2] });
+  let ws = await goLive(env, { 1: { epoch: "a", seq: 0 } });
+  // The gateway's handler is stuck on project 2's subscribe (its WebSocket library still answers
+  // pings), while project 1's live events keep flowing: no ping is ever due.
+  for (let seq = 1; seq <= 9; seq += 1) {
+    await env.clock.advance(1000);
+    ws.receive(event(1, seq));
+  }
+  await env.clock.advance(999);
+  assert(ws.closedWith === null, "within connectTimeout (10 s) of the subscribe: still waiting");
+  eq(env.errors.filter((e) => e.code === "subscribe_timeout"), []);
+  await env.clock.advance(1);
+  assert(ws.closedWith !== null, "given up on 10 s after the subscribe, live events or not");
+  eq(env.errors.filter((e) => e.code === "subscribe_timeout").map((e) => e.projectId), [2], "reported, with the project");
+  eq(env.bus.state, "reconnecting");
+  await env.clock.advance(999);
+  eq(env.sockets.length, 1);
+  await env.clock.advance(1);
+  eq(env.sockets.length, 2, "reconnected on the backoff (1 s)");
+  ws = await goLive(env, { 1: { epoch: "a", seq: 9, resumed: true } });
+  eq(ws.sentOf("subscribe"), [{ type: "subscribe", project_id: 1, epoch: "a", after: 9 }, { type: "subscribe", project_id: 2 }], "every project resumes from its cursor");
+  // Stuck again, up longer than stableAfter by the time it is given up: not a stable connection.
+  await env.clock.advance(10000);
+  assert(ws.closedWith !== null, "given up again");
+  const dropped = env.clock.now();
+  await env.clock.advance(1999);
+  eq(env.sockets.length, 2, "the backoff keeps growing while the gateway stays stuck");
+  await env.clock.advance(1);
+  eq(env.sockets.length, 3, "next attempt after 2 s");
+  eq(env.last().createdAt - dropped, 2000);
+  eq(env.events[1], [1, 2, 3, 4, 5, 6, 7, 8, 9], "nothing lost or doubled");
+});
+
+test("WebSocket: replayed events and answers to earlier subscribes push the bound back; dropped live events do not", async () => {
+  const env = setup({ subscribe: [1, 2] });
+  const ws = await goLive(env); // both subscribes sent, neither answered yet
+  await env.clock.advance(6000);
+  // The gateway answers the subscribes one after the other (each may wait for Redis up to its
+  // --subscribe-timeout): project 1's answer after 6 s gives project 2's another 10 s.
+  ws.receive({ type: "subscribed", project_id: 1, epoch: "e", seq: 0, resumed: false, replayed: 0 });
+  await env.clock.advance(9999);
+  assert(ws.closedWith === null, "project 2: 10 s from the answer before it");
+  ws.receive({ type: "subscribed", project_id: 2, epoch: "f", seq: 0, resumed: false, replayed: 0 });
+  // A gap on project 1: its repair's subscribe goes out now.
+  ws.receive(event(1, 1));
+  ws.receive(event(1, 3));
+  await flush();
+  eq(ws.sentOf("subscribe").slice(-1)[0], { type: "subscribe", project_id: 1, epoch: "e", after: 1 });
+  await env.clock.advance(9000);
+  ws.receive(event(1, 2)); // the replay answering it
+  await env.clock.advance(9000);
+  ws.receive(event(1, 5)); // a live event past the gap, dropped while the repair is due: not an answer
+  ws.receive(event(1, 6));
+  await env.clock.advance(999);
+  assert(ws.closedWith === null, "10 s from the replayed event");
+  await env.clock.advance(1);
+  assert(ws.closedWith !== null, "the dropped live events did not push the bound back");
+  eq(env.errors.filter((e) => e.code === "subscribe_timeout").map((e) => e.projectId), [1]);
+  eq(env.events[1], [1, 2]);
+  await env.clock.advance(1000);
+  const next = await goLive(env);
+  eq(next.sentOf("subscribe"), [{ type: "subscribe", project_id: 1, epoch: "e", after: 2 }, { type: "subscribe", project_id: 2, epoch: "f", after: 0 }]);
+});
+
+test("WebSocket: a subscribe answered by resync_required then subscribed, or by an error, keeps the connection", async () => {
+  const env = setup({ subscribe: [1, 2] });
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  ws.receive({ type: "error", code: "forbidden", message: "no", project_id: 2 });
+  await env.clock.advance(8000);
+  env.bus.presence(1, () => {}); // a re-subscribe of a live project, with the flag
+  await env.clock.advance(8000);
+  ws.receive({ type: "resync_required", project_id: 1, reason: "history_trimmed", epoch: "e", seq: 40 });
+  await env.clock.advance(8000);
+  ws.receive({ type: "subscribed", project_id: 1, epoch: "e", seq: 40, resumed: false, replayed: 0 });
+  await env.clock.advance(60000);
+  assert(ws.closedWith === null, "every subscribe was answered");
+  eq(env.errors.filter((e) => e.code === "subscribe_timeout"), []);
+});
+
+test("sse: a stream whose subscribed never comes is reopened after connectTimeout, on backoff, keepalives or not", async () => {
+  const env = setup({ autoFailSockets: true, subscribe: [1, 2] });
+  sseServer(env);
+  await env.clock.advance(0);
+  const stream = await sseLive(env, { 1: { epoch: "a", seq: 0 } });
+  // The stream's subscribe of project 2 hangs; keepalive comments and project 1's events flow.
+  for (let seq = 1; seq <= 9; seq += 1) {
+    await env.clock.advance(1000);
+    stream.send(":\n\n");
+    stream.event(null, event(1, seq), `1=a:${seq}`);
+  }
+  await env.clock.advance(999);
+  assert(!stream.closed, "within connectTimeout of the stream's opening");
+  await env.clock.advance(1);
+  assert(stream.closed, "given up on 10 s after it opened");
+  eq(env.errors.filter((e) => e.code === "subscribe_timeout").map((e) => e.projectId), [2]);
+  eq(env.errors.filter((e) => e.code === "sse_failed"), [], "reported once, as what it is");
+  const count = env.streams.length;
+  await env.clock.advance(999);
+  eq(env.streams.length, count, "not before the backoff");
+  await env.clock.advance(1);
+  eq(env.streams.length, count + 1, "reopened on the backoff");
+  eq(env.streams[count].headers["Last-Event-ID"], "1=a:9");
+  const next = await sseLive(env, { 1: { epoch: "a", seq: 9, resumed: true } });
+  await env.clock.advance(10000);
+  assert(next.closed, "given up again");
+  const dropped = env.clock.now();
+  await env.clock.advance(1999);
+  eq(env.streams.length, count + 1, "not a stable stream: the backoff keeps growing");
+  await env.clock.advance(1);
+  eq(env.streams.length, count + 2);
+  eq(env.streams[count + 1].at - dropped, 2000);
+  eq(env.events[1], [1, 2, 3, 4, 5, 6, 7, 8, 9]);
 });
