@@ -24,14 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import http.client
 import inspect
 import itertools
 import random as _random
-import socket
-import threading
 import time
-import urllib.request
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -46,6 +42,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from consumer.answers import PendingAnswers, ReadingClock
 from consumer.frames import EVENT_TYPES, FrameError, decode_frame, event_seq
 from consumer.ordering import ProjectState, Verdict
+from consumer.pages import read_page
 from consumer.policy import (
     ABNORMAL_CLOSURE,
     Backoff,
@@ -97,8 +94,6 @@ _CLOSED = object()  # queue sentinel: wake a waiting iterator
 _poll_decoder = msgspec.json.Decoder(PollResponse)
 #: Events per page when catching up (the polling endpoint's maximum).
 POLL_PAGE = 1000
-#: Largest catch-up page read: 1,000 of the largest events the contract allows are ~30 MB.
-MAX_PAGE_BYTES = 64 * 1024 * 1024
 
 
 async def _nothing() -> None:
@@ -132,97 +127,6 @@ def _has_valid_cursor(message: Subscribed | ResyncRequired) -> bool:
         )
         return False
     return True
-
-
-class _PageRequest:
-    """One GET of a catch-up page, made by urllib in a worker thread, that the event loop can end
-    at any time with :meth:`cut`: the request's sockets are shut down, so a read blocked on them
-    returns at once and the thread with it.
-
-    urllib's ``timeout`` bounds each read, not the request: a server sending a byte now and then
-    (its headers, or a body that never completes) held the page, the catch-up and the project
-    (whose WebSocket events are dropped meanwhile) for ever, and the thread kept ``asyncio.run``
-    from returning. Sockets are shut down through duplicates of their descriptors, which only
-    this object closes (under its lock): never a descriptor the thread closed and the process
-    reused meanwhile.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._handles: list[socket.socket] = []
-        self._cut = False
-
-    def get(self, url: str, token: str | None, timeout: float) -> bytes:
-        """The body of ``url`` (at most :data:`MAX_PAGE_BYTES`); any failure raises, and a cut
-        request raises TimeoutError."""
-        headers = {"Accept": "application/json"}
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        request = urllib.request.Request(url, headers=headers)
-        opener = urllib.request.build_opener(
-            _TrackedHTTPHandler(self._connect), _TrackedHTTPSHandler(self._connect)
-        )
-        try:
-            with opener.open(request, timeout=timeout) as response:
-                body = response.read(MAX_PAGE_BYTES + 1)
-        except Exception:
-            if self._cut:
-                raise TimeoutError("the page was not read in time") from None
-            raise
-        finally:
-            with self._lock:
-                self._cut = True  # no connection after this one
-                for handle in self._handles:
-                    handle.close()
-                self._handles.clear()
-        if len(body) > MAX_PAGE_BYTES:
-            raise ValueError(f"a page of more than {MAX_PAGE_BYTES} bytes")
-        return body
-
-    def cut(self) -> None:
-        """End the request now (from any thread): its reads fail, it connects no more."""
-        with self._lock:
-            self._cut = True
-            for handle in self._handles:
-                with contextlib.suppress(OSError):
-                    handle.shutdown(socket.SHUT_RDWR)
-
-    def _connect(self, *args: Any, **kwargs: Any) -> socket.socket:
-        sock = socket.create_connection(*args, **kwargs)
-        with self._lock:
-            if not self._cut:
-                self._handles.append(sock.dup())
-                return sock
-        sock.close()
-        raise TimeoutError("the page was not read in time")
-
-
-def _tracked(connection_class: type[http.client.HTTPConnection], connect: Callable[..., Any]):
-    def make(host: str, **kwargs: Any) -> http.client.HTTPConnection:
-        connection = connection_class(host, **kwargs)
-        connection._create_connection = connect  # type: ignore[attr-defined]
-        return connection
-
-    return make
-
-
-class _TrackedHTTPHandler(urllib.request.HTTPHandler):
-    def __init__(self, connect: Callable[..., Any]) -> None:
-        super().__init__()
-        self._connect = connect
-
-    def http_open(self, req: urllib.request.Request) -> Any:
-        return self.do_open(_tracked(http.client.HTTPConnection, self._connect), req)
-
-
-class _TrackedHTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, connect: Callable[..., Any]) -> None:
-        super().__init__()
-        self._connect = connect
-
-    def https_open(self, req: urllib.request.Request) -> Any:
-        # No context: the connection makes the default one, as with urlopen.
-        return self.do_open(_tracked(http.client.HTTPSConnection, self._connect), req)
 
 
 @dataclass(slots=True)
@@ -1120,14 +1024,7 @@ class Consumer:
         query = urlencode({"epoch": cursor[0], "after": cursor[1], "limit": POLL_PAGE})
         url = f"{base}/v1/projects/{project_id}/events?{query}"
         token = await self._get_token(renew=False)
-        request = _PageRequest()
-        deadline = asyncio.get_running_loop().call_later(self._poll_timeout, request.cut)
-        try:
-            body = await asyncio.to_thread(request.get, url, token, self._poll_timeout)
-        finally:
-            deadline.cancel()
-            request.cut()  # cancelled (the consumer closed): the thread ends now, too
-        return _poll_decoder.decode(body)
+        return _poll_decoder.decode(await read_page(url, token, self._poll_timeout))
 
     async def _resubscribe_later(self, ws: ClientConnection, state: ProjectState, delay: float):
         await asyncio.sleep(delay)

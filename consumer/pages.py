@@ -1,0 +1,126 @@
+"""Catch-up pages: one ``GET`` of the polling endpoint, read whole within a deadline.
+
+The consumer reads a long backlog from the gateway's polling endpoint (docs/consumer.md,
+"Catching up a long backlog"), page by page. urllib makes the request in a worker thread;
+:func:`read_page` bounds the whole request, not each read, and a cancelled caller ends the
+thread at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.client
+import socket
+import threading
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["MAX_PAGE_BYTES", "PageRequest", "read_page"]
+
+#: Largest catch-up page read: 1,000 of the largest events the contract allows are ~30 MB.
+MAX_PAGE_BYTES = 64 * 1024 * 1024
+
+
+async def read_page(url: str, token: str | None, within: float) -> bytes:
+    """The body of ``url`` read whole within ``within`` seconds (TimeoutError after it); any
+    other failure raises. Cancelling the caller ends the request and its thread now."""
+    request = PageRequest()
+    deadline = asyncio.get_running_loop().call_later(within, request.cut)
+    try:
+        return await asyncio.to_thread(request.get, url, token, within)
+    finally:
+        deadline.cancel()
+        request.cut()  # cancelled (the consumer closed): the thread ends now, too
+
+
+class PageRequest:
+    """One GET of a catch-up page, made by urllib in a worker thread, that the event loop can end
+    at any time with :meth:`cut`: the request's sockets are shut down, so a read blocked on them
+    returns at once and the thread with it.
+
+    urllib's ``timeout`` bounds each read, not the request: a server sending a byte now and then
+    (its headers, or a body that never completes) held the page, the catch-up and the project
+    (whose WebSocket events are dropped meanwhile) for ever, and the thread kept ``asyncio.run``
+    from returning. Sockets are shut down through duplicates of their descriptors, which only
+    this object closes (under its lock): never a descriptor the thread closed and the process
+    reused meanwhile.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._handles: list[socket.socket] = []
+        self._cut = False
+
+    def get(self, url: str, token: str | None, timeout: float) -> bytes:
+        """The body of ``url`` (at most :data:`MAX_PAGE_BYTES`); any failure raises, and a cut
+        request raises TimeoutError."""
+        headers = {"Accept": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        request = urllib.request.Request(url, headers=headers)
+        opener = urllib.request.build_opener(
+            _TrackedHTTPHandler(self._connect), _TrackedHTTPSHandler(self._connect)
+        )
+        try:
+            with opener.open(request, timeout=timeout) as response:
+                body = response.read(MAX_PAGE_BYTES + 1)
+        except Exception:
+            if self._cut:
+                raise TimeoutError("the page was not read in time") from None
+            raise
+        finally:
+            with self._lock:
+                self._cut = True  # no connection after this one
+                for handle in self._handles:
+                    handle.close()
+                self._handles.clear()
+        if len(body) > MAX_PAGE_BYTES:
+            raise ValueError(f"a page of more than {MAX_PAGE_BYTES} bytes")
+        return body
+
+    def cut(self) -> None:
+        """End the request now (from any thread): its reads fail, it connects no more."""
+        with self._lock:
+            self._cut = True
+            for handle in self._handles:
+                with contextlib.suppress(OSError):
+                    handle.shutdown(socket.SHUT_RDWR)
+
+    def _connect(self, *args: Any, **kwargs: Any) -> socket.socket:
+        sock = socket.create_connection(*args, **kwargs)
+        with self._lock:
+            if not self._cut:
+                self._handles.append(sock.dup())
+                return sock
+        sock.close()
+        raise TimeoutError("the page was not read in time")
+
+
+def _tracked(connection_class: type[http.client.HTTPConnection], connect: Callable[..., Any]):
+    def make(host: str, **kwargs: Any) -> http.client.HTTPConnection:
+        connection = connection_class(host, **kwargs)
+        connection._create_connection = connect  # type: ignore[attr-defined]
+        return connection
+
+    return make
+
+
+class _TrackedHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, connect: Callable[..., Any]) -> None:
+        super().__init__()
+        self._connect = connect
+
+    def http_open(self, req: urllib.request.Request) -> Any:
+        return self.do_open(_tracked(http.client.HTTPConnection, self._connect), req)
+
+
+class _TrackedHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, connect: Callable[..., Any]) -> None:
+        super().__init__()
+        self._connect = connect
+
+    def https_open(self, req: urllib.request.Request) -> Any:
+        # No context: the connection makes the default one, as with urlopen.
+        return self.do_open(_tracked(http.client.HTTPSConnection, self._connect), req)
