@@ -251,6 +251,30 @@ async def test_pong_shaped_bytes_are_a_frames_payload_when_they_arrive_inside_on
     assert connection.between_frames()
 
 
+async def test_a_pong_inside_a_fragmented_message_meets_websockets_limit_as_before(pipe) -> None:
+    # websockets checks every frame of a fragmented message, control frames included, against
+    # what is left of --max-frame-bytes: a 4-byte pong after fragments 2 bytes short of it is
+    # 1009, in a read of its own as in one with other bytes. The shortcut must not accept it.
+    from websockets.frames import Frame, Opcode
+
+    _, write_end = pipe
+    session, connection = await opened_by_handshake(write_end)
+    closed: list[bool] = []
+    connection.transport.can_write_eof = lambda: False  # websockets' half-close: a close here
+    connection.transport.close = lambda: closed.append(True)
+    payload = session.ping(0.0)
+    assert payload is not None
+    limit = connection.endpoint.max_size
+    first = Frame(Opcode.BINARY, b"x" * (limit - 2), fin=False)
+    connection.data_received(first.serialize(mask=True, extensions=[]))
+    assert connection.protocol.state is State.OPEN
+    connection.data_received(masked_pong(payload))
+    assert connection.protocol.close_sent is not None
+    assert connection.protocol.close_sent.code == 1009
+    assert closed == [True]
+    assert session.ping_unanswered(payload)
+
+
 def test_the_unacknowledged_bound_is_set_on_tcp_sockets_and_skipped_elsewhere():
     # TCP_USER_TIMEOUT in ms on a TCP socket; False, quietly, for a socket without the option
     # (a Unix socket), a transport without a socket, or one without get_extra_info at all.
