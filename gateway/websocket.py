@@ -317,11 +317,12 @@ class WebSocketConnection(asyncio.Protocol):
 
     def between_frames(self) -> bool:
         """Whether the connection is open and websockets' parser waits for the first byte of a
-        frame with nothing buffered: a read then starts with a frame, and one that is exactly a
-        pong can be handled without websockets, which would do nothing more with it than hand
-        it back. websockets has no API for this; it is read off its parser's generators (the
-        frames loop waiting in ``StreamReader.at_eof``). Another websockets, where they are
-        different, is never "between frames": every read goes through it as before."""
+        frame with nothing buffered, outside a fragmented message: a read then starts with a
+        frame, and one that is exactly a pong can be handled without websockets, which would do
+        nothing more with it than hand it back. websockets has no API for this; it is read off
+        its parser's generators (the frames loop waiting in ``StreamReader.at_eof``). Another
+        websockets, where they are different, is never "between frames": every read goes
+        through it as before."""
         protocol = self.protocol
         parser = protocol.parser
         if (
@@ -329,6 +330,9 @@ class WebSocketConnection(asyncio.Protocol):
             or parser is None
             or protocol.state is not _OPEN
             or protocol.reader.buffer
+            # Inside a fragmented message websockets checks a control frame's payload against
+            # what is left of the message's limit too (a pong can be 1009 there): no shortcut.
+            or getattr(protocol, "current_size", 0) is not None
             or parser.gi_code is not _SERVER_PARSE
         ):
             return False
