@@ -357,7 +357,7 @@ class Consumer:
         #: The bound on a subscribe's answer (consumer.answers), on a clock that stands still
         #: while the connection task waits for the caller's room; one lazy timer.
         self._answers = PendingAnswers(open_timeout)
-        self._clock = ReadingClock(time.monotonic)
+        self._clock = ReadingClock(lambda: asyncio.get_running_loop().time())
         self._answer_timer: asyncio.TimerHandle | None = None
         #: The connection the consumer gave up on for not answering (not a stable one).
         self._given_up: ClientConnection | None = None
