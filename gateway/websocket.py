@@ -544,6 +544,14 @@ class WebSocketConnection(asyncio.Protocol):
                 # written here (websockets may have failed on bytes after the request already).
                 self.answering_http = True
                 protocol.data_to_send()  # dropped
+                # --auth-timeout bounded reading the request; the answer is bounded by its
+                # handler (a poll waits --subscribe-timeout for Redis, then answers 503), with
+                # this as the backstop: a poll must not be dropped unanswered at the handshake
+                # deadline when --auth-timeout is the shorter of the two.
+                self._cancel_timer()
+                loop = asyncio.get_running_loop()
+                answer_by = loop.time() + endpoint.config.subscribe_timeout + CLOSE_TIMEOUT
+                self.timer = loop.call_at(answer_by, self._deadline)
                 # Kept, so that a client that goes away stops it (connection_lost): a poll waits
                 # for Redis, and the socket no longer counts in --max-connections.
                 pending = self._answer_http(request)
@@ -629,7 +637,8 @@ class WebSocketConnection(asyncio.Protocol):
         self._cancel_timer()
 
     def _deadline(self) -> None:
-        """``auth_timeout`` after accept: no handshake yet (drop the socket), or no ``auth``."""
+        """``auth_timeout`` after accept: no handshake yet (drop the socket), or no ``auth``; for
+        an HTTP request, the backstop of its answer (``_request``)."""
         self.timer = None
         if self.session is None:
             self.transport.abort()
