@@ -27,7 +27,7 @@ from gateway.store import ProjectUnreadable, StoreUnavailable
 from schemas.protocol import MAX_SEQ, PollResponse, ResyncRequired, encode
 from schemas.tokens import InvalidToken, TokenClaims
 
-__all__ = ["HttpRoutes", "json_response"]
+__all__ = ["HttpRoutes", "answer_to", "json_response"]
 
 _POLL_PATH = re.compile(r"^/v1/projects/([^/]+)/events$")
 _PROJECT_ID = re.compile(r"[1-9][0-9]{0,15}")  # ASCII only, and short enough for int()
@@ -97,12 +97,7 @@ class HttpRoutes:
         }
 
     async def handle(self, request: Request) -> Response:
-        response = await self._route(request)
-        if request.method == "HEAD":
-            # The GET's status and headers (Content-Length included), without its content (RFC
-            # 9110, 9.3.2): a client reads bytes after the head as the start of another answer.
-            response = dataclasses.replace(response, body=b"")
-        return response
+        return answer_to(request, await self._route(request))
 
     async def _route(self, request: Request) -> Response:
         path, query = _split_target(request.path)
@@ -280,6 +275,15 @@ class HttpRoutes:
         else:
             metrics.client_errors_total += 1
         return _error(status, code, message, headers)
+
+
+def answer_to(request: Request, response: Response) -> Response:
+    """``response`` as the answer to ``request``: for HEAD, the GET's status and headers
+    (Content-Length included) without its content (RFC 9110, 9.3.2), since a client reads bytes
+    after the head as the start of another answer."""
+    if request.method == "HEAD":
+        return dataclasses.replace(response, body=b"")
+    return response
 
 
 def _split_target(target: str) -> tuple[str, str]:

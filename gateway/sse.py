@@ -27,7 +27,6 @@ drives the same :class:`gateway.clients.ClientProtocol` and the same write path
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, NamedTuple
@@ -38,7 +37,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from gateway.client_input import repeated_header
-from gateway.http import json_response
+from gateway.http import answer_to, json_response
 from gateway.logs import ConnectionLog, get_logger
 from gateway.session import (
     Admission,
@@ -159,9 +158,7 @@ def parse_last_event_id(value: str | None, projects: list[int]) -> dict[int, Cur
         raise ValueError("too many cursors")
     for part in parts:
         raw_id, _, cursor = part.partition("=")
-        if not _PROJECT_ID.fullmatch(raw_id) or int(raw_id) >= 2**53:
-            raise ValueError(f"{raw_id[:20]!r} is not a project id")
-        project_id = int(raw_id)
+        project_id = _project_id(raw_id, f"{raw_id[:20]!r} is not a project id")
         if project_id in cursors:
             raise ValueError(f"project {project_id} is given twice")
         parsed = _parse_cursor(cursor)
@@ -216,9 +213,10 @@ def _flag(values: list[str], name: str) -> bool:
     return values[0] in ("1", "true")
 
 
-def _project_id(raw: str) -> int:
+def _project_id(raw: str, error: str = "project id must be a positive integer") -> int:
+    """``raw`` as a project id (ASCII digits, 1 to 2**53-1), else ValueError(``error``)."""
     if not _PROJECT_ID.fullmatch(raw) or int(raw) >= 2**53:
-        raise ValueError("project id must be a positive integer")
+        raise ValueError(error)
     return int(raw)
 
 
@@ -549,9 +547,7 @@ class SseStreams:
             log.exception("stream request failed", path=request.path[:200])
             response = json_response(500, {"error": "internal", "message": "internal error"})
         if response is not None:
-            if request.method == "HEAD":  # (405) a HEAD answer has no content: RFC 9110, 9.3.2
-                response = dataclasses.replace(response, body=b"")
-            transport.write(response.serialize())
+            transport.write(answer_to(request, response).serialize())  # (a HEAD's: 405)
             transport.close()
             return True
         try:
