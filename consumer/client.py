@@ -459,7 +459,7 @@ class Consumer:
             try:
                 # A store on a hung Redis or database must not keep the project unsubscribed,
                 # and its iterator waiting, for ever without a word.
-                cursor = await self._bounded(self.store.load(project_id), "load")
+                cursor = await self._bounded(self.store.load(project_id), "the cursor store's load")
                 if cursor is not None:
                     cursor = checked_cursor(cursor)  # whatever store it comes from
             except Exception as exc:
@@ -541,11 +541,15 @@ class Consumer:
         """Save the cursor of ``item`` (processed by the caller) to the store, if any; a save
         that takes longer than ``open_timeout`` raises TimeoutError (it may have been made)."""
         if self.store is not None:
-            await self._bounded(self.store.save(item.project_id, item.cursor), "save")
+            await self._bounded(
+                self.store.save(item.project_id, item.cursor), "the cursor store's save"
+            )
 
     async def _bounded(self, operation: Awaitable[Any], what: str) -> Any:
-        """A cursor store's operation, within ``open_timeout`` (a store that blocks the event
-        loop, such as a DB-API one, cannot be interrupted, only one that awaits)."""
+        """``operation`` (a cursor store's, a token function's) within ``open_timeout``, else
+        TimeoutError naming ``what``; its own TimeoutError passes as it is. Only what awaits can
+        be bounded: a store or function that blocks the event loop (a DB-API store, a plain
+        token function) cannot be interrupted from here."""
         deadline = asyncio.timeout(self._open_timeout)
         try:
             async with deadline:
@@ -553,9 +557,7 @@ class Consumer:
         except TimeoutError:
             if not deadline.expired():
                 raise  # the store's own
-            raise TimeoutError(
-                f"the cursor store's {what} did not finish within {self._open_timeout} s"
-            ) from None
+            raise TimeoutError(f"{what} did not finish within {self._open_timeout} s") from None
 
     # --- the connection task ---------------------------------------------------------------------
 
@@ -764,11 +766,7 @@ class Consumer:
             if state is not None:
                 pending = state.pending
                 verdict = await self._on_undecodable(state, exc, raw)
-                if pending and verdict is not Verdict.DROP:
-                    self._heard(state.project_id)
-                if verdict is Verdict.GAP:
-                    self.stats.gaps += 1
-                    await ws.send(_encode(self._subscribe_message(state)), text=True)
+                await self._after_event(ws, state, pending, verdict)
             return None
         cls = type(message)
         if self._unsubscribing and self._left(getattr(message, "project_id", None), message):
@@ -779,14 +777,7 @@ class Consumer:
                 return None  # unsubscribed meanwhile
             pending = state.pending
             verdict = await self._on_event(state, message, raw)  # type: ignore[arg-type]
-            if pending and verdict is not Verdict.DROP:
-                # The replay answering the subscribe (its live events are dropped meanwhile,
-                # and come whether or not the gateway handles the subscribe: not an answer).
-                self._heard(state.project_id)
-            if verdict is Verdict.GAP:
-                self.stats.gaps += 1
-                log.warning("gap in a project's events; resubscribing", project_id=state.project_id)
-                await ws.send(_encode(self._subscribe_message(state)), text=True)
+            await self._after_event(ws, state, pending, verdict)
             return None
         if (cls is Subscribed or cls is ResyncRequired) and not _has_valid_cursor(message):
             return None
@@ -878,6 +869,20 @@ class Consumer:
             item = UndecodableEvent(state.project_id, epoch, seq, raw, str(exc))
             await self._put(state.project_id, item)
         return verdict
+
+    async def _after_event(
+        self, ws: ClientConnection, state: ProjectState, pending: bool, verdict: Verdict
+    ) -> None:
+        """What an event frame (decoded or not) of a followed project means beyond itself: part
+        of the answer to the project's subscribe (``pending`` when it arrived), or a gap."""
+        if pending and verdict is not Verdict.DROP:
+            # The replay answering the subscribe (its live events are dropped meanwhile, and
+            # come whether or not the gateway handles the subscribe: not an answer).
+            self._heard(state.project_id)
+        if verdict is Verdict.GAP:
+            self.stats.gaps += 1
+            log.warning("gap in a project's events; resubscribing", project_id=state.project_id)
+            await ws.send(_encode(self._subscribe_message(state)), text=True)
 
     async def _surface_corrupt(self, state: ProjectState) -> None:
         """A gap that repairs did not fill: its Resync, before the event after it."""
@@ -1117,15 +1122,8 @@ class Consumer:
         value = source()
         if inspect.isawaitable(value):
             # A token endpoint that never answers must not hold the connection task (no
-            # connection, no retry, no word) for ever; a plain function blocks the event loop
-            # itself and cannot be bounded from here.
-            try:
-                async with asyncio.timeout(self._open_timeout):
-                    value = await value
-            except TimeoutError:
-                raise TimeoutError(
-                    f"the token function did not answer within {self._open_timeout} s"
-                ) from None
+            # connection, no retry, no word) for ever.
+            value = await self._bounded(value, "the token function")
         if not isinstance(value, str) or not value:
             raise TypeError("the token function returned no token")
         self._token = (value, time.monotonic())

@@ -89,7 +89,7 @@ class FileCursorStore:
                 text = b"{}"
             try:
                 data = msgspec.json.decode(text, type=dict[int, list[Any]])
-                self._cursors = {int(k): checked_cursor(v) for k, v in data.items()}
+                self._cursors = {k: checked_cursor(v) for k, v in data.items()}
             except (msgspec.DecodeError, ValueError) as exc:
                 raise ValueError(f"{self.path} is not a cursor file: {exc}") from None
         return self._cursors
