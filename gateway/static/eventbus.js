@@ -580,6 +580,11 @@ async function errorDetail(response) {
   }
 }
 
+/** The subscribes of connection `conn` not answered yet (none), its clock from `progressAt`. */
+function answersOf(conn, progressAt) {
+  return { conn, asked: new Map(), progressAt, timer: null };
+}
+
 function checkItemId(value, name) {
   if (value === undefined || value === null) return null;
   if (!Number.isSafeInteger(value) || value <= 0) throw new TypeError(`eventbus: ${name} must be a positive integer or null`);
@@ -660,7 +665,7 @@ export class EventBus {
     this._liveAt = null; // when the WebSocket got live
     // The subscribes of the current connection (the WebSocket, or an SSE stream) not answered
     // yet: {conn, asked: Map projectId -> {sub, at}, progressAt, timer} (_checkAnswers).
-    this._answers = { conn: null, asked: new Map(), progressAt: 0, timer: null };
+    this._answers = answersOf(null, 0);
     this._gaveUp = null; // the connection given up on for not answering (not a stable one)
     this._token = null; // {value, obtainedAt}
     this._tokenPromise = null;
@@ -1634,7 +1639,7 @@ export class EventBus {
     let answers = this._answers;
     if (answers.conn !== conn) {
       this._clearTimeout(answers.timer);
-      answers = this._answers = { conn, asked: new Map(), progressAt: this._now(), timer: null };
+      answers = this._answers = answersOf(conn, this._now());
     }
     answers.asked.set(sub.projectId, { sub, at: this._now() });
     if (answers.timer === null) answers.timer = this._setTimeout(() => this._checkAnswers(conn), this.options.connectTimeout);
@@ -1654,7 +1659,7 @@ export class EventBus {
   _forgetAnswers(conn) {
     if (this._answers.conn !== conn) return;
     this._clearTimeout(this._answers.timer);
-    this._answers = { conn: null, asked: new Map(), progressAt: 0, timer: null };
+    this._answers = answersOf(null, 0);
   }
 
   /**
