@@ -468,6 +468,18 @@ def test_tail_exits_2_naming_a_forbidden_project(gateway):
     assert result.stdout == ""
 
 
+async def _first_events(gateway, publisher, store, project_id: int, count: int) -> list:
+    """A consumer with ``store`` follows the project from now, events 1..``count`` are published
+    and received (their cursors committed), and it leaves: the items it got."""
+    async with Consumer(gateway.ws_url, token=tokens([project_id]), store=store) as consumer:
+        subscription = consumer.events(project_id)
+        async with asyncio.timeout(20):
+            await subscription.wait_subscribed()
+        await _publish(publisher, project_id, 1, count)
+        async with subscription:
+            return await collect(subscription, lambda items: len(items) == count)
+
+
 async def test_a_resume_beyond_one_replay_catches_up_by_pages_exactly(redis_url):
     """A consumer that was away for more events than one replay carries (--max-replay 50) but
     that the history still holds: it reads them from the polling endpoint page by page while
@@ -479,13 +491,7 @@ async def test_a_resume_beyond_one_replay_catches_up_by_pages_exactly(redis_url)
     loop = PublishLoop(redis_url, [1], rate=150)
     try:
         with GatewayProcess(redis_url, auth_secret=SECRET, args=args) as gateway:
-            async with Consumer(gateway.ws_url, token=tokens([1]), store=store) as consumer:
-                subscription = consumer.events(1)
-                async with asyncio.timeout(20):
-                    await subscription.wait_subscribed()
-                await _publish(publisher, 1, 1, 30)
-                async with subscription:
-                    first = await collect(subscription, lambda items: len(items) == 30)
+            first = await _first_events(gateway, publisher, store, 1, 30)
             assert await store.load(1) == first[-1].cursor
             await _publish(publisher, 1, 31, 2500)  # three pages of 1,000
 
@@ -530,13 +536,7 @@ async def test_a_catch_up_through_pages_cut_by_bytes_is_exact(redis_url):
     publisher = AsyncPublisher.from_url(redis_url)
     try:
         with GatewayProcess(redis_url, auth_secret=SECRET, args=["--max-replay", "50"]) as gateway:
-            async with Consumer(gateway.ws_url, token=tokens([3]), store=store) as consumer:
-                subscription = consumer.events(3)
-                async with asyncio.timeout(20):
-                    await subscription.wait_subscribed()
-                await _publish(publisher, 3, 1, 1)
-                async with subscription:
-                    first = await collect(subscription, lambda items: len(items) == 1)
+            first = await _first_events(gateway, publisher, store, 3, 1)
             large = [
                 BlockerResolved(
                     project_id=3, blocker_id=n, answer="€" * 5000, resolved_at=utc_now()
