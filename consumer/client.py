@@ -766,7 +766,8 @@ class Consumer:
             if state is not None:
                 pending = state.pending
                 verdict = await self._on_undecodable(state, exc, raw)
-                await self._after_event(ws, state, pending, verdict)
+                if pending or verdict is Verdict.GAP:
+                    await self._after_event(ws, state, pending, verdict)
             return None
         cls = type(message)
         if self._unsubscribing and self._left(getattr(message, "project_id", None), message):
@@ -777,7 +778,8 @@ class Consumer:
                 return None  # unsubscribed meanwhile
             pending = state.pending
             verdict = await self._on_event(state, message, raw)  # type: ignore[arg-type]
-            await self._after_event(ws, state, pending, verdict)
+            if pending or verdict is Verdict.GAP:  # (not for a live event: the hot path)
+                await self._after_event(ws, state, pending, verdict)
             return None
         if (cls is Subscribed or cls is ResyncRequired) and not _has_valid_cursor(message):
             return None
