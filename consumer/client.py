@@ -355,9 +355,11 @@ class Consumer:
         #: Project -> its retry after 'unavailable', while it sleeps (one at a time per project).
         self._retries: dict[int, asyncio.Future[None]] = {}
         #: The bound on a subscribe's answer (consumer.answers), on a clock that stands still
-        #: while the connection task waits for the caller's room; one lazy timer.
+        #: while the connection task waits for the caller's room; one lazy timer. The clock is
+        #: the event loop's (its timers'), bound when the connection task starts; nothing reads
+        #: it before.
         self._answers = PendingAnswers(open_timeout)
-        self._clock = ReadingClock(lambda: asyncio.get_running_loop().time())
+        self._clock = ReadingClock(time.monotonic)
         self._answer_timer: asyncio.TimerHandle | None = None
         #: The connection the consumer gave up on for not answering (not a stable one).
         self._given_up: ClientConnection | None = None
@@ -379,6 +381,7 @@ class Consumer:
         if self._closed:
             raise ConsumerClosed("the consumer is closed")
         if self._task is None:
+            self._clock = ReadingClock(asyncio.get_running_loop().time)
             self._task = asyncio.create_task(self._run(), name="eventbus-consumer")
 
     async def aclose(self) -> None:
@@ -766,8 +769,10 @@ class Consumer:
             if state is not None:
                 pending = state.pending
                 verdict = await self._on_undecodable(state, exc, raw)
-                if pending or verdict is Verdict.GAP:
-                    await self._after_event(ws, state, pending, verdict)
+                if pending and verdict is not Verdict.DROP:
+                    self._heard(state.project_id)  # (see below)
+                if verdict is Verdict.GAP:
+                    await self._on_gap(ws, state)
             return None
         cls = type(message)
         if self._unsubscribing and self._left(getattr(message, "project_id", None), message):
@@ -778,8 +783,12 @@ class Consumer:
                 return None  # unsubscribed meanwhile
             pending = state.pending
             verdict = await self._on_event(state, message, raw)  # type: ignore[arg-type]
-            if pending or verdict is Verdict.GAP:  # (not for a live event: the hot path)
-                await self._after_event(ws, state, pending, verdict)
+            if pending and verdict is not Verdict.DROP:
+                # The replay answering the subscribe (its live events are dropped meanwhile,
+                # and come whether or not the gateway handles the subscribe: not an answer).
+                self._heard(state.project_id)
+            if verdict is Verdict.GAP:
+                await self._on_gap(ws, state)
             return None
         if (cls is Subscribed or cls is ResyncRequired) and not _has_valid_cursor(message):
             return None
@@ -872,19 +881,11 @@ class Consumer:
             await self._put(state.project_id, item)
         return verdict
 
-    async def _after_event(
-        self, ws: ClientConnection, state: ProjectState, pending: bool, verdict: Verdict
-    ) -> None:
-        """What an event frame (decoded or not) of a followed project means beyond itself: part
-        of the answer to the project's subscribe (``pending`` when it arrived), or a gap."""
-        if pending and verdict is not Verdict.DROP:
-            # The replay answering the subscribe (its live events are dropped meanwhile, and
-            # come whether or not the gateway handles the subscribe: not an answer).
-            self._heard(state.project_id)
-        if verdict is Verdict.GAP:
-            self.stats.gaps += 1
-            log.warning("gap in a project's events; resubscribing", project_id=state.project_id)
-            await ws.send(_encode(self._subscribe_message(state)), text=True)
+    async def _on_gap(self, ws: ClientConnection, state: ProjectState) -> None:
+        """An event frame (decoded or not) past a gap: resubscribe from the cursor."""
+        self.stats.gaps += 1
+        log.warning("gap in a project's events; resubscribing", project_id=state.project_id)
+        await ws.send(_encode(self._subscribe_message(state)), text=True)
 
     async def _surface_corrupt(self, state: ProjectState) -> None:
         """A gap that repairs did not fill: its Resync, before the event after it."""
@@ -1064,8 +1065,11 @@ class Consumer:
             )
 
     def _heard(self, project_id: int) -> None:
-        """A frame answering the project's subscribe in part (its replay, a resync_required)."""
-        self._answers.heard(project_id, self._clock.now())
+        """A frame answering the project's subscribe in part (its replay, a resync_required):
+        every replayed event, so the clock is read only when the project is waiting."""
+        answers = self._answers
+        if project_id in answers:
+            answers.heard(project_id, self._clock.now())
 
     def _answered(self, project_id: int) -> None:
         """The project's subscribe is answered (``subscribed``, an error)."""
