@@ -7,11 +7,14 @@ or an HTTP 500 with an error-level traceback: a log line per hostile request).
 
 * :func:`decode_frame` is :func:`schemas.protocol.decode_client_message` that also turns the
   decoder's own limits (JSON nested deeper than msgspec recurses) into a :class:`ProtocolError`.
+* :func:`parse_project_id` reads a project id from a request's path, query or ``Last-Event-ID``.
 * :func:`repeated_header` finds a header the gateway reads as single-valued but that the request
   repeats (websockets' ``Headers.get`` raises ``MultipleValuesError`` for those).
 """
 
 from __future__ import annotations
+
+import re
 
 from websockets.datastructures import Headers
 
@@ -22,6 +25,7 @@ __all__ = [
     "SINGLE_VALUED_HEADERS",
     "close_reason",
     "decode_frame",
+    "parse_project_id",
     "repeated_header",
 ]
 
@@ -33,6 +37,16 @@ MAX_CLOSE_REASON_BYTES = 123
 #: that repeats one of them is refused with 400 before any of them is read. (websockets checks the
 #: ones it reads itself, ``Sec-WebSocket-Key`` and ``-Version``, and answers 400 on its own.)
 SINGLE_VALUED_HEADERS = ("Upgrade", "Origin", "Authorization")
+
+_PROJECT_ID = re.compile(r"[1-9][0-9]{0,15}")  # ASCII only, and short enough for int()
+
+
+def parse_project_id(raw: str, error: str = "project id must be a positive integer") -> int:
+    """``raw`` as a project id (ASCII digits, 1 to 2**53-1, as the protocol's ``ProjectId``),
+    else ValueError(``error``)."""
+    if not _PROJECT_ID.fullmatch(raw) or int(raw) >= 2**53:
+        raise ValueError(error)
+    return int(raw)
 
 
 def decode_frame(data: bytes | str) -> ClientMessage:

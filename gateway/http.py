@@ -22,6 +22,7 @@ import msgspec
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
+from gateway.client_input import parse_project_id
 from gateway.sequencing import plan_poll
 from gateway.store import ProjectUnreadable, StoreUnavailable
 from schemas.protocol import MAX_SEQ, PollResponse, ResyncRequired, encode
@@ -30,7 +31,6 @@ from schemas.tokens import InvalidToken, TokenClaims
 __all__ = ["HttpRoutes", "answer_to", "json_response"]
 
 _POLL_PATH = re.compile(r"^/v1/projects/([^/]+)/events$")
-_PROJECT_ID = re.compile(r"[1-9][0-9]{0,15}")  # ASCII only, and short enough for int()
 _DECIMAL = re.compile(r"[0-9]+")  # ASCII only (re's [0-9], unlike str.isdigit and \d)
 _STATIC = {
     "/eventbus.js": "text/javascript; charset=utf-8",
@@ -201,9 +201,10 @@ class HttpRoutes:
     async def poll(self, request: Request, raw_id: str, query: str = "") -> Response:
         """``GET /v1/projects/{id}/events?epoch=&after=&limit=``: the polling fallback."""
         refuse = self._refuse
-        if not _PROJECT_ID.fullmatch(raw_id) or int(raw_id) >= 2**53:
-            return refuse(400, "invalid_project", "project id must be a positive integer")
-        project_id = int(raw_id)
+        try:
+            project_id = parse_project_id(raw_id)
+        except ValueError as exc:
+            return refuse(400, "invalid_project", str(exc))
         if self.verify is not None:
             header = request.headers.get("Authorization", "")
             scheme, _, token = header.partition(" ")

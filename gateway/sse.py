@@ -36,7 +36,7 @@ import msgspec
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from gateway.client_input import repeated_header
+from gateway.client_input import parse_project_id, repeated_header
 from gateway.http import answer_to, json_response
 from gateway.logs import ConnectionLog, get_logger
 from gateway.session import (
@@ -74,7 +74,6 @@ log = get_logger("gateway")
 
 _SINGLE_PATH = re.compile(r"^/v1/projects/([^/]+)/stream$")
 _MULTI_PATH = "/v1/stream"
-_PROJECT_ID = re.compile(r"[1-9][0-9]{0,15}")
 _EPOCH = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _SEQ = re.compile(r"0|[1-9][0-9]{0,15}")
 #: Any of the three line ends SSE knows (CRLF first, so it counts as one).
@@ -158,7 +157,7 @@ def parse_last_event_id(value: str | None, projects: list[int]) -> dict[int, Cur
         raise ValueError("too many cursors")
     for part in parts:
         raw_id, _, cursor = part.partition("=")
-        project_id = _project_id(raw_id, f"{raw_id[:20]!r} is not a project id")
+        project_id = parse_project_id(raw_id, f"{raw_id[:20]!r} is not a project id")
         if project_id in cursors:
             raise ValueError(f"project {project_id} is given twice")
         parsed = _parse_cursor(cursor)
@@ -195,11 +194,11 @@ def parse_stream_target(target: str, max_projects: int) -> StreamRequest:
         raise ValueError(f"unknown query parameters: {', '.join(sorted(unknown))[:200]}")
     presence = _flag(params.get("presence", []), "presence")
     if match:
-        return StreamRequest([_project_id(match.group(1))], False, presence)
+        return StreamRequest([parse_project_id(match.group(1))], False, presence)
     raw = params.get("project", [])
     if not raw:
         raise ValueError("name the projects: /v1/stream?project=1&project=2")
-    projects = list(dict.fromkeys(_project_id(value) for value in raw))
+    projects = list(dict.fromkeys(parse_project_id(value) for value in raw))
     if len(projects) > max_projects:
         raise ValueError(f"at most {max_projects} projects per stream")
     return StreamRequest(projects, True, presence)
@@ -211,13 +210,6 @@ def _flag(values: list[str], name: str) -> bool:
     if len(values) > 1 or values[0] not in ("0", "1", "true", "false"):
         raise ValueError(f"{name} takes one of 1, true, 0, false")
     return values[0] in ("1", "true")
-
-
-def _project_id(raw: str, error: str = "project id must be a positive integer") -> int:
-    """``raw`` as a project id (ASCII digits, 1 to 2**53-1), else ValueError(``error``)."""
-    if not _PROJECT_ID.fullmatch(raw) or int(raw) >= 2**53:
-        raise ValueError(error)
-    return int(raw)
 
 
 # --- pure: parsing (tests, benchmarks, non-browser clients) ----------------------------------
