@@ -30,6 +30,7 @@ from gateway.sequencing import Snapshot
 from schemas import lua
 from schemas.keys import Keys, new_epoch
 from schemas.stored import (
+    MAX_ENTRY_BYTES,
     ForeignKind,
     ForeignValue,
     Meta,
@@ -168,6 +169,7 @@ class HistoryStore:
             limit,
             NO_HISTORY_TTL_MS,
             max_bytes,
+            MAX_ENTRY_BYTES,
         ]
         try:
             if self._cluster:

@@ -123,19 +123,33 @@ if max_age > 0 then
   -- third off the script's cost; entries may outlive max_age by at most 15 events, and an idle
   -- project's stream still expires on time (PEXPIRE below, on every publish). Entry ids are dense
   -- sequence numbers, so the first entry young enough is found by bisection.
+  --
+  -- The events are written by now, and Redis does not undo a script that fails half-way: nothing
+  -- below may raise. An entry another writer left (no 't' this script wrote) counts as young, so
+  -- it never makes real events go early; count retention (MAXLEN) still bounds the stream.
+  local function is_old(entry, cutoff)
+    local fields = entry[2]
+    for j = 1, #fields - 1, 2 do
+      if fields[j] == 't' then
+        local t = fields[j + 1]
+        return #t <= 15 and string.find(t, '^%d+$') ~= nil and tonumber(t) < cutoff
+      end
+    end
+    return false
+  end
   local cutoff = tonumber(now_ms) - max_age
   local oldest = nil
   if last % 16 < n or last == n then
     oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)[1]
   end
-  if oldest and tonumber(oldest[2][4]) < cutoff then
+  if oldest and is_old(oldest, cutoff) then
     local lo = tonumber(string.match(oldest[1], '^(%d+)'))
     local hi = last
     while lo < hi do
       local mid = math.floor((lo + hi) / 2)
       local from = string.format('%d', mid) .. '-0'
       local entry = redis.call('XRANGE', KEYS[2], from, '+', 'COUNT', 1)[1]
-      if tonumber(entry[2][4]) < cutoff then lo = mid + 1 else hi = mid end
+      if is_old(entry, cutoff) then lo = mid + 1 else hi = mid end
     end
     redis.call('XTRIM', KEYS[2], 'MINID', string.format('%d', lo) .. '-0')
   end
@@ -156,7 +170,8 @@ return {epoch, last, 0}
 #: KEYS: meta, stream
 #: ARGV: candidate epoch, client's epoch ('' for none), client's last seen seq (-1 for none),
 #:       maximum number of entries to return, lifetime (ms) of a history this read creates,
-#:       maximum bytes of entries to return (0 or absent: no byte limit).
+#:       maximum bytes of entries to return (0 or absent: no byte limit), largest entry
+#:       (bytes; 0 or absent: no limit).
 #: Returns {epoch, top seq, created flag, entries, problem}. ``entries`` (oldest first, at most the
 #: maximum) is only read when the client's epoch is the current one and it is behind.
 #:
@@ -164,6 +179,11 @@ return {epoch, last, 0}
 #: weighs the bytes of its field names and values), but always holds the first entry, so that
 #: a reader paging on from the last entry always progresses. The stream is then read in chunks
 #: of 64 entries, so that the script itself never holds much more than the limit either.
+#:
+#: An entry that weighs more than the largest entry (which only another writer can have left:
+#: the publish script never writes one) comes back as ``{id, {'oversize', '<its weight>'}}``, so
+#: that neither a replay nor a page ever carries it whole, and the reader still learns where it
+#: is (a corrupt entry).
 #:
 #: A read never leaves permanent state behind: when the project has no history yet, the history
 #: it creates (so that the reader gets a real cursor, which the first publish continues) expires
@@ -218,16 +238,29 @@ if ARGV[2] == epoch and after >= 0 and after < top then
   local from = string.format('%d', after + 1) .. '-0'
   local count = tonumber(ARGV[4])
   local budget = tonumber(ARGV[6] or '0')
+  local largest = tonumber(ARGV[7] or '0')
+  local function weigh(entry)
+    local size = 0
+    for _, value in ipairs(entry[2]) do size = size + #value end
+    if largest > 0 and size > largest then
+      -- Never a frame the bus wrote: what it weighed goes back, not what it holds.
+      entry[2] = {'oversize', string.format('%d', size)}
+      size = 8 + #entry[2][2]
+    end
+    return size
+  end
   if budget <= 0 then
     entries = redis.call('XRANGE', KEYS[2], from, '+', 'COUNT', count)
+    if largest > 0 then
+      for _, entry in ipairs(entries) do weigh(entry) end
+    end
   else
     local used, full = 0, false
     while not full and #entries < count do
       local want = math.min(count - #entries, 64)
       local chunk = redis.call('XRANGE', KEYS[2], from, '+', 'COUNT', want)
       for _, entry in ipairs(chunk) do
-        local size = 0
-        for _, value in ipairs(entry[2]) do size = size + #value end
+        local size = weigh(entry)
         if #entries > 0 and used + size > budget then
           full = true
           break

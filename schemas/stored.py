@@ -36,7 +36,9 @@ What is checked, and why it is enough (the gateway never decodes an event's JSON
 * a **channel message** is ``<epoch>|<seq>|<unix ms>|<frame>``, the frame of that project and seq
   (:func:`parse_channel_message`).
 * a **stream entry** has the id ``<seq>-0`` and a field ``f`` holding a frame of that project and
-  seq (:func:`parse_stream_entry`).
+  seq (:func:`parse_stream_entry`). Readers never take an entry of more than
+  :data:`MAX_ENTRY_BYTES` whole: the history script gives back its weight instead of its content
+  (``{'oversize', '<bytes>'}``), so a huge value left in a stream costs a replay nothing.
 * a **meta hash** has ``epoch`` (1-64 characters of ``[A-Za-z0-9_-]``) and ``seq`` (a decimal
   integer, at most 15 digits so it stays exact everywhere) (:func:`parse_meta`).
 """
@@ -52,6 +54,7 @@ from schemas.keys import Envelope, MalformedEnvelope, parse_envelope
 from schemas.protocol import ClientMessage, ServerMessage
 
 __all__ = [
+    "MAX_ENTRY_BYTES",
     "MAX_FRAME_BYTES",
     "ForeignKind",
     "ForeignValue",
@@ -66,6 +69,9 @@ __all__ = [
 #: Largest frame the gateway relays: far above any event of the contract, below every client's
 #: message limit (the Python consumer's is 4 MiB).
 MAX_FRAME_BYTES = 1 << 20
+#: Largest stream entry (the bytes of its field names and values) a history read returns whole:
+#: the publish script writes ``f`` (a frame) and ``t`` (a Unix ms), at most this much.
+MAX_ENTRY_BYTES = MAX_FRAME_BYTES + 64
 
 _EPOCH_RE = re.compile(rb"^[A-Za-z0-9_-]{1,64}\Z")
 _SEQ_RE = re.compile(rb"^(?:0|[1-9][0-9]{0,14})\Z")
@@ -191,6 +197,9 @@ def _parse_stream_entry(entry_id: object, fields: object, project: bytes) -> tup
     elif isinstance(fields, list | tuple):
         # Field names are at even positions; a value that happens to be b"f" is not a name.
         names = fields[0::2]
+        if len(fields) == 2 and fields[0] == b"oversize":  # the history script's stand-in
+            weight = fields[1].decode("ascii", "replace") if isinstance(fields[1], bytes) else "?"
+            raise ForeignValue(kind, f"entry weighs {weight} bytes, over {MAX_ENTRY_BYTES}")
         frame = fields[2 * names.index(b"f") + 1] if b"f" in names[: len(fields) // 2] else None
     else:
         frame = None

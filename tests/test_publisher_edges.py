@@ -41,7 +41,7 @@ from publisher import (
 )
 from publisher.__main__ import main as cli_main
 from publisher.client import DEFAULT_TIMEOUT
-from publisher.core import RetryPolicy, event_digest
+from publisher.core import Retention, RetryPolicy, event_digest
 from schemas import AgentResumed, BlockerExpired, BlockerResolved, Keys, encode_event
 from schemas.stored import parse_idempotency_record
 from tests.support.redis_server import RedisServer
@@ -713,7 +713,7 @@ def test_fuzz_timeout(timeout) -> None:
         assert timeout is not None
         return
     expected = DEFAULT_TIMEOUT if timeout is None else timeout
-    assert pub._policy.timeout == expected > 0
+    assert pub._policy.timeout == float(expected) > 0  # an int is taken as a float
     assert pub._policy.attempt_timeout <= expected  # the bound holds for any timeout
     pub.close()
 
@@ -783,3 +783,69 @@ def test_the_first_publish_makes_a_history_a_read_created_permanent(pub, redis_c
     assert pub.publish(event(1, 1)) == Cursor("readmade", 1)
     assert redis_client.pttl(KEYS.meta(1)) == -1
     assert redis_client.hgetall(KEYS.meta(1)) == {b"epoch": b"readmade", b"seq": b"1"}
+
+
+# --- age retention over entries another writer left ---------------------------------------------
+
+#: Values of an entry's 't' field that the publish script cannot have written (it writes the
+#: digits of a Unix ms; an entry with such a 't' is taken at its word, whoever wrote it).
+_foreign_times = st.one_of(
+    st.binary(max_size=6).filter(lambda t: not (t.isdigit() and t.isascii())),
+    st.sampled_from([b"", b"-5", b"nan", b"inf", b"-inf", b"1e3", b" 7", b"0x10", b"9" * 30]),
+)
+_foreign_entries = st.lists(
+    st.dictionaries(
+        st.sampled_from([b"f", b"t", b"x"]),
+        st.one_of(_foreign_times, st.just(b'{"type":"x"}')),
+        min_size=1,
+        max_size=3,
+    ),
+    min_size=1,
+    max_size=4,
+)
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    foreign=_foreign_entries,
+    first_foreign=st.integers(1, 5),
+    old=st.integers(0, 8),
+)
+def test_age_retention_copes_with_entries_another_writer_left(
+    redis_server: RedisServer, foreign, first_foreign, old
+) -> None:
+    """Entries of the history that the publish script did not write (no 't', or a 't' that is
+    not its Unix ms) were read as numbers by the age-retention check, which runs after the
+    events are written: the script failed half-way, so the caller got a PublishError for events
+    that were in fact stored and relayed (and a retry published them twice). Now such an entry
+    counts as young: every publish succeeds, and no real entry younger than ``max_age`` is
+    trimmed (the ``old`` first ones are older; foreign ones among them may go with them)."""
+    client = redis_server.client()
+    client.flushall()
+    retention = Retention(max_age=timedelta(hours=1))
+    with Publisher(redis_server.client(), retention=retention) as pub:
+        for n in range(1, 9):
+            pub.publish(event(1, n))
+        # Rewrite the history: the first ones made old, a run of foreign ones in their place.
+        real = client.xrange(KEYS.stream(1))
+        foreign_ids = range(first_foreign, first_foreign + len(foreign))
+        client.delete(KEYS.stream(1))
+        for n, (entry_id, fields) in enumerate(real, start=1):
+            if n in foreign_ids:
+                fields = foreign[n - first_foreign]
+            elif n <= old:
+                fields = {**fields, b"t": b"1"}
+            client.xadd(KEYS.stream(1), fields, id=entry_id)
+        # 16 more events: the retention check runs at least once, whatever the seq.
+        cursors = [pub.publish(event(1, 100 + n)) for n in range(16)]
+    assert [c.seq for c in cursors] == list(range(9, 25))
+    kept = {int(i.split(b"-")[0]) for i, _ in client.xrange(KEYS.stream(1))}
+    young = {n for n in range(old + 1, 25) if n not in foreign_ids}
+    assert young <= kept
+    if old and first_foreign > old:  # nothing foreign among the old ones: they all went
+        assert min(kept) == old + 1
+    client.close()

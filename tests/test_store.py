@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from gateway.store import SNAPSHOT_PIPELINES, HistoryStore
 from schemas.keys import Keys
 
@@ -230,5 +232,34 @@ async def test_a_read_with_a_byte_budget_stops_before_it_but_always_returns_an_e
     assert await seqs(0, 1000, sum(sizes)) == list(range(1, 151))
     assert await seqs(0, 70, sum(sizes)) == list(range(1, 71))  # the count still applies
     assert await seqs(0, 1000, 0) == list(range(1, 151))  # no budget
+    raw.close()
+    await store.client.aclose()
+
+
+@pytest.mark.parametrize("budget", [0, 1 << 20], ids=["replay", "page"])
+async def test_a_huge_foreign_entry_is_never_read_whole(redis_url, publisher, budget):
+    """A 20 MiB value left in a stream (by hand, by another application) was sent to the
+    gateway whole by every replay or page that reached it, only to be found foreign there: a
+    few resumes could take the pod's memory. The history script now sends its weight instead:
+    the entry is still reported where it is (the first corrupt one), and the read moves a few
+    bytes."""
+    import redis
+
+    from tests.support.gateway_client import event
+
+    raw = redis.Redis.from_url(redis_url)
+    await publisher.publish(event(14, 1))
+    raw.xadd(KEYS.stream(14), {"f": b"{" + b"a" * (20 << 20) + b"}", "t": "0"}, id="2-0")
+    raw.hset(KEYS.meta(14), "seq", 2)
+    await publisher.publish(event(14, 3))
+    epoch = raw.hget(KEYS.meta(14), "epoch").decode()
+    store = real_store(redis_url)
+    sent_before = raw.info("stats")["total_net_output_bytes"]
+    snapshot = await store.snapshot(14, epoch, 1, 10, max_bytes=budget)  # the entry first
+    sent = raw.info("stats")["total_net_output_bytes"] - sent_before
+    assert snapshot.entries == []
+    assert (snapshot.top, snapshot.corrupt_at) == (3, 2)
+    assert sent < 64 * 1024, f"{sent} bytes sent for a read"
+    assert store.foreign.metrics.foreign_values["stream_entry"] == 1
     raw.close()
     await store.client.aclose()

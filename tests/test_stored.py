@@ -151,6 +151,8 @@ def test_foreign_meta_values(epoch, seq) -> None:
         (b"5-1", [b"f", b"{}"], "<seq>-0"),
         (b"1764000000000-0" + b"0", [b"f", b"{}"], "<seq>-0"),
         (b"0-0", [b"f", b"{}"], "<seq>-0"),
+        # What the history script gives back for an entry too heavy to send (lua.SNAPSHOT).
+        (b"5-0", [b"oversize", b"20971525"], "weighs 20971525 bytes, over 1048640"),
     ],
 )
 def test_foreign_stream_entries(entry_id, fields, problem) -> None:
