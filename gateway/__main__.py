@@ -15,7 +15,7 @@ import msgspec
 
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.logs import configure_logging, get_logger, throttle_loop_errors
-from gateway.workers import Supervisor, resolve_workers, worker_command
+from gateway.workers import Supervisor, resolve_workers, start_heartbeat, worker_command
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,7 +40,14 @@ def main(argv: list[str] | None = None) -> None:
 
 async def _serve(config: GatewayConfig, run) -> None:
     throttle_loop_errors(asyncio.get_running_loop())
-    await run(config)
+    # In a --workers group: heartbeats to the supervisor for as long as this loop runs (start-up
+    # and drain included); nothing for a single gateway.
+    heartbeat = start_heartbeat()
+    try:
+        await run(config)
+    finally:
+        if heartbeat is not None:
+            heartbeat.cancel()
 
 
 def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -116,7 +123,10 @@ async def supervise(config: GatewayConfig, workers: int, argv: list[str]) -> int
         if config.port == 0:
             command += ["--port", str(probe.getsockname()[1])]
     supervisor = Supervisor(
-        command, workers, drain_timeout=config.drain_delay + config.drain_timeout
+        command,
+        workers,
+        drain_timeout=config.drain_delay + config.drain_timeout,
+        worker_timeout=config.worker_timeout,
     )
     return await supervisor.run()
 

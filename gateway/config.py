@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
 import msgspec
 from msgspec import Meta
 
+from gateway.workers import HEARTBEAT_INTERVAL
+
 __all__ = ["ConfigError", "GatewayConfig", "load_config"]
 
 ENV_PREFIX = "EVENTBUS_"
@@ -161,6 +163,14 @@ class GatewayConfig(msgspec.Struct, kw_only=True, frozen=True):
             pattern=r"^(auto|[1-9][0-9]{0,3})$",
         ),
     ] = "1"
+    worker_timeout: Annotated[
+        float,
+        _doc(
+            "With --workers: seconds a worker's event loop may go without a heartbeat (one a "
+            "second) before the supervisor kills it (SIGKILL) and starts another; 0: never.",
+            ge=0,
+        ),
+    ] = 30.0
     loop: Annotated[
         Literal["asyncio", "uvloop"],
         _doc(
@@ -181,6 +191,11 @@ class GatewayConfig(msgspec.Struct, kw_only=True, frozen=True):
             raise ConfigError(
                 "an auth secret is required: set --auth-secret / EVENTBUS_AUTH_SECRET, "
                 "or run the development mode with --no-auth"
+            )
+        if 0 < self.worker_timeout < 2 * HEARTBEAT_INTERVAL:
+            raise ConfigError(
+                f"--worker-timeout must be 0 (off) or at least {2 * HEARTBEAT_INTERVAL:g} s: "
+                "workers send a heartbeat every second, and one late beat must not kill a worker"
             )
         if not self.presence_refresh_interval * 2 < self.presence_ttl:
             raise ConfigError(

@@ -32,7 +32,14 @@ class GroupView:
     (prometheus-client picks its storage when first imported).
     """
 
-    def __init__(self, metrics: Metrics, *, workers: int, directory: str) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        *,
+        workers: int,
+        directory: str,
+        replaces_unresponsive: bool = False,
+    ) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.metrics = metrics
@@ -76,6 +83,17 @@ class GroupView:
             multiprocess_mode="livemax",
         )
         self._workers.set(workers)
+        # The supervisor, which kills a worker whose event loop stopped beating, writes no
+        # metrics itself: the worker started in its place counts the kill. Counters outlive
+        # their process in the group's view, so the sum is every such kill of the group's life.
+        killed = Counter(
+            "eventbus_workers_killed_unresponsive",
+            "Workers killed (SIGKILL) by the supervisor because their event loop sent no "
+            "heartbeat for --worker-timeout seconds, and started again.",
+            registry=registry,
+        )
+        if replaces_unresponsive:
+            killed.inc()
         lag = metrics.relay_lag
         shared = Histogram(
             "eventbus_relay_lag_seconds",

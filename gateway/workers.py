@@ -10,6 +10,11 @@ The supervisor (this module, the parent process) only starts, watches and stops 
 
 * a worker that dies is started again at once; one that keeps dying young is restarted after a
   growing delay (:class:`RestartPolicy`), so a crash loop cannot spin a core;
+* a worker whose event loop stops running (a deadlock, a blocking call, a CPU-bound bug,
+  SIGSTOP) keeps its listening socket open, so the kernel would go on handing it its share of
+  the new connections, to hang unanswered: each worker's loop writes a heartbeat into a pipe
+  once a second (:func:`start_heartbeat`), and one silent for ``worker_timeout`` seconds
+  (:class:`Liveness`) is killed with SIGKILL and started again like a worker that died;
 * SIGTERM (or SIGINT) is passed to every worker, which drains as a single gateway does; a worker
   still running ``drain_timeout`` + 5 s later is killed;
 * ``/metrics`` and ``/readyz`` answer for the whole group from any worker (see
@@ -34,10 +39,15 @@ from gateway.logs import get_logger
 
 __all__ = [
     "GROUP_SIZE_ENV",
+    "HEARTBEAT_FD_ENV",
+    "HEARTBEAT_INTERVAL",
+    "REPLACES_UNRESPONSIVE_ENV",
     "WORKER_ID_ENV",
+    "Liveness",
     "RestartPolicy",
     "Supervisor",
     "resolve_workers",
+    "start_heartbeat",
     "worker_command",
 ]
 
@@ -47,6 +57,22 @@ log = get_logger("eventbus.workers")
 #: A gateway that finds GROUP_SIZE_ENV listens with SO_REUSEPORT and serves the group's view.
 GROUP_SIZE_ENV = "EVENTBUS_GROUP_SIZE"
 WORKER_ID_ENV = "EVENTBUS_WORKER_ID"
+#: The descriptor of the pipe a worker's event loop writes its heartbeats to (only with a
+#: ``worker_timeout``). A worker started without it sends none.
+HEARTBEAT_FD_ENV = "EVENTBUS_HEARTBEAT_FD"
+#: "1" for a worker started in place of one killed for a silent event loop: it counts that kill
+#: in the group's ``eventbus_workers_killed_unresponsive_total``.
+REPLACES_UNRESPONSIVE_ENV = "EVENTBUS_WORKER_REPLACES_UNRESPONSIVE"
+
+#: Seconds between two heartbeats of a worker's event loop.
+HEARTBEAT_INTERVAL = 1.0
+#: Seconds a worker has, on top of the timeout, to send its first heartbeat: from its start to
+#: its event loop running, the interpreter starts and imports the gateway (under a second on an
+#: idle machine, several on a loaded one).
+STARTUP_GRACE = 30.0
+#: Lateness of the supervisor's own check (beyond its interval) that is taken as the supervisor
+#: not running (stopped with its workers: SIGSTOP of the group, Ctrl-Z, a frozen container).
+PAUSE_SLACK = 1.0
 
 #: Seconds a worker has after ``drain_timeout`` to exit by itself before it is killed.
 EXIT_GRACE = 5.0
@@ -88,6 +114,83 @@ class RestartPolicy:
         return min(self.cap, self.base * 2 ** (deaths - 1))
 
 
+@dataclass
+class Liveness:
+    """Which workers' event loops went silent. Pure: the caller passes the times.
+
+    A worker is overdue once ``timeout`` seconds passed since its last heartbeat or, before its
+    first one, ``timeout + startup_grace`` seconds since it was started. Each overdue worker is
+    reported once (it is forgotten until :meth:`started` again). Two things are never held
+    against a worker:
+
+    * time the supervisor itself did not run: a check coming more than ``PAUSE_SLACK`` seconds
+      later than ``check_interval`` after the previous one means the supervisor was stopped or
+      starved, most likely with its workers (SIGSTOP or Ctrl-Z of the group, a frozen container,
+      a suspended VM): that gap is added to every worker's allowance, else every worker would
+      be killed the moment the group resumes, before its first heartbeat after the pause;
+    * the stop of the group: after :meth:`stop` nobody is overdue, a draining worker may well
+      beat late, and the drain has its own deadline (``drain_timeout`` + ``EXIT_GRACE``).
+    """
+
+    timeout: float
+    startup_grace: float = STARTUP_GRACE
+    #: worker -> when its silence started: its last heartbeat, or its start
+    _since: dict[int, float] = field(default_factory=dict)
+    _beat: set[int] = field(default_factory=set)  # the workers that beat since they started
+    _checked: float | None = None
+    _stopping: bool = False
+
+    def __post_init__(self) -> None:
+        if self.timeout <= 0:
+            raise ValueError("the timeout must be positive (0 means: no Liveness at all)")
+
+    @property
+    def check_interval(self) -> float:
+        """How often :meth:`overdue` should be asked: a kill comes at most this much late."""
+        return min(1.0, self.timeout / 4)
+
+    def started(self, worker: int, now: float) -> None:
+        self._since[worker] = now
+        self._beat.discard(worker)
+
+    def beat(self, worker: int, now: float) -> None:
+        if worker in self._since:  # not one already reported (and being killed)
+            self._since[worker] = now
+            self._beat.add(worker)
+
+    def beating(self, worker: int) -> bool:
+        """Whether the worker beat since it was started (its start-up is over)."""
+        return worker in self._beat
+
+    def forget(self, worker: int) -> None:
+        """The worker exited."""
+        self._since.pop(worker, None)
+        self._beat.discard(worker)
+
+    def stop(self) -> None:
+        """The group is stopping: no worker is overdue from now on."""
+        self._stopping = True
+
+    def overdue(self, now: float) -> list[tuple[int, float]]:
+        """The workers silent for too long, with how long (seconds), each reported once."""
+        if self._checked is not None:
+            unwatched_from = self._checked + self.check_interval + PAUSE_SLACK
+            if now > unwatched_from:
+                for worker, since in self._since.items():
+                    self._since[worker] = since + now - max(since, unwatched_from)
+        self._checked = now
+        if self._stopping:
+            return []
+        found = []
+        for worker, since in self._since.items():
+            allowed = self.timeout if worker in self._beat else self.timeout + self.startup_grace
+            if now - since > allowed:
+                found.append((worker, now - since))
+        for worker, _ in found:
+            self.forget(worker)
+        return found
+
+
 class Supervisor:
     """Run ``workers`` copies of ``command`` and keep them running until told to stop."""
 
@@ -99,6 +202,7 @@ class Supervisor:
         drain_timeout: float,
         env: dict[str, str] | None = None,
         policy: RestartPolicy | None = None,
+        worker_timeout: float = 0.0,
     ) -> None:
         self.command = list(command)
         self.workers = workers
@@ -107,6 +211,12 @@ class Supervisor:
         self.policy = policy or RestartPolicy()
         self.processes: dict[int, asyncio.subprocess.Process] = {}
         self.restarts = 0
+        #: None without a ``worker_timeout`` (0): the workers send no heartbeats then.
+        self.liveness = Liveness(worker_timeout) if worker_timeout > 0 else None
+        #: Workers killed because their event loop stopped beating.
+        self.killed_unresponsive = 0
+        self._unresponsive: set[int] = set()  # killed for that, not started again yet
+        self._heartbeats: dict[int, int] = {}  # worker -> the read end of its heartbeat pipe
         self._stopping = asyncio.Event()
         self._metrics_dir: str | None = None
 
@@ -117,12 +227,23 @@ class Supervisor:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stopping.set)
         self._metrics_dir = tempfile.mkdtemp(prefix="eventbus-metrics-")
+        watcher = asyncio.create_task(self._watch()) if self.liveness is not None else None
         try:
             keepers = [asyncio.create_task(self._keep(index)) for index in range(self.workers)]
-            log.info("workers starting", workers=self.workers, supervisor_pid=os.getpid())
+            log.info(
+                "workers starting",
+                workers=self.workers,
+                supervisor_pid=os.getpid(),
+                worker_timeout=self.liveness.timeout if self.liveness is not None else 0,
+            )
             await self._stopping.wait()
             return await self._stop(keepers)
         finally:
+            if watcher is not None:
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
+            for index in list(self._heartbeats):
+                self._unwatch(index)
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
             shutil.rmtree(self._metrics_dir, ignore_errors=True)
@@ -141,12 +262,86 @@ class Supervisor:
             WORKER_ID_ENV: str(index),
             "PROMETHEUS_MULTIPROC_DIR": self._metrics_dir or "",
         }
-        process = await asyncio.create_subprocess_exec(
-            *self.command, env=env, preexec_fn=_die_with_supervisor
-        )
+        if index in self._unresponsive:
+            env[REPLACES_UNRESPONSIVE_ENV] = "1"
+        read_end = write_end = -1
+        if self.liveness is not None:
+            # The worker inherits the write end (pass_fds keeps its number); the supervisor
+            # keeps only the read end, so it reads EOF once the worker is gone.
+            read_end, write_end = os.pipe()
+            os.set_blocking(read_end, False)
+            env[HEARTBEAT_FD_ENV] = str(write_end)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *self.command,
+                env=env,
+                preexec_fn=_die_with_supervisor,
+                pass_fds=(write_end,) if write_end >= 0 else (),
+            )
+        except BaseException:
+            if read_end >= 0:
+                os.close(read_end)
+            raise
+        finally:
+            if write_end >= 0:
+                os.close(write_end)
+        self._unresponsive.discard(index)
         self.processes[index] = process
+        if self.liveness is not None:
+            self.liveness.started(index, time.monotonic())
+            self._heartbeats[index] = read_end
+            asyncio.get_running_loop().add_reader(read_end, self._on_heartbeat, index, read_end)
         log.info("worker started", worker=index, pid=process.pid)
         return process
+
+    def _on_heartbeat(self, index: int, fd: int) -> None:
+        """The worker's pipe is readable: heartbeats (each one byte; whatever piled up is read
+        at once), or EOF when the worker exited."""
+        assert self.liveness is not None
+        try:
+            data = os.read(fd, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            self.liveness.beat(index, time.monotonic())
+        elif self._heartbeats.get(index) == fd:
+            self._unwatch(index)
+        else:  # not expected (a pipe is unwatched before the next one of its worker is watched)
+            asyncio.get_running_loop().remove_reader(fd)  # EOF stays readable: never spin on it
+
+    def _unwatch(self, index: int) -> None:
+        fd = self._heartbeats.pop(index, None)
+        if fd is not None:
+            asyncio.get_running_loop().remove_reader(fd)
+            os.close(fd)
+
+    async def _watch(self) -> None:
+        """Kill (SIGKILL) every worker whose event loop stopped beating; its keeper sees it die
+        and starts it again, as for any death (:class:`RestartPolicy`).
+
+        SIGKILL, not SIGTERM: a worker whose loop does not run cannot drain (its SIGTERM handler
+        runs on that loop), and a stopped process does not even act on SIGTERM until continued;
+        SIGKILL ends both at once, and their clients reconnect to the other workers."""
+        liveness = self.liveness
+        assert liveness is not None
+        while True:
+            await asyncio.sleep(liveness.check_interval)
+            for index, silent in liveness.overdue(time.monotonic()):
+                process = self.processes.get(index)
+                if process is None or process.returncode is not None:
+                    continue
+                self.killed_unresponsive += 1
+                self._unresponsive.add(index)
+                log.error(
+                    "worker unresponsive; killing it",
+                    worker=index,
+                    pid=process.pid,
+                    silent_for=round(silent, 1),
+                    worker_timeout=liveness.timeout,
+                )
+                _signal(process, signal.SIGKILL)
 
     async def _keep(self, index: int) -> None:
         """Keep worker ``index`` running until the group stops."""
@@ -159,12 +354,20 @@ class Supervisor:
                 _signal(process, signal.SIGTERM)
             code = await process.wait()
             _forget_process(self._metrics_dir, process.pid)
+            if self.liveness is not None:
+                self.liveness.forget(index)
+                self._unwatch(index)
             if self._stopping.is_set():
                 return
             delay = self.policy.delay(index, time.monotonic() - started)
             self.restarts += 1
             log.warning(
-                "worker exited; restarting", worker=index, pid=process.pid, code=code, delay=delay
+                "worker exited; restarting",
+                worker=index,
+                pid=process.pid,
+                code=code,
+                delay=delay,
+                **({"killed": "unresponsive"} if index in self._unresponsive else {}),
             )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
@@ -177,6 +380,8 @@ class Supervisor:
         when the signal came is registered only once it has started (its keeper then signals
         it). Waiting for the workers alone let the supervisor return with that one running,
         unsupervised, still accepting connections on the shared port."""
+        if self.liveness is not None:
+            self.liveness.stop()  # a draining worker is bounded by the drain's deadline only
         log.info("stopping workers", workers=len(self.processes), drain_timeout=self.drain_timeout)
         for process in self.processes.values():
             if process.returncode is None:
@@ -196,6 +401,37 @@ class Supervisor:
             log.error("workers killed after the drain timeout", killed=killed)
         log.info("workers stopped")
         return 1 if killed else 0
+
+
+def start_heartbeat(environ: dict[str, str] | None = None) -> asyncio.Task | None:
+    """In a worker of a group with a ``worker_timeout``: start the task that tells the supervisor
+    that this event loop runs. None (nothing started) anywhere else, a single gateway included.
+
+    A task on the loop, not a thread: it beats only while the loop runs, which is what the
+    supervisor must know (a thread would go on beating for a deadlocked loop)."""
+    raw = (os.environ if environ is None else environ).get(HEARTBEAT_FD_ENV)
+    if not raw:
+        return None
+    return asyncio.create_task(_beat(int(raw), HEARTBEAT_INTERVAL), name="heartbeat")
+
+
+async def _beat(fd: int, interval: float) -> None:
+    """One byte into the supervisor's pipe every ``interval`` seconds; never blocks: a full pipe
+    (a supervisor not reading) drops the beat, a closed one (the supervisor is gone, and
+    PR_SET_PDEATHSIG drains this worker) ends the beating."""
+    try:
+        os.set_blocking(fd, False)
+    except OSError as exc:
+        log.warning("no heartbeat pipe", fd=fd, error=str(exc))
+        return
+    while True:
+        try:
+            os.write(fd, b".")
+        except BlockingIOError:
+            pass
+        except OSError:
+            return
+        await asyncio.sleep(interval)
 
 
 def _signal(process: asyncio.subprocess.Process, signum: int) -> None:

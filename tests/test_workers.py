@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -9,7 +10,15 @@ import textwrap
 
 import pytest
 
-from gateway.workers import RestartPolicy, resolve_workers, worker_command
+from gateway.workers import (
+    HEARTBEAT_FD_ENV,
+    PAUSE_SLACK,
+    Liveness,
+    RestartPolicy,
+    resolve_workers,
+    start_heartbeat,
+    worker_command,
+)
 
 
 def test_a_worker_that_ran_long_is_restarted_at_once_a_crash_loop_backs_off() -> None:
@@ -19,6 +28,144 @@ def test_a_worker_that_ran_long_is_restarted_at_once_a_crash_loop_backs_off() ->
     assert policy.delay(1, uptime=1) == 0.5  # per worker
     assert policy.delay(0, uptime=10) == 0  # healthy again: the record is forgotten
     assert policy.delay(0, uptime=1) == 0.5
+
+
+def _supervise(
+    liveness: Liveness, start: float, end: float, beating: dict[int, float]
+) -> list[tuple[float, int, float]]:
+    """The supervisor's checks, every ``check_interval`` from ``start`` to ``end``, while each
+    worker of ``beating`` beats once a second until the time given for it. Returns (when,
+    worker, seconds silent) of every worker found overdue."""
+    found = []
+    step = liveness.check_interval
+    for tick in range(round((end - start) / step) + 1):
+        now = start + tick * step
+        for worker, until in beating.items():
+            if now < until and now == int(now):
+                liveness.beat(worker, now)
+        found += [(now, worker, silent) for worker, silent in liveness.overdue(now)]
+    return found
+
+
+def test_a_worker_silent_for_the_timeout_is_overdue_once() -> None:
+    liveness = Liveness(timeout=30, startup_grace=20)
+    liveness.started(0, now=0)
+    liveness.started(1, now=0)
+    # Worker 1's last beat is at 39: overdue once more than 30 s passed, reported once.
+    assert _supervise(liveness, 0, 200, {0: 1000, 1: 40}) == [(70, 1, 31)]
+    liveness.beat(1, now=201)  # a beat that was still in its pipe changes nothing
+    assert _supervise(liveness, 202, 300, {0: 1000}) == []
+    # Started again: a new process, judged afresh.
+    liveness.started(1, now=301)
+    assert _supervise(liveness, 301, 400, {0: 1000, 1: 350}) == [(380, 1, 31)]
+
+
+def test_a_worker_that_never_beat_gets_the_startup_grace() -> None:
+    liveness = Liveness(timeout=30, startup_grace=20)
+    liveness.started(0, now=0)
+    assert _supervise(liveness, 0, 100, {}) == [(51, 0, 51)]  # never beat: 30 + 20 s
+    # Importing, connecting: a first beat after 45 s is in time.
+    liveness = Liveness(timeout=30, startup_grace=20)
+    liveness.started(0, now=0)
+    liveness.started(1, now=0)
+    assert _supervise(liveness, 0, 45, {}) == []
+    assert not liveness.beating(1)
+    liveness.beat(1, now=45)
+    assert liveness.beating(1) and not liveness.beating(0)
+    # Once it beat, the timeout alone applies.
+    assert _supervise(liveness, 45, 100, {}) == [(51, 0, 51), (76, 1, 31)]
+
+
+def test_a_stopping_group_and_an_exited_worker_are_never_overdue() -> None:
+    liveness = Liveness(timeout=10)
+    liveness.started(0, now=0)
+    liveness.started(1, now=0)
+    liveness.forget(1)  # exited: its keeper handles it
+    assert _supervise(liveness, 0, 5, {0: 5}) == []
+    liveness.stop()  # SIGTERM: draining workers may beat late; the drain has its own deadline
+    assert _supervise(liveness, 5, 100, {}) == []
+
+
+def test_time_the_supervisor_did_not_run_is_not_held_against_the_workers() -> None:
+    # The whole group stopped and continued (Ctrl-Z, a frozen container): when the supervisor
+    # looks again, its workers have had no chance to beat yet. The gap is not silence.
+    liveness = Liveness(timeout=10)
+    assert liveness.check_interval == 1.0 and Liveness(timeout=2).check_interval == 0.5
+    liveness.started(0, now=0)
+    assert _supervise(liveness, 0, 5, {0: 6}) == []  # last beat at 5
+    # Nothing checked from 5 to 500: 500 - 5 - check_interval - PAUSE_SLACK s forgiven.
+    forgiven = 500 - 5 - liveness.check_interval - PAUSE_SLACK
+    assert _supervise(liveness, 500, 600, {}) == [(5 + forgiven + 11, 0, 11)]
+    # A supervisor merely late (by up to PAUSE_SLACK) forgives nothing.
+    liveness = Liveness(timeout=10)
+    liveness.overdue(now=999)
+    liveness.started(1, now=1000)
+    liveness.beat(1, now=1000)
+    assert liveness.overdue(now=1001) == []
+    assert liveness.overdue(now=1001 + liveness.check_interval + PAUSE_SLACK) == []
+    assert _supervise(liveness, 1004, 1020, {}) == [(1011, 1, 11)]
+    # A worker started within such a gap is judged from the end of the gap.
+    liveness = Liveness(timeout=10)
+    liveness.overdue(now=0)
+    liveness.started(0, now=300)
+    assert _supervise(liveness, 305, 400, {}) == [(346, 0, 41)]  # 10 + the 30 s start-up grace
+    with pytest.raises(ValueError):
+        Liveness(timeout=0)
+
+
+async def test_only_a_worker_of_a_group_with_a_timeout_beats() -> None:
+    # A single gateway (and a group with --worker-timeout 0) has no pipe: nothing is started.
+    assert start_heartbeat({}) is None
+    read_end, write_end = os.pipe()
+    try:
+        task = start_heartbeat({HEARTBEAT_FD_ENV: str(write_end)})
+        assert task is not None
+        import asyncio
+
+        await asyncio.sleep(0)
+        assert os.read(read_end, 100) == b"."  # the first beat at once, then one a second
+        task.cancel()
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+async def test_a_full_pipe_drops_beats_and_a_gone_supervisor_ends_them() -> None:
+    import asyncio
+
+    from gateway.workers import _beat
+
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    with contextlib.suppress(BlockingIOError):
+        while True:  # a supervisor that does not read: the pipe is full
+            os.write(write_end, b"x" * 4096)
+    task = asyncio.create_task(_beat(write_end, 0.01))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await asyncio.sleep(0.1)  # ten beats dropped, the loop never blocked
+    assert loop.time() - started < 0.5 and not task.done()
+    os.close(read_end)  # the supervisor is gone: the next write fails, the beating ends
+    async with asyncio.timeout(2):
+        await task
+    os.close(write_end)
+
+
+def test_worker_timeout_setting() -> None:
+    from gateway.config import ConfigError, load_config
+
+    assert load_config(["--no-auth"], {}).worker_timeout == 30
+    assert load_config(["--no-auth", "--worker-timeout", "0"], {}).worker_timeout == 0
+    env = {"EVENTBUS_WORKER_TIMEOUT": "2.5"}
+    assert load_config(["--no-auth"], env).worker_timeout == 2.5
+    for bad in ("-1", "1", "soon"):
+        with pytest.raises(ConfigError):
+            load_config(["--no-auth", "--worker-timeout", bad], {})
+    # The flag stays on the workers' command line (they ignore it); only --workers goes.
+    assert worker_command(["--workers", "2", "--worker-timeout", "5"])[-2:] == [
+        "--worker-timeout",
+        "5",
+    ]
 
 
 def test_workers_setting_and_worker_command() -> None:
@@ -252,7 +399,11 @@ async def test_the_group_exports_every_metric_a_single_gateway_exports(redis_url
         alone = names(single.get("/metrics")[1].decode())
     with GatewayProcess(redis_url, args=["--workers", "2"]) as group:
         grouped = names(group.get("/metrics")[1].decode())
-    assert grouped == alone | {"eventbus_worker_ready", "eventbus_workers"}
+    assert grouped == alone | {
+        "eventbus_worker_ready",
+        "eventbus_workers",
+        "eventbus_workers_killed_unresponsive_total",
+    }
 
 
 async def test_a_worker_starting_when_the_stop_signal_comes_is_drained_too(monkeypatch, tmp_path):
@@ -312,3 +463,250 @@ async def test_a_worker_starting_when_the_stop_signal_comes_is_drained_too(monke
     assert len(started) == 2
     assert started[1].returncode == 0, "the worker started last was left running"
     assert marker.read_text() == "drained\n"  # the second worker's, on SIGTERM
+
+
+# --- a worker whose event loop is frozen ------------------------------------------------------
+
+import asyncio  # noqa: E402
+
+from websockets.asyncio.client import connect  # noqa: E402
+
+from schemas.tokens import issue_token  # noqa: E402
+from tests.support.ws_client import PublishLoop  # noqa: E402
+
+SECRET = "workers-tests-secret-of-at-least-32-bytes"
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` exists (a worker killed but not yet reaped by the supervisor still does)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def _handshakes(url: str, count: int, within: float) -> tuple[int, int, int]:
+    """Open ``count`` WebSocket connections at once: how many completed their handshake within
+    ``within`` s, how many failed (refused, reset), how many got no answer at all."""
+
+    async def one() -> str:
+        try:
+            async with connect(url, open_timeout=within, close_timeout=1):
+                return "completed"
+        except TimeoutError:
+            return "hung"
+        except Exception:
+            return "failed"
+
+    outcomes = await asyncio.gather(*(one() for _ in range(count)))
+    return tuple(outcomes.count(kind) for kind in ("completed", "failed", "hung"))  # type: ignore[return-value]
+
+
+async def _new_clients_get_an_event(url: str, redis_url: str, count: int, project: int) -> None:
+    """``count`` new connections at once, each: handshake, ``authenticated``, ``subscribed``,
+    then the event published after all of them subscribed."""
+    token = issue_token(SECRET, [project], ttl=600)
+
+    async def receive(ws, kind: str) -> dict:
+        while True:
+            message = json.loads(await ws.recv())
+            if message["type"] == kind:
+                return message
+
+    sockets = []
+    try:
+        async with asyncio.timeout(15):
+            sockets += await asyncio.gather(*(connect(url, open_timeout=5) for _ in range(count)))
+            for ws in sockets:
+                await ws.send(json.dumps({"type": "auth", "token": token}))
+                await ws.send(json.dumps({"type": "subscribe", "project_id": project}))
+            await asyncio.gather(*(receive(ws, "authenticated") for ws in sockets))
+            await asyncio.gather(*(receive(ws, "subscribed") for ws in sockets))
+            publisher = PublishLoop(redis_url, [project], rate=1)
+            try:
+                cursor = await publisher.publish_one(project)
+            finally:
+                await publisher.stop()
+            events = await asyncio.gather(*(receive(ws, "blocker_resolved") for ws in sockets))
+            assert {event["seq"] for event in events} == {cursor.seq}
+    finally:
+        await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
+
+
+async def test_a_frozen_worker_is_killed_and_replaced_and_its_clients_resume(redis_url) -> None:
+    # SIGSTOP: the worker's event loop stops, as on a deadlock or a CPU-bound bug. Its listening
+    # socket stays open, so the kernel goes on handing it its share of the new connections,
+    # which then get no handshake answer; its clients get no events and no pings.
+    group = GatewayProcess(
+        redis_url,
+        auth_secret=SECRET,
+        args=["--workers", "2"],
+        env={"EVENTBUS_WORKER_TIMEOUT": "2"},
+    )
+    token = issue_token(SECRET, [1, 2, 3], ttl=600)
+    victim = 0
+    with group:
+        try:
+            pids = _worker_pids(group.port, 2)
+            victim = pids["1"]
+            clients = [
+                ResumingClient([group.ws_url], [1, 2], token=token, name=str(i)).start()
+                for i in range(24)
+            ]
+            publishers = Publishers(redis_url, [1, 2], count=2, rate=100).start()
+            try:
+                await wait_live(clients)
+                await publishers.wait_published(100)
+                os.kill(victim, signal.SIGSTOP)
+                stopped_at = time.monotonic()
+                before = [c.stats.events for c in clients]
+                probes = asyncio.create_task(_handshakes(group.ws_url, 40, within=5))
+                try:
+                    await wait_until(lambda: not _alive(victim), 15, "the frozen worker killed")
+                except TimeoutError:
+                    completed, failed, hung = await probes
+                    raise AssertionError(
+                        f"the supervisor did nothing: worker 1 (pid {victim}) was still there "
+                        f"15 s after it froze; {hung} of 40 new connections got no handshake "
+                        f"answer within 5 s ({completed} completed, {failed} failed)"
+                    ) from None
+                killed_after = time.monotonic() - stopped_at
+                during = [c.stats.events - b for c, b in zip(clients, before, strict=True)]
+                # Killed within the timeout plus a check (and this machine's slack); the
+                # connections it held unanswered were reset then: none waited the whole 5 s.
+                assert killed_after < 2 + 0.5 + 2.5, killed_after
+                completed, failed, hung = await probes
+                assert hung == 0, (completed, failed, hung)
+                await wait_until(
+                    lambda: _healthz_pids(group.port).get("1") not in (None, victim),
+                    20,
+                    "worker 1 replaced",
+                )
+                await wait_until(lambda: group.readyz()[0] == 200, 20, "group ready again")
+                await _new_clients_get_an_event(group.ws_url, redis_url, 50, project=3)
+                await publishers.wait_published(100)
+            finally:
+                await publishers.stop()
+            try:
+                await verify_clients(clients, redis_url, keys=Keys())
+            finally:
+                await stop_clients(clients)
+            moved = [c for c in clients if c.stats.connects > 1]
+            stayed = [i for i, c in enumerate(clients) if c.stats.connects == 1]
+            assert moved, "no client was on the frozen worker"
+            assert stayed, "no client was on the other worker"
+            # The other worker's clients were served while worker 1 was frozen.
+            assert all(during[i] > 0 for i in stayed), [during[i] for i in stayed]
+            lines = group.log_lines("worker unresponsive")
+            assert len(lines) == 1, group.tail()
+            record = json.loads(lines[0].split("\n")[0])
+            assert record["level"] == "error" and record["worker"] == 1
+            assert record["pid"] == victim and record["silent_for"] >= 2
+            await wait_until(
+                lambda: group.metrics().get("eventbus_workers_killed_unresponsive_total") == 1,
+                5,
+                "the kill counted",
+            )
+            assert group.terminate(timeout=30) == 0
+        finally:
+            if victim and _alive(victim):  # never leave a stopped process holding the port
+                os.kill(victim, signal.SIGCONT)
+
+
+async def test_a_healthy_group_under_load_is_never_killed(redis_url) -> None:
+    group = GatewayProcess(
+        redis_url,
+        auth_secret=SECRET,
+        args=["--workers", "2"],
+        env={"EVENTBUS_WORKER_TIMEOUT": "2"},
+    )
+    token = issue_token(SECRET, [1, 2], ttl=600)
+    with group:
+        pids = _worker_pids(group.port, 2)
+        clients = [
+            ResumingClient([group.ws_url], [1, 2], token=token, name=str(i)).start()
+            for i in range(40)
+        ]
+        publishers = Publishers(redis_url, [1, 2], count=2, rate=100).start()
+        try:
+            await wait_live(clients)
+            # About 8 s: four timeouts, eight heartbeats of each worker.
+            await publishers.wait_published(1600)
+        finally:
+            await publishers.stop()
+        try:
+            await verify_clients(clients, redis_url, keys=Keys())
+        finally:
+            await stop_clients(clients)
+        assert all(c.stats.connects == 1 for c in clients)
+        assert _healthz_pids(group.port) == pids
+        assert group.metrics().get("eventbus_workers_killed_unresponsive_total") == 0
+        assert not group.log_lines("worker unresponsive"), group.tail()
+        assert not group.log_lines("worker exited"), group.tail()
+        assert group.terminate(timeout=30) == 0
+
+
+async def test_the_supervisor_kills_a_silent_worker_but_not_a_slow_drain(tmp_path) -> None:
+    # The supervisor alone, with workers that only beat: one is frozen (SIGSTOP), killed and
+    # started again (told it replaces an unresponsive one); on the group's stop, a worker whose
+    # drain blocks its loop for longer than the timeout is left to finish its drain.
+    from gateway.workers import REPLACES_UNRESPONSIVE_ENV, Supervisor
+
+    script = textwrap.dedent(
+        """
+        import asyncio, signal, time
+        from gateway.workers import start_heartbeat
+
+        async def main():
+            heartbeat = start_heartbeat()
+            stop = asyncio.Event()
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+            await stop.wait()
+            time.sleep(3)  # a drain that blocks the loop for longer than the timeout
+
+        asyncio.run(main())
+        """
+    )
+    supervisor = Supervisor(
+        [sys.executable, "-c", script],
+        2,
+        drain_timeout=5,
+        worker_timeout=2,
+        policy=RestartPolicy(base=0.0),
+    )
+
+    def environ(pid: int) -> dict[str, str]:
+        with open(f"/proc/{pid}/environ", "rb") as file:
+            pairs = [item.split(b"=", 1) for item in file.read().split(b"\0") if b"=" in item]
+        return {key.decode(): value.decode() for key, value in pairs}
+
+    import asyncio
+
+    run = asyncio.create_task(supervisor.run())
+    try:
+        await wait_until(lambda: len(supervisor.processes) == 2, 10, "workers started")
+        frozen = supervisor.processes[1]
+        other = supervisor.processes[0]
+        liveness = supervisor.liveness
+        assert liveness is not None
+        await wait_until(lambda: liveness.beating(0) and liveness.beating(1), 10, "beats")
+        frozen.send_signal(signal.SIGSTOP)
+        await wait_until(lambda: supervisor.processes[1] is not frozen, 10, "worker replaced")
+        assert frozen.returncode == -signal.SIGKILL
+        assert supervisor.killed_unresponsive == 1
+        assert environ(supervisor.processes[1].pid).get(REPLACES_UNRESPONSIVE_ENV) == "1"
+        assert REPLACES_UNRESPONSIVE_ENV not in environ(other.pid)
+        assert supervisor.processes[0] is other  # the healthy one was left alone
+        await wait_until(lambda: liveness.beating(1), 10, "the new worker beating")
+        supervisor.stop()
+        async with asyncio.timeout(15):
+            assert await run == 0  # every worker drained; none was killed
+    finally:
+        supervisor.stop()
+        for process in supervisor.processes.values():
+            if process.returncode is None:
+                process.send_signal(signal.SIGCONT)
+        await asyncio.gather(run, return_exceptions=True)
+    assert supervisor.killed_unresponsive == 1
+    assert [p.returncode for p in supervisor.processes.values()] == [0, 0]
