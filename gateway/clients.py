@@ -16,7 +16,13 @@ turns its own input into these calls and the session's output into its own bytes
   here, what they are doing; docs/presence.md), which :meth:`ClientProtocol.subscribe` joins
   the connection to and :meth:`ClientProtocol.unsubscribe` leaves;
 * :meth:`ClientProtocol.client_error`: an ``error`` message, counted, and the rule that ten
-  malformed frames in a row close the connection (4009).
+  malformed frames in a row close the connection (4009);
+* the rate limit on client frames (``--client-rate``, ``--client-burst``; the token bucket is
+  :mod:`gateway.ratelimit`): every frame :meth:`ClientProtocol.handle_now` gets takes a token;
+  one over the limit is not executed and answered ``error`` ``rate_limited`` (its project, if
+  it names one), except ``unsubscribe`` and ``ping``, executed all the same (answering them
+  costs what refusing them would, and a refused unsubscribe would keep a subscription the client
+  wants gone); a client that keeps sending while refused is closed with 4029.
 
 Presence follows access control exactly as events do: a connection is listed in, and receives
 presence of, only the projects its token allows and it is subscribed to (``presence_get`` needs
@@ -36,6 +42,7 @@ from gateway.client_input import decode_frame
 from gateway.http import json_response
 from gateway.hub import SubscribeUnavailable
 from gateway.logs import describe, get_logger
+from gateway.ratelimit import CLOSE, REFUSED, frame_rate_limit
 from gateway.session import Outgoing
 from schemas.protocol import (
     Activity,
@@ -66,6 +73,11 @@ log = get_logger("gateway")
 #: Consecutive malformed frames tolerated before the connection is closed with 4009.
 MAX_CONSECUTIVE_ERRORS = 10
 
+#: Frames executed even over the rate limit (they still count towards the close): answering
+#: them costs what refusing them would, and a refused unsubscribe would keep a subscription
+#: (its events, its presence) that the client wants gone.
+_NEVER_REFUSED = frozenset({Unsubscribe, Ping})
+
 
 class ClientProtocol:
     """What every transport's connections share; one per gateway process."""
@@ -77,6 +89,9 @@ class ClientProtocol:
         self.metrics = gateway.metrics
         #: None with ``--no-auth``: every project is allowed, no token is asked for.
         self.verify = verify
+        #: The rate limit on client frames (None: ``--client-rate 0``), and its clock.
+        self.rate_limit = frame_rate_limit(self.config.client_rate, self.config.client_burst)
+        self.clock: Callable[[], float] = time.monotonic
 
     # --- admission ---------------------------------------------------------------------------
 
@@ -191,11 +206,20 @@ class ClientProtocol:
         """One frame from an authenticated client (malformed ones answer ``error``), handled
         here and now when nothing has to wait for Redis: None then. Else the coroutine that
         finishes it (a subscribe that the feed's memory cannot answer, presence), which the
-        transport runs before the connection's next frame."""
+        transport runs before the connection's next frame. Every frame takes a token of the
+        rate limit first (:meth:`_over_limit` answers one over it)."""
+        error: ProtocolError | None = None
         try:
             message = decode_frame(data)
         except ProtocolError as exc:
-            self.client_error(session, exc.code, exc.message)
+            message, error = None, exc
+        limit = self.rate_limit
+        if limit is not None:
+            verdict = limit.take(session, self.clock())
+            if verdict and self._over_limit(session, message, verdict):
+                return None
+        if error is not None:
+            self.client_error(session, error.code, error.message)
             return None
         session.errors = 0
         if isinstance(message, Subscribe):
@@ -244,6 +268,37 @@ class ClientProtocol:
         pending = self.handle_now(session, data, clog)
         if pending is not None:
             await pending
+
+    def _over_limit(self, session: ClientSession, message: Any, verdict: int) -> bool:
+        """A frame over the rate limit (``message`` None: a malformed one): True when it is not
+        executed (answered ``rate_limited`` here, and the connection closed on :data:`CLOSE`);
+        False for an ``unsubscribe`` or ``ping``, executed all the same."""
+        if verdict == REFUSED and type(message) in _NEVER_REFUSED:
+            return False
+        limit = self.rate_limit
+        assert limit is not None
+        self.metrics.client_frames_rate_limited_total += 1
+        kind = "frame" if message is None else type(message).__struct_config__.tag
+        session.send_message(
+            Error(
+                code=ErrorCode.RATE_LIMITED,
+                message=(
+                    f"too many frames: {limit.describe()} per connection; this {kind} was not "
+                    f"executed: send it again in {limit.retry_after(session):.1f} s or later"
+                ),
+                project_id=getattr(message, "project_id", None),
+            )
+        )
+        if verdict == CLOSE:
+            self.metrics.rate_limit_disconnects_total += 1
+            self.gateway.client_log(
+                "client closed for exceeding the rate limit",
+                kind="rate_limit_close",
+                conn_id=session.id,
+                transport=session.transport_name,
+            )
+            session.close_later(CloseCode.TOO_MANY_REQUESTS, "too many requests")
+        return True
 
     def _subscribe_from_memory(
         self, session: ClientSession, project_id: int, epoch: str | None, after: int | None

@@ -59,6 +59,22 @@ class GatewayConfig(msgspec.Struct, kw_only=True, frozen=True):
         ),
     ] = 20_000
     max_subscriptions: Annotated[int, _doc("Projects per connection.", ge=1)] = 100
+    client_rate: Annotated[
+        float,
+        _doc(
+            "Frames per second a connection may send after auth, sustained (a token bucket; "
+            "over it a frame gets error rate_limited; 0: no limit).",
+            ge=0,
+        ),
+    ] = 20.0
+    client_burst: Annotated[
+        int,
+        _doc(
+            "Frames a connection may send at once (the bucket's size): at least "
+            "--max-subscriptions; twice it so that a reconnect is never throttled.",
+            ge=1,
+        ),
+    ] = 200
     max_frame_bytes: Annotated[int, _doc("Largest client frame accepted.", ge=256)] = 65_536
     max_replay: Annotated[
         int, _doc("Most events replayed on one resume; further behind gets a resync.", ge=1)
@@ -196,6 +212,11 @@ class GatewayConfig(msgspec.Struct, kw_only=True, frozen=True):
             raise ConfigError(
                 f"--worker-timeout must be 0 (off) or at least {2 * HEARTBEAT_INTERVAL:g} s: "
                 "workers send a heartbeat every second, and one late beat must not kill a worker"
+            )
+        if self.client_rate and self.client_burst < self.max_subscriptions:
+            raise ConfigError(
+                "--client-burst must be at least --max-subscriptions: a reconnect subscribes to "
+                "every project at once, and must never be refused (nor closed)"
             )
         if not self.presence_refresh_interval * 2 < self.presence_ttl:
             raise ConfigError(

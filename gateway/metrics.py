@@ -73,6 +73,12 @@ class Metrics:
         "protocol_violations_total": (
             "Connections closed for breaking the WebSocket protocol (1002, 1007, 1009)."
         ),
+        "client_frames_rate_limited_total": (
+            "Client frames refused with error rate_limited (over --client-rate / --client-burst)."
+        ),
+        "rate_limit_disconnects_total": (
+            "Connections closed with 4029 for sending on while their frames were refused."
+        ),
     }
 
     def __init__(self) -> None:

@@ -43,6 +43,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from gateway.frames import text_frame
+from gateway.ratelimit import NEVER
 from schemas.protocol import CloseCode, ResyncRequired, Subscribed, encode
 from schemas.tokens import TokenClaims
 
@@ -197,6 +198,9 @@ class ClientSession:
         "outbox",
         "policy",
         "projects",
+        "rate_stamp",
+        "rate_strikes",
+        "rate_tokens",
         "schedule_flush",
         "sent_since_check",
         "stalled_since",
@@ -239,6 +243,11 @@ class ClientSession:
         self.outbox: list[Outgoing] = []
         self.closing = False
         self.errors = 0  # consecutive malformed frames
+        #: The rate limit's bucket of client frames (gateway.ratelimit): shared constants until
+        #: the first frame after auth, which finds it full.
+        self.rate_tokens = 0.0
+        self.rate_strikes = 0.0
+        self.rate_stamp = NEVER
         self.expiry: asyncio.TimerHandle | None = None
         self.last_buffered = 0
         self.stalled_since: float | None = None

@@ -75,6 +75,10 @@ class CloseCode(enum.IntEnum):
     SLOW_CONSUMER = 4008
     #: Too many malformed frames in a row; the client is misbehaving.
     TOO_MANY_ERRORS = 4009
+    #: The client kept sending frames while they were refused with ``rate_limited`` (more than
+    #: ``--client-burst`` refusals net of ``--client-rate``): reconnect with backoff, and send
+    #: less (a loop in the client is the usual cause).
+    TOO_MANY_REQUESTS = 4029
 
 
 class ErrorCode(enum.StrEnum):
@@ -93,6 +97,12 @@ class ErrorCode(enum.StrEnum):
     TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
     NOT_SUBSCRIBED = "not_subscribed"
     UNAVAILABLE = "unavailable"
+    #: The connection sent frames faster than ``--client-rate`` per second (after a burst of
+    #: ``--client-burst``): this frame was not executed (its ``project_id`` is the frame's, when
+    #: it has one). Send it again after a delay (the message says the limit); a client that
+    #: keeps sending while refused is closed with :attr:`CloseCode.TOO_MANY_REQUESTS`.
+    #: ``unsubscribe`` and ``ping`` are never refused (they are executed over the limit too).
+    RATE_LIMITED = "rate_limited"
 
 
 class ResyncReason(enum.StrEnum):

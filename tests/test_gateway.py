@@ -231,7 +231,9 @@ async def test_a_compressed_read_is_decompressed_a_slice_at_a_time(gateways, mon
 
     from gateway.websocket import INFLATE_SLICE, MAX_BACKLOG
 
-    gateway = await gateways(compression=True)
+    # 1,000 frames at once: over --client-burst, the rate limit would close the connection
+    # (4029) half way; it has tests of its own.
+    gateway = await gateways(compression=True, client_rate=0)
     connection = None
     peak = 0
     fed_while_paused = 0
@@ -740,6 +742,145 @@ async def test_too_many_subscriptions(gateways):
     await client.send({"type": "unsubscribe", "project_id": 1})
     await client.wait_for(lambda: client.count("unsubscribed", 1) == 1)
     await client.subscribe(3)
+    await client.close()
+
+
+# --- the rate limit on client frames (--client-rate, --client-burst) ----------------------------
+
+
+class StoppedClock:
+    """The gateway's rate-limit clock, standing still until a test moves it."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_frames_over_the_rate_limit_are_refused_and_the_connection_stays_usable(
+    gateways, publisher
+):
+    """A burst of valid subscribe/unsubscribe flips: the first --client-burst are executed, the
+    next subscribes get error rate_limited naming their project (not executed: no subscription),
+    a ping and an unsubscribe are executed all the same, and once the bucket refills the client
+    subscribes as usual. A bystander on the same gateway gets every event meanwhile."""
+    gateway = await gateways(client_rate=2, client_burst=10, max_subscriptions=10)
+    gateway.clients.clock = clock = StoppedClock()
+    bystander = await client_for(gateway, [7])
+    await bystander.subscribe(7)  # (its bucket: one frame taken)
+    client = await client_for(gateway, [1, 2])
+    for _ in range(5):  # ten frames: the whole burst
+        await client.send({"type": "subscribe", "project_id": 1})
+        await client.send({"type": "unsubscribe", "project_id": 1})
+    await client.wait_for(lambda: client.count("unsubscribed", 1) == 5)
+    assert client.count("subscribed", 1) == 5 and not client.of("error")
+    for _ in range(3):
+        await client.send({"type": "subscribe", "project_id": 2})
+    await client.send({"type": "ping"})
+    await client.wait_for(lambda: client.last("pong") is not None)
+    errors = client.of("error")
+    assert [(e["code"], e.get("project_id")) for e in errors] == [("rate_limited", 2)] * 3
+    assert "at most 2 frames per second, bursts of 10" in errors[0]["message"]
+    assert client.count("subscribed", 2) == 0, "a refused subscribe is not executed"
+    await publish(publisher, 7, 3)
+    await publish(publisher, 2, 1)
+    await bystander.wait_for(lambda: bystander.seqs(7) == [1, 2, 3])
+    assert gateway.metrics.client_frames_rate_limited_total == 3
+    # Half a second later the bucket has a token again: the same connection subscribes.
+    clock.now += 0.5
+    subscribed = await client.subscribe(2)
+    assert subscribed["seq"] == 1
+    await publish(publisher, 2, 1)
+    await client.wait_for(lambda: client.seqs(2) == [2])
+    assert not client.closed.is_set()
+    assert gateway.metrics.rate_limit_disconnects_total == 0
+    assert b"\neventbus_client_frames_rate_limited_total 3\n" in gateway.metrics.render()
+    await client.close()
+    await bystander.close()
+
+
+async def test_a_client_that_keeps_sending_while_refused_is_closed_with_4029(gateways, publisher):
+    """--client-burst frames executed, then as many refused (an unsubscribe over the limit is
+    executed but counts as well): the next frame closes the connection with 4029, after its
+    rate_limited error. A bystander on the same gateway is not affected."""
+    gateway = await gateways(client_rate=2, client_burst=10, max_subscriptions=10)
+    gateway.clients.clock = StoppedClock()
+    bystander = await client_for(gateway, [7])
+    await bystander.subscribe(7)
+    client = await client_for(gateway, [1])
+    for _ in range(11):  # 22 frames: 10 executed, 10 refused, the 21st closes
+        await client.send({"type": "subscribe", "project_id": 1})
+        with contextlib.suppress(Exception):  # (the last one may meet the close)
+            await client.send({"type": "unsubscribe", "project_id": 1})
+    await asyncio.wait_for(client.closed.wait(), 5)
+    assert client.close_code == 4029
+    codes = [e["code"] for e in client.of("error")]
+    # The subscribes of frames 11, 13, ..., 21 refused; the unsubscribes after them executed
+    # (nothing to leave: not_subscribed).
+    assert codes == ["rate_limited", "not_subscribed"] * 5 + ["rate_limited"]
+    assert gateway.metrics.rate_limit_disconnects_total == 1
+    assert gateway.metrics.client_frames_rate_limited_total == 6
+    await publish(publisher, 7, 2)
+    await bystander.wait_for(lambda: bystander.seqs(7) == [1, 2])
+    await bystander.close()
+
+
+async def test_a_real_flood_of_subscribe_flips_is_closed_and_others_keep_their_events(
+    gateways, publisher
+):
+    """The default limit, the real clock: a client flipping a project's subscription as fast
+    as it can (each subscribe of the released project a Redis read) gets rate_limited errors
+    and is closed with 4029 within a second or two, while a bystander keeps getting events."""
+    gateway = await gateways()
+    bystander = await client_for(gateway, [7])
+    await bystander.subscribe(7)
+    client = await client_for(gateway, [1])
+    publishing = asyncio.create_task(publish_slowly(publisher, 7, 20))
+    started = time.monotonic()
+    sent = 0
+    with contextlib.suppress(Exception):
+        while not client.closed.is_set() and sent < 20_000:
+            await client.send({"type": "subscribe", "project_id": 1})
+            await client.send({"type": "unsubscribe", "project_id": 1})
+            sent += 2
+            if sent % 100 == 0:
+                await asyncio.sleep(0)  # let the reader see the close
+    await asyncio.wait_for(client.closed.wait(), 10)
+    assert client.close_code == 4029, client.close_code
+    assert time.monotonic() - started < 10
+    assert client.count("error") > 0
+    assert {e["code"] for e in client.of("error")} <= {"rate_limited", "not_subscribed"}
+    assert gateway.metrics.rate_limit_disconnects_total == 1
+    await publishing
+    await bystander.wait_for(lambda: bystander.seqs(7) == list(range(1, 21)))
+    await bystander.close()
+
+
+async def publish_slowly(publisher, project_id: int, count: int) -> None:
+    for n in range(count):
+        await publisher.publish(event(project_id, n + 1))
+        await asyncio.sleep(0.01)
+
+
+async def test_a_reconnect_subscribing_every_project_at_once_is_not_rate_limited(gateways):
+    """The defaults never throttle a legitimate client: a reconnect sends a subscribe for
+    every project it follows (--max-subscriptions, 100), back to back, and eventbus.js then an
+    activity for each; all 200 frames are executed."""
+    gateway = await gateways()
+    limit = gateway.config.max_subscriptions
+    assert gateway.config.client_burst >= 2 * limit
+    client = await RecordingClient(
+        ws_url(gateway), token=issue_token(SECRET, "*", ttl=300, subject="u-1")
+    ).connect()
+    for project_id in range(1, limit + 1):
+        await client.send({"type": "subscribe", "project_id": project_id})
+    for project_id in range(1, limit + 1):
+        await client.send({"type": "activity", "project_id": project_id, "viewing": 5})
+    await client.send({"type": "ping"})  # a token refresh or a ping may come along too
+    await client.wait_for(lambda: client.count("subscribed") == limit and client.of("pong"))
+    assert client.of("error") == []
+    assert gateway.metrics.client_frames_rate_limited_total == 0
     await client.close()
 
 

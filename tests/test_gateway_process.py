@@ -154,7 +154,8 @@ async def test_random_frames_never_break_the_gateway_or_other_clients(gateways, 
     fuzzer = await client_for(gateway, [1])
     for index, frame in enumerate(random_frames(rng, 400)):
         if fuzzer.closed.is_set():  # 4009 after ten bad frames in a row: come back
-            assert fuzzer.close_code == 4009
+            # (or 4029: 480 frames at once are over the rate limit, which refuses some first)
+            assert fuzzer.close_code in (4009, 4029)
             await fuzzer.connect()
         try:
             await fuzzer.send(frame)
@@ -177,6 +178,7 @@ async def test_random_frames_never_break_the_gateway_or_other_clients(gateways, 
                 "not_subscribed",
                 "invalid_token",
                 "too_many_subscriptions",
+                "rate_limited",
             }
     assert not any(m.get("project_id") == 2 for m in fuzzer.messages if "seq" in m)
     await publish(publisher, 2, 3)

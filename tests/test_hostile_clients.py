@@ -41,9 +41,10 @@ BYSTANDER_PROJECT = 999
 FUZZER_PROJECTS = [1, 2, 3, 4, 5]
 
 #: Close codes a frame may end in (docs/protocol.md): auth failed / token expired before auth,
-#: too many malformed frames after it, and websockets' own protocol closes.
+#: too many malformed frames or too many frames refused by the rate limit after it, and
+#: websockets' own protocol closes.
 CLOSES_BEFORE_AUTH = {4001, 4002, 1002, 1007, 1009}
-CLOSES_AFTER_AUTH = {4009, 1002, 1007, 1009}
+CLOSES_AFTER_AUTH = {4009, 4029, 1002, 1007, 1009}
 ERROR_CODES = {code.value for code in ErrorCode}
 CONTROL = {"authenticated", "subscribed", "unsubscribed", "resync_required", "error", "pong"}
 #: Presence messages: like events, only ever of a project the token names.

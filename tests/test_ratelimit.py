@@ -1,0 +1,165 @@
+"""The per-connection token bucket on client frames (gateway.ratelimit), without sockets: a fake
+clock is passed in as ``now``."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.ratelimit import (
+    ALLOWED,
+    CLOSE,
+    NEVER,
+    REFUSED,
+    Bucket,
+    FrameRateLimit,
+    frame_rate_limit,
+)
+
+
+def takes(limit: FrameRateLimit, bucket: Bucket, now: float, count: int) -> list[int]:
+    return [limit.take(bucket, now) for _ in range(count)]
+
+
+def test_a_new_bucket_is_full_whatever_the_clock_reads():
+    limit = FrameRateLimit(rate=20, burst=60)
+    for now in (0.0, 1e-9, 5.0, 1e9):  # a fresh machine's monotonic clock may be small
+        bucket = Bucket()
+        assert takes(limit, bucket, now, 60) == [ALLOWED] * 60
+        assert limit.take(bucket, now) == REFUSED
+
+
+def test_burst_then_the_rate():
+    limit = FrameRateLimit(rate=4, burst=5)  # (times in quarters of a second: exact in binary)
+    bucket = Bucket()
+    assert takes(limit, bucket, 100.0, 5) == [ALLOWED] * 5
+    assert limit.take(bucket, 100.0) == REFUSED
+    assert limit.take(bucket, 100.125) == REFUSED  # half a token
+    assert limit.take(bucket, 100.25) == ALLOWED  # a whole one
+    assert limit.take(bucket, 100.25) == REFUSED
+    # Ten seconds idle refill the bucket to its size, never beyond.
+    assert takes(limit, bucket, 110.0, 6) == [ALLOWED] * 5 + [REFUSED]
+
+
+def test_a_steady_client_under_the_rate_is_never_refused():
+    limit = FrameRateLimit(rate=20, burst=60)
+    bucket = Bucket()
+    now = 50.0
+    for _ in range(10_000):  # 19 frames a second for ~9 minutes
+        assert limit.take(bucket, now) == ALLOWED
+        now += 1 / 19
+    assert bucket.rate_strikes == 0.0
+
+
+def test_a_reconnect_with_a_burst_of_frames_is_not_refused():
+    limit = FrameRateLimit(rate=20, burst=200)
+    bucket = Bucket()
+    assert takes(limit, bucket, 7.0, 200) == [ALLOWED] * 200
+
+
+def test_a_clock_going_backwards_refills_nothing_and_breaks_nothing():
+    limit = FrameRateLimit(rate=4, burst=3)
+    bucket = Bucket()
+    assert takes(limit, bucket, 100.0, 3) == [ALLOWED] * 3
+    assert limit.take(bucket, 40.0) == REFUSED  # back a minute: no refill, no crash
+    assert bucket.rate_stamp == 100.0, "the stamp never moves back"
+    assert limit.take(bucket, 100.125) == REFUSED  # nothing refilled for the minute "gained"
+    assert limit.take(bucket, 100.25) == ALLOWED
+    assert bucket.rate_tokens >= 0.0
+
+
+def test_refusals_are_strikes_and_too_many_close():
+    limit = FrameRateLimit(rate=10, burst=5)
+    bucket = Bucket()
+    assert takes(limit, bucket, 0.0, 5) == [ALLOWED] * 5
+    # A flood at one instant: `burst` refusals, then the close.
+    assert takes(limit, bucket, 0.0, 6) == [REFUSED] * 5 + [CLOSE]
+
+
+def test_strikes_drain_at_the_rate_so_a_client_that_slows_down_is_never_closed():
+    limit = FrameRateLimit(rate=10, burst=5)
+    bucket = Bucket()
+    now = 0.0
+    takes(limit, bucket, now, 5)
+    assert takes(limit, bucket, now, 5) == [REFUSED] * 5  # one short of the close
+    now += 1.0  # a second of silence: the strikes are forgiven, the bucket is full again
+    assert takes(limit, bucket, now, 5) == [ALLOWED] * 5
+    assert takes(limit, bucket, now, 5) == [REFUSED] * 5
+    assert bucket.rate_strikes == 5.0
+
+
+def test_a_steady_sender_over_twice_the_rate_is_closed_under_it_is_not():
+    def run(per_second: float, seconds: float) -> list[int]:
+        limit = FrameRateLimit(rate=10, burst=20)
+        bucket = Bucket()
+        verdicts, now = [], 0.0
+        while now < seconds:
+            verdicts.append(limit.take(bucket, now))
+            if verdicts[-1] == CLOSE:
+                break
+            now += 1 / per_second
+        return verdicts
+
+    slow = run(15, 120)  # over the rate, under twice it: refused a third of the time, kept
+    assert CLOSE not in slow and REFUSED in slow
+    assert slow[-300:].count(ALLOWED) == pytest.approx(200, abs=2)
+    fast = run(30, 120)  # three times the rate: refused, and closed within seconds
+    assert fast[-1] == CLOSE
+    assert len(fast) < 30 * 5
+
+
+def test_retry_after_and_description():
+    limit = FrameRateLimit(rate=20, burst=200)
+    bucket = Bucket()
+    assert limit.retry_after(bucket) == 0.05  # (a new bucket: refilled by its first take)
+    takes(limit, bucket, 1.0, 200)
+    assert limit.retry_after(bucket) == pytest.approx(0.05)
+    assert limit.describe() == "at most 20 frames per second, bursts of 200"
+    assert FrameRateLimit(0.5, 3).describe() == "at most 0.5 frames per second, bursts of 3"
+
+
+def test_zero_disables_the_limit():
+    assert frame_rate_limit(0, 200) is None
+    assert isinstance(frame_rate_limit(20, 200), FrameRateLimit)
+    with pytest.raises(ValueError):
+        FrameRateLimit(0, 10)
+    with pytest.raises(ValueError):
+        FrameRateLimit(1, 0)
+
+
+def test_a_bucket_is_three_slots_of_shared_constants_until_used():
+    """What a connection pays for the limit before its first frame: three slots pointing at
+    shared floats (the session keeps the same three)."""
+    from gateway.session import ClientSession
+
+    assert {"rate_tokens", "rate_strikes", "rate_stamp"} <= set(ClientSession.__slots__)
+    a, b = Bucket(), Bucket()
+    assert a.rate_stamp is b.rate_stamp is NEVER
+    assert a.rate_tokens is b.rate_tokens and a.rate_strikes is b.rate_strikes
+
+
+# --- configuration ----------------------------------------------------------------------------
+
+
+def test_flags_and_environment_set_the_limit():
+    from gateway.config import load_config
+
+    config = load_config(["--no-auth"], {})
+    assert (config.client_rate, config.client_burst) == (20.0, 200)
+    assert config.client_burst >= 2 * config.max_subscriptions  # a reconnect is never refused
+    config = load_config(["--no-auth", "--client-rate", "2.5"], {"EVENTBUS_CLIENT_BURST": "150"})
+    assert (config.client_rate, config.client_burst) == (2.5, 150)
+    assert load_config(["--no-auth", "--client-rate", "0"], {}).client_rate == 0
+
+
+def test_a_burst_below_max_subscriptions_is_refused_unless_the_limit_is_off():
+    from gateway.config import ConfigError, GatewayConfig, load_config
+
+    with pytest.raises(ConfigError, match="--client-burst must be at least --max-subscriptions"):
+        load_config(["--no-auth", "--client-burst", "99"], {})
+    with pytest.raises(ConfigError, match="--client-burst"):
+        GatewayConfig(no_auth=True, max_subscriptions=10, client_burst=9)
+    GatewayConfig(no_auth=True, max_subscriptions=10, client_burst=10)
+    GatewayConfig(no_auth=True, max_subscriptions=10, client_burst=1, client_rate=0)
+    for bad in (["--client-rate", "-1"], ["--client-burst", "0"]):
+        with pytest.raises(ConfigError):
+            load_config(["--no-auth", *bad], {})
