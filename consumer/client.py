@@ -139,6 +139,7 @@ class ConsumerStats:
     resyncs: int = 0  # Resync items surfaced
     catch_ups: int = 0  # resumes read page by page instead of a Resync(too_far_behind)
     unavailable: int = 0  # subscribes the gateway answered 'unavailable' (Redis down), retried
+    rate_limited: int = 0  # frames the gateway refused with 'rate_limited' (too many), retried
 
 
 class _Route:
@@ -349,10 +350,12 @@ class Consumer:
         self._token: tuple[str, float] | None = None  # (token, monotonic time it was obtained)
         self._auth_failures = 0
         self._failed_attempts = 0  # connection attempts in a row that did not open
-        self._unavailable: dict[int, int] = {}  # project -> 'unavailable' answers in a row
+        #: Project -> 'unavailable' (or 'rate_limited') answers in a row.
+        self._unavailable: dict[int, int] = {}
         #: The connection's pending token refresh (scheduled, or a retry): one at a time.
         self._refresh: asyncio.Future[None] | None = None
-        #: Project -> its retry after 'unavailable', while it sleeps (one at a time per project).
+        #: Project -> its retry after 'unavailable' or 'rate_limited', while it sleeps (one at a
+        #: time per project).
         self._retries: dict[int, asyncio.Future[None]] = {}
         #: The bound on a subscribe's answer (consumer.answers), on a clock that stands still
         #: while the connection task waits for the caller's room; one lazy timer. The clock is
@@ -922,24 +925,45 @@ class Consumer:
         state = self._states.get(project_id) if project_id is not None else None
         if state is not None:
             self._answered(state.project_id)
-        if error.code == ErrorCode.UNAVAILABLE and state is not None:
-            # Redis is unreachable behind the gateway: subscribe again later, with backoff (it
-            # may be down for a while), logged when it starts and then every tenth attempt.
-            # One retry per project at a time: more 'unavailable' errors while it sleeps answer
-            # no subscribe of ours (a gateway bug, or a hostile one) and would each have started
-            # a task and, when it woke, a subscribe.
+        limited = error.code == ErrorCode.RATE_LIMITED
+        if (error.code == ErrorCode.UNAVAILABLE or limited) and state is not None:
+            # Redis is unreachable behind the gateway, or this connection sent more frames than
+            # the gateway's rate limit allows (a subscribe of a followed project is the only
+            # frame of ours with a project that it refuses: it executes every unsubscribe):
+            # subscribe again later, with backoff (either may last a while), logged when it
+            # starts and then every tenth attempt. One retry per project at a time: more such
+            # errors while it sleeps answer no subscribe of ours (a gateway bug, or a hostile
+            # one) and would each have started a task and, when it woke, a subscribe.
             retry = self._retries.get(state.project_id)
             if retry is not None and not retry.done():
                 return
-            self.stats.unavailable += 1
+            if limited:
+                self.stats.rate_limited += 1
+            else:
+                self.stats.unavailable += 1
             attempts = self._unavailable.get(state.project_id, 0)
             self._unavailable[state.project_id] = attempts + 1
             if attempts % 10 == 0:
                 log.warning(
-                    "subscribe unavailable; retrying", project_id=project_id, attempts=attempts + 1
+                    "subscribe rate limited; retrying"
+                    if limited
+                    else "subscribe unavailable; retrying",
+                    project_id=project_id,
+                    attempts=attempts + 1,
+                    **({"message": error.message} if limited else {}),
                 )
             delay = self._random() * self._backoff.cap(attempts)
             self._retries[state.project_id] = self._spawn(self._resubscribe_later(ws, state, delay))
+            return
+        if limited:
+            if project_id is None and self._refresh is not None and self._refresh.done():
+                # Without a project, the refused frame is our token refresh (sent: the task is
+                # done, and no `authenticated` has replaced it yet): send it again later. A
+                # subscribe of a project unfollowed since needs nothing.
+                self.stats.rate_limited += 1
+                log.warning("token refresh rate limited; retrying", message=error.message)
+                delay = self._random() * self.policy.initial + self.policy.initial
+                self._refresh = self._spawn(self._refresh_later(ws, delay))
             return
         if error.code == ErrorCode.INVALID_TOKEN:
             # An in-band refresh was refused; the connection keeps its token until it expires

@@ -133,6 +133,7 @@ def close_action(code: int | None) -> CloseAction:
         CloseCode.POLICY_VIOLATION,
         CloseCode.MESSAGE_TOO_BIG,
         CloseCode.TOO_MANY_ERRORS,
+        CloseCode.TOO_MANY_REQUESTS,  # frames sent on while the rate limit refused them
     ):
         return CloseAction(Retry.BACKOFF, client_bug=True)
     # 1000 from the server, 1006 (killed, reset, refused), 1011 and anything unknown.

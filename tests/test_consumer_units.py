@@ -338,6 +338,7 @@ def test_close_codes_map_to_the_documented_reaction():
     assert close_action(4002).retry is Retry.PROMPT and close_action(4002).renew_token
     assert close_action(4001).retry is Retry.BACKOFF and close_action(4001).auth_failure
     assert close_action(4009).client_bug and close_action(1008).client_bug
+    assert close_action(4029).client_bug and close_action(4029).retry is Retry.BACKOFF
     assert close_action(1007).client_bug and close_action(1009).client_bug
     for code in (None, 1000, 1006, 1011, 4999):
         action = close_action(code)
@@ -1557,6 +1558,85 @@ async def test_a_flood_of_invalid_token_errors_is_one_pending_refresh():
                 await refreshed.wait()
             assert token.calls == 2  # type: ignore[attr-defined]
             assert consumer.connects == 1
+
+
+async def test_a_rate_limited_subscribe_is_retried_and_the_project_followed():
+    """The gateway's rate limit refuses a subscribe (``rate_limited``, naming the project): the
+    project is not dropped (as a refused subscribe otherwise is, with a GatewayError) but
+    subscribed again after a delay, like an ``unavailable`` one, on the same connection."""
+    from websockets.asyncio.server import serve
+
+    subscribes: list[int] = []
+
+    async def gateway(connection) -> None:
+        async for raw in connection:
+            message = json.loads(raw)
+            if message["type"] != "subscribe":
+                continue
+            subscribes.append(message["project_id"])
+            if len(subscribes) == 1:
+                await connection.send(error_frame("rate_limited", 1))
+            else:
+                await connection.send(subscribed(1, 0, resumed=True).decode())
+                await connection.send(frame(1, 1).decode())
+
+    async with serve(gateway, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        policy = ReconnectPolicy(initial=0.2, max=1.0)
+        consumer = Consumer(f"ws://127.0.0.1:{port}/", reconnect=policy, random=lambda: 1.0)
+        async with consumer:
+            subscription = consumer.events(1, after=Cursor(EPOCH, 0))
+            async with asyncio.timeout(10):
+                item = await anext(subscription)
+    assert isinstance(item, Delivery) and (item.project_id, item.seq) == (1, 1)
+    assert subscribes == [1, 1]
+    assert consumer.stats.rate_limited == 1 and consumer.stats.unavailable == 0
+    assert consumer.connects == 1
+
+
+async def test_rate_limited_subscribes_share_the_unavailable_backoff_per_project():
+    consumer, ws, _subscription = await fed_consumer(1)  # kept: a dropped one unsubscribes
+    consumer._random = lambda: 1.0
+    delays: list[float] = []
+
+    async def record(ws, state, delay: float) -> None:
+        delays.append(delay)
+
+    consumer._resubscribe_later = record  # type: ignore[method-assign]
+    for _ in range(4):
+        await consumer._on_frame(ws, error_frame("rate_limited", 1).encode())  # type: ignore[arg-type]
+        await asyncio.sleep(0)
+    assert delays == [1.0, 2.0, 4.0, 8.0]
+    assert consumer.stats.rate_limited == 4 and 1 in consumer._states  # still followed
+    # Refused frames of a project no longer followed (its subscribe, sent before the caller
+    # let it go) need nothing: the gateway never refuses the unsubscribe.
+    await consumer._on_frame(ws, error_frame("rate_limited", 9).encode())  # type: ignore[arg-type]
+    assert consumer.stats.rate_limited == 4 and len(delays) == 4
+
+
+async def test_a_rate_limited_token_refresh_is_sent_again_once():
+    consumer, ws, _subscription = await fed_consumer(1)
+    retries: list[float] = []
+    gate = asyncio.Event()
+
+    async def record(ws, delay: float) -> None:
+        retries.append(delay)
+        await gate.wait()
+
+    consumer._refresh_later = record  # type: ignore[method-assign]
+    # No refresh sent: a rate_limited without a project answers nothing of ours.
+    await consumer._on_frame(ws, error_frame("rate_limited").encode())  # type: ignore[arg-type]
+    await asyncio.sleep(0)
+    assert retries == []
+    sent = asyncio.get_running_loop().create_future()
+    sent.set_result(None)
+    consumer._refresh = sent  # the refresh went out, no `authenticated` yet
+    for _ in range(FLOOD):
+        await consumer._on_frame(ws, error_frame("rate_limited").encode())  # type: ignore[arg-type]
+    await asyncio.sleep(0)
+    assert len(retries) == 1 and 1.0 <= retries[0] <= 2.0  # one retry, a second or two later
+    gate.set()
+    await asyncio.sleep(0)
 
 
 async def test_a_subscribe_the_gateway_never_answers_is_given_up_and_the_connection_made_again():

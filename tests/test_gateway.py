@@ -19,6 +19,7 @@ from publisher import issue_token
 from publisher.core import Retention, prepare_single
 from schemas.events import BlockerResolved, utc_now
 from schemas.keys import Keys
+from schemas.protocol import CloseCode
 from tests.support.gateway_client import (
     SECRET,
     RawClient,
@@ -882,6 +883,59 @@ async def test_a_reconnect_subscribing_every_project_at_once_is_not_rate_limited
     assert client.of("error") == []
     assert gateway.metrics.client_frames_rate_limited_total == 0
     await client.close()
+
+
+async def test_the_consumer_retries_subscribes_refused_by_the_rate_limit(gateways, publisher):
+    """The Python consumer against the rate limit: its connection's bucket is empty when it
+    follows three more projects; the subscribes are refused (rate_limited), retried with backoff
+    on the same connection, and once the bucket refills every project follows, none dropped."""
+    from consumer import Consumer, Delivery, ReconnectPolicy
+
+    gateway = await gateways(client_rate=2, client_burst=100)
+    gateway.clients.clock = clock = StoppedClock()
+    token = issue_token(SECRET, "*", ttl=300)
+    policy = ReconnectPolicy(initial=0.05, max=0.2)
+    async with Consumer(ws_url(gateway), token=token, reconnect=policy) as consumer:
+        first = consumer.events(1)
+        await asyncio.wait_for(first.wait_subscribed(), 10)
+        (session,) = gateway.sessions
+        session.rate_tokens, session.rate_stamp = 0.0, clock.now  # as after a burst
+        others = consumer.events(2, 3, 4)
+        await wait_until_true(lambda: consumer.stats.rate_limited >= 3)
+        assert consumer.live and consumer.connects == 1
+        clock.now += 60  # the bucket refills; the next retries go through
+        await asyncio.wait_for(others.wait_subscribed(), 10)
+        for project_id in (2, 3, 4):
+            await publish(publisher, project_id, 1)
+        items = [await asyncio.wait_for(anext(others), 10) for _ in range(3)]
+    assert all(isinstance(item, Delivery) for item in items)
+    assert sorted((item.project_id, item.seq) for item in items) == [(2, 1), (3, 1), (4, 1)]
+    assert consumer.connects == 1 and gateway.metrics.rate_limit_disconnects_total == 0
+
+
+async def test_a_consumer_following_a_hundred_projects_reconnects_without_being_limited(
+    gateways, publisher
+):
+    """Default settings: a consumer following --max-subscriptions (100) projects subscribes to
+    all of them at once on every connection; after a reconnect (the pod drains) none of its
+    subscribes is refused."""
+    from consumer import Consumer, ReconnectPolicy
+
+    gateway = await gateways()
+    projects = list(range(1, gateway.config.max_subscriptions + 1))
+    token = issue_token(SECRET, "*", ttl=300)
+    policy = ReconnectPolicy(initial=0.05, max=0.2, prompt_max=0.05)
+    async with Consumer(ws_url(gateway), token=token, reconnect=policy) as consumer:
+        subscription = consumer.events(*projects)
+        await asyncio.wait_for(subscription.wait_subscribed(), 10)
+        (session,) = gateway.sessions
+        session.close_later(CloseCode.SERVICE_RESTART, "restart")  # as a draining pod does
+        await wait_until_true(lambda: consumer.connects == 2 and consumer.live)
+        await publish(publisher, projects[-1], 1)
+        item = await asyncio.wait_for(anext(subscription), 10)
+        assert (item.project_id, item.seq) == (projects[-1], 1)
+    assert consumer.stats.rate_limited == 0
+    assert gateway.metrics.client_frames_rate_limited_total == 0
 
 
 async def test_garbage_on_a_redis_channel_is_skipped(gateways, publisher, redis_client):

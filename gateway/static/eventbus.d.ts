@@ -36,6 +36,7 @@ export declare const CloseCode: Readonly<{
   TOKEN_EXPIRED: 4002;
   SLOW_CONSUMER: 4008;
   TOO_MANY_ERRORS: 4009;
+  TOO_MANY_REQUESTS: 4029;
 }>;
 
 // --- events of the contract (docs/contract.md), as relayed (with `seq`) ------------------------

@@ -38,6 +38,7 @@ export const CloseCode = Object.freeze({
   TOKEN_EXPIRED: 4002,
   SLOW_CONSUMER: 4008,
   TOO_MANY_ERRORS: 4009,
+  TOO_MANY_REQUESTS: 4029,
 });
 
 export const DEFAULTS = Object.freeze({
@@ -130,6 +131,7 @@ export function closeAction(code) {
     case CloseCode.POLICY_VIOLATION:
     case CloseCode.MESSAGE_TOO_BIG:
     case CloseCode.TOO_MANY_ERRORS:
+    case CloseCode.TOO_MANY_REQUESTS: // kept sending while the gateway's rate limit refused frames
       return { delay: "backoff", renewToken: false, clientBug: true };
     default:
       // 1000 from the server, 1006 (refused, reset), 1011 and anything unknown.
@@ -662,6 +664,7 @@ export class EventBus {
     this._pongTimer = null;
     this._connectTimer = null;
     this._refreshTimer = null;
+    this._refreshSent = false; // a token refresh (`auth`) is sent and not answered yet
     this._liveAt = null; // when the WebSocket got live
     // The subscribes of the current connection (the WebSocket, or an SSE stream) not answered
     // yet: {conn, asked: Map projectId -> {sub, at}, progressAt, timer} (_checkAnswers).
@@ -982,7 +985,10 @@ export class EventBus {
     if (!ws || !this._wsLive) return;
     try {
       const token = await this._getToken(true);
-      if (ws === this._ws && this._wsLive) this._send({ type: "auth", token }); // answered by `authenticated`
+      if (ws === this._ws && this._wsLive) {
+        this._send({ type: "auth", token }); // answered by `authenticated`
+        this._refreshSent = true;
+      }
     } catch (error) {
       this._reportError({ code: "token_refresh_failed", message: describe(error), error });
       // Retry soon; if the token expires meanwhile the gateway closes with 4002 and we reconnect.
@@ -1093,6 +1099,7 @@ export class EventBus {
     if (!message || typeof message !== "object") return;
     switch (message.type) {
       case "authenticated":
+        this._refreshSent = false;
         if (!this._wsLive) this._goLive();
         this._scheduleRefresh(message);
         return;
@@ -1160,13 +1167,21 @@ export class EventBus {
     this._reportError({ code: message.code, message: message.message, projectId: message.project_id });
     if (message.project_id != null) this._answered(message.project_id);
     const sub = message.project_id != null ? this._subs.get(message.project_id) : null;
-    if (sub && message.code === "unavailable") {
-      // Redis is unreachable behind the gateway: try that subscribe again later.
+    if (sub && (message.code === "unavailable" || message.code === "rate_limited")) {
+      // Redis is unreachable behind the gateway, or the gateway's rate limit refused a frame of
+      // the project (its subscribe, or an activity: a subscribe sends the activity again after
+      // `subscribed`): try that subscribe again later. (An unsubscribe is never refused.)
       sub.retry = (sub.retry || 0) + 1;
       this._clearTimeout(sub.retryTimer);
       sub.retryTimer = this._setTimeout(() => {
         if (this._wsLive && this._subs.get(sub.projectId) === sub) this._send(this._subscribeMessage(sub));
       }, backoffDelay(sub.retry - 1, this.options.backoff, this._random));
+    } else if (message.code === "rate_limited" && message.project_id == null && this._refreshSent) {
+      // The token refresh was refused by the rate limit (a ping never is): send it again a
+      // little later, before the token expires (else 4002, and a reconnect with a new token).
+      this._refreshSent = false;
+      this._clearTimeout(this._refreshTimer);
+      this._refreshTimer = this._setTimeout(() => this._refreshToken(), backoffDelay(0, this.options.backoff, this._random));
     }
   }
 
@@ -1193,6 +1208,7 @@ export class EventBus {
     this._forgetAnswers(this._ws);
     this._ws = null;
     this._wsLive = false;
+    this._refreshSent = false;
     for (const sub of this._subs.values()) {
       sub.wsSubscribed = false;
       sub.gapWaiting = false; // the next connection's events are its own replay

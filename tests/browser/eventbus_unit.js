@@ -303,6 +303,7 @@ test("every close code of the protocol has a sensible action", () => {
     4002: ["prompt", true, false],
     4008: ["prompt", false, false],
     4009: ["backoff", false, true],
+    4029: ["backoff", false, true],
     4999: ["backoff", false, false],
   };
   for (const [code, [delay, renewToken, clientBug]] of Object.entries(table)) {
@@ -649,6 +650,53 @@ test("an unavailable subscribe is retried; unsubscribe and close stop everything
   eq(env.bus.state, "offline");
   await env.clock.advance(120000);
   eq(env.sockets.length, 1, "no reconnect after close()");
+});
+
+test("a rate_limited subscribe is retried after a delay, and the project follows", async () => {
+  const env = setup({ subscribe: [1, 2] });
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  ws.receive({ type: "error", code: "rate_limited", message: "too many frames", project_id: 2 });
+  await flush();
+  eq(env.errors.map((e) => e.code), ["rate_limited"], "reported, not fatal");
+  eq(ws.sentOf("subscribe").filter((m) => m.project_id === 2).length, 1, "not at once");
+  await env.clock.advance(1000); // the backoff's first delay, as for `unavailable`
+  eq(ws.sentOf("subscribe").filter((m) => m.project_id === 2).length, 2, "retried");
+  ws.receive({ type: "subscribed", project_id: 2, epoch: "e", seq: 0, resumed: false, replayed: 0 });
+  ws.receive(event(2, 1));
+  await flush();
+  eq(env.events[2], [1], "the project was not dropped");
+  eq(env.sockets.length, 1, "same connection");
+  await env.clock.advance(60000);
+  eq(ws.sentOf("subscribe").filter((m) => m.project_id === 2).length, 2, "no retry once answered");
+});
+
+test("an activity refused by the rate limit is sent again with a resubscribe", async () => {
+  const env = setup({ subscribe: [1] });
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  env.bus.activity(1, { viewing: 5 });
+  eq(ws.sentOf("activity").length, 1);
+  ws.receive({ type: "error", code: "rate_limited", message: "too many frames", project_id: 1 });
+  await env.clock.advance(1000);
+  eq(ws.sentOf("subscribe").slice(-1)[0], { type: "subscribe", project_id: 1, epoch: "e", after: 0 });
+  ws.receive({ type: "subscribed", project_id: 1, epoch: "e", seq: 0, resumed: true, replayed: 0 });
+  await flush();
+  eq(ws.sentOf("activity").length, 2, "the activity again after `subscribed`");
+  eq(ws.sentOf("activity")[1], { type: "activity", project_id: 1, viewing: 5, answering: null });
+});
+
+test("a token refresh refused by the rate limit is sent again", async () => {
+  const env = setup({ tokenLifetime: 100 });
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  await env.clock.advance(75000);
+  eq(ws.sentOf("auth").length, 2, "refreshed");
+  ws.receive({ type: "error", code: "rate_limited", message: "too many frames" });
+  await env.clock.advance(1000);
+  eq(ws.sentOf("auth").length, 3, "sent again");
+  ws.receive({ type: "authenticated", subject: null, projects: null, expires_at: null });
+  ws.receive({ type: "error", code: "rate_limited", message: "not about the refresh" });
+  await env.clock.advance(5000);
+  eq(ws.sentOf("auth").length, 3, "nothing pending: nothing sent again");
+  eq(env.sockets.length, 1, "same connection");
 });
 
 test("a silent connection is dropped after the ping timeout", async () => {
