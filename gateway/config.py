@@ -22,6 +22,11 @@ __all__ = ["ConfigError", "GatewayConfig", "load_config"]
 
 ENV_PREFIX = "EVENTBUS_"
 
+#: The largest ``--poll-page-bytes``: eventbus.js gives up on a poll answer longer than 4 Mi
+#: characters (``EventBus.MAX_POLL_LENGTH``), and a page's answer adds to its events' bytes a
+#: comma per event and its own fields (about 1 KiB at 1,000 events); 64 KiB leaves room.
+POLL_PAGE_BYTES_MAX = 4 * 1024 * 1024 - 64 * 1024
+
 
 def _doc(text: str, **constraints: Any) -> Meta:
     return Meta(description=text, **constraints)
@@ -79,6 +84,16 @@ class GatewayConfig(msgspec.Struct, kw_only=True, frozen=True):
     max_replay: Annotated[
         int, _doc("Most events replayed on one resume; further behind gets a resync.", ge=1)
     ] = 1_000
+    poll_page_bytes: Annotated[
+        int,
+        _doc(
+            "Bytes of stored events one poll page carries at most (a single larger event is "
+            "still a page; the rest is paged on with 'more'); from 1 KiB to 4 MiB less 64 KiB, "
+            "so that a full page stays within eventbus.js's 4 MiB poll answer.",
+            ge=1024,
+            le=POLL_PAGE_BYTES_MAX,
+        ),
+    ] = 1_048_576
     resume_window_events: Annotated[
         int,
         _doc(
@@ -101,6 +116,15 @@ class GatewayConfig(msgspec.Struct, kw_only=True, frozen=True):
     stall_timeout: Annotated[
         float, _doc("Seconds a non-empty write buffer may stay undrained before disconnect.", gt=0)
     ] = 30.0
+    answer_min_rate: Annotated[
+        int,
+        _doc(
+            "Bytes per second an HTTP answer (a poll page, eventbus.js) must be read at on "
+            "average: it has 5 s plus its size at this rate to be sent, then the socket is "
+            "dropped (at least 1024).",
+            ge=1024,
+        ),
+    ] = 16_384
     auth_timeout: Annotated[float, _doc("Seconds to wait for the first auth frame.", gt=0)] = 10.0
     ping_interval: Annotated[float, _doc("WebSocket keepalive ping interval (s).", gt=0)] = 20.0
     ping_timeout: Annotated[
@@ -321,7 +345,18 @@ def load_config(
     try:
         return msgspec.convert(values, GatewayConfig, strict=False)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"invalid configuration: {exc}") from None
+        raise ConfigError(f"invalid configuration: {_name_setting(str(exc))}") from None
+
+
+def _name_setting(message: str) -> str:
+    """msgspec's message about a field (``Expected `int` >= 1 - at `$.max_connections` ``)
+    named by what the user set, the flag or the variable: ``--max-connections /
+    EVENTBUS_MAX_CONNECTIONS: Expected `int` >= 1``."""
+    head, sep, where = message.rpartition(" - at `$.")
+    name = where.removesuffix("`")
+    if not sep or not name.isidentifier():
+        return message
+    return f"--{name.replace('_', '-')} / {ENV_PREFIX}{name.upper()}: {head}"
 
 
 def markdown_table() -> str:

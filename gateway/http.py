@@ -38,11 +38,6 @@ _STATIC = {
 }
 MAX_POLL_LIMIT = 1000
 DEFAULT_POLL_LIMIT = 100
-#: Bytes of stored events a poll page carries at most (but never none while events wait: a
-#: page of one event may be larger). ``limit`` alone allowed 1,000 events of up to
-#: ~30 KB, a ~30 MB answer held about three times over (the reply, the encoded page, the
-#: answer) by each such poll at once; cut here, the page says ``more`` as at ``limit``.
-POLL_PAGE_BYTES = 1 << 20
 #: Seconds a poller is asked to wait (``Retry-After``) when Redis did not answer in time.
 POLL_RETRY_AFTER = 5
 
@@ -225,12 +220,17 @@ class HttpRoutes:
             epoch, after, limit = _poll_query(query)
         except ValueError as exc:
             return refuse(400, "invalid_query", str(exc))
+        config = self.gateway.config
         try:
             # The same bound as a subscribe: a hung Redis gets a 503 in time, not a dropped
             # request (the browser client's fetch would otherwise wait for its own timeout).
-            async with asyncio.timeout(self.gateway.config.subscribe_timeout):
+            # --poll-page-bytes: ``limit`` alone allowed 1,000 events of up to ~30 KB, a ~30 MB
+            # answer held about three times over (the reply, the encoded page, the answer) by
+            # each such poll at once; cut at the bound, the page says ``more`` as at ``limit``
+            # (a page of one event may be larger: never none while events wait).
+            async with asyncio.timeout(config.subscribe_timeout):
                 snapshot = await self.gateway.store.snapshot(
-                    project_id, epoch, after, limit, max_bytes=POLL_PAGE_BYTES
+                    project_id, epoch, after, limit, max_bytes=config.poll_page_bytes
                 )
         except (StoreUnavailable, TimeoutError) as exc:
             message = (

@@ -77,7 +77,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ANSWER_CHECK_INTERVAL",
-    "ANSWER_MIN_RATE",
     "CLOSE_TIMEOUT",
     "INFLATE_SLICE",
     "MAX_BACKLOG",
@@ -98,12 +97,6 @@ CLOSE_TIMEOUT = 5.0
 #: Seconds between looks at an HTTP answer still being sent CLOSE_TIMEOUT after it was written
 #: (:meth:`WebSocketConnection._answer_wait`), as the stall check looks at sessions.
 ANSWER_CHECK_INTERVAL = 1.0
-
-#: Bytes per second an HTTP answer must be read at on average: once written it has CLOSE_TIMEOUT
-#: plus its size at this rate to be sent, however steadily the client reads. A poll's page of
-#: a few MB takes minutes at this rate; a client without a token fetching ``/eventbus.js``
-#: (70 KB) a few bytes at a time cannot hold a socket past ~10 s.
-ANSWER_MIN_RATE = 16384
 
 #: Messages a connection may have waiting behind one that waits for Redis before reading from
 #: its socket pauses (websockets' ``max_queue``): the kernel's buffers, then TCP, hold the rest.
@@ -155,6 +148,12 @@ class WebSocketEndpoint:
         self.admission: Admission = gateway.admission
         self.policy: SlowConsumerPolicy = gateway.policy
         self.max_size = config.max_frame_bytes
+        #: Bytes per second an HTTP answer must be read at on average (``--answer-min-rate``,
+        #: 16 KiB/s): once written it has CLOSE_TIMEOUT plus its size at this rate to be sent,
+        #: however steadily the client reads. A full poll page (``--poll-page-bytes``, 1 MiB)
+        #: has ~70 s; a client without a token fetching ``/eventbus.js`` (70 KB) a few bytes at a
+        #: time cannot hold a socket past ~10 s.
+        self.answer_min_rate = config.answer_min_rate
         self.extensions = enable_server_permessage_deflate(None) if config.compression else None
         #: The hub's ``schedule_flush``, bound once (the hub exists once the gateway started).
         self.schedule_flush: Callable[[ClientSession], None] | None = None
@@ -253,7 +252,7 @@ class WebSocketConnection(asyncio.Protocol):
         #: when they stopped shrinking (:meth:`_answer_wait`).
         self.answer_unsent: int | None = None
         self.answer_stalled_since: float | None = None
-        #: When an HTTP answer must have been sent, whatever its progress (ANSWER_MIN_RATE).
+        #: When an HTTP answer must have been sent, whatever its progress (--answer-min-rate).
         self.answer_deadline = 0.0
         #: Messages received while an earlier one still waits for Redis (None: nothing waits).
         self.backlog: list[bytes | str] | None = None
@@ -587,7 +586,8 @@ class WebSocketConnection(asyncio.Protocol):
             self._expect_close()
 
     async def _answer_http(self, request: Request) -> None:
-        response = await self.endpoint.answer_http(request)
+        endpoint = self.endpoint
+        response = await endpoint.answer_http(request)
         self.finishing = None
         transport = self.transport
         if transport is None or transport.is_closing():
@@ -595,7 +595,7 @@ class WebSocketConnection(asyncio.Protocol):
         data = response.serialize()
         transport.write(data)
         loop = asyncio.get_running_loop()
-        self.answer_deadline = loop.time() + CLOSE_TIMEOUT + len(data) / ANSWER_MIN_RATE
+        self.answer_deadline = loop.time() + CLOSE_TIMEOUT + len(data) / endpoint.answer_min_rate
         if self.peer_done:
             transport.close()  # both sides are done: close once the answer is written
             self._expect_close()  # (bounded like any answer: a client that reads none of it)
@@ -850,7 +850,7 @@ class WebSocketConnection(asyncio.Protocol):
         ask for the same page again, and have it cut again, for ever. Two bounds: the
         slow-consumer rule (the answer's unsent bytes, the transport's and the kernel's, may not
         stop shrinking for ``--stall-timeout``; looked at every :data:`ANSWER_CHECK_INTERVAL`),
-        and a deadline, CLOSE_TIMEOUT plus the answer's size at :data:`ANSWER_MIN_RATE`, so that
+        and a deadline, CLOSE_TIMEOUT plus the answer's size at ``--answer-min-rate``, so that
         a client reading a few bytes at a time cannot hold the socket for ever.
         """
         left = unsent(self.transport)

@@ -529,7 +529,7 @@ async def test_a_resume_beyond_one_replay_catches_up_by_pages_exactly(redis_url)
 
 
 async def test_a_catch_up_through_pages_cut_by_bytes_is_exact(redis_url):
-    """Poll pages carry at most 1 MiB (gateway.http.POLL_PAGE_BYTES), fewer events than the
+    """Poll pages carry at most 1 MiB (--poll-page-bytes), fewer events than the
     consumer's ``limit`` when events are large: the catch-up follows ``more`` all the same and
     goes live without a gap or a Resync."""
     store = MemoryCursorStore()

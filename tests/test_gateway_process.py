@@ -217,3 +217,70 @@ async def test_drain_is_bounded_while_redis_hangs():
         assert elapsed < 2 + 8 + 1, f"exited after {elapsed:.1f}s; {gateway.tail()}"
         for client in clients:
             await client.close()
+
+
+# --- poll settings ------------------------------------------------------------------------
+
+
+def _bearer(projects) -> dict[str, str]:
+    from publisher import issue_token
+
+    return {"Authorization": f"Bearer {issue_token(SECRET, projects)}"}
+
+
+async def test_poll_page_bytes_sets_the_size_of_a_page(redis_url, publisher):
+    """--poll-page-bytes 32768: 30 events of ~15 KB come two a page, each page with ``more``
+    until the last, every event once and in order (1 MiB by default: one page)."""
+    from schemas.events import BlockerResolved, utc_now
+    from tests.support.gateway_process import GatewayProcess
+
+    events = [
+        BlockerResolved(project_id=12, blocker_id=n, answer="€" * 5000, resolved_at=utc_now())
+        for n in range(1, 31)
+    ]
+    await publisher.publish_many(events)
+    args = ["--poll-page-bytes", "32768"]
+    with GatewayProcess(redis_url, auth_secret=SECRET, args=args) as gateway:
+        _, _, body = await request(gateway.port, "/v1/projects/12/events", headers=_bearer([12]))
+        epoch, after, seen, pages = json.loads(body)["epoch"], 0, [], 0
+        while True:
+            status, _, body = await request(
+                gateway.port,
+                f"/v1/projects/12/events?epoch={epoch}&after={after}&limit=1000",
+                headers=_bearer([12]),
+            )
+            assert status == 200 and len(body) <= 32768 + 1024, len(body)
+            page = json.loads(body)
+            pages += 1
+            seen += [e["seq"] for e in page["events"]]
+            after = seen[-1]
+            assert len(page["events"]) == 2 and page["more"] == (after < 30), page["more"]
+            if not page["more"]:
+                break
+        assert seen == list(range(1, 31)) and pages == 15
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "named"),
+    [
+        (["--poll-page-bytes", "0"], {}, b"--poll-page-bytes"),
+        (["--poll-page-bytes", "64MiB"], {}, b"--poll-page-bytes"),
+        ([], {"EVENTBUS_POLL_PAGE_BYTES": "8388608"}, b"EVENTBUS_POLL_PAGE_BYTES"),
+        (["--answer-min-rate", "0"], {}, b"--answer-min-rate"),
+        ([], {"EVENTBUS_ANSWER_MIN_RATE": "-5"}, b"EVENTBUS_ANSWER_MIN_RATE"),
+    ],
+)
+def test_a_nonsensical_poll_setting_is_refused_at_start(args, env, named):
+    """A page bound of 0, or past what eventbus.js reads (4 MiB), or a minimum answer rate of
+    0 (every answer dropped at once: a division by zero) or less: exit 2 before listening, with
+    a message naming the setting, no traceback."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("EVENTBUS_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "--no-auth", *args],
+        env={**base, **env},
+        capture_output=True,
+        timeout=30,
+    )
+    assert result.returncode == 2, result.stderr
+    assert b"invalid configuration: --" in result.stderr and named in result.stderr, result.stderr
+    assert b"Traceback" not in result.stderr, result.stderr
