@@ -5,7 +5,8 @@ a :class:`ClientProtocol` with a :class:`gateway.session.ClientSession`; each tr
 turns its own input into these calls and the session's output into its own bytes:
 
 * :meth:`ClientProtocol.refusal`: whether a new connection may open at all (draining, a full
-  pod, a foreign ``Origin``), as the HTTP answer that refuses it;
+  pod, a foreign ``Origin``), as the HTTP answer that refuses it (a poll is refused for the
+  first two as well: :meth:`ClientProtocol.pod_refusal`);
 * :meth:`ClientProtocol.verify_bearer`: an ``Authorization: Bearer`` header's claims;
 * :meth:`ClientProtocol.authenticate`: claims for a session, with the expiry timer, and a
   refreshed token dropping the projects it no longer allows;
@@ -39,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import redis.exceptions
 
 from gateway.client_input import decode_frame
-from gateway.http import json_response
+from gateway.http import draining_response, json_response
 from gateway.hub import SubscribeUnavailable
 from gateway.logs import describe, get_logger
 from gateway.ratelimit import CLOSE, REFUSED, frame_rate_limit
@@ -97,19 +98,10 @@ class ClientProtocol:
 
     def refusal(self, origin: str | None) -> Response | None:
         """The answer refusing a new client connection, or None when it may open."""
+        refusal = self.pod_refusal()
+        if refusal is not None:
+            return refusal
         gateway, metrics = self.gateway, self.metrics
-        if gateway.draining:
-            metrics.connections_rejected_total += 1
-            return json_response(
-                503, {"error": "draining", "message": "reconnect elsewhere"}, [("Retry-After", "1")]
-            )
-        if gateway.admission.full():
-            metrics.connections_rejected_total += 1
-            return json_response(
-                503,
-                {"error": "too_many_connections", "message": "this gateway is full"},
-                [("Retry-After", "5")],
-            )
         allowed = self.config.allowed_origins
         # The allowlist stops other sites' pages from using a visitor's browser (browsers always
         # send Origin on a WebSocket handshake and a cross-origin request). A request without
@@ -126,6 +118,23 @@ class ClientProtocol:
             )
             return json_response(
                 403, {"error": "forbidden_origin", "message": f"origin {origin!r} is not allowed"}
+            )
+        return None
+
+    def pod_refusal(self) -> Response | None:
+        """The 503 refusing a new connection or a poll because of the pod, not the client: it
+        drains (``Retry-After: 1``: another pod answers at once) or it is full (``Retry-After:
+        5``); None when neither. Counted in ``connections_rejected_total``."""
+        gateway = self.gateway
+        if gateway.draining:
+            self.metrics.connections_rejected_total += 1
+            return draining_response()
+        if gateway.admission.full():
+            self.metrics.connections_rejected_total += 1
+            return json_response(
+                503,
+                {"error": "too_many_connections", "message": "this gateway is full"},
+                [("Retry-After", "5")],
             )
         return None
 

@@ -59,7 +59,8 @@ class GatewayConfig(msgspec.Struct, kw_only=True, frozen=True):
     max_connections: Annotated[
         int,
         _doc(
-            "Sockets per process, counted from accept to close (WebSocket, handshakes, HTTP).",
+            "Sockets per process, counted from accept to close (WebSocket, handshakes, HTTP); "
+            "past it, handshakes, streams and polls get 503.",
             ge=1,
         ),
     ] = 20_000
@@ -186,13 +187,18 @@ class GatewayConfig(msgspec.Struct, kw_only=True, frozen=True):
     drain_delay: Annotated[
         float,
         _doc(
-            "Seconds to keep answering (readiness 503, new clients refused) after SIGTERM "
-            "before closing clients, so load balancers stop routing here first.",
+            "Seconds to keep answering (readiness 503, new clients and polls refused) after "
+            "SIGTERM before closing clients, so load balancers stop routing here first.",
             ge=0,
         ),
     ] = 0.0
     drain_timeout: Annotated[
-        float, _doc("Seconds to close every client after SIGTERM before exiting.", gt=0)
+        float,
+        _doc(
+            "Seconds to close every client, and answer the polls under way, after SIGTERM "
+            "before exiting.",
+            gt=0,
+        ),
     ] = 20.0
     drain_batch: Annotated[int, _doc("Clients closed per batch while draining.", ge=1)] = 500
     workers: Annotated[

@@ -28,7 +28,7 @@ from gateway.store import ProjectUnreadable, StoreUnavailable
 from schemas.protocol import MAX_SEQ, PollResponse, ResyncRequired, encode
 from schemas.tokens import InvalidToken, TokenClaims
 
-__all__ = ["HttpRoutes", "answer_to", "json_response"]
+__all__ = ["HttpRoutes", "answer_to", "draining_response", "json_response"]
 
 _POLL_PATH = re.compile(r"^/v1/projects/([^/]+)/events$")
 _DECIMAL = re.compile(r"[0-9]+")  # ASCII only (re's [0-9], unlike str.isdigit and \d)
@@ -47,6 +47,13 @@ def json_response(
 ) -> Response:
     data = body if isinstance(body, bytes) else msgspec.json.encode(body)
     return _response(status, data, "application/json", headers)
+
+
+def draining_response() -> Response:
+    """503 ``draining``: the pod is going away; the client retries elsewhere at once."""
+    return json_response(
+        503, {"error": "draining", "message": "reconnect elsewhere"}, [("Retry-After", "1")]
+    )
 
 
 def _error(
@@ -92,7 +99,22 @@ class HttpRoutes:
         }
 
     async def handle(self, request: Request) -> Response:
-        return answer_to(request, await self._route(request))
+        gateway = self.gateway
+        try:
+            # Open-ended, unless the gateway drains: a request still being handled at the
+            # drain's deadline (a poll waiting for Redis) is answered 503 then, so the drain
+            # never waits longer for it (Gateway.cut_answers).
+            async with asyncio.timeout(None) as bound:
+                gateway.answer_started(bound)
+                try:
+                    response = await self._route(request)
+                finally:
+                    gateway.answer_ended(bound)
+        except TimeoutError:
+            response = draining_response()
+            for name, value in self._cors_headers(request) or ():
+                response.headers[name] = value
+        return answer_to(request, response)
 
     async def _route(self, request: Request) -> Response:
         path, query = _split_target(request.path)
@@ -130,7 +152,13 @@ class HttpRoutes:
                 # without CORS headers, a browser would not show it to the page, but the request
                 # would still cost a token check and a Redis read.
                 return self._forbidden_origin(request)
-            response = await self.poll(request, match.group(1), query)
+            # A draining or full pod refuses a poll as it refuses a handshake or a stream (503,
+            # Retry-After), before its token or Redis is looked at: the client (a load balancer
+            # first) polls another pod, and the catch-up pages of a pod going away are not read
+            # from it. The answer carries CORS headers, so a page sees the 503 itself.
+            response = self.gateway.clients.pod_refusal() or await self.poll(
+                request, match.group(1), query
+            )
             for name, value in cors or ():
                 response.headers[name] = value
             return response

@@ -47,7 +47,7 @@ class Metrics:
     COUNTERS = {
         "connections_accepted_total": "WebSocket connections accepted.",
         "connections_rejected_total": (
-            "Handshakes refused (origin, limits, draining); polls refused for their origin."
+            "Handshakes, streams and polls refused (origin, limits, draining)."
         ),
         "events_in_total": "Events received from Redis pub/sub.",
         "deliveries_total": "Event frames written to subscribers (live and replayed).",

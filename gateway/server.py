@@ -52,6 +52,10 @@ LISTEN_BACKLOG = 4096
 #: for a polite 503 to a client arriving at a full pod, and for health probes and scrapes.
 ACCEPT_SLACK = 64
 
+#: Seconds the drain gives the HTTP requests it ended at its deadline to write their 503s (it
+#: takes a few iterations of the event loop).
+CUT_ANSWERS_TIMEOUT = 0.5
+
 #: Seconds each step of the final shutdown (listener, feeds, pub/sub, Redis client) may take
 #: after the clients are gone: a hung Redis must not hold the exit.
 CLOSE_STEP_TIMEOUT = 2.0
@@ -73,6 +77,11 @@ class Gateway:
         self.client_log_throttle = LogThrottle()
         self._tasks: list[asyncio.Task] = []
         self._all_closed = asyncio.Event()
+        #: The bounds of the HTTP requests being handled (a poll waiting for Redis, say), which
+        #: the drain moves to its deadline (:meth:`cut_answers`); the event is set when none.
+        self.http_answers: set[asyncio.Timeout] = set()
+        self._answers_done = asyncio.Event()
+        self._answers_done.set()
         self.server: asyncio.Server | None = None
         #: In a ``--workers`` group (see gateway.workers): this worker's number and the group's
         #: shared view of metrics and readiness; None for a single gateway.
@@ -309,10 +318,36 @@ class Gateway:
         if session.expiry is not None:
             session.expiry.cancel()
 
+    def answer_started(self, bound: asyncio.Timeout) -> None:
+        """An HTTP request is being handled (gateway.http), under ``bound``."""
+        self.http_answers.add(bound)
+        self._answers_done.clear()
+
+    def answer_ended(self, bound: asyncio.Timeout) -> None:
+        """Its handler returned (the answer is written next, in the same step) or was ended."""
+        self.http_answers.discard(bound)
+        if not self.http_answers:
+            self._answers_done.set()
+
+    def cut_answers(self) -> int:
+        """End every HTTP request still being handled: each is answered 503 ``draining`` (with
+        ``Retry-After``) instead, as its task's next step. Returns how many."""
+        now = asyncio.get_running_loop().time()
+        bounds = [bound for bound in self.http_answers if not bound.expired()]
+        for bound in bounds:
+            bound.reschedule(now)
+        self.metrics.connections_rejected_total += len(bounds)
+        return len(bounds)
+
     # --- shutdown ----------------------------------------------------------------------------
 
     async def drain(self) -> None:
-        """SIGTERM: not ready, stop accepting, close clients with 1012 in batches, then stop."""
+        """SIGTERM: not ready, stop accepting, close clients with 1012 in batches, then stop.
+
+        From the start, a new handshake, stream or poll is refused (503, ``Retry-After``). HTTP
+        requests already being handled (a poll waiting for Redis) are answered as usual,
+        within ``--drain-timeout`` like the clients' closes; one still waiting then is answered
+        503 ``draining`` (:meth:`cut_answers`), so the drain never waits longer for it."""
         if self.draining:
             return
         self.draining = True
@@ -339,16 +374,25 @@ class Gateway:
             for session in batch:
                 session.close_later(CloseCode.SERVICE_RESTART, "server restarting")
         deadline = started + config.drain_timeout
-        if self.sessions:
+        if self.sessions or self.http_answers:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout_at(
                     asyncio.get_running_loop().time() + max(0.0, deadline - time.monotonic())
                 ):
-                    await self._all_closed.wait()
+                    if self.sessions:
+                        await self._all_closed.wait()
+                    await self._answers_done.wait()
         for session in list(self.sessions):
             session.transport.abort()
+        cut = self.cut_answers()
+        if cut:
+            # Their tasks write the 503s in their next step (a few loop iterations at most).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CUT_ANSWERS_TIMEOUT):
+                    await self._answers_done.wait()
         await self.close()
-        log.info("drained", seconds=round(time.monotonic() - started, 3))
+        extra = {"requests_cut": cut} if cut else {}
+        log.info("drained", seconds=round(time.monotonic() - started, 3), **extra)
 
     async def close(self) -> None:
         """Stop everything; each step is bounded by CLOSE_STEP_TIMEOUT (Redis may hang)."""

@@ -15,6 +15,7 @@ import pytest
 
 from gateway.__main__ import loop_factory
 from tests.support.gateway_client import SECRET, RecordingClient, client_for, publish
+from tests.support.gateway_process import parse_metrics
 from tests.support.redis_server import free_port
 from tests.test_gateway_http import request
 
@@ -219,13 +220,172 @@ async def test_drain_is_bounded_while_redis_hangs():
             await client.close()
 
 
-# --- poll settings ------------------------------------------------------------------------
+# --- polls while the pod drains or is full; poll settings ---------------------------------------
 
 
 def _bearer(projects) -> dict[str, str]:
     from publisher import issue_token
 
     return {"Authorization": f"Bearer {issue_token(SECRET, projects)}"}
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+async def test_a_poll_to_a_draining_gateway_is_refused_with_503_and_retry_after(redis_url, loop):
+    """A draining pod refused WebSocket handshakes and streams (503, Retry-After), but answered
+    polls and catch-up pages from Redis to the end: clients kept reading from the pod going away
+    instead of moving on. Now a poll is refused the same way, with CORS headers so that a page
+    sees the 503, while /readyz says not ready and /healthz still answers."""
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus
+
+    from tests.support.gateway_process import GatewayProcess
+
+    args = ["--drain-delay", "5", "--loop", loop, "--allowed-origins", "https://app.example"]
+    with GatewayProcess(redis_url, auth_secret=SECRET, args=args) as gateway:
+        poll = "/v1/projects/1/events"
+        assert (await request(gateway.port, poll, headers=_bearer([1])))[0] == 200
+        gateway.process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(5):
+            while (await request(gateway.port, "/readyz"))[0] != 503:  # noqa: ASYNC110 - an HTTP poll
+                await asyncio.sleep(0.02)
+        headers = {**_bearer([1]), "Origin": "https://app.example"}
+        status, got, body = await request(gateway.port, poll + "?epoch=e&after=0", headers=headers)
+        assert status == 503, body
+        assert json.loads(body)["error"] == "draining"
+        assert got["retry-after"] == "1" and got["connection"] == "close"
+        assert got["access-control-allow-origin"] == "https://app.example"
+        # As a handshake is, and the same whatever the token: the pod is the reason.
+        assert (await request(gateway.port, poll, headers={"Authorization": "Bearer x"}))[0] == 503
+        with pytest.raises(InvalidStatus) as refused:
+            await connect(gateway.ws_url)
+        assert refused.value.response.status_code == 503
+        assert (await request(gateway.port, "/healthz"))[0] == 200
+        metrics = parse_metrics((await request(gateway.port, "/metrics"))[2].decode())
+        assert metrics["eventbus_connections_rejected_total"] == 3
+        assert metrics["eventbus_polls_total"] == 1  # only the one before the drain
+        assert await asyncio.to_thread(gateway.process.wait, 15) == 0
+
+
+async def test_a_poll_to_a_full_gateway_is_refused_with_503_and_retry_after(redis_url):
+    """At --max-connections a handshake or a stream was refused (503, Retry-After: 5) but a
+    poll, whose socket counts in the same bound, was served: a full pod took more work. Now it
+    is refused the same way, health probes still answer (the accept slack), and once a socket
+    is free the poll is served again."""
+    from tests.support.gateway_process import GatewayProcess
+
+    with GatewayProcess(redis_url, auth_secret=SECRET, args=["--max-connections", "2"]) as gateway:
+        poll = "/v1/projects/2/events"
+        assert (await request(gateway.port, poll, headers=_bearer([2])))[0] == 200
+        from publisher import issue_token
+
+        clients = [
+            await RecordingClient(gateway.ws_url, token=issue_token(SECRET, [2])).connect()
+            for _ in range(2)
+        ]
+        try:
+            status, got, body = await request(gateway.port, poll, headers=_bearer([2]))
+            assert status == 503, body
+            assert json.loads(body)["error"] == "too_many_connections"
+            assert got["retry-after"] == "5" and got["connection"] == "close"
+            assert (await request(gateway.port, "/healthz"))[0] == 200
+            assert (await request(gateway.port, "/readyz"))[0] == 200  # full is not unready
+            await clients.pop().close()
+            async with asyncio.timeout(5):
+                while (await request(gateway.port, poll, headers=_bearer([2])))[0] != 200:  # noqa: ASYNC110 - an HTTP poll
+                    await asyncio.sleep(0.05)
+        finally:
+            for client in clients:
+                await client.close()
+
+
+async def _poll_sent(port: int, path: str, headers: dict) -> tuple[asyncio.StreamReader, object]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    lines = [f"GET {path} HTTP/1.1", "Host: x", *(f"{k}: {v}" for k, v in headers.items())]
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+    await writer.drain()
+    return reader, writer
+
+
+def _parse_answer(raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head, "no answer: the connection ended without one"
+    status_line, *lines = head.decode().split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+async def test_a_poll_waiting_for_redis_when_the_drain_starts_is_answered_at_its_deadline(loop):
+    """A poll waiting for a hung Redis (--subscribe-timeout 30 s) when SIGTERM comes: the drain
+    did not know of it, and the process exited under it after the shutdown steps, the client
+    left without an answer. Now the drain waits for it up to --drain-timeout (2 s), no longer,
+    and then answers it 503 draining with Retry-After: the client polls another pod at once."""
+    from tests.support.gateway_process import GatewayProcess
+    from tests.support.redis_server import RedisServer
+
+    args = ["--drain-timeout", "2", "--subscribe-timeout", "30", "--loop", loop]
+    with (
+        RedisServer() as server,
+        GatewayProcess(server.url, auth_secret=SECRET, args=args) as gateway,
+    ):
+        poll = "/v1/projects/6/events?epoch=e&after=0"
+        assert (await request(gateway.port, poll, headers=_bearer([6])))[0] == 200
+        os.kill(server.process.pid, signal.SIGSTOP)  # sockets open, nothing answers
+        try:
+            reader, writer = await _poll_sent(gateway.port, poll, _bearer([6]))
+            await asyncio.sleep(0.5)  # the poll waits for Redis
+            started = time.monotonic()
+            gateway.process.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(15):
+                raw = await reader.read()
+            answered = time.monotonic() - started
+            writer.close()
+            code = await asyncio.to_thread(gateway.process.wait, 15)
+            exited = time.monotonic() - started
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+        status, headers, body = _parse_answer(raw)
+        assert status == 503 and json.loads(body)["error"] == "draining", raw[:300]
+        assert headers["retry-after"] == "1" and headers["connection"] == "close"
+        assert 1.8 < answered < 3, answered  # at the drain's deadline, not before, not after
+        assert code == 0, gateway.tail()
+        assert exited < 2 + 8 + 1, f"exited after {exited:.1f}s; {gateway.tail()}"
+        assert gateway.log_lines('"requests_cut": 1'), gateway.tail()
+
+
+async def test_a_poll_that_redis_answers_during_the_drain_gets_its_page_before_the_exit():
+    """A poll waiting for Redis when SIGTERM comes, and Redis answers 3 s later, within
+    --drain-timeout (10 s): the poll gets its page, and the drain, with nothing else to wait
+    for, ends then instead of at its deadline. (Before, the drain did not wait for it: the
+    shutdown closed the Redis client under it, and the poll got a 503 unavailable, or nothing.)"""
+    from tests.support.gateway_process import GatewayProcess
+    from tests.support.redis_server import RedisServer
+
+    args = ["--drain-timeout", "10", "--subscribe-timeout", "30"]
+    with (
+        RedisServer() as server,
+        GatewayProcess(server.url, auth_secret=SECRET, args=args) as gateway,
+    ):
+        poll = "/v1/projects/7/events?epoch=e&after=0"
+        assert (await request(gateway.port, poll, headers=_bearer([7])))[0] == 200
+        os.kill(server.process.pid, signal.SIGSTOP)
+        try:
+            reader, writer = await _poll_sent(gateway.port, poll, _bearer([7]))
+            await asyncio.sleep(0.5)
+            started = time.monotonic()
+            gateway.process.send_signal(signal.SIGTERM)
+            await asyncio.sleep(3)
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+        async with asyncio.timeout(15):
+            raw = await reader.read()
+        writer.close()
+        code = await asyncio.to_thread(gateway.process.wait, 15)
+        exited = time.monotonic() - started
+        status, _, body = _parse_answer(raw)
+        assert status == 200, raw[:300]
+        assert json.loads(body)["resync_required"]["reason"] == "epoch_changed"
+        assert code == 0 and exited < 8, f"exited after {exited:.1f}s; {gateway.tail()}"
 
 
 async def test_poll_page_bytes_sets_the_size_of_a_page(redis_url, publisher):
