@@ -42,7 +42,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from consumer.answers import PendingAnswers, ReadingClock
 from consumer.frames import EVENT_TYPES, FrameError, decode_frame, event_seq
 from consumer.ordering import ProjectState, Verdict
-from consumer.pages import read_page
+from consumer.pages import PageUnavailable, read_page
 from consumer.policy import (
     ABNORMAL_CLOSURE,
     Backoff,
@@ -138,6 +138,7 @@ class ConsumerStats:
     gaps: int = 0  # resubscribes after a missing event was noticed client-side
     resyncs: int = 0  # Resync items surfaced
     catch_ups: int = 0  # resumes read page by page instead of a Resync(too_far_behind)
+    page_retries: int = 0  # catch-up pages answered 503 (draining, full, Redis away), asked again
     unavailable: int = 0  # subscribes the gateway answered 'unavailable' (Redis down), retried
     rate_limited: int = 0  # frames the gateway refused with 'rate_limited' (too many), retried
 
@@ -1002,8 +1003,8 @@ class Consumer:
             for _page in range(100_000):
                 cursor = state.cursor
                 assert cursor is not None
-                page = await self._poll(project_id, cursor)
-                if not current():
+                page = await self._poll_until_answered(project_id, cursor, current)
+                if page is None or not current():
                     return
                 if page.resync_required is not None:
                     resync = page.resync_required
@@ -1048,6 +1049,37 @@ class Consumer:
                 if message is not None and self._subscribed_on is not None:
                     self._asking(project_id)
                     await self._send(message)
+
+    async def _poll_until_answered(
+        self, project_id: int, cursor: Cursor, current: Callable[[], bool]
+    ) -> PollResponse | None:
+        """:meth:`_poll`, asked again for as long as the gateway answers 503 (it drains, it is
+        full, or Redis is away: a load balancer sends the next request to another pod), after
+        the answer's ``Retry-After`` or the next backoff delay, whichever is longer (at most the
+        policy's ``max``): the cursor stays, nothing is surfaced. None when the catch-up became
+        obsolete meanwhile (a resync, an unfollow). Any other failure raises."""
+        backoff = Backoff(self.policy, self._random)
+        while True:
+            try:
+                return await self._poll(project_id, cursor)
+            except PageUnavailable as exc:
+                if not current():
+                    return None
+                delay = backoff.next()
+                if exc.retry_after is not None:
+                    delay = max(delay, min(exc.retry_after, self.policy.max))
+                self.stats.page_retries += 1
+                if backoff.attempt % 10 == 1:  # once, then every tenth: a long outage logs little
+                    log.warning(
+                        "catch-up page refused; asking again",
+                        project_id=project_id,
+                        error=exc.error or None,
+                        retry_in=round(delay, 3),
+                        attempts=backoff.attempt,
+                    )
+                await asyncio.sleep(delay)
+                if not current():
+                    return None
 
     async def _poll(self, project_id: int, cursor: Cursor) -> PollResponse:
         """One page of ``GET /v1/projects/{id}/events`` after ``cursor``, read within

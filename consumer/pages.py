@@ -3,7 +3,8 @@
 The consumer reads a long backlog from the gateway's polling endpoint (docs/consumer.md,
 "Catching up a long backlog"), page by page. urllib makes the request in a worker thread;
 :func:`read_page` bounds the whole request, not each read, and a cancelled caller ends the
-thread at once.
+thread at once. A 503 (the gateway drains, is full, or Redis is away) is
+:class:`PageUnavailable`, with the ``Retry-After`` it gave: the page is to be asked again.
 """
 
 from __future__ import annotations
@@ -11,16 +12,38 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.client
+import json
 import socket
 import threading
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["MAX_PAGE_BYTES", "PageRequest", "read_page"]
+__all__ = ["MAX_PAGE_BYTES", "PageRequest", "PageUnavailable", "read_page"]
 
 #: Largest catch-up page read: 1,000 of the largest events the contract allows are ~30 MB.
 MAX_PAGE_BYTES = 64 * 1024 * 1024
+
+
+class PageUnavailable(Exception):
+    """The gateway answered the page with HTTP 503: it drains, it is full, or Redis did not
+    answer. Nothing is wrong with the request: ask again, after ``retry_after`` seconds when the
+    answer said (``Retry-After`` in seconds; None when it did not, or not as a number)."""
+
+    def __init__(self, retry_after: float | None, error: str = "") -> None:
+        super().__init__(f"the gateway answered 503 {error}".strip())
+        self.retry_after = retry_after
+        self.error = error
+
+
+def retry_after(header: str | None) -> float | None:
+    """A ``Retry-After`` header's seconds, or None. Headers are ISO-8859-1: only ASCII digits
+    are a number ("\u00b2" passes str.isdigit, and float() raises on it)."""
+    header = (header or "").strip()
+    if header.isascii() and header.isdigit():
+        return float(header)
+    return None
 
 
 async def read_page(url: str, token: str | None, within: float) -> bytes:
@@ -66,6 +89,12 @@ class PageRequest:
         try:
             with opener.open(request, timeout=timeout) as response:
                 body = response.read(MAX_PAGE_BYTES + 1)
+        except urllib.error.HTTPError as exc:
+            with exc:
+                if exc.code != 503:
+                    raise
+                error = _error_code(exc)
+                raise PageUnavailable(retry_after(exc.headers.get("Retry-After")), error) from None
         except Exception:
             if self._cut:
                 raise TimeoutError("the page was not read in time") from None
@@ -96,6 +125,17 @@ class PageRequest:
                 return sock
         sock.close()
         raise TimeoutError("the page was not read in time")
+
+
+def _error_code(exc: urllib.error.HTTPError) -> str:
+    """The ``error`` of a refusal's JSON body (``draining``, ``too_many_connections``,
+    ``unavailable``), read up to 4 KiB, or "" (another body, or none in time)."""
+    try:
+        body = json.loads(exc.read(4096))
+    except (OSError, ValueError, http.client.HTTPException):
+        return ""
+    error = body.get("error") if isinstance(body, dict) else None
+    return error[:64] if isinstance(error, str) else ""
 
 
 def _tracked(connection_class: type[http.client.HTTPConnection], connect: Callable[..., Any]):

@@ -555,6 +555,72 @@ async def test_a_catch_up_through_pages_cut_by_bytes_is_exact(redis_url):
     assert as_records(first + items) == await history(redis_url, [3])
 
 
+class RoundRobin:
+    """A load balancer in front of gateways' HTTP port: each new connection goes to the next
+    gateway in turn (``served`` lists which, by port), whatever state that gateway is in."""
+
+    def __init__(self, ports: list[int]) -> None:
+        self.ports = ports
+        self.served: list[int] = []
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.server.close()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        port = self.ports[len(self.served) % len(self.ports)]
+        self.served.append(port)
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", port)
+
+        async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await source.read(1 << 16):
+                    sink.write(data)
+                    await sink.drain()
+                if sink.can_write_eof():
+                    sink.write_eof()  # a half-close passes through, as HTTP uses it
+
+        await asyncio.gather(pump(reader, upstream_writer), pump(upstream_reader, writer))
+        writer.close()
+        upstream_writer.close()
+
+
+async def test_a_catch_up_through_a_load_balancer_skips_a_draining_gateway_exactly(redis_url):
+    """A consumer catches up by pages through a load balancer that sends every other request to
+    a gateway that drains (SIGTERM, --drain-delay: still listening). That gateway answered the
+    pages it got as usual; now it refuses them (503 draining, Retry-After: 1), and the consumer
+    asks for each refused page again, from the same cursor, and gets it from the other gateway:
+    exact sequence, no Resync (before, a refused page surfaced Resync(too_far_behind))."""
+    store = MemoryCursorStore()
+    publisher = AsyncPublisher.from_url(redis_url)
+    args = ["--max-replay", "50", "--drain-delay", "60"]
+    try:
+        with (
+            GatewayProcess(redis_url, auth_secret=SECRET, args=args) as draining,
+            GatewayProcess(redis_url, auth_secret=SECRET, args=args) as serving,
+        ):
+            first = await _first_events(serving, publisher, store, 4, 30)
+            await _publish(publisher, 4, 31, 2500)  # three pages of 1,000
+            draining.process.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(draining.wait_ready, 10, status=503)
+            balancer = RoundRobin([draining.port, serving.port])
+            async with balancer as http_url:
+                async with Consumer(
+                    serving.ws_url, token=tokens([4]), store=store, http_url=http_url
+                ) as consumer:
+                    items = await collect(consumer.events(4), lambda items: len(items) == 2500)
+            assert draining.running  # it was still draining all along
+    finally:
+        await publisher.aclose()
+    assert consumer.stats.catch_ups == 1 and consumer.stats.resyncs == 0
+    assert consumer.stats.page_retries >= 1
+    assert draining.port in balancer.served and serving.port in balancer.served
+    assert as_records(first + items) == await history(redis_url, [4])
+
+
 async def test_a_draining_gateway_1012_is_left_promptly_for_another_exactly(redis_url):
     """A rolling deploy: SIGTERM drains the gateway, which closes its clients with 1012; the
     consumer reconnects at once (no backoff) to the next URL and resumes: exact sequence."""

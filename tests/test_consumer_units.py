@@ -1332,6 +1332,82 @@ async def test_a_catch_up_page_trickled_by_the_server_ends_at_open_timeout(heade
         assert asyncio.get_running_loop().time() - server.started[1] < 2
 
 
+class RefusingServer:
+    """An HTTP server that answers the first ``refusals`` requests 503 (``Retry-After`` and a
+    JSON ``error`` of a draining gateway), and every later one ``page``."""
+
+    def __init__(self, refusals: int, retry_after: bytes, page: bytes) -> None:
+        self.refusals = refusals
+        self.retry_after = retry_after
+        self.page = page
+        self.requests: list[tuple[float, bytes]] = []
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._answer, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.server.close()
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        self.requests.append((asyncio.get_running_loop().time(), head.split(b"\r\n")[0]))
+        if len(self.requests) <= self.refusals:
+            body = b'{"error":"draining","message":"reconnect elsewhere"}'
+            status = b"503 Service Unavailable\r\nRetry-After: " + self.retry_after
+        else:
+            body, status = self.page, b"200 OK"
+        writer.write(
+            b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s" % (status, len(body), body)
+        )
+        await writer.drain()
+        writer.close()
+
+
+@pytest.mark.parametrize("retry_after", [b"1", b"\xb2", b"99999999999"])
+async def test_a_catch_up_page_answered_503_is_asked_again_from_the_same_cursor(
+    retry_after: bytes,
+):
+    """A catch-up page refused with 503 (the pod drains or is full, or Redis is away: the
+    next request goes to another pod) surfaced the gateway's Resync(too_far_behind) as if the
+    history could not be read: the application reloaded its state although every event was
+    still there. Now the same page is asked again, from the same cursor, after Retry-After (when
+    it is a number of seconds) or the next backoff delay, whichever is longer, and never longer
+    than the policy's max: the events arrive in order, nothing is surfaced."""
+    page = PollResponse(1, EPOCH, 8, [msgspec.Raw(frame(1, seq)) for seq in (6, 7, 8)], None, False)
+    server = RefusingServer(2, retry_after, msgspec.json.encode(page))
+    async with server as url:
+        consumer, ws, subscription = await fed_consumer(1)
+        consumer.http_url = url
+        consumer.policy = ReconnectPolicy(initial=0.2, max=1.5)
+        consumer._random = lambda: 0.5  # backoff delays 0.1, then 0.2
+        await consumer._on_frame(ws, subscribed(1, 5))  # type: ignore[arg-type]
+        consumer._states[1].subscribe_message()  # a resume from (e1, 5)...
+        resync = {"type": "resync_required", "project_id": 1, "reason": "too_far_behind"}
+        await consumer._on_frame(ws, json.dumps(resync | {"epoch": EPOCH, "seq": 5000}).encode())  # type: ignore[arg-type]
+        async with asyncio.timeout(10):
+            await asyncio.gather(*consumer._helpers)
+    items = drain(subscription)
+    assert [(type(i).__name__, i.seq) for i in items] == [("Delivery", s) for s in (6, 7, 8)]
+    assert consumer.cursor(1) == Cursor(EPOCH, 8)
+    assert consumer.stats.page_retries == 2 and consumer.stats.resyncs == 0
+    times = [at for at, _ in server.requests]
+    targets = {line for _, line in server.requests}
+    assert len(times) == 3 and len(targets) == 1, server.requests  # the same page each time
+    waits = [later - earlier for earlier, later in itertools.pairwise(times)]
+    if retry_after == b"1":
+        assert all(0.95 < wait < 1.4 for wait in waits), waits  # Retry-After: 1 s
+    elif retry_after == b"\xb2":
+        assert all(wait < 0.5 for wait in waits), waits  # not a number: the backoff's
+    else:
+        assert all(1.45 < wait < 1.9 for wait in waits), waits  # the policy's max
+    # The catch-up ended: once the gateway answers the resume that led to it, the project
+    # resubscribes from where the page left it.
+    await consumer._on_frame(ws, subscribed(1, 5000))  # type: ignore[arg-type]
+    assert ws.sent[-1] == {"type": "subscribe", "project_id": 1, "epoch": EPOCH, "after": 8}
+
+
 @pytest.mark.parametrize("retry_after", ["\u00b2", "99999999999", "3"])
 async def test_a_refused_handshakes_retry_after_neither_kills_nor_freezes_the_consumer(
     retry_after: str,

@@ -809,6 +809,39 @@ test("polling: resync_required, 401 and an unreachable gateway", async () => {
   eq(env.bus.state, "reconnecting", "neither transport works");
 });
 
+test("polling: a 503 of a draining or full gateway mid-round is reported, and the next round goes on from the cursor", async () => {
+  const env = setup({ autoFailSockets: true });
+  const history = [1, 2];
+  pollServer(env, history);
+  await env.clock.advance(0);
+  eq(env.bus.cursor(1), { epoch: "p", seq: 2 });
+  history.push(3, 4, 5, 6, 7);
+  const serve = env.poll;
+  let refused = 0;
+  env.poll = (url) => {
+    // The page after 4 reaches a pod that drains (the load balancer sends the next elsewhere).
+    if (new URL(url).searchParams.get("after") === "4" && refused === 0) {
+      refused += 1;
+      return { status: 503, body: { error: "draining", message: "reconnect elsewhere" } };
+    }
+    return serve(url);
+  };
+  const before = env.requests.length;
+  await env.clock.advance(10000);
+  eq(env.events[1], [3, 4], "the pages before the refusal");
+  eq(env.bus.cursor(1), { epoch: "p", seq: 4 }, "the cursor stays where the pages stopped");
+  const reported = env.errors.filter((e) => e.code === "poll_http_503");
+  eq(reported.length, 1);
+  eq(reported[0].projectId, 1);
+  eq(reported[0].message.includes("reconnect elsewhere"), true, reported[0].message);
+  await env.clock.advance(9999);
+  eq(env.events[1], [3, 4], "polled again after the usual interval, not in a busy loop");
+  await env.clock.advance(1);
+  eq(env.events[1], [3, 4, 5, 6, 7], "every event once, in order");
+  eq(env.requests.slice(before).map((r) => new URL(r.url).search), ["?epoch=p&after=2", "?epoch=p&after=4", "?epoch=p&after=4", "?epoch=p&after=6"]);
+  eq(env.resyncs, [1], "no resync: nothing was lost");
+});
+
 test("polling: a held buffer that overflowed while onResync is pending is not polled again and again", async () => {
   const bound = eb.ProjectCursor.MAX_BUFFERED;
   eb.ProjectCursor.MAX_BUFFERED = 4;
