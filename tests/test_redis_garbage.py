@@ -334,20 +334,22 @@ async def test_a_forged_future_seq_is_dropped_and_costs_one_read(live, publisher
 FORGED = "forged: no event of the project it names"
 
 
-@pytest.mark.parametrize("names", ["other_project", "other_seq"])
+@pytest.mark.parametrize("names", ["other_project", "other_seq", "both_projects"])
 @pytest.mark.parametrize("written_to", ["stream_and_channel", "channel"])
 async def test_a_frame_naming_another_project_or_seq_never_reaches_a_client(
     gateways, publisher, redis_client, names, written_to
 ):
     """A real event's frame written into project 1's keys (a stream entry and its channel
     message, or a channel message alone) that names project 2 and project 2's next seq, or
-    project 1 and another seq than the one it is stored under. It was relayed to project 1's
-    subscribers, and a client following projects 1 and 2 on one connection took it as project
-    2's event, then dropped project 2's real event of that seq as a duplicate: garbage in one
-    project's keys corrupted another. Now the gateway refuses it: project 2's events all arrive
-    exactly once, in order; project 1's subscribers get history_corrupt (the entry is in the
-    history) or nothing in its place (a channel message alone), then every later event; no
-    client ever gets the forged frame. Both a raw WebSocket client and the Python consumer."""
+    project 1 and another seq than the one it is stored under, or project 1 first and then
+    project 2 in a second top-level "project_id" (a decoder keeps the last: project 2), at a seq
+    that is project 1's next and project 2's next. It was relayed to project 1's subscribers,
+    and a client following projects 1 and 2 on one connection took it as project 2's event, then
+    dropped project 2's real event of that seq as a duplicate: garbage in one project's keys
+    corrupted another. Now the gateway refuses it: project 2's events all arrive exactly once,
+    in order; project 1's subscribers get history_corrupt (the entry is in the history) or
+    nothing in its place (a channel message alone), then every later event; no client ever gets
+    the forged frame. Both a raw WebSocket client and the Python consumer."""
     from consumer import Consumer, Delivery, Resync
     from publisher import issue_token
     from schemas.events import BlockerResolved, encode_event, utc_now
@@ -385,11 +387,19 @@ async def test_a_frame_naming_another_project_or_seq_never_reaches_a_client(
         await watcher.wait_for(lambda: len(watcher.seqs(victim)) == BEFORE)
         await watcher.wait_for(lambda: len(watcher.seqs(poisoned)) == BEFORE)
         top = int(redis_client.hget(KEYS.meta(poisoned), "seq"))
-        named, named_seq = (victim, BEFORE + 1) if names == "other_project" else (poisoned, top + 2)
+        named, named_seq = {
+            "other_project": (victim, BEFORE + 1),
+            "other_seq": (poisoned, top + 2),
+            "both_projects": (poisoned, top + 1),  # then project 2, in a second "project_id"
+        }[names]
         forgery = BlockerResolved(
             project_id=named, blocker_id=999, answer=FORGED, resolved_at=utc_now()
         )
         frame = encode_event(forgery)[:-1] + b',"seq":%d}' % named_seq  # as the script does
+        if names == "both_projects":
+            assert top + 1 == BEFORE + 1  # project 1's next seq is project 2's next too
+            frame = frame.replace(b',"seq":', b',"project_id":%d,"seq":' % victim)
+            assert json.loads(frame)["project_id"] == victim
         if written_to == "stream_and_channel":
             redis_client.xadd(KEYS.stream(poisoned), {"f": frame, "t": "0"}, id=f"{top + 1}-0")
             redis_client.hset(KEYS.meta(poisoned), "seq", top + 1)

@@ -240,9 +240,19 @@ def test_a_frame_longer_than_any_event_is_foreign_and_every_event_fits() -> None
 # --- a frame names its place: the project whose key it is read from, and its seq -------------
 
 
+#: Pieces of text values that look like the top-level keys a client places an event by (quoted,
+#: escaped, as a key of a nested object would be): such a value must not fool the duplicate-key
+#: check of schemas.stored, and a frame holding one is still ours.
+_KEY_LIKE_TEXT = (
+    *('"type":', '"project_id":', '"seq":', "type", "project_id", "seq"),
+    *('"', "\\", "\\u0070", "\x01", ",", ":", "{", "}", " ", "\n"),
+)
+
+
 def _values(info: object) -> st.SearchStrategy:
     """Values of a field type of the contract (msgspec.inspect), within its constraints: any
-    text (quotes, backslashes, control characters, any plane), any integer in range."""
+    text (quotes, backslashes, control characters, any plane; also text made of the keys a
+    client places an event by, quoted and escaped), any integer in range."""
     import datetime as dt
 
     import msgspec.inspect as mi
@@ -254,7 +264,13 @@ def _values(info: object) -> st.SearchStrategy:
         high = info.lt - 1 if info.lt is not None else (info.le if info.le is not None else 2**53)
         return st.integers(low, high)
     if isinstance(info, mi.StrType):
-        return st.text(min_size=info.min_length or 0, max_size=min(info.max_length or 40, 40))
+        low, high = info.min_length or 0, min(info.max_length or 40, 40)
+        return st.one_of(
+            st.text(min_size=low, max_size=high),
+            st.lists(st.sampled_from(_KEY_LIKE_TEXT), max_size=8)
+            .map("".join)
+            .filter(lambda text: low <= len(text) <= high),
+        )
     if isinstance(info, mi.LiteralType):
         return st.sampled_from(info.values)
     if isinstance(info, mi.DateTimeType):
@@ -379,6 +395,10 @@ def test_every_event_type_encodes_its_tag_then_its_project_first() -> None:
         assert info.tag_field == "type" and isinstance(info.tag, str), event_type
         assert '"' not in info.tag and "\\" not in info.tag, event_type  # encoded as it is
         assert info.fields[0].encode_name == "project_id", event_type
+        # ... and no other field named like a key a client places it by: the publish script
+        # appends "seq", and a frame holding one of them twice at its top level is foreign.
+        names = [f.encode_name for f in info.fields[1:]]
+        assert not {"type", "project_id", "seq"} & set(names), event_type
 
 
 @pytest.mark.parametrize("tag", ["authenticated", "subscribed", "resync_required", "error", "pong"])
@@ -401,3 +421,137 @@ def test_no_event_type_is_named_like_a_protocol_message() -> None:
         m.__struct_config__.tag for m in (*get_args(ClientMessage), *get_args(ServerMessage))
     }
     assert not protocol & {t.__struct_config__.tag for t in event_types()}
+
+
+# --- a frame holds each of the keys a client places an event by once, at its top level -------
+
+#: The problem of a frame whose top level holds ``key`` twice.
+DUPLICATE = "frame has a duplicate top-level key {!r}"
+
+
+@pytest.mark.parametrize(
+    ("frame", "key"),
+    [
+        # JSON.parse (and msgspec, and most decoders) keep the last: project 2's event to a
+        # client following both projects, though the frame starts by naming project 7.
+        (b'{"type":"x","project_id":7,"project_id":2,"seq":5}', "project_id"),
+        (b'{"type":"x","project_id":7,"a":{"b":1},"project_id":2,"seq":5}', "project_id"),
+        (b'{"type":"x","project_id":7,"project_id":7,"seq":5}', "project_id"),  # even the same
+        # A protocol message to the client, or an event of another type.
+        (b'{"type":"x","project_id":7,"type":"authenticated","expires_at":1,"seq":5}', "type"),
+        (b'{"type":"x","project_id":7,"type":"blocker_expired","seq":5}', "type"),
+        # Harmless (the last is the one checked), but not a frame the publish script writes.
+        (b'{"type":"x","project_id":7,"seq":4,"seq":5}', "seq"),
+        # However the key is spelled: whitespace around it, escapes that decode to it.
+        (b'{"type":"x","project_id":7,"a":1, "project_id" :\n2,"seq":5}', "project_id"),
+        (b'{"type":"x","project_id":7,"proj\\u0065ct_id":2,"seq":5}', "project_id"),
+        (b'{"type":"x","project_id":7,"\\u0074\\u0079\\u0070\\u0065":"pong","seq":5}', "type"),
+        (b'{"type":"x","project_id":7,"s\\u0065q":9,"seq":5}', "seq"),
+        # A decoy in a string value first does not hide the real key after it.
+        (b'{"type":"x","project_id":7,"t":",\\"seq\\":","project_id":2,"seq":5}', "project_id"),
+    ],
+)
+def test_a_frame_holding_a_placing_key_twice_at_its_top_level_is_foreign(frame, key) -> None:
+    problem = DUPLICATE.format(key)
+    with pytest.raises(ForeignValue) as info:
+        parse_stream_entry(b"5-0", [b"f", frame], PROJECT)
+    assert (info.value.kind, info.value.problem) == (ForeignKind.STREAM_ENTRY, problem)
+    with pytest.raises(ForeignValue) as info:
+        parse_channel_message(b"e1|5|0|" + frame, PROJECT)
+    assert (info.value.kind, info.value.problem) == (ForeignKind.CHANNEL_MESSAGE, problem)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        # The same keys inside an object value: not the top level.
+        b'{"type":"x","project_id":7,"x":{"project_id":2,"type":"authenticated","seq":9},"seq":5}',
+        b'{"type":"x","project_id":7,"x":{"y":{"project_id":2}},"l":[{"seq":1},{"seq":2}],"seq":5}',
+        b'{"type":"x","project_id":7,"x":{"proj\\u0065ct_id":2},"seq":5}',
+        # ... inside string values (escaped quotes), or as string values.
+        b'{"type":"x","project_id":7,"t":"\\"project_id\\":2,\\"type\\":\\"pong\\"","seq":5}',
+        b'{"type":"x","project_id":7,"t":"type","u":"seq","v":"project_id","seq":5}',
+        b'{"type":"x","project_id":7,"t":"say \\"type","u":"\\\\u0070roject_id\\u0001","seq":5}',
+        # ... or as a part of another key.
+        b'{"type":"x","project_id":7,"seq_no":1,"types":2,"my_project_id":3,"seq":5}',
+    ],
+)
+def test_the_placing_keys_elsewhere_than_at_the_top_level_are_ours(frame) -> None:
+    assert check_frame(frame, ForeignKind.STREAM_ENTRY, PROJECT, 5) == frame
+    assert parse_stream_entry(b"5-0", [b"f", frame], PROJECT) == (5, frame)
+    assert parse_channel_message(b"e1|5|0|" + frame, PROJECT).frame == frame
+
+
+def test_a_frame_the_exact_check_reads_must_be_json() -> None:
+    """Where a placing key's name appears as a key outside the header and tail, the frame is
+    decoded to find its top-level keys; one that is no JSON there is foreign (no client can read
+    it)."""
+    frame = b'{"type":"x","project_id":7,"x":{"a":1,"type":2},,"seq":5}'
+    with pytest.raises(ForeignValue) as info:
+        check_frame(frame, ForeignKind.STREAM_ENTRY, PROJECT, 5)
+    assert info.value.problem == "frame is not valid JSON"
+
+
+def _top_level_ends(frame: str) -> list[int]:
+    """Where each top-level member of the JSON object ``frame`` ends (the index of the ``,`` or
+    ``}`` after its value), by the standard library's decoder."""
+    import json
+
+    decoder, ends, at = json.JSONDecoder(), [], 1
+    while frame[at] != "}":
+        _, at = decoder.raw_decode(frame, at)  # the key
+        assert frame[at] == ":"
+        _, at = decoder.raw_decode(frame, at + 1)  # its value
+        ends.append(at)
+        at += frame[at] == ","
+    return ends
+
+
+@st.composite
+def _spellings(draw, key: str) -> str:
+    """``key`` as a JSON key: some characters as ``\\u`` escapes, whitespace around the colon."""
+    escaped = draw(st.lists(st.booleans(), min_size=len(key), max_size=len(key)))
+    name = "".join(f"\\u{ord(c):04x}" if e else c for c, e in zip(key, escaped, strict=True))
+    space = st.sampled_from(["", " ", "\n", "\t", "\r\n "])
+    return f'{draw(space)}"{name}"{draw(space)}:{draw(space)}'
+
+
+@FUZZ
+@given(_events(), seqs, st.data())
+def test_a_placing_key_inserted_anywhere_at_the_top_level_is_refused(event, seq, data) -> None:
+    """Any event's frame with ``type``, ``project_id`` or ``seq`` inserted once more at its top
+    level (any value, the frame's own included; the key spelled any way JSON allows) is foreign:
+    between its members with the problem of a duplicate, first or last with that of the header
+    or tail it breaks."""
+    import json
+
+    from schemas.events import encode_event
+
+    frame = (encode_event(event)[:-1] + b',"seq":%d}' % seq).decode()
+    ends = _top_level_ends(frame)  # type, project_id, the event's fields, seq
+    key = data.draw(st.sampled_from(["type", "project_id", "seq"]))
+    value = data.draw(
+        st.one_of(
+            st.just(json.dumps({"type": event.__struct_config__.tag, "seq": seq}[key]))
+            if key != "project_id"
+            else st.just(str(event.project_id)),
+            st.integers(1, 2**53).map(str),
+            st.text(max_size=10).map(json.dumps),
+            st.just('{"project_id":1}'),
+        )
+    )
+    member = data.draw(_spellings(key)) + value
+    at = data.draw(st.sampled_from([0, *ends]))  # after the "{", or after a member
+    if at == 0:
+        forged = "{" + member + "," + frame[1:]
+    else:
+        forged = frame[:at] + "," + member + frame[at:]
+    json.loads(forged)  # still JSON, which a client reads with the inserted key last
+    for parse in (
+        lambda: parse_stream_entry(b"%d-0" % seq, {b"f": forged.encode()}, event.project_id),
+        lambda: parse_channel_message(b"e1|%d|0|%s" % (seq, forged.encode()), event.project_id),
+    ):
+        with pytest.raises(ForeignValue) as info:
+            parse()
+        if ends[0] < at < ends[-1]:  # between project_id and seq: the header and tail hold
+            assert info.value.problem == DUPLICATE.format(key)
