@@ -29,7 +29,8 @@ What is checked, and why it is enough (the gateway never decodes an event's JSON
   event of that seq as a duplicate): garbage in one project's keys corrupted another project.
   This is a bytes check (an anchored regex and an ``endswith``: no JSON is decoded). The tag must
   not be a protocol message's (``authenticated``, ``subscribed``...): clients read the type
-  first, and such a frame would act on the connection instead of being an event.
+  first, and such a frame would act on the connection instead of being an event; nor decode to
+  one (``"\\u0061uthenticated"``): a tag with a ``\\u`` escape is decoded by the exact check below.
 * a frame holds each of those keys (``type``, ``project_id``, ``seq``) **once at its top level**.
   ``JSON.parse``, msgspec and most decoders keep the last of a repeated key, so
   ``{"type":"blocker_created","project_id":1,...,"project_id":2,"seq":5}`` in project 1's keys,
@@ -93,6 +94,9 @@ _ENTRY_ID_RE = re.compile(rb"^([1-9][0-9]{0,14})-0\Z")
 #: without quotes, as every event type's is: tests/test_stored.py) then ``project_id``. ``match``
 #: anchors it at the start of the frame.
 _HEADER_RE = re.compile(rb'\{"type":"[^"]*","project_id":')
+#: Where the tag starts in a frame: after ``{"type":"``.
+_TAG_START = 9
+_PROTOCOL_TYPE = "frame's type is a protocol message's, not an event's"
 #: The keys a client places an event by; a frame holds each once at its top level.
 _PLACING_KEYS = frozenset(("type", "project_id", "seq"))
 #: A key so named after a comma (and JSON whitespace): how a frame without ``\u`` escapes holds
@@ -102,10 +106,10 @@ _PLACING_KEY_RE = re.compile(rb',[ \t\n\r]*"(?:type|project_id|seq)"')
 #: Headers of frames whose type is a protocol message's (``authenticated``, ``subscribed``...):
 #: a client reads the type first, so such a "event" would act on its connection (a forged
 #: ``authenticated`` moves the browser client's token refresh). No event can have one.
-_PROTOCOL_HEADERS = frozenset(
-    b'{"type":"%s","project_id":' % message.__struct_config__.tag.encode()
-    for message in (*get_args(ClientMessage), *get_args(ServerMessage))
+_PROTOCOL_TYPES = frozenset(
+    message.__struct_config__.tag for message in get_args(ClientMessage) + get_args(ServerMessage)
 )
+_PROTOCOL_HEADERS = frozenset(b'{"type":"%s","project_id":' % t.encode() for t in _PROTOCOL_TYPES)
 
 
 class ForeignKind(enum.StrEnum):
@@ -161,13 +165,12 @@ def _check_frame(frame: object, kind: ForeignKind, project: bytes, tail: bytes) 
             frame.decode("utf-8")
         except UnicodeDecodeError:
             raise ForeignValue(kind, "frame is not valid UTF-8") from None
-    # A placing key repeated at the top level (module doc): the common case costs one regex
-    # search and one memchr; only a frame with a key so named, or a \u escape, past its header is
-    # decoded.
-    start = header.end()
+    # A placing key repeated at the top level, or an escaped protocol type (module doc): the
+    # common case costs one regex search and one memchr; only a frame with a key so named past its
+    # header, or a \u escape past "type", is decoded.
     if (
-        _PLACING_KEY_RE.search(frame, start, len(frame) - len(tail) + 1) is not None
-        or (frame.find(b"\\", start) >= 0 and frame.find(b"\\u", start) >= 0)
+        _PLACING_KEY_RE.search(frame, header.end(), len(frame) - len(tail) + 1) is not None
+        or (frame.find(b"\\", _TAG_START) >= 0 and frame.find(b"\\u", _TAG_START) >= 0)
     ) and _top_level_problem(frame) is not None:
         raise ForeignValue(kind, _frame_problem(frame, project, tail))
     return frame
@@ -176,8 +179,8 @@ def _check_frame(frame: object, kind: ForeignKind, project: bytes, tail: bytes) 
 def _top_level_problem(frame: bytes) -> str | None:
     """The exact check behind the cheap test of :func:`_check_frame`: what is wrong with the top
     level of ``frame`` (valid UTF-8) as a JSON decoder reads it (escapes decoded, whitespace
-    skipped): a key a client places an event by held twice, or no JSON at all (no client can
-    read it). None when neither."""
+    skipped): a key a client places an event by held twice, a type that is a protocol message's
+    once decoded, or no JSON at all (no client can read it). None when none of these."""
     top: list[list[tuple[str, object]]] = [[]]
 
     def keep(pairs: list[tuple[str, object]]) -> None:
@@ -194,6 +197,8 @@ def _top_level_problem(frame: bytes) -> str | None:
         if key in seen and key in _PLACING_KEYS:
             return f"frame has a duplicate top-level key {key!r}"
         seen.add(key)
+    if top[0] and top[0][0][1] in _PROTOCOL_TYPES:  # the first key is "type" (the header's)
+        return _PROTOCOL_TYPE
     return None
 
 
@@ -212,7 +217,7 @@ def _frame_problem(frame: bytes, project: bytes, tail: bytes) -> str:
     if header is None:
         return 'frame does not start with {"type":<tag>,"project_id":'
     if frame[: header.end()] in _PROTOCOL_HEADERS:
-        return "frame's type is a protocol message's, not an event's"
+        return _PROTOCOL_TYPE
     if not frame.endswith(tail):
         return f"frame does not end with {tail.decode()}"
     if not frame.startswith(project, header.end()):
