@@ -1259,7 +1259,22 @@ async def test_a_catch_up_whose_pages_cannot_be_read_surfaces_the_resync():
     assert consumer.cursor(1) == Cursor(EPOCH, 5000)
 
 
-class TricklingServer:
+class LocalHttpServer:
+    """A server on a free local port for the duration of ``async with`` (which gives its URL);
+    subclasses answer each connection in ``_answer``."""
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._answer, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.server.close()
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+class TricklingServer(LocalHttpServer):
     """An HTTP server that answers ``header`` and then a byte every 0.1 s, until its client goes
     away (``ended`` is set then)."""
 
@@ -1268,13 +1283,6 @@ class TricklingServer:
         self.started: list[float] = []
         self.answering = asyncio.Event()
         self.ended = asyncio.Event()
-
-    async def __aenter__(self) -> str:
-        self.server = await asyncio.start_server(self._answer, "127.0.0.1", 0)
-        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self.server.close()
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.ended.clear()
@@ -1332,7 +1340,7 @@ async def test_a_catch_up_page_trickled_by_the_server_ends_at_open_timeout(heade
         assert asyncio.get_running_loop().time() - server.started[1] < 2
 
 
-class RefusingServer:
+class RefusingServer(LocalHttpServer):
     """An HTTP server that answers the first ``refusals`` requests 503 (``Retry-After`` and a
     JSON ``error`` of a draining gateway), and every later one ``page``."""
 
@@ -1341,13 +1349,6 @@ class RefusingServer:
         self.retry_after = retry_after
         self.page = page
         self.requests: list[tuple[float, bytes]] = []
-
-    async def __aenter__(self) -> str:
-        self.server = await asyncio.start_server(self._answer, "127.0.0.1", 0)
-        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self.server.close()
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")

@@ -411,17 +411,23 @@ def test_a_frame_typed_as_a_protocol_message_is_foreign(tag) -> None:
     assert "protocol message" in info.value.problem
 
 
-@pytest.mark.parametrize("tag", [b"\\u0061uthenticated", b"p\\u006fng", b"\\u0065rror"])
-def test_a_frame_typed_as_a_protocol_message_with_escapes_is_foreign(tag) -> None:
-    # As bytes no protocol message's header, yet every client decodes the type to one.
-    frame = b'{"type":"%s","project_id":7,"expires_at":1,"seq":5}' % tag
-    problem = "frame's type is a protocol message's, not an event's"
+def assert_foreign_everywhere(frame: bytes, problem: str) -> None:
+    """``frame`` (of seq 5 of ``PROJECT``) is refused with ``problem`` as a stream entry's and as a
+    channel message's."""
     with pytest.raises(ForeignValue) as info:
         parse_stream_entry(b"5-0", [b"f", frame], PROJECT)
     assert (info.value.kind, info.value.problem) == (ForeignKind.STREAM_ENTRY, problem)
     with pytest.raises(ForeignValue) as info:
         parse_channel_message(b"e1|5|0|" + frame, PROJECT)
     assert (info.value.kind, info.value.problem) == (ForeignKind.CHANNEL_MESSAGE, problem)
+
+
+@pytest.mark.parametrize("tag", [b"\\u0061uthenticated", b"p\\u006fng", b"\\u0065rror"])
+def test_a_frame_typed_as_a_protocol_message_with_escapes_is_foreign(tag) -> None:
+    # As bytes no protocol message's header, yet every client decodes the type to one.
+    frame = b'{"type":"%s","project_id":7,"expires_at":1,"seq":5}' % tag
+    problem = "frame's type is a protocol message's, not an event's"
+    assert_foreign_everywhere(frame, problem)
 
 
 def test_no_event_type_is_named_like_a_protocol_message() -> None:
@@ -466,12 +472,7 @@ DUPLICATE = "frame has a duplicate top-level key {!r}"
 )
 def test_a_frame_holding_a_placing_key_twice_at_its_top_level_is_foreign(frame, key) -> None:
     problem = DUPLICATE.format(key)
-    with pytest.raises(ForeignValue) as info:
-        parse_stream_entry(b"5-0", [b"f", frame], PROJECT)
-    assert (info.value.kind, info.value.problem) == (ForeignKind.STREAM_ENTRY, problem)
-    with pytest.raises(ForeignValue) as info:
-        parse_channel_message(b"e1|5|0|" + frame, PROJECT)
-    assert (info.value.kind, info.value.problem) == (ForeignKind.CHANNEL_MESSAGE, problem)
+    assert_foreign_everywhere(frame, problem)
 
 
 @pytest.mark.parametrize(
