@@ -111,6 +111,8 @@ class HttpRoutes:
                 finally:
                     gateway.answer_ended(bound)
         except TimeoutError:
+            if not bound.expired():
+                raise  # not the drain's cut: the handler's own (answered 500 by the caller)
             response = draining_response()
             for name, value in self._cors_headers(request) or ():
                 response.headers[name] = value

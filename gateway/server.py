@@ -29,7 +29,7 @@ from gateway.logs import LogThrottle, describe, get_logger
 from gateway.metrics import Metrics
 from gateway.presence_store import PresenceService
 from gateway.pubsub import PubSubLink
-from gateway.session import Admission, ClientSession, SlowConsumerPolicy
+from gateway.session import Admission, ClientSession, SlowConsumerPolicy, unsent
 from gateway.sse import SseStreams
 from gateway.store import HistoryStore
 from gateway.websocket import WebSocketEndpoint
@@ -55,6 +55,10 @@ ACCEPT_SLACK = 64
 #: Seconds the drain gives the HTTP requests it ended at its deadline to write their 503s (it
 #: takes a few iterations of the event loop).
 CUT_ANSWERS_TIMEOUT = 0.5
+
+#: Seconds between the drain's looks at the HTTP answers still being sent (a page to a slow
+#: reader): :func:`gateway.session.unsent` is not an event to wait for.
+SENDING_CHECK_INTERVAL = 0.05
 
 #: Seconds each step of the final shutdown (listener, feeds, pub/sub, Redis client) may take
 #: after the clients are gone: a hung Redis must not hold the exit.
@@ -82,6 +86,10 @@ class Gateway:
         self.http_answers: set[asyncio.Timeout] = set()
         self._answers_done = asyncio.Event()
         self._answers_done.set()
+        #: The transports of the HTTP answers written, from the write to the connection's end:
+        #: the drain waits, within its deadline, until each is sent, so that the exit does not
+        #: cut an answer still in the transport's buffer or the kernel's (a page, a slow link).
+        self.http_sending: set[asyncio.WriteTransport] = set()
         self.server: asyncio.Server | None = None
         #: In a ``--workers`` group (see gateway.workers): this worker's number and the group's
         #: shared view of metrics and readiness; None for a single gateway.
@@ -329,6 +337,24 @@ class Gateway:
         if not self.http_answers:
             self._answers_done.set()
 
+    def answer_written(self, transport: asyncio.WriteTransport) -> None:
+        """An HTTP answer was written to ``transport`` (it may not be sent yet)."""
+        self.http_sending.add(transport)
+
+    def answer_closed(self, transport: asyncio.WriteTransport) -> None:
+        """The connection of an HTTP answer ended (sent or not, nothing more goes out)."""
+        self.http_sending.discard(transport)
+
+    def answers_unsent(self) -> int:
+        """How many HTTP answers written are not wholly sent yet (:func:`unsent`: bytes still in
+        the transport's buffer or the kernel's)."""
+        return sum(1 for transport in self.http_sending if unsent(transport))
+
+    async def _answers_sent(self) -> None:
+        """Until every HTTP answer written is sent, or its connection ended."""
+        while self.answers_unsent():  # noqa: ASYNC110 - unsent() is no event to wait for
+            await asyncio.sleep(SENDING_CHECK_INTERVAL)
+
     def cut_answers(self) -> int:
         """End every HTTP request still being handled: each is answered 503 ``draining`` (with
         ``Retry-After``) instead, as its task's next step. Returns how many."""
@@ -347,7 +373,9 @@ class Gateway:
         From the start, a new handshake, stream or poll is refused (503, ``Retry-After``). HTTP
         requests already being handled (a poll waiting for Redis) are answered as usual,
         within ``--drain-timeout`` like the clients' closes; one still waiting then is answered
-        503 ``draining`` (:meth:`cut_answers`), so the drain never waits longer for it."""
+        503 ``draining`` (:meth:`cut_answers`), so the drain never waits longer for it. HTTP
+        answers written but not wholly sent yet (a page to a slow reader) are waited for within
+        the same deadline, so the exit does not cut them; one still unsent then is cut."""
         if self.draining:
             return
         self.draining = True
@@ -374,7 +402,7 @@ class Gateway:
             for session in batch:
                 session.close_later(CloseCode.SERVICE_RESTART, "server restarting")
         deadline = started + config.drain_timeout
-        if self.sessions or self.http_answers:
+        if self.sessions or self.http_answers or self.http_sending:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout_at(
                     asyncio.get_running_loop().time() + max(0.0, deadline - time.monotonic())
@@ -382,6 +410,7 @@ class Gateway:
                     if self.sessions:
                         await self._all_closed.wait()
                     await self._answers_done.wait()
+                    await self._answers_sent()
         for session in list(self.sessions):
             session.transport.abort()
         cut = self.cut_answers()
@@ -390,8 +419,11 @@ class Gateway:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(CUT_ANSWERS_TIMEOUT):
                     await self._answers_done.wait()
+        unsent_answers = self.answers_unsent()  # cut by the exit (the deadline has passed)
         await self.close()
         extra = {"requests_cut": cut} if cut else {}
+        if unsent_answers:
+            extra["answers_unsent"] = unsent_answers
         log.info("drained", seconds=round(time.monotonic() - started, 3), **extra)
 
     async def close(self) -> None:

@@ -425,6 +425,8 @@ class WebSocketConnection(asyncio.Protocol):
         self.backlog = None
         self.unfed = None
         if session is None:
+            if self.answering_http:
+                self.endpoint.gateway.answer_closed(self.transport)
             self._stop_finishing()  # an HTTP answer still waiting (a poll, for Redis)
             return
         sent = protocol.close_sent
@@ -594,6 +596,7 @@ class WebSocketConnection(asyncio.Protocol):
             return  # the client left (or the deadline passed) before the answer
         data = response.serialize()
         transport.write(data)
+        endpoint.gateway.answer_written(transport)  # the drain waits for it to be sent
         loop = asyncio.get_running_loop()
         self.answer_deadline = loop.time() + CLOSE_TIMEOUT + len(data) / endpoint.answer_min_rate
         if self.peer_done:

@@ -489,6 +489,23 @@ async def test_a_poll_whose_client_left_stops_waiting_for_redis_at_once():
             await gateway.drain()
 
 
+async def test_a_handlers_own_timeout_is_an_internal_error_not_a_drain(gateways):
+    """Every HTTP request runs under a bound the drain moves to its deadline, whose expiry is
+    answered 503 draining. A TimeoutError of the handler's own (not the drain's) on a pod that
+    is not draining is an internal error as before: 500, not a 503 telling the client the pod
+    goes away (nor a refusal counted)."""
+    gateway = await gateways()
+
+    async def times_out(request):
+        raise TimeoutError("the handler's own")
+
+    gateway.http.routes["/healthz"] = times_out
+    status, _, body = await request(gateway.port, "/healthz")
+    assert status == 500 and json.loads(body)["error"] == "internal", body
+    assert gateway.metrics.connections_rejected_total == 0
+    assert not gateway.http_answers and not gateway.draining
+
+
 @pytest.mark.parametrize(
     "raw",
     [

@@ -388,6 +388,74 @@ async def test_a_poll_that_redis_answers_during_the_drain_gets_its_page_before_t
         assert code == 0 and exited < 8, f"exited after {exited:.1f}s; {gateway.tail()}"
 
 
+def _content(answer: bytes) -> tuple[bytes, bytes, int]:
+    """An HTTP answer's head, body and Content-Length."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    return head, body, length
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+async def test_a_poll_answer_still_being_sent_when_the_drain_starts_is_sent_whole(
+    redis_url, publisher, loop
+):
+    """A page (4 MiB: more than the kernel's send buffer holds) written to a client that reads
+    nothing for a while when SIGTERM comes: the drain waited for the poll's handler only, and
+    the process exited at once, cutting the answer still in its transport's buffer (the client
+    got ~3.6 of its 4.1 MB). Now the drain waits, within --drain-timeout, until the answer is
+    sent, and ends as soon as it is."""
+    from tests.support.gateway_process import GatewayProcess
+    from tests.test_gateway_http import _large_poll_sent, _read_all
+
+    args = ["--drain-timeout", "20", "--poll-page-bytes", "4128768", "--loop", loop]
+    with GatewayProcess(redis_url, auth_secret=SECRET, args=args) as gateway:
+        sock = await _large_poll_sent(gateway, publisher, 13, 300)
+        ev = asyncio.get_running_loop()
+        try:
+            first = await ev.sock_recv(sock, 4096)
+            assert first.startswith(b"HTTP/1.1 200"), first[:200]
+            gateway.process.send_signal(signal.SIGTERM)
+            await asyncio.sleep(2)  # a slow link: nothing read for a while
+            assert gateway.running, "exited under an answer not sent yet"
+            async with asyncio.timeout(30):
+                answer = first + await _read_all(sock)
+            read = time.monotonic()
+        finally:
+            sock.close()
+        code = await asyncio.to_thread(gateway.process.wait, 15)
+        _, body, length = _content(answer)
+        assert len(body) == length > 4_000_000, (len(body), length)
+        page = json.loads(body)
+        assert page["more"] and page["events"][0]["seq"] == 1
+        assert code == 0 and time.monotonic() - read < 5, gateway.tail()  # not at the deadline
+        assert not gateway.log_lines("answers_unsent"), gateway.tail()
+
+
+async def test_a_poll_answer_never_read_holds_the_drain_no_longer_than_its_timeout(
+    redis_url, publisher
+):
+    """An answer its client never reads (and never closes: it is not gone) is waited for up to
+    --drain-timeout (2 s), no longer: then the exit cuts it, and the log says so."""
+    from tests.support.gateway_process import GatewayProcess
+    from tests.test_gateway_http import _large_poll_sent
+
+    args = ["--drain-timeout", "2", "--stall-timeout", "60"]
+    with GatewayProcess(redis_url, auth_secret=SECRET, args=args) as gateway:
+        sock = await _large_poll_sent(gateway, publisher, 14, 100)
+        try:
+            first = await asyncio.get_running_loop().sock_recv(sock, 4096)
+            assert first.startswith(b"HTTP/1.1 200"), first[:200]
+            started = time.monotonic()
+            gateway.process.send_signal(signal.SIGTERM)
+            code = await asyncio.to_thread(gateway.process.wait, 15)
+            exited = time.monotonic() - started
+        finally:
+            sock.close()
+        assert code == 0, gateway.tail()
+        assert 1.8 < exited < 2 + 8 + 1, f"exited after {exited:.1f}s; {gateway.tail()}"
+        assert gateway.log_lines('"answers_unsent": 1'), gateway.tail()
+
+
 async def test_poll_page_bytes_sets_the_size_of_a_page(redis_url, publisher):
     """--poll-page-bytes 32768: 30 events of ~15 KB come two a page, each page with ``more``
     until the last, every event once and in order (1 MiB by default: one page)."""
