@@ -35,6 +35,7 @@ from publisher.core import (
     PublishManyError,
     Retention,
     RetryPolicy,
+    check_retry_guard,
     now_if_none,
     pack_command,
     plan_batches,
@@ -151,6 +152,7 @@ class _Settings:
         sharded: bool,
         retry_guard: timedelta | None,
     ) -> None:
+        check_retry_guard(retry_guard)
         self.keys = Keys(prefix)
         self.retention = retention or Retention()
         self.idempotency_window = idempotency_window

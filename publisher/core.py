@@ -316,6 +316,7 @@ def prepare_single(
     Without an ``idempotency_key``, the call still carries a unique key remembered for
     ``retry_guard``, so that a retry of this very call can never publish the event twice.
     """
+    check_retry_guard(retry_guard)
     payload = encode_event(event)
     if idempotency_key is not None:
         _check_idempotency_key(idempotency_key, idempotency_window)
@@ -339,11 +340,23 @@ def valid_idempotency_key(key: object) -> bool:
     return isinstance(key, str) and _IDEMPOTENCY_KEY_RE.match(key) is not None
 
 
+#: The shortest window the publish script can remember a call for: it writes the record with
+#: ``SET ... PX <ms>`` after the events, and Redis refuses ``PX`` below 1 (the script would fail
+#: half-way, with the events stored and relayed).
+MIN_WINDOW = timedelta(milliseconds=1)
+
+
 def _check_idempotency_key(key: object, window: timedelta) -> None:
     if not valid_idempotency_key(key):
         raise ValueError("idempotency_key must be 1-200 printable ASCII characters, no spaces")
-    if window <= timedelta(0):
-        raise ValueError("idempotency_window must be positive")
+    if window < MIN_WINDOW:
+        raise ValueError("idempotency_window must be at least 1 ms")
+
+
+def check_retry_guard(retry_guard: timedelta | None) -> None:
+    """``retry_guard`` is None or 0 (no guard), or at least :data:`MIN_WINDOW`."""
+    if retry_guard and retry_guard < MIN_WINDOW:
+        raise ValueError("retry_guard must be None, 0 (no guard) or at least 1 ms")
 
 
 def _keyed_call(
@@ -390,6 +403,7 @@ def plan_batches(
     script call of its own under its key, exactly as :func:`prepare_single` would; the events
     without a key between them are grouped as usual. Malformed keys raise ``ValueError``.
     """
+    check_retry_guard(retry_guard)
     events = list(events)
     encoded = [(event.project_id, encode_event(event)) for event in events]
     keyed: dict[int, str] = {}

@@ -38,7 +38,9 @@ __all__ = ["PUBLISH", "SNAPSHOT"]
 #: key that is not a hash or whose epoch or seq is not what this script writes, an idempotency
 #: key that is not a record, a stream key of another type or whose entries run ahead of seq
 #: (refused by the first XADD, which runs before any other write). Redis refuses a script for
-#: OOM only at its first write, so an OOM refusal also writes nothing.
+#: OOM only at its first write, so an OOM refusal also writes nothing. An idempotency window
+#: under 1 ms (which the record's ``SET ... PX`` after the events would refuse) is refused
+#: before the first write too.
 PUBLISH = """
 local function corrupt(key, what)
   return redis.error_reply('EVENTBUS_CORRUPT ' .. key .. ' ' .. what)
@@ -62,6 +64,12 @@ if epoch then
 end
 local idempotency_key = ARGV[7]
 if idempotency_key ~= '' then
+  -- Its record is written with PX after the events, and Redis refuses PX below 1: refused now,
+  -- before anything is written, rather than half-way.
+  local window = tonumber(ARGV[4])
+  if not window or window < 1 then
+    return redis.error_reply('ERR idempotency window must be at least 1 ms')
+  end
   local prior = redis.pcall('GET', idempotency_key)
   if wrong_type(prior) then return corrupt(idempotency_key, 'is not a string') end
   -- Any other error (e.g. 'non local key' from a node importing the slot) goes back as it is.

@@ -849,3 +849,44 @@ def test_age_retention_copes_with_entries_another_writer_left(
     if old and first_foreign > old:  # nothing foreign among the old ones: they all went
         assert min(kept) == old + 1
     client.close()
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"retry_guard": timedelta(microseconds=500)},
+        {"retry_guard": timedelta(seconds=-1)},
+        {"idempotency_window": timedelta(microseconds=500)},
+    ],
+)
+def test_a_window_under_a_millisecond_is_refused_before_anything_is_written(
+    redis_client, redis_url: str, settings
+) -> None:
+    """The publish script remembers a call (idempotency key, retry guard) with ``SET ... PX <ms>``
+    after the events are written, and Redis refuses ``PX`` below 1: a window under a millisecond
+    (or a negative retry guard) failed every publish half-way, so the caller got a PublishError
+    for an event that was stored and relayed (and publishing it again stored it twice). Such a
+    window is now a ValueError before anything is sent, and the script itself refuses one before
+    its first write."""
+    key = "order-1" if "idempotency_window" in settings else None
+    with pytest.raises(ValueError, match="at least 1 ms"):
+        with Publisher.from_url(redis_url, **settings) as pub:
+            pub.publish(event(1, 1), idempotency_key=key)
+    assert redis_client.xlen(KEYS.stream(1)) == 0
+    # The script on its own (any caller): refused, nothing written.
+    from publisher.core import prepare_single
+    from schemas import lua
+
+    batch = prepare_single(
+        event(1, 1),
+        keys=KEYS,
+        retention=Retention(),
+        publish_command="PUBLISH",
+        idempotency_key="order-1",
+    )
+    args = list(batch.args)
+    args[3] = 0  # the window, in ms
+    with pytest.raises(redis.ResponseError, match="at least 1 ms"):
+        redis_client.eval(lua.PUBLISH, len(batch.keys), *batch.keys, *args)
+    assert redis_client.xlen(KEYS.stream(1)) == 0
+    assert not redis_client.exists(KEYS.meta(1))
