@@ -76,8 +76,9 @@ class GatewayConfig(msgspec.Struct, kw_only=True, frozen=True):
     client_burst: Annotated[
         int,
         _doc(
-            "Frames a connection may send at once (the bucket's size): at least "
-            "--max-subscriptions; twice it so that a reconnect is never throttled.",
+            "Frames a connection may send at once (the bucket's size): at least twice "
+            "--max-subscriptions, so that a reconnect (a subscribe and an activity per "
+            "project) is never throttled.",
             ge=1,
         ),
     ] = 200
@@ -243,10 +244,13 @@ class GatewayConfig(msgspec.Struct, kw_only=True, frozen=True):
                 f"--worker-timeout must be 0 (off) or at least {2 * HEARTBEAT_INTERVAL:g} s: "
                 "workers send a heartbeat every second, and one late beat must not kill a worker"
             )
-        if self.client_rate and self.client_burst < self.max_subscriptions:
+        if self.client_rate and self.client_burst < 2 * self.max_subscriptions:
+            # eventbus.js answers a refused frame of a project with a resubscribe (and then the
+            # activity again): activities refused at a reconnect snowball into 4029.
             raise ConfigError(
-                "--client-burst must be at least --max-subscriptions: a reconnect subscribes to "
-                "every project at once, and must never be refused (nor closed)"
+                "--client-burst must be at least twice --max-subscriptions: a reconnect "
+                "subscribes to every project at once and eventbus.js then sends an activity in "
+                "each, and a reconnect must never be refused (nor closed)"
             )
         if not self.presence_refresh_interval * 2 < self.presence_ttl:
             raise ConfigError(

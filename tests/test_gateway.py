@@ -766,7 +766,7 @@ async def test_frames_over_the_rate_limit_are_refused_and_the_connection_stays_u
     next subscribes get error rate_limited naming their project (not executed: no subscription),
     a ping and an unsubscribe are executed all the same, and once the bucket refills the client
     subscribes as usual. A bystander on the same gateway gets every event meanwhile."""
-    gateway = await gateways(client_rate=2, client_burst=10, max_subscriptions=10)
+    gateway = await gateways(client_rate=2, client_burst=10, max_subscriptions=5)
     gateway.clients.clock = clock = StoppedClock()
     bystander = await client_for(gateway, [7])
     await bystander.subscribe(7)  # (its bucket: one frame taken)
@@ -805,7 +805,7 @@ async def test_a_client_that_keeps_sending_while_refused_is_closed_with_4029(gat
     """--client-burst frames executed, then as many refused (an unsubscribe over the limit is
     executed but counts as well): the next frame closes the connection with 4029, after its
     rate_limited error. A bystander on the same gateway is not affected."""
-    gateway = await gateways(client_rate=2, client_burst=10, max_subscriptions=10)
+    gateway = await gateways(client_rate=2, client_burst=10, max_subscriptions=5)
     gateway.clients.clock = StoppedClock()
     bystander = await client_for(gateway, [7])
     await bystander.subscribe(7)
@@ -885,13 +885,49 @@ async def test_a_reconnect_subscribing_every_project_at_once_is_not_rate_limited
     await client.close()
 
 
+@pytest.mark.parametrize("burst", [15, 20, 29, 30])
+async def test_every_burst_the_gateway_accepts_lets_an_eventbus_js_reconnect_through(
+    gateways, burst
+):
+    """eventbus.js reconnecting with presence and an activity in each of its projects sends a
+    subscribe per project and, after each `subscribed`, an activity: two frames a project, up to
+    2 x --max-subscriptions. The gateway accepted a --client-burst of only --max-subscriptions,
+    so such a reconnect had activities refused, and eventbus.js answers each refused frame of a
+    project with a resubscribe (then the activity again): every reconnect of a dashboard with
+    150 presence projects on --max-subscriptions 150 --client-burst 200 ended in 4029 a few
+    seconds later (modelled with the real bucket). A burst the gateway starts with now always
+    holds a whole reconnect."""
+    from gateway.config import ConfigError
+
+    limit = 15
+    try:
+        gateway = await gateways(client_rate=2, client_burst=burst, max_subscriptions=limit)
+    except ConfigError as exc:
+        assert "--client-burst must be at least twice --max-subscriptions" in str(exc)
+        return
+    gateway.clients.clock = StoppedClock()  # nothing refills while the frames arrive
+    client = await RecordingClient(
+        ws_url(gateway), token=issue_token(SECRET, "*", ttl=300, subject="u-1")
+    ).connect()
+    for project_id in range(1, limit + 1):
+        await client.send({"type": "subscribe", "project_id": project_id, "presence": True})
+    await client.wait_for(lambda: client.count("subscribed") + client.count("error") >= limit)
+    for project_id in range(1, limit + 1):
+        await client.send({"type": "activity", "project_id": project_id, "viewing": 5})
+    await client.send({"type": "ping"})  # (executed even over the limit: answered after them)
+    await client.wait_for(lambda: client.last("pong") is not None)
+    assert client.of("error") == [], f"burst {burst} refused a reconnect"
+    assert gateway.metrics.client_frames_rate_limited_total == 0
+    await client.close()
+
+
 async def test_the_consumer_retries_subscribes_refused_by_the_rate_limit(gateways, publisher):
     """The Python consumer against the rate limit: its connection's bucket is empty when it
     follows three more projects; the subscribes are refused (rate_limited), retried with backoff
     on the same connection, and once the bucket refills every project follows, none dropped."""
     from consumer import Consumer, Delivery, ReconnectPolicy
 
-    gateway = await gateways(client_rate=2, client_burst=100)
+    gateway = await gateways(client_rate=2, client_burst=100, max_subscriptions=50)
     gateway.clients.clock = clock = StoppedClock()
     token = issue_token(SECRET, "*", ttl=300)
     policy = ReconnectPolicy(initial=0.05, max=0.2)

@@ -146,19 +146,20 @@ def test_flags_and_environment_set_the_limit():
     config = load_config(["--no-auth"], {})
     assert (config.client_rate, config.client_burst) == (20.0, 200)
     assert config.client_burst >= 2 * config.max_subscriptions  # a reconnect is never refused
-    config = load_config(["--no-auth", "--client-rate", "2.5"], {"EVENTBUS_CLIENT_BURST": "150"})
-    assert (config.client_rate, config.client_burst) == (2.5, 150)
+    config = load_config(["--no-auth", "--client-rate", "2.5"], {"EVENTBUS_CLIENT_BURST": "250"})
+    assert (config.client_rate, config.client_burst) == (2.5, 250)
     assert load_config(["--no-auth", "--client-rate", "0"], {}).client_rate == 0
 
 
-def test_a_burst_below_max_subscriptions_is_refused_unless_the_limit_is_off():
+def test_a_burst_below_twice_max_subscriptions_is_refused_unless_the_limit_is_off():
     from gateway.config import ConfigError, GatewayConfig, load_config
 
-    with pytest.raises(ConfigError, match="--client-burst must be at least --max-subscriptions"):
-        load_config(["--no-auth", "--client-burst", "99"], {})
+    match = "--client-burst must be at least twice --max-subscriptions"
+    with pytest.raises(ConfigError, match=match):
+        load_config(["--no-auth", "--client-burst", "199"], {})
     with pytest.raises(ConfigError, match="--client-burst"):
-        GatewayConfig(no_auth=True, max_subscriptions=10, client_burst=9)
-    GatewayConfig(no_auth=True, max_subscriptions=10, client_burst=10)
+        GatewayConfig(no_auth=True, max_subscriptions=10, client_burst=19)
+    GatewayConfig(no_auth=True, max_subscriptions=10, client_burst=20)
     GatewayConfig(no_auth=True, max_subscriptions=10, client_burst=1, client_rate=0)
     for bad in (["--client-rate", "-1"], ["--client-burst", "0"]):
         with pytest.raises(ConfigError):
