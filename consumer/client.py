@@ -954,6 +954,11 @@ class Consumer:
                     **({"message": error.message} if limited else {}),
                 )
             delay = self._random() * self._backoff.cap(attempts)
+            if limited:
+                # Never at once: the bucket that refused it is empty, and a refused retry is
+                # one more strike towards 4029. Many projects refused together (their retries
+                # drawn from [0, cap]) took a connection past the burst within two rounds.
+                delay += self.policy.initial
             self._retries[state.project_id] = self._spawn(self._resubscribe_later(ws, state, delay))
             return
         if limited:

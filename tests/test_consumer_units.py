@@ -1672,6 +1672,8 @@ async def test_a_rate_limited_subscribe_is_retried_and_the_project_followed():
 
 
 async def test_rate_limited_subscribes_share_the_unavailable_backoff_per_project():
+    """The project's backoff (shared with 'unavailable'), plus the policy's initial delay: a
+    refused subscribe is never sent again at once (see tests/test_gateway.py, many refused)."""
     consumer, ws, _subscription = await fed_consumer(1)  # kept: a dropped one unsubscribes
     consumer._random = lambda: 1.0
     delays: list[float] = []
@@ -1683,12 +1685,16 @@ async def test_rate_limited_subscribes_share_the_unavailable_backoff_per_project
     for _ in range(4):
         await consumer._on_frame(ws, error_frame("rate_limited", 1).encode())  # type: ignore[arg-type]
         await asyncio.sleep(0)
-    assert delays == [1.0, 2.0, 4.0, 8.0]
+    assert delays == [2.0, 3.0, 5.0, 9.0]
     assert consumer.stats.rate_limited == 4 and 1 in consumer._states  # still followed
     # Refused frames of a project no longer followed (its subscribe, sent before the caller
     # let it go) need nothing: the gateway never refuses the unsubscribe.
     await consumer._on_frame(ws, error_frame("rate_limited", 9).encode())  # type: ignore[arg-type]
     assert consumer.stats.rate_limited == 4 and len(delays) == 4
+    consumer._random = lambda: 0.0  # the least draw: still the initial delay, never at once
+    await consumer._on_frame(ws, error_frame("rate_limited", 1).encode())  # type: ignore[arg-type]
+    await asyncio.sleep(0)
+    assert delays[-1] == consumer.policy.initial == 1.0
 
 
 async def test_a_rate_limited_token_refresh_is_sent_again_once():

@@ -949,6 +949,36 @@ async def test_the_consumer_retries_subscribes_refused_by_the_rate_limit(gateway
     assert consumer.connects == 1 and gateway.metrics.rate_limit_disconnects_total == 0
 
 
+async def test_the_consumer_retrying_many_refused_subscribes_is_never_closed(gateways):
+    """The default limit (20/s, bursts of 200) on a clock 4 times as fast as the consumer's
+    (whose policy is the default one divided by 4): the consumer's bucket is empty when it
+    follows 99 more projects at once, all refused. It retried each after a random part of its
+    backoff cap, from 0 up: the first round came within a second, when the bucket held a
+    handful of tokens, refused again (each refusal a strike), and the second round took the
+    strikes past the burst: 4029 after 1.6 s (the random draw is fixed at the middle here;
+    about half of all draws closed, in a simulation of the retries against the real bucket).
+    A subscribe refused with rate_limited is now retried no sooner than the policy's initial
+    delay (the bucket that refused it is empty): strikes peak near 135, and every project
+    follows on the same connection."""
+    from consumer import Consumer, ReconnectPolicy
+
+    gateway = await gateways()
+    gateway.clients.clock = clock = lambda: time.monotonic() * 4
+    token = issue_token(SECRET, "*", ttl=300)
+    policy = ReconnectPolicy(initial=0.25, max=7.5, prompt_max=0.125)
+    consumer = Consumer(ws_url(gateway), token=token, reconnect=policy, random=lambda: 0.5)
+    async with consumer:
+        first = consumer.events(1)
+        await asyncio.wait_for(first.wait_subscribed(), 10)
+        (session,) = gateway.sessions
+        session.rate_tokens, session.rate_stamp = 0.0, clock()  # as after a burst
+        others = consumer.events(*range(2, 101))
+        await asyncio.wait_for(others.wait_subscribed(), 20)
+        assert consumer.stats.rate_limited >= 90
+        assert consumer.connects == 1
+    assert gateway.metrics.rate_limit_disconnects_total == 0
+
+
 async def test_a_consumer_following_a_hundred_projects_reconnects_without_being_limited(
     gateways, publisher
 ):
