@@ -171,8 +171,8 @@ def _check_frame(frame: object, kind: ForeignKind, project: bytes, tail: bytes) 
     if (
         _PLACING_KEY_RE.search(frame, header.end(), len(frame) - len(tail) + 1) is not None
         or (frame.find(b"\\", _TAG_START) >= 0 and frame.find(b"\\u", _TAG_START) >= 0)
-    ) and _top_level_problem(frame) is not None:
-        raise ForeignValue(kind, _frame_problem(frame, project, tail))
+    ) and (problem := _top_level_problem(frame)) is not None:
+        raise ForeignValue(kind, problem)  # (every check before this one passed)
     return frame
 
 
@@ -203,8 +203,8 @@ def _top_level_problem(frame: bytes) -> str | None:
 
 
 def _frame_problem(frame: bytes, project: bytes, tail: bytes) -> str:
-    """What is wrong with a frame :func:`_check_frame` refused (its first problem, in the order
-    of the module doc)."""
+    """What is wrong with a frame the bytes checks of :func:`_check_frame` refused (its first
+    problem, in the order of the module doc)."""
     if not (frame.startswith(b"{") and frame.endswith(b"}")):
         return "frame is not a JSON object"
     if len(frame) > MAX_FRAME_BYTES:
@@ -220,10 +220,7 @@ def _frame_problem(frame: bytes, project: bytes, tail: bytes) -> str:
         return _PROTOCOL_TYPE
     if not frame.endswith(tail):
         return f"frame does not end with {tail.decode()}"
-    if not frame.startswith(project, header.end()):
-        return f"frame does not name project {project[:-1].decode()}"
-    # Only a frame the cheap test of _check_frame sent to the exact check gets this far.
-    return _top_level_problem(frame) or "frame is not foreign"
+    return f"frame does not name project {project[:-1].decode()}"
 
 
 def parse_channel_message(data: object, project_id: int) -> Envelope:
