@@ -328,22 +328,43 @@ async def test_exactly_once_across_a_worker_kill_and_the_worker_comes_back(redis
             os.kill(victim, signal.SIGKILL)
             await publishers.wait_published(200)
             # The supervisor starts worker 1 again (a new process) and the group is ready again.
-            await wait_until(
-                lambda: _healthz_pids(group.port).get("1") not in (None, victim),
-                20,
-                "worker 1 restarted",
-            )
-            await wait_until(lambda: group.readyz()[0] == 200, 20, "group ready again")
+            await _worker_1_replaced(group, victim)
             await publishers.wait_published(100)
         finally:
             await publishers.stop()
-        try:
-            await verify_clients(clients, redis_url, keys=Keys())
-        finally:
-            await stop_clients(clients)
+        await _verified_and_stopped(clients, redis_url)
         reconnected = sum(c.stats.connects > 1 for c in clients)
         assert reconnected >= 1, "no client was on the killed worker"
         assert group.terminate(timeout=30) == 0
+
+
+async def _verified_and_stopped(clients: list[ResumingClient], redis_url: str) -> None:
+    """Every client got every event in order, exactly once (then they are stopped, whatever)."""
+    try:
+        await verify_clients(clients, redis_url, keys=Keys())
+    finally:
+        await stop_clients(clients)
+
+
+async def _worker_1_replaced(group: GatewayProcess, old_pid: int) -> None:
+    """Worker 1 runs again as a new process, and the group is ready again."""
+    await wait_until(
+        lambda: _healthz_pids(group.port).get("1") not in (None, old_pid),
+        20,
+        "worker 1 replaced",
+    )
+    await wait_until(lambda: group.readyz()[0] == 200, 20, "group ready again")
+
+
+def _watched_group(redis_url: str) -> GatewayProcess:
+    """A group of two workers, each killed and replaced after 2 s without a heartbeat (set by
+    the environment, which the code before --worker-timeout ignored rather than refused)."""
+    return GatewayProcess(
+        redis_url,
+        auth_secret=SECRET,
+        args=["--workers", "2"],
+        env={"EVENTBUS_WORKER_TIMEOUT": "2"},
+    )
 
 
 def _healthz_pids(port: int) -> dict[str, int]:
@@ -538,12 +559,7 @@ async def test_a_frozen_worker_is_killed_and_replaced_and_its_clients_resume(red
     # SIGSTOP: the worker's event loop stops, as on a deadlock or a CPU-bound bug. Its listening
     # socket stays open, so the kernel goes on handing it its share of the new connections,
     # which then get no handshake answer; its clients get no events and no pings.
-    group = GatewayProcess(
-        redis_url,
-        auth_secret=SECRET,
-        args=["--workers", "2"],
-        env={"EVENTBUS_WORKER_TIMEOUT": "2"},
-    )
+    group = _watched_group(redis_url)
     token = issue_token(SECRET, [1, 2, 3], ttl=600)
     victim = 0
     with group:
@@ -578,20 +594,12 @@ async def test_a_frozen_worker_is_killed_and_replaced_and_its_clients_resume(red
                 assert killed_after < 2 + 0.5 + 2.5, killed_after
                 completed, failed, hung = await probes
                 assert hung == 0, (completed, failed, hung)
-                await wait_until(
-                    lambda: _healthz_pids(group.port).get("1") not in (None, victim),
-                    20,
-                    "worker 1 replaced",
-                )
-                await wait_until(lambda: group.readyz()[0] == 200, 20, "group ready again")
+                await _worker_1_replaced(group, victim)
                 await _new_clients_get_an_event(group.ws_url, redis_url, 50, project=3)
                 await publishers.wait_published(100)
             finally:
                 await publishers.stop()
-            try:
-                await verify_clients(clients, redis_url, keys=Keys())
-            finally:
-                await stop_clients(clients)
+            await _verified_and_stopped(clients, redis_url)
             moved = [c for c in clients if c.stats.connects > 1]
             stayed = [i for i, c in enumerate(clients) if c.stats.connects == 1]
             assert moved, "no client was on the frozen worker"
@@ -615,12 +623,7 @@ async def test_a_frozen_worker_is_killed_and_replaced_and_its_clients_resume(red
 
 
 async def test_a_healthy_group_under_load_is_never_killed(redis_url) -> None:
-    group = GatewayProcess(
-        redis_url,
-        auth_secret=SECRET,
-        args=["--workers", "2"],
-        env={"EVENTBUS_WORKER_TIMEOUT": "2"},
-    )
+    group = _watched_group(redis_url)
     token = issue_token(SECRET, [1, 2], ttl=600)
     with group:
         pids = _worker_pids(group.port, 2)
@@ -635,10 +638,7 @@ async def test_a_healthy_group_under_load_is_never_killed(redis_url) -> None:
             await publishers.wait_published(1600)
         finally:
             await publishers.stop()
-        try:
-            await verify_clients(clients, redis_url, keys=Keys())
-        finally:
-            await stop_clients(clients)
+        await _verified_and_stopped(clients, redis_url)
         assert all(c.stats.connects == 1 for c in clients)
         assert _healthz_pids(group.port) == pids
         assert group.metrics().get("eventbus_workers_killed_unresponsive_total") == 0
