@@ -28,7 +28,7 @@ from gateway.store import ProjectUnreadable, StoreUnavailable
 from schemas.protocol import MAX_SEQ, PollResponse, ResyncRequired, encode
 from schemas.tokens import InvalidToken, TokenClaims
 
-__all__ = ["HttpRoutes", "answer_to", "draining_response", "json_response"]
+__all__ = ["HttpRoutes", "answer_to", "cors_headers", "draining_response", "json_response"]
 
 _POLL_PATH = re.compile(r"^/v1/projects/([^/]+)/events$")
 _DECIMAL = re.compile(r"[0-9]+")  # ASCII only (re's [0-9], unlike str.isdigit and \d)
@@ -47,6 +47,17 @@ def json_response(
 ) -> Response:
     data = body if isinstance(body, bytes) else msgspec.json.encode(body)
     return _response(status, data, "application/json", headers)
+
+
+def cors_headers(origin: str) -> list[tuple[str, str]]:
+    """The CORS headers of an answer to an allowed ``Origin``: the page may read it, and its
+    ``Retry-After`` (not a header CORS lets a page read unless exposed), so that a browser client
+    refused with 503 waits as long as the gateway asked."""
+    return [
+        ("Access-Control-Allow-Origin", origin),
+        ("Access-Control-Expose-Headers", "Retry-After"),
+        ("Vary", "Origin"),
+    ]
 
 
 def draining_response() -> Response:
@@ -182,7 +193,7 @@ class HttpRoutes:
             return []
         if self.allowed_origins and origin not in self.allowed_origins:
             return None
-        return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
+        return cors_headers(origin)
 
     async def healthz(self, request: Request) -> Response:
         worker = self.gateway.worker_id

@@ -37,7 +37,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from gateway.client_input import parse_project_id, repeated_header
-from gateway.http import answer_to, json_response
+from gateway.http import answer_to, cors_headers, json_response
 from gateway.logs import ConnectionLog, get_logger
 from gateway.session import (
     Admission,
@@ -603,7 +603,7 @@ class SseStreams:
         allowed = self.gateway.config.allowed_origins
         if origin is None or (allowed and origin not in allowed):
             return []
-        return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
+        return cors_headers(origin)
 
     def _open(
         self,

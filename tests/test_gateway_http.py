@@ -295,13 +295,19 @@ async def test_polling_against_a_hung_redis_gets_503_within_the_subscribe_timeou
             try:
                 started = time.monotonic()
                 status, got_headers, body = await asyncio.wait_for(
-                    request(gateway.port, "/v1/projects/6/events?epoch=e&after=0", headers=headers),
+                    request(
+                        gateway.port,
+                        "/v1/projects/6/events?epoch=e&after=0",
+                        headers={**headers, "Origin": "https://dash.example"},
+                    ),
                     4,
                 )
                 elapsed = time.monotonic() - started
             finally:
                 os.kill(server.process.pid, signal.SIGCONT)
             assert status == 503 and got_headers["retry-after"] == "5"
+            # ... which a page can read (exposed to CORS), so a browser waits as long as asked.
+            assert got_headers["access-control-expose-headers"] == "Retry-After"
             assert json.loads(body)["error"] == "unavailable"
             assert 0.9 < elapsed < 3, elapsed
         finally:

@@ -300,6 +300,8 @@ async def test_cors_for_the_dashboard_origin(gateways):
         url, "/v1/projects/9/stream", _auth([9], Origin=origin)
     )
     assert status == 200 and headers["access-control-allow-origin"] == origin
+    # A page may read Retry-After (a 503's): not a header CORS shows it unless exposed.
+    assert headers["access-control-expose-headers"] == "Retry-After"
     await stream.until("subscribed")
     stream.close()
     status, headers, stream = await open_stream(
