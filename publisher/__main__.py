@@ -33,9 +33,10 @@ import redis.exceptions
 
 from publisher.client import Publisher
 from publisher.core import PublishError, PublisherUnavailable, PublishManyError
+from schemas import lua
 from schemas.events import EventValidationError, ProjectEvent, decode_event
 from schemas.keys import DEFAULT_PREFIX, Keys, stream_entry_seq
-from schemas.stored import ForeignValue, parse_meta, parse_stream_entries
+from schemas.stored import MAX_ENTRY_BYTES, ForeignValue, parse_meta, parse_stream_entries
 from schemas.tokens import issue_token
 
 __all__ = ["main"]
@@ -334,13 +335,18 @@ def _history(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     meta_key, stream_key = keys.meta(args.project_id), keys.stream(args.project_id)
 
     def read() -> list:
-        # One MULTI: the cursor and the entries are read at the same instant. Read-only: unlike
-        # the gateway's snapshot script, this never creates an epoch for an unknown project.
-        with publisher.client.pipeline(transaction=True) as pipe:
-            pipe.hmget(meta_key, ["epoch", "seq"])
-            pipe.xrange(stream_key, "-", "+", count=1)
-            pipe.xrange(stream_key, f"{args.after + 1}-0", "+", count=args.limit + 1)
-            return pipe.execute()
+        # One script: the cursor and the entries are read at the same instant, and an entry too
+        # heavy to be a frame (another writer's) comes back as its weight, never whole.
+        # Read-only: unlike the gateway's snapshot script, it never creates an epoch.
+        return publisher.client.eval(
+            lua.HISTORY,
+            2,
+            meta_key,
+            stream_key,
+            f"{args.after + 1}-0",
+            args.limit + 1,
+            MAX_ENTRY_BYTES,
+        )
 
     try:
         # Bounded like a publish: PublisherUnavailable within the publisher's timeout (10 s).

@@ -1,4 +1,4 @@
-"""The two Lua scripts that define how events are stored: one to publish, one to read.
+"""The Lua scripts that define how events are stored: one to publish, two to read.
 
 Both run atomically inside Redis, so the stream (history) and the channel (live) can never
 disagree: an event is appended and published in the same script, or not at all. The key layout is
@@ -12,7 +12,7 @@ for a position in the new history.
 
 from __future__ import annotations
 
-__all__ = ["PUBLISH", "SNAPSHOT"]
+__all__ = ["HISTORY", "PUBLISH", "SNAPSHOT"]
 
 #: Publish a batch of events of one project.
 #:
@@ -173,6 +173,23 @@ end
 return {epoch, last, 0}
 """
 
+#: Lua function shared by the read scripts: the weight of a stream entry (the bytes of its field
+#: names and values); an entry heavier than ``largest`` (> 0), which only another writer can have
+#: left (the publish script never writes one), has its fields replaced by
+#: ``{'oversize', '<its weight>'}``, and the stand-in's weight is returned.
+_WEIGH_ENTRY = """
+local function weigh_entry(entry, largest)
+  local size = 0
+  for _, value in ipairs(entry[2]) do size = size + #value end
+  if largest > 0 and size > largest then
+    -- Never a frame the bus wrote: what it weighed goes back, not what it holds.
+    entry[2] = {'oversize', string.format('%d', size)}
+    size = 8 + #entry[2][2]
+  end
+  return size
+end
+"""
+
 #: Read a project's cursor and, optionally, the history after a client's cursor, atomically.
 #:
 #: KEYS: meta, stream
@@ -204,7 +221,9 @@ return {epoch, last, 0}
 #: integer give {'', 0, 0, {}, problem} with problem one of 'meta_wrong_type', 'meta_bad_epoch',
 #: 'meta_bad_seq', 'stream_wrong_type' (problem is '' otherwise). Stream entries are returned as
 #: stored; the gateway checks each one (schemas.stored).
-SNAPSHOT = """
+SNAPSHOT = (
+    _WEIGH_ENTRY
+    + """
 local meta_type = redis.call('TYPE', KEYS[1])['ok']
 if meta_type ~= 'hash' and meta_type ~= 'none' then
   return {'', 0, 0, {}, 'meta_wrong_type'}
@@ -247,16 +266,7 @@ if ARGV[2] == epoch and after >= 0 and after < top then
   local count = tonumber(ARGV[4])
   local budget = tonumber(ARGV[6] or '0')
   local largest = tonumber(ARGV[7] or '0')
-  local function weigh(entry)
-    local size = 0
-    for _, value in ipairs(entry[2]) do size = size + #value end
-    if largest > 0 and size > largest then
-      -- Never a frame the bus wrote: what it weighed goes back, not what it holds.
-      entry[2] = {'oversize', string.format('%d', size)}
-      size = 8 + #entry[2][2]
-    end
-    return size
-  end
+  local function weigh(entry) return weigh_entry(entry, largest) end
   if budget <= 0 then
     entries = redis.call('XRANGE', KEYS[2], from, '+', 'COUNT', count)
     if largest > 0 then
@@ -283,3 +293,28 @@ if ARGV[2] == epoch and after >= 0 and after < top then
 end
 return {epoch, top, created, entries, ''}
 """
+)
+
+#: Read a project's cursor and stored entries without changing anything (the CLI's ``history``).
+#:
+#: KEYS: meta, stream
+#: ARGV: first entry id to return (``<after + 1>-0``), maximum number of entries, largest entry
+#:       (bytes; 0: no limit).
+#: Returns {{epoch, seq} as stored (nil when absent), the oldest entry ({} when none), entries}:
+#: read in one atomic step, so the cursor and the entries belong to the same instant. Unlike
+#: SNAPSHOT it never creates a history. A meta or stream key of another type fails the call with
+#: Redis's WRONGTYPE error; an entry heavier than the largest entry comes back as
+#: ``{id, {'oversize', '<its weight>'}}`` (as in SNAPSHOT), so that a huge value another writer
+#: left in the stream is never sent whole.
+HISTORY = (
+    _WEIGH_ENTRY
+    + """
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'seq')
+local largest = tonumber(ARGV[3])
+local oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
+local entries = redis.call('XRANGE', KEYS[2], ARGV[1], '+', 'COUNT', ARGV[2])
+for _, entry in ipairs(oldest) do weigh_entry(entry, largest) end
+for _, entry in ipairs(entries) do weigh_entry(entry, largest) end
+return {meta, oldest, entries}
+"""
+)

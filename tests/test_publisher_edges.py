@@ -394,6 +394,34 @@ def test_cli_history_reports_a_damaged_meta_and_skips_foreign_entries(
     assert KEYS.meta(1) in err.getvalue() and "Traceback" not in err.getvalue()
 
 
+def test_cli_history_never_reads_a_huge_foreign_entry_whole(
+    pub: Publisher, redis_client, redis_url
+) -> None:
+    """An entry heavier than any frame (another writer's: 3 MiB here, up to 512 MiB possible)
+    comes back from Redis as its weight, never whole, whether it is the oldest entry or one
+    after the cursor: skipped with a warning that says so, the real frames around it printed."""
+    from schemas.stored import MAX_ENTRY_BYTES
+
+    huge = b"x" * (3 * 1024 * 1024)
+    redis_client.xadd(KEYS.stream(1), {"f": huge}, id="1-0")  # the oldest entry
+    redis_client.hset(KEYS.meta(1), mapping={"epoch": "e1", "seq": 1})
+    pub.publish(event(1, 2))
+    redis_client.xadd(KEYS.stream(1), {"f": huge, "t": "0"}, id="3-0")
+    redis_client.hincrby(KEYS.meta(1), "seq", 1)
+    pub.publish(event(1, 4))
+    out, err = io.StringIO(), io.StringIO()
+    assert cli_main(["--redis-url", redis_url, "history", "1"], stdout=out, stderr=err) == 0
+    header, *frames = (json.loads(line) for line in out.getvalue().splitlines())
+    assert header["seq"] == 4 and header["oldest"] == 1 and header["count"] == 2
+    assert [f["seq"] for f in frames] == [2, 4]
+    weight = f"entry weighs {len(huge) + 1} bytes, over {MAX_ENTRY_BYTES}"
+    assert f"skipped entry 1 of {KEYS.stream(1)}: {weight}" in err.getvalue()
+    # Its weight, which only the script's stand-in gives: the 3 MiB never left Redis.
+    assert (
+        f"skipped entry 3 of {KEYS.stream(1)}: entry weighs {len(huge) + 3} bytes" in err.getvalue()
+    )
+
+
 # --- publish_many: a burst partly refused says exactly what was written ------------------------
 
 
