@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import os
 import resource
 import socket
 import sys
@@ -19,6 +20,7 @@ from gateway.workers import Supervisor, resolve_workers, start_heartbeat, worker
 
 
 def main(argv: list[str] | None = None) -> None:
+    open_standard_descriptors()
     try:
         config = load_config(argv)
     except ConfigError as exc:
@@ -48,6 +50,37 @@ async def _serve(config: GatewayConfig, run) -> None:
     finally:
         if heartbeat is not None:
             heartbeat.cancel()
+
+
+def open_standard_descriptors() -> None:
+    """Open ``/dev/null`` on each of descriptors 0, 1 and 2 that is closed, before anything else
+    gets a descriptor, as daemon tools do.
+
+    A parent may start the gateway with them closed (a daemonizing script, ``<&- >&- 2>&-``).
+    The kernel hands out the lowest free number, so the first thing opened then lands on 0, 1 or
+    2: the event loop's epoll, its wake-up socket, a worker's heartbeat pipe, a listening socket.
+    Python also sets ``sys.stdout``/``sys.stderr`` to None then, and the first log line crashed
+    the process: a supervisor exited 1 in silence with its workers just started. Workers inherit
+    0-2 as their stdin and outputs, so those must be what they seem: ``/dev/null`` here is
+    inheritable, and the ``sys`` streams are rebuilt on it (what is logged is discarded, as the
+    closed outputs asked)."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+            continue
+        except OSError:
+            pass
+        try:
+            null = os.open(os.devnull, os.O_RDWR)
+        except OSError:  # no /dev/null (a bare chroot): nothing better to put there
+            return
+        if null != fd:  # (the lowest free number: it is ``fd``, unless a lower one was closed)
+            os.dup2(null, fd)
+            os.close(null)
+        os.set_inheritable(fd, True)
+    for name, fd, mode in (("stdin", 0, "r"), ("stdout", 1, "w"), ("stderr", 2, "w")):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, mode, closefd=False))  # lives as long as sys
 
 
 def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:

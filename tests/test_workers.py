@@ -676,11 +676,6 @@ async def test_the_supervisor_kills_a_silent_worker_but_not_a_slow_drain(tmp_pat
         policy=RestartPolicy(base=0.0),
     )
 
-    def environ(pid: int) -> dict[str, str]:
-        with open(f"/proc/{pid}/environ", "rb") as file:
-            pairs = [item.split(b"=", 1) for item in file.read().split(b"\0") if b"=" in item]
-        return {key.decode(): value.decode() for key, value in pairs}
-
     import asyncio
 
     run = asyncio.create_task(supervisor.run())
@@ -695,8 +690,8 @@ async def test_the_supervisor_kills_a_silent_worker_but_not_a_slow_drain(tmp_pat
         await wait_until(lambda: supervisor.processes[1] is not frozen, 10, "worker replaced")
         assert frozen.returncode == -signal.SIGKILL
         assert supervisor.killed_unresponsive == 1
-        assert environ(supervisor.processes[1].pid).get(REPLACES_UNRESPONSIVE_ENV) == "1"
-        assert REPLACES_UNRESPONSIVE_ENV not in environ(other.pid)
+        assert _environ(supervisor.processes[1].pid).get(REPLACES_UNRESPONSIVE_ENV) == "1"
+        assert REPLACES_UNRESPONSIVE_ENV not in _environ(other.pid)
         assert supervisor.processes[0] is other  # the healthy one was left alone
         await wait_until(lambda: liveness.beating(1), 10, "the new worker beating")
         supervisor.stop()
@@ -710,3 +705,57 @@ async def test_the_supervisor_kills_a_silent_worker_but_not_a_slow_drain(tmp_pat
         await asyncio.gather(run, return_exceptions=True)
     assert supervisor.killed_unresponsive == 1
     assert [p.returncode for p in supervisor.processes.values()] == [0, 0]
+
+
+# --- hostile or unlucky conditions --------------------------------------------------------------
+
+
+def _environ(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/environ", "rb") as file:
+        pairs = [item.split(b"=", 1) for item in file.read().split(b"\0") if b"=" in item]
+    return {key.decode(): value.decode() for key, value in pairs}
+
+
+def _fd_target(pid: int, fd: int) -> str:
+    return os.readlink(f"/proc/{pid}/fd/{fd}")
+
+
+def _worker_processes(supervisor_pid: int) -> list[int]:
+    with open(f"/proc/{supervisor_pid}/task/{supervisor_pid}/children") as children:
+        return [int(pid) for pid in children.read().split()]
+
+
+@pytest.mark.parametrize("closed", [(0, 1, 2), (0, 1)], ids=["all-closed", "stderr-open"])
+async def test_a_group_started_with_standard_descriptors_closed_runs_logs_and_beats(
+    redis_url, closed
+) -> None:
+    # A daemonizing parent (``<&- >&- 2>&-``) leaves 0-2 closed: the first descriptors the
+    # supervisor made landed there (its event loop's epoll and wake-up socket), its workers got
+    # them as their stdin and outputs, and the first log line (sys.stderr None) ended the
+    # supervisor, exit 1 in silence, with its workers just started.
+    group = GatewayProcess(
+        redis_url,
+        args=["--workers", "2"],
+        env={"EVENTBUS_WORKER_TIMEOUT": "2"},
+        closed_stdio=closed,
+    )
+    with group:
+        pids = _worker_pids(group.port, 2)
+        supervisor = group.pid
+        assert supervisor is not None
+        assert sorted(_worker_processes(supervisor)) == sorted(pids.values())
+        for pid in (supervisor, *pids.values()):
+            for fd in closed:
+                assert _fd_target(pid, fd) == "/dev/null", (pid, fd)
+        for pid in pids.values():
+            heartbeat = int(_environ(pid)[HEARTBEAT_FD_ENV])
+            assert heartbeat > 2 and _fd_target(pid, heartbeat).startswith("pipe:")
+        # Heartbeats reach the supervisor: three worker timeouts later, nobody was replaced.
+        await asyncio.sleep(6)
+        assert _healthz_pids(group.port) == pids
+        assert group.readyz()[0] == 200
+        if 2 not in closed:  # the log goes on where stderr points, from every process
+            assert len(group.log_lines('"event": "gateway listening"')) == 2, group.tail()
+            assert group.log_lines('"event": "workers starting"'), group.tail()
+            assert not group.log_lines("worker exited"), group.tail()
+        assert group.terminate(timeout=30) == 0

@@ -38,6 +38,18 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
 
 
+def _start_with_closed(closed: tuple[int, ...]):
+    """The child set-up for a process started without some of descriptors 0-2 (run after
+    the standard streams are set up, before the exec)."""
+
+    def setup() -> None:
+        _die_with_parent()
+        for fd in closed:
+            os.close(fd)
+
+    return setup
+
+
 def parse_metrics(text: str) -> dict[str, float]:
     """Prometheus text format -> ``{name: value}`` (label-less series only)."""
     values = {}
@@ -55,6 +67,7 @@ class GatewayProcess:
         redis_url: ``redis://`` or ``redis+cluster://`` URL.
         auth_secret: JWT secret; ``None`` runs the development mode (``--no-auth``).
         args: more command-line flags, e.g. ``["--drain-timeout", "5"]``.
+        closed_stdio: descriptors among 0, 1, 2 the process starts without.
     """
 
     def __init__(
@@ -65,8 +78,12 @@ class GatewayProcess:
         auth_secret: str | None = None,
         args: list[str] | tuple[str, ...] = (),
         env: dict[str, str] | None = None,
+        closed_stdio: tuple[int, ...] = (),
     ) -> None:
         self.redis_url = redis_url
+        #: Standard descriptors (0, 1, 2) the process is started without, as a daemonizing
+        #: parent may leave them; its output is lost with 1 and 2 closed.
+        self.closed_stdio = closed_stdio
         self.port = port or free_port()
         self.auth_secret = auth_secret
         self.args = list(args)
@@ -118,7 +135,7 @@ class GatewayProcess:
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
+            preexec_fn=_start_with_closed(self.closed_stdio),
         )
         log.close()
         self.starts += 1
