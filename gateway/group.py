@@ -13,16 +13,29 @@ its counters stay so totals never go backwards); the relay-lag histogram is obse
 files as it happens.
 
 Readiness: each worker publishes 1 in ``eventbus_worker_ready`` while it is ready; the group is
-ready when the live workers' sum equals the group's size, i.e. every worker is up and ready.
+ready when the live workers' sum equals the group's size, i.e. every worker is up and ready. A
+worker that is not running (dead, being restarted, or that could not be started) has no live
+value: the group is not ready until it runs and is ready again.
+
+The supervisor writes its own counters into the same directory (:class:`SupervisorCounters`).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 from gateway.metrics import Metrics
 
-__all__ = ["GroupView"]
+__all__ = ["SUPERVISOR_COUNTERS", "GroupView", "SupervisorCounters"]
+
+#: The counters the supervisor itself keeps in the group's view: name -> help text.
+SUPERVISOR_COUNTERS = {
+    "worker_start_failures_total": (
+        "Times the supervisor failed to start a worker process (no descriptors, no memory, "
+        "process limit) and retried after a delay."
+    ),
+}
 
 
 class GroupView:
@@ -163,3 +176,37 @@ class _Tee:
 
     def __getattr__(self, name: str):
         return getattr(self._local, name)
+
+
+class SupervisorCounters:
+    """The supervisor's counters (:data:`SUPERVISOR_COUNTERS`), written into the group's
+    directory where every worker's ``/metrics`` reads them, exported from the group's start.
+
+    The supervisor runs no registry of its own (prometheus-client picks its storage from the
+    environment when first imported, and the supervisor's is not the workers'), so this writes
+    prometheus-client's file format through its ``MmapedDict``, as its counters do. The file is
+    opened at once and kept: what it counts is mostly a lack of descriptors or memory, when
+    opening a file would fail too.
+    """
+
+    def __init__(self, directory: str) -> None:
+        from prometheus_client.mmap_dict import MmapedDict
+
+        self._file = MmapedDict(os.path.join(directory, f"counter_{os.getpid()}.db"))
+        self._values = dict.fromkeys(SUPERVISOR_COUNTERS, 0.0)
+        for name in SUPERVISOR_COUNTERS:
+            self._write(name)
+
+    def inc(self, name: str) -> None:
+        self._values[name] += 1
+        self._write(name)
+
+    def _write(self, name: str) -> None:
+        from prometheus_client.mmap_dict import mmap_key
+
+        metric = f"eventbus_{name.removesuffix('_total')}"
+        key = mmap_key(metric, f"eventbus_{name}", [], [], SUPERVISOR_COUNTERS[name])
+        self._file.write_value(key, self._values[name], 0.0)
+
+    def close(self) -> None:
+        self._file.close()

@@ -10,6 +10,10 @@ The supervisor (this module, the parent process) only starts, watches and stops 
 
 * a worker that dies is started again at once; one that keeps dying young is restarted after a
   growing delay (:class:`RestartPolicy`), so a crash loop cannot spin a core;
+* a worker that cannot be started (``os.pipe`` or the fork failing: no descriptors, no memory,
+  the process limit) is tried again after the same growing delay, logged and counted
+  (``eventbus_worker_start_failures_total``); meanwhile the group is not ready (its ``/readyz``
+  counts live workers), where the failed start used to leave the slot empty for good;
 * a worker whose event loop stops running (a deadlock, a blocking call, a CPU-bound bug,
   SIGSTOP) keeps its listening socket open, so the kernel would go on handing it its share of
   the new connections, to hang unanswered: each worker's loop writes a heartbeat into a pipe
@@ -35,7 +39,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from gateway.logs import get_logger
+from gateway.group import SupervisorCounters
+from gateway.logs import describe, get_logger
 
 __all__ = [
     "GROUP_SIZE_ENV",
@@ -215,6 +220,9 @@ class Supervisor:
         self.liveness = Liveness(worker_timeout) if worker_timeout > 0 else None
         #: Workers killed because their event loop stopped beating.
         self.killed_unresponsive = 0
+        #: Attempts to start a worker that failed (each retried after a delay).
+        self.start_failures = 0
+        self._counters: SupervisorCounters | None = None
         self._unresponsive: set[int] = set()  # killed for that, not started again yet
         self._heartbeats: dict[int, int] = {}  # worker -> the read end of its heartbeat pipe
         self._stopping = asyncio.Event()
@@ -227,6 +235,7 @@ class Supervisor:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stopping.set)
         self._metrics_dir = tempfile.mkdtemp(prefix="eventbus-metrics-")
+        self._counters = SupervisorCounters(self._metrics_dir)
         watcher = asyncio.create_task(self._watch()) if self.liveness is not None else None
         try:
             keepers = [asyncio.create_task(self._keep(index)) for index in range(self.workers)]
@@ -246,6 +255,7 @@ class Supervisor:
                 self._unwatch(index)
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
+            self._counters.close()
             shutil.rmtree(self._metrics_dir, ignore_errors=True)
 
     def stop(self) -> None:
@@ -347,7 +357,26 @@ class Supervisor:
         """Keep worker ``index`` running until the group stops."""
         while not self._stopping.is_set():
             started = time.monotonic()
-            process = await self._spawn(index)
+            try:
+                process = await self._spawn(index)
+            except Exception as exc:  # OSError (EMFILE, ENOMEM, EAGAIN), SubprocessError
+                # Retried like a worker that died at once: the delay grows up to the cap, so a
+                # lasting lack of resources costs one attempt per cap, and the first success
+                # fills the slot again. Not an error log: the supervisor recovers by itself.
+                self.start_failures += 1
+                if self._counters is not None:
+                    self._counters.inc("worker_start_failures_total")
+                delay = self.policy.delay(index, 0.0)
+                log.warning(
+                    "worker start failed; retrying",
+                    worker=index,
+                    error=describe(exc),
+                    error_type=type(exc).__name__,
+                    delay=delay,
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+                continue
             if self._stopping.is_set():
                 # The stop signal came while this worker was starting: _stop signalled only the
                 # workers it knew of then. It waits for this keeper, so the worker drains too.

@@ -424,6 +424,7 @@ async def test_the_group_exports_every_metric_a_single_gateway_exports(redis_url
         "eventbus_worker_ready",
         "eventbus_workers",
         "eventbus_workers_killed_unresponsive_total",
+        "eventbus_worker_start_failures_total",
     }
 
 
@@ -759,3 +760,116 @@ async def test_a_group_started_with_standard_descriptors_closed_runs_logs_and_be
             assert group.log_lines('"event": "workers starting"'), group.tail()
             assert not group.log_lines("worker exited"), group.tail()
         assert group.terminate(timeout=30) == 0
+
+
+_DRAINING_WORKER = textwrap.dedent(
+    """
+    import asyncio, signal
+    from gateway.workers import start_heartbeat
+
+    async def main():
+        heartbeat = start_heartbeat()
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        await stop.wait()
+
+    asyncio.run(main())
+    """
+)
+
+
+def _group_counters(directory: str) -> dict[str, float]:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=directory)
+    return {
+        sample.name: sample.value
+        for family in registry.collect()
+        for sample in family.samples
+        if family.type == "counter"
+    }
+
+
+@pytest.mark.parametrize("failing", ["pipe", "fork"])
+async def test_a_worker_that_cannot_be_started_is_retried_with_backoff(
+    monkeypatch, failing
+) -> None:
+    # os.pipe (the heartbeat pipe) failing with EMFILE, or the fork with EAGAIN: the keeper of
+    # that worker raised and ended, and the group ran one worker short for good, in silence.
+    import errno
+
+    import structlog
+
+    from gateway import workers
+    from gateway.workers import Supervisor
+
+    failures = 3
+    supervisor = Supervisor(
+        [sys.executable, "-c", _DRAINING_WORKER],
+        2,
+        drain_timeout=5,
+        worker_timeout=5,
+        policy=RestartPolicy(base=0.05),
+    )
+    if failing == "pipe":
+        real_pipe = os.pipe
+        left = [failures]
+
+        def pipe() -> tuple[int, int]:
+            if left[0]:
+                left[0] -= 1
+                raise OSError(errno.EMFILE, "Too many open files")
+            return real_pipe()
+
+        monkeypatch.setattr(workers.os, "pipe", pipe)
+    else:
+        real_exec = asyncio.create_subprocess_exec
+        starts: list[str] = []
+
+        async def create_subprocess_exec(*args, **kwargs):
+            worker = kwargs["env"][workers.WORKER_ID_ENV]
+            starts.append(worker)
+            if worker == "1" and starts.count("1") <= failures:  # worker 1 fails three times
+                raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+            return await real_exec(*args, **kwargs)
+
+        monkeypatch.setattr(asyncio, "create_subprocess_exec", create_subprocess_exec)
+
+    with structlog.testing.capture_logs() as logs:
+        run = asyncio.create_task(supervisor.run())
+        try:
+            await wait_until(
+                lambda: (
+                    len(supervisor.processes) == 2
+                    and all(p.returncode is None for p in supervisor.processes.values())
+                ),
+                10,
+                "both workers running",
+            )
+            if failing == "pipe":
+                monkeypatch.setattr(workers.os, "pipe", real_pipe)
+            liveness = supervisor.liveness
+            assert liveness is not None
+            await wait_until(lambda: liveness.beating(0) and liveness.beating(1), 10, "beats")
+            assert supervisor.start_failures == failures, logs
+            assert supervisor._metrics_dir is not None
+            counters = _group_counters(supervisor._metrics_dir)
+            assert counters["eventbus_worker_start_failures_total"] == failures
+        finally:
+            supervisor.stop()
+            async with asyncio.timeout(15):
+                code = await run
+    assert code == 0
+    warned = [entry for entry in logs if entry["event"] == "worker start failed; retrying"]
+    assert len(warned) == failures and all(e["log_level"] == "warning" for e in warned)
+    expected = "Too many open files" if failing == "pipe" else "Resource temporarily"
+    assert all(expected in entry["error"] for entry in warned), warned
+    # The delay grows for a worker that keeps failing (0.05 s, 0.1 s, ...), as for a crash loop.
+    by_worker: dict[int, list[float]] = {}
+    for entry in warned:
+        by_worker.setdefault(entry["worker"], []).append(entry["delay"])
+    for delays in by_worker.values():
+        assert delays == [0.05 * 2**n for n in range(len(delays))]
+    assert not [entry for entry in logs if entry["log_level"] == "error"]
