@@ -22,12 +22,23 @@ The supervisor writes its own counters into the same directory (:class:`Supervis
 
 from __future__ import annotations
 
+import glob
 import os
+import stat
 from collections.abc import Callable
 
+from gateway.logs import get_logger
 from gateway.metrics import Metrics
 
-__all__ = ["SUPERVISOR_COUNTERS", "GroupView", "SupervisorCounters"]
+__all__ = [
+    "SUPERVISOR_COUNTERS",
+    "GroupView",
+    "SupervisorCounters",
+    "read_group",
+    "render_families",
+]
+
+log = get_logger("eventbus.group")
 
 #: The counters the supervisor itself keeps in the group's view: name -> help text.
 SUPERVISOR_COUNTERS = {
@@ -115,6 +126,7 @@ class GroupView:
             registry=registry,
         )
         metrics.relay_lag = _Tee(lag, shared.observe)  # type: ignore[assignment]
+        self._reported: set[tuple[str, str]] = set()  # warnings already logged
 
     def sync(self, ready: bool) -> None:
         """Copy this worker's counter increments and current gauges into the shared files."""
@@ -135,22 +147,25 @@ class GroupView:
         self._ready.set(1 if ready else 0)
 
     def _collect(self) -> list:
-        from prometheus_client import CollectorRegistry
-        from prometheus_client.multiprocess import MultiProcessCollector
+        families, unreadable = read_group(self.directory)
+        for name in unreadable:
+            self._warn_once("unreadable file in the group's metrics directory, skipped", name)
+        return families
 
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=self.directory)
-        return list(registry.collect())
+    def _warn_once(self, message: str, name: str) -> None:
+        """Log once per name (in a bounded record): it is skipped at every scrape and probe."""
+        if (message, name) not in self._reported and len(self._reported) < 100:
+            self._reported.add((message, name))
+            log.warning(message, name=name)
 
     def render(self, ready: bool) -> bytes:
         """The whole group's metrics in the Prometheus text format."""
-        from prometheus_client import CollectorRegistry, generate_latest
-        from prometheus_client.multiprocess import MultiProcessCollector
 
         self.sync(ready)
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=self.directory)
-        return generate_latest(registry)
+        text, broken = render_families(self._collect())
+        for name in broken:
+            self._warn_once("a group metric could not be rendered, skipped", name)
+        return text
 
     def ready_workers(self, ready: bool) -> int:
         """How many live workers of the group are ready right now (this one included)."""
@@ -159,6 +174,62 @@ class GroupView:
             if family.name == "eventbus_worker_ready":
                 return int(sum(sample.value for sample in family.samples))
         return 0
+
+
+def read_group(directory: str) -> tuple[list, list[str]]:
+    """The merged metric families of every readable file in ``directory``, and the names of the
+    files skipped as unreadable.
+
+    prometheus-client's own reader stops at the first bad file, and then every ``/metrics`` and
+    ``/readyz`` of the group failed, for as long as the file stayed: an empty file (a worker
+    killed between creating its file and sizing it), a truncated or overwritten one, anything
+    else dropped there. Each file is read and merged alone first, and only the ones that pass
+    are merged together. Only regular files are opened: a FIFO would block the event loop."""
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    readable, unreadable = [], []
+    for path in sorted(glob.glob(os.path.join(directory, "*.db"))):
+        try:
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                raise ValueError("not a regular file")
+            MultiProcessCollector.merge([path], accumulate=True)
+            readable.append(path)
+        except FileNotFoundError:  # a dead worker's live gauges, removed meanwhile
+            continue
+        except Exception:  # any way a file can be broken: struct, UTF-8, JSON, types
+            unreadable.append(os.path.basename(path))
+    for _ in range(3):
+        try:
+            return list(MultiProcessCollector.merge(readable, accumulate=True)), unreadable
+        except FileNotFoundError:  # a dead worker's live gauges, removed since: without them
+            readable = [path for path in readable if os.path.exists(path)]
+    return [], unreadable  # files vanishing at every read: nothing consistent to answer
+
+
+def render_families(families: list) -> tuple[bytes, list[str]]:
+    """The Prometheus text of ``families`` and the names of those that could not be rendered
+    (files readable one by one, not together: one name with two types), which are left out."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    parts, broken = [], []
+    for family in families:
+        registry = CollectorRegistry()
+        registry.register(_Families([family]))
+        try:
+            parts.append(generate_latest(registry))
+        except Exception:
+            broken.append(family.name)
+    return b"".join(parts), broken
+
+
+class _Families:
+    """A collector answering families already read (for ``generate_latest``)."""
+
+    def __init__(self, families: list) -> None:
+        self._families = families
+
+    def collect(self) -> list:
+        return self._families
 
 
 class _Tee:

@@ -873,3 +873,135 @@ async def test_a_worker_that_cannot_be_started_is_retried_with_backoff(
     for delays in by_worker.values():
         assert delays == [0.05 * 2**n for n in range(len(delays))]
     assert not [entry for entry in logs if entry["log_level"] == "error"]
+
+
+def _plant_garbage(directory: str) -> list[str]:
+    """Files a group's metrics directory may hold besides its workers' own: an empty one (a
+    worker killed between creating its file and sizing it), a corrupt one, foreign names, a
+    FIFO (whose open would block), a directory. Returns their names."""
+    from pathlib import Path
+
+    from prometheus_client.mmap_dict import MmapedDict, mmap_key
+
+    base = Path(directory)
+    (base / "counter_4242.db").write_bytes(b"")
+    # 64 bytes used, of which the first entry claims 65535
+    (base / "gauge_livesum_4243.db").write_bytes(b"\x40\0\0\0\0\0\0\0\xff\xff" + b"\0" * 54)
+    (base / "histogram_4244.db").write_bytes((40).to_bytes(4, "little") + b"\0" * 36)
+    for name in ("notes.db", "gauge.db"):  # well-formed entries, in files not named as ours
+        entry = MmapedDict(str(base / name))
+        entry.write_value(mmap_key("eventbus_x", "eventbus_x", [], [], "x"), 1.0, 0.0)
+        entry.close()
+    os.mkfifo(base / "counter_fifo.db")
+    (base / "counter_dir.db").mkdir()
+    return sorted(p.name for p in base.iterdir())
+
+
+_RENDERING_WORKER = _WORKER + textwrap.dedent(
+    """
+    text = view.render(True).decode()
+    print(next(line for line in text.splitlines() if line.startswith("eventbus_deliveries_total")))
+    """
+)
+
+
+def test_garbage_in_the_metrics_directory_never_breaks_metrics_or_readiness(tmp_path) -> None:
+    # prometheus-client's reader stops at the first bad file: every /metrics and /readyz of
+    # the group failed (500) for as long as the file stayed, e.g. the empty file of a worker
+    # killed as it created it.
+    from gateway.group import read_group
+
+    directory = str(tmp_path)
+    garbage = _plant_garbage(directory)
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": directory}
+    out = subprocess.run(
+        [sys.executable, "-c", _RENDERING_WORKER, "3", "ready", directory],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    warned = [line for line in lines if "unreadable file in the group's metrics" in line]
+    assert [line for line in lines if line not in warned] == ["1", "eventbus_deliveries_total 31.0"]
+    # Each file is reported once (ready_workers and render read the directory three times).
+    assert sorted(line.rsplit("name=", 1)[1] for line in warned) == garbage
+    families, unreadable = read_group(directory)
+    assert sorted(unreadable) == garbage
+    samples = {s.name: s.value for f in families for s in f.samples if not s.labels}
+    assert samples["eventbus_deliveries_total"] == 31
+    assert samples["eventbus_worker_ready"] == 1
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_FILE_NAMES = st.sampled_from(
+    [
+        "counter_1.db",
+        "gauge_livesum_1.db",
+        "gauge_livemax_1.db",
+        "gauge_all_1.db",
+        "histogram_1.db",
+        "summary_1.db",
+        "junk.db",
+        "gauge.db",
+        "counter.db",
+    ]
+)
+_ENTRY = st.tuples(
+    st.one_of(
+        st.text(max_size=40),
+        st.builds(
+            lambda m, n, labels, h: __import__("json").dumps([m, n, labels, h]),
+            st.sampled_from(["eventbus_x", "eventbus_deliveries", "", "le"]),
+            st.sampled_from(["eventbus_x", "eventbus_x_bucket", "eventbus_deliveries_total"]),
+            st.dictionaries(st.sampled_from(["le", "pid", "kind", ""]), st.text(max_size=5)),
+            st.text(max_size=10),
+        ),
+    ),
+    st.floats(allow_nan=True, allow_infinity=True),
+)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    files=st.lists(
+        st.tuples(_FILE_NAMES, st.one_of(st.binary(max_size=200), st.lists(_ENTRY, max_size=4))),
+        max_size=4,
+    )
+)
+def test_no_file_in_the_metrics_directory_breaks_the_group_view(tmp_path_factory, files) -> None:
+    from prometheus_client.mmap_dict import MmapedDict, mmap_key
+
+    from gateway.group import read_group, render_families
+
+    directory = tmp_path_factory.mktemp("group")
+    good = MmapedDict(str(directory / "counter_100.db"))
+    help_text = "Event frames written to subscribers."
+    good.write_value(
+        mmap_key("eventbus_deliveries", "eventbus_deliveries_total", [], [], help_text), 5, 0
+    )
+    good.close()
+    for name, content in files:
+        path = directory / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:  # the right format, whatever the keys and values
+            path.unlink(missing_ok=True)
+            mmaped = MmapedDict(str(path))
+            for key, value in content:
+                mmaped.write_value(key, value, 0)
+            mmaped.close()
+    families, _ = read_group(str(directory))
+    text, _ = render_families(families)
+    assert isinstance(text, bytes)
+    if not any(
+        b"eventbus_deliveries" in path.read_bytes()
+        for path in directory.glob("[a-z]*.db")
+        if path.name != "counter_100.db"
+    ):
+        assert b"eventbus_deliveries_total 5.0" in text
