@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import shutil
 import signal
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from gateway.group import SupervisorCounters
@@ -223,6 +224,7 @@ class Supervisor:
         #: Attempts to start a worker that failed (each retried after a delay).
         self.start_failures = 0
         self._counters: SupervisorCounters | None = None
+        self._prctl = _load_prctl()
         self._unresponsive: set[int] = set()  # killed for that, not started again yet
         self._heartbeats: dict[int, int] = {}  # worker -> the read end of its heartbeat pipe
         self._stopping = asyncio.Event()
@@ -285,7 +287,7 @@ class Supervisor:
             process = await asyncio.create_subprocess_exec(
                 *self.command,
                 env=env,
-                preexec_fn=_die_with_supervisor,
+                preexec_fn=functools.partial(_die_with_supervisor, os.getpid(), self._prctl),
                 pass_fds=(write_end,) if write_end >= 0 else (),
             )
         except BaseException:
@@ -469,13 +471,33 @@ def _signal(process: asyncio.subprocess.Process, signum: int) -> None:
         process.send_signal(signum)
 
 
-def _die_with_supervisor() -> None:
-    """In a worker, before exec: get SIGTERM (and drain) if the supervisor dies, even by
-    SIGKILL, so that workers are never left running without it (Linux; elsewhere a no-op)."""
-    with contextlib.suppress(Exception):
+def _load_prctl() -> Callable[..., int] | None:
+    """libc's ``prctl`` (Linux), loaded in the supervisor: None elsewhere."""
+    try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError, ImportError):
+        return None
+
+
+#: ``prctl`` option: the signal the calling process gets when its parent dies.
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_supervisor(supervisor: int, prctl: Callable[..., int] | None) -> None:
+    """In a worker, between the fork and the exec: get SIGTERM (and drain) when the supervisor
+    dies, even by SIGKILL, so that no worker is left running without it, holding the port.
+
+    The death signal is armed after the fork: a supervisor that died before that (the child
+    sees another parent then) sends none, and that worker exits here. Only a C call and a
+    system call: ``prctl`` was loaded in the supervisor, because importing or loading a library
+    in a child forked from a process with threads (asyncio's child watchers) can deadlock on a
+    lock another thread held at the fork."""
+    if prctl is not None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != supervisor:
+        os._exit(1)
 
 
 def _forget_process(metrics_dir: str | None, pid: int | None) -> None:

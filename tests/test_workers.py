@@ -1005,3 +1005,77 @@ def test_no_file_in_the_metrics_directory_breaks_the_group_view(tmp_path_factory
         if path.name != "counter_100.db"
     ):
         assert b"eventbus_deliveries_total 5.0" in text
+
+
+_SUPERVISOR_DYING_AT_A_FORK = textwrap.dedent(
+    """
+    import asyncio, ctypes, os, sys, time
+
+    marker = sys.argv[1]
+    real_cdll = ctypes.CDLL
+
+
+    class SlowPrctl:
+        # libc, whose prctl takes 3 s in the forked worker: the window in which the
+        # supervisor is killed (the marker tells the test it has begun).
+        def __init__(self, *args, **kwargs):
+            self._lib = real_cdll(*args, **kwargs)
+
+        def __getattr__(self, name):
+            function = getattr(self._lib, name)
+            if name != "prctl":
+                return function
+
+            def slow(*args):
+                with open(marker, "w") as file:
+                    file.write(str(os.getpid()))
+                time.sleep(3)
+                return function(*args)
+
+            return slow
+
+
+    ctypes.CDLL = SlowPrctl
+    from gateway.workers import Supervisor
+
+    worker = "import sys, time; open(sys.argv[1], 'w').write('alive'); time.sleep(60)"
+    command = [sys.executable, "-c", worker, marker + ".alive"]
+    asyncio.run(Supervisor(command, 1, drain_timeout=1).run())
+    """
+)
+
+
+def _gone(pid: int) -> bool:
+    """Exited (a zombie no one reaps counts: a container's PID 1 may not reap)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return any(line.startswith("State:\tZ") for line in status)
+    except FileNotFoundError:
+        return True
+
+
+async def test_a_worker_forked_just_before_its_supervisor_died_exits(tmp_path) -> None:
+    # The death signal (PR_SET_PDEATHSIG) is armed in the worker after the fork: a supervisor
+    # killed in between sent none, and that worker ran on without it, holding the port.
+    from tests.support.gateway_process import ROOT
+
+    marker = tmp_path / "forked"
+    supervisor = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _SUPERVISOR_DYING_AT_A_FORK, str(marker), cwd=ROOT
+    )
+    worker = 0
+    try:
+        await wait_until(marker.exists, 20, "the worker forked")
+        await wait_until(lambda: marker.read_text() != "", 5, "the worker's pid")
+        worker = int(marker.read_text())
+        supervisor.kill()
+        async with asyncio.timeout(5):
+            await supervisor.wait()
+        await wait_until(lambda: _gone(worker), 10, "the orphaned worker gone")
+        assert not (tmp_path / "forked.alive").exists(), "the worker ran without its supervisor"
+    finally:
+        if supervisor.returncode is None:
+            supervisor.kill()
+            await supervisor.wait()
+        if worker and not _gone(worker):
+            os.kill(worker, signal.SIGKILL)
