@@ -19,8 +19,8 @@ The supervisor (this module, the parent process) only starts, watches and stops 
   the new connections, to hang unanswered: each worker's loop writes a heartbeat into a pipe
   once a second (:func:`start_heartbeat`), and one silent for ``worker_timeout`` seconds
   (:class:`Liveness`) is killed with SIGKILL and started again like a worker that died;
-* SIGTERM (or SIGINT) is passed to every worker, which drains as a single gateway does; a worker
-  still running ``drain_timeout`` + 5 s later is killed;
+* SIGTERM (or SIGINT, or SIGHUP) is passed to every worker as SIGTERM, which drains as a
+  single gateway does; a worker still running ``drain_timeout`` + 5 s later is killed (SIGKILL);
 * ``/metrics`` and ``/readyz`` answer for the whole group from any worker (see
   :mod:`gateway.group`): the supervisor gives every worker the same
   ``PROMETHEUS_MULTIPROC_DIR`` and tells it the group's size.
@@ -82,6 +82,12 @@ PAUSE_SLACK = 1.0
 
 #: Seconds a worker has after ``drain_timeout`` to exit by itself before it is killed.
 EXIT_GRACE = 5.0
+
+#: Signals that make the supervisor drain its workers and exit. SIGHUP too: its default action
+#: ended the supervisor at once, leaving its metrics directory behind and its workers to drain
+#: unsupervised (``kill -HUP``, a reload for gunicorn; the terminal of a foreground group
+#: closing). The gateway has no configuration to reload: restart it to change settings.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def resolve_workers(value: str | int) -> int:
@@ -234,8 +240,8 @@ class Supervisor:
         """Start the workers, restart the ones that die, and return after a stop signal once
         every worker has exited (0) or had to be killed (1)."""
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self._stopping.set)
+        for signum in STOP_SIGNALS:
+            loop.add_signal_handler(signum, self._on_stop_signal, signum)
         self._metrics_dir = tempfile.mkdtemp(prefix="eventbus-metrics-")
         self._counters = SupervisorCounters(self._metrics_dir)
         watcher = asyncio.create_task(self._watch()) if self.liveness is not None else None
@@ -255,13 +261,23 @@ class Supervisor:
                 await asyncio.gather(watcher, return_exceptions=True)
             for index in list(self._heartbeats):
                 self._unwatch(index)
-            for signum in (signal.SIGTERM, signal.SIGINT):
+            for signum in STOP_SIGNALS:
                 loop.remove_signal_handler(signum)
             self._counters.close()
             shutil.rmtree(self._metrics_dir, ignore_errors=True)
 
     def stop(self) -> None:
         """Ask :meth:`run` to drain the workers and return (what SIGTERM does)."""
+        self._stopping.set()
+
+    def _on_stop_signal(self, signum: int) -> None:
+        """SIGTERM, SIGINT or SIGHUP: drain the group. Once it drains, another one changes
+        nothing: the drain is already bounded (``drain_timeout`` + ``EXIT_GRACE``)."""
+        name = signal.Signals(signum).name
+        if self._stopping.is_set():
+            log.info("stop signal while stopping; the drain goes on", signal=name)
+            return
+        log.info("stop signal", signal=name)
         self._stopping.set()
 
     async def _spawn(self, index: int) -> asyncio.subprocess.Process:
@@ -498,6 +514,10 @@ def _die_with_supervisor(supervisor: int, prctl: Callable[..., int] | None) -> N
         prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != supervisor:
         os._exit(1)
+    # A hangup (the terminal of a foreground group closing) reaches every process of the group:
+    # the supervisor drains the workers on it, which would otherwise die at once, undrained.
+    # Ignored stays ignored across the exec.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 def _forget_process(metrics_dir: str | None, pid: int | None) -> None:

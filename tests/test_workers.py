@@ -1079,3 +1079,63 @@ async def test_a_worker_forked_just_before_its_supervisor_died_exits(tmp_path) -
             await supervisor.wait()
         if worker and not _gone(worker):
             os.kill(worker, signal.SIGKILL)
+
+
+def _exists(path: str) -> bool:
+    return os.path.exists(path)
+
+
+def _signal_mask(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        line = next(line for line in status if line.startswith(f"{field}:"))
+    return int(line.split()[1], 16)
+
+
+async def test_sighup_drains_the_group_like_sigterm(redis_url) -> None:
+    # SIGHUP (``kill -HUP``, a reload for gunicorn; a closing terminal) ended the supervisor at
+    # once: its metrics directory stayed behind and its workers drained unsupervised.
+    group = GatewayProcess(redis_url, args=["--workers", "2", "--drain-timeout", "3"])
+    with group:
+        pids = _worker_pids(group.port, 2)
+        directory = _environ(pids["0"])["PROMETHEUS_MULTIPROC_DIR"]
+        for pid in pids.values():  # a hangup of the whole group is the supervisor's to handle
+            assert _signal_mask(pid, "SigIgn") & (1 << (signal.SIGHUP - 1))
+        clients = [ResumingClient([group.ws_url], [1], name=str(i)).start() for i in range(6)]
+        await wait_live(clients)
+        assert group.process is not None
+        started = time.monotonic()
+        assert group.end_with(signal.SIGHUP, timeout=20) == 0
+        assert time.monotonic() - started < 3 + 5 + 2
+        await stop_clients(clients)
+        assert all(_gone(pid) for pid in pids.values())
+        drained = sum(line.count('"event": "drained"') for line in group.log_lines("drained"))
+        assert drained == 2, group.tail()
+        assert not _exists(directory)
+        [record] = [json.loads(line) for line in group.log_lines('"stop signal"')]
+        assert record["signal"] == "SIGHUP"
+
+
+async def test_a_worker_that_ignores_sigterm_is_killed_after_the_drain_timeout() -> None:
+    from gateway.workers import EXIT_GRACE, Supervisor
+
+    script = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+    supervisor = Supervisor([sys.executable, "-c", script], 2, drain_timeout=0.5)
+    run = asyncio.create_task(supervisor.run())
+    await wait_until(
+        lambda: (
+            len(supervisor.processes) == 2
+            and all(
+                _signal_mask(p.pid, "SigIgn") & (1 << (signal.SIGTERM - 1))
+                for p in supervisor.processes.values()
+            )
+        ),
+        10,
+        "workers ignoring SIGTERM",
+    )
+    started = time.monotonic()
+    supervisor.stop()
+    supervisor._on_stop_signal(signal.SIGTERM)  # a second signal changes nothing
+    async with asyncio.timeout(0.5 + EXIT_GRACE + 5):
+        assert await run == 1
+    assert 0.5 + EXIT_GRACE - 0.5 < time.monotonic() - started
+    assert [p.returncode for p in supervisor.processes.values()] == [-signal.SIGKILL] * 2

@@ -147,6 +147,10 @@ class GatewayProcess:
         """SIGTERM (drain) and wait for the exit status."""
         return self._end(signal.SIGTERM, timeout)
 
+    def end_with(self, sig: signal.Signals, timeout: float = 30.0) -> int:
+        """Send ``sig`` and wait for the exit status."""
+        return self._end(sig, timeout)
+
     def kill(self) -> int:
         """SIGKILL: the process vanishes, its clients see their TCP connections reset."""
         return self._end(signal.SIGKILL, 10)
