@@ -34,6 +34,7 @@ import functools
 import os
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import time
@@ -69,6 +70,10 @@ HEARTBEAT_FD_ENV = "EVENTBUS_HEARTBEAT_FD"
 #: "1" for a worker started in place of one killed for a silent event loop: it counts that kill
 #: in the group's ``eventbus_workers_killed_unresponsive_total``.
 REPLACES_UNRESPONSIVE_ENV = "EVENTBUS_WORKER_REPLACES_UNRESPONSIVE"
+
+_INTERNAL_ENV = frozenset(
+    {GROUP_SIZE_ENV, WORKER_ID_ENV, HEARTBEAT_FD_ENV, REPLACES_UNRESPONSIVE_ENV}
+)
 
 #: Seconds between two heartbeats of a worker's event loop.
 HEARTBEAT_INTERVAL = 1.0
@@ -282,7 +287,9 @@ class Supervisor:
 
     async def _spawn(self, index: int) -> asyncio.subprocess.Process:
         env = {
-            **self.env,
+            # Never the internal variables of another group (an environment copied from a
+            # worker's): only what this supervisor sets below.
+            **{key: value for key, value in self.env.items() if key not in _INTERNAL_ENV},
             # A worker is a single gateway: EVENTBUS_WORKERS=1 also overrides a group size the
             # operator set in the environment, so a worker never becomes a supervisor itself.
             "EVENTBUS_WORKERS": "1",
@@ -400,7 +407,12 @@ class Supervisor:
                 # workers it knew of then. It waits for this keeper, so the worker drains too.
                 _signal(process, signal.SIGTERM)
             code = await process.wait()
-            _forget_process(self._metrics_dir, process.pid)
+            try:
+                _forget_process(self._metrics_dir, process.pid)
+            except OSError as exc:  # its files are only left in the view: go on with the worker
+                log.warning(
+                    "dead worker's live metrics not removed", worker=index, error=describe(exc)
+                )
             if self.liveness is not None:
                 self.liveness.forget(index)
                 self._unwatch(index)
@@ -459,7 +471,17 @@ def start_heartbeat(environ: dict[str, str] | None = None) -> asyncio.Task | Non
     raw = (os.environ if environ is None else environ).get(HEARTBEAT_FD_ENV)
     if not raw:
         return None
-    return asyncio.create_task(_beat(int(raw), HEARTBEAT_INTERVAL), name="heartbeat")
+    # Only into a pipe: a variable left in an environment (copied from a worker's) names some
+    # descriptor of this process, e.g. a Redis connection, which a byte a second would corrupt.
+    try:
+        fd = int(raw)
+        is_pipe = stat.S_ISFIFO(os.fstat(fd).st_mode)
+    except (ValueError, OSError):
+        is_pipe = False
+    if not is_pipe:
+        log.warning("no heartbeats: not a pipe", variable=HEARTBEAT_FD_ENV, value=raw[:20])
+        return None
+    return asyncio.create_task(_beat(fd, HEARTBEAT_INTERVAL), name="heartbeat")
 
 
 async def _beat(fd: int, interval: float) -> None:

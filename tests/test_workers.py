@@ -1139,3 +1139,54 @@ async def test_a_worker_that_ignores_sigterm_is_killed_after_the_drain_timeout()
         assert await run == 1
     assert 0.5 + EXIT_GRACE - 0.5 < time.monotonic() - started
     assert [p.returncode for p in supervisor.processes.values()] == [-signal.SIGKILL] * 2
+
+
+async def test_heartbeats_go_only_into_a_pipe_and_only_the_supervisor_names_it() -> None:
+    # EVENTBUS_HEARTBEAT_FD left in an environment (copied from a worker's) named some
+    # descriptor of the new process: a byte a second went into it, a Redis connection perhaps.
+    import socket
+
+    from gateway.workers import WORKER_ID_ENV, Supervisor
+
+    left, right = socket.socketpair()
+    with left, right:
+        assert start_heartbeat({HEARTBEAT_FD_ENV: str(left.fileno())}) is None
+        assert start_heartbeat({HEARTBEAT_FD_ENV: "stdout"}) is None
+        right.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            right.recv(1)
+    stray = {**os.environ, HEARTBEAT_FD_ENV: "1", WORKER_ID_ENV: "7"}
+    supervisor = Supervisor(
+        [sys.executable, "-c", "import time; time.sleep(60)"], 1, drain_timeout=1, env=stray
+    )
+    run = asyncio.create_task(supervisor.run())
+    try:
+        await wait_until(lambda: 0 in supervisor.processes, 10, "the worker started")
+        environ = _environ(supervisor.processes[0].pid)
+        assert HEARTBEAT_FD_ENV not in environ and environ[WORKER_ID_ENV] == "0"
+    finally:
+        supervisor.stop()
+        async with asyncio.timeout(10):
+            await run
+
+
+async def test_a_worker_crashing_at_start_is_restarted_with_a_bounded_backoff() -> None:
+    import structlog
+
+    from gateway.workers import Supervisor
+
+    supervisor = Supervisor(
+        [sys.executable, "-c", "raise SystemExit(3)"],
+        1,
+        drain_timeout=1,
+        policy=RestartPolicy(base=0.1, cap=0.4),
+    )
+    with structlog.testing.capture_logs() as logs:
+        run = asyncio.create_task(supervisor.run())
+        await wait_until(lambda: supervisor.restarts >= 5, 20, "five restarts")
+        supervisor.stop()
+        async with asyncio.timeout(10):
+            assert await run == 0
+    restarts = [entry for entry in logs if entry["event"] == "worker exited; restarting"]
+    assert [entry["delay"] for entry in restarts[:5]] == [0.1, 0.2, 0.4, 0.4, 0.4]
+    assert all(e["log_level"] == "warning" and e["code"] == 3 for e in restarts)
