@@ -470,12 +470,27 @@ def _redact(url: str) -> str:
 
 
 async def run(config: GatewayConfig) -> None:
-    """Run until SIGTERM or SIGINT, then drain."""
+    """Run until SIGTERM, SIGINT or SIGHUP, then drain.
+
+    SIGHUP drains too (its default action ended the process at once, cutting every client
+    without a close frame: ``kill -HUP``, a reload elsewhere, the terminal of a foreground
+    gateway closing); there is no configuration to reload. Unless it was ignored when the
+    process started (``nohup``; a ``--workers`` worker, whose supervisor decides): then it
+    stays ignored."""
     gateway = Gateway(config)
     await gateway.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    signals = [signal.SIGTERM, signal.SIGINT]
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signals.append(signal.SIGHUP)
+
+    def on_stop_signal(received: signal.Signals) -> None:
+        if not stop.is_set():
+            log.info("stop signal", signal=received.name)
+        stop.set()
+
+    for sig in signals:
+        loop.add_signal_handler(sig, on_stop_signal, sig)
     await stop.wait()
     await gateway.drain()

@@ -56,10 +56,14 @@ def gateway_process(redis_url):
         process.wait(10)
 
 
-@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+@pytest.mark.parametrize(
+    ("loop", "stop_signal"),
+    [("uvloop", signal.SIGTERM), ("asyncio", signal.SIGTERM), ("asyncio", signal.SIGHUP)],
+)
 async def test_sigterm_drains_readiness_first_then_closes_clients_with_1012(
-    gateway_process, publisher, loop
+    gateway_process, publisher, loop, stop_signal
 ):
+    """SIGTERM (or SIGHUP, whose default action cut every client without a close frame)."""
     process, port = gateway_process("--drain-delay", "0.5", "--drain-timeout", "5", "--loop", loop)
     await wait_ready(port, process)
     url = f"ws://127.0.0.1:{port}/"
@@ -74,7 +78,7 @@ async def test_sigterm_drains_readiness_first_then_closes_clients_with_1012(
     for client in clients:
         await client.wait_for(lambda c=client: c.seqs(1) == [1, 2, 3])
     started = time.monotonic()
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(stop_signal)
     async with asyncio.timeout(5):
         while (await request(port, "/readyz"))[0] != 503:  # noqa: ASYNC110 - an HTTP poll
             await asyncio.sleep(0.02)
@@ -86,9 +90,32 @@ async def test_sigterm_drains_readiness_first_then_closes_clients_with_1012(
     logs = [json.loads(line) for line in process.stderr.read().decode().splitlines() if line]
     events = [entry["event"] for entry in logs]
     assert "gateway listening" in events and "draining" in events and "drained" in events
+    assert next(e for e in logs if e["event"] == "stop signal")["signal"] == stop_signal.name
     assert all("timestamp" in entry and "level" in entry for entry in logs)
     listening = next(entry for entry in logs if entry["event"] == "gateway listening")
     assert listening["loop"] == loop
+
+
+async def test_a_gateway_started_with_sighup_ignored_keeps_ignoring_it(gateway_process):
+    """``nohup python -m gateway``: the terminal closing must not stop it. The kernel's own
+    record of the running process says SIGHUP is ignored, not caught (as it is without nohup)."""
+
+    def mask(process, field: str) -> int:
+        with open(f"/proc/{process.pid}/status") as status:
+            line = next(line for line in status if line.startswith(field + ":"))
+        return int(line.split()[1], 16)
+
+    hup = 1 << (signal.SIGHUP - 1)
+    plain, port = gateway_process()
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # inherited by the next child
+    try:
+        nohup, nohup_port = gateway_process()
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    await wait_ready(port, plain)
+    await wait_ready(nohup_port, nohup)
+    assert mask(plain, "SigCgt") & hup and not mask(plain, "SigIgn") & hup
+    assert mask(nohup, "SigIgn") & hup and not mask(nohup, "SigCgt") & hup
 
 
 def test_the_event_loop_is_asyncio_unless_uvloop_is_asked_for(monkeypatch):
