@@ -46,6 +46,12 @@ SUPERVISOR_COUNTERS = {
         "Times the supervisor failed to start a worker process (no descriptors, no memory, "
         "process limit) and retried after a delay."
     ),
+    # Counted by the supervisor, not by the worker started in the killed one's place: a kill
+    # whose replacement never starts is counted too.
+    "workers_killed_unresponsive_total": (
+        "Workers killed (SIGKILL) by the supervisor because their event loop sent no "
+        "heartbeat for --worker-timeout seconds, and started again."
+    ),
 }
 
 
@@ -62,7 +68,6 @@ class GroupView:
         *,
         workers: int,
         directory: str,
-        replaces_unresponsive: bool = False,
     ) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -107,17 +112,6 @@ class GroupView:
             multiprocess_mode="livemax",
         )
         self._workers.set(workers)
-        # The supervisor, which kills a worker whose event loop stopped beating, writes no
-        # metrics itself: the worker started in its place counts the kill. Counters outlive
-        # their process in the group's view, so the sum is every such kill of the group's life.
-        killed = Counter(
-            "eventbus_workers_killed_unresponsive",
-            "Workers killed (SIGKILL) by the supervisor because their event loop sent no "
-            "heartbeat for --worker-timeout seconds, and started again.",
-            registry=registry,
-        )
-        if replaces_unresponsive:
-            killed.inc()
         lag = metrics.relay_lag
         shared = Histogram(
             "eventbus_relay_lag_seconds",

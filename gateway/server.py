@@ -33,7 +33,7 @@ from gateway.session import Admission, ClientSession, SlowConsumerPolicy, unsent
 from gateway.sse import SseStreams
 from gateway.store import HistoryStore
 from gateway.websocket import WebSocketEndpoint
-from gateway.workers import GROUP_SIZE_ENV, REPLACES_UNRESPONSIVE_ENV, WORKER_ID_ENV
+from gateway.workers import GROUP_SIZE_ENV, WORKER_ID_ENV
 from redisconn import async_client, is_cluster_url
 from schemas.keys import Keys
 from schemas.protocol import CloseCode
@@ -193,7 +193,6 @@ class Gateway:
                 self.metrics,
                 workers=int(group_size),
                 directory=os.environ["PROMETHEUS_MULTIPROC_DIR"],
-                replaces_unresponsive=os.environ.get(REPLACES_UNRESPONSIVE_ENV) == "1",
             )
             self._tasks.append(asyncio.create_task(self._every(1.0, self._sync_group)))
         self.server = await asyncio.get_running_loop().create_server(

@@ -48,7 +48,6 @@ __all__ = [
     "GROUP_SIZE_ENV",
     "HEARTBEAT_FD_ENV",
     "HEARTBEAT_INTERVAL",
-    "REPLACES_UNRESPONSIVE_ENV",
     "WORKER_ID_ENV",
     "Liveness",
     "RestartPolicy",
@@ -67,13 +66,7 @@ WORKER_ID_ENV = "EVENTBUS_WORKER_ID"
 #: The descriptor of the pipe a worker's event loop writes its heartbeats to (only with a
 #: ``worker_timeout``). A worker started without it sends none.
 HEARTBEAT_FD_ENV = "EVENTBUS_HEARTBEAT_FD"
-#: "1" for a worker started in place of one killed for a silent event loop: it counts that kill
-#: in the group's ``eventbus_workers_killed_unresponsive_total``.
-REPLACES_UNRESPONSIVE_ENV = "EVENTBUS_WORKER_REPLACES_UNRESPONSIVE"
-
-_INTERNAL_ENV = frozenset(
-    {GROUP_SIZE_ENV, WORKER_ID_ENV, HEARTBEAT_FD_ENV, REPLACES_UNRESPONSIVE_ENV}
-)
+_INTERNAL_ENV = frozenset({GROUP_SIZE_ENV, WORKER_ID_ENV, HEARTBEAT_FD_ENV})
 
 #: Seconds between two heartbeats of a worker's event loop.
 HEARTBEAT_INTERVAL = 1.0
@@ -297,8 +290,6 @@ class Supervisor:
             WORKER_ID_ENV: str(index),
             "PROMETHEUS_MULTIPROC_DIR": self._metrics_dir or "",
         }
-        if index in self._unresponsive:
-            env[REPLACES_UNRESPONSIVE_ENV] = "1"
         read_end = write_end = -1
         if self.liveness is not None:
             # The worker inherits the write end (pass_fds keeps its number); the supervisor
@@ -368,6 +359,8 @@ class Supervisor:
                 if process is None or process.returncode is not None:
                     continue
                 self.killed_unresponsive += 1
+                if self._counters is not None:
+                    self._counters.inc("workers_killed_unresponsive_total")
                 self._unresponsive.add(index)
                 log.error(
                     "worker unresponsive; killing it",
