@@ -288,14 +288,16 @@ class ClientProtocol:
         assert limit is not None
         self.metrics.client_frames_rate_limited_total += 1
         kind = "frame" if message is None else type(message).__struct_config__.tag
+        retry_after_ms = limit.retry_after_ms(session)
         session.send_message(
             Error(
                 code=ErrorCode.RATE_LIMITED,
                 message=(
                     f"too many frames: {limit.describe()} per connection; this {kind} was not "
-                    f"executed: send it again in {limit.retry_after(session):.1f} s or later"
+                    f"executed: send it again in {retry_after_ms / 1000:.3g} s or later"
                 ),
                 project_id=getattr(message, "project_id", None),
+                retry_after_ms=retry_after_ms,
             )
         )
         if verdict == CLOSE:

@@ -23,6 +23,7 @@ constants, so nothing is allocated per connection until it sends. The clock is t
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 __all__ = [
@@ -99,6 +100,17 @@ class FrameRateLimit:
     def retry_after(self, bucket: BucketState) -> float:
         """Seconds until ``bucket`` holds a token again (as of its last refill)."""
         return max(0.0, (1.0 - bucket.rate_tokens) / self.rate)
+
+    def retry_after_ms(self, bucket: BucketState) -> int:
+        """:meth:`retry_after` in whole milliseconds, rounded up, for the ``rate_limited`` error's
+        ``retry_after_ms``: a frame sent again that many milliseconds after the refusal finds a
+        token (if nothing else of the connection took it first). At least 1 after a refusal
+        (the bucket then holds less than a token), so a client never reads "now"."""
+        # Rounded up, less a nanosecond of float noise (0.02 of a token at 1/s is 20.000000000000018
+        # ms): a frame at the instant named finds the token within that nanosecond.
+        if bucket.rate_tokens >= 1.0:
+            return 0
+        return max(1, math.ceil((1.0 - bucket.rate_tokens) * 1000.0 / self.rate - 1e-6))
 
     def describe(self) -> str:
         """The limit in words, for the ``rate_limited`` error's message."""

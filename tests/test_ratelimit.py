@@ -4,6 +4,8 @@ clock is passed in as ``now``."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.ratelimit import (
     ALLOWED,
@@ -115,6 +117,49 @@ def test_retry_after_and_description():
     assert limit.retry_after(bucket) == pytest.approx(0.05)
     assert limit.describe() == "at most 20 frames per second, bursts of 200"
     assert FrameRateLimit(0.5, 3).describe() == "at most 0.5 frames per second, bursts of 3"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rate=st.floats(0.1, 1000.0),
+    burst=st.integers(1, 300),
+    gaps=st.lists(st.floats(0.0, 0.5), min_size=1, max_size=60),
+)
+def test_a_refused_frame_sent_again_after_retry_after_ms_is_allowed(rate, burst, gaps):
+    """The ``rate_limited`` error's ``retry_after_ms``, after any history of frames: a frame
+    sent that many milliseconds after a refusal (nothing in between) finds a token, and one
+    sent a millisecond sooner would not have (the figure is not padded), as the clients rely
+    on it to resend neither too soon (a strike) nor much too late."""
+    limit = FrameRateLimit(rate=rate, burst=burst)
+    bucket = Bucket()
+    now = 1000.0
+    for gap in gaps:
+        now += gap
+        if limit.take(bucket, now) == ALLOWED:
+            continue
+        wait_ms = limit.retry_after_ms(bucket)
+        assert wait_ms >= 1
+        sooner = Bucket()
+        sooner.rate_tokens, sooner.rate_strikes, sooner.rate_stamp = (
+            bucket.rate_tokens,
+            bucket.rate_strikes,
+            bucket.rate_stamp,
+        )
+        if wait_ms > 1:
+            assert limit.take(sooner, now + (wait_ms - 1) / 1000) != ALLOWED
+        now += wait_ms / 1000 + 1e-6  # (a microsecond: float sums of the clock may fall short)
+        assert limit.take(bucket, now) == ALLOWED
+
+
+def test_retry_after_ms_of_an_empty_bucket_is_one_token_s_time():
+    limit = FrameRateLimit(rate=20, burst=10)
+    bucket = Bucket()
+    takes(limit, bucket, 5.0, 10)
+    assert limit.take(bucket, 5.0) == REFUSED
+    assert limit.retry_after_ms(bucket) == 50
+    assert limit.take(bucket, 5.02) == REFUSED  # 0.4 of a token
+    assert limit.retry_after_ms(bucket) == 30
+    assert FrameRateLimit(rate=3, burst=1).retry_after_ms(Bucket()) == 334  # rounded up
 
 
 def test_zero_disables_the_limit():
