@@ -177,6 +177,12 @@ export interface ConnectOptions {
   connectTimeout?: number;
   /** Upper bound of the random delay of a prompt reconnect (1012, 4008, 4002), ms (default 500). */
   promptDelayMax?: number;
+  /** At most one `activity` frame per project per this many ms, carrying the latest state
+   * (default 1000): see docs/browser.md, "Presence". */
+  activityInterval?: number;
+  /** ms between frames sent again after the gateway's rate limit refused one (default 100;
+   * doubled while they are refused again, up to backoff.max): see FramePacer. */
+  resendInterval?: number;
   // Injection points for tests and non-browser runtimes.
   WebSocket?: typeof WebSocket | null;
   fetch?: typeof fetch;
@@ -245,8 +251,9 @@ export declare class EventBus {
   ): () => void;
   /** The project's members, or null while presence is unknown. */
   members(projectId: number): PresenceMember[] | null;
-  /** This tab's activity in a project (positive integer ids or null); sent over WebSocket now
-   * and after every resubscribe, kept while on SSE or polling. */
+  /** This tab's activity in a project (positive integer ids or null); sent over WebSocket, at
+   * most one frame per project per `activityInterval` (the latest state), again after every
+   * resubscribe, kept while on SSE or polling. */
   activity(projectId: number, activity?: Activity): void;
   /** Try the WebSocket now instead of waiting for the backoff. */
   reconnect(): void;
@@ -274,7 +281,34 @@ export declare const DEFAULTS: Readonly<{
   pongTimeout: number;
   connectTimeout: number;
   promptDelayMax: number;
+  activityInterval: number;
+  resendInterval: number;
 }>;
+
+/** The connection-wide pacing of frames after `rate_limited` (one "not before" instant and one
+ * queue of held frames, by key; times in ms on the caller's clock). */
+export declare class FramePacer<T = unknown> {
+  constructor(options?: { spacing?: number; maxSpacing?: number; fallbackDelay?: number });
+  notBefore: number;
+  spacing: number;
+  readonly held: number;
+  /** A new connection: nothing held, nothing to wait for. */
+  reset(): void;
+  /** Whether a frame may go out now (nothing held, no refusal asks to wait). */
+  mayDirect(now: number): boolean;
+  /** A frame was refused at `now`; `retryAfterMs`: the error's retry_after_ms (absent: an old
+   * gateway, a delay of the pacer's own). */
+  refused(now: number, retryAfterMs?: number | null): void;
+  /** Hold `item` under `key` (a key already held keeps its place and takes the new item). */
+  hold(key: string, item: T): void;
+  drop(key: string): void;
+  /** When the first held item is due, or null when none is held. */
+  dueAt(): number | null;
+  /** The first held item when due at `now` (removed), else null. */
+  next(now: number): T | null;
+  /** A held item went out at `now`: the next waits `spacing`. */
+  resent(now: number): void;
+}
 
 export declare function backoffDelay(
   attempt: number,

@@ -69,6 +69,16 @@ export const DEFAULTS = Object.freeze({
   // "Prompt" reconnects (gateway draining with 1012, slow consumer 4008, expired token) still get a
   // little jitter so that thousands of clients closed at once do not arrive in the same millisecond.
   promptDelayMax: 500,
+  // At most one `activity` frame per project per this many ms: the latest state is sent when it
+  // passes (the first change after a quiet while goes at once). Others see presence change at
+  // most once a second (the gateway's presence_diff), so faster frames would show nothing sooner;
+  // at one a second a page changing its activity in 10 projects all the time uses half the
+  // gateway's default rate limit (20 frames/s), and past that the pacing below takes over.
+  activityInterval: 1000,
+  // Frames refused by the gateway's rate limit (`rate_limited`) are sent again, in order, from
+  // the time it names (retry_after_ms; else backoff.initial), this many ms apart, doubled each
+  // time one of them is refused again (at most backoff.max): see FramePacer.
+  resendInterval: 100,
 });
 
 // ----------------------------------------------------------------------------------------------
@@ -446,6 +456,87 @@ export class ProjectCursor {
   }
 }
 
+/**
+ * The connection-wide pacing of frames after the gateway's rate limit refused one
+ * (docs/protocol.md, "Rate limit"; docs/browser.md). The gateway counts every frame of a
+ * connection in one bucket, so retries per project that each wait their own delay arrive
+ * together when many projects were refused together, and are refused again: each refusal a
+ * strike towards the close (4029). Instead the connection keeps one "not before" instant and one
+ * queue of held frames:
+ *
+ * - `refused(now, retryAfterMs)`: nothing goes out before `now + retryAfterMs` (the gateway's
+ *   `retry_after_ms`: when its bucket holds a token again; capped at maxSpacing; absent from an
+ *   old gateway: max(fallbackDelay, spacing)). If a held frame went out since the last refusal
+ *   and a refusal still came, the spacing doubles (at most maxSpacing): the gateway's rate is
+ *   lower than this pace.
+ * - `mayDirect(now)`: a frame may go out at once only when nothing is held and no refusal asks
+ *   to wait; else the caller `hold`s it, under a key (`subscribe:<id>`, `activity:<id>`,
+ *   `auth`): a key already held keeps its place and takes the new item (the frame is built
+ *   when it goes out, so it is the latest: the cursor now, the activity now).
+ * - `next(now)` gives the first held item once due; `resent(now)` after sending it makes the
+ *   next one wait `spacing`. When the queue empties the spacing starts over.
+ *
+ * Bounded: at most one item per key (a few per project). Times are the caller's clock (ms).
+ */
+export class FramePacer {
+  constructor({ spacing = DEFAULTS.resendInterval, maxSpacing = DEFAULTS.backoff.max, fallbackDelay = DEFAULTS.backoff.initial } = {}) {
+    this.initialSpacing = Math.max(1, spacing);
+    this.maxSpacing = Math.max(this.initialSpacing, maxSpacing);
+    this.fallbackDelay = fallbackDelay;
+    this.reset();
+  }
+
+  /** A new connection: a new bucket on the gateway, nothing held. */
+  reset() {
+    this.notBefore = -Infinity;
+    this.spacing = this.initialSpacing;
+    this.queue = new Map();
+    this.resentSinceRefusal = false;
+  }
+
+  get held() {
+    return this.queue.size;
+  }
+
+  mayDirect(now) {
+    return this.queue.size === 0 && now >= this.notBefore;
+  }
+
+  refused(now, retryAfterMs) {
+    if (this.resentSinceRefusal) this.spacing = Math.min(this.spacing * 2, this.maxSpacing);
+    this.resentSinceRefusal = false;
+    const named = typeof retryAfterMs === "number" && Number.isFinite(retryAfterMs) && retryAfterMs >= 0;
+    const wait = named ? Math.min(retryAfterMs, this.maxSpacing) : Math.max(this.fallbackDelay, this.spacing);
+    this.notBefore = Math.max(this.notBefore, now + wait);
+  }
+
+  hold(key, item) {
+    this.queue.set(key, item); // (a key already held keeps its place in a Map)
+  }
+
+  drop(key) {
+    this.queue.delete(key);
+  }
+
+  /** When the first held item is due (null: nothing held). */
+  dueAt() {
+    return this.queue.size ? this.notBefore : null;
+  }
+
+  next(now) {
+    if (this.queue.size === 0 || now < this.notBefore) return null;
+    const [key, item] = this.queue.entries().next().value;
+    this.queue.delete(key);
+    return item;
+  }
+
+  resent(now) {
+    this.notBefore = now + this.spacing;
+    this.resentSinceRefusal = true;
+    if (this.queue.size === 0) this.spacing = this.initialSpacing;
+  }
+}
+
 /** Repairs of a gap from one cursor before it is surfaced as a resync (history_corrupt). */
 const GAP_REPAIRS = 2;
 
@@ -628,6 +719,10 @@ class Subscription {
     this.wsSubscribed = false; // `subscribed` received on the current WebSocket
     this.staleSnapshots = 0; // snapshot cursors in a row of another epoch than the gateway's
     this.pollLimit = null; // the `limit` of this project's polls after an answer too long
+    this.subscribesSent = 0; // subscribes sent on the current WebSocket and not answered yet
+    this.activitySent = null; // the activity value last sent on the current WebSocket
+    this.activitySentAt = null; // when an activity frame of the project last went out
+    this.activityTimer = null; // the latest activity, due activityInterval after the last one
   }
 
   get idle() {
@@ -669,6 +764,10 @@ export class EventBus {
     // The subscribes of the current connection (the WebSocket, or an SSE stream) not answered
     // yet: {conn, asked: Map projectId -> {sub, at}, progressAt, timer} (_checkAnswers).
     this._answers = answersOf(null, 0);
+    // Frames refused by the gateway's rate limit, and those sent after them, go out paced
+    // (FramePacer): one "not before" and one queue for the whole WebSocket.
+    this._pacer = new FramePacer({ spacing: o.resendInterval, maxSpacing: o.backoff.max, fallbackDelay: o.backoff.initial });
+    this._pacerTimer = null;
     this._gaveUp = null; // the connection given up on for not answering (not a stable one)
     this._token = null; // {value, obtainedAt}
     this._tokenPromise = null;
@@ -729,7 +828,7 @@ export class EventBus {
     if (!sub) {
       sub = new Subscription(projectId);
       this._subs.set(projectId, sub);
-      if (this._wsLive) this._send(this._subscribeMessage(sub));
+      if (this._wsLive) this._sendSubscribe(sub);
       else if (this._sse) this._reopenSse(); // a stream's projects are fixed: open a new one
       else {
         if (this._polling) this._pollSoon();
@@ -750,6 +849,10 @@ export class EventBus {
     if (!sub.idle || this._subs.get(sub.projectId) !== sub) return;
     this._subs.delete(sub.projectId);
     this._clearTimers(sub);
+    // Held frames of the project are moot; the unsubscribe goes at once (the gateway executes
+    // it even over its rate limit).
+    this._pacer.drop(`subscribe:${sub.projectId}`);
+    this._pacer.drop(`activity:${sub.projectId}`);
     if (this._wsLive) this._send({ type: "unsubscribe", project_id: sub.projectId });
     else if (this._sse) this._reopenSse();
   }
@@ -760,6 +863,8 @@ export class EventBus {
     sub.retryTimer = null;
     this._clearTimeout(sub.gapTimer);
     sub.gapTimer = null;
+    this._clearTimeout(sub.activityTimer);
+    sub.activityTimer = null;
     const wait = sub.resyncWait;
     sub.resyncWait = null;
     if (wait) {
@@ -773,7 +878,14 @@ export class EventBus {
     const message = sub.cursor.subscribeMessage(sub.projectId);
     if (sub.presenceHandlers.size > 0) message.presence = true;
     this._asking(this._ws, sub);
+    sub.subscribesSent += 1;
     return message;
+  }
+
+  /** Subscribe `sub` on the live WebSocket, now or (paced) later: the frame is made when it goes
+   * out, from the cursor and presence listeners of then. */
+  _sendSubscribe(sub) {
+    this._sendPaced(`subscribe:${sub.projectId}`, () => (this._subs.get(sub.projectId) === sub ? this._subscribeMessage(sub) : null));
   }
 
   /**
@@ -800,7 +912,7 @@ export class EventBus {
     if (created || first) {
       // A live project asks again from its cursor with the flag: the replay that follows is
       // handled like any resume (nothing lost, nothing twice).
-      if (this._wsLive) this._send(this._subscribeMessage(sub));
+      if (this._wsLive) this._sendSubscribe(sub);
       else if (this._sse) this._reopenSse();
       else if (created) {
         if (this._polling) this._pollSoon();
@@ -817,7 +929,7 @@ export class EventBus {
       if (sub.presenceHandlers.size > 0 || this._subs.get(projectId) !== sub) return;
       sub.presence = null;
       if (!sub.idle) {
-        if (this._wsLive) this._send(this._subscribeMessage(sub)); // without the flag: no more diffs
+        if (this._wsLive) this._sendSubscribe(sub); // without the flag: no more diffs
         else if (this._sse) this._reopenSse();
       }
       this._dropIfIdle(sub);
@@ -832,9 +944,11 @@ export class EventBus {
 
   /**
    * What this tab's person is doing in a project: `viewing` the item on screen, `answering` the
-   * item being answered (positive integers, or null). Sent now when the WebSocket is live and
-   * the project subscribed, and again after every `subscribed` of it (a new connection starts
-   * with none); kept and sent later over SSE and polling, which cannot carry it.
+   * item being answered (positive integers, or null). Sent when the WebSocket is live and the
+   * project subscribed: at once after a quiet while, else at most one frame per project per
+   * `activityInterval` (1 s), carrying the latest state (call it on every mouse move if you
+   * like); and again after every `subscribed` of it (a new connection starts with none). Kept
+   * and sent later over SSE and polling, which cannot carry it.
    */
   activity(projectId, { viewing = null, answering = null } = {}) {
     if (!Number.isSafeInteger(projectId) || projectId <= 0) {
@@ -845,11 +959,107 @@ export class EventBus {
     if (previous && previous.viewing === value.viewing && previous.answering === value.answering) return;
     this._activity.set(projectId, value);
     const sub = this._subs.get(projectId);
-    if (sub && this._wsLive && sub.wsSubscribed) this._sendActivity(projectId, value);
+    if (sub && this._wsLive && sub.wsSubscribed) this._paceActivity(sub);
   }
 
-  _sendActivity(projectId, value) {
-    this._send({ type: "activity", project_id: projectId, viewing: value.viewing, answering: value.answering });
+  /** The project's activity changed: send it now, or when activityInterval has passed since the
+   * last one (the latest then: changes in between are never sent). */
+  _paceActivity(sub) {
+    if (sub.activityTimer !== null) return; // due already: it will carry this change
+    const wait = sub.activitySentAt === null ? 0 : sub.activitySentAt + this.options.activityInterval - this._now();
+    if (wait <= 0) {
+      this._sendActivity(sub);
+      return;
+    }
+    sub.activityTimer = this._setTimeout(() => {
+      sub.activityTimer = null;
+      if (this._wsLive && this._subs.get(sub.projectId) === sub && sub.wsSubscribed) this._sendActivity(sub);
+    }, wait);
+  }
+
+  /** Send the project's latest activity on the live WebSocket, now or (paced) later; nothing
+   * when this WebSocket has it already, or the project is not subscribed on it (its
+   * `subscribed` sends it). */
+  _sendActivity(sub) {
+    const projectId = sub.projectId;
+    this._sendPaced(`activity:${projectId}`, () => {
+      const value = this._activity.get(projectId);
+      if (this._subs.get(projectId) !== sub || !sub.wsSubscribed || !value || value === sub.activitySent) return null;
+      sub.activitySent = value;
+      sub.activitySentAt = this._now();
+      return { type: "activity", project_id: projectId, viewing: value.viewing, answering: value.answering };
+    });
+  }
+
+  // --- pacing after rate_limited -----------------------------------------------------------------
+
+  /** A frame the gateway's rate limit may refuse, made by `build()` (null: nothing to send any
+   * more) now, or held under `key` while refused frames wait (FramePacer). */
+  _sendPaced(key, build) {
+    if (!this._wsLive) return;
+    if (this._pacer.mayDirect(this._now())) {
+      const message = build();
+      if (message) this._send(message);
+      return;
+    }
+    this._pacer.hold(key, build);
+    this._schedulePaced();
+  }
+
+  _schedulePaced() {
+    if (this._pacerTimer !== null) return;
+    const due = this._pacer.dueAt();
+    if (due === null) return;
+    this._pacerTimer = this._setTimeout(() => {
+      this._pacerTimer = null;
+      this._sendHeld();
+    }, Math.max(0, due - this._now()));
+  }
+
+  /** The timer of the held frames: the first one due goes out (those with nothing left to send
+   * are skipped), and the next is due `spacing` later. */
+  _sendHeld() {
+    if (!this._wsLive) return;
+    const now = this._now();
+    for (;;) {
+      const build = this._pacer.next(now);
+      if (build === null) break;
+      const message = build();
+      if (message) {
+        this._send(message);
+        this._pacer.resent(now);
+        break;
+      }
+    }
+    this._schedulePaced();
+  }
+
+  /** `error` `rate_limited`: the frame was not executed. It is held and sent again when the
+   * pacing allows, with everything sent after it. Which frame: one naming a project is its
+   * subscribe when one is unanswered (the gateway answers a connection's frames in order, and
+   * a subscribe's answer is `subscribed` or an `error`), else its activity (eventbus.js sends no
+   * other frame naming a project that can be refused); one naming none, a token refresh. */
+  _onRateLimited(message) {
+    this._pacer.refused(this._now(), message.retry_after_ms);
+    const projectId = message.project_id;
+    const sub = projectId != null ? this._subs.get(projectId) : null;
+    if (sub) {
+      if (sub.subscribesSent > 0) {
+        sub.subscribesSent -= 1;
+        this._sendSubscribe(sub);
+      } else {
+        sub.activitySent = null; // (not executed: the gateway has the one before)
+        this._sendActivity(sub);
+      }
+    } else if (projectId == null && this._refreshSent) {
+      this._refreshSent = false;
+      this._sendPaced("auth", () => {
+        if (!this._token) return null;
+        this._refreshSent = true;
+        return { type: "auth", token: this._token.value };
+      });
+    }
+    this._schedulePaced();
   }
 
   _onPresence(message) {
@@ -986,8 +1196,11 @@ export class EventBus {
     try {
       const token = await this._getToken(true);
       if (ws === this._ws && this._wsLive) {
-        this._send({ type: "auth", token }); // answered by `authenticated`
-        this._refreshSent = true;
+        // Answered by `authenticated` (or, refused by the rate limit, sent again paced).
+        this._sendPaced("auth", () => {
+          this._refreshSent = true;
+          return { type: "auth", token };
+        });
       }
     } catch (error) {
       this._reportError({ code: "token_refresh_failed", message: describe(error), error });
@@ -1062,7 +1275,7 @@ export class EventBus {
     this._stopSse(); // back at the top of the ladder
     this._liveAt = this._now();
     this._schedulePing();
-    for (const sub of this._subs.values()) this._send(this._subscribeMessage(sub));
+    for (const sub of this._subs.values()) this._sendSubscribe(sub);
     this._updateState();
   }
 
@@ -1132,9 +1345,14 @@ export class EventBus {
     sub.gapWaiting = false; // a `subscribed` after a replay from the cursor: the repair's, or as good
     if (this._wsLive) {
       sub.wsSubscribed = true;
+      if (sub.subscribesSent > 0) sub.subscribesSent -= 1;
+      // A subscribe held after a refusal is moot: this answers one sent after it, or one the
+      // refusal was taken for (an activity refused while a subscribe was unanswered).
+      if (sub.subscribesSent === 0) this._pacer.drop(`subscribe:${sub.projectId}`);
       // A (re)subscribe lists this tab afresh, with no activity: say it again.
+      sub.activitySent = null;
       const activity = this._activity.get(sub.projectId);
-      if (activity && (activity.viewing !== null || activity.answering !== null)) this._sendActivity(sub.projectId, activity);
+      if (activity && (activity.viewing !== null || activity.answering !== null)) this._sendActivity(sub);
     }
     if (sub.cursor.onSubscribed(message)) this._runResync(sub);
     else if (!sub.cursor.resyncing && !sub.cursor.resyncSinceSubscribe && sub.cursor.seq < message.seq) {
@@ -1166,22 +1384,17 @@ export class EventBus {
   _onGatewayError(message) {
     this._reportError({ code: message.code, message: message.message, projectId: message.project_id });
     if (message.project_id != null) this._answered(message.project_id);
+    if (message.code === "rate_limited") return this._onRateLimited(message);
     const sub = message.project_id != null ? this._subs.get(message.project_id) : null;
-    if (sub && (message.code === "unavailable" || message.code === "rate_limited")) {
-      // Redis is unreachable behind the gateway, or the gateway's rate limit refused a frame of
-      // the project (its subscribe, or an activity: a subscribe sends the activity again after
-      // `subscribed`): try that subscribe again later. (An unsubscribe is never refused.)
+    if (sub && message.code !== "not_subscribed" && sub.subscribesSent > 0) sub.subscribesSent -= 1; // its answer
+    if (sub && message.code === "unavailable") {
+      // Redis is unreachable behind the gateway: try that subscribe again later, on the
+      // project's backoff (and the connection's pacing).
       sub.retry = (sub.retry || 0) + 1;
       this._clearTimeout(sub.retryTimer);
       sub.retryTimer = this._setTimeout(() => {
-        if (this._wsLive && this._subs.get(sub.projectId) === sub) this._send(this._subscribeMessage(sub));
+        if (this._wsLive && this._subs.get(sub.projectId) === sub) this._sendSubscribe(sub);
       }, backoffDelay(sub.retry - 1, this.options.backoff, this._random));
-    } else if (message.code === "rate_limited" && message.project_id == null && this._refreshSent) {
-      // The token refresh was refused by the rate limit (a ping never is): send it again a
-      // little later, before the token expires (else 4002, and a reconnect with a new token).
-      this._refreshSent = false;
-      this._clearTimeout(this._refreshTimer);
-      this._refreshTimer = this._setTimeout(() => this._refreshToken(), backoffDelay(0, this.options.backoff, this._random));
     }
   }
 
@@ -1209,9 +1422,15 @@ export class EventBus {
     this._ws = null;
     this._wsLive = false;
     this._refreshSent = false;
+    // The next connection has a bucket of its own on the gateway: nothing held, nothing to wait.
+    this._pacer.reset();
+    this._clearTimeout(this._pacerTimer);
+    this._pacerTimer = null;
     for (const sub of this._subs.values()) {
       sub.wsSubscribed = false;
       sub.gapWaiting = false; // the next connection's events are its own replay
+      sub.subscribesSent = 0;
+      sub.activitySent = null;
     }
   }
 
@@ -1363,7 +1582,7 @@ export class EventBus {
     sub.lastRepairAt = this._now();
     if (this._wsLive) {
       sub.gapWaiting = true;
-      this._send(this._subscribeMessage(sub));
+      this._sendSubscribe(sub);
     } else if (this._sse) {
       sub.gapWaiting = true;
       this._reopenSse(); // resumes from the cursors

@@ -670,18 +670,220 @@ test("a rate_limited subscribe is retried after a delay, and the project follows
   eq(ws.sentOf("subscribe").filter((m) => m.project_id === 2).length, 2, "no retry once answered");
 });
 
-test("an activity refused by the rate limit is sent again with a resubscribe", async () => {
+test("an activity refused by the rate limit is sent again, latest, without disturbing the subscription", async () => {
   const env = setup({ subscribe: [1] });
   const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
   env.bus.activity(1, { viewing: 5 });
   eq(ws.sentOf("activity").length, 1);
-  ws.receive({ type: "error", code: "rate_limited", message: "too many frames", project_id: 1 });
+  ws.receive({ type: "error", code: "rate_limited", message: "too many frames", project_id: 1, retry_after_ms: 300 });
+  await flush();
+  env.bus.activity(1, { viewing: 7 }); // changed meanwhile: the resend carries the latest
+  await env.clock.advance(299);
+  eq(ws.sentOf("activity").length, 1, "not before retry_after_ms");
+  await env.clock.advance(1);
+  eq(ws.sentOf("activity").slice(1), [{ type: "activity", project_id: 1, viewing: 7, answering: null }]);
+  await env.clock.advance(60000);
+  eq(ws.sentOf("subscribe").length, 1, "the subscription is left alone: no resubscribe");
+  eq(ws.sentOf("activity").length, 2, "once");
+  ws.receive(event(1, 1));
+  await flush();
+  eq(env.events[1], [1]);
+  eq(env.resyncs, [1], "no reload but the first");
+});
+
+test("activity is coalesced per project: at most one frame per activityInterval, the latest last", async () => {
+  const env = setup({ subscribe: [1, 2] });
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 0 }, 2: { epoch: "e", seq: 0 } });
+  // An app calling activity() on every mouse move (60/s) in two projects for 3 s.
+  let n = 0;
+  for (let tick = 0; tick < 180; tick += 1) {
+    n += 1;
+    env.bus.activity(1, { viewing: n });
+    env.bus.activity(2, { viewing: 1000 + n, answering: tick % 2 ? 3 : null });
+    await env.clock.advance(16);
+  }
+  const early = ws.sentOf("activity");
+  eq(early.filter((m) => m.project_id === 1).length, 3, "at t = 0, 1 s, 2 s");
+  eq(early[0], { type: "activity", project_id: 1, viewing: 1, answering: null }, "the first at once");
   await env.clock.advance(1000);
-  eq(ws.sentOf("subscribe").slice(-1)[0], { type: "subscribe", project_id: 1, epoch: "e", after: 0 });
+  const sent = ws.sentOf("activity");
+  for (const projectId of [1, 2]) {
+    const mine = sent.filter((m) => m.project_id === projectId);
+    eq(mine.length, 4, `project ${projectId}: one a second`);
+  }
+  eq(sent.filter((m) => m.project_id === 1).slice(-1)[0], { type: "activity", project_id: 1, viewing: n, answering: null }, "the gateway ends with the latest");
+  eq(sent.filter((m) => m.project_id === 2).slice(-1)[0], { type: "activity", project_id: 2, viewing: 1000 + n, answering: 3 });
+  await env.clock.advance(10000);
+  eq(ws.sentOf("activity").length, 8, "nothing more once the latest went");
+  // After a quiet while, a change goes at once.
+  env.bus.activity(1, { viewing: 1 });
+  await flush();
+  eq(ws.sentOf("activity").length, 9);
+  eq(env.errors, []);
+});
+
+test("activityInterval is an option", async () => {
+  const env = setup({ subscribe: [1], options: { activityInterval: 200 } });
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  for (let i = 1; i <= 100; i += 1) {
+    env.bus.activity(1, { viewing: i });
+    await env.clock.advance(10);
+  }
+  await env.clock.advance(200);
+  const sent = ws.sentOf("activity");
+  eq(sent.length, 6, "t = 0, 200, ..., 1000");
+  eq(sent.slice(-1)[0].viewing, 100);
+});
+
+test("frames refused together are sent again in order, one at a time, connection-wide", async () => {
+  const projects = Array.from({ length: 30 }, (_, i) => i + 1);
+  const env = setup({ subscribe: projects });
+  const ws = await goLive(env, {});
+  eq(ws.sentOf("subscribe").length, 30);
+  // The gateway refused the last 20 (its bucket held 10 tokens): a token in 50 ms.
+  for (const projectId of projects.slice(10)) {
+    ws.receive({ type: "error", code: "rate_limited", message: "too many frames", project_id: projectId, retry_after_ms: 50 });
+  }
+  for (const projectId of projects.slice(0, 10)) {
+    ws.receive({ type: "subscribed", project_id: projectId, epoch: "e", seq: 0, resumed: false, replayed: 0 });
+  }
+  await flush();
+  env.bus.subscribe(31, () => {}); // sent after them: waits its turn behind them
+  await flush();
+  eq(ws.sentOf("subscribe").length, 30, "nothing at once");
+  await env.clock.advance(50);
+  eq(ws.sentOf("subscribe").map((m) => m.project_id).slice(30), [11], "the first at retry_after_ms");
+  await env.clock.advance(100);
+  eq(ws.sentOf("subscribe").map((m) => m.project_id).slice(30), [11, 12], "then resendInterval apart");
+  // One of them refused again: the pace halves (200 ms), from that refusal's retry_after_ms.
+  ws.receive({ type: "error", code: "rate_limited", message: "too many frames", project_id: 12, retry_after_ms: 40 });
+  const order = () => ws.sentOf("subscribe").map((m) => m.project_id).slice(30);
+  await env.clock.advance(99);
+  eq(order(), [11, 12], "(the next was due 100 ms after 12)");
+  await env.clock.advance(1);
+  eq(order(), [11, 12, 13], "13 (held before 12 came back) first");
+  await env.clock.advance(199);
+  eq(order().length, 3, "200 ms apart now");
+  await env.clock.advance(1);
+  eq(order().length, 4);
+  await env.clock.advance(200 * 20);
+  eq(order(), [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 12], "each once, in order");
+  eq(env.sockets.length, 1);
+});
+
+test("a refused activity taken for an unanswered subscribe is sent again after that subscribe's answer", async () => {
+  const env = setup({ subscribe: [1] });
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  env.bus.activity(1, { viewing: 5 });
+  env.bus.presence(1, () => {}); // a resubscribe (with presence) after the activity
+  eq(ws.sentOf("subscribe").length, 2);
+  // The gateway refuses the activity and executes the subscribe: the client cannot tell the
+  // refusal from one of the subscribe until the subscribe's answer comes.
+  ws.receive({ type: "error", code: "rate_limited", message: "too many frames", project_id: 1, retry_after_ms: 100 });
   ws.receive({ type: "subscribed", project_id: 1, epoch: "e", seq: 0, resumed: true, replayed: 0 });
   await flush();
-  eq(ws.sentOf("activity").length, 2, "the activity again after `subscribed`");
-  eq(ws.sentOf("activity")[1], { type: "activity", project_id: 1, viewing: 5, answering: null });
+  await env.clock.advance(5000);
+  eq(ws.sentOf("subscribe").length, 2, "no resubscribe: the subscribe was answered");
+  eq(ws.sentOf("activity").slice(-1)[0], { type: "activity", project_id: 1, viewing: 5, answering: null });
+});
+
+test("a reconnect starts with nothing held and nothing to wait for", async () => {
+  const env = setup({ subscribe: [1, 2] });
+  let ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  ws.receive({ type: "error", code: "rate_limited", message: "too many frames", project_id: 2, retry_after_ms: 20000 });
+  await flush();
+  ws.serverClose(1012);
+  await env.clock.advance(500);
+  ws = await goLive(env, {});
+  eq(ws.sentOf("subscribe").map((m) => m.project_id), [1, 2], "every project at once on the new connection");
+  await env.clock.advance(30000);
+  eq(ws.sentOf("subscribe").length, 2, "and the old connection's held frames are gone");
+});
+
+test("FramePacer: the gateway's retry_after_ms, a spacing that doubles only when resends are refused", () => {
+  const pacer = new eb.FramePacer({ spacing: 100, maxSpacing: 1000, fallbackDelay: 700 });
+  assert(pacer.mayDirect(0));
+  for (let i = 0; i < 5; i += 1) pacer.refused(0, 50); // a burst refused: no doubling
+  eq(pacer.spacing, 100);
+  for (const key of ["a", "b", "c"]) pacer.hold(key, key);
+  pacer.hold("a", "a2"); // keeps its place, takes the new item
+  assert(!pacer.mayDirect(1000), "held frames go first");
+  eq(pacer.next(49), null);
+  eq(pacer.next(50), "a2");
+  pacer.resent(50);
+  eq(pacer.next(149), null);
+  eq(pacer.next(150), "b");
+  pacer.resent(150);
+  pacer.refused(160, 30); // a resend refused: slower
+  eq(pacer.spacing, 200);
+  eq(pacer.dueAt(), 250, "the later of its retry_after_ms and the spacing");
+  eq(pacer.next(250), "c");
+  pacer.resent(250);
+  eq(pacer.held, 0);
+  eq(pacer.spacing, 100, "all sent: the spacing starts over");
+  assert(!pacer.mayDirect(449) && pacer.mayDirect(450));
+  pacer.refused(1000, undefined); // an old gateway: a delay of its own
+  eq(pacer.notBefore, 1700);
+  pacer.refused(1000, 1e12); // a hostile one: bounded
+  eq(pacer.notBefore, 2000);
+  for (const bad of [-5, NaN, "9", null]) {
+    const p = new eb.FramePacer({ spacing: 100, fallbackDelay: 700 });
+    p.refused(0, bad);
+    eq(p.notBefore, 700, `retry_after_ms ${String(bad)}`);
+  }
+  for (let i = 0; i < 20; i += 1) {
+    pacer.hold("x", 1);
+    pacer.next(1e6);
+    pacer.resent(1e6);
+    pacer.hold("y", 1);
+    pacer.refused(1e6, 0);
+  }
+  eq(pacer.spacing, 1000, "capped");
+  pacer.reset();
+  assert(pacer.mayDirect(0) && pacer.held === 0 && pacer.spacing === 100);
+});
+
+test("FramePacer against a model of the gateway's bucket: a burst of refusals never reaches the close", () => {
+  // gateway/ratelimit.py's bucket, as the gateway runs it.
+  for (const [rate, burst, frames] of [[2, 20, 40], [20, 200, 400], [0.5, 10, 20], [5, 10, 20], [1000, 5, 10]]) {
+    const bucket = { tokens: burst, strikes: 0, stamp: 0 };
+    const take = (now) => {
+      const refill = ((now - bucket.stamp) / 1000) * rate;
+      bucket.stamp = now;
+      bucket.tokens = Math.min(burst, bucket.tokens + refill);
+      bucket.strikes = Math.max(0, bucket.strikes - refill);
+      if (bucket.tokens >= 1) {
+        bucket.tokens -= 1;
+        return null;
+      }
+      bucket.strikes += 1;
+      assert(bucket.strikes <= burst, `closed (4029) at rate ${rate}, burst ${burst}`);
+      return Math.ceil(((1 - bucket.tokens) * 1000) / rate);
+    };
+    const pacer = new eb.FramePacer();
+    let now = 0;
+    const executed = new Set();
+    const send = (frame) => {
+      const retryAfter = take(now);
+      if (retryAfter === null) executed.add(frame);
+      else {
+        pacer.refused(now, retryAfter);
+        pacer.hold(frame, frame);
+      }
+    };
+    // All at once: a reconnect of a client at --max-subscriptions with an activity per project
+    // (twice the burst's worth: the most the gateway lets a client follow refuses half).
+    for (let frame = 0; frame < frames; frame += 1) send(frame);
+    while (pacer.held && now < 3_600_000) {
+      now = Math.max(now + 1, pacer.dueAt());
+      const frame = pacer.next(now);
+      if (frame !== null) {
+        pacer.resent(now);
+        send(frame);
+      }
+    }
+    eq(executed.size, frames, `every frame executed at rate ${rate}`);
+  }
 });
 
 test("a token refresh refused by the rate limit is sent again", async () => {
@@ -1163,6 +1365,7 @@ test("presence: activity is sent while subscribed on WebSocket, again after ever
   eq(ws.sentOf("activity"), [{ type: "activity", project_id: 1, viewing: 5, answering: null }]);
   env.bus.activity(1, { viewing: 5, answering: 5 });
   env.bus.activity(1, { viewing: 5, answering: 5 }); // no change, nothing sent
+  await env.clock.advance(1000); // (activityInterval after the first)
   eq(ws.sentOf("activity").length, 2);
   let threw = false;
   try {
