@@ -46,6 +46,7 @@ from consumer.pages import PageUnavailable, read_page
 from consumer.policy import (
     ABNORMAL_CLOSURE,
     Backoff,
+    FramePacer,
     ReconnectPolicy,
     Retry,
     close_action,
@@ -140,7 +141,7 @@ class ConsumerStats:
     catch_ups: int = 0  # resumes read page by page instead of a Resync(too_far_behind)
     page_retries: int = 0  # catch-up pages answered 503 (draining, full, Redis away), asked again
     unavailable: int = 0  # subscribes the gateway answered 'unavailable' (Redis down), retried
-    rate_limited: int = 0  # frames the gateway refused with 'rate_limited' (too many), retried
+    rate_limited: int = 0  # frames the gateway refused with 'rate_limited' (too many), resent
 
 
 class _Route:
@@ -351,13 +352,17 @@ class Consumer:
         self._token: tuple[str, float] | None = None  # (token, monotonic time it was obtained)
         self._auth_failures = 0
         self._failed_attempts = 0  # connection attempts in a row that did not open
-        #: Project -> 'unavailable' (or 'rate_limited') answers in a row.
+        #: Project -> 'unavailable' answers in a row.
         self._unavailable: dict[int, int] = {}
         #: The connection's pending token refresh (scheduled, or a retry): one at a time.
         self._refresh: asyncio.Future[None] | None = None
-        #: Project -> its retry after 'unavailable' or 'rate_limited', while it sleeps (one at a
-        #: time per project).
+        #: Project -> its retry after 'unavailable', while it sleeps (one at a time per project).
         self._retries: dict[int, asyncio.Future[None]] = {}
+        #: Frames refused by the gateway's rate limit, and those sent after them, go out paced
+        #: (policy.FramePacer, on the event loop's clock): one pacing for the whole connection,
+        #: keyed by project (its subscribe) and "auth" (the token refresh); and its task.
+        self._pacer = FramePacer(self.policy.resend_interval, self.policy.max, self.policy.initial)
+        self._pacing: asyncio.Future[None] | None = None
         #: The bound on a subscribe's answer (consumer.answers), on a clock that stands still
         #: while the connection task waits for the caller's room; one lazy timer. The clock is
         #: the event loop's (its timers'), bound when the connection task starts; nothing reads
@@ -483,7 +488,7 @@ class Consumer:
         if cursor is not None:
             route.ready[project_id].set()
         if self._subscribed_on is not None:
-            await self._send(self._subscribe_message(state))
+            await self._send_subscribe(state)
 
     async def _unregister(self, route: _Route, project_ids: tuple[int, ...]) -> None:
         for project_id in self._forget(route, project_ids):
@@ -656,6 +661,11 @@ class Consumer:
                 self._authenticated.clear()
                 for project_id in list(self._retries):  # the next connection subscribes anyway
                     self._cancel_retry(project_id)
+                # The next connection has a bucket of its own on the gateway.
+                self._pacer.reset()
+                if self._pacing is not None:
+                    self._pacing.cancel()
+                    self._pacing = None
                 self._answers.start(self._clock.now())
                 if self._answer_timer is not None:
                     self._answer_timer.cancel()
@@ -804,6 +814,9 @@ class Consumer:
             self._answered(state.project_id)
             self._unavailable.pop(state.project_id, None)
             self._cancel_retry(state.project_id)  # answered: nothing left to retry
+            # A subscribe held after a refusal is moot too: this answers one sent after the
+            # refused one (the gateway answers a connection's frames in order).
+            self._pacer.drop(state.project_id)
             if outcome.resync is not None:
                 log.info(
                     "resync required",
@@ -812,7 +825,7 @@ class Consumer:
                 )
                 await self._put(state.project_id, outcome.resync)
             if outcome.resubscribe:
-                await ws.send(_encode(self._subscribe_message(state)), text=True)
+                await self._send_subscribe(state)
             else:
                 route = self._routes.get(state.project_id)
                 if route is not None:
@@ -889,7 +902,7 @@ class Consumer:
         """An event frame (decoded or not) past a gap: resubscribe from the cursor."""
         self.stats.gaps += 1
         log.warning("gap in a project's events; resubscribing", project_id=state.project_id)
-        await ws.send(_encode(self._subscribe_message(state)), text=True)
+        await self._send_subscribe(state)
 
     async def _surface_corrupt(self, state: ProjectState) -> None:
         """A gap that repairs did not fill: its Resync, before the event after it."""
@@ -926,50 +939,27 @@ class Consumer:
         state = self._states.get(project_id) if project_id is not None else None
         if state is not None:
             self._answered(state.project_id)
-        limited = error.code == ErrorCode.RATE_LIMITED
-        if (error.code == ErrorCode.UNAVAILABLE or limited) and state is not None:
-            # Redis is unreachable behind the gateway, or this connection sent more frames than
-            # the gateway's rate limit allows (a subscribe of a followed project is the only
-            # frame of ours with a project that it refuses: it executes every unsubscribe):
-            # subscribe again later, with backoff (either may last a while), logged when it
-            # starts and then every tenth attempt. One retry per project at a time: more such
-            # errors while it sleeps answer no subscribe of ours (a gateway bug, or a hostile
-            # one) and would each have started a task and, when it woke, a subscribe.
+        if error.code == ErrorCode.RATE_LIMITED:
+            await self._on_rate_limited(error, state)
+            return
+        if error.code == ErrorCode.UNAVAILABLE and state is not None:
+            # Redis is unreachable behind the gateway: subscribe again later, with backoff (it
+            # may last a while), logged when it starts and then every tenth attempt. One retry
+            # per project at a time: more such errors while it sleeps answer no subscribe of
+            # ours (a gateway bug, or a hostile one) and would each have started a task and,
+            # when it woke, a subscribe.
             retry = self._retries.get(state.project_id)
             if retry is not None and not retry.done():
                 return
-            if limited:
-                self.stats.rate_limited += 1
-            else:
-                self.stats.unavailable += 1
+            self.stats.unavailable += 1
             attempts = self._unavailable.get(state.project_id, 0)
             self._unavailable[state.project_id] = attempts + 1
             if attempts % 10 == 0:
                 log.warning(
-                    "subscribe rate limited; retrying"
-                    if limited
-                    else "subscribe unavailable; retrying",
-                    project_id=project_id,
-                    attempts=attempts + 1,
-                    **({"message": error.message} if limited else {}),
+                    "subscribe unavailable; retrying", project_id=project_id, attempts=attempts + 1
                 )
             delay = self._random() * self._backoff.cap(attempts)
-            if limited:
-                # Never at once: the bucket that refused it is empty, and a refused retry is
-                # one more strike towards 4029. Many projects refused together (their retries
-                # drawn from [0, cap]) took a connection past the burst within two rounds.
-                delay += self.policy.initial
             self._retries[state.project_id] = self._spawn(self._resubscribe_later(ws, state, delay))
-            return
-        if limited:
-            if project_id is None and self._refresh is not None and self._refresh.done():
-                # Without a project, the refused frame is our token refresh (sent: the task is
-                # done, and no `authenticated` has replaced it yet): send it again later. A
-                # subscribe of a project unfollowed since needs nothing.
-                self.stats.rate_limited += 1
-                log.warning("token refresh rate limited; retrying", message=error.message)
-                delay = self._random() * self.policy.initial + self.policy.initial
-                self._refresh = self._spawn(self._refresh_later(ws, delay))
             return
         if error.code == ErrorCode.INVALID_TOKEN:
             # An in-band refresh was refused; the connection keeps its token until it expires
@@ -1052,8 +1042,7 @@ class Consumer:
             if self._states.get(project_id) is state:
                 message = state.end_catch_up()
                 if message is not None and self._subscribed_on is not None:
-                    self._asking(project_id)
-                    await self._send(message)
+                    await self._send_subscribe(state)
 
     async def _poll_until_answered(
         self, project_id: int, cursor: Cursor, current: Callable[[], bool]
@@ -1099,9 +1088,92 @@ class Consumer:
         await asyncio.sleep(delay)
         if self._retries.get(state.project_id) is asyncio.current_task():
             del self._retries[state.project_id]  # awake: the next 'unavailable' may retry again
-        if self._ws is ws and self._states.get(state.project_id) is state:
-            with contextlib.suppress(ConnectionClosed):
-                await ws.send(_encode(self._subscribe_message(state)), text=True)
+        if self._ws is ws:
+            await self._send_subscribe(state)
+
+    # --- pacing after rate_limited ---------------------------------------------------------------
+
+    async def _on_rate_limited(self, error: Error, state: ProjectState | None) -> None:
+        """``error`` ``rate_limited``: the frame was not executed. A subscribe of a followed
+        project (the only frame of ours naming a project that the gateway refuses: it executes
+        every unsubscribe), or without a project our token refresh while it awaits its
+        ``authenticated``, is held and sent again when the connection's pacing allows
+        (:class:`~consumer.policy.FramePacer`: from the gateway's ``retry_after_ms``, one after
+        the other, spaced), with every subscribe sent after it. A subscribe of a project
+        unfollowed since needs nothing."""
+        refresh = self._refresh
+        if state is None and (
+            error.project_id is not None or refresh is None or not refresh.done()
+        ):
+            return
+        self.stats.rate_limited += 1
+        first = self._pacer.held == 0
+        self._pacer.refused(self._now(), error.retry_after_ms)
+        if state is not None:
+            if first:  # once when refusals start, not once per project
+                log.warning(
+                    "subscribe rate limited; retrying",
+                    project_id=state.project_id,
+                    retry_after_ms=error.retry_after_ms,
+                    message=error.message,
+                )
+            await self._send_subscribe(state)
+            return
+        log.warning("token refresh rate limited; retrying", message=error.message)
+        await self._send_paced("auth", self._refresh_message)
+
+    def _refresh_message(self) -> dict[str, object] | None:
+        token = self._token
+        return None if token is None else {"type": "auth", "token": token[0]}
+
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    async def _send_subscribe(self, state: ProjectState) -> None:
+        """Subscribe ``state``'s project on the current connection, now or (paced) later: the
+        frame is made when it goes out, from the cursor of then."""
+
+        def message() -> dict[str, object] | None:
+            if self._states.get(state.project_id) is not state or state.catching_up:
+                return None  # unfollowed since, or its catch-up subscribes when it ends
+            return self._subscribe_message(state)
+
+        await self._send_paced(state.project_id, message)
+
+    async def _send_paced(
+        self, key: object, message: Callable[[], dict[str, object] | None]
+    ) -> None:
+        """A frame the gateway's rate limit may refuse, made by ``message()`` (None: nothing to
+        send any more): sent now, or held under ``key`` while refused frames wait."""
+        ws = self._subscribed_on
+        if ws is None:
+            return  # not subscribed on a connection yet: it subscribes every project
+        if self._pacer.may_send_now(self._now()):
+            frame = message()
+            if frame is not None:
+                await _send_on(ws, frame)
+            return
+        self._pacer.hold(key, message)
+        if self._pacing is None or self._pacing.done():
+            self._pacing = self._spawn(self._send_held(ws))
+
+    async def _send_held(self, ws: ClientConnection) -> None:
+        """The held frames of ``ws``, each when the pacing allows (those with nothing left to
+        send are skipped), until none is held."""
+        pacer = self._pacer
+        while self._subscribed_on is ws:
+            due = pacer.due_at()
+            if due is None:
+                return
+            wait = due - self._now()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            message = pacer.next(self._now())
+            frame = message() if message is not None else None
+            if frame is not None:
+                pacer.resent(self._now())
+                await _send_on(ws, frame)
 
     def _cancel_retry(self, project_id: int) -> None:
         retry = self._retries.pop(project_id, None)
@@ -1171,12 +1243,6 @@ class Consumer:
             self._answer_timer = asyncio.get_running_loop().call_later(
                 delay, self._check_answers, ws
             )
-
-    async def _send(self, message: dict[str, object]) -> None:
-        ws = self._ws
-        if ws is not None:
-            with contextlib.suppress(ConnectionClosed):
-                await ws.send(_encode(message), text=True)
 
     # --- tokens ----------------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@
   gateway restart spread their reconnects instead of arriving in waves.
 * :func:`close_action`: what a close code of ``docs/protocol.md`` asks the client to do.
 * :func:`refresh_delay`: when to refresh a token in-band, from its own lifetime.
+* :class:`FramePacer`: when to send frames again after the gateway's rate limit refused one.
 """
 
 from __future__ import annotations
@@ -12,15 +13,18 @@ from __future__ import annotations
 import base64
 import enum
 import json
+import math
 import random as _random
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from typing import Any
 
 from schemas.protocol import CloseCode
 
 __all__ = [
     "Backoff",
     "CloseAction",
+    "FramePacer",
     "ReconnectPolicy",
     "Retry",
     "close_action",
@@ -48,6 +52,10 @@ class ReconnectPolicy:
             draining with 1012, slow consumer 4008, expired token): spreads the herd.
         max_auth_failures: refused tokens (4001) in a row, each fetched anew from the token
             function, before :class:`~consumer.AuthenticationFailed` is raised.
+        resend_interval: seconds between subscribes sent again after the gateway's rate limit
+            refused some (doubled each time one of them is refused again, up to ``max``; see
+            :class:`FramePacer`). The first goes when the gateway's ``retry_after_ms`` says
+            (``initial`` when a gateway does not say).
     """
 
     initial: float = 1.0
@@ -56,10 +64,13 @@ class ReconnectPolicy:
     stable_after: float = 10.0
     prompt_max: float = 0.5
     max_auth_failures: int = 3
+    resend_interval: float = 0.1
 
     def __post_init__(self) -> None:
         if not (0 < self.initial <= self.max) or self.factor < 1 or self.prompt_max < 0:
             raise ValueError("need 0 < initial <= max, factor >= 1, prompt_max >= 0")
+        if not 0 < self.resend_interval <= self.max:
+            raise ValueError("need 0 < resend_interval <= max")
         if self.max_auth_failures < 1:
             raise ValueError("max_auth_failures must be >= 1")
 
@@ -177,3 +188,100 @@ def refresh_delay(
     lifetime = max(0.0, expiry - obtained_at)
     margin = min(60.0, lifetime / 4)
     return max(0.5, expiry - margin - now)
+
+
+class FramePacer:
+    """The connection-wide pacing of frames after the gateway's rate limit refused one
+    (``docs/protocol.md``, "Rate limit"), as eventbus.js's ``FramePacer``; the caller's clock, in
+    seconds. The gateway counts every frame of a connection in one bucket, so retries per
+    project that each wait their own delay arrive together when many projects were refused
+    together, and are refused again: each refusal a strike towards the close (4029). Instead the
+    connection keeps one "not before" instant and one queue of held frames:
+
+    * :meth:`refused`: nothing goes out before ``now`` plus the gateway's ``retry_after_ms``
+      (when its bucket holds a token again; at most ``max_spacing``; without it, an old gateway:
+      ``max(fallback_delay, spacing)``). If a held frame went out since the last refusal and a
+      refusal still came, the spacing doubles (at most ``max_spacing``): the gateway's rate is
+      lower than this pace.
+    * :meth:`may_send_now`: a frame goes out at once only when nothing is held and no refusal
+      asks to wait; else the caller holds it (:meth:`hold`) under a key (a project's subscribe, the
+      token refresh): a key already held keeps its place and takes the new item (the frame is
+      made when it goes out, from the state of then).
+    * :meth:`next` gives the first held item once due; :meth:`resent`, after sending it, makes
+      the next one wait ``spacing``. When the queue empties the spacing starts over.
+
+    Bounded: one item per key.
+    """
+
+    __slots__ = (
+        "fallback_delay",
+        "initial_spacing",
+        "max_spacing",
+        "not_before",
+        "queue",
+        "resent_since_refusal",
+        "spacing",
+    )
+
+    def __init__(
+        self, spacing: float = 0.1, max_spacing: float = 30.0, fallback_delay: float = 1.0
+    ) -> None:
+        if spacing <= 0 or fallback_delay < 0:
+            raise ValueError("need spacing > 0 and fallback_delay >= 0")
+        self.initial_spacing = spacing
+        self.max_spacing = max(spacing, max_spacing)
+        self.fallback_delay = fallback_delay
+        self.reset()
+
+    def reset(self) -> None:
+        """A new connection: a new bucket on the gateway, nothing held."""
+        self.not_before = -math.inf
+        self.spacing = self.initial_spacing
+        self.queue: dict[Hashable, Any] = {}
+        self.resent_since_refusal = False
+
+    @property
+    def held(self) -> int:
+        return len(self.queue)
+
+    def may_send_now(self, now: float) -> bool:
+        return not self.queue and now >= self.not_before
+
+    def refused(self, now: float, retry_after_ms: object) -> None:
+        """A frame was refused at ``now``; ``retry_after_ms`` the error's (None: not given)."""
+        if self.resent_since_refusal:
+            self.spacing = min(self.spacing * 2, self.max_spacing)
+        self.resent_since_refusal = False
+        if (
+            type(retry_after_ms) in (int, float)
+            and math.isfinite(retry_after_ms)  # type: ignore[arg-type]
+            and retry_after_ms >= 0  # type: ignore[operator]
+        ):
+            wait = min(retry_after_ms / 1000, self.max_spacing)  # type: ignore[operator]
+        else:
+            wait = max(self.fallback_delay, self.spacing)
+        self.not_before = max(self.not_before, now + wait)
+
+    def hold(self, key: Hashable, item: Any) -> None:
+        self.queue[key] = item  # (a key already held keeps its place in a dict)
+
+    def drop(self, key: Hashable) -> None:
+        self.queue.pop(key, None)
+
+    def due_at(self) -> float | None:
+        """When the first held item is due (None: nothing held)."""
+        return self.not_before if self.queue else None
+
+    def next(self, now: float) -> Any:
+        """The first held item when due at ``now`` (removed), else None."""
+        if not self.queue or now < self.not_before:
+            return None
+        key = next(iter(self.queue))
+        return self.queue.pop(key)
+
+    def resent(self, now: float) -> None:
+        """A held item went out at ``now``: the next one waits ``spacing``."""
+        self.not_before = now + self.spacing
+        self.resent_since_refusal = True
+        if not self.queue:
+            self.spacing = self.initial_spacing

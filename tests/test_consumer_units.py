@@ -40,6 +40,7 @@ from consumer.frames import FrameError, decode_frame, event_seq
 from consumer.ordering import ProjectState, SubscribedOutcome, Verdict
 from consumer.policy import (
     Backoff,
+    FramePacer,
     ReconnectPolicy,
     Retry,
     close_action,
@@ -1671,55 +1672,82 @@ async def test_a_rate_limited_subscribe_is_retried_and_the_project_followed():
     assert consumer.connects == 1
 
 
-async def test_rate_limited_subscribes_share_the_unavailable_backoff_per_project():
-    """The project's backoff (shared with 'unavailable'), plus the policy's initial delay: a
-    refused subscribe is never sent again at once (see tests/test_gateway.py, many refused)."""
-    consumer, ws, _subscription = await fed_consumer(1)  # kept: a dropped one unsubscribes
-    consumer._random = lambda: 1.0
-    delays: list[float] = []
+def rate_limited_frame(project_id: int | None = None, retry_after_ms: int | None = None) -> bytes:
+    message = json.loads(error_frame("rate_limited", project_id))
+    if retry_after_ms is not None:
+        message["retry_after_ms"] = retry_after_ms
+    return json.dumps(message).encode()
 
-    async def record(ws, state, delay: float) -> None:
-        delays.append(delay)
 
-    consumer._resubscribe_later = record  # type: ignore[method-assign]
-    for _ in range(4):
-        await consumer._on_frame(ws, error_frame("rate_limited", 1).encode())  # type: ignore[arg-type]
-        await asyncio.sleep(0)
-    assert delays == [2.0, 3.0, 5.0, 9.0]
-    assert consumer.stats.rate_limited == 4 and 1 in consumer._states  # still followed
-    # Refused frames of a project no longer followed (its subscribe, sent before the caller
-    # let it go) need nothing: the gateway never refuses the unsubscribe.
-    await consumer._on_frame(ws, error_frame("rate_limited", 9).encode())  # type: ignore[arg-type]
-    assert consumer.stats.rate_limited == 4 and len(delays) == 4
-    consumer._random = lambda: 0.0  # the least draw: still the initial delay, never at once
-    await consumer._on_frame(ws, error_frame("rate_limited", 1).encode())  # type: ignore[arg-type]
-    await asyncio.sleep(0)
-    assert delays[-1] == consumer.policy.initial == 1.0
+async def test_subscribes_refused_together_are_sent_again_paced_connection_wide():
+    """Many subscribes refused at once (a burst's worth of projects): each was retried on its
+    own project's backoff, so the retries arrived together and were refused again (4029 with a
+    tiny limit, tests/test_client_pacing.py). Now they are held and sent again in order, the
+    first at the gateway's retry_after_ms, then resend_interval apart; a subscribe sent after
+    them (a gap, a new project) waits its turn; one refused again slows the pace."""
+    policy = ReconnectPolicy(initial=1.0, max=30.0, resend_interval=0.05)
+    consumer, ws, _subscription = await fed_consumer(*range(1, 9))
+    consumer.policy = policy
+    consumer._pacer = FramePacer(policy.resend_interval, policy.max, policy.initial)
+    sent_at: list[tuple[float, int]] = []
+    loop = asyncio.get_running_loop()
+    arrived = asyncio.Event()
+
+    async def send(data, text=True):
+        sent_at.append((loop.time(), json.loads(data)["project_id"]))
+        arrived.set()
+
+    async def sent(count: int) -> None:
+        async with asyncio.timeout(10):
+            while len(sent_at) < count:
+                arrived.clear()
+                await arrived.wait()
+
+    ws.send = send  # type: ignore[method-assign]
+    started = loop.time()
+    for project_id in range(3, 9):
+        await consumer._on_frame(ws, rate_limited_frame(project_id, 200))  # type: ignore[arg-type]
+    assert consumer.stats.rate_limited == 6 and sent_at == [], "never at once"
+    await consumer._on_frame(ws, rate_limited_frame(99, 200))  # type: ignore[arg-type]
+    assert consumer.stats.rate_limited == 6, "a project not followed: nothing to send"
+    await consumer._send_subscribe(consumer._states[1])  # (a gap of project 1, after them)
+    await sent(7)
+    assert [p for _, p in sent_at] == [3, 4, 5, 6, 7, 8, 1], "in order, each once"
+    times = [t - started for t, _ in sent_at]
+    assert times[0] >= 0.2, "not before retry_after_ms"
+    assert all(b - a >= 0.05 for a, b in itertools.pairwise(times)), "spaced"
+    assert times[-1] < 0.2 + 6 * 0.05 + 1.0
+    # One of them refused again: held, and the next ones go twice as far apart.
+    await consumer._on_frame(ws, rate_limited_frame(4, 10))  # type: ignore[arg-type]
+    await consumer._on_frame(ws, rate_limited_frame(5, 10))  # type: ignore[arg-type]
+    await sent(9)
+    assert [p for _, p in sent_at[7:]] == [4, 5]
+    assert sent_at[8][0] - sent_at[7][0] >= 0.1
+    assert consumer._pacer.held == 0 and 3 in consumer._states  # still followed
+    # A `subscribed` of a project whose subscribe is held (an answer to one sent after the
+    # refused one) drops it: the project is subscribed already.
+    await consumer._on_frame(ws, rate_limited_frame(2, 100))  # type: ignore[arg-type]
+    await consumer._on_frame(ws, subscribed(2, 0))  # type: ignore[arg-type]
+    assert consumer._pacer.held == 0, "nothing left to send"
+    assert len(sent_at) == 9
 
 
 async def test_a_rate_limited_token_refresh_is_sent_again_once():
     consumer, ws, _subscription = await fed_consumer(1)
-    retries: list[float] = []
-    gate = asyncio.Event()
-
-    async def record(ws, delay: float) -> None:
-        retries.append(delay)
-        await gate.wait()
-
-    consumer._refresh_later = record  # type: ignore[method-assign]
+    consumer._token = ("t2", 0.0)  # the refreshed token
     # No refresh sent: a rate_limited without a project answers nothing of ours.
-    await consumer._on_frame(ws, error_frame("rate_limited").encode())  # type: ignore[arg-type]
-    await asyncio.sleep(0)
-    assert retries == []
+    await consumer._on_frame(ws, rate_limited_frame())  # type: ignore[arg-type]
+    assert consumer.stats.rate_limited == 0 and consumer._pacer.held == 0
     sent = asyncio.get_running_loop().create_future()
     sent.set_result(None)
     consumer._refresh = sent  # the refresh went out, no `authenticated` yet
     for _ in range(FLOOD):
-        await consumer._on_frame(ws, error_frame("rate_limited").encode())  # type: ignore[arg-type]
-    await asyncio.sleep(0)
-    assert len(retries) == 1 and 1.0 <= retries[0] <= 2.0  # one retry, a second or two later
-    gate.set()
-    await asyncio.sleep(0)
+        await consumer._on_frame(ws, rate_limited_frame(None, 20))  # type: ignore[arg-type]
+    assert consumer._pacer.held == 1, "held once"
+    async with asyncio.timeout(10):
+        await consumer._pacing
+    assert ws.sent == [{"type": "auth", "token": "t2"}]
+    assert consumer._pacer.held == 0
 
 
 async def test_a_subscribe_the_gateway_never_answers_is_given_up_and_the_connection_made_again():
