@@ -894,7 +894,7 @@ async def test_every_burst_the_gateway_accepts_lets_an_eventbus_js_reconnect_thr
     """eventbus.js reconnecting with presence and an activity in each of its projects sends a
     subscribe per project and, after each `subscribed`, an activity: two frames a project, up to
     2 x --max-subscriptions. The gateway accepted a --client-burst of only --max-subscriptions,
-    so such a reconnect had activities refused, and eventbus.js answers each refused frame of a
+    so such a reconnect had activities refused, and eventbus.js answered each refused frame of a
     project with a resubscribe (then the activity again): every reconnect of a dashboard with
     150 presence projects on --max-subscriptions 150 --client-burst 200 ended in 4029 a few
     seconds later (modelled with the real bucket). A burst the gateway starts with now always
@@ -959,9 +959,9 @@ async def test_the_consumer_retrying_many_refused_subscribes_is_never_closed(gat
     handful of tokens, refused again (each refusal a strike), and the second round took the
     strikes past the burst: 4029 after 1.6 s (the random draw is fixed at the middle here;
     about half of all draws closed, in a simulation of the retries against the real bucket).
-    A subscribe refused with rate_limited is now retried no sooner than the policy's initial
-    delay (the bucket that refused it is empty): strikes peak near 135, and every project
-    follows on the same connection."""
+    Subscribes refused with rate_limited are now held and sent again one after the other from
+    the error's retry_after_ms (tests/test_client_pacing.py): every project follows on the same
+    connection."""
     from consumer import Consumer, ReconnectPolicy
 
     gateway = await gateways()
