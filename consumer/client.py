@@ -814,9 +814,6 @@ class Consumer:
             self._answered(state.project_id)
             self._unavailable.pop(state.project_id, None)
             self._cancel_retry(state.project_id)  # answered: nothing left to retry
-            # A subscribe held after a refusal is moot too: this answers one sent after the
-            # refused one (the gateway answers a connection's frames in order).
-            self._pacer.drop(state.project_id)
             if outcome.resync is not None:
                 log.info(
                     "resync required",

@@ -1038,7 +1038,9 @@ export class EventBus {
    * pacing allows, with everything sent after it. Which frame: one naming a project is its
    * subscribe when one is unanswered (the gateway answers a connection's frames in order, and
    * a subscribe's answer is `subscribed` or an `error`), else its activity (eventbus.js sends no
-   * other frame naming a project that can be refused); one naming none, a token refresh. */
+   * other frame naming a project that can be refused); one naming none, a token refresh. Taken
+   * for an activity, it leaves the bound on a subscribe's answer alone: were it a subscribe's
+   * after all, that bound would reconnect rather than leave the project silent. */
   _onRateLimited(message) {
     this._pacer.refused(this._now(), message.retry_after_ms);
     const projectId = message.project_id;
@@ -1046,6 +1048,7 @@ export class EventBus {
     if (sub) {
       if (sub.subscribesSent > 0) {
         sub.subscribesSent -= 1;
+        this._answered(projectId);
         this._sendSubscribe(sub);
       } else {
         sub.activitySent = null; // (not executed: the gateway has the one before)
@@ -1345,10 +1348,11 @@ export class EventBus {
     sub.gapWaiting = false; // a `subscribed` after a replay from the cursor: the repair's, or as good
     if (this._wsLive) {
       sub.wsSubscribed = true;
+      // An answer when none was counted as unanswered: a refusal was taken for this subscribe's
+      // (an activity refused while it was unanswered, _onRateLimited), and the subscribe held
+      // for it is moot (the activity goes again below).
       if (sub.subscribesSent > 0) sub.subscribesSent -= 1;
-      // A subscribe held after a refusal is moot: this answers one sent after it, or one the
-      // refusal was taken for (an activity refused while a subscribe was unanswered).
-      if (sub.subscribesSent === 0) this._pacer.drop(`subscribe:${sub.projectId}`);
+      else this._pacer.drop(`subscribe:${sub.projectId}`);
       // A (re)subscribe lists this tab afresh, with no activity: say it again.
       sub.activitySent = null;
       const activity = this._activity.get(sub.projectId);
@@ -1383,8 +1387,8 @@ export class EventBus {
 
   _onGatewayError(message) {
     this._reportError({ code: message.code, message: message.message, projectId: message.project_id });
-    if (message.project_id != null) this._answered(message.project_id);
     if (message.code === "rate_limited") return this._onRateLimited(message);
+    if (message.project_id != null) this._answered(message.project_id);
     const sub = message.project_id != null ? this._subs.get(message.project_id) : null;
     if (sub && message.code !== "not_subscribed" && sub.subscribesSent > 0) sub.subscribesSent -= 1; // its answer
     if (sub && message.code === "unavailable") {

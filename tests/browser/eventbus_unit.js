@@ -787,6 +787,19 @@ test("a refused activity taken for an unanswered subscribe is sent again after t
   eq(ws.sentOf("activity").slice(-1)[0], { type: "activity", project_id: 1, viewing: 5, answering: null });
 });
 
+test("a held subscribe (presence asked while frames are held) is not dropped by an earlier subscribe's answer", async () => {
+  const env = setup({ subscribe: [1, 2] });
+  const ws = await goLive(env, {}); // both subscribes unanswered
+  ws.receive({ type: "error", code: "rate_limited", message: "too many frames", project_id: 2, retry_after_ms: 100 });
+  await flush();
+  env.bus.presence(1, () => {}); // held behind project 2's
+  ws.receive({ type: "subscribed", project_id: 1, epoch: "e", seq: 0, resumed: false, replayed: 0 });
+  await env.clock.advance(200);
+  const subscribes = ws.sentOf("subscribe");
+  eq(subscribes.map((m) => m.project_id), [1, 2, 2, 1]);
+  eq(subscribes[3], { type: "subscribe", project_id: 1, epoch: "e", after: 0, presence: true }, "with presence, from the cursor");
+});
+
 test("a reconnect starts with nothing held and nothing to wait for", async () => {
   const env = setup({ subscribe: [1, 2] });
   let ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
