@@ -329,6 +329,9 @@ export interface CloseAction {
   clientBug: boolean;
 }
 export declare function closeAction(code: number): CloseAction;
+/** The wait (ms) a refused HTTP request asked for: its `Retry-After` in seconds, at most `max`;
+ * 0 without one. SSE and polling wait at least this long before asking again. */
+export declare function retryAfterDelay(response: { headers?: { get(name: string): string | null } }, max: number): number;
 
 export declare function shouldPoll(facts: {
   websocketSupported: boolean;

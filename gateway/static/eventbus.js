@@ -664,6 +664,17 @@ async function readJson(response, limit) {
 }
 
 /** The `message` of a refused request's JSON body (bounded), or "". */
+/**
+ * The wait a refused request was asked for, in ms: its `Retry-After` in seconds (the gateway
+ * sends it with every 503: 1 while it drains, 5 while it is full or Redis is slow; it exposes
+ * the header to pages), at most `max`; 0 without one, or for an HTTP date (not sent).
+ */
+export function retryAfterDelay(response, max) {
+  const header = response && response.headers && typeof response.headers.get === "function" ? response.headers.get("Retry-After") : null;
+  if (typeof header !== "string" || !/^\s*\d{1,9}(\.\d+)?\s*$/.test(header)) return 0;
+  return Math.min(Math.round(Number(header) * 1000), max);
+}
+
 async function errorDetail(response) {
   try {
     const body = await readJson(response, 64 * 1024);
@@ -777,6 +788,7 @@ export class EventBus {
     this._pollGeneration = 0;
     this._pollRunning = false;
     this._pollAgain = false;
+    this._pollRetryAfter = 0; // the Retry-After of this round's refusal, in ms (0: none)
     this._sse = null; // the SSE attempt in progress or open: {controller, live, closeCode, reopen}
     this._sseLive = false;
     this._sseBackoff = new Backoff(o.backoff, this._random);
@@ -1710,7 +1722,7 @@ export class EventBus {
   async _connectSse() {
     this._clearTimeout(this._sseRetryTimer);
     this._sseRetryTimer = null;
-    const attempt = { controller: new AbortController(), live: false, closeCode: null, reopen: false, openedAt: null };
+    const attempt = { controller: new AbortController(), live: false, closeCode: null, reopen: false, openedAt: null, retryAfter: 0 };
     this._sse = attempt;
     const { signal } = attempt.controller;
     let response;
@@ -1738,6 +1750,7 @@ export class EventBus {
       if (this._sse !== attempt) return;
       if (!response.ok || !response.body || typeof response.body.getReader !== "function") {
         if (response.status === 401) this._token = null;
+        attempt.retryAfter = retryAfterDelay(response, this.options.backoff.max);
         const detail = await errorDetail(response);
         this._reportError({ code: `sse_http_${response.status}`, message: detail });
         return;
@@ -1861,12 +1874,13 @@ export class EventBus {
         if (!this._wsLive && !this._closed) this._connectSse();
       }, Math.round(this._random() * this.options.promptDelayMax));
     } else {
-      // The stream could not open, or broke: poll meanwhile, and try SSE again on its backoff.
+      // The stream could not open, or broke: poll meanwhile, and try SSE again on its backoff,
+      // or after the refusal's Retry-After when that is longer (a full gateway asks for 5 s).
       this._startPolling();
       this._sseRetryTimer = this._setTimeout(() => {
         this._sseRetryTimer = null;
         this._startSse();
-      }, this._sseBackoff.next());
+      }, Math.max(this._sseBackoff.next(), attempt.retryAfter || 0));
     }
     this._updateState();
   }
@@ -1979,9 +1993,13 @@ export class EventBus {
     const subs = Array.from(this._subs.values());
     let ok = true;
     try {
+      this._pollRetryAfter = 0;
       for (const sub of subs) {
         if (generation !== this._pollGeneration) break;
         if (!(await this._pollProject(sub, generation))) ok = false;
+        // Refused with Retry-After (a draining or full gateway): the other projects would be
+        // too; the round ends, and the next waits at least as long as asked.
+        if (this._pollRetryAfter > 0) break;
       }
     } finally {
       this._pollRunning = false;
@@ -1997,7 +2015,7 @@ export class EventBus {
     // With nothing subscribed there was no request to judge the transport by.
     if (subs.length > 0) this._pollOk = ok;
     this._updateState();
-    const delay = this._pollAgain ? 0 : this.options.pollInterval;
+    const delay = Math.max(this._pollAgain ? 0 : this.options.pollInterval, this._pollRetryAfter);
     this._pollTimer = this._setTimeout(() => this._pollAll(), delay);
   }
 
@@ -2021,6 +2039,7 @@ export class EventBus {
         response = await this._fetch(url, init);
         if (response.status === 401) this._token = null; // re-asked on the next round
         if (!response.ok) {
+          this._pollRetryAfter = retryAfterDelay(response, this.options.backoff.max);
           const detail = await errorDetail(response);
           this._reportError({ code: `poll_http_${response.status}`, message: detail, projectId: sub.projectId });
           return response.status === 403; // forbidden is an answer, not a transport failure

@@ -183,7 +183,8 @@ function setup({ options = {}, subscribe = [1], tokenLifetime = 900, autoFailSoc
       const reply = await env.sse(url, init, request);
       if (reply instanceof Error) throw reply;
       if (reply.stream) return { ok: true, status: 200, body: reply.stream, json: async () => ({}) };
-      return { ok: false, status: reply.status, body: null, json: async () => reply.body };
+      const headers = new Headers(reply.headers || {});
+      return { ok: false, status: reply.status, headers, body: null, json: async () => reply.body };
     }
     env.requests.push({ url, headers: (init && init.headers) || {}, at: clock.now() });
     const reply = await new Promise((resolve, reject) => {
@@ -192,7 +193,9 @@ function setup({ options = {}, subscribe = [1], tokenLifetime = 900, autoFailSoc
       Promise.resolve(env.poll(url, init)).then(resolve, reject);
     });
     if (reply instanceof Error) throw reply;
-    return fakeResponse(reply.status, reply.raw !== undefined ? reply.raw : JSON.stringify(reply.body), env);
+    const response = fakeResponse(reply.status, reply.raw !== undefined ? reply.raw : JSON.stringify(reply.body), env);
+    response.headers = new Headers(reply.headers || {});
+    return response;
   };
   env.bus = eb.connect({
     url: "ws://gw.test/",
@@ -1231,6 +1234,53 @@ test("sse: a stream closed with 1012 is reopened at once with Last-Event-ID; a b
   await env.clock.advance(1);
   eq(env.streams.length, count + 1);
   eq(env.streams[count].headers["Last-Event-ID"], "e:2");
+});
+
+test("retryAfterDelay: Retry-After in seconds, capped; none, a date or garbage is 0", () => {
+  const of = (value) => ({ headers: new Headers(value === null ? {} : { "Retry-After": value }) });
+  eq(eb.retryAfterDelay(of("5"), 30000), 5000);
+  eq(eb.retryAfterDelay(of(" 1.5 "), 30000), 1500);
+  eq(eb.retryAfterDelay(of("3600"), 30000), 30000, "capped");
+  eq(eb.retryAfterDelay(of(null), 30000), 0);
+  eq(eb.retryAfterDelay(of("Wed, 21 Oct 2015 07:28:00 GMT"), 30000), 0);
+  eq(eb.retryAfterDelay(of("-1"), 30000), 0);
+  eq(eb.retryAfterDelay(of("1e9"), 30000), 0);
+  eq(eb.retryAfterDelay({}, 30000), 0, "a response without headers (old fetch polyfills)");
+});
+
+test("sse: a stream refused with 503 and Retry-After is asked again no sooner than that, polling meanwhile", async () => {
+  const env = setup({ autoFailSockets: true });
+  pollServer(env, [1]);
+  let refusals = 0;
+  env.sse = () => {
+    refusals += 1;
+    return { status: 503, headers: { "Retry-After": "5" }, body: { error: "unavailable", message: "full" } };
+  };
+  await env.clock.advance(0);
+  eq(refusals, 1);
+  eq(env.errors.filter((e) => e.code === "sse_http_503").length, 1);
+  eq(env.bus.transport, "polling", "polled meanwhile");
+  await env.clock.advance(4999);
+  eq(refusals, 1, "not at the backoff's 1 s: the gateway asked for 5 s");
+  await env.clock.advance(1);
+  eq(refusals, 2);
+});
+
+test("polling: a 503 with Retry-After ends the round, and the next waits at least as long", async () => {
+  const env = setup({ autoFailSockets: true, subscribe: [1, 2], options: { sse: false, pollInterval: 1000 } });
+  pollServer(env, [1]);
+  await env.clock.advance(0);
+  const serve = env.poll;
+  let full = true;
+  env.poll = (url) => (full ? { status: 503, headers: { "Retry-After": "5" }, body: { error: "unavailable", message: "full" } } : serve(url));
+  const before = env.requests.length;
+  await env.clock.advance(1000);
+  eq(env.requests.length, before + 1, "one refusal ends the round: project 2 is not asked too");
+  await env.clock.advance(4999);
+  eq(env.requests.length, before + 1, "not at the 1 s poll interval: the gateway asked for 5 s");
+  full = false;
+  await env.clock.advance(1);
+  eq(env.requests.length > before + 1, true, "asked again after 5 s");
 });
 
 test("sse: several projects share one stream; a new subscribe reopens it with every cursor", async () => {
