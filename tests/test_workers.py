@@ -656,21 +656,8 @@ async def test_the_supervisor_kills_a_silent_worker_but_not_a_slow_drain(tmp_pat
     from gateway.group import read_group
     from gateway.workers import Supervisor
 
-    script = textwrap.dedent(
-        """
-        import asyncio, signal, time
-        from gateway.workers import start_heartbeat
-
-        async def main():
-            heartbeat = start_heartbeat()
-            stop = asyncio.Event()
-            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-            await stop.wait()
-            time.sleep(3)  # a drain that blocks the loop for longer than the timeout
-
-        asyncio.run(main())
-        """
-    )
+    # A drain that blocks the loop for longer than the timeout.
+    script = _draining_worker(drain="time.sleep(3)")
     supervisor = Supervisor(
         [sys.executable, "-c", script],
         2,
@@ -765,20 +752,26 @@ async def test_a_group_started_with_standard_descriptors_closed_runs_logs_and_be
         assert group.terminate(timeout=30) == 0
 
 
-_DRAINING_WORKER = textwrap.dedent(
-    """
-    import asyncio, signal
-    from gateway.workers import start_heartbeat
+def _draining_worker(drain: str = "pass") -> str:
+    """A worker that only beats, then runs ``drain`` (a Python statement) on SIGTERM and exits."""
+    return textwrap.dedent(
+        f"""
+        import asyncio, signal, time
+        from gateway.workers import start_heartbeat
 
-    async def main():
-        heartbeat = start_heartbeat()
-        stop = asyncio.Event()
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-        await stop.wait()
+        async def main():
+            heartbeat = start_heartbeat()
+            stop = asyncio.Event()
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+            await stop.wait()
+            {drain}
 
-    asyncio.run(main())
-    """
-)
+        asyncio.run(main())
+        """
+    )
+
+
+_DRAINING_WORKER = _draining_worker()
 
 
 def _group_counters(directory: str) -> dict[str, float]:
