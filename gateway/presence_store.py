@@ -57,6 +57,9 @@ log = get_logger("gateway.presence")
 
 #: Deliver one encoded message to some sessions (the gateway's fan-out; must not block).
 Deliver = Callable[[Sequence[SessionKey], bytes], None]
+#: Told ``(project_id, keys)`` when a write or refresh deleted index keys of another type in a
+#: project (another writer's; the pods rebuild them): the gateway counts them.
+OnRepaired = Callable[[int, int], None]
 
 
 class ChannelLink(Protocol):
@@ -92,8 +95,10 @@ class PresenceStore:
         keys: Keys | None = None,
         ttl: float = 10.0,
         publish_command: str = "PUBLISH",
+        on_repaired: OnRepaired | None = None,
     ) -> None:
         self.client = client
+        self.on_repaired = on_repaired
         self.pod_id = pod_id
         self.keys = keys or Keys()
         self.ttl_ms = round(ttl * 1000)
@@ -111,7 +116,8 @@ class PresenceStore:
     async def write(self, writes: Sequence[Write]) -> list[bool | redis.exceptions.ResponseError]:
         """Apply writes (one script call each, one pipeline); per write, whether it was applied
         (False: Redis had lost this pod's records, so it must be written whole), or the error
-        Redis answered for that project alone (a key of the wrong type there: another writer)."""
+        Redis answered for that project alone. Index keys of another type that a write deleted
+        are reported to ``on_repaired``."""
         if not writes:
             return []
         calls = []
@@ -130,16 +136,23 @@ class PresenceStore:
             calls.append((WRITE, self._keys(w.project_id), args))
         replies = await self._pipeline(calls)
         self._count(len(writes))
-        return [
-            r if isinstance(r, redis.exceptions.ResponseError) else int(r) == 1 for r in replies
-        ]
+        out: list[bool | redis.exceptions.ResponseError] = []
+        for w, reply in zip(writes, replies, strict=True):
+            if isinstance(reply, redis.exceptions.ResponseError):
+                out.append(reply)
+            else:
+                applied, repaired = reply
+                self._repaired(w.project_id, repaired)
+                out.append(int(applied) == 1)
+        return out
 
     async def refresh(
         self, plan: Mapping[int, int | None], ttl_ms: int | None = None
     ) -> dict[int, tuple[bool, dict[str, int]] | redis.exceptions.ResponseError]:
         """Keep this pod's records alive in the projects mapped to a version (None: only watch
         the project) and report each project's live pods: project -> (ok, pod -> version), or
-        the error Redis answered for that project alone."""
+        the error Redis answered for that project alone. Index keys of another type that a
+        refresh deleted are reported to ``on_repaired``."""
         if not plan:
             return {}
         ttl_ms = self.ttl_ms if ttl_ms is None else ttl_ms
@@ -161,7 +174,8 @@ class PresenceStore:
             if isinstance(reply, redis.exceptions.ResponseError):
                 out[project_id] = reply
             else:
-                ok, flat = reply
+                ok, flat, repaired = reply
+                self._repaired(project_id, repaired)
                 out[project_id] = (ok == 1, parse_versions(flat))
         return out
 
@@ -211,6 +225,10 @@ class PresenceStore:
                 raise reply
         return replies
 
+    def _repaired(self, project_id: int, keys: int) -> None:
+        if keys and self.on_repaired is not None:
+            self.on_repaired(project_id, int(keys))
+
     def _count(self, commands: int) -> None:
         self.commands += commands
         self.round_trips += 1
@@ -248,6 +266,7 @@ class PresenceService:
         listen: bool = True,
         link: ChannelLink | None = None,
         clock_ms: Callable[[], int] | None = None,
+        on_repaired: OnRepaired | None = None,
     ) -> None:
         if not refresh_interval * 2 < ttl:
             raise ValueError("ttl must exceed two refresh intervals")
@@ -256,8 +275,14 @@ class PresenceService:
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", self.pod_id):
             raise ValueError("pod_id must be 1 to 64 of A-Z a-z 0-9 _ -")
         self.store = PresenceStore(
-            client, self.pod_id, keys=self.keys, ttl=ttl, publish_command=publish_command
+            client,
+            self.pod_id,
+            keys=self.keys,
+            ttl=ttl,
+            publish_command=publish_command,
+            on_repaired=self._repaired,
         )
+        self._on_repaired = on_repaired
         self.core = PresenceCore(self.pod_id, clock_ms or (lambda: int(time.time() * 1000)))
         self.client = client
         self.deliver = deliver
@@ -287,6 +312,7 @@ class PresenceService:
         self.deliveries = 0
         self.diffs = 0
         self.rereads = 0
+        self.repaired_keys = 0
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -524,9 +550,25 @@ class PresenceService:
                 self._reread.add(project_id)
         await self._flush()  # rewrite whatever Redis lost, now
 
+    def _repaired(self, project_id: int, keys: int) -> None:
+        """A write or refresh deleted index keys of another type in a project (another writer's):
+        the live pods rebuild them, as after a flush. Said in the log (someone writes where
+        only the gateway should) and counted."""
+        self.repaired_keys += keys
+        if self._on_repaired is not None:
+            self._on_repaired(project_id, keys)
+        if (suppressed := self._throttle.allow("repaired")) is not None:
+            log.warning(
+                "presence: replaced a project's index key that held another type",
+                project_id=project_id,
+                keys=keys,
+                suppressed=suppressed,
+            )
+
     def _project_error(self, project_id: int, exc: Exception) -> None:
-        """One project's presence keys answer errors (another writer left a key of the wrong
-        type there): said in the log; the pod's other projects go on."""
+        """One project's presence calls answer errors (unforeseen: the scripts replace index
+        keys of another type and skip foreign values): said in the log; the pod's other
+        projects go on."""
         if (suppressed := self._throttle.allow("project_error")) is not None:
             log.warning(
                 "presence: a project's keys in Redis are unusable",

@@ -37,6 +37,7 @@ from gateway.workers import GROUP_SIZE_ENV, WORKER_ID_ENV
 from redisconn import async_client, is_cluster_url
 from schemas.keys import Keys
 from schemas.protocol import CloseCode
+from schemas.stored import ForeignKind
 from schemas.tokens import TokenClaims, verify_token
 
 __all__ = ["MAX_CONSECUTIVE_ERRORS", "Gateway", "run"]
@@ -169,6 +170,7 @@ class Gateway:
             drain_grace=config.presence_drain_grace,
             publish_command="SPUBLISH" if config.sharded else "PUBLISH",
             link=self.link,
+            on_repaired=self._presence_key_repaired,
         )
         # A subscription the hub ends (its project turned unreadable) takes the tab's presence
         # in the project with it, as an unsubscribe does.
@@ -245,6 +247,10 @@ class Gateway:
         """The pub/sub link is back: what was published meanwhile is only in Redis."""
         self.hub.on_link_resubscribed()
         self.presence.reread_all()
+
+    def _presence_key_repaired(self, project_id: int, keys: int) -> None:
+        """A presence index key held another type and was replaced (the service logs it)."""
+        self.metrics.foreign_values[ForeignKind.PRESENCE_KEY.value] += keys
 
     def _deliver_presence(self, sessions, frame: bytes) -> None:
         """One ``presence_diff`` to its recipients: one shared item, queued like events."""

@@ -221,6 +221,17 @@ def parse_announcement(data: bytes) -> Announcement:
 # by the scripts (see schemas/lua.py on why keys that may not exist are not declared).
 
 _NOW_AND_PRUNE = """
+-- Presence is soft state that the live pods rebuild: an index key holding another type (another
+-- writer's) is deleted, never anything else, and the pods write their records again at their
+-- next write or refresh, as after a flush. Counted in the reply.
+local repaired = 0
+for i, kind in ipairs({'zset', 'hash'}) do
+  local found = redis.call('TYPE', KEYS[i])['ok']
+  if found ~= kind and found ~= 'none' then
+    redis.call('DEL', KEYS[i])
+    repaired = repaired + 1
+  end
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
@@ -229,6 +240,11 @@ for _, p in ipairs(dead) do
   redis.call('HDEL', KEYS[2], p)
 end
 if #dead > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now) end
+-- Whether a pod's records are as the pod last stored them (version, and a hash to hold them).
+local function intact(pod, version)
+  return redis.call('HGET', KEYS[2], pod) == version
+    and redis.call('TYPE', ARGV[1] .. pod)['ok'] == 'hash'
+end
 local function keep_alive(pod, ttl)
   redis.call('ZADD', KEYS[1], now + ttl, pod)
   redis.call('PEXPIRE', ARGV[1] .. pod, ttl)
@@ -244,15 +260,17 @@ end
 #: KEYS: pods, versions. ARGV: pod hash prefix, pod, ttl ms, base version ('0' = replace the
 #: pod's hash), new version, publish command ('PUBLISH' or 'SPUBLISH'), channel, then pairs of
 #: member id, record JSON ('' = the member left this pod).
-#: Returns 1, or 0 without writing when the pod's stored version is not ``base`` (Redis lost
-#: the pod's hash: flushed, restarted, or the pod was taken for dead): the caller then writes its
+#: Returns {applied, repaired}: applied 1, or 0 without writing when the pod's stored version is
+#: not ``base`` or its records key is not a hash (Redis lost the pod's hash: flushed, restarted,
+#: the pod was taken for dead, or another writer replaced it): the caller then writes its
 #: complete member list with base '0'. An empty hash removes the pod from the project.
+#: ``repaired``: index keys of another type deleted (another writer's; rebuilt by the pods).
 WRITE = (
     _NOW_AND_PRUNE
     + """
 local pod, ttl, base = ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local hash = ARGV[1] .. pod
-if base ~= '0' and redis.call('HGET', KEYS[2], pod) ~= base then return 0 end
+if base ~= '0' and not intact(pod, base) then return {0, repaired} end
 if base == '0' then redis.call('DEL', hash) end
 for i = 8, #ARGV - 1, 2 do
   if ARGV[i + 1] == '' then
@@ -279,7 +297,7 @@ if #ARGV >= 8 or base == '0' then
   local body = '{' .. table.concat(parts, ',') .. '}'
   redis.call(ARGV[6], ARGV[7], pod .. '|' .. ARGV[5] .. '|' .. base .. '|' .. body)
 end
-return 1
+return {1, repaired}
 """
 )
 
@@ -288,20 +306,21 @@ return 1
 #:
 #: KEYS: pods, versions. ARGV: pod hash prefix, pod ('' = only prune and report), ttl ms, the
 #: version the pod expects to be stored.
-#: Returns {ok, {pod, version, pod, version, ...}}: ok 0 when the pod's stored version is not the
-#: expected one (its records were lost: the caller rewrites them with :data:`WRITE`, base '0').
+#: Returns {ok, {pod, version, pod, version, ...}, repaired}: ok 0 when the pod's stored version
+#: is not the expected one or its records key is not a hash (its records were lost: the caller
+#: rewrites them with :data:`WRITE`, base '0'); ``repaired`` as for :data:`WRITE`.
 REFRESH = (
     _NOW_AND_PRUNE
     + """
 local ok = 1
 if ARGV[2] ~= '' then
-  if redis.call('HGET', KEYS[2], ARGV[2]) ~= ARGV[4] then
+  if not intact(ARGV[2], ARGV[4]) then
     ok = 0
   else
     keep_alive(ARGV[2], tonumber(ARGV[3]))
   end
 end
-return {ok, redis.call('HGETALL', KEYS[2])}
+return {ok, redis.call('HGETALL', KEYS[2]), repaired}
 """
 )
 
@@ -310,8 +329,13 @@ return {ok, redis.call('HGETALL', KEYS[2])}
 #: KEYS: pods, versions. ARGV: pod hash prefix.
 #: Returns {{pod, version, {member, record, ...}}, ...} for the pods whose deadline is ahead and
 #: whose records key is a hash: one that is not (another writer) is skipped, not an error that
-#: would hide every other pod's members for as long as the key stays.
+#: would hide every other pod's members for as long as the key stays. An index key of another
+#: type reads as no pods (nobody is listed) until the live pods replace it at their next write
+#: or refresh (:data:`WRITE`, :data:`REFRESH`); a project no pod refreshes has nobody to list.
 READ = """
+if redis.call('TYPE', KEYS[1])['ok'] ~= 'zset' or redis.call('TYPE', KEYS[2])['ok'] ~= 'hash' then
+  return {}
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local out = {}

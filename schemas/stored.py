@@ -127,6 +127,9 @@ class ForeignKind(enum.StrEnum):
     STREAM_KEY = "stream_key"
     #: The meta key holds another type than a hash, or its epoch or seq is invalid.
     META = "meta"
+    #: A presence index key (a project's ``:presence:pods`` or ``:presence:versions``) held
+    #: another type: deleted by a gateway pod, and rebuilt by the live pods.
+    PRESENCE_KEY = "presence_key"
 
 
 class ForeignValue(ValueError):

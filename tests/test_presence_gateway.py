@@ -384,7 +384,8 @@ async def test_presence_across_gateways_on_a_redis_cluster(redis_cluster_url):
 
 async def test_garbage_in_a_projects_presence_keys_stays_in_that_project(gateways, redis_url):
     """Another writer to Redis: presence of the damaged project is served from what can be read
-    (or answers ``unavailable``), other projects never notice, and the pod's loops go on."""
+    (or answers ``unavailable``), other projects never notice, and the pod's loops go on. An
+    index key of another type is replaced, and counted."""
     from schemas.keys import Keys
 
     gateway = await gateways(**FAST)
@@ -418,6 +419,8 @@ async def test_garbage_in_a_projects_presence_keys_stays_in_that_project(gateway
             await until(watcher, lambda s=step: view(watcher, 2)["watcher"]["viewing"] == s + 1)
             await reader.close()
         assert all(not task.done() for task in gateway.presence._tasks)
+        assert gateway.metrics.foreign_values["presence_key"] >= 1
+        assert await raw.type(keys.presence_versions(1)) in (b"hash", b"none")
     finally:
         await raw.aclose()
 

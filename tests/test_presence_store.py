@@ -436,7 +436,8 @@ async def test_a_damaged_project_does_not_stop_the_pods_other_projects(
 ) -> None:
     """Another writer leaves a key of the wrong type in project 1's presence: the pod's writes
     and refreshes of its other projects must go on (one pipeline carries them all). Project 2's
-    member is written, its activity reaches other pods, and it outlives the ttl."""
+    member is written, its activity reaches other pods, and it outlives the ttl; project 1's
+    key is replaced and its member listed too."""
     a, b = await pods.start("a"), await pods.start("b")
     keys = a.keys
     bad = keys.presence_pods(1) if damage == "pods" else keys.presence_versions(1)
@@ -450,16 +451,7 @@ async def test_a_damaged_project_does_not_stop_the_pods_other_projects(
     await asyncio.sleep(TIMINGS["ttl"] + 2 * TIMINGS["refresh_interval"])  # refreshes must land
     assert [m.id for m in read_presence(redis_client, 2)] == ["alice"]
     assert watcher.left == []
-    try:  # the damaged project says so, clearly, or lists what it can read: nobody
-        assert read_presence(redis_client, 1) == []
-    except redis.ResponseError as exc:
-        assert "WRONGTYPE" in str(exc)
-    redis_client.delete(bad)  # repaired: the pod lists its member there at its next refresh
-
-    async def listed() -> bool:
-        return [m.id for m in read_presence(redis_client, 1)] == ["alice"]
-
-    await eventually(listed, TIMINGS["refresh_interval"] + SLACK)
+    assert [m.id for m in read_presence(redis_client, 1)] == ["alice"]
 
 
 async def test_a_pod_hash_of_the_wrong_type_hides_only_that_pod(pods, redis_client) -> None:
@@ -555,3 +547,61 @@ async def test_a_presence_get_flood_costs_one_read_and_one_encoding_per_interval
     encodings.clear()
     frames = [await b.get(3) for _ in range(200)]
     assert len(encodings) <= 1 and len(set(frames)) == 1
+
+
+@pytest.mark.parametrize("damage", ["pods", "versions", "records"])
+async def test_a_presence_key_of_the_wrong_type_is_rebuilt_by_the_pods(
+    pods, redis_client, damage
+) -> None:
+    """Presence is soft state that the pods rebuild: when another writer leaves a string where
+    a project's pods zset or versions hash, or a live pod's records hash, belongs, the pods
+    replace that key (only it) and write their members again, as after a flush, within a
+    refresh interval. Nobody appears to leave, and a person who joins meanwhile is listed
+    without an operator. Index keys replaced are counted."""
+    a, b = await pods.start("a"), await pods.start("b")
+    keys = a.keys
+    bad = {
+        "pods": keys.presence_pods(1),
+        "versions": keys.presence_versions(1),
+        "records": keys.presence_pod(1, "a"),  # a is idle: only its refresh can notice
+    }[damage]
+    a.join("tab", 1, "alice", None)
+    watcher = await pods.watch(b, "watcher")
+    await watcher.until(lambda m: set(m) == {"alice"}, within=5)
+    neighbours = {  # in the same slot, under the same names with a suffix: never touched
+        bad + "x": "not presence",
+        keys.presence_pod_prefix(1) + "unlisted": "a string, not a hash",
+        "eventbus:{1}:other": "not presence",
+    }
+    redis_client.mset(neighbours)
+    redis_client.set(bad, "a string, not a zset or hash")
+    b.join("tab", 1, "bob", None)
+    within = TIMINGS["refresh_interval"] + SLACK
+    await watcher.until(lambda m: set(m) == {"alice", "bob"}, within=within)
+
+    async def listed() -> bool:
+        return [m.id for m in read_presence(redis_client, 1)] == ["alice", "bob"]
+
+    await eventually(listed, TIMINGS["refresh_interval"] + SLACK)
+    assert redis_client.type(bad) == (b"zset" if damage == "pods" else b"hash")
+    assert watcher.left == []
+    assert {k: redis_client.get(k).decode() for k in neighbours} == neighbours
+    assert a.repaired_keys + b.repaired_keys == (0 if damage == "records" else 1)
+
+
+async def test_a_project_whose_index_key_is_damaged_and_empty_still_answers(
+    pods, redis_client
+) -> None:
+    """Nobody present in a project whose pods key another writer replaced: presence_get and a
+    presence subscribe answer (nobody) rather than fail for as long as the key stays, and a
+    person who joins later is listed."""
+    a, b = await pods.start("a"), await pods.start("b")
+    redis_client.set(a.keys.presence_pods(5), "a string, not a zset")
+    redis_client.set(a.keys.presence_versions(5), "a string, not a hash")
+    assert msgspec.json.decode(await a.get(5))["members"] == []
+    assert read_presence(redis_client, 5) == []
+    watcher = await pods.watch(b, "watcher", project_id=5)
+    assert watcher.members == {}
+    a.join("tab", 5, "alice", None)
+    await watcher.until(lambda m: set(m) == {"alice"}, within=TIMINGS["refresh_interval"] + SLACK)
+    assert [m.id for m in read_presence(redis_client, 5)] == ["alice"]
