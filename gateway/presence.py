@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from schemas.presence import Announcement, PodRecord, PodState, merge_member, merge_pods
 from schemas.protocol import Member, Presence, PresenceDiff, encode
+from schemas.tokens import is_text
 
 __all__ = [
     "PodTable",
@@ -442,8 +443,13 @@ class PresenceCore:
     # the connection lifecycle
 
     def join(self, session: SessionKey, project_id: int, member_id: str, name: str | None) -> None:
-        if not member_id:
-            raise ValueError("a member needs a non-empty id (the token's sub)")
+        """List a tab as ``member_id``. Raises ``ValueError`` for an empty id, or an id or name
+        that is not text (:func:`schemas.tokens.is_text`; ``verify_token`` passes neither on):
+        one such record would fail the write of every project of the pod, and the diffs."""
+        if not member_id or not is_text(member_id):
+            raise ValueError("a member needs a non-empty id of text (the token's sub)")
+        if name is not None and not is_text(name):
+            raise ValueError("a display name must be text")
         self._changed(
             project_id, self.table.join(session, project_id, member_id, name, self._now())
         )

@@ -28,6 +28,7 @@ __all__ = [
     "MAX_NAME_LENGTH",
     "InvalidToken",
     "TokenClaims",
+    "is_text",
     "issue_token",
     "verify_token",
 ]
@@ -106,12 +107,31 @@ def issue_token(
         "exp": now + max(1, round(seconds)),
     }
     if subject is not None:
+        if not is_text(subject):
+            raise ValueError("subject must be a string (text: no lone UTF-16 surrogate)")
         claims["sub"] = subject
     if name is not None:
-        if not isinstance(name, str) or not name or len(name) > MAX_NAME_LENGTH:
-            raise ValueError(f"name must be a string of 1 to {MAX_NAME_LENGTH} characters")
+        if not is_text(name) or not name or len(name) > MAX_NAME_LENGTH:
+            raise ValueError(
+                f"name must be a string of 1 to {MAX_NAME_LENGTH} characters "
+                "(text: no lone UTF-16 surrogate)"
+            )
         claims["name"] = name
     return jwt.encode(claims, secret, algorithm=algorithm)
+
+
+def is_text(value: object) -> bool:
+    """Whether ``value`` is a str that UTF-8 can carry. JSON's ``\\ud83d`` escape decodes to
+    half a surrogate pair (a name a backend cut at a fixed length in UTF-16, as JavaScript's
+    ``slice`` does, splitting an emoji): a Python str, but no frame or Redis command can carry
+    it."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _project_id(value: object) -> int:
@@ -156,11 +176,12 @@ def verify_token(
         raise InvalidToken(f"invalid token: 'exp' is later than {MAX_EXP}")
     sub = raw.get("sub")
     name = raw.get("name")
-    if not (isinstance(name, str) and 0 < len(name) <= MAX_NAME_LENGTH):
+    if not (is_text(name) and 0 < len(name) <= MAX_NAME_LENGTH):
         name = None  # a display name is decoration: a bad one is dropped, not a bad token
     return TokenClaims(
         projects=allowed,
         exp=int(raw["exp"]),
-        sub=sub if isinstance(sub, str) else None,
+        # A subject that is not text names nobody (no frame could carry it): like a missing one.
+        sub=sub if is_text(sub) else None,
         name=name,
     )

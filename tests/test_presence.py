@@ -464,6 +464,16 @@ def test_an_empty_member_id_is_refused() -> None:
         PresenceCore("p", clock_ms=lambda: 1).join("tab", 1, "", None)
 
 
+@pytest.mark.parametrize(("member_id", "name"), [("u\udc00", None), ("u", "Alice \ud83d")])
+def test_an_id_or_name_that_is_not_text_is_refused(member_id: str, name: str | None) -> None:
+    """Half a surrogate pair cannot be encoded: taken in, its record would fail the pod's write
+    pipeline (every project) and its diff the diff loop (every subscriber)."""
+    core = PresenceCore("p", clock_ms=lambda: 1)
+    with pytest.raises(ValueError, match="text"):
+        core.join("tab", 1, member_id, name)
+    assert core.take_writes() == []
+
+
 def test_one_refresh_report_without_a_pod_is_not_its_death() -> None:
     # Between a Redis flush and the pod's next refresh, the reports of the other pods lack it;
     # taking that for death would show its members leaving and joining again.

@@ -474,3 +474,40 @@ async def test_a_live_subscription_ended_as_unavailable_leaves_the_presence_too(
     await newcomer.send({"type": "presence_get", "project_id": 1})  # no subscription needed
     await newcomer.wait_for(lambda: newcomer.last("presence") is not None)
     assert newcomer.last("presence")["members"] == []
+
+
+async def test_a_name_or_subject_that_is_not_text_breaks_nothing(gateways, redis_url):
+    """A backend that cuts a display name at a fixed length in UTF-16 (JavaScript's slice) can
+    split an emoji and sign a token whose ``name`` ends in half a surrogate pair; JSON carries
+    it, but it is not text and cannot be encoded. Such a name is dropped as any bad name is, and
+    such a subject is no person (not listed, reads presence), so everyone else's presence on the
+    pod goes on: the pod writes all its projects in one pipeline, and diffs of all projects go
+    out of one loop."""
+    import jwt
+
+    def foreign_token(sub: str, name: str) -> str:  # as a backend in another language signs it
+        claims = {"projects": "*", "aud": "eventbus", "exp": int(time.time()) + 300}
+        return jwt.encode({**claims, "sub": sub, "name": name}, SECRET, algorithm="HS256")
+
+    gateway = await gateways(**FAST)
+    watcher = await person(gateway, "watcher")
+    await watcher.subscribe(2, presence=True)
+    split_name = RecordingClient(ws_url(gateway), token=foreign_token("alice", "Alice \ud83d"))
+    await split_name.connect()
+    await split_name.subscribe(1, presence=True)
+    split_subject = RecordingClient(ws_url(gateway), token=foreign_token("bob \udc00", "Bob"))
+    await split_subject.connect()
+    assert split_subject.last("authenticated")["subject"] is None
+    await split_subject.subscribe(1, presence=True)
+    await until(split_subject, lambda: ids(split_subject, 1) == {"alice"})
+    assert view(split_subject, 1)["alice"]["name"] is None
+    carol = await person(gateway, "carol")
+    await carol.subscribe(2)
+    await until(watcher, lambda: ids(watcher, 2) == {"watcher", "carol"})
+    raw = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        assert [m.id for m in await aread_presence(raw, 2)] == ["carol", "watcher"]
+        assert [m.id for m in await aread_presence(raw, 1)] == ["alice"]
+    finally:
+        await raw.aclose()
+    assert all(not task.done() for task in gateway.presence._tasks)

@@ -263,14 +263,27 @@ def test_tokens_without_a_name_still_verify() -> None:
     assert TokenClaims(projects=frozenset({1}), exp=1).name is None
 
 
-@pytest.mark.parametrize("name", [7, "", "x" * (MAX_NAME_LENGTH + 1), ["Alice"], None])
+@pytest.mark.parametrize(
+    "name", [7, "", "x" * (MAX_NAME_LENGTH + 1), ["Alice"], {"a": [[{}]]}, None, "Alice \ud83d"]
+)
 def test_a_bad_display_name_is_dropped_not_fatal(name: object) -> None:
     claims = verify_token(forge({"projects": [1], "sub": "u", "name": name}), SECRET)
     assert claims.name is None
     assert claims.sub == "u" and claims.allows(1)
 
 
-@pytest.mark.parametrize("name", ["", "x" * (MAX_NAME_LENGTH + 1)])
+@pytest.mark.parametrize("name", ["", "x" * (MAX_NAME_LENGTH + 1), "Alice \ud83d"])
 def test_issue_refuses_a_bad_display_name(name: str) -> None:
     with pytest.raises(ValueError, match="name"):
         issue_token(SECRET, projects=[1], name=name)
+
+
+@pytest.mark.parametrize("sub", ["user-7 \udc00", "\ud83d"])
+def test_a_subject_that_is_not_text_names_nobody(sub: str) -> None:
+    """Half a surrogate pair (JSON ``\\udc00``) decodes to a str no frame or Redis command can
+    carry: the token is valid, with no subject (as one with a non-string subject), and
+    ``issue_token`` refuses to mint it."""
+    claims = verify_token(forge({"projects": [1], "sub": sub}), SECRET)
+    assert claims.sub is None and claims.allows(1)
+    with pytest.raises(ValueError, match="subject"):
+        issue_token(SECRET, projects=[1], subject=sub)
