@@ -20,10 +20,14 @@ import msgspec
 import pytest
 import redis
 import redis.asyncio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from gateway.presence import ProjectView, apply_diff
-from gateway.presence_store import PresenceService
+from gateway.presence import ProjectView, Write, apply_diff
+from gateway.presence_store import PresenceService, PresenceStore
 from publisher.presence import aread_presence, read_presence
+from schemas.keys import Keys
+from schemas.presence import PodRecord, PodState
 from schemas.protocol import Member, Presence, PresenceDiff
 from tests.support.redis_server import RedisServer
 
@@ -605,3 +609,96 @@ async def test_a_project_whose_index_key_is_damaged_and_empty_still_answers(
     a.join("tab", 5, "alice", None)
     await watcher.until(lambda m: set(m) == {"alice"}, within=TIMINGS["refresh_interval"] + SLACK)
     assert [m.id for m in read_presence(redis_client, 5)] == ["alice"]
+
+
+# --- garbage in every presence key, against the real scripts ----------------------------------
+
+_bytes = st.one_of(
+    st.binary(max_size=24),
+    st.sampled_from([b"a", b"x", b"alice", b"\xff\xfe", b"1", b"-1", b"nan", b"1e400", b""]),
+    st.sampled_from([b"h" * 70_000]),  # a huge member or value
+)
+_records = st.one_of(
+    _bytes,
+    st.sampled_from(
+        [b'["Eve",null,null,1,1]', b"[null,1,2,3]", b'["Eve",0,null,1,1]', b'["x",null,null,-1,1]']
+    ),
+)
+_scores = st.one_of(
+    st.floats(allow_nan=False),  # Redis refuses NaN scores; infinities are kept
+    st.sampled_from([0.0, 2.0**52, float("inf"), float("-inf")]),
+)
+_foreign = st.one_of(
+    st.none(),  # absent
+    st.tuples(st.just("string"), _bytes),
+    st.tuples(st.just("list"), st.lists(_bytes, min_size=1, max_size=3)),
+    st.tuples(st.just("set"), st.sets(_bytes, min_size=1, max_size=3)),
+    st.tuples(st.just("zset"), st.dictionaries(_bytes, _scores, min_size=1, max_size=3)),
+    st.tuples(st.just("hash"), st.dictionaries(_bytes, _records, min_size=1, max_size=3)),
+)
+
+
+def _plant(client: redis.Redis, key: str, value) -> None:
+    if value is None:
+        return
+    kind, content = value
+    if kind == "string":
+        client.set(key, content)
+    elif kind == "list":
+        client.rpush(key, *content)
+    elif kind == "set":
+        client.sadd(key, *content)
+    elif kind == "zset":
+        client.zadd(key, content)
+    else:
+        client.hset(key, mapping=content)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(pods_key=_foreign, versions_key=_foreign, own_records=_foreign, other_records=_foreign)
+def test_garbage_in_every_presence_key_never_stops_a_pod(
+    redis_url, pods_key, versions_key, own_records, other_records
+) -> None:
+    """Whatever another writer left in a project's presence keys (any type, non-UTF-8, huge
+    members and values, infinite scores, records no pod writes), a pod's write, refresh and read
+    succeed and its members are listed, from the pod and from a backend: only the project's
+    own presence keys were changed, and only by replacing what held another type."""
+    keys = Keys("h61fuzz")
+    sync = redis.Redis.from_url(redis_url)
+    project = 7
+    damaged = {
+        keys.presence_pods(project): pods_key,
+        keys.presence_versions(project): versions_key,
+        keys.presence_pod(project, "a"): own_records,
+        keys.presence_pod(project, "x"): other_records,
+    }
+    sync.delete(*damaged)
+    for key, value in damaged.items():
+        _plant(sync, key, value)
+    sync.set("h61fuzz:{7}:sentinel", b"not presence")
+    record = PodRecord(name="Alice", viewing=1, answering=None, since=1, at=1)
+
+    async def run() -> dict:
+        client = redis.asyncio.Redis.from_url(redis_url, socket_timeout=5)
+        try:
+            store = PresenceStore(client, "a", keys=keys)
+            assert await store.write([Write(project, 0, 1, {"alice": record})]) == [True]
+            refreshed = await store.refresh({project: 1, 8: None})
+            assert refreshed[project][0] is True and refreshed[project][1]["a"] == 1
+            assert await store.write([Write(project, 1, 2, {"bob": record})]) == [True]
+            return await store.read(project)
+        finally:
+            await client.aclose()
+
+    try:
+        state = asyncio.run(run())
+        assert state["a"] == PodState(2, {"alice": record, "bob": record})
+        listed = {m.id for m in read_presence(sync, project, keys=keys)}
+        assert {"alice", "bob"} <= listed
+        assert sync.get("h61fuzz:{7}:sentinel") == b"not presence"
+        assert sync.type(keys.presence_pods(project)) == b"zset"
+        assert sync.type(keys.presence_versions(project)) == b"hash"
+    finally:
+        sync.close()
