@@ -409,13 +409,15 @@ class ClientProtocol:
 
     def _list(self, session: ClientSession, project_id: int) -> None:
         """List the connection in the project's presence as its token's person (a token
-        without ``sub`` reads presence but is not listed; past ``presence_max_members`` a new
-        person is not listed either, counted)."""
+        without ``sub`` reads presence but is not listed; past ``presence_max_members``, or with
+        a ``sub`` longer than ``MAX_MEMBER_ID_LENGTH``, a person is not listed either, counted)."""
         service = self.gateway.presence
         claims = session.claims
         if claims is None or not claims.sub:
             service.leave(session, project_id, messages=False)
-        elif service.core.is_full(project_id, claims.sub, self.config.presence_max_members):
+        elif not service.core.can_list(claims.sub) or service.core.is_full(
+            project_id, claims.sub, self.config.presence_max_members
+        ):
             self.metrics.presence_unlisted_total += 1
             service.leave(session, project_id, messages=False)
         else:

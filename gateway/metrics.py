@@ -68,7 +68,8 @@ class Metrics:
         "presence_diffs_total": "presence_diff messages built (one per project per interval).",
         "presence_deliveries_total": "presence_diff frames queued to connections.",
         "presence_unlisted_total": (
-            "Subscribes not listed in presence because the project had --presence-max-members."
+            "Subscribes not listed in presence because the project had --presence-max-members "
+            "or the token's sub was over 255 characters."
         ),
         "protocol_violations_total": (
             "Connections closed for breaking the WebSocket protocol (1002, 1007, 1009)."

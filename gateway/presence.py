@@ -27,7 +27,14 @@ import itertools
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 
-from schemas.presence import Announcement, PodRecord, PodState, merge_member, merge_pods
+from schemas.presence import (
+    MAX_MEMBER_ID_LENGTH,
+    Announcement,
+    PodRecord,
+    PodState,
+    merge_member,
+    merge_pods,
+)
 from schemas.protocol import Member, Presence, PresenceDiff, encode
 from schemas.tokens import is_text
 
@@ -443,16 +450,26 @@ class PresenceCore:
     # the connection lifecycle
 
     def join(self, session: SessionKey, project_id: int, member_id: str, name: str | None) -> None:
-        """List a tab as ``member_id``. Raises ``ValueError`` for an empty id, or an id or name
+        """List a tab as ``member_id``. Raises ``ValueError`` for an empty id, one longer than
+        :data:`~schemas.presence.MAX_MEMBER_ID_LENGTH` (see :meth:`can_list`), or an id or name
         that is not text (:func:`schemas.tokens.is_text`; ``verify_token`` passes neither on):
         one such record would fail the write of every project of the pod, and the diffs."""
-        if not member_id or not is_text(member_id):
-            raise ValueError("a member needs a non-empty id of text (the token's sub)")
+        if not self.can_list(member_id):
+            raise ValueError(
+                f"a member needs an id of 1 to {MAX_MEMBER_ID_LENGTH} characters of text "
+                "(the token's sub)"
+            )
         if name is not None and not is_text(name):
             raise ValueError("a display name must be text")
         self._changed(
             project_id, self.table.join(session, project_id, member_id, name, self._now())
         )
+
+    @staticmethod
+    def can_list(member_id: str | None) -> bool:
+        """Whether ``member_id`` (a token's ``sub``) can be listed: 1 to
+        :data:`~schemas.presence.MAX_MEMBER_ID_LENGTH` characters of text."""
+        return bool(member_id) and len(member_id) <= MAX_MEMBER_ID_LENGTH and is_text(member_id)
 
     def is_full(self, project_id: int, member_id: str, cap: int) -> bool:
         """Whether listing ``member_id`` would take the project past ``cap`` members, as far as

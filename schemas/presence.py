@@ -34,6 +34,7 @@ from schemas.protocol import ItemId, Member
 from schemas.tokens import MAX_NAME_LENGTH
 
 __all__ = [
+    "MAX_MEMBER_ID_LENGTH",
     "READ",
     "REFRESH",
     "WRITE",
@@ -54,8 +55,13 @@ __all__ = [
 UnixMs = Annotated[int, Meta(ge=0, le=2**53 - 1)]
 #: A display name as :func:`schemas.tokens.verify_token` passes it on.
 Name = Annotated[str, Meta(min_length=1, max_length=MAX_NAME_LENGTH)]
+#: Longest member id (a token's ``sub``) listed in presence: OpenID Connect's bound on ``sub``
+#: (255 ASCII characters). Every presence message carries every member's id, so without a bound
+#: a backend that put user info in ``sub`` made each message of a 1,000-member project
+#: megabytes, past what clients accept (the Python consumer's 4 MiB).
+MAX_MEMBER_ID_LENGTH = 255
 #: A member id: a token's ``sub``, never empty (:meth:`gateway.presence.PresenceCore.join`).
-MemberId = Annotated[str, Meta(min_length=1)]
+MemberId = Annotated[str, Meta(min_length=1, max_length=MAX_MEMBER_ID_LENGTH)]
 
 
 class PodRecord(msgspec.Struct, frozen=True, array_like=True):
@@ -173,10 +179,12 @@ def parse_read_reply(reply: list) -> dict[str, PodState]:
             member, value = flat[i], flat[i + 1]
             if not isinstance(member, bytes | str) or not isinstance(value, bytes | str):
                 continue  # a nested reply: not a hash field the scripts wrote
-            if not member:
-                continue  # no pod lists a member without an id
+            if not member or len(member) > 4 * MAX_MEMBER_ID_LENGTH:
+                continue  # no pod lists a member without an id, or with a longer one
             try:
-                records[_text(member)] = decode_record(value)
+                member_id = _text(member)
+                if len(member_id) <= MAX_MEMBER_ID_LENGTH:
+                    records[member_id] = decode_record(value)
             except (msgspec.DecodeError, UnicodeDecodeError):
                 continue
         pods[pod] = PodState(version, records)

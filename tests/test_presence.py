@@ -460,11 +460,13 @@ def test_closing_a_session_leaves_and_unsubscribes_everywhere() -> None:
 
 
 def test_an_empty_member_id_is_refused() -> None:
-    with pytest.raises(ValueError, match="non-empty"):
+    with pytest.raises(ValueError, match="1 to 255"):
         PresenceCore("p", clock_ms=lambda: 1).join("tab", 1, "", None)
 
 
-@pytest.mark.parametrize(("member_id", "name"), [("u\udc00", None), ("u", "Alice \ud83d")])
+@pytest.mark.parametrize(
+    ("member_id", "name"), [("u\udc00", None), ("u", "Alice \ud83d"), ("u" * 256, None)]
+)
 def test_an_id_or_name_that_is_not_text_is_refused(member_id: str, name: str | None) -> None:
     """Half a surrogate pair cannot be encoded: taken in, its record would fail the pod's write
     pipeline (every project) and its diff the diff loop (every subscriber)."""
@@ -472,6 +474,24 @@ def test_an_id_or_name_that_is_not_text_is_refused(member_id: str, name: str | N
     with pytest.raises(ValueError, match="text"):
         core.join("tab", 1, member_id, name)
     assert core.take_writes() == []
+
+
+def test_member_ids_are_bounded_everywhere_presence_reads_them() -> None:
+    """A member id is a token's ``sub``, at most 255 characters (OpenID Connect's bound): each
+    presence message carries every member's id, so a longer one (user info put in ``sub``)
+    is not listed by a pod, and not taken from Redis or the channel either."""
+    longest, longer = "u" * 255, "u" * 256
+    core = PresenceCore("p", clock_ms=lambda: 1)
+    core.join("tab", 1, longest, None)
+    assert core.can_list(longest) and not core.can_list(longer) and not core.can_list("")
+    good = encode_record(PodRecord(name=None, viewing=None, answering=None, since=1, at=1))
+    reply = [[b"pod-1", b"1", [longest.encode(), good, longer.encode(), good, b"\xe9" * 300, good]]]
+    assert set(parse_read_reply(reply)["pod-1"].records) == {longest}
+    with pytest.raises(MalformedAnnouncement):
+        parse_announcement(b'pod-1|2|1|{"' + longer.encode() + b'":null}')
+    assert parse_announcement(b'pod-1|2|1|{"' + longest.encode() + b'":null}').changes == {
+        longest: None
+    }
 
 
 def test_one_refresh_report_without_a_pod_is_not_its_death() -> None:

@@ -511,3 +511,20 @@ async def test_a_name_or_subject_that_is_not_text_breaks_nothing(gateways, redis
     finally:
         await raw.aclose()
     assert all(not task.done() for task in gateway.presence._tasks)
+
+
+async def test_a_subject_too_long_to_list_reads_presence_but_is_not_listed(gateways):
+    """Every presence message carries every member's id: a backend that puts user info in
+    ``sub`` (here 4 KB, which fits a token) would make each message of a 1,000-member project
+    4 MB, past what clients accept. Such a person reads presence and is not listed, counted as
+    the member cap counts; everyone else is listed as before."""
+    gateway = await gateways(**FAST)
+    watcher = await person(gateway, "watcher")
+    await watcher.subscribe(1, presence=True)
+    heavy = await person(gateway, json.dumps({"user": "bob", "bio": "x" * 4000}))
+    await heavy.subscribe(1, presence=True)
+    assert ids(heavy, 1) == {"watcher"}
+    carol = await person(gateway, "c" * 255)
+    await carol.subscribe(1)
+    await until(watcher, lambda: ids(watcher, 1) == {"watcher", "c" * 255})
+    assert gateway.metrics.presence_unlisted_total == 1
