@@ -588,7 +588,7 @@ class PresenceCore:
         that write is pending now, else it waits for the next refresh (:meth:`refresh_failed`
         or a refused :meth:`refreshed`), which finds our records missing."""
         project_id = write.project_id
-        if ok and self.table.records(project_id):
+        if ok and self.table.member_count(project_id):  # (not records(): O(members))
             self._stored[project_id] = write.version
             return
         self._stored.pop(project_id, None)
@@ -615,7 +615,7 @@ class PresenceCore:
         """The project's refresh answered an error: our records there are written whole again
         (the view is left as it is: the error says nothing of which pods are alive)."""
         self._stored.pop(project_id, None)
-        if self.table.records(project_id):
+        if self.table.member_count(project_id):
             self._pending.setdefault(project_id, set())
 
     def has_pending_writes(self) -> bool:

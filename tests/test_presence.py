@@ -617,3 +617,25 @@ def test_a_record_is_only_what_a_pod_can_have_written(values, member_id) -> None
                 v is None or (type(v) is int and 0 < v < 2**53) for v in (viewing, answering)
             )
             assert all(type(t) is int and 0 <= t < 2**53 for t in (since, at))
+
+
+def test_a_write_of_one_change_costs_that_member_not_every_member(monkeypatch) -> None:
+    """One member's activity in a project of 1,000 members on this pod: the write and its
+    outcome merge that member's record, not every member's (written() checked whether the pod
+    still had members by building all their records, 10 times a second under a flood)."""
+    import gateway.presence
+
+    core = PresenceCore("p", clock_ms=iter(range(1, 10**6)).__next__)
+    for i in range(1000):
+        core.join(f"tab{i}", 1, f"u{i}", None)
+    for w in core.take_writes():
+        core.written(w, True)
+    merged = []
+    record = gateway.presence._Member.record
+    monkeypatch.setattr(
+        gateway.presence._Member, "record", lambda self: merged.append(1) or record(self)
+    )
+    core.activity("tab7", 1, 5, None)
+    (write,) = core.take_writes()
+    core.written(write, True)
+    assert write.changes.keys() == {"u7"} and len(merged) <= 2
