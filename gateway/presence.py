@@ -433,11 +433,19 @@ class PresenceCore:
     """The whole presence state of one pod, driven by the gateway's calls and Redis replies.
 
     Not thread-safe; one event loop drives it. Time comes from ``clock_ms`` (unix ms).
+
+    ``view_linger_ms``: how long a project's view stays after its last presence subscriber left
+    (kept current, and dropped by :meth:`sweep`), so that a subscriber who comes back, or a
+    client subscribing and unsubscribing in a loop, costs no new read of the whole project;
+    0 drops it at once.
     """
 
-    def __init__(self, pod_id: str, clock_ms: Callable[[], int]) -> None:
+    def __init__(self, pod_id: str, clock_ms: Callable[[], int], view_linger_ms: int = 0) -> None:
         self.pod_id = pod_id
         self._clock_ms = clock_ms
+        self.view_linger_ms = view_linger_ms
+        #: project -> when (unix ms) its view's last subscriber left: dropped by :meth:`sweep`.
+        self._idle: dict[int, int] = {}
         self.table = PodTable()
         self.views: dict[int, ProjectView] = {}
         self.subscribers: dict[int, set[SessionKey]] = {}
@@ -495,7 +503,8 @@ class PresenceCore:
 
     def unsubscribe(self, session: SessionKey, project_id: int) -> bool:
         """Stop the session's presence messages of the project. True when it was the last
-        subscriber: the view is dropped (the caller stops listening to the project)."""
+        subscriber and the view is dropped (the caller stops listening to the project): at once
+        without ``view_linger_ms``, else later, by :meth:`sweep`."""
         subscribers = self.subscribers.get(project_id)
         if not subscribers or session not in subscribers:
             return False
@@ -507,8 +516,29 @@ class PresenceCore:
         if subscribers:
             return False
         del self.subscribers[project_id]
+        if self.view_linger_ms > 0:
+            self._idle[project_id] = self._now()
+            return False
         del self.views[project_id]
         return True
+
+    def sweep(self) -> list[int]:
+        """Drop the views whose last subscriber left ``view_linger_ms`` ago or more; returns
+        their projects (the caller stops listening to them). Call once per diff interval."""
+        if not self._idle:
+            return []
+        deadline = self._now() - self.view_linger_ms
+        dropped = []
+        for project_id, since in list(self._idle.items()):
+            if since > deadline:
+                continue
+            del self._idle[project_id]
+            if (
+                not self.subscribers.get(project_id)
+                and self.views.pop(project_id, None) is not None
+            ):
+                dropped.append(project_id)
+        return dropped
 
     def close_session(self, session: SessionKey) -> list[int]:
         """The connection closed: it leaves every project; returns the projects whose view was
@@ -535,6 +565,7 @@ class PresenceCore:
             raise RuntimeError("load the project's view before subscribing to it")
         self.subscribers.setdefault(project_id, set()).add(session)
         self._subscribed.setdefault(session, set()).add(project_id)
+        self._idle.pop(project_id, None)
         return view.snapshot()
 
     def load(self, project_id: int, snapshot: Mapping[str, PodState]) -> bool:
@@ -556,7 +587,8 @@ class PresenceCore:
         return view is None or view.apply(announcement)
 
     def tick(self) -> list[tuple[list[SessionKey], PresenceDiff]]:
-        """Once per diff interval: each subscribed project's diff and who receives it."""
+        """Once per diff interval: each subscribed project's diff and who receives it (a view
+        whose last subscriber left moves on too, sending nothing)."""
         out = []
         for project_id, sessions in self.subscribers.items():
             view = self.views.get(project_id)
@@ -565,6 +597,12 @@ class PresenceCore:
             diff = view.take_diff()
             if diff is not None:
                 out.append((list(sessions), diff))
+        for project_id in self._idle:
+            # Nobody to send to, but its state moves on as a subscribed one's would: the next
+            # subscriber's first message and ``presence_get`` stay at most an interval old.
+            view = self.views.get(project_id)
+            if view is not None and view.loaded:
+                view.take_diff()
         return out
 
     # Redis writes and refreshes

@@ -4,8 +4,9 @@
 Cost per pod (docs/presence.md has the formulas): one pipeline per ``flush_interval`` when
 something changed, with one script call per changed project; one pipeline per
 ``refresh_interval`` with one script call per project the pod has members in or watches; one
-read per project when a subscriber first needs it or an announcement was missed. Nothing is
-sent per connection.
+read per project when a subscriber first needs it or an announcement was missed (a view
+outlives its last subscriber by ``view_linger``, a diff interval, so subscribing in a loop
+costs one read per interval). Nothing is sent per connection.
 
 Bounds, with the defaults (all settable on :class:`PresenceService`):
 
@@ -267,6 +268,7 @@ class PresenceService:
         link: ChannelLink | None = None,
         clock_ms: Callable[[], int] | None = None,
         on_repaired: OnRepaired | None = None,
+        view_linger: float | None = None,
     ) -> None:
         if not refresh_interval * 2 < ttl:
             raise ValueError("ttl must exceed two refresh intervals")
@@ -283,7 +285,12 @@ class PresenceService:
             on_repaired=self._repaired,
         )
         self._on_repaired = on_repaired
-        self.core = PresenceCore(self.pod_id, clock_ms or (lambda: int(time.time() * 1000)))
+        # A project's view outlives its last subscriber by a diff interval (None), so that
+        # subscribing and unsubscribing in a loop costs one read per interval, not one each.
+        linger = diff_interval if view_linger is None else view_linger
+        self.core = PresenceCore(
+            self.pod_id, clock_ms or (lambda: int(time.time() * 1000)), round(linger * 1000)
+        )
         self.client = client
         self.deliver = deliver
         self.refresh_interval = refresh_interval
@@ -616,6 +623,8 @@ class PresenceService:
     async def _diff_loop(self) -> None:
         while True:
             await asyncio.sleep(self.diff_interval)
+            for project_id in self.core.sweep():
+                self._unwatch(project_id)
             for sessions, diff in self.core.tick():
                 frame = encode(diff)
                 self.diffs += 1

@@ -639,3 +639,27 @@ def test_a_write_of_one_change_costs_that_member_not_every_member(monkeypatch) -
     (write,) = core.take_writes()
     core.written(write, True)
     assert write.changes.keys() == {"u7"} and len(merged) <= 2
+
+
+def test_a_view_outlives_its_last_subscriber_by_the_linger() -> None:
+    """With ``view_linger_ms`` the view stays, kept current (its state moves on at each tick as
+    a subscribed one's does), until :meth:`sweep` finds it idle that long; a subscriber who
+    comes back in time keeps it."""
+    now = [1_000]
+    core = PresenceCore("p", clock_ms=lambda: now[0], view_linger_ms=1_000)
+    core.load(1, {})
+    core.subscribe("tab", 1)
+    assert core.unsubscribe("tab", 1) is False and 1 in core.views
+    now[0] += 999
+    assert core.sweep() == [] and 1 in core.views
+    first = core.subscribe("tab", 1)  # back in time: same view, no read
+    core.join("other", 1, "bob", None)
+    assert [d.joined[0].id for _, d in core.tick()] == ["bob"] and first.members == []
+    core.unsubscribe("tab", 1)
+    core.join("third", 1, "carol", None)
+    assert core.tick() == []  # idle: nobody to send to, and its state moves on all the same
+    assert [m.id for m in core.subscribe("tab", 1).members] == ["bob", "carol"]
+    core.close_session("tab")
+    now[0] += 1_000
+    assert core.sweep() == [1] and core.views == {}
+    assert core.sweep() == []

@@ -403,13 +403,15 @@ async def test_a_subscriber_waiting_for_a_load_survives_the_view_being_dropped(p
     assert service.core.subscribers == {4: {"t2"}}
 
 
+@pytest.mark.parametrize("linger", [0.0, None])
 async def test_a_reread_finishing_after_the_last_subscriber_left_leaves_no_unwatched_view(
-    pods,
+    pods, linger
 ) -> None:
-    """A re-read in flight when the project's last subscriber leaves must not install the view
-    again: nobody is subscribed and its channel is no longer watched, so the next subscriber
-    would get a view that no announcement updates."""
-    a, b = await pods.start("a"), await pods.start("b")
+    """A re-read in flight when the project's view is dropped (its last subscriber left: at
+    once, or a diff interval later) must not install the view again: nobody is subscribed and
+    its channel is no longer watched, so the next subscriber would get a view that no
+    announcement updates."""
+    a, b = await pods.start("a"), await pods.start("b", view_linger=linger)
     a.join("tab", 1, "alice", "Alice")
     watcher = await pods.watch(b, "w1")
     await watcher.until(lambda m: set(m) == {"alice"}, within=5)
@@ -426,7 +428,11 @@ async def test_a_reread_finishing_after_the_last_subscriber_left_leaves_no_unwat
     b.reread_all()
     await asyncio.wait_for(reading.wait(), 5)
     b.close_session("w1")  # the last subscriber leaves while the re-read waits
-    assert 1 not in b.core.views
+
+    async def dropped() -> bool:
+        return 1 not in b.core.views
+
+    await eventually(dropped, 2 * TIMINGS["diff_interval"] + SLACK)
     gate.set()
     await asyncio.sleep(0.2)
     b.store.read = read
@@ -702,3 +708,37 @@ def test_garbage_in_every_presence_key_never_stops_a_pod(
         assert sync.type(keys.presence_versions(project)) == b"hash"
     finally:
         sync.close()
+
+
+async def test_subscribing_and_unsubscribing_in_a_loop_costs_one_read_per_interval(pods) -> None:
+    """A client that subscribes to a project's presence and unsubscribes again, in a loop (or
+    many clients taking turns), is each time the project's only subscriber on the pod: it must
+    not cost a Redis read of the whole project (O(members), on the Redis every project shares)
+    per subscribe. The view stays for one diff interval after its last subscriber left, kept
+    current meanwhile, and then goes (with its channel), so idle projects cost nothing."""
+    a, b = await pods.start("a"), await pods.start("b")
+    for i in range(200):
+        a.join(f"tab{i}", 3, f"u{i}", None)
+    await eventually(lambda: _listed_count(b, 3, 200), 5)
+    reads = []
+    read = b.store.read
+    b.store.read = lambda project_id: reads.append(project_id) or read(project_id)
+    for _ in range(50):
+        await b.subscribe("hostile", 3)
+        b.unsubscribe("hostile", 3)
+    assert len(reads) <= 1
+    a.activity("tab7", 3, 42, None)  # a change while nobody is subscribed on b
+    watcher = await pods.watch(b, "watcher", project_id=3)
+    await watcher.until(lambda m: m["u7"].viewing == 42, within=5)
+    pods.watchers.pop("watcher")
+    b.unsubscribe("watcher", 3)
+    channel = b.keys.presence_channel(3)
+
+    async def gone() -> bool:
+        return 3 not in b.core.views and channel not in b._channels
+
+    await eventually(gone, 2 * TIMINGS["diff_interval"] + SLACK)
+
+
+async def _listed_count(service: PresenceService, project_id: int, count: int) -> bool:
+    return len(msgspec.json.decode(await service.get(project_id))["members"]) == count
