@@ -316,7 +316,8 @@ return {1, repaired}
 #: version the pod expects to be stored.
 #: Returns {ok, {pod, version, pod, version, ...}, repaired}: ok 0 when the pod's stored version
 #: is not the expected one or its records key is not a hash (its records were lost: the caller
-#: rewrites them with :data:`WRITE`, base '0'); ``repaired`` as for :data:`WRITE`.
+#: rewrites them with :data:`WRITE`, base '0'); the pods listed are those with a version and a
+#: deadline ahead (a version without a deadline is deleted); ``repaired`` as for :data:`WRITE`.
 REFRESH = (
     _NOW_AND_PRUNE
     + """
@@ -328,7 +329,20 @@ if ARGV[2] ~= '' then
     keep_alive(ARGV[2], tonumber(ARGV[3]))
   end
 end
-return {ok, redis.call('HGETALL', KEYS[2]), repaired}
+-- Live: a version and a deadline ahead. A version without a deadline (the pods zset lost while
+-- the versions hash stayed) would be reported live forever, its pod's members never leaving
+-- any view: it is dropped. A live pod in that state rewrites its records at its next refresh.
+local live = {}
+local versions = redis.call('HGETALL', KEYS[2])
+for i = 1, #versions - 1, 2 do
+  if redis.call('ZSCORE', KEYS[1], versions[i]) then
+    live[#live + 1] = versions[i]
+    live[#live + 1] = versions[i + 1]
+  else
+    redis.call('HDEL', KEYS[2], versions[i])
+  end
+end
+return {ok, live, repaired}
 """
 )
 

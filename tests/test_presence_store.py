@@ -742,3 +742,27 @@ async def test_subscribing_and_unsubscribing_in_a_loop_costs_one_read_per_interv
 
 async def _listed_count(service: PresenceService, project_id: int, count: int) -> bool:
     return len(msgspec.json.decode(await service.get(project_id))["members"]) == count
+
+
+@pytest.mark.parametrize("loss", ["deleted", "replaced"])
+async def test_a_pod_that_dies_when_the_pods_index_is_lost_still_leaves_within_the_bound(
+    pods, redis_client, loss
+) -> None:
+    """The pods zset holds the deadlines that make a dead pod's members leave. When it is lost
+    (another writer's value replaced, or deleted) while the versions hash stays, a pod that died
+    meanwhile has a version and no deadline: refresh reports must not count it live forever (a
+    ghost on every dashboard), and it leaves within the kill bound as any dead pod does."""
+    victim, survivor = await pods.start("victim"), await pods.start("survivor")
+    victim.join("tab", 1, "ghost", None)
+    survivor.join("tab", 1, "stays", None)
+    watcher = await pods.watch(survivor, "watcher")
+    await watcher.until(lambda m: set(m) == {"ghost", "stays"}, within=5)
+    await victim.stop()
+    killed = time.monotonic()
+    if loss == "deleted":
+        redis_client.delete(survivor.keys.presence_pods(1))
+    else:
+        redis_client.set(survivor.keys.presence_pods(1), "a string, not a zset")
+    await watcher.until(lambda m: set(m) == {"stays"}, within=KILL_BOUND + SLACK)
+    assert time.monotonic() - killed <= KILL_BOUND + SLACK
+    assert [m.id for m in read_presence(redis_client, 1)] == ["stays"]
