@@ -271,6 +271,12 @@ class ProjectView:
         self._unsent: set[str] = set()  # members that may differ from ``emitted``
         self._misses: dict[str, int] = {}
         self._behind: dict[str, int] = {}  # pod -> version Redis reported that we lacked
+        #: Pods whose version here was ahead of Redis in the last report (pod -> that version).
+        #: Never legitimate for long (a write stores its version before announcing it): a
+        #: forged announcement. Ahead twice running, the next read replaces them whatever its
+        #: version.
+        self._ahead: dict[str, int] = {}
+        self._distrusted: set[str] = set()
         self._early: list[Announcement] = []  # received while the first read is under way
 
     # updates
@@ -334,10 +340,16 @@ class ProjectView:
         # A pod absent from the read is kept: it may be rewriting what a Redis flush or restart
         # lost. Dead pods are dropped by check_live; pods that left announced it.
         for pod, state in snapshot.items():
-            if pod != self.own_pod and state.version >= self.versions.get(pod, 0):
+            if pod != self.own_pod and (
+                state.version >= self.versions.get(pod, 0) or pod in self._distrusted
+            ):
                 self.replace_pod(pod, state.records, state.version)
+        for pod in self._distrusted - set(snapshot):
+            self.drop_pod(pod)  # its version here is forged, and Redis no longer has it
         self.replace_pod(self.own_pod, own_records, 0)
         self._behind.clear()
+        self._ahead.clear()
+        self._distrusted.clear()
         self.loaded = True
         early, self._early = self._early, []
         return all([self.apply(announcement) for announcement in early])
@@ -345,7 +357,8 @@ class ProjectView:
     def check_live(self, live: Mapping[str, int]) -> bool:
         """Compare with a refresh's report of live pods and their versions: drop pods missing
         :data:`MISSES_BEFORE_DROP` times in a row; True when a pod has stayed ahead of this view
-        since the previous report (an announcement was lost: re-read the project)."""
+        since the previous report (an announcement was lost), or this view has stayed ahead of
+        Redis (a forged announcement): re-read the project."""
         for pod in [p for p in self.pods if p != self.own_pod and p not in live]:
             misses = self._misses.get(pod, 0) + 1
             if misses >= self.MISSES_BEFORE_DROP:
@@ -354,17 +367,25 @@ class ProjectView:
                 self._misses[pod] = misses
         stale = False
         behind: dict[str, int] = {}
+        ahead: dict[str, int] = {}
         for pod, version in live.items():
             if pod == self.own_pod:
                 continue
             self._misses.pop(pod, None)
-            if version > self.versions.get(pod, 0):
+            known = self.versions.get(pod, 0)
+            if version > known:
                 behind[pod] = version
                 # An announcement may still be in flight; behind twice running, it was lost.
                 previous = self._behind.get(pod)
-                if previous is not None and self.versions.get(pod, 0) < previous:
+                if previous is not None and known < previous:
+                    stale = True
+            elif version < known:
+                ahead[pod] = known
+                if self._ahead.get(pod) == known:
+                    self._distrusted.add(pod)
                     stale = True
         self._behind = behind
+        self._ahead = ahead
         return stale
 
     # reading

@@ -448,6 +448,25 @@ def test_a_pod_ahead_of_the_view_twice_running_means_a_lost_announcement() -> No
     assert view.check_live({"other": 2})
 
 
+def test_a_view_ahead_of_redis_twice_running_is_forged_and_replaced_by_a_read() -> None:
+    """A write stores its version before announcing it, so a view ahead of Redis is at most a
+    refresh reply overtaken by an announcement (once), unless an announcement was forged: the
+    view is re-read then, and the read replaces the forged pod whatever its version."""
+    record = PodRecord(None, None, None, 1, 1)
+    view = ProjectView(1, "me")
+    view.load({"other": PodState(3, {"u": record})}, {})
+    view.apply(Announcement("other", 10**9, 0, {"forged": record}))
+    assert not view.check_live({"other": 3})  # once: may be a reply overtaken
+    assert view.check_live({"other": 3})
+    assert view.load({"other": PodState(3, {"u": record})}, {})
+    assert set(view.current()) == {"u"} and view.versions["other"] == 3
+    # A pod that writes on while replies are overtaken is ahead by another version each time.
+    view.apply(Announcement("other", 4, 3, {}))
+    assert not view.check_live({"other": 3})
+    view.apply(Announcement("other", 5, 4, {}))
+    assert not view.check_live({"other": 4})
+
+
 def test_closing_a_session_leaves_and_unsubscribes_everywhere() -> None:
     core = PresenceCore("p", clock_ms=lambda: 1)
     core.load(1, {})

@@ -766,3 +766,27 @@ async def test_a_pod_that_dies_when_the_pods_index_is_lost_still_leaves_within_t
     await watcher.until(lambda m: set(m) == {"stays"}, within=KILL_BOUND + SLACK)
     assert time.monotonic() - killed <= KILL_BOUND + SLACK
     assert [m.id for m in read_presence(redis_client, 1)] == ["stays"]
+
+
+async def test_a_forged_announcement_ahead_of_redis_does_not_freeze_a_pods_members(
+    pods, redis_client
+) -> None:
+    """Another writer publishes a well-formed announcement for a live pod with a version far
+    ahead of the pod's (and a made-up record). Views take it, but the pod's own later
+    announcements are older than that version: they were ignored forever, the pod's members
+    frozen as forged in every view. A view that stays ahead of Redis across two refresh
+    reports (never legitimate: a write stores its version before it announces it) is
+    re-read, and the forged version is dropped."""
+    a, b = await pods.start("a"), await pods.start("b")
+    a.join("tab", 1, "alice", "Alice")
+    watcher = await pods.watch(b, "watcher")
+    await watcher.until(lambda m: set(m) == {"alice"}, within=5)
+    forged = b'a|999999999|0|{"alice":["Mallory",666,null,1,1],"eve":[null,null,null,1,1]}'
+    redis_client.publish(b.keys.presence_channel(1), forged)
+    await watcher.until(lambda m: m.get("eve") is not None, within=5)  # the forgery landed
+    a.activity("tab", 1, 7, None)
+    bound = 3 * TIMINGS["refresh_interval"] + TIMINGS["diff_interval"] + SLACK
+    await watcher.until(
+        lambda m: set(m) == {"alice"} and m["alice"].viewing == 7 and m["alice"].name == "Alice",
+        within=bound,
+    )
