@@ -49,6 +49,7 @@ from schemas.presence import (
     parse_announcement,
     parse_read_reply,
     parse_versions,
+    read_args,
 )
 from schemas.protocol import encode
 
@@ -183,7 +184,7 @@ class PresenceStore:
     async def read(self, project_id: int) -> dict[str, PodState]:
         """A project's presence on every live pod, read atomically."""
         reply = await self._read(
-            keys=self._keys(project_id), args=[self.keys.presence_pod_prefix(project_id)]
+            keys=self._keys(project_id), args=read_args(self.keys.presence_pod_prefix(project_id))
         )
         self._count(1)
         return parse_read_reply(reply)

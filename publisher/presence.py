@@ -16,18 +16,18 @@ from __future__ import annotations
 from typing import Any
 
 from schemas.keys import Keys
-from schemas.presence import READ, merge_pods, parse_read_reply
+from schemas.presence import READ, merge_pods, parse_read_reply, read_args
 from schemas.protocol import Member
 
 __all__ = ["aread_presence", "read_presence"]
 
 
-def _args(keys: Keys, project_id: int) -> tuple[list[str], list[str]]:
+def _args(keys: Keys, project_id: int) -> tuple[list[str], list[str | int]]:
     if not isinstance(project_id, int) or isinstance(project_id, bool) or project_id <= 0:
         raise ValueError("project_id must be a positive integer")
     return (
         [keys.presence_pods(project_id), keys.presence_versions(project_id)],
-        [keys.presence_pod_prefix(project_id)],
+        read_args(keys.presence_pod_prefix(project_id)),
     )
 
 

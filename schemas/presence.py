@@ -34,7 +34,9 @@ from schemas.protocol import ItemId, Member
 from schemas.tokens import MAX_NAME_LENGTH
 
 __all__ = [
+    "MAX_MEMBER_ID_BYTES",
     "MAX_MEMBER_ID_LENGTH",
+    "MAX_RECORD_BYTES",
     "READ",
     "REFRESH",
     "WRITE",
@@ -48,6 +50,7 @@ __all__ = [
     "merge_pods",
     "parse_announcement",
     "parse_read_reply",
+    "read_args",
 ]
 
 
@@ -60,6 +63,12 @@ Name = Annotated[str, Meta(min_length=1, max_length=MAX_NAME_LENGTH)]
 #: a backend that put user info in ``sub`` made each message of a 1,000-member project
 #: megabytes, past what clients accept (the Python consumer's 4 MiB).
 MAX_MEMBER_ID_LENGTH = 255
+#: Longest member id in bytes (UTF-8): what :data:`READ` sends at most of one.
+MAX_MEMBER_ID_BYTES = 4 * MAX_MEMBER_ID_LENGTH
+#: Longest record a pod can write (:func:`encode_record`): a 200-character name of characters
+#: JSON escapes (6 bytes each), two item ids and two times, with room to spare. :data:`READ`
+#: never sends a longer value: only another writer can have stored it.
+MAX_RECORD_BYTES = 2048
 #: A member id: a token's ``sub``, never empty (:meth:`gateway.presence.PresenceCore.join`).
 MemberId = Annotated[str, Meta(min_length=1, max_length=MAX_MEMBER_ID_LENGTH)]
 
@@ -348,7 +357,9 @@ return {ok, live, repaired}
 
 #: A project's presence, atomically: every live pod's version and records. Read-only.
 #:
-#: KEYS: pods, versions. ARGV: pod hash prefix.
+#: KEYS: pods, versions. ARGV: pod hash prefix, longest member id and longest record (bytes; see
+#: :func:`read_args`): a pair with a longer one, which no pod writes, is left out in Redis
+#: instead of being sent (another writer's 100 MB value would cost every read 100 MB).
 #: Returns {{pod, version, {member, record, ...}}, ...} for the pods whose deadline is ahead and
 #: whose records key is a hash: one that is not (another writer) is skipped, not an error that
 #: would hide every other pod's members for as long as the key stays. An index key of another
@@ -361,12 +372,27 @@ end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local out = {}
+local longest_id, longest_record = tonumber(ARGV[2]), tonumber(ARGV[3])
 for _, p in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf')) do
   local version = redis.call('HGET', KEYS[2], p)
   if version then
     local records = redis.pcall('HGETALL', ARGV[1] .. p)
-    if records.err == nil then out[#out + 1] = {p, version, records} end
+    if records.err == nil then
+      local kept = {}
+      for i = 1, #records - 1, 2 do
+        if #records[i] <= longest_id and #records[i + 1] <= longest_record then
+          kept[#kept + 1] = records[i]
+          kept[#kept + 1] = records[i + 1]
+        end
+      end
+      out[#out + 1] = {p, version, kept}
+    end
   end
 end
 return out
 """
+
+
+def read_args(pod_prefix: str) -> list[str | int]:
+    """The ARGV of :data:`READ` for a project whose pod hashes start with ``pod_prefix``."""
+    return [pod_prefix, MAX_MEMBER_ID_BYTES, MAX_RECORD_BYTES]

@@ -27,7 +27,7 @@ from gateway.presence import ProjectView, Write, apply_diff
 from gateway.presence_store import PresenceService, PresenceStore
 from publisher.presence import aread_presence, read_presence
 from schemas.keys import Keys
-from schemas.presence import PodRecord, PodState
+from schemas.presence import READ, PodRecord, PodState, read_args
 from schemas.protocol import Member, Presence, PresenceDiff
 from tests.support.redis_server import RedisServer
 
@@ -707,6 +707,52 @@ def test_garbage_in_every_presence_key_never_stops_a_pod(
         assert sync.type(keys.presence_pods(project)) == b"zset"
         assert sync.type(keys.presence_versions(project)) == b"hash"
     finally:
+        sync.close()
+
+
+def test_the_longest_record_a_pod_writes_is_read_back() -> None:
+    """The bound READ applies to values leaves room for every record a pod can write: the
+    longest name (each character escaped by JSON), the largest ids and times."""
+    from schemas.presence import MAX_MEMBER_ID_BYTES, MAX_RECORD_BYTES, encode_record
+    from schemas.tokens import MAX_NAME_LENGTH
+
+    top = 2**53 - 1
+    longest = PodRecord(
+        name="\x01" * MAX_NAME_LENGTH, viewing=top, answering=top, since=top, at=top
+    )
+    assert len(encode_record(longest)) <= MAX_RECORD_BYTES
+    assert len(("\U0001f600" * 255).encode()) <= MAX_MEMBER_ID_BYTES  # 255 emoji
+
+
+def test_a_huge_foreign_member_or_record_never_leaves_redis(redis_url) -> None:
+    """Another writer's 8 MB value or member in a pod's records: the read leaves it out in
+    Redis (it is no record a pod writes), so a presence read costs bytes, not megabytes, and
+    the real members around it are listed."""
+    keys = Keys("hugepresence")
+    sync = redis.Redis.from_url(redis_url)
+    project, huge = 9, b"h" * (8 * 1024 * 1024)
+    record = PodRecord(name="Alice", viewing=1, answering=None, since=1, at=1)
+
+    async def run() -> None:
+        client = redis.asyncio.Redis.from_url(redis_url, socket_timeout=5)
+        try:
+            store = PresenceStore(client, "a", keys=keys)
+            assert await store.write([Write(project, 0, 1, {"alice": record})]) == [True]
+        finally:
+            await client.aclose()
+
+    try:
+        sync.delete(keys.presence_pods(project), keys.presence_versions(project))
+        asyncio.run(run())
+        sync.hset(keys.presence_pod(project, "a"), mapping={"mallory": huge, huge: b"[]"})
+        args = read_args(keys.presence_pod_prefix(project))
+        reply = sync.eval(
+            READ, 2, keys.presence_pods(project), keys.presence_versions(project), *args
+        )
+        assert len(repr(reply)) < 10_000, "the huge value crossed the wire"
+        assert [m.id for m in read_presence(sync, project, keys=keys)] == ["alice"]
+    finally:
+        sync.delete(*sync.keys("hugepresence:*"))
         sync.close()
 
 
