@@ -1638,6 +1638,132 @@ def test_a_frozen_leader_loses_the_lead_within_its_lease_and_publishes_nothing_a
     assert_marks_match_stream(client, pg_url, pg_outbox.table)
 
 
+def redis_publish_calls(client: redis.Redis) -> int:
+    """Script calls and transactions Redis has run so far (every publish, no-op republishes
+    included, is one of them): the session's private redis-server, so only this test's."""
+    stats = client.info("commandstats")
+    return sum(
+        int(fields["calls"])
+        for name, fields in stats.items()
+        if name.startswith(("cmdstat_eval", "cmdstat_exec", "cmdstat_fcall"))
+    )
+
+
+@pytest.mark.parametrize(
+    ("answer", "rows", "session_while_frozen"),
+    [
+        # ~20 KB rows, one batch of ~20 MB: far more than the loopback socket buffers hold, so
+        # PostgreSQL is still sending the batch when the leader freezes: the session is busy.
+        ("\N{GRINNING FACE}" * 5000, 1000, ("active", "ClientWrite")),
+        # small rows: the batch is in the leader's socket buffer and the session idle.
+        ("answer", 20, ("idle", "ClientRead")),
+    ],
+    ids=["frozen-while-postgres-sends-the-batch", "frozen-before-reading-the-batch"],
+)
+def test_a_leader_frozen_while_it_receives_a_batch_loses_the_lead_within_its_lease(
+    pg_url, pg_outbox, bus, redis_url, answer, rows, session_while_frozen
+):
+    """The leader relay (a process) freezes (SIGSTOP, a paused VM) just as PostgreSQL answers its
+    read of a batch. With a batch larger than the socket buffers, the leader's session is not
+    idle: PostgreSQL waits to write the rest, so ``idle_session_timeout`` never ends it; the
+    lease must end it anyway (``tcp_user_timeout``: the leader's socket accepts nothing for a
+    lease). The standby takes over within ``lease + poll_interval``, every event is published
+    once and in order, and the old leader, continued, stands down without publishing anything
+    (not even a no-op republish of the batch it read). Before, a leader frozen with PostgreSQL
+    blocked in that write kept the lead, and the outbox stopped, for as long as it was frozen.
+
+    The moment is caught without timing: the test holds an exclusive lock on the table, so that
+    the leader's read waits for it; it freezes the leader, then releases the lock."""
+    lease, poll = 2.0, 0.1
+    events = [
+        BlockerResolved(project_id=1 + n % 2, blocker_id=n, answer=answer, resolved_at=T0)
+        for n in range(1, rows + 1)
+    ]
+    _write_committed(pg_url, pg_outbox, events)
+    name = f"frozen-{pg_outbox.table}"
+    admin = psycopg.connect(pg_url, autocommit=True)
+    locker = psycopg.connect(pg_url)
+    locker.execute(f"LOCK TABLE {pg_outbox.table} IN ACCESS EXCLUSIVE MODE")
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "publisher.outbox", "relay",
+            "--dsn", f"{pg_url}?application_name={name}", "--table", pg_outbox.table,
+            "--redis-url", redis_url, "--batch-size", "1000", "--max-rate", "0",
+            "--poll-interval", str(poll), "--leader-lease", str(lease),
+        ],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    logs = StderrLines(process)
+    client = bus.client
+    standby = OutboxRelay(
+        PostgresOutboxStore(pg_url, pg_outbox.table, lease=lease),
+        bus,
+        poll_interval=poll,
+        max_rate=None,
+    )
+
+    def leader_session() -> tuple | None:
+        return admin.execute(
+            "SELECT pid, state, wait_event_type, wait_event FROM pg_stat_activity "
+            "WHERE application_name = %s AND query LIKE %s",
+            [name, "%published_at IS NULL%"],
+        ).fetchone()
+
+    def in_stream() -> int:
+        return len(stream_ids(client, 1)) + len(stream_ids(client, 2))
+
+    try:
+        # The leader took the lead and waits for the table lock to read its batch.
+        pid = wait_until(lambda: (s := leader_session()) and s[2] == "Lock" and s[0])
+        standby.start()
+        process.send_signal(signal.SIGSTOP)
+        locker.commit()
+        frozen = time.monotonic()
+        wait_until(lambda: (s := leader_session()) and (s[1], s[3]) == session_while_frozen)
+        calls_before = redis_publish_calls(client)
+        # The standby takes over within the bound (with some slack for a loaded machine).
+        wait_until(lambda: standby.metrics.leader, timeout=lease + poll + 3)
+        took_over = time.monotonic() - frozen
+        assert took_over < lease + poll + 3
+        assert (
+            admin.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", [pid]).fetchone()[
+                0
+            ]
+            == 0
+        )
+        wait_until(lambda: in_stream() == rows, timeout=30)
+        wait_until(
+            lambda: (
+                not admin.execute(
+                    f"SELECT count(*) FROM {pg_outbox.table} WHERE published_at IS NULL"
+                ).fetchone()[0]
+            )
+        )
+        assert redis_publish_calls(client) > calls_before  # (the counter counts the standby)
+        calls_before_resume = redis_publish_calls(client)
+        (resumed_at,) = admin.execute("SELECT clock_timestamp()").fetchone()
+        process.send_signal(signal.SIGCONT)
+        wait_until(lambda: logs.count("outbox_relay_standby"), timeout=10)
+    finally:
+        process.send_signal(signal.SIGCONT)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=15)
+        standby.stop()
+        locker.close()
+    assert process.returncode == 0, logs.text()
+    # The old leader published nothing once continued, not even a no-op: no script call reached
+    # Redis, and it marked no row.
+    assert redis_publish_calls(client) == calls_before_resume, logs.text()
+    marked_after = admin.execute(
+        f"SELECT count(*) FROM {pg_outbox.table} WHERE published_at > %s", [resumed_at]
+    ).fetchone()[0]
+    admin.close()
+    assert marked_after == 0, logs.text()
+    assert_exact(client, blocker_ids_by_project(pg_url, pg_outbox.table))
+    assert_marks_match_stream(client, pg_url, pg_outbox.table)
+
+
 def test_an_idle_leader_keeps_the_lead_however_long_its_poll_interval(pg_url, pg_outbox, bus):
     """The lease is renewed while the leader waits for work: with a poll interval far longer
     than the lease and nothing to publish, the leader's session stays, and a NOTIFY still wakes
@@ -1664,6 +1790,42 @@ def test_an_idle_leader_keeps_the_lead_however_long_its_poll_interval(pg_url, pg
         standby.stop()
     assert standby.metrics.published == 0
     assert_exact(bus.client, {1: [1]})
+
+
+def test_the_leaders_session_alone_gets_the_lease_and_a_unix_socket_is_reported(pg_url, table):
+    """The lease is both session settings on the leader's session, none on a standby's (it only
+    polls). Through a Unix-domain socket ``tcp_user_timeout`` does not apply: the leader says so
+    once (a warning naming what is not covered), and leads all the same."""
+    leader = PostgresOutboxStore(pg_url, table, lease=5)
+    standby = PostgresOutboxStore(pg_url, table, lease=5)
+    settings = "SELECT current_setting('idle_session_timeout'), current_setting('tcp_user_timeout')"
+    try:
+        with structlog.testing.capture_logs() as logs:
+            assert leader.lead() and not standby.lead()
+        assert leader._q(settings, {})[0] == ("5s", "5000")
+        assert standby._q(settings, {})[0] == ("0", "0")
+        assert not [e for e in logs if e["log_level"] == "warning"]
+    finally:
+        leader.close()
+        standby.close()
+    socket_dir = "/var/run/postgresql"
+    unix_url = psycopg.conninfo.make_conninfo(pg_url, host=socket_dir)
+    try:
+        psycopg.connect(unix_url, connect_timeout=3).close()
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"no PostgreSQL Unix-domain socket in {socket_dir}: {exc}")
+    local = PostgresOutboxStore(unix_url, table, lease=5)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            assert local.lead()
+            local.reset()  # a new session leads again: still reported once
+            assert local.lead()
+        assert local._q(settings, {})[0] == ("5s", "0")
+    finally:
+        local.close()
+    warnings = [e for e in logs if e["event"] == "outbox_relay_partial_lease"]
+    assert len(warnings) == 1 and warnings[0]["log_level"] == "warning"
+    assert "Unix-domain socket" in warnings[0]["reason"]
 
 
 async def test_snapshots_through_sqlalchemy_on_sqlite_and_asyncio(

@@ -12,8 +12,9 @@ How it stays exact (see ``docs/outbox.md`` for the long form):
   own publish of the project's previous row returned, i.e. after that row is in the stream (put
   there by itself or by the other relay). Leadership (``pg_try_advisory_lock``) only saves the
   duplicated work; correctness does not depend on it. The leader's session has a lease
-  (``idle_session_timeout``): a leader frozen for longer loses the lead to a standby, and once
-  it runs again it finds out before it publishes anything more.
+  (``idle_session_timeout``, and ``tcp_user_timeout`` for a leader frozen while PostgreSQL was
+  sending it a batch): a leader frozen for longer loses the lead to a standby, and once it runs
+  again it finds out before it publishes anything more.
 * The one bound: the idempotency window (10 minutes by default, ``Publisher(idempotency_window=)``).
   A relay that stalls for longer than that between reading a batch and publishing it could
   publish rows again that another relay published meanwhile; a batch older than
@@ -158,13 +159,19 @@ class PostgresOutboxStore(_ClosableStore):
             and take over when its session ends). False lets every relay work: still exact, but
             duplicated work.
         lease: PostgreSQL 14+: the leader's session ends when it has run no statement for this
-            long (30 s, ``idle_session_timeout`` on that session alone), which releases the
-            lock: a leader that is frozen (``SIGSTOP``, a paused VM, a stalled or deadlocked
-            relay thread) keeps the lead at most ``lease`` seconds, and a standby takes over
-            within ``lease`` plus its poll interval. A healthy leader runs a statement at
-            least every third of it (:meth:`lead`, :meth:`wait`). Before, PostgreSQL saw a
-            frozen leader's session as alive, and it kept the lock, and the outbox stopped,
-            for as long as it was frozen.
+            long (30 s, ``idle_session_timeout`` on that session alone), or when the relay has
+            taken nothing PostgreSQL sends it for this long (``tcp_user_timeout``, likewise),
+            which releases the lock: a leader that is frozen (``SIGSTOP``, a paused VM, a
+            stalled or deadlocked relay thread) keeps the lead at most ``lease`` seconds, also
+            when it froze while PostgreSQL was sending it a batch larger than the socket buffers
+            (PostgreSQL then waits to write the rest, the session is not idle, and only the
+            second part ends it), and a standby takes over within ``lease`` plus its poll
+            interval. A healthy leader runs a statement at least every third of it
+            (:meth:`lead`, :meth:`wait`) and reads every answer at once. The second part needs
+            a TCP connection and Linux 5.11+ on the server (``outbox_relay_partial_lease``, a
+            warning, over a Unix-domain socket). Before, PostgreSQL saw a frozen leader's
+            session as alive, and it kept the lock, and the outbox stopped, for as long as it
+            was frozen.
         timeout: the longest one statement may wait for the database (30 s), and the connect
             timeout unless the DSN sets ``connect_timeout``. A database that does not answer
             (stopped with its sockets open, a frozen VM, a lost network) fails the statement with
@@ -200,9 +207,14 @@ class PostgresOutboxStore(_ClosableStore):
         self._work: Any = None
         self._listen: Any = None
         self._is_leader = False
-        #: Monotonic time the work session last ran a statement: its lease runs from there.
+        #: Monotonic time the work session's last statement that succeeded was sent: its lease
+        #: runs from later than that (the end of that statement's answer), so until a third of
+        #: the lease after it the session is known to live. Not when its answer was read: a
+        #: leader frozen while its answer was under way reads it once it runs again, by when
+        #: the lease may be long gone.
         self._used = 0.0
         self._lease_warned = False
+        self._send_lease_warned = False
         #: Statements under way -> their connection, and connects under way -> None; with
         #: ``_lock``, :meth:`reset` (called from any thread: ``OutboxRelay.stop`` closes the
         #: store) ends them all, and never closes a connection a statement waits on, whose
@@ -340,18 +352,21 @@ class PostgresOutboxStore(_ClosableStore):
 
     def _q(self, sql: str, params: dict[str, Any]) -> list[tuple]:
         conn = self._conn()
+        sent = time.monotonic()
         with self._deadline(conn):
             cur = conn.execute(for_psycopg(sql), params)
             rows = cur.fetchall() if cur.description is not None else []
-        self._used = time.monotonic()
+        self._used = sent
         return rows
 
     def lead(self) -> bool:
         """Take the lead if free; as the leader, renew the lease when a third of it has gone
-        by without a statement. That statement also proves the lead is still held (a session
-        that lives holds its lock): a leader that was frozen for longer than its lease fails
-        it, because PostgreSQL ended the session, before it publishes anything more; the
-        relay reconnects and finds another relay leading."""
+        by since the last statement was sent. That statement also proves the lead is still
+        held (a session that lives holds its lock): a leader that was frozen for longer than
+        its lease fails it, because PostgreSQL ended the session, before it publishes anything
+        more; the relay reconnects and finds another relay leading. Counted from the send, not
+        from the answer: a leader frozen while its batch was under way reads the batch once
+        it runs again, and must not take that late answer for a live session."""
         if not self.leader:
             return True
         if not self._is_leader:
@@ -368,10 +383,27 @@ class PostgresOutboxStore(_ClosableStore):
                         "keeps the lead until its session ends",
                     )
             params = {"key": self.st.leader_key, "lease_ms": str(math.ceil(self.lease * 1000))}
-            (self._is_leader,) = self._q(sql, params)[0]
+            led, *lease = self._q(sql, params)[0]
+            self._is_leader = bool(led)
+            if led and lease and lease[-1] == "0":
+                self._warn_no_send_lease()
         elif time.monotonic() - self._used > self.lease / 3:
             self._q("SELECT 1", {})
         return self._is_leader
+
+    def _warn_no_send_lease(self) -> None:
+        """``tcp_user_timeout`` does not apply to the leader's session: it is connected through
+        a Unix-domain socket, or the server's platform has no ``TCP_USER_TIMEOUT``."""
+        if self._send_lease_warned:
+            return
+        self._send_lease_warned = True
+        log().warning(
+            "outbox_relay_partial_lease",
+            table=self.table,
+            reason="tcp_user_timeout does not apply to this session (a Unix-domain socket, or a "
+            "server without TCP_USER_TIMEOUT): a leader frozen while PostgreSQL sends it a batch "
+            "keeps the lead until it runs again; connect the relay over TCP",
+        )
 
     def fetch(self, limit: int, held: list[int]) -> list[OutboxRow]:
         rows = self._q(self.st.pending, {"limit": limit, "held": held})
@@ -392,12 +424,13 @@ class PostgresOutboxStore(_ClosableStore):
 
     def cleanup(self, retention: timedelta, limit: int) -> int:
         conn = self._conn()
+        sent = time.monotonic()
         with self._deadline(conn):
             cur = conn.execute(
                 for_psycopg(self.st.cleanup),
                 {"retention": retention.total_seconds(), "limit": limit},
             )
-        self._used = time.monotonic()
+        self._used = sent
         return cur.rowcount
 
     def wait(self, timeout: float) -> None:

@@ -192,13 +192,22 @@ class Statements:
         )
         self.cursor_of_row = f"SELECT epoch, seq FROM {t} WHERE id = :id"
         self.try_lead = "SELECT pg_try_advisory_lock(:key)"
-        # PostgreSQL 14+: the lock and the session's lease in one statement (CASE evaluates its
-        # THEN only when the lock was taken): a session holds the lock only with the lease, and
-        # a standby's session, which only polls, gets none. PostgreSQL ends a session idle for
-        # longer than the lease, which releases the lock.
+        # PostgreSQL 14+: the lock and the session's lease in one statement (the subquery, kept
+        # apart by OFFSET 0, takes the lock first; each CASE sets its part of the lease only
+        # when the lock was taken): a session holds the lock only with the lease, and a
+        # standby's session, which only polls, gets none. The lease has two parts, because a
+        # frozen leader leaves its session in one of two states. Idle (it had read everything
+        # PostgreSQL sent): idle_session_timeout ends the session. Busy (PostgreSQL still has
+        # part of a result to send, more than the socket buffers hold, and waits to write it,
+        # where neither idle_session_timeout nor statement_timeout ends it): tcp_user_timeout
+        # (PostgreSQL 12+; Linux 5.11+ counts a zero receive window as unacknowledged data too)
+        # makes the kernel drop the connection, and PostgreSQL ends the session. Either way the
+        # lock is released. Returns (led, idle_session_timeout, tcp_user_timeout as the server
+        # shows it: '0' where it does not apply, a Unix-domain socket or a server without it).
         self.try_lead_with_lease = (
-            "SELECT CASE WHEN pg_try_advisory_lock(:key) "
-            "THEN set_config('idle_session_timeout', :lease_ms, false) IS NOT NULL "
-            "ELSE false END"
+            "SELECT l.led, "
+            "CASE WHEN l.led THEN set_config('idle_session_timeout', :lease_ms, false) END, "
+            "CASE WHEN l.led THEN set_config('tcp_user_timeout', :lease_ms, false) END "
+            "FROM (SELECT pg_try_advisory_lock(:key) AS led OFFSET 0) AS l"
         )
         self.leader_key = leader_key(table)
