@@ -39,6 +39,7 @@ from publisher.outbox import (
     idempotency_key,
     migration_sql,
 )
+from publisher.outbox.publishing import CHUNK
 from publisher.outbox.relay import OutboxRow, PostgresOutboxStore, SQLiteOutboxStore
 from publisher.outbox.sql import for_psycopg, lock_key, validate_table
 from schemas import BlockerResolved, encode_event
@@ -1040,6 +1041,32 @@ def test_the_catch_up_after_an_outage_is_paced_by_max_rate(sqlite_path, table, b
     assert_exact(bus.client, expected)
 
 
+def test_a_leader_that_loses_the_lead_mid_batch_publishes_at_most_one_round_trip_more(
+    sqlite_path, table, bus
+):
+    """The relay asks whether it still leads before each Redis round trip of a batch (100 rows),
+    not only before each rate-limit burst (a whole 500-row batch by default): a leader frozen
+    in the middle of a batch, whose lease ended meanwhile, sends at most the round trip it was
+    about to send once it runs again. Before, it sent the rest of the batch (no-op republishes
+    of rows the new leader had published, but publishes all the same)."""
+    with sqlite3.connect(sqlite_path) as conn:
+        Outbox(table).write_many(conn, [event(1 + n % 2, n) for n in range(1, 501)])
+
+    class LeadLostAfterFirstRoundTrip(SQLiteOutboxStore):
+        asked = 0
+
+        def lead(self) -> bool:
+            self.asked += 1
+            return self.asked <= 2  # the batch's question and its first round trip's
+
+    relay = OutboxRelay(LeadLostAfterFirstRoundTrip(sqlite_path, table), bus)
+    try:
+        assert relay.run_once() == CHUNK
+    finally:
+        relay.store.close()
+    assert_exact(bus.client, {1: list(range(2, 101, 2)), 2: list(range(1, 100, 2))})
+
+
 def test_an_invalid_row_holds_its_project_only_and_is_reported_once(sqlite_path, table, bus):
     outbox = Outbox(table)
     with sqlite3.connect(sqlite_path) as conn:
@@ -1804,7 +1831,7 @@ def test_the_leaders_session_alone_gets_the_lease_and_a_unix_socket_is_reported(
             assert leader.lead() and not standby.lead()
         assert leader._q(settings, {})[0] == ("5s", "5000")
         assert standby._q(settings, {})[0] == ("0", "0")
-        assert not [e for e in logs if e["log_level"] == "warning"]
+        assert not [e for e in logs if e.get("table") == table and e["log_level"] == "warning"]
     finally:
         leader.close()
         standby.close()
@@ -1817,9 +1844,10 @@ def test_the_leaders_session_alone_gets_the_lease_and_a_unix_socket_is_reported(
     local = PostgresOutboxStore(unix_url, table, lease=5)
     try:
         with structlog.testing.capture_logs() as logs:
-            assert local.lead()
+            # (The sessions closed above release the lock once their server process has ended.)
+            wait_until(local.lead)
             local.reset()  # a new session leads again: still reported once
-            assert local.lead()
+            wait_until(local.lead)
         assert local._q(settings, {})[0] == ("5s", "0")
     finally:
         local.close()

@@ -42,7 +42,7 @@ import structlog
 
 from publisher.core import Cursor, PublishError, PublisherUnavailable, valid_idempotency_key
 from publisher.outbox.metrics import RateLimiter, RelayMetrics
-from publisher.outbox.publishing import KeyedPublisher
+from publisher.outbox.publishing import CHUNK, KeyedPublisher
 from publisher.outbox.sql import DEFAULT_TABLE, POSTGRES, SQLITE, Statements, for_psycopg
 from schemas.events import EventValidationError, decode_event
 
@@ -80,8 +80,9 @@ class OutboxStore(Protocol):
 
     def lead(self) -> bool:
         """True while this relay may publish (always True without leader election). Asked
-        before each batch and before each chunk of one: a leader that may have lost the lead
-        meanwhile (frozen for longer than its lease) finds out here, before it publishes."""
+        before each batch and before each Redis round trip of one: a leader that may have lost
+        the lead meanwhile (frozen for longer than its lease) finds out here, before it
+        publishes."""
 
     def fetch(self, limit: int, held: list[int]) -> list[OutboxRow]:
         """Unpublished rows in id order, without those of the ``held`` projects."""
@@ -899,8 +900,11 @@ class OutboxRelay:
         published: list[tuple[int, Cursor]] = []
         lags: list[float] = []
         try:
-            # Chunks of at most the rate limiter's burst, so the limit holds within a batch.
-            size = self.batch_size
+            # Chunks of at most the rate limiter's burst, so the limit holds within a batch, and
+            # of at most one Redis round trip, so that a leader frozen in the middle of a batch
+            # sends at most the round trip it was about to send once it runs again (the lead
+            # is checked before each chunk, below).
+            size = min(self.batch_size, CHUNK)
             if self.limiter.rate:
                 size = max(1, min(size, int(self.limiter.burst)))
             for chunk in _chunks(rows, size):
