@@ -298,6 +298,7 @@ class ClientProtocol:
                 ),
                 project_id=getattr(message, "project_id", None),
                 retry_after_ms=retry_after_ms,
+                refused=None if message is None else kind,
             )
         )
         if verdict == CLOSE:

@@ -213,12 +213,15 @@ class ResyncRequired(msgspec.Struct, tag_field="type", tag="resync_required"):
 class Error(msgspec.Struct, tag_field="type", tag="error", omit_defaults=True):
     """``retry_after_ms``: only with ``rate_limited``, the milliseconds until the connection's
     rate limit would allow the refused frame (absent from gateways before it was added: a
-    client then waits a delay of its own)."""
+    client then waits a delay of its own). ``refused``: only with ``rate_limited``, the
+    ``type`` of the frame that was not executed (``subscribe``, ``activity``, ``auth``, ...;
+    absent when the frame could not be read, and from gateways before it was added)."""
 
     code: ErrorCode
     message: str
     project_id: int | None = None
     retry_after_ms: int | None = None
+    refused: str | None = None
 
 
 class Pong(msgspec.Struct, tag_field="type", tag="pong"):

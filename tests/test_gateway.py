@@ -785,6 +785,7 @@ async def test_frames_over_the_rate_limit_are_refused_and_the_connection_stays_u
     assert "at most 2 frames per second, bursts of 10" in errors[0]["message"]
     # The clock stands still and the bucket is empty: a token is half a second away.
     assert [e["retry_after_ms"] for e in errors] == [500] * 3
+    assert [e["refused"] for e in errors] == ["subscribe"] * 3  # which frame was not executed
     assert client.count("subscribed", 2) == 0, "a refused subscribe is not executed"
     await publish(publisher, 7, 3)
     await publish(publisher, 2, 1)

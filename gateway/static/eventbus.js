@@ -1047,26 +1047,29 @@ export class EventBus {
   }
 
   /** `error` `rate_limited`: the frame was not executed. It is held and sent again when the
-   * pacing allows, with everything sent after it. Which frame: one naming a project is its
-   * subscribe when one is unanswered (the gateway answers a connection's frames in order, and
-   * a subscribe's answer is `subscribed` or an `error`), else its activity (eventbus.js sends no
-   * other frame naming a project that can be refused); one naming none, a token refresh. Taken
-   * for an activity, it leaves the bound on a subscribe's answer alone: were it a subscribe's
-   * after all, that bound would reconnect rather than leave the project silent. */
+   * pacing allows, with everything sent after it. Which frame: the error's `refused` says (its
+   * `type`). From a gateway that does not say, one naming a project is taken for its subscribe
+   * when one is unanswered (the gateway answers a connection's frames in order, and a
+   * subscribe's answer is `subscribed` or an `error`), else for its activity (eventbus.js sends
+   * no other frame naming a project that can be refused); one naming none, a token refresh.
+   * Taken for an activity, it leaves the bound on a subscribe's answer alone: were it a
+   * subscribe's after all, that bound would reconnect rather than leave the project silent. */
   _onRateLimited(message) {
     this._pacer.refused(this._now(), message.retry_after_ms);
     const projectId = message.project_id;
     const sub = projectId != null ? this._subs.get(projectId) : null;
+    const refused = typeof message.refused === "string" ? message.refused : null;
     if (sub) {
-      if (sub.subscribesSent > 0) {
-        sub.subscribesSent -= 1;
+      const subscribe = refused !== null ? refused === "subscribe" : sub.subscribesSent > 0;
+      if (subscribe) {
+        if (sub.subscribesSent > 0) sub.subscribesSent -= 1;
         this._answered(projectId);
         this._sendSubscribe(sub);
-      } else {
+      } else if (refused === null || refused === "activity") {
         sub.activitySent = null; // (not executed: the gateway has the one before)
         this._sendActivity(sub);
       }
-    } else if (projectId == null && this._refreshSent) {
+    } else if (projectId == null && this._refreshSent && (refused === null || refused === "auth")) {
       this._refreshSent = false;
       this._sendPaced("auth", () => {
         if (!this._token) return null;

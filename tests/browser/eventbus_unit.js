@@ -790,6 +790,24 @@ test("a refused activity taken for an unanswered subscribe is sent again after t
   eq(ws.sentOf("activity").slice(-1)[0], { type: "activity", project_id: 1, viewing: 5, answering: null });
 });
 
+test("a refusal that names its frame (refused) is acted on exactly: the activity resent, the subscribe left to its answer", async () => {
+  const env = setup({ subscribe: [1] });
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  env.bus.activity(1, { viewing: 5 });
+  env.bus.presence(1, () => {}); // a resubscribe (with presence) after the activity
+  eq(ws.sentOf("subscribe").length, 2);
+  // The gateway says which frame it refused: the activity, while the subscribe is unanswered.
+  ws.receive({ type: "error", code: "rate_limited", message: "too many frames", project_id: 1, retry_after_ms: 100, refused: "activity" });
+  await env.clock.advance(100);
+  eq(ws.sentOf("subscribe").length, 2, "the subscribe was not taken for the refused frame");
+  eq(ws.sentOf("activity").slice(-1)[0], { type: "activity", project_id: 1, viewing: 5, answering: null }, "resent after retry_after_ms, before any answer");
+  // A subscribe the gateway names as refused is sent again (with presence, from the cursor).
+  ws.receive({ type: "error", code: "rate_limited", message: "too many frames", project_id: 1, retry_after_ms: 100, refused: "subscribe" });
+  await env.clock.advance(100);
+  eq(ws.sentOf("subscribe").length, 3);
+  eq(ws.sentOf("subscribe")[2], { type: "subscribe", project_id: 1, epoch: "e", after: 0, presence: true });
+});
+
 test("a held subscribe (presence asked while frames are held) is not dropped by an earlier subscribe's answer", async () => {
   const env = setup({ subscribe: [1, 2] });
   const ws = await goLive(env, {}); // both subscribes unanswered
