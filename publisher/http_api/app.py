@@ -62,6 +62,8 @@ class HttpApiSettings(msgspec.Struct, kw_only=True, frozen=True):
     answer; the connection is closed after it (``publisher.http_api.server``)."""
     ready_timeout: float = 1.0
     """Seconds ``/readyz`` waits for Redis' answer to PING."""
+    max_header_bytes: int = 32 * 1024
+    """Largest request line and headers in bytes (431 above it, ``publisher.http_api.server``)."""
 
     def __post_init__(self) -> None:
         # Refused here, with the flag's name, instead of failing request by request: --rate 0
@@ -72,6 +74,8 @@ class HttpApiSettings(msgspec.Struct, kw_only=True, frozen=True):
             raise ValueError(f"--max-events must be from 1 to {BATCH_SIZE} (one script call)")
         if self.max_body < 1 or self.burst < 1:
             raise ValueError("--max-body and --burst must be at least 1")
+        if self.max_header_bytes < 1024:
+            raise ValueError("--max-header-bytes must be at least 1024")
         for name in ("rate", "body_timeout", "header_timeout", "ready_timeout"):
             if not 0 < getattr(self, name) < math.inf:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive number")

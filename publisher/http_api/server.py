@@ -1,12 +1,25 @@
-"""uvicorn serving the HTTP publish API: its configuration, and a deadline for request headers.
+"""uvicorn serving the HTTP publish API: its configuration, and bounds on what a connection holds.
 
-uvicorn bounds a request body only by what the application does (``--body-timeout``) and an idle
-keep-alive connection by ``timeout_keep_alive``, which every byte received cancels; nothing
-bounds the wait for a request's headers. A client that connected and sent nothing, or sent its
-headers a byte every few seconds (slowloris), held its connection for ever, and every connection
-counts against ``--limit-concurrency``: a thousand of them made the API answer 503 to everyone.
-:class:`HeaderDeadlineProtocol` closes a connection whose request headers are not complete
-within ``--header-timeout`` of its start or of the previous answer.
+uvicorn bounds a request body only by what the application does (``--body-timeout``,
+``--max-body``) and an idle keep-alive connection by ``timeout_keep_alive``, which every byte
+received cancels. :class:`BoundedHttpProtocol` adds the bounds it lacks:
+
+* **Time to send the headers.** Nothing bounded the wait for a request's headers: a client that
+  connected and sent nothing, or its headers a byte every few seconds (slowloris), held its
+  connection for ever, and every connection counts against ``--limit-concurrency``. A connection
+  whose request headers are not complete within ``--header-timeout`` of its start or of the
+  previous answer is closed.
+* **Size of the headers.** httptools and uvicorn keep a request's line and headers until they end:
+  one client sending headers as fast as it could (or one endless header, or an endless URL) made
+  the process hold gigabytes within the header timeout. Past ``--max-header-bytes`` the request
+  is answered 431 and the connection closed.
+* **Requests read ahead.** uvicorn parses every request a connection pipelines and queues it
+  behind the one in progress, and resumes reading after each answer: a client that sent requests
+  without reading the answers grew that queue by thousands per answer (1.4 GB in 10 s). At most
+  :data:`MAX_PIPELINED` requests are parsed ahead; the rest stays unread, in the socket.
+
+Requests that are not HTTP/1.1 are answered 400 (``invalid_http``) and counted, not logged;
+Upgrade requests (WebSocket, h2c) are answered as plain requests, then the connection is closed.
 
 Imported only to serve (uvicorn is the ``http-api`` extra).
 """
@@ -14,44 +27,195 @@ Imported only to serve (uvicorn is the ``http-api`` extra).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
+import httptools
+import msgspec
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.flow_control import FlowControl
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from publisher.http_api.app import HttpApiSettings, PublishApi
+from publisher.http_api.app import Counters, HttpApiSettings, PublishApi
 
-__all__ = ["HeaderDeadlineProtocol", "server_config"]
+__all__ = ["MAX_PIPELINED", "BoundedHttpProtocol", "server_config"]
+
+#: Requests of one connection parsed and queued behind the one in progress. HTTP/1.1 answers in
+#: order, so parsing further ahead gains nothing but memory.
+MAX_PIPELINED = 16
+#: Bytes handed to the parser at a time, so that the bounds above are checked between pieces
+#: (a read is up to 256 KiB: thousands of small requests).
+FEED_SLICE = 4096
+#: Seconds a refused connection's further input is still read and dropped after its answer, so
+#: that the client reads the answer rather than a reset for the bytes left unread.
+LINGER = 2.0
+
+_NOTHING = memoryview(b"")
 
 
-class HeaderDeadlineProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, closing a connection (without an answer) whose request
-    headers are not complete within :attr:`header_timeout` seconds of the connection's start, or
-    of the answer to its previous request. A request whose headers arrived is bounded by the
-    application from then on (``--body-timeout``, the publisher's ``timeout``)."""
+class _HeldFlowControl(FlowControl):
+    """uvicorn's flow control, except that reading stays paused while ``holding()``: uvicorn
+    resumes reading after every answer and whenever the application asks for body bytes."""
+
+    def __init__(self, transport: asyncio.Transport, holding: Callable[[], bool]) -> None:
+        super().__init__(transport)
+        self._holding = holding
+
+    def resume_reading(self) -> None:
+        if not self._holding():
+            super().resume_reading()
+
+
+class BoundedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the bounds of this module. A request whose headers
+    arrived is bounded by the application from then on (``--body-timeout``, ``--max-body``, the
+    publisher's ``timeout``)."""
 
     header_timeout: float = HttpApiSettings().header_timeout
+    max_header_bytes: int = HttpApiSettings().max_header_bytes
+    counters: Counters | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.flow = _HeldFlowControl(transport, self._holding)
+        self._unread = _NOTHING  # received, not parsed yet: MAX_PIPELINED requests are queued
         self._unanswered = 0  # requests whose headers arrived and whose answer is not complete
+        self._in_head = True  # the next bytes parsed are a request's line or headers
+        self._head_bytes = 0  # of the request line and headers being parsed (about: per slice)
+        self._boundaries = 0  # request heads and messages completed, to see one in a slice
+        self._refusal: bytes | None = None  # an answer to write once the earlier ones are out
+        self._dropping = False  # refused or upgraded: further bytes are not requests
         self._header_deadline: asyncio.TimerHandle | None = None
+        self._linger: asyncio.TimerHandle | None = None
         self._await_headers()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_deadline()
+        if self._linger is not None:
+            self._linger.cancel()
+        self._unread = _NOTHING
         super().connection_lost(exc)
+
+    def _holding(self) -> bool:
+        return bool(self._unread) or self._refusal is not None
+
+    # --- reading ----------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self._dropping:
+            return
+        self._unread = memoryview(bytes(self._unread) + data) if self._unread else memoryview(data)
+        self._feed()
+
+    def _feed(self) -> None:
+        """Parse held bytes a slice at a time while fewer than MAX_PIPELINED requests wait."""
+        if self._unread:
+            self._unset_keepalive_if_required()
+        while self._unread and len(self.pipeline) < MAX_PIPELINED:
+            if self._dropping or self.transport.is_closing():
+                self._unread = _NOTHING
+                return
+            piece, self._unread = self._unread[:FEED_SLICE], self._unread[FEED_SLICE:]
+            in_head, boundaries = self._in_head, self._boundaries
+            try:
+                self.parser.feed_data(piece)
+            except httptools.HttpParserUpgrade:
+                self._upgraded()
+                return
+            except httptools.HttpParserError:
+                self._refuse(400, "invalid_http", "the request is not valid HTTP/1.1")
+                return
+            if self._in_head:
+                # A slice in which a request's head began after another ended is not counted:
+                # the bound is exact to within one slice, in the client's favour.
+                same = in_head and boundaries == self._boundaries
+                self._head_bytes = self._head_bytes + len(piece) if same else 0
+                if self._head_bytes > self.max_header_bytes:
+                    self._refuse(
+                        431,
+                        "headers_too_large",
+                        f"the request line and headers exceed {self.max_header_bytes} bytes",
+                    )
+                    return
+        if self._unread:
+            self.flow.pause_reading()
 
     def on_headers_complete(self) -> None:
         self._unanswered += 1
+        self._in_head = False
+        self._boundaries += 1
         self._cancel_deadline()
         super().on_headers_complete()
 
+    def on_message_complete(self) -> None:
+        self._in_head = True
+        self._head_bytes = 0
+        self._boundaries += 1
+        super().on_message_complete()
+
     def on_response_complete(self) -> None:
         self._unanswered -= 1
-        super().on_response_complete()
+        super().on_response_complete()  # starts the next queued request
+        if self.transport.is_closing():
+            return
+        if self._unanswered == 0 and self._refusal is not None:
+            self._write_refusal()
+            return
+        if self._unread:
+            self._feed()
+            if not self._holding():
+                self.flow.resume_reading()  # what uvicorn did while bytes were held
         if self._unanswered == 0:  # (a pipelined request's headers are already in)
             self._await_headers()
+
+    # --- ending -----------------------------------------------------------------------------
+
+    def _upgraded(self) -> None:
+        """An Upgrade request (WebSocket, h2c): none is served, so it is answered as a plain
+        request; the bytes after it are another protocol's, so the connection ends after it."""
+        self._dropping = True
+        self._unread = _NOTHING
+        if self.cycle is not None:
+            self.cycle.keep_alive = False
+            if self.cycle.response_complete:  # (answered before the parser stopped)
+                self.transport.close()
+
+    def _refuse(self, status: int, code: str, message: str) -> None:
+        """Answer ``status`` (after the answers to the requests before it) and end the
+        connection: what follows in it cannot be parsed."""
+        self._dropping = True
+        self._unread = _NOTHING
+        self._cancel_deadline()
+        if self.counters is not None:
+            self.counters.count(status, code)
+        body = msgspec.json.encode({"error": {"code": code, "message": message}})
+        self._refusal = b"".join(
+            [
+                STATUS_LINE[status],
+                b"content-type: application/json\r\n",
+                b"content-length: %d\r\n" % len(body),
+                b"connection: close\r\n\r\n",
+                body,
+            ]
+        )
+        if self._unanswered == 0:
+            self._write_refusal()
+        else:
+            self.flow.pause_reading()
+
+    def _write_refusal(self) -> None:
+        refusal, self._refusal = self._refusal, None
+        self.transport.write(refusal)  # type: ignore[arg-type]
+        if not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        # Half-close, then drop what still arrives for LINGER seconds: closing with unread
+        # bytes makes the kernel answer a reset, which may destroy the answer in flight.
+        self.transport.write_eof()
+        self.flow.resume_reading()
+        self._linger = self.loop.call_later(LINGER, self.transport.close)
+
+    # --- the header deadline ----------------------------------------------------------------
 
     def _await_headers(self) -> None:
         self._cancel_deadline()
@@ -72,19 +236,24 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 def server_config(
     app: PublishApi, *, host: str = "127.0.0.1", port: int = 8766, **options: Any
 ) -> uvicorn.Config:
-    """The uvicorn configuration serving ``app``: httptools with the header deadline of
-    ``app.settings.header_timeout``; ``options`` are further ``uvicorn.Config`` arguments
-    (``limit_concurrency``, ``log_level``, ...)."""
+    """The uvicorn configuration serving ``app``: httptools with the bounds of
+    ``app.settings`` (:class:`BoundedHttpProtocol`), no WebSocket; ``options`` are further
+    ``uvicorn.Config`` arguments (``limit_concurrency``, ``log_level``, ...)."""
     protocol = type(
-        "HeaderDeadlineProtocol",
-        (HeaderDeadlineProtocol,),
-        {"header_timeout": app.settings.header_timeout},
+        "BoundedHttpProtocol",
+        (BoundedHttpProtocol,),
+        {
+            "header_timeout": app.settings.header_timeout,
+            "max_header_bytes": app.settings.max_header_bytes,
+            "counters": app.counters,
+        },
     )
     settings: dict[str, Any] = {
         "loop": "asyncio",
         "lifespan": "on",
         "access_log": False,
         "log_level": "warning",
+        "ws": "none",  # the API has no WebSocket endpoint (one answered 500, logged as an error)
         **options,
     }
     return uvicorn.Config(app, host=host, port=port, http=protocol, **settings)
