@@ -9,13 +9,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import resource
+import socket
+import subprocess
+import sys
+import time
 
 import msgspec
 import uvicorn
 
 from publisher import AsyncPublisher
-from publisher.http_api import HttpApiSettings, PublishApi
-from publisher.http_api.server import MAX_PIPELINED, server_config
+from publisher.http_api import HttpApiSettings, PublishApi, hash_key
+from publisher.http_api.server import (
+    ACCEPT_BATCHES,
+    ACCEPT_SLACK,
+    DESCRIPTOR_RESERVE,
+    LISTEN_BACKLOG,
+    MAX_PIPELINED,
+    fitted_concurrency,
+    server_config,
+)
 from tests.support.redis_server import free_port
 from tests.test_http_api import EXPIRED, KEY_ALL, credentials, stream
 
@@ -50,7 +63,9 @@ class GatedPublisher:
 
 
 @contextlib.asynccontextmanager
-async def serving(redis_url: str, *, gated: bool = False, **overrides):
+async def serving(
+    redis_url: str, *, gated: bool = False, limit_concurrency: int | None = None, **overrides
+):
     publisher = AsyncPublisher.from_url(redis_url)
     app = PublishApi(
         GatedPublisher(publisher) if gated else publisher,
@@ -58,7 +73,7 @@ async def serving(redis_url: str, *, gated: bool = False, **overrides):
         HttpApiSettings(**overrides),
     )
     port = free_port()
-    server = uvicorn.Server(server_config(app, port=port))
+    server = uvicorn.Server(server_config(app, port=port, limit_concurrency=limit_concurrency))
     task = asyncio.create_task(server.serve())
     while not server.started:
         if task.done():
@@ -199,3 +214,107 @@ async def test_requests_that_are_not_http_are_counted_and_upgrades_are_not_serve
         writer.close()
         assert status == 400 and b'"invalid_http"' in body
         assert app.counters.responses[400, "invalid_http"] == len(not_http) + 1
+
+
+def test_fitted_concurrency() -> None:
+    assert fitted_concurrency(1000, 20_000) == 1000
+    room = 6000 - ACCEPT_SLACK - ACCEPT_BATCHES * LISTEN_BACKLOG - DESCRIPTOR_RESERVE
+    assert fitted_concurrency(1000, 6000) == room // 2 < 1000
+    assert fitted_concurrency(1000, 100) == 1
+
+
+async def test_connections_past_the_limit_are_closed_at_accept(redis_url) -> None:
+    """uvicorn accepts every connection (only their requests past --limit-concurrency get 503):
+    idle sockets piled up until the process had no descriptor left. Past the limit and
+    ACCEPT_SLACK a connection is closed at once; the others are served as before."""
+    async with serving(redis_url, limit_concurrency=2, header_timeout=3) as (app, _, port):
+        # (Accepted and seen in the order they connected: all before the next one.)
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2 + ACCEPT_SLACK)]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(HEALTHZ)
+        async with asyncio.timeout(1.5):  # not the header timeout: at once
+            with contextlib.suppress(ConnectionError):
+                assert await reader.read() == b""
+        writer.close()
+        assert app.counters.closed["full"] == 1
+        # The held ones are served (uvicorn's 503: past the limit of requests in progress)...
+        held[0][1].write(HEALTHZ)
+        async with asyncio.timeout(5):
+            assert (await read_answer(held[0][0]))[0] == 503
+        # ... or closed at their header timeout, which frees their places.
+        async with asyncio.timeout(10):
+            for held_reader, held_writer in held:
+                assert await held_reader.read() == b""
+                held_writer.close()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(HEALTHZ)
+        async with asyncio.timeout(5):
+            assert (await read_answer(reader))[2] == b'{"status":"ok"}'
+        writer.close()
+        metrics = app.counters.render()
+        assert b'eventbus_http_publish_connections_closed_total{reason="full"} 1' in metrics
+        assert b'connections_closed_total{reason="header_timeout"} 65' in metrics
+
+
+def _low_descriptor_limit() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (4700, 4700))
+
+
+def test_a_socket_flood_past_the_descriptor_limit_is_refused_quietly(redis_url, tmp_path) -> None:
+    """With fewer descriptors than --limit-concurrency needs, a flood of sockets made every
+    accept fail (a traceback at error level each time) and a client wait in the backlog; now
+    ``serve`` lowers the limit to fit, the connections past it are closed at once, and the API
+    serves again as soon as the flood is gone."""
+    keys = tmp_path / "keys.json"
+    entry = {"id": "all", "sha256": hash_key(KEY_ALL), "projects": "*"}
+    keys.write_text(json.dumps({"keys": [entry]}))
+    port = free_port()
+    log = tmp_path / "api.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "publisher.http_api", "serve", "--keys-file", str(keys),
+             "--port", str(port), "--redis-url", redis_url, "--header-timeout", "60"],
+            stdout=out, stderr=subprocess.STDOUT, preexec_fn=_low_descriptor_limit,
+        )  # fmt: skip
+
+    def publish() -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+            client.sendall(publish_request(json.dumps(EXPIRED).encode(), close=True))
+            return client.makefile("rb").read()
+
+    sockets: list[socket.socket] = []
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                assert b'"seq":1' in publish()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and process.poll() is None, log.read_text()
+                time.sleep(0.05)
+        assert "effective=142" in log.read_text()  # (4700 - 64 - 4 * 1024 - 256) // 2
+        for _ in range(5000):  # more than the process has descriptors
+            with contextlib.suppress(OSError):
+                sockets.append(socket.create_connection(("127.0.0.1", port), timeout=2))
+        started = time.monotonic()
+        with contextlib.suppress(ConnectionError):
+            assert b"HTTP/1.1 200" not in publish()  # refused at once, not left in the backlog
+        assert time.monotonic() - started < 2
+        for s in sockets:
+            s.close()
+        sockets.clear()
+        deadline = time.monotonic() + 20
+        while True:  # served again as soon as the flood is gone
+            try:
+                assert b'"seq":2' in publish()
+                break
+            except ConnectionError:
+                assert time.monotonic() < deadline, log.read_text()[-2000:]
+                time.sleep(0.1)
+        text = log.read_text()
+        assert "out of system resource" not in text and "Too many open files" not in text, text
+    finally:
+        for s in sockets:
+            s.close()
+        process.terminate()
+        process.wait(30)

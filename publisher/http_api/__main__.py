@@ -50,7 +50,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         "--limit-concurrency",
         type=int,
         default=1000,
-        help="requests in progress at once; more get 503 (uvicorn)",
+        help="requests in progress at once, more get 503 (uvicorn); connections past it and "
+        "64 more are closed at accept",
     )
 
     key = commands.add_parser("new-key", help="print a new API key and its keys-file entry")
@@ -84,7 +85,7 @@ def _serve(args: argparse.Namespace, prog: str) -> int:
     import uvicorn
 
     from publisher.client import AsyncPublisher
-    from publisher.http_api.server import server_config
+    from publisher.http_api.server import fit_descriptors, server_config
 
     if not args.keys_file:
         sys.stderr.write(
@@ -103,13 +104,16 @@ def _serve(args: argparse.Namespace, prog: str) -> int:
     except ValueError as exc:
         sys.stderr.write(f"{prog}: error: {exc}\n")
         return 2
+    if args.limit_concurrency < 1:
+        sys.stderr.write(f"{prog}: error: --limit-concurrency must be at least 1\n")
+        return 2
     publisher = AsyncPublisher.from_url(args.redis_url, prefix=args.prefix)
     app = PublishApi(publisher, credentials, settings)
     config = server_config(
         app,
         host=args.host,
         port=args.port,
-        limit_concurrency=args.limit_concurrency,
+        limit_concurrency=fit_descriptors(args.limit_concurrency),
         timeout_graceful_shutdown=10,
     )
     uvicorn.Server(config).run()

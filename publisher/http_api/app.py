@@ -87,6 +87,9 @@ class Counters:
     def __init__(self) -> None:
         self.responses: dict[tuple[int, str], int] = {}
         self.events = 0
+        #: Connections the server closed without an answer, by reason (``server``): "full" (past
+        #: --limit-concurrency and its slack, at accept), "header_timeout" (--header-timeout).
+        self.closed: dict[str, int] = {"full": 0, "header_timeout": 0}
 
     def count(self, status: int, code: str) -> None:
         self.responses[status, code] = self.responses.get((status, code), 0) + 1
@@ -103,6 +106,14 @@ class Counters:
             lines.append(
                 f'eventbus_http_publish_responses_total{{status="{status}",code="{code}"}} {value}'
             )
+        lines += [
+            "# HELP eventbus_http_publish_connections_closed_total Connections closed without an"
+            " answer.",
+            "# TYPE eventbus_http_publish_connections_closed_total counter",
+        ]
+        for reason, value in sorted(self.closed.items()):
+            labels = f'{{reason="{reason}"}}'
+            lines.append(f"eventbus_http_publish_connections_closed_total{labels} {value}")
         return ("\n".join(lines) + "\n").encode()
 
 

@@ -13,6 +13,12 @@ received cancels. :class:`BoundedHttpProtocol` adds the bounds it lacks:
   one client sending headers as fast as it could (or one endless header, or an endless URL) made
   the process hold gigabytes within the header timeout. Past ``--max-header-bytes`` the request
   is answered 431 and the connection closed.
+* **Connections.** uvicorn accepts every connection and answers 503 to the requests past
+  ``--limit-concurrency``: a flood of idle sockets used up the process' descriptors, every accept
+  then failed (asyncio logs each at error level) and new Redis connections could not be opened.
+  Connections past ``--limit-concurrency`` and :data:`ACCEPT_SLACK` are closed at once, and
+  ``serve`` lowers ``--limit-concurrency`` to what the descriptor limit holds
+  (:func:`fit_descriptors`).
 * **Requests read ahead.** uvicorn parses every request a connection pipelines and queues it
   behind the one in progress, and resumes reading after each answer: a client that sent requests
   without reading the answers grew that queue by thousands per answer (1.4 GB in 10 s). At most
@@ -27,18 +33,30 @@ Imported only to serve (uvicorn is the ``http-api`` extra).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import resource
 from collections.abc import Callable
 from typing import Any
 
 import httptools
 import msgspec
+import structlog
 import uvicorn
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from publisher.http_api.app import Counters, HttpApiSettings, PublishApi
 
-__all__ = ["MAX_PIPELINED", "BoundedHttpProtocol", "server_config"]
+__all__ = [
+    "ACCEPT_SLACK",
+    "MAX_PIPELINED",
+    "BoundedHttpProtocol",
+    "fit_descriptors",
+    "fitted_concurrency",
+    "server_config",
+]
+
+log = structlog.get_logger("eventbus.http_api")
 
 #: Requests of one connection parsed and queued behind the one in progress. HTTP/1.1 answers in
 #: order, so parsing further ahead gains nothing but memory.
@@ -49,6 +67,21 @@ FEED_SLICE = 4096
 #: Seconds a refused connection's further input is still read and dropped after its answer, so
 #: that the client reads the answer rather than a reset for the bytes left unread.
 LINGER = 2.0
+
+#: Connections accepted past ``--limit-concurrency`` (their requests answered 503 by uvicorn)
+#: before further ones are closed at accept.
+ACCEPT_SLACK = 64
+#: Descriptors the process needs besides its clients and their Redis connections: the listening
+#: socket, epoll, log files, the interpreter's own.
+DESCRIPTOR_RESERVE = 256
+#: Pending connections the kernel queues for accept(). asyncio accepts up to this many per
+#: iteration of its loop, and a protocol sees its socket (and closes it when past the bound) two
+#: iterations later, its descriptor freed one more later: ACCEPT_BATCHES of them are in flight in
+#: a flood, and the descriptor fit leaves room for them (uvicorn's 2,048 would take 8,192). Not
+#: much less: a burst of connects meeting a full queue waits for the SYN retransmission (1 s),
+#: and on a busy machine the loop may not accept for a few milliseconds.
+LISTEN_BACKLOG = 1024
+ACCEPT_BATCHES = 4
 
 _NOTHING = memoryview(b"")
 
@@ -74,6 +107,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     header_timeout: float = HttpApiSettings().header_timeout
     max_header_bytes: int = HttpApiSettings().max_header_bytes
     counters: Counters | None = None
+    #: Connections open at once; past it a new one is closed at accept (None: no bound).
+    max_connections: int | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -87,6 +122,10 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._dropping = False  # refused or upgraded: further bytes are not requests
         self._header_deadline: asyncio.TimerHandle | None = None
         self._linger: asyncio.TimerHandle | None = None
+        if self.max_connections is not None and len(self.connections) > self.max_connections:
+            self._count_closed("full")
+            transport.abort()  # before its descriptor is needed for Redis, or for accept()
+            return
         self._await_headers()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -230,7 +269,44 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     def _headers_late(self) -> None:
         self._header_deadline = None
         if self._unanswered == 0 and not self.transport.is_closing():
+            self._count_closed("header_timeout")
             self.transport.close()
+
+    def _count_closed(self, reason: str) -> None:
+        if self.counters is not None:
+            self.counters.closed[reason] += 1
+
+
+def fitted_concurrency(limit_concurrency: int, descriptor_limit: int) -> int:
+    """The largest ``--limit-concurrency`` (at least 1, at most the one asked) whose descriptors
+    fit ``descriptor_limit``: each request in progress holds its socket and may hold a Redis
+    connection (all of them at once while Redis hangs), plus ACCEPT_SLACK sockets, the sockets
+    asyncio accepts before they are closed, and the reserve (pure)."""
+    in_flight = ACCEPT_BATCHES * LISTEN_BACKLOG
+    room = (descriptor_limit - ACCEPT_SLACK - in_flight - DESCRIPTOR_RESERVE) // 2
+    return max(1, min(limit_concurrency, room))
+
+
+def fit_descriptors(limit_concurrency: int) -> int:
+    """Raise the soft descriptor limit to the hard one, and return ``limit_concurrency``
+    lowered (with a warning) to what the limit holds: past it every accept fails and no Redis
+    connection can be opened, so the bound on connections must refuse them first."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1_048_576)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    fitted = fitted_concurrency(limit_concurrency, limit)
+    if fitted < limit_concurrency:
+        log.warning(
+            "limit_concurrency lowered to fit the descriptor limit",
+            configured=limit_concurrency,
+            effective=fitted,
+            descriptor_limit=limit,
+            hint="raise the limit (ulimit -n, LimitNOFILE=, the container runtime's nofile)",
+        )
+    return fitted
 
 
 def server_config(
@@ -238,7 +314,9 @@ def server_config(
 ) -> uvicorn.Config:
     """The uvicorn configuration serving ``app``: httptools with the bounds of
     ``app.settings`` (:class:`BoundedHttpProtocol`), no WebSocket; ``options`` are further
-    ``uvicorn.Config`` arguments (``limit_concurrency``, ``log_level``, ...)."""
+    ``uvicorn.Config`` arguments (``limit_concurrency``, which also bounds the connections
+    accepted, ``log_level``, ...)."""
+    limit = options.get("limit_concurrency")
     protocol = type(
         "BoundedHttpProtocol",
         (BoundedHttpProtocol,),
@@ -246,6 +324,7 @@ def server_config(
             "header_timeout": app.settings.header_timeout,
             "max_header_bytes": app.settings.max_header_bytes,
             "counters": app.counters,
+            "max_connections": None if limit is None else limit + ACCEPT_SLACK,
         },
     )
     settings: dict[str, Any] = {
@@ -254,6 +333,7 @@ def server_config(
         "access_log": False,
         "log_level": "warning",
         "ws": "none",  # the API has no WebSocket endpoint (one answered 500, logged as an error)
+        "backlog": LISTEN_BACKLOG,
         **options,
     }
     return uvicorn.Config(app, host=host, port=port, http=protocol, **settings)
