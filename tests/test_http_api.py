@@ -82,6 +82,14 @@ def test_keys_file_errors_name_the_field_and_duplicates_are_refused() -> None:
         Credentials.from_json(json.dumps({"keys": [entry, {**entry, "id": "b"}]}))
     with pytest.raises(ValueError, match="unique"):
         Credentials.from_json(json.dumps({"keys": [entry, {**entry, "sha256": hash_key("j")}]}))
+    # A misspelt field was ignored ("rates" left the key at the default rate), and a key of no
+    # project was accepted that could never publish.
+    with pytest.raises(ValueError, match=r"unknown field `rates` - at `\$.keys\[0\]`"):
+        Credentials.from_json(json.dumps({"keys": [{**entry, "rates": 20000}]}))
+    with pytest.raises(ValueError, match="unknown field `comment`"):
+        Credentials.from_json(json.dumps({"keys": [entry], "comment": "x"}))
+    with pytest.raises(ValueError, match=r"\$.keys\[0\].projects"):
+        Credentials.from_json(json.dumps({"keys": [{**entry, "projects": []}]}))
 
 
 def test_token_bucket_refills_at_its_rate_and_never_exceeds_its_burst() -> None:
@@ -622,6 +630,22 @@ def test_new_key_prints_a_key_whose_entry_authenticates_it() -> None:
     key = out[0].split()[-1]
     creds = Credentials.from_json(json.dumps({"keys": [json.loads(out[-1])]}))
     assert creds.authenticate(f"Bearer {key}").projects == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--projects", "1,x"], "invalid literal"),
+        (["--projects", "0"], "$.projects[0]"),
+        (["--projects", "1", "--rate", "0"], "$.rate"),
+    ],
+)
+def test_new_key_with_a_wrong_argument_is_an_error_not_a_traceback(args, message, capsys) -> None:
+    from publisher.http_api.__main__ import main
+
+    assert main(["new-key", "--id", "billing", *args]) == 2
+    out = capsys.readouterr()
+    assert message in out.err and "Traceback" not in out.err and out.out == ""
 
 
 def _doc_snippet(language: str, marker: str) -> str:

@@ -64,17 +64,23 @@ def _parser(prog: str) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, *, prog: str = "python -m publisher.http_api") -> int:
     args = _parser(prog).parse_args(argv)
     if args.command == "new-key":
-        return _new_key(args)
+        return _new_key(args, prog)
     return _serve(args, prog)
 
 
-def _new_key(args: argparse.Namespace) -> int:
+def _new_key(args: argparse.Namespace, prog: str) -> int:
     key = new_key()
-    projects = "*" if args.projects.strip() == "*" else [int(p) for p in args.projects.split(",")]
-    entry = msgspec.convert(
-        {"id": args.id, "sha256": hash_key(key), "projects": projects, "rate": args.rate},
-        ApiKey,
-    )
+    try:
+        projects = (
+            "*" if args.projects.strip() == "*" else [int(p) for p in args.projects.split(",")]
+        )
+        entry = msgspec.convert(
+            {"id": args.id, "sha256": hash_key(key), "projects": projects, "rate": args.rate},
+            ApiKey,
+        )
+    except ValueError as exc:  # (msgspec.ValidationError is one) a traceback was printed
+        sys.stderr.write(f"{prog}: error: {exc}\n")
+        return 2
     sys.stdout.write(f"key (shown once; give it to the service): {key}\n")
     sys.stdout.write('keys-file entry (add it to the file\'s "keys" list):\n')
     sys.stdout.write(msgspec.json.encode(entry).decode() + "\n")

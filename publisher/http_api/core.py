@@ -62,13 +62,16 @@ class ApiError(Exception):
         self.cursors = cursors
 
 
-class ApiKey(msgspec.Struct, kw_only=True, frozen=True):
+class ApiKey(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """One publisher credential, as stored in the keys file. The key itself is never stored:
-    only its SHA-256, so a leaked file does not leak a working key."""
+    only its SHA-256, so a leaked file does not leak a working key. An unknown field is an
+    error, not ignored: a misspelt ``rate`` or ``projects`` must not pass unnoticed."""
 
     id: Annotated[str, Meta(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._:-]+\Z")]
     sha256: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}\Z")]
-    projects: list[Annotated[int, Meta(gt=0, le=2**53 - 1)]] | Literal["*"]
+    projects: (
+        Annotated[list[Annotated[int, Meta(gt=0, le=2**53 - 1)]], Meta(min_length=1)] | Literal["*"]
+    )
     rate: Annotated[float, Meta(gt=0)] | None = None
     burst: Annotated[int, Meta(ge=1)] | None = None
 
@@ -76,7 +79,7 @@ class ApiKey(msgspec.Struct, kw_only=True, frozen=True):
         return self.projects == "*" or project_id in self.projects
 
 
-class ApiKeyFile(msgspec.Struct, kw_only=True, frozen=True):
+class ApiKeyFile(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """The keys file: ``{"keys": [{"id": ..., "sha256": ..., "projects": [1, 2] | "*"}]}``."""
 
     keys: list[ApiKey]
