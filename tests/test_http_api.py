@@ -692,3 +692,50 @@ async def test_an_array_retried_with_its_idempotency_key_publishes_each_event_on
     assert [c["seq"] for c in first[2]["cursors"]] == [1, 2, 3, 4, 5]
     assert conflict[0] == 409 and conflict[2]["error"]["code"] == "idempotency_conflict"
     assert [f["seq"] for f in stream(redis_url, 6)] == [1, 2, 3, 4, 5, 6]
+
+
+# Short ones, with and without ':'; long ones (whose plain form would pass 200 characters).
+_KEY_ID = st.text("ab:._-0", min_size=1, max_size=4) | st.text("k", min_size=90, max_size=100)
+_IDEMPOTENCY = st.text("ab:~!0", min_size=1, max_size=4) | st.text("i:", min_size=90, max_size=100)
+_INDEX = st.none() | st.integers(0, 499)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.tuples(_KEY_ID, _IDEMPOTENCY, _INDEX), st.tuples(_KEY_ID, _IDEMPOTENCY, _INDEX))
+def test_publisher_keys_are_valid_and_never_shared_by_two_requests(first, second) -> None:
+    """Each (credential, Idempotency-Key, index in the array or None) has its own publisher key,
+    one the publisher takes: any pair of them meeting would publish one service's event in
+    place of another's."""
+    from publisher.core import valid_idempotency_key
+    from publisher.http_api.app import _publisher_keys
+
+    def key(key_id: str, idempotency_key: str, index: int | None) -> str:
+        if index is None:
+            return _publisher_keys(key_id, idempotency_key, None, 500)[0]
+        return _publisher_keys(key_id, idempotency_key, index + 1, 500)[index]
+
+    assert valid_idempotency_key(key(*first)) and valid_idempotency_key(key(*second))
+    assert (key(*first) == key(*second)) == (first == second)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=80) | st.builds(lambda s: f"Bearer {s}", st.text(max_size=60)))
+def test_any_authorization_is_a_key_or_a_401(authorization: str) -> None:
+    creds = credentials()
+    try:
+        key = creds.authenticate(authorization)
+    except ApiError as error:
+        assert error.status == 401 and error.code == "unauthorized"
+    else:
+        assert hash_key(authorization.partition(" ")[2].strip()) == key.sha256
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=40) | st.from_regex(r"\A/v1/projects/[0-9]{1,20}/events\Z"))
+def test_any_path_is_a_project_or_a_404(path: str) -> None:
+    try:
+        project = parse_project_path(path)
+    except ApiError as error:
+        assert error.status == 404
+    else:
+        assert 0 < project <= 2**53 - 1 and project == int(path.split("/")[3])
