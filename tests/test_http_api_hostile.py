@@ -223,10 +223,12 @@ def test_fitted_concurrency() -> None:
     assert fitted_concurrency(1000, 100) == 1
 
 
-async def test_connections_past_the_limit_are_closed_at_accept(redis_url) -> None:
+async def test_connections_past_the_limit_are_closed_at_accept(redis_url, caplog) -> None:
     """uvicorn accepts every connection (only their requests past --limit-concurrency get 503):
     idle sockets piled up until the process had no descriptor left. Past the limit and
-    ACCEPT_SLACK a connection is closed at once; the others are served as before."""
+    ACCEPT_SLACK a connection is closed at once; the others are served as before. The 503 past
+    the limit was uvicorn's plain text and a warning logged per request: now the documented
+    JSON error, counted."""
     async with serving(redis_url, limit_concurrency=2, header_timeout=3) as (app, _, port):
         # (Accepted and seen in the order they connected: all before the next one.)
         held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2 + ACCEPT_SLACK)]
@@ -240,7 +242,11 @@ async def test_connections_past_the_limit_are_closed_at_accept(redis_url) -> Non
         # The held ones are served (uvicorn's 503: past the limit of requests in progress)...
         held[0][1].write(HEALTHZ)
         async with asyncio.timeout(5):
-            assert (await read_answer(held[0][0]))[0] == 503
+            status, headers, body = await read_answer(held[0][0])
+        assert status == 503 and headers["retry-after"] == "1", (status, body)
+        assert msgspec.json.decode(body)["error"]["code"] == "overloaded"
+        assert app.counters.responses[503, "overloaded"] == 1
+        assert "concurrency" not in caplog.text
         # ... or closed at their header timeout, which frees their places.
         async with asyncio.timeout(10):
             for held_reader, held_writer in held:
@@ -318,3 +324,19 @@ def test_a_socket_flood_past_the_descriptor_limit_is_refused_quietly(redis_url, 
             s.close()
         process.terminate()
         process.wait(30)
+
+
+async def test_a_client_that_does_not_read_its_answers_is_dropped(redis_url) -> None:
+    """An answer waits for the client to read it (uvicorn pauses at 64 KiB unsent) without a
+    bound: a client that pipelined requests and never read the answers held its connection
+    and a task for ever, both counted against --limit-concurrency, so a thousand such clients
+    shut the API for good without sending another byte. Past --send-timeout it is dropped."""
+    async with serving(redis_url, send_timeout=1) as (app, server, port):
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        # Its writes stall too (the server stops reading), until the drop resets them.
+        async with asyncio.timeout(15):
+            await send_all(writer, HEALTHZ * 200_000)
+        writer.close()
+        assert app.counters.closed["send_timeout"] == 1
+        assert not server.server_state.connections

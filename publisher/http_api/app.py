@@ -62,6 +62,9 @@ class HttpApiSettings(msgspec.Struct, kw_only=True, frozen=True):
     answer; the connection is closed after it (``publisher.http_api.server``)."""
     ready_timeout: float = 1.0
     """Seconds ``/readyz`` waits for Redis' answer to PING."""
+    send_timeout: float = 10.0
+    """Seconds an answer may wait for the client to read it; the connection is dropped after it
+    (``publisher.http_api.server``)."""
     max_header_bytes: int = 32 * 1024
     """Largest request line and headers in bytes (431 above it, ``publisher.http_api.server``)."""
 
@@ -76,7 +79,7 @@ class HttpApiSettings(msgspec.Struct, kw_only=True, frozen=True):
             raise ValueError("--max-body and --burst must be at least 1")
         if self.max_header_bytes < 1024:
             raise ValueError("--max-header-bytes must be at least 1024")
-        for name in ("rate", "body_timeout", "header_timeout", "ready_timeout"):
+        for name in ("rate", "body_timeout", "header_timeout", "send_timeout", "ready_timeout"):
             if not 0 < getattr(self, name) < math.inf:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive number")
 
@@ -88,8 +91,9 @@ class Counters:
         self.responses: dict[tuple[int, str], int] = {}
         self.events = 0
         #: Connections the server closed without an answer, by reason (``server``): "full" (past
-        #: --limit-concurrency and its slack, at accept), "header_timeout" (--header-timeout).
-        self.closed: dict[str, int] = {"full": 0, "header_timeout": 0}
+        #: --limit-concurrency and its slack, at accept), "header_timeout" (--header-timeout),
+        #: "send_timeout" (an answer not read within --send-timeout).
+        self.closed: dict[str, int] = {"full": 0, "header_timeout": 0, "send_timeout": 0}
 
     def count(self, status: int, code: str) -> None:
         self.responses[status, code] = self.responses.get((status, code), 0) + 1

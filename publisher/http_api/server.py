@@ -13,6 +13,10 @@ received cancels. :class:`BoundedHttpProtocol` adds the bounds it lacks:
   one client sending headers as fast as it could (or one endless header, or an endless URL) made
   the process hold gigabytes within the header timeout. Past ``--max-header-bytes`` the request
   is answered 431 and the connection closed.
+* **Time to read the answers.** uvicorn's answer waits for the client to read it (past 64 KiB
+  unsent) without a bound: a client that pipelined requests and never read the answers held its
+  connection and a task for ever, both counted against ``--limit-concurrency``. A connection
+  whose unsent answers do not drain within ``--send-timeout`` is dropped.
 * **Connections.** uvicorn accepts every connection and answers 503 to the requests past
   ``--limit-concurrency``: a flood of idle sockets used up the process' descriptors, every accept
   then failed (asyncio logs each at error level) and new Redis connections could not be opened.
@@ -24,7 +28,9 @@ received cancels. :class:`BoundedHttpProtocol` adds the bounds it lacks:
   without reading the answers grew that queue by thousands per answer (1.4 GB in 10 s). At most
   :data:`MAX_PIPELINED` requests are parsed ahead; the rest stays unread, in the socket.
 
-Requests that are not HTTP/1.1 are answered 400 (``invalid_http``) and counted, not logged;
+Requests past ``--limit-concurrency`` are answered the documented JSON 503 (``overloaded``) and
+counted, where uvicorn answered plain text and logged a warning for each; requests that are not
+HTTP/1.1 are answered 400 (``invalid_http``) and counted, not logged;
 Upgrade requests (WebSocket, h2c) are answered as plain requests, then the connection is closed.
 
 Imported only to serve (uvicorn is the ``http-api`` extra).
@@ -46,6 +52,7 @@ from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from publisher.http_api.app import Counters, HttpApiSettings, PublishApi
+from publisher.http_api.core import ApiError, error_body
 
 __all__ = [
     "ACCEPT_SLACK",
@@ -105,6 +112,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     publisher's ``timeout``)."""
 
     header_timeout: float = HttpApiSettings().header_timeout
+    send_timeout: float = HttpApiSettings().send_timeout
     max_header_bytes: int = HttpApiSettings().max_header_bytes
     counters: Counters | None = None
     #: Connections open at once; past it a new one is closed at accept (None: no bound).
@@ -112,6 +120,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        # uvicorn's own check answers plain text and logs a warning per request: ours instead.
+        self._limit, self.limit_concurrency = self.limit_concurrency, None
         self.flow = _HeldFlowControl(transport, self._holding)
         self._unread = _NOTHING  # received, not parsed yet: MAX_PIPELINED requests are queued
         self._unanswered = 0  # requests whose headers arrived and whose answer is not complete
@@ -122,6 +132,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._dropping = False  # refused or upgraded: further bytes are not requests
         self._header_deadline: asyncio.TimerHandle | None = None
         self._linger: asyncio.TimerHandle | None = None
+        self._send_deadline: asyncio.TimerHandle | None = None
         if self.max_connections is not None and len(self.connections) > self.max_connections:
             self._count_closed("full")
             transport.abort()  # before its descriptor is needed for Redis, or for accept()
@@ -130,8 +141,9 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_deadline()
-        if self._linger is not None:
-            self._linger.cancel()
+        for timer in (self._linger, self._send_deadline):
+            if timer is not None:
+                timer.cancel()
         self._unread = _NOTHING
         super().connection_lost(exc)
 
@@ -184,7 +196,17 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._in_head = False
         self._boundaries += 1
         self._cancel_deadline()
-        super().on_headers_complete()
+        limit = self._limit
+        if limit is None or (len(self.connections) < limit and len(self.tasks) < limit):
+            super().on_headers_complete()
+            return
+        if self.counters is not None:
+            self.counters.count(503, "overloaded")
+        app, self.app = self.app, _overloaded  # for this request only
+        try:
+            super().on_headers_complete()
+        finally:
+            self.app = app
 
     def on_message_complete(self) -> None:
         self._in_head = True
@@ -254,6 +276,27 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self.flow.resume_reading()
         self._linger = self.loop.call_later(LINGER, self.transport.close)
 
+    # --- the send deadline ------------------------------------------------------------------
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._send_deadline is None:
+            self._send_deadline = self.loop.call_later(self.send_timeout, self._send_late)
+
+    def resume_writing(self) -> None:
+        if self._send_deadline is not None:
+            self._send_deadline.cancel()
+            self._send_deadline = None
+        super().resume_writing()
+
+    def _send_late(self) -> None:
+        self._send_deadline = None
+        if not self.transport.is_closing():
+            self._count_closed("send_timeout")
+        # abort, not close: close would wait for the unsent bytes, which are the problem. The
+        # answer waiting for the drain then sees the connection lost and ends.
+        self.transport.abort()
+
     # --- the header deadline ----------------------------------------------------------------
 
     def _await_headers(self) -> None:
@@ -275,6 +318,24 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     def _count_closed(self, reason: str) -> None:
         if self.counters is not None:
             self.counters.closed[reason] += 1
+
+
+_OVERLOADED = error_body(
+    ApiError(503, "overloaded", "too many connections or requests at once: retry")
+)
+
+
+async def _overloaded(scope: dict, receive: Any, send: Any) -> None:
+    """The answer past ``--limit-concurrency``; the connection is closed after it, to free its
+    place (as uvicorn's own answer does)."""
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", b"%d" % len(_OVERLOADED)),
+        (b"retry-after", b"1"),
+        (b"connection", b"close"),
+    ]
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": _OVERLOADED})
 
 
 def fitted_concurrency(limit_concurrency: int, descriptor_limit: int) -> int:
@@ -322,6 +383,7 @@ def server_config(
         (BoundedHttpProtocol,),
         {
             "header_timeout": app.settings.header_timeout,
+            "send_timeout": app.settings.send_timeout,
             "max_header_bytes": app.settings.max_header_bytes,
             "counters": app.counters,
             "max_connections": None if limit is None else limit + ACCEPT_SLACK,
