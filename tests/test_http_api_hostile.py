@@ -16,7 +16,10 @@ import sys
 import time
 
 import msgspec
+import redis
 import uvicorn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from publisher import AsyncPublisher
 from publisher.http_api import HttpApiSettings, PublishApi, hash_key
@@ -340,3 +343,64 @@ async def test_a_client_that_does_not_read_its_answers_is_dropped(redis_url) -> 
         writer.close()
         assert app.counters.closed["send_timeout"] == 1
         assert not server.server_state.connections
+
+
+_PIPELINED = st.lists(
+    st.tuples(
+        st.sampled_from(["healthz", "event", "not_json", "not_found", "not_found_body"]),
+        st.integers(0, 31_000),  # bytes of an extra header (under --max-header-bytes)
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(requests=_PIPELINED, cuts=st.lists(st.integers(1, 30_000), min_size=1, max_size=50))
+def test_pipelined_requests_cut_anywhere_are_answered_in_order(redis_url, requests, cuts) -> None:
+    """Requests pipelined on one connection and sent in pieces cut anywhere (the server parses
+    4 KiB at a time and stops at MAX_PIPELINED): every one is answered, in order, and the
+    events are published once each, in order."""
+    expected = {"healthz": 200, "event": 200, "not_json": 400, "not_found": 404}
+    data = bytearray()
+    for number, (kind, pad) in enumerate(requests):
+        extra = b"X-Pad: " + b"p" * pad + b"\r\n"
+        if kind == "healthz":
+            data += b"GET /healthz HTTP/1.1\r\nHost: t\r\n" + extra + b"\r\n"
+        elif kind == "event":
+            body = json.dumps({**EXPIRED, "blocker_id": number + 1}).encode()
+            data += publish_request(body, extra=extra)
+        elif kind == "not_json":
+            data += publish_request(b"{nope", extra=extra)
+        else:
+            body = b"x" * (pad if kind == "not_found_body" else 0)
+            data += b"POST /nowhere HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    pieces, start = [], 0
+    while start < len(data):
+        size = cuts[len(pieces) % len(cuts)]
+        pieces.append(bytes(data[start : start + size]))
+        start += size
+
+    async def run() -> list[int]:
+        async with serving(redis_url) as (_, _, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+            async def write() -> None:
+                for piece in pieces:
+                    writer.write(piece)
+                    await writer.drain()
+
+            sending = asyncio.create_task(write())
+            async with asyncio.timeout(30):
+                statuses = [(await read_answer(reader))[0] for _ in requests]
+                await sending
+            writer.close()
+            return statuses
+
+    redis_client = redis.Redis.from_url(redis_url)
+    redis_client.flushall()
+    redis_client.close()
+    statuses = asyncio.run(run())
+    assert statuses == [expected.get(kind, 404) for kind, _ in requests]
+    published = [number + 1 for number, (kind, _) in enumerate(requests) if kind == "event"]
+    assert [frame["blocker_id"] for frame in stream(redis_url, 1)] == published
