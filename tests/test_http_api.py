@@ -739,3 +739,51 @@ def test_any_path_is_a_project_or_a_404(path: str) -> None:
         assert error.status == 404
     else:
         assert 0 < project <= 2**53 - 1 and project == int(path.split("/")[3])
+
+
+async def test_redis_unavailable_is_logged_once_a_second_not_per_request() -> None:
+    """Every request during a Redis outage logged a warning: at thousands of requests a second,
+    thousands of lines. The first is logged, then at most one a second with the number of the
+    others; the 503s are all counted."""
+    import structlog
+
+    from publisher.core import PublisherUnavailable
+
+    class Down:
+        async def publish(self, event, **kwargs):
+            raise PublisherUnavailable("Redis unavailable: no reply within 10 s")
+
+    now = [0.0]
+    app = PublishApi(Down(), credentials(), clock=lambda: now[0])
+    body = json.dumps(EXPIRED).encode()
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/projects/1/events",
+        "headers": [
+            (b"authorization", f"Bearer {KEY_ALL}".encode()),
+            (b"content-type", b"application/json"),
+        ],
+    }
+
+    async def request() -> int:
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        await app(scope, receive, send)
+        return sent[0]["status"]
+
+    with structlog.testing.capture_logs() as logs:
+        assert {await request() for _ in range(100)} == {503}
+        now[0] = 0.5
+        await request()
+        now[0] = 1.0
+        await request()
+    lines = [line for line in logs if line["event"] == "http_publish_unavailable"]
+    assert [line.get("suppressed", 0) for line in lines] == [0, 100]
+    assert app.counters.responses[503, "unavailable"] == 102

@@ -42,6 +42,7 @@ log = structlog.get_logger("eventbus.http_api")
 _IDEMPOTENCY_HEADER_MAX = 100
 _PUBLISHER_KEY_MAX = 200  # publisher.core: idempotency keys of 1-200 printable characters
 _JSON = [(b"content-type", b"application/json")]
+_UNAVAILABLE_LOG_INTERVAL = 1.0  # seconds between "Redis unavailable" warnings
 
 
 class HttpApiSettings(msgspec.Struct, kw_only=True, frozen=True):
@@ -139,6 +140,9 @@ class PublishApi:
         self.limiter = RateLimiter(self.settings.rate, self.settings.burst)
         self.counters = Counters()
         self._clock = clock
+        # The unavailable warning: when it was last logged, and how many since were not.
+        self._unavailable_logged: float | None = None
+        self._unavailable_suppressed = 0
 
     async def __call__(self, scope: dict, receive, send) -> None:
         kind = scope["type"]
@@ -224,7 +228,7 @@ class PublishApi:
                     namespaced = _publisher_keys(key.id, idempotency_key, None, 1)[0]
                 cursors = [await self.publisher.publish(events[0], idempotency_key=namespaced)]
         except PublisherUnavailable as exc:
-            log.warning("http_publish_unavailable", project_id=project_id, error=str(exc))
+            self._log_unavailable(project_id, exc)
             raise ApiError(503, "unavailable", "Redis is unavailable", retry_after=1) from None
         except PublishError as exc:
             status, code = _publish_error_status(exc)
@@ -235,6 +239,19 @@ class PublishApi:
             raise ApiError(status, code, str(exc), cursors=cursors) from None
         self.counters.events += len(events)
         return 200, cursor_body(cursors, is_batch)
+
+    def _log_unavailable(self, project_id: int, exc: Exception) -> None:
+        """At most one line a second (with how many were not logged): one per request made an
+        outage thousands of lines a second. The 503s are counted, every one."""
+        now = self._clock()
+        last = self._unavailable_logged
+        if last is not None and now - last < _UNAVAILABLE_LOG_INTERVAL:
+            self._unavailable_suppressed += 1
+            return
+        self._unavailable_logged = now
+        suppressed, self._unavailable_suppressed = self._unavailable_suppressed, 0
+        extra = {"suppressed": suppressed} if suppressed else {}
+        log.warning("http_publish_unavailable", project_id=project_id, error=str(exc), **extra)
 
     async def _body(self, headers: dict[bytes, list[bytes]], receive) -> bytes:
         limit = self.settings.max_body
