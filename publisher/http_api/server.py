@@ -75,7 +75,7 @@ FEED_SLICE = 4096
 #: that the client reads the answer rather than a reset for the bytes left unread.
 LINGER = 2.0
 
-#: Connections accepted past ``--limit-concurrency`` (their requests answered 503 by uvicorn)
+#: Connections accepted past ``--limit-concurrency`` (their requests answered 503 ``overloaded``)
 #: before further ones are closed at accept.
 ACCEPT_SLACK = 64
 #: Descriptors the process needs besides its clients and their Redis connections: the listening
