@@ -125,6 +125,7 @@ def test_rate_limiter_answers_429_with_the_wait_per_key() -> None:
         ("header_timeout", -1.0),
         ("body_timeout", float("inf")),
         ("max_header_bytes", 100),  # under a request's own headers: every request refused
+        ("send_timeout", 0.0),
     ],
 )
 def test_settings_that_cannot_work_are_refused_by_name(flag: str, value: float, tmp_path) -> None:
