@@ -295,13 +295,14 @@ class Api:
 
 
 @contextlib.asynccontextmanager
-async def served(
-    redis_url: str,
+async def serving_app(
+    publisher,
     keys: Credentials | None = None,
     limit_concurrency: int | None = None,
     **setting_overrides,
 ):
-    publisher = AsyncPublisher.from_url(redis_url)
+    """The API over ``publisher`` on a free port, served by uvicorn as ``serve`` configures it,
+    until the block ends: yields ``(app, server, port)``."""
     app = PublishApi(publisher, keys or credentials(), HttpApiSettings(**setting_overrides))
     port = free_port()
     server = uvicorn.Server(server_config(app, port=port, limit_concurrency=limit_concurrency))
@@ -311,10 +312,16 @@ async def served(
             task.result()
         await asyncio.sleep(0.01)
     try:
-        yield Api(port)
+        yield app, server, port
     finally:
         server.should_exit = True
         await task
+
+
+@contextlib.asynccontextmanager
+async def served(redis_url: str, keys: Credentials | None = None, **overrides):
+    async with serving_app(AsyncPublisher.from_url(redis_url), keys, **overrides) as (_, _, port):
+        yield Api(port)
 
 
 def stream(redis_url: str, project: int) -> list[dict]:

@@ -17,12 +17,11 @@ import time
 
 import msgspec
 import redis
-import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from publisher import AsyncPublisher
-from publisher.http_api import HttpApiSettings, PublishApi, hash_key
+from publisher.http_api import hash_key
 from publisher.http_api.server import (
     ACCEPT_BATCHES,
     ACCEPT_SLACK,
@@ -30,10 +29,9 @@ from publisher.http_api.server import (
     LISTEN_BACKLOG,
     MAX_PIPELINED,
     fitted_concurrency,
-    server_config,
 )
 from tests.support.redis_server import free_port
-from tests.test_http_api import EXPIRED, KEY_ALL, credentials, stream
+from tests.test_http_api import EXPIRED, KEY_ALL, serving_app, stream
 
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
 
@@ -66,27 +64,10 @@ class GatedPublisher:
 
 
 @contextlib.asynccontextmanager
-async def serving(
-    redis_url: str, *, gated: bool = False, limit_concurrency: int | None = None, **overrides
-):
+async def serving(redis_url: str, *, gated: bool = False, **overrides):
     publisher = AsyncPublisher.from_url(redis_url)
-    app = PublishApi(
-        GatedPublisher(publisher) if gated else publisher,
-        credentials(),
-        HttpApiSettings(**overrides),
-    )
-    port = free_port()
-    server = uvicorn.Server(server_config(app, port=port, limit_concurrency=limit_concurrency))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
-    try:
-        yield app, server, port
-    finally:
-        server.should_exit = True
-        await task
+    async with serving_app(GatedPublisher(publisher) if gated else publisher, **overrides) as api:
+        yield api
 
 
 async def read_answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
