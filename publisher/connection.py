@@ -30,6 +30,7 @@ __all__ = [
     "DirectCommands",
     "async_client",
     "defer_refresh_after_timeouts",
+    "idle_limit",
     "is_cluster_url",
     "sync_client",
 ]
@@ -51,6 +52,14 @@ class DirectCommands:
     client's own connect policy (one connect for the clients the publisher builds). Reply errors
     leave the connection in a clean state and keep it.
 
+    The pool counts a held idle connection as in use, so the lane keeps at most
+    :func:`idle_limit` of them and gives the others back after their call: the pool always has
+    room for the calls that go through redis-py (loading the script after ``NOSCRIPT``,
+    ``publish_many``, ``presence``, your own commands on the client). Before, a burst of as many
+    concurrent calls as the pool's limit (redis-py's default: 100) left every connection held
+    here: those calls failed with "Too many connections" for the publisher's life, and on a
+    ``BlockingConnectionPool`` they waited for ever.
+
     Thread-safe: a connection is used by one call at a time (``list.pop``/``append`` are atomic).
     A forked child starts with no idle connections, never sharing its parent's sockets.
     """
@@ -58,6 +67,7 @@ class DirectCommands:
     def __init__(self, client: redis.Redis) -> None:
         self._pool = client.connection_pool
         self._idle: list[redis.connection.AbstractConnection] = []
+        self._max_idle = idle_limit(self._pool)
         _lanes.add(self)
 
     @staticmethod
@@ -79,14 +89,21 @@ class DirectCommands:
             conn.send_packed_command((packed,))
             reply = conn.read_response()
         except redis.exceptions.ResponseError:
-            self._idle.append(conn)  # a complete error reply: the connection is still in step
+            self._keep(conn)  # a complete error reply: the connection is still in step
             raise
         except BaseException:
             conn.disconnect()
             self._pool.release(conn)
             raise
-        self._idle.append(conn)
+        self._keep(conn)
         return reply
+
+    def _keep(self, conn: redis.connection.AbstractConnection) -> None:
+        # (Checked, then appended: two threads may both pass, one connection over the limit.)
+        if len(self._idle) < self._max_idle:
+            self._idle.append(conn)
+        else:
+            self._pool.release(conn)
 
     def close(self) -> None:
         """Give the idle connections back to the client's pool."""
@@ -104,6 +121,7 @@ class AsyncDirectCommands:
     def __init__(self, client: redis.asyncio.Redis) -> None:
         self._pool = client.connection_pool
         self._idle: list[redis.asyncio.connection.AbstractConnection] = []
+        self._max_idle = idle_limit(self._pool)
         _lanes.add(self)
 
     @staticmethod
@@ -123,14 +141,20 @@ class AsyncDirectCommands:
             await conn.send_packed_command((packed,))
             reply = await conn.read_response()
         except redis.exceptions.ResponseError:
-            self._idle.append(conn)
+            await self._keep(conn)
             raise
         except BaseException:
             await conn.disconnect(nowait=True)
             await self._pool.release(conn)
             raise
-        self._idle.append(conn)
+        await self._keep(conn)
         return reply
+
+    async def _keep(self, conn: redis.asyncio.connection.AbstractConnection) -> None:
+        if len(self._idle) < self._max_idle:
+            self._idle.append(conn)
+        else:
+            await self._pool.release(conn)
 
     async def aclose(self) -> None:
         while self._idle:
@@ -138,6 +162,16 @@ class AsyncDirectCommands:
 
     def _forget(self) -> None:
         self._idle = []
+
+
+def idle_limit(pool: object) -> int:
+    """How many idle connections a lane may hold out of ``pool``: half its limit (rounded
+    down), so that at least half is always left to the calls that go through redis-py. A pool of
+    one connection gets none held: each call takes it and gives it back."""
+    limit = getattr(pool, "max_connections", None)
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+        return 0  # an unknown pool: hold nothing, as redis-py itself would
+    return limit // 2
 
 
 _lanes: weakref.WeakSet[DirectCommands | AsyncDirectCommands] = weakref.WeakSet()

@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 import redis
 import redis.asyncio
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
 
 from publisher import (
     AsyncPublisher,
@@ -698,3 +700,74 @@ _STALL_SCRIPT = (
     "while true do local n = redis.call('TIME'); "
     "if n[1] * 1e6 + n[2] - s > %d then break end end"
 )
+
+
+async def test_async_a_burst_past_the_pools_limit_leaves_the_publisher_working(
+    redis_url: str, redis_client
+) -> None:
+    """More concurrent publishes than the client's pool allows (redis-py's default limit is 100
+    connections) right after Redis lost its scripts (a restart, SCRIPT FLUSH). Before, the held
+    connections kept every connection of the pool: each call answered NOSCRIPT on one and went
+    to redis-py to load the script, which had none left. Every publish, ``publish_many``,
+    ``presence`` and the client's own commands raised "Too many connections" from then on, with
+    Redis healthy."""
+    redis_client.script_flush()
+    limit = 20
+    # Configured like the clients from_url builds (no retries of its own): the publisher
+    # retries a call that found no free connection, within its timeout.
+    client = redis.asyncio.Redis.from_url(
+        redis_url,
+        max_connections=limit,
+        socket_connect_timeout=2,
+        socket_timeout=2,
+        retry=AsyncRetry(NoBackoff(), 0),
+    )
+    async with AsyncPublisher(client, timeout=10) as pub:
+        burst = await asyncio.gather(
+            *(pub.publish(event(8, n)) for n in range(1, 3 * limit + 1)), return_exceptions=True
+        )
+        assert [r for r in burst if isinstance(r, BaseException)] == []
+        after = await pub.publish(event(8, 1000))
+        many = await pub.publish_many([event(8, 1001), event(8, 1002)])
+        assert await pub.presence(8) == []
+        assert await client.ping()
+    assert [c.seq for c in [after, *many]] == [3 * limit + 1, 3 * limit + 2, 3 * limit + 3]
+    assert len(stream_entries(redis_client, 8)) == 3 * limit + 3
+
+
+def test_a_blocking_pool_is_never_deadlocked_by_the_held_connections(
+    redis_url: str, redis_client
+) -> None:
+    """A client of your own on a ``BlockingConnectionPool`` (which waits for a free connection,
+    here for ever): more threads than its connections publish at once, and your own commands
+    go on. Before, the publisher kept the connections its calls had used: the thread waiting for
+    one, and every later command of the client, waited for ever, with Redis healthy."""
+    pool = redis.BlockingConnectionPool.from_url(
+        redis_url, max_connections=2, timeout=None, socket_connect_timeout=2, socket_timeout=2
+    )
+    client = redis.Redis(connection_pool=pool)
+    pub = Publisher(client)
+    threads, per_thread = 4, 50
+    start = threading.Barrier(threads)
+    published: list[Cursor] = []
+
+    def publish() -> None:
+        start.wait()
+        published.extend(pub.publish(event(9, n)) for n in range(1, per_thread + 1))
+
+    workers = [threading.Thread(target=publish, daemon=True) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    deadline = time.monotonic() + 20
+    for worker in workers:
+        worker.join(max(0.0, deadline - time.monotonic()))
+    assert not any(worker.is_alive() for worker in workers), "publishing threads deadlocked"
+    assert len(published) == threads * per_thread
+    # The client's own commands, in a thread: one waiting for ever must not hang the suite.
+    answered = threading.Event()
+    threading.Thread(target=lambda: client.ping() and answered.set(), daemon=True).start()
+    assert answered.wait(5), "the client's own command waited for a connection for ever"
+    pub.close()
+    assert sorted(s for s, _f, _t in stream_entries(redis_client, 9)) == list(
+        range(1, threads * per_thread + 1)
+    )
