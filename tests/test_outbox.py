@@ -1372,6 +1372,52 @@ def test_cli_prints_and_applies_the_migration(tmp_path):
     assert bad.returncode == 2 and "lower-case identifier" in bad.stderr
 
 
+def test_cli_migrate_against_a_hung_database_fails_within_its_timeout(pg_url, table):
+    """``migrate --dsn`` (a deploy step, an init container) against a PostgreSQL that accepts
+    TCP and never answers (a frozen proxy: a hung server, a frozen VM) exits 1 within
+    ``--timeout`` with the reason on stderr, and applies the migration once the database
+    answers. Before, psycopg's connect had no timeout and the DDL none either: the command,
+    and the deploy behind it, waited for ever without a word."""
+    proxy = FreezableProxy("127.0.0.1", int(pg_url.rpartition(":")[2].partition("/")[0]))
+    url = pg_url.replace(":5432/", f":{proxy.port}/")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "publisher.outbox", "migrate", "--dsn", url]
+    command += ["--table", table, "--timeout", "2"]
+    try:
+        proxy.freeze()
+        started = time.monotonic()
+        try:
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=20)
+        except subprocess.TimeoutExpired:
+            pytest.fail("migrate waited for ever on a database that never answers")
+        assert done.returncode == 1, done.stderr
+        assert time.monotonic() - started < 2 + 3
+        assert "timeout" in done.stderr, done.stderr
+        proxy.thaw()
+        subprocess.run(command, env=env, check=True, timeout=20)
+    finally:
+        proxy.close()
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute(f"SELECT count(*) FROM {table}").fetchone() == (0,)
+
+
+def test_a_migration_whose_ddl_is_never_answered_fails_within_the_timeout(pg_url, table):
+    """Connected, then the database stops answering: the DDL fails with TimeoutError within the
+    store's ``timeout`` (what ``migrate --dsn`` runs after its connect)."""
+    proxy = FreezableProxy("127.0.0.1", int(pg_url.rpartition(":")[2].partition("/")[0]))
+    store = PostgresOutboxStore(pg_url.replace(":5432/", f":{proxy.port}/"), table, timeout=1)
+    try:
+        store._conn()  # connected while the database answers
+        proxy.freeze()
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            store.apply_migration()
+        assert time.monotonic() - started < 1 + 1.5
+    finally:
+        store.close()
+        proxy.close()
+
+
 # --- order per project is commit order ---------------------------------------------------------
 
 

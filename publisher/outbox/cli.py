@@ -3,7 +3,7 @@
     python -m publisher.outbox relay --dsn postgresql://app@db/app --redis-url redis://redis:6379/0
     python -m publisher.outbox relay --sqlite /var/lib/app/app.db
     python -m publisher.outbox migrate --dialect postgresql            # print the DDL
-    python -m publisher.outbox migrate --dsn postgresql://app@db/app   # apply it
+    python -m publisher.outbox migrate --dsn postgresql://app@db/app   # apply it (--timeout 30)
 
 ``--dsn`` defaults to ``$EVENTBUS_OUTBOX_DSN``, ``--redis-url`` to ``$EVENTBUS_REDIS_URL`` (else
 ``redis://127.0.0.1:6379/0``), ``--prefix`` to ``$EVENTBUS_PREFIX``. The relay logs structlog
@@ -188,6 +188,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     migrate = sub.add_parser("migrate", help="print (or, with --dsn/--sqlite, apply) the DDL")
     migrate.add_argument("--dialect", choices=[POSTGRES, SQLITE])
     _source(migrate)
+    migrate.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        help="--dsn: seconds the connect, then the DDL, may wait for the database (30)",
+    )
     args = parser.parse_args(argv)
     if args.command == "relay":
         return _run_relay(args, relay)
@@ -198,8 +204,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dsn and not args.dialect:
         import psycopg
 
-        with psycopg.connect(args.dsn) as conn:
-            conn.execute(migration_sql(POSTGRES, args.table))
+        # Through the relay's store: its connect and the DDL are each bounded by --timeout (a
+        # bare psycopg.connect has no timeout, nor has a statement: a database that accepts
+        # TCP and never answers held the command for ever).
+        store = PostgresOutboxStore(args.dsn, args.table, leader=False, timeout=args.timeout)
+        try:
+            store.apply_migration()
+        except (TimeoutError, psycopg.OperationalError) as exc:
+            sys.stderr.write(f"migrate failed: {exc}\n")
+            return 1
+        finally:
+            store.close()
         return 0
     if not args.dialect:
         migrate.error("give --dialect to print the DDL, or --dsn / --sqlite to apply it")

@@ -43,7 +43,14 @@ import structlog
 from publisher.core import Cursor, PublishError, PublisherUnavailable, valid_idempotency_key
 from publisher.outbox.metrics import RateLimiter, RelayMetrics
 from publisher.outbox.publishing import CHUNK, KeyedPublisher
-from publisher.outbox.sql import DEFAULT_TABLE, POSTGRES, SQLITE, Statements, for_psycopg
+from publisher.outbox.sql import (
+    DEFAULT_TABLE,
+    POSTGRES,
+    SQLITE,
+    Statements,
+    for_psycopg,
+    migration_sql,
+)
 from schemas.events import EventValidationError, decode_event
 
 __all__ = ["OutboxRelay", "OutboxRow", "PostgresOutboxStore", "SQLiteOutboxStore"]
@@ -459,6 +466,15 @@ class PostgresOutboxStore(_ClosableStore):
     def wake(self) -> None:
         with contextlib.suppress(Exception):
             self._q(self.st.notify, {"channel": self.st.channel})
+
+    def apply_migration(self) -> None:
+        """Create the outbox table and its indexes where missing (idempotent; one implicit
+        transaction): the connect and the DDL each within ``timeout``, else ``TimeoutError``
+        (``python -m publisher.outbox migrate --dsn``). A database that never answers fails the
+        caller instead of holding it, and the deploy step behind it, for ever."""
+        conn = self._conn()
+        with self._deadline(conn):
+            conn.execute(migration_sql(POSTGRES, self.table))  # no parameters: one simple query
 
     def reset(self) -> None:
         with self._lock:
