@@ -586,25 +586,34 @@ class PresenceService:
             )
 
     async def _redis_loop(self) -> None:
-        """Writes, refreshes and re-reads, one at a time (a write and a refresh never race)."""
+        """Writes, refreshes and re-reads, one at a time (a write and a refresh never race).
+
+        A round gives up after ``refresh_interval`` (``TimeoutError``, logged as Redis being
+        unavailable), and the next one, which refreshes at once, takes a new connection: a
+        refresh late by at most one interval more keeps the pod's records (the ttl exceeds two
+        intervals). Before, a round waited on a hung connection as long as the client retried
+        (each retry waiting out its timeouts: about 100 s with the gateway's client), and the
+        pod's members were shown as gone to every pod meanwhile, also after Redis was back at
+        its address (a failover)."""
         loop = asyncio.get_running_loop()
         next_refresh = loop.time()
         backoff = self.flush_interval
         while True:
             try:
-                if loop.time() >= next_refresh:
-                    next_refresh = loop.time() + self.refresh_interval
-                    await self._refresh()
-                await self._flush()
-                while self._reread:
-                    project_id = self._reread.pop()
-                    try:
-                        await self._reload(project_id)
-                    except BaseException:
-                        self._reread.add(project_id)  # read it again on the next round
-                        raise
+                async with asyncio.timeout(self.refresh_interval):
+                    if loop.time() >= next_refresh:
+                        next_refresh = loop.time() + self.refresh_interval
+                        await self._refresh()
+                    await self._flush()
+                    while self._reread:
+                        project_id = self._reread.pop()
+                        try:
+                            await self._reload(project_id)
+                        except BaseException:
+                            self._reread.add(project_id)  # read it again on the next round
+                            raise
                 backoff = self.flush_interval
-            except (redis.exceptions.RedisError, OSError) as exc:
+            except (redis.exceptions.RedisError, OSError) as exc:  # (TimeoutError is an OSError)
                 if (suppressed := self._throttle.allow("redis_error")) is not None:
                     log.warning(
                         "presence: redis unavailable", error=describe(exc), suppressed=suppressed

@@ -522,6 +522,41 @@ async def test_a_tab_closed_while_redis_hangs_leaves_once_it_answers() -> None:
             await pods.close()
 
 
+async def test_a_pod_whose_redis_connection_hangs_keeps_its_members_listed(redis_url) -> None:
+    """A pod's Redis connections hang (the Redis it spoke to froze; its address now leads to a
+    working one, as after a failover) while its members stay connected: its presence refresh
+    gives up within a refresh interval and goes through a new connection, so its members stay
+    in every view. Before, the refresh waited on the hung connection as long as the gateway's
+    Redis client retried (each retry waiting out its socket and connect timeouts: about 100 s
+    with the gateway's defaults): the pod's records expired after the ttl and its members were
+    shown as gone, to every pod, until then."""
+    from redisconn import async_client
+    from tests.support.tcp_proxy import FreezableProxy
+
+    port = int(redis_url.rpartition(":")[2].partition("/")[0])
+    proxy = FreezableProxy("127.0.0.1", port)
+    pods = Pods(redis_url)
+    # Pod a reaches Redis through the proxy, with the gateway's own client (gateway.server).
+    client = async_client(f"redis://127.0.0.1:{proxy.port}/0")
+    a = PresenceService(client, pods.deliver, pod_id="a", **TIMINGS)
+    await a.start()
+    pods.services.append(a)
+    try:
+        b = await pods.start("b")
+        a.join("tab", 1, "alice", None)
+        watcher = await pods.watch(b, "watcher")
+        await watcher.until(lambda m: set(m) == {"alice"}, within=5)
+        proxy.freeze_existing()
+        # Several ttls: long enough for alice's records to expire many times over without a
+        # refresh, and for the change to reach b's view.
+        await asyncio.sleep(4 * KILL_BOUND)
+        assert watcher.left == [], "a hung connection made a connected member leave"
+        assert set(watcher.members) == {"alice"}
+    finally:
+        await pods.close()
+        proxy.close()
+
+
 async def test_a_presence_get_flood_costs_one_read_and_one_encoding_per_interval(
     pods, monkeypatch
 ) -> None:

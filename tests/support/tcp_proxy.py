@@ -23,11 +23,18 @@ class FreezableProxy:
         self._running.set()  # set: forwarding; clear: frozen
         self._closed = False
         self._sockets: list[socket.socket] = []
+        self._gates: list[threading.Event] = []  # one per connection: cleared, frozen
         self._listener = socket.create_server(("127.0.0.1", self.port))
         threading.Thread(target=self._accept, daemon=True).start()
 
     def freeze(self) -> None:
         self._running.clear()
+
+    def freeze_existing(self) -> None:
+        """Freeze the connections open now and forward the ones made later: a server that hung
+        while its address moved on (a failover to another host behind the same name)."""
+        for gate in list(self._gates):
+            gate.clear()
 
     def thaw(self) -> None:
         self._running.set()
@@ -35,6 +42,8 @@ class FreezableProxy:
     def close(self) -> None:
         self._closed = True
         self._running.set()
+        for gate in self._gates:
+            gate.set()
         for sock in [self._listener, *self._sockets]:
             # shutdown() first: close() alone does not end a recv() another thread is blocked
             # in, and while one is, the connection stays open (no FIN): a PostgreSQL session
@@ -61,13 +70,17 @@ class FreezableProxy:
             client.close()
             return
         self._sockets.append(upstream)
-        threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
-        threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
+        gate = threading.Event()
+        gate.set()
+        self._gates.append(gate)
+        threading.Thread(target=self._pump, args=(client, upstream, gate), daemon=True).start()
+        threading.Thread(target=self._pump, args=(upstream, client, gate), daemon=True).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, gate: threading.Event) -> None:
         try:
             while data := source.recv(65536):
                 self._running.wait()
+                gate.wait()
                 if self._closed:
                     break
                 sink.sendall(data)
