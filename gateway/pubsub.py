@@ -40,6 +40,10 @@ def backoff_delays(base: float = 0.05, cap: float = 2.0) -> itertools.Iterator[f
         yield random.uniform(0, min(cap, base * 2**attempt))
 
 
+#: Seconds a connection (TCP connect and handshake) may take before the link gives up on it and
+#: tries again on its backoff.
+CONNECT_TIMEOUT = 10.0
+
 #: Seconds a link must have been connected with every channel confirmed before its reconnect
 #: backoff starts again from the base delay (a flapping link keeps backing off).
 HEALTHY_PERIOD = 5.0
@@ -65,6 +69,7 @@ class PubSubLink:
         metrics: Metrics,
         probe_interval: float = 5.0,
         probe_timeout: float = 5.0,
+        connect_timeout: float = CONNECT_TIMEOUT,
     ) -> None:
         # RESP2 explicitly: with RESP3 (redis-py's default in 8.x) pub/sub messages are push
         # frames that read_response() hands to a push handler instead of returning them.
@@ -81,6 +86,7 @@ class PubSubLink:
         self._metrics = metrics
         self.probe_interval = probe_interval
         self.probe_timeout = probe_timeout
+        self.connect_timeout = connect_timeout
         #: Channels we want, each with an event set while Redis confirms the subscription.
         self._channels: dict[bytes, asyncio.Event] = {}
         self._conn: redis.asyncio.Connection | None = None
@@ -192,7 +198,16 @@ class PubSubLink:
 
     async def _connect_and_read(self) -> None:
         conn = self._pool.make_connection()
-        await conn.connect()
+        try:
+            # The TCP connect and the handshake after it (CLIENT SETINFO, AUTH, SELECT), whole:
+            # a peer that accepts and never answers would otherwise hold the link for as long as
+            # redis-py's socket_timeout, which is none by default before redis-py 8.
+            async with asyncio.timeout(self.connect_timeout):
+                await conn.connect()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await conn.disconnect()
+            raise
         self._conn = conn
         self.connected = True
         self.connections += 1

@@ -293,6 +293,40 @@ async def test_the_pubsub_reconnect_backoff_starts_again_after_a_healthy_period(
         admin.close()
 
 
+async def test_a_pubsub_connect_to_a_peer_that_never_answers_is_given_up_and_retried(redis_url):
+    """A Redis that accepts the connection and never answers its handshake (a hung server, a
+    dead proxy): each connection is given up after the link's connect timeout and tried again
+    on the backoff, even with no socket timeout on the connection (redis-py before 8 set none),
+    and once it answers the link subscribes."""
+    from gateway.metrics import Metrics
+    from gateway.pubsub import PubSubLink
+    from tests.support.tcp_proxy import FreezableProxy
+
+    host, port = redis_url.split("//")[1].split("/")[0].split(":")
+    proxy = FreezableProxy(host, int(port))
+    proxy.freeze()
+    link = PubSubLink(
+        f"redis://127.0.0.1:{proxy.port}",
+        sharded=False,
+        on_message=lambda c, d: None,
+        on_resubscribed=lambda: None,
+        metrics=Metrics(),
+        connect_timeout=0.5,
+    )
+    link._pool.connection_kwargs["socket_timeout"] = None  # as redis-py 5's default
+    link.start()
+    try:
+        await wait_until(lambda: link.backoff_attempts >= 2, 10, "two connects given up", 0.01)
+        assert not link.connected
+        proxy.thaw()
+        async with asyncio.timeout(10):
+            await link.subscribe(b"connect-timeout-test")
+        assert link.alive
+    finally:
+        await link.close()
+        proxy.close()
+
+
 async def test_gateway_reads_recover_from_a_hung_redis_with_nothing_lost(monkeypatch):
     """Redis stopped (SIGSTOP: sockets open, no answer) under live subscribers: the gateway stays
     responsive, its periodic checks give up in time instead of piling up, and once Redis answers
