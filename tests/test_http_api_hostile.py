@@ -28,7 +28,9 @@ from publisher.http_api.server import (
     DESCRIPTOR_RESERVE,
     LISTEN_BACKLOG,
     MAX_PIPELINED,
+    MIN_LISTEN_BACKLOG,
     fitted_concurrency,
+    listen_backlog,
 )
 from tests.support.redis_server import free_port
 from tests.test_http_api import EXPIRED, KEY_ALL, serving_app, stream
@@ -201,10 +203,22 @@ async def test_requests_that_are_not_http_are_counted_and_upgrades_are_not_serve
 
 
 def test_fitted_concurrency() -> None:
+    assert listen_backlog(20_000) == LISTEN_BACKLOG
     assert fitted_concurrency(1000, 20_000) == 1000
-    room = 6000 - ACCEPT_SLACK - ACCEPT_BATCHES * LISTEN_BACKLOG - DESCRIPTOR_RESERVE
-    assert fitted_concurrency(1000, 6000) == room // 2 < 1000
-    assert fitted_concurrency(1000, 100) == 1
+    room = 20_000 - ACCEPT_SLACK - ACCEPT_BATCHES * LISTEN_BACKLOG - DESCRIPTOR_RESERVE
+    assert fitted_concurrency(50_000, 20_000) == room // 2
+    # Below that, the sockets accepted at once take at most a quarter of what is left, so
+    # common limits still serve the default 1,000 (4,096), or hundreds (1,024).
+    for limit in (1024, 4096, 6000):
+        accepting = ACCEPT_BATCHES * listen_backlog(limit)
+        assert accepting <= (limit - ACCEPT_SLACK - DESCRIPTOR_RESERVE) // 4
+        assert fitted_concurrency(1000, limit) == min(
+            1000, (limit - ACCEPT_SLACK - accepting - DESCRIPTOR_RESERVE) // 2
+        )
+    assert fitted_concurrency(1000, 4096) == 1000
+    assert fitted_concurrency(1000, 1024) > 200
+    assert listen_backlog(100) == MIN_LISTEN_BACKLOG
+    assert fitted_concurrency(1000, 100) == 1  # (which serves one connection at a time)
 
 
 async def test_connections_past_the_limit_are_closed_at_accept(redis_url, caplog) -> None:
@@ -263,7 +277,8 @@ def test_a_socket_flood_past_the_descriptor_limit_is_refused_quietly(redis_url, 
     with log.open("wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "publisher.http_api", "serve", "--keys-file", str(keys),
-             "--port", str(port), "--redis-url", redis_url, "--header-timeout", "60"],
+             "--port", str(port), "--redis-url", redis_url, "--header-timeout", "60",
+             "--limit-concurrency", "5000"],
             stdout=out, stderr=subprocess.STDOUT, preexec_fn=_low_descriptor_limit,
         )  # fmt: skip
 
@@ -282,7 +297,8 @@ def test_a_socket_flood_past_the_descriptor_limit_is_refused_quietly(redis_url, 
             except OSError:
                 assert time.monotonic() < deadline and process.poll() is None, log.read_text()
                 time.sleep(0.05)
-        assert "effective=142" in log.read_text()  # (4700 - 64 - 4 * 1024 - 256) // 2
+        # (4700 - 64 - 4 * 273 - 256) // 2, with the backlog fitted to 273
+        assert "effective=1644" in log.read_text()
         for _ in range(5000):  # more than the process has descriptors
             with contextlib.suppress(OSError):
                 sockets.append(socket.create_connection(("127.0.0.1", port), timeout=2))
@@ -385,3 +401,64 @@ def test_pipelined_requests_cut_anywhere_are_answered_in_order(redis_url, reques
     assert statuses == [expected.get(kind, 404) for kind, _ in requests]
     published = [number + 1 for number, (kind, _) in enumerate(requests) if kind == "event"]
     assert [frame["blocker_id"] for frame in stream(redis_url, 1)] == published
+
+
+def _common_descriptor_limit() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))
+
+
+def test_a_common_descriptor_limit_leaves_the_api_serving(redis_url, tmp_path) -> None:
+    """A hard descriptor limit of 4,096 (a common default) left no room once 4,096 descriptors
+    were set aside for sockets being accepted: ``serve`` lowered --limit-concurrency to 1, and a
+    connection counts itself, so every request was answered 503 ``overloaded``. The backlog,
+    and so the sockets accepted at once, now shrinks with the limit instead."""
+    keys = tmp_path / "keys.json"
+    entry = {"id": "all", "sha256": hash_key(KEY_ALL), "projects": "*"}
+    keys.write_text(json.dumps({"keys": [entry]}))
+    port = free_port()
+    log = tmp_path / "api.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "publisher.http_api", "serve", "--keys-file", str(keys),
+             "--port", str(port), "--redis-url", redis_url],
+            stdout=out, stderr=subprocess.STDOUT, preexec_fn=_common_descriptor_limit,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+                    body = json.dumps(EXPIRED).encode()
+                    client.sendall(publish_request(body, close=True))
+                    answer = client.makefile("rb").read()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and process.poll() is None, log.read_text()
+                time.sleep(0.05)
+        assert answer.startswith(b"HTTP/1.1 200") and b'"seq":1' in answer, answer
+        assert "limit_concurrency lowered" not in log.read_text()  # 1,000 fits in 4,096
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+async def test_the_limit_counts_the_connection_asking(redis_url) -> None:
+    """At most --limit-concurrency connections are served at once, as documented: a request on
+    the limit-th connection was refused (the connection counted itself against the limit), so
+    --limit-concurrency 1, or a limit fitted down to 1, answered every request 503."""
+    async with serving(redis_url, limit_concurrency=1) as (app, _, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(HEALTHZ)
+        async with asyncio.timeout(5):
+            assert (await read_answer(reader))[0] == 200
+        # A second connection is past the limit: refused, and the first is served again.
+        other_reader, other_writer = await asyncio.open_connection("127.0.0.1", port)
+        other_writer.write(HEALTHZ)
+        async with asyncio.timeout(5):
+            assert (await read_answer(other_reader))[0] == 503
+        writer.write(HEALTHZ)
+        async with asyncio.timeout(5):
+            assert (await read_answer(reader))[0] == 200
+        writer.close()
+        other_writer.close()
+        assert app.counters.responses[503, "overloaded"] == 1

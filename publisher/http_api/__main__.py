@@ -115,11 +115,13 @@ def _serve(args: argparse.Namespace, prog: str) -> int:
         return 2
     publisher = AsyncPublisher.from_url(args.redis_url, prefix=args.prefix)
     app = PublishApi(publisher, credentials, settings)
+    limit_concurrency, backlog = fit_descriptors(args.limit_concurrency)
     config = server_config(
         app,
         host=args.host,
         port=args.port,
-        limit_concurrency=fit_descriptors(args.limit_concurrency),
+        limit_concurrency=limit_concurrency,
+        backlog=backlog,
         timeout_graceful_shutdown=10,
     )
     uvicorn.Server(config).run()

@@ -60,6 +60,7 @@ __all__ = [
     "BoundedHttpProtocol",
     "fit_descriptors",
     "fitted_concurrency",
+    "listen_backlog",
     "server_config",
 ]
 
@@ -81,14 +82,17 @@ ACCEPT_SLACK = 64
 #: Descriptors the process needs besides its clients and their Redis connections: the listening
 #: socket, epoll, log files, the interpreter's own.
 DESCRIPTOR_RESERVE = 256
-#: Pending connections the kernel queues for accept(). asyncio accepts up to this many per
-#: iteration of its loop, and a protocol sees its socket (and closes it when past the bound) two
-#: iterations later, its descriptor freed one more later: ACCEPT_BATCHES of them are in flight in
-#: a flood, and the descriptor fit leaves room for them (uvicorn's 2,048 would take 8,192). Not
-#: much less: a burst of connects meeting a full queue waits for the SYN retransmission (1 s),
-#: and on a busy machine the loop may not accept for a few milliseconds.
+#: Pending connections the kernel queues for accept(), where the descriptor limit allows it
+#: (:func:`listen_backlog`). asyncio accepts up to this many per iteration of its loop, and a
+#: protocol sees its socket (and closes it when past the bound) two iterations later, its
+#: descriptor freed one more later: ACCEPT_BATCHES of them are in flight in a flood, and the
+#: descriptor fit leaves room for them (uvicorn's 2,048 would take 8,192). Not much less: a
+#: burst of connects meeting a full queue waits for the SYN retransmission (1 s), and on a busy
+#: machine the loop may not accept for a few milliseconds.
 LISTEN_BACKLOG = 1024
 ACCEPT_BATCHES = 4
+#: The smallest backlog :func:`listen_backlog` fits to a low descriptor limit.
+MIN_LISTEN_BACKLOG = 32
 
 _NOTHING = memoryview(b"")
 
@@ -197,7 +201,9 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._boundaries += 1
         self._cancel_deadline()
         limit = self._limit
-        if limit is None or (len(self.connections) < limit and len(self.tasks) < limit):
+        # (This connection is one of ``connections``: at most ``limit`` of them are served, as
+        # documented. uvicorn's own ``<`` served limit - 1, and none at a limit of 1.)
+        if limit is None or (len(self.connections) <= limit and len(self.tasks) < limit):
             super().on_headers_complete()
             return
         if self.counters is not None:
@@ -338,20 +344,32 @@ async def _overloaded(scope: dict, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": _OVERLOADED})
 
 
+def listen_backlog(descriptor_limit: int) -> int:
+    """The listen backlog for ``descriptor_limit`` (pure): :data:`LISTEN_BACKLOG`, or less when
+    the sockets it lets asyncio accept at once (:data:`ACCEPT_BATCHES` backlogs) would take more
+    than a quarter of the descriptors left besides ACCEPT_SLACK and the reserve. A fixed 1,024
+    set 4,096 descriptors aside: under a hard limit of 4,096 (a common default) nothing was
+    left for requests."""
+    room = descriptor_limit - ACCEPT_SLACK - DESCRIPTOR_RESERVE
+    return max(MIN_LISTEN_BACKLOG, min(LISTEN_BACKLOG, room // (4 * ACCEPT_BATCHES)))
+
+
 def fitted_concurrency(limit_concurrency: int, descriptor_limit: int) -> int:
     """The largest ``--limit-concurrency`` (at least 1, at most the one asked) whose descriptors
     fit ``descriptor_limit``: each request in progress holds its socket and may hold a Redis
     connection (all of them at once while Redis hangs), plus ACCEPT_SLACK sockets, the sockets
-    asyncio accepts before they are closed, and the reserve (pure)."""
-    in_flight = ACCEPT_BATCHES * LISTEN_BACKLOG
+    asyncio accepts before they are closed (with :func:`listen_backlog`), and the reserve
+    (pure)."""
+    in_flight = ACCEPT_BATCHES * listen_backlog(descriptor_limit)
     room = (descriptor_limit - ACCEPT_SLACK - in_flight - DESCRIPTOR_RESERVE) // 2
     return max(1, min(limit_concurrency, room))
 
 
-def fit_descriptors(limit_concurrency: int) -> int:
+def fit_descriptors(limit_concurrency: int) -> tuple[int, int]:
     """Raise the soft descriptor limit to the hard one, and return ``limit_concurrency``
-    lowered (with a warning) to what the limit holds: past it every accept fails and no Redis
-    connection can be opened, so the bound on connections must refuse them first."""
+    lowered (with a warning) to what the limit holds, and the listen backlog that goes with it
+    (:func:`listen_backlog`): past the limit every accept fails and no Redis connection can be
+    opened, so the bound on connections must refuse them first."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or hard > soft:
         target = hard if hard != resource.RLIM_INFINITY else max(soft, 1_048_576)
@@ -367,7 +385,7 @@ def fit_descriptors(limit_concurrency: int) -> int:
             descriptor_limit=limit,
             hint="raise the limit (ulimit -n, LimitNOFILE=, the container runtime's nofile)",
         )
-    return fitted
+    return fitted, listen_backlog(limit)
 
 
 def server_config(
@@ -376,7 +394,7 @@ def server_config(
     """The uvicorn configuration serving ``app``: httptools with the bounds of
     ``app.settings`` (:class:`BoundedHttpProtocol`), no WebSocket; ``options`` are further
     ``uvicorn.Config`` arguments (``limit_concurrency``, which also bounds the connections
-    accepted, ``log_level``, ...)."""
+    accepted, ``backlog``, ``log_level``, ...)."""
     limit = options.get("limit_concurrency")
     protocol = type(
         "BoundedHttpProtocol",
