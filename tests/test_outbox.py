@@ -1067,6 +1067,41 @@ def test_a_leader_that_loses_the_lead_mid_batch_publishes_at_most_one_round_trip
     assert_exact(bus.client, {1: list(range(2, 101, 2)), 2: list(range(1, 100, 2))})
 
 
+def test_a_leader_asks_whether_it_leads_before_each_retry_round_trip_of_a_chunk(
+    sqlite_path, table, bus
+):
+    """A round trip that Redis refuses for one project (a damaged key) is followed, within the
+    same chunk, by another one with the rest: the lead is asked before it too. Before, those
+    round trips ran without asking: a leader frozen between them sent them once it ran again
+    (publishes after losing the lead), and a healthy leader against a slow Redis ran no
+    statement during all of them, which ended its session at the lease."""
+    with sqlite3.connect(sqlite_path) as conn:
+        Outbox(table).write_many(conn, [event(81 + n % 3, n) for n in range(1, 31)])
+    damaged = ["eventbus:{82}:meta", "eventbus:{83}:meta"]
+    for key in damaged:
+        bus.client.set(key, "not a hash")
+
+    class LeadLostAfterFirstRoundTrip(SQLiteOutboxStore):
+        asked = 0
+
+        def lead(self) -> bool:
+            self.asked += 1
+            return self.asked <= 2  # the batch's question and its first round trip's
+
+    relay = OutboxRelay(LeadLostAfterFirstRoundTrip(sqlite_path, table), bus, hold_interval=3600)
+    sent = []
+    publish = relay._keyed.publish
+    relay._keyed.publish = lambda items: sent.append(len(items)) or publish(items)
+    try:
+        # The first round trip fails at project 82's first row; the lead is lost: no other one
+        # (there were two more before: one failing at project 83, one with project 81's rows).
+        assert relay.run_once() == 0
+        assert sent == [30] and relay.store.asked == 3
+    finally:
+        relay.store.close()
+        bus.client.delete(*damaged)
+
+
 def test_an_invalid_row_holds_its_project_only_and_is_reported_once(sqlite_path, table, bus):
     outbox = Outbox(table)
     with sqlite3.connect(sqlite_path) as conn:

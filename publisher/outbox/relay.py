@@ -980,6 +980,11 @@ class OutboxRelay:
             self.metrics.errors += 1
             self._hold(failed.project_id, error)
             items = [(r, e) for r, e in items[len(cursors) + 1 :] if r.project_id not in self._held]
+            # Another round trip: still the leader? Asked as before each chunk (run_once), so a
+            # leader frozen between the two sends neither, and one waiting on a slow Redis
+            # renews its lease between them rather than losing its session to it.
+            if items and not self.store.lead():
+                return
 
     def _hold(self, project_id: int, error: Exception | None = None) -> None:
         self._held[project_id] = time.monotonic() + self.hold_interval
