@@ -302,8 +302,9 @@ export declare class FramePacer<T = unknown> {
   /** Hold `item` under `key` (a key already held keeps its place and takes the new item). */
   hold(key: string, item: T): void;
   drop(key: string): void;
-  /** When the first held item is due, or null when none is held. */
-  dueAt(): number | null;
+  /** When the first held item is due, or null when none is held. Every method given a `now`
+   * takes a clock stepped back since the last one as such: the wait keeps its length. */
+  dueAt(now?: number): number | null;
   /** The first held item when due at `now` (removed), else null. */
   next(now: number): T | null;
   /** A held item went out at `now`: the next waits `spacing`. */

@@ -476,7 +476,9 @@ export class ProjectCursor {
  * - `next(now)` gives the first held item once due; `resent(now)` after sending it makes the
  *   next one wait `spacing`. When the queue empties the spacing starts over.
  *
- * Bounded: at most one item per key (a few per project). Times are the caller's clock (ms).
+ * Bounded: at most one item per key (a few per project). Times are the caller's clock (ms): the
+ * page's is the wall clock, which the system may step back (NTP, the user); a `now` earlier than
+ * one seen before moves the "not before" back by as much, so a step never adds its size to a wait.
  */
 export class FramePacer {
   constructor({ spacing = DEFAULTS.resendInterval, maxSpacing = DEFAULTS.backoff.max, fallbackDelay = DEFAULTS.backoff.initial } = {}) {
@@ -489,6 +491,7 @@ export class FramePacer {
   /** A new connection: a new bucket on the gateway, nothing held. */
   reset() {
     this.notBefore = -Infinity;
+    this.seen = -Infinity; // the latest `now` given
     this.spacing = this.initialSpacing;
     this.queue = new Map();
     this.resentSinceRefusal = false;
@@ -498,11 +501,19 @@ export class FramePacer {
     return this.queue.size;
   }
 
+  /** The caller's clock at `now`: stepped back since the last call, the wait keeps its length. */
+  _observe(now) {
+    if (now < this.seen) this.notBefore -= this.seen - now;
+    this.seen = now;
+  }
+
   mayDirect(now) {
+    this._observe(now);
     return this.queue.size === 0 && now >= this.notBefore;
   }
 
   refused(now, retryAfterMs) {
+    this._observe(now);
     if (this.resentSinceRefusal) this.spacing = Math.min(this.spacing * 2, this.maxSpacing);
     this.resentSinceRefusal = false;
     const named = typeof retryAfterMs === "number" && Number.isFinite(retryAfterMs) && retryAfterMs >= 0;
@@ -518,12 +529,14 @@ export class FramePacer {
     this.queue.delete(key);
   }
 
-  /** When the first held item is due (null: nothing held). */
-  dueAt() {
+  /** When the first held item is due (null: nothing held); `now`, when given, is observed. */
+  dueAt(now) {
+    if (now !== undefined) this._observe(now);
     return this.queue.size ? this.notBefore : null;
   }
 
   next(now) {
+    this._observe(now);
     if (this.queue.size === 0 || now < this.notBefore) return null;
     const [key, item] = this.queue.entries().next().value;
     this.queue.delete(key);
@@ -531,6 +544,7 @@ export class FramePacer {
   }
 
   resent(now) {
+    this._observe(now);
     this.notBefore = now + this.spacing;
     this.resentSinceRefusal = true;
     if (this.queue.size === 0) this.spacing = this.initialSpacing;
@@ -978,7 +992,10 @@ export class EventBus {
    * last one (the latest then: changes in between are never sent). */
   _paceActivity(sub) {
     if (sub.activityTimer !== null) return; // due already: it will carry this change
-    const wait = sub.activitySentAt === null ? 0 : sub.activitySentAt + this.options.activityInterval - this._now();
+    // At most activityInterval: a wall clock stepped back since the last frame must not hold
+    // this one for the size of the step.
+    const interval = this.options.activityInterval;
+    const wait = sub.activitySentAt === null ? 0 : Math.min(interval, sub.activitySentAt + interval - this._now());
     if (wait <= 0) {
       this._sendActivity(sub);
       return;
@@ -1020,12 +1037,13 @@ export class EventBus {
 
   _schedulePaced() {
     if (this._pacerTimer !== null) return;
-    const due = this._pacer.dueAt();
+    const now = this._now();
+    const due = this._pacer.dueAt(now);
     if (due === null) return;
     this._pacerTimer = this._setTimeout(() => {
       this._pacerTimer = null;
       this._sendHeld();
-    }, Math.max(0, due - this._now()));
+    }, Math.max(0, due - now));
   }
 
   /** The timer of the held frames: the first one due goes out (those with nothing left to send

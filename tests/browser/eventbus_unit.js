@@ -46,7 +46,10 @@ class Clock {
     this.t = 1_700_000_000_000;
     this.timers = new Map();
     this.nextId = 1;
-    this.now = () => this.t;
+    // The wall clock (Date.now()) less the timers' clock: a step of the system clock moves the
+    // first and not the second (setTimeout waits real time).
+    this.wallStep = 0;
+    this.now = () => this.t + this.wallStep;
     this.setTimeout = (fn, ms) => {
       const id = this.nextId++;
       this.timers.set(id, { at: this.t + Math.max(0, ms || 0), fn });
@@ -841,8 +844,8 @@ test("FramePacer: the gateway's retry_after_ms, a spacing that doubles only when
   eq(pacer.spacing, 100);
   for (const key of ["a", "b", "c"]) pacer.hold(key, key);
   pacer.hold("a", "a2"); // keeps its place, takes the new item
-  assert(!pacer.mayDirect(1000), "held frames go first");
   eq(pacer.next(49), null);
+  assert(!pacer.mayDirect(50), "held frames go first");
   eq(pacer.next(50), "a2");
   pacer.resent(50);
   eq(pacer.next(149), null);
@@ -875,6 +878,12 @@ test("FramePacer: the gateway's retry_after_ms, a spacing that doubles only when
   eq(pacer.spacing, 1000, "capped");
   pacer.reset();
   assert(pacer.mayDirect(0) && pacer.held === 0 && pacer.spacing === 100);
+  // A clock stepped back (by 1 h) between two calls: the wait keeps its length.
+  pacer.refused(10_000, 300);
+  pacer.hold("z", "z");
+  eq(pacer.dueAt(10_000 - 3_600_000), 10_300 - 3_600_000);
+  eq(pacer.next(10_299 - 3_600_000), null);
+  eq(pacer.next(10_300 - 3_600_000), "z");
 });
 
 test("FramePacer against a model of the gateway's bucket: a burst of refusals never reaches the close", () => {
@@ -918,6 +927,43 @@ test("FramePacer against a model of the gateway's bucket: a burst of refusals ne
     }
     eq(executed.size, frames, `every frame executed at rate ${rate}`);
   }
+});
+
+test("a wall clock stepped back does not hold refused frames for as long as the step", async () => {
+  const env = setup({ subscribe: [1, 2] });
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  ws.receive({ type: "error", code: "rate_limited", message: "too many frames", project_id: 2, retry_after_ms: 50, refused: "subscribe" });
+  await flush();
+  env.clock.wallStep = -3_600_000; // NTP (or the user) sets the clock an hour back
+  // The pacing cannot tell when the step came: at worst the wait it had then, once more.
+  await env.clock.advance(100);
+  eq(ws.sentOf("subscribe").map((m) => m.project_id), [1, 2, 2], "sent again, not an hour later");
+  ws.receive({ type: "subscribed", project_id: 2, epoch: "e", seq: 0, resumed: false, replayed: 0 });
+  await env.clock.advance(1000);
+  // Refused again after the step, and stepped back once more while held: a wait of the
+  // gateway's and the pacing's, not of the steps'.
+  env.bus.presence(2, () => {});
+  eq(ws.sentOf("subscribe").length, 4, "nothing held: at once");
+  ws.receive({ type: "error", code: "rate_limited", message: "too many frames", project_id: 2, retry_after_ms: 50, refused: "subscribe" });
+  await flush();
+  env.clock.wallStep -= 60_000;
+  env.bus.subscribe(3, () => {}); // held behind it
+  await env.clock.advance(300);
+  eq(ws.sentOf("subscribe").map((m) => m.project_id), [1, 2, 2, 2, 2, 3]);
+});
+
+test("a wall clock stepped back does not keep activity from the gateway for as long as the step", async () => {
+  const env = setup({ subscribe: [1] });
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  env.bus.activity(1, { viewing: 5 });
+  eq(ws.sentOf("activity").length, 1);
+  env.clock.wallStep = -3_600_000;
+  env.bus.activity(1, { viewing: 6 });
+  await env.clock.advance(1000);
+  eq(ws.sentOf("activity").map((m) => m.viewing), [5, 6], "at most activityInterval late");
+  env.bus.activity(1, { viewing: 7 });
+  await env.clock.advance(1000);
+  eq(ws.sentOf("activity").map((m) => m.viewing), [5, 6, 7], "and the pacing goes on");
 });
 
 test("a token refresh refused by the rate limit is sent again", async () => {
