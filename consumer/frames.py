@@ -10,7 +10,7 @@ from that tail without a second parse, and with a small second decode for any ot
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Any, Union
 
 import msgspec
 
@@ -18,6 +18,7 @@ from schemas.events import event_types
 from schemas.protocol import (
     Authenticated,
     Error,
+    ErrorCode,
     Pong,
     ResyncRequired,
     Subscribed,
@@ -41,6 +42,38 @@ class _Header(msgspec.Struct):
 
 
 _header_decoder = msgspec.json.Decoder(_Header)
+
+
+class _LooseError(msgspec.Struct, tag_field="type", tag="error"):
+    """An ``error`` whose optional hints may be anything (see :func:`_loose_error`)."""
+
+    code: ErrorCode
+    message: str
+    project_id: int | None = None
+    retry_after_ms: Any = None
+    refused: Any = None
+
+
+_loose_error_decoder = msgspec.json.Decoder(_LooseError)
+
+
+def _loose_error(raw: bytes) -> Error | None:
+    """An ``error`` frame whose ``retry_after_ms`` or ``refused`` is not what the protocol says
+    (a string, a float, a negative number: another gateway's, a proxy's), as the error it is with
+    those hints left out; None when it is malformed elsewhere. A ``rate_limited`` error dropped
+    whole would leave its refused frame never sent again, where one without hints is sent again
+    on the client's own delay."""
+    try:
+        loose = _loose_error_decoder.decode(raw)
+    except msgspec.DecodeError:
+        return None
+    # An int as the protocol says (a negative one is FramePacer's to ignore, as from a strict
+    # decode); not a bool, a float or anything else.
+    retry_after_ms = loose.retry_after_ms if type(loose.retry_after_ms) is int else None
+    refused = loose.refused if type(loose.refused) is str else None
+    return Error(loose.code, loose.message, loose.project_id, retry_after_ms, refused)
+
+
 _CONTROL_TAGS = frozenset(t.__struct_config__.tag for t in CONTROL_TYPES)
 _SEQ_KEY = b',"seq":'
 
@@ -75,6 +108,9 @@ def decode_frame(raw: bytes) -> object:
     try:
         return _decoder.decode(raw)
     except msgspec.DecodeError as exc:
+        error = _loose_error(raw)
+        if error is not None:
+            return error
         try:
             header = _header_decoder.decode(raw)
         except msgspec.DecodeError:

@@ -49,7 +49,7 @@ from consumer.policy import (
 )
 from consumer.tail import format_item
 from schemas.events import Blocker, BlockerCreated, BlockerResolved, encode_event
-from schemas.protocol import PollResponse, ResyncReason, ResyncRequired
+from schemas.protocol import Error, PollResponse, ResyncReason, ResyncRequired
 from schemas.tokens import issue_token
 
 EPOCH = "e1"
@@ -1733,6 +1733,59 @@ async def test_subscribes_refused_together_are_sent_again_paced_connection_wide(
     async with asyncio.timeout(10):
         await consumer._pacing
     assert consumer._pacer.held == 0 and len(sent_at) == 9
+
+
+_JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)  # (not JSON)
+    | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(retry_after_ms=_JSON_VALUES, refused=_JSON_VALUES)
+@example(retry_after_ms="50", refused=7)
+@example(retry_after_ms=50.0, refused=None)
+@example(retry_after_ms=-1, refused="subscribe")
+@example(retry_after_ms=2**70, refused=["subscribe"])
+def test_a_rate_limited_error_with_foreign_retry_after_ms_or_refused_is_still_an_error(
+    retry_after_ms, refused
+):
+    """A rate_limited error whose ``retry_after_ms`` or ``refused`` is not what the protocol says
+    (a string, a float, a negative or huge number, a list: another gateway's, a proxy's) was not
+    decoded at all: ignored as "not a protocol message", so the refused subscribe was never sent
+    again and the project stayed silent until the answer bound gave the connection up. Now it is
+    the error it is, with what cannot be used left out (the client then waits a delay of its
+    own)."""
+    message = {"type": "error", "code": "rate_limited", "message": "m", "project_id": 3}
+    message |= {"retry_after_ms": retry_after_ms, "refused": refused}
+    decoded = decode_frame(json.dumps(message).encode())
+    assert type(decoded) is Error
+    assert decoded.code == "rate_limited" and decoded.project_id == 3
+    # (An int is the protocol's type: a negative one is FramePacer's to ignore.)
+    expected = retry_after_ms if type(retry_after_ms) is int else None
+    assert decoded.retry_after_ms == expected
+    assert decoded.refused == (refused if type(refused) is str else None)
+
+
+async def test_a_subscribe_refused_with_a_foreign_retry_after_ms_is_sent_again():
+    policy = ReconnectPolicy(initial=0.05, max=1.0)
+    consumer, ws, _subscription = await fed_consumer(1)
+    consumer.policy = policy
+    consumer._pacer = FramePacer(policy.resend_interval, policy.max, policy.initial)
+    frame_ = {"type": "error", "code": "rate_limited", "message": "m", "project_id": 1}
+    frame_ |= {"retry_after_ms": "soon", "refused": 1}
+    await consumer._on_frame(ws, json.dumps(frame_).encode())  # type: ignore[arg-type]
+    assert consumer.stats.rate_limited == 1 and consumer._pacer.held == 1
+    async with asyncio.timeout(10):
+        await consumer._pacing
+    assert [m["type"] for m in ws.sent] == ["subscribe"]
 
 
 async def test_a_rate_limited_token_refresh_is_sent_again_once():
