@@ -530,6 +530,9 @@ class Consumer:
             if self._routes.get(project_id) is route:
                 del self._routes[project_id]
                 self._cancel_retry(project_id)
+                # Its held subscribe is moot; left in the queue until its turn, a caller
+                # following and leaving project after project would grow it without bound.
+                self._pacer.drop(project_id)
                 if self._states.pop(project_id, None) is not None:
                     forgotten.append(project_id)
         return forgotten

@@ -1788,6 +1788,24 @@ async def test_a_subscribe_refused_with_a_foreign_retry_after_ms_is_sent_again()
     assert [m["type"] for m in ws.sent] == ["subscribe"]
 
 
+async def test_held_subscribes_of_projects_unfollowed_do_not_pile_up():
+    """While the pacing holds subscribes (the gateway refused one, with a long retry_after_ms), a
+    caller following and leaving project after project left each one's held subscribe in the
+    queue until its turn: a queue growing with every project ever followed meanwhile. Now
+    leaving a project drops its held subscribe, as eventbus.js does."""
+    consumer, ws, subscription = await fed_consumer(1)
+    await consumer._on_frame(ws, rate_limited_frame(1, 20_000))  # type: ignore[arg-type]
+    assert consumer._pacer.held == 1
+    for project_id in range(2, 202):
+        other = consumer.events(project_id)
+        await asyncio.sleep(0)  # followed: its subscribe is held behind project 1's
+        await other.aclose()
+    assert consumer._pacer.held == 1, "only project 1's, still followed"
+    await subscription.aclose()
+    assert consumer._pacer.held == 0
+    assert [m["type"] for m in ws.sent] == ["unsubscribe"] * 200 + ["unsubscribe"]
+
+
 async def test_a_rate_limited_token_refresh_is_sent_again_once():
     consumer, ws, _subscription = await fed_consumer(1)
     consumer._token = ("t2", 0.0)  # the refreshed token
