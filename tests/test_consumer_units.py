@@ -1824,6 +1824,24 @@ async def test_a_rate_limited_token_refresh_is_sent_again_once():
     assert consumer._pacer.held == 0
 
 
+async def test_a_token_refresh_due_while_subscribes_are_held_waits_its_turn():
+    """A refresh due while the pacing holds refused subscribes went out at once, into the
+    gateway's empty bucket: refused too, one more strike towards 4029, and a warning. Now it
+    waits its turn behind them, as eventbus.js's does."""
+    policy = ReconnectPolicy(initial=1.0, max=30.0, resend_interval=0.05)
+    consumer, ws, _subscription = await fed_consumer(1, 2)
+    consumer.policy = policy
+    consumer._pacer = FramePacer(policy.resend_interval, policy.max, policy.initial)
+    consumer._token_source = lambda: "t2"
+    await consumer._on_frame(ws, rate_limited_frame(2, 200))  # type: ignore[arg-type]
+    await consumer._refresh_later(ws, 0)  # type: ignore[arg-type]
+    assert ws.sent == [], "nothing before retry_after_ms"
+    async with asyncio.timeout(10):
+        await consumer._pacing
+    assert [m["type"] for m in ws.sent] == ["subscribe", "auth"]
+    assert ws.sent[1] == {"type": "auth", "token": "t2"}
+
+
 async def test_a_subscribe_the_gateway_never_answers_is_given_up_and_the_connection_made_again():
     """A gateway whose handler is stuck after ``authenticated`` (websockets still answers pings,
     the project's live events may even flow): the subscribe of project 1 was never answered and
