@@ -1289,7 +1289,7 @@ class Consumer:
         backoff = Backoff(ReconnectPolicy(initial=1.0, max=10.0), self._random)
         while self._ws is ws:
             try:
-                await self._get_token(renew=True)  # (kept in self._token)
+                token = await self._get_token(renew=True)
             except Exception as exc:
                 # If the token expires meanwhile the gateway closes with 4002 and we reconnect.
                 log.warning("token refresh failed", error=repr(exc))
@@ -1298,5 +1298,5 @@ class Consumer:
             if self._subscribed_on is ws:
                 # On the connection's pacing: while refused subscribes are held, a refresh sent
                 # at once would be refused too (a strike towards 4029).
-                await self._send_paced("auth", self._refresh_message)  # (the token just got)
+                await self._send_paced("auth", lambda token=token: {"type": "auth", "token": token})
             return  # answered by `authenticated`, which schedules the next refresh
