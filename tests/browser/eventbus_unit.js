@@ -966,6 +966,37 @@ test("a wall clock stepped back does not keep activity from the gateway for as l
   eq(ws.sentOf("activity").map((m) => m.viewing), [5, 6, 7], "and the pacing goes on");
 });
 
+test("close() with frames held by the pacing and an activity due leaves no timer behind", async () => {
+  const env = setup({ subscribe: [1, 2, 3] });
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  env.bus.activity(1, { viewing: 5 });
+  env.bus.activity(1, { viewing: 6 }); // due in activityInterval
+  ws.receive({ type: "error", code: "rate_limited", message: "too many frames", project_id: 2, retry_after_ms: 5000, refused: "subscribe" });
+  ws.receive({ type: "error", code: "rate_limited", message: "too many frames", project_id: 3, retry_after_ms: 5000, refused: "subscribe" });
+  await flush();
+  const sent = ws.sent.length;
+  env.bus.close();
+  eq(env.clock.timers.size, 0, "no timer left");
+  await env.clock.advance(60000);
+  eq(ws.sent.length, sent, "nothing sent after close()");
+});
+
+test("an activity due when the connection drops goes once on the next, with the latest state", async () => {
+  const env = setup({ subscribe: [1] });
+  let ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  env.bus.activity(1, { viewing: 5 });
+  env.bus.activity(1, { viewing: 6 }); // due in activityInterval
+  ws.serverClose(1012);
+  await env.clock.advance(500);
+  ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  eq(ws.sentOf("activity").map((m) => m.viewing), [6], "after its subscribed");
+  await env.clock.advance(2000); // the old connection's timer has fired
+  eq(ws.sentOf("activity").map((m) => m.viewing), [6], "not twice");
+  env.bus.activity(1, { viewing: 7 });
+  await env.clock.advance(1000);
+  eq(ws.sentOf("activity").map((m) => m.viewing), [6, 7], "and the next change goes");
+});
+
 test("a token refresh refused by the rate limit is sent again", async () => {
   const env = setup({ tokenLifetime: 100 });
   const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
