@@ -1,0 +1,185 @@
+"""``python -m bench.resume_instructions``: the gateway's instructions per resume in a scripted
+reconnect storm, counted by valgrind's callgrind: a figure that, unlike CPU time, does not move
+with other work on the machine, for A/B comparisons of the resume path.
+
+The storm is :mod:`bench.storm`'s, smaller (the gateway runs ~50x slower under valgrind):
+``--clients`` clients of ``--projects`` projects subscribe, are reset, ``--missed`` events per
+project are published while they are away, and all reconnect with their cursors. ``warm`` (the
+default): one client per project stays connected, so the pod follows every project and answers
+each resume from its window; ``--cold``: none stays, each feed starts during the storm.
+callgrind counts nothing until the reconnects start and nothing after the last ``subscribed``
+(``callgrind_control -i on/off``), so the figure is the storm's alone: handshakes, subscribes,
+replays, and the event loop between them. Every client's record is checked as in the storm.
+
+    python -m bench.resume_instructions                      # this checkout
+    python -m bench.resume_instructions --root /tmp/other    # the gateway of another checkout
+
+Repeated runs of the same code agree to within ~1 % (the event loop's batching still depends on
+timing); compare medians of a few runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from bench.common import BenchRedis, free_port
+from bench.gateway import CLIENT_CPU, event, pinned_to_client_core, pinning
+from bench.loadgen import LoadGen, raise_nofile, verify_resume
+from publisher import Publisher
+from schemas.keys import Keys
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = [f"127.0.0.{i}" for i in range(1, 9)]
+
+
+def _control(pid: int, *args: str) -> None:
+    subprocess.run(["callgrind_control", *args, str(pid)], check=True, capture_output=True,
+                   timeout=120)  # fmt: skip
+
+
+def _metric(port: int, name: str) -> float | None:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=60) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(f"eventbus_{name} "):
+                return float(line.split()[1])
+    return None
+
+
+def _wait_connections(port: int, count: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _metric(port, "connections") == count:
+            return
+        time.sleep(0.2)
+    raise SystemExit(f"the gateway still has connections other than the {count} expected")
+
+
+def run_once(root: Path, args: argparse.Namespace, out_dir: str) -> dict:
+    """One storm under callgrind; the instructions counted while the clients resumed."""
+    redis = BenchRedis(CLIENT_CPU)
+    port = free_port()
+    out_file = os.path.join(out_dir, "callgrind.out.%p")
+    cmd = [
+        "valgrind", "-q", "--tool=callgrind", "--instr-atstart=no",
+        f"--callgrind-out-file={out_file}",
+        sys.executable, "-m", "gateway", "--no-auth", "--log-level", "warning",
+        "--host", "127.0.0.1", "--port", str(port), "--redis-url", redis.url,
+        # Keepalive and timeouts out of the way: valgrind slows everything ~50x.
+        "--ping-interval", "600", "--subscribe-timeout", "60", "--auth-timeout", "60",
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(root))
+    gateway = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL)
+    loadgen = keepers = None
+    publisher = Publisher.from_url(redis.url)
+    rconn = redis.client()
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                _metric(port, "connections")
+                break
+            except OSError:
+                if time.monotonic() > deadline or gateway.poll() is not None:
+                    raise SystemExit("the gateway did not start under valgrind") from None
+                time.sleep(0.5)
+        cpus = {CLIENT_CPU} if pinning() else None
+        projects = list(range(1, args.projects + 1))
+        keeping = 0
+        if not args.cold:
+            keepers = LoadGen("127.0.0.1", port, workers=1, sources=SOURCES, cpus=cpus)
+            keepers.connect([(project, None, None) for project in projects], timeout=600)
+            keeping = len(projects)
+        loadgen = LoadGen("127.0.0.1", port, workers=1, sources=SOURCES, cpus=cpus)
+        specs = [(projects[i % len(projects)], None, None) for i in range(args.clients)]
+        loadgen.connect(specs, inflight=args.inflight, timeout=600)
+        keys = Keys()
+        cursors = {}
+        for project in projects:
+            epoch, top = rconn.hmget(keys.meta(project), "epoch", "seq")
+            cursors[project] = (epoch.decode(), int(top))
+        loadgen.close()
+        _wait_connections(port, keeping)
+        kept = keepers.frames if keepers is not None else 0
+        missed = [event(project, n + 1) for n in range(args.missed) for project in projects]
+        for start in range(0, len(missed), 2000):
+            publisher.publish_many(missed[start : start + 2000])
+        if keepers is not None:  # the pod has relayed them all (its windows hold them)
+            deadline = time.monotonic() + 300
+            while keepers.frames < kept + len(missed) and time.monotonic() < deadline:
+                time.sleep(0.1)
+        resumes = [(project, *cursors[project]) for project, _, _ in specs]
+        _control(gateway.pid, "-i", "on")
+        result = loadgen.connect(resumes, record=True, inflight=args.inflight, timeout=600)
+        _control(gateway.pid, "-i", "off")
+        check = verify_resume(loadgen.records(), args.missed)
+        loadgen.mode("count")
+        loadgen.close()
+    finally:
+        for gen in (loadgen, keepers):
+            if gen is not None:
+                gen.quit()
+        gateway.terminate()
+        try:
+            gateway.wait(300)
+        except subprocess.TimeoutExpired:
+            gateway.kill()
+            gateway.wait()
+        publisher.close()
+        rconn.close()
+        redis.close()
+    total = 0
+    for path in glob.glob(os.path.join(out_dir, "callgrind.out.*")):
+        with open(path) as f:
+            for line in f:
+                if line.startswith("summary:") or line.startswith("totals:"):
+                    total = max(total, int(line.split()[1]))
+        if args.keep is not None:
+            os.replace(path, args.keep)
+        else:
+            os.unlink(path)
+    return {
+        "clients": result["clients"],
+        "failed": result["failed"],
+        "exact": check["exact"],
+        "instructions": total,
+        "per_resume": round(total / max(1, result["clients"])),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.resume_instructions",
+                                     description=(__doc__ or "").split("\n")[0])  # fmt: skip
+    parser.add_argument("--root", type=Path, default=ROOT, help="checkout whose gateway runs")
+    parser.add_argument("--clients", type=int, default=1000)
+    parser.add_argument("--projects", type=int, default=10)
+    parser.add_argument("--missed", type=int, default=100)
+    parser.add_argument("--inflight", type=int, default=256)
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--cold", action="store_true", help="no feed followed before the storm")
+    parser.add_argument("--keep", type=Path, help="keep callgrind's output (the last run's) here")
+    args = parser.parse_args(argv)
+    raise_nofile(4 * args.clients)
+    counts = []
+    with pinned_to_client_core(), tempfile.TemporaryDirectory() as out_dir:
+        for _ in range(args.runs):
+            run = run_once(args.root.resolve(), args, out_dir)
+            counts.append(run["per_resume"])
+            print(f"{args.root}: {run['clients']:,} resumes ({run['failed']} failed, "
+                  f"{run['exact']:,} exact): {run['instructions']:,} instructions, "
+                  f"{run['per_resume']:,} per resume", flush=True)  # fmt: skip
+    if len(counts) > 1:
+        print(f"median: {statistics.median(counts):,.0f} instructions per resume")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
