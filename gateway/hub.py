@@ -25,6 +25,11 @@ everything after ``last`` reaches the connection through the feed, as after a re
 ``last``. A resume older than the window triggers one read that fills the window for every resume
 of the project waiting at that moment (single-flight); whatever the window still cannot answer
 takes the atomic read above.
+
+A reconnect storm resumes many clients of a project at one cursor (they were all caught up with
+the pod they left): the first one's replay (its plan, items, frames joined, and ``subscribed``)
+is kept as the window's memo (:class:`Replay`) and sent as it is to the next ones, until the
+window changes.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import contextlib
 import operator
 import time
 from collections.abc import Callable
+from typing import cast
 
 from gateway.logs import describe, get_logger
 from gateway.metrics import Metrics
@@ -44,6 +50,7 @@ from gateway.sequencing import (
     Resync,
     Snapshot,
     Step,
+    SubscriptionPlan,
     plan_subscription,
 )
 from gateway.session import Outgoing, Session, joined
@@ -79,6 +86,20 @@ WINDOW_ENTRY_OVERHEAD = 160
 _ITEM = operator.itemgetter(1)
 
 
+class Replay:
+    """A resume's answer from a window, the same for every client resuming at its cursor until
+    the window changes (see :meth:`ResumeWindow.remember`): the plan, the replay's items and
+    their frames joined (``wire``), and the ``subscribed`` that follows them."""
+
+    __slots__ = ("items", "plan", "subscribed", "wire")
+
+    def __init__(self, plan: SubscriptionPlan, items: list[Outgoing], project_id: int) -> None:
+        self.plan = plan
+        self.items = items
+        self.wire = joined(items)
+        self.subscribed = Outgoing.message(_subscribed(project_id, plan))
+
+
 def _window_size(item: Outgoing) -> int:
     return len(item.payload) + len(item.wire) + WINDOW_ENTRY_OVERHEAD
 
@@ -88,6 +109,16 @@ def _write_failed(session: Session) -> None:
     closed with 1011 and resumes from its cursors; the others of the iteration are still served."""
     log.exception("write failed; closing the connection", conn_id=session.id)
     session.abort(CloseCode.INTERNAL_ERROR, "internal error: reconnect and resume")
+
+
+def _subscribed(project_id: int, plan: SubscriptionPlan) -> Subscribed:
+    return Subscribed(
+        project_id=project_id,
+        epoch=plan.epoch,
+        seq=plan.seq,
+        resumed=plan.resumed,
+        replayed=len(plan.replay),
+    )
 
 
 def _nothing(*args: object) -> None:
@@ -683,16 +714,31 @@ class Hub:
         prebuilt: bool = False,
     ) -> None:
         """``prebuilt``: the snapshot's entries are a window's ``(seq, item, size)`` triples,
-        whose items are the :class:`Outgoing` frames the feed delivered."""
+        whose items are the :class:`Outgoing` frames the feed delivered; a replay from them is
+        built once per cursor and kept as the window's memo (:class:`Replay`)."""
         # Synchronous from here on: nothing can be delivered to the feed in between.
-        plan = plan_subscription(epoch, after, snapshot, self.max_replay)
-        if plan.replay:
-            if prebuilt:
-                items = list(map(_ITEM, plan.replay))
+        replay: Replay | None = None
+        if prebuilt:
+            # The same cursor and the same entries (the memo is forgotten when they change)
+            # plan the same replay: built for the first client resuming there, then shared.
+            window = feed.window
+            key = (epoch, after)
+            replay = cast("Replay | None", window.recall(key))
+            if replay is None:
+                plan = plan_subscription(epoch, after, snapshot, self.max_replay)
+                if plan.replay:
+                    replay = Replay(plan, list(map(_ITEM, plan.replay)), feed.project_id)
+                    window.remember(key, replay, len(replay.wire))
             else:
-                project_id = feed.project_id
-                items = [Outgoing(frame, project_id, seq) for seq, frame in plan.replay]
-            session.send_replay(items)
+                plan = replay.plan
+        else:
+            plan = plan_subscription(epoch, after, snapshot, self.max_replay)
+        if replay is not None:
+            session.send_replay(replay.items, replay.wire)
+        elif plan.replay:
+            project_id = feed.project_id
+            items = [Outgoing(frame, project_id, seq) for seq, frame in plan.replay]
+            session.send_replay(items, joined(items))
         self.metrics.replayed_total += len(plan.replay)
         self.metrics.deliveries_total += len(plan.replay)
         if plan.resync is not None:
@@ -705,15 +751,10 @@ class Hub:
                     seq=plan.resync.seq,
                 )
             )
-        session.send_message(
-            Subscribed(
-                project_id=feed.project_id,
-                epoch=plan.epoch,
-                seq=plan.seq,
-                resumed=plan.resumed,
-                replayed=len(plan.replay),
-            )
-        )
+        if replay is not None:
+            session.send(replay.subscribed)
+        else:
+            session.send_message(_subscribed(feed.project_id, plan))
         for item in joiner.start_live(plan.epoch, plan.seq):
             session.send(item)
         self._promote_if_caught_up(feed, session, joiner)

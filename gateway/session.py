@@ -85,6 +85,19 @@ class Outgoing:
         self.epoch: str | None = None
 
     @classmethod
+    def frames(cls, wire: bytes) -> Outgoing:
+        """Frames already joined (a replay's), queued as one item by a transport that writes
+        frames as they are; it has no payload, and is never re-framed or decoded."""
+        item = cls.__new__(cls)
+        item.payload = b""
+        item.wire = wire
+        item.project_id = 0
+        item.seq = 0
+        item.kind = ""
+        item.epoch = None
+        return item
+
+    @classmethod
     def message(cls, message: ServerMessage) -> Outgoing:
         item = cls(encode(message), getattr(message, "project_id", None) or 0)
         item.kind = type(message).__struct_config__.tag or ""
@@ -299,13 +312,14 @@ class ClientSession:
             self.schedule_flush(self)
         self.outbox.append(item)
 
-    def send_replay(self, items: list[Outgoing]) -> None:
+    def send_replay(self, items: list[Outgoing], wire: bytes) -> None:
         """Queue a replay's frames at once (:meth:`send` for each, in one call), and tolerate
         their bytes on top of the outbound limit, so a large resume is not taken for a slow
-        consumer."""
+        consumer. ``wire`` is their frames joined (:func:`joined`), which a transport that
+        writes frames as they are may queue instead of the items."""
         if not items:
             return
-        self.allowance_granted += sum(map(len, map(_WIRE, items)))
+        self.allowance_granted += len(wire)
         if self.closing:
             return
         if not self.outbox:

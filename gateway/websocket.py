@@ -62,6 +62,7 @@ from gateway.logs import ConnectionLog, get_logger
 from gateway.session import (
     Admission,
     ClientSession,
+    Outgoing,
     SlowConsumerPolicy,
     release_transport,
     unsent,
@@ -905,6 +906,14 @@ class WebSocketSession(ClientSession):
 
     def is_open(self) -> bool:
         return not self.closing and self.protocol.state is _OPEN
+
+    def send_replay(self, items: list[Outgoing], wire: bytes) -> None:
+        # Written as they are (no permessage-deflate): the frames already joined, shared by
+        # every client resuming at the same cursor, as one item instead of a hundred.
+        if self.raw and len(items) > 1:
+            super().send_replay([Outgoing.frames(wire)], wire)
+        else:
+            super().send_replay(items, wire)
 
     def _write_framed(self, items: list) -> None:
         for item in items:

@@ -14,6 +14,11 @@ feed is not repairing (see :meth:`gateway.hub.Hub`); anything after ``last`` rea
 through the feed, exactly as after a read whose top was ``last``. The answer goes through the same
 :func:`gateway.sequencing.plan_subscription` as a read, so the rules (epoch, ``history_lost``,
 ``too_far_behind``) are the same.
+
+A window also keeps one **memo** (:meth:`ResumeWindow.remember`): a value its owner derived
+from the entries for one cursor (the hub's replay for it, built once for every client resuming
+there, as a reconnect storm's clients of one project do). Every change of the entries forgets
+it, and its bytes count in the window's (and the budget's) until then.
 """
 
 from __future__ import annotations
@@ -88,6 +93,7 @@ class ResumeWindow(Generic[T]):
         "epoch",
         "generation",
         "last",
+        "memo",
         "retired",
     )
 
@@ -100,6 +106,8 @@ class ResumeWindow(Generic[T]):
         self.bytes = 0
         self.generation = 0
         self.retired: collections.deque[str] = collections.deque(maxlen=RETIRED_EPOCHS)
+        #: ``(key, value, size)`` of :meth:`remember`, or None.
+        self.memo: tuple[object, object, int] | None = None
 
     def __hash__(self) -> int:
         return id(self)
@@ -124,6 +132,7 @@ class ResumeWindow(Generic[T]):
     def clear(self) -> None:
         """Drop every entry and give their bytes back to the budget (the feed is going away)."""
         self.entries.clear()
+        self.memo = None  # its bytes are in self.bytes
         if self.budget is not None:
             self.budget.bytes -= self.bytes
             self.budget.forget(self)
@@ -134,6 +143,8 @@ class ResumeWindow(Generic[T]):
         stays contiguous (the hub never does that; it is a guard, not a path)."""
         if seq != self.last + 1 or self.epoch is None:
             self.clear()
+        elif self.memo is not None:
+            self.forget_memo()
         self.last = seq
         self.entries.append((seq, item, size))
         self.bytes += size
@@ -145,6 +156,8 @@ class ResumeWindow(Generic[T]):
             self.budget.enforce()
 
     def drop_oldest(self) -> None:
+        if self.memo is not None:
+            self.forget_memo()
         _, _, size = self.entries.popleft()
         self.bytes -= size
         if self.budget is not None:
@@ -162,6 +175,8 @@ class ResumeWindow(Generic[T]):
         if room <= 0:
             return 0
         taken = run[-room:]
+        if self.memo is not None:
+            self.forget_memo()
         self.entries.extendleft(reversed(taken))
         size = sum(entry[2] for entry in taken)
         self.bytes += size
@@ -170,6 +185,40 @@ class ResumeWindow(Generic[T]):
             self.budget.holds(self)
             self.budget.enforce()
         return len(taken)
+
+    def remember(self, key: object, value: object, size: int) -> bool:
+        """Keep ``value``, derived from the current entries for ``key``, until they change, and
+        count its ``size`` bytes in the window's and the budget's. Replaces any earlier memo.
+        Not kept (False) when the budget has no room for it: a memo only saves work, it never
+        takes an entry's place."""
+        if self.memo is not None:
+            self.forget_memo()
+        budget = self.budget
+        if budget is not None and budget.bytes + size > budget.limit:
+            return False
+        self.memo = (key, value, size)
+        self.bytes += size
+        if budget is not None:
+            budget.bytes += size
+            budget.holds(self)
+        return True
+
+    def recall(self, key: object) -> object | None:
+        """The value remembered for ``key``, if the entries have not changed since; else None."""
+        memo = self.memo
+        if memo is not None and memo[0] == key:
+            return memo[1]
+        return None
+
+    def forget_memo(self) -> None:
+        memo = self.memo
+        if memo is None:
+            return
+        self.memo = None
+        size = memo[2]
+        self.bytes -= size
+        if self.budget is not None:
+            self.budget.bytes -= size
 
     def snapshot(self, epoch: str | None, after: int | None, max_replay: int) -> Snapshot | None:
         """What one atomic read at ``(self.epoch, self.last)`` would give a client resuming after

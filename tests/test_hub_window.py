@@ -227,9 +227,42 @@ async def test_the_pod_byte_budget_bounds_every_window_together():
     window = hub.feeds[PROJECT].window
     assert hub.window_budget.bytes == window.bytes <= 20 * 250
     assert window.last == 50 and 0 < len(window.entries) < 50
-    inside = await resume(hub, window.lo - 1)
-    assert received(inside) == [*range(window.lo, 51), "subscribed"]
+    lo = window.lo
+    inside = await resume(hub, lo - 1)
+    assert received(inside) == [*range(lo, 51), "subscribed"]
+    # No room in the budget to keep that replay for the next client: not kept, and no entry
+    # was dropped for it.
+    assert window.memo is None and window.lo == lo and hub.window_budget.bytes == window.bytes
+    hub.window_budget.limit = 1 << 30
+    before = window.bytes
+    again = await resume(hub, lo - 1)  # room now: kept, and counted in the budget
+    assert received(again) == [*range(lo, 51), "subscribed"]
+    assert window.memo is not None and window.lo == lo
+    assert hub.window_budget.bytes == window.bytes == before + window.memo[2]
+    hub.unsubscribe(again, PROJECT)
     hub.unsubscribe(inside, PROJECT)
     for session in list(hub.feeds[PROJECT].live):
         hub.unsubscribe(session, PROJECT)
     assert PROJECT not in hub.feeds and hub.window_budget.bytes == 0
+
+
+async def test_clients_resuming_at_one_cursor_share_its_replay_until_the_window_changes():
+    """A storm resumes a project's clients at the same cursor: the replay is built once, and an
+    event between two resumes makes the next one a replay of its own (never a stale one)."""
+    hub, _, _ = await live_at(30)
+    window = hub.feeds[PROJECT].window
+    first, second = await resume(hub, 20), await resume(hub, 20)
+    kept = window.memo
+    assert kept is not None and kept[0] == (EPOCH, 20)
+    assert received(first) == received(second) == [*range(21, 31), "subscribed"]
+    assert first.transport.messages()[-1] == second.transport.messages()[-1]  # same subscribed
+    live(hub, 31)  # the entries change: the memo is forgotten
+    assert window.memo is None
+    third = await resume(hub, 20)
+    live(hub, 32)
+    await next_iteration()
+    assert received(first) == received(second) == [*range(21, 31), "subscribed", 31, 32]
+    assert received(third) == [*range(21, 32), "subscribed", 32]
+    assert third.transport.messages()[-2]["seq"] == 31  # its subscribed is at 31, not 30
+    assert window.memo is None and hub.metrics.replayed_total == 31
+    assert hub.subscribe_reads == 0

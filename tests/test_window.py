@@ -104,6 +104,34 @@ def test_seed_run_is_the_contiguous_run_ending_at_end():
     assert seed_run([(1, b"a"), (2, b"b"), (3, b"c")], 2) == [(1, b"a"), (2, b"b")]
 
 
+def test_a_memo_is_forgotten_when_the_entries_change_and_counts_in_the_budget():
+    budget = WindowBudget(limit=1000)
+    window: ResumeWindow[str] = ResumeWindow(5, budget)
+    window.reset("e1", 0)
+    for seq in range(1, 4):
+        window.append(seq, item("e1", seq), 10)
+    assert window.remember(("e1", 1), "replay after 1", 50)
+    assert window.recall(("e1", 1)) == "replay after 1" and window.recall(("e1", 2)) is None
+    assert window.bytes == budget.bytes == 80
+    window.append(4, item("e1", 4), 10)  # a new event: another answer for that cursor
+    assert window.recall(("e1", 1)) is None and window.bytes == budget.bytes == 40
+    window.remember(("e1", 1), "replay after 1", 50)
+    window.drop_oldest()  # trimmed (the budget)
+    assert window.recall(("e1", 1)) is None and window.bytes == budget.bytes == 30
+    window.remember(("e1", 2), "replay after 2", 50)
+    window.prepend(window.generation, "e1", [(1, item("e1", 1), 10)])  # a fill
+    assert window.memo is None and window.bytes == budget.bytes == 40
+    window.remember(("e1", 2), "replay after 2", 50)
+    window.reset("e2", 9)
+    assert window.memo is None and window.bytes == budget.bytes == 0
+    # Never at an entry's expense: without room in the budget it is not kept.
+    for seq in range(10, 15):
+        window.append(seq, item("e2", seq), 10)
+    budget.limit = budget.bytes + 49
+    assert not window.remember(("e2", 9), "replay after 9", 50)
+    assert window.memo is None and len(window.entries) == 5 and budget.bytes == 50
+
+
 def test_the_pod_budget_evicts_the_least_recently_appended_window_first():
     budget = WindowBudget(limit=100)
     idle: ResumeWindow[str] = ResumeWindow(100, budget)
@@ -129,6 +157,7 @@ operations = st.lists(
         st.tuples(st.just("reset"), st.integers(0, 2), st.sampled_from(["e1", "e2", "e3"])),
         st.tuples(st.just("fill"), st.integers(0, 2), st.integers(0, 12)),
         st.tuples(st.just("query"), st.integers(0, 2), st.integers(-2, 40)),
+        st.tuples(st.just("memo"), st.integers(0, 2), st.integers(-2, 40)),
     ),
     max_size=80,
 )
@@ -170,9 +199,19 @@ def test_window_answers_like_a_read_at_its_cursor_or_not_at_all(ops, capacity, l
             added = window.prepend(window.generation, epoch, run)
             assert added <= len(run)
             held[index] = min(capacity, held[index] + added)
+        elif op == "memo" and cursor[index] is not None:
+            # What the hub does: remember what it derived from an answer, for that cursor.
+            epoch, _ = cursor[index]
+            answer = window.snapshot(epoch, arg, max_replay)
+            if answer is not None and answer.entries:
+                window.remember((epoch, arg), replayed(answer), 7)
         elif op == "query":
             for epoch in ["e1", "e2", "e3", None]:
                 check_answer(window, cursor[index], retired[index], epoch, arg, max_replay)
+                # A memo is never stale: what the window would answer now.
+                kept = window.recall((epoch, arg))
+                if kept is not None:
+                    assert kept == replayed(window.snapshot(epoch, arg, max_replay))
             if cursor[index] is not None:
                 epoch, last = cursor[index]
                 if limit is None and 0 <= last - held[index] <= arg <= last:
