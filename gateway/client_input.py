@@ -10,6 +10,8 @@ or an HTTP 500 with an error-level traceback: a log line per hostile request).
 * :func:`parse_project_id` reads a project id from a request's path, query or ``Last-Event-ID``.
 * :func:`repeated_header` finds a header the gateway reads as single-valued but that the request
   repeats (websockets' ``Headers.get`` raises ``MultipleValuesError`` for those).
+* :func:`parse_plain_request` reads the common opening handshake request in one step, as
+  websockets' parser would; anything less plain is left to websockets' parser.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import re
 
 from websockets.datastructures import Headers
+from websockets.http11 import Request
 
 from schemas.protocol import ClientMessage, ErrorCode, ProtocolError, decode_client_message
 
@@ -25,6 +28,7 @@ __all__ = [
     "SINGLE_VALUED_HEADERS",
     "close_reason",
     "decode_frame",
+    "parse_plain_request",
     "parse_project_id",
     "repeated_header",
 ]
@@ -77,3 +81,48 @@ def repeated_header(headers: Headers, names: tuple[str, ...] = SINGLE_VALUED_HEA
         if len(headers.get_all(name)) > 1:
             return name
     return None
+
+
+#: The most bytes :func:`parse_plain_request` reads (websockets' limit for one line: a longer
+#: request may still be valid, and is left to websockets, with its limits and answers).
+PLAIN_REQUEST_BYTES = 8192
+#: The most header fields it reads (websockets answers 431 beyond 128).
+PLAIN_REQUEST_FIELDS = 128
+
+# websockets' header name and value characters (``websockets.http11``: a token, then HTAB, SP,
+# VCHAR and obs-text); the value's surrounding spaces and tabs are not part of it.
+_FIELD_NAME = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
+_FIELD_VALUE = rb"[\x09\x20-\x7e\x80-\xff]"
+_PLAIN_REQUEST = re.compile(
+    rb"GET (/[\x21-\x7e]*) HTTP/1\.1\r\n((?:"
+    + _FIELD_NAME
+    + rb":"
+    + _FIELD_VALUE
+    + rb"*\r\n)*)\r\n"
+)
+_FIELD = re.compile(rb"(" + _FIELD_NAME + rb"):[ \t]*(" + _FIELD_VALUE + rb"*?)[ \t]*\r\n")
+
+
+def parse_plain_request(data: bytes) -> Request | None:
+    """``data`` as websockets' :class:`Request`, when it is exactly one plain request: ``GET``
+    of a path of printable ASCII, ``HTTP/1.1``, at most :data:`PLAIN_REQUEST_FIELDS` well-formed
+    header fields (CRLF line ends), no body (no ``Content-Length`` or ``Transfer-Encoding``),
+    nothing after the blank line, at most :data:`PLAIN_REQUEST_BYTES` in all. The request is
+    the one websockets' parser makes of the same bytes (same path, and the same fields in the
+    same order, values stripped of spaces and tabs, decoded as ISO-8859-1). None for anything
+    else, which websockets' parser then reads, as every request was read before (a browser's
+    handshake, or a client's mistake, answered as websockets answers it)."""
+    if len(data) > PLAIN_REQUEST_BYTES:
+        return None
+    match = _PLAIN_REQUEST.fullmatch(data)
+    if match is None:
+        return None
+    fields = _FIELD.findall(match.group(2))
+    if len(fields) > PLAIN_REQUEST_FIELDS:
+        return None
+    headers = Headers()
+    for name, value in fields:
+        headers.set_insecure(name.decode(), value.decode("iso-8859-1"))
+    if "Content-Length" in headers or "Transfer-Encoding" in headers:
+        return None  # websockets refuses a body, or reads a zero length: its call
+    return Request(match.group(1).decode(), headers)

@@ -56,7 +56,12 @@ from websockets.protocol import Protocol, State
 from websockets.server import ServerProtocol
 from websockets.streams import StreamReader
 
-from gateway.client_input import close_reason, decode_frame, repeated_header
+from gateway.client_input import (
+    close_reason,
+    decode_frame,
+    parse_plain_request,
+    repeated_header,
+)
 from gateway.http import json_response
 from gateway.logs import ConnectionLog, get_logger
 from gateway.session import (
@@ -119,6 +124,7 @@ PROTOCOL_VIOLATIONS = frozenset({1002, 1007, 1009})
 
 _TEXT, _BINARY, _CONT, _PONG = Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PONG
 _OPEN = State.OPEN
+_CONNECTING = State.CONNECTING
 _PING = struct.Struct("!I")
 #: A keepalive ping's header: FIN and opcode 9, then its payload's length (4 bytes). A server's
 #: frames are not masked and a control frame is never compressed, so the header and the payload
@@ -220,6 +226,7 @@ class WebSocketConnection(asyncio.Protocol):
         "finishing",
         "fragment_text",
         "fragments",
+        "fresh",
         "inflating",
         "paused",
         "paused_at",
@@ -272,6 +279,8 @@ class WebSocketConnection(asyncio.Protocol):
         #: The fragments of a message in progress (rare: browsers send small messages whole).
         self.fragments: list[bytes] | None = None
         self.fragment_text = False
+        #: Nothing has been read yet: the first read may be a plain request (_plain_request).
+        self.fresh = True
 
     # --- asyncio.Protocol --------------------------------------------------------------------
 
@@ -298,6 +307,12 @@ class WebSocketConnection(asyncio.Protocol):
             mask, masked = _MASKED_PONG.unpack_from(data, 2)
             self.session.pong(_PING.pack(mask ^ masked))  # type: ignore[union-attr]
             return
+        if self.fresh:
+            self.fresh = False
+            request = parse_plain_request(data)
+            if request is not None:
+                self._plain_request(request)
+                return
         protocol = self.protocol
         protocol.receive_data(data)
         events = protocol.events_received()
@@ -312,6 +327,22 @@ class WebSocketConnection(asyncio.Protocol):
             elif self.session is None and not events and self._unreadable_request():
                 return
             self._dispatch(events)
+        except Exception:
+            self._failed()
+
+    def _plain_request(self, request: Request) -> None:
+        """The first read was a plain request, exactly (:func:`parse_plain_request`): handled
+        without going through websockets' incremental parser, which is given none of it and
+        still waits for a request. Once the handshake has opened the connection, its parser is
+        started again, from the state the handshake left (``OPEN``): reading frames, as it would
+        be had it read the request itself. Any other answer leaves it as websockets set it
+        (discarding what follows a refusal); an HTTP request or a stream reads nothing more."""
+        try:
+            self._request(request)
+            protocol = self.protocol
+            if protocol.state is not _CONNECTING and protocol.parser is not None:
+                protocol.parser = protocol.parse()
+                next(protocol.parser)
         except Exception:
             self._failed()
 

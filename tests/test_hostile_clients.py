@@ -554,6 +554,94 @@ def test_repeated_header_finds_exactly_the_repeated_single_valued_ones(headers):
             Headers(headers).get(name)  # never MultipleValuesError
 
 
+def websockets_reads(data: bytes):
+    """What websockets' own parser makes of ``data`` as a connection's first bytes: the request,
+    or None (refused, or it waits for more)."""
+    from websockets.http11 import Request
+    from websockets.server import ServerProtocol
+
+    protocol = ServerProtocol()
+    protocol.receive_data(data)
+    events = protocol.events_received()
+    return events[0] if events and isinstance(events[0], Request) else None
+
+
+def mutated(data: bytes, at: int, byte: int, insert: bool) -> bytes:
+    at %= len(data) + 1
+    return data[:at] + bytes([byte]) + data[at + (0 if insert else 1) :]
+
+
+@st.composite
+def nearly_plain_requests(draw) -> bytes:
+    """Requests close to what parse_plain_request reads: GET, HTTP/1.1, fields of any header
+    text with spaces and tabs around the values, sometimes none or a name alone."""
+    lines = [f"GET {draw(paths)} HTTP/1.1"]
+    spaces = st.text(" \t", max_size=2)
+    for name, value in draw(st.lists(st.tuples(header_names, latin1_texts), max_size=10)):
+        lines.append(f"{name}:{draw(spaces)}{value}{draw(spaces)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+any_requests = st.one_of(requests(), nearly_plain_requests())
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    request=st.one_of(
+        any_requests,
+        st.builds(mutated, any_requests, st.integers(0, 400), st.integers(0, 255), st.booleans()),
+    ),
+    more=st.sampled_from([b"", b"", b"\x81\x80\x00\x00\x00\x00", b"GET / HTTP/1.1\r\n\r\n"]),
+)
+def test_a_plain_request_is_read_exactly_as_websockets_reads_it(request, more):
+    # The gateway reads a plain first request itself (gateway.client_input): whenever it does,
+    # websockets would have made the same request of the same bytes; whatever it does not read
+    # goes to websockets' parser as before (any request, valid or hostile, with what follows).
+    from gateway.client_input import parse_plain_request
+
+    data = request + more
+    plain = parse_plain_request(data)
+    if plain is None:
+        return
+    assert not more  # a plain request is exactly the read: what follows goes to websockets
+    theirs = websockets_reads(data)
+    assert theirs is not None, data
+    assert (plain.method, plain.path, plain.protocol) == (
+        theirs.method,
+        theirs.path,
+        theirs.protocol,
+    )
+    assert list(plain.headers.raw_items()) == list(theirs.headers.raw_items())
+
+
+def test_handshakes_of_browsers_and_tools_are_plain_requests():
+    from gateway.client_input import parse_plain_request
+
+    browser = (
+        b"GET /?v=1 HTTP/1.1\r\nHost: events.example.com\r\nConnection: Upgrade\r\n"
+        b"Pragma: no-cache\r\nUser-Agent: Mozilla/5.0 (X11; Linux x86_64) Chrome/120.0\r\n"
+        b"Upgrade: websocket\r\nOrigin: https://app.example.com\r\nSec-WebSocket-Version: 13\r\n"
+        b"Accept-Language: en-US,en;q=0.9\r\nCookie: session=abc; \xe9t\xe9=1 \r\n"
+        b"Sec-WebSocket-Key: x3JJHMbDL1EzLkh9GBhXDw==\r\n"
+        b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n"
+    )
+    for data in (browser, HANDSHAKE):
+        plain = parse_plain_request(data)
+        assert plain is not None
+        assert list(plain.headers.raw_items()) == list(websockets_reads(data).headers.raw_items())
+    assert parse_plain_request(browser).headers["Cookie"] == "session=abc; \xe9t\xe9=1"
+    # Not plain: left to websockets (a body, HTTP/1.0, a bare LF, frames sent early, a part).
+    for other in (
+        browser.replace(b"Pragma", b"Content-Length: 0\r\nPragma"),
+        browser.replace(b"HTTP/1.1", b"HTTP/1.0", 1),
+        browser.replace(b"\r\nPragma", b"\nPragma"),
+        browser + b"\x81\x80\x00\x00\x00\x00",
+        browser[:-2],
+        b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 129 + b"\r\n",
+    ):
+        assert parse_plain_request(other) is None
+
+
 def test_log_throttle_allows_a_burst_per_kind_per_interval_and_counts_the_rest():
     from gateway.logs import LogThrottle
 

@@ -9,6 +9,7 @@ until told to flush, so the order in which bytes reach the pipe is the order on 
 
 from __future__ import annotations
 
+import asyncio
 import os
 from types import SimpleNamespace
 
@@ -173,6 +174,39 @@ async def test_a_connection_reads_fragmented_messages(gateways):
         assert json.loads(await ws.recv())["type"] == "pong"
         await ws.send([b'{"type":', b'"ping"}'])  # binary, in fragments
         assert json.loads(await ws.recv())["type"] == "pong"
+
+
+async def test_a_plain_handshake_read_without_websockets_parser_leaves_it_reading_frames(
+    gateways, monkeypatch
+):
+    # websockets' client sends a plain request, which the gateway reads itself (nothing of it
+    # goes to websockets' parser): the parser then reads frames as after a request of its own,
+    # between frames at first (the pong shortcut is live), and every kind of frame works.
+    import json
+
+    from websockets.asyncio.client import connect
+
+    import gateway.websocket
+    from publisher import issue_token
+    from tests.support.gateway_client import SECRET, ws_url
+
+    read: list[object] = []
+    plain = gateway.websocket.parse_plain_request
+    monkeypatch.setattr(
+        gateway.websocket, "parse_plain_request", lambda data: read.append(plain(data)) or read[-1]
+    )
+    started = await gateways()
+    async with connect(ws_url(started)) as ws:
+        assert len(read) == 1 and read[0] is not None  # the request was plain
+        (session,) = started.sessions
+        connection = session.connection
+        assert connection.between_frames()
+        await ws.send(json.dumps({"type": "auth", "token": issue_token(SECRET, [1])}))
+        assert json.loads(await ws.recv())["type"] == "authenticated"
+        await ws.send(['{"type":', '"ping"}'])  # fragments, and websockets' own ping
+        assert json.loads(await ws.recv())["type"] == "pong"
+        await asyncio.wait_for(await ws.ping(), 5)
+        assert connection.between_frames()
 
 
 async def test_a_pong_answers_its_ping_and_every_earlier_one(pipe) -> None:
