@@ -41,12 +41,17 @@ Every wait is bounded by a timer on the event loop, not by a task per connection
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import email.utils
 import inspect
 import logging
 import random
 import struct
+import time
 from typing import TYPE_CHECKING, Any
 
+from websockets.datastructures import Headers
 from websockets.exceptions import InvalidMessage
 from websockets.extensions.permessage_deflate import enable_server_permessage_deflate
 from websockets.frames import CloseCode as WebSocketCloseCode
@@ -55,6 +60,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import Protocol, State
 from websockets.server import ServerProtocol
 from websockets.streams import StreamReader
+from websockets.utils import accept_key
 
 from gateway.client_input import (
     close_reason,
@@ -90,6 +96,7 @@ __all__ = [
     "WebSocketConnection",
     "WebSocketEndpoint",
     "WebSocketSession",
+    "accept_plain",
 ]
 
 log = get_logger("gateway")
@@ -139,6 +146,59 @@ _MASKED_PONG = struct.Struct("!II")
 _SERVER_PARSE = ServerProtocol.parse.__code__
 _FRAMES_PARSE = Protocol.parse.__code__
 _AT_EOF = StreamReader.at_eof.__code__
+
+
+def accept_plain(request: Request) -> Response | None:
+    """websockets' ``ServerProtocol.accept`` for the common handshake, when the server offers
+    no extension and no subprotocol (no ``--compression``): the same 101 response (``Date``,
+    ``Upgrade``, ``Connection``, ``Sec-WebSocket-Accept``), without parsing header lists.
+
+    Only for a request that is plainly valid: ``GET`` over ``HTTP/1.1``, one ``Connection:
+    Upgrade`` and one ``Upgrade: websocket`` (any case), one ``Sec-WebSocket-Key`` of 16 bytes
+    in base64, one ``Sec-WebSocket-Version: 13``, at most one ``Origin``, and no
+    ``Sec-WebSocket-Protocol`` (websockets refuses a malformed one). None for anything else,
+    which websockets' ``accept`` then answers as it always has (a refusal included)."""
+    if request.method != "GET" or request.protocol != "HTTP/1.1":
+        return None
+    headers = request.headers
+    connection = headers.get_all("Connection")
+    upgrade = headers.get_all("Upgrade")
+    key = headers.get_all("Sec-WebSocket-Key")
+    if (
+        len(connection) != 1
+        or connection[0].lower() != "upgrade"
+        or len(upgrade) != 1
+        or upgrade[0].lower() != "websocket"
+        or len(key) != 1
+        or len(key[0]) != 24
+        or headers.get_all("Sec-WebSocket-Version") != ["13"]
+        or len(headers.get_all("Origin")) > 1
+        or "Sec-WebSocket-Protocol" in headers
+    ):
+        return None
+    try:
+        if len(base64.b64decode(key[0].encode(), validate=True)) != 16:
+            return None
+    except (binascii.Error, UnicodeEncodeError):
+        return None
+    answer = Headers()
+    answer["Date"] = _http_date()
+    answer["Upgrade"] = "websocket"
+    answer["Connection"] = "Upgrade"
+    answer["Sec-WebSocket-Accept"] = accept_key(key[0])
+    return Response(101, "Switching Protocols", answer)
+
+
+_date: tuple[int, str] = (0, "")
+
+
+def _http_date() -> str:
+    """The ``Date`` header websockets writes (``email.utils.formatdate``), made once a second."""
+    global _date
+    now = int(time.time())
+    if _date[0] != now:
+        _date = (now, email.utils.formatdate(now, usegmt=True))
+    return _date[1]
 
 
 class WebSocketEndpoint:
@@ -596,7 +656,13 @@ class WebSocketConnection(asyncio.Protocol):
                 self.transport.abort()
                 return
             if response is None:
-                response = protocol.accept(request)  # 400/426: a malformed handshake
+                response = accept_plain(request) if endpoint.extensions is None else None
+                if response is not None:
+                    # As websockets' accept would have (its answer is the same).
+                    protocol.accept_called = True
+                    protocol.origin = request.headers.get("Origin")  # type: ignore[assignment]
+                else:
+                    response = protocol.accept(request)  # 400/426: a malformed handshake
         except Exception:
             log.exception("request failed", path=request.path[:200])
             response = json_response(500, {"error": "internal", "message": "internal error"})

@@ -15,7 +15,9 @@ Whatever it gets:
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import email.utils
 import json
 import socket
 import string
@@ -612,6 +614,90 @@ def test_a_plain_request_is_read_exactly_as_websockets_reads_it(request, more):
         theirs.protocol,
     )
     assert list(plain.headers.raw_items()) == list(theirs.headers.raw_items())
+
+
+def without_date(response) -> tuple:
+    items = [item for item in response.headers.raw_items() if item[0] != "Date"]
+    return response.status_code, response.reason_phrase, items, response.body
+
+
+@st.composite
+def handshakes(draw) -> bytes:
+    """Opening handshakes, valid or nearly: each field of a valid one, often as is, else in
+    another case or a near miss, sometimes missing or repeated, in any order, among others."""
+
+    def value(good: str, *others: str) -> str:
+        return draw(st.sampled_from([good, good, good, good, *others]))
+
+    fields = [
+        ("Host", "127.0.0.1"),
+        ("Connection", value("Upgrade", "upgrade", "keep-alive, Upgrade", "x")),
+        ("Upgrade", value("websocket", "WebSocket", "websocket, h2c", "h2c")),
+        ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ("Sec-WebSocket-Version", value("13", "8", "13, 8")),
+    ]
+    fields = [field for field in fields if draw(st.integers(0, 9))]  # one in ten missing
+    fields += draw(st.lists(st.tuples(header_names, header_values), max_size=2))
+    if not draw(st.integers(0, 4)):
+        fields.append((draw(st.sampled_from(["Connection", "Upgrade", "Origin"])), "websocket"))
+    fields = draw(st.permutations(fields))
+    lines = ["GET / HTTP/1.1"] + [f"{name}: {text}" for name, text in fields]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    request=st.one_of(handshakes(), handshakes(), any_requests),
+    key=st.one_of(
+        st.just("dGhlIHNhbXBsZSBub25jZQ=="),
+        st.binary(min_size=16, max_size=16).map(lambda raw: base64.b64encode(raw).decode()),
+        st.binary(min_size=14, max_size=18).map(lambda raw: base64.b64encode(raw).decode()),
+        st.text(string.ascii_letters + string.digits + "+/=", min_size=22, max_size=26),
+    ),
+)
+def test_a_plain_handshake_is_answered_exactly_as_websockets_answers_it(request, key):
+    # The gateway answers the common handshake itself (gateway.websocket.accept_plain): when
+    # it does, websockets would have answered the same (its Date aside, made the same way).
+    from websockets.server import ServerProtocol
+
+    from gateway.websocket import accept_plain
+
+    request = request.replace(b"dGhlIHNhbXBsZSBub25jZQ==", key.encode())
+    parsed = websockets_reads(request)
+    if parsed is None:
+        return
+    before = int(time.time())
+    ours = accept_plain(parsed)
+    if ours is None:
+        return
+    theirs = ServerProtocol().accept(parsed)
+    assert without_date(ours) == without_date(theirs)
+    dates = {email.utils.formatdate(t, usegmt=True) for t in range(before, int(time.time()) + 1)}
+    assert ours.headers["Date"] in dates and theirs.headers["Date"] in dates
+
+
+def test_the_handshakes_of_browsers_and_tools_are_answered_without_websockets_accept():
+    from gateway.client_input import parse_plain_request
+    from gateway.websocket import accept_plain
+
+    chrome = (
+        b"GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Origin: https://app.example.com\r\nSec-WebSocket-Version: 13\r\n"
+        b"Sec-WebSocket-Key: x3JJHMbDL1EzLkh9GBhXDw==\r\n"
+        b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n"
+    )
+    for data in (chrome, HANDSHAKE):
+        answer = accept_plain(parse_plain_request(data))
+        assert answer is not None and answer.status_code == 101
+    assert answer.headers["Sec-WebSocket-Accept"] == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="  # RFC 6455
+    # Left to websockets: Firefox's "keep-alive, Upgrade", a subprotocol, a bad key.
+    for other in (
+        chrome.replace(b"Connection: Upgrade", b"Connection: keep-alive, Upgrade"),
+        chrome.replace(b"Host: h", b"Host: h\r\nSec-WebSocket-Protocol: chat"),
+        chrome.replace(b"x3JJHMbDL1EzLkh9GBhXDw==", b"x3JJHMbDL1EzLkh9GBhXD===", 1),
+        chrome.replace(b"Upgrade: websocket", b"Upgrade: websocket\r\nUpgrade: h2c"),
+    ):
+        assert accept_plain(parse_plain_request(other)) is None
 
 
 def test_handshakes_of_browsers_and_tools_are_plain_requests():
