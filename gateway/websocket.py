@@ -17,7 +17,10 @@ Per connection, in order:
    without ``Upgrade: websocket`` is answered by :mod:`gateway.http`; a WebSocket handshake is
    checked by :meth:`WebSocketEndpoint.check_request` (draining, full, ``Origin``, a bearer
    token), then accepted or refused by websockets (``accept`` answers 400/426 to a malformed
-   handshake on its own).
+   handshake on its own). A first read that is exactly one plain request is read without
+   websockets' incremental parser (:func:`~gateway.client_input.parse_plain_request`), and a
+   plainly valid handshake answered without its ``accept`` (:func:`accept_plain`): the same
+   request and the same 101, for a fraction of the CPU of a reconnect storm's handshakes.
 2. **Authentication.** Unless the handshake carried a valid bearer token (or ``--no-auth``), the
    first message must be a valid ``auth``; anything else closes with 4001 (4002 for an expired
    token). The handshake and the ``auth`` together must arrive within ``auth_timeout`` of the
