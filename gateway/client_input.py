@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 
+from websockets import http11
 from websockets.datastructures import Headers
 from websockets.http11 import Request
 
@@ -83,12 +84,6 @@ def repeated_header(headers: Headers, names: tuple[str, ...] = SINGLE_VALUED_HEA
     return None
 
 
-#: The most bytes :func:`parse_plain_request` reads (websockets' limit for one line: a longer
-#: request may still be valid, and is left to websockets, with its limits and answers).
-PLAIN_REQUEST_BYTES = 8192
-#: The most header fields it reads (websockets answers 431 beyond 128).
-PLAIN_REQUEST_FIELDS = 128
-
 # websockets' header name and value characters (``websockets.http11``: a token, then HTAB, SP,
 # VCHAR and obs-text); the value's surrounding spaces and tabs are not part of it.
 _FIELD_NAME = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
@@ -105,20 +100,24 @@ _FIELD = re.compile(rb"(" + _FIELD_NAME + rb"):[ \t]*(" + _FIELD_VALUE + rb"*?)[
 
 def parse_plain_request(data: bytes) -> Request | None:
     """``data`` as websockets' :class:`Request`, when it is exactly one plain request: ``GET``
-    of a path of printable ASCII, ``HTTP/1.1``, at most :data:`PLAIN_REQUEST_FIELDS` well-formed
-    header fields (CRLF line ends), no body (no ``Content-Length`` or ``Transfer-Encoding``),
-    nothing after the blank line, at most :data:`PLAIN_REQUEST_BYTES` in all. The request is
-    the one websockets' parser makes of the same bytes (same path, and the same fields in the
-    same order, values stripped of spaces and tabs, decoded as ISO-8859-1). None for anything
-    else, which websockets' parser then reads, as every request was read before (a browser's
-    handshake, or a client's mistake, answered as websockets answers it)."""
-    if len(data) > PLAIN_REQUEST_BYTES:
+    of a path of printable ASCII, ``HTTP/1.1``, at most websockets' number of header fields
+    (``MAX_NUM_HEADERS``), well-formed (CRLF line ends), no body (no ``Content-Length`` or
+    ``Transfer-Encoding``), nothing after the blank line, at most websockets' limit for one line
+    (``MAX_LINE_LENGTH``) in all, so that no line can be over it. Both limits are read from
+    websockets when called: a deployment may lower them (``WEBSOCKETS_MAX_NUM_HEADERS``,
+    ``WEBSOCKETS_MAX_LINE_LENGTH``), and a request over them is refused by websockets (431), not
+    read here. The request is the one websockets' parser makes of the same bytes (same path,
+    and the same fields in the same order, values stripped of spaces and tabs, decoded as
+    ISO-8859-1). None for anything else, which websockets' parser then reads, as every request
+    was read before (a browser's handshake, or a client's mistake, answered as websockets
+    answers it)."""
+    if len(data) > http11.MAX_LINE_LENGTH:
         return None
     match = _PLAIN_REQUEST.fullmatch(data)
     if match is None:
         return None
     fields = _FIELD.findall(match.group(2))
-    if len(fields) > PLAIN_REQUEST_FIELDS:
+    if len(fields) > http11.MAX_NUM_HEADERS:
         return None
     headers = Headers()
     for name, value in fields:

@@ -728,6 +728,37 @@ def test_handshakes_of_browsers_and_tools_are_plain_requests():
         assert parse_plain_request(other) is None
 
 
+@pytest.mark.parametrize(
+    ("limit", "value", "request_bytes"),
+    [
+        # A deployment may lower websockets' limits (WEBSOCKETS_MAX_NUM_HEADERS and
+        # WEBSOCKETS_MAX_LINE_LENGTH, read when websockets is imported): a request over them is
+        # refused by websockets (431), and so it must not be read as plain either.
+        (
+            "MAX_NUM_HEADERS",
+            16,
+            HANDSHAKE.replace(b"\r\n\r\n", b"\r\n" + b"X: y\r\n" * 20 + b"\r\n"),
+        ),
+        (
+            "MAX_LINE_LENGTH",
+            1024,
+            HANDSHAKE.replace(b"\r\n\r\n", b"\r\nCookie: " + b"a" * 2000 + b"\r\n\r\n"),
+        ),
+    ],
+)
+def test_a_request_over_websockets_limits_as_configured_is_not_plain(
+    monkeypatch, limit, value, request_bytes
+):
+    import websockets.http11
+
+    from gateway.client_input import parse_plain_request
+
+    assert parse_plain_request(request_bytes) is not None  # within websockets' defaults
+    monkeypatch.setattr(websockets.http11, limit, value)
+    assert websockets_reads(request_bytes) is None  # websockets refuses it now (431)
+    assert parse_plain_request(request_bytes) is None
+
+
 def test_log_throttle_allows_a_burst_per_kind_per_interval_and_counts_the_rest():
     from gateway.logs import LogThrottle
 
