@@ -45,15 +45,19 @@ class WindowBudget:
     Each window reports its byte count changes (:meth:`grow`/:meth:`shrink`) and its appends
     (:meth:`touched`); when the total passes ``limit``, the oldest entries of the window that
     went longest without an append are dropped first (an idle project's clients resume at its
-    ``last``, which needs no entry), then the next one's.
+    ``last``, which needs no entry), then the next one's. Memos (:meth:`ResumeWindow.remember`)
+    are dropped before any entry, the one kept longest first: a memo only saves work, an entry
+    saves a client a read.
     """
 
-    __slots__ = ("_order", "bytes", "limit")
+    __slots__ = ("_memos", "_order", "bytes", "limit")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.bytes = 0
         self._order: collections.OrderedDict[ResumeWindow, None] = collections.OrderedDict()
+        #: The windows holding a memo, in the order they remembered it.
+        self._memos: dict[ResumeWindow, None] = {}
 
     def touched(self, window: ResumeWindow) -> None:
         self._order[window] = None
@@ -67,7 +71,11 @@ class WindowBudget:
         self._order.pop(window, None)
 
     def enforce(self) -> None:
-        """Drop oldest entries, least recently appended window first, until within the limit."""
+        """Drop memos, then oldest entries, least recently appended window first, until within
+        the limit."""
+        memos = self._memos
+        while self.bytes > self.limit and memos:
+            next(iter(memos)).forget_memo()
         while self.bytes > self.limit and self._order:
             window = next(iter(self._order))
             while self.bytes > self.limit and window.entries:
@@ -136,6 +144,7 @@ class ResumeWindow(Generic[T]):
         if self.budget is not None:
             self.budget.bytes -= self.bytes
             self.budget.forget(self)
+            self.budget._memos.pop(self, None)
         self.bytes = 0
 
     def append(self, seq: int, item: T, size: int) -> None:
@@ -201,6 +210,7 @@ class ResumeWindow(Generic[T]):
         if budget is not None:
             budget.bytes += size
             budget.holds(self)
+            budget._memos[self] = None
         return True
 
     def recall(self, key: object) -> object | None:
@@ -217,8 +227,10 @@ class ResumeWindow(Generic[T]):
         self.memo = None
         size = memo[2]
         self.bytes -= size
-        if self.budget is not None:
-            self.budget.bytes -= size
+        budget = self.budget
+        if budget is not None:
+            budget.bytes -= size
+            del budget._memos[self]
 
     def snapshot(self, epoch: str | None, after: int | None, max_replay: int) -> Snapshot | None:
         """What one atomic read at ``(self.epoch, self.last)`` would give a client resuming after

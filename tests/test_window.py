@@ -132,6 +132,34 @@ def test_a_memo_is_forgotten_when_the_entries_change_and_counts_in_the_budget():
     assert window.memo is None and len(window.entries) == 5 and budget.bytes == 50
 
 
+def test_the_budget_drops_memos_before_any_entry():
+    # A memo only saves work; an entry saves a client a Redis read. When the pod's windows
+    # pass the budget, the memos go first: an entry is evicted only if that is not enough.
+    budget = WindowBudget(limit=1000)
+    idle: ResumeWindow[str] = ResumeWindow(10, budget)
+    busy: ResumeWindow[str] = ResumeWindow(10, budget)
+    idle.reset("e1", 0)
+    busy.reset("e1", 0)
+    idle.append(1, item("e1", 1), 300)
+    idle.append(2, item("e1", 2), 300)
+    assert idle.remember(("e1", 0), "replay after 0", 100)
+    busy.append(1, item("e1", 1), 300)
+    assert budget.bytes == 1000
+    busy.append(2, item("e1", 2), 50)  # 50 over: the idle window's memo is enough
+    assert idle.memo is None and len(idle.entries) == 2 and len(busy.entries) == 2
+    assert budget.bytes == idle.bytes + busy.bytes == 950
+    # Memos of several windows: the one kept longest goes first, then the next one.
+    assert idle.remember(("e1", 1), "replay after 1", 20)
+    assert busy.remember(("e1", 1), "replay after 1", 20)
+    busy.append(3, item("e1", 3), 30)  # (forgets busy's memo) 1000: within the limit
+    assert idle.memo is not None and budget.bytes == 1000
+    busy.append(4, item("e1", 4), 10)  # 10 over: idle's memo goes, no entry
+    assert idle.memo is None and len(idle.entries) == 2 and budget.bytes == 990
+    # With no memo left, entries go as before (the least recently appended window first).
+    busy.append(5, item("e1", 5), 20)
+    assert len(idle.entries) == 1 and budget.bytes == 710
+
+
 def test_the_pod_budget_evicts_the_least_recently_appended_window_first():
     budget = WindowBudget(limit=100)
     idle: ResumeWindow[str] = ResumeWindow(100, budget)
