@@ -333,3 +333,109 @@ def test_the_unacknowledged_bound_is_set_on_tcp_sockets_and_skipped_elsewhere():
     finally:
         for sock in (server, client, accepted, left, right):
             sock.close()
+
+
+def _handshake(*extra: bytes, drop: bytes = b"", path: bytes = b"/") -> bytes:
+    """A plain handshake with the ``extra`` header lines added and the one starting with
+    ``drop`` left out."""
+    lines = [
+        b"Host: 127.0.0.1",
+        b"Upgrade: websocket",
+        b"Connection: Upgrade",
+        b"Origin: https://app.example",
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        b"Sec-WebSocket-Version: 13",
+    ]
+    lines = [line for line in lines if not (drop and line.startswith(drop))] + list(extra)
+    return b"GET " + path + b" HTTP/1.1\r\n" + b"".join(line + b"\r\n" for line in lines) + b"\r\n"
+
+
+async def _answer(port: int, request: bytes) -> tuple[bytes, list[bytes], bytes]:
+    """The gateway's answer to ``request`` sent in one write: its status line, its header lines
+    but ``Date`` (sorted), and its body; after a 101, what came with the head."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        status, *fields = head[:-4].split(b"\r\n")
+        if status.startswith(b"HTTP/1.1 101"):
+            body = b""
+        else:
+            body = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    fields = sorted(field for field in fields if not field.lower().startswith(b"date:"))
+    return status, fields, body
+
+
+async def test_every_handshake_is_answered_the_same_with_or_without_the_plain_paths(
+    gateways, monkeypatch
+):
+    # The gateway reads a plain first request itself and answers a plainly valid upgrade itself
+    # (parse_plain_request, accept_plain); with both turned off every request goes through
+    # websockets' parser and accept as before. The answers (Date aside) must be the same for
+    # any request a client may send: the Origin allowlist, the bearer token, repeated or
+    # malformed headers, another version, keep-alive, mixed case, a query, a subprotocol.
+    import gateway.websocket
+    from publisher import issue_token
+    from tests.support.gateway_client import SECRET
+
+    bearer = b"Authorization: Bearer " + issue_token(SECRET, [1]).encode()
+    requests = [
+        _handshake(),
+        _handshake(bearer),
+        _handshake(b"Authorization: Bearer nope"),
+        _handshake(bearer, bearer),
+        _handshake(b"Host: other"),
+        _handshake(b"Upgrade: websocket"),
+        _handshake(b"Upgrade: h2c"),
+        _handshake(b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ=="),
+        _handshake(b"Origin: https://app.example"),
+        _handshake(b"Origin: https://evil.example", drop=b"Origin"),
+        _handshake(drop=b"Origin"),
+        _handshake(b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ", drop=b"Sec-WebSocket-Key"),
+        _handshake(b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZT==", drop=b"Sec-WebSocket-Key"),
+        _handshake(b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ=x", drop=b"Sec-WebSocket-Key"),
+        _handshake(b"Sec-WebSocket-Key: \xe9GhlIHNhbXBsZSBub25jZQ==", drop=b"Sec-WebSocket-Key"),
+        _handshake(drop=b"Sec-WebSocket-Key"),
+        _handshake(b"Sec-WebSocket-Version: 12", drop=b"Sec-WebSocket-Version"),
+        _handshake(b"Sec-WebSocket-Version:  13 ", drop=b"Sec-WebSocket-Version"),
+        _handshake(b"Sec-WebSocket-Version: 13"),
+        _handshake(b"Connection: keep-alive, Upgrade", drop=b"Connection"),
+        _handshake(b"Connection: keep-alive", drop=b"Connection"),
+        _handshake(b"Connection: Upgrade"),
+        _handshake(b"connection: UPGRADE", b"upgrade: WebSocket", drop=b"Upgrade"),
+        _handshake(b"Sec-WebSocket-Protocol: chat"),
+        _handshake(b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits"),
+        _handshake(b"Content-Length: 0"),
+        _handshake(b"X-Folded: a", b" b"),
+        _handshake(b"X-Nul: a\x00b"),
+        _handshake(path=b"/%2e%2e/?token=x&project=1"),
+        _handshake(path=b"/?a=%00"),
+        _handshake().replace(b"\r\nOrigin", b"\nOrigin"),
+        _handshake().replace(b"HTTP/1.1", b"HTTP/1.0", 1),
+        _handshake().replace(b"GET", b"POST", 1),
+    ]
+    started = await gateways(allowed_origins=["https://app.example"])
+    fast = [await _answer(started.port, request) for request in requests]
+    monkeypatch.setattr(gateway.websocket, "parse_plain_request", lambda data: None)
+    monkeypatch.setattr(gateway.websocket, "accept_plain", lambda request: None)
+    slow = [await _answer(started.port, request) for request in requests]
+    for request, ours, theirs in zip(requests, fast, slow, strict=True):
+        assert ours == theirs, request
+    statuses = {answer[0].split(b" ")[1] for answer in fast}
+    assert {b"101", b"400", b"401", b"403", b"426"} <= statuses, statuses
+
+
+async def test_with_compression_a_plain_handshake_negotiates_permessage_deflate(gateways):
+    # With --compression the 101 is websockets' (accept_plain answers only when the server
+    # offers no extension): a browser's offer of permessage-deflate is taken up.
+    started = await gateways(compression=True)
+    offer = b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits"
+    status, fields, _ = await _answer(started.port, _handshake(offer))
+    assert status.startswith(b"HTTP/1.1 101")
+    assert any(
+        field.startswith(b"Sec-WebSocket-Extensions: permessage-deflate") for field in fields
+    )
+    (session,) = started.sessions
+    assert not session.raw  # frames are compressed, and read through the inflating path
