@@ -89,3 +89,63 @@ async def test_after_a_flush_an_old_cursor_is_never_replayed_from_the_window(
     assert again.seqs(PROJECT) == [resync["seq"] + 1, resync["seq"] + 2]
     await keeper.close()
     await again.close()
+
+
+async def test_a_storm_shares_one_replay_across_transports_and_never_past_a_new_event(
+    gateways, publisher
+):
+    """Clients of every transport resume at one cursor: raw WebSocket, permessage-deflate
+    WebSocket and SSE share the replay the first of them built (the window's memo). An event
+    arrives; the next storm at the same cursor gets it in its replay, the first one live: every
+    client ends with every event after the cursor once, in order."""
+    import json
+
+    from publisher import issue_token
+    from tests.support.gateway_client import SECRET
+    from tests.support.sse_client import open_stream
+
+    gateway = await gateways(compression=True)
+    keeper = await client_for(gateway, [PROJECT])
+    await keeper.subscribe(PROJECT)
+    await publish(publisher, PROJECT, 5)
+    await keeper.wait_for(lambda: keeper.seqs(PROJECT) == [1, 2, 3, 4, 5])
+    epoch, _ = keeper.cursor(PROJECT)
+    window = gateway.hub.feeds[PROJECT].window
+    token = issue_token(SECRET, [PROJECT], ttl=300)
+    headers = {"Authorization": f"Bearer {token}", "Last-Event-ID": f"{epoch}:2"}
+
+    async def storm() -> tuple[list, list]:
+        sockets = []
+        for compression in (None, "deflate", None, "deflate"):
+            client = await client_for(gateway, [PROJECT], compression=compression)
+            await client.subscribe(PROJECT, epoch=epoch, after=2)
+            sockets.append(client)
+        _, _, stream = await open_stream(
+            f"http://127.0.0.1:{gateway.port}", f"/v1/projects/{PROJECT}/stream", headers
+        )
+        head = await stream.until("subscribed")
+        return sockets, [stream, [json.loads(e.data)["seq"] for e in head if e.event == "message"]]
+
+    first, (first_stream, first_replay) = await storm()
+    assert [client.seqs(PROJECT) for client in first] == [[3, 4, 5]] * 4
+    assert first_replay == [3, 4, 5]
+    assert {c.ws.protocol.extensions != [] for c in first} == {True, False}  # both transports
+    assert window.recall((epoch, 2)) is not None  # the replay was kept, and shared
+    await publish(publisher, PROJECT, 1)  # seq 6: the kept replay is of no use any more
+    await keeper.wait_for(lambda: keeper.seqs(PROJECT)[-1] == 6)
+    assert window.recall((epoch, 2)) is None
+    second, (second_stream, second_replay) = await storm()
+    assert [client.seqs(PROJECT) for client in second] == [[3, 4, 5, 6]] * 4
+    assert second_replay == [3, 4, 5, 6]
+    await publish(publisher, PROJECT, 1)  # seq 7, live for all
+    for client in [*first, *second]:
+        await client.wait_for(lambda c=client: c.seqs(PROJECT)[-1:] == [7])
+        assert client.seqs(PROJECT) == [3, 4, 5, 6, 7]
+        assert client.count("subscribed", PROJECT) == 1
+        await client.close()
+    first_live = [json.loads((await first_stream.next()).data)["seq"] for _ in range(2)]
+    second_live = [json.loads((await second_stream.next()).data)["seq"] for _ in range(1)]
+    assert first_live == [6, 7] and second_live == [7]
+    first_stream.close()
+    second_stream.close()
+    await keeper.close()
