@@ -95,7 +95,10 @@ _PLAIN_REQUEST = re.compile(
     + _FIELD_VALUE
     + rb"*\r\n)*)\r\n"
 )
-_FIELD = re.compile(rb"(" + _FIELD_NAME + rb"):[ \t]*(" + _FIELD_VALUE + rb"*?)[ \t]*\r\n")
+# The value is taken whole and stripped afterwards, as websockets does: a lazy value followed by
+# optional spaces would backtrack over every run of spaces inside it (quadratic: 32 ms for one
+# 8 KiB value holding 8,000 spaces, against websockets' 0.1 ms).
+_FIELD = re.compile(rb"(" + _FIELD_NAME + rb"):(" + _FIELD_VALUE + rb"*)\r\n")
 
 
 def parse_plain_request(data: bytes) -> Request | None:
@@ -121,7 +124,7 @@ def parse_plain_request(data: bytes) -> Request | None:
         return None
     headers = Headers()
     for name, value in fields:
-        headers.set_insecure(name.decode(), value.decode("iso-8859-1"))
+        headers.set_insecure(name.decode(), value.strip(b" \t").decode("iso-8859-1"))
     if "Content-Length" in headers or "Transfer-Encoding" in headers:
         return None  # websockets refuses a body, or reads a zero length: its call
     return Request(match.group(1).decode(), headers)

@@ -759,6 +759,31 @@ def test_a_request_over_websockets_limits_as_configured_is_not_plain(
     assert parse_plain_request(request_bytes) is None
 
 
+def test_reading_a_plain_request_takes_time_linear_in_its_size():
+    # A hostile first read: one header value with a long run of spaces inside it (a valid
+    # request, so it is read). websockets reads 8 KiB of it in a tenth of a millisecond; the
+    # gateway's reading must not be quadratic in it (it was: 32 ms of the event loop for one
+    # 8 KiB request, so a few dozen such connections a second held a core). Measured as a
+    # ratio, the best of several runs, so that a loaded machine does not decide it: 8 times
+    # the bytes must take well under 64 times the time.
+    from gateway.client_input import parse_plain_request
+
+    def request(spaces: int) -> bytes:
+        return b"GET / HTTP/1.1\r\nX: a" + b" " * spaces + b"b\r\n\r\n"
+
+    def best(data: bytes) -> float:
+        timings = []
+        for _ in range(7):
+            start = time.perf_counter()
+            assert parse_plain_request(data) is not None
+            timings.append(time.perf_counter() - start)
+        return min(timings)
+
+    small, large = request(1000), request(8000)
+    best(large)  # warm
+    assert best(large) < 20 * best(small)
+
+
 def test_log_throttle_allows_a_burst_per_kind_per_interval_and_counts_the_rest():
     from gateway.logs import LogThrottle
 
