@@ -700,7 +700,7 @@ async function errorDetail(response) {
 
 /** The subscribes of connection `conn` not answered yet (none), its clock from `progressAt`. */
 function answersOf(conn, progressAt) {
-  return { conn, asked: new Map(), progressAt, timer: null };
+  return { conn, asked: new Map(), progressAt, timer: null, seenAt: progressAt };
 }
 
 function checkItemId(value, name) {
@@ -1915,18 +1915,38 @@ export class EventBus {
       this._clearTimeout(answers.timer);
       answers = this._answers = answersOf(conn, this._now());
     }
-    answers.asked.set(sub.projectId, { sub, at: this._now() });
+    answers.asked.set(sub.projectId, { sub, at: this._answersNow() });
     if (answers.timer === null) answers.timer = this._setTimeout(() => this._checkAnswers(conn), this.options.connectTimeout);
   }
 
   /** A frame answering the project's subscribe in part (its replay, a resync_required). */
   _heard(projectId) {
-    if (this._answers.asked.has(projectId)) this._answers.progressAt = this._now();
+    if (this._answers.asked.has(projectId)) this._answers.progressAt = this._answersNow();
   }
 
   /** The project's subscribe is answered (`subscribed`, an error). */
   _answered(projectId) {
-    if (this._answers.asked.delete(projectId)) this._answers.progressAt = this._now();
+    if (this._answers.asked.delete(projectId)) this._answers.progressAt = this._answersNow();
+  }
+
+  /**
+   * The time for the bound on subscribes' answers. `now` is the wall clock, while the timers
+   * wait real time: when the clock is found set back (NTP, the user) since it was last read
+   * here, the times taken before are moved back by as much, so a bound is not stretched by the
+   * step (a subscribe left unanswered for an hour after the clock went back an hour). What part
+   * of that was real time is unknown: a wait may count once more (twice connectTimeout at most).
+   * A step forward can only end a wait early: one reconnect, which resumes from the cursors.
+   */
+  _answersNow() {
+    const answers = this._answers;
+    const now = this._now();
+    const step = now - answers.seenAt;
+    if (step < 0) {
+      answers.progressAt += step;
+      for (const entry of answers.asked.values()) entry.at += step;
+    }
+    answers.seenAt = now;
+    return now;
   }
 
   /** `conn` is gone: what it was asked is never answered (the next connection asks again). */
@@ -1954,7 +1974,7 @@ export class EventBus {
     const answers = this._answers;
     if (answers.conn !== conn) return;
     answers.timer = null;
-    const now = this._now();
+    const now = this._answersNow();
     const bound = this.options.connectTimeout;
     let earliest = null;
     for (const [projectId, { sub, at }] of answers.asked) {

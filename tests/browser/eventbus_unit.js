@@ -2122,6 +2122,20 @@ test("sse: a reopened stream's replay that stops short of its top is a gap, reop
 
 // --- the bound on a subscribe's answer -------------------------------------------------------------
 
+test("the bound on a subscribe's answer outlasts a wall clock set back by at most its own length", async () => {
+  const env = setup({ subscribe: [1, 2] });
+  const ws = await goLive(env, { 1: { epoch: "a", seq: 0 } }); // project 2's subscribe unanswered
+  await env.clock.advance(4000);
+  env.clock.wallStep = -3_600_000; // NTP (or the user) sets the clock an hour back
+  await env.clock.advance(5999);
+  assert(ws.closedWith === null, "within connectTimeout of the subscribe: still waiting");
+  // When the step happened between two looks at the clock is unknown: the wait may count once
+  // more (20 s in all), never the hour the clock went back.
+  await env.clock.advance(10001);
+  assert(ws.closedWith !== null, "given up within twice connectTimeout, not an hour later");
+  eq(env.errors.filter((e) => e.code === "subscribe_timeout").map((e) => e.projectId), [2]);
+});
+
 test("WebSocket: a subscribe never answered ends the connection after connectTimeout; it reconnects on backoff and resumes", async () => {
   const env = setup({ subscribe: [1, 2] });
   let ws = await goLive(env, { 1: { epoch: "a", seq: 0 } });
