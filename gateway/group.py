@@ -177,27 +177,45 @@ def read_group(directory: str) -> tuple[list, list[str]]:
     prometheus-client's own reader stops at the first bad file, and then every ``/metrics`` and
     ``/readyz`` of the group failed, for as long as the file stayed: an empty file (a worker
     killed between creating its file and sizing it), a truncated or overwritten one, anything
-    else dropped there. Each file is read and merged alone first, and only the ones that pass
-    are merged together. Only regular files are opened: a FIFO would block the event loop."""
+    else dropped there. When the files do not merge together, each is read alone, and only the
+    ones that pass are merged. Only regular files are opened: a FIFO would block the event
+    loop."""
     from prometheus_client.multiprocess import MultiProcessCollector
 
-    readable, unreadable = [], []
+    def merged(paths: list[str]) -> list:
+        for _ in range(3):
+            try:
+                return list(MultiProcessCollector.merge(paths, accumulate=True))
+            except FileNotFoundError:  # a dead worker's live gauges, removed since: without them
+                paths = [path for path in paths if os.path.exists(path)]
+        return []  # files vanishing at every read: nothing consistent to answer
+
+    paths, unreadable = [], []
     for path in sorted(glob.glob(os.path.join(directory, "*.db"))):
         try:
-            if not stat.S_ISREG(os.lstat(path).st_mode):
-                raise ValueError("not a regular file")
-            MultiProcessCollector.merge([path], accumulate=True)
-            readable.append(path)
+            regular = stat.S_ISREG(os.lstat(path).st_mode)
         except FileNotFoundError:  # a dead worker's live gauges, removed meanwhile
             continue
-        except Exception:  # any way a file can be broken: struct, UTF-8, JSON, types
+        except OSError:
+            regular = False
+        if regular:
+            paths.append(path)
+        else:
             unreadable.append(os.path.basename(path))
-    for _ in range(3):
+    try:
+        return merged(paths), unreadable  # every file sound: the common case, one read
+    except Exception:  # any way a file can be broken: struct, UTF-8, JSON, types
+        pass
+    readable = []
+    for path in paths:
         try:
-            return list(MultiProcessCollector.merge(readable, accumulate=True)), unreadable
-        except FileNotFoundError:  # a dead worker's live gauges, removed since: without them
-            readable = [path for path in readable if os.path.exists(path)]
-    return [], unreadable  # files vanishing at every read: nothing consistent to answer
+            MultiProcessCollector.merge([path], accumulate=True)
+            readable.append(path)
+        except FileNotFoundError:
+            continue
+        except Exception:
+            unreadable.append(os.path.basename(path))
+    return merged(readable), unreadable
 
 
 def render_families(families: list) -> tuple[bytes, list[str]]:
