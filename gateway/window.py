@@ -140,11 +140,10 @@ class ResumeWindow(Generic[T]):
     def clear(self) -> None:
         """Drop every entry and give their bytes back to the budget (the feed is going away)."""
         self.entries.clear()
-        self.memo = None  # its bytes are in self.bytes
+        self.forget_memo()
         if self.budget is not None:
             self.budget.bytes -= self.bytes
             self.budget.forget(self)
-            self.budget._memos.pop(self, None)
         self.bytes = 0
 
     def append(self, seq: int, item: T, size: int) -> None:
