@@ -188,7 +188,7 @@ def parse_read_reply(reply: list) -> dict[str, PodState]:
             member, value = flat[i], flat[i + 1]
             if not isinstance(member, bytes | str) or not isinstance(value, bytes | str):
                 continue  # a nested reply: not a hash field the scripts wrote
-            if not member or len(member) > 4 * MAX_MEMBER_ID_LENGTH:
+            if not member or len(member) > MAX_MEMBER_ID_BYTES:
                 continue  # no pod lists a member without an id, or with a longer one
             try:
                 member_id = _text(member)
