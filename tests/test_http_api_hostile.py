@@ -260,26 +260,25 @@ async def test_connections_past_the_limit_are_closed_at_accept(redis_url, caplog
         assert b'connections_closed_total{reason="header_timeout"} 65' in metrics
 
 
-def _low_descriptor_limit() -> None:
-    resource.setrlimit(resource.RLIMIT_NOFILE, (4700, 4700))
-
-
-def test_a_socket_flood_past_the_descriptor_limit_is_refused_quietly(redis_url, tmp_path) -> None:
-    """With fewer descriptors than --limit-concurrency needs, a flood of sockets made every
-    accept fail (a traceback at error level each time) and a client wait in the backlog; now
-    ``serve`` lowers the limit to fit, the connections past it are closed at once, and the API
-    serves again as soon as the flood is gone."""
+@contextlib.contextmanager
+def _api_process(redis_url: str, tmp_path, descriptor_limit: int, *args: str):
+    """``serve`` in its own process under a hard descriptor limit of ``descriptor_limit``, once
+    it has published a first event (waited for): yields ``(port, publish, log, first_answer)``,
+    where ``publish()`` sends one event on a new connection and returns the whole answer."""
     keys = tmp_path / "keys.json"
     entry = {"id": "all", "sha256": hash_key(KEY_ALL), "projects": "*"}
     keys.write_text(json.dumps({"keys": [entry]}))
     port = free_port()
     log = tmp_path / "api.log"
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (descriptor_limit, descriptor_limit))
+
     with log.open("wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "publisher.http_api", "serve", "--keys-file", str(keys),
-             "--port", str(port), "--redis-url", redis_url, "--header-timeout", "60",
-             "--limit-concurrency", "5000"],
-            stdout=out, stderr=subprocess.STDOUT, preexec_fn=_low_descriptor_limit,
+             "--port", str(port), "--redis-url", redis_url, *args],
+            stdout=out, stderr=subprocess.STDOUT, preexec_fn=limit,
         )  # fmt: skip
 
     def publish() -> bytes:
@@ -287,43 +286,57 @@ def test_a_socket_flood_past_the_descriptor_limit_is_refused_quietly(redis_url, 
             client.sendall(publish_request(json.dumps(EXPIRED).encode(), close=True))
             return client.makefile("rb").read()
 
-    sockets: list[socket.socket] = []
     try:
         deadline = time.monotonic() + 20
         while True:
             try:
-                assert b'"seq":1' in publish()
+                answer = publish()
+                assert b'"seq":1' in answer, answer
                 break
             except OSError:
                 assert time.monotonic() < deadline and process.poll() is None, log.read_text()
                 time.sleep(0.05)
-        # (4700 - 64 - 4 * 273 - 256) // 2, with the backlog fitted to 273
-        assert "effective=1644" in log.read_text()
-        for _ in range(5000):  # more than the process has descriptors
-            with contextlib.suppress(OSError):
-                sockets.append(socket.create_connection(("127.0.0.1", port), timeout=2))
-        started = time.monotonic()
-        with contextlib.suppress(ConnectionError):
-            assert b"HTTP/1.1 200" not in publish()  # refused at once, not left in the backlog
-        assert time.monotonic() - started < 2
-        for s in sockets:
-            s.close()
-        sockets.clear()
-        deadline = time.monotonic() + 20
-        while True:  # served again as soon as the flood is gone
-            try:
-                assert b'"seq":2' in publish()
-                break
-            except ConnectionError:
-                assert time.monotonic() < deadline, log.read_text()[-2000:]
-                time.sleep(0.1)
-        text = log.read_text()
-        assert "out of system resource" not in text and "Too many open files" not in text, text
+        yield port, publish, log, answer
     finally:
-        for s in sockets:
-            s.close()
         process.terminate()
         process.wait(30)
+
+
+def test_a_socket_flood_past_the_descriptor_limit_is_refused_quietly(redis_url, tmp_path) -> None:
+    """With fewer descriptors than --limit-concurrency needs, a flood of sockets made every
+    accept fail (a traceback at error level each time) and a client wait in the backlog; now
+    ``serve`` lowers the limit to fit, the connections past it are closed at once, and the API
+    serves again as soon as the flood is gone."""
+    sockets: list[socket.socket] = []
+    with _api_process(
+        redis_url, tmp_path, 4700, "--header-timeout", "60", "--limit-concurrency", "5000"
+    ) as (port, publish, log, _):
+        try:
+            # (4700 - 64 - 4 * 273 - 256) // 2, with the backlog fitted to 273
+            assert "effective=1644" in log.read_text()
+            for _ in range(5000):  # more than the process has descriptors
+                with contextlib.suppress(OSError):
+                    sockets.append(socket.create_connection(("127.0.0.1", port), timeout=2))
+            started = time.monotonic()
+            with contextlib.suppress(ConnectionError):
+                assert b"HTTP/1.1 200" not in publish()  # refused at once, not left in the backlog
+            assert time.monotonic() - started < 2
+            for s in sockets:
+                s.close()
+            sockets.clear()
+            deadline = time.monotonic() + 20
+            while True:  # served again as soon as the flood is gone
+                try:
+                    assert b'"seq":2' in publish()
+                    break
+                except ConnectionError:
+                    assert time.monotonic() < deadline, log.read_text()[-2000:]
+                    time.sleep(0.1)
+            text = log.read_text()
+            assert "out of system resource" not in text and "Too many open files" not in text, text
+        finally:
+            for s in sockets:
+                s.close()
 
 
 async def test_a_client_that_does_not_read_its_answers_is_dropped(redis_url) -> None:
@@ -403,43 +416,14 @@ def test_pipelined_requests_cut_anywhere_are_answered_in_order(redis_url, reques
     assert [frame["blocker_id"] for frame in stream(redis_url, 1)] == published
 
 
-def _common_descriptor_limit() -> None:
-    resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))
-
-
 def test_a_common_descriptor_limit_leaves_the_api_serving(redis_url, tmp_path) -> None:
     """A hard descriptor limit of 4,096 (a common default) left no room once 4,096 descriptors
     were set aside for sockets being accepted: ``serve`` lowered --limit-concurrency to 1, and a
     connection counts itself, so every request was answered 503 ``overloaded``. The backlog,
     and so the sockets accepted at once, now shrinks with the limit instead."""
-    keys = tmp_path / "keys.json"
-    entry = {"id": "all", "sha256": hash_key(KEY_ALL), "projects": "*"}
-    keys.write_text(json.dumps({"keys": [entry]}))
-    port = free_port()
-    log = tmp_path / "api.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "publisher.http_api", "serve", "--keys-file", str(keys),
-             "--port", str(port), "--redis-url", redis_url],
-            stdout=out, stderr=subprocess.STDOUT, preexec_fn=_common_descriptor_limit,
-        )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
-                    body = json.dumps(EXPIRED).encode()
-                    client.sendall(publish_request(body, close=True))
-                    answer = client.makefile("rb").read()
-                break
-            except OSError:
-                assert time.monotonic() < deadline and process.poll() is None, log.read_text()
-                time.sleep(0.05)
+    with _api_process(redis_url, tmp_path, 4096) as (_, _, log, answer):
         assert answer.startswith(b"HTTP/1.1 200") and b'"seq":1' in answer, answer
         assert "limit_concurrency lowered" not in log.read_text()  # 1,000 fits in 4,096
-    finally:
-        process.terminate()
-        process.wait(30)
 
 
 async def test_the_limit_counts_the_connection_asking(redis_url) -> None:
