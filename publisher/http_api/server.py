@@ -45,7 +45,6 @@ from collections.abc import Callable
 from typing import Any
 
 import httptools
-import msgspec
 import structlog
 import uvicorn
 from uvicorn.protocols.http.flow_control import FlowControl
@@ -255,7 +254,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._cancel_deadline()
         if self.counters is not None:
             self.counters.count(status, code)
-        body = msgspec.json.encode({"error": {"code": code, "message": message}})
+        body = error_body(ApiError(status, code, message))
         self._refusal = b"".join(
             [
                 STATUS_LINE[status],
