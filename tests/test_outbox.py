@@ -1481,20 +1481,25 @@ def test_a_later_writer_of_the_same_project_waits_so_the_stream_follows_commit_o
             lambda: (
                 committed
                 or observer.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'advisory'"
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE wait_event = 'advisory' AND datname = current_database()"
                 ).fetchone()[0]
             )
         )
+    # Read before A commits: once A's commit releases the lock, B's thread may record its own
+    # commit before this thread gets to record A's, so the order of appends after it is a race.
+    committed_while_a_open = list(committed)
     a.commit()
-    committed.append(1)
     thread.join(10)
     a.close()
+    assert committed_while_a_open == [], "B committed while A, an earlier writer, was open"
+    assert committed == [2]
     relay = OutboxRelay.postgres(pg_url, bus, table=pg_outbox.table)
     try:
         drain(relay)
     finally:
         relay.store.close()
-    assert [b for _, b in stream_ids(bus.client, 1)] == committed == [1, 2]
+    assert [b for _, b in stream_ids(bus.client, 1)] == [1, 2]
 
 
 # --- property: random interleavings of transactions --------------------------------------------
