@@ -345,11 +345,18 @@ async def test_a_client_that_does_not_read_its_answers_is_dropped(redis_url) -> 
     and a task for ever, both counted against --limit-concurrency, so a thousand such clients
     shut the API for good without sending another byte. Past --send-timeout it is dropped."""
     async with serving(redis_url, send_timeout=1) as (app, server, port):
-        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         # Its writes stall too (the server stops reading), until the drop resets them.
         async with asyncio.timeout(15):
             await send_all(writer, HEALTHZ * 200_000)
+            # The kernel's buffers (up to ~10 MB on loopback: the server's receive buffer and
+            # this end's send buffer) can take every byte before --send-timeout runs out, so
+            # the write returning says nothing yet: wait for the drop itself (the answers
+            # queued before it, then the end of the stream).
+            with contextlib.suppress(ConnectionError):
+                while await reader.read(1 << 20):
+                    pass
         writer.close()
         assert app.counters.closed["send_timeout"] == 1
         assert not server.server_state.connections
