@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import signal
 import sqlite3
 import subprocess
@@ -1940,6 +1941,124 @@ def test_the_leaders_session_alone_gets_the_lease_and_a_unix_socket_is_reported(
     warnings = [e for e in logs if e["event"] == "outbox_relay_partial_lease"]
     assert len(warnings) == 1 and warnings[0]["log_level"] == "warning"
     assert "Unix-domain socket" in warnings[0]["reason"]
+
+
+# --- the relay's LISTEN session and PostgreSQL's NOTIFY queue ----------------------------------
+#
+# PostgreSQL keeps one NOTIFY queue for the whole server, and truncates it only up to the slowest
+# listening session, which advances only as it hands notifications to its client. A LISTEN
+# session that is not read (its client busy, frozen, or no longer looking) pins the queue; once
+# the queue is full, every transaction that notifies fails at commit: the application's.
+
+
+def flood_notifications(url: str, channel: str, megabytes: int) -> None:
+    """Commit ``megabytes`` of notifications on ``channel`` in one transaction: distinct
+    payloads of 8 KB (PostgreSQL folds identical ones within a transaction), far more than the
+    socket buffers between a listening session and its client hold."""
+    with psycopg.connect(url) as conn:
+        conn.execute(
+            "SELECT pg_notify(%s, g::text || repeat('x', 8000 - 10)) FROM generate_series(1, %s) g",
+            [channel, megabytes * 128],
+        )
+
+
+def pinned_notify_queue_mb(conn: psycopg.Connection) -> float:
+    """How much of PostgreSQL's NOTIFY queue cannot be truncated (MB): first a commit that
+    truncates it (PostgreSQL does so in a committing notifier, when it has written a fourth
+    page since: five 8 KB notifications on a channel nobody listens to), then the queue's
+    usage, which counts from the slowest listening session."""
+    conn.execute(
+        "SELECT pg_notify('eventbus_test_nobody', g::text || repeat('y', 8000 - 10)) "
+        "FROM generate_series(1, 5) g"
+    )
+    usage, pages = conn.execute(
+        "SELECT pg_notification_queue_usage(), "
+        "coalesce(current_setting('max_notify_queue_pages', true)::float, 1048576)"
+    ).fetchone()
+    return usage * pages * 8192 / 2**20
+
+
+def backend(conn: psycopg.Connection, pid: int) -> tuple | None:
+    """(state, wait_event) of the server process ``pid``, or None once it has ended."""
+    return conn.execute(
+        "SELECT state, wait_event FROM pg_stat_activity WHERE pid = %s", [pid]
+    ).fetchone()
+
+
+def test_a_leader_busy_with_a_backlog_keeps_reading_its_listen_session(pg_url, pg_outbox, bus):
+    """A leader catching up on a backlog (batch after batch, paced by ``max_rate``) still reads
+    its LISTEN session between Redis round trips: 40 MB of notifications committed meanwhile
+    are taken as they come, PostgreSQL's NOTIFY queue is truncated while the catch-up goes on,
+    and the session is the same throughout (never dropped by its lease). Every event is
+    published once, in order. Before, a busy leader never read its LISTEN session until the
+    backlog was gone: its server process blocked writing to it (``ClientWrite``), and the
+    queue, for every database of the server, could not be truncated for as long as the
+    catch-up lasted (hours for a large backlog: a full queue fails the application's
+    commits)."""
+    rows = 2000
+    relay = OutboxRelay.postgres(
+        pg_url, bus, table=pg_outbox.table, max_rate=50, lease=6
+    ).start()  # 2000 rows at 50 events/s: 40 s of catch-up
+    admin = psycopg.connect(pg_url, autocommit=True)
+    client = bus.client
+
+    def in_stream() -> int:
+        return len(stream_ids(client, 1)) + len(stream_ids(client, 2))
+
+    try:
+        listen_pid = wait_until(lambda: (s := relay.store._listen) and s.info.backend_pid)
+        _write_committed(pg_url, pg_outbox, [event(1 + n % 2, n) for n in range(1, rows + 1)])
+        wait_until(lambda: in_stream() >= 1)
+        flood_notifications(pg_url, relay.store.st.channel, 40)
+        wait_until(lambda: pinned_notify_queue_mb(admin) < 8, timeout=15)
+        assert in_stream() < rows  # still catching up
+        assert backend(admin, listen_pid) is not None
+        assert relay.store._listen.info.backend_pid == listen_pid
+        relay.limiter = RateLimiter(None)  # the rest at once
+        wait_until(lambda: relay.metrics.backlog == 0 and in_stream() == rows, timeout=30)
+    finally:
+        relay.stop()
+        admin.close()
+    assert relay.metrics.errors == 0
+    assert_exact(client, blocker_ids_by_project(pg_url, pg_outbox.table))
+
+
+def test_a_wake_up_read_during_a_batch_still_wakes_the_leader(pg_url, pg_outbox, bus):
+    """A commit during a batch notifies the LISTEN session, which the leader reads between Redis
+    round trips: the row is published right after the batch, not a poll interval later (the
+    wake-up read during the batch is kept for the wait that follows it)."""
+
+    class CommitsDuringTheBatch:
+        """Publishes; during its first call commits one more row and waits until that row's
+        notification has reached the relay (its LISTEN socket is readable)."""
+
+        calls = 0
+
+        def publish(self, event: Any, *, idempotency_key: str | None = None) -> Cursor:
+            self.calls += 1
+            if self.calls == 1:
+                _write_committed(pg_url, pg_outbox, [late])
+                sock = relay.store._listen.pgconn.socket
+                wait_until(lambda: select.select([sock], [], [], 0)[0])
+            return bus.publish(event, idempotency_key=idempotency_key)
+
+    late = event(1, 4)
+    relay = OutboxRelay.postgres(
+        pg_url,
+        CommitsDuringTheBatch(),
+        table=pg_outbox.table,
+        poll_interval=60,
+        lease=90,  # a leader waits a third of its lease at most: 30 s without a wake-up
+        max_rate=10,  # one row per round trip: the leader reads its LISTEN session before each
+    ).start()
+    try:
+        wait_until(lambda: relay.store._listen)
+        _write_committed(pg_url, pg_outbox, [event(1, n) for n in range(1, 4)])
+        wait_until(lambda: relay.metrics.published == 3)
+        wait_until(lambda: relay.metrics.published == 4, timeout=5)
+    finally:
+        relay.stop()
+    assert_exact(bus.client, {1: [1, 2, 3, 4]})
 
 
 async def test_snapshots_through_sqlalchemy_on_sqlite_and_asyncio(

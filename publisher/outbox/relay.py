@@ -89,7 +89,8 @@ class OutboxStore(Protocol):
         """True while this relay may publish (always True without leader election). Asked
         before each batch and before each Redis round trip of one: a leader that may have lost
         the lead meanwhile (frozen for longer than its lease) finds out here, before it
-        publishes."""
+        publishes. Also the store's chance, that often, to read whatever it listens to
+        without waiting (PostgreSQL: its LISTEN session, which must never go unread for long)."""
 
     def fetch(self, limit: int, held: list[int]) -> list[OutboxRow]:
         """Unpublished rows in id order, without those of the ``held`` projects."""
@@ -101,7 +102,8 @@ class OutboxStore(Protocol):
     def cleanup(self, retention: timedelta, limit: int) -> int: ...
 
     def wait(self, timeout: float) -> None:
-        """Return when woken (NOTIFY, :meth:`wake`) or after ``timeout`` seconds."""
+        """Return when woken (NOTIFY, :meth:`wake`, also one read by :meth:`lead` meanwhile)
+        or after ``timeout`` seconds."""
 
     def wake(self) -> None: ...
 
@@ -223,6 +225,9 @@ class PostgresOutboxStore(_ClosableStore):
         self._used = 0.0
         self._lease_warned = False
         self._send_lease_warned = False
+        #: :meth:`lead` read a notification from the LISTEN session: the next :meth:`wait`
+        #: returns at once (a row committed during the batch is not left for the poll).
+        self._woken = False
         #: Statements under way -> their connection, and connects under way -> None; with
         #: ``_lock``, :meth:`reset` (called from any thread: ``OutboxRelay.stop`` closes the
         #: store) ends them all, and never closes a connection a statement waits on, whose
@@ -374,7 +379,17 @@ class PostgresOutboxStore(_ClosableStore):
         its lease fails it, because PostgreSQL ended the session, before it publishes anything
         more; the relay reconnects and finds another relay leading. Counted from the send, not
         from the answer: a leader frozen while its batch was under way reads the batch once
-        it runs again, and must not take that late answer for a live session."""
+        it runs again, and must not take that late answer for a live session.
+
+        Asked before each batch and each Redis round trip, it also reads what the LISTEN
+        session was sent meanwhile (:meth:`_keep_up`), so that a leader busy with a backlog
+        never holds back PostgreSQL's NOTIFY queue."""
+        if self._lead():
+            self._keep_up()
+            return True
+        return False
+
+    def _lead(self) -> bool:
         if not self.leader:
             return True
         if not self._is_leader:
@@ -442,11 +457,15 @@ class PostgresOutboxStore(_ClosableStore):
         return cur.rowcount
 
     def wait(self, timeout: float) -> None:
-        """Return when a writer NOTIFYs, or after ``timeout`` seconds; a leader's wait ends
-        after a third of its lease at the latest, so that the relay renews the lease (the next
-        batch's statements) however long its poll interval."""
+        """Return when a writer NOTIFYs (also one that :meth:`lead` read during the batch), or
+        after ``timeout`` seconds; a leader's wait ends after a third of its lease at the
+        latest, so that the relay renews the lease (the next batch's statements) however long
+        its poll interval."""
         if self._is_leader:
             timeout = min(timeout, self.lease / 3)
+        if self._woken:
+            self._woken = False
+            return
         if self._listen is None or self._listen.closed:
             fresh = self._connect()
             with self._lock:
@@ -460,8 +479,21 @@ class PostgresOutboxStore(_ClosableStore):
             for _ in listen.notifies(timeout=timeout, stop_after=1):
                 pass
             # Several commits may have notified meanwhile: one wake-up serves them all.
-            for _ in listen.notifies(timeout=0):
-                pass
+            _read_sent_notifications(listen)
+
+    def _keep_up(self) -> None:
+        """Read what the LISTEN session was sent since it was last read, without waiting for
+        more, and remember a wake-up for :meth:`wait`. PostgreSQL truncates its NOTIFY queue
+        only up to the slowest listening session, which advances only as it hands notifications
+        to its client: a relay that never read its LISTEN session while it published a backlog
+        (batch after batch, for as long as the catch-up lasted) let its socket fill up, and
+        held the queue, every database's, for all that time."""
+        listen = self._listen
+        if listen is None or listen.closed:
+            return
+        with self._deadline(listen):
+            if _read_sent_notifications(listen):
+                self._woken = True
 
     def wake(self) -> None:
         with contextlib.suppress(Exception):
@@ -484,10 +516,29 @@ class PostgresOutboxStore(_ClosableStore):
                     with contextlib.suppress(Exception):
                         conn.close()
             self._work = self._listen = None
-            self._is_leader = False
+            self._is_leader = self._woken = False
 
 
 _INTERRUPTED = "the connect was interrupted: the store was closed or reset"
+
+#: The longest one read of a LISTEN session takes what PostgreSQL has sent (50 ms: some 30,000
+#: notifications, each a writer's commit): bounded, so a flood of notifications cannot hold the
+#: relay up; what is left is read before the next Redis round trip.
+_KEEP_UP_BUDGET = 0.05
+
+
+def _read_sent_notifications(listen: Any) -> bool:
+    """Read the notifications already sent to ``listen``, without waiting for more, for up to
+    :data:`_KEEP_UP_BUDGET` seconds; True if there was any. ``notifies(timeout=0)`` takes what
+    one read of the socket brings (some 32 KB), hence the loop."""
+    read = False
+    until = time.monotonic() + _KEEP_UP_BUDGET
+    while True:
+        got = False
+        for _ in listen.notifies(timeout=0):
+            got = read = True
+        if not got or time.monotonic() >= until:
+            return read
 
 
 def _interruptible_connection(psycopg: Any, watch: Any) -> Any:
