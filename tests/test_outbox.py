@@ -2023,6 +2023,91 @@ def test_a_leader_busy_with_a_backlog_keeps_reading_its_listen_session(pg_url, p
     assert_exact(client, blocker_ids_by_project(pg_url, pg_outbox.table))
 
 
+def test_a_frozen_relays_listen_session_ends_within_its_lease(pg_url, pg_outbox, bus, redis_url):
+    """A relay process frozen (SIGSTOP, a paused VM) while writers keep notifying: its LISTEN
+    session fills the socket buffers to the relay and then waits to write (``ClientWrite``),
+    pinning PostgreSQL's NOTIFY queue; PostgreSQL ends that session once the relay has taken
+    nothing for its lease (``tcp_user_timeout``, set on the LISTEN session too), and the queue
+    is truncated. Continued, the relay publishes what was committed meanwhile, once, in order.
+    Before, the frozen relay's LISTEN session pinned the queue for as long as it was frozen."""
+    lease = 2.0
+    name = f"listen-{pg_outbox.table}"
+    admin = psycopg.connect(pg_url, autocommit=True)
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "publisher.outbox", "relay",
+            "--dsn", f"{pg_url}?application_name={name}", "--table", pg_outbox.table,
+            "--redis-url", redis_url, "--poll-interval", "0.1", "--leader-lease", str(lease),
+        ],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    logs = StderrLines(process)
+
+    def listen_session() -> int | None:
+        row = admin.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = %s AND query LIKE %s",
+            [name, "%LISTEN%"],
+        ).fetchone()
+        return row and row[0]
+
+    try:
+        pid = wait_until(listen_session)
+        _write_committed(pg_url, pg_outbox, [event(1, 1)])
+        wait_until(lambda: len(stream_ids(bus.client, 1)) == 1)
+        process.send_signal(signal.SIGSTOP)
+        flood_notifications(pg_url, f"{pg_outbox.table}_wakeup", 40)
+        _write_committed(pg_url, pg_outbox, [event(1, 2)])
+        wait_until(lambda: (s := backend(admin, pid)) is None or s[1] == "ClientWrite")
+        # Ended within the lease of the relay's socket filling up (slack for a loaded machine).
+        wait_until(lambda: backend(admin, pid) is None, timeout=lease + 5)
+        wait_until(lambda: pinned_notify_queue_mb(admin) < 8)
+        process.send_signal(signal.SIGCONT)
+        _write_committed(pg_url, pg_outbox, [event(1, 3)])
+        wait_until(lambda: len(stream_ids(bus.client, 1)) == 3, timeout=15)
+    finally:
+        process.send_signal(signal.SIGCONT)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=15)
+        admin.close()
+    assert process.returncode == 0, logs.text()
+    assert_exact(bus.client, {1: [1, 2, 3]})
+
+
+def test_a_leader_whose_listen_session_is_dropped_reopens_it_and_keeps_the_lead(
+    pg_url, pg_outbox, bus
+):
+    """PostgreSQL ends the leader's LISTEN session (its lease, an operator): the relay reads the
+    table, reopens that session and goes on, with the same work session and the lead (a
+    warning says what happened). Rows committed meanwhile are published at once, not after the
+    poll interval. Before, the relay reset the store: the leader dropped its work session too,
+    and with it the lead, and it paused for a poll interval."""
+    relay = OutboxRelay.postgres(
+        pg_url, bus, table=pg_outbox.table, poll_interval=60, lease=90, max_rate=None
+    )  # a leader waits a third of its lease at most: 30 s without a NOTIFY
+    admin = psycopg.connect(pg_url, autocommit=True)
+    with structlog.testing.capture_logs() as logs:
+        relay.start()
+        try:
+            listen_pid = wait_until(lambda: (s := relay.store._listen) and s.info.backend_pid)
+            work_pid = relay.store._work.info.backend_pid
+            admin.execute("SELECT pg_terminate_backend(%s)", [listen_pid])
+            _write_committed(pg_url, pg_outbox, [event(1, 1)])
+            wait_until(lambda: relay.metrics.published == 1, timeout=5)
+            wait_until(lambda: (s := relay.store._listen) and s.info.backend_pid != listen_pid)
+            _write_committed(pg_url, pg_outbox, [event(1, 2)])  # the new session wakes it
+            wait_until(lambda: relay.metrics.published == 2, timeout=5)
+            assert relay.store._work.info.backend_pid == work_pid and relay.metrics.leader
+        finally:
+            relay.stop()
+            admin.close()
+    assert relay.metrics.errors == 0
+    lost = [e for e in logs if e["event"] == "outbox_relay_listen_lost"]
+    assert len(lost) == 1 and lost[0]["log_level"] == "warning"
+    assert not [e for e in logs if e["event"] in ("outbox_relay_error", "outbox_relay_standby")]
+    assert_exact(bus.client, {1: [1, 2]})
+
+
 def test_a_wake_up_read_during_a_batch_still_wakes_the_leader(pg_url, pg_outbox, bus):
     """A commit during a batch notifies the LISTEN session, which the leader reads between Redis
     round trips: the row is published right after the batch, not a poll interval later (the

@@ -103,7 +103,8 @@ class OutboxStore(Protocol):
 
     def wait(self, timeout: float) -> None:
         """Return when woken (NOTIFY, :meth:`wake`, also one read by :meth:`lead` meanwhile)
-        or after ``timeout`` seconds."""
+        or after ``timeout`` seconds. If it raises, it has closed what it opened to listen,
+        and nothing else: the relay pauses, then carries on with the same sessions."""
 
     def wake(self) -> None: ...
 
@@ -228,6 +229,7 @@ class PostgresOutboxStore(_ClosableStore):
         #: :meth:`lead` read a notification from the LISTEN session: the next :meth:`wait`
         #: returns at once (a row committed during the batch is not left for the poll).
         self._woken = False
+        self._listen_lost_logged = -math.inf
         #: Statements under way -> their connection, and connects under way -> None; with
         #: ``_lock``, :meth:`reset` (called from any thread: ``OutboxRelay.stop`` closes the
         #: store) ends them all, and never closes a connection a statement waits on, whose
@@ -405,7 +407,7 @@ class PostgresOutboxStore(_ClosableStore):
                         reason="PostgreSQL < 14 has no idle_session_timeout: a frozen leader "
                         "keeps the lead until its session ends",
                     )
-            params = {"key": self.st.leader_key, "lease_ms": str(math.ceil(self.lease * 1000))}
+            params = {"key": self.st.leader_key, "lease_ms": self._lease_ms()}
             led, *lease = self._q(sql, params)[0]
             self._is_leader = bool(led)
             if led and lease and lease[-1] == "0":
@@ -413,6 +415,9 @@ class PostgresOutboxStore(_ClosableStore):
         elif time.monotonic() - self._used > self.lease / 3:
             self._q("SELECT 1", {})
         return self._is_leader
+
+    def _lease_ms(self) -> str:
+        return str(math.ceil(self.lease * 1000))
 
     def _warn_no_send_lease(self) -> None:
         """``tcp_user_timeout`` does not apply to the leader's session: it is connected through
@@ -425,7 +430,8 @@ class PostgresOutboxStore(_ClosableStore):
             table=self.table,
             reason="tcp_user_timeout does not apply to this session (a Unix-domain socket, or a "
             "server without TCP_USER_TIMEOUT): a leader frozen while PostgreSQL sends it a batch "
-            "keeps the lead until it runs again; connect the relay over TCP",
+            "keeps the lead until it runs again, and a frozen relay's LISTEN session holds back "
+            "PostgreSQL's NOTIFY queue until it runs again; connect the relay over TCP",
         )
 
     def fetch(self, limit: int, held: list[int]) -> list[OutboxRow]:
@@ -460,26 +466,57 @@ class PostgresOutboxStore(_ClosableStore):
         """Return when a writer NOTIFYs (also one that :meth:`lead` read during the batch), or
         after ``timeout`` seconds; a leader's wait ends after a third of its lease at the
         latest, so that the relay renews the lease (the next batch's statements) however long
-        its poll interval."""
+        its poll interval. Without a LISTEN session it opens one and returns at once: rows
+        committed before it notified nobody, so the relay looks at the table first. A LISTEN
+        session that fails (PostgreSQL dropped it, see :meth:`_listen_lost`) is closed and the
+        wait returns: only that session is reopened, the work session and the lead are kept.
+        Raises only when opening a LISTEN session fails (its connection is closed then)."""
         if self._is_leader:
             timeout = min(timeout, self.lease / 3)
         if self._woken:
             self._woken = False
             return
-        if self._listen is None or self._listen.closed:
-            fresh = self._connect()
-            with self._lock:
-                self._keep_unless_closed(fresh)
-                self._listen = fresh
-            with self._deadline(fresh):
-                fresh.execute(f"LISTEN {self.st.channel}")
-            return  # rows committed before LISTEN notified nobody: look at the table first
         listen = self._listen
-        with self._deadline(listen, timeout + self.timeout):
-            for _ in listen.notifies(timeout=timeout, stop_after=1):
-                pass
-            # Several commits may have notified meanwhile: one wake-up serves them all.
-            _read_sent_notifications(listen)
+        if listen is None or listen.closed:
+            self._start_listening()
+            return  # rows committed before LISTEN notified nobody: look at the table first
+        try:
+            with self._deadline(listen, timeout + self.timeout):
+                for _ in listen.notifies(timeout=timeout, stop_after=1):
+                    pass
+                # Several commits may have notified meanwhile: one wake-up serves them all.
+                _read_sent_notifications(listen)
+        except (self._psycopg.Error, TimeoutError) as exc:
+            self._listen_lost(listen, exc)
+
+    def _start_listening(self) -> None:
+        """Open the LISTEN session, with a lease of its own (PostgreSQL 12+): PostgreSQL ends it
+        when the relay has taken nothing it sends for ``lease`` (``tcp_user_timeout``, as on the
+        leader's work session; not ``idle_session_timeout``: a healthy LISTEN session is idle).
+        A frozen relay (``SIGSTOP``, a paused VM) reads nothing; its LISTEN session fills the
+        socket buffers with notifications and then waits to write the next, and PostgreSQL
+        cannot truncate its NOTIFY queue, shared by the whole server, past a session that waits:
+        the queue grew for as long as the relay was frozen, and once it is full every commit
+        that notifies fails, the application's included. A healthy relay reads its LISTEN
+        session at least every third of the lease (:meth:`lead`, :meth:`wait`), so it never
+        loses it this way."""
+        fresh = self._connect()
+        try:
+            with self._deadline(fresh):
+                if fresh.info.server_version >= 120000:
+                    fresh.execute(
+                        "SELECT set_config('tcp_user_timeout', %s, false)", [self._lease_ms()]
+                    )
+                fresh.execute(f"LISTEN {self.st.channel}")
+        except BaseException:
+            fresh.close()
+            raise
+        with self._lock:
+            self._keep_unless_closed(fresh)
+            broken, self._listen, self._woken = self._listen, fresh, False
+        if broken is not None:  # (psycopg found it broken: closed, but not by us)
+            with contextlib.suppress(Exception):
+                broken.close()
 
     def _keep_up(self) -> None:
         """Read what the LISTEN session was sent since it was last read, without waiting for
@@ -491,9 +528,35 @@ class PostgresOutboxStore(_ClosableStore):
         listen = self._listen
         if listen is None or listen.closed:
             return
-        with self._deadline(listen):
-            if _read_sent_notifications(listen):
-                self._woken = True
+        try:
+            with self._deadline(listen):
+                if _read_sent_notifications(listen):
+                    self._woken = True
+        except (self._psycopg.Error, TimeoutError) as exc:
+            self._listen_lost(listen, exc)
+
+    def _listen_lost(self, listen: Any, exc: Exception) -> None:
+        """The LISTEN session failed (PostgreSQL ended it: its lease, an operator, a restart):
+        close it; the next :meth:`wait` opens another and returns at once (the table is read
+        before the relay waits again). Before, the relay reset the store, the work session too:
+        the leader lost the lead for a failure of its LISTEN session, and paused a poll
+        interval. Raises ``exc`` again if the store was reset or closed meanwhile (``stop``)."""
+        if self._closed or self._listen is not listen:
+            raise exc
+        with self._lock:
+            if self._listen is listen:
+                self._listen = None
+        with contextlib.suppress(Exception):
+            listen.close()
+        now = time.monotonic()
+        if now - self._listen_lost_logged > 60:  # at most once a minute
+            self._listen_lost_logged = now
+            log().warning(
+                "outbox_relay_listen_lost",
+                table=self.table,
+                error=repr(exc),
+                action="the table is read, then the LISTEN session reopened",
+            )
 
     def wake(self) -> None:
         with contextlib.suppress(Exception):
@@ -1143,8 +1206,11 @@ class OutboxRelay:
             if count < self.batch_size and not self._stop.is_set():
                 try:
                     self.store.wait(self.poll_interval)
-                except Exception as exc:  # the LISTEN connection failed: poll after a pause
-                    self._database_error(exc)
+                except Exception as exc:
+                    # No LISTEN session could be opened (the store closed what it opened): poll
+                    # after a pause. The work session is not concerned: resetting it, as
+                    # before, made a leader lose the lead for its LISTEN session's failure.
+                    self._database_error(exc, reset=False)
                     self._stop.wait(self.poll_interval)
 
     def _housekeeping(self) -> None:
@@ -1167,16 +1233,17 @@ class OutboxRelay:
                 self._last_stats = stats
                 log().info("outbox_relay_stats", table=self.table, **stats)
 
-    def _database_error(self, exc: Exception) -> None:
+    def _database_error(self, exc: Exception, *, reset: bool = True) -> None:
         """Outside a batch (housekeeping, waiting): count, log the first and every 50th, and
-        reconnect on the next call."""
+        (``reset``) reconnect on the next call."""
         self.metrics.errors += 1
         self._database_errors += 1
         if self._database_errors % 50 == 1:
             log().warning(
                 "outbox_relay_error", table=self.table, source="database", error=repr(exc)
             )
-        self.store.reset()
+        if reset:
+            self.store.reset()
 
     def start(self) -> OutboxRelay:
         """Run :meth:`run` in a daemon thread."""
