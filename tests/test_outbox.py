@@ -2108,6 +2108,32 @@ def test_a_leader_whose_listen_session_is_dropped_reopens_it_and_keeps_the_lead(
     assert_exact(bus.client, {1: [1, 2]})
 
 
+def test_a_store_that_loses_the_lead_without_an_error_stops_listening(pg_url, table):
+    """The leader's work session breaks under an application's ``wake()`` (which reports
+    nothing), another relay takes the lead, and the old leader's next question finds a new
+    session that does not lead: no error, it is a standby now, and it closes its LISTEN session
+    (a standby never reads it). Before, that session stayed open and unread for as long as
+    the relay stayed a standby, and once writers had filled its socket buffers it held back
+    PostgreSQL's NOTIFY queue."""
+    old = PostgresOutboxStore(pg_url, table, lease=0.3)
+    new = PostgresOutboxStore(pg_url, table, lease=60)
+    admin = psycopg.connect(pg_url, autocommit=True)
+    try:
+        assert old.lead()
+        old.wait(0)  # opens the LISTEN session
+        listen_pid = old._listen.info.backend_pid
+        admin.execute("SELECT pg_terminate_backend(%s)", [old._work.info.backend_pid])
+        old.wake()  # fails on the broken session, silently
+        wait_until(new.lead)  # the lock went with the old leader's session
+        wait_until(lambda: not old.lead())
+        wait_until(lambda: backend(admin, listen_pid) is None)
+        assert old._listen is None
+    finally:
+        old.close()
+        new.close()
+        admin.close()
+
+
 def test_a_wake_up_read_during_a_batch_still_wakes_the_leader(pg_url, pg_outbox, bus):
     """A commit during a batch notifies the LISTEN session, which the leader reads between Redis
     round trips: the row is published right after the batch, not a poll interval later (the

@@ -90,7 +90,8 @@ class OutboxStore(Protocol):
         before each batch and before each Redis round trip of one: a leader that may have lost
         the lead meanwhile (frozen for longer than its lease) finds out here, before it
         publishes. Also the store's chance, that often, to read whatever it listens to
-        without waiting (PostgreSQL: its LISTEN session, which must never go unread for long)."""
+        without waiting (PostgreSQL: its LISTEN session, which must never go unread for long);
+        a store that does not lead stops listening."""
 
     def fetch(self, limit: int, held: list[int]) -> list[OutboxRow]:
         """Unpublished rows in id order, without those of the ``held`` projects."""
@@ -385,10 +386,15 @@ class PostgresOutboxStore(_ClosableStore):
 
         Asked before each batch and each Redis round trip, it also reads what the LISTEN
         session was sent meanwhile (:meth:`_keep_up`), so that a leader busy with a backlog
-        never holds back PostgreSQL's NOTIFY queue."""
+        never holds back PostgreSQL's NOTIFY queue; and a store that does not lead closes its
+        LISTEN session (:meth:`_stop_listening`), which a standby never reads. Before, a leader
+        that lost the lead without an error (its work session broke under an application's
+        :meth:`wake`, and the relay's next statement reconnected) kept its LISTEN session open,
+        unread, for as long as it stayed a standby."""
         if self._lead():
             self._keep_up()
             return True
+        self._stop_listening()
         return False
 
     def _lead(self) -> bool:
@@ -557,6 +563,15 @@ class PostgresOutboxStore(_ClosableStore):
                 error=repr(exc),
                 action="the table is read, then the LISTEN session reopened",
             )
+
+    def _stop_listening(self) -> None:
+        """Close the LISTEN session (not leading: a standby only polls)."""
+        with self._lock:
+            listen, self._listen = self._listen, None
+            self._woken = False
+        if listen is not None:
+            with contextlib.suppress(Exception):
+                listen.close()
 
     def wake(self) -> None:
         with contextlib.suppress(Exception):
