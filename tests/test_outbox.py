@@ -1063,6 +1063,7 @@ def test_a_leader_that_loses_the_lead_mid_batch_publishes_at_most_one_round_trip
     relay = OutboxRelay(LeadLostAfterFirstRoundTrip(sqlite_path, table), bus)
     try:
         assert relay.run_once() == CHUNK
+        assert not relay.metrics.leader  # a standby now: run() waits as one
     finally:
         relay.store.close()
     assert_exact(bus.client, {1: list(range(2, 101, 2)), 2: list(range(1, 100, 2))})
@@ -1097,7 +1098,7 @@ def test_a_leader_asks_whether_it_leads_before_each_retry_round_trip_of_a_chunk(
         # The first round trip fails at project 82's first row; the lead is lost: no other one
         # (there were two more before: one failing at project 83, one with project 81's rows).
         assert relay.run_once() == 0
-        assert sent == [30] and relay.store.asked == 3
+        assert sent == [30] and relay.store.asked == 3 and not relay.metrics.leader
     finally:
         relay.store.close()
         bus.client.delete(*damaged)

@@ -1062,6 +1062,7 @@ class OutboxRelay:
                 # lease lost the lead, and the rows to another relay: it stops here (raising,
                 # as its session is gone) instead of publishing the rest of the batch again.
                 if not self.store.lead():
+                    self.metrics.leader = False  # (run() then stands by, without a wait)
                     break
                 self._publish_chunk(chunk, published, lags)
         finally:
@@ -1113,6 +1114,7 @@ class OutboxRelay:
             # leader frozen between the two sends neither, and one waiting on a slow Redis
             # renews its lease between them rather than losing its session to it.
             if items and not self.store.lead():
+                self.metrics.leader = False
                 return
 
     def _hold(self, project_id: int, error: Exception | None = None) -> None:
