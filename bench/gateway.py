@@ -147,7 +147,8 @@ class Server:
 
     ``module`` runs the gateway through another entry point (same flags, e.g. a variant with
     other constants), ``extra`` adds flags, ``nofile`` raises the process's descriptor limit
-    (when this process may: root)."""
+    (when this process may: root). The gateway runs with ``--no-auth`` unless given an
+    ``auth_secret`` (passed as ``EVENTBUS_AUTH_SECRET``): its clients then need tokens."""
 
     def __init__(
         self,
@@ -157,12 +158,14 @@ class Server:
         module: str = "gateway",
         extra: Sequence[str] = (),
         nofile: int = 0,
+        auth_secret: str | None = None,
     ) -> None:
         self.kind = kind
         self.port = free_port()
         common = ["--host", "127.0.0.1", "--port", str(self.port), "--redis-url", redis_url]
         if kind == "gateway":
-            cmd = [sys.executable, "-m", module, "--no-auth", "--log-level", "warning", *common]
+            auth = [] if auth_secret else ["--no-auth"]
+            cmd = [sys.executable, "-m", module, *auth, "--log-level", "warning", *common]
             cmd += list(extra)
         else:
             cmd = [sys.executable, "-m", "bench.baselines", kind, *common]
@@ -170,6 +173,8 @@ class Server:
         # taskset -c 0"; the server's own command follows.
         cmd = os.environ.get("BENCH_SERVER_PREFIX", "").split() + cmd
         env = dict(os.environ, PYTHONPATH=str(ROOT))
+        if auth_secret:
+            env["EVENTBUS_AUTH_SECRET"] = auth_secret
 
         def prepare() -> None:  # in the child, before exec
             if pinning():

@@ -33,6 +33,12 @@ Transports (per load generator): ``websocket`` (above), or ``sse``: each client 
 complete before it is counted; the benchmark's events hold no line break); in latency mode each
 event's timestamp is read the same way. ``record`` and ``resubscribe`` are WebSocket-only.
 
+Authentication (WebSocket): a gateway run with an auth secret gets, per client, the token given
+to :meth:`LoadGen.connect`. The client does what ``eventbus.js`` does: its first frame is
+``{"type":"auth","token":..}``, and it sends its ``subscribe`` once ``authenticated`` arrives (a
+round trip more than without auth). Without tokens (a gateway run with ``--no-auth``) the
+``subscribe`` follows the handshake at once.
+
 The parent drives workers through :class:`LoadGen` (commands over a pipe); each worker publishes
 its running frame count in shared memory so that the publisher can pace itself on deliveries.
 """
@@ -69,7 +75,7 @@ _EPOLLIN = select.EPOLLIN
 _EPOLLOUT = select.EPOLLOUT
 
 # Client states.
-CONNECTING, HANDSHAKE, SUBSCRIBING, LIVE, DEAD = range(5)
+CONNECTING, HANDSHAKE, AUTHENTICATING, SUBSCRIBING, LIVE, DEAD = range(6)
 
 
 def raise_nofile(want: int = 0) -> int:
@@ -106,6 +112,10 @@ def subscribe_frame(project_id: int, epoch: str | None = None, after: int | None
     return masked_text(json.dumps(message, separators=(",", ":")).encode())
 
 
+def auth_frame(token: str) -> bytes:
+    return masked_text(json.dumps({"type": "auth", "token": token}).encode())
+
+
 def unsubscribe_frame(project_id: int) -> bytes:
     return masked_text(b'{"type":"unsubscribe","project_id":%d}' % project_id)
 
@@ -124,11 +134,15 @@ class Client:
         "sock",
         "spec",
         "state",
+        "token",
     )
 
-    def __init__(self, sock: socket.socket, spec: tuple[int, str | None, int | None]) -> None:
+    def __init__(
+        self, sock: socket.socket, spec: tuple[int, str | None, int | None], token: str | None
+    ) -> None:
         self.sock = sock
         self.spec = spec
+        self.token = token
         self.project = spec[0]
         self.state = CONNECTING
         self.live = False
@@ -177,7 +191,7 @@ class Worker:
         self.arrival_ns = 0  # kernel receive timestamp of the chunk being walked (latency mode)
         # Pending operation: clients waiting for "subscribed", clients not yet started.
         self.waiting: set[Client] = set()
-        self.queue: list[tuple[float, tuple[int, str | None, int | None]]] = []
+        self.queue: list[tuple[float, tuple[int, str | None, int | None], str | None]] = []
         self.inflight = 256
         self.op: str | None = None
         self.op_started = 0.0
@@ -303,13 +317,17 @@ class Worker:
         except EOFError:
             return False
         if cmd == "connect":
-            specs, self.inflight, record, spread = arg
+            specs, tokens, self.inflight, record, spread = arg
             self.mode = "record" if record else self.mode
             # Each client starts at a random moment within ``spread`` seconds (a reconnect
             # storm with the client's own jitter); the queue is popped from its end.
             now = time.time()
             starts = [now + (random.random() * spread if spread else 0.0) for _ in specs]
-            self.queue = sorted(zip(starts, specs, strict=True), key=lambda x: x[0], reverse=True)
+            if tokens is None:
+                tokens = [None] * len(specs)
+            self.queue = sorted(
+                zip(starts, specs, tokens, strict=True), key=lambda x: x[0], reverse=True
+            )
             self._begin("connect")
         elif cmd == "resubscribe":
             # arg: new project per live client (in order); unsubscribe the old one first.
@@ -383,7 +401,8 @@ class Worker:
     def _progress(self) -> None:
         now = time.time()
         while self.queue and len(self.waiting) < self.inflight and self.queue[-1][0] <= now:
-            self._open(self.queue.pop()[1])
+            _, spec, token = self.queue.pop()
+            self._open(spec, token)
         if not self.queue and not self.waiting:
             done = [c.done_at for c in self._live() if c.done_at]
             self.ctrl.send(
@@ -399,7 +418,7 @@ class Worker:
 
     # --- connections -------------------------------------------------------------------------
 
-    def _open(self, spec: tuple[int, str | None, int | None]) -> None:
+    def _open(self, spec: tuple[int, str | None, int | None], token: str | None) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -410,7 +429,7 @@ class Worker:
             sock.bind((source, 0))
         except OSError:
             pass
-        client = Client(sock, spec)
+        client = Client(sock, spec, token)
         self.waiting.add(client)
         err = sock.connect_ex(self.addr)
         if err not in (0, errno.EINPROGRESS):
@@ -493,10 +512,14 @@ class Worker:
         if not head.startswith(b"HTTP/1.1 101"):
             self._kill(client, head.split(b"\r\n", 1)[0].decode("latin-1"))
             return b""
-        client.state = SUBSCRIBING
         if self.mode == "record":
             client.record = []
-        self._send(client, subscribe_frame(*client.spec))
+        if client.token is not None:
+            client.state = AUTHENTICATING
+            self._send(client, auth_frame(client.token))
+        else:
+            client.state = SUBSCRIBING
+            self._send(client, subscribe_frame(*client.spec))
         return head[end + 4 :]
 
     def _frame(self, client: Client, op: int, data: bytes, start: int, end: int) -> bool:
@@ -515,6 +538,12 @@ class Worker:
                     client.record.append(data[start:end])
                 return True
             payload = data[start:end]
+            if client.state == AUTHENTICATING and payload.startswith(
+                (b'{"type":"authenticated"', b'{"type": "authenticated"')
+            ):  # not recorded: a record holds what the subscribe brought
+                client.state = SUBSCRIBING
+                self._send(client, subscribe_frame(*client.spec))
+                return True
             if client.record is not None:
                 client.record.append(payload)
             if payload.startswith((b'{"type":"subscribed"', b'{"type": "subscribed"')):
@@ -656,19 +685,26 @@ class LoadGen:
         record: bool = False,
         timeout: float = 300,
         spread: float = 0.0,
+        tokens: Sequence[str] | None = None,
     ) -> dict[str, Any]:
         """Open one client per spec ``(project, epoch, after)``; return when all are subscribed.
         With ``spread``, each client starts at a uniformly random moment within that many seconds
-        (at most ``inflight`` handshakes in progress at once either way).
+        (at most ``inflight`` handshakes in progress at once either way). ``tokens``: one per
+        spec, each client's own, sent in its ``auth`` frame before it subscribes (WebSocket).
 
         Returns the number of clients, failures, and the wall-clock time from the command to the
         last ``subscribed`` received.
         """
         started = time.time()
+        if tokens is not None and len(tokens) != len(specs):
+            raise ValueError("one token per spec")
         per = max(1, inflight // len(self.pipes))
-        replies = self._all(
-            "connect", [(part, per, record, spread) for part in self._split(specs)], timeout
-        )
+        token_parts = self._split(tokens) if tokens is not None else [None] * len(self.pipes)
+        args = [
+            (part, part_tokens, per, record, spread)
+            for part, part_tokens in zip(self._split(specs), token_parts, strict=True)
+        ]
+        replies = self._all("connect", args, timeout)
         finished = max(r["finished"] for r in replies)
         return {
             "clients": sum(r["clients"] for r in replies),

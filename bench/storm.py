@@ -14,7 +14,13 @@ Scenarios, each for two servers side by side:
   only subscribers): each project's feed starts during the storm;
 * ``warm``: the pod already follows every project (one client of its own per project stays
   connected), as the surviving pods of a rolling restart do;
-* ``warm, jitter``: the same, the reconnects spread over 0.5 s.
+* ``warm, jitter``: the same, the reconnects spread over 0.5 s;
+* ``warm, authenticated``: ``warm`` against a gateway run with an auth secret instead of
+  ``--no-auth``, as in production: every client has a token of its own (minted with
+  :func:`publisher.issue_token`: its project, a ``sub`` and a display name, as the dashboard's
+  token endpoint mints them), sends it in its first frame and subscribes once ``authenticated``
+  arrives, as ``eventbus.js`` does. The difference from ``warm`` is what verifying tokens (and
+  listing each client in its project's presence, which a token's ``sub`` asks for) costs.
 
 Servers: ``gateway`` (this project) and ``no window`` (the same gateway with resume windows of 0
 events, :mod:`bench.gateway_without_window`: every resume behind the feed reads from Redis, as
@@ -22,7 +28,7 @@ before the windows). The gateway runs on core 0; the load generator, the publish
 share core 1. Each figure is the median of ``repeats`` storms. History reads are Redis's count
 of ``EVAL`` calls during the storm (the snapshot script; nothing else runs it then).
 
-    python -m bench.storm            # about 2 minutes
+    python -m bench.storm            # about 3 minutes
     python -m bench.storm --quick    # 1,000 clients of 10 projects, one storm each (smoke run)
 """
 
@@ -30,12 +36,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import statistics
 import sys
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NamedTuple
 
 from bench.common import BenchRedis, machine, write_json
 from bench.gateway import (
@@ -48,14 +56,30 @@ from bench.gateway import (
     pinning,
 )
 from bench.loadgen import LoadGen, raise_nofile, verify_resume
-from publisher import Publisher
+from publisher import Publisher, issue_token
 from schemas.keys import Keys
 
 SERVERS = {"gateway": "gateway", "no window": "bench.gateway_without_window"}
 #: Not run by default: the gateway under cProfile (:mod:`bench.profiled_gateway`), and on
 #: uvloop instead of asyncio's event loop (:mod:`bench.gateway_uvloop`).
 EXTRA_SERVERS = {"profiled": "bench.profiled_gateway", "uvloop": "bench.gateway_uvloop"}
-SCENARIOS = (("cold", False, 0.0), ("warm", True, 0.0), ("warm, jitter 0.5 s", True, 0.5))
+
+
+class Scenario(NamedTuple):
+    name: str
+    warm: bool  # the pod follows every project when the storm arrives
+    spread: float  # seconds over which the reconnects are spread (0: at once)
+    auth: bool = False  # the gateway verifies a token per client (else --no-auth)
+
+
+SCENARIOS = (
+    Scenario("cold", False, 0.0),
+    Scenario("warm", True, 0.0),
+    Scenario("warm, jitter 0.5 s", True, 0.5),
+    Scenario("warm, authenticated", True, 0.0, auth=True),
+)
+#: Lifetime of the benchmark's tokens: longer than a run, so that none expires during one.
+TOKEN_TTL_S = 3600
 TARGET_S = 2.0
 SOURCES = [f"127.0.0.{i}" for i in range(1, 9)]
 
@@ -81,27 +105,45 @@ def cpu_split(pid: int) -> tuple[float, float]:
     return int(fields[11]) / tick, int(fields[12]) / tick
 
 
+def client_tokens(secret: str, projects: list[int]) -> list[str]:
+    """One token per client, each its own (``projects[i]`` is client i's project), minted as a
+    backend mints them for its users: the project, a ``sub`` and a display name."""
+    return [
+        issue_token(secret, [project], ttl=TOKEN_TTL_S, subject=f"user-{i}", name=f"User {i}")
+        for i, project in enumerate(projects)
+    ]
+
+
 def eval_calls(rconn) -> int:
     stats = rconn.info("commandstats")
     return sum(int(stats.get(name, {}).get("calls", 0)) for name in ("cmdstat_eval",))
 
 
 class StormRun:
-    """One server, its load generator, and (warm scenarios) one client per project of its own."""
+    """One server, its load generator, and (warm scenarios) one client per project of its own.
+    With ``auth``, the server verifies tokens and every client (keepers too) has its own."""
 
-    def __init__(self, name: str, redis: BenchRedis, p: Params) -> None:
+    def __init__(self, name: str, redis: BenchRedis, p: Params, *, auth: bool = False) -> None:
         self.p = p
         self.redis = redis
         self.rconn = redis.client()
         self.rconn.flushall()
         self.publisher = Publisher.from_url(redis.url)
         module = SERVERS.get(name) or EXTRA_SERVERS[name]
-        self.server = Server("gateway", redis.url, module=module)
+        self.projects = list(range(1, p.projects + 1))
+        self.specs = [(self.projects[i % p.projects], None, None) for i in range(p.clients)]
+        self.tokens: list[str] | None = None
+        self.keeper_tokens: list[str] | None = None
+        secret = None
+        if auth:
+            secret = secrets.token_urlsafe(32)
+            self.tokens = client_tokens(secret, [project for project, _, _ in self.specs])
+            self.keeper_tokens = client_tokens(secret, self.projects)
+        self.server = Server("gateway", redis.url, module=module, auth_secret=secret)
         cpus = {CLIENT_CPU} if pinning() else None
         self.loadgen = LoadGen("127.0.0.1", self.server.port, workers=p.workers,
                                sources=SOURCES, cpus=cpus)  # fmt: skip
         self.keepers: LoadGen | None = None
-        self.projects = list(range(1, p.projects + 1))
 
     def close(self) -> None:
         self.loadgen.quit()
@@ -116,7 +158,8 @@ class StormRun:
         cpus = {CLIENT_CPU} if pinning() else None
         self.keepers = LoadGen("127.0.0.1", self.server.port, workers=1, sources=SOURCES,
                                cpus=cpus)  # fmt: skip
-        self.keepers.connect([(project, None, None) for project in self.projects])
+        self.keepers.connect([(project, None, None) for project in self.projects],
+                             tokens=self.keeper_tokens)  # fmt: skip
 
     def wait_connections(self, count: int, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
@@ -128,9 +171,8 @@ class StormRun:
 
     def storm(self, spread: float) -> dict:
         """Subscribe every client, reset them, publish ``missed`` events per project, reconnect."""
-        p, loadgen, keys = self.p, self.loadgen, Keys()
-        specs = [(self.projects[i % p.projects], None, None) for i in range(p.clients)]
-        loadgen.connect(specs, inflight=p.inflight)
+        p, loadgen, keys, specs = self.p, self.loadgen, Keys(), self.specs
+        loadgen.connect(specs, inflight=p.inflight, tokens=self.tokens)
         cursors = {}
         for project in self.projects:
             epoch, top = self.rconn.hmget(keys.meta(project), "epoch", "seq")
@@ -149,7 +191,8 @@ class StormRun:
         resumes = [(project, *cursors[project]) for project, _, _ in specs]
         usage = Usage(self.server, loadgen, self.redis.process.pid)
         reads0, (user0, sys0) = eval_calls(self.rconn), cpu_split(self.server.proc.pid)
-        result = loadgen.connect(resumes, record=True, inflight=p.inflight, spread=spread)
+        result = loadgen.connect(resumes, record=True, inflight=p.inflight, spread=spread,
+                                 tokens=self.tokens)  # fmt: skip
         user1, sys1 = cpu_split(self.server.proc.pid)
         cpu_s = user1 - user0 + sys1 - sys0
         reads = eval_calls(self.rconn) - reads0
@@ -174,24 +217,32 @@ class StormRun:
         }
 
 
-def run_server(name: str, redis: BenchRedis, p: Params, log) -> dict:
-    run = StormRun(name, redis, p)
+def run_server(
+    name: str, redis: BenchRedis, p: Params, log, scenarios: tuple[Scenario, ...] = SCENARIOS
+) -> dict:
+    """Every scenario's storms against one server: one gateway process for the scenarios
+    without auth (in order: a cold one first), another for those with."""
     out: dict = {}
-    try:
-        for scenario, warm, spread in SCENARIOS:
-            if warm and run.keepers is None:
-                run.keep_feeds()
-            storms = []
-            for _ in range(p.repeats):
-                s = run.storm(spread)
-                storms.append(s)
-                log(f"  {name} / {scenario}: {s['clients']:,} resumes in {s['seconds']} s, "
-                    f"{s['exact']:,} exact, {s['cpu_ms_per_resume']} ms CPU each, "
-                    f"({s['server_system_s']} s in the kernel), {s['history_reads']:,} reads, "
-                    f"others {s['cpu']['others']}")  # fmt: skip
-            out[scenario] = {"storms": storms, "median": summarize(storms)}
-    finally:
-        run.close()
+    for auth in (False, True):
+        mine = [scenario for scenario in scenarios if scenario.auth == auth]
+        if not mine:
+            continue
+        run = StormRun(name, redis, p, auth=auth)
+        try:
+            for scenario in mine:
+                if scenario.warm and run.keepers is None:
+                    run.keep_feeds()
+                storms = []
+                for _ in range(p.repeats):
+                    s = run.storm(scenario.spread)
+                    storms.append(s)
+                    log(f"  {name} / {scenario.name}: {s['clients']:,} resumes in "
+                        f"{s['seconds']} s, {s['exact']:,} exact, {s['cpu_ms_per_resume']} ms "
+                        f"CPU each, ({s['server_system_s']} s in the kernel), "
+                        f"{s['history_reads']:,} reads, others {s['cpu']['others']}")  # fmt: skip
+                out[scenario.name] = {"storms": storms, "median": summarize(storms)}
+        finally:
+            run.close()
     return out
 
 
@@ -209,7 +260,7 @@ def table(results: dict[str, dict], p: Params) -> str:
     names = list(results)
     head = "| storm | " + " | ".join(names) + " |"
     lines = [head, "|" + " --- |" * (len(names) + 1)]
-    for scenario, _, _ in SCENARIOS:
+    for scenario in [s.name for s in SCENARIOS if s.name in results[names[0]]]:
         rows = {
             "s": f"{p.clients:,} x {p.missed} missed, {scenario}: time until all exact (s)",
             "cpu": f"{scenario}: gateway CPU per resume (ms)",
@@ -233,9 +284,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a smoke run (seconds)")
     parser.add_argument("--servers", default=",".join(SERVERS),
                         help=f"subset of {[*SERVERS, *EXTRA_SERVERS]}")  # fmt: skip
+    parser.add_argument("--scenario", action="append", choices=[s.name for s in SCENARIOS],
+                        help="only this scenario (repeat for several; default: all)")  # fmt: skip
+    parser.add_argument("--repeats", type=int, help="storms per scenario (default 3, quick 1)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = parser.parse_args(argv)
     p = Params(**vars(QUICK)) if args.quick else Params()
+    if args.repeats:
+        p.repeats = args.repeats
+    scenarios = tuple(s for s in SCENARIOS if not args.scenario or s.name in args.scenario)
     names = [n.strip() for n in args.servers.split(",") if n.strip()]
     for name in names:
         if name not in SERVERS and name not in EXTRA_SERVERS:
@@ -252,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for name in names:
                 log(f"bench.storm: {name}")
-                results[name] = run_server(name, redis, p, log)
+                results[name] = run_server(name, redis, p, log, scenarios)
         finally:
             redis.close()
     elapsed = time.monotonic() - started
@@ -263,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results, p))
     print(f"* other processes used more than {QUIET:.0%} of a core during a storm")
     if not args.quick and "gateway" in results:
-        for scenario, _, _ in SCENARIOS:
+        for scenario in [s.name for s in SCENARIOS if s.name in results["gateway"]]:
             m = results["gateway"][scenario]["median"]
             ok = m["all_exact"] and m["seconds"] <= TARGET_S
             print(f"[{'met' if ok else 'MISSED'}] {scenario}: {m['seconds']} s "
