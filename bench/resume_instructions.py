@@ -7,11 +7,15 @@ The storm is :mod:`bench.storm`'s, smaller (the gateway runs ~50x slower under v
 project are published while they are away, and all reconnect with their cursors. ``warm`` (the
 default): one client per project stays connected, so the pod follows every project and answers
 each resume from its window; ``--cold``: none stays, each feed starts during the storm.
+``--auth``: the gateway verifies tokens (an auth secret instead of ``--no-auth``) and every client
+has its own (:func:`bench.storm.client_tokens`), sent in its first frame before it subscribes,
+as in :mod:`bench.storm`'s ``warm, authenticated``.
 callgrind counts nothing until the reconnects start and nothing after the last ``subscribed``
 (``callgrind_control -i on/off``), so the figure is the storm's alone: handshakes, subscribes,
 replays, and the event loop between them. Every client's record is checked as in the storm.
 
     python -m bench.resume_instructions                      # this checkout
+    python -m bench.resume_instructions --auth               # every client with its own token
     python -m bench.resume_instructions --root /tmp/other    # the gateway of another checkout
 
 Repeated runs of the same code agree to within ~1 % (the event loop's batching still depends on
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import secrets
 import statistics
 import subprocess
 import sys
@@ -34,6 +39,7 @@ from pathlib import Path
 from bench.common import BenchRedis, free_port
 from bench.gateway import CLIENT_CPU, event, pinned_to_client_core, pinning
 from bench.loadgen import LoadGen, raise_nofile, verify_resume
+from bench.storm import client_tokens
 from publisher import Publisher
 from schemas.keys import Keys
 
@@ -68,15 +74,19 @@ def run_once(root: Path, args: argparse.Namespace, out_dir: str) -> dict:
     redis = BenchRedis(CLIENT_CPU)
     port = free_port()
     out_file = os.path.join(out_dir, "callgrind.out.%p")
+    secret = secrets.token_urlsafe(32) if args.auth else None
     cmd = [
         "valgrind", "-q", "--tool=callgrind", "--instr-atstart=no",
         f"--callgrind-out-file={out_file}",
-        sys.executable, "-m", "gateway", "--no-auth", "--log-level", "warning",
+        sys.executable, "-m", "gateway", *([] if secret else ["--no-auth"]),
+        "--log-level", "warning",
         "--host", "127.0.0.1", "--port", str(port), "--redis-url", redis.url,
         # Keepalive and timeouts out of the way: valgrind slows everything ~50x.
         "--ping-interval", "600", "--subscribe-timeout", "60", "--auth-timeout", "60",
     ]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=str(root))
+    if secret:
+        env["EVENTBUS_AUTH_SECRET"] = secret
     gateway = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL)
     loadgen = keepers = None
     publisher = Publisher.from_url(redis.url)
@@ -93,14 +103,19 @@ def run_once(root: Path, args: argparse.Namespace, out_dir: str) -> dict:
                 time.sleep(0.5)
         cpus = {CLIENT_CPU} if pinning() else None
         projects = list(range(1, args.projects + 1))
+        specs = [(projects[i % len(projects)], None, None) for i in range(args.clients)]
+        tokens = keeper_tokens = None
+        if secret:
+            tokens = client_tokens(secret, [project for project, _, _ in specs])
+            keeper_tokens = client_tokens(secret, projects)
         keeping = 0
         if not args.cold:
             keepers = LoadGen("127.0.0.1", port, workers=1, sources=SOURCES, cpus=cpus)
-            keepers.connect([(project, None, None) for project in projects], timeout=600)
+            keepers.connect([(project, None, None) for project in projects], timeout=600,
+                            tokens=keeper_tokens)  # fmt: skip
             keeping = len(projects)
         loadgen = LoadGen("127.0.0.1", port, workers=1, sources=SOURCES, cpus=cpus)
-        specs = [(projects[i % len(projects)], None, None) for i in range(args.clients)]
-        loadgen.connect(specs, inflight=args.inflight, timeout=600)
+        loadgen.connect(specs, inflight=args.inflight, timeout=600, tokens=tokens)
         keys = Keys()
         cursors = {}
         for project in projects:
@@ -118,7 +133,8 @@ def run_once(root: Path, args: argparse.Namespace, out_dir: str) -> dict:
                 time.sleep(0.1)
         resumes = [(project, *cursors[project]) for project, _, _ in specs]
         _control(gateway.pid, "-i", "on")
-        result = loadgen.connect(resumes, record=True, inflight=args.inflight, timeout=600)
+        result = loadgen.connect(resumes, record=True, inflight=args.inflight, timeout=600,
+                                 tokens=tokens)  # fmt: skip
         _control(gateway.pid, "-i", "off")
         check = verify_resume(loadgen.records(), args.missed)
         loadgen.mode("count")
@@ -165,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inflight", type=int, default=256)
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--cold", action="store_true", help="no feed followed before the storm")
+    parser.add_argument("--auth", action="store_true", help="every client with a token of its own")
     parser.add_argument("--keep", type=Path, help="keep callgrind's output (the last run's) here")
     args = parser.parse_args(argv)
     raise_nofile(4 * args.clients)

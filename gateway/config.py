@@ -17,6 +17,7 @@ import msgspec
 from msgspec import Meta
 
 from gateway.workers import HEARTBEAT_INTERVAL
+from schemas.tokens import TokenVerifier
 
 __all__ = ["ConfigError", "GatewayConfig", "load_config"]
 
@@ -239,6 +240,12 @@ class GatewayConfig(msgspec.Struct, kw_only=True, frozen=True):
                 "an auth secret is required: set --auth-secret / EVENTBUS_AUTH_SECRET, "
                 "or run the development mode with --no-auth"
             )
+        if not self.no_auth:
+            assert self.auth_secret is not None
+            try:
+                TokenVerifier(self.auth_secret)
+            except ValueError as exc:  # a PEM, SSH or DER key, a JWK: every token refused
+                raise ConfigError(f"--auth-secret / EVENTBUS_AUTH_SECRET: {exc}") from None
         if 0 < self.worker_timeout < 2 * HEARTBEAT_INTERVAL:
             raise ConfigError(
                 f"--worker-timeout must be 0 (off) or at least {2 * HEARTBEAT_INTERVAL:g} s: "

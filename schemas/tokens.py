@@ -9,10 +9,14 @@ Claims::
 optional ``name`` is the display name presence shows (docs/presence.md).
 Tokens are short-lived (15 minutes by default): the browser client re-asks its token function
 before expiry and refreshes in-band, so a leaked token is worth little.
+
+A process that verifies many tokens with one secret (the gateway) holds a :class:`TokenVerifier`;
+:func:`verify_token` is the same check for a single token.
 """
 
 from __future__ import annotations
 
+import functools
 import operator
 import time
 from collections.abc import Iterable
@@ -21,6 +25,7 @@ from typing import Literal
 
 import jwt
 import msgspec
+from jwt.algorithms import HMACAlgorithm
 
 __all__ = [
     "AUDIENCE",
@@ -28,6 +33,7 @@ __all__ = [
     "MAX_NAME_LENGTH",
     "InvalidToken",
     "TokenClaims",
+    "TokenVerifier",
     "is_text",
     "issue_token",
     "verify_token",
@@ -39,6 +45,11 @@ AUDIENCE = "eventbus"
 MAX_EXP = 2**53 - 1
 DEFAULT_TOKEN_TTL = timedelta(minutes=15)
 ALLOWED_ALGORITHMS = ("HS256", "HS384", "HS512")
+_HASHES = {
+    "HS256": HMACAlgorithm.SHA256,
+    "HS384": HMACAlgorithm.SHA384,
+    "HS512": HMACAlgorithm.SHA512,
+}
 #: Longest display name (``name`` claim) a token may carry; longer ones are ignored on verify.
 MAX_NAME_LENGTH = 200
 
@@ -149,20 +160,112 @@ def _project_id(value: object) -> int:
 def verify_token(
     token: str, secret: str | bytes, *, algorithms: Iterable[str] = ("HS256",), leeway: float = 5
 ) -> TokenClaims:
-    """Check signature, audience and expiry; return the claims or raise :class:`InvalidToken`."""
-    try:
-        raw = jwt.decode(
-            token,
-            secret,
-            algorithms=list(algorithms),
-            audience=AUDIENCE,
-            leeway=leeway,
-            options={"require": ["exp", "projects"]},
-        )
-    except jwt.ExpiredSignatureError:
-        raise InvalidToken("token expired", expired=True) from None
-    except jwt.PyJWTError as exc:
-        raise InvalidToken(f"invalid token: {exc}") from None
+    """Check signature, audience and expiry; return the claims or raise :class:`InvalidToken`.
+
+    ``algorithms``: among :data:`ALLOWED_ALGORITHMS`; a ``ValueError`` for any other, or for a
+    secret that cannot be an HMAC key (the checks of :class:`TokenVerifier`, which this uses:
+    the last few built are kept, so that a caller verifying many tokens with one secret does not
+    prepare it each time)."""
+    return _verifier(secret, tuple(algorithms), leeway).verify(token)
+
+
+@functools.lru_cache(maxsize=8)
+def _verifier(secret: str | bytes, algorithms: tuple[str, ...], leeway: float) -> TokenVerifier:
+    return TokenVerifier(secret, algorithms=algorithms, leeway=leeway)
+
+
+class _PreparedHMAC(HMACAlgorithm):
+    """PyJWT's HMAC algorithm for one key, prepared once.
+
+    PyJWT prepares the key given to ``decode`` on every call, and for an HMAC secret that means
+    checking it is not a PEM, SSH or DER key nor a JWK (a DER parse and a JSON parse of the
+    secret): a fifth of a token's verification, the same answer every time for one secret.
+    Those checks run here, once, with PyJWT's own code; the token checks (allowed ``alg``, the
+    signature, compared in constant time by PyJWT's ``verify``) run for every token as before.
+    Any other key is prepared as PyJWT does."""
+
+    def __init__(self, hash_alg, key: bytes) -> None:
+        super().__init__(hash_alg)
+        self._key = key
+        self._prepared = super().prepare_key(key)
+        self._key_length_warning = super().check_key_length(self._prepared)
+
+    def prepare_key(self, key):  # type: ignore[no-untyped-def]  # PyJWT's signature
+        return self._prepared if key is self._key else super().prepare_key(key)
+
+    def check_key_length(self, key):  # type: ignore[no-untyped-def]
+        if key is self._prepared:
+            return self._key_length_warning
+        return super().check_key_length(key)
+
+
+class _Decoder(jwt.PyJWT):
+    """PyJWT's decoder, with its options merged once and the JWS layer given (the prepared
+    algorithms). PyJWT keeps the JWS decoder it uses in ``_jws`` (tests/test_tokens.py checks
+    that verifying a token prepares no key, which would fail if that changed)."""
+
+    def __init__(self, jws: jwt.PyJWS, options: dict) -> None:
+        super().__init__(options)  # type: ignore[arg-type]
+        self._jws = jws
+
+
+class TokenVerifier:
+    """Verifies tokens signed with one secret: :func:`verify_token` for a process that verifies
+    many, with PyJWT's decoder, the allowed algorithms and the key prepared once.
+
+    The checks are PyJWT's and the same for every token: the signature with an allowed
+    algorithm only (``alg`` ``none`` or any other refused), the audience, ``exp`` (with
+    ``leeway`` seconds of clock skew), ``iat``/``nbf`` when present, and the required claims;
+    then the claims' own (``projects``, ``exp`` a browser reads exactly, ``sub`` and ``name``
+    text). What is done once is what depends on the secret alone.
+
+    Raises ``ValueError`` for an empty secret, one PyJWT refuses as an HMAC key (a PEM, SSH or
+    DER key, a JWK: every token would be refused), or an algorithm not in
+    :data:`ALLOWED_ALGORITHMS`."""
+
+    def __init__(
+        self,
+        secret: str | bytes,
+        *,
+        algorithms: Iterable[str] = ("HS256",),
+        leeway: float = 5,
+    ) -> None:
+        names = list(algorithms)
+        unknown = [name for name in names if name not in _HASHES]
+        if unknown or not names:
+            raise ValueError(f"algorithms must be among {ALLOWED_ALGORITHMS}, got {names!r}")
+        key = secret.encode() if isinstance(secret, str) else bytes(secret)
+        jws = jwt.PyJWS(algorithms=[])
+        try:
+            for name in names:
+                jws.register_algorithm(name, _PreparedHMAC(_HASHES[name], key))
+        except jwt.InvalidKeyError as exc:
+            raise ValueError(f"the secret cannot verify tokens: {exc}") from None
+        self._key = key
+        self._algorithms = names
+        self._leeway = leeway
+        self._decoder = _Decoder(jws, {"require": ["exp", "projects"]})
+
+    def verify(self, token: str) -> TokenClaims:
+        """The claims of ``token``, or :class:`InvalidToken` (``expired`` set when only its
+        ``exp`` is past)."""
+        try:
+            raw = self._decoder.decode(
+                token,
+                self._key,
+                algorithms=self._algorithms,
+                audience=AUDIENCE,
+                leeway=self._leeway,
+            )
+        except jwt.ExpiredSignatureError:
+            raise InvalidToken("token expired", expired=True) from None
+        except jwt.PyJWTError as exc:
+            raise InvalidToken(f"invalid token: {exc}") from None
+        return _claims(raw)
+
+
+def _claims(raw: dict) -> TokenClaims:
+    """The claims of a token PyJWT has verified, or :class:`InvalidToken`."""
     projects = raw.get("projects")
     if projects == "*":
         allowed: frozenset[int] | Literal["*"] = "*"

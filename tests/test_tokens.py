@@ -16,6 +16,7 @@ from schemas.tokens import (
     MAX_NAME_LENGTH,
     InvalidToken,
     TokenClaims,
+    TokenVerifier,
     issue_token,
     verify_token,
 )
@@ -97,7 +98,8 @@ def test_the_gateway_verifies_hs256_only_as_the_docs_say() -> None:
     from gateway.server import Gateway
 
     assert not [name for name in GatewayConfig.__struct_fields__ if "alg" in name]
-    assert "verify_token(token, self.config.auth_secret)" in inspect.getsource(Gateway.verify)
+    assert "TokenVerifier(config.auth_secret)" in inspect.getsource(Gateway.__init__)
+    assert inspect.signature(TokenVerifier).parameters["algorithms"].default == ("HS256",)
     assert inspect.signature(verify_token).parameters["algorithms"].default == ("HS256",)
     docs = (Path(__file__).parents[1] / "docs" / "publisher.md").read_text()
     assert "configured for it" not in docs
@@ -287,3 +289,82 @@ def test_a_subject_that_is_not_text_names_nobody(sub: str) -> None:
     assert claims.sub is None and claims.allows(1)
     with pytest.raises(ValueError, match="subject"):
         issue_token(SECRET, projects=[1], subject=sub)
+
+
+def test_a_verifier_prepares_its_secret_once_not_per_token(monkeypatch) -> None:
+    """PyJWT prepares the key given to decode on every call (for an HMAC secret: checks that it
+    is no PEM, SSH or DER key nor a JWK, a fifth of a verification). The gateway verified every
+    token with ``verify_token``, so each one paid for those checks again; a verifier runs them
+    once (they depend on the secret alone), and verify_token keeps the verifier of a secret."""
+    from jwt.algorithms import HMACAlgorithm
+
+    prepared: list[bytes] = []
+    original = HMACAlgorithm.prepare_key
+
+    def counting(self, key):  # type: ignore[no-untyped-def]
+        prepared.append(key)
+        return original(self, key)
+
+    monkeypatch.setattr(HMACAlgorithm, "prepare_key", counting)
+    secret = SECRET + "-prepared-once"
+    tokens = [issue_token(secret, projects=[n], subject=f"user-{n}") for n in range(1, 6)]
+    prepared.clear()
+    verifier = TokenVerifier(secret)
+    assert len(prepared) == 1  # the secret's checks, at construction
+    assert [verifier.verify(token).projects for token in tokens] == [
+        frozenset({n}) for n in range(1, 6)
+    ]
+    assert len(prepared) == 1
+    for token in tokens:
+        assert verify_token(token, secret).allows(int(verify_token(token, secret).sub[5:]))
+    assert len(prepared) == 2  # verify_token's own verifier, built for the first token
+
+
+def test_a_verifier_checks_what_verify_token_checks() -> None:
+    verifier = TokenVerifier(SECRET)
+    good = issue_token(SECRET, projects=[1, 2], subject="user-7", name="Alice")
+    assert verifier.verify(good) == verify_token(good, SECRET)
+    bad = [
+        issue_token(SECRET, projects=[1], algorithm="HS512"),  # an algorithm not allowed
+        issue_token("another-secret-long-enough-for-hs256-0123456789", projects=[1]),
+        forge({"projects": [1], "aud": "other"}),
+        forge({"projects": [0]}),
+        jwt.encode({"projects": [1], "aud": AUDIENCE, "exp": 2**40}, None, algorithm="none"),
+        "garbage",
+    ]
+    for token in bad:
+        with pytest.raises(InvalidToken):
+            verifier.verify(token)
+    with pytest.raises(InvalidToken) as info:
+        verifier.verify(forge({"projects": [1], "exp": int(time.time()) - 60}))
+    assert info.value.expired
+    assert TokenVerifier(SECRET, algorithms=["HS512"]).verify(bad[0]).allows(1)
+
+
+@pytest.mark.parametrize(
+    ("secret", "message"),
+    [
+        ("", "HMAC key must not be empty"),
+        ("-----BEGIN PUBLIC KEY-----\nMFkw\n-----END PUBLIC KEY-----", "asymmetric key"),
+        ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI", "asymmetric key"),
+        ('{"kty": "oct", "k": "c2VjcmV0"}', "JWK"),
+    ],
+)
+def test_a_secret_that_cannot_be_an_hmac_key_is_refused_at_once(secret: str, message: str) -> None:
+    """Such a secret used to start a gateway that refused every token ("invalid token: The
+    specified key is an asymmetric key"): now the gateway refuses the setting at startup."""
+    from gateway.config import ConfigError, GatewayConfig
+
+    with pytest.raises(ValueError, match=message):
+        TokenVerifier(secret)
+    with pytest.raises(ValueError, match=message):
+        verify_token(issue_token(SECRET, projects=[1]), secret)
+    if secret:  # (an empty one is refused by name: "an auth secret is required")
+        with pytest.raises(ConfigError, match=f"EVENTBUS_AUTH_SECRET: .*{message}"):
+            GatewayConfig(auth_secret=secret)
+
+
+@pytest.mark.parametrize("algorithms", [["RS256"], ["none"], [], ["HS256", "ES256"]])
+def test_a_verifier_takes_hmac_algorithms_only(algorithms: list[str]) -> None:
+    with pytest.raises(ValueError, match="algorithms"):
+        TokenVerifier(SECRET, algorithms=algorithms)
