@@ -142,6 +142,15 @@ def test_bad_configuration_exits_2_with_a_clear_message():
         timeout=30,
     )
     assert result.returncode == 2 and b"port" in result.stderr
+    # A secret that cannot be an HMAC key started a gateway that refused every token.
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "--auth-secret", '{"kty": "oct", "k": "c2VjcmV0"}'],
+        env=env,
+        capture_output=True,
+        timeout=30,
+    )
+    assert result.returncode == 2 and b"Traceback" not in result.stderr
+    assert b"EVENTBUS_AUTH_SECRET" in result.stderr and b"JWK" in result.stderr
 
 
 def test_development_mode_warns_loudly(gateway_process):
