@@ -33,6 +33,7 @@ COPY pyproject.toml README.m[d] ./
 COPY requirements/runtime.txt ./requirements/
 COPY schemas ./schemas
 COPY redisconn ./redisconn
+COPY serverkit ./serverkit
 COPY publisher ./publisher
 COPY gateway ./gateway
 COPY consumer ./consumer

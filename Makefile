@@ -42,10 +42,10 @@ test-fast: install
 
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check schemas redisconn publisher gateway consumer
+	$(VENV)/bin/ruff format --check schemas redisconn serverkit publisher gateway consumer
 
 format: install
-	$(VENV)/bin/ruff format schemas redisconn publisher gateway consumer
+	$(VENV)/bin/ruff format schemas redisconn serverkit publisher gateway consumer
 	$(VENV)/bin/ruff check --fix .
 
 ## Gateway + demo backend + simulated agents (+ a private Redis when none is configured).

@@ -4,10 +4,8 @@ them on one port under a supervisor (:mod:`gateway.workers`)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import os
-import resource
 import socket
 import sys
 from collections.abc import Callable
@@ -17,6 +15,7 @@ import msgspec
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.logs import configure_logging, get_logger, throttle_loop_errors
 from gateway.workers import Supervisor, resolve_workers, start_heartbeat, worker_command
+from serverkit import raise_descriptor_limit, warn_lowered
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -114,20 +113,11 @@ def fit_descriptors(config: GatewayConfig, slack: int) -> GatewayConfig:
     it can hold (with a warning) rather than run out of descriptors under load: past the limit
     every accept fails, and the admission bound (``max_connections`` + ``slack`` sockets) is
     what must refuse connections first."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > soft:
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1_048_576)
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    limit = raise_descriptor_limit()
     fitted = fitted_connections(config.max_connections, slack, limit)
     if fitted < config.max_connections:
-        get_logger("gateway").warning(
-            "max_connections lowered to fit the descriptor limit",
-            configured=config.max_connections,
-            effective=fitted,
-            descriptor_limit=limit,
-            hint="raise the limit (ulimit -n, LimitNOFILE=, the container runtime's nofile)",
+        warn_lowered(
+            get_logger("gateway"), "max_connections", config.max_connections, fitted, limit
         )
         config = msgspec.structs.replace(config, max_connections=fitted)
     return config

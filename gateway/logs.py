@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
-from collections.abc import Callable
 from typing import Any
 
 import structlog
 
+from serverkit import LogThrottle
+
 __all__ = [
     "ConnectionLog",
-    "LogThrottle",
     "configure_logging",
     "describe",
     "get_logger",
@@ -139,45 +138,6 @@ def _peer(connection: Any) -> str | None:
 
 #: Whether debug lines are written: set by configure_logging (before it, assume they are).
 _debug_enabled = True
-
-
-class LogThrottle:
-    """Rate limit for log lines caused by clients (one per bad request would let anyone flood the
-    logs): at most ``burst`` lines per key in each ``interval`` seconds.
-
-    Keys name the kind of line (``"auth_failed"``), never client data, so the table stays small;
-    it is emptied at the start of each interval anyway. The metric counters count every case.
-
-        suppressed = throttle.allow("auth_failed")
-        if suppressed is not None:
-            log.info("authentication failed", ..., suppressed=suppressed)
-    """
-
-    __slots__ = ("_clock", "_counts", "_suppressed", "_window_start", "burst", "interval")
-
-    def __init__(
-        self, interval: float = 60.0, burst: int = 5, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self.interval = interval
-        self.burst = burst
-        self._clock = clock
-        self._window_start = clock()
-        self._counts: dict[str, int] = {}
-        self._suppressed: dict[str, int] = {}
-
-    def allow(self, key: str) -> int | None:
-        """None when this line must be dropped; else how many lines of ``key`` were dropped since
-        the last one logged (to be logged with it)."""
-        now = self._clock()
-        if now - self._window_start >= self.interval:
-            self._window_start = now
-            self._counts.clear()
-        count = self._counts.get(key, 0) + 1
-        self._counts[key] = count
-        if count > self.burst:
-            self._suppressed[key] = self._suppressed.get(key, 0) + 1
-            return None
-        return self._suppressed.pop(key, 0)
 
 
 def throttle_loop_errors(loop, throttle: LogThrottle | None = None) -> None:

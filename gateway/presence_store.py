@@ -35,7 +35,7 @@ import redis.asyncio
 import redis.asyncio.cluster
 import redis.exceptions
 
-from gateway.logs import LogThrottle, describe, get_logger
+from gateway.logs import describe, get_logger
 from gateway.presence import PresenceCore, SessionKey, Write
 from gateway.tasks import spawn
 from schemas.keys import Keys
@@ -52,6 +52,7 @@ from schemas.presence import (
     read_args,
 )
 from schemas.protocol import encode
+from serverkit import LogThrottle
 
 __all__ = ["PresenceService", "PresenceStore", "new_pod_id"]
 

@@ -25,7 +25,7 @@ from gateway.group import GroupView
 from gateway.http import HttpRoutes, json_response
 from gateway.hub import Hub
 from gateway.keepalive import Keepalive
-from gateway.logs import LogThrottle, describe, get_logger
+from gateway.logs import describe, get_logger
 from gateway.metrics import Metrics
 from gateway.presence_store import PresenceService
 from gateway.pubsub import PubSubLink
@@ -39,6 +39,7 @@ from schemas.keys import Keys
 from schemas.protocol import CloseCode
 from schemas.stored import ForeignKind
 from schemas.tokens import TokenClaims, TokenVerifier
+from serverkit import LogThrottle
 
 __all__ = ["MAX_CONSECUTIVE_ERRORS", "Gateway", "run"]
 

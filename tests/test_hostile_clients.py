@@ -784,18 +784,6 @@ def test_reading_a_plain_request_takes_time_linear_in_its_size():
     assert best(large) < 20 * best(small)
 
 
-def test_log_throttle_allows_a_burst_per_kind_per_interval_and_counts_the_rest():
-    from gateway.logs import LogThrottle
-
-    now = [0.0]
-    throttle = LogThrottle(interval=60, burst=2, clock=lambda: now[0])
-    assert [throttle.allow("a") for _ in range(5)] == [0, 0, None, None, None]
-    assert throttle.allow("b") == 0, "kinds are limited separately"
-    now[0] = 60.0
-    assert throttle.allow("a") == 3, "the first line of a new interval says how many were dropped"
-    assert throttle.allow("a") == 0
-
-
 def test_admission_counts_every_socket_and_bounds_them():
     from gateway.session import Admission
 

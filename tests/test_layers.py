@@ -1,5 +1,6 @@
 """Dependencies point one way: ``schemas`` knows no I/O; the gateway, the publisher and the
-consumer depend on ``schemas`` (and on ``redisconn`` for Redis clients), never on each other."""
+consumer depend on ``schemas`` (and on ``redisconn`` for Redis clients, ``serverkit`` for what a
+server process needs), never on each other."""
 
 from __future__ import annotations
 
@@ -9,15 +10,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT = {"schemas", "publisher", "gateway", "consumer", "redisconn"}
+PROJECT = {"schemas", "publisher", "gateway", "consumer", "redisconn", "serverkit"}
 
 #: package -> top-level modules it must never import (directly or by a lazy import inside code)
 FORBIDDEN = {
     "schemas": PROJECT - {"schemas"} | {"redis", "websockets", "asyncio", "socket", "structlog"},
     "redisconn": PROJECT - {"redisconn"},
+    "serverkit": PROJECT - {"serverkit"},
     "gateway": {"publisher", "consumer"},
     "publisher": {"gateway", "consumer"},
-    "consumer": {"gateway", "publisher", "redisconn"},
+    "consumer": {"gateway", "publisher", "redisconn", "serverkit"},
 }
 
 

@@ -89,12 +89,13 @@ def installed(tmp_path_factory) -> Path:
 def test_the_wheel_carries_the_package_data(installed):
     where = _run(
         installed / "bin" / "python", "-c",
-        "import gateway, schemas, pathlib; print(pathlib.Path(gateway.__file__).parent); "
-        "print(pathlib.Path(schemas.__file__).parent)",
+        "import gateway, schemas, serverkit, pathlib; "
+        "[print(pathlib.Path(m.__file__).parent) for m in (gateway, schemas, serverkit)]",
         cwd=installed.parent,
     ).split()  # fmt: skip
-    gateway_dir, schemas_dir = (Path(p) for p in where)
+    gateway_dir, schemas_dir, serverkit_dir = (Path(p) for p in where)
     assert gateway_dir.is_relative_to(installed) and schemas_dir.is_relative_to(installed)
+    assert serverkit_dir.is_relative_to(installed)  # the publisher's HTTP API needs it too
     assert (gateway_dir / "static" / "eventbus.js").is_file()
     assert (gateway_dir / "static" / "eventbus.d.ts").is_file()
     assert (schemas_dir / "eventbus.schema.json").is_file()

@@ -34,6 +34,7 @@ from publisher.http_api.core import (
     parse_events,
     parse_project_path,
 )
+from serverkit import LogThrottle
 
 __all__ = ["HttpApiSettings", "PublishApi"]
 
@@ -43,6 +44,7 @@ _IDEMPOTENCY_HEADER_MAX = 100
 _PUBLISHER_KEY_MAX = 200  # publisher.core: idempotency keys of 1-200 printable characters
 _JSON = [(b"content-type", b"application/json")]
 _UNAVAILABLE_LOG_INTERVAL = 1.0  # seconds between "Redis unavailable" warnings
+_UNAVAILABLE = "unavailable"  # the throttle's key for those warnings
 
 
 class HttpApiSettings(msgspec.Struct, kw_only=True, frozen=True):
@@ -140,9 +142,8 @@ class PublishApi:
         self.limiter = RateLimiter(self.settings.rate, self.settings.burst)
         self.counters = Counters()
         self._clock = clock
-        # The unavailable warning: when it was last logged, and how many since were not.
-        self._unavailable_logged: float | None = None
-        self._unavailable_suppressed = 0
+        # The unavailable warning: one a second, with how many were not logged since.
+        self._log_throttle = LogThrottle(interval=_UNAVAILABLE_LOG_INTERVAL, burst=1, clock=clock)
 
     async def __call__(self, scope: dict, receive, send) -> None:
         kind = scope["type"]
@@ -243,13 +244,9 @@ class PublishApi:
     def _log_unavailable(self, project_id: int, exc: Exception) -> None:
         """At most one line a second (with how many were not logged): one per request made an
         outage thousands of lines a second. The 503s are counted, every one."""
-        now = self._clock()
-        last = self._unavailable_logged
-        if last is not None and now - last < _UNAVAILABLE_LOG_INTERVAL:
-            self._unavailable_suppressed += 1
+        suppressed = self._log_throttle.allow(_UNAVAILABLE)
+        if suppressed is None:
             return
-        self._unavailable_logged = now
-        suppressed, self._unavailable_suppressed = self._unavailable_suppressed, 0
         extra = {"suppressed": suppressed} if suppressed else {}
         log.warning("http_publish_unavailable", project_id=project_id, error=str(exc), **extra)
 

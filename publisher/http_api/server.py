@@ -39,8 +39,6 @@ Imported only to serve (uvicorn is the ``http-api`` extra).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import resource
 from collections.abc import Callable
 from typing import Any
 
@@ -52,6 +50,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from publisher.http_api.app import Counters, HttpApiSettings, PublishApi
 from publisher.http_api.core import ApiError, error_body
+from serverkit import raise_descriptor_limit, warn_lowered
 
 __all__ = [
     "ACCEPT_SLACK",
@@ -369,21 +368,10 @@ def fit_descriptors(limit_concurrency: int) -> tuple[int, int]:
     lowered (with a warning) to what the limit holds, and the listen backlog that goes with it
     (:func:`listen_backlog`): past the limit every accept fails and no Redis connection can be
     opened, so the bound on connections must refuse them first."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > soft:
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1_048_576)
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    limit = raise_descriptor_limit()
     fitted = fitted_concurrency(limit_concurrency, limit)
     if fitted < limit_concurrency:
-        log.warning(
-            "limit_concurrency lowered to fit the descriptor limit",
-            configured=limit_concurrency,
-            effective=fitted,
-            descriptor_limit=limit,
-            hint="raise the limit (ulimit -n, LimitNOFILE=, the container runtime's nofile)",
-        )
+        warn_lowered(log, "limit_concurrency", limit_concurrency, fitted, limit)
     return fitted, listen_backlog(limit)
 
 

@@ -1,0 +1,18 @@
+"""Process utilities of the project's servers: the gateway and the HTTP publish API.
+
+The neutral home of what both server processes need and neither may take from the other
+(``gateway`` and ``publisher`` never import each other): it depends on the standard library only,
+never on ``gateway`` or ``publisher``, as :mod:`redisconn` is for Redis clients.
+
+* :func:`raise_descriptor_limit`, :func:`warn_lowered`: a server's descriptor limit at start,
+  and the warning when a bound had to be lowered to fit it (:mod:`serverkit.descriptors`);
+* :class:`LogThrottle`: at most a few log lines per kind and interval, with the number dropped
+  (:mod:`serverkit.logthrottle`).
+"""
+
+from __future__ import annotations
+
+from serverkit.descriptors import LIMIT_HINT, raise_descriptor_limit, warn_lowered
+from serverkit.logthrottle import LogThrottle
+
+__all__ = ["LIMIT_HINT", "LogThrottle", "raise_descriptor_limit", "warn_lowered"]

@@ -1,0 +1,90 @@
+"""serverkit: what the gateway and the HTTP publish API share about running as a server (the
+descriptor limit at start, log throttling), without importing each other."""
+
+from __future__ import annotations
+
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import structlog
+
+from serverkit import LIMIT_HINT, LogThrottle, warn_lowered
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_log_throttle_allows_a_burst_per_kind_per_interval_and_counts_the_rest():
+    now = [0.0]
+    throttle = LogThrottle(interval=60, burst=2, clock=lambda: now[0])
+    assert [throttle.allow("a") for _ in range(5)] == [0, 0, None, None, None]
+    assert throttle.allow("b") == 0, "kinds are limited separately"
+    now[0] = 60.0
+    assert throttle.allow("a") == 3, "the first line of a new interval says how many were dropped"
+    assert throttle.allow("a") == 0
+
+
+def test_a_throttle_of_one_line_logs_one_an_interval_after_the_last_from_the_first_on():
+    """The HTTP API's "Redis unavailable" warning, at most one a second, is this throttle with a
+    burst of 1: a line is logged once a second has passed since the last one logged, the first
+    one too. (The gateway's throttle started its first interval when it was made: a line half a
+    second after that and another 0.7 s later would both have been logged.)"""
+    now = [0.0]
+    throttle = LogThrottle(interval=1.0, burst=1, clock=lambda: now[0])
+    logged = []
+    for at in (0.5, 1.2, 1.4, 1.5, 2.49, 2.6):
+        now[0] = at
+        suppressed = throttle.allow("unavailable")
+        if suppressed is not None:
+            logged.append((at, suppressed))
+    assert logged == [(0.5, 0), (1.5, 2), (2.6, 1)]
+
+
+def _run(code: str, soft: int) -> str:
+    """``code`` in a fresh interpreter whose soft descriptor limit is ``soft``."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+
+    def lower() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        preexec_fn=lower,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_the_soft_descriptor_limit_is_raised_to_the_hard_one():
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY or hard <= 256:
+        pytest.skip("needs a finite hard limit above 256")
+    out = _run(
+        "import resource; from serverkit import raise_descriptor_limit as r; "
+        "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0], r(), "
+        "resource.getrlimit(resource.RLIMIT_NOFILE)[0])",
+        soft=256,
+    )
+    assert out.split() == ["256", str(hard), str(hard)]
+
+
+def test_a_lowered_bound_is_a_warning_with_the_hint():
+    with structlog.testing.capture_logs() as logs:
+        warn_lowered(structlog.get_logger("x"), "max_connections", 20_000, 19_680, 20_000)
+    assert logs == [
+        {
+            "event": "max_connections lowered to fit the descriptor limit",
+            "configured": 20_000,
+            "effective": 19_680,
+            "descriptor_limit": 20_000,
+            "hint": LIMIT_HINT,
+            "log_level": "warning",
+        }
+    ]
+    assert "ulimit -n" in LIMIT_HINT
