@@ -28,7 +28,7 @@ before the windows). The gateway runs on core 0; the load generator, the publish
 share core 1. Each figure is the median of ``repeats`` storms. History reads are Redis's count
 of ``EVAL`` calls during the storm (the snapshot script; nothing else runs it then).
 
-    python -m bench.storm            # about 3 minutes
+    python -m bench.storm            # about 3.5 minutes
     python -m bench.storm --quick    # 1,000 clients of 10 projects, one storm each (smoke run)
 """
 
