@@ -17,11 +17,21 @@ ready when the live workers' sum equals the group's size, i.e. every worker is u
 worker that is not running (dead, being restarted, or that could not be started) has no live
 value: the group is not ready until it runs and is ready again.
 
+Files are named after the worker's slot (``counter_worker1.db``), not its process id, so the
+process started in a dead worker's place takes over its files: its counters continue from the
+dead one's values (group totals never go backwards) and the directory holds one set of files per
+slot however often workers are restarted. Named by pid, a crash loop left one more counter file
+per death (up to 2,880 a day per slot at the 30 s backoff cap), every one read by every scrape
+and readiness probe, on the worker's event loop. The supervisor removes a dead worker's live
+gauges before it starts the next (:func:`metrics_identity`), and never runs two processes in one
+slot at once: two writers of one memory-mapped file would corrupt it.
+
 The supervisor writes its own counters into the same directory (:class:`SupervisorCounters`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import stat
@@ -34,6 +44,7 @@ __all__ = [
     "SUPERVISOR_COUNTERS",
     "GroupView",
     "SupervisorCounters",
+    "metrics_identity",
     "read_group",
     "render_families",
 ]
@@ -55,11 +66,20 @@ SUPERVISOR_COUNTERS = {
 }
 
 
+def metrics_identity(worker_id: str) -> str:
+    """The name a worker's files carry in the group's metrics directory (prometheus-client's
+    "process identifier"): its slot, so that the worker started in its place continues them."""
+    return f"worker{worker_id}"
+
+
 class GroupView:
     """One worker's share of the group's metrics, and the group's merged view.
 
     ``directory`` must be the ``PROMETHEUS_MULTIPROC_DIR`` the process was started with
-    (prometheus-client picks its storage when first imported).
+    (prometheus-client picks its storage when first imported). ``worker_id``: the worker's slot
+    in the group; its files are named after it (:func:`metrics_identity`) rather than the process
+    id, and this must be the only live process of the slot. Set before any metric of the process
+    is made (this makes the first).
     """
 
     def __init__(
@@ -68,8 +88,16 @@ class GroupView:
         *,
         workers: int,
         directory: str,
+        worker_id: str | None = None,
     ) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
+
+        self._reported: set[tuple[str, str]] = set()  # warnings already logged
+        if worker_id is not None:
+            identity = metrics_identity(worker_id)
+            for name in _set_aside_unreadable(directory, identity):
+                self._warn_once("unreadable metrics file of this worker's slot set aside", name)
+            values.ValueClass = values.MultiProcessValue(lambda: identity)
 
         self.metrics = metrics
         self.workers = workers
@@ -120,7 +148,6 @@ class GroupView:
             registry=registry,
         )
         metrics.relay_lag = _Tee(lag, shared.observe)  # type: ignore[assignment]
-        self._reported: set[tuple[str, str]] = set()  # warnings already logged
 
     def sync(self, ready: bool) -> None:
         """Copy this worker's counter increments and current gauges into the shared files."""
@@ -168,6 +195,42 @@ class GroupView:
             if family.name == "eventbus_worker_ready":
                 return int(sum(sample.value for sample in family.samples))
         return 0
+
+
+def _set_aside_unreadable(directory: str, identity: str) -> list[str]:
+    """Rename the files of ``identity`` that prometheus-client could not continue (not a regular
+    file, or not readable as its format) to ``<name>.unreadable``, out of the view, and return
+    their names. A worker opens its slot's files when it makes its metrics, and one it cannot
+    parse would make it fail at every start, for good; set aside, the slot's counters start
+    again from 0 (a counter reset, which Prometheus' ``rate`` handles)."""
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    aside = []
+    for path in glob.glob(os.path.join(glob.escape(directory), f"*_{identity}.db")):
+        try:
+            info = os.lstat(path)
+            if stat.S_ISREG(info.st_mode) and (
+                info.st_size == 0  # (a worker killed before it sized the file: it is sized)
+                or (8 <= _used_bytes(path) <= info.st_size)
+                and MultiProcessCollector.merge([path], accumulate=True) is not None
+            ):
+                continue
+        except FileNotFoundError:
+            continue
+        except Exception:  # any way a file can be broken: struct, UTF-8, JSON, types
+            pass
+        with contextlib.suppress(OSError):
+            os.replace(path, path + ".unreadable")
+            aside.append(os.path.basename(path))
+    return aside
+
+
+def _used_bytes(path: str) -> int:
+    """The "bytes used" header of a prometheus-client metrics file: where its writer appends
+    next (a reader accepts values it cannot append after, such as -1)."""
+    with open(path, "rb") as file:
+        header = file.read(4)
+    return int.from_bytes(header, "little", signed=True) if len(header) == 4 else -1
 
 
 def read_group(directory: str) -> tuple[list, list[str]]:

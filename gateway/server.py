@@ -202,6 +202,7 @@ class Gateway:
                 self.metrics,
                 workers=int(group_size),
                 directory=os.environ["PROMETHEUS_MULTIPROC_DIR"],
+                worker_id=self.worker_id,
             )
             self._tasks.append(asyncio.create_task(self._every(1.0, self._sync_group)))
         self.server = await asyncio.get_running_loop().create_server(

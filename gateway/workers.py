@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from gateway.group import SupervisorCounters
+from gateway.group import SupervisorCounters, metrics_identity
 from gateway.logs import describe, get_logger
 
 __all__ = [
@@ -401,7 +401,7 @@ class Supervisor:
                 _signal(process, signal.SIGTERM)
             code = await process.wait()
             try:
-                _forget_process(self._metrics_dir, process.pid)
+                _forget_process(self._metrics_dir, metrics_identity(str(index)))
             except OSError as exc:  # its files are only left in the view: go on with the worker
                 log.warning(
                     "dead worker's live metrics not removed", worker=index, error=describe(exc)
@@ -535,14 +535,15 @@ def _die_with_supervisor(supervisor: int, prctl: Callable[..., int] | None) -> N
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
-def _forget_process(metrics_dir: str | None, pid: int | None) -> None:
+def _forget_process(metrics_dir: str | None, identity: str) -> None:
     """Drop a dead worker's live gauges from the group view (prometheus-client's
-    ``mark_process_dead``); its counters stay, so group totals never go backwards."""
-    if not metrics_dir or pid is None:
+    ``mark_process_dead``, by the identity its files carry); its counters stay, and the worker
+    started in its place continues them, so group totals never go backwards."""
+    if not metrics_dir:
         return
     from prometheus_client import multiprocess
 
-    multiprocess.mark_process_dead(pid, metrics_dir)
+    multiprocess.mark_process_dead(identity, metrics_dir)
 
 
 def worker_command(argv: Sequence[str]) -> list[str]:

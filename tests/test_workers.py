@@ -187,7 +187,9 @@ _WORKER = textwrap.dedent(
 
     metrics = Metrics()
     metrics.gauge("connections", "Open WebSocket connections.", lambda: int(sys.argv[1]))
-    view = GroupView(metrics, workers=2, directory=sys.argv[3])
+    view = GroupView(
+        metrics, workers=2, directory=sys.argv[3], worker_id=sys.argv[4] if sys.argv[4:] else None
+    )
     metrics.deliveries_total = int(sys.argv[1]) * 10
     metrics.relay_lag.observe(0.002)
     view.sync(ready=sys.argv[2] == "ready")
@@ -198,10 +200,13 @@ _WORKER = textwrap.dedent(
 )
 
 
-def _run_worker(directory: str, connections: int, ready: str) -> subprocess.CompletedProcess:
+def _run_worker(
+    directory: str, connections: int, ready: str, worker_id: str | None = None
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": directory}
+    slot = [worker_id] if worker_id is not None else []
     return subprocess.run(
-        [sys.executable, "-c", _WORKER, str(connections), ready, directory],
+        [sys.executable, "-c", _WORKER, str(connections), ready, directory, *slot],
         env=env,
         capture_output=True,
         text=True,
@@ -256,9 +261,51 @@ def test_the_group_view_adds_up_every_worker_and_readiness_needs_all(tmp_path) -
     assert samples.get("eventbus_worker_ready", 0) == 0
 
 
+def test_a_worker_restarted_in_its_slot_continues_its_counters_in_the_same_files(
+    tmp_path,
+) -> None:
+    """The files are named after the worker's slot: the process started in a dead worker's place
+    continues its counters (the group's totals never go backwards) and the directory holds one
+    set of files per slot. Named by pid, every death left one more counter file, each read by
+    every scrape and probe: a day of crash loop at the 30 s backoff cap, 2,880 more."""
+    from gateway.workers import _forget_process
+
+    directory = str(tmp_path)
+    totals = []
+    for run in range(4):
+        _run_worker(directory, connections=3, ready="ready", worker_id="1")
+        _forget_process(directory, "worker1")  # what the supervisor does when it dies
+        if run == 0:
+            files = sorted(os.listdir(directory))
+        assert sorted(os.listdir(directory)) == files
+        totals.append(_group_samples(directory)["eventbus_deliveries_total"])
+        assert _group_samples(directory).get("eventbus_connections", 0) == 0
+    assert totals == [31, 62, 93, 124]
+    assert files == ["counter_worker1.db", "histogram_worker1.db"]
+
+
+def test_an_unreadable_file_of_the_slot_is_set_aside_and_the_worker_starts(tmp_path) -> None:
+    """A worker opens its slot's files to continue them: one it could not parse (garbage, a
+    directory, anything another writer left) would make every start of the slot fail, for
+    good. It is renamed out of the view instead, with a warning, and the worker runs."""
+    directory = tmp_path
+    (directory / "counter_worker1.db").write_bytes(b"\xff" * 64)
+    (directory / "histogram_worker1.db").mkdir()
+    (directory / "counter_worker2.db").write_bytes(b"\xff" * 64)  # another slot's: untouched
+    done = _run_worker(str(directory), connections=3, ready="ready", worker_id="1")
+    assert done.stdout.strip().splitlines()[-1] == "1"
+    assert "set aside" in done.stdout + done.stderr
+    names = set(os.listdir(directory))
+    assert {"counter_worker1.db.unreadable", "histogram_worker1.db.unreadable"} <= names
+    assert "counter_worker2.db" in names
+    (directory / "counter_worker2.db").unlink()
+    assert _group_samples(str(directory))["eventbus_deliveries_total"] == 31
+
+
 # --- real groups ------------------------------------------------------------------------------
 
 import json  # noqa: E402
+import pathlib  # noqa: E402
 import signal  # noqa: E402
 import time  # noqa: E402
 import urllib.request  # noqa: E402
@@ -338,6 +385,48 @@ async def test_exactly_once_across_a_worker_kill_and_the_worker_comes_back(redis
         assert group.terminate(timeout=30) == 0
 
 
+def _metrics_directory(pid: int) -> str:
+    """The group's metrics directory, as the supervisor gave it to worker ``pid``."""
+    environ = pathlib.Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    prefix = b"PROMETHEUS_MULTIPROC_DIR="
+    return next(item.removeprefix(prefix).decode() for item in environ if item.startswith(prefix))
+
+
+async def test_killed_workers_leave_no_files_behind_and_the_totals_never_go_back(
+    redis_url,
+) -> None:
+    """Worker 1 is killed three times; each replacement continues its slot's files: the group's
+    metrics directory holds the same files after every restart, and a counter's group total
+    never goes backwards. Before, each death left its counter and histogram files behind, all
+    read by every scrape and readiness probe on the workers' event loops."""
+    group = GatewayProcess(redis_url, args=["--workers", "2"])
+    with group:
+        pids = _worker_pids(group.port, 2)
+        directory = _metrics_directory(pids["1"])
+        files = None
+        totals = []
+        for _ in range(3):
+            for _ in range(5):  # refused as malformed (400) by whichever worker takes them
+                assert group.get("/v1/projects/1/events?epoch=x&after=nope")[0] == 400
+            await wait_until(
+                lambda: (
+                    group.metrics().get("eventbus_bad_requests_total", 0) >= 5 * (len(totals) + 1)
+                ),
+                5,
+                "the refusals counted",
+            )
+            totals.append(group.metrics()["eventbus_bad_requests_total"])
+            if files is None:
+                files = sorted(os.listdir(directory))
+            victim = _worker_pids(group.port, 2)["1"]
+            os.kill(victim, signal.SIGKILL)
+            await _worker_1_replaced(group, victim)
+            assert sorted(os.listdir(directory)) == files
+        assert totals == sorted(totals) and totals[-1] >= 15
+        assert group.metrics()["eventbus_bad_requests_total"] >= totals[-1]
+        assert group.terminate(timeout=20) == 0
+
+
 async def _verified_and_stopped(clients: list[ResumingClient], redis_url: str) -> None:
     """Every client got every event in order, exactly once (then they are stopped, whatever)."""
     try:
@@ -368,9 +457,14 @@ def _watched_group(redis_url: str) -> GatewayProcess:
 
 
 def _healthz_pids(port: int) -> dict[str, int]:
+    """The workers that answered 20 probes. A probe the kernel queued on a worker being killed
+    is reset (its listening socket closes with it): it tells nothing, so it is skipped."""
     seen: dict[str, int] = {}
     for _ in range(20):
-        answer = _healthz(port)
+        try:
+            answer = _healthz(port)
+        except ConnectionResetError:
+            continue
         seen[answer["worker"]] = answer["pid"]
     return seen
 
