@@ -209,11 +209,12 @@ def _set_aside_unreadable(directory: str, identity: str) -> list[str]:
     for path in glob.glob(os.path.join(glob.escape(directory), f"*_{identity}.db")):
         try:
             info = os.lstat(path)
-            if stat.S_ISREG(info.st_mode) and (
-                info.st_size == 0  # (a worker killed before it sized the file: it is sized)
-                or (8 <= _used_bytes(path) <= info.st_size)
-                and MultiProcessCollector.merge([path], accumulate=True) is not None
-            ):
+            if not stat.S_ISREG(info.st_mode):
+                pass
+            elif info.st_size == 0:  # a worker killed before it sized the file: it is sized
+                continue
+            elif 8 <= _used_bytes(path) <= info.st_size:  # where the next value is appended
+                MultiProcessCollector.merge([path], accumulate=True)  # every value parses
                 continue
         except FileNotFoundError:
             continue
