@@ -7,10 +7,12 @@ flush or pin, so that none of them ever touches the machine's shared Redis.
 
 from __future__ import annotations
 
+import collections
 import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -19,10 +21,26 @@ import redis
 __all__ = ["PrivateRedis", "free_port"]
 
 
+#: The ports :func:`free_port` handed out last in this process (see there).
+_handed_out: collections.deque[int] = collections.deque(maxlen=1024)
+_handing_out = threading.Lock()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    """A port nothing listens on, and not one of the last 1,024 this process was given.
+
+    The kernel picks a free port at random, so two calls in a row return the same one about
+    once in 14,000 (Linux's default range), and a caller binds it only later (a gateway process
+    after its start-up, ~1 s): two servers of one test given the same port, one of them failing
+    to start. Only a server outside this process can still take a port first."""
+    with _handing_out:
+        while True:
+            with socket.socket() as sock:
+                sock.bind((host, 0))
+                port = sock.getsockname()[1]
+            if port not in _handed_out:
+                _handed_out.append(port)
+                return port
 
 
 class PrivateRedis:
@@ -37,6 +55,8 @@ class PrivateRedis:
                 "redis-server not found: install it (make install does) or set EVENTBUS_REDIS_URL"
             )
         self.binary = binary
+        #: Whether the port is ours to change: a server outside this process took it first.
+        self._port_chosen = port is None
         self.port = port or free_port()
         self.extra_args = list(extra_args)
         self.dir = Path(tempfile.mkdtemp(prefix=f"eventbus-redis-{self.port}-"))
@@ -50,29 +70,49 @@ class PrivateRedis:
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
 
     def start(self, timeout: float = 10.0, **popen_kwargs) -> PrivateRedis:
-        """Start it and wait until it answers ``PING``; ``popen_kwargs`` go to ``Popen``."""
-        self.process = subprocess.Popen(
-            [
-                self.binary,
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", str(self.dir),
-                "--protected-mode", "no",
-                *self.extra_args,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            **popen_kwargs,
-        )  # fmt: skip
+        """Start it and wait until it answers ``PING``; ``popen_kwargs`` go to ``Popen``.
+
+        The answer must come from this process: on a port another server took since
+        :func:`free_port` chose it, that server answered, and a test went on to flush, stop
+        or kill what it took for its own Redis. A port chosen here is then chosen again (the
+        first start only: a restart keeps its port, which its clients know)."""
+        for attempt in range(3):
+            self.process = subprocess.Popen(
+                [
+                    self.binary,
+                    "--port", str(self.port),
+                    "--bind", "127.0.0.1",
+                    "--save", "",
+                    "--appendonly", "no",
+                    "--dir", str(self.dir),
+                    "--protected-mode", "no",
+                    *self.extra_args,
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                **popen_kwargs,
+            )  # fmt: skip
+            if self._answering(timeout):
+                self._port_chosen = False
+                return self
+            self.process.wait(10)  # another server answered: ours could not bind the port
+            self.process = None
+            if not self._port_chosen or attempt == 2:
+                raise RuntimeError(f"port {self.port} is taken by another server")
+            self.port = free_port()
+        raise AssertionError("unreachable")
+
+    def _answering(self, timeout: float) -> bool:
+        """Wait until the port answers ``PING``: True when this process answers, False when
+        another server does."""
+        assert self.process is not None
         client = self.client()
         deadline = time.monotonic() + timeout
         try:
             while True:
                 try:
                     if client.ping():
-                        return self
+                        return int(client.info("server")["process_id"]) == self.process.pid
                 except redis.exceptions.ConnectionError:
                     if self.process.poll() is not None:
                         code = self.process.returncode
