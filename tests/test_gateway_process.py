@@ -37,15 +37,22 @@ async def wait_ready(port: int, process: subprocess.Popen, within: float = 15) -
 def gateway_process(redis_url):
     processes = []
 
-    def start(*args: str) -> tuple[subprocess.Popen, int]:
+    def start(*args: str, sighup=signal.SIG_DFL) -> tuple[subprocess.Popen, int]:
+        """Start a gateway with SIGHUP's disposition ``sighup`` (inherited: a test run started
+        with ``nohup`` would otherwise start every gateway with SIGHUP ignored)."""
         port = free_port()
         env = {**os.environ, "EVENTBUS_REDIS_URL": redis_url, "EVENTBUS_AUTH_SECRET": SECRET}
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "--port", str(port), "--log-format", "json", *args],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
+        previous = signal.signal(signal.SIGHUP, sighup)
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "gateway", "--port", str(port), "--log-format", "json",
+                 *args],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )  # fmt: skip
+        finally:
+            signal.signal(signal.SIGHUP, previous)
         processes.append(process)
         return process, port
 
@@ -107,11 +114,7 @@ async def test_a_gateway_started_with_sighup_ignored_keeps_ignoring_it(gateway_p
 
     hup = 1 << (signal.SIGHUP - 1)
     plain, port = gateway_process()
-    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # inherited by the next child
-    try:
-        nohup, nohup_port = gateway_process()
-    finally:
-        signal.signal(signal.SIGHUP, previous)
+    nohup, nohup_port = gateway_process(sighup=signal.SIG_IGN)
     await wait_ready(port, plain)
     await wait_ready(nohup_port, nohup)
     assert mask(plain, "SigCgt") & hup and not mask(plain, "SigIgn") & hup
