@@ -861,7 +861,7 @@ def test_the_store_closed_while_a_statement_waits_ends_it_and_harms_no_other_soc
     import socket
 
     store = PostgresOutboxStore(pg_url, pg_outbox.table, timeout=1.5)
-    store._conn()
+    pid = store._conn().info.backend_pid
     outcome: list[tuple[BaseException | None, float]] = []
 
     def slow_statement() -> None:
@@ -871,9 +871,14 @@ def test_the_store_closed_while_a_statement_waits_ends_it_and_harms_no_other_soc
         except BaseException as exc:  # recorded for the assertion below
             outcome.append((exc, time.monotonic()))
 
+    def sleeping() -> bool:
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            query = "SELECT query FROM pg_stat_activity WHERE pid = %s AND state = 'active'"
+            return admin.execute(query, [pid]).fetchone() == ("SELECT pg_sleep(3)",)
+
     thread = threading.Thread(target=slow_statement, daemon=True)
     thread.start()
-    time.sleep(0.3)  # the statement waits for PostgreSQL
+    wait_until(sleeping)  # the statement waits for PostgreSQL (a sleep of 0.3 s hoped so)
     closed = time.monotonic()
     store.close()  # from this thread, as stop() does
     others = [socket.socketpair() for _ in range(4)]  # (one got the freed number before)
