@@ -16,6 +16,7 @@ import signal
 import time
 
 import redis.asyncio
+import redis.asyncio.cluster
 from websockets.http11 import Response
 
 from gateway.clients import MAX_CONSECUTIVE_ERRORS, ClientProtocol, presence_item
@@ -61,6 +62,12 @@ CUT_ANSWERS_TIMEOUT = 0.5
 #: Seconds between the drain's looks at the HTTP answers still being sent (a page to a slow
 #: reader): :func:`gateway.session.unsent` is not an event to wait for.
 SENDING_CHECK_INTERVAL = 0.05
+
+#: Seconds one call on the gateway's Redis client may take (a command, a script, a pipeline),
+#: retries and reconnects included: a call site that forgets its own ``asyncio.timeout`` still
+#: returns when Redis hangs. The call sites bound themselves more tightly where a client waits
+#: (``--subscribe-timeout``, presence rounds, readiness), so this is the backstop.
+REDIS_CALL_TIMEOUT = 10.0
 
 #: Seconds each step of the final shutdown (listener, feeds, pub/sub, Redis client) may take
 #: after the clients are gone: a hung Redis must not hold the exit.
@@ -154,7 +161,7 @@ class Gateway:
             )
         elif len(config.auth_secret or "") < 32:
             log.warning("the auth secret is shorter than 32 bytes; HS256 wants at least 32")
-        self.redis = async_client(config.redis_url)
+        self.redis = redis_client(config.redis_url)
         self.store = HistoryStore(self.redis, self.keys)
         self.hub = Hub(
             keys=self.keys,
@@ -464,6 +471,15 @@ async def _bounded(step, name: str) -> None:
         log.warning("shutdown step timed out", step=name, timeout=CLOSE_STEP_TIMEOUT)
     except Exception as exc:
         log.warning("shutdown step failed", step=name, error=describe(exc))
+
+
+def redis_client(url: str) -> redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster:
+    """The client every Redis call of the gateway goes through (history reads, presence,
+    readiness): with a server that accepts connections and never answers, a call fails after one
+    read timeout (5 s; redis-py's nested retries cost 84 s before), and no call outlasts
+    ``REDIS_CALL_TIMEOUT``; quick failures (a refused connection while Redis restarts, a
+    Cluster failover) are still retried within that time (:func:`redisconn.async_client`)."""
+    return async_client(url, call_timeout=REDIS_CALL_TIMEOUT)
 
 
 def _keepalive_timeout(session: ClientSession) -> None:

@@ -19,22 +19,29 @@ import redis.asyncio.cluster
 import redis.cluster
 from redis.backoff import ExponentialBackoff
 
+from redisconn.bounded import BoundedRedis, BoundedRedisCluster, CallRetry
+
 __all__ = [
     "CONNECT_TIMEOUT",
     "RETRIES",
     "SOCKET_TIMEOUT",
+    "BoundedRedis",
+    "BoundedRedisCluster",
+    "CallRetry",
     "async_client",
     "defer_refresh_after_timeouts",
     "is_cluster_url",
     "sync_client",
 ]
 
-#: Retries per command for clients made with the default ``retries`` (the gateway's): the first
+#: Retries per call for clients made with the default ``retries`` (the gateway's): the first
 #: attempt plus 3 retries, with backoff 100 ms, 200 ms, 400 ms (redis-py's ExponentialBackoff
-#: sleeps ``base * 2**failures``). redis-py applies this policy around each command AND around
-#: each connect inside it, so with a hung server the waits multiply. The publisher therefore
-#: builds its clients with ``retries=0`` (one connect, one command per call) and retries itself
-#: within one deadline (publisher.core.RetryPolicy).
+#: sleeps ``base * 2**failures``). redis-py applies a connection's policy around each command AND
+#: around the connect and the health check inside it; the asyncio clients built here retry at the
+#: outermost level only (:class:`~redisconn.bounded.CallRetry`), so the waits of a hung server do
+#: not multiply. Those of a synchronous client still do (16 read timeouts for one call with 3
+#: retries): the publisher therefore builds its clients with ``retries=0`` (one connect, one
+#: command per call) and retries itself within one deadline (publisher.core.RetryPolicy).
 RETRIES = 3
 CONNECT_TIMEOUT = 2.0
 SOCKET_TIMEOUT = 5.0
@@ -88,22 +95,40 @@ def async_client(
     retries: int = RETRIES,
     connect_timeout: float | None = None,
     socket_timeout: float | None = None,
-) -> redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster:
-    """An asyncio client for ``url`` (same arguments as :func:`sync_client`)."""
-    from redis.asyncio.retry import Retry
+    call_timeout: float | None = None,
+) -> BoundedRedis | BoundedRedisCluster:
+    """An asyncio client for ``url`` (same arguments as :func:`sync_client`).
 
-    retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), retries)
-    options = _options(connect_timeout, socket_timeout)
-    if is_cluster_url(url):
-        return redis.asyncio.cluster.RedisCluster.from_url(_plain_url(url), retry=retry, **options)
-    return redis.asyncio.Redis.from_url(
-        url,
-        retry=retry,
-        retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError]
-        if retries
-        else [],
-        **options,
+    ``retries`` retries per call, made at the outermost level only (a connect inside a command
+    is not retried on its own: see :class:`~redisconn.bounded.CallRetry`), so a hung server
+    costs one read timeout per attempt, not the square of the attempts. With ``call_timeout``,
+    every call (a command, a registered script's call, a pipeline's ``execute``) ends within
+    that many seconds, raising ``redis.exceptions.TimeoutError`` when it runs out, whatever
+    happens inside it; retries are made only while the next attempt can end in time. Pub/sub
+    reads are not bounded by it.
+    """
+    connect_timeout = CONNECT_TIMEOUT if connect_timeout is None else connect_timeout
+    socket_timeout = SOCKET_TIMEOUT if socket_timeout is None else socket_timeout
+    retry = CallRetry(
+        ExponentialBackoff(cap=0.5, base=0.05),
+        retries,
+        attempt_timeout=connect_timeout + socket_timeout,
     )
+    options = _options(connect_timeout, socket_timeout)
+    client: BoundedRedis | BoundedRedisCluster
+    if is_cluster_url(url):
+        client = BoundedRedisCluster.from_url(_plain_url(url), retry=retry, **options)
+    else:
+        client = BoundedRedis.from_url(
+            url,
+            retry=retry,
+            retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError]
+            if retries
+            else [],
+            **options,
+        )
+    client.call_timeout = call_timeout
+    return client
 
 
 def defer_refresh_after_timeouts(client: redis.cluster.RedisCluster) -> None:
@@ -117,7 +142,7 @@ def defer_refresh_after_timeouts(client: redis.cluster.RedisCluster) -> None:
     within its own deadline; the next attempt uses the refreshed map when it is there. Refreshes
     after anything else (a refused connection in a failover, MOVED, CLUSTERDOWN) still run inline,
     as before: the nodes answer then. The asyncio client needs none of this (its calls are
-    bounded by ``asyncio.timeout``).
+    bounded by ``asyncio.timeout``: its callers', and its own with ``call_timeout``).
     """
     manager = client.nodes_manager
     refresh = manager.initialize

@@ -263,3 +263,48 @@ async def test_a_huge_foreign_entry_is_never_read_whole(redis_url, publisher, bu
     assert store.foreign.metrics.foreign_values["stream_entry"] == 1
     raw.close()
     await store.client.aclose()
+
+
+# --- a hung Redis: one call of the gateway's client is bounded by its own timeouts -------------
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("call", ["snapshot", "cursors", "ping"])
+async def test_a_store_call_on_a_hung_redis_ends_after_one_read_timeout(monkeypatch, call):
+    """A Redis that accepts connections and never answers: a history read, a reconcile pass
+    and the readiness check each give up after one read timeout, without an outer
+    ``asyncio.timeout`` (the gateway's timeouts scaled down tenfold: connect 0.2 s, read 0.5 s,
+    call 1 s). redis-py retried the connect inside each of its retries, and the health check
+    inside each connect: 16 connections and 16 read timeouts, 84 s with the real timeouts."""
+    import time
+
+    import gateway.server
+    import redisconn
+    from gateway.metrics import Metrics
+    from gateway.store import ForeignValues, StoreUnavailable
+    from tests.support.tcp_proxy import FreezableProxy
+
+    monkeypatch.setattr(redisconn, "CONNECT_TIMEOUT", 0.2)
+    monkeypatch.setattr(redisconn, "SOCKET_TIMEOUT", 0.5)
+    monkeypatch.setattr(gateway.server, "REDIS_CALL_TIMEOUT", 1.0)
+    hung = FreezableProxy("127.0.0.1", 9)  # frozen: accepts, forwards nothing
+    hung.freeze()
+    client = gateway.server.redis_client(f"redis://127.0.0.1:{hung.port}/0")
+    store = HistoryStore(client, KEYS, ForeignValues(Metrics()))
+    started = time.monotonic()
+    try:
+        if call == "ping":
+            assert await store.ping() is False
+        else:
+            with pytest.raises(StoreUnavailable):
+                if call == "snapshot":
+                    await store.snapshot(1)
+                else:
+                    await store.cursors([1, 2])
+        elapsed = time.monotonic() - started
+    finally:
+        await client.aclose()
+        hung.close()
+    # One attempt: a second could not end within the call's bound, so none is made.
+    assert hung.accepted == 1
+    assert elapsed < gateway.server.REDIS_CALL_TIMEOUT + 0.5  # the bound, plus loop latency

@@ -24,6 +24,8 @@ class FreezableProxy:
         self._closed = False
         self._sockets: list[socket.socket] = []
         self._gates: list[threading.Event] = []  # one per connection: cleared, frozen
+        #: Connections accepted so far (a client's connects, frozen or not).
+        self.accepted = 0
         self._listener = socket.create_server(("127.0.0.1", self.port))
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -59,6 +61,7 @@ class FreezableProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            self.accepted += 1
             threading.Thread(target=self._connect, args=(client,), daemon=True).start()
 
     def _connect(self, client: socket.socket) -> None:

@@ -1,0 +1,125 @@
+"""redisconn's asyncio clients: retries once per call, not once per nesting level of redis-py,
+and calls bounded as a whole (``call_timeout``) whatever the socket timeouts are."""
+
+from __future__ import annotations
+
+import pytest
+import redis.asyncio.retry
+import redis.exceptions
+from redis.backoff import NoBackoff
+
+from redisconn import async_client
+from redisconn.bounded import CallRetry, within
+from tests.support.tcp_proxy import FreezableProxy
+
+
+async def _ignore(*args) -> None:
+    pass
+
+
+class Failing:
+    """An operation that fails ``failures`` times with ``error``, then answers "ok"."""
+
+    def __init__(self, failures: float, error: Exception) -> None:
+        self.failures = failures
+        self.error = error
+        self.calls = 0
+
+    async def __call__(self) -> str:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise self.error
+        return "ok"
+
+
+async def nested_attempts(retry: redis.asyncio.retry.Retry) -> tuple[int, int]:
+    """A command whose every attempt runs a connect with the same policy (what redis-py does),
+    against a server that never answers: (outer attempts, inner attempts)."""
+    inner = Failing(float("inf"), redis.exceptions.TimeoutError("Timeout reading"))
+    outer_calls = 0
+
+    async def command() -> str:
+        nonlocal outer_calls
+        outer_calls += 1
+        return await retry.call_with_retry(inner, _ignore)
+
+    with pytest.raises(redis.exceptions.TimeoutError):
+        await retry.call_with_retry(command, _ignore)
+    return outer_calls, inner.calls
+
+
+async def test_a_nested_run_makes_one_attempt_and_the_outer_run_retries():
+    # redis-py's own policy multiplies: 4 commands, each with 4 connects.
+    assert await nested_attempts(redis.asyncio.retry.Retry(NoBackoff(), 3)) == (4, 16)
+    assert await nested_attempts(CallRetry(NoBackoff(), 3, attempt_timeout=1.0)) == (4, 4)
+
+
+async def test_quick_failures_are_retried_within_a_bounded_call():
+    """A refused connection while Redis restarts fails at once: retried, the call succeeds."""
+    retry = CallRetry(NoBackoff(), 3, attempt_timeout=0.01)
+    refused = Failing(2, redis.exceptions.ConnectionError("Connection refused"))
+    assert await within(10, retry.call_with_retry(refused, _ignore)) == "ok"
+    assert refused.calls == 3
+
+
+async def test_no_retry_is_made_that_could_not_end_before_the_calls_deadline():
+    retry = CallRetry(NoBackoff(), 3, attempt_timeout=20)
+    refused = Failing(float("inf"), redis.exceptions.ConnectionError("Connection refused"))
+    with pytest.raises(redis.exceptions.ConnectionError):
+        await within(10, retry.call_with_retry(refused, _ignore))
+    assert refused.calls == 1
+    # Outside a bounded call, only the number of retries limits them.
+    refused.calls = 0
+    with pytest.raises(redis.exceptions.ConnectionError):
+        await retry.call_with_retry(refused, _ignore)
+    assert refused.calls == 4
+
+
+@pytest.fixture
+def hung_server():
+    """A server that accepts connections and never answers (a stopped Redis, a dead proxy)."""
+    proxy = FreezableProxy("127.0.0.1", 9)  # frozen: never connects to its target
+    proxy.freeze()
+    yield proxy
+    proxy.close()
+
+
+async def test_a_hung_server_costs_one_read_timeout_per_attempt(hung_server):
+    """redis-py retried the connect inside each attempt, and the health check inside each
+    connect, with the full policy: 16 connections, 16 read timeouts for 3 retries."""
+    client = async_client(f"redis://127.0.0.1:{hung_server.port}/0", retries=3, socket_timeout=0.2)
+    try:
+        with pytest.raises(redis.exceptions.TimeoutError):
+            await client.get("key")
+    finally:
+        await client.aclose()
+    assert hung_server.accepted == 4
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("cluster", [False, True], ids=["standalone", "cluster"])
+async def test_every_call_ends_within_the_call_timeout_whatever_the_socket_timeouts(
+    hung_server, cluster
+):
+    """Read and connect timeouts of a minute, a call bound of 0.3 s: a command, a script and a
+    pipeline (on a cluster: each loading the slot map first) each end with redis-py's
+    TimeoutError, no outer asyncio.timeout needed."""
+    scheme = "redis+cluster" if cluster else "redis"
+    client = async_client(
+        f"{scheme}://127.0.0.1:{hung_server.port}",
+        connect_timeout=60,
+        socket_timeout=60,
+        call_timeout=0.3,
+    )
+    script = client.register_script("return 1")
+    try:
+        with pytest.raises(redis.exceptions.TimeoutError, match=r"within 0\.3 s"):
+            await client.get("key")
+        with pytest.raises(redis.exceptions.TimeoutError, match=r"within 0\.3 s"):
+            await script(keys=["key"])
+        with pytest.raises(redis.exceptions.TimeoutError, match=r"within 0\.3 s"):
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.get("key")
+                await pipe.execute()
+    finally:
+        await client.aclose()
