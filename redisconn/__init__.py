@@ -20,6 +20,7 @@ import redis.cluster
 from redis.backoff import ExponentialBackoff
 
 from redisconn.bounded import BoundedRedis, BoundedRedisCluster, CallRetry
+from redisconn.resolving import ResolvingConnection, ResolvingSSLConnection
 
 __all__ = [
     "CONNECT_TIMEOUT",
@@ -28,6 +29,8 @@ __all__ = [
     "BoundedRedis",
     "BoundedRedisCluster",
     "CallRetry",
+    "ResolvingConnection",
+    "ResolvingSSLConnection",
     "async_client",
     "defer_refresh_after_timeouts",
     "is_cluster_url",
@@ -72,13 +75,25 @@ def sync_client(
     socket_timeout: float | None = None,
 ) -> redis.Redis | redis.cluster.RedisCluster:
     """A synchronous client for ``url``: ``retries`` retries per command (0: one attempt, one
-    connect), CONNECT_TIMEOUT and SOCKET_TIMEOUT unless given."""
+    connect), CONNECT_TIMEOUT and SOCKET_TIMEOUT unless given. Host names are looked up within
+    the connect timeout (:class:`~redisconn.resolving.ResolvingConnection`)."""
     from redis.retry import Retry
 
     retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), retries)
     options = _options(connect_timeout, socket_timeout)
+    plain = _plain_url(url)
+    tls = urlsplit(plain).scheme == "rediss"
     if is_cluster_url(url):
-        return redis.cluster.RedisCluster.from_url(_plain_url(url), retry=retry, **options)
+        # redis-py's cluster client lets a rediss:// URL replace the connection class given,
+        # so the URL says redis:// and the class brings TLS (the URL's TLS options still apply).
+        return redis.cluster.RedisCluster.from_url(
+            urlunsplit(urlsplit(plain)._replace(scheme="redis")) if tls else plain,
+            retry=retry,
+            connection_class=ResolvingSSLConnection if tls else ResolvingConnection,
+            **options,
+        )
+    if urlsplit(url).scheme in ("redis", "rediss"):  # (unix:// needs no lookup)
+        options["connection_class"] = ResolvingSSLConnection if tls else ResolvingConnection
     return redis.Redis.from_url(
         url,
         retry=retry,

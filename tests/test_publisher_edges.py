@@ -18,6 +18,8 @@ import io
 import json
 import os
 import signal
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -316,6 +318,105 @@ def test_a_hung_cluster_fails_within_the_timeout(redis_cluster_factory) -> None:
     assert len(entries) == len(set(entries)) == last.seq
     assert {1, 4, 7} <= set(entries) <= {1, 2, 3, 4, 5, 6, 7, 90, 91}
     assert entries[-1] == 7
+
+
+# --- name resolution: inside the bound, TLS and IPv6 as before ---------------------------------
+
+
+@contextmanager
+def resolver(monkeypatch, names: dict[str, str | None]) -> Iterator[None]:
+    """``socket.getaddrinfo`` of this process answering for made-up ``names``: each gets the
+    addresses of the IP given, or (None) waits for a resolver that never answers. A name left
+    waiting is released when the block ends (its lookup then fails, as a real one gives up)."""
+    real = socket.getaddrinfo
+    release = threading.Event()
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host not in names:
+            return real(host, port, *args, **kwargs)
+        if names[host] is None:
+            release.wait(60)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(names[host], port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    try:
+        yield
+    finally:
+        release.set()
+
+
+def test_a_resolver_that_never_answers_fails_a_publish_within_its_timeout(monkeypatch) -> None:
+    """redis-py looked the host name up in the calling thread before any timeout applied: a
+    DNS server that does not answer held publish() for the system resolver's own limit on top
+    of ``timeout`` (here: for as long as the lookup waits). Now the lookup is part of the
+    connect timeout, and the call fails within ``timeout`` saying why."""
+    timeout = 2.0
+    with resolver(monkeypatch, {"hung-resolver.test": None}):
+        pub = Publisher.from_url("redis://hung-resolver.test:6379/0", timeout=timeout)
+        started = time.monotonic()
+        with pytest.raises(
+            PublisherUnavailable, match=r"no answer from the resolver for 'hung-resolver\.test'"
+        ):
+            pub.publish(event(1, 1))
+        elapsed = time.monotonic() - started
+        pub.close()
+    assert elapsed < timeout + SLACK, f"took {elapsed:.1f} s, documented bound {timeout} s"
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory) -> Iterator[tuple[RedisServer, int, str]]:
+    """A private Redis on 127.0.0.1 and ::1, also serving TLS with a certificate for the name
+    ``localhost`` only (no IP address in it): (server, TLS port, CA file)."""
+    import shutil
+    import subprocess
+
+    from tests.support.redis_server import free_port
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a certificate")
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    tls_port = free_port()
+    with RedisServer(
+        None,
+        "--bind", "127.0.0.1 ::1",
+        "--tls-port", str(tls_port),
+        "--tls-cert-file", str(cert),
+        "--tls-key-file", str(key),
+        "--tls-ca-cert-file", str(cert),
+        "--tls-auth-clients", "no",
+    ) as own:  # fmt: skip
+        yield own, tls_port, str(cert)
+
+
+def test_tls_checks_the_certificate_against_the_urls_host_name(monkeypatch, tls_server) -> None:
+    """The name is looked up in another thread; TLS still checks the certificate against the
+    URL's name: ``localhost`` passes (a check against the address it was looked up to would
+    fail: the certificate names no address), another name of the same address is refused."""
+    _, tls_port, ca = tls_server
+    with Publisher.from_url(f"rediss://localhost:{tls_port}/0?ssl_ca_certs={ca}") as pub:
+        assert pub.publish(event(1, 1)).seq == 1
+    with resolver(monkeypatch, {"other-name.test": "127.0.0.1"}):
+        url = f"rediss://other-name.test:{tls_port}/0?ssl_ca_certs={ca}"
+        with Publisher.from_url(url) as pub:
+            with pytest.raises(PublisherUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
+                pub.publish(event(1, 2))
+
+
+def test_a_name_that_resolves_to_ipv6_addresses_connects(monkeypatch, tls_server) -> None:
+    server, _, _ = tls_server
+    with resolver(monkeypatch, {"ipv6-only.test": "::1"}):
+        for host in ("ipv6-only.test", "[::1]"):
+            with Publisher.from_url(f"redis://{host}:{server.port}/0") as pub:
+                pub.publish(event(2, 1))
+                assert pub.client.client_info()["addr"].startswith("[::1]:")
 
 
 # --- keys another writer damaged: a clear error naming the key, nothing written --------------

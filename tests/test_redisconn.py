@@ -123,3 +123,56 @@ async def test_every_call_ends_within_the_call_timeout_whatever_the_socket_timeo
                 await pipe.execute()
     finally:
         await client.aclose()
+
+
+# --- synchronous connections: the host-name lookup inside the connect timeout ------------------
+
+
+@pytest.fixture
+def stuck_lookups(monkeypatch):
+    """``socket.getaddrinfo`` never answering for ``*.stuck.test`` (until the test ends);
+    addresses are looked up as usual. Yields the hosts asked for, in order."""
+    import socket
+    import threading
+
+    real, release, asked = socket.getaddrinfo, threading.Event(), []
+
+    def getaddrinfo(host, *args, **kwargs):
+        asked.append(host)
+        if host.endswith(".stuck.test"):
+            release.wait(30)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    yield asked
+    release.set()
+
+
+def test_a_lookup_is_waited_for_at_most_the_timeout(stuck_lookups):
+    import socket
+
+    from redisconn.resolving import resolve
+
+    with pytest.raises(socket.gaierror, match=r"no answer from the resolver for 'a\.stuck\.test'"):
+        resolve("a.stuck.test", 6379, 0, 0.05)
+    assert resolve("127.0.0.1", 6379, 0, 0.05)[0][4] == ("127.0.0.1", 6379)
+    assert resolve("::1", 6379, 0, 0.05)[0][4][:2] == ("::1", 6379)
+
+
+def test_lookups_still_waiting_are_capped(stuck_lookups, monkeypatch):
+    """Each lookup the resolver never answers holds a thread until it gives up: past the cap a
+    connect fails at once instead of starting one more."""
+    import socket
+
+    import redisconn.resolving
+    from redisconn.resolving import resolve
+
+    monkeypatch.setattr(redisconn.resolving, "MAX_PENDING_LOOKUPS", 2)
+    for name in ("a.stuck.test", "b.stuck.test"):
+        with pytest.raises(socket.gaierror, match="no answer from the resolver"):
+            resolve(name, 6379, 0, 0.05)
+    with pytest.raises(socket.gaierror, match="2 lookups still wait for the resolver"):
+        resolve("c.stuck.test", 6379, 0, 60)
+    assert "c.stuck.test" not in stuck_lookups
+    assert resolve("127.0.0.1", 6379, 0, 60)  # an address needs no lookup: not capped
