@@ -530,6 +530,9 @@ async def test_a_subject_too_long_to_list_reads_presence_but_is_not_listed(gatew
     await watcher.subscribe(1, presence=True)
     heavy = await person(gateway, json.dumps({"user": "bob", "bio": "x" * 4000}))
     await heavy.subscribe(1, presence=True)
+    # `presence` comes after `subscribed`, once the project's view is read (the watcher's read,
+    # which may still be under way: its subscribe returned at its own `subscribed`).
+    await until(heavy, lambda: ids(heavy, 1) is not None)
     assert ids(heavy, 1) == {"watcher"}
     carol = await person(gateway, "c" * 255)
     await carol.subscribe(1)
