@@ -9,6 +9,7 @@ import contextlib
 import gc
 import itertools
 import json
+import math
 import os
 import shutil
 import sqlite3
@@ -1679,6 +1680,23 @@ def rate_limited_frame(project_id: int | None = None, retry_after_ms: int | None
     return json.dumps(message).encode()
 
 
+class StampedPacer(FramePacer):
+    """A FramePacer that records when each held frame was let go (``resent``): the instant the
+    next one's wait counts from. The frame reaches ``ws.send`` a moment after, a moment that a
+    loaded machine can stretch (the thread preempted in between): spacing measured between
+    sends is the pacing less that moment, 0.03 s for 0.05 here with a 20 ms preemption."""
+
+    __slots__ = ("stamps",)
+
+    def __init__(self, *args: float) -> None:
+        super().__init__(*args)
+        self.stamps: list[float] = []
+
+    def resent(self, now: float) -> None:
+        self.stamps.append(now)
+        super().resent(now)
+
+
 async def test_subscribes_refused_together_are_sent_again_paced_connection_wide():
     """Many subscribes refused at once (a burst's worth of projects): each was retried on its
     own project's backoff, so the retries arrived together and were refused again (4029 with a
@@ -1688,10 +1706,17 @@ async def test_subscribes_refused_together_are_sent_again_paced_connection_wide(
     policy = ReconnectPolicy(initial=1.0, max=30.0, resend_interval=0.05)
     consumer, ws, _subscription = await fed_consumer(*range(1, 9))
     consumer.policy = policy
-    consumer._pacer = FramePacer(policy.resend_interval, policy.max, policy.initial)
+    pacer = consumer._pacer = StampedPacer(policy.resend_interval, policy.max, policy.initial)
     sent_at: list[tuple[float, int]] = []
     loop = asyncio.get_running_loop()
     arrived = asyncio.Event()
+
+    def let_go_then_sent(stamps: list[float], sends: list[float]) -> bool:
+        """Each frame was sent after it was let go and before the next one was."""
+        return len(stamps) == len(sends) and all(
+            stamp <= sent < later
+            for stamp, sent, later in zip(stamps, sends, [*stamps[1:], math.inf], strict=True)
+        )
 
     async def send(data, text=True):
         message = json.loads(data)
@@ -1717,14 +1742,16 @@ async def test_subscribes_refused_together_are_sent_again_paced_connection_wide(
     assert [p for _, p in sent_at] == [3, 4, 5, 6, 7, 8, 1], "in order, each once"
     times = [t - started for t, _ in sent_at]
     assert times[0] >= 0.2, "not before retry_after_ms"
-    assert all(b - a >= 0.05 for a, b in itertools.pairwise(times)), "spaced"
+    assert let_go_then_sent(pacer.stamps, [t for t, _ in sent_at])
+    assert all(b - a >= 0.05 for a, b in itertools.pairwise(pacer.stamps)), "spaced"
     assert times[-1] < 0.2 + 6 * 0.05 + 1.0
     # One of them refused again: held, and the next ones go twice as far apart.
     await consumer._on_frame(ws, rate_limited_frame(4, 10))  # type: ignore[arg-type]
     await consumer._on_frame(ws, rate_limited_frame(5, 10))  # type: ignore[arg-type]
     await sent(9)
     assert [p for _, p in sent_at[7:]] == [4, 5]
-    assert sent_at[8][0] - sent_at[7][0] >= 0.1
+    assert let_go_then_sent(pacer.stamps, [t for t, _ in sent_at])
+    assert pacer.stamps[8] - pacer.stamps[7] >= 0.1
     assert consumer._pacer.held == 0 and 3 in consumer._states  # still followed
     # A refused subscribe of a project unfollowed before it goes out: nothing is sent.
     await consumer._on_frame(ws, rate_limited_frame(2, 100))  # type: ignore[arg-type]
