@@ -103,8 +103,11 @@ def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-#: Descriptors a gateway needs besides its clients: the listening socket, Redis connections,
-#: epoll, log files, the interpreter's own.
+#: Descriptors a gateway needs besides its clients: its own (the listening socket, Redis
+#: connections, epoll, log files, the interpreter's: 9 when idle), and the sockets a burst has
+#: accepted but the admission bound has not dropped yet (up to three accept batches, 96 with
+#: asyncio: see ``gateway.server.ACCEPT_BATCH``). A flood of 4,000 sockets at once at a full
+#: pod first made accept() fail with a reserve of 100.
 DESCRIPTOR_RESERVE = 256
 
 

@@ -49,7 +49,20 @@ log = get_logger("gateway")
 #: Pending connections the kernel queues for accept() (capped by net.core.somaxconn). asyncio's
 #: default of 100 overflows in a reconnect storm: the kernel then drops handshakes, and each
 #: dropped client waits a 1 s SYN retransmission (2,229 drops while 10,000 clients resumed).
+#: Queued connections cost the process no descriptor: only accept() gives them one.
 LISTEN_BACKLOG = 4096
+
+#: Connections asyncio's event loop accepts per wakeup of the listening socket. It takes as many
+#: as the ``backlog`` given to ``create_server``, and each reaches the admission bound only two
+#: iterations of the loop later (a task makes its transport, then ``connection_made`` runs), a
+#: dropped one is closed one more later: with a batch of 4096, a burst at a full pod took more
+#: descriptors than the process had before admission could drop any, accept() failed (EMFILE),
+#: asyncio logged an error and stopped accepting for a second. With this batch at most three
+#: batches (96 sockets) are past the bound at once, which the descriptor reserve of
+#: ``gateway.__main__`` covers. The kernel's queue stays :data:`LISTEN_BACKLOG` (the socket is
+#: put back to it after ``create_server``). uvloop (libuv) accepts one connection per wakeup
+#: whatever the backlog, and sheds load quietly should accept() fail all the same.
+ACCEPT_BATCH = 32
 
 #: Sockets accepted beyond ``--max-connections`` before further ones are dropped at accept: room
 #: for a polite 503 to a client arriving at a full pod, and for health probes and scrapes.
@@ -216,10 +229,13 @@ class Gateway:
             self.websockets.connection,
             config.host,
             config.port,
-            backlog=LISTEN_BACKLOG,
+            backlog=ACCEPT_BATCH,  # what asyncio accepts per wakeup: see ACCEPT_BATCH
             # Workers of one group share the port; the kernel spreads new connections.
             reuse_port=self.group is not None,
         )
+        for listening in self.server.sockets:
+            with listening.dup() as sock:  # the same socket: the loop's object has no listen()
+                sock.listen(LISTEN_BACKLOG)
         log.info(
             "gateway listening",
             host=config.host,

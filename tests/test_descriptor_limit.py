@@ -1,20 +1,34 @@
-"""A gateway whose descriptor limit is below ``--max-connections`` admits only what fits, so a
-flood of sockets is refused by the admission bound instead of failing every accept (asyncio logs
-each failed accept at error level), and the pod keeps serving."""
+"""A gateway whose descriptor limit is below ``--max-connections`` admits only what fits, and a
+burst past that (silent sockets, or real WebSocket handshakes) is refused quietly: no accept fails
+for want of a descriptor (asyncio would log an error for it and stop accepting for a second), the
+clients already connected go on receiving events, and the pod takes new connections as soon as
+the burst is gone. Both event loops (``--loop``) are held to it."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import resource
+import json
+import os
+import selectors
+import signal
 import socket
-import subprocess
-import sys
 import time
-import urllib.request
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidHandshake, InvalidStatus
 
 from gateway.__main__ import DESCRIPTOR_RESERVE, fitted_connections
 from gateway.server import ACCEPT_SLACK
-from tests.support.redis_server import free_port
+from tests.support.gateway_client import RecordingClient, publish
+from tests.support.gateway_process import GatewayProcess
+
+#: The gateways' descriptor limit here, and the ``--max-connections`` it leaves (280).
+LIMIT = 600
+EFFECTIVE = LIMIT - ACCEPT_SLACK - DESCRIPTOR_RESERVE
+#: Sockets in a burst: more than the process has descriptors.
+BURST = 700
 
 
 def test_fitted_connections() -> None:
@@ -23,51 +37,173 @@ def test_fitted_connections() -> None:
     assert fitted_connections(20_000, 64, 100) == 1
 
 
-def _low_limit() -> None:
-    resource.setrlimit(resource.RLIMIT_NOFILE, (600, 600))
+@pytest.fixture
+def limited_gateway(redis_url):
+    """``start(loop)``: a ``--no-auth`` gateway process on ``loop`` with :data:`LIMIT`
+    descriptors, started and ready, which lowered ``--max-connections`` to :data:`EFFECTIVE`.
+    Unauthenticated sockets are kept 30 s, so that a burst stays until the test ends it."""
+    started: list[GatewayProcess] = []
+
+    def start(loop: str) -> GatewayProcess:
+        gateway = GatewayProcess(
+            redis_url, descriptor_limit=LIMIT, args=["--auth-timeout", "30", "--loop", loop]
+        )
+        started.append(gateway)
+        gateway.start()
+        lowered = json.loads(gateway.log_lines("max_connections lowered")[0])
+        assert lowered["effective"] == EFFECTIVE
+        return gateway
+
+    yield start
+    for gateway in started:
+        gateway.close()
 
 
-def test_a_socket_flood_past_the_descriptor_limit_is_refused_quietly(redis_url, tmp_path) -> None:
-    port = free_port()
-    log = tmp_path / "gateway.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "--no-auth", "--port", str(port), "--redis-url",
-             redis_url, "--log-format", "json", "--auth-timeout", "30"],
-            stdout=out, stderr=subprocess.STDOUT, preexec_fn=_low_limit,
-        )  # fmt: skip
-    sockets: list[socket.socket] = []
+async def subscribed_client(gateway: GatewayProcess, project_id: int) -> RecordingClient:
+    client = await RecordingClient(gateway.ws_url).connect(auth=False)
+    await client.subscribe(project_id)
+    return client
+
+
+@contextlib.contextmanager
+def paused(gateway: GatewayProcess):
+    """The gateway process stopped (SIGSTOP) for the block: connections made meanwhile wait in
+    the kernel's accept queue, and the gateway meets them all at once when it goes on, as a
+    burst that arrives while its event loop is busy."""
+    assert gateway.pid is not None
+    os.kill(gateway.pid, signal.SIGSTOP)
     try:
-        deadline = time.monotonic() + 20
+        yield
+    finally:
+        os.kill(gateway.pid, signal.SIGCONT)
+
+
+def accept_queue(port: int) -> int:
+    """Connections waiting in the accept queue of the IPv4 socket listening on ``port``."""
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rpartition(":")[2], 16) == port:
+                return int(fields[4].partition(":")[2], 16)  # rx_queue of a LISTEN socket
+    raise AssertionError(f"nothing listens on {port}")
+
+
+def open_silent_sockets(port: int, count: int) -> list[socket.socket]:
+    """``count`` TCP connections that send nothing (each connects once the kernel has queued it
+    for accept, whatever the gateway does with it then)."""
+    return [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(count)]
+
+
+def wait_until_dropped(sockets: list[socket.socket], count: int, within: float = 30) -> int:
+    """Wait until at least ``count`` of the (silent) ``sockets`` were closed by the gateway (a
+    socket it keeps has nothing to read); the number closed."""
+    deadline = time.monotonic() + within
+    dropped = 0
+    with selectors.DefaultSelector() as selector:
+        for sock in sockets:
+            selector.register(sock, selectors.EVENT_READ)
+        while dropped < count:
+            assert time.monotonic() < deadline, f"{dropped} of {count} sockets dropped"
+            for key, _ in selector.select(timeout=1):
+                selector.unregister(key.fileobj)
+                dropped += 1
+    return dropped
+
+
+async def connect_when_room(gateway: GatewayProcess, project_id: int) -> RecordingClient:
+    """A new subscribed client, as soon as the gateway has room again (the sockets of a burst
+    that just ended are being closed: a try may be refused until they are)."""
+    async with asyncio.timeout(20):
         while True:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline and process.poll() is None, log.read_text()
-                time.sleep(0.05)
-        effective = 600 - ACCEPT_SLACK - DESCRIPTOR_RESERVE
-        assert f'"effective": {effective}' in log.read_text()
-        for _ in range(700):  # more than the process has descriptors
-            with contextlib.suppress(OSError):
-                sockets.append(socket.create_connection(("127.0.0.1", port), timeout=2))
-        time.sleep(1.5)  # let the accept loop meet the flood (nothing to await: it is silent)
-        for s in sockets:
-            s.close()
-        sockets.clear()
-        deadline = time.monotonic() + 20
-        while True:  # the pod serves again as soon as the flood is gone
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
-                    assert r.status == 200
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, log.read_text()[-2000:]
-                time.sleep(0.1)
-        text = log.read_text()
-        assert text.count("out of system resource") <= 5, text[-2000:]
+                return await subscribed_client(gateway, project_id)
+            except (OSError, InvalidHandshake, TimeoutError):
+                await asyncio.sleep(0.05)
+
+
+def assert_quiet(gateway: GatewayProcess) -> None:
+    """Nothing the burst did is an error in the log: asyncio's "socket.accept() out of system
+    resource" (its accept failed for want of a descriptor, and it stopped accepting for 1 s)
+    least of all."""
+    text = gateway.log_path.read_text()
+    assert "out of system resource" not in text, gateway.tail(40)
+    errors = gateway.log_lines('"level": "error"')
+    assert not errors, errors[:5]
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+async def test_a_socket_flood_past_the_descriptor_limit_is_refused_quietly(
+    limited_gateway, publisher, loop
+) -> None:
+    gateway = await asyncio.to_thread(limited_gateway, loop)
+    client = await subscribed_client(gateway, 1)
+    with paused(gateway):
+        flood = await asyncio.to_thread(open_silent_sockets, gateway.port, BURST)
+    try:
+        # The gateway keeps `EFFECTIVE + ACCEPT_SLACK` sockets (the client's among them) and
+        # closes the others as it accepts them: wait until it has met the whole flood. Its
+        # accept never failed meanwhile (assert_quiet), so it did not stop accepting.
+        await asyncio.to_thread(wait_until_dropped, flood, BURST - EFFECTIVE - ACCEPT_SLACK)
+        await publish(publisher, 1, 1)
+        await client.wait_for(lambda: client.seqs(1) == [1])
     finally:
-        for s in sockets:
-            s.close()
-        process.terminate()
-        process.wait(30)
+        for sock in flood:
+            sock.close()
+    late = await connect_when_room(gateway, 1)
+    await publish(publisher, 1, 1)
+    await client.wait_for(lambda: client.seqs(1) == [1, 2])
+    await late.wait_for(lambda: late.seqs(1) == [2])
+    assert gateway.get("/healthz")[0] == 200
+    await client.close()
+    await late.close()
+    assert_quiet(gateway)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+async def test_a_burst_of_handshakes_past_the_descriptor_limit_is_refused_politely(
+    limited_gateway, publisher, loop
+) -> None:
+    """700 clients open a WebSocket at once on a gateway with room for 280 connections: each
+    one gets its connection, a 503 (``Retry-After``), or (past the admission bound) a closed
+    socket, and none waits out its timeout."""
+    gateway = await asyncio.to_thread(limited_gateway, loop)
+    client = await subscribed_client(gateway, 1)
+
+    async def handshake() -> ClientConnection | str:
+        try:
+            return await connect(gateway.ws_url, open_timeout=20, compression=None)
+        except InvalidStatus as exc:
+            assert exc.response.status_code == 503, exc
+            assert exc.response.headers["Retry-After"] == "5"
+            return "503"
+        except TimeoutError:
+            return "timed out"
+        except (OSError, InvalidHandshake):  # closed before it answered: dropped at accept
+            return "dropped"
+
+    with paused(gateway):
+        burst = [asyncio.create_task(handshake()) for _ in range(BURST)]
+        async with asyncio.timeout(20):
+            while accept_queue(gateway.port) < BURST:  # noqa: ASYNC110 - the kernel's count
+                await asyncio.sleep(0.02)
+        await publish(publisher, 1, 1)  # reaches the gateway with the burst
+    outcomes = await asyncio.gather(*burst)
+    opened = [outcome for outcome in outcomes if isinstance(outcome, ClientConnection)]
+    counts = {kind: outcomes.count(kind) for kind in ("503", "dropped", "timed out")}
+    try:
+        await publish(publisher, 1, 1)  # while the burst holds the gateway full
+        await client.wait_for(lambda: client.seqs(1) == [1, 2])
+        assert counts["timed out"] == 0, counts
+        # The gateway was filled (the client holds one place) and refused the rest, politely
+        # while its admission bound left room for the answer.
+        assert 0 < len(opened) <= EFFECTIVE - 1, (len(opened), counts)
+        assert counts["503"] > 0, counts
+    finally:
+        await asyncio.gather(*(ws.close() for ws in opened))
+    late = await connect_when_room(gateway, 1)
+    await publish(publisher, 1, 1)
+    await client.wait_for(lambda: client.seqs(1) == [1, 2, 3])
+    await late.wait_for(lambda: late.seqs(1) == [3])
+    await client.close()
+    await late.close()
+    assert_quiet(gateway)

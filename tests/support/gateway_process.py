@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -38,14 +39,17 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
 
 
-def _start_with_closed(closed: tuple[int, ...]):
-    """The child set-up for a process started without some of descriptors 0-2 (run after
-    the standard streams are set up, before the exec)."""
+def _start_with_closed(closed: tuple[int, ...], descriptor_limit: int | None = None):
+    """The child set-up for a process started without some of descriptors 0-2, and with a
+    descriptor limit (soft and hard) when one is given (run after the standard streams are set
+    up, before the exec)."""
 
     def setup() -> None:
         _die_with_parent()
         for fd in closed:
             os.close(fd)
+        if descriptor_limit is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (descriptor_limit, descriptor_limit))
 
     return setup
 
@@ -68,6 +72,7 @@ class GatewayProcess:
         auth_secret: JWT secret; ``None`` runs the development mode (``--no-auth``).
         args: more command-line flags, e.g. ``["--drain-timeout", "5"]``.
         closed_stdio: descriptors among 0, 1, 2 the process starts without.
+        descriptor_limit: the process' RLIMIT_NOFILE, soft and hard (it cannot raise it).
     """
 
     def __init__(
@@ -79,11 +84,13 @@ class GatewayProcess:
         args: list[str] | tuple[str, ...] = (),
         env: dict[str, str] | None = None,
         closed_stdio: tuple[int, ...] = (),
+        descriptor_limit: int | None = None,
     ) -> None:
         self.redis_url = redis_url
         #: Standard descriptors (0, 1, 2) the process is started without, as a daemonizing
         #: parent may leave them; its output is lost with 1 and 2 closed.
         self.closed_stdio = closed_stdio
+        self.descriptor_limit = descriptor_limit
         self.port = port or free_port()
         self.auth_secret = auth_secret
         self.args = list(args)
@@ -135,7 +142,7 @@ class GatewayProcess:
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            preexec_fn=_start_with_closed(self.closed_stdio),
+            preexec_fn=_start_with_closed(self.closed_stdio, self.descriptor_limit),
         )
         log.close()
         self.starts += 1
