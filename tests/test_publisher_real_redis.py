@@ -593,6 +593,7 @@ def test_a_retry_after_a_late_reply_does_not_publish_twice(redis_url, monkeypatc
     pub = Publisher.from_url(redis_url)
     pub.publish(event(7, 1))  # seq 1; the script is loaded
     busy = redis.Redis.from_url(redis_url)
+    busy.ping()  # connected now: the stall goes out at once (a handshake took the 0.1 s below)
     stalled = threading.Event()
 
     def stall_redis() -> None:  # a slow command elsewhere, a fork, a long script
@@ -679,6 +680,11 @@ async def test_async_a_cancelled_publish_leaves_no_reply_behind(
     async with AsyncPublisher.from_url(redis_url) as pub:
         await pub.publish(event(6, 1))
         busy = redis.asyncio.Redis.from_url(redis_url)
+        # Connected first: the script's EVAL then leaves at the task's first step, before the
+        # publish below. Its connection's handshake came first, and on a Redis slow to answer
+        # it took longer than 0.05 s: the publish went first, was answered at once, and was
+        # never cancelled (DID NOT RAISE, with a 0.1 s handshake).
+        await busy.ping()
         stall = asyncio.create_task(busy.eval(_STALL_SCRIPT % 300_000, 0))
         await asyncio.sleep(0.05)  # the busy script runs: the next reply is late
         cancelled = asyncio.create_task(pub.publish(event(6, 2)))
