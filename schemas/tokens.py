@@ -221,7 +221,8 @@ class TokenVerifier:
 
     Raises ``ValueError`` for an empty secret, one PyJWT refuses as an HMAC key (a PEM, SSH or
     DER key, a JWK: every token would be refused), or an algorithm not in
-    :data:`ALLOWED_ALGORITHMS`."""
+    :data:`ALLOWED_ALGORITHMS`; ``TypeError`` for a secret that is neither str nor bytes (as
+    PyJWT)."""
 
     def __init__(
         self,
@@ -234,7 +235,14 @@ class TokenVerifier:
         unknown = [name for name in names if name not in _HASHES]
         if unknown or not names:
             raise ValueError(f"algorithms must be among {ALLOWED_ALGORITHMS}, got {names!r}")
-        key = secret.encode() if isinstance(secret, str) else bytes(secret)
+        # As PyJWT takes a key: text as UTF-8, bytes as they are, anything else a TypeError.
+        # bytes() took anything: an int n became n zero bytes, a key anyone could sign with.
+        if isinstance(secret, str):
+            key = secret.encode()
+        elif isinstance(secret, bytes):
+            key = bytes(secret)
+        else:
+            raise TypeError(f"secret must be str or bytes, got {type(secret).__name__}")
         jws = jwt.PyJWS(algorithms=[])
         try:
             for name in names:

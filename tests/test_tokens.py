@@ -368,3 +368,22 @@ def test_a_secret_that_cannot_be_an_hmac_key_is_refused_at_once(secret: str, mes
 def test_a_verifier_takes_hmac_algorithms_only(algorithms: list[str]) -> None:
     with pytest.raises(ValueError, match="algorithms"):
         TokenVerifier(SECRET, algorithms=algorithms)
+
+
+@pytest.mark.parametrize("secret", [32, 8, True, memoryview(b"a-secret"), bytearray(b"a-secret")])
+def test_a_secret_that_is_neither_text_nor_bytes_is_refused(secret: object) -> None:
+    """PyJWT refuses such a key (TypeError); the verifier made bytes of it instead, and
+    ``bytes(32)`` is 32 zero bytes: a token anyone signed with them was accepted (``projects``
+    ``"*"`` included), where ``jwt.decode`` refused it."""
+    forged_key = secret if not isinstance(secret, int) else bytes(secret)
+    token = jwt.encode(
+        {"projects": "*", "aud": AUDIENCE, "exp": int(time.time()) + 60},
+        bytes(forged_key),  # type: ignore[arg-type]
+        algorithm="HS256",
+    )
+    with pytest.raises(TypeError):
+        jwt.decode(token, secret, algorithms=["HS256"], audience=AUDIENCE)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        TokenVerifier(secret)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        verify_token(token, secret)  # type: ignore[arg-type]
