@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import time
+import warnings
 from datetime import timedelta
 from typing import Any
 
 import jwt
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from publisher import issue_token as exported_issue_token
 from schemas.tokens import (
@@ -17,6 +20,7 @@ from schemas.tokens import (
     InvalidToken,
     TokenClaims,
     TokenVerifier,
+    _claims,
     issue_token,
     verify_token,
 )
@@ -387,3 +391,110 @@ def test_a_secret_that_is_neither_text_nor_bytes_is_refused(secret: object) -> N
         TokenVerifier(secret)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         verify_token(token, secret)  # type: ignore[arg-type]
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=2) | st.dictionaries(st.text(max_size=3), inner, max_size=2)
+    ),
+    max_leaves=4,
+)
+_NOW = int(time.time())
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    secret=st.one_of(
+        st.sampled_from([SECRET, "k"]),
+        st.text(min_size=1, max_size=8),
+        st.binary(min_size=1, max_size=8),
+    ),
+    signer=st.one_of(st.none(), st.sampled_from([SECRET, b"k", "other"])),
+    alg=st.sampled_from(["HS256", "HS384", "HS512", "none", "RS256", "hs256", "", None, 7]),
+    allowed=st.lists(
+        st.sampled_from(["HS256", "HS384", "HS512"]), min_size=1, max_size=3, unique=True
+    ),
+    header=st.dictionaries(
+        st.sampled_from(["kid", "typ", "crit", "b64", "jwk"]), _JSON, max_size=1
+    ),
+    changes=st.fixed_dictionaries(
+        {},
+        optional={
+            "projects": st.one_of(st.just("*"), st.lists(st.integers(-1, 3), max_size=2), _JSON),
+            "aud": st.one_of(st.lists(st.sampled_from([AUDIENCE, "x"])), _JSON),
+            "exp": st.one_of(st.integers(_NOW - 20, _NOW + 99), _JSON),
+            "iat": st.one_of(st.integers(_NOW - 20, _NOW + 99), _JSON),
+            "nbf": st.one_of(st.integers(_NOW - 20, _NOW + 99), _JSON),
+            "sub": _JSON,
+        },
+    ),
+    tamper=st.sampled_from(["", "signature", "padding", "no signature"]),
+)
+def test_a_verifier_accepts_exactly_what_pyjwt_decode_accepts(
+    secret: str | bytes,
+    signer: str | bytes | None,
+    alg: object,
+    allowed: list[str],
+    header: dict[str, Any],
+    changes: dict[str, Any],
+    tamper: str,
+) -> None:
+    """The verifier prepares PyJWT's key once and hands PyJWT its own JWS layer: with
+    ``jwt.decode`` as the oracle, no token (any header, ``alg``, claims, signing key, tampered
+    signature) is accepted by one and refused by the other, and the claims are the same."""
+    import base64
+    import hashlib
+    import hmac
+    import json
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    # A valid token's claims, some changed: a JSON null stands for a claim left out.
+    valid = {"projects": [1], "aud": AUDIENCE, "exp": _NOW + 60}
+    claims = {name: value for name, value in {**valid, **changes}.items() if value is not None}
+    key = secret if signer is None else signer
+    key_bytes = key.encode() if isinstance(key, str) else key
+    signing_input = (
+        f"{b64(json.dumps({'alg': alg, **header}).encode())}.{b64(json.dumps(claims).encode())}"
+    )
+    digest = {"HS384": hashlib.sha384, "HS512": hashlib.sha512}.get(str(alg), hashlib.sha256)
+    signature = b64(hmac.new(key_bytes, signing_input.encode(), digest).digest())
+    signature = {
+        "signature": ("A" if signature[0] != "A" else "B") + signature[1:],
+        "padding": signature + "=",
+        "no signature": "",
+    }.get(tamper, signature)
+    token = f"{signing_input}.{signature}"
+
+    def outcome(verify: Any) -> object:
+        try:
+            return verify()
+        except InvalidToken as exc:
+            return ("refused", exc.expired)
+        except jwt.ExpiredSignatureError:
+            return ("refused", True)
+        except jwt.PyJWTError:
+            return ("refused", False)
+
+    def oracle() -> TokenClaims:
+        return _claims(
+            jwt.decode(
+                token,
+                secret,
+                algorithms=allowed,
+                audience=AUDIENCE,
+                leeway=5,
+                options={"require": ["exp", "projects"]},
+            )
+        )
+
+    try:
+        verifier = TokenVerifier(secret, algorithms=allowed)
+    except ValueError:  # a secret PyJWT refuses as an HMAC key: it refuses every token
+        assert outcome(oracle) == ("refused", False)
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PyJWT's warning about short keys
+        assert outcome(lambda: verifier.verify(token)) == outcome(oracle)
