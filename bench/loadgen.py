@@ -34,10 +34,11 @@ complete before it is counted; the benchmark's events hold no line break); in la
 event's timestamp is read the same way. ``record`` and ``resubscribe`` are WebSocket-only.
 
 Authentication (WebSocket): a gateway run with an auth secret gets, per client, the token given
-to :meth:`LoadGen.connect`. The client does what ``eventbus.js`` does: its first frame is
-``{"type":"auth","token":..}``, and it sends its ``subscribe`` once ``authenticated`` arrives (a
-round trip more than without auth). Without tokens (a gateway run with ``--no-auth``) the
-``subscribe`` follows the handshake at once.
+to :meth:`LoadGen.connect`. The client does what ``eventbus.js`` and the Python consumer do: its
+first frame is ``{"type":"auth","token":..}``, and its ``subscribe`` goes right behind it, in the
+same write (the gateway reads the token first; ``authenticated`` is answered before
+``subscribed``). Without tokens (a gateway run with ``--no-auth``) the ``subscribe`` follows the
+handshake at once.
 
 The parent drives workers through :class:`LoadGen` (commands over a pipe); each worker publishes
 its running frame count in shared memory so that the publisher can pace itself on deliveries.
@@ -516,7 +517,7 @@ class Worker:
             client.record = []
         if client.token is not None:
             client.state = AUTHENTICATING
-            self._send(client, auth_frame(client.token))
+            self._send(client, auth_frame(client.token) + subscribe_frame(*client.spec))
         else:
             client.state = SUBSCRIBING
             self._send(client, subscribe_frame(*client.spec))
@@ -542,7 +543,6 @@ class Worker:
                 (b'{"type":"authenticated"', b'{"type": "authenticated"')
             ):  # not recorded: a record holds what the subscribe brought
                 client.state = SUBSCRIBING
-                self._send(client, subscribe_frame(*client.spec))
                 return True
             if client.record is not None:
                 client.record.append(payload)

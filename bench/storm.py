@@ -18,9 +18,10 @@ Scenarios, each for two servers side by side:
 * ``warm, authenticated``: ``warm`` against a gateway run with an auth secret instead of
   ``--no-auth``, as in production: every client has a token of its own (minted with
   :func:`publisher.issue_token`: its project, a ``sub`` and a display name, as the dashboard's
-  token endpoint mints them), sends it in its first frame and subscribes once ``authenticated``
-  arrives, as ``eventbus.js`` does. The difference from ``warm`` is what verifying tokens (and
-  listing each client in its project's presence, which a token's ``sub`` asks for) costs.
+  token endpoint mints them), sends it in its first frame with its ``subscribe`` right behind
+  it, as ``eventbus.js`` and the consumer do. The difference from ``warm`` is what verifying
+  tokens (and listing each client in its project's presence, which a token's ``sub`` asks for)
+  costs.
 
 Servers: ``gateway`` (this project) and ``no window`` (the same gateway with resume windows of 0
 events, :mod:`bench.gateway_without_window`: every resume behind the feed reads from Redis, as

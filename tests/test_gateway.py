@@ -611,6 +611,33 @@ async def test_bad_first_message_closes_with_auth_failed(gateways, first_frame, 
     assert gateway.metrics.auth_failures_total == 1
 
 
+async def test_frames_sent_right_behind_the_token_wait_for_it(gateways, publisher):
+    """Clients send their subscribes right behind the token, without waiting for
+    ``authenticated`` (docs/protocol.md): the gateway reads the token first, answers
+    ``authenticated`` before anything else, and never reads what follows a refused token."""
+    gateway = await gateways()
+    client = await RecordingClient(ws_url(gateway)).connect(auth=False)
+    await client.send({"type": "auth", "token": issue_token(SECRET, [17])})
+    await client.send({"type": "subscribe", "project_id": 17})
+    await client.send({"type": "subscribe", "project_id": 18})  # not allowed by the token
+    await client.wait_for(lambda: client.count("subscribed", 17) and client.count("error", 18))
+    assert client.messages[0]["type"] == "authenticated"
+    assert client.last("error")["code"] == "forbidden"
+    await publish(publisher, 17, 2)
+    await client.wait_for(lambda: client.seqs(17) == [1, 2])
+    await client.close()
+
+    refused = await RecordingClient(ws_url(gateway)).connect(auth=False)
+    await refused.send(
+        {"type": "auth", "token": issue_token("another-secret-0123456789abcdef-x", [17])}
+    )
+    await refused.send({"type": "subscribe", "project_id": 17})
+    await asyncio.wait_for(refused.closed.wait(), 5)
+    assert refused.close_code == 4001
+    assert refused.messages == []
+    assert gateway.metrics.auth_failures_total == 1
+
+
 async def test_expired_token_closes_with_token_expired(gateways):
     import jwt
 

@@ -778,6 +778,8 @@ export class EventBus {
     this._everConnected = false;
     this._ws = null;
     this._wsLive = false;
+    // Frames may go on the WebSocket: it is open and its `auth` sent (live comes with `authenticated`).
+    this._wsOpen = false;
     this._failures = 0; // WebSocket attempts that never got live, since the last live connection
     this._reconnectTimer = null;
     this._pingTimer = null;
@@ -854,8 +856,11 @@ export class EventBus {
     if (!sub) {
       sub = new Subscription(projectId);
       this._subs.set(projectId, sub);
-      if (this._wsLive) this._sendSubscribe(sub);
-      else if (this._sse) this._reopenSse(); // a stream's projects are fixed: open a new one
+      // (On a WebSocket not yet live too: the gateway reads it after the token.)
+      if (this._wsOpen) this._sendSubscribe(sub);
+      if (this._wsLive) {
+        /* nothing else carries events */
+      } else if (this._sse) this._reopenSse(); // a stream's projects are fixed: open a new one
       else {
         if (this._polling) this._pollSoon();
         if (this._fallingBack()) this._fallBack();
@@ -879,8 +884,8 @@ export class EventBus {
     // it even over its rate limit).
     this._pacer.drop(`subscribe:${sub.projectId}`);
     this._pacer.drop(`activity:${sub.projectId}`);
-    if (this._wsLive) this._send({ type: "unsubscribe", project_id: sub.projectId });
-    else if (this._sse) this._reopenSse();
+    if (this._wsOpen) this._send({ type: "unsubscribe", project_id: sub.projectId });
+    if (!this._wsLive && this._sse) this._reopenSse();
   }
 
   /** A project is dropped (or the bus closed): none of its timers may stay pending. */
@@ -938,8 +943,10 @@ export class EventBus {
     if (created || first) {
       // A live project asks again from its cursor with the flag: the replay that follows is
       // handled like any resume (nothing lost, nothing twice).
-      if (this._wsLive) this._sendSubscribe(sub);
-      else if (this._sse) this._reopenSse();
+      if (this._wsOpen) this._sendSubscribe(sub);
+      if (this._wsLive) {
+        /* nothing else carries events */
+      } else if (this._sse) this._reopenSse();
       else if (created) {
         if (this._polling) this._pollSoon();
         if (this._fallingBack()) this._fallBack();
@@ -955,8 +962,8 @@ export class EventBus {
       if (sub.presenceHandlers.size > 0 || this._subs.get(projectId) !== sub) return;
       sub.presence = null;
       if (!sub.idle) {
-        if (this._wsLive) this._sendSubscribe(sub); // without the flag: no more diffs
-        else if (this._sse) this._reopenSse();
+        if (this._wsOpen) this._sendSubscribe(sub); // without the flag: no more diffs
+        if (!this._wsLive && this._sse) this._reopenSse();
       }
       this._dropIfIdle(sub);
     };
@@ -1025,7 +1032,7 @@ export class EventBus {
   /** A frame the gateway's rate limit may refuse, made by `build()` (null: nothing to send any
    * more) now, or held under `key` while refused frames wait (FramePacer). */
   _sendPaced(key, build) {
-    if (!this._wsLive) return;
+    if (!this._wsOpen) return;
     if (this._pacer.mayDirect(this._now())) {
       const message = build();
       if (message) this._send(message);
@@ -1049,7 +1056,7 @@ export class EventBus {
   /** The timer of the held frames: the first one due goes out (those with nothing left to send
    * are skipped), and the next is due `spacing` later. */
   _sendHeld() {
-    if (!this._wsLive) return;
+    if (!this._wsOpen) return;
     const now = this._now();
     for (;;) {
       const build = this._pacer.next(now);
@@ -1292,8 +1299,13 @@ export class EventBus {
     }, this.options.connectTimeout);
     ws.onopen = () => {
       if (this._ws !== ws) return;
-      if (token !== null && token !== undefined) this._send({ type: "auth", token });
-      else this._goLive();
+      if (token !== null && token !== undefined) {
+        this._send({ type: "auth", token });
+        // The gateway reads the token before any other frame, so the subscribes follow it at
+        // once instead of a round trip later: a refused token closes the connection (4001)
+        // before they are read, and `authenticated` comes before any of their answers.
+        this._openFrames();
+      } else this._goLive();
     };
     ws.onmessage = (event) => this._onMessage(ws, event.data);
     ws.onclose = (event) => {
@@ -1311,8 +1323,15 @@ export class EventBus {
     this._stopSse(); // back at the top of the ladder
     this._liveAt = this._now();
     this._schedulePing();
-    for (const sub of this._subs.values()) this._sendSubscribe(sub);
+    if (!this._wsOpen) this._openFrames();
+    else if (this._answers.asked.size > 0) this._answers.progressAt = this._answersNow(); // (the subscribes are read from here)
     this._updateState();
+  }
+
+  /** Frames may go on the new WebSocket: every project subscribes (resuming from its cursor). */
+  _openFrames() {
+    this._wsOpen = true;
+    for (const sub of this._subs.values()) this._sendSubscribe(sub);
   }
 
   _send(message) {
@@ -1430,7 +1449,7 @@ export class EventBus {
       sub.retry = (sub.retry || 0) + 1;
       this._clearTimeout(sub.retryTimer);
       sub.retryTimer = this._setTimeout(() => {
-        if (this._wsLive && this._subs.get(sub.projectId) === sub) this._sendSubscribe(sub);
+        if (this._wsOpen && this._subs.get(sub.projectId) === sub) this._sendSubscribe(sub);
       }, backoffDelay(sub.retry - 1, this.options.backoff, this._random));
     }
   }
@@ -1458,6 +1477,7 @@ export class EventBus {
     this._forgetAnswers(this._ws);
     this._ws = null;
     this._wsLive = false;
+    this._wsOpen = false;
     this._refreshSent = false;
     // The next connection has a bucket of its own on the gateway: nothing held, nothing to wait.
     this._pacer.reset();

@@ -417,7 +417,7 @@ test("cursor: resume outcomes decide whether to reload", () => {
 
 // --- the client over WebSocket ------------------------------------------------------------------
 
-test("connect authenticates first, subscribes, and loads state on the first subscribe", async () => {
+test("connect authenticates first, subscribes in the same breath, and loads state on the first subscribe", async () => {
   const env = setup();
   eq(env.bus.state, "connecting");
   await flush();
@@ -425,11 +425,14 @@ test("connect authenticates first, subscribes, and loads state on the first subs
   eq(ws.url, "ws://gw.test/");
   ws.open();
   await flush();
-  eq(ws.sent.map((m) => m.type), ["auth"], "nothing before authenticated");
+  // The gateway reads the token first: the subscribes need not wait a round trip for it.
+  eq(ws.sent.map((m) => m.type), ["auth", "subscribe"], "the token, then the subscribes");
   eq(ws.sent[0].token, env.tokens[0]);
+  eq(ws.sent[1], { type: "subscribe", project_id: 1 });
+  eq(env.bus.state, "connecting", "not live before authenticated");
   ws.receive({ type: "authenticated", subject: null, projects: [1], expires_at: 0 });
   await flush();
-  eq(ws.sent[1], { type: "subscribe", project_id: 1 });
+  eq(ws.sent.length, 2, "nothing subscribed twice");
   eq(env.bus.state, "live");
   ws.receive({ type: "subscribed", project_id: 1, epoch: "e1", seq: 41, resumed: false, replayed: 0 });
   await flush();
@@ -439,6 +442,37 @@ test("connect authenticates first, subscribes, and loads state on the first subs
   eq(env.events[1], [42]);
   eq(env.bus.cursor(1), { epoch: "e1", seq: 42 });
   eq(env.states, ["live"]);
+});
+
+test("projects followed or left before authenticated are subscribed or left once; a refused token is a failure", async () => {
+  const env = setup();
+  await flush();
+  const ws = env.last();
+  ws.open();
+  await flush();
+  const off2 = env.bus.subscribe(2, () => {});
+  const off3 = env.bus.subscribe(3, () => {});
+  off3();
+  await flush();
+  eq(ws.sent.map((m) => [m.type, m.project_id ?? null]), [["auth", null], ["subscribe", 1], ["subscribe", 2], ["subscribe", 3], ["unsubscribe", 3]]);
+  ws.receive({ type: "authenticated", subject: "u", projects: null, expires_at: Math.floor(env.clock.now() / 1000) + 900 });
+  await flush();
+  eq(ws.sent.length, 5, "authenticated sends no subscribe again");
+  eq(env.bus.state, "live");
+  off2();
+  // A token refused on the next connection: its subscribes were never read, and it never was live.
+  ws.serverClose(1012);
+  await flush();
+  await env.clock.advance(60_000);
+  await flush();
+  const next = env.last();
+  assert(next !== ws, "reconnected");
+  next.open();
+  await flush();
+  eq(next.sent.map((m) => m.type), ["auth", "subscribe"]);
+  next.serverClose(4001);
+  await flush();
+  assert(env.bus.state !== "live", `not live after a refused token: ${env.bus.state}`);
 });
 
 test("events arriving while onResync is pending are delivered after it, in order, once", async () => {
@@ -622,7 +656,7 @@ test("a token string is used as is; no token means no auth frame", async () => {
   await flush();
   env.last().open();
   await flush();
-  eq(env.last().sent, [{ type: "auth", token: "static-token" }]);
+  eq(env.last().sent, [{ type: "auth", token: "static-token" }, { type: "subscribe", project_id: 1 }]);
   const open = setup({ options: { token: undefined } });
   await flush();
   open.last().open();
