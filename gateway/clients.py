@@ -223,7 +223,12 @@ class ClientProtocol:
         except ProtocolError as exc:
             message, error = None, exc
         limit = self.rate_limit
-        if limit is not None:
+        if limit is not None and not (
+            # Leaving a subscription is free: its subscribe took a token. Churn (a page flipping
+            # between projects) is then bounded by its subscribes alone, which clients pace;
+            # an unsubscribe of nothing counts like any frame (a flood of them is closed).
+            type(message) is Unsubscribe and message.project_id in session.projects
+        ):
             verdict = limit.take(session, self.clock())
             if verdict and self._over_limit(session, message, verdict):
                 return None

@@ -2,11 +2,12 @@
 
 Every frame an authenticated connection sends (``subscribe``, ``unsubscribe``, ``activity``,
 ``presence_get``, a token refresh ``auth``, ``ping``, a malformed one; not the first ``auth``,
-not WebSocket pings and pongs) takes a token. The bucket holds ``burst`` tokens and refills at
-``rate`` per second: a client may send ``burst`` frames at once (a reconnect subscribing to every
-project it follows), and ``rate`` per second sustained. A frame that finds no token is *refused*
-(:data:`REFUSED`): the gateway does not execute it and answers ``error`` ``rate_limited``; the
-connection stays usable and the client retries later.
+not WebSocket pings and pongs, not an ``unsubscribe`` that ends a subscription, which its
+``subscribe`` paid for: the caller skips those) takes a token. The bucket holds ``burst``
+tokens and refills at ``rate`` per second: a client may send ``burst`` frames at once (a
+reconnect subscribing to every project it follows), and ``rate`` per second sustained. A frame
+that finds no token is *refused* (:data:`REFUSED`): the gateway does not execute it and answers
+``error`` ``rate_limited``; the connection stays usable and the client retries later.
 
 Refused frames are counted too, in a second bucket of the same size that drains at the same
 rate: ``strikes``. A client that keeps sending while refused (more than ``burst`` refusals net of

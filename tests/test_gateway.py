@@ -789,20 +789,21 @@ class StoppedClock:
 async def test_frames_over_the_rate_limit_are_refused_and_the_connection_stays_usable(
     gateways, publisher
 ):
-    """A burst of valid subscribe/unsubscribe flips: the first --client-burst are executed, the
+    """A burst of valid subscribe/unsubscribe flips: the first --client-burst subscribes are
+    executed (each unsubscribe that ends a subscription is free: its subscribe paid), the
     next subscribes get error rate_limited naming their project (not executed: no subscription),
-    a ping and an unsubscribe are executed all the same, and once the bucket refills the client
-    subscribes as usual. A bystander on the same gateway gets every event meanwhile."""
+    a ping is executed all the same, and once the bucket refills the client subscribes as
+    usual. A bystander on the same gateway gets every event meanwhile."""
     gateway = await gateways(client_rate=2, client_burst=10, max_subscriptions=5)
     gateway.clients.clock = clock = StoppedClock()
     bystander = await client_for(gateway, [7])
     await bystander.subscribe(7)  # (its bucket: one frame taken)
     client = await client_for(gateway, [1, 2])
-    for _ in range(5):  # ten frames: the whole burst
+    for _ in range(10):  # ten subscribes: the whole burst; the unsubscribes take nothing
         await client.send({"type": "subscribe", "project_id": 1})
         await client.send({"type": "unsubscribe", "project_id": 1})
-    await client.wait_for(lambda: client.count("unsubscribed", 1) == 5)
-    assert client.count("subscribed", 1) == 5 and not client.of("error")
+    await client.wait_for(lambda: client.count("unsubscribed", 1) == 10)
+    assert client.count("subscribed", 1) == 10 and not client.of("error")
     for _ in range(3):
         await client.send({"type": "subscribe", "project_id": 2})
     await client.send({"type": "ping"})
@@ -832,23 +833,24 @@ async def test_frames_over_the_rate_limit_are_refused_and_the_connection_stays_u
 
 
 async def test_a_client_that_keeps_sending_while_refused_is_closed_with_4029(gateways, publisher):
-    """--client-burst frames executed, then as many refused (an unsubscribe over the limit is
-    executed but counts as well): the next frame closes the connection with 4029, after its
-    rate_limited error. A bystander on the same gateway is not affected."""
+    """--client-burst subscribes executed (their unsubscribes free), then as many frames refused
+    (an unsubscribe of nothing over the limit is executed but counts as well): the next frame
+    closes the connection with 4029, after its rate_limited error. A bystander on the same
+    gateway is not affected."""
     gateway = await gateways(client_rate=2, client_burst=10, max_subscriptions=5)
     gateway.clients.clock = StoppedClock()
     bystander = await client_for(gateway, [7])
     await bystander.subscribe(7)
     client = await client_for(gateway, [1])
-    for _ in range(11):  # 22 frames: 10 executed, 10 refused, the 21st closes
+    for _ in range(16):  # 10 flips executed, then 10 frames refused, the 11th closes
         await client.send({"type": "subscribe", "project_id": 1})
         with contextlib.suppress(Exception):  # (the last one may meet the close)
             await client.send({"type": "unsubscribe", "project_id": 1})
     await asyncio.wait_for(client.closed.wait(), 5)
     assert client.close_code == 4029
     codes = [e["code"] for e in client.of("error")]
-    # The subscribes of frames 11, 13, ..., 21 refused; the unsubscribes after them executed
-    # (nothing to leave: not_subscribed).
+    # The subscribes of flips 11 to 16 refused; the unsubscribes after them executed (nothing
+    # to leave: not_subscribed) and counted.
     assert codes == ["rate_limited", "not_subscribed"] * 5 + ["rate_limited"]
     assert gateway.metrics.rate_limit_disconnects_total == 1
     assert gateway.metrics.client_frames_rate_limited_total == 6
