@@ -881,10 +881,13 @@ export class EventBus {
     this._subs.delete(sub.projectId);
     this._clearTimers(sub);
     // Held frames of the project are moot; the unsubscribe goes at once (the gateway executes
-    // it even over its rate limit).
+    // it even over its rate limit, and takes nothing for it when it ends a subscription). A
+    // project whose subscribe never reached the gateway (held by the pacing, or refused) has
+    // nothing to leave: no unsubscribe, which would count against the limit.
     this._pacer.drop(`subscribe:${sub.projectId}`);
     this._pacer.drop(`activity:${sub.projectId}`);
-    if (this._wsOpen) this._send({ type: "unsubscribe", project_id: sub.projectId });
+    const onGateway = sub.wsSubscribed || sub.subscribesSent > 0;
+    if (this._wsOpen && onGateway) this._send({ type: "unsubscribe", project_id: sub.projectId });
     if (!this._wsLive && this._sse) this._reopenSse();
   }
 

@@ -710,6 +710,20 @@ test("a rate_limited subscribe is retried after a delay, and the project follows
   eq(ws.sentOf("subscribe").filter((m) => m.project_id === 2).length, 2, "no retry once answered");
 });
 
+test("leaving a project whose subscribe the gateway refused sends no unsubscribe (it would count against the limit)", async () => {
+  const env = setup({ subscribe: [1, 2, 3] });
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  ws.receive({ type: "error", code: "rate_limited", message: "too many frames", project_id: 2, retry_after_ms: 500, refused: "subscribe" });
+  await flush();
+  env.unsubscribe[2](); // refused and held: the gateway has nothing to leave
+  env.unsubscribe[1](); // subscribed: left
+  env.unsubscribe[3](); // sent, not answered yet: left (it may be subscribed by now)
+  await flush();
+  eq(ws.sentOf("unsubscribe").map((m) => m.project_id), [1, 3]);
+  await env.clock.advance(5000);
+  eq(ws.sentOf("subscribe").filter((m) => m.project_id === 2).length, 1, "the held subscribe is dropped too");
+});
+
 test("an activity refused by the rate limit is sent again, latest, without disturbing the subscription", async () => {
   const env = setup({ subscribe: [1] });
   const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
