@@ -524,6 +524,12 @@ async def test_a_client_that_stops_reading_is_cut_and_resumes_with_nothing_lost(
     stalled = await RawClient.connect(gateway.port, rcvbuf=4096)
     await stalled.send({"type": "auth", "token": issue_token(SECRET, [11], ttl=300)})
     await stalled.send({"type": "subscribe", "project_id": 11})
+    async with asyncio.timeout(5):  # subscribed before the events, or it would miss them
+        while b'"subscribed"' not in (await stalled.receive())[1]:
+            pass
+    # It stops reading from its socket: its stream reader (a 4 MiB limit, on this test's own
+    # event loop) would otherwise go on taking most of the 7 MB and it would never stall.
+    stalled.writer.transport.pause_reading()
     total = 1500  # ~7 MB: beyond the limit and whatever the kernel buffers hold
     big_answer = "x" * 4900
     await publisher.publish_many(
@@ -1325,11 +1331,10 @@ async def test_a_client_that_reads_nothing_is_cut_even_when_the_kernel_holds_its
     # so only the kernel's unsent bytes show that this client stopped reading.
     gateway = await gateways(stall_timeout=1.0)
     stalled = await RawClient.connect(gateway.port, rcvbuf=4096)
-    # Its stream reader stops taking bytes from the socket past 2 KiB: it reads nothing more.
-    stalled.reader._limit = 1024
     await stalled.send({"type": "auth", "token": issue_token(SECRET, [23], ttl=300)})
     await stalled.send({"type": "subscribe", "project_id": 23})
     await wait_until_true(lambda: gateway.hub.subscriptions == 1)
+    stalled.writer.transport.pause_reading()  # it reads nothing more from its socket
     (session,) = gateway.sessions
     await publisher.publish_many(
         BlockerResolved(project_id=23, blocker_id=n + 1, answer="x" * 500, resolved_at=utc_now())

@@ -215,6 +215,9 @@ async def test_a_stream_that_stops_reading_is_cut_and_resumes_with_nothing_lost(
     )
     await reader.readuntil(b"\r\n\r\n")
     await wait_until(lambda: len(gateway.sessions) == 2 and gateway.hub.subscriptions == 2, 5, "")
+    # It stops reading from its socket: its stream reader (a 4 MiB limit, on this test's own
+    # event loop) would otherwise go on taking most of the 7 MB, and it might never stall.
+    writer.transport.pause_reading()
     total = 1500  # ~7 MB: beyond the limit and whatever the kernel buffers hold
     healthy_seqs = asyncio.create_task(_seqs(healthy, total))  # it keeps reading meanwhile
     await publisher.publish_many(
