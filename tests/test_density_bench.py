@@ -30,4 +30,6 @@ def test_idle_connections_memory_and_one_event_to_all() -> None:
     assert 0 < result["fanout_last_s"] < 30
     assert result["fanout_written_s"] is not None
     assert result["connects_per_s"] > 0 and result["rss_after_mib"] > 0
-    assert result["idle_core"] is not None and 0 < result["idle_core"] < 2
+    # CPU time is read in clock ticks (10 ms): a half-second idle with 200 connections can
+    # round to zero, so only "measured and below two cores" holds on every run.
+    assert result["idle_core"] is not None and 0 <= result["idle_core"] < 2
