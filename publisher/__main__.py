@@ -34,7 +34,7 @@ import redis.exceptions
 from publisher.client import Publisher
 from publisher.core import PublishError, PublisherUnavailable, PublishManyError
 from schemas import lua
-from schemas.events import EventValidationError, ProjectEvent, decode_event
+from schemas.events import EventValidationError, ProjectEvent, decode_event, repeated_key
 from schemas.keys import DEFAULT_PREFIX, Keys, stream_entry_seq
 from schemas.stored import MAX_ENTRY_BYTES, ForeignValue, parse_meta, parse_stream_entries
 from schemas.tokens import issue_token
@@ -243,6 +243,8 @@ def _read_events(source: str, stdin: TextIO) -> list[ProjectEvent]:
         document = msgspec.json.decode(text)
     except msgspec.DecodeError:
         document = None  # not one JSON document: JSON lines, parsed below
+    if isinstance(document, (dict, list)) and (key := repeated_key(text)) is not None:
+        raise CliError(f"invalid event: the key {key!r} is given twice in one object")
     if isinstance(document, dict):
         return [_validate(text, "event")]
     if isinstance(document, list):

@@ -16,6 +16,7 @@ from schemas.events import (
     decode_event,
     encode_event,
     event_types,
+    repeated_key,
     utc_now,
 )
 from schemas.keys import DEFAULT_PREFIX, Envelope, Keys, parse_envelope
@@ -36,5 +37,6 @@ __all__ = [
     "encode_event",
     "event_types",
     "parse_envelope",
+    "repeated_key",
     "utc_now",
 ]

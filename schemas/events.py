@@ -22,6 +22,7 @@ invalid event built in Python is rejected before anything reaches Redis.
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, TypeAlias, Union
 
@@ -42,6 +43,7 @@ __all__ = [
     "decode_event",
     "encode_event",
     "event_types",
+    "repeated_key",
     "utc_now",
 ]
 
@@ -190,12 +192,49 @@ def decode_event(data: bytes | str) -> ProjectEvent:
     """Decode and validate one event from JSON.
 
     Raises :class:`EventValidationError` with msgspec's message, which names the field path
-    (e.g. ``Expected `int` >= 1 - at `$.blocker.id```).
+    (e.g. ``Expected `int` >= 1 - at `$.blocker.id```), or for a key given twice in one object
+    (see :func:`repeated_key`).
     """
     try:
-        return _decoder.decode(data)
+        event = _decoder.decode(data)
     except msgspec.DecodeError as exc:
         raise EventValidationError(str(exc)) from None
+    if (key := repeated_key(data)) is not None:
+        raise EventValidationError(f"the key {key!r} is given twice in one object")
+    return event
+
+
+class _RepeatedKey(Exception):
+    pass
+
+
+def _no_repeated_keys(pairs: list[tuple[str, object]]) -> None:
+    if len(pairs) > 1 and len({key for key, _ in pairs}) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _RepeatedKey(key)
+            seen.add(key)
+    # (None: the objects themselves are never needed, only whether their keys repeat)
+
+
+def repeated_key(data: bytes | str) -> str | None:
+    """The first key found twice in one object of the JSON document ``data``, or None.
+
+    JSON leaves a repeated key's meaning open and decoders differ (msgspec, Python's ``json`` and
+    JavaScript's ``JSON.parse`` keep the last value, others the first), so an event such as
+    ``{"answer": "yes", ..., "answer": "no"}`` is refused rather than guessed, as a repeated
+    HTTP header is. None too for data that is not JSON at all: the decoder says what is wrong.
+    About 5 us for an event of a few hundred bytes (msgspec decodes it in under 1): paid by
+    :func:`decode_event` (JSON from outside), not by :func:`encode_event` (msgspec's own bytes).
+    """
+    try:  # (numbers kept as text: int() refuses over 4,300 digits, JSON does not)
+        json.loads(data, object_pairs_hook=_no_repeated_keys, parse_int=str, parse_float=str)
+    except _RepeatedKey as found:
+        return str(found.args[0])
+    except (ValueError, RecursionError):  # (UnicodeDecodeError is a ValueError)
+        return None
+    return None
 
 
 def encode_event(event: ProjectEvent | Any) -> bytes:
@@ -217,4 +256,8 @@ def encode_event(event: ProjectEvent | Any) -> bytes:
     except (TypeError, ValueError, OverflowError) as exc:
         raise EventValidationError(str(exc)) from None
     # Re-encoding the decoded copy costs ~0.5 us, far less than the decode that validates it.
-    return _encoder.encode(decode_event(data))
+    # (msgspec's own bytes cannot repeat a key: _decoder, not decode_event's extra check)
+    try:
+        return _encoder.encode(_decoder.decode(data))
+    except msgspec.DecodeError as exc:
+        raise EventValidationError(str(exc)) from None

@@ -180,6 +180,11 @@ def test_parse_events_takes_one_object_or_an_array_and_names_the_field() -> None
         json.dumps({**EXPIRED, "project_id": 8}).encode(): (422, "differs from the path"),
         json.dumps({**EXPIRED, "type": "nope"}).encode(): (422, "type"),
         json.dumps([EXPIRED] * 3).encode(): (413, "at most 2"),
+        json.dumps(EXPIRED)[:-1].encode() + b', "task_id": 3}': (400, "repeated_key"),
+        json.dumps([resolved(1), resolved(2)])[:-2].encode() + b', "answer": "no"}]': (
+            400,
+            "repeated_key",
+        ),
         b"[" * 5000 + b"]" * 5000: (400, "invalid_json"),
     }
     for body, (status, message) in cases.items():
@@ -355,6 +360,11 @@ async def test_bad_requests_get_their_documented_status_and_publish_nothing(redi
             (dict(project=2, body=EXPIRED, key=KEY_ONE), 403, "forbidden"),
             (dict(project=1, body={**EXPIRED, "task_id": "x"}), 422, "invalid_event"),
             (dict(project=1, body=b"not json"), 400, "invalid_json"),
+            (
+                dict(project=1, body=json.dumps(EXPIRED)[:-1].encode() + b', "task_id": 3}'),
+                400,
+                "repeated_key",
+            ),
             (dict(project=1, body=[EXPIRED] * 4), 413, "too_many_events"),
             (dict(project=1, body=[EXPIRED] * 100), 413, "body_too_large"),
             (

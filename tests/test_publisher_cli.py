@@ -128,6 +128,12 @@ def test_publish_from_stdin_json_lines_and_arrays(cli, redis_client: redis.Redis
         (resolved_json() + "\n" + resolved_json(blocker_id=-1), r"invalid line 2: .*blocker_id"),
         ("[" + resolved_json() + ', {"type": "nope"}]', r"invalid event 2: .*\$\.type"),
         ("not json", r"invalid line 1: JSON is malformed"),
+        (
+            resolved_json()[:-1] + ', "answer": "no"}',
+            "invalid event: the key 'answer' is given twice",
+        ),
+        ("[" + resolved_json()[:-1] + ', "blocker_id": 9}]', "the key 'blocker_id' is given twice"),
+        (resolved_json() + "\n" + resolved_json()[:-1] + ', "answer": "no"}', "invalid line 2: "),
         ("42", "expected a JSON object"),
         ("[]", "empty array"),
         ("", "empty input"),

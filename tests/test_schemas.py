@@ -31,6 +31,7 @@ from schemas import (
     encode_event,
     event_types,
     parse_envelope,
+    repeated_key,
 )
 from schemas.events import UtcDatetime, _datetime_fields
 from schemas.keys import MalformedEnvelope, stream_entry_seq
@@ -322,6 +323,75 @@ def test_unknown_or_missing_type_is_rejected(tag: Any) -> None:
         doc["type"] = tag
     with pytest.raises(EventValidationError, match="type"):
         decode_event(json.dumps(doc))
+
+
+def _with_repeated_key(doc: dict[str, Any], path: tuple[str, ...], value: Any) -> str:
+    """``doc`` as JSON with the key at ``path`` given a second time, with ``value``, at the end of
+    its object (what a hand-built body or a buggy encoder sends)."""
+    if len(path) == 1:
+        body = json.dumps(doc)
+        return body[:-1] + f", {json.dumps(path[0])}: {json.dumps(value)}}}"
+    inner = _with_repeated_key(doc[path[0]], path[1:], value)
+    rest = {k: v for k, v in doc.items() if k != path[0]}
+    return json.dumps(rest)[:-1] + f", {json.dumps(path[0])}: {inner}}}"
+
+
+@pytest.mark.parametrize(
+    ("tag", "path", "value"),
+    [
+        ("blocker_resolved", ("answer",), "no"),  # last wins in msgspec, json and JSON.parse
+        ("blocker_resolved", ("answer",), "answer"),  # the same value is still refused
+        ("blocker_resolved", ("project_id",), 8),
+        ("blocker_resolved", ("type",), "blocker_resolved"),
+        ("blocker_created", ("blocker", "question"), "another question"),
+    ],
+)
+def test_a_key_given_twice_is_refused_rather_than_guessed(
+    tag: str, path: tuple[str, ...], value: Any
+) -> None:
+    data = _with_repeated_key(example(tag), path, value)
+    with pytest.raises(EventValidationError, match=f"the key '{path[-1]}' is given twice"):
+        decode_event(data)
+    assert repeated_key(data.encode()) == path[-1]
+    # spelled with an escape, it is still the same key
+    escaped = data.replace(f'"{path[-1]}": ', f'"\\u{ord(path[-1][0]):04x}{path[-1][1:]}": ', 1)
+    assert repeated_key(escaped) == path[-1]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.recursive(
+        st.none() | st.integers() | st.text(max_size=5),
+        lambda inner: (
+            st.lists(inner, max_size=4)
+            | st.lists(st.tuples(st.text(max_size=3), inner), max_size=5)
+        ),
+        max_leaves=20,
+    )
+)
+def test_repeated_key_finds_exactly_the_objects_with_a_key_twice(value: Any) -> None:
+    """Objects are drawn as lists of (key, value) pairs, so they can hold a key twice; which of
+    several repeated keys is named first is the decoder's order, so any of them will do."""
+
+    def encode(v: Any) -> str:
+        if isinstance(v, list) and v and isinstance(v[0], tuple):
+            return "{" + ",".join(f"{json.dumps(k)}:{encode(x)}" for k, x in v) + "}"
+        if isinstance(v, list):
+            return "[" + ",".join(encode(x) for x in v) + "]"
+        return json.dumps(v)
+
+    def repeats(v: Any) -> set[str]:
+        if isinstance(v, list) and v and isinstance(v[0], tuple):
+            keys = [k for k, _ in v]
+            found = {k for k in keys if keys.count(k) > 1}
+            return found.union(*(repeats(x) for _, x in v))
+        if isinstance(v, list):
+            return set().union(*(repeats(x) for x in v))
+        return set()
+
+    found = repeated_key(encode(value))
+    expected = repeats(value)
+    assert (found is None) == (not expected) and (found is None or found in expected)
 
 
 @pytest.mark.parametrize("data", [b"", b"{", b"[]", b"null", b'"x"', b"\xff\xfe", "{\x00}"])

@@ -17,7 +17,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from schemas.events import EventValidationError, ProjectEvent, decode_event
+from schemas.events import EventValidationError, ProjectEvent, decode_event, repeated_key
 
 __all__ = [
     "ApiError",
@@ -212,8 +212,9 @@ def parse_events(body: bytes, project_id: int, max_events: int) -> tuple[list[Pr
 
     The body is one event object or a JSON array of them (``bool`` in the result says which).
     An event may omit ``project_id`` (the path names it); one that names another project is
-    refused. Raises ApiError 400 (not JSON, wrong shape), 413 (too many events) or 422 (an
-    event breaks the contract: the message names the index and the field).
+    refused. Raises ApiError 400 (not JSON, a key given twice in one object, wrong shape), 413
+    (too many events) or 422 (an event breaks the contract: the message names the index and the
+    field).
     """
     try:
         document = msgspec.json.decode(body)
@@ -227,6 +228,8 @@ def parse_events(body: bytes, project_id: int, max_events: int) -> tuple[list[Pr
         raise ApiError(
             413, "too_many_events", f"at most {max_events} events per request, got {len(items)}"
         )
+    if (key := repeated_key(body)) is not None:  # (the dict above kept one of them, silently)
+        raise ApiError(400, "repeated_key", f"the key {key!r} is given twice in one object")
     events: list[ProjectEvent] = []
     for index, item in enumerate(items):
         where = f"event {index}: " if is_batch else ""
