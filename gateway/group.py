@@ -37,6 +37,7 @@ import os
 import stat
 from collections.abc import Callable
 
+from gateway import groupdir
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
 
@@ -93,6 +94,8 @@ class GroupView:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 
         self._reported: set[tuple[str, str]] = set()  # warnings already logged
+        # A member's shared lock: no supervisor's sweep removes the directory while it is held.
+        self._lock: int | None = groupdir.hold(directory)
         if worker_id is not None:
             identity = metrics_identity(worker_id)
             for name in _set_aside_unreadable(directory, identity):
@@ -148,6 +151,12 @@ class GroupView:
             registry=registry,
         )
         metrics.relay_lag = _Tee(lag, shared.observe)  # type: ignore[assignment]
+
+    def close(self) -> None:
+        """Let go of the group's directory (the last step of a worker's shutdown)."""
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def sync(self, ready: bool) -> None:
         """Copy this worker's counter increments and current gauges into the shared files."""

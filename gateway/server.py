@@ -477,6 +477,8 @@ class Gateway:
         await _bounded(self.link.close(), "pubsub")
         if self.redis is not None:
             await _bounded(self.redis.aclose(), "redis")
+        if self.group is not None:
+            self.group.close()
 
 
 async def _bounded(step, name: str) -> None:

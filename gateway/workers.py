@@ -36,11 +36,11 @@ import shutil
 import signal
 import stat
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from gateway import groupdir
 from gateway.group import SupervisorCounters, metrics_identity
 from gateway.logs import describe, get_logger
 
@@ -240,7 +240,10 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for signum in STOP_SIGNALS:
             loop.add_signal_handler(signum, self._on_stop_signal, signum)
-        self._metrics_dir = tempfile.mkdtemp(prefix="eventbus-metrics-")
+        # The directories of groups whose supervisor was killed (SIGKILL) go first; this group's
+        # is made with its lock held (gateway.groupdir), released when the directory is removed.
+        groupdir.sweep_abandoned()
+        self._metrics_dir, group_lock = groupdir.create()
         self._counters = SupervisorCounters(self._metrics_dir)
         watcher = asyncio.create_task(self._watch()) if self.liveness is not None else None
         try:
@@ -263,6 +266,7 @@ class Supervisor:
                 loop.remove_signal_handler(signum)
             self._counters.close()
             shutil.rmtree(self._metrics_dir, ignore_errors=True)
+            os.close(group_lock)
 
     def stop(self) -> None:
         """Ask :meth:`run` to drain the workers and return (what SIGTERM does)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import textwrap
 
 import pytest
 
+from gateway import groupdir
 from gateway.workers import (
     HEARTBEAT_FD_ENV,
     PAUSE_SLACK,
@@ -252,7 +254,7 @@ def test_the_group_view_adds_up_every_worker_and_readiness_needs_all(tmp_path) -
     assert samples["eventbus_worker_ready"] == 2
     assert samples["eventbus_relay_lag_seconds_bucket"] == 2
     # A dead worker's gauges leave the view; its counters stay (totals never go backwards).
-    for name in os.listdir(directory):
+    for name in fnmatch.filter(os.listdir(directory), "*.db"):
         pid = int(name.rsplit("_", 1)[1].removesuffix(".db"))
         multiprocess.mark_process_dead(pid, directory)
     samples = _group_samples(directory)
@@ -281,7 +283,7 @@ def test_a_worker_restarted_in_its_slot_continues_its_counters_in_the_same_files
         totals.append(_group_samples(directory)["eventbus_deliveries_total"])
         assert _group_samples(directory).get("eventbus_connections", 0) == 0
     assert totals == [31, 62, 93, 124]
-    assert files == ["counter_worker1.db", "histogram_worker1.db"]
+    assert files == ["counter_worker1.db", groupdir.LOCK_NAME, "histogram_worker1.db"]
 
 
 def test_an_unreadable_file_of_the_slot_is_set_aside_and_the_worker_starts(tmp_path) -> None:
@@ -488,10 +490,16 @@ async def test_sigterm_drains_every_worker_and_the_supervisor_exits(redis_url) -
         assert drained == 2, group.tail()
 
 
-async def test_workers_die_with_a_killed_supervisor(redis_url) -> None:
-    group = GatewayProcess(redis_url, args=["--workers", "2"])
+async def test_workers_die_with_a_killed_supervisor_and_the_next_group_removes_its_files(
+    redis_url, tmp_path
+) -> None:
+    """A supervisor killed with SIGKILL cannot remove its metrics directory: the next group
+    started (same temporary directory) does, once none of the killed group's workers is left."""
+    env = {"TMPDIR": str(tmp_path)}
+    group = GatewayProcess(redis_url, args=["--workers", "2"], env=env)
     with group:
         pids = _worker_pids(group.port, 2)
+        (abandoned,) = tmp_path.glob("eventbus-metrics-*")
         group.kill()
 
         def gone() -> bool:
@@ -504,6 +512,14 @@ async def test_workers_die_with_a_killed_supervisor(redis_url) -> None:
             return True
 
         await wait_until(gone, 15, "workers exited after their supervisor")
+    assert abandoned.is_dir()  # (what the next group is for)
+    with GatewayProcess(redis_url, args=["--workers", "2"], env=env) as successor:
+        _worker_pids(successor.port, 2)
+        assert not abandoned.exists()
+        (own,) = tmp_path.glob("eventbus-metrics-*")
+        assert (own / "counter_worker0.db").exists()
+        assert successor.terminate() == 0
+    assert list(tmp_path.glob("eventbus-*")) == []  # and its own is gone at its stop
 
 
 async def test_the_group_exports_every_metric_a_single_gateway_exports(redis_url) -> None:

@@ -1,0 +1,123 @@
+"""The directory a ``--workers`` group shares (``PROMETHEUS_MULTIPROC_DIR``): made by the
+supervisor, held by every member, removed by whoever finds it abandoned.
+
+The supervisor removes its directory when it stops. One killed with SIGKILL (the OOM killer, a
+``kill -9``, a container runtime's timeout) cannot, and its workers drain and exit without it
+(``PR_SET_PDEATHSIG``): the directory stayed in the temporary directory for good, ~0.5 MiB of
+memory-mapped files per group (on a tmpfs, memory), one more per killed group.
+
+So every member holds a shared ``flock`` on the directory's ``group.lock`` for its whole life
+(the kernel drops it when the process ends, however it ends), and a supervisor starting a group
+first removes the other groups' directories that nobody holds (:func:`sweep_abandoned`): a lock it
+can take exclusively means no process of that group is left. A directory is only ever found under
+its final name with its lock already held: :func:`create` locks it under a staging name and then
+renames it, so a sweep can never take a directory being made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import stat
+import tempfile
+import time
+
+from gateway.logs import get_logger
+
+__all__ = ["LOCK_NAME", "PREFIX", "create", "hold", "sweep_abandoned"]
+
+log = get_logger("eventbus.workers")
+
+#: The prefix of a group directory's name in the temporary directory.
+PREFIX = "eventbus-metrics-"
+#: A directory being made (:func:`create`) until it is renamed; its creator holds its lock.
+STAGING_PREFIX = "eventbus-starting-"
+#: The file whose shared lock every member holds.
+LOCK_NAME = "group.lock"
+#: A staging directory older than this is one whose creator died between making it and locking
+#: it (a window of two system calls); younger ones are left alone, they may be being made.
+STAGING_AGE = 3600.0
+
+
+def create(parent: str | None = None) -> tuple[str, int]:
+    """Make a group directory in ``parent`` (the temporary directory), its lock held by the
+    caller: returns its path and the lock's descriptor, to keep open for the group's life."""
+    staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=parent)
+    lock = hold(staging)
+    final = tempfile.mkdtemp(prefix=PREFIX, dir=parent)
+    try:
+        os.rename(staging, final)  # (replaces the empty directory just made: one atomic step)
+    except BaseException:
+        os.close(lock)
+        shutil.rmtree(staging, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.rmdir(final)
+        raise
+    return final, lock
+
+
+def hold(directory: str) -> int:
+    """Take a shared lock on ``directory``'s ``group.lock`` (made if missing) and return its
+    descriptor: while it is open, no sweep removes the directory. Raises OSError."""
+    fd = os.open(
+        os.path.join(directory, LOCK_NAME),
+        os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+        0o600,
+    )
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # (only ever blocked by a sweep's short exclusive hold)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def sweep_abandoned(parent: str | None = None, *, now: float | None = None) -> list[str]:
+    """Remove the group directories in ``parent`` that no live process holds; returns their
+    paths. Only directories of this user, never a symbolic link, never one without a lock file
+    (made by an older version: left as they are), never one whose lock is held. Errors (a
+    directory removed meanwhile by another sweep, permissions) skip that directory."""
+    parent = parent or tempfile.gettempdir()
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        if name.startswith(PREFIX):
+            pass
+        elif not name.startswith(STAGING_PREFIX):
+            continue
+        path = os.path.join(parent, name)
+        try:
+            info = os.lstat(path)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+            continue
+        if name.startswith(STAGING_PREFIX) and now - info.st_mtime < STAGING_AGE:
+            continue
+        if _remove_if_abandoned(path):
+            removed.append(path)
+    if removed:
+        log.info("removed the metrics directories of groups that ended", directories=removed)
+    return removed
+
+
+def _remove_if_abandoned(path: str) -> bool:
+    try:
+        fd = os.open(os.path.join(path, LOCK_NAME), os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:  # no lock file (an older version's), removed meanwhile, not ours
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: a member of that group is alive
+            return False
+        shutil.rmtree(path, ignore_errors=True)  # (holding the lock: nobody joins meanwhile)
+        return not os.path.lexists(path)
+    finally:
+        os.close(fd)

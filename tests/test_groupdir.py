@@ -1,0 +1,54 @@
+"""A ``--workers`` group's shared directory: made locked, held by its members, removed by the
+next supervisor once nobody holds it (gateway.groupdir), without processes: flock locks belong to
+open files, so two opens in one process contend as two processes would."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from gateway import groupdir
+
+
+def test_a_group_directory_is_removed_only_once_nobody_holds_it(tmp_path: Path) -> None:
+    directory, supervisor = groupdir.create(str(tmp_path))
+    assert Path(directory).name.startswith(groupdir.PREFIX)
+    assert [p.name for p in tmp_path.iterdir()] == [Path(directory).name]  # no staging left
+    worker = groupdir.hold(directory)
+    assert groupdir.sweep_abandoned(str(tmp_path)) == []
+    os.close(supervisor)  # killed: the kernel drops its lock; a draining worker still holds one
+    assert groupdir.sweep_abandoned(str(tmp_path)) == []
+    assert Path(directory).is_dir()
+    os.close(worker)
+    assert groupdir.sweep_abandoned(str(tmp_path)) == [directory]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_sweep_leaves_what_it_cannot_know_to_be_abandoned(tmp_path: Path) -> None:
+    older = tmp_path / f"{groupdir.PREFIX}older-version"  # no lock file: made before locks
+    older.mkdir()
+    (older / "counter_worker0.db").write_bytes(b"x")
+    unrelated = tmp_path / "eventbus-gateway-1234-x"
+    unrelated.mkdir()
+    (unrelated / groupdir.LOCK_NAME).write_bytes(b"")
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / groupdir.LOCK_NAME).write_bytes(b"")
+    (tmp_path / f"{groupdir.PREFIX}link").symlink_to(target)  # planted in a shared /tmp
+    (tmp_path / f"{groupdir.PREFIX}file").write_bytes(b"")
+    assert groupdir.sweep_abandoned(str(tmp_path)) == []
+    assert older.is_dir() and unrelated.is_dir() and (target / groupdir.LOCK_NAME).exists()
+
+
+def test_a_staging_directory_is_left_while_it_may_be_being_made(tmp_path: Path) -> None:
+    staging = tmp_path / f"{groupdir.STAGING_PREFIX}abc"
+    staging.mkdir()
+    (staging / groupdir.LOCK_NAME).write_bytes(b"")  # its maker died before locking it...
+    assert groupdir.sweep_abandoned(str(tmp_path)) == []  # ...or is about to lock it
+    later = time.time() + groupdir.STAGING_AGE + 1
+    assert groupdir.sweep_abandoned(str(tmp_path), now=later) == [str(staging)]
+
+
+def test_a_missing_temporary_directory_sweeps_nothing(tmp_path: Path) -> None:
+    assert groupdir.sweep_abandoned(str(tmp_path / "absent")) == []
