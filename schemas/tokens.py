@@ -33,6 +33,7 @@ __all__ = [
     "AUDIENCE",
     "DEFAULT_TOKEN_TTL",
     "MAX_NAME_LENGTH",
+    "InvalidSecret",
     "InvalidToken",
     "TokenClaims",
     "TokenVerifier",
@@ -77,6 +78,12 @@ class InvalidToken(ValueError):
         self.expired = expired
 
 
+class InvalidSecret(ValueError):
+    """A secret that cannot sign or verify tokens: empty, or a key PyJWT refuses as an HMAC key
+    (a PEM, SSH or DER key, a JWK: a public key is public, anyone could sign with it). The
+    server's configuration is wrong: never an :class:`InvalidToken`, which is a client's."""
+
+
 def issue_token(
     secret: str | bytes,
     projects: Iterable[int] | Literal["*"],
@@ -95,10 +102,13 @@ def issue_token(
     ``name`` is the person's display name shown by presence (at most
     :data:`MAX_NAME_LENGTH` characters); tokens without it stay valid.
 
+    Raises :class:`InvalidSecret` (a ``ValueError``) for an empty secret or one that cannot be
+    an HMAC key (a PEM or SSH key), ``ValueError`` for the other arguments.
+
     >>> token = issue_token("s3cret", projects=[1, 2], ttl=600, subject="user-7", name="Alice")
     """
-    if not secret:
-        raise ValueError("secret must not be empty")
+    if isinstance(secret, str | bytes) and not secret:
+        raise InvalidSecret("secret must not be empty")
     if algorithm not in ALLOWED_ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALLOWED_ALGORITHMS}")
     seconds = ttl.total_seconds() if isinstance(ttl, timedelta) else float(ttl)
@@ -130,7 +140,10 @@ def issue_token(
                 "(text: no lone UTF-16 surrogate)"
             )
         claims["name"] = name
-    return jwt.encode(claims, secret, algorithm=algorithm)
+    try:
+        return jwt.encode(claims, secret, algorithm=algorithm)
+    except jwt.InvalidKeyError as exc:  # (PyJWT's own type, no ValueError: a traceback)
+        raise InvalidSecret(f"the secret cannot sign tokens: {exc}") from None
 
 
 def is_text(value: object) -> bool:
@@ -164,8 +177,9 @@ def verify_token(
 ) -> TokenClaims:
     """Check signature, audience and expiry; return the claims or raise :class:`InvalidToken`.
 
-    ``algorithms``: among :data:`ALLOWED_ALGORITHMS`; a ``ValueError`` for any other, or for a
-    secret that cannot be an HMAC key (the checks of :class:`TokenVerifier`, which this uses:
+    ``algorithms``: among :data:`ALLOWED_ALGORITHMS`; a ``ValueError`` for any other, and
+    :class:`InvalidSecret` for a secret that cannot be an HMAC key, never an InvalidToken: the
+    server is misconfigured, not the client (the checks of :class:`TokenVerifier`, which this uses:
     the last few built are kept, so that a caller verifying many tokens with one secret does not
     prepare it each time)."""
     return _verifier(secret, tuple(algorithms), leeway).verify(token)
@@ -250,10 +264,10 @@ class TokenVerifier:
     then the claims' own (``projects``, ``exp`` a browser reads exactly, ``sub`` and ``name``
     text). What is done once is what depends on the secret alone.
 
-    Raises ``ValueError`` for an empty secret, one PyJWT refuses as an HMAC key (a PEM, SSH or
-    DER key, a JWK: every token would be refused), or an algorithm not in
-    :data:`ALLOWED_ALGORITHMS`; ``TypeError`` for a secret that is neither str nor bytes (as
-    PyJWT)."""
+    Raises :class:`InvalidSecret` (a ``ValueError``) for an empty secret or one PyJWT refuses
+    as an HMAC key (a PEM, SSH or DER key, a JWK: every token would be refused), ``ValueError``
+    for an algorithm not in :data:`ALLOWED_ALGORITHMS`; ``TypeError`` for a secret that is
+    neither str nor bytes (as PyJWT)."""
 
     def __init__(
         self,
@@ -279,7 +293,7 @@ class TokenVerifier:
             for name in names:
                 jws.register_algorithm(name, _PreparedHMAC(_HASHES[name], key))
         except jwt.InvalidKeyError as exc:
-            raise ValueError(f"the secret cannot verify tokens: {exc}") from None
+            raise InvalidSecret(f"the secret cannot verify tokens: {exc}") from None
         self._key = key
         self._algorithms = names
         self._leeway = leeway

@@ -320,6 +320,16 @@ def test_token_without_secret(cli, monkeypatch) -> None:
     assert result.code == 2 and "secret is required" in result.err
 
 
+def test_token_with_a_secret_that_cannot_be_an_hmac_key_is_an_error_not_a_traceback(
+    cli,
+) -> None:
+    """An SSH or PEM public key pasted as the secret: PyJWT's InvalidKeyError went through as
+    a traceback (exit 1); it is a usage error naming the problem."""
+    result = cli("token", "--project", "1", "--secret", "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI")
+    assert result.code == 2 and result.out == ""
+    assert "the secret cannot sign tokens" in result.err and "Traceback" not in result.err
+
+
 # --- Redis unavailable ------------------------------------------------------------------------
 
 

@@ -17,6 +17,7 @@ from schemas.tokens import (
     AUDIENCE,
     DEFAULT_TOKEN_TTL,
     MAX_NAME_LENGTH,
+    InvalidSecret,
     InvalidToken,
     TokenClaims,
     TokenVerifier,
@@ -356,13 +357,19 @@ def test_a_verifier_checks_what_verify_token_checks() -> None:
 )
 def test_a_secret_that_cannot_be_an_hmac_key_is_refused_at_once(secret: str, message: str) -> None:
     """Such a secret used to start a gateway that refused every token ("invalid token: The
-    specified key is an asymmetric key"): now the gateway refuses the setting at startup."""
+    specified key is an asymmetric key"): now the gateway refuses the setting at startup. It is
+    an InvalidSecret everywhere (the server's mistake), never an InvalidToken (a client's), and
+    issue_token raised PyJWT's own InvalidKeyError, no ValueError: the CLI's traceback."""
     from gateway.config import ConfigError, GatewayConfig
 
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(InvalidSecret, match=message) as refused:
         TokenVerifier(secret)
-    with pytest.raises(ValueError, match=message):
+    assert not isinstance(refused.value, InvalidToken)
+    with pytest.raises(InvalidSecret, match=message) as refused:
         verify_token(issue_token(SECRET, projects=[1]), secret)
+    assert not isinstance(refused.value, InvalidToken)
+    with pytest.raises(InvalidSecret, match="empty" if not secret else message):
+        issue_token(secret, projects=[1])
     if secret:  # (an empty one is refused by name: "an auth secret is required")
         with pytest.raises(ConfigError, match=f"EVENTBUS_AUTH_SECRET: .*{message}"):
             GatewayConfig(auth_secret=secret)
@@ -374,6 +381,7 @@ def test_a_verifier_takes_hmac_algorithms_only(algorithms: list[str]) -> None:
         TokenVerifier(SECRET, algorithms=algorithms)
 
 
+@pytest.mark.filterwarnings("ignore::jwt.InsecureKeyLengthWarning")  # (the forger's short key)
 @pytest.mark.parametrize("secret", [32, 8, True, memoryview(b"a-secret"), bytearray(b"a-secret")])
 def test_a_secret_that_is_neither_text_nor_bytes_is_refused(secret: object) -> None:
     """PyJWT refuses such a key (TypeError); the verifier made bytes of it instead, and
