@@ -49,6 +49,9 @@ class Metrics:
         "connections_rejected_total": (
             "Handshakes, streams and polls refused (origin, limits, draining)."
         ),
+        "connections_dropped_total": (
+            "Sockets closed at accept, unanswered: --max-connections plus the slack were open."
+        ),
         "events_in_total": "Events received from Redis pub/sub.",
         "deliveries_total": "Event frames written to subscribers (live and replayed).",
         "replayed_total": "Events replayed from history on subscribe or poll.",

@@ -352,6 +352,7 @@ class WebSocketConnection(asyncio.Protocol):
         endpoint = self.endpoint
         if not endpoint.admission.accept():
             transport.abort()
+            endpoint.metrics.connections_dropped_total += 1
             return
         self.counted = True
         loop = asyncio.get_running_loop()

@@ -1316,9 +1316,12 @@ async def test_sockets_beyond_the_limit_and_its_slack_are_dropped_at_accept(gate
         await asyncio.open_connection("127.0.0.1", gateway.port) for _ in range(1 + ACCEPT_SLACK)
     ]
     await wait_until_true(lambda: gateway.admission.open == 1 + ACCEPT_SLACK)
+    assert gateway.metrics.connections_dropped_total == 0
     reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
     assert await asyncio.wait_for(reader.read(), 5) == b"", "dropped at once"
     assert gateway.admission.open == 1 + ACCEPT_SLACK
+    assert gateway.metrics.connections_dropped_total == 1  # (counted nowhere before)
+    assert b"eventbus_connections_dropped_total 1\n" in gateway.metrics.render()
     for _, held_writer in [*held, (reader, writer)]:
         held_writer.close()
     await wait_until_true(lambda: gateway.admission.open == 0)

@@ -8,6 +8,7 @@ import re
 import socket
 import struct
 import time
+from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
@@ -20,6 +21,8 @@ from schemas.events import BlockerResolved, utc_now
 from tests.support.gateway_client import REQUIRED_METRICS, SECRET, publish, start_gateway
 from tests.support.redis_server import RedisServer
 from tests.support.ws_client import wait_until
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 async def request(
@@ -85,6 +88,19 @@ async def test_metrics_are_prometheus_text(gateways, publisher):
         assert f"\n{exported}" in "\n" + text, name
     for line in text.splitlines():
         assert line.startswith("#") or len(line.split()) == 2, line
+
+
+async def test_every_metric_the_gateway_exports_is_in_the_operations_table(gateways) -> None:
+    """An operator learns what a metric means from docs/operations.md: one exported and not
+    listed there (a counter added without its row) is one nobody can read."""
+    gateway = await gateways()
+    _, _, body = await request(gateway.port, "/metrics")
+    exported = {
+        line.split()[2] for line in body.decode().splitlines() if line.startswith("# TYPE ")
+    }
+    operations = (ROOT / "docs" / "operations.md").read_text()
+    listed = set(re.findall(r"`(eventbus_[a-z_]+)(?:\{[a-z]+\})?`", operations))
+    assert exported and exported - listed == set()
 
 
 async def test_serves_the_browser_client(gateways):
