@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import sys
 import time
 from collections.abc import Sequence
@@ -38,6 +39,7 @@ from bench.gateway import (
     pinning,
 )
 from bench.loadgen import LoadGen, raise_nofile
+from bench.storm import client_tokens
 from publisher import Publisher
 
 SOURCES = [f"127.0.0.{i}" for i in range(1, 9)]
@@ -58,22 +60,32 @@ def measure(
     log,
     idle_seconds: float = 0.0,
     gateway_args: Sequence[str] = (),
+    auth: bool = False,
 ) -> dict:
     """Connect ``clients`` idle subscribers of one project; RSS, connect rate, the gateway's
-    CPU while they idle (over ``idle_seconds``, 0 to skip), one event."""
+    CPU while they idle (over ``idle_seconds``, 0 to skip), one event. With ``auth``, the
+    gateway verifies tokens and every client sends its own (a ``sub`` and a name, as a backend
+    mints them for its users: each connection also holds its claims, its expiry timer and its
+    presence membership, listed up to ``--presence-max-members``)."""
     extra = ["--max-connections", str(clients + 100), *gateway_args]
-    server = Server("gateway", redis.url, extra=extra, nofile=clients + 1000)
+    secret = secrets.token_urlsafe(32) if auth else None
+    server = Server("gateway", redis.url, extra=extra, nofile=clients + 1000, auth_secret=secret)
     cpus = {CLIENT_CPU} if pinning() else None
     loadgen = LoadGen("127.0.0.1", server.port, workers=workers, sources=SOURCES, cpus=cpus)
     publisher = Publisher.from_url(redis.url)
     try:
-        loadgen.connect([(1, None, None)])  # warm up (imports, the project's feed)
+        warm_up = client_tokens(secret, [1]) if secret else None
+        loadgen.connect([(1, None, None)], tokens=warm_up)  # imports, the project's feed
         time.sleep(0.5)
         rss0 = server.rss
-        usage = Usage(server, loadgen, redis.process.pid)
         # (A slow machine, or an emulated one, may need minutes for 100,000: 10 ms each at most.)
+        tokens = client_tokens(secret, [1] * clients) if secret else None  # (before the clock)
+        usage = Usage(server, loadgen, redis.process.pid)
         connected = loadgen.connect(
-            [(1, None, None)] * clients, inflight=inflight, timeout=max(300, clients / 100)
+            [(1, None, None)] * clients,
+            inflight=inflight,
+            timeout=max(300, clients / 100),
+            tokens=tokens,
         )
         connect_cpu = usage.done()
         time.sleep(1.0)
@@ -129,6 +141,7 @@ def measure(
             "idle_cpu": idle_cpu,
             "idle_seconds": idle_seconds,
             "gateway_args": list(gateway_args),
+            "auth": auth,
             "rss_before_mib": round(rss0 / 2**20, 1),
             "rss_after_mib": round(rss1 / 2**20, 1),
             "kib_per_conn": round((rss1 - rss0) / max(1, opened) / 1024, 2),
@@ -164,6 +177,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="ARG",
         help="an extra gateway flag, e.g. --gateway-arg=--ping-interval=60",
     )
+    parser.add_argument(
+        "--auth",
+        action="store_true",
+        help="the gateway verifies tokens; every client sends its own (with a sub and a name)",
+    )
     args = parser.parse_args(argv)
     clients = args.clients or (5_000 if args.quick else 100_000)
 
@@ -190,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             idle = args.idle_seconds if args.idle_seconds is not None else 0 if args.quick else 45
             result = measure(redis, clients, workers=2, inflight=2048, log=log,
-                             idle_seconds=idle, gateway_args=args.gateway_arg)  # fmt: skip
+                             idle_seconds=idle, gateway_args=args.gateway_arg,
+                             auth=args.auth)  # fmt: skip
         finally:
             redis.close()
     elapsed = time.monotonic() - started
@@ -201,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC")  # fmt: skip
     print("| | gateway |")
     print("| --- | ---: |")
-    print(f"| idle subscribed connections | {result['clients']:,} ({result['failed']} failed) |")
+    print(f"| idle subscribed connections | {result['clients']:,} ({result['failed']} failed)"
+          f"{', each with its own token' if args.auth else ''} |")  # fmt: skip
     if limited_by:
         print(f"| (limited by) | {limited_by}; {requested:,} asked |")
     print(f"| memory per idle connection | {result['kib_per_conn']} KiB |")
