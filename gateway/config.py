@@ -17,7 +17,6 @@ import msgspec
 from msgspec import Meta
 
 from gateway.workers import HEARTBEAT_INTERVAL
-from schemas.presence import MAX_TTL_MS
 from schemas.tokens import TokenVerifier
 
 __all__ = ["ConfigError", "GatewayConfig", "load_config"]
@@ -159,7 +158,7 @@ class GatewayConfig(msgspec.Struct, kw_only=True, frozen=True):
         float,
         _doc(
             "Seconds a pod's presence records outlive its last refresh (a SIGKILLed pod's "
-            "members are gone within ttl + 3 refreshes + 1 diff interval); at most 600.",
+            "members are gone within ttl + 3 refreshes + 1 diff interval).",
             gt=0,
         ),
     ] = 10.0
@@ -259,11 +258,6 @@ class GatewayConfig(msgspec.Struct, kw_only=True, frozen=True):
                 "--client-burst must be at least twice --max-subscriptions: a reconnect "
                 "subscribes to every project at once and eventbus.js then sends an activity in "
                 "each, and a reconnect must never be refused (nor closed)"
-            )
-        if self.presence_ttl * 1000 > MAX_TTL_MS:
-            raise ConfigError(
-                f"--presence-ttl is at most {MAX_TTL_MS // 1000} s: a deadline further ahead "
-                "is taken for no pod's (garbage in Redis), and its members are not listed"
             )
         if not self.presence_refresh_interval * 2 < self.presence_ttl:
             raise ConfigError(

@@ -37,7 +37,6 @@ __all__ = [
     "MAX_MEMBER_ID_BYTES",
     "MAX_MEMBER_ID_LENGTH",
     "MAX_RECORD_BYTES",
-    "MAX_TTL_MS",
     "READ",
     "REFRESH",
     "WRITE",
@@ -70,12 +69,6 @@ MAX_MEMBER_ID_BYTES = 4 * MAX_MEMBER_ID_LENGTH
 #: JSON escapes (6 bytes each), two item ids and two times, with room to spare. :data:`READ`
 #: never sends a longer value: only another writer can have stored it.
 MAX_RECORD_BYTES = 2048
-#: Longest presence ttl a pod may use (ms; the gateway's ``--presence-ttl`` is bounded by it): a
-#: pod's deadline is at most this far ahead of Redis's clock, since every script sets it to its
-#: ``now`` plus the pod's ttl. A deadline further ahead (``+inf``, a year: another writer's, or
-#: a corrupted key) is no pod's: :data:`READ` lists nobody of it and :data:`WRITE` and
-#: :data:`REFRESH` delete it like a dead pod's. Taken for live, it listed its members forever.
-MAX_TTL_MS = 600_000
 #: A member id: a token's ``sub``, never empty (:meth:`gateway.presence.PresenceCore.join`).
 MemberId = Annotated[str, Meta(min_length=1, max_length=MAX_MEMBER_ID_LENGTH)]
 
@@ -244,9 +237,7 @@ def parse_announcement(data: bytes) -> Announcement:
 # named from a prefix argument (same slot: "{<project>}"), since they are created and deleted
 # by the scripts (see schemas/lua.py on why keys that may not exist are not declared).
 
-_NOW_AND_PRUNE = (
-    f"local MAX_TTL_MS = {MAX_TTL_MS}\n"
-    + """
+_NOW_AND_PRUNE = """
 -- Presence is soft state that the live pods rebuild: an index key holding another type (another
 -- writer's) is deleted, never anything else, and the pods write their records again at their
 -- next write or refresh, as after a flush. Counted in the reply.
@@ -266,18 +257,6 @@ for _, p in ipairs(dead) do
   redis.call('HDEL', KEYS[2], p)
 end
 if #dead > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now) end
--- A deadline beyond any pod's ttl was set by no pod (MAX_TTL_MS): deleted like a dead pod's,
--- and counted with the repairs.
-local horizon = '(' .. (now + MAX_TTL_MS)
-local forged = redis.call('ZRANGEBYSCORE', KEYS[1], horizon, '+inf')
-for _, p in ipairs(forged) do
-  redis.call('DEL', ARGV[1] .. p)
-  redis.call('HDEL', KEYS[2], p)
-end
-if #forged > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], horizon, '+inf')
-  repaired = repaired + #forged
-end
 -- Whether a pod's records are as the pod last stored them (version, and a hash to hold them).
 local function intact(pod, version)
   return redis.call('HGET', KEYS[2], pod) == version
@@ -292,7 +271,6 @@ local function keep_alive(pod, ttl)
   end
 end
 """
-)
 
 #: Write one pod's member changes in a project and announce them.
 #:
@@ -303,8 +281,7 @@ end
 #: not ``base`` or its records key is not a hash (Redis lost the pod's hash: flushed, restarted,
 #: the pod was taken for dead, or another writer replaced it): the caller then writes its
 #: complete member list with base '0'. An empty hash removes the pod from the project.
-#: ``repaired``: index keys of another type and pods of a deadline no pod sets (beyond
-#: :data:`MAX_TTL_MS`) deleted (another writer's; rebuilt by the pods).
+#: ``repaired``: index keys of another type deleted (another writer's; rebuilt by the pods).
 WRITE = (
     _NOW_AND_PRUNE
     + """
@@ -383,15 +360,12 @@ return {ok, live, repaired}
 #: KEYS: pods, versions. ARGV: pod hash prefix, longest member id and longest record (bytes; see
 #: :func:`read_args`): a pair with a longer one, which no pod writes, is left out in Redis
 #: instead of being sent (another writer's 100 MB value would cost every read 100 MB).
-#: Returns {{pod, version, {member, record, ...}}, ...} for the pods whose deadline is ahead (by
-#: at most :data:`MAX_TTL_MS`: one further ahead is no pod's) and
+#: Returns {{pod, version, {member, record, ...}}, ...} for the pods whose deadline is ahead and
 #: whose records key is a hash: one that is not (another writer) is skipped, not an error that
 #: would hide every other pod's members for as long as the key stays. An index key of another
 #: type reads as no pods (nobody is listed) until the live pods replace it at their next write
 #: or refresh (:data:`WRITE`, :data:`REFRESH`); a project no pod refreshes has nobody to list.
-READ = (
-    f"local MAX_TTL_MS = {MAX_TTL_MS}\n"
-    + """
+READ = """
 if redis.call('TYPE', KEYS[1])['ok'] ~= 'zset' or redis.call('TYPE', KEYS[2])['ok'] ~= 'hash' then
   return {}
 end
@@ -399,8 +373,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local out = {}
 local longest_id, longest_record = tonumber(ARGV[2]), tonumber(ARGV[3])
--- (a deadline further ahead than any pod's ttl is no pod's: MAX_TTL_MS)
-for _, p in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, now + MAX_TTL_MS)) do
+for _, p in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf')) do
   local version = redis.call('HGET', KEYS[2], p)
   if version then
     local records = redis.pcall('HGETALL', ARGV[1] .. p)
@@ -418,7 +391,6 @@ for _, p in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, now + MAX_TT
 end
 return out
 """
-)
 
 
 def read_args(pod_prefix: str) -> list[str | int]:

@@ -128,8 +128,7 @@ class ForeignKind(enum.StrEnum):
     #: The meta key holds another type than a hash, or its epoch or seq is invalid.
     META = "meta"
     #: A presence index key (a project's ``:presence:pods`` or ``:presence:versions``) held
-    #: another type: deleted by a gateway pod, and rebuilt by the live pods; or a pod's deadline
-    #: was further ahead than any pod sets (:data:`schemas.presence.MAX_TTL_MS`): deleted.
+    #: another type: deleted by a gateway pod, and rebuilt by the live pods.
     PRESENCE_KEY = "presence_key"
 
 

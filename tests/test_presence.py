@@ -682,15 +682,3 @@ def test_a_view_outlives_its_last_subscriber_by_the_linger() -> None:
     now[0] += 1_000
     assert core.sweep() == [1] and core.views == {}
     assert core.sweep() == []
-
-
-def test_a_presence_ttl_beyond_what_the_scripts_take_for_a_pod_is_refused() -> None:
-    """A deadline further ahead than MAX_TTL_MS is taken for garbage (schemas.presence): a pod
-    with a longer ttl would see its own members unlisted, so the setting refuses it by name."""
-    from gateway.config import ConfigError, load_config
-    from schemas.presence import MAX_TTL_MS
-
-    longest = MAX_TTL_MS / 1000
-    assert load_config(["--no-auth", "--presence-ttl", str(longest)], {}).presence_ttl == longest
-    with pytest.raises(ConfigError, match="--presence-ttl is at most 600 s"):
-        load_config(["--no-auth", "--presence-ttl", str(longest + 0.5)], {})
