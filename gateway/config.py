@@ -17,6 +17,7 @@ import msgspec
 from msgspec import Meta
 
 from gateway.workers import HEARTBEAT_INTERVAL
+from schemas.presence import MAX_TTL_MS
 from schemas.tokens import TokenVerifier
 
 __all__ = ["ConfigError", "GatewayConfig", "load_config"]
@@ -158,7 +159,7 @@ class GatewayConfig(msgspec.Struct, kw_only=True, frozen=True):
         float,
         _doc(
             "Seconds a pod's presence records outlive its last refresh (a SIGKILLed pod's "
-            "members are gone within ttl + 3 refreshes + 1 diff interval).",
+            "members are gone within ttl + 3 refreshes + 1 diff interval; at most 600).",
             gt=0,
         ),
     ] = 10.0
@@ -174,7 +175,7 @@ class GatewayConfig(msgspec.Struct, kw_only=True, frozen=True):
         float,
         _doc(
             "Seconds a draining pod keeps its members present, so clients that reconnect "
-            "elsewhere in time never appear to leave.",
+            "elsewhere in time never appear to leave (at most 600).",
             ge=0,
         ),
     ] = 15.0
@@ -259,6 +260,16 @@ class GatewayConfig(msgspec.Struct, kw_only=True, frozen=True):
                 "subscribes to every project at once and eventbus.js then sends an activity in "
                 "each, and a reconnect must never be refused (nor closed)"
             )
+        for flag, seconds in (
+            ("--presence-ttl", self.presence_ttl),
+            ("--presence-drain-grace", self.presence_drain_grace),
+        ):
+            if round(seconds * 1000) > MAX_TTL_MS:
+                raise ConfigError(
+                    f"{flag} may be at most {MAX_TTL_MS // 1000} s: Redis takes a pod whose "
+                    "presence deadline is further ahead for garbage (another writer's), and the "
+                    "pod for dead"
+                )
         if not self.presence_refresh_interval * 2 < self.presence_ttl:
             raise ConfigError(
                 "--presence-ttl must exceed two --presence-refresh-interval: one late refresh "

@@ -40,6 +40,7 @@ from gateway.presence import PresenceCore, SessionKey, Write
 from gateway.tasks import spawn
 from schemas.keys import Keys
 from schemas.presence import (
+    MAX_TTL_MS,
     READ,
     REFRESH,
     WRITE,
@@ -61,7 +62,8 @@ log = get_logger("gateway.presence")
 #: Deliver one encoded message to some sessions (the gateway's fan-out; must not block).
 Deliver = Callable[[Sequence[SessionKey], bytes], None]
 #: Told ``(project_id, keys)`` when a write or refresh deleted index keys of another type in a
-#: project (another writer's; the pods rebuild them): the gateway counts them.
+#: project (another writer's; the pods rebuild them), or removed pods whose deadline no pod can
+#: have set (beyond now + ``MAX_TTL_MS``; counted one per pod): the gateway counts them.
 OnRepaired = Callable[[int, int], None]
 
 
@@ -274,6 +276,9 @@ class PresenceService:
     ) -> None:
         if not refresh_interval * 2 < ttl:
             raise ValueError("ttl must exceed two refresh intervals")
+        if round(ttl * 1000) > MAX_TTL_MS or round(drain_grace * 1000) > MAX_TTL_MS:
+            # a deadline further ahead is taken for another writer's: the pod for dead
+            raise ValueError(f"ttl and drain_grace may not exceed {MAX_TTL_MS // 1000} s")
         self.keys = keys or Keys()
         self.pod_id = pod_id or new_pod_id()
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", self.pod_id):
@@ -560,15 +565,17 @@ class PresenceService:
         await self._flush()  # rewrite whatever Redis lost, now
 
     def _repaired(self, project_id: int, keys: int) -> None:
-        """A write or refresh deleted index keys of another type in a project (another writer's):
-        the live pods rebuild them, as after a flush. Said in the log (someone writes where
-        only the gateway should) and counted."""
+        """A write or refresh deleted index keys of another type in a project (another writer's;
+        the live pods rebuild them, as after a flush), or removed pods whose deadline no pod can
+        have set (and their records). Said in the log (someone writes where only the gateway
+        should) and counted."""
         self.repaired_keys += keys
         if self._on_repaired is not None:
             self._on_repaired(project_id, keys)
         if (suppressed := self._throttle.allow("repaired")) is not None:
             log.warning(
-                "presence: replaced a project's index key that held another type",
+                "presence: repaired a project's keys (an index key of another type, or a "
+                "pod deadline beyond the longest ttl)",
                 project_id=project_id,
                 keys=keys,
                 suppressed=suppressed,

@@ -11,7 +11,9 @@ Each gateway *pod* (process) owns, per project, one hash of the members connecte
     eventbus:{42}:presence:versions    hash: pod -> version of that pod's hash
 
 A pod keeps its deadline ahead by refreshing; a pod past its deadline is dead and its members are
-gone (every script ignores it, and the write and refresh scripts delete it). Every write bumps
+gone (every script ignores it, and the write and refresh scripts delete it). So is a pod whose
+deadline is further ahead than any pod can set it (now + :data:`MAX_TTL_MS`): no pod wrote it,
+and kept it would list that pod's members for ever. Every write bumps
 the pod's version and is announced on the project's presence channel as::
 
     <pod>|<version>|<base>|<JSON object: member id -> record, or null for a member who left>
@@ -37,6 +39,7 @@ __all__ = [
     "MAX_MEMBER_ID_BYTES",
     "MAX_MEMBER_ID_LENGTH",
     "MAX_RECORD_BYTES",
+    "MAX_TTL_MS",
     "READ",
     "REFRESH",
     "WRITE",
@@ -69,6 +72,13 @@ MAX_MEMBER_ID_BYTES = 4 * MAX_MEMBER_ID_LENGTH
 #: JSON escapes (6 bytes each), two item ids and two times, with room to spare. :data:`READ`
 #: never sends a longer value: only another writer can have stored it.
 MAX_RECORD_BYTES = 2048
+#: Longest time a pod sets its deadline ahead (ms): the ttl of its refreshes and its drain
+#: grace may not exceed it (checked by ``gateway.config`` and ``PresenceService``; the scripts
+#: also cut a longer ttl to it). A deadline further ahead than now + this is no pod's: another
+#: writer's (``+inf`` included) or a corrupted one, which would list that pod's members for
+#: ever. The scripts take such a pod for dead, as one whose deadline passed. 10 minutes: 60
+#: times the default ttl and 40 times the default grace.
+MAX_TTL_MS = 600_000
 #: A member id: a token's ``sub``, never empty (:meth:`gateway.presence.PresenceCore.join`).
 MemberId = Annotated[str, Meta(min_length=1, max_length=MAX_MEMBER_ID_LENGTH)]
 
@@ -238,6 +248,7 @@ def parse_announcement(data: bytes) -> Announcement:
 # by the scripts (see schemas/lua.py on why keys that may not exist are not declared).
 
 _NOW_AND_PRUNE = """
+local MAX_TTL = __MAX_TTL_MS__
 -- Presence is soft state that the live pods rebuild: an index key holding another type (another
 -- writer's) is deleted, never anything else, and the pods write their records again at their
 -- next write or refresh, as after a flush. Counted in the reply.
@@ -251,18 +262,27 @@ for i, kind in ipairs({'zset', 'hash'}) do
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
-for _, p in ipairs(dead) do
-  redis.call('DEL', ARGV[1] .. p)
-  redis.call('HDEL', KEYS[2], p)
+-- Dead: a deadline passed, or one no pod can have set (beyond now + the longest ttl: another
+-- writer's, +inf included), which would keep the pod's members listed for ever. Both are
+-- removed with the pod's records and version; the impossible ones are counted as repairs.
+local function prune(low, high)
+  local dead = redis.call('ZRANGEBYSCORE', KEYS[1], low, high)
+  for _, p in ipairs(dead) do
+    redis.call('DEL', ARGV[1] .. p)
+    redis.call('HDEL', KEYS[2], p)
+  end
+  if #dead > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[1], low, high) end
+  return #dead
 end
-if #dead > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now) end
+prune('-inf', now)
+repaired = repaired + prune('(' .. (now + MAX_TTL), '+inf')
 -- Whether a pod's records are as the pod last stored them (version, and a hash to hold them).
 local function intact(pod, version)
   return redis.call('HGET', KEYS[2], pod) == version
     and redis.call('TYPE', ARGV[1] .. pod)['ok'] == 'hash'
 end
 local function keep_alive(pod, ttl)
+  ttl = math.min(ttl, MAX_TTL)  -- a longer deadline would read as impossible, the pod as dead
   redis.call('ZADD', KEYS[1], now + ttl, pod)
   redis.call('PEXPIRE', ARGV[1] .. pod, ttl)
   -- the two index keys live as long as the longest-lived pod
@@ -270,7 +290,7 @@ local function keep_alive(pod, ttl)
     if redis.call('PTTL', k) < ttl then redis.call('PEXPIRE', k, ttl) end
   end
 end
-"""
+""".replace("__MAX_TTL_MS__", str(MAX_TTL_MS))
 
 #: Write one pod's member changes in a project and announce them.
 #:
@@ -281,7 +301,8 @@ end
 #: not ``base`` or its records key is not a hash (Redis lost the pod's hash: flushed, restarted,
 #: the pod was taken for dead, or another writer replaced it): the caller then writes its
 #: complete member list with base '0'. An empty hash removes the pod from the project.
-#: ``repaired``: index keys of another type deleted (another writer's; rebuilt by the pods).
+#: ``repaired``: index keys of another type deleted (another writer's; rebuilt by the pods),
+#: plus pods removed for a deadline no pod can have set (beyond now + :data:`MAX_TTL_MS`).
 WRITE = (
     _NOW_AND_PRUNE
     + """
@@ -360,12 +381,15 @@ return {ok, live, repaired}
 #: KEYS: pods, versions. ARGV: pod hash prefix, longest member id and longest record (bytes; see
 #: :func:`read_args`): a pair with a longer one, which no pod writes, is left out in Redis
 #: instead of being sent (another writer's 100 MB value would cost every read 100 MB).
-#: Returns {{pod, version, {member, record, ...}}, ...} for the pods whose deadline is ahead and
-#: whose records key is a hash: one that is not (another writer) is skipped, not an error that
-#: would hide every other pod's members for as long as the key stays. An index key of another
+#: Returns {{pod, version, {member, record, ...}}, ...} for the pods whose deadline is ahead (and
+#: at most :data:`MAX_TTL_MS` ahead: one further is no pod's, and the pod is dead as one whose
+#: deadline passed; WRITE and REFRESH delete it) and whose records key is a hash: one that is
+#: not (another writer) is skipped, not an error that would hide every other pod's members for
+#: as long as the key stays. An index key of another
 #: type reads as no pods (nobody is listed) until the live pods replace it at their next write
 #: or refresh (:data:`WRITE`, :data:`REFRESH`); a project no pod refreshes has nobody to list.
 READ = """
+local MAX_TTL = __MAX_TTL_MS__
 if redis.call('TYPE', KEYS[1])['ok'] ~= 'zset' or redis.call('TYPE', KEYS[2])['ok'] ~= 'hash' then
   return {}
 end
@@ -373,7 +397,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local out = {}
 local longest_id, longest_record = tonumber(ARGV[2]), tonumber(ARGV[3])
-for _, p in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf')) do
+for _, p in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, now + MAX_TTL)) do
   local version = redis.call('HGET', KEYS[2], p)
   if version then
     local records = redis.pcall('HGETALL', ARGV[1] .. p)
@@ -390,7 +414,7 @@ for _, p in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf')) do
   end
 end
 return out
-"""
+""".replace("__MAX_TTL_MS__", str(MAX_TTL_MS))
 
 
 def read_args(pod_prefix: str) -> list[str | int]:

@@ -27,7 +27,7 @@ from gateway.presence import ProjectView, Write, apply_diff
 from gateway.presence_store import PresenceService, PresenceStore
 from publisher.presence import aread_presence, read_presence
 from schemas.keys import Keys
-from schemas.presence import READ, PodRecord, PodState, read_args
+from schemas.presence import MAX_TTL_MS, READ, PodRecord, PodState, encode_record, read_args
 from schemas.protocol import Member, Presence, PresenceDiff
 from tests.support.redis_server import RedisServer
 
@@ -898,3 +898,179 @@ async def test_a_forged_announcement_ahead_of_redis_does_not_freeze_a_pods_membe
         lambda m: set(m) == {"alice"} and m["alice"].viewing == 7 and m["alice"].name == "Alice",
         within=bound,
     )
+
+
+# --- deadlines no pod can have set -------------------------------------------------------------
+
+
+def _server_ms(client: redis.Redis) -> int:
+    seconds, micros = client.time()
+    return seconds * 1000 + micros // 1000
+
+
+def _plant_pod(client: redis.Redis, keys: Keys, project: int, pod: str, deadline) -> None:
+    """A pod as the scripts write it (version, records), with the given deadline."""
+    record = PodRecord(name=pod, viewing=None, answering=None, since=1, at=1)
+    client.zadd(keys.presence_pods(project), {pod: deadline})
+    client.hset(keys.presence_versions(project), pod, 1)
+    client.hset(keys.presence_pod(project, pod), f"{pod}-member", encode_record(record))
+
+
+@pytest.mark.parametrize("by", ["write", "refresh"])
+def test_a_pod_deadline_beyond_the_longest_ttl_is_dead_and_repaired(redis_url, by) -> None:
+    """A pod's deadline is at most now + MAX_TTL_MS (the longest ttl or drain grace allowed).
+    One further ahead (+inf, ten times the bound, just past it: another writer's or corrupted)
+    kept its members listed for ever, people who left shown on every dashboard. Now it is dead
+    as one whose deadline passed: READ (the pods and backends) lists none of its members, and
+    the next write or refresh removes it with its records and version, counted as a repair. A
+    pod at now + ttl, or at the bound itself (a drain at the longest grace), stays listed."""
+    keys = Keys("deadlines")
+    sync = redis.Redis.from_url(redis_url)
+    project, record = 4, PodRecord(name="Alice", viewing=1, answering=None, since=1, at=1)
+    repairs: list[tuple[int, int]] = []
+
+    async def write_alice() -> None:
+        client = redis.asyncio.Redis.from_url(redis_url, socket_timeout=5)
+        try:
+            store = PresenceStore(client, "a", keys=keys)  # ttl 10 s: deadline now + 10 s
+            assert await store.write([Write(project, 0, 1, {"alice": record})]) == [True]
+        finally:
+            await client.aclose()
+
+    async def repair() -> dict[str, int]:
+        client = redis.asyncio.Redis.from_url(redis_url, socket_timeout=5)
+        try:
+            store = PresenceStore(
+                client, "b", keys=keys, on_repaired=lambda p, n: repairs.append((p, n))
+            )
+            if by == "write":
+                assert await store.write([Write(project, 0, 1, {"bob": record})]) == [True]
+            return (await store.refresh({project: None}))[project][1]
+        finally:
+            await client.aclose()
+
+    try:
+        asyncio.run(write_alice())
+        now = _server_ms(sync)
+        _plant_pod(sync, keys, project, "forever", float("inf"))
+        _plant_pod(sync, keys, project, "far", now + 10 * MAX_TTL_MS)
+        _plant_pod(sync, keys, project, "beyond", now + MAX_TTL_MS + 60_000)
+        _plant_pod(sync, keys, project, "grace", now + MAX_TTL_MS - 60_000)
+        ghosts = ["forever", "far", "beyond"]
+
+        listed = [m.id for m in read_presence(sync, project, keys=keys)]
+        assert listed == ["alice", "grace-member"]
+
+        live = asyncio.run(repair())
+        assert set(live) == {"a", "grace"} | ({"b"} if by == "write" else set())
+        assert repairs == [(project, len(ghosts))]
+        assert sync.zscore(keys.presence_pods(project), "forever") is None
+        assert set(sync.zrange(keys.presence_pods(project), 0, -1)) == {p.encode() for p in live}
+        assert not sync.hexists(keys.presence_versions(project), "far")
+        assert not any(sync.exists(keys.presence_pod(project, p)) for p in ghosts)
+        listed = [m.id for m in read_presence(sync, project, keys=keys)]
+        assert listed == sorted(["alice", "grace-member"] + (["bob"] if by == "write" else []))
+    finally:
+        sync.delete(*sync.keys("deadlines:*"))
+        sync.close()
+
+
+def test_a_ttl_beyond_the_bound_is_cut_to_it_not_taken_for_dead(redis_url) -> None:
+    """The scripts cut a ttl over MAX_TTL_MS to it (the gateway's config refuses one), so a pod
+    given a longer one is listed, not removed as garbage by its own write."""
+    keys = Keys("longttl")
+    sync = redis.Redis.from_url(redis_url)
+    record = PodRecord(name="Alice", viewing=1, answering=None, since=1, at=1)
+
+    async def run() -> None:
+        client = redis.asyncio.Redis.from_url(redis_url, socket_timeout=5)
+        try:
+            store = PresenceStore(client, "a", keys=keys, ttl=10 * MAX_TTL_MS / 1000)
+            assert await store.write([Write(3, 0, 1, {"alice": record})]) == [True]
+            assert (await store.refresh({3: 1}))[3] == (True, {"a": 1})
+        finally:
+            await client.aclose()
+
+    try:
+        asyncio.run(run())
+        assert [m.id for m in read_presence(sync, 3, keys=keys)] == ["alice"]
+        deadline = sync.zscore(keys.presence_pods(3), "a")
+        assert deadline <= _server_ms(sync) + MAX_TTL_MS
+    finally:
+        sync.delete(*sync.keys("longttl:*"))
+        sync.close()
+
+
+def test_a_ttl_or_grace_beyond_the_bound_is_refused() -> None:
+    from gateway.config import ConfigError, load_config
+
+    limit = MAX_TTL_MS / 1000
+    for bad in (["--presence-ttl", str(limit + 1)], ["--presence-drain-grace", str(limit + 1)]):
+        with pytest.raises(ConfigError, match="at most 600 s"):
+            load_config(["--no-auth", *bad], environ={})
+    load_config(
+        ["--no-auth", "--presence-ttl", str(limit), "--presence-drain-grace", str(limit)],
+        environ={},
+    )
+    for kwargs in ({"ttl": limit + 1}, {"drain_grace": limit + 1}):
+        with pytest.raises(ValueError, match="600 s"):
+            PresenceService(redis.asyncio.Redis(), lambda s, f: None, pod_id="a", **kwargs)
+
+
+#: Deadlines relative to Redis's now (ms); the scripts run a few ms after the ZADD, so offsets
+#: within MARGIN of a boundary (now, now + MAX_TTL_MS) are left out as undecidable here.
+_MARGIN = 5_000
+_offsets = st.one_of(
+    st.floats(allow_nan=False),
+    st.integers(-10 * MAX_TTL_MS, 10 * MAX_TTL_MS),
+    st.sampled_from([float("inf"), float("-inf"), 2.0**53, -(2.0**53), 1e300]),
+)
+
+
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(offsets=st.lists(_offsets, min_size=1, max_size=4))
+def test_any_deadline_is_listed_exactly_while_a_pod_can_have_set_it(redis_url, offsets) -> None:
+    """For any scores in the pods zset (finite, huge, infinite): a pod's members are listed
+    (READ, by backends and pods) exactly when its deadline is ahead and at most MAX_TTL_MS
+    ahead, and a refresh leaves exactly those pods, the others removed with their records and
+    counted as repairs when they were beyond the bound."""
+    from hypothesis import assume
+
+    keys = Keys("deadlinefuzz")
+    sync = redis.Redis.from_url(redis_url)
+    project = 6
+    try:
+        sync.delete(*(sync.keys("deadlinefuzz:*") or ["deadlinefuzz:none"]))
+        now = _server_ms(sync)
+        live, beyond = set(), 0
+        for i, offset in enumerate(offsets):
+            assume(abs(offset) > _MARGIN and abs(offset - MAX_TTL_MS) > _MARGIN)
+            _plant_pod(sync, keys, project, f"p{i}", now + offset)
+            if offset > MAX_TTL_MS:
+                beyond += 1
+            elif offset > 0:
+                live.add(f"p{i}")
+        listed = {m.id for m in read_presence(sync, project, keys=keys)}
+        assert listed == {f"{p}-member" for p in live}
+        repairs: list[int] = []
+
+        async def refresh() -> dict[str, int]:
+            client = redis.asyncio.Redis.from_url(redis_url, socket_timeout=5)
+            try:
+                store = PresenceStore(
+                    client, "w", keys=keys, on_repaired=lambda p, n: repairs.append(n)
+                )
+                return (await store.refresh({project: None}))[project][1]
+            finally:
+                await client.aclose()
+
+        assert set(asyncio.run(refresh())) == live
+        assert sum(repairs) == beyond
+        assert {p.decode() for p in sync.zrange(keys.presence_pods(project), 0, -1)} == live
+        assert {
+            p for i in range(len(offsets)) if sync.exists(keys.presence_pod(project, p := f"p{i}"))
+        } == live
+    finally:
+        sync.close()
