@@ -347,7 +347,8 @@ return {1, repaired}
 #: Returns {ok, {pod, version, pod, version, ...}, repaired}: ok 0 when the pod's stored version
 #: is not the expected one or its records key is not a hash (its records were lost: the caller
 #: rewrites them with :data:`WRITE`, base '0'); the pods listed are those with a version and a
-#: deadline ahead (a version without a deadline is deleted); ``repaired`` as for :data:`WRITE`.
+#: deadline ahead, by at most :data:`MAX_TTL_MS` (a version without a deadline is deleted);
+#: ``repaired`` as for :data:`WRITE`.
 REFRESH = (
     _NOW_AND_PRUNE
     + """
