@@ -4,17 +4,27 @@ them on one port under a supervisor (:mod:`gateway.workers`)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import socket
 import sys
 from collections.abc import Callable
+from typing import BinaryIO
 
 import msgspec
 
 from gateway.config import ConfigError, GatewayConfig, load_config
-from gateway.logs import configure_logging, get_logger, throttle_loop_errors
-from gateway.workers import Supervisor, resolve_workers, start_heartbeat, worker_command
+from gateway.group import SlotTaken, claim_slot
+from gateway.logs import configure_logging, describe, get_logger, throttle_loop_errors
+from gateway.workers import (
+    GROUP_SIZE_ENV,
+    WORKER_ID_ENV,
+    Supervisor,
+    resolve_workers,
+    start_heartbeat,
+    worker_command,
+)
 from serverkit import raise_descriptor_limit, warn_lowered
 
 
@@ -31,12 +41,48 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(
             asyncio.run(supervise(config, workers, sys.argv[1:] if argv is None else argv))
         )
+    # A worker of a group claims its slot before anything else (Redis, its metrics files, the
+    # port), and holds it until the process ends.
+    slot = claim_worker_slot()
     from gateway.server import ACCEPT_SLACK, run
 
     config = fit_descriptors(config, ACCEPT_SLACK)
     tune_gc()
-    with asyncio.Runner(loop_factory=loop_factory(config.loop)) as runner:
-        runner.run(_serve(config, run))
+    with slot or contextlib.nullcontext():
+        with asyncio.Runner(loop_factory=loop_factory(config.loop)) as runner:
+            runner.run(_serve(config, run))
+
+
+def claim_worker_slot(environ: dict[str, str] | None = None) -> BinaryIO | None:
+    """In a worker of a ``--workers`` group: claim its slot (:func:`gateway.group.claim_slot`)
+    and return the lock file to hold; None for a single gateway. A slot another live process
+    holds (this one was started with a copy of a worker's environment, say) ends this process
+    with status 1, logged, before it listens or touches the slot's files."""
+    environ = os.environ if environ is None else environ
+    slot = environ.get(WORKER_ID_ENV)
+    directory = environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not environ.get(GROUP_SIZE_ENV) or slot is None or not directory:
+        return None
+    log = get_logger("gateway")
+    try:
+        return claim_slot(directory, slot)
+    except SlotTaken as exc:
+        log.error(
+            "worker slot already taken by a live process; exiting without listening",
+            worker=slot,
+            holder_pid=exc.holder,
+            lock=exc.path,
+            hint="one process per worker of a group: a copy of a worker's command and "
+            "environment cannot run beside it",
+        )
+    except (OSError, ValueError) as exc:
+        log.error(
+            "worker slot could not be claimed; exiting without listening",
+            worker=slot[:20],
+            directory=directory,
+            error=describe(exc),
+        )
+    raise SystemExit(1)
 
 
 async def _serve(config: GatewayConfig, run) -> None:

@@ -26,16 +26,27 @@ and readiness probe, on the worker's event loop. The supervisor removes a dead w
 gauges before it starts the next (:func:`metrics_identity`), and never runs two processes in one
 slot at once: two writers of one memory-mapped file would corrupt it.
 
+One process per slot is also each worker's own rule (:func:`claim_slot`): before it touches its
+slot's files or binds the port, a worker takes an exclusive ``flock`` on ``worker<N>.lock`` in
+the directory and holds it for its life; the kernel lets go of it when the process ends, however
+it ends (SIGKILL included). A second process started with a copy of a worker's environment (an
+operator re-running a command line seen in ``ps``) finds the lock held and exits 1 without
+listening: with ``SO_REUSEPORT`` it would have joined the port as a second worker N, writing the
+same files, and the supervisor, which does not know it, would never stop it. The supervisor
+starts a slot's next worker only once it has reaped the previous one, whose lock is free by then.
+
 The supervisor writes its own counters into the same directory (:class:`SupervisorCounters`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
 import os
 import stat
 from collections.abc import Callable
+from typing import BinaryIO
 
 from gateway import groupdir
 from gateway.logs import get_logger
@@ -44,7 +55,9 @@ from gateway.metrics import Metrics
 __all__ = [
     "SUPERVISOR_COUNTERS",
     "GroupView",
+    "SlotTaken",
     "SupervisorCounters",
+    "claim_slot",
     "metrics_identity",
     "read_group",
     "render_families",
@@ -73,14 +86,62 @@ def metrics_identity(worker_id: str) -> str:
     return f"worker{worker_id}"
 
 
+class SlotTaken(RuntimeError):
+    """Another live process holds the worker slot (:func:`claim_slot`)."""
+
+    def __init__(self, slot: str, path: str, holder: int | None) -> None:
+        self.slot = slot
+        self.path = path
+        #: The process id the holder wrote into the lock file (None if unreadable).
+        self.holder = holder
+        super().__init__(f"worker slot {slot} is held by process {holder or '?'} ({path})")
+
+
+def claim_slot(directory: str, slot: str) -> BinaryIO:
+    """Claim worker slot ``slot`` of the group whose directory is ``directory``: an exclusive,
+    non-blocking ``flock`` on ``<directory>/worker<slot>.lock`` (made if missing). Returns the
+    open lock file: keep it open for the process's whole life (closing it gives the slot up; the
+    kernel does at the process's end, however it ends). Raises :class:`SlotTaken` when another
+    open of that file holds the lock (a live process of the slot), ValueError for a slot that
+    is not a number, OSError when the file cannot be opened (the group's directory is gone).
+
+    The claimer writes its process id into the file once it holds the lock, so that a refused
+    one can name the holder. Not blocking on purpose: the supervisor starts a slot's next worker
+    only after reaping the previous one (its lock is free then), so a held lock always means a
+    process the supervisor does not know of, and waiting for it would only hide that."""
+    if not (slot.isascii() and slot.isdigit()):
+        raise ValueError(f"not a worker slot: {slot[:20]!r}")
+    path = os.path.join(directory, f"{metrics_identity(slot)}.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    file = os.fdopen(fd, "r+b", buffering=0)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder: int | None = int(file.read(32).strip() or b"x")
+        except (ValueError, OSError):  # being written this instant, or garbage: unnamed
+            holder = None
+        file.close()
+        raise SlotTaken(slot, path, holder) from None
+    except BaseException:
+        file.close()
+        raise
+    try:
+        file.truncate(0)
+        file.write(f"{os.getpid()}\n".encode())
+    except OSError:  # (only the holder's name for a refused claimer: the lock is what counts)
+        pass
+    return file
+
+
 class GroupView:
     """One worker's share of the group's metrics, and the group's merged view.
 
     ``directory`` must be the ``PROMETHEUS_MULTIPROC_DIR`` the process was started with
     (prometheus-client picks its storage when first imported). ``worker_id``: the worker's slot
     in the group; its files are named after it (:func:`metrics_identity`) rather than the process
-    id, and this must be the only live process of the slot. Set before any metric of the process
-    is made (this makes the first).
+    id, and this must be the only live process of the slot: a worker claims it first
+    (:func:`claim_slot`). Set before any metric of the process is made (this makes the first).
     """
 
     def __init__(

@@ -19,6 +19,10 @@ The supervisor (this module, the parent process) only starts, watches and stops 
   the new connections, to hang unanswered: each worker's loop writes a heartbeat into a pipe
   once a second (:func:`start_heartbeat`), and one silent for ``worker_timeout`` seconds
   (:class:`Liveness`) is killed with SIGKILL and started again like a worker that died;
+* a worker is started in a slot's place only once the previous one has been reaped, so its
+  slot's lock (:func:`gateway.group.claim_slot`, taken by every worker before it listens) is
+  free; a process that finds it held exits 1 and, if it is the supervisor's, is restarted with
+  the growing delay like any worker dying young;
 * SIGTERM (or SIGINT, or SIGHUP) is passed to every worker as SIGTERM, which drains as a
   single gateway does; a worker still running ``drain_timeout`` + 5 s later is killed (SIGKILL);
 * ``/metrics`` and ``/readyz`` answer for the whole group from any worker (see

@@ -304,6 +304,97 @@ def test_an_unreadable_file_of_the_slot_is_set_aside_and_the_worker_starts(tmp_p
     assert _group_samples(str(directory))["eventbus_deliveries_total"] == 31
 
 
+_CLAIMER = textwrap.dedent(
+    """
+    import sys, time
+    from gateway.group import claim_slot
+    held = claim_slot(sys.argv[1], sys.argv[2])
+    print("claimed", flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def test_a_worker_slot_is_claimed_by_one_open_at_a_time(tmp_path) -> None:
+    """One process per slot: a second claim of a held slot is refused, naming the holder; the
+    slot is free again once its holder closes it; other slots are claimed independently."""
+    from gateway.group import SlotTaken, claim_slot
+
+    directory = str(tmp_path)
+    first = claim_slot(directory, "1")
+    try:
+        with pytest.raises(SlotTaken) as refused:
+            claim_slot(directory, "1")  # another open of the file: what another process has
+        assert refused.value.holder == os.getpid()
+        assert refused.value.path == str(tmp_path / "worker1.lock")
+        other = claim_slot(directory, "2")
+        other.close()
+    finally:
+        first.close()
+    again = claim_slot(directory, "1")
+    again.close()
+    with pytest.raises(ValueError):
+        claim_slot(directory, "../1")  # the slot is part of file names: a number only
+    with pytest.raises(FileNotFoundError):
+        claim_slot(str(tmp_path / "gone"), "1")  # the group's directory removed
+
+
+def test_a_killed_holder_frees_its_slot(tmp_path) -> None:
+    """The kernel lets go of the lock when its holder dies, even by SIGKILL: the worker the
+    supervisor starts in a killed one's place claims the slot at once."""
+    from gateway.group import SlotTaken, claim_slot
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _CLAIMER, str(tmp_path), "0"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "claimed\n"
+        with pytest.raises(SlotTaken) as refused:
+            claim_slot(str(tmp_path), "0")
+        assert refused.value.holder == holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
+    claim_slot(str(tmp_path), "0").close()
+
+
+def test_a_worker_whose_slot_is_held_exits_1_and_a_single_gateway_claims_nothing(
+    tmp_path,
+) -> None:
+    import structlog
+
+    from gateway.__main__ import claim_worker_slot
+    from gateway.group import claim_slot
+    from gateway.workers import GROUP_SIZE_ENV, WORKER_ID_ENV
+
+    group = {
+        GROUP_SIZE_ENV: "2",
+        WORKER_ID_ENV: "1",
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
+    }
+    assert claim_worker_slot({}) is None
+    assert claim_worker_slot({WORKER_ID_ENV: "1"}) is None  # no group: a label only
+    assert os.listdir(tmp_path) == []
+    held = claim_slot(str(tmp_path), "1")
+    try:
+        with structlog.testing.capture_logs() as logs, pytest.raises(SystemExit) as exited:
+            claim_worker_slot(group)
+        assert exited.value.code == 1
+        (entry,) = logs
+        assert entry["log_level"] == "error" and entry["holder_pid"] == os.getpid()
+        assert entry["worker"] == "1" and "already taken" in entry["event"]
+        mine = claim_worker_slot({**group, WORKER_ID_ENV: "0"})  # the other slot is free
+        assert mine is not None
+        mine.close()
+    finally:
+        held.close()
+    with structlog.testing.capture_logs() as logs, pytest.raises(SystemExit) as exited:
+        claim_worker_slot({**group, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "gone")})
+    assert exited.value.code == 1 and logs[0]["log_level"] == "error"
+
+
 # --- real groups ------------------------------------------------------------------------------
 
 import json  # noqa: E402
@@ -1297,3 +1388,50 @@ async def test_a_worker_crashing_at_start_is_restarted_with_a_bounded_backoff() 
     restarts = [entry for entry in logs if entry["event"] == "worker exited; restarting"]
     assert [entry["delay"] for entry in restarts[:5]] == [0.1, 0.2, 0.4, 0.4, 0.4]
     assert all(e["log_level"] == "warning" and e["code"] == 3 for e in restarts)
+
+
+def _cmdline(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/cmdline", "rb") as file:
+        return [arg.decode() for arg in file.read().split(b"\0") if arg]
+
+
+async def test_a_copy_of_a_workers_command_exits_1_and_the_group_serves_on(redis_url) -> None:
+    """An operator re-running a worker's command line with its environment (both seen in /proc):
+    before, that process ran as a second worker 1, listening on the shared port (SO_REUSEPORT
+    let it), writing worker 1's metrics files, unknown to the supervisor. It must exit 1 at
+    once without listening, and the group go on as it was; a worker killed afterwards is still
+    replaced (its slot's lock went with it)."""
+    from tests.support.gateway_process import ROOT
+
+    group = GatewayProcess(redis_url, args=["--workers", "2"])
+    with group:
+        pids = _worker_pids(group.port, 2)
+        directory = _environ(pids["1"])["PROMETHEUS_MULTIPROC_DIR"]
+        files = sorted(os.listdir(directory))
+        copy = await asyncio.create_subprocess_exec(
+            *_cmdline(pids["1"]),
+            env=_environ(pids["1"]),
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            async with asyncio.timeout(30):  # without the claim it serves until stopped
+                out, _ = await copy.communicate()
+        finally:
+            if copy.returncode is None:
+                copy.kill()
+                await copy.wait()
+        output = out.decode()
+        assert copy.returncode == 1, output
+        (refusal,) = [json.loads(line) for line in output.splitlines() if "already taken" in line]
+        assert refusal["holder_pid"] == pids["1"] and refusal["worker"] == "1"
+        assert "gateway listening" not in output
+        assert sorted(os.listdir(directory)) == files
+        assert _healthz_pids(group.port) == pids
+        assert group.readyz()[0] == 200
+        assert not group.log_lines("worker exited"), group.tail()
+        os.kill(pids["1"], signal.SIGKILL)
+        await _worker_1_replaced(group, pids["1"])
+        assert group.terminate(timeout=20) == 0
