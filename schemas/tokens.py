@@ -317,6 +317,27 @@ class TokenVerifier:
         return _claims(raw)
 
 
+#: Project sets of verified tokens, each kept once: the tokens of a project's viewers name the
+#: same projects, and each connection holds its claims for its life (a frozenset is ~200 bytes
+#: however small: a fifth of what a token adds to an idle connection, docs/benchmarks.md).
+#: Bounded: small sets only, and emptied when full (a cache, never a registry).
+_SHARED_PROJECT_SETS: dict[frozenset[int], frozenset[int]] = {}
+_SHARED_MAX_SETS = 4096
+_SHARED_MAX_PROJECTS = 16
+
+
+def _shared(projects: frozenset[int]) -> frozenset[int]:
+    """The one kept copy of ``projects`` (equal, immutable: interchangeable)."""
+    if len(projects) > _SHARED_MAX_PROJECTS:
+        return projects
+    kept = _SHARED_PROJECT_SETS.get(projects)
+    if kept is None:
+        if len(_SHARED_PROJECT_SETS) >= _SHARED_MAX_SETS:
+            _SHARED_PROJECT_SETS.clear()
+        kept = _SHARED_PROJECT_SETS[projects] = projects
+    return kept
+
+
 def _claims(raw: dict) -> TokenClaims:
     """The claims of a token PyJWT has verified, or :class:`InvalidToken`."""
     projects = raw.get("projects")
@@ -325,7 +346,7 @@ def _claims(raw: dict) -> TokenClaims:
     elif isinstance(projects, list) and all(
         isinstance(p, int) and not isinstance(p, bool) and p > 0 for p in projects
     ):
-        allowed = frozenset(projects)
+        allowed = _shared(frozenset(projects))
     else:
         raise InvalidToken("invalid token: 'projects' must be a list of positive ids or '*'")
     if int(raw["exp"]) > MAX_EXP:  # PyJWT took any integer; the gateway's timer overflowed
