@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -345,6 +346,20 @@ async def _poll_sent(port: int, path: str, headers: dict) -> tuple[asyncio.Strea
     return reader, writer
 
 
+@contextlib.contextmanager
+def _hung_redis(server):
+    """A FreezableProxy in front of ``server`` (``.url`` is its address): frozen, it holds the
+    gateway's commands as a stopped Redis would, and says when one arrived (``wait_held``)."""
+    from tests.support.tcp_proxy import FreezableProxy
+
+    proxy = FreezableProxy("127.0.0.1", server.port)
+    proxy.url = f"redis://127.0.0.1:{proxy.port}"
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+
+
 def _parse_answer(raw: bytes) -> tuple[int, dict[str, str], bytes]:
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head, "no answer: the connection ended without one"
@@ -365,14 +380,15 @@ async def test_a_poll_waiting_for_redis_when_the_drain_starts_is_answered_at_its
     args = ["--drain-timeout", "2", "--subscribe-timeout", "30", "--loop", loop]
     with (
         RedisServer() as server,
-        GatewayProcess(server.url, auth_secret=SECRET, args=args) as gateway,
+        _hung_redis(server) as proxy,
+        GatewayProcess(proxy.url, auth_secret=SECRET, args=args) as gateway,
     ):
         poll = "/v1/projects/6/events?epoch=e&after=0"
         assert (await request(gateway.port, poll, headers=_bearer([6])))[0] == 200
-        os.kill(server.process.pid, signal.SIGSTOP)  # sockets open, nothing answers
+        proxy.freeze()  # sockets open, nothing answers
         try:
             reader, writer = await _poll_sent(gateway.port, poll, _bearer([6]))
-            await asyncio.sleep(0.5)  # the poll waits for Redis
+            await asyncio.to_thread(proxy.wait_held, b"{6}:stream")  # the poll waits for Redis
             started = time.monotonic()
             gateway.process.send_signal(signal.SIGTERM)
             async with asyncio.timeout(15):
@@ -382,7 +398,7 @@ async def test_a_poll_waiting_for_redis_when_the_drain_starts_is_answered_at_its
             code = await asyncio.to_thread(gateway.process.wait, 15)
             exited = time.monotonic() - started
         finally:
-            os.kill(server.process.pid, signal.SIGCONT)
+            proxy.thaw()
         status, headers, body = _parse_answer(raw)
         assert status == 503 and json.loads(body)["error"] == "draining", raw[:300]
         assert headers["retry-after"] == "1" and headers["connection"] == "close"
@@ -403,19 +419,20 @@ async def test_a_poll_that_redis_answers_during_the_drain_gets_its_page_before_t
     args = ["--drain-timeout", "10", "--subscribe-timeout", "30"]
     with (
         RedisServer() as server,
-        GatewayProcess(server.url, auth_secret=SECRET, args=args) as gateway,
+        _hung_redis(server) as proxy,
+        GatewayProcess(proxy.url, auth_secret=SECRET, args=args) as gateway,
     ):
         poll = "/v1/projects/7/events?epoch=e&after=0"
         assert (await request(gateway.port, poll, headers=_bearer([7])))[0] == 200
-        os.kill(server.process.pid, signal.SIGSTOP)
+        proxy.freeze()
         try:
             reader, writer = await _poll_sent(gateway.port, poll, _bearer([7]))
-            await asyncio.sleep(0.5)
+            await asyncio.to_thread(proxy.wait_held, b"{7}:stream")  # the poll waits for Redis
             started = time.monotonic()
             gateway.process.send_signal(signal.SIGTERM)
-            await asyncio.sleep(3)
+            await asyncio.sleep(3)  # Redis answers 3 s into the drain
         finally:
-            os.kill(server.process.pid, signal.SIGCONT)
+            proxy.thaw()
         async with asyncio.timeout(15):
             raw = await reader.read()
         writer.close()

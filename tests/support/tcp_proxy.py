@@ -4,6 +4,10 @@ cannot stop themselves (the machine's shared PostgreSQL).
 While frozen, the proxy accepts connections and reads what clients send, but forwards nothing in
 either direction: to a client it looks exactly like a server stopped with ``SIGSTOP`` (the kernel
 accepts and acknowledges, nothing answers). ``thaw()`` forwards what was held, in order.
+
+``wait_held(contains)`` waits until the proxy holds a client's bytes containing ``contains``: a
+test then knows its request reached the frozen server and waits there, instead of sleeping and
+hoping it did (on a loaded machine the request may still be on its way after any sleep).
 """
 
 from __future__ import annotations
@@ -24,8 +28,11 @@ class FreezableProxy:
         self._closed = False
         self._sockets: list[socket.socket] = []
         self._gates: list[threading.Event] = []  # one per connection: cleared, frozen
+        self._clients: set[socket.socket] = set()  # the client side of each connection
         #: Connections accepted so far (a client's connects, frozen or not).
         self.accepted = 0
+        self._held = bytearray()  # what clients sent while frozen (all connections, in order)
+        self._held_changed = threading.Condition()
         self._listener = socket.create_server(("127.0.0.1", self.port))
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -40,6 +47,17 @@ class FreezableProxy:
 
     def thaw(self) -> None:
         self._running.set()
+
+    def wait_held(self, contains: bytes = b"", timeout: float = 10.0) -> None:
+        """Block until what clients sent while frozen contains ``contains`` (with ``b""``: any
+        byte); ``TimeoutError`` after ``timeout`` seconds. An async test runs it in a thread.
+        Only connections made before the freeze count: one made while frozen is not read from
+        until the thaw (its bytes wait in the kernel, as on a stopped server)."""
+        with self._held_changed:
+            if not self._held_changed.wait_for(
+                lambda: contains in self._held and bool(self._held), timeout
+            ):
+                raise TimeoutError(f"the proxy holds no {contains!r} after {timeout} s")
 
     def close(self) -> None:
         self._closed = True
@@ -66,6 +84,7 @@ class FreezableProxy:
 
     def _connect(self, client: socket.socket) -> None:
         self._sockets.append(client)
+        self._clients.add(client)
         self._running.wait()  # a connection made while frozen waits, as on a stopped server
         try:
             upstream = socket.create_connection(self.target)
@@ -82,6 +101,10 @@ class FreezableProxy:
     def _pump(self, source: socket.socket, sink: socket.socket, gate: threading.Event) -> None:
         try:
             while data := source.recv(65536):
+                if source in self._clients and not (self._running.is_set() and gate.is_set()):
+                    with self._held_changed:
+                        self._held += data
+                        self._held_changed.notify_all()
                 self._running.wait()
                 gate.wait()
                 if self._closed:
