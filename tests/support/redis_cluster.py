@@ -189,7 +189,7 @@ class ClusterNode:
             # Keep the topology the test built: no replica wanders off to an orphaned master.
             "--cluster-allow-replica-migration",
             "no",
-            # DEBUG SLEEP lets fault tests freeze a node without killing it.
+            # DEBUG commands (e.g. DEBUG SLEEP) for fault tests.
             "--enable-debug-command",
             "local",
             *self.cluster.extra_args,
@@ -223,6 +223,23 @@ class ClusterNode:
     def kill(self) -> None:
         """SIGKILL: the node vanishes at once (and, without persistence, its data with it)."""
         self._end(lambda process: process.kill())
+
+    def freeze(self) -> None:
+        """SIGSTOP: the node hangs with its sockets open (a paused VM, a stuck host) until
+        :meth:`thaw`, however long the test takes meanwhile. Returns once it is stopped."""
+        assert self.process is not None, f"{self} is not running"
+        self.process.send_signal(signal.SIGSTOP)
+        path = f"/proc/{self.process.pid}/stat"
+        _wait_for(
+            f"{self} to stop",
+            lambda: Path(path).read_text().rpartition(")")[2].split()[0] in ("T", "t"),
+            5.0,
+        )
+
+    def thaw(self) -> None:
+        """SIGCONT: a frozen node runs again (harmless on one that is not frozen)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
 
     def stop(self) -> None:
         """SIGTERM: a clean shutdown."""
