@@ -240,6 +240,10 @@ def _read_events(source: str, stdin: TextIO) -> list[ProjectEvent]:
     if not text.strip():
         raise CliError("no event given (empty input)")
     try:
+        text.encode()
+    except UnicodeEncodeError:  # bytes that are not UTF-8, escaped by Python (argv, a C locale)
+        raise CliError("invalid event: the input is not valid UTF-8") from None
+    try:
         document = msgspec.json.decode(text)
     except msgspec.DecodeError:
         document = None  # not one JSON document: JSON lines, parsed below

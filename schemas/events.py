@@ -199,6 +199,8 @@ def decode_event(data: bytes | str) -> ProjectEvent:
         event = _decoder.decode(data)
     except msgspec.DecodeError as exc:
         raise EventValidationError(str(exc)) from None
+    except UnicodeEncodeError:  # a str holding lone surrogates (undecodable bytes escaped)
+        raise EventValidationError("JSON is malformed: not valid UTF-8 text") from None
     if (key := repeated_key(data)) is not None:
         raise EventValidationError(f"the key {key!r} is given twice in one object")
     return event

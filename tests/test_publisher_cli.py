@@ -128,6 +128,8 @@ def test_publish_from_stdin_json_lines_and_arrays(cli, redis_client: redis.Redis
         (resolved_json() + "\n" + resolved_json(blocker_id=-1), r"invalid line 2: .*blocker_id"),
         ("[" + resolved_json() + ', {"type": "nope"}]', r"invalid event 2: .*\$\.type"),
         ("not json", r"invalid line 1: JSON is malformed"),
+        # a non-UTF-8 byte as Python gives it in argv or a C locale's stdin (was a traceback)
+        (resolved_json().replace("Use JWT", "\udcff"), "invalid event: the input is not valid"),
         (
             resolved_json()[:-1] + ', "answer": "no"}',
             "invalid event: the key 'answer' is given twice",

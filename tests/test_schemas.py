@@ -394,7 +394,10 @@ def test_repeated_key_finds_exactly_the_objects_with_a_key_twice(value: Any) -> 
     assert (found is None) == (not expected) and (found is None or found in expected)
 
 
-@pytest.mark.parametrize("data", [b"", b"{", b"[]", b"null", b'"x"', b"\xff\xfe", "{\x00}"])
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"{", b"[]", b"null", b'"x"', b"\xff\xfe", "{\x00}", '{"type": "\udcff"}'],
+)
 def test_malformed_json_is_rejected(data: bytes | str) -> None:
     with pytest.raises(EventValidationError):
         decode_event(data)
