@@ -524,7 +524,7 @@ class Consumer:
         return True
 
     def _forget(self, route: _Route, project_ids: tuple[int, ...]) -> list[int]:
-        """Stop routing the projects to ``route``; returns those that were subscribed."""
+        """Stop routing the projects to ``route``; returns those to unsubscribe on the gateway."""
         forgotten = []
         for project_id in project_ids:
             if self._routes.get(project_id) is route:
@@ -533,7 +533,12 @@ class Consumer:
                 # Its held subscribe is moot; left in the queue until its turn, a caller
                 # following and leaving project after project would grow it without bound.
                 self._pacer.drop(project_id)
-                if self._states.pop(project_id, None) is not None:
+                state = self._states.pop(project_id, None)
+                # Only a project the gateway may hold a subscription of (a subscribe sent, or
+                # answered, on this connection) is left there: an unsubscribe of a project whose
+                # subscribe never went out (held by the pacing) is one of nothing, which the
+                # gateway's rate limit counts (eventbus.js sends none either).
+                if state is not None and (state.pending or state.stream_epoch is not None):
                     forgotten.append(project_id)
         return forgotten
 
