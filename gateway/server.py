@@ -86,6 +86,9 @@ REDIS_CALL_TIMEOUT = 10.0
 #: after the clients are gone: a hung Redis must not hold the exit.
 CLOSE_STEP_TIMEOUT = 2.0
 
+#: Seconds Redis has to answer the ``PING`` of a readiness check (``/readyz``, the group's sync).
+READINESS_TIMEOUT = 1.0
+
 
 class Gateway:
     """One gateway process. ``await start()``, then ``await drain()`` to stop."""
@@ -119,6 +122,8 @@ class Gateway:
         self.group: GroupView | None = None
         #: Readiness as of the last group sync (once a second), for the group's /metrics.
         self.ready_now = False
+        #: The readiness ``PING`` in flight, shared by every check made meanwhile (None: none).
+        self._ping: asyncio.Task[bool] | None = None
         self.redis: redis.asyncio.Redis | None = None
         self.store: HistoryStore
         self.hub: Hub
@@ -323,12 +328,27 @@ class Gateway:
         self.group.sync(self.ready_now)
 
     async def readiness(self) -> dict[str, bool]:
-        try:
-            async with asyncio.timeout(1.0):
-                redis_ok = await self.store.ping()
-        except TimeoutError:
-            redis_ok = False
+        """The checks of ``/readyz``: Redis answers a ``PING`` within :data:`READINESS_TIMEOUT`,
+        the pub/sub link is up, the pod is not draining.
+
+        ``/readyz`` is on the public port, so anyone can ask it at any rate: checks made while a
+        ``PING`` is in flight share it (it ends within the timeout whoever waits for it, and a
+        client that leaves does not cancel it for the others). A ``PING`` per request held a
+        connection of the pool the history reads use (redis-py's, 100) each: a burst of probes
+        took the pool, and the polls and subscribes made meanwhile failed ``unavailable``.
+        """
+        task = self._ping
+        if task is None or task.done():
+            task = self._ping = asyncio.ensure_future(self._ping_redis())
+        redis_ok = await asyncio.shield(task)
         return {"redis": redis_ok, "pubsub": self.link.connected, "not_draining": not self.draining}
+
+    async def _ping_redis(self) -> bool:
+        try:
+            async with asyncio.timeout(READINESS_TIMEOUT):
+                return await self.store.ping()
+        except TimeoutError:
+            return False
 
     # --- clients' mistakes -------------------------------------------------------------------
 
@@ -466,6 +486,8 @@ class Gateway:
         """Stop everything; each step is bounded by CLOSE_STEP_TIMEOUT (Redis may hang)."""
         for task in self._tasks:
             task.cancel()
+        if self._ping is not None:
+            self._ping.cancel()  # (a readiness check still waiting on it gets CancelledError)
         self.keepalive.close()
         await _bounded(self.presence.stop(), "presence")
         if self.streams.keepalive is not None:

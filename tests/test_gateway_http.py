@@ -77,6 +77,40 @@ async def test_readyz_fails_while_redis_is_down_and_recovers():
             await gateway.drain()
 
 
+async def test_a_flood_of_readiness_probes_costs_redis_one_ping_at_a_time():
+    """``/readyz`` is on the public port: anyone can ask it, as often as they like. Each request
+    sent Redis a PING of its own, on a connection of the pool the history reads use (redis-py's
+    limit, 100): 300 at once opened 100 connections to Redis, and past them the pool refused
+    with "Too many connections". The probes answered 503 (a load balancer takes a ready pod
+    out) and the polls made meanwhile 503 ``unavailable``. Concurrent probes now share one
+    PING: every probe and every poll is answered 200, and Redis sees a handful of connections.
+    A gateway process, so that the requests, all written before any is read, arrive together."""
+    import redis.asyncio
+
+    from tests.support.gateway_process import GatewayProcess
+
+    paths = ["/readyz"] * 300 + ["/v1/projects/1/events"] * 20
+    with RedisServer() as server, GatewayProcess(server.url) as gateway:
+        gateway.start()
+        direct = redis.asyncio.Redis.from_url(server.url)
+        try:
+            clients_before = (await direct.info("clients"))["connected_clients"]
+            streams = [await asyncio.open_connection("127.0.0.1", gateway.port) for _ in paths]
+            for (_, writer), path in zip(streams, paths, strict=True):
+                writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            async with asyncio.timeout(20):
+                answers = await asyncio.gather(*(reader.read() for reader, _ in streams))
+            for _, writer in streams:
+                writer.close()
+            statuses = [int(answer.split(b" ", 2)[1]) for answer in answers]
+            assert statuses[:300] == [200] * 300, answers[statuses.index(503)][-200:]
+            assert statuses[300:] == [200] * 20, answers[300 + statuses[300:].index(503)][-200:]
+            opened = (await direct.info("clients"))["connected_clients"] - clients_before
+            assert opened <= 5, f"{opened} more connections to Redis"
+        finally:
+            await direct.aclose()
+
+
 async def test_metrics_are_prometheus_text(gateways, publisher):
     gateway = await gateways()
     await publish(publisher, 1, 3)
