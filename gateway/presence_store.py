@@ -66,6 +66,14 @@ Deliver = Callable[[Sequence[SessionKey], bytes], None]
 #: have set (beyond now + ``MAX_TTL_MS``; counted one per pod): the gateway counts them.
 OnRepaired = Callable[[int, int], None]
 
+#: Presence reads (:data:`~schemas.presence.READ`, one call each) in flight at once per pod; the
+#: others wait their turn. Every Redis call of the gateway takes a connection of one pool
+#: (redis-py's, 100 at most, past which it refuses "Too many connections"): a read per
+#: ``presence_get`` or presence subscribe of a project not in memory, 300 of them at once (a
+#: reconnect storm of dashboards), took the pool, and the history reads, polls and readiness
+#: checks made meanwhile failed as if Redis were down.
+PRESENCE_READS = 16
+
 
 class ChannelLink(Protocol):
     """A pub/sub connection someone else owns (the gateway's :class:`gateway.pubsub.PubSubLink`
@@ -109,6 +117,7 @@ class PresenceStore:
         self.ttl_ms = round(ttl * 1000)
         self.publish_command = publish_command
         self._read = client.register_script(READ)
+        self._reads = asyncio.Semaphore(PRESENCE_READS)
         self._shas = {text: hashlib.sha1(text.encode()).hexdigest() for text in (WRITE, REFRESH)}
         self._cluster = isinstance(client, redis.asyncio.cluster.RedisCluster)
         #: Commands sent and round trips made: what the cost bounds count.
@@ -185,10 +194,13 @@ class PresenceStore:
         return out
 
     async def read(self, project_id: int) -> dict[str, PodState]:
-        """A project's presence on every live pod, read atomically."""
-        reply = await self._read(
-            keys=self._keys(project_id), args=read_args(self.keys.presence_pod_prefix(project_id))
-        )
+        """A project's presence on every live pod, read atomically. At most
+        :data:`PRESENCE_READS` run at once; the others wait (callers bound the wait)."""
+        async with self._reads:
+            reply = await self._read(
+                keys=self._keys(project_id),
+                args=read_args(self.keys.presence_pod_prefix(project_id)),
+            )
         self._count(1)
         return parse_read_reply(reply)
 

@@ -543,3 +543,52 @@ async def test_a_subject_too_long_to_list_reads_presence_but_is_not_listed(gatew
     await carol.subscribe(1)
     await until(watcher, lambda: ids(watcher, 1) == {"watcher", "c" * 255})
     assert gateway.metrics.presence_unlisted_total == 1
+
+
+async def test_a_storm_of_presence_reads_leaves_redis_connections_for_everything_else():
+    """300 connections asking presence of 300 projects at once (a reconnect storm of dashboards
+    with presence, or one client with many sockets): each read took a connection of the pool
+    every Redis call of the gateway shares (redis-py's, 100 at most). Past 100 the pool
+    refused "Too many connections": a third of them got ``unavailable``, and so did the
+    polls, subscribes and readiness checks made meanwhile, against a healthy Redis. Presence
+    reads now take at most ``PRESENCE_READS`` connections at once, the others wait their turn
+    (within ``--subscribe-timeout``). A gateway process, so that the frames arrive together."""
+    import websockets
+
+    from gateway.presence_store import PRESENCE_READS
+    from tests.support.redis_server import RedisServer
+
+    def ask(project_id: int) -> str:
+        if project_id % 2:
+            return json.dumps({"type": "presence_get", "project_id": project_id})
+        return json.dumps({"type": "subscribe", "project_id": project_id, "presence": True})
+
+    async def answer(client) -> dict:
+        while (message := json.loads(await client.recv()))["type"] == "subscribed":
+            pass
+        return message
+
+    with RedisServer() as server, GatewayProcess(server.url) as gateway:
+        gateway.start()
+        direct = redis.asyncio.Redis.from_url(server.url)
+        clients = []
+        try:
+            connected_before = (await direct.info("clients"))["connected_clients"]
+            clients = [await websockets.connect(gateway.ws_url) for _ in range(300)]
+            polls = [await asyncio.open_connection("127.0.0.1", gateway.port) for _ in range(20)]
+            await asyncio.gather(*(c.send(ask(p)) for p, c in enumerate(clients, start=1)))
+            for _, writer in polls:
+                writer.write(b"GET /v1/projects/1/events HTTP/1.1\r\nHost: x\r\n\r\n")
+            async with asyncio.timeout(20):
+                answers = await asyncio.gather(*map(answer, clients))
+                polled = await asyncio.gather(*(reader.read() for reader, _ in polls))
+            for _, writer in polls:
+                writer.close()
+            refused = [a for a in answers if a["type"] != "presence"]
+            assert not refused, f"{len(refused)} presence reads refused: {refused[0]}"
+            assert [p.split(b" ", 2)[1] for p in polled] == [b"200"] * 20, polled[0][-120:]
+            opened = (await direct.info("clients"))["connected_clients"] - connected_before
+            assert opened <= PRESENCE_READS + 10, f"{opened} more connections to Redis"
+        finally:
+            await asyncio.gather(*(c.close() for c in clients))
+            await direct.aclose()
