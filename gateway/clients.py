@@ -8,8 +8,8 @@ turns its own input into these calls and the session's output into its own bytes
   pod, a foreign ``Origin``), as the HTTP answer that refuses it (a poll is refused for the
   first two as well: :meth:`ClientProtocol.pod_refusal`);
 * :meth:`ClientProtocol.verify_bearer`: an ``Authorization: Bearer`` header's claims;
-* :meth:`ClientProtocol.authenticate`: claims for a session, with the expiry timer, and a
-  refreshed token dropping the projects it no longer allows;
+* :meth:`ClientProtocol.authenticate`: claims for a session, with its expiry (one timer for
+  all, :mod:`gateway.expiry`), and a refreshed token dropping the projects it no longer allows;
 * :meth:`ClientProtocol.subscribe` / :meth:`ClientProtocol.unsubscribe` with their checks and
   errors; :meth:`ClientProtocol.handle_now` for a frame (WebSocket: the client messages),
   handled at once unless it has to wait for Redis;
@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import redis.exceptions
 
 from gateway.client_input import decode_frame
+from gateway.expiry import ExpiryWheel
 from gateway.http import draining_response, json_response
 from gateway.hub import SubscribeUnavailable
 from gateway.logs import describe, get_logger
@@ -93,6 +94,8 @@ class ClientProtocol:
         #: The rate limit on client frames (None: ``--client-rate 0``), and its clock.
         self.rate_limit = frame_rate_limit(self.config.client_rate, self.config.client_burst)
         self.clock: Callable[[], float] = time.monotonic
+        #: Every session's token expiry (the slot it returned is the session's ``expiry``).
+        self.expiry: ExpiryWheel[ClientSession] = ExpiryWheel(self.expire)
 
     # --- admission ---------------------------------------------------------------------------
 
@@ -157,10 +160,9 @@ class ClientProtocol:
         """Give ``session`` these claims: (re)arm its expiry, drop projects a refreshed token no
         longer allows (``error`` forbidden + ``unsubscribed`` each), answer ``authenticated``."""
         previous, session.claims = session.claims, claims
-        if session.expiry is not None:
-            session.expiry.cancel()
-        delay = max(0.0, claims.exp - time.time())
-        session.expiry = asyncio.get_running_loop().call_later(delay, self.expire, session)
+        # One shared coarse timer (gateway.expiry), not a TimerHandle per connection: the
+        # close comes at most a second after ``exp``, never before.
+        session.expiry = self.expiry.add(session, claims.exp, session.expiry)
         # A refreshed token may name fewer projects: drop what it no longer allows.
         hub = self.gateway.hub
         for project_id in sorted(session.projects):
@@ -186,6 +188,7 @@ class ClientProtocol:
 
     def expire(self, session: ClientSession) -> None:
         """The session's token expired without a refresh: close it (4002)."""
+        session.expiry = None
         session.close_later(CloseCode.TOKEN_EXPIRED, "token expired")
 
     def allowed(self, session: ClientSession, project_id: int) -> bool:

@@ -379,8 +379,8 @@ class Gateway:
         self.sessions.pop(session, None)
         if not self.sessions:
             self._all_closed.set()
-        if session.expiry is not None:
-            session.expiry.cancel()
+        self.clients.expiry.remove(session, session.expiry)
+        session.expiry = None
 
     def answer_started(self, bound: asyncio.Timeout) -> None:
         """An HTTP request is being handled (gateway.http), under ``bound``."""
@@ -489,6 +489,7 @@ class Gateway:
         if self._ping is not None:
             self._ping.cancel()  # (a readiness check still waiting on it gets CancelledError)
         self.keepalive.close()
+        self.clients.expiry.close()
         await _bounded(self.presence.stop(), "presence")
         if self.streams.keepalive is not None:
             self.streams.keepalive.close()

@@ -261,7 +261,8 @@ class ClientSession:
         self.rate_tokens = 0.0
         self.rate_strikes = 0.0
         self.rate_stamp = NEVER
-        self.expiry: asyncio.TimerHandle | None = None
+        #: The slot of its token's expiry in ``ClientProtocol.expiry`` (gateway.expiry), or None.
+        self.expiry: int | None = None
         self.last_buffered = 0
         self.stalled_since: float | None = None
         #: Set by every write, and kept set by :meth:`check_stall` while the kernel holds unsent
