@@ -699,6 +699,18 @@ async def test_token_expiry_closes_and_in_band_refresh_keeps_the_connection(gate
     await other.close()
 
 
+async def test_a_closed_connection_leaves_the_token_expiry_timer(gateways):
+    # One shared timer holds every connection's expiry (gateway.expiry): a closed connection
+    # must leave it, or the timer would keep every session that ever connected.
+    gateway = await gateways()
+    client = await client_for(gateway, [15])
+    await client.wait_for(lambda: client.last("authenticated") is not None)
+    assert len(gateway.clients.expiry) == 1
+    await client.close()
+    await wait_until_true(lambda: not gateway.sessions)
+    assert len(gateway.clients.expiry) == 0
+
+
 async def test_development_mode_needs_no_token(gateways, publisher):
     gateway = await gateways(no_auth=True, auth_secret=None)
     client = await RecordingClient(ws_url(gateway)).connect(auth=False)
