@@ -541,10 +541,18 @@ def test_the_relay_reconnects_after_its_database_sessions_are_killed(pg_url, pg_
     try:
         _write_committed(pg_url, pg_outbox, [event(1, n) for n in range(1, 21)])
         wait_until(lambda: relay.metrics.published == 20)
+        relay_sessions = (
+            "FROM pg_stat_activity "
+            "WHERE application_name = 'eventbus-outbox-relay' AND datname = current_database()"
+        )
         with psycopg.connect(pg_url, autocommit=True) as admin:
+            # The LISTEN session is opened when the relay first waits: after the 20 are
+            # published if its first batch found them (a relay thread late to start).
+            wait_until(
+                lambda: admin.execute(f"SELECT count(*) {relay_sessions}").fetchone()[0] >= 2
+            )
             killed = admin.execute(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE application_name = 'eventbus-outbox-relay' AND datname = current_database()"
+                f"SELECT count(pg_terminate_backend(pid)) {relay_sessions}"
             ).fetchone()[0]
         assert killed >= 2  # its work and LISTEN sessions
         _write_committed(pg_url, pg_outbox, [event(1, n) for n in range(21, 41)])
