@@ -462,3 +462,26 @@ async def test_the_limit_counts_the_connection_asking(redis_url) -> None:
         writer.close()
         other_writer.close()
         assert app.counters.responses[503, "overloaded"] == 1
+
+
+async def test_a_flood_of_readiness_probes_does_not_take_the_api_out(redis_url) -> None:
+    """``/readyz`` needs no key: anyone who reaches the port may ask it, as often as they like.
+    Each probe sent Redis a ``PING`` of its own on a connection of the publisher's pool
+    (redis-py's, 100): 300 at once took the pool, and the probes past it answered 503 "Too many
+    connections" against a healthy Redis (a load balancer then takes the API out). Concurrent
+    probes now share one ``PING``: all 300 are answered 200, with a handful of connections."""
+    direct = redis.Redis.from_url(redis_url)
+    async with serving(redis_url) as (_, _, port):
+        connected_before = direct.info("clients")["connected_clients"]
+        streams = [await asyncio.open_connection("127.0.0.1", port) for _ in range(300)]
+        for _, writer in streams:  # all written before any is read: they arrive together
+            writer.write(b"GET /readyz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        async with asyncio.timeout(20):
+            answers = [await read_answer(reader) for reader, _ in streams]
+        for _, writer in streams:
+            writer.close()
+        opened = direct.info("clients")["connected_clients"] - connected_before
+    direct.close()
+    refused = [body for status, _, body in answers if status != 200]
+    assert not refused, f"{len(refused)} probes refused: {refused[0]!r}"
+    assert opened <= 5, f"{opened} more connections to Redis"

@@ -144,6 +144,8 @@ class PublishApi:
         self._clock = clock
         # The unavailable warning: one a second, with how many were not logged since.
         self._log_throttle = LogThrottle(interval=_UNAVAILABLE_LOG_INTERVAL, burst=1, clock=clock)
+        #: The readiness ``PING`` in flight, shared by every ``/readyz`` made meanwhile.
+        self._ping: asyncio.Future[str | None] | None = None
 
     async def __call__(self, scope: dict, receive, send) -> None:
         kind = scope["type"]
@@ -282,14 +284,30 @@ class PublishApi:
         return b"".join(chunks)
 
     async def _readyz(self, send) -> None:
+        """200 when Redis answers a ``PING`` within ``ready_timeout``, else 503 with the reason.
+
+        ``/readyz`` takes no key, so anyone who reaches the port may ask it at any rate: the
+        probes made while a ``PING`` is in flight share it (a client that leaves does not cancel
+        it for the others). A ``PING`` per probe held a connection of the publisher's pool
+        (redis-py's, 100) each: 300 probes at once answered 503 "Too many connections" against
+        a healthy Redis."""
+        task = self._ping
+        if task is None or task.done():
+            task = self._ping = asyncio.ensure_future(self._ping_redis())
+        problem = await asyncio.shield(task)
+        if problem is not None:
+            await _respond(send, 503, msgspec.json.encode({"ready": False, "redis": problem}))
+            return
+        await _respond(send, 200, b'{"ready":true}')
+
+    async def _ping_redis(self) -> str | None:
+        """None when Redis answered in time, else what went wrong."""
         try:
             async with asyncio.timeout(self.settings.ready_timeout):
                 await self.publisher.client.ping()
         except Exception as exc:  # any failure means "not ready"; the reason is in the body
-            body = msgspec.json.encode({"ready": False, "redis": str(exc) or type(exc).__name__})
-            await _respond(send, 503, body)
-            return
-        await _respond(send, 200, b'{"ready":true}')
+            return str(exc) or type(exc).__name__
+        return None
 
 
 def _valid_idempotency_key(value: str) -> bool:
