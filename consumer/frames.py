@@ -106,6 +106,16 @@ def decode_frame(raw: bytes) -> object:
     """Decode one gateway frame into an event Struct (see :data:`EVENT_TYPES`) or a control
     message Struct (:data:`CONTROL_TYPES`); raise :class:`FrameError` for anything else."""
     try:
+        return _decode_frame(raw)
+    except RecursionError:
+        # Nested near Python's recursion limit (no protocol message nests beyond two objects;
+        # the gateway skips such stored frames): its header cannot be read either, so it has
+        # no place in the order. The next event's seq shows the gap it leaves.
+        raise FrameError("frame nests too deeply to be read", None) from None
+
+
+def _decode_frame(raw: bytes) -> object:
+    try:
         return _decoder.decode(raw)
     except msgspec.DecodeError as exc:
         error = _loose_error(raw)

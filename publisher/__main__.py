@@ -34,7 +34,13 @@ import redis.exceptions
 from publisher.client import Publisher
 from publisher.core import PublishError, PublisherUnavailable, PublishManyError
 from schemas import lua
-from schemas.events import EventValidationError, ProjectEvent, decode_event, repeated_key
+from schemas.events import (
+    TOO_DEEP,
+    EventValidationError,
+    ProjectEvent,
+    decode_event,
+    repeated_key,
+)
 from schemas.keys import DEFAULT_PREFIX, Keys, stream_entry_seq
 from schemas.stored import MAX_ENTRY_BYTES, ForeignValue, parse_meta, parse_stream_entries
 from schemas.tokens import issue_token
@@ -245,9 +251,12 @@ def _read_events(source: str, stdin: TextIO) -> list[ProjectEvent]:
         raise CliError("invalid event: the input is not valid UTF-8") from None
     try:
         document = msgspec.json.decode(text)
+        key = repeated_key(text) if isinstance(document, (dict, list)) else None
     except msgspec.DecodeError:
-        document = None  # not one JSON document: JSON lines, parsed below
-    if isinstance(document, (dict, list)) and (key := repeated_key(text)) is not None:
+        document = key = None  # not one JSON document: JSON lines, parsed below
+    except (RecursionError, EventValidationError):
+        raise CliError(f"invalid event: {TOO_DEEP}") from None
+    if key is not None:
         raise CliError(f"invalid event: the key {key!r} is given twice in one object")
     if isinstance(document, dict):
         return [_validate(text, "event")]

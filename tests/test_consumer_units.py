@@ -311,6 +311,15 @@ def test_an_unknown_event_type_keeps_its_place_and_garbage_has_none():
     assert info.value.header is None
 
 
+@pytest.mark.parametrize("start", [b'{"type":"nope","x":', frame(3, 42)[:-1] + b',"x":'])
+def test_a_frame_nested_too_deeply_is_a_frame_error_not_a_recursion_error(start: bytes):
+    """A frame nested past msgspec's recursion limit (a hostile or broken gateway or proxy:
+    ours skips such stored frames) raised RecursionError out of the consumer's receive loop."""
+    with pytest.raises(FrameError, match="nests too deeply") as info:
+        decode_frame(start + b"[" * 5000 + b"]" * 5000 + b"}")
+    assert info.value.header is None
+
+
 # --- policies ------------------------------------------------------------------------------------
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import subprocess
 import sys
 
@@ -187,6 +188,13 @@ def test_parse_events_takes_one_object_or_an_array_and_names_the_field() -> None
         ),
         b"[" * 5000 + b"]" * 5000: (400, "invalid_json"),
     }
+    # A repeated key behind a value nested where Python's json gives up a few levels before
+    # msgspec (where exactly depends on the stack below): it passed as "no repeated key", one
+    # answer picked. Every depth is refused: the key named, or the nesting.
+    for depth in [500, *range(940, 1010), 100_000]:
+        nested = b"[" * depth + b"]" * depth
+        body = json.dumps(resolved(1))[:-1].encode() + b', "answer": "no", "x": ' + nested + b"}"
+        cases[body] = (400, "repeated_key" if depth == 500 else "invalid_json|repeated_key")
     for body, (status, message) in cases.items():
         with pytest.raises(
             ApiError, match=message if status == 422 or status == 413 else None
@@ -194,7 +202,7 @@ def test_parse_events_takes_one_object_or_an_array_and_names_the_field() -> None
             parse_events(body, 7, 2)
         assert error.value.status == status, body[:40]
         if status == 400:
-            assert error.value.code == message
+            assert re.fullmatch(message, error.value.code), (len(body), error.value)
 
 
 def test_a_repeated_header_is_refused_rather_than_guessed() -> None:

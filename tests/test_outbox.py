@@ -1117,13 +1117,23 @@ def test_a_leader_asks_whether_it_leads_before_each_retry_round_trip_of_a_chunk(
         bus.client.delete(*damaged)
 
 
-def test_an_invalid_row_holds_its_project_only_and_is_reported_once(sqlite_path, table, bus):
+@pytest.mark.parametrize(
+    "bad",
+    [
+        '{"type":"nope"}',
+        # nested past msgspec's recursion limit: its RecursionError escaped the relay's
+        # invalid-row handler and failed every batch, for every project
+        encode_event(event(5, 9)).decode()[:-1] + ',"x":' + "[" * 5000 + "]" * 5000 + "}",
+    ],
+    ids=["unknown-type", "nested-too-deeply"],
+)
+def test_an_invalid_row_holds_its_project_only_and_is_reported_once(sqlite_path, table, bus, bad):
     outbox = Outbox(table)
     with sqlite3.connect(sqlite_path) as conn:
         outbox.write(conn, event(5, 1))
         conn.execute(
-            f"INSERT INTO {table} (project_id, token, event, created_at) "
-            "VALUES (5, 'tok', '{\"type\":\"nope\"}', 0)"
+            f"INSERT INTO {table} (project_id, token, event, created_at) VALUES (5, 'tok', ?, 0)",
+            (bad,),
         )
         outbox.write_many(conn, [event(5, 2), event(6, 3)])
     relay = OutboxRelay.sqlite(sqlite_path, bus, table=table, hold_interval=0)

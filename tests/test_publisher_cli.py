@@ -136,6 +136,17 @@ def test_publish_from_stdin_json_lines_and_arrays(cli, redis_client: redis.Redis
         ),
         ("[" + resolved_json()[:-1] + ', "blocker_id": 9}]', "the key 'blocker_id' is given twice"),
         (resolved_json() + "\n" + resolved_json()[:-1] + ', "answer": "no"}', "invalid line 2: "),
+        # nested where Python's json gave up before msgspec (a repeated key let through) and
+        # where msgspec gives up too (a RecursionError traceback)
+        *(
+            (resolved_json()[:-1] + ', "answer": "no", "x": ' + "[" * n + "]" * n + "}", message)
+            for n, message in [
+                (500, "the key 'answer' is given twice"),
+                (994, "invalid event: the JSON is nested too deeply"),
+                (997, "invalid event: the JSON is nested too deeply"),
+                (100_000, "invalid event: the JSON is nested too deeply"),
+            ]
+        ),
         ("42", "expected a JSON object"),
         ("[]", "empty array"),
         ("", "empty input"),

@@ -33,7 +33,7 @@ from schemas import (
     parse_envelope,
     repeated_key,
 )
-from schemas.events import UtcDatetime, _datetime_fields
+from schemas.events import TOO_DEEP, UtcDatetime, _datetime_fields
 from schemas.keys import MalformedEnvelope, stream_entry_seq
 from schemas.protocol import (
     Auth,
@@ -356,6 +356,36 @@ def test_a_key_given_twice_is_refused_rather_than_guessed(
     # spelled with an escape, it is still the same key
     escaped = data.replace(f'"{path[-1]}": ', f'"\\u{ord(path[-1][0]):04x}{path[-1][1:]}": ', 1)
     assert repeated_key(escaped) == path[-1]
+
+
+def _nested_below(depth: int, stack: int) -> Any:
+    """decode_event of an event holding a repeated key and a value ``depth`` lists deep, called
+    ``stack`` Python frames down (a framework's handler, a worker's callback): the event, or
+    the exception."""
+    if stack:
+        return _nested_below(depth, stack - 1)
+    doc = CONTRACT_EXAMPLES["blocker_resolved"].rstrip()[:-1] + ', "answer": "no", "x": '
+    try:
+        return decode_event(doc + "[" * depth + "]" * depth + "}")
+    except Exception as exc:
+        return exc
+
+
+@pytest.mark.parametrize("stack", [0, 300, 600])
+@pytest.mark.parametrize("depth", [900, 980, 990, 994, 997, 1000, 1100, 100_000])
+def test_json_nested_near_the_recursion_limit_is_refused_never_let_through(
+    depth: int, stack: int
+) -> None:
+    """Python's json (the repeated-key check) gives up a few levels before msgspec: a repeated
+    key behind a value nested in between passed as "no repeated key" (the event was accepted
+    with one of its answers picked), and deeper, msgspec's RecursionError escaped decode_event
+    (a traceback from the CLI; the outbox relay's invalid-row handler missed it). Now such a
+    document is always refused with an EventValidationError, whatever the stack depth."""
+    result = _nested_below(depth, stack)
+    assert isinstance(result, EventValidationError), result
+    assert str(result) in (TOO_DEEP, "the key 'answer' is given twice in one object")
+    if depth >= 1000:
+        assert str(result) == TOO_DEEP
 
 
 @settings(max_examples=300, deadline=None)

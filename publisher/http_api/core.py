@@ -17,7 +17,13 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from schemas.events import EventValidationError, ProjectEvent, decode_event, repeated_key
+from schemas.events import (
+    TOO_DEEP,
+    EventValidationError,
+    ProjectEvent,
+    decode_event,
+    repeated_key,
+)
 
 __all__ = [
     "ApiError",
@@ -218,8 +224,10 @@ def parse_events(body: bytes, project_id: int, max_events: int) -> tuple[list[Pr
     """
     try:
         document = msgspec.json.decode(body)
-    except (msgspec.DecodeError, RecursionError):
+    except msgspec.DecodeError:
         raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
+    except RecursionError:
+        raise ApiError(400, "invalid_json", TOO_DEEP) from None
     is_batch = isinstance(document, list)
     items = document if is_batch else [document]
     if not items:
@@ -228,7 +236,11 @@ def parse_events(body: bytes, project_id: int, max_events: int) -> tuple[list[Pr
         raise ApiError(
             413, "too_many_events", f"at most {max_events} events per request, got {len(items)}"
         )
-    if (key := repeated_key(body)) is not None:  # (the dict above kept one of them, silently)
+    try:
+        key = repeated_key(body)
+    except EventValidationError as exc:  # nested too deeply to be checked
+        raise ApiError(400, "invalid_json", str(exc)) from None
+    if key is not None:  # (the dict above kept one of them, silently)
         raise ApiError(400, "repeated_key", f"the key {key!r} is given twice in one object")
     events: list[ProjectEvent] = []
     for index, item in enumerate(items):
