@@ -108,10 +108,17 @@ def encode_record(record: PodRecord) -> bytes:
     return _record_encoder.encode(record)
 
 
+_TOO_DEEP = "nested too deeply to be read"
+
+
 def decode_record(data: bytes | str) -> PodRecord:
     """Raises ``msgspec.DecodeError`` (a ``ValueError``) for anything :func:`encode_record`
-    cannot have written."""
-    return _record_decoder.decode(data)
+    cannot have written (a value nested near the recursion limit, too: 2,048 bytes hold a
+    thousand levels, and msgspec reads a trailing foreign value to its end)."""
+    try:
+        return _record_decoder.decode(data)
+    except RecursionError:
+        raise msgspec.DecodeError(_TOO_DEEP) from None
 
 
 def merge_member(member_id: str, records: Iterable[tuple[str, PodRecord]]) -> Member:
@@ -239,6 +246,8 @@ def parse_announcement(data: bytes) -> Announcement:
         changes = _changes_decoder.decode(parts[3])
     except msgspec.DecodeError as exc:
         raise MalformedAnnouncement(str(exc)) from None
+    except RecursionError:  # (it escaped to the pub/sub link: every channel resubscribed)
+        raise MalformedAnnouncement(_TOO_DEEP) from None
     return Announcement(parts[0].decode(), int(parts[1]), int(parts[2]), changes)
 
 

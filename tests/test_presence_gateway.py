@@ -385,6 +385,10 @@ async def test_presence_across_gateways_on_a_redis_cluster(redis_cluster_url):
             await pod.drain()
 
 
+# A record's five fields, then a value nested 1,000 lists deep: 2,020 bytes.
+_DEEP_RECORD = b"[null,null,null,1,1," + b"[" * 1000 + b"]" * 1000 + b"]"
+
+
 async def test_garbage_in_a_projects_presence_keys_stays_in_that_project(gateways, redis_url):
     """Another writer to Redis: presence of the damaged project is served from what can be read
     (or answers ``unavailable``), other projects never notice, and the pod's loops go on. An
@@ -404,6 +408,10 @@ async def test_garbage_in_a_projects_presence_keys_stays_in_that_project(gateway
         lambda: raw.hset(keys.presence_pod(1, "pod-y"), mapping={"eve": "{garbage", "al": "[]"}),
         lambda: raw.publish(keys.presence_channel(1), b"\xff|garbage"),
         lambda: raw.publish(keys.presence_channel(2), b"pod-z|1|0|{}"),
+        # nested past the recursion limit, after fields that decode (a RecursionError escaped
+        # the decoders): an announcement, and a record within the 2,048 bytes a read keeps
+        lambda: raw.publish(keys.presence_channel(1), b'pod-y|3|0|{"eve":' + _DEEP_RECORD + b"}"),
+        lambda: raw.hset(keys.presence_pod(1, "pod-y"), mapping={"deep": _DEEP_RECORD}),
         lambda: raw.delete(keys.presence_versions(1)),
         lambda: raw.set(keys.presence_versions(1), "a string, not a hash"),
     ]
@@ -422,6 +430,8 @@ async def test_garbage_in_a_projects_presence_keys_stays_in_that_project(gateway
             await until(watcher, lambda s=step: view(watcher, 2)["watcher"]["viewing"] == s + 1)
             await reader.close()
         assert all(not task.done() for task in gateway.presence._tasks)
+        # No garbage took the pod's pub/sub link down (every project's channels resubscribed)
+        assert gateway.metrics.pubsub_reconnects_total == 0
         assert gateway.metrics.foreign_values["presence_key"] >= 1
         assert await raw.type(keys.presence_versions(1)) in (b"hash", b"none")
     finally:
