@@ -40,7 +40,7 @@ from schemas.keys import Keys
 from schemas.protocol import CloseCode
 from schemas.stored import ForeignKind
 from schemas.tokens import TokenClaims, TokenVerifier
-from serverkit import LogThrottle
+from serverkit import LogThrottle, SingleFlight
 
 __all__ = ["MAX_CONSECUTIVE_ERRORS", "Gateway", "run"]
 
@@ -123,7 +123,7 @@ class Gateway:
         #: Readiness as of the last group sync (once a second), for the group's /metrics.
         self.ready_now = False
         #: The readiness ``PING`` in flight, shared by every check made meanwhile (None: none).
-        self._ping: asyncio.Task[bool] | None = None
+        self._ping = SingleFlight(self._ping_redis)
         self.redis: redis.asyncio.Redis | None = None
         self.store: HistoryStore
         self.hub: Hub
@@ -337,10 +337,7 @@ class Gateway:
         connection of the pool the history reads use (redis-py's, 100) each: a burst of probes
         took the pool, and the polls and subscribes made meanwhile failed ``unavailable``.
         """
-        task = self._ping
-        if task is None or task.done():
-            task = self._ping = asyncio.ensure_future(self._ping_redis())
-        redis_ok = await asyncio.shield(task)
+        redis_ok = await self._ping()
         return {"redis": redis_ok, "pubsub": self.link.connected, "not_draining": not self.draining}
 
     async def _ping_redis(self) -> bool:
@@ -486,8 +483,7 @@ class Gateway:
         """Stop everything; each step is bounded by CLOSE_STEP_TIMEOUT (Redis may hang)."""
         for task in self._tasks:
             task.cancel()
-        if self._ping is not None:
-            self._ping.cancel()  # (a readiness check still waiting on it gets CancelledError)
+        self._ping.cancel()  # (a readiness check still waiting on it gets CancelledError)
         self.keepalive.close()
         self.clients.expiry.close()
         await _bounded(self.presence.stop(), "presence")

@@ -7,12 +7,15 @@ never on ``gateway`` or ``publisher``, as :mod:`redisconn` is for Redis clients.
 * :func:`raise_descriptor_limit`, :func:`warn_lowered`: a server's descriptor limit at start,
   and the warning when a bound had to be lowered to fit it (:mod:`serverkit.descriptors`);
 * :class:`LogThrottle`: at most a few log lines per kind and interval, with the number dropped
-  (:mod:`serverkit.logthrottle`).
+  (:mod:`serverkit.logthrottle`);
+* :class:`SingleFlight`: one in-flight call shared by every concurrent caller, e.g. the Redis
+  ``PING`` of ``/readyz`` probes (:mod:`serverkit.singleflight`).
 """
 
 from __future__ import annotations
 
 from serverkit.descriptors import LIMIT_HINT, raise_descriptor_limit, warn_lowered
 from serverkit.logthrottle import LogThrottle
+from serverkit.singleflight import SingleFlight
 
-__all__ = ["LIMIT_HINT", "LogThrottle", "raise_descriptor_limit", "warn_lowered"]
+__all__ = ["LIMIT_HINT", "LogThrottle", "SingleFlight", "raise_descriptor_limit", "warn_lowered"]

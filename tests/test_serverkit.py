@@ -3,6 +3,8 @@ descriptor limit at start, log throttling), without importing each other."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import resource
 import subprocess
 import sys
@@ -11,7 +13,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from serverkit import LIMIT_HINT, LogThrottle, warn_lowered
+from serverkit import LIMIT_HINT, LogThrottle, SingleFlight, warn_lowered
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,3 +90,82 @@ def test_a_lowered_bound_is_a_warning_with_the_hint():
         }
     ]
     assert "ulimit -n" in LIMIT_HINT
+
+
+# --- SingleFlight -----------------------------------------------------------------------------
+
+
+async def test_concurrent_calls_share_one_run_and_the_next_call_starts_another() -> None:
+    runs = 0
+    gate = asyncio.Event()
+
+    async def ping() -> int:
+        nonlocal runs
+        runs += 1
+        await gate.wait()
+        return runs
+
+    ping_once = SingleFlight(ping)
+    waiting = [asyncio.ensure_future(ping_once()) for _ in range(300)]
+    await asyncio.sleep(0)
+    assert ping_once.in_flight
+    gate.set()
+    assert await asyncio.gather(*waiting) == [1] * 300
+    assert not ping_once.in_flight
+    assert await ping_once() == 2  # an ended run is never reused
+
+
+async def test_a_caller_that_leaves_does_not_cancel_the_run_for_the_others() -> None:
+    gate = asyncio.Event()
+
+    async def ping() -> str:
+        await gate.wait()
+        return "pong"
+
+    ping_once = SingleFlight(ping)
+    leaving, staying = asyncio.ensure_future(ping_once()), asyncio.ensure_future(ping_once())
+    await asyncio.sleep(0)
+    leaving.cancel()
+    await asyncio.sleep(0)
+    gate.set()
+    assert await staying == "pong"
+    assert leaving.cancelled()
+
+
+async def test_a_failed_run_reaches_its_callers_and_is_retrieved_without_them() -> None:
+    gate = asyncio.Event()
+
+    async def ping() -> None:
+        await gate.wait()
+        raise ConnectionError("down")
+
+    ping_once = SingleFlight(ping)
+    unretrieved: list[dict] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _, context: unretrieved.append(context))
+    callers = [asyncio.ensure_future(ping_once()) for _ in range(3)]
+    await asyncio.sleep(0)
+    callers[0].cancel()  # this one leaves before the run fails
+    gate.set()
+    results = await asyncio.gather(*callers[1:], return_exceptions=True)
+    assert [repr(r) for r in results] == [repr(ConnectionError("down"))] * 2
+    # The next call starts a new run, and a failure nobody waits for is not reported either.
+    gate.clear()
+    alone = asyncio.ensure_future(ping_once())
+    await asyncio.sleep(0)
+    alone.cancel()
+    gate.set()
+    await asyncio.sleep(0.01)
+    del callers, alone, results
+    ping_once._task = None
+    gc.collect()
+    assert unretrieved == []
+
+
+async def test_cancel_ends_the_run_in_flight_for_its_waiters() -> None:
+    ping_once = SingleFlight(asyncio.Event().wait)
+    waiter = asyncio.ensure_future(ping_once())
+    await asyncio.sleep(0)
+    ping_once.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    SingleFlight(asyncio.Event().wait).cancel()  # nothing in flight: nothing to do

@@ -34,7 +34,7 @@ from publisher.http_api.core import (
     parse_events,
     parse_project_path,
 )
-from serverkit import LogThrottle
+from serverkit import LogThrottle, SingleFlight
 
 __all__ = ["HttpApiSettings", "PublishApi"]
 
@@ -145,7 +145,7 @@ class PublishApi:
         # The unavailable warning: one a second, with how many were not logged since.
         self._log_throttle = LogThrottle(interval=_UNAVAILABLE_LOG_INTERVAL, burst=1, clock=clock)
         #: The readiness ``PING`` in flight, shared by every ``/readyz`` made meanwhile.
-        self._ping: asyncio.Future[str | None] | None = None
+        self._ping = SingleFlight(self._ping_redis)
 
     async def __call__(self, scope: dict, receive, send) -> None:
         kind = scope["type"]
@@ -291,10 +291,7 @@ class PublishApi:
         it for the others). A ``PING`` per probe held a connection of the publisher's pool
         (redis-py's, 100) each: 300 probes at once answered 503 "Too many connections" against
         a healthy Redis."""
-        task = self._ping
-        if task is None or task.done():
-            task = self._ping = asyncio.ensure_future(self._ping_redis())
-        problem = await asyncio.shield(task)
+        problem = await self._ping()
         if problem is not None:
             await _respond(send, 503, msgspec.json.encode({"ready": False, "redis": problem}))
             return
