@@ -132,7 +132,7 @@ def _error_code(exc: urllib.error.HTTPError) -> str:
     ``unavailable``), read up to 4 KiB, or "" (another body, or none in time)."""
     try:
         body = json.loads(exc.read(4096))
-    except (OSError, ValueError, http.client.HTTPException):
+    except (OSError, ValueError, RecursionError, http.client.HTTPException):
         return ""
     error = body.get("error") if isinstance(body, dict) else None
     return error[:64] if isinstance(error, str) else ""

@@ -156,7 +156,7 @@ def decode_token_claims(token: str) -> dict | None:
     try:
         part = token.split(".")[1]
         claims = json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
-    except (IndexError, ValueError, TypeError):
+    except (IndexError, ValueError, TypeError, RecursionError):
         return None
     return claims if isinstance(claims, dict) else None
 

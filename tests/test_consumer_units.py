@@ -5,8 +5,10 @@ client with a fake connection, and tail's output format."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import gc
+import io
 import itertools
 import json
 import math
@@ -14,6 +16,7 @@ import os
 import shutil
 import sqlite3
 import tempfile
+import urllib.error
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -368,6 +371,20 @@ def test_refresh_is_scheduled_from_the_tokens_own_lifetime():
     assert refresh_delay(iat=None, exp=None, obtained_at=0.0, now=0.0) is None
     assert refresh_delay(iat=None, exp=None, obtained_at=0.0, now=0.0, expires_at=100.0) == 75.0
     assert decode_token_claims("not-a-jwt") is None
+    deep = base64.urlsafe_b64encode(b"[" * 5000 + b"]" * 5000).decode()
+    assert decode_token_claims(f"x.{deep}.y") is None  # (was a RecursionError)
+
+
+def test_a_refusal_body_nested_too_deeply_has_no_error_code():
+    """The error code of a page request's refusal is read from its body (4 KiB at most): one
+    nested 2,000 lists deep raised RecursionError out of the page read."""
+    from consumer.pages import _error_code
+
+    def refusal(body: bytes) -> urllib.error.HTTPError:
+        return urllib.error.HTTPError("http://gw/", 503, "x", {}, io.BytesIO(body))  # type: ignore[arg-type]
+
+    assert _error_code(refusal(b'{"error": "draining"}')) == "draining"
+    assert _error_code(refusal(b"[" * 2000 + b"]" * 2000)) == ""
 
 
 # --- stores --------------------------------------------------------------------------------------
