@@ -16,6 +16,15 @@ def test_free_port_never_hands_out_a_recent_port_again() -> None:
     assert [p for i, p in enumerate(ports) if p in ports[max(0, i - 1024) : i]] == []
 
 
+def test_free_port_is_below_the_range_outgoing_connections_take_ports_from() -> None:
+    """A port handed out is bound later (a gateway after its start-up): one in the ephemeral
+    range could meanwhile become the local port of any outgoing connection."""
+    low = redis_server._ephemeral_low()
+    assert low > 3072  # (Linux's default is 32768; the test is about this machine's CI)
+    ports = [free_port() for _ in range(200)]
+    assert all(1024 <= port < low for port in ports)
+
+
 def test_a_server_on_a_port_taken_meanwhile_is_not_taken_for_ours(monkeypatch) -> None:
     """Another server took the port between the choice and the start: its answer to PING was
     taken for the new server's, and the test went on with a Redis it did not own (flushing,

@@ -8,6 +8,7 @@ flush or pin, so that none of them ever touches the machine's shared Redis.
 from __future__ import annotations
 
 import collections
+import random
 import shutil
 import socket
 import subprocess
@@ -27,13 +28,29 @@ _handing_out = threading.Lock()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on, and not one of the last 1,024 this process was given.
+    """A port nothing listens on, below the kernel's ephemeral range, and not one of the last
+    1,024 this process was given.
 
-    The kernel picks a free port at random, so two calls in a row return the same one about
-    once in 14,000 (Linux's default range), and a caller binds it only later (a gateway process
-    after its start-up, ~1 s): two servers of one test given the same port, one of them failing
-    to start. Only a server outside this process can still take a port first."""
+    A caller binds the port only later (a gateway process after its start-up, ~1 s). A port
+    the kernel picks (``bind(0)``) is in its ephemeral range, where any outgoing connection made
+    meanwhile (a test's client, another test's Redis connection) could take it, and two calls
+    in a row return the same one about once in 14,000. Below that range only a server binding
+    that exact port can take it first, and nothing this process was handed out recently is
+    handed out again. (The range's bottom from ``/proc``; elsewhere, or if it leaves no room,
+    the kernel's pick.)"""
+    low = _ephemeral_low()
     with _handing_out:
+        for _ in range(1000 if low - 1024 >= 2048 else 0):
+            port = _random.randrange(max(1024, low - 12_000), low)
+            if port in _handed_out:
+                continue
+            with socket.socket() as sock:
+                try:
+                    sock.bind((host, port))
+                except OSError:
+                    continue
+            _handed_out.append(port)
+            return port
         while True:
             with socket.socket() as sock:
                 sock.bind((host, 0))
@@ -41,6 +58,16 @@ def free_port(host: str = "127.0.0.1") -> int:
             if port not in _handed_out:
                 _handed_out.append(port)
                 return port
+
+
+_random = random.Random()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 class PrivateRedis:
