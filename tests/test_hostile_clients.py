@@ -19,6 +19,7 @@ import base64
 import contextlib
 import email.utils
 import json
+import random
 import socket
 import string
 import threading
@@ -41,6 +42,13 @@ ORIGIN = "https://dash.example"
 MAX_FRAME = 4096
 BYSTANDER_PROJECT = 999
 FUZZER_PROJECTS = [1, 2, 3, 4, 5]
+#: How often the bystander pings the gateway (and checks the pongs). Not websockets' keepalive
+#: (``ping_interval``, off on the module's long-lived connections): it draws ping payloads from
+#: the global ``random`` in its own thread, and one drawn while hypothesis generates an example
+#: is a HypothesisDeprecationWarning ("Do not use the `random` module inside strategies"),
+#: whenever the module ran past the keepalive's first 20 s (a loaded machine). The bystander
+#: draws from a ``random.Random`` of its own.
+BYSTANDER_PING_INTERVAL = 1.0
 
 #: Close codes a frame may end in (docs/protocol.md): auth failed / token expired before auth,
 #: too many malformed frames or too many frames refused by the rate limit after it, and
@@ -78,6 +86,9 @@ class Bystander:
         self.published = 0  # seq of the last acknowledged publish
         self.unexpected: list[object] = []
         self.closed_with: int | None = None
+        #: One event per ping sent, set when its pong came back.
+        self.pongs: list[threading.Event] = []
+        self._random = random.Random()  # never the global one (BYSTANDER_PING_INTERVAL)
         self._stop = threading.Event()
         self._changed = threading.Condition()
         self._threads: list[threading.Thread] = []
@@ -85,7 +96,9 @@ class Bystander:
 
     def start(self) -> Bystander:
         token = issue_token(SECRET, [BYSTANDER_PROJECT], ttl=3600)
-        ws = self.ws = connect(self.gateway.ws_url, origin=ORIGIN, open_timeout=5).__enter__()
+        ws = self.ws = connect(
+            self.gateway.ws_url, origin=ORIGIN, open_timeout=5, ping_interval=None
+        ).__enter__()
         ws.send(json.dumps({"type": "auth", "token": token}))
         assert json.loads(ws.recv(timeout=5))["type"] == "authenticated"
         ws.send(json.dumps({"type": "subscribe", "project_id": BYSTANDER_PROJECT}))
@@ -118,10 +131,15 @@ class Bystander:
 
     def _publish(self) -> None:
         n = 0
+        next_ping = time.monotonic()
         while not self._stop.wait(0.02):
             n += 1
             cursor = self.publisher.blocker_resolved(BYSTANDER_PROJECT, blocker_id=n, answer="ok")
             self.published = cursor.seq
+            if time.monotonic() >= next_ping and self.ws is not None:
+                next_ping = time.monotonic() + BYSTANDER_PING_INTERVAL
+                with contextlib.suppress(ConnectionClosed):
+                    self.pongs.append(self.ws.ping(self._random.randbytes(4)))
 
     def check(self, within: float = 15.0) -> None:
         """Everything published so far arrives, in order, exactly once, on the same connection."""
@@ -136,6 +154,9 @@ class Bystander:
             assert not self.unexpected, self.unexpected
             expected = list(range(self.start_seq + 1, self.seqs[-1] + 1))
             assert self.seqs == expected, "the bystander missed, repeated or reordered events"
+        # Outside the lock: the reader thread must go on taking messages meanwhile.
+        for pong in list(self.pongs):
+            assert pong.wait(max(0.0, deadline - time.monotonic())), "a ping got no pong"
 
     def stop(self) -> None:
         self._stop.set()
@@ -180,6 +201,22 @@ def running(gateway: GatewayProcess) -> Iterator[GatewayProcess]:
     bad += [line for line in new if '"level": "critical"' in line]
     assert not bad, "\n".join(bad[:5])
     gateway.bystander.check()  # type: ignore[attr-defined]
+
+
+def test_the_bystander_pings_without_touching_the_global_random(running) -> None:
+    """The module's threads run while hypothesis generates examples, which it takes for a
+    strategy using ``random`` when the global state changes meanwhile
+    (HypothesisDeprecationWarning, an error under ``-W error``): websockets' keepalive pings
+    drew their payloads from it. The bystander's pings come back and leave it alone."""
+    bystander = running.bystander
+    before = random.getstate()
+    sent = len(bystander.pongs)
+    deadline = time.monotonic() + 2 * BYSTANDER_PING_INTERVAL + 5
+    while len(bystander.pongs) < sent + 2:
+        assert time.monotonic() < deadline, "the bystander stopped pinging"
+        time.sleep(0.05)
+    assert all(pong.wait(5) for pong in bystander.pongs)
+    assert random.getstate() == before
 
 
 # --- frames -------------------------------------------------------------------------------------
@@ -330,8 +367,12 @@ class Fuzzer:
 
     def connection(self) -> ClientConnection:
         if self.ws is None:
-            self.ws = connect(
-                self.gateway.ws_url, origin=ORIGIN, open_timeout=5, max_size=2**20
+            self.ws = connect(  # no keepalive: see BYSTANDER_PING_INTERVAL
+                self.gateway.ws_url,
+                origin=ORIGIN,
+                open_timeout=5,
+                max_size=2**20,
+                ping_interval=None,
             ).__enter__()
             token = issue_token(SECRET, FUZZER_PROJECTS, ttl=3600)
             self.ws.send(json.dumps({"type": "auth", "token": token}))
