@@ -37,15 +37,24 @@ STAGING_PREFIX = "eventbus-starting-"
 #: The file whose shared lock every member holds.
 LOCK_NAME = "group.lock"
 #: A staging directory older than this is one whose creator died between making it and locking
-#: it (a window of two system calls); younger ones are left alone, they may be being made.
+#: it (a window of two system calls); younger ones are left alone, they may be being made. One
+#: whose creator died before making its lock file is empty: it is removed only empty (``rmdir``,
+#: which fails once a file is in it), so even a creator stalled that long never loses a lock
+#: file it made; its ``create`` fails and is retried with a new directory.
 STAGING_AGE = 3600.0
 
 
 def create(parent: str | None = None) -> tuple[str, int]:
     """Make a group directory in ``parent`` (the temporary directory), its lock held by the
     caller: returns its path and the lock's descriptor, to keep open for the group's life."""
-    staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=parent)
-    lock = hold(staging)
+    for attempt in range(3):
+        staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=parent)
+        try:
+            lock = hold(staging)
+            break
+        except FileNotFoundError:  # swept while empty: this process stalled STAGING_AGE
+            if attempt == 2:
+                raise
     final = tempfile.mkdtemp(prefix=PREFIX, dir=parent)
     try:
         os.rename(staging, final)  # (replaces the empty directory just made: one atomic step)
@@ -98,13 +107,27 @@ def sweep_abandoned(parent: str | None = None, *, now: float | None = None) -> l
             continue
         if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
             continue
-        if name.startswith(STAGING_PREFIX) and now - info.st_mtime < STAGING_AGE:
-            continue
+        if name.startswith(STAGING_PREFIX):
+            if now - info.st_mtime < STAGING_AGE:
+                continue
+            if _remove_if_empty(path):  # its creator died before making the lock file
+                removed.append(path)
+                continue
         if _remove_if_abandoned(path):
             removed.append(path)
     if removed:
         log.info("removed the metrics directories of groups that ended", directories=removed)
     return removed
+
+
+def _remove_if_empty(path: str) -> bool:
+    """Remove ``path`` if it is an empty directory, in one step (``rmdir`` refuses a directory
+    with anything in it: a lock file its creator makes meanwhile keeps it)."""
+    try:
+        os.rmdir(path)
+    except OSError:  # not empty, removed meanwhile, not ours
+        return False
+    return True
 
 
 def _remove_if_abandoned(path: str) -> bool:

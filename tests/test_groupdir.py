@@ -52,3 +52,57 @@ def test_a_staging_directory_is_left_while_it_may_be_being_made(tmp_path: Path) 
 
 def test_a_missing_temporary_directory_sweeps_nothing(tmp_path: Path) -> None:
     assert groupdir.sweep_abandoned(str(tmp_path / "absent")) == []
+
+
+def test_an_empty_staging_directory_whose_creator_died_is_swept(tmp_path: Path) -> None:
+    """A creator killed between making its staging directory and making the lock file in it
+    (``create``: mkdtemp, then ``hold``) leaves an empty directory, which was never swept: with
+    no lock file to take, the sweep left it as it leaves an older version's directories, one
+    more per such death, for good. Past STAGING_AGE it is removed, only while empty."""
+    staging = tmp_path / f"{groupdir.STAGING_PREFIX}died"
+    staging.mkdir()
+    assert groupdir.sweep_abandoned(str(tmp_path)) == []  # it may be being made
+    later = time.time() + groupdir.STAGING_AGE + 1
+    assert groupdir.sweep_abandoned(str(tmp_path), now=later) == [str(staging)]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_old_staging_directory_its_creator_holds_or_fills_is_kept(tmp_path: Path) -> None:
+    """However old, a staging directory is never removed while its creator holds its lock, nor
+    one with anything in it but an unheld lock file."""
+    held = tmp_path / f"{groupdir.STAGING_PREFIX}held"
+    held.mkdir()
+    lock = groupdir.hold(str(held))  # a creator stalled (SIGSTOP) between lock and rename
+    filled = tmp_path / f"{groupdir.STAGING_PREFIX}filled"
+    filled.mkdir()
+    (filled / "something").write_bytes(b"")  # not ours to judge: no lock file
+    later = time.time() + groupdir.STAGING_AGE + 1
+    try:
+        assert groupdir.sweep_abandoned(str(tmp_path), now=later) == []
+        assert (held / groupdir.LOCK_NAME).exists() and (filled / "something").exists()
+    finally:
+        os.close(lock)
+
+
+def test_a_creator_whose_empty_staging_directory_was_swept_makes_another(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A creator stalled past STAGING_AGE before making its lock file finds its directory gone
+    (swept while empty): it makes a new one instead of failing the start."""
+    real_hold = groupdir.hold
+    swept = []
+
+    def stalled_hold(directory: str) -> int:
+        if not swept:  # the first staging directory is swept before the lock file is made
+            swept.append(directory)
+            later = time.time() + groupdir.STAGING_AGE + 1
+            os.utime(directory, (0, 0))
+            assert groupdir.sweep_abandoned(str(tmp_path), now=later) == [directory]
+        return real_hold(directory)
+
+    monkeypatch.setattr(groupdir, "hold", stalled_hold)
+    directory, lock = groupdir.create(str(tmp_path))
+    try:
+        assert swept and [p.name for p in tmp_path.iterdir()] == [Path(directory).name]
+    finally:
+        os.close(lock)
