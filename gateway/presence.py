@@ -34,6 +34,7 @@ from schemas.presence import (
     PodState,
     merge_member,
     merge_pods,
+    read_limit,
 )
 from schemas.protocol import Member, Presence, PresenceDiff, encode
 from schemas.tokens import is_text
@@ -258,9 +259,15 @@ class ProjectView:
     #: be a Redis flush or restart that the pod repairs at its next refresh).
     MISSES_BEFORE_DROP = 3
 
-    def __init__(self, project_id: int, own_pod: str) -> None:
+    def __init__(self, project_id: int, own_pod: str, most: int = read_limit()) -> None:
         self.project_id = project_id
         self.own_pod = own_pod
+        #: The most members one other pod lists here, and the most other pods; all together
+        #: list at most twice that: more can only come from another writer (see
+        #: :func:`schemas.presence.read_limit`).
+        self.most = most
+        #: Announcements whose pod was dropped for taking the view past ``most``.
+        self.left_out = 0
         self.pods: dict[str, dict[str, PodRecord]] = {}
         self.versions: dict[str, int] = {}
         self.loaded = False
@@ -322,13 +329,25 @@ class ProjectView:
         if announcement.base == 0:
             records = {k: v for k, v in announcement.changes.items() if v is not None}
             self.replace_pod(pod, records, announcement.version)
-            return True
-        if announcement.base != known:
+        elif announcement.base != known:
             return False
-        for member_id, record in announcement.changes.items():
-            self.set_record(pod, member_id, record)
-        self.versions[pod] = announcement.version
-        self._misses.pop(pod, None)
+        else:
+            for member_id, record in announcement.changes.items():
+                self.set_record(pod, member_id, record)
+            self.versions[pod] = announcement.version
+            self._misses.pop(pod, None)
+        if (
+            len(self.pods.get(pod, ())) > self.most
+            or len(self.pods) > self.most
+            or len(self.current()) > 2 * self.most
+        ):
+            # No pod lists that many, nor do all together (a read lists at most ``most`` of
+            # the other pods' members, this pod's own at most the cap): another writer's
+            # announcements. The pod goes, and the read that follows takes from Redis only
+            # what pods can have written there.
+            self.left_out += 1
+            self.drop_pod(pod)
+            return False
         return True
 
     def load(self, snapshot: Mapping[str, PodState], own_records: Mapping[str, PodRecord]) -> bool:
@@ -461,8 +480,16 @@ class PresenceCore:
     0 drops it at once.
     """
 
-    def __init__(self, pod_id: str, clock_ms: Callable[[], int], view_linger_ms: int = 0) -> None:
+    def __init__(
+        self,
+        pod_id: str,
+        clock_ms: Callable[[], int],
+        view_linger_ms: int = 0,
+        most: int = read_limit(),
+    ) -> None:
         self.pod_id = pod_id
+        #: The most members a view lists (:func:`schemas.presence.read_limit`).
+        self.most = most
         self._clock_ms = clock_ms
         self.view_linger_ms = view_linger_ms
         #: project -> when (unix ms) its view's last subscriber left: dropped by :meth:`sweep`.
@@ -575,7 +602,7 @@ class PresenceCore:
         """The project's view, created empty (not ``loaded``) when absent."""
         view = self.views.get(project_id)
         if view is None:
-            view = self.views[project_id] = ProjectView(project_id, self.pod_id)
+            view = self.views[project_id] = ProjectView(project_id, self.pod_id, self.most)
             view.replace_pod(self.pod_id, self.table.records(project_id), 0)
         return view
 

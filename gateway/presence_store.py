@@ -40,17 +40,21 @@ from gateway.presence import PresenceCore, SessionKey, Write
 from gateway.tasks import spawn
 from schemas.keys import Keys
 from schemas.presence import (
+    DEFAULT_MAX_MEMBERS,
     MAX_TTL_MS,
     READ,
     REFRESH,
     WRITE,
     MalformedAnnouncement,
+    OversizedAnnouncement,
     PodState,
     encode_record,
     parse_announcement,
     parse_read_reply,
     parse_versions,
     read_args,
+    read_left_out,
+    read_limit,
 )
 from schemas.protocol import encode
 from serverkit import LogThrottle
@@ -65,6 +69,10 @@ Deliver = Callable[[Sequence[SessionKey], bytes], None]
 #: project (another writer's; the pods rebuild them), or removed pods whose deadline no pod can
 #: have set (beyond now + ``MAX_TTL_MS``; counted one per pod): the gateway counts them.
 OnRepaired = Callable[[int, int], None]
+#: Told ``(project_id, n)`` when a read or an announcement of a project held more members or
+#: pods than pods can have written (``schemas.presence.read_limit``): ``n`` pods, members or
+#: announcements left out. Another writer's: the gateway counts them.
+OnLeftOut = Callable[[int, int], None]
 
 #: Presence reads (:data:`~schemas.presence.READ`, one call each) in flight at once per pod; the
 #: others wait their turn. Every Redis call of the gateway takes a connection of one pool
@@ -109,9 +117,13 @@ class PresenceStore:
         ttl: float = 10.0,
         publish_command: str = "PUBLISH",
         on_repaired: OnRepaired | None = None,
+        max_members: int = DEFAULT_MAX_MEMBERS,
+        on_left_out: OnLeftOut | None = None,
     ) -> None:
         self.client = client
         self.on_repaired = on_repaired
+        self.on_left_out = on_left_out
+        self.max_members = max_members
         self.pod_id = pod_id
         self.keys = keys or Keys()
         self.ttl_ms = round(ttl * 1000)
@@ -195,13 +207,18 @@ class PresenceStore:
 
     async def read(self, project_id: int) -> dict[str, PodState]:
         """A project's presence on every live pod, read atomically. At most
-        :data:`PRESENCE_READS` run at once; the others wait (callers bound the wait)."""
+        :data:`PRESENCE_READS` run at once; the others wait (callers bound the wait). Pods and
+        members past what pods can have written (``read_limit(max_members)``) are left out in
+        Redis, and counted to ``on_left_out``."""
         async with self._reads:
             reply = await self._read(
                 keys=self._keys(project_id),
-                args=read_args(self.keys.presence_pod_prefix(project_id)),
+                args=read_args(self.keys.presence_pod_prefix(project_id), self.max_members),
             )
         self._count(1)
+        left_out = read_left_out(reply)
+        if left_out and self.on_left_out is not None:
+            self.on_left_out(project_id, left_out)
         return parse_read_reply(reply)
 
     async def _pipeline(self, calls: list[tuple[str, list, list]]) -> list:
@@ -285,6 +302,8 @@ class PresenceService:
         clock_ms: Callable[[], int] | None = None,
         on_repaired: OnRepaired | None = None,
         view_linger: float | None = None,
+        max_members: int = DEFAULT_MAX_MEMBERS,
+        on_left_out: OnLeftOut | None = None,
     ) -> None:
         if not refresh_interval * 2 < ttl:
             raise ValueError("ttl must exceed two refresh intervals")
@@ -302,13 +321,21 @@ class PresenceService:
             ttl=ttl,
             publish_command=publish_command,
             on_repaired=self._repaired,
+            max_members=max_members,
+            on_left_out=self._left_out,
         )
         self._on_repaired = on_repaired
+        self._on_left_out = on_left_out
+        #: The most members listed per view (and per read): twice ``max_members``, plus 64.
+        self.most = read_limit(max_members)
         # A project's view outlives its last subscriber by a diff interval (None), so that
         # subscribing and unsubscribing in a loop costs one read per interval, not one each.
         linger = diff_interval if view_linger is None else view_linger
         self.core = PresenceCore(
-            self.pod_id, clock_ms or (lambda: int(time.time() * 1000)), round(linger * 1000)
+            self.pod_id,
+            clock_ms or (lambda: int(time.time() * 1000)),
+            round(linger * 1000),
+            self.most,
         )
         self.client = client
         self.deliver = deliver
@@ -339,6 +366,9 @@ class PresenceService:
         self.diffs = 0
         self.rereads = 0
         self.repaired_keys = 0
+        #: Pods, members and announcements left out for being more than pods can have
+        #: written (another writer's).
+        self.left_out = 0
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -459,16 +489,23 @@ class PresenceService:
         if project_id is None:
             return
         try:
-            announcement = parse_announcement(data)
+            announcement = parse_announcement(data, self.most)
+        except OversizedAnnouncement:
+            self._left_out(project_id, 1)  # counted, not logged: bounded, and said in metrics
+            return
         except MalformedAnnouncement as exc:
             if (suppressed := self._throttle.allow("malformed_announcement")) is not None:
                 log.warning(
                     "malformed presence announcement", error=describe(exc), suppressed=suppressed
                 )
             return
+        view = self.core.views.get(project_id)
+        dropped = 0 if view is None else view.left_out
         if not self.core.on_announcement(project_id, announcement):
             self._reread.add(project_id)
             self._wake.set()
+        if view is not None and view.left_out > dropped:
+            self._left_out(project_id, view.left_out - dropped)
 
     def reread_all(self) -> None:
         """Read every watched project again: call after the pub/sub connection that feeds
@@ -592,6 +629,14 @@ class PresenceService:
                 keys=keys,
                 suppressed=suppressed,
             )
+
+    def _left_out(self, project_id: int, n: int) -> None:
+        """A read or an announcement of the project held more than pods can have written:
+        ``n`` pods, members or announcements left out. Counted (not logged: the cost of it is
+        bounded, and a flood of it must not flood the log)."""
+        self.left_out += n
+        if self._on_left_out is not None:
+            self._on_left_out(project_id, n)
 
     def _project_error(self, project_id: int, exc: Exception) -> None:
         """One project's presence calls answer errors (unforeseen: the scripts replace index

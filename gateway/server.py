@@ -203,6 +203,8 @@ class Gateway:
             publish_command="SPUBLISH" if config.sharded else "PUBLISH",
             link=self.link,
             on_repaired=self._presence_key_repaired,
+            max_members=config.presence_max_members,
+            on_left_out=self._presence_left_out,
         )
         # A subscription the hub ends (its project turned unreadable) takes the tab's presence
         # in the project with it, as an unsubscribe does.
@@ -287,6 +289,10 @@ class Gateway:
     def _presence_key_repaired(self, project_id: int, keys: int) -> None:
         """A presence index key held another type and was replaced (the service logs it)."""
         self.metrics.foreign_values[ForeignKind.PRESENCE_KEY.value] += keys
+
+    def _presence_left_out(self, project_id: int, n: int) -> None:
+        """A project's presence in Redis held more pods or members than pods write."""
+        self.metrics.foreign_values[ForeignKind.PRESENCE_MEMBERS.value] += n
 
     def _deliver_presence(self, sessions, frame: bytes) -> None:
         """One ``presence_diff`` to its recipients: one shared item, queued like events."""

@@ -36,6 +36,7 @@ from schemas.protocol import ItemId, Member
 from schemas.tokens import MAX_NAME_LENGTH
 
 __all__ = [
+    "DEFAULT_MAX_MEMBERS",
     "MAX_MEMBER_ID_BYTES",
     "MAX_MEMBER_ID_LENGTH",
     "MAX_RECORD_BYTES",
@@ -45,6 +46,7 @@ __all__ = [
     "WRITE",
     "Announcement",
     "MalformedAnnouncement",
+    "OversizedAnnouncement",
     "PodRecord",
     "PodState",
     "decode_record",
@@ -54,6 +56,8 @@ __all__ = [
     "parse_announcement",
     "parse_read_reply",
     "read_args",
+    "read_left_out",
+    "read_limit",
 ]
 
 
@@ -79,6 +83,8 @@ MAX_RECORD_BYTES = 2048
 #: ever. The scripts take such a pod for dead, as one whose deadline passed. 10 minutes: 60
 #: times the default ttl and 40 times the default grace.
 MAX_TTL_MS = 600_000
+#: ``--presence-max-members``' default: the members listed per project.
+DEFAULT_MAX_MEMBERS = 1_000
 #: A member id: a token's ``sub``, never empty (:meth:`gateway.presence.PresenceCore.join`).
 MemberId = Annotated[str, Meta(min_length=1, max_length=MAX_MEMBER_ID_LENGTH)]
 
@@ -190,12 +196,18 @@ def parse_versions(flat: list) -> dict[str, int]:
     return out
 
 
+def read_left_out(reply: list) -> int:
+    """How many pods and members the :data:`READ` of ``reply`` left out for the most members
+    (:func:`read_limit`): records no pod can have written."""
+    return int(reply[1])
+
+
 def parse_read_reply(reply: list) -> dict[str, PodState]:
     """The reply of :data:`READ`: pod id -> its state. Pods and records the scripts cannot have
     written are skipped (another writer to Redis: presence is advisory, one bad record must not
     hide the rest)."""
     pods: dict[str, PodState] = {}
-    for entry in reply:
+    for entry in reply[0]:
         parsed = _pod_and_version(entry[0], entry[1])
         if parsed is None or not isinstance(entry[2], list):
             continue
@@ -230,8 +242,15 @@ class MalformedAnnouncement(ValueError):
     """A presence channel message that :data:`WRITE` cannot have published."""
 
 
-def parse_announcement(data: bytes) -> Announcement:
-    """Raises :class:`MalformedAnnouncement` for anything :data:`WRITE` cannot have published."""
+class OversizedAnnouncement(MalformedAnnouncement):
+    """A well-formed presence announcement of more members than any pod writes at once."""
+
+
+def parse_announcement(data: bytes, most: int | None = None) -> Announcement:
+    """Raises :class:`MalformedAnnouncement` for anything :data:`WRITE` cannot have published,
+    and for changes of more than ``most`` members (:func:`read_limit`: no pod writes that many
+    at once; one that did, churning, is re-read at its next announcement, whose base is then
+    unknown)."""
     parts = bytes(data).split(b"|", 3)
     if (
         len(parts) != 4
@@ -248,6 +267,8 @@ def parse_announcement(data: bytes) -> Announcement:
         raise MalformedAnnouncement(str(exc)) from None
     except RecursionError:  # (it escaped to the pub/sub link: every channel resubscribed)
         raise MalformedAnnouncement(_TOO_DEEP) from None
+    if most is not None and len(changes) > most:
+        raise OversizedAnnouncement(f"changes of {len(changes)} members, more than {most}")
     return Announcement(parts[0].decode(), int(parts[1]), int(parts[2]), changes)
 
 
@@ -388,45 +409,76 @@ return {ok, live, repaired}
 
 #: A project's presence, atomically: every live pod's version and records. Read-only.
 #:
-#: KEYS: pods, versions. ARGV: pod hash prefix, longest member id and longest record (bytes; see
-#: :func:`read_args`): a pair with a longer one, which no pod writes, is left out in Redis
-#: instead of being sent (another writer's 100 MB value would cost every read 100 MB).
-#: Returns {{pod, version, {member, record, ...}}, ...} for the pods whose deadline is ahead (and
-#: at most :data:`MAX_TTL_MS` ahead: one further is no pod's, and the pod is dead as one whose
-#: deadline passed; WRITE and REFRESH delete it) and whose records key is a hash: one that is
-#: not (another writer) is skipped, not an error that would hide every other pod's members for
-#: as long as the key stays. An index key of another
+#: KEYS: pods, versions. ARGV: pod hash prefix, longest member id and longest record (bytes),
+#: and the most members to list (see :func:`read_args`): a pair with a longer id or record,
+#: which no pod writes, is left out in Redis instead of being sent (another writer's 100 MB
+#: value would cost every read 100 MB); so is, whole, a pod with more records than the most
+#: members listed (no pod lists that many: another writer's, say 1,000,000 forged members,
+#: which cost a gateway 75 MB of frame and 5 s of CPU per read); past that many distinct members
+#: further members are left out, and so are live pods past that many (each legitimate pod lists
+#: at least one member).
+#: Returns {{{pod, version, {member, record, ...}}, ...}, left out} for the pods whose deadline
+#: is ahead (and at most :data:`MAX_TTL_MS` ahead: one further is no pod's, and the pod is dead
+#: as one whose deadline passed; WRITE and REFRESH delete it) and whose records key is a hash:
+#: one that is not (another writer) is skipped, not an error that would hide every other pod's
+#: members for as long as the key stays. ``left out`` counts the pods and members left out for
+#: the most members (the caller counts them). An index key of another
 #: type reads as no pods (nobody is listed) until the live pods replace it at their next write
 #: or refresh (:data:`WRITE`, :data:`REFRESH`); a project no pod refreshes has nobody to list.
 READ = """
 local MAX_TTL = __MAX_TTL_MS__
 if redis.call('TYPE', KEYS[1])['ok'] ~= 'zset' or redis.call('TYPE', KEYS[2])['ok'] ~= 'hash' then
-  return {}
+  return {{}, 0}
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local out = {}
-local longest_id, longest_record = tonumber(ARGV[2]), tonumber(ARGV[3])
-for _, p in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, now + MAX_TTL)) do
+local longest_id, longest_record, most = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local low, high = '(' .. now, now + MAX_TTL
+local live = redis.call('ZRANGEBYSCORE', KEYS[1], low, high, 'LIMIT', 0, most)
+local left_out = redis.call('ZCOUNT', KEYS[1], low, high) - #live
+local seen, listed = {}, 0
+for _, p in ipairs(live) do
   local version = redis.call('HGET', KEYS[2], p)
-  if version then
-    local records = redis.pcall('HGETALL', ARGV[1] .. p)
-    if records.err == nil then
+  local size = redis.pcall('HLEN', ARGV[1] .. p)
+  if version and type(size) == 'number' then
+    if size > most then
+      left_out = left_out + 1
+    else
+      local records = redis.call('HGETALL', ARGV[1] .. p)
       local kept = {}
       for i = 1, #records - 1, 2 do
-        if #records[i] <= longest_id and #records[i + 1] <= longest_record then
-          kept[#kept + 1] = records[i]
-          kept[#kept + 1] = records[i + 1]
+        local id = records[i]
+        if #id <= longest_id and #records[i + 1] <= longest_record then
+          if seen[id] or listed < most then
+            if not seen[id] then
+              seen[id] = true
+              listed = listed + 1
+            end
+            kept[#kept + 1] = id
+            kept[#kept + 1] = records[i + 1]
+          else
+            left_out = left_out + 1
+          end
         end
       end
       out[#out + 1] = {p, version, kept}
     end
   end
 end
-return out
+return {out, left_out}
 """.replace("__MAX_TTL_MS__", str(MAX_TTL_MS))
 
 
-def read_args(pod_prefix: str) -> list[str | int]:
-    """The ARGV of :data:`READ` for a project whose pod hashes start with ``pod_prefix``."""
-    return [pod_prefix, MAX_MEMBER_ID_BYTES, MAX_RECORD_BYTES]
+def read_limit(max_members: int = DEFAULT_MAX_MEMBERS) -> int:
+    """The most members a presence read (:data:`READ`) or a pod's view of a project lists, for
+    a deployment whose ``--presence-max-members`` is ``max_members``: twice it, plus 64. The
+    cap is checked against what a pod knows, so joins on several pods may pass it by a few; a
+    project in Redis past this bound holds records no pod wrote."""
+    return 2 * max_members + 64
+
+
+def read_args(pod_prefix: str, max_members: int = DEFAULT_MAX_MEMBERS) -> list[str | int]:
+    """The ARGV of :data:`READ` for a project whose pod hashes start with ``pod_prefix``, in a
+    deployment whose ``--presence-max-members`` is ``max_members``."""
+    return [pod_prefix, MAX_MEMBER_ID_BYTES, MAX_RECORD_BYTES, read_limit(max_members)]

@@ -26,6 +26,7 @@ from gateway.presence import (
 from schemas.presence import (
     Announcement,
     MalformedAnnouncement,
+    OversizedAnnouncement,
     PodRecord,
     PodState,
     decode_record,
@@ -112,7 +113,9 @@ def test_record_and_announcement_formats() -> None:
 
 def test_read_reply_skips_records_another_writer_damaged() -> None:
     reply = [[b"p1", b"3", [b"u1", b'["A",null,null,1,2]', b"u2", b"garbage"]]]
-    assert parse_read_reply(reply) == {"p1": PodState(3, {"u1": PodRecord("A", None, None, 1, 2)})}
+    assert parse_read_reply([reply, 0]) == {
+        "p1": PodState(3, {"u1": PodRecord("A", None, None, 1, 2)})
+    }
 
 
 # --- merging ----------------------------------------------------------------------------------
@@ -505,7 +508,7 @@ def test_member_ids_are_bounded_everywhere_presence_reads_them() -> None:
     assert core.can_list(longest) and not core.can_list(longer) and not core.can_list("")
     good = encode_record(PodRecord(name=None, viewing=None, answering=None, since=1, at=1))
     reply = [[b"pod-1", b"1", [longest.encode(), good, longer.encode(), good, b"\xe9" * 300, good]]]
-    assert set(parse_read_reply(reply)["pod-1"].records) == {longest}
+    assert set(parse_read_reply([reply, 0])["pod-1"].records) == {longest}
     with pytest.raises(MalformedAnnouncement):
         parse_announcement(b'pod-1|2|1|{"' + longer.encode() + b'":null}')
     assert parse_announcement(b'pod-1|2|1|{"' + longest.encode() + b'":null}').changes == {
@@ -540,7 +543,7 @@ _replies = st.recursive(_redis_values, lambda inner: st.lists(inner, max_size=5)
 def test_any_read_reply_parses_to_what_the_scripts_could_have_written(reply) -> None:
     """Another writer to the presence keys (garbage pods, versions, records) never raises: what
     the scripts cannot have written is skipped, the rest is kept."""
-    for pod, state in parse_read_reply(reply).items():
+    for pod, state in parse_read_reply([reply, 0]).items():
         assert 1 <= len(pod) <= 64 and state.version >= 0
         assert all(isinstance(record, PodRecord) for record in state.records.values())
 
@@ -559,7 +562,7 @@ def test_a_garbage_pod_is_skipped_and_the_others_kept() -> None:
         [b"pod-3", b"three", [b"dave", good]],
         [b"pod-4", b"1", b"not a list"],
     ]
-    assert {pod: set(s.records) for pod, s in parse_read_reply(reply).items()} == {
+    assert {pod: set(s.records) for pod, s in parse_read_reply([reply, 0]).items()} == {
         "pod-1": {"alice"}
     }
     assert parse_versions([b"pod-1", b"2", b"pod\n", b"3", b"pod-2", b"x"]) == {"pod-1": 2}
@@ -569,7 +572,7 @@ def test_a_nested_reply_in_place_of_a_record_is_skipped() -> None:
     # Found by the property test above: a list where a record's JSON belongs raised TypeError.
     good = encode_record(PodRecord(name="A", viewing=None, answering=None, since=1, at=1))
     reply = [[b"pod-1", b"3", [b"alice", good, b"bob", [b"x"], [b"carol"], good]]]
-    assert {pod: set(s.records) for pod, s in parse_read_reply(reply).items()} == {
+    assert {pod: set(s.records) for pod, s in parse_read_reply([reply, 0]).items()} == {
         "pod-1": {"alice"}
     }
 
@@ -622,7 +625,7 @@ def test_a_record_is_only_what_a_pod_can_have_written(values, member_id) -> None
     browsers (a negative or unsafe id in a presence frame), from a read or an announcement."""
     raw = msgspec.json.encode(list(values))
     reply = [[b"pod-1", b"3", [member_id, raw]]]
-    records = parse_read_reply(reply)["pod-1"].records
+    records = parse_read_reply([reply, 0])["pod-1"].records
     try:
         announced = parse_announcement(b'pod-1|3|0|{"' + member_id + b'":' + raw + b"}").changes
     except MalformedAnnouncement:
@@ -682,3 +685,26 @@ def test_a_view_outlives_its_last_subscriber_by_the_linger() -> None:
     now[0] += 1_000
     assert core.sweep() == [1] and core.views == {}
     assert core.sweep() == []
+
+
+def test_a_view_takes_no_more_members_than_pods_can_have_written() -> None:
+    """Announcements no pod can have published (more members at once than the bound, one pod
+    over it, all pods together over twice it) are refused or dropped: the view stays bounded
+    and the project is re-read (False)."""
+    record = PodRecord(name=None, viewing=None, answering=None, since=1, at=1)
+    body = b",".join(b'"m%d":[null,null,null,1,1]' % i for i in range(11))
+    with pytest.raises(OversizedAnnouncement):
+        parse_announcement(b"p|1|0|{" + body + b"}", most=10)
+    assert len(parse_announcement(b"p|1|0|{" + body + b"}", most=11).changes) == 11
+
+    view = ProjectView(1, "me", most=10)
+    view.load({}, {"me-0": record})
+    for i in range(2):  # two pods of 9: 19 members with our own, under 2 x 10
+        assert view.apply(Announcement(f"p{i}", 1, 0, {f"p{i}-{j}": record for j in range(9)}))
+    assert len(view.current()) == 19
+    past = Announcement("p2", 1, 0, {"p2-0": record, "p2-1": record})  # 21: past twice it
+    assert not view.apply(past)
+    assert "p2" not in view.pods and len(view.current()) == 19 and view.left_out == 1
+    assert view.apply(Announcement("p0", 2, 1, {"p0-9": record}))  # 10 on one pod: the bound
+    assert not view.apply(Announcement("p0", 3, 2, {"p0-10": record}))  # 11: one pod over it
+    assert "p0" not in view.pods and len(view.current()) == 10 and view.left_out == 2

@@ -602,3 +602,35 @@ async def test_a_storm_of_presence_reads_leaves_redis_connections_for_everything
         finally:
             await asyncio.gather(*(c.close() for c in clients))
             await direct.aclose()
+
+
+async def test_a_forged_pod_of_a_million_members_costs_a_gateway_nothing(gateways, redis_url):
+    """Another writer stores a pod listing 1,000,000 members in project 1. Read whole, a
+    ``presence_get`` answered a 75 MB frame after ~5 s of the gateway's CPU (its event loop,
+    and every other project's presence and events, blocked meanwhile). The read leaves the pod
+    out in Redis: the client gets the real members, the pod is counted in
+    ``eventbus_foreign_values_total{kind="presence_members"}``, project 2 goes on as before."""
+    import redis as sync_redis
+
+    from schemas.keys import Keys
+    from tests.test_presence_store import _forge_pod
+
+    gateway = await gateways(**{**FAST, "presence_ttl": 5.0, "presence_refresh_interval": 1.0})
+    alice = await person(gateway, "alice", "Alice")
+    await alice.subscribe(1)  # listed; no view of project 1 on the gateway: reads go to Redis
+    watcher = await person(gateway, "watcher")
+    await watcher.subscribe(2, presence=True)
+    client = sync_redis.Redis.from_url(redis_url)
+    try:
+        await asyncio.to_thread(_forge_pod, client, Keys(), 1, "forged", 1_000_000)
+    finally:
+        client.close()
+    reader = await person(gateway, "reader", projects=[1])
+    started = time.monotonic()
+    await reader.send({"type": "presence_get", "project_id": 1})
+    await reader.wait_for(lambda: reader.last("presence") is not None, 10)
+    assert [m["id"] for m in reader.last("presence")["members"]] == ["alice"]
+    assert time.monotonic() - started < 2.0
+    assert gateway.metrics.foreign_values["presence_members"] >= 1
+    await watcher.send({"type": "activity", "project_id": 2, "viewing": 5})
+    await until(watcher, lambda: view(watcher, 2)["watcher"]["viewing"] == 5)

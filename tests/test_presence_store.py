@@ -1074,3 +1074,108 @@ def test_any_deadline_is_listed_exactly_while_a_pod_can_have_set_it(redis_url, o
         } == live
     finally:
         sync.close()
+
+
+# --- more members than pods can have written ---------------------------------------------------
+
+
+def _forge_pod(client: redis.Redis, keys: Keys, project: int, pod: str, members: int) -> None:
+    """Another writer's pod in a project: ``members`` well-formed records, a version, and a
+    deadline a pod can have set (later than the real pods'). Call it in a thread
+    (``asyncio.to_thread``): the pods in the event loop must go on refreshing meanwhile."""
+    record = encode_record(PodRecord(name="Forged", viewing=None, answering=None, since=1, at=1))
+    pipe = client.pipeline(transaction=False)
+    for start in range(0, members, 20_000):
+        batch = range(start, min(members, start + 20_000))
+        pipe.hset(keys.presence_pod(project, pod), mapping={f"{pod}-{i}": record for i in batch})
+    pipe.execute()
+    client.hset(keys.presence_versions(project), pod, 1)
+    client.zadd(keys.presence_pods(project), {pod: _server_ms(client) + MAX_TTL_MS - 60_000})
+
+
+async def test_a_forged_pod_of_a_million_members_is_left_out_in_redis(pods, redis_client) -> None:
+    """Another writer (or a buggy pod) stores a pod listing 1,000,000 members in a project.
+    Read whole, every presence read of the project cost the gateway a 75 MB frame, ~5 s of
+    CPU with its event loop blocked (every project of the pod stalled) and ~440 MB of memory.
+    No pod lists more than twice --presence-max-members (+64): the read leaves such a pod out
+    in Redis, the real members are listed, the rest is counted, and other projects are not
+    affected."""
+    counted: list[tuple[int, int]] = []
+    # A longer ttl: the index keys expire a ttl after the last refresh, and with them the
+    # forged pod; a loaded machine must not delay a refresh that long while it is forged.
+    slow = {"ttl": 5.0, "refresh_interval": 1.0}
+    a = await pods.start("a", **slow)
+    b = await pods.start("b", on_left_out=lambda p, n: counted.append((p, n)), **slow)
+    a.join("tab", 1, "alice", "Alice")
+    a.join("tab", 2, "bob", "Bob")
+    await eventually(lambda: _listed(b, 1, {"alice"}), 5)
+    await asyncio.to_thread(_forge_pod, redis_client, b.keys, 1, "forged", 1_000_000)
+
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await asyncio.sleep(TIMINGS["diff_interval"])  # the cached answer is at most this old
+    frame = await b.get(1)
+    assert [m["id"] for m in msgspec.json.decode(frame)["members"]] == ["alice"]
+    assert len(frame) < 1_000
+    watcher = await pods.watch(b, "watcher", 1)  # a view, read the same way
+    assert set(watcher.members) == {"alice"}
+    assert loop.time() - started < TIMINGS["diff_interval"] + 2.0
+    assert counted and {p for p, _ in counted} == {1} and b.left_out >= 2
+    assert await _listed(b, 2, {"bob"})
+    assert [m.id for m in read_presence(redis_client, 1)] == ["alice"]  # backends too
+
+
+async def test_forged_pods_together_listing_too_many_are_cut_to_the_bound(
+    pods, redis_client
+) -> None:
+    """Ten forged pods of 100 members each (none larger than a real pod can be with
+    --presence-max-members 100), 1,000 together: a read
+    lists at most read_limit(max_members) members, counts the rest, and the real pod's
+    members (deadlines sooner than the forged ones) are among them."""
+    slow = {"ttl": 5.0, "refresh_interval": 1.0}  # as above
+    a = await pods.start("a", max_members=100, **slow)
+    b = await pods.start("b", max_members=100, **slow)
+    a.join("tab", 1, "alice", "Alice")
+    await eventually(lambda: _listed(b, 1, {"alice"}), 5)
+    for i in range(10):
+        await asyncio.to_thread(_forge_pod, redis_client, b.keys, 1, f"forged{i}", 100)
+    await asyncio.sleep(TIMINGS["diff_interval"])
+    members = [m["id"] for m in msgspec.json.decode(await b.get(1))["members"]]
+    assert "alice" in members and len(members) == b.most == 2 * 100 + 64
+    assert b.left_out == 1 + 10 * 100 - b.most  # members left out
+
+
+async def test_a_forged_announcement_of_too_many_members_is_left_out(pods, redis_client) -> None:
+    """Another writer publishes well-formed announcements on a project's presence channel: one
+    of 10,000 members (no pod writes that many at once), then three of 2,000 each under new
+    pod names (together more than any read lists). Taken, every subscriber got them all in its
+    next diff, and the view kept them. They are left out and counted; the real members stay."""
+    a = await pods.start("a")
+    b = await pods.start("b")
+    a.join("tab", 1, "alice", "Alice")
+    watcher = await pods.watch(b, "watcher")
+    await watcher.until(lambda m: set(m) == {"alice"}, within=5)
+    record = b"[null,null,null,1,1]"
+
+    def announcement(pod: str, n: int) -> bytes:
+        body = b",".join(b'"%s-%d":%s' % (pod.encode(), i, record) for i in range(n))
+        return pod.encode() + b"|1|0|{" + body + b"}"
+
+    channel = b.keys.presence_channel(1)
+    redis_client.publish(channel, announcement("huge", 10_000))
+    for pod in ("f1", "f2", "f3"):
+        redis_client.publish(channel, announcement(pod, 2_000))
+    await eventually(lambda: _true(b.left_out >= 2), 5)
+    a.activity("tab", 1, 7, None)  # a change every view shows within the bound
+    await watcher.until(lambda m: "alice" in m and m["alice"].viewing == 7, within=5)
+    assert len(watcher.members) <= 2 * b.most
+    assert not any(m.startswith(("huge", "f3")) for m in watcher.members)
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def _listed(service: PresenceService, project: int, ids: set[str]) -> bool:
+    frame = msgspec.json.decode(await service.get(project))
+    return {m["id"] for m in frame["members"]} == ids
