@@ -8,6 +8,7 @@ the members the tabs imply, merged across tabs and pods.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import msgspec
@@ -24,6 +25,7 @@ from gateway.presence import (
     compute_diff,
 )
 from schemas.presence import (
+    MAX_MEMBER_ID_LENGTH,
     Announcement,
     MalformedAnnouncement,
     OversizedAnnouncement,
@@ -696,6 +698,12 @@ def test_a_view_takes_no_more_members_than_pods_can_have_written() -> None:
     with pytest.raises(OversizedAnnouncement):
         parse_announcement(b"p|1|0|{" + body + b"}", most=10)
     assert len(parse_announcement(b"p|1|0|{" + body + b"}", most=11).changes) == 11
+    longest = "\x1f" * MAX_MEMBER_ID_LENGTH  # 6 bytes each in JSON, as WRITE's cjson puts it
+    record_json = b'["' + b"\\u001f" * 200 + b'",' + b"9" * 15 + b",null,1,1]"
+    entry = json.dumps(longest).encode() + b":" + record_json
+    assert len(parse_announcement(b"p|1|0|{" + entry + b"}", most=1).changes) == 1
+    with pytest.raises(OversizedAnnouncement):  # refused by its length, before decoding
+        parse_announcement(b"p|1|0|{" + b" " * 10**7 + b"}", most=1)
 
     view = ProjectView(1, "me", most=10)
     view.load({}, {"me-0": record})
