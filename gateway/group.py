@@ -42,7 +42,8 @@ and merges every file of the group on the worker's event loop (~0.6 ms with two 
 times a single process' render), and a flood of scrapes (``/metrics`` is on the public port)
 took the workers' loops from the connections: 200 scrapers in a loop against two workers held
 event delivery p99 at 0.2 to 1.2 s (2 to 3 ms without; ``python -m bench.scrape_flood
---workers 2``). The other workers' values lag up to a second anyway.
+--workers 2``). The other workers' values lag up to a second anyway. A count of every worker
+ready, which ``/readyz`` reports, is reused likewise.
 """
 
 from __future__ import annotations
@@ -168,6 +169,7 @@ class GroupView:
 
         self._reported: set[tuple[str, str]] = set()  # warnings already logged
         self._rendered: tuple[float, bytes] | None = None  # (when, body) of the last render
+        self._ready_counted: tuple[float, int] | None = None  # (when, count) of the last count
         # A member's shared lock: no supervisor's sweep removes the directory while it is held.
         self._lock: int | None = groupdir.hold(directory)
         if worker_id is not None:
@@ -276,12 +278,30 @@ class GroupView:
         return text
 
     def ready_workers(self, ready: bool) -> int:
-        """How many live workers of the group are ready right now (this one included)."""
+        """How many live workers of the group are ready right now (this one included).
+
+        A count of every worker is given again while it is younger than :data:`RENDER_REUSE`
+        and this worker is still ready: a ``/readyz`` flood read the group's files at every
+        probe, as a scrape flood did. A group short of a worker is counted at every probe: a
+        worker that just started must not answer an older, lower count than its neighbour
+        (a load balancer's probe may reach either)."""
+        now = time.monotonic()
+        counted = self._ready_counted
+        if (
+            ready
+            and counted is not None
+            and counted[1] >= self.workers
+            and now - counted[0] < RENDER_REUSE
+        ):
+            return counted[1]
         self.sync(ready)
+        count = 0
         for family in self._collect():
             if family.name == "eventbus_worker_ready":
-                return int(sum(sample.value for sample in family.samples))
-        return 0
+                count = int(sum(sample.value for sample in family.samples))
+                break
+        self._ready_counted = (now, count)
+        return count
 
 
 def _set_aside_unreadable(directory: str, identity: str) -> list[str]:
