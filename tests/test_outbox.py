@@ -1148,6 +1148,41 @@ def test_an_invalid_row_holds_its_project_only_and_is_reported_once(sqlite_path,
     assert_exact(bus.client, {5: [1, 2], 6: [3]})
 
 
+def test_rows_behind_a_full_batch_of_invalid_rows_go_out_without_waiting_a_poll_interval(
+    sqlite_path, table, bus
+):
+    """A batch that held every row it read (invalid rows of 40 projects: a contract change under
+    queued events, a batch of hand-made rows) is followed by the next batch at once, as any full
+    batch is, so that the valid rows behind them go out. Before, the relay counted what it
+    published (nothing) and took the table for read: it waited a poll interval after each such
+    batch, and once the held projects' holds ran out before it got past them (here 4 batches of
+    invalid rows at a 1 s poll, holds of 3 s) it read the same invalid rows again and again and
+    the rows behind them were never published, every project's."""
+    outbox = Outbox(table)
+    with sqlite3.connect(sqlite_path) as conn:
+        for project_id in range(100, 140):
+            conn.execute(
+                f"INSERT INTO {table} (project_id, token, event, created_at) "
+                "VALUES (?, 'tok', '{\"type\":\"from_a_newer_contract\"}', 0)",
+                (project_id,),
+            )
+        outbox.write(conn, event(1, 1))
+    relay = OutboxRelay.sqlite(
+        sqlite_path, bus, table=table, batch_size=10, poll_interval=1.0, hold_interval=3.0
+    ).start()
+    try:
+        deadline = time.monotonic() + 8
+        while not relay.metrics.published and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert relay.metrics.published == 1, "the valid row behind the invalid ones never went out"
+        # At once, not after the poll interval per batch of invalid rows (4 s here).
+        assert relay.metrics.lag.count == 1 and relay.metrics.as_dict()["lag_ms_max"] < 2000
+        assert relay.metrics.invalid_rows == 40
+    finally:
+        relay.stop()
+    assert_exact(bus.client, {1: [1]})
+
+
 @pytest.mark.parametrize("token", ["to k", "x" * 200, "t\u00f6k"])
 def test_a_row_whose_token_makes_an_unusable_key_holds_its_project_only(
     sqlite_path, table, bus, token

@@ -992,6 +992,8 @@ class OutboxRelay:
         self._held: dict[int, float] = {}  # project -> monotonic time of its next attempt
         #: Rows published whose marks failed, and their lags: marked first by the next batch.
         self._unmarked: tuple[list[tuple[int, Cursor]], list[float]] | None = None
+        #: The last batch read as many rows as it could (see :meth:`run`).
+        self._full_batch = False
         self._hold_logged: dict[int, float] = {}
         self._invalid_logged: set[int] = set()
         self._database_errors = 0
@@ -1037,6 +1039,9 @@ class OutboxRelay:
         now = time.monotonic()
         self._held = {p: until for p, until in self._held.items() if until > now}
         rows = self.store.fetch(self.batch_size, list(self._held))
+        # A full batch means the table may hold more, whatever was published of it: a batch of
+        # rows all held (invalid rows of as many projects) is followed by the next at once.
+        self._full_batch = len(rows) >= self.batch_size
         if not rows:
             self.metrics.oldest_pending_s = None
             return 0
@@ -1220,7 +1225,12 @@ class OutboxRelay:
                 )
                 outage_started = None
             self._housekeeping()
-            if count < self.batch_size and not self._stop.is_set():
+            # Wait only when the last batch read less than a full batch, not when it published
+            # less: a batch whose rows were all held (invalid rows of as many projects) counted
+            # as an empty table, and the relay waited a poll interval after each; once the
+            # first projects' holds ran out before it got past them, it read them again, and
+            # the rows behind them, every project's, were never published.
+            if not self._full_batch and not self._stop.is_set():
                 try:
                     self.store.wait(self.poll_interval)
                 except Exception as exc:
