@@ -1183,6 +1183,58 @@ def test_rows_behind_a_full_batch_of_invalid_rows_go_out_without_waiting_a_poll_
     assert_exact(bus.client, {1: [1]})
 
 
+@pytest.mark.parametrize("dialect", ["postgresql", "sqlite"])
+def test_rows_larger_than_any_event_are_reported_without_being_read(
+    dialect, pg_url, sqlite_path, table, bus
+):
+    """Hand-made rows with events of 8 MB (an event of the contract is ~30 KB at most, a stream
+    frame 1 MiB): each is reported (too large, with its size) and holds its project, the other
+    projects go on, and the relay does not read them: its batch allocates less than one of them.
+    Before, each batch read them whole (PostgreSQL takes up to 1 GB per row): a few such rows
+    took hundreds of MB per batch, read again after each hold, and more than the machine has
+    ended the relay for every project."""
+    import tracemalloc
+
+    outbox = Outbox(table)
+    big = 8 << 20
+    if dialect == "postgresql":
+        with psycopg.connect(pg_url) as conn:
+            outbox.create_table(conn)
+            outbox.write(conn, event(1, 1))
+            for n in range(4):
+                conn.execute(
+                    f"INSERT INTO {table} (project_id, token, event) "
+                    "VALUES (%s, 'tok', '{\"type\":\"x\",\"pad\":\"' || repeat('x', %s) || '\"}')",
+                    (10 + n, big),
+                )
+            outbox.write(conn, event(2, 2))
+        relay = OutboxRelay.postgres(pg_url, bus, table=table)
+    else:
+        with sqlite3.connect(sqlite_path) as conn:
+            outbox.write(conn, event(1, 1))
+            for n in range(4):
+                conn.execute(
+                    f"INSERT INTO {table} (project_id, token, event, created_at) "
+                    "VALUES (?, 'tok', ?, 0)",
+                    (10 + n, '{"type":"x","pad":"' + "x" * big + '"}'),
+                )
+            outbox.write(conn, event(2, 2))
+        relay = OutboxRelay.sqlite(sqlite_path, bus, table=table)
+    try:
+        tracemalloc.start()
+        try:
+            assert relay.run_once() == 2
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < big, f"the batch allocated {peak} bytes"
+        assert relay.metrics.invalid_rows == 4
+        assert relay.run_once() == 0
+    finally:
+        relay.store.close()
+    assert_exact(bus.client, {1: [1], 2: [2]})
+
+
 @pytest.mark.parametrize("token", ["to k", "x" * 200, "t\u00f6k"])
 def test_a_row_whose_token_makes_an_unusable_key_holds_its_project_only(
     sqlite_path, table, bus, token

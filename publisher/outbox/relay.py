@@ -45,6 +45,7 @@ from publisher.outbox.metrics import RateLimiter, RelayMetrics
 from publisher.outbox.publishing import CHUNK, KeyedPublisher
 from publisher.outbox.sql import (
     DEFAULT_TABLE,
+    MAX_EVENT_BYTES,
     POSTGRES,
     SQLITE,
     Statements,
@@ -441,8 +442,12 @@ class PostgresOutboxStore(_ClosableStore):
         )
 
     def fetch(self, limit: int, held: list[int]) -> list[OutboxRow]:
-        rows = self._q(self.st.pending, {"limit": limit, "held": held})
-        return [OutboxRow(r[0], r[1], r[2], r[3], float(r[4])) for r in rows]
+        params = {"limit": limit, "held": held, "max_event": MAX_EVENT_BYTES}
+        rows = self._q(self.st.pending, params)
+        return [
+            OutboxRow(r[0], r[1], r[2], r[3] or "", float(r[4]), _size_problem(r[3], r[5]))
+            for r in rows
+        ]
 
     def mark(self, published: list[tuple[int, Cursor]]) -> None:
         self._q(
@@ -856,7 +861,7 @@ class SQLiteOutboxStore(_ClosableStore):
         return True
 
     def fetch(self, limit: int, held: list[int]) -> list[OutboxRow]:
-        params = {"limit": limit, "held": json.dumps(held)}
+        params = {"limit": limit, "held": json.dumps(held), "max_event": MAX_EVENT_BYTES}
         rows = self._run(lambda db: db.execute(self.st.pending, params).fetchall())
         return [_sqlite_row(*row) for row in rows]
 
@@ -900,15 +905,26 @@ class SQLiteOutboxStore(_ClosableStore):
                 conn.close()
 
 
-def _sqlite_row(row_id: int, project_id: Any, token: Any, event: Any, created_at: Any) -> OutboxRow:
+def _size_problem(event: Any, size: int | None) -> str | None:
+    """Why a row's event was not fetched: larger than any event can be (see Statements.pending)."""
+    if event is not None or size is None:
+        return None
+    return f"the event is {size} bytes, more than an event can be ({MAX_EVENT_BYTES} bytes)"
+
+
+def _sqlite_row(
+    row_id: int, project_id: Any, token: Any, event: Any, created_at: Any, size: Any
+) -> OutboxRow:
     """One fetched SQLite row. Column types are only affinities there: a hand-made ``INSERT``
     can leave text in ``project_id`` or ``created_at``, which raised (a str in arithmetic, in
     ``sorted``) out of every batch that fetched the row, stopping the relay for every project.
     Such a row gets a ``problem`` (reported, its project held), a text ``project_id`` to hold
     it by, and the relay's clock as its ``created_at`` (its lag is unknown)."""
-    problem = None
+    problem = _size_problem(event, size)
+    if event is None:
+        event = ""
     if type(project_id) is not int:
-        problem = f"the row's project_id {project_id!r} is not an integer"
+        problem = problem or f"the row's project_id {project_id!r} is not an integer"
         project_id = str(project_id)
     if type(created_at) not in (int, float):
         problem = problem or f"the row's created_at {created_at!r} is not a number (unix seconds)"

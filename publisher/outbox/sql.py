@@ -16,6 +16,7 @@ import re
 
 __all__ = [
     "DEFAULT_TABLE",
+    "MAX_EVENT_BYTES",
     "POSTGRES",
     "POSTGRES_DDL",
     "SQLITE",
@@ -31,6 +32,10 @@ __all__ = [
 POSTGRES = "postgresql"
 SQLITE = "sqlite"
 DEFAULT_TABLE = "eventbus_outbox"
+
+#: The largest outbox event the relay reads: the largest frame a stream takes
+#: (``schemas.stored.MAX_FRAME_BYTES``, 1 MiB), far above any event of the contract (~30 KB).
+MAX_EVENT_BYTES = 1 << 20
 
 _TABLE_RE = re.compile(r"^(?:[a-z_][a-z0-9_]{0,62}\.)?[a-z_][a-z0-9_]{0,40}\Z")
 
@@ -163,9 +168,14 @@ class Statements:
             if pg
             else "project_id NOT IN (SELECT value FROM json_each(:held))"
         )
+        # An event larger than any event can be (MAX_EVENT_BYTES: a hand-made row) is not
+        # fetched, only its size: the relay reports the row and holds its project. Fetched, a
+        # few such rows (up to 1 GB each in PostgreSQL) took the relay's memory batch after batch.
+        size = "octet_length(event)" if pg else "length(CAST(event AS BLOB))"
         self.pending = (
-            f"SELECT id, project_id, token, event, "
-            f"{'extract(epoch from created_at)' if pg else 'created_at'} "
+            f"SELECT id, project_id, token, "
+            f"CASE WHEN {size} <= :max_event THEN event END, "
+            f"{'extract(epoch from created_at)' if pg else 'created_at'}, {size} "
             f"FROM {t} WHERE published_at IS NULL AND {held} ORDER BY id LIMIT :limit"
         )
         # SQLite: one row (executemany, in one transaction); PostgreSQL: a whole batch in one
