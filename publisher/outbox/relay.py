@@ -1054,10 +1054,9 @@ class OutboxRelay:
         self.metrics.leader = True
         now = time.monotonic()
         self._held = {p: until for p, until in self._held.items() if until > now}
-        rows = self.store.fetch(self.batch_size, list(self._held))
-        # A full batch means the table may hold more, whatever was published of it: a batch of
-        # rows all held (invalid rows of as many projects) is followed by the next at once.
-        self._full_batch = len(rows) >= self.batch_size
+        held = list(self._held)
+        rows = self.store.fetch(self.batch_size, held)
+        self._full_batch = False
         if not rows:
             self.metrics.oldest_pending_s = None
             return 0
@@ -1089,6 +1088,13 @@ class OutboxRelay:
         finally:
             if published:
                 self._mark(published, lags)
+        # A full batch means the table may hold more, whatever was published of it: a batch of
+        # rows all held (invalid rows of as many projects) is followed by the next at once. Only
+        # if the next read differs (rows marked, projects newly held and left out of it): a row
+        # the read cannot leave out (a SQLite project_id stored as a BLOB) is not read in a loop.
+        self._full_batch = len(rows) >= self.batch_size and (
+            bool(published) or not self._held.keys() <= set(held)
+        )
         return len(published)
 
     def _mark(self, published: list[tuple[int, Cursor]], lags: list[float]) -> None:
