@@ -959,6 +959,39 @@ def test_stop_returns_within_its_timeout_while_another_sqlite_writer_holds_the_l
     assert_exact(bus.client, {1: [1]})
 
 
+def test_a_relay_whose_publish_outlasts_stop_publishes_no_further_round_trip(sqlite_path, table):
+    """stop() returns while the relay thread still waits for a hung Redis (which stop cannot cut
+    short); when Redis answers, the thread ends with that round trip: none of the batch's later
+    rows is published after stop (they wait in the table for the next relay). Before, the thread
+    went on with the batch, chunk after chunk, after stop had returned and closed the store (a
+    SQLite store, and a PostgreSQL store without leader election, ask no database before a
+    round trip): here all 300 rows, 200 of them after stop, none of them marked."""
+    outbox = Outbox(table)
+    with sqlite3.connect(sqlite_path) as conn:
+        outbox.write_many(conn, [event(1, n) for n in range(1, 3 * CHUNK + 1)])
+    with RedisServer() as redis_server:
+        proxy = FreezableProxy("127.0.0.1", redis_server.port)
+        publisher = Publisher.from_url(f"redis://127.0.0.1:{proxy.port}/0", timeout=60)
+        relay = OutboxRelay.sqlite(sqlite_path, publisher, table=table, max_rate=None)
+        try:
+            # Connected, and the script loaded: the first round trip publishes once answered.
+            publisher.publish(event(2, 1))
+            proxy.freeze()
+            relay.start()
+            thread = relay._thread
+            proxy.wait_held(b"EVALSHA")  # the first chunk's round trip waits for Redis
+            relay.stop(timeout=1.0)
+            assert thread is not None and thread.is_alive()  # still in that round trip
+            proxy.thaw()
+            thread.join(10)
+            assert not thread.is_alive()
+            published = stream_ids(redis_server.client(), 1)
+            assert [b for _, b in published] == list(range(1, CHUNK + 1))
+        finally:
+            proxy.close()
+            publisher.close()
+
+
 def test_a_sqlite_store_waits_for_another_writers_lock_up_to_its_timeout(sqlite_path, table):
     """The relay's SQLite statements wait for another connection's lock (released here by a
     timer after 0.3 s) and then succeed; a lock held longer than the store's ``timeout`` fails

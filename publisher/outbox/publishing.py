@@ -29,7 +29,7 @@ for a standalone, synchronous ``Publisher``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import redis.exceptions
 import structlog
@@ -54,8 +54,11 @@ class KeyedPublisher:
     """``publish(items)``: publish ``(event, idempotency_key)`` pairs in order; returns the
     cursors of the prefix that was published and the error that stopped it (or None)."""
 
-    def __init__(self, publisher: Publisher) -> None:
+    def __init__(self, publisher: Publisher, cancelled: Callable[[], bool] | None = None) -> None:
         self.publisher = publisher
+        #: Asked before each round trip after the first: True ends :meth:`publish` there (what
+        #: was published is returned, without an error). The relay's: stop() gave up waiting.
+        self.cancelled = cancelled
         self.batched = (
             isinstance(publisher, Publisher)
             and not getattr(publisher, "_cluster", True)
@@ -67,15 +70,20 @@ class KeyedPublisher:
     def publish(
         self, items: Sequence[tuple[ProjectEvent, str]]
     ) -> tuple[list[Cursor], Exception | None]:
+        cancelled = self.cancelled
         cursors: list[Cursor] = []
         if self.batched:
             for start in range(0, len(items), CHUNK):
+                if start and cancelled is not None and cancelled():
+                    return cursors, None
                 chunk = items[start : start + CHUNK]
                 done = self._exec(chunk)
                 cursors.extend(done)
                 if len(done) < len(chunk):
                     break
-        for event, key in items[len(cursors) :]:
+        for index, (event, key) in enumerate(items[len(cursors) :]):
+            if (index or self.batched) and cancelled is not None and cancelled():
+                return cursors, None
             try:
                 cursors.append(self.publisher.publish(event, idempotency_key=key))
             except Exception as exc:

@@ -987,7 +987,7 @@ class OutboxRelay:
             raise ValueError("retention must be at least a minute (snapshots read the cursors)")
         self.store = store
         self.publisher = publisher
-        self._keyed = KeyedPublisher(publisher)
+        self._keyed = KeyedPublisher(publisher, cancelled=self._abandoned)
         self.table = store.table
         self.batch_size = batch_size
         self.limiter = RateLimiter(max_rate)
@@ -1003,6 +1003,9 @@ class OutboxRelay:
         self.max_backoff = max_backoff
         self.metrics = metrics or RelayMetrics()
         self._stop = threading.Event()
+        #: Set by :meth:`stop` when it stops waiting for the thread: from then on the thread
+        #: sends no further Redis round trip (see :meth:`_abandoned`).
+        self._given_up = threading.Event()
         self._thread: threading.Thread | None = None
         self.hold_interval = hold_interval
         self._held: dict[int, float] = {}  # project -> monotonic time of its next attempt
@@ -1084,6 +1087,8 @@ class OutboxRelay:
                 if not self.store.lead():
                     self.metrics.leader = False  # (run() then stands by, without a wait)
                     break
+                if self._abandoned():
+                    break
                 self._publish_chunk(chunk, published, lags)
         finally:
             if published:
@@ -1121,7 +1126,7 @@ class OutboxRelay:
                 self._hold(row.project_id)
                 continue
             items.append((row, event))
-        while items:
+        while items and not self._abandoned():
             cursors, error = self._keyed.publish(
                 [(event, idempotency_key(self.table, row)) for row, event in items]
             )
@@ -1143,6 +1148,15 @@ class OutboxRelay:
             if items and not self.store.lead():
                 self.metrics.leader = False
                 return
+
+    def _abandoned(self) -> bool:
+        """:meth:`stop` has returned (or is about to) while this thread was still in a batch,
+        e.g. in a publish that a hung Redis held past stop's timeout: the thread sends no further
+        round trip and ends. Before, it went on with the rest of the batch once Redis answered,
+        publishing rows after stop had returned and closed the store (a SQLite store, and a
+        PostgreSQL store without leader election, ask no database before a round trip),
+        rows that it could then not mark."""
+        return self._given_up.is_set()
 
     def _hold(self, project_id: int, error: Exception | None = None) -> None:
         self._held[project_id] = time.monotonic() + self.hold_interval
@@ -1297,6 +1311,7 @@ class OutboxRelay:
     def start(self) -> OutboxRelay:
         """Run :meth:`run` in a daemon thread."""
         self._stop.clear()
+        self._given_up.clear()
         self.store.open()  # closed by a previous stop()
         self._thread = threading.Thread(target=self.run, name="outbox-relay", daemon=True)
         self._thread.start()
@@ -1323,6 +1338,7 @@ class OutboxRelay:
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.join(timeout / 2)
+        self._given_up.set()  # a thread still in its batch sends no further round trip
         self.store.close()
         for ending in (thread, waker):
             if ending is not None:
