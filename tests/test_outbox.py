@@ -992,6 +992,44 @@ def test_a_relay_whose_publish_outlasts_stop_publishes_no_further_round_trip(sql
             publisher.close()
 
 
+def test_start_refuses_while_a_thread_that_stop_gave_up_on_still_runs(sqlite_path, table):
+    """stop() returns while the relay thread waits for a hung Redis; start() meanwhile raises
+    (as does a second start() of a running relay), and once that thread has ended with its
+    round trip, start() runs the relay again: one thread at a time, every row once, in order.
+    Before, start() cleared the stop flag both threads share: the old thread took up its loop
+    again beside the new one (2 relay threads on one store and one SQLite connection)."""
+    outbox = Outbox(table)
+    with sqlite3.connect(sqlite_path) as conn:
+        outbox.write_many(conn, [event(1, n) for n in range(1, 3 * CHUNK + 1)])
+    with RedisServer() as redis_server:
+        proxy = FreezableProxy("127.0.0.1", redis_server.port)
+        publisher = Publisher.from_url(f"redis://127.0.0.1:{proxy.port}/0", timeout=60)
+        relay = OutboxRelay.sqlite(sqlite_path, publisher, table=table, max_rate=None)
+        try:
+            publisher.publish(event(2, 1))  # connected, the script loaded
+            proxy.freeze()
+            relay.start()
+            old = relay._thread
+            with pytest.raises(RuntimeError):
+                relay.start()
+            proxy.wait_held(b"EVALSHA")
+            relay.stop(timeout=1.0)
+            assert old is not None and old.is_alive()
+            with pytest.raises(RuntimeError):
+                relay.start()
+            proxy.thaw()
+            old.join(10)
+            assert not old.is_alive()
+            relay.start()
+            wait_until(lambda: relay.store.backlog() == 0)
+            assert [t.name for t in threading.enumerate()].count("outbox-relay") == 1
+        finally:
+            relay.stop()
+            proxy.close()
+            publisher.close()
+        assert [b for _, b in stream_ids(redis_server.client(), 1)] == list(range(1, 3 * CHUNK + 1))
+
+
 def test_a_sqlite_store_waits_for_another_writers_lock_up_to_its_timeout(sqlite_path, table):
     """The relay's SQLite statements wait for another connection's lock (released here by a
     timer after 0.3 s) and then succeed; a lock held longer than the store's ``timeout`` fails

@@ -1007,6 +1007,8 @@ class OutboxRelay:
         #: sends no further Redis round trip (see :meth:`_abandoned`).
         self._given_up = threading.Event()
         self._thread: threading.Thread | None = None
+        #: The thread of the last stop(), which may outlive it (see :meth:`start`).
+        self._abandoned_thread: threading.Thread | None = None
         self.hold_interval = hold_interval
         self._held: dict[int, float] = {}  # project -> monotonic time of its next attempt
         #: Rows published whose marks failed, and their lags: marked first by the next batch.
@@ -1309,7 +1311,19 @@ class OutboxRelay:
             self.store.reset()
 
     def start(self) -> OutboxRelay:
-        """Run :meth:`run` in a daemon thread."""
+        """Run :meth:`run` in a daemon thread.
+
+        Raises ``RuntimeError`` while a thread of this relay runs: started and not stopped, or
+        one that :meth:`stop` gave up waiting for (a publish a hung Redis holds), which ends
+        with that round trip. Before, that thread took up its loop again with the new one (the
+        stop flag they share was cleared): two threads on one store and connection, which the
+        store never runs at once."""
+        running = self._thread or self._abandoned_thread
+        if running is not None and running.is_alive():
+            raise RuntimeError(
+                "the relay's thread still runs (started, or still in a publish that stop() "
+                "did not wait for): stop() it, or start() again once it has ended"
+            )
         self._stop.clear()
         self._given_up.clear()
         self.store.open()  # closed by a previous stop()
@@ -1336,6 +1350,7 @@ class OutboxRelay:
         waker = threading.Thread(target=self.store.wake, name="outbox-relay-stop", daemon=True)
         waker.start()
         thread, self._thread = self._thread, None
+        self._abandoned_thread = thread
         if thread is not None:
             thread.join(timeout / 2)
         self._given_up.set()  # a thread still in its batch sends no further round trip
