@@ -1030,6 +1030,36 @@ def test_start_refuses_while_a_thread_that_stop_gave_up_on_still_runs(sqlite_pat
         assert [b for _, b in stream_ids(redis_server.client(), 1)] == list(range(1, 3 * CHUNK + 1))
 
 
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_row_is_marked_once_and_a_late_retry_keeps_the_newer_cursor(
+    kind, sqlite_path, pg_url, pg_outbox, table
+):
+    """A relay keeps the marks that failed and retries them at its next batch, which may come
+    after another relay published and marked the rows (a new epoch's cursor, say): the late
+    retry used to overwrite that cursor with its older one."""
+    if kind == "sqlite":
+        with sqlite3.connect(sqlite_path) as conn:
+            Outbox(table).write_many(conn, [event(1, 1), event(1, 2)])
+        store: Any = SQLiteOutboxStore(sqlite_path, table)
+    else:
+        with psycopg.connect(pg_url) as conn:
+            pg_outbox.write_many(conn, [event(1, 1), event(1, 2)])
+        store = PostgresOutboxStore(pg_url, table)
+    try:
+        first, second = store.fetch(10, [])
+        store.mark([(first.id, Cursor("e-new", 1)), (second.id, Cursor("e-new", 2))])
+        store.mark([(first.id, Cursor("e-old", 7)), (second.id, Cursor("e-old", 8))])
+        assert store.fetch(10, []) == []
+    finally:
+        store.close()
+    if kind == "sqlite":
+        with sqlite3.connect(sqlite_path) as conn:
+            marked = conn.execute(f"SELECT epoch, seq FROM {table} ORDER BY id").fetchall()
+    else:
+        marked = [(epoch, seq) for _, _, _, epoch, seq in pg_rows(pg_url, table)]
+    assert marked == [("e-new", 1), ("e-new", 2)]
+
+
 def test_a_sqlite_store_waits_for_another_writers_lock_up_to_its_timeout(sqlite_path, table):
     """The relay's SQLite statements wait for another connection's lock (released here by a
     timer after 0.3 s) and then succeed; a lock held longer than the store's ``timeout`` fails

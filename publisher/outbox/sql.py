@@ -180,11 +180,17 @@ class Statements:
         )
         # SQLite: one row (executemany, in one transaction); PostgreSQL: a whole batch in one
         # statement (half the cost of one UPDATE per row).
-        self.mark = f"UPDATE {t} SET published_at = :now, epoch = :epoch, seq = :seq WHERE id = :id"
+        # A row is marked once: a relay's late retry of a mark that failed (kept while it stood
+        # by) must not overwrite the cursor another relay marked since (a new epoch's, say).
+        self.mark = (
+            f"UPDATE {t} SET published_at = :now, epoch = :epoch, seq = :seq "
+            "WHERE id = :id AND published_at IS NULL"
+        )
         self.mark_many = (
             f"UPDATE {t} SET published_at = clock_timestamp(), epoch = v.epoch, seq = v.seq "
             "FROM unnest(CAST(:ids AS bigint[]), CAST(:epochs AS text[]), "
-            f"CAST(:seqs AS bigint[])) AS v(id, epoch, seq) WHERE {t}.id = v.id"
+            f"CAST(:seqs AS bigint[])) AS v(id, epoch, seq) "
+            f"WHERE {t}.id = v.id AND {t}.published_at IS NULL"
         )
         self.backlog = f"SELECT count(*) FROM {t} WHERE published_at IS NULL"
         # Published rows older than the retention go, except each project's newest published
