@@ -32,6 +32,7 @@ MODULES = [
     "bench.density",
     "bench.sse",
     "bench.presence",
+    "bench.scrape_flood",
 ]
 
 

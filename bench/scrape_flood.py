@@ -4,10 +4,12 @@ One WebSocket subscriber of project 1 and a publisher sending an event every 10 
 delivery latency (publish call to receipt, one clock) is taken in three windows: quiet, with
 ``--scrapers`` concurrent scrapers each requesting ``/metrics`` in a loop (a separate process,
 keep-alive connections, reopened when closed), quiet again. Reports the gateway's CPU (the
-supervisor's workers summed with ``--workers``), scrapes/s and latency percentiles.
+supervisor's workers summed with ``--workers``), scrapes/s and latency percentiles, for one
+process and for a group of two workers side by side in one run (``make bench`` runs it).
 
-    python -m bench.scrape_flood                  # one process, 200 scrapers, 10 s windows
-    python -m bench.scrape_flood --workers 2
+    python -m bench.scrape_flood                  # 1 process, then 2 workers; 200 scrapers, 10 s
+    python -m bench.scrape_flood --workers 2      # only a group of two
+    python -m bench.scrape_flood --quick          # 50 scrapers, 3 s windows
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import websockets
 
+from bench.common import RESULTS_DIR, machine, write_json
 from publisher import Publisher, issue_token
 from tests.support.gateway_process import GatewayProcess
 from tests.support.redis_server import RedisServer
@@ -149,21 +153,45 @@ async def window(gateway: GatewayProcess, publisher: Publisher, args, flood: boo
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scrapers", type=int, default=200)
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--workers", type=int, default=1)
-    args = parser.parse_args()
-    extra = ["--workers", str(args.workers)] if args.workers > 1 else []
+def run(workers: int, args: argparse.Namespace) -> dict:
+    """Three windows (quiet, flood, quiet) against a fresh gateway of ``workers`` processes."""
+    extra = ["--workers", str(workers)] if workers > 1 else []
     with RedisServer() as server, GatewayProcess(server.url, auth_secret=SECRET, args=extra) as gw:
         publisher = Publisher.from_url(server.url)
         try:
-            for flood in (False, True, False):
-                print(json.dumps(asyncio.run(window(gw, publisher, args, flood))), flush=True)
+            windows = [asyncio.run(window(gw, publisher, args, f)) for f in (False, True, False)]
         finally:
             publisher.close()
+    for result in windows:
+        print(json.dumps({"workers": workers, **result}), file=sys.stderr, flush=True)
+    return {"workers": workers, "windows": windows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="50 scrapers, 3 s windows")
+    parser.add_argument("--scrapers", type=int, help="concurrent scrapers (default 200)")
+    parser.add_argument("--seconds", type=float, help="seconds per window (default 10)")
+    parser.add_argument("--workers", type=int, help="only this many workers (default: 1, then 2)")
+    parser.add_argument("--json", type=Path, default=RESULTS_DIR / "scrape_flood.json")
+    args = parser.parse_args(argv)
+    args.scrapers = args.scrapers or (50 if args.quick else 200)
+    args.seconds = args.seconds or (3.0 if args.quick else 10.0)
+    runs = [run(n, args) for n in ([args.workers] if args.workers else [1, 2])]
+    print(f"scrape flood ({args.scrapers} scrapers, {args.seconds:g} s windows)")
+    print("| gateway | scrapes/s | gateway cores | delivery p50 | delivery p99 | quiet p99 |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for result in runs:
+        quiet, flood, _ = result["windows"]
+        name = "1 process" if result["workers"] == 1 else f"{result['workers']} workers"
+        print(
+            f"| {name} | {flood.get('scrapes_per_s', 0):,} | {flood['gateway_cores']} "
+            f"| {flood['latency_ms']['p50']} ms | {flood['latency_ms']['p99']} ms "
+            f"| {quiet['latency_ms']['p99']} ms |"
+        )
+    write_json(args.json, {"machine": machine(), "scrapers": args.scrapers, "runs": runs})
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
