@@ -1,5 +1,8 @@
-"""A TCP proxy that can freeze: a server that hangs with its sockets open, for a server the tests
-cannot stop themselves (the machine's shared PostgreSQL).
+"""TCP proxies for fault tests.
+
+``CuttingProxy`` (below) resets the connections open at a given moment, for a client that must
+survive abrupt drops. ``FreezableProxy`` can freeze: a server that hangs with its sockets open,
+for a server the tests cannot stop themselves (the machine's shared PostgreSQL).
 
 While frozen, the proxy accepts connections and reads what clients send, but forwards nothing in
 either direction: to a client it looks exactly like a server stopped with ``SIGSTOP`` (the kernel
@@ -12,8 +15,10 @@ hoping it did (on a loaded machine the request may still be on its way after any
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
+import struct
 import threading
 
 from tests.support.redis_server import free_port
@@ -115,3 +120,99 @@ class FreezableProxy:
         for sock in (source, sink):
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
+
+
+class CuttingProxy:
+    """A TCP proxy whose connections a test can cut: ``cut()`` resets every connection open now
+    (``SO_LINGER`` 0, so the client gets an RST, not a FIN: the abrupt loss of a connection a
+    WebSocket client sees as 1006), while new connections keep being forwarded. The target may
+    be down for a while (a gateway restarting on the same port): a connection made then is
+    closed at once, as a refused connect would be.
+
+    One asyncio loop in a thread of its own; ``cut()`` waits until the resets are done.
+    """
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.port = free_port()
+        #: Connections accepted so far, and of those the ones forwarded to the target.
+        self.accepted = 0
+        self.forwarded = 0
+        #: Bytes sent to clients so far (all connections).
+        self.downstream_bytes = 0
+        self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        self._loop = asyncio.new_event_loop()
+        self._server: asyncio.Server | None = None
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._call(self._start())
+
+    def _call(self, coro, timeout: float = 10.0):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    async def _start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+
+    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter):
+        self.accepted += 1
+        try:
+            upstream_r, upstream_w = await asyncio.open_connection(*self.target)
+        except OSError:
+            _reset(client_w)
+            return
+        self.forwarded += 1
+        pair = (client_w, upstream_w)
+        self._pairs.add(pair)
+        try:
+            await asyncio.gather(
+                self._pump(client_r, upstream_w, downstream=False),
+                self._pump(upstream_r, client_w, downstream=True),
+            )
+        finally:
+            self._pairs.discard(pair)
+
+    async def _pump(self, reader, writer, *, downstream: bool) -> None:
+        try:
+            while data := await reader.read(65536):
+                if downstream:
+                    self.downstream_bytes += len(data)
+                writer.write(data)
+                await writer.drain()
+            if writer.can_write_eof():
+                writer.write_eof()
+        except (OSError, RuntimeError):
+            _reset(writer)
+
+    def cut(self) -> int:
+        """Reset every connection open now; returns how many there were."""
+
+        async def cut() -> int:
+            pairs = list(self._pairs)
+            for client_w, upstream_w in pairs:
+                _reset(client_w)
+                _reset(upstream_w)
+            return len(pairs)
+
+        return self._call(cut())
+
+    def close(self) -> None:
+        async def close() -> None:
+            if self._server is not None:
+                self._server.close()
+            for client_w, upstream_w in list(self._pairs):
+                _reset(client_w)
+                _reset(upstream_w)
+
+        with contextlib.suppress(Exception):
+            self._call(close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close a connection with an RST (nothing buffered is sent)."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()

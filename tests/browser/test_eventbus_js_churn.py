@@ -1,0 +1,272 @@
+"""eventbus.js end to end under churn: the browser client against a real gateway process whose
+connections are cut and which is restarted (drained with SIGTERM, started again on the same port)
+while a publisher publishes, with the client's own reconnect, fallback and resume logic.
+
+What the application's subscribe callback receives is compared, entry by entry, with what was
+published: every event exactly once and in order, or an explicit resync (onResync) that says
+where delivery continues; never silence, a duplicate, or an event out of order.
+
+The client runs in chromium (the browser tests' Debian chromium through Playwright, as the unit
+tests of ``eventbus_unit.js`` do: the test environment installs it, not Node), so the WebSocket,
+fetch and timers are a real browser's. Its connections go through ``CuttingProxy``, which resets
+them (an RST, the abrupt loss a browser sees as 1006) and forwards to the gateway's port across
+its restarts.
+"""
+
+from __future__ import annotations
+
+import http.server
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from playwright.sync_api import Browser, Page
+
+from publisher import Publisher, issue_token
+from tests.browser.conftest import ROOT, SECRET, GatewayProcess
+from tests.support.tcp_proxy import CuttingProxy
+
+pytestmark = pytest.mark.browser
+
+CLIENT_JS = ROOT / "gateway" / "static" / "eventbus.js"
+DRIVER_JS = ROOT / "tests" / "browser" / "eventbus_churn.js"
+INDEX = """<!doctype html><meta charset="utf-8"><title>eventbus.js churn</title>
+<script type="module">
+  import * as driver from "/churn/driver.js";
+  window.driver = driver;
+  window.driverReady = true;
+</script>"""
+PROJECT = 7
+EVENTS = 1200
+#: Between two publishes: the events keep coming while connections drop and the gateway restarts.
+PUBLISH_INTERVAL = 0.004
+
+
+@pytest.fixture
+def proxy(gateway: GatewayProcess) -> Iterator[CuttingProxy]:
+    proxy = CuttingProxy("127.0.0.1", gateway.port)
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture
+def page_server() -> Iterator[str]:
+    """The page and its scripts (this checkout's eventbus.js, not the one the gateway serves),
+    from a real HTTP server of another port: with Playwright's router serving the page, this
+    chromium's WebSocket never opens (1006)."""
+    files = {
+        "/churn/": (INDEX.encode(), "text/html"),
+        "/eventbus.js": (CLIENT_JS.read_bytes(), "text/javascript"),
+        "/churn/driver.js": (DRIVER_JS.read_bytes(), "text/javascript"),
+    }
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body, kind = files.get(self.path, (b"not found", "text/plain"))
+            self.send_response(200 if self.path in files else 404)
+            self.send_header("Content-Type", f"{kind}; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def churn_page(browser: Browser, page_server: str) -> Iterator[Page]:
+    context = browser.new_context()
+    page = context.new_page()
+    page.problems = []  # type: ignore[attr-defined]
+    page.on("pageerror", lambda error: page.problems.append(str(error)))  # type: ignore[attr-defined]
+
+    page.goto(f"{page_server}/churn/")
+    page.wait_for_function("window.driverReady === true")
+    yield page
+    context.close()
+
+
+class PacedPublisher(threading.Thread):
+    """Publishes ``count`` events of one project through the Python publisher, one every
+    ``interval`` seconds, each a blocker_resolved whose blocker_id is its publish number."""
+
+    def __init__(self, redis_url: str, project_id: int, count: int, interval: float) -> None:
+        super().__init__(daemon=True)
+        self.publisher = Publisher.from_url(redis_url)
+        self.project_id = project_id
+        self.count = count
+        self.interval = interval
+        self.published: list[tuple[str, int, int]] = []  # (epoch, seq, blocker_id)
+        self.error: BaseException | None = None
+        self._changed = threading.Condition()
+
+    def run(self) -> None:
+        try:
+            for number in range(1, self.count + 1):
+                cursor = self.publisher.blocker_resolved(
+                    self.project_id, blocker_id=number, answer=f"answer {number}"
+                )
+                with self._changed:
+                    self.published.append((cursor.epoch, cursor.seq, number))
+                    self._changed.notify_all()
+                time.sleep(self.interval)
+        except BaseException as error:  # reported by wait_published and the test
+            self.error = error
+        finally:
+            with self._changed:
+                self._changed.notify_all()
+
+    def wait_published(self, count: int, timeout: float = 60.0) -> None:
+        with self._changed:
+            done = self._changed.wait_for(
+                lambda: (
+                    len(self.published) >= count or self.error is not None or not self.is_alive()
+                ),
+                timeout,
+            )
+        if self.error is not None:
+            raise self.error
+        assert done and len(self.published) >= count, f"published {len(self.published)} of {count}"
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+def check_delivery(log: list[dict], published: list[tuple[str, int, int]]) -> list[dict]:
+    """Every entry of the application's log in place: events one after another from the cursor
+    of the last resync (exactly the published event of that seq), up to the last published.
+    Returns the resyncs."""
+    epoch = published[0][0]
+    by_seq = {seq: number for _, seq, number in published}
+    assert all(e == epoch for e, _, _ in published), "the project's epoch changed while publishing"
+    assert sorted(by_seq) == list(range(1, len(published) + 1))
+    resyncs = []
+    expected = None
+    for index, entry in enumerate(log):
+        if "resync" in entry:
+            cursor = entry["resync"]
+            assert cursor is not None and cursor["epoch"] == epoch, f"entry {index}: {entry}"
+            resyncs.append(cursor)
+            expected = cursor["seq"] + 1
+            continue
+        assert expected is not None, f"entry {index}: an event before the first onResync: {entry}"
+        assert entry["seq"] == expected, (
+            f"entry {index}: seq {entry['seq']} where {expected} was due "
+            f"({'a duplicate' if entry['seq'] < expected else 'a gap'}); "
+            f"around it: {log[max(0, index - 3) : index + 3]}"
+        )
+        assert entry["id"] == by_seq[entry["seq"]], f"entry {index}: not the event published"
+        expected += 1
+    assert expected == len(published) + 1, f"delivery stopped at seq {expected - 1}"
+    return resyncs
+
+
+def test_every_event_exactly_once_in_order_through_cuts_and_gateway_restarts(
+    churn_page: Page, gateway: GatewayProcess, proxy: CuttingProxy, redis_url: str
+) -> None:
+    page = churn_page
+    token = issue_token(SECRET, projects=[PROJECT], subject="churn")
+    page.evaluate(
+        "(options) => window.driver.start(options)",
+        {
+            "url": f"ws://127.0.0.1:{proxy.port}/",
+            "httpUrl": f"http://127.0.0.1:{proxy.port}",
+            "token": token,
+            "projectId": PROJECT,
+            # Shorter than the default (1 s .. 30 s), so that the churn fits in seconds.
+            "backoff": {"initial": 200, "max": 2000},
+        },
+    )
+    # Subscribed (its first onResync, at seq 0) before the first publish: every event is due.
+    page.wait_for_function(f"window.churn.bus.cursor({PROJECT}) !== null")
+
+    publisher = PacedPublisher(redis_url, PROJECT, EVENTS, PUBLISH_INTERVAL)
+    cuts = 0
+
+    def wait_live() -> None:
+        # Each blow lands on a live connection (WebSocket or SSE), not on one already down.
+        page.wait_for_function("window.churn.bus.state === 'live'", timeout=20_000)
+
+    def cut() -> None:
+        nonlocal cuts
+        wait_live()
+        cut = proxy.cut()
+        assert cut >= 1, "the client was live without a connection"
+        cuts += 1
+
+    def cut_next_connection() -> None:
+        """Cut, then cut the client's next connection as soon as it reaches the gateway (in its
+        handshake, its subscribe or the replay of its resume)."""
+        cut()
+        forwarded = proxy.forwarded
+        wait_until(lambda: proxy.forwarded > forwarded, "the client's next connection")
+        proxy.cut()
+
+    def restart() -> None:
+        wait_live()
+        gateway.terminate()  # drained: its clients are closed with 1012
+        gateway.start()
+
+    def restart_and_cut() -> None:
+        restart()
+        forwarded = proxy.forwarded
+        wait_until(lambda: proxy.forwarded > forwarded, "the client's next connection")
+        proxy.cut()
+
+    schedule = [
+        (100, cut),
+        (200, cut_next_connection),
+        (350, restart),
+        (450, cut_next_connection),
+        (600, restart_and_cut),
+        (800, cut),
+        (950, cut_next_connection),
+        (1100, cut),
+    ]
+    publisher.start()
+    try:
+        for threshold, action in schedule:
+            publisher.wait_published(threshold)
+            action()
+        publisher.wait_published(EVENTS)
+    finally:
+        publisher.join(60)
+    assert publisher.error is None, publisher.error
+
+    try:
+        page.wait_for_function(f"window.churn.at() === {EVENTS}", timeout=30_000)
+    except Exception:
+        state = page.evaluate(
+            "({at: window.churn.at(), states: window.churn.states.slice(-20),"
+            " errors: window.churn.errors.slice(-20), tail: window.churn.log.slice(-5)})"
+        )
+        pytest.fail(
+            f"the application stopped short of seq {EVENTS}: {state}\n"
+            f"gateway log:\n{gateway.log_tail()}",
+            pytrace=False,
+        )
+    log = page.evaluate("window.churn.log")
+    states = page.evaluate("window.churn.states")
+    resyncs = check_delivery(log, publisher.published)
+    # The churn happened: every blow of the schedule landed on a live connection (each waited
+    # for one), so the client went live again before each (the second cut of a pair lands on
+    # the next connection before it is live, and the end of the run need not be live).
+    assert cuts == 6, cuts
+    assert sum(state.startswith("live/") for state in states) >= len(schedule), states
+    # The whole history stays in Redis: every resume is honoured, so the only reload is the
+    # first subscribe's, and every event reaches the callback.
+    assert resyncs == [{"epoch": publisher.published[0][0], "seq": 0}], resyncs
+    assert page.problems == []  # type: ignore[attr-defined]
