@@ -8,7 +8,7 @@ import { connect } from "/eventbus.js";
  * event's blocker_id, which the test set to its publish number) and `{resync: {epoch, seq}}` for
  * every onResync call (the cursor delivery continues after).
  */
-export function start({ url, httpUrl, token, projectId, backoff }) {
+export function start({ url, httpUrl, token, projectId, backoff, websocket = true }) {
   const log = [];
   const errors = [];
   const states = [];
@@ -17,6 +17,7 @@ export function start({ url, httpUrl, token, projectId, backoff }) {
     httpUrl,
     token: () => token,
     backoff,
+    websocket,
     onResync: (id) => {
       log.push({ resync: bus.cursor(id) });
     },
