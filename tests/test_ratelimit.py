@@ -209,3 +209,58 @@ def test_a_burst_below_twice_max_subscriptions_is_refused_unless_the_limit_is_of
     for bad in (["--client-rate", "-1"], ["--client-burst", "0"]):
         with pytest.raises(ConfigError):
             load_config(["--no-auth", *bad], {})
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rate=st.floats(0.1, 1000.0),
+    burst=st.integers(1, 60),
+    steps=st.lists(
+        st.tuples(
+            st.one_of(st.just(0.0), st.floats(0.0, 0.01), st.floats(0.0, 2.0)),
+            st.integers(1, 80),
+        ),
+        min_size=1,
+        max_size=60,
+    ),
+)
+def test_never_more_than_burst_plus_rate_times_t_in_any_window(rate, burst, steps):
+    """Whatever a client sends and when (``steps``: a pause, then that many frames at once), the
+    frames allowed within any window of ``t`` seconds (both ends included) number at most
+    ``burst + rate * t``: the gateway's promise to itself (a connection costs it at most that
+    much work), checked over every window of the history."""
+    limit = FrameRateLimit(rate=rate, burst=burst)
+    bucket = Bucket()
+    now = 1000.0
+    allowed: list[tuple[float, int]] = []  # (instant, frames allowed then)
+    for gap, frames in steps:
+        now += gap
+        count = sum(limit.take(bucket, now) == ALLOWED for _ in range(frames))
+        if count:
+            allowed.append((now, count))
+    for first in range(len(allowed)):
+        total = 0
+        for last in range(first, len(allowed)):
+            total += allowed[last][1]
+            window = allowed[last][0] - allowed[first][0]
+            # (a millionth of a frame: the refill is computed in floats)
+            assert total <= burst + rate * window + 1e-6, (allowed[first], allowed[last], total)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rate=st.floats(0.1, 1000.0),
+    burst=st.integers(1, 100),
+    slack=st.lists(st.floats(0.0, 3.0), min_size=1, max_size=200),
+)
+def test_a_client_at_most_at_the_rate_is_never_refused(rate, burst, slack):
+    """A client that leaves at least ``1 / rate`` seconds between frames (plus any pause) is
+    never refused, from its first frame on, whatever its burst."""
+    limit = FrameRateLimit(rate=rate, burst=burst)
+    bucket = Bucket()
+    now = 1000.0
+    for extra in slack:
+        assert limit.take(bucket, now) == ALLOWED
+        # (a billionth more: 1 / rate in floats, times rate, may fall short of one token)
+        now += (1.0 / rate) * (1.0 + extra) * (1 + 1e-9)
+    assert bucket.rate_strikes == 0.0
