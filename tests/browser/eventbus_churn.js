@@ -8,7 +8,7 @@ import { connect } from "/eventbus.js";
  * event's blocker_id, which the test set to its publish number) and `{resync: {epoch, seq}}` for
  * every onResync call (the cursor delivery continues after).
  */
-export function start({ url, httpUrl, token, projectId, backoff, websocket = true }) {
+export function start({ url, httpUrl, token, projectId, backoff, websocket = true, pingInterval, pongTimeout, sseIdleTimeout }) {
   const log = [];
   const errors = [];
   const states = [];
@@ -18,6 +18,8 @@ export function start({ url, httpUrl, token, projectId, backoff, websocket = tru
     token: () => token,
     backoff,
     websocket,
+    ...(pingInterval ? { pingInterval, pongTimeout } : {}),
+    ...(sseIdleTimeout ? { sseIdleTimeout } : {}),
     onResync: (id) => {
       log.push({ resync: bus.cursor(id) });
     },

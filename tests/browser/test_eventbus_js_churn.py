@@ -192,6 +192,12 @@ def test_every_event_exactly_once_in_order_through_cuts_and_gateway_restarts(
             # sse: WebSocket configured off, events over Server-Sent Events (resumed with
             # Last-Event-ID), polling while SSE cannot connect.
             "websocket": transport == "websocket",
+            # A connection that stops answering is given up after about 2 s (defaults: 35 s
+            # for a WebSocket, 45 s for an SSE stream; the gateway's SSE comments come every
+            # 15 s, so a quiet stream is reopened every 1.5 s once the events stop: harmless).
+            "pingInterval": 1000,
+            "pongTimeout": 1000,
+            "sseIdleTimeout": 1500,
         },
     )
     # Subscribed (its first onResync, at seq 0) before the first publish: every event is due.
@@ -227,6 +233,16 @@ def test_every_event_exactly_once_in_order_through_cuts_and_gateway_restarts(
         cut()
         cut_after(forwarded)
 
+    def freeze() -> None:
+        """Make the live connection half-open (nothing forwarded either way, nothing closed):
+        the client must notice on its own (its ping unanswered) and resume on a new one."""
+        wait_live()
+        forwarded = proxy.forwarded
+        while proxy.freeze() == 0:  # (as in cut())
+            time.sleep(0.01)
+            wait_live()
+        wait_until(lambda: proxy.forwarded > forwarded, "a connection after the half-open one")
+
     def restart() -> int:
         """Returns the connections forwarded before the new gateway was started."""
         wait_live()
@@ -244,6 +260,7 @@ def test_every_event_exactly_once_in_order_through_cuts_and_gateway_restarts(
         (350, restart),
         (450, cut_next_connection),
         (600, restart_and_cut),
+        (700, freeze),
         (800, cut),
         (950, cut_next_connection),
         (1100, cut),

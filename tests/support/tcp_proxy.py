@@ -141,6 +141,7 @@ class CuttingProxy:
         #: Bytes sent to clients so far (all connections).
         self.downstream_bytes = 0
         self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        self._frozen: set[asyncio.StreamWriter] = set()  # the client sides of frozen pairs
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.Server | None = None
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -165,15 +166,18 @@ class CuttingProxy:
         self._pairs.add(pair)
         try:
             await asyncio.gather(
-                self._pump(client_r, upstream_w, downstream=False),
-                self._pump(upstream_r, client_w, downstream=True),
+                self._pump(client_r, upstream_w, downstream=False, client=client_w),
+                self._pump(upstream_r, client_w, downstream=True, client=client_w),
             )
         finally:
             self._pairs.discard(pair)
+            self._frozen.discard(client_w)
 
-    async def _pump(self, reader, writer, *, downstream: bool) -> None:
+    async def _pump(self, reader, writer, *, downstream: bool, client) -> None:
         try:
             while data := await reader.read(65536):
+                if client in self._frozen:
+                    continue  # a half-open connection: what is sent is never delivered
                 if downstream:
                     self.downstream_bytes += len(data)
                 writer.write(data)
@@ -194,6 +198,18 @@ class CuttingProxy:
             return len(pairs)
 
         return self._call(cut())
+
+    def freeze(self) -> int:
+        """Stop forwarding anything of the connections open now, in either direction, without
+        closing them (connections made later are forwarded): a half-open connection, as after a
+        laptop's sleep or a NAT's timeout. Returns how many there were; ``cut()`` ends them."""
+
+        async def freeze() -> int:
+            pairs = list(self._pairs)
+            self._frozen.update(client_w for client_w, _ in pairs)
+            return len(pairs)
+
+        return self._call(freeze())
 
     def close(self) -> None:
         async def close() -> None:
