@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+import redis
 from playwright.sync_api import Browser, Page
 
 from publisher import Publisher, issue_token
@@ -147,20 +148,21 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = 20.0) 
 
 def check_delivery(log: list[dict], published: list[tuple[str, int, int]]) -> list[dict]:
     """Every entry of the application's log in place: events one after another from the cursor
-    of the last resync (exactly the published event of that seq), up to the last published.
-    Returns the resyncs."""
-    epoch = published[0][0]
-    by_seq = {seq: number for _, seq, number in published}
-    assert all(e == epoch for e, _, _ in published), "the project's epoch changed while publishing"
-    assert sorted(by_seq) == list(range(1, len(published) + 1))
+    of the last resync (exactly the event published at that epoch and seq), up to the last one
+    published. Returns the resyncs."""
+    by_cursor = {(epoch, seq): number for epoch, seq, number in published}
+    epochs = list(dict.fromkeys(epoch for epoch, _, _ in published))
+    for name in epochs:  # (the publisher's side: each history from seq 1, without a gap)
+        seqs = [seq for epoch, seq, _ in published if epoch == name]
+        assert seqs == list(range(1, len(seqs) + 1)), f"epoch {name}: {seqs[:5]}..."
     resyncs = []
-    expected = None
+    epoch = expected = None
     for index, entry in enumerate(log):
         if "resync" in entry:
             cursor = entry["resync"]
-            assert cursor is not None and cursor["epoch"] == epoch, f"entry {index}: {entry}"
+            assert cursor is not None and cursor["epoch"] in epochs, f"entry {index}: {entry}"
             resyncs.append(cursor)
-            expected = cursor["seq"] + 1
+            epoch, expected = cursor["epoch"], cursor["seq"] + 1
             continue
         assert expected is not None, f"entry {index}: an event before the first onResync: {entry}"
         assert entry["seq"] == expected, (
@@ -168,134 +170,188 @@ def check_delivery(log: list[dict], published: list[tuple[str, int, int]]) -> li
             f"({'a duplicate' if entry['seq'] < expected else 'a gap'}); "
             f"around it: {log[max(0, index - 3) : index + 3]}"
         )
-        assert entry["id"] == by_seq[entry["seq"]], f"entry {index}: not the event published"
+        assert entry["id"] == by_cursor.get((epoch, entry["seq"])), (
+            f"entry {index}: not the event published at {epoch}:{entry['seq']}"
+        )
         expected += 1
-    assert expected == len(published) + 1, f"delivery stopped at seq {expected - 1}"
+    last_epoch, last_seq, _ = published[-1]
+    assert (epoch, expected - 1) == (last_epoch, last_seq), "delivery stopped short"
     return resyncs
+
+
+class Churn:
+    """The client in the page, the blows a test deals it, and the wait for its end."""
+
+    def __init__(
+        self, page: Page, gateway: GatewayProcess, proxy: CuttingProxy, transport: str
+    ) -> None:
+        self.page = page
+        self.gateway = gateway
+        self.proxy = proxy
+        self.cuts = 0
+        token = issue_token(SECRET, projects=[PROJECT], subject="churn")
+        page.evaluate(
+            "(options) => window.driver.start(options)",
+            {
+                "url": f"ws://127.0.0.1:{proxy.port}/",
+                "httpUrl": f"http://127.0.0.1:{proxy.port}",
+                "token": token,
+                "projectId": PROJECT,
+                # Shorter than the default (1 s .. 30 s), so that the churn fits in seconds.
+                "backoff": {"initial": 200, "max": 2000},
+                # sse: WebSocket configured off, events over Server-Sent Events (resumed with
+                # Last-Event-ID), polling while SSE cannot connect.
+                "websocket": transport == "websocket",
+                # A connection that stops answering is given up after about 2 s (defaults: 35 s
+                # for a WebSocket, 45 s for an SSE stream; the gateway's SSE comments come
+                # every 15 s, so a quiet stream is reopened every 1.5 s once the events stop:
+                # harmless).
+                "pingInterval": 1000,
+                "pongTimeout": 1000,
+                "sseIdleTimeout": 1500,
+            },
+        )
+        # Subscribed (its first onResync, at seq 0) before the first publish: every event is due.
+        page.wait_for_function(f"window.churn.bus.cursor({PROJECT}) !== null")
+
+    def wait_live(self) -> None:
+        # Each blow lands on a live connection (WebSocket or SSE), not on one already down.
+        self.page.wait_for_function("window.churn.bus.state === 'live'", timeout=20_000)
+
+    def cut(self) -> None:
+        deadline = time.monotonic() + 20
+        self.wait_live()
+        # Nothing to cut: the state is still the live of a connection cut a moment ago (its
+        # reset not read yet); wait for the next one.
+        while self.proxy.cut() == 0:
+            assert time.monotonic() < deadline, "live for 20 s without a connection"
+            time.sleep(0.01)
+            self.wait_live()
+        self.cuts += 1
+
+    def cut_after(self, forwarded: int) -> None:
+        """Cut the client's first connection forwarded after ``forwarded`` as soon as it reaches
+        the gateway (in its handshake, its subscribe or the replay of its resume)."""
+        wait_until(lambda: self.proxy.forwarded > forwarded, "the client's next connection")
+        self.proxy.cut()
+
+    def cut_next_connection(self) -> None:
+        forwarded = self.proxy.forwarded
+        self.cut()
+        self.cut_after(forwarded)
+
+    def freeze(self) -> None:
+        """Make the live connection half-open (nothing forwarded either way, nothing closed):
+        the client must notice on its own (its ping unanswered) and resume on a new one."""
+        self.wait_live()
+        forwarded = self.proxy.forwarded
+        while self.proxy.freeze() == 0:  # (as in cut())
+            time.sleep(0.01)
+            self.wait_live()
+        wait_until(lambda: self.proxy.forwarded > forwarded, "a connection after the half-open one")
+
+    def restart(self) -> int:
+        """Returns the connections forwarded before the new gateway was started."""
+        self.wait_live()
+        self.gateway.terminate()  # drained: its clients are closed with 1012
+        forwarded = self.proxy.forwarded  # later ones reach the new gateway
+        self.gateway.start()
+        return forwarded
+
+    def restart_and_cut(self) -> None:
+        self.cut_after(self.restart())
+
+    def run(self, publisher: PacedPublisher, schedule: list[tuple[int, Callable[[], None]]]):
+        """Publish, dealing each blow once ``threshold`` events are published; then wait for
+        the application to be at the last event published. Returns the log and the states."""
+        publisher.start()
+        try:
+            for threshold, action in schedule:
+                publisher.wait_published(threshold)
+                action()
+            publisher.wait_published(publisher.count)
+        finally:
+            publisher.join(60)
+        assert publisher.error is None, publisher.error
+        epoch, seq, _ = publisher.published[-1]
+        try:
+            self.page.wait_for_function(
+                f"window.churn.at() === {seq}"
+                f" && window.churn.bus.cursor({PROJECT}).epoch === {epoch!r}",
+                timeout=30_000,
+            )
+        except Exception:
+            state = self.page.evaluate(
+                "({at: window.churn.at(), states: window.churn.states.slice(-20),"
+                " errors: window.churn.errors.slice(-20), tail: window.churn.log.slice(-5)})"
+            )
+            pytest.fail(
+                f"the application stopped short of {epoch}:{seq}: {state}\n"
+                f"gateway log:\n{self.gateway.log_tail()}",
+                pytrace=False,
+            )
+        assert self.page.problems == []  # type: ignore[attr-defined]
+        return self.page.evaluate("window.churn.log"), self.page.evaluate("window.churn.states")
 
 
 @pytest.mark.parametrize("transport", ["websocket", "sse"])
 def test_every_event_exactly_once_in_order_through_cuts_and_gateway_restarts(
     churn_page: Page, gateway: GatewayProcess, proxy: CuttingProxy, redis_url: str, transport: str
 ) -> None:
-    page = churn_page
-    token = issue_token(SECRET, projects=[PROJECT], subject="churn")
-    page.evaluate(
-        "(options) => window.driver.start(options)",
-        {
-            "url": f"ws://127.0.0.1:{proxy.port}/",
-            "httpUrl": f"http://127.0.0.1:{proxy.port}",
-            "token": token,
-            "projectId": PROJECT,
-            # Shorter than the default (1 s .. 30 s), so that the churn fits in seconds.
-            "backoff": {"initial": 200, "max": 2000},
-            # sse: WebSocket configured off, events over Server-Sent Events (resumed with
-            # Last-Event-ID), polling while SSE cannot connect.
-            "websocket": transport == "websocket",
-            # A connection that stops answering is given up after about 2 s (defaults: 35 s
-            # for a WebSocket, 45 s for an SSE stream; the gateway's SSE comments come every
-            # 15 s, so a quiet stream is reopened every 1.5 s once the events stop: harmless).
-            "pingInterval": 1000,
-            "pongTimeout": 1000,
-            "sseIdleTimeout": 1500,
-        },
-    )
-    # Subscribed (its first onResync, at seq 0) before the first publish: every event is due.
-    page.wait_for_function(f"window.churn.bus.cursor({PROJECT}) !== null")
-
+    churn = Churn(churn_page, gateway, proxy, transport)
     publisher = PacedPublisher(redis_url, PROJECT, EVENTS, PUBLISH_INTERVAL)
-    cuts = 0
-
-    def wait_live() -> None:
-        # Each blow lands on a live connection (WebSocket or SSE), not on one already down.
-        page.wait_for_function("window.churn.bus.state === 'live'", timeout=20_000)
-
-    def cut() -> None:
-        nonlocal cuts
-        deadline = time.monotonic() + 20
-        wait_live()
-        # Nothing to cut: the state is still the live of a connection cut a moment ago (its
-        # reset not read yet); wait for the next one.
-        while proxy.cut() == 0:
-            assert time.monotonic() < deadline, "live for 20 s without a connection"
-            time.sleep(0.01)
-            wait_live()
-        cuts += 1
-
-    def cut_after(forwarded: int) -> None:
-        """Cut the client's first connection forwarded after ``forwarded`` as soon as it reaches
-        the gateway (in its handshake, its subscribe or the replay of its resume)."""
-        wait_until(lambda: proxy.forwarded > forwarded, "the client's next connection")
-        proxy.cut()
-
-    def cut_next_connection() -> None:
-        forwarded = proxy.forwarded
-        cut()
-        cut_after(forwarded)
-
-    def freeze() -> None:
-        """Make the live connection half-open (nothing forwarded either way, nothing closed):
-        the client must notice on its own (its ping unanswered) and resume on a new one."""
-        wait_live()
-        forwarded = proxy.forwarded
-        while proxy.freeze() == 0:  # (as in cut())
-            time.sleep(0.01)
-            wait_live()
-        wait_until(lambda: proxy.forwarded > forwarded, "a connection after the half-open one")
-
-    def restart() -> int:
-        """Returns the connections forwarded before the new gateway was started."""
-        wait_live()
-        gateway.terminate()  # drained: its clients are closed with 1012
-        forwarded = proxy.forwarded  # later ones reach the new gateway
-        gateway.start()
-        return forwarded
-
-    def restart_and_cut() -> None:
-        cut_after(restart())
-
     schedule = [
-        (100, cut),
-        (200, cut_next_connection),
-        (350, restart),
-        (450, cut_next_connection),
-        (600, restart_and_cut),
-        (700, freeze),
-        (800, cut),
-        (950, cut_next_connection),
-        (1100, cut),
+        (100, churn.cut),
+        (200, churn.cut_next_connection),
+        (350, churn.restart),
+        (450, churn.cut_next_connection),
+        (600, churn.restart_and_cut),
+        (700, churn.freeze),
+        (800, churn.cut),
+        (950, churn.cut_next_connection),
+        (1100, churn.cut),
     ]
-    publisher.start()
-    try:
-        for threshold, action in schedule:
-            publisher.wait_published(threshold)
-            action()
-        publisher.wait_published(EVENTS)
-    finally:
-        publisher.join(60)
-    assert publisher.error is None, publisher.error
-
-    try:
-        page.wait_for_function(f"window.churn.at() === {EVENTS}", timeout=30_000)
-    except Exception:
-        state = page.evaluate(
-            "({at: window.churn.at(), states: window.churn.states.slice(-20),"
-            " errors: window.churn.errors.slice(-20), tail: window.churn.log.slice(-5)})"
-        )
-        pytest.fail(
-            f"the application stopped short of seq {EVENTS}: {state}\n"
-            f"gateway log:\n{gateway.log_tail()}",
-            pytrace=False,
-        )
-    log = page.evaluate("window.churn.log")
-    states = page.evaluate("window.churn.states")
+    log, states = churn.run(publisher, schedule)
     resyncs = check_delivery(log, publisher.published)
     # The churn happened: every blow of the schedule landed on a live connection (each waited
     # for one), so the client went live again before each (the second cut of a pair lands on
     # the next connection before it is live, and the end of the run need not be live).
-    assert cuts == 6, cuts
+    assert churn.cuts == 6, churn.cuts
     assert sum(state.startswith("live/") for state in states) >= len(schedule), states
     # The whole history stays in Redis: every resume is honoured, so the only reload is the
     # first subscribe's, and every event reaches the callback.
     assert resyncs == [{"epoch": publisher.published[0][0], "seq": 0}], resyncs
-    assert page.problems == []  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("transport", ["websocket", "sse"])
+def test_a_history_lost_mid_stream_is_one_explicit_resync_then_exactly_once_again(
+    churn_page: Page, gateway: GatewayProcess, proxy: CuttingProxy, redis_url: str, transport: str
+) -> None:
+    """Redis emptied (FLUSHALL) while events are published and connections cut: the events
+    not yet delivered are gone, and the client says so with one onResync at the new history's
+    cursor, then delivers the new history's events exactly once, in order, through more cuts
+    and a gateway restart."""
+    churn = Churn(churn_page, gateway, proxy, transport)
+    publisher = PacedPublisher(redis_url, PROJECT, 900, PUBLISH_INTERVAL)
+
+    def flush() -> None:
+        client = redis.Redis.from_url(redis_url)
+        try:
+            client.flushall()
+        finally:
+            client.close()
+
+    schedule = [
+        (100, churn.cut),
+        (250, flush),
+        (400, churn.cut_next_connection),
+        (550, churn.restart),
+        (700, churn.cut),
+    ]
+    log, _ = churn.run(publisher, schedule)
+    resyncs = check_delivery(log, publisher.published)
+    epochs = list(dict.fromkeys(epoch for epoch, _, _ in publisher.published))
+    assert len(epochs) == 2, epochs
+    assert len(resyncs) == 2, resyncs
+    assert resyncs[0] == {"epoch": epochs[0], "seq": 0}
+    assert resyncs[1]["epoch"] == epochs[1], resyncs
