@@ -3,12 +3,12 @@
 import { connect } from "/eventbus.js";
 
 /**
- * Subscribe to `projectId` through a real connection. `window.churn.log` gets, in the order the
- * application sees them, `{seq, id}` for every event handed to the subscribe callback (`id`: the
- * event's blocker_id, which the test set to its publish number) and `{resync: {epoch, seq}}` for
- * every onResync call (the cursor delivery continues after).
+ * Subscribe to `projectIds` through one real connection. `window.churn.log` gets, in the order
+ * the application sees them, `{project, seq, id}` for every event handed to a subscribe callback
+ * (`id`: the event's blocker_id, which the test set to its publish number) and
+ * `{project, resync: {epoch, seq}}` for every onResync call (the cursor delivery continues after).
  */
-export function start({ url, httpUrl, token, projectId, backoff, websocket = true, pingInterval, pongTimeout, sseIdleTimeout }) {
+export function start({ url, httpUrl, token, projectIds, backoff, websocket = true, pingInterval, pongTimeout, sseIdleTimeout }) {
   const log = [];
   const errors = [];
   const states = [];
@@ -21,22 +21,28 @@ export function start({ url, httpUrl, token, projectId, backoff, websocket = tru
     ...(pingInterval ? { pingInterval, pongTimeout } : {}),
     ...(sseIdleTimeout ? { sseIdleTimeout } : {}),
     onResync: (id) => {
-      log.push({ resync: bus.cursor(id) });
+      log.push({ project: id, resync: bus.cursor(id) });
     },
     onError: (error) => errors.push(`${error.code}: ${error.message}`),
     onStateChange: (state, previous, { transport }) => states.push(`${state}/${transport}`),
   });
-  bus.subscribe(projectId, (event) => log.push({ seq: event.seq, id: event.blocker_id }));
+  for (const projectId of projectIds) {
+    bus.subscribe(projectId, (event) => log.push({ project: event.project_id, seq: event.seq, id: event.blocker_id }));
+  }
   window.churn = {
     bus,
     log,
     errors,
     states,
-    /** The seq the application is at: of its last event or resync, or null before either. */
-    at() {
-      const last = log[log.length - 1];
-      if (!last) return null;
-      return last.resync ? last.resync.seq : last.seq;
+    /** Whether the application is at `seq` of `epoch` in every project of `ends`
+     * ({projectId: [epoch, seq]}): its last event or resync there. */
+    at(ends) {
+      return Object.entries(ends).every(([projectId, [epoch, seq]]) => {
+        const entries = log.filter((entry) => entry.project === Number(projectId));
+        const last = entries[entries.length - 1];
+        const cursor = bus.cursor(Number(projectId));
+        return !!last && cursor !== null && cursor.epoch === epoch && (last.resync ? last.resync.seq : last.seq) === seq;
+      });
     },
   };
 }

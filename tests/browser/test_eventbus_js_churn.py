@@ -38,7 +38,8 @@ INDEX = """<!doctype html><meta charset="utf-8"><title>eventbus.js churn</title>
   window.driver = driver;
   window.driverReady = true;
 </script>"""
-PROJECT = 7
+#: One connection follows three projects; the events are published to each in turn.
+PROJECTS = (7, 8, 9)
 EVENTS = 1200
 #: Between two publishes: the events keep coming while connections drop and the gateway restarts.
 PUBLISH_INTERVAL = 0.004
@@ -96,27 +97,27 @@ def churn_page(browser: Browser, page_server: str) -> Iterator[Page]:
 
 
 class PacedPublisher(threading.Thread):
-    """Publishes ``count`` events of one project through the Python publisher, one every
-    ``interval`` seconds, each a blocker_resolved whose blocker_id is its publish number."""
+    """Publishes ``count`` events through the Python publisher, one every ``interval`` seconds,
+    to each project in turn, each a blocker_resolved whose blocker_id is its publish number."""
 
-    def __init__(self, redis_url: str, project_id: int, count: int, interval: float) -> None:
+    def __init__(self, redis_url: str, count: int, interval: float) -> None:
         super().__init__(daemon=True)
         self.publisher = Publisher.from_url(redis_url)
-        self.project_id = project_id
         self.count = count
         self.interval = interval
-        self.published: list[tuple[str, int, int]] = []  # (epoch, seq, blocker_id)
+        self.published: list[tuple[int, str, int, int]] = []  # (project, epoch, seq, blocker_id)
         self.error: BaseException | None = None
         self._changed = threading.Condition()
 
     def run(self) -> None:
         try:
             for number in range(1, self.count + 1):
+                project = PROJECTS[(number - 1) % len(PROJECTS)]
                 cursor = self.publisher.blocker_resolved(
-                    self.project_id, blocker_id=number, answer=f"answer {number}"
+                    project, blocker_id=number, answer=f"answer {number}"
                 )
                 with self._changed:
-                    self.published.append((cursor.epoch, cursor.seq, number))
+                    self.published.append((project, cursor.epoch, cursor.seq, number))
                     self._changed.notify_all()
                 time.sleep(self.interval)
         except BaseException as error:  # reported by wait_published and the test
@@ -146,10 +147,20 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = 20.0) 
         time.sleep(0.005)
 
 
-def check_delivery(log: list[dict], published: list[tuple[str, int, int]]) -> list[dict]:
-    """Every entry of the application's log in place: events one after another from the cursor
-    of the last resync (exactly the event published at that epoch and seq), up to the last one
-    published. Returns the resyncs."""
+def check_delivery(log: list[dict], published: list[tuple[int, str, int, int]]) -> dict:
+    """Every entry of the application's log in place, project by project: events one after
+    another from the cursor of the last resync (exactly the event published at that epoch and
+    seq), up to the last one published. Returns the resyncs of each project."""
+    return {
+        project: check_project(
+            [entry for entry in log if entry["project"] == project],
+            [(e, seq, number) for p, e, seq, number in published if p == project],
+        )
+        for project in PROJECTS
+    }
+
+
+def check_project(log: list[dict], published: list[tuple[str, int, int]]) -> list[dict]:
     by_cursor = {(epoch, seq): number for epoch, seq, number in published}
     epochs = list(dict.fromkeys(epoch for epoch, _, _ in published))
     for name in epochs:  # (the publisher's side: each history from seq 1, without a gap)
@@ -189,14 +200,14 @@ class Churn:
         self.gateway = gateway
         self.proxy = proxy
         self.cuts = 0
-        token = issue_token(SECRET, projects=[PROJECT], subject="churn")
+        token = issue_token(SECRET, projects=list(PROJECTS), subject="churn")
         page.evaluate(
             "(options) => window.driver.start(options)",
             {
                 "url": f"ws://127.0.0.1:{proxy.port}/",
                 "httpUrl": f"http://127.0.0.1:{proxy.port}",
                 "token": token,
-                "projectId": PROJECT,
+                "projectIds": list(PROJECTS),
                 # Shorter than the default (1 s .. 30 s), so that the churn fits in seconds.
                 "backoff": {"initial": 200, "max": 2000},
                 # sse: WebSocket configured off, events over Server-Sent Events (resumed with
@@ -212,7 +223,9 @@ class Churn:
             },
         )
         # Subscribed (its first onResync, at seq 0) before the first publish: every event is due.
-        page.wait_for_function(f"window.churn.bus.cursor({PROJECT}) !== null")
+        page.wait_for_function(
+            "(ids) => ids.every((id) => window.churn.bus.cursor(id) !== null)", arg=list(PROJECTS)
+        )
 
     def wait_live(self) -> None:
         # Each blow lands on a live connection (WebSocket or SSE), not on one already down.
@@ -273,20 +286,21 @@ class Churn:
         finally:
             publisher.join(60)
         assert publisher.error is None, publisher.error
-        epoch, seq, _ = publisher.published[-1]
+        ends = {str(p): [epoch, seq] for p, epoch, seq, _ in publisher.published}
         try:
-            self.page.wait_for_function(
-                f"window.churn.at() === {seq}"
-                f" && window.churn.bus.cursor({PROJECT}).epoch === {epoch!r}",
-                timeout=30_000,
-            )
+            self.page.wait_for_function("(ends) => window.churn.at(ends)", arg=ends, timeout=30_000)
         except Exception:
             state = self.page.evaluate(
-                "({at: window.churn.at(), states: window.churn.states.slice(-20),"
-                " errors: window.churn.errors.slice(-20), tail: window.churn.log.slice(-5)})"
+                """(ids) => ({
+                  cursors: ids.map((id) => window.churn.bus.cursor(id)),
+                  states: window.churn.states.slice(-20),
+                  errors: window.churn.errors.slice(-20),
+                  tail: window.churn.log.slice(-5),
+                })""",
+                list(PROJECTS),
             )
             pytest.fail(
-                f"the application stopped short of {epoch}:{seq}: {state}\n"
+                f"the application stopped short of {ends}: {state}\n"
                 f"gateway log:\n{self.gateway.log_tail()}",
                 pytrace=False,
             )
@@ -299,7 +313,7 @@ def test_every_event_exactly_once_in_order_through_cuts_and_gateway_restarts(
     churn_page: Page, gateway: GatewayProcess, proxy: CuttingProxy, redis_url: str, transport: str
 ) -> None:
     churn = Churn(churn_page, gateway, proxy, transport)
-    publisher = PacedPublisher(redis_url, PROJECT, EVENTS, PUBLISH_INTERVAL)
+    publisher = PacedPublisher(redis_url, EVENTS, PUBLISH_INTERVAL)
     schedule = [
         (100, churn.cut),
         (200, churn.cut_next_connection),
@@ -318,9 +332,10 @@ def test_every_event_exactly_once_in_order_through_cuts_and_gateway_restarts(
     # the next connection before it is live, and the end of the run need not be live).
     assert churn.cuts == 6, churn.cuts
     assert sum(state.startswith("live/") for state in states) >= len(schedule), states
-    # The whole history stays in Redis: every resume is honoured, so the only reload is the
-    # first subscribe's, and every event reaches the callback.
-    assert resyncs == [{"epoch": publisher.published[0][0], "seq": 0}], resyncs
+    # The whole history stays in Redis: every resume is honoured, so the only reload of each
+    # project is its first subscribe's, and every event reaches the callback.
+    first = {p: epoch for p, epoch, _, _ in reversed(publisher.published)}
+    assert resyncs == {p: [{"epoch": first[p], "seq": 0}] for p in PROJECTS}, resyncs
 
 
 @pytest.mark.parametrize("transport", ["websocket", "sse"])
@@ -332,7 +347,7 @@ def test_a_history_lost_mid_stream_is_one_explicit_resync_then_exactly_once_agai
     cursor, then delivers the new history's events exactly once, in order, through more cuts
     and a gateway restart."""
     churn = Churn(churn_page, gateway, proxy, transport)
-    publisher = PacedPublisher(redis_url, PROJECT, 900, PUBLISH_INTERVAL)
+    publisher = PacedPublisher(redis_url, 900, PUBLISH_INTERVAL)
 
     def flush() -> None:
         client = redis.Redis.from_url(redis_url)
@@ -350,8 +365,9 @@ def test_a_history_lost_mid_stream_is_one_explicit_resync_then_exactly_once_agai
     ]
     log, _ = churn.run(publisher, schedule)
     resyncs = check_delivery(log, publisher.published)
-    epochs = list(dict.fromkeys(epoch for epoch, _, _ in publisher.published))
-    assert len(epochs) == 2, epochs
-    assert len(resyncs) == 2, resyncs
-    assert resyncs[0] == {"epoch": epochs[0], "seq": 0}
-    assert resyncs[1]["epoch"] == epochs[1], resyncs
+    for project in PROJECTS:
+        epochs = list(dict.fromkeys(e for p, e, _, _ in publisher.published if p == project))
+        assert len(epochs) == 2, epochs
+        assert len(resyncs[project]) == 2, resyncs
+        assert resyncs[project][0] == {"epoch": epochs[0], "seq": 0}
+        assert resyncs[project][1]["epoch"] == epochs[1], resyncs
