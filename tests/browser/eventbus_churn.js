@@ -8,7 +8,7 @@ import { connect } from "/eventbus.js";
  * (`id`: the event's blocker_id, which the test set to its publish number) and
  * `{project, resync: {epoch, seq}}` for every onResync call (the cursor delivery continues after).
  */
-export function start({ url, httpUrl, token, projectIds, backoff, websocket = true, pingInterval, pongTimeout, sseIdleTimeout }) {
+export function start({ url, httpUrl, token, projectIds, backoff, websocket = true, pingInterval, pongTimeout, sseIdleTimeout, sse = true, pollInterval, pollTimeout }) {
   const log = [];
   const errors = [];
   const states = [];
@@ -20,6 +20,8 @@ export function start({ url, httpUrl, token, projectIds, backoff, websocket = tr
     websocket,
     ...(pingInterval ? { pingInterval, pongTimeout } : {}),
     ...(sseIdleTimeout ? { sseIdleTimeout } : {}),
+    sse,
+    ...(pollInterval ? { pollInterval, pollTimeout } : {}),
     onResync: (id) => {
       log.push({ project: id, resync: bus.cursor(id) });
     },
