@@ -280,6 +280,12 @@ class Churn:
         self.gateway.start()
         return forwarded
 
+    def kill_and_start(self) -> None:
+        """SIGKILL (no drain: the connections reset by the kernel), then start again."""
+        self.wait_live()
+        self.gateway.kill()
+        self.gateway.start()
+
     def restart_and_cut(self) -> None:
         self.cut_after(self.restart())
 
@@ -328,6 +334,7 @@ def test_every_event_exactly_once_in_order_through_cuts_and_gateway_restarts(
         (200, churn.cut_next_connection),
         (350, churn.restart),
         (450, churn.cut_next_connection),
+        (520, churn.kill_and_start),
         (600, churn.restart_and_cut),
         (700, churn.freeze),
         (800, churn.cut),
