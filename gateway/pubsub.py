@@ -93,6 +93,7 @@ class PubSubLink:
         self._pong = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.connected = False
+        self._closing = False
         self.connections = 0
         self.healthy_period = HEALTHY_PERIOD
         #: Loop time at which the current connection was confirmed whole (None: not yet).
@@ -109,6 +110,10 @@ class PubSubLink:
         self._task = asyncio.create_task(self._run(), name="pubsub-link")
 
     async def close(self) -> None:
+        # First: the writes spawned meanwhile (a drain's unsubscribes) find the link closing and
+        # write nothing; before, each failed on the connection torn down under it and logged a
+        # warning, dozens at every deploy.
+        self._closing = True
         if self._task:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -154,11 +159,13 @@ class PubSubLink:
 
     async def _write(self, *args: bytes | str) -> None:
         conn = self._conn
-        if conn is None or not self.connected:
+        if conn is None or not self.connected or self._closing:
             return  # the link is down: resubscribing after the reconnect covers the channel
         try:
             await conn.send_command(*args, check_health=False)
         except Exception as exc:
+            if self._closing:
+                return  # closed under the write (a drain): nothing is owed to this connection
             # The reader notices the broken connection and reconnects; resubscribing then covers
             # this channel too. Not only RedisError/OSError: a connection torn down under the
             # write (the link closing) fails inside redis-py with AttributeError, and nobody

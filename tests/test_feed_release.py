@@ -300,3 +300,23 @@ async def test_a_cluster_channel_left_twice_while_placements_wait_is_left(redis_
         assert cluster.alive
     finally:
         await cluster.close()
+
+
+async def test_a_link_closed_while_unsubscribes_are_written_logs_nothing(redis_url):
+    """A drain: the clients' unsubscribes are being written as the link closes. Each write
+    failed on the connection torn down under it (redis-py: 'NoneType' object has no attribute
+    'writelines') and logged the warning "pubsub send failed": dozens at every deploy, for
+    writes nothing needed any more."""
+    from structlog.testing import capture_logs
+
+    link = link_for(redis_url, Metrics())
+    link.start()
+    channels = [f"closing-link:{i}".encode() for i in range(50)]
+    await asyncio.wait_for(asyncio.gather(*(link.subscribe(c) for c in channels)), 10)
+    with capture_logs() as logs:
+        leaving = [asyncio.ensure_future(link.unsubscribe(c)) for c in channels]
+        await asyncio.sleep(0)
+        await link.close()
+        await asyncio.gather(*leaving)
+        await settled(link)
+    assert [entry for entry in logs if entry["log_level"] != "debug"] == []
