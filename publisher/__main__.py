@@ -42,6 +42,7 @@ from schemas.events import (
     repeated_key,
 )
 from schemas.keys import DEFAULT_PREFIX, Keys, stream_entry_seq
+from schemas.presence import DEFAULT_MAX_MEMBERS
 from schemas.stored import MAX_ENTRY_BYTES, ForeignValue, parse_meta, parse_stream_entries
 from schemas.tokens import issue_token
 
@@ -195,6 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     presence.add_argument("project_id", type=_positive_int, metavar="PROJECT_ID")
     presence.add_argument("--json", action="store_true", help="one JSON array of members")
+    presence.add_argument(
+        "--presence-max-members",
+        type=_positive_int,
+        default=DEFAULT_MAX_MEMBERS,
+        metavar="N",
+        help="the gateways' --presence-max-members, when not the default 1000 (a pod listing "
+        "more than a read of the default takes is left out whole)",
+    )
     connection_options(presence, top=False)
 
     # Programs of their own, reached through this command too; everything after the subcommand
@@ -322,7 +331,7 @@ def _presence(args: argparse.Namespace, stdout: TextIO) -> int:
     except ValueError as exc:
         raise CliError(str(exc)) from None
     try:
-        members = publisher.presence(args.project_id)
+        members = publisher.presence(args.project_id, max_members=args.presence_max_members)
     finally:
         publisher.close()
     if args.json:

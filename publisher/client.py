@@ -54,6 +54,7 @@ from schemas.events import (
     ProjectEvent,
 )
 from schemas.keys import DEFAULT_PREFIX, Keys
+from schemas.presence import DEFAULT_MAX_MEMBERS
 from schemas.protocol import Member
 
 __all__ = ["AsyncPublisher", "Publisher"]
@@ -395,9 +396,11 @@ class Publisher(_ContractHelpers[Cursor]):
             raise script_error(exc) from exc
         return batch.cursors(result)[0]
 
-    def presence(self, project_id: int) -> list[Member]:
+    def presence(self, project_id: int, *, max_members: int = DEFAULT_MAX_MEMBERS) -> list[Member]:
         """Who is on the project's dashboards now, merged over every gateway pod (see
         docs/presence.md): one atomic read, members sorted by id, empty when nobody is there.
+        ``max_members``: the gateways' ``--presence-max-members``, when not the default (a pod
+        listing more than a read of the default takes is left out whole).
 
         Raises:
             ValueError: ``project_id`` is not a positive integer.
@@ -406,7 +409,10 @@ class Publisher(_ContractHelpers[Cursor]):
         keys = self._settings.keys
         started = time.monotonic()
         try:
-            return self._run(lambda: read_presence(self.client, project_id, keys=keys), started)
+            return self._run(
+                lambda: read_presence(self.client, project_id, keys=keys, max_members=max_members),
+                started,
+            )
         except redis.exceptions.RedisError as exc:
             raise PublishError(f"presence read failed: {exc}") from exc
 
@@ -581,14 +587,19 @@ class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
             raise script_error(exc) from exc
         return batch.cursors(result)[0]
 
-    async def presence(self, project_id: int) -> list[Member]:
+    async def presence(
+        self, project_id: int, *, max_members: int = DEFAULT_MAX_MEMBERS
+    ) -> list[Member]:
         """See :meth:`Publisher.presence`."""
         keys = self._settings.keys
         started = time.monotonic()
         try:
             async with asyncio.timeout(self._policy.timeout):
                 return await self._run(
-                    lambda: aread_presence(self.client, project_id, keys=keys), started
+                    lambda: aread_presence(
+                        self.client, project_id, keys=keys, max_members=max_members
+                    ),
+                    started,
                 )
         except TimeoutError as exc:
             raise PublisherUnavailable(

@@ -16,18 +16,20 @@ from __future__ import annotations
 from typing import Any
 
 from schemas.keys import Keys
-from schemas.presence import READ, merge_pods, parse_read_reply, read_args
+from schemas.presence import DEFAULT_MAX_MEMBERS, READ, merge_pods, parse_read_reply, read_args
 from schemas.protocol import Member
 
 __all__ = ["aread_presence", "read_presence"]
 
 
-def _args(keys: Keys, project_id: int) -> tuple[list[str], list[str | int]]:
+def _args(keys: Keys, project_id: int, max_members: int) -> tuple[list[str], list[str | int]]:
     if not isinstance(project_id, int) or isinstance(project_id, bool) or project_id <= 0:
         raise ValueError("project_id must be a positive integer")
+    if not isinstance(max_members, int) or isinstance(max_members, bool) or max_members < 1:
+        raise ValueError("max_members must be a positive integer")
     return (
         [keys.presence_pods(project_id), keys.presence_versions(project_id)],
-        read_args(keys.presence_pod_prefix(project_id)),
+        read_args(keys.presence_pod_prefix(project_id), max_members),
     )
 
 
@@ -37,13 +39,29 @@ def _members(reply: list) -> list[Member]:
     return [members[k] for k in sorted(members)]
 
 
-def read_presence(client: Any, project_id: int, *, keys: Keys | None = None) -> list[Member]:
-    """The members of a project, sorted by id (empty when nobody is connected)."""
-    key_names, args = _args(keys or Keys(), project_id)
+def read_presence(
+    client: Any,
+    project_id: int,
+    *,
+    keys: Keys | None = None,
+    max_members: int = DEFAULT_MAX_MEMBERS,
+) -> list[Member]:
+    """The members of a project, sorted by id (empty when nobody is connected).
+
+    ``max_members`` is the gateways' ``--presence-max-members``: a pod listing more than
+    :func:`~schemas.presence.read_limit` of it is taken for another writer's and left out whole
+    (so are members past that many), so a deployment that raised the setting passes it here."""
+    key_names, args = _args(keys or Keys(), project_id, max_members)
     return _members(client.eval(READ, len(key_names), *key_names, *args))
 
 
-async def aread_presence(client: Any, project_id: int, *, keys: Keys | None = None) -> list[Member]:
+async def aread_presence(
+    client: Any,
+    project_id: int,
+    *,
+    keys: Keys | None = None,
+    max_members: int = DEFAULT_MAX_MEMBERS,
+) -> list[Member]:
     """:func:`read_presence` for a ``redis.asyncio`` client."""
-    key_names, args = _args(keys or Keys(), project_id)
+    key_names, args = _args(keys or Keys(), project_id, max_members)
     return _members(await client.eval(READ, len(key_names), *key_names, *args))

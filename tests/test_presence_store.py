@@ -1179,3 +1179,60 @@ async def _true(value: bool) -> bool:
 async def _listed(service: PresenceService, project: int, ids: set[str]) -> bool:
     frame = msgspec.json.decode(await service.get(project))
     return {m["id"] for m in frame["members"]} == ids
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="9368e2f: READ lists at most read_limit(max_members) distinct members, but pods "
+    "without a view of the project each admit up to the cap (264 of 300 listed)",
+)
+async def test_members_each_pod_admits_under_the_cap_are_all_listed(pods, redis_client) -> None:
+    """A legitimate deployment: --presence-max-members 100 and three pods whose clients
+    subscribe without presence (events only), so no pod has a view of the project and each
+    admits members against its own tabs (``PresenceCore.is_full``): 100 each, 300 together,
+    every one admitted by the gateway. A presence read and a view must list them all: these
+    are the pods' own records, not another writer's."""
+    cap = 100
+    slow = {"ttl": 5.0, "refresh_interval": 1.0}
+    started = [await pods.start(name, max_members=cap, **slow) for name in ("a", "b", "c")]
+    for pod in started:
+        for i in range(cap):
+            member = f"{pod.pod_id}-{i}"
+            assert not pod.core.is_full(1, member, cap)  # the gateway lists this member
+            pod.join(f"tab{i}", 1, member, None)
+    everyone = {f"{pod.pod_id}-{i}" for pod in started for i in range(cap)}
+
+    async def written() -> bool:
+        return all(
+            redis_client.hlen(pod.keys.presence_pod(1, pod.pod_id)) == cap for pod in started
+        )
+
+    await eventually(written, 5)
+    listed = {m["id"] for m in msgspec.json.decode(await started[0].get(1))["members"]}
+    assert len(listed) == 3 * cap, (len(listed), started[0].left_out)
+    await eventually(lambda: _listed(started[0], 1, everyone), 5)
+    watcher = await pods.watch(started[0], "watcher", 1)
+    assert set(watcher.members) == everyone
+    assert started[0].left_out == 0
+
+
+async def test_a_backend_reads_every_member_of_a_deployment_with_a_higher_cap(
+    pods, redis_client
+) -> None:
+    """--presence-max-members may be set above the default (1,000): a pod of such a deployment
+    lists up to that many members, more than read_limit() of the default (2,064). A backend's
+    read given the deployment's setting lists them all; with the default it left the pod out
+    whole (none of its 2,100 members listed, nothing said)."""
+    a = await pods.start("a", max_members=2_500)
+    members = {f"m{i}" for i in range(2_100)}
+    for i, member in enumerate(sorted(members)):
+        assert not a.core.is_full(1, member, 2_500)
+        a.join(f"tab{i}", 1, member, None)
+
+    async def written() -> bool:
+        return redis_client.hlen(a.keys.presence_pod(1, "a")) == len(members)
+
+    await eventually(written, 5)
+    assert {m.id for m in read_presence(redis_client, 1, max_members=2_500)} == members
+    listed = await aread_presence(a.client, 1, max_members=2_500)
+    assert {m.id for m in listed} == members

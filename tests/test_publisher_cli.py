@@ -500,3 +500,45 @@ async def test_publisher_and_cli_read_presence_as_the_gateways_store_it(redis_ur
     assert out.stdout.splitlines() == ["alice (Alice): viewing 12, answering 12", "bob: online"]
     members = json.loads(run_process("--redis-url", redis_url, "presence", "5", "--json").stdout)
     assert [m["id"] for m in members] == ["alice", "bob"]
+
+
+async def test_publisher_and_cli_read_a_pod_of_a_deployment_with_a_higher_member_cap(
+    redis_url,
+) -> None:
+    """With --presence-max-members 2,500 a pod lists 2,100 members, more than a read with the
+    default cap takes (2 x 1,000 + 64): given the setting, Publisher, AsyncPublisher and the CLI
+    list them all (with the default the pod was left out whole: no member listed)."""
+    import redis.asyncio
+
+    from gateway.presence import PresenceCore
+    from gateway.presence_store import PresenceStore
+    from publisher import AsyncPublisher
+
+    project = 424_242
+    client = redis.asyncio.Redis.from_url(redis_url)
+    core = PresenceCore("pod1", clock_ms=iter(range(1, 10**6)).__next__)
+    store = PresenceStore(client, "pod1", ttl=30, publish_command="PUBLISH")
+    members = sorted(f"m{i:04}" for i in range(2_100))
+    for i, member in enumerate(members):
+        core.join(f"tab-{i}", project, member, None)
+    for write, ok in zip(writes := core.take_writes(), await store.write(writes), strict=True):
+        core.written(write, ok)
+    try:
+        with Publisher.from_url(redis_url) as pub:
+            assert [m.id for m in pub.presence(project, max_members=2_500)] == members
+            with pytest.raises(ValueError):
+                pub.presence(project, max_members=0)
+        async with AsyncPublisher.from_url(redis_url) as apub:
+            listed = await apub.presence(project, max_members=2_500)
+            assert [m.id for m in listed] == members
+        args = ("--redis-url", redis_url, "presence", str(project), "--json")
+        out = run_process(*args, "--presence-max-members", "2500")
+        assert [m["id"] for m in json.loads(out.stdout)] == members
+    finally:
+        keys = Keys()
+        await client.delete(
+            keys.presence_pods(project),
+            keys.presence_versions(project),
+            keys.presence_pod(project, "pod1"),
+        )
+        await client.aclose()
