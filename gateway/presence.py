@@ -28,6 +28,7 @@ from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 
 from schemas.presence import (
+    LISTED_PODS,
     MAX_MEMBER_ID_LENGTH,
     Announcement,
     PodRecord,
@@ -263,8 +264,8 @@ class ProjectView:
         self.project_id = project_id
         self.own_pod = own_pod
         #: The most members one other pod lists here, and the most other pods; all together
-        #: list at most twice that: more can only come from another writer (see
-        #: :func:`schemas.presence.read_limit`).
+        #: list at most LISTED_PODS times that: more can only come from another writer (see
+        #: :func:`schemas.presence.read_limit` and :func:`~schemas.presence.listed_limit`).
         self.most = most
         #: Announcements whose pod was dropped for taking the view past ``most``.
         self.left_out = 0
@@ -339,12 +340,11 @@ class ProjectView:
         if (
             len(self.pods.get(pod, ())) > self.most
             or len(self.pods) > self.most
-            or len(self.current()) > 2 * self.most
+            or len(self.current()) > LISTED_PODS * self.most
         ):
-            # No pod lists that many, nor do all together (a read lists at most ``most`` of
-            # the other pods' members, this pod's own at most the cap): another writer's
-            # announcements. The pod goes, and the read that follows takes from Redis only
-            # what pods can have written there.
+            # No pod lists that many, nor do all together (a read lists at most
+            # listed_limit() members): another writer's announcements. The pod goes, and the
+            # read that follows takes from Redis only what pods can have written there.
             self.left_out += 1
             self.drop_pod(pod)
             return False

@@ -37,6 +37,7 @@ from schemas.tokens import MAX_NAME_LENGTH
 
 __all__ = [
     "DEFAULT_MAX_MEMBERS",
+    "LISTED_PODS",
     "MAX_MEMBER_ID_BYTES",
     "MAX_MEMBER_ID_LENGTH",
     "MAX_RECORD_BYTES",
@@ -51,6 +52,7 @@ __all__ = [
     "PodState",
     "decode_record",
     "encode_record",
+    "listed_limit",
     "merge_member",
     "merge_pods",
     "parse_announcement",
@@ -420,13 +422,13 @@ return {ok, live, repaired}
 #: A project's presence, atomically: every live pod's version and records. Read-only.
 #:
 #: KEYS: pods, versions. ARGV: pod hash prefix, longest member id and longest record (bytes),
-#: and the most members to list (see :func:`read_args`): a pair with a longer id or record,
-#: which no pod writes, is left out in Redis instead of being sent (another writer's 100 MB
-#: value would cost every read 100 MB); so is, whole, a pod with more records than the most
-#: members listed (no pod lists that many: another writer's, say 1,000,000 forged members,
-#: which cost a gateway 75 MB of frame and 5 s of CPU per read); past that many distinct members
-#: further members are left out, and so are live pods past that many (each legitimate pod lists
-#: at least one member).
+#: the most members of one pod and the most members in all (see :func:`read_args`): a pair with
+#: a longer id or record, which no pod writes, is left out in Redis instead of being sent
+#: (another writer's 100 MB value would cost every read 100 MB); so is, whole, a pod with more
+#: records than the most of one pod (no pod lists that many: another writer's, say 1,000,000
+#: forged members, which cost a gateway 75 MB of frame and 5 s of CPU per read), and so are
+#: live pods past that many (each legitimate pod lists at least one member); past the most
+#: members in all, further members are left out.
 #: Returns {{{pod, version, {member, record, ...}}, ...}, left out} for the pods whose deadline
 #: is ahead (and at most :data:`MAX_TTL_MS` ahead: one further is no pod's, and the pod is dead
 #: as one whose deadline passed; WRITE and REFRESH delete it) and whose records key is a hash:
@@ -444,6 +446,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local out = {}
 local longest_id, longest_record, most = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local listing = tonumber(ARGV[5])
 local low, high = '(' .. now, now + MAX_TTL
 local live = redis.call('ZRANGEBYSCORE', KEYS[1], low, high, 'LIMIT', 0, most)
 local left_out = redis.call('ZCOUNT', KEYS[1], low, high) - #live
@@ -460,7 +463,7 @@ for _, p in ipairs(live) do
       for i = 1, #records - 1, 2 do
         local id = records[i]
         if #id <= longest_id and #records[i + 1] <= longest_record then
-          if seen[id] or listed < most then
+          if seen[id] or listed < listing then
             if not seen[id] then
               seen[id] = true
               listed = listed + 1
@@ -480,15 +483,35 @@ return {out, left_out}
 """.replace("__MAX_TTL_MS__", str(MAX_TTL_MS))
 
 
+#: A read or a view lists at most this many pods' worth of members (:func:`listed_limit`).
+LISTED_PODS = 16
+
+
 def read_limit(max_members: int = DEFAULT_MAX_MEMBERS) -> int:
-    """The most members a presence read (:data:`READ`) or a pod's view of a project lists, for
-    a deployment whose ``--presence-max-members`` is ``max_members``: twice it, plus 64. The
-    cap is checked against what a pod knows, so joins on several pods may pass it by a few; a
-    project in Redis past this bound holds records no pod wrote."""
+    """The most members one pod lists in a project, and the most pods a presence read
+    (:data:`READ`) or a pod's view looks at, for a deployment whose ``--presence-max-members``
+    is ``max_members``: twice it, plus 64. A pod checks the cap at least against its own tabs,
+    so a pod listing more holds records no pod wrote (another writer's)."""
     return 2 * max_members + 64
+
+
+def listed_limit(max_members: int = DEFAULT_MAX_MEMBERS) -> int:
+    """The most members a presence read or a pod's view of a project lists in all:
+    :data:`LISTED_PODS` times :func:`read_limit` (33,024 with the default cap). Not the cap
+    itself: a pod without a view of the project (none of its tabs asked for presence) checks
+    the cap against its own tabs only, so pods together can list up to pods x cap, every one
+    of them admitted (a bound of twice the cap cut 36 of 300 real members with three such pods
+    at cap 100). The bound is against another writer's millions of forged members."""
+    return LISTED_PODS * read_limit(max_members)
 
 
 def read_args(pod_prefix: str, max_members: int = DEFAULT_MAX_MEMBERS) -> list[str | int]:
     """The ARGV of :data:`READ` for a project whose pod hashes start with ``pod_prefix``, in a
     deployment whose ``--presence-max-members`` is ``max_members``."""
-    return [pod_prefix, MAX_MEMBER_ID_BYTES, MAX_RECORD_BYTES, read_limit(max_members)]
+    return [
+        pod_prefix,
+        MAX_MEMBER_ID_BYTES,
+        MAX_RECORD_BYTES,
+        read_limit(max_members),
+        listed_limit(max_members),
+    ]

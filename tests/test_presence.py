@@ -707,12 +707,16 @@ def test_a_view_takes_no_more_members_than_pods_can_have_written() -> None:
 
     view = ProjectView(1, "me", most=10)
     view.load({}, {"me-0": record})
-    for i in range(2):  # two pods of 9: 19 members with our own, under 2 x 10
+    for i in range(9):  # nine pods of 9 (pods without a view each admit up to the cap): 82
         assert view.apply(Announcement(f"p{i}", 1, 0, {f"p{i}-{j}": record for j in range(9)}))
-    assert len(view.current()) == 19
-    past = Announcement("p2", 1, 0, {"p2-0": record, "p2-1": record})  # 21: past twice it
-    assert not view.apply(past)
-    assert "p2" not in view.pods and len(view.current()) == 19 and view.left_out == 1
+    assert len(view.current()) == 82 and view.left_out == 0  # every one listed
+    assert not view.apply(Announcement("p9", 1, 0, {"p9-0": record}))  # 11 pods: past 10
+    assert "p9" not in view.pods and view.left_out == 1
     assert view.apply(Announcement("p0", 2, 1, {"p0-9": record}))  # 10 on one pod: the bound
     assert not view.apply(Announcement("p0", 3, 2, {"p0-10": record}))  # 11: one pod over it
-    assert "p0" not in view.pods and len(view.current()) == 10 and view.left_out == 2
+    assert "p0" not in view.pods and len(view.current()) == 73 and view.left_out == 2
+    # All together past LISTED_PODS x 10 (160): our own pod's 100 and the others' 72, then one
+    # announcement more is another writer's.
+    view.replace_pod("me", {f"me-{j}": record for j in range(100)}, 0)
+    assert not view.apply(Announcement("p1", 2, 1, {"p1-9": record}))
+    assert "p1" not in view.pods and len(view.current()) == 163 and view.left_out == 3

@@ -27,7 +27,15 @@ from gateway.presence import ProjectView, Write, apply_diff
 from gateway.presence_store import PresenceService, PresenceStore
 from publisher.presence import aread_presence, read_presence
 from schemas.keys import Keys
-from schemas.presence import MAX_TTL_MS, READ, PodRecord, PodState, encode_record, read_args
+from schemas.presence import (
+    MAX_TTL_MS,
+    READ,
+    PodRecord,
+    PodState,
+    encode_record,
+    listed_limit,
+    read_args,
+)
 from schemas.protocol import Member, Presence, PresenceDiff
 from tests.support.redis_server import RedisServer
 
@@ -1128,30 +1136,31 @@ async def test_a_forged_pod_of_a_million_members_is_left_out_in_redis(pods, redi
 async def test_forged_pods_together_listing_too_many_are_cut_to_the_bound(
     pods, redis_client
 ) -> None:
-    """Ten forged pods of 100 members each (none larger than a real pod can be with
-    --presence-max-members 100), 1,000 together: a read
-    lists at most read_limit(max_members) members, counts the rest, and the real pod's
-    members (deadlines sooner than the forged ones) are among them."""
+    """Twenty forged pods of 250 members each (none larger than a real pod can be with
+    --presence-max-members 100), 5,000 together: a read lists at most listed_limit(100)
+    members (16 pods' worth), counts the rest, and the real pod's members (deadlines sooner
+    than the forged ones) are among them."""
     slow = {"ttl": 5.0, "refresh_interval": 1.0}  # as above
     a = await pods.start("a", max_members=100, **slow)
     b = await pods.start("b", max_members=100, **slow)
     a.join("tab", 1, "alice", "Alice")
     await eventually(lambda: _listed(b, 1, {"alice"}), 5)
-    for i in range(10):
-        await asyncio.to_thread(_forge_pod, redis_client, b.keys, 1, f"forged{i}", 100)
+    for i in range(20):
+        await asyncio.to_thread(_forge_pod, redis_client, b.keys, 1, f"forged{i}", 250)
     await asyncio.sleep(TIMINGS["diff_interval"])
     members = [m["id"] for m in msgspec.json.decode(await b.get(1))["members"]]
-    assert "alice" in members and len(members) == b.most == 2 * 100 + 64
-    assert b.left_out == 1 + 10 * 100 - b.most  # members left out
+    assert "alice" in members and len(members) == listed_limit(100) == 16 * (2 * 100 + 64)
+    assert b.left_out == 1 + 20 * 250 - listed_limit(100)  # members left out
 
 
 async def test_a_forged_announcement_of_too_many_members_is_left_out(pods, redis_client) -> None:
     """Another writer publishes well-formed announcements on a project's presence channel: one
-    of 10,000 members (no pod writes that many at once), then three of 2,000 each under new
-    pod names (together more than any read lists). Taken, every subscriber got them all in its
-    next diff, and the view kept them. They are left out and counted; the real members stay."""
-    a = await pods.start("a")
-    b = await pods.start("b")
+    of 1,000 members (no pod writes that many at once with --presence-max-members 100), then
+    twenty of 250 each under new pod names (together more than any read lists). Taken, every
+    subscriber got them all in its next diff, and the view kept them. They are left out and
+    counted; the real members stay."""
+    a = await pods.start("a", max_members=100)
+    b = await pods.start("b", max_members=100)
     a.join("tab", 1, "alice", "Alice")
     watcher = await pods.watch(b, "watcher")
     await watcher.until(lambda m: set(m) == {"alice"}, within=5)
@@ -1162,14 +1171,14 @@ async def test_a_forged_announcement_of_too_many_members_is_left_out(pods, redis
         return pod.encode() + b"|1|0|{" + body + b"}"
 
     channel = b.keys.presence_channel(1)
-    redis_client.publish(channel, announcement("huge", 10_000))
-    for pod in ("f1", "f2", "f3"):
-        redis_client.publish(channel, announcement(pod, 2_000))
+    redis_client.publish(channel, announcement("huge", 1_000))
+    for i in range(1, 21):
+        redis_client.publish(channel, announcement(f"f{i}", 250))
     await eventually(lambda: _true(b.left_out >= 2), 5)
     a.activity("tab", 1, 7, None)  # a change every view shows within the bound
     await watcher.until(lambda m: "alice" in m and m["alice"].viewing == 7, within=5)
-    assert len(watcher.members) <= 2 * b.most
-    assert not any(m.startswith(("huge", "f3")) for m in watcher.members)
+    assert len(watcher.members) <= listed_limit(100)
+    assert not any(m.startswith(("huge", "f20-")) for m in watcher.members)
 
 
 async def _true(value: bool) -> bool:
@@ -1181,11 +1190,6 @@ async def _listed(service: PresenceService, project: int, ids: set[str]) -> bool
     return {m["id"] for m in frame["members"]} == ids
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="9368e2f: READ lists at most read_limit(max_members) distinct members, but pods "
-    "without a view of the project each admit up to the cap (264 of 300 listed)",
-)
 async def test_members_each_pod_admits_under_the_cap_are_all_listed(pods, redis_client) -> None:
     """A legitimate deployment: --presence-max-members 100 and three pods whose clients
     subscribe without presence (events only), so no pod has a view of the project and each
@@ -1238,11 +1242,6 @@ async def test_a_backend_reads_every_member_of_a_deployment_with_a_higher_cap(
     assert {m.id for m in listed} == members
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="9368e2f: a view of more real members than twice read_limit() drops the announcing "
-    "pod and re-reads at every announcement (pods without a view each admit up to the cap)",
-)
 async def test_a_view_of_members_pods_admitted_neither_rereads_nor_flickers(
     pods, redis_client
 ) -> None:
