@@ -34,7 +34,10 @@ from schemas.presence import (
     PodState,
     encode_record,
     listed_limit,
+    parse_read_reply,
     read_args,
+    read_left_out,
+    read_limit,
 )
 from schemas.protocol import Member, Presence, PresenceDiff
 from tests.support.redis_server import RedisServer
@@ -1151,6 +1154,31 @@ async def test_forged_pods_together_listing_too_many_are_cut_to_the_bound(
     members = [m["id"] for m in msgspec.json.decode(await b.get(1))["members"]]
     assert "alice" in members and len(members) == listed_limit(100) == 16 * (2 * 100 + 64)
     assert b.left_out == 1 + 20 * 250 - listed_limit(100)  # members left out
+
+
+def test_a_read_reads_no_pod_once_it_lists_the_most_members_in_all(redis_client) -> None:
+    """Another writer's pods, each under the per-pod bound: 200 of read_limit(100) = 264
+    records at --presence-max-members 100. A read lists listed_limit(100) = 4,224 members (16
+    pods' worth) and must not read the other pods' records in Redis only to leave them out:
+    it did (HGETALL of every live pod, up to read_limit of them), which at the default cap
+    (up to 2,064 pods of 2,064 records) blocked Redis for every client ~2 s per read of the
+    project (200 x 2,064 took 194 ms). Now the pods past the bound are counted, not read."""
+    keys = Keys()
+    for i in range(200):
+        _forge_pod(redis_client, keys, 1, f"forged{i:03}", read_limit(100))
+    hgetall = redis_client.info("commandstats").get("cmdstat_hgetall", {}).get("calls", 0)
+    reply = redis_client.eval(
+        READ,
+        2,
+        keys.presence_pods(1),
+        keys.presence_versions(1),
+        *read_args(keys.presence_pod_prefix(1), 100),
+    )
+    read = redis_client.info("commandstats")["cmdstat_hgetall"]["calls"] - hgetall
+    listed = sum(len(state.records) for state in parse_read_reply(reply).values())
+    assert listed == listed_limit(100)
+    assert read_left_out(reply) == 200 * read_limit(100) - listed_limit(100)
+    assert read == 16  # the pods whose records are listed, and no more
 
 
 async def test_a_forged_announcement_of_too_many_members_is_left_out(pods, redis_client) -> None:
