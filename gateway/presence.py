@@ -267,7 +267,8 @@ class ProjectView:
         #: list at most LISTED_PODS times that: more can only come from another writer (see
         #: :func:`schemas.presence.read_limit` and :func:`~schemas.presence.listed_limit`).
         self.most = most
-        #: Announcements whose pod was dropped for taking the view past ``most``.
+        #: Announcements whose pod was dropped for taking the view past ``most``, and members
+        #: an announcement added past ``listed_limit()`` (left out).
         self.left_out = 0
         self.pods: dict[str, dict[str, PodRecord]] = {}
         self.versions: dict[str, int] = {}
@@ -327,27 +328,35 @@ class ProjectView:
         known = self.versions.get(pod, 0)
         if announcement.version <= known:
             return True  # already have it (or newer), e.g. from a read
+        if announcement.base != 0 and announcement.base != known:
+            return False
+        listed = self.current()
+        fresh = [m for m, r in announcement.changes.items() if r is not None and m not in listed]
         if announcement.base == 0:
             records = {k: v for k, v in announcement.changes.items() if v is not None}
             self.replace_pod(pod, records, announcement.version)
-        elif announcement.base != known:
-            return False
         else:
             for member_id, record in announcement.changes.items():
                 self.set_record(pod, member_id, record)
             self.versions[pod] = announcement.version
             self._misses.pop(pod, None)
-        if (
-            len(self.pods.get(pod, ())) > self.most
-            or len(self.pods) > self.most
-            or len(self.current()) > LISTED_PODS * self.most
-        ):
-            # No pod lists that many, nor do all together (a read lists at most
-            # listed_limit() members): another writer's announcements. The pod goes, and the
-            # read that follows takes from Redis only what pods can have written there.
+        if len(self.pods.get(pod, ())) > self.most or len(self.pods) > self.most:
+            # No pod lists that many, nor are there that many pods: another writer's
+            # announcements. The pod goes, and the read that follows takes from Redis only what
+            # pods can have written there.
             self.left_out += 1
             self.drop_pod(pod)
             return False
+        over = len(self.current()) - LISTED_PODS * self.most
+        if over > 0:
+            # Past the most members in all (listed_limit()): the members this announcement
+            # added are left out, as a read leaves them out. Pods without a view of the project
+            # each admit up to the cap, so real pods may pass it: dropping the pod and
+            # re-reading brought back the same cut, at every announcement, and showed the
+            # pod's members leave who never left.
+            for member_id in fresh[-over:]:
+                self.set_record(pod, member_id, None)
+            self.left_out += min(over, len(fresh))
         return True
 
     def load(self, snapshot: Mapping[str, PodState], own_records: Mapping[str, PodRecord]) -> bool:

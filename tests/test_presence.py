@@ -715,8 +715,14 @@ def test_a_view_takes_no_more_members_than_pods_can_have_written() -> None:
     assert view.apply(Announcement("p0", 2, 1, {"p0-9": record}))  # 10 on one pod: the bound
     assert not view.apply(Announcement("p0", 3, 2, {"p0-10": record}))  # 11: one pod over it
     assert "p0" not in view.pods and len(view.current()) == 73 and view.left_out == 2
-    # All together past LISTED_PODS x 10 (160): our own pod's 100 and the others' 72, then one
-    # announcement more is another writer's.
+    # All together past LISTED_PODS x 10 (160): our own pod's 100 and the others' 72. Pods
+    # without a view each admit up to the cap, so that may be real: the members an
+    # announcement adds are left out (as a read leaves them out), its changes to members listed
+    # are applied, and nothing is re-read (a read would list no more).
     view.replace_pod("me", {f"me-{j}": record for j in range(100)}, 0)
-    assert not view.apply(Announcement("p1", 2, 1, {"p1-9": record}))
-    assert "p1" not in view.pods and len(view.current()) == 163 and view.left_out == 3
+    moved = PodRecord(name=None, viewing=5, answering=None, since=1, at=2)
+    assert view.apply(Announcement("p1", 2, 1, {"p1-9": record, "p1-0": moved}))
+    assert "p1-9" not in view.current() and view.current()["p1-0"].viewing == 5
+    assert len(view.current()) == 172 and view.left_out == 3 and view.versions["p1"] == 2
+    assert view.apply(Announcement("p1", 3, 2, {"p1-1": None}))  # and go on: no gap
+    assert len(view.current()) == 171

@@ -1303,3 +1303,37 @@ async def test_a_view_of_members_pods_admitted_neither_rereads_nor_flickers(
         # every pod's activity reaches the watcher within a write and a diff interval
         await watcher.until(lambda m, v=viewing: any(x.viewing == v for x in m.values()), within=5)
     assert (a.rereads - rereads, len(watcher.left)) == (0, 0)
+
+
+async def test_a_view_past_the_most_members_in_all_neither_rereads_nor_flickers(
+    pods, redis_client
+) -> None:
+    """A legitimate deployment past listed_limit: 50 pods at --presence-max-members 100 with no
+    view of the project each admit 100 members (5,000 > listed_limit(100) = 4,224). A read
+    lists 4,224 of them (a documented cut); a watcher's view must then follow their activity
+    without re-reading the project at every round and without showing members leave who
+    never left."""
+    cap = 100
+    slow = {"ttl": 5.0, "refresh_interval": 1.0}
+    started = [await pods.start(f"p{n:02}", max_members=cap, **slow) for n in range(50)]
+    for pod in started:
+        for i in range(cap):
+            pod.join(f"tab{i}", 1, f"{pod.pod_id}-{i}", None)
+
+    async def written() -> bool:
+        return all(
+            redis_client.hlen(pod.keys.presence_pod(1, pod.pod_id)) == cap for pod in started
+        )
+
+    await eventually(written, 10)
+    a = started[0]
+    watcher = await pods.watch(a, "watcher", 1)
+    assert len(watcher.members) == listed_limit(cap)
+    rereads = a.rereads
+    for viewing in range(1, 4):
+        for pod in started[1:]:
+            for i in range(cap):
+                pod.activity(f"tab{i}", 1, viewing, None)
+        await watcher.until(lambda m, v=viewing: any(x.viewing == v for x in m.values()), within=5)
+    assert (a.rereads - rereads, len(watcher.left)) == (0, 0)
+    assert len(watcher.members) <= listed_limit(cap)
