@@ -422,7 +422,8 @@ return {ok, live, repaired}
 #: A project's presence, atomically: every live pod's version and records. Read-only.
 #:
 #: KEYS: pods, versions. ARGV: pod hash prefix, longest member id and longest record (bytes),
-#: the most members of one pod and the most members in all (see :func:`read_args`): a pair with
+#: the most members of one pod and the most members in all (see :func:`read_args`; without
+#: the last, as before it was added, the most of one pod is the most in all): a pair with
 #: a longer id or record, which no pod writes, is left out in Redis instead of being sent
 #: (another writer's 100 MB value would cost every read 100 MB); so is, whole, a pod with more
 #: records than the most of one pod (no pod lists that many: another writer's, say 1,000,000
@@ -448,7 +449,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local out = {}
 local longest_id, longest_record, most = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local listing = tonumber(ARGV[5])
+local listing = tonumber(ARGV[5]) or most  -- callers of before listed_limit: ARGV[4] in all
 local low, high = '(' .. now, now + MAX_TTL
 local live = redis.call('ZRANGEBYSCORE', KEYS[1], low, high, 'LIMIT', 0, most)
 local left_out = redis.call('ZCOUNT', KEYS[1], low, high) - #live

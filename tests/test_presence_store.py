@@ -1341,3 +1341,20 @@ async def test_a_view_past_the_most_members_in_all_neither_rereads_nor_flickers(
         await watcher.until(lambda m, v=viewing: any(x.viewing == v for x in m.values()), within=5)
     assert (a.rereads - rereads, len(watcher.left)) == (0, 0)
     assert len(watcher.members) == listed <= listed_limit(cap) + cap
+
+
+def test_a_read_with_the_arguments_of_before_listed_limit_still_answers(redis_client) -> None:
+    """READ's ARGV before cbe6c98 ended at the most members (no listed_limit): a caller that
+    builds them (another version's code sharing the script text) got a script error at the
+    first record ("attempt to compare nil with number"). Without ARGV[5] it lists at most
+    ARGV[4] members in all, as it did then."""
+    keys = Keys()
+    _forge_pod(redis_client, keys, 1, "a", 3)
+    _forge_pod(redis_client, keys, 1, "b", 3)
+    args = read_args(keys.presence_pod_prefix(1), 1)[:4]
+    reply = redis_client.eval(READ, 2, keys.presence_pods(1), keys.presence_versions(1), *args)
+    assert sum(len(s.records) for s in parse_read_reply(reply).values()) == 6
+    args[3] = 4  # at most 4 of one pod and in all
+    reply = redis_client.eval(READ, 2, keys.presence_pods(1), keys.presence_versions(1), *args)
+    assert sum(len(s.records) for s in parse_read_reply(reply).values()) == 4
+    assert read_left_out(reply) == 2
