@@ -1225,21 +1225,8 @@ async def test_members_each_pod_admits_under_the_cap_are_all_listed(pods, redis_
     every one admitted by the gateway. A presence read and a view must list them all: these
     are the pods' own records, not another writer's."""
     cap = 100
-    slow = {"ttl": 5.0, "refresh_interval": 1.0}
-    started = [await pods.start(name, max_members=cap, **slow) for name in ("a", "b", "c")]
-    for pod in started:
-        for i in range(cap):
-            member = f"{pod.pod_id}-{i}"
-            assert not pod.core.is_full(1, member, cap)  # the gateway lists this member
-            pod.join(f"tab{i}", 1, member, None)
+    started = await _pods_each_at_the_cap(pods, redis_client, ["a", "b", "c"], cap)
     everyone = {f"{pod.pod_id}-{i}" for pod in started for i in range(cap)}
-
-    async def written() -> bool:
-        return all(
-            redis_client.hlen(pod.keys.presence_pod(1, pod.pod_id)) == cap for pod in started
-        )
-
-    await eventually(written, 5)
     listed = {m["id"] for m in msgspec.json.decode(await started[0].get(1))["members"]}
     assert len(listed) == 3 * cap, (len(listed), started[0].left_out)
     await eventually(lambda: _listed(started[0], 1, everyone), 5)
@@ -1279,20 +1266,7 @@ async def test_a_view_of_members_pods_admitted_neither_rereads_nor_flickers(
     leave who never left. Shown: one re-read per round of activity, ~337 members counted as
     another writer's per round, and members leaving the watcher's list."""
     cap = 100
-    slow = {"ttl": 5.0, "refresh_interval": 1.0}
-    started = [await pods.start(name, max_members=cap, **slow) for name in "abcdef"]
-    for pod in started:
-        for i in range(cap):
-            member = f"{pod.pod_id}-{i}"
-            assert not pod.core.is_full(1, member, cap)
-            pod.join(f"tab{i}", 1, member, None)
-
-    async def written() -> bool:
-        return all(
-            redis_client.hlen(pod.keys.presence_pod(1, pod.pod_id)) == cap for pod in started
-        )
-
-    await eventually(written, 5)
+    started = await _pods_each_at_the_cap(pods, redis_client, list("abcdef"), cap)
     a = started[0]
     watcher = await pods.watch(a, "watcher", 1)
     rereads = a.rereads
@@ -1315,18 +1289,8 @@ async def test_a_view_past_the_most_members_in_all_neither_rereads_nor_flickers(
     without re-reading the project at every round and without showing members leave who
     never left. With 40 pods (4,000 members, under the bound) every one is listed."""
     cap = 100
-    slow = {"ttl": 5.0, "refresh_interval": 1.0}
-    started = [await pods.start(f"p{n:02}", max_members=cap, **slow) for n in range(count)]
-    for pod in started:
-        for i in range(cap):
-            pod.join(f"tab{i}", 1, f"{pod.pod_id}-{i}", None)
-
-    async def written() -> bool:
-        return all(
-            redis_client.hlen(pod.keys.presence_pod(1, pod.pod_id)) == cap for pod in started
-        )
-
-    await eventually(written, 10)
+    names = [f"p{n:02}" for n in range(count)]
+    started = await _pods_each_at_the_cap(pods, redis_client, names, cap)
     a = started[0]
     watcher = await pods.watch(a, "watcher", 1)
     listed = len(watcher.members)  # with the watcher's own pod's members, read from memory
@@ -1358,3 +1322,24 @@ def test_a_read_with_the_arguments_of_before_listed_limit_still_answers(redis_cl
     reply = redis_client.eval(READ, 2, keys.presence_pods(1), keys.presence_versions(1), *args)
     assert sum(len(s.records) for s in parse_read_reply(reply).values()) == 4
     assert read_left_out(reply) == 2
+
+
+async def _pods_each_at_the_cap(pods, redis_client, names: list[str], cap: int) -> list:
+    """Pods without a view of project 1 (their tabs subscribed without presence), each
+    admitting ``cap`` members against its own tabs (``is_full`` says no to none of them), once
+    every pod's records are in Redis."""
+    slow = {"ttl": 5.0, "refresh_interval": 1.0}
+    started = [await pods.start(name, max_members=cap, **slow) for name in names]
+    for pod in started:
+        for i in range(cap):
+            member = f"{pod.pod_id}-{i}"
+            assert not pod.core.is_full(1, member, cap)
+            pod.join(f"tab{i}", 1, member, None)
+
+    async def written() -> bool:
+        return all(
+            redis_client.hlen(pod.keys.presence_pod(1, pod.pod_id)) == cap for pod in started
+        )
+
+    await eventually(written, 10)
+    return started

@@ -240,6 +240,17 @@ def _group_samples(directory: str) -> dict[str, float]:
     return {name: float(value) for name, value in (line.split() for line in out.splitlines())}
 
 
+def _in_group(directory: str, script: str) -> list[str]:
+    """What ``script`` prints, split, run as worker 0 of the group in ``directory``."""
+    return subprocess.run(
+        [sys.executable, "-c", script, directory],
+        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": directory},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+
+
 _SCRAPED = textwrap.dedent(
     """
     import sys, time
@@ -272,13 +283,7 @@ def test_a_flood_of_scrapes_reads_the_group_once_per_render_reuse(tmp_path) -> N
     the files once (the same body), and a render after it shows what changed."""
     directory = str(tmp_path)
     _run_worker(directory, connections=1, ready="ready", worker_id="1")  # the other worker
-    out = subprocess.run(
-        [sys.executable, "-c", _SCRAPED, directory],
-        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": directory},
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
+    out = _in_group(directory, _SCRAPED)
     assert out == ["2", "1", "True", "eventbus_deliveries_total=17.0"]  # 6 + the other 11
 
 
@@ -307,13 +312,7 @@ def test_a_flood_of_readiness_probes_reads_the_group_once_per_render_reuse(tmp_p
     files once, and a change of the worker's own readiness is counted at once."""
     directory = str(tmp_path)
     _run_worker(directory, connections=1, ready="ready", worker_id="1")  # the other worker
-    out = subprocess.run(
-        [sys.executable, "-c", _PROBED, directory],
-        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": directory},
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
+    out = _in_group(directory, _PROBED)
     assert out == ["1", "[2]", "1", "2"]
 
 
