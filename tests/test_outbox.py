@@ -1156,6 +1156,32 @@ def test_the_catch_up_after_an_outage_is_paced_by_max_rate(sqlite_path, table, b
     assert_exact(bus.client, expected)
 
 
+def test_a_relay_that_stands_by_reports_no_backlog_of_its_own(sqlite_path, table, bus):
+    """The backlog and the oldest row's age are counted by the leader only: a relay that lost
+    the lead kept reporting its last counts (a standby never counts), as if they were
+    current, for as long as it stood by."""
+    with sqlite3.connect(sqlite_path) as conn:
+        Outbox(table).write_many(conn, [event(1, n) for n in range(1, 4)])
+
+    class LeadsUntilTold(SQLiteOutboxStore):
+        leading = True
+
+        def lead(self) -> bool:
+            return self.leading
+
+    relay = OutboxRelay(LeadsUntilTold(sqlite_path, table), bus, batch_size=2, hold_interval=0)
+    try:
+        assert relay.run_once() == 2
+        relay._housekeeping()
+        assert relay.metrics.backlog == 1 and relay.metrics.oldest_pending_s is not None
+        relay.store.leading = False  # another relay took the lead
+        assert relay.run_once() == 0 and not relay.metrics.leader
+        assert relay.metrics.backlog is None and relay.metrics.oldest_pending_s is None
+        assert relay.run_once() == 0 and relay.metrics.backlog is None
+    finally:
+        relay.store.close()
+
+
 def test_a_leader_that_loses_the_lead_mid_batch_publishes_at_most_one_round_trip_more(
     sqlite_path, table, bus
 ):

@@ -57,7 +57,7 @@ class RelayMetrics:
     - ``lag``: :class:`LagHistogram` of the time from the row's insert (database clock,
       ``created_at``) to the end of its publish (relay clock);
     - ``backlog``: unpublished rows in the table at the last count (every
-      ``backlog_interval``), or None before the first;
+      ``backlog_interval``), or None before the first and on a standby (the leader counts);
     - ``oldest_pending_s``: age of the oldest unpublished row seen in the last batch;
     - ``unavailable``: batches that stopped because Redis was unreachable; ``errors``: other
       failures (database, Redis errors); ``invalid_rows``: rows that no longer validate.

@@ -1054,6 +1054,9 @@ class OutboxRelay:
         if self._unmarked is not None:
             self._mark(*self._unmarked)
         if not self.store.lead():
+            # A standby counts nothing (the leader does): its last counts as a leader would
+            # stay on as if current, for as long as it stands by.
+            self.metrics.backlog = self.metrics.oldest_pending_s = None
             self.metrics.leader = False
             return 0
         self.metrics.leader = True
