@@ -497,7 +497,8 @@ class PresenceCore:
         most: int = read_limit(),
     ) -> None:
         self.pod_id = pod_id
-        #: The most members a view lists (:func:`schemas.presence.read_limit`).
+        #: The most members of one pod, and the most pods, a view takes
+        #: (:func:`schemas.presence.read_limit`).
         self.most = most
         self._clock_ms = clock_ms
         self.view_linger_ms = view_linger_ms

@@ -70,8 +70,8 @@ Deliver = Callable[[Sequence[SessionKey], bytes], None]
 #: have set (beyond now + ``MAX_TTL_MS``; counted one per pod): the gateway counts them.
 OnRepaired = Callable[[int, int], None]
 #: Told ``(project_id, n)`` when a read or an announcement of a project held more members or
-#: pods than pods can have written (``schemas.presence.read_limit``): ``n`` pods, members or
-#: announcements left out. Another writer's: the gateway counts them.
+#: pods than pods can have written (``schemas.presence.read_limit``, ``listed_limit``): ``n``
+#: pods, members or announcements left out. Another writer's: the gateway counts them.
 OnLeftOut = Callable[[int, int], None]
 
 #: Presence reads (:data:`~schemas.presence.READ`, one call each) in flight at once per pod; the
@@ -326,7 +326,8 @@ class PresenceService:
         )
         self._on_repaired = on_repaired
         self._on_left_out = on_left_out
-        #: The most members listed per view (and per read): twice ``max_members``, plus 64.
+        #: The most members of one pod, and the most pods, in a view or a read: twice
+        #: ``max_members``, plus 64 (``read_limit``; in all, ``listed_limit``).
         self.most = read_limit(max_members)
         # A project's view outlives its last subscriber by a diff interval (None), so that
         # subscribing and unsubscribing in a loop costs one read per interval, not one each.

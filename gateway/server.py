@@ -122,7 +122,7 @@ class Gateway:
         self.group: GroupView | None = None
         #: Readiness as of the last group sync (once a second), for the group's /metrics.
         self.ready_now = False
-        #: The readiness ``PING`` in flight, shared by every check made meanwhile (None: none).
+        #: The readiness ``PING`` in flight, shared by every check made meanwhile.
         self._ping = SingleFlight(self._ping_redis)
         self.redis: redis.asyncio.Redis | None = None
         self.store: HistoryStore

@@ -130,9 +130,10 @@ class ForeignKind(enum.StrEnum):
     #: A presence index key (a project's ``:presence:pods`` or ``:presence:versions``) held
     #: another type: deleted by a gateway pod, and rebuilt by the live pods.
     PRESENCE_KEY = "presence_key"
-    #: A project's presence held more pods or members than pods can have written (over twice
-    #: ``--presence-max-members`` plus 64, in a read or an announcement): left out, counted one
-    #: per pod, member or announcement.
+    #: A project's presence held more than pods can have written (a pod or an announcement of
+    #: over twice ``--presence-max-members`` plus 64 members, more pods than that, or more than
+    #: ``schemas.presence.listed_limit`` members in all): left out, counted one per pod, member
+    #: or announcement.
     PRESENCE_MEMBERS = "presence_members"
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import re
 
+from schemas.stored import MAX_FRAME_BYTES
+
 __all__ = [
     "DEFAULT_TABLE",
     "MAX_EVENT_BYTES",
@@ -33,9 +35,9 @@ POSTGRES = "postgresql"
 SQLITE = "sqlite"
 DEFAULT_TABLE = "eventbus_outbox"
 
-#: The largest outbox event the relay reads: the largest frame a stream takes
-#: (``schemas.stored.MAX_FRAME_BYTES``, 1 MiB), far above any event of the contract (~30 KB).
-MAX_EVENT_BYTES = 1 << 20
+#: The largest outbox event the relay reads: the largest frame a stream takes (1 MiB), far
+#: above any event of the contract (~30 KB).
+MAX_EVENT_BYTES = MAX_FRAME_BYTES
 
 _TABLE_RE = re.compile(r"^(?:[a-z_][a-z0-9_]{0,62}\.)?[a-z_][a-z0-9_]{0,40}\Z")
 
