@@ -966,27 +966,34 @@ def test_a_relay_whose_publish_outlasts_stop_publishes_no_further_round_trip(sql
     went on with the batch, chunk after chunk, after stop had returned and closed the store (a
     SQLite store, and a PostgreSQL store without leader election, ask no database before a
     round trip): here all 300 rows, 200 of them after stop, none of them marked."""
-    outbox = Outbox(table)
+    with _relay_behind_a_frozen_redis(sqlite_path, table) as (relay, proxy, redis_server):
+        relay.start()
+        thread = relay._thread
+        proxy.wait_held(b"EVALSHA")  # the first chunk's round trip waits for Redis
+        relay.stop(timeout=1.0)
+        assert thread is not None and thread.is_alive()  # still in that round trip
+        proxy.thaw()
+        thread.join(10)
+        assert not thread.is_alive()
+        published = stream_ids(redis_server.client(), 1)
+        assert [b for _, b in published] == list(range(1, CHUNK + 1))
+
+
+@contextlib.contextmanager
+def _relay_behind_a_frozen_redis(sqlite_path: str, table: str):
+    """3 x CHUNK rows of project 1, and a relay (not started) whose Redis is reached through a
+    proxy frozen once the publisher is connected and its script loaded (the first round trip
+    publishes once answered): yields ``(relay, proxy, redis_server)``."""
     with sqlite3.connect(sqlite_path) as conn:
-        outbox.write_many(conn, [event(1, n) for n in range(1, 3 * CHUNK + 1)])
+        Outbox(table).write_many(conn, [event(1, n) for n in range(1, 3 * CHUNK + 1)])
     with RedisServer() as redis_server:
         proxy = FreezableProxy("127.0.0.1", redis_server.port)
         publisher = Publisher.from_url(f"redis://127.0.0.1:{proxy.port}/0", timeout=60)
         relay = OutboxRelay.sqlite(sqlite_path, publisher, table=table, max_rate=None)
         try:
-            # Connected, and the script loaded: the first round trip publishes once answered.
             publisher.publish(event(2, 1))
             proxy.freeze()
-            relay.start()
-            thread = relay._thread
-            proxy.wait_held(b"EVALSHA")  # the first chunk's round trip waits for Redis
-            relay.stop(timeout=1.0)
-            assert thread is not None and thread.is_alive()  # still in that round trip
-            proxy.thaw()
-            thread.join(10)
-            assert not thread.is_alive()
-            published = stream_ids(redis_server.client(), 1)
-            assert [b for _, b in published] == list(range(1, CHUNK + 1))
+            yield relay, proxy, redis_server
         finally:
             proxy.close()
             publisher.close()
@@ -998,16 +1005,8 @@ def test_start_refuses_while_a_thread_that_stop_gave_up_on_still_runs(sqlite_pat
     round trip, start() runs the relay again: one thread at a time, every row once, in order.
     Before, start() cleared the stop flag both threads share: the old thread took up its loop
     again beside the new one (2 relay threads on one store and one SQLite connection)."""
-    outbox = Outbox(table)
-    with sqlite3.connect(sqlite_path) as conn:
-        outbox.write_many(conn, [event(1, n) for n in range(1, 3 * CHUNK + 1)])
-    with RedisServer() as redis_server:
-        proxy = FreezableProxy("127.0.0.1", redis_server.port)
-        publisher = Publisher.from_url(f"redis://127.0.0.1:{proxy.port}/0", timeout=60)
-        relay = OutboxRelay.sqlite(sqlite_path, publisher, table=table, max_rate=None)
+    with _relay_behind_a_frozen_redis(sqlite_path, table) as (relay, proxy, redis_server):
         try:
-            publisher.publish(event(2, 1))  # connected, the script loaded
-            proxy.freeze()
             relay.start()
             old = relay._thread
             with pytest.raises(RuntimeError):
@@ -1025,8 +1024,6 @@ def test_start_refuses_while_a_thread_that_stop_gave_up_on_still_runs(sqlite_pat
             assert [t.name for t in threading.enumerate()].count("outbox-relay") == 1
         finally:
             relay.stop()
-            proxy.close()
-            publisher.close()
         assert [b for _, b in stream_ids(redis_server.client(), 1)] == list(range(1, 3 * CHUNK + 1))
 
 

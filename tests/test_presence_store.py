@@ -1276,12 +1276,7 @@ async def test_a_view_of_members_pods_admitted_neither_rereads_nor_flickers(
     a = started[0]
     watcher = await pods.watch(a, "watcher", 1)
     rereads = a.rereads
-    for viewing in range(1, 6):
-        for pod in started[1:]:
-            for i in range(cap):
-                pod.activity(f"tab{i}", 1, viewing, None)
-        # every pod's activity reaches the watcher within a write and a diff interval
-        await watcher.until(lambda m, v=viewing: any(x.viewing == v for x in m.values()), within=5)
+    await _rounds_of_activity(started[1:], watcher, 5, cap)
     assert (a.rereads - rereads, len(watcher.left)) == (0, 0)
 
 
@@ -1304,11 +1299,7 @@ async def test_a_view_past_the_most_members_in_all_neither_rereads_nor_flickers(
         listed == count * cap if count * cap <= listed_limit(cap) else listed >= listed_limit(cap)
     )
     rereads = a.rereads
-    for viewing in range(1, 4):
-        for pod in started[1:]:
-            for i in range(cap):
-                pod.activity(f"tab{i}", 1, viewing, None)
-        await watcher.until(lambda m, v=viewing: any(x.viewing == v for x in m.values()), within=5)
+    await _rounds_of_activity(started[1:], watcher, 3, cap)
     assert (a.rereads - rereads, len(watcher.left)) == (0, 0)
     assert len(watcher.members) == listed <= listed_limit(cap) + cap
 
@@ -1349,3 +1340,13 @@ async def _pods_each_at_the_cap(pods, redis_client, names: list[str], cap: int) 
 
     await eventually(written, 10)
     return started
+
+
+async def _rounds_of_activity(pods: list, watcher: Watcher, rounds: int, cap: int) -> None:
+    """``rounds`` times, every tab of ``pods`` views item 1, 2, ...: each round awaited until
+    the watcher sees it (within a write and a diff interval)."""
+    for viewing in range(1, rounds + 1):
+        for pod in pods:
+            for i in range(cap):
+                pod.activity(f"tab{i}", 1, viewing, None)
+        await watcher.until(lambda m, v=viewing: any(x.viewing == v for x in m.values()), within=5)
