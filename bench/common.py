@@ -30,6 +30,7 @@ __all__ = [
     "RESULTS_DIR",
     "BenchGateway",
     "BenchRedis",
+    "child_pids",
     "free_port",
     "machine",
     "median",
@@ -132,6 +133,15 @@ class BenchGateway:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def child_pids(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (a ``--workers`` supervisor's workers)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:

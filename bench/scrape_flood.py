@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -26,7 +25,8 @@ from pathlib import Path
 
 import websockets
 
-from bench.common import RESULTS_DIR, machine, write_json
+from bench.common import RESULTS_DIR, child_pids, machine, percentile, write_json
+from bench.gateway import proc_cpu
 from publisher import Publisher, issue_token
 from tests.support.gateway_process import GatewayProcess
 from tests.support.redis_server import RedisServer
@@ -74,27 +74,7 @@ print(len(latencies), latencies[len(latencies) // 2], latencies[int(len(latencie
 
 def cpu_seconds(pid: int) -> float:
     """CPU time of ``pid`` and its live children (a --workers supervisor's workers)."""
-    pids = [pid]
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                pids.append(int(entry))
-    total = 0.0
-    for p in pids:
-        try:
-            fields = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
-
-
-def pct(values: list[float], q: float) -> float:
-    return values[min(len(values) - 1, int(len(values) * q))] * 1000
+    return sum(proc_cpu(p) for p in [pid, *child_pids(pid)])
 
 
 async def window(gateway: GatewayProcess, publisher: Publisher, args, flood: bool) -> dict:
@@ -141,7 +121,7 @@ async def window(gateway: GatewayProcess, publisher: Publisher, args, flood: boo
         "flood": flood,
         "gateway_cores": round((cpu1 - cpu0) / (t1 - t0), 2),
         "events": len(latencies),
-        "latency_ms": {q: round(pct(latencies, p), 1) for q, p in (("p50", 0.5), ("p99", 0.99))},
+        "latency_ms": {f"p{q}": round(percentile(latencies, q) * 1000, 1) for q in (50, 99)},
         "latency_max_ms": round(latencies[-1] * 1000, 1),
     }
     if out:

@@ -25,20 +25,12 @@ import time
 import urllib.request
 from pathlib import Path
 
-from bench.common import BenchRedis, free_port, machine, write_json
+from bench.common import BenchRedis, child_pids, free_port, machine, write_json
 from bench.gateway import Pump, proc_cpu
 from bench.loadgen import LoadGen, raise_nofile
 from publisher import Publisher
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(p) for p in f.read().split()]
-    except OSError:
-        return []
 
 
 def _sockets(pid: int) -> int:
@@ -83,7 +75,7 @@ class Group:
         """The processes that serve clients: the workers, or the gateway itself."""
         if self.workers == 1:
             return [self.proc.pid]
-        return _children(self.proc.pid)
+        return child_pids(self.proc.pid)
 
     def cpu(self) -> float:
         return sum(proc_cpu(pid) for pid in self.pids())
