@@ -35,13 +35,15 @@ from publisher.outbox import (
     LagHistogram,
     Outbox,
     OutboxRelay,
+    OutboxRow,
+    PostgresOutboxStore,
     RateLimiter,
     SnapshotTimeout,
+    SQLiteOutboxStore,
     idempotency_key,
     migration_sql,
 )
 from publisher.outbox.publishing import CHUNK
-from publisher.outbox.relay import OutboxRow, PostgresOutboxStore, SQLiteOutboxStore
 from publisher.outbox.sql import for_psycopg, lock_key, validate_table
 from schemas import BlockerResolved, encode_event
 from tests.support.outbox_db import KEYS, private_database, stream_ids, wait_until

@@ -20,19 +20,16 @@ Usage (see ``docs/outbox.md``)::
 
 from publisher.outbox.db import InTransaction
 from publisher.outbox.metrics import LagHistogram, RateLimiter, RelayMetrics
-from publisher.outbox.relay import (
-    OutboxRelay,
-    OutboxRow,
-    PostgresOutboxStore,
-    SQLiteOutboxStore,
-    idempotency_key,
-)
+from publisher.outbox.postgres import PostgresOutboxStore
+from publisher.outbox.relay import OutboxRelay, idempotency_key
 from publisher.outbox.sql import (
     DEFAULT_TABLE,
     POSTGRES_DDL,
     SQLITE_DDL,
     migration_sql,
 )
+from publisher.outbox.sqlite import SQLiteOutboxStore
+from publisher.outbox.store import OutboxRow
 from publisher.outbox.writer import Outbox, Snapshot, SnapshotTimeout
 
 __all__ = [

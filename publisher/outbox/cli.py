@@ -27,8 +27,10 @@ from datetime import timedelta
 
 import structlog
 
-from publisher.outbox.relay import OutboxRelay, PostgresOutboxStore, SQLiteOutboxStore
+from publisher.outbox.postgres import PostgresOutboxStore
+from publisher.outbox.relay import OutboxRelay
 from publisher.outbox.sql import DEFAULT_TABLE, POSTGRES, SQLITE, migration_sql, validate_table
+from publisher.outbox.sqlite import SQLiteOutboxStore
 from schemas.keys import DEFAULT_PREFIX
 
 __all__ = ["main", "relay_main"]
