@@ -43,6 +43,7 @@ from publisher.outbox import (
     idempotency_key,
     migration_sql,
 )
+from publisher.outbox import relay as relay_module
 from publisher.outbox.publishing import CHUNK
 from publisher.outbox.sql import for_psycopg, lock_key, validate_table
 from schemas import BlockerResolved, encode_event
@@ -326,6 +327,42 @@ async def test_postgres_async_connection(pg_url, pg_outbox, bus):
     finally:
         relay.store.close()
     assert_exact(bus.client, {7: [1, 2, 3]})
+
+
+@pytest.mark.parametrize("stalled_clock", ["monotonic", "wall", "boottime"])
+def test_a_batch_that_stalled_past_stale_after_on_any_clock_is_read_again(
+    stalled_clock, sqlite_path, table, bus, monkeypatch
+):
+    """A relay frozen between reading a batch and publishing it (a suspended laptop, a paused
+    VM, a stopped process) for longer than ``stale_after`` publishes nothing of that batch: it
+    reads it again (another relay may have published those rows meanwhile, and their
+    idempotency keys expire on Redis's clock, which went on). The stall is counted on whichever
+    clock saw it: ``monotonic`` alone misses a suspend (``CLOCK_BOOTTIME`` counts it) and, on
+    some hypervisors, a paused VM (the wall clock shows it once set again)."""
+    with sqlite3.connect(sqlite_path) as conn:
+        Outbox(table).write_many(conn, [event(5, 1), event(5, 2)])
+    relay = OutboxRelay.sqlite(sqlite_path, bus, table=table, stale_after=300.0)
+    real = relay_module._clocks
+    stalled = ["monotonic", "wall", "boottime"].index(stalled_clock)
+    readings = iter([real()])  # the batch is read at this moment, then the relay stalls
+
+    def clocks() -> tuple[float, ...]:
+        then = next(readings, None)
+        if then is not None:
+            return then
+        now = list(real())
+        now[stalled] += 301.0  # what the other clocks did not count
+        return tuple(now)
+
+    monkeypatch.setattr(relay_module, "_clocks", clocks)
+    try:
+        assert relay.run_once() == 0  # nothing of the stale batch is published
+        assert stream_ids(bus.client, 5) == []
+        monkeypatch.setattr(relay_module, "_clocks", real)
+        assert relay.run_once() == 2  # read again, and published once
+    finally:
+        relay.store.close()
+    assert_exact(bus.client, {5: [1, 2]})
 
 
 def test_sqlite_commit_and_rollback(sqlite_path, table, bus):

@@ -18,7 +18,8 @@ How it stays exact (see ``docs/outbox.md`` for the long form):
 * The one bound: the idempotency window (10 minutes by default, ``Publisher(idempotency_window=)``).
   A relay that stalls for longer than that between reading a batch and publishing it could
   publish rows again that another relay published meanwhile; a batch older than
-  ``stale_after`` (5 minutes) is therefore dropped and read again.
+  ``stale_after`` (5 minutes; its age on whichever clock counted the most, so that a suspended
+  machine or paused VM counts) is therefore dropped and read again.
 """
 
 from __future__ import annotations
@@ -46,6 +47,29 @@ __all__ = ["OutboxRelay", "OutboxRow", "PostgresOutboxStore", "SQLiteOutboxStore
 def idempotency_key(table: str, row: OutboxRow) -> str:
     """The key a row is published with: unique per row, even across a re-created table."""
     return f"outbox:{table}:{row.id}:{row.token}"
+
+
+#: The clocks a batch's age is read on. ``monotonic`` does not count the time a machine was
+#: suspended (``CLOCK_BOOTTIME`` does, on Linux) and, on some hypervisors, the time a paused VM
+#: stood still, which the wall clock shows once it is set again; Redis expires the idempotency
+#: keys on its own clock, which went on meanwhile.
+_BOOTTIME = getattr(time, "CLOCK_BOOTTIME", None)
+
+
+def _clocks() -> tuple[float, ...]:
+    """Now, on every clock a stall could show on (see :func:`_elapsed_since`)."""
+    if _BOOTTIME is None:
+        return (time.monotonic(), time.time())
+    return (time.monotonic(), time.time(), time.clock_gettime(_BOOTTIME))
+
+
+def _elapsed_since(then: tuple[float, ...]) -> float:
+    """Seconds since ``then`` (a :func:`_clocks` reading) on the clock that counted the most.
+    For the staleness of a batch, where counting too much only reads the batch again and
+    counting too little could publish rows again after their idempotency keys expired: a
+    relay frozen by a suspended or paused machine is caught by whichever clock saw the pause
+    (a wall clock set back shows less, and the others decide)."""
+    return max(now - before for now, before in zip(_clocks(), then, strict=True))
 
 
 def _chunks(rows: list[OutboxRow], size: int) -> Iterator[list[OutboxRow]]:
@@ -184,7 +208,7 @@ class OutboxRelay:
         if not rows:
             self.metrics.oldest_pending_s = None
             return 0
-        fetched = time.monotonic()
+        fetched = _clocks()
         self.metrics.oldest_pending_s = max(time.time() - rows[0].created_at, 0.0)
         published: list[tuple[int, Cursor]] = []
         lags: list[float] = []
@@ -200,7 +224,7 @@ class OutboxRelay:
                 pause = self.limiter.delay(len(chunk))
                 if pause and self._stop.wait(pause):
                     break
-                if time.monotonic() - fetched > self.stale_after:
+                if _elapsed_since(fetched) > self.stale_after:
                     break
                 # Still the leader? A relay frozen in the middle of a batch for longer than its
                 # lease lost the lead, and the rows to another relay: it stops here (raising,
