@@ -869,9 +869,10 @@ class Consumer:
         try:
             seq = event_seq(raw)
         except msgspec.DecodeError:
-            # An event without its place in the order: the gateway never sends one. It cannot
-            # be delivered in order; say so (the next event shows whether one is missing).
-            log.warning("ignored an event frame without a seq", frame=raw[:200])
+            # An event without its place in the order (no seq, or one no cursor can hold): the
+            # gateway never sends one. It cannot be delivered in order; say so (the next event
+            # shows whether one is missing).
+            log.warning("ignored an event frame without a valid seq", frame=raw[:200])
             return Verdict.DROP
         verdict = state.on_event(seq, paged=paged)
         if verdict is Verdict.CORRUPT:

@@ -16,11 +16,13 @@ import msgspec
 
 from schemas.events import event_types
 from schemas.protocol import (
+    MAX_SEQ,
     Authenticated,
     Error,
     ErrorCode,
     Pong,
     ResyncRequired,
+    Sequence,
     Subscribed,
     Unsubscribed,
 )
@@ -34,11 +36,13 @@ _decoder = msgspec.json.Decoder(Union[(*event_types(), *CONTROL_TYPES)])
 
 
 class _Header(msgspec.Struct):
-    """The fields every event frame has, whatever its type (unknown fields are skipped)."""
+    """The fields every event frame has, whatever its type (unknown fields are skipped). A seq
+    no cursor can hold (negative, above 2**53-1) gives the frame no place in the order: taken
+    as the next event, it would become a cursor every gateway refuses."""
 
     type: str
     project_id: int
-    seq: int
+    seq: Sequence
 
 
 _header_decoder = msgspec.json.Decoder(_Header)
@@ -92,13 +96,17 @@ class FrameError(ValueError):
 
 def event_seq(raw: bytes) -> int:
     """The ``seq`` of an event frame: read from the ``,"seq":N}`` tail the gateway's frames end
-    with, else by a decode of the header fields."""
+    with, else by a decode of the header fields; msgspec.DecodeError when it has none, or one
+    outside the protocol's ``Sequence`` (0 to 2**53-1)."""
     index = raw.rfind(_SEQ_KEY)
     if index > 0 and raw[-1:] == b"}":
         try:
-            return int(raw[index + 7 : -1])
+            seq = int(raw[index + 7 : -1])
         except ValueError:
             pass
+        else:
+            if 0 <= seq <= MAX_SEQ:
+                return seq
     return _header_decoder.decode(raw).seq
 
 

@@ -1169,7 +1169,12 @@ def control(kind: str, project_id: int, epoch: object, seq: object, resumed: boo
 
 hostile_frames = st.lists(
     st.one_of(
-        st.tuples(st.just("event"), st.integers(1, 2), st.integers(-2, 12), st.just(False)),
+        st.tuples(
+            st.just("event"),
+            st.integers(1, 2),
+            st.one_of(st.integers(-2, 12), st.sampled_from([2**53, 2**63, 10**20])),
+            st.just(False),
+        ),
         st.tuples(
             st.sampled_from(["subscribed", "resync_required"]),
             st.integers(1, 2),
@@ -1188,6 +1193,7 @@ hostile_frames = st.lists(
 @given(hostile_frames)
 @example([("subscribed", 1, ("e1", -5), False), ("event", 1, -4, False)])
 @example([("subscribed", 1, ("e1", 3), False), ("resync_required", 1, ("a b", 2**63), False)])
+@example([("subscribed", 1, ("e1", 2**53 - 1), False), ("event", 1, 2**53, False)])
 async def test_whatever_a_gateway_sends_items_are_in_order_once_with_cursors_it_accepts(
     frames: list,
 ):
@@ -1199,7 +1205,8 @@ async def test_whatever_a_gateway_sends_items_are_in_order_once_with_cursors_it_
     consumer, ws, subscription = await fed_consumer(1, 2)
     for kind, project_id, what, resumed in frames:
         if kind == "event":
-            await consumer._on_frame(ws, frame(project_id, what, abs(what) + 1))  # type: ignore[arg-type]
+            blocker_id = abs(what) % 1000 + 1
+            await consumer._on_frame(ws, frame(project_id, what, blocker_id))  # type: ignore[arg-type]
         else:
             await consumer._on_frame(ws, control(kind, project_id, *what, resumed))  # type: ignore[arg-type]
     items = drain(subscription)
@@ -1212,6 +1219,32 @@ async def test_whatever_a_gateway_sends_items_are_in_order_once_with_cursors_it_
         last[item.project_id] = item.cursor
     for project_id in (1, 2):
         assert consumer.cursor(project_id) is None or acceptable(consumer.cursor(project_id))
+
+
+@pytest.mark.parametrize("top", [3, 2**53 - 1])
+@pytest.mark.parametrize("seq", [2**53, 2**63, 10**20])
+async def test_an_event_numbered_beyond_what_a_cursor_holds_is_ignored_never_the_cursor(
+    top: int, seq: int
+):
+    """An event frame whose seq no cursor can hold (above 2**53-1: a broken gateway's, a
+    foreign stream entry relayed as it is) was taken as the next event after a cursor at
+    2**53-1, or, after the gap repairs, as a Resync(history_corrupt) to just before it: the
+    caller was handed that cursor and saved it, the next subscribe from it was refused (an
+    error naming no project: the project silent for good) and every restart stopped on the
+    stored cursor. It is ignored, as one without a seq (eventbus.js: Number.isSafeInteger)."""
+    consumer, ws, subscription = await fed_consumer(1)
+    await consumer._on_frame(ws, subscribed(1, top))  # type: ignore[arg-type]
+    for _ in range(3):  # a gap, repaired twice, would be surfaced the third time
+        for raw in (frame(1, seq, 5), b'{"type":"x","project_id":1,"seq":%d}' % seq):
+            await consumer._on_frame(ws, raw)  # type: ignore[arg-type]
+        if ws.sent:
+            ws.sent.clear()
+            await consumer._on_frame(ws, subscribed(1, top, resumed=True))  # type: ignore[arg-type]
+    assert drain(subscription) == []
+    assert consumer.cursor(1) == Cursor(EPOCH, top)
+    if top < 2**53 - 1:
+        await consumer._on_frame(ws, frame(1, top + 1))  # type: ignore[arg-type]
+        assert [d.cursor for d in drain(subscription)] == [Cursor(EPOCH, top + 1)]
 
 
 async def test_an_event_frame_without_seq_is_ignored_not_fatal():
