@@ -4,7 +4,8 @@ The consumer reads a long backlog from the gateway's polling endpoint (docs/cons
 "Catching up a long backlog"), page by page. urllib makes the request in a worker thread;
 :func:`read_page` bounds the whole request, not each read, and a cancelled caller ends the
 thread at once. A 503 (the gateway drains, is full, or Redis is away) is
-:class:`PageUnavailable`, with the ``Retry-After`` it gave: the page is to be asked again.
+:class:`PageUnavailable`, with the ``Retry-After`` it gave: the page is to be asked again. A
+redirect is not followed (an HTTPError, like any other answer that is not a page).
 """
 
 from __future__ import annotations
@@ -84,7 +85,9 @@ class PageRequest:
             headers["Authorization"] = f"Bearer {token}"
         request = urllib.request.Request(url, headers=headers)
         opener = urllib.request.build_opener(
-            _TrackedHTTPHandler(self._connect), _TrackedHTTPSHandler(self._connect)
+            _TrackedHTTPHandler(self._connect),
+            _TrackedHTTPSHandler(self._connect),
+            _NoRedirect(),
         )
         try:
             with opener.open(request, timeout=timeout) as response:
@@ -125,6 +128,16 @@ class PageRequest:
                 return sock
         sock.close()
         raise TimeoutError("the page was not read in time")
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect is an answer (an HTTPError), not followed. The gateway's polling endpoint
+    never redirects, and urllib follows one anywhere with the request's headers: the token's
+    ``Authorization`` to another host, or over plain http; and to ``ftp://``, whose connection
+    is not one of the tracked sockets that the page's deadline shuts down."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
 
 
 def _error_code(exc: urllib.error.HTTPError) -> str:

@@ -1470,6 +1470,62 @@ async def test_a_catch_up_page_answered_503_is_asked_again_from_the_same_cursor(
     assert ws.sent[-1] == {"type": "subscribe", "project_id": 1, "epoch": EPOCH, "after": 8}
 
 
+class RecordingServer(LocalHttpServer):
+    """An HTTP server that records each request's head and answers ``answer`` (``{url}`` in it
+    is ``target``, set later), or, without one, writes a byte every 0.1 s until its client goes
+    away (an FTP server's greeting that never ends)."""
+
+    def __init__(self, answer: bytes | None = None) -> None:
+        self.answer = answer
+        self.target = ""
+        self.heads: list[bytes] = []
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            if self.answer is None:
+                while True:
+                    writer.write(b"2")
+                    await writer.drain()
+                    with contextlib.suppress(TimeoutError):
+                        if await asyncio.wait_for(reader.read(1), 0.1) == b"":
+                            break
+            else:
+                self.heads.append(await reader.readuntil(b"\r\n\r\n"))
+                writer.write(self.answer.replace(b"{url}", self.target.encode()))
+                await writer.drain()
+        writer.close()
+
+
+@pytest.mark.parametrize("scheme", ["http", "ftp"])
+async def test_a_catch_up_page_answered_with_a_redirect_is_not_followed(scheme: str):
+    """urllib followed a page's redirect anywhere, with the token: to another host or port, to
+    plain http (the ``Authorization`` header went along, a bearer token handed to whoever the
+    Location names), and to ``ftp://``, whose connection the page's deadline does not reach (a
+    server trickling its greeting held the catch-up, and the project, silent for ever). The
+    gateway's polling endpoint never redirects: a redirect is an answer that cannot be read,
+    and the gateway's resync is surfaced."""
+    elsewhere = RecordingServer(None if scheme == "ftp" else b"HTTP/1.1 200 OK\r\n\r\n{}")
+    redirecting = RecordingServer(
+        b"HTTP/1.1 302 Found\r\nLocation: {url}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    async with elsewhere as target, redirecting as url:
+        redirecting.target = target.replace("http", scheme, 1) + "/v1/projects/1/events"
+        consumer, ws, subscription = await fed_consumer(1)
+        consumer._token_source = "a-secret-token"
+        consumer.http_url = url
+        consumer._poll_timeout = 0.5
+        await consumer._on_frame(ws, subscribed(1, 5))  # type: ignore[arg-type]
+        consumer._states[1].subscribe_message()
+        resync = {"type": "resync_required", "project_id": 1, "reason": "too_far_behind"}
+        await consumer._on_frame(ws, json.dumps(resync | {"epoch": EPOCH, "seq": 5000}).encode())  # type: ignore[arg-type]
+        async with asyncio.timeout(5):
+            await asyncio.gather(*consumer._helpers)
+        assert drain(subscription) == [Resync(1, ResyncReason.TOO_FAR_BEHIND, EPOCH, 5000)]
+        assert b"a-secret-token" in redirecting.heads[0]
+        assert elsewhere.heads == []  # the token went nowhere else
+        await consumer.aclose()
+
+
 @pytest.mark.parametrize("retry_after", ["\u00b2", "99999999999", "3"])
 async def test_a_refused_handshakes_retry_after_neither_kills_nor_freezes_the_consumer(
     retry_after: str,
