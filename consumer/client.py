@@ -640,6 +640,7 @@ class Consumer:
             return self._backoff.next()
         opened_at = None
         code: int | None = None
+        was_live = False
         retry_after = 0.0
         try:
             ws = await connect(url, **self._connect_options)
@@ -666,6 +667,7 @@ class Consumer:
                 pass  # the connection ended; how is in its close code
             finally:
                 self._ws = self._subscribed_on = None
+                was_live = self._authenticated.is_set()
                 self._authenticated.clear()
                 for project_id in list(self._retries):  # the next connection subscribes anyway
                     self._cancel_retry(project_id)
@@ -694,7 +696,7 @@ class Consumer:
             self._given_up = None
         if self._closed:
             return 0.0
-        return max(retry_after, self._after_close(code if opened_at is not None else None))
+        return max(retry_after, self._after_close(code, was_live))
 
     def _log_failure(self, event: str, **fields: object) -> None:
         # Once when the gateway becomes unreachable, then every tenth attempt: a consumer that
@@ -703,7 +705,9 @@ class Consumer:
         if self._failed_attempts % 10 == 1:
             log.warning(event, attempts=self._failed_attempts, **fields)
 
-    def _after_close(self, code: int | None) -> float:
+    def _after_close(self, code: int | None, was_live: bool) -> float:
+        """The delay before the next attempt after a connection ended with ``code`` (None: it
+        did not open); ``was_live``: it was authenticated."""
         action = close_action(code)
         if action.client_bug:
             log.error("the gateway closed the connection for a protocol violation", code=code)
@@ -722,7 +726,10 @@ class Consumer:
                 )
         if action.renew_token:
             self._token = None
-        if action.retry is Retry.PROMPT:
+        # Prompt only for a connection the gateway had taken (as eventbus.js): one that closes
+        # every connection before it authenticates would be connected to, and a token minted
+        # for, several times a second for ever.
+        if action.retry is Retry.PROMPT and was_live:
             return self._random() * self.policy.prompt_max
         return self._backoff.next()
 

@@ -1554,6 +1554,40 @@ async def test_a_refused_handshakes_retry_after_neither_kills_nor_freezes_the_co
     assert delay == 3.0 or retry_after != "3"
 
 
+@pytest.mark.parametrize("code", [1001, 1012, 4008])
+async def test_a_gateway_closing_each_new_connection_for_a_prompt_reconnect_gets_backoff(code: int):
+    """A drain (1012), going away (1001) or slow consumer (4008) reconnects at once (0-0.5 s):
+    the connection lost is one the gateway had accepted. A gateway that closes every connection
+    so before it ever authenticates it (a broken pod behind the load balancer, a proxy) was
+    connected to two to ten times a second for ever, a token minted each time; eventbus.js
+    reconnects promptly only from a live connection. Now such a close is a failed attempt, with
+    backoff; after ``authenticated`` it is still prompt."""
+    from websockets.asyncio.server import serve
+
+    authenticate = False
+
+    async def closing(connection) -> None:
+        await connection.recv()  # the token
+        if authenticate:
+            await connection.send(
+                '{"type":"authenticated","subject":null,"projects":null,"expires_at":null}'
+            )
+        await connection.close(code)
+
+    async with serve(closing, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        policy = ReconnectPolicy(initial=1.0, max=30.0, prompt_max=0.5)
+        consumer = Consumer(
+            f"ws://127.0.0.1:{port}/", token="t", reconnect=policy, random=lambda: 0.5
+        )
+        delays = [await consumer._connect_once() for _ in range(3)]
+        assert consumer.close_codes == [code] * 3
+        assert delays == [0.5, 1.0, 2.0]  # the backoff's, growing
+        authenticate = True
+        assert await consumer._connect_once() == 0.25  # prompt
+        await consumer.aclose()
+
+
 async def test_two_subscriptions_on_one_connection_each_get_their_projects():
     consumer, ws, first = await fed_consumer(1)
     second = consumer.events(2)
