@@ -97,6 +97,61 @@ _poll_decoder = msgspec.json.Decoder(PollResponse)
 POLL_PAGE = 1000
 
 
+#: Bytes of the consumer's own frames waiting to go out beyond which the gateway is not reading
+#: the connection (the frames the consumer sends are small: a subscribe per project, a token).
+MAX_UNSENT = 2**22
+
+
+class _Connection(ClientConnection):
+    """websockets' connection, dropped (aborted: 1006, then a reconnect with backoff) when the
+    gateway does not read it while the consumer has frames for it.
+
+    websockets answers every ping by itself, whatever the consumer does: a gateway sending
+    pings and reading nothing piled the answers up in the write buffer without bound; and every
+    send waits for that buffer to drain, the keepalive's ping and the close frame included, so
+    no timeout ended the connection, nor did ``aclose()`` return. So more than
+    :data:`MAX_UNSENT` bytes waiting, or writing paused (the buffer above websockets'
+    ``write_limit``) for ``ping_timeout``, gives the connection up: such a gateway would have
+    answered no ping either.
+    """
+
+    _unread: asyncio.TimerHandle | None = None
+    _given_up = False
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)  # (answers the pings among it)
+        if self.transport.get_write_buffer_size() > MAX_UNSENT:
+            self._give_up()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.ping_timeout is not None:
+            self._unread = self.loop.call_later(self.ping_timeout, self._give_up)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._stop_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_timer()
+        super().connection_lost(exc)
+
+    def _stop_timer(self) -> None:
+        if self._unread is not None:
+            self._unread.cancel()
+            self._unread = None
+
+    def _give_up(self) -> None:
+        self._stop_timer()
+        if not self._given_up:
+            self._given_up = True
+            log.warning(
+                "the gateway does not read the connection; dropping it",
+                unsent=self.transport.get_write_buffer_size(),
+            )
+            self.transport.abort()
+
+
 async def _nothing() -> None:
     pass
 
@@ -329,6 +384,7 @@ class Consumer:
             "compression": "deflate" if compression else None,
             "max_size": 2**22,
             "close_timeout": 2,
+            "create_connection": _Connection,
         }
         # Jitter from a generator of its own unless given one: the application's global
         # ``random`` state is left alone (seeded simulations, property-based tests).

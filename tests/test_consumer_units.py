@@ -8,12 +8,14 @@ import asyncio
 import base64
 import contextlib
 import gc
+import hashlib
 import io
 import itertools
 import json
 import math
 import os
 import shutil
+import socket
 import sqlite3
 import tempfile
 import urllib.error
@@ -26,6 +28,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+import consumer.client as consumer_client
 from consumer import (
     Consumer,
     ConsumerClosed,
@@ -1586,6 +1589,88 @@ async def test_a_gateway_closing_each_new_connection_for_a_prompt_reconnect_gets
         authenticate = True
         assert await consumer._connect_once() == 0.25  # prompt
         await consumer.aclose()
+
+
+class PingFlood:
+    """A WebSocket server on a local port that completes the handshake, then sends pings
+    (``flood`` bytes of them; None: without end) and never reads: a broken or hostile gateway.
+    ``connected`` is set at its second connection."""
+
+    PING = b"\x89\x7d" + b"p" * 125  # a server's ping frame, 125 bytes of payload
+
+    def __init__(self, flood: int | None) -> None:
+        self.flood = flood
+        self.connections = 0
+        self.connected = asyncio.Event()
+
+    async def __aenter__(self) -> str:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (inherited: reads little)
+        sock.bind(("127.0.0.1", 0))
+        self.server = await asyncio.start_server(self._answer, sock=sock)
+        return f"ws://127.0.0.1:{sock.getsockname()[1]}/"
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.server.close()
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        if self.connections > 1:
+            self.connected.set()
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            head = await reader.readuntil(b"\r\n\r\n")
+            key = next(
+                line.split(b":", 1)[1].strip()
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"sec-websocket-key:")
+            )
+            accept = base64.b64encode(
+                hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()
+            )
+            writer.write(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n" % accept
+            )
+            # From here on nothing is read (asyncio stops reading once its buffer is full).
+            sent, burst = 0, self.PING * 1000
+            while self.connections == 1 and (self.flood is None or sent < self.flood):
+                writer.write(burst)
+                await writer.drain()
+                sent += len(burst)
+            await asyncio.sleep(3600)
+        writer.close()
+
+
+@pytest.mark.parametrize("flood", [None, 16 * 2**20], ids=["endless", "then-quiet"])
+async def test_a_gateway_that_sends_pings_and_reads_nothing_is_dropped(
+    flood: int | None, monkeypatch: pytest.MonkeyPatch
+):
+    """websockets answers every ping by itself: a gateway sending pings and reading nothing
+    piled the answers up in the consumer's write buffer without bound (800 MB after 36 s on
+    loopback), and every send waits for that buffer to drain, the keepalive's ping and the
+    close frame included, so no timeout ever ended the connection: memory growing, the
+    projects silent, for ever. Now a connection with more than ``MAX_UNSENT`` bytes of the
+    consumer's frames waiting (``endless``), or whose writing stayed paused for
+    ``ping_timeout`` (``then-quiet``: 16 MiB of pings, then nothing), is dropped (1006) and
+    made again with backoff."""
+    if flood is not None:
+        monkeypatch.setattr(consumer_client, "MAX_UNSENT", 2**40)  # only the time bound
+    server = PingFlood(flood)
+    async with server as url:
+        consumer = Consumer(
+            url,
+            open_timeout=3600,  # not the bound on a subscribe's answer
+            ping_interval=0.5,
+            ping_timeout=0.5,
+            reconnect=ReconnectPolicy(initial=0.05, max=0.1),
+        )
+        consumer.events(1)
+        try:
+            async with asyncio.timeout(20):
+                await server.connected.wait()  # the consumer connected again
+        finally:
+            await asyncio.wait_for(consumer.aclose(), 5)  # (its close waited on the buffer too)
+        assert consumer.close_codes[0] == 1006
 
 
 async def test_two_subscriptions_on_one_connection_each_get_their_projects():
