@@ -1079,15 +1079,23 @@ class Consumer:
                 more = page.more and bool(page.events)
                 for raw in page.events:
                     frame = bytes(raw)
+                    # The page speaks for this project only: an event naming another one (a
+                    # broken gateway's) would take this project's place of its seq, and this
+                    # project's own event of that seq be dropped as a duplicate. Skipped (as
+                    # eventbus.js): the place it leaves is a gap, asked for again.
                     try:
                         event = decode_frame(frame)
                     except FrameError as exc:
                         if exc.header is None:
                             raise
+                        if exc.header[1] != project_id:
+                            continue
                         verdict = await self._on_undecodable(state, exc, frame, paged=True)
                     else:
                         if type(event) not in EVENT_TYPES:
                             raise FrameError(f"not an event: {frame[:80]!r}", None)
+                        if event.project_id != project_id:  # type: ignore[attr-defined]
+                            continue
                         verdict = await self._on_event(state, event, frame, paged=True)  # type: ignore[arg-type]
                     if not current():
                         return

@@ -1306,6 +1306,34 @@ async def test_a_catch_up_page_with_a_gap_that_never_fills_ends_in_a_resync():
     assert items[2].seq == 99
 
 
+async def test_a_catch_up_page_takes_only_events_of_its_own_project():
+    """A page is the answer for one project: an event in it naming another one (a broken
+    gateway's page, a foreign entry it relayed) was delivered as this project's event of that
+    seq, and this project's real event of the seq then dropped as a duplicate, silently (and
+    an unknown type of another project kept this one's place likewise). As in eventbus.js, it
+    is skipped: this project's events are delivered, the place it took is asked for again."""
+    consumer, ws, subscription = await fed_consumer(1)
+    await consumer._on_frame(ws, subscribed(1, 5))  # type: ignore[arg-type]
+    consumer._states[1].subscribe_message()  # a resume from (e1, 5)
+
+    async def page(project_id: int, cursor: Cursor) -> PollResponse:
+        if cursor.seq == 5:  # project 2's 6th event, then this project's 6th and 7th
+            others = [frame(2, 6, 999), b'{"type":"x","project_id":2,"seq":7}']
+            frames = [*others, frame(1, 6), frame(1, 7)]
+        else:
+            frames = [frame(1, seq) for seq in range(cursor.seq + 1, 9)]
+        return PollResponse(1, EPOCH, 8, [msgspec.Raw(f) for f in frames], None, False)
+
+    consumer._poll = page  # type: ignore[method-assign]
+    too_far = {"type": "resync_required", "project_id": 1, "reason": "too_far_behind"}
+    await consumer._on_frame(ws, json.dumps(too_far | {"epoch": EPOCH, "seq": 5000}).encode())  # type: ignore[arg-type]
+    await asyncio.gather(*consumer._helpers)
+    items = drain(subscription)
+    assert [(type(i).__name__, i.seq) for i in items] == [("Delivery", 6), ("Delivery", 7)]
+    assert all(i.event.project_id == 1 and i.event.blocker_id != 999 for i in items)
+    assert consumer.cursor(1) == Cursor(EPOCH, 7)
+
+
 async def test_a_catch_up_whose_pages_cannot_be_read_surfaces_the_resync():
     consumer, ws, subscription = await fed_consumer(1)
     await consumer._on_frame(ws, subscribed(1, 5))  # type: ignore[arg-type]
