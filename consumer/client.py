@@ -1063,6 +1063,9 @@ class Consumer:
         def current() -> bool:
             return self._states.get(project_id) is state and state.generation == generation
 
+        # Whether the pages said more than "nothing new": a resync, or a gap (whose repairs are
+        # counted, and end in a resync).
+        start, answered = state.cursor, False
         try:
             for _page in range(100_000):
                 cursor = state.cursor
@@ -1075,6 +1078,7 @@ class Consumer:
                     checked_cursor((resync.epoch, resync.seq))  # else the fallback, below
                     item = state.on_resync(resync.reason, resync.epoch, resync.seq, paged=True)
                     await self._put(project_id, item)
+                    answered = True
                     break
                 more = page.more and bool(page.events)
                 for raw in page.events:
@@ -1100,10 +1104,19 @@ class Consumer:
                     if not current():
                         return
                     if verdict not in (Verdict.DELIVER, Verdict.DUPLICATE, Verdict.CORRUPT):
-                        more = False  # out of order: the resubscribe after the pages repairs it
+                        # Out of order: the resubscribe after the pages repairs it (a gap's
+                        # repairs are counted: they end in a resync).
+                        answered = answered or verdict is Verdict.GAP
+                        more = False
                         break
-                if not more:
+                # A page that moved nothing would be asked for again as it is (as eventbus.js).
+                if not more or state.cursor == cursor:
                     break
+            if state.cursor == start and not answered:
+                # Nothing after the cursor, which the gateway says is too far behind: a
+                # resubscribe would be answered so again, and these pages read again, for
+                # ever. An answer that cannot be read: its resync, below.
+                raise ValueError("the pages hold no event after the cursor")
             log.info("caught up by pages", project_id=project_id, cursor=state.cursor)
         except Exception as exc:
             if not current():

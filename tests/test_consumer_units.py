@@ -1306,6 +1306,36 @@ async def test_a_catch_up_page_with_a_gap_that_never_fills_ends_in_a_resync():
     assert items[2].seq == 99
 
 
+@pytest.mark.parametrize("answer", ["duplicates", "empty"])
+async def test_a_catch_up_whose_pages_bring_nothing_new_surfaces_the_resync(answer: str):
+    """A gateway whose pages hold nothing after the cursor (it ignores ``after`` and sends the
+    first events again, with ``more``; or no events), while its WebSocket says the cursor is
+    too far behind: the same page was asked for again 100,000 times in a row, as fast as the
+    gateway answered, and then again for every resubscribe's too_far_behind, for ever; the
+    project silent (its WebSocket events are dropped during a catch-up). A page that moves
+    nothing ends the pages (as eventbus.js), and a catch-up that moved nothing is one that
+    cannot be read: the gateway's Resync(too_far_behind) is surfaced."""
+    consumer, ws, subscription = await fed_consumer(1)
+    await consumer._on_frame(ws, subscribed(1, 5))  # type: ignore[arg-type]
+    consumer._states[1].subscribe_message()  # a resume from (e1, 5)
+    asked: list[Cursor] = []
+
+    async def page(project_id: int, cursor: Cursor) -> PollResponse:
+        asked.append(cursor)
+        if len(asked) > 1000:
+            raise OSError("asked for the same page 1000 times")  # (ends the old loop)
+        frames = [msgspec.Raw(frame(1, seq)) for seq in (1, 2, 3)] if answer == "duplicates" else []
+        return PollResponse(1, EPOCH, 5000, frames, None, answer == "duplicates")
+
+    consumer._poll = page  # type: ignore[method-assign]
+    too_far = {"type": "resync_required", "project_id": 1, "reason": "too_far_behind"}
+    await consumer._on_frame(ws, json.dumps(too_far | {"epoch": EPOCH, "seq": 5000}).encode())  # type: ignore[arg-type]
+    await asyncio.gather(*consumer._helpers)
+    assert asked == [Cursor(EPOCH, 5)]
+    assert drain(subscription) == [Resync(1, ResyncReason.TOO_FAR_BEHIND, EPOCH, 5000)]
+    assert consumer.cursor(1) == Cursor(EPOCH, 5000)
+
+
 async def test_a_catch_up_page_takes_only_events_of_its_own_project():
     """A page is the answer for one project: an event in it naming another one (a broken
     gateway's page, a foreign entry it relayed) was delivered as this project's event of that
