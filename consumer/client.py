@@ -408,6 +408,8 @@ class Consumer:
         self._token: tuple[str, float] | None = None  # (token, monotonic time it was obtained)
         self._auth_failures = 0
         self._failed_attempts = 0  # connection attempts in a row that did not open
+        #: A prompt reconnect was made since the last stable connection (the next is backoff).
+        self._prompted = False
         #: Project -> 'unavailable' answers in a row.
         self._unavailable: dict[int, int] = {}
         #: The connection's pending token refresh (scheduled, or a retry): one at a time.
@@ -749,6 +751,7 @@ class Consumer:
                 and self._given_up is not ws
             ):
                 self._backoff.reset()
+                self._prompted = False
             self._given_up = None
         if self._closed:
             return 0.0
@@ -782,10 +785,12 @@ class Consumer:
                 )
         if action.renew_token:
             self._token = None
-        # Prompt only for a connection the gateway had taken (as eventbus.js): one that closes
-        # every connection before it authenticates would be connected to, and a token minted
-        # for, several times a second for ever.
-        if action.retry is Retry.PROMPT and was_live:
+        # Prompt only for a connection the gateway had taken (as eventbus.js), and once until
+        # one is stable: a drained pod refuses new handshakes, so a second such close soon
+        # after is no drain moving us elsewhere. A gateway closing every connection so would be
+        # connected to, and a token minted for, several times a second for ever.
+        if action.retry is Retry.PROMPT and was_live and not self._prompted:
+            self._prompted = True
             return self._random() * self.policy.prompt_max
         return self._backoff.next()
 

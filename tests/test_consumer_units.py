@@ -1649,6 +1649,37 @@ async def test_a_gateway_closing_each_new_connection_for_a_prompt_reconnect_gets
         await consumer.aclose()
 
 
+@pytest.mark.parametrize("code", [1001, 1012, 4008, 4002])
+async def test_prompt_reconnects_in_a_row_from_short_connections_back_off(code: int):
+    """A gateway that authenticates every connection and closes it at once with a code asking
+    for a prompt reconnect (draining, going away, slow consumer, token expired) was connected
+    to every 0-0.5 s for ever, replaying and minting a token each time. A drained pod refuses
+    new handshakes (503), so a second such close before ``stable_after`` is not a drain moving
+    the consumer elsewhere: it reconnects with backoff, which a stable connection resets."""
+    from websockets.asyncio.server import serve
+
+    async def closing(connection) -> None:
+        await connection.recv()  # the token
+        await connection.send(
+            '{"type":"authenticated","subject":null,"projects":null,"expires_at":null}'
+        )
+        await connection.close(code)
+
+    async with serve(closing, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        consumer = Consumer(
+            f"ws://127.0.0.1:{port}/",
+            token=lambda: "t",
+            reconnect=ReconnectPolicy(initial=1.0, max=30.0, prompt_max=0.5),
+            random=lambda: 0.5,
+        )
+        delays = [await consumer._connect_once() for _ in range(4)]
+        assert delays == [0.25, 0.5, 1.0, 2.0]  # prompt once, then the backoff's, growing
+        consumer.policy = ReconnectPolicy(stable_after=0.0)  # every connection is stable now
+        assert [await consumer._connect_once() for _ in range(2)] == [0.25, 0.25]
+        await consumer.aclose()
+
+
 class PingFlood:
     """A WebSocket server on a local port that completes the handshake, then sends pings
     (``flood`` bytes of them; None: without end) and never reads: a broken or hostile gateway.
