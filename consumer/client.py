@@ -78,6 +78,7 @@ from schemas.protocol import (
     Subscribed,
     Unsubscribed,
 )
+from schemas.tokens import MAX_EXP
 
 __all__ = ["Consumer", "ConsumerStats", "Start", "Subscription", "TokenSource"]
 
@@ -1365,9 +1366,11 @@ class Consumer:
         token, obtained_at = self._token
         claims = decode_token_claims(token) or {}
         now = time.monotonic()
-        expires_at = (
-            now + (message.expires_at - time.time()) if message.expires_at is not None else None
-        )
+        # An int of any size to the decoder: one no token can carry (above MAX_EXP, or before
+        # 1970) is not used (as a float, 400 digits raised OverflowError: a stopped consumer).
+        expires_at = message.expires_at
+        if expires_at is not None:
+            expires_at = now + (expires_at - time.time()) if 0 <= expires_at <= MAX_EXP else None
         delay = refresh_delay(
             iat=claims.get("iat"),
             exp=claims.get("exp"),

@@ -1680,6 +1680,34 @@ async def test_prompt_reconnects_in_a_row_from_short_connections_back_off(code: 
         await consumer.aclose()
 
 
+@pytest.mark.parametrize("expires_at", [10**400, -(10**400)])
+async def test_an_authenticated_with_an_expiry_no_clock_holds_does_not_stop_the_consumer(
+    expires_at: int,
+):
+    """``authenticated.expires_at`` is an int of any size to the decoder: one of 400 digits
+    raised OverflowError (an int too large for a float) out of the refresh's scheduling, and
+    the consumer stopped for good (ConsumerClosed, as for a bug) at every gateway that sent it,
+    with a token function. An expiry outside what a token can say (schemas.tokens.MAX_EXP) is
+    not used: the token's own lifetime still is."""
+    from websockets.asyncio.server import serve
+
+    async def gateway(connection) -> None:
+        await connection.recv()  # the token
+        authenticated = {"type": "authenticated", "subject": None, "projects": None}
+        await connection.send(json.dumps(authenticated | {"expires_at": expires_at}))
+        await connection.recv()  # the subscribe
+        await connection.send(subscribed(1, 0).decode())
+        await connection.send(frame(1, 1).decode())
+        await connection.wait_closed()
+
+    async with serve(gateway, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with Consumer(f"ws://127.0.0.1:{port}/", token=lambda: "t") as consumer:
+            async with asyncio.timeout(10):
+                item = await anext(consumer.events(1))
+    assert isinstance(item, Delivery) and item.seq == 1
+
+
 class PingFlood:
     """A WebSocket server on a local port that completes the handshake, then sends pings
     (``flood`` bytes of them; None: without end) and never reads: a broken or hostile gateway.
