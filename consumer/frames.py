@@ -54,11 +54,21 @@ class _LooseError(msgspec.Struct, tag_field="type", tag="error"):
     code: ErrorCode
     message: str
     project_id: int | None = None
-    retry_after_ms: Any = None
-    refused: Any = None
+    # Raw: a number no Python type holds (1e999) is still a hint left out, not a frame dropped.
+    retry_after_ms: msgspec.Raw = msgspec.Raw(b"null")
+    refused: msgspec.Raw = msgspec.Raw(b"null")
 
 
 _loose_error_decoder = msgspec.json.Decoder(_LooseError)
+
+
+def _hint(raw: msgspec.Raw, kind: type) -> Any:
+    """An error's optional hint when it is a ``kind``, else None."""
+    try:
+        value = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        return None
+    return value if type(value) is kind else None
 
 
 def _loose_error(raw: bytes) -> Error | None:
@@ -73,8 +83,8 @@ def _loose_error(raw: bytes) -> Error | None:
         return None
     # An int as the protocol says (a negative one is FramePacer's to ignore, as from a strict
     # decode); not a bool, a float or anything else.
-    retry_after_ms = loose.retry_after_ms if type(loose.retry_after_ms) is int else None
-    refused = loose.refused if type(loose.refused) is str else None
+    retry_after_ms = _hint(loose.retry_after_ms, int)
+    refused = _hint(loose.refused, str)
     return Error(loose.code, loose.message, loose.project_id, retry_after_ms, refused)
 
 

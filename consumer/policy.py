@@ -252,12 +252,12 @@ class FramePacer:
         if self.resent_since_refusal:
             self.spacing = min(self.spacing * 2, self.max_spacing)
         self.resent_since_refusal = False
-        if (
-            type(retry_after_ms) in (int, float)
-            and math.isfinite(retry_after_ms)  # type: ignore[arg-type]
-            and retry_after_ms >= 0  # type: ignore[operator]
+        # An int of any size (JSON's): compared as it is, never made a float first (400 digits
+        # raised OverflowError out of the frame's handling, stopping the consumer).
+        if (type(retry_after_ms) is int and retry_after_ms >= 0) or (
+            type(retry_after_ms) is float and math.isfinite(retry_after_ms) and retry_after_ms >= 0
         ):
-            wait = min(retry_after_ms / 1000, self.max_spacing)  # type: ignore[operator]
+            wait = min(retry_after_ms, self.max_spacing * 1000) / 1000  # type: ignore[operator]
         else:
             wait = max(self.fallback_delay, self.spacing)
         self.not_before = max(self.not_before, now + wait)

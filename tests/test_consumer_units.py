@@ -2166,6 +2166,29 @@ async def test_a_subscribe_refused_with_a_foreign_retry_after_ms_is_sent_again()
     assert [m["type"] for m in ws.sent] == ["subscribe"]
 
 
+@pytest.mark.parametrize("retry_after_ms", [10**400, 10**20, 2.5, float("inf")])
+async def test_a_retry_after_ms_of_any_size_waits_at_most_the_policys_max(retry_after_ms):
+    """``retry_after_ms`` is an int of any size to the decoder: one of 400 digits raised
+    OverflowError (math.isfinite converts it to a float) out of the frame's handling, and the
+    consumer stopped for good (ConsumerClosed, as for a bug). Any non-negative number now waits
+    what it says, at most the policy's ``max``; the refused subscribe is sent again."""
+    policy = ReconnectPolicy(initial=0.05, max=0.2)
+    consumer, ws, _subscription = await fed_consumer(1)
+    consumer.policy = policy
+    consumer._pacer = FramePacer(policy.resend_interval, policy.max, policy.initial)
+    raw = rate_limited_frame(1).replace(
+        b"}", b',"retry_after_ms":%s}' % str(retry_after_ms).encode()
+    )
+    if retry_after_ms == float("inf"):
+        raw = raw.replace(b"inf", b"1e999")  # (JSON has no infinity: a number too big for a float)
+    await consumer._on_frame(ws, raw)  # type: ignore[arg-type]
+    assert consumer.stats.rate_limited == 1 and consumer._pacer.held == 1
+    assert consumer._pacer.not_before <= consumer._now() + policy.max
+    async with asyncio.timeout(10):
+        await consumer._pacing
+    assert [m["type"] for m in ws.sent] == ["subscribe"]
+
+
 async def test_held_subscribes_of_projects_unfollowed_do_not_pile_up():
     """While the pacing holds subscribes (the gateway refused one, with a long retry_after_ms), a
     caller following and leaving project after project left each one's held subscribe in the
