@@ -69,6 +69,7 @@ from consumer.types import (
 )
 from schemas.events import ProjectEvent
 from schemas.protocol import (
+    MAX_SEQ,
     Authenticated,
     Error,
     ErrorCode,
@@ -166,6 +167,18 @@ def _http_url(ws_url: str) -> str:
     """The origin of the gateway's HTTP endpoints for a WebSocket URL (same host and port)."""
     parts = urlsplit(ws_url)
     return urlunsplit(("https" if parts.scheme == "wss" else "http", parts.netloc, "", "", ""))
+
+
+def _check_start(start: object) -> None:
+    """ValueError unless ``start`` is a :data:`Start`: a seq the gateway would refuse as a
+    cursor's (a bool, over 2**53-1) made a subscribe refused with an error naming no project (the
+    project silent), and one that is no int at all stopped the consumer (ConsumerClosed)."""
+    if start in ("now", "beginning"):
+        return
+    if type(start) is not int or not 0 <= start <= MAX_SEQ:
+        raise ValueError(
+            f"start must be 'now', 'beginning' or a sequence number 0 to {MAX_SEQ}, got {start!r}"
+        )
 
 
 def _has_valid_cursor(message: Subscribed | ResyncRequired) -> bool:
@@ -363,8 +376,7 @@ class Consumer:
         urls = [url] if isinstance(url, str) else list(url)
         if not urls:
             raise ValueError("at least one gateway URL is required")
-        if not (start in ("now", "beginning") or (isinstance(start, int) and start >= 0)):
-            raise ValueError("start must be 'now', 'beginning' or a sequence number >= 0")
+        _check_start(start)
         if buffer < 1:
             raise ValueError("buffer must be >= 1")
         self.urls = urls
@@ -514,6 +526,8 @@ class Consumer:
             for p in project_ids
             if (cursor := after.get(p) if isinstance(after, Mapping) else after) is not None
         }
+        if start is not None:
+            _check_start(start)
         self.start_connection()
         start = self.start if start is None else start
         route = _Route(tuple(project_ids), self.buffer)

@@ -544,6 +544,25 @@ async def test_a_sql_cursor_row_of_the_wrong_type_raises_value_error(row: tuple)
     db.close()
 
 
+@pytest.mark.parametrize("start", [-5, 2**53, True, 1.5, "later", None])
+async def test_a_start_the_gateway_would_refuse_is_refused_before_it_is_sent(start: object):
+    """``events(start=...)`` was not checked at all: a string stopped the consumer (its
+    ``int()`` raised in a helper: ConsumerClosed), a negative seq was sent as the subscribe's
+    ``after``, which the gateway refuses with an error naming no project (the project silent,
+    and again after every reconnect); and ``Consumer(start=2**60)`` or ``True`` passed too.
+    Both raise ValueError now, as for ``after=``."""
+    with pytest.raises(ValueError, match="start must be"):
+        Consumer("ws://unused/", start=start)  # type: ignore[arg-type]
+    consumer = Consumer("ws://unused/")
+    consumer._task = asyncio.get_running_loop().create_future()  # no real connection task
+    if start is not None:
+        with pytest.raises(ValueError, match="start must be"):
+            consumer.events(1, start=start)  # type: ignore[arg-type]
+    assert not consumer._routes  # nothing was followed
+    consumer.events(1, start=2**53 - 1)
+    Consumer("ws://unused/", start=0)
+
+
 async def test_a_cursor_the_gateway_would_refuse_is_refused_before_it_is_sent():
     """An explicit ``after`` is checked when it is given; a custom store's cursor when it is
     loaded (a fatal error, as any failed load): sent, the gateway answers an error naming no
