@@ -154,6 +154,16 @@ class _Connection(ClientConnection):
             self.transport.abort()
 
 
+class _connect(connect):
+    """websockets' ``connect`` without following redirects: the gateway never answers a
+    handshake with one (nor do browsers follow one for eventbus.js), and the token, sent in the
+    first frame, would go to whatever host the ``Location`` names. A redirect is a refused
+    handshake (:class:`InvalidStatus`)."""
+
+    def process_redirect(self, exc: Exception) -> Exception | str:
+        return exc
+
+
 async def _nothing() -> None:
     pass
 
@@ -716,7 +726,7 @@ class Consumer:
         was_live = False
         retry_after = 0.0
         try:
-            ws = await connect(url, **self._connect_options)
+            ws = await _connect(url, **self._connect_options)
         except InvalidStatus as exc:
             # HTTP answer instead of a WebSocket: 503 (full or draining) says when to come back.
             # Headers are ISO-8859-1: only ASCII digits are a number ("\u00b2" passes

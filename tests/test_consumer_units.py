@@ -1634,6 +1634,37 @@ async def test_a_refused_handshakes_retry_after_neither_kills_nor_freezes_the_co
     assert delay == 3.0 or retry_after != "3"
 
 
+async def test_a_handshake_answered_with_a_redirect_is_not_followed():
+    """websockets follows a handshake's redirect to any host, and the consumer then sent its
+    token, in the first frame, to whatever the Location named. The gateway never redirects
+    (nor do browsers follow one for eventbus.js): a redirect is a refused handshake, retried
+    with backoff, and the token goes nowhere else."""
+    from websockets.asyncio.server import serve
+
+    received: list[object] = []
+
+    async def elsewhere(connection) -> None:
+        received.append(await connection.recv())
+
+    async def redirect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 302 Found\r\nLocation: %s\r\nContent-Length: 0\r\n\r\n" % target)
+        writer.close()
+
+    async with serve(elsewhere, "127.0.0.1", 0) as other:
+        target = b"ws://127.0.0.1:%d/" % other.sockets[0].getsockname()[1]
+        server = await asyncio.start_server(redirect, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        consumer = Consumer(f"ws://127.0.0.1:{port}/", token="a-secret-token", random=lambda: 0.5)
+        try:
+            delay = await consumer._connect_once()
+        finally:
+            server.close()
+            await consumer.aclose()
+    assert received == [] and consumer.connects == 0
+    assert delay == 0.5  # the backoff's
+
+
 @pytest.mark.parametrize("code", [1001, 1012, 4008])
 async def test_a_gateway_closing_each_new_connection_for_a_prompt_reconnect_gets_backoff(code: int):
     """A drain (1012), going away (1001) or slow consumer (4008) reconnects at once (0-0.5 s):
