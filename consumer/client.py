@@ -191,24 +191,6 @@ def _check_start(start: object) -> None:
         )
 
 
-def _has_valid_cursor(message: Subscribed | ResyncRequired) -> bool:
-    """Whether a ``subscribed`` or ``resync_required`` names a cursor the gateway accepts; one
-    that does not (an epoch of garbage, a negative seq) is not taken as the project's cursor,
-    which the caller would be handed, save, and have refused on every restart (as eventbus.js,
-    which reports such a frame as ``invalid_frame`` and ignores it)."""
-    try:
-        checked_cursor((message.epoch, message.seq))
-    except ValueError as exc:
-        log.warning(
-            "ignored a frame with an invalid cursor",
-            type=type(message).__struct_config__.tag,
-            project_id=message.project_id,
-            error=str(exc),
-        )
-        return False
-    return True
-
-
 @dataclass(slots=True)
 class ConsumerStats:
     """What a consumer went through, for metrics and tests (counters since it started)."""
@@ -221,6 +203,7 @@ class ConsumerStats:
     page_retries: int = 0  # catch-up pages answered 503 (draining, full, Redis away), asked again
     unavailable: int = 0  # subscribes the gateway answered 'unavailable' (Redis down), retried
     rate_limited: int = 0  # frames the gateway refused with 'rate_limited' (too many), resent
+    ignored: int = 0  # frames the gateway never sends (see Consumer._ignored), dropped
 
 
 class _Route:
@@ -871,12 +854,37 @@ class Consumer:
                 self._refresh.cancel()
                 self._refresh = None
 
+    def _ignored(self, event: str, *, level: str = "warning", **fields: object) -> None:
+        """A frame the gateway never sends, dropped: counted, and logged once, then every
+        1,000th (a broken or hostile gateway sending them as fast as it can must not write tens
+        of thousands of lines a second into the service's logs)."""
+        self.stats.ignored += 1
+        if self.stats.ignored % 1000 == 1:
+            getattr(log, level)(event, ignored=self.stats.ignored, **fields)
+
+    def _has_valid_cursor(self, message: Subscribed | ResyncRequired) -> bool:
+        """Whether a ``subscribed`` or ``resync_required`` names a cursor the gateway accepts;
+        one that does not (an epoch of garbage, a negative seq) is not taken as the project's
+        cursor, which the caller would be handed, save, and have refused on every restart (as
+        eventbus.js, which reports such a frame as ``invalid_frame`` and ignores it)."""
+        try:
+            checked_cursor((message.epoch, message.seq))
+        except ValueError as exc:
+            self._ignored(
+                "ignored a frame with an invalid cursor",
+                type=type(message).__struct_config__.tag,
+                project_id=message.project_id,
+                error=str(exc),
+            )
+            return False
+        return True
+
     async def _on_frame(self, ws: ClientConnection, raw: bytes) -> object:
         try:
             message = decode_frame(raw)
         except FrameError as exc:
             if exc.header is None:
-                log.warning("ignored a frame that is not a protocol message", error=str(exc))
+                self._ignored("ignored a frame that is not a protocol message", error=str(exc))
                 return None
             if self._unsubscribing and self._left(exc.header[1], None):
                 return None
@@ -905,7 +913,7 @@ class Consumer:
             if verdict is Verdict.GAP:
                 await self._on_gap(ws, state)
             return None
-        if (cls is Subscribed or cls is ResyncRequired) and not _has_valid_cursor(message):
+        if (cls is Subscribed or cls is ResyncRequired) and not self._has_valid_cursor(message):
             return None
         if cls is Subscribed:
             state = self._states.get(message.project_id)  # type: ignore[attr-defined]
@@ -965,7 +973,7 @@ class Consumer:
             # An event without its place in the order (no seq, or one no cursor can hold): the
             # gateway never sends one. It cannot be delivered in order; say so (the next event
             # shows whether one is missing).
-            log.warning("ignored an event frame without a valid seq", frame=raw[:200])
+            self._ignored("ignored an event frame without a valid seq", frame=raw[:200])
             return Verdict.DROP
         verdict = state.on_event(seq, paged=paged)
         if verdict is Verdict.CORRUPT:
@@ -1080,7 +1088,10 @@ class Consumer:
                 route.ready[project_id].set()  # type: ignore[index]
                 await self._wait_for_room(route.queue, kind(error.code, error.message, project_id))
             return
-        log.error("gateway error", code=str(error.code), message=error.message)
+        # An error answering nothing of ours (none names an unfollowed project's subscribe).
+        self._ignored(
+            "gateway error", level="error", code=str(error.code), message=error.message[:200]
+        )
 
     # --- catching up by pages -----------------------------------------------------------------
 

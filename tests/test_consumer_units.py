@@ -1269,6 +1269,32 @@ async def test_an_event_numbered_beyond_what_a_cursor_holds_is_ignored_never_the
         assert [d.cursor for d in drain(subscription)] == [Cursor(EPOCH, top + 1)]
 
 
+async def test_a_flood_of_frames_the_gateway_never_sends_is_counted_not_logged_each():
+    """Each frame the gateway never sends (not a protocol message, an event without a valid
+    seq, an invalid cursor, an error answering nothing of ours) was logged, a line each, at
+    warning or error: a broken or hostile gateway sending them as fast as it can wrote tens of
+    thousands of lines a second into the service's logs. They are counted
+    (``stats.ignored``) and logged once, then every 1,000th, with the count."""
+    from structlog.testing import capture_logs
+
+    consumer, ws, _subscription = await fed_consumer(1)
+    await consumer._on_frame(ws, subscribed(1, 3))  # type: ignore[arg-type]
+    garbage = [
+        b"not json",
+        frame(1, 4)[: -len(b',"seq":4}')] + b"}",
+        control("subscribed", 1, "a b", 5, True),
+        error_frame("invalid_message").encode(),
+    ]
+    with capture_logs() as logs:
+        for _ in range(1000):
+            for raw in garbage:
+                await consumer._on_frame(ws, raw)  # type: ignore[arg-type]
+    assert consumer.stats.ignored == 4000
+    assert 4 <= len(logs) <= 8, [entry["event"] for entry in logs]
+    await consumer._on_frame(ws, frame(1, 4))  # type: ignore[arg-type]
+    assert [d.seq for d in drain(_subscription)] == [4]
+
+
 async def test_an_event_frame_without_seq_is_ignored_not_fatal():
     consumer, ws, subscription = await fed_consumer(1)
     await consumer._on_frame(ws, subscribed(1, 0))  # type: ignore[arg-type]
