@@ -6,7 +6,9 @@ subscribe unanswered for ever: the project silent, nothing said. So an unanswere
 given ``timeout`` from when it was sent, pushed back by every frame answering it or a subscribe
 sent before it on the same connection:
 
-* the replay comes before ``subscribed``, and a ``resync_required`` before its ``subscribed``;
+* the replay comes before ``subscribed``, and a ``resync_required`` before its ``subscribed``
+  (an event the consumer has already is no progress: a gateway sending old events again and
+  again would hold the subscribe for ever);
 * the gateway handles a connection's messages one after the other (each subscribe may wait for
   Redis up to its ``--subscribe-timeout``), so subscribes sent together are answered one after
   the other, and a long replay of one holds the others back;

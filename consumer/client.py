@@ -892,7 +892,7 @@ class Consumer:
             if state is not None:
                 pending = state.pending
                 verdict = await self._on_undecodable(state, exc, raw)
-                if pending and verdict is not Verdict.DROP:
+                if pending and verdict is Verdict.DELIVER:
                     self._heard(state.project_id)  # (see below)
                 if verdict is Verdict.GAP:
                     await self._on_gap(ws, state)
@@ -906,9 +906,11 @@ class Consumer:
                 return None  # unsubscribed meanwhile
             pending = state.pending
             verdict = await self._on_event(state, message, raw)  # type: ignore[arg-type]
-            if pending and verdict is not Verdict.DROP:
+            if pending and verdict is Verdict.DELIVER:
                 # The replay answering the subscribe (its live events are dropped meanwhile,
-                # and come whether or not the gateway handles the subscribe: not an answer).
+                # and come whether or not the gateway handles the subscribe: not an answer;
+                # nor are events we have: a gateway sending an old one again and again kept
+                # the project waiting, silent, for ever).
                 self._heard(state.project_id)
             if verdict is Verdict.GAP:
                 await self._on_gap(ws, state)

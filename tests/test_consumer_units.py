@@ -2419,6 +2419,40 @@ async def test_a_slow_replay_and_subscribes_answered_one_after_another_are_waite
     assert consumer.connects == 1 and consumer.close_codes == [1000]
 
 
+async def test_a_subscribe_answered_with_old_events_only_is_still_given_up():
+    """Every frame of a project's replay pushed the bound on its subscribe's answer back, old
+    events too: a gateway answering the subscribe with events the consumer already has (the
+    same one again and again) and never ``subscribed`` held the project silent for ever (nothing
+    delivered, nothing given up). Only an event the consumer takes (the next one) is progress:
+    the connection is given up after ``open_timeout`` and made again."""
+    from websockets.asyncio.server import serve
+
+    connections = 0
+    again = asyncio.Event()
+
+    async def gateway(connection) -> None:
+        nonlocal connections
+        connections += 1
+        if connections > 1:
+            again.set()
+        async for raw in connection:
+            if json.loads(raw)["type"] == "subscribe":
+                while True:  # an old event, again and again
+                    await connection.send(frame(1, 5).decode())
+                    await asyncio.sleep(0.05)
+
+    async with serve(gateway, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        policy = ReconnectPolicy(initial=0.05, max=0.1)
+        consumer = Consumer(f"ws://127.0.0.1:{port}/", open_timeout=0.5, reconnect=policy)
+        async with consumer:
+            subscription = consumer.events(1, after=Cursor(EPOCH, 5))
+            async with asyncio.timeout(10):
+                await again.wait()
+    assert consumer.stats.duplicates > 0 and consumer.stats.delivered == 0
+    assert subscription.project_ids == (1,)
+
+
 async def test_time_the_consumer_waits_for_its_caller_does_not_count_against_the_gateway():
     """A caller that reads slowly stops the connection task (backpressure) with the gateway's
     answers unread behind: that wait is the consumer's own, and must not be taken for a gateway
