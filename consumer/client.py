@@ -1090,7 +1090,7 @@ class Consumer:
                 route.ready[project_id].set()  # type: ignore[index]
                 await self._wait_for_room(route.queue, kind(error.code, error.message, project_id))
             return
-        # An error answering nothing of ours (none names an unfollowed project's subscribe).
+        # An error naming no project we follow, or none: it answers nothing of ours.
         self._ignored(
             "gateway error", level="error", code=str(error.code), message=error.message[:200]
         )
