@@ -98,6 +98,9 @@ _poll_decoder = msgspec.json.Decoder(PollResponse)
 #: Events per page when catching up (the polling endpoint's maximum).
 POLL_PAGE = 1000
 
+#: How many connections' close codes :attr:`Consumer.close_codes` keeps.
+CLOSE_CODES_KEPT = 1000
+
 
 #: Bytes of the consumer's own frames waiting to go out beyond which the gateway is not reading
 #: the connection (the frames the consumer sends are small: a subscribe per project, a token).
@@ -438,7 +441,9 @@ class Consumer:
         self._given_up: ClientConnection | None = None
         self.stats = ConsumerStats()
         self.connects = 0  # connections that opened (for tests and metrics)
-        self.close_codes: list[int | None] = []  # how each connection ended, oldest first
+        #: How the last :data:`CLOSE_CODES_KEPT` connections ended, oldest first (a list of
+        #: every one grew by an entry per reconnect for as long as the process lived).
+        self.close_codes: list[int | None] = []
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -752,6 +757,8 @@ class Consumer:
         if opened_at is not None:
             self._failed_attempts = 0
             self.close_codes.append(code)
+            if len(self.close_codes) > CLOSE_CODES_KEPT:
+                del self.close_codes[0]
             log.info("disconnected", url=url, code=code)
             # A connection given up on for not answering was up, not stable: keep backing off.
             if (

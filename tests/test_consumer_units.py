@@ -1725,6 +1725,31 @@ async def test_a_gateway_closing_each_new_connection_for_a_prompt_reconnect_gets
         await consumer.aclose()
 
 
+async def test_close_codes_keep_the_last_connections_only(monkeypatch):
+    """``close_codes`` says how the last connections ended, oldest first; a list of every one
+    grew by an entry per reconnect for as long as the process lived (a consumer reconnecting
+    to a gateway that keeps closing it, for months)."""
+    from websockets.asyncio.server import serve
+
+    import consumer.client as client_module
+
+    codes = iter([1011, 1013, 1014, 1011, 1013, 1014])  # each backs off
+
+    async def closing(connection) -> None:
+        await connection.recv()  # the token
+        await connection.close(next(codes))
+
+    monkeypatch.setattr(client_module, "CLOSE_CODES_KEPT", 3)
+    async with serve(closing, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        consumer = Consumer(f"ws://127.0.0.1:{port}/", token="t", random=lambda: 0.5)
+        for _ in range(5):
+            await consumer._connect_once()
+        assert consumer.connects == 5
+        assert consumer.close_codes == [1014, 1011, 1013]  # the last three
+        await consumer.aclose()
+
+
 @pytest.mark.parametrize("code", [1001, 1012, 4008, 4002])
 async def test_prompt_reconnects_in_a_row_from_short_connections_back_off(code: int):
     """A gateway that authenticates every connection and closes it at once with a code asking
