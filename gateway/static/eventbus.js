@@ -796,6 +796,10 @@ export class EventBus {
     this._pacer = new FramePacer({ spacing: o.resendInterval, maxSpacing: o.backoff.max, fallbackDelay: o.backoff.initial });
     this._pacerTimer = null;
     this._gaveUp = null; // the connection given up on for not answering (not a stable one)
+    // A prompt reconnect was made since the last stable WebSocket / SSE stream (the next one
+    // waits for the backoff).
+    this._prompted = false;
+    this._ssePrompted = false;
     this._token = null; // {value, obtainedAt}
     this._tokenPromise = null;
     this._polling = false;
@@ -1502,16 +1506,24 @@ export class EventBus {
     this._gaveUp = null;
     this._cleanupSocket();
     if (this._closed) return;
-    if (stable) this._backoff.reset();
+    if (stable) {
+      this._backoff.reset();
+      this._prompted = false;
+    }
     const action = closeAction(code);
     if (action.clientBug) this._reportError({ code: "closed", message: `gateway closed the connection with ${code}`, closeCode: code });
     if (action.renewToken) this._token = null;
-    if (wasLive && action.delay === "prompt") {
+    // Prompt once until a connection is stable: a drained pod refuses new handshakes, so a
+    // second such close soon after is no drain moving us elsewhere. A gateway (or proxy) that
+    // takes each connection and closes it at once so was reconnected to, by every tab, several
+    // times a second for ever.
+    if (wasLive && action.delay === "prompt" && !this._prompted) {
+      this._prompted = true;
       this._scheduleReconnect(Math.round(this._random() * this.options.promptDelayMax));
       this._updateState();
       return;
     }
-    if (!wasLive || action.delay !== "prompt") this._afterFailure(code, wasLive);
+    this._afterFailure(code, wasLive);
   }
 
   _afterFailure(code, wasLive = false) {
@@ -1906,13 +1918,18 @@ export class EventBus {
       return;
     }
     // Given up on for not answering a subscribe: up, not stable (the backoff keeps growing).
-    if (attempt.live && !gaveUp && this._now() - attempt.openedAt >= this.options.stableAfter) this._sseBackoff.reset();
+    if (attempt.live && !gaveUp && this._now() - attempt.openedAt >= this.options.stableAfter) {
+      this._sseBackoff.reset();
+      this._ssePrompted = false;
+    }
     const action = closeAction(attempt.closeCode);
     if (action.renewToken) this._token = null;
     if (attempt.reopen) {
       this._connectSse();
-    } else if (attempt.live && attempt.closeCode !== null && action.delay === "prompt") {
-      // Draining (1012), slow consumer (4008), token expired (4002): resume at once, jittered.
+    } else if (attempt.live && attempt.closeCode !== null && action.delay === "prompt" && !this._ssePrompted) {
+      // Draining (1012), slow consumer (4008), token expired (4002): resume at once, jittered;
+      // once until a stream is stable (as the WebSocket's, see _onSocketClosed).
+      this._ssePrompted = true;
       this._sseRetryTimer = this._setTimeout(() => {
         this._sseRetryTimer = null;
         if (!this._wsLive && !this._closed) this._connectSse();

@@ -603,6 +603,47 @@ test("1012 and 4008 reconnect promptly and resume", async () => {
   }
 });
 
+test("a gateway closing each live connection at once gets one prompt reconnect, then the backoff until one is stable", async () => {
+  for (const code of [1012, 4008, 1001, 4002]) {
+    const env = setup();
+    let ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+    const gaps = [];
+    for (let i = 0; i < 4; i += 1) {
+      ws.serverClose(code);
+      const closed = env.clock.now();
+      const sockets = env.sockets.length;
+      while (env.sockets.length === sockets) await env.clock.advance(50);
+      gaps.push(env.last().createdAt - closed);
+      ws = await goLive(env, { 1: { epoch: "e", seq: 0, resumed: true } });
+    }
+    // Prompt (0-0.5 s) once; before, every close was prompt: each tab reconnected twice a
+    // second for ever to a gateway that took connections and closed them so.
+    eq(gaps.map((gap) => (gap <= 500 ? "prompt" : "backoff")), ["prompt", "backoff", "backoff", "backoff"], `close ${code}: ${gaps}`);
+    assert(gaps[1] < gaps[2] && gaps[2] < gaps[3], `close ${code}: the backoff grows: ${gaps}`);
+    await env.clock.advance(10000); // stable
+    ws.serverClose(code);
+    await env.clock.advance(500);
+    eq(env.sockets.length, 6, `close ${code}: prompt again after a stable connection`);
+  }
+});
+
+test("sse: a gateway closing each live stream at once gets one prompt reopen, then the backoff", async () => {
+  const env = setup({ autoFailSockets: true });
+  sseServer(env);
+  await env.clock.advance(0);
+  const gaps = [];
+  for (let i = 0; i < 3; i += 1) {
+    const stream = await sseLive(env, { 1: { epoch: "e", seq: 0 } });
+    stream.event("close", { type: "close", code: 1012, reason: "server restarting" });
+    stream.end();
+    const closed = env.clock.now();
+    const streams = env.streams.length;
+    while (env.streams.length === streams) await env.clock.advance(50);
+    gaps.push(env.clock.now() - closed);
+  }
+  eq(gaps.map((gap) => (gap <= 500 ? "prompt" : "backoff")), ["prompt", "backoff", "backoff"], `${gaps}`);
+});
+
 test("4001 and 4002 get a new token before reconnecting", async () => {
   const env = setup();
   let ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
