@@ -146,6 +146,10 @@ class ResumingSseClient(ResumingClient):
         if self._stream is not None:
             self._stream.close()
 
+    def abort(self) -> None:
+        if self._stream is not None:
+            self._stream.writer.transport.abort()
+
     async def _session(self, url: str) -> None:
         headers = {}
         if self.token is not None:

@@ -101,6 +101,10 @@ class ResumingClient:
         self.log: dict[int, list[Received]] = {p: [] for p in self.projects}
         self.stats = Stats()
         self.live: set[int] = set()  # projects subscribed on the current connection
+        #: Projects left with ``unsubscribe`` (:meth:`pause`): not subscribed on a reconnect.
+        self.paused: set[int] = set()
+        self._leaving: set[int] = set()  # unsubscribe sent, ``unsubscribed`` not yet received
+        self._unsent: set[int] = set()  # projects the connection has not sent a subscribe for
         self.url: str | None = None  # the gateway of the current connection
         self.retry_delay = retry_delay
         self._next = start
@@ -131,6 +135,36 @@ class ResumingClient:
             with contextlib.suppress(Exception):
                 await self._ws.close()
 
+    def abort(self) -> None:
+        """Drop the current connection abruptly (no close frame, as a crashed browser tab or a
+        lost network): it reconnects and resumes."""
+        if self._ws is not None:
+            self._ws.transport.abort()
+
+    async def pause(self, project_id: int) -> None:
+        """Leave a project (``unsubscribe``) and stay connected; :meth:`unpause` resumes it from
+        its cursor. Events received until ``unsubscribed`` still count."""
+        self.paused.add(project_id)
+        self.live.discard(project_id)
+        ws = self._ws
+        if ws is not None:
+            self._leaving.add(project_id)
+            try:
+                await ws.send(json.dumps({"type": "unsubscribe", "project_id": project_id}))
+            except ConnectionClosed:
+                self._leaving.discard(project_id)
+
+    async def unpause(self, project_id: int, within: float = 10.0) -> None:
+        """Subscribe a paused project again, from its cursor. Waits for the ``unsubscribed`` of
+        the pause first (or the connection's end): an event the old subscription still sent
+        after the cursor was taken would otherwise be replayed again."""
+        await self.wait_for(lambda: project_id not in self._leaving, within, "unsubscribed")
+        self.paused.discard(project_id)
+        ws = self._ws
+        if ws is not None and project_id not in self._unsent:  # else the connection sends it
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send(self._subscribe_frame(project_id))
+
     async def _run(self) -> None:
         while not self._stop.is_set():
             url = self.urls[self._next % len(self.urls)]
@@ -143,6 +177,7 @@ class ResumingClient:
                 pass
             finally:
                 self.live.clear()
+                self._leaving.clear()
                 self.url = None
                 self._ws = None
                 self._changed.set()
@@ -152,13 +187,16 @@ class ResumingClient:
     async def _session(self, url: str) -> None:
         async with connect(url, open_timeout=5, close_timeout=2, max_size=2**22) as ws:
             self._ws, self.url = ws, url
+            self._unsent = set(self.projects)  # a project unpaused meanwhile is sent below
             self.stats.connects += 1
             retries: list[asyncio.Task] = []
             try:
                 if self.token is not None:
                     await ws.send(json.dumps({"type": "auth", "token": self.token}))
                 for project_id in self.projects:
-                    await ws.send(self._subscribe_frame(project_id))
+                    self._unsent.discard(project_id)
+                    if project_id not in self.paused:
+                        await ws.send(self._subscribe_frame(project_id))
                 async for raw in ws:
                     message = json.loads(raw)
                     if self._on_message(message):
@@ -177,6 +215,8 @@ class ResumingClient:
 
     async def _retry(self, ws, error: dict) -> None:
         await asyncio.sleep(random.uniform(0.1, 0.3))
+        if error["project_id"] in self.paused:
+            return
         with contextlib.suppress(ConnectionClosed):
             await ws.send(self._subscribe_frame(error["project_id"]))
 
@@ -200,10 +240,14 @@ class ResumingClient:
         elif kind == "error":
             if message.get("code") == "unavailable" and project_id in self.log:
                 self.stats.unavailable += 1
-                retry = True
+                retry = project_id not in self.paused
+            elif message.get("code") == "not_subscribed" and project_id in self._leaving:
+                self._leaving.discard(project_id)  # paused before its subscribe succeeded
             else:
                 self.stats.unexpected.append(message)
-        elif kind in ("authenticated", "pong", "unsubscribed"):
+        elif kind == "unsubscribed":
+            self._leaving.discard(project_id)  # type: ignore[arg-type]
+        elif kind in ("authenticated", "pong"):
             pass
         elif log is not None:
             epoch = self.cursors[project_id][0]  # type: ignore[index]

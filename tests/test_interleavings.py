@@ -1,0 +1,439 @@
+"""The core promise under interleaved faults: a seeded random walk over real processes.
+
+Each fault test (test_faults, test_sse_faults, test_resume_window_gateway, test_redis_garbage)
+exercises one fault at a time; this one draws a sequence of steps at random from a seed and runs
+it against a private ``redis-server``, two gateway processes (one with the default resume
+window, one with a window of 4 events, so resumes take both the memory path and the read) and
+WebSocket and SSE :class:`ResumingClient` s: publishes, clients dropping, aborting, leaving and
+coming back from their cursors, unsubscribing and resubscribing, gateways drained or killed and
+started again, the pub/sub links killed, streams trimmed or deleted, Redis stopped for a moment or
+restarted empty, and pauses of random length between them.
+
+The verdict is :func:`check_delivery`'s, on every client's whole record of every project: every
+event exactly once, in order, each the one published at its position, or an explicit
+``resync_required``, whose reason must be one a fault of the walk justifies (a trim:
+``history_trimmed``; a deleted project or an emptied Redis: ``epoch_changed``). After the walk
+every gateway is started, every client brought back, one more event published to each project,
+and every client must reach each project's top (an awaited condition with a deadline: silence
+fails the test).
+
+The plan is a pure function of the seed and the step count (:func:`plan_walk`), printed with the
+seed on a failure: ``EVENTBUS_INTERLEAVING_SEEDS=<seed> EVENTBUS_INTERLEAVING_STEPS=<n>`` replays
+it (the timing differs, the steps do not). Longer runs: ``EVENTBUS_INTERLEAVING_SEEDS=1-200``
+(a range, or a list ``3,17``) and ``EVENTBUS_INTERLEAVING_STEPS=60``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import signal
+from dataclasses import dataclass, field
+
+import pytest
+
+from publisher import PublisherUnavailable
+from publisher.connection import async_client
+from schemas.keys import Keys
+from tests.support.gateway_process import GatewayProcess
+from tests.support.redis_server import RedisServer
+from tests.support.sse_client import ResumingSseClient
+from tests.support.ws_client import (
+    Cursor,
+    PublishLoop,
+    Received,
+    ResumingClient,
+    check_delivery,
+    read_history,
+    wait_until,
+)
+
+KEYS = Keys()
+PROJECTS = (1, 2, 3)
+
+
+def _seeds() -> list[int]:
+    spec = os.environ.get("EVENTBUS_INTERLEAVING_SEEDS", "1,2")
+    seeds: list[int] = []
+    for part in spec.split(","):
+        low, _, high = part.strip().partition("-")
+        seeds += range(int(low), int(high or low) + 1)
+    return seeds
+
+
+STEPS = int(os.environ.get("EVENTBUS_INTERLEAVING_STEPS", "16"))
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(90 + 12 * STEPS)]
+
+
+# --- the plan: pure, from the seed --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClientSpec:
+    name: str
+    sse: bool
+    projects: tuple[int, ...]
+
+
+#: The clients of every walk: WebSocket ones of one and several projects, an SSE stream of one
+#: project and one of two (compound cursors).
+CLIENTS = (
+    ClientSpec("ws-a", False, (1, 2)),
+    ClientSpec("ws-b", False, (3,)),
+    ClientSpec("ws-c", False, (1, 2, 3)),
+    ClientSpec("sse-a", True, (2,)),
+    ClientSpec("sse-b", True, (1, 3)),
+    ClientSpec("ws-d", False, (2, 3)),
+)
+
+#: The two gateways' extra flags: the second keeps a resume window of 4 events only.
+_ARGS = ["--drain-timeout", "5", "--probe-interval", "1", "--reconcile-interval", "1"]
+GATEWAY_ARGS = (_ARGS, [*_ARGS, "--resume-window-events", "4"])
+
+Step = tuple  # ("publish", project, count), ("kill", gateway), ...
+
+
+@dataclass
+class _Model:
+    """What the plan needs to know of the system's state: which gateways run, which clients
+    are connected, which projects each has left."""
+
+    gateways_up: list[bool] = field(default_factory=lambda: [True, True])
+    clients_up: list[bool] = field(default_factory=lambda: [True] * len(CLIENTS))
+    paused: list[set[int]] = field(default_factory=lambda: [set() for _ in CLIENTS])
+
+
+def plan_walk(seed: int, steps: int) -> list[Step]:
+    """The walk for ``seed``: ``steps`` steps drawn at random, each possible in the state the
+    steps before it leave (a gateway that runs is killed, one that does not is started, ...)."""
+    rng = random.Random(seed)
+    model = _Model()
+    plan: list[Step] = []
+    while len(plan) < steps:
+        options: list[tuple[float, Step]] = []
+        up = [c for c, running in enumerate(model.clients_up) if running]
+        ws_up = [c for c in up if not CLIENTS[c].sse]
+        options.append((6, ("publish", rng.choice(PROJECTS), rng.randint(1, 8))))
+        options.append((2, ("burst", rng.choice(PROJECTS), rng.randint(5, 30))))
+        options.append((3, ("wait", rng.choice((0, 10, 50, 200, 600)))))
+        if any(model.gateways_up):
+            options.append((1.5, ("settle",)))
+        if up:
+            options.append((1.5, ("abort", rng.choice(up))))
+            options.append((1, ("drop", rng.choice(up))))
+            options.append((0.7, ("abort_all",)))
+            options.append((1.5, ("leave", rng.choice(up))))
+        down = [c for c, running in enumerate(model.clients_up) if not running]
+        if down:
+            options.append((2, ("return", rng.choice(down))))
+        if ws_up:
+            client = rng.choice(ws_up)
+            project = rng.choice(CLIENTS[client].projects)
+            action = "unpause" if project in model.paused[client] else "pause"
+            options.append((1.5, (action, client, project)))
+        for gateway, running in enumerate(model.gateways_up):
+            if running:
+                options.append((1, ("term", gateway)))
+                options.append((1, ("kill", gateway)))
+            else:
+                options.append((2.5, ("start", gateway)))
+        options.append((1, ("kill_pubsub",)))
+        options.append((1.5, ("trim", rng.choice(PROJECTS), rng.randint(0, 3))))
+        options.append((0.7, ("delete", rng.choice(PROJECTS))))
+        options.append((0.7, ("freeze", rng.choice((200, 700, 1500)))))
+        options.append((0.5, ("restart_redis",)))
+        weights = [weight for weight, _ in options]
+        step = rng.choices([s for _, s in options], weights)[0]
+        kind = step[0]
+        if kind in ("term", "kill"):
+            model.gateways_up[step[1]] = False
+        elif kind == "start":
+            model.gateways_up[step[1]] = True
+        elif kind == "leave":
+            model.clients_up[step[1]] = False
+        elif kind == "return":  # a new connection, following all its projects
+            model.clients_up[step[1]] = True
+            model.paused[step[1]] = set()
+        elif kind == "pause":
+            model.paused[step[1]].add(step[2])
+        elif kind == "unpause":
+            model.paused[step[1]].discard(step[2])
+        plan.append(step)
+    return plan
+
+
+def test_the_plan_is_a_function_of_the_seed():
+    assert plan_walk(7, 40) == plan_walk(7, 40)
+    assert plan_walk(7, 40) != plan_walk(8, 40)
+    kinds = {step[0] for seed in range(20) for step in plan_walk(seed, 40)}
+    assert kinds >= {"publish", "burst", "kill", "term", "start", "trim", "delete", "freeze"}
+
+
+# --- running it ----------------------------------------------------------------------------
+
+
+class Walk:
+    """The processes and clients of one walk, what was published, and which resyncs the faults
+    so far justify."""
+
+    def __init__(self, server: RedisServer, gateways: list[GatewayProcess]) -> None:
+        self.server = server
+        self.gateways = gateways
+        self.publisher = PublishLoop(server.url, PROJECTS, rate=1)
+        self.clients: list[ResumingClient] = []
+        self.instances: list[ResumingClient] = []  # every client object made, for their stats
+        self.bursts: list[asyncio.Task] = []
+        self.thaws: list[asyncio.Task] = []
+        #: Everything ever published, by position: the acknowledged publishes, and every stream
+        #: read before a fault destroyed it (a publish that failed may still have been written).
+        self.history: dict[Cursor, int] = {}
+        self.allowed: dict[int, set[str]] = {p: set() for p in PROJECTS}
+        self.done: list[str] = []
+
+    def make_client(self, index: int, cursors: dict[int, Cursor] | None = None):
+        spec = CLIENTS[index]
+        kind = ResumingSseClient if spec.sse else ResumingClient
+        urls = [g.http_url if spec.sse else g.ws_url for g in self.gateways]
+        client = kind(urls, spec.projects, start=index, name=spec.name, cursors=cursors)
+        client.left = False  # stopped by a "leave" step
+        self.instances.append(client)
+        return client
+
+    async def start(self) -> None:
+        self.clients = [self.make_client(i).start() for i in range(len(CLIENTS))]
+        await wait_until(
+            lambda: all(c.live == set(c.projects) for c in self.clients), 30, "clients subscribed"
+        )
+
+    async def close(self) -> None:
+        await asyncio.gather(*self.thaws, return_exceptions=True)
+        for task in self.bursts:
+            task.cancel()
+        await asyncio.gather(*self.bursts, return_exceptions=True)
+        await asyncio.gather(*(c.stop() for c in self.instances))
+        await self.publisher.stop()
+
+    async def redis(self, command):
+        client = async_client(self.server.url)
+        try:
+            return await command(client)
+        finally:
+            await client.aclose()
+
+    async def remember(self) -> None:
+        """Read every stream before a fault destroys it (see :attr:`history`)."""
+
+        async def read(client):
+            for project_id in PROJECTS:
+                if await client.exists(KEYS.meta(project_id)):
+                    _, history = await read_history(client, KEYS, project_id)
+                    self.history.update(history)
+
+        await self.redis(read)
+
+    async def publish(self, project_id: int, count: int, gap: float = 0.0) -> None:
+        for _ in range(count):
+            try:
+                await self.publisher.publish_one(project_id)
+            except PublisherUnavailable:
+                pass  # written or not: the stream read later settles it
+            if gap:
+                await asyncio.sleep(gap)
+
+    async def freeze(self, seconds: float) -> None:
+        """Redis stopped (SIGSTOP: connections open, nothing answered) for ``seconds``."""
+        process = self.server.process
+        assert process is not None
+        process.send_signal(signal.SIGSTOP)
+        try:
+            await asyncio.sleep(seconds)  # the fault itself lasts this long
+        finally:
+            if process.poll() is None:  # not restarted meanwhile
+                process.send_signal(signal.SIGCONT)
+
+    async def top(self, client, project_id: int) -> Cursor | None:
+        epoch, seq = await client.hmget(KEYS.meta(project_id), "epoch", "seq")
+        return None if epoch is None else (epoch.decode(), int(seq))
+
+    async def settle(self, within: float) -> None:
+        """Every running client at the top of every project it follows (and has not left)."""
+        client = async_client(self.server.url)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        try:
+            while True:
+                tops = {p: await self.top(client, p) for p in PROJECTS}
+                behind = {
+                    (c.name, p): (c.cursors.get(p), tops[p])
+                    for c in self.clients
+                    if not c.left
+                    for p in c.projects
+                    if p not in c.paused and c.cursors.get(p) != tops[p]
+                }
+                if not behind:
+                    return
+                if loop.time() > deadline:
+                    raise AssertionError(f"never caught up within {within}s (got, top): {behind}")
+                await asyncio.sleep(0.05)
+        finally:
+            await client.aclose()
+
+    async def run(self, step: Step) -> None:
+        kind, *args = step
+        if kind == "publish":
+            await self.publish(*args)
+        elif kind == "burst":  # in the background, through the next steps
+            self.bursts.append(asyncio.create_task(self.publish(*args, gap=0.005)))
+        elif kind == "wait":
+            await asyncio.sleep(args[0] / 1000)
+        elif kind == "settle":
+            await self.settle(30)
+        elif kind == "abort":
+            self.clients[args[0]].abort()
+        elif kind == "abort_all":  # a storm of resumes
+            for client in self.clients:
+                client.abort()
+        elif kind == "drop":
+            await self.clients[args[0]].drop()
+        elif kind == "leave":
+            self.clients[args[0]].left = True
+            await self.clients[args[0]].stop()
+        elif kind == "return":
+            (index,) = args
+            old = self.clients[index]
+            new = self.make_client(index, dict(old.cursors))
+            new.log = old.log  # one record across the two: the resume is checked too
+            new.paused = set()
+            self.clients[index] = new.start()
+        elif kind == "pause":
+            await self.clients[args[0]].pause(args[1])
+        elif kind == "unpause":
+            await self.clients[args[0]].unpause(args[1])
+        elif kind == "term":
+            await asyncio.to_thread(self.gateways[args[0]].terminate)
+        elif kind == "kill":
+            await asyncio.to_thread(self.gateways[args[0]].kill)
+        elif kind == "start":
+            await asyncio.to_thread(self.gateways[args[0]].start)
+        elif kind == "kill_pubsub":
+            await self.redis(lambda r: r.client_kill_filter(_type="pubsub"))
+        elif kind == "trim":
+            project_id, keep = args
+            await self.remember()
+            await self.redis(lambda r: r.xtrim(KEYS.stream(project_id), maxlen=keep))
+            self.allowed[project_id].add("history_trimmed")
+        elif kind == "delete":
+            (project_id,) = args
+            await self.remember()
+            await self.redis(lambda r: r.delete(KEYS.meta(project_id), KEYS.stream(project_id)))
+            self.allowed[project_id].add("epoch_changed")
+        elif kind == "freeze":  # in the background, through the next steps
+            self.thaws.append(asyncio.create_task(self.freeze(args[0] / 1000)))
+        elif kind == "restart_redis":
+            await self.remember()
+            await asyncio.to_thread(self.server.restart)
+            for project_id in PROJECTS:
+                self.allowed[project_id].add("epoch_changed")
+        else:
+            raise AssertionError(f"unknown step {step}")
+
+    async def finish(self) -> None:
+        """The faults stop: every gateway runs, every client is back on every project, one more
+        event per project, and everyone must catch up."""
+        await asyncio.gather(*self.thaws)
+        for index, gateway in enumerate(self.gateways):
+            if not gateway.running:
+                await self.run(("start", index))
+        for index, client in enumerate(self.clients):
+            if client.left:
+                await self.run(("return", index))
+            for project_id in sorted(client.paused):
+                await client.unpause(project_id)
+        await asyncio.gather(*self.bursts, *self.thaws)
+        for project_id in PROJECTS:
+            await self.publish(project_id, 1)
+        await self.settle(45)
+
+    def verdict(self) -> list[str]:
+        for acked in self.publisher.acked.values():
+            self.history.update(acked)
+        problems = [f"{c.name}: unexpected {m}" for c in self.instances for m in c.stats.unexpected]
+        for client in self.clients:
+            for project_id in client.projects:
+                found = check_delivery(
+                    client.log[project_id],
+                    history=self.history,
+                    allowed_resyncs=self.allowed[project_id],
+                )
+                problems += [f"{client.name} project {project_id}: {p}" for p in found]
+        return problems
+
+    def summary(self) -> str:
+        """What the walk exercised (``-s`` shows it): resyncs by reason, resumes, events."""
+        import collections
+
+        records = [r for c in self.clients for log in c.log.values() for r in log]
+        kinds = collections.Counter(r.reason or r.kind for r in records)
+        resumed = collections.Counter(r.resumed for r in records if r.kind == "subscribed")
+        connects = sum(c.stats.connects for c in self.instances)
+        return f"{dict(kinds)} subscribed resumed={dict(resumed)} connects={connects}"
+
+
+def _describe(record: list[Received], around: int = 6) -> str:
+    return ", ".join(
+        f"{r.kind[0]}{r.epoch[:4]}:{r.seq}" + (f"({r.reason})" if r.reason else "")
+        for r in record[-around:]
+    )
+
+
+@pytest.mark.parametrize("seed", _seeds())
+async def test_a_random_walk_of_interleaved_faults_keeps_the_promise(seed: int):
+    plan = plan_walk(seed, STEPS)
+    server = RedisServer().start()
+    gateways = [GatewayProcess(server.url, args=args) for args in GATEWAY_ARGS]
+    walk = Walk(server, gateways)
+    done = 0
+    failure: BaseException | None = None
+    try:
+        for gateway in gateways:
+            gateway.start(wait=False)
+        for gateway in gateways:
+            await asyncio.to_thread(gateway.wait_ready)
+        await walk.start()
+        for step in plan:
+            await walk.run(step)
+            done += 1
+        await walk.finish()
+        problems = walk.verdict()
+        print(f"seed {seed}: {walk.summary()}")
+        if problems:
+            failure = AssertionError("\n".join(problems[:30]))
+    except Exception as exc:  # a step, or the final catch-up, failed: report it with the plan
+        failure = exc
+    finally:
+        if failure is not None:
+            records = "\n".join(
+                f"  {c.name} p{p}: ... {_describe(c.log[p])}"
+                for c in walk.clients
+                for p in c.projects
+            )
+            tails = "\n".join(f"--- gateway {i}:\n{g.tail(8)}" for i, g in enumerate(gateways))
+            steps = "\n".join(
+                f"  {'>' if i == done else ' '}{i:3} {step}" for i, step in enumerate(plan)
+            )
+            message = (
+                f"seed {seed} failed after {done} of {len(plan)} steps "
+                f"(replay: EVENTBUS_INTERLEAVING_SEEDS={seed} "
+                f"EVENTBUS_INTERLEAVING_STEPS={STEPS}): {failure!r}\n"
+                f"steps:\n{steps}\nlast records:\n{records}\n{tails}"
+            )
+        with contextlib.suppress(Exception):
+            await walk.close()
+        for gateway in gateways:
+            gateway.close()
+        server.close()
+    if failure is not None:
+        raise AssertionError(message) from failure
