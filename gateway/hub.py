@@ -58,7 +58,7 @@ from gateway.store import ForeignValues, HistoryStore, ProjectUnreadable, StoreU
 from gateway.tasks import spawn
 from gateway.window import ResumeWindow, WindowBudget, seed_run
 from schemas.keys import Keys
-from schemas.protocol import CloseCode, Error, ErrorCode, ResyncRequired, Subscribed
+from schemas.protocol import CloseCode, Error, ErrorCode, ResyncReason, ResyncRequired, Subscribed
 from schemas.stored import ForeignKind, ForeignValue, parse_channel_message
 
 __all__ = ["Feed", "Hub", "SubscribeUnavailable"]
@@ -354,11 +354,12 @@ class Hub:
         if feed.live:
             self._queue(feed, item)
             self.metrics.resyncs_total += len(feed.live)
+        lost = resync.reason is ResyncReason.HISTORY_LOST
         for session, joiner in list(feed.joining.items()):
-            self.metrics.resyncs_total += 1
-            if joiner.offer_resync(resync.epoch, resync.seq, item):
+            if joiner.offer_resync(resync.epoch, resync.seq, item, lost=lost):
+                self.metrics.resyncs_total += 1
                 session.send(item)
-                self._promote_if_caught_up(feed, session, joiner)
+            self._promote_if_caught_up(feed, session, joiner)
 
     def _promote(self, feed: Feed, session: Session) -> None:
         del feed.joining[session]

@@ -253,6 +253,9 @@ class FeedSequencer:
         return out
 
 
+_EVENT, _RESYNC, _LOST = 0, 1, 2  # what a Joiner captured: an event, a resync, history_lost
+
+
 class Joiner(Generic[T]):
     """One connection between its ``subscribe`` and going live, for one project.
 
@@ -260,31 +263,44 @@ class Joiner(Generic[T]):
     feed's epoch then). Afterwards, while the feed has not yet delivered up to the client's
     starting point ``(epoch, threshold)``, frames at or below it are dropped (the replay had
     them). Items are opaque to this class (the hub passes pre-built frames).
+
+    The connection's own read may be ahead of the feed, even in an epoch the feed has not seen
+    yet (Redis restarted empty: the read created the new history and told the client). The
+    feed's resync to a cursor of the connection's epoch at or before its starting point is
+    then about what the feed missed, not the connection: it is not passed on (the client would
+    reload its state again for nothing, and receive again the events it has after that
+    cursor). Except ``history_lost``: the history the connection read was itself rewritten.
     """
 
     __slots__ = ("buffer", "epoch", "threshold")
 
     def __init__(self) -> None:
-        self.buffer: list[tuple[str | None, int, T, bool]] | None = []
+        self.buffer: list[tuple[str | None, int, T, int]] | None = []
         self.epoch: str | None = None
         self.threshold = 0
 
     def offer(self, epoch: str | None, seq: int, item: T) -> tuple[bool, bool]:
         """A frame the feed delivers: ``(send it now, the connection has caught up)``."""
         if self.buffer is not None:
-            self.buffer.append((epoch, seq, item, False))
+            self.buffer.append((epoch, seq, item, _EVENT))
             return False, False
         if epoch != self.epoch:
             return False, False
         return seq > self.threshold, seq >= self.threshold
 
-    def offer_resync(self, epoch: str, seq: int, item: T) -> bool:
-        """A resync of the whole feed: True when it must be sent now (else it was captured)."""
+    def offer_resync(self, epoch: str, seq: int, item: T, *, lost: bool = False) -> bool:
+        """A resync of the whole feed (``lost``: history_lost): True when it must be sent now
+        (else it was captured, or the connection stands at or past it already)."""
         if self.buffer is not None:
-            self.buffer.append((epoch, seq, item, True))
+            self.buffer.append((epoch, seq, item, _LOST if lost else _RESYNC))
+            return False
+        if self._past(epoch, seq, lost):
             return False
         self.epoch, self.threshold = epoch, seq
         return True
+
+    def _past(self, epoch: str | None, seq: int, lost: bool) -> bool:
+        return not lost and epoch == self.epoch and seq <= self.threshold
 
     def start_live(self, epoch: str, seq: int) -> list[T]:
         """The history read is done and the client starts after ``(epoch, seq)``: the captured
@@ -292,10 +308,11 @@ class Joiner(Generic[T]):
         self.epoch, self.threshold = epoch, seq
         captured, self.buffer = self.buffer or [], None
         out: list[T] = []
-        for item_epoch, item_seq, item, is_resync in captured:
-            if is_resync:
-                out.append(item)
-                self.epoch, self.threshold = item_epoch, item_seq
+        for item_epoch, item_seq, item, kind in captured:
+            if kind != _EVENT:
+                if not self._past(item_epoch, item_seq, kind == _LOST):
+                    out.append(item)
+                    self.epoch, self.threshold = item_epoch, item_seq
             elif item_epoch == self.epoch and item_seq > self.threshold:
                 out.append(item)
                 self.threshold = item_seq

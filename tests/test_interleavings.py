@@ -89,9 +89,15 @@ CLIENTS = (
     ClientSpec("ws-d", False, (2, 3)),
 )
 
-#: The two gateways' extra flags: the second keeps a resume window of 4 events only.
+#: The two gateways' extra flags: the second keeps a resume window of 4 events only, and replays
+#: at most 20 events (further behind: too_far_behind).
 _ARGS = ["--drain-timeout", "5", "--probe-interval", "1", "--reconcile-interval", "1"]
-GATEWAY_ARGS = (_ARGS, [*_ARGS, "--resume-window-events", "4"])
+MAX_REPLAY = 20
+GATEWAY_ARGS = (
+    _ARGS,
+    [*_ARGS, "--resume-window-events", "4", "--max-replay", str(MAX_REPLAY)],
+)
+REASONS = {"epoch_changed", "history_trimmed", "too_far_behind", "history_lost"}
 
 Step = tuple  # ("publish", project, count), ("kill", gateway), ...
 
@@ -118,6 +124,7 @@ def plan_walk(seed: int, steps: int) -> list[Step]:
         ws_up = [c for c in up if not CLIENTS[c].sse]
         options.append((6, ("publish", rng.choice(PROJECTS), rng.randint(1, 8))))
         options.append((2, ("burst", rng.choice(PROJECTS), rng.randint(5, 30))))
+        options.append((1, ("flood", rng.randint(10, 40))))
         options.append((3, ("wait", rng.choice((0, 10, 50, 200, 600)))))
         if any(model.gateways_up):
             options.append((1.5, ("settle",)))
@@ -190,7 +197,9 @@ class Walk:
         #: Everything ever published, by position: the acknowledged publishes, and every stream
         #: read before a fault destroyed it (a publish that failed may still have been written).
         self.history: dict[Cursor, int] = {}
-        self.allowed: dict[int, set[str]] = {p: set() for p in PROJECTS}
+        #: ``(client, project) -> {reason: index}``: from which record of the client's log on
+        #: a resync for that reason is justified (the log's length when the fault began).
+        self.justified: dict[tuple[str, int], dict[str, int]] = {}
         self.done: list[str] = []
 
     def make_client(self, index: int, cursors: dict[int, Cursor] | None = None):
@@ -215,6 +224,13 @@ class Walk:
         await asyncio.gather(*self.bursts, return_exceptions=True)
         await asyncio.gather(*(c.stop() for c in self.instances))
         await self.publisher.stop()
+
+    def justify(self, reason: str, projects) -> None:
+        """A fault that justifies ``reason`` for ``projects`` begins now."""
+        for client in self.clients:
+            for project_id in set(projects) & set(client.projects):
+                at = self.justified.setdefault((client.name, project_id), {})
+                at.setdefault(reason, len(client.log[project_id]))
 
     async def redis(self, command):
         client = async_client(self.server.url)
@@ -287,6 +303,8 @@ class Walk:
             await self.publish(*args)
         elif kind == "burst":  # in the background, through the next steps
             self.bursts.append(asyncio.create_task(self.publish(*args, gap=0.005)))
+        elif kind == "flood":  # every project at once, as fast as Redis takes them
+            await asyncio.gather(*(self.publish(p, args[0]) for p in PROJECTS))
         elif kind == "wait":
             await asyncio.sleep(args[0] / 1000)
         elif kind == "settle":
@@ -323,20 +341,19 @@ class Walk:
         elif kind == "trim":
             project_id, keep = args
             await self.remember()
+            self.justify("history_trimmed", [project_id])
             await self.redis(lambda r: r.xtrim(KEYS.stream(project_id), maxlen=keep))
-            self.allowed[project_id].add("history_trimmed")
         elif kind == "delete":
             (project_id,) = args
             await self.remember()
+            self.justify("epoch_changed", [project_id])
             await self.redis(lambda r: r.delete(KEYS.meta(project_id), KEYS.stream(project_id)))
-            self.allowed[project_id].add("epoch_changed")
         elif kind == "freeze":  # in the background, through the next steps
             self.thaws.append(asyncio.create_task(self.freeze(args[0] / 1000)))
         elif kind == "restart_redis":
             await self.remember()
+            self.justify("epoch_changed", PROJECTS)
             await asyncio.to_thread(self.server.restart)
-            for project_id in PROJECTS:
-                self.allowed[project_id].add("epoch_changed")
         else:
             raise AssertionError(f"unknown step {step}")
 
@@ -364,9 +381,10 @@ class Walk:
         for client in self.clients:
             for project_id in client.projects:
                 found = check_delivery(
-                    client.log[project_id],
-                    history=self.history,
-                    allowed_resyncs=self.allowed[project_id],
+                    client.log[project_id], history=self.history, allowed_resyncs=REASONS
+                )
+                found += resync_problems(
+                    client.log[project_id], self.justified.get((client.name, project_id), {})
                 )
                 problems += [f"{client.name} project {project_id}: {p}" for p in found]
         return problems
@@ -382,7 +400,34 @@ class Walk:
         return f"{dict(kinds)} subscribed resumed={dict(resumed)} connects={connects}"
 
 
-def _describe(record: list[Received], around: int = 6) -> str:
+def resync_problems(records: list[Received], justified: dict[str, int]) -> list[str]:
+    """What :func:`check_delivery` does not judge in a record's resyncs: each must follow a fault
+    that justifies it (:meth:`Walk.justify`; too_far_behind: a cursor more than the gateways'
+    smallest ``--max-replay`` behind), and say where the client stands now: epoch_changed a new
+    epoch, the others a seq of the same epoch not behind the client's cursor."""
+    problems = []
+    cursor: Cursor | None = None
+    for index, item in enumerate(records):
+        where = f"#{index} resync {item.reason} {item.epoch[:6]}:{item.seq}"
+        if item.kind == "resync":
+            if item.reason == "too_far_behind":
+                if cursor is not None and item.seq - cursor[1] <= MAX_REPLAY:
+                    problems.append(f"{where}: only {item.seq - cursor[1]} behind")
+            elif justified.get(item.reason, len(records)) > index:
+                problems.append(f"{where}: no fault justified it")
+            if cursor is not None:
+                if item.reason == "epoch_changed" and item.epoch == cursor[0]:
+                    problems.append(f"{where}: the client was in that epoch already")
+                if item.reason != "epoch_changed" and (
+                    item.epoch != cursor[0] or item.seq < cursor[1]
+                ):
+                    problems.append(f"{where}: moved the client from {cursor} to elsewhere")
+        if item.kind != "subscribed" or cursor is None:
+            cursor = (item.epoch, item.seq)
+    return problems
+
+
+def _describe(record: list[Received], around: int) -> str:
     return ", ".join(
         f"{r.kind[0]}{r.epoch[:4]}:{r.seq}" + (f"({r.reason})" if r.reason else "")
         for r in record[-around:]
@@ -416,9 +461,11 @@ async def test_a_random_walk_of_interleaved_faults_keeps_the_promise(seed: int):
     finally:
         if failure is not None:
             records = "\n".join(
-                f"  {c.name} p{p}: ... {_describe(c.log[p])}"
+                # whole records of the failing ones, the last few of the others
+                f"  {c.name} p{p}: ... {_describe(c.log[p], 400 if bad else 6)}"
                 for c in walk.clients
                 for p in c.projects
+                for bad in [f"{c.name} project {p}:" in str(failure)]
             )
             tails = "\n".join(f"--- gateway {i}:\n{g.tail(8)}" for i, g in enumerate(gateways))
             steps = "\n".join(
@@ -437,3 +484,43 @@ async def test_a_random_walk_of_interleaved_faults_keeps_the_promise(seed: int):
         server.close()
     if failure is not None:
         raise AssertionError(message) from failure
+
+
+# --- what the walk found, minimised ----------------------------------------------------------
+
+
+async def test_a_resume_that_read_the_new_epoch_is_not_told_to_resync_again(
+    gateways, publisher, redis_client
+):
+    """Seed 17: Redis restarted empty; a client resumes on a pod whose feed has not noticed yet.
+    Its own read finds the new history: ``resync_required(epoch_changed)`` at its top, then
+    ``subscribed``. When the feed notices (its reconcile), its resync to that same cursor goes
+    to its live subscribers, but not again to this client, which stands there already (it would
+    reload its state a second time for nothing)."""
+    from tests.support.gateway_client import client_for, publish
+
+    project = 5
+    gateway = await gateways(reconcile_interval=3600)  # the test runs the check itself
+    keeper = await client_for(gateway, [project])
+    await keeper.subscribe(project)
+    await publish(publisher, project, 3)
+    await keeper.wait_for(lambda: keeper.seqs(project) == [1, 2, 3])
+    old_epoch = keeper.cursor(project)[0]
+    redis_client.flushall()  # what a restarted, empty Redis holds
+    late = await client_for(gateway, [project])
+    # A cursor of an epoch the feed does not know takes the atomic read, which creates the new
+    # history: the client resyncs to it and is acknowledged there, while the feed is still in
+    # the old epoch.
+    await late.subscribe(project, epoch="an-older-epoch", after=7)
+    (told,) = late.of("resync_required")
+    assert told["reason"] == "epoch_changed" and told["epoch"] != old_epoch
+    await gateway.hub.reconcile()  # the feed finds the new epoch and moves its subscribers
+    await keeper.wait_for(lambda: keeper.count("resync_required", project) == 1)
+    assert keeper.last("resync_required")["epoch"] == told["epoch"]
+    await publish(publisher, project, 2)
+    for client in (keeper, late):
+        await client.wait_for(lambda c=client: c.seqs(project)[-2:] == [1, 2])
+    assert late.count("resync_required", project) == 1, late.of("resync_required")
+    assert late.seqs(project) == [1, 2]
+    await keeper.close()
+    await late.close()

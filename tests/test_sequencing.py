@@ -247,6 +247,39 @@ class TestJoiner:
         assert joiner.offer_resync("e3", 4, "resync2")  # after the read: send now
         assert joiner.caught_up("e3", 4)
 
+    def test_a_resync_to_where_the_connection_stands_already_is_not_passed_on(self):
+        """Redis restarted empty: the connection's own read created the new epoch and told the
+        client (``resync_required`` at 0), the feed finds it later and resyncs its subscribers to
+        that cursor, or an older one of it: nothing for this client."""
+        joiner = Joiner()
+        assert joiner.start_live("new", 0) == []
+        assert not joiner.offer_resync("new", 0, "resync")
+        assert joiner.caught_up("new", 0)
+        joiner = Joiner()
+        assert joiner.start_live("new", 2) == []
+        assert not joiner.offer_resync("new", 1, "resync")  # it would get 2 again after it
+        assert (joiner.epoch, joiner.threshold) == ("new", 2)
+        assert joiner.offer("new", 2, "g2") == (False, True)
+        assert joiner.offer_resync("new", 5, "resync")  # past it: it missed 3..5
+        assert (joiner.epoch, joiner.threshold) == ("new", 5)
+
+    def test_a_captured_resync_the_read_is_past_is_not_passed_on(self):
+        joiner = Joiner()
+        joiner.offer("old", 9, "f9")
+        joiner.offer_resync("new", 0, "resync")  # the feed moves while the read is in flight
+        joiner.offer("new", 1, "g1")
+        joiner.offer("new", 2, "g2")
+        assert joiner.start_live("new", 1) == ["g2"]  # the read saw the new epoch up to 1
+        assert (joiner.epoch, joiner.threshold) == ("new", 2)
+
+    def test_history_lost_is_passed_on_even_where_the_connection_stands(self):
+        """The history the connection read itself was rewritten (a failover): it must reload."""
+        joiner = Joiner()
+        joiner.offer_resync("e1", 3, "lost", lost=True)
+        assert joiner.start_live("e1", 5) == ["lost"]
+        assert (joiner.epoch, joiner.threshold) == ("e1", 3)
+        assert joiner.offer_resync("e1", 3, "lost again", lost=True)
+
 
 class TestPlanSubscription:
     def test_fresh_subscribe_starts_at_the_top(self):
