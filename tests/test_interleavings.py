@@ -403,12 +403,14 @@ class Walk:
 def resync_problems(records: list[Received], justified: dict[str, int]) -> list[str]:
     """What :func:`check_delivery` does not judge in a record's resyncs: each must follow a fault
     that justifies it (:meth:`Walk.justify`; too_far_behind: a cursor more than the gateways'
-    smallest ``--max-replay`` behind), and say where the client stands now: epoch_changed a new
-    epoch, the others a seq of the same epoch not behind the client's cursor."""
+    smallest ``--max-replay`` behind), and move the client: to another epoch, or forward in its
+    own (a resync to where the client stands, or behind it, makes it reload its state for
+    nothing and receive again what it had; history_lost excepted: that history was rewritten).
+    Only epoch_changed may change the epoch."""
     problems = []
     cursor: Cursor | None = None
     for index, item in enumerate(records):
-        where = f"#{index} resync {item.reason} {item.epoch[:6]}:{item.seq}"
+        where = f"#{index} resync {item.reason} {_epoch(item.epoch)}:{item.seq}"
         if item.kind == "resync":
             if item.reason == "too_far_behind":
                 if cursor is not None and item.seq - cursor[1] <= MAX_REPLAY:
@@ -416,20 +418,25 @@ def resync_problems(records: list[Received], justified: dict[str, int]) -> list[
             elif justified.get(item.reason, len(records)) > index:
                 problems.append(f"{where}: no fault justified it")
             if cursor is not None:
-                if item.reason == "epoch_changed" and item.epoch == cursor[0]:
-                    problems.append(f"{where}: the client was in that epoch already")
-                if item.reason != "epoch_changed" and (
-                    item.epoch != cursor[0] or item.seq < cursor[1]
-                ):
-                    problems.append(f"{where}: moved the client from {cursor} to elsewhere")
+                at = f"{_epoch(cursor[0])}:{cursor[1]}"
+                if item.epoch != cursor[0]:
+                    if item.reason != "epoch_changed":
+                        problems.append(f"{where}: another epoch than the client's ({at})")
+                elif item.reason != "history_lost" and item.seq <= cursor[1]:
+                    problems.append(f"{where}: the client stood at {at} already")
         if item.kind != "subscribed" or cursor is None:
             cursor = (item.epoch, item.seq)
     return problems
 
 
+def _epoch(epoch: str) -> str:
+    """An epoch, short: new_epoch() is a 12-character prefix per process, then a counter."""
+    return f"{epoch[:3]}~{epoch[12:]}"
+
+
 def _describe(record: list[Received], around: int) -> str:
     return ", ".join(
-        f"{r.kind[0]}{r.epoch[:4]}:{r.seq}" + (f"({r.reason})" if r.reason else "")
+        f"{r.kind[0]}{_epoch(r.epoch)}:{r.seq}" + (f"({r.reason})" if r.reason else "")
         for r in record[-around:]
     )
 
