@@ -105,6 +105,7 @@ class ResumingClient:
         self.paused: set[int] = set()
         self._leaving: set[int] = set()  # unsubscribe sent, ``unsubscribed`` not yet received
         self._unsent: set[int] = set()  # projects the connection has not sent a subscribe for
+        self._subscribes: dict[int, int] = {}  # subscribe frames sent, per project
         self.url: str | None = None  # the gateway of the current connection
         self.retry_delay = retry_delay
         self._next = start
@@ -163,7 +164,7 @@ class ResumingClient:
         ws = self._ws
         if ws is not None and project_id not in self._unsent:  # else the connection sends it
             with contextlib.suppress(ConnectionClosed):
-                await ws.send(self._subscribe_frame(project_id))
+                await self._subscribe(ws, project_id)
 
     async def _run(self) -> None:
         while not self._stop.is_set():
@@ -196,7 +197,7 @@ class ResumingClient:
                 for project_id in self.projects:
                     self._unsent.discard(project_id)
                     if project_id not in self.paused:
-                        await ws.send(self._subscribe_frame(project_id))
+                        await self._subscribe(ws, project_id)
                 async for raw in ws:
                     message = json.loads(raw)
                     if self._on_message(message):
@@ -206,6 +207,10 @@ class ResumingClient:
                 for task in retries:
                     task.cancel()
 
+    async def _subscribe(self, ws, project_id: int) -> None:
+        self._subscribes[project_id] = self._subscribes.get(project_id, 0) + 1
+        await ws.send(self._subscribe_frame(project_id))
+
     def _subscribe_frame(self, project_id: int) -> str:
         message: dict[str, Any] = {"type": "subscribe", "project_id": project_id}
         cursor = self.cursors.get(project_id)
@@ -214,11 +219,13 @@ class ResumingClient:
         return json.dumps(message)
 
     async def _retry(self, ws, error: dict) -> None:
+        project_id = error["project_id"]
+        sent = self._subscribes.get(project_id)
         await asyncio.sleep(random.uniform(0.1, 0.3))
-        if error["project_id"] in self.paused:
-            return
+        if project_id in self.paused or self._subscribes.get(project_id) != sent:
+            return  # left, or subscribed again meanwhile (unpaused)
         with contextlib.suppress(ConnectionClosed):
-            await ws.send(self._subscribe_frame(error["project_id"]))
+            await self._subscribe(ws, project_id)
 
     def _on_message(self, message: dict) -> bool:
         """Record one frame; True when the subscribe must be retried."""
