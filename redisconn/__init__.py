@@ -9,8 +9,10 @@ seeded from that node: one URL means the same thing everywhere.
 
 from __future__ import annotations
 
+import inspect
 import sys
 import threading
+from collections.abc import Callable
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
@@ -149,25 +151,28 @@ def async_client(
 def defer_refresh_after_timeouts(client: redis.cluster.RedisCluster) -> None:
     """Make a sync cluster client refresh its topology in the background after a timeout.
 
-    After a command times out, redis-py's RedisCluster asks the cluster's nodes for the slot map
-    before it raises, one node after the other, each with the full read timeout: with every node
-    hung (a stopped host, a stalled network) a publish took its timeout plus 5 s per node. After
-    this call, a refresh that redis-py starts while handling a ``TimeoutError`` runs in a daemon
-    thread instead (one at a time), and the error reaches the caller at once, who retries
-    within its own deadline; the next attempt uses the refreshed map when it is there. Refreshes
-    after anything else (a refused connection in a failover, MOVED, CLUSTERDOWN) still run inline,
-    as before: the nodes answer then. The asyncio client needs none of this (its calls are
-    bounded by ``asyncio.timeout``: its callers', and its own with ``call_timeout``).
+    After a command times out, redis-py's RedisCluster asks the cluster's nodes for the slot map,
+    one node after the other, each with the full read timeout: up to 8.1 before the command
+    raises, from 8.2 on in the next command the client runs (of any caller), before it is sent.
+    With every node hung (a stopped host, a stalled network) a publish took its timeout plus
+    5 s per node. After this call, a refresh that redis-py starts or asks for while handling a
+    ``TimeoutError`` runs in a daemon thread instead (one at a time), and the error reaches the
+    caller at once, who retries within its own deadline; the next attempt uses the refreshed map
+    when it is there. Refreshes after anything else (a refused connection in a failover, MOVED,
+    CLUSTERDOWN) still run inline, as redis-py runs them: the nodes answer then. The asyncio
+    client needs none of this (its calls are bounded by ``asyncio.timeout``: its callers', and
+    its own with ``call_timeout``).
     """
     manager = client.nodes_manager
     refresh = manager.initialize
     running = threading.Lock()
 
-    def initialize(*args, **kwargs):
-        if not isinstance(sys.exc_info()[1], redis.exceptions.TimeoutError):
-            return refresh(*args, **kwargs)
+    def after_timeout() -> bool:
+        return isinstance(sys.exc_info()[1], redis.exceptions.TimeoutError)
+
+    def in_background(*args, **kwargs) -> None:
         if not running.acquire(blocking=False):
-            return None  # one refresh is already under way
+            return  # one refresh is already under way
 
         def run() -> None:
             try:
@@ -178,6 +183,38 @@ def defer_refresh_after_timeouts(client: redis.cluster.RedisCluster) -> None:
                 running.release()
 
         threading.Thread(target=run, name="eventbus-cluster-refresh", daemon=True).start()
+
+    def initialize(*args, **kwargs):
+        # redis-py up to 8.1 refreshes in the except clause of the timeout.
+        if not after_timeout():
+            return refresh(*args, **kwargs)
+        in_background(*args, **kwargs)
         return None
 
     manager.initialize = initialize
+
+    request = getattr(manager, "_request_refresh", None)
+    if request is None or not _takes_arguments_of(refresh, request):
+        return
+    # redis-py 8.2 asks for the refresh there instead, and the next command runs it, inline.
+    # Its arguments are initialize's, by name (not in the same order).
+    signature = inspect.signature(request)
+
+    def request_refresh(*args, **kwargs):
+        if not after_timeout():
+            return request(*args, **kwargs)
+        in_background(**signature.bind(*args, **kwargs).arguments)
+        return None
+
+    manager._request_refresh = request_refresh
+
+
+def _takes_arguments_of(function: Callable, other: Callable) -> bool:
+    """Whether ``function`` accepts by name every argument ``other`` has (none of them ``*args``
+    or ``**kwargs``): else a refresh asked for with other's arguments is left to redis-py."""
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    takes = inspect.signature(function).parameters
+    return all(
+        parameter.kind in named and name in takes and takes[name].kind in named
+        for name, parameter in inspect.signature(other).parameters.items()
+    )

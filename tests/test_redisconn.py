@@ -1,14 +1,19 @@
 """redisconn's asyncio clients: retries once per call, not once per nesting level of redis-py,
-and calls bounded as a whole (``call_timeout``) whatever the socket timeouts are."""
+and calls bounded as a whole (``call_timeout``) whatever the socket timeouts are; a sync cluster
+client's topology refresh after a timeout, in the background."""
 
 from __future__ import annotations
 
+import queue
+import threading
+
 import pytest
 import redis.asyncio.retry
+import redis.cluster
 import redis.exceptions
 from redis.backoff import NoBackoff
 
-from redisconn import async_client
+from redisconn import _takes_arguments_of, async_client, defer_refresh_after_timeouts
 from redisconn.bounded import CallRetry, within
 from tests.support.tcp_proxy import FreezableProxy
 
@@ -176,3 +181,79 @@ def test_lookups_still_waiting_are_capped(stuck_lookups, monkeypatch):
         resolve("c.stuck.test", 6379, 0, 60)
     assert "c.stuck.test" not in stuck_lookups
     assert resolve("127.0.0.1", 6379, 0, 60)  # an address needs no lookup: not capped
+
+
+class Refreshes:
+    """A sync cluster client's nodes manager, as far as defer_refresh_after_timeouts sees it:
+    ``initialize`` is the refresh (it records which thread ran it and for which failed node).
+    ``asks`` is True for redis-py 8.2 and later, where an error asks for the refresh
+    (``_request_refresh``) and the client's next command runs it before it is sent
+    (:meth:`next_command`); up to 8.1 the error handler calls ``initialize`` itself."""
+
+    def __init__(self, asks: bool) -> None:
+        self.nodes_manager = self  # the client and its manager are one object here
+        self.ran: queue.Queue[tuple[str, str | None]] = queue.Queue()
+        self.asked: dict | None = None
+        if not asks:
+            self._request_refresh = None
+
+    def initialize(
+        self,
+        additional_startup_nodes_info=None,
+        disconnect_startup_nodes_pools=True,
+        last_failed_node_name=None,
+    ) -> None:
+        self.ran.put((threading.current_thread().name, last_failed_node_name))
+
+    def _request_refresh(
+        self,
+        additional_startup_nodes_info=None,
+        last_failed_node_name=None,
+        disconnect_startup_nodes_pools=True,
+    ) -> None:
+        self.asked = {"last_failed_node_name": last_failed_node_name}
+
+    def command_fails(self, error: Exception) -> None:
+        try:
+            raise error
+        except redis.exceptions.RedisError:
+            if self._request_refresh is None:
+                self.initialize(last_failed_node_name="node-1")
+            else:
+                self._request_refresh(last_failed_node_name="node-1")
+
+    def next_command(self) -> None:
+        if self.asked is not None:
+            asked, self.asked = self.asked, None
+            self.initialize(**asked)
+
+
+@pytest.mark.parametrize("asks", [False, True], ids=["redis-py<=8.1", "redis-py>=8.2"])
+def test_a_sync_cluster_client_refreshes_in_the_background_after_a_timeout(asks):
+    """With every node hung, a refresh run in a caller's command costs a read timeout per node:
+    after a timeout it runs in a thread of its own, neither in the failed command nor in the next
+    one (redis-py 8.2 moved it there)."""
+    client = Refreshes(asks)
+    defer_refresh_after_timeouts(client)
+    client.command_fails(redis.exceptions.TimeoutError("Timeout reading from node-1"))
+    client.next_command()
+    assert client.ran.get(timeout=10) == ("eventbus-cluster-refresh", "node-1")
+
+
+@pytest.mark.parametrize("asks", [False, True], ids=["redis-py<=8.1", "redis-py>=8.2"])
+def test_a_sync_cluster_client_refreshes_inline_after_a_refused_connection(asks):
+    """A refused connection (a failover): the nodes answer, and the next attempt is to use the
+    new slot map, so the refresh runs where redis-py runs it."""
+    client = Refreshes(asks)
+    defer_refresh_after_timeouts(client)
+    client.command_fails(redis.exceptions.ConnectionError("Connection refused"))
+    client.next_command()
+    assert client.ran.get_nowait() == (threading.current_thread().name, "node-1")
+
+
+def test_the_installed_redis_py_asks_for_refreshes_in_a_way_that_can_be_deferred():
+    """The stand-in above is redis-py's own protocol: a ``_request_refresh`` whose arguments
+    ``initialize`` takes by name (else the refresh after a timeout runs in the next command)."""
+    manager = redis.cluster.NodesManager
+    request = getattr(manager, "_request_refresh", None)
+    assert request is None or _takes_arguments_of(manager.initialize, request)
