@@ -42,8 +42,12 @@ fi
 PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 if [ "${EVENTBUS_LATEST:-0}" = 1 ]; then
   # `make test-latest`: the newest versions pyproject.toml allows, to review an upgrade before
-  # `make lock` records it.
-  "${PIP[@]}" -U pip
+  # `make lock` records it. The build backend too (build-system.requires, as the lock pins it):
+  # else the venv keeps the setuptools its Python bundles, too old for pyproject.toml, and
+  # tests/test_wheel_install.py, which builds without isolation, cannot build the wheel.
+  mapfile -t build_requires < <("$VENV/bin/python" -c 'import tomllib
+print(*tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"], sep="\n")')
+  "${PIP[@]}" -U pip "${build_requires[@]}"
   "${PIP[@]}" -U --upgrade-strategy eager -e ".[test]"
 else
   # Exactly what CI tested: every package (build backend included) pinned with its hashes in

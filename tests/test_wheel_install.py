@@ -9,6 +9,7 @@ installed package data, with nothing of the repository on its import path. About
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -54,6 +55,19 @@ def _clean_env() -> dict[str, str]:
         for k, v in os.environ.items()
         if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME") and not k.startswith("EVENTBUS_")
     }
+
+
+def test_the_venv_has_the_build_backend_pyproject_asks_for():
+    """The wheel below is built without isolation, by this venv's setuptools: scripts/bootstrap.sh
+    installs one that build-system.requires allows (the lock's; the newest under
+    ``make test-latest``), not the older one that ``python -m venv`` bundles."""
+    from packaging.requirements import Requirement
+
+    for requirement in map(Requirement, _PROJECT["build-system"]["requires"]):
+        version = importlib.metadata.version(requirement.name)
+        assert requirement.specifier.contains(version, prereleases=True), (
+            f"{requirement.name} {version} in {sys.prefix}, pyproject.toml needs {requirement}"
+        )
 
 
 @pytest.fixture(scope="module")
