@@ -46,6 +46,7 @@ from schemas.presence import (
     REFRESH,
     WRITE,
     MalformedAnnouncement,
+    MalformedReadReply,
     OversizedAnnouncement,
     PodState,
     encode_record,
@@ -209,17 +210,22 @@ class PresenceStore:
         """A project's presence on every live pod, read atomically. At most
         :data:`PRESENCE_READS` run at once; the others wait (callers bound the wait). Pods and
         members past what pods can have written (``read_limit(max_members)``) are left out in
-        Redis, and counted to ``on_left_out``."""
+        Redis, and counted to ``on_left_out``. A reply the script cannot have given raises
+        ``redis.exceptions.InvalidResponse`` (a ``RedisError``, as when Redis does not answer)."""
         async with self._reads:
             reply = await self._read(
                 keys=self._keys(project_id),
                 args=read_args(self.keys.presence_pod_prefix(project_id), self.max_members),
             )
         self._count(1)
-        left_out = read_left_out(reply)
+        try:
+            left_out = read_left_out(reply)
+            pods = parse_read_reply(reply)
+        except MalformedReadReply as exc:  # not Redis, or a broken one: as if it did not answer
+            raise redis.exceptions.InvalidResponse(str(exc)) from None
         if left_out and self.on_left_out is not None:
             self.on_left_out(project_id, left_out)
-        return parse_read_reply(reply)
+        return pods
 
     async def _pipeline(self, calls: list[tuple[str, list, list]]) -> list:
         """Run script calls in one pipeline and return their replies, a call's error reply

@@ -182,7 +182,14 @@ class HistoryStore:
         return self._parse_snapshot(project_id, reply)
 
     def _parse_snapshot(self, project_id: int, reply: object) -> Snapshot:
-        if not isinstance(reply, list) or len(reply) != 5:
+        # The script's shape, checked before anything is read from it: a reply of another shape
+        # (a server or proxy that is not Redis, or broken) is one more way of not answering.
+        if not (
+            isinstance(reply, list)
+            and len(reply) == 5
+            and isinstance(reply[3], list)
+            and isinstance(reply[4], bytes)
+        ):
             raise StoreUnavailable(f"unexpected snapshot reply: {str(reply)[:80]}")
         raw_epoch, top, created, raw_entries, problem = reply
         if problem:
@@ -307,6 +314,8 @@ class HistoryStore:
                 problem = "is not a hash" if "WRONGTYPE" in str(row) else str(row)[:80]
             elif isinstance(row, BaseException):
                 raise StoreUnavailable(str(row)) from row
+            elif not (isinstance(row, list) and len(row) == 2):  # not Redis's HMGET reply
+                raise StoreUnavailable(f"unexpected HMGET reply: {str(row)[:80]}")
             else:
                 try:
                     out.append(parse_meta(*row))

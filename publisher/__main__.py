@@ -374,11 +374,16 @@ def _history(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
 
     try:
         # Bounded like a publish: PublisherUnavailable within the publisher's timeout (10 s).
-        (epoch, top), oldest, entries = publisher._run(read, time.monotonic())
+        reply = publisher._run(read, time.monotonic())
     except redis.exceptions.ResponseError as exc:  # WRONGTYPE: a key of another type
         raise CliError(f"cannot read project {args.project_id}: {exc}", EXIT_REDIS_ERROR) from None
     finally:
         publisher.close()
+    if not _history_reply_shaped(reply):  # not Redis, or a broken one (a proxy, a MITM)
+        raise CliError(
+            f"unexpected reply from Redis to the history read: {reply!r}"[:300], EXIT_REDIS_ERROR
+        )
+    (epoch, top), oldest, entries = reply
     try:
         meta = parse_meta(epoch, top)
     except ForeignValue as exc:
@@ -410,10 +415,25 @@ def _history(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     return EXIT_OK
 
 
+def _history_reply_shaped(reply: object) -> bool:
+    """``reply`` has the shape of the HISTORY script's: ``[[epoch, seq], oldest, entries]``,
+    ``oldest`` empty or one ``[id, fields]`` entry (the entries are parsed one by one)."""
+    if not (isinstance(reply, list) and len(reply) == 3):
+        return False
+    meta, oldest, entries = reply
+    return (
+        isinstance(meta, list)
+        and len(meta) == 2
+        and isinstance(oldest, list)
+        and all(isinstance(entry, list) and entry for entry in oldest)
+        and isinstance(entries, list)
+    )
+
+
 def _entry_seq(entry_id: bytes | str) -> int | None:
     try:
         return stream_entry_seq(entry_id)
-    except ValueError:  # a foreign id ("5-1" parses; "x-0" does not): not a position of ours
+    except (ValueError, AttributeError):  # a foreign id ("5-1" parses; "x-0", 5 do not)
         return None
 
 

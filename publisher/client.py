@@ -405,6 +405,8 @@ class Publisher(_ContractHelpers[Cursor]):
         Raises:
             ValueError: ``project_id`` is not a positive integer.
             PublisherUnavailable: Redis unreachable or hung within ``timeout``.
+            PublishError: Redis refused the read, or answered what the read script cannot
+                have given (a server or proxy that is not Redis, or broken).
         """
         keys = self._settings.keys
         started = time.monotonic()

@@ -15,8 +15,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import redis.exceptions
+
 from schemas.keys import Keys
-from schemas.presence import DEFAULT_MAX_MEMBERS, READ, merge_pods, parse_read_reply, read_args
+from schemas.presence import (
+    DEFAULT_MAX_MEMBERS,
+    READ,
+    MalformedReadReply,
+    merge_pods,
+    parse_read_reply,
+    read_args,
+)
 from schemas.protocol import Member
 
 __all__ = ["aread_presence", "read_presence"]
@@ -34,7 +43,11 @@ def _args(keys: Keys, project_id: int, max_members: int) -> tuple[list[str], lis
 
 
 def _members(reply: list) -> list[Member]:
-    pods = {pod: state.records for pod, state in parse_read_reply(reply).items()}
+    try:
+        parsed = parse_read_reply(reply)
+    except MalformedReadReply as exc:  # not Redis, or a broken one: an error of the Redis call
+        raise redis.exceptions.InvalidResponse(str(exc)) from None
+    pods = {pod: state.records for pod, state in parsed.items()}
     members = merge_pods(pods)
     return [members[k] for k in sorted(members)]
 
@@ -50,7 +63,8 @@ def read_presence(
 
     ``max_members`` is the gateways' ``--presence-max-members``: a pod listing more than
     :func:`~schemas.presence.read_limit` of it is taken for another writer's and left out whole
-    (so are members past that many), so a deployment that raised the setting passes it here."""
+    (so are members past that many), so a deployment that raised the setting passes it here.
+    A reply the read script cannot have given raises ``redis.exceptions.InvalidResponse``."""
     key_names, args = _args(keys or Keys(), project_id, max_members)
     return _members(client.eval(READ, len(key_names), *key_names, *args))
 

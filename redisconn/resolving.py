@@ -11,6 +11,15 @@ used as it is, without a thread. Everything else is redis-py's: the host name st
 URL (TLS checks the certificate against it and sends it as SNI), every address the lookup gives
 (IPv6 and IPv4) is tried in its order, further addresses each with the full connect timeout.
 
+The same connections also bound a reply as a whole: redis-py's ``socket_timeout`` applies to each
+``recv`` of a synchronous connection, so a server (or a proxy) that sent a reply a byte at a time,
+each byte within the timeout, held a call for as long as it kept going: a reply announcing a
+2 GB bulk string (``$2147483647``) and trickling it held a ``Publisher`` call for ever, whatever
+its ``timeout``. :class:`ResolvingConnection` reads each reply within ``socket_timeout`` in all
+(:class:`WholeReplyParser`): a reply still incomplete then raises ``redis.exceptions.TimeoutError``
+and the connection is dropped, as after a server that sent nothing. (This needs hiredis, a
+dependency of the event bus; redis-py's pure-Python parser keeps its per-``recv`` timeout.)
+
 An asyncio client needs none of this: asyncio looks names up in its default executor, and the
 connect timeout (an ``asyncio.timeout`` around the lookup and the connect) stops the wait. The
 lookup itself goes on there too, in one of the executor's threads (at most ``min(32, CPUs + 4)``),
@@ -29,8 +38,17 @@ import threading
 import time
 
 import redis.connection
+import redis.exceptions
+from redis._parsers import _HiredisParser
+from redis.utils import HIREDIS_AVAILABLE, SENTINEL
 
-__all__ = ["MAX_PENDING_LOOKUPS", "ResolvingConnection", "ResolvingSSLConnection", "resolve"]
+__all__ = [
+    "MAX_PENDING_LOOKUPS",
+    "ResolvingConnection",
+    "ResolvingSSLConnection",
+    "WholeReplyParser",
+    "resolve",
+]
 
 #: Lookups that may still wait for the resolver at once (each holds a thread until the resolver
 #: gives up): past that, a new lookup fails at once instead of starting one more thread.
@@ -99,9 +117,44 @@ def _is_ip_address(host: str) -> bool:
     return True
 
 
+class WholeReplyParser(_HiredisParser):
+    """redis-py's hiredis parser, reading a reply within one deadline instead of a timeout per
+    ``recv``: while :attr:`deadline` (a ``time.monotonic()`` value) is set, each read waits at
+    most until then, and a read that would start after it raises ``TimeoutError`` at once.
+    :meth:`ResolvingConnection.read_response` sets it for each reply."""
+
+    deadline: float | None = None
+
+    def read_from_socket(self, timeout=SENTINEL, raise_on_timeout=True):
+        deadline = self.deadline
+        if deadline is None or timeout is not SENTINEL:
+            return super().read_from_socket(timeout, raise_on_timeout)  # (a caller's own wait)
+        left = deadline - time.monotonic()
+        if left > 0:
+            return super().read_from_socket(left, raise_on_timeout)
+        if not raise_on_timeout:
+            return False
+        raise redis.exceptions.TimeoutError("reply still incomplete at the read timeout")
+
+
 class ResolvingConnection(redis.connection.Connection):
-    """redis-py's TCP connection, with the host-name lookup inside the connect timeout (see the
-    module's docstring)."""
+    """redis-py's TCP connection, with the host-name lookup inside the connect timeout and each
+    reply read within ``socket_timeout`` in all (see the module's docstring)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        if HIREDIS_AVAILABLE and kwargs.get("parser_class", _HiredisParser) is _HiredisParser:
+            kwargs["parser_class"] = WholeReplyParser  # (redis-py's default parser)
+        super().__init__(*args, **kwargs)
+
+    def read_response(self, *args, **kwargs):
+        parser = self._parser
+        if self.socket_timeout is None or not isinstance(parser, WholeReplyParser):
+            return super().read_response(*args, **kwargs)
+        parser.deadline = time.monotonic() + self.socket_timeout
+        try:
+            return super().read_response(*args, **kwargs)
+        finally:
+            parser.deadline = None
 
     def _connect(self) -> socket.socket:
         # redis-py's Connection._connect, with resolve() for its getaddrinfo.

@@ -47,6 +47,7 @@ __all__ = [
     "WRITE",
     "Announcement",
     "MalformedAnnouncement",
+    "MalformedReadReply",
     "OversizedAnnouncement",
     "PodRecord",
     "PodState",
@@ -198,16 +199,35 @@ def parse_versions(flat: list) -> dict[str, int]:
     return out
 
 
+class MalformedReadReply(ValueError):
+    """A reply that :data:`READ` cannot have given (not values in Redis: the reply's shape
+    itself, from a server or proxy that is not Redis, or broken)."""
+
+
 def read_left_out(reply: list) -> int:
     """How many pods and members the :data:`READ` of ``reply`` left out for the most members
-    (:func:`read_limit`): records no pod can have written."""
-    return int(reply[1])
+    (:func:`read_limit`): records no pod can have written. Raises :class:`MalformedReadReply`."""
+    _check_read_reply(reply)
+    return reply[1]
+
+
+def _check_read_reply(reply: object) -> None:
+    # The script's shape: {{pod, version, {member, record, ...}}, ...}, left out count}.
+    if not (
+        isinstance(reply, list)
+        and len(reply) == 2
+        and isinstance(reply[0], list)
+        and all(isinstance(entry, list) and len(entry) == 3 for entry in reply[0])
+        and isinstance(reply[1], int)
+    ):
+        raise MalformedReadReply(f"unexpected reply from the presence read: {reply!r}"[:300])
 
 
 def parse_read_reply(reply: list) -> dict[str, PodState]:
     """The reply of :data:`READ`: pod id -> its state. Pods and records the scripts cannot have
     written are skipped (another writer to Redis: presence is advisory, one bad record must not
-    hide the rest)."""
+    hide the rest). A reply of another shape raises :class:`MalformedReadReply`."""
+    _check_read_reply(reply)
     pods: dict[str, PodState] = {}
     for entry in reply[0]:
         parsed = _pod_and_version(entry[0], entry[1])

@@ -96,6 +96,13 @@ class KeyedPublisher:
         try:
             calls = [publisher._settings.single(event, key) for event, key in chunk]
             sha = publisher._script.sha
+        except Exception as exc:  # the publisher's internals changed: use the public API only
+            if not self._fallback_logged:
+                self._fallback_logged = True
+                log().warning("outbox_batched_publish_disabled", error=repr(exc))
+            self.batched = False
+            return []
+        try:
             with publisher.client.pipeline(transaction=True) as pipe:
                 for call in calls:
                     pipe.execute_command("EVALSHA", sha, len(call.keys), *call.keys, *call.args)
@@ -113,11 +120,11 @@ class KeyedPublisher:
             return cursors
         except (redis.exceptions.RedisError, OSError):
             return []  # the fallback retries these rows one by one (with the publisher's policy)
-        except Exception as exc:  # the publisher's internals changed: use the public API only
-            if not self._fallback_logged:
-                self._fallback_logged = True
-                log().warning("outbox_batched_publish_disabled", error=repr(exc))
-            self.batched = False
+        except Exception:
+            # A reply no Redis gives (an EXEC answered with an integer: a broken server or
+            # proxy), which redis-py fails on with TypeError and the like. This round only: the
+            # fallback publishes the rows one by one and says what is wrong; the next round
+            # batches again (disabling batching here slowed the relay for good).
             return []
 
 

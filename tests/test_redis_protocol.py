@@ -1,0 +1,295 @@
+"""A server that speaks broken or hostile RESP: a buggy Redis-compatible server or proxy, a MITM.
+
+tests/test_redis_garbage.py puts garbage VALUES in a real Redis, tests/test_redisconn.py hangs
+one; here the replies themselves misbehave. Each component talks to a fake server
+(:mod:`tests.support.fake_resp`) in front of the session's private Redis, which rewrites or
+replaces replies; the promise is an error the component documents (``PublisherUnavailable``,
+``PublishError``, ``StoreUnavailable``, an ``unavailable`` frame), within its timeouts, never a
+bare ``TypeError`` or a hang, and every event exactly once once the real Redis answers again.
+
+Scenarios found fine without a change (a wrong reply type to the publish script, any error reply
+to everything, a connection closed half-way through a reply, a huge announced length followed by
+nothing, to an asyncio client) are not repeated here: see the report of this file's commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import io
+import resource
+import threading
+
+import pytest
+import redis.exceptions
+
+from gateway.store import HistoryStore, StoreUnavailable
+from publisher import AsyncPublisher, Publisher
+from publisher.__main__ import main as publisher_main
+from publisher.core import PublishError, PublisherUnavailable
+from redisconn import async_client
+from schemas import lua
+from schemas.events import BlockerResolved, utc_now
+from schemas.keys import Keys
+from tests.support.fake_resp import PROXY, FakeResp, proxy, trickle
+
+PREFIX = "protocoltest"
+KEYS = Keys(PREFIX)
+SCRIPTS = (b"EVALSHA", b"EVAL")
+NOW = utc_now()
+
+
+@pytest.fixture
+def fake(redis_url, redis_server):
+    with FakeResp(("127.0.0.1", redis_server.port)) as server:
+        yield server
+
+
+def answering_scripts(reply) -> object:
+    """An ``answer`` that replaces the reply of every script call (and passes the rest)."""
+
+    def answer(command: list[bytes]) -> object:
+        return reply if command[0].upper() in SCRIPTS else PROXY
+
+    return answer
+
+
+def history(redis_server, project_id: int) -> list[int]:
+    client = redis_server.client()
+    try:
+        entries = client.xrange(KEYS.stream(project_id))
+    finally:
+        client.close()
+    return [int(entry_id.split(b"-")[0]) for entry_id, _ in entries]
+
+
+def in_thread(call, bound: float):
+    """``call()`` in a daemon thread, waited for at most ``bound`` seconds: a hang fails the
+    test instead of holding the suite (closing the fake server then ends the call)."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            future.set_result(call())
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=run, daemon=True).start()
+    try:
+        return future.result(bound)
+    except concurrent.futures.TimeoutError:
+        pytest.fail(f"still running after {bound} s")
+
+
+# --- the publisher -------------------------------------------------------------------------------
+
+#: Replies announcing a huge length, then trickled a byte at a time, each byte well within the
+#: read timeout: redis-py's sync client applied its timeout to each recv, so the call never ended.
+HUGE_TRICKLES = {
+    "bulk": b"$2147483647\r\n" + b"x" * 10_000,
+    "array": b"*1000000000\r\n" + b":1\r\n" * 10_000,
+}
+
+
+@pytest.mark.parametrize("announced", HUGE_TRICKLES.values(), ids=HUGE_TRICKLES.keys())
+def test_sync_publish_gives_up_within_its_timeout_on_a_trickled_reply(
+    fake, redis_server, announced
+):
+    fake.answer = answering_scripts(trickle(announced, 0.1))
+    publisher = Publisher.from_url(fake.url, prefix=PREFIX, timeout=2)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        with pytest.raises(PublisherUnavailable):
+            in_thread(lambda: publisher.blocker_resolved(1, blocker_id=1, answer="a"), 15)
+        # Only what was received is held, never the announced length.
+        assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 100_000  # KiB
+        fake.answer = proxy  # the real Redis answers again
+        cursor = publisher.blocker_resolved(1, blocker_id=2, answer="b")
+    finally:
+        publisher.close()
+    # The trickled call never reached Redis (the fake answered it): exactly the second event.
+    assert history(redis_server, 1) == [cursor.seq] == [1]
+
+
+def test_sync_publish_many_and_the_cli_give_up_on_a_trickled_reply(fake):
+    fake.answer = answering_scripts(trickle(HUGE_TRICKLES["bulk"], 0.1))
+    publisher = Publisher.from_url(fake.url, prefix=PREFIX, timeout=2)
+    try:
+        with pytest.raises(PublisherUnavailable):
+            in_thread(
+                lambda: publisher.publish_many(
+                    [
+                        BlockerResolved(project_id=1, blocker_id=i, answer="a", resolved_at=NOW)
+                        for i in (1, 2)
+                    ]
+                ),
+                15,
+            )
+    finally:
+        publisher.close()
+    stderr = io.StringIO()
+    argv = ["--redis-url", fake.url, "--prefix", PREFIX, "history", "1"]
+    code = in_thread(lambda: publisher_main(argv, stdout=io.StringIO(), stderr=stderr), 30)
+    assert code == 3 and "Redis unavailable" in stderr.getvalue()
+
+
+async def test_async_publish_gives_up_within_its_timeout_on_a_trickled_reply(fake):
+    fake.answer = answering_scripts(trickle(HUGE_TRICKLES["bulk"], 0.1))
+    async with AsyncPublisher.from_url(fake.url, prefix=PREFIX, timeout=2) as publisher:
+        async with asyncio.timeout(15):
+            with pytest.raises(PublisherUnavailable):
+                await publisher.blocker_resolved(1, blocker_id=1, answer="a")
+        fake.answer = proxy
+        assert (await publisher.blocker_resolved(1, blocker_id=2, answer="b")).seq == 1
+
+
+#: Replies of the wrong shape where a script's array is expected.
+WRONG_SHAPES = {
+    "integer": b":7\r\n",
+    "bulk": b"$3\r\nabc\r\n",
+    "flat array": b"*3\r\n:1\r\n:2\r\n:3\r\n",
+    "nested wrong": b"*5\r\n*1\r\n:1\r\n:0\r\n$1\r\nx\r\n:9\r\n*0\r\n",
+    "null": b"*-1\r\n",
+}
+
+
+@pytest.mark.parametrize("reply", WRONG_SHAPES.values(), ids=WRONG_SHAPES.keys())
+def test_publisher_presence_and_cli_refuse_a_reply_of_the_wrong_shape(fake, reply):
+    fake.answer = answering_scripts(reply)
+    publisher = Publisher.from_url(fake.url, prefix=PREFIX, timeout=2)
+    try:
+        with pytest.raises(PublishError) as raised:
+            publisher.presence(1)
+        assert not isinstance(raised.value, PublisherUnavailable)
+        with pytest.raises(PublishError):
+            publisher.blocker_resolved(1, blocker_id=1, answer="a")
+    finally:
+        publisher.close()
+    for command in (["history", "1"], ["presence", "1"]):
+        stderr = io.StringIO()
+        argv = ["--redis-url", fake.url, "--prefix", PREFIX, *command]
+        assert publisher_main(argv, stdout=io.StringIO(), stderr=stderr) == 1, stderr.getvalue()
+        assert "unexpected reply" in stderr.getvalue()
+
+
+@pytest.mark.parametrize("reply", WRONG_SHAPES.values(), ids=WRONG_SHAPES.keys())
+async def test_async_publisher_presence_refuses_a_reply_of_the_wrong_shape(fake, reply):
+    fake.answer = answering_scripts(reply)
+    async with AsyncPublisher.from_url(fake.url, prefix=PREFIX, timeout=2) as publisher:
+        with pytest.raises(PublishError):
+            await publisher.presence(1)
+
+
+# --- the gateway's history reads -----------------------------------------------------------------
+
+SNAPSHOT_SHAPES = {
+    **WRONG_SHAPES,
+    "entries not an array": b"*5\r\n$1\r\ne\r\n:3\r\n:0\r\n:5\r\n$0\r\n\r\n",
+    "problem an integer": b"*5\r\n$0\r\n\r\n:0\r\n:0\r\n*0\r\n:7\r\n",
+    "problem an array": b"*5\r\n$0\r\n\r\n:0\r\n:0\r\n*0\r\n*1\r\n:1\r\n",
+}
+
+
+@pytest.mark.parametrize("reply", SNAPSHOT_SHAPES.values(), ids=SNAPSHOT_SHAPES.keys())
+async def test_history_read_of_the_wrong_shape_is_store_unavailable(fake, reply):
+    fake.answer = answering_scripts(reply)
+    client = async_client(fake.url, call_timeout=5)
+    try:
+        store = HistoryStore(client, KEYS)
+        with pytest.raises(StoreUnavailable):
+            await store.snapshot(1, None, 0, 10)
+        fake.answer = proxy
+        snapshot = await store.snapshot(1, None, 0, 10)
+        assert snapshot.top == 0 and snapshot.entries == []
+    finally:
+        await client.aclose()
+
+
+CURSOR_ROWS = {
+    "integer": b":7\r\n",
+    "short array": b"*1\r\n$1\r\nx\r\n",
+    "long array": b"*3\r\n$-1\r\n$-1\r\n$-1\r\n",
+}
+
+
+@pytest.mark.parametrize("row", CURSOR_ROWS.values(), ids=CURSOR_ROWS.keys())
+async def test_cursor_reads_of_the_wrong_shape_are_store_unavailable(fake, row):
+    fake.answer = lambda command: row if command[0].upper() == b"HMGET" else PROXY
+    client = async_client(fake.url, call_timeout=5)
+    try:
+        store = HistoryStore(client, KEYS)
+        with pytest.raises(StoreUnavailable):
+            await store.cursors([1, 2])
+        fake.answer = proxy
+        assert await store.cursors([1, 2]) == [None, None]
+    finally:
+        await client.aclose()
+
+
+def test_an_error_reply_to_everything_is_a_redis_error(fake):
+    """-ERR, -OOM, -BUSY, -NOSCRIPT, -READONLY, -MOVED, -LOADING to every command: the
+    publisher raises its own errors, and publishes again once Redis answers."""
+    for error in (b"ERR x", b"OOM x", b"BUSY x", b"NOSCRIPT x", b"READONLY x", b"MOVED 1 h:1"):
+        fake.answer = answering_scripts(b"-" + error + b"\r\n")
+        with Publisher.from_url(fake.url, prefix=PREFIX, timeout=2) as publisher:
+            with pytest.raises(PublishError):
+                publisher.blocker_resolved(1, blocker_id=1, answer="a")
+    fake.answer = answering_scripts(b"-LOADING Redis is loading\r\n")
+    with Publisher.from_url(fake.url, prefix=PREFIX, timeout=2) as publisher:
+        with pytest.raises(PublisherUnavailable):
+            publisher.blocker_resolved(1, blocker_id=1, answer="a")
+        fake.answer = proxy
+        assert publisher.blocker_resolved(1, blocker_id=2, answer="b").seq == 1
+
+
+# --- presence in the gateway ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reply", WRONG_SHAPES.values(), ids=WRONG_SHAPES.keys())
+async def test_presence_read_of_the_wrong_shape_is_a_redis_error(fake, reply):
+    """What ``presence_get`` and a presence subscribe answer with ``unavailable`` (they catch
+    ``RedisError``); before, a TypeError escaped them."""
+    from gateway.presence_store import PresenceStore
+
+    fake.answer = answering_scripts(reply)
+    client = async_client(fake.url, call_timeout=5)
+    try:
+        store = PresenceStore(client, "pod", keys=KEYS)
+        with pytest.raises(redis.exceptions.RedisError):
+            await store.read(1)
+        fake.answer = proxy
+        assert await store.read(1) == {}
+    finally:
+        await client.aclose()
+
+
+# --- the outbox relay's batched publishing --------------------------------------------------------
+
+
+def test_a_transaction_reply_of_the_wrong_shape_keeps_the_relay_batching(fake, redis_server):
+    """One EXEC answered with something no Redis sends fails that round (its rows are published
+    one by one, which fails too here), and the next round is one MULTI/EXEC again; before, the
+    relay took it for a change of the publisher's internals and published one row per round
+    trip for the rest of its life. Every row is published exactly once in the end."""
+    from publisher.outbox.publishing import KeyedPublisher
+
+    loader = redis_server.client()
+    loader.script_load(lua.PUBLISH)  # (as a relay that ran before finds it)
+    loader.close()
+    inside = {b"MULTI": b"+OK\r\n", b"EVALSHA": b"+QUEUED\r\n", b"EXEC": b":7\r\n"}
+    fake.answer = lambda command: inside.get(command[0].upper(), PROXY)
+    rows = [
+        (BlockerResolved(project_id=1, blocker_id=i, answer="a", resolved_at=NOW), f"row-{i}")
+        for i in (1, 2, 3)
+    ]
+    with Publisher.from_url(fake.url, prefix=PREFIX, timeout=2) as publisher:
+        keyed = KeyedPublisher(publisher)
+        cursors, error = keyed.publish(rows)
+        assert cursors == [] and isinstance(error, PublishError)
+        fake.answer = proxy
+        sent = len(fake.commands)
+        cursors, error = keyed.publish(rows)
+    assert error is None and [c.seq for c in cursors] == [1, 2, 3]
+    names = fake.names()[sent:]  # one round trip: MULTI, the three calls, EXEC
+    assert names.count(b"MULTI") == 1 and names[names.index(b"EXEC") + 1 :] == []
+    assert history(redis_server, 1) == [1, 2, 3]
