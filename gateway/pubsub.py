@@ -9,6 +9,10 @@ A connection can die silently (a half-open TCP connection, a proxy that stopped 
 every health check stays green; a probe therefore pings *through the subscribed connection* every
 ``probe_interval`` seconds and forces a reconnect when no pong comes back in time.
 
+A frame no Redis sends (a message without data, a channel that is not a string: a broken server
+or proxy) is taken as a broken connection too (:func:`frame_problem`): a warning, a reconnect and
+the catch-up, never a frame handed on, nor a traceback.
+
 Redis Cluster needs one such link per master: :mod:`gateway.cluster_pubsub` builds that on
 :class:`PubSubLink`.
 """
@@ -29,7 +33,7 @@ from gateway.logs import describe, get_logger
 from gateway.metrics import Metrics
 from gateway.tasks import spawn
 
-__all__ = ["PubSubLink", "backoff_delays"]
+__all__ = ["PubSubLink", "backoff_delays", "frame_problem"]
 
 log = get_logger("gateway.pubsub")
 
@@ -248,8 +252,14 @@ class PubSubLink:
                     # mode and answers the probe's PING with a plain PONG.
                     self._pong.set()
                     continue
-                if not isinstance(reply, list) or len(reply) < 2:
-                    continue
+                problem = frame_problem(reply, self._message_kind, self._confirm_kind)
+                if problem is not None:
+                    # Not Redis, or a broken one (a proxy, a MITM): what else it sent cannot be
+                    # trusted either. A lost connection's remedy: reconnect, and the hub catches
+                    # every project up from the streams.
+                    raise redis.exceptions.InvalidResponse(
+                        f"a pub/sub frame no Redis sends ({problem}): {reply!r}"[:200]
+                    )
                 kind = reply[0]
                 if kind == self._message_kind:
                     self._on_message(reply[1], reply[2])
@@ -302,6 +312,30 @@ class PubSubLink:
                 # Breaking the connection wakes the reader, which then reconnects.
                 await conn.disconnect()
                 raise ProbeFailed("no pong on the pub/sub connection") from None
+
+
+#: Kinds of the frames Redis sends on a RESP2 subscribed connection whose second element may be
+#: nil (an unsubscribe from every channel when subscribed to none).
+_NIL_CHANNEL_KINDS = (b"unsubscribe", b"sunsubscribe")
+
+
+def frame_problem(reply: object, message_kind: bytes, confirm_kind: bytes) -> str | None:
+    """What is wrong with a frame read on a RESP2 subscribed connection, or None when Redis
+    can have sent it: an array of 2 or 3 (``[kind, channel, data or count]``, ``[pong, data]``),
+    its kind and channel bulk strings; a message also has bulk string data, a confirmation a
+    count. (A plain ``PONG`` is handled before.)"""
+    if not isinstance(reply, list) or not 2 <= len(reply) <= 3:
+        return "not an array of 2 or 3"
+    kind, channel = reply[0], reply[1]
+    if not isinstance(kind, bytes):
+        return "its kind is not a string"
+    if not isinstance(channel, bytes) and not (channel is None and kind in _NIL_CHANNEL_KINDS):
+        return "its channel is not a string"
+    if kind == message_kind and not (len(reply) == 3 and isinstance(reply[2], bytes)):
+        return "a message without string data"
+    if kind == confirm_kind and not (len(reply) == 3 and isinstance(reply[2], int)):
+        return "a confirmation without a count"
+    return None
 
 
 class ProbeFailed(Exception):

@@ -293,3 +293,86 @@ def test_a_transaction_reply_of_the_wrong_shape_keeps_the_relay_batching(fake, r
     names = fake.names()[sent:]  # one round trip: MULTI, the three calls, EXEC
     assert names.count(b"MULTI") == 1 and names[names.index(b"EXEC") + 1 :] == []
     assert history(redis_server, 1) == [1, 2, 3]
+
+
+# --- the gateway's pub/sub link -------------------------------------------------------------------
+
+CHANNEL = b"protocoltest:ch:1"
+
+
+def _bulk(data: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
+CONFIRM = b"*3\r\n" + _bulk(b"subscribe") + _bulk(CHANNEL) + b":1\r\n"
+#: Frames no Redis sends on a RESP2 subscribed connection.
+PUBSUB_GARBAGE = {
+    "message of two": b"*2\r\n" + _bulk(b"message") + _bulk(CHANNEL),
+    "message of four": b"*4\r\n" + _bulk(b"message") + _bulk(CHANNEL) + _bulk(b"x") + b":1\r\n",
+    "channel an integer": b"*3\r\n" + _bulk(b"message") + b":5\r\n" + _bulk(b"x"),
+    "data an array": b"*3\r\n" + _bulk(b"message") + _bulk(CHANNEL) + b"*1\r\n:1\r\n",
+    "confirmation of an array": b"*3\r\n" + _bulk(b"subscribe") + b"*0\r\n:1\r\n",
+    "kind an array": b"*2\r\n*0\r\n:1\r\n",
+}
+
+
+@pytest.mark.parametrize("frame", PUBSUB_GARBAGE.values(), ids=PUBSUB_GARBAGE.keys())
+async def test_a_pubsub_frame_no_redis_sends_is_a_broken_link_not_a_crash(fake, frame):
+    """The link reconnects (and the hub catches up from the streams) as after a lost
+    connection, says so in a warning, and hands nothing of the frame to the hub; before, the
+    frame reached the hub or failed the link with a logged traceback ("pubsub link failed")."""
+    from structlog.testing import capture_logs
+
+    from gateway.metrics import Metrics
+    from gateway.pubsub import PubSubLink
+
+    connections = 0
+
+    def answer(command: list[bytes]) -> object:
+        nonlocal connections
+        name = command[0].upper()
+        if name == b"SUBSCRIBE":
+            connections += 1
+            return CONFIRM + (frame if connections == 1 else b"")
+        if name == b"PING":
+            return b"*2\r\n" + _bulk(b"pong") + _bulk(b"")
+        return b"+OK\r\n"  # the handshake (CLIENT SETINFO)
+
+    fake.answer = answer
+    messages: list[tuple] = []
+    resubscribed = asyncio.Event()
+    link = PubSubLink(
+        fake.url,
+        sharded=False,
+        on_message=lambda channel, data: messages.append((channel, data)),
+        on_resubscribed=resubscribed.set,
+        metrics=Metrics(),
+    )
+    with capture_logs() as logs:
+        link.start()
+        try:
+            async with asyncio.timeout(10):
+                await link.subscribe(CHANNEL)
+                await resubscribed.wait()  # a second connection, every channel confirmed
+        finally:
+            await link.close()
+    assert link.connections == 2 and connections == 2
+    assert messages == []
+    assert [e["event"] for e in logs if e["log_level"] in ("error", "critical")] == []
+    assert any(e["event"] == "pubsub link down" for e in logs)
+
+
+def test_frame_problem_passes_every_frame_redis_sends():
+    from gateway.pubsub import frame_problem
+
+    for frame in (
+        [b"message", CHANNEL, b"data"],
+        [b"subscribe", CHANNEL, 1],
+        [b"unsubscribe", CHANNEL, 0],
+        [b"unsubscribe", None, 0],  # from every channel, subscribed to none
+        [b"pong", b""],
+        [b"smessage", CHANNEL, b""],
+    ):
+        assert frame_problem(frame, b"message", b"subscribe") is None, frame
+    assert frame_problem([b"ssubscribe", CHANNEL, 1], b"smessage", b"ssubscribe") is None
+    assert frame_problem([b"smessage", CHANNEL], b"smessage", b"ssubscribe") is not None
