@@ -78,7 +78,8 @@ def sync_client(
 ) -> redis.Redis | redis.cluster.RedisCluster:
     """A synchronous client for ``url``: ``retries`` retries per command (0: one attempt, one
     connect), CONNECT_TIMEOUT and SOCKET_TIMEOUT unless given. Host names are looked up within
-    the connect timeout (:class:`~redisconn.resolving.ResolvingConnection`)."""
+    the connect timeout, and each reply is read within the socket timeout in all, not per
+    ``recv`` (:class:`~redisconn.resolving.ResolvingConnection`; ``unix://``: per ``recv``)."""
     from redis.retry import Retry
 
     retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), retries)

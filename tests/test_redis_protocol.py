@@ -376,3 +376,53 @@ def test_frame_problem_passes_every_frame_redis_sends():
         assert frame_problem(frame, b"message", b"subscribe") is None, frame
     assert frame_problem([b"ssubscribe", CHANNEL, 1], b"smessage", b"ssubscribe") is None
     assert frame_problem([b"smessage", CHANNEL], b"smessage", b"ssubscribe") is not None
+
+
+# --- a reply cut short ----------------------------------------------------------------------------
+
+
+def _cut_first_publish(fake: FakeResp):
+    """An answer that runs the first publish in Redis and closes the connection half-way
+    through its reply, then lets everything through."""
+    cut = []
+
+    def answer(command: list[bytes]) -> object:
+        if command[0].upper() != b"EVALSHA" or cut:
+            return PROXY
+        cut.append(command)
+
+        async def half(reader, writer) -> None:
+            reply = await fake.forward(command)
+            writer.write(reply[: len(reply) // 2])
+            await writer.drain()
+            writer.close()
+
+        return half
+
+    return answer
+
+
+def _load_script(redis_server) -> None:
+    loader = redis_server.client()
+    loader.script_load(lua.PUBLISH)  # the cut call is the one that publishes
+    loader.close()
+
+
+def test_a_publish_whose_reply_is_cut_is_retried_and_published_once(fake, redis_server):
+    _load_script(redis_server)
+    fake.answer = _cut_first_publish(fake)
+    with Publisher.from_url(fake.url, prefix=PREFIX, timeout=5) as publisher:
+        cursor = publisher.blocker_resolved(1, blocker_id=1, answer="a")
+    assert fake.names().count(b"EVALSHA") == 2  # the cut one, and the retry
+    assert history(redis_server, 1) == [cursor.seq] == [1]
+
+
+async def test_an_async_publish_whose_reply_is_cut_is_retried_and_published_once(
+    fake, redis_server
+):
+    _load_script(redis_server)
+    fake.answer = _cut_first_publish(fake)
+    async with AsyncPublisher.from_url(fake.url, prefix=PREFIX, timeout=5) as publisher:
+        cursor = await publisher.blocker_resolved(1, blocker_id=1, answer="a")
+    assert fake.names().count(b"EVALSHA") == 2
+    assert history(redis_server, 1) == [cursor.seq] == [1]

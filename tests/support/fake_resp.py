@@ -50,6 +50,17 @@ class FakeResp:
         """Run ``coro`` in the server's loop and return its result."""
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
+    async def forward(self, command: list[bytes]) -> bytes:
+        """The upstream's reply to ``command``, on a connection of its own (for an answer that
+        lets a command through and then spoils its reply)."""
+        reader, writer = await asyncio.open_connection(*self.upstream)
+        try:
+            writer.write(encode_command(command))
+            await writer.drain()
+            return await read_reply(reader)
+        finally:
+            writer.transport.abort()
+
     def names(self) -> list[bytes]:
         """The names of the commands received so far, upper case."""
         return [command[0].upper() for command in self.commands]
