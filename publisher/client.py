@@ -21,6 +21,7 @@ from publisher import connection
 from publisher.connection import (
     AsyncDirectCommands,
     DirectCommands,
+    OutOfStep,
     async_client,
     is_cluster_url,
     sync_client,
@@ -42,6 +43,7 @@ from publisher.core import (
     prepare_single,
     refused_during_migration,
     script_error,
+    script_reply_valid,
 )
 from publisher.presence import aread_presence, read_presence
 from schemas import lua
@@ -439,8 +441,11 @@ class Publisher(_ContractHelpers[Cursor]):
             # The hot path: one send and one read on a held connection (see DirectCommands).
             try:
                 return direct.execute(
-                    pack_command("EVALSHA", self._script.sha, len(keys), *keys, *args)
+                    pack_command("EVALSHA", self._script.sha, len(keys), *keys, *args),
+                    script_reply_valid,
                 )
+            except OutOfStep as exc:
+                raise _out_of_step(exc, args) from exc
             except redis.exceptions.NoScriptError:
                 pass  # loaded below
             except _UNAVAILABLE:
@@ -629,8 +634,11 @@ class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
         if direct is not None:
             try:
                 return await direct.execute(
-                    pack_command("EVALSHA", self._script.sha, len(keys), *keys, *args)
+                    pack_command("EVALSHA", self._script.sha, len(keys), *keys, *args),
+                    script_reply_valid,
                 )
+            except OutOfStep as exc:
+                raise _out_of_step(exc, args) from exc
             except redis.exceptions.NoScriptError:
                 pass
             except _UNAVAILABLE:
@@ -692,6 +700,17 @@ class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+
+def _out_of_step(exc: OutOfStep, args: list) -> redis.exceptions.RedisError:
+    """A held connection answered a script call with what the script cannot give (a stray reply
+    of a broken proxy before the real one, say): the lane dropped it. A call under a retry guard
+    or an idempotency key is then tried again like one whose connection was lost (the retry
+    returns this call's own cursor, published once); one without (``retry_guard=None``) is not,
+    a retry might publish it twice: PublishError."""
+    if args[6]:
+        return redis.exceptions.ConnectionError(str(exc))
+    return exc
 
 
 def _describe(exc: BaseException) -> str:

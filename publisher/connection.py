@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import weakref
+from collections.abc import Callable
 
 import redis
 import redis.asyncio
@@ -28,6 +29,7 @@ __all__ = [
     "SOCKET_TIMEOUT",
     "AsyncDirectCommands",
     "DirectCommands",
+    "OutOfStep",
     "async_client",
     "defer_refresh_after_timeouts",
     "idle_limit",
@@ -79,8 +81,14 @@ class DirectCommands:
             and isinstance(client.connection_pool, redis.ConnectionPool)
         )
 
-    def execute(self, packed: bytes):
-        """Send one packed command and return its parsed reply (raises its error reply)."""
+    def execute(self, packed: bytes, valid: Callable[[object], bool] | None = None):
+        """Send one packed command and return its parsed reply (raises its error reply).
+
+        ``valid``: whether a reply is one the command can have: another one raises
+        :class:`OutOfStep` and the connection is dropped. A held connection
+        is not checked for unread data when it is taken again (redis-py's pool checks each one
+        it hands out; the cost this lane saves), so a stray reply (a broken proxy's) left every
+        later command on it reading the reply of the command before."""
         try:
             conn = self._idle.pop()
         except IndexError:
@@ -88,6 +96,8 @@ class DirectCommands:
         try:
             conn.send_packed_command((packed,))
             reply = conn.read_response()
+            if valid is not None and not valid(reply):
+                raise _out_of_step(reply)
         except redis.exceptions.ResponseError:
             self._keep(conn)  # a complete error reply: the connection is still in step
             raise
@@ -132,7 +142,7 @@ class AsyncDirectCommands:
             and isinstance(client.connection_pool, redis.asyncio.ConnectionPool)
         )
 
-    async def execute(self, packed: bytes):
+    async def execute(self, packed: bytes, valid: Callable[[object], bool] | None = None):
         try:
             conn = self._idle.pop()
         except IndexError:
@@ -140,6 +150,8 @@ class AsyncDirectCommands:
         try:
             await conn.send_packed_command((packed,))
             reply = await conn.read_response()
+            if valid is not None and not valid(reply):
+                raise _out_of_step(reply)
         except redis.exceptions.ResponseError:
             await self._keep(conn)
             raise
@@ -162,6 +174,15 @@ class AsyncDirectCommands:
 
     def _forget(self) -> None:
         self._idle = []
+
+
+class OutOfStep(redis.exceptions.InvalidResponse):
+    """A held connection answered what its command cannot have: the connection was dropped
+    (its replies may answer the commands before them from then on)."""
+
+
+def _out_of_step(reply: object) -> OutOfStep:
+    return OutOfStep(f"a reply the command cannot have: {reply!r}"[:120] + " (connection dropped)")
 
 
 def idle_limit(pool: object) -> int:

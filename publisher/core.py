@@ -43,10 +43,10 @@ class PublishError(Exception):
 
 
 class PublisherUnavailable(PublishError):
-    """Redis could not be reached (refused, reset, timed out, hung) within the publisher's
-    ``timeout``. Nothing was published, or, if the script was sent before the connection failed,
-    the event may have been published exactly once: pass an ``idempotency_key`` to make retrying
-    such a publish safe."""
+    """Redis could not be reached (refused, reset, timed out, hung, or answered what no Redis
+    can: a broken proxy) within the publisher's ``timeout``. Nothing was published, or, if the
+    script was sent before the connection failed, the event may have been published exactly
+    once: pass an ``idempotency_key`` to make retrying such a publish safe."""
 
 
 class IdempotencyConflict(PublishError):
@@ -212,6 +212,16 @@ def parse_reply(result: object) -> ScriptReply:
         ):
             return ScriptReply(epoch.decode(), last, status)
     raise PublishError(f"unexpected reply from the publish script: {result!r}"[:300])
+
+
+def script_reply_valid(result: object) -> bool:
+    """Whether :func:`parse_reply` takes ``result``: what the publisher's held connections check
+    each reply against (one that fails is dropped: see ``DirectCommands.execute``)."""
+    try:
+        parse_reply(result)
+    except PublishError:
+        return False
+    return True
 
 
 #: Prefix of the error reply with which the publish script refuses a damaged key.

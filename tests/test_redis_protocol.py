@@ -31,7 +31,7 @@ from redisconn import async_client
 from schemas import lua
 from schemas.events import BlockerResolved, utc_now
 from schemas.keys import Keys
-from tests.support.fake_resp import PROXY, FakeResp, proxy, trickle
+from tests.support.fake_resp import PROXY, FakeResp, Rewrite, proxy, trickle
 
 PREFIX = "protocoltest"
 KEYS = Keys(PREFIX)
@@ -426,3 +426,56 @@ async def test_an_async_publish_whose_reply_is_cut_is_retried_and_published_once
         cursor = await publisher.blocker_resolved(1, blocker_id=1, answer="a")
     assert fake.names().count(b"EVALSHA") == 2
     assert history(redis_server, 1) == [cursor.seq] == [1]
+
+
+# --- replies out of step --------------------------------------------------------------------------
+
+
+def _one_extra_reply(extra: bytes):
+    """An answer that puts ``extra`` before the first publish's reply: every later reply on that
+    connection answers the command before it (a buggy proxy; or a MITM)."""
+    done = []
+
+    def answer(command: list[bytes]) -> object:
+        if command[0].upper() != b"EVALSHA" or done:
+            return PROXY
+        done.append(command)
+        return Rewrite(lambda reply: extra + reply)
+
+    return answer
+
+
+@pytest.mark.parametrize("extra", [b"+OK\r\n", b":1\r\n", b"*2\r\n:1\r\n:2\r\n"])
+def test_a_connection_whose_replies_are_out_of_step_is_dropped(fake, redis_server, extra):
+    """Each publish returns its own event's cursor. Before, the publisher's held connection
+    kept the first publish's real reply unread, so the NEXT publish returned the previous
+    event's cursor (and so on for the connection's life), and the first one raised PublishError
+    although its event was published."""
+    _load_script(redis_server)
+    fake.answer = _one_extra_reply(extra)
+    with Publisher.from_url(fake.url, prefix=PREFIX, timeout=5) as publisher:
+        cursors = [publisher.blocker_resolved(1, blocker_id=i, answer="a") for i in (1, 2, 3)]
+    assert [c.seq for c in cursors] == history(redis_server, 1) == [1, 2, 3]
+
+
+async def test_an_async_connection_whose_replies_are_out_of_step_is_dropped(fake, redis_server):
+    _load_script(redis_server)
+    fake.answer = _one_extra_reply(b"+OK\r\n")
+    async with AsyncPublisher.from_url(fake.url, prefix=PREFIX, timeout=5) as publisher:
+        cursors = [await publisher.blocker_resolved(1, blocker_id=i, answer="a") for i in (1, 2, 3)]
+    assert [c.seq for c in cursors] == history(redis_server, 1) == [1, 2, 3]
+
+
+def test_without_a_retry_guard_a_reply_out_of_step_is_not_retried(fake, redis_server):
+    """``retry_guard=None``: the publish that got the stray reply raises PublishError (a retry
+    might publish its event twice); the connection is dropped all the same, so the next
+    publishes return their own cursors."""
+    _load_script(redis_server)
+    fake.answer = _one_extra_reply(b"+OK\r\n")
+    with Publisher.from_url(fake.url, prefix=PREFIX, timeout=5, retry_guard=None) as publisher:
+        with pytest.raises(PublishError) as raised:
+            publisher.blocker_resolved(1, blocker_id=1, answer="a")
+        assert not isinstance(raised.value, PublisherUnavailable)
+        cursors = [publisher.blocker_resolved(1, blocker_id=i, answer="a") for i in (2, 3)]
+    assert fake.names().count(b"EVALSHA") == 3  # never retried
+    assert [c.seq for c in cursors] == [2, 3] and history(redis_server, 1) == [1, 2, 3]

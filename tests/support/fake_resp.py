@@ -7,6 +7,8 @@ synchronous clients can use it too). Each command a client sends is handed to
 * ``PROXY``: forward the command to the upstream Redis (one upstream connection per client
   connection) and send its reply back unchanged;
 * ``bytes``: send these bytes instead (any RESP, well-formed or not);
+* ``Rewrite(change)``: forward it, and send ``change(reply)`` instead of the upstream's reply
+  (an extra reply before it, say: the replies of the connection are out of step from then on);
 * an ``async`` function ``(reader, writer) -> None``: do anything with the client's connection
   (trickle bytes, close it half-way); it owns the connection from then on.
 
@@ -20,10 +22,16 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import Awaitable, Callable
+from typing import NamedTuple
 
 from tests.support.redis_server import free_port
 
 PROXY = object()
+
+
+class Rewrite(NamedTuple):
+    change: Callable[[bytes], bytes]
+
 
 Answer = Callable[[list[bytes]], object]
 
@@ -101,12 +109,13 @@ class FakeResp:
                 command = await read_command(reader)
                 self.commands.append(command)
                 decision = self.answer(command)
-                if decision is PROXY:
+                if decision is PROXY or isinstance(decision, Rewrite):
                     if upstream is None:
                         upstream = await asyncio.open_connection(*self.upstream)
                     upstream[1].write(encode_command(command))
                     await upstream[1].drain()
-                    writer.write(await read_reply(upstream[0]))
+                    reply = await read_reply(upstream[0])
+                    writer.write(decision.change(reply) if decision is not PROXY else reply)
                 elif isinstance(decision, bytes):
                     writer.write(decision)
                 else:
