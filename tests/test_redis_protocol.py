@@ -7,9 +7,13 @@ replaces replies; the promise is an error the component documents (``PublisherUn
 ``PublishError``, ``StoreUnavailable``, an ``unavailable`` frame), within its timeouts, never a
 bare ``TypeError`` or a hang, and every event exactly once once the real Redis answers again.
 
-Scenarios found fine without a change (a wrong reply type to the publish script, any error reply
-to everything, a connection closed half-way through a reply, a huge announced length followed by
-nothing, to an asyncio client) are not repeated here: see the report of this file's commit.
+Some tests here passed before any change, and stay as the record of what holds: an error reply
+(``-ERR``, ``-OOM``, ``-BUSY``, ``-NOSCRIPT``, ``-READONLY``, ``-MOVED``, ``-LOADING``) to
+everything, a publish reply cut half-way (retried, published once), a trickled huge reply to the
+asyncio clients (their calls are bounded as a whole) and to the pub/sub link (its probe). Also
+fine, not tested here: a RESP3 push frame before a publish's reply (redis-py reads past it), a
+``message`` on a channel the pod does not follow (the hub drops it). Not defensible at this
+level: a MITM that swaps two well-formed replies, or forges a whole one (use ``rediss://``).
 """
 
 from __future__ import annotations
@@ -479,3 +483,58 @@ def test_without_a_retry_guard_a_reply_out_of_step_is_not_retried(fake, redis_se
         cursors = [publisher.blocker_resolved(1, blocker_id=i, answer="a") for i in (2, 3)]
     assert fake.names().count(b"EVALSHA") == 3  # never retried
     assert [c.seq for c in cursors] == [2, 3] and history(redis_server, 1) == [1, 2, 3]
+
+
+# --- huge announced lengths to the gateway ------------------------------------------------------
+
+
+async def test_a_trickled_huge_history_reply_is_store_unavailable_within_the_call_timeout(fake):
+    fake.answer = answering_scripts(trickle(HUGE_TRICKLES["bulk"], 0.1))
+    client = async_client(fake.url, call_timeout=2)
+    try:
+        store = HistoryStore(client, KEYS)
+        async with asyncio.timeout(15):
+            with pytest.raises(StoreUnavailable):
+                await store.snapshot(1, None, 0, 10)
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("announced", HUGE_TRICKLES.values(), ids=HUGE_TRICKLES.keys())
+async def test_a_trickled_huge_pubsub_frame_is_ended_by_the_probe(fake, announced):
+    """The reader waits inside the frame; the probe's ping gets no pong, and the link
+    reconnects (after probe_interval + probe_timeout), holding only what was received."""
+    from gateway.metrics import Metrics
+    from gateway.pubsub import PubSubLink
+
+    connections = 0
+
+    def answer(command: list[bytes]) -> object:
+        nonlocal connections
+        if command[0].upper() != b"SUBSCRIBE":
+            return b"+OK\r\n"
+        connections += 1
+        if connections == 1:
+            return trickle(CONFIRM + announced, 0.01)
+        return CONFIRM
+
+    fake.answer = answer
+    resubscribed = asyncio.Event()
+    link = PubSubLink(
+        fake.url,
+        sharded=False,
+        on_message=lambda channel, data: None,
+        on_resubscribed=resubscribed.set,
+        metrics=Metrics(),
+        probe_interval=0.5,
+        probe_timeout=0.5,
+    )
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    link.start()
+    try:
+        async with asyncio.timeout(15):
+            await link.subscribe(CHANNEL)
+            await resubscribed.wait()
+    finally:
+        await link.close()
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 100_000  # KiB

@@ -122,8 +122,8 @@ class FakeResp:
                     await decision(reader, writer)
                     return
                 await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError, OSError):
-            pass
+        except (asyncio.IncompleteReadError, ConnectionError, OSError, asyncio.CancelledError):
+            pass  # (cancelled: by close())
         finally:
             self._handlers.discard(asyncio.current_task())
             self._writers.discard(writer)
