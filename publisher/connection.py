@@ -85,10 +85,10 @@ class DirectCommands:
         """Send one packed command and return its parsed reply (raises its error reply).
 
         ``valid``: whether a reply is one the command can have: another one raises
-        :class:`OutOfStep` and the connection is dropped. A held connection
-        is not checked for unread data when it is taken again (redis-py's pool checks each one
-        it hands out; the cost this lane saves), so a stray reply (a broken proxy's) left every
-        later command on it reading the reply of the command before."""
+        :class:`OutOfStep` and the connection is dropped. A held connection is not checked for
+        unread data when it is taken again (redis-py's pool checks each one it hands out: part
+        of the cost this lane saves), so a stray reply (a broken proxy's) left every later
+        command on it reading the reply of the command before."""
         try:
             conn = self._idle.pop()
         except IndexError:
