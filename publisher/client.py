@@ -27,6 +27,7 @@ from publisher.connection import (
     sync_client,
 )
 from publisher.core import (
+    IDEMPOTENCY_ARG,
     RETRY_GUARD,
     Cursor,
     IdempotencyConflict,
@@ -708,7 +709,7 @@ def _out_of_step(exc: OutOfStep, args: list) -> redis.exceptions.RedisError:
     or an idempotency key is then tried again like one whose connection was lost (the retry
     returns this call's own cursor, published once); one without (``retry_guard=None``) is not,
     a retry might publish it twice: PublishError."""
-    if args[6]:
+    if args[IDEMPOTENCY_ARG]:  # a retry guard or an idempotency key
         return redis.exceptions.ConnectionError(str(exc))
     return exc
 

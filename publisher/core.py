@@ -162,11 +162,11 @@ class PreparedBatch(NamedTuple):
         so such a call is run once more without it. The refusal happens before anything is
         written, so the second run is not a duplicate.
         """
-        key = self.args[6]
+        key = self.args[IDEMPOTENCY_ARG]
         if not (isinstance(key, str) and GUARD_MARK in key):
             return None
         args = list(self.args)
-        args[6] = ""
+        args[IDEMPOTENCY_ARG] = ""
         return self._replace(args=args)
 
     def cursors(self, result: object) -> list[Cursor]:
@@ -177,7 +177,7 @@ class PreparedBatch(NamedTuple):
         """
         reply = parse_reply(result)
         if reply.status == CONFLICT:
-            key = str(self.args[6]).partition(":idem:")[2]
+            key = str(self.args[IDEMPOTENCY_ARG]).partition(":idem:")[2]
             raise IdempotencyConflict(key, Cursor(reply.epoch, reply.last))
         if reply.last < self.size:
             raise PublishError(f"unexpected reply from the publish script: {result!r}")
@@ -266,6 +266,11 @@ def event_digest(event: ProjectEvent, payload: bytes) -> str:
             document.pop(name, None)
         payload = msgspec.json.encode(document)
     return hashlib.blake2b(payload, digest_size=16).hexdigest()
+
+
+#: Where the publish script's arguments hold the idempotency key (the caller's, or the retry
+#: guard's; "" for none): ``ARGV[7]`` in schemas.lua.PUBLISH, as :func:`_common_args` lays them out.
+IDEMPOTENCY_ARG = 6
 
 
 def _common_args(
