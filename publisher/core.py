@@ -215,13 +215,13 @@ def parse_reply(result: object) -> ScriptReply:
 
 
 def script_reply_valid(result: object) -> bool:
-    """Whether :func:`parse_reply` takes ``result``: what the publisher's held connections check
-    each reply against (one that fails is dropped: see ``DirectCommands.execute``)."""
-    try:
-        parse_reply(result)
-    except PublishError:
-        return False
-    return True
+    """Whether ``result`` has the shape of the publish script's reply (a list of three): what
+    the publisher's held connections check each reply against, to find one out of step (a stray
+    reply of another command before the real one: ``+OK``, an integer, a shorter array), which
+    is dropped (see ``DirectCommands.execute``). What the three are is :func:`parse_reply`'s to
+    check, once, on the hot path: a full parse here as well cost every publish ~10,000 more
+    instructions (+8%, callgrind)."""
+    return type(result) is list and len(result) == 3
 
 
 #: Prefix of the error reply with which the publish script refuses a damaged key.
