@@ -203,7 +203,8 @@ class HistoryStore:
             meta = parse_meta(raw_epoch, str(top).encode())
         except ForeignValue as exc:
             raise StoreUnavailable(f"unexpected snapshot reply: {exc}") from None
-        assert meta is not None
+        if meta is None:  # no epoch: the script creates the history when there is none
+            raise StoreUnavailable("unexpected snapshot reply: no epoch")
         good, bad = parse_stream_entries(raw_entries, project_id)
         corrupt_at = None
         if bad:

@@ -191,6 +191,8 @@ SNAPSHOT_SHAPES = {
     "entries not an array": b"*5\r\n$1\r\ne\r\n:3\r\n:0\r\n:5\r\n$0\r\n\r\n",
     "problem an integer": b"*5\r\n$0\r\n\r\n:0\r\n:0\r\n*0\r\n:7\r\n",
     "problem an array": b"*5\r\n$0\r\n\r\n:0\r\n:0\r\n*0\r\n*1\r\n:1\r\n",
+    # No epoch: the script creates the history when there is none, so it always answers one.
+    "epoch nil": b"*5\r\n$-1\r\n:0\r\n:0\r\n*0\r\n$0\r\n\r\n",
 }
 
 
