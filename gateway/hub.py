@@ -757,6 +757,8 @@ class Hub:
         else:
             session.send_message(_subscribed(feed.project_id, plan))
         for item in joiner.start_live(plan.epoch, plan.seq):
+            if item.kind:  # a resync the feed issued during the read (counted when it is sent)
+                self.metrics.resyncs_total += 1
             session.send(item)
         self._promote_if_caught_up(feed, session, joiner)
 

@@ -445,3 +445,52 @@ async def test_a_feed_released_while_it_waits_for_redis_is_freed_by_reference_co
         gc.garbage.clear()
         gc.enable()
     assert left == []
+
+
+class OrderedStore(FakeStore):
+    """A FakeStore whose history keeps only entries from ``first`` on (retention trimmed the
+    rest), and, while ``held`` is a list, holds each read's answer until the test releases it
+    (``held[i].set()``): reads then answer in the order the test chooses."""
+
+    def __init__(self, top: int) -> None:
+        super().__init__(top)
+        self.first = 1
+        self.held: list[asyncio.Event] | None = None
+
+    async def snapshot(self, project_id, epoch=None, after=None, limit=0) -> Snapshot:
+        self.reads += 1
+        entries = ()
+        if epoch == EPOCH and after is not None and after < self.top:
+            start = max(after + 1, self.first)
+            entries = tuple((s, frame(s, project_id)) for s in range(start, self.top + 1))
+        snapshot = Snapshot(EPOCH, self.top, entries)
+        if self.held is not None:
+            release = asyncio.Event()
+            self.held.append(release)
+            await release.wait()
+        return snapshot
+
+
+async def test_a_resync_captured_while_joining_is_counted_when_it_is_sent() -> None:
+    """``eventbus_resyncs_total`` counts the ``resync_required`` frames sent: one the feed
+    issued while a connection's own read was in flight reaches it after ``subscribed``, and
+    counts then (it was counted nowhere: neither when captured nor when sent)."""
+    store = OrderedStore(top=3)
+    hub = await hub_with(store, window_events=0)  # every subscribe reads
+    first = session_of(hub)
+    await hub.subscribe(first, PROJECT, None, None)  # live from 3
+    store.held = []
+    second = session_of(hub)
+    joining = asyncio.create_task(hub.subscribe(second, PROJECT, EPOCH, 1))
+    await until(lambda: len(store.held) == 1)  # its read answers 2..3, held
+    store.top, store.first = 10, 8  # 4..7 published and trimmed before this pod saw them
+    live(hub, 10)  # a gap: the feed reads, finds 4..7 gone and resyncs everyone to 10
+    await until(lambda: len(store.held) == 2)
+    store.held[1].set()
+    await until(lambda: received(first)[-1:] == ["resync_required"])  # the joiner captures it
+    store.held[0].set()
+    await joining
+    await next_iteration()
+    assert received(first) == ["subscribed", "resync_required"]
+    assert received(second) == [2, 3, "subscribed", "resync_required"]
+    assert hub.metrics.resyncs_total == 2
