@@ -446,7 +446,9 @@ class Publisher(_ContractHelpers[Cursor]):
                     script_reply_valid,
                 )
             except OutOfStep as exc:
-                raise _out_of_step(exc, args) from exc
+                if self._policy.attempt_timeout is not None or not args[IDEMPOTENCY_ARG]:
+                    raise _out_of_step(exc, args) from exc
+                # A client of your own: once more through redis-py, as after a lost connection.
             except redis.exceptions.NoScriptError:
                 pass  # loaded below
             except _UNAVAILABLE:
@@ -639,7 +641,8 @@ class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
                     script_reply_valid,
                 )
             except OutOfStep as exc:
-                raise _out_of_step(exc, args) from exc
+                if self._policy.attempt_timeout is not None or not args[IDEMPOTENCY_ARG]:
+                    raise _out_of_step(exc, args) from exc
             except redis.exceptions.NoScriptError:
                 pass
             except _UNAVAILABLE:
@@ -707,7 +710,8 @@ def _out_of_step(exc: OutOfStep, args: list) -> redis.exceptions.RedisError:
     """A held connection answered a script call with what the script cannot give (a stray reply
     of a broken proxy before the real one, say): the lane dropped it. A call under a retry guard
     or an idempotency key is then tried again like one whose connection was lost (the retry
-    returns this call's own cursor, published once); one without (``retry_guard=None``) is not,
+    returns this call's own cursor, published once: the next attempt, or with a client of your
+    own the caller's one more try through redis-py); one without (``retry_guard=None``) is not,
     a retry might publish it twice: PublishError."""
     if args[IDEMPOTENCY_ARG]:  # a retry guard or an idempotency key
         return redis.exceptions.ConnectionError(str(exc))

@@ -25,6 +25,7 @@ import resource
 import threading
 
 import pytest
+import redis.asyncio
 import redis.exceptions
 
 from gateway.store import HistoryStore, StoreUnavailable
@@ -469,6 +470,38 @@ async def test_an_async_connection_whose_replies_are_out_of_step_is_dropped(fake
     fake.answer = _one_extra_reply(b"+OK\r\n")
     async with AsyncPublisher.from_url(fake.url, prefix=PREFIX, timeout=5) as publisher:
         cursors = [await publisher.blocker_resolved(1, blocker_id=i, answer="a") for i in (1, 2, 3)]
+    assert [c.seq for c in cursors] == history(redis_server, 1) == [1, 2, 3]
+
+
+def test_with_a_client_of_your_own_a_reply_out_of_step_goes_once_more_through_redis_py(
+    fake, redis_server
+):
+    """As after a lost connection: the call is tried once more through redis-py (whose pool
+    checks a connection for unread data), and returns its own cursor. Before, it raised
+    PublisherUnavailable although its event was published and the retry guard made a retry
+    exact."""
+    _load_script(redis_server)
+    fake.answer = _one_extra_reply(b"+OK\r\n")
+    client = redis.Redis.from_url(fake.url, socket_timeout=5)
+    try:
+        publisher = Publisher(client, prefix=PREFIX)
+        cursors = [publisher.blocker_resolved(1, blocker_id=i, answer="a") for i in (1, 2, 3)]
+    finally:
+        client.close()
+    assert [c.seq for c in cursors] == history(redis_server, 1) == [1, 2, 3]
+
+
+async def test_with_an_async_client_of_your_own_a_reply_out_of_step_goes_through_redis_py(
+    fake, redis_server
+):
+    _load_script(redis_server)
+    fake.answer = _one_extra_reply(b"+OK\r\n")
+    client = redis.asyncio.Redis.from_url(fake.url, socket_timeout=5)
+    try:
+        publisher = AsyncPublisher(client, prefix=PREFIX)
+        cursors = [await publisher.blocker_resolved(1, blocker_id=i, answer="a") for i in (1, 2, 3)]
+    finally:
+        await client.aclose()
     assert [c.seq for c in cursors] == history(redis_server, 1) == [1, 2, 3]
 
 
