@@ -88,7 +88,8 @@ class DirectCommands:
         :class:`OutOfStep` and the connection is dropped. A held connection is not checked for
         unread data when it is taken again (redis-py's pool checks each one it hands out: part
         of the cost this lane saves), so a stray reply (a broken proxy's) left every later
-        command on it reading the reply of the command before."""
+        command on it reading the reply of the command before. A connection that answered with
+        an error goes back to the pool, which checks it."""
         try:
             conn = self._idle.pop()
         except IndexError:
@@ -99,7 +100,10 @@ class DirectCommands:
             if valid is not None and not valid(reply):
                 raise _out_of_step(reply)
         except redis.exceptions.ResponseError:
-            self._keep(conn)  # a complete error reply: the connection is still in step
+            # A complete error reply, or a stray one (a broken proxy's) before the real reply:
+            # back to redis-py's pool, whose check for unread data tells them apart when it
+            # hands the connection out again (error replies are rare: the check costs nothing).
+            self._pool.release(conn)
             raise
         except BaseException:
             conn.disconnect()
@@ -153,7 +157,7 @@ class AsyncDirectCommands:
             if valid is not None and not valid(reply):
                 raise _out_of_step(reply)
         except redis.exceptions.ResponseError:
-            await self._keep(conn)
+            await self._pool.release(conn)
             raise
         except BaseException:
             await conn.disconnect(nowait=True)

@@ -473,6 +473,32 @@ async def test_an_async_connection_whose_replies_are_out_of_step_is_dropped(fake
     assert [c.seq for c in cursors] == history(redis_server, 1) == [1, 2, 3]
 
 
+def test_a_stray_error_reply_does_not_put_the_next_publishes_out_of_step(fake, redis_server):
+    """An error reply before the real one: that publish raises PublishError (an error reply
+    can be the script's own: nothing tells them apart), but the next ones return their own
+    cursors. Before, the held connection was kept with the real reply unread, and each later
+    publish returned the cursor of the one before."""
+    _load_script(redis_server)
+    fake.answer = _one_extra_reply(b"-ERR stray\r\n")
+    with Publisher.from_url(fake.url, prefix=PREFIX, timeout=5) as publisher:
+        with pytest.raises(PublishError):
+            publisher.blocker_resolved(1, blocker_id=1, answer="a")
+        cursors = [publisher.blocker_resolved(1, blocker_id=i, answer="a") for i in (2, 3)]
+    assert [c.seq for c in cursors] == [2, 3] and history(redis_server, 1) == [1, 2, 3]
+
+
+async def test_an_async_stray_error_reply_does_not_put_the_next_publishes_out_of_step(
+    fake, redis_server
+):
+    _load_script(redis_server)
+    fake.answer = _one_extra_reply(b"-ERR stray\r\n")
+    async with AsyncPublisher.from_url(fake.url, prefix=PREFIX, timeout=5) as publisher:
+        with pytest.raises(PublishError):
+            await publisher.blocker_resolved(1, blocker_id=1, answer="a")
+        cursors = [await publisher.blocker_resolved(1, blocker_id=i, answer="a") for i in (2, 3)]
+    assert [c.seq for c in cursors] == [2, 3] and history(redis_server, 1) == [1, 2, 3]
+
+
 def test_with_a_client_of_your_own_a_reply_out_of_step_goes_once_more_through_redis_py(
     fake, redis_server
 ):
