@@ -192,6 +192,19 @@ class ProjectState:
         self.generation += 1
         return Resync(self.project_id, ResyncReason.HISTORY_CORRUPT, epoch, seq)
 
+    def at_top(self, reason: ResyncReason, epoch: str, seq: int) -> bool:
+        """Whether a ``resync_required`` says ``too_far_behind`` of the cursor itself: the
+        gateway handles a resubscribe after the messages before it, the project's live events
+        (the next ones, delivered) keep coming meanwhile, and it unsubscribes, then reads its
+        top. More than one replay came so: nothing is missing. Taken as the subscribe's answer
+        (its ``subscribed`` acknowledges the cursor), neither surfaced nor caught up (whose pages
+        hold nothing after the cursor: a catch-up that cannot be read)."""
+        if reason != ResyncReason.TOO_FAR_BEHIND or self.cursor != (epoch, seq):
+            return False
+        self.resync_seen = True
+        self.stream_epoch = epoch
+        return True
+
     def can_catch_up(self, reason: ResyncReason, epoch: str) -> bool:
         """Whether a ``resync_required`` only says the replay would be too long: the events are
         still in the history of the cursor's epoch and can be read page by page."""

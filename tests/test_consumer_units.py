@@ -1381,6 +1381,37 @@ async def test_a_catch_up_whose_pages_bring_nothing_new_surfaces_the_resync(answ
     assert consumer.cursor(1) == Cursor(EPOCH, 5000)
 
 
+@pytest.mark.parametrize("catch_up", [True, False])
+async def test_too_far_behind_naming_the_cursor_is_no_resync(catch_up: bool):
+    """The gateway handles a resubscribe after the messages before it (each may wait for Redis):
+    meanwhile the project's live events keep coming, and the next ones are delivered. When more
+    than ``--max-replay`` came so, the gateway, which unsubscribes and then reads its top, says
+    ``too_far_behind`` with a top the live events already brought the cursor to: nothing is
+    missing. The catch-up's pages then held nothing after the cursor, and the consumer told its
+    caller that events were lost (Resync); without catch-up, likewise."""
+    consumer, ws, subscription = await fed_consumer(1)
+    consumer.catch_up = catch_up
+    await consumer._on_frame(ws, subscribed(1, 5))  # type: ignore[arg-type]
+    consumer._states[1].subscribe_message()  # a resume from (e1, 5), not yet handled
+
+    async def page(project_id: int, cursor: Cursor) -> PollResponse:
+        frames = [msgspec.Raw(frame(1, seq)) for seq in range(cursor.seq + 1, 21)]
+        return PollResponse(1, EPOCH, 20, frames, None, False)
+
+    consumer._poll = page  # type: ignore[method-assign]
+    for seq in range(6, 21):  # live, before the gateway handles the subscribe (--max-replay 10)
+        await consumer._on_frame(ws, frame(1, seq))  # type: ignore[arg-type]
+    too_far = {"type": "resync_required", "project_id": 1, "reason": "too_far_behind"}
+    await consumer._on_frame(ws, json.dumps(too_far | {"epoch": EPOCH, "seq": 20}).encode())  # type: ignore[arg-type]
+    await asyncio.gather(*consumer._helpers)
+    await consumer._on_frame(ws, subscribed(1, 20))  # type: ignore[arg-type]
+    await asyncio.gather(*consumer._helpers)
+    await consumer._on_frame(ws, frame(1, 21))  # type: ignore[arg-type]
+    items = drain(subscription)
+    assert [(type(i).__name__, i.seq) for i in items] == [("Delivery", s) for s in range(6, 22)]
+    assert consumer.cursor(1) == Cursor(EPOCH, 21)
+
+
 async def test_a_catch_up_page_takes_only_events_of_its_own_project():
     """A page is the answer for one project: an event in it naming another one (a broken
     gateway's page, a foreign entry it relayed) was delivered as this project's event of that
