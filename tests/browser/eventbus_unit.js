@@ -644,6 +644,26 @@ test("sse: a gateway closing each live stream at once gets one prompt reopen, th
   eq(gaps.map((gap) => (gap <= 500 ? "prompt" : "backoff")), ["prompt", "backoff", "backoff"], `${gaps}`);
 });
 
+test("sse: a stream up stableAfter makes the next drain's reopen prompt again", async () => {
+  // A pod drained twice in a row with a stable stream between (a rolling restart): each drain
+  // is the first since a stable stream, and is reopened promptly, not after the backoff.
+  const env = setup({ autoFailSockets: true });
+  sseServer(env);
+  await env.clock.advance(0);
+  const gaps = [];
+  for (let i = 0; i < 3; i += 1) {
+    const stream = await sseLive(env, { 1: { epoch: "e", seq: 0 } });
+    if (i === 2) await env.clock.advance(10000); // stable
+    stream.event("close", { type: "close", code: 1012, reason: "server restarting" });
+    stream.end();
+    const closed = env.clock.now();
+    const streams = env.streams.length;
+    while (env.streams.length === streams) await env.clock.advance(50);
+    gaps.push(env.clock.now() - closed);
+  }
+  eq(gaps.map((gap) => (gap <= 500 ? "prompt" : "backoff")), ["prompt", "backoff", "prompt"], `${gaps}`);
+});
+
 test("4001 and 4002 get a new token before reconnecting", async () => {
   const env = setup();
   let ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
