@@ -608,6 +608,19 @@ async def fed_consumer(*project_ids: int) -> tuple[Consumer, FakeConnection, lis
     return consumer, ws, subscription
 
 
+def too_far_behind(project_id: int, seq: int, epoch: str = EPOCH) -> bytes:
+    """The gateway's ``resync_required(too_far_behind)`` to ``(epoch, seq)``."""
+    return msgspec.json.encode(
+        {
+            "type": "resync_required",
+            "project_id": project_id,
+            "reason": "too_far_behind",
+            "epoch": epoch,
+            "seq": seq,
+        }
+    )
+
+
 def subscribed(project_id: int, seq: int, epoch: str = EPOCH, resumed: bool = False) -> bytes:
     return msgspec.json.encode(
         {
@@ -1449,8 +1462,7 @@ async def test_a_catch_up_whose_pages_cannot_be_read_surfaces_the_resync():
         raise OSError("connection refused")
 
     consumer._poll = unreachable  # type: ignore[method-assign]
-    resync = {"type": "resync_required", "project_id": 1, "reason": "too_far_behind"}
-    await consumer._on_frame(ws, json.dumps(resync | {"epoch": EPOCH, "seq": 5000}).encode())  # type: ignore[arg-type]
+    await consumer._on_frame(ws, too_far_behind(1, 5000))  # type: ignore[arg-type]
     await asyncio.gather(*consumer._helpers)
     assert drain(subscription) == [Resync(1, ResyncReason.TOO_FAR_BEHIND, EPOCH, 5000)]
     assert consumer.stats.catch_ups == 1 and consumer.stats.resyncs == 1
@@ -1518,8 +1530,7 @@ async def test_a_catch_up_page_trickled_by_the_server_ends_at_open_timeout(heade
         consumer._poll_timeout = 0.5
         await consumer._on_frame(ws, subscribed(1, 5))  # type: ignore[arg-type]
         consumer._states[1].subscribe_message()
-        resync = {"type": "resync_required", "project_id": 1, "reason": "too_far_behind"}
-        await consumer._on_frame(ws, json.dumps(resync | {"epoch": EPOCH, "seq": 5000}).encode())  # type: ignore[arg-type]
+        await consumer._on_frame(ws, too_far_behind(1, 5000))  # type: ignore[arg-type]
         async with asyncio.timeout(5):
             await asyncio.gather(*consumer._helpers)
             await server.ended.wait()
@@ -1583,8 +1594,7 @@ async def test_a_catch_up_page_answered_503_is_asked_again_from_the_same_cursor(
         consumer._random = lambda: 0.5  # backoff delays 0.1, then 0.2
         await consumer._on_frame(ws, subscribed(1, 5))  # type: ignore[arg-type]
         consumer._states[1].subscribe_message()  # a resume from (e1, 5)...
-        resync = {"type": "resync_required", "project_id": 1, "reason": "too_far_behind"}
-        await consumer._on_frame(ws, json.dumps(resync | {"epoch": EPOCH, "seq": 5000}).encode())  # type: ignore[arg-type]
+        await consumer._on_frame(ws, too_far_behind(1, 5000))  # type: ignore[arg-type]
         async with asyncio.timeout(10):
             await asyncio.gather(*consumer._helpers)
     items = drain(subscription)
@@ -1653,8 +1663,7 @@ async def test_a_catch_up_page_answered_with_a_redirect_is_not_followed(scheme: 
         consumer._poll_timeout = 0.5
         await consumer._on_frame(ws, subscribed(1, 5))  # type: ignore[arg-type]
         consumer._states[1].subscribe_message()
-        resync = {"type": "resync_required", "project_id": 1, "reason": "too_far_behind"}
-        await consumer._on_frame(ws, json.dumps(resync | {"epoch": EPOCH, "seq": 5000}).encode())  # type: ignore[arg-type]
+        await consumer._on_frame(ws, too_far_behind(1, 5000))  # type: ignore[arg-type]
         async with asyncio.timeout(5):
             await asyncio.gather(*consumer._helpers)
         assert drain(subscription) == [Resync(1, ResyncReason.TOO_FAR_BEHIND, EPOCH, 5000)]
