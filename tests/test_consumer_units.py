@@ -1484,6 +1484,18 @@ class LocalHttpServer:
         raise NotImplementedError
 
 
+async def trickle_until_closed(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, byte: bytes
+) -> None:
+    """Send ``byte`` every 0.1 s or so until the client closes the connection."""
+    while True:
+        writer.write(byte)
+        await writer.drain()
+        with contextlib.suppress(TimeoutError):
+            if await asyncio.wait_for(reader.read(1), 0.1) == b"":
+                return
+
+
 class TricklingServer(LocalHttpServer):
     """An HTTP server that answers ``header`` and then a byte every 0.1 s, until its client goes
     away (``ended`` is set then)."""
@@ -1501,14 +1513,22 @@ class TricklingServer(LocalHttpServer):
         self.answering.set()
         writer.write(self.header)
         with contextlib.suppress(ConnectionError):
-            while True:
-                writer.write(b" ")
-                await writer.drain()
-                with contextlib.suppress(TimeoutError):
-                    if await asyncio.wait_for(reader.read(1), 0.1) == b"":
-                        break
+            await trickle_until_closed(reader, writer, b" ")
         self.ended.set()
         writer.close()
+
+
+async def catching_up_from(url: str, token: str | None = None):
+    """A consumer of project 1 at ``(EPOCH, 5)``, told ``too_far_behind`` to 5000 by its gateway
+    after a resume: it catches up by pages from ``url`` (each page within 0.5 s)."""
+    consumer, ws, subscription = await fed_consumer(1)
+    consumer._token_source = token
+    consumer.http_url = url
+    consumer._poll_timeout = 0.5
+    await consumer._on_frame(ws, subscribed(1, 5))  # type: ignore[arg-type]
+    consumer._states[1].subscribe_message()
+    await consumer._on_frame(ws, too_far_behind(1, 5000))  # type: ignore[arg-type]
+    return consumer, subscription
 
 
 @pytest.mark.parametrize(
@@ -1525,12 +1545,7 @@ async def test_a_catch_up_page_trickled_by_the_server_ends_at_open_timeout(heade
     meanwhile) silent, for ever. Now the page ends at the timeout, and the resync is surfaced."""
     server = TricklingServer(header)
     async with server as url:
-        consumer, ws, subscription = await fed_consumer(1)
-        consumer.http_url = url
-        consumer._poll_timeout = 0.5
-        await consumer._on_frame(ws, subscribed(1, 5))  # type: ignore[arg-type]
-        consumer._states[1].subscribe_message()
-        await consumer._on_frame(ws, too_far_behind(1, 5000))  # type: ignore[arg-type]
+        consumer, subscription = await catching_up_from(url)
         async with asyncio.timeout(5):
             await asyncio.gather(*consumer._helpers)
             await server.ended.wait()
@@ -1630,12 +1645,7 @@ class RecordingServer(LocalHttpServer):
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
             if self.answer is None:
-                while True:
-                    writer.write(b"2")
-                    await writer.drain()
-                    with contextlib.suppress(TimeoutError):
-                        if await asyncio.wait_for(reader.read(1), 0.1) == b"":
-                            break
+                await trickle_until_closed(reader, writer, b"2")
             else:
                 self.heads.append(await reader.readuntil(b"\r\n\r\n"))
                 writer.write(self.answer.replace(b"{url}", self.target.encode()))
@@ -1657,13 +1667,7 @@ async def test_a_catch_up_page_answered_with_a_redirect_is_not_followed(scheme: 
     )
     async with elsewhere as target, redirecting as url:
         redirecting.target = target.replace("http", scheme, 1) + "/v1/projects/1/events"
-        consumer, ws, subscription = await fed_consumer(1)
-        consumer._token_source = "a-secret-token"
-        consumer.http_url = url
-        consumer._poll_timeout = 0.5
-        await consumer._on_frame(ws, subscribed(1, 5))  # type: ignore[arg-type]
-        consumer._states[1].subscribe_message()
-        await consumer._on_frame(ws, too_far_behind(1, 5000))  # type: ignore[arg-type]
+        consumer, subscription = await catching_up_from(url, token="a-secret-token")
         async with asyncio.timeout(5):
             await asyncio.gather(*consumer._helpers)
         assert drain(subscription) == [Resync(1, ResyncReason.TOO_FAR_BEHIND, EPOCH, 5000)]
