@@ -361,6 +361,20 @@ export class ProjectCursor {
   }
 
   /**
+   * Whether a `resync_required` says `too_far_behind` of this very cursor: the gateway handles a
+   * resubscribe (a gap's repair) after the messages before it, the project's live events (the
+   * next ones, delivered) keep coming meanwhile, and it then finds more than one replay between
+   * the cursor it was sent and its top, which is where this cursor already stands. Nothing is
+   * missing: it is taken as the subscribe's answer (its `subscribed` follows), not a reload.
+   */
+  atTop({ reason, epoch, seq }) {
+    if (reason !== "too_far_behind" || this.resyncing || !this.known) return false;
+    if (epoch !== this.epoch || seq !== this.seq) return false;
+    this.resyncSinceSubscribe = true; // (so its `subscribed`, not resumed, is no reload either)
+    return true;
+  }
+
+  /**
    * The gateway's `subscribed`. Returns true when the application must reload its state: first
    * subscribe, or a resume the gateway did not honour without saying resync_required first
    * (not `resumed`, another epoch, or a top behind the cursor: the events up to the cursor of
@@ -1431,6 +1445,7 @@ export class EventBus {
     const sub = this._subs.get(message.project_id);
     if (!sub || !this._hasCursor(sub, message)) return;
     this._heard(sub.projectId); // (its `subscribed` follows)
+    if (sub.cursor.atTop(message)) return; // nothing missing (as the Python consumer)
     sub.cursor.beginResync(message.epoch, message.seq);
     this._runResync(sub);
   }

@@ -657,6 +657,28 @@ test("sse: a stream up stableAfter makes the next drain's reopen prompt again", 
   eq(await sseDrainedThrice(2), ["prompt", "backoff", "prompt"]);
 });
 
+test("too_far_behind naming the cursor itself is no reload; one naming a later seq is", async () => {
+  // The gateway handles a gap's resubscribe after the messages before it; the project's live
+  // events keep coming meanwhile, and then more than one replay lies between the cursor it was
+  // sent and its top, where this client already stands: nothing is missing.
+  const env = setup();
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 3 } });
+  eq(env.resyncs, [1], "the first subscribe loads the state");
+  await flush();
+  ws.receive(event(1, 4));
+  ws.receive(event(1, 5));
+  await flush();
+  ws.receive({ type: "resync_required", project_id: 1, reason: "too_far_behind", epoch: "e", seq: 5 });
+  ws.receive({ type: "subscribed", project_id: 1, epoch: "e", seq: 5, resumed: false, replayed: 0 });
+  ws.receive(event(1, 6));
+  await flush();
+  eq(env.resyncs, [1], "no reload: the client stands at the gateway's top");
+  eq(env.events[1], [4, 5, 6]);
+  ws.receive({ type: "resync_required", project_id: 1, reason: "too_far_behind", epoch: "e", seq: 9 });
+  await flush();
+  eq(env.resyncs, [1, 1], "events 7-9 are missing: a reload");
+});
+
 test("4001 and 4002 get a new token before reconnecting", async () => {
   const env = setup();
   let ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
