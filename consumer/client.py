@@ -38,6 +38,7 @@ import msgspec
 import structlog
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.frames import Close
 
 from consumer.answers import PendingAnswers, ReadingClock
 from consumer.frames import EVENT_TYPES, FrameError, decode_frame, event_seq
@@ -165,6 +166,17 @@ class _connect(connect):
 
     def process_redirect(self, exc: Exception) -> Exception | str:
         return exc
+
+
+def _refused_frame(ws: ClientConnection) -> Close | None:
+    """The close frame the consumer sent first for a protocol violation *of the gateway's* (a
+    frame over ``max_size``: 1009, a text frame that is not UTF-8: 1007, a broken frame: 1002),
+    or None (the gateway closed first, or the consumer closed for another reason)."""
+    protocol = ws.protocol
+    sent = protocol.close_sent
+    if sent is None or protocol.close_rcvd_then_sent or not close_action(sent.code).client_bug:
+        return None
+    return sent
 
 
 async def _nothing() -> None:
@@ -711,6 +723,7 @@ class Consumer:
             return self._backoff.next()
         opened_at = None
         code: int | None = None
+        refused: Close | None = None
         was_live = False
         retry_after = 0.0
         try:
@@ -754,6 +767,7 @@ class Consumer:
                 await ws.close()
                 # No close frame (killed gateway, reset, keepalive timeout): 1006.
                 code = ws.close_code if ws.close_code is not None else ABNORMAL_CLOSURE
+                refused = _refused_frame(ws)
         if opened_at is not None:
             self._failed_attempts = 0
             self.close_codes.append(code)
@@ -770,6 +784,14 @@ class Consumer:
             self._given_up = None
         if self._closed:
             return 0.0
+        if refused is not None:
+            # The consumer closed the connection over what the gateway sent (a frame over
+            # max_size, a text frame that is not UTF-8): the gateway's fault, or a proxy's. Else
+            # nothing would say so: websockets discards what follows a failure, the gateway's
+            # echo of the code included, and the connection ends as a plain 1006.
+            log.warning(
+                "refused a frame from the gateway", code=refused.code, reason=refused.reason
+            )
         return max(retry_after, self._after_close(code, was_live))
 
     def _log_failure(self, event: str, **fields: object) -> None:

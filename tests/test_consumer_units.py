@@ -1769,6 +1769,38 @@ async def test_a_gateway_closing_each_new_connection_for_a_prompt_reconnect_gets
         await consumer.aclose()
 
 
+async def test_a_frame_the_consumer_refuses_is_the_gateways_fault_not_its_own():
+    """A gateway sends a frame over the consumer's ``max_size`` (4 MiB): the consumer closes the
+    connection with 1009 and reconnects with backoff, logging a warning that names the refused
+    frame. Before, nothing said why: websockets discards what follows a failure, the gateway's
+    echo of 1009 included, so the connection ended as a plain 1006 ('disconnected')."""
+    from structlog.testing import capture_logs
+    from websockets.asyncio.server import serve
+    from websockets.exceptions import ConnectionClosed
+
+    async def oversized(connection) -> None:
+        await connection.recv()  # the token
+        await connection.send(
+            '{"type":"authenticated","subject":null,"projects":null,"expires_at":null}'
+        )
+        await connection.send("x" * (2**22 + 1))
+        with contextlib.suppress(ConnectionClosed):
+            await connection.recv()
+
+    async with serve(oversized, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        consumer = Consumer(f"ws://127.0.0.1:{port}/", token="t", random=lambda: 0.5)
+        with capture_logs() as logs:
+            delay = await consumer._connect_once()
+        await consumer.aclose()
+    assert consumer.close_codes == [1006]  # (no close frame is read after a failure)
+    assert delay == 0.5  # the backoff's first (random 0.5), not a prompt reconnect
+    refused = [e for e in logs if e["event"] == "refused a frame from the gateway"]
+    assert [(e["log_level"], e["code"]) for e in refused] == [("warning", 1009)]
+    assert "exceeds limit" in refused[0]["reason"]
+    assert not [e for e in logs if e["log_level"] == "error"]
+
+
 async def test_close_codes_keep_the_last_connections_only(monkeypatch):
     """``close_codes`` says how the last connections ended, oldest first; a list of every one
     grew by an entry per reconnect for as long as the process lived (a consumer reconnecting
