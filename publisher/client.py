@@ -446,9 +446,7 @@ class Publisher(_ContractHelpers[Cursor]):
                     script_reply_valid,
                 )
             except OutOfStep as exc:
-                if self._policy.attempt_timeout is not None or not args[IDEMPOTENCY_ARG]:
-                    raise _out_of_step(exc, args) from exc
-                # A client of your own: once more through redis-py, as after a lost connection.
+                _after_out_of_step(exc, args, self._policy)  # (returned: once more via redis-py)
             except redis.exceptions.NoScriptError:
                 pass  # loaded below
             except _UNAVAILABLE:
@@ -641,8 +639,7 @@ class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
                     script_reply_valid,
                 )
             except OutOfStep as exc:
-                if self._policy.attempt_timeout is not None or not args[IDEMPOTENCY_ARG]:
-                    raise _out_of_step(exc, args) from exc
+                _after_out_of_step(exc, args, self._policy)  # (returned: once more via redis-py)
             except redis.exceptions.NoScriptError:
                 pass
             except _UNAVAILABLE:
@@ -706,16 +703,18 @@ class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
         await self.aclose()
 
 
-def _out_of_step(exc: OutOfStep, args: list) -> redis.exceptions.RedisError:
+def _after_out_of_step(exc: OutOfStep, args: list, policy: RetryPolicy) -> None:
     """A held connection answered a script call with what the script cannot give (a stray reply
     of a broken proxy before the real one, say): the lane dropped it. A call under a retry guard
     or an idempotency key is then tried again like one whose connection was lost (the retry
-    returns this call's own cursor, published once: the next attempt, or with a client of your
-    own the caller's one more try through redis-py); one without (``retry_guard=None``) is not,
-    a retry might publish it twice: PublishError."""
-    if args[IDEMPOTENCY_ARG]:  # a retry guard or an idempotency key
-        return redis.exceptions.ConnectionError(str(exc))
-    return exc
+    returns this call's own cursor, published once): with the publisher's own client, raised
+    as a ``ConnectionError`` for its next attempt; with a client of your own, this returns and
+    the call goes once more through redis-py. One without (``retry_guard=None``) is not, a
+    retry might publish it twice: the OutOfStep is raised (PublishError)."""
+    if not args[IDEMPOTENCY_ARG]:  # neither a retry guard nor an idempotency key
+        raise exc
+    if policy.attempt_timeout is not None:
+        raise redis.exceptions.ConnectionError(str(exc)) from exc
 
 
 def _describe(exc: BaseException) -> str:
