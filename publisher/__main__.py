@@ -433,7 +433,7 @@ def _history_reply_shaped(reply: object) -> bool:
 def _entry_seq(entry_id: bytes | str) -> int | None:
     try:
         return stream_entry_seq(entry_id)
-    except (ValueError, AttributeError):  # a foreign id ("5-1" parses; "x-0", 5 do not)
+    except ValueError:  # a foreign id ("5-1" parses; "x-0", 5 do not)
         return None
 
 

@@ -141,9 +141,12 @@ def parse_envelope(data: bytes) -> Envelope:
 
 
 def stream_entry_seq(entry_id: bytes | str) -> int:
-    """The sequence number of a stream entry id ``"<seq>-0"``."""
+    """The sequence number of a stream entry id ``"<seq>-0"``; ValueError when ``entry_id``
+    does not start with one (a foreign entry's, or not an id at all: not text)."""
     if isinstance(entry_id, bytes):
         entry_id = entry_id.decode()
+    elif not isinstance(entry_id, str):
+        raise ValueError(f"not a stream entry id: {entry_id!r}"[:80])
     return int(entry_id.partition("-")[0])
 
 

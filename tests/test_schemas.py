@@ -867,6 +867,9 @@ def test_parse_envelope_rejects_foreign_messages(data: Any) -> None:
 def test_stream_entry_seq() -> None:
     assert stream_entry_seq(b"42-0") == 42
     assert stream_entry_seq("7-0") == 7
+    for not_ours in (b"x-0", 5, None, [b"5-0"]):  # a foreign id, or none at all: ValueError
+        with pytest.raises(ValueError):
+            stream_entry_seq(not_ours)  # type: ignore[arg-type]
 
 
 def test_msgspec_struct_is_the_source_of_event_types() -> None:
