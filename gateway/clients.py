@@ -248,6 +248,14 @@ class ClientProtocol:
                     message.project_id,
                 )
                 return None
+            if message.tag is not None and message.after is None:
+                self.client_error(
+                    session,
+                    ErrorCode.INVALID_CURSOR,
+                    "a tag names the event at a cursor: give it with epoch and after",
+                    message.project_id,
+                )
+                return None
             if not message.presence and self._subscribe_from_memory(
                 session, message.project_id, message.epoch, message.after
             ):

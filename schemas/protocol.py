@@ -14,6 +14,8 @@ from typing import Annotated, TypeAlias, Union
 import msgspec
 from msgspec import Meta
 
+from schemas.tags import TAG_PATTERN
+
 __all__ = [
     "MAX_SEQ",
     "Activity",
@@ -51,6 +53,8 @@ Sequence = Annotated[int, Meta(ge=0, le=MAX_SEQ)]
 #: ``(?!\n)``: msgspec searches the pattern with Python's ``re``, whose ``$`` also matches before
 #: a final line feed (``\Z`` would say it in Python only: the pattern is exported to JSON Schema).
 Epoch = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+(?!\n)$")]
+#: The tag of the event at a cursor (schemas.tags): 16 lowercase hex digits.
+Tag = Annotated[str, Meta(min_length=16, max_length=16, pattern=TAG_PATTERN)]
 Token = Annotated[str, Meta(min_length=1, max_length=8192)]
 #: What a member is looking at or answering: an application id (a blocker's id in the dashboard).
 ItemId = Annotated[int, Meta(gt=0, le=2**53 - 1)]
@@ -136,6 +140,9 @@ class Subscribe(msgspec.Struct, tag_field="type", tag="subscribe"):
     project_id: ProjectId
     epoch: Epoch | None = None
     after: Sequence | None = None
+    #: The tag of the event at ``after`` (schemas.tags), when the client has it: a history that
+    #: holds another event there (a Redis failover lost events) gets ``history_lost``.
+    tag: Tag | None = None
     #: Also receive the project's member list (``presence``) and then its coalesced changes
     #: (``presence_diff``, at most one per second). See docs/presence.md.
     presence: bool = False
@@ -186,7 +193,8 @@ class Subscribed(msgspec.Struct, tag_field="type", tag="subscribed"):
     """Sent after the replayed events (if any) and before any live event of the project.
 
     ``seq`` is the project's top sequence when the subscription went live. ``resumed`` is true when
-    the client's cursor was honoured in full (``replayed`` events were re-sent).
+    the client's cursor was honoured in full (``replayed`` events were re-sent). ``tag`` is the
+    tag of the event at ``seq`` (None when ``seq`` is 0 or the gateway does not know it).
     """
 
     project_id: int
@@ -194,6 +202,7 @@ class Subscribed(msgspec.Struct, tag_field="type", tag="subscribed"):
     seq: int
     resumed: bool
     replayed: int = 0
+    tag: str | None = None
 
 
 class Unsubscribed(msgspec.Struct, tag_field="type", tag="unsubscribed"):
@@ -208,6 +217,8 @@ class ResyncRequired(msgspec.Struct, tag_field="type", tag="resync_required"):
     reason: ResyncReason
     epoch: str
     seq: int
+    #: The tag of the event at ``seq`` (None when ``seq`` is 0 or unknown).
+    tag: str | None = None
 
 
 class Error(msgspec.Struct, tag_field="type", tag="error", omit_defaults=True):
@@ -288,6 +299,9 @@ class PollResponse(msgspec.Struct):
     events: list[msgspec.Raw]
     resync_required: ResyncRequired | None = None
     more: bool = False
+    #: The tag of the event at the cursor to poll with next: the last of ``events``, or, when
+    #: there are none, the one at ``seq`` (None when unknown).
+    tag: str | None = None
 
 
 # --- codec ---------------------------------------------------------------------------------
@@ -317,7 +331,7 @@ def decode_client_message(data: bytes | str) -> ClientMessage:
                 ErrorCode.UNKNOWN_TYPE,
                 f"{text}; expected one of {', '.join(CLIENT_MESSAGE_TYPES)}",
             ) from None
-        if "$.epoch" in text or "$.after" in text:
+        if "$.epoch" in text or "$.after" in text or "$.tag" in text:
             raise ProtocolError(ErrorCode.INVALID_CURSOR, text) from None
         raise ProtocolError(ErrorCode.INVALID_MESSAGE, text) from None
     except msgspec.DecodeError as exc:
