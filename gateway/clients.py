@@ -257,7 +257,7 @@ class ClientProtocol:
                 )
                 return None
             if not message.presence and self._subscribe_from_memory(
-                session, message.project_id, message.epoch, message.after
+                session, message.project_id, message.epoch, message.after, message.tag
             ):
                 return None
             return self.subscribe(
@@ -267,6 +267,7 @@ class ClientProtocol:
                 message.after,
                 clog,
                 presence=message.presence,
+                tag=message.tag,
             )
         if isinstance(message, Activity):
             self.activity(session, message)
@@ -329,7 +330,12 @@ class ClientProtocol:
         return True
 
     def _subscribe_from_memory(
-        self, session: ClientSession, project_id: int, epoch: str | None, after: int | None
+        self,
+        session: ClientSession,
+        project_id: int,
+        epoch: str | None,
+        after: int | None,
+        tag: str | None = None,
     ) -> bool:
         """:meth:`subscribe` without presence, when the feed's memory answers it (the common
         case of a reconnect storm): no suspension, no task. False when it cannot (nothing has
@@ -338,7 +344,7 @@ class ClientProtocol:
             return True
         if not self._room_for(session, project_id):
             return True
-        if not self.gateway.hub.subscribe_from_memory(session, project_id, epoch, after):
+        if not self.gateway.hub.subscribe_from_memory(session, project_id, epoch, after, tag):
             return False
         self._list(session, project_id)
         self.gateway.presence.unsubscribe(session, project_id)
@@ -367,9 +373,11 @@ class ClientProtocol:
         clog,
         *,
         presence: bool = False,
+        tag: str | None = None,
     ) -> bool:
         """Subscribe with the checks a client may fail (each answers ``error``); True when the
-        hub took the subscription (its replay and ``subscribed`` are on their way).
+        hub took the subscription (its replay and ``subscribed`` are on their way). ``tag``:
+        the tag of the event the client has at ``after`` (checked against the history).
 
         The connection is then listed in the project's presence (when its token has a ``sub``),
         and with ``presence`` it gets the ``presence`` message after ``subscribed`` and then
@@ -377,7 +385,7 @@ class ClientProtocol:
         if not self.check_allowed(session, project_id) or not self._room_for(session, project_id):
             return False
         try:
-            await self.gateway.hub.subscribe(session, project_id, epoch, after)
+            await self.gateway.hub.subscribe(session, project_id, epoch, after, tag)
         except SubscribeUnavailable as exc:
             # A failed re-subscribe has ended the old subscription: its presence ends with it.
             self.gateway.presence.leave(session, project_id)

@@ -16,6 +16,7 @@ import os
 import re
 from collections.abc import Awaitable, Callable
 from importlib import resources
+from typing import NamedTuple
 from urllib.parse import parse_qs
 
 import msgspec
@@ -26,6 +27,7 @@ from gateway.client_input import parse_project_id
 from gateway.sequencing import plan_poll
 from gateway.store import ProjectUnreadable, StoreUnavailable
 from schemas.protocol import MAX_SEQ, PollResponse, ResyncRequired, encode
+from schemas.tags import is_tag
 from schemas.tokens import InvalidToken, TokenClaims
 
 __all__ = ["HttpRoutes", "answer_to", "cors_headers", "draining_response", "json_response"]
@@ -235,7 +237,7 @@ class HttpRoutes:
         )
 
     async def poll(self, request: Request, raw_id: str, query: str = "") -> Response:
-        """``GET /v1/projects/{id}/events?epoch=&after=&limit=``: the polling fallback."""
+        """``GET /v1/projects/{id}/events?epoch=&after=&tag=&limit=``: the polling fallback."""
         refuse = self._refuse
         try:
             project_id = parse_project_id(raw_id)
@@ -258,7 +260,7 @@ class HttpRoutes:
             if not claims.allows(project_id):
                 return refuse(403, "forbidden", f"the token does not allow project {project_id}")
         try:
-            epoch, after, limit = _poll_query(query)
+            epoch, after, tag, limit = _poll_query(query)
         except ValueError as exc:
             return refuse(400, "invalid_query", str(exc))
         config = self.gateway.config
@@ -280,7 +282,7 @@ class HttpRoutes:
                 else "Redis is unavailable; poll again later"
             )
             return _error(503, "unavailable", message, [("Retry-After", str(POLL_RETRY_AFTER))])
-        plan = plan_poll(epoch, after, snapshot, limit)
+        plan = plan_poll(epoch, after, snapshot, limit, tag)
         metrics = self.gateway.metrics
         metrics.polls_total += 1
         metrics.replayed_total += len(plan.events)
@@ -292,6 +294,7 @@ class HttpRoutes:
                 reason=plan.resync.reason,
                 epoch=plan.resync.epoch,
                 seq=plan.resync.seq,
+                tag=plan.resync.tag,
             )
         body = PollResponse(
             project_id=project_id,
@@ -300,6 +303,7 @@ class HttpRoutes:
             events=[msgspec.Raw(frame) for _, frame in plan.events],
             resync_required=resync,
             more=plan.more,
+            tag=plan.tag,
         )
         return json_response(200, encode(body))
 
@@ -335,9 +339,18 @@ def _split_target(target: str) -> tuple[str, str]:
     return path.partition("#")[0], query.partition("#")[0]
 
 
-def _poll_query(query: str) -> tuple[str | None, int | None, int]:
+class PollQuery(NamedTuple):
+    """A poll's query: the cursor (``epoch``, ``after``, optionally ``tag``) and the page size."""
+
+    epoch: str | None
+    after: int | None
+    tag: str | None
+    limit: int
+
+
+def _poll_query(query: str) -> PollQuery:
     params = parse_qs(query, keep_blank_values=True, max_num_fields=10)
-    unknown = set(params) - {"epoch", "after", "limit"}
+    unknown = set(params) - {"epoch", "after", "tag", "limit"}
     if unknown:
         raise ValueError(f"unknown query parameters: {', '.join(sorted(unknown))}")
 
@@ -350,8 +363,11 @@ def _poll_query(query: str) -> tuple[str | None, int | None, int]:
         return values[0]
 
     epoch, raw_after, raw_limit = one("epoch"), one("after"), one("limit")
+    tag = one("tag")
     if (epoch is None) != (raw_after is None):
         raise ValueError("give both epoch and after, or neither")
+    if tag is not None and (epoch is None or not is_tag(tag)):
+        raise ValueError("tag: 16 hex digits (the tag of the event at after), given with after")
     if epoch is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", epoch):
         raise ValueError("epoch is malformed")
     # ASCII digits only: str.isdigit() and int() also take other scripts' digits (Arabic-Indic,
@@ -371,4 +387,4 @@ def _poll_query(query: str) -> tuple[str | None, int | None, int]:
         ):
             raise ValueError(f"limit must be an integer from 1 to {MAX_POLL_LIMIT}")
         limit = int(raw_limit)
-    return epoch, after, limit
+    return PollQuery(epoch, after, tag, limit)

@@ -45,12 +45,15 @@ from gateway.logs import describe, get_logger
 from gateway.metrics import Metrics
 from gateway.pubsub import PubSubLink
 from gateway.sequencing import (
+    LOST,
+    SEND,
     FeedSequencer,
     Joiner,
     Resync,
     Snapshot,
     Step,
     SubscriptionPlan,
+    other_event_at_cursor,
     plan_subscription,
 )
 from gateway.session import Outgoing, Session, joined
@@ -60,6 +63,7 @@ from gateway.window import ResumeWindow, WindowBudget, seed_run
 from schemas.keys import Keys
 from schemas.protocol import CloseCode, Error, ErrorCode, ResyncReason, ResyncRequired, Subscribed
 from schemas.stored import ForeignKind, ForeignValue, parse_channel_message
+from schemas.tags import event_tag
 
 __all__ = ["Feed", "Hub", "SubscribeUnavailable"]
 
@@ -118,7 +122,12 @@ def _subscribed(project_id: int, plan: SubscriptionPlan) -> Subscribed:
         seq=plan.seq,
         resumed=plan.resumed,
         replayed=len(plan.replay),
+        tag=plan.tag,
     )
+
+
+def _tag_of(item: Outgoing) -> str | None:
+    return item.tag
 
 
 def _nothing(*args: object) -> None:
@@ -315,11 +324,11 @@ class Hub:
         sequencer = feed.sequencer
         if step.resync is not None:
             self._fanout_resync(feed, step.resync)
-            window.reset(sequencer.epoch, sequencer.last or 0)
+            window.reset(sequencer.epoch, sequencer.last or 0, sequencer.last_tag)
         elif window.epoch != sequencer.epoch or window.last != sequencer.last:
             # The baseline (or anything else that moved the feed without delivering): the window
             # starts empty at the feed's cursor.
-            window.reset(sequencer.epoch, sequencer.last or 0)
+            window.reset(sequencer.epoch, sequencer.last or 0, sequencer.last_tag)
         if step.needs_read:
             self._start_reader(feed)
 
@@ -330,17 +339,25 @@ class Hub:
         if feed.joining:
             epoch = feed.sequencer.epoch
             for session, joiner in list(feed.joining.items()):
-                send, caught_up = joiner.offer(epoch, seq, item)
-                if send:
+                verdict, caught_up = joiner.offer(epoch, seq, item)
+                if verdict == SEND:
                     session.send(item)
                     self.metrics.deliveries_total += 1
+                elif verdict == LOST:
+                    assert epoch is not None
+                    session.send(self._history_lost_at(epoch, seq, item))
+                    self.metrics.resyncs_total += 1
                 if caught_up:
                     self._promote(feed, session)
 
     def _fanout_resync(self, feed: Feed, resync: Resync) -> None:
         item = Outgoing.message(
             ResyncRequired(
-                project_id=feed.project_id, reason=resync.reason, epoch=resync.epoch, seq=resync.seq
+                project_id=feed.project_id,
+                reason=resync.reason,
+                epoch=resync.epoch,
+                seq=resync.seq,
+                tag=resync.tag,
             )
         )
         log.warning(
@@ -360,6 +377,31 @@ class Hub:
                 self.metrics.resyncs_total += 1
                 session.send(item)
             self._promote_if_caught_up(feed, session, joiner)
+
+    def _joiner(self) -> Joiner[Outgoing]:
+        return Joiner(_tag_of, self._history_lost_at)
+
+    def _history_lost_at(self, epoch: str, seq: int, item: Outgoing) -> Outgoing:
+        """A joining client read, ahead of the feed, another event at ``seq`` than the one the
+        feed now delivers there (``item``): a failover lost what the client read. It reloads,
+        the feed's event included, and carries on after ``seq``."""
+        log.warning(
+            "resync required",
+            project_id=item.project_id,
+            reason=ResyncReason.HISTORY_LOST.value,
+            epoch=epoch,
+            seq=seq,
+            subscribers=1,
+        )
+        return Outgoing.message(
+            ResyncRequired(
+                project_id=item.project_id,
+                reason=ResyncReason.HISTORY_LOST,
+                epoch=epoch,
+                seq=seq,
+                tag=item.tag,
+            )
+        )
 
     def _promote(self, feed: Feed, session: Session) -> None:
         del feed.joining[session]
@@ -534,7 +576,7 @@ class Hub:
         feed = self.feeds.get(project_id)
         if feed is None:
             channel = self.keys.channel(project_id).encode()
-            window = ResumeWindow[Outgoing](self.window_events, self.window_budget)
+            window = ResumeWindow[Outgoing](self.window_events, self.window_budget, _tag_of)
             feed = self.feeds[project_id] = Feed(project_id, channel, window)
             feed.reader = asyncio.create_task(self._start_feed(feed))
         return feed
@@ -566,9 +608,15 @@ class Hub:
             spawn(self.link.unsubscribe(feed.channel))
 
     async def subscribe(
-        self, session: Session, project_id: int, epoch: str | None, after: int | None
+        self,
+        session: Session,
+        project_id: int,
+        epoch: str | None,
+        after: int | None,
+        tag: str | None = None,
     ) -> None:
-        """Start (or restart) a subscription: replay, ``subscribed``, then live.
+        """Start (or restart) a subscription: replay, ``subscribed``, then live. ``tag``: the
+        tag of the event the client has at ``after`` (schemas.tags), when it sent one.
 
         Raises :class:`SubscribeUnavailable` when Redis does not answer in time. A subscription
         that ends while this waits for Redis (unsubscribed, the connection closed, the project
@@ -576,10 +624,10 @@ class Hub:
         """
         if project_id in session.projects:
             self.unsubscribe(session, project_id)
-        if self.subscribe_from_memory(session, project_id, epoch, after):
+        if self.subscribe_from_memory(session, project_id, epoch, after, tag):
             return
         feed = self._acquire(project_id)
-        joiner = feed.joining[session] = Joiner()
+        joiner = feed.joining[session] = self._joiner()
         session.projects.add(project_id)
         snapshot = None
         from_memory = False
@@ -588,14 +636,14 @@ class Hub:
             async with wait:
                 feed.waits[session] = wait
                 await feed.ready.wait()  # no suspension when the feed is ready
-                snapshot = self._from_window(feed, epoch, after)
+                snapshot = self._from_window(feed, epoch, after, tag)
                 if snapshot is None and self._fill_would_answer(feed, epoch, after):
                     fill = feed.fill
                     if fill is None or fill.done():
                         fill = feed.fill = asyncio.create_task(self._fill_window(feed))
                     await asyncio.wait({fill})  # a timeout here leaves the shared read alone
                     if feed.joining.get(session) is joiner:
-                        snapshot = self._from_window(feed, epoch, after)
+                        snapshot = self._from_window(feed, epoch, after, tag)
                 from_memory = snapshot is not None
                 if snapshot is None and feed.failed is None and feed.joining.get(session) is joiner:
                     self.metrics.subscribe_reads_total += 1
@@ -618,10 +666,15 @@ class Hub:
             return
         if from_memory:
             self.metrics.resumes_from_memory_total += 1
-        self._go_live(feed, session, joiner, epoch, after, snapshot, from_memory)
+        self._go_live(feed, session, joiner, epoch, after, tag, snapshot, from_memory)
 
     def subscribe_from_memory(
-        self, session: Session, project_id: int, epoch: str | None, after: int | None
+        self,
+        session: Session,
+        project_id: int,
+        epoch: str | None,
+        after: int | None,
+        tag: str | None = None,
     ) -> bool:
         """:meth:`subscribe`, when the feed's window answers it: the common case of a reconnect
         storm, without a timer, a suspension or a task. False (and nothing changed) when only
@@ -629,16 +682,18 @@ class Hub:
         feed = self.feeds.get(project_id)
         if feed is None or project_id in session.projects:
             return False
-        snapshot = self._from_window(feed, epoch, after)
+        snapshot = self._from_window(feed, epoch, after, tag)
         if snapshot is None:
             return False
-        joiner = feed.joining[session] = Joiner()
+        joiner = feed.joining[session] = self._joiner()
         session.projects.add(project_id)
         self.metrics.resumes_from_memory_total += 1
-        self._go_live(feed, session, joiner, epoch, after, snapshot, True)
+        self._go_live(feed, session, joiner, epoch, after, tag, snapshot, True)
         return True
 
-    def _from_window(self, feed: Feed, epoch: str | None, after: int | None) -> Snapshot | None:
+    def _from_window(
+        self, feed: Feed, epoch: str | None, after: int | None, tag: str | None = None
+    ) -> Snapshot | None:
         """The window's answer to a subscribe (entries are the feed's :class:`Outgoing` items),
         or ``None`` when only Redis can answer: the feed is unready, failed, repairing (holding
         messages, or it saw another epoch on the channel), or the cursor is outside the window."""
@@ -654,7 +709,7 @@ class Hub:
             or window.last != sequencer.last
         ):
             return None
-        return window.snapshot(epoch, after, self.max_replay)
+        return window.snapshot(epoch, after, self.max_replay, tag)
 
     def _fill_would_answer(self, feed: Feed, epoch: str | None, after: int | None) -> bool:
         """Whether a read extending the window back to its capacity would cover this cursor."""
@@ -680,10 +735,13 @@ class Hub:
         generation, epoch, lo, last = window.generation, window.epoch, window.lo, window.last
         if epoch is None:
             return
+        check_tag = None
         if window.entries:
             check_seq, check = lo, window.entries[0][1].payload
         else:
             check_seq, check = last, feed.sequencer.last_frame
+            if check is None:
+                check_tag = window.last_tag
         start = max(0, last - window.capacity)
         if start >= lo - 1:
             return
@@ -698,6 +756,10 @@ class Hub:
         if check is not None:
             if not any(seq == check_seq and frame == check for seq, frame in snapshot.entries):
                 return  # the stream no longer holds what the feed delivered: not ours to mix
+        elif check_tag is not None and not any(
+            seq == check_seq and event_tag(frame) == check_tag for seq, frame in snapshot.entries
+        ):
+            return  # nor what the feed found there
         run = []
         for seq, frame in seed_run(snapshot.entries, lo - 1):
             item = Outgoing(frame, feed.project_id, seq)
@@ -711,6 +773,7 @@ class Hub:
         joiner: Joiner,
         epoch: str | None,
         after: int | None,
+        tag: str | None,
         snapshot: Snapshot,
         prebuilt: bool = False,
     ) -> None:
@@ -719,21 +782,21 @@ class Hub:
         built once per cursor and kept as the window's memo (:class:`Replay`)."""
         # Synchronous from here on: nothing can be delivered to the feed in between.
         replay: Replay | None = None
-        if prebuilt:
+        if prebuilt and not other_event_at_cursor(after, tag, snapshot):
             # The same cursor and the same entries (the memo is forgotten when they change)
             # plan the same replay: built for the first client resuming there, then shared.
             window = feed.window
             key = (epoch, after)
             replay = cast("Replay | None", window.recall(key))
             if replay is None:
-                plan = plan_subscription(epoch, after, snapshot, self.max_replay)
+                plan = plan_subscription(epoch, after, snapshot, self.max_replay, tag)
                 if plan.replay:
                     replay = Replay(plan, list(map(_ITEM, plan.replay)), feed.project_id)
                     window.remember(key, replay, len(replay.wire))
             else:
                 plan = replay.plan
         else:
-            plan = plan_subscription(epoch, after, snapshot, self.max_replay)
+            plan = plan_subscription(epoch, after, snapshot, self.max_replay, tag)
         if replay is not None:
             session.send_replay(replay.items, replay.wire)
         elif plan.replay:
@@ -750,13 +813,14 @@ class Hub:
                     reason=plan.resync.reason,
                     epoch=plan.resync.epoch,
                     seq=plan.resync.seq,
+                    tag=plan.resync.tag,
                 )
             )
         if replay is not None:
             session.send(replay.subscribed)
         else:
             session.send_message(_subscribed(feed.project_id, plan))
-        for item in joiner.start_live(plan.epoch, plan.seq):
+        for item in joiner.start_live(plan.epoch, plan.seq, plan.tag):
             if item.kind:  # a resync the feed issued during the read (counted when it is sent)
                 self.metrics.resyncs_total += 1
             session.send(item)

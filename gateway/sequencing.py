@@ -14,11 +14,12 @@ Both are driven by :mod:`gateway.hub`, which only adds the Redis round trips and
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from schemas.protocol import ResyncReason
+from schemas.tags import event_tag
 
 __all__ = [
     "FeedSequencer",
@@ -48,6 +49,10 @@ class Snapshot:
     #: How many stream entries the read returned, valid or not (compared with its limit to know
     #: whether the read was cut short). ``None``: as many as ``entries``.
     scanned: int | None = None
+    #: The tag (schemas.tags) of the event at ``top``, and of the event at the cursor the read
+    #: was made for (its ``after``); ``None`` when unknown (no such event, or not read).
+    top_tag: str | None = None
+    after_tag: str | None = None
 
     @property
     def read_count(self) -> int:
@@ -61,6 +66,8 @@ class Resync:
     reason: ResyncReason
     epoch: str
     seq: int
+    #: The tag of the event at ``seq``, when known.
+    tag: str | None = None
 
 
 @dataclass(slots=True)
@@ -92,7 +99,9 @@ class FeedSequencer:
     already published (replication is asynchronous), and the new master then hands their numbers
     out again to new events. ``last_frame`` remembers what was delivered at ``last``; reads start
     one entry early to compare it (:meth:`read_after`), and a live message with that number but
-    other bytes triggers such a read. A mismatch is ``history_lost``, never a silent swap.
+    other bytes triggers such a read. A mismatch is ``history_lost``, never a silent swap. Where
+    the feed did not deliver ``last`` itself (the baseline, a resync), ``last_tag``, the tag of
+    the event the read found there, stands in for the frame.
 
     Live messages cannot be trusted further than Redis itself: the publish script appends an
     event to the stream and publishes it in one atomic step, so a message numbered beyond the
@@ -102,7 +111,16 @@ class FeedSequencer:
     reads. Reads are numbered (:meth:`begin_read`) to tell which messages arrived before a read.
     """
 
-    __slots__ = ("epoch", "held", "last", "last_frame", "read_number", "reading", "reread")
+    __slots__ = (
+        "epoch",
+        "held",
+        "last",
+        "last_frame",
+        "last_tag",
+        "read_number",
+        "reading",
+        "reread",
+    )
 
     #: Held live messages beyond this are dropped; they are re-read from the stream anyway.
     MAX_HELD = 10_000
@@ -111,6 +129,8 @@ class FeedSequencer:
         self.epoch: str | None = None
         self.last: int | None = None
         self.last_frame: bytes | None = None  # delivered at ``last`` (None: not by this feed)
+        #: The tag of the event at ``last`` when ``last_frame`` is None (a read's top), if known.
+        self.last_tag: str | None = None
         #: seq -> (epoch, frame, number of the last read begun when it arrived)
         self.held: dict[int, tuple[str, bytes, int]] = {}
         self.reading = True  # the baseline read is always the first
@@ -131,7 +151,7 @@ class FeedSequencer:
             return Step(needs_read=True)
         assert self.last is not None
         if seq <= self.last:
-            if seq == self.last and self.last_frame is not None and frame != self.last_frame:
+            if seq == self.last and self._other_event(frame):
                 # Same number, another event: the history was rewritten (see the class doc).
                 self.reading = True
                 return Step(needs_read=True)
@@ -154,7 +174,7 @@ class FeedSequencer:
     def read_after(self) -> int | None:
         """The cursor the next history read starts after: one entry before ``last`` when this
         feed delivered ``last`` itself, so that :meth:`on_read` can check it is still there."""
-        if self.last_frame is not None and self.last:
+        if (self.last_frame is not None or self.last_tag is not None) and self.last:
             return self.last - 1
         return self.last
 
@@ -165,6 +185,7 @@ class FeedSequencer:
         if self.last is None or self.epoch is None:
             # Baseline: everything up to the top is history the subscribers read themselves.
             self.epoch, self.last = snapshot.epoch, snapshot.top
+            self.last_frame, self.last_tag = None, snapshot.top_tag
         elif snapshot.epoch != self.epoch:
             step.resync = self._reset(ResyncReason.EPOCH_CHANGED, snapshot)
         elif snapshot.top < self.last or self._rewritten(snapshot.entries):
@@ -225,19 +246,21 @@ class FeedSequencer:
         return epoch != self.epoch or top is None or top != self.last
 
     def _rewritten(self, entries: Sequence[Entry]) -> bool:
-        """The read's entry at ``last`` is not the event this feed delivered there."""
-        return bool(
-            entries
-            and self.last_frame is not None
-            and entries[0][0] == self.last
-            and entries[0][1] != self.last_frame
-        )
+        """The read's entry at ``last`` is not the event this feed delivered (or found) there."""
+        return bool(entries and entries[0][0] == self.last and self._other_event(entries[0][1]))
+
+    def _other_event(self, frame: bytes) -> bool:
+        """``frame``, numbered ``last``, is not the event this feed knows at ``last``."""
+        if self.last_frame is not None:
+            return frame != self.last_frame
+        return self.last_tag is not None and event_tag(frame) != self.last_tag
 
     def _reset(self, reason: ResyncReason, snapshot: Snapshot) -> Resync:
         # Held messages are kept: those after the new top (of its epoch) are the events that
         # follow the resync; on_read drops the others.
         self.epoch, self.last, self.last_frame = snapshot.epoch, snapshot.top, None
-        return Resync(reason, snapshot.epoch, snapshot.top)
+        self.last_tag = snapshot.top_tag
+        return Resync(reason, snapshot.epoch, snapshot.top, snapshot.top_tag)
 
     def _hold(self, epoch: str, seq: int, frame: bytes) -> None:
         if len(self.held) < self.MAX_HELD:
@@ -256,6 +279,11 @@ class FeedSequencer:
 _EVENT, _RESYNC, _LOST = 0, 1, 2  # what a Joiner captured: an event, a resync, history_lost
 
 
+#: What a Joiner says of a frame the feed delivers: drop it, send it, or tell the client its
+#: history was rewritten (:attr:`Joiner.tag`).
+SKIP, SEND, LOST = 0, 1, 2
+
+
 class Joiner(Generic[T]):
     """One connection between its ``subscribe`` and going live, for one project.
 
@@ -270,23 +298,43 @@ class Joiner(Generic[T]):
     then about what the feed missed, not the connection: it is not passed on (the client would
     reload its state again for nothing, and receive again the events it has after that
     cursor). Except ``history_lost``: the history the connection read was itself rewritten.
+
+    Ahead of the feed, the read may also have found events that a Redis failover then lost: the
+    feed later delivers other events under those numbers. ``tag`` is the tag of the event the
+    client stands at (``threshold``); when the feed delivers a frame numbered ``threshold``
+    whose tag (``tag_of``) differs, the client is told ``history_lost`` there (``lost`` builds
+    that message from the epoch, the seq and the feed's frame) instead of carrying on silently.
     """
 
-    __slots__ = ("buffer", "epoch", "threshold")
+    __slots__ = ("buffer", "epoch", "lost", "tag", "tag_of", "threshold")
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        tag_of: Callable[[T], str | None] | None = None,
+        lost: Callable[[str, int, T], T] | None = None,
+    ) -> None:
         self.buffer: list[tuple[str | None, int, T, int]] | None = []
         self.epoch: str | None = None
         self.threshold = 0
+        self.tag: str | None = None
+        self.tag_of = tag_of
+        self.lost = lost
 
-    def offer(self, epoch: str | None, seq: int, item: T) -> tuple[bool, bool]:
-        """A frame the feed delivers: ``(send it now, the connection has caught up)``."""
+    def offer(self, epoch: str | None, seq: int, item: T) -> tuple[int, bool]:
+        """A frame the feed delivers: ``(SKIP, SEND or LOST, the connection has caught up)``."""
         if self.buffer is not None:
             self.buffer.append((epoch, seq, item, _EVENT))
-            return False, False
+            return SKIP, False
         if epoch != self.epoch:
-            return False, False
-        return seq > self.threshold, seq >= self.threshold
+            return SKIP, False
+        if seq > self.threshold:
+            return SEND, True
+        if seq == self.threshold:
+            return (LOST if self._diverges(item) else SKIP), True
+        return SKIP, False
+
+    def _diverges(self, item: T) -> bool:
+        return self.tag is not None and self.tag_of is not None and self.tag_of(item) != self.tag
 
     def offer_resync(self, epoch: str, seq: int, item: T, *, lost: bool = False) -> bool:
         """A resync of the whole feed (``lost``: history_lost): True when it must be sent now
@@ -296,26 +344,30 @@ class Joiner(Generic[T]):
             return False
         if self._past(epoch, seq, lost):
             return False
-        self.epoch, self.threshold = epoch, seq
+        self.epoch, self.threshold, self.tag = epoch, seq, None  # where the feed stands now
         return True
 
     def _past(self, epoch: str | None, seq: int, lost: bool) -> bool:
         return not lost and epoch == self.epoch and seq <= self.threshold
 
-    def start_live(self, epoch: str, seq: int) -> list[T]:
-        """The history read is done and the client starts after ``(epoch, seq)``: the captured
-        items to send after ``subscribed``, in order."""
-        self.epoch, self.threshold = epoch, seq
+    def start_live(self, epoch: str, seq: int, tag: str | None = None) -> list[T]:
+        """The history read is done and the client starts after ``(epoch, seq)`` (the event
+        there has tag ``tag``): the captured items to send after ``subscribed``, in order."""
+        self.epoch, self.threshold, self.tag = epoch, seq, tag
         captured, self.buffer = self.buffer or [], None
         out: list[T] = []
         for item_epoch, item_seq, item, kind in captured:
             if kind != _EVENT:
                 if not self._past(item_epoch, item_seq, kind == _LOST):
                     out.append(item)
-                    self.epoch, self.threshold = item_epoch, item_seq
+                    self.epoch, self.threshold, self.tag = item_epoch, item_seq, None
             elif item_epoch == self.epoch and item_seq > self.threshold:
                 out.append(item)
-                self.threshold = item_seq
+                self.threshold, self.tag = item_seq, None
+            elif item_epoch == self.epoch and item_seq == self.threshold and self._diverges(item):
+                assert self.lost is not None  # set with tag_of
+                out.append(self.lost(item_epoch, item_seq, item))
+                self.tag = None
         return out
 
     def caught_up(self, epoch: str | None, last: int | None) -> bool:
@@ -338,29 +390,51 @@ class SubscriptionPlan:
     epoch: str
     seq: int
     resumed: bool
+    #: The tag of the event at ``seq`` (the top), when known.
+    tag: str | None = None
+
+
+def other_event_at_cursor(after: int | None, tag: str | None, snapshot: Snapshot) -> bool:
+    """Whether the history holds, at the cursor ``after``, another event than the one the client
+    tagged ``tag`` (schemas.tags): its numbers were handed out again after a failover lost
+    events. Unknown either side (no tag, or the event is no longer held) is not a mismatch."""
+    return (
+        tag is not None
+        and after is not None
+        and snapshot.after_tag is not None
+        and snapshot.after_tag != tag
+    )
 
 
 def plan_subscription(
-    epoch: str | None, after: int | None, snapshot: Snapshot, max_replay: int
+    epoch: str | None,
+    after: int | None,
+    snapshot: Snapshot,
+    max_replay: int,
+    tag: str | None = None,
 ) -> SubscriptionPlan:
     """Decide how to honour a client's cursor given an atomic read of the project's history.
 
     ``snapshot.entries`` must be the entries after ``after`` (at most ``max_replay``), read only
-    when ``epoch`` is the snapshot's epoch.
+    when ``epoch`` is the snapshot's epoch. ``tag``: the tag of the event the client has at
+    ``after``, if it sent one; compared with ``snapshot.after_tag``.
     """
     top = snapshot.top
+    top_tag = snapshot.top_tag
 
     def resync(reason: ResyncReason) -> SubscriptionPlan:
-        return SubscriptionPlan([], Resync(reason, snapshot.epoch, top), snapshot.epoch, top, False)
+        return SubscriptionPlan(
+            [], Resync(reason, snapshot.epoch, top, top_tag), snapshot.epoch, top, False, top_tag
+        )
 
     if epoch is None or after is None:
-        return SubscriptionPlan([], None, snapshot.epoch, top, False)
+        return SubscriptionPlan([], None, snapshot.epoch, top, False, top_tag)
     if epoch != snapshot.epoch:
         return resync(ResyncReason.EPOCH_CHANGED)
-    if after > top:
+    if after > top or other_event_at_cursor(after, tag, snapshot):
         return resync(ResyncReason.HISTORY_LOST)
     if after == top:
-        return SubscriptionPlan([], None, snapshot.epoch, top, True)
+        return SubscriptionPlan([], None, snapshot.epoch, top, True, top_tag)
     if top - after > max_replay:
         return resync(ResyncReason.TOO_FAR_BEHIND)
     if snapshot.corrupt_at is not None:
@@ -372,7 +446,7 @@ def plan_subscription(
     # times). Only the seq is read: entries may be longer tuples (a window's carry a size).
     if len(entries) != top - after or list(map(_SEQ, entries)) != list(range(after + 1, top + 1)):
         return resync(ResyncReason.HISTORY_TRIMMED)
-    return SubscriptionPlan(entries, None, snapshot.epoch, top, True)
+    return SubscriptionPlan(entries, None, snapshot.epoch, top, True, top_tag)
 
 
 @dataclass(frozen=True, slots=True)
@@ -382,9 +456,18 @@ class PollPlan:
     events: list[Entry]
     resync: Resync | None
     more: bool
+    #: The tag of the event at the cursor to poll with next: the last of ``events``, or the
+    #: top's when there are none (``None`` when unknown).
+    tag: str | None = None
 
 
-def plan_poll(epoch: str | None, after: int | None, snapshot: Snapshot, limit: int) -> PollPlan:
+def plan_poll(
+    epoch: str | None,
+    after: int | None,
+    snapshot: Snapshot,
+    limit: int,
+    tag: str | None = None,
+) -> PollPlan:
     """Like :func:`plan_subscription`, for the HTTP fallback: pages of ``limit`` events instead of
     a bounded replay, so a poller never falls "too far behind" while the stream holds its cursor.
 
@@ -392,16 +475,21 @@ def plan_poll(epoch: str | None, after: int | None, snapshot: Snapshot, limit: i
     read was cut short by bytes: the page then ends before the top, and says ``more``).
     """
     top = snapshot.top
+    top_tag = snapshot.top_tag
+
+    def resync(reason: ResyncReason) -> PollPlan:
+        return PollPlan([], Resync(reason, snapshot.epoch, top, top_tag), False, top_tag)
+
     if epoch is None or after is None:
-        return PollPlan([], None, False)
+        return PollPlan([], None, False, top_tag)
     if epoch != snapshot.epoch:
-        return PollPlan([], Resync(ResyncReason.EPOCH_CHANGED, snapshot.epoch, top), False)
-    if after > top:
-        return PollPlan([], Resync(ResyncReason.HISTORY_LOST, snapshot.epoch, top), False)
+        return resync(ResyncReason.EPOCH_CHANGED)
+    if after > top or other_event_at_cursor(after, tag, snapshot):
+        return resync(ResyncReason.HISTORY_LOST)
     entries = list(snapshot.entries)[:limit]
     if after < top and snapshot.corrupt_at == after + 1:
         # The next entry is not an event; the valid ones before a corrupt one are paged first.
-        return PollPlan([], Resync(ResyncReason.HISTORY_CORRUPT, snapshot.epoch, top), False)
+        return resync(ResyncReason.HISTORY_CORRUPT)
     # Only the run that follows the cursor without a hole: an entry missing from the middle of
     # the stream (deleted by hand) ends the page before it, and the next poll, which starts at
     # the hole, gets ``history_trimmed`` (as a subscribe and a feed do), never a silent skip.
@@ -410,6 +498,8 @@ def plan_poll(epoch: str | None, after: int | None, snapshot: Snapshot, limit: i
             del entries[count:]
             break
     if after < top and not entries:
-        return PollPlan([], Resync(ResyncReason.HISTORY_TRIMMED, snapshot.epoch, top), False)
-    last = entries[-1][0] if entries else after
-    return PollPlan(entries, None, last < top)
+        return resync(ResyncReason.HISTORY_TRIMMED)
+    if not entries:  # at the top: the client's own tag, if it is still that event's
+        return PollPlan([], None, False, top_tag)
+    last = entries[-1][0]
+    return PollPlan(entries, None, last < top, event_tag(entries[-1][1]))

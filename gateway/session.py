@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING
 from gateway.frames import text_frame
 from gateway.ratelimit import NEVER
 from schemas.protocol import CloseCode, ResyncRequired, Subscribed, encode
+from schemas.tags import event_tag
 from schemas.tokens import TokenClaims
 
 if TYPE_CHECKING:
@@ -62,6 +63,7 @@ __all__ = [
 ]
 
 _ids = itertools.count(1)
+_UNKNOWN = object()  # an Outgoing's tag not computed yet
 _INT = struct.Struct("i")
 
 
@@ -72,9 +74,10 @@ class Outgoing:
     sender did not say); ``kind`` is the control message's type ("" for an event) and
     ``epoch`` the epoch a ``subscribed`` or ``resync_required`` continues from: what a
     transport that numbers its messages by cursor (SSE) needs, read without decoding JSON.
+    :attr:`tag` completes that cursor.
     """
 
-    __slots__ = ("epoch", "kind", "payload", "project_id", "seq", "wire")
+    __slots__ = ("_tag", "epoch", "kind", "payload", "project_id", "seq", "wire")
 
     def __init__(self, payload: bytes, project_id: int = 0, seq: int = 0) -> None:
         self.payload = payload
@@ -83,6 +86,17 @@ class Outgoing:
         self.seq = seq
         self.kind = ""
         self.epoch: str | None = None
+        self._tag: str | object | None = _UNKNOWN
+
+    @property
+    def tag(self) -> str | None:
+        """The tag (schemas.tags) of the event at this item's cursor: an event's own, computed
+        once on first use (most events never need it); a ``subscribed``'s or
+        ``resync_required``'s, as it says; None for anything else."""
+        tag = self._tag
+        if tag is _UNKNOWN:
+            tag = self._tag = event_tag(self.payload) if self.seq and not self.kind else None
+        return tag  # type: ignore[return-value]
 
     @classmethod
     def frames(cls, wire: bytes) -> Outgoing:
@@ -95,6 +109,7 @@ class Outgoing:
         item.seq = 0
         item.kind = ""
         item.epoch = None
+        item._tag = None
         return item
 
     @classmethod
@@ -104,6 +119,9 @@ class Outgoing:
         if isinstance(message, Subscribed | ResyncRequired):
             item.epoch = message.epoch
             item.seq = message.seq
+            item._tag = message.tag
+        else:
+            item._tag = None
         return item
 
 

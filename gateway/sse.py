@@ -5,8 +5,9 @@ on the gateway's port answers ``text/event-stream`` carrying exactly what a WebS
 (see docs/protocol.md, "Server-Sent Events"):
 
 * an event is the default ``message`` event, ``data`` the event's JSON frame, ``id`` the cursor
-  after it: ``<epoch>:<seq>``, or for a stream of several projects the cursor of every project,
-  ``1=<epoch>:<seq>,2=<epoch>:<seq>``; a ``Last-Event-ID`` header of either form resumes exactly;
+  after it: ``<epoch>:<seq>:<tag>`` (the tag of the event, schemas.tags), or for a stream of
+  several projects the cursor of every project, ``1=<epoch>:<seq>:<tag>,2=...``; a
+  ``Last-Event-ID`` header of either form (with or without the tags) resumes exactly;
 * control messages are named events (``subscribed``, ``resync_required``, ``error``,
   ``authenticated``, ...) with the same JSON; ``subscribed`` and ``resync_required`` carry the
   cursor as their ``id`` too;
@@ -49,6 +50,7 @@ from gateway.session import (
 )
 from gateway.tasks import spawn
 from schemas.protocol import MAX_SEQ, CloseCode
+from schemas.tags import is_tag
 from schemas.tokens import InvalidToken
 
 if TYPE_CHECKING:
@@ -88,6 +90,8 @@ KEEPALIVE = b":\n\n"
 class Cursor(NamedTuple):
     epoch: str
     seq: int
+    #: The tag of the event at ``seq`` (schemas.tags), when known.
+    tag: str | None = None
 
 
 # --- pure: formatting ------------------------------------------------------------------------
@@ -120,21 +124,40 @@ def comment(text: str = "") -> bytes:
     return b":" + _LINE_END.sub(b" ", text.encode()) + b"\n\n"
 
 
+def _cursor_text(cursor: Cursor) -> str:
+    if cursor.tag is None:
+        return f"{cursor.epoch}:{cursor.seq}"
+    return f"{cursor.epoch}:{cursor.seq}:{cursor.tag}"
+
+
 def format_cursor(cursors: dict[int, Cursor], multi: bool) -> str:
-    """The ``id`` of an event: ``<epoch>:<seq>``, or ``<project>=<epoch>:<seq>,...`` (sorted by
-    project) for a stream of several projects."""
+    """The ``id`` of an event: ``<epoch>:<seq>:<tag>``, or ``<project>=<epoch>:<seq>:<tag>,...``
+    (sorted by project) for a stream of several projects; without ``:<tag>`` when the tag of
+    the event at the cursor is not known."""
     if not multi:
         (cursor,) = cursors.values()
-        return f"{cursor.epoch}:{cursor.seq}"
-    return ",".join(f"{p}={c.epoch}:{c.seq}" for p, c in sorted(cursors.items()))
+        return _cursor_text(cursor)
+    return ",".join(f"{p}={_cursor_text(c)}" for p, c in sorted(cursors.items()))
 
 
 def _parse_cursor(text: str) -> Cursor:
-    epoch, sep, seq = text.rpartition(":")
+    parts = text.split(":")
+    epoch, seq, tag = parts[0], parts[1] if len(parts) > 1 else "", None
+    if len(parts) == 3:
+        tag = parts[2] if is_tag(parts[2]) else ""
     # The seq within the protocol's bound, as a WebSocket subscribe's ``after`` and a poll's.
-    if not sep or not _EPOCH.fullmatch(epoch) or not _SEQ.fullmatch(seq) or int(seq) > MAX_SEQ:
-        raise ValueError(f"{text[:80]!r} is not a cursor <epoch>:<seq> (seq at most {MAX_SEQ})")
-    return Cursor(epoch, int(seq))
+    if (
+        not 2 <= len(parts) <= 3
+        or tag == ""
+        or not _EPOCH.fullmatch(epoch)
+        or not _SEQ.fullmatch(seq)
+        or int(seq) > MAX_SEQ
+    ):
+        raise ValueError(
+            f"{text[:80]!r} is not a cursor <epoch>:<seq> or <epoch>:<seq>:<tag> "
+            f"(seq at most {MAX_SEQ}, tag 16 hex digits)"
+        )
+    return Cursor(epoch, int(seq), tag)
 
 
 def parse_last_event_id(value: str | None, projects: list[int]) -> dict[int, Cursor]:
@@ -413,12 +436,12 @@ class SseSession(ClientSession):
                     # cursor the stream resumed from (or ``subscribed``, or a resync): the
                     # next one is the cursor's successor (the item says so, when it knows).
                     seq = item.seq or cursor.seq + 1
-                    cursors[project_id] = Cursor(cursor.epoch, seq)
+                    cursors[project_id] = Cursor(cursor.epoch, seq, item.tag if item.seq else None)
                     out.append(format_event(item.payload, event_id=format_cursor(cursors, multi)))
                 else:  # not expected: an event of a project without a cursor yet
                     out.append(format_event(item.payload))
             elif item.epoch is not None:  # subscribed, resync_required: a new cursor
-                cursors[item.project_id] = Cursor(item.epoch, item.seq)
+                cursors[item.project_id] = Cursor(item.epoch, item.seq, item.tag)
                 out.append(
                     format_event(item.payload, event=kind, event_id=format_cursor(cursors, multi))
                 )
@@ -663,9 +686,9 @@ class SseStreams:
             if session.closing:
                 return
             cursor = cursors.get(project_id)
-            epoch, after = (cursor.epoch, cursor.seq) if cursor is not None else (None, None)
+            epoch, after, tag = cursor if cursor is not None else (None, None, None)
             if not await clients.subscribe(
-                session, project_id, epoch, after, clog, presence=presence
+                session, project_id, epoch, after, clog, presence=presence, tag=tag
             ):
                 # The ``error`` event says why; a stream cannot ask again: it ends, and the
                 # client reconnects with its Last-Event-ID.

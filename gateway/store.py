@@ -37,10 +37,17 @@ from schemas.stored import (
     parse_meta,
     parse_stream_entries,
 )
+from schemas.tags import is_tag
 
 __all__ = ["ForeignValues", "HistoryStore", "ProjectUnreadable", "StoreUnavailable"]
 
 log = get_logger("gateway.store")
+
+
+def _tag(raw: bytes) -> str | None:
+    """A tag as the script computed it (``redis.sha1hex``); anything else is no tag."""
+    tag = raw.decode("ascii", "replace")
+    return tag if is_tag(tag) else None
 
 
 class StoreUnavailable(Exception):
@@ -186,12 +193,13 @@ class HistoryStore:
         # (a server or proxy that is not Redis, or broken) is one more way of not answering.
         if not (
             isinstance(reply, list)
-            and len(reply) == 5
+            and len(reply) in (5, 7)
             and isinstance(reply[3], list)
             and isinstance(reply[4], bytes)
+            and all(isinstance(tag, bytes) for tag in reply[5:])
         ):
             raise StoreUnavailable(f"unexpected snapshot reply: {str(reply)[:80]}")
-        raw_epoch, top, created, raw_entries, problem = reply
+        raw_epoch, top, created, raw_entries, problem = reply[:5]
         if problem:
             kind, which, text = _SCRIPT_PROBLEMS.get(
                 problem, (ForeignKind.META, "meta", problem.decode("ascii", "replace"))
@@ -227,7 +235,17 @@ class HistoryStore:
                     f"entry {ahead[0]} is beyond the top {meta.seq}",
                     project_id,
                 )
-        return Snapshot(meta.epoch, meta.seq, entries, bool(created), corrupt_at, len(raw_entries))
+        tags = reply[5:] or (b"", b"")  # no tags: nothing to compare (a stand-in Redis's reply)
+        return Snapshot(
+            meta.epoch,
+            meta.seq,
+            entries,
+            bool(created),
+            corrupt_at,
+            len(raw_entries),
+            top_tag=_tag(tags[0]),
+            after_tag=_tag(tags[1]),
+        )
 
     def _batched(self, keys: list[str], args: list) -> asyncio.Future[list]:
         loop = asyncio.get_running_loop()

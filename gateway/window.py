@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import collections
 import itertools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
 from gateway.sequencing import Snapshot
@@ -101,15 +101,27 @@ class ResumeWindow(Generic[T]):
         "epoch",
         "generation",
         "last",
+        "last_tag",
         "memo",
         "retired",
+        "tag_of",
     )
 
-    def __init__(self, capacity: int, budget: WindowBudget | None = None) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        budget: WindowBudget | None = None,
+        tag_of: Callable[[T], str | None] | None = None,
+    ) -> None:
         self.capacity = capacity
         self.budget = budget
+        #: The tag (schemas.tags) of an item's event; None: the window knows no tags, and
+        #: leaves every cursor that carries one to Redis.
+        self.tag_of = tag_of
         self.epoch: str | None = None
         self.last = 0
+        #: The tag of the event at ``last`` given by :meth:`reset` (an empty window's top).
+        self.last_tag: str | None = None
         self.entries: collections.deque[tuple[int, T, int]] = collections.deque()
         self.bytes = 0
         self.generation = 0
@@ -128,13 +140,14 @@ class ResumeWindow(Generic[T]):
         """The oldest seq held (``last + 1`` when empty)."""
         return self.last - len(self.entries) + 1
 
-    def reset(self, epoch: str | None, last: int) -> None:
-        """The feed now stands at ``(epoch, last)`` without having delivered what led there: drop
-        everything (a window never spans a resync)."""
+    def reset(self, epoch: str | None, last: int, tag: str | None = None) -> None:
+        """The feed now stands at ``(epoch, last)`` (where the event has tag ``tag``, if known)
+        without having delivered what led there: drop everything (a window never spans a
+        resync)."""
         if self.epoch is not None and epoch != self.epoch and self.epoch not in self.retired:
             self.retired.append(self.epoch)
         self.clear()
-        self.epoch, self.last = epoch, last
+        self.epoch, self.last, self.last_tag = epoch, last, tag
         self.generation += 1
 
     def clear(self) -> None:
@@ -231,7 +244,9 @@ class ResumeWindow(Generic[T]):
             budget.bytes -= size
             del budget._memos[self]
 
-    def snapshot(self, epoch: str | None, after: int | None, max_replay: int) -> Snapshot | None:
+    def snapshot(
+        self, epoch: str | None, after: int | None, max_replay: int, tag: str | None = None
+    ) -> Snapshot | None:
         """What one atomic read at ``(self.epoch, self.last)`` would give a client resuming after
         ``(epoch, after)``; ``None`` when only Redis knows. Its entries are the window's own
         ``(seq, item, size)`` triples: ``entry[0]`` and ``entry[1]`` are a read's seq and frame.
@@ -240,19 +255,29 @@ class ResumeWindow(Generic[T]):
         current one (``epoch_changed``); a cursor further behind than ``max_replay`` gets
         ``too_far_behind`` (the history holds at least ``last`` in this epoch). A cursor ahead of
         ``last`` (the client saw events this feed has not delivered yet) or older than the
-        window needs a read.
+        window needs a read, and so does a cursor with a ``tag`` whose event the window does not
+        hold (only a read can compare it). The snapshot's ``top_tag`` and ``after_tag`` are
+        those of the window's events at ``last`` and ``after``.
         """
         current = self.epoch
         if current is None:
             return None
         if epoch is None or after is None:
-            return Snapshot(current, self.last)
+            return Snapshot(current, self.last, top_tag=self._tag_at(self.last))
         if epoch != current:
-            return Snapshot(current, self.last) if epoch in self.retired else None
+            if epoch in self.retired:
+                return Snapshot(current, self.last, top_tag=self._tag_at(self.last))
+            return None
         if after > self.last or after < 0:
             return None
+        after_tag = None
+        if tag is not None and after > 0:
+            after_tag = self._tag_at(after)
+            if after_tag is None:
+                return None  # a cursor only a read can check
+        top_tag = self._tag_at(self.last)
         if self.last - after > max_replay:
-            return Snapshot(current, self.last)
+            return Snapshot(current, self.last, top_tag=top_tag, after_tag=after_tag)
         count = self.last - after
         if count > len(self.entries):
             return None  # older than the window
@@ -260,7 +285,23 @@ class ResumeWindow(Generic[T]):
         # behind a window of up to a thousand, and the triples are shared, not rebuilt.
         entries = list(itertools.islice(reversed(self.entries), count))
         entries.reverse()
-        return Snapshot(current, self.last, entries)  # type: ignore[arg-type]
+        return Snapshot(
+            current,
+            self.last,
+            entries,  # type: ignore[arg-type]
+            top_tag=top_tag,
+            after_tag=after_tag,
+        )
+
+    def _tag_at(self, seq: int) -> str | None:
+        """The tag of the event at ``seq`` when the window knows it."""
+        if seq < 1 or self.tag_of is None:
+            return None
+        entries = self.entries
+        index = seq - self.lo
+        if 0 <= index < len(entries):
+            return self.tag_of(entries[index][1])
+        return self.last_tag if seq == self.last else None
 
 
 def seed_run(entries: Iterable[tuple[int, bytes]], end: int) -> list[tuple[int, bytes]]:

@@ -197,8 +197,11 @@ end
 #:       maximum number of entries to return, lifetime (ms) of a history this read creates,
 #:       maximum bytes of entries to return (0 or absent: no byte limit), largest entry
 #:       (bytes; 0 or absent: no limit).
-#: Returns {epoch, top seq, created flag, entries, problem}. ``entries`` (oldest first, at most the
-#: maximum) is only read when the client's epoch is the current one and it is behind.
+#: Returns {epoch, top seq, created flag, entries, problem, top tag, cursor tag}. ``entries``
+#: (oldest first, at most the maximum) is only read when the client's epoch is the current one
+#: and it is behind. The tags (schemas.tags, '' when unknown) are those of the events at the top
+#: and, when the client's epoch is current, at its cursor (so that a cursor naming an event the
+#: history no longer holds under that number, after a failover, is told apart).
 #:
 #: With a byte limit, ``entries`` ends before the entry that would take them past it (an entry
 #: weighs the bytes of its field names and values), but always holds the first entry, so that
@@ -218,9 +221,9 @@ end
 #:
 #: Values that the publish script cannot have written are never used: a meta or stream key of
 #: another type, an epoch that is not 1-64 characters of [A-Za-z0-9_-], or a seq that is not an
-#: integer give {'', 0, 0, {}, problem} with problem one of 'meta_wrong_type', 'meta_bad_epoch',
-#: 'meta_bad_seq', 'stream_wrong_type' (problem is '' otherwise). Stream entries are returned as
-#: stored; the gateway checks each one (schemas.stored).
+#: integer give {'', 0, 0, {}, problem} (no tags) with problem one of 'meta_wrong_type',
+#: 'meta_bad_epoch', 'meta_bad_seq', 'stream_wrong_type' (problem is '' otherwise). Stream
+#: entries are returned as stored; the gateway checks each one (schemas.stored).
 SNAPSHOT = (
     _WEIGH_ENTRY
     + """
@@ -291,7 +294,29 @@ if ARGV[2] == epoch and after >= 0 and after < top then
     end
   end
 end
-return {epoch, top, created, entries, ''}
+-- The tags (schemas.tags) of the events at the top and at the client's cursor: what tells a
+-- cursor naming an event the history no longer holds under that number (a failover lost it).
+local largest_tag = tonumber(ARGV[7] or '0')
+local function tag_at(seq)
+  if seq < 1 or redis.call('TYPE', KEYS[2])['ok'] ~= 'stream' then return '' end
+  local id = string.format('%d', seq) .. '-0'
+  local entry = redis.call('XRANGE', KEYS[2], id, id)[1]
+  if not entry then return '' end
+  local fields = entry[2]
+  for i = 1, #fields - 1, 2 do
+    if fields[i] == 'f' then
+      if largest_tag > 0 and #fields[i + 1] > largest_tag then return '' end
+      return string.sub(redis.sha1hex(fields[i + 1]), 1, 16)
+    end
+  end
+  return ''
+end
+local top_tag = tag_at(top)
+local after_tag = ''
+if ARGV[2] == epoch and after >= 1 and after <= top then
+  after_tag = after == top and top_tag or tag_at(after)
+end
+return {epoch, top, created, entries, '', top_tag, after_tag}
 """
 )
 

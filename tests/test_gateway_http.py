@@ -632,14 +632,14 @@ def test_poll_numbers_are_ascii_decimals_or_a_clear_error(name, value):
         return  # a blank parameter is an absent one
     if name == "after":
         if after_ok:
-            assert _poll_query(query)[1] == int(value)
+            assert _poll_query(query).after == int(value)
         else:
             with pytest.raises(ValueError, match=r"^after must be"):
                 _poll_query(query)
     else:
         query = urlencode({name: value})
         if limit_ok:
-            assert _poll_query(query)[2] == int(value)
+            assert _poll_query(query).limit == int(value)
         else:
             with pytest.raises(ValueError, match=r"^limit must be"):
                 _poll_query(query)

@@ -25,6 +25,7 @@ from gateway.store import ProjectUnreadable
 from gateway.websocket import WebSocketSession as Session
 from schemas.keys import Keys
 from schemas.stored import Meta
+from schemas.tags import event_tag
 
 KEYS = Keys()
 PROJECT = 1
@@ -494,3 +495,67 @@ async def test_a_resync_captured_while_joining_is_counted_when_it_is_sent() -> N
     assert received(first) == ["subscribed", "resync_required"]
     assert received(second) == [2, 3, "subscribed", "resync_required"]
     assert hub.metrics.resyncs_total == 2
+
+
+# --- cursor tags: a failover that replaced events a connection read ahead of the feed -------
+
+
+def replaced(seq: int) -> bytes:
+    """Another event under the number ``seq``: what a new master publishes after a failover lost
+    the old one."""
+    return b'{"type":"x","project_id":%d,"replaced":true,"seq":%d}' % (PROJECT, seq)
+
+
+class TaggedStore(FakeStore):
+    """A :class:`FakeStore` whose reads name the tags of the events at the top and the cursor,
+    and whose events can be replaced (``frames``), as a failover does."""
+
+    def __init__(self, top: int) -> None:
+        super().__init__(top)
+        self.frames: dict[int, bytes] = {}
+
+    def frame_at(self, seq: int, project_id: int) -> bytes:
+        return self.frames.get(seq) or frame(seq, project_id)
+
+    async def snapshot(self, project_id, epoch=None, after=None, limit=0) -> Snapshot:
+        self.reads += 1
+        top, entries, after_tag = self.top, (), None
+        if epoch == EPOCH and after is not None and 1 <= after <= top:
+            after_tag = event_tag(self.frame_at(after, project_id))
+        if epoch == EPOCH and after is not None and after < top:
+            last = top if not limit else min(top, after + limit)
+            entries = tuple((s, self.frame_at(s, project_id)) for s in range(after + 1, last + 1))
+        top_tag = event_tag(self.frame_at(top, project_id)) if top else None
+        return Snapshot(EPOCH, top, entries, top_tag=top_tag, after_tag=after_tag)
+
+
+async def test_a_joiner_whose_read_went_ahead_of_a_failover_is_told_history_lost() -> None:
+    """A connection resumes and its read finds 1 to 5; this pod has not relayed 4 and 5 yet. The
+    master dies before its replica got them: the new master publishes other events as 4, 5 and
+    6. The feed delivers those; at 5, where the connection stands, the event is not the one it
+    has: it is told ``history_lost`` there (it used to drop 4 and 5 as already sent, keeping
+    the lost ones and never getting their replacements), then gets 6."""
+    store = TaggedStore(top=3)
+    hub = await hub_with(store, window_events=0)  # every resume reads
+    first = session_of(hub)
+    await hub.subscribe(first, PROJECT, None, None)  # live from 3
+    store.top = 5
+    second = session_of(hub)
+    await hub.subscribe(second, PROJECT, EPOCH, 0)  # older than the feed's cursor: it reads
+    await next_iteration()
+    store.frames = {n: replaced(n) for n in (4, 5, 6)}
+    store.top = 6
+    channel = KEYS.channel(PROJECT).encode()
+    for seq in (4, 5, 6):
+        hub.on_pubsub_message(channel, b"%s|%d|0|%s" % (EPOCH.encode(), seq, replaced(seq)))
+    await next_iteration()
+    assert received(first) == ["subscribed", 4, 5, 6]
+    assert received(second) == [1, 2, 3, 4, 5, "subscribed", "resync_required", 6]
+    resync = second.transport.messages()[6]
+    assert (resync["reason"], resync["seq"], resync["tag"]) == (
+        "history_lost",
+        5,
+        event_tag(replaced(5)),
+    )
+    assert hub.metrics.resyncs_total == 1
+    # Without a failover, the same race passes nothing but the events (see the first test).

@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 
 from gateway.frames import text_frame
 from gateway.sequencing import (
+    LOST,
+    SKIP,
     FeedSequencer,
     Joiner,
     Snapshot,
@@ -19,6 +21,7 @@ from gateway.sequencing import (
 )
 from gateway.session import SlowConsumerPolicy
 from schemas.protocol import ResyncReason
+from schemas.tags import event_tag
 
 
 def frame(seq: int) -> bytes:
@@ -390,3 +393,92 @@ def test_text_frames_parse_back(size):
     except StopIteration as done:
         parsed = done.value
     assert parsed.opcode is Opcode.TEXT and parsed.fin and parsed.data == payload
+
+
+# --- cursor tags: the event at a cursor, not only its number (schemas.tags) ------------------
+
+
+def other(seq: int) -> bytes:
+    """Another event under the same number: what a new master publishes after a failover."""
+    return b'{"type":"x","other":true,"seq":%d}' % seq
+
+
+class TestCursorTags:
+    def test_a_resume_whose_event_the_history_replaced_gets_history_lost(self):
+        snapshot = Snapshot(
+            "e1", 7, entries(6, 7), top_tag=event_tag(frame(7)), after_tag=event_tag(other(5))
+        )
+        plan = plan_subscription("e1", 5, snapshot, 1000, tag=event_tag(frame(5)))
+        assert plan.replay == [] and plan.resync is not None
+        assert (plan.resync.reason, plan.resync.seq) == (ResyncReason.HISTORY_LOST, 7)
+        assert plan.resync.tag == plan.tag == event_tag(frame(7))  # the cursor to carry on from
+
+    def test_the_same_event_or_no_tag_either_side_resumes_as_before(self):
+        snapshot = Snapshot(
+            "e1", 7, entries(6, 7), top_tag=event_tag(frame(7)), after_tag=event_tag(frame(5))
+        )
+        same = plan_subscription("e1", 5, snapshot, 1000, tag=event_tag(frame(5)))
+        untagged = plan_subscription("e1", 5, snapshot, 1000)
+        unknown = plan_subscription(
+            "e1", 5, Snapshot("e1", 7, entries(6, 7)), 1000, tag=event_tag(frame(5))
+        )
+        for plan in (same, untagged, unknown):
+            assert plan.resync is None and [s for s, _ in plan.replay] == [6, 7]
+        assert same.tag == event_tag(frame(7)) and unknown.tag is None
+
+    def test_a_cursor_at_the_top_is_checked_too(self):
+        snapshot = Snapshot("e1", 5, top_tag=event_tag(other(5)), after_tag=event_tag(other(5)))
+        plan = plan_subscription("e1", 5, snapshot, 1000, tag=event_tag(frame(5)))
+        assert plan.resync is not None and plan.resync.reason is ResyncReason.HISTORY_LOST
+
+    def test_a_poll_checks_the_tag_and_names_the_tag_to_poll_with_next(self):
+        snapshot = Snapshot(
+            "e1", 9, entries(6, 9), top_tag=event_tag(frame(9)), after_tag=event_tag(other(5))
+        )
+        lost = plan_poll("e1", 5, snapshot, 100, tag=event_tag(frame(5)))
+        assert lost.events == [] and lost.resync is not None
+        assert (lost.resync.reason, lost.resync.tag) == (
+            ResyncReason.HISTORY_LOST,
+            event_tag(frame(9)),
+        )
+        page = plan_poll("e1", 5, snapshot, 2, tag=event_tag(other(5)))
+        assert [s for s, _ in page.events] == [6, 7] and page.more
+        assert page.tag == event_tag(frame(7))  # the last event of the page
+        assert plan_poll(None, None, snapshot, 2).tag == event_tag(frame(9))  # the top
+
+    def test_a_feed_whose_baseline_event_is_replaced_resyncs_instead_of_dropping_it(self):
+        """The baseline read names the top (5) by tag; a failover then loses it and the new
+        master publishes another event as 5: the feed reads and says history_lost, where it
+        used to take the message for one it had already delivered, and drop it."""
+        seq = FeedSequencer()
+        seq.on_read(Snapshot("e1", 5, top_tag=event_tag(frame(5))), limit=1000)
+        assert seq.on_live("e1", 5, frame(5)) == Step()  # the same event again: nothing to do
+        assert seq.on_live("e1", 5, other(5)).needs_read
+        assert seq.read_after() == 4  # one entry early, to compare it
+        step = seq.on_read(Snapshot("e1", 5, [(5, other(5))], top_tag=event_tag(other(5))), 1000)
+        assert step.resync is not None and step.resync.reason is ResyncReason.HISTORY_LOST
+        assert step.resync.tag == event_tag(other(5))
+        assert step.deliver == []
+
+    def test_a_joiner_told_history_lost_where_the_feed_delivers_another_event(self):
+        """The connection's read went ahead of the feed (it has 5 as the old master had it);
+        the feed then delivers the new master's 4 and 5: at 5 the client is told, once."""
+        lost = []
+
+        def lost_at(epoch: str, seq: int, item: bytes) -> str:
+            lost.append((epoch, seq, item))
+            return "resync"
+
+        joiner: Joiner[bytes] = Joiner(event_tag, lost_at)
+        assert joiner.start_live("e1", 5, event_tag(frame(5))) == []
+        assert joiner.offer("e1", 4, other(4)) == (SKIP, False)
+        assert joiner.offer("e1", 5, other(5)) == (LOST, True)
+        same: Joiner[bytes] = Joiner(event_tag, lost_at)
+        same.start_live("e1", 5, event_tag(frame(5)))
+        assert same.offer("e1", 5, frame(5)) == (SKIP, True)
+        # Captured during the read, the same check; what follows is sent after it.
+        captured: Joiner[bytes] = Joiner(event_tag, lost_at)
+        for n in (4, 5, 6):
+            captured.offer("e1", n, other(n))
+        assert captured.start_live("e1", 5, event_tag(frame(5))) == ["resync", other(6)]
+        assert lost == [("e1", 5, other(5))]

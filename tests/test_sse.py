@@ -24,8 +24,9 @@ from gateway.sse import (
 )
 from publisher import issue_token
 from schemas.keys import Keys
+from schemas.tags import event_tag
 from tests.support.gateway_client import SECRET, client_for, publish, served_transport
-from tests.support.sse_client import open_stream
+from tests.support.sse_client import open_stream, untagged
 from tests.support.ws_client import wait_until
 
 # --- pure: formatting and parsing ------------------------------------------------------------
@@ -160,7 +161,10 @@ async def test_a_stream_carries_the_websocket_frames_with_cursor_ids(gateways, p
     await publish(publisher, 1, 30)
     got = [await stream.next() for _ in range(30)]
     assert [e.event for e in got] == ["message"] * 30
-    assert [e.id for e in got] == [f"{epoch}:{n}" for n in range(1, 31)]
+    # The id is the cursor after the event: its epoch, its seq and its tag, the tag of its text.
+    assert [e.id for e in got] == [
+        f"{epoch}:{n}:{event_tag(e.data.encode())}" for n, e in enumerate(got, 1)
+    ]
     await ws.wait_for(lambda: len(ws.seqs(1)) == 30)
     frames = [m for m in ws.messages if m.get("type") == "blocker_resolved"]
     assert [json.loads(e.data) for e in got] == frames  # the same JSON as the WebSocket's
@@ -187,7 +191,8 @@ async def test_last_event_id_resumes_exactly(gateways, publisher):
     assert subscribed["resumed"] is True and subscribed["replayed"] == 7
     await publish(publisher, 2, 1)
     live = await stream.next()
-    assert json.loads(live.data)["seq"] == 13 and live.id.endswith(":13")
+    assert json.loads(live.data)["seq"] == 13
+    assert live.id.endswith(f":13:{event_tag(live.data.encode())}")
     stream.close()
 
 
@@ -200,9 +205,10 @@ async def test_an_unknown_epoch_gets_resync_required_then_continues(gateways, pu
     head = await stream.until("subscribed")
     assert [e.event for e in head] == ["authenticated", "resync_required", "subscribed"]
     resync = json.loads(head[1].data)
-    assert resync["reason"] == "epoch_changed" and head[1].id == f"{resync['epoch']}:4"
+    assert resync["reason"] == "epoch_changed"
+    assert head[1].id == f"{resync['epoch']}:4:{resync['tag']}"
     await publish(publisher, 3, 1)
-    assert (await stream.next()).id == f"{resync['epoch']}:5"
+    assert untagged((await stream.next()).id) == f"{resync['epoch']}:5"
     stream.close()
 
 
@@ -221,7 +227,7 @@ async def test_several_projects_share_one_stream_with_a_compound_cursor(gateways
     await publish(publisher, 4, 2)
     await publish(publisher, 5, 1)
     got = [await stream.next() for _ in range(3)]
-    assert [e.id for e in got] == [
+    assert [untagged(e.id) for e in got] == [
         f"4={epochs[4]}:1,5={epochs[5]}:0",
         f"4={epochs[4]}:2,5={epochs[5]}:0",
         f"4={epochs[4]}:2,5={epochs[5]}:1",
@@ -235,7 +241,7 @@ async def test_several_projects_share_one_stream_with_a_compound_cursor(gateways
     head += await stream.until("subscribed")
     assert [json.loads(e.data)["seq"] for e in _events(head)] == [2, 3]
     assert all(json.loads(e.data)["resumed"] for e in head if e.event == "subscribed")
-    assert head[-1].id == f"4={epochs[4]}:2,5={epochs[5]}:3"
+    assert untagged(head[-1].id) == f"4={epochs[4]}:2,5={epochs[5]}:3"
     stream.close()
 
 
@@ -382,11 +388,11 @@ async def test_a_foreign_frame_with_line_breaks_cannot_inject_sse_fields(
     finally:
         await client.aclose()
     got = await stream.next()
-    assert got.event == "message" and got.id == f"{epoch}:2"
+    assert got.event == "message" and untagged(got.id) == f"{epoch}:2"
     assert got.data == _normalised(frame)
     await publish(publisher, 13, 1)
     after = await stream.next()
-    assert after.event == "message" and after.id == f"{epoch}:3"
+    assert after.event == "message" and untagged(after.id) == f"{epoch}:3"
     stream.close()
 
 
@@ -426,11 +432,11 @@ async def test_a_foreign_frame_cannot_move_another_projects_cursor(
     assert got.event == "resync_required"
     resync = json.loads(got.data)
     assert (resync["project_id"], resync["reason"], resync["seq"]) == (15, "history_corrupt", 2)
-    assert got.id == f"15={epochs[15]}:2,16={epochs[16]}:1"
+    assert untagged(got.id) == f"15={epochs[15]}:2,16={epochs[16]}:1"
     await publish(publisher, 15, 1)
     await publish(publisher, 16, 1)
     got = [await stream.next() for _ in range(2)]
-    assert [e.id for e in got] == [
+    assert [untagged(e.id) for e in got] == [
         f"15={epochs[15]}:3,16={epochs[16]}:1",
         f"15={epochs[15]}:3,16={epochs[16]}:2",
     ]

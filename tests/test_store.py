@@ -308,3 +308,32 @@ async def test_a_store_call_on_a_hung_redis_ends_after_one_read_timeout(monkeypa
     # One attempt: a second could not end within the call's bound, so none is made.
     assert hung.accepted == 1
     assert elapsed < gateway.server.REDIS_CALL_TIMEOUT + 0.5  # the bound, plus loop latency
+
+
+async def test_a_read_names_the_tags_of_the_events_at_the_top_and_at_the_cursor(
+    redis_url, publisher
+):
+    """The SNAPSHOT script computes the tags with ``redis.sha1hex``: the same as
+    ``schemas.tags.event_tag`` over the stored frame, which is what a client receives."""
+    import redis
+
+    from schemas.tags import event_tag
+    from tests.support.gateway_client import event
+
+    raw = redis.Redis.from_url(redis_url)
+    for n in range(4):
+        await publisher.publish(event(8, n + 1))
+    frames = {int(i.split(b"-")[0]): f[b"f"] for i, f in raw.xrange(KEYS.stream(8))}
+    store = real_store(redis_url)
+    fresh = await store.snapshot(8)
+    assert (fresh.top, fresh.top_tag, fresh.after_tag) == (4, event_tag(frames[4]), None)
+    resume = await store.snapshot(8, fresh.epoch, 2, 10)
+    assert (resume.top_tag, resume.after_tag) == (event_tag(frames[4]), event_tag(frames[2]))
+    assert (await store.snapshot(8, fresh.epoch, 4, 10)).after_tag == event_tag(frames[4])
+    assert (await store.snapshot(8, "another", 2, 10)).after_tag is None  # not this history
+    raw.xdel(KEYS.stream(8), "2-0")  # trimmed: nothing to compare
+    assert (await store.snapshot(8, fresh.epoch, 2, 10)).after_tag is None
+    empty = await store.snapshot(9)
+    assert (empty.top, empty.top_tag) == (0, None)
+    raw.close()
+    await store.client.aclose()

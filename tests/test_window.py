@@ -277,3 +277,26 @@ def check_answer(window, cursor, retired, epoch, after, max_replay) -> None:
         assert plan.resync is not None and plan.resync.reason == ResyncReason.TOO_FAR_BEHIND
     else:
         assert plan.resync is None and [entry[:2] for entry in plan.replay] == truth
+
+
+def test_a_tagged_cursor_is_answered_only_where_the_window_can_check_it():
+    """With tags (schemas.tags), the window names the tags of the events at the cursor and at
+    the top; a tagged cursor whose event the window does not hold (``lo - 1``) goes to Redis,
+    which can compare it; an untagged one is answered as before."""
+    window: ResumeWindow[str] = ResumeWindow(5, tag_of=lambda it: f"tag-of-{it}")
+    window.reset("e1", 0)
+    for seq in range(1, 11):
+        window.append(seq, item("e1", seq), 10)
+    inside = window.snapshot("e1", 7, 1000, tag="x")
+    assert inside is not None and replayed(inside) == [8, 9, 10]
+    assert (inside.after_tag, inside.top_tag) == ("tag-of-e1:7", "tag-of-e1:10")
+    assert window.snapshot("e1", 5, 1000, tag="x") is None  # lo - 1: not held, not checkable
+    assert replayed(window.snapshot("e1", 5, 1000)) == [6, 7, 8, 9, 10]
+    fresh = window.snapshot(None, None, 1000)
+    assert fresh is not None and fresh.top_tag == "tag-of-e1:10"
+    # Reset at a cursor the feed read (a resync, a baseline): its tag is the top's.
+    window.reset("e1", 20, "tag-at-20")
+    at_top = window.snapshot("e1", 20, 1000, tag="x")
+    assert at_top is not None and (at_top.after_tag, at_top.top_tag) == ("tag-at-20", "tag-at-20")
+    window.reset("e1", 30)
+    assert window.snapshot("e1", 30, 1000, tag="x") is None

@@ -40,6 +40,8 @@ class RecordingClient:
         self.compression = compression
         self.ws: ClientConnection | None = None
         self.messages: list[dict[str, Any]] = []
+        #: The text of each message, as received (what a client computes a tag from).
+        self.texts: list[str] = []
         self.events: dict[int, list[int]] = defaultdict(list)  # project -> seqs received
         self.epochs: dict[int, str] = {}
         self.closed: asyncio.Event = asyncio.Event()
@@ -67,6 +69,7 @@ class RecordingClient:
             async for raw in ws:
                 message = json.loads(raw)
                 self.messages.append(message)
+                self.texts.append(raw if isinstance(raw, str) else raw.decode())
                 kind = message.get("type")
                 if kind == "subscribed" or kind == "resync_required":
                     self.epochs[message["project_id"]] = message["epoch"]

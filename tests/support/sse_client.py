@@ -15,10 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from urllib.parse import urlsplit
 
 from gateway.sse import SseEvent, SseParser
+from schemas.tags import event_tag
 from tests.support.ws_client import Cursor, ResumingClient
 
 __all__ = ["ResumingSseClient", "Stream", "open_stream", "stream_path"]
@@ -96,6 +98,25 @@ async def open_stream(
             name, _, value = line.partition(":")
             response_headers[name.strip().lower()] = value.strip()
     return status, response_headers, Stream(reader, writer, b"")
+
+
+def untagged(event_id: str) -> str:
+    """An SSE id without its events' tags (``<epoch>:<seq>`` per project)."""
+    return re.sub(r":[0-9a-f]{16}(?=,|$)", "", event_id)
+
+
+def _tag_right(item: SseEvent, message: dict) -> bool:
+    """Whether the tag the id gives the project that ``item`` moved is the event's own (an
+    event's: the tag of its text; a ``subscribed``'s or a ``resync_required``'s: its ``tag``)."""
+    cursor = item.id
+    if "=" in cursor:  # several projects: 1=<epoch>:<seq>:<tag>,2=...
+        cursors = dict(part.split("=", 1) for part in cursor.split(","))
+        cursor = cursors.get(str(message.get("project_id")), "")
+    parts = cursor.split(":")
+    tag = parts[2] if len(parts) == 3 else None
+    if item.event == "message":
+        return tag == event_tag(item.data.encode())
+    return tag == message.get("tag")
 
 
 class ResumingSseClient(ResumingClient):
@@ -181,7 +202,7 @@ class ResumingSseClient(ResumingClient):
                     self.last_event_id = item.id
                     if item.event in ("message", "subscribed", "resync_required"):
                         expected = self._cursor_id()
-                        if item.id != expected:
+                        if untagged(item.id) != expected or not _tag_right(item, message):
                             self.stats.unexpected.append(
                                 {"id": item.id, "expected": expected, "after": message}
                             )
