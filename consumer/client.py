@@ -28,6 +28,7 @@ import inspect
 import itertools
 import random as _random
 import time
+import urllib.error
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -80,6 +81,7 @@ from schemas.protocol import (
     Subscribed,
     Unsubscribed,
 )
+from schemas.tags import is_tag
 from schemas.tokens import MAX_EXP
 
 __all__ = ["Consumer", "ConsumerStats", "Start", "Subscription", "TokenSource"]
@@ -192,6 +194,14 @@ def _http_url(ws_url: str) -> str:
     """The origin of the gateway's HTTP endpoints for a WebSocket URL (same host and port)."""
     parts = urlsplit(ws_url)
     return urlunsplit(("https" if parts.scheme == "wss" else "http", parts.netloc, "", "", ""))
+
+
+def _given_tag(tag: object, seq: int) -> str | None:
+    """A tag the gateway gave for the event at ``seq``, when it is one: anything else (a
+    broken gateway's, or one for seq 0, where there is no event) is taken as not said, never
+    sent back in a subscribe, which the gateway would refuse as ``invalid_cursor`` (an error
+    naming no project: the project silent)."""
+    return tag if seq > 0 and is_tag(tag) else None  # type: ignore[return-value]
 
 
 def _check_start(start: object) -> None:
@@ -451,6 +461,9 @@ class Consumer:
         self._answer_timer: asyncio.TimerHandle | None = None
         #: The connection the consumer gave up on for not answering (not a stable one).
         self._given_up: ClientConnection | None = None
+        #: A catch-up page with a tag was refused (400: a gateway from before cursor tags): pages
+        #: are asked for without tags until the next connection.
+        self._untagged_pages = False
         self.stats = ConsumerStats()
         self.connects = 0  # connections that opened (for tests and metrics)
         #: How the last :data:`CLOSE_CODES_KEPT` connections ended, oldest first (a list of
@@ -744,6 +757,7 @@ class Consumer:
             self.connects += 1
             self._ws = ws
             self._current_url = url
+            self._untagged_pages = False
             log.info("connected", url=url)
             try:
                 await self._session(ws, token)
@@ -950,7 +964,12 @@ class Consumer:
             state = self._states.get(message.project_id)  # type: ignore[attr-defined]
             if state is None:
                 return None
-            outcome = state.on_subscribed(message.epoch, message.seq, message.resumed)  # type: ignore[attr-defined]
+            outcome = state.on_subscribed(
+                message.epoch,  # type: ignore[attr-defined]
+                message.seq,  # type: ignore[attr-defined]
+                message.resumed,  # type: ignore[attr-defined]
+                _given_tag(message.tag, message.seq),  # type: ignore[attr-defined]
+            )
             self._answered(state.project_id)
             self._unavailable.pop(state.project_id, None)
             self._cancel_retry(state.project_id)  # answered: nothing left to retry
@@ -973,6 +992,7 @@ class Consumer:
             if state is None:
                 return None
             reason, epoch = message.reason, message.epoch  # type: ignore[attr-defined]
+            tag = _given_tag(message.tag, message.seq)  # type: ignore[attr-defined]
             self._heard(state.project_id)  # (its `subscribed` follows)
             if state.catching_up and reason == ResyncReason.TOO_FAR_BEHIND:
                 return None  # the catch-up in progress covers it
@@ -982,10 +1002,10 @@ class Consumer:
                 # Still in the history, only more than one replay carries: read it by pages.
                 state.begin_catch_up()
                 self.stats.catch_ups += 1
-                fallback = Resync(state.project_id, reason, epoch, message.seq)  # type: ignore[attr-defined]
+                fallback = Resync(state.project_id, reason, epoch, message.seq, tag)  # type: ignore[attr-defined]
                 self._spawn(self._catch_up(state, state.generation, fallback))
                 return None
-            resync = state.on_resync(reason, epoch, message.seq)  # type: ignore[attr-defined]
+            resync = state.on_resync(reason, epoch, message.seq, tag)  # type: ignore[attr-defined]
             log.info("resync required", project_id=state.project_id, reason=str(resync.reason))
             await self._put(state.project_id, resync)
             return None
@@ -1008,7 +1028,7 @@ class Consumer:
             # shows whether one is missing).
             self._ignored("ignored an event frame without a valid seq", frame=raw[:200])
             return Verdict.DROP
-        verdict = state.on_event(seq, paged=paged)
+        verdict = state.on_event(seq, paged=paged, frame=raw)
         if verdict is Verdict.CORRUPT:
             await self._surface_corrupt(state)
         if verdict is Verdict.DELIVER or verdict is Verdict.CORRUPT:
@@ -1029,7 +1049,7 @@ class Consumer:
     ) -> Verdict:
         """An event of a type this consumer does not know keeps its place in the order."""
         seq = exc.header[2]  # type: ignore[index]
-        verdict = state.on_event(seq, paged=paged)
+        verdict = state.on_event(seq, paged=paged, frame=raw)
         if verdict is Verdict.CORRUPT:
             await self._surface_corrupt(state)
         if verdict is Verdict.DELIVER or verdict is Verdict.CORRUPT:
@@ -1150,7 +1170,8 @@ class Consumer:
                 if page.resync_required is not None:
                     resync = page.resync_required
                     checked_cursor((resync.epoch, resync.seq))  # else the fallback, below
-                    item = state.on_resync(resync.reason, resync.epoch, resync.seq, paged=True)
+                    tag = _given_tag(resync.tag, resync.seq)
+                    item = state.on_resync(resync.reason, resync.epoch, resync.seq, tag, paged=True)
                     await self._put(project_id, item)
                     answered = True
                     break
@@ -1183,6 +1204,8 @@ class Consumer:
                         answered = answered or verdict is Verdict.GAP
                         more = False
                         break
+                else:
+                    self._take_page_tag(state, page)
                 # A page that moved nothing would be asked for again as it is (as eventbus.js).
                 if not more or state.cursor == cursor:
                     break
@@ -1207,6 +1230,18 @@ class Consumer:
                 message = state.end_catch_up()
                 if message is not None and self._subscribed_on is not None:
                     await self._send_subscribe(state)
+
+    @staticmethod
+    def _take_page_tag(state: ProjectState, page: PollResponse) -> None:
+        """A page read whole: its ``tag`` (of the event at the cursor to poll with next) for a
+        cursor that has none, when the page ends at the cursor (no events: at ``seq``). The
+        cursor of an event the page brought has the tag of its own frame."""
+        cursor = state.cursor
+        if cursor is None or page.events or cursor.tag is not None:
+            return
+        tag = _given_tag(page.tag, page.seq)
+        if tag is not None and cursor == (page.epoch, page.seq):
+            state.cursor = Cursor(cursor.epoch, cursor.seq, tag)
 
     async def _poll_until_answered(
         self, project_id: int, cursor: Cursor, current: Callable[[], bool]
@@ -1240,12 +1275,33 @@ class Consumer:
                     return None
 
     async def _poll(self, project_id: int, cursor: Cursor) -> PollResponse:
-        """One page of ``GET /v1/projects/{id}/events`` after ``cursor``, read within
-        ``open_timeout`` (TimeoutError after it)."""
+        """One page of ``GET /v1/projects/{id}/events`` after ``cursor`` (with its ``tag`` when
+        it has one), read within ``open_timeout`` (TimeoutError after it).
+
+        A gateway from before cursor tags refuses a query parameter it does not know (400
+        ``invalid_query``): a page asked for with a tag and answered 400 is asked once more
+        without it (unchecked, as that gateway would have it), and later pages are asked for
+        without tags until the next connection (else, behind a load balancer, each page was
+        asked for twice, once of them from the old gateway). Any other 400 is answered so
+        again, and raises then."""
         base = self.http_url or _http_url(self._current_url)
-        query = urlencode({"epoch": cursor[0], "after": cursor[1], "limit": POLL_PAGE})
-        url = f"{base}/v1/projects/{project_id}/events?{query}"
+        params: dict[str, object] = {"epoch": cursor[0], "after": cursor[1], "limit": POLL_PAGE}
+        tag = cursor.tag if isinstance(cursor, Cursor) and not self._untagged_pages else None
         token = await self._get_token(renew=False)
+        if tag is not None:
+            url = f"{base}/v1/projects/{project_id}/events?{urlencode({**params, 'tag': tag})}"
+            try:
+                return _poll_decoder.decode(await read_page(url, token, self._poll_timeout))
+            except urllib.error.HTTPError as exc:
+                if exc.code != 400:
+                    raise
+                self._untagged_pages = True
+                log.warning(
+                    "a catch-up page with a cursor tag was refused (a gateway before tags?); "
+                    "asking for pages without tags until the next connection",
+                    project_id=project_id,
+                )
+        url = f"{base}/v1/projects/{project_id}/events?{urlencode(params)}"
         return _poll_decoder.decode(await read_page(url, token, self._poll_timeout))
 
     async def _resubscribe_later(self, ws: ClientConnection, state: ProjectState, delay: float):

@@ -25,7 +25,12 @@ are the ones of ``eventbus.js``'s ``ProjectCursor``:
 * event frames carry no epoch: the WebSocket's events are taken to be in the epoch its last
   ``subscribed`` or ``resync_required`` named. When a catch-up's page moved the cursor to another
   epoch (the history was flushed while the pages were read), the WebSocket's events are still the
-  old epoch's, and are dropped until it names the cursor's epoch too.
+  old epoch's, and are dropped until it names the cursor's epoch too;
+* the cursor carries the tag of the event at its ``seq`` (``docs/consumer.md``, "Cursor tags"):
+  an event's cursor keeps the event's frame, hashed only when the tag is read (a subscribe, a
+  store's save); ``subscribed`` and ``resync_required`` give theirs. A resumed ``subscribed``
+  whose top is the cursor but whose tag is not the cursor's is ``history_lost`` (a gateway
+  checks the tag itself and says ``resync_required`` first; never trust silence, though).
 """
 
 from __future__ import annotations
@@ -105,17 +110,23 @@ class ProjectState:
         self.stream_epoch = None
 
     def subscribe_message(self) -> dict[str, object]:
-        """The subscribe frame to send now (on every connect, and after a gap)."""
+        """The subscribe frame to send now (on every connect, and after a gap), with the tag of
+        the cursor when it has one."""
         self.pending = True
         self.resync_seen = False
         self.resubscribe_when_acknowledged = False  # this subscribe is the one
         message: dict[str, object] = {"type": "subscribe", "project_id": self.project_id}
-        if self.cursor is not None:
-            message["epoch"], message["after"] = self.cursor
+        cursor = self.cursor
+        if cursor is not None:
+            message["epoch"], message["after"] = cursor
+            tag = cursor.tag
+            if tag is not None:
+                message["tag"] = tag
         return message
 
-    def on_event(self, seq: int, *, paged: bool = False) -> Verdict:
-        """An event frame from the WebSocket, or (``paged``) from a catch-up page."""
+    def on_event(self, seq: int, *, paged: bool = False, frame: bytes | None = None) -> Verdict:
+        """An event frame from the WebSocket, or (``paged``) from a catch-up page; ``frame`` is
+        its text as received, whose tag becomes the cursor's when it is delivered."""
         if self.catching_up and not paged:
             return Verdict.DROP  # the pages bring it; the resubscribe after them the rest
         cursor = self.cursor
@@ -129,7 +140,7 @@ class ProjectState:
             return Verdict.DROP if self.pending else Verdict.GAP
         last = cursor[1]
         if seq == last + 1:
-            self.cursor = Cursor(cursor[0], seq)
+            self.cursor = Cursor(cursor[0], seq, frame=frame)
             return Verdict.DELIVER
         if seq <= last:
             return Verdict.DUPLICATE
@@ -141,11 +152,14 @@ class ProjectState:
             self.gap_repairs += 1
             return Verdict.GAP
         self.corrupt = self._corrupt(cursor[0], seq - 1)
-        self.cursor = Cursor(cursor[0], seq)
+        self.cursor = Cursor(cursor[0], seq, frame=frame)
         return Verdict.CORRUPT
 
-    def on_subscribed(self, epoch: str, seq: int, resumed: bool) -> SubscribedOutcome:
-        """The gateway's ``subscribed``: the project is live after ``(epoch, seq)``."""
+    def on_subscribed(
+        self, epoch: str, seq: int, resumed: bool, tag: str | None = None
+    ) -> SubscribedOutcome:
+        """The gateway's ``subscribed``: the project is live after ``(epoch, seq)``; ``tag``:
+        the tag of the event at ``seq`` it gave (a valid one, or None)."""
         self.pending = False
         self.stream_epoch = epoch
         if self.resubscribe_when_acknowledged:
@@ -158,7 +172,7 @@ class ProjectState:
                 # Replay from `start` of this epoch: one more subscribe, with that cursor.
                 self.cursor = Cursor(epoch, start)
                 return SubscribedOutcome(resubscribe=True)
-            self.cursor = Cursor(epoch, seq)
+            self.cursor = Cursor(epoch, seq, tag)
             return SubscribedOutcome()
         if self.resync_seen:
             return SubscribedOutcome()  # resync_required came first and was surfaced
@@ -171,26 +185,38 @@ class ProjectState:
                 if epoch != self.cursor.epoch
                 else ResyncReason.HISTORY_LOST
             )
-            self.cursor = Cursor(epoch, seq)
-            return SubscribedOutcome(resync=Resync(self.project_id, reason, epoch, seq))
+            self.cursor = Cursor(epoch, seq, tag)
+            return SubscribedOutcome(resync=Resync(self.project_id, reason, epoch, seq, tag))
         if self.cursor.seq < seq:
             if self.short_replay == self.cursor:
                 # The replay from this cursor stopped short twice: the event after it is one no
                 # client can place (a foreign frame in the stream, relayed as it is), and every
                 # further replay would stop there again, a busy loop with nothing delivered.
                 # Skip to the top, as the gateway's own history_corrupt does: never silence.
-                return SubscribedOutcome(resync=self._corrupt(epoch, seq))
+                return SubscribedOutcome(resync=self._corrupt(epoch, seq, tag))
             # The replay did not bring us up to the announced top: ask again from the cursor
             # (once: an event dropped while the subscribe was in flight is in the next replay).
             self.short_replay = self.cursor
             return SubscribedOutcome(resubscribe=True)
+        if tag is not None:
+            # At the top: the event there is the one we have, or the gateway lost ours and
+            # numbered another one so (a failover) without saying it.
+            own = self.cursor.tag
+            if own is None:
+                self.cursor = Cursor(epoch, seq, tag)  # (unchecked until now: take the top's)
+            elif own != tag:
+                self.cursor = Cursor(epoch, seq, tag)
+                self.short_replay = self.gap_from = None
+                self.generation += 1
+                resync = Resync(self.project_id, ResyncReason.HISTORY_LOST, epoch, seq, tag)
+                return SubscribedOutcome(resync=resync)
         return SubscribedOutcome()
 
-    def _corrupt(self, epoch: str, seq: int) -> Resync:
-        self.cursor = Cursor(epoch, seq)
+    def _corrupt(self, epoch: str, seq: int, tag: str | None = None) -> Resync:
+        self.cursor = Cursor(epoch, seq, tag)
         self.short_replay = self.gap_from = None
         self.generation += 1
-        return Resync(self.project_id, ResyncReason.HISTORY_CORRUPT, epoch, seq)
+        return Resync(self.project_id, ResyncReason.HISTORY_CORRUPT, epoch, seq, tag)
 
     def at_top(self, reason: ResyncReason, epoch: str, seq: int) -> bool:
         """Whether a ``resync_required`` says ``too_far_behind`` of the cursor itself: the
@@ -236,12 +262,18 @@ class ProjectState:
         return self.subscribe_message()
 
     def on_resync(
-        self, reason: ResyncReason, epoch: str, seq: int, *, paged: bool = False
+        self,
+        reason: ResyncReason,
+        epoch: str,
+        seq: int,
+        tag: str | None = None,
+        *,
+        paged: bool = False,
     ) -> Resync:
-        """The gateway's ``resync_required``: later events continue after ``(epoch, seq)``;
-        ``paged``: it came with a catch-up's page, not on the WebSocket (whose events are still
-        in the epoch it last named)."""
-        self.cursor = Cursor(epoch, seq)
+        """The gateway's ``resync_required``: later events continue after ``(epoch, seq)``, whose
+        event's tag is ``tag`` (a valid one, or None); ``paged``: it came with a catch-up's page,
+        not on the WebSocket (whose events are still in the epoch it last named)."""
+        self.cursor = Cursor(epoch, seq, tag)
         self.short_replay = self.gap_from = None
         if not paged:
             self.stream_epoch = epoch
@@ -249,4 +281,4 @@ class ProjectState:
         self.resync_seen = True
         self.catching_up = False  # a catch-up in progress is obsolete
         self.generation += 1
-        return Resync(self.project_id, reason, epoch, seq)
+        return Resync(self.project_id, reason, epoch, seq, tag)

@@ -9,6 +9,10 @@ caller *processed*, so that a restarted consumer resumes exactly there.
   (sqlite3, psycopg 3, ...). Its :meth:`SqlCursorStore.save_in` writes the cursor *inside the
   caller's transaction*, next to the effect of the event: the one pattern that gives exactly-once
   processing across crashes (see ``docs/consumer.md``).
+
+Each keeps a cursor's ``tag`` (``docs/consumer.md``, "Cursor tags") beside its position, read
+(hashed, for an event's cursor) when it is saved. A cursor saved before tags, without one, still
+loads: as a cursor without a tag (unchecked).
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import msgspec
+import structlog
 
-from consumer.types import Cursor, checked_cursor
+from consumer.types import Cursor, checked_cursor, tag_of
 
 __all__ = [
     "CursorStore",
@@ -32,6 +37,8 @@ __all__ = [
     "RedisCursorStore",
     "SqlCursorStore",
 ]
+
+log = structlog.get_logger("eventbus.consumer")
 
 
 @runtime_checkable
@@ -59,11 +66,12 @@ class MemoryCursorStore:
         return self.cursors.get(project_id)
 
     async def save(self, project_id: int, cursor: Cursor) -> None:
-        self.cursors[project_id] = Cursor(*cursor)
+        self.cursors[project_id] = Cursor(cursor[0], cursor[1], tag_of(cursor))
 
 
 class FileCursorStore:
-    """Every project's cursor in one JSON file (``{"1": ["<epoch>", 42], ...}``).
+    """Every project's cursor in one JSON file (``{"1": ["<epoch>", 42, "<tag>"], ...}``; a
+    cursor without a tag, as saved before tags, is ``["<epoch>", 42]``).
 
     Each save writes a temporary file in the same directory and renames it over the old one, so
     the file always holds a complete state: a process killed at any instant leaves either the old
@@ -99,8 +107,8 @@ class FileCursorStore:
 
     async def save(self, project_id: int, cursor: Cursor) -> None:
         cursors = self._read()
-        cursors[project_id] = Cursor(*cursor)
-        payload = json.dumps({str(k): [c.epoch, c.seq] for k, c in cursors.items()})
+        cursors[project_id] = Cursor(cursor[0], cursor[1], tag_of(cursor))
+        payload = json.dumps({str(k): _file_entry(c) for k, c in cursors.items()})
         directory = self.path.parent
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=directory)
         try:
@@ -122,8 +130,17 @@ class FileCursorStore:
                 os.close(dir_fd)
 
 
+def _file_entry(cursor: Cursor) -> list[object]:
+    tag = cursor.tag
+    return [cursor.epoch, cursor.seq] if tag is None else [cursor.epoch, cursor.seq, tag]
+
+
 class RedisCursorStore:
-    """Cursors in one Redis hash, ``<key>`` -> ``{project_id: "<epoch>|<seq>"}``.
+    """Cursors in one Redis hash, ``<key>`` -> ``{project_id: "<epoch>|<seq>"}``, and the tag in
+    the field ``<project_id>:tag`` as ``"<epoch>|<seq>|<tag>"`` (``""`` for none; both fields
+    are written by one ``HSET``). The tag is taken only when its position is the cursor's: a
+    consumer from before tags, which writes the first field only, leaves no stale tag behind
+    that would make the next resume a false ``history_lost``.
 
     Args:
         client: a ``redis.asyncio.Redis`` (or cluster) client.
@@ -138,7 +155,7 @@ class RedisCursorStore:
         self.key = f"{prefix}:{name}:cursors"
 
     async def load(self, project_id: int) -> Cursor | None:
-        value = await self.client.hget(self.key, str(project_id))
+        value, tagged = await self.client.hmget(self.key, [str(project_id), f"{project_id}:tag"])
         if value is None:
             return None
         text = value.decode() if isinstance(value, bytes) else str(value)
@@ -146,14 +163,29 @@ class RedisCursorStore:
         # int() also takes " 5", "5_0" and other scripts' digits: only what save() writes.
         if not (seq.isascii() and seq.isdigit()):
             raise ValueError(f"not a valid cursor in {self.key}: {text!r:.200}")
-        return checked_cursor((epoch, int(seq)))
+        tag = None
+        if tagged:
+            tagged = tagged.decode() if isinstance(tagged, bytes) else str(tagged)
+            position, _, tag = tagged.rpartition("|")
+            if position != text:
+                tag = None  # another position's (written before the cursor was saved again)
+        return checked_cursor((epoch, int(seq), tag))
 
     async def save(self, project_id: int, cursor: Cursor) -> None:
-        await self.client.hset(self.key, str(project_id), f"{cursor[0]}|{cursor[1]}")
+        await self.client.hset(self.key, mapping=self._fields(project_id, cursor))
 
     def save_in(self, pipeline: Any, project_id: int, cursor: Cursor) -> None:
         """Queue the save on ``pipeline`` (e.g. ``client.pipeline(transaction=True)``)."""
-        pipeline.hset(self.key, str(project_id), f"{cursor[0]}|{cursor[1]}")
+        pipeline.hset(self.key, mapping=self._fields(project_id, cursor))
+
+    @staticmethod
+    def _fields(project_id: int, cursor: Cursor) -> dict[str, str]:
+        position = f"{cursor[0]}|{cursor[1]}"
+        tag = tag_of(cursor)
+        return {
+            str(project_id): position,
+            f"{project_id}:tag": "" if tag is None else f"{position}|{tag}",
+        }
 
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -169,8 +201,13 @@ class SqlCursorStore:
             project_id BIGINT NOT NULL,
             epoch      TEXT   NOT NULL,
             seq        BIGINT NOT NULL,
+            tag        TEXT,
             PRIMARY KEY (consumer, project_id)
         )
+
+    A table created before cursor tags has no ``tag`` column: the store notices (once per
+    instance) and keeps cursors without tags there, with a warning, until the column is added
+    (``ALTER TABLE eventbus_cursors ADD COLUMN tag TEXT``; :meth:`add_tag_column`).
 
     The upsert (``INSERT ... ON CONFLICT ... DO UPDATE``) works on PostgreSQL and SQLite >= 3.24.
 
@@ -206,22 +243,30 @@ class SqlCursorStore:
         if style not in ("qmark", "format"):
             raise ValueError(f"paramstyle must be 'qmark' or 'format', got {style!r}")
         mark = "?" if style == "qmark" else "%s"
-        self._select = (
-            f"SELECT epoch, seq FROM {table} WHERE consumer = {mark} AND project_id = {mark}"
-        )
+        where = f"WHERE consumer = {mark} AND project_id = {mark}"
+        self._select = f"SELECT epoch, seq, tag FROM {table} {where}"
+        self._select_untagged = f"SELECT epoch, seq FROM {table} {where}"
         self._upsert = (
+            f"INSERT INTO {table} (consumer, project_id, epoch, seq, tag) "
+            f"VALUES ({mark}, {mark}, {mark}, {mark}, {mark}) "
+            "ON CONFLICT (consumer, project_id) "
+            "DO UPDATE SET epoch = excluded.epoch, seq = excluded.seq, tag = excluded.tag"
+        )
+        self._upsert_untagged = (
             f"INSERT INTO {table} (consumer, project_id, epoch, seq) "
             f"VALUES ({mark}, {mark}, {mark}, {mark}) "
             "ON CONFLICT (consumer, project_id) "
             "DO UPDATE SET epoch = excluded.epoch, seq = excluded.seq"
         )
+        #: Whether the table has the ``tag`` column (None: not looked yet).
+        self._tagged: bool | None = None
 
     def ddl(self) -> str:
         """The ``CREATE TABLE`` statement of the cursor table."""
         return (
             f"CREATE TABLE IF NOT EXISTS {self.table} (consumer TEXT NOT NULL, "
             "project_id BIGINT NOT NULL, epoch TEXT NOT NULL, seq BIGINT NOT NULL, "
-            "PRIMARY KEY (consumer, project_id))"
+            "tag TEXT, PRIMARY KEY (consumer, project_id))"
         )
 
     def create_table(self) -> None:
@@ -231,11 +276,43 @@ class SqlCursorStore:
         finally:
             cursor.close()
         self.connection.commit()
+        self._tagged = None
 
-    async def load(self, project_id: int) -> Cursor | None:
+    def add_tag_column(self) -> None:
+        """Add the ``tag`` column to a table created before cursor tags (and commit)."""
         cursor = self.connection.cursor()
         try:
-            cursor.execute(self._select, (self.name, project_id))
+            cursor.execute(f"ALTER TABLE {self.table} ADD COLUMN tag TEXT")
+        finally:
+            cursor.close()
+        self.connection.commit()
+        self._tagged = None
+
+    def _has_tag_column(self) -> bool:
+        """Whether the table has the ``tag`` column, looked up once (a query that reads no row
+        and fails on nothing: the caller's transaction may be open on this connection)."""
+        if self._tagged is None:
+            cursor = self.connection.cursor()
+            try:
+                cursor.execute(f"SELECT * FROM {self.table} WHERE 1 = 0")
+                names = {str(column[0]).lower() for column in cursor.description or ()}
+                cursor.fetchall()
+            finally:
+                cursor.close()
+            self._tagged = "tag" in names
+            if not self._tagged:
+                log.warning(
+                    "the cursor table has no tag column: cursors are kept without tags "
+                    "(add it: SqlCursorStore.add_tag_column)",
+                    table=self.table,
+                )
+        return self._tagged
+
+    async def load(self, project_id: int) -> Cursor | None:
+        select = self._select if self._has_tag_column() else self._select_untagged
+        cursor = self.connection.cursor()
+        try:
+            cursor.execute(select, (self.name, project_id))
             row = cursor.fetchone()
         finally:
             cursor.close()
@@ -255,7 +332,11 @@ class SqlCursorStore:
 
     def save_in(self, db_cursor: Any, project_id: int, cursor: Cursor) -> None:
         """Write the cursor with ``db_cursor`` inside the caller's open transaction (no commit)."""
-        db_cursor.execute(self._upsert, (self.name, project_id, cursor[0], cursor[1]))
+        if self._has_tag_column():
+            row = (self.name, project_id, cursor[0], cursor[1], tag_of(cursor))
+            db_cursor.execute(self._upsert, row)
+        else:
+            db_cursor.execute(self._upsert_untagged, (self.name, project_id, cursor[0], cursor[1]))
 
 
 def _paramstyle_of(connection: Any) -> str:

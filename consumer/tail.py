@@ -173,6 +173,8 @@ def format_item(item: Item | UndecodableEvent, *, as_json: bool = False) -> str:
     if isinstance(item, Resync):
         if as_json:
             message = {"type": "resync_required", **msgspec.structs.asdict(item)}
+            if message["tag"] is None:
+                del message["tag"]  # (as the gateway says it: absent when not known)
             return msgspec.json.encode(message).decode()
         return (
             f"{_time(None)}  p{item.project_id} #{item.seq}  resync_required  "

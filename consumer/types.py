@@ -12,7 +12,8 @@ from typing import NamedTuple, TypeAlias, Union
 import msgspec
 
 from schemas.events import ProjectEvent
-from schemas.protocol import Epoch, ResyncReason, Sequence
+from schemas.protocol import Epoch, ResyncReason, Sequence, Tag
+from schemas.tags import event_tag
 
 __all__ = [
     "AuthenticationFailed",
@@ -26,33 +27,102 @@ __all__ = [
     "Resync",
     "UndecodableEvent",
     "checked_cursor",
+    "tag_of",
 ]
 
 
-class Cursor(NamedTuple):
-    """Position in a project's history: the epoch (history id) and the sequence number of the last
-    event processed. Equal to the publisher's ``Cursor`` as a tuple."""
-
+class _Position(NamedTuple):
     epoch: str
     seq: int
 
 
+class Cursor(_Position):
+    """Position in a project's history: the epoch (history id) and the sequence number of the last
+    event processed, and the ``tag`` of that event when known (``docs/consumer.md``, "Cursor
+    tags"): the gateway then notices when its history holds another event at ``seq`` (a Redis
+    failover lost the event and gave its number to a new one) and answers
+    ``Resync(history_lost)`` instead of resuming after an event it does not have.
+
+    It is the pair ``(epoch, seq)`` as a tuple: ``epoch, seq = cursor`` and comparisons (equal
+    to the publisher's ``Cursor``) see the position only; ``cursor.tag`` is beside it.
+    ``Cursor(epoch, seq)`` is a cursor without a tag (unchecked, as before tags). The cursor of
+    an event keeps the event's frame and hashes it only when ``tag`` is read.
+    """
+
+    # No __slots__: the tag (or the frame to hash) is kept in the instance's __dict__. Class
+    # defaults cover instances made by tuple methods (``_replace``, ``_make``).
+    _tag: str | None = None
+    _frame: bytes | None = None
+
+    def __new__(
+        cls, epoch: str, seq: int, tag: str | None = None, *, frame: bytes | None = None
+    ) -> Cursor:
+        self = super().__new__(cls, epoch, seq)
+        if tag is not None:
+            self._tag = tag
+        elif frame is not None:
+            self._frame = frame
+        return self
+
+    @property
+    def tag(self) -> str | None:
+        """The tag of the event at ``seq`` (16 hex digits), or None when not known."""
+        tag = self._tag
+        if tag is None and self._frame is not None:
+            tag = self._tag = event_tag(self._frame)
+            self._frame = None
+        return tag
+
+    def untagged(self) -> Cursor:
+        """The same position without a tag."""
+        return Cursor(self.epoch, self.seq)
+
+    def __repr__(self) -> str:
+        tag = self.tag
+        extra = "" if tag is None else f", tag={tag!r}"
+        return f"Cursor(epoch={self.epoch!r}, seq={self.seq!r}{extra})"
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (Cursor, (self.epoch, self.seq, self.tag))
+
+
 _CURSOR = tuple[Epoch, Sequence]
+_TAG = Tag | None
+
+
+def tag_of(cursor: object) -> str | None:
+    """The tag a cursor given by the caller carries: ``Cursor.tag``, or the third item of an
+    ``(epoch, seq, tag)`` tuple or list; None for a pair."""
+    if isinstance(cursor, Cursor):
+        return cursor.tag
+    if isinstance(cursor, (tuple, list)) and len(cursor) == 3:
+        return cursor[2]  # type: ignore[no-any-return]
+    return None
 
 
 def checked_cursor(value: object) -> Cursor:
-    """``value`` (a ``Cursor`` or any ``(epoch, seq)`` pair) as a :class:`Cursor` if a gateway
-    accepts it (the protocol's ``Epoch``: 1-64 characters of ``A-Za-z0-9_-``; ``Sequence``: an
-    int, 0 to 2**53-1), else ValueError naming what is wrong.
+    """``value`` (a ``Cursor``, any ``(epoch, seq)`` pair, or an ``(epoch, seq, tag)`` triple
+    whose tag may be None) as a :class:`Cursor` if a gateway accepts it (the protocol's
+    ``Epoch``: 1-64 characters of ``A-Za-z0-9_-``; ``Sequence``: an int, 0 to 2**53-1; a tag: 16
+    lowercase hex digits), else ValueError naming what is wrong.
 
     A cursor the gateway refuses is answered with an error that names no project (the subscribe
     did not decode), so a project subscribed with one would deliver nothing, and say nothing.
     """
+    if isinstance(value, Cursor):
+        pair: object = tuple(value)
+        frame = value._frame  # an event's own tag, hashed when read: valid by construction
+        tag: object = value._tag
+    elif isinstance(value, (tuple, list)) and len(value) == 3:
+        pair, tag, frame = value[:2], value[2], None
+    else:
+        pair, tag, frame = value, None, None
     try:
-        epoch, seq = msgspec.convert(value, _CURSOR, strict=True)
+        epoch, seq = msgspec.convert(pair, _CURSOR, strict=True)
+        tag = msgspec.convert(tag, _TAG, strict=True)
     except msgspec.ValidationError as exc:
         raise ValueError(f"not a valid cursor: {value!r:.200} ({exc})") from None
-    return Cursor(epoch, seq)
+    return Cursor(epoch, seq, tag, frame=frame)
 
 
 class Delivery(msgspec.Struct, frozen=True, gc=False):
@@ -70,22 +140,25 @@ class Delivery(msgspec.Struct, frozen=True, gc=False):
 
     @property
     def cursor(self) -> Cursor:
-        return Cursor(self.epoch, self.seq)
+        """The event's cursor; its tag is the frame's (hashed when read)."""
+        return Cursor(self.epoch, self.seq, frame=self.raw)
 
 
 class Resync(msgspec.Struct, frozen=True, gc=False):
     """The gateway could not honour the project's cursor (``reason``): events were lost to this
     consumer. Reload whatever state you derive from the events (from your application's API or
-    database); deliveries continue with ``seq + 1`` of ``epoch``."""
+    database); deliveries continue with ``seq + 1`` of ``epoch``. ``tag`` is the tag of the event
+    at ``seq`` when the gateway said it (None when it did not, or ``seq`` is 0)."""
 
     project_id: int
     reason: ResyncReason
     epoch: str
     seq: int
+    tag: str | None = None
 
     @property
     def cursor(self) -> Cursor:
-        return Cursor(self.epoch, self.seq)
+        return Cursor(self.epoch, self.seq, self.tag)
 
 
 Item: TypeAlias = Union[Delivery, Resync]  # noqa: UP007
@@ -139,4 +212,4 @@ class UndecodableEvent(ConsumerError):
 
     @property
     def cursor(self) -> Cursor:
-        return Cursor(self.epoch, self.seq)
+        return Cursor(self.epoch, self.seq, frame=self.raw)

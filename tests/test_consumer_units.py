@@ -57,6 +57,7 @@ from consumer.policy import (
 from consumer.tail import format_item
 from schemas.events import Blocker, BlockerCreated, BlockerResolved, encode_event
 from schemas.protocol import Error, PollResponse, ResyncReason, ResyncRequired
+from schemas.tags import event_tag
 from schemas.tokens import issue_token
 
 EPOCH = "e1"
@@ -532,13 +533,24 @@ async def test_a_redis_cursor_of_garbage_raises_value_error(value: str):
     await client.aclose()
 
 
-@pytest.mark.parametrize("row", [("e", 5.5), ("e", "five"), ("e", -1), ("a b", 1)])
+@pytest.mark.parametrize(
+    "row",
+    [
+        ("e", 5.5, None),
+        ("e", "five", None),
+        ("e", -1, None),
+        ("a b", 1, None),
+        ("e", 1, "not a tag"),
+        ("e", 1, "0123456789ABCDEF"),
+        ("e", 1, 12),
+    ],
+)
 async def test_a_sql_cursor_row_of_the_wrong_type_raises_value_error(row: tuple):
     # SQLite keeps whatever type was written, whatever the column says.
     db = sqlite3.connect(":memory:")
     store = SqlCursorStore(db, "garbage")
     store.create_table()
-    db.execute("INSERT INTO eventbus_cursors VALUES ('garbage', 1, ?, ?)", row)
+    db.execute("INSERT INTO eventbus_cursors VALUES ('garbage', 1, ?, ?, ?)", row)
     with pytest.raises(ValueError):
         await store.load(1)
     db.close()
@@ -651,7 +663,10 @@ async def test_the_client_delivers_in_order_per_project_and_repairs_a_gap_by_res
     assert [(d.project_id, d.seq) for d in items] == [(1, 11), (2, 1), (2, 2)]
     assert all(isinstance(d, Delivery) and isinstance(d.event, BlockerResolved) for d in items)
     assert items[0].raw == frame(1, 11) and items[0].cursor == Cursor(EPOCH, 11)
-    assert ws.sent == [{"type": "subscribe", "project_id": 1, "epoch": EPOCH, "after": 11}]
+    tag = event_tag(frame(1, 11))  # the tag of the event at the cursor: its frame's
+    assert ws.sent == [
+        {"type": "subscribe", "project_id": 1, "epoch": EPOCH, "after": 11, "tag": tag}
+    ]
     await consumer._on_frame(ws, frame(1, 12))  # type: ignore[arg-type]
     await consumer._on_frame(ws, frame(1, 13))  # type: ignore[arg-type]
     await consumer._on_frame(ws, subscribed(1, 13, resumed=True))  # type: ignore[arg-type]
@@ -1629,7 +1644,13 @@ async def test_a_catch_up_page_answered_503_is_asked_again_from_the_same_cursor(
     # The catch-up ended: once the gateway answers the resume that led to it, the project
     # resubscribes from where the page left it.
     await consumer._on_frame(ws, subscribed(1, 5000))  # type: ignore[arg-type]
-    assert ws.sent[-1] == {"type": "subscribe", "project_id": 1, "epoch": EPOCH, "after": 8}
+    assert ws.sent[-1] == {
+        "type": "subscribe",
+        "project_id": 1,
+        "epoch": EPOCH,
+        "after": 8,
+        "tag": event_tag(frame(1, 8)),
+    }
 
 
 class RecordingServer(LocalHttpServer):
