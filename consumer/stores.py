@@ -46,9 +46,12 @@ class CursorStore(Protocol):
     """Loads and saves the cursor of each project.
 
     ``save`` is called after the caller processed the item with that cursor; it must be durable
-    (or at least atomic) when it returns. ``load`` returns None for a project never saved, and
-    raises (the shipped stores: ValueError) when what it holds is not a valid cursor
-    (:func:`~consumer.types.checked_cursor`; the consumer checks a loaded cursor too).
+    (or at least atomic) when it returns. Keep ``cursor.tag`` with the position (read it at
+    save: an event's cursor hashes its frame then) and load it back as ``Cursor(epoch, seq,
+    tag)``; a store that drops it resumes unchecked, as before tags. ``load`` returns None for a
+    project never saved, and raises (the shipped stores: ValueError) when what it holds is not
+    a valid cursor (:func:`~consumer.types.checked_cursor`; the consumer checks a loaded cursor
+    too).
     """
 
     async def load(self, project_id: int) -> Cursor | None: ...
