@@ -56,8 +56,14 @@ from consumer.policy import (
 )
 from consumer.tail import format_item
 from schemas.events import Blocker, BlockerCreated, BlockerResolved, encode_event
-from schemas.protocol import Error, PollResponse, ResyncReason, ResyncRequired
-from schemas.tags import event_tag
+from schemas.protocol import (
+    Error,
+    PollResponse,
+    ResyncReason,
+    ResyncRequired,
+    decode_client_message,
+)
+from schemas.tags import event_tag, is_tag
 from schemas.tokens import issue_token
 
 EPOCH = "e1"
@@ -467,7 +473,8 @@ def write_file(path: Path, text: str) -> Path:
 
 
 def acceptable(cursor: object) -> bool:
-    """Whether a gateway accepts ``cursor`` in a subscribe (schemas.protocol's Epoch, Sequence)."""
+    """Whether a gateway accepts ``cursor`` in a subscribe (schemas.protocol's Epoch, Sequence,
+    Tag)."""
     return (
         isinstance(cursor, Cursor)
         and isinstance(cursor.epoch, str)
@@ -475,6 +482,7 @@ def acceptable(cursor: object) -> bool:
         and all(c.isascii() and (c.isalnum() or c in "_-") for c in cursor.epoch)
         and type(cursor.seq) is int
         and 0 <= cursor.seq <= 2**53 - 1
+        and (cursor.tag is None or is_tag(cursor.tag))
     )
 
 
@@ -1208,8 +1216,12 @@ async def test_a_foreign_frame_in_every_replay_ends_in_a_resync_not_a_busy_loop(
     assert [d.seq for d in drain(subscription)] == [6]
 
 
-def control(kind: str, project_id: int, epoch: object, seq: object, resumed: bool) -> bytes:
+def control(
+    kind: str, project_id: int, epoch: object, seq: object, resumed: bool, tag: object = None
+) -> bytes:
     message = {"type": kind, "project_id": project_id, "epoch": epoch, "seq": seq}
+    if tag is not None:
+        message["tag"] = tag
     if kind == "subscribed":
         message["resumed"] = resumed
     else:
@@ -1231,6 +1243,7 @@ hostile_frames = st.lists(
             st.tuples(
                 st.sampled_from(["e1", "e2", "", "a b", "x" * 65, "e\n"]),
                 st.sampled_from([-5, -1, 0, 3, 9, 2**53 - 1, 2**53, 2**63]),
+                st.sampled_from([None, "0123456789abcdef", "0123456789ABCDEF", "0" * 17, ""]),
             ),
             st.booleans(),
         ),
@@ -1241,9 +1254,12 @@ hostile_frames = st.lists(
 
 @settings(max_examples=300, deadline=None)
 @given(hostile_frames)
-@example([("subscribed", 1, ("e1", -5), False), ("event", 1, -4, False)])
-@example([("subscribed", 1, ("e1", 3), False), ("resync_required", 1, ("a b", 2**63), False)])
-@example([("subscribed", 1, ("e1", 2**53 - 1), False), ("event", 1, 2**53, False)])
+@example([("subscribed", 1, ("e1", -5, None), False), ("event", 1, -4, False)])
+@example(
+    [("subscribed", 1, ("e1", 3, None), False), ("resync_required", 1, ("a b", 2**63, None), False)]
+)
+@example([("subscribed", 1, ("e1", 2**53 - 1, None), False), ("event", 1, 2**53, False)])
+@example([("subscribed", 1, ("e1", 3, "0" * 17), False), ("event", 1, 5, False)])
 async def test_whatever_a_gateway_sends_items_are_in_order_once_with_cursors_it_accepts(
     frames: list,
 ):
@@ -1251,7 +1267,9 @@ async def test_whatever_a_gateway_sends_items_are_in_order_once_with_cursors_it_
     item before it (after a Resync: its seq + 1), never a repeat or a skip; and every cursor the
     caller is handed (and would save) is one a gateway accepts. A ``subscribed`` or
     ``resync_required`` with an epoch or seq outside the protocol (``"a b"``, -5, 2**63) was
-    taken as the cursor: deliveries of seq -4, and a cursor that, saved, refused every restart."""
+    taken as the cursor: deliveries of seq -4, and a cursor that, saved, refused every restart.
+    Every subscribe the consumer sends is one the gateway accepts (a malformed tag it was given
+    is not sent back)."""
     consumer, ws, subscription = await fed_consumer(1, 2)
     for kind, project_id, what, resumed in frames:
         if kind == "event":
@@ -1269,6 +1287,8 @@ async def test_whatever_a_gateway_sends_items_are_in_order_once_with_cursors_it_
         last[item.project_id] = item.cursor
     for project_id in (1, 2):
         assert consumer.cursor(project_id) is None or acceptable(consumer.cursor(project_id))
+    for message in ws.sent:
+        decode_client_message(json.dumps(message))  # (ProtocolError: refused)
 
 
 @pytest.mark.parametrize("top", [3, 2**53 - 1])
