@@ -167,6 +167,7 @@ async def test_the_python_consumer_resyncs_past_a_relayed_entry_it_cannot_place(
     from consumer import Consumer, Delivery, Resync
     from publisher import issue_token
     from schemas.protocol import ResyncReason
+    from schemas.tags import event_tag
     from tests.support.gateway_client import SECRET, ws_url
 
     gateway = await gateways()
@@ -191,8 +192,11 @@ async def test_the_python_consumer_resyncs_past_a_relayed_entry_it_cannot_place(
         assert len(delivered) == BEFORE
     assert all(isinstance(i, Delivery) for i in delivered)
     assert [i.seq for i in delivered] == list(range(1, len(delivered) + 1))
-    assert resync == Resync(POISONED, ResyncReason.HISTORY_CORRUPT, resync.epoch, top)
+    assert resync == Resync(POISONED, ResyncReason.HISTORY_CORRUPT, resync.epoch, top, resync.tag)
     assert resync.epoch == epoch_of(redis_client, POISONED)
+    # The cursor to go on from names the top event by its tag (the gateway's subscribed says it).
+    ((_, fields),) = redis_client.xrange(KEYS.stream(POISONED), f"{top}-0", f"{top}-0")
+    assert resync.tag == event_tag(fields[b"f"])
     assert isinstance(last, Delivery) and last.seq == top + 1
     assert (gateway.metrics.foreign_values["stream_entry"] > 0) is not relayed
 
