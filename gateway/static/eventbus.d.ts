@@ -102,6 +102,10 @@ export type ProjectEvent =
 export interface Cursor {
   epoch: string;
   seq: number;
+  /** The tag of the event at `seq` (16 lowercase hex digits: docs/protocol.md, "Cursor tags"):
+   * lets the gateway tell when that event was replaced (a Redis failover). Absent or null:
+   * unknown, the cursor is unchecked. A malformed one is ignored. */
+  tag?: string | null;
 }
 
 export interface EventBusError {
@@ -227,8 +231,16 @@ export declare class PresenceTable {
   list(): PresenceMember[];
 }
 
-/** Whether a value is a snapshot cursor {epoch: non-empty string, seq: integer >= 0}. */
+/** Whether a value is a snapshot cursor {epoch: non-empty string, seq: integer >= 0} (a `tag`
+ * is optional, and ignored when malformed). */
 export declare function isCursor(value: unknown): value is Cursor;
+
+/** SHA-1 of the bytes, as 40 lowercase hex digits (synchronous). */
+export declare function sha1Hex(bytes: Uint8Array): string;
+
+/** The tag of an event: the first 16 hex digits of SHA-1 over the UTF-8 bytes of its JSON text
+ * exactly as received. */
+export declare function eventTag(text: string): string;
 
 export declare class EventBus {
   constructor(options?: ConnectOptions);
@@ -237,7 +249,8 @@ export declare class EventBus {
   /** Epoch-milliseconds of the next WebSocket attempt, or null. */
   readonly nextRetryAt: number | null;
   readonly lastError: EventBusError | null;
-  /** The cursor of a subscribed project, or null before its first `subscribed`. */
+  /** The cursor of a subscribed project, or null before its first `subscribed`; its `tag` only
+   * when known (hashed from the last event's text when asked for). */
   cursor(projectId: number): Cursor | null;
   /** Receive a project's events in order, once each. Returns the unsubscribe function. */
   subscribe(projectId: number, onEvent: (event: ProjectEvent) => void): () => void;
@@ -392,6 +405,8 @@ export interface SubscribeMessage {
   project_id: number;
   epoch?: string;
   after?: number;
+  /** The tag of the event at `after`, when known. */
+  tag?: string;
   presence?: boolean;
 }
 
@@ -406,11 +421,17 @@ export declare class ProjectCursor {
   /** Events held back per project while the application reloads (10,000). */
   static MAX_BUFFERED: number;
   readonly known: boolean;
+  /** The tag of the event at seq, or null when unknown. */
+  readonly tag: string | null;
+  /** Keep the gateway's tag of the event at (epoch, seq) when the cursor stands there without one. */
+  learnTag(epoch: string, seq: number, tag: string | null): void;
   subscribeMessage(projectId: number): SubscribeMessage;
-  pollQuery(): string;
-  beginResync(epoch: string, seq: number): void;
-  onSubscribed(message: { epoch: string; seq: number; resumed: boolean }): boolean;
-  accept(event: { seq: number }): { deliver: ProjectEvent[]; gap: boolean };
+  /** `tags: false`: without the `tag` parameter. */
+  pollQuery(options?: { tags?: boolean }): string;
+  beginResync(epoch: string, seq: number, tag?: string | null): void;
+  onSubscribed(message: { epoch: string; seq: number; resumed: boolean; tag?: string | null }): boolean;
+  /** `origin`: the event's JSON text as received ({text}) or its tag ({tag}); else unknown. */
+  accept(event: { seq: number }, origin?: { text: string } | { tag: string } | null): { deliver: ProjectEvent[]; gap: boolean };
   /** onResync's snapshot cursor: continue exactly after it (between beginResync and endResync). */
   adoptSnapshot(snapshot: Cursor): void;
   endResync(): { deliver: ProjectEvent[]; gap: boolean };

@@ -201,6 +201,97 @@ export function refreshDelay({ iat, exp, expiresAt, obtainedAt, now }) {
 }
 
 /**
+ * SHA-1 of `bytes` (a Uint8Array), as 40 lowercase hex digits. Synchronous and small on purpose:
+ * crypto.subtle is asynchronous, and missing altogether on a page not served over https.
+ */
+export function sha1Hex(bytes) {
+  const length = bytes.length;
+  // The message, a 1 bit, zeros, and its length in bits (64-bit big-endian): whole 64-byte blocks.
+  const words = new Int32Array((((length + 8) >> 6) + 1) * 16);
+  for (let i = 0; i < length; i += 1) words[i >> 2] |= bytes[i] << (24 - (i & 3) * 8);
+  words[length >> 2] |= 0x80 << (24 - (length & 3) * 8);
+  words[words.length - 2] = Math.floor(length / 0x20000000);
+  words[words.length - 1] = (length * 8) >>> 0;
+  const w = new Int32Array(80);
+  let h0 = 0x67452301;
+  let h1 = 0xefcdab89 | 0;
+  let h2 = 0x98badcfe | 0;
+  let h3 = 0x10325476;
+  let h4 = 0xc3d2e1f0 | 0;
+  for (let block = 0; block < words.length; block += 16) {
+    for (let t = 0; t < 16; t += 1) w[t] = words[block + t];
+    for (let t = 16; t < 80; t += 1) {
+      const x = w[t - 3] ^ w[t - 8] ^ w[t - 14] ^ w[t - 16];
+      w[t] = (x << 1) | (x >>> 31);
+    }
+    let a = h0;
+    let b = h1;
+    let c = h2;
+    let d = h3;
+    let e = h4;
+    for (let t = 0; t < 80; t += 1) {
+      let f;
+      let k;
+      if (t < 20) {
+        f = (b & c) | (~b & d);
+        k = 0x5a827999;
+      } else if (t < 40) {
+        f = b ^ c ^ d;
+        k = 0x6ed9eba1;
+      } else if (t < 60) {
+        f = (b & c) | (b & d) | (c & d);
+        k = 0x8f1bbcdc | 0;
+      } else {
+        f = b ^ c ^ d;
+        k = 0xca62c1d6 | 0;
+      }
+      const next = (((a << 5) | (a >>> 27)) + f + e + k + w[t]) | 0;
+      e = d;
+      d = c;
+      c = (b << 30) | (b >>> 2);
+      b = a;
+      a = next;
+    }
+    h0 = (h0 + a) | 0;
+    h1 = (h1 + b) | 0;
+    h2 = (h2 + c) | 0;
+    h3 = (h3 + d) | 0;
+    h4 = (h4 + e) | 0;
+  }
+  return [h0, h1, h2, h3, h4].map((h) => (h >>> 0).toString(16).padStart(8, "0")).join("");
+}
+
+/**
+ * The tag of an event (docs/protocol.md, "Cursor tags"): the first 16 hex digits of SHA-1 over
+ * the UTF-8 bytes of its JSON text exactly as received (never a re-serialization).
+ */
+export function eventTag(text) {
+  return sha1Hex(new TextEncoder().encode(text)).slice(0, 16);
+}
+
+const TAG = /^[0-9a-f]{16}$/;
+
+/** The `tag` of a message or cursor when it is a well-formed tag, else null (absent: unchecked). */
+function tagOf(value) {
+  const tag = value && typeof value === "object" ? value.tag : null;
+  return typeof tag === "string" && TAG.test(tag) ? tag : null;
+}
+
+/** Where the tag of an event accepted by a ProjectCursor comes from: {text} (its JSON text as
+ * received, hashed only when a cursor needs it) or {tag} (a poll page's, for its last event). */
+const eventOrigins = new WeakMap();
+
+function originTag(event) {
+  const origin = eventOrigins.get(event);
+  if (!origin) return null;
+  if (origin.tag === undefined) {
+    origin.tag = eventTag(origin.text);
+    origin.text = null;
+  }
+  return origin.tag;
+}
+
+/**
  * The WHATWG event-stream parser, fed decoded text as it arrives (chunks may split lines, and a
  * CRLF). `feed(text)` returns the events completed: {event ("message" when unnamed), data, id}.
  */
@@ -284,25 +375,30 @@ const LINE_END = /[\r\n]/g;
 SseParser.MAX_EVENT_LENGTH = 4 * 1024 * 1024;
 
 /**
- * The SSE request for `cursors` ([[projectId, {epoch, seq} | null], ...]): its path and its
+ * The SSE request for `cursors` ([[projectId, {epoch, seq, tag?} | null], ...]): its path and its
  * Last-Event-ID (null when no project has a cursor). One project: `/v1/projects/{id}/stream` and
  * `<epoch>:<seq>`; several: `/v1/stream?project=..` and `<id>=<epoch>:<seq>,...` (docs/protocol.md).
- * With `presence`, the stream also carries presence messages (`presence=1`).
+ * A cursor with a tag is `<epoch>:<seq>:<tag>`. With `presence`, the stream also carries presence
+ * messages (`presence=1`).
  */
 export function sseRequest(cursors, { presence = false } = {}) {
   const known = cursors.filter(([, cursor]) => cursor);
+  const id = (cursor) => {
+    const tag = tagOf(cursor);
+    return `${cursor.epoch}:${cursor.seq}${tag !== null ? `:${tag}` : ""}`;
+  };
   if (cursors.length === 1) {
     const [projectId, cursor] = cursors[0];
     return {
       path: `/v1/projects/${projectId}/stream${presence ? "?presence=1" : ""}`,
-      lastEventId: cursor ? `${cursor.epoch}:${cursor.seq}` : null,
+      lastEventId: cursor ? id(cursor) : null,
     };
   }
   const path = "/v1/stream?" + cursors.map(([projectId]) => `project=${projectId}`).join("&") + (presence ? "&presence=1" : "");
   const lastEventId = known.length
     ? known
         .sort((a, b) => a[0] - b[0])
-        .map(([projectId, cursor]) => `${projectId}=${cursor.epoch}:${cursor.seq}`)
+        .map(([projectId, cursor]) => `${projectId}=${id(cursor)}`)
         .join(",")
     : null;
   return { path, lastEventId };
@@ -310,12 +406,15 @@ export function sseRequest(cursors, { presence = false } = {}) {
 
 /**
  * The cursor of one project and the ordering rules: deduplicate by seq, deliver in order, detect
- * gaps, and hold events back while the application reloads its state.
+ * gaps, and hold events back while the application reloads its state. The cursor is
+ * (epoch, seq, tag): the tag names the event at seq (docs/protocol.md, "Cursor tags"), null when
+ * unknown; the text of the last event applied is kept and hashed only when the tag is asked for.
  */
 export class ProjectCursor {
   constructor() {
     this.epoch = null;
     this.seq = null;
+    this.at = null; // where the tag of the event at seq comes from: {text} or {tag}; null: unknown
     this.resyncing = false;
     this.generation = 0; // bumps on every resync, so a stale onResync completion is recognisable
     this.buffer = [];
@@ -329,30 +428,55 @@ export class ProjectCursor {
     return this.epoch !== null;
   }
 
-  /** The subscribe frame: resume after the cursor when there is one. */
+  /** The tag of the event at seq, or null when unknown (hashed now if it was not yet). */
+  get tag() {
+    if (this.at === null) return null;
+    if (this.at.tag === undefined) this.at = { tag: eventTag(this.at.text) };
+    return this.at.tag;
+  }
+
+  /** The gateway names the tag of the event at (epoch, seq) (a `subscribed`, a poll page): kept
+   * when the cursor stands there and has none (e.g. a snapshot's cursor without one). */
+  learnTag(epoch, seq, tag) {
+    if (tag !== null && this.at === null && this.known && epoch === this.epoch && seq === this.seq) this.at = { tag };
+  }
+
+  /** The subscribe frame: resume after the cursor when there is one (with its tag, if known). */
   subscribeMessage(projectId) {
     this.resyncSinceSubscribe = false;
     const message = { type: "subscribe", project_id: projectId };
     if (this.known) {
       message.epoch = this.epoch;
       message.after = this.seq;
+      const tag = this.tag;
+      if (tag !== null) message.tag = tag;
     }
     return message;
   }
 
   /** Query string of the polling endpoint: after the cursor, or after what is already held
-   * back while the application reloads (so a slow reload does not fetch the same page again). */
-  pollQuery() {
+   * back while the application reloads (so a slow reload does not fetch the same page again);
+   * with the tag of the event it names when known and `tags` (not to a gateway that refused one). */
+  pollQuery({ tags = true } = {}) {
     if (!this.known) return "";
     let after = this.seq;
-    for (const event of this.buffer) after = Math.max(after, event.seq);
-    return `?epoch=${encodeURIComponent(this.epoch)}&after=${after}`;
+    let held = null;
+    for (const event of this.buffer) {
+      if (event.seq > after) {
+        after = event.seq;
+        held = event;
+      }
+    }
+    const tag = !tags ? null : held !== null ? originTag(held) : this.tag;
+    return `?epoch=${encodeURIComponent(this.epoch)}&after=${after}${tag !== null ? `&tag=${tag}` : ""}`;
   }
 
-  /** Start a reload: later events continue after (epoch, seq); anything buffered is obsolete. */
-  beginResync(epoch, seq) {
+  /** Start a reload: later events continue after (epoch, seq) (the event there tagged `tag`, or
+   * unknown); anything buffered is obsolete. */
+  beginResync(epoch, seq, tag = null) {
     this.epoch = epoch;
     this.seq = seq;
+    this.at = tag !== null ? { tag } : null;
     this.resyncing = true;
     this.generation += 1;
     this._clearBuffer();
@@ -380,21 +504,26 @@ export class ProjectCursor {
    * (not `resumed`, another epoch, or a top behind the cursor: the events up to the cursor of
    * that history would otherwise be dropped as duplicates of the ones already applied).
    */
-  onSubscribed({ epoch, seq, resumed }) {
+  onSubscribed(message) {
+    const { epoch, seq, resumed } = message;
+    const tag = tagOf(message);
     if (!this.known) {
-      this.beginResync(epoch, seq);
+      this.beginResync(epoch, seq, tag);
       return true;
     }
     if (this.resyncSinceSubscribe) return false; // resync_required came first and was handled
     if (resumed !== true || epoch !== this.epoch || seq < this.seq) {
-      this.beginResync(epoch, seq);
+      this.beginResync(epoch, seq, tag);
       return true;
     }
+    this.learnTag(epoch, seq, tag);
     return false;
   }
 
-  /** An event frame. Returns {deliver: events to hand to the application now, gap}. */
-  accept(event) {
+  /** An event frame. Returns {deliver: events to hand to the application now, gap}. `origin`
+   * gives its tag: {text} (the JSON text it arrived as) or {tag} (a poll page's); else unknown. */
+  accept(event, origin = null) {
+    if (origin) eventOrigins.set(event, { ...origin });
     if (this.resyncing || !this.known) {
       // Held back, once per seq, and bounded: a reload that keeps failing must not grow memory
       // without end. Past the bound the held events are dropped and the gap is reported when
@@ -422,7 +551,11 @@ export class ProjectCursor {
    * the snapshot's and the events after it are asked for (the gateway answers resync_required
    * if it cannot honour it). Call between beginResync and endResync.
    */
-  adoptSnapshot({ epoch, seq }) {
+  adoptSnapshot(snapshot) {
+    const { epoch, seq } = snapshot;
+    // The tag of the event the snapshot ends with: its own, else a held event's there (the same
+    // event the gateway sent), else unknown (unchecked).
+    let tag = tagOf(snapshot);
     if (epoch !== this.epoch) {
       this.epoch = epoch;
       this._clearBuffer(); // held events are of the other epoch
@@ -430,9 +563,14 @@ export class ProjectCursor {
     } else if (seq < this.seq) {
       this.askAgain = true; // (seq, this.seq] is neither in the snapshot nor held
     } else if (seq === this.seq) {
+      if (tag !== null) this.at = { tag };
       return;
+    } else if (tag === null) {
+      const held = this.buffer.find((event) => event.seq === seq);
+      if (held) tag = originTag(held);
     }
     this.seq = seq;
+    this.at = tag !== null ? { tag } : null;
   }
 
   /** The application finished reloading: apply what arrived meanwhile (seq > cursor only). */
@@ -464,6 +602,7 @@ export class ProjectCursor {
       if (event.seq <= this.seq) continue; // duplicate (replay overlap, polling/WebSocket switch)
       if (event.seq !== this.seq + 1) return { deliver, gap: true }; // never skip silently
       this.seq = event.seq;
+      this.at = eventOrigins.get(event) || null;
       deliver.push(event);
     }
     return { deliver, gap: false };
@@ -829,6 +968,9 @@ export class EventBus {
     this._sseRetryTimer = null;
     this._sseRefreshTimer = null;
     this._reportedTransport = null;
+    // A gateway refused a poll or SSE resume that carried a tag (400: one from before cursor
+    // tags, after a rollback): those go without tags until a gateway shows it knows them.
+    this._tagsRefused = false;
     this.nextRetryAt = null;
     this.lastError = null;
 
@@ -854,10 +996,15 @@ export class EventBus {
     return this._polling && this._pollOk ? "polling" : null;
   }
 
-  /** The cursor {epoch, seq} of a subscribed project (null before its first `subscribed`). */
+  /** The cursor {epoch, seq, tag?} of a subscribed project (null before its first `subscribed`);
+   * `tag` (of the event at seq) only when known. */
   cursor(projectId) {
     const sub = this._subs.get(projectId);
-    return sub && sub.cursor.known ? { epoch: sub.cursor.epoch, seq: sub.cursor.seq } : null;
+    if (!sub || !sub.cursor.known) return null;
+    const cursor = { epoch: sub.cursor.epoch, seq: sub.cursor.seq };
+    const tag = sub.cursor.tag;
+    if (tag !== null) cursor.tag = tag;
+    return cursor;
   }
 
   /**
@@ -1406,7 +1553,7 @@ export class EventBus {
         return;
       default:
         if (Number.isSafeInteger(message.seq) && Number.isSafeInteger(message.project_id)) {
-          this._onEvent(message, "websocket");
+          this._onEvent(message, "websocket", { text: data });
         }
     }
   }
@@ -1415,6 +1562,7 @@ export class EventBus {
     const sub = this._subs.get(message.project_id);
     if (!sub) return this._answered(message.project_id); // dropped meanwhile: an answer all the same
     if (!this._hasCursor(sub, message)) return;
+    this._tagsKnown(message);
     this._answered(sub.projectId);
     this._clearTimeout(sub.retryTimer);
     sub.retry = 0;
@@ -1444,10 +1592,16 @@ export class EventBus {
   _onResyncRequired(message) {
     const sub = this._subs.get(message.project_id);
     if (!sub || !this._hasCursor(sub, message)) return;
+    this._tagsKnown(message);
     this._heard(sub.projectId); // (its `subscribed` follows)
     if (sub.cursor.atTop(message)) return; // nothing missing (as the Python consumer)
-    sub.cursor.beginResync(message.epoch, message.seq);
+    sub.cursor.beginResync(message.epoch, message.seq, tagOf(message));
     this._runResync(sub);
+  }
+
+  /** A gateway that names a tag knows them: polls and SSE resumes carry tags again. */
+  _tagsKnown(message) {
+    if (tagOf(message) !== null) this._tagsRefused = false;
   }
 
   /** `subscribed` and `resync_required` carry the cursor to continue from; one without a valid
@@ -1582,11 +1736,12 @@ export class EventBus {
 
   // --- events and resync -----------------------------------------------------------------------
 
-  /** An event frame. Returns the event when it is past a gap (else null). */
-  _onEvent(event, via) {
+  /** An event frame (`origin`: where its tag comes from, see ProjectCursor.accept). Returns the
+   * event when it is past a gap (else null). */
+  _onEvent(event, via, origin = null) {
     const sub = this._subs.get(event.project_id);
     if (!sub) return null;
-    const { deliver, gap } = sub.cursor.accept(event);
+    const { deliver, gap } = sub.cursor.accept(event, origin);
     // A replay answering the project's subscribe in part; an event past a gap (a live one,
     // dropped while a repair is due) comes whether or not the gateway handles the subscribe.
     if (!gap) this._heard(sub.projectId);
@@ -1809,10 +1964,14 @@ export class EventBus {
       // A new stream is a new resume of every project: its `subscribed` is judged afresh, as
       // after a WebSocket subscribe (an earlier reload must not excuse an unhonoured resume).
       for (const sub of this._subs.values()) sub.cursor.resyncSinceSubscribe = false;
-      const { path, lastEventId } = sseRequest(
-        Array.from(this._subs, ([projectId]) => [projectId, this.cursor(projectId)]),
-        { presence },
-      );
+      // Without tags after a gateway refused them (400: one from before tags) until one names a tag.
+      const tags = !this._tagsRefused;
+      const cursors = Array.from(this._subs, ([projectId]) => {
+        const cursor = this.cursor(projectId);
+        return [projectId, cursor && !tags ? { epoch: cursor.epoch, seq: cursor.seq } : cursor];
+      });
+      const tagged = cursors.some(([, cursor]) => tagOf(cursor) !== null);
+      const { path, lastEventId } = sseRequest(cursors, { presence });
       const headers = { Accept: "text/event-stream" };
       if (this._hasAuth) headers.Authorization = `Bearer ${await this._getToken(false)}`;
       if (lastEventId) headers["Last-Event-ID"] = lastEventId;
@@ -1824,6 +1983,11 @@ export class EventBus {
         attempt.retryAfter = retryAfterDelay(response, this.options.backoff.max);
         const detail = await errorDetail(response);
         this._reportError({ code: `sse_http_${response.status}`, message: detail });
+        if (response.status === 400 && tagged && !this._tagsRefused) {
+          // A gateway from before cursor tags refuses a 3-part Last-Event-ID: at once without tags.
+          this._tagsRefused = true;
+          attempt.reopen = true;
+        }
         return;
       }
       attempt.live = true;
@@ -1872,7 +2036,7 @@ export class EventBus {
     if (!message || typeof message !== "object") return;
     switch (item.event) {
       case "message":
-        if (Number.isSafeInteger(message.seq) && Number.isSafeInteger(message.project_id)) this._onEvent(message, "sse");
+        if (Number.isSafeInteger(message.seq) && Number.isSafeInteger(message.project_id)) this._onEvent(message, "sse", { text: item.data });
         return;
       case "subscribed":
         return this._onSubscribed(message);
@@ -2121,12 +2285,14 @@ export class EventBus {
       let response;
       let body;
       let query;
+      let position;
       const controller = typeof AbortController === "function" ? new AbortController() : null;
       const deadline = controller ? this._setTimeout(() => controller.abort(), this.options.pollTimeout) : null;
       try {
         const headers = { Accept: "application/json" };
         if (this._hasAuth) headers.Authorization = `Bearer ${await this._getToken(false)}`;
-        query = sub.cursor.pollQuery();
+        query = sub.cursor.pollQuery({ tags: !this._tagsRefused });
+        position = sub.cursor.pollQuery({ tags: false });
         // After an answer too long, smaller pages until caught up (an event is at most 1 MiB).
         const limit = query && sub.pollLimit !== null ? `&limit=${sub.pollLimit}` : "";
         const url = `${this.httpUrl}/v1/projects/${sub.projectId}/events${query}${limit}`;
@@ -2138,6 +2304,11 @@ export class EventBus {
           this._pollRetryAfter = retryAfterDelay(response, this.options.backoff.max);
           const detail = await errorDetail(response);
           this._reportError({ code: `poll_http_${response.status}`, message: detail, projectId: sub.projectId });
+          if (response.status === 400 && query.includes("&tag=") && !this._tagsRefused) {
+            // A gateway from before cursor tags refuses the `tag` parameter: at once without it.
+            this._tagsRefused = true;
+            continue;
+          }
           return response.status === 403; // forbidden is an answer, not a transport failure
         }
         try {
@@ -2157,23 +2328,30 @@ export class EventBus {
       if (generation !== this._pollGeneration || this._subs.get(sub.projectId) !== sub) return true;
       this._everConnected = true;
       if (body.resync_required) {
-        sub.cursor.beginResync(body.resync_required.epoch, body.resync_required.seq);
+        this._tagsKnown(body.resync_required);
+        sub.cursor.beginResync(body.resync_required.epoch, body.resync_required.seq, tagOf(body.resync_required));
         this._runResync(sub);
         return true;
       }
+      // The page's tag is that of the event to poll after next: its last event's, or (none) the
+      // one at its seq. The text of an event inside the page is not at hand to hash.
+      const pageTag = tagOf(body);
+      this._tagsKnown(body);
       if (!sub.cursor.known) {
         // First contact by polling: same as a first `subscribed`.
-        sub.cursor.beginResync(body.epoch, body.seq);
+        sub.cursor.beginResync(body.epoch, body.seq, pageTag);
         this._runResync(sub);
         return true;
       }
       const events = body.events ?? [];
+      if (events.length === 0) sub.cursor.learnTag(body.epoch, body.seq, pageTag);
       let gap = null;
-      for (const event of events) {
+      for (const [index, event] of events.entries()) {
         // This project's answer speaks for this project only: another one's seq would move (and
         // later dedupe away) that project's real events.
         if ((event.project_id ?? sub.projectId) !== sub.projectId) continue;
-        const past = this._onEvent({ ...event, project_id: sub.projectId }, "polling");
+        const origin = index === events.length - 1 && pageTag !== null ? { tag: pageTag } : null;
+        const past = this._onEvent({ ...event, project_id: sub.projectId }, "polling", origin);
         if (past && !gap) gap = past;
       }
       if (gap) {
@@ -2187,7 +2365,7 @@ export class EventBus {
       // Follow `more` only when this page moved the cursor (or what is held back): a held buffer
       // that overflowed while onResync is pending takes nothing more, and asking again would
       // fetch the same page up to 50 times a round. The gap is repaired when the reload ends.
-      if (sub.cursor.pollQuery() === query) return true;
+      if (sub.cursor.pollQuery({ tags: false }) === position) return true;
     }
     return true;
   }

@@ -265,6 +265,11 @@ function event(projectId, seq) {
   return { type: "blocker_resolved", project_id: projectId, blocker_id: seq, answer: "a", resolved_at: "2025-11-08T12:45:30Z", seq };
 }
 
+/** The tag of `event(projectId, seq)` as the fakes deliver it (its JSON.stringify text). */
+function tag(projectId, seq) {
+  return eb.eventTag(JSON.stringify(event(projectId, seq)));
+}
+
 // --- backoff ---------------------------------------------------------------------------------
 
 test("backoff grows from 1 s to 30 s and stays there", () => {
@@ -440,7 +445,7 @@ test("connect authenticates first, subscribes in the same breath, and loads stat
   ws.receive(event(1, 42));
   await flush();
   eq(env.events[1], [42]);
-  eq(env.bus.cursor(1), { epoch: "e1", seq: 42 });
+  eq(env.bus.cursor(1), { epoch: "e1", seq: 42, tag: tag(1, 42) });
   eq(env.states, ["live"]);
 });
 
@@ -521,7 +526,7 @@ test("resync_required on a live subscription reloads and continues from the new 
   release();
   await flush();
   eq(env.events[1], [1, 4, 5], "seq <= 3 is in the reloaded state");
-  eq(env.bus.cursor(1), { epoch: "e2", seq: 5 });
+  eq(env.bus.cursor(1), { epoch: "e2", seq: 5, tag: tag(1, 5) });
 });
 
 test("reconnect resubscribes every project with its cursor and drops replayed duplicates", async () => {
@@ -543,8 +548,8 @@ test("reconnect resubscribes every project with its cursor and drops replayed du
   ws.receive({ type: "authenticated", subject: null, projects: null, expires_at: null });
   await flush();
   eq(ws.sentOf("subscribe"), [
-    { type: "subscribe", project_id: 1, epoch: "a", after: 6 },
-    { type: "subscribe", project_id: 2, epoch: "b", after: 1 },
+    { type: "subscribe", project_id: 1, epoch: "a", after: 6, tag: tag(1, 6) },
+    { type: "subscribe", project_id: 2, epoch: "b", after: 1, tag: tag(2, 1) },
   ]);
   for (const seq of [6, 7, 8]) ws.receive(event(1, seq)); // replay overlaps what we saw
   ws.receive({ type: "subscribed", project_id: 1, epoch: "a", seq: 8, resumed: true, replayed: 2 });
@@ -599,7 +604,7 @@ test("1012 and 4008 reconnect promptly and resume", async () => {
     await flush();
     ws.receive({ type: "authenticated", subject: null, projects: null, expires_at: null });
     await flush();
-    eq(ws.sentOf("subscribe"), [{ type: "subscribe", project_id: 1, epoch: "e", after: 4 }]);
+    eq(ws.sentOf("subscribe"), [{ type: "subscribe", project_id: 1, epoch: "e", after: 4, tag: tag(1, 4) }]);
   }
 });
 
@@ -747,7 +752,7 @@ test("a gap on the WebSocket resubscribes from the cursor", async () => {
   ws.receive(event(1, 3));
   await flush();
   eq(env.events[1], [1]);
-  eq(ws.sentOf("subscribe").slice(-1)[0], { type: "subscribe", project_id: 1, epoch: "e", after: 1 });
+  eq(ws.sentOf("subscribe").slice(-1)[0], { type: "subscribe", project_id: 1, epoch: "e", after: 1, tag: tag(1, 1) });
 });
 
 test("an unavailable subscribe is retried; unsubscribe and close stop everything", async () => {
@@ -1437,7 +1442,7 @@ async function sseRestartedAfter(seqs) {
 test("sse: a stream closed with 1012 is reopened at once with Last-Event-ID; a broken one on backoff", async () => {
   const env = await sseRestartedAfter([1]);
   eq(env.streams.length, 2, "reopened within the prompt delay");
-  eq(env.streams[1].headers["Last-Event-ID"], "e:1");
+  eq(env.streams[1].headers["Last-Event-ID"], `e:1:${tag(1, 1)}`);
   const second = await sseLive(env, { 1: { epoch: "e", seq: 1, resumed: true } });
   second.event(null, event(1, 1), "e:1"); // a replayed duplicate is dropped
   second.event(null, event(1, 2), "e:2");
@@ -1452,7 +1457,7 @@ test("sse: a stream closed with 1012 is reopened at once with Last-Event-ID; a b
   eq(env.streams.length, count, "not before the backoff");
   await env.clock.advance(1);
   eq(env.streams.length, count + 1);
-  eq(env.streams[count].headers["Last-Event-ID"], "e:2");
+  eq(env.streams[count].headers["Last-Event-ID"], `e:2:${tag(1, 2)}`);
 });
 
 test("retryAfterDelay: Retry-After in seconds, capped; none, a date or garbage is 0", () => {
@@ -1515,7 +1520,7 @@ test("sse: several projects share one stream; a new subscribe reopens it with ev
   await env.clock.advance(0);
   eq(env.streams.length, 2);
   eq(new URL(env.streams[1].url).search, "?project=1&project=2&project=3");
-  eq(env.streams[1].headers["Last-Event-ID"], "1=a:4,2=b:1");
+  eq(env.streams[1].headers["Last-Event-ID"], `1=a:4,2=b:1:${tag(2, 1)}`);
   assert(stream.closed, "the old stream is closed");
 });
 
@@ -1542,7 +1547,7 @@ test("SSE refused too: polling, SSE retried, then back up to WebSocket", async (
   const ws = await goLive(env);
   eq(env.bus.transport, "websocket");
   assert(stream.closed, "the stream is closed when WebSocket is back");
-  eq(ws.sentOf("subscribe"), [{ type: "subscribe", project_id: 1, epoch: "p", after: 3 }], "resume from the SSE cursor");
+  eq(ws.sentOf("subscribe"), [{ type: "subscribe", project_id: 1, epoch: "p", after: 3, tag: tag(1, 3) }], "resume from the SSE cursor");
   eq(env.statuses.map((s) => s.transport).filter((t, i, all) => t !== all[i - 1]), ["polling", "sse", "websocket"]);
 });
 
@@ -1617,7 +1622,7 @@ test("presence: the first listener on a live project re-subscribes from its curs
   eq(env.events[1], [4]);
   env.bus.presence(1, () => {});
   await flush();
-  eq(ws.sentOf("subscribe")[1], { type: "subscribe", project_id: 1, epoch: "e", after: 4, presence: true });
+  eq(ws.sentOf("subscribe")[1], { type: "subscribe", project_id: 1, epoch: "e", after: 4, tag: tag(1, 4), presence: true });
   ws.receive(event(1, 4)); // in flight before the gateway took the new subscribe: a duplicate
   ws.receive({ type: "subscribed", project_id: 1, epoch: "e", seq: 6, resumed: true, replayed: 2 });
   ws.receive(event(1, 5));
@@ -1725,7 +1730,7 @@ test("snapshot cursor ahead of what arrived: the late events are skipped, none a
   for (const seq of [11, 12, 13, 14, 15, 16]) ws.receive(event(1, seq));
   await flush();
   eq(env.events[1], [16]);
-  eq(env.bus.cursor(1), { epoch: "e", seq: 16 });
+  eq(env.bus.cursor(1), { epoch: "e", seq: 16, tag: tag(1, 16) });
 });
 
 test("snapshot cursor behind the gateway's position: the events in between are asked for", async () => {
@@ -1753,7 +1758,7 @@ test("snapshot cursor of another epoch: the bus re-subscribes from it; undefined
   ws.receive(event(1, 4));
   await flush();
   eq(env.events[1], [4]);
-  eq(env.bus.cursor(1), { epoch: "newer", seq: 4 });
+  eq(env.bus.cursor(1), { epoch: "newer", seq: 4, tag: tag(1, 4) });
   env.snapshot = () => ({ epoch: 7 });
   ws.receive({ type: "resync_required", project_id: 2, reason: "history_trimmed", epoch: "b", seq: 9 });
   await flush();
@@ -1861,7 +1866,7 @@ test("WebSocket: subscribed and resync_required without a valid cursor are ignor
   ws.receive({ type: "resync_required", project_id: 1, reason: "epoch_changed", epoch: "f", seq: -3 });
   ws.receive({ type: "subscribed", project_id: 1, epoch: 7, seq: "top", resumed: false, replayed: 0 });
   await flush();
-  eq(env.bus.cursor(1), { epoch: "e", seq: 1 }, "cursor untouched");
+  eq(env.bus.cursor(1), { epoch: "e", seq: 1, tag: tag(1, 1) }, "cursor untouched");
   eq(env.resyncs, [1], "no reload on garbage");
   assert(env.errors.filter((e) => e.code === "invalid_frame").length === 3, "each is reported");
   ws.receive(event(1, 2));
@@ -1877,7 +1882,7 @@ test("WebSocket: a resumed subscribed whose top is behind the cursor reloads ins
   ws.serverClose(1012);
   await env.clock.advance(500);
   const next = await goLive(env);
-  eq(next.sentOf("subscribe")[0], { type: "subscribe", project_id: 1, epoch: "e", after: 5 });
+  eq(next.sentOf("subscribe")[0], { type: "subscribe", project_id: 1, epoch: "e", after: 5, tag: tag(1, 5) });
   // The history went back to seq 2 in the same epoch but the gateway says "resumed": events 3..5
   // of the new history would be dropped as duplicates of the old ones.
   next.receive({ type: "subscribed", project_id: 1, epoch: "e", seq: 2, resumed: true, replayed: 0 });
@@ -1891,7 +1896,7 @@ test("WebSocket: a resumed subscribed whose top is behind the cursor reloads ins
 
 test("sse: the subscribed of a reopened stream is judged like a WebSocket resume, even after an earlier reload", async () => {
   const env = await sseRestartedAfter([1, 2, 3]);
-  eq(env.streams[env.streams.length - 1].headers["Last-Event-ID"], "e:3");
+  eq(env.streams[env.streams.length - 1].headers["Last-Event-ID"], `e:3:${tag(1, 3)}`);
   // Not resumed, and no resync_required first: the application must reload.
   await sseLive(env, { 1: { epoch: "e2", seq: 7, resumed: false } });
   eq(env.resyncs, [1, 1], "the reload the first subscribe needed does not hide this one");
@@ -2103,7 +2108,7 @@ test("WebSocket: a gap that keeps coming is repaired on backoff, then surfaced a
   ws.receive(event(1, 3));
   await flush();
   eq(repairs(), 1, "the first gap is asked for at once");
-  eq(ws.sentOf("subscribe")[1], { type: "subscribe", project_id: 1, epoch: "e", after: 1 });
+  eq(ws.sentOf("subscribe")[1], { type: "subscribe", project_id: 1, epoch: "e", after: 1, tag: tag(1, 1) });
   for (const seq of [4, 5, 6]) ws.receive(event(1, seq)); // in flight before the resubscribe
   await flush();
   eq(repairs(), 1, "events in flight before the repair's subscribed do not ask again");
@@ -2126,7 +2131,7 @@ test("WebSocket: a gap that keeps coming is repaired on backoff, then surfaced a
   ws.receive(event(1, 10));
   await flush();
   eq(env.events[1], [1, 9, 10]);
-  eq(env.bus.cursor(1), { epoch: "e", seq: 10 });
+  eq(env.bus.cursor(1), { epoch: "e", seq: 10, tag: tag(1, 10) });
 });
 
 test("sse: a gap that keeps coming reopens the stream on backoff, then is surfaced as a resync", async () => {
@@ -2145,7 +2150,7 @@ test("sse: a gap that keeps coming reopens the stream on backoff, then is surfac
   eq(env.streams.length, 2, "not at once a second time");
   await env.clock.advance(1000);
   eq(env.streams.length, 3, "reopened after the backoff");
-  eq(env.streams[2].headers["Last-Event-ID"], "e:1");
+  eq(env.streams[2].headers["Last-Event-ID"], `e:1:${tag(1, 1)}`);
   const third = await sseLive(env, { 1: { epoch: "e", seq: 4, resumed: true } });
   third.event(null, event(1, 5), "e:5");
   await env.clock.advance(30000); // (within sseIdleTimeout)
@@ -2181,13 +2186,13 @@ test("WebSocket: a reconnect's replay that stops short of its top is a gap, repa
   await env.clock.advance(1000);
   ws = await goLive(env);
   const subscribes = () => ws.sentOf("subscribe");
-  eq(subscribes(), [{ type: "subscribe", project_id: 1, epoch: "e", after: 2 }]);
+  eq(subscribes(), [{ type: "subscribe", project_id: 1, epoch: "e", after: 2, tag: tag(1, 2) }]);
   ws.receive(event(1, 3)); // the replay stops at 3
   ws.receive({ type: "subscribed", project_id: 1, epoch: "e", seq: 5, resumed: true, replayed: 1 });
   await flush();
   eq(env.events[1], [1, 2, 3]);
   eq(subscribes().length, 2, "no later event needed: asked for at once");
-  eq(subscribes()[1], { type: "subscribe", project_id: 1, epoch: "e", after: 3 });
+  eq(subscribes()[1], { type: "subscribe", project_id: 1, epoch: "e", after: 3, tag: tag(1, 3) });
   ws.receive({ type: "subscribed", project_id: 1, epoch: "e", seq: 5, resumed: true, replayed: 0 });
   await flush();
   eq(subscribes().length, 2, "not at once a second time");
@@ -2222,14 +2227,14 @@ test("WebSocket: a reconnect's replay that reaches its top asks nothing more", a
 test("sse: a reopened stream's replay that stops short of its top is a gap, reopened on the same pacing", async () => {
   const env = await sseRestartedAfter([1]);
   eq(env.streams.length, 2);
-  eq(env.streams[1].headers["Last-Event-ID"], "e:1");
+  eq(env.streams[1].headers["Last-Event-ID"], `e:1:${tag(1, 1)}`);
   await flush();
   env.open[1].event(null, event(1, 2), "e:2"); // the replay stops at 2
   await sseLive(env, { 1: { epoch: "e", seq: 4, resumed: true } });
   await env.clock.advance(0);
   eq(env.events[1], [1, 2]);
   eq(env.streams.length, 3, "reopened at once, with no later event");
-  eq(env.streams[2].headers["Last-Event-ID"], "e:2");
+  eq(env.streams[2].headers["Last-Event-ID"], `e:2:${tag(1, 2)}`);
   await sseLive(env, { 1: { epoch: "e", seq: 4, resumed: true } });
   await env.clock.advance(0);
   eq(env.streams.length, 3, "not at once a second time");
@@ -2281,7 +2286,7 @@ test("WebSocket: a subscribe never answered ends the connection after connectTim
   await env.clock.advance(1);
   eq(env.sockets.length, 2, "reconnected on the backoff (1 s)");
   ws = await goLive(env, { 1: { epoch: "a", seq: 9, resumed: true } });
-  eq(ws.sentOf("subscribe"), [{ type: "subscribe", project_id: 1, epoch: "a", after: 9 }, { type: "subscribe", project_id: 2 }], "every project resumes from its cursor");
+  eq(ws.sentOf("subscribe"), [{ type: "subscribe", project_id: 1, epoch: "a", after: 9, tag: tag(1, 9) }, { type: "subscribe", project_id: 2 }], "every project resumes from its cursor");
   // Stuck again, up longer than stableAfter by the time it is given up: not a stable connection.
   await env.clock.advance(10000);
   assert(ws.closedWith !== null, "given up again");
@@ -2308,7 +2313,7 @@ test("WebSocket: replayed events and answers to earlier subscribes push the boun
   ws.receive(event(1, 1));
   ws.receive(event(1, 3));
   await flush();
-  eq(ws.sentOf("subscribe").slice(-1)[0], { type: "subscribe", project_id: 1, epoch: "e", after: 1 });
+  eq(ws.sentOf("subscribe").slice(-1)[0], { type: "subscribe", project_id: 1, epoch: "e", after: 1, tag: tag(1, 1) });
   await env.clock.advance(9000);
   ws.receive(event(1, 2)); // the replay answering it
   await env.clock.advance(9000);
@@ -2322,7 +2327,7 @@ test("WebSocket: replayed events and answers to earlier subscribes push the boun
   eq(env.events[1], [1, 2]);
   await env.clock.advance(1000);
   const next = await goLive(env);
-  eq(next.sentOf("subscribe"), [{ type: "subscribe", project_id: 1, epoch: "e", after: 2 }, { type: "subscribe", project_id: 2, epoch: "f", after: 0 }]);
+  eq(next.sentOf("subscribe"), [{ type: "subscribe", project_id: 1, epoch: "e", after: 2, tag: tag(1, 2) }, { type: "subscribe", project_id: 2, epoch: "f", after: 0 }]);
 });
 
 test("WebSocket: a subscribe answered by resync_required then subscribed, or by an error, keeps the connection", async () => {
@@ -2362,7 +2367,7 @@ test("sse: a stream whose subscribed never comes is reopened after connectTimeou
   eq(env.streams.length, count, "not before the backoff");
   await env.clock.advance(1);
   eq(env.streams.length, count + 1, "reopened on the backoff");
-  eq(env.streams[count].headers["Last-Event-ID"], "1=a:9");
+  eq(env.streams[count].headers["Last-Event-ID"], `1=a:9:${tag(1, 9)}`);
   const next = await sseLive(env, { 1: { epoch: "a", seq: 9, resumed: true } });
   await env.clock.advance(10000);
   assert(next.closed, "given up again");
@@ -2373,4 +2378,193 @@ test("sse: a stream whose subscribed never comes is reopened after connectTimeou
   eq(env.streams.length, count + 2);
   eq(env.streams[count + 1].at - dropped, 2000);
   eq(env.events[1], [1, 2, 3, 4, 5, 6, 7, 8, 9]);
+});
+
+// --- cursor tags (docs/protocol.md, "Cursor tags") ------------------------------------------------
+
+test("tags: sha1Hex matches the standard vectors; eventTag hashes the UTF-8 bytes", () => {
+  const utf8 = (text) => new TextEncoder().encode(text);
+  eq(eb.sha1Hex(utf8("")), "da39a3ee5e6b4b0d3255bfef95601890afd80709");
+  eq(eb.sha1Hex(utf8("abc")), "a9993e364706816aba3e25717850c26c9cd0d89d");
+  eq(eb.sha1Hex(utf8("abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq")), "84983e441c3bd26ebaae4aa1f95129e5e54670f1");
+  eq(eb.sha1Hex(utf8("The quick brown fox jumps over the lazy dog")), "2fd4e1c67a2d28fced849ee1bb76e7391b93eb12");
+  eq(eb.sha1Hex(utf8("a".repeat(1000000))), "34aa973cd4c4daa4f61eeb2bdbad27316534016f");
+  eq(eb.eventTag("abc"), "a9993e364706816a");
+  // U+00E9 is two bytes in UTF-8 (c3 a9), not one (e9): the hash is of the encoded bytes.
+  eq(eb.eventTag("\u00e9"), eb.sha1Hex(new Uint8Array([0xc3, 0xa9])).slice(0, 16));
+  assert(eb.eventTag("\u00e9") !== eb.sha1Hex(new Uint8Array([0xe9])).slice(0, 16));
+});
+
+test("tags: the cursor keeps the last event's text and hashes it only when the tag is asked for", () => {
+  const cursor = new eb.ProjectCursor();
+  cursor.onSubscribed({ epoch: "e", seq: 3, resumed: false, tag: "00000000000000aa" });
+  cursor.endResync();
+  eq(cursor.subscribeMessage(1), { type: "subscribe", project_id: 1, epoch: "e", after: 3, tag: "00000000000000aa" });
+  const text = JSON.stringify(event(1, 4));
+  cursor.accept(event(1, 4), { text });
+  eq(cursor.at, { text }, "kept as text, not hashed yet");
+  eq(cursor.tag, eb.eventTag(text));
+  eq(cursor.pollQuery(), `?epoch=e&after=4&tag=${eb.eventTag(text)}`);
+  eq(cursor.pollQuery({ tags: false }), "?epoch=e&after=4");
+  cursor.accept(event(1, 5)); // no origin (a poll page's event other than its last): unknown
+  eq(cursor.tag, null);
+  eq(cursor.subscribeMessage(1), { type: "subscribe", project_id: 1, epoch: "e", after: 5 });
+  cursor.learnTag("e", 4, "00000000000000bb");
+  eq(cursor.tag, null, "a tag of another seq is not the cursor's");
+  cursor.learnTag("e", 5, "00000000000000bb");
+  eq(cursor.tag, "00000000000000bb");
+  cursor.beginResync("f", 9, null);
+  eq(cursor.tag, null);
+  cursor.accept(event(1, 10), { tag: "00000000000000cc" });
+  eq(cursor.pollQuery(), "?epoch=f&after=10&tag=00000000000000cc", "after what is held, with its tag");
+  // A malformed tag of the gateway is ignored (absent: unchecked), never sent back.
+  cursor.beginResync("g", 2);
+  eq(cursor.onSubscribed({ epoch: "g", seq: 2, resumed: false, tag: "NOT-A-TAG" }), false);
+  eq(cursor.tag, null);
+});
+
+test("tags: the WebSocket resume carries the tag of the last event's text exactly as received", async () => {
+  const env = setup();
+  let ws = await goLive(env, { 1: { epoch: "e", seq: 1, tag: "0123456789abcdef" } });
+  eq(env.bus.cursor(1), { epoch: "e", seq: 1, tag: "0123456789abcdef" }, "the subscribed's tag");
+  // Spacing and escapes of the gateway's own JSON, and text that is not ASCII: the tag is of
+  // these bytes, not of a re-serialization.
+  const raw = '{"type": "blocker_resolved", "project_id": 1, "blocker_id": 2, "answer": "caf\u00e9 \ud83c\udf89 \\u00e9", "seq": 2}';
+  ws.receive(raw);
+  await flush();
+  eq(env.events[1], [2]);
+  assert(eb.eventTag(raw) !== eb.eventTag(JSON.stringify(JSON.parse(raw))));
+  eq(env.bus.cursor(1), { epoch: "e", seq: 2, tag: eb.eventTag(raw) });
+  ws.serverClose(1012);
+  await env.clock.advance(1000);
+  ws = env.last();
+  ws.open();
+  await flush();
+  eq(ws.sentOf("subscribe"), [{ type: "subscribe", project_id: 1, epoch: "e", after: 2, tag: eb.eventTag(raw) }]);
+});
+
+test("tags: resync_required's tag is the cursor's after the reload; history_lost reloads like any resync", async () => {
+  const env = setup();
+  let ws = await goLive(env, { 1: { epoch: "e", seq: 4 } });
+  eq(env.bus.cursor(1), { epoch: "e", seq: 4 }, "no tag from a gateway before tags");
+  ws.receive(event(1, 5));
+  await flush();
+  ws.serverClose(1006);
+  await env.clock.advance(1000);
+  ws = env.last();
+  ws.open();
+  await flush();
+  ws.receive({ type: "authenticated", subject: "u", projects: null, expires_at: null });
+  await flush();
+  eq(ws.sentOf("subscribe"), [{ type: "subscribe", project_id: 1, epoch: "e", after: 5, tag: tag(1, 5) }]);
+  // The gateway holds another event at 5 (a failover replaced it): reload at its top.
+  ws.receive({ type: "resync_required", project_id: 1, reason: "history_lost", epoch: "e", seq: 7, tag: "00000000000000f7" });
+  ws.receive({ type: "subscribed", project_id: 1, epoch: "e", seq: 7, resumed: false, replayed: 0, tag: "00000000000000f7" });
+  await flush();
+  eq(env.resyncs, [1, 1]);
+  eq(env.bus.cursor(1), { epoch: "e", seq: 7, tag: "00000000000000f7" });
+  ws.receive(event(1, 8));
+  await flush();
+  eq(env.events[1], [5, 8], "nothing replayed across the lost history");
+});
+
+test("tags: a snapshot cursor's tag is used; one without continues with a held event's, or unchecked", async () => {
+  const env = setup({ subscribe: [1, 2] });
+  let release;
+  env.resyncGate = new Promise((resolve) => (release = resolve));
+  env.snapshot = (projectId) => (projectId === 1 ? { epoch: "e", seq: 3, tag: "000000000000abcd" } : { epoch: "b", seq: 12 });
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 10 }, 2: { epoch: "b", seq: 10 } });
+  for (const seq of [11, 12]) ws.receive(event(2, seq));
+  await flush();
+  release();
+  await flush();
+  // Project 1: behind the gateway, asked again from the snapshot with its tag.
+  eq(ws.sentOf("subscribe").filter((m) => m.project_id === 1)[1], { type: "subscribe", project_id: 1, epoch: "e", after: 3, tag: "000000000000abcd" });
+  // Project 2: the held event at the snapshot's seq gives the tag (the very event the gateway sent).
+  eq(env.bus.cursor(2), { epoch: "b", seq: 12, tag: tag(2, 12) });
+  env.snapshot = () => ({ epoch: "b", seq: 20, tag: "bad" });
+  ws.receive({ type: "resync_required", project_id: 2, reason: "history_trimmed", epoch: "b", seq: 20 });
+  await flush();
+  eq(env.bus.cursor(2), { epoch: "b", seq: 20 }, "a malformed tag is ignored: unchecked");
+});
+
+test("tags: polling sends the page's tag, learns it from an empty page, and keeps the rest unchecked", async () => {
+  const env = setup({ autoFailSockets: true });
+  const tagAt = (seq) => seq.toString(16).padStart(16, "0");
+  let top = 2;
+  env.poll = (url) => {
+    const query = new URL(url).searchParams;
+    if (!query.has("after")) return { status: 200, body: { project_id: 1, epoch: "p", seq: top, events: [], more: false, tag: tagAt(top) } };
+    const after = Number(query.get("after"));
+    const events = [];
+    for (let seq = after + 1; seq <= Math.min(top, after + 2); seq += 1) events.push(event(1, seq));
+    const last = events.length ? events[events.length - 1].seq : after;
+    return { status: 200, body: { project_id: 1, epoch: "p", seq: top, events, more: last < top, tag: tagAt(last) } };
+  };
+  await env.clock.advance(0);
+  eq(env.bus.cursor(1), { epoch: "p", seq: 2, tag: tagAt(2) }, "first contact: the page's tag");
+  top = 5;
+  await env.clock.advance(10000);
+  eq(env.events[1], [3, 4, 5]);
+  eq(env.requests.slice(1).map((r) => new URL(r.url).search), [`?epoch=p&after=2&tag=${tagAt(2)}`, `?epoch=p&after=4&tag=${tagAt(4)}`]);
+  eq(env.bus.cursor(1), { epoch: "p", seq: 5, tag: tagAt(5) });
+});
+
+test("tags: a poll refused with 400 for its tag (a gateway before tags) is asked again at once without; tags again once a gateway names one", async () => {
+  const env = setup({ autoFailSockets: true });
+  const tagAt = (seq) => `${seq}`.padStart(16, "0");
+  let tags = false; // whether the gateway knows tags (else it refuses the parameter, as before them)
+  let top = 2;
+  let resync = null;
+  env.poll = (url) => {
+    const query = new URL(url).searchParams;
+    if (query.has("tag") && !tags) return { status: 400, body: { error: "invalid_query", message: "unknown query parameters: tag" } };
+    const page = { project_id: 1, epoch: "p", seq: top, events: [], more: false, ...(tags ? { tag: tagAt(top) } : {}) };
+    if (resync) return { status: 200, body: { ...page, resync_required: { type: "resync_required", project_id: 1, ...resync } } };
+    const after = query.has("after") ? Number(query.get("after")) : top;
+    for (let seq = after + 1; seq <= top; seq += 1) page.events.push(event(1, seq));
+    return { status: 200, body: page };
+  };
+  // The application's snapshots carry tags (the gateway's pages do not).
+  env.snapshot = () => ({ epoch: "p", seq: top, tag: tagAt(top) });
+  await env.clock.advance(0);
+  eq(env.bus.cursor(1), { epoch: "p", seq: 2, tag: tagAt(2) });
+  top = 3;
+  await env.clock.advance(10000);
+  eq(env.requests.slice(1).map((r) => new URL(r.url).search), [`?epoch=p&after=2&tag=${tagAt(2)}`, "?epoch=p&after=2"], "once with, at once without");
+  eq(env.events[1], [3]);
+  eq(env.bus.state, "polling", "the round succeeded");
+  assert(env.errors.some((e) => e.code === "poll_http_400"));
+  top = 5;
+  resync = { reason: "history_trimmed", epoch: "p", seq: 5 };
+  await env.clock.advance(10000);
+  resync = null;
+  eq(env.bus.cursor(1), { epoch: "p", seq: 5, tag: tagAt(5) }, "a tag again (the snapshot's)");
+  const sent = env.requests.length;
+  await env.clock.advance(10000);
+  eq(env.requests.slice(sent).map((r) => new URL(r.url).search), ["?epoch=p&after=5"], "no tag to this gateway meanwhile: one request a round");
+  tags = true; // rolled forward: its page names a tag
+  await env.clock.advance(10000);
+  await env.clock.advance(10000);
+  eq(new URL(env.requests[env.requests.length - 1].url).search, `?epoch=p&after=5&tag=${tagAt(5)}`);
+});
+
+test("tags: SSE resumes with <epoch>:<seq>:<tag>; refused with 400 (a gateway before tags) it reopens at once without", async () => {
+  eq(eb.sseRequest([[3, { epoch: "e", seq: 7, tag: "0123456789abcdef" }]]).lastEventId, "e:7:0123456789abcdef");
+  eq(eb.sseRequest([[5, { epoch: "b", seq: 1, tag: null }], [1, { epoch: "a", seq: 2, tag: "0123456789abcdef" }]]).lastEventId, "1=a:2:0123456789abcdef,5=b:1");
+  const env = await sseRestartedAfter([1]);
+  eq(env.streams[1].headers["Last-Event-ID"], `e:1:${tag(1, 1)}`);
+  const refuse = env.sse;
+  env.sse = (url, init, request) => (String(request.headers["Last-Event-ID"]).split(":").length === 3 ? { status: 400, body: { error: "invalid_request", message: "malformed Last-Event-ID" } } : refuse(url, init, request));
+  // The second stream breaks (a gateway rolled back): the next asks with the tag, is refused, and
+  // is asked again at once without it.
+  env.open[env.open.length - 1].end();
+  await env.clock.advance(1000);
+  eq(env.streams.slice(2).map((r) => r.headers["Last-Event-ID"]), [`e:1:${tag(1, 1)}`, "e:1"]);
+  assert(env.errors.some((e) => e.code === "sse_http_400"));
+  const stream = await sseLive(env, { 1: { epoch: "e", seq: 1, resumed: true } });
+  stream.event(null, event(1, 2), "e:2");
+  await flush();
+  eq(env.events[1], [1, 2]);
+  eq(env.bus.transport, "sse");
 });

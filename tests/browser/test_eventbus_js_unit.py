@@ -7,6 +7,7 @@ is needed; the client gets fake WebSocket, fetch and clock through its injection
 
 from __future__ import annotations
 
+import random
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Page, Route
 
+from schemas.tags import event_tag
 from tests.browser.conftest import ROOT
 
 pytestmark = pytest.mark.browser
@@ -77,3 +79,40 @@ def test_typescript_declarations_cover_every_export() -> None:
     )
     assert exported == declared
     assert "export default connect;" in source and "export default connect;" in declarations
+
+
+def _unicode_text(seed: int, length: int) -> str:
+    """Text of every plane but surrogates (which UTF-8 cannot carry): 1- to 4-byte characters."""
+    rng = random.Random(seed)
+    ranges = [(0x20, 0x7E), (0xA0, 0x7FF), (0x800, 0xD7FF), (0xE000, 0xFFFD), (0x10000, 0x10FFFF)]
+    return "".join(chr(rng.randint(*rng.choice(ranges))) for _ in range(length))
+
+
+#: Texts around SHA-1's block boundaries (55/56/64 bytes), with characters of 2, 3 and 4 bytes in
+#: UTF-8, and real event frames.
+TAG_TEXTS = [
+    "",
+    "abc",
+    *("x" * n for n in (55, 56, 63, 64, 65, 119, 120, 128)),
+    "caf\u00e9 na\u00efve fa\u00e7ade \u00c5ngstr\u00f6m",
+    "\U0001f389\U0001f680 emoji \U0001f468\u200d\U0001f469\u200d\U0001f467",
+    "\u65e5\u672c\u8a9e",
+    "\u00e9" * 1000,
+    '{"type":"blocker_resolved","project_id":1,"blocker_id":7,'
+    '"answer":"d\u00e9j\u00e0 vu \U0001f600","resolved_at":"2025-11-08T12:45:30Z","seq":42}',
+    '{"type": "blocker_resolved", "answer": "\\u00e9 escaped, not encoded", "seq": 1}',
+    *(_unicode_text(seed, length) for seed, length in ((1, 17), (2, 300), (3, 5000))),
+]
+
+
+def test_event_tag_matches_python_hashlib(unit_page: Page) -> None:
+    """eventTag in chromium (its own SHA-1 over TextEncoder's UTF-8) gives schemas.tags.event_tag
+    of the same text's UTF-8 bytes: the tag a gateway computes of the frame it sent."""
+    tags = unit_page.evaluate(
+        """async (texts) => {
+          const eb = await import("/eventbus.js");
+          return texts.map((text) => eb.eventTag(text));
+        }""",
+        TAG_TEXTS,
+    )
+    assert tags == [event_tag(text.encode()) for text in TAG_TEXTS]
