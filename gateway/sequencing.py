@@ -101,7 +101,8 @@ class FeedSequencer:
     one entry early to compare it (:meth:`read_after`), and a live message with that number but
     other bytes triggers such a read. A mismatch is ``history_lost``, never a silent swap. Where
     the feed did not deliver ``last`` itself (the baseline, a resync), ``last_tag``, the tag of
-    the event the read found there, stands in for the frame.
+    the event the read found there, stands in for the frame, compared with the tag each read
+    names at its cursor.
 
     Live messages cannot be trusted further than Redis itself: the publish script appends an
     event to the stream and publishes it in one atomic step, so a message numbered beyond the
@@ -174,7 +175,7 @@ class FeedSequencer:
     def read_after(self) -> int | None:
         """The cursor the next history read starts after: one entry before ``last`` when this
         feed delivered ``last`` itself, so that :meth:`on_read` can check it is still there."""
-        if (self.last_frame is not None or self.last_tag is not None) and self.last:
+        if self.last_frame is not None and self.last:
             return self.last - 1
         return self.last
 
@@ -188,7 +189,7 @@ class FeedSequencer:
             self.last_frame, self.last_tag = None, snapshot.top_tag
         elif snapshot.epoch != self.epoch:
             step.resync = self._reset(ResyncReason.EPOCH_CHANGED, snapshot)
-        elif snapshot.top < self.last or self._rewritten(snapshot.entries):
+        elif snapshot.top < self.last or self._rewritten(snapshot):
             step.resync = self._reset(ResyncReason.HISTORY_LOST, snapshot)
         else:
             gap = False
@@ -245,9 +246,22 @@ class FeedSequencer:
             return False
         return epoch != self.epoch or top is None or top != self.last
 
-    def _rewritten(self, entries: Sequence[Entry]) -> bool:
-        """The read's entry at ``last`` is not the event this feed delivered (or found) there."""
-        return bool(entries and entries[0][0] == self.last and self._other_event(entries[0][1]))
+    def _rewritten(self, snapshot: Snapshot) -> bool:
+        """The read's entry at ``last`` is not the event this feed delivered (or found) there.
+
+        A frame the feed delivered is compared with the entry read one early; a tag (the feed
+        delivered nothing at ``last``) with the tag the read names at its cursor, ``last``
+        (:meth:`read_after`): computed by Redis from the stored bytes, it compares a foreign
+        entry too, which reading one entry early would instead have taken for a corrupt event
+        owed to the subscribers (and hidden everything after it)."""
+        if self.last_frame is not None:
+            entries = snapshot.entries
+            return bool(entries and entries[0][0] == self.last and entries[0][1] != self.last_frame)
+        return (
+            self.last_tag is not None
+            and snapshot.after_tag is not None
+            and snapshot.after_tag != self.last_tag
+        )
 
     def _other_event(self, frame: bytes) -> bool:
         """``frame``, numbered ``last``, is not the event this feed knows at ``last``."""

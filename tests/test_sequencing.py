@@ -454,8 +454,12 @@ class TestCursorTags:
         seq.on_read(Snapshot("e1", 5, top_tag=event_tag(frame(5))), limit=1000)
         assert seq.on_live("e1", 5, frame(5)) == Step()  # the same event again: nothing to do
         assert seq.on_live("e1", 5, other(5)).needs_read
-        assert seq.read_after() == 4  # one entry early, to compare it
-        step = seq.on_read(Snapshot("e1", 5, [(5, other(5))], top_tag=event_tag(other(5))), 1000)
+        assert seq.read_after() == 5  # the read names the tag at its cursor
+        same = Snapshot("e1", 5, top_tag=event_tag(frame(5)), after_tag=event_tag(frame(5)))
+        assert seq.on_read(same, 1000).resync is None
+        assert seq.on_live("e1", 5, other(5)).needs_read
+        replaced = Snapshot("e1", 5, top_tag=event_tag(other(5)), after_tag=event_tag(other(5)))
+        step = seq.on_read(replaced, 1000)
         assert step.resync is not None and step.resync.reason is ResyncReason.HISTORY_LOST
         assert step.resync.tag == event_tag(other(5))
         assert step.deliver == []
@@ -482,3 +486,16 @@ class TestCursorTags:
             captured.offer("e1", n, other(n))
         assert captured.start_live("e1", 5, event_tag(frame(5))) == ["resync", other(6)]
         assert lost == [("e1", 5, other(5))]
+
+
+def test_a_foreign_entry_at_a_read_feeds_cursor_is_not_taken_for_an_event_it_owes():
+    """The baseline's top is a foreign entry (someone wrote it by hand; its subscribers were told
+    history_corrupt). A later catch-up read starts after it, as before tags, and compares its tag
+    as Redis computes it: the events after it are delivered, no resync."""
+    seq = FeedSequencer()
+    foreign_tag = event_tag(b"not an event")
+    seq.on_read(Snapshot("e1", 5, top_tag=foreign_tag, corrupt_at=5), limit=1000)
+    assert seq.on_live("e1", 7, frame(7)).needs_read
+    assert seq.begin_read() == 5
+    step = seq.on_read(Snapshot("e1", 7, entries(6, 7), after_tag=foreign_tag), limit=1000)
+    assert step.resync is None and [s for s, _ in step.deliver] == [6, 7]
