@@ -106,10 +106,14 @@ def _control(opcode: int, payload: bytes) -> bytes:
     return bytes((0x80 | opcode, 0x80 | len(payload))) + b"\0\0\0\0" + payload
 
 
-def subscribe_frame(project_id: int, epoch: str | None = None, after: int | None = None) -> bytes:
+def subscribe_frame(
+    project_id: int, epoch: str | None = None, after: int | None = None, tag: str | None = None
+) -> bytes:
     message: dict[str, Any] = {"type": "subscribe", "project_id": project_id}
     if epoch is not None:
         message["epoch"], message["after"] = epoch, after
+    if tag is not None:  # the tag of the event at the cursor, as eventbus.js sends it
+        message["tag"] = tag
     return masked_text(json.dumps(message, separators=(",", ":")).encode())
 
 
@@ -679,7 +683,7 @@ class LoadGen:
 
     def connect(
         self,
-        specs: Sequence[tuple[int, str | None, int | None]],
+        specs: Sequence[tuple[int, str | None, int | None] | tuple[int, str, int, str | None]],
         *,
         inflight: int = 512,
         record: bool = False,
@@ -687,7 +691,8 @@ class LoadGen:
         spread: float = 0.0,
         tokens: Sequence[str] | None = None,
     ) -> dict[str, Any]:
-        """Open one client per spec ``(project, epoch, after)``; return when all are subscribed.
+        """Open one client per spec ``(project, epoch, after)`` or ``(project, epoch, after,
+        tag)``; return when all are subscribed.
         With ``spread``, each client starts at a uniformly random moment within that many seconds
         (at most ``inflight`` handshakes in progress at once either way). ``tokens``: one per
         spec, each client's own, sent in its ``auth`` frame before it subscribes (WebSocket).
@@ -788,7 +793,7 @@ def verify_resume(
     """Check every resumed client got exactly ``after+1 .. after+expected``, then ``subscribed``."""
     ok = 0
     problems: list[str] = []
-    for (project, _epoch, after), payloads, _done in records:
+    for (project, _epoch, after, *_tag), payloads, _done in records:
         seqs = []
         subscribed = None
         for payload in payloads:

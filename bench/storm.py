@@ -59,6 +59,7 @@ from bench.gateway import (
 from bench.loadgen import LoadGen, raise_nofile, verify_resume
 from publisher import Publisher, issue_token
 from schemas.keys import Keys
+from schemas.tags import event_tag
 
 SERVERS = {"gateway": "gateway", "no window": "bench.gateway_without_window"}
 #: Not run by default: the gateway under cProfile (:mod:`bench.profiled_gateway`), and on
@@ -177,7 +178,10 @@ class StormRun:
         cursors = {}
         for project in self.projects:
             epoch, top = self.rconn.hmget(keys.meta(project), "epoch", "seq")
-            cursors[project] = (epoch.decode(), int(top))
+            # With the tag of the event there, as eventbus.js and the consumer resume.
+            at = self.rconn.xrange(keys.stream(project), f"{int(top)}-0", f"{int(top)}-0")
+            tag = event_tag(at[0][1][b"f"]) if at else None
+            cursors[project] = (epoch.decode(), int(top), tag)
         loadgen.close()
         keeping = len(self.projects) if self.keepers is not None else 0
         self.wait_connections(keeping)

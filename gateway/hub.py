@@ -741,7 +741,7 @@ class Hub:
         else:
             check_seq, check = last, feed.sequencer.last_frame
             if check is None:
-                check_tag = window.last_tag
+                check_tag = window.tag_at(last)
         start = max(0, last - window.capacity)
         if start >= lo - 1:
             return

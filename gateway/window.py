@@ -94,6 +94,8 @@ class ResumeWindow(Generic[T]):
 
     __slots__ = (
         "__weakref__",
+        "base_item",
+        "base_tag",
         "budget",
         "bytes",
         "capacity",
@@ -101,7 +103,6 @@ class ResumeWindow(Generic[T]):
         "epoch",
         "generation",
         "last",
-        "last_tag",
         "memo",
         "retired",
         "tag_of",
@@ -120,8 +121,12 @@ class ResumeWindow(Generic[T]):
         self.tag_of = tag_of
         self.epoch: str | None = None
         self.last = 0
-        #: The tag of the event at ``last`` given by :meth:`reset` (an empty window's top).
-        self.last_tag: str | None = None
+        #: The event at ``lo - 1``, just before the oldest held, when known: its tag as
+        #: :meth:`reset` gave it (for an empty window, ``lo - 1`` is ``last``), or the item
+        #: :meth:`drop_oldest` dropped last (its tag computed only if asked for). A client
+        #: resuming there, the commonest cursor of a storm, can then be checked from memory.
+        self.base_tag: str | None = None
+        self.base_item: T | None = None
         self.entries: collections.deque[tuple[int, T, int]] = collections.deque()
         self.bytes = 0
         self.generation = 0
@@ -147,12 +152,13 @@ class ResumeWindow(Generic[T]):
         if self.epoch is not None and epoch != self.epoch and self.epoch not in self.retired:
             self.retired.append(self.epoch)
         self.clear()
-        self.epoch, self.last, self.last_tag = epoch, last, tag
+        self.epoch, self.last, self.base_tag = epoch, last, tag
         self.generation += 1
 
     def clear(self) -> None:
         """Drop every entry and give their bytes back to the budget (the feed is going away)."""
         self.entries.clear()
+        self.base_tag = self.base_item = None
         self.forget_memo()
         if self.budget is not None:
             self.budget.bytes -= self.bytes
@@ -179,7 +185,8 @@ class ResumeWindow(Generic[T]):
     def drop_oldest(self) -> None:
         if self.memo is not None:
             self.forget_memo()
-        _, _, size = self.entries.popleft()
+        _, self.base_item, size = self.entries.popleft()
+        self.base_tag = None
         self.bytes -= size
         if self.budget is not None:
             self.budget.bytes -= size
@@ -199,6 +206,7 @@ class ResumeWindow(Generic[T]):
         if self.memo is not None:
             self.forget_memo()
         self.entries.extendleft(reversed(taken))
+        self.base_tag = self.base_item = None  # the event before the oldest read: not read
         size = sum(entry[2] for entry in taken)
         self.bytes += size
         if self.budget is not None:
@@ -256,26 +264,26 @@ class ResumeWindow(Generic[T]):
         ``too_far_behind`` (the history holds at least ``last`` in this epoch). A cursor ahead of
         ``last`` (the client saw events this feed has not delivered yet) or older than the
         window needs a read, and so does a cursor with a ``tag`` whose event the window does not
-        hold (only a read can compare it). The snapshot's ``top_tag`` and ``after_tag`` are
-        those of the window's events at ``last`` and ``after``.
+        know (:meth:`tag_at`: only a read can compare it). The snapshot's ``top_tag`` and
+        ``after_tag`` are those of the window's events at ``last`` and ``after``.
         """
         current = self.epoch
         if current is None:
             return None
         if epoch is None or after is None:
-            return Snapshot(current, self.last, top_tag=self._tag_at(self.last))
+            return Snapshot(current, self.last, top_tag=self.tag_at(self.last))
         if epoch != current:
             if epoch in self.retired:
-                return Snapshot(current, self.last, top_tag=self._tag_at(self.last))
+                return Snapshot(current, self.last, top_tag=self.tag_at(self.last))
             return None
         if after > self.last or after < 0:
             return None
         after_tag = None
         if tag is not None and after > 0:
-            after_tag = self._tag_at(after)
+            after_tag = self.tag_at(after)
             if after_tag is None:
                 return None  # a cursor only a read can check
-        top_tag = self._tag_at(self.last)
+        top_tag = self.tag_at(self.last)
         if self.last - after > max_replay:
             return Snapshot(current, self.last, top_tag=top_tag, after_tag=after_tag)
         count = self.last - after
@@ -293,15 +301,19 @@ class ResumeWindow(Generic[T]):
             after_tag=after_tag,
         )
 
-    def _tag_at(self, seq: int) -> str | None:
-        """The tag of the event at ``seq`` when the window knows it."""
-        if seq < 1 or self.tag_of is None:
+    def tag_at(self, seq: int) -> str | None:
+        """The tag of the event at ``seq`` when the window knows it: one it holds, or the one
+        just before them (:attr:`base_tag`, :attr:`base_item`)."""
+        tag_of = self.tag_of
+        if seq < 1 or tag_of is None:
             return None
         entries = self.entries
         index = seq - self.lo
         if 0 <= index < len(entries):
-            return self.tag_of(entries[index][1])
-        return self.last_tag if seq == self.last else None
+            return tag_of(entries[index][1])
+        if index == -1:
+            return tag_of(self.base_item) if self.base_item is not None else self.base_tag
+        return None
 
 
 def seed_run(entries: Iterable[tuple[int, bytes]], end: int) -> list[tuple[int, bytes]]:

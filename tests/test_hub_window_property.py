@@ -18,6 +18,7 @@ from gateway.metrics import Metrics
 from gateway.sequencing import Snapshot
 from schemas.keys import Keys
 from schemas.stored import Meta
+from schemas.tags import event_tag
 from tests.test_hub import FakeLink, session_of
 
 KEYS = Keys()
@@ -27,6 +28,12 @@ CHANNEL = KEYS.channel(PROJECT).encode()
 
 def frame(epoch: str, seq: int) -> bytes:
     return b'{"type":"x","project_id":%d,"e":"%s","seq":%d}' % (PROJECT, epoch.encode(), seq)
+
+
+def tag_at(epoch: str | None, after: int | None) -> str | None:
+    """The tag a client holding ``(epoch, after)`` sends: that of the event it received there
+    (none before the first event). No failover here, so a tag never justifies a resync."""
+    return event_tag(frame(epoch, after)) if epoch is not None and after else None
 
 
 class ModelRedis:
@@ -46,7 +53,12 @@ class ModelRedis:
         if epoch == self.epoch and after is not None and 0 <= after < self.top:
             last = self.top if not limit else min(self.top, after + limit)
             entries = tuple((s, frame(self.epoch, s)) for s in range(after + 1, last + 1))
-        return Snapshot(self.epoch, self.top, entries)
+        # The tags Redis names (schemas.tags): of the top, and of the event at the cursor.
+        top_tag = event_tag(frame(self.epoch, self.top)) if self.top else None
+        after_tag = None
+        if epoch == self.epoch and after is not None and 1 <= after <= self.top:
+            after_tag = event_tag(frame(self.epoch, after))
+        return Snapshot(self.epoch, self.top, entries, top_tag=top_tag, after_tag=after_tag)
 
     async def cursors(self, project_ids, keep_alive=(), make_permanent=()):
         return [Meta(self.epoch, self.top) for _ in project_ids]
@@ -139,14 +151,18 @@ async def scenario(ops, window_events: int, max_replay: int, window_bytes: int =
             else:
                 epoch, after = redis.epoch, max(0, redis.top - arg)
             starts.append((session, epoch, after))
-            tasks.append(asyncio.create_task(hub.subscribe(session, PROJECT, epoch, after)))
+            tag = tag_at(epoch, after)
+            tasks.append(asyncio.create_task(hub.subscribe(session, PROJECT, epoch, after, tag)))
             await asyncio.sleep(0)  # its synchronous part (registration, a window answer) runs
         elif op == "storm":
             epoch, after = redis.epoch, min(arg, redis.top)
             for _ in range(3):
                 session = session_of(hub)
                 starts.append((session, epoch, after))
-                tasks.append(asyncio.create_task(hub.subscribe(session, PROJECT, epoch, after)))
+                tag = tag_at(epoch, after) if arg % 2 else None  # with and without tags
+                tasks.append(
+                    asyncio.create_task(hub.subscribe(session, PROJECT, epoch, after, tag))
+                )
             await asyncio.sleep(0)
         elif op == "flush":
             redis.flush()

@@ -290,13 +290,20 @@ def test_a_tagged_cursor_is_answered_only_where_the_window_can_check_it():
     inside = window.snapshot("e1", 7, 1000, tag="x")
     assert inside is not None and replayed(inside) == [8, 9, 10]
     assert (inside.after_tag, inside.top_tag) == ("tag-of-e1:7", "tag-of-e1:10")
-    assert window.snapshot("e1", 5, 1000, tag="x") is None  # lo - 1: not held, not checkable
-    assert replayed(window.snapshot("e1", 5, 1000)) == [6, 7, 8, 9, 10]
+    # lo - 1: the event the window dropped last, checked from memory too (a storm's cursor).
+    base = window.snapshot("e1", 5, 1000, tag="x")
+    assert base is not None and replayed(base) == [6, 7, 8, 9, 10]
+    assert base.after_tag == "tag-of-e1:5"
+    assert window.snapshot("e1", 4, 1000, tag="x") is None  # older: Redis
     fresh = window.snapshot(None, None, 1000)
     assert fresh is not None and fresh.top_tag == "tag-of-e1:10"
     # Reset at a cursor the feed read (a resync, a baseline): its tag is the top's.
     window.reset("e1", 20, "tag-at-20")
     at_top = window.snapshot("e1", 20, 1000, tag="x")
     assert at_top is not None and (at_top.after_tag, at_top.top_tag) == ("tag-at-20", "tag-at-20")
+    # A window reset at a read's top and then appended to: the reset's tag names lo - 1.
+    window.append(21, item("e1", 21), 10)
+    after_reset = window.snapshot("e1", 20, 1000, tag="x")
+    assert after_reset is not None and after_reset.after_tag == "tag-at-20"
     window.reset("e1", 30)
     assert window.snapshot("e1", 30, 1000, tag="x") is None
