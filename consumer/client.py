@@ -14,10 +14,10 @@ One background task owns the connection: it connects (round robin over the URLs)
 with the token in the first frame, subscribes every followed project from its cursor, routes each
 frame through the project's :class:`~consumer.ordering.ProjectState`, refreshes the token in-band
 before it expires, and reconnects forever with full-jitter exponential backoff. Each
-:meth:`Consumer.events` call returns a :class:`Subscription`: an async iterator over a bounded
-queue of typed items. When the caller reads slower than events arrive the queue fills and the
-connection stops reading (TCP backpressure; the gateway may then cut it as a slow consumer, after
-which it resumes from its cursor, losing nothing).
+:meth:`Consumer.events` call returns a :class:`Subscription`: an async iterator over a queue of
+typed items bounded by count and by bytes (:mod:`consumer.buffer`). When the caller reads slower
+than events arrive the queue fills and the connection stops reading (TCP backpressure; the gateway
+may then cut it as a slow consumer, after which it resumes from its cursor, losing nothing).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from websockets.frames import Close
 
 from consumer.answers import PendingAnswers, ReadingClock
+from consumer.buffer import BoundedQueue
 from consumer.frames import EVENT_TYPES, FrameError, decode_frame, event_seq
 from consumer.ordering import ProjectState, Verdict
 from consumer.pages import PageUnavailable, read_page
@@ -97,6 +98,9 @@ Start = Literal["now", "beginning"] | int
 
 _encode = msgspec.json.encode
 _CLOSED = object()  # queue sentinel: wake a waiting iterator
+#: The size counted in a subscription's ``buffer_bytes`` for an item without a frame (a Resync,
+#: a refusal, the close sentinel): about what such an object takes in memory.
+CONTROL_ITEM_BYTES = 256
 _poll_decoder = msgspec.json.Decoder(PollResponse)
 #: Events per page when catching up (the polling endpoint's maximum).
 POLL_PAGE = 1000
@@ -231,6 +235,21 @@ class ConsumerStats:
     ignored: int = 0  # frames the gateway never sends (see Consumer._ignored), dropped
 
 
+def _item_bytes(item: object) -> int:
+    """An item's size in its subscription's ``buffer_bytes``: its frame's length (a Delivery,
+    an UndecodableEvent), or :data:`CONTROL_ITEM_BYTES`."""
+    if type(item) is Delivery:
+        return len(item.raw)
+    raw = getattr(item, "raw", None)  # (an UndecodableEvent's)
+    return len(raw) if type(raw) is bytes else CONTROL_ITEM_BYTES
+
+
+def _check_bound(name: str, value: object) -> None:
+    """ValueError unless ``value`` is an int >= 1 (a bool is no count)."""
+    if type(value) is not int or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
 class _Route:
     """Where the connection task puts a subscription's items. Held by the consumer, apart from
     the :class:`Subscription` the caller holds, so that a subscription the caller dropped can be
@@ -238,14 +257,14 @@ class _Route:
 
     __slots__ = ("active", "queue", "ready")
 
-    def __init__(self, project_ids: tuple[int, ...], buffer: int) -> None:
+    def __init__(self, project_ids: tuple[int, ...], buffer: int, buffer_bytes: int) -> None:
         self.active = set(project_ids)  # projects not refused by the gateway
-        self.queue: asyncio.Queue[Any] = asyncio.Queue(buffer)
+        self.queue = BoundedQueue(buffer, buffer_bytes, _item_bytes)
         self.ready: dict[int, asyncio.Event] = {p: asyncio.Event() for p in project_ids}
 
     def wake(self) -> None:
         """Wake an iterator waiting on the queue (to notice a close)."""
-        if not self.queue.full():
+        if self.queue.fits(_CLOSED):
             self.queue.put_nowait(_CLOSED)
 
 
@@ -362,6 +381,9 @@ class Consumer:
             (:meth:`~consumer.SqlCursorStore.save_in`).
         reconnect: backoff and authentication-retry policy.
         buffer: items held per subscription before the connection stops reading.
+        buffer_bytes: bytes of frames held per subscription before the connection stops reading
+            (an item without a frame counts :data:`CONTROL_ITEM_BYTES`); one item larger than
+            that is held alone.
         open_timeout, ping_interval, ping_timeout: WebSocket handshake timeout (also the time a
             catch-up page, an async token function, a cursor store's load or save, and the
             gateway's answer to the token or to a subscribe may take) and keepalive (a
@@ -383,6 +405,7 @@ class Consumer:
         auto_commit: bool = True,
         reconnect: ReconnectPolicy | None = None,
         buffer: int = 10_000,
+        buffer_bytes: int = 64 * 2**20,
         open_timeout: float = 10.0,
         ping_interval: float | None = 20.0,
         ping_timeout: float | None = 20.0,
@@ -395,14 +418,15 @@ class Consumer:
         if not urls:
             raise ValueError("at least one gateway URL is required")
         _check_start(start)
-        if buffer < 1:
-            raise ValueError("buffer must be >= 1")
+        _check_bound("buffer", buffer)
+        _check_bound("buffer_bytes", buffer_bytes)
         self.urls = urls
         self.store = store
         self.start = start
         self.auto_commit = auto_commit
         self.policy = reconnect or ReconnectPolicy()
         self.buffer = buffer
+        self.buffer_bytes = buffer_bytes
         self.catch_up = catch_up
         self.http_url = http_url.rstrip("/") if http_url else None
         self._current_url = urls[0]
@@ -553,7 +577,7 @@ class Consumer:
             _check_start(start)
         self.start_connection()
         start = self.start if start is None else start
-        route = _Route(tuple(project_ids), self.buffer)
+        route = _Route(tuple(project_ids), self.buffer, self.buffer_bytes)
         for project_id in project_ids:
             self._routes[project_id] = route
             self._spawn(self._prepare(route, project_id, explicit.get(project_id), start))
@@ -1036,10 +1060,10 @@ class Consumer:
             delivery = Delivery(project_id, state.cursor[0], seq, event, raw)  # type: ignore[index]
             self.stats.delivered += 1
             queue = self._routes[project_id].queue  # (routes and states change together)
-            if queue.full():
-                await self._wait_for_room(queue, delivery)
-            else:
+            try:
                 queue.put_nowait(delivery)
+            except asyncio.QueueFull:
+                await self._wait_for_room(queue, delivery)
         elif verdict is Verdict.DUPLICATE:
             self.stats.duplicates += 1
         return verdict
@@ -1082,10 +1106,10 @@ class Consumer:
                 self.stats.resyncs += 1
             await self._wait_for_room(route.queue, item)
 
-    async def _wait_for_room(self, queue: asyncio.Queue[Any], item: Any) -> None:
+    async def _wait_for_room(self, queue: BoundedQueue, item: Any) -> None:
         """Queue an item, waiting for the caller to make room. While the connection task waits,
         nothing is read: that time is the consumer's, not the gateway's (the reading clock)."""
-        if not queue.full() or asyncio.current_task() is not self._task:
+        if queue.fits(item) or asyncio.current_task() is not self._task:
             await queue.put(item)  # (a catch-up's task waiting does not stop the reading)
             return
         self._clock.pause()

@@ -2694,3 +2694,76 @@ async def test_time_the_consumer_waits_for_its_caller_does_not_count_against_the
                     await other.wait_subscribed()
     assert not [e for e in logs if e["event"] == "no answer to a subscribe; reconnecting"]
     assert consumer.close_codes == [1000]  # the one closed at the end
+
+
+@pytest.mark.parametrize("name", ["buffer", "buffer_bytes"])
+@pytest.mark.parametrize("value", [0, -1, True, 1.5, "64", None])
+def test_a_buffer_bound_that_is_no_positive_int_is_refused(name: str, value: object):
+    with pytest.raises(ValueError, match=f"{name} must be an int >= 1"):
+        Consumer("ws://unused/", **{name: value})  # type: ignore[arg-type]
+
+
+def big_frame(project_id: int, seq: int, size: int) -> bytes:
+    """An event frame of about ``size`` bytes: a field no event type has, skipped by the decoder."""
+    head = frame(project_id, seq)
+    return head[: head.rindex(b',"seq":')] + b',"pad":"%s","seq":%d}' % (b"x" * size, seq)
+
+
+@pytest.mark.parametrize(
+    ("buffer_bytes", "held"), [(4 * 2**20, 3), (1, 1)], ids=["4MiB", "one-byte"]
+)
+async def test_a_subscription_not_read_holds_buffer_bytes_of_events_not_buffer_items(
+    buffer_bytes: int, held: int
+):
+    """Events of 1 MiB (the publisher's largest) to a subscription the caller does not read:
+    the consumer held ``buffer`` of them (10,000 by default: 10 GB; 40 GB of the 4 MiB frames
+    it accepts) before it stopped reading. Now it stops once the next event would take the
+    subscription past ``buffer_bytes`` (an event larger than that is held alone), the gateway
+    is left with the rest unsent, and reading the subscription delivers every event in order."""
+    from websockets.asyncio.server import serve
+
+    count, size = 64, 2**20
+    sent, all_sent = [0], asyncio.Event()
+
+    async def gateway(connection) -> None:
+        async for raw in connection:
+            if json.loads(raw)["type"] != "subscribe":
+                continue
+            await connection.send(subscribed(1, 0, resumed=True).decode())
+            for seq in range(1, count + 1):
+                await connection.send(big_frame(1, seq, size).decode())
+                sent[0] = seq
+            all_sent.set()
+
+    blocked = asyncio.Event()
+
+    class Watched(Consumer):
+        async def _wait_for_room(self, queue, item) -> None:
+            if asyncio.current_task() is self._task and type(item) is Delivery:
+                blocked.set()  # the connection task stops reading until the caller makes room
+            await super()._wait_for_room(queue, item)
+
+    async with serve(gateway, "127.0.0.1", 0, max_size=None) as server:
+        port = server.sockets[0].getsockname()[1]
+        consumer = Watched(f"ws://127.0.0.1:{port}/", buffer_bytes=buffer_bytes)
+        assert consumer.buffer == 10_000
+        async with consumer:
+            subscription = consumer.events(1, after=Cursor(EPOCH, 0))
+            waits = [asyncio.ensure_future(e.wait()) for e in (blocked, all_sent)]
+            async with asyncio.timeout(20):
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for wait in waits:
+                wait.cancel()
+            assert blocked.is_set(), f"all {count} events taken in, none waiting for room"
+            queue = subscription._route.queue
+            assert queue.qsize() == held and consumer.stats.delivered == held + 1
+            assert queue.nbytes <= buffer_bytes or held == 1
+            assert consumer._clock.paused  # (the wait is the caller's, not the gateway's)
+            assert not all_sent.is_set() and sent[0] < count  # the gateway holds the rest
+            seqs = []
+            async with asyncio.timeout(30):
+                for _ in range(count):
+                    seqs.append((await anext(subscription)).seq)
+                    assert queue.qsize() <= held
+                    assert queue.nbytes <= buffer_bytes or queue.qsize() <= 1
+            assert seqs == list(range(1, count + 1))
