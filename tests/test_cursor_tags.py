@@ -195,3 +195,33 @@ async def test_a_malformed_tag_or_one_without_a_cursor_is_refused_on_every_trans
         status, _, stream = await open_stream(url, "/v1/projects/5/stream", headers)
         stream.close()
         assert status == 400
+
+
+async def test_an_empty_window_names_the_tag_of_its_own_top_not_the_baselines(
+    gateways, publisher, redis_url
+):
+    """A window that holds no entry (turned off, or evicted by the byte budget) still answers
+    resumes at the feed's top from memory. The tag it gives for that top must be the event the
+    feed delivered there, not the one its baseline read found: else ``subscribed`` names a wrong
+    tag, and every client resuming at the top with the right one is told history_lost."""
+    await publish(publisher, 6, 2)
+    gateway = await gateways(resume_window_events=0)
+    first = await client_for(gateway, [6])
+    subscribed = await first.subscribe(6)  # the baseline: the top is 2
+    epoch = subscribed["epoch"]
+    await publish(publisher, 6, 1)  # delivered by the feed as 3
+    await first.wait_for(lambda: first.seqs(6) == [3])
+    tag = event_tag(first.texts[-1].encode())
+    assert tag == event_tag(await stored_frame(redis_url, 6, 3))
+    fresh = await client_for(gateway, [6])
+    assert (await fresh.subscribe(6))["tag"] == tag
+    await fresh.close()
+    resumed = await client_for(gateway, [6])
+    await resumed.send(
+        {"type": "subscribe", "project_id": 6, "epoch": epoch, "after": 3, "tag": tag}
+    )
+    await resumed.wait_for(lambda: resumed.count("subscribed") == 1)
+    assert resumed.last("resync_required") is None
+    assert resumed.last("subscribed")["resumed"] is True
+    for client in (first, resumed):  # ``first`` kept the feed (and its window) alive
+        await client.close()

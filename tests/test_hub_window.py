@@ -5,11 +5,13 @@ missed events, then ``subscribed``, then live ones; or an explicit resync."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 from gateway.hub import Hub, _window_size
 from gateway.sequencing import Snapshot
 from gateway.session import Outgoing
 from gateway.websocket import WebSocketSession as Session
+from schemas.tags import event_tag
 from tests.test_hub import (
     EPOCH,
     KEYS,
@@ -266,3 +268,54 @@ async def test_clients_resuming_at_one_cursor_share_its_replay_until_the_window_
     assert third.transport.messages()[-2]["seq"] == 31  # its subscribed is at 31, not 30
     assert window.memo is None and hub.metrics.replayed_total == 31
     assert hub.subscribe_reads == 0
+
+
+class TaggedStore(HistoryStore):
+    """A history that names the tags of the events at the top and at the cursor, as Redis's
+    snapshot script does (schemas.tags)."""
+
+    async def snapshot(self, project_id, epoch=None, after=None, limit=0) -> Snapshot:
+        read = await super().snapshot(project_id, epoch, after, limit)
+        after_tag = None
+        if epoch == read.epoch and after is not None and max(1, self.first) <= after <= read.top:
+            after_tag = event_tag(self.frame_at(after))
+        top_tag = event_tag(self.frame_at(read.top)) if read.top else None
+        return dataclasses.replace(read, top_tag=top_tag, after_tag=after_tag)
+
+
+async def tagged_resume(hub: Hub, after: int) -> Session:
+    session = session_of(hub)
+    await hub.subscribe(session, PROJECT, EPOCH, after, event_tag(frame(after)))
+    await next_iteration()
+    return session
+
+
+async def test_a_tagged_resume_just_below_the_window_is_answered_from_memory():
+    """The window knows the tag of the event just below its oldest entry: its baseline's (the
+    top the feed's first read named), or the entry it last trimmed. A tagged resume there (the
+    clients that subscribed at the baseline and missed what came since; every SSE client
+    resumes with a tag) is answered from memory, as an untagged one is, not by one Redis read
+    per client."""
+    store = TaggedStore(top=3)
+    hub = await hub_with(store, window_events=4)
+    keeper = session_of(hub)
+    await hub.subscribe(keeper, PROJECT, None, None)  # the baseline: 3
+    store.top = 6
+    live(hub, 4, 5, 6)
+    await next_iteration()
+    reads = store.reads
+    at_baseline = await tagged_resume(hub, 3)
+    assert received(at_baseline) == [4, 5, 6, "subscribed"]
+    store.top = 10
+    live(hub, 7, 8, 9, 10)  # the window trims to 7..10
+    await next_iteration()
+    below = await tagged_resume(hub, 6)
+    assert received(below) == [7, 8, 9, 10, "subscribed"]
+    assert store.reads == reads and hub.subscribe_reads == 0
+    # Still checked: another event at that number is history_lost, from memory too.
+    other = session_of(hub)
+    await hub.subscribe(other, PROJECT, EPOCH, 6, event_tag(b"another event"))
+    await next_iteration()
+    assert received(other) == ["resync_required", "subscribed"]
+    assert other.transport.messages()[0]["reason"] == "history_lost"
+    assert store.reads == reads

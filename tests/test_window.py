@@ -3,6 +3,9 @@ exactly as one atomic history read at the feed's cursor would, or not at all."""
 
 from __future__ import annotations
 
+import collections
+
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -307,3 +310,27 @@ def test_a_tagged_cursor_is_answered_only_where_the_window_can_check_it():
     assert after_reset is not None and after_reset.after_tag == "tag-at-20"
     window.reset("e1", 30)
     assert window.snapshot("e1", 30, 1000, tag="x") is None
+
+
+@pytest.mark.parametrize("capacity, budget", [(0, None), (5, 25)])
+def test_an_emptied_window_names_the_tag_of_its_own_last_event(capacity, budget):
+    """A window with no entry left (capacity 0: windows off; or its entries evicted by the byte
+    budget) still answers a resume at ``last``: it names the tag of the event it delivered
+    there, not the tag its last reset was given for an older event (which made every tagged
+    resume at the top history_lost, and ``subscribed`` name a wrong tag)."""
+    limit = WindowBudget(budget) if budget is not None else None
+    window: ResumeWindow[str] = ResumeWindow(capacity, limit, tag_of=lambda it: f"tag-of-{it}")
+    window.reset("e1", 5, "tag-of-e1:5")
+    window.append(6, item("e1", 6), 10)
+    if limit is not None:
+        other: ResumeWindow[str] = ResumeWindow(5, limit, tag_of=lambda it: f"tag-of-{it}")
+        other.reset("e2", 0)
+        for seq in range(1, 4):  # the other feed's appends evict this one's entry
+            other.append(seq, item("e2", seq), 10)
+    assert window.entries == collections.deque() and window.last == 6
+    at_top = window.snapshot("e1", 6, 1000, tag="tag-of-e1:6")
+    assert at_top is not None and (at_top.after_tag, at_top.top_tag) == ("tag-of-e1:6",) * 2
+    plan = plan_subscription("e1", 6, at_top, 1000, tag="tag-of-e1:6")
+    assert plan.resync is None and plan.resumed and plan.tag == "tag-of-e1:6"
+    fresh = window.snapshot(None, None, 1000)
+    assert fresh is not None and fresh.top_tag == "tag-of-e1:6"
