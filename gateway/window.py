@@ -79,7 +79,7 @@ class WindowBudget:
         while self.bytes > self.limit and self._order:
             window = next(iter(self._order))
             while self.bytes > self.limit and window.entries:
-                window.drop_oldest()
+                window.drop_oldest(evict=True)
             if not window.entries:
                 self.forget(window)
 
@@ -182,11 +182,20 @@ class ResumeWindow(Generic[T]):
             self.budget.touched(self)
             self.budget.enforce()
 
-    def drop_oldest(self) -> None:
+    def drop_oldest(self, evict: bool = False) -> None:
+        """Drop the oldest entry. It is kept as the event just below the window (its tag is
+        computed only if asked for), except when the byte budget evicts it (``evict``): then
+        nothing of its bytes is kept, only its tag when it was the last entry (an emptied
+        window's top, where resumes are still answered)."""
         if self.memo is not None:
             self.forget_memo()
-        _, self.base_item, size = self.entries.popleft()
-        self.base_tag = None
+        _, item, size = self.entries.popleft()
+        if not evict:
+            self.base_tag, self.base_item = None, item
+        elif not self.entries and self.tag_of is not None:
+            self.base_tag, self.base_item = self.tag_of(item), None
+        else:
+            self.base_tag = self.base_item = None
         self.bytes -= size
         if self.budget is not None:
             self.budget.bytes -= size

@@ -334,3 +334,22 @@ def test_an_emptied_window_names_the_tag_of_its_own_last_event(capacity, budget)
     assert plan.resync is None and plan.resumed and plan.tag == "tag-of-e1:6"
     fresh = window.snapshot(None, None, 1000)
     assert fresh is not None and fresh.top_tag == "tag-of-e1:6"
+
+
+def test_the_byte_budget_keeps_nothing_of_what_it_evicts_but_an_emptied_windows_tag():
+    """What the budget evicts leaves its bytes: an evicted frame is not kept as the event below
+    the window (one per feed, outside the budget, could add up to a frame per project). An
+    emptied window keeps its last event's tag, which resumes at its top need."""
+    limit = WindowBudget(25)
+    window: ResumeWindow[str] = ResumeWindow(5, limit, tag_of=lambda it: f"tag-of-{it}")
+    window.reset("e1", 0)
+    window.append(1, item("e1", 1), 10)
+    window.append(2, item("e1", 2), 10)
+    other: ResumeWindow[str] = ResumeWindow(5, limit, tag_of=lambda it: f"tag-of-{it}")
+    other.reset("e2", 0)
+    other.append(1, item("e2", 1), 10)  # 30 bytes: this window's oldest entry goes
+    assert [seq for seq, _, _ in window.entries] == [2] and window.base_item is None
+    assert window.tag_at(1) is None
+    other.append(2, item("e2", 2), 10)  # and its last one
+    assert not window.entries and window.base_item is None
+    assert window.tag_at(2) == "tag-of-e1:2"
