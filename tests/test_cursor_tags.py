@@ -225,3 +225,46 @@ async def test_an_empty_window_names_the_tag_of_its_own_top_not_the_baselines(
     assert resumed.last("subscribed")["resumed"] is True
     for client in (first, resumed):  # ``first`` kept the feed (and its window) alive
         await client.close()
+
+
+async def test_the_resuming_test_clients_send_the_tag_of_their_cursor(
+    gateways, publisher, redis_url
+):
+    """tests.support's ResumingClient (WebSocket) and ResumingSseClient resume with the tag of
+    the event at their cursor, also when a new client takes over another's cursors (as the
+    random walk's clients do when they come back): a failover while they are away is told."""
+    from publisher import issue_token
+    from tests.support.sse_client import ResumingSseClient
+    from tests.support.ws_client import ResumingClient, wait_until
+
+    gateway = await gateways()
+    token = issue_token(SECRET, [6], ttl=300)
+    urls = {
+        ResumingClient: f"ws://127.0.0.1:{gateway.port}/",
+        ResumingSseClient: f"http://127.0.0.1:{gateway.port}",
+    }
+    first = {kind: kind([url], [6], token=token).start() for kind, url in urls.items()}
+    await wait_until(lambda: all(c.live == {6} for c in first.values()), 10, "subscribed")
+    await publish(publisher, 6, 5)
+    await wait_until(lambda: all(c.cursors[6][1] == 5 for c in first.values()), 10, "5 events")
+    for client in first.values():
+        await client.stop()
+        assert client.cursor_tag(6) == event_tag(await stored_frame(redis_url, 6, 5))
+    await failover(redis_url, 6, keep=3)
+    await publish(publisher, 6, 3)  # the new master's 4, 5 and 6
+    back = {
+        kind: kind(
+            [urls[kind]],
+            [6],
+            token=token,
+            cursors=dict(old.cursors),
+            tags=old.cursor_tags(),
+        ).start()
+        for kind, old in first.items()
+    }
+    await wait_until(lambda: all(c.resyncs(6) for c in back.values()), 10, "resyncs")
+    for client in back.values():
+        ((resync,),) = [client.resyncs(6)]
+        assert (resync.reason, resync.seq) == ("history_lost", 6)
+        assert client.events(6) == [] and client.cursor_tag(6) == resync.tag
+        await client.stop()

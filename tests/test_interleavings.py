@@ -9,18 +9,44 @@ the memory path, the window fill, the read and too_far_behind) and WebSocket and
 through the next steps), clients dropping, aborting (alone or all at once), leaving and coming
 back from their cursors, unsubscribing and resubscribing, gateways drained or killed and started
 again, the pub/sub links killed, streams trimmed below the clients' cursors, projects deleted,
-Redis stopped (SIGSTOP, in the background through the next steps) or restarted empty, waits for
-everyone to catch up, and pauses of random length between them.
+Redis stopped (SIGSTOP, in the background through the next steps) or restarted empty,
+**failovers** (Redis loses a project's last 1 to 3 events, as a replica promoted after its
+master died would: the stream rebuilt without them, the seq stepped back; then 0 to 5 new
+events reuse their numbers; sometimes while the gateways' pub/sub links are down, and any
+client away at the time resumes later from a lost event), waits for everyone to catch up, and
+pauses of random length between them. Every client resumes with the tag of the event at its
+cursor (docs/protocol.md, "Cursor tags"): a resume without one is taken at its number, and a
+failover would pass unnoticed (documented), so an untagged client would fail this verdict.
 
 The verdict is :func:`check_delivery`'s, on every client's whole record of every project (across
-its leaving and coming back): every event exactly once, in order, each the one published at its
-position (what Redis acknowledged, and every stream as read before a fault destroyed it), or an
-explicit ``resync_required``; and :func:`resync_problems`': each resync follows a fault that
-justifies its reason (a trim: ``history_trimmed``; a deleted project or an emptied Redis:
-``epoch_changed``; ``too_far_behind``: more than ``--max-replay`` behind; ``history_lost``
-never) and moves the client forward. After the walk every gateway is started, every client
-brought back, one more event published to each project, and every client must reach each
-project's top (an awaited condition with a deadline: silence fails the test).
+its leaving and coming back), against a :class:`Lineage` of everything published (what Redis
+acknowledged, every stream as read before a fault destroyed or rewrote it, and what each
+failover took): every event exactly once, in order, each one published at its position and
+right after the event before it in the history it belongs to, or an explicit
+``resync_required``. So after an event a failover lost, the next thing in the client's record
+of that project is the next event lost with it or a ``resync_required``, never an event of the
+new history, and no record ends on a lost event; a ``subscribed`` that acknowledges a cursor
+names (by its tag) the event the client has there. And :func:`resync_problems`': each resync
+follows a fault that justifies its reason (a trim: ``history_trimmed``; a deleted project or an
+emptied Redis: ``epoch_changed``; ``too_far_behind``: more than ``--max-replay`` behind;
+``history_lost``: a failover of the project) and moves the client forward (``history_lost``
+excepted: the history was rewritten); the resync after a lost event is ``history_lost`` or
+``epoch_changed`` (or, once a trim may have taken the event at the cursor, leaving nothing to
+compare, ``history_trimmed`` / ``too_far_behind``).
+
+What is *not* required: that ``history_lost`` reaches only clients that received a lost event.
+A client can hold a lost event without receiving it (a ``subscribed`` or resync whose top a
+failover then took), and a client that only read the new history can be told conservatively: a
+pod whose joining connection read past its live feed compares the events the feed delivers
+later with what the connection read, and a stale feed still delivering the lost event makes
+them differ, although the client's own events are the new ones (reloading is safe, staying
+silent would not be). So ``history_lost`` is justified for every client of the project from
+its first failover on. What the records prove is the other direction: no event skipped or
+swapped, and no lost event kept, without a ``resync_required`` saying so.
+
+After the walk every gateway is started, every client brought back, one more event published to
+each project, and every client must reach each project's top (an awaited condition with a
+deadline: silence fails the test).
 
 The plan is a pure function of the seed and the step count (:func:`plan_walk`), printed with the
 seed on a failure: ``EVENTBUS_INTERLEAVING_SEEDS=<seed> EVENTBUS_INTERLEAVING_STEPS=<n>`` replays
@@ -32,6 +58,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import random
 import signal
@@ -42,16 +69,17 @@ import pytest
 from publisher import PublisherUnavailable
 from publisher.connection import async_client
 from schemas.keys import Keys
+from schemas.tags import event_tag
 from tests.support.gateway_process import GatewayProcess
 from tests.support.redis_server import RedisServer
 from tests.support.sse_client import ResumingSseClient
 from tests.support.ws_client import (
     Cursor,
+    Lineage,
     PublishLoop,
     Received,
     ResumingClient,
     check_delivery,
-    read_history,
     wait_until,
 )
 
@@ -155,6 +183,18 @@ def plan_walk(seed: int, steps: int) -> list[Step]:
         options.append((0.7, ("delete", rng.choice(PROJECTS))))
         options.append((0.7, ("freeze", rng.choice((200, 700, 1500)))))
         options.append((0.5, ("restart_redis",)))
+        options.append(
+            (
+                1.2,
+                (
+                    "failover",
+                    rng.choice(PROJECTS),
+                    rng.randint(1, 3),
+                    rng.randint(0, 5),
+                    rng.random() < 0.3,
+                ),
+            )
+        )
         weights = [weight for weight, _ in options]
         step = rng.choices([s for _, s in options], weights)[0]
         kind = step[0]
@@ -179,7 +219,59 @@ def test_the_plan_is_a_function_of_the_seed():
     assert plan_walk(7, 40) == plan_walk(7, 40)
     assert plan_walk(7, 40) != plan_walk(8, 40)
     kinds = {step[0] for seed in range(20) for step in plan_walk(seed, 40)}
-    assert kinds >= {"publish", "burst", "kill", "term", "start", "trim", "delete", "freeze"}
+    assert kinds >= {
+        "publish",
+        "burst",
+        "kill",
+        "term",
+        "start",
+        "trim",
+        "delete",
+        "freeze",
+        "failover",
+    }
+
+
+def test_the_verdict_after_a_failover_requires_a_resync_before_the_new_history():
+    """Events 1..5 (ids 101..105); a failover keeps 3, losing 104 and 105; the new history's 4
+    and 5 are 204 and 205. Pure: the records are made up."""
+    lineage = Lineage()
+    for seq in (1, 2, 3, 4, 5):
+        lineage.add(("e", seq), 100 + seq, f"t{100 + seq}")
+    stream = [(seq, 100 + seq, f"t{100 + seq}") for seq in (1, 2, 3, 4, 5)]
+    assert lineage.add_failover("e", 5, 3, stream) == 1
+    for seq in (4, 5):
+        lineage.add(("e", seq), 200 + seq, f"t{200 + seq}")
+    head = [Received("subscribed", "e", 0, resumed=False)]
+    head += [Received("event", "e", s, ident=100 + s, tag=f"t{100 + s}") for s in (1, 2, 3)]
+
+    def problems(*rest: Received, justified=None) -> list[str]:
+        record = head + list(rest)
+        found = check_delivery(record, lineage=lineage, allowed_resyncs=REASONS)
+        return found + resync_problems(record, justified or {}, lineage)
+
+    lost4 = Received("event", "e", 4, ident=104, tag="t104")
+    new4, new5 = (Received("event", "e", s, ident=200 + s, tag=f"t{200 + s}") for s in (4, 5))
+    told = Received("resync", "e", 5, reason="history_lost", tag="t205")
+    # The client had none of the lost events, or had them and was told: the promise held.
+    assert problems(new4, new5) == []
+    assert problems(lost4, told, justified={"history_lost": 4}) == []
+    # A lost event followed by the new history's next one, or by nothing, is a silent swap.
+    (swap,) = problems(lost4, new5)
+    assert "event 205 after event 104 (lost by failover #1)" in swap
+    (kept,) = problems(lost4)
+    assert "ends at event 104 (lost by failover #1)" in kept
+    # A subscribed that acknowledges the client's cursor naming another event there.
+    acked = Received("subscribed", "e", 4, resumed=True, tag="t204")
+    assert "the client has 104 (lost by failover #1) there" in problems(lost4, acked, new5)[0]
+    # history_lost needs a failover; after a lost event, a trim's reason needs a trim.
+    assert "no fault justified it" in problems(lost4, told)[0]
+    trimmed = Received("resync", "e", 5, reason="history_trimmed", tag="t205")
+    assert problems(lost4, trimmed, justified={"history_trimmed": 5}) == []
+    far = Received("resync", "e", 30, reason="too_far_behind")
+    (why,) = problems(lost4, far, justified={"history_lost": 0})
+    assert "the client had event 104, lost by a failover" in why
+    assert problems(lost4, far, justified={"history_lost": 0, "history_trimmed": 2}) == []
 
 
 # --- running it ----------------------------------------------------------------------------
@@ -198,18 +290,24 @@ class Walk:
         self.bursts: list[asyncio.Task] = []
         self.thaws: list[asyncio.Task] = []
         #: Everything ever published, by position: the acknowledged publishes, and every stream
-        #: read before a fault destroyed it (a publish that failed may still have been written).
-        self.history: dict[Cursor, int] = {}
+        #: read before a fault destroyed or rewrote it (a publish that failed may still have been
+        #: written); and what each failover lost.
+        self.lineage = Lineage()
         #: ``(client, project) -> {reason: index}``: from which record of the client's log on
         #: a resync for that reason is justified (the log's length when the fault began).
         self.justified: dict[tuple[str, int], dict[str, int]] = {}
         self.done: list[str] = []
 
-    def make_client(self, index: int, cursors: dict[int, Cursor] | None = None):
+    def make_client(
+        self,
+        index: int,
+        cursors: dict[int, Cursor] | None = None,
+        tags: dict[int, str | None] | None = None,
+    ):
         spec = CLIENTS[index]
         kind = ResumingSseClient if spec.sse else ResumingClient
         urls = [g.http_url if spec.sse else g.ws_url for g in self.gateways]
-        client = kind(urls, spec.projects, start=index, name=spec.name, cursors=cursors)
+        client = kind(urls, spec.projects, start=index, name=spec.name, cursors=cursors, tags=tags)
         client.left = False  # stopped by a "leave" step
         self.instances.append(client)
         return client
@@ -247,16 +345,32 @@ class Walk:
 
         async def read(client):
             for project_id in PROJECTS:
-                if await client.exists(KEYS.meta(project_id)):
-                    _, history = await read_history(client, KEYS, project_id)
-                    self.history.update(history)
+                epoch = await client.hget(KEYS.meta(project_id), "epoch")
+                if epoch is not None:
+                    entries = await client.xrange(KEYS.stream(project_id))
+                    for seq, ident, tag in _entries(entries):
+                        self.lineage.add((epoch.decode(), seq), ident, tag)
 
         await self.redis(read)
+
+    async def failover(self, project_id: int, lose: int) -> None:
+        """Redis loses the project's last ``lose`` events, as a replica promoted after its
+        master died would (replication is asynchronous): the stream rebuilt without them (a
+        stream remembers its last id: XDEL would not do), and the seq stepped back. Atomic
+        (a script), so that the walk knows which events it took even during a burst."""
+        found = await self.redis(
+            lambda r: r.eval(_FAILOVER, 2, KEYS.stream(project_id), KEYS.meta(project_id), lose)
+        )
+        if found:
+            epoch, top, keep, entries = found
+            self.lineage.add_failover(epoch.decode(), int(top), int(keep), _entries(entries))
 
     async def publish(self, project_id: int, count: int, gap: float = 0.0) -> None:
         for _ in range(count):
             try:
-                await self.publisher.publish_one(project_id)
+                cursor = await self.publisher.publish_one(project_id)
+                at = (cursor.epoch, cursor.seq)
+                self.lineage.add(at, self.publisher.acked[project_id][at])
             except PublisherUnavailable:
                 pass  # written or not: the stream read later settles it
             if gap:
@@ -325,7 +439,7 @@ class Walk:
         elif kind == "return":
             (index,) = args
             old = self.clients[index]
-            new = self.make_client(index, dict(old.cursors))
+            new = self.make_client(index, dict(old.cursors), old.cursor_tags())
             new.log = old.log  # one record across the two: the resume is checked too
             new.paused = set()
             self.clients[index] = new.start()
@@ -353,6 +467,13 @@ class Walk:
             await self.redis(lambda r: r.delete(KEYS.meta(project_id), KEYS.stream(project_id)))
         elif kind == "freeze":  # in the background, through the next steps
             self.thaws.append(asyncio.create_task(self.freeze(args[0] / 1000)))
+        elif kind == "failover":  # then the new master's publishes reuse the lost numbers
+            project_id, lose, publish, dark = args
+            self.justify("history_lost", [project_id])
+            if dark:  # while the gateways' pub/sub links are down (they catch up on return)
+                await self.redis(lambda r: r.client_kill_filter(_type="pubsub"))
+            await self.failover(project_id, lose)
+            await self.publish(project_id, publish)
         elif kind == "restart_redis":
             await self.remember()
             self.justify("epoch_changed", PROJECTS)
@@ -376,18 +497,25 @@ class Walk:
         for project_id in PROJECTS:
             await self.publish(project_id, 1)
         await self.settle(45)
+        await self.remember()
 
     def verdict(self) -> list[str]:
-        for acked in self.publisher.acked.values():
-            self.history.update(acked)
+        for client in self.instances:  # the tags of events no read found (e.g. trimmed first)
+            for record in client.log.values():
+                for item in record:
+                    if item.kind == "event" and item.tag and item.ident is not None:
+                        self.lineage.tags.setdefault(item.tag, item.ident)
+                        self.lineage.tag_of.setdefault(item.ident, item.tag)
         problems = [f"{c.name}: unexpected {m}" for c in self.instances for m in c.stats.unexpected]
         for client in self.clients:
             for project_id in client.projects:
                 found = check_delivery(
-                    client.log[project_id], history=self.history, allowed_resyncs=REASONS
+                    client.log[project_id], lineage=self.lineage, allowed_resyncs=REASONS
                 )
                 found += resync_problems(
-                    client.log[project_id], self.justified.get((client.name, project_id), {})
+                    client.log[project_id],
+                    self.justified.get((client.name, project_id), {}),
+                    self.lineage,
                 )
                 problems += [f"{client.name} project {project_id}: {p}" for p in found]
         return problems
@@ -403,17 +531,68 @@ class Walk:
         return f"{dict(kinds)} subscribed resumed={dict(resumed)} connects={connects}"
 
 
-def resync_problems(records: list[Received], justified: dict[str, int]) -> list[str]:
+#: The failover step (:meth:`Walk.failover`): KEYS stream, meta; ARGV events to lose. Returns
+#: the epoch, the top, the seq kept and every entry the stream held before (nil: no history).
+_FAILOVER = """
+local epoch = redis.call('HGET', KEYS[2], 'epoch')
+local top = tonumber(redis.call('HGET', KEYS[2], 'seq') or '0')
+if not epoch or top == 0 then return false end
+local keep = math.max(0, top - tonumber(ARGV[1]))
+local entries = redis.call('XRANGE', KEYS[1], '-', '+')
+redis.call('DEL', KEYS[1])
+for _, entry in ipairs(entries) do
+  if tonumber(string.match(entry[1], '^%d+')) <= keep then
+    redis.call('XADD', KEYS[1], entry[1], unpack(entry[2]))
+  end
+end
+redis.call('HSET', KEYS[2], 'seq', keep)
+return {epoch, top, keep, entries}
+"""
+
+
+def _entries(entries) -> list[tuple[int, int, str]]:
+    """``(seq, blocker_id, tag)`` of stream entries (XRANGE's answer)."""
+    out = []
+    for entry_id, fields in entries:
+        fields = (
+            dict(zip(fields[::2], fields[1::2], strict=True))
+            if isinstance(fields, list)
+            else fields
+        )
+        frame = fields[b"f"]
+        out.append(
+            (int(entry_id.split(b"-")[0]), json.loads(frame)["blocker_id"], event_tag(frame))
+        )
+    return out
+
+
+def resync_problems(
+    records: list[Received], justified: dict[str, int], lineage: Lineage | None = None
+) -> list[str]:
     """What :func:`check_delivery` does not judge in a record's resyncs: each must follow a fault
     that justifies it (:meth:`Walk.justify`; too_far_behind: a cursor more than the gateways'
     smallest ``--max-replay`` behind), and move the client: to another epoch, or forward in its
     own (a resync to where the client stands, or behind it, makes it reload its state for
     nothing and receive again what it had; history_lost excepted: that history was rewritten).
-    Only epoch_changed may change the epoch."""
+    Only epoch_changed may change the epoch. With ``lineage``: the resync that follows a lost
+    event (:func:`check_delivery` requires one) says why: history_lost, or epoch_changed, or,
+    once a trim may have taken the event the cursor names (nothing left to compare), the
+    trim's history_trimmed or too_far_behind."""
     problems = []
     cursor: Cursor | None = None
+    at: int | None = None  # the event at the cursor, when known
     for index, item in enumerate(records):
         where = f"#{index} resync {item.reason} {_epoch(item.epoch)}:{item.seq}"
+        if lineage is not None and item.kind == "resync" and at in lineage.lost:
+            trimmed = justified.get("history_trimmed", len(records)) <= index
+            if item.reason not in ("history_lost", "epoch_changed") and not (
+                trimmed and item.reason in ("history_trimmed", "too_far_behind")
+            ):
+                problems.append(f"{where}: the client had event {at}, lost by a failover")
+        if item.kind == "event":
+            at = item.ident
+        elif lineage is not None and (item.kind == "resync" or cursor is None):
+            at = lineage.tags.get(item.tag) if item.tag else None
         if item.kind == "resync":
             if item.reason == "too_far_behind":
                 if cursor is not None and item.seq - cursor[1] <= MAX_REPLAY:

@@ -131,6 +131,7 @@ class ResumingSseClient(ResumingClient):
         start: int = 0,
         name: str = "",
         cursors: Mapping[int, Cursor] | None = None,
+        tags: Mapping[int, str | None] | None = None,
         retry_delay: tuple[float, float] = (0.02, 0.25),
     ) -> None:
         super().__init__(
@@ -140,19 +141,24 @@ class ResumingSseClient(ResumingClient):
             start=start,
             name=name,
             cursors=cursors,
+            tags=tags,
             retry_delay=retry_delay,
         )
         #: What the next stream resumes from: the ``id`` of the last event received.
         self.last_event_id: str | None = None
-        if cursors:
-            self.last_event_id = self._cursor_id()
+        if cursors:  # taking over another client's cursors: its id, tags included
+            self.last_event_id = self._cursor_id(tagged=True)
         self._stream: Stream | None = None
 
-    def _cursor_id(self) -> str:
+    def _cursor_id(self, tagged: bool = False) -> str:
+        def one(project_id: int) -> str:
+            epoch, seq = self.cursors[project_id]
+            tag = self.cursor_tag(project_id) if tagged else None
+            return f"{epoch}:{seq}" + (f":{tag}" if tag else "")
+
         if len(self.projects) == 1:
-            epoch, seq = self.cursors[self.projects[0]]
-            return f"{epoch}:{seq}"
-        return ",".join(f"{p}={e}:{s}" for p, (e, s) in sorted(self.cursors.items()))
+            return one(self.projects[0])
+        return ",".join(f"{p}={one(p)}" for p in sorted(self.cursors))
 
     async def stop(self) -> None:
         self._stop.set()
@@ -197,7 +203,7 @@ class ResumingSseClient(ResumingClient):
                 if item.event == "error" and message.get("code") == "unavailable":
                     self.stats.unavailable += 1  # the stream ends; we resume from its id
                     continue
-                self._on_message(message)
+                self._on_message(message, item.data)
                 if item.id is not None and item.id != self.last_event_id:
                     self.last_event_id = item.id
                     if item.event in ("message", "subscribed", "resync_required"):

@@ -29,8 +29,10 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from publisher import AsyncPublisher, PublisherUnavailable
+from schemas.tags import event_tag
 
 __all__ = [
+    "Lineage",
     "PublishLoop",
     "Publishers",
     "Received",
@@ -57,6 +59,8 @@ class Received:
     ident: int | None = None  # the event's blocker_id: which event it is, not only where
     reason: str | None = None  # resync reason
     resumed: bool | None = None  # subscribed: the cursor was honoured
+    #: An event's: the tag of its text as received; a subscribed's or a resync's: its ``tag``.
+    tag: str | None = None
 
 
 @dataclass(slots=True)
@@ -78,8 +82,14 @@ class ResumingClient:
             one each time a connection ends (a plain load balancer does much the same).
         projects: project ids to follow.
         token: JWT sent as the first frame (``None`` for ``--no-auth`` gateways).
-        fresh_start: cursors to start from (``{project: (epoch, seq)}``); without one, a project
+        cursors: cursors to start from (``{project: (epoch, seq)}``); without one, a project
             is subscribed "from now".
+        tags: the tags of the events at ``cursors`` (``{project: tag}``, see
+            :meth:`cursor_tags`), sent with them.
+
+    A subscribe sends the tag of the event at its cursor (docs/protocol.md, "Cursor tags"): the
+    client keeps the raw text of the last event of each project and hashes it only when it
+    subscribes; after a ``subscribed`` or ``resync_required`` that set the cursor, its ``tag``.
     """
 
     def __init__(
@@ -91,6 +101,7 @@ class ResumingClient:
         start: int = 0,
         name: str = "",
         cursors: Mapping[int, Cursor] | None = None,
+        tags: Mapping[int, str | None] | None = None,
         retry_delay: tuple[float, float] = (0.02, 0.25),
     ) -> None:
         self.urls = list(urls)
@@ -98,6 +109,10 @@ class ResumingClient:
         self.token = token
         self.name = name
         self.cursors: dict[int, Cursor] = dict(cursors or {})
+        #: The tag of the event at the cursor, when it came from a subscribed or resync.
+        self._tags: dict[int, str | None] = dict(tags or {})
+        #: The raw text of the last event received, when the cursor is that event's.
+        self._texts: dict[int, str] = {}
         self.log: dict[int, list[Received]] = {p: [] for p in self.projects}
         self.stats = Stats()
         self.live: set[int] = set()  # projects subscribed on the current connection
@@ -200,7 +215,7 @@ class ResumingClient:
                         await self._subscribe(ws, project_id)
                 async for raw in ws:
                     message = json.loads(raw)
-                    if self._on_message(message):
+                    if self._on_message(message, raw):
                         retries.append(asyncio.create_task(self._retry(ws, message)))
             finally:
                 self.stats.close_codes.append(ws.close_code)
@@ -216,7 +231,21 @@ class ResumingClient:
         cursor = self.cursors.get(project_id)
         if cursor is not None:
             message["epoch"], message["after"] = cursor
+            tag = self.cursor_tag(project_id)
+            if tag is not None:
+                message["tag"] = tag
         return json.dumps(message)
+
+    def cursor_tag(self, project_id: int) -> str | None:
+        """The tag of the event at the project's cursor (None: unknown, or no cursor)."""
+        text = self._texts.get(project_id)
+        if text is not None:
+            return event_tag(text.encode())
+        return self._tags.get(project_id)
+
+    def cursor_tags(self) -> dict[int, str | None]:
+        """:meth:`cursor_tag` of every project with a cursor (for a client taking over)."""
+        return {p: self.cursor_tag(p) for p in self.cursors}
 
     async def _retry(self, ws, error: dict) -> None:
         project_id = error["project_id"]
@@ -227,22 +256,36 @@ class ResumingClient:
         with contextlib.suppress(ConnectionClosed):
             await self._subscribe(ws, project_id)
 
-    def _on_message(self, message: dict) -> bool:
-        """Record one frame; True when the subscribe must be retried."""
+    def _on_message(self, message: dict, raw: str | bytes | None = None) -> bool:
+        """Record one frame (``raw``: its text as received); True when the subscribe must be
+        retried."""
         kind = message.get("type")
         project_id = message.get("project_id")
         log = self.log.get(project_id)  # type: ignore[arg-type]
         retry = False
         if kind == "subscribed":
-            epoch, seq = message["epoch"], message["seq"]
-            self.cursors.setdefault(project_id, (epoch, seq))  # type: ignore[arg-type]
-            log.append(Received("subscribed", epoch, seq, resumed=message["resumed"]))  # type: ignore[union-attr]
+            epoch, seq, tag = message["epoch"], message["seq"], message.get("tag")
+            if project_id not in self.cursors:
+                self.cursors[project_id] = (epoch, seq)  # type: ignore[index]
+                self._tags[project_id] = tag  # type: ignore[index]
+                self._texts.pop(project_id, None)  # type: ignore[arg-type]
+            log.append(  # type: ignore[union-attr]
+                Received("subscribed", epoch, seq, resumed=message["resumed"], tag=tag)
+            )
             self.live.add(project_id)  # type: ignore[arg-type]
         elif kind == "resync_required":
             self.cursors[project_id] = (message["epoch"], message["seq"])  # type: ignore[index]
+            self._tags[project_id] = message.get("tag")  # type: ignore[index]
+            self._texts.pop(project_id, None)  # type: ignore[arg-type]
             self.stats.resyncs += 1
             log.append(  # type: ignore[union-attr]
-                Received("resync", message["epoch"], message["seq"], reason=message["reason"])
+                Received(
+                    "resync",
+                    message["epoch"],
+                    message["seq"],
+                    reason=message["reason"],
+                    tag=message.get("tag"),
+                )
             )
         elif kind == "error":
             if message.get("code") == "unavailable" and project_id in self.log:
@@ -259,7 +302,12 @@ class ResumingClient:
         elif log is not None:
             epoch = self.cursors[project_id][0]  # type: ignore[index]
             seq = message["seq"]
-            log.append(Received("event", epoch, seq, ident=message.get("blocker_id")))
+            text = raw.decode() if isinstance(raw, bytes) else raw
+            tag = None
+            if text is not None:
+                self._texts[project_id] = text  # type: ignore[index]
+                tag = event_tag(text.encode())  # the record's: check_delivery names events by it
+            log.append(Received("event", epoch, seq, ident=message.get("blocker_id"), tag=tag))
             self.stats.events += 1
             self.cursors[project_id] = (epoch, seq)  # type: ignore[index]
         self._changed.set()
@@ -389,12 +437,78 @@ async def read_history(client, keys, project_id: int) -> tuple[Cursor, dict[Curs
     return (epoch, int(top)), history
 
 
+class Lineage:
+    """Every event published, where, and which event each one followed, across failovers.
+
+    A failover (Redis losing its last events, then handing their numbers to new events) leaves
+    several events at one position ``(epoch, seq)``: the lost one(s) and the new one. Events
+    (``blocker_id`` s, unique) are recorded with :meth:`add` (an acknowledged publish, a stream
+    read) and failovers with :meth:`add_failover`, which takes the stream as it was just before
+    (read atomically with the loss). :meth:`follows` then says whether event ``a`` was ever the
+    one just before event ``b``, from which history was a chain at every moment:
+
+    * an event never lost followed the one never lost at the position before (a failover that
+      took that one would have taken it too, and never-lost events are one per position);
+    * an event lost by failover #n followed the event the stream held before it when #n
+      happened; when the stream no longer held that position (trimmed), any event not lost by
+      #n or an earlier failover is accepted (the one check that is not exact).
+    """
+
+    def __init__(self) -> None:
+        self.held: dict[Cursor, set[int]] = {}
+        self.tags: dict[str, int] = {}  # an event's tag -> the event
+        self.tag_of: dict[int, str] = {}
+        self.lost: dict[int, int] = {}  # event -> the number (1, 2, ...) of the failover it lost
+        self.pred: dict[int, int] = {}  # lost event -> the event before it, as the stream held it
+        self.failovers = 0
+
+    def add(self, cursor: Cursor, ident: int, tag: str | None = None) -> None:
+        self.held.setdefault(cursor, set()).add(ident)
+        if tag is not None:
+            self.tags[tag] = ident
+            self.tag_of[ident] = tag
+
+    def current(self, cursor: Cursor) -> int | None:
+        """The event at ``cursor`` no failover has lost (yet), if known."""
+        alive = [i for i in self.held.get(cursor, ()) if i not in self.lost]
+        return alive[0] if len(alive) == 1 else None
+
+    def add_failover(
+        self, epoch: str, top: int, keep: int, entries: Sequence[tuple[int, int, str]]
+    ) -> int:
+        """Failover: the stream held ``entries`` (``(seq, event, tag)``) up to ``top``, and kept
+        those up to ``keep``. Returns its number."""
+        self.failovers += 1
+        number = self.failovers
+        by_seq = {}
+        for seq, ident, tag in entries:
+            self.add((epoch, seq), ident, tag)
+            by_seq[seq] = ident
+        for seq in range(keep + 1, top + 1):
+            ident = by_seq.get(seq, self.current((epoch, seq)))  # trimmed: as known before
+            if ident is None:
+                continue
+            self.lost[ident] = number
+            if seq - 1 in by_seq:
+                self.pred[ident] = by_seq[seq - 1]
+        return number
+
+    def follows(self, before: int, after: int) -> bool:
+        """Whether ``after`` was published right after ``before``, in some history."""
+        if after not in self.lost:
+            return before not in self.lost
+        if after in self.pred:
+            return self.pred[after] == before
+        return before not in self.lost or self.lost[before] > self.lost[after]
+
+
 def check_delivery(
     records: Sequence[Received],
     *,
     history: Mapping[Cursor, int] | None = None,
     final: Cursor | None = None,
     allowed_resyncs: Iterable[str] = (),
+    lineage: Lineage | None = None,
 ) -> list[str]:
     """Problems in one client's record of one project; ``[]`` when the guarantee held.
 
@@ -404,8 +518,17 @@ def check_delivery(
     * with ``history`` (what Redis holds at the end): each event is the one Redis holds at that
       position; an event Redis no longer holds (lost in a failover) must be followed by a
       ``resync_required``, never by silence;
-    * with ``final``: the client reached the project's final cursor.
+    * with ``final``: the client reached the project's final cursor;
+    * with ``lineage`` (histories rewritten by failovers, instead of ``history``): each event is
+      one published at its position, and follows the one before it in the record (or at the
+      cursor a ``subscribed`` or ``resync_required`` named by its tag) in some history
+      (:meth:`Lineage.follows`): after an event a failover lost, the next thing is the next
+      event lost with it or a ``resync_required``, never an event of the history after the
+      loss, and the record does not end on a lost event; a ``subscribed`` acknowledging the
+      client's cursor names (by its tag) the event the client has there.
     """
+    if lineage is not None:
+        return _check_lineage(records, lineage, final, set(allowed_resyncs))
     allowed = set(allowed_resyncs)
     problems: list[str] = []
     cursor: Cursor | None = None
@@ -439,6 +562,59 @@ def check_delivery(
             f"event {diverged.epoch[:6]}:{diverged.seq} (id {diverged.ident}) is not what Redis "
             "holds there, and no resync_required followed"
         )
+    if final is not None and cursor != final:
+        problems.append(f"ended at {cursor}, expected {final}")
+    return problems
+
+
+def _check_lineage(
+    records: Sequence[Received], lineage: Lineage, final: Cursor | None, allowed: set[str]
+) -> list[str]:
+    problems: list[str] = []
+    cursor: Cursor | None = None
+    at: int | None = None  # the event at the cursor, when known
+    epochs = {epoch for epoch, _ in lineage.held}
+
+    def name(ident: int | None) -> str:
+        lost = lineage.lost.get(ident)  # type: ignore[arg-type]
+        return f"{ident}" + (f" (lost by failover #{lost})" if lost else "")
+
+    for index, item in enumerate(records):
+        where = f"#{index} {item.kind} {item.epoch[:6]}:{item.seq}"
+        named = lineage.tags.get(item.tag) if item.tag else None
+        if item.kind == "subscribed":
+            if cursor is None:
+                cursor, at = (item.epoch, item.seq), named
+            elif (item.epoch, item.seq) != cursor:
+                problems.append(f"{where}: acknowledged while the client was at {cursor}")
+                cursor, at = (item.epoch, item.seq), named
+            elif item.tag and at is not None and lineage.tag_of.get(at, item.tag) != item.tag:
+                problems.append(
+                    f"{where}: acknowledged the cursor naming event {name(named)}, "
+                    f"the client has {name(at)} there"
+                )
+        elif item.kind == "resync":
+            if item.reason not in allowed:
+                problems.append(f"{where}: unexpected resync ({item.reason})")
+            cursor, at = (item.epoch, item.seq), named
+        else:
+            ident = item.ident
+            if cursor is None:
+                problems.append(f"{where}: event before subscribed")
+            elif item.seq != cursor[1] + 1:
+                kind = "duplicate/out of order" if item.seq <= cursor[1] else "gap"
+                problems.append(f"{where}: {kind}, client was at {cursor[1]}")
+            elif at is not None and ident is not None and not lineage.follows(at, ident):
+                problems.append(
+                    f"{where}: event {name(ident)} after event {name(at)}: never one after "
+                    "the other in a history (a resync_required had to come first)"
+                )
+            cursor = (item.epoch, item.seq)
+            if item.epoch in epochs and ident not in lineage.held.get(cursor, ()):
+                problems.append(f"{where}: event {ident} was never published there")
+            at = ident
+    if at is not None and at in lineage.lost:
+        problems.append(f"the record ends at event {name(at)}, and no resync_required followed")
     if final is not None and cursor != final:
         problems.append(f"ended at {cursor}, expected {final}")
     return problems
