@@ -274,6 +274,19 @@ def test_the_verdict_after_a_failover_requires_a_resync_before_the_new_history()
     assert problems(lost4, far, justified={"history_lost": 0, "history_trimmed": 2}) == []
 
 
+def test_a_lineage_knows_the_order_of_lost_events_a_trim_took_from_the_stream():
+    """Seed 112 (60 steps): a trim left only 28 and 29 in the stream, a failover then lost 27 to
+    29; 27 (known from before the trim) and 28 were one after the other."""
+    lineage = Lineage()
+    for seq in range(1, 30):
+        lineage.add(("e", seq), 100 + seq)
+    lineage.add_failover("e", 29, 26, [(28, 128, "t128"), (29, 129, "t129")])
+    assert lineage.follows(126, 127) and lineage.follows(127, 128) and lineage.follows(128, 129)
+    lineage.add(("e", 27), 227)
+    assert lineage.follows(126, 227) and not lineage.follows(127, 227)
+    assert not lineage.follows(227, 128)
+
+
 # --- running it ----------------------------------------------------------------------------
 
 

@@ -450,8 +450,8 @@ class Lineage:
     * an event never lost followed the one never lost at the position before (a failover that
       took that one would have taken it too, and never-lost events are one per position);
     * an event lost by failover #n followed the event the stream held before it when #n
-      happened; when the stream no longer held that position (trimmed), any event not lost by
-      #n or an earlier failover is accepted (the one check that is not exact).
+      happened (where trimmed, the one last known there); when even that is unknown, any event
+      not lost by a failover before #n is accepted (the one check that is not exact).
     """
 
     def __init__(self) -> None:
@@ -484,13 +484,18 @@ class Lineage:
         for seq, ident, tag in entries:
             self.add((epoch, seq), ident, tag)
             by_seq[seq] = ident
+        # The chain from the kept top on; where trimmed, the event known there before.
+        chain = {
+            seq: by_seq[seq] if seq in by_seq else self.current((epoch, seq))
+            for seq in range(max(keep, 1), top + 1)
+        }
         for seq in range(keep + 1, top + 1):
-            ident = by_seq.get(seq, self.current((epoch, seq)))  # trimmed: as known before
+            ident = chain[seq]
             if ident is None:
                 continue
             self.lost[ident] = number
-            if seq - 1 in by_seq:
-                self.pred[ident] = by_seq[seq - 1]
+            if chain.get(seq - 1) is not None:
+                self.pred[ident] = chain[seq - 1]  # type: ignore[assignment]
         return number
 
     def follows(self, before: int, after: int) -> bool:
@@ -499,7 +504,7 @@ class Lineage:
             return before not in self.lost
         if after in self.pred:
             return self.pred[after] == before
-        return before not in self.lost or self.lost[before] > self.lost[after]
+        return before not in self.lost or self.lost[before] >= self.lost[after]
 
 
 def check_delivery(
