@@ -25,8 +25,11 @@ failover took): every event exactly once, in order, each one published at its po
 right after the event before it in the history it belongs to, or an explicit
 ``resync_required``. So after an event a failover lost, the next thing in the client's record
 of that project is the next event lost with it or a ``resync_required``, never an event of the
-new history, and no record ends on a lost event; a ``subscribed`` that acknowledges a cursor
-names (by its tag) the event the client has there. And :func:`resync_problems`': each resync
+new history, and no record ends on a lost event (except an event retention had already trimmed
+from the stream when the failover came, after a trim step to 0 to 3 entries: nothing is left
+to compare the client's tag with, as docs/protocol.md says, so that one may pass unwarned,
+seed 179); a ``subscribed`` that acknowledges a cursor names (by its tag) the event the client
+has there. And :func:`resync_problems`': each resync
 follows a fault that justifies its reason (a trim: ``history_trimmed``; a deleted project or an
 emptied Redis: ``epoch_changed``; ``too_far_behind``: more than ``--max-replay`` behind;
 ``history_lost``: a failover of the project) and moves the client forward (``history_lost``
@@ -283,8 +286,10 @@ def test_a_lineage_knows_the_order_of_lost_events_a_trim_took_from_the_stream():
     lineage.add_failover("e", 29, 26, [(28, 128, "t128"), (29, 129, "t129")])
     assert lineage.follows(126, 127) and lineage.follows(127, 128) and lineage.follows(128, 129)
     lineage.add(("e", 27), 227)
-    assert lineage.follows(126, 227) and not lineage.follows(127, 227)
+    assert lineage.follows(126, 227) and not lineage.follows(128, 227)
     assert not lineage.follows(227, 128)
+    # 127 was trimmed before the failover: nothing could tell a client that had it.
+    assert lineage.untraced == {127} and lineage.follows(127, 228)
 
 
 # --- running it ----------------------------------------------------------------------------
@@ -596,7 +601,12 @@ def resync_problems(
     at: int | None = None  # the event at the cursor, when known
     for index, item in enumerate(records):
         where = f"#{index} resync {item.reason} {_epoch(item.epoch)}:{item.seq}"
-        if lineage is not None and item.kind == "resync" and at in lineage.lost:
+        if (
+            lineage is not None
+            and item.kind == "resync"
+            and at in lineage.lost
+            and at not in lineage.untraced
+        ):
             trimmed = justified.get("history_trimmed", len(records)) <= index
             if item.reason not in ("history_lost", "epoch_changed") and not (
                 trimmed and item.reason in ("history_trimmed", "too_far_behind")

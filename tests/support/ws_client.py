@@ -449,6 +449,8 @@ class Lineage:
 
     * an event never lost followed the one never lost at the position before (a failover that
       took that one would have taken it too, and never-lost events are one per position);
+    * an event lost by a failover while retention had already trimmed it from the stream is
+      :attr:`untraced`: anything may follow it (nothing can tell the client);
     * an event lost by failover #n followed the event the stream held before it when #n
       happened (where trimmed, the one last known there); when even that is unknown, any event
       not lost by a failover before #n is accepted (the one check that is not exact).
@@ -460,6 +462,10 @@ class Lineage:
         self.tag_of: dict[int, str] = {}
         self.lost: dict[int, int] = {}  # event -> the number (1, 2, ...) of the failover it lost
         self.pred: dict[int, int] = {}  # lost event -> the event before it, as the stream held it
+        #: Lost events the stream no longer held when the failover happened (retention trimmed
+        #: them first): nothing to compare a client's tag with (docs/protocol.md, "Cursor
+        #: tags"), so a client may carry on from one into the new history unwarned.
+        self.untraced: set[int] = set()
         self.failovers = 0
 
     def add(self, cursor: Cursor, ident: int, tag: str | None = None) -> None:
@@ -494,12 +500,17 @@ class Lineage:
             if ident is None:
                 continue
             self.lost[ident] = number
+            if seq not in by_seq:
+                self.untraced.add(ident)
             if chain.get(seq - 1) is not None:
                 self.pred[ident] = chain[seq - 1]  # type: ignore[assignment]
         return number
 
     def follows(self, before: int, after: int) -> bool:
-        """Whether ``after`` was published right after ``before``, in some history."""
+        """Whether ``after`` was published right after ``before``, in some history (or
+        ``before`` is :attr:`untraced`)."""
+        if before in self.untraced:
+            return True
         if after not in self.lost:
             return before not in self.lost
         if after in self.pred:
@@ -618,7 +629,7 @@ def _check_lineage(
             if item.epoch in epochs and ident not in lineage.held.get(cursor, ()):
                 problems.append(f"{where}: event {ident} was never published there")
             at = ident
-    if at is not None and at in lineage.lost:
+    if at is not None and at in lineage.lost and at not in lineage.untraced:
         problems.append(f"the record ends at event {name(at)}, and no resync_required followed")
     if final is not None and cursor != final:
         problems.append(f"ended at {cursor}, expected {final}")
