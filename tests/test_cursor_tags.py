@@ -15,28 +15,12 @@ import redis.asyncio
 
 from schemas.keys import Keys
 from schemas.tags import event_tag
+from tests.support.failover import failover
 from tests.support.gateway_client import SECRET, client_for, publish
 from tests.support.sse_client import open_stream
 from tests.test_gateway_http import request
 
 KEYS = Keys()
-
-
-async def failover(redis_url: str, project_id: int, keep: int) -> None:
-    """The project's history as a replica that had only events 1..``keep`` holds it."""
-    client = redis.asyncio.Redis.from_url(redis_url)
-    try:
-        stream = KEYS.stream(project_id)
-        kept = await client.xrange(stream, "-", f"{keep}-0")
-        async with client.pipeline(transaction=True) as pipe:
-            # Rebuilt, not XDEL'd: a stream remembers its last id, a replica never saw it.
-            pipe.delete(stream)
-            for entry_id, fields in kept:
-                pipe.xadd(stream, fields, id=entry_id)
-            pipe.hset(KEYS.meta(project_id), "seq", keep)
-            await pipe.execute()
-    finally:
-        await client.aclose()
 
 
 async def stored_frame(redis_url: str, project_id: int, seq: int) -> bytes:
@@ -71,7 +55,7 @@ async def test_a_websocket_resume_at_an_event_a_failover_replaced_gets_history_l
     await again.wait_for(lambda: again.count("subscribed") == 1)
     assert again.last("subscribed")["resumed"] is True
     await again.close()
-    await failover(redis_url, 1, keep=3)
+    failover(redis_url, 1, keep=3)
     await publish(publisher, 1, 3)  # the new master's 4, 5 and 6
     resumed = await client_for(gateway, [1])
     await resumed.send(
@@ -107,7 +91,7 @@ async def test_a_live_subscriber_whose_starting_event_a_failover_replaced_is_tol
         5,
         event_tag(await stored_frame(redis_url, 2, 5)),
     )
-    await failover(redis_url, 2, keep=4)
+    failover(redis_url, 2, keep=4)
     await publish(publisher, 2, 1)
     await client.wait_for(lambda: client.last("resync_required") is not None)
     resync = client.last("resync_required")
@@ -130,7 +114,7 @@ async def test_an_sse_stream_resuming_from_its_last_event_id_is_checked(
     last_id = got[-1].id
     assert last_id.endswith(f":4:{event_tag(got[-1].data.encode())}")
     stream.close()
-    await failover(redis_url, 3, keep=2)
+    failover(redis_url, 3, keep=2)
     await publish(publisher, 3, 3)
     headers = {**bearer([3]), "Last-Event-ID": last_id}
     _, _, stream = await open_stream(url, "/v1/projects/3/stream", headers)
@@ -158,7 +142,7 @@ async def test_a_poll_with_a_tag_is_checked_and_each_page_names_the_next_tag(
     assert [e["seq"] for e in page["events"]] == [2, 3] and page["more"] is True
     assert page["tag"] == event_tag(await stored_frame(redis_url, 4, 3))
     tag_at_3 = page["tag"]
-    await failover(redis_url, 4, keep=2)
+    failover(redis_url, 4, keep=2)
     await publish(publisher, 4, 2)
     status, _, body = await request(
         gateway.port,
@@ -250,7 +234,7 @@ async def test_the_resuming_test_clients_send_the_tag_of_their_cursor(
     for client in first.values():
         await client.stop()
         assert client.cursor_tag(6) == event_tag(await stored_frame(redis_url, 6, 5))
-    await failover(redis_url, 6, keep=3)
+    failover(redis_url, 6, keep=3)
     await publish(publisher, 6, 3)  # the new master's 4, 5 and 6
     back = {
         kind: kind(

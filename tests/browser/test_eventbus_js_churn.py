@@ -15,7 +15,6 @@ its restarts.
 
 from __future__ import annotations
 
-import http.server
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,19 +24,12 @@ import redis
 from playwright.sync_api import Browser, Page
 
 from publisher import Publisher, issue_token
-from tests.browser.conftest import ROOT, SECRET, GatewayProcess
+from tests.browser.conftest import SECRET, GatewayProcess
+from tests.browser.driver_page import driver_page, served_driver
 from tests.support.tcp_proxy import CuttingProxy
 
 pytestmark = pytest.mark.browser
 
-CLIENT_JS = ROOT / "gateway" / "static" / "eventbus.js"
-DRIVER_JS = ROOT / "tests" / "browser" / "eventbus_churn.js"
-INDEX = """<!doctype html><meta charset="utf-8"><title>eventbus.js churn</title>
-<script type="module">
-  import * as driver from "/churn/driver.js";
-  window.driver = driver;
-  window.driverReady = true;
-</script>"""
 #: One connection follows three projects; the events are published to each in turn.
 PROJECTS = (7, 8, 9)
 EVENTS = 1200
@@ -54,46 +46,14 @@ def proxy(gateway: GatewayProcess) -> Iterator[CuttingProxy]:
 
 @pytest.fixture
 def page_server() -> Iterator[str]:
-    """The page and its scripts (this checkout's eventbus.js, not the one the gateway serves),
-    from a real HTTP server of another port: with Playwright's router serving the page, this
-    chromium's WebSocket never opens (1006)."""
-    files = {
-        "/churn/": (INDEX.encode(), "text/html"),
-        "/eventbus.js": (CLIENT_JS.read_bytes(), "text/javascript"),
-        "/churn/driver.js": (DRIVER_JS.read_bytes(), "text/javascript"),
-    }
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body, kind = files.get(self.path, (b"not found", "text/plain"))
-            self.send_response(200 if self.path in files else 404)
-            self.send_header("Content-Type", f"{kind}; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with served_driver("churn") as url:
+        yield url
 
 
 @pytest.fixture
 def churn_page(browser: Browser, page_server: str) -> Iterator[Page]:
-    context = browser.new_context()
-    page = context.new_page()
-    page.problems = []  # type: ignore[attr-defined]
-    page.on("pageerror", lambda error: page.problems.append(str(error)))  # type: ignore[attr-defined]
-
-    page.goto(f"{page_server}/churn/")
-    page.wait_for_function("window.driverReady === true")
-    yield page
-    context.close()
+    with driver_page(browser, page_server, "churn") as page:
+        yield page
 
 
 class PacedPublisher(threading.Thread):

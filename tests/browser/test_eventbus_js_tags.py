@@ -16,9 +16,7 @@ and polling (the page's ``tag``, sent as ``&tag=``).
 
 from __future__ import annotations
 
-import http.server
 import json
-import threading
 from collections.abc import Iterator
 
 import pytest
@@ -28,78 +26,25 @@ from playwright.sync_api import Browser, Page
 from publisher import Publisher, issue_token
 from schemas.keys import Keys
 from schemas.tags import event_tag
-from tests.browser.conftest import ROOT, SECRET, GatewayProcess
+from tests.browser.conftest import SECRET, GatewayProcess
+from tests.browser.driver_page import driver_page, served_driver
+from tests.support.failover import failover as lose_events
 
 pytestmark = pytest.mark.browser
 
-CLIENT_JS = ROOT / "gateway" / "static" / "eventbus.js"
-DRIVER_JS = ROOT / "tests" / "browser" / "eventbus_churn.js"
-INDEX = """<!doctype html><meta charset="utf-8"><title>eventbus.js tags</title>
-<script type="module">
-  import * as driver from "/tags/driver.js";
-  window.driver = driver;
-  window.driverReady = true;
-</script>"""
 PROJECT = 31
 
 
 @pytest.fixture
 def page_server() -> Iterator[str]:
-    """This checkout's eventbus.js and the churn test's driver, from a real HTTP server (with
-    Playwright's router serving the page, chromium's WebSocket never opens)."""
-    files = {
-        "/tags/": (INDEX.encode(), "text/html"),
-        "/eventbus.js": (CLIENT_JS.read_bytes(), "text/javascript"),
-        "/tags/driver.js": (DRIVER_JS.read_bytes(), "text/javascript"),
-    }
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body, kind = files.get(self.path, (b"not found", "text/plain"))
-            self.send_response(200 if self.path in files else 404)
-            self.send_header("Content-Type", f"{kind}; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with served_driver("tags") as url:
+        yield url
 
 
 @pytest.fixture
 def tags_page(browser: Browser, page_server: str) -> Iterator[Page]:
-    context = browser.new_context()
-    page = context.new_page()
-    page.problems = []  # type: ignore[attr-defined]
-    page.on("pageerror", lambda error: page.problems.append(str(error)))  # type: ignore[attr-defined]
-    page.goto(f"{page_server}/tags/")
-    page.wait_for_function("window.driverReady === true")
-    yield page
-    context.close()
-
-
-def replace_history_from(redis_url: str, seq: int) -> None:
-    """What a failover that lost the events from ``seq`` on leaves: the same epoch, the history up
-    to ``seq - 1``, and the next publish numbered ``seq`` again."""
-    keys = Keys()
-    client = redis.Redis.from_url(redis_url)
-    try:
-        kept = client.xrange(keys.stream(PROJECT), "-", f"{seq - 1}-0")
-        with client.pipeline(transaction=True) as pipe:
-            pipe.delete(keys.stream(PROJECT))
-            for entry_id, fields in kept:
-                pipe.xadd(keys.stream(PROJECT), fields, id=entry_id)
-            pipe.hset(keys.meta(PROJECT), "seq", seq - 1)
-            pipe.execute()
-    finally:
-        client.close()
+    with driver_page(browser, page_server, "tags") as page:
+        yield page
 
 
 def stored_frame(redis_url: str, seq: int) -> bytes:
@@ -176,7 +121,7 @@ def test_a_failover_that_replaced_the_event_at_the_cursor_is_a_resync_not_a_sile
 
     # A failover lost event 5 (applied by the page) and gave its number to another event.
     def failover() -> None:
-        replace_history_from(redis_url, 5)
+        lose_events(redis_url, PROJECT, keep=4)  # event 5 lost, and its number handed out again
         publisher.blocker_resolved(PROJECT, blocker_id=105, answer="replaces 5")
         publisher.blocker_resolved(PROJECT, blocker_id=106, answer="after it")
 
