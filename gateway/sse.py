@@ -436,7 +436,7 @@ class SseSession(ClientSession):
                     # cursor the stream resumed from (or ``subscribed``, or a resync): the
                     # next one is the cursor's successor (the item says so, when it knows).
                     seq = item.seq or cursor.seq + 1
-                    cursors[project_id] = Cursor(cursor.epoch, seq, item.tag if item.seq else None)
+                    cursors[project_id] = Cursor(cursor.epoch, seq, item.tag)
                     out.append(format_event(item.payload, event_id=format_cursor(cursors, multi)))
                 else:  # not expected: an event of a project without a cursor yet
                     out.append(format_event(item.payload))

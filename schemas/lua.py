@@ -297,8 +297,9 @@ end
 -- The tags (schemas.tags) of the events at the top and at the client's cursor: what tells a
 -- cursor naming an event the history no longer holds under that number (a failover lost it).
 local largest_tag = tonumber(ARGV[7] or '0')
+local holds_stream = top > 0 and redis.call('TYPE', KEYS[2])['ok'] == 'stream'
 local function tag_at(seq)
-  if seq < 1 or redis.call('TYPE', KEYS[2])['ok'] ~= 'stream' then return '' end
+  if seq < 1 or not holds_stream then return '' end
   local id = string.format('%d', seq) .. '-0'
   local entry = redis.call('XRANGE', KEYS[2], id, id)[1]
   if not entry then return '' end
