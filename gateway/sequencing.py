@@ -139,6 +139,14 @@ class FeedSequencer:
         self.reread = False
         self.read_number = 0
 
+    @property
+    def tag(self) -> str | None:
+        """The tag (schemas.tags) of the event at ``last``, when known: of the frame this feed
+        delivered there, else the one its read found (``last_tag``)."""
+        if self.last_frame is not None:
+            return event_tag(self.last_frame)
+        return self.last_tag
+
     def on_live(self, epoch: str, seq: int, frame: bytes) -> Step:
         """A message arrived on the project's channel."""
         if self.reading:

@@ -24,6 +24,7 @@ from tests.test_hub import (
     reader_done,
     received,
     session_of,
+    until,
 )
 
 
@@ -318,4 +319,36 @@ async def test_a_tagged_resume_just_below_the_window_is_answered_from_memory():
     await next_iteration()
     assert received(other) == ["resync_required", "subscribed"]
     assert other.transport.messages()[0]["reason"] == "history_lost"
+    assert store.reads == reads
+
+
+async def test_events_held_during_the_baseline_read_leave_the_window_the_tag_of_its_top():
+    """Events published while the feed's first read is in flight are held, then delivered
+    after it: the window starts at the last of them, and names that event's tag (not the tag of
+    the top the read found). A wrong tag there went into every ``subscribed`` answered from
+    memory: each client joining during the read was at once told ``history_lost`` (the events
+    it captured meanwhile include the top, under another tag), and each client later resuming
+    with that tag was too."""
+    store = TaggedStore(top=3)
+    store.gate = asyncio.Event()
+    hub = await hub_with(store)
+    keeper = session_of(hub)
+    subscribing = asyncio.create_task(hub.subscribe(keeper, PROJECT, None, None))
+    await until(lambda: store.reads >= 1)  # the baseline read, taken at top 3, is held
+    live(hub, 4, 5)
+    store.gate.set()
+    await subscribing
+    await reader_done(hub)
+    # The keeper joined during that read, and was answered from the window: at 5, then nothing
+    # (4 and 5, which it captured while joining, are before its cursor); no history_lost.
+    assert received(keeper) == ["subscribed"]
+    assert keeper.transport.messages()[0]["seq"] == 5
+    store.gate = None
+    fresh = await resume(hub, None, None)
+    subscribed = fresh.transport.messages()[-1]
+    assert (subscribed["type"], subscribed["seq"]) == ("subscribed", 5)
+    assert subscribed["tag"] == event_tag(frame(5))
+    reads = store.reads
+    again = await tagged_resume(hub, 5)
+    assert received(again) == ["subscribed"]
     assert store.reads == reads
