@@ -1,4 +1,5 @@
-"""Property: whatever the interleaving of publishes, lost and late live messages, Redis flushes,
+"""Property: whatever the interleaving of publishes, lost and late live messages (also during the
+feed's first read), Redis flushes,
 periodic checks and subscribes (fresh or resuming, inside, at the edge of or outside the window),
 every connection's record is gapless and exactly-once from its starting point, with explicit
 resyncs only when the history really moved (a new epoch) or the cursor is too far behind, and
@@ -48,7 +49,6 @@ class ModelRedis:
         self.epoch, self.top = next(self.epochs), 0
 
     async def snapshot(self, project_id, epoch=None, after=None, limit=0) -> Snapshot:
-        await asyncio.sleep(0)  # a round trip: live messages may arrive meanwhile
         entries = ()
         if epoch == self.epoch and after is not None and 0 <= after < self.top:
             last = self.top if not limit else min(self.top, after + limit)
@@ -58,7 +58,10 @@ class ModelRedis:
         after_tag = None
         if epoch == self.epoch and after is not None and 1 <= after <= self.top:
             after_tag = event_tag(frame(self.epoch, after))
-        return Snapshot(self.epoch, self.top, entries, top_tag=top_tag, after_tag=after_tag)
+        # Taken now, answered after a round trip: events published meanwhile are not in it.
+        snapshot = Snapshot(self.epoch, self.top, entries, top_tag=top_tag, after_tag=after_tag)
+        await asyncio.sleep(0)
+        return snapshot
 
     async def cursors(self, project_ids, keep_alive=(), make_permanent=()):
         return [Meta(self.epoch, self.top) for _ in project_ids]
@@ -123,11 +126,13 @@ async def scenario(ops, window_events: int, max_replay: int, window_bytes: int =
     def live(message: bytes) -> None:
         hub.on_pubsub_message(CHANNEL, message)
 
-    # The pod follows the project before the interleaving starts (its feed is ready), as a pod
-    # with clients does: most subscribes can then be answered from the window.
+    # The pod starts following the project as the interleaving starts: events published while
+    # its first read is in flight are held and delivered after it, and the subscribes made
+    # meanwhile join it. Afterwards most subscribes are answered from the window.
     keeper = session_of(hub)
     starts.append((keeper, None, None))
-    await asyncio.wait_for(hub.subscribe(keeper, PROJECT, None, None), 5)
+    tasks.append(asyncio.create_task(hub.subscribe(keeper, PROJECT, None, None)))
+    await asyncio.sleep(0)
     for op, arg in ops:
         if op == "publish":
             redis.top += 1
@@ -192,9 +197,14 @@ async def scenario(ops, window_events: int, max_replay: int, window_bytes: int =
 
 def check_record(session, epoch, after, redis: ModelRedis) -> None:
     """Events follow on one by one from the client's position; ``resync_required`` and
-    ``subscribed`` move it explicitly; every event is the one the history holds at that number
-    in the client's epoch; the record ends at the project's top."""
+    ``subscribed`` move it explicitly, and the tag they name, when they name one, is that of
+    the event at their cursor (a client resumes with it); every event is the one the history
+    holds at that number in the client's epoch; the record ends at the project's top."""
     import json
+
+    for message in session.transport.messages():
+        if message["type"] in ("resync_required", "subscribed") and message.get("tag"):
+            assert message["tag"] == tag_at(message["epoch"], message["seq"]), message
 
     position = (epoch, after) if epoch is not None and after is not None else None
     for message in session.transport.messages():
