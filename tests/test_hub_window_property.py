@@ -1,10 +1,10 @@
 """Property: whatever the interleaving of publishes, lost and late live messages (also during the
-feed's first read), Redis flushes,
-periodic checks and subscribes (fresh or resuming, inside, at the edge of or outside the window),
-every connection's record is gapless and exactly-once from its starting point, with explicit
-resyncs only when the history really moved (a new epoch) or the cursor is too far behind, and
-ends at the project's top. Driven through the hub with a model of Redis, so
-the window answers some subscribes and reads answer the others."""
+feed's first read), Redis flushes, periodic checks and subscribes (fresh or resuming, inside, at
+the edge of or outside the window), every connection's record is gapless and exactly-once from
+its starting point, with explicit resyncs only when the history really moved (a new epoch) or the
+cursor is too far behind, and ends at the project's top; every cursor the gateway names carries
+the tag of its event. Driven through the hub with a model of Redis, so the window answers some
+subscribes and reads answer the others."""
 
 from __future__ import annotations
 
