@@ -525,6 +525,7 @@ def check_delivery(
     final: Cursor | None = None,
     allowed_resyncs: Iterable[str] = (),
     lineage: Lineage | None = None,
+    tags: Mapping[Cursor, str] | None = None,
 ) -> list[str]:
     """Problems in one client's record of one project; ``[]`` when the guarantee held.
 
@@ -535,6 +536,9 @@ def check_delivery(
       position; an event Redis no longer holds (lost in a failover) must be followed by a
       ``resync_required``, never by silence;
     * with ``final``: the client reached the project's final cursor;
+    * with ``tags`` (the tag of the event at each cursor, e.g. :func:`tags_received`): a
+      ``subscribed`` or ``resync_required`` naming a tag names that of the event at its cursor
+      (a client resuming with a wrong one is told ``history_lost`` for nothing);
     * with ``lineage`` (histories rewritten by failovers, instead of ``history``): each event is
       one published at its position, and follows the one before it in the record (or at the
       cursor a ``subscribed`` or ``resync_required`` named by its tag) in some history
@@ -552,6 +556,10 @@ def check_delivery(
     epochs = {epoch for epoch, _ in history} if history else set()
     for index, item in enumerate(records):
         where = f"#{index} {item.kind} {item.epoch[:6]}:{item.seq}"
+        if tags is not None and item.kind != "event" and item.tag:
+            known = tags.get((item.epoch, item.seq))
+            if known is not None and known != item.tag:
+                problems.append(f"{where}: names tag {item.tag}, the event there has {known}")
         if item.kind == "subscribed":
             if cursor is None:
                 cursor = (item.epoch, item.seq)
@@ -639,6 +647,21 @@ def _check_lineage(
 # --- whole-test helpers ----------------------------------------------------------------------
 
 
+def tags_received(
+    records: Iterable[Sequence[Received]], history: Mapping[Cursor, int]
+) -> dict[Cursor, str]:
+    """The tag of the event ``history`` holds at each cursor, from what clients received: only
+    events still held (not one a failover lost, whose number it handed out again)."""
+    seen: dict[Cursor, str | None] = {}
+    for record in records:
+        for item in record:
+            cursor = (item.epoch, item.seq)
+            if item.kind == "event" and item.tag and history.get(cursor) == item.ident:
+                if seen.setdefault(cursor, item.tag) != item.tag:
+                    seen[cursor] = None
+    return {cursor: tag for cursor, tag in seen.items() if tag is not None}
+
+
 class Publishers:
     """Several :class:`PublishLoop` s publishing at once to the same projects."""
 
@@ -716,6 +739,12 @@ async def verify_clients(
                 f"{ {p: client.log[p][-3:] for p in behind} }"
             ) from None
     problems = [f"client {c.name}: unexpected {m}" for c in clients for m in c.stats.unexpected]
+    tags = {
+        project_id: tags_received(
+            (c.log[project_id] for c in clients if project_id in c.projects), state[project_id][1]
+        )
+        for project_id in projects
+    }
     for client in clients:
         for project_id in client.projects:
             cursor, history = state[project_id]
@@ -724,6 +753,7 @@ async def verify_clients(
                 history=history,
                 final=cursor,
                 allowed_resyncs=allowed_resyncs,
+                tags=tags[project_id],
             )
             problems += [f"client {client.name} project {project_id}: {p}" for p in found]
     assert not problems, "\n".join(problems[:30])
