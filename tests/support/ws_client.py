@@ -545,7 +545,8 @@ def check_delivery(
       (:meth:`Lineage.follows`): after an event a failover lost, the next thing is the next
       event lost with it or a ``resync_required``, never an event of the history after the
       loss, and the record does not end on a lost event; a ``subscribed`` acknowledging the
-      client's cursor names (by its tag) the event the client has there.
+      client's cursor names (by its tag) the event the client has there, and every tag a
+      ``subscribed`` or ``resync_required`` names is that of an event published at its cursor.
     """
     if lineage is not None:
         return _check_lineage(records, lineage, final, set(allowed_resyncs))
@@ -606,6 +607,9 @@ def _check_lineage(
     for index, item in enumerate(records):
         where = f"#{index} {item.kind} {item.epoch[:6]}:{item.seq}"
         named = lineage.tags.get(item.tag) if item.tag else None
+        if item.kind != "event" and named is not None:
+            if named not in lineage.held.get((item.epoch, item.seq), ()):
+                problems.append(f"{where}: names by its tag event {name(named)}, never there")
         if item.kind == "subscribed":
             if cursor is None:
                 cursor, at = (item.epoch, item.seq), named
