@@ -1585,7 +1585,7 @@ export class EventBus {
       // or a reconnect's (every project resumes from its cursor on a new WebSocket or SSE
       // stream). Either way it is a gap, even if no later event comes to show it, paced and
       // counted like any other. (After resync_required, nothing was replayed: not a gap.)
-      this._onGap(sub, null, this._wsLive ? "websocket" : "sse", message.seq);
+      this._onGap(sub, null, this._wsLive ? "websocket" : "sse", message.seq, tagOf(message));
     }
   }
 
@@ -1769,7 +1769,7 @@ export class EventBus {
 
   /**
    * A gap: `event` is past cursor + 1, or (event null) a resume's replay (a repair's or a
-   * reconnect's) stopped short of `top`.
+   * reconnect's) stopped short of `top` (its `subscribed` naming `topTag`, the tag at `top`).
    * The gateway never leaves gaps; if one shows anyway, ask again from the cursor rather than
    * skip an event: one repair at a time (events after a gap keep coming until the repair's
    * `subscribed`), paced (at once, then on backoff while gaps keep coming), and after GAP_REPAIRS
@@ -1777,7 +1777,7 @@ export class EventBus {
    * Python consumer does: an entry no client can place would otherwise be asked for forever,
    * nothing delivered past it and nothing said. Over polling the next poll is the repair.
    */
-  _onGap(sub, event, via, top = null) {
+  _onGap(sub, event, via, top = null, topTag = null) {
     if (this._closed || this._subs.get(sub.projectId) !== sub || sub.cursor.resyncing) return;
     if (via !== "polling" && (sub.gapWaiting || sub.gapTimer !== null)) return; // on its way
     const from = `${sub.cursor.epoch}:${sub.cursor.seq}`;
@@ -1794,7 +1794,9 @@ export class EventBus {
         message: `the events after seq ${sub.cursor.seq} did not come after ${GAP_REPAIRS} repairs: reloading, to continue after seq ${seq}`,
         projectId: sub.projectId,
       });
-      sub.cursor.beginResync(sub.cursor.epoch, seq);
+      // Reloaded up to `top`, the cursor takes the tag its `subscribed` named there (resumes stay
+      // checked); before an event past a gap, the tag is unknown (that event follows at once).
+      sub.cursor.beginResync(sub.cursor.epoch, seq, event ? null : topTag);
       if (event) sub.cursor.accept(event); // held, delivered after the reload
       this._runResync(sub);
       return;

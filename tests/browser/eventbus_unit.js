@@ -2568,3 +2568,26 @@ test("tags: SSE resumes with <epoch>:<seq>:<tag>; refused with 400 (a gateway be
   eq(env.events[1], [1, 2]);
   eq(env.bus.transport, "sse");
 });
+
+test("tags: a resume's replay that keeps stopping short is surfaced as a resync at the subscribed's seq, with its tag", async () => {
+  const env = setup();
+  let ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  ws.receive(event(1, 1));
+  ws.receive(event(1, 3)); // a gap: asked for at once
+  await flush();
+  const top = { type: "subscribed", project_id: 1, epoch: "e", seq: 3, resumed: true, replayed: 0, tag: "00000000000000c3" };
+  ws.receive(top); // the repair's replay stopped short of 3
+  await env.clock.advance(1000);
+  eq(ws.sentOf("subscribe").length, 3, "two repairs");
+  ws.receive(top); // still short
+  await flush();
+  assert(env.errors.some((e) => e.code === "history_corrupt"), "surfaced");
+  eq(env.resyncs, [1, 1]);
+  eq(env.bus.cursor(1), { epoch: "e", seq: 3, tag: "00000000000000c3" }, "the tag the subscribed named for seq 3");
+  ws.serverClose(1012);
+  await env.clock.advance(1000);
+  ws = env.last();
+  ws.open();
+  await flush();
+  eq(ws.sentOf("subscribe"), [{ type: "subscribe", project_id: 1, epoch: "e", after: 3, tag: "00000000000000c3" }]);
+});
