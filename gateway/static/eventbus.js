@@ -405,6 +405,23 @@ export function sseRequest(cursors, { presence = false } = {}) {
 }
 
 /**
+ * Where the tag of an SSE event `item` (the parsed `message`) comes from: its data as received,
+ * unless it spans lines. The gateway writes a frame holding a CR or CRLF (JSON whitespace) as
+ * several `data` lines, which a parser joins with LF: its bytes are not at hand, and their hash
+ * would be another event's tag (a spurious history_lost on the next resume). Then the tag is
+ * the one the gateway wrote in the event's `id` for this project at this seq (of the bytes it
+ * holds), else unknown (unchecked rather than wrong).
+ */
+function sseOrigin(item, message) {
+  if (!item.data.includes("\n")) return { text: item.data };
+  const id = typeof item.id === "string" ? item.id : "";
+  // `<epoch>:<seq>:<tag>`, or `<project>=<epoch>:<seq>:<tag>,...` for a stream of several.
+  const part = id.includes("=") ? id.split(",").find((entry) => entry.startsWith(`${message.project_id}=`)) : id;
+  const [, seq, tag] = (part ? part.slice(part.indexOf("=") + 1) : "").split(":");
+  return seq === String(message.seq) && TAG.test(tag ?? "") ? { tag } : null;
+}
+
+/**
  * The cursor of one project and the ordering rules: deduplicate by seq, deliver in order, detect
  * gaps, and hold events back while the application reloads its state. The cursor is
  * (epoch, seq, tag): the tag names the event at seq (docs/protocol.md, "Cursor tags"), null when
@@ -2038,7 +2055,7 @@ export class EventBus {
     if (!message || typeof message !== "object") return;
     switch (item.event) {
       case "message":
-        if (Number.isSafeInteger(message.seq) && Number.isSafeInteger(message.project_id)) this._onEvent(message, "sse", { text: item.data });
+        if (Number.isSafeInteger(message.seq) && Number.isSafeInteger(message.project_id)) this._onEvent(message, "sse", sseOrigin(item, message));
         return;
       case "subscribed":
         return this._onSubscribed(message);

@@ -2591,3 +2591,28 @@ test("tags: a resume's replay that keeps stopping short is surfaced as a resync 
   await flush();
   eq(ws.sentOf("subscribe"), [{ type: "subscribe", project_id: 1, epoch: "e", after: 3, tag: "00000000000000c3" }]);
 });
+
+test("tags: an SSE event whose data spans lines (a CR or CRLF comes back as LF) takes the tag of its id, the gateway's over its bytes", async () => {
+  const env = setup({ autoFailSockets: true });
+  sseServer(env);
+  await env.clock.advance(0);
+  const first = await sseLive(env, { 1: { epoch: "e", seq: 1, tag: "00000000000000a1" } });
+  // A frame held with a CRLF between its members (JSON whitespace; not one the publisher
+  // writes): the gateway sends it as two data lines, which the parser joins with LF.
+  const raw = '{"type":"blocker_resolved","project_id":1,\r\n"blocker_id":2,"answer":"caf\u00e9","seq":2}';
+  const [head, rest] = raw.split("\r\n");
+  first.send(`id: e:2:${eb.eventTag(raw)}\ndata: ${head}\ndata: ${rest}\n\n`);
+  await flush();
+  eq(env.events[1], [2]);
+  eq(env.bus.cursor(1), { epoch: "e", seq: 2, tag: eb.eventTag(raw) }, "the tag of the bytes the gateway holds");
+  // Without an id naming it (another seq's, a stream of several projects without this one), unknown.
+  first.send(`data: ${head}\ndata: ${rest.replace('"seq":2', '"seq":3')}\n\n`);
+  await flush();
+  eq(env.bus.cursor(1), { epoch: "e", seq: 3 }, "unchecked rather than wrong");
+  first.send(`id: 1=e:4:${"b".repeat(16)},2=f:9:${"c".repeat(16)}\ndata: ${head}\ndata: ${rest.replace('"seq":2', '"seq":4')}\n\n`);
+  await flush();
+  eq(env.bus.cursor(1), { epoch: "e", seq: 4, tag: "b".repeat(16) }, "its own part of a several-project id");
+  first.send(`id: e:5:${"d".repeat(16)}\ndata: ${JSON.stringify(event(1, 5))}\n\n`);
+  await flush();
+  eq(env.bus.cursor(1), { epoch: "e", seq: 5, tag: tag(1, 5) }, "one line: hashed as received");
+});
