@@ -507,10 +507,16 @@ export class ProjectCursor {
    * next ones, delivered) keep coming meanwhile, and it then finds more than one replay between
    * the cursor it was sent and its top, which is where this cursor already stands. Nothing is
    * missing: it is taken as the subscribe's answer (its `subscribed` follows), not a reload.
+   * Unless its tag names another event at that seq than the cursor's (a failover replaced the
+   * one applied): the replacement would never come, and a resume from a later event never tell.
    */
-  atTop({ reason, epoch, seq }) {
+  atTop(message) {
+    const { reason, epoch, seq } = message;
     if (reason !== "too_far_behind" || this.resyncing || !this.known) return false;
     if (epoch !== this.epoch || seq !== this.seq) return false;
+    const tag = tagOf(message);
+    if (tag !== null && this.tag !== null && tag !== this.tag) return false;
+    this.learnTag(epoch, seq, tag);
     this.resyncSinceSubscribe = true; // (so its `subscribed`, not resumed, is no reload either)
     return true;
   }

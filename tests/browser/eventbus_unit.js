@@ -2616,3 +2616,29 @@ test("tags: an SSE event whose data spans lines (a CR or CRLF comes back as LF) 
   await flush();
   eq(env.bus.cursor(1), { epoch: "e", seq: 5, tag: tag(1, 5) }, "one line: hashed as received");
 });
+
+test("tags: too_far_behind naming the cursor's seq is no reload only when its tag is the cursor's event's", async () => {
+  const env = setup();
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 3 } });
+  ws.receive(event(1, 4));
+  ws.receive(event(1, 5));
+  await flush();
+  ws.receive({ type: "resync_required", project_id: 1, reason: "too_far_behind", epoch: "e", seq: 5, tag: tag(1, 5) });
+  ws.receive({ type: "subscribed", project_id: 1, epoch: "e", seq: 5, resumed: false, replayed: 0, tag: tag(1, 5) });
+  await flush();
+  eq(env.resyncs, [1], "the same event 5: nothing missing");
+  eq(env.bus.cursor(1), { epoch: "e", seq: 5, tag: tag(1, 5) });
+  // The gateway's event 5 is another one (a failover replaced the one this page applied): its
+  // replacement would never be delivered, and a later resume from a later event would not tell.
+  ws.receive({ type: "resync_required", project_id: 1, reason: "too_far_behind", epoch: "e", seq: 5, tag: "00000000000000f5" });
+  ws.receive({ type: "subscribed", project_id: 1, epoch: "e", seq: 5, resumed: false, replayed: 0, tag: "00000000000000f5" });
+  await flush();
+  eq(env.resyncs, [1, 1], "another event at 5: a reload");
+  eq(env.bus.cursor(1), { epoch: "e", seq: 5, tag: "00000000000000f5" });
+  // A cursor without a tag takes the one it names (its `subscribed`, which names it too, is skipped).
+  const cursor = new eb.ProjectCursor();
+  cursor.onSubscribed({ epoch: "e", seq: 3, resumed: false });
+  cursor.endResync();
+  eq(cursor.atTop({ reason: "too_far_behind", epoch: "e", seq: 3, tag: "00000000000000c3" }), true);
+  eq(cursor.tag, "00000000000000c3");
+});
