@@ -525,7 +525,10 @@ export class ProjectCursor {
    * The gateway's `subscribed`. Returns true when the application must reload its state: first
    * subscribe, or a resume the gateway did not honour without saying resync_required first
    * (not `resumed`, another epoch, or a top behind the cursor: the events up to the cursor of
-   * that history would otherwise be dropped as duplicates of the ones already applied).
+   * that history would otherwise be dropped as duplicates of the ones already applied; or a
+   * top at the cursor tagged as another event: live events took the cursor there while the
+   * subscribe was handled, and a failover replaced the one applied, whose replacement would
+   * never come).
    */
   onSubscribed(message) {
     const { epoch, seq, resumed } = message;
@@ -535,7 +538,8 @@ export class ProjectCursor {
       return true;
     }
     if (this.resyncSinceSubscribe) return false; // resync_required came first and was handled
-    if (resumed !== true || epoch !== this.epoch || seq < this.seq) {
+    const replaced = seq === this.seq && tag !== null && this.tag !== null && tag !== this.tag;
+    if (resumed !== true || epoch !== this.epoch || seq < this.seq || replaced) {
       this.beginResync(epoch, seq, tag);
       return true;
     }

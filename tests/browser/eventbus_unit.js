@@ -2642,3 +2642,24 @@ test("tags: too_far_behind naming the cursor's seq is no reload only when its ta
   eq(cursor.atTop({ reason: "too_far_behind", epoch: "e", seq: 3, tag: "00000000000000c3" }), true);
   eq(cursor.tag, "00000000000000c3");
 });
+
+test("tags: a resume's subscribed naming the cursor's seq with another event's tag reloads", async () => {
+  const env = setup();
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 3, tag: "00000000000000c3" } });
+  ws.receive(event(1, 4));
+  await flush();
+  env.bus.presence(1, () => {}); // a resubscribe from the cursor (4) on the same connection
+  await flush();
+  eq(ws.sentOf("subscribe")[1], { type: "subscribe", project_id: 1, epoch: "e", after: 4, tag: tag(1, 4), presence: true });
+  ws.receive(event(1, 5)); // live, before the gateway handles it
+  await flush();
+  // Event 4 is still the gateway's (resumed), but its top 5 is another event than the one
+  // delivered live (a failover replaced it): the replacement would never come.
+  ws.receive({ type: "subscribed", project_id: 1, epoch: "e", seq: 5, resumed: true, replayed: 1, tag: "00000000000000f5" });
+  await flush();
+  eq(env.resyncs, [1, 1], "a reload");
+  eq(env.bus.cursor(1), { epoch: "e", seq: 5, tag: "00000000000000f5" });
+  ws.receive({ type: "subscribed", project_id: 1, epoch: "e", seq: 5, resumed: true, replayed: 0, tag: "00000000000000f5" });
+  await flush();
+  eq(env.resyncs, [1, 1], "the same event: none");
+});
