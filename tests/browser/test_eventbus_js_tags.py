@@ -145,3 +145,65 @@ def test_a_failover_that_replaced_the_event_at_the_cursor_is_a_resync_not_a_sile
         resyncs = [json.loads(frame) for frame in frames if '"resync_required"' in frame]
         assert [(m["reason"], m["seq"]) for m in resyncs] == [("history_lost", 6)], resyncs
     assert not page.problems  # type: ignore[attr-defined]
+
+
+def test_an_sse_event_whose_frame_holds_a_crlf_resumes_with_the_gateways_tag(
+    tags_page: Page, gateway: GatewayProcess, redis_url: str
+) -> None:
+    """A frame holding a CR (JSON whitespace; an operator's, not one the publisher writes) goes
+    out over SSE as several ``data`` lines, which the page gets back joined with LF: the hash of
+    that text is not the frame's tag. The page takes the event's ``id`` tag instead, so no
+    reload follows (without: one for nothing, when the ``subscribed`` of the resume that
+    replayed it names the frame's tag at the cursor, or at the next resume's ``history_lost``)."""
+    page = tags_page
+    publisher = Publisher.from_url(redis_url)
+    token = issue_token(SECRET, projects=[PROJECT], subject="tags")
+    page.evaluate(
+        "(options) => window.driver.start(options)",
+        {
+            "url": f"ws://127.0.0.1:{gateway.port}/",
+            "httpUrl": gateway.http_url,
+            "token": token,
+            "projectIds": [PROJECT],
+            "backoff": {"initial": 200, "max": 1000},
+            "websocket": False,
+            "pollInterval": 60_000,
+        },
+    )
+    page.wait_for_function("(id) => window.churn.bus.cursor(id) !== null", arg=PROJECT)
+    publisher.blocker_resolved(PROJECT, blocker_id=1, answer="one")
+    page.wait_for_function("() => window.churn.log.length >= 2")
+
+    def restart(between=None) -> None:
+        gateway.kill()
+        page.wait_for_function("() => window.churn.bus.state !== 'live'")
+        if between is not None:
+            between()
+        gateway.start()
+
+    frame = (
+        f'{{"type":"blocker_resolved","project_id":{PROJECT},\r\n'
+        '"blocker_id":2,"answer":"caf\u00e9",\r\n "resolved_at":\r"2025-11-08T12:45:30Z"'
+        ',"seq":2}'
+    ).encode()
+
+    def write_frame() -> None:
+        client = redis.Redis.from_url(redis_url)
+        try:
+            client.xadd(Keys().stream(PROJECT), {"f": frame}, id="2-0")
+            client.hset(Keys().meta(PROJECT), "seq", 2)
+        finally:
+            client.close()
+
+    restart(write_frame)  # the resume replays event 2, as several data lines
+    page.wait_for_function("() => window.churn.log.some((entry) => entry.id === 2)")
+    cursor = page.evaluate("(id) => window.churn.bus.cursor(id)", PROJECT)
+    assert cursor["seq"] == 2
+    assert cursor.get("tag") == event_tag(frame), cursor
+    restart()
+    publisher.blocker_resolved(PROJECT, blocker_id=3, answer="three")
+    page.wait_for_function("() => window.churn.log.some((entry) => entry.id === 3)")
+    entries = page.evaluate("() => window.churn.log")
+    # No reload after the first (one more was a history_lost for nothing).
+    assert [entry.get("id") for entry in entries[1:]] == [1, 2, 3], entries
+    assert not page.problems  # type: ignore[attr-defined]
