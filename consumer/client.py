@@ -1020,7 +1020,7 @@ class Consumer:
             self._heard(state.project_id)  # (its `subscribed` follows)
             if state.catching_up and reason == ResyncReason.TOO_FAR_BEHIND:
                 return None  # the catch-up in progress covers it
-            if state.at_top(reason, epoch, message.seq):  # type: ignore[attr-defined]
+            if state.at_top(reason, epoch, message.seq, tag):  # type: ignore[attr-defined]
                 return None  # (its `subscribed` follows)
             if self.catch_up and state.can_catch_up(reason, epoch):
                 # Still in the history, only more than one replay carries: read it by pages.

@@ -218,15 +218,24 @@ class ProjectState:
         self.generation += 1
         return Resync(self.project_id, ResyncReason.HISTORY_CORRUPT, epoch, seq, tag)
 
-    def at_top(self, reason: ResyncReason, epoch: str, seq: int) -> bool:
+    def at_top(self, reason: ResyncReason, epoch: str, seq: int, tag: str | None = None) -> bool:
         """Whether a ``resync_required`` says ``too_far_behind`` of the cursor itself: the
         gateway handles a resubscribe after the messages before it, the project's live events
         (the next ones, delivered) keep coming meanwhile, and it unsubscribes, then reads its
         top. More than one replay came so: nothing is missing. Taken as the subscribe's answer
         (its ``subscribed`` acknowledges the cursor), neither surfaced nor caught up (whose pages
-        hold nothing after the cursor: a catch-up that cannot be read)."""
+        hold nothing after the cursor: a catch-up that cannot be read).
+
+        Not when its ``tag`` names another event at ``seq`` than the cursor's: a failover
+        replaced the event the consumer has, and the replacement would never come (the
+        ``subscribed`` after a resync is not checked again). A cursor without a tag takes it."""
         if reason != ResyncReason.TOO_FAR_BEHIND or self.cursor != (epoch, seq):
             return False
+        own = self.cursor.tag
+        if tag is not None and own is not None and own != tag:
+            return False
+        if own is None and tag is not None:
+            self.cursor = Cursor(epoch, seq, tag)
         self.resync_seen = True
         self.stream_epoch = epoch
         return True

@@ -154,6 +154,44 @@ def test_a_resumed_subscribed_at_the_cursor_with_another_tag_is_history_lost():
     assert state.cursor.tag == TAG_B
 
 
+def test_a_too_far_behind_at_the_cursor_with_another_tag_is_not_taken_as_nothing_missing():
+    """A ``too_far_behind`` naming the cursor itself is the subscribe's answer (live events
+    brought the cursor to the gateway's top while it handled the resubscribe): nothing is
+    missing. Unless its tag names another event there than the one the consumer has: a
+    failover replaced it, and the replacement would never come (its ``subscribed``, after a
+    resync, is not checked again). Then it is a resync like any other; a cursor without a tag
+    takes the one it names."""
+    state = ProjectState(1, Cursor(EPOCH, 5, frame=frame(1, 5)))
+    state.subscribe_message()
+    assert not state.at_top(ResyncReason.TOO_FAR_BEHIND, EPOCH, 5, TAG_A)
+    assert state.at_top(ResyncReason.TOO_FAR_BEHIND, EPOCH, 5, event_tag(frame(1, 5)))
+    state = ProjectState(1, Cursor(EPOCH, 5))
+    state.subscribe_message()
+    assert state.at_top(ResyncReason.TOO_FAR_BEHIND, EPOCH, 5, TAG_A)
+    assert state.cursor.tag == TAG_A
+    # A gateway before tags says none: as before.
+    state = ProjectState(1, Cursor(EPOCH, 5, TAG_B))
+    state.subscribe_message()
+    assert state.at_top(ResyncReason.TOO_FAR_BEHIND, EPOCH, 5)
+    assert state.cursor.tag == TAG_B
+
+
+async def test_a_too_far_behind_at_the_cursor_naming_another_event_reaches_the_caller():
+    """End to end through the client: the replaced event is surfaced, never silence."""
+    consumer, ws, subscription = await fed_consumer(1)
+    consumer.catch_up = False
+    await consumer._on_frame(ws, subscribed(1, 5))  # type: ignore[arg-type]
+    consumer._states[1].subscribe_message()
+    for seq in range(6, 21):
+        await consumer._on_frame(ws, frame(1, seq))  # type: ignore[arg-type]
+    too_far = json.loads(too_far_behind(1, 20)) | {"tag": TAG_A}
+    await consumer._on_frame(ws, json.dumps(too_far).encode())  # type: ignore[arg-type]
+    await consumer._on_frame(ws, subscribed(1, 20))  # type: ignore[arg-type]
+    items = drain(subscription)
+    assert [type(i).__name__ for i in items][-1] == "Resync", items
+    assert consumer.cursor(1) == Cursor(EPOCH, 20) and consumer.cursor(1).tag == TAG_A
+
+
 # --- the client, with a fake connection ----------------------------------------------------------
 
 
