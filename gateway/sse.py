@@ -100,7 +100,8 @@ class Cursor(NamedTuple):
 def data_lines(payload: bytes) -> bytes:
     """``payload`` as ``data:`` lines: one per line of it, so no byte of it can end a field
     early or start another one (a parser joins them back with ``\\n``; a CR or CRLF inside
-    ``payload`` comes back as ``\\n``, which in JSON is the same whitespace)."""
+    ``payload`` comes back as ``\\n``, which in JSON is the same whitespace, but other bytes: a
+    client takes such an event's tag from its ``id``, not from the data)."""
     if b"\n" not in payload and b"\r" not in payload:
         return b"data: " + payload + b"\n"
     return b"".join([b"data: " + line + b"\n" for line in _LINE_END.split(payload)])
