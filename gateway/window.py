@@ -273,7 +273,8 @@ class ResumeWindow(Generic[T]):
         ``too_far_behind`` (the history holds at least ``last`` in this epoch). A cursor ahead of
         ``last`` (the client saw events this feed has not delivered yet) or older than the
         window needs a read, and so does a cursor with a ``tag`` whose event the window does not
-        know (:meth:`tag_at`: only a read can compare it). The snapshot's ``top_tag`` and
+        know (:meth:`tag_at`: only a read can compare it), unless it is too far behind anyway.
+        The snapshot's ``top_tag`` and
         ``after_tag`` are those of the window's events at ``last`` and ``after``.
         """
         current = self.epoch
@@ -287,14 +288,16 @@ class ResumeWindow(Generic[T]):
             return None
         if after > self.last or after < 0:
             return None
-        after_tag = None
-        if tag is not None and after > 0:
-            after_tag = self.tag_at(after)
-            if after_tag is None:
-                return None  # a cursor only a read can check
+        after_tag = None if tag is None or after < 1 else self.tag_at(after)
         top_tag = self.tag_at(self.last)
         if self.last - after > max_replay:
+            # A resync to the top whatever the event at the cursor: ``too_far_behind``, or
+            # ``history_lost`` when the window knows another event there. A read might say
+            # ``history_lost`` where the window knows no tag: either way the client reloads,
+            # and a catch-up by pages (the Python consumer's) checks its tag page by page.
             return Snapshot(current, self.last, top_tag=top_tag, after_tag=after_tag)
+        if tag is not None and after > 0 and after_tag is None:
+            return None  # a cursor only a read can check
         count = self.last - after
         if count > len(self.entries):
             return None  # older than the window

@@ -79,6 +79,27 @@ def test_too_far_behind_is_answered_without_entries():
     assert plan.resync is not None and plan.resync.reason == ResyncReason.TOO_FAR_BEHIND
 
 
+def test_a_tagged_cursor_too_far_behind_is_answered_without_a_read():
+    """Further behind than ``max_replay`` is a resync to the top whatever the event at the
+    cursor: a reconnect storm of clients back from a long outage, each sending a tag the window
+    cannot check (their events left it long ago), needs no Redis read per client. A tag the
+    window can check and finds another event for is still ``history_lost``."""
+    window = filled(last=2000, capacity=5)
+    snapshot = window.snapshot("e1", 10, 1000, tag="tag-nobody-knows")
+    assert snapshot is not None and snapshot.after_tag is None
+    plan = plan_subscription("e1", 10, snapshot, 1000, tag="tag-nobody-knows")
+    assert plan.resync is not None and plan.resync.reason == ResyncReason.TOO_FAR_BEHIND
+    assert window.snapshot("e1", 1990, 1000, tag="tag-nobody-knows") is None  # in range: a read
+    small: ResumeWindow[str] = ResumeWindow(20, tag_of=lambda it: f"tag-of-{it}")
+    small.reset("e1", 0)
+    for seq in range(1, 21):
+        small.append(seq, item("e1", seq), 10)
+    known = small.snapshot("e1", 5, 10, tag="another-event")
+    assert known is not None and known.after_tag == "tag-of-e1:5"
+    plan = plan_subscription("e1", 5, known, 10, tag="another-event")
+    assert plan.resync is not None and plan.resync.reason == ResyncReason.HISTORY_LOST
+
+
 def test_an_append_out_of_sequence_never_leaves_a_hole():
     window = filled(last=10)
     window.append(12, item("e1", 12), 10)
