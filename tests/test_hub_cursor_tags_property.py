@@ -51,6 +51,10 @@ def frame(epoch: str, seq: int, version: int) -> bytes:
     )
 
 
+#: What another writer left in a stream entry's ``f`` field: never an event.
+FOREIGN = b'{"not":"an event"}'
+
+
 class ModelRedis:
     """One project's history: its epoch, its top, the events the stream still holds (from
     ``first``), and every event it ever held at each ``(epoch, seq)``."""
@@ -63,7 +67,8 @@ class ModelRedis:
         self.version = 0
         self.events: dict[int, bytes] = {}
         self.ever: dict[tuple[str, int], set[str]] = {}
-        self.failovers = 0
+        #: Failovers and foreign values written over events: what rewrites the history.
+        self.rewrites = 0
 
     def publish(self) -> bytes:
         self.top += 1
@@ -83,11 +88,19 @@ class ModelRedis:
         """A replica that had not received the last ``count`` events takes over."""
         if not count or not self.top:
             return
-        self.failovers += 1
+        self.rewrites += 1
         self.version += 1
         self.top = max(0, self.top - count)
         self.events = {s: f for s, f in self.events.items() if s <= self.top}
         self.first = min(self.first, self.top + 1)
+
+    def corrupt(self, seq: int) -> None:
+        """Another writer puts a value that is no event in the place of the entry at ``seq``."""
+        if seq not in self.events:
+            return
+        self.rewrites += 1
+        data = self.events[seq] = FOREIGN
+        self.ever.setdefault((self.epoch, seq), set()).add(event_tag(data))
 
     def tag_at(self, seq: int) -> str | None:
         data = self.events.get(seq) if seq >= 1 else None
@@ -95,9 +108,18 @@ class ModelRedis:
 
     async def snapshot(self, project_id, epoch=None, after=None, limit=0, max_bytes=0):
         entries: list[tuple[int, bytes]] = []
+        scanned = 0
+        corrupt_at = None
         if epoch == self.epoch and after is not None and 0 <= after < self.top:
             held = [(s, self.events[s]) for s in range(after + 1, self.top + 1) if s in self.events]
-            entries = held[:limit] if limit else held
+            held = held[:limit] if limit else held
+            scanned = len(held)
+            # As gateway.store parses a read: nothing from the first foreign entry on.
+            for seq, data in held:
+                if data == FOREIGN:
+                    corrupt_at = seq
+                    break
+                entries.append((seq, data))
         after_tag = None
         if epoch == self.epoch and after is not None and 1 <= after <= self.top:
             after_tag = self.tag_at(after)
@@ -106,7 +128,8 @@ class ModelRedis:
             self.epoch,
             self.top,
             entries,
-            scanned=len(entries),
+            corrupt_at=corrupt_at,
+            scanned=scanned,
             top_tag=self.tag_at(self.top),
             after_tag=after_tag,
         )
@@ -212,6 +235,7 @@ KINDS = [
     "deliver_late",
     "trim",
     "failover",
+    *["corrupt"] * 2,  # one of the last two events
     "flush",
     "reconcile",
 ]
@@ -246,7 +270,7 @@ operation = st.tuples(st.sampled_from(KINDS), st.integers(0, 1 << 16))
     window_events=st.integers(0, 6),
     max_replay=st.integers(2, 10),
     window_bytes=st.sampled_from([1 << 20, 0, 300, 700, 1200]),
-    failovers=st.booleans(),
+    failovers=st.booleans(),  # and foreign values written over events
 )
 @pytest.mark.parametrize("repair_batch", [hub_module.REPAIR_BATCH, 2])
 def test_every_cursor_named_carries_the_tag_of_its_event(
@@ -325,6 +349,8 @@ async def scenario(ops, window_events, max_replay, window_bytes, failovers) -> N
             redis.trim(1 + arg % 4)
         elif op == "failover" and failovers:
             redis.failover(1 + arg % 3)
+        elif op == "corrupt" and failovers and redis.top:
+            redis.corrupt(redis.top - arg % 2)
         elif op == "flush":
             redis.flush()
         elif op == "reconcile":
@@ -352,9 +378,9 @@ def check_client(client: Client, redis: ModelRedis) -> None:
             continue
         held = redis.ever.get((epoch, seq), set())
         assert tag in held, ("a tag of no event ever at its cursor", message, client.cursor)
-        if not redis.failovers:
+        if not redis.rewrites:
             assert held == {tag}
-        if kind == "resync_required" and not redis.failovers:
+        if kind == "resync_required" and not redis.rewrites:
             assert message["reason"] != "history_lost", (message, client.cursor)
     # On its connection: the replay, then ``subscribed`` (named at the replay's last event, or
     # at the client's own cursor when resumed without a replay).
