@@ -352,3 +352,30 @@ async def test_events_held_during_the_baseline_read_leave_the_window_the_tag_of_
     again = await tagged_resume(hub, 5)
     assert received(again) == ["subscribed"]
     assert store.reads == reads
+
+
+async def test_a_window_filled_after_another_feed_emptied_it_names_no_stale_tag():
+    """The pod's byte budget empties a feed's window for another feed's events: the window keeps
+    only the tag of its ``last`` event. A resume older than it fills the window from the
+    history; the event just below the filled entries is then not known (the tag kept was that
+    of ``last``, now an entry): a tagged resume there is checked by Redis, never told
+    ``history_lost`` by a window naming ``last``'s tag for it."""
+    store = TaggedStore(top=0)
+    size = _window_size(Outgoing(frame(1), PROJECT, 1))
+    hub = await hub_with(store, window_events=4, window_bytes=4 * size)
+    keeper = session_of(hub)
+    await hub.subscribe(keeper, PROJECT, None, None)
+    live(hub, *range(1, 7))
+    store.top = 6
+    other = session_of(hub)
+    await hub.subscribe(other, 2, None, None)  # (every project's history is the same: at 6)
+    live(hub, 7, 8, 9, 10, project=2)  # its entries evict all of this feed's
+    window = hub.feeds[PROJECT].window
+    assert not window.entries and window.tag_at(6) == event_tag(frame(6))
+    filling = await tagged_resume(hub, 3)  # older than the window: one read fills it
+    assert received(filling) == [4, 5, 6, "subscribed"]
+    assert [seq for seq, _, _ in window.entries] == [3, 4, 5, 6]
+    below = await tagged_resume(hub, 2)
+    assert received(below) == [3, 4, 5, 6, "subscribed"]
+    subscribed = below.transport.messages()[-1]
+    assert (subscribed["seq"], subscribed["tag"]) == (6, event_tag(frame(6)))
