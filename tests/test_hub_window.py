@@ -379,3 +379,19 @@ async def test_a_window_filled_after_another_feed_emptied_it_names_no_stale_tag(
     assert received(below) == [3, 4, 5, 6, "subscribed"]
     subscribed = below.transport.messages()[-1]
     assert (subscribed["seq"], subscribed["tag"]) == (6, event_tag(frame(6)))
+
+
+async def test_a_storm_of_tagged_clients_too_far_behind_reads_nothing():
+    """Clients back from a long outage, further behind than ``--max-replay``, each resuming
+    with the tag of its last event (which left the window long ago): ``too_far_behind`` to the
+    top from memory, not one Redis read per client."""
+    hub, store, _ = await live_at(30, window_events=4)
+    hub.max_replay = 10
+    reads = store.reads
+    sessions = [await tagged_resume(hub, after) for after in (3, 5, 12)]
+    for session in sessions:
+        assert received(session) == ["resync_required", "subscribed"]
+        resync = session.transport.messages()[0]
+        assert (resync["reason"], resync["seq"]) == ("too_far_behind", 30)
+        assert resync["tag"] == event_tag(frame(30))
+    assert store.reads == reads and hub.subscribe_reads == 0
