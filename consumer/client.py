@@ -1245,7 +1245,7 @@ class Consumer:
             log.warning(
                 "catch-up failed; surfacing the resync", project_id=project_id, error=repr(exc)
             )
-            item = state.on_resync(fallback.reason, fallback.epoch, fallback.seq)
+            item = state.on_resync(fallback.reason, fallback.epoch, fallback.seq, fallback.tag)
             await self._put(project_id, item)
         finally:
             # The WebSocket's events were dropped meanwhile: resubscribe from the cursor (on the

@@ -314,9 +314,10 @@ def page_of(after: int, top: int, *, tag: str | None = None, more: bool = False)
     return msgspec.json.encode(PollResponse(1, EPOCH, top, frames, None, more, tag))
 
 
-async def caught_up(server: PageServer, start: Cursor):
-    """A consumer of project 1 at ``start``, told too_far_behind after a resume: it reads pages
-    from ``server``; returns its items once the catch-up ended."""
+async def caught_up(server: PageServer, start: Cursor, tag: str | None = None):
+    """A consumer of project 1 at ``start``, told too_far_behind (of seq 5000, whose tag is
+    ``tag``) after a resume: it reads pages from ``server``; returns its items once the catch-up
+    ended."""
     consumer, ws, subscription = await fed_consumer(1)
     async with server as url:
         consumer.http_url = url
@@ -324,7 +325,8 @@ async def caught_up(server: PageServer, start: Cursor):
         consumer._states[1].on_subscribed(EPOCH, 0, resumed=False)
         consumer._states[1].cursor = start
         consumer._states[1].subscribe_message()
-        await consumer._on_frame(ws, too_far_behind(1, 5000))  # type: ignore[arg-type]
+        too_far = too_far_behind(1, 5000) if tag is None else tagged(too_far_behind(1, 5000), tag)
+        await consumer._on_frame(ws, too_far)  # type: ignore[arg-type]
         async with asyncio.timeout(10):
             await asyncio.gather(*consumer._helpers)
     return consumer, ws, drain(subscription)
@@ -389,6 +391,24 @@ async def test_a_400_to_a_page_without_a_tag_is_not_asked_again():
     _, _, items = await caught_up(server, Cursor(EPOCH, 3))
     assert items == [Resync(1, ResyncReason.TOO_FAR_BEHIND, EPOCH, 5000)]
     assert len(server.queries) == 1
+
+
+async def test_a_catch_up_that_fails_surfaces_the_resync_with_the_tag_the_gateway_gave():
+    """Pages that cannot be read surface the gateway's too_far_behind after all: with its tag,
+    as every Resync (the cursor the caller commits, and the resubscribe after the pages, stay
+    checked: a failover replacing that event later is history_lost, not skipped in silence)."""
+    server = PageServer(lambda query: (b"500 Internal Server Error", b"{}"))
+    consumer, ws, items = await caught_up(server, Cursor(EPOCH, 3, TAG_A), tag=TAG_B)
+    assert items == [Resync(1, ResyncReason.TOO_FAR_BEHIND, EPOCH, 5000, TAG_B)]
+    assert items[0].cursor.tag == TAG_B == consumer.cursor(1).tag
+    await consumer._on_frame(ws, subscribed(1, 5000))  # type: ignore[arg-type]
+    assert ws.sent[-1] == {
+        "type": "subscribe",
+        "project_id": 1,
+        "epoch": EPOCH,
+        "after": 5000,
+        "tag": TAG_B,
+    }
 
 
 # --- cursor stores -------------------------------------------------------------------------------
