@@ -486,7 +486,8 @@ class Consumer:
         #: The connection the consumer gave up on for not answering (not a stable one).
         self._given_up: ClientConnection | None = None
         #: A catch-up page with a tag was refused (400: a gateway from before cursor tags): pages
-        #: are asked for without tags until the next connection.
+        #: are asked for without tags until a gateway names a tag (:meth:`_tags_known`), or the
+        #: next connection.
         self._untagged_pages = False
         self.stats = ConsumerStats()
         self.connects = 0  # connections that opened (for tests and metrics)
@@ -988,11 +989,12 @@ class Consumer:
             state = self._states.get(message.project_id)  # type: ignore[attr-defined]
             if state is None:
                 return None
+            tag = self._tags_known(_given_tag(message.tag, message.seq))  # type: ignore[attr-defined]
             outcome = state.on_subscribed(
                 message.epoch,  # type: ignore[attr-defined]
                 message.seq,  # type: ignore[attr-defined]
                 message.resumed,  # type: ignore[attr-defined]
-                _given_tag(message.tag, message.seq),  # type: ignore[attr-defined]
+                tag,
             )
             self._answered(state.project_id)
             self._unavailable.pop(state.project_id, None)
@@ -1016,7 +1018,7 @@ class Consumer:
             if state is None:
                 return None
             reason, epoch = message.reason, message.epoch  # type: ignore[attr-defined]
-            tag = _given_tag(message.tag, message.seq)  # type: ignore[attr-defined]
+            tag = self._tags_known(_given_tag(message.tag, message.seq))  # type: ignore[attr-defined]
             self._heard(state.project_id)  # (its `subscribed` follows)
             if state.catching_up and reason == ResyncReason.TOO_FAR_BEHIND:
                 return None  # the catch-up in progress covers it
@@ -1194,7 +1196,7 @@ class Consumer:
                 if page.resync_required is not None:
                     resync = page.resync_required
                     checked_cursor((resync.epoch, resync.seq))  # else the fallback, below
-                    tag = _given_tag(resync.tag, resync.seq)
+                    tag = self._tags_known(_given_tag(resync.tag, resync.seq))
                     item = state.on_resync(resync.reason, resync.epoch, resync.seq, tag, paged=True)
                     await self._put(project_id, item)
                     answered = True
@@ -1255,15 +1257,24 @@ class Consumer:
                 if message is not None and self._subscribed_on is not None:
                     await self._send_subscribe(state)
 
-    @staticmethod
-    def _take_page_tag(state: ProjectState, page: PollResponse) -> None:
+    def _tags_known(self, tag: str | None) -> str | None:
+        """A tag a gateway named (in a ``subscribed``, a ``resync_required``, a page): it knows
+        tags, so pages carry them again after an old gateway refused one (as eventbus.js): a
+        stable connection kept every later page unchecked for as long as it lasted, the fleet
+        upgraded or not, and a failover that replaced the event at a page's cursor went unseen
+        (the page went on after it). Returns ``tag``."""
+        if tag is not None:
+            self._untagged_pages = False
+        return tag
+
+    def _take_page_tag(self, state: ProjectState, page: PollResponse) -> None:
         """A page read whole: its ``tag`` (of the event at the cursor to poll with next) for a
         cursor that has none, when the page ends at the cursor (no events: at ``seq``). The
         cursor of an event the page brought has the tag of its own frame."""
+        tag = self._tags_known(_given_tag(page.tag, page.seq))
         cursor = state.cursor
         if cursor is None or page.events or cursor.tag is not None:
             return
-        tag = _given_tag(page.tag, page.seq)
         if tag is not None and cursor == (page.epoch, page.seq):
             state.cursor = Cursor(cursor.epoch, cursor.seq, tag)
 
@@ -1305,9 +1316,10 @@ class Consumer:
         A gateway from before cursor tags refuses a query parameter it does not know (400
         ``invalid_query``): a page asked for with a tag and answered 400 is asked once more
         without it (unchecked, as that gateway would have it), and later pages are asked for
-        without tags until the next connection (else, behind a load balancer, each page was
-        asked for twice, once of them from the old gateway). Any other 400 is answered so
-        again, and raises then."""
+        without tags until a gateway names a tag (:meth:`_tags_known`: a ``subscribed``, a
+        ``resync_required``, a page), or the next connection (else, behind a load balancer of
+        old gateways, each page was asked for twice). Any other 400 is answered so again, and
+        raises then."""
         base = self.http_url or _http_url(self._current_url)
         params: dict[str, object] = {"epoch": cursor[0], "after": cursor[1], "limit": POLL_PAGE}
         tag = cursor.tag if isinstance(cursor, Cursor) and not self._untagged_pages else None
@@ -1322,7 +1334,7 @@ class Consumer:
                 self._untagged_pages = True
                 log.warning(
                     "a catch-up page with a cursor tag was refused (a gateway before tags?); "
-                    "asking for pages without tags until the next connection",
+                    "asking for pages without tags until a gateway names one",
                     project_id=project_id,
                 )
         url = f"{base}/v1/projects/{project_id}/events?{urlencode(params)}"

@@ -386,6 +386,56 @@ async def test_a_gateway_before_tags_refusing_the_pages_tag_is_asked_again_witho
     assert consumer.stats.resyncs == 0
 
 
+async def test_pages_carry_tags_again_once_a_gateway_names_a_tag():
+    """An old pod's 400 turned the pages' tags off "until the next connection", which a stable
+    WebSocket may not see for days: every later page went unchecked, after the fleet was
+    upgraded too. A failover that replaced the event at a page's cursor was then skipped in
+    silence (the page went on after it, and the resubscribe carried the tag of the page's last
+    event, of the new history). As eventbus.js: tags again as soon as a gateway names one."""
+    history = {seq: frame(1, seq) for seq in range(1, 13)}
+    upgraded = False
+
+    def answer(query: dict[str, str]) -> tuple[bytes, bytes]:
+        after, tag = int(query["after"]), query.get("tag")
+        if tag is not None and not upgraded:
+            return b"400 Bad Request", b'{"error":"invalid_query","message":"unknown: tag"}'
+        top = 9 if not upgraded else 12
+        top_tag = event_tag(history[top]) if upgraded else None
+        lost, events = None, [msgspec.Raw(history[s]) for s in range(after + 1, top + 1)]
+        if tag is not None and tag != event_tag(history[after]):
+            lost, events = ResyncRequired(1, ResyncReason.HISTORY_LOST, EPOCH, top, top_tag), []
+        return b"200 OK", msgspec.json.encode(
+            PollResponse(1, EPOCH, top, events, lost, False, top_tag)
+        )
+
+    server = PageServer(answer)
+    consumer, ws, subscription = await fed_consumer(1)
+    state = consumer._states[1]
+    async with server as url:
+        consumer.http_url = url
+        consumer._poll_timeout = 5
+        state.on_subscribed(EPOCH, 0, resumed=False)
+        state.cursor = Cursor(EPOCH, 3, TAG_A)
+        state.subscribe_message()
+        await consumer._on_frame(ws, too_far_behind(1, 9))  # type: ignore[arg-type]
+        async with asyncio.timeout(10):
+            await asyncio.gather(*consumer._helpers)
+        await consumer._on_frame(ws, subscribed(1, 9))  # type: ignore[arg-type]  # resubscribes
+        assert [i.seq for i in drain(subscription)] == [4, 5, 6, 7, 8, 9]
+        # The fleet is upgraded; the resubscribe is too far behind, and meanwhile a failover
+        # gives seq 9 to another event.
+        upgraded = True
+        history[9] = frame(1, 9, blocker_id=99)
+        too_far = tagged(too_far_behind(1, 12), event_tag(history[12]))
+        await consumer._on_frame(ws, too_far)  # type: ignore[arg-type]
+        async with asyncio.timeout(10):
+            await asyncio.gather(*consumer._helpers)
+    assert server.queries[-1].get("tag") == event_tag(frame(1, 9))
+    assert drain(subscription) == [
+        Resync(1, ResyncReason.HISTORY_LOST, EPOCH, 12, event_tag(history[12]))
+    ]
+
+
 async def test_a_400_to_a_page_without_a_tag_is_not_asked_again():
     server = PageServer(lambda query: (b"400 Bad Request", b'{"error":"invalid_query"}'))
     _, _, items = await caught_up(server, Cursor(EPOCH, 3))
