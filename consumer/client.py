@@ -1244,6 +1244,17 @@ class Consumer:
         except Exception as exc:
             if not current():
                 return
+            cursor = state.cursor
+            if cursor is not None and cursor.epoch == fallback.epoch and cursor.seq >= fallback.seq:
+                # The pages went past the resync's top (events kept coming): nothing is missing
+                # up to the cursor, and the resubscribe below continues from it exactly. The
+                # resync would take the cursor back, and deliver those events again.
+                log.warning(
+                    "catch-up failed past the resync's top; resubscribing from the cursor",
+                    project_id=project_id,
+                    error=repr(exc),
+                )
+                return
             log.warning(
                 "catch-up failed; surfacing the resync", project_id=project_id, error=repr(exc)
             )

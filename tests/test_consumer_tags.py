@@ -461,6 +461,33 @@ async def test_a_catch_up_that_fails_surfaces_the_resync_with_the_tag_the_gatewa
     }
 
 
+async def test_a_catch_up_that_fails_past_the_resyncs_top_resubscribes_instead():
+    """Pages that went past the top the gateway's too_far_behind named (events kept coming),
+    then failed: nothing is missing up to the cursor, and the resubscribe from it continues
+    exactly. Surfacing that resync moved the cursor back to its top, and the events after it,
+    already delivered, came again."""
+
+    def answer(query: dict[str, str]) -> tuple[bytes, bytes]:
+        if query["after"] == "4990":
+            return b"200 OK", page_of(4990, 5005, more=True)
+        return b"500 Internal Server Error", b"{}"
+
+    server = PageServer(answer)
+    consumer, ws, items = await caught_up(server, Cursor(EPOCH, 4990, TAG_A), tag=TAG_B)
+    assert [(type(i).__name__, i.seq) for i in items] == [
+        ("Delivery", s) for s in range(4991, 5006)
+    ]
+    assert consumer.cursor(1) == (EPOCH, 5005)
+    await consumer._on_frame(ws, subscribed(1, 5000))  # type: ignore[arg-type]
+    assert ws.sent[-1] == {
+        "type": "subscribe",
+        "project_id": 1,
+        "epoch": EPOCH,
+        "after": 5005,
+        "tag": event_tag(frame(1, 5005)),
+    }
+
+
 # --- cursor stores -------------------------------------------------------------------------------
 
 
