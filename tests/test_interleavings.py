@@ -271,9 +271,15 @@ def test_the_verdict_after_a_failover_requires_a_resync_before_the_new_history()
     assert "no fault justified it" in problems(lost4, told)[0]
     trimmed = Received("resync", "e", 5, reason="history_trimmed", tag="t205")
     assert problems(lost4, trimmed, justified={"history_trimmed": 5}) == []
-    far = Received("resync", "e", 30, reason="too_far_behind")
-    (why,) = problems(lost4, far, justified={"history_lost": 0})
-    assert "the client had event 104, lost by a failover" in why
+    corrupt = Received("resync", "e", 5, reason="history_corrupt", tag="t205")
+    why = problems(lost4, corrupt, justified={"history_lost": 0, "history_corrupt": 0})
+    assert any("the client had event 104, lost by a failover" in p for p in why), why
+    # Too far behind anyway (more than MAX_REPLAY): a resync to the top either way, which a
+    # window that no longer knows the event at the cursor answers without a read.
+    far = Received("resync", "e", 4 + MAX_REPLAY + 1, reason="too_far_behind")
+    assert problems(lost4, far, justified={"history_lost": 0}) == []
+    near = Received("resync", "e", 4 + MAX_REPLAY, reason="too_far_behind")
+    assert any("the client had event 104" in p for p in problems(lost4, near))
     assert problems(lost4, far, justified={"history_lost": 0, "history_trimmed": 2}) == []
 
 
@@ -593,9 +599,9 @@ def resync_problems(
     own (a resync to where the client stands, or behind it, makes it reload its state for
     nothing and receive again what it had; history_lost excepted: that history was rewritten).
     Only epoch_changed may change the epoch. With ``lineage``: the resync that follows a lost
-    event (:func:`check_delivery` requires one) says why: history_lost, or epoch_changed, or,
-    once a trim may have taken the event the cursor names (nothing left to compare), the
-    trim's history_trimmed or too_far_behind."""
+    event (:func:`check_delivery` requires one) says why: history_lost, or epoch_changed, or
+    too_far_behind for a cursor too far behind anyway, or, once a trim may have taken the event
+    the cursor names (nothing left to compare), the trim's history_trimmed or too_far_behind."""
     problems = []
     cursor: Cursor | None = None
     at: int | None = None  # the event at the cursor, when known
@@ -608,8 +614,17 @@ def resync_problems(
             and at not in lineage.untraced
         ):
             trimmed = justified.get("history_trimmed", len(records)) <= index
-            if item.reason not in ("history_lost", "epoch_changed") and not (
-                trimmed and item.reason in ("history_trimmed", "too_far_behind")
+            # Too far behind anyway: a window that no longer knows the event at the cursor
+            # answers so without a read (a resync to the top either way; docs/protocol.md).
+            far = (
+                item.reason == "too_far_behind"
+                and cursor is not None
+                and item.seq - cursor[1] > MAX_REPLAY
+            )
+            if (
+                item.reason not in ("history_lost", "epoch_changed")
+                and not far
+                and not (trimmed and item.reason in ("history_trimmed", "too_far_behind"))
             ):
                 problems.append(f"{where}: the client had event {at}, lost by a failover")
         if item.kind == "event":
