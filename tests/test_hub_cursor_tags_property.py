@@ -34,6 +34,7 @@ from schemas.keys import Keys
 from schemas.stored import Meta
 from schemas.tags import event_tag
 from tests.test_hub import FakeLink, session_of
+from tests.test_sse import _Transport as StreamTransport
 
 KEYS = Keys()
 PROJECT = 3
@@ -138,25 +139,6 @@ class ModelRedis:
 
     async def cursors(self, project_ids, keep_alive=(), make_permanent=()):
         return [Meta(self.epoch, self.top) for _ in project_ids]
-
-
-class StreamTransport:
-    """An SSE stream's transport, keeping what is written."""
-
-    def __init__(self) -> None:
-        self.data = b""
-
-    def write(self, data: bytes) -> None:
-        self.data += data
-
-    def is_closing(self) -> bool:
-        return False
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def get_extra_info(self, name: str, default=None):
-        return default
 
 
 def _cursor_of(text: str) -> tuple[str, int, str | None]:
