@@ -208,6 +208,12 @@ def _given_tag(tag: object, seq: int) -> str | None:
     return tag if seq > 0 and is_tag(tag) else None  # type: ignore[return-value]
 
 
+def _other_tag(own: str | None, named: str | None) -> bool:
+    """Whether a gateway ``named`` another event's tag at the cursor than its ``own`` (both
+    known)."""
+    return own is not None and named is not None and own != named
+
+
 def _check_start(start: object) -> None:
     """ValueError unless ``start`` is a :data:`Start`: a seq the gateway would refuse as a
     cursor's (a bool, over 2**53-1) made a subscribe refused with an error naming no project (the
@@ -1245,10 +1251,17 @@ class Consumer:
             if not current():
                 return
             cursor = state.cursor
-            if cursor is not None and cursor.epoch == fallback.epoch and cursor.seq >= fallback.seq:
+            if (
+                cursor is not None
+                and cursor.epoch == fallback.epoch
+                and cursor.seq >= fallback.seq
+                and not (cursor.seq == fallback.seq and _other_tag(cursor.tag, fallback.tag))
+            ):
                 # The pages went past the resync's top (events kept coming): nothing is missing
                 # up to the cursor, and the resubscribe below continues from it exactly. The
-                # resync would take the cursor back, and deliver those events again.
+                # resync would take the cursor back, and deliver those events again. Not at the
+                # top itself when the resync named another event there (at_top refused it so:
+                # a failover replaced the one the consumer has): that news is surfaced.
                 log.warning(
                     "catch-up failed past the resync's top; resubscribing from the cursor",
                     project_id=project_id,

@@ -488,6 +488,19 @@ async def test_a_catch_up_that_fails_past_the_resyncs_top_resubscribes_instead()
     }
 
 
+async def test_a_catch_up_from_a_cursor_whose_event_was_replaced_that_fails_surfaces_the_resync():
+    """A ``too_far_behind`` naming the cursor itself with another event's tag is caught up
+    (at_top refuses it: a failover replaced the event the consumer has). When its pages cannot
+    be read, the resync the gateway gave is surfaced, with its tag: the cursor is at its top,
+    not past it, and resubscribing from it with the old tag instead said nothing to the caller
+    (and trusted a gateway to tell again what this one had just told)."""
+    server = PageServer(lambda query: (b"500 Internal Server Error", b"{}"))
+    consumer, ws, items = await caught_up(server, Cursor(EPOCH, 5000, TAG_A), tag=TAG_B)
+    assert items == [Resync(1, ResyncReason.TOO_FAR_BEHIND, EPOCH, 5000, TAG_B)]
+    await consumer._on_frame(ws, tagged(subscribed(1, 5000), TAG_B))  # type: ignore[arg-type]
+    assert ws.sent[-1]["tag"] == TAG_B
+
+
 # --- cursor stores -------------------------------------------------------------------------------
 
 
