@@ -117,7 +117,7 @@ class ResumeWindow(Generic[T]):
         self.capacity = capacity
         self.budget = budget
         #: The tag (schemas.tags) of an item's event; None: the window knows no tags, and
-        #: leaves every cursor that carries one to Redis.
+        #: leaves every cursor that carries one to Redis (but one too far behind anyway).
         self.tag_of = tag_of
         self.epoch: str | None = None
         self.last = 0
