@@ -82,7 +82,7 @@ from schemas.protocol import (
     Subscribed,
     Unsubscribed,
 )
-from schemas.tags import is_tag
+from schemas.tags import is_tag, tags_differ
 from schemas.tokens import MAX_EXP
 
 __all__ = ["Consumer", "ConsumerStats", "Start", "Subscription", "TokenSource"]
@@ -206,12 +206,6 @@ def _given_tag(tag: object, seq: int) -> str | None:
     sent back in a subscribe, which the gateway would refuse as ``invalid_cursor`` (an error
     naming no project: the project silent)."""
     return tag if seq > 0 and is_tag(tag) else None  # type: ignore[return-value]
-
-
-def _other_tag(own: str | None, named: str | None) -> bool:
-    """Whether a gateway ``named`` another event's tag at the cursor than its ``own`` (both
-    known)."""
-    return own is not None and named is not None and own != named
 
 
 def _check_start(start: object) -> None:
@@ -1255,7 +1249,7 @@ class Consumer:
                 cursor is not None
                 and cursor.epoch == fallback.epoch
                 and cursor.seq >= fallback.seq
-                and not (cursor.seq == fallback.seq and _other_tag(cursor.tag, fallback.tag))
+                and not (cursor.seq == fallback.seq and tags_differ(cursor.tag, fallback.tag))
             ):
                 # The pages went past the resync's top (events kept coming): nothing is missing
                 # up to the cursor, and the resubscribe below continues from it exactly. The

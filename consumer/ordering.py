@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 from consumer.types import Cursor, Resync
 from schemas.protocol import ResyncReason
+from schemas.tags import tags_differ
 
 __all__ = ["GAP_REPAIRS", "ProjectState", "SubscribedOutcome", "Verdict"]
 
@@ -232,7 +233,7 @@ class ProjectState:
         if reason != ResyncReason.TOO_FAR_BEHIND or self.cursor != (epoch, seq):
             return False
         own = self.cursor.tag
-        if tag is not None and own is not None and own != tag:
+        if tags_differ(own, tag):
             return False
         if own is None and tag is not None:
             self.cursor = Cursor(epoch, seq, tag)

@@ -324,11 +324,15 @@ class Hub:
         sequencer = feed.sequencer
         if step.resync is not None:
             self._fanout_resync(feed, step.resync)
-            window.reset(sequencer.epoch, sequencer.last or 0, sequencer.tag)
-        elif window.epoch != sequencer.epoch or window.last != sequencer.last:
-            # The baseline (or anything else that moved the feed without delivering): the window
-            # starts empty at the feed's cursor. Its tag is the sequencer's: the baseline may have
-            # delivered events held during its read, and the top it read is then not ``last``.
+        if (
+            step.resync is not None
+            or window.epoch != sequencer.epoch
+            or window.last != sequencer.last
+        ):
+            # A resync, or the baseline (or anything else that moved the feed without
+            # delivering): the window starts empty at the feed's cursor. Its tag is the
+            # sequencer's: the baseline may have delivered events held during its read, and the
+            # top it read is then not ``last``.
             window.reset(sequencer.epoch, sequencer.last or 0, sequencer.tag)
         if step.needs_read:
             self._start_reader(feed)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from schemas.protocol import ResyncReason
-from schemas.tags import event_tag
+from schemas.tags import event_tag, tags_differ
 
 __all__ = [
     "FeedSequencer",
@@ -265,11 +265,7 @@ class FeedSequencer:
         if self.last_frame is not None:
             entries = snapshot.entries
             return bool(entries and entries[0][0] == self.last and entries[0][1] != self.last_frame)
-        return (
-            self.last_tag is not None
-            and snapshot.after_tag is not None
-            and snapshot.after_tag != self.last_tag
-        )
+        return tags_differ(self.last_tag, snapshot.after_tag)
 
     def _other_event(self, frame: bytes) -> bool:
         """``frame``, numbered ``last``, is not the event this feed knows at ``last``."""
@@ -420,12 +416,7 @@ def other_event_at_cursor(after: int | None, tag: str | None, snapshot: Snapshot
     """Whether the history holds, at the cursor ``after``, another event than the one the client
     tagged ``tag`` (schemas.tags): its numbers were handed out again after a failover lost
     events. Unknown either side (no tag, or the event is no longer held) is not a mismatch."""
-    return (
-        tag is not None
-        and after is not None
-        and snapshot.after_tag is not None
-        and snapshot.after_tag != tag
-    )
+    return after is not None and tags_differ(tag, snapshot.after_tag)
 
 
 def plan_subscription(

@@ -274,8 +274,8 @@ class ResumeWindow(Generic[T]):
         ``last`` (the client saw events this feed has not delivered yet) or older than the
         window needs a read, and so does a cursor with a ``tag`` whose event the window does not
         know (:meth:`tag_at`: only a read can compare it), unless it is too far behind anyway.
-        The snapshot's ``top_tag`` and
-        ``after_tag`` are those of the window's events at ``last`` and ``after``.
+        The snapshot's ``top_tag`` and ``after_tag`` are those of the window's events at
+        ``last`` and ``after``.
         """
         current = self.epoch
         if current is None:
@@ -288,7 +288,7 @@ class ResumeWindow(Generic[T]):
             return None
         if after > self.last or after < 0:
             return None
-        after_tag = None if tag is None or after < 1 else self.tag_at(after)
+        after_tag = None if tag is None else self.tag_at(after)
         top_tag = self.tag_at(self.last)
         if self.last - after > max_replay:
             # A resync to the top whatever the event at the cursor: ``too_far_behind``, or

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-__all__ = ["TAG_LENGTH", "TAG_PATTERN", "event_tag", "is_tag"]
+__all__ = ["TAG_LENGTH", "TAG_PATTERN", "event_tag", "is_tag", "tags_differ"]
 
 #: Hex digits of SHA-1 kept: 64 bits, so that two different events at one number collide with a
 #: chance of one in 2**64.
@@ -34,3 +34,9 @@ def event_tag(frame: bytes) -> str:
 def is_tag(value: object) -> bool:
     """Whether ``value`` is a well-formed tag (16 lowercase hex digits)."""
     return isinstance(value, str) and _TAG_RE.fullmatch(value) is not None
+
+
+def tags_differ(own: str | None, named: str | None) -> bool:
+    """Whether two tags for one cursor name different events: both known, and not equal (an
+    unknown tag, None, is no evidence either way)."""
+    return own is not None and named is not None and own != named

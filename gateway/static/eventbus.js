@@ -277,6 +277,11 @@ function tagOf(value) {
   return typeof tag === "string" && TAG.test(tag) ? tag : null;
 }
 
+/** Whether two tags of one cursor name different events: both known, and not equal. */
+function tagsDiffer(own, named) {
+  return own !== null && named !== null && own !== named;
+}
+
 /** Where the tag of an event accepted by a ProjectCursor comes from: {text} (its JSON text as
  * received, hashed only when a cursor needs it) or {tag} (a poll page's, for its last event). */
 const eventOrigins = new WeakMap();
@@ -515,7 +520,7 @@ export class ProjectCursor {
     if (reason !== "too_far_behind" || this.resyncing || !this.known) return false;
     if (epoch !== this.epoch || seq !== this.seq) return false;
     const tag = tagOf(message);
-    if (tag !== null && this.tag !== null && tag !== this.tag) return false;
+    if (tagsDiffer(this.tag, tag)) return false;
     this.learnTag(epoch, seq, tag);
     this.resyncSinceSubscribe = true; // (so its `subscribed`, not resumed, is no reload either)
     return true;
@@ -538,7 +543,7 @@ export class ProjectCursor {
       return true;
     }
     if (this.resyncSinceSubscribe) return false; // resync_required came first and was handled
-    const replaced = seq === this.seq && tag !== null && this.tag !== null && tag !== this.tag;
+    const replaced = seq === this.seq && tagsDiffer(this.tag, tag);
     if (resumed !== true || epoch !== this.epoch || seq < this.seq || replaced) {
       this.beginResync(epoch, seq, tag);
       return true;
