@@ -84,6 +84,9 @@ class ProjectState:
     start_after: int | None = None
     pending: bool = False  # a subscribe was sent and its `subscribed` has not arrived yet
     resync_seen: bool = False  # a resync_required arrived since the last subscribe
+    #: The last ``resync_required`` since the last subscribe came on the WebSocket: the cursor
+    #: has moved only by it and the live events after it (not by a catch-up's pages).
+    resync_live: bool = False
     catching_up: bool = False  # missed events are being read page by page
     resubscribe_when_acknowledged: bool = False  # a catch-up ended before its `subscribed`
     generation: int = 0  # bumps on every resync and catch-up: a stale catch-up recognises itself
@@ -115,6 +118,7 @@ class ProjectState:
         the cursor when it has one."""
         self.pending = True
         self.resync_seen = False
+        self.resync_live = False
         self.resubscribe_when_acknowledged = False  # this subscribe is the one
         message: dict[str, object] = {"type": "subscribe", "project_id": self.project_id}
         cursor = self.cursor
@@ -176,7 +180,17 @@ class ProjectState:
             self.cursor = Cursor(epoch, seq, tag)
             return SubscribedOutcome()
         if self.resync_seen:
-            return SubscribedOutcome()  # resync_required came first and was surfaced
+            own = self.cursor
+            if not self.resync_live or (epoch == own.epoch and seq >= own.seq):
+                return SubscribedOutcome()  # resync_required came first and was surfaced
+            # The subscribe's answer names a top behind the cursor that resync (and the live
+            # events after it, which Redis held before this answer's read) took it to, or
+            # another epoch: the history moved again since (a failover lost those events after
+            # the live feed told of an earlier one). Carrying on from the cursor would drop the
+            # next events under those numbers as duplicates, in silence.
+            lost = epoch == own.epoch
+            reason = ResyncReason.HISTORY_LOST if lost else ResyncReason.EPOCH_CHANGED
+            return SubscribedOutcome(resync=self.on_resync(reason, epoch, seq, tag))
         if not resumed or epoch != self.cursor.epoch or seq < self.cursor.seq:
             # The gateway always says resync_required first; never trust silence, though. A top
             # behind the cursor in its epoch (history lost) would otherwise have every event up
@@ -238,6 +252,7 @@ class ProjectState:
         if own is None and tag is not None:
             self.cursor = Cursor(epoch, seq, tag)
         self.resync_seen = True
+        self.resync_live = True
         self.stream_epoch = epoch
         return True
 
@@ -256,6 +271,7 @@ class ProjectState:
         (the ``subscribed`` that follows the resync too: it acknowledges a position we skip)."""
         self.catching_up = True
         self.resync_seen = True
+        self.resync_live = False  # the pages move the cursor on
         self.generation += 1
         if self.cursor is not None:
             self.stream_epoch = self.cursor.epoch  # the resync named it (see can_catch_up)
@@ -289,6 +305,7 @@ class ProjectState:
             self.stream_epoch = epoch
         self.start_after = None
         self.resync_seen = True
+        self.resync_live = not paged
         self.catching_up = False  # a catch-up in progress is obsolete
         self.generation += 1
         return Resync(self.project_id, reason, epoch, seq, tag)

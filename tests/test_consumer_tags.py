@@ -192,6 +192,34 @@ async def test_a_too_far_behind_at_the_cursor_naming_another_event_reaches_the_c
     assert consumer.cursor(1) == Cursor(EPOCH, 20) and consumer.cursor(1).tag == TAG_A
 
 
+def test_a_subscribed_behind_the_cursor_a_live_resync_set_is_history_lost_again():
+    """The live feed says history_lost (a failover) before the answer to a resubscribe the
+    consumer had sent (a gap's repair); the answer names a top behind where that resync took
+    the cursor: a second failover lost that event too. It was taken as the answer to the resync
+    and ignored, and the next events under those numbers were dropped as duplicates, in
+    silence. Found by tests/test_consumer_failover_property.py."""
+    state = ProjectState(1, Cursor(EPOCH, 3, frame=frame(1, 3)))
+    state.subscribe_message()
+    resync = state.on_resync(ResyncReason.HISTORY_LOST, EPOCH, 5, TAG_A)
+    assert resync.seq == 5
+    outcome = state.on_subscribed(EPOCH, 4, resumed=True, tag=TAG_B)
+    assert outcome.resync == Resync(1, ResyncReason.HISTORY_LOST, EPOCH, 4, TAG_B)
+    assert state.cursor == (EPOCH, 4) and state.cursor.tag == TAG_B
+    assert state.on_event(5) is Verdict.DELIVER  # the new history's 5, not a "duplicate"
+    # The resync's own answer names the same top: nothing more to say.
+    state = ProjectState(1, Cursor(EPOCH, 3, frame=frame(1, 3)))
+    state.subscribe_message()
+    state.on_resync(ResyncReason.HISTORY_LOST, EPOCH, 5, TAG_A)
+    assert state.on_subscribed(EPOCH, 5, resumed=False, tag=TAG_A).resync is None
+    # A catch-up's pages take the cursor past the top its subscribe's answer names: not lost.
+    state = ProjectState(1, Cursor(EPOCH, 3, frame=frame(1, 3)))
+    state.subscribe_message()
+    assert state.can_catch_up(ResyncReason.TOO_FAR_BEHIND, EPOCH)
+    state.begin_catch_up()
+    state.cursor = Cursor(EPOCH, 5000, TAG_A)  # what the pages delivered
+    assert state.on_subscribed(EPOCH, 4000, resumed=False).resync is None
+
+
 # --- the client, with a fake connection ----------------------------------------------------------
 
 
