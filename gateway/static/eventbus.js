@@ -443,6 +443,10 @@ export class ProjectCursor {
     this.heldSeqs = new Set();
     this.overflow = false;
     this.resyncSinceSubscribe = false;
+    // The last resync since the last subscribe was a live resync_required: {epoch, seq} it named,
+    // and whether a snapshot moved the cursor since (else only it and live events did); null:
+    // none (or the subscribe's own answer).
+    this.liveResync = null;
     this.askAgain = false;
   }
 
@@ -466,6 +470,7 @@ export class ProjectCursor {
   /** The subscribe frame: resume after the cursor when there is one (with its tag, if known). */
   subscribeMessage(projectId) {
     this.resyncSinceSubscribe = false;
+    this.liveResync = null;
     const message = { type: "subscribe", project_id: projectId };
     if (this.known) {
       message.epoch = this.epoch;
@@ -494,8 +499,10 @@ export class ProjectCursor {
   }
 
   /** Start a reload: later events continue after (epoch, seq) (the event there tagged `tag`, or
-   * unknown); anything buffered is obsolete. */
-  beginResync(epoch, seq, tag = null) {
+   * unknown); anything buffered is obsolete. `live`: a resync_required of the live feed, maybe
+   * ahead of the answer to a subscribe already sent (see onSubscribed). */
+  beginResync(epoch, seq, tag = null, { live = false } = {}) {
+    this.liveResync = live ? { epoch, seq, snapshotMoved: false } : null;
     this.epoch = epoch;
     this.seq = seq;
     this.at = tag !== null ? { tag } : null;
@@ -523,6 +530,7 @@ export class ProjectCursor {
     if (tagsDiffer(this.tag, tag)) return false;
     this.learnTag(epoch, seq, tag);
     this.resyncSinceSubscribe = true; // (so its `subscribed`, not resumed, is no reload either)
+    this.liveResync = null;
     return true;
   }
 
@@ -533,7 +541,13 @@ export class ProjectCursor {
    * that history would otherwise be dropped as duplicates of the ones already applied; or a
    * top at the cursor tagged as another event: live events took the cursor there while the
    * subscribe was handled, and a failover replaced the one applied, whose replacement would
-   * never come).
+   * never come). After a resync_required since the subscribe it is that resync's answer and
+   * ignored, unless the resync came from the live feed ahead of this answer and the answer names
+   * another epoch or a top behind where that resync and the live events after it took the
+   * cursor: the history moved back again (a second failover lost those events too), and the
+   * next events under those numbers would be dropped as duplicates. A snapshot that moved the
+   * cursor may be ahead of the gateway (docs/browser.md): then only the resync's own position
+   * counts.
    */
   onSubscribed(message) {
     const { epoch, seq, resumed } = message;
@@ -542,7 +556,13 @@ export class ProjectCursor {
       this.beginResync(epoch, seq, tag);
       return true;
     }
-    if (this.resyncSinceSubscribe) return false; // resync_required came first and was handled
+    if (this.resyncSinceSubscribe) {
+      const live = this.liveResync;
+      const own = live === null || live.snapshotMoved ? live : this; // (the snapshot's may be ahead)
+      if (own === null || (epoch === own.epoch && seq >= own.seq)) return false; // resync_required came first and was handled
+      this.beginResync(epoch, seq, tag);
+      return true;
+    }
     const replaced = seq === this.seq && tagsDiffer(this.tag, tag);
     if (resumed !== true || epoch !== this.epoch || seq < this.seq || replaced) {
       this.beginResync(epoch, seq, tag);
@@ -588,6 +608,7 @@ export class ProjectCursor {
     // The tag of the event the snapshot ends with: its own, else a held event's there (the same
     // event the gateway sent), else unknown (unchecked).
     let tag = tagOf(snapshot);
+    if (this.liveResync !== null && (epoch !== this.epoch || seq !== this.seq)) this.liveResync.snapshotMoved = true;
     if (epoch !== this.epoch) {
       this.epoch = epoch;
       this._clearBuffer(); // held events are of the other epoch
@@ -1627,7 +1648,7 @@ export class EventBus {
     this._tagsKnown(message);
     this._heard(sub.projectId); // (its `subscribed` follows)
     if (sub.cursor.atTop(message)) return; // nothing missing (as the Python consumer)
-    sub.cursor.beginResync(message.epoch, message.seq, tagOf(message));
+    sub.cursor.beginResync(message.epoch, message.seq, tagOf(message), { live: true });
     this._runResync(sub);
   }
 

@@ -2663,3 +2663,61 @@ test("tags: a resume's subscribed naming the cursor's seq with another event's t
   await flush();
   eq(env.resyncs, [1, 1], "the same event: none");
 });
+
+test("tags: a resubscribe's subscribed behind the cursor a live resync_required set reloads again", async () => {
+  const env = setup();
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 3, tag: tag(1, 3) } });
+  await flush();
+  eq(env.resyncs, [1]);
+  ws.receive(event(1, 5)); // 4 missing: a gap, repaired by a resubscribe from 3
+  await flush();
+  eq(ws.sentOf("subscribe")[1], { type: "subscribe", project_id: 1, epoch: "e", after: 3, tag: tag(1, 3) });
+  // Before its answer, the live feed tells of a failover that lost history (at 5, history A).
+  ws.receive({ type: "resync_required", project_id: 1, reason: "history_lost", epoch: "e", seq: 5, tag: "00000000000000a5" });
+  await flush();
+  eq(env.resyncs, [1, 1]);
+  eq(env.bus.cursor(1), { epoch: "e", seq: 5, tag: "00000000000000a5" });
+  // The resubscribe's answer: a second failover lost event 5 too; the gateway's top is 4 (history B).
+  ws.receive({ type: "subscribed", project_id: 1, epoch: "e", seq: 4, resumed: true, replayed: 1, tag: "00000000000000b4" });
+  await flush();
+  eq(env.resyncs, [1, 1, 1], "the history moved back again: a reload, not the resync's own answer");
+  eq(env.bus.cursor(1), { epoch: "e", seq: 4, tag: "00000000000000b4" });
+  // History B's event 5 is a new one, not a duplicate of the 5 the resync named.
+  const fresh = { ...event(1, 5), answer: "b" };
+  ws.receive(fresh);
+  await flush();
+  eq(env.events[1], [5], "history B's event 5 delivered");
+  eq(env.bus.cursor(1), { epoch: "e", seq: 5, tag: eb.eventTag(JSON.stringify(fresh)) });
+});
+
+test("tags: a snapshot cursor ahead of a resubscribe's subscribed after a live resync_required is no reload", async () => {
+  const env = setup();
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 3, tag: tag(1, 3) } });
+  await flush();
+  ws.receive(event(1, 5)); // a gap: resubscribe from 3
+  await flush();
+  eq(ws.sentOf("subscribe").length, 2);
+  env.snapshot = () => ({ epoch: "e", seq: 7 }); // the application's state is ahead of the gateway's answer
+  ws.receive({ type: "resync_required", project_id: 1, reason: "history_lost", epoch: "e", seq: 5, tag: "00000000000000a5" });
+  await flush();
+  eq(env.resyncs, [1, 1]);
+  eq(env.bus.cursor(1), { epoch: "e", seq: 7 });
+  // The resubscribe's answer: behind the snapshot, not behind the resync's 5: nothing was lost.
+  ws.receive({ type: "subscribed", project_id: 1, epoch: "e", seq: 6, resumed: true, replayed: 1, tag: "00000000000000a6" });
+  await flush();
+  eq(env.resyncs, [1, 1], "a snapshot ahead of the gateway is no reason to reload");
+  eq(env.bus.cursor(1), { epoch: "e", seq: 7 });
+  ws.receive(event(1, 8));
+  await flush();
+  eq(env.events[1], [8]);
+  // Behind the resync's own position, though, the history moved back again: a reload.
+  env.bus.presence(1, () => {}); // a resubscribe from 8
+  await flush();
+  env.snapshot = () => ({ epoch: "e", seq: 12 });
+  ws.receive({ type: "resync_required", project_id: 1, reason: "history_lost", epoch: "e", seq: 10, tag: "00000000000000aa" });
+  await flush();
+  eq(env.bus.cursor(1), { epoch: "e", seq: 12 });
+  ws.receive({ type: "subscribed", project_id: 1, epoch: "e", seq: 9, resumed: true, replayed: 1, tag: "00000000000000b9" });
+  await flush();
+  eq(env.resyncs, [1, 1, 1, 1], "behind the resync's position: a reload");
+});
