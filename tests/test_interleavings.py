@@ -65,6 +65,7 @@ import json
 import os
 import random
 import signal
+import tempfile
 from dataclasses import dataclass, field
 
 import pytest
@@ -73,6 +74,7 @@ from publisher import PublisherUnavailable
 from publisher.connection import async_client
 from schemas.keys import Keys
 from schemas.tags import event_tag
+from tests.support.consumer_client import ConsumerClient
 from tests.support.gateway_process import GatewayProcess
 from tests.support.redis_server import RedisServer
 from tests.support.sse_client import ResumingSseClient
@@ -108,19 +110,27 @@ STEPS = int(os.environ.get("EVENTBUS_INTERLEAVING_STEPS", "30"))
 @dataclass(frozen=True)
 class ClientSpec:
     name: str
-    sse: bool
+    kind: str  # "ws" (ResumingClient), "sse" (ResumingSseClient), "consumer" (ConsumerClient)
     projects: tuple[int, ...]
+
+    @property
+    def pausable(self) -> bool:
+        """Whether the walk pauses it (unsubscribe, then resubscribe): WebSocket test clients
+        only (an SSE stream has no unsubscribe; the consumer's is not exercised here)."""
+        return self.kind == "ws"
 
 
 #: The clients of every walk: WebSocket ones of one and several projects, an SSE stream of one
-#: project and one of two (compound cursors).
+#: project and one of two (compound cursors), and the Python consumer (``consumer.Consumer``,
+#: tests/support/consumer_client.py) following two projects, with a cursor file.
 CLIENTS = (
-    ClientSpec("ws-a", False, (1, 2)),
-    ClientSpec("ws-b", False, (3,)),
-    ClientSpec("ws-c", False, (1, 2, 3)),
-    ClientSpec("sse-a", True, (2,)),
-    ClientSpec("sse-b", True, (1, 3)),
-    ClientSpec("ws-d", False, (2, 3)),
+    ClientSpec("ws-a", "ws", (1, 2)),
+    ClientSpec("ws-b", "ws", (3,)),
+    ClientSpec("ws-c", "ws", (1, 2, 3)),
+    ClientSpec("sse-a", "sse", (2,)),
+    ClientSpec("sse-b", "sse", (1, 3)),
+    ClientSpec("ws-d", "ws", (2, 3)),
+    ClientSpec("py-a", "consumer", (1, 3)),
 )
 
 #: The two gateways' extra flags: the second keeps a resume window of 4 events only, and replays
@@ -155,7 +165,7 @@ def plan_walk(seed: int, steps: int) -> list[Step]:
     while len(plan) < steps:
         options: list[tuple[float, Step]] = []
         up = [c for c, running in enumerate(model.clients_up) if running]
-        ws_up = [c for c in up if not CLIENTS[c].sse]
+        ws_up = [c for c in up if CLIENTS[c].pausable]
         options.append((6, ("publish", rng.choice(PROJECTS), rng.randint(1, 8))))
         options.append((2, ("burst", rng.choice(PROJECTS), rng.randint(5, 30))))
         options.append((1, ("flood", rng.randint(10, 40))))
@@ -232,6 +242,17 @@ def test_the_plan_is_a_function_of_the_seed():
         "delete",
         "freeze",
         "failover",
+    }
+    # The clients without pause (SSE streams, the consumer) are never paused, and every client,
+    # the consumer too, is aborted, dropped, and leaves and comes back in some walk.
+    steps = [step for seed in range(20) for step in plan_walk(seed, 40)]
+    assert all(CLIENTS[s[1]].pausable for s in steps if s[0] in ("pause", "unpause"))
+    consumer = next(i for i, spec in enumerate(CLIENTS) if spec.kind == "consumer")
+    assert {s[0] for s in steps if s[0] != "pause" and s[1:2] == (consumer,)} >= {
+        "abort",
+        "drop",
+        "leave",
+        "return",
     }
 
 
@@ -321,6 +342,7 @@ class Walk:
         #: a resync for that reason is justified (the log's length when the fault began).
         self.justified: dict[tuple[str, int], dict[str, int]] = {}
         self.done: list[str] = []
+        self.files = tempfile.TemporaryDirectory(prefix="walk-")  # the consumers' cursor files
 
     def make_client(
         self,
@@ -329,9 +351,24 @@ class Walk:
         tags: dict[int, str | None] | None = None,
     ):
         spec = CLIENTS[index]
-        kind = ResumingSseClient if spec.sse else ResumingClient
-        urls = [g.http_url if spec.sse else g.ws_url for g in self.gateways]
-        client = kind(urls, spec.projects, start=index, name=spec.name, cursors=cursors, tags=tags)
+        if spec.kind == "consumer":  # one cursor file per client, kept across leave and return
+            path = os.path.join(self.files.name, f"{spec.name}.json")
+            urls = [g.ws_url for g in self.gateways]
+            client = ConsumerClient(
+                urls,
+                spec.projects,
+                start=index,
+                name=spec.name,
+                cursors=cursors,
+                tags=tags,
+                store_path=path,
+            )
+        else:
+            kind = ResumingSseClient if spec.kind == "sse" else ResumingClient
+            urls = [g.http_url if spec.kind == "sse" else g.ws_url for g in self.gateways]
+            client = kind(
+                urls, spec.projects, start=index, name=spec.name, cursors=cursors, tags=tags
+            )
         client.left = False  # stopped by a "leave" step
         self.instances.append(client)
         return client
@@ -349,6 +386,7 @@ class Walk:
         await asyncio.gather(*self.bursts, return_exceptions=True)
         await asyncio.gather(*(c.stop() for c in self.instances))
         await self.publisher.stop()
+        self.files.cleanup()
 
     def justify(self, reason: str, projects) -> None:
         """A fault that justifies ``reason`` for ``projects`` begins now."""
