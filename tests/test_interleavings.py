@@ -5,8 +5,10 @@ exercises one fault at a time; this one draws a sequence of steps at random from
 it against a private ``redis-server``, two gateway processes (one with the default resume
 window and replay limit, one with a window of 4 events and ``--max-replay 20``, so resumes take
 the memory path, the window fill, the read and too_far_behind) and WebSocket and SSE
-:class:`ResumingClient` s: publishes (awaited, concurrent to every project, or in the background
-through the next steps), clients dropping, aborting (alone or all at once), leaving and coming
+:class:`ResumingClient` s, and the Python consumer (:class:`consumer.Consumer` with a cursor
+file, tests/support/consumer_client.py, judged on what ``consumer.events()`` hands its caller;
+never paused): publishes (awaited, concurrent to every project, or in the background through the
+next steps), clients dropping, aborting (alone or all at once), leaving and coming
 back from their cursors, unsubscribing and resubscribing, gateways drained or killed and started
 again, the pub/sub links killed, streams trimmed below the clients' cursors, projects deleted,
 Redis stopped (SIGSTOP, in the background through the next steps) or restarted empty,
