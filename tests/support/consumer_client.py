@@ -113,10 +113,15 @@ class ConsumerClient:
         consumer = self.consumer
         if consumer is not None:
             await consumer.aclose()
+        elif self._task is not None:  # not running yet (a leave right after a return)
+            self._task.cancel()
         if self._task is not None:
             try:
                 async with asyncio.timeout(10):
                     await asyncio.shield(self._task)
+            except asyncio.CancelledError:
+                if not self._task.cancelled():
+                    raise
             except TimeoutError:
                 self.stats.unexpected.append({"stop": "the reader did not end within 10 s"})
                 self._task.cancel()

@@ -1,0 +1,67 @@
+"""tests/support/consumer_client.py, the random walk's adapter of the Python consumer, against a
+real gateway process: what it records is what ``check_delivery`` can judge (a starting point,
+then every event once), across an abort, a clean drop, and a leave and return from its cursor
+file; and a leave right after a return (the consumer not running yet) stops at once."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.support.consumer_client import ConsumerClient
+from tests.support.gateway_process import GatewayProcess
+from tests.support.ws_client import PublishLoop, check_delivery
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
+
+
+async def test_the_consumer_client_records_every_event_once_across_leaving(redis_url, tmp_path):
+    path = tmp_path / "py.json"
+    publisher = PublishLoop(redis_url, [1, 2], rate=1)
+    with GatewayProcess(redis_url) as gateway:
+        client = ConsumerClient([gateway.ws_url], [1, 2], name="py", store_path=path).start()
+        try:
+            await client.wait_for(lambda: client.live == {1, 2}, 20, "subscribed")
+            # The starting point, from the consumer's first acknowledged cursor.
+            assert [r.kind for r in client.log[1]] == ["subscribed"]
+
+            async def publish(count: int, wait: bool = True):
+                for _ in range(count):
+                    for project_id in (1, 2):
+                        await publisher.publish_one(project_id)
+                if not wait:
+                    return
+                tops = {p: max(publisher.acked[p]) for p in (1, 2)}
+                await client.wait_for(lambda: client.reached(tops), 20, f"{tops}")
+
+            await publish(3)
+            client.abort()
+            await publish(2)
+            await client.drop()
+            await publish(2)
+            await client.stop()
+            await publish(4, wait=False)  # while it is away
+            returned = ConsumerClient(
+                [gateway.ws_url],
+                [1, 2],
+                name="py",
+                store_path=path,
+                cursors=dict(client.cursors),
+                tags=client.cursor_tags(),
+            )
+            returned.log = client.log  # one record across the two, as the walk keeps it
+            client = returned.start()
+            await publish(2)
+            await client.stop()
+            leaving = ConsumerClient([gateway.ws_url], [1, 2], store_path=path).start()
+            await leaving.stop()  # before its task ran: nothing recorded, nothing waited for
+            assert leaving.stats.unexpected == [] and leaving.log == {1: [], 2: []}
+        finally:
+            await client.stop()
+            await publisher.stop()
+    assert client.stats.unexpected == []
+    for project_id in (1, 2):
+        record = client.log[project_id]
+        history = {cursor: ident for cursor, ident in publisher.acked[project_id].items()}
+        assert check_delivery(record, history=history, final=max(history)) == []
+        assert [r.kind for r in record] == ["subscribed"] + ["event"] * 13
+        assert [r.ident for r in record[1:]] == [history[c] for c in sorted(history)]
