@@ -28,11 +28,14 @@ from consumer.types import Cursor
 from schemas.protocol import PollResponse, ResyncReason, ResyncRequired
 from schemas.tags import event_tag
 from tests.test_consumer_units import (
+    OPERATIONS,
     SimulatedGateway,
+    damage,
     deliver,
     drain,
     fed_consumer,
     frame,
+    reconnect,
 )
 
 
@@ -145,14 +148,10 @@ class TaggedGateway(SimulatedGateway):
 
 operations = st.lists(
     st.one_of(
-        st.tuples(st.just("publish"), st.integers(1, 2), st.integers(1, 5)),
-        st.tuples(st.just("deliver"), st.integers(0, 8), st.just(0)),
-        st.tuples(st.sampled_from(["drop", "duplicate", "swap"]), st.integers(0, 20), st.just(0)),
-        st.tuples(st.just("reconnect"), st.just(0), st.just(0)),
+        *OPERATIONS,
         # The connection is cut; the consumer's subscribes reach the gateway only at the next
         # "deliver" (or the end): what happens meanwhile is found by their reads.
         st.tuples(st.just("disconnect"), st.just(0), st.just(0)),
-        st.tuples(st.just("flush"), st.integers(1, 2), st.just(0)),
         st.tuples(st.just("failover"), st.integers(1, 2), st.integers(1, 3)),
         st.tuples(st.just("failover"), st.integers(1, 2), st.integers(1, 3)),
     ),
@@ -221,40 +220,19 @@ async def test_through_failovers_every_record_is_a_chain_of_some_history(
     for project in projects:
         gateway.subscribe(consumer._states[project].subscribe_message())
     disconnected = False
-
-    def connect() -> None:
-        gateway.in_flight.clear()
-        gateway.live.clear()
-        for state in consumer._states.values():
-            state.on_connection()
-            gateway.subscribe(state.subscribe_message())
-
     for op, a, b in steps:
-        flight = gateway.in_flight
         if disconnected and op in ("deliver", "reconnect"):
-            connect()
+            reconnect(gateway, consumer)
             disconnected = False
         if op == "publish":
             for _ in range(b):
                 gateway.publish(a)
         elif op == "deliver":
             await deliver(gateway, consumer, ws, a)
-        elif op in ("drop", "duplicate", "swap") and flight:
-            # As in the test without tags: only event frames, never past a control message.
-            i = a % len(flight)
-            run = i
-            while run < len(flight) and b'"type":"blocker_resolved"' in flight[run]:
-                run += 1
-            if run == i:
-                continue
-            if op == "drop":
-                del flight[i]
-            elif op == "duplicate":
-                flight.insert(min(run, i + 1 + a % 3), flight[i])
-            elif i + 1 < run:
-                flight[i], flight[i + 1] = flight[i + 1], flight[i]
+        elif op in ("drop", "duplicate", "swap"):
+            damage(gateway.in_flight, op, a)
         elif op == "reconnect":
-            connect()
+            reconnect(gateway, consumer)
         elif op == "disconnect":
             gateway.in_flight.clear()
             gateway.live.clear()
@@ -266,7 +244,7 @@ async def test_through_failovers_every_record_is_a_chain_of_some_history(
     # A healthy network from here: one more event per project reveals any trailing gap (and
     # tells a live subscriber of a failover not yet told).
     if disconnected:
-        connect()
+        reconnect(gateway, consumer)
     await deliver(gateway, consumer, ws, 10**6)
     for project in projects:
         gateway.publish(project)

@@ -930,16 +930,47 @@ async def deliver(gateway: SimulatedGateway, consumer: Consumer, ws: FakeConnect
             gateway.subscribe(ws.sent.pop(0))
 
 
-operations = st.lists(
-    st.one_of(
-        st.tuples(st.just("publish"), st.integers(1, 2), st.integers(1, 5)),
-        st.tuples(st.just("deliver"), st.integers(0, 8), st.just(0)),
-        st.tuples(st.sampled_from(["drop", "duplicate", "swap"]), st.integers(0, 20), st.just(0)),
-        st.tuples(st.just("reconnect"), st.just(0), st.just(0)),
-        st.tuples(st.just("flush"), st.integers(1, 2), st.just(0)),
-    ),
-    max_size=40,
+def damage(flight: list[bytes], op: str, a: int) -> None:
+    """The network's fault ``op`` ("drop", "duplicate" or "swap") to the frame at ``a`` (modulo).
+
+    Only event frames are damaged, and never moved past a control message: events carry no
+    epoch, so an event of an old history arriving after the resync_required that ended it could
+    not be recognised by any client (nor does a gateway send one; nor does TCP lose or reorder
+    anything: these faults stand for gateway bugs)."""
+    if not flight:
+        return
+    i = a % len(flight)
+    run = i
+    while run < len(flight) and b'"type":"blocker_resolved"' in flight[run]:
+        run += 1  # flight[i:run] are event frames
+    if run == i:
+        return
+    if op == "drop":
+        del flight[i]
+    elif op == "duplicate":
+        flight.insert(min(run, i + 1 + a % 3), flight[i])
+    elif i + 1 < run:
+        flight[i], flight[i + 1] = flight[i + 1], flight[i]
+
+
+def reconnect(gateway: SimulatedGateway, consumer: Consumer) -> None:
+    """A new connection: nothing of the old one in flight, every project subscribed again."""
+    gateway.in_flight.clear()
+    gateway.live.clear()
+    for state in consumer._states.values():
+        state.on_connection()
+        gateway.subscribe(state.subscribe_message())
+
+
+#: The steps of the simulated network and history (``(op, a, b)``).
+OPERATIONS = (
+    st.tuples(st.just("publish"), st.integers(1, 2), st.integers(1, 5)),
+    st.tuples(st.just("deliver"), st.integers(0, 8), st.just(0)),
+    st.tuples(st.sampled_from(["drop", "duplicate", "swap"]), st.integers(0, 20), st.just(0)),
+    st.tuples(st.just("reconnect"), st.just(0), st.just(0)),
+    st.tuples(st.just("flush"), st.integers(1, 2), st.just(0)),
 )
+operations = st.lists(st.one_of(*OPERATIONS), max_size=40)
 
 
 @settings(max_examples=300, deadline=None)
@@ -968,35 +999,15 @@ async def test_through_drops_duplicates_swaps_reconnects_and_flushes_every_event
     for project in projects:
         gateway.subscribe(consumer._states[project].subscribe_message())
     for op, a, b in steps:
-        flight = gateway.in_flight
         if op == "publish":
             for _ in range(b):
                 gateway.publish(a)
         elif op == "deliver":
             await deliver(gateway, consumer, ws, a)
-        elif op in ("drop", "duplicate", "swap") and flight:
-            # Only event frames are damaged, and never moved past a control message: events
-            # carry no epoch, so an event of an old history arriving after the resync_required
-            # that ended it could not be recognised by any client (nor does a gateway send one;
-            # nor does TCP lose or reorder anything: these faults stand for gateway bugs).
-            i = a % len(flight)
-            run = i
-            while run < len(flight) and b'"type":"blocker_resolved"' in flight[run]:
-                run += 1  # flight[i:run] are event frames
-            if run == i:
-                continue
-            if op == "drop":
-                del flight[i]
-            elif op == "duplicate":
-                flight.insert(min(run, i + 1 + a % 3), flight[i])
-            elif i + 1 < run:
-                flight[i], flight[i + 1] = flight[i + 1], flight[i]
+        elif op in ("drop", "duplicate", "swap"):
+            damage(gateway.in_flight, op, a)
         elif op == "reconnect":
-            gateway.in_flight.clear()
-            gateway.live.clear()
-            for state in consumer._states.values():
-                state.on_connection()
-                gateway.subscribe(state.subscribe_message())
+            reconnect(gateway, consumer)
         elif op == "flush":
             gateway.flush(a)
     # A healthy network from here: one more event per project reveals any trailing gap.
