@@ -38,7 +38,7 @@ import asyncio
 import contextlib
 import json
 import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from consumer import (
@@ -50,7 +50,7 @@ from consumer import (
     Resync,
 )
 from schemas.tags import event_tag
-from tests.support.ws_client import Cursor, Received, Stats
+from tests.support.ws_client import Cursor, Received, Stats, reached, wait_for
 
 __all__ = ["ConsumerClient"]
 
@@ -240,16 +240,5 @@ class ConsumerClient:
 
     # --- waiting -------------------------------------------------------------------------------
 
-    def reached(self, targets: Mapping[int, Cursor]) -> bool:
-        return all(self.cursors.get(p) == target for p, target in targets.items() if p in self.log)
-
-    async def wait_for(self, predicate: Callable[[], bool], within: float, what: str = "") -> None:
-        deadline = asyncio.get_running_loop().time() + within
-        while not predicate():
-            self._changed.clear()
-            remaining = deadline - asyncio.get_running_loop().time()
-            if remaining <= 0:
-                raise TimeoutError(f"client {self.name}: timed out waiting for {what or predicate}")
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(remaining, 0.5)):
-                    await self._changed.wait()
+    reached = reached
+    wait_for = wait_for

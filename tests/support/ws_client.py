@@ -74,6 +74,27 @@ class Stats:
     unexpected: list[dict] = field(default_factory=list)  # any other error message
 
 
+def reached(client, targets: Mapping[int, Cursor]) -> bool:
+    """Every project's cursor is at its target (or past it in a later epoch). A method of every
+    test client (``.cursors``, ``.log``)."""
+    return all(client.cursors.get(p) == target for p, target in targets.items() if p in client.log)
+
+
+async def wait_for(client, predicate: Callable[[], bool], within: float, what: str = "") -> None:
+    """Wait until ``predicate()`` holds, checked whenever the client records something (its
+    ``._changed`` event) and every 0.5 s; TimeoutError after ``within`` seconds. A method of
+    every test client."""
+    deadline = asyncio.get_running_loop().time() + within
+    while not predicate():
+        client._changed.clear()
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            raise TimeoutError(f"client {client.name}: timed out waiting for {what or predicate}")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(min(remaining, 0.5)):
+                await client._changed.wait()
+
+
 class ResumingClient:
     """A client that never gives up and never forgets its cursors.
 
@@ -315,20 +336,8 @@ class ResumingClient:
 
     # --- waiting -------------------------------------------------------------------------------
 
-    def reached(self, targets: Mapping[int, Cursor]) -> bool:
-        """Every project's cursor is at its target (or past it in a later epoch)."""
-        return all(self.cursors.get(p) == target for p, target in targets.items() if p in self.log)
-
-    async def wait_for(self, predicate: Callable[[], bool], within: float, what: str = "") -> None:
-        deadline = asyncio.get_running_loop().time() + within
-        while not predicate():
-            self._changed.clear()
-            remaining = deadline - asyncio.get_running_loop().time()
-            if remaining <= 0:
-                raise TimeoutError(f"client {self.name}: timed out waiting for {what or predicate}")
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(remaining, 0.5)):
-                    await self._changed.wait()
+    reached = reached
+    wait_for = wait_for
 
     def compact(self, allowed_resyncs: Iterable[str] = ()) -> list[str]:
         """Check what was recorded so far with :func:`check_delivery` and forget it, keeping only
