@@ -56,6 +56,24 @@ def stored_frame(redis_url: str, seq: int) -> bytes:
         client.close()
 
 
+def start_bus(page: Page, gateway: GatewayProcess, **options: object) -> None:
+    """Start the driver page's bus on the gateway for PROJECT (``options``: its transports and
+    poll settings) and wait until it has a cursor."""
+    token = issue_token(SECRET, projects=[PROJECT], subject="tags")
+    page.evaluate(
+        "(options) => window.driver.start(options)",
+        {
+            "url": f"ws://127.0.0.1:{gateway.port}/",
+            "httpUrl": gateway.http_url,
+            "token": token,
+            "projectIds": [PROJECT],
+            "backoff": {"initial": 200, "max": 1000},
+            **options,
+        },
+    )
+    page.wait_for_function("(id) => window.churn.bus.cursor(id) !== null", arg=PROJECT)
+
+
 @pytest.mark.parametrize("transport", ["websocket", "sse", "polling"])
 def test_a_failover_that_replaced_the_event_at_the_cursor_is_a_resync_not_a_silent_loss(
     tags_page: Page, gateway: GatewayProcess, redis_url: str, transport: str
@@ -67,24 +85,16 @@ def test_a_failover_that_replaced_the_event_at_the_cursor_is_a_resync_not_a_sile
         lambda ws: ws.on("framereceived", lambda payload: frames.append(str(payload))),
     )
     publisher = Publisher.from_url(redis_url)
-    token = issue_token(SECRET, projects=[PROJECT], subject="tags")
-    page.evaluate(
-        "(options) => window.driver.start(options)",
-        {
-            "url": f"ws://127.0.0.1:{gateway.port}/",
-            "httpUrl": gateway.http_url,
-            "token": token,
-            "projectIds": [PROJECT],
-            "backoff": {"initial": 200, "max": 1000},
-            "websocket": transport == "websocket",
-            "sse": transport == "sse",
-            # Polling: every 200 ms. Otherwise once a minute, so that it does not resume first
-            # while the transport under test waits for its backoff.
-            "pollInterval": 200 if transport == "polling" else 60_000,
-            "pollTimeout": 1500,
-        },
+    start_bus(
+        page,
+        gateway,
+        websocket=transport == "websocket",
+        sse=transport == "sse",
+        # Polling: every 200 ms. Otherwise once a minute, so that it does not resume first
+        # while the transport under test waits for its backoff.
+        pollInterval=200 if transport == "polling" else 60_000,
+        pollTimeout=1500,
     )
-    page.wait_for_function("(id) => window.churn.bus.cursor(id) !== null", arg=PROJECT)
     up = "polling" if transport == "polling" else "live"
 
     def log() -> list[dict]:
@@ -157,20 +167,7 @@ def test_an_sse_event_whose_frame_holds_a_crlf_resumes_with_the_gateways_tag(
     replayed it names the frame's tag at the cursor, or at the next resume's ``history_lost``)."""
     page = tags_page
     publisher = Publisher.from_url(redis_url)
-    token = issue_token(SECRET, projects=[PROJECT], subject="tags")
-    page.evaluate(
-        "(options) => window.driver.start(options)",
-        {
-            "url": f"ws://127.0.0.1:{gateway.port}/",
-            "httpUrl": gateway.http_url,
-            "token": token,
-            "projectIds": [PROJECT],
-            "backoff": {"initial": 200, "max": 1000},
-            "websocket": False,
-            "pollInterval": 60_000,
-        },
-    )
-    page.wait_for_function("(id) => window.churn.bus.cursor(id) !== null", arg=PROJECT)
+    start_bus(page, gateway, websocket=False, pollInterval=60_000)
     publisher.blocker_resolved(PROJECT, blocker_id=1, answer="one")
     page.wait_for_function("() => window.churn.log.length >= 2")
 
