@@ -17,7 +17,7 @@ import msgspec
 from msgspec import Meta
 
 from gateway.workers import HEARTBEAT_INTERVAL
-from schemas.presence import MAX_TTL_MS
+from schemas.presence import DEFAULT_MAX_ANNOUNCEMENT, MAX_ANNOUNCEMENT_LIMIT, MAX_TTL_MS
 from schemas.tokens import TokenVerifier
 
 __all__ = ["ConfigError", "GatewayConfig", "load_config"]
@@ -187,6 +187,17 @@ class GatewayConfig(msgspec.Struct, kw_only=True, frozen=True):
             ge=1,
         ),
     ] = 1_000
+    presence_max_announcement: Annotated[
+        int,
+        _doc(
+            "Bytes of member records one presence write announces to the other pods at most "
+            "(at most 4 MiB); a larger write is announced without them and the pods read the "
+            "project from Redis instead (Redis closes a pub/sub connection it has queued 32 MB "
+            "for, or 8 MB for 60 s, by default).",
+            ge=0,
+            le=MAX_ANNOUNCEMENT_LIMIT,
+        ),
+    ] = DEFAULT_MAX_ANNOUNCEMENT
     drain_delay: Annotated[
         float,
         _doc(

@@ -70,6 +70,10 @@ class Metrics:
         "window_fills_total": "History reads merged into a feed's resume window.",
         "presence_diffs_total": "presence_diff messages built (one per project per interval).",
         "presence_deliveries_total": "presence_diff frames queued to connections.",
+        "presence_unannounced_writes_total": (
+            "Presence writes announced without their records (over "
+            "--presence-max-announcement): each costs every pod watching the project a read."
+        ),
         "presence_unlisted_total": (
             "Subscribes not listed in presence because the project had --presence-max-members "
             "or the token's sub was over 255 characters."

@@ -28,11 +28,13 @@ from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 
 from schemas.presence import (
+    DEFAULT_MAX_ANNOUNCEMENT,
     LISTED_PODS,
     MAX_MEMBER_ID_LENGTH,
     Announcement,
     PodRecord,
     PodState,
+    fits_announcement,
     merge_member,
     merge_pods,
     read_limit,
@@ -318,7 +320,9 @@ class ProjectView:
         self._behind.pop(pod, None)
 
     def apply(self, announcement: Announcement) -> bool:
-        """Apply another pod's announcement; False when one was missed (re-read the project)."""
+        """Apply another pod's announcement; False when one was missed, or when it came
+        without its records (a write too large to announce) and this view lacks its version:
+        re-read the project."""
         pod = announcement.pod
         if pod == self.own_pod:
             return True
@@ -328,6 +332,8 @@ class ProjectView:
         known = self.versions.get(pod, 0)
         if announcement.version <= known:
             return True  # already have it (or newer), e.g. from a read
+        if announcement.changes is None:
+            return False  # its records are in Redis only
         if announcement.base != 0 and announcement.base != known:
             return False
         listed = self.current()
@@ -470,12 +476,15 @@ class ProjectView:
 class Write:
     """One project's pending write (:data:`schemas.presence.WRITE`): ``changes`` (member id ->
     record, None for gone) turn version ``base`` into ``version``; base 0 replaces the pod's
-    whole member list, which ``changes`` then is."""
+    whole member list, which ``changes`` then is. ``announce``: whether the announcement of
+    the write carries ``changes`` (False: they take more than the pod's bound, and the other
+    pods read the project instead; :func:`schemas.presence.fits_announcement`)."""
 
     project_id: int
     base: int
     version: int
     changes: dict[str, PodRecord | None]
+    announce: bool = True
 
 
 class PresenceCore:
@@ -487,6 +496,10 @@ class PresenceCore:
     (kept current, and dropped by :meth:`sweep`), so that a subscriber who comes back, or a
     client subscribing and unsubscribing in a loop, costs no new read of the whole project;
     0 drops it at once.
+
+    ``max_announcement``: the most bytes of changes a write's announcement carries
+    (``--presence-max-announcement``); a larger write is announced without them (see
+    :class:`Write`).
     """
 
     def __init__(
@@ -495,8 +508,10 @@ class PresenceCore:
         clock_ms: Callable[[], int],
         view_linger_ms: int = 0,
         most: int = read_limit(),
+        max_announcement: int = DEFAULT_MAX_ANNOUNCEMENT,
     ) -> None:
         self.pod_id = pod_id
+        self.max_announcement = max_announcement
         #: The most members of one pod, and the most pods, a view takes
         #: (:func:`schemas.presence.read_limit`).
         self.most = most
@@ -674,7 +689,8 @@ class PresenceCore:
                 changes: dict[str, PodRecord | None] = dict(self.table.records(project_id))
             else:
                 changes = {m: self.table.record(project_id, m) for m in sorted(members)}
-            writes.append(Write(project_id, base, next(self._versions), changes))
+            announce = fits_announcement(changes, self.max_announcement)
+            writes.append(Write(project_id, base, next(self._versions), changes, announce))
         self._pending.clear()
         return writes
 

@@ -18,6 +18,9 @@ Bounds, with the defaults (all settable on :class:`PresenceService`):
   that reconnects to another pod within it never appears to leave.
 * A closed tab is written within ``flush_interval`` = 0.1 s and reaches subscribers at the next
   diff, within ``diff_interval`` = 1 s.
+* An announcement carries at most ``max_announcement`` = 256 KiB of records; a larger write is
+  announced without them and the pods watching the project read it (Redis closes a pub/sub
+  connection that queues past its output buffer limit, with every project's events on it).
 """
 
 from __future__ import annotations
@@ -40,7 +43,9 @@ from gateway.presence import PresenceCore, SessionKey, Write
 from gateway.tasks import spawn
 from schemas.keys import Keys
 from schemas.presence import (
+    DEFAULT_MAX_ANNOUNCEMENT,
     DEFAULT_MAX_MEMBERS,
+    MAX_ANNOUNCEMENT_LIMIT,
     MAX_TTL_MS,
     READ,
     REFRESH,
@@ -70,6 +75,10 @@ Deliver = Callable[[Sequence[SessionKey], bytes], None]
 #: project (another writer's; the pods rebuild them), or removed pods whose deadline no pod can
 #: have set (beyond now + ``MAX_TTL_MS``; counted one per pod): the gateway counts them.
 OnRepaired = Callable[[int, int], None]
+#: Told ``(project_id, n)`` when ``n`` of this pod's writes of a project were announced without
+#: their records (more than ``max_announcement`` bytes of them): each costs every pod that
+#: watches the project a read of it. The gateway counts them.
+OnUnannounced = Callable[[int, int], None]
 #: Told ``(project_id, n)`` when a read or an announcement of a project held more members or
 #: pods than pods can have written (``schemas.presence.read_limit``, ``listed_limit``): ``n``
 #: pods, members or announcements left out. Another writer's: the gateway counts them.
@@ -157,6 +166,7 @@ class PresenceStore:
                 w.version,
                 self.publish_command,
                 self.keys.presence_channel(w.project_id),
+                "1" if w.announce else "0",
             ]
             for member_id, record in w.changes.items():
                 args += [member_id, b"" if record is None else encode_record(record)]
@@ -310,9 +320,13 @@ class PresenceService:
         view_linger: float | None = None,
         max_members: int = DEFAULT_MAX_MEMBERS,
         on_left_out: OnLeftOut | None = None,
+        max_announcement: int = DEFAULT_MAX_ANNOUNCEMENT,
+        on_unannounced: OnUnannounced | None = None,
     ) -> None:
         if not refresh_interval * 2 < ttl:
             raise ValueError("ttl must exceed two refresh intervals")
+        if not 0 <= max_announcement <= MAX_ANNOUNCEMENT_LIMIT:
+            raise ValueError(f"max_announcement must be 0 to {MAX_ANNOUNCEMENT_LIMIT} bytes")
         if round(ttl * 1000) > MAX_TTL_MS or round(drain_grace * 1000) > MAX_TTL_MS:
             # a deadline further ahead is taken for another writer's: the pod for dead
             raise ValueError(f"ttl and drain_grace may not exceed {MAX_TTL_MS // 1000} s")
@@ -332,6 +346,7 @@ class PresenceService:
         )
         self._on_repaired = on_repaired
         self._on_left_out = on_left_out
+        self._on_unannounced = on_unannounced
         #: The most members of one pod, and the most pods, in a view or a read: twice
         #: ``max_members``, plus 64 (``read_limit``; in all, ``listed_limit``).
         self.most = read_limit(max_members)
@@ -343,6 +358,7 @@ class PresenceService:
             clock_ms or (lambda: int(time.time() * 1000)),
             round(linger * 1000),
             self.most,
+            max_announcement,
         )
         self.client = client
         self.deliver = deliver
@@ -373,6 +389,8 @@ class PresenceService:
         self.diffs = 0
         self.rereads = 0
         self.repaired_keys = 0
+        #: Writes announced without their records (over ``max_announcement``).
+        self.unannounced = 0
         #: Pods, members and announcements left out for being more than pods can have
         #: written (another writer's).
         self.left_out = 0
@@ -603,6 +621,10 @@ class PresenceService:
                 self.core.written(w, ok=False)
             raise
         for w, result in zip(writes, results, strict=True):
+            if result is True and not w.announce:
+                self.unannounced += 1
+                if self._on_unannounced is not None:
+                    self._on_unannounced(w.project_id, 1)
             if isinstance(result, redis.exceptions.ResponseError):
                 # Written whole at the next refresh (not every write interval while it fails).
                 self._project_error(w.project_id, result)

@@ -205,6 +205,8 @@ class Gateway:
             on_repaired=self._presence_key_repaired,
             max_members=config.presence_max_members,
             on_left_out=self._presence_left_out,
+            max_announcement=config.presence_max_announcement,
+            on_unannounced=self._presence_unannounced,
         )
         # A subscription the hub ends (its project turned unreadable) takes the tab's presence
         # in the project with it, as an unsubscribe does.
@@ -289,6 +291,10 @@ class Gateway:
     def _presence_key_repaired(self, project_id: int, keys: int) -> None:
         """A presence index key held another type and was replaced (the service logs it)."""
         self.metrics.foreign_values[ForeignKind.PRESENCE_KEY.value] += keys
+
+    def _presence_unannounced(self, project_id: int, n: int) -> None:
+        """Presence writes of a project announced without their records (too large)."""
+        self.metrics.presence_unannounced_writes_total += n
 
     def _presence_left_out(self, project_id: int, n: int) -> None:
         """A project's presence in Redis held more pods or members than pods write."""

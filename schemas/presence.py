@@ -21,6 +21,12 @@ the pod's version and is announced on the project's presence channel as::
 ``base`` is the version the changes apply to, or ``0`` when the message is the pod's complete
 member list (a replacement). A reader whose copy of the pod is at ``base`` applies the changes;
 one that is further behind has missed a message and re-reads the project (:data:`READ`).
+A write whose changes would take more than the pod's announcement bound
+(:func:`fits_announcement`, ``--presence-max-announcement``) is announced without them, as
+``<pod>|<version>|<base>|`` (nothing after the last ``|``): the records are in Redis, and a
+reader behind that version re-reads the project instead of receiving them. Redis closes a
+pub/sub connection whose queued messages pass its output buffer limit (every channel of the
+pod then goes through a reconnect), so one project's large write must never be published whole.
 """
 
 from __future__ import annotations
@@ -36,8 +42,10 @@ from schemas.protocol import ItemId, Member
 from schemas.tokens import MAX_NAME_LENGTH
 
 __all__ = [
+    "DEFAULT_MAX_ANNOUNCEMENT",
     "DEFAULT_MAX_MEMBERS",
     "LISTED_PODS",
+    "MAX_ANNOUNCEMENT_LIMIT",
     "MAX_MEMBER_ID_BYTES",
     "MAX_MEMBER_ID_LENGTH",
     "MAX_RECORD_BYTES",
@@ -51,8 +59,10 @@ __all__ = [
     "OversizedAnnouncement",
     "PodRecord",
     "PodState",
+    "announced_bytes",
     "decode_record",
     "encode_record",
+    "fits_announcement",
     "listed_limit",
     "merge_member",
     "merge_pods",
@@ -257,7 +267,9 @@ class Announcement(NamedTuple):
     pod: str
     version: int
     base: int  # 0: ``changes`` is the pod's complete member list
-    changes: dict[str, PodRecord | None]
+    #: None: the write was too large to announce (:func:`fits_announcement`); its records are
+    #: in Redis, and a reader that lacks ``version`` reads the project.
+    changes: dict[str, PodRecord | None] | None
 
 
 class MalformedAnnouncement(ValueError):
@@ -269,6 +281,43 @@ class MalformedAnnouncement(ValueError):
 #: and a comma.
 _ANNOUNCED_BYTES = 6 * MAX_MEMBER_ID_LENGTH + 3 + MAX_RECORD_BYTES + 1
 
+#: ``--presence-max-announcement``' default: the most bytes of changes one announcement carries.
+#: A pod of 1,000 members with ordinary ids and names (~100 bytes each) still announces its
+#: complete list; a write of more (many joins or activity reports in one write interval, long
+#: ids and names) is announced without its records, and the other pods read the project.
+DEFAULT_MAX_ANNOUNCEMENT = 256 * 1024
+#: The largest ``--presence-max-announcement``: half of Redis's default soft limit on a pub/sub
+#: connection's queued output (``client-output-buffer-limit pubsub 32mb 8mb 60``: 8 MB for 60 s,
+#: or 32 MB at once, and Redis closes the connection).
+MAX_ANNOUNCEMENT_LIMIT = 4 * 1024 * 1024
+
+# Characters cjson writes as 6 bytes (\u0000 to \u001f, \u007f; some of them in 2, counted as
+# 6: a bound) and as 2 (\" \\ \/).
+_CJSON_SIX = re.compile(r"[\x00-\x1f\x7f]")
+_CJSON_TWO = re.compile(r'["\\/]')
+
+
+def announced_bytes(changes: Mapping[str, PodRecord | None]) -> int:
+    """At most how many bytes the changes part of :data:`WRITE`'s announcement of ``changes``
+    takes (the JSON object after the last ``|``): ids as cjson encodes them, records as
+    :func:`encode_record` does, ``null`` for a member who left. Never less than the real size."""
+    total = 2 + max(len(changes) - 1, 0)  # braces, commas
+    for member_id, record in changes.items():
+        total += len(member_id.encode()) + 3  # quotes, colon
+        total += 5 * len(_CJSON_SIX.findall(member_id)) + len(_CJSON_TWO.findall(member_id))
+        total += 4 if record is None else len(encode_record(record))
+    return total
+
+
+def fits_announcement(changes: Mapping[str, PodRecord | None], limit: int) -> bool:
+    """Whether a write of ``changes`` is announced with them: its changes take at most
+    ``limit`` bytes (``--presence-max-announcement``). Costs nothing up to ``limit`` divided by
+    the longest entry a pod writes (~3.6 KB: 73 members at the default), and one encoding of
+    each record past that."""
+    if 2 + len(changes) * _ANNOUNCED_BYTES <= limit:
+        return True
+    return announced_bytes(changes) <= limit
+
 
 class OversizedAnnouncement(MalformedAnnouncement):
     """A well-formed presence announcement of more members than any pod writes at once."""
@@ -278,7 +327,8 @@ def parse_announcement(data: bytes, most: int | None = None) -> Announcement:
     """Raises :class:`MalformedAnnouncement` for anything :data:`WRITE` cannot have published,
     and for changes of more than ``most`` members (:func:`read_limit`: no pod writes that many
     at once; one that did, churning, is re-read at its next announcement, whose base is then
-    unknown)."""
+    unknown). Nothing after the last ``|``: an announcement without its records
+    (``changes`` None; :func:`fits_announcement`)."""
     parts = bytes(data).split(b"|", 3)
     if most is not None and len(parts) == 4 and len(parts[3]) > 2 + most * _ANNOUNCED_BYTES:
         # more than ``most`` entries, or entries longer than a pod writes: either way refused,
@@ -293,6 +343,8 @@ def parse_announcement(data: bytes, most: int | None = None) -> Announcement:
         or len(parts[2]) > 18
     ):
         raise MalformedAnnouncement("expected '<pod>|<version>|<base>|<changes>'")
+    if not parts[3]:
+        return Announcement(parts[0].decode(), int(parts[1]), int(parts[2]), None)
     try:
         changes = _changes_decoder.decode(parts[3])
     except msgspec.DecodeError as exc:
@@ -357,8 +409,9 @@ end
 #: Write one pod's member changes in a project and announce them.
 #:
 #: KEYS: pods, versions. ARGV: pod hash prefix, pod, ttl ms, base version ('0' = replace the
-#: pod's hash), new version, publish command ('PUBLISH' or 'SPUBLISH'), channel, then pairs of
-#: member id, record JSON ('' = the member left this pod).
+#: pod's hash), new version, publish command ('PUBLISH' or 'SPUBLISH'), channel, whether the
+#: announcement carries the changes ('1') or not ('0': too large, :func:`fits_announcement`),
+#: then pairs of member id, record JSON ('' = the member left this pod).
 #: Returns {applied, repaired}: applied 1, or 0 without writing when the pod's stored version is
 #: not ``base`` or its records key is not a hash (Redis lost the pod's hash: flushed, restarted,
 #: the pod was taken for dead, or another writer replaced it): the caller then writes its
@@ -372,7 +425,7 @@ local pod, ttl, base = ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local hash = ARGV[1] .. pod
 if base ~= '0' and not intact(pod, base) then return {0, repaired} end
 if base == '0' then redis.call('DEL', hash) end
-for i = 8, #ARGV - 1, 2 do
+for i = 9, #ARGV - 1, 2 do
   if ARGV[i + 1] == '' then
     redis.call('HDEL', hash, ARGV[i])
   else
@@ -386,15 +439,20 @@ else
   redis.call('ZREM', KEYS[1], pod)
   redis.call('HDEL', KEYS[2], pod)
 end
-if #ARGV >= 8 or base == '0' then
-  -- records are JSON already: splice them in rather than decode and re-encode them
-  local parts = {}
-  for i = 8, #ARGV - 1, 2 do
-    local value = ARGV[i + 1]
-    if value == '' then value = 'null' end
-    parts[#parts + 1] = cjson.encode(ARGV[i]) .. ':' .. value
+if #ARGV >= 9 or base == '0' then
+  -- Too large to announce (Redis would close the pub/sub connections it queues on): the other
+  -- pods read the records instead, so the body stays empty.
+  local body = ''
+  if ARGV[8] == '1' then
+    -- records are JSON already: splice them in rather than decode and re-encode them
+    local parts = {}
+    for i = 9, #ARGV - 1, 2 do
+      local value = ARGV[i + 1]
+      if value == '' then value = 'null' end
+      parts[#parts + 1] = cjson.encode(ARGV[i]) .. ':' .. value
+    end
+    body = '{' .. table.concat(parts, ',') .. '}'
   end
-  local body = '{' .. table.concat(parts, ',') .. '}'
   redis.call(ARGV[6], ARGV[7], pod .. '|' .. ARGV[5] .. '|' .. base .. '|' .. body)
 end
 return {1, repaired}

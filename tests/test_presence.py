@@ -25,14 +25,17 @@ from gateway.presence import (
     compute_diff,
 )
 from schemas.presence import (
+    DEFAULT_MAX_ANNOUNCEMENT,
     MAX_MEMBER_ID_LENGTH,
     Announcement,
     MalformedAnnouncement,
     OversizedAnnouncement,
     PodRecord,
     PodState,
+    announced_bytes,
     decode_record,
     encode_record,
+    fits_announcement,
     merge_member,
     parse_announcement,
     parse_read_reply,
@@ -48,6 +51,7 @@ from schemas.protocol import (
     decode_client_message,
     encode,
 )
+from schemas.tokens import MAX_NAME_LENGTH
 
 # --- the wire ---------------------------------------------------------------------------------
 
@@ -223,7 +227,8 @@ class FakeRedis:
             project[pod] = PodState(w.version, records)
         else:
             project.pop(pod, None)
-        self.outbox.append((w.project_id, Announcement(pod, w.version, w.base, w.changes)))
+        changes = w.changes if w.announce else None  # too large: the pods read Redis
+        self.outbox.append((w.project_id, Announcement(pod, w.version, w.base, changes)))
         return True
 
     def read(self, project_id: int) -> dict[str, PodState]:
@@ -231,10 +236,13 @@ class FakeRedis:
 
 
 class Cluster:
-    def __init__(self, n_pods: int) -> None:
+    def __init__(self, n_pods: int, max_announcement: int = DEFAULT_MAX_ANNOUNCEMENT) -> None:
         self.now = 0
         self.redis = FakeRedis()
-        self.cores = [PresenceCore(f"pod{i}", clock_ms=self.clock) for i in range(n_pods)]
+        self.cores = [
+            PresenceCore(f"pod{i}", clock_ms=self.clock, max_announcement=max_announcement)
+            for i in range(n_pods)
+        ]
         self.clients: dict[tuple[int, str], dict[str, Member]] = {}  # (pod, session) -> view
 
     def clock(self) -> int:
@@ -303,9 +311,11 @@ operations = st.lists(
 
 
 @settings(max_examples=150, deadline=None)
-@given(operations)
-def test_diffs_reproduce_the_members_across_pods_and_tabs(ops) -> None:
-    cluster = Cluster(3)
+@given(operations, st.sampled_from([DEFAULT_MAX_ANNOUNCEMENT, 0, 60]))
+def test_diffs_reproduce_the_members_across_pods_and_tabs(ops, max_announcement) -> None:
+    """Also with writes announced without their records (``max_announcement`` 0: all of
+    them; 60 bytes: those of more than one member), which the other pods read instead."""
+    cluster = Cluster(3, max_announcement)
     cluster.subscribe(0, "watcher0")
     cluster.subscribe(2, "watcher2")
     tabs: dict[tuple[int, str], dict] = {}
@@ -411,6 +421,63 @@ def test_a_missed_announcement_asks_for_a_read() -> None:
     assert view.apply(Announcement("other", 4, 3, {"u": record}))
     assert not view.apply(Announcement("other", 6, 5, {"v": record}))  # 5 never arrived
     assert view.apply(Announcement("other", 4, 3, {"u": record}))  # an old one: ignored
+
+
+def test_a_write_too_large_to_announce_is_announced_without_its_records() -> None:
+    """100 members with ids and names as long as presence lists them, in a script of 3 bytes
+    a character: ~140 KB of records in one write, announced whole before (Redis closed every
+    pod's pub/sub connection it queued that on, past its output buffer limit). Over the bound
+    the write carries no records in its announcement; under it, it does."""
+    core = PresenceCore("p", clock_ms=lambda: 1, max_announcement=64 * 1024)
+    for i in range(100):
+        core.join(f"t{i}", 1, f"{i:03d}" + "用" * 252, "名" * MAX_NAME_LENGTH)
+    [large] = core.take_writes()
+    assert len(large.changes) == 100 and not large.announce
+    assert announced_bytes(large.changes) > 64 * 1024
+    core.written(large, ok=True)
+    core.activity("t5", 1, 9, None)
+    [small] = core.take_writes()
+    assert small.announce and small.base == large.version
+
+
+def test_announced_bytes_bounds_what_write_publishes() -> None:
+    """The size the bound is checked against is never below the announcement's: ids as the
+    WRITE script's cjson escapes them (``"``, ``\\``, ``/`` in 2 bytes, control characters in
+    up to 6), records as encoded, ``null`` for a member who left (checked against Redis's own
+    cjson in tests/test_presence_store.py)."""
+    record = PodRecord('Ann "A"', 3, None, 5, 9)
+    changes: dict[str, PodRecord | None] = {"a/b": record, 'q"\\': None, "\x01\x7f": record}
+    cjson = {"a/b": '"a\\/b"', 'q"\\': '"q\\"\\\\"', "\x01\x7f": '"\\u0001\\u007f"'}
+    body = (
+        "{"
+        + ",".join(
+            cjson[m] + ":" + ("null" if r is None else encode_record(r).decode())
+            for m, r in changes.items()
+        )
+        + "}"
+    )
+    assert announced_bytes(changes) == len(body.encode())
+    assert announced_bytes({}) == 2
+    assert fits_announcement(changes, len(body)) and not fits_announcement(changes, len(body) - 1)
+    assert fits_announcement({}, 2) and not fits_announcement({}, 0)
+
+
+def test_an_announcement_without_records_asks_for_a_read_unless_already_read() -> None:
+    record = PodRecord(None, None, None, 1, 1)
+    assert parse_announcement(b"pod-1|7|6|") == Announcement("pod-1", 7, 6, None)
+    view = ProjectView(1, "me")
+    view.load({"other": PodState(3, {"u": record})}, {})
+    assert not view.apply(Announcement("other", 4, 3, None))  # its records are in Redis only
+    assert view.current().keys() == {"u"}  # nothing applied meanwhile
+    assert view.load({"other": PodState(4, {"u": record, "v": record})}, {})
+    assert view.apply(Announcement("other", 4, 3, None))  # the read had it
+    assert view.current().keys() == {"u", "v"}
+    early = ProjectView(1, "me")
+    early.apply(Announcement("other", 5, 0, None))  # before the first read: kept for after it
+    assert early.load({"other": PodState(5, {"w": record})}, {})
+    late = ProjectView(1, "me")
+    late.apply(Announcement("other", 6, 5, None))
+    assert not late.load({"other": PodState(5, {})}, {})  # the read predates it: read again
 
 
 def test_announcements_before_the_first_read_are_applied_after_it() -> None:

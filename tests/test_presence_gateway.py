@@ -634,3 +634,73 @@ async def test_a_forged_pod_of_a_million_members_costs_a_gateway_nothing(gateway
     assert gateway.metrics.foreign_values["presence_members"] >= 1
     await watcher.send({"type": "activity", "project_id": 2, "viewing": 5})
     await until(watcher, lambda: view(watcher, 2)["watcher"]["viewing"] == 5)
+
+
+#: 100 people whose ids and names are as long as presence lists them, in a script of 3 bytes a
+#: character (Chinese): ~1.4 KB of records each.
+LONG_NAME = "名" * 200
+
+
+def long_id(i: int) -> str:
+    return f"{i:03d}" + "用" * 252
+
+
+async def test_a_large_presence_write_leaves_every_pods_pubsub_link_connected(gateways):
+    """100 people with long ids and names open project 1 on one pod at once (a meeting starts,
+    a pod's clients come back after a deploy), then all report activity at once, ten times.
+    Redis here queues at most 32 KB for a pub/sub connection (``client-output-buffer-limit
+    pubsub``; 32 MB, or 8 MB for 60 s, by default, which larger projects reach the same way).
+    Announced whole, each of those writes (~140 KB) made Redis close both pods' pub/sub links:
+    8 and 11 reconnects, and project 2's events, on the same links, arrived up to 1.9 s late
+    (caught up from the stream after each reconnect). Now a write over
+    ``--presence-max-announcement`` is announced without its records and the pods read the
+    project: no link is closed, and every pod shows all 100 people and their last activity."""
+    from publisher import AsyncPublisher
+    from tests.support.gateway_client import event
+    from tests.support.redis_server import RedisServer
+
+    with RedisServer() as server:
+        direct = redis.asyncio.Redis.from_url(server.url)
+        publisher = AsyncPublisher.from_url(server.url)
+        pods = []
+        people: list[RecordingClient] = []
+        try:
+            await direct.config_set("client-output-buffer-limit", "pubsub 32kb 16kb 60")
+            settings = {**FAST, "redis_url": server.url, "presence_max_announcement": 8192}
+            pods += [await gateways(**settings) for _ in range(2)]
+            watchers = [await person(pod, f"watcher-{i}") for i, pod in enumerate(pods)]
+            for watcher in watchers:
+                await watcher.subscribe(1, presence=True)
+                await watcher.subscribe(2)
+            people += [
+                RecordingClient(ws_url(pods[0]), token=token(sub=long_id(i), name=LONG_NAME))
+                for i in range(100)
+            ]
+            await asyncio.gather(*(p.connect() for p in people))
+            await asyncio.gather(*(p.send({"type": "subscribe", "project_id": 1}) for p in people))
+            expected = {"watcher-0", "watcher-1"} | {long_id(i) for i in range(100)}
+            for watcher in watchers:
+                await until(watcher, lambda w=watcher: ids(w) == expected, 10)
+            for n in range(1, 11):
+                activity = {"type": "activity", "project_id": 1, "viewing": n}
+                await asyncio.gather(*(p.send(activity) for p in people))
+                await publisher.publish(event(2, n))
+                await asyncio.sleep(0.2)  # the next round in another write
+            for watcher in watchers:
+                await until(watcher, lambda w=watcher: len(w.seqs(2)) == 10, 10)
+                await until(
+                    watcher,
+                    lambda w=watcher: all(
+                        view(w, 1)[long_id(i)]["viewing"] == 10 for i in range(100)
+                    ),
+                    10,
+                )
+                assert view(watcher, 1)[long_id(7)]["name"] == LONG_NAME
+            assert [pod.metrics.pubsub_reconnects_total for pod in pods] == [0, 0]
+            assert pods[0].metrics.presence_unannounced_writes_total >= 10
+        finally:
+            await asyncio.gather(*(p.close() for p in people))
+            for pod in pods:
+                await pod.drain()
+            await publisher.aclose()
+            await direct.aclose()

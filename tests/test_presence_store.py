@@ -783,6 +783,43 @@ def test_garbage_in_every_presence_key_never_stops_a_pod(
         sync.close()
 
 
+async def test_an_announcement_is_never_larger_than_its_bound_says(redis_url) -> None:
+    """The WRITE script's cjson escapes ids its own way (``/`` too, control characters as
+    ``\\u00XX`` or two bytes): ``announced_bytes``, which decides whether a write is announced
+    with its records, is never below the size Redis publishes, and equal for ids without the
+    control characters cjson writes in two bytes. A write over the bound publishes no records
+    and stores them all the same."""
+    from schemas.presence import announced_bytes
+
+    record = PodRecord("Ann", 1, None, 5, 9)
+    short = {"\b", "\t", "\n", "\f", "\r"}
+    ids = [chr(c) for c in range(128)] + ["é", "用", "\U0001f600", 'a/b\\c"d']
+    changes: dict[str, PodRecord | None] = {m: record for m in ids} | {"gone": None}
+    client = redis.asyncio.Redis.from_url(redis_url)
+    pubsub = client.pubsub()
+    try:
+        keys = Keys()
+        await pubsub.subscribe(keys.presence_channel(1))
+        store = PresenceStore(client, "pod")
+        assert await store.write([Write(1, 0, 1, changes, announce=True)]) == [True]
+        assert await store.write([Write(1, 1, 2, {"x": record}, announce=False)]) == [True]
+        bodies = []
+        async with asyncio.timeout(5):
+            while len(bodies) < 2:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+                if message is not None:
+                    bodies.append(message["data"].split(b"|", 3)[3])
+        published = len(bodies[0])
+        assert announced_bytes(changes) == published + 4 * len(short)  # \\n: 2 bytes, not 6
+        assert json.loads(bodies[0]).keys() == changes.keys()
+        assert bodies[1] == b""
+        read = await store.read(1)
+        assert read["pod"].version == 2 and read["pod"].records.keys() == (set(ids) | {"x"})
+    finally:
+        await pubsub.aclose()
+        await client.aclose()
+
+
 def test_the_longest_record_a_pod_writes_is_read_back() -> None:
     """The bound READ applies to values leaves room for every record a pod can write: the
     longest name (each character escaped by JSON), the largest ids and times."""
