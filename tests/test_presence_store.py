@@ -1065,6 +1065,27 @@ def test_a_ttl_or_grace_beyond_the_bound_is_refused() -> None:
             PresenceService(redis.asyncio.Redis(), lambda s, f: None, pod_id="a", **kwargs)
 
 
+def test_an_announcement_bound_past_half_the_soft_limit_is_refused() -> None:
+    """``--presence-max-announcement`` is 0 to 4 MiB: more would let one write's announcement
+    reach Redis's default soft limit on a pub/sub connection (8 MB for 60 s)."""
+    from gateway.config import ConfigError, load_config
+    from schemas.presence import MAX_ANNOUNCEMENT_LIMIT
+
+    for bad in (str(MAX_ANNOUNCEMENT_LIMIT + 1), "-1"):
+        with pytest.raises(ConfigError, match="--presence-max-announcement"):
+            load_config(["--no-auth", "--presence-max-announcement", bad], environ={})
+    for good in (0, MAX_ANNOUNCEMENT_LIMIT):
+        config = load_config(["--no-auth", "--presence-max-announcement", str(good)], environ={})
+        assert config.presence_max_announcement == good
+    with pytest.raises(ValueError, match="max_announcement"):
+        PresenceService(
+            redis.asyncio.Redis(),
+            lambda s, f: None,
+            pod_id="a",
+            max_announcement=MAX_ANNOUNCEMENT_LIMIT + 1,
+        )
+
+
 #: Deadlines relative to Redis's now (ms); the scripts run a few ms after the ZADD, so offsets
 #: within MARGIN of a boundary (now, now + MAX_TTL_MS) are left out as undecidable here.
 _MARGIN = 5_000
