@@ -10,7 +10,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime, timedelta
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 import redis
 import redis.asyncio
@@ -29,6 +29,7 @@ from publisher.connection import (
 from publisher.core import (
     IDEMPOTENCY_ARG,
     RETRY_GUARD,
+    TRANSACTION_SIZE,
     Cursor,
     IdempotencyConflict,
     PreparedBatch,
@@ -37,10 +38,13 @@ from publisher.core import (
     PublishManyError,
     Retention,
     RetryPolicy,
+    call_outcome,
     check_retry_guard,
+    in_order_outcome,
     now_if_none,
     pack_command,
     plan_batches,
+    plan_in_order,
     prepare_single,
     refused_during_migration,
     script_error,
@@ -187,6 +191,19 @@ class _Settings:
             idempotency_window=self.idempotency_window,
         )
 
+    def in_order(
+        self, events: Iterable[ProjectEvent], idempotency_keys: Iterable[str | None] | None
+    ) -> list[PreparedBatch]:
+        return plan_in_order(
+            events,
+            keys=self.keys,
+            retention=self.retention,
+            publish_command=self.publish_command,
+            retry_guard=self.retry_guard,
+            idempotency_keys=idempotency_keys,
+            idempotency_window=self.idempotency_window,
+        )
+
 
 def _queue_eval(pipe, batch: PreparedBatch) -> None:
     # redis-py's cluster pipelines refuse EVALSHA (they cannot load a script on whichever node
@@ -252,6 +269,88 @@ def _collect(batches: list[PreparedBatch], results: list, total: int) -> list[Cu
     if errors:
         raise PublishManyError(cursors, errors)
     return cursors  # type: ignore[return-value]
+
+
+#: What redis-py raises when an EXEC reply has another number of items than commands were queued.
+_WRONG_COUNT = "Wrong number of response items"
+
+
+def _transaction_replies(calls: list[PreparedBatch], run: Callable[[], list]) -> list | None:
+    """The replies of one ``MULTI``/``EXEC`` of ``calls`` (``run()`` sends it): see
+    :func:`_checked_transaction`."""
+    try:
+        replies: object = run()
+    except Exception as exc:
+        replies = _discarded_transaction(exc)
+    return _checked_transaction(calls, replies)
+
+
+async def _atransaction_replies(
+    calls: list[PreparedBatch], run: Callable[[], Awaitable[list]]
+) -> list | None:
+    """:func:`_transaction_replies` for an asyncio client."""
+    try:
+        replies: object = await run()
+    except Exception as exc:
+        replies = _discarded_transaction(exc)
+    return _checked_transaction(calls, replies)
+
+
+class _Discarded(NamedTuple):
+    """Redis refused a call of the transaction while queueing it, and so ran none of them."""
+
+    error: redis.exceptions.ResponseError
+
+
+def _discarded_transaction(exc: Exception) -> _Discarded | None:
+    """What an ``EXEC`` that raised ``exc`` came to: discarded when Redis refused a call while
+    queueing it (``EXECABORT``), None when redis-py could not read the reply (see
+    :func:`_checked_transaction`); "try again later" and other errors are raised again."""
+    if isinstance(exc, _UNAVAILABLE):
+        raise exc
+    if isinstance(exc, redis.exceptions.ResponseError) and _WRONG_COUNT not in str(exc):
+        return _Discarded(exc)
+    if isinstance(exc, redis.exceptions.RedisError):
+        raise exc
+    return None  # redis-py fails on an EXEC reply of another shape (TypeError and the like)
+
+
+def _checked_transaction(calls: list[PreparedBatch], replies: object) -> list | None:
+    """The replies of a transaction of ``calls``, one per call with error replies as exceptions
+    (only the first call's error when Redis discarded the transaction: it ran none of them);
+    None when every reply was ``NOSCRIPT`` (nothing ran: load the script and send it again).
+    A reply no Redis gives (an ``EXEC`` answered with an integer, or with another number of
+    replies: a broken server or proxy) is handled as :func:`_out_of_step_transaction` says."""
+    if isinstance(replies, _Discarded):
+        return [replies.error]
+    if not isinstance(replies, list) or len(replies) != len(calls):
+        raise _out_of_step_transaction(calls, replies)
+    if all(isinstance(reply, redis.exceptions.NoScriptError) for reply in replies):
+        return None
+    return replies
+
+
+def _out_of_step_transaction(calls: list[PreparedBatch], replies: object) -> Exception:
+    """The error for an ``EXEC`` reply no Redis gives: which calls ran is unknown. When every
+    call carries an idempotency key or a retry guard, a ``ConnectionError``, so that the
+    publisher's next attempt sends the transaction again (a call that ran returns its first
+    cursor); otherwise a ``PublishError`` (a retry might publish an event twice), as for a single
+    call (:func:`_after_out_of_step`)."""
+    message = f"unexpected reply to a transaction of publish calls: {replies!r}"[:300]
+    if all(call.args[IDEMPOTENCY_ARG] for call in calls):
+        return redis.exceptions.ConnectionError(message)
+    return PublishError(message)
+
+
+def _stop_or_go(
+    cursors: list[Cursor | None], start: int, calls: list[PreparedBatch], replies: list
+) -> None:
+    """Record the cursors of one round trip of an in-order burst (``calls`` are its events from
+    ``start`` on); raise :class:`PublishManyError` if a call was refused."""
+    done, refused, errors = in_order_outcome(calls, replies)
+    cursors[start : start + len(done)] = done
+    if refused is not None:
+        raise PublishManyError(cursors, errors, stopped_at=start + refused)
 
 
 def _valid_timeout(timeout: object) -> float:
@@ -470,6 +569,7 @@ class Publisher(_ContractHelpers[Cursor]):
         events: Iterable[ProjectEvent],
         *,
         idempotency_keys: Iterable[str | None] | None = None,
+        in_order: bool = False,
     ) -> list[Cursor]:
         """Publish a burst in one pipelined round trip; cursors come back in the input order.
 
@@ -486,7 +586,20 @@ class Publisher(_ContractHelpers[Cursor]):
             PublishManyError: Redis refused some script calls (e.g. a damaged key of one
                 project, an idempotency key used for another event); its ``cursors`` say
                 exactly which events were published.
+
+        ``in_order=True`` publishes the events in the input order and stops at the first one
+        Redis refuses (what an outbox relay needs): one script call per event (keyed, or under
+        a retry guard of its own), up to :data:`publisher.core.TRANSACTION_SIZE` (100) of them
+        per ``MULTI``/``EXEC`` round trip, and no round trip after one with a refused call.
+        ``PublishManyError.stopped_at`` is then the refused event: every event before it was
+        published, none after its transaction was sent, and ``cursors`` also shows the events
+        after it in its transaction that Redis ran (see docs/publisher.md). ``timeout`` bounds
+        each round trip; ``PublisherUnavailable`` means the transactions before the one under
+        way were applied and that one may have been. On Redis Cluster (a transaction cannot
+        span the slots of several projects) each call is a round trip of its own.
         """
+        if in_order:
+            return self._publish_in_order(events, idempotency_keys)
         events = list(events)
         batches = self._settings.batches(events, idempotency_keys)
         if not batches:
@@ -514,6 +627,60 @@ class Publisher(_ContractHelpers[Cursor]):
                 else:
                     self._script(keys=batch.keys, args=batch.args, client=pipe)
             return _unless_unavailable(pipe.execute(raise_on_error=False))
+
+    def _publish_in_order(
+        self, events: Iterable[ProjectEvent], idempotency_keys: Iterable[str | None] | None
+    ) -> list[Cursor]:
+        calls = self._settings.in_order(events, idempotency_keys)
+        cursors: list[Cursor | None] = [None] * len(calls)
+        for start in range(0, len(calls), TRANSACTION_SIZE):
+            chunk = calls[start : start + TRANSACTION_SIZE]
+            started = time.monotonic()
+            try:
+                if self._cluster:
+                    replies = self._one_by_one(chunk)
+                else:
+                    replies = self._run(lambda c=chunk: self._transaction(c), started)
+            except redis.exceptions.RedisError as exc:
+                raise script_error(exc) from exc
+            _stop_or_go(cursors, start, chunk, replies)
+        return cursors  # type: ignore[return-value]
+
+    def _transaction(self, calls: list[PreparedBatch]) -> list:
+        """One attempt: ``calls`` in one MULTI/EXEC (see :func:`_transaction_replies`)."""
+
+        def run(sha: str) -> list:
+            with self.client.pipeline(transaction=True) as pipe:
+                for call in calls:
+                    pipe.execute_command("EVALSHA", sha, len(call.keys), *call.keys, *call.args)
+                return pipe.execute(raise_on_error=False)
+
+        replies = _transaction_replies(calls, lambda: run(self._script.sha))
+        if replies is None:  # Redis restarted or SCRIPT FLUSH: load the script, send them again
+            self._script.sha = sha = self.client.script_load(lua.PUBLISH)
+            replies = _transaction_replies(calls, lambda: run(sha))
+        if replies is None:
+            raise PublishError("publish script not found right after loading it")
+        return replies
+
+    def _one_by_one(self, calls: list[PreparedBatch]) -> list:
+        """Replies to ``calls`` sent one per round trip (each as ``publish`` sends it), up to
+        and including the first refused one."""
+        replies: list = []
+        for call in calls:
+            started = time.monotonic()
+            try:
+                try:
+                    reply = self._run(lambda c=call: self._evalsha(c.keys, c.args), started)
+                except redis.exceptions.ResponseError as exc:
+                    f = _unguarded_or_raise(call, exc)
+                    reply = self._run(lambda f=f: self._evalsha(f.keys, f.args), started)
+            except redis.exceptions.ResponseError as exc:
+                reply = exc
+            replies.append(reply)
+            if isinstance(call_outcome(call, reply), PublishError):
+                break
+        return replies
 
     def close(self) -> None:
         if self._direct is not None:
@@ -657,8 +824,11 @@ class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
         events: Iterable[ProjectEvent],
         *,
         idempotency_keys: Iterable[str | None] | None = None,
+        in_order: bool = False,
     ) -> list[Cursor]:
         """See :meth:`Publisher.publish_many`."""
+        if in_order:
+            return await self._publish_in_order(events, idempotency_keys)
         events = list(events)
         batches = self._settings.batches(events, idempotency_keys)
         if not batches:
@@ -690,6 +860,70 @@ class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
                 else:
                     await self._script(keys=batch.keys, args=batch.args, client=pipe)
             return _unless_unavailable(await pipe.execute(raise_on_error=False))
+
+    async def _publish_in_order(
+        self, events: Iterable[ProjectEvent], idempotency_keys: Iterable[str | None] | None
+    ) -> list[Cursor]:
+        # See Publisher._publish_in_order; each round trip also ends within timeout.
+        calls = self._settings.in_order(events, idempotency_keys)
+        cursors: list[Cursor | None] = [None] * len(calls)
+        for start in range(0, len(calls), TRANSACTION_SIZE):
+            chunk = calls[start : start + TRANSACTION_SIZE]
+            try:
+                if self._cluster:
+                    replies = await self._one_by_one(chunk)
+                else:
+                    started = time.monotonic()
+                    async with asyncio.timeout(self._policy.timeout):
+                        replies = await self._run(lambda c=chunk: self._transaction(c), started)
+            except TimeoutError as exc:
+                raise PublisherUnavailable(
+                    f"Redis unavailable: no reply within {self._policy.timeout} s"
+                ) from exc
+            except redis.exceptions.RedisError as exc:
+                raise script_error(exc) from exc
+            _stop_or_go(cursors, start, chunk, replies)
+        return cursors  # type: ignore[return-value]
+
+    async def _transaction(self, calls: list[PreparedBatch]) -> list:
+        """See :meth:`Publisher._transaction`."""
+
+        async def run(sha: str) -> list:
+            async with self.client.pipeline(transaction=True) as pipe:
+                for call in calls:
+                    pipe.execute_command("EVALSHA", sha, len(call.keys), *call.keys, *call.args)
+                return await pipe.execute(raise_on_error=False)
+
+        replies = await _atransaction_replies(calls, lambda: run(self._script.sha))
+        if replies is None:
+            self._script.sha = sha = await self.client.script_load(lua.PUBLISH)
+            replies = await _atransaction_replies(calls, lambda: run(sha))
+        if replies is None:
+            raise PublishError("publish script not found right after loading it")
+        return replies
+
+    async def _one_by_one(self, calls: list[PreparedBatch]) -> list:
+        """See :meth:`Publisher._one_by_one`; each call ends within timeout."""
+        replies: list = []
+        for call in calls:
+            replies.append(await self._bounded_call(call))
+            if isinstance(call_outcome(call, replies[-1]), PublishError):
+                break
+        return replies
+
+    async def _bounded_call(self, call: PreparedBatch) -> object:
+        started = time.monotonic()
+        async with asyncio.timeout(self._policy.timeout):
+            try:
+                try:
+                    return await self._run(lambda: self._evalsha(call.keys, call.args), started)
+                except redis.exceptions.ResponseError as exc:
+                    fallback = _unguarded_or_raise(call, exc)
+                    return await self._run(
+                        lambda: self._evalsha(fallback.keys, fallback.args), started
+                    )
+            except redis.exceptions.ResponseError as exc:
+                return exc
 
     async def aclose(self) -> None:
         if self._direct is not None:

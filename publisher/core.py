@@ -26,15 +26,20 @@ __all__ = [
     "PublisherUnavailable",
     "Retention",
     "RetryPolicy",
+    "in_order_outcome",
     "new_epoch",
     "pack_command",
     "plan_batches",
+    "plan_in_order",
     "prepare_single",
 ]
 
 #: Events per script call in ``publish_many``: large enough to amortise the round trip, small
 #: enough to keep one script from blocking Redis for long (about a millisecond).
 BATCH_SIZE = 500
+#: Script calls per ``MULTI``/``EXEC`` round trip in ``publish_many(..., in_order=True)``: about
+#: 1-2 ms of Redis time for keyed calls, which other clients wait for.
+TRANSACTION_SIZE = 100
 _IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,200}\Z")
 
 
@@ -70,17 +75,28 @@ class PublishManyError(PublishError):
     ``cursors`` has one entry per input event, in the input order: the event's cursor if it was
     published, ``None`` if nothing of it was written. ``errors`` maps each project that failed to
     its error. Retrying exactly the events at ``unpublished`` neither loses nor duplicates any.
+
+    ``stopped_at`` (``in_order=True`` only, else ``None``): the index of the event whose call was
+    refused first. Every event before it was published, and no transaction after its own was
+    sent; ``errors[events[stopped_at].project_id]`` is why it was refused.
     """
 
-    def __init__(self, cursors: list[Cursor | None], errors: dict[int, PublishError]) -> None:
+    def __init__(
+        self,
+        cursors: list[Cursor | None],
+        errors: dict[int, PublishError],
+        stopped_at: int | None = None,
+    ) -> None:
         self.cursors = cursors
         self.errors = errors
+        self.stopped_at = stopped_at
         self.unpublished = [i for i, cursor in enumerate(cursors) if cursor is None]
         published = len(cursors) - len(self.unpublished)
         reasons = "; ".join(f"project {p}: {e}" for p, e in sorted(errors.items()))
+        stop = "" if stopped_at is None else f", stopped at event {stopped_at}"
         super().__init__(
             f"{len(self.unpublished)} of {len(cursors)} events not published, "
-            f"{published} published (see .cursors): {reasons}"
+            f"{published} published (see .cursors){stop}: {reasons}"
         )
 
 
@@ -423,13 +439,7 @@ def plan_batches(
     encoded = [(event.project_id, encode_event(event)) for event in events]
     keyed: dict[int, str] = {}
     if idempotency_keys is not None:
-        idempotency_keys = list(idempotency_keys)
-        if len(idempotency_keys) != len(events):
-            raise ValueError(
-                f"idempotency_keys must have one entry per event: got {len(idempotency_keys)} "
-                f"for {len(events)} events"
-            )
-        for position, key in enumerate(idempotency_keys):
+        for position, key in enumerate(_one_key_per_event(idempotency_keys, len(events))):
             if key is not None:
                 _check_idempotency_key(key, idempotency_window)
                 keyed[position] = key
@@ -501,6 +511,91 @@ def _guarded_calls(
         )
         args.extend(encoded[i][1] for i in chunk)
         yield PreparedBatch(project_id, _keys(keys, project_id), args, len(chunk), chunk)
+
+
+def plan_in_order(
+    events: Iterable[ProjectEvent],
+    *,
+    keys: Keys,
+    retention: Retention,
+    publish_command: str,
+    retry_guard: timedelta | None = RETRY_GUARD,
+    idempotency_keys: Iterable[str | None] | None = None,
+    idempotency_window: timedelta = timedelta(minutes=10),
+) -> list[PreparedBatch]:
+    """One script call per event, in the caller's order (``positions`` is ``[i]`` for the
+    ``i``-th), each exactly the call :func:`prepare_single` makes for it: under its idempotency
+    key, or under a retry guard of its own. Everything is validated and encoded first, so an
+    invalid event or key publishes nothing (``EventValidationError``, ``ValueError``, also when
+    ``idempotency_keys`` does not have one entry per event)."""
+    check_retry_guard(retry_guard)
+    events = list(events)
+    keyed = _one_key_per_event(idempotency_keys, len(events))
+    return [
+        prepare_single(
+            event,
+            keys=keys,
+            retention=retention,
+            publish_command=publish_command,
+            idempotency_key=key,
+            idempotency_window=idempotency_window,
+            retry_guard=retry_guard,
+        )._replace(positions=[position])
+        for position, (event, key) in enumerate(zip(events, keyed, strict=True))
+    ]
+
+
+def _one_key_per_event(
+    idempotency_keys: Iterable[str | None] | None, count: int
+) -> list[str | None]:
+    if idempotency_keys is None:
+        return [None] * count
+    idempotency_keys = list(idempotency_keys)
+    if len(idempotency_keys) != count:
+        raise ValueError(
+            f"idempotency_keys must have one entry per event: got {len(idempotency_keys)} "
+            f"for {count} events"
+        )
+    return idempotency_keys
+
+
+def call_outcome(call: PreparedBatch, reply: object) -> Cursor | PublishError:
+    """What one call of one event came to: its cursor, or the error it was refused with (an
+    error reply of Redis as :func:`script_error` words it, an :class:`IdempotencyConflict`, or a
+    :class:`PublishError` for a reply the script cannot have given)."""
+    if isinstance(reply, Exception):
+        return reply if isinstance(reply, PublishError) else script_error(reply)
+    try:
+        return call.cursors(reply)[0]
+    except PublishError as exc:
+        return exc
+
+
+def in_order_outcome(
+    calls: list[PreparedBatch], replies: list
+) -> tuple[list[Cursor | None], int | None, dict[int, PublishError]]:
+    """Read the replies to calls of :func:`plan_in_order` sent in order (one ``MULTI``/``EXEC``,
+    or one call at a time up to the first refused one): the cursor of each call (``None``: it
+    was refused, or had no reply because it was not sent), the index of the first refused call
+    (``None``: none was), and each refused project's first error.
+
+    The calls after a refused one in the same transaction ran too: those of other projects are
+    published; those of the refused call's project were refused the same way when the refusal
+    came from the project's state (a damaged key; OOM refuses every project), but not after an
+    error of that one call (an :class:`IdempotencyConflict`): their cursors say so.
+    """
+    cursors: list[Cursor | None] = [None] * len(calls)
+    refused: int | None = None
+    errors: dict[int, PublishError] = {}
+    for index, (call, reply) in enumerate(zip(calls, replies, strict=False)):
+        outcome = call_outcome(call, reply)
+        if isinstance(outcome, PublishError):
+            errors.setdefault(call.project_id, outcome)
+            if refused is None:
+                refused = index
+        else:
+            cursors[index] = outcome
+    return cursors, refused, errors
 
 
 def pack_command(*args: bytes | str | int) -> bytes:
