@@ -20,12 +20,22 @@ from publisher import (
     AsyncPublisher,
     Cursor,
     EventValidationError,
+    IdempotencyConflict,
     Publisher,
     PublishError,
     PublisherUnavailable,
+    PublishManyError,
     Retention,
 )
-from publisher.core import BATCH_SIZE, new_epoch, pack_command, plan_batches, prepare_single
+from publisher.core import (
+    BATCH_SIZE,
+    in_order_outcome,
+    new_epoch,
+    pack_command,
+    plan_batches,
+    plan_in_order,
+    prepare_single,
+)
 from schemas import (
     AgentResumed,
     Blocker,
@@ -195,6 +205,93 @@ def test_plan_batches_rejects_the_whole_burst_if_one_event_is_invalid() -> None:
     events[7].answer = ""
     with pytest.raises(EventValidationError, match=r"\$\.answer"):
         plan_batches(events, keys=KEYS, retention=Retention(), publish_command="PUBLISH")
+
+
+def test_plan_in_order_makes_one_call_per_event_in_the_input_order() -> None:
+    events = [resolved(project_id=p, n=i + 1) for i, p in enumerate([2, 1, 2, 1])]
+    calls = plan_in_order(
+        events,
+        keys=KEYS,
+        retention=Retention(),
+        publish_command="PUBLISH",
+        idempotency_keys=["k0", None, "k2", None],
+    )
+    assert [(c.project_id, c.positions, c.size) for c in calls] == [
+        (2, [0], 1), (1, [1], 1), (2, [2], 1), (1, [3], 1)
+    ]  # fmt: skip
+    assert [calls[0].args[6], calls[2].args[6]] == [
+        KEYS.idempotency(2, "k0"),
+        KEYS.idempotency(2, "k2"),
+    ]
+    assert all(":idem:~" in str(calls[i].args[6]) for i in (1, 3))  # retry guards of their own
+    with pytest.raises(ValueError, match="one entry per event"):
+        plan_in_order(
+            events,
+            keys=KEYS,
+            retention=Retention(),
+            publish_command="PUBLISH",
+            idempotency_keys=["k"],
+        )
+    with pytest.raises(ValueError, match="idempotency_key"):
+        plan_in_order(
+            events,
+            keys=KEYS,
+            retention=Retention(),
+            publish_command="PUBLISH",
+            idempotency_keys=[None, None, None, "has space"],
+        )
+    events[3].answer = ""
+    with pytest.raises(EventValidationError, match=r"\$\.answer"):
+        plan_in_order(events, keys=KEYS, retention=Retention(), publish_command="PUBLISH")
+
+
+def test_in_order_outcome_reads_the_replies_up_to_the_first_refused_call() -> None:
+    """What a transaction came to, from its replies alone: the cursor of every call that ran,
+    the first refused one, each refused project's first error. Calls after the refused one ran
+    too: another project's is published, a refusal from the project's state (a damaged key)
+    refuses its project's later calls, an IdempotencyConflict (one call's own) does not."""
+    events = [resolved(project_id=p, n=i + 1) for i, p in enumerate([1, 2, 3, 2, 1, 3, 3])]
+    calls = plan_in_order(
+        events,
+        keys=KEYS,
+        retention=Retention(),
+        publish_command="PUBLISH",
+        idempotency_keys=[f"k{i}" for i in range(7)],
+    )
+    damaged = redis.exceptions.ResponseError(
+        "EVENTBUS_CORRUPT eventbus:{2}:meta is not a hash script: 1a2b, on @user_script:12."
+    )
+    replies = [
+        [b"E1", 4, 0],
+        damaged,
+        [b"E3", 9, 2],  # CONFLICT: k2 was used for another event
+        damaged,
+        [b"E1", 5, 1],  # DUPLICATE: published before, its first cursor
+        [b"E3", 10, 0],  # project 3 after its refused call: overtook it
+        [b"E3", 11],  # a reply the script cannot give
+    ]
+    cursors, refused, errors = in_order_outcome(calls, replies)
+    assert cursors == [Cursor("E1", 4), None, None, None, Cursor("E1", 5), Cursor("E3", 10), None]
+    assert refused == 1
+    assert list(errors) == [2, 3]
+    assert "eventbus:{2}:meta" in str(errors[2]) and "nothing written" in str(errors[2])
+    assert isinstance(errors[3], IdempotencyConflict) and errors[3].key == "k2"
+    assert errors[3].cursor == Cursor("E3", 9)
+
+    # One call at a time, stopped at the refused one: the others had no reply (not sent).
+    cursors, refused, one_by_one = in_order_outcome(calls, replies[:2])
+    assert (cursors, refused, list(one_by_one)) == ([Cursor("E1", 4)] + [None] * 6, 1, [2])
+    # A transaction Redis discarded (a call refused while queued): nothing ran.
+    oom = redis.exceptions.ResponseError("OOM command not allowed")
+    cursors, refused, errors = in_order_outcome(calls, [oom])
+    assert (cursors, refused, list(errors)) == ([None] * 7, 0, [1])
+    assert str(errors[1]) == "publish failed: OOM command not allowed"
+    assert in_order_outcome(calls[:1], [[b"E1", 4, 0]]) == ([Cursor("E1", 4)], None, {})
+
+    error = PublishManyError([Cursor("E1", 4), None], {2: PublishError("x")}, stopped_at=1)
+    assert error.stopped_at == 1 and error.unpublished == [1]
+    assert "stopped at event 1" in str(error)
+    assert PublishManyError([None], {2: PublishError("x")}).stopped_at is None
 
 
 # --- Publisher (sync) against fakeredis -------------------------------------------------------

@@ -20,7 +20,7 @@ import pytest
 import redis
 import redis.cluster
 
-from publisher import AsyncPublisher, Cursor, Publisher, PublisherUnavailable
+from publisher import AsyncPublisher, Cursor, Publisher, PublisherUnavailable, PublishManyError
 from schemas.events import BlockerResolved
 from schemas.keys import Envelope, Keys, parse_envelope
 from tests.support.redis_cluster import ClusterNode, RedisCluster
@@ -201,6 +201,47 @@ def test_publish_many_across_shards(cluster: RedisCluster, publisher: Publisher)
             assert answers == [f"answer {n}" for n in range(1, 11)]
     finally:
         subscriber.close()
+
+
+@pytest.mark.parametrize("flavour", ["sync", "asyncio"])
+def test_in_order_publishing_on_a_cluster_stops_at_the_first_refused_event(
+    cluster: RedisCluster, redis_cluster_url: str, flavour: str
+) -> None:
+    """A transaction cannot span the slots of several projects: on a cluster, in-order publishing
+    sends one call per round trip and stops at the first refused one (project 102's damaged
+    key, index 5); nothing after it is sent. After the repair, the same keys are exact."""
+    projects = [100, 101, 102, 103]
+    order = [100, 101, 103, 100, 102, 101, 103, 102, 100, 101, 102, 103]  # 102 first at 4
+    events = [event(p, order[:i].count(p) + 1) for i, p in enumerate(order)]
+    keys = [f"k-{e.project_id}-{e.blocker_id}" for e in events]
+    client = cluster.client()
+    try:
+        client.set(KEYS.meta(102), "not a hash")
+
+        def run() -> list[Cursor]:
+            if flavour == "sync":
+                with Publisher.from_url(redis_cluster_url) as bus:
+                    return bus.publish_many(events, idempotency_keys=keys, in_order=True)
+
+            async def run_async() -> list[Cursor]:
+                async with AsyncPublisher.from_url(redis_cluster_url) as bus:
+                    return await bus.publish_many(events, idempotency_keys=keys, in_order=True)
+
+            return asyncio.run(run_async())
+
+        with pytest.raises(PublishManyError) as caught:
+            run()
+        error = caught.value
+        assert error.stopped_at == 4 and list(error.errors) == [102]
+        assert [c is not None for c in error.cursors] == [True] * 4 + [False] * 8
+        stored = {p: client.xlen(KEYS.stream(p)) for p in projects}
+        assert stored == {100: 2, 101: 1, 102: 0, 103: 1}
+        client.delete(KEYS.meta(102))
+        cursors = run()
+        assert cursors[:4] == error.cursors[:4]
+        assert {p: client.xlen(KEYS.stream(p)) for p in projects} == dict.fromkeys(projects, 3)
+    finally:
+        client.close()
 
 
 async def test_async_publisher_on_cluster(cluster: RedisCluster, redis_cluster_url: str) -> None:

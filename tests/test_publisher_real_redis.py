@@ -29,9 +29,10 @@ from publisher import (
     EventValidationError,
     Publisher,
     PublisherUnavailable,
+    PublishManyError,
     Retention,
 )
-from schemas import BlockerResolved, Envelope, Keys, encode_event, parse_envelope
+from schemas import BlockerResolved, Envelope, Keys, encode_event, lua, parse_envelope
 from tests.support.redis_server import RedisServer, free_port
 
 KEYS = Keys()
@@ -233,6 +234,109 @@ async def test_async_script_cache_flush_is_survived(redis_url: str, redis_client
         assert (await pub.publish(event(1, 2))).seq == 2
         redis_client.script_flush()
         assert [c.seq for c in await pub.publish_many([event(1, 3), event(1, 4)])] == [3, 4]
+
+
+# --- publish_many(..., in_order=True): in order, stopping at the first refused call -------------
+
+
+def _burst_with_a_damaged_project() -> tuple[list[BlockerResolved], list[str]]:
+    """250 keyed events, three transactions of 100: projects 1 and 3 alternate up to index 150,
+    then projects 1, 2 and 3 take turns; project 2 (whose meta key the test damages) first
+    appears at index 150, in the middle of the second transaction."""
+    events = [event(1 + 2 * (i % 2), i + 1) for i in range(150)]
+    events += [event(1 + (i + 1) % 3, i + 1) for i in range(150, 250)]
+    return events, [f"in-order-{i}" for i in range(250)]
+
+
+def _in_order(url: str, flavour: str, events: list, keys: list) -> list[Cursor]:
+    """``publish_many(events, idempotency_keys=keys, in_order=True)`` with a new sync or asyncio
+    publisher."""
+    if flavour == "sync":
+        with Publisher.from_url(url) as pub:
+            return pub.publish_many(events, idempotency_keys=keys, in_order=True)
+
+    async def run() -> list[Cursor]:
+        async with AsyncPublisher.from_url(url) as pub:
+            return await pub.publish_many(events, idempotency_keys=keys, in_order=True)
+
+    return asyncio.run(run())
+
+
+def _stored(client: redis.Redis, project_id: int) -> list[tuple[int, int]]:
+    """(seq, blocker id) of every entry of the project's stream, oldest first."""
+    return [
+        (seq, json.loads(frame)["blocker_id"])
+        for seq, frame, _t in stream_entries(client, project_id)
+    ]
+
+
+def _transactions_run(client: redis.Redis) -> int:
+    return int(client.info("commandstats").get("cmdstat_exec", {}).get("calls", 0))
+
+
+@pytest.mark.parametrize("flavour", ["sync", "asyncio"])
+def test_in_order_publishing_stops_at_the_first_refused_event_and_says_exactly_what_ran(
+    redis_url: str, redis_client, flavour: str
+) -> None:
+    """A damaged key of project 2 refuses its first event, index 150, in the second of three
+    transactions: every event before it is published, the third transaction is never sent, and
+    ``PublishManyError`` says exactly what Redis ran (its cursors are the streams' entries, the
+    events of projects 1 and 3 after 150 in the same transaction included). Plain
+    ``publish_many`` goes on after a refused call (all of projects 1 and 3 published: an outbox
+    relay's later rows ahead of a held one). After the repair, the same burst under the same keys
+    publishes each event exactly once, in order, those that ran returning their first cursors."""
+    events, keys = _burst_with_a_damaged_project()
+    redis_client.set(KEYS.meta(2), "not a hash")
+    redis_client.script_load(lua.PUBLISH)  # (else a first transaction finds NOSCRIPT: one more)
+    redis_client.config_resetstat()
+    with pytest.raises(PublishManyError) as caught:
+        _in_order(redis_url, flavour, events, keys)
+    error = caught.value
+    assert error.stopped_at == 150
+    assert list(error.errors) == [2] and "eventbus:{2}:meta" in str(error.errors[2])
+    assert _transactions_run(redis_client) == 2  # nothing sent after the one with the refusal
+    ran = [i for i, cursor in enumerate(error.cursors) if cursor is not None]
+    assert ran == list(range(150)) + [i for i in range(151, 200) if events[i].project_id != 2]
+    assert error.unpublished == [i for i in range(250) if i not in ran]
+    for project_id in (1, 3):
+        assert _stored(redis_client, project_id) == [
+            (error.cursors[i].seq, events[i].blocker_id)
+            for i in ran
+            if events[i].project_id == project_id
+        ]
+    assert _stored(redis_client, 2) == []
+
+    redis_client.delete(KEYS.meta(2))  # repaired: project 2 starts a history
+    cursors = _in_order(redis_url, flavour, events, keys)
+    assert [cursors[i] for i in ran] == [error.cursors[i] for i in ran]  # their first cursors
+    for project_id in (1, 2, 3):
+        mine = [i for i in range(250) if events[i].project_id == project_id]
+        assert _stored(redis_client, project_id) == [
+            (n, events[i].blocker_id) for n, i in enumerate(mine, 1)
+        ]
+        assert [cursors[i].seq for i in mine] == list(range(1, len(mine) + 1))
+
+
+@pytest.mark.parametrize("flavour", ["sync", "asyncio"])
+def test_in_order_publishing_survives_a_script_cache_flush_and_a_burst_without_keys(
+    redis_url: str, redis_client, flavour: str
+) -> None:
+    """After SCRIPT FLUSH every call of the transaction is refused with NOSCRIPT and none ran:
+    the publisher loads the script and sends the transaction again. Events without a key are
+    each published once under a retry guard of their own."""
+    _in_order(redis_url, flavour, [event(1, 10)], [None])
+    redis_client.script_flush()
+    events = [event(1 + i % 2, i) for i in range(1, 6)]
+    cursors = _in_order(redis_url, flavour, events, [None, "k2", None, "k4", None])
+    assert [(e.project_id, c.seq) for e, c in zip(events, cursors, strict=True)] == [
+        (2, 1),
+        (1, 2),
+        (2, 2),
+        (1, 3),
+        (2, 3),
+    ]
+    assert _stored(redis_client, 1) == [(1, 10), (2, 2), (3, 4)]
+    assert _stored(redis_client, 2) == [(1, 1), (2, 3), (3, 5)]
 
 
 # --- concurrency ------------------------------------------------------------------------------

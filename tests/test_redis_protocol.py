@@ -274,10 +274,11 @@ async def test_presence_read_of_the_wrong_shape_is_a_redis_error(fake, reply):
 
 
 def test_a_transaction_reply_of_the_wrong_shape_keeps_the_relay_batching(fake, redis_server):
-    """One EXEC answered with something no Redis sends fails that round (its rows are published
-    one by one, which fails too here), and the next round is one MULTI/EXEC again; before, the
-    relay took it for a change of the publisher's internals and published one row per round
-    trip for the rest of its life. Every row is published exactly once in the end."""
+    """One EXEC answered with something no Redis sends fails that round (the publisher sends the
+    transaction again, as after a lost connection, since every call is keyed, and gives up with
+    PublisherUnavailable, here within its 2 s), and the next round is one MULTI/EXEC again;
+    before, the relay took it for a change of the publisher's internals and published one row
+    per round trip for the rest of its life. Every row is published exactly once in the end."""
     from publisher.outbox.publishing import KeyedPublisher
 
     loader = redis_server.client()
@@ -292,7 +293,8 @@ def test_a_transaction_reply_of_the_wrong_shape_keeps_the_relay_batching(fake, r
     with Publisher.from_url(fake.url, prefix=PREFIX, timeout=2) as publisher:
         keyed = KeyedPublisher(publisher)
         cursors, error = keyed.publish(rows)
-        assert cursors == [] and isinstance(error, PublishError)
+        assert cursors == [] and isinstance(error, PublisherUnavailable)
+        assert "unexpected reply to a transaction" in str(error)
         fake.answer = proxy
         sent = len(fake.commands)
         cursors, error = keyed.publish(rows)
