@@ -912,6 +912,7 @@ class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
         return replies
 
     async def _bounded_call(self, call: PreparedBatch) -> object:
+        """One call as :meth:`publish` makes it, within timeout; its error reply returned."""
         started = time.monotonic()
         async with asyncio.timeout(self._policy.timeout):
             try:
