@@ -10,8 +10,8 @@
 JSON lines on stderr and on SIGTERM / SIGINT exits 0 within ``--stop-timeout`` (10 s), whatever
 the database does (see ``OutboxRelay.stop``). Exit 2: usage error; 1: the relay thread died.
 
-:func:`relay_main` takes the arguments after ``relay``, for wiring as ``python -m publisher
-relay``.
+The same relay is ``eventbus-publish relay`` (:func:`relay_main` takes the arguments after
+``relay``).
 """
 
 from __future__ import annotations
@@ -183,7 +183,11 @@ def relay_main(argv: Sequence[str] | None = None, prog: str = "python -m publish
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m publisher.outbox", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m publisher.outbox",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # the docstring's example lines
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     relay = sub.add_parser("relay", help="publish the outbox table to Redis, forever")
     _relay_arguments(relay)
