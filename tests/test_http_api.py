@@ -153,6 +153,22 @@ def test_settings_that_cannot_work_are_refused_by_name(flag: str, value: float, 
     assert out.returncode == 2 and flag.replace("_", "-") in out.stderr, out.stderr
 
 
+def test_serve_refuses_a_keys_file_without_keys(tmp_path) -> None:
+    # Such a server started without a word and answered 401 "unknown API key" to every request
+    # (found by pasting the wrong line of new-key's output into the keys file).
+    keys = tmp_path / "keys.json"
+    keys.write_text('{"keys": []}')
+    out = subprocess.run(
+        [sys.executable, "-m", "publisher.http_api", "serve", "--keys-file", str(keys)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert out.returncode == 2, out.stderr
+    assert f"{keys}: no keys" in out.stderr and "new-key" in out.stderr
+
+
 def test_project_path() -> None:
     assert parse_project_path("/v1/projects/42/events") == 42
     for bad in (

@@ -113,6 +113,14 @@ def _serve(args: argparse.Namespace, prog: str) -> int:
     if args.limit_concurrency < 1:
         sys.stderr.write(f"{prog}: error: --limit-concurrency must be at least 1\n")
         return 2
+    if not len(credentials):
+        # A server without a key can only answer 401: refused like the other settings that
+        # cannot work, rather than started in silence.
+        sys.stderr.write(
+            f"{prog}: error: {args.keys_file}: no keys: every request would be answered 401 "
+            f'(add the entry that `new-key` prints to its "keys" list)\n'
+        )
+        return 2
     publisher = AsyncPublisher.from_url(args.redis_url, prefix=args.prefix)
     app = PublishApi(publisher, credentials, settings)
     limit_concurrency, backlog = fit_descriptors(args.limit_concurrency)
