@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -829,3 +831,27 @@ async def test_redis_unavailable_is_logged_once_a_second_not_per_request() -> No
     lines = [line for line in logs if line["event"] == "http_publish_unavailable"]
     assert [line.get("suppressed", 0) for line in lines] == [0, 100]
     assert app.counters.responses[503, "unavailable"] == 102
+
+
+def test_docs_list_every_serve_option_with_its_default(monkeypatch) -> None:
+    """docs/http-publish.md's table of `serve` options is the parser's (it once had none, and
+    `serve --help` names the flags without their defaults)."""
+    import argparse
+
+    from publisher.http_api.__main__ import _parser
+
+    for name in list(os.environ):
+        if name.startswith("EVENTBUS_"):
+            monkeypatch.delenv(name)
+    docs = (Path(__file__).parents[1] / "docs" / "http-publish.md").read_text()
+    rows = {
+        row.split("|")[1].strip(" `"): row for row in docs.splitlines() if row.startswith("| `--")
+    }
+    commands = next(a for a in _parser("x")._actions if isinstance(a, argparse._SubParsersAction))
+    options = [
+        a for a in commands.choices["serve"]._actions if a.option_strings != ["-h", "--help"]
+    ]
+    assert sorted(rows) == sorted(a.option_strings[0] for a in options)
+    for action in options:
+        default = "(required)" if action.default is None else f"`{action.default}`"
+        assert default in rows[action.option_strings[0]].split("|")[3], action.option_strings
