@@ -72,6 +72,18 @@ def test_contract_page_names_every_field_of_every_event():
         assert f'"type": "{tag}"' in section, f"{tag}: no example"
 
 
+def test_contract_page_shows_the_contracts_examples_verbatim():
+    """docs/contract.md restates the contract in full: each event's example is the contract's
+    own JSON (kept in tests/test_schemas.py, which checks it against the contract file), so a
+    reader needs nothing outside the repository."""
+    from tests.test_schemas import CONTRACT_EXAMPLES
+
+    sections = _sections((ROOT / "docs" / "contract.md").read_text())
+    for tag, example in CONTRACT_EXAMPLES.items():
+        blocks = re.findall(r"^```json\n(.*?)\n```", sections[tag], flags=re.S | re.M)
+        assert blocks == [example], f"docs/contract.md, {tag}: not the contract's example"
+
+
 # --- the demo runner's documented flags and defaults (docs/browser.md) ------------------------
 
 
