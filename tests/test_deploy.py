@@ -388,6 +388,18 @@ def test_compose_gateways_match_the_image(compose: dict, dockerfile) -> None:
     assert demo["environment"]["EVENTBUS_AUTH_SECRET"] == env["EVENTBUS_AUTH_SECRET"]
 
 
+def test_compose_demo_reaches_the_gateways_from_inside_its_container(compose: dict) -> None:
+    """The page is told the load balancer's address as the host publishes it (localhost); the
+    backend's own consumer, through which the simulated agents learn of answers, runs inside the
+    demo container, where localhost is the container itself: it must be given the balancer's
+    service name. Without it the consumer dialled ws://127.0.0.1:<gateway port>/ in the demo
+    container for ever, and no agent ever resumed after an answer."""
+    env = compose["services"]["demo"]["environment"]
+    assert env["EVENTBUS_DASHBOARD_GATEWAY_URL"] == f"ws://localhost:{DEFAULT_PORT}/"
+    assert env["EVENTBUS_DASHBOARD_GATEWAY_HTTP_URL"] == f"http://localhost:{DEFAULT_PORT}"
+    assert env.get("EVENTBUS_DASHBOARD_CONSUMER_URL") == f"ws://lb:{DEFAULT_PORT}/"
+
+
 def test_compose_load_balancer_config(compose: dict) -> None:
     lb = compose["services"]["lb"]
     (mount,) = lb["volumes"]
