@@ -164,3 +164,23 @@ def test_publisher_token_sample_runs_as_written(tmp_path):
     sample = next(b for b in _python_blocks(PUBLISHER_DOC) if "issue_token(SECRET" in b)
     result = _run_sample(sample, tmp_path, {"EVENTBUS_AUTH_SECRET": "s" * 32})
     assert result.returncode == 0, result.stderr
+
+
+def test_the_demo_backend_alone_finds_a_gateway_on_its_default_port(monkeypatch):
+    """`python -m examples.dashboard.server` says the gateway must already run: started with
+    its defaults (`make gateway`), it listens on 8765. The backend pointed its page and its
+    consumer at 8001, where nothing listens, unless given --gateway-port."""
+    from examples.dashboard.server import Config
+    from gateway.config import GatewayConfig
+
+    _runner_help(monkeypatch)  # clears EVENTBUS_* first
+    assert Config().gateway_port == GatewayConfig(no_auth=True).port == 8765
+    result = subprocess.run(
+        [sys.executable, "-m", "examples.dashboard.server", "--help"],
+        cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if not k.startswith("EVENTBUS_")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "port of the gateway (default 8765)" in " ".join(result.stdout.split())

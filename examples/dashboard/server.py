@@ -98,7 +98,8 @@ class Config:
     #: WebSocket URL the page connects to; by default the page's own host name on gateway_port,
     #: so that opening the page as localhost or 127.0.0.1 both work.
     gateway_url: str | None = None
-    gateway_port: int = 8001
+    #: The gateway's own default port (gateway.config), where `make gateway` listens.
+    gateway_port: int = 8765
     #: HTTP base URL of the gateway for the polling fallback; by default derived like gateway_url.
     gateway_http_url: str | None = None
     #: WebSocket URL of the gateway for the backend's own consumer (the simulated agents wait for
@@ -638,7 +639,14 @@ def main(argv: list[str] | None = None) -> None:
         parser, "--gateway-url", "DASHBOARD_GATEWAY_URL",
         "WebSocket URL of the gateway for the page (None: ws://<page's host>:<gateway port>/)",
     )  # fmt: skip
-    _flag(parser, "--gateway-port", "PORT", "port of the gateway", type=int, default=8001)
+    _flag(
+        parser,
+        "--gateway-port",
+        "PORT",
+        "port of the gateway",
+        type=int,
+        default=Config.gateway_port,
+    )
     _flag(
         parser, "--gateway-http-url", "DASHBOARD_GATEWAY_HTTP_URL",
         "HTTP base URL of the gateway for polling (None: derived like --gateway-url)",
