@@ -29,7 +29,14 @@ import msgspec
 import structlog
 
 from consumer.client import Consumer, Start, TokenSource
-from consumer.types import ConsumerError, Delivery, Item, Resync, UndecodableEvent
+from consumer.types import (
+    AuthenticationFailed,
+    ConsumerError,
+    Delivery,
+    Item,
+    Resync,
+    UndecodableEvent,
+)
 from schemas.tokens import issue_token
 
 __all__ = ["add_arguments", "format_item", "main", "run", "service_token", "tail"]
@@ -263,7 +270,14 @@ def run(args: argparse.Namespace, *, stdout: TextIO, stderr: TextIO, prog: str =
             )
         )
     except ConsumerError as exc:
-        stderr.write(f"{prog}: error: {exc}\n")
+        hint = ""
+        if isinstance(exc, AuthenticationFailed) and args.token is None and not secret:
+            # The usual first run: a gateway with auth, and no flag or variable set yet.
+            hint = (
+                "; pass --token (or $EVENTBUS_TOKEN), or --secret (or"
+                " $EVENTBUS_AUTH_SECRET, the gateway's) to mint one"
+            )
+        stderr.write(f"{prog}: error: {exc}{hint}\n")
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED

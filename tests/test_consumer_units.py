@@ -2142,6 +2142,32 @@ def test_tail_mints_tokens_without_a_subject_so_it_is_not_in_presence():
     assert claims.sub is None and claims.projects == frozenset({1, 2})
 
 
+@pytest.mark.parametrize("given", [None, "--token", "--secret"])
+def test_tail_says_how_to_give_a_token_when_none_was_given(given, monkeypatch):
+    # `python -m consumer tail 1`, as docs/consumer.md first shows it, against a gateway with
+    # auth: the refusal named close code 4001 and nothing about the --token / --secret flags.
+    import argparse
+    import io
+
+    from consumer import tail as tail_module
+    from consumer.types import AuthenticationFailed
+
+    async def refused(*args, **kwargs):
+        raise AuthenticationFailed("the gateway refused the token (close code 4001)")
+
+    monkeypatch.setattr(tail_module, "tail", refused)
+    monkeypatch.delenv("EVENTBUS_AUTH_SECRET", raising=False)
+    monkeypatch.delenv("EVENTBUS_TOKEN", raising=False)
+    parser = argparse.ArgumentParser()
+    tail_module.add_arguments(parser)
+    argv = ["1"] + ({"--token": ["--token", "t"], "--secret": ["--secret", "s"]}.get(given) or [])
+    stderr = io.StringIO()
+    code = tail_module.run(parser.parse_args(argv), stdout=io.StringIO(), stderr=stderr)
+    assert code == tail_module.EXIT_USAGE
+    hint = "pass --token (or $EVENTBUS_TOKEN), or --secret"
+    assert (hint in stderr.getvalue()) == (given is None), stderr.getvalue()
+
+
 def test_the_reconnect_jitter_leaves_the_global_random_state_alone():
     # An application seeding ``random`` (a simulation, a property-based test) draws the same
     # numbers whether or not a consumer reconnected meanwhile.
