@@ -27,17 +27,30 @@ def _parser(prog: str) -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the HTTP publish API")
     serve.add_argument(
-        "--redis-url", default=os.environ.get("EVENTBUS_REDIS_URL", DEFAULT_REDIS_URL)
+        "--redis-url",
+        default=os.environ.get("EVENTBUS_REDIS_URL", DEFAULT_REDIS_URL),
+        help=f"default $EVENTBUS_REDIS_URL, else {DEFAULT_REDIS_URL}",
     )
-    serve.add_argument("--prefix", default=os.environ.get("EVENTBUS_PREFIX", "eventbus"))
+    serve.add_argument(
+        "--prefix",
+        default=os.environ.get("EVENTBUS_PREFIX", "eventbus"),
+        help="key prefix shared with the gateways (default $EVENTBUS_PREFIX, else eventbus)",
+    )
     serve.add_argument(
         "--keys-file",
         default=os.environ.get("EVENTBUS_PUBLISH_KEYS_FILE"),
         help="JSON file of API keys (hashes); env EVENTBUS_PUBLISH_KEYS_FILE",
     )
-    serve.add_argument("--host", default=os.environ.get("EVENTBUS_HTTP_API_HOST", "127.0.0.1"))
     serve.add_argument(
-        "--port", type=int, default=int(os.environ.get("EVENTBUS_HTTP_API_PORT", "8766"))
+        "--host",
+        default=os.environ.get("EVENTBUS_HTTP_API_HOST", "127.0.0.1"),
+        help="default $EVENTBUS_HTTP_API_HOST, else 127.0.0.1",
+    )
+    serve.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("EVENTBUS_HTTP_API_PORT", "8766")),
+        help="default $EVENTBUS_HTTP_API_PORT, else 8766",
     )
     defaults = HttpApiSettings()
     for field in msgspec.structs.fields(HttpApiSettings):
@@ -45,6 +58,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
             "--" + field.name.replace("_", "-"),
             type=type(field.default),
             default=getattr(defaults, field.name),
+            help="default %(default)s (docs/http-publish.md)",
         )
     serve.add_argument(
         "--limit-concurrency",
