@@ -676,12 +676,24 @@ def test_new_key_prints_a_key_whose_entry_authenticates_it() -> None:
     assert creds.authenticate(f"Bearer {key}").projects == [1, 2]
 
 
+def test_new_key_sets_the_keys_own_rate_and_burst(capsys) -> None:
+    # The keys file takes both (docs/http-publish.md: "rate": 20000, "burst": 40000); new-key
+    # took only --rate, so a burst had to be typed into the entry by hand.
+    from publisher.http_api.__main__ import main
+
+    assert main(["new-key", "--id", "ingest", "--projects", "*", "--rate", "20000",
+                 "--burst", "40000"]) == 0  # fmt: skip
+    entry = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert entry["rate"] == 20000 and entry["burst"] == 40000
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--projects", "1,x"], "invalid literal"),
         (["--projects", "0"], "$.projects[0]"),
         (["--projects", "1", "--rate", "0"], "$.rate"),
+        (["--projects", "1", "--burst", "0"], "$.burst"),
     ],
 )
 def test_new_key_with_a_wrong_argument_is_an_error_not_a_traceback(args, message, capsys) -> None:

@@ -71,7 +71,12 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     key = commands.add_parser("new-key", help="print a new API key and its keys-file entry")
     key.add_argument("--id", required=True, help="a name for the credential (e.g. the service)")
     key.add_argument("--projects", required=True, help="comma-separated project ids, or '*'")
-    key.add_argument("--rate", type=float, default=None, help="events/s for this key")
+    key.add_argument(
+        "--rate", type=float, default=None, help="events/s for this key (default: serve's --rate)"
+    )
+    key.add_argument(
+        "--burst", type=int, default=None, help="events this key may save up (serve's --burst)"
+    )
     return parser
 
 
@@ -89,7 +94,13 @@ def _new_key(args: argparse.Namespace, prog: str) -> int:
             "*" if args.projects.strip() == "*" else [int(p) for p in args.projects.split(",")]
         )
         entry = msgspec.convert(
-            {"id": args.id, "sha256": hash_key(key), "projects": projects, "rate": args.rate},
+            {
+                "id": args.id,
+                "sha256": hash_key(key),
+                "projects": projects,
+                "rate": args.rate,
+                "burst": args.burst,
+            },
             ApiKey,
         )
     except ValueError as exc:  # (msgspec.ValidationError is one) a traceback was printed
