@@ -478,7 +478,9 @@ class Write:
     record, None for gone) turn version ``base`` into ``version``; base 0 replaces the pod's
     whole member list, which ``changes`` then is. ``announce``: whether the announcement of
     the write carries ``changes`` (False: they take more than the pod's bound, and the other
-    pods read the project instead; :func:`schemas.presence.fits_announcement`)."""
+    pods read the project instead; :func:`schemas.presence.fits_announcement`). A write that
+    leaves the pod no member in the project and would not fit is a replacement with nothing
+    instead (base 0, no changes), always announced: every pod drops the pod at once."""
 
     project_id: int
     base: int
@@ -690,6 +692,12 @@ class PresenceCore:
             else:
                 changes = {m: self.table.record(project_id, m) for m in sorted(members)}
             announce = fits_announcement(changes, self.max_announcement)
+            if not announce and not self.table.member_count(project_id):
+                # The pod's last members leave: written as a replacement with nothing, whose
+                # announcement ('{}', base 0) every pod applies. Without records, the pods'
+                # read found the pod gone from Redis (a write that empties a pod removes it),
+                # which a view keeps as after a flush, until refreshes miss it three times.
+                base, changes, announce = 0, {}, True
             writes.append(Write(project_id, base, next(self._versions), changes, announce))
         self._pending.clear()
         return writes

@@ -704,3 +704,27 @@ async def test_a_large_presence_write_leaves_every_pods_pubsub_link_connected(ga
                 await pod.drain()
             await publisher.aclose()
             await direct.aclose()
+
+
+async def test_people_leaving_in_a_write_too_large_to_announce_leave_every_pod_at_once(gateways):
+    """20 people with long ids and names, the only ones on their pod, close their tabs at once:
+    ~16 KB of departures, over an 8 KB bound. Announced without records, the other pod read
+    the project, found the pod gone from Redis (its last member left) and kept its members, as
+    after a flush, until three refresh reports missed the pod: 6 to 9 s with the default 3 s
+    refreshes. Now the other pod's subscribers see them leave at the next diffs."""
+    settings = {"presence_diff_interval": 0.2, "presence_max_announcement": 8192}
+    pods = [await gateways(**settings) for _ in range(2)]
+    watcher = await person(pods[1], "watcher")
+    await watcher.subscribe(1, presence=True)
+    people = [await person(pods[0], long_id(i), LONG_NAME) for i in range(20)]
+    try:
+        await asyncio.gather(*(p.send({"type": "subscribe", "project_id": 1}) for p in people))
+        expected = {"watcher"} | {long_id(i) for i in range(20)}
+        await until(watcher, lambda: ids(watcher) == expected, 10)
+        arrivals = pods[0].metrics.presence_unannounced_writes_total
+        assert arrivals >= 1
+    finally:
+        await asyncio.gather(*(p.close() for p in people))
+    await until(watcher, lambda: ids(watcher) == {"watcher"}, 3)
+    # The departures were announced (as an empty list), not left for the other pod to read.
+    assert pods[0].metrics.presence_unannounced_writes_total == arrivals
