@@ -699,12 +699,19 @@ class PresenceService:
                         next_refresh = loop.time() + self.refresh_interval
                         await self._refresh()
                     await self._flush()
-                    while self._reread:
-                        project_id = self._reread.pop()
+                    # The projects asked for now, each read once: one asked for again while
+                    # a read is under way waits for the next round, so that announcements
+                    # asking for reads (writes too large to announce, from every pod that
+                    # writes the project, or forged) cost at most one read per project per
+                    # round, not one each as fast as Redis answers.
+                    batch, self._reread = self._reread, set()
+                    while batch:
+                        project_id = batch.pop()
                         try:
                             await self._reload(project_id)
                         except BaseException:
-                            self._reread.add(project_id)  # read it again on the next round
+                            # read them again on the next round
+                            self._reread |= batch | {project_id}
                             raise
                 backoff = self.flush_interval
             except (redis.exceptions.RedisError, OSError) as exc:  # (TimeoutError is an OSError)
