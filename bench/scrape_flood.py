@@ -36,23 +36,36 @@ SECRET = "scrape-flood-secret-0123456789abcdef"
 FLOOD = r"""
 import asyncio, sys, time
 port, n, seconds = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+# The request (on stdin), "{n}" in it replaced by a number counting requests (project ids).
+template = sys.stdin.buffer.read() or b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
 latencies = []
+sent = 0
 
 async def scraper():
+    global sent
     end = time.monotonic() + seconds
     reader = writer = None
     while time.monotonic() < end:
         started = time.monotonic()
         if reader is None:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        sent += 1
+        writer.write(template.replace(b"{n}", str(sent).encode()))
         try:
             head = await reader.readuntil(b"\r\n\r\n")
             length = next(
-                int(line.split(b":")[1])
-                for line in head.split(b"\r\n")
-                if line.lower().startswith(b"content-length")
+                (
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length")
+                ),
+                None,
             )
+            if length is None:  # a stream (SSE): dropped once its head has come
+                writer.close()
+                reader = writer = None
+                latencies.append(time.monotonic() - started)
+                continue
             await reader.readexactly(length)
         except (asyncio.IncompleteReadError, ConnectionError):
             writer.close()
@@ -77,10 +90,19 @@ def cpu_seconds(pid: int) -> float:
     return sum(proc_cpu(p) for p in [pid, *child_pids(pid)])
 
 
-async def window(gateway: GatewayProcess, publisher: Publisher, args, flood: bool) -> dict:
+async def window(
+    gateway: GatewayProcess,
+    publisher: Publisher,
+    args,
+    flood: bool,
+    request: str | None = None,
+    token: str | None = None,
+) -> dict:
+    """One window: a subscriber's delivery latency, the gateway's CPU and, with ``flood``,
+    ``args.scrapers`` clients sending ``request`` (default: ``GET /metrics``) in a loop."""
     sent: dict[int, float] = {}
     latencies: list[float] = []
-    token = issue_token(SECRET, [1], ttl=3600)
+    token = token or issue_token(SECRET, [1], ttl=3600)
     async with websockets.connect(gateway.ws_url, max_size=2**22) as ws:
         await ws.send(json.dumps({"type": "auth", "token": token}))
         await ws.recv()
@@ -101,8 +123,11 @@ async def window(gateway: GatewayProcess, publisher: Publisher, args, flood: boo
         if flood:
             command = [sys.executable, "-c", FLOOD, str(gateway.port), str(args.scrapers)]
             scrapers = await asyncio.create_subprocess_exec(
-                *command, str(args.seconds), stdout=subprocess.PIPE
+                *command, str(args.seconds), stdin=subprocess.PIPE, stdout=subprocess.PIPE
             )
+            scrapers.stdin.write((request or "").encode())  # (a huge request is no argument)
+            await scrapers.stdin.drain()
+            scrapers.stdin.close()
         cpu0, t0 = cpu_seconds(gateway.pid), time.monotonic()
         end = t0 + args.seconds
         while time.monotonic() < end:
