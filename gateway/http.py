@@ -24,11 +24,12 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from gateway.client_input import parse_project_id
-from gateway.sequencing import plan_poll
+from gateway.sequencing import Snapshot, plan_poll
 from gateway.store import ProjectUnreadable, StoreUnavailable
 from schemas.protocol import MAX_SEQ, PollResponse, ResyncRequired, encode
 from schemas.tags import is_tag
 from schemas.tokens import InvalidToken, TokenClaims
+from serverkit import KeyedSingleFlight
 
 __all__ = ["HttpRoutes", "answer_to", "cors_headers", "draining_response", "json_response"]
 
@@ -105,6 +106,10 @@ class HttpRoutes:
         self.verify = verify
         self.allowed_origins = allowed_origins
         self._static_cache: dict[str, bytes] = {}
+        #: The history reads of polls in flight, by page (project, epoch, after, limit): polls
+        #: of a page made while it is being read wait for that read (one per page, not one per
+        #: poll: pollers of a project woken by the same event ask for the same page at once).
+        self._reads: KeyedSingleFlight[tuple, Snapshot] = KeyedSingleFlight()
         self.routes: dict[str, Callable[[Request], Awaitable[Response]]] = {
             "/healthz": self.healthz,
             "/readyz": self.readyz,
@@ -263,17 +268,14 @@ class HttpRoutes:
             epoch, after, tag, limit = _poll_query(query)
         except ValueError as exc:
             return refuse(400, "invalid_query", str(exc))
-        config = self.gateway.config
         try:
             # The same bound as a subscribe: a hung Redis gets a 503 in time, not a dropped
             # request (the browser client's fetch would otherwise wait for its own timeout).
-            # --poll-page-bytes: ``limit`` alone allowed 1,000 events of up to ~30 KB, a ~30 MB
-            # answer held about three times over (the reply, the encoded page, the answer) by
-            # each such poll at once; cut at the bound, the page says ``more`` as at ``limit``
-            # (a page of one event may be larger: never none while events wait).
-            async with asyncio.timeout(config.subscribe_timeout):
-                snapshot = await self.gateway.store.snapshot(
-                    project_id, epoch, after, limit, max_bytes=config.poll_page_bytes
+            async with asyncio.timeout(self.gateway.config.subscribe_timeout):
+                # Polls of the same page made while it is being read share the read.
+                snapshot = await self._reads(
+                    (project_id, epoch, after, limit),
+                    lambda: self._read(project_id, epoch, after, limit),
                 )
         except (StoreUnavailable, TimeoutError) as exc:
             message = (
@@ -306,6 +308,23 @@ class HttpRoutes:
             tag=plan.tag,
         )
         return json_response(200, encode(body))
+
+    async def _read(
+        self, project_id: int, epoch: str | None, after: int | None, limit: int
+    ) -> Snapshot:
+        """One history read for the polls of one page (see :meth:`poll`)."""
+        config = self.gateway.config
+        self.gateway.metrics.poll_reads_total += 1
+        # Bounded by itself too (KeyedSingleFlight's contract): a poll that joins it late must
+        # not keep it going past the bound of the poll that started it.
+        async with asyncio.timeout(config.subscribe_timeout):
+            # --poll-page-bytes: ``limit`` alone allowed 1,000 events of up to ~30 KB, a ~30 MB
+            # answer held about three times over (the reply, the encoded page, the answer) by
+            # each such poll at once; cut at the bound, the page says ``more`` as at ``limit``
+            # (a page of one event may be larger: never none while events wait).
+            return await self.gateway.store.snapshot(
+                project_id, epoch, after, limit, max_bytes=config.poll_page_bytes
+            )
 
     def _refuse(
         self, status: int, code: str, message: str, headers: list[tuple[str, str]] | None = None

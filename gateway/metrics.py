@@ -64,6 +64,7 @@ class Metrics:
         "client_errors_total": "error messages for bad input; streams and polls refused 403.",
         "auth_failures_total": "Connections closed or streams and polls refused 401: bad token.",
         "polls_total": "HTTP polling requests answered.",
+        "poll_reads_total": "History reads made for polls (shared by concurrent ones at a cursor).",
         "bad_requests_total": "HTTP requests and handshakes refused as malformed (400).",
         "resumes_from_memory_total": "Subscribes answered from a feed's resume window (no read).",
         "subscribe_reads_total": "History reads made for subscribes (shared by concurrent ones).",

@@ -9,13 +9,21 @@ never on ``gateway`` or ``publisher``, as :mod:`redisconn` is for Redis clients.
 * :class:`LogThrottle`: at most a few log lines per kind and interval, with the number dropped
   (:mod:`serverkit.logthrottle`);
 * :class:`SingleFlight`: one in-flight call shared by every concurrent caller, e.g. the Redis
-  ``PING`` of ``/readyz`` probes (:mod:`serverkit.singleflight`).
+  ``PING`` of ``/readyz`` probes, and :class:`KeyedSingleFlight`, one per key, e.g. the history
+  read of polls at one cursor (:mod:`serverkit.singleflight`).
 """
 
 from __future__ import annotations
 
 from serverkit.descriptors import LIMIT_HINT, raise_descriptor_limit, warn_lowered
 from serverkit.logthrottle import LogThrottle
-from serverkit.singleflight import SingleFlight
+from serverkit.singleflight import KeyedSingleFlight, SingleFlight
 
-__all__ = ["LIMIT_HINT", "LogThrottle", "SingleFlight", "raise_descriptor_limit", "warn_lowered"]
+__all__ = [
+    "LIMIT_HINT",
+    "KeyedSingleFlight",
+    "LogThrottle",
+    "SingleFlight",
+    "raise_descriptor_limit",
+    "warn_lowered",
+]

@@ -1,6 +1,7 @@
 """One in-flight call shared by every concurrent caller: the shape of a health probe that
 anyone may ask at any rate (``/readyz``), where a call per request would take a pooled Redis
-connection each."""
+connection each; and one per key (:class:`KeyedSingleFlight`): the same page of a project's
+history asked for by many pollers at once."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
-__all__ = ["SingleFlight"]
+__all__ = ["KeyedSingleFlight", "SingleFlight"]
 
+K = TypeVar("K")
 T = TypeVar("T")
 
 
@@ -48,3 +50,48 @@ class SingleFlight(Generic[T]):
         """Cancel the run in flight, if any."""
         if self._task is not None:
             self._task.cancel()
+
+
+class KeyedSingleFlight(Generic[K, T]):
+    """Calls with equal keys made while a run for that key is in flight wait for it and share its
+    outcome (or its exception); a call with another key, or after the run ended, starts its own.
+
+    Unlike :class:`SingleFlight`, a run is its callers' alone: when the last caller waiting for
+    it leaves (cancelled: its client went away, or its own timeout passed), the run is cancelled
+    too, so runs nobody waits for never pile up (each may hold a connection or a queued read). A
+    caller that leaves while others wait does not end it for them. Memory: one entry per key in
+    flight, freed as its run ends.
+
+        read = KeyedSingleFlight()
+        page = await read(("project", 6, cursor), lambda: store.snapshot(6, ...))
+    """
+
+    __slots__ = ("_runs",)
+
+    def __init__(self) -> None:
+        #: Per key in flight: [the run, how many callers wait for it].
+        self._runs: dict[K, list] = {}
+
+    def __len__(self) -> int:
+        """How many keys have a run in flight."""
+        return len(self._runs)
+
+    async def __call__(self, key: K, run: Callable[[], Awaitable[T]]) -> T:
+        """``run()``'s outcome, shared with every concurrent call with ``key``."""
+        entry = self._runs.get(key)
+        if entry is None or entry[0].done():  # (ended, its done-callback not run yet)
+            task = asyncio.ensure_future(run())
+            entry = self._runs[key] = [task, 0]
+            task.add_done_callback(lambda _, key=key, entry=entry: self._ended(key, entry))
+        entry[1] += 1
+        try:
+            return await asyncio.shield(entry[0])
+        finally:
+            entry[1] -= 1
+            if not entry[1] and not entry[0].done():
+                entry[0].cancel()  # nobody waits for it any more
+                self._ended(key, entry)
+
+    def _ended(self, key: K, entry: list) -> None:
+        if self._runs.get(key) is entry:
+            del self._runs[key]

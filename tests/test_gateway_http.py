@@ -545,6 +545,61 @@ async def test_a_poll_whose_client_left_stops_waiting_for_redis_at_once():
             await gateway.drain()
 
 
+async def test_concurrent_polls_at_one_cursor_share_one_history_read():
+    """Every poll read the project's history from Redis, one ``SNAPSHOT`` script each: browsers
+    of one project polling at the same cursor (all woken by the same event), or a client with a
+    valid token asking for the same page as fast as it can, cost Redis one script call per
+    request. Polls of the same project, cursor and page size made while a read is in flight now
+    wait for it and share its answer: 30 such polls, made while Redis is stopped, cost one read
+    (``eventbus_poll_reads_total``), and each gets the same page. A different cursor reads for
+    itself."""
+    import os
+    import signal
+
+    import redis.asyncio
+
+    from publisher import AsyncPublisher
+
+    with RedisServer() as server:
+        gateway = await start_gateway(server.url, subscribe_timeout=10.0, drain_timeout=1)
+        direct = redis.asyncio.Redis.from_url(server.url)
+        direct_publisher = AsyncPublisher.from_url(server.url)
+        headers = bearer([6])
+        try:
+            await publish(direct_publisher, 6, 3)
+            _, _, body = await request(gateway.port, "/v1/projects/6/events", headers=headers)
+            epoch = json.loads(body)["epoch"]
+            evals_before = (await direct.info("commandstats"))["cmdstat_eval"]["calls"]
+            reads_before = gateway.metrics.poll_reads_total
+            paths = [f"/v1/projects/6/events?epoch={epoch}&after=1"] * 30
+            paths.append(f"/v1/projects/6/events?epoch={epoch}&after=2")
+            os.kill(server.process.pid, signal.SIGSTOP)  # every poll waits, none is answered
+            try:
+                polls = [
+                    asyncio.ensure_future(request(gateway.port, path, headers=headers))
+                    for path in paths
+                ]
+                await wait_until(
+                    lambda: len(_answers_in_flight()) == len(paths), 5, "every poll to wait"
+                )
+            finally:
+                os.kill(server.process.pid, signal.SIGCONT)
+            answers = await asyncio.gather(*polls)
+            assert [status for status, _, _ in answers] == [200] * len(paths)
+            pages = [json.loads(body) for _, _, body in answers]
+            assert all(page == pages[0] for page in pages[:30])
+            assert [e["seq"] for e in pages[0]["events"]] == [2, 3]
+            assert [e["seq"] for e in pages[30]["events"]] == [3]
+            evals = (await direct.info("commandstats"))["cmdstat_eval"]["calls"] - evals_before
+            assert evals == 2, f"{evals} history reads for 31 polls at two cursors"
+            assert gateway.metrics.poll_reads_total - reads_before == 2
+            assert gateway.metrics.polls_total >= 31
+        finally:
+            await direct_publisher.aclose()
+            await direct.aclose()
+            await gateway.drain()
+
+
 async def test_a_handlers_own_timeout_is_an_internal_error_not_a_drain(gateways):
     """Every HTTP request runs under a bound the drain moves to its deadline, whose expiry is
     answered 503 draining. A TimeoutError of the handler's own (not the drain's) on a pod that

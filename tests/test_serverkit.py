@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import structlog
 
-from serverkit import LIMIT_HINT, LogThrottle, SingleFlight, warn_lowered
+from serverkit import LIMIT_HINT, KeyedSingleFlight, LogThrottle, SingleFlight, warn_lowered
+from tests.support.ws_client import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -169,3 +170,72 @@ async def test_cancel_ends_the_run_in_flight_for_its_waiters() -> None:
     with pytest.raises(asyncio.CancelledError):
         await waiter
     SingleFlight(asyncio.Event().wait).cancel()  # nothing in flight: nothing to do
+
+
+# --- KeyedSingleFlight ------------------------------------------------------------------------
+
+
+async def test_calls_with_one_key_share_a_run_and_other_keys_run_their_own() -> None:
+    runs: list[str] = []
+    gate = asyncio.Event()
+
+    def reader(key: str):
+        async def read() -> str:
+            runs.append(key)
+            await gate.wait()
+            return f"page {key}"
+
+        return read
+
+    flights: KeyedSingleFlight[str, str] = KeyedSingleFlight()
+    calls = [asyncio.ensure_future(flights(key, reader(key))) for key in ["a"] * 30 + ["b"]]
+    await wait_until(lambda: len(runs) == 2, 2, "the runs to start")
+    await asyncio.sleep(0.01)
+    assert runs == ["a", "b"] and len(flights) == 2
+    gate.set()
+    assert await asyncio.gather(*calls) == ["page a"] * 30 + ["page b"]
+    assert len(flights) == 0, "an ended run is forgotten"
+    assert await flights("a", reader("a")) == "page a" and runs == ["a", "b", "a"]
+
+
+async def test_a_keyed_run_ends_when_its_last_caller_leaves_not_before() -> None:
+    """A poll's client that goes away stops its read: with nobody left waiting, the run is
+    cancelled (it holds a queued Redis read), and its key is free at once."""
+    ended: list[str] = []
+
+    async def read() -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            ended.append("run")
+
+    flights: KeyedSingleFlight[str, None] = KeyedSingleFlight()
+    first, second = (asyncio.ensure_future(flights("k", read)) for _ in range(2))
+    await asyncio.sleep(0.01)
+    first.cancel()
+    await asyncio.sleep(0.01)
+    assert ended == [] and len(flights) == 1, "another caller still waits for it"
+    second.cancel()
+    assert len(flights) == 1  # (second has not run its cancellation yet)
+    await wait_until(lambda: ended == ["run"], 2, "the run to be cancelled")
+    assert len(flights) == 0
+
+
+async def test_a_keyed_run_that_fails_fails_for_every_caller() -> None:
+    gate = asyncio.Event()
+
+    async def read() -> None:
+        await gate.wait()
+        raise ConnectionError("down")
+
+    unretrieved: list[dict] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _, context: unretrieved.append(context))
+    flights: KeyedSingleFlight[str, None] = KeyedSingleFlight()
+    calls = [asyncio.ensure_future(flights("k", read)) for _ in range(3)]
+    await asyncio.sleep(0)
+    gate.set()
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert [repr(r) for r in results] == [repr(ConnectionError("down"))] * 3
+    del calls, results
+    gc.collect()
+    assert unretrieved == [] and len(flights) == 0
