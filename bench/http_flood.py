@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import sys
 import time
 from pathlib import Path
@@ -82,10 +83,34 @@ def redis_counts(client) -> dict[str, int]:
 
 
 def gateway_metrics(gateway: GatewayProcess) -> dict[str, float]:
+    """The gateway's label-less series, and its relay-lag buckets as ``relay_le_<bound>``."""
     import urllib.request
 
     with urllib.request.urlopen(f"http://127.0.0.1:{gateway.port}/metrics", timeout=5) as answer:
-        return parse_metrics(answer.read().decode())
+        text = answer.read().decode()
+    values = parse_metrics(text)
+    for match in re.finditer(r'eventbus_relay_lag_seconds_bucket\{le="([^"]+)"\} (\d+)', text):
+        values[f"relay_le_{match.group(1)}"] = float(match.group(2))
+    return values
+
+
+def relay_lag(before: dict[str, float], after: dict[str, float]) -> dict[str, str]:
+    """The gateway's own lag from publish to relay (its loop's delay, without the measuring
+    client's) over a window: the bucket bound under which 50 % and 99 % of relays fell."""
+    bounds = sorted(
+        (key for key in after if key.startswith("relay_le_") and key != "relay_le_+Inf"),
+        key=lambda key: float(key.removeprefix("relay_le_")),
+    )
+    total = after["relay_le_+Inf"] - before.get("relay_le_+Inf", 0)
+    found = {}
+    for q in (50, 99):
+        for key in bounds:
+            if after[key] - before.get(key, 0) >= total * q / 100:
+                found[f"p{q}"] = f"<= {float(key.removeprefix('relay_le_')) * 1000:g} ms"
+                break
+        else:
+            found[f"p{q}"] = "> 5000 ms"
+    return found
 
 
 SLOW = r"""
@@ -161,6 +186,7 @@ def run(args: argparse.Namespace) -> dict:
                     for key in metrics_after
                     if key.endswith("_total") and metrics_after[key] != metrics_before.get(key, 0)
                 }
+                result["relay_lag"] = relay_lag(metrics_before, metrics_after)
                 result["rss_mb"] = round(_rss(gateway.pid) / 2**20, 1)
                 results[name] = result
                 print(name, result, file=sys.stderr, flush=True)
@@ -194,9 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     results = run(args)
     print(f"HTTP floods ({args.clients} clients, {args.seconds:g} s per shape)")
     print(
-        "| shape | requests/s | gateway cores | ms of loop per request | delivery p50 | p99 | max |"
+        "| shape | requests/s | gateway cores | ms of loop per request | delivery p50 | p99 | max "
+        "| relay lag p99 |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, r in results.items():
         if name == "slowloris":
             continue
@@ -204,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         per = f"{r['gateway_cores'] * 1000 / rate:.3f}" if rate else "-"
         print(
             f"| {name} | {rate:,} | {r['gateway_cores']} | {per} | {r['latency_ms']['p50']} ms "
-            f"| {r['latency_ms']['p99']} ms | {r['latency_max_ms']} ms |"
+            f"| {r['latency_ms']['p99']} ms | {r['latency_max_ms']} ms "
+            f"| {r.get('relay_lag', {}).get('p99', '-')} |"
         )
     write_json(args.json, {"machine": machine(), "clients": args.clients, "results": results})
     return 0
