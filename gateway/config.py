@@ -85,6 +85,16 @@ class GatewayConfig(msgspec.Struct, kw_only=True, frozen=True):
         ),
     ] = 200
     max_frame_bytes: Annotated[int, _doc("Largest client frame accepted.", ge=256)] = 65_536
+    max_request_bytes: Annotated[
+        int,
+        _doc(
+            "Bytes a request's head (request line and headers: a handshake, a stream, a poll) "
+            "may take in all; past it the request gets 431 and its socket is closed (from 8192 "
+            "to 1048576).",
+            ge=8192,
+            le=1_048_576,
+        ),
+    ] = 32_768
     max_replay: Annotated[
         int, _doc("Most events replayed on one resume; further behind gets a resync.", ge=1)
     ] = 1_000

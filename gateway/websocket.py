@@ -218,6 +218,8 @@ class WebSocketEndpoint:
         self.admission: Admission = gateway.admission
         self.policy: SlowConsumerPolicy = gateway.policy
         self.max_size = config.max_frame_bytes
+        #: Bytes a request's head may take (--max-request-bytes; see _head_too_large).
+        self.max_request_bytes = config.max_request_bytes
         #: Bytes per second an HTTP answer must be read at on average (``--answer-min-rate``,
         #: 16 KiB/s): once written it has CLOSE_TIMEOUT plus its size at this rate to be sent,
         #: however steadily the client reads. A full poll page (``--poll-page-bytes``, 1 MiB)
@@ -290,6 +292,7 @@ class WebSocketConnection(asyncio.Protocol):
         "fragment_text",
         "fragments",
         "fresh",
+        "head_bytes",
         "inflating",
         "paused",
         "paused_at",
@@ -344,6 +347,8 @@ class WebSocketConnection(asyncio.Protocol):
         self.fragment_text = False
         #: Nothing has been read yet: the first read may be a plain request (_plain_request).
         self.fresh = True
+        #: Bytes read while the request's head is not complete (--max-request-bytes).
+        self.head_bytes = 0
 
     # --- asyncio.Protocol --------------------------------------------------------------------
 
@@ -376,6 +381,11 @@ class WebSocketConnection(asyncio.Protocol):
             request = parse_plain_request(data)
             if request is not None:
                 self._plain_request(request)
+                return
+        if self.session is None and not self.close_armed:
+            self.head_bytes += len(data)
+            if self.head_bytes > self.endpoint.max_request_bytes:
+                self._head_too_large()
                 return
         protocol = self.protocol
         protocol.receive_data(data)
@@ -451,6 +461,21 @@ class WebSocketConnection(asyncio.Protocol):
             self.send_data()  # websockets' half-close
             self._expect_close()
         return True
+
+    def _head_too_large(self) -> None:
+        """The request's head went past ``--max-request-bytes`` before it ended: 431, and the
+        socket is closed. websockets bounds each line (8,192 bytes) and the number of headers
+        (128), not their sum: a head of ~1 MB was read and kept until ``--auth-timeout``, and
+        300 sockets trickling such heads held 270 MB of the gateway's memory (an idle
+        connection holds ~9 KiB). What the client sends after it is read and dropped (so its
+        close is seen at once); the socket is dropped CLOSE_TIMEOUT s after the answer."""
+        self.answering_http = True  # what the client sends next is dropped unread
+        self.protocol.data_to_send()  # websockets' own answer to a part it read, if any: dropped
+        response = self.endpoint.gateway.request_too_large(self.endpoint.max_request_bytes)
+        self.transport.write(response.serialize())
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._expect_close()
 
     def _dispatch(self, events: list) -> None:
         """What websockets made of a read: its own answers (pongs, the close echo) go out first,
