@@ -33,6 +33,7 @@ MODULES = [
     "bench.sse",
     "bench.presence",
     "bench.scrape_flood",
+    "bench.http_flood",
 ]
 
 

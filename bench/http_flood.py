@@ -6,9 +6,10 @@ Shapes, each ``--clients`` concurrent clients sending the same request in a loop
 an expired token (signed, so the HMAC is checked), with a valid token of the subscribed project
 (each poll a Redis read: Redis's ``EVAL`` calls are counted), with a ``*`` token for a new
 project id on every request (the keys Redis holds afterwards are counted); a request with 100
-headers of 8,000 bytes; an SSE stream opened and dropped as soon as its head arrives. Then
-slowloris: ``--clients`` sockets that send a request's first line and one header byte a second,
-timed until the gateway drops them, and whether a poll is still answered meanwhile.
+headers of 8,000 bytes; an SSE stream opened and dropped as soon as its head arrives. Then 300
+sockets each parking such a head, never ended (the gateway's memory); and slowloris:
+``--clients`` sockets that send a request's first line and one header byte a second, timed until
+the gateway drops them, and whether a poll is still answered meanwhile.
 
     python -m bench.http_flood                    # 200 clients, 10 s per shape
     python -m bench.http_flood --quick            # 50 clients, 3 s
@@ -167,6 +168,33 @@ async def slowloris(gateway: GatewayProcess, clients: int, seconds: float) -> di
     }
 
 
+async def parked_heads(gateway: GatewayProcess, clients: int) -> dict:
+    """``clients`` sockets that each send a head of 100 headers of 8,000 bytes and never end it:
+    the gateway's memory with all of them open (3 s later), and what the first one was told."""
+    filler = b"a" * 8000
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+    head += b"".join(b"X-F%d: %s\r\n" % (i, filler) for i in range(100))
+    before = _rss(gateway.pid)
+    sockets = [await asyncio.open_connection("127.0.0.1", gateway.port) for _ in range(clients)]
+    for _, writer in sockets:
+        writer.write(head)  # no blank line: the head never ends
+    await asyncio.sleep(3)
+    held = _rss(gateway.pid)
+    try:
+        first = await asyncio.wait_for(sockets[0][0].read(100), 1)
+    except (TimeoutError, ConnectionError):
+        first = b""
+    for _, writer in sockets:
+        writer.transport.abort()
+    return {
+        "clients": clients,
+        "head_kib": len(head) // 1024,
+        "rss_before_mb": round(before / 2**20),
+        "rss_held_mb": round(held / 2**20),
+        "answer": first.split(b"\r\n")[0].decode() or "none yet",
+    }
+
+
 def run(args: argparse.Namespace) -> dict:
     results: dict[str, dict] = {}
     with RedisServer() as server, GatewayProcess(server.url, auth_secret=SECRET) as gateway:
@@ -190,6 +218,9 @@ def run(args: argparse.Namespace) -> dict:
                 result["rss_mb"] = round(_rss(gateway.pid) / 2**20, 1)
                 results[name] = result
                 print(name, result, file=sys.stderr, flush=True)
+            if not args.only or "parked_heads" in args.only:
+                results["parked_heads"] = asyncio.run(parked_heads(gateway, 300))
+                print("parked_heads", results["parked_heads"], file=sys.stderr, flush=True)
             if not args.only or "slowloris" in args.only:
                 results["slowloris"] = asyncio.run(slowloris(gateway, args.clients, 30.0))
                 print("slowloris", results["slowloris"], file=sys.stderr, flush=True)
@@ -225,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, r in results.items():
-        if name == "slowloris":
+        if name in ("slowloris", "parked_heads"):
             continue
         rate = r.get("scrapes_per_s", 0)
         per = f"{r['gateway_cores'] * 1000 / rate:.3f}" if rate else "-"
