@@ -6,7 +6,9 @@ Shapes, each ``--clients`` concurrent clients sending the same request in a loop
 an expired token (signed, so the HMAC is checked), with a valid token of the subscribed project
 (each poll a Redis read: Redis's ``EVAL`` calls are counted), with a ``*`` token for a new
 project id on every request (the keys Redis holds afterwards are counted); a request with 100
-headers of 8,000 bytes; an SSE stream opened and dropped as soon as its head arrives. Then 300
+headers of 8,000 bytes; an SSE stream opened and dropped as soon as its head arrives, of the
+subscribed project or (``*`` token) of a new one each time, with what the gateway still follows a
+second later (its ``projects``, ``subscriptions``, ``connections``, ``sockets`` gauges). Then 300
 sockets each parking such a head, never ended (the gateway's memory); and slowloris:
 ``--clients`` sockets that send a request's first line and one header byte a second, timed until
 the gateway drops them, and whether a poll is still answered meanwhile.
@@ -72,6 +74,10 @@ def shapes() -> dict[str, tuple[str, dict]]:
         ),
         "huge_headers": (_get("/healthz", *(f"X-F{i}: {filler}" for i in range(100))), {}),
         "sse_churn": (_get("/v1/projects/1/stream", f"Authorization: Bearer {valid}"), {}),
+        "sse_new_project_each": (
+            _get("/v1/projects/{n}/stream", f"Authorization: Bearer {anything}"),
+            {},
+        ),
     }
 
 
@@ -215,6 +221,14 @@ def run(args: argparse.Namespace) -> dict:
                     if key.endswith("_total") and metrics_after[key] != metrics_before.get(key, 0)
                 }
                 result["relay_lag"] = relay_lag(metrics_before, metrics_after)
+                # What the flood left behind once its clients are gone (the subscriber's project
+                # and connection stay): feeds, subscriptions, connections, sockets.
+                time.sleep(1)
+                left = gateway_metrics(gateway)
+                result["left"] = {
+                    name: left[f"eventbus_{name}"]
+                    for name in ("projects", "subscriptions", "connections", "sockets")
+                }
                 result["rss_mb"] = round(_rss(gateway.pid) / 2**20, 1)
                 results[name] = result
                 print(name, result, file=sys.stderr, flush=True)
