@@ -65,7 +65,9 @@ class Metrics:
         "auth_failures_total": "Connections closed or streams and polls refused 401: bad token.",
         "polls_total": "HTTP polling requests answered.",
         "poll_reads_total": "History reads made for polls (shared by concurrent ones at a cursor).",
-        "bad_requests_total": "HTTP requests and handshakes refused as malformed (400).",
+        "bad_requests_total": (
+            "HTTP requests and handshakes refused as malformed (400) or too large (431)."
+        ),
         "resumes_from_memory_total": "Subscribes answered from a feed's resume window (no read).",
         "subscribe_reads_total": "History reads made for subscribes (shared by concurrent ones).",
         "window_fills_total": "History reads merged into a feed's resume window.",
