@@ -10,6 +10,10 @@ each resume from its window; ``--cold``: none stays, each feed starts during the
 ``--auth``: the gateway verifies tokens (an auth secret instead of ``--no-auth``) and every client
 has its own (:func:`bench.storm.client_tokens`), sent in its first frame before it subscribes,
 as in :mod:`bench.storm`'s ``warm, authenticated``.
+Clients resume with the tag of the event at their cursor (schemas.tags), as :mod:`bench.storm`,
+eventbus.js and the consumer do; ``--untagged``: without (as every client did before tags).
+``--no-window``: the gateway keeps no resume window (``--resume-window-events 0``), so every
+resume is read from Redis.
 callgrind counts nothing until the reconnects start and nothing after the last ``subscribed``
 (``callgrind_control -i on/off``), so the figure is the storm's alone: handshakes, subscribes,
 replays, and the event loop between them. Every client's record is checked as in the storm.
@@ -42,6 +46,7 @@ from bench.loadgen import LoadGen, raise_nofile, verify_resume
 from bench.storm import client_tokens
 from publisher import Publisher
 from schemas.keys import Keys
+from schemas.tags import event_tag
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = [f"127.0.0.{i}" for i in range(1, 9)]
@@ -83,6 +88,7 @@ def run_once(root: Path, args: argparse.Namespace, out_dir: str) -> dict:
         "--host", "127.0.0.1", "--port", str(port), "--redis-url", redis.url,
         # Keepalive and timeouts out of the way: valgrind slows everything ~50x.
         "--ping-interval", "600", "--subscribe-timeout", "60", "--auth-timeout", "60",
+        *(["--resume-window-events", "0"] if args.no_window else []),
     ]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=str(root))
     if secret:
@@ -120,7 +126,11 @@ def run_once(root: Path, args: argparse.Namespace, out_dir: str) -> dict:
         cursors = {}
         for project in projects:
             epoch, top = rconn.hmget(keys.meta(project), "epoch", "seq")
-            cursors[project] = (epoch.decode(), int(top))
+            tag = None
+            if not args.untagged:  # the tag of the event there, as bench.storm resumes
+                at = rconn.xrange(keys.stream(project), f"{int(top)}-0", f"{int(top)}-0")
+                tag = event_tag(at[0][1][b"f"]) if at else None
+            cursors[project] = (epoch.decode(), int(top), tag)
         loadgen.close()
         _wait_connections(port, keeping)
         kept = keepers.frames if keepers is not None else 0
@@ -182,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--cold", action="store_true", help="no feed followed before the storm")
     parser.add_argument("--auth", action="store_true", help="every client with a token of its own")
+    parser.add_argument("--untagged", action="store_true", help="resume without cursor tags")
+    parser.add_argument("--no-window", action="store_true",
+                        help="no resume window: every resume read from Redis")  # fmt: skip
     parser.add_argument("--keep", type=Path, help="keep callgrind's output (the last run's) here")
     args = parser.parse_args(argv)
     raise_nofile(4 * args.clients)
