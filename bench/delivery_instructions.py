@@ -84,7 +84,9 @@ def run_once(root: Path, args: argparse.Namespace, out_dir: str) -> dict:
         gateway = CallgrindGateway(root, redis.url, free_port(), out_dir, keep=args.keep)
         cpus = {CLIENT_CPU} if pinning() else None
         if args.mode == "poll":
-            publisher.publish_many([event(PROJECT, n, timed=False) for n in range(1, args.page + 2)])
+            publisher.publish_many(
+                [event(PROJECT, n, timed=False) for n in range(1, args.page + 2)]
+            )
             keys = Keys()
             epoch = rconn.hget(keys.meta(PROJECT), "epoch").decode()
             query = f"epoch={epoch}&after=1&limit={args.page}"

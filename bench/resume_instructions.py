@@ -29,17 +29,13 @@ timing); compare medians of a few runs.
 from __future__ import annotations
 
 import argparse
-import glob
-import os
 import secrets
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
+from bench.callgrind import CallgrindGateway
 from bench.common import BenchRedis, free_port
 from bench.gateway import CLIENT_CPU, event, pinned_to_client_core, pinning
 from bench.loadgen import LoadGen, raise_nofile, verify_resume
@@ -52,61 +48,18 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCES = [f"127.0.0.{i}" for i in range(1, 9)]
 
 
-def _control(pid: int, *args: str) -> None:
-    subprocess.run(["callgrind_control", *args, str(pid)], check=True, capture_output=True,
-                   timeout=120)  # fmt: skip
-
-
-def _metric(port: int, name: str) -> float | None:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=60) as response:
-        for line in response.read().decode().splitlines():
-            if line.startswith(f"eventbus_{name} "):
-                return float(line.split()[1])
-    return None
-
-
-def _wait_connections(port: int, count: int, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if _metric(port, "connections") == count:
-            return
-        time.sleep(0.2)
-    raise SystemExit(f"the gateway still has connections other than the {count} expected")
-
-
 def run_once(root: Path, args: argparse.Namespace, out_dir: str) -> dict:
     """One storm under callgrind; the instructions counted while the clients resumed."""
     redis = BenchRedis(CLIENT_CPU)
-    port = free_port()
-    out_file = os.path.join(out_dir, "callgrind.out.%p")
     secret = secrets.token_urlsafe(32) if args.auth else None
-    cmd = [
-        "valgrind", "-q", "--tool=callgrind", "--instr-atstart=no",
-        f"--callgrind-out-file={out_file}",
-        sys.executable, "-m", "gateway", *([] if secret else ["--no-auth"]),
-        "--log-level", "warning",
-        "--host", "127.0.0.1", "--port", str(port), "--redis-url", redis.url,
-        # Keepalive and timeouts out of the way: valgrind slows everything ~50x.
-        "--ping-interval", "600", "--subscribe-timeout", "60", "--auth-timeout", "60",
-        *(["--resume-window-events", "0"] if args.no_window else []),
-    ]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=str(root))
-    if secret:
-        env["EVENTBUS_AUTH_SECRET"] = secret
-    gateway = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL)
-    loadgen = keepers = None
+    extra = ["--resume-window-events", "0"] if args.no_window else []
+    loadgen = keepers = gateway = None
     publisher = Publisher.from_url(redis.url)
     rconn = redis.client()
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                _metric(port, "connections")
-                break
-            except OSError:
-                if time.monotonic() > deadline or gateway.poll() is not None:
-                    raise SystemExit("the gateway did not start under valgrind") from None
-                time.sleep(0.5)
+        gateway = CallgrindGateway(root, redis.url, free_port(), out_dir, secret=secret,
+                                   extra=extra, keep=args.keep)  # fmt: skip
+        port = gateway.port
         cpus = {CLIENT_CPU} if pinning() else None
         projects = list(range(1, args.projects + 1))
         specs = [(projects[i % len(projects)], None, None) for i in range(args.clients)]
@@ -132,7 +85,7 @@ def run_once(root: Path, args: argparse.Namespace, out_dir: str) -> dict:
                 tag = event_tag(at[0][1][b"f"]) if at else None
             cursors[project] = (epoch.decode(), int(top), tag)
         loadgen.close()
-        _wait_connections(port, keeping)
+        gateway.wait_connections(keeping)
         kept = keepers.frames if keepers is not None else 0
         missed = [event(project, n + 1) for n in range(args.missed) for project in projects]
         for start in range(0, len(missed), 2000):
@@ -142,10 +95,9 @@ def run_once(root: Path, args: argparse.Namespace, out_dir: str) -> dict:
             while keepers.frames < kept + len(missed) and time.monotonic() < deadline:
                 time.sleep(0.1)
         resumes = [(project, *cursors[project]) for project, _, _ in specs]
-        _control(gateway.pid, "-i", "on")
-        result = loadgen.connect(resumes, record=True, inflight=args.inflight, timeout=600,
-                                 tokens=tokens)  # fmt: skip
-        _control(gateway.pid, "-i", "off")
+        with gateway.counting():
+            result = loadgen.connect(resumes, record=True, inflight=args.inflight, timeout=600,
+                                     tokens=tokens)  # fmt: skip
         check = verify_resume(loadgen.records(), args.missed)
         loadgen.mode("count")
         loadgen.close()
@@ -153,25 +105,10 @@ def run_once(root: Path, args: argparse.Namespace, out_dir: str) -> dict:
         for gen in (loadgen, keepers):
             if gen is not None:
                 gen.quit()
-        gateway.terminate()
-        try:
-            gateway.wait(300)
-        except subprocess.TimeoutExpired:
-            gateway.kill()
-            gateway.wait()
+        total = gateway.stop() if gateway is not None else 0
         publisher.close()
         rconn.close()
         redis.close()
-    total = 0
-    for path in glob.glob(os.path.join(out_dir, "callgrind.out.*")):
-        with open(path) as f:
-            for line in f:
-                if line.startswith("summary:") or line.startswith("totals:"):
-                    total = max(total, int(line.split()[1]))
-        if args.keep is not None:
-            os.replace(path, args.keep)
-        else:
-            os.unlink(path)
     return {
         "clients": result["clients"],
         "failed": result["failed"],
