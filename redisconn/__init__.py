@@ -22,7 +22,11 @@ import redis.cluster
 from redis.backoff import ExponentialBackoff
 
 from redisconn.bounded import BoundedRedis, BoundedRedisCluster, CallRetry
-from redisconn.resolving import ResolvingConnection, ResolvingSSLConnection
+from redisconn.resolving import (
+    ResolvingConnection,
+    ResolvingSSLConnection,
+    WholeReplyUnixConnection,
+)
 
 __all__ = [
     "CONNECT_TIMEOUT",
@@ -33,6 +37,7 @@ __all__ = [
     "CallRetry",
     "ResolvingConnection",
     "ResolvingSSLConnection",
+    "WholeReplyUnixConnection",
     "async_client",
     "defer_refresh_after_timeouts",
     "is_cluster_url",
@@ -79,7 +84,9 @@ def sync_client(
     """A synchronous client for ``url``: ``retries`` retries per command (0: one attempt, one
     connect), CONNECT_TIMEOUT and SOCKET_TIMEOUT unless given. Host names are looked up within
     the connect timeout, and each reply is read within the socket timeout in all, not per
-    ``recv`` (:class:`~redisconn.resolving.ResolvingConnection`; ``unix://``: per ``recv``)."""
+    ``recv``, on every kind of URL: TCP and TLS, standalone or Cluster
+    (:class:`~redisconn.resolving.ResolvingConnection`, its TLS variant), and Unix sockets
+    (:class:`~redisconn.resolving.WholeReplyUnixConnection`)."""
     from redis.retry import Retry
 
     retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), retries)
@@ -95,7 +102,9 @@ def sync_client(
             connection_class=ResolvingSSLConnection if tls else ResolvingConnection,
             **options,
         )
-    if urlsplit(url).scheme in ("redis", "rediss"):  # (unix:// needs no lookup)
+    if urlsplit(url).scheme == "unix":  # (a path needs no lookup, its replies a bound)
+        options["connection_class"] = WholeReplyUnixConnection
+    else:
         options["connection_class"] = ResolvingSSLConnection if tls else ResolvingConnection
     return redis.Redis.from_url(
         url,

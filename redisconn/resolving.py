@@ -1,4 +1,5 @@
-"""Synchronous connections whose host-name lookup is inside their connect timeout.
+"""Synchronous connections whose host-name lookup is inside their connect timeout, and whose
+replies are each read within the read timeout in all.
 
 redis-py's ``Connection`` looks the host name up with a blocking ``socket.getaddrinfo`` in the
 calling thread before its connect timeout applies, and nothing interrupts that: a DNS server that
@@ -18,10 +19,14 @@ each byte within the timeout, held a call for as long as it kept going: a reply 
 its ``timeout``. :class:`ResolvingConnection` reads each reply within ``socket_timeout`` in all
 (:class:`WholeReplyParser`): a reply still incomplete then raises ``redis.exceptions.TimeoutError``
 and the connection is dropped, as after a server that sent nothing. (This needs hiredis, a
-dependency of the event bus; redis-py's pure-Python parser keeps its per-``recv`` timeout.)
+dependency of the event bus; redis-py's pure-Python parser keeps its per-``recv`` timeout.) A
+Unix socket (``unix://``) is read the same way, by :class:`WholeReplyUnixConnection`: both mix in
+:class:`WholeReplyReads`, which sets the parser's deadline for each reply.
 
 An asyncio client needs none of this: asyncio looks names up in its default executor, and the
-connect timeout (an ``asyncio.timeout`` around the lookup and the connect) stops the wait. The
+connect timeout (an ``asyncio.timeout`` around the lookup and the connect) stops the wait; its
+connections (TCP and Unix alike) read each reply under one ``asyncio.timeout`` of the read
+timeout, not one per ``recv``. The
 lookup itself goes on there too, in one of the executor's threads (at most ``min(32, CPUs + 4)``),
 until the resolver gives up; while every one of them waits on a hung resolver, other work sent to
 that executor (``asyncio.to_thread``) waits behind them.
@@ -47,6 +52,8 @@ __all__ = [
     "ResolvingConnection",
     "ResolvingSSLConnection",
     "WholeReplyParser",
+    "WholeReplyReads",
+    "WholeReplyUnixConnection",
     "resolve",
 ]
 
@@ -144,9 +151,14 @@ class WholeReplyParser(_HiredisParser):
         raise redis.exceptions.TimeoutError("reply still incomplete at the read timeout")
 
 
-class ResolvingConnection(redis.connection.Connection):
-    """redis-py's TCP connection, with the host-name lookup inside the connect timeout and each
-    reply read within ``socket_timeout`` in all (see the module's docstring)."""
+class WholeReplyReads:
+    """Mixed in before a redis-py synchronous connection class: each reply is read within
+    ``socket_timeout`` in all, not per ``recv`` (:class:`WholeReplyParser`, when the connection
+    uses redis-py's default parser, hiredis). A reply still incomplete then raises
+    ``redis.exceptions.TimeoutError`` and redis-py drops the connection. What a caller waits for
+    with a timeout of its own (a pub/sub ``get_message(timeout=...)``) keeps that timeout."""
+
+    socket_timeout: float | None
 
     def __init__(self, *args, **kwargs) -> None:
         if HIREDIS_AVAILABLE and kwargs.get("parser_class", _HiredisParser) is _HiredisParser:
@@ -163,6 +175,11 @@ class ResolvingConnection(redis.connection.Connection):
             return super().read_response(*args, **kwargs)
         finally:
             parser.deadline = None
+
+
+class ResolvingConnection(WholeReplyReads, redis.connection.Connection):
+    """redis-py's TCP connection, with the host-name lookup inside the connect timeout and each
+    reply read within ``socket_timeout`` in all (see the module's docstring)."""
 
     def _connect(self) -> socket.socket:
         # redis-py's Connection._connect, with resolve() for its getaddrinfo.
@@ -203,3 +220,9 @@ class ResolvingSSLConnection(redis.connection.SSLConnection, ResolvingConnection
     """redis-py's TLS connection on a :class:`ResolvingConnection`: its ``_connect`` wraps the
     socket ours returns, checking the certificate against the URL's host name (and sending it as
     SNI), not against the address it was looked up to."""
+
+
+class WholeReplyUnixConnection(WholeReplyReads, redis.connection.UnixDomainSocketConnection):
+    """redis-py's Unix-socket connection (``unix://``), each reply read within
+    ``socket_timeout`` in all, as :class:`ResolvingConnection` reads it (a path needs no
+    lookup)."""

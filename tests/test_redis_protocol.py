@@ -23,6 +23,7 @@ import concurrent.futures
 import io
 import resource
 import threading
+import time
 
 import pytest
 import redis.asyncio
@@ -47,6 +48,14 @@ NOW = utc_now()
 @pytest.fixture
 def fake(redis_url, redis_server):
     with FakeResp(("127.0.0.1", redis_server.port)) as server:
+        yield server
+
+
+@pytest.fixture(params=["tcp", "unix"])
+def any_fake(request, redis_url, redis_server):
+    """The fake server on TCP (a ``redis://`` URL), then on a Unix socket (``unix://``): the
+    clients build different connections for each."""
+    with FakeResp(("127.0.0.1", redis_server.port), unix=request.param == "unix") as server:
         yield server
 
 
@@ -86,6 +95,17 @@ def in_thread(call, bound: float):
         pytest.fail(f"still running after {bound} s")
 
 
+def within_timeout(call, timeout: float):
+    """``call()``, which must return or raise within about ``timeout`` seconds (1 s of slack
+    for a loaded machine), run as :func:`in_thread` does so that a hang fails the test."""
+    started = time.monotonic()
+    try:
+        return in_thread(call, timeout + 15)
+    finally:
+        elapsed = time.monotonic() - started
+        assert elapsed < timeout + 1, f"took {elapsed:.1f} s, timeout {timeout} s"
+
+
 # --- the publisher -------------------------------------------------------------------------------
 
 #: Replies announcing a huge length, then trickled a byte at a time, each byte well within the
@@ -98,14 +118,17 @@ HUGE_TRICKLES = {
 
 @pytest.mark.parametrize("announced", HUGE_TRICKLES.values(), ids=HUGE_TRICKLES.keys())
 def test_sync_publish_gives_up_within_its_timeout_on_a_trickled_reply(
-    fake, redis_server, announced
+    any_fake, redis_server, announced
 ):
+    """On TCP and on a Unix socket alike: before, a ``unix://`` publisher read each byte within
+    its read timeout and waited for the whole announced reply (for ever, in practice)."""
+    fake = any_fake
     fake.answer = answering_scripts(trickle(announced, 0.1))
     publisher = Publisher.from_url(fake.url, prefix=PREFIX, timeout=2)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     try:
         with pytest.raises(PublisherUnavailable):
-            in_thread(lambda: publisher.blocker_resolved(1, blocker_id=1, answer="a"), 15)
+            within_timeout(lambda: publisher.blocker_resolved(1, blocker_id=1, answer="a"), 2)
         # Only what was received is held, never the announced length.
         assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 100_000  # KiB
         fake.answer = proxy  # the real Redis answers again
@@ -116,25 +139,29 @@ def test_sync_publish_gives_up_within_its_timeout_on_a_trickled_reply(
     assert history(redis_server, 1) == [cursor.seq] == [1]
 
 
-def test_sync_publish_many_and_the_cli_give_up_on_a_trickled_reply(fake):
+def test_sync_publish_many_presence_and_the_cli_give_up_on_a_trickled_reply(any_fake):
+    fake = any_fake
     fake.answer = answering_scripts(trickle(HUGE_TRICKLES["bulk"], 0.1))
     publisher = Publisher.from_url(fake.url, prefix=PREFIX, timeout=2)
     try:
         with pytest.raises(PublisherUnavailable):
-            in_thread(
+            within_timeout(
                 lambda: publisher.publish_many(
                     [
                         BlockerResolved(project_id=1, blocker_id=i, answer="a", resolved_at=NOW)
                         for i in (1, 2)
                     ]
                 ),
-                15,
+                2,
             )
+        with pytest.raises(PublisherUnavailable):
+            within_timeout(lambda: publisher.presence(1), 2)
     finally:
         publisher.close()
+    # The CLI's timeout is the publisher's default, 10 s (its presence is publisher.presence).
     stderr = io.StringIO()
     argv = ["--redis-url", fake.url, "--prefix", PREFIX, "history", "1"]
-    code = in_thread(lambda: publisher_main(argv, stdout=io.StringIO(), stderr=stderr), 30)
+    code = within_timeout(lambda: publisher_main(argv, stdout=io.StringIO(), stderr=stderr), 10)
     assert code == 3 and "Redis unavailable" in stderr.getvalue()
 
 

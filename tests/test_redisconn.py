@@ -183,6 +183,43 @@ def test_lookups_still_waiting_are_capped(stuck_lookups, monkeypatch):
     assert resolve("127.0.0.1", 6379, 0, 60)  # an address needs no lookup: not capped
 
 
+# --- synchronous connections: each reply read within the read timeout in all -----------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["redis://127.0.0.1:1/0", "rediss://localhost:1", "unix:///nonexistent/redis.sock"],
+    ids=["tcp", "tls", "unix"],
+)
+def test_every_sync_client_reads_each_reply_within_its_read_timeout(url):
+    """The connections of every standalone kind bound a reply as a whole (tests/
+    test_redis_protocol.py trickles replies over TCP and a Unix socket); before, ``unix://``
+    ones bounded each ``recv`` only. Nothing is connected here."""
+    from redisconn import sync_client
+    from redisconn.resolving import WholeReplyParser
+
+    client = sync_client(url, retries=0)
+    try:
+        connection = client.connection_pool.make_connection()
+        assert isinstance(connection._parser, WholeReplyParser), type(connection)
+    finally:
+        client.close()
+
+
+def test_a_sync_cluster_client_reads_each_reply_within_its_read_timeout(redis_cluster_url):
+    from redisconn import sync_client
+    from redisconn.resolving import ResolvingConnection, WholeReplyParser
+
+    client = sync_client(redis_cluster_url, retries=0)
+    try:
+        for node in client.get_nodes():
+            connection = node.redis_connection.connection_pool.make_connection()
+            assert isinstance(connection, ResolvingConnection)
+            assert isinstance(connection._parser, WholeReplyParser)
+    finally:
+        client.close()
+
+
 class Refreshes:
     """A sync cluster client's nodes manager, as far as defer_refresh_after_timeouts sees it:
     ``initialize`` is the refresh (it records which thread ran it and for which failed node).

@@ -1,8 +1,10 @@
 """A RESP server that misbehaves on purpose: a buggy Redis-compatible server, a hostile proxy.
 
-``FakeResp(upstream, answer)`` listens on a free port, in an asyncio loop of its own thread (so
-synchronous clients can use it too). Each command a client sends is handed to
-``answer(command)`` (the command's arguments as ``bytes``); what it returns decides the reply:
+``FakeResp(upstream, answer)`` listens on a free port (``unix=True``: on a Unix socket in a
+temporary directory of its own, ``url`` a ``unix://`` one), in an asyncio loop of its own thread
+(so synchronous clients can use it too); the upstream is a TCP address either way. Each command
+a client sends is handed to ``answer(command)`` (the command's arguments as ``bytes``); what it
+returns decides the reply:
 
 * ``PROXY``: forward the command to the upstream Redis (one upstream connection per client
   connection) and send its reply back unchanged;
@@ -20,6 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import shutil
+import tempfile
 import threading
 from collections.abc import Awaitable, Callable
 from typing import NamedTuple
@@ -41,18 +46,31 @@ def proxy(command: list[bytes]) -> object:
 
 
 class FakeResp:
-    def __init__(self, upstream: tuple[str, int], answer: Answer = proxy) -> None:
+    def __init__(
+        self, upstream: tuple[str, int], answer: Answer = proxy, *, unix: bool = False
+    ) -> None:
         self.upstream = upstream
         self.answer = answer
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}"
+        self.port: int | None = None
+        #: The socket's directory (unix=True): short, under the system's temporary directory,
+        #: as a socket's path has a limit of about 100 bytes.
+        self._directory: str | None = None
+        if unix:
+            self._directory = tempfile.mkdtemp(prefix="fake-resp-")
+            path = os.path.join(self._directory, "redis.sock")
+            self.url = f"unix://{path}"
+            listen = asyncio.start_unix_server(self._handle, path)
+        else:
+            self.port = free_port()
+            self.url = f"redis://127.0.0.1:{self.port}"
+            listen = asyncio.start_server(self._handle, "127.0.0.1", self.port)
         self.commands: list[list[bytes]] = []
         self._writers: set[asyncio.StreamWriter] = set()
         self._handlers: set[asyncio.Task] = set()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
-        self._server = self.call(asyncio.start_server(self._handle, "127.0.0.1", self.port))
+        self._server = self.call(listen)
 
     def call(self, coro: Awaitable, timeout: float = 10.0):
         """Run ``coro`` in the server's loop and return its result."""
@@ -93,6 +111,8 @@ class FakeResp:
             self.call(close())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+        if self._directory is not None:
+            shutil.rmtree(self._directory, ignore_errors=True)
 
     def __enter__(self) -> FakeResp:
         return self
