@@ -25,6 +25,7 @@ import itertools
 import math
 import random
 from collections.abc import Callable, Iterator
+from urllib.parse import urlsplit
 
 import redis.asyncio
 import redis.exceptions
@@ -77,8 +78,11 @@ class PubSubLink:
     ) -> None:
         # RESP2 explicitly: with RESP3 (redis-py's default in 8.x) pub/sub messages are push
         # frames that read_response() hands to a push handler instead of returning them.
+        # TCP keepalive for a TCP link only: redis-py's Unix-socket connection refuses the
+        # option, and with it every connect of a unix:// link failed (the link never came up).
+        keepalive = {} if urlsplit(url).scheme == "unix" else {"socket_keepalive": True}
         self._pool = redis.asyncio.ConnectionPool.from_url(
-            url, protocol=2, socket_connect_timeout=5, socket_keepalive=True
+            url, protocol=2, socket_connect_timeout=5, **keepalive
         )
         self._sub, self._unsub = (
             ("SSUBSCRIBE", "SUNSUBSCRIBE") if sharded else ("SUBSCRIBE", "UNSUBSCRIBE")

@@ -165,12 +165,19 @@ def test_sync_publish_many_presence_and_the_cli_give_up_on_a_trickled_reply(any_
     assert code == 3 and "Redis unavailable" in stderr.getvalue()
 
 
-async def test_async_publish_gives_up_within_its_timeout_on_a_trickled_reply(fake):
+async def test_async_publish_gives_up_within_its_timeout_on_a_trickled_reply(any_fake):
+    fake = any_fake
     fake.answer = answering_scripts(trickle(HUGE_TRICKLES["bulk"], 0.1))
     async with AsyncPublisher.from_url(fake.url, prefix=PREFIX, timeout=2) as publisher:
-        async with asyncio.timeout(15):
-            with pytest.raises(PublisherUnavailable):
-                await publisher.blocker_resolved(1, blocker_id=1, answer="a")
+        for call in (
+            lambda: publisher.blocker_resolved(1, blocker_id=1, answer="a"),
+            lambda: publisher.presence(1),
+        ):
+            started = time.monotonic()
+            async with asyncio.timeout(15):
+                with pytest.raises(PublisherUnavailable):
+                    await call()
+            assert time.monotonic() - started < 3
         fake.answer = proxy
         assert (await publisher.blocker_resolved(1, blocker_id=2, answer="b")).seq == 1
 
@@ -578,24 +585,31 @@ def test_without_a_retry_guard_a_reply_out_of_step_is_not_retried(fake, redis_se
 # --- huge announced lengths to the gateway ------------------------------------------------------
 
 
-async def test_a_trickled_huge_history_reply_is_store_unavailable_within_the_call_timeout(fake):
+async def test_a_trickled_huge_history_reply_is_store_unavailable_within_the_call_timeout(
+    any_fake,
+):
+    fake = any_fake
     fake.answer = answering_scripts(trickle(HUGE_TRICKLES["bulk"], 0.1))
     client = async_client(fake.url, call_timeout=2)
     try:
         store = HistoryStore(client, KEYS)
+        started = time.monotonic()
         async with asyncio.timeout(15):
             with pytest.raises(StoreUnavailable):
                 await store.snapshot(1, None, 0, 10)
+        assert time.monotonic() - started < 3
     finally:
         await client.aclose()
 
 
 @pytest.mark.parametrize("announced", HUGE_TRICKLES.values(), ids=HUGE_TRICKLES.keys())
-async def test_a_trickled_huge_pubsub_frame_is_ended_by_the_probe(fake, announced):
+async def test_a_trickled_huge_pubsub_frame_is_ended_by_the_probe(any_fake, announced):
     """The reader waits inside the frame; the probe's ping gets no pong, and the link
     reconnects (after probe_interval + probe_timeout), holding only what was received."""
     from gateway.metrics import Metrics
     from gateway.pubsub import PubSubLink
+
+    fake = any_fake
 
     connections = 0
 
