@@ -753,14 +753,22 @@ class PresenceService:
 
     async def _listen_loop(self) -> None:
         """Listen to the presence channels of the watched projects. After a reconnect every
-        view is read again: announcements sent while disconnected are lost."""
+        view is read again: announcements sent while disconnected are lost.
+
+        While subscribed, a ``PING`` goes through the connection every ``refresh_interval``,
+        and a pong not read within the next interval counts as a lost connection (a reconnect):
+        the reads wait at most 0.2 s each and then carry on, so a connection that hangs, or a
+        server that trickles a frame a byte at a time, would otherwise hold the listener for
+        ever, silently, with every announcement of the other pods lost."""
         backoff = 0.05
+        loop = asyncio.get_running_loop()
         while not self.stopped:
             subscribed: set[str] = set()
             try:
                 self._confirmed.clear()
                 self._pubsub = self.client.pubsub()
                 reconnected = bool(self.core.views)
+                probe = _PubSubProbe(loop.time(), self.refresh_interval)
                 while not self.stopped:
                     self._channels_changed.clear()
                     wanted = set(self._channels)
@@ -774,9 +782,19 @@ class PresenceService:
                         self.reread_all()
                     if not subscribed:
                         await self._channels_changed.wait()
+                        probe = _PubSubProbe(loop.time(), self.refresh_interval)
                         continue
+                    if probe.ping_due(loop.time()):
+                        await self._pubsub.ping()
                     message = await self._pubsub.get_message(timeout=0.2)
                     kind = message and message.get("type")
+                    if kind == "pong":
+                        probe.answered(loop.time())
+                    elif probe.overdue(loop.time()):
+                        raise redis.exceptions.TimeoutError(
+                            f"no pong on the presence pub/sub connection within "
+                            f"{self.refresh_interval:g} s"
+                        )
                     if kind == "message":
                         self.on_message(message["channel"], message["data"])
                     elif kind == "subscribe":
@@ -795,3 +813,29 @@ class PresenceService:
                 await pubsub.aclose()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
+
+
+class _PubSubProbe:
+    """When the presence listener pings its pub/sub connection and when the pong is overdue
+    (times from the loop's clock): a ping every ``interval`` while none is unanswered, its pong
+    due within ``interval`` of it."""
+
+    def __init__(self, now: float, interval: float) -> None:
+        self.interval = interval
+        self.next_ping = now + interval
+        #: When the unanswered ping went out (None: none is).
+        self.sent: float | None = None
+
+    def ping_due(self, now: float) -> bool:
+        """Whether to send a ping now (counted as sent when True)."""
+        if self.sent is not None or now < self.next_ping:
+            return False
+        self.sent = now
+        return True
+
+    def answered(self, now: float) -> None:
+        self.sent = None
+        self.next_ping = now + self.interval
+
+    def overdue(self, now: float) -> bool:
+        return self.sent is not None and now - self.sent > self.interval

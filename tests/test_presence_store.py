@@ -1484,3 +1484,17 @@ async def _rounds_of_activity(pods: list, watcher: Watcher, rounds: int, cap: in
             for i in range(cap):
                 pod.activity(f"tab{i}", 1, viewing, None)
         await watcher.until(lambda m, v=viewing: any(x.viewing == v for x in m.values()), within=5)
+
+
+def test_the_presence_listeners_probe_pings_each_interval_and_waits_one_for_the_pong():
+    """Times of the own pub/sub connection's probe (tests/test_redis_protocol.py ends a trickled
+    frame with it against a server)."""
+    from gateway.presence_store import _PubSubProbe
+
+    probe = _PubSubProbe(now=0.0, interval=3.0)
+    assert not probe.ping_due(2.9)
+    assert probe.ping_due(3.0) and not probe.ping_due(3.1)  # one ping at a time
+    assert not probe.overdue(6.0) and probe.overdue(6.1)
+    probe.answered(4.0)
+    assert not probe.overdue(100.0)
+    assert not probe.ping_due(6.9) and probe.ping_due(7.0)

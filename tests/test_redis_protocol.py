@@ -304,6 +304,58 @@ async def test_presence_read_of_the_wrong_shape_is_a_redis_error(fake, reply):
         await client.aclose()
 
 
+async def test_a_trickled_frame_on_presences_own_pubsub_connection_is_ended_by_a_probe(any_fake):
+    """A PresenceService without the gateway's link listens on a pub/sub connection of its
+    own: a frame trickled there, each byte in time, reconnects it within two refresh
+    intervals (its ping gets no pong), and the pod reads its views again. Before, each read
+    timed out quietly (``get_message(timeout=0.2)``) inside the frame for ever: no
+    announcement of another pod reached this one, and nothing was said."""
+    from structlog.testing import capture_logs
+
+    from gateway.presence_store import PresenceService
+
+    fake = any_fake
+    loop = asyncio.get_running_loop()
+    subscribes = 0
+    resubscribed = asyncio.Event()
+
+    def answer(command: list[bytes]) -> object:  # (in the fake server's thread)
+        nonlocal subscribes
+        if command[0].upper() != b"SUBSCRIBE":
+            return PROXY
+        subscribes += 1
+        if subscribes > 1:
+            loop.call_soon_threadsafe(resubscribed.set)
+            return PROXY
+        confirm = b"*3\r\n" + _bulk(b"subscribe") + _bulk(command[1]) + b":1\r\n"
+        return trickle(confirm + HUGE_TRICKLES["bulk"], 0.01)
+
+    fake.answer = answer
+    client = redis.asyncio.Redis.from_url(fake.url, socket_timeout=2, socket_connect_timeout=2)
+    service = PresenceService(
+        client, lambda sessions, frame: None, pod_id="a", keys=KEYS, ttl=0.8,
+        refresh_interval=0.25, flush_interval=0.02, diff_interval=0.2,
+    )  # fmt: skip
+    with capture_logs() as logs:
+        await service.start()
+        try:
+            async with asyncio.timeout(5):
+                await service.subscribe("tab", 1)
+            started = time.monotonic()
+            async with asyncio.timeout(10):
+                await resubscribed.wait()
+            # Trickling the confirmation takes 0.4 s; then two intervals and a reconnect.
+            assert time.monotonic() - started < 2
+            # The real Redis answers each ping: no reconnect in the next four intervals (a
+            # window: what must not happen has no event to wait for).
+            await asyncio.sleep(1.0)
+            assert subscribes == 2
+        finally:
+            await service.stop()
+            await client.aclose()
+    assert [e["event"] for e in logs].count("presence: pub/sub down") == 1
+
+
 # --- the outbox relay's batched publishing --------------------------------------------------------
 
 
