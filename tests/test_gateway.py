@@ -1418,6 +1418,40 @@ async def test_a_first_frame_echoing_long_non_ascii_text_still_closes_with_auth_
     assert client.close_code == 4001
 
 
+async def test_a_gateway_and_publishers_on_a_unix_socket_deliver_live_events(gateways):
+    """``unix://`` URLs work end to end: the gateway's pub/sub link comes up, a subscribe is
+    answered and events published by a sync and an async publisher arrive live. Before, every
+    connect of the link failed (it passed TCP keepalive to redis-py's Unix-socket connection,
+    which refuses it), so each subscribe answered ``unavailable`` after --subscribe-timeout."""
+    import os
+    import shutil
+    import tempfile
+
+    from publisher import AsyncPublisher, Publisher
+    from tests.support.redis_server import RedisServer
+
+    directory = tempfile.mkdtemp(prefix="eventbus-unix-")  # (a socket's path is short)
+    path = os.path.join(directory, "redis.sock")
+    try:
+        with RedisServer(None, "--unixsocket", path, "--unixsocketperm", "700"):
+            url = f"unix://{path}"
+            gateway = await gateways(redis_url=url, subscribe_timeout=2.0)
+            client = await client_for(gateway, [41])
+            try:
+                await client.subscribe(41)
+                with Publisher.from_url(url) as publisher:
+                    for n in (1, 2):
+                        await asyncio.to_thread(publisher.publish, event(41, n))
+                async with AsyncPublisher.from_url(url) as async_publisher:
+                    await publish(async_publisher, 41, 1)
+                await client.wait_for(lambda: client.seqs(41) == [1, 2, 3], within=5)
+            finally:
+                await client.close()
+                await gateway.drain()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 async def test_a_subscribe_against_a_hung_redis_gets_unavailable_in_time_then_works():
     import os
     import signal

@@ -457,6 +457,33 @@ async def test_a_pubsub_frame_no_redis_sends_is_a_broken_link_not_a_crash(fake, 
     assert any(e["event"] == "pubsub link down" for e in logs)
 
 
+async def test_a_trickled_cluster_slot_map_is_given_up_within_its_read_timeout(fake):
+    """The Cluster link asks a node for the slot map with a client of its own (no call
+    timeout): a node trickling the reply costs one read timeout (2 s), as one that never
+    answers, and the next node is asked. Passed before; the record that it holds."""
+    from gateway.cluster_pubsub import ClusterPubSub
+    from gateway.metrics import Metrics
+
+    def answer(command: list[bytes]) -> object:
+        if command[0].upper() == b"CLUSTER":
+            return trickle(HUGE_TRICKLES["array"], 0.1)
+        return PROXY
+
+    fake.answer = answer
+    cluster = ClusterPubSub(
+        f"redis+cluster://127.0.0.1:{fake.port}",
+        on_message=lambda channel, data: None,
+        on_recovered=lambda channels: None,
+        metrics=Metrics(),
+    )
+    started = time.monotonic()
+    async with asyncio.timeout(15):
+        with pytest.raises(redis.exceptions.ConnectionError, match="no cluster node answered"):
+            await cluster._load_map()
+    assert time.monotonic() - started < 3
+    assert fake.names().count(b"CLUSTER") == 1
+
+
 def test_frame_problem_passes_every_frame_redis_sends():
     from gateway.pubsub import frame_problem
 
