@@ -480,8 +480,9 @@ async def test_a_trickled_cluster_slot_map_is_given_up_within_its_read_timeout(f
     async with asyncio.timeout(15):
         with pytest.raises(redis.exceptions.ConnectionError, match="no cluster node answered"):
             await cluster._load_map()
-    assert time.monotonic() - started < 3
-    assert fake.names().count(b"CLUSTER") == 1
+    elapsed = time.monotonic() - started
+    assert elapsed < 3, f"took {elapsed:.1f} s"
+    assert fake.names().count(b"CLUSTER") == 1, fake.names()
 
 
 def test_frame_problem_passes_every_frame_redis_sends():
