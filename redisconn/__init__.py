@@ -131,8 +131,10 @@ def async_client(
     costs one read timeout per attempt, not the square of the attempts. With ``call_timeout``,
     every call (a command, a registered script's call, a pipeline's ``execute``) ends within
     that many seconds, raising ``redis.exceptions.TimeoutError`` when it runs out, whatever
-    happens inside it; retries are made only while the next attempt can end in time. Pub/sub
-    reads are not bounded by it.
+    happens inside it; retries are made only while the next attempt can end in time. Each
+    reply is read within ``socket_timeout`` in all, on TCP and Unix sockets alike (redis-py's
+    asyncio connections read a reply under one timeout). Pub/sub reads are not bounded by
+    either: see :mod:`redisconn.bounded`.
     """
     connect_timeout = CONNECT_TIMEOUT if connect_timeout is None else connect_timeout
     socket_timeout = SOCKET_TIMEOUT if socket_timeout is None else socket_timeout

@@ -20,7 +20,11 @@ far longer than its timeouts suggest:
   (redis-py disconnects a connection whose read was cancelled). Within such a call, CallRetry
   makes a retry only when the attempt after it can end before the call's deadline.
 
-Pub/sub (``client.pubsub()``) is not bounded this way: its reads wait for messages on purpose.
+Pub/sub (``client.pubsub()``) is not bounded this way: its reads wait for messages on purpose,
+and a frame sent a byte at a time can hold them for as long as it goes on (redis-py's health check
+sends a ``PING`` and waits for no pong). Its users bound it with a probe of their own, a ping
+whose pong must come back in time (the gateway's ``PubSubLink``, ``PresenceService``'s own
+listener).
 """
 
 from __future__ import annotations
