@@ -24,12 +24,11 @@ Unix socket (``unix://``) is read the same way, by :class:`WholeReplyUnixConnect
 :class:`WholeReplyReads`, which sets the parser's deadline for each reply.
 
 An asyncio client needs none of this: asyncio looks names up in its default executor, and the
-connect timeout (an ``asyncio.timeout`` around the lookup and the connect) stops the wait; its
-connections (TCP and Unix alike) read each reply under one ``asyncio.timeout`` of the read
-timeout, not one per ``recv``. The
+connect timeout (an ``asyncio.timeout`` around the lookup and the connect) stops the wait. The
 lookup itself goes on there too, in one of the executor's threads (at most ``min(32, CPUs + 4)``),
 until the resolver gives up; while every one of them waits on a hung resolver, other work sent to
-that executor (``asyncio.to_thread``) waits behind them.
+that executor (``asyncio.to_thread``) waits behind them. And its connections, TCP and Unix alike,
+read each reply under one ``asyncio.timeout`` of the read timeout, not one per ``recv``.
 """
 
 from __future__ import annotations
