@@ -98,6 +98,8 @@ class PubSubLink:
         #: Channels we want, each with an event set while Redis confirms the subscription.
         self._channels: dict[bytes, asyncio.Event] = {}
         self._conn: redis.asyncio.Connection | None = None
+        #: The transport of the current connection's socket (see :meth:`_drop_socket`).
+        self._transport: asyncio.BaseTransport | None = None
         self._pong = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.connected = False
@@ -127,6 +129,7 @@ class PubSubLink:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         self.connected = False  # a write after this must not open a new connection
+        self._drop_socket()
         if self._conn:
             await self._conn.disconnect()
         await self._pool.aclose()
@@ -178,7 +181,10 @@ class PubSubLink:
             # this channel too. Not only RedisError/OSError: a connection torn down under the
             # write (the link closing) fails inside redis-py with AttributeError, and nobody
             # awaits a spawned unsubscribe to hear it.
+            if conn is not self._conn or self._transport is None:
+                return  # the link dropped this connection already: said once, by the reader
             log.warning("pubsub send failed", command=args[0], error=repr(exc))
+            self._drop_socket()  # (what wakes the reader)
 
     async def _run(self) -> None:
         delays = backoff_delays()
@@ -204,6 +210,7 @@ class PubSubLink:
             self._on_down()
             for event in self._channels.values():
                 event.clear()
+            self._drop_socket()
             if self._conn is not None:
                 with contextlib.suppress(Exception):
                     await self._conn.disconnect()
@@ -224,6 +231,7 @@ class PubSubLink:
                 await conn.disconnect()
             raise
         self._conn = conn
+        self._transport = conn._writer.transport  # (redis-py's own; see _drop_socket)
         self.connected = True
         self.connections += 1
         reconnected = self.connections > 1
@@ -249,6 +257,10 @@ class PubSubLink:
                 except redis.exceptions.ResponseError as exc:
                     self._on_error_reply(exc)  # an error answer to a (un)subscribe
                     continue
+                except (redis.exceptions.ConnectionError, OSError):
+                    if probe.done() and not probe.cancelled() and probe.exception() is not None:
+                        probe.result()  # the probe dropped the socket: its reason, not EOF
+                    raise
                 if probe.done():
                     probe.result()  # raises ProbeFailed
                 if reply == b"PONG":
@@ -307,15 +319,29 @@ class PubSubLink:
         while True:
             await asyncio.sleep(self.probe_interval)
             self._pong.clear()
-            await conn.send_command("PING", check_health=False)
             try:
+                # The ping's write is inside the timeout too: a Redis that stopped reading (hung,
+                # its socket's buffers full) holds a write as long as it holds a pong.
                 async with asyncio.timeout(self.probe_timeout):
+                    await conn.send_command("PING", check_health=False)
                     await self._pong.wait()
-            except TimeoutError:
+            except (TimeoutError, redis.exceptions.RedisError) as exc:
                 self._metrics.pubsub_probe_failures_total += 1
-                # Breaking the connection wakes the reader, which then reconnects.
-                await conn.disconnect()
-                raise ProbeFailed("no pong on the pub/sub connection") from None
+                # Dropping the socket wakes the reader, which then reconnects.
+                self._drop_socket()
+                raise ProbeFailed(f"no pong on the pub/sub connection ({describe(exc)})") from None
+
+    def _drop_socket(self) -> None:
+        """Close the current connection's socket at once, unsent data and all.
+
+        redis-py's ``disconnect`` closes the transport, and asyncio keeps a transport open until
+        what it holds is sent: with Redis no longer reading (hung, with its buffers full), the
+        socket stayed open, no end of stream reached the reader, and the link waited on it for
+        as long as Redis did, probe or no probe (redis-py's own write timeouts "disconnect" the
+        same way). An abort ends it now; the reader then reconnects."""
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.abort()
 
 
 #: Kinds of the frames Redis sends on a RESP2 subscribed connection whose second element may be

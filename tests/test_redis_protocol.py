@@ -485,6 +485,74 @@ async def test_a_trickled_cluster_slot_map_is_given_up_within_its_read_timeout(f
     assert fake.names().count(b"CLUSTER") == 1, fake.names()
 
 
+async def test_a_pubsub_link_whose_redis_stopped_reading_is_ended_by_the_probe(any_fake):
+    """Redis stops reading the link's connection (hung) while the pod sends it more than the
+    sockets' buffers hold (subscribes): the probe's ping cannot even be written, and the link
+    reconnects within about probe_interval + probe_timeout. Before, the probe waited on that
+    write for redis-py's 5 s write timeout, and then neither its "disconnect" nor the
+    subscribes' own ones closed the socket (asyncio keeps it open until its buffer is sent):
+    the reader waited for as long as Redis did, and the link never came back."""
+    from gateway.metrics import Metrics
+    from gateway.pubsub import PubSubLink
+
+    fake = any_fake
+    connections = 0
+
+    def confirm(channels: list[bytes]) -> bytes:
+        return b"".join(b"*3\r\n" + _bulk(b"subscribe") + _bulk(c) + b":1\r\n" for c in channels)
+
+    def answer(command: list[bytes]) -> object:
+        nonlocal connections
+        name = command[0].upper()
+        if name == b"SUBSCRIBE":
+            connections += 1
+            if connections > 1:
+                return confirm(command[1:])
+
+            async def stop_reading(reader, writer) -> None:
+                writer.write(confirm(command[1:]))
+                await writer.drain()
+                await asyncio.Event().wait()  # (until the fake server closes)
+
+            return stop_reading
+        if name == b"PING":
+            return b"*2\r\n" + _bulk(b"pong") + _bulk(b"")
+        return b"+OK\r\n"  # the handshake (CLIENT SETINFO)
+
+    fake.answer = answer
+    resubscribed = asyncio.Event()
+    link = PubSubLink(
+        fake.url,
+        sharded=False,
+        on_message=lambda channel, data: None,
+        on_resubscribed=resubscribed.set,
+        metrics=Metrics(),
+        probe_interval=0.5,
+        probe_timeout=0.5,
+    )
+    link.start()
+    waiting: list[asyncio.Task] = []
+    try:
+        async with asyncio.timeout(5):
+            await link.subscribe(CHANNEL)
+        started = time.monotonic()
+        # 6 MB of subscribes: more than a loopback TCP or a Unix socket buffers.
+        waiting = [
+            asyncio.create_task(link.subscribe(b"x" * 60_000 + b"%d" % i)) for i in range(100)
+        ]
+        async with asyncio.timeout(10):
+            await resubscribed.wait()
+        elapsed = time.monotonic() - started
+        assert elapsed < 3, f"took {elapsed:.1f} s"
+        async with asyncio.timeout(5):
+            assert all(await asyncio.gather(*waiting))  # confirmed on the new connection
+    finally:
+        for task in waiting:
+            task.cancel()
+        await link.close()
+    assert link.connections == 2
+
+
 def test_frame_problem_passes_every_frame_redis_sends():
     from gateway.pubsub import frame_problem
 
