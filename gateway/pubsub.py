@@ -7,7 +7,10 @@ published while the link was down are never lost, only late.
 
 A connection can die silently (a half-open TCP connection, a proxy that stopped forwarding) while
 every health check stays green; a probe therefore pings *through the subscribed connection* every
-``probe_interval`` seconds and forces a reconnect when no pong comes back in time.
+``probe_interval`` seconds and forces a reconnect when no pong comes back in time (writing the
+ping counts: a Redis that stopped reading holds the write). That also ends a frame sent a byte at
+a time, whose reads have no timeout: the pong would come behind it. A connection given up is
+dropped at once (:meth:`PubSubLink._drop_socket`).
 
 A frame no Redis sends (a message without data, a channel that is not a string: a broken server
 or proxy) is taken as a broken connection too (:func:`frame_problem`): a warning, a reconnect and
