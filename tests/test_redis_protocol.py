@@ -14,6 +14,10 @@ asyncio clients (their calls are bounded as a whole) and to the pub/sub link (it
 fine, not tested here: a RESP3 push frame before a publish's reply (redis-py reads past it), a
 ``message`` on a channel the pod does not follow (the hub drops it). Not defensible at this
 level: a MITM that swaps two well-formed replies, or forges a whole one (use ``rediss://``).
+
+The tests of a trickled reply, and of a Redis that stops reading, run over TCP and over a Unix
+socket (``any_fake``): the clients build a different connection for each, and ``unix://`` had
+holes of its own (a sync reply bounded per ``recv`` only; a pub/sub link that never connected).
 """
 
 from __future__ import annotations
