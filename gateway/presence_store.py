@@ -759,7 +759,9 @@ class PresenceService:
         and a pong not read within the next interval counts as a lost connection (a reconnect):
         the reads wait at most 0.2 s each and then carry on, so a connection that hangs, or a
         server that trickles a frame a byte at a time, would otherwise hold the listener for
-        ever, silently, with every announcement of the other pods lost."""
+        ever, silently, with every announcement of the other pods lost. Each write (a
+        subscribe, an unsubscribe, the ping) that takes longer than an interval gives the
+        connection up the same way."""
         backoff = 0.05
         loop = asyncio.get_running_loop()
         while not self.stopped:
@@ -772,10 +774,15 @@ class PresenceService:
                 while not self.stopped:
                     self._channels_changed.clear()
                     wanted = set(self._channels)
+                    # Each write within an interval too: a Redis that stopped reading holds a
+                    # write once the socket's buffers are full (for ever with a client of
+                    # yours without a socket_timeout).
                     if wanted - subscribed:
-                        await self._pubsub.subscribe(*(wanted - subscribed))
+                        async with asyncio.timeout(self.refresh_interval):
+                            await self._pubsub.subscribe(*(wanted - subscribed))
                     if subscribed - wanted:
-                        await self._pubsub.unsubscribe(*(subscribed - wanted))
+                        async with asyncio.timeout(self.refresh_interval):
+                            await self._pubsub.unsubscribe(*(subscribed - wanted))
                     subscribed = wanted
                     if reconnected:
                         reconnected = False
@@ -785,7 +792,8 @@ class PresenceService:
                         probe = _PubSubProbe(loop.time(), self.refresh_interval)
                         continue
                     if probe.ping_due(loop.time()):
-                        await self._pubsub.ping()
+                        async with asyncio.timeout(self.refresh_interval):
+                            await self._pubsub.ping()
                     message = await self._pubsub.get_message(timeout=0.2)
                     kind = message and message.get("type")
                     if kind == "pong":

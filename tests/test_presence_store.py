@@ -1498,3 +1498,77 @@ def test_the_presence_listeners_probe_pings_each_interval_and_waits_one_for_the_
     probe.answered(4.0)
     assert not probe.overdue(100.0)
     assert not probe.ping_due(6.9) and probe.ping_due(7.0)
+
+
+class _PubSubStub:
+    """What the presence listener uses of a redis-py pub/sub, in memory; ``stall`` names the
+    write that never ends (a Redis that stopped reading, its buffers full, with a client of
+    yours without a ``socket_timeout``)."""
+
+    def __init__(self, stall: str | None) -> None:
+        self.stall = stall
+        self.frames: list[dict] = []
+        self.confirmed = asyncio.Event()  # a subscribe confirmation was read
+
+    async def _write(self, name: str) -> None:
+        if name == self.stall:
+            await asyncio.Event().wait()
+
+    async def subscribe(self, *channels: str) -> None:
+        await self._write("subscribe")
+        self.frames += [{"type": "subscribe", "channel": c.encode()} for c in channels]
+
+    async def unsubscribe(self, *channels: str) -> None:
+        await self._write("unsubscribe")
+
+    async def ping(self) -> None:
+        await self._write("ping")
+        self.frames.append({"type": "pong"})
+
+    async def get_message(self, **read: float) -> dict | None:
+        if self.frames:
+            frame = self.frames.pop(0)
+            if frame["type"] == "subscribe":
+                self.confirmed.set()
+            return frame
+        await asyncio.sleep(read["timeout"])  # (a read that timed out)
+        return None
+
+    async def aclose(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("stall", ["subscribe", "ping"])
+async def test_the_presence_listeners_writes_end_within_a_refresh_interval(stall):
+    """A write the listener makes on its own pub/sub connection (a subscribe, the probe's ping)
+    that never ends gives that connection up within a refresh interval, and the next one
+    serves; before, the listener waited on it for ever."""
+    made: list[_PubSubStub] = []
+    second = asyncio.Event()
+
+    class Client:
+        def register_script(self, script: str) -> None:
+            return None  # (the store's scripts: not run here)
+
+        def pubsub(self) -> _PubSubStub:
+            made.append(_PubSubStub(stall if not made else None))
+            if len(made) == 2:
+                second.set()
+            return made[-1]
+
+    service = PresenceService(Client(), lambda sessions, frame: None, pod_id="a", **TIMINGS)
+    service._channels.add("eventbus:presence:{1}")  # (what watching project 1 adds)
+    listener = asyncio.create_task(service._listen_loop())
+    try:
+        started = time.monotonic()
+        async with asyncio.timeout(5):
+            await second.wait()
+        # A ping after one interval; given up one interval later.
+        assert time.monotonic() - started < 3 * TIMINGS["refresh_interval"] + SLACK
+        async with asyncio.timeout(5):
+            await made[1].confirmed.wait()  # the second connection serves
+        assert service._confirmed == {"eventbus:presence:{1}"}
+    finally:
+        service.stopped = True
+        listener.cancel()
+        await asyncio.gather(listener, return_exceptions=True)
