@@ -293,6 +293,7 @@ class WebSocketConnection(asyncio.Protocol):
         "fragments",
         "fresh",
         "head_bytes",
+        "head_tail",
         "inflating",
         "paused",
         "paused_at",
@@ -347,8 +348,10 @@ class WebSocketConnection(asyncio.Protocol):
         self.fragment_text = False
         #: Nothing has been read yet: the first read may be a plain request (_plain_request).
         self.fresh = True
-        #: Bytes read while the request's head is not complete (--max-request-bytes).
+        #: Bytes of the request's head read so far (--max-request-bytes); -1 once it ended.
         self.head_bytes = 0
+        #: The head's last bytes read (at most 3): its end may be cut across two reads.
+        self.head_tail = b""
 
     # --- asyncio.Protocol --------------------------------------------------------------------
 
@@ -382,11 +385,14 @@ class WebSocketConnection(asyncio.Protocol):
             if request is not None:
                 self._plain_request(request)
                 return
-        if self.session is None and not self.close_armed:
-            self.head_bytes += len(data)
+        if self.head_bytes >= 0 and self.session is None and not self.close_armed:
+            part, ended = self._head_part(data)
+            self.head_bytes += part
             if self.head_bytes > self.endpoint.max_request_bytes:
                 self._head_too_large()
                 return
+            if ended:
+                self.head_bytes = -1  # what follows is frames: counted no more
         protocol = self.protocol
         protocol.receive_data(data)
         events = protocol.events_received()
@@ -461,6 +467,26 @@ class WebSocketConnection(asyncio.Protocol):
             self.send_data()  # websockets' half-close
             self._expect_close()
         return True
+
+    def _head_part(self, data: bytes) -> tuple[int, bool]:
+        """How many bytes of ``data`` belong to the request's head, and whether the head ends in
+        it: all of it, or up to and including the blank line that ends the head (websockets'
+        parser needs CRLF line ends, so the first CRLF CRLF is that end; it may be cut across
+        two reads). What follows the head in the same read is frames (a client that sends its
+        first message without waiting for the 101), bounded by ``--max-frame-bytes`` each:
+        counted as head, they had a small handshake with a large first message answered 431."""
+        tail = self.head_tail
+        end = (tail + data[:3]).find(b"\r\n\r\n")
+        if end >= 0:
+            end += 4 - len(tail)
+        else:
+            end = data.find(b"\r\n\r\n")
+            if end < 0:
+                self.head_tail = (tail + data[-3:])[-3:]
+                return len(data), False
+            end += 4
+        self.head_tail = b""
+        return end, True
 
     def _head_too_large(self) -> None:
         """The request's head went past ``--max-request-bytes`` before it ended: 431, and the
