@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import structlog
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from serverkit import LIMIT_HINT, KeyedSingleFlight, LogThrottle, SingleFlight, warn_lowered
 from tests.support.ws_client import wait_until
@@ -239,3 +241,129 @@ async def test_a_keyed_run_that_fails_fails_for_every_caller() -> None:
     del calls, results
     gc.collect()
     assert unretrieved == [] and len(flights) == 0
+
+
+class _Unavailable(Exception):
+    """A failed run (as StoreUnavailable), carrying the run's number."""
+
+
+class _Unreadable(_Unavailable):
+    """A failed run of the subclass (as ProjectUnreadable): callers must get this one."""
+
+
+class _Run:
+    def __init__(self, number: int, key: str) -> None:
+        self.number = number
+        self.key = key
+        self.gate: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.began = False  # its body ran (a task cancelled before its first step never does)
+        self.cancelled = False  # its body saw the flight's cancellation
+        self.outcome: str | None = None  # how the test ended it: "ok", "fail", "unreadable"
+
+
+_OPS = st.one_of(
+    st.tuples(st.just("join"), st.sampled_from("ab")),
+    st.tuples(st.just("leave"), st.integers(0, 40)),
+    st.tuples(st.just("end"), st.sampled_from("ab"), st.sampled_from(["ok", "fail", "unreadable"])),
+    st.tuples(st.just("yield"), st.integers(1, 3)),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops=st.lists(_OPS, max_size=40))
+def test_keyed_single_flight_keeps_its_contract_under_any_interleaving(ops) -> None:
+    """KeyedSingleFlight's contract, under random interleavings of joins, callers leaving
+    (cancelled), and runs ending with a result or either of two exceptions; ops between two
+    ``yield`` happen in one step of the loop (a caller cancelled exactly as another joins, a run
+    ended exactly as a caller leaves):
+
+    * a caller that is not cancelled never gets CancelledError (another caller leaving, or
+      joining, never ends its run), and gets the outcome of a run of its own key: that run's
+      result, or its exception, of its own type;
+    * a run goes on while, and only while, a caller that did not leave waits for it (one run per
+      key): a run nobody waits for any more is cancelled;
+    * nothing is kept: no entry once every caller is done, no exception left unretrieved."""
+    asyncio.run(_interleave(ops))
+
+
+async def _interleave(ops) -> None:
+    loop = asyncio.get_running_loop()
+    unretrieved: list[dict] = []
+    loop.set_exception_handler(lambda _, context: unretrieved.append(context))
+    flights: KeyedSingleFlight[str, int] = KeyedSingleFlight()
+    runs: list[_Run] = []
+    callers: list[tuple[str, asyncio.Task]] = []
+    left: set[int] = set()
+
+    def start(key: str):
+        run = _Run(len(runs), key)
+        runs.append(run)
+
+        async def body() -> int:
+            run.began = True
+            try:
+                return await run.gate
+            except asyncio.CancelledError:
+                run.cancelled = True
+                raise
+
+        return body()
+
+    for op in ops:
+        if op[0] == "join":
+            key = op[1]
+            callers.append((key, asyncio.ensure_future(flights(key, lambda key=key: start(key)))))
+        elif op[0] == "leave" and callers:
+            index = op[1] % len(callers)
+            if callers[index][1].cancel():
+                left.add(index)
+        elif op[0] == "end":
+            live = [r for r in runs if r.key == op[1] and not r.gate.done()]
+            if live:
+                run = live[-1]
+                run.outcome = op[2]
+                if op[2] == "ok":
+                    run.gate.set_result(run.number)
+                else:
+                    kind = _Unavailable if op[2] == "fail" else _Unreadable
+                    run.gate.set_exception(kind(run.number))
+        elif op[0] == "yield":
+            for _ in range(op[1]):
+                await asyncio.sleep(0)
+    for _ in range(10):  # settle: cancellations and outcomes take a few steps to arrive
+        await asyncio.sleep(0)
+    # Now a run goes on (its gate unset and not cancelled) while, and only while, a caller of
+    # its key that did not leave waits; one such run per key at most.
+    for key in "ab":
+        live = [r for r in runs if r.key == key and r.began and not r.gate.done()]
+        waiting = [i for i, (k, task) in enumerate(callers) if k == key and not task.done()]
+        assert len(live) <= 1, "two runs of one key"
+        assert bool(live) == bool(waiting), (
+            "a run nobody waits for goes on, or a caller waits for none"
+        )
+        assert not set(waiting) & left, "a caller that left still waits"
+        for run in live:
+            run.outcome = "ok"
+            run.gate.set_result(run.number)
+    if callers:
+        await asyncio.wait([task for _, task in callers])
+    for _ in range(5):  # the runs' own tasks end (a step each)
+        await asyncio.sleep(0)
+
+    for index, (key, task) in enumerate(callers):
+        if task.cancelled():
+            assert index in left, "a caller that did not leave got CancelledError"
+            continue
+        exc = task.exception()
+        number = task.result() if exc is None else exc.args[0]
+        run = runs[number]
+        assert run.key == key and not run.cancelled
+        expected = {"ok": None, "fail": _Unavailable, "unreadable": _Unreadable}[run.outcome]
+        assert type(exc) is expected if exc is not None else expected is None
+    for run in runs:
+        assert run.outcome is not None or run.cancelled or not run.began
+    assert len(flights) == 0
+    callers.clear()  # (and what refers to the tasks and their exceptions: the loop's names)
+    task = exc = run = None
+    gc.collect()
+    assert unretrieved == []
