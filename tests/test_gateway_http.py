@@ -514,6 +514,15 @@ def _answers_in_flight() -> list[asyncio.Task]:
     ]
 
 
+def _reads_in_flight() -> list[asyncio.Task]:
+    """The history reads of polls going on (HttpRoutes._read, each in a task of its own)."""
+    return [
+        task
+        for task in asyncio.all_tasks()
+        if getattr(task.get_coro(), "__qualname__", "").endswith("HttpRoutes._read")
+    ]
+
+
 async def test_a_poll_whose_client_left_stops_waiting_for_redis_at_once():
     """A poll waiting for a hung Redis when its client goes away ends with the socket: its task,
     and the request it holds (headers of up to ~1 MB), are not kept until --subscribe-timeout.
@@ -598,6 +607,83 @@ async def test_concurrent_polls_at_one_cursor_share_one_history_read():
         finally:
             await direct_publisher.aclose()
             await direct.aclose()
+            await gateway.drain()
+
+
+async def test_a_shared_poll_read_outlives_a_client_that_leaves_not_the_last_one_or_a_drain():
+    """Polls of one page share one read (KeyedSingleFlight), end to end with a hung Redis: a
+    client that goes away leaves the read to the others, who get their page once Redis answers;
+    when every client of a read has gone, the read is cancelled and forgotten (not kept until
+    --subscribe-timeout); a poll still waiting on a shared read when a drain reaches its deadline
+    is answered 503 draining, and the read is forgotten too."""
+    import os
+    import signal
+
+    with RedisServer() as server:
+        gateway = await start_gateway(server.url, subscribe_timeout=10.0, drain_timeout=1)
+        headers = bearer([6])
+        reads = gateway.http._reads
+        status, _, body = await request(gateway.port, "/v1/projects/6/events", headers=headers)
+        assert status == 200
+        path = f"/v1/projects/6/events?epoch={json.loads(body)['epoch']}&after=0"
+        head = [f"GET {path} HTTP/1.1", "Host: x", "Connection: close"]
+        head += [f"{name}: {value}" for name, value in headers.items()]
+
+        async def poll() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+            writer.write(("\r\n".join(head) + "\r\n\r\n").encode())
+            return reader, writer
+
+        def reset(writer: asyncio.StreamWriter) -> None:
+            # A reset (a FIN could be a half-close: the answer would still be due).
+            sock = writer.transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+
+        try:
+            reads_before = gateway.metrics.poll_reads_total
+            os.kill(server.process.pid, signal.SIGSTOP)
+            try:
+                clients = [await poll() for _ in range(3)]
+                await wait_until(lambda: len(_answers_in_flight()) == 3, 5, "the polls to wait")
+                assert len(reads) == 1
+                reset(clients[0][1])
+                await wait_until(lambda: len(_answers_in_flight()) == 2, 5, "the first to end")
+                assert len(reads) == 1 and len(_reads_in_flight()) == 1, "the others wait for it"
+            finally:
+                os.kill(server.process.pid, signal.SIGCONT)
+            async with asyncio.timeout(5):
+                answers = [await reader.read() for reader, _ in clients[1:]]
+            for _, writer in clients:
+                writer.close()
+            assert all(answer.startswith(b"HTTP/1.1 200 ") for answer in answers), answers
+            assert gateway.metrics.poll_reads_total - reads_before == 1
+            assert len(reads) == 0
+
+            os.kill(server.process.pid, signal.SIGSTOP)
+            try:
+                clients = [await poll() for _ in range(2)]
+                await wait_until(lambda: len(reads) == 1, 5, "the read to start")
+                for _, writer in clients:
+                    reset(writer)
+                await wait_until(
+                    lambda: not reads and not _reads_in_flight(),
+                    2,
+                    "the read nobody waits for to end",
+                )
+
+                reader, writer = await poll()
+                await wait_until(lambda: len(reads) == 1, 5, "the read to start")
+                drain = asyncio.ensure_future(gateway.drain())
+                async with asyncio.timeout(5):
+                    answer = await reader.read()
+                writer.close()
+                assert answer.startswith(b"HTTP/1.1 503 ") and b'"draining"' in answer, answer
+                await wait_until(lambda: not reads and not _reads_in_flight(), 2, "the read to end")
+            finally:
+                os.kill(server.process.pid, signal.SIGCONT)
+            await drain
+        finally:
             await gateway.drain()
 
 
