@@ -10,7 +10,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime, timedelta
-from typing import Generic, NamedTuple, TypeVar
+from typing import Generic, TypeVar
 
 import redis
 import redis.asyncio
@@ -271,17 +271,13 @@ def _collect(batches: list[PreparedBatch], results: list, total: int) -> list[Cu
     return cursors  # type: ignore[return-value]
 
 
-#: What redis-py raises when an EXEC reply has another number of items than commands were queued.
-_WRONG_COUNT = "Wrong number of response items"
-
-
 def _transaction_replies(calls: list[PreparedBatch], run: Callable[[], list]) -> list | None:
     """The replies of one ``MULTI``/``EXEC`` of ``calls`` (``run()`` sends it): see
     :func:`_checked_transaction`."""
     try:
         replies: object = run()
     except Exception as exc:
-        replies = _discarded_transaction(exc)
+        replies = _failed_transaction(exc)
     return _checked_transaction(calls, replies)
 
 
@@ -292,37 +288,37 @@ async def _atransaction_replies(
     try:
         replies: object = await run()
     except Exception as exc:
-        replies = _discarded_transaction(exc)
+        replies = _failed_transaction(exc)
     return _checked_transaction(calls, replies)
 
 
-class _Discarded(NamedTuple):
-    """Redis refused a call of the transaction while queueing it, and so ran none of them."""
+class _OneByOne(Exception):
+    """Send the calls of this transaction one at a time instead (see :func:`_failed_transaction`
+    and :func:`_out_of_step_transaction`)."""
 
-    error: redis.exceptions.ResponseError
 
-
-def _discarded_transaction(exc: Exception) -> _Discarded | None:
-    """What an ``EXEC`` that raised ``exc`` came to: discarded when Redis refused a call while
-    queueing it (``EXECABORT``), None when redis-py could not read the reply (see
-    :func:`_checked_transaction`); "try again later" and other errors are raised again."""
+def _failed_transaction(exc: Exception) -> None:
+    """What an ``EXEC`` that raised ``exc`` came to. "Try again later" errors are raised again
+    (the publisher sends the transaction again). When Redis refused a call while queueing it,
+    it ran none of them (``EXECABORT``; redis-py raises the refusal, of whichever call it was):
+    :class:`_OneByOne`, so that the burst stops exactly at the refused call, with its own
+    project's error. Anything else (``EXEC`` refused itself, e.g. "EXEC without MULTI" when
+    ``MULTI`` was refused and each call ran on its own; a reply redis-py cannot read) leaves
+    unknown which calls ran: None (see :func:`_checked_transaction`)."""
     if isinstance(exc, _UNAVAILABLE):
         raise exc
-    if isinstance(exc, redis.exceptions.ResponseError) and _WRONG_COUNT not in str(exc):
-        return _Discarded(exc)
-    if isinstance(exc, redis.exceptions.RedisError):
-        raise exc
-    return None  # redis-py fails on an EXEC reply of another shape (TypeError and the like)
+    if isinstance(exc, redis.exceptions.ExecAbortError) or isinstance(
+        exc.__cause__ or exc.__context__, redis.exceptions.ExecAbortError
+    ):
+        raise _OneByOne from exc
+    return None
 
 
 def _checked_transaction(calls: list[PreparedBatch], replies: object) -> list | None:
-    """The replies of a transaction of ``calls``, one per call with error replies as exceptions
-    (only the first call's error when Redis discarded the transaction: it ran none of them);
+    """The replies of a transaction of ``calls``, one per call with error replies as exceptions;
     None when every reply was ``NOSCRIPT`` (nothing ran: load the script and send it again).
-    A reply no Redis gives (an ``EXEC`` answered with an integer, or with another number of
-    replies: a broken server or proxy) is handled as :func:`_out_of_step_transaction` says."""
-    if isinstance(replies, _Discarded):
-        return [replies.error]
+    When which calls ran is unknown (``EXEC`` refused, or answered as no Redis does: a broken
+    server or proxy, a user that may not run ``MULTI``), see :func:`_out_of_step_transaction`."""
     if not isinstance(replies, list) or len(replies) != len(calls):
         raise _out_of_step_transaction(calls, replies)
     if all(isinstance(reply, redis.exceptions.NoScriptError) for reply in replies):
@@ -331,15 +327,15 @@ def _checked_transaction(calls: list[PreparedBatch], replies: object) -> list | 
 
 
 def _out_of_step_transaction(calls: list[PreparedBatch], replies: object) -> Exception:
-    """The error for an ``EXEC`` reply no Redis gives: which calls ran is unknown. When every
-    call carries an idempotency key or a retry guard, a ``ConnectionError``, so that the
-    publisher's next attempt sends the transaction again (a call that ran returns its first
-    cursor); otherwise a ``PublishError`` (a retry might publish an event twice), as for a single
-    call (:func:`_after_out_of_step`)."""
-    message = f"unexpected reply to a transaction of publish calls: {replies!r}"[:300]
+    """The error for a transaction of which the calls that ran are unknown. When every call
+    carries an idempotency key or a retry guard, :class:`_OneByOne`: each call sent again on its
+    own returns its first cursor if it ran, publishes its event if not, and the burst stops at
+    the first one refused; a setup that never answers a transaction right (a proxy without
+    transactions) still publishes, as one round trip per call. Otherwise a ``PublishError``
+    (a retry might publish an event twice), as for a single call (:func:`_after_out_of_step`)."""
     if all(call.args[IDEMPOTENCY_ARG] for call in calls):
-        return redis.exceptions.ConnectionError(message)
-    return PublishError(message)
+        return _OneByOne()
+    return PublishError(f"unexpected reply to a transaction of publish calls: {replies!r}"[:300])
 
 
 def _stop_or_go(
@@ -640,14 +636,18 @@ class Publisher(_ContractHelpers[Cursor]):
                 if self._cluster:
                     replies = self._one_by_one(chunk)
                 else:
-                    replies = self._run(lambda c=chunk: self._transaction(c), started)
+                    try:
+                        replies = self._run(lambda c=chunk: self._transaction(c), started)
+                    except _OneByOne:
+                        replies = self._one_by_one(chunk)
             except redis.exceptions.RedisError as exc:
                 raise script_error(exc) from exc
             _stop_or_go(cursors, start, chunk, replies)
         return cursors  # type: ignore[return-value]
 
     def _transaction(self, calls: list[PreparedBatch]) -> list:
-        """One attempt: ``calls`` in one MULTI/EXEC (see :func:`_transaction_replies`)."""
+        """One attempt: ``calls`` in one MULTI/EXEC (see :func:`_transaction_replies`); raises
+        :class:`_OneByOne` when they are to be sent one at a time instead."""
 
         def run(sha: str) -> list:
             with self.client.pipeline(transaction=True) as pipe:
@@ -873,9 +873,12 @@ class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
                 if self._cluster:
                     replies = await self._one_by_one(chunk)
                 else:
-                    started = time.monotonic()
-                    async with asyncio.timeout(self._policy.timeout):
-                        replies = await self._run(lambda c=chunk: self._transaction(c), started)
+                    try:
+                        started = time.monotonic()
+                        async with asyncio.timeout(self._policy.timeout):
+                            replies = await self._run(lambda c=chunk: self._transaction(c), started)
+                    except _OneByOne:  # each call within timeout
+                        replies = await self._one_by_one(chunk)
             except TimeoutError as exc:
                 raise PublisherUnavailable(
                     f"Redis unavailable: no reply within {self._policy.timeout} s"

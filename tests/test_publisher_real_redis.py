@@ -339,6 +339,70 @@ def test_in_order_publishing_survives_a_script_cache_flush_and_a_burst_without_k
     assert _stored(redis_client, 2) == [(1, 1), (2, 3), (3, 5)]
 
 
+@pytest.fixture
+def user_url(redis_server: RedisServer, redis_url: str) -> Iterator[Callable[..., str]]:
+    """``user_url(*rules)``: the URL of a Redis user made with these ACL rules (deleted after)."""
+    admin = redis_server.client()
+    made: list[str] = []
+
+    def make(*rules: str) -> str:
+        name = f"user{len(made)}"
+        admin.execute_command("ACL", "SETUSER", name, "reset", "on", ">pw", *rules)
+        made.append(name)
+        return f"redis://{name}:pw@127.0.0.1:{redis_server.port}/0"
+
+    yield make
+    for name in made:
+        admin.execute_command("ACL", "DELUSER", name)
+    admin.close()
+
+
+@pytest.mark.parametrize("flavour", ["sync", "asyncio"])
+def test_in_order_publishing_stops_at_the_call_redis_refused_while_queueing_the_transaction(
+    redis_client, user_url, flavour: str
+) -> None:
+    """A user without access to project 2's keys: Redis refuses its call while queueing the
+    transaction (NOPERM) and runs none of it (EXECABORT). The calls are then sent one by one,
+    so the burst stops exactly at project 2's event with project 2's error. Before, the refusal
+    was reported at the transaction's first event, under that event's project (1, which nothing
+    was wrong with: an outbox relay held it, with project 2's error)."""
+    url = user_url("~eventbus:{1}:*", "~eventbus:{3}:*", "&*", "+@all")
+    redis_client.script_load(lua.PUBLISH)
+    events = [event(1, 1), event(3, 2), event(2, 3), event(1, 4)]
+    with pytest.raises(PublishManyError) as caught:
+        _in_order(url, flavour, events, ["k1", None, "k3", "k4"])
+    error = caught.value
+    assert error.stopped_at == 2
+    assert list(error.errors) == [2] and "permissions" in str(error.errors[2])
+    assert [c is not None for c in error.cursors] == [True, True, False, False]
+    assert _stored(redis_client, 1) == [(error.cursors[0].seq, 1)]
+    assert _stored(redis_client, 3) == [(error.cursors[1].seq, 2)]
+
+
+@pytest.mark.parametrize("flavour", ["sync", "asyncio"])
+def test_in_order_publishing_says_what_ran_when_redis_refuses_the_transaction_itself(
+    redis_client, user_url, flavour: str
+) -> None:
+    """A user that may not run MULTI (an ACL, or a proxy without transactions): each call of the
+    "transaction" runs on its own and EXEC is refused ("EXEC without MULTI"), so which calls ran
+    is not known from the replies. The keyed and guarded calls are sent again one by one, which
+    returns the first cursors of those that ran: every event published once, its cursor exact.
+    Before, ``PublishManyError`` said that none was published (``stopped_at`` 0) while every
+    one was: retrying ``error.unpublished`` duplicated them, and a relay never marked its rows
+    (republishing them each round, as new events once their keys expired)."""
+    url = user_url("~*", "&*", "+@all", "-multi")
+    redis_client.script_load(lua.PUBLISH)
+    events = [event(1 + n % 2, n) for n in range(1, 8)]
+    keys = [None, "k2", None, "k4", "k5", None, "k7"]
+    cursors = _in_order(url, flavour, events, keys)
+    for project_id in (1, 2):
+        mine = [i for i in range(7) if events[i].project_id == project_id]
+        assert _stored(redis_client, project_id) == [
+            (cursors[i].seq, events[i].blocker_id) for i in mine
+        ]
+    assert [c.seq for c in cursors] == [1, 1, 2, 2, 3, 3, 4]
+
+
 # --- concurrency ------------------------------------------------------------------------------
 
 
