@@ -550,6 +550,11 @@ def _one_key_per_event(
 ) -> list[str | None]:
     if idempotency_keys is None:
         return [None] * count
+    if isinstance(idempotency_keys, str | bytes):  # (else a key per character)
+        raise ValueError(
+            "idempotency_keys must have one entry per event (a list of keys or None), "
+            f"not a {type(idempotency_keys).__name__}"
+        )
     idempotency_keys = list(idempotency_keys)
     if len(idempotency_keys) != count:
         raise ValueError(

@@ -207,6 +207,25 @@ def test_plan_batches_rejects_the_whole_burst_if_one_event_is_invalid() -> None:
         plan_batches(events, keys=KEYS, retention=Retention(), publish_command="PUBLISH")
 
 
+@pytest.mark.parametrize("plan", [plan_batches, plan_in_order])
+@pytest.mark.parametrize("keys", ["ab", b"ab"])
+def test_a_string_for_idempotency_keys_is_refused_not_taken_for_one_key_per_character(
+    plan, keys
+) -> None:
+    """``idempotency_keys="ab"`` for two events (one key meant for the burst, say): a clear
+    ValueError before anything is sent. Before, a ``str`` was a list of one-character keys, "a"
+    and "b", and the events were published under them (an IdempotencyConflict at best)."""
+    events = [resolved(n=1), resolved(n=2)]
+    with pytest.raises(ValueError, match="one entry per event"):
+        plan(
+            events,
+            keys=KEYS,
+            retention=Retention(),
+            publish_command="PUBLISH",
+            idempotency_keys=keys,
+        )
+
+
 def test_plan_in_order_makes_one_call_per_event_in_the_input_order() -> None:
     events = [resolved(project_id=p, n=i + 1) for i, p in enumerate([2, 1, 2, 1])]
     calls = plan_in_order(
