@@ -46,7 +46,7 @@ from publisher.outbox import (
 from publisher.outbox import relay as relay_module
 from publisher.outbox.publishing import CHUNK
 from publisher.outbox.sql import for_psycopg, lock_key, validate_table
-from schemas import BlockerResolved, encode_event
+from schemas import BlockerResolved, encode_event, lua
 from tests.support.outbox_db import KEYS, private_database, stream_ids, wait_until
 from tests.support.redis_server import RedisServer
 from tests.support.tcp_proxy import FreezableProxy
@@ -1541,6 +1541,75 @@ def test_a_damaged_redis_key_holds_that_project_while_the_others_go_on(pg_url, p
     finally:
         relay.store.close()
     assert_exact(bus.client, {2: list(range(1, 31, 3))})
+
+
+@pytest.fixture
+def user_bus(redis_server: RedisServer, redis_url: str):
+    """``user_bus(*rules)``: a publisher of a Redis user made with these ACL rules (both gone
+    after the test)."""
+    admin = redis_server.client()
+    made: list[tuple[str, Publisher]] = []
+
+    def make(*rules: str) -> Publisher:
+        name = f"relayuser{len(made)}"
+        admin.execute_command("ACL", "SETUSER", name, "reset", "on", ">pw", *rules)
+        url = f"redis://{name}:pw@127.0.0.1:{redis_server.port}/0"
+        made.append((name, Publisher.from_url(url)))
+        return made[-1][1]
+
+    yield make
+    for name, publisher in made:
+        publisher.close()
+        admin.execute_command("ACL", "DELUSER", name)
+    admin.close()
+
+
+def _sqlite_rows(path: str, table: str, events: list[BlockerResolved]) -> None:
+    with sqlite3.connect(path) as conn:
+        Outbox(table).write_many(conn, events)
+
+
+def test_a_redis_user_that_may_not_run_multi_still_gets_every_row_published_once_and_marked(
+    sqlite_path, table, redis_client, user_bus
+):
+    """A user (or a proxy) without transactions: each call of the relay's MULTI/EXEC runs on its
+    own and EXEC is refused ("EXEC without MULTI"). The rows are published once each, in order,
+    and marked. Before (publish_many(in_order=True) took the refused EXEC for "nothing ran"),
+    the relay held every project in turn and marked no row, although Redis had published them
+    all: it published them again each round, as new events once their keys expired; the relay
+    before in_order published them one by one."""
+    bus = user_bus("~*", "&*", "+@all", "-multi")
+    bus.client.script_load(lua.PUBLISH)
+    _sqlite_rows(sqlite_path, table, [event(1 + n % 3, n) for n in range(1, 31)])
+    relay = OutboxRelay.sqlite(sqlite_path, bus, table=table, hold_interval=3600)
+    try:
+        assert drain(relay) == 30
+        assert relay.metrics.errors == 0
+    finally:
+        relay.store.close()
+    assert_exact(
+        redis_client, {1: list(range(3, 31, 3)), 2: list(range(1, 31, 3)), 3: list(range(2, 31, 3))}
+    )
+
+
+def test_a_call_redis_refuses_while_queueing_the_transaction_holds_its_own_project_only(
+    sqlite_path, table, redis_client, user_bus
+):
+    """A user whose ACL leaves out project 2's keys: Redis refuses project 2's call while
+    queueing the relay's transaction (NOPERM, EXECABORT: nothing ran). Project 2 is held, with
+    its own error; projects 1 and 3 are published completely. Before, the refusal was charged to
+    the transaction's first row: project 1 (nothing wrong with it) was held too, for the hold
+    interval, with project 2's error."""
+    bus = user_bus("~eventbus:{1}:*", "~eventbus:{3}:*", "&*", "+@all")
+    redis_client.script_load(lua.PUBLISH)
+    _sqlite_rows(sqlite_path, table, [event(1 + (n - 1) % 3, n) for n in range(1, 31)])
+    relay = OutboxRelay.sqlite(sqlite_path, bus, table=table, hold_interval=3600)
+    try:
+        assert drain_available(relay) == 20
+        assert list(relay._held) == [2] and relay.metrics.errors == 1
+    finally:
+        relay.store.close()
+    assert_exact(redis_client, {1: list(range(1, 31, 3)), 3: list(range(3, 31, 3)), 2: []})
 
 
 def drain_available(relay: OutboxRelay) -> int:
