@@ -297,21 +297,22 @@ class _OneByOne(Exception):
     and :func:`_out_of_step_transaction`)."""
 
 
-def _failed_transaction(exc: Exception) -> None:
+def _failed_transaction(exc: Exception) -> Exception:
     """What an ``EXEC`` that raised ``exc`` came to. "Try again later" errors are raised again
     (the publisher sends the transaction again). When Redis refused a call while queueing it,
     it ran none of them (``EXECABORT``; redis-py raises the refusal, of whichever call it was):
     :class:`_OneByOne`, so that the burst stops exactly at the refused call, with its own
     project's error. Anything else (``EXEC`` refused itself, e.g. "EXEC without MULTI" when
     ``MULTI`` was refused and each call ran on its own; a reply redis-py cannot read) leaves
-    unknown which calls ran: None (see :func:`_checked_transaction`)."""
+    unknown which calls ran: ``exc`` is returned as the transaction's reply, which
+    :func:`_checked_transaction` takes for one of the wrong shape."""
     if isinstance(exc, _UNAVAILABLE):
         raise exc
     if isinstance(exc, redis.exceptions.ExecAbortError) or isinstance(
         exc.__cause__ or exc.__context__, redis.exceptions.ExecAbortError
     ):
         raise _OneByOne from exc
-    return None
+    return exc
 
 
 def _checked_transaction(calls: list[PreparedBatch], replies: object) -> list | None:
@@ -335,7 +336,11 @@ def _out_of_step_transaction(calls: list[PreparedBatch], replies: object) -> Exc
     (a retry might publish an event twice), as for a single call (:func:`_after_out_of_step`)."""
     if all(call.args[IDEMPOTENCY_ARG] for call in calls):
         return _OneByOne()
-    return PublishError(f"unexpected reply to a transaction of publish calls: {replies!r}"[:300])
+    shown = f"{type(replies).__name__}: {replies}" if isinstance(replies, Exception) else replies
+    return PublishError(
+        f"unexpected reply to a transaction of publish calls: {shown!r}"[:300]
+        + " (which of them ran is unknown; calls without a retry guard are not sent again)"
+    )
 
 
 def _stop_or_go(

@@ -28,6 +28,7 @@ from publisher import (
     Cursor,
     EventValidationError,
     Publisher,
+    PublishError,
     PublisherUnavailable,
     PublishManyError,
     Retention,
@@ -401,6 +402,19 @@ def test_in_order_publishing_says_what_ran_when_redis_refuses_the_transaction_it
             (cursors[i].seq, events[i].blocker_id) for i in mine
         ]
     assert [c.seq for c in cursors] == [1, 1, 2, 2, 3, 3, 4]
+
+
+def test_in_order_publishing_without_retry_guards_says_why_it_cannot_tell_what_ran(
+    redis_client, user_url
+) -> None:
+    """The same refused EXEC with ``retry_guard=None`` and no keys: sending the calls again
+    could publish events twice, so PublishError, naming Redis's answer (before: "None")."""
+    url = user_url("~*", "&*", "+@all", "-multi")
+    redis_client.script_load(lua.PUBLISH)
+    with Publisher.from_url(url, retry_guard=None) as pub:
+        with pytest.raises(PublishError, match=r"EXEC without MULTI.*ran is unknown") as caught:
+            pub.publish_many([event(1, 1), event(1, 2)], in_order=True)
+    assert not isinstance(caught.value, PublishManyError)
 
 
 # --- concurrency ------------------------------------------------------------------------------
