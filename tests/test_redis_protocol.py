@@ -442,6 +442,51 @@ def test_a_proxy_that_spoils_every_exec_reply_still_gets_each_row_published_once
     assert fake.names().count(b"EXEC") == 1
 
 
+def _lose_the_reply(reply: bytes) -> bytes:
+    raise ConnectionResetError("the reply is lost with the connection (Redis ran the EXEC)")
+
+
+@pytest.mark.parametrize("flavour", ["sync", "asyncio"])
+def test_an_in_order_transaction_whose_reply_is_lost_is_sent_again_and_returns_first_cursors(
+    fake, redis_server, flavour
+):
+    """The first EXEC runs in Redis and its connection drops before the reply: the publisher
+    sends that transaction again under the same keys and retry guards, and gets the first
+    cursors of its calls. Every event published once, in order, its cursor exact (a regression
+    guard for publish_many(in_order=True): it held before this test)."""
+    loader = redis_server.client()
+    loader.script_load(lua.PUBLISH)
+    loader.close()
+    lost: list[bytes] = []
+
+    def answer(command: list[bytes]) -> object:
+        if command[0].upper() == b"EXEC" and not lost:
+            lost.append(command[0])
+            return Rewrite(_lose_the_reply)
+        return PROXY
+
+    fake.answer = answer
+    events = [
+        BlockerResolved(project_id=1 + i % 2, blocker_id=i, answer="a", resolved_at=NOW)
+        for i in range(1, 151)
+    ]
+    keys = [None if i % 3 else f"lost-{i}" for i in range(1, 151)]
+    if flavour == "sync":
+        with Publisher.from_url(fake.url, prefix=PREFIX) as publisher:
+            cursors = publisher.publish_many(events, idempotency_keys=keys, in_order=True)
+    else:
+
+        async def publish() -> list:
+            async with AsyncPublisher.from_url(fake.url, prefix=PREFIX) as publisher:
+                return await publisher.publish_many(events, idempotency_keys=keys, in_order=True)
+
+        cursors = asyncio.run(publish())
+    assert lost and fake.names().count(b"EXEC") == 3  # two transactions, the first one twice
+    for project_id in (1, 2):
+        seqs = [c.seq for e, c in zip(events, cursors, strict=True) if e.project_id == project_id]
+        assert seqs == list(range(1, 76)) == history(redis_server, project_id)
+
+
 # --- the gateway's pub/sub link -------------------------------------------------------------------
 
 CHANNEL = b"protocoltest:ch:1"
