@@ -417,6 +417,36 @@ def test_in_order_publishing_without_retry_guards_says_why_it_cannot_tell_what_r
     assert not isinstance(caught.value, PublishManyError)
 
 
+async def test_an_in_order_transaction_cut_short_by_the_timeout_leaves_no_reply_for_the_next_call(
+    redis_url: str, redis_client
+) -> None:
+    """An asyncio publisher on a client of its own (no socket timeout: ``timeout`` cancels the
+    call): Redis is paused while a transaction waits for its reply, the call ends with
+    PublisherUnavailable after 1 s. The next calls of the same publisher get their own replies
+    (none reads the reply of the cancelled transaction: its connection was dropped, not put
+    back in the pool), and the same burst again under the same keys is exact (a regression
+    guard: this held before this test)."""
+    redis_client.script_load(lua.PUBLISH)
+    keyed = [event(1, n) for n in range(1, 6)]
+    keys = [f"cut-{n}" for n in range(1, 6)]
+    async with AsyncPublisher(redis.asyncio.Redis.from_url(redis_url), timeout=1) as pub:
+        assert [c.seq for c in await pub.publish_many([event(2, 1)], in_order=True)] == [1]
+        redis_client.execute_command("CLIENT", "PAUSE", 1_500, "ALL")
+        with pytest.raises(PublisherUnavailable, match=r"no reply within 1\.0 s"):
+            await pub.publish_many(keyed, idempotency_keys=keys, in_order=True)
+        redis_client.ping()  # answered once the pause is over (UNPAUSE would be paused too)
+        redis_client.config_resetstat()
+        others = await pub.publish_many([event(2, n) for n in range(2, 5)], in_order=True)
+        assert [c.seq for c in others] == [2, 3, 4]
+        stats = redis_client.info("commandstats")  # one transaction, as on a clean connection
+        assert (stats["cmdstat_exec"]["calls"], stats["cmdstat_evalsha"]["calls"]) == (1, 3)
+        cursors = await pub.publish_many(keyed, idempotency_keys=keys, in_order=True)
+    assert _stored(redis_client, 1) == [
+        (c.seq, e.blocker_id) for c, e in zip(cursors, keyed, strict=True)
+    ]
+    assert _stored(redis_client, 2) == [(n, n) for n in range(1, 5)]
+
+
 # --- concurrency ------------------------------------------------------------------------------
 
 
