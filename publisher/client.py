@@ -596,8 +596,10 @@ class Publisher(_ContractHelpers[Cursor]):
         published, none after its transaction was sent, and ``cursors`` also shows the events
         after it in its transaction that Redis ran (see docs/publisher.md). ``timeout`` bounds
         each round trip; ``PublisherUnavailable`` means the transactions before the one under
-        way were applied and that one may have been. On Redis Cluster (a transaction cannot
-        span the slots of several projects) each call is a round trip of its own.
+        way were applied and that one may have been. A transaction Redis discards (``EXECABORT``)
+        or answers leaving unknown which calls ran (every one keyed or guarded) is sent again one
+        call per round trip. On Redis Cluster (a transaction cannot span the slots of several
+        projects) each call is a round trip of its own.
         """
         if in_order:
             return self._publish_in_order(events, idempotency_keys)
