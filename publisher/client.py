@@ -86,6 +86,15 @@ class _ContractHelpers(Generic[R]):
     """Typed helpers mirroring the contract's ``broadcast_*`` functions; timestamps default to
     now (UTC). Each returns what ``publish`` returns: a Cursor, or an awaitable of one."""
 
+    _settings: _Settings
+
+    @property
+    def idempotency_window(self) -> timedelta:
+        """How long an idempotency key is remembered (the constructor's ``idempotency_window``):
+        publishing the same event under the same key within it is a no-op returning the first
+        cursor. Read-only."""
+        return self._settings.idempotency_window
+
     def publish(self, event: ProjectEvent, *, idempotency_key: str | None = None) -> R:
         raise NotImplementedError
 

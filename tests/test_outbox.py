@@ -329,6 +329,32 @@ async def test_postgres_async_connection(pg_url, pg_outbox, bus):
     assert_exact(bus.client, {7: [1, 2, 3]})
 
 
+def test_stale_after_defaults_to_half_the_publishers_idempotency_window(
+    sqlite_path, table, redis_url
+):
+    """A batch read longer ago than the window's keys live must be read again, so the default
+    ``stale_after`` is half the publisher's window (at most 300 s), read from its public
+    ``idempotency_window``; a publisher of the user's own without one gets 300 s."""
+    short = Publisher.from_url(redis_url, idempotency_window=timedelta(seconds=60))
+    assert short.idempotency_window == timedelta(seconds=60)
+    relays = [OutboxRelay.sqlite(sqlite_path, short, table=table)]
+    default = Publisher.from_url(redis_url)
+    relays.append(OutboxRelay.sqlite(sqlite_path, default, table=table))
+
+    class OwnPublisher:  # publish(event, idempotency_key=) only
+        def publish(self, event, *, idempotency_key=None):
+            raise AssertionError("not called")
+
+    relays.append(OutboxRelay.sqlite(sqlite_path, OwnPublisher(), table=table))
+    try:
+        assert [relay.stale_after for relay in relays] == [30.0, 300.0, 300.0]
+    finally:
+        for relay in relays:
+            relay.store.close()
+        short.close()
+        default.close()
+
+
 @pytest.mark.parametrize("stalled_clock", ["monotonic", "wall", "boottime"])
 def test_a_batch_that_stalled_past_stale_after_on_any_clock_is_read_again(
     stalled_clock, sqlite_path, table, bus, monkeypatch

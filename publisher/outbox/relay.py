@@ -137,7 +137,7 @@ class OutboxRelay:
         self.backlog_interval = backlog_interval
         self.cleanup_interval = cleanup_interval
         if stale_after is None:
-            window = getattr(getattr(publisher, "_settings", None), "idempotency_window", None)
+            window = getattr(publisher, "idempotency_window", None)  # (a wrapper may lack it)
             stale_after = min(300.0, window.total_seconds() / 2) if window else 300.0
         self.stale_after = stale_after
         self.max_backoff = max_backoff
