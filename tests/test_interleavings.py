@@ -1,24 +1,25 @@
 """The core promise under interleaved faults: a seeded random walk over real processes.
 
 Each fault test (test_faults, test_sse_faults, test_resume_window_gateway, test_redis_garbage)
-exercises one fault at a time; this one draws a sequence of steps at random from a seed and runs
-it against a private ``redis-server``, two gateway processes (one with the default resume
-window and replay limit, one with a window of 4 events and ``--max-replay 20``, so resumes take
-the memory path, the window fill, the read and too_far_behind) and WebSocket and SSE
-:class:`ResumingClient` s, and the Python consumer (:class:`consumer.Consumer` with a cursor
-file, tests/support/consumer_client.py, judged on what ``consumer.events()`` hands its caller;
-never paused): publishes (awaited, concurrent to every project, or in the background through the
-next steps), clients dropping, aborting (alone or all at once), leaving and coming
-back from their cursors, unsubscribing and resubscribing, gateways drained or killed and started
-again, the pub/sub links killed, streams trimmed below the clients' cursors, projects deleted,
-Redis stopped (SIGSTOP, in the background through the next steps) or restarted empty,
-**failovers** (Redis loses a project's last 1 to 3 events, as a replica promoted after its
-master died would: the stream rebuilt without them, the seq stepped back; then 0 to 5 new
-events reuse their numbers; sometimes while the gateways' pub/sub links are down, and any
-client away at the time resumes later from a lost event), waits for everyone to catch up, and
-pauses of random length between them. Every client resumes with the tag of the event at its
-cursor (docs/protocol.md, "Cursor tags"): a resume without one is taken at its number, and a
-failover would pass unnoticed (documented), so an untagged client would fail this verdict.
+exercises one fault at a time; this one draws a sequence of steps at random from a seed and runs it
+against a private ``redis-server``, two gateway processes (one with the default resume window and
+replay limit, one with a window of 4 events and ``--max-replay 20``, so resumes take the memory
+path, the window fill, the read and too_far_behind) and WebSocket and SSE :class:`ResumingClient`
+ones, and the Python consumer (:class:`consumer.Consumer` with a cursor file,
+tests/support/consumer_client.py, judged on what ``consumer.events()`` hands its caller): publishes
+(awaited, concurrent to every project, or in the background through the next steps), clients
+dropping, aborting (alone or all at once), leaving and coming back from their cursors,
+unsubscribing and resubscribing (the consumer: closing the subscription that holds a project and
+following it again from its cursor store), gateways drained or killed and started again, the
+pub/sub links killed, streams trimmed below the clients' cursors, projects deleted, Redis stopped
+(SIGSTOP, in the background through the next steps) or restarted empty, **failovers** (Redis loses
+a project's last 1 to 3 events, as a replica promoted after its master died would: the stream
+rebuilt without them, the seq stepped back; then 0 to 5 new events reuse their numbers; sometimes
+while the gateways' pub/sub links are down, and any client away at the time resumes later from a
+lost event), waits for everyone to catch up, and pauses of random length between them. Every client
+resumes with the tag of the event at its cursor (docs/protocol.md, "Cursor tags"): a resume without
+one is taken at its number, and a failover would pass unnoticed (documented), so an untagged client
+would fail this verdict.
 
 The verdict is :func:`check_delivery`'s, on every client's whole record of every project (across
 its leaving and coming back), against a :class:`Lineage` of everything published (what Redis
@@ -117,9 +118,10 @@ class ClientSpec:
 
     @property
     def pausable(self) -> bool:
-        """Whether the walk pauses it (unsubscribe, then resubscribe): WebSocket test clients
-        only (an SSE stream has no unsubscribe; the consumer's is not exercised here)."""
-        return self.kind == "ws"
+        """Whether the walk pauses it (unsubscribe, then resubscribe): WebSocket test clients,
+        and the consumer (``Subscription.aclose()``, then ``events(project)`` from its store);
+        not an SSE stream, which has no unsubscribe."""
+        return self.kind in ("ws", "consumer")
 
 
 #: The clients of every walk: WebSocket ones of one and several projects, an SSE stream of one
@@ -167,7 +169,7 @@ def plan_walk(seed: int, steps: int) -> list[Step]:
     while len(plan) < steps:
         options: list[tuple[float, Step]] = []
         up = [c for c, running in enumerate(model.clients_up) if running]
-        ws_up = [c for c in up if CLIENTS[c].pausable]
+        pausable_up = [c for c in up if CLIENTS[c].pausable]
         options.append((6, ("publish", rng.choice(PROJECTS), rng.randint(1, 8))))
         options.append((2, ("burst", rng.choice(PROJECTS), rng.randint(5, 30))))
         options.append((1, ("flood", rng.randint(10, 40))))
@@ -182,8 +184,8 @@ def plan_walk(seed: int, steps: int) -> list[Step]:
         down = [c for c, running in enumerate(model.clients_up) if not running]
         if down:
             options.append((2, ("return", rng.choice(down))))
-        if ws_up:
-            client = rng.choice(ws_up)
+        if pausable_up:
+            client = rng.choice(pausable_up)
             project = rng.choice(CLIENTS[client].projects)
             action = "unpause" if project in model.paused[client] else "pause"
             options.append((1.5, (action, client, project)))
@@ -245,16 +247,19 @@ def test_the_plan_is_a_function_of_the_seed():
         "freeze",
         "failover",
     }
-    # The clients without pause (SSE streams, the consumer) are never paused, and every client,
-    # the consumer too, is aborted, dropped, and leaves and comes back in some walk.
-    steps = [step for seed in range(20) for step in plan_walk(seed, 40)]
+    # The clients without pause (SSE streams) are never paused, and every client, the consumer
+    # too, is aborted, dropped, leaves and comes back, and (but SSE) is paused and unpaused in
+    # some walk.
+    steps = [step for seed in range(30) for step in plan_walk(seed, 40)]
     assert all(CLIENTS[s[1]].pausable for s in steps if s[0] in ("pause", "unpause"))
     consumer = next(i for i, spec in enumerate(CLIENTS) if spec.kind == "consumer")
-    assert {s[0] for s in steps if s[0] != "pause" and s[1:2] == (consumer,)} >= {
+    assert {s[0] for s in steps if s[1:2] == (consumer,)} >= {
         "abort",
         "drop",
         "leave",
         "return",
+        "pause",
+        "unpause",
     }
 
 
@@ -592,7 +597,11 @@ class Walk:
         kinds = collections.Counter(r.reason or r.kind for r in records)
         resumed = collections.Counter(r.resumed for r in records if r.kind == "subscribed")
         connects = sum(c.stats.connects for c in self.instances)
-        return f"{dict(kinds)} subscribed resumed={dict(resumed)} connects={connects}"
+        pauses = sum(getattr(c, "pauses", 0) for c in self.instances)  # ConsumerClient's
+        return (
+            f"{dict(kinds)} subscribed resumed={dict(resumed)} connects={connects} "
+            f"consumer pauses={pauses}"
+        )
 
 
 #: The failover step (:meth:`Walk.failover`): KEYS stream, meta; ARGV events to lose. Returns

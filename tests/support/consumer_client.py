@@ -22,14 +22,27 @@ cursor: the walk starts its clients before it publishes anything (``Walk.start``
 from the store, and its record continues the old one's, as a reconnect would.
 
 Each item is recorded, then its cursor saved (``auto_commit=False``, :meth:`Subscription.commit`):
-:meth:`stop` closes the consumer (its iterator ends; items still buffered are neither recorded
-nor saved) and waits for the reader, so the store always holds the cursor of the last recorded
-item, tag included, and the returning instance resumes exactly there (a save cancelled halfway
-would otherwise show up as a duplicate the consumer is not to blame for).
+:meth:`stop` closes the consumer (its iterators end; items still buffered are neither recorded
+nor saved) and waits for the readers, so the store always holds the cursor of the last recorded
+item, tag included, and the returning instance (or a project followed again after a pause)
+resumes exactly there (a save cancelled halfway would otherwise show up as a duplicate the
+consumer is not to blame for).
 
 :meth:`abort` cuts the consumer's current WebSocket without a close handshake, :meth:`drop`
-closes it cleanly; the consumer reconnects and resumes by itself. There is no ``pause``: the
-walk never pauses a consumer client (``ClientSpec.pausable``).
+closes it cleanly; the consumer reconnects and resumes by itself.
+
+:meth:`pause` and :meth:`unpause` stop and resume following one project the way a service does
+with the public API (docs/consumer.md, "bus.events"): the subscription that holds the project is
+closed (``Subscription.aclose()``: the gateway is told ``unsubscribe``; every item recorded was
+saved first), the other projects it held are followed again at once in a new subscription on the
+same connection, and :meth:`unpause` follows the project again with ``events(project)``, which
+resumes from the cursor store. That is the consumer's counterpart of the WebSocket test client's
+unsubscribe and resubscribe, and it exercises what the consumer promises of a project followed
+again on the same connection: what the gateway sent for the old subscription before it read the
+unsubscribe never reaches the new one. (A reader that stops reading is the other way a
+subscription stops: that stops the whole connection once a buffer is full, every project, and
+within the walk's volumes never reaches the gateway's outbound limit; tests/test_consumer*.py
+cover flow control.)
 """
 
 from __future__ import annotations
@@ -48,6 +61,7 @@ from consumer import (
     FileCursorStore,
     ReconnectPolicy,
     Resync,
+    Subscription,
 )
 from schemas.tags import event_tag
 from tests.support.ws_client import Cursor, Received, Stats, reached, wait_for
@@ -96,9 +110,14 @@ class ConsumerClient:
         self.log: dict[int, list[Received]] = {p: [] for p in self.projects}
         self.stats = Stats()
         self.live: set[int] = set()
-        self.paused: set[int] = set()  # never paused (ClientSpec.pausable)
+        self.paused: set[int] = set()
+        self.pauses = 0  # pause() calls that closed a subscription (the walk's summary)
         self.consumer: Consumer | None = None
+        self._store: FileCursorStore | None = None
         self._task: asyncio.Task | None = None
+        #: The subscription following each project, and the reader of each subscription.
+        self._subscription_of: dict[int, Subscription] = {}
+        self._readers: dict[Subscription, asyncio.Task] = {}
         self._changed = asyncio.Event()
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -144,10 +163,46 @@ class ConsumerClient:
             ws.transport.abort()
 
     async def pause(self, project_id: int) -> None:
-        raise NotImplementedError("the walk does not pause a consumer client")
+        """Stop following a project: close the subscription that holds it (an ``unsubscribe``
+        on the gateway) once its reader has recorded and saved what it took, and follow that
+        subscription's other projects again at once, from the store. Items still buffered for
+        the closed subscription are neither recorded nor saved: the resume asks for them again."""
+        self.paused.add(project_id)
+        self.live.discard(project_id)
+        subscription = self._subscription_of.get(project_id)
+        if subscription is None:  # not following yet (the reader starts without it)
+            return
+        self.pauses += 1
+        await subscription.aclose()
+        reader = self._readers.get(subscription)
+        if reader is not None:
+            # It ends at its next item: after the record and save in hand, never halfway.
+            try:
+                async with asyncio.timeout(10):
+                    await asyncio.shield(reader)
+            except TimeoutError:
+                self.stats.unexpected.append({"pause": "the reader did not end within 10 s"})
+                reader.cancel()
+        others = [
+            p
+            for p in subscription.project_ids
+            if p not in self.paused and self._subscription_of.get(p) is subscription
+        ]
+        for p in subscription.project_ids:
+            if self._subscription_of.get(p) is subscription:
+                del self._subscription_of[p]
+        if others:
+            self._follow(others)
 
     async def unpause(self, project_id: int, within: float = 10.0) -> None:
-        raise NotImplementedError("the walk does not pause a consumer client")
+        """Follow a paused project again (``events(project)``), from the store: the cursor of
+        the last item recorded. Nothing to wait for: the consumer itself drops what the gateway
+        still sends for the old subscription until it answers the unsubscribe."""
+        self.paused.discard(project_id)
+        consumer = self.consumer
+        if consumer is None or consumer._closed or project_id in self._subscription_of:
+            return  # not started yet (it follows every project not paused), or stopped
+        self._follow([project_id])
 
     def cursor_tag(self, project_id: int) -> str | None:
         return self._tags.get(project_id)
@@ -171,52 +226,77 @@ class ConsumerClient:
                     self.stats.unexpected.append(
                         {"store": project_id, "saved": saved, "expected": (cursor, tag)}
                     )
-        self.consumer = consumer = Consumer(
+        consumer = Consumer(
             self.urls, token=self.token, store=store, auto_commit=False, reconnect=POLICY
         )
         try:
             async with consumer:
-                subscription = consumer.events(*self.projects)
-                await subscription.wait_subscribed()
-                for project_id in self.projects:
-                    if not self.log[project_id]:  # the first instance: the starting point
-                        cursor = consumer.cursor(project_id)
-                        assert cursor is not None
-                        self._set_cursor(project_id, cursor.epoch, cursor.seq, cursor.tag)
-                        self.log[project_id].append(
-                            Received(
-                                "subscribed",
-                                cursor.epoch,
-                                cursor.seq,
-                                resumed=False,
-                                tag=cursor.tag,
-                            )
-                        )
-                        await store.save(project_id, cursor)
-                self.live = set(self.projects)
-                self._changed.set()
-                await self._read(subscription)
-        except ConsumerError as exc:
-            if not consumer._closed or consumer._failure is not None:
-                self.stats.unexpected.append({"consumer": repr(exc)})
+                # No suspension from here to the first follow: pause and unpause see either no
+                # consumer (and this follows every project not paused) or the subscriptions.
+                self._store = store
+                self.consumer = consumer
+                self._follow([p for p in self.projects if p not in self.paused])
+                await consumer._stopped.wait()  # closed (stop) or failed
         finally:
+            readers = list(self._readers.values())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(10):
+                    await asyncio.gather(*(asyncio.shield(r) for r in readers))
+            for reader in readers:
+                reader.cancel()
             self.live.clear()
             self._count_connects()
             self._changed.set()
 
-    async def _read(self, subscription) -> None:
-        while True:
-            try:
-                item = await anext(subscription)
-            except StopAsyncIteration:
-                return
-            except ConsumerError as exc:  # a refusal, an undecodable event: never expected here
-                self.stats.unexpected.append({"item": repr(exc)})
-                if self.consumer is not None and self.consumer._failure is not None:
+    def _follow(self, projects: list[int]) -> None:
+        """Follow ``projects`` in one new subscription (each from the store), with its reader."""
+        consumer = self.consumer
+        assert consumer is not None
+        if consumer._closed:  # stopped (or failed) meanwhile: nothing to follow any more
+            return
+        subscription = consumer.events(*projects)
+        for project_id in projects:
+            self._subscription_of[project_id] = subscription
+        self._readers[subscription] = asyncio.create_task(
+            self._read(subscription), name=f"consumer-{self.name}-{'-'.join(map(str, projects))}"
+        )
+
+    async def _read(self, subscription: Subscription) -> None:
+        consumer = self.consumer
+        assert consumer is not None and self._store is not None
+        try:
+            first = [p for p in subscription.project_ids if not self.log[p]]
+            if first:  # the first instance: the starting point
+                await subscription.wait_subscribed()
+                for project_id in first:
+                    cursor = consumer.cursor(project_id)
+                    assert cursor is not None
+                    self._set_cursor(project_id, cursor.epoch, cursor.seq, cursor.tag)
+                    self.log[project_id].append(
+                        Received(
+                            "subscribed", cursor.epoch, cursor.seq, resumed=False, tag=cursor.tag
+                        )
+                    )
+                    await self._store.save(project_id, cursor)
+            self.live |= {p for p in subscription.project_ids if p not in self.paused}
+            self._changed.set()
+            while True:
+                try:
+                    item = await anext(subscription)
+                except StopAsyncIteration:
                     return
-                continue
-            self._record(item)
-            await subscription.commit()
+                except ConsumerError as exc:  # a refusal, an undecodable event: never expected
+                    self.stats.unexpected.append({"item": repr(exc)})
+                    if consumer._failure is not None:
+                        return
+                    continue
+                self._record(item)
+                await subscription.commit()
+        except ConsumerError as exc:
+            if not consumer._closed or consumer._failure is not None:
+                self.stats.unexpected.append({"consumer": repr(exc)})
+        finally:
+            self._readers.pop(subscription, None)
 
     def _record(self, item: Delivery | Resync) -> None:
         log = self.log[item.project_id]
