@@ -425,6 +425,8 @@ export declare class ProjectCursor {
   readonly tag: string | null;
   /** Keep the gateway's tag of the event at (epoch, seq) when the cursor stands there without one. */
   learnTag(epoch: string, seq: number, tag: string | null): void;
+  /** A resume from the cursor goes out: its answer is judged afresh, and events held during a reload are dropped (replayed again). */
+  resume(): void;
   subscribeMessage(projectId: number): SubscribeMessage;
   /** `tags: false`: without the `tag` parameter. */
   pollQuery(options?: { tags?: boolean }): string;

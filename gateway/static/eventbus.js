@@ -467,10 +467,25 @@ export class ProjectCursor {
     if (tag !== null && this.at === null && this.known && epoch === this.epoch && seq === this.seq) this.at = { tag };
   }
 
-  /** The subscribe frame: resume after the cursor when there is one (with its tag, if known). */
-  subscribeMessage(projectId) {
+  /**
+   * A resume from the cursor goes out (a subscribe, a new SSE stream): its answer is judged
+   * afresh (onSubscribed), and the events held back while the application reloads are dropped.
+   * The gateway replays everything after the cursor again (or says resync_required), and a held
+   * event of the connection before may be one a failover has replaced since: the resume's tag
+   * names the cursor's event, not the held ones, so the replacement would be taken for a
+   * duplicate of the lost event and never delivered. (A poll asks after what is held, with the
+   * tag of the last held event: the gateway checks that one.)
+   */
+  resume() {
     this.resyncSinceSubscribe = false;
     this.liveResync = null;
+    this._clearBuffer();
+    this.overflow = false; // (the gap it stands for is asked for by this resume)
+  }
+
+  /** The subscribe frame: resume after the cursor when there is one (with its tag, if known). */
+  subscribeMessage(projectId) {
+    this.resume();
     const message = { type: "subscribe", project_id: projectId };
     if (this.known) {
       message.epoch = this.epoch;
@@ -2017,8 +2032,9 @@ export class EventBus {
       watch();
       const presence = Array.from(this._subs.values()).some((sub) => sub.presenceHandlers.size > 0);
       // A new stream is a new resume of every project: its `subscribed` is judged afresh, as
-      // after a WebSocket subscribe (an earlier reload must not excuse an unhonoured resume).
-      for (const sub of this._subs.values()) sub.cursor.resyncSinceSubscribe = false;
+      // after a WebSocket subscribe (an earlier reload must not excuse an unhonoured resume),
+      // and what was held back during a reload is replayed again (ProjectCursor.resume).
+      for (const sub of this._subs.values()) sub.cursor.resume();
       // Without tags after a gateway refused them (400: one from before tags) until one names a tag.
       const tags = !this._tagsRefused;
       const cursors = Array.from(this._subs, ([projectId]) => {

@@ -2721,3 +2721,128 @@ test("tags: a snapshot cursor ahead of a resubscribe's subscribed after a live r
   await flush();
   eq(env.resyncs, [1, 1, 1, 1], "behind the resync's position: a reload");
 });
+test("tags: events held during a reload are not kept over a reconnect's replay from the cursor", async () => {
+  // As over SSE: onResync is pending when the connection delivers history A's 6 and 7 (held)
+  // and closes; the new connection resumes from 5 and a second failover replaced 6 and 7.
+  const env = setup();
+  let ws = await goLive(env, { 1: { epoch: "e", seq: 3, tag: tag(1, 3) } });
+  const answers = [];
+  env.bus.subscribe(1, (delivered) => answers.push(`${delivered.seq}${delivered.answer}`));
+  let release;
+  env.resyncGate = new Promise((resolve) => (release = resolve));
+  ws.receive({ type: "resync_required", project_id: 1, reason: "history_lost", epoch: "e", seq: 5, tag: "00000000000000a5" });
+  ws.receive(event(1, 6));
+  ws.receive(event(1, 7));
+  await flush();
+  eq(env.resyncs, [1, 1]);
+  ws.serverClose(1012);
+  await env.clock.advance(1000);
+  ws = env.last();
+  ws.open();
+  await flush();
+  eq(ws.sentOf("subscribe"), [{ type: "subscribe", project_id: 1, epoch: "e", after: 5, tag: "00000000000000a5" }]);
+  const history = (seq) => ({ ...event(1, seq), answer: "c" });
+  for (const seq of [6, 7, 8]) ws.receive(history(seq));
+  ws.receive({ type: "subscribed", project_id: 1, epoch: "e", seq: 8, resumed: true, replayed: 3, tag: eb.eventTag(JSON.stringify(history(8))) });
+  await flush();
+  release();
+  await flush();
+  eq(env.resyncs, [1, 1]);
+  eq(answers, ["6c", "7c", "8c"], "history C's events, not A's 6 and 7 (lost) and C's 8 after them");
+});
+
+/** A bus live over SSE on project 1 at e:3 (tagged), whose stream then says `resync_required`
+ * history_lost at 5 (a failover: history A) and delivers A's event 6 live. */
+async function sseAfterLiveResync({ snapshot = null, gate = false } = {}) {
+  const env = setup({ autoFailSockets: true });
+  sseServer(env);
+  await env.clock.advance(0);
+  const first = await sseLive(env, { 1: { epoch: "e", seq: 3, tag: tag(1, 3) } });
+  eq(env.resyncs, [1]);
+  if (snapshot) env.snapshot = () => snapshot;
+  let release = null;
+  if (gate) env.resyncGate = new Promise((resolve) => (release = resolve));
+  first.event("resync_required", { type: "resync_required", project_id: 1, reason: "history_lost", epoch: "e", seq: 5, tag: "00000000000000a5" });
+  await flush();
+  eq(env.resyncs, [1, 1]);
+  return { env, first, release };
+}
+
+/** The stream closed for a restart (1012) and, 500 ms later, the next one open: its request. */
+async function sseReopened(env, stream) {
+  stream.event("close", { type: "close", code: 1012, reason: "server restarting" });
+  stream.end();
+  await env.clock.advance(500);
+  eq(env.open.length, 2, "a second stream");
+  return env.streams[env.streams.length - 1];
+}
+
+test("tags: sse: a new stream's subscribed behind where a live resync_required and the events after it took the cursor reloads", async () => {
+  const { env, first } = await sseAfterLiveResync();
+  first.event(null, event(1, 6), "e:6");
+  await flush();
+  eq(env.events[1], [6]);
+  // A second failover lost 5 and 6 too (history B's top is 4); the stream ends with it. The next
+  // stream resumes from where the resync and the live event took the cursor, with its tag.
+  const request = await sseReopened(env, first);
+  eq(request.headers["Last-Event-ID"], `e:6:${tag(1, 6)}`);
+  // A gateway answers such a cursor with resync_required (history_lost) at its top: a reload.
+  const second = await sseLive(env, {});
+  second.event("resync_required", { type: "resync_required", project_id: 1, reason: "history_lost", epoch: "e", seq: 4, tag: "00000000000000b4" });
+  second.event("subscribed", { type: "subscribed", project_id: 1, epoch: "e", seq: 4, resumed: false, replayed: 0, tag: "00000000000000b4" }, "e:4");
+  await flush();
+  eq(env.resyncs, [1, 1, 1], "one reload, not a second for the resync's own subscribed");
+  eq(env.bus.cursor(1), { epoch: "e", seq: 4, tag: "00000000000000b4" });
+  // The same answer without the resync_required before it (the live resync was another
+  // stream's: this stream's subscribed is judged afresh): a top behind the cursor reloads too.
+  const { env: env2, first: first2 } = await sseAfterLiveResync();
+  first2.event(null, event(1, 6), "e:6");
+  await flush();
+  await sseReopened(env2, first2);
+  await sseLive(env2, { 1: { epoch: "e", seq: 4, resumed: true, replayed: 0, tag: "00000000000000b4" } });
+  eq(env2.resyncs, [1, 1, 1], "the history moved back again: a reload");
+  eq(env2.bus.cursor(1), { epoch: "e", seq: 4, tag: "00000000000000b4" });
+  // History B's event 5 is a new one, not a duplicate of the 5 the resync named.
+  const fresh = { ...event(1, 5), answer: "b" };
+  env2.open[1].event(null, fresh, "e:5");
+  await flush();
+  eq(env2.events[1], [6, 5], "history B's event 5 delivered");
+});
+
+test("tags: sse: after a snapshot cursor a new stream resumes from it, so a subscribed behind it reloads", async () => {
+  // onResync's snapshot is ahead of the resync (7): the next stream resumes from 7, not from the
+  // resync's 5, so the snapshot exception of a resubscribe sent before it does not apply.
+  const { env, first } = await sseAfterLiveResync({ snapshot: { epoch: "e", seq: 7 } });
+  eq(env.bus.cursor(1), { epoch: "e", seq: 7 });
+  env.snapshot = null; // the next reload's API has no cursor to give
+  const request = await sseReopened(env, first);
+  eq(request.headers["Last-Event-ID"], "e:7", "the snapshot's cursor (no tag known)");
+  await sseLive(env, { 1: { epoch: "e", seq: 6, resumed: true, replayed: 0, tag: "00000000000000b6" } });
+  eq(env.resyncs, [1, 1, 1], "the gateway lacks what the snapshot holds: a reload");
+  eq(env.bus.cursor(1), { epoch: "e", seq: 6, tag: "00000000000000b6" });
+});
+
+test("tags: sse: events held during a reload are not kept over a new stream's replay from the cursor", async () => {
+  // onResync is pending when the stream delivers history A's 6 and 7 (held) and ends: the next
+  // stream resumes from the resync's cursor, 5. A second failover lost 6 and 7; history C has
+  // another 6, 7 and 8, which the gateway replays (5 is still A's: nothing to tell).
+  const { env, first, release } = await sseAfterLiveResync({ gate: true });
+  const answers = [];
+  env.bus.subscribe(1, (delivered) => answers.push(`${delivered.seq}${delivered.answer}`));
+  first.event(null, event(1, 6), "e:6");
+  first.event(null, event(1, 7), "e:7");
+  await flush();
+  const request = await sseReopened(env, first);
+  eq(request.headers["Last-Event-ID"], "e:5:00000000000000a5");
+  const second = await sseLive(env, {});
+  const history = (seq) => ({ ...event(1, seq), answer: "c" });
+  for (const seq of [6, 7, 8]) second.event(null, history(seq), `e:${seq}`);
+  second.event("subscribed", { type: "subscribed", project_id: 1, epoch: "e", seq: 8, resumed: true, replayed: 3, tag: eb.eventTag(JSON.stringify(history(8))) }, "e:8");
+  await flush();
+  release();
+  await flush();
+  eq(env.resyncs, [1, 1]);
+  eq(env.bus.cursor(1), { epoch: "e", seq: 8, tag: eb.eventTag(JSON.stringify(history(8))) });
+  eq(answers, ["6c", "7c", "8c"], "history C's events, not A's 6 and 7 (lost) and C's 8 after them");
+});
+
