@@ -403,6 +403,25 @@ test("cursor: events held during a reload are kept once each, bounded, and polle
   eq([cursor.epoch, cursor.seq], ["e", 20]);
 });
 
+test("cursor: a resume drops what is held during a reload: the gateway replays it from the cursor", () => {
+  const cursor = new eb.ProjectCursor();
+  cursor.onSubscribed({ epoch: "e", seq: 10, resumed: false });
+  cursor.accept(event(1, 11));
+  cursor.accept(event(1, 12));
+  eq(cursor.subscribeMessage(1), { type: "subscribe", project_id: 1, epoch: "e", after: 10 });
+  eq(cursor.buffer.length, 0, "a held event may be one a failover replaced since");
+  const replayed = { ...event(1, 11), answer: "replayed" };
+  cursor.accept(replayed);
+  eq(cursor.endResync().deliver, [replayed], "the replay's event, not taken for a duplicate");
+  // A held buffer that overflowed: the resume asks for what it dropped.
+  cursor.beginResync("e", 11);
+  for (let seq = 12; seq <= 12 + eb.ProjectCursor.MAX_BUFFERED; seq += 1) cursor.accept(event(1, seq));
+  assert(cursor.overflow);
+  cursor.resume();
+  cursor.accept(event(1, 12));
+  eq(cursor.endResync(), { deliver: [event(1, 12)], gap: false }, "no gap left to repair");
+});
+
 test("cursor: resume outcomes decide whether to reload", () => {
   const cursor = new eb.ProjectCursor();
   cursor.onSubscribed({ epoch: "e", seq: 5, resumed: false });
