@@ -22,8 +22,10 @@ export function start({ url, httpUrl, token, projectIds, backoff, websocket = tr
     ...(sseIdleTimeout ? { sseIdleTimeout } : {}),
     sse,
     ...(pollInterval ? { pollInterval, pollTimeout } : {}),
+    // `window.churn.gate`, when a test sets one (a promise), holds every reload until it resolves.
     onResync: (id) => {
       log.push({ project: id, resync: bus.cursor(id) });
+      return window.churn.gate || undefined;
     },
     onError: (error) => errors.push(`${error.code}: ${error.message}`),
     onStateChange: (state, previous, { transport }) => states.push(`${state}/${transport}`),
@@ -36,6 +38,7 @@ export function start({ url, httpUrl, token, projectIds, backoff, websocket = tr
     log,
     errors,
     states,
+    gate: null,
     /** Whether the application is at `seq` of `epoch` in every project of `ends`
      * ({projectId: [epoch, seq]}): its last event or resync there. */
     at(ends) {

@@ -12,6 +12,9 @@ Before that, a resume through a plain gateway restart (nothing replaced) is hono
 page computed of events with non-ASCII text is the one the gateway computes of the same frames.
 Run over each transport: WebSocket, Server-Sent Events (Last-Event-ID ``<epoch>:<seq>:<tag>``)
 and polling (the page's ``tag``, sent as ``&tag=``).
+
+And two failovers around a slow reload (WebSocket and SSE): the events the page held while it
+reloaded, which the second failover lost, are not kept over the new history's replay.
 """
 
 from __future__ import annotations
@@ -203,4 +206,67 @@ def test_an_sse_event_whose_frame_holds_a_crlf_resumes_with_the_gateways_tag(
     entries = page.evaluate("() => window.churn.log")
     # No reload after the first (one more was a history_lost for nothing).
     assert [entry.get("id") for entry in entries[1:]] == [1, 2, 3], entries
+    assert not page.problems  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("transport", ["websocket", "sse"])
+def test_events_held_during_a_reload_are_not_kept_over_a_replay_a_second_failover_rewrote(
+    tags_page: Page, gateway: GatewayProcess, redis_url: str, transport: str
+) -> None:
+    """A failover lost event 2 (the page reloads, at 2, and the reload is slow); the page gets
+    events 3 and 4 live meanwhile and holds them. A second failover loses 3 and 4 too, and the
+    new master numbers three other events 3 to 5. The page resumes from its cursor, 2, which is
+    still the same event: the gateway replays the new 3 to 5. Delivered after the reload: those
+    three, never the lost 3 and 4 kept and the new ones taken for their duplicates."""
+    page = tags_page
+    publisher = Publisher.from_url(redis_url)
+    start_bus(page, gateway, websocket=transport == "websocket", pollInterval=60_000)
+    up = "live"
+
+    def restart(between) -> None:
+        gateway.kill()
+        page.wait_for_function("(up) => window.churn.bus.state !== up", arg=up)
+        between()
+        gateway.start()
+
+    for number in (1, 2):
+        publisher.blocker_resolved(PROJECT, blocker_id=number, answer=f"{number}")
+    page.wait_for_function("() => window.churn.log.length >= 3")
+    page.evaluate(
+        "() => { window.churn.gate = new Promise((open) => { window.churn.open = open; }); }"
+    )
+
+    def first_failover() -> None:
+        lose_events(redis_url, PROJECT, keep=1)
+        publisher.blocker_resolved(PROJECT, blocker_id=102, answer="replaces 2")
+
+    restart(first_failover)  # the resume from 2 is history_lost: a reload at 2, held open
+    page.wait_for_function("() => window.churn.log.length >= 4")
+    publisher.blocker_resolved(PROJECT, blocker_id=103, answer="3, to be lost")
+    publisher.blocker_resolved(PROJECT, blocker_id=104, answer="4, to be lost")
+    page.wait_for_function(
+        "(id) => window.churn.bus._subs.get(id).cursor.buffer.length === 2", arg=PROJECT
+    )
+
+    def second_failover() -> None:
+        lose_events(redis_url, PROJECT, keep=2)
+        for number in (203, 204, 205):
+            publisher.blocker_resolved(PROJECT, blocker_id=number, answer=f"{number}")
+
+    restart(second_failover)
+    page.wait_for_function("(up) => window.churn.bus.state === up", arg=up)
+    page.wait_for_function(
+        "(id) => window.churn.bus._subs.get(id).cursor.buffer.some((event) => event.seq === 5)",
+        arg=PROJECT,
+    )
+    page.evaluate("() => window.churn.open()")
+    page.wait_for_function("() => window.churn.log.some((entry) => entry.seq === 5)")
+    entries = page.evaluate("() => window.churn.log")
+    epoch = entries[0]["resync"]["epoch"]
+    assert [entry.get("id") for entry in entries[1:3]] == [1, 2], entries
+    assert entries[3] == {
+        "project": PROJECT,
+        "resync": {"epoch": epoch, "seq": 2, "tag": event_tag(stored_frame(redis_url, 2))},
+    }, entries
+    assert [entry.get("id") for entry in entries[4:]] == [203, 204, 205], entries
     assert not page.problems  # type: ignore[attr-defined]
