@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_ENV := examples/dashboard/data/demo.env
 
-.PHONY: install test test-fast test-latest lock lint format run shell gateway bench soak schema clean
+.PHONY: install test test-fast test-latest lock lint format run shell gateway bench bench-socketio soak \
+	schema clean
 
 install: $(STAMP)
 
@@ -64,8 +65,19 @@ shell: install
 gateway: install
 	$(PY) -m gateway --no-auth
 
-bench: install
+bench: install bench-socketio
 	$(PY) -m bench
+
+## The socket.io baseline of the gateway benchmark (bench/socketio): `npm ci` of its committed
+## lock file (exact versions, no install scripts) into bench/socketio/node_modules. Needs Node.js
+## 20 or later and the npm registry; the bench smoke tests run it too.
+SOCKETIO_STAMP := bench/socketio/node_modules/.installed
+
+bench-socketio: $(SOCKETIO_STAMP)
+
+$(SOCKETIO_STAMP): bench/socketio/package.json bench/socketio/package-lock.json
+	cd bench/socketio && npm ci --ignore-scripts --no-audit --no-fund
+	@touch $@
 
 soak: install
 	$(PY) -m bench.soak
@@ -75,4 +87,5 @@ schema: install
 	$(PY) -m schemas > schemas/eventbus.schema.json
 
 clean:
-	rm -rf $(VENV) .venv-latest .venv-lock .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) .venv-latest .venv-lock .pytest_cache .ruff_cache build *.egg-info \
+		bench/socketio/node_modules

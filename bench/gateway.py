@@ -1,4 +1,4 @@
-"""Gateway benchmark: our gateway against two baselines and a floor, side by side, in one run.
+"""Gateway benchmark: our gateway against three baselines and a floor, side by side, in one run.
 
 Servers (each in its own process, pinned to core 0, one after the other):
 
@@ -6,6 +6,9 @@ Servers (each in its own process, pinned to core 0, one after the other):
 * ``naive``: the contract's ``ConnectionManager`` looping ``await ws.send(json.dumps(event))``
   (see :mod:`bench.baselines`);
 * ``broadcast``: websockets' own ``broadcast()``, the frame decoded once;
+* ``socketio``: a Node.js socket.io 4 server, one room per project, ``io.to(room).emit()`` of each
+  event (``bench/socketio/server.js``; installed by ``make bench-socketio``, ``npm ci`` of its
+  committed lock file; the load generator speaks socket.io to it);
 * ``floor`` (latency only): one bare ``send()`` per subscriber, the least any server does, so
   its latency is this machine's floor (see :mod:`bench.baselines`).
 
@@ -39,6 +42,7 @@ import argparse
 import contextlib
 import os
 import random
+import shutil
 import socket
 import statistics
 import subprocess
@@ -57,15 +61,21 @@ from schemas.events import BlockerResolved, utc_now
 from schemas.keys import Keys
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVERS = ("gateway", "naive", "broadcast", "floor")
+SERVERS = ("gateway", "naive", "broadcast", "socketio", "floor")
 LABELS = {
     "gateway": "gateway",
     "naive": "naive (contract)",
     "broadcast": "ws broadcast()",
+    "socketio": "socket.io (Node)",
     "floor": "send() floor",
 }
 #: Servers the gateway must beat; the floor is a reference, measured for latency only.
-BASELINES = ("naive", "broadcast")
+BASELINES = ("naive", "broadcast", "socketio")
+#: The socket.io baseline: its server, and what ``make bench-socketio`` (``npm ci``) installs.
+SOCKETIO_DIR = ROOT / "bench" / "socketio"
+SOCKETIO_SERVER = SOCKETIO_DIR / "server.js"
+#: The transport the load generator speaks to each server (default: the gateway's WebSocket).
+TRANSPORTS = {"socketio": "socketio"}
 SERVER_CPU = 0
 CLIENT_CPU = 1
 
@@ -114,6 +124,16 @@ QUICK = Params(
 # --- processes, CPUs, measurements -------------------------------------------------------------
 
 
+def socketio_missing() -> str | None:
+    """Why the socket.io baseline cannot run here (no ``node``, or ``make bench-socketio`` not
+    run), or None when it can."""
+    if shutil.which("node") is None:
+        return "node (Node.js 20 or later) is not on PATH"
+    if not (SOCKETIO_DIR / "node_modules" / "socket.io" / "package.json").is_file():
+        return f"{SOCKETIO_DIR / 'node_modules'} is missing: run `make bench-socketio` (npm ci)"
+    return None
+
+
 def free_port() -> int:
     """A free port below the ephemeral range, so that no client socket can take it (nor
     connect to itself on it while the server starts)."""
@@ -146,7 +166,8 @@ class Server:
     """One server under test in its own process on core 0.
 
     ``module`` runs the gateway through another entry point (same flags, e.g. a variant with
-    other constants), ``extra`` adds flags, ``nofile`` raises the process's descriptor limit
+    other constants), ``extra`` adds flags (the gateway's, or ``bench/socketio/server.js``'s:
+    ``--ping-interval MS``), ``nofile`` raises the process's descriptor limit
     (when this process may: root). The gateway runs with ``--no-auth`` unless given an
     ``auth_secret`` (passed as ``EVENTBUS_AUTH_SECRET``): its clients then need tokens."""
 
@@ -167,6 +188,9 @@ class Server:
             auth = [] if auth_secret else ["--no-auth"]
             cmd = [sys.executable, "-m", module, *auth, "--log-level", "warning", *common]
             cmd += list(extra)
+        elif kind == "socketio":
+            node = shutil.which("node") or "node"
+            cmd = [node, str(SOCKETIO_SERVER), *common, *extra]
         else:
             cmd = [sys.executable, "-m", "bench.baselines", kind, *common]
         # For profiling, e.g. BENCH_SERVER_PREFIX="taskset -c 1 py-spy record -o gw.txt -f raw --
@@ -404,6 +428,7 @@ class Run:
             workers=p.workers,
             sources=[f"127.0.0.{i}" for i in range(1, 9)],
             cpus={CLIENT_CPU} if pinning() else None,
+            transport=TRANSPORTS.get(kind, "websocket"),
         )
 
     def close(self) -> None:
@@ -820,6 +845,8 @@ def main(argv: list[str] | None = None) -> int:
     for kind in kinds:
         if kind not in SERVERS:
             parser.error(f"unknown server {kind!r}")
+    if "socketio" in kinds and (why := socketio_missing()):
+        parser.error(f"the socketio baseline cannot run: {why} (or leave it out of --servers)")
 
     def log(text: str) -> None:
         print(text, file=sys.stderr, flush=True)

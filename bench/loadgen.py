@@ -33,6 +33,19 @@ Transports (per load generator): ``websocket`` (above), or ``sse``: each client 
 complete before it is counted; the benchmark's events hold no line break); in latency mode each
 event's timestamp is read the same way. ``record`` and ``resubscribe`` are WebSocket-only.
 
+Transport ``socketio``: a socket.io 4 client on the WebSocket transport alone (Engine.IO protocol
+v4, Socket.IO protocol v5), for the socket.io baseline (``bench/socketio``). The handshake goes
+to ``/socket.io/?EIO=4&transport=websocket``; the client waits for the server's Engine.IO open
+packet ``0{..}``, connects to the main namespace with ``40``, waits for ``40{"sid":..}``, then
+sends ``42["subscribe",{"project_id":N}]`` and is live at ``42["subscribed",..]``, as
+socket.io-client does (an event sent before ``40{..}`` may be dropped by the server: the
+namespace's socket exists only once its middlewares ran). Each ``42["event",{..}]`` counts as a
+delivery; Engine.IO pings (``2``, text frames from the server) are answered ``3`` and never
+counted, and so is nothing else: events are 126-byte-form frames (``0x81 0x7e``), so a chunk
+whose every ``0x81`` is followed by ``0x7e`` holds events only and takes the hot path; any other
+chunk gets the exact walk. ``resubscribe`` works (``unsubscribe`` then ``subscribe``); a resume
+does not (socket.io has no history: the cursor of a spec is ignored).
+
 Authentication (WebSocket): a gateway run with an auth secret gets, per client, the token given
 to :meth:`LoadGen.connect`. The client does what ``eventbus.js`` and the Python consumer do: its
 first frame is ``{"type":"auth","token":..}``, and its ``subscribe`` goes right behind it, in the
@@ -77,6 +90,8 @@ _EPOLLOUT = select.EPOLLOUT
 
 # Client states.
 CONNECTING, HANDSHAKE, AUTHENTICATING, SUBSCRIBING, LIVE, DEAD = range(6)
+# socket.io only: waiting for the Engine.IO open packet, then for the namespace's CONNECT answer.
+OPENING, JOINING = range(6, 8)
 
 
 def raise_nofile(want: int = 0) -> int:
@@ -123,6 +138,17 @@ def auth_frame(token: str) -> bytes:
 
 def unsubscribe_frame(project_id: int) -> bytes:
     return masked_text(b'{"type":"unsubscribe","project_id":%d}' % project_id)
+
+
+def sio_event(name: str, project_id: int) -> bytes:
+    """A socket.io EVENT (Engine.IO message ``4``, Socket.IO event ``2``) to the main namespace:
+    ``42["<name>",{"project_id":N}]``, as socket.io-client sends ``socket.emit(name, {..})``."""
+    return masked_text(b'42["%s",{"project_id":%d}]' % (name.encode(), project_id))
+
+
+#: Engine.IO v4: the server pings (``2``), the client answers ``3``; ``40`` connects to ``/``.
+_SIO_PONG = masked_text(b"3")
+_SIO_CONNECT = masked_text(b"40")
 
 
 class Client:
@@ -174,13 +200,15 @@ class Worker:
     ) -> None:
         self.ctrl = ctrl
         self.sse = transport == "sse"
+        self.sio = transport == "socketio"
         self.host_header = f"{host}:{port}"
         self.counter = counter
         self.addr = (host, port)
         self.sources = list(sources)
         self.source_index = 0
+        path = "/socket.io/?EIO=4&transport=websocket" if self.sio else "/"
         self.request = (
-            f"GET / HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+            f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
             "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
             "Sec-WebSocket-Version: 13\r\nOrigin: http://localhost\r\n\r\n"
         ).encode()
@@ -250,8 +278,14 @@ class Worker:
                 # Event payloads are ASCII JSON of 140..255 bytes, so the only bytes >= 0x80 in
                 # the stream are frame headers and 16-bit length bytes, and those lengths are
                 # never 0x81, 0x88 or 0x89: 0x81 counts text frames exactly. Chunks with a
-                # possible ping (0x89) or close (0x88) go through the exact walk below.
-                if plain and data.find(b"\x89") < 0 and data.find(b"\x88") < 0:
+                # possible ping (0x89) or close (0x88) go through the exact walk below, and so
+                # do socket.io chunks with a frame other than an event (see the module doc).
+                if (
+                    plain
+                    and data.find(b"\x89") < 0
+                    and data.find(b"\x88") < 0
+                    and (not self.sio or data.count(b"\x81") == data.count(b"\x81\x7e"))
+                ):
                     count = data.count(b"\x81")
                     last = data.rfind(b"\x81")
                     n = len(data)
@@ -296,9 +330,11 @@ class Worker:
                         end = start + int.from_bytes(data[i + 2 : i + 10], "big")
                     if end > n:
                         break
-                    if data[i] == 0x81:
+                    # socket.io: only an EVENT is a delivery; pings and answers go to _frame.
+                    event = data[i] == 0x81 and (not self.sio or data.startswith(b"42", start))
+                    if event:
                         texts += 1
-                    if data[i] == 0x81 and plain:
+                    if event and plain:
                         count += 1
                     elif not self._frame(client, data[i], data, start, end):
                         n = -1
@@ -337,7 +373,12 @@ class Worker:
         elif cmd == "resubscribe":
             # arg: new project per live client (in order); unsubscribe the old one first.
             for client, project in zip(self._live(), arg, strict=False):
-                frames = unsubscribe_frame(client.project) + subscribe_frame(project)
+                if self.sio:
+                    frames = sio_event("unsubscribe", client.project) + sio_event(
+                        "subscribe", project
+                    )
+                else:
+                    frames = unsubscribe_frame(client.project) + subscribe_frame(project)
                 client.project = project
                 client.live = False
                 client.state = SUBSCRIBING
@@ -519,7 +560,9 @@ class Worker:
             return b""
         if self.mode == "record":
             client.record = []
-        if client.token is not None:
+        if self.sio:
+            client.state = OPENING  # the open packet comes first, unasked
+        elif client.token is not None:
             client.state = AUTHENTICATING
             self._send(client, auth_frame(client.token) + subscribe_frame(*client.spec))
         else:
@@ -529,6 +572,8 @@ class Worker:
 
     def _frame(self, client: Client, op: int, data: bytes, start: int, end: int) -> bool:
         """Every frame but a plain counted one; False when the client is gone."""
+        if op == 0x81 and self.sio and not data.startswith(b"42", start):
+            return self._sio_packet(client, data[start:end])
         if op == 0x81:
             if client.live:
                 client.frames += 1
@@ -550,7 +595,9 @@ class Worker:
                 return True
             if client.record is not None:
                 client.record.append(payload)
-            if payload.startswith((b'{"type":"subscribed"', b'{"type": "subscribed"')):
+            if payload.startswith(
+                (b'{"type":"subscribed"', b'{"type": "subscribed"', b'42["subscribed"')
+            ):
                 client.live = True
                 client.state = LIVE
                 client.done_at = time.time()
@@ -569,6 +616,24 @@ class Worker:
             self._kill(client, f"close frame {data[start:end][:2].hex()}")
             return False
         return True  # pong, binary, continuation: ignored
+
+    def _sio_packet(self, client: Client, payload: bytes) -> bool:
+        """A socket.io text frame other than an EVENT; False when the client is gone."""
+        if payload == b"2":  # Engine.IO ping
+            self._send(client, _SIO_PONG)
+            return client.state != DEAD
+        if client.state == OPENING and payload.startswith(b"0{"):
+            client.state = JOINING
+            self._send(client, _SIO_CONNECT)
+            return client.state != DEAD
+        if client.state == JOINING and payload.startswith(b"40{"):
+            client.state = SUBSCRIBING
+            self._send(client, sio_event("subscribe", client.project))
+            return client.state != DEAD
+        if payload.startswith((b"1", b"41", b"44")):  # close, DISCONNECT, CONNECT_ERROR
+            self._kill(client, f"socket.io {payload[:200].decode('utf-8', 'replace')}")
+            return False
+        return True  # noop, unexpected: ignored
 
     def _send(self, client: Client, data: bytes) -> None:
         try:
@@ -644,7 +709,7 @@ class LoadGen:
         cpus: set[int] | None = None,
         transport: str = "websocket",
     ) -> None:
-        """``transport``: "websocket" or "sse" (see the module doc)."""
+        """``transport``: "websocket", "sse" or "socketio" (see the module doc)."""
         ctx = multiprocessing.get_context("spawn")
         self.counters = [ctx.RawValue("q", 0) for _ in range(workers)]
         self.pipes = []
