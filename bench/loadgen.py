@@ -217,6 +217,7 @@ class Worker:
         self.order: list[Client] = []  # live clients, in connection order
         self.total = 0
         self.dead = 0
+        self.pings = 0  # pings answered (WebSocket, or socket.io's Engine.IO pings)
         self.mode = "count"
         self.latencies = array.array("q")  # arrival (kernel receive timestamp) - publish
         self.handled = array.array("q")  # processing time in this worker - publish
@@ -414,6 +415,7 @@ class Worker:
                     "clients": len(self.order),
                     "frames": self.total,
                     "dead": self.dead,
+                    "pings": self.pings,
                     "latencies": len(self.latencies),
                     "shared": self.shared,
                     "projects": projects,
@@ -610,6 +612,7 @@ class Worker:
                 return False
             return True
         if op == 0x89:  # ping
+            self.pings += 1
             self._send(client, _control(0xA, data[start:end]))
             return True
         if op == 0x88:  # close
@@ -620,6 +623,7 @@ class Worker:
     def _sio_packet(self, client: Client, payload: bytes) -> bool:
         """A socket.io text frame other than an EVENT; False when the client is gone."""
         if payload == b"2":  # Engine.IO ping
+            self.pings += 1
             self._send(client, _SIO_PONG)
             return client.state != DEAD
         if client.state == OPENING and payload.startswith(b"0{"):
@@ -801,11 +805,12 @@ class LoadGen:
         self._all("lowat", [nbytes] * len(self.pipes), 60)
 
     def stats(self) -> dict[str, Any]:
-        """Live clients, frames counted, clients cut by the server, subscribers per project."""
+        """Live clients, frames counted, clients cut by the server, pings answered,
+        subscribers per project."""
         replies = self._all("stats", [None] * len(self.pipes), 30)
         out: dict[str, Any] = {
             key: sum(r[key] for r in replies)
-            for key in ("clients", "frames", "dead", "latencies", "shared")
+            for key in ("clients", "frames", "dead", "latencies", "shared", "pings")
         }
         projects: dict[int, int] = {}
         for reply in replies:

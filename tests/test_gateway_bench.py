@@ -7,12 +7,29 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 
 from bench.common import BenchRedis
-from bench.gateway import SERVERS, Params, check_targets, event, figures, medians, run_server, table
+from bench.gateway import (
+    SERVERS,
+    Params,
+    Server,
+    check_targets,
+    event,
+    figures,
+    medians,
+    run_server,
+    socketio_missing,
+    table,
+)
 from bench.loadgen import LoadGen, raise_nofile
+from publisher import Publisher
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = Params(
     clients=120,
@@ -37,7 +54,70 @@ def bench_redis():
     redis.close()
 
 
-def test_every_server_is_measured_and_reported(bench_redis) -> None:
+@pytest.fixture(scope="module")
+def socketio_installed() -> None:
+    """``make bench-socketio`` (``npm ci`` of the committed lock file), the target ``make bench``
+    depends on: the socket.io baseline is installed and measured here, never skipped."""
+    try:
+        done = subprocess.run(
+            ["make", "bench-socketio"],
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("make bench-socketio took over 600 s")
+    if done.returncode:
+        pytest.fail(f"make bench-socketio failed ({done.returncode}):\n{done.stdout}{done.stderr}")
+    assert socketio_missing() is None
+
+
+def wait_for(condition, timeout: float = 10.0) -> None:
+    """Poll ``condition`` (the load generator's shared counters or stats) until true."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met")
+        time.sleep(0.01)
+
+
+def test_socketio_baseline_delivers_each_event_once_to_its_room_and_pings_are_not_deliveries(
+    bench_redis, socketio_installed
+) -> None:
+    """Through the load generator's socket.io client: every client joins its project's room
+    (``subscribed``), gets exactly that project's events, and answers Engine.IO pings (every
+    50 ms here; the server cuts a client off 300 ms after a ping without its pong) without
+    counting them: none is cut off, no ping is a delivery."""
+    publisher = Publisher.from_url(bench_redis.url)
+    server = Server(
+        "socketio", bench_redis.url, extra=("--ping-interval", "50", "--ping-timeout", "300")
+    )
+    loadgen = LoadGen("127.0.0.1", server.port, workers=1, transport="socketio")
+    try:
+        connected = loadgen.connect([(1, None, None)] * 5 + [(2, None, None)] * 5)
+        assert (connected["clients"], connected["failed"]) == (10, 0)
+        for n in range(1, 21):
+            publisher.publish(event(1, n))
+            if n <= 7:
+                publisher.publish(event(2, n))
+            time.sleep(0.01)  # spread over pings: chunks with and without them
+        expected = 5 * 20 + 5 * 7
+        wait_for(lambda: loadgen.frames >= expected)
+        pings = loadgen.stats()["pings"]
+        assert pings > 0
+        wait_for(lambda: loadgen.stats()["pings"] >= pings + 2 * 10)  # two more rounds each
+        stats = loadgen.stats()
+        assert stats["frames"] == expected  # not one ping counted, no event twice
+        assert (stats["clients"], stats["dead"]) == (10, 0)  # every ping answered in time
+    finally:
+        loadgen.quit()
+        server.stop()
+        publisher.close()
+
+
+def test_every_server_is_measured_and_reported(bench_redis, socketio_installed) -> None:
     logged: list[str] = []
     results = {kind: run_server(kind, bench_redis, TINY, logged.append) for kind in SERVERS}
 
