@@ -34,17 +34,17 @@ complete before it is counted; the benchmark's events hold no line break); in la
 event's timestamp is read the same way. ``record`` and ``resubscribe`` are WebSocket-only.
 
 Transport ``socketio``: a socket.io 4 client on the WebSocket transport alone (Engine.IO protocol
-v4, Socket.IO protocol v5), for the socket.io baseline (``bench/socketio``). The handshake goes
-to ``/socket.io/?EIO=4&transport=websocket``; the client waits for the server's Engine.IO open
-packet ``0{..}``, connects to the main namespace with ``40``, waits for ``40{"sid":..}``, then
-sends ``42["subscribe",{"project_id":N}]`` and is live at ``42["subscribed",..]``, as
-socket.io-client does (an event sent before ``40{..}`` may be dropped by the server: the
-namespace's socket exists only once its middlewares ran). Each ``42["event",{..}]`` counts as a
-delivery; Engine.IO pings (``2``, text frames from the server) are answered ``3`` and never
-counted, and so is nothing else: events are 126-byte-form frames (``0x81 0x7e``), so a chunk
+v4, Socket.IO protocol v5), for the socket.io baseline (``bench/socketio``). The handshake goes to
+``/socket.io/?EIO=4&transport=websocket``; the client waits for the server's Engine.IO open packet
+``0{..}``, connects to the main namespace with ``40``, waits for ``40{"sid":..}``, then sends
+``42["subscribe",{"project_id":N}]`` and is live at ``42["subscribed",..]``, as socket.io-client
+does (an event that reaches socket.io 4.8 before the namespace's socket exists, which is only once
+its middlewares ran, makes it close the connection: "invalid state"). Each ``42["event",{..}]``
+counts as a delivery; Engine.IO pings (``2``, text frames from the server) are answered ``3`` and
+never counted, and so is nothing else: events are 126-byte-form frames (``0x81 0x7e``), so a chunk
 whose every ``0x81`` is followed by ``0x7e`` holds events only and takes the hot path; any other
-chunk gets the exact walk. ``resubscribe`` works (``unsubscribe`` then ``subscribe``); a resume
-does not (socket.io has no history: the cursor of a spec is ignored).
+chunk gets the exact walk. ``resubscribe`` works (``unsubscribe`` then ``subscribe``); a resume does
+not (socket.io has no history: the cursor of a spec is ignored).
 
 Authentication (WebSocket): a gateway run with an auth secret gets, per client, the token given
 to :meth:`LoadGen.connect`. The client does what ``eventbus.js`` and the Python consumer do: its
