@@ -379,6 +379,9 @@ class PresenceService:
         self._reread: set[int] = set()
         self._channels: set[str] = set()
         self._pubsub: Any = None
+        #: The sockets (asyncio transports) the listener's pub/sub connection has had; aborted
+        #: when the listener gives it up (:meth:`_drop_pubsub_sockets`).
+        self._pubsub_sockets: list[asyncio.BaseTransport] = []
         self._channels_changed = asyncio.Event()
         self._confirmed: set[str] = set()  # channels Redis confirmed on the current connection
         self._confirmations = asyncio.Event()
@@ -428,6 +431,7 @@ class PresenceService:
                 _, pending = await asyncio.wait(tasks, timeout=1.0)
                 tasks = list(pending)
         if self._pubsub is not None:
+            self._drop_pubsub_sockets()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._pubsub.aclose(), 1.0)
             self._pubsub = None
@@ -761,7 +765,8 @@ class PresenceService:
         server that trickles a frame a byte at a time, would otherwise hold the listener for
         ever, silently, with every announcement of the other pods lost. Each write (a
         subscribe, an unsubscribe, the ping) that takes longer than an interval gives the
-        connection up the same way."""
+        connection up the same way. A connection given up has its socket aborted, unsent bytes
+        and all (:meth:`_drop_pubsub_sockets`)."""
         backoff = 0.05
         loop = asyncio.get_running_loop()
         while not self.stopped:
@@ -779,9 +784,11 @@ class PresenceService:
                     # yours without a socket_timeout).
                     if wanted - subscribed:
                         async with asyncio.timeout(self.refresh_interval):
+                            await self._connect_pubsub()
                             await self._pubsub.subscribe(*(wanted - subscribed))
                     if subscribed - wanted:
                         async with asyncio.timeout(self.refresh_interval):
+                            await self._connect_pubsub()
                             await self._pubsub.unsubscribe(*(subscribed - wanted))
                     subscribed = wanted
                     if reconnected:
@@ -793,6 +800,7 @@ class PresenceService:
                         continue
                     if probe.ping_due(loop.time()):
                         async with asyncio.timeout(self.refresh_interval):
+                            await self._connect_pubsub()
                             await self._pubsub.ping()
                     message = await self._pubsub.get_message(timeout=0.2)
                     kind = message and message.get("type")
@@ -817,10 +825,34 @@ class PresenceService:
                         "presence: pub/sub down", error=describe(exc), suppressed=suppressed
                     )
             pubsub, self._pubsub = self._pubsub, None
+            self._drop_pubsub_sockets()
             with contextlib.suppress(Exception):
                 await pubsub.aclose()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
+
+    async def _connect_pubsub(self) -> None:
+        """Connect the listener's pub/sub connection (if it is not) and note its socket, before
+        a write: a write that then never ends (a Redis that stopped reading) leaves the socket
+        where :meth:`_drop_pubsub_sockets` finds it. (A Cluster client's pub/sub picks its node
+        at the subscribe: it connects there, and its socket is not noted.)"""
+        if isinstance(self.client, redis.asyncio.cluster.RedisCluster):
+            return
+        await self._pubsub.connect()
+        writer = getattr(self._pubsub.connection, "_writer", None)  # (redis-py's own)
+        if writer is not None and writer.transport not in self._pubsub_sockets:
+            self._pubsub_sockets.append(writer.transport)
+
+    def _drop_pubsub_sockets(self) -> None:
+        """Close the sockets of the pub/sub connection given up at once, unsent bytes and all.
+
+        redis-py "disconnects" a connection whose write timed out or was cancelled by closing
+        its transport, and asyncio keeps a transport open until what it holds is sent: with a
+        Redis that stopped reading, never. Each reconnect then left one more socket open, and a
+        pod with a hung Redis ran out of descriptors. An abort closes it now."""
+        sockets, self._pubsub_sockets = self._pubsub_sockets, []
+        for transport in sockets:
+            transport.abort()
 
 
 class _PubSubProbe:

@@ -1509,6 +1509,10 @@ class _PubSubStub:
         self.stall = stall
         self.frames: list[dict] = []
         self.confirmed = asyncio.Event()  # a subscribe confirmation was read
+        self.connection = None  # (no socket: nothing for the listener to note)
+
+    async def connect(self) -> None:
+        pass
 
     async def _write(self, name: str) -> None:
         if name == self.stall:

@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import io
+import os
 import resource
+import socket
 import threading
 import time
 
@@ -358,6 +361,81 @@ async def test_a_trickled_frame_on_presences_own_pubsub_connection_is_ended_by_a
             await service.stop()
             await client.aclose()
     assert [e["event"] for e in logs].count("presence: pub/sub down") == 1
+
+
+def _sockets_to(fake: FakeResp) -> int:
+    """How many of this process's sockets are connected to ``fake`` (the clients' ends; the
+    fake's own ends have the clients' addresses as peers)."""
+    peer = fake.url.removeprefix("unix://") if fake.port is None else ("127.0.0.1", fake.port)
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:["):
+                continue
+            sock = socket.socket(fileno=os.dup(int(fd)))
+        except OSError:
+            continue  # (closed meanwhile)
+        with sock, contextlib.suppress(OSError):
+            count += sock.getpeername() == peer
+    return count
+
+
+def _stop_reading_after_the_handshake(fake: FakeResp, handshakes: int) -> asyncio.Event:
+    """Answer every connection's handshake, then read nothing more from it (a Redis that hung
+    with its sockets open); the event is set at the ``handshakes``-th connection."""
+    loop = asyncio.get_running_loop()
+    reached = asyncio.Event()
+    seen = 0
+
+    def answer(command: list[bytes]) -> object:  # (in the fake server's thread)
+        nonlocal seen
+        if command[:3] != [b"CLIENT", b"SETINFO", b"LIB-VER"]:
+            return b"+OK\r\n"
+        seen += 1
+        if seen == handshakes:
+            loop.call_soon_threadsafe(reached.set)
+
+        async def stop_reading(reader, writer) -> None:
+            writer.write(b"+OK\r\n")
+            await asyncio.Event().wait()  # (until the fake server closes)
+
+        return stop_reading
+
+    fake.answer = answer
+    return reached
+
+
+async def test_presences_own_pubsub_leaves_no_socket_open_per_reconnect_to_a_hung_redis(any_fake):
+    """A PresenceService without a link, watching more projects than the sockets' buffers hold
+    the SUBSCRIBE of, and a Redis that stopped reading: every connection is given up within a
+    refresh interval, and its socket is closed then, not left open with its unsent bytes (an
+    asyncio transport stays open until they are sent, and a hung Redis never takes them). Before,
+    each reconnect left one more socket open: a pod with a hung Redis for an hour ran out of
+    descriptors. Stopping the service closes the last one too."""
+    from gateway.presence_store import PresenceService
+
+    fake = any_fake
+    reconnected = _stop_reading_after_the_handshake(fake, handshakes=4)
+    client = redis.asyncio.Redis.from_url(
+        fake.url, protocol=2, socket_timeout=2, socket_connect_timeout=2
+    )
+    service = PresenceService(
+        client, lambda sessions, frame: None, pod_id="a", keys=KEYS, ttl=0.8,
+        refresh_interval=0.25, flush_interval=0.02, diff_interval=0.2,
+    )  # fmt: skip
+    # 6 MB of SUBSCRIBE: more than a loopback TCP or a Unix socket buffers.
+    service._channels.update(KEYS.presence_channel(project) for project in range(200_000))
+    listener = asyncio.create_task(service._listen_loop())
+    try:
+        async with asyncio.timeout(20):
+            await reconnected.wait()
+        assert _sockets_to(fake) <= 1  # the current connection's, at most
+    finally:
+        await service.stop()
+        listener.cancel()
+        await asyncio.gather(listener, return_exceptions=True)
+        await client.aclose()
+    assert _sockets_to(fake) == 0
 
 
 # --- the outbox relay's batched publishing --------------------------------------------------------
