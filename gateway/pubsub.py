@@ -10,7 +10,8 @@ every health check stays green; a probe therefore pings *through the subscribed 
 ``probe_interval`` seconds and forces a reconnect when no pong comes back in time (writing the
 ping counts: a Redis that stopped reading holds the write). That also ends a frame sent a byte at
 a time, whose reads have no timeout: the pong would come behind it. A connection given up is
-dropped at once (:meth:`PubSubLink._drop_socket`).
+dropped at once (:meth:`PubSubLink._drop_socket`). A pong read in the turn of the loop that the
+timeout fires in counts: the loop was busy past the timeout, not Redis.
 
 A frame no Redis sends (a message without data, a channel that is not a string: a broken server
 or proxy) is taken as a broken connection too (:func:`frame_problem`): a warning, a reconnect and
@@ -329,6 +330,12 @@ class PubSubLink:
                     await conn.send_command("PING", check_health=False)
                     await self._pong.wait()
             except (TimeoutError, redis.exceptions.RedisError) as exc:
+                if isinstance(exc, TimeoutError) and self._pong.is_set():
+                    # The pong was read in the turn of the loop that the timeout fired in: the
+                    # loop was busy past the timeout (a long collection, a blocking call), not
+                    # Redis. asyncio runs the reads that were ready before the timers that were
+                    # due, so the reader has it by now.
+                    continue
                 self._metrics.pubsub_probe_failures_total += 1
                 # Dropping the socket wakes the reader, which then reconnects.
                 self._drop_socket()

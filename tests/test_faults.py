@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 
 import pytest
 import redis
@@ -291,6 +292,49 @@ async def test_the_pubsub_reconnect_backoff_starts_again_after_a_healthy_period(
     finally:
         await link.close()
         admin.close()
+
+
+async def test_a_loop_busy_past_the_probe_timeout_does_not_reconnect_a_live_link(redis_url):
+    """The event loop busy (a long collection, a blocking call) from just after the probe's ping
+    until past the probe's timeout, while Redis answered at once: the pong is read in the same
+    turn of the loop as the timeout fires, and the link is not dead. No probe failure and no
+    reconnect (each reconnect catches up every project of the pod from the streams); before,
+    each such pause cost one."""
+    from gateway.metrics import Metrics
+    from gateway.pubsub import PubSubLink
+
+    metrics = Metrics()
+    link = PubSubLink(
+        redis_url,
+        sharded=False,
+        on_message=lambda c, d: None,
+        on_resubscribed=lambda: None,
+        metrics=metrics,
+        probe_interval=0.2,
+        probe_timeout=0.2,
+    )
+    link.start()
+    try:
+        async with asyncio.timeout(10):
+            await link.subscribe(b"busy-loop-test")
+        conn = link._conn
+        send = conn.send_command
+        pings = 0
+
+        async def send_then_busy(*args, **kwargs) -> None:
+            nonlocal pings
+            await send(*args, **kwargs)
+            if args[0] == "PING":
+                pings += 1
+                if pings <= 3:
+                    time.sleep(0.4)  # noqa: ASYNC251 (the loop busy past the probe timeout)
+
+        conn.send_command = send_then_busy
+        # Three pauses, then one more ping on the same connection (or a reconnect).
+        await wait_until(lambda: pings >= 4 or link.connections > 1, 10, "four probes", 0.01)
+        assert (metrics.pubsub_probe_failures_total, link.connections) == (0, 1)
+    finally:
+        await link.close()
 
 
 async def test_a_pubsub_connect_to_a_peer_that_never_answers_is_given_up_and_retried(redis_url):
