@@ -760,8 +760,9 @@ class PresenceService:
         view is read again: announcements sent while disconnected are lost.
 
         While subscribed, a ``PING`` goes through the connection every ``refresh_interval``,
-        and a pong not read within the next interval counts as a lost connection (a reconnect):
-        the reads wait at most 0.2 s each and then carry on, so a connection that hangs, or a
+        and a pong not read within the next interval counts as a lost connection (a reconnect;
+        within the next two while other frames are still read, see :class:`_PubSubProbe`): the
+        reads wait at most 0.2 s each and then carry on, so a connection that hangs, or a
         server that trickles a frame a byte at a time, would otherwise hold the listener for
         ever, silently, with every announcement of the other pods lost. Each write (a
         subscribe, an unsubscribe, the ping) that takes longer than an interval gives the
@@ -806,7 +807,7 @@ class PresenceService:
                     kind = message and message.get("type")
                     if kind == "pong":
                         probe.answered(loop.time())
-                    elif probe.overdue(loop.time()):
+                    elif probe.overdue(loop.time(), after_a_frame=message is not None):
                         raise redis.exceptions.TimeoutError(
                             f"no pong on the presence pub/sub connection within "
                             f"{self.refresh_interval:g} s"
@@ -877,5 +878,11 @@ class _PubSubProbe:
         self.sent = None
         self.next_ping = now + self.interval
 
-    def overdue(self, now: float) -> bool:
-        return self.sent is not None and now - self.sent > self.interval
+    def overdue(self, now: float, *, after_a_frame: bool = False) -> bool:
+        """Whether the pong is late: past an interval, or past two ``after_a_frame`` (another
+        frame was just read: the connection delivers, and the pong may be right behind, the
+        loop having been busy past the interval; a frame that counted would reconnect a live
+        connection after every such pause)."""
+        if self.sent is None:
+            return False
+        return now - self.sent > (2 if after_a_frame else 1) * self.interval

@@ -1495,6 +1495,8 @@ def test_the_presence_listeners_probe_pings_each_interval_and_waits_one_for_the_
     assert not probe.ping_due(2.9)
     assert probe.ping_due(3.0) and not probe.ping_due(3.1)  # one ping at a time
     assert not probe.overdue(6.0) and probe.overdue(6.1)
+    # Just after another frame, one more interval: the pong may be right behind it.
+    assert not probe.overdue(9.0, after_a_frame=True) and probe.overdue(9.1, after_a_frame=True)
     probe.answered(4.0)
     assert not probe.overdue(100.0)
     assert not probe.ping_due(6.9) and probe.ping_due(7.0)
@@ -1576,3 +1578,48 @@ async def test_the_presence_listeners_writes_end_within_a_refresh_interval(stall
         service.stopped = True
         listener.cancel()
         await asyncio.gather(listener, return_exceptions=True)
+
+
+async def test_a_loop_busy_past_a_refresh_interval_does_not_reconnect_the_listener(redis_url):
+    """The event loop busy past a refresh interval just after the listener's ping, with an
+    announcement queued ahead of the pong: the listener reads the frames that are there, the
+    pong among them, and keeps its connection. Before, the first frame after the pause (not the
+    pong) found the pong overdue and the listener reconnected (and re-read every view)."""
+    client = redis.asyncio.Redis.from_url(redis_url)
+    channel = "eventbus:presence:{1}"
+    made = 0
+    pings = 0
+    done = asyncio.Event()  # a fourth ping, or a second connection
+
+    class BusyPubSub(redis.asyncio.client.PubSub):
+        async def ping(self, *args, **kwargs) -> None:
+            nonlocal pings
+            pings += 1
+            if pings == 4:
+                done.set()
+            if pings <= 3:
+                await client.publish(channel, b"{}")  # ahead of the pong
+            await super().ping(*args, **kwargs)
+            if pings <= 3:
+                time.sleep(0.4)  # noqa: ASYNC251 (the loop busy past the interval, on purpose)
+
+    def pubsub() -> BusyPubSub:
+        nonlocal made
+        made += 1
+        if made == 2:
+            done.set()
+        return BusyPubSub(client.connection_pool)
+
+    client.pubsub = pubsub
+    service = PresenceService(client, lambda sessions, frame: None, pod_id="a", **TIMINGS)
+    service._channels.add(channel)  # (what watching project 1 adds)
+    listener = asyncio.create_task(service._listen_loop())
+    try:
+        async with asyncio.timeout(10):
+            await done.wait()
+        assert made == 1, "the listener reconnected"
+    finally:
+        service.stopped = True
+        listener.cancel()
+        await asyncio.gather(listener, return_exceptions=True)
+        await client.aclose()
