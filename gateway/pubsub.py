@@ -174,7 +174,7 @@ class PubSubLink:
 
     async def _write(self, *args: bytes | str) -> None:
         conn = self._conn
-        if conn is None or not self.connected or self._closing:
+        if conn is None or not self._writable(conn):
             return  # the link is down: resubscribing after the reconnect covers the channel
         try:
             await conn.send_command(*args, check_health=False)
@@ -189,6 +189,19 @@ class PubSubLink:
                 return  # the link dropped this connection already: said once, by the reader
             log.warning("pubsub send failed", command=args[0], error=repr(exc))
             self._drop_socket()  # (what wakes the reader)
+
+    def _writable(self, conn: redis.asyncio.Connection) -> bool:
+        """Whether ``conn`` is the link's connection, whole: not dropped by the link, nor
+        disconnected by redis-py (after a failed write), whose reader has yet to notice.
+        redis-py connects a disconnected connection again to write on it: a subscribed
+        connection that nobody reads, on a socket the link does not know."""
+        return (
+            conn is self._conn
+            and self.connected
+            and not self._closing
+            and self._transport is not None
+            and conn.is_connected
+        )
 
     async def _run(self) -> None:
         delays = backoff_delays()
@@ -322,6 +335,13 @@ class PubSubLink:
     async def _probe(self, conn: redis.asyncio.Connection) -> None:
         while True:
             await asyncio.sleep(self.probe_interval)
+            if conn is not self._conn:
+                return  # a probe that outlived its connection leaves the current one alone
+            if not self._writable(conn):
+                # Given up meanwhile (redis-py disconnected it after a failed write): no ping
+                # (that would connect it again); the socket dropped, if it was not, ends it.
+                self._drop_socket()
+                return
             self._pong.clear()
             try:
                 # The ping's write is inside the timeout too: a Redis that stopped reading (hung,
@@ -338,7 +358,8 @@ class PubSubLink:
                     continue
                 self._metrics.pubsub_probe_failures_total += 1
                 # Dropping the socket wakes the reader, which then reconnects.
-                self._drop_socket()
+                if conn is self._conn:
+                    self._drop_socket()
                 raise ProbeFailed(f"no pong on the pub/sub connection ({describe(exc)})") from None
 
     def _drop_socket(self) -> None:

@@ -337,6 +337,40 @@ async def test_a_loop_busy_past_the_probe_timeout_does_not_reconnect_a_live_link
         await link.close()
 
 
+async def test_a_subscribe_written_as_the_link_drops_its_connection_opens_no_other_one(
+    redis_url: str, redis_client: redis.Redis
+):
+    """A subscribe whose write comes after redis-py disconnected the link's connection (a
+    failed write: the probe's ping, another subscribe) and the link dropped its socket, before
+    the reader noticed: it writes nothing, and the reconnect subscribes the channel. Before,
+    redis-py connected that connection object again to write it: a second subscribed
+    connection that nobody read (Redis kept its messages until its output buffer limit) and a
+    socket the link no longer knew about."""
+    from gateway.metrics import Metrics
+    from gateway.pubsub import PubSubLink
+
+    link = PubSubLink(
+        redis_url,
+        sharded=False,
+        on_message=lambda c, d: None,
+        on_resubscribed=lambda: None,
+        metrics=Metrics(),
+    )
+    link.start()
+    try:
+        async with asyncio.timeout(10):
+            await link.subscribe(b"first")
+        late = asyncio.create_task(link.subscribe(b"late"))  # its write: in the next turns
+        await link._conn.disconnect(nowait=True)  # (what redis-py does after a failed write)
+        link._drop_socket()  # (and the link then)
+        async with asyncio.timeout(10):
+            assert await late  # confirmed, on the new connection
+        assert link.connections == 2
+        assert len(redis_client.client_list(_type="pubsub")) == 1
+    finally:
+        await link.close()
+
+
 async def test_a_pubsub_connect_to_a_peer_that_never_answers_is_given_up_and_retried(redis_url):
     """A Redis that accepts the connection and never answers its handshake (a hung server, a
     dead proxy): each connection is given up after the link's connect timeout and tried again
