@@ -825,6 +825,13 @@ class PresenceService:
                     log.warning(
                         "presence: pub/sub down", error=describe(exc), suppressed=suppressed
                     )
+            except Exception as exc:
+                # A frame no Redis sends (a broken server or proxy) fails inside redis-py's
+                # pub/sub (IndexError, TypeError): what else the connection says cannot be
+                # trusted either, so it is a lost connection, as on the gateway's link. Before,
+                # it ended the listener for good, without a word.
+                if (suppressed := self._throttle.allow("pubsub_error")) is not None:
+                    log.warning("presence: pub/sub down", error=repr(exc), suppressed=suppressed)
             pubsub, self._pubsub = self._pubsub, None
             self._drop_pubsub_sockets()
             with contextlib.suppress(Exception):

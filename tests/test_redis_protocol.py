@@ -734,6 +734,61 @@ async def test_a_pubsub_link_whose_redis_stopped_reading_is_ended_by_the_probe(a
     assert link.connections == 2
 
 
+#: Frames no Redis sends that redis-py's pub/sub fails on (an IndexError, a TypeError); it
+#: takes the others for frames of some kind, which the presence listener reads past.
+PUBSUB_CRASHERS = {
+    "message of two": PUBSUB_GARBAGE["message of two"],
+    "kind an array": PUBSUB_GARBAGE["kind an array"],
+    "not an array": b":7\r\n",
+}
+
+
+@pytest.mark.parametrize("frame", PUBSUB_CRASHERS.values(), ids=PUBSUB_CRASHERS.keys())
+async def test_a_frame_no_redis_sends_on_presences_own_pubsub_is_a_reconnect_not_its_end(
+    fake, frame
+):
+    """A frame no Redis sends, on the pub/sub connection of a PresenceService without a link (a
+    broken server or proxy): a warning and a reconnect, as the gateway's link does. Before, the
+    listener ended for good at the first one (an IndexError or TypeError in a task nobody
+    awaits), without a word: no announcement of another pod reached this one again."""
+    from structlog.testing import capture_logs
+
+    from gateway.presence_store import PresenceService
+
+    loop = asyncio.get_running_loop()
+    subscribes = 0
+    resubscribed = asyncio.Event()
+
+    def answer(command: list[bytes]) -> object:  # (in the fake server's thread)
+        nonlocal subscribes
+        if command[0].upper() != b"SUBSCRIBE":
+            return PROXY
+        subscribes += 1
+        if subscribes == 1:
+            return frame
+        loop.call_soon_threadsafe(resubscribed.set)
+        return PROXY
+
+    fake.answer = answer
+    client = redis.asyncio.Redis.from_url(fake.url, socket_timeout=2, socket_connect_timeout=2)
+    service = PresenceService(
+        client, lambda sessions, frame: None, pod_id="a", keys=KEYS, ttl=0.8,
+        refresh_interval=0.25, flush_interval=0.02, diff_interval=0.2,
+    )  # fmt: skip
+    service._channels.add(CHANNEL.decode())
+    listener = asyncio.create_task(service._listen_loop())
+    with capture_logs() as logs:
+        try:
+            async with asyncio.timeout(5):
+                await resubscribed.wait()
+        finally:
+            service.stopped = True
+            listener.cancel()
+            await asyncio.gather(listener, return_exceptions=True)
+            await client.aclose()
+    assert "presence: pub/sub down" in [entry["event"] for entry in logs]
+
+
 def test_frame_problem_passes_every_frame_redis_sends():
     from gateway.pubsub import frame_problem
 
