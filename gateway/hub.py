@@ -825,10 +825,17 @@ class Hub:
             session.send(replay.subscribed)
         else:
             session.send_message(_subscribed(feed.project_id, plan))
-        for item in joiner.start_live(plan.epoch, plan.seq, plan.tag):
+        sequencer = feed.sequencer
+        for item in joiner.start_live(
+            plan.epoch, plan.seq, plan.tag, feed=(sequencer.epoch, sequencer.last)
+        ):
             if item.kind:  # a resync the feed issued during the read (counted when it is sent)
                 self.metrics.resyncs_total += 1
             session.send(item)
+        if joiner.ahead and sequencer.history_behind(plan.epoch, plan.seq):
+            # The read found the feed's history rewritten behind it (see Joiner): the feed
+            # reads, and resyncs everyone, the connection included.
+            self._start_reader(feed)
         self._promote_if_caught_up(feed, session, joiner)
 
     def unsubscribe(self, session: Session, project_id: int) -> bool:

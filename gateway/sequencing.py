@@ -110,6 +110,13 @@ class FeedSequencer:
     (someone wrote to the channel, or a failover lost the event). Such messages are dropped
     (``Step.dropped_ahead``) instead of being waited for: one forged number costs at most two
     reads. Reads are numbered (:meth:`begin_read`) to tell which messages arrived before a read.
+
+    A read made by someone else can prove more than the feed's own: a subscribing connection's
+    read that finds the feed's epoch with a top below ``last`` (:meth:`history_behind`) proves
+    that the events after that top were lost, even where the feed knows neither the frame nor
+    the tag of the event at ``last`` (retention had trimmed it) and would take the new events
+    published under those numbers for the ones it delivered. The next read begun after that
+    proof resyncs everyone with ``history_lost``, whatever it finds.
     """
 
     __slots__ = (
@@ -118,6 +125,7 @@ class FeedSequencer:
         "last",
         "last_frame",
         "last_tag",
+        "lost_after",
         "read_number",
         "reading",
         "reread",
@@ -138,6 +146,9 @@ class FeedSequencer:
         #: A catch-up was asked for while a read was in flight: read again after it.
         self.reread = False
         self.read_number = 0
+        #: ``(epoch, top, read number)`` of :meth:`history_behind`: the events after ``top``
+        #: are lost; the first read numbered beyond ``read number`` says so to everyone.
+        self.lost_after: tuple[str, int, int] | None = None
 
     @property
     def tag(self) -> str | None:
@@ -197,7 +208,7 @@ class FeedSequencer:
             self.last_frame, self.last_tag = None, snapshot.top_tag
         elif snapshot.epoch != self.epoch:
             step.resync = self._reset(ResyncReason.EPOCH_CHANGED, snapshot)
-        elif snapshot.top < self.last or self._rewritten(snapshot):
+        elif snapshot.top < self.last or self._rewritten(snapshot) or self._proven_lost():
             step.resync = self._reset(ResyncReason.HISTORY_LOST, snapshot)
         else:
             gap = False
@@ -233,6 +244,14 @@ class FeedSequencer:
         if step.resync is None:
             step.deliver.extend(self._drain_held())
         # else what is still held follows the resync: the next read delivers it, in order.
+        lost = self.lost_after
+        if lost is not None and (
+            lost[0] != self.epoch
+            or self.last <= lost[1]
+            or (step.resync is not None and self.read_number > lost[2])
+        ):
+            # The feed no longer claims an event after the lost top (or has told everyone).
+            self.lost_after = None
         self.reading = self.last < snapshot.top or bool(self.held) or self.reread
         self.reread = False
         step.needs_read = self.reading
@@ -247,6 +266,29 @@ class FeedSequencer:
             return False
         self.reading = True
         return True
+
+    def history_behind(self, epoch: str, top: int) -> bool:
+        """Another atomic read (a subscribing connection's), begun while this feed stood where
+        it stands now, found ``(epoch, top)``. A top of the feed's epoch below ``last`` proves
+        the events after it lost (a failover: a history's top only moves back so), the one at
+        ``last`` included, whatever the feed knows of it: the next read begun from now on resets
+        everyone with ``history_lost`` (held live messages wait for it). True when a read must be
+        started (False: none needed, or one is in flight and another follows it)."""
+        if epoch != self.epoch or self.last is None or top >= self.last:
+            return False
+        self.lost_after = (epoch, top, self.read_number)
+        return self.request_read()
+
+    def _proven_lost(self) -> bool:
+        """The read being applied began after :meth:`history_behind` proved ``last`` lost."""
+        lost = self.lost_after
+        return (
+            lost is not None
+            and lost[0] == self.epoch
+            and self.last is not None
+            and self.last > lost[1]
+            and self.read_number > lost[2]
+        )
 
     def behind(self, epoch: str | None, top: int | None) -> bool:
         """Whether an observed cursor (from a periodic check) proves we missed something."""
@@ -322,9 +364,17 @@ class Joiner(Generic[T]):
     client stands at (``threshold``); when the feed delivers a frame numbered ``threshold``
     whose tag (``tag_of``) differs, the client is told ``history_lost`` there (``lost`` builds
     that message from the epoch, the seq and the feed's frame) instead of carrying on silently.
+
+    The read may also be *behind* the feed: it found the feed's epoch with a top below the
+    feed's ``last`` (``feed`` of :meth:`start_live`), which only a failover does (everything the
+    feed delivered before the connection joined was in the history then). The client stands in
+    the new history, the feed still in the old one, where the next frame it delivers may follow
+    an event the client never had: nothing the feed delivers is passed on, and the connection is
+    not caught up, until the feed's next resync (:meth:`FeedSequencer.history_behind` makes
+    sure one comes).
     """
 
-    __slots__ = ("buffer", "epoch", "lost", "tag", "tag_of", "threshold")
+    __slots__ = ("ahead", "buffer", "epoch", "lost", "tag", "tag_of", "threshold")
 
     def __init__(
         self,
@@ -337,13 +387,15 @@ class Joiner(Generic[T]):
         self.tag: str | None = None
         self.tag_of = tag_of
         self.lost = lost
+        #: The feed stood past the start in its epoch (see the class doc): wait for its resync.
+        self.ahead = False
 
     def offer(self, epoch: str | None, seq: int, item: T) -> tuple[int, bool]:
         """A frame the feed delivers: ``(SKIP, SEND or LOST, the connection has caught up)``."""
         if self.buffer is not None:
             self.buffer.append((epoch, seq, item, _EVENT))
             return SKIP, False
-        if epoch != self.epoch:
+        if epoch != self.epoch or self.ahead:
             return SKIP, False
         if seq > self.threshold:
             return SEND, True
@@ -360,6 +412,7 @@ class Joiner(Generic[T]):
         if self.buffer is not None:
             self.buffer.append((epoch, seq, item, _LOST if lost else _RESYNC))
             return False
+        self.ahead = False  # the feed has moved: it stands where it says
         if self._past(epoch, seq, lost):
             return False
         self.epoch, self.threshold, self.tag = epoch, seq, None  # where the feed stands now
@@ -368,9 +421,17 @@ class Joiner(Generic[T]):
     def _past(self, epoch: str | None, seq: int, lost: bool) -> bool:
         return not lost and epoch == self.epoch and seq <= self.threshold
 
-    def start_live(self, epoch: str, seq: int, tag: str | None = None) -> list[T]:
+    def start_live(
+        self,
+        epoch: str,
+        seq: int,
+        tag: str | None = None,
+        feed: tuple[str | None, int | None] | None = None,
+    ) -> list[T]:
         """The history read is done and the client starts after ``(epoch, seq)`` (the event
-        there has tag ``tag``): the captured items to send after ``subscribed``, in order."""
+        there has tag ``tag``): the captured items to send after ``subscribed``, in order.
+        ``feed``: where the feed stands now, ``(epoch, last)``; past the start in its epoch,
+        the connection waits for the feed's next resync (:attr:`ahead`, see the class doc)."""
         self.epoch, self.threshold, self.tag = epoch, seq, tag
         captured, self.buffer = self.buffer or [], None
         out: list[T] = []
@@ -386,12 +447,18 @@ class Joiner(Generic[T]):
                 assert self.lost is not None  # set with tag_of
                 out.append(self.lost(item_epoch, item_seq, item))
                 self.tag = None
+        if feed is not None:
+            feed_epoch, feed_last = feed
+            self.ahead = (
+                feed_epoch == self.epoch and feed_last is not None and feed_last > self.threshold
+            )
         return out
 
     def caught_up(self, epoch: str | None, last: int | None) -> bool:
         """Whether the feed, at ``(epoch, last)``, has delivered up to the starting point."""
         return (
             self.buffer is None
+            and not self.ahead
             and epoch == self.epoch
             and last is not None
             and last >= self.threshold

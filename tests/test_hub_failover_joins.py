@@ -11,11 +11,33 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from gateway.hub import Hub
 from gateway.metrics import Metrics
 from schemas.tags import event_tag
 from tests.test_hub import FakeLink
 from tests.test_hub_cursor_tags_property import CHANNEL, KEYS, PROJECT, Client, ModelRedis
+
+
+class GatedRedis(ModelRedis):
+    """A :class:`ModelRedis` whose reads, while ``holding``, answer (what Redis held when they
+    were sent) only when the test sets their gate, in ``gates``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.holding = False
+        self.gates: list[asyncio.Event] = []
+
+    async def snapshot(self, project_id, epoch=None, after=None, limit=0, max_bytes=0):
+        gate = None
+        if self.holding:
+            gate = asyncio.Event()
+            self.gates.append(gate)
+        snapshot = await super().snapshot(project_id, epoch, after, limit, max_bytes)
+        if gate is not None:
+            await gate.wait()
+        return snapshot
 
 
 def problems(client: Client, redis: ModelRedis) -> list[str]:
@@ -44,15 +66,25 @@ async def settle(hub: Hub) -> None:
         await asyncio.sleep(0)
 
 
-async def test_a_connection_told_history_lost_behind_a_feed_that_missed_the_failover_gets_every_event():
+@pytest.mark.parametrize("before", [0, 1], ids=["none-before", "one-before"])
+@pytest.mark.parametrize("feed_read", ["none", "before-the-failover", "after-the-failover"])
+async def test_a_client_told_history_lost_behind_a_feed_that_missed_the_failover_gets_every_event(
+    before: int, feed_read: str
+):
     """Seed 199 of the interleavings walk (60 steps). Retention trimmed the whole stream at 22,
     so the feed, which started there, knows no tag for its ``last`` (22). A failover loses 21
     and 22 while the pod's pub/sub link is down. A client at the old 22 resumes: its read finds
     the top at 20 and tells it ``history_lost`` there, ``subscribed`` at 20; the feed, still at
     22, counted as caught up with it. The new master publishes 21', 22', 23': the feed takes
-    21' and 22' for events it delivered already (no tag to compare 22' with) and delivers 23'.
-    The client, at 20, must get 21', 22' and 23' (or be told to resync), never 23' alone."""
-    redis = ModelRedis()
+    21' and 22' for events it delivered already (no tag to compare 22' with) and delivered 23'
+    to the client at 20. Now the connection's read proves the feed's 22 lost: the feed resyncs
+    everyone (``history_lost``), and the client gets nothing from it before that.
+
+    ``before``: new events published before the client's read (its top is then 21, still
+    behind the feed); ``feed_read``: the feed's own read (the link came back), sent before or
+    after the failover, is still in flight when the connection goes live and answers after
+    the new events arrived live (held meanwhile)."""
+    redis = GatedRedis()
     hub = Hub(
         keys=KEYS,
         store=redis,
@@ -68,14 +100,36 @@ async def test_a_connection_told_history_lost_behind_a_feed_that_missed_the_fail
     redis.trim(22)  # the stream is empty, its top still 22
     first = Client(hub, sse=False, cursor=None)
     await hub.subscribe(first.session, PROJECT, None, None)  # the feed's baseline: 22, no tag
+
+    async def feed_reads() -> None:
+        redis.holding = True
+        hub.on_link_resubscribed()
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert len(redis.gates) == 1
+        redis.holding = False
+
+    if feed_read == "before-the-failover":
+        await feed_reads()
     redis.failover(2)  # top 20, the pub/sub link down: nothing on the channel
+    for _ in range(before):
+        redis.publish()  # not relayed: the link is down
+    if feed_read == "after-the-failover":
+        await feed_reads()
     second = Client(hub, sse=False, cursor=(redis.epoch, 22, old))
     await hub.subscribe(second.session, PROJECT, redis.epoch, 22, old)
-    for _ in range(3):  # the link is back: 21', 22', 23' arrive live
+    for _ in range(3 - before):  # the link is back: the others arrive live
         hub.on_pubsub_message(CHANNEL, redis.publish())
+    for gate in redis.gates:
+        gate.set()
     await settle(hub)
     record = [(kind, seq) for kind, _, seq, _, _ in second.record()]
-    assert record[:2] == [("resync_required", 20), ("subscribed", 20)], record
+    told = 20 + before
+    assert record[:2] == [("resync_required", told), ("subscribed", told)], record
     assert problems(second, redis) == [], record
-    # It ends at the top, on the new history's event.
-    assert record[-1] == ("x", 23), record
+    # Both end at the top; the first one, which had the lost 22, was told so.
+    assert record[-1][1] == 23, record
+    first_record = [(kind, seq) for kind, _, seq, _, _ in first.record()]
+    assert problems(first, redis) == [], first_record
+    assert first_record[-1][1] == 23, first_record
+    assert "resync_required" in [kind for kind, _ in first_record], first_record

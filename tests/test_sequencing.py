@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from gateway.frames import text_frame
 from gateway.sequencing import (
     LOST,
+    SEND,
     SKIP,
     FeedSequencer,
     Joiner,
@@ -499,3 +500,73 @@ def test_a_foreign_entry_at_a_read_feeds_cursor_is_not_taken_for_an_event_it_owe
     assert seq.begin_read() == 5
     step = seq.on_read(Snapshot("e1", 7, entries(6, 7), after_tag=foreign_tag), limit=1000)
     assert step.resync is None and [s for s, _ in step.deliver] == [6, 7]
+
+
+class TestReadBehindTheFeed:
+    """A connection's read finds the feed's epoch with a top below the feed's ``last``: a
+    failover lost the feed's last events (seed 199 of the interleavings walk: retention had
+    trimmed the event at the feed's ``last``, so nothing else could tell)."""
+
+    def test_the_next_read_begun_after_the_proof_resyncs_everyone_with_history_lost(self):
+        seq = FeedSequencer()
+        seq.on_read(Snapshot("e1", 22), limit=1000)  # the stream was empty: no tag at 22
+        assert not seq.history_behind("e1", 22)  # at the feed's cursor: nothing proven
+        assert not seq.history_behind("e2", 20)  # another epoch: the feed learns it itself
+        assert seq.history_behind("e1", 20)
+        assert seq.reading  # live messages are held until the read
+        for n in (21, 22, 23):  # the new master's: no tag tells 22' from the lost 22
+            assert seq.on_live("e1", n, other(n)).deliver == []
+        seq.begin_read()
+        # The stream now holds 21'..23' and names no tag at 22 that differs from the feed's.
+        step = seq.on_read(Snapshot("e1", 23, [(23, other(23))]), limit=1000)
+        assert step.resync is not None and step.deliver == []
+        assert (step.resync.reason, step.resync.seq) == (ResyncReason.HISTORY_LOST, 23)
+        assert seq.lost_after is None and not step.needs_read
+        assert [s for s, _ in seq.on_live("e1", 24, other(24)).deliver] == [24]
+
+    def test_a_read_in_flight_before_the_proof_does_not_count_and_another_follows_it(self):
+        seq = FeedSequencer()
+        seq.on_read(Snapshot("e1", 22), limit=1000)
+        assert seq.request_read()
+        seq.begin_read()  # sent before the failover
+        assert not seq.history_behind("e1", 20)  # a read is in flight: it is followed
+        step = seq.on_read(Snapshot("e1", 22), limit=1000)  # what Redis held before
+        assert step.resync is None and step.needs_read
+        seq.begin_read()
+        step = seq.on_read(Snapshot("e1", 22, [(22, other(22))]), limit=1000)
+        assert step.resync is not None and step.resync.reason is ResyncReason.HISTORY_LOST
+
+    def test_a_feed_that_found_the_lost_top_itself_is_not_resynced_again(self):
+        seq = FeedSequencer()
+        seq.on_read(Snapshot("e1", 22), limit=1000)
+        assert seq.request_read()
+        seq.begin_read()  # sent after the failover: it finds the top at 20
+        seq.history_behind("e1", 20)
+        step = seq.on_read(Snapshot("e1", 20), limit=1000)
+        assert step.resync is not None and step.resync.seq == 20
+        assert seq.lost_after is None  # the feed claims nothing past 20 any more
+        seq.begin_read()  # the read asked for meanwhile
+        step = seq.on_read(Snapshot("e1", 22, [(21, other(21)), (22, other(22))]), limit=1000)
+        assert step.resync is None and [s for s, _ in step.deliver] == [21, 22]
+
+    def test_a_joiner_behind_the_feed_waits_for_its_resync(self):
+        joiner: Joiner[str] = Joiner()
+        # Told history_lost at 20 by its read; the feed still stands at the lost 22.
+        assert joiner.start_live("e1", 20, None, feed=("e1", 22)) == []
+        assert joiner.ahead and not joiner.caught_up("e1", 22)
+        assert joiner.offer("e1", 23, "f23") == (SKIP, False)  # follows the lost 22, not 20
+        assert joiner.offer_resync("e1", 23, "lost", lost=True)
+        assert not joiner.ahead and joiner.caught_up("e1", 23)
+        assert joiner.offer("e1", 24, "f24") == (SEND, True)
+
+    def test_a_joiner_level_with_or_ahead_of_the_feed_is_not_held(self):
+        for feed in (("e1", 20), ("e1", 18), ("e0", 30), (None, None)):
+            joiner: Joiner[str] = Joiner()
+            joiner.start_live("e1", 20, feed=feed)
+            assert not joiner.ahead, feed
+        # Events captured during the read take the connection up to the feed.
+        joiner = Joiner()
+        joiner.offer("e1", 21, "f21")
+        joiner.offer("e1", 22, "f22")
+        assert joiner.start_live("e1", 20, feed=("e1", 22)) == ["f21", "f22"]
+        assert not joiner.ahead and joiner.caught_up("e1", 22)
