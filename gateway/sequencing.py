@@ -365,13 +365,14 @@ class Joiner(Generic[T]):
     whose tag (``tag_of``) differs, the client is told ``history_lost`` there (``lost`` builds
     that message from the epoch, the seq and the feed's frame) instead of carrying on silently.
 
-    The read may also be *behind* the feed: it found the feed's epoch with a top below the
-    feed's ``last`` (``feed`` of :meth:`start_live`), which only a failover does (everything the
-    feed delivered before the connection joined was in the history then). The client stands in
-    the new history, the feed still in the old one, where the next frame it delivers may follow
-    an event the client never had: nothing the feed delivers is passed on, and the connection is
-    not caught up, until the feed's next resync (:meth:`FeedSequencer.history_behind` makes
-    sure one comes).
+    The read may also be *behind* the feed: it found the feed's epoch with a top below where
+    the feed stood when the connection joined, which only a failover does (everything the feed
+    had delivered was in the history then). It shows as a captured frame that does not follow on
+    from the start, or as a feed still past the start (``feed`` of :meth:`start_live`). The
+    client stands in the new history, the feed in the old one, where its next frames follow
+    events the client never had: nothing the feed delivers is passed on, and the connection is
+    not caught up, until the feed's next resync (:attr:`ahead`;
+    :meth:`FeedSequencer.history_behind` makes sure one comes).
     """
 
     __slots__ = ("ahead", "buffer", "epoch", "lost", "tag", "tag_of", "threshold")
@@ -435,19 +436,26 @@ class Joiner(Generic[T]):
         self.epoch, self.threshold, self.tag = epoch, seq, tag
         captured, self.buffer = self.buffer or [], None
         out: list[T] = []
+        self.ahead = False
         for item_epoch, item_seq, item, kind in captured:
             if kind != _EVENT:
+                self.ahead = False  # the feed has moved: it stands where it says
                 if not self._past(item_epoch, item_seq, kind == _LOST):
                     out.append(item)
                     self.epoch, self.threshold, self.tag = item_epoch, item_seq, None
             elif item_epoch == self.epoch and item_seq > self.threshold:
+                if self.ahead or item_seq != self.threshold + 1:
+                    # It follows events the read did not see: the feed was past the start
+                    # when the connection joined (the feed delivers without holes otherwise).
+                    self.ahead = True
+                    continue
                 out.append(item)
                 self.threshold, self.tag = item_seq, None
             elif item_epoch == self.epoch and item_seq == self.threshold and self._diverges(item):
                 assert self.lost is not None  # set with tag_of
                 out.append(self.lost(item_epoch, item_seq, item))
                 self.tag = None
-        if feed is not None:
+        if feed is not None and not self.ahead:
             feed_epoch, feed_last = feed
             self.ahead = (
                 feed_epoch == self.epoch and feed_last is not None and feed_last > self.threshold

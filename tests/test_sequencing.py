@@ -570,3 +570,20 @@ class TestReadBehindTheFeed:
         joiner.offer("e1", 22, "f22")
         assert joiner.start_live("e1", 20, feed=("e1", 22)) == ["f21", "f22"]
         assert not joiner.ahead and joiner.caught_up("e1", 22)
+
+    def test_a_captured_frame_that_does_not_follow_on_from_the_read_is_not_passed(self):
+        """The feed stood at the lost 2 when the connection joined; during its read (top 0,
+        after the failover) the feed delivered the new master's 3, captured: it follows the
+        feed's 2, not the client's 0, and neither it nor what follows is sent."""
+        joiner: Joiner[str] = Joiner()
+        joiner.offer("e1", 3, "f3")
+        joiner.offer("e1", 4, "f4")
+        assert joiner.start_live("e1", 0, feed=("e1", 4)) == []
+        assert joiner.ahead and not joiner.caught_up("e1", 4)
+        # A resync captured after them is passed on, and the frames after it.
+        joiner = Joiner()
+        joiner.offer("e1", 3, "f3")
+        joiner.offer_resync("e1", 3, "lost", lost=True)
+        joiner.offer("e1", 4, "f4")
+        assert joiner.start_live("e1", 0, feed=("e1", 4)) == ["lost", "f4"]
+        assert not joiner.ahead and joiner.caught_up("e1", 4)
