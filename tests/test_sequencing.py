@@ -587,3 +587,21 @@ class TestReadBehindTheFeed:
         joiner.offer("e1", 4, "f4")
         assert joiner.start_live("e1", 0, feed=("e1", 4)) == ["lost", "f4"]
         assert not joiner.ahead and joiner.caught_up("e1", 4)
+
+    def test_new_events_held_during_a_read_that_finds_the_lost_top_follow_the_resync(self):
+        """Ruled out for seed 199: the feed's own read finds the top at 20 after the failover;
+        21', 22', 23' arrive while it is in flight. They are held through the history_lost
+        reset (they arrived after the read began: not "beyond the top" forgeries) and the
+        next read delivers them, in order, none dropped."""
+        seq = FeedSequencer()
+        seq.on_read(Snapshot("e1", 22), limit=1000)  # no tag at 22
+        assert seq.request_read()
+        seq.begin_read()
+        for n in (21, 22, 23):
+            assert seq.on_live("e1", n, other(n)).deliver == []
+        step = seq.on_read(Snapshot("e1", 20), limit=1000)
+        assert step.resync is not None and step.resync.seq == 20 and step.dropped_ahead == 0
+        assert step.needs_read and sorted(seq.held) == [21, 22, 23]
+        assert seq.begin_read() == 20
+        step = seq.on_read(Snapshot("e1", 23, [(n, other(n)) for n in (21, 22, 23)]), 1000)
+        assert step.resync is None and [s for s, _ in step.deliver] == [21, 22, 23]

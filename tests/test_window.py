@@ -107,6 +107,22 @@ def test_an_append_out_of_sequence_never_leaves_a_hole():
     assert window.snapshot("e1", 10, 1000) is None
 
 
+def test_a_window_reset_where_nothing_is_known_of_the_event_answers_only_contiguous_replays():
+    """Seed 199 of the interleavings walk, ruled out here: a history_lost reset at 20, whose
+    event retention had trimmed (no tag), then the feed's frames. A tagless client at 20 gets
+    21' to 23' or a read, never 23' alone."""
+    window: ResumeWindow[str] = ResumeWindow(4, tag_of=lambda text: text)
+    window.reset("e1", 20, None)
+    assert replayed(window.snapshot("e1", 20, 20)) == []  # at the top: nothing to replay
+    assert window.snapshot("e1", 20, 20, tag="old 20") is None  # only a read can check it
+    for seq in (21, 22, 23):
+        window.append(seq, item("e1", seq), 10)
+    assert replayed(window.snapshot("e1", 20, 20)) == [21, 22, 23]
+    window.reset("e1", 20, None)
+    window.append(23, item("e1", 23), 10)  # never done by the hub: the guard empties it
+    assert window.snapshot("e1", 20, 20) is None
+
+
 def test_prepend_only_joins_a_run_that_ends_right_before_the_window():
     window = filled(last=10, capacity=8)  # holds 3..10
     generation = window.generation
