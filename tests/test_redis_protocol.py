@@ -662,6 +662,23 @@ async def test_a_trickled_cluster_slot_map_is_given_up_within_its_read_timeout(f
     assert fake.names().count(b"CLUSTER") == 1, fake.names()
 
 
+def _probed_link(fake, resubscribed: asyncio.Event):
+    """A pub/sub link to ``fake`` probing every 0.5 s (a pong due within 0.5 s), messages
+    dropped, ``resubscribed`` set at each resubscribe."""
+    from gateway.metrics import Metrics
+    from gateway.pubsub import PubSubLink
+
+    return PubSubLink(
+        fake.url,
+        sharded=False,
+        on_message=lambda channel, data: None,
+        on_resubscribed=resubscribed.set,
+        metrics=Metrics(),
+        probe_interval=0.5,
+        probe_timeout=0.5,
+    )
+
+
 async def test_a_pubsub_link_whose_redis_stopped_reading_is_ended_by_the_probe(any_fake):
     """Redis stops reading the link's connection (hung) while the pod sends it more than the
     sockets' buffers hold (subscribes): the probe's ping cannot even be written, and the link
@@ -669,8 +686,6 @@ async def test_a_pubsub_link_whose_redis_stopped_reading_is_ended_by_the_probe(a
     write for redis-py's 5 s write timeout, and then neither its "disconnect" nor the
     subscribes' own ones closed the socket (asyncio keeps it open until its buffer is sent):
     the reader waited for as long as Redis did, and the link never came back."""
-    from gateway.metrics import Metrics
-    from gateway.pubsub import PubSubLink
 
     fake = any_fake
     loop = asyncio.get_running_loop()
@@ -701,15 +716,7 @@ async def test_a_pubsub_link_whose_redis_stopped_reading_is_ended_by_the_probe(a
 
     fake.answer = answer
     resubscribed = asyncio.Event()
-    link = PubSubLink(
-        fake.url,
-        sharded=False,
-        on_message=lambda channel, data: None,
-        on_resubscribed=resubscribed.set,
-        metrics=Metrics(),
-        probe_interval=0.5,
-        probe_timeout=0.5,
-    )
+    link = _probed_link(fake, resubscribed)
     link.start()
     waiting: list[asyncio.Task] = []
     try:
@@ -990,8 +997,6 @@ async def test_a_trickled_huge_history_reply_is_store_unavailable_within_the_cal
 async def test_a_trickled_huge_pubsub_frame_is_ended_by_the_probe(any_fake, announced):
     """The reader waits inside the frame; the probe's ping gets no pong, and the link
     reconnects (after probe_interval + probe_timeout), holding only what was received."""
-    from gateway.metrics import Metrics
-    from gateway.pubsub import PubSubLink
 
     fake = any_fake
 
@@ -1008,15 +1013,7 @@ async def test_a_trickled_huge_pubsub_frame_is_ended_by_the_probe(any_fake, anno
 
     fake.answer = answer
     resubscribed = asyncio.Event()
-    link = PubSubLink(
-        fake.url,
-        sharded=False,
-        on_message=lambda channel, data: None,
-        on_resubscribed=resubscribed.set,
-        metrics=Metrics(),
-        probe_interval=0.5,
-        probe_timeout=0.5,
-    )
+    link = _probed_link(fake, resubscribed)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     link.start()
     try:
