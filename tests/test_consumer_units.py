@@ -212,6 +212,36 @@ def test_too_far_behind_in_the_same_epoch_is_caught_up_by_pages_not_resynced():
     assert not state.catching_up and state.generation != generation
 
 
+def test_only_a_resync_naming_the_cursors_own_event_is_taken_as_already_surfaced():
+    """ProjectState.stands_at: the same (epoch, seq) and tag, any reason but history_lost;
+    otherwise (another seq or epoch, a tag unknown on either side, another tag) it is surfaced."""
+    tag, other = "0123456789abcdef", "fedcba9876543210"
+
+    def state_at(cursor_tag: str | None) -> ProjectState:
+        state = live_state(0)
+        state.subscribe_message()
+        state.begin_catch_up()
+        state.on_resync(ResyncReason.EPOCH_CHANGED, "e2", 1, cursor_tag, paged=True)
+        state.end_catch_up()
+        return state
+
+    state = state_at(tag)
+    assert state.stands_at(ResyncReason.EPOCH_CHANGED, "e2", 1, tag)
+    assert state.cursor == ("e2", 1) and state.pending and state.stream_epoch == "e2"
+    assert state.on_event(2) is Verdict.DELIVER  # the WebSocket's events are e2's now
+    for reason, epoch, seq, named, cursor_tag in [
+        (ResyncReason.HISTORY_LOST, "e2", 1, tag, tag),
+        (ResyncReason.EPOCH_CHANGED, "e2", 2, tag, tag),
+        (ResyncReason.EPOCH_CHANGED, "e3", 1, tag, tag),
+        (ResyncReason.EPOCH_CHANGED, "e2", 1, other, tag),
+        (ResyncReason.EPOCH_CHANGED, "e2", 1, None, tag),
+        (ResyncReason.EPOCH_CHANGED, "e2", 1, tag, None),
+    ]:
+        state = state_at(cursor_tag)
+        assert not state.stands_at(reason, epoch, seq, named), (reason, epoch, seq, named)
+        assert state.stream_epoch == EPOCH  # untouched
+
+
 def test_a_catch_up_that_ends_before_its_subscribed_waits_for_it_to_resubscribe():
     """The ``subscribed`` answering the resume that was too far behind says ``resumed: false``;
     taken for the answer to the subscribe after the pages, it would look like a failed resume."""
@@ -1469,6 +1499,49 @@ async def test_too_far_behind_naming_the_cursor_is_no_resync(catch_up: bool):
     items = drain(subscription)
     assert [(type(i).__name__, i.seq) for i in items] == [("Delivery", s) for s in range(6, 22)]
     assert consumer.cursor(1) == Cursor(EPOCH, 21)
+
+
+async def test_the_feeds_resync_to_where_a_catch_ups_page_took_the_cursor_is_no_second_resync():
+    """Seed 12 of the walk (py-a project 3). A resume too far behind is caught up by pages, and
+    a page says the epoch changed (the project's keys were deleted): Resync(epoch_changed e2:1)
+    is surfaced there, and the consumer resubscribes from e2:1. The gateway's own feed learns of
+    the new epoch later (its pub/sub link was down) and tells its live connections so; this one
+    still stood at the old epoch there, until the gateway reads its subscribe. Its
+    resync_required names where the cursor already stands, the same event (tag): nothing
+    happened since for the caller to reload, and it was surfaced a second time."""
+    consumer, ws, subscription = await fed_consumer(1)
+    await consumer._on_frame(ws, subscribed(1, 5))  # type: ignore[arg-type]
+    consumer._states[1].subscribe_message()  # a resume from (e1, 5)
+    new = frame(1, 1)
+    tag = event_tag(new)
+    changed = {"type": "resync_required", "project_id": 1, "reason": "epoch_changed"}
+    changed |= {"epoch": "e2", "seq": 1, "tag": tag}
+
+    async def page(project_id: int, cursor: Cursor) -> PollResponse:
+        return PollResponse(1, "e2", 1, [], msgspec.convert(changed, ResyncRequired))
+
+    consumer._poll = page  # type: ignore[method-assign]
+    await consumer._on_frame(ws, too_far_behind(1, 5000))  # type: ignore[arg-type]
+    await consumer._on_frame(ws, subscribed(1, 5000))  # type: ignore[arg-type]
+    await asyncio.gather(*consumer._helpers)
+    assert ws.sent[-1] == {
+        "type": "subscribe",
+        "project_id": 1,
+        "epoch": "e2",
+        "after": 1,
+        "tag": tag,
+    }
+    # The feed's resync, sent before the gateway read that subscribe; then its answer.
+    await consumer._on_frame(ws, json.dumps(changed).encode())  # type: ignore[arg-type]
+    await consumer._on_frame(ws, subscribed(1, 1, "e2", resumed=True))  # type: ignore[arg-type]
+    await consumer._on_frame(ws, frame(1, 2))  # type: ignore[arg-type]
+    items = drain(subscription)
+    assert [(type(i).__name__, i.epoch, i.seq) for i in items] == [
+        ("Resync", "e2", 1),
+        ("Delivery", "e2", 2),
+    ]
+    assert items[0] == Resync(1, ResyncReason.EPOCH_CHANGED, "e2", 1, tag)
+    assert consumer.cursor(1) == Cursor("e2", 2)
 
 
 async def test_a_catch_up_page_takes_only_events_of_its_own_project():
