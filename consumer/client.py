@@ -1024,6 +1024,11 @@ class Consumer:
                 return None  # the catch-up in progress covers it
             if state.at_top(reason, epoch, message.seq, tag):  # type: ignore[attr-defined]
                 return None  # (its `subscribed` follows)
+            if state.stands_at(reason, epoch, message.seq, tag):  # type: ignore[attr-defined]
+                # A catch-up's page surfaced it already; the gateway had not read the
+                # resubscribe from there yet (see ProjectState.stands_at).
+                log.debug("resync at the cursor already surfaced", project_id=state.project_id)
+                return None
             if self.catch_up and state.can_catch_up(reason, epoch):
                 # Still in the history, only more than one replay carries: read it by pages.
                 state.begin_catch_up()

@@ -22,6 +22,8 @@ are the ones of ``eventbus.js``'s ``ProjectCursor``:
   except ``too_far_behind`` in the cursor's own epoch, which the client may *catch up* instead: it
   reads the missed events page by page (the gateway's HTTP polling endpoint has no replay bound),
   ignoring the WebSocket's events meanwhile, then resubscribes from where the pages ended;
+  and except one naming the cursor itself, the same event (tag): a catch-up's page said it first
+  (:meth:`ProjectState.stands_at`);
 * event frames carry no epoch: the WebSocket's events are taken to be in the epoch its last
   ``subscribed`` or ``resync_required`` named. When a catch-up's page moved the cursor to another
   epoch (the history was flushed while the pages were read), the WebSocket's events are still the
@@ -253,6 +255,30 @@ class ProjectState:
             self.cursor = Cursor(epoch, seq, tag)
         self.resync_seen = True
         self.resync_live = True
+        self.stream_epoch = epoch
+        return True
+
+    def stands_at(self, reason: ResyncReason, epoch: str, seq: int, tag: str | None) -> bool:
+        """Whether a WebSocket ``resync_required`` names where the cursor already stands, the
+        same event (both tags known and equal): a catch-up's page said that resync first (the
+        polling endpoint reads Redis, which the gateway's live feed learns of later: its pub/sub
+        link was down), it was surfaced then, and the gateway, which had not yet read the
+        resubscribe from there, says it again to a connection it still counts at the old cursor.
+        Nothing happened since for the caller to reload: it is not surfaced again. It only tells
+        that the WebSocket's events are in that epoch from now on. Not ``history_lost`` (the
+        history the cursor came from was rewritten: never dropped, as the gateway's own rule
+        for a joining connection), nor without a tag on either side (it cannot tell the event
+        at ``seq`` is the one the consumer has: surfaced, a reload too many rather than a
+        replacement skipped)."""
+        own = self.cursor
+        if (
+            reason == ResyncReason.HISTORY_LOST
+            or own is None
+            or own != (epoch, seq)
+            or tag is None
+            or own.tag != tag
+        ):
+            return False
         self.stream_epoch = epoch
         return True
 
