@@ -269,15 +269,16 @@ class ProjectState:
         history the cursor came from was rewritten: never dropped, as the gateway's own rule
         for a joining connection), nor without a tag on either side (it cannot tell the event
         at ``seq`` is the one the consumer has: surfaced, a reload too many rather than a
-        replacement skipped)."""
+        replacement skipped); at ``seq`` 0 there is no event to tell apart (the start of the
+        epoch, which names one history only), and no tag is needed."""
         own = self.cursor
-        if (
-            reason == ResyncReason.HISTORY_LOST
-            or own is None
-            or own != (epoch, seq)
-            or tag is None
-            or own.tag != tag
-        ):
+        if reason == ResyncReason.HISTORY_LOST or own is None or own != (epoch, seq):
+            return False
+        if seq == 0:
+            same = not tags_differ(own.tag, tag)
+        else:
+            same = tag is not None and own.tag == tag
+        if not same:
             return False
         self.stream_epoch = epoch
         return True

@@ -225,6 +225,9 @@ def test_only_a_resync_naming_the_cursors_own_event_is_taken_as_already_surfaced
         state.end_catch_up()
         return state
 
+    state = state_at(None)  # the new epoch's start: no event there, no tag to compare
+    state.on_resync(ResyncReason.EPOCH_CHANGED, "e2", 0, paged=True)
+    assert state.stands_at(ResyncReason.EPOCH_CHANGED, "e2", 0, None)
     state = state_at(tag)
     assert state.stands_at(ResyncReason.EPOCH_CHANGED, "e2", 1, tag)
     assert state.cursor == ("e2", 1) and state.pending and state.stream_epoch == "e2"
@@ -1501,47 +1504,45 @@ async def test_too_far_behind_naming_the_cursor_is_no_resync(catch_up: bool):
     assert consumer.cursor(1) == Cursor(EPOCH, 21)
 
 
-async def test_the_feeds_resync_to_where_a_catch_ups_page_took_the_cursor_is_no_second_resync():
+@pytest.mark.parametrize("top", [1, 0])
+async def test_the_feeds_resync_to_where_a_catch_ups_page_took_the_cursor_is_no_second_resync(
+    top: int,
+):
     """Seed 12 of the walk (py-a project 3). A resume too far behind is caught up by pages, and
     a page says the epoch changed (the project's keys were deleted): Resync(epoch_changed e2:1)
     is surfaced there, and the consumer resubscribes from e2:1. The gateway's own feed learns of
     the new epoch later (its pub/sub link was down) and tells its live connections so; this one
     still stood at the old epoch there, until the gateway reads its subscribe. Its
     resync_required names where the cursor already stands, the same event (tag): nothing
-    happened since for the caller to reload, and it was surfaced a second time."""
+    happened since for the caller to reload, and it was surfaced a second time. Likewise at
+    e2:0, the new epoch still empty: no event there, no tag on either side."""
     consumer, ws, subscription = await fed_consumer(1)
     await consumer._on_frame(ws, subscribed(1, 5))  # type: ignore[arg-type]
     consumer._states[1].subscribe_message()  # a resume from (e1, 5)
-    new = frame(1, 1)
-    tag = event_tag(new)
+    tag = event_tag(frame(1, 1)) if top else None
     changed = {"type": "resync_required", "project_id": 1, "reason": "epoch_changed"}
-    changed |= {"epoch": "e2", "seq": 1, "tag": tag}
+    changed |= {"epoch": "e2", "seq": top} | ({"tag": tag} if tag else {})
 
     async def page(project_id: int, cursor: Cursor) -> PollResponse:
-        return PollResponse(1, "e2", 1, [], msgspec.convert(changed, ResyncRequired))
+        return PollResponse(1, "e2", top, [], msgspec.convert(changed, ResyncRequired))
 
     consumer._poll = page  # type: ignore[method-assign]
     await consumer._on_frame(ws, too_far_behind(1, 5000))  # type: ignore[arg-type]
     await consumer._on_frame(ws, subscribed(1, 5000))  # type: ignore[arg-type]
     await asyncio.gather(*consumer._helpers)
-    assert ws.sent[-1] == {
-        "type": "subscribe",
-        "project_id": 1,
-        "epoch": "e2",
-        "after": 1,
-        "tag": tag,
-    }
+    resubscribe = {"type": "subscribe", "project_id": 1, "epoch": "e2", "after": top}
+    assert ws.sent[-1] == resubscribe | ({"tag": tag} if tag else {})
     # The feed's resync, sent before the gateway read that subscribe; then its answer.
     await consumer._on_frame(ws, json.dumps(changed).encode())  # type: ignore[arg-type]
-    await consumer._on_frame(ws, subscribed(1, 1, "e2", resumed=True))  # type: ignore[arg-type]
-    await consumer._on_frame(ws, frame(1, 2))  # type: ignore[arg-type]
+    await consumer._on_frame(ws, subscribed(1, top, "e2", resumed=True))  # type: ignore[arg-type]
+    await consumer._on_frame(ws, frame(1, top + 1))  # type: ignore[arg-type]
     items = drain(subscription)
     assert [(type(i).__name__, i.epoch, i.seq) for i in items] == [
-        ("Resync", "e2", 1),
-        ("Delivery", "e2", 2),
+        ("Resync", "e2", top),
+        ("Delivery", "e2", top + 1),
     ]
-    assert items[0] == Resync(1, ResyncReason.EPOCH_CHANGED, "e2", 1, tag)
-    assert consumer.cursor(1) == Cursor("e2", 2)
+    assert items[0] == Resync(1, ResyncReason.EPOCH_CHANGED, "e2", top, tag)
+    assert consumer.cursor(1) == Cursor("e2", top + 1)
 
 
 async def test_a_catch_up_page_takes_only_events_of_its_own_project():
