@@ -770,74 +770,82 @@ class PresenceService:
         and all (:meth:`_drop_pubsub_sockets`)."""
         backoff = 0.05
         loop = asyncio.get_running_loop()
-        while not self.stopped:
-            subscribed: set[str] = set()
-            try:
-                self._confirmed.clear()
-                self._pubsub = self.client.pubsub()
-                reconnected = bool(self.core.views)
-                probe = _PubSubProbe(loop.time(), self.refresh_interval)
-                while not self.stopped:
-                    self._channels_changed.clear()
-                    wanted = set(self._channels)
-                    # Each write within an interval too: a Redis that stopped reading holds a
-                    # write once the socket's buffers are full (for ever with a client of
-                    # yours without a socket_timeout).
-                    if wanted - subscribed:
-                        async with asyncio.timeout(self.refresh_interval):
-                            await self._connect_pubsub()
-                            await self._pubsub.subscribe(*(wanted - subscribed))
-                    if subscribed - wanted:
-                        async with asyncio.timeout(self.refresh_interval):
-                            await self._connect_pubsub()
-                            await self._pubsub.unsubscribe(*(subscribed - wanted))
-                    subscribed = wanted
-                    if reconnected:
-                        reconnected = False
-                        self.reread_all()
-                    if not subscribed:
-                        await self._channels_changed.wait()
-                        probe = _PubSubProbe(loop.time(), self.refresh_interval)
-                        continue
-                    if probe.ping_due(loop.time()):
-                        async with asyncio.timeout(self.refresh_interval):
-                            await self._connect_pubsub()
-                            await self._pubsub.ping()
-                    message = await self._pubsub.get_message(timeout=0.2)
-                    kind = message and message.get("type")
-                    if kind == "pong":
-                        probe.answered(loop.time())
-                    elif probe.overdue(loop.time(), after_a_frame=message is not None):
-                        raise redis.exceptions.TimeoutError(
-                            f"no pong on the presence pub/sub connection within "
-                            f"{self.refresh_interval:g} s"
+        try:
+            while not self.stopped:
+                subscribed: set[str] = set()
+                try:
+                    self._confirmed.clear()
+                    self._pubsub = self.client.pubsub()
+                    reconnected = bool(self.core.views)
+                    probe = _PubSubProbe(loop.time(), self.refresh_interval)
+                    while not self.stopped:
+                        self._channels_changed.clear()
+                        wanted = set(self._channels)
+                        # Each write within an interval too: a Redis that stopped reading holds a
+                        # write once the socket's buffers are full (for ever with a client of
+                        # yours without a socket_timeout).
+                        if wanted - subscribed:
+                            async with asyncio.timeout(self.refresh_interval):
+                                await self._connect_pubsub()
+                                await self._pubsub.subscribe(*(wanted - subscribed))
+                        if subscribed - wanted:
+                            async with asyncio.timeout(self.refresh_interval):
+                                await self._connect_pubsub()
+                                await self._pubsub.unsubscribe(*(subscribed - wanted))
+                        subscribed = wanted
+                        if reconnected:
+                            reconnected = False
+                            self.reread_all()
+                        if not subscribed:
+                            await self._channels_changed.wait()
+                            probe = _PubSubProbe(loop.time(), self.refresh_interval)
+                            continue
+                        if probe.ping_due(loop.time()):
+                            async with asyncio.timeout(self.refresh_interval):
+                                await self._connect_pubsub()
+                                await self._pubsub.ping()
+                        message = await self._pubsub.get_message(timeout=0.2)
+                        kind = message and message.get("type")
+                        if kind == "pong":
+                            probe.answered(loop.time())
+                        elif probe.overdue(loop.time(), after_a_frame=message is not None):
+                            raise redis.exceptions.TimeoutError(
+                                f"no pong on the presence pub/sub connection within "
+                                f"{self.refresh_interval:g} s"
+                            )
+                        if kind == "message":
+                            self.on_message(message["channel"], message["data"])
+                        elif kind == "subscribe":
+                            self._confirmed.add(_text(message["channel"]))
+                            self._confirmations.set()
+                        elif kind == "unsubscribe":
+                            self._confirmed.discard(_text(message["channel"]))
+                        backoff = 0.05
+                except (redis.exceptions.RedisError, OSError) as exc:
+                    if (suppressed := self._throttle.allow("pubsub_error")) is not None:
+                        log.warning(
+                            "presence: pub/sub down", error=describe(exc), suppressed=suppressed
                         )
-                    if kind == "message":
-                        self.on_message(message["channel"], message["data"])
-                    elif kind == "subscribe":
-                        self._confirmed.add(_text(message["channel"]))
-                        self._confirmations.set()
-                    elif kind == "unsubscribe":
-                        self._confirmed.discard(_text(message["channel"]))
-                    backoff = 0.05
-            except (redis.exceptions.RedisError, OSError) as exc:
-                if (suppressed := self._throttle.allow("pubsub_error")) is not None:
-                    log.warning(
-                        "presence: pub/sub down", error=describe(exc), suppressed=suppressed
-                    )
-            except Exception as exc:
-                # A frame no Redis sends (a broken server or proxy) fails inside redis-py's
-                # pub/sub (IndexError, TypeError): what else the connection says cannot be
-                # trusted either, so it is a lost connection, as on the gateway's link. Before,
-                # it ended the listener for good, without a word.
-                if (suppressed := self._throttle.allow("pubsub_error")) is not None:
-                    log.warning("presence: pub/sub down", error=repr(exc), suppressed=suppressed)
-            pubsub, self._pubsub = self._pubsub, None
+                except Exception as exc:
+                    # A frame no Redis sends (a broken server or proxy) fails inside redis-py's
+                    # pub/sub (IndexError, TypeError): what else the connection says cannot be
+                    # trusted either, so it is a lost connection, as on the gateway's link. Before,
+                    # it ended the listener for good, without a word.
+                    if (suppressed := self._throttle.allow("pubsub_error")) is not None:
+                        log.warning(
+                            "presence: pub/sub down", error=repr(exc), suppressed=suppressed
+                        )
+                pubsub, self._pubsub = self._pubsub, None
+                self._drop_pubsub_sockets()
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+        finally:
+            # However the listener ends (cancelled by stop(), or in a write that a Redis which
+            # stopped reading holds), the sockets it noted are aborted: a connection made just
+            # as stop() dropped the others would otherwise stay open with its unsent bytes.
             self._drop_pubsub_sockets()
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 2.0)
 
     async def _connect_pubsub(self) -> None:
         """Connect the listener's pub/sub connection (if it is not) and note its socket, before
