@@ -16,6 +16,12 @@ Layout for project 42 with the default prefix ``eventbus``::
     eventbus:{42}:presence:pod:<p>  hash    member id -> JSON record, the members on pod p
     eventbus:{42}:presence          channel "<pod>|<version>|<JSON changes>" (docs/presence.md)
 
+Token revocations are not a project's: they live in a slot of their own (hash tag
+``{revocations}``), written by one script (``schemas.lua.REVOKE``, see schemas/revocations.py)::
+
+    eventbus:{revocations}:subjects hash    subject -> {"issued_before":<s>,"expires_at":<s>}
+    eventbus:{revocations}:version  string  integer, changed by every revocation
+
 A *frame* is the event's JSON with ``"seq":<n>`` appended: exactly the bytes a browser receives.
 An *epoch* names one history of a project (:func:`new_epoch` makes candidates); a cursor is only
 meaningful together with its epoch.
@@ -89,6 +95,18 @@ class Keys:
 
     def presence_channel(self, project_id: int) -> str:
         return f"{self.prefix}:{{{project_id}}}:presence"
+
+    # Token revocations (schemas/revocations.py): one slot for the whole deployment, so that the
+    # revoke script updates the hash and its version atomically, also on Redis Cluster.
+
+    def revocations(self) -> str:
+        """The hash of revoked subjects (field: the subject, value: schemas.revocations)."""
+        return f"{self.prefix}:{{revocations}}:subjects"
+
+    def revocations_version(self) -> str:
+        """The integer that changes with every revocation: readers reload the hash when it
+        differs from the one they last saw."""
+        return f"{self.prefix}:{{revocations}}:version"
 
     def project_of_presence_channel(self, channel: bytes | str) -> int | None:
         """The project id a presence channel name belongs to, or None for another channel."""

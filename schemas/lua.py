@@ -12,7 +12,7 @@ for a position in the new history.
 
 from __future__ import annotations
 
-__all__ = ["HISTORY", "PUBLISH", "SNAPSHOT"]
+__all__ = ["HISTORY", "PUBLISH", "REVOKE", "SNAPSHOT"]
 
 #: Publish a batch of events of one project.
 #:
@@ -344,3 +344,151 @@ for _, entry in ipairs(entries) do weigh_entry(entry, largest) end
 return {meta, oldest, entries}
 """
 )
+
+#: Revoke the tokens of one subject issued before a time (see schemas.revocations).
+#:
+#: KEYS: the revocations hash, its version key (both in the slot ``{revocations}``)
+#: ARGV: subject (1-1024 bytes of UTF-8), issued_before (unix s; '' = now by Redis' clock,
+#:       rounded up to the next whole second: a token's ``iat`` is in whole seconds, so the
+#:       tokens issued earlier in the current second are refused too), keep_for (s, > 0).
+#: Returns {issued_before, expires_at, version}: the subject's entry after the merge, and the
+#: hash's new version.
+#:
+#: The entry written is {issued_before, issued_before + keep_for}, merged with the subject's
+#: live entry by taking the larger of each field: a revocation never lowers or shortens another.
+#: While at it the script drops every entry that has expired (now >= expires_at) and every
+#: malformed one (a field or value that schemas.revocations.decode_entry refuses, by the same
+#: rule: the list must stay parseable), and makes the hash expire with its last entry. An entry
+#: that would be expired at once (issued_before + keep_for in the past) is not stored.
+#:
+#: The version becomes max(version + 1, Redis' time in microseconds): it changes with every
+#: revocation, and also differs from every version a reader saw before a flush or a failover
+#: that lost writes (a plain counter starting again could reach a value a reader already saw,
+#: with other entries: that reader would never reload them).
+#:
+#: Everything is checked before the first write: an argument out of range is refused with
+#: "ERR <what>", a key of another type (or a version that is not an integer) with
+#: "EVENTBUS_CORRUPT <key> <what>", and nothing is written. The version is the first write, so
+#: Redis refusing the script for OOM also writes nothing.
+REVOKE = """
+local MAX = 9007199254740991
+local MAX_SUBJECT = 1024
+local function corrupt(key, what)
+  return redis.error_reply('EVENTBUS_CORRUPT ' .. key .. ' ' .. what)
+end
+local function whole(text)
+  -- A canonical decimal of 0..MAX, or nil (the rule of schemas.revocations.decode_entry).
+  if type(text) ~= 'string' or #text > 16 then return nil end
+  if text ~= '0' and not string.find(text, '^[1-9]%d*$') then return nil end
+  local n = tonumber(text)
+  if n > MAX then return nil end
+  return n
+end
+local function utf8_valid(s)
+  -- Python's strict UTF-8: no overlong forms, no surrogates, nothing past U+10FFFF.
+  if not string.find(s, '[\\128-\\255]') then return true end
+  local i, n = 1, #s
+  while i <= n do
+    local c = string.byte(s, i)
+    if c < 128 then
+      i = i + 1
+    else
+      local len, min
+      if c >= 194 and c <= 223 then len, min = 2, 128
+      elseif c >= 224 and c <= 239 then len, min = 3, 2048
+      elseif c >= 240 and c <= 244 then len, min = 4, 65536
+      else return false end
+      if i + len - 1 > n then return false end
+      local cp = c % (2 ^ (7 - len))
+      for j = i + 1, i + len - 1 do
+        local b = string.byte(s, j)
+        if b < 128 or b > 191 then return false end
+        cp = cp * 64 + (b - 128)
+      end
+      if cp < min or cp > 1114111 or (cp >= 55296 and cp <= 57343) then return false end
+      i = i + len
+    end
+  end
+  return true
+end
+local function subject_valid(s)
+  return #s >= 1 and #s <= MAX_SUBJECT and utf8_valid(s)
+end
+local function parse_entry(value)
+  -- {issued_before, expires_at} of a stored value, or nil when it is malformed.
+  local a, b = string.match(value, '^{"issued_before":(%d+),"expires_at":(%d+)}$')
+  local issued_before, expires_at = whole(a), whole(b)
+  if not issued_before or not expires_at or issued_before >= expires_at then return nil end
+  return issued_before, expires_at
+end
+local function fmt(n) return string.format('%d', n) end
+
+local subject = ARGV[1]
+if not subject_valid(subject) then
+  return redis.error_reply('ERR the subject must be 1 to 1024 bytes of UTF-8')
+end
+local keep_for = whole(ARGV[3])
+if not keep_for or keep_for < 1 then
+  return redis.error_reply('ERR keep_for must be a positive whole number of seconds')
+end
+local time = redis.call('TIME')
+local now = tonumber(time[1])
+local issued_before
+if ARGV[2] == '' then
+  issued_before = now
+  if tonumber(time[2]) > 0 then issued_before = now + 1 end
+else
+  issued_before = whole(ARGV[2])
+  if not issued_before then
+    return redis.error_reply('ERR issued_before must be a whole number of seconds')
+  end
+end
+local expires_at = issued_before + keep_for
+if expires_at > MAX then
+  return redis.error_reply('ERR issued_before + keep_for is too far in the future')
+end
+
+local hash_type = redis.call('TYPE', KEYS[1])['ok']
+if hash_type ~= 'hash' and hash_type ~= 'none' then return corrupt(KEYS[1], 'is not a hash') end
+local version_type = redis.call('TYPE', KEYS[2])['ok']
+if version_type ~= 'string' and version_type ~= 'none' then
+  return corrupt(KEYS[2], 'is not a string')
+end
+local version = 0
+if version_type == 'string' then
+  version = whole(redis.call('GET', KEYS[2]))
+  if not version or version >= MAX then return corrupt(KEYS[2], 'is not a version') end
+end
+
+-- Read and judge every entry before the first write.
+local drop = {}
+local last = 0  -- the latest expires_at among the entries kept
+local entries = redis.call('HGETALL', KEYS[1])
+for i = 1, #entries, 2 do
+  local field, value = entries[i], entries[i + 1]
+  local b, e = nil, nil
+  if subject_valid(field) then b, e = parse_entry(value) end
+  if not b or now >= e then
+    if field ~= subject then drop[#drop + 1] = field end
+  elseif field == subject then
+    if b > issued_before then issued_before = b end
+    if e > expires_at then expires_at = e end
+  elseif e > last then
+    last = e
+  end
+end
+
+local micros = now * 1000000 + tonumber(time[2])
+version = math.max(version + 1, micros)
+redis.call('SET', KEYS[2], fmt(version))
+for _, field in ipairs(drop) do redis.call('HDEL', KEYS[1], field) end
+if now < expires_at then
+  local value = '{"issued_before":' .. fmt(issued_before) .. ',"expires_at":' .. fmt(expires_at)
+  redis.call('HSET', KEYS[1], subject, value .. '}')
+  if expires_at > last then last = expires_at end
+else
+  redis.call('HDEL', KEYS[1], subject)
+end
+if last > 0 then redis.call('EXPIREAT', KEYS[1], fmt(last)) end
+return {issued_before, expires_at, version}
+"""

@@ -74,6 +74,10 @@ class CloseCode(enum.IntEnum):
     AUTH_FAILED = 4001
     #: The token expired and was not refreshed in-band. Get a new token, then reconnect.
     TOKEN_EXPIRED = 4002
+    #: The token was revoked (schemas.revocations: its subject's tokens issued before a time are
+    #: refused). Get a new token, then reconnect (with backoff: an app that removed the
+    #: person's access gives none).
+    TOKEN_REVOKED = 4003
     #: The client did not read fast enough; its outbound buffer passed the limit. Reconnect and
     #: resume from your cursors: nothing is lost.
     SLOW_CONSUMER = 4008

@@ -65,6 +65,10 @@ class TokenClaims(msgspec.Struct, frozen=True):
     sub: str | None = None
     #: Display name for presence; None when the token has none (or it is not a string).
     name: str | None = None
+    #: When the token was issued (its verified ``iat``, unix seconds); None when it has none or
+    #: it is not an integer. What a revocation compares (schemas.revocations: a token without
+    #: one counts as issued at 0).
+    iat: int | None = None
 
     def allows(self, project_id: int) -> bool:
         return self.projects == "*" or project_id in self.projects
@@ -353,6 +357,9 @@ def _claims(raw: dict) -> TokenClaims:
         raise InvalidToken(f"invalid token: 'exp' is later than {MAX_EXP}")
     sub = raw.get("sub")
     name = raw.get("name")
+    iat = raw.get("iat")
+    if type(iat) is not int:  # (PyJWT takes a float iat too; a bool is no time either)
+        iat = None
     if not (is_text(name) and 0 < len(name) <= MAX_NAME_LENGTH):
         name = None  # a display name is decoration: a bad one is dropped, not a bad token
     return TokenClaims(
@@ -361,4 +368,5 @@ def _claims(raw: dict) -> TokenClaims:
         # A subject that is not text names nobody (no frame could carry it): like a missing one.
         sub=sub if is_text(sub) else None,
         name=name,
+        iat=iat,
     )
