@@ -1,4 +1,5 @@
-"""``python -m publisher`` / ``eventbus-publish``: publish events, read history, mint tokens.
+"""``python -m publisher`` / ``eventbus-publish``: publish events, read history, mint and revoke
+tokens.
 
 For operators and for trying the gateway by hand::
 
@@ -7,6 +8,7 @@ For operators and for trying the gateway by hand::
     cat events.jsonl | eventbus-publish publish          # one event per line, or a JSON array
     eventbus-publish history 1 --after 40 --limit 20
     eventbus-publish token --project 1 --project 2 --ttl 900 --subject user-7
+    eventbus-publish revoke-tokens user-7        # refuse user-7's tokens issued until now
 
 ``--redis-url`` defaults to ``$EVENTBUS_REDIS_URL`` (else ``redis://127.0.0.1:6379/0``),
 ``--prefix`` to ``$EVENTBUS_PREFIX`` (else ``eventbus``), ``token --secret`` to
@@ -14,7 +16,7 @@ For operators and for trying the gateway by hand::
 machine can read in the process list).
 
 Exit codes: 0 success, 1 Redis answered with an error, 2 usage or validation error (nothing was
-published), 3 Redis unavailable, 130 interrupted.
+published or revoked), 3 Redis unavailable, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import msgspec
 import redis
 import redis.exceptions
 
-from publisher.client import Publisher
+from publisher.client import DEFAULT_KEEP_FOR, Publisher
 from publisher.core import PublishError, PublisherUnavailable, PublishManyError
 from schemas import lua
 from schemas.events import (
@@ -120,6 +122,16 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _unix_time(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected unix seconds, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected unix seconds (>= 0), got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
 
@@ -145,9 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(
         prog=PROG,
-        description="Publish event-bus events, read a project's history, mint browser tokens.",
-        epilog="Exit codes: 0 ok, 1 Redis error, 2 usage/validation error (nothing published), "
-        "3 Redis unavailable.",
+        description="Publish event-bus events, read a project's history, mint and revoke "
+        "browser tokens.",
+        epilog="Exit codes: 0 ok, 1 Redis error, 2 usage/validation error (nothing published "
+        "or revoked), 3 Redis unavailable.",
     )
     connection_options(parser, top=True)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -238,6 +251,36 @@ def build_parser() -> argparse.ArgumentParser:
         "--ttl", type=_seconds, default=900.0, help="lifetime in seconds (default 900)"
     )
     token.add_argument("--subject", help="who the token is for (the JWT 'sub')")
+
+    keep_hours = DEFAULT_KEEP_FOR.total_seconds() / 3600
+    revoke = commands.add_parser(
+        "revoke-tokens",
+        help="refuse a subject's tokens issued until now, and close its connections",
+        description="Refuse the tokens of SUBJECT (the JWT 'sub') issued before a time, on "
+        "every gateway: their connections are closed (code 4003) within about a second and the "
+        "tokens refused; tokens issued since stay valid, so mint a new one for a person who "
+        "keeps access. Merges with an earlier revocation of SUBJECT (the later of each time "
+        "wins). Prints the entry after the merge: "
+        '{"subject":"...","issued_before":<unix s>,"expires_at":<unix s>}.',
+    )
+    revoke.add_argument("subject", metavar="SUBJECT", help="the tokens' 'sub'")
+    revoke.add_argument(
+        "--issued-before",
+        type=_unix_time,
+        default=None,
+        metavar="UNIX",
+        help="refuse the tokens issued before this time, in unix seconds (default: now, by "
+        "Redis' clock, rounded up to the next second; at most a minute in the future)",
+    )
+    revoke.add_argument(
+        "--keep-for",
+        type=_seconds,
+        default=DEFAULT_KEEP_FOR.total_seconds(),
+        metavar="SECONDS",
+        help="how long the gateways keep refusing them, from --issued-before: at least the "
+        f"longest lifetime of the tokens you issue, at most 366 days (default {keep_hours:g} h)",
+    )
+    connection_options(revoke, top=False)
     return parser
 
 
@@ -456,6 +499,21 @@ def _token(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     return EXIT_OK
 
 
+# --- revoke-tokens ------------------------------------------------------------------------------
+
+
+def _revoke_tokens(args: argparse.Namespace, stdout: TextIO) -> int:
+    with _publisher(args) as publisher:
+        try:
+            revocation = publisher.revoke_tokens(
+                args.subject, issued_before=args.issued_before, keep_for=args.keep_for
+            )
+        except ValueError as exc:  # raised before any I/O
+            raise CliError(str(exc)) from None
+    stdout.write(msgspec.json.encode(revocation).decode() + "\n")
+    return EXIT_OK
+
+
 # --- entry point ------------------------------------------------------------------------------
 
 
@@ -483,6 +541,8 @@ def main(
             return _history(args, stdout, stderr)
         if args.command == "presence":
             return _presence(args, stdout)
+        if args.command == "revoke-tokens":
+            return _revoke_tokens(args, stdout)
         return _token(args, stdout, stderr)
     except CliError as exc:
         stderr.write(f"{PROG}: error: {exc}\n")

@@ -45,6 +45,7 @@ from publisher.core import (
     pack_command,
     plan_batches,
     plan_in_order,
+    prepare_revocation,
     prepare_single,
     refused_during_migration,
     script_error,
@@ -63,6 +64,7 @@ from schemas.events import (
 from schemas.keys import DEFAULT_PREFIX, Keys
 from schemas.presence import DEFAULT_MAX_MEMBERS
 from schemas.protocol import Member
+from schemas.revocations import Revocation, parse_revoke_reply
 
 __all__ = ["AsyncPublisher", "Publisher"]
 
@@ -70,6 +72,9 @@ R = TypeVar("R")
 T = TypeVar("T")
 #: Default bound of every publisher call when Redis does not answer (see RetryPolicy).
 DEFAULT_TIMEOUT = 10.0
+#: Default ``keep_for`` of ``revoke_tokens``: longer than any token should live (15 minutes by
+#: default, schemas.tokens.DEFAULT_TOKEN_TTL).
+DEFAULT_KEEP_FOR = timedelta(hours=24)
 _UNAVAILABLE = (
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
@@ -464,6 +469,7 @@ class Publisher(_ContractHelpers[Cursor]):
         self.client = client
         self._cluster = is_cluster
         self._script = client.register_script(lua.PUBLISH)
+        self._revoke_script = client.register_script(lua.REVOKE)
         self._direct = DirectCommands(client) if DirectCommands.supports(client) else None
 
     @classmethod
@@ -529,6 +535,48 @@ class Publisher(_ContractHelpers[Cursor]):
             )
         except redis.exceptions.RedisError as exc:
             raise PublishError(f"presence read failed: {exc}") from exc
+
+    def revoke_tokens(
+        self,
+        subject: str,
+        *,
+        issued_before: datetime | float | None = None,
+        keep_for: timedelta | float = DEFAULT_KEEP_FOR,
+    ) -> Revocation:
+        """Refuse the tokens of ``subject`` (their ``sub``) issued before ``issued_before``, on
+        every gateway: within about a second (the gateways' ``--revocation-poll-interval``),
+        connections holding such a token are closed (code 4003) and the token is refused when
+        presented; tokens issued since stay valid (see docs/publisher.md, "Revoking tokens").
+
+        ``issued_before``: None for now (by Redis' clock, rounded up to the next whole second:
+        the tokens issued earlier in the current second are refused too), else an aware
+        ``datetime`` or unix seconds, rounded up, not later than a minute past this machine's
+        clock. ``keep_for``: how long the gateways keep refusing them, counted from
+        ``issued_before``: at least the longest lifetime of the tokens you issue (after it the
+        tokens it refuses have expired anyway), at most 366 days.
+
+        The subject's entry merges with an earlier one by taking the later of each time: a
+        revocation never lowers nor shortens another. Returns the subject's entry after the
+        merge. A call Redis answered too late to be seen may be retried within ``timeout``:
+        then the later attempt's "now" counts.
+
+        Raises:
+            ValueError: a subject that is not 1 to 1024 bytes of text, a ``keep_for`` out of
+                range, an ``issued_before`` in the future or so early that the revocation has
+                already ended; nothing was written.
+            PublisherUnavailable: Redis unreachable or hung within ``timeout``.
+            PublishError: Redis refused the call (the revocation keys damaged by another writer,
+                OOM); nothing was written.
+        """
+        keys, args = prepare_revocation(
+            subject, issued_before, keep_for, keys=self._settings.keys, now=time.time()
+        )
+        started = time.monotonic()
+        try:
+            reply = self._run(lambda: self._revoke_script(keys=keys, args=args), started)
+        except redis.exceptions.RedisError as exc:
+            raise script_error(exc, "revocation") from exc
+        return _revocation(subject, reply)
 
     def _run(self, attempt: Callable[[], T], started: float) -> T:
         """``attempt()`` until it succeeds or the retry policy gives up (PublisherUnavailable)."""
@@ -746,6 +794,7 @@ class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
         self.client = client
         self._cluster = is_cluster
         self._script = client.register_script(lua.PUBLISH)
+        self._revoke_script = client.register_script(lua.REVOKE)
         self._direct = AsyncDirectCommands(client) if AsyncDirectCommands.supports(client) else None
 
     @classmethod
@@ -798,6 +847,29 @@ class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
             ) from exc
         except redis.exceptions.RedisError as exc:
             raise PublishError(f"presence read failed: {exc}") from exc
+
+    async def revoke_tokens(
+        self,
+        subject: str,
+        *,
+        issued_before: datetime | float | None = None,
+        keep_for: timedelta | float = DEFAULT_KEEP_FOR,
+    ) -> Revocation:
+        """See :meth:`Publisher.revoke_tokens`."""
+        keys, args = prepare_revocation(
+            subject, issued_before, keep_for, keys=self._settings.keys, now=time.time()
+        )
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self._policy.timeout):
+                reply = await self._run(lambda: self._revoke_script(keys=keys, args=args), started)
+        except TimeoutError as exc:
+            raise PublisherUnavailable(
+                f"Redis unavailable: no reply within {self._policy.timeout} s"
+            ) from exc
+        except redis.exceptions.RedisError as exc:
+            raise script_error(exc, "revocation") from exc
+        return _revocation(subject, reply)
 
     async def _run(self, attempt: Callable[[], Awaitable[T]], started: float) -> T:
         """See :meth:`Publisher._run`."""
@@ -969,6 +1041,14 @@ def _after_out_of_step(exc: OutOfStep, args: list, policy: RetryPolicy) -> None:
         raise exc
     if policy.attempt_timeout is not None:
         raise redis.exceptions.ConnectionError(str(exc)) from exc
+
+
+def _revocation(subject: str, reply: object) -> Revocation:
+    """The entry from the REVOKE script's reply, or PublishError for one it cannot give."""
+    try:
+        return parse_revoke_reply(subject, reply).revocation
+    except ValueError as exc:
+        raise PublishError(str(exc)) from None
 
 
 def _describe(exc: BaseException) -> str:

@@ -7,6 +7,7 @@ trips around these functions, so both flavours behave identically.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timedelta
@@ -16,6 +17,8 @@ import msgspec
 
 from schemas.events import ProjectEvent, encode_event, utc_now
 from schemas.keys import Keys, new_epoch
+from schemas.revocations import MAX_SUBJECT_BYTES, MAX_TIMESTAMP
+from schemas.tokens import is_text
 
 __all__ = [
     "Cursor",
@@ -31,6 +34,7 @@ __all__ = [
     "pack_command",
     "plan_batches",
     "plan_in_order",
+    "prepare_revocation",
     "prepare_single",
 ]
 
@@ -244,12 +248,12 @@ def script_reply_valid(result: object) -> bool:
 CORRUPT_MARK = "EVENTBUS_CORRUPT "
 
 
-def script_error(exc: Exception) -> PublishError:
-    """The publisher's error for an error reply of the publish script.
+def script_error(exc: Exception, action: str = "publish") -> PublishError:
+    """The publisher's error for an error reply of the publish (or revoke) script.
 
-    A key another writer damaged (see schemas.lua.PUBLISH) names that key; nothing was written,
-    and every publish to that project is refused the same way until the key is repaired or
-    deleted (deleting the project's meta key starts a new epoch: clients resync).
+    A key another writer damaged (see schemas.lua.PUBLISH, schemas.lua.REVOKE) names that key;
+    nothing was written, and every call on that key is refused the same way until the key is
+    repaired or deleted (deleting a project's meta key starts a new epoch: clients resync).
     """
     text = str(exc)
     if text.startswith(CORRUPT_MARK):
@@ -258,7 +262,92 @@ def script_error(exc: Exception) -> PublishError:
             f"refused, nothing written: the Redis key {detail} (not written by this publisher: "
             "repair or delete it)"
         )
-    return PublishError(f"publish failed: {text}")
+    return PublishError(f"{action} failed: {text}")
+
+
+#: Longest ``keep_for`` of a revocation: far longer than any browser token should live (the
+#: default lifetime is 15 minutes); a larger value is taken for a mistake of unit (milliseconds
+#: given as seconds), which would keep the entry, and its cost to every gateway, for ages.
+MAX_KEEP_FOR = timedelta(days=366)
+#: How far past the publisher's clock ``issued_before`` may be: the clock skew between the
+#: machines that issue tokens. Later would also refuse the tokens they issue until then.
+ISSUED_BEFORE_SKEW = timedelta(minutes=1)
+
+
+def prepare_revocation(
+    subject: object,
+    issued_before: datetime | float | None,
+    keep_for: timedelta | float,
+    *,
+    keys: Keys,
+    now: float,
+) -> tuple[list[str], list[str]]:
+    """Check the arguments of ``revoke_tokens`` and make the REVOKE script's keys and
+    arguments (schemas.lua.REVOKE); ``now`` is the caller's clock (unix seconds).
+
+    ``subject``: a token's ``sub``, text of 1 to 1024 UTF-8 bytes. ``issued_before``: None
+    (now, by Redis' clock, rounded up to the next second), an aware ``datetime`` or unix
+    seconds, rounded up to a whole second (a token's ``iat`` is whole seconds: one issued at
+    12:00:00.5 says 12:00:00); at most :data:`ISSUED_BEFORE_SKEW` past ``now``. ``keep_for``: a
+    ``timedelta`` or seconds, more than 0 and at most :data:`MAX_KEEP_FOR`, rounded up; the
+    revocation must end after ``now`` (else every token it names has expired already).
+
+    Raises ``ValueError`` naming the argument; nothing is sent then."""
+    if (
+        not isinstance(subject, str)
+        or not is_text(subject)
+        or not 0 < len(subject.encode()) <= MAX_SUBJECT_BYTES
+    ):
+        raise ValueError(
+            f"subject must be a non-empty string of at most {MAX_SUBJECT_BYTES} UTF-8 bytes "
+            f"(a token's 'sub'), got {subject!r}"[:200]
+        )
+    keep = _seconds(keep_for, "keep_for")
+    if not 0 < keep <= MAX_KEEP_FOR.total_seconds():
+        raise ValueError(
+            f"keep_for must be more than 0 and at most {MAX_KEEP_FOR.days} days "
+            f"(at least the lifetime of the tokens you issue), got {keep_for!r}"
+        )
+    keep_for_arg = str(math.ceil(keep))
+    if issued_before is None:
+        before_arg = ""
+    else:
+        if isinstance(issued_before, datetime):
+            if issued_before.tzinfo is None or issued_before.utcoffset() is None:
+                raise ValueError("issued_before must be timezone-aware (e.g. datetime.now(UTC))")
+            before = issued_before.timestamp()
+        else:
+            before = _seconds(issued_before, "issued_before")
+        if not 0 <= before <= now + ISSUED_BEFORE_SKEW.total_seconds():
+            raise ValueError(
+                "issued_before must be a time that has passed (unix seconds, at most "
+                f"{ISSUED_BEFORE_SKEW.total_seconds():g} s ahead of this clock): a later one "
+                f"would also refuse the tokens issued until then; got {issued_before!r}"
+            )
+        rounded = math.ceil(before)
+        if rounded + math.ceil(keep) <= now:
+            raise ValueError(
+                "issued_before + keep_for has passed: every token this would refuse has expired "
+                "already (keep_for must be at least the lifetime of the tokens you issue)"
+            )
+        if rounded + math.ceil(keep) > MAX_TIMESTAMP:  # (unreachable with the bounds above)
+            raise ValueError("issued_before + keep_for is too far in the future")
+        before_arg = str(rounded)
+    return [keys.revocations(), keys.revocations_version()], [subject, before_arg, keep_for_arg]
+
+
+def _seconds(value: object, name: str) -> float:
+    """``value`` (a ``timedelta`` or a real number of seconds) in seconds, or ValueError."""
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if not isinstance(value, bool) and isinstance(value, int | float):
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int beyond a float's range
+            seconds = math.inf
+        if math.isfinite(seconds):
+            return seconds
+    raise ValueError(f"{name} must be a finite number of seconds, got {value!r}"[:200])
 
 
 _FIELD_NAMES: dict[type, tuple[str, ...]] = {}

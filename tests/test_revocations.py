@@ -1,0 +1,420 @@
+"""The write side of token revocation: ``Publisher.revoke_tokens`` / ``AsyncPublisher
+.revoke_tokens`` against a real Redis (the session's private server), fakeredis and Redis
+Cluster, and ``eventbus-publish revoke-tokens``. The stored format and the script's rules
+without a server are in tests/test_revocations_schema.py; the HTTP endpoint is in
+tests/test_http_api.py."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import fakeredis
+import pytest
+import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from publisher import AsyncPublisher, Publisher, PublishError, PublisherUnavailable
+from publisher.__main__ import main as cli_main
+from schemas.keys import Keys
+from schemas.revocations import MAX_SUBJECT_BYTES, Revocation, RevocationList
+from schemas.tokens import issue_token, verify_token
+from tests.support.redis_server import RedisServer, free_port
+
+KEYS = Keys()
+SECRET = "revocation-test-secret-long-enough-for-hs256"
+
+
+def stored(client: Any, keys: Keys = KEYS) -> RevocationList:
+    """What a gateway would read now (and the hash holds nothing malformed)."""
+    revocations, malformed = RevocationList.from_hash(client.hgetall(keys.revocations()), 0)
+    assert malformed == 0
+    return revocations
+
+
+@pytest.fixture
+def pub(redis_url: str) -> Iterator[Publisher]:
+    with Publisher.from_url(redis_url) as publisher:
+        yield publisher
+
+
+# --- the publisher on a real Redis ------------------------------------------------------------
+
+
+def test_revoke_refuses_the_tokens_issued_until_now_and_not_those_issued_after(
+    pub: Publisher, redis_client: redis.Redis
+) -> None:
+    """What a gateway decides with what the call stored: the token issued before the call is
+    revoked, one issued once the returned issued_before has passed is not."""
+    before = verify_token(issue_token(SECRET, [1], subject="user-7"), SECRET)
+    revocation = pub.revoke_tokens("user-7")
+    assert revocation.subject == "user-7"
+    assert revocation.expires_at == revocation.issued_before + 24 * 3600
+    assert list(stored(redis_client)) == [revocation]
+    assert int(redis_client.get(KEYS.revocations_version())) > 0
+    now = time.time()
+    revocations = stored(redis_client)
+    assert revocations.is_revoked("user-7", before.iat, now)
+    assert not revocations.is_revoked("user-8", before.iat, now)
+    # A token is issued in whole seconds: the revocation covers the second it was made in.
+    assert revocation.issued_before >= int(now)
+    after = revocation.issued_before  # the first iat a new token may carry to be valid
+    assert not revocations.is_revoked("user-7", after, now)
+
+
+def test_each_revocation_changes_the_version(pub: Publisher, redis_client: redis.Redis) -> None:
+    versions = []
+    for subject in ["a", "b", "a"]:
+        pub.revoke_tokens(subject)
+        versions.append(int(redis_client.get(KEYS.revocations_version())))
+    assert versions == sorted(set(versions))
+
+
+def test_a_revocation_merges_with_the_subjects_earlier_one(pub: Publisher) -> None:
+    now = int(time.time())
+    first = pub.revoke_tokens("s", issued_before=now - 10, keep_for=3600)
+    assert (first.issued_before, first.expires_at) == (now - 10, now + 3590)
+    # Earlier and longer: each time takes the later one (never lowered, never shortened).
+    merged = pub.revoke_tokens("s", issued_before=now - 100, keep_for=timedelta(hours=2))
+    assert (merged.issued_before, merged.expires_at) == (now - 10, now - 100 + 7200)
+
+
+def test_issued_before_is_rounded_up_to_a_whole_second(pub: Publisher) -> None:
+    """A token issued at t.5 carries iat t: a revocation of the tokens issued before t.5 must
+    refuse it."""
+    now = time.time()
+    at = datetime.fromtimestamp(int(now) - 0.5 + 0.0, tz=timezone(timedelta(hours=2)))
+    assert pub.revoke_tokens("d", issued_before=at).issued_before == int(now)
+    assert pub.revoke_tokens("f", issued_before=int(now) - 1.25).issued_before == int(now) - 1
+    assert pub.revoke_tokens("k", keep_for=0.2).expires_at >= int(now) + 1
+
+
+@pytest.mark.parametrize(
+    ("subject", "options", "message"),
+    [
+        ("", {}, "subject"),
+        ("x" * (MAX_SUBJECT_BYTES + 1), {}, "subject"),
+        ("é" * (MAX_SUBJECT_BYTES // 2 + 1), {}, "subject"),  # bytes count, not characters
+        ("user \ud83d", {}, "subject"),  # half a surrogate pair: no token carries it
+        (b"user-7", {}, "subject"),
+        (7, {}, "subject"),
+        (None, {}, "subject"),
+        ("s", {"keep_for": 0}, "keep_for"),
+        ("s", {"keep_for": -5}, "keep_for"),
+        ("s", {"keep_for": timedelta(days=367)}, "keep_for"),
+        ("s", {"keep_for": 10**12}, "keep_for"),  # milliseconds given as seconds
+        ("s", {"keep_for": float("nan")}, "keep_for"),
+        ("s", {"keep_for": True}, "keep_for"),
+        ("s", {"keep_for": "60"}, "keep_for"),
+        ("s", {"issued_before": time.time() + 3600}, "issued_before"),
+        ("s", {"issued_before": time.time() * 1000}, "issued_before"),  # milliseconds
+        ("s", {"issued_before": -1}, "issued_before"),
+        ("s", {"issued_before": float("inf")}, "issued_before"),
+        ("s", {"issued_before": 10**400}, "issued_before"),
+        ("s", {"issued_before": datetime(2020, 1, 1)}, "timezone"),  # naive: which zone?
+        ("s", {"issued_before": "2020-01-01"}, "issued_before"),
+        ("s", {"issued_before": 1_000_000_000}, "has passed"),  # ended long ago
+    ],
+)
+def test_bad_arguments_are_a_value_error_naming_them_and_nothing_is_written(
+    pub: Publisher, redis_client: redis.Redis, subject: Any, options: dict, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        pub.revoke_tokens(subject, **options)
+    assert redis_client.keys("*") == []
+
+
+def test_the_longest_subject_and_a_little_clock_skew_are_taken(pub: Publisher) -> None:
+    longest = "é" * (MAX_SUBJECT_BYTES // 2)
+    assert pub.revoke_tokens(longest).subject == longest
+    ahead = int(time.time()) + 30  # another issuer's clock a little ahead of ours
+    assert pub.revoke_tokens("s", issued_before=ahead).issued_before == ahead
+
+
+@pytest.mark.parametrize("key", [KEYS.revocations(), KEYS.revocations_version()])
+def test_a_damaged_key_is_a_publish_error_naming_it_and_nothing_is_written(
+    pub: Publisher, redis_client: redis.Redis, key: str
+) -> None:
+    redis_client.delete(key)
+    redis_client.rpush(key, "another writer's")
+    with pytest.raises(PublishError, match=re.escape(f"the Redis key {key} is not a")):
+        pub.revoke_tokens("s")
+    assert redis_client.lrange(key, 0, -1) == [b"another writer's"]
+    assert redis_client.keys("*") == [key.encode()]
+
+
+def test_a_flushed_script_cache_is_reloaded(pub: Publisher, redis_client: redis.Redis) -> None:
+    pub.revoke_tokens("a")
+    redis_client.script_flush()
+    assert pub.revoke_tokens("b").subject == "b"
+    assert {r.subject for r in stored(redis_client)} == {"a", "b"}
+
+
+def test_the_script_sweeps_what_a_reader_leaves_out(
+    pub: Publisher, redis_client: redis.Redis
+) -> None:
+    """On Redis' own Lua (5.1): expired entries and any field or value decode_entry refuses,
+    including the UTF-8 that Python's strict decoder refuses and Lua has no notion of."""
+    now = int(time.time())
+    live = b'{"issued_before":%d,"expires_at":%d}' % (now - 5, now + 100)
+    malformed_fields = [
+        b"\xff",
+        b"\xc0\xaf",  # an overlong '/'
+        b"\xed\xa0\x80",  # a surrogate
+        b"\xf4\x90\x80\x80",  # past U+10FFFF
+        b"\xe2\x82",  # cut short
+        b"x" * (MAX_SUBJECT_BYTES + 1),
+    ]
+    good_fields = ["ascii", "é", "€", "𝄞", "x" * MAX_SUBJECT_BYTES]
+    mapping: dict[Any, bytes] = {field: live for field in [*malformed_fields, *good_fields]}
+    mapping["expired"] = b'{"issued_before":%d,"expires_at":%d}' % (now - 100, now)
+    mapping["no"] = b'{"issued_before":5,"expires_at":5}'
+    mapping["spaced"] = b'{"issued_before": 5, "expires_at": %d}' % (now + 100)
+    redis_client.hset(KEYS.revocations(), mapping=mapping)
+    pub.revoke_tokens("new")
+    fields = set(redis_client.hgetall(KEYS.revocations()))
+    assert fields == {field.encode() for field in [*good_fields, "new"]}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    st.dictionaries(
+        st.binary(min_size=1, max_size=5),
+        st.one_of(
+            st.binary(max_size=10),
+            st.builds(
+                lambda a, b: b'{"issued_before":%d,"expires_at":%d}' % (a, b),
+                st.integers(0, 4 * 10**9),
+                st.integers(0, 4 * 10**9),
+            ),
+        ),
+        max_size=6,
+    )
+)
+def test_redis_lua_and_python_judge_every_entry_alike(redis_url: str, items: dict) -> None:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        client.delete(KEYS.revocations())
+        if items:
+            client.hset(KEYS.revocations(), mapping=items)
+        now = time.time()
+        expected, _ = RevocationList.from_hash(items, now)
+        with Publisher(client) as publisher:
+            publisher.revoke_tokens("subject-of-the-test")
+        after = {r.subject for r in stored(client)} - {"subject-of-the-test"}
+        kept = {r.subject for r in expected}
+        soon = {r.subject for r in expected if r.expires_at <= now + 2}  # either way
+        assert kept - soon <= after <= kept
+    finally:
+        client.close()
+
+
+def test_the_hash_expires_with_its_last_entry(pub: Publisher, redis_client: redis.Redis) -> None:
+    short = pub.revoke_tokens("short", keep_for=60)
+    assert abs(redis_client.ttl(KEYS.revocations()) - (short.expires_at - time.time())) <= 2
+    long = pub.revoke_tokens("long", keep_for=3600)
+    assert abs(redis_client.ttl(KEYS.revocations()) - (long.expires_at - time.time())) <= 2
+
+
+def test_the_prefix_is_the_publishers(redis_url: str, redis_client: redis.Redis) -> None:
+    with Publisher.from_url(redis_url, prefix="other") as publisher:
+        publisher.revoke_tokens("s")
+    assert [r.subject for r in stored(redis_client, Keys("other"))] == ["s"]
+    assert not redis_client.exists(KEYS.revocations())
+
+
+async def test_the_async_publisher_revokes_alike(redis_url: str, redis_client) -> None:
+    publisher = AsyncPublisher.from_url(redis_url)
+    try:
+        revocation = await publisher.revoke_tokens("user-7", keep_for=timedelta(minutes=30))
+        assert revocation.expires_at == revocation.issued_before + 1800
+        assert list(stored(redis_client)) == [revocation]
+        with pytest.raises(ValueError, match="keep_for"):
+            await publisher.revoke_tokens("user-7", keep_for=0)
+        redis_client.script_flush()
+        again = await publisher.revoke_tokens("user-7", issued_before=revocation.issued_before - 9)
+        # Merged: the later issued_before stays, the longer keep (24 h by default) wins.
+        assert again.issued_before == revocation.issued_before
+        assert again.expires_at == revocation.issued_before - 9 + 24 * 3600
+    finally:
+        await publisher.aclose()
+
+
+def test_fakeredis_runs_the_same_script(fake_redis: fakeredis.FakeRedis) -> None:
+    publisher = Publisher(fake_redis)
+    revocation = publisher.revoke_tokens("user-7", keep_for=60)
+    assert list(stored(fake_redis)) == [revocation]
+
+
+# --- bounded like a publish -------------------------------------------------------------------
+
+
+@contextmanager
+def hung(server: RedisServer) -> Iterator[None]:
+    assert server.process is not None
+    os.kill(server.process.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+
+
+def ends_within(call: Callable[[], object], bound: float) -> None:
+    started = time.monotonic()
+    with pytest.raises(PublisherUnavailable, match="Redis unavailable"):
+        call()
+    assert time.monotonic() - started < bound + 1.5
+
+
+async def test_a_revocation_on_a_hung_or_absent_redis_ends_within_the_timeout() -> None:
+    with RedisServer() as server:
+        with Publisher.from_url(server.url, timeout=1.0) as publisher, hung(server):
+            ends_within(lambda: publisher.revoke_tokens("s"), 1.0)
+        apublisher = AsyncPublisher.from_url(server.url, timeout=1.0)
+        try:
+            with hung(server):
+                started = time.monotonic()
+                with pytest.raises(PublisherUnavailable):
+                    await apublisher.revoke_tokens("s")
+                assert time.monotonic() - started < 2.5
+        finally:
+            await apublisher.aclose()
+    with Publisher.from_url(f"redis://127.0.0.1:{free_port()}/0", timeout=1.0) as publisher:
+        ends_within(lambda: publisher.revoke_tokens("s"), 1.0)
+
+
+# --- Redis Cluster ----------------------------------------------------------------------------
+
+
+def test_revoke_on_redis_cluster(redis_cluster_url: str) -> None:
+    """Both keys are in the slot of {revocations}: one script call on the master that owns it."""
+    with Publisher.from_url(redis_cluster_url) as publisher:
+        first = publisher.revoke_tokens("user-7")
+        second = publisher.revoke_tokens("user-8", keep_for=60)
+        client = publisher.client
+        assert {r.subject for r in stored(client)} == {"user-7", "user-8"}
+        assert first in list(stored(client)) and second in list(stored(client))
+        assert client.get(KEYS.revocations_version()) is not None
+
+
+async def test_async_revoke_on_redis_cluster(redis_cluster_url: str) -> None:
+    publisher = AsyncPublisher.from_url(redis_cluster_url)
+    try:
+        revocation = await publisher.revoke_tokens("user-9")
+        assert revocation.subject == "user-9"
+        stored_now = await publisher.client.hgetall(KEYS.revocations())
+        revocations, malformed = RevocationList.from_hash(stored_now, time.time())
+        assert malformed == 0 and list(revocations) == [revocation]
+    finally:
+        await publisher.aclose()
+
+
+# --- eventbus-publish revoke-tokens -----------------------------------------------------------
+
+
+def cli(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = cli_main(list(argv), stdout=out, stderr=err)
+    assert "Traceback" not in err.getvalue()
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_cli_revokes_and_prints_the_entry(redis_url: str, redis_client: redis.Redis) -> None:
+    code, out, err = cli("--redis-url", redis_url, "revoke-tokens", "user-7")
+    assert code == 0, err
+    printed = json.loads(out)
+    assert printed["subject"] == "user-7"
+    assert printed["expires_at"] == printed["issued_before"] + 24 * 3600
+    assert list(stored(redis_client)) == [Revocation(**printed)]
+    now = int(time.time())
+    code, out, err = cli(
+        "revoke-tokens",
+        "user-8",
+        "--issued-before",
+        str(now - 5),
+        "--keep-for",
+        "900",
+        "--redis-url",
+        redis_url,
+    )
+    assert code == 0, err
+    assert json.loads(out) == {
+        "subject": "user-8",
+        "issued_before": now - 5,
+        "expires_at": now + 895,
+    }
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["revoke-tokens"], "SUBJECT"),
+        (["revoke-tokens", ""], "subject"),
+        (["revoke-tokens", "x" * (MAX_SUBJECT_BYTES + 1)], "subject"),
+        (["revoke-tokens", "s", "--keep-for", "0"], "--keep-for"),
+        (["revoke-tokens", "s", "--keep-for", "soon"], "--keep-for"),
+        (["revoke-tokens", "s", "--keep-for", str(400 * 86400)], "keep_for"),
+        (["revoke-tokens", "s", "--issued-before", "-1"], "--issued-before"),
+        (["revoke-tokens", "s", "--issued-before", "tomorrow"], "--issued-before"),
+        (["revoke-tokens", "s", "--issued-before", str(int(time.time()) + 3600)], "passed"),
+        (["revoke-tokens", "s", "--issued-before", "1000"], "has passed"),
+    ],
+)
+def test_cli_bad_arguments_exit_2_with_a_message_and_write_nothing(
+    redis_url: str, redis_client: redis.Redis, argv: list[str], message: str, capsys
+) -> None:
+    try:
+        code, _, err = cli("--redis-url", redis_url, *argv)
+    except SystemExit as exit:  # argparse's own errors
+        code, err = int(exit.code or 0), capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert redis_client.keys("*") == []
+
+
+def test_cli_redis_unavailable_exits_3() -> None:
+    code, out, err = cli("--redis-url", f"redis://127.0.0.1:{free_port()}/0", "revoke-tokens", "s")
+    assert code == 3 and "Redis unavailable" in err and out == ""
+
+
+def test_cli_damaged_key_exits_1(redis_url: str, redis_client: redis.Redis) -> None:
+    redis_client.set(KEYS.revocations(), "not a hash")
+    code, out, err = cli("--redis-url", redis_url, "revoke-tokens", "s")
+    assert code == 1 and KEYS.revocations() in err and out == ""
+
+
+def test_the_docs_revocation_sample_runs_as_written(redis_url: str, tmp_path) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "docs" / "publisher.md").read_text()
+    blocks = re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+    sample = next(block for block in blocks if "revoke_tokens(" in block)
+    assert sample.count('"redis://localhost:6379/0"') == 1
+    script = tmp_path / "sample.py"
+    script.write_text(sample.replace("redis://localhost:6379/0", redis_url))
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert {r.subject for r in stored(client)} == {"user-7", "user-8", "user-9"}
+    finally:
+        client.close()
