@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import msgspec
@@ -26,13 +27,16 @@ from publisher.http_api.core import (
     header,
     parse_events,
     parse_project_path,
+    parse_revocation,
 )
 from publisher.http_api.server import server_config
 from schemas.keys import Keys
+from schemas.revocations import RevocationList
 from tests.support.redis_server import RedisServer, free_port
 
 KEY_ALL = "ebk_all-projects-key"
 KEY_ONE = "ebk_project-one-key"
+KEY_REVOKE = "ebk_may-revoke-key"
 EXPIRED = {
     "type": "blocker_expired",
     "blocker_id": 1,
@@ -626,20 +630,38 @@ _TOKEN = st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=1,
             "/x/../y",
             "/v1/projects/1/events?x=1",
             "/v1/projects/%31/events",
+            "/v1/revocations",
+            "/v1/revocations/",
         ]
     ),
     headers=st.lists(
         st.tuples(
             st.sampled_from(["Authorization", "Content-Type", "Idempotency-Key", "X-Other"]),
-            st.one_of(_TOKEN, st.just(f"Bearer {KEY_ALL}"), st.just("application/json")),
+            st.one_of(
+                _TOKEN,
+                st.just(f"Bearer {KEY_ALL}"),
+                st.just(f"Bearer {KEY_REVOKE}"),
+                st.just("application/json"),
+            ),
         ),
         max_size=5,
     ),
-    body=st.one_of(st.binary(max_size=200), st.just(json.dumps(EXPIRED).encode())),
+    body=st.one_of(
+        st.binary(max_size=200),
+        st.just(json.dumps(EXPIRED).encode()),
+        st.builds(
+            lambda subject, extra: json.dumps({"subject": subject, **extra}).encode(),
+            st.text(max_size=8),
+            st.dictionaries(
+                st.sampled_from(["issued_before", "keep_for", "other"]),
+                st.one_of(st.integers(), st.floats(), st.text(max_size=3), st.none()),
+            ),
+        ),
+    ),
 )
 def test_fuzzed_requests_never_get_a_500(redis_url, method, path, headers, body) -> None:
     async def run() -> None:
-        async with served(redis_url) as api:
+        async with served(redis_url, revoking_credentials()) as api:
             head = [
                 f"{method} {path} HTTP/1.1",
                 "Host: t",
@@ -867,3 +889,152 @@ def test_docs_list_every_serve_option_with_its_default(monkeypatch) -> None:
     for action in options:
         default = "(required)" if action.default is None else f"`{action.default}`"
         assert default in rows[action.option_strings[0]].split("|")[3], action.option_strings
+
+
+# --- POST /v1/revocations ----------------------------------------------------------------------
+
+
+def revoking_credentials() -> Credentials:
+    """The usual keys, and one that may revoke (and publish to project 1)."""
+    return Credentials(
+        [
+            ApiKey(id="all", sha256=hash_key(KEY_ALL), projects="*"),
+            ApiKey(id="one", sha256=hash_key(KEY_ONE), projects=[1]),
+            ApiKey(id="admin", sha256=hash_key(KEY_REVOKE), projects=[1], revoke=True),
+        ]
+    )
+
+
+async def post_revocation(
+    api: Api, body: bytes | object, *, key: str | None = KEY_REVOKE, content_type="application/json"
+) -> tuple[int, dict[str, str], dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    head = [
+        "POST /v1/revocations HTTP/1.1",
+        "Host: test",
+        f"Content-Type: {content_type}",
+        f"Content-Length: {len(data)}",
+        "Connection: close",
+    ]
+    if key is not None:
+        head.append(f"Authorization: Bearer {key}")
+    status, headers, answer = await api.raw(("\r\n".join(head) + "\r\n\r\n").encode() + data)
+    return status, headers, json.loads(answer) if answer else {}
+
+
+def test_only_keys_given_revoke_may_revoke_and_the_keys_file_says_so() -> None:
+    assert not ApiKey(id="a", sha256=hash_key("a"), projects="*").revoke  # the default
+    entry = {"id": "a", "sha256": hash_key("k"), "projects": [1]}
+    creds = Credentials.from_json(json.dumps({"keys": [{**entry, "revoke": True}]}))
+    assert creds.authenticate("Bearer k").revoke
+    with pytest.raises(ValueError, match=r"\$.keys\[0\].revoke"):
+        Credentials.from_json(json.dumps({"keys": [{**entry, "revoke": "yes"}]}))
+
+
+def test_parse_revocation_takes_the_three_fields_and_names_a_wrong_one() -> None:
+    request = parse_revocation(b'{"subject":"user-7","issued_before":5,"keep_for":60}')
+    assert (request.subject, request.issued_before, request.keep_for) == ("user-7", 5, 60)
+    assert parse_revocation(b'{"subject":"u"}').keep_for is None
+    cases = {
+        b"{": (400, "invalid_json"),
+        b'{"subject":"a","subject":"b"}': (400, "repeated_key"),
+        b"[]": (422, "invalid_revocation"),
+        b"{}": (422, "invalid_revocation"),
+        b'{"subject":""}': (422, "invalid_revocation"),
+        b'{"subject":7}': (422, "invalid_revocation"),
+        b'{"subject":"u","keep_for":0}': (422, "invalid_revocation"),
+        b'{"subject":"u","keep_for":1.5}': (422, "invalid_revocation"),
+        b'{"subject":"u","issued_before":-1}': (422, "invalid_revocation"),
+        b'{"subject":"u","issued_before":"now"}': (422, "invalid_revocation"),
+        b'{"subject":"u","sub":"v"}': (422, "invalid_revocation"),  # a misspelt field
+    }
+    for body, (status, code) in cases.items():
+        with pytest.raises(ApiError) as error:
+            parse_revocation(body)
+        assert (error.value.status, error.value.code) == (status, code), body
+
+
+async def test_a_revoking_key_revokes_and_gets_the_merged_entry(redis_url, redis_client) -> None:
+    now = int(time.time())
+    async with served(redis_url, revoking_credentials()) as api:
+        status, _, body = await post_revocation(api, {"subject": "user-7"})
+        assert status == 200, body
+        first = body["revocation"]
+        assert first["subject"] == "user-7"
+        assert first["expires_at"] == first["issued_before"] + 24 * 3600
+        status, _, body = await post_revocation(
+            api, {"subject": "user-7", "issued_before": now - 60, "keep_for": 48 * 3600}
+        )
+        assert status == 200, body
+        # Merged: the later issued_before, the later expiry.
+        assert body["revocation"] == {
+            "subject": "user-7",
+            "issued_before": first["issued_before"],
+            "expires_at": now - 60 + 48 * 3600,
+        }
+    revocations, malformed = RevocationList.from_hash(
+        redis_client.hgetall(Keys().revocations()), time.time()
+    )
+    assert malformed == 0
+    assert [r.expires_at for r in revocations] == [now - 60 + 48 * 3600]
+
+
+async def test_revocation_requests_get_their_documented_errors_and_revoke_nothing(
+    redis_url, redis_client
+) -> None:
+    async with served(redis_url, revoking_credentials()) as api:
+        future = int(time.time()) + 3600
+        cases = [
+            (dict(body={"subject": "u"}, key=None), 401, "unauthorized"),
+            (dict(body={"subject": "u"}, key="ebk_wrong"), 401, "unauthorized"),
+            (dict(body={"subject": "u"}, key=KEY_ALL), 403, "forbidden"),  # publishes, only
+            (dict(body={"subject": "u"}, content_type="text/plain"), 415, "unsupported_media_type"),
+            (dict(body=b"nope"), 400, "invalid_json"),
+            (dict(body={"subject": "u", "keep_for": "1h"}), 422, "invalid_revocation"),
+            (dict(body={"subject": "x" * 1025}), 422, "invalid_revocation"),
+            (dict(body={"subject": "u", "keep_for": 10**9}), 422, "invalid_revocation"),
+            (dict(body={"subject": "u", "issued_before": future}), 422, "invalid_revocation"),
+            # Half a surrogate pair: not text (msgspec refuses the escape).
+            (dict(body={"subject": "u\ud83d"}), 400, "invalid_json"),
+            (dict(body={"subject": "u", "pad": "x" * 20000}), 413, "body_too_large"),
+        ]
+        for kwargs, status, code in cases:
+            got, _, body = await post_revocation(api, **kwargs)
+            assert (got, body["error"]["code"]) == (status, code), (kwargs, body)
+        got, headers, _ = await api.raw(
+            b"GET /v1/revocations HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+        )
+        assert got == 405 and headers["allow"] == "POST"
+        # The key that may revoke publishes only where its projects say.
+        status, _, body = await api.post(2, EXPIRED, key=KEY_REVOKE)
+        assert status == 403
+    assert redis_client.keys("*") == []
+
+
+async def test_a_revocation_with_redis_down_is_503() -> None:
+    with RedisServer() as server:
+        async with served(server.url, revoking_credentials()) as api:
+            server.stop()
+            status, headers, body = await post_revocation(api, {"subject": "u"})
+            assert status == 503 and body["error"]["code"] == "unavailable"
+            assert headers["retry-after"] == "1"
+
+
+async def test_a_damaged_revocations_key_is_502(redis_url, redis_client) -> None:
+    redis_client.set(Keys().revocations(), "another writer's")
+    async with served(redis_url, revoking_credentials()) as api:
+        status, _, body = await post_revocation(api, {"subject": "u"})
+    assert status == 502 and body["error"]["code"] == "revocation_failed"
+    assert Keys().revocations() in body["error"]["message"]
+
+
+def test_new_key_may_revoke_only_when_asked(capsys) -> None:
+    from publisher.http_api.__main__ import main
+
+    assert main(["new-key", "--id", "app", "--projects", "1"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["revoke"] is False
+    assert main(["new-key", "--id", "admin", "--projects", "1", "--may-revoke"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    key = lines[0].split()[-1]
+    creds = Credentials.from_json(json.dumps({"keys": [json.loads(lines[-1])]}))
+    assert creds.authenticate(f"Bearer {key}").revoke

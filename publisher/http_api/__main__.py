@@ -1,6 +1,7 @@
 """``python -m publisher.http_api``: serve the HTTP publish API, or make an API key.
 
 python -m publisher.http_api new-key --id billing --projects 1,2   # prints the key and its entry
+python -m publisher.http_api new-key --id admin --projects 1 --may-revoke  # may revoke tokens
 python -m publisher.http_api serve --keys-file keys.json --port 8766
 """
 
@@ -77,6 +78,11 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     key.add_argument(
         "--burst", type=int, default=None, help="events this key may save up (serve's --burst)"
     )
+    key.add_argument(
+        "--may-revoke",
+        action="store_true",
+        help="the key may also revoke any subject's tokens (POST /v1/revocations)",
+    )
     return parser
 
 
@@ -100,6 +106,7 @@ def _new_key(args: argparse.Namespace, prog: str) -> int:
                 "projects": projects,
                 "rate": args.rate,
                 "burst": args.burst,
+                "revoke": args.may_revoke,
             },
             ApiKey,
         )

@@ -2,7 +2,8 @@
 
 ``POST /v1/projects/{id}/events`` publishes one event or a JSON array of events of that project
 through :class:`publisher.AsyncPublisher`, so an HTTP publish is exactly a library publish: the
-same validation, the same atomic Lua script, the same idempotency keys. ``GET /healthz`` and
+same validation, the same atomic Lua script, the same idempotency keys. ``POST /v1/revocations``
+is ``AsyncPublisher.revoke_tokens``, for the keys allowed to revoke. ``GET /healthz`` and
 ``GET /readyz`` serve probes. Everything the API decides is in :mod:`publisher.http_api.core`.
 """
 
@@ -25,7 +26,10 @@ from publisher.core import (
     PublishManyError,
 )
 from publisher.http_api.core import (
+    MAX_REVOCATION_BODY,
+    REVOCATIONS_PATH,
     ApiError,
+    ApiKey,
     Credentials,
     RateLimiter,
     cursor_body,
@@ -33,6 +37,8 @@ from publisher.http_api.core import (
     header,
     parse_events,
     parse_project_path,
+    parse_revocation,
+    revocation_body,
 )
 from serverkit import LogThrottle, SingleFlight
 
@@ -126,7 +132,8 @@ class Counters:
 
 class PublishApi:
     """ASGI application. ``publisher`` is an :class:`publisher.AsyncPublisher` (or anything with
-    its ``publish``/``publish_many`` coroutines and a ``client`` answering ``ping``)."""
+    its ``publish``/``publish_many``/``revoke_tokens`` coroutines and a ``client`` answering
+    ``ping``)."""
 
     def __init__(
         self,
@@ -176,6 +183,13 @@ class PublishApi:
             if path == "/metrics" and method == "GET":
                 await _respond(send, 200, self.counters.render(), content_type=b"text/plain")
                 return
+            if path == REVOCATIONS_PATH:
+                if method != "POST":
+                    raise ApiError(405, "method_not_allowed", "use POST")
+                status, body = await self._revoke(scope, receive)
+                self.counters.count(status, "ok")
+                await _respond(send, status, body)
+                return
             project_id = parse_project_path(path)
             if method != "POST":
                 raise ApiError(405, "method_not_allowed", "use POST")
@@ -192,15 +206,11 @@ class PublishApi:
             await _respond(send, error.status, error_body(error), extra)
 
     async def _publish(self, scope: dict, receive, project_id: int) -> tuple[int, bytes]:
-        headers: dict[bytes, list[bytes]] = {}
-        for name, value in scope["headers"]:
-            headers.setdefault(name, []).append(value)
+        headers = _headers(scope)
         key = self.credentials.authenticate(header(headers, b"authorization"))
         if not key.allows(project_id):
             raise ApiError(403, "forbidden", f"key {key.id!r} may not publish to {project_id}")
-        content_type = header(headers, b"content-type") or ""
-        if content_type.split(";")[0].strip().lower() != "application/json":
-            raise ApiError(415, "unsupported_media_type", "send Content-Type: application/json")
+        _check_json(headers)
         idempotency_key = header(headers, b"idempotency-key")
         if idempotency_key is not None and not _valid_idempotency_key(idempotency_key):
             raise ApiError(
@@ -243,7 +253,46 @@ class PublishApi:
         self.counters.events += len(events)
         return 200, cursor_body(cursors, is_batch)
 
-    def _log_unavailable(self, project_id: int, exc: Exception) -> None:
+    async def _revoke(self, scope: dict, receive) -> tuple[int, bytes]:
+        """``POST /v1/revocations``: ``revoke_tokens`` for a key with ``revoke``; one
+        revocation costs one event of the key's rate limit."""
+        headers = _headers(scope)
+        key: ApiKey = self.credentials.authenticate(header(headers, b"authorization"))
+        if not key.revoke:
+            raise ApiError(
+                403,
+                "forbidden",
+                f"key {key.id!r} may not revoke tokens (make one with new-key --may-revoke)",
+            )
+        _check_json(headers)
+        body = await self._body(headers, receive, min(self.settings.max_body, MAX_REVOCATION_BODY))
+        request = parse_revocation(body)
+        self.limiter.take(key, 1, self._clock())
+        options: dict[str, int] = {}
+        if request.issued_before is not None:
+            options["issued_before"] = request.issued_before
+        if request.keep_for is not None:
+            options["keep_for"] = request.keep_for
+        try:
+            revocation = await self.publisher.revoke_tokens(request.subject, **options)
+        except ValueError as exc:  # out of range: a time to come, a keep_for of years
+            raise ApiError(422, "invalid_revocation", str(exc)) from None
+        except PublisherUnavailable as exc:
+            self._log_unavailable(None, exc)
+            raise ApiError(503, "unavailable", "Redis is unavailable", retry_after=1) from None
+        except PublishError as exc:
+            raise ApiError(502, "revocation_failed", str(exc)) from None
+        # Who revoked whose access, and until when: an operator's action, worth a line each.
+        log.info(
+            "tokens_revoked",
+            key_id=key.id,
+            subject=revocation.subject,
+            issued_before=revocation.issued_before,
+            expires_at=revocation.expires_at,
+        )
+        return 200, revocation_body(revocation)
+
+    def _log_unavailable(self, project_id: int | None, exc: Exception) -> None:
         """At most one line a second (with how many were not logged): one per request made an
         outage thousands of lines a second. The 503s are counted, every one."""
         suppressed = self._log_throttle.allow(_UNAVAILABLE)
@@ -252,8 +301,11 @@ class PublishApi:
         extra = {"suppressed": suppressed} if suppressed else {}
         log.warning("http_publish_unavailable", project_id=project_id, error=str(exc), **extra)
 
-    async def _body(self, headers: dict[bytes, list[bytes]], receive) -> bytes:
-        limit = self.settings.max_body
+    async def _body(
+        self, headers: dict[bytes, list[bytes]], receive, limit: int | None = None
+    ) -> bytes:
+        """The request body, of at most ``limit`` bytes (default ``max_body``; 413 above it)."""
+        limit = self.settings.max_body if limit is None else limit
         declared = header(headers, b"content-length")
         if declared is not None:
             if not declared.isdigit():
@@ -305,6 +357,19 @@ class PublishApi:
         except Exception as exc:  # any failure means "not ready"; the reason is in the body
             return str(exc) or type(exc).__name__
         return None
+
+
+def _headers(scope: dict) -> dict[bytes, list[bytes]]:
+    headers: dict[bytes, list[bytes]] = {}
+    for name, value in scope["headers"]:
+        headers.setdefault(name, []).append(value)
+    return headers
+
+
+def _check_json(headers: dict[bytes, list[bytes]]) -> None:
+    content_type = header(headers, b"content-type") or ""
+    if content_type.split(";")[0].strip().lower() != "application/json":
+        raise ApiError(415, "unsupported_media_type", "send Content-Type: application/json")
 
 
 def _valid_idempotency_key(value: str) -> bool:

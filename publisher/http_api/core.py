@@ -31,6 +31,7 @@ __all__ = [
     "ApiKeyFile",
     "Credentials",
     "RateLimiter",
+    "RevocationRequest",
     "TokenBucket",
     "cursor_body",
     "error_body",
@@ -38,12 +39,19 @@ __all__ = [
     "new_key",
     "parse_events",
     "parse_project_path",
+    "parse_revocation",
+    "revocation_body",
 ]
 
 #: A key as handed to a service: a fixed prefix (so a leaked key is recognisable in logs and by
 #: secret scanners) and 32 random bytes, URL-safe base64.
 KEY_PREFIX = "ebk_"
 _PATH_RE = re.compile(r"/v1/projects/([0-9]{1,16})/events")
+#: ``POST`` here revokes a subject's tokens (keys with ``"revoke": true`` only).
+REVOCATIONS_PATH = "/v1/revocations"
+#: Largest body of a revocation request: a subject is at most 1 KiB (MAX_SUBJECT_BYTES), so
+#: anything near this is not one (and is refused before it is all read).
+MAX_REVOCATION_BODY = 16 * 1024
 
 
 class ApiError(Exception):
@@ -80,13 +88,17 @@ class ApiKey(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     )
     rate: Annotated[float, Meta(gt=0)] | None = None
     burst: Annotated[int, Meta(ge=1)] | None = None
+    #: Whether this key may revoke tokens (``POST /v1/revocations``): an operator's power over
+    #: every person's access, so only keys given it (``new-key --may-revoke``) have it.
+    revoke: bool = False
 
     def allows(self, project_id: int) -> bool:
         return self.projects == "*" or project_id in self.projects
 
 
 class ApiKeyFile(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
-    """The keys file: ``{"keys": [{"id": ..., "sha256": ..., "projects": [1, 2] | "*"}]}``."""
+    """The keys file: ``{"keys": [{"id": ..., "sha256": ..., "projects": [1, 2] | "*"}]}``
+    (each key may also have ``rate``, ``burst`` and ``revoke``)."""
 
     keys: list[ApiKey]
 
@@ -206,7 +218,11 @@ def parse_project_path(path: str) -> int:
     """The project id of ``/v1/projects/{id}/events``, or ApiError 404."""
     match = _PATH_RE.fullmatch(path)
     if match is None:
-        raise ApiError(404, "not_found", "POST /v1/projects/{id}/events is the only endpoint")
+        raise ApiError(
+            404,
+            "not_found",
+            f"the endpoints are POST /v1/projects/{{id}}/events and POST {REVOCATIONS_PATH}",
+        )
     project_id = int(match.group(1))
     if not 0 < project_id <= 2**53 - 1:
         raise ApiError(404, "not_found", "project ids are positive integers")
@@ -260,6 +276,42 @@ def parse_events(body: bytes, project_id: int, max_events: int) -> tuple[list[Pr
         except EventValidationError as exc:
             raise ApiError(422, "invalid_event", f"{where}{exc}") from None
     return events, is_batch
+
+
+class RevocationRequest(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """The body of ``POST /v1/revocations``: the arguments of ``revoke_tokens`` (whole unix
+    seconds and seconds; None: the publisher's default, now and 24 hours). Their ranges
+    (a time that has passed, ``keep_for`` up to 366 days) are the publisher's to check."""
+
+    subject: Annotated[str, Meta(min_length=1)]
+    issued_before: Annotated[int, Meta(ge=0, le=2**53 - 1)] | None = None
+    keep_for: Annotated[int, Meta(gt=0, le=2**53 - 1)] | None = None
+
+
+def parse_revocation(body: bytes) -> RevocationRequest:
+    """Decode the body of a revocation request. Raises ApiError 400 (not JSON, a key given
+    twice) or 422 (not an object of those fields: the message names the field)."""
+    try:
+        document = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
+    except RecursionError:
+        raise ApiError(400, "invalid_json", TOO_DEEP) from None
+    try:
+        key = repeated_key(body)
+    except EventValidationError as exc:  # nested too deeply to be checked
+        raise ApiError(400, "invalid_json", str(exc)) from None
+    if key is not None:
+        raise ApiError(400, "repeated_key", f"the key {key!r} is given twice in one object")
+    try:
+        return msgspec.convert(document, RevocationRequest)
+    except msgspec.ValidationError as exc:
+        raise ApiError(422, "invalid_revocation", str(exc)) from None
+
+
+def revocation_body(revocation: object) -> bytes:
+    """``{"revocation": {"subject": ..., "issued_before": ..., "expires_at": ...}}``."""
+    return msgspec.json.encode({"revocation": revocation})
 
 
 class _CursorBody(msgspec.Struct):
