@@ -185,10 +185,17 @@ def test_the_script_sweeps_what_a_reader_leaves_out(
     assert fields == {field.encode() for field in [*good_fields, "new"]}
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+#: Fields at the edges of UTF-8 (valid and not), besides arbitrary bytes.
+EDGE_FIELDS = [
+    *(b"\xff", b"\xc0\xaf", b"\xc1\xbf", b"\xc2\x80", b"\xe2\x82", b"\xe2\x82\xac"),
+    *(b"\xed\x9f\xbf", b"\xed\xa0\x80", b"\xf4\x8f\xbf\xbf", b"\xf4\x90\x80\x80"),
+]
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     st.dictionaries(
-        st.binary(min_size=1, max_size=5),
+        st.one_of(st.binary(min_size=1, max_size=5), st.sampled_from(EDGE_FIELDS)),
         st.one_of(
             st.binary(max_size=10),
             st.builds(
@@ -304,6 +311,8 @@ def test_revoke_on_redis_cluster(redis_cluster_url: str) -> None:
         assert {r.subject for r in stored(client)} == {"user-7", "user-8"}
         assert first in list(stored(client)) and second in list(stored(client))
         assert client.get(KEYS.revocations_version()) is not None
+        client.script_flush()  # every master forgets the script (a restart, a new node)
+        assert publisher.revoke_tokens("user-10").subject == "user-10"
 
 
 async def test_async_revoke_on_redis_cluster(redis_cluster_url: str) -> None:
