@@ -9,6 +9,7 @@ Usage (see ``docs/publisher.md``)::
     bus.blocker_created(1, Blocker(...))
     bus.blocker_resolved(1, blocker_id=123, answer="Use JWT for stateless API")
     token = issue_token(secret, projects=[1], subject="user-7")  # for the browser
+    bus.revoke_tokens("user-7")  # refuse user-7's tokens issued until now, on every gateway
 """
 
 from publisher.client import AsyncPublisher, Publisher
@@ -21,6 +22,7 @@ from publisher.core import (
     Retention,
 )
 from schemas.events import EventValidationError
+from schemas.revocations import Revocation
 from schemas.tokens import issue_token
 
 __all__ = [
@@ -33,5 +35,6 @@ __all__ = [
     "Publisher",
     "PublisherUnavailable",
     "Retention",
+    "Revocation",
     "issue_token",
 ]
