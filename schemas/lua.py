@@ -356,10 +356,16 @@ return {meta, oldest, entries}
 #:
 #: The entry written is {issued_before, issued_before + keep_for}, merged with the subject's
 #: live entry by taking the larger of each field: a revocation never lowers or shortens another.
-#: While at it the script drops every entry that has expired (now >= expires_at) and every
-#: malformed one (a field or value that schemas.revocations.decode_entry refuses, by the same
-#: rule: the list must stay parseable), and makes the hash expire with its last entry. An entry
-#: that would be expired at once (issued_before + keep_for in the past) is not stored.
+#: While at it the script drops the entries it reads that have expired (now >= expires_at) and
+#: the malformed ones (a field or value that schemas.revocations.decode_entry refuses, by the
+#: same rule: the list must stay parseable). An entry that would be expired at once
+#: (issued_before + keep_for in the past) is not stored.
+#:
+#: What it reads is bounded, so that a revocation never holds Redis for long however many there
+#: are (a bulk revocation of thousands of people): a hash of up to REVOKE_SWEEP (500) entries is
+#: read whole, and then expires with its last entry; a larger one is read REVOKE_SWEEP entries at
+#: a time (HSCAN from a position that differs from call to call, so that every entry is read
+#: sooner or later), and its expiry is only ever moved later.
 #:
 #: The version becomes max(version + 1, Redis' time in microseconds): it changes with every
 #: revocation, and also differs from every version a reader saw before a flush or a failover
@@ -373,6 +379,7 @@ return {meta, oldest, entries}
 REVOKE = """
 local MAX = 9007199254740991
 local MAX_SUBJECT = 1024
+local SWEEP = 500
 local function corrupt(key, what)
   return redis.error_reply('EVENTBUS_CORRUPT ' .. key .. ' ' .. what)
 end
@@ -460,10 +467,24 @@ if version_type == 'string' then
   if not version or version >= MAX then return corrupt(KEYS[2], 'is not a version') end
 end
 
--- Read and judge every entry before the first write.
+-- Read and judge the entries before the first write.
 local drop = {}
 local last = 0  -- the latest expires_at among the entries kept
-local entries = redis.call('HGETALL', KEYS[1])
+local whole_hash = redis.call('HLEN', KEYS[1]) <= SWEEP
+local entries
+if whole_hash then
+  entries = redis.call('HGETALL', KEYS[1])
+else
+  -- A slice, from a position that differs from call to call (the clock's microseconds pick the
+  -- first bucket), and the subject's own entry (twice, if the slice has it too: no matter).
+  local cursor = string.format('%d', tonumber(time[2]) * 1000 + (version % 1000))
+  entries = redis.call('HSCAN', KEYS[1], cursor, 'COUNT', SWEEP)[2]
+  local own = redis.call('HGET', KEYS[1], subject)
+  if own then
+    entries[#entries + 1] = subject
+    entries[#entries + 1] = own
+  end
+end
 for i = 1, #entries, 2 do
   local field, value = entries[i], entries[i + 1]
   local b, e = nil, nil
@@ -489,6 +510,15 @@ if now < expires_at then
 else
   redis.call('HDEL', KEYS[1], subject)
 end
-if last > 0 then redis.call('EXPIREAT', KEYS[1], fmt(last)) end
+if whole_hash then
+  -- Every entry was read: the hash goes with its last one (an empty hash is gone already).
+  if last > 0 then redis.call('EXPIREAT', KEYS[1], fmt(last)) end
+elseif now < expires_at then
+  -- Entries not read may live longer than any read: the expiry only moves later.
+  local ttl = redis.call('PTTL', KEYS[1])
+  if ttl >= 0 and now + math.ceil(ttl / 1000) < expires_at then
+    redis.call('EXPIREAT', KEYS[1], fmt(expires_at))
+  end
+end
 return {issued_before, expires_at, version}
 """

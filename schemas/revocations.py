@@ -30,6 +30,7 @@ import msgspec
 __all__ = [
     "MAX_SUBJECT_BYTES",
     "MAX_TIMESTAMP",
+    "REVOKE_SWEEP",
     "MalformedRevocation",
     "Revocation",
     "RevocationList",
@@ -43,6 +44,9 @@ __all__ = [
 #: Longest subject, in UTF-8 bytes: longer ones are refused by the publisher's
 #: ``revoke_tokens`` (and by the script) and left out (as malformed) when read.
 MAX_SUBJECT_BYTES = 1024
+#: Entries the revoke script reads at most per call (schemas.lua.REVOKE): a hash of up to this
+#: many is read whole, a larger one this many at a time.
+REVOKE_SWEEP = 500
 #: Largest ``issued_before``/``expires_at``: the largest integer every reader (a Lua number, a
 #: JavaScript number) holds exactly, as for a token's ``exp`` (schemas.tokens.MAX_EXP).
 MAX_TIMESTAMP = 2**53 - 1
