@@ -25,8 +25,9 @@ from hypothesis import strategies as st
 
 from publisher import AsyncPublisher, Publisher, PublishError, PublisherUnavailable
 from publisher.__main__ import main as cli_main
+from schemas import lua
 from schemas.keys import Keys
-from schemas.revocations import MAX_SUBJECT_BYTES, Revocation, RevocationList
+from schemas.revocations import MAX_SUBJECT_BYTES, REVOKE_SWEEP, Revocation, RevocationList
 from schemas.tokens import issue_token, verify_token
 from tests.support.redis_server import RedisServer, free_port
 
@@ -223,6 +224,34 @@ def test_redis_lua_and_python_judge_every_entry_alike(redis_url: str, items: dic
         assert kept - soon <= after <= kept
     finally:
         client.close()
+
+
+def test_a_large_hash_is_read_a_slice_at_a_time_and_no_live_entry_is_lost(
+    pub: Publisher, redis_client: redis.Redis
+) -> None:
+    """A bulk revocation must not make each call read thousands of entries: past REVOKE_SWEEP,
+    each call reads a slice; expired entries still go, live ones never, and the hash's expiry
+    never moves before its latest entry's."""
+    assert f"local SWEEP = {REVOKE_SWEEP}\n" in lua.REVOKE
+    now = int(time.time())
+    expired = {f"old-{i}": b'{"issued_before":1,"expires_at":%d}' % (now - 1) for i in range(3000)}
+    live = {
+        f"live-{i}": b'{"issued_before":1,"expires_at":%d}' % (now + 1000 + i) for i in range(20)
+    }
+    redis_client.hset(KEYS.revocations(), mapping={**expired, **live})
+    redis_client.expireat(KEYS.revocations(), now + 1019)  # as the script leaves it
+    sizes = [redis_client.hlen(KEYS.revocations())]
+    while sizes[-1] > REVOKE_SWEEP:
+        assert len(sizes) < 200, f"the expired entries are not swept: {sizes}"
+        pub.revoke_tokens(f"new-{len(sizes)}", keep_for=60)
+        sizes.append(redis_client.hlen(KEYS.revocations()))
+        # A slice each (HSCAN's COUNT is a hint: a little more may come), plus the new entry.
+        assert sizes[-2] + 1 - sizes[-1] <= 2 * REVOKE_SWEEP
+        assert redis_client.ttl(KEYS.revocations()) >= now + 1019 - time.time() - 1
+    pub.revoke_tokens("last", keep_for=60)  # small enough now: read whole
+    fields = {field.decode() for field in redis_client.hkeys(KEYS.revocations())}
+    assert set(live) <= fields and not any(field.startswith("old-") for field in fields)
+    assert redis_client.ttl(KEYS.revocations()) >= now + 1019 - time.time() - 1
 
 
 def test_the_hash_expires_with_its_last_entry(pub: Publisher, redis_client: redis.Redis) -> None:
