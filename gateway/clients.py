@@ -45,6 +45,7 @@ from gateway.http import draining_response, json_response
 from gateway.hub import SubscribeUnavailable
 from gateway.logs import describe, get_logger
 from gateway.ratelimit import CLOSE, REFUSED, frame_rate_limit
+from gateway.revocations import TokenRevoked
 from gateway.session import Outgoing
 from schemas.protocol import (
     Activity,
@@ -160,6 +161,8 @@ class ClientProtocol:
         """Give ``session`` these claims: (re)arm its expiry, drop projects a refreshed token no
         longer allows (``error`` forbidden + ``unsubscribed`` each), answer ``authenticated``."""
         previous, session.claims = session.claims, claims
+        # The subject index finds the connections a revocation ends (gateway.revocations).
+        self.gateway.subject_changed(session, previous.sub if previous else None, claims.sub)
         # One shared coarse timer (gateway.expiry), not a TimerHandle per connection: the
         # close comes at most a second after ``exp``, never before.
         session.expiry = self.expiry.add(session, claims.exp, session.expiry)
@@ -284,7 +287,16 @@ class ClientProtocol:
             try:
                 claims = self.verify(message.token)
             except InvalidToken as exc:
+                # The connection keeps its current token, unless that one is revoked too.
                 self.client_error(session, ErrorCode.INVALID_TOKEN, str(exc), count=False)
+                current = session.claims
+                if (
+                    isinstance(exc, TokenRevoked)
+                    and current is not None
+                    and self.gateway.token_revoked(current)
+                ):
+                    self.metrics.revocation_disconnects_total += 1
+                    session.close_later(CloseCode.TOKEN_REVOKED, "token revoked")
                 return None
             self.authenticate(session, claims)
         return None

@@ -208,6 +208,16 @@ class GatewayConfig(msgspec.Struct, kw_only=True, frozen=True):
             le=MAX_ANNOUNCEMENT_LIMIT,
         ),
     ] = DEFAULT_MAX_ANNOUNCEMENT
+    revocation_poll_interval: Annotated[
+        float,
+        _doc(
+            "Seconds between reads of the token revocation list's version in Redis: a revoked "
+            "token is refused, and its open connections closed (4003), within about this long "
+            "(0: revocations are not read nor checked; at most 3600).",
+            ge=0,
+            le=3600,
+        ),
+    ] = 1.0
     drain_delay: Annotated[
         float,
         _doc(

@@ -90,6 +90,15 @@ class Metrics:
         "rate_limit_disconnects_total": (
             "Connections closed with 4029 for sending on while their frames were refused."
         ),
+        "revoked_tokens_refused_total": (
+            "Tokens refused as revoked (auth, refresh, handshake, stream, poll)."
+        ),
+        "revocation_disconnects_total": (
+            "Open connections closed with 4003 because their token was revoked."
+        ),
+        "revocation_poll_failures_total": (
+            "Polls of the revocation list Redis did not answer in time (the last list stays)."
+        ),
     }
 
     def __init__(self) -> None:

@@ -30,6 +30,7 @@ from gateway.logs import describe, get_logger
 from gateway.metrics import Metrics
 from gateway.presence_store import PresenceService
 from gateway.pubsub import PubSubLink
+from gateway.revocations import RevocationWatcher, TokenRevoked
 from gateway.session import Admission, ClientSession, SlowConsumerPolicy, unsent
 from gateway.sse import SseStreams
 from gateway.store import HistoryStore
@@ -89,6 +90,9 @@ CLOSE_STEP_TIMEOUT = 2.0
 #: Seconds Redis has to answer the ``PING`` of a readiness check (``/readyz``, the group's sync).
 READINESS_TIMEOUT = 1.0
 
+#: Seconds the start waits for the first read of the revocation list before opening the port.
+FIRST_REVOCATIONS_WAIT = 1.0
+
 
 class Gateway:
     """One gateway process. ``await start()``, then ``await drain()`` to stop."""
@@ -129,6 +133,10 @@ class Gateway:
         self.hub: Hub
         self.presence: PresenceService
         self.link: PubSubLink | ClusterPubSub
+        #: The revocation list and the subject index (gateway.revocations); None with
+        #: ``--revocation-poll-interval 0`` or ``--no-auth`` (no token to revoke), and before
+        #: start.
+        self.revocations: RevocationWatcher[ClientSession] | None = None
         #: HS256 only: the gateway has no setting for other algorithms (docs/publisher.md). Built
         #: once: the secret's checks, done by PyJWT for every token otherwise, are a fifth of one.
         self.verifier: TokenVerifier | None = None
@@ -160,6 +168,11 @@ class Gateway:
             "pubsub_up", "1 when the pub/sub link is connected.", lambda: int(self.link.connected)
         )
         self.metrics.gauge("draining", "1 while draining.", lambda: int(self.draining))
+        self.metrics.gauge(
+            "revocations",
+            "Token revocations in force on this process (the list last read from Redis).",
+            lambda: len(self.revocations.current) if self.revocations is not None else 0,
+        )
 
     @property
     def port(self) -> int:
@@ -167,8 +180,20 @@ class Gateway:
         return self.server.sockets[0].getsockname()[1]
 
     def verify(self, token: str) -> TokenClaims:
+        """The claims of a valid token that is not revoked; :class:`InvalidToken` else (a
+        :class:`TokenRevoked` for a revoked one, counted). Every token the gateway takes is
+        checked here: the first ``auth``, a refresh, a handshake's, a stream's or a poll's
+        ``Authorization`` header."""
         assert self.verifier is not None
-        return self.verifier.verify(token)
+        claims = self.verifier.verify(token)
+        if self.revocations is not None and self.revocations.is_revoked(claims):
+            self.metrics.revoked_tokens_refused_total += 1
+            raise TokenRevoked()
+        return claims
+
+    def token_revoked(self, claims: TokenClaims) -> bool:
+        """Whether the revocation list in force refuses these (verified) claims."""
+        return self.revocations is not None and self.revocations.is_revoked(claims)
 
     async def start(self) -> None:
         config = self.config
@@ -181,6 +206,22 @@ class Gateway:
             log.warning("the auth secret is shorter than 32 bytes; HS256 wants at least 32")
         self.redis = redis_client(config.redis_url)
         self.store = HistoryStore(self.redis, self.keys)
+        if self.verifier is not None and config.revocation_poll_interval > 0:
+            self.revocations = RevocationWatcher(
+                self.redis,
+                self.keys,
+                interval=config.revocation_poll_interval,
+                metrics=self.metrics,
+                close=_close_revoked,
+            )
+            self.revocations.start()
+            # The port opens with the list read, unless Redis is slow to answer: then within
+            # FIRST_REVOCATIONS_WAIT, /readyz saying not ready until the first read, and the
+            # connections accepted meanwhile are checked when it arrives (every entry of the
+            # first list is new to this process).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(FIRST_REVOCATIONS_WAIT):
+                    await self.revocations.loaded.wait()
         self.hub = Hub(
             keys=self.keys,
             store=self.store,
@@ -341,7 +382,9 @@ class Gateway:
 
     async def readiness(self) -> dict[str, bool]:
         """The checks of ``/readyz``: Redis answers a ``PING`` within :data:`READINESS_TIMEOUT`,
-        the pub/sub link is up, the pod is not draining.
+        the pub/sub link is up, the pod is not draining, and (when revocations are checked) the
+        revocation list has been read once since start: a pod that could not read it yet would
+        take revoked tokens (it keeps its last list when Redis fails later, and stays ready).
 
         ``/readyz`` is on the public port, so anyone can ask it at any rate: checks made while a
         ``PING`` is in flight share it (it ends within the timeout whoever waits for it, and a
@@ -350,7 +393,14 @@ class Gateway:
         took the pool, and the polls and subscribes made meanwhile failed ``unavailable``.
         """
         redis_ok = await self._ping()
-        return {"redis": redis_ok, "pubsub": self.link.connected, "not_draining": not self.draining}
+        checks = {
+            "redis": redis_ok,
+            "pubsub": self.link.connected,
+            "not_draining": not self.draining,
+        }
+        if self.revocations is not None:
+            checks["revocations"] = self.revocations.loaded.is_set()
+        return checks
 
     async def _ping_redis(self) -> bool:
         try:
@@ -394,11 +444,21 @@ class Gateway:
         self._all_closed.clear()
         self.metrics.connections_accepted_total += 1
 
+    def subject_changed(
+        self, session: ClientSession, previous: str | None, subject: str | None
+    ) -> None:
+        """An open session's token (first or refreshed) has ``subject`` as its ``sub`` now,
+        instead of ``previous``: the subject index of the revocations follows."""
+        if self.revocations is not None and session in self.sessions:
+            self.revocations.subject_changed(session, previous, subject)
+
     def remove_session(self, session: ClientSession) -> None:
         """A client connection closed: drop its subscriptions, presence and expiry timer."""
         self.hub.remove(session)
         self.presence.close_session(session)
         self.sessions.pop(session, None)
+        if self.revocations is not None:
+            self.revocations.forget(session)
         if not self.sessions:
             self._all_closed.set()
         self.clients.expiry.remove(session, session.expiry)
@@ -511,6 +571,8 @@ class Gateway:
         self._ping.cancel()  # (a readiness check still waiting on it gets CancelledError)
         self.keepalive.close()
         self.clients.expiry.close()
+        if self.revocations is not None:
+            await _bounded(self.revocations.stop(), "revocations")
         await _bounded(self.presence.stop(), "presence")
         if self.streams.keepalive is not None:
             self.streams.keepalive.close()
@@ -542,6 +604,11 @@ def redis_client(url: str) -> redis.asyncio.Redis | redis.asyncio.cluster.RedisC
     ``REDIS_CALL_TIMEOUT``; quick failures (a refused connection while Redis restarts, a
     Cluster failover) are still retried within that time (:func:`redisconn.async_client`)."""
     return async_client(url, call_timeout=REDIS_CALL_TIMEOUT)
+
+
+def _close_revoked(session: ClientSession) -> None:
+    """An open connection whose token the revocation list now refuses (gateway.revocations)."""
+    session.close_later(CloseCode.TOKEN_REVOKED, "token revoked")
 
 
 def _keepalive_timeout(session: ClientSession) -> None:

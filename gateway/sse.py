@@ -12,8 +12,9 @@ on the gateway's port answers ``text/event-stream`` carrying exactly what a WebS
   ``authenticated``, ...) with the same JSON; ``subscribed`` and ``resync_required`` carry the
   cursor as their ``id`` too;
 * the stream's last event is ``close``, ``{"type":"close","code":<the WebSocket close code>,
-  "reason":...}`` (1012 draining, 4002 token expired (after an ``error``), 4008 slow consumer,
-  1011 a subscription that could not be made), when the gateway gets to write it;
+  "reason":...}`` (1012 draining, 4002 token expired and 4003 token revoked (each after an
+  ``error``), 4008 slow consumer, 1011 a subscription that could not be made), when the gateway
+  gets to write it;
 * a comment line every ``--sse-keepalive-interval`` (15 s) keeps proxies from closing the stream;
   what the peer leaves unacknowledged for ``--ping-timeout`` ends it (``TCP_USER_TIMEOUT``: a
   peer that vanished without a FIN or RST is not held for the kernel's ~15 minutes).
@@ -356,6 +357,11 @@ def _project_of(item: Outgoing, cursors: dict[int, Cursor]) -> int:
     return project_id
 
 
+#: Closes caused by the stream's token: an ``error`` event (``invalid_token``) precedes the
+#: ``close``, with this message.
+_TOKEN_CLOSES = {CloseCode.TOKEN_EXPIRED: "token expired", CloseCode.TOKEN_REVOKED: "token revoked"}
+
+
 class SseSession(ClientSession):
     """A :class:`ClientSession` on an SSE stream: bytes built from ``items`` (not the WebSocket
     frames the hub joined), the cursor of each project kept for the events' ``id``."""
@@ -458,11 +464,10 @@ class SseSession(ClientSession):
 
     def _goodbye(self, code: CloseCode, reason: str) -> bytes:
         data = b""
-        if code == CloseCode.TOKEN_EXPIRED:
+        why = _TOKEN_CLOSES.get(code)
+        if why is not None:  # the token ended the stream: say so as a refresh's error would
             data += format_event(
-                msgspec.json.encode(
-                    {"type": "error", "code": "invalid_token", "message": "token expired"}
-                ),
+                msgspec.json.encode({"type": "error", "code": "invalid_token", "message": why}),
                 event="error",
             )
         payload = msgspec.json.encode({"type": "close", "code": int(code), "reason": reason})
@@ -680,9 +685,16 @@ class SseStreams:
         clog,
         presence: bool = False,
     ) -> None:
-        clients = self.gateway.clients
+        gateway = self.gateway
+        clients = gateway.clients
         if claims is not None:
             clients.authenticate(session, claims)
+            if gateway.token_revoked(claims):
+                # Revoked since the request was checked (a new list read meanwhile, before this
+                # stream was in the subject index it closes connections through).
+                gateway.metrics.revocation_disconnects_total += 1
+                session.close_later(CloseCode.TOKEN_REVOKED, "token revoked")
+                return
         for project_id in projects:
             if session.closing:
                 return

@@ -73,6 +73,7 @@ from gateway.client_input import (
 )
 from gateway.http import json_response
 from gateway.logs import ConnectionLog, get_logger
+from gateway.revocations import TokenRevoked
 from gateway.session import (
     Admission,
     ClientSession,
@@ -802,7 +803,7 @@ class WebSocketConnection(asyncio.Protocol):
             self._refuse(CloseCode.AUTH_FAILED, "no auth message in time")
 
     def _first_auth(self, data: bytes | str) -> None:
-        """The first message: a valid ``auth``, or the connection closes (4001, 4002)."""
+        """The first message: a valid ``auth``, or the connection closes (4001, 4002, 4003)."""
         session = self.session
         assert session is not None
         clients = self.endpoint.clients
@@ -815,7 +816,10 @@ class WebSocketConnection(asyncio.Protocol):
         try:
             claims = self.endpoint.gateway.verify(message.token)
         except InvalidToken as exc:
-            code = CloseCode.TOKEN_EXPIRED if exc.expired else CloseCode.AUTH_FAILED
+            if isinstance(exc, TokenRevoked):
+                code = CloseCode.TOKEN_REVOKED
+            else:
+                code = CloseCode.TOKEN_EXPIRED if exc.expired else CloseCode.AUTH_FAILED
             return self._refuse(code, str(exc))
         self.awaiting_auth = False
         self._cancel_timer()

@@ -135,6 +135,12 @@ class ForeignKind(enum.StrEnum):
     #: ``schemas.presence.listed_limit`` members in all): left out, counted one per pod, member
     #: or announcement.
     PRESENCE_MEMBERS = "presence_members"
+    #: A value of the revocation hash (``Keys.revocations()``) that does not parse as an entry
+    #: (``schemas.revocations``): skipped, the other entries stay in force.
+    REVOCATION_ENTRY = "revocation_entry"
+    #: The revocation hash is not a hash, or its version key is not a string holding an
+    #: integer: the gateway keeps its last list (and reads the hash on every poll meanwhile).
+    REVOCATION_KEY = "revocation_key"
 
 
 class ForeignValue(ValueError):

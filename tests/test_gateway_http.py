@@ -57,7 +57,7 @@ async def test_healthz_and_readyz(gateways):
     assert status == 200
     assert json.loads(body) == {
         "ready": True,
-        "checks": {"redis": True, "pubsub": True, "not_draining": True},
+        "checks": {"redis": True, "pubsub": True, "not_draining": True, "revocations": True},
     }
 
 

@@ -1,0 +1,365 @@
+"""Token revocation, the gateway's side: which tokens are refused, and which connections end.
+
+A revocation says "tokens of subject S issued before T are refused" (the publisher writes it:
+docs/publisher.md; the format is :mod:`schemas.revocations`). Every gateway process keeps the
+whole list in memory and checks it wherever it verifies a token (:meth:`gateway.server.Gateway.
+verify`: the first ``auth``, a refresh, a handshake's or a stream's ``Authorization`` header, a
+poll), so a check costs a dictionary lookup and never waits for Redis.
+
+The list is polled, not pushed: every ``--revocation-poll-interval`` (1 s) the watcher reads the
+version key (one ``GET``) and reads the hash (``HGETALL``) only when the version changed, on its
+first poll, while the version is unusable, and every :data:`RELOAD_INTERVAL` seconds anyway. A
+poll cannot lose a revocation across a reconnect or a failover, as a pub/sub message can; the
+delay is bounded by the interval. On each new list the connections of this process whose token
+it newly revokes (:meth:`schemas.revocations.RevocationList.raised_since`) are closed with
+4003, found through a subject index (:class:`SubjectIndex`) rather than a walk over every
+connection.
+
+Failures never reach the clients: a Redis that does not answer within :data:`READ_TIMEOUT`
+(hung, unreachable, failing over) leaves the last list in force and is tried again on the next
+poll; a key of another type, a version that is not an integer or a hash value that does not
+parse is counted in ``eventbus_foreign_values_total`` (``revocation_key``,
+``revocation_entry``) and skipped. Warnings are throttled (a few a minute per kind).
+
+The pure part (:class:`SubjectIndex`, :func:`sessions_to_close`) is tested without sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+
+import redis.exceptions
+
+from gateway.logs import describe, get_logger
+from schemas.revocations import Revocation, RevocationList
+from schemas.stored import ForeignKind
+from schemas.tokens import InvalidToken, TokenClaims
+from serverkit import LogThrottle
+
+if TYPE_CHECKING:
+    from gateway.metrics import Metrics
+    from schemas.keys import Keys
+
+__all__ = [
+    "READ_TIMEOUT",
+    "RELOAD_INTERVAL",
+    "RevocationWatcher",
+    "SubjectIndex",
+    "TokenRevoked",
+    "sessions_to_close",
+]
+
+log = get_logger("gateway")
+
+#: Seconds one poll (the ``GET`` of the version, and the ``HGETALL`` when it changed) may wait
+#: for Redis: past it the poll gives up, the last list stays in force, and the next poll comes
+#: ``--revocation-poll-interval`` later on a new connection.
+READ_TIMEOUT = 5.0
+
+#: Seconds after which the hash is read again even though the version did not change: a
+#: failover that lost the last revocations written, followed by as many new ones, brings the
+#: version back to a number already seen, and those would otherwise be missed until the next.
+RELOAD_INTERVAL = 60.0
+
+#: The longest version value taken as one (INCR's replies have at most 20 digits).
+_MAX_VERSION_DIGITS = 20
+
+
+class TokenRevoked(InvalidToken):
+    """A token that verifies, but whose subject's tokens issued before its ``iat`` are revoked.
+
+    An :class:`InvalidToken`, so that every place that refuses an invalid token refuses it too
+    (401 ``invalid_token`` for a poll, a stream or a handshake, ``error`` ``invalid_token`` for a
+    refresh); only the first ``auth`` tells it apart, closing with 4003 instead of 4001."""
+
+    def __init__(self) -> None:
+        super().__init__("token revoked")
+
+
+class _HasClaims(Protocol):
+    claims: TokenClaims | None
+    closing: bool
+
+
+S = TypeVar("S", bound=_HasClaims)
+
+
+class SubjectIndex(Generic[S]):
+    """The open connections of this process by their token's ``sub``: what a revocation of one
+    subject finds without a walk over every connection.
+
+    A subject with one connection (the common case: one tab) holds it directly; one with more
+    holds a dict of them (ordered, no per-entry object). Connections without a ``sub`` are not
+    held: their tokens cannot be revoked. Costs one entry of a dict per connection with a
+    subject (about 40 bytes at 100,000 subjects), nothing per connection without one."""
+
+    __slots__ = ("_by_subject",)
+
+    def __init__(self) -> None:
+        self._by_subject: dict[str, S | dict[S, None]] = {}
+
+    def add(self, subject: str, session: S) -> None:
+        held = self._by_subject.get(subject)
+        if held is None:
+            self._by_subject[subject] = session
+        elif type(held) is dict:
+            held[session] = None
+        elif held is not session:
+            self._by_subject[subject] = {held: None, session: None}  # type: ignore[dict-item]
+
+    def remove(self, subject: str, session: S) -> None:
+        """Forget ``session`` under ``subject`` (nothing when it is not held there)."""
+        held = self._by_subject.get(subject)
+        if held is session:
+            del self._by_subject[subject]
+        elif type(held) is dict:
+            held.pop(session, None)
+            if len(held) == 1:
+                self._by_subject[subject] = next(iter(held))
+            elif not held:  # (not reached: a dict holds two or more)
+                del self._by_subject[subject]
+
+    def sessions_of(self, subject: str) -> list[S]:
+        held = self._by_subject.get(subject)
+        if held is None:
+            return []
+        if type(held) is dict:
+            return list(held)
+        return [held]  # type: ignore[list-item]
+
+    def __len__(self) -> int:
+        """How many subjects have a connection."""
+        return len(self._by_subject)
+
+    def __contains__(self, subject: object) -> bool:
+        return subject in self._by_subject
+
+
+def sessions_to_close(
+    raised: Iterable[Revocation],
+    index: SubjectIndex[S],
+    revocations: RevocationList,
+    now: float,
+) -> list[S]:
+    """The open connections that ``revocations`` (the new list) revokes among those of the
+    subjects in ``raised`` (its new or raised entries): each whose token's subject and ``iat``
+    the list refuses at ``now``, and that is not closing already. The index only narrows the
+    search: the token itself decides."""
+    out: list[S] = []
+    for revocation in raised:
+        for session in index.sessions_of(revocation.subject):
+            claims = session.claims
+            if session.closing or claims is None:
+                continue
+            if revocations.is_revoked(claims.sub, claims.iat, now):
+                out.append(session)
+    return out
+
+
+class RevocationWatcher(Generic[S]):
+    """Keeps this process's copy of the revocation list (:attr:`current`) and closes the
+    connections it revokes (see the module).
+
+    ``close(session)`` ends one connection (the gateway closes it with 4003); ``clock`` is the
+    wall clock the entries' times are compared with (unix seconds)."""
+
+    def __init__(
+        self,
+        redis_client,
+        keys: Keys,
+        *,
+        interval: float,
+        metrics: Metrics,
+        close: Callable[[S], None],
+        clock: Callable[[], float] = time.time,
+        read_timeout: float | None = None,
+    ) -> None:
+        self.redis = redis_client
+        self.keys = keys
+        self.interval = interval
+        self.metrics = metrics
+        self.close = close
+        self.clock = clock
+        self.read_timeout = READ_TIMEOUT if read_timeout is None else read_timeout
+        #: The list in force: the last one read (empty until the first read).
+        self.current: RevocationList = RevocationList.EMPTY
+        #: Set once the list has been read from Redis (readiness waits for it).
+        self.loaded = asyncio.Event()
+        self.index: SubjectIndex[S] = SubjectIndex()
+        #: Polls made, and lists read (HGETALL); failed polls are counted in the metrics.
+        self.polls = 0
+        self.loads = 0
+        self._version: bytes | None = None
+        self._loaded_at = -float("inf")  # monotonic time of the last read of the hash
+        self._throttle = LogThrottle()
+        self._task: asyncio.Task | None = None
+        self._stopped = False
+
+    # --- what the gateway asks -------------------------------------------------------------
+
+    def is_revoked(self, claims: TokenClaims) -> bool:
+        """Whether the list in force refuses this token (a dictionary lookup, no I/O)."""
+        return self.current.is_revoked(claims.sub, claims.iat, self.clock())
+
+    def subject_changed(self, session: S, previous: str | None, subject: str | None) -> None:
+        """``session``'s token now has ``subject`` (None: none), instead of ``previous``."""
+        if previous == subject:
+            return
+        if previous is not None:
+            self.index.remove(previous, session)
+        if subject is not None:
+            self.index.add(subject, session)
+
+    def forget(self, session: S) -> None:
+        """``session`` closed."""
+        claims = session.claims
+        if claims is not None and claims.sub is not None:
+            self.index.remove(claims.sub, session)
+
+    # --- the poll --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="revocations")
+
+    async def stop(self) -> None:
+        """Stop polling (without a Redis call). redis-py's reads can swallow a cancel that
+        coincides with their own timeout: cancelled until done, boundedly."""
+        self._stopped = True
+        task, self._task = self._task, None
+        if task is None:
+            return
+        for _ in range(3):
+            task.cancel()
+            done, _ = await asyncio.wait([task], timeout=1.0)
+            if done:
+                return
+
+    async def _run(self) -> None:
+        while not self._stopped:
+            await self.poll_once()
+            await asyncio.sleep(self.interval)
+
+    async def poll_once(self) -> bool:
+        """One poll, bounded by :attr:`read_timeout`; never raises (but CancelledError). True
+        when Redis answered it."""
+        self.polls += 1
+        try:
+            async with asyncio.timeout(self.read_timeout):
+                reply = await self._read()
+        except (redis.exceptions.RedisError, OSError) as exc:  # (TimeoutError is an OSError)
+            self.metrics.revocation_poll_failures_total += 1
+            self._warn(
+                "redis_error",
+                "revocations: Redis did not answer; the last list stays in force",
+                error=describe(exc),
+                timeout=self.read_timeout,
+                entries=len(self.current),
+            )
+            return False
+        except Exception as exc:  # a reply nobody foresaw must not end the checks
+            self.metrics.revocation_poll_failures_total += 1
+            self._warn("poll_failed", "revocations: a poll failed", error=repr(exc))
+            return False
+        if reply is not None:
+            self._apply(*reply)
+        self.loaded.set()
+        return True
+
+    async def _read(self) -> tuple[RevocationList, int] | None:
+        """The new list and its malformed entries, or None when it is unchanged (or unreadable:
+        counted, the last list stays)."""
+        keys = self.keys
+        version_key = keys.revocations_version()
+        try:
+            version = await self.redis.get(version_key)
+        except redis.exceptions.ResponseError as exc:
+            if not _wrong_type(exc):
+                raise  # (CLUSTERDOWN and the like: Redis is unavailable, not the key foreign)
+            self._foreign(version_key, "is not a string", b"")
+            version = None
+            usable = False
+        else:
+            usable = version is None or _is_version(version)
+            if not usable:
+                self._foreign(version_key, "is not an integer", version)
+        now = time.monotonic()
+        if (
+            usable
+            and self.loaded.is_set()
+            and version == self._version
+            and now - self._loaded_at < RELOAD_INTERVAL
+        ):
+            return None
+        hash_key = keys.revocations()
+        try:
+            items = await self.redis.hgetall(hash_key)
+        except redis.exceptions.ResponseError as exc:
+            if not _wrong_type(exc):
+                raise
+            self._foreign(hash_key, "is not a hash", b"")
+            return None
+        self.loads += 1
+        self._loaded_at = now
+        # An unusable version is not remembered: the hash is read on every poll meanwhile.
+        self._version = version if usable else None
+        return RevocationList.from_hash(items, self.clock())
+
+    def _apply(self, revocations: RevocationList, malformed: int) -> None:
+        """Put ``revocations`` in force and close the connections it newly revokes."""
+        if malformed:
+            self.metrics.foreign_values[ForeignKind.REVOCATION_ENTRY.value] += malformed
+            self._warn(
+                "malformed",
+                "revocations: skipped values of the revocation hash that do not parse",
+                key=self.keys.revocations(),
+                malformed=malformed,
+            )
+        previous, self.current = self.current, revocations
+        raised = revocations.raised_since(previous)
+        if not raised:
+            return
+        closing = sessions_to_close(raised, self.index, revocations, self.clock())
+        for session in closing:
+            self.close(session)
+        self.metrics.revocation_disconnects_total += len(closing)
+        if closing:
+            log.info(
+                "closed connections whose token was revoked",
+                connections=len(closing),
+                subjects=len(raised),
+            )
+
+    def _foreign(self, key: str, problem: str, value: bytes) -> None:
+        """A revocation key holds what the event bus cannot have written: counted each time it
+        is read (as every foreign value is), logged a few times a minute."""
+        self.metrics.foreign_values[ForeignKind.REVOCATION_KEY.value] += 1
+        extra = {"sample": value[:80].decode("utf-8", "replace")} if value else {}
+        self._warn(
+            "foreign_key",
+            "revocations: skipped a key the event bus did not write",
+            key=key,
+            problem=problem,
+            **extra,
+        )
+
+    def _warn(self, kind: str, event: str, **fields: object) -> None:
+        suppressed = self._throttle.allow(kind)
+        if suppressed is not None:
+            log.warning(event, **fields, **({"suppressed": suppressed} if suppressed else {}))
+
+
+def _wrong_type(exc: redis.exceptions.ResponseError) -> bool:
+    """Whether Redis refused a command for the key's type (the key is foreign)."""
+    return str(exc).startswith("WRONGTYPE")
+
+
+def _is_version(value: object) -> bool:
+    """Whether a ``GET`` reply is a version INCR can have written (a non-negative integer)."""
+    return (
+        isinstance(value, bytes)
+        and 0 < len(value) <= _MAX_VERSION_DIGITS
+        and value.isdigit()  # (bytes.isdigit: ASCII digits only)
+    )

@@ -1,0 +1,337 @@
+"""The gateway's side of token revocation without sockets: the subject index, which connections a
+new list closes, and the watcher's poll against a fake Redis (a hung one, foreign keys).
+
+The end-to-end behaviour (real Redis, WebSocket, SSE, polls) is in tests/test_revocation_gateway.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import fakeredis
+import pytest
+import redis.exceptions
+
+import gateway.revocations as revocations_module
+from gateway.metrics import Metrics
+from gateway.revocations import RevocationWatcher, SubjectIndex, sessions_to_close
+from schemas.keys import Keys
+from schemas.revocations import Revocation, RevocationList, encode_entry
+from schemas.tokens import TokenClaims
+from tests.support.ws_client import wait_until
+
+NOW = 1_900_000_000
+KEYS = Keys("rv")
+
+
+class Conn:
+    """What the watcher needs of a connection: its claims, whether it is closing."""
+
+    def __init__(self, sub: str | None, iat: int | None, closing: bool = False) -> None:
+        self.claims: TokenClaims | None = TokenClaims(projects="*", exp=NOW + 900, sub=sub, iat=iat)
+        self.closing = closing
+
+    def __repr__(self) -> str:
+        claims = self.claims
+        return f"Conn({claims.sub if claims else None}, {claims.iat if claims else None})"
+
+
+def claims(sub: str | None, iat: int | None) -> TokenClaims:
+    return TokenClaims(projects="*", exp=NOW + 900, sub=sub, iat=iat)
+
+
+def revocation_list(*entries: tuple[str, int, int]) -> RevocationList:
+    items = {
+        subject.encode(): encode_entry(Revocation(subject, before, until))
+        for subject, before, until in entries
+    }
+    revocations, malformed = RevocationList.from_hash(items, NOW)
+    assert malformed == 0
+    return revocations
+
+
+# --- the subject index -----------------------------------------------------------------------
+
+
+def test_the_index_holds_each_subjects_open_connections():
+    index: SubjectIndex[Conn] = SubjectIndex()
+    one, two, three, other = Conn("a", 1), Conn("a", 2), Conn("a", 3), Conn("b", 1)
+    index.add("a", one)
+    index.add("a", one)  # twice: held once
+    assert index.sessions_of("a") == [one]
+    index.add("a", two)
+    index.add("a", three)
+    index.add("b", other)
+    assert index.sessions_of("a") == [one, two, three]
+    assert index.sessions_of("b") == [other] and index.sessions_of("c") == []
+    assert len(index) == 2
+    index.remove("a", two)
+    index.remove("a", three)
+    assert index.sessions_of("a") == [one]
+    index.remove("a", other)  # not held under a: nothing
+    index.remove("c", other)
+    assert index.sessions_of("a") == [one] and index.sessions_of("b") == [other]
+    index.remove("a", one)
+    index.remove("b", other)
+    assert len(index) == 0 and "a" not in index
+
+
+def test_a_subject_that_changes_on_refresh_moves_in_the_index():
+    watcher = RevocationWatcher(None, KEYS, interval=1, metrics=Metrics(), close=lambda s: None)
+    conn = Conn("a", 1)
+    watcher.subject_changed(conn, None, "a")
+    assert watcher.index.sessions_of("a") == [conn]
+    conn.claims = claims("b", 2)
+    watcher.subject_changed(conn, "a", "b")
+    assert watcher.index.sessions_of("a") == [] and watcher.index.sessions_of("b") == [conn]
+    conn.claims = claims(None, 3)  # a token without sub cannot be revoked: not held
+    watcher.subject_changed(conn, "b", None)
+    assert len(watcher.index) == 0
+    conn.claims = claims("c", 4)
+    watcher.subject_changed(conn, None, "c")
+    watcher.forget(conn)
+    assert len(watcher.index) == 0
+
+
+# --- which connections a new list closes -------------------------------------------------------
+
+
+def test_a_revocation_closes_the_subjects_older_tokens_only():
+    index: SubjectIndex[Conn] = SubjectIndex()
+    old, new, other = Conn("a", NOW - 20), Conn("a", NOW - 5), Conn("b", 1)
+    closing = Conn("a", 1, closing=True)
+    without_claims = Conn("a", 1)
+    without_claims.claims = None
+    for conn in (old, new, closing, without_claims):
+        index.add("a", conn)
+    index.add("b", other)
+    revocations = revocation_list(("a", NOW - 10, NOW + 3600))
+    raised = revocations.raised_since(RevocationList.EMPTY)
+    assert sessions_to_close(raised, index, revocations, NOW) == [old]
+    # Expired by the time it is applied: nothing to close.
+    assert sessions_to_close(raised, index, revocations, NOW + 3600) == []
+
+
+def test_a_token_without_iat_counts_as_issued_at_zero():
+    index: SubjectIndex[Conn] = SubjectIndex()
+    conn = Conn("a", None)
+    index.add("a", conn)
+    revocations = revocation_list(("a", 1, NOW + 60))
+    raised = revocations.raised_since(RevocationList.EMPTY)
+    assert sessions_to_close(raised, index, revocations, NOW) == [conn]
+
+
+# --- the watcher against a fake Redis ----------------------------------------------------------
+
+
+async def revoke(client, subject: str, before: int, until: int | None = None, *, bump=True):
+    value = encode_entry(Revocation(subject, before, NOW + 3600 if until is None else until))
+    await client.hset(KEYS.revocations(), subject, value)
+    if bump:
+        await client.incr(KEYS.revocations_version())
+
+
+def make_watcher(client, closed: list | None = None, **kwargs) -> RevocationWatcher[Conn]:
+    def close(conn: Conn) -> None:
+        conn.closing = True
+        if closed is not None:
+            closed.append(conn)
+
+    return RevocationWatcher(
+        client, KEYS, interval=0.05, metrics=Metrics(), close=close, clock=lambda: NOW, **kwargs
+    )
+
+
+async def test_the_first_poll_reads_the_list_and_the_next_only_when_the_version_moves():
+    client = fakeredis.FakeAsyncRedis()
+    await revoke(client, "alice", NOW - 10)
+    watcher = make_watcher(client)
+    assert not watcher.loaded.is_set()
+    assert not watcher.is_revoked(claims("alice", NOW - 20))  # nothing read yet
+    assert await watcher.poll_once()
+    assert watcher.loaded.is_set() and watcher.loads == 1
+    assert watcher.is_revoked(claims("alice", NOW - 20))
+    assert not watcher.is_revoked(claims("alice", NOW - 10))  # issued at T: not before it
+    assert not watcher.is_revoked(claims("bob", NOW - 20))
+    assert not watcher.is_revoked(claims(None, NOW - 20))
+    # Unchanged version: one GET, no HGETALL; a write without INCR is not seen...
+    await revoke(client, "bob", NOW - 10, bump=False)
+    assert await watcher.poll_once()
+    assert watcher.loads == 1 and not watcher.is_revoked(claims("bob", NOW - 20))
+    # ... until the version moves.
+    await client.incr(KEYS.revocations_version())
+    assert await watcher.poll_once()
+    assert watcher.loads == 2 and watcher.is_revoked(claims("bob", NOW - 20))
+    assert watcher.metrics.revocation_poll_failures_total == 0
+
+
+async def test_the_hash_is_read_again_after_the_reload_interval(monkeypatch):
+    # A failover that lost revocations, then as many new ones, brings a version already seen.
+    client = fakeredis.FakeAsyncRedis()
+    watcher = make_watcher(client)
+    assert await watcher.poll_once()
+    await revoke(client, "alice", NOW - 10, bump=False)
+    assert await watcher.poll_once() and watcher.loads == 1
+    monkeypatch.setattr(revocations_module, "RELOAD_INTERVAL", 0.0)
+    assert await watcher.poll_once() and watcher.loads == 2
+    assert watcher.is_revoked(claims("alice", NOW - 20))
+
+
+async def test_a_new_list_closes_the_connections_it_newly_revokes():
+    client = fakeredis.FakeAsyncRedis()
+    closed: list[Conn] = []
+    watcher = make_watcher(client, closed)
+    alice_old, alice_new = Conn("alice", NOW - 20), Conn("alice", NOW - 5)
+    bob = Conn("bob", NOW - 20)
+    for conn in (alice_old, alice_new, bob):
+        watcher.subject_changed(conn, None, conn.claims.sub)
+    assert await watcher.poll_once() and closed == []
+    await revoke(client, "alice", NOW - 10)
+    assert await watcher.poll_once()
+    assert closed == [alice_old] and watcher.metrics.revocation_disconnects_total == 1
+    # Another subject's revocation leaves alice's remaining connection alone.
+    await revoke(client, "carol", NOW - 10)
+    assert await watcher.poll_once()
+    assert closed == [alice_old]
+    # A later revocation of alice (issued_before raised) closes the newer token too.
+    await revoke(client, "alice", NOW)
+    assert await watcher.poll_once()
+    assert closed == [alice_old, alice_new] and not bob.closing
+    assert watcher.metrics.revocation_disconnects_total == 2
+
+
+async def test_connections_open_before_the_first_read_are_checked_when_it_arrives():
+    client = fakeredis.FakeAsyncRedis()
+    await revoke(client, "alice", NOW - 10)
+    closed: list[Conn] = []
+    watcher = make_watcher(client, closed)
+    alice = Conn("alice", NOW - 20)
+    watcher.subject_changed(alice, None, "alice")  # taken while the list was not read yet
+    assert await watcher.poll_once()
+    assert closed == [alice]
+
+
+async def test_malformed_values_are_counted_and_skipped_the_rest_in_force():
+    client = fakeredis.FakeAsyncRedis()
+    await client.hset(KEYS.revocations(), mapping={"mallory": b"garbage", "eve": b"{}"})
+    await revoke(client, "alice", NOW - 10)
+    watcher = make_watcher(client)
+    assert await watcher.poll_once()
+    assert watcher.metrics.foreign_values["revocation_entry"] == 2
+    assert watcher.is_revoked(claims("alice", NOW - 20))
+    assert not watcher.is_revoked(claims("mallory", NOW - 20))
+
+
+async def test_a_hash_of_another_type_keeps_the_last_list():
+    client = fakeredis.FakeAsyncRedis()
+    await revoke(client, "alice", NOW - 10)
+    watcher = make_watcher(client)
+    assert await watcher.poll_once()
+    await client.delete(KEYS.revocations())
+    await client.set(KEYS.revocations(), b"not a hash")
+    await client.incr(KEYS.revocations_version())
+    assert await watcher.poll_once()  # Redis answered: not a failure, a foreign key
+    assert watcher.metrics.foreign_values["revocation_key"] == 1
+    assert watcher.is_revoked(claims("alice", NOW - 20))
+    assert await watcher.poll_once()  # read again on every poll while it is so
+    assert watcher.metrics.foreign_values["revocation_key"] == 2
+    # Repaired: read at the next poll.
+    await client.delete(KEYS.revocations())
+    await revoke(client, "bob", NOW - 10, bump=False)
+    assert await watcher.poll_once()
+    assert watcher.is_revoked(claims("bob", NOW - 20))
+    assert not watcher.is_revoked(claims("alice", NOW - 20))
+    assert watcher.metrics.foreign_values["revocation_key"] == 2
+    assert watcher.metrics.revocation_poll_failures_total == 0
+
+
+async def test_a_hash_of_another_type_at_start_still_makes_the_process_ready():
+    client = fakeredis.FakeAsyncRedis()
+    await client.rpush(KEYS.revocations(), b"x")
+    watcher = make_watcher(client)
+    assert await watcher.poll_once()
+    assert watcher.loaded.is_set() and len(watcher.current) == 0
+    assert watcher.metrics.foreign_values["revocation_key"] == 1
+
+
+@pytest.mark.parametrize("foreign", ["not a number", "wrong type"])
+async def test_an_unusable_version_is_counted_and_the_hash_read_on_every_poll(foreign):
+    client = fakeredis.FakeAsyncRedis()
+    if foreign == "wrong type":
+        await client.rpush(KEYS.revocations_version(), b"1")
+    else:
+        await client.set(KEYS.revocations_version(), b"12abc")
+    await revoke(client, "alice", NOW - 10, bump=False)
+    watcher = make_watcher(client)
+    assert await watcher.poll_once()
+    assert watcher.is_revoked(claims("alice", NOW - 20))
+    await revoke(client, "bob", NOW - 10, bump=False)  # no version to bump: seen all the same
+    assert await watcher.poll_once()
+    assert watcher.is_revoked(claims("bob", NOW - 20))
+    assert watcher.loads == 2
+    assert watcher.metrics.foreign_values["revocation_key"] == 2
+
+
+class HungRedis:
+    """A Redis that accepts commands and never answers."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def get(self, key):
+        self.calls += 1
+        await asyncio.Event().wait()
+
+    async def hgetall(self, key):
+        self.calls += 1
+        await asyncio.Event().wait()
+
+
+class FailingRedis:
+    async def get(self, key):
+        raise redis.exceptions.ConnectionError("Connection refused")
+
+    async def hgetall(self, key):
+        raise AssertionError("not reached")
+
+
+async def test_a_hung_redis_ends_each_poll_at_its_timeout_and_keeps_the_list():
+    hung = HungRedis()
+    watcher = make_watcher(hung, read_timeout=0.2)
+    watcher.current = revocation_list(("alice", NOW - 10, NOW + 60))
+    started = time.monotonic()
+    assert not await watcher.poll_once()
+    assert not await watcher.poll_once()
+    assert time.monotonic() - started < 1.5
+    assert hung.calls == 2 and watcher.metrics.revocation_poll_failures_total == 2
+    assert watcher.is_revoked(claims("alice", NOW - 20)) and not watcher.loaded.is_set()
+
+
+async def test_the_poll_loop_goes_on_through_failures_and_stops_while_hung():
+    watcher = make_watcher(FailingRedis())
+    watcher.start()
+    try:
+        failures = watcher.metrics
+        await wait_until(lambda: failures.revocation_poll_failures_total >= 3, 5, "3 polls")
+    finally:
+        await watcher.stop()
+    hung = make_watcher(HungRedis(), read_timeout=30)
+    hung.start()
+    await asyncio.sleep(0)  # the first GET waits for ever
+    started = time.monotonic()
+    await hung.stop()
+    assert time.monotonic() - started < 1.5 and hung._task is None
+
+
+async def test_a_reply_nobody_foresaw_is_a_failed_poll_not_a_dead_loop():
+    class OddRedis:
+        async def get(self, key):
+            return None
+
+        async def hgetall(self, key):
+            return [b"a list", b"not a dict"]
+
+    watcher = make_watcher(OddRedis())
+    assert not await watcher.poll_once()
+    assert watcher.metrics.revocation_poll_failures_total == 1
