@@ -50,8 +50,8 @@ class ReconnectPolicy:
             flaps keeps the delays growing; one restart is retried within ``initial``).
         prompt_max: upper bound of the small random delay before a *prompt* reconnect (gateway
             draining with 1012, slow consumer 4008, expired token): spreads the herd.
-        max_auth_failures: refused tokens (4001) in a row, each fetched anew from the token
-            function, before :class:`~consumer.AuthenticationFailed` is raised.
+        max_auth_failures: refused tokens (4001, or 4003: revoked) in a row, each fetched anew
+            from the token function, before :class:`~consumer.AuthenticationFailed` is raised.
         resend_interval: seconds between subscribes sent again after the gateway's rate limit
             refused some (doubled each time one of them is refused again, up to ``max``; see
             :class:`FramePacer`). The first goes when the gateway's ``retry_after_ms`` says
@@ -135,9 +135,10 @@ def close_action(code: int | None) -> CloseAction:
     if code == CloseCode.TOKEN_EXPIRED:
         # A new token fixes it; no reason to wait (a fixed token cannot be renewed: fatal).
         return CloseAction(Retry.PROMPT, renew_token=True, auth_failure=True)
-    if code == CloseCode.AUTH_FAILED:
-        # A fresh token may fix it, but a token source that keeps minting refused tokens must not
-        # be hammered, nor retried forever: back off, and give up after max_auth_failures.
+    if code in (CloseCode.AUTH_FAILED, CloseCode.TOKEN_REVOKED):
+        # A fresh token may fix it (after a revocation, one minted now is taken if the subject
+        # still has access), but a token source that keeps minting refused tokens must not be
+        # hammered, nor retried forever: back off, and give up after max_auth_failures.
         return CloseAction(Retry.BACKOFF, renew_token=True, auth_failure=True)
     if code in (
         INVALID_DATA,

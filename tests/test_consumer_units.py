@@ -394,6 +394,9 @@ def test_close_codes_map_to_the_documented_reaction():
     assert close_action(4002) == close_action(4002)
     assert close_action(4002).retry is Retry.PROMPT and close_action(4002).renew_token
     assert close_action(4001).retry is Retry.BACKOFF and close_action(4001).auth_failure
+    # A revoked token: like a refused one (a new token, backoff, counted towards the limit).
+    assert close_action(4003) == close_action(4001)
+    assert close_action(4003).renew_token and close_action(4003).auth_failure
     assert close_action(4009).client_bug and close_action(1008).client_bug
     assert close_action(4029).client_bug and close_action(4029).retry is Retry.BACKOFF
     assert close_action(1007).client_bug and close_action(1009).client_bug

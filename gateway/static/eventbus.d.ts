@@ -34,6 +34,7 @@ export declare const CloseCode: Readonly<{
   SERVICE_RESTART: 1012;
   AUTH_FAILED: 4001;
   TOKEN_EXPIRED: 4002;
+  TOKEN_REVOKED: 4003;
   SLOW_CONSUMER: 4008;
   TOO_MANY_ERRORS: 4009;
   TOO_MANY_REQUESTS: 4029;
@@ -143,7 +144,7 @@ export interface ConnectOptions {
    * GET {httpUrl}/v1/projects/{id}/events). Default: the origin of `url`. */
   httpUrl?: string;
   /** The gateway token, or a function returning it (asked again on every reconnect, before
-   * expiry, and after a 401/4001/4002). Omit only for a gateway run with --no-auth. */
+   * expiry, and after a 401/4001/4002/4003). Omit only for a gateway run with --no-auth. */
   token?: TokenSource;
   /** Reload the application's state of a project from its own API. Called on the first subscribe
    * and on every resync_required; events arriving meanwhile are held back and delivered after the

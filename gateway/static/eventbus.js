@@ -36,6 +36,7 @@ export const CloseCode = Object.freeze({
   SERVICE_RESTART: 1012,
   AUTH_FAILED: 4001,
   TOKEN_EXPIRED: 4002,
+  TOKEN_REVOKED: 4003,
   SLOW_CONSUMER: 4008,
   TOO_MANY_ERRORS: 4009,
   TOO_MANY_REQUESTS: 4029,
@@ -133,7 +134,9 @@ export function closeAction(code) {
       // A new token fixes it; no reason to wait.
       return { delay: "prompt", renewToken: true, clientBug: false };
     case CloseCode.AUTH_FAILED:
-      // A fresh token may fix it, but a token endpoint that keeps minting bad tokens must not be
+    case CloseCode.TOKEN_REVOKED:
+      // A fresh token may fix it (after a revocation, one minted now is accepted if the person
+      // still has access), but a token endpoint that keeps minting refused tokens must not be
       // hammered: back off.
       return { delay: "backoff", renewToken: true, clientBug: false };
     case CloseCode.PROTOCOL_ERROR:

@@ -312,6 +312,7 @@ test("every close code of the protocol has a sensible action", () => {
     1012: ["prompt", false, false],
     4001: ["backoff", true, false],
     4002: ["prompt", true, false],
+    4003: ["backoff", true, false],
     4008: ["prompt", false, false],
     4009: ["backoff", false, true],
     4029: ["backoff", false, true],
