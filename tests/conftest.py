@@ -29,7 +29,13 @@ if os.environ.get("CI"):
 #: uvloop (``--loop uvloop``): the end-to-end ones, which drive the transports' callbacks (EOF,
 #: pause/resume, half-close, slow readers, the SSE takeover) with real sockets. Every other
 #: in-process test, and every gateway process unless a test says otherwise, runs on asyncio's.
-BOTH_LOOPS = {"test_gateway", "test_gateway_http", "test_sse", "test_sse_faults"}
+BOTH_LOOPS = {
+    "test_gateway",
+    "test_gateway_http",
+    "test_sse",
+    "test_sse_faults",
+    "test_revocation_gateway",
+}
 
 
 def pytest_asyncio_loop_factories(config, item):
