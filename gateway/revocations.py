@@ -59,9 +59,10 @@ log = get_logger("gateway")
 #: ``--revocation-poll-interval`` later on a new connection.
 READ_TIMEOUT = 5.0
 
-#: Seconds after which the hash is read again even though the version did not change: a
-#: failover that lost the last revocations written, followed by as many new ones, brings the
-#: version back to a number already seen, and those would otherwise be missed until the next.
+#: Seconds after which the hash is read again even though the version did not change. A backstop:
+#: the revoke script makes every version new (at least Redis' time in microseconds), but a
+#: version that comes back to one already seen with other entries (set by hand, restored from a
+#: backup) would hide them until the next revocation.
 RELOAD_INTERVAL = 60.0
 
 #: The longest version value taken as one (INCR's replies have at most 20 digits).

@@ -22,6 +22,7 @@ import redis
 import gateway.revocations as revocations_module
 from consumer import AuthenticationFailed, Consumer, Delivery, ReconnectPolicy
 from schemas.keys import Keys
+from schemas.lua import REVOKE
 from schemas.revocations import Revocation, encode_entry
 from schemas.tokens import AUDIENCE
 from tests.support.gateway_client import (
@@ -157,6 +158,27 @@ async def test_a_refresh_with_a_revoked_token_is_refused_and_the_connection_keep
     assert dave.close_code == 4003
     assert [m["message"] for m in dave.of("error")] == ["token revoked"]
     await carol.close()
+
+
+async def test_a_revocation_written_by_the_revoke_script_acts_as_its_reply_says(
+    gateways, redis_client
+):
+    # The publisher's script (schemas.lua.REVOKE), "now" by Redis' clock: the gateway takes its
+    # entry and its version (microseconds: 16 digits) as they are written.
+    gateway = await gateways(revocation_poll_interval=INTERVAL)
+    now = int(time.time())
+    alice = await connected(gateway, token("alice", [1], iat=now - 100))
+    before, until, version = redis_client.eval(
+        REVOKE, 2, KEYS.revocations(), KEYS.revocations_version(), "alice", "", 600
+    )
+    assert until == before + 600 and version > 10**15
+    await asyncio.wait_for(alice.closed.wait(), INTERVAL + SLACK)
+    assert alice.close_code == 4003
+    refused = await refused_at_auth(gateway, token("alice", [1], iat=before - 1))
+    assert refused.close_code == 4003
+    fresh = await connected(gateway, token("alice", [1], iat=before))  # issued at T: accepted
+    assert fresh.last("authenticated")["subject"] == "alice"
+    await fresh.close()
 
 
 # --- SSE, polls, handshakes ------------------------------------------------------------------

@@ -167,7 +167,7 @@ async def test_the_first_poll_reads_the_list_and_the_next_only_when_the_version_
 
 
 async def test_the_hash_is_read_again_after_the_reload_interval(monkeypatch):
-    # A failover that lost revocations, then as many new ones, brings a version already seen.
+    # A version back at one already seen (set by hand, a restored backup) with other entries.
     client = fakeredis.FakeAsyncRedis()
     watcher = make_watcher(client)
     assert await watcher.poll_once()
