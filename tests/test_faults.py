@@ -16,6 +16,7 @@ import time
 
 import pytest
 import redis
+import redis.asyncio
 
 from publisher import PublisherUnavailable, issue_token
 from schemas.keys import Keys
@@ -335,6 +336,136 @@ async def test_a_loop_busy_past_the_probe_timeout_does_not_reconnect_a_live_link
         assert (metrics.pubsub_probe_failures_total, link.connections) == (0, 1)
     finally:
         await link.close()
+
+
+async def test_a_backlog_read_past_the_probe_timeout_does_not_reconnect_a_live_link(
+    redis_url: str, redis_client: redis.Redis
+):
+    """A burst the pod reads slower than Redis sends it (a handler taking 4 ms a message, 200
+    messages: 0.8 s of backlog, more than twice the probe's timeout of 0.3 s): the probe's pong
+    comes behind the backlog. Whole frames read meanwhile show the link delivers: no probe
+    failure, no reconnect (whose catch-up of every project would load a pod that is already
+    behind), every message once, in order. Before, the probe reconnected the live link, and the
+    messages still queued on the old connection were lost to it."""
+    from gateway.metrics import Metrics
+    from gateway.pubsub import PubSubLink
+
+    count, probe_timeout = 200, 0.3
+    payloads = [b"%05d" % i + b"x" * 2000 for i in range(count)]  # ~32 per 64 KiB read
+    received: list[bytes] = []
+    done = asyncio.Event()
+
+    def slow_handler(channel: bytes, data: bytes) -> None:
+        time.sleep(0.004)  # a handler slower than Redis sends: the backlog
+        received.append(data)
+        if len(received) == count:
+            done.set()
+
+    metrics = Metrics()
+    link = PubSubLink(
+        redis_url,
+        sharded=False,
+        on_message=slow_handler,
+        on_resubscribed=lambda: None,
+        metrics=metrics,
+        probe_interval=0.05,
+        probe_timeout=probe_timeout,
+    )
+    loop = asyncio.get_running_loop()
+    link.start()
+    try:
+        async with asyncio.timeout(10):
+            await link.subscribe(b"backlog-test")
+        conn = link._conn
+        send = conn.send_command
+        pings: list[float] = []
+
+        async def noting_pings(*args, **kwargs) -> None:
+            if args[0] == "PING":
+                pings.append(loop.time())
+            await send(*args, **kwargs)
+
+        conn.send_command = noting_pings
+        with redis_client.pipeline(transaction=False) as pipe:  # the burst, all queued at once
+            for payload in payloads:
+                pipe.publish(b"backlog-test", payload)
+            pipe.execute()
+        started = loop.time()
+        async with asyncio.timeout(30):
+            await done.wait()
+        ended = loop.time()
+        assert received == payloads
+        assert (metrics.pubsub_probe_failures_total, metrics.pubsub_reconnects_total) == (0, 0)
+        assert link.connections == 1
+        # The case at hand: a ping went out with more than a probe timeout of backlog after it.
+        assert any(started <= t < ended - 2 * probe_timeout for t in pings), (
+            started,
+            ended,
+            pings,
+        )
+    finally:
+        await link.close()
+
+
+@pytest.mark.parametrize("frames", [True, False], ids=["frames-flowing", "silent"])
+async def test_a_link_that_loses_its_pings_is_reconnected_frames_or_not(
+    redis_url: str, frames: bool
+):
+    """The link's writes are lost (a path that still forwards Redis's pushes, not what the pod
+    sends): the probe's pings never get a pong. With messages still arriving, each probe
+    timeout that read whole frames waits one more, up to 6 in all (PONG_WINDOWS), and the link
+    then reconnects all the same; with nothing arriving, it reconnects after one, as before."""
+    from gateway.metrics import Metrics
+    from gateway.pubsub import PONG_WINDOWS, PubSubLink
+
+    probe_timeout = 0.3
+    metrics = Metrics()
+    link = PubSubLink(
+        redis_url,
+        sharded=False,
+        on_message=lambda c, d: None,
+        on_resubscribed=lambda: None,
+        metrics=metrics,
+        probe_interval=0.05,
+        probe_timeout=probe_timeout,
+    )
+    loop = asyncio.get_running_loop()
+    publisher = redis.asyncio.Redis.from_url(redis_url)
+    link.start()
+    feeding: asyncio.Task | None = None
+    try:
+        async with asyncio.timeout(10):
+            await link.subscribe(b"lost-pings")
+        lost: list[float] = []
+
+        async def losing_pings(*args, **kwargs) -> None:
+            if args[0] == "PING":
+                lost.append(loop.time())  # never written: no pong ever
+            else:
+                raise AssertionError(f"unexpected write {args!r}")
+
+        async def feed() -> None:
+            while True:
+                await publisher.publish(b"lost-pings", b"still flowing")
+                await asyncio.sleep(0.02)
+
+        if frames:
+            feeding = asyncio.create_task(feed())
+        link._conn.send_command = losing_pings
+        await wait_until(lambda: link.connections > 1, 10, "the reconnect", 0.01)
+        reconnected = loop.time()
+        assert len(lost) == 1, lost
+        waited = reconnected - lost[0]
+        assert metrics.pubsub_probe_failures_total == 1
+        if frames:
+            assert PONG_WINDOWS * probe_timeout <= waited < PONG_WINDOWS * probe_timeout + 1.5
+        else:
+            assert probe_timeout <= waited < 2 * probe_timeout + 0.5, waited
+    finally:
+        if feeding is not None:
+            feeding.cancel()
+        await link.close()
+        await publisher.aclose()
 
 
 async def test_a_subscribe_written_as_the_link_drops_its_connection_opens_no_other_one(

@@ -812,6 +812,28 @@ def test_frame_problem_passes_every_frame_redis_sends():
     assert frame_problem([b"smessage", CHANNEL], b"smessage", b"ssubscribe") is not None
 
 
+def test_the_links_probe_waits_another_timeout_only_while_whole_frames_are_read():
+    """The pub/sub link's pong wait (gateway.pubsub.PongWait), without sockets: one probe
+    timeout, one more each time the last one read whole frames (a backlog the pong is behind),
+    up to PONG_WINDOWS in all; a timeout without a whole frame (a silent connection, a frame
+    trickled a byte at a time) ends it."""
+    from gateway.pubsub import PONG_WINDOWS, PongWait
+
+    assert PONG_WINDOWS == 6
+    wait = PongWait(frames_read=10)
+    assert wait.another(frames_read=11)  # a frame during the first timeout
+    assert wait.another(frames_read=50)
+    assert not wait.another(frames_read=50)  # none during the third: given up
+    assert wait.windows == 3
+
+    flowing = PongWait(frames_read=0)
+    assert [flowing.another(frames_read=n) for n in range(1, 8)] == [True] * 5 + [False] * 2
+    assert flowing.windows == PONG_WINDOWS
+
+    assert not PongWait(frames_read=7).another(frames_read=7)  # silent from the start
+    assert [PongWait(0, limit=2).another(1), PongWait(0, limit=1).another(1)] == [True, False]
+
+
 # --- a reply cut short ----------------------------------------------------------------------------
 
 
