@@ -341,8 +341,8 @@ async def test_a_loop_busy_past_the_probe_timeout_does_not_reconnect_a_live_link
 async def test_a_backlog_read_past_the_probe_timeout_does_not_reconnect_a_live_link(
     redis_url: str, redis_client: redis.Redis
 ):
-    """A burst the pod reads slower than Redis sends it (a handler taking 4 ms a message, 200
-    messages: 0.8 s of backlog, more than twice the probe's timeout of 0.3 s): the probe's pong
+    """A burst the pod reads slower than Redis sends it (a handler taking 4 ms a message, 250
+    messages: 1 s of backlog, more than three times the probe's timeout of 0.3 s): the probe's pong
     comes behind the backlog. Whole frames read meanwhile show the link delivers: no probe
     failure, no reconnect (whose catch-up of every project would load a pod that is already
     behind), every message once, in order. Before, the probe reconnected the live link, and the
@@ -350,8 +350,10 @@ async def test_a_backlog_read_past_the_probe_timeout_does_not_reconnect_a_live_l
     from gateway.metrics import Metrics
     from gateway.pubsub import PubSubLink
 
-    count, probe_timeout = 200, 0.3
-    payloads = [b"%05d" % i + b"x" * 2000 for i in range(count)]  # ~32 per 64 KiB read
+    count, probe_timeout = 250, 0.3
+    # 8 KiB each: a few dozen a read (asyncio reads up to 256 KiB at once), so the probe runs
+    # between reads every 0.1 to 0.2 s of backlog.
+    payloads = [b"%05d" % i + b"x" * 8192 for i in range(count)]
     received: list[bytes] = []
     done = asyncio.Event()
 
@@ -398,7 +400,7 @@ async def test_a_backlog_read_past_the_probe_timeout_does_not_reconnect_a_live_l
         assert (metrics.pubsub_probe_failures_total, metrics.pubsub_reconnects_total) == (0, 0)
         assert link.connections == 1
         # The case at hand: a ping went out with more than a probe timeout of backlog after it.
-        assert any(started <= t < ended - 2 * probe_timeout for t in pings), (
+        assert any(started <= t < ended - 1.5 * probe_timeout for t in pings), (
             started,
             ended,
             pings,
