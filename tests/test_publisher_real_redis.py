@@ -417,6 +417,197 @@ def test_in_order_publishing_without_retry_guards_says_why_it_cannot_tell_what_r
     assert not isinstance(caught.value, PublishManyError)
 
 
+def _in_order_with_a_fault(
+    url: str, flavour: str, events: list, keys: list, fault: Callable[[], None], **kwargs: Any
+) -> PublishError:
+    """What ``publish_many(events, idempotency_keys=keys, in_order=True)`` raises, with a new
+    sync or asyncio publisher (``timeout=1``, ``kwargs``), when ``fault()`` strikes just before
+    its second transaction is sent."""
+    sent = 0
+
+    def second() -> bool:
+        nonlocal sent
+        sent += 1
+        return sent == 2
+
+    if flavour == "sync":
+        with Publisher.from_url(url, timeout=1, **kwargs) as pub:
+            transaction = pub._transaction
+
+            def faulty(calls: list) -> list:
+                if second():
+                    fault()
+                return transaction(calls)
+
+            pub._transaction = faulty
+            with pytest.raises(PublishError) as caught:
+                pub.publish_many(events, idempotency_keys=keys, in_order=True)
+            return caught.value
+
+    async def run() -> PublishError:
+        async with AsyncPublisher.from_url(url, timeout=1, **kwargs) as pub:
+            transaction = pub._transaction
+
+            async def faulty(calls: list) -> list:
+                if second():
+                    fault()
+                return await transaction(calls)
+
+            pub._transaction = faulty
+            with pytest.raises(PublishError) as caught:
+                await pub.publish_many(events, idempotency_keys=keys, in_order=True)
+            return caught.value
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("flavour", ["sync", "asyncio"])
+def test_an_in_order_burst_that_loses_redis_after_a_transaction_keeps_the_published_cursors(
+    flavour: str,
+) -> None:
+    """Redis dies (a private server, killed) after the first of three transactions: the
+    publisher gives up on the second within its timeout, and the error still carries the
+    cursors of the 100 events published (those Redis held), ``stopped_at`` the first event of
+    the failed transaction, whose events may or may not have been published. It is a
+    PublishManyError and, as the same outage was before, a PublisherUnavailable. Before, a
+    bare PublisherUnavailable: the caller lost the cursors of the events that were published."""
+    events = [event(1 + n % 3, n) for n in range(250)]
+    keys = [f"lost-{n}" for n in range(250)]
+    held: dict[int, list[tuple[int, int]]] = {}
+    with RedisServer() as server:
+
+        def read_then_kill() -> None:
+            client = server.client()
+            held.update({p: _stored(client, p) for p in (1, 2, 3)})
+            client.close()
+            server.kill()
+
+        error = _in_order_with_a_fault(server.url, flavour, events, keys, read_then_kill)
+    assert isinstance(error, PublishManyError) and isinstance(error, PublisherUnavailable)
+    assert (error.stopped_at, error.maybe_published) == (100, range(100, 200))
+    assert [c is not None for c in error.cursors] == [True] * 100 + [False] * 150
+    assert error.unpublished == list(range(100, 250))
+    assert list(error.errors) == [events[100].project_id]
+    assert error.__cause__ is error.errors[events[100].project_id]
+    assert type(error.__cause__) is PublisherUnavailable
+    for project_id in (1, 2, 3):
+        assert held[project_id] == [
+            (error.cursors[i].seq, events[i].blocker_id)
+            for i in range(100)
+            if events[i].project_id == project_id
+        ]
+    assert "stopped at event 100 (events 100 to 199 may have been published)" in str(error)
+
+
+@pytest.mark.parametrize("flavour", ["sync", "asyncio"])
+def test_an_in_order_burst_whose_later_transaction_has_an_unknown_outcome_keeps_the_cursors(
+    redis_server: RedisServer, redis_client, user_url, flavour: str
+) -> None:
+    """After the first transaction the user may no longer run MULTI (an ACL changed): each call
+    of the second runs on its own and EXEC is refused, so which ran is unknown, and without
+    retry guards or keys none is sent again. The PublishManyError (not a PublisherUnavailable)
+    keeps the first transaction's cursors and says that the second's events may have been
+    published: here they all were. Before, a bare PublishError (without the cursors)."""
+    url = user_url("~*", "&*", "+@all")
+    redis_client.script_load(lua.PUBLISH)
+    events = [event(1 + n % 2, n) for n in range(150)]
+    admin = redis_server.client()
+    try:
+        error = _in_order_with_a_fault(
+            url,
+            flavour,
+            events,
+            [None] * 150,
+            lambda: admin.execute_command("ACL", "SETUSER", "user0", "-multi"),
+            retry_guard=None,
+        )
+    finally:
+        admin.close()
+    assert type(error) is PublishManyError
+    assert (error.stopped_at, error.maybe_published) == (100, range(100, 150))
+    assert [c is not None for c in error.cursors] == [True] * 100 + [False] * 50
+    cause = error.errors[events[100].project_id]
+    assert error.__cause__ is cause and "EXEC without MULTI" in str(cause)
+    for project_id in (1, 2):
+        mine = [i for i in range(150) if events[i].project_id == project_id]
+        stored = _stored(redis_client, project_id)
+        assert stored[:50] == [(error.cursors[i].seq, events[i].blocker_id) for i in mine[:50]]
+        assert [blocker for _, blocker in stored] == mine  # the in-doubt ones ran, in order
+
+
+@pytest.mark.parametrize("flavour", ["sync", "asyncio"])
+def test_an_in_order_burst_sent_call_by_call_that_loses_redis_keeps_the_answered_cursors(
+    flavour: str,
+) -> None:
+    """A user that may not run MULTI: each transaction's calls run on their own, EXEC is
+    refused, and the calls (all keyed) are sent again one per round trip, which returns their
+    cursors. Redis dies (a private server, killed) before the call of event 150: the error
+    keeps the cursors of events 0 to 149, stops at 150, and says that 150 to 199 (which the
+    refused transaction had sent) may have been published: here they were. Before, a bare
+    PublisherUnavailable."""
+    events = [event(1 + n % 2, n) for n in range(200)]
+    keys = [f"cut-{n}" for n in range(200)]
+    held: dict[int, list[tuple[int, int]]] = {}
+    with RedisServer() as server:
+        admin = server.client()
+        admin.execute_command(
+            "ACL", "SETUSER", "nomulti", "on", ">pw", "~*", "&*", "+@all", "-multi"
+        )
+        admin.close()
+        url = f"redis://nomulti:pw@127.0.0.1:{server.port}/0"
+        calls = 0
+
+        def read_then_kill() -> None:
+            client = server.client()
+            held.update({p: _stored(client, p) for p in (1, 2)})
+            client.close()
+            server.kill()
+
+        def before_a_call() -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 151:  # 100 for the first transaction, 50 for the second
+                read_then_kill()
+
+        if flavour == "sync":
+            with Publisher.from_url(url, timeout=1) as pub:
+                evalsha = pub._evalsha
+
+                def counted(keys: list, args: list) -> list:
+                    before_a_call()
+                    return evalsha(keys, args)
+
+                pub._evalsha = counted
+                with pytest.raises(PublishManyError) as caught:
+                    pub.publish_many(events, idempotency_keys=keys, in_order=True)
+        else:
+
+            async def run() -> None:
+                async with AsyncPublisher.from_url(url, timeout=1) as pub:
+                    evalsha = pub._evalsha
+
+                    async def counted(keys: list, args: list) -> list:
+                        before_a_call()
+                        return await evalsha(keys, args)
+
+                    pub._evalsha = counted
+                    await pub.publish_many(events, idempotency_keys=keys, in_order=True)
+
+            with pytest.raises(PublishManyError) as caught:
+                asyncio.run(run())
+    error = caught.value
+    assert isinstance(error, PublisherUnavailable)
+    assert (error.stopped_at, error.maybe_published) == (150, range(150, 200))
+    assert [c is not None for c in error.cursors] == [True] * 150 + [False] * 50
+    assert error.__cause__ is error.errors[events[150].project_id]
+    for project_id in (1, 2):
+        mine = [i for i in range(200) if events[i].project_id == project_id]
+        assert [blocker for _, blocker in held[project_id]] == mine  # all ran
+        assert held[project_id][:75] == [
+            (error.cursors[i].seq, events[i].blocker_id) for i in mine[:75]
+        ]
+
+
 async def test_an_in_order_transaction_cut_short_by_the_timeout_leaves_no_reply_for_the_next_call(
     redis_url: str, redis_client
 ) -> None:
