@@ -161,7 +161,14 @@ class GatewayConfig(msgspec.Struct, kw_only=True, frozen=True):
     probe_interval: Annotated[
         float, _doc("Seconds between pings on the pub/sub connection.", gt=0)
     ] = 5.0
-    probe_timeout: Annotated[float, _doc("Seconds a pub/sub ping may take.", gt=0)] = 5.0
+    probe_timeout: Annotated[
+        float,
+        _doc(
+            "Seconds a pub/sub ping may take (up to 6 times that while a backlog of messages"
+            " is read).",
+            gt=0,
+        ),
+    ] = 5.0
     subscribe_timeout: Annotated[
         float, _doc("Seconds a subscribe may wait for Redis before an 'unavailable' error.", gt=0)
     ] = 5.0

@@ -13,6 +13,16 @@ a time, whose reads have no timeout: the pong would come behind it. A connection
 dropped at once (:meth:`PubSubLink._drop_socket`). A pong read in the turn of the loop that the
 timeout fires in counts: the loop was busy past the timeout, not Redis.
 
+A pong also comes behind every message Redis queued before it: while the pod reads a backlog
+(a burst while its loop was busy, a handler slower than Redis sends), the pong may come later
+than ``probe_timeout`` on a live link, and a reconnect then would only add load (the catch-up of
+every project from the streams) to a pod already behind. So a probe timeout during which whole
+frames were read is followed by another, up to :data:`PONG_WINDOWS` (6) in all, 30 s with the
+defaults (:class:`PongWait`); after that the link reconnects anyway: a path that forwards
+Redis's messages but lost the pod's writes must still be noticed. A frame that has not arrived
+whole (one trickled a byte at a time) is no progress. (The presence listener's own pub/sub
+connection follows the same idea with a bound of its own: gateway.presence_store.)
+
 A frame no Redis sends (a message without data, a channel that is not a string: a broken server
 or proxy) is taken as a broken connection too (:func:`frame_problem`): a warning, a reconnect and
 the catch-up, never a frame handed on, nor a traceback.
@@ -38,7 +48,7 @@ from gateway.logs import describe, get_logger
 from gateway.metrics import Metrics
 from gateway.tasks import spawn
 
-__all__ = ["PubSubLink", "backoff_delays", "frame_problem"]
+__all__ = ["PONG_WINDOWS", "PongWait", "PubSubLink", "backoff_delays", "frame_problem"]
 
 log = get_logger("gateway.pubsub")
 
@@ -56,6 +66,37 @@ CONNECT_TIMEOUT = 10.0
 #: Seconds a link must have been connected with every channel confirmed before its reconnect
 #: backoff starts again from the base delay (a flapping link keeps backing off).
 HEALTHY_PERIOD = 5.0
+
+#: Probe timeouts a probe waits for its pong in all, while each one read whole frames (a
+#: backlog the pong is behind). Bounded: a connection whose pushes still arrive while the pod's
+#: writes are lost (a broken proxy) must still be given up, 6 x ``probe_timeout`` after the ping.
+PONG_WINDOWS = 6
+
+
+class PongWait:
+    """How many probe timeouts one ping's pong is waited for (pure: counts, no clock).
+
+    ``frames_read`` is the link's count of whole frames read, when the ping goes out and at the
+    end of each timeout. The first timeout is always waited; another follows each one during
+    which whole frames were read (the connection delivers, and the pong is behind them), up to
+    ``limit`` in all. A timeout without a whole frame (a silent connection, or one frame
+    trickled a byte at a time) ends the wait.
+    """
+
+    def __init__(self, frames_read: int, limit: int = PONG_WINDOWS) -> None:
+        self.limit = limit
+        #: Timeouts waited so far (the current one included).
+        self.windows = 1
+        self._frames_read = frames_read
+
+    def another(self, frames_read: int) -> bool:
+        """At the end of a timeout without the pong: whether to wait one more (then counted)."""
+        progressed = frames_read != self._frames_read
+        self._frames_read = frames_read
+        if not progressed or self.windows >= self.limit:
+            return False
+        self.windows += 1
+        return True
 
 
 class PubSubLink:
@@ -105,6 +146,8 @@ class PubSubLink:
         #: The transport of the current connection's socket (see :meth:`_drop_socket`).
         self._transport: asyncio.BaseTransport | None = None
         self._pong = asyncio.Event()
+        #: Whole frames read, every connection together (the probe's sign of progress).
+        self.frames_read = 0
         self._task: asyncio.Task | None = None
         self.connected = False
         self._closing = False
@@ -272,12 +315,14 @@ class PubSubLink:
                 try:
                     reply = await conn.read_response(timeout=math.inf, disconnect_on_error=True)
                 except redis.exceptions.ResponseError as exc:
+                    self.frames_read += 1
                     self._on_error_reply(exc)  # an error answer to a (un)subscribe
                     continue
                 except (redis.exceptions.ConnectionError, OSError):
                     if probe.done() and not probe.cancelled() and probe.exception() is not None:
                         probe.result()  # the probe dropped the socket: its reason, not EOF
                     raise
+                self.frames_read += 1
                 if probe.done():
                     probe.result()  # raises ProbeFailed
                 if reply == b"PONG":
@@ -343,24 +388,40 @@ class PubSubLink:
                 self._drop_socket()
                 return
             self._pong.clear()
+            wait = PongWait(self.frames_read)
+            written = False
             try:
-                # The ping's write is inside the timeout too: a Redis that stopped reading (hung,
-                # its socket's buffers full) holds a write as long as it holds a pong.
-                async with asyncio.timeout(self.probe_timeout):
-                    await conn.send_command("PING", check_health=False)
-                    await self._pong.wait()
+                while True:
+                    try:
+                        # The ping's write is inside the first timeout too: a Redis that stopped
+                        # reading (hung, its socket's buffers full) holds a write as long as it
+                        # holds a pong.
+                        async with asyncio.timeout(self.probe_timeout):
+                            if not written:
+                                await conn.send_command("PING", check_health=False)
+                                written = True
+                            await self._pong.wait()
+                        break
+                    except TimeoutError:
+                        if self._pong.is_set():
+                            # Read in the turn of the loop that the timeout fired in: the loop
+                            # was busy past the timeout (a long collection, a blocking call), not
+                            # Redis. asyncio runs the reads that were ready before the timers
+                            # that were due, so the reader has it by now.
+                            break
+                        # A write cut short is no backlog (and redis-py dropped its connection);
+                        # whole frames read meanwhile are: the pong is behind them (PongWait).
+                        if not written or not wait.another(self.frames_read):
+                            raise
             except (TimeoutError, redis.exceptions.RedisError) as exc:
-                if isinstance(exc, TimeoutError) and self._pong.is_set():
-                    # The pong was read in the turn of the loop that the timeout fired in: the
-                    # loop was busy past the timeout (a long collection, a blocking call), not
-                    # Redis. asyncio runs the reads that were ready before the timers that were
-                    # due, so the reader has it by now.
-                    continue
                 self._metrics.pubsub_probe_failures_total += 1
                 # Dropping the socket wakes the reader, which then reconnects.
                 if conn is self._conn:
                     self._drop_socket()
-                raise ProbeFailed(f"no pong on the pub/sub connection ({describe(exc)})") from None
+                waited = f"{wait.windows} x {self.probe_timeout:g} s"
+                raise ProbeFailed(
+                    f"no pong on the pub/sub connection within {waited} ({describe(exc)})"
+                ) from None
 
     def _drop_socket(self) -> None:
         """Close the current connection's socket at once, unsent data and all.
