@@ -10,7 +10,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime, timedelta
-from typing import Generic, TypeVar
+from typing import Generic, NoReturn, TypeVar
 
 import redis
 import redis.asyncio
@@ -36,6 +36,7 @@ from publisher.core import (
     PublishError,
     PublisherUnavailable,
     PublishManyError,
+    PublishManyUnavailable,
     Retention,
     RetryPolicy,
     call_outcome,
@@ -368,6 +369,67 @@ def _stop_or_go(
         raise PublishManyError(cursors, errors, stopped_at=start + refused)
 
 
+class _CutShort(Exception):
+    """A call of an in-order burst sent one per round trip failed without an answer (``error``:
+    Redis lost or hung); ``replies`` are those of the calls before it."""
+
+    def __init__(self, replies: list, error: Exception) -> None:
+        super().__init__(repr(error))
+        self.replies = replies
+        self.error = error
+
+
+#: What a round trip of an in-order burst can fail with, short of an answer to read: Redis lost
+#: or hung (PublisherUnavailable, or asyncio's TimeoutError), a transaction of which the calls
+#: that ran are unknown (PublishError), a Redis error raised rather than replied.
+_ROUND_TRIP_FAILURES = (PublishError, redis.exceptions.RedisError, TimeoutError)
+
+
+def _unsure(start: int, chunk: list[PreparedBatch], at: int, cluster: bool) -> int:
+    """How many calls from ``at`` on may have run when the call at ``at`` of a chunk (from
+    ``start``) sent one per round trip got no answer: that one on Redis Cluster (the chunk's
+    only sending); else the chunk's rest too, which its transaction had sent (it may have run
+    them: :func:`_out_of_step_transaction`)."""
+    return 1 if cluster else start + len(chunk) - at
+
+
+def _stop_short(
+    cursors: list[Cursor | None],
+    calls: list[PreparedBatch],
+    stopped_at: int,
+    unsure: int,
+    exc: Exception,
+    timeout: float,
+) -> NoReturn:
+    """Raise what an in-order burst raises when its round trip of ``unsure`` calls from
+    ``stopped_at`` on failed without an answer (``exc``): the error a single publish would
+    raise for it when nothing was published before it (as before); else a
+    :class:`PublishManyError` (also a :class:`PublisherUnavailable` when that error is one) with
+    the cursors of the events published before it, the round trip's events as
+    ``maybe_published``, and that error as the stopped event's project's error and ``__cause__``.
+    """
+    error: PublishError
+    if isinstance(exc, PublishError):
+        if stopped_at == 0:
+            raise exc
+        error = exc
+    else:
+        if isinstance(exc, TimeoutError):  # asyncio.timeout ran out (redis-py's is not one)
+            error = PublisherUnavailable(f"Redis unavailable: no reply within {timeout} s")
+        else:
+            error = script_error(exc)
+        if stopped_at == 0:
+            raise error from exc
+        error.__cause__ = exc
+    kind = PublishManyUnavailable if isinstance(error, PublisherUnavailable) else PublishManyError
+    raise kind(
+        cursors,
+        {calls[stopped_at].project_id: error},
+        stopped_at=stopped_at,
+        maybe_published=range(stopped_at, stopped_at + unsure),
+    ) from error
+
+
 def _valid_timeout(timeout: object) -> float:
     """``timeout`` as a finite positive number of seconds (None: DEFAULT_TIMEOUT), or ValueError."""
     if timeout is None:
@@ -652,8 +714,12 @@ class Publisher(_ContractHelpers[Cursor]):
         ``PublishManyError.stopped_at`` is then the refused event: every event before it was
         published, none after its transaction was sent, and ``cursors`` also shows the events
         after it in its transaction that Redis ran (see docs/publisher.md). ``timeout`` bounds
-        each round trip; ``PublisherUnavailable`` means the transactions before the one under
-        way were applied and that one may have been. A transaction Redis discards (``EXECABORT``)
+        each round trip. A round trip that fails without an answer (Redis lost or hung, a
+        transaction whose outcome is unknown) after earlier ones were published raises
+        ``PublishManyError`` all the same, with their cursors, ``stopped_at`` its first event and
+        its events in ``maybe_published`` (each may have been published: retry them under the
+        same keys), also a ``PublisherUnavailable`` when Redis was unavailable; the first round
+        trip's failure is raised as it is. A transaction Redis discards (``EXECABORT``)
         or answers leaving unknown which calls ran (every one keyed or guarded) is sent again one
         call per round trip. On Redis Cluster (a transaction cannot span the slots of several
         projects) each call is a round trip of its own.
@@ -693,6 +759,7 @@ class Publisher(_ContractHelpers[Cursor]):
     ) -> list[Cursor]:
         calls = self._settings.in_order(events, idempotency_keys)
         cursors: list[Cursor | None] = [None] * len(calls)
+        timeout = self._policy.timeout
         for start in range(0, len(calls), TRANSACTION_SIZE):
             chunk = calls[start : start + TRANSACTION_SIZE]
             started = time.monotonic()
@@ -704,8 +771,14 @@ class Publisher(_ContractHelpers[Cursor]):
                         replies = self._run(lambda c=chunk: self._transaction(c), started)
                     except _OneByOne:
                         replies = self._one_by_one(chunk)
-            except redis.exceptions.RedisError as exc:
-                raise script_error(exc) from exc
+            except _CutShort as cut:  # the calls before it were answered: their cursors
+                _stop_or_go(cursors, start, chunk, cut.replies)
+                at = start + len(cut.replies)
+                unsure = _unsure(start, chunk, at, self._cluster)
+                _stop_short(cursors, calls, at, unsure, cut.error, timeout)
+            except _ROUND_TRIP_FAILURES as exc:
+                # Not lost with it: the cursors of the events published before this round trip.
+                _stop_short(cursors, calls, start, len(chunk), exc, timeout)
             _stop_or_go(cursors, start, chunk, replies)
         return cursors  # type: ignore[return-value]
 
@@ -729,7 +802,7 @@ class Publisher(_ContractHelpers[Cursor]):
 
     def _one_by_one(self, calls: list[PreparedBatch]) -> list:
         """Replies to ``calls`` sent one per round trip (each as ``publish`` sends it), up to
-        and including the first refused one."""
+        and including the first refused one; :class:`_CutShort` when one gets no answer."""
         replies: list = []
         for call in calls:
             started = time.monotonic()
@@ -741,6 +814,8 @@ class Publisher(_ContractHelpers[Cursor]):
                     reply = self._run(lambda f=f: self._evalsha(f.keys, f.args), started)
             except redis.exceptions.ResponseError as exc:
                 reply = exc
+            except _ROUND_TRIP_FAILURES as exc:
+                raise _CutShort(replies, exc) from exc
             replies.append(reply)
             if isinstance(call_outcome(call, reply), PublishError):
                 break
@@ -955,6 +1030,7 @@ class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
         # See Publisher._publish_in_order; each round trip also ends within timeout.
         calls = self._settings.in_order(events, idempotency_keys)
         cursors: list[Cursor | None] = [None] * len(calls)
+        timeout = self._policy.timeout
         for start in range(0, len(calls), TRANSACTION_SIZE):
             chunk = calls[start : start + TRANSACTION_SIZE]
             try:
@@ -963,16 +1039,17 @@ class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
                 else:
                     try:
                         started = time.monotonic()
-                        async with asyncio.timeout(self._policy.timeout):
+                        async with asyncio.timeout(timeout):
                             replies = await self._run(lambda c=chunk: self._transaction(c), started)
                     except _OneByOne:  # each call within timeout
                         replies = await self._one_by_one(chunk)
-            except TimeoutError as exc:
-                raise PublisherUnavailable(
-                    f"Redis unavailable: no reply within {self._policy.timeout} s"
-                ) from exc
-            except redis.exceptions.RedisError as exc:
-                raise script_error(exc) from exc
+            except _CutShort as cut:
+                _stop_or_go(cursors, start, chunk, cut.replies)
+                at = start + len(cut.replies)
+                unsure = _unsure(start, chunk, at, self._cluster)
+                _stop_short(cursors, calls, at, unsure, cut.error, timeout)
+            except _ROUND_TRIP_FAILURES as exc:
+                _stop_short(cursors, calls, start, len(chunk), exc, timeout)
             _stop_or_go(cursors, start, chunk, replies)
         return cursors  # type: ignore[return-value]
 
@@ -997,7 +1074,10 @@ class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
         """See :meth:`Publisher._one_by_one`; each call ends within timeout."""
         replies: list = []
         for call in calls:
-            replies.append(await self._bounded_call(call))
+            try:
+                replies.append(await self._bounded_call(call))
+            except _ROUND_TRIP_FAILURES as exc:
+                raise _CutShort(replies, exc) from exc
             if isinstance(call_outcome(call, replies[-1]), PublishError):
                 break
         return replies

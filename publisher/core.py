@@ -26,6 +26,7 @@ __all__ = [
     "PreparedBatch",
     "PublishError",
     "PublishManyError",
+    "PublishManyUnavailable",
     "PublisherUnavailable",
     "Retention",
     "RetryPolicy",
@@ -78,11 +79,20 @@ class PublishManyError(PublishError):
 
     ``cursors`` has one entry per input event, in the input order: the event's cursor if it was
     published, ``None`` if nothing of it was written. ``errors`` maps each project that failed to
-    its error. Retrying exactly the events at ``unpublished`` neither loses nor duplicates any.
+    its error. Retrying exactly the events at ``unpublished`` neither loses nor duplicates any
+    (those at ``maybe_published``: under the same idempotency keys).
 
     ``stopped_at`` (``in_order=True`` only, else ``None``): the index of the event whose call was
-    refused first. Every event before it was published, and no transaction after its own was
-    sent; ``errors[events[stopped_at].project_id]`` is why it was refused.
+    refused first, or the first event of the round trip that failed without an answer (Redis
+    lost or hung, a transaction whose outcome is unknown) after earlier ones were published.
+    Every event before it was published, and no round trip after its own was sent;
+    ``errors[events[stopped_at].project_id]`` is why it stopped (then ``__cause__`` too).
+
+    ``maybe_published`` (indices, empty unless a round trip failed without an answer): the
+    events that round trip (or the transaction sent before it, whose calls were being sent again
+    one by one) may have run. Their ``cursors`` are ``None`` although each may have been
+    published (the connection lost during ``EXEC``): retry them under the same idempotency keys
+    (an event without a key could be published twice). No other event of ``unpublished`` was.
     """
 
     def __init__(
@@ -90,18 +100,31 @@ class PublishManyError(PublishError):
         cursors: list[Cursor | None],
         errors: dict[int, PublishError],
         stopped_at: int | None = None,
+        maybe_published: range = range(0),
     ) -> None:
         self.cursors = cursors
         self.errors = errors
         self.stopped_at = stopped_at
+        self.maybe_published = maybe_published
         self.unpublished = [i for i, cursor in enumerate(cursors) if cursor is None]
         published = len(cursors) - len(self.unpublished)
         reasons = "; ".join(f"project {p}: {e}" for p, e in sorted(errors.items()))
         stop = "" if stopped_at is None else f", stopped at event {stopped_at}"
+        if maybe_published:
+            first, last = maybe_published[0], maybe_published[-1]
+            which = f"event {first}" if first == last else f"events {first} to {last}"
+            stop += f" ({which} may have been published)"
         super().__init__(
             f"{len(self.unpublished)} of {len(cursors)} events not published, "
             f"{published} published (see .cursors){stop}: {reasons}"
         )
+
+
+class PublishManyUnavailable(PublishManyError, PublisherUnavailable):
+    """``publish_many(..., in_order=True)``: Redis became unavailable (unreachable, hung, within
+    ``timeout``) at a round trip after earlier ones were published. A :class:`PublishManyError`
+    (``cursors`` of those, ``stopped_at``, ``maybe_published``) that is also a
+    :class:`PublisherUnavailable`, as the same failure was before."""
 
 
 class RetryPolicy(NamedTuple):
