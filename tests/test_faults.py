@@ -11,6 +11,7 @@ its projects exactly once, in order, with no gap, or an allowed ``resync_require
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 
@@ -467,6 +468,57 @@ async def test_a_link_that_loses_its_pings_is_reconnected_frames_or_not(
             feeding.cancel()
         await link.close()
         await publisher.aclose()
+
+
+class _CancellationLost:
+    """A link's task whose cancellation is lost (as redis-py's writes lose one on Python 3.11:
+    they go through asyncio.wait_for, which returns normally when the write ended as the
+    cancellation came); awaiting it awaits the task, shielded (a timeout of the waiter must not
+    cancel it either)."""
+
+    def __init__(self, task: asyncio.Task) -> None:
+        self.task = task
+
+    def cancel(self, *args: object) -> bool:
+        return False
+
+    def __await__(self):
+        return asyncio.shield(self.task).__await__()
+
+
+async def test_a_closing_link_whose_cancellation_was_lost_ends_without_reconnecting(redis_url):
+    """close() marks the link closing and cancels its task. A cancellation lost on the way (see
+    _CancellationLost) left the task running: the probe then dropped its connection (a closing
+    link writes nothing), and the link reconnected, again and again, each new connection dropped
+    the same way, while close() waited for the task for ever. Seen once in 15 runs of a test
+    that closed a link just after it reconnected. A closing link ends instead of reconnecting."""
+    from gateway.metrics import Metrics
+    from gateway.pubsub import PubSubLink
+
+    link = PubSubLink(
+        redis_url,
+        sharded=False,
+        on_message=lambda c, d: None,
+        on_resubscribed=lambda: None,
+        metrics=Metrics(),
+        probe_interval=0.05,
+        probe_timeout=0.3,
+    )
+    link.start()
+    task = link._task
+    assert task is not None
+    try:
+        async with asyncio.timeout(10):
+            await link.subscribe(b"closing")
+        link._task = _CancellationLost(task)  # type: ignore[assignment]
+        async with asyncio.timeout(2):  # (close() swallows the cancellation of its own wait)
+            await link.close()
+        assert task.done() and not task.cancelled(), "the link's task went on"
+        assert link.connections == 1
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def test_a_subscribe_written_as_the_link_drops_its_connection_opens_no_other_one(
