@@ -259,6 +259,12 @@ class PubSubLink:
                 log.warning("pubsub link down", error=describe(exc))
             except Exception:
                 log.exception("pubsub link failed")
+            if self._closing:
+                # close() cancelled this task and the cancellation was lost (on Python 3.11,
+                # redis-py writes through asyncio.wait_for, which drops one that comes as the
+                # write ends): the probe ended the connection (a closing link writes nothing).
+                # Reconnecting would repeat that for ever, with close() waiting for this task.
+                return
             # _connect_and_read only ends by raising; a connection that was whole for a while
             # was healthy, and its loss starts a fresh backoff (else, after a few early
             # failures, every later reconnect would wait up to the cap for the process's life).
