@@ -435,6 +435,7 @@ async def test_a_link_that_loses_its_pings_is_reconnected_frames_or_not(
     publisher = redis.asyncio.Redis.from_url(redis_url)
     link.start()
     feeding: asyncio.Task | None = None
+    stopping = False
     try:
         async with asyncio.timeout(10):
             await link.subscribe(b"lost-pings")
@@ -447,7 +448,7 @@ async def test_a_link_that_loses_its_pings_is_reconnected_frames_or_not(
                 raise AssertionError(f"unexpected write {args!r}")
 
         async def feed() -> None:
-            while True:
+            while not stopping:  # (not cancelled: redis-py may lose a cancellation)
                 await publisher.publish(b"lost-pings", b"still flowing")
                 await asyncio.sleep(0.02)
 
@@ -464,8 +465,9 @@ async def test_a_link_that_loses_its_pings_is_reconnected_frames_or_not(
         else:
             assert probe_timeout <= waited < 2 * probe_timeout + 0.5, waited
     finally:
+        stopping = True
         if feeding is not None:
-            feeding.cancel()
+            await feeding
         await link.close()
         await publisher.aclose()
 
