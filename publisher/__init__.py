@@ -19,6 +19,7 @@ from publisher.core import (
     PublishError,
     PublisherUnavailable,
     PublishManyError,
+    PublishManyUnavailable,
     Retention,
 )
 from schemas.events import EventValidationError
@@ -32,6 +33,7 @@ __all__ = [
     "IdempotencyConflict",
     "PublishError",
     "PublishManyError",
+    "PublishManyUnavailable",
     "Publisher",
     "PublisherUnavailable",
     "Retention",
