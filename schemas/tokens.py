@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import math
 import operator
 import re
 import time
@@ -65,9 +66,9 @@ class TokenClaims(msgspec.Struct, frozen=True):
     sub: str | None = None
     #: Display name for presence; None when the token has none (or it is not a string).
     name: str | None = None
-    #: When the token was issued (its verified ``iat``, unix seconds); None when it has none or
-    #: it is not an integer. What a revocation compares (schemas.revocations: a token without
-    #: one counts as issued at 0).
+    #: When the token was issued (its verified ``iat``, unix seconds, a fraction rounded down);
+    #: None when it has none or it is not a number. What a revocation compares
+    #: (schemas.revocations: a token without one counts as issued at 0).
     iat: int | None = None
 
     def allows(self, project_id: int) -> bool:
@@ -358,7 +359,12 @@ def _claims(raw: dict) -> TokenClaims:
     sub = raw.get("sub")
     name = raw.get("name")
     iat = raw.get("iat")
-    if type(iat) is not int:  # (PyJWT takes a float iat too; a bool is no time either)
+    if type(iat) is float and math.isfinite(iat):
+        # A NumericDate may have a fraction: its whole second is what a revocation compares
+        # (issued_before is whole seconds, so floor(iat) < issued_before iff iat < it). None
+        # would count the token as issued at 0: refused after any revocation of its subject.
+        iat = math.floor(iat)
+    elif type(iat) is not int:  # a bool is no time, nor a string PyJWT's int() took
         iat = None
     if not (is_text(name) and 0 < len(name) <= MAX_NAME_LENGTH):
         name = None  # a display name is decoration: a bad one is dropped, not a bad token

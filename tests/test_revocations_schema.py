@@ -68,10 +68,25 @@ def forge(claims: dict[str, Any]) -> str:
     return jwt.encode({**base, **claims}, SECRET, algorithm="HS256")
 
 
-@pytest.mark.parametrize("claims", [{}, {"iat": 1.5}, {"iat": True}])
-def test_an_iat_that_is_missing_or_not_an_integer_is_none(claims: dict[str, Any]) -> None:
+@pytest.mark.parametrize("claims", [{}, {"iat": True}, {"iat": "1700000000"}])
+def test_an_iat_that_is_missing_or_not_a_number_is_none(claims: dict[str, Any]) -> None:
     """None: a revocation then counts the token as issued at 0 (the safe side)."""
     assert verify_token(forge(claims), SECRET).iat is None
+
+
+def test_a_fractional_iat_counts_as_its_whole_second() -> None:
+    """RFC 7519's NumericDate may have a fraction (``"iat": time.time()``). As None, such a
+    token counted as issued at 0: a person whose tokens say so could not get back in after a
+    revocation, every new token refused until the entry ended (a day by default). Its whole
+    second is exact: issued_before is a whole second, so iat < issued_before exactly when
+    floor(iat) < issued_before."""
+    now = int(time.time())
+    revocations = RevocationList([Revocation("user-7", now - 10, now + 100)])
+    before = verify_token(forge({"sub": "user-7", "iat": now - 10.5}), SECRET)
+    after = verify_token(forge({"sub": "user-7", "iat": now - 9.5}), SECRET)
+    assert (before.iat, after.iat) == (now - 11, now - 10)
+    assert revocations.is_revoked(before.sub, before.iat, now)
+    assert not revocations.is_revoked(after.sub, after.iat, now)
 
 
 # --- the stored format ------------------------------------------------------------------------
