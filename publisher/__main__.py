@@ -278,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_KEEP_FOR.total_seconds(),
         metavar="SECONDS",
         help="how long the gateways keep refusing them, from --issued-before: at least the "
-        f"longest lifetime of the tokens you issue, at most 366 days (default {keep_hours:g} h)",
+        "longest lifetime of the tokens you issue plus 5 s (the gateways take a token up to 5 s "
+        f"past its exp), at most 366 days (default {keep_hours:g} h)",
     )
     connection_options(revoke, top=False)
     return parser

@@ -614,8 +614,9 @@ class Publisher(_ContractHelpers[Cursor]):
         the tokens issued earlier in the current second are refused too), else an aware
         ``datetime`` or unix seconds, rounded up, not later than a minute past this machine's
         clock. ``keep_for``: how long the gateways keep refusing them, counted from
-        ``issued_before``: at least the longest lifetime of the tokens you issue (after it the
-        tokens it refuses have expired anyway), at most 366 days.
+        ``issued_before``: at least the longest lifetime of the tokens you issue plus 5 s, the
+        gateways' allowance past ``exp`` (after it the tokens it refuses have expired anyway),
+        at most 366 days.
 
         The subject's entry merges with an earlier one by taking the later of each time: a
         revocation never lowers nor shortens another. Returns the subject's entry after the
