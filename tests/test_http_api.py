@@ -15,6 +15,7 @@ from pathlib import Path
 import msgspec
 import pytest
 import redis
+import structlog
 import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -823,7 +824,6 @@ async def test_redis_unavailable_is_logged_once_a_second_not_per_request() -> No
     """Every request during a Redis outage logged a warning: at thousands of requests a second,
     thousands of lines. The first is logged, then at most one a second with the number of the
     others; the 503s are all counted."""
-    import structlog
 
     from publisher.core import PublisherUnavailable
 
@@ -1038,3 +1038,27 @@ def test_new_key_may_revoke_only_when_asked(capsys) -> None:
     key = lines[0].split()[-1]
     creds = Credentials.from_json(json.dumps({"keys": [json.loads(lines[-1])]}))
     assert creds.authenticate(f"Bearer {key}").revoke
+
+
+async def test_each_revocation_is_logged_with_who_whose_and_until_when_and_no_key(
+    redis_url,
+) -> None:
+    """docs/http-publish.md: each revocation is logged (an operator's action), with the key's id,
+    never the key; a refused attempt revokes nothing and logs no revocation."""
+    with structlog.testing.capture_logs() as logs:
+        async with served(redis_url, revoking_credentials()) as api:
+            status, _, body = await post_revocation(api, {"subject": "user-7"})
+            assert status == 200, body
+            assert (await post_revocation(api, {"subject": "user-8"}, key=KEY_ALL))[0] == 403
+    revocation = body["revocation"]
+    assert [line for line in logs if line["event"] == "tokens_revoked"] == [
+        {
+            "event": "tokens_revoked",
+            "log_level": "info",
+            "key_id": "admin",
+            "subject": "user-7",
+            "issued_before": revocation["issued_before"],
+            "expires_at": revocation["expires_at"],
+        }
+    ]
+    assert KEY_REVOKE not in repr(logs) and KEY_ALL not in repr(logs)
