@@ -1062,3 +1062,70 @@ async def test_each_revocation_is_logged_with_who_whose_and_until_when_and_no_ke
         }
     ]
     assert KEY_REVOKE not in repr(logs) and KEY_ALL not in repr(logs)
+
+
+_NEAR_NOW = st.builds(lambda d: int(time.time()) + d, st.integers(-400 * 86400, 400 * 86400))
+_REVOCATION_VALUE = st.one_of(
+    st.integers(),
+    _NEAR_NOW,
+    st.integers(-5, 400 * 86400),
+    st.floats(),
+    st.booleans(),
+    st.none(),
+    st.text(max_size=4),
+)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    subject=st.one_of(
+        st.text(min_size=0, max_size=40),
+        st.text(st.characters(min_codepoint=0x80), min_size=340, max_size=400),
+        st.integers(),
+        st.none(),
+        st.lists(st.text(max_size=3), max_size=2),
+    ),
+    options=st.dictionaries(st.sampled_from(["issued_before", "keep_for"]), _REVOCATION_VALUE),
+)
+def test_fuzzed_revocations_by_a_revoking_key_get_a_documented_answer(
+    redis_url, subject, options
+) -> None:
+    """Every request a revoking key can make to POST /v1/revocations: 200 with the entry now
+    stored, or a documented 400/422 that wrote nothing (the version did not change)."""
+    client = redis.Redis.from_url(redis_url)
+    version_before = client.get(Keys().revocations_version())
+    body = json.dumps({"subject": subject, **options}).encode()  # (NaN: not JSON, a 400)
+
+    async def run() -> tuple[int, dict]:
+        async with served(redis_url, revoking_credentials()) as api:
+            status, _, answer = await post_revocation(api, body)
+            return status, answer
+
+    try:
+        status, answer = asyncio.run(run())
+        version_after = client.get(Keys().revocations_version())
+        if status == 200:
+            revocation = answer["revocation"]
+            assert revocation["subject"] == subject
+            assert version_after != version_before
+            stored, malformed = RevocationList.from_hash(
+                client.hgetall(Keys().revocations()), time.time()
+            )
+            assert malformed == 0
+            entry = stored.get(subject)
+            if revocation["expires_at"] > time.time() + 1:
+                assert entry is not None
+                assert [entry.issued_before, entry.expires_at] == [
+                    revocation["issued_before"],
+                    revocation["expires_at"],
+                ]
+        else:
+            code = answer["error"]["code"]
+            assert (status, code) in {
+                (400, "invalid_json"),
+                (400, "repeated_key"),
+                (422, "invalid_revocation"),
+            }, (status, answer)
+            assert version_after == version_before
+    finally:
+        client.close()
