@@ -96,7 +96,7 @@ def test_keys_file_errors_name_the_field_and_duplicates_are_refused() -> None:
         Credentials.from_json(json.dumps({"keys": [{**entry, "rates": 20000}]}))
     with pytest.raises(ValueError, match="unknown field `comment`"):
         Credentials.from_json(json.dumps({"keys": [entry], "comment": "x"}))
-    with pytest.raises(ValueError, match=r"\$.keys\[0\].projects"):
+    with pytest.raises(ValueError, match=r"no projects.*\$.keys\[0\]"):
         Credentials.from_json(json.dumps({"keys": [{**entry, "projects": []}]}))
 
 
@@ -1129,3 +1129,22 @@ def test_fuzzed_revocations_by_a_revoking_key_get_a_documented_answer(
             assert version_after == version_before
     finally:
         client.close()
+
+
+async def test_a_key_may_revoke_without_publishing_anywhere(redis_url, capsys) -> None:
+    """Least privilege: the service that revokes people's access (an accounts service) needs
+    no project to publish to; a key had to name one."""
+    from publisher.http_api.__main__ import main
+
+    assert main(["new-key", "--id", "accounts", "--may-revoke"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    entry = json.loads(lines[-1])
+    assert (entry["projects"], entry["revoke"]) == ([], True)
+    key = lines[0].split()[-1]
+    assert main(["new-key", "--id", "nothing"]) == 2  # neither publishes nor revokes
+    assert "--projects" in capsys.readouterr().err
+    async with served(redis_url, Credentials.from_json(json.dumps({"keys": [entry]}))) as api:
+        status, _, body = await api.post(1, EXPIRED, key=key)
+        assert (status, body["error"]["code"]) == (403, "forbidden")
+        status, _, body = await post_revocation(api, {"subject": "user-7"}, key=key)
+        assert status == 200, body

@@ -1,7 +1,7 @@
 """``python -m publisher.http_api``: serve the HTTP publish API, or make an API key.
 
 python -m publisher.http_api new-key --id billing --projects 1,2   # prints the key and its entry
-python -m publisher.http_api new-key --id admin --projects 1 --may-revoke  # may revoke tokens
+python -m publisher.http_api new-key --id accounts --may-revoke   # only revokes tokens
 python -m publisher.http_api serve --keys-file keys.json --port 8766
 """
 
@@ -71,7 +71,12 @@ def _parser(prog: str) -> argparse.ArgumentParser:
 
     key = commands.add_parser("new-key", help="print a new API key and its keys-file entry")
     key.add_argument("--id", required=True, help="a name for the credential (e.g. the service)")
-    key.add_argument("--projects", required=True, help="comma-separated project ids, or '*'")
+    key.add_argument(
+        "--projects",
+        default=None,
+        help="comma-separated project ids, or '*' (required unless --may-revoke: a key that "
+        "only revokes publishes nowhere)",
+    )
     key.add_argument(
         "--rate", type=float, default=None, help="events/s for this key (default: serve's --rate)"
     )
@@ -95,10 +100,16 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m publisher.http
 
 def _new_key(args: argparse.Namespace, prog: str) -> int:
     key = new_key()
+    if args.projects is None and not args.may_revoke:
+        sys.stderr.write(f"{prog} new-key: error: --projects is required (or --may-revoke)\n")
+        return 2
     try:
-        projects = (
-            "*" if args.projects.strip() == "*" else [int(p) for p in args.projects.split(",")]
-        )
+        if args.projects is None:
+            projects: list[int] | str = []
+        elif args.projects.strip() == "*":
+            projects = "*"
+        else:
+            projects = [int(p) for p in args.projects.split(",")]
         entry = msgspec.convert(
             {
                 "id": args.id,

@@ -83,14 +83,19 @@ class ApiKey(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
 
     id: Annotated[str, Meta(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._:-]+\Z")]
     sha256: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}\Z")]
-    projects: (
-        Annotated[list[Annotated[int, Meta(gt=0, le=2**53 - 1)]], Meta(min_length=1)] | Literal["*"]
-    )
+    #: The projects it may publish to: ids, or ``"*"``. Empty only for a key that revokes and
+    #: publishes nowhere (least privilege for an accounts service).
+    projects: list[Annotated[int, Meta(gt=0, le=2**53 - 1)]] | Literal["*"]
     rate: Annotated[float, Meta(gt=0)] | None = None
     burst: Annotated[int, Meta(ge=1)] | None = None
     #: Whether this key may revoke tokens (``POST /v1/revocations``): an operator's power over
     #: every person's access, so only keys given it (``new-key --may-revoke``) have it.
     revoke: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.projects and not self.revoke:
+            # (msgspec reports it with the entry's place in the file)
+            raise ValueError('a key with no projects could do nothing (unless "revoke": true)')
 
     def allows(self, project_id: int) -> bool:
         return self.projects == "*" or project_id in self.projects
