@@ -240,7 +240,13 @@ class RevocationWatcher(Generic[S]):
 
     async def _run(self) -> None:
         while not self._stopped:
-            await self.poll_once()
+            try:
+                await self.poll_once()
+            except Exception as exc:  # (poll_once catches its own; this is the last guard)
+                # A loop that ended here would end revocation on this process for good, with
+                # nothing but a line at garbage collection to say so.
+                self.metrics.revocation_poll_failures_total += 1
+                self._warn("poll_failed", "revocations: a poll failed", error=repr(exc))
             await asyncio.sleep(self.interval)
 
     async def poll_once(self) -> bool:
@@ -323,13 +329,23 @@ class RevocationWatcher(Generic[S]):
         if not raised:
             return
         closing = sessions_to_close(raised, self.index, revocations, self.clock())
+        closed = 0
         for session in closing:
-            self.close(session)
-        self.metrics.revocation_disconnects_total += len(closing)
-        if closing:
+            # The list is in force already: a connection skipped here would not be met again
+            # (its entry is no longer new), so a failure to close one must not spare the rest.
+            try:
+                self.close(session)
+            except Exception as exc:
+                self._warn(
+                    "close_failed", "revocations: closing a connection failed", error=repr(exc)
+                )
+                continue
+            closed += 1
+        self.metrics.revocation_disconnects_total += closed
+        if closed:
             log.info(
                 "closed connections whose token was revoked",
-                connections=len(closing),
+                connections=closed,
                 subjects=len(raised),
             )
 

@@ -335,3 +335,59 @@ async def test_a_reply_nobody_foresaw_is_a_failed_poll_not_a_dead_loop():
     watcher = make_watcher(OddRedis())
     assert not await watcher.poll_once()
     assert watcher.metrics.revocation_poll_failures_total == 1
+
+
+async def test_a_close_that_raises_neither_ends_the_loop_nor_spares_the_other_connections():
+    # A bug in closing one connection (the gateway's callback) must cost that connection alone:
+    # the others the list revokes are closed all the same, and the polls go on.
+    client = fakeredis.FakeAsyncRedis()
+    closed: list[Conn] = []
+    broken = Conn("alice", NOW - 20)
+
+    def close(conn: Conn) -> None:
+        if conn is broken:
+            raise RuntimeError("a bug in a close")
+        conn.closing = True
+        closed.append(conn)
+
+    watcher = RevocationWatcher(
+        client, KEYS, interval=0.05, metrics=Metrics(), close=close, clock=lambda: NOW
+    )
+    others = [Conn("alice", NOW - 20), Conn("bob", NOW - 20)]
+    for conn in (broken, *others):
+        watcher.subject_changed(conn, None, conn.claims.sub)
+    watcher.start()
+    try:
+        await wait_until(lambda: watcher.loaded.is_set(), 5, "the first read")
+        await revoke(client, "alice", NOW - 10)
+        await revoke(client, "bob", NOW - 10)
+        await wait_until(lambda: len(closed) == 2, 5, "the other connections closed")
+        assert closed == others
+        polls = watcher.polls
+        await wait_until(lambda: watcher.polls >= polls + 3, 5, "the polls going on")
+        assert watcher._task is not None and not watcher._task.done()
+    finally:
+        await watcher.stop()
+
+
+async def test_the_poll_loop_outlives_a_bug_past_the_read():
+    client = fakeredis.FakeAsyncRedis()
+    watcher = make_watcher(client)
+    real_apply, calls = watcher._apply, []
+
+    def apply(*args) -> None:
+        calls.append(args)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in applying a list")
+        real_apply(*args)
+
+    watcher._apply = apply  # type: ignore[method-assign]
+    await revoke(client, "alice", NOW - 10)
+    watcher.start()
+    try:
+        # The first list failed to apply; the next poll reads it again (not loaded yet).
+        await wait_until(lambda: watcher.loaded.is_set(), 5, "the list in force")
+        assert watcher.is_revoked(claims("alice", NOW - 20)) and len(calls) == 2
+        assert watcher.metrics.revocation_poll_failures_total == 1
+    finally:
+        await watcher.stop()
