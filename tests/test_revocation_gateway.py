@@ -483,3 +483,61 @@ async def test_the_consumer_counts_revoked_tokens_towards_max_auth_failures(gate
             async with asyncio.timeout(20):
                 await consumer.events(2).wait_subscribed()
     assert info.value.close_code == 4003 and len(calls) == 3
+
+
+# --- the subject index ---------------------------------------------------------------------
+
+
+async def test_the_subject_index_shrinks_back_to_empty_whatever_ends_the_connections(
+    gateways, redis_client
+):
+    # The index holds an entry per subject with a connection: every way a connection ends must
+    # take it out (a leak would grow with every connection the process ever had).
+    from gateway.session import CloseCode
+
+    gateway = await gateways(revocation_poll_interval=INTERVAL, drain_timeout=1)
+    index = gateway.revocations.index
+    now = int(time.time())
+
+    # Closed by the client; closed with 4003; refreshed to another subject, then closed.
+    plain = await connected(gateway, token("plain", [1]), 1)
+    revoked = await connected(gateway, token("revoked", [1], iat=now - 100), 1)
+    moved = await connected(gateway, token("before", [1]), 1)
+    await moved.send({"type": "auth", "token": token("after", [1])})
+    await moved.wait_for(lambda: moved.last("authenticated")["subject"] == "after")
+    assert "before" not in index and "after" in index
+    # A token that expires; a connection the gateway aborts (as a slow consumer or a missed
+    # pong is); a first auth refused; a stream the client closes; a stream revoked.
+    expiring = await connected(gateway, token("expiring", [1], ttl=1), 1)
+    aborted = await connected(gateway, token("aborted", [1]), 1)
+    refused = await refused_at_auth(gateway, "not a token")
+    headers = {"Authorization": f"Bearer {token('streamer', [1])}"}
+    _, _, stream = await open_stream(http_url(gateway), "/v1/projects/1/stream", headers)
+    await stream.until("subscribed")
+    headers = {"Authorization": f"Bearer {token('revoked_stream', [1], iat=now - 100)}"}
+    _, _, revoked_stream = await open_stream(http_url(gateway), "/v1/projects/1/stream", headers)
+    await revoked_stream.until("subscribed")
+    assert len(index) == 7
+
+    await plain.close()
+    for session in index.sessions_of("aborted"):
+        session.abort(CloseCode.SLOW_CONSUMER, "slow consumer")
+    revoke(redis_client, "revoked", now - 50)
+    revoke(redis_client, "revoked_stream", now - 50)
+    await asyncio.wait_for(revoked.closed.wait(), INTERVAL + SLACK)
+    await revoked_stream.rest(within=INTERVAL + SLACK)
+    await asyncio.wait_for(expiring.closed.wait(), 5)
+    await asyncio.wait_for(aborted.closed.wait(), 5)
+    await moved.close()
+    stream.close()
+    assert refused.close_code == 4001
+    await wait_until(lambda: len(gateway.sessions) == 0, 5, "every connection gone")
+    assert len(index) == 0, dict(index._by_subject)
+
+    # And the drain's closes.
+    others = [await connected(gateway, token(f"s{n % 2}", [1]), 1) for n in range(3)]
+    assert len(index) == 2
+    await gateway.drain()
+    for client in others:
+        await asyncio.wait_for(client.closed.wait(), 5)
+    assert len(index) == 0 and len(gateway.sessions) == 0
