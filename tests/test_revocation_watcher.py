@@ -155,7 +155,7 @@ async def test_the_first_poll_reads_the_list_and_the_next_only_when_the_version_
     assert not watcher.is_revoked(claims("alice", NOW - 10))  # issued at T: not before it
     assert not watcher.is_revoked(claims("bob", NOW - 20))
     assert not watcher.is_revoked(claims(None, NOW - 20))
-    # Unchanged version: one GET, no HGETALL; a write without INCR is not seen...
+    # Unchanged version: one GET, no HSCAN; a write without INCR is not seen...
     await revoke(client, "bob", NOW - 10, bump=False)
     assert await watcher.poll_once()
     assert watcher.loads == 1 and not watcher.is_revoked(claims("bob", NOW - 20))
@@ -283,7 +283,7 @@ class HungRedis:
         self.calls += 1
         await asyncio.Event().wait()
 
-    async def hgetall(self, key):
+    async def hscan(self, key, cursor=0, count=None):
         self.calls += 1
         await asyncio.Event().wait()
 
@@ -292,7 +292,7 @@ class FailingRedis:
     async def get(self, key):
         raise redis.exceptions.ConnectionError("Connection refused")
 
-    async def hgetall(self, key):
+    async def hscan(self, key, cursor=0, count=None):
         raise AssertionError("not reached")
 
 
@@ -329,8 +329,8 @@ async def test_a_reply_nobody_foresaw_is_a_failed_poll_not_a_dead_loop():
         async def get(self, key):
             return None
 
-        async def hgetall(self, key):
-            return [b"a list", b"not a dict"]
+        async def hscan(self, key, cursor=0, count=None):
+            return 0, [b"a list", b"not a dict"]
 
     watcher = make_watcher(OddRedis())
     assert not await watcher.poll_once()
@@ -391,3 +391,46 @@ async def test_the_poll_loop_outlives_a_bug_past_the_read():
         assert watcher.metrics.revocation_poll_failures_total == 1
     finally:
         await watcher.stop()
+
+
+async def test_a_large_list_is_read_a_slice_at_a_time_and_the_loop_runs_meanwhile(redis_url):
+    # A mass revocation (tens of thousands of entries) must not hold the event loop for one
+    # long reply and its parse: deliveries wait for it. Read with HGETALL, 100,000 entries held
+    # the loop ~250 ms in one piece; the slices leave it free between them.
+    import redis.asyncio
+
+    client = redis.asyncio.Redis.from_url(redis_url)
+    entries = 20 * revocations_module.SCAN_COUNT
+    value = encode_entry(Revocation("x", NOW - 10, NOW + 3600))
+    fields = {f"user-{n}": value for n in range(entries)}
+    fields["garbage"] = b"not an entry"
+    await client.hset(KEYS.revocations(), mapping=fields)
+    closed: list[Conn] = []
+    watcher = make_watcher(client, closed)
+    previous = revocation_list(("user-7", NOW - 10, NOW + 3600), ("user-8", NOW - 20, NOW + 60))
+    watcher.current = previous
+    conns = [Conn(f"user-{n}", NOW - 15) for n in range(6, 10)]
+    for conn in conns:
+        watcher.subject_changed(conn, None, conn.claims.sub)
+    ticks = 0
+    reading = True
+
+    async def tick() -> None:
+        nonlocal ticks
+        while reading:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    ticker = asyncio.create_task(tick())
+    try:
+        assert await watcher.poll_once()
+    finally:
+        reading = False
+        await ticker
+        await client.aclose()
+    assert ticks >= 10  # (one reply, as HGETALL's, lets it run about twice)
+    assert len(watcher.current) == entries
+    assert watcher.metrics.foreign_values["revocation_entry"] == 1
+    # The entries new or raised since the list in force close their connections; user-7's,
+    # unchanged, was in force already (its connection, issued after it, is not revoked).
+    assert sorted(closed, key=id) == sorted([conns[0], conns[2], conns[3]], key=id)
