@@ -9,12 +9,11 @@ poll), so a check costs a dictionary lookup and never waits for Redis.
 The list is polled, not pushed: every ``--revocation-poll-interval`` (1 s) the watcher reads the
 version key (one ``GET``) and reads the hash (``HSCAN``, a slice at a time: :data:`SCAN_COUNT`)
 only when the version changed, on its first poll, while the version is unusable, and every
-:data:`RELOAD_INTERVAL` seconds anyway. A
-poll cannot lose a revocation across a reconnect or a failover, as a pub/sub message can; the
-delay is bounded by the interval. On each new list the connections of this process whose token
-it newly revokes (:meth:`schemas.revocations.RevocationList.raised_since`) are closed with
-4003, found through a subject index (:class:`SubjectIndex`) rather than a walk over every
-connection.
+:data:`RELOAD_INTERVAL` seconds anyway. A poll cannot lose a revocation across a reconnect or a
+failover, as a pub/sub message can; the delay is bounded by the interval. On each new list the
+connections of this process whose token it newly revokes (its entries new, raised, or live
+again: :func:`_revokes_more`) are closed with 4003, found through a subject index
+(:class:`SubjectIndex`) rather than a walk over every connection.
 
 Failures never reach the clients: a Redis that does not answer within :data:`READ_TIMEOUT`
 (hung, unreachable, failing over) leaves the last list in force and is tried again on the next
@@ -326,8 +325,7 @@ class RevocationWatcher(Generic[S]):
                 for revocation in part:
                     subject = revocation.subject
                     entries[subject] = revocation
-                    before = previous.get(subject)
-                    if before is None or revocation.issued_before > before.issued_before:
+                    if _revokes_more(revocation, previous.get(subject), wall):
                         raised[subject] = revocation
                     else:
                         raised.pop(subject, None)  # (a slice read twice: its last value)
@@ -344,14 +342,9 @@ class RevocationWatcher(Generic[S]):
         self._version = version if usable else None
         return _Loaded(RevocationList(entries.values()), malformed, list(raised.values()))
 
-    def _apply(
-        self,
-        revocations: RevocationList,
-        malformed: int,
-        raised: list[Revocation] | None = None,
-    ) -> None:
-        """Put ``revocations`` in force and close the connections it newly revokes (``raised``,
-        its entries new or raised since the list in force, when the caller has them)."""
+    def _apply(self, revocations: RevocationList, malformed: int, raised: list[Revocation]) -> None:
+        """Put ``revocations`` in force and close the connections it newly revokes (``raised``:
+        its entries that revoke more than the list in force did, :func:`_revokes_more`)."""
         if malformed:
             self.metrics.foreign_values[ForeignKind.REVOCATION_ENTRY.value] += malformed
             self._warn(
@@ -360,9 +353,7 @@ class RevocationWatcher(Generic[S]):
                 key=self.keys.revocations(),
                 malformed=malformed,
             )
-        previous, self.current = self.current, revocations
-        if raised is None:
-            raised = revocations.raised_since(previous)
+        self.current = revocations
         if not raised:
             return
         closing = sessions_to_close(raised, self.index, revocations, self.clock())
@@ -403,6 +394,18 @@ class RevocationWatcher(Generic[S]):
         suppressed = self._throttle.allow(kind)
         if suppressed is not None:
             log.warning(event, **fields, **({"suppressed": suppressed} if suppressed else {}))
+
+
+def _revokes_more(revocation: Revocation, before: Revocation | None, now: float) -> bool:
+    """Whether ``revocation`` may refuse a token that ``before`` (the subject's entry in the
+    list in force) let in: it is new, its ``issued_before`` rose, or ``before`` had expired (a
+    revocation written again after that, even with the same time: the tokens taken meanwhile).
+    ``RevocationList.raised_since`` without the last case: it knows no time."""
+    return (
+        before is None
+        or now >= before.expires_at
+        or revocation.issued_before > before.issued_before
+    )
 
 
 class _Loaded(NamedTuple):

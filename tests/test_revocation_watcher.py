@@ -434,3 +434,32 @@ async def test_a_large_list_is_read_a_slice_at_a_time_and_the_loop_runs_meanwhil
     # The entries new or raised since the list in force close their connections; user-7's,
     # unchanged, was in force already (its connection, issued after it, is not revoked).
     assert sorted(closed, key=id) == sorted([conns[0], conns[2], conns[3]], key=id)
+
+
+async def test_a_revocation_written_again_after_it_expired_closes_what_opened_meanwhile():
+    # alice's revocation expires: her old token is taken again, and a connection opens with it.
+    # The backend revokes her again with the same time (its own record of her removal): the old
+    # token is refused again, and that connection must close, though issued_before did not
+    # rise since the list this process read before the expiry.
+    client = fakeredis.FakeAsyncRedis()
+    now = [NOW]
+    closed: list[Conn] = []
+
+    def close(conn: Conn) -> None:
+        conn.closing = True
+        closed.append(conn)
+
+    watcher = RevocationWatcher(
+        client, KEYS, interval=0.05, metrics=Metrics(), close=close, clock=lambda: now[0]
+    )
+    await revoke(client, "alice", NOW - 10, NOW + 60)
+    assert await watcher.poll_once()
+    assert watcher.is_revoked(claims("alice", NOW - 20))
+    now[0] = NOW + 61  # expired: taken again
+    assert not watcher.is_revoked(claims("alice", NOW - 20))
+    alice = Conn("alice", NOW - 20)
+    watcher.subject_changed(alice, None, "alice")
+    await revoke(client, "alice", NOW - 10, NOW + 3600)
+    assert await watcher.poll_once()
+    assert watcher.is_revoked(claims("alice", NOW - 20))
+    assert closed == [alice]
