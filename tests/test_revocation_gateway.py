@@ -541,3 +541,41 @@ async def test_the_subject_index_shrinks_back_to_empty_whatever_ends_the_connect
     for client in others:
         await asyncio.wait_for(client.closed.wait(), 5)
     assert len(index) == 0 and len(gateway.sessions) == 0
+
+
+async def test_revocations_go_on_across_a_failover_of_their_slot(redis_cluster_factory):
+    # The master of the {revocations} slot dies (SIGKILL) and its replica takes over: polls fail
+    # meanwhile (the last list stays), then the next revocation, written to the new master, acts.
+    import redis.cluster
+
+    cluster = await asyncio.to_thread(redis_cluster_factory, 3, 1)
+    client = redis.cluster.RedisCluster.from_url(
+        cluster.url.replace("redis+cluster://", "redis://")
+    )
+    gateway = await start_gateway(cluster.url, revocation_poll_interval=INTERVAL, drain_timeout=1)
+    try:
+        now = int(time.time())
+        revoke(client, "alice", now - 50)
+        watcher = gateway.revocations
+        await wait_until(lambda: len(watcher.current) == 1, 10, "the list read")
+        bob = await connected(gateway, token("bob", [1], iat=now - 100))
+        home = cluster.master_of_slot(cluster.key_slot(KEYS.revocations()))
+        await asyncio.to_thread(cluster.kill_master, home)
+        # Written to the new master (the client follows the MOVED), acted on by the gateway.
+        await asyncio.to_thread(revoke, client, "bob", now - 50)
+        await asyncio.wait_for(bob.closed.wait(), 30)
+        assert bob.close_code == 4003
+        assert watcher.is_revoked(jwt_claims(token("alice", [1], iat=now - 100)))
+        assert watcher._task is not None and not watcher._task.done()
+    finally:
+        client.close()
+        await gateway.drain()
+
+
+def jwt_claims(bearer: str):
+    from schemas.tokens import TokenClaims
+
+    claims = jwt.decode(bearer, options={"verify_signature": False})
+    return TokenClaims(
+        projects=claims["projects"], exp=claims["exp"], sub=claims.get("sub"), iat=claims["iat"]
+    )
