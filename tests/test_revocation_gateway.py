@@ -579,3 +579,26 @@ def jwt_claims(bearer: str):
     return TokenClaims(
         projects=claims["projects"], exp=claims["exp"], sub=claims.get("sub"), iat=claims["iat"]
     )
+
+
+async def test_a_token_with_a_fractional_iat_minted_after_the_revocation_is_taken(
+    gateways, redis_client
+):
+    # RFC 7519 NumericDates may have a fraction, and libraries write one (PyJWT with
+    # "iat": time.time()). Taken as "no iat" (issued at 0), every new token of a revoked person
+    # was refused until the revocation expired (a day by default): the app could not let them
+    # back in. The token's whole second is what the revocation compares.
+    gateway = await gateways(revocation_poll_interval=INTERVAL)
+    now = int(time.time())
+    revoke(redis_client, "alice", now - 50)
+    await wait_until(lambda: len(gateway.revocations.current) == 1, 5, "the list read")
+
+    def fractional(iat: float) -> str:
+        claims = {"projects": [1], "aud": AUDIENCE, "sub": "alice", "iat": iat, "exp": now + 300}
+        return jwt.encode(claims, SECRET, algorithm="HS256")
+
+    fresh = await connected(gateway, fractional(now - 49.5))
+    assert fresh.last("authenticated")["subject"] == "alice"
+    refused = await refused_at_auth(gateway, fractional(now - 50.5))
+    assert refused.close_code == 4003
+    await fresh.close()

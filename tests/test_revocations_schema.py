@@ -89,6 +89,13 @@ def test_a_fractional_iat_counts_as_its_whole_second() -> None:
     assert not revocations.is_revoked(after.sub, after.iat, now)
 
 
+@pytest.mark.parametrize(("iat", "second"), [(1.5, 1), (1_700_000_000.999, 1_700_000_000)])
+def test_a_fractional_iat_is_its_whole_second(iat: float, second: int) -> None:
+    """As a revocation's time is rounded up to a whole second, a token issued in the same
+    second before it is refused, and one issued after it taken."""
+    assert verify_token(forge({"iat": iat}), SECRET).iat == second
+
+
 # --- the stored format ------------------------------------------------------------------------
 
 times = st.integers(min_value=0, max_value=MAX_TIMESTAMP)
