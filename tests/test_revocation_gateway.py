@@ -602,3 +602,21 @@ async def test_a_token_with_a_fractional_iat_minted_after_the_revocation_is_take
     refused = await refused_at_auth(gateway, fractional(now - 50.5))
     assert refused.close_code == 4003
     await fresh.close()
+
+
+async def test_a_connection_refreshed_to_a_newer_token_before_the_list_is_read_stays_open(
+    gateways, publisher, redis_client
+):
+    # The app revoked alice's old tokens and gave her tab a new one, which it sent as a refresh
+    # before the gateway read the list: the connection's token is the new one, not revoked.
+    gateway = await gateways(revocation_poll_interval=INTERVAL)
+    now = int(time.time())
+    alice = await connected(gateway, token("alice", [2], iat=now - 100), 2)
+    await alice.send({"type": "auth", "token": token("alice", [2], iat=now - 10)})
+    await alice.wait_for(lambda: len(alice.of("authenticated")) == 2)
+    revoke(redis_client, "alice", now - 50)
+    await wait_until(lambda: len(gateway.revocations.current) == 1, 5, "the list read")
+    await publish(publisher, 2, 1)
+    await alice.wait_for(lambda: alice.seqs(2) == [1])
+    assert not alice.closed.is_set() and gateway.metrics.revocation_disconnects_total == 0
+    await alice.close()
