@@ -11,8 +11,8 @@ version key (one ``GET``) and reads the hash (``HSCAN``, a slice at a time: :dat
 only when the version changed, on its first poll, while the version is unusable, and every
 :data:`RELOAD_INTERVAL` seconds anyway. A poll cannot lose a revocation across a reconnect or a
 failover, as a pub/sub message can; the delay is bounded by the interval. On each new list the
-connections of this process whose token it newly revokes (its entries new, raised, or live
-again: :func:`_revokes_more`) are closed with 4003, found through a subject index
+connections of this process whose token it newly revokes (among its entries new or changed:
+:func:`_revokes_more`) are closed with 4003, found through a subject index
 (:class:`SubjectIndex`) rather than a walk over every connection.
 
 Failures never reach the clients: a Redis that does not answer within :data:`READ_TIMEOUT`
@@ -325,7 +325,7 @@ class RevocationWatcher(Generic[S]):
                 for revocation in part:
                     subject = revocation.subject
                     entries[subject] = revocation
-                    if _revokes_more(revocation, previous.get(subject), wall):
+                    if _revokes_more(revocation, previous.get(subject)):
                         raised[subject] = revocation
                     else:
                         raised.pop(subject, None)  # (a slice read twice: its last value)
@@ -396,16 +396,14 @@ class RevocationWatcher(Generic[S]):
             log.warning(event, **fields, **({"suppressed": suppressed} if suppressed else {}))
 
 
-def _revokes_more(revocation: Revocation, before: Revocation | None, now: float) -> bool:
+def _revokes_more(revocation: Revocation, before: Revocation | None) -> bool:
     """Whether ``revocation`` may refuse a token that ``before`` (the subject's entry in the
-    list in force) let in: it is new, its ``issued_before`` rose, or ``before`` had expired (a
-    revocation written again after that, even with the same time: the tokens taken meanwhile).
-    ``RevocationList.raised_since`` without the last case: it knows no time."""
-    return (
-        before is None
-        or now >= before.expires_at
-        or revocation.issued_before > before.issued_before
-    )
+    list in force) let in: whether it is new or changed. A superset (a later ``expires_at``
+    alone closes nothing: the token decides), but it has to include a revocation written again
+    after ``before`` expired, with the same ``issued_before``: the tokens taken meanwhile are
+    refused again. ``RevocationList.raised_since`` (``issued_before`` risen) missed those, and
+    no clock can tell them reliably while the hash is read a slice at a time."""
+    return revocation != before
 
 
 class _Loaded(NamedTuple):
