@@ -16,10 +16,11 @@ connections of this process whose token it newly revokes (among its entries new 
 (:class:`SubjectIndex`) rather than a walk over every connection.
 
 Failures never reach the clients: a Redis that does not answer within :data:`READ_TIMEOUT`
-(hung, unreachable, failing over) leaves the last list in force and is tried again on the next
-poll; a key of another type, a version that is not an integer or a hash value that does not
-parse is counted in ``eventbus_foreign_values_total`` (``revocation_key``,
-``revocation_entry``) and skipped. Warnings are throttled (a few a minute per kind).
+(hung, unreachable, failing over) leaves the last list in force and is tried again after
+:data:`FAILED_POLL_RETRY` (or the interval, when shorter); a key of another type, a version
+that is not an integer or a hash value that does not parse is counted in
+``eventbus_foreign_values_total`` (``revocation_key``, ``revocation_entry``) and skipped.
+Warnings are throttled (a few a minute per kind).
 
 The pure part (:class:`SubjectIndex`, :func:`sessions_to_close`) is tested without sockets.
 """
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     from schemas.keys import Keys
 
 __all__ = [
+    "FAILED_POLL_RETRY",
     "READ_TIMEOUT",
     "RELOAD_INTERVAL",
     "SCAN_COUNT",
@@ -71,6 +73,11 @@ RELOAD_INTERVAL = 60.0
 #: the event loop, nor Redis, for one long reply: a reload of 100,000 took ~250 ms of the loop
 #: in one piece with ``HGETALL``, ~3 ms at a time with slices of this size.
 SCAN_COUNT = 1000
+
+#: Seconds after which a poll that failed is tried again, when ``--revocation-poll-interval`` is
+#: longer: a Redis that failed one poll (a blip, a failover) must not leave the process without
+#: the newest list, nor unready when it failed the first, for a whole interval (up to an hour).
+FAILED_POLL_RETRY = 1.0
 
 #: The longest version value taken as one (INCR's replies have at most 20 digits).
 _MAX_VERSION_DIGITS = 20
@@ -247,14 +254,17 @@ class RevocationWatcher(Generic[S]):
 
     async def _run(self) -> None:
         while not self._stopped:
+            answered = False
             try:
-                await self.poll_once()
+                answered = await self.poll_once()
             except Exception as exc:  # (poll_once catches its own; this is the last guard)
                 # A loop that ended here would end revocation on this process for good, with
                 # nothing but a line at garbage collection to say so.
                 self.metrics.revocation_poll_failures_total += 1
                 self._warn("poll_failed", "revocations: a poll failed", error=repr(exc))
-            await asyncio.sleep(self.interval)
+            await asyncio.sleep(
+                self.interval if answered else min(self.interval, FAILED_POLL_RETRY)
+            )
 
     async def poll_once(self) -> bool:
         """One poll, bounded by :attr:`read_timeout`; never raises (but CancelledError). True

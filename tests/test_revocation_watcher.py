@@ -463,3 +463,34 @@ async def test_a_revocation_written_again_after_it_expired_closes_what_opened_me
     assert await watcher.poll_once()
     assert watcher.is_revoked(claims("alice", NOW - 20))
     assert closed == [alice]
+
+
+async def test_a_failed_poll_is_tried_again_soon_whatever_the_interval():
+    # --revocation-poll-interval may be up to an hour: a Redis that failed the first poll (a
+    # blip at start) must not leave the process unready, without the list, until the next one.
+    class FlakyRedis:
+        def __init__(self) -> None:
+            self.client = fakeredis.FakeAsyncRedis()
+            self.failures = 1
+
+        async def get(self, key):
+            if self.failures:
+                self.failures -= 1
+                raise redis.exceptions.ConnectionError("Connection refused")
+            return await self.client.get(key)
+
+        async def hscan(self, key, cursor=0, count=None):
+            return await self.client.hscan(key, cursor, count=count)
+
+    flaky = FlakyRedis()
+    await revoke(flaky.client, "alice", NOW - 10)
+    watcher = RevocationWatcher(
+        flaky, KEYS, interval=3600, metrics=Metrics(), close=lambda s: None, clock=lambda: NOW
+    )
+    watcher.start()
+    try:
+        await wait_until(lambda: watcher.loaded.is_set(), 5, "the list read after a failure")
+        assert watcher.is_revoked(claims("alice", NOW - 20))
+        assert watcher.metrics.revocation_poll_failures_total == 1
+    finally:
+        await watcher.stop()
