@@ -7,6 +7,7 @@ The end-to-end behaviour (real Redis, WebSocket, SSE, polls) is in tests/test_re
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 
 import fakeredis
@@ -393,10 +394,13 @@ async def test_the_poll_loop_outlives_a_bug_past_the_read():
         await watcher.stop()
 
 
-async def test_a_large_list_is_read_a_slice_at_a_time_and_the_loop_runs_meanwhile(redis_url):
+async def test_a_large_list_is_read_a_slice_at_a_time_and_the_loop_runs_meanwhile(
+    redis_url, monkeypatch
+):
     # A mass revocation (tens of thousands of entries) must not hold the event loop for one
-    # long reply and its parse: deliveries wait for it. Read with HGETALL, 100,000 entries held
-    # the loop ~250 ms in one piece; the slices leave it free between them.
+    # long parse: deliveries wait for it. Read with HGETALL and parsed at once, 100,000 entries
+    # held the loop ~250 ms in one piece; each slice is parsed as it arrives, the loop running
+    # between them.
     import redis.asyncio
 
     client = redis.asyncio.Redis.from_url(redis_url)
@@ -412,13 +416,19 @@ async def test_a_large_list_is_read_a_slice_at_a_time_and_the_loop_runs_meanwhil
     conns = [Conn(f"user-{n}", NOW - 15) for n in range(6, 10)]
     for conn in conns:
         watcher.subject_changed(conn, None, conn.claims.sub)
-    ticks = 0
+    happened: list[str] = []  # "parse" of a reply, "tick" of another task
+    from_hash = RevocationList.from_hash.__func__  # type: ignore[attr-defined]
+
+    def parse(cls, items, now):
+        happened.append("parse")
+        return from_hash(cls, items, now)
+
+    monkeypatch.setattr(RevocationList, "from_hash", classmethod(parse))
     reading = True
 
     async def tick() -> None:
-        nonlocal ticks
         while reading:
-            ticks += 1
+            happened.append("tick")
             await asyncio.sleep(0)
 
     ticker = asyncio.create_task(tick())
@@ -428,7 +438,9 @@ async def test_a_large_list_is_read_a_slice_at_a_time_and_the_loop_runs_meanwhil
         reading = False
         await ticker
         await client.aclose()
-    assert ticks >= 10  # (one reply, as HGETALL's, lets it run about twice)
+    parses = [n for n, what in enumerate(happened) if what == "parse"]
+    assert len(parses) >= 10
+    assert all("tick" in happened[a:b] for a, b in itertools.pairwise(parses))
     assert len(watcher.current) == entries
     assert watcher.metrics.foreign_values["revocation_entry"] == 1
     # The entries new or raised since the list in force close their connections; user-7's,
