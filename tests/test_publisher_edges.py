@@ -46,7 +46,7 @@ from publisher.client import DEFAULT_TIMEOUT
 from publisher.core import Retention, RetryPolicy, event_digest
 from schemas import AgentResumed, BlockerExpired, BlockerResolved, Keys, encode_event
 from schemas.stored import parse_idempotency_record
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import RedisServer, hung
 
 KEYS = Keys()
 T0 = datetime(2025, 11, 8, 12, 45, 30, tzinfo=UTC)
@@ -84,17 +84,6 @@ def assert_exactly_once(client: redis.Redis, project_id: int) -> list[int]:
 def server() -> Iterator[RedisServer]:
     with RedisServer() as own:
         yield own
-
-
-@contextmanager
-def hung(server: RedisServer) -> Iterator[None]:
-    """The server process stopped (its sockets stay open, nothing answers), resumed after."""
-    assert server.process is not None
-    os.kill(server.process.pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(server.process.pid, signal.SIGCONT)
 
 
 def fails_within(call: Callable[[], object], bound: float) -> float:

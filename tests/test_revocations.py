@@ -10,10 +10,8 @@ import io
 import json
 import os
 import re
-import signal
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -29,7 +27,7 @@ from schemas import lua
 from schemas.keys import Keys
 from schemas.revocations import MAX_SUBJECT_BYTES, REVOKE_SWEEP, Revocation, RevocationList
 from schemas.tokens import issue_token, verify_token
-from tests.support.redis_server import RedisServer, free_port
+from tests.support.redis_server import RedisServer, free_port, hung
 
 KEYS = Keys()
 SECRET = "revocation-test-secret-long-enough-for-hs256"
@@ -362,16 +360,6 @@ def test_fakeredis_runs_the_same_script(fake_redis: fakeredis.FakeRedis) -> None
 
 
 # --- bounded like a publish -------------------------------------------------------------------
-
-
-@contextmanager
-def hung(server: RedisServer) -> Iterator[None]:
-    assert server.process is not None
-    os.kill(server.process.pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(server.process.pid, signal.SIGCONT)
 
 
 def ends_within(call: Callable[[], object], bound: float) -> None:
