@@ -111,7 +111,9 @@ export interface Cursor {
 
 export interface EventBusError {
   /** A gateway error code (docs/protocol.md) or a client one: "poll_failed", "token_failed",
-   * "token_refresh_failed", "resync_failed", "handler_failed", "closed", "invalid_frame",
+   * "token_refresh_failed", "auth_failed" (close 4001: the token was refused), "token_revoked"
+   * (close 4003: the person's tokens were revoked; both reconnect with a new token, backed off),
+   * "resync_failed", "handler_failed", "closed", "invalid_frame",
    * "websocket_failed", "poll_http_<status>", "sse_failed", "sse_http_<status>",
    * "invalid_snapshot_cursor", "snapshot_cursor_ignored", "history_corrupt" (a gap still there
    * after two repairs from the same cursor: onResync runs, delivery continues after it),

@@ -1752,6 +1752,17 @@ export class EventBus {
     }
     const action = closeAction(code);
     if (action.clientBug) this._reportError({ code: "closed", message: `gateway closed the connection with ${code}`, closeCode: code });
+    if (code === CloseCode.AUTH_FAILED || code === CloseCode.TOKEN_REVOKED) {
+      // The person's token was refused: the app may want to say so (access removed, signed out)
+      // rather than show a network outage. Over SSE and polling the same refusal comes as a 401
+      // (invalid_token); here it is the close code.
+      const revoked = code === CloseCode.TOKEN_REVOKED;
+      this._reportError({
+        code: revoked ? "token_revoked" : "auth_failed",
+        message: revoked ? "the gateway closed the connection: token revoked" : "the gateway refused the token",
+        closeCode: code,
+      });
+    }
     if (action.renewToken) this._token = null;
     // Prompt once until a connection is stable: a drained pod refuses new handshakes, so a
     // second such close soon after is no drain moving us elsewhere. A gateway (or proxy) that

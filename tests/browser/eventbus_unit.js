@@ -724,6 +724,26 @@ test("4001 and 4002 get a new token before reconnecting", async () => {
   await flush();
   eq(ws.sent[0].token, env.tokens[env.tokens.length - 1], "asked again (polling may ask too)");
   assert(env.tokens.length >= 3);
+  eq(env.errors.filter((e) => e.closeCode === 4001).map((e) => e.code), ["auth_failed"], "a refused token is reported");
+  eq(env.errors.filter((e) => e.closeCode === 4002).length, 0, "an expired one is routine, not reported");
+});
+
+test("4003 (token revoked) is reported, gets a new token and reconnects with backoff", async () => {
+  const env = setup();
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  const tokensBefore = env.tokens.length;
+  ws.serverClose(4003);
+  await flush();
+  eq(env.errors.filter((e) => e.closeCode === 4003).map((e) => e.code), ["token_revoked"], "reported once");
+  await env.clock.advance(500);
+  eq(env.sockets.length, 1, "not at once: backoff, as for 4001");
+  await env.clock.advance(1000);
+  eq(env.sockets.length, 2, "reconnected after the backoff");
+  const next = env.last();
+  next.open();
+  await flush();
+  assert(env.tokens.length > tokensBefore, "a new token was asked for");
+  eq(next.sent[0].token, env.tokens[env.tokens.length - 1], "and sent");
 });
 
 test("1002, 1007, 1008, 1009 and 4009 are reported as client bugs and still reconnect", async () => {
