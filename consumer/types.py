@@ -173,8 +173,9 @@ class ConsumerClosed(ConsumerError):
 
 
 class AuthenticationFailed(ConsumerError):
-    """The gateway refused the token (close code 4001/4002) and a new one cannot fix it: the token
-    is a fixed string, or the token function kept returning refused tokens."""
+    """The gateway refused the token (close code 4001, 4002, or 4003 when the person's tokens
+    were revoked: ``close_code`` says which) and a new one cannot fix it: the token is a fixed
+    string, or the token function kept returning refused tokens."""
 
     def __init__(self, message: str, close_code: int | None = None) -> None:
         super().__init__(message)
