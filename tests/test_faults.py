@@ -38,6 +38,23 @@ KEYS = Keys()
 SECRET = "fault-tests-secret-of-at-least-32-bytes"
 
 
+def plain_link(url: str, *, metrics=None, on_message=None, **options):
+    """A pub/sub link (not sharded) to ``url`` for the link's own tests: messages dropped unless
+    ``on_message`` takes them, resubscribes ignored; ``options`` are PubSubLink's own (probe
+    times, connect timeout)."""
+    from gateway.metrics import Metrics
+    from gateway.pubsub import PubSubLink
+
+    return PubSubLink(
+        url,
+        sharded=False,
+        on_message=on_message or (lambda channel, data: None),
+        on_resubscribed=lambda: None,
+        metrics=metrics if metrics is not None else Metrics(),
+        **options,
+    )
+
+
 @pytest.fixture
 def gateways():
     with GatewayGroup() as group:
@@ -261,17 +278,8 @@ async def test_the_probe_of_an_idle_link_does_not_break_it(
 async def test_the_pubsub_reconnect_backoff_starts_again_after_a_healthy_period(redis_url: str):
     """Issue 11 #9: after a few quick reconnects, a link that then stayed healthy must reconnect
     with the base delay (50 ms), not the capped one (2 s) for the rest of the process's life."""
-    from gateway.metrics import Metrics
-    from gateway.pubsub import PubSubLink
-
     admin = redis.Redis.from_url(redis_url)  # the private server: killing its clients is fine
-    link = PubSubLink(
-        redis_url,
-        sharded=False,
-        on_message=lambda c, d: None,
-        on_resubscribed=lambda: None,
-        metrics=Metrics(),
-    )
+    link = plain_link(redis_url)
     link.healthy_period = 0.5
     link.start()
     try:
@@ -303,18 +311,9 @@ async def test_a_loop_busy_past_the_probe_timeout_does_not_reconnect_a_live_link
     reconnect (each reconnect catches up every project of the pod from the streams); before,
     each such pause cost one."""
     from gateway.metrics import Metrics
-    from gateway.pubsub import PubSubLink
 
     metrics = Metrics()
-    link = PubSubLink(
-        redis_url,
-        sharded=False,
-        on_message=lambda c, d: None,
-        on_resubscribed=lambda: None,
-        metrics=metrics,
-        probe_interval=0.2,
-        probe_timeout=0.2,
-    )
+    link = plain_link(redis_url, metrics=metrics, probe_interval=0.2, probe_timeout=0.2)
     link.start()
     try:
         async with asyncio.timeout(10):
@@ -349,7 +348,6 @@ async def test_a_backlog_read_past_the_probe_timeout_does_not_reconnect_a_live_l
     behind), every message once, in order. Before, the probe reconnected the live link, and the
     messages still queued on the old connection were lost to it."""
     from gateway.metrics import Metrics
-    from gateway.pubsub import PubSubLink
 
     # 1 s of backlog against a pong wait of up to 3 s (PONG_WINDOWS x 0.5 s): room for a busy
     # machine reading the backlog slower than the handler alone would.
@@ -367,12 +365,10 @@ async def test_a_backlog_read_past_the_probe_timeout_does_not_reconnect_a_live_l
             done.set()
 
     metrics = Metrics()
-    link = PubSubLink(
+    link = plain_link(
         redis_url,
-        sharded=False,
-        on_message=slow_handler,
-        on_resubscribed=lambda: None,
         metrics=metrics,
+        on_message=slow_handler,
         probe_interval=0.05,
         probe_timeout=probe_timeout,
     )
@@ -420,19 +416,11 @@ async def test_a_link_that_loses_its_pings_is_reconnected_frames_or_not(
     timeout that read whole frames waits one more, up to 6 in all (PONG_WINDOWS), and the link
     then reconnects all the same; with nothing arriving, it reconnects after one, as before."""
     from gateway.metrics import Metrics
-    from gateway.pubsub import PONG_WINDOWS, PubSubLink
+    from gateway.pubsub import PONG_WINDOWS
 
     probe_timeout = 0.3
     metrics = Metrics()
-    link = PubSubLink(
-        redis_url,
-        sharded=False,
-        on_message=lambda c, d: None,
-        on_resubscribed=lambda: None,
-        metrics=metrics,
-        probe_interval=0.05,
-        probe_timeout=probe_timeout,
-    )
+    link = plain_link(redis_url, metrics=metrics, probe_interval=0.05, probe_timeout=probe_timeout)
     loop = asyncio.get_running_loop()
     publisher = redis.asyncio.Redis.from_url(redis_url)
     link.start()
@@ -497,18 +485,7 @@ async def test_a_closing_link_whose_cancellation_was_lost_ends_without_reconnect
     link writes nothing), and the link reconnected, again and again, each new connection dropped
     the same way, while close() waited for the task for ever. Seen once in 15 runs of a test
     that closed a link just after it reconnected. A closing link ends instead of reconnecting."""
-    from gateway.metrics import Metrics
-    from gateway.pubsub import PubSubLink
-
-    link = PubSubLink(
-        redis_url,
-        sharded=False,
-        on_message=lambda c, d: None,
-        on_resubscribed=lambda: None,
-        metrics=Metrics(),
-        probe_interval=0.05,
-        probe_timeout=0.3,
-    )
+    link = plain_link(redis_url, probe_interval=0.05, probe_timeout=0.3)
     link.start()
     task = link._task
     assert task is not None
@@ -535,16 +512,7 @@ async def test_a_subscribe_written_as_the_link_drops_its_connection_opens_no_oth
     redis-py connected that connection object again to write it: a second subscribed
     connection that nobody read (Redis kept its messages until its output buffer limit) and a
     socket the link no longer knew about."""
-    from gateway.metrics import Metrics
-    from gateway.pubsub import PubSubLink
-
-    link = PubSubLink(
-        redis_url,
-        sharded=False,
-        on_message=lambda c, d: None,
-        on_resubscribed=lambda: None,
-        metrics=Metrics(),
-    )
+    link = plain_link(redis_url)
     link.start()
     try:
         async with asyncio.timeout(10):
@@ -565,21 +533,12 @@ async def test_a_pubsub_connect_to_a_peer_that_never_answers_is_given_up_and_ret
     dead proxy): each connection is given up after the link's connect timeout and tried again
     on the backoff, even with no socket timeout on the connection (redis-py before 8 set none),
     and once it answers the link subscribes."""
-    from gateway.metrics import Metrics
-    from gateway.pubsub import PubSubLink
     from tests.support.tcp_proxy import FreezableProxy
 
     host, port = redis_url.split("//")[1].split("/")[0].split(":")
     proxy = FreezableProxy(host, int(port))
     proxy.freeze()
-    link = PubSubLink(
-        f"redis://127.0.0.1:{proxy.port}",
-        sharded=False,
-        on_message=lambda c, d: None,
-        on_resubscribed=lambda: None,
-        metrics=Metrics(),
-        connect_timeout=0.5,
-    )
+    link = plain_link(f"redis://127.0.0.1:{proxy.port}", connect_timeout=0.5)
     link._pool.connection_kwargs["socket_timeout"] = None  # as redis-py 5's default
     link.start()
     try:
