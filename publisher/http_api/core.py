@@ -234,6 +234,28 @@ def parse_project_path(path: str) -> int:
     return project_id
 
 
+def _decoded(body: bytes) -> object:
+    """The JSON document of a request body; ApiError 400 ``invalid_json`` when it is not JSON
+    or nested too deeply to decode."""
+    try:
+        return msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
+    except RecursionError:
+        raise ApiError(400, "invalid_json", TOO_DEEP) from None
+
+
+def _refuse_repeated_keys(body: bytes) -> None:
+    """ApiError 400 ``repeated_key`` when one object of the body gives a key twice (the decoded
+    dict kept one of them, silently), ``invalid_json`` when it is nested too deeply to check."""
+    try:
+        key = repeated_key(body)
+    except EventValidationError as exc:
+        raise ApiError(400, "invalid_json", str(exc)) from None
+    if key is not None:
+        raise ApiError(400, "repeated_key", f"the key {key!r} is given twice in one object")
+
+
 def parse_events(body: bytes, project_id: int, max_events: int) -> tuple[list[ProjectEvent], bool]:
     """Decode a request body into validated events of ``project_id``.
 
@@ -243,12 +265,7 @@ def parse_events(body: bytes, project_id: int, max_events: int) -> tuple[list[Pr
     (too many events) or 422 (an event breaks the contract: the message names the index and the
     field).
     """
-    try:
-        document = msgspec.json.decode(body)
-    except msgspec.DecodeError:
-        raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
-    except RecursionError:
-        raise ApiError(400, "invalid_json", TOO_DEEP) from None
+    document = _decoded(body)
     is_batch = isinstance(document, list)
     items = document if is_batch else [document]
     if not items:
@@ -257,12 +274,7 @@ def parse_events(body: bytes, project_id: int, max_events: int) -> tuple[list[Pr
         raise ApiError(
             413, "too_many_events", f"at most {max_events} events per request, got {len(items)}"
         )
-    try:
-        key = repeated_key(body)
-    except EventValidationError as exc:  # nested too deeply to be checked
-        raise ApiError(400, "invalid_json", str(exc)) from None
-    if key is not None:  # (the dict above kept one of them, silently)
-        raise ApiError(400, "repeated_key", f"the key {key!r} is given twice in one object")
+    _refuse_repeated_keys(body)
     events: list[ProjectEvent] = []
     for index, item in enumerate(items):
         where = f"event {index}: " if is_batch else ""
@@ -296,18 +308,8 @@ class RevocationRequest(msgspec.Struct, kw_only=True, frozen=True, forbid_unknow
 def parse_revocation(body: bytes) -> RevocationRequest:
     """Decode the body of a revocation request. Raises ApiError 400 (not JSON, a key given
     twice) or 422 (not an object of those fields: the message names the field)."""
-    try:
-        document = msgspec.json.decode(body)
-    except msgspec.DecodeError:
-        raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
-    except RecursionError:
-        raise ApiError(400, "invalid_json", TOO_DEEP) from None
-    try:
-        key = repeated_key(body)
-    except EventValidationError as exc:  # nested too deeply to be checked
-        raise ApiError(400, "invalid_json", str(exc)) from None
-    if key is not None:
-        raise ApiError(400, "repeated_key", f"the key {key!r} is given twice in one object")
+    document = _decoded(body)
+    _refuse_repeated_keys(body)
     try:
         return msgspec.convert(document, RevocationRequest)
     except msgspec.ValidationError as exc:
