@@ -385,12 +385,24 @@ class _CutShort(Exception):
 _ROUND_TRIP_FAILURES = (PublishError, redis.exceptions.RedisError, TimeoutError)
 
 
-def _unsure(start: int, chunk: list[PreparedBatch], at: int, cluster: bool) -> int:
-    """How many calls from ``at`` on may have run when the call at ``at`` of a chunk (from
-    ``start``) sent one per round trip got no answer: that one on Redis Cluster (the chunk's
-    only sending); else the chunk's rest too, which its transaction had sent (it may have run
-    them: :func:`_out_of_step_transaction`)."""
-    return 1 if cluster else start + len(chunk) - at
+def _stop_cut_short(
+    cursors: list[Cursor | None],
+    calls: list[PreparedBatch],
+    start: int,
+    chunk: list[PreparedBatch],
+    cut: _CutShort,
+    cluster: bool,
+    timeout: float,
+) -> NoReturn:
+    """Raise what an in-order burst raises when a call of its chunk ``chunk`` (from ``start``),
+    sent one per round trip, got no answer (:class:`_CutShort`): the cursors of the calls
+    answered before it are kept, and the calls that may have run from it on are that one on
+    Redis Cluster (the chunk's only sending), else the chunk's rest too, which its transaction
+    had sent (it may have run them: :func:`_out_of_step_transaction`)."""
+    _stop_or_go(cursors, start, chunk, cut.replies)
+    at = start + len(cut.replies)
+    unsure = 1 if cluster else start + len(chunk) - at
+    _stop_short(cursors, calls, at, unsure, cut.error, timeout)
 
 
 def _stop_short(
@@ -773,10 +785,7 @@ class Publisher(_ContractHelpers[Cursor]):
                     except _OneByOne:
                         replies = self._one_by_one(chunk)
             except _CutShort as cut:  # the calls before it were answered: their cursors
-                _stop_or_go(cursors, start, chunk, cut.replies)
-                at = start + len(cut.replies)
-                unsure = _unsure(start, chunk, at, self._cluster)
-                _stop_short(cursors, calls, at, unsure, cut.error, timeout)
+                _stop_cut_short(cursors, calls, start, chunk, cut, self._cluster, timeout)
             except _ROUND_TRIP_FAILURES as exc:
                 # Not lost with it: the cursors of the events published before this round trip.
                 _stop_short(cursors, calls, start, len(chunk), exc, timeout)
@@ -1045,10 +1054,7 @@ class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
                     except _OneByOne:  # each call within timeout
                         replies = await self._one_by_one(chunk)
             except _CutShort as cut:
-                _stop_or_go(cursors, start, chunk, cut.replies)
-                at = start + len(cut.replies)
-                unsure = _unsure(start, chunk, at, self._cluster)
-                _stop_short(cursors, calls, at, unsure, cut.error, timeout)
+                _stop_cut_short(cursors, calls, start, chunk, cut, self._cluster, timeout)
             except _ROUND_TRIP_FAILURES as exc:
                 _stop_short(cursors, calls, start, len(chunk), exc, timeout)
             _stop_or_go(cursors, start, chunk, replies)
