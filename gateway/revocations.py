@@ -411,8 +411,8 @@ def _revokes_more(revocation: Revocation, before: Revocation | None) -> bool:
     list in force) let in: whether it is new or changed. A superset (a later ``expires_at``
     alone closes nothing: the token decides), but it has to include a revocation written again
     after ``before`` expired, with the same ``issued_before``: the tokens taken meanwhile are
-    refused again. ``RevocationList.raised_since`` (``issued_before`` risen) missed those, and
-    no clock can tell them reliably while the hash is read a slice at a time."""
+    refused again. Comparing ``issued_before`` alone (risen or not) missed those, and no clock
+    can tell them reliably while the hash is read a slice at a time."""
     return revocation != before
 
 

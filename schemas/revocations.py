@@ -173,17 +173,6 @@ class RevocationList:
             return False
         return (issued_at if issued_at is not None else 0) < revocation.issued_before
 
-    def raised_since(self, previous: RevocationList) -> list[Revocation]:
-        """Entries that are new or whose ``issued_before`` rose since ``previous``: those whose
-        holders' connections are to be checked and closed. Sorted by subject."""
-        raised = []
-        for subject in sorted(self._entries):
-            revocation = self._entries[subject]
-            before = previous._entries.get(subject)
-            if before is None or revocation.issued_before > before.issued_before:
-                raised.append(revocation)
-        return raised
-
     def get(self, subject: str) -> Revocation | None:
         """The entry of ``subject`` (expired or not), or None."""
         return self._entries.get(subject)

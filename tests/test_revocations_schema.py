@@ -226,22 +226,6 @@ def test_is_revoked_semantics() -> None:
     assert not RevocationList.EMPTY.is_revoked("user-7", None, NOW)
 
 
-def test_raised_since_names_new_and_raised_entries_only() -> None:
-    before = RevocationList(
-        [Revocation("same", 10, 100), Revocation("raised", 10, 100), Revocation("gone", 10, 100)]
-    )
-    after = RevocationList(
-        [
-            Revocation("same", 10, 200),  # only kept longer: nobody new is refused
-            Revocation("raised", 20, 100),
-            Revocation("new", 5, 100),
-        ]
-    )
-    assert after.raised_since(before) == [Revocation("new", 5, 100), Revocation("raised", 20, 100)]
-    assert after.raised_since(after) == []
-    assert before.raised_since(RevocationList.EMPTY) == sorted(before, key=lambda r: r.subject)
-
-
 def test_the_revoke_reply_is_checked_at_the_boundary() -> None:
     reply = parse_revoke_reply("s", [1, 2, 3])
     assert reply.revocation == Revocation("s", 1, 2) and reply.version == 3
