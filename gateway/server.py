@@ -186,7 +186,7 @@ class Gateway:
         ``Authorization`` header."""
         assert self.verifier is not None
         claims = self.verifier.verify(token)
-        if self.revocations is not None and self.revocations.is_revoked(claims):
+        if self.token_revoked(claims):
             self.metrics.revoked_tokens_refused_total += 1
             raise TokenRevoked()
         return claims
