@@ -45,7 +45,7 @@ from gateway.http import draining_response, json_response
 from gateway.hub import SubscribeUnavailable
 from gateway.logs import describe, get_logger
 from gateway.ratelimit import CLOSE, REFUSED, frame_rate_limit
-from gateway.revocations import TokenRevoked
+from gateway.revocations import RevocationsUnknown, TokenRevoked
 from gateway.session import Outgoing
 from schemas.protocol import (
     Activity,
@@ -146,7 +146,8 @@ class ClientProtocol:
 
     def verify_bearer(self, header: str) -> TokenClaims:
         """The claims of an ``Authorization: Bearer <token>`` header; :class:`InvalidToken`
-        (counted as an auth failure) when it is not one, or the token is not valid."""
+        (counted as an auth failure) when it is not one, or the token is not valid;
+        :class:`RevocationsUnknown` (not an auth failure) before the revocation list is read."""
         assert self.verify is not None
         scheme, _, token = header.partition(" ")
         try:
@@ -286,6 +287,11 @@ class ClientProtocol:
                 return None
             try:
                 claims = self.verify(message.token)
+            except RevocationsUnknown as exc:
+                # (Only before the first read of the list, when no connection is authenticated
+                # yet: kept for verify's contract.) The connection keeps its current token.
+                self.client_error(session, ErrorCode.UNAVAILABLE, str(exc), count=False)
+                return None
             except InvalidToken as exc:
                 # The connection keeps its current token, unless that one is revoked too.
                 self.client_error(session, ErrorCode.INVALID_TOKEN, str(exc), count=False)

@@ -24,6 +24,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from gateway.client_input import parse_project_id
+from gateway.revocations import RevocationsUnknown
 from gateway.sequencing import Snapshot, plan_poll
 from gateway.store import ProjectUnreadable, StoreUnavailable
 from schemas.protocol import MAX_SEQ, PollResponse, ResyncRequired, encode
@@ -67,6 +68,16 @@ def draining_response() -> Response:
     """503 ``draining``: the pod is going away; the client retries elsewhere at once."""
     return json_response(
         503, {"error": "draining", "message": "reconnect elsewhere"}, [("Retry-After", "1")]
+    )
+
+
+def tokens_unchecked_response(
+    exc: RevocationsUnknown, headers: list[tuple[str, str]] | None = None
+) -> Response:
+    """503 ``unavailable`` (``Retry-After: 1``): a token was not checked, the revocation list is
+    not read yet (:class:`gateway.revocations.RevocationsUnknown`); retry shortly."""
+    return json_response(
+        503, {"error": "unavailable", "message": str(exc)}, [("Retry-After", "1"), *(headers or ())]
     )
 
 
@@ -262,6 +273,8 @@ class HttpRoutes:
                 claims = self.verify(token.strip())
             except InvalidToken as exc:
                 return refuse(401, "invalid_token", str(exc), [("WWW-Authenticate", "Bearer")])
+            except RevocationsUnknown as exc:
+                return tokens_unchecked_response(exc)
             if not claims.allows(project_id):
                 return refuse(403, "forbidden", f"the token does not allow project {project_id}")
         try:

@@ -93,6 +93,9 @@ class Metrics:
         "revoked_tokens_refused_total": (
             "Tokens refused as revoked (auth, refresh, handshake, stream, poll)."
         ),
+        "revocations_unknown_refusals_total": (
+            "Valid tokens refused (1013, 503) because the revocation list was not read yet."
+        ),
         "revocation_disconnects_total": (
             "Open connections closed with 4003 because their token was revoked."
         ),

@@ -50,6 +50,7 @@ __all__ = [
     "RELOAD_INTERVAL",
     "SCAN_COUNT",
     "RevocationWatcher",
+    "RevocationsUnknown",
     "SubjectIndex",
     "TokenRevoked",
     "sessions_to_close",
@@ -92,6 +93,16 @@ class TokenRevoked(InvalidToken):
 
     def __init__(self) -> None:
         super().__init__("token revoked")
+
+
+class RevocationsUnknown(Exception):
+    """The list has not been read since the process started, so a valid token cannot be told
+    from a revoked one: it is refused for now (fail closed), not taken. Not the token's fault
+    (not an :class:`InvalidToken`): the first ``auth`` closes with 1013, a poll, a stream or a
+    handshake gets 503 ``unavailable`` with ``Retry-After: 1``, and the client tries again."""
+
+    def __init__(self) -> None:
+        super().__init__("token checks are not ready (the revocation list is not read yet); retry")
 
 
 class _HasClaims(Protocol):

@@ -30,7 +30,7 @@ from gateway.logs import describe, get_logger
 from gateway.metrics import Metrics
 from gateway.presence_store import PresenceService
 from gateway.pubsub import PubSubLink
-from gateway.revocations import RevocationWatcher, TokenRevoked
+from gateway.revocations import RevocationsUnknown, RevocationWatcher, TokenRevoked
 from gateway.session import Admission, ClientSession, SlowConsumerPolicy, unsent
 from gateway.sse import SseStreams
 from gateway.store import HistoryStore
@@ -183,9 +183,17 @@ class Gateway:
         """The claims of a valid token that is not revoked; :class:`InvalidToken` else (a
         :class:`TokenRevoked` for a revoked one, counted). Every token the gateway takes is
         checked here: the first ``auth``, a refresh, a handshake's, a stream's or a poll's
-        ``Authorization`` header."""
+        ``Authorization`` header.
+
+        Fails closed: a valid token is refused with :class:`RevocationsUnknown` (counted; not
+        an :class:`InvalidToken`) until the revocation list has been read once, since this
+        process cannot tell yet whether it is revoked."""
         assert self.verifier is not None
         claims = self.verifier.verify(token)
+        revocations = self.revocations
+        if revocations is not None and not revocations.loaded.is_set():
+            self.metrics.revocations_unknown_refusals_total += 1
+            raise RevocationsUnknown()
         if self.token_revoked(claims):
             self.metrics.revoked_tokens_refused_total += 1
             raise TokenRevoked()
@@ -216,9 +224,8 @@ class Gateway:
             )
             self.revocations.start()
             # The port opens with the list read, unless Redis is slow to answer: then within
-            # FIRST_REVOCATIONS_WAIT, /readyz saying not ready until the first read, and the
-            # connections accepted meanwhile are checked when it arrives (every entry of the
-            # first list is new to this process).
+            # FIRST_REVOCATIONS_WAIT, /readyz saying not ready until the first read, and every
+            # token refused meanwhile as not checkable yet (verify: 1013, 503), not taken.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(FIRST_REVOCATIONS_WAIT):
                     await self.revocations.loaded.wait()

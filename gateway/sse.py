@@ -39,8 +39,9 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from gateway.client_input import parse_project_id, repeated_header
-from gateway.http import answer_to, cors_headers, json_response
+from gateway.http import answer_to, cors_headers, json_response, tokens_unchecked_response
 from gateway.logs import ConnectionLog, get_logger
+from gateway.revocations import RevocationsUnknown
 from gateway.session import (
     Admission,
     ClientSession,
@@ -617,6 +618,8 @@ class SseStreams:
                     {"error": "invalid_token", "message": str(exc)},
                     [("WWW-Authenticate", "Bearer"), *origin_headers],
                 ), ()
+            except RevocationsUnknown as exc:
+                return tokens_unchecked_response(exc, origin_headers), ()
             refused = [p for p in stream.projects if not claims.allows(p)]
             if refused:
                 gateway.metrics.client_errors_total += 1

@@ -71,9 +71,9 @@ from gateway.client_input import (
     parse_plain_request,
     repeated_header,
 )
-from gateway.http import json_response
+from gateway.http import json_response, tokens_unchecked_response
 from gateway.logs import ConnectionLog, get_logger
-from gateway.revocations import TokenRevoked
+from gateway.revocations import RevocationsUnknown, TokenRevoked
 from gateway.session import (
     Admission,
     ClientSession,
@@ -260,6 +260,8 @@ class WebSocketEndpoint:
             except InvalidToken as exc:
                 refusal = json_response(401, {"error": "invalid_token", "message": str(exc)})
                 return refusal, None, True
+            except RevocationsUnknown as exc:
+                return tokens_unchecked_response(exc), None, True
         return None, None, True
 
     async def answer_http(self, request: Request) -> Response:
@@ -815,6 +817,11 @@ class WebSocketConnection(asyncio.Protocol):
             return self._refuse(CloseCode.AUTH_FAILED, "the first message must be auth")
         try:
             claims = self.endpoint.gateway.verify(message.token)
+        except RevocationsUnknown as exc:
+            # Not the token's fault, nor counted as an auth failure: the client retries later.
+            self.awaiting_auth = False
+            session.closing = True
+            return self.close(CloseCode.TRY_AGAIN_LATER, str(exc))
         except InvalidToken as exc:
             if isinstance(exc, TokenRevoked):
                 code = CloseCode.TOKEN_REVOKED

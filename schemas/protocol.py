@@ -70,6 +70,10 @@ class CloseCode(enum.IntEnum):
     INTERNAL_ERROR = 1011
     #: The pod is draining (SIGTERM); reconnect (to another pod) and resume from your cursors.
     SERVICE_RESTART = 1012
+    #: The gateway cannot check tokens yet (it has not read the revocation list since it
+    #: started: Redis is slow or unreachable): reconnect with backoff; nothing is wrong with
+    #: the token.
+    TRY_AGAIN_LATER = 1013
     #: No valid ``auth`` message in time, or the token is invalid. Get a new token, then reconnect.
     AUTH_FAILED = 4001
     #: The token expired and was not refreshed in-band. Get a new token, then reconnect.

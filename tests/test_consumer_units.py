@@ -400,7 +400,7 @@ def test_close_codes_map_to_the_documented_reaction():
     assert close_action(4009).client_bug and close_action(1008).client_bug
     assert close_action(4029).client_bug and close_action(4029).retry is Retry.BACKOFF
     assert close_action(1007).client_bug and close_action(1009).client_bug
-    for code in (None, 1000, 1006, 1011, 4999):
+    for code in (None, 1000, 1006, 1011, 1013, 4999):
         action = close_action(code)
         assert action.retry is Retry.BACKOFF and not action.auth_failure
 

@@ -270,9 +270,11 @@ async def test_a_gateway_reads_the_list_before_it_opens_its_port_and_is_ready_wi
     assert refused.close_code == 4003
 
 
-async def test_a_gateway_started_while_redis_hangs_is_unready_until_it_reads_the_list(
+async def test_a_gateway_started_while_redis_hangs_refuses_every_token_until_it_reads_the_list(
     monkeypatch,
 ):
+    # Fail closed: until the list is read, a valid token cannot be told from a revoked one, so
+    # every place that takes a token answers "try again" (WebSocket 1013, HTTP 503), not "yes".
     monkeypatch.setattr(revocations_module, "READ_TIMEOUT", 0.3)
     with RedisServer() as server:
         now = int(time.time())
@@ -285,20 +287,37 @@ async def test_a_gateway_started_while_redis_hangs_is_unready_until_it_reads_the
             )
             assert time.monotonic() - started < 3  # the start waits 1 s for the list, no more
             assert not gateway.revocations.loaded.is_set()
-            # A connection taken meanwhile (its token verifies: no Redis needed for that)...
-            alice = await connected(gateway, token("alice", [1], iat=now - 100))
+            old, fresh = token("alice", [1], iat=now - 100), token("bob", [1])
+            for bearer in (old, fresh):
+                refused = await refused_at_auth(gateway, bearer)
+                assert refused.close_code == 1013
+                status, body = await poll(gateway, bearer, 1)
+                assert (status, body["error"]) == (503, "unavailable")
+                headers = {"Authorization": f"Bearer {bearer}"}
+                status, answer, stream = await open_stream(
+                    http_url(gateway), "/v1/projects/1/stream", headers
+                )
+                stream.close()
+                assert (status, answer["retry-after"]) == (503, "1")
+                with pytest.raises(Exception) as info:
+                    await RecordingClient(ws_url(gateway), headers=headers).connect(auth=False)
+                assert "503" in str(info.value)
+            # Not the client's fault: no auth failure is counted; the refusals are.
+            assert gateway.metrics.auth_failures_total == 0
+            assert gateway.metrics.revocations_unknown_refusals_total == 8
+            # A bad token is still told it is bad.
+            refused = await refused_at_auth(gateway, "not-a-token")
+            assert refused.close_code == 4001
         finally:
             os.kill(server.process.pid, signal.SIGCONT)
         try:
-            # ... is closed when the list arrives, and the gateway is ready with it.
-            await asyncio.wait_for(alice.closed.wait(), 10)
-            assert alice.close_code == 4003
-            assert gateway.revocations.loaded.is_set()
-            await wait_until(
-                lambda: gateway.metrics.revocation_disconnects_total == 1, 5, "counted"
-            )
-            checks = await gateway.readiness()
-            assert checks["revocations"] is True
+            await wait_until(gateway.revocations.loaded.is_set, 10, "the list read")
+            assert (await gateway.readiness())["revocations"] is True
+            refused = await refused_at_auth(gateway, old)
+            assert refused.close_code == 4003
+            bob = await connected(gateway, fresh, 1)
+            assert bob.last("authenticated")["subject"] == "bob"
+            await bob.close()
         finally:
             await gateway.drain()
 

@@ -899,3 +899,23 @@ def test_event_tags_never_collide_with_control_messages() -> None:
     control = {t.__struct_config__.tag for t in ServerMessage.__args__}
     assert control >= {"authenticated", "subscribed", "resync_required", "error", "pong"}
     assert not control & set(EVENT_TAGS)
+
+
+def test_eventbus_js_knows_every_close_code_of_the_protocol() -> None:
+    # eventbus.js (and its types) mirror CloseCode by hand: a code added to the protocol and not
+    # to the browser client would be handled there as an unknown one.
+    from schemas.protocol import CloseCode
+
+    static = ROOT / "gateway" / "static"
+    js = re.search(
+        r"export const CloseCode = Object\.freeze\(\{(.*?)\}\);",
+        (static / "eventbus.js").read_text(),
+        re.S,
+    )
+    ts = re.search(r"CloseCode: Readonly<\{(.*?)\}>", (static / "eventbus.d.ts").read_text(), re.S)
+    assert js is not None and ts is not None
+    in_js = {name: int(code) for name, code in re.findall(r"(\w+): (\d+),", js.group(1))}
+    in_ts = {name: int(code) for name, code in re.findall(r"(\w+): (\d+);", ts.group(1))}
+    for code in CloseCode:
+        assert in_js.get(code.name) == code.value, code
+        assert in_ts.get(code.name) == code.value, code

@@ -34,6 +34,7 @@ export const CloseCode = Object.freeze({
   MESSAGE_TOO_BIG: 1009,
   INTERNAL_ERROR: 1011,
   SERVICE_RESTART: 1012,
+  TRY_AGAIN_LATER: 1013,
   AUTH_FAILED: 4001,
   TOKEN_EXPIRED: 4002,
   TOKEN_REVOKED: 4003,
@@ -147,7 +148,8 @@ export function closeAction(code) {
     case CloseCode.TOO_MANY_REQUESTS: // kept sending while the gateway's rate limit refused frames
       return { delay: "backoff", renewToken: false, clientBug: true };
     default:
-      // 1000 from the server, 1006 (refused, reset), 1011 and anything unknown.
+      // 1000 from the server, 1006 (refused, reset), 1011, 1013 (a pod that cannot check tokens
+      // yet) and anything unknown.
       return { delay: "backoff", renewToken: false, clientBug: false };
   }
 }

@@ -310,6 +310,7 @@ test("every close code of the protocol has a sensible action", () => {
     1009: ["backoff", false, true],
     1011: ["backoff", false, false],
     1012: ["prompt", false, false],
+    1013: ["backoff", false, false],
     4001: ["backoff", true, false],
     4002: ["prompt", true, false],
     4003: ["backoff", true, false],
