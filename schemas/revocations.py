@@ -27,6 +27,8 @@ from typing import ClassVar
 
 import msgspec
 
+from schemas import tokens
+
 __all__ = [
     "MAX_SUBJECT_BYTES",
     "MAX_TIMESTAMP",
@@ -41,9 +43,10 @@ __all__ = [
     "parse_revoke_reply",
 ]
 
-#: Longest subject, in UTF-8 bytes: longer ones are refused by the publisher's
-#: ``revoke_tokens`` (and by the script) and left out (as malformed) when read.
-MAX_SUBJECT_BYTES = 1024
+#: Longest subject, in UTF-8 bytes (:data:`schemas.tokens.MAX_SUBJECT_BYTES`: no token has a
+#: longer one): longer ones are refused by the publisher's ``revoke_tokens`` (and by the
+#: script) and left out (as malformed) when read.
+MAX_SUBJECT_BYTES = tokens.MAX_SUBJECT_BYTES
 #: Entries the revoke script reads at most per call (schemas.lua.REVOKE): a hash of up to this
 #: many is read whole, a larger one this many at a time.
 REVOKE_SWEEP = 500

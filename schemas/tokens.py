@@ -34,6 +34,7 @@ __all__ = [
     "AUDIENCE",
     "DEFAULT_TOKEN_TTL",
     "MAX_NAME_LENGTH",
+    "MAX_SUBJECT_BYTES",
     "InvalidSecret",
     "InvalidToken",
     "TokenClaims",
@@ -56,6 +57,10 @@ _HASHES = {
 }
 #: Longest display name (``name`` claim) a token may carry; longer ones are ignored on verify.
 MAX_NAME_LENGTH = 200
+#: Longest ``sub``, in UTF-8 bytes: the longest subject a revocation can name
+#: (:mod:`schemas.revocations`). A longer one could never be revoked, so ``issue_token`` refuses
+#: to mint it and the gateway refuses a token that has one.
+MAX_SUBJECT_BYTES = 1024
 
 
 class TokenClaims(msgspec.Struct, frozen=True):
@@ -104,8 +109,9 @@ def issue_token(
     change that): ``algorithm="HS384"``/``"HS512"`` are for tools of your own that verify with
     ``verify_token(..., algorithms=[...])``.
 
-    ``name`` is the person's display name shown by presence (at most
-    :data:`MAX_NAME_LENGTH` characters); tokens without it stay valid.
+    ``subject`` (the ``sub`` claim: who the person is, what a revocation names) is text of at
+    most :data:`MAX_SUBJECT_BYTES` UTF-8 bytes. ``name`` is the person's display name shown by
+    presence (at most :data:`MAX_NAME_LENGTH` characters); tokens without it stay valid.
 
     Raises :class:`InvalidSecret` (a ``ValueError``) for an empty secret or one that cannot be
     an HMAC key (a PEM or SSH key), ``ValueError`` for the other arguments.
@@ -137,6 +143,8 @@ def issue_token(
     if subject is not None:
         if not is_text(subject):
             raise ValueError("subject must be a string (text: no lone UTF-16 surrogate)")
+        if _too_long(subject):
+            raise ValueError(_SUBJECT_TOO_LONG)
         claims["sub"] = subject
     if name is not None:
         if not is_text(name) or not name or len(name) > MAX_NAME_LENGTH:
@@ -343,6 +351,16 @@ def _shared(projects: frozenset[int]) -> frozenset[int]:
     return kept
 
 
+_SUBJECT_TOO_LONG = (
+    f"'sub' is longer than {MAX_SUBJECT_BYTES} UTF-8 bytes (no revocation could name it)"
+)
+
+
+def _too_long(subject: str) -> bool:
+    # (A character is at most 4 bytes: most subjects are judged by their length alone.)
+    return len(subject) > MAX_SUBJECT_BYTES // 4 and len(subject.encode()) > MAX_SUBJECT_BYTES
+
+
 def _claims(raw: dict) -> TokenClaims:
     """The claims of a token PyJWT has verified, or :class:`InvalidToken`."""
     projects = raw.get("projects")
@@ -366,6 +384,8 @@ def _claims(raw: dict) -> TokenClaims:
         iat = math.floor(iat)
     elif type(iat) is not int:  # a bool is no time, nor a string PyJWT's int() took
         iat = None
+    if is_text(sub) and _too_long(sub):
+        raise InvalidToken(f"invalid token: {_SUBJECT_TOO_LONG}")
     if not (is_text(name) and 0 < len(name) <= MAX_NAME_LENGTH):
         name = None  # a display name is decoration: a bad one is dropped, not a bad token
     return TokenClaims(

@@ -17,6 +17,7 @@ from schemas.tokens import (
     AUDIENCE,
     DEFAULT_TOKEN_TTL,
     MAX_NAME_LENGTH,
+    MAX_SUBJECT_BYTES,
     InvalidSecret,
     InvalidToken,
     TokenClaims,
@@ -572,3 +573,16 @@ def test_tokens_naming_the_same_projects_share_one_set_and_the_sharing_is_bounde
     for project in range(1, tokens._SHARED_MAX_SETS + 10):
         tokens._shared(frozenset({project}))
     assert len(tokens._SHARED_PROJECT_SETS) <= tokens._SHARED_MAX_SETS
+
+
+def test_a_subject_too_long_to_revoke_is_refused_on_both_sides() -> None:
+    """A revocation names a subject of at most 1,024 UTF-8 bytes (schemas.revocations): a token
+    with a longer ``sub`` could never be revoked, so it is not minted, nor taken."""
+    longest = "é" * (MAX_SUBJECT_BYTES // 2)  # 1,024 bytes in 512 characters
+    assert verify_token(issue_token(SECRET, [1], subject=longest), SECRET).sub == longest
+    with pytest.raises(ValueError, match="1024 UTF-8 bytes"):
+        issue_token(SECRET, [1], subject=longest + "x")
+    with pytest.raises(InvalidToken, match="1024 UTF-8 bytes"):
+        verify_token(forge({"projects": [1], "sub": longest + "x"}), SECRET)
+    with pytest.raises(InvalidToken, match="1024 UTF-8 bytes"):
+        TokenVerifier(SECRET).verify(forge({"projects": [1], "sub": "u" * 5000}))
