@@ -21,6 +21,7 @@ from publisher.core import (
     PublishManyError,
     PublishManyUnavailable,
     Retention,
+    RevocationListFull,
 )
 from schemas.events import EventValidationError
 from schemas.revocations import Revocation
@@ -38,5 +39,6 @@ __all__ = [
     "PublisherUnavailable",
     "Retention",
     "Revocation",
+    "RevocationListFull",
     "issue_token",
 ]

@@ -15,8 +15,12 @@ For operators and for trying the gateway by hand::
 ``$EVENTBUS_AUTH_SECRET`` (the gateway's variable; prefer it to the flag, which other users of the
 machine can read in the process list).
 
+``revoke-tokens --max-revocations`` defaults to ``$EVENTBUS_MAX_REVOCATIONS`` (else 100000, the
+publisher's default cap of the revocation list; the HTTP API reads the same variable).
+
 Exit codes: 0 success, 1 Redis answered with an error, 2 usage or validation error (nothing was
-published or revoked), 3 Redis unavailable, 130 interrupted.
+published or revoked), 3 Redis unavailable, 4 the token revocation list is full (a new subject
+was not revoked, nothing written), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -34,7 +38,12 @@ import redis
 import redis.exceptions
 
 from publisher.client import DEFAULT_KEEP_FOR, Publisher
-from publisher.core import PublishError, PublisherUnavailable, PublishManyError
+from publisher.core import (
+    PublishError,
+    PublisherUnavailable,
+    PublishManyError,
+    RevocationListFull,
+)
 from schemas import lua
 from schemas.events import (
     TOO_DEEP,
@@ -45,6 +54,7 @@ from schemas.events import (
 )
 from schemas.keys import DEFAULT_PREFIX, Keys, stream_entry_seq
 from schemas.presence import DEFAULT_MAX_MEMBERS
+from schemas.revocations import DEFAULT_MAX_REVOCATIONS
 from schemas.stored import MAX_ENTRY_BYTES, ForeignValue, parse_meta, parse_stream_entries
 from schemas.tokens import issue_token
 
@@ -57,6 +67,10 @@ EXIT_OK = 0
 EXIT_REDIS_ERROR = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
+#: ``revoke-tokens`` of a new subject while the revocation list is full (RevocationListFull):
+#: not a Redis failure (1) nor a mistake in the command (2), and retrying does not help until
+#: an operator acts (docs/publisher.md, "When the list is full").
+EXIT_REVOCATIONS_FULL = 4
 EXIT_INTERRUPTED = 130
 MAX_HISTORY_LIMIT = 10_000
 _REDIS_DOWN = (
@@ -160,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Publish event-bus events, read a project's history, mint and revoke "
         "browser tokens.",
         epilog="Exit codes: 0 ok, 1 Redis error, 2 usage/validation error (nothing published "
-        "or revoked), 3 Redis unavailable.",
+        "or revoked), 3 Redis unavailable, 4 the token revocation list is full (nothing "
+        "revoked).",
     )
     connection_options(parser, top=True)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -281,6 +296,15 @@ def build_parser() -> argparse.ArgumentParser:
         "longest lifetime of the tokens you issue plus 5 s (the gateways take a token up to 5 s "
         f"past its exp), at most 366 days (default {keep_hours:g} h)",
     )
+    revoke.add_argument(
+        "--max-revocations",
+        type=_positive_int,
+        default=os.environ.get("EVENTBUS_MAX_REVOCATIONS", str(DEFAULT_MAX_REVOCATIONS)),
+        metavar="N",
+        help="the cap of the revocation list: a new subject is refused (exit code 4) when the "
+        "list holds N entries after the expired ones are swept; a subject already in it is "
+        f"updated (default: $EVENTBUS_MAX_REVOCATIONS or {DEFAULT_MAX_REVOCATIONS})",
+    )
     connection_options(revoke, top=False)
     return parser
 
@@ -359,9 +383,9 @@ def _publish(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
     return EXIT_OK
 
 
-def _publisher(args: argparse.Namespace) -> Publisher:
+def _publisher(args: argparse.Namespace, **options: int) -> Publisher:
     try:
-        return Publisher.from_url(args.redis_url, prefix=args.prefix)
+        return Publisher.from_url(args.redis_url, prefix=args.prefix, **options)
     except ValueError as exc:  # bad URL or prefix
         raise CliError(str(exc)) from None
 
@@ -504,13 +528,15 @@ def _token(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
 
 
 def _revoke_tokens(args: argparse.Namespace, stdout: TextIO) -> int:
-    with _publisher(args) as publisher:
+    with _publisher(args, max_revocations=args.max_revocations) as publisher:
         try:
             revocation = publisher.revoke_tokens(
                 args.subject, issued_before=args.issued_before, keep_for=args.keep_for
             )
         except ValueError as exc:  # raised before any I/O
             raise CliError(str(exc)) from None
+        except RevocationListFull as exc:
+            raise CliError(str(exc), EXIT_REVOCATIONS_FULL) from None
     stdout.write(msgspec.json.encode(revocation).decode() + "\n")
     return EXIT_OK
 

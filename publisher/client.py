@@ -40,6 +40,7 @@ from publisher.core import (
     Retention,
     RetryPolicy,
     call_outcome,
+    check_max_revocations,
     check_retry_guard,
     in_order_outcome,
     now_if_none,
@@ -65,7 +66,7 @@ from schemas.events import (
 from schemas.keys import DEFAULT_PREFIX, Keys
 from schemas.presence import DEFAULT_MAX_MEMBERS
 from schemas.protocol import Member
-from schemas.revocations import Revocation, parse_revoke_reply
+from schemas.revocations import DEFAULT_MAX_REVOCATIONS, Revocation, parse_revoke_reply
 
 __all__ = ["AsyncPublisher", "Publisher"]
 
@@ -100,6 +101,12 @@ class _ContractHelpers(Generic[R]):
         publishing the same event under the same key within it is a no-op returning the first
         cursor. Read-only."""
         return self._settings.idempotency_window
+
+    @property
+    def max_revocations(self) -> int:
+        """The cap of the token revocation list (the constructor's ``max_revocations``): a
+        revocation of a new subject beyond it raises ``RevocationListFull``. Read-only."""
+        return self._settings.max_revocations
 
     def publish(self, event: ProjectEvent, *, idempotency_key: str | None = None) -> R:
         raise NotImplementedError
@@ -174,8 +181,10 @@ class _Settings:
         idempotency_window: timedelta,
         sharded: bool,
         retry_guard: timedelta | None,
+        max_revocations: int = DEFAULT_MAX_REVOCATIONS,
     ) -> None:
         check_retry_guard(retry_guard)
+        self.max_revocations = check_max_revocations(max_revocations)
         self.keys = Keys(prefix)
         self.retention = retention or Retention()
         self.idempotency_window = idempotency_window
@@ -517,6 +526,9 @@ class Publisher(_ContractHelpers[Cursor]):
             ``PublisherUnavailable`` within this many seconds (default 10) when Redis is down
             or hung; see :class:`publisher.core.RetryPolicy`. With another client of yours,
             its timeouts and retry policy decide, and the publisher makes one attempt.
+        max_revocations: the cap of the token revocation list (default 100,000 entries; see
+            :meth:`revoke_tokens`): a revocation of a new subject beyond it raises
+            ``RevocationListFull``. Every publisher that revokes should be given the same.
     """
 
     def __init__(
@@ -529,6 +541,7 @@ class Publisher(_ContractHelpers[Cursor]):
         sharded: bool | None = None,
         retry_guard: timedelta | None = RETRY_GUARD,
         timeout: float | None = None,
+        max_revocations: int = DEFAULT_MAX_REVOCATIONS,
         _built: bool = False,
     ) -> None:
         is_cluster = isinstance(client, redis.cluster.RedisCluster)
@@ -538,6 +551,7 @@ class Publisher(_ContractHelpers[Cursor]):
             idempotency_window=idempotency_window,
             sharded=is_cluster if sharded is None else sharded,
             retry_guard=retry_guard,
+            max_revocations=max_revocations,
         )
         self._policy = _policy(timeout, _built, client)
         self.client = client
@@ -635,16 +649,27 @@ class Publisher(_ContractHelpers[Cursor]):
         merge. A call Redis answered too late to be seen may be retried within ``timeout``:
         then the later attempt's "now" counts.
 
+        The list holds at most ``max_revocations`` entries (the constructor's, 100,000 by
+        default): a subject already in it is always updated; a new one is added when the list,
+        less the expired entries the call sweeps, has room, else ``RevocationListFull``.
+
         Raises:
             ValueError: a subject that is not 1 to 1024 bytes of text, a ``keep_for`` out of
                 range, an ``issued_before`` in the future or so early that the revocation has
                 already ended; nothing was written.
+            RevocationListFull: a new subject and the list full (a ``PublishError``); nothing
+                was written.
             PublisherUnavailable: Redis unreachable or hung within ``timeout``.
             PublishError: Redis refused the call (the revocation keys damaged by another writer,
                 OOM); nothing was written.
         """
         keys, args = prepare_revocation(
-            subject, issued_before, keep_for, keys=self._settings.keys, now=time.time()
+            subject,
+            issued_before,
+            keep_for,
+            keys=self._settings.keys,
+            now=time.time(),
+            max_entries=self._settings.max_revocations,
         )
         started = time.monotonic()
         try:
@@ -863,6 +888,7 @@ class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
         sharded: bool | None = None,
         retry_guard: timedelta | None = RETRY_GUARD,
         timeout: float | None = None,
+        max_revocations: int = DEFAULT_MAX_REVOCATIONS,
         _built: bool = False,
     ) -> None:
         import redis.asyncio.cluster
@@ -874,6 +900,7 @@ class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
             idempotency_window=idempotency_window,
             sharded=is_cluster if sharded is None else sharded,
             retry_guard=retry_guard,
+            max_revocations=max_revocations,
         )
         self._policy = _policy(timeout, _built, client)
         self.client = client
@@ -942,7 +969,12 @@ class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
     ) -> Revocation:
         """See :meth:`Publisher.revoke_tokens`."""
         keys, args = prepare_revocation(
-            subject, issued_before, keep_for, keys=self._settings.keys, now=time.time()
+            subject,
+            issued_before,
+            keep_for,
+            keys=self._settings.keys,
+            now=time.time(),
+            max_entries=self._settings.max_revocations,
         )
         started = time.monotonic()
         try:

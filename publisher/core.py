@@ -17,7 +17,12 @@ import msgspec
 
 from schemas.events import ProjectEvent, encode_event, utc_now
 from schemas.keys import Keys, new_epoch
-from schemas.revocations import MAX_SUBJECT_BYTES, MAX_TIMESTAMP
+from schemas.revocations import (
+    DEFAULT_MAX_REVOCATIONS,
+    MAX_SUBJECT_BYTES,
+    MAX_TIMESTAMP,
+    parse_full_error,
+)
 from schemas.tokens import is_text
 
 __all__ = [
@@ -30,6 +35,8 @@ __all__ = [
     "PublisherUnavailable",
     "Retention",
     "RetryPolicy",
+    "RevocationListFull",
+    "check_max_revocations",
     "in_order_outcome",
     "new_epoch",
     "pack_command",
@@ -71,6 +78,27 @@ class IdempotencyConflict(PublishError):
         )
         self.key = key
         self.cursor = cursor
+
+
+class RevocationListFull(PublishError):
+    """``revoke_tokens`` of a subject not in the revocation list, which holds ``limit`` entries
+    (the publisher's ``max_revocations``) even after the expired ones the call swept. Nothing
+    was written: the entries stored, their expiry and the list's version are unchanged. A
+    subject already in the list is still updated at the cap.
+
+    What to do (docs/publisher.md, "When the list is full"): raise ``max_revocations`` (on
+    every publisher that revokes), revoke with a shorter ``keep_for`` so that entries leave
+    sooner, or rotate the token signing secret, which logs everyone out and makes the list
+    useless (then delete its hash). ``entries``: the fields the hash held."""
+
+    def __init__(self, entries: int, limit: int) -> None:
+        super().__init__(
+            f"the token revocation list is full ({entries} entries, at most {limit}): a new "
+            "subject cannot be added, nothing was written (raise max_revocations, revoke with "
+            "a shorter keep_for, or rotate the signing secret)"
+        )
+        self.entries = entries
+        self.limit = limit
 
 
 class PublishManyError(PublishError):
@@ -279,6 +307,9 @@ def script_error(exc: Exception, action: str = "publish") -> PublishError:
     repaired or deleted (deleting a project's meta key starts a new epoch: clients resync).
     """
     text = str(exc)
+    full = parse_full_error(text)
+    if full is not None:
+        return RevocationListFull(*full)
     if text.startswith(CORRUPT_MARK):
         detail = text[len(CORRUPT_MARK) :].partition(" script:")[0]
         return PublishError(
@@ -297,6 +328,17 @@ MAX_KEEP_FOR = timedelta(days=366)
 ISSUED_BEFORE_SKEW = timedelta(minutes=1)
 
 
+def check_max_revocations(value: object) -> int:
+    """A publisher's ``max_revocations`` (the cap of the revocation list): a whole number of 1
+    to 2**53 - 1 (what the script's Lua numbers hold exactly), else ``ValueError``."""
+    if type(value) is not int or not 1 <= value <= MAX_TIMESTAMP:
+        raise ValueError(
+            f"max_revocations must be a positive whole number (default "
+            f"{DEFAULT_MAX_REVOCATIONS}), got {value!r}"[:200]
+        )
+    return value
+
+
 def prepare_revocation(
     subject: object,
     issued_before: datetime | float | None,
@@ -304,9 +346,11 @@ def prepare_revocation(
     *,
     keys: Keys,
     now: float,
+    max_entries: int = DEFAULT_MAX_REVOCATIONS,
 ) -> tuple[list[str], list[str]]:
     """Check the arguments of ``revoke_tokens`` and make the REVOKE script's keys and
-    arguments (schemas.lua.REVOKE); ``now`` is the caller's clock (unix seconds).
+    arguments (schemas.lua.REVOKE); ``now`` is the caller's clock (unix seconds),
+    ``max_entries`` the cap of the list (checked by :func:`check_max_revocations`).
 
     ``subject``: a token's ``sub``, text of 1 to 1024 UTF-8 bytes. ``issued_before``: None
     (now, by Redis' clock, rounded up to the next second), an aware ``datetime`` or unix
@@ -356,7 +400,12 @@ def prepare_revocation(
         if rounded + math.ceil(keep) > MAX_TIMESTAMP:  # (unreachable with the bounds above)
             raise ValueError("issued_before + keep_for is too far in the future")
         before_arg = str(rounded)
-    return [keys.revocations(), keys.revocations_version()], [subject, before_arg, keep_for_arg]
+    return [keys.revocations(), keys.revocations_version()], [
+        subject,
+        before_arg,
+        keep_for_arg,
+        str(check_max_revocations(max_entries)),
+    ]
 
 
 def _seconds(value: object, name: str) -> float:

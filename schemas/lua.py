@@ -350,9 +350,20 @@ return {meta, oldest, entries}
 #: KEYS: the revocations hash, its version key (both in the slot ``{revocations}``)
 #: ARGV: subject (1-1024 bytes of UTF-8), issued_before (unix s; '' = now by Redis' clock,
 #:       rounded up to the next whole second: a token's ``iat`` is in whole seconds, so the
-#:       tokens issued earlier in the current second are refused too), keep_for (s, > 0).
+#:       tokens issued earlier in the current second are refused too), keep_for (s, > 0),
+#:       max_entries (optional, > 0; absent or '' = DEFAULT_MAX_REVOCATIONS, 100,000).
 #: Returns {issued_before, expires_at, version}: the subject's entry after the merge, and the
 #: hash's new version.
+#:
+#: The cap (schemas.revocations.DEFAULT_MAX_REVOCATIONS): every live entry is in each gateway's
+#: memory, so a leaked revoke key or a runaway script must not grow the hash without bound. A
+#: subject that has a field in the hash (live, expired or malformed) is always written: it
+#: replaces its own field and the hash does not grow. A new subject is written when the hash,
+#: less the entries this call sweeps, holds fewer than max_entries; else the call is refused
+#: with "EVENTBUS_REVOCATIONS_FULL <fields in the hash> <max_entries>" and writes nothing (not
+#: even the sweep, nor the version: a refused call changes nothing a reader sees). The check
+#: costs one HLEN (which the script makes anyway) and one HEXISTS, both O(1), so a full hash
+#: costs a call no more than a large one did.
 #:
 #: The entry written is {issued_before, issued_before + keep_for}, merged with the subject's
 #: live entry by taking the larger of each field: a revocation never lowers or shortens another.
@@ -380,6 +391,7 @@ REVOKE = """
 local MAX = 9007199254740991
 local MAX_SUBJECT = 1024
 local SWEEP = 500
+local DEFAULT_MAX_ENTRIES = 100000
 local function corrupt(key, what)
   return redis.error_reply('EVENTBUS_CORRUPT ' .. key .. ' ' .. what)
 end
@@ -426,6 +438,13 @@ local keep_for = whole(ARGV[3])
 if not keep_for or keep_for < 1 then
   return redis.error_reply('ERR keep_for must be a positive whole number of seconds')
 end
+local max_entries = DEFAULT_MAX_ENTRIES
+if ARGV[4] and ARGV[4] ~= '' then
+  max_entries = whole(ARGV[4])
+  if not max_entries or max_entries < 1 then
+    return redis.error_reply('ERR max_entries must be a positive whole number')
+  end
+end
 local time = redis.call('TIME')
 local now = tonumber(time[1])
 local issued_before
@@ -456,9 +475,10 @@ if version_type == 'string' then
 end
 
 -- Read and judge the entries before the first write.
-local drop = {}
+local drop, dropped = {}, {}
 local last = 0  -- the latest expires_at among the entries kept
-local whole_hash = redis.call('HLEN', KEYS[1]) <= SWEEP
+local size = redis.call('HLEN', KEYS[1])
+local whole_hash = size <= SWEEP
 local entries
 if whole_hash then
   entries = redis.call('HGETALL', KEYS[1])
@@ -478,13 +498,26 @@ for i = 1, #entries, 2 do
   local b, e = nil, nil
   if subject_valid(field) then b, e = parse_entry(value) end
   if not b or now >= e then
-    if field ~= subject then drop[#drop + 1] = field end
+    -- (Each field counted once: the cap below subtracts #drop from the hash's size.)
+    if field ~= subject and not dropped[field] then
+      dropped[field] = true
+      drop[#drop + 1] = field
+    end
   elseif field == subject then
     if b > issued_before then issued_before = b end
     if e > expires_at then expires_at = e end
   elseif e > last then
     last = e
   end
+end
+
+-- The cap, before the first write. A subject with a field of its own replaces it: the hash
+-- does not grow, so it is never refused (an update must work on a full list). An entry that
+-- is not stored (expired at once) does not grow it either.
+if now < expires_at and size - #drop >= max_entries
+    and redis.call('HEXISTS', KEYS[1], subject) == 0 then
+  return redis.error_reply(
+    'EVENTBUS_REVOCATIONS_FULL ' .. fmt(size) .. ' ' .. fmt(max_entries))
 end
 
 local micros = now * 1000000 + tonumber(time[2])

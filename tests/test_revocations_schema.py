@@ -19,6 +19,8 @@ from schemas import lua
 from schemas.keys import Keys
 from schemas.protocol import CloseCode
 from schemas.revocations import (
+    DEFAULT_MAX_REVOCATIONS,
+    FULL_MARK,
     MAX_SUBJECT_BYTES,
     MAX_TIMESTAMP,
     MalformedRevocation,
@@ -26,6 +28,7 @@ from schemas.revocations import (
     RevocationList,
     decode_entry,
     encode_entry,
+    parse_full_error,
     parse_revoke_reply,
 )
 from schemas.tokens import AUDIENCE, issue_token, verify_token
@@ -234,6 +237,29 @@ def test_the_revoke_reply_is_checked_at_the_boundary() -> None:
             parse_revoke_reply("s", bad)
 
 
+def test_parse_full_error_reads_the_scripts_refusal_and_nothing_else() -> None:
+    assert parse_full_error(f"{FULL_MARK}100000 100000") == (100000, 100000)
+    # Redis 7 appends where the error came from.
+    text = f"{FULL_MARK}7 5 script: 0123abcd, on @user_script:1."
+    assert parse_full_error(text) == (7, 5)
+    for other in [
+        "EVENTBUS_CORRUPT eventbus:{revocations}:subjects is not a hash",
+        "ERR keep_for must be a positive whole number of seconds",
+        f"{FULL_MARK}x 5",
+        f"{FULL_MARK}75",
+        f"{FULL_MARK}7 5x",
+        f"x{FULL_MARK}7 5",
+        "",
+    ]:
+        assert parse_full_error(other) is None, other
+
+
+def test_the_scripts_default_cap_is_the_documented_one() -> None:
+    assert f"local DEFAULT_MAX_ENTRIES = {DEFAULT_MAX_REVOCATIONS}\n" in lua.REVOKE
+    assert FULL_MARK == "EVENTBUS_REVOCATIONS_FULL "
+    assert f"'{FULL_MARK}'" in lua.REVOKE
+
+
 # --- the REVOKE script (fakeredis) ------------------------------------------------------------
 
 
@@ -244,10 +270,17 @@ def client() -> Any:
     client.close()
 
 
-def revoke(client: Any, subject: str | bytes, issued_before: int | str = "", keep_for: int = 60):
+def revoke(
+    client: Any,
+    subject: str | bytes,
+    issued_before: int | str = "",
+    keep_for: int | str = 60,
+    *max_entries: int | str,
+):
+    """The script's reply; ``max_entries`` (the fourth argument, optional) when given."""
     return client.eval(
         lua.REVOKE, 2, KEYS.revocations(), KEYS.revocations_version(), subject, issued_before,
-        keep_for,
+        keep_for, *max_entries,
     )  # fmt: skip
 
 
@@ -333,6 +366,46 @@ def test_the_script_refuses_bad_arguments_and_writes_nothing(
     assert client.keys("*") == []
 
 
+@pytest.mark.parametrize("max_entries", ["0", "-1", "1.5", "x", "1e3", str(MAX_TIMESTAMP + 1)])
+def test_the_script_refuses_a_bad_cap_and_writes_nothing(client: Any, max_entries: str) -> None:
+    with pytest.raises(redis.exceptions.ResponseError, match="max_entries"):
+        revoke(client, "s", "", 60, max_entries)
+    assert client.keys("*") == []
+
+
+def test_at_the_cap_a_new_subject_is_refused_an_old_one_updated(client: Any) -> None:
+    revoke(client, "a", "", 600, 2)
+    revoke(client, "b", "", 600, 2)  # at cap - 1: taken
+    assert client.hlen(KEYS.revocations()) == 2
+    before = client.hgetall(KEYS.revocations()), client.get(KEYS.revocations_version())
+    with pytest.raises(redis.exceptions.ResponseError, match=f"^{FULL_MARK}2 2"):
+        revoke(client, "c", "", 600, 2)
+    assert (client.hgetall(KEYS.revocations()), client.get(KEYS.revocations_version())) == before
+    # One already in the list: updated at the cap (the hash does not grow).
+    _, expires_at, _ = revoke(client, "a", "", 6000, 2)
+    assert decode_entry(b"a", client.hget(KEYS.revocations(), "a")).expires_at == expires_at
+    # Without the argument, the default cap: far away.
+    revoke(client, "c", "", 600)
+    assert client.hlen(KEYS.revocations()) == 3
+
+
+def test_a_new_subject_at_the_cap_takes_the_room_its_sweep_makes(client: Any) -> None:
+    now = int(time.time())
+    client.hset(
+        KEYS.revocations(),
+        mapping={"a": entry(1, now + 600), "gone": entry(1, now - 1), "bad": b"garbage"},
+    )
+    revoke(client, "b", "", 600, 3)  # 3 fields, 2 swept: room for 1
+    assert set(client.hkeys(KEYS.revocations())) == {b"a", b"b"}
+
+
+def test_a_revocation_that_would_be_expired_at_once_is_never_refused(client: Any) -> None:
+    now = int(time.time())
+    client.hset(KEYS.revocations(), "a", entry(1, now + 600))
+    assert revoke(client, "late", 1000, 10, 1)[:2] == [1000, 1010]  # stores nothing
+    assert set(client.hkeys(KEYS.revocations())) == {b"a"}
+
+
 @pytest.mark.parametrize("which", ["hash", "version"])
 def test_a_key_of_another_type_is_refused_and_nothing_written(client: Any, which: str) -> None:
     now = int(time.time())
@@ -374,25 +447,60 @@ field_values = st.one_of(
 )
 
 
-@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def admitted(items: dict, subject: str, cap: int, now: float) -> bool | None:
+    """Whether the script takes ``subject`` into a hash of ``items`` with cap ``cap`` (the rule
+    of schemas.lua.REVOKE, from the outside): True, False, or None when it depends on an entry
+    expiring within this second (judged either way)."""
+    if subject.encode() in items:
+        return True  # an update: the hash does not grow
+    kept, _ = RevocationList.from_hash(items, now)
+    surely = {r.subject for r in kept if r.expires_at > now + 2}
+    maybe = {r.subject for r in kept}
+    if len(surely) >= cap:
+        return False
+    if len(maybe) < cap:
+        return True
+    return None
+
+
+@settings(max_examples=80, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     st.dictionaries(
-        st.one_of(st.binary(min_size=0, max_size=6), st.text(max_size=4).map(str.encode)),
+        st.one_of(
+            st.binary(min_size=0, max_size=6),
+            st.text(max_size=4).map(str.encode),
+            st.sampled_from(["s", "é", "t"]).map(str.encode),  # the subject's own field
+        ),
         field_values,
         max_size=8,
     ),
     st.sampled_from(["s", "é", "t"]),
+    st.one_of(st.none(), st.integers(1, 9)),
 )
-def test_the_script_keeps_exactly_what_a_reader_takes(client: Any, items: dict, subject: str):
+def test_the_script_keeps_exactly_what_a_reader_takes(
+    client: Any, items: dict, subject: str, cap: int | None
+):
     """Lua and Python judge entries by the same rule: after a revocation, the hash holds the
-    entries the reader's from_hash keeps (live, well formed) and the new one, nothing else."""
+    entries the reader's from_hash keeps (live, well formed) and the new one, nothing else.
+    With a cap (None: the script's default), a new subject finding the hash full after the
+    sweep is refused and nothing at all changes; one already in the hash is always taken."""
     client.flushall()
     items = {field: value for field, value in items.items() if field}  # Redis: no empty field
     if items:
         client.hset(KEYS.revocations(), mapping=items)
     now = time.time()
     expected, _ = RevocationList.from_hash(items, now)
-    issued_before, expires_at, _ = revoke(client, subject, "", 3600)
+    caps = () if cap is None else (cap,)
+    admit = admitted(items, subject, DEFAULT_MAX_REVOCATIONS if cap is None else cap, now)
+    try:
+        issued_before, expires_at, _ = revoke(client, subject, "", 3600, *caps)
+    except redis.exceptions.ResponseError as exc:
+        assert admit is not True, exc
+        assert parse_full_error(str(exc)) == (len(items), cap)
+        assert client.hgetall(KEYS.revocations()) == items  # nothing swept, nothing written
+        assert not client.exists(KEYS.revocations_version())
+        return
+    assert admit is not False
     after = {r.subject: r for r in stored(client)}
     assert after.pop(subject) == Revocation(subject, issued_before, expires_at)
     # (An entry expiring within this second may be judged either way.)

@@ -16,6 +16,7 @@ import msgspec
 
 from publisher.http_api.app import HttpApiSettings, PublishApi
 from publisher.http_api.core import ApiKey, Credentials, hash_key, new_key
+from schemas.revocations import DEFAULT_MAX_REVOCATIONS
 
 __all__ = ["main"]
 
@@ -36,6 +37,14 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         "--prefix",
         default=os.environ.get("EVENTBUS_PREFIX", "eventbus"),
         help="key prefix shared with the gateways (default $EVENTBUS_PREFIX, else eventbus)",
+    )
+    serve.add_argument(
+        "--max-revocations",
+        type=int,
+        default=os.environ.get("EVENTBUS_MAX_REVOCATIONS", str(DEFAULT_MAX_REVOCATIONS)),
+        help="the cap of the token revocation list: POST /v1/revocations of a new subject "
+        "beyond it is 507 revocation_list_full (default $EVENTBUS_MAX_REVOCATIONS, else "
+        f"{DEFAULT_MAX_REVOCATIONS})",
     )
     serve.add_argument(
         "--keys-file",
@@ -164,7 +173,13 @@ def _serve(args: argparse.Namespace, prog: str) -> int:
             f'(add the entry that `new-key` prints to its "keys" list)\n'
         )
         return 2
-    publisher = AsyncPublisher.from_url(args.redis_url, prefix=args.prefix)
+    try:
+        publisher = AsyncPublisher.from_url(
+            args.redis_url, prefix=args.prefix, max_revocations=args.max_revocations
+        )
+    except ValueError as exc:  # a --max-revocations of 0 or less, a bad URL or prefix
+        sys.stderr.write(f"{prog}: error: {exc}\n")
+        return 2
     app = PublishApi(publisher, credentials, settings)
     limit_concurrency, backlog = fit_descriptors(args.limit_concurrency)
     config = server_config(

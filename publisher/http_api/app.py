@@ -24,6 +24,7 @@ from publisher.core import (
     PublishError,
     PublisherUnavailable,
     PublishManyError,
+    RevocationListFull,
 )
 from publisher.http_api.core import (
     MAX_REVOCATION_BODY,
@@ -51,6 +52,7 @@ _PUBLISHER_KEY_MAX = 200  # publisher.core: idempotency keys of 1-200 printable 
 _JSON = [(b"content-type", b"application/json")]
 _UNAVAILABLE_LOG_INTERVAL = 1.0  # seconds between "Redis unavailable" warnings
 _UNAVAILABLE = "unavailable"  # the throttle's key for those warnings
+_FULL = "revocation_list_full"  # the throttle's key for the full-list warnings
 
 
 class HttpApiSettings(msgspec.Struct, kw_only=True, frozen=True):
@@ -280,6 +282,11 @@ class PublishApi:
         except PublisherUnavailable as exc:
             self._log_unavailable(None, exc)
             raise ApiError(503, "unavailable", "Redis is unavailable", retry_after=1) from None
+        except RevocationListFull as exc:
+            # 507 Insufficient Storage: the list has no room for the subject, not Redis failing
+            # (502) nor the request's fault (4xx); no Retry-After: it takes an operator.
+            self._log_full(key.id, exc)
+            raise ApiError(507, "revocation_list_full", str(exc)) from None
         except PublishError as exc:
             raise ApiError(502, "revocation_failed", str(exc)) from None
         # Who revoked whose access, and until when: an operator's action, worth a line each.
@@ -300,6 +307,17 @@ class PublishApi:
             return
         extra = {"suppressed": suppressed} if suppressed else {}
         log.warning("http_publish_unavailable", project_id=project_id, error=str(exc), **extra)
+
+    def _log_full(self, key_id: str, exc: RevocationListFull) -> None:
+        """A full revocation list needs an operator: a warning, at most one a second (a leaked
+        key or a runaway script may ask many times; the 507s are counted, every one)."""
+        suppressed = self._log_throttle.allow(_FULL)
+        if suppressed is None:
+            return
+        extra = {"suppressed": suppressed} if suppressed else {}
+        log.warning(
+            "revocation_list_full", key_id=key_id, entries=exc.entries, limit=exc.limit, **extra
+        )
 
     async def _body(
         self, headers: dict[bytes, list[bytes]], receive, limit: int | None = None
