@@ -1028,6 +1028,61 @@ async def test_a_damaged_revocations_key_is_502(redis_url, redis_client) -> None
     assert Keys().revocations() in body["error"]["message"]
 
 
+async def test_a_full_revocation_list_is_507_and_changes_nothing(redis_url, redis_client) -> None:
+    """A new subject on a full list: 507 revocation_list_full (counted, logged once a second at
+    most), the list and its version as they were; a subject in the list is still updated."""
+    now = int(time.time())
+    value = b'{"issued_before":%d,"expires_at":%d}' % (now - 10, now + 3600)
+    redis_client.hset(Keys().revocations(), mapping={"user-1": value, "user-2": value})
+    before = (
+        redis_client.hgetall(Keys().revocations()),
+        redis_client.get(Keys().revocations_version()),
+    )
+    publisher = AsyncPublisher.from_url(redis_url, max_revocations=2)
+    with structlog.testing.capture_logs() as logs:
+        async with serving_app(publisher, revoking_credentials()) as (_, _, port):
+            api = Api(port)
+            for _ in range(3):
+                status, headers, body = await post_revocation(api, {"subject": "user-3"})
+                assert status == 507, body
+                assert body["error"]["code"] == "revocation_list_full"
+                assert "full (2 entries, at most 2)" in body["error"]["message"]
+                assert "retry-after" not in headers  # it takes an operator, not time
+            after = (
+                redis_client.hgetall(Keys().revocations()),
+                redis_client.get(Keys().revocations_version()),
+            )
+            assert after == before
+            status, _, body = await post_revocation(api, {"subject": "user-2", "keep_for": 7200})
+            assert status == 200 and body["revocation"]["subject"] == "user-2", body
+            metrics = await api.raw(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert b'status="507",code="revocation_list_full"} 3' in metrics[2]
+    warnings = [line for line in logs if line["event"] == "revocation_list_full"]
+    assert warnings == [
+        {
+            "event": "revocation_list_full",
+            "log_level": "warning",
+            "key_id": "admin",
+            "entries": 2,
+            "limit": 2,
+        }
+    ]
+
+
+def test_serve_refuses_a_cap_that_cannot_work(tmp_path) -> None:
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"keys": [{"id": "a", "sha256": hash_key("k"), "projects": "*"}]}))
+    out = subprocess.run(
+        [sys.executable, "-m", "publisher.http_api", "serve", "--keys-file", str(keys),
+         "--max-revocations", "0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )  # fmt: skip
+    assert out.returncode == 2 and "max_revocations" in out.stderr, out.stderr
+
+
 def test_new_key_may_revoke_only_when_asked(capsys) -> None:
     from publisher.http_api.__main__ import main
 

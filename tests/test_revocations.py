@@ -21,13 +21,26 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from publisher import AsyncPublisher, Publisher, PublishError, PublisherUnavailable
+from publisher import (
+    AsyncPublisher,
+    Publisher,
+    PublishError,
+    PublisherUnavailable,
+    RevocationListFull,
+)
 from publisher.__main__ import main as cli_main
 from schemas import lua
 from schemas.keys import Keys
-from schemas.revocations import MAX_SUBJECT_BYTES, REVOKE_SWEEP, Revocation, RevocationList
+from schemas.revocations import (
+    DEFAULT_MAX_REVOCATIONS,
+    MAX_SUBJECT_BYTES,
+    REVOKE_SWEEP,
+    Revocation,
+    RevocationList,
+)
 from schemas.tokens import issue_token, verify_token
 from tests.support.redis_server import RedisServer, free_port, hung
+from tests.test_revocations_schema import admitted
 
 KEYS = Keys()
 SECRET = "revocation-test-secret-long-enough-for-hs256"
@@ -204,18 +217,32 @@ EDGE_FIELDS = [
             ),
         ),
         max_size=6,
-    )
+    ),
+    st.integers(1, 7),
 )
-def test_redis_lua_and_python_judge_every_entry_alike(redis_url: str, items: dict) -> None:
+def test_redis_lua_and_python_judge_every_entry_alike(
+    redis_url: str, items: dict, cap: int
+) -> None:
+    """Also the cap, on Redis' own Lua: a new subject is taken exactly when the hash, less
+    what the reader leaves out, has room; refused, nothing changes (see
+    tests/test_revocations_schema.py for the same on fakeredis, with the subject's own field)."""
     client = redis.Redis.from_url(redis_url)
     try:
-        client.delete(KEYS.revocations())
+        client.delete(KEYS.revocations(), KEYS.revocations_version())
         if items:
             client.hset(KEYS.revocations(), mapping=items)
         now = time.time()
         expected, _ = RevocationList.from_hash(items, now)
-        with Publisher(client) as publisher:
-            publisher.revoke_tokens("subject-of-the-test")
+        admit = admitted(items, "subject-of-the-test", cap, now)
+        with Publisher(client, max_revocations=cap) as publisher:
+            try:
+                publisher.revoke_tokens("subject-of-the-test")
+            except RevocationListFull as exc:
+                assert admit is not True and (exc.entries, exc.limit) == (len(items), cap)
+                assert client.hgetall(KEYS.revocations()) == items
+                assert not client.exists(KEYS.revocations_version())
+                return
+        assert admit is not False
         after = {r.subject for r in stored(client)} - {"subject-of-the-test"}
         kept = {r.subject for r in expected}
         soon = {r.subject for r in expected if r.expires_at <= now + 2}  # either way
@@ -320,6 +347,132 @@ def test_a_large_hash_is_read_a_slice_at_a_time_and_no_live_entry_is_lost(
     fields = {field.decode() for field in redis_client.hkeys(KEYS.revocations())}
     assert set(live) <= fields and not any(field.startswith("old-") for field in fields)
     assert redis_client.ttl(KEYS.revocations()) >= now + 1019 - time.time() - 1
+
+
+# --- the cap of the list ----------------------------------------------------------------------
+
+
+def snapshot(client: Any) -> tuple:
+    """Everything a revocation may change: the hash, its expiry, the version."""
+    return (
+        client.hgetall(KEYS.revocations()),
+        client.pttl(KEYS.revocations()) // 10_000,  # (ms run down meanwhile: 10 s granules)
+        client.get(KEYS.revocations_version()),
+    )
+
+
+def live(count: int, keep: int = 3600, stem: str = "user") -> dict[str, bytes]:
+    now = int(time.time())
+    value = b'{"issued_before":%d,"expires_at":%d}' % (now - 10, now + keep)
+    return dict.fromkeys((f"{stem}-{i}" for i in range(count)), value)
+
+
+def test_the_cap_takes_a_new_subject_below_it_refuses_one_at_it_and_updates_an_old_one(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    with Publisher.from_url(redis_url, max_revocations=3) as publisher:
+        assert publisher.max_revocations == 3
+        publisher.revoke_tokens("a")
+        publisher.revoke_tokens("b")
+        publisher.revoke_tokens("c")  # at cap - 1: taken
+        assert redis_client.hlen(KEYS.revocations()) == 3
+        before = snapshot(redis_client)
+        with pytest.raises(RevocationListFull, match="full") as full:
+            publisher.revoke_tokens("d")
+        assert (full.value.entries, full.value.limit) == (3, 3)
+        assert isinstance(full.value, PublishError)
+        assert snapshot(redis_client) == before  # nothing changed, the version not bumped
+        # One already in the list is updated at the cap, and the readers see it.
+        updated = publisher.revoke_tokens("a", keep_for=timedelta(days=2))
+        assert updated.expires_at == updated.issued_before + 2 * 86400
+        assert stored(redis_client).get("a") == updated
+        assert redis_client.get(KEYS.revocations_version()) != before[2]
+        assert {r.subject for r in stored(redis_client)} == {"a", "b", "c"}
+
+
+def test_at_the_cap_the_sweep_of_expired_entries_makes_room(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    now = int(time.time())
+    redis_client.hset(
+        KEYS.revocations(),
+        mapping={
+            **live(2),
+            "gone": b'{"issued_before":1,"expires_at":%d}' % (now - 1),
+            "garbage": b"not written by the publisher",
+        },
+    )
+    with Publisher.from_url(redis_url, max_revocations=4) as publisher:
+        assert publisher.revoke_tokens("new").subject == "new"
+        assert set(redis_client.hkeys(KEYS.revocations())) == {b"user-0", b"user-1", b"new"}
+        publisher.revoke_tokens("newer")  # 3 of 4
+        with pytest.raises(RevocationListFull):
+            publisher.revoke_tokens("newest")
+
+
+async def test_the_async_publisher_refuses_alike(redis_url: str, redis_client) -> None:
+    redis_client.hset(KEYS.revocations(), mapping=live(2))
+    publisher = AsyncPublisher.from_url(redis_url, max_revocations=2)
+    try:
+        before = snapshot(redis_client)
+        with pytest.raises(RevocationListFull) as full:
+            await publisher.revoke_tokens("new")
+        assert (full.value.entries, full.value.limit) == (2, 2)
+        assert snapshot(redis_client) == before
+        assert (await publisher.revoke_tokens("user-1")).subject == "user-1"
+    finally:
+        await publisher.aclose()
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "100", 2**53])
+def test_a_bad_cap_is_a_value_error(redis_url: str, value: Any) -> None:
+    with pytest.raises(ValueError, match="max_revocations"):
+        Publisher.from_url(redis_url, max_revocations=value)
+    with pytest.raises(ValueError, match="max_revocations"):
+        AsyncPublisher.from_url(redis_url, max_revocations=value)
+
+
+def test_the_default_cap_at_full_size_and_the_cost_of_a_refusal(
+    pub: Publisher, redis_client: redis.Redis
+) -> None:
+    """At the default cap, 100,000 entries (the script reads a slice): the last one is taken, a
+    new one refused without a change, an old one updated; and a call on the full hash costs
+    Redis no more than one on a hash of a thousand (both read one slice: HLEN and HEXISTS are
+    O(1)). Then, most entries expired, a new subject is taken after the sweep."""
+    assert pub.max_revocations == DEFAULT_MAX_REVOCATIONS == 100_000
+    small = Publisher(redis_client, prefix="small")
+    redis_client.hset(Keys("small").revocations(), mapping=live(1000))
+    full = live(DEFAULT_MAX_REVOCATIONS - 1)
+    for chunk in range(0, len(full), 10_000):
+        redis_client.hset(
+            KEYS.revocations(), mapping=dict(list(full.items())[chunk : chunk + 10_000])
+        )
+    pub.revoke_tokens("last")  # at cap - 1: taken
+    assert redis_client.hlen(KEYS.revocations()) == DEFAULT_MAX_REVOCATIONS
+    before = snapshot(redis_client)
+    costs: dict[str, list[int]] = {"full": [], "small": []}
+    for i in range(7):
+        redis_client.config_resetstat()
+        with pytest.raises(RevocationListFull, match="100000 entries, at most 100000"):
+            pub.revoke_tokens(f"refused-{i}")
+        costs["full"].append(redis_client.info("commandstats")["cmdstat_evalsha"]["usec"])
+        redis_client.config_resetstat()
+        small.revoke_tokens(f"user-{i}")
+        costs["small"].append(redis_client.info("commandstats")["cmdstat_evalsha"]["usec"])
+    assert snapshot(redis_client) == before
+    full_cost, small_cost = (sorted(costs[kind])[3] for kind in costs)
+    assert full_cost < 3 * small_cost + 500, costs
+    updated = pub.revoke_tokens("user-7", keep_for=7200)  # one in the list: updated
+    assert redis_client.hlen(KEYS.revocations()) == 100_000
+    assert redis_client.hget(KEYS.revocations(), "user-7") == (
+        b'{"issued_before":%d,"expires_at":%d}' % (updated.issued_before, updated.expires_at)
+    )
+    # Most entries expired (not yet swept): the slice the call reads makes room.
+    now = int(time.time())
+    gone = b'{"issued_before":1,"expires_at":%d}' % (now - 1)
+    redis_client.hset(KEYS.revocations(), mapping=dict.fromkeys(list(full)[:90_000], gone))
+    assert pub.revoke_tokens("new").subject == "new"
+    assert redis_client.hlen(KEYS.revocations()) < DEFAULT_MAX_REVOCATIONS
 
 
 def test_the_hash_expires_with_its_last_entry(pub: Publisher, redis_client: redis.Redis) -> None:
@@ -485,6 +638,40 @@ def test_cli_damaged_key_exits_1(redis_url: str, redis_client: redis.Redis) -> N
     redis_client.set(KEYS.revocations(), "not a hash")
     code, out, err = cli("--redis-url", redis_url, "revoke-tokens", "s")
     assert code == 1 and KEYS.revocations() in err and out == ""
+
+
+def test_cli_a_full_list_exits_4_and_writes_nothing(
+    redis_url: str, redis_client: redis.Redis, monkeypatch
+) -> None:
+    redis_client.hset(KEYS.revocations(), mapping=live(2))
+    before = snapshot(redis_client)
+    code, out, err = cli("--redis-url", redis_url, "revoke-tokens", "new", "--max-revocations", "2")
+    assert code == 4 and out == ""
+    assert "revocation list is full (2 entries, at most 2)" in err, err
+    assert "raise max_revocations" in err
+    assert snapshot(redis_client) == before
+    # One in the list is updated at the cap.
+    code, out, err = cli(
+        "--redis-url", redis_url, "revoke-tokens", "user-0", "--max-revocations", "2"
+    )
+    assert code == 0 and json.loads(out)["subject"] == "user-0", err
+    # The cap from the environment (the HTTP API's variable too), else the default.
+    monkeypatch.setenv("EVENTBUS_MAX_REVOCATIONS", "2")
+    assert cli("--redis-url", redis_url, "revoke-tokens", "new")[0] == 4
+    monkeypatch.setenv("EVENTBUS_MAX_REVOCATIONS", "3")
+    assert cli("--redis-url", redis_url, "revoke-tokens", "new")[0] == 0
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "many", str(2**53)])
+def test_cli_a_bad_cap_exits_2(redis_url: str, redis_client: redis.Redis, value: str, capsys):
+    try:
+        code, _, err = cli(
+            "--redis-url", redis_url, "revoke-tokens", "s", "--max-revocations", value
+        )
+    except SystemExit as exit:  # argparse's own errors
+        code, err = int(exit.code or 0), capsys.readouterr().err
+    assert code == 2 and "max-revocations" in err.replace("_", "-"), err
+    assert redis_client.keys("*") == []
 
 
 def test_the_docs_revocation_sample_runs_as_written(redis_url: str, tmp_path) -> None:
