@@ -407,12 +407,13 @@ class ClientProtocol:
         except SubscribeUnavailable as exc:
             # A failed re-subscribe has ended the old subscription: its presence ends with it.
             self.gateway.presence.leave(session, project_id)
-            suppressed = self.gateway.client_log_throttle.allow("subscribe_unavailable")
-            if suppressed is not None:
-                extra = {"suppressed": suppressed} if suppressed else {}
-                clog.warning(
-                    "subscribe failed", project_id=project_id, error=describe(exc), **extra
-                )
+            self.gateway.client_log_throttle.log(
+                "subscribe_unavailable",
+                clog.warning,
+                "subscribe failed",
+                project_id=project_id,
+                error=describe(exc),
+            )
             self.client_error(
                 session,
                 ErrorCode.UNAVAILABLE,

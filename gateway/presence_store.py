@@ -523,10 +523,12 @@ class PresenceService:
             self._left_out(project_id, 1)  # counted, not logged: bounded, and said in metrics
             return
         except MalformedAnnouncement as exc:
-            if (suppressed := self._throttle.allow("malformed_announcement")) is not None:
-                log.warning(
-                    "malformed presence announcement", error=describe(exc), suppressed=suppressed
-                )
+            self._throttle.log(
+                "malformed_announcement",
+                log.warning,
+                "malformed presence announcement",
+                error=describe(exc),
+            )
             return
         view = self.core.views.get(project_id)
         dropped = 0 if view is None else view.left_out
@@ -654,14 +656,14 @@ class PresenceService:
         self.repaired_keys += keys
         if self._on_repaired is not None:
             self._on_repaired(project_id, keys)
-        if (suppressed := self._throttle.allow("repaired")) is not None:
-            log.warning(
-                "presence: repaired a project's keys (an index key of another type, or a "
-                "pod deadline beyond the longest ttl)",
-                project_id=project_id,
-                keys=keys,
-                suppressed=suppressed,
-            )
+        self._throttle.log(
+            "repaired",
+            log.warning,
+            "presence: repaired a project's keys (an index key of another type, or a "
+            "pod deadline beyond the longest ttl)",
+            project_id=project_id,
+            keys=keys,
+        )
 
     def _left_out(self, project_id: int, n: int) -> None:
         """A read or an announcement of the project held more than pods can have written:
@@ -675,13 +677,13 @@ class PresenceService:
         """One project's presence calls answer errors (unforeseen: the scripts replace index
         keys of another type and skip foreign values): said in the log; the pod's other
         projects go on."""
-        if (suppressed := self._throttle.allow("project_error")) is not None:
-            log.warning(
-                "presence: a project's keys in Redis are unusable",
-                project_id=project_id,
-                error=describe(exc),
-                suppressed=suppressed,
-            )
+        self._throttle.log(
+            "project_error",
+            log.warning,
+            "presence: a project's keys in Redis are unusable",
+            project_id=project_id,
+            error=describe(exc),
+        )
 
     async def _redis_loop(self) -> None:
         """Writes, refreshes and re-reads, one at a time (a write and a refresh never race).
@@ -719,14 +721,14 @@ class PresenceService:
                             raise
                 backoff = self.flush_interval
             except (redis.exceptions.RedisError, OSError) as exc:  # (TimeoutError is an OSError)
-                if (suppressed := self._throttle.allow("redis_error")) is not None:
-                    log.warning(
-                        "presence: redis unavailable", error=describe(exc), suppressed=suppressed
-                    )
+                self._throttle.log(
+                    "redis_error", log.warning, "presence: redis unavailable", error=describe(exc)
+                )
                 backoff = min(backoff * 2, self.refresh_interval)
             except Exception as exc:  # a reply nobody foresaw must not end presence for the pod
-                if (suppressed := self._throttle.allow("loop_failed")) is not None:
-                    log.warning("presence: a round failed", error=repr(exc), suppressed=suppressed)
+                self._throttle.log(
+                    "loop_failed", log.warning, "presence: a round failed", error=repr(exc)
+                )
                 backoff = min(backoff * 2, self.refresh_interval)
             await asyncio.sleep(backoff)  # coalesces a burst of changes into one write
             if not (self.core.has_pending_writes() or self._reread):
@@ -747,13 +749,13 @@ class PresenceService:
                 try:
                     self.deliver(sessions, frame)
                 except Exception as exc:  # the gateway's bug must not end presence for all
-                    if (suppressed := self._throttle.allow("deliver_failed")) is not None:
-                        log.error(
-                            "presence: deliver failed",
-                            error=repr(exc),
-                            project_id=diff.project_id,
-                            suppressed=suppressed,
-                        )
+                    self._throttle.log(
+                        "deliver_failed",
+                        log.error,
+                        "presence: deliver failed",
+                        error=repr(exc),
+                        project_id=diff.project_id,
+                    )
 
     async def _listen_loop(self) -> None:
         """Listen to the presence channels of the watched projects. After a reconnect every
@@ -822,19 +824,17 @@ class PresenceService:
                             self._confirmed.discard(_text(message["channel"]))
                         backoff = 0.05
                 except (redis.exceptions.RedisError, OSError) as exc:
-                    if (suppressed := self._throttle.allow("pubsub_error")) is not None:
-                        log.warning(
-                            "presence: pub/sub down", error=describe(exc), suppressed=suppressed
-                        )
+                    self._throttle.log(
+                        "pubsub_error", log.warning, "presence: pub/sub down", error=describe(exc)
+                    )
                 except Exception as exc:
                     # A frame no Redis sends (a broken server or proxy) fails inside redis-py's
                     # pub/sub (IndexError, TypeError): what else the connection says cannot be
                     # trusted either, so it is a lost connection, as on the gateway's link. Before,
                     # it ended the listener for good, without a word.
-                    if (suppressed := self._throttle.allow("pubsub_error")) is not None:
-                        log.warning(
-                            "presence: pub/sub down", error=repr(exc), suppressed=suppressed
-                        )
+                    self._throttle.log(
+                        "pubsub_error", log.warning, "presence: pub/sub down", error=repr(exc)
+                    )
                 pubsub, self._pubsub = self._pubsub, None
                 self._drop_pubsub_sockets()
                 with contextlib.suppress(Exception):

@@ -412,9 +412,7 @@ class RevocationWatcher(Generic[S]):
         )
 
     def _warn(self, kind: str, event: str, **fields: object) -> None:
-        suppressed = self._throttle.allow(kind)
-        if suppressed is not None:
-            log.warning(event, **fields, **({"suppressed": suppressed} if suppressed else {}))
+        self._throttle.log(kind, log.warning, event, **fields)
 
 
 def _revokes_more(revocation: Revocation, before: Revocation | None) -> bool:

@@ -439,9 +439,7 @@ class Gateway:
 
     def client_log(self, event: str, *, kind: str, **fields) -> None:
         """Log a line caused by a client at info level, throttled per ``kind``."""
-        suppressed = self.client_log_throttle.allow(kind)
-        if suppressed is not None:
-            log.info(event, **fields, **({"suppressed": suppressed} if suppressed else {}))
+        self.client_log_throttle.log(kind, log.info, event, **fields)
 
     # --- connections -------------------------------------------------------------------------
 

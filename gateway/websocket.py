@@ -836,10 +836,13 @@ class WebSocketConnection(asyncio.Protocol):
     def _refuse(self, code: CloseCode, reason: str) -> None:
         gateway = self.endpoint.gateway
         gateway.metrics.auth_failures_total += 1
-        suppressed = gateway.client_log_throttle.allow("auth_failed")
-        if suppressed is not None:
-            extra = {"suppressed": suppressed} if suppressed else {}
-            self.log().info("authentication failed", reason=reason[:200], code=int(code), **extra)
+        gateway.client_log_throttle.log(
+            "auth_failed",
+            self.log().info,
+            "authentication failed",
+            reason=reason[:200],
+            code=int(code),
+        )
         self.awaiting_auth = False
         if self.session is not None:
             self.session.closing = True

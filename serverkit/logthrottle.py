@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from typing import Any
 
 __all__ = ["LogThrottle"]
 
@@ -20,9 +21,7 @@ class LogThrottle:
     line): with a ``burst`` of 1, a line is logged when ``interval`` seconds have passed since
     the last one logged.
 
-        suppressed = throttle.allow("auth_failed")
-        if suppressed is not None:
-            log.info("authentication failed", ..., suppressed=suppressed)
+        throttle.log("auth_failed", log.info, "authentication failed", reason=reason)
     """
 
     __slots__ = ("_clock", "_counts", "_suppressed", "_window_start", "burst", "interval")
@@ -50,3 +49,17 @@ class LogThrottle:
             self._suppressed[key] = self._suppressed.get(key, 0) + 1
             return None
         return self._suppressed.pop(key, 0)
+
+    def log(self, key: str, emit: Callable[..., Any], event: str, /, **fields: Any) -> None:
+        """Log one line of ``key`` unless :meth:`allow` drops it: ``emit(event, **fields)``
+        (``emit`` is the logger's method of the level wanted, ``log.warning``), with
+        ``suppressed=n`` added when ``n`` lines of ``key`` were dropped since the last one logged
+        (no such field when none were). Returns nothing: the caller's other work (counters,
+        replies) does not depend on whether the line was logged. (``key`` is positional only: a
+        line may have a field of that name.)"""
+        suppressed = self.allow(key)
+        if suppressed is None:
+            return
+        if suppressed:
+            fields["suppressed"] = suppressed
+        emit(event, **fields)

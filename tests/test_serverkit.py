@@ -47,6 +47,28 @@ def test_a_throttle_of_one_line_logs_one_an_interval_after_the_last_from_the_fir
     assert logged == [(0.5, 0), (1.5, 2), (2.6, 1)]
 
 
+def test_a_throttled_log_line_goes_to_the_method_given_with_the_number_dropped_before_it():
+    """``LogThrottle.log``: the line's own fields, and ``suppressed`` only when lines of its kind
+    were dropped since the last one logged (the gateway's and the HTTP API's log lines)."""
+    now = [0.0]
+    throttle = LogThrottle(interval=60, burst=1, clock=lambda: now[0])
+    lines = []
+
+    def emit(event, **fields):
+        lines.append((event, fields))
+
+    for n in range(3):
+        throttle.log("down", emit, "redis unavailable", attempt=n)
+    throttle.log("bad", emit, "bad request", key="k")  # another kind: its own burst
+    now[0] = 60.0
+    throttle.log("down", emit, "redis unavailable", attempt=3)
+    assert lines == [
+        ("redis unavailable", {"attempt": 0}),
+        ("bad request", {"key": "k"}),
+        ("redis unavailable", {"attempt": 3, "suppressed": 2}),
+    ]
+
+
 def _run(code: str, soft: int) -> str:
     """``code`` in a fresh interpreter whose soft descriptor limit is ``soft``."""
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]

@@ -302,11 +302,13 @@ class PublishApi:
     def _log_unavailable(self, project_id: int | None, exc: Exception) -> None:
         """At most one line a second (with how many were not logged): one per request made an
         outage thousands of lines a second. The 503s are counted, every one."""
-        suppressed = self._log_throttle.allow(_UNAVAILABLE)
-        if suppressed is None:
-            return
-        extra = {"suppressed": suppressed} if suppressed else {}
-        log.warning("http_publish_unavailable", project_id=project_id, error=str(exc), **extra)
+        self._log_throttle.log(
+            _UNAVAILABLE,
+            log.warning,
+            "http_publish_unavailable",
+            project_id=project_id,
+            error=str(exc),
+        )
 
     def _log_full(self, key_id: str, exc: RevocationListFull) -> None:
         """A full revocation list needs an operator: a warning, at most one a second (a leaked
