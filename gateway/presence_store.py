@@ -874,7 +874,20 @@ class PresenceService:
 class _PubSubProbe:
     """When the presence listener pings its pub/sub connection and when the pong is overdue
     (times from the loop's clock): a ping every ``interval`` while none is unanswered, its pong
-    due within ``interval`` of it."""
+    due within ``interval`` of it, or within ``limit`` intervals while each read returns a frame.
+
+    The same idea as the pub/sub link's :class:`gateway.pubsub.PongWait` (frames still read: the
+    pong may be behind them), not the same rule, which is why it is not that class with a limit
+    of 2. The listener reads at most 0.2 s at a time and asks at each read; the link decides only
+    when a whole probe timeout ends. Here the frame must come with the read that finds the pong
+    late (one frame earlier in the interval, then silence: given up at the first empty read past
+    the interval); there any whole frame during the timeout just ended buys a whole timeout more
+    (given up at its end). And this class also says when to ping.
+    """
+
+    #: Intervals after its ping a pong is waited for in all, at most (``PongWait.limit``), while
+    #: the reads go on returning frames.
+    limit = 2
 
     def __init__(self, now: float, interval: float) -> None:
         self.interval = interval
@@ -894,10 +907,10 @@ class _PubSubProbe:
         self.next_ping = now + self.interval
 
     def overdue(self, now: float, *, after_a_frame: bool = False) -> bool:
-        """Whether the pong is late: past an interval, or past two ``after_a_frame`` (another
-        frame was just read: the connection delivers, and the pong may be right behind, the
-        loop having been busy past the interval; a frame that counted would reconnect a live
-        connection after every such pause)."""
+        """Whether the pong is late: past an interval, or past :attr:`limit` intervals
+        ``after_a_frame`` (another frame was just read: the connection delivers, and the pong
+        may be right behind, the loop having been busy past the interval; were only the pong
+        to count, a live connection would be reconnected after every such pause)."""
         if self.sent is None:
             return False
-        return now - self.sent > (2 if after_a_frame else 1) * self.interval
+        return now - self.sent > (self.limit if after_a_frame else 1) * self.interval

@@ -21,7 +21,8 @@ frames were read is followed by another, up to :data:`PONG_WINDOWS` (6) in all, 
 defaults (:class:`PongWait`); after that the link reconnects anyway: a path that forwards
 Redis's messages but lost the pod's writes must still be noticed. A frame that has not arrived
 whole (one trickled a byte at a time) is no progress. (The presence listener's own pub/sub
-connection follows the same idea with a bound of its own: gateway.presence_store.)
+connection, used without this link, gives a late pong less room by another rule:
+gateway.presence_store._PubSubProbe.)
 
 A frame no Redis sends (a message without data, a channel that is not a string: a broken server
 or proxy) is taken as a broken connection too (:func:`frame_problem`): a warning, a reconnect and

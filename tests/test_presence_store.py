@@ -1488,13 +1488,16 @@ async def _rounds_of_activity(pods: list, watcher: Watcher, rounds: int, cap: in
 
 def test_the_presence_listeners_probe_pings_each_interval_and_waits_one_for_the_pong():
     """Times of the own pub/sub connection's probe (tests/test_redis_protocol.py ends a trickled
-    frame with it against a server)."""
+    frame with it against a server). Unlike the link's PongWait, a frame read earlier in the
+    interval buys no more time: only a frame from the read that finds the pong late does."""
     from gateway.presence_store import _PubSubProbe
 
     probe = _PubSubProbe(now=0.0, interval=3.0)
+    assert probe.limit == 2
     assert not probe.ping_due(2.9)
     assert probe.ping_due(3.0) and not probe.ping_due(3.1)  # one ping at a time
-    assert not probe.overdue(6.0) and probe.overdue(6.1)
+    assert not probe.overdue(5.0, after_a_frame=True)
+    assert not probe.overdue(6.0) and probe.overdue(6.1)  # the frame at 5.0 does not count
     # Just after another frame, one more interval: the pong may be right behind it.
     assert not probe.overdue(9.0, after_a_frame=True) and probe.overdue(9.1, after_a_frame=True)
     probe.answered(4.0)
