@@ -58,8 +58,8 @@ _HASHES = {
 #: Longest display name (``name`` claim) a token may carry; longer ones are ignored on verify.
 MAX_NAME_LENGTH = 200
 #: Longest ``sub``, in UTF-8 bytes: the longest subject a revocation can name
-#: (:mod:`schemas.revocations`). A longer one could never be revoked, so ``issue_token`` refuses
-#: to mint it and the gateway refuses a token that has one.
+#: (:mod:`schemas.revocations`, 1 to this many bytes). A longer one, or an empty one, could never
+#: be revoked, so ``issue_token`` refuses to mint it and the gateway refuses a token that has one.
 MAX_SUBJECT_BYTES = 1024
 
 
@@ -109,8 +109,8 @@ def issue_token(
     change that): ``algorithm="HS384"``/``"HS512"`` are for tools of your own that verify with
     ``verify_token(..., algorithms=[...])``.
 
-    ``subject`` (the ``sub`` claim: who the person is, what a revocation names) is text of at
-    most :data:`MAX_SUBJECT_BYTES` UTF-8 bytes. ``name`` is the person's display name shown by
+    ``subject`` (the ``sub`` claim: who the person is, what a revocation names) is text of 1 to
+    :data:`MAX_SUBJECT_BYTES` UTF-8 bytes. ``name`` is the person's display name shown by
     presence (at most :data:`MAX_NAME_LENGTH` characters); tokens without it stay valid.
 
     Raises :class:`InvalidSecret` (a ``ValueError``) for an empty secret or one that cannot be
@@ -143,8 +143,9 @@ def issue_token(
     if subject is not None:
         if not is_text(subject):
             raise ValueError("subject must be a string (text: no lone UTF-16 surrogate)")
-        if _too_long(subject):
-            raise ValueError(_SUBJECT_TOO_LONG)
+        unrevocable = _unrevocable(subject)
+        if unrevocable is not None:
+            raise ValueError(unrevocable)
         claims["sub"] = subject
     if name is not None:
         if not is_text(name) or not name or len(name) > MAX_NAME_LENGTH:
@@ -356,9 +357,18 @@ _SUBJECT_TOO_LONG = (
 )
 
 
-def _too_long(subject: str) -> bool:
+_SUBJECT_EMPTY = "'sub' is empty (no revocation could name it)"
+
+
+def _unrevocable(subject: str) -> str | None:
+    """Why no revocation could name ``subject`` (text): it is empty or over
+    :data:`MAX_SUBJECT_BYTES` UTF-8 bytes (schemas.revocations takes 1 to that many); else None."""
+    if not subject:
+        return _SUBJECT_EMPTY
     # (A character is at most 4 bytes: most subjects are judged by their length alone.)
-    return len(subject) > MAX_SUBJECT_BYTES // 4 and len(subject.encode()) > MAX_SUBJECT_BYTES
+    if len(subject) > MAX_SUBJECT_BYTES // 4 and len(subject.encode()) > MAX_SUBJECT_BYTES:
+        return _SUBJECT_TOO_LONG
+    return None
 
 
 def _claims(raw: dict) -> TokenClaims:
@@ -384,8 +394,10 @@ def _claims(raw: dict) -> TokenClaims:
         iat = math.floor(iat)
     elif type(iat) is not int:  # a bool is no time, nor a string PyJWT's int() took
         iat = None
-    if is_text(sub) and _too_long(sub):
-        raise InvalidToken(f"invalid token: {_SUBJECT_TOO_LONG}")
+    if is_text(sub):
+        unrevocable = _unrevocable(sub)
+        if unrevocable is not None:
+            raise InvalidToken(f"invalid token: {unrevocable}")
     if not (is_text(name) and 0 < len(name) <= MAX_NAME_LENGTH):
         name = None  # a display name is decoration: a bad one is dropped, not a bad token
     return TokenClaims(

@@ -586,3 +586,17 @@ def test_a_subject_too_long_to_revoke_is_refused_on_both_sides() -> None:
         verify_token(forge({"projects": [1], "sub": longest + "x"}), SECRET)
     with pytest.raises(InvalidToken, match="1024 UTF-8 bytes"):
         TokenVerifier(SECRET).verify(forge({"projects": [1], "sub": "u" * 5000}))
+
+
+def test_an_empty_subject_is_refused_on_both_sides() -> None:
+    """A revocation names a subject of 1 to 1,024 UTF-8 bytes: a token whose ``sub`` is the
+    empty string could never be revoked (``revoke_tokens("")`` is refused), so it is not
+    minted, nor taken, as a too long one is not."""
+    with pytest.raises(ValueError, match="empty"):
+        issue_token(SECRET, [1], subject="")
+    with pytest.raises(InvalidToken, match="empty"):
+        verify_token(forge({"projects": [1], "sub": ""}), SECRET)
+    with pytest.raises(InvalidToken, match="empty"):
+        TokenVerifier(SECRET).verify(forge({"projects": [1], "sub": ""}))
+    # The shortest a revocation can name is taken.
+    assert verify_token(issue_token(SECRET, [1], subject="u"), SECRET).sub == "u"
