@@ -485,3 +485,48 @@ async def test_a_flood_of_readiness_probes_does_not_take_the_api_out(redis_url) 
     refused = [body for status, _, body in answers if status != 200]
     assert not refused, f"{len(refused)} probes refused: {refused[0]!r}"
     assert opened <= 5, f"{opened} more connections to Redis"
+
+
+async def test_a_client_that_stops_reading_short_of_64_kib_is_dropped(redis_url) -> None:
+    """uvicorn pauses an answer only once 64 KiB are unsent, so --send-timeout started only
+    then: a client that pipelined a few answers more than the kernel's buffers take and then
+    read nothing, sending nothing either, left up to 64 KiB unsent. Its connection was then
+    closed for --header-timeout (or keep-alive, or an answer with ``Connection: close``), and
+    ``close`` waits for the unsent bytes to go out: never. The connection stayed open and
+    counted against --limit-concurrency for good, so a few hundred such clients shut the API
+    without another byte. Any unsent answer now has --send-timeout to be read."""
+    loop = asyncio.get_running_loop()
+    async with (
+        serving(redis_url, send_timeout=1, header_timeout=1) as (app, server, port),
+        contextlib.AsyncExitStack() as stack,
+    ):
+        for listener in server.servers[0].sockets:  # (small kernel buffers: see above)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        sock = socket.socket()  # a bare socket: never read (a StreamReader would read ahead)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        stack.callback(sock.close)  # (before the server stops: it waited for the connection)
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        async with asyncio.timeout(5):
+            while not server.server_state.connections:  # noqa: ASYNC110 - the accept has none
+                await asyncio.sleep(0.01)
+        (connection,) = server.server_state.connections
+        transport = connection.transport
+        lost = asyncio.Event()
+        connection_lost = connection.connection_lost
+        connection.connection_lost = lambda exc: (connection_lost(exc), lost.set())
+        # Each answer either goes out whole or is the first left unsent (writing pauses).
+        heard = asyncio.Queue()
+        for name in ("on_response_complete", "pause_writing"):
+            method = getattr(connection, name)
+            setattr(connection, name, lambda m=method: (m(), heard.put_nowait(None)))
+        async with asyncio.timeout(10):
+            while transport.get_write_buffer_size() == 0:
+                await loop.sock_sendall(sock, HEALTHZ)
+                await heard.get()
+        assert 0 < transport.get_write_buffer_size() < 65536  # under uvicorn's pause
+        # The client goes quiet, reading nothing: the connection must still end.
+        async with asyncio.timeout(10):
+            await lost.wait()
+        assert not server.server_state.connections
+        assert app.counters.closed["send_timeout"] == 1

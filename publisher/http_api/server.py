@@ -15,8 +15,10 @@ received cancels. :class:`BoundedHttpProtocol` adds the bounds it lacks:
   is answered 431 and the connection closed.
 * **Time to read the answers.** uvicorn's answer waits for the client to read it (past 64 KiB
   unsent) without a bound: a client that pipelined requests and never read the answers held its
-  connection and a task for ever, both counted against ``--limit-concurrency``. A connection
-  whose unsent answers do not drain within ``--send-timeout`` is dropped.
+  connection and a task for ever, both counted against ``--limit-concurrency``; and below 64 KiB
+  nothing waited, but closing the connection waits for the unsent bytes, for ever when the
+  client reads nothing. A connection whose unsent answers (any: writing pauses at the first
+  byte the kernel does not take) do not drain within ``--send-timeout`` is dropped.
 * **Connections.** uvicorn accepts every connection and answers 503 to the requests past
   ``--limit-concurrency``: a flood of idle sockets used up the process' descriptors, every accept
   then failed (asyncio logs each at error level) and new Redis connections could not be opened.
@@ -125,6 +127,11 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         # uvicorn's own check answers plain text and logs a warning per request: ours instead.
         self._limit, self.limit_concurrency = self.limit_concurrency, None
         self.flow = _HeldFlowControl(transport, self._holding)
+        # Writing pauses (and --send-timeout starts) at the first byte the kernel does not take,
+        # not at asyncio's 64 KiB: under it nothing bounded unsent answers, and closing the
+        # connection (--header-timeout, keep-alive, ``Connection: close``) waits for them to go
+        # out: a client that stopped reading a few answers short held its place for ever.
+        transport.set_write_buffer_limits(high=0)
         self._unread = _NOTHING  # received, not parsed yet: MAX_PIPELINED requests are queued
         self._unanswered = 0  # requests whose headers arrived and whose answer is not complete
         self._in_head = True  # the next bytes parsed are a request's line or headers
