@@ -109,6 +109,10 @@ POLL_PAGE = 1000
 CLOSE_CODES_KEPT = 1000
 
 
+#: Seconds websockets waits for the gateway's answer to the consumer's close frame; and, from
+#: :func:`_close`, the longest a close takes in all before the connection is dropped.
+CLOSE_TIMEOUT = 2.0
+
 #: Bytes of the consumer's own frames waiting to go out beyond which the gateway is not reading
 #: the connection (the frames the consumer sends are small: a subscribe per project, a token).
 MAX_UNSENT = 2**22
@@ -183,6 +187,20 @@ def _refused_frame(ws: ClientConnection) -> Close | None:
     if sent is None or protocol.close_rcvd_then_sent or not close_action(sent.code).client_bug:
         return None
     return sent
+
+
+async def _close(ws: ClientConnection) -> None:
+    """Close ``ws`` within :data:`CLOSE_TIMEOUT`, else drop it (abort: 1006).
+
+    websockets' close first waits for the write buffer to drain, and only then for the
+    gateway's answer within its ``close_timeout``: with keepalive off (``ping_timeout=None``:
+    no :class:`_Connection` give-up either), a gateway that read nothing (its pings' answers
+    waiting unsent) held the close, ``aclose()`` and the connection for ever."""
+    try:
+        async with asyncio.timeout(CLOSE_TIMEOUT):
+            await ws.close()
+    except TimeoutError:
+        ws.transport.abort()
 
 
 async def _nothing() -> None:
@@ -438,7 +456,7 @@ class Consumer:
             "ping_timeout": ping_timeout,
             "compression": "deflate" if compression else None,
             "max_size": 2**22,
-            "close_timeout": 2,
+            "close_timeout": CLOSE_TIMEOUT,
             "create_connection": _Connection,
         }
         # Jitter from a generator of its own unless given one: the application's global
@@ -523,7 +541,7 @@ class Consumer:
         ws = self._ws
         if ws is not None:
             with contextlib.suppress(Exception):
-                await ws.close()
+                await _close(ws)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -729,7 +747,7 @@ class Consumer:
             self._task.cancel()
         ws = self._ws
         if ws is not None:
-            self._spawn(ws.close())
+            self._spawn(_close(ws))
         for route in set(self._routes.values()):
             route.wake()
 
@@ -803,7 +821,7 @@ class Consumer:
                 if self._answer_timer is not None:
                     self._answer_timer.cancel()
                     self._answer_timer = None
-                await ws.close()
+                await _close(ws)
                 # No close frame (killed gateway, reset, keepalive timeout): 1006.
                 code = ws.close_code if ws.close_code is not None else ABNORMAL_CLOSURE
                 refused = _refused_frame(ws)
@@ -1513,7 +1531,7 @@ class Consumer:
                 timeout=self._open_timeout,
             )
             self._given_up = ws
-            self._spawn(ws.close())
+            self._spawn(_close(ws))
             return
         if earliest != float("inf"):
             # While the connection task waits for a caller the reading clock stands still:

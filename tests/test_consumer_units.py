@@ -27,6 +27,7 @@ import msgspec
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from websockets.protocol import State
 
 import consumer.client as consumer_client
 from consumer import (
@@ -2097,6 +2098,33 @@ async def test_a_gateway_that_sends_pings_and_reads_nothing_is_dropped(
         finally:
             await asyncio.wait_for(consumer.aclose(), 5)  # (its close waited on the buffer too)
         assert consumer.close_codes[0] == 1006
+
+
+async def test_aclose_returns_while_the_gateway_does_not_read_and_keepalive_is_off(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """Without keepalive (``ping_timeout=None``) nothing bounds a pause in writing (see above),
+    and websockets' close waits for the write buffer to drain before its ``close_timeout``
+    starts: after a gateway sent pings (whose answers wait unsent, over websockets'
+    ``write_limit``; under ``MAX_UNSENT``, here out of the way) and then read nothing,
+    ``aclose()`` never returned, nor did a caller's timeout around it end the connection task.
+    Now ``aclose()`` gives the close ``close_timeout`` and then drops the connection."""
+    monkeypatch.setattr(consumer_client, "MAX_UNSENT", 2**40)
+    server = PingFlood(16 * 2**20)
+    async with server as url:
+        consumer = Consumer(url, open_timeout=3600, ping_interval=None, ping_timeout=None)
+        consumer.events(1)
+        async with asyncio.timeout(20):
+            while consumer._ws is None or not consumer._ws.paused:  # noqa: ASYNC110 - no event
+                await asyncio.sleep(0.01)
+        ws = consumer._ws
+        try:
+            async with asyncio.timeout(10):
+                await consumer.aclose()
+        finally:
+            ws.transport.abort()  # (the connection the old code left open)
+        assert consumer._task.done()
+        assert ws.state is State.CLOSED
 
 
 async def test_writing_paused_then_resumed_is_a_gateway_reading_and_keeps_the_connection():
