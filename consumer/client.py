@@ -118,6 +118,10 @@ CLOSE_TIMEOUT = 2.0
 MAX_UNSENT = 2**22
 
 
+#: Bytes of a read handed to websockets at a time (see :meth:`_Connection.data_received`).
+READ_SLICE = 4096
+
+
 class _Connection(ClientConnection):
     """websockets' connection, dropped (aborted: 1006, then a reconnect with backoff) when the
     gateway does not read it while the consumer has frames for it.
@@ -133,11 +137,57 @@ class _Connection(ClientConnection):
 
     _unread: asyncio.TimerHandle | None = None
     _given_up = False
+    #: Bytes read from the socket and not handed to websockets yet: reading is paused.
+    _held = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.recv_messages.resume = self._resume_reading
 
     def data_received(self, data: bytes) -> None:
-        super().data_received(data)  # (answers the pings among it)
-        if self.transport.get_write_buffer_size() > MAX_UNSENT:
-            self._give_up()
+        """Hand ``data`` to websockets :data:`READ_SLICE` bytes at a time, and keep the rest
+        while its queue of frames is paused (over its high-water mark, ``max_queue``).
+
+        websockets parses every frame of a read at once, and pauses reading only after: one
+        read (up to 256 KiB) holds dozens of frames that inflate to ``max_size`` (4 MiB) each
+        with compression, or a hundred thousand empty ones, all queued past the mark. A gateway
+        sending them while a subscription was full made the consumer hold a quarter of a GB
+        besides its ``buffer_bytes``. A slice inflates to about one frame at most."""
+        if self._held:  # (reading is paused: no more should come; kept in order if it does)
+            self._held += data
+            return
+        view = memoryview(data)
+        while view:
+            piece, view = view[:READ_SLICE], view[READ_SLICE:]
+            super().data_received(bytes(piece))  # (answers the pings among it)
+            if self.transport.get_write_buffer_size() > MAX_UNSENT:
+                self._give_up()
+                return
+            if view and self.recv_messages.paused:
+                self._held = bytes(view)
+                return
+
+    def eof_received(self) -> bool | None:
+        if self._held:  # what came before the end goes first (the queue's bound aside)
+            held, self._held = self._held, b""
+            super().data_received(held)
+        return super().eof_received()
+
+    def _resume_reading(self) -> None:
+        """websockets' queue went under its low-water mark: the held bytes first (on the loop's
+        next turn, not inside the ``recv`` that made room), then the socket."""
+        if self._held:
+            self.loop.call_soon(self._feed_held)
+        else:
+            self.transport.resume_reading()
+
+    def _feed_held(self) -> None:
+        if self.transport.is_closing() or self.recv_messages.paused:
+            return  # (gone; or paused again meanwhile: its resume feeds them)
+        held, self._held = self._held, b""
+        self.data_received(held)
+        if not self._held and not self.recv_messages.paused:
+            self.transport.resume_reading()
 
     def pause_writing(self) -> None:
         super().pause_writing()

@@ -19,6 +19,7 @@ import socket
 import sqlite3
 import tempfile
 import urllib.error
+import zlib
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -2125,6 +2126,80 @@ async def test_aclose_returns_while_the_gateway_does_not_read_and_keepalive_is_o
             ws.transport.abort()  # (the connection the old code left open)
         assert consumer._task.done()
         assert ws.state is State.CLOSED
+
+
+def _server_frame(payload: bytes, *, compressed: bool = False) -> bytes:
+    """A server's text frame (unmasked); ``compressed``: permessage-deflate's RSV1 set."""
+    first = 0xC1 if compressed else 0x81
+    size = len(payload)
+    if size < 126:
+        return bytes([first, size]) + payload
+    if size < 65536:
+        return bytes([first, 126]) + size.to_bytes(2, "big") + payload
+    return bytes([first, 127]) + size.to_bytes(8, "big") + payload
+
+
+async def test_frames_read_ahead_of_a_full_subscription_stay_near_websockets_queue():
+    """With compression, one read of the socket (256 KiB) holds dozens of frames that inflate
+    to 4 MiB each, and websockets parsed and queued all of them before its queue's high-water
+    mark (16 frames) paused reading: a gateway sending such frames while the subscription was
+    full made the consumer hold 60-odd frames, a quarter of a GB, where docs/consumer.md
+    promises a few frames (up to 16) besides ``buffer_bytes``. Now the consumer hands
+    websockets what it read a slice at a time and keeps the rest, unparsed, while the queue is
+    paused."""
+    deflate = zlib.compressobj(wbits=-15)
+    inflated = b"x" * (2**22 - 64)
+    packed = (deflate.compress(inflated) + deflate.flush(zlib.Z_SYNC_FLUSH))[:-4]
+    flood = _server_frame(packed, compressed=True) * 64  # ~260 KB: one or two reads
+    done = asyncio.Event()
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            head = await reader.readuntil(b"\r\n\r\n")
+            key = next(
+                line.split(b":", 1)[1].strip()
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"sec-websocket-key:")
+            )
+            accept = base64.b64encode(
+                hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()
+            )
+            writer.write(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n"
+                b"Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover"
+                b"\r\n\r\n" % accept
+            )
+            await reader.readexactly(2)  # (the subscribe's first bytes)
+            # Two events for a subscription of one item: the second holds the connection
+            # task, and what follows waits in websockets' queue.
+            for raw in (subscribed(1, 0), frame(1, 1), frame(1, 2)):
+                writer.write(_server_frame(raw))
+            writer.write(flood)
+            await done.wait()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    consumer = Consumer(f"ws://127.0.0.1:{port}/", compression=True, buffer=1, open_timeout=3600)
+    try:
+        subscription = consumer.events(1)  # (kept, never read: full after one item)
+        async with asyncio.timeout(20):
+            while consumer._ws is None or not consumer._ws.recv_messages.paused:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        held = len(consumer._ws.recv_messages.frames)
+        assert held <= 16 + 2, f"{held} frames of 4 MiB held"
+        assert consumer.stats.ignored == 0
+        # Reading on takes the held bytes in turn: every frame is read, none lost or stuck.
+        async with asyncio.timeout(20):
+            first, second = await anext(subscription), await anext(subscription)
+            assert (first.seq, second.seq) == (1, 2)
+            while consumer.stats.ignored < 64:  # noqa: ASYNC110 - a counter
+                await asyncio.sleep(0.01)
+    finally:
+        done.set()
+        await consumer.aclose()
+        server.close()
 
 
 async def test_writing_paused_then_resumed_is_a_gateway_reading_and_keeps_the_connection():
