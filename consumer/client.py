@@ -118,8 +118,12 @@ CLOSE_TIMEOUT = 2.0
 MAX_UNSENT = 2**22
 
 
-#: Bytes of a read handed to websockets at a time (see :meth:`_Connection.data_received`).
-READ_SLICE = 4096
+#: Bytes of a read handed to websockets at a time (see :meth:`_Connection.data_received`): with
+#: permessage-deflate a slice inflates to about one frame at most (deflate's ratio tops out near
+#: 1,000:1); without it, a slice holds at most this many bytes of frames, and a larger one costs
+#: fewer calls into websockets per read (a backlog's replay comes in reads of up to 256 KiB).
+READ_SLICE = 65536
+INFLATE_SLICE = 4096
 
 
 class _Connection(ClientConnection):
@@ -145,20 +149,23 @@ class _Connection(ClientConnection):
         self.recv_messages.resume = self._resume_reading
 
     def data_received(self, data: bytes) -> None:
-        """Hand ``data`` to websockets :data:`READ_SLICE` bytes at a time, and keep the rest
-        while its queue of frames is paused (over its high-water mark, ``max_queue``).
+        """Hand ``data`` to websockets :data:`READ_SLICE` bytes at a time (:data:`INFLATE_SLICE`
+        with permessage-deflate), and keep the rest while its queue of frames is paused (over its
+        high-water mark, ``max_queue``).
 
         websockets parses every frame of a read at once, and pauses reading only after: one
         read (up to 256 KiB) holds dozens of frames that inflate to ``max_size`` (4 MiB) each
         with compression, or a hundred thousand empty ones, all queued past the mark. A gateway
         sending them while a subscription was full made the consumer hold a quarter of a GB
-        besides its ``buffer_bytes``. A slice inflates to about one frame at most."""
+        besides its ``buffer_bytes``. A compressed slice inflates to about one frame at most;
+        an uncompressed one holds at most 64 KiB of frames."""
         if self._held:  # (reading is paused: no more should come; kept in order if it does)
             self._held += data
             return
+        size = INFLATE_SLICE if self.protocol.extensions else READ_SLICE
         view = memoryview(data)
         while view:
-            piece, view = view[:READ_SLICE], view[READ_SLICE:]
+            piece, view = view[:size], view[size:]
             super().data_received(bytes(piece))  # (answers the pings among it)
             if self.transport.get_write_buffer_size() > MAX_UNSENT:
                 self._give_up()
