@@ -942,8 +942,8 @@ class Consumer:
         # connected to, and a token minted for, several times a second for ever.
         if action.retry is Retry.PROMPT and was_live and not self._prompted:
             self._prompted = True
-            return self._random() * self.policy.prompt_max
-        return self._backoff.next()
+            return max(action.min_delay, self._random() * self.policy.prompt_max)
+        return max(action.min_delay, self._backoff.next())
 
     async def _session(self, ws: ClientConnection, token: str | None) -> None:
         try:

@@ -36,6 +36,13 @@ __all__ = [
 ABNORMAL_CLOSURE = 1006
 #: RFC 6455: a text frame that is not UTF-8 (sent by the gateway's websockets, not in CloseCode).
 INVALID_DATA = 1007
+#: The shortest wait, seconds, after a 4003 (token revoked) before the next attempt. A token's
+#: ``iat`` is whole seconds and a revocation's default ``issued_before`` is the next whole second
+#: after it was written, so a token minted within that second is refused too; the close comes
+#: after the write, so a token minted a second after the close is issued after the revocation
+#: (when the minting clock agrees with Redis'). Without it, a consumer cut early in a second
+#: spent ``max_auth_failures`` on such tokens and stopped, its person still having access.
+REVOKED_RETRY_FLOOR = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,12 +125,14 @@ class CloseAction:
     ``renew_token``: ask the token function for a new token first. ``auth_failure``: counts
     towards ``max_auth_failures`` (and is fatal at once with a fixed token). ``client_bug``: the
     gateway says this client broke the protocol; logged as an error, then retried with backoff.
+    ``min_delay``: the next attempt waits at least this long, seconds, whatever ``retry`` drew.
     """
 
     retry: Retry
     renew_token: bool = False
     auth_failure: bool = False
     client_bug: bool = False
+    min_delay: float = 0.0
 
 
 def close_action(code: int | None) -> CloseAction:
@@ -135,11 +144,16 @@ def close_action(code: int | None) -> CloseAction:
     if code == CloseCode.TOKEN_EXPIRED:
         # A new token fixes it; no reason to wait (a fixed token cannot be renewed: fatal).
         return CloseAction(Retry.PROMPT, renew_token=True, auth_failure=True)
-    if code in (CloseCode.AUTH_FAILED, CloseCode.TOKEN_REVOKED):
-        # A fresh token may fix it (after a revocation, one minted now is taken if the subject
-        # still has access), but a token source that keeps minting refused tokens must not be
-        # hammered, nor retried forever: back off, and give up after max_auth_failures.
+    if code == CloseCode.AUTH_FAILED:
+        # A fresh token may fix it, but a token source that keeps minting refused tokens must
+        # not be hammered, nor retried forever: back off, and give up after max_auth_failures.
         return CloseAction(Retry.BACKOFF, renew_token=True, auth_failure=True)
+    if code == CloseCode.TOKEN_REVOKED:
+        # As a refused token; and after a revocation one minted now is taken if the subject
+        # still has access, but only from the revocation's second on: wait that out first.
+        return CloseAction(
+            Retry.BACKOFF, renew_token=True, auth_failure=True, min_delay=REVOKED_RETRY_FLOOR
+        )
     if code in (
         INVALID_DATA,
         CloseCode.POLICY_VIOLATION,

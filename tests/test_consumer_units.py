@@ -20,6 +20,7 @@ import sqlite3
 import tempfile
 import urllib.error
 import zlib
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -48,6 +49,7 @@ from consumer import (
 from consumer.frames import FrameError, decode_frame, event_seq
 from consumer.ordering import ProjectState, SubscribedOutcome, Verdict
 from consumer.policy import (
+    REVOKED_RETRY_FLOOR,
     Backoff,
     FramePacer,
     ReconnectPolicy,
@@ -396,15 +398,35 @@ def test_close_codes_map_to_the_documented_reaction():
     assert close_action(4002) == close_action(4002)
     assert close_action(4002).retry is Retry.PROMPT and close_action(4002).renew_token
     assert close_action(4001).retry is Retry.BACKOFF and close_action(4001).auth_failure
-    # A revoked token: like a refused one (a new token, backoff, counted towards the limit).
-    assert close_action(4003) == close_action(4001)
+    # A revoked token: like a refused one (a new token, backoff, counted towards the limit),
+    # but not before a second has passed (tokens minted within the revocation's second are
+    # refused too).
+    assert close_action(4003) == replace(close_action(4001), min_delay=REVOKED_RETRY_FLOOR)
     assert close_action(4003).renew_token and close_action(4003).auth_failure
+    assert REVOKED_RETRY_FLOOR == 1.0 and close_action(4001).min_delay == 0
     assert close_action(4009).client_bug and close_action(1008).client_bug
     assert close_action(4029).client_bug and close_action(4029).retry is Retry.BACKOFF
     assert close_action(1007).client_bug and close_action(1009).client_bug
     for code in (None, 1000, 1006, 1011, 1013, 4999):
         action = close_action(code)
         assert action.retry is Retry.BACKOFF and not action.auth_failure
+
+
+def test_after_a_revocation_the_next_attempt_waits_at_least_a_second_whatever_the_jitter():
+    # The jitter may draw 0 and a policy may be fast: the floor holds for every attempt.
+    policy = ReconnectPolicy(initial=0.05, max=0.2, max_auth_failures=10)
+    consumer = Consumer(
+        "ws://127.0.0.1:1/", token=lambda: "t", reconnect=policy, random=lambda: 0.0
+    )
+    delays = [consumer._after_close(4003, was_live) for was_live in (True, False, False)]
+    assert delays == [REVOKED_RETRY_FLOOR] * 3
+    assert consumer._after_close(4001, False) == 0.0  # a refused token has no floor
+    consumer._backoff.random = lambda: 1.0
+    consumer._backoff.attempt = 10
+    assert consumer._after_close(4003, False) == REVOKED_RETRY_FLOOR  # the cap, 0.2, is less
+    slow = Consumer("ws://127.0.0.1:1/", token=lambda: "t", random=lambda: 1.0)
+    slow._backoff.attempt = 3
+    assert slow._after_close(4003, False) == 8.0  # a longer backoff is kept
 
 
 def test_refresh_is_scheduled_from_the_tokens_own_lifetime():

@@ -485,6 +485,41 @@ async def test_the_consumer_renews_a_revoked_token_and_goes_on(gateways, publish
     assert len(minted) == 2 and consumer.connects == 2
 
 
+async def test_a_consumer_revoked_early_in_a_second_is_back_with_its_next_token(
+    gateways, publisher
+):
+    """The revocation's default ``issued_before`` is the next whole second, and a token's ``iat``
+    is whole seconds: a token minted before that second is refused too. A consumer cut early in
+    a second must not spend its ``max_auth_failures`` on tokens minted within it (6 of 60
+    consumers revoked at once with the default policy stopped with AuthenticationFailed, their
+    person still having access): after a 4003 it waits at least a second, so its next token is
+    issued after the revocation and taken."""
+    gateway = await gateways(revocation_poll_interval=INTERVAL)
+    # Fast retries (as a consumer's jitter may draw them): the floor alone must cover the second.
+    policy = ReconnectPolicy(initial=0.05, max=0.2, max_auth_failures=3)
+    minted: list[int] = []
+
+    def mint() -> str:  # the person keeps access: every token is minted now
+        minted.append(1)
+        return token("gina", [2])
+
+    async with Consumer(ws_url(gateway), token=mint, reconnect=policy) as consumer:
+        subscription = consumer.events(2)
+        async with asyncio.timeout(10):
+            await subscription.wait_subscribed()
+        # Early in a second: nearly a whole second in which new tokens are refused.
+        await asyncio.sleep(1.005 - time.time() % 1)
+        revocation = await publisher.revoke_tokens("gina")
+        assert revocation.issued_before > time.time()
+        await wait_until(lambda: 4003 in consumer.close_codes, 10, "the close")
+        await publish(publisher, 2, 1)
+        async with asyncio.timeout(10):
+            item = await anext(aiter(subscription))
+    assert isinstance(item, Delivery) and item.seq == 1
+    assert consumer.close_codes[:1] == [4003] and consumer.close_codes.count(4003) == 1
+    assert len(minted) == 2
+
+
 async def test_the_consumer_counts_revoked_tokens_towards_max_auth_failures(gateways, redis_client):
     gateway = await gateways(revocation_poll_interval=INTERVAL)
     now = int(time.time())
