@@ -538,8 +538,8 @@ async def test_a_name_or_subject_that_is_not_text_breaks_nothing(gateways, redis
 async def test_a_subject_too_long_to_list_reads_presence_but_is_not_listed(gateways):
     """Every presence message carries every member's id: a backend that puts user info in
     ``sub`` (here ~1 KB, near the longest a token may carry: 1,024 bytes) would make each
-    message of a 1,000-member project 1 MB. Such a person reads presence and is not listed, counted as
-    the member cap counts; everyone else is listed as before."""
+    message of a 1,000-member project 1 MB. Such a person reads presence and is not listed,
+    counted as the member cap counts; everyone else is listed as before."""
     gateway = await gateways(**FAST)
     watcher = await person(gateway, "watcher")
     await watcher.subscribe(1, presence=True)
