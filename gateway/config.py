@@ -17,6 +17,7 @@ import msgspec
 from msgspec import Meta
 
 from gateway.workers import HEARTBEAT_INTERVAL
+from schemas.history import DEFAULT_PAGE_BYTES, MAX_PAGE_BYTES
 from schemas.presence import DEFAULT_MAX_ANNOUNCEMENT, MAX_ANNOUNCEMENT_LIMIT, MAX_TTL_MS
 from schemas.tokens import TokenVerifier
 
@@ -27,7 +28,7 @@ ENV_PREFIX = "EVENTBUS_"
 #: The largest ``--poll-page-bytes``: eventbus.js gives up on a poll answer longer than 4 Mi
 #: characters (``EventBus.MAX_POLL_LENGTH``), and a page's answer adds to its events' bytes a
 #: comma per event and its own fields (about 1 KiB at 1,000 events); 64 KiB leaves room.
-POLL_PAGE_BYTES_MAX = 4 * 1024 * 1024 - 64 * 1024
+POLL_PAGE_BYTES_MAX = MAX_PAGE_BYTES  # (schemas.history: the publisher's HTTP API pages alike)
 
 
 def _doc(text: str, **constraints: Any) -> Meta:
@@ -107,7 +108,7 @@ class GatewayConfig(msgspec.Struct, kw_only=True, frozen=True):
             ge=1024,
             le=POLL_PAGE_BYTES_MAX,
         ),
-    ] = 1_048_576
+    ] = DEFAULT_PAGE_BYTES
     resume_window_events: Annotated[
         int,
         _doc(

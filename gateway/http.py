@@ -16,8 +16,6 @@ import os
 import re
 from collections.abc import Awaitable, Callable
 from importlib import resources
-from typing import NamedTuple
-from urllib.parse import parse_qs
 
 import msgspec
 from websockets.datastructures import Headers
@@ -27,21 +25,18 @@ from gateway.client_input import parse_project_id
 from gateway.revocations import RevocationsUnknown
 from gateway.sequencing import Snapshot, plan_poll
 from gateway.store import ProjectUnreadable, StoreUnavailable
-from schemas.protocol import MAX_SEQ, PollResponse, ResyncRequired, encode
-from schemas.tags import is_tag
+from schemas.history import parse_poll_query, poll_response
+from schemas.protocol import encode
 from schemas.tokens import InvalidToken, TokenClaims
 from serverkit import KeyedSingleFlight
 
 __all__ = ["HttpRoutes", "answer_to", "cors_headers", "draining_response", "json_response"]
 
 _POLL_PATH = re.compile(r"^/v1/projects/([^/]+)/events$")
-_DECIMAL = re.compile(r"[0-9]+")  # ASCII only (re's [0-9], unlike str.isdigit and \d)
 _STATIC = {
     "/eventbus.js": "text/javascript; charset=utf-8",
     "/eventbus.d.ts": "application/typescript; charset=utf-8",
 }
-MAX_POLL_LIMIT = 1000
-DEFAULT_POLL_LIMIT = 100
 #: Seconds a poller is asked to wait (``Retry-After``) when Redis did not answer in time.
 POLL_RETRY_AFTER = 5
 
@@ -278,7 +273,7 @@ class HttpRoutes:
             if not claims.allows(project_id):
                 return refuse(403, "forbidden", f"the token does not allow project {project_id}")
         try:
-            epoch, after, tag, limit = _poll_query(query)
+            epoch, after, tag, limit = parse_poll_query(query)
         except ValueError as exc:
             return refuse(400, "invalid_query", str(exc))
         try:
@@ -301,25 +296,9 @@ class HttpRoutes:
         metrics = self.gateway.metrics
         metrics.polls_total += 1
         metrics.replayed_total += len(plan.events)
-        resync = None
         if plan.resync is not None:
             metrics.resyncs_total += 1
-            resync = ResyncRequired(
-                project_id=project_id,
-                reason=plan.resync.reason,
-                epoch=plan.resync.epoch,
-                seq=plan.resync.seq,
-                tag=plan.resync.tag,
-            )
-        body = PollResponse(
-            project_id=project_id,
-            epoch=snapshot.epoch,
-            seq=snapshot.top,
-            events=[msgspec.Raw(frame) for _, frame in plan.events],
-            resync_required=resync,
-            more=plan.more,
-            tag=plan.tag,
-        )
+        body = poll_response(project_id, snapshot, plan)
         return json_response(200, encode(body))
 
     async def _read(
@@ -369,54 +348,3 @@ def _split_target(target: str) -> tuple[str, str]:
     ``//[x`` as an authority and raises on it; routes only ever match plain paths anyway."""
     path, _, query = target.partition("?")
     return path.partition("#")[0], query.partition("#")[0]
-
-
-class PollQuery(NamedTuple):
-    """A poll's query: the cursor (``epoch``, ``after``, optionally ``tag``) and the page size."""
-
-    epoch: str | None
-    after: int | None
-    tag: str | None
-    limit: int
-
-
-def _poll_query(query: str) -> PollQuery:
-    params = parse_qs(query, keep_blank_values=True, max_num_fields=10)
-    unknown = set(params) - {"epoch", "after", "tag", "limit"}
-    if unknown:
-        raise ValueError(f"unknown query parameters: {', '.join(sorted(unknown))}")
-
-    def one(name: str) -> str | None:
-        values = params.get(name)
-        if not values or values[0] == "":
-            return None
-        if len(values) > 1:
-            raise ValueError(f"{name} given more than once")
-        return values[0]
-
-    epoch, raw_after, raw_limit = one("epoch"), one("after"), one("limit")
-    tag = one("tag")
-    if (epoch is None) != (raw_after is None):
-        raise ValueError("give both epoch and after, or neither")
-    if tag is not None and (epoch is None or not is_tag(tag)):
-        raise ValueError("tag: 16 hex digits (the tag of the event at after), given with after")
-    if epoch is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", epoch):
-        raise ValueError("epoch is malformed")
-    # ASCII digits only: str.isdigit() and int() also take other scripts' digits (Arabic-Indic,
-    # fullwidth), isdigit() superscripts that int() then refuses with a message of its own, and
-    # int() refuses more than 4,300 digits likewise. At most MAX_SEQ, as a subscribe's ``after``.
-    after = None
-    if raw_after is not None:
-        if not _DECIMAL.fullmatch(raw_after) or len(raw_after) > 16 or int(raw_after) > MAX_SEQ:
-            raise ValueError(f"after must be an integer from 0 to {MAX_SEQ}")
-        after = int(raw_after)
-    limit = DEFAULT_POLL_LIMIT
-    if raw_limit is not None:
-        if (
-            not _DECIMAL.fullmatch(raw_limit)
-            or len(raw_limit) > 4
-            or not 1 <= int(raw_limit) <= MAX_POLL_LIMIT
-        ):
-            raise ValueError(f"limit must be an integer from 1 to {MAX_POLL_LIMIT}")
-        limit = int(raw_limit)
-    return PollQuery(epoch, after, tag, limit)

@@ -14,60 +14,35 @@ Both are driven by :mod:`gateway.hub`, which only adds the Redis round trips and
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from schemas.history import (  # (pure, shared with the publisher's HTTP API: re-exported)
+    Entry,
+    PollPlan,
+    Resync,
+    Snapshot,
+    other_event_at_cursor,
+    plan_poll,
+)
 from schemas.protocol import ResyncReason
 from schemas.tags import event_tag, tags_differ
 
 __all__ = [
+    "Entry",
     "FeedSequencer",
+    "PollPlan",
     "Resync",
     "Snapshot",
     "SubscriptionPlan",
+    "other_event_at_cursor",
+    "plan_poll",
     "plan_subscription",
 ]
 
-Entry = tuple[int, bytes]  # (seq, frame)
 _SEQ = operator.itemgetter(0)
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    """One atomic read of a project's history: its cursor, and entries after a given seq."""
-
-    epoch: str
-    top: int
-    #: Valid entries, in order, up to the top and before ``corrupt_at``.
-    entries: Sequence[Entry] = ()
-    created: bool = False  # the history did not exist and was created by this read
-    #: The first entry at or below the top that is not an event (a foreign value written by
-    #: someone else): it can never be delivered, so whoever needs it is told to resync.
-    corrupt_at: int | None = None
-    #: How many stream entries the read returned, valid or not (compared with its limit to know
-    #: whether the read was cut short). ``None``: as many as ``entries``.
-    scanned: int | None = None
-    #: The tag (schemas.tags) of the event at ``top``, and of the event at the cursor the read
-    #: was made for (its ``after``); ``None`` when unknown (no such event, or not read).
-    top_tag: str | None = None
-    after_tag: str | None = None
-
-    @property
-    def read_count(self) -> int:
-        return len(self.entries) if self.scanned is None else self.scanned
-
-
-@dataclass(frozen=True, slots=True)
-class Resync:
-    """Tell subscribers to reload state and continue after ``(epoch, seq)``."""
-
-    reason: ResyncReason
-    epoch: str
-    seq: int
-    #: The tag of the event at ``seq``, when known.
-    tag: str | None = None
 
 
 @dataclass(slots=True)
@@ -487,13 +462,6 @@ class SubscriptionPlan:
     tag: str | None = None
 
 
-def other_event_at_cursor(after: int | None, tag: str | None, snapshot: Snapshot) -> bool:
-    """Whether the history holds, at the cursor ``after``, another event than the one the client
-    tagged ``tag`` (schemas.tags): its numbers were handed out again after a failover lost
-    events. Unknown either side (no tag, or the event is no longer held) is not a mismatch."""
-    return after is not None and tags_differ(tag, snapshot.after_tag)
-
-
 def plan_subscription(
     epoch: str | None,
     after: int | None,
@@ -535,59 +503,3 @@ def plan_subscription(
     if len(entries) != top - after or list(map(_SEQ, entries)) != list(range(after + 1, top + 1)):
         return resync(ResyncReason.HISTORY_TRIMMED)
     return SubscriptionPlan(entries, None, snapshot.epoch, top, True, top_tag)
-
-
-@dataclass(frozen=True, slots=True)
-class PollPlan:
-    """Answer to one poll: events after the cursor (a page), or a resync."""
-
-    events: list[Entry]
-    resync: Resync | None
-    more: bool
-    #: The tag of the event at the cursor to poll with next: the last of ``events``, or the
-    #: top's when there are none (``None`` when unknown).
-    tag: str | None = None
-
-
-def plan_poll(
-    epoch: str | None,
-    after: int | None,
-    snapshot: Snapshot,
-    limit: int,
-    tag: str | None = None,
-) -> PollPlan:
-    """Like :func:`plan_subscription`, for the HTTP fallback: pages of ``limit`` events instead of
-    a bounded replay, so a poller never falls "too far behind" while the stream holds its cursor.
-
-    ``snapshot.entries`` must be the entries after ``after``, at most ``limit`` (fewer when the
-    read was cut short by bytes: the page then ends before the top, and says ``more``).
-    """
-    top = snapshot.top
-    top_tag = snapshot.top_tag
-
-    def resync(reason: ResyncReason) -> PollPlan:
-        return PollPlan([], Resync(reason, snapshot.epoch, top, top_tag), False, top_tag)
-
-    if epoch is None or after is None:
-        return PollPlan([], None, False, top_tag)
-    if epoch != snapshot.epoch:
-        return resync(ResyncReason.EPOCH_CHANGED)
-    if after > top or other_event_at_cursor(after, tag, snapshot):
-        return resync(ResyncReason.HISTORY_LOST)
-    entries = list(snapshot.entries)[:limit]
-    if after < top and snapshot.corrupt_at == after + 1:
-        # The next entry is not an event; the valid ones before a corrupt one are paged first.
-        return resync(ResyncReason.HISTORY_CORRUPT)
-    # Only the run that follows the cursor without a hole: an entry missing from the middle of
-    # the stream (deleted by hand) ends the page before it, and the next poll, which starts at
-    # the hole, gets ``history_trimmed`` (as a subscribe and a feed do), never a silent skip.
-    for count, (seq, _) in enumerate(entries):
-        if seq != after + 1 + count:
-            del entries[count:]
-            break
-    if after < top and not entries:
-        return resync(ResyncReason.HISTORY_TRIMMED)
-    if not entries:  # at the top: the client's own tag, if it is still that event's
-        return PollPlan([], None, False, top_tag)
-    last = entries[-1][0]
-    return PollPlan(entries, None, last < top, event_tag(entries[-1][1]))

@@ -28,26 +28,23 @@ from gateway.logs import get_logger
 from gateway.metrics import Metrics
 from gateway.sequencing import Snapshot
 from schemas import lua
+from schemas.history import (
+    NO_HISTORY_TTL_MS,
+    SnapshotUnreadable,
+    parse_snapshot_reply,
+    snapshot_args,
+)
 from schemas.keys import Keys, new_epoch
 from schemas.stored import (
-    MAX_ENTRY_BYTES,
     ForeignKind,
     ForeignValue,
     Meta,
     parse_meta,
-    parse_stream_entries,
 )
-from schemas.tags import is_tag
 
 __all__ = ["ForeignValues", "HistoryStore", "ProjectUnreadable", "StoreUnavailable"]
 
 log = get_logger("gateway.store")
-
-
-def _tag(raw: bytes) -> str | None:
-    """A tag as the script computed it (``redis.sha1hex``); anything else is no tag."""
-    tag = raw.decode("ascii", "replace")
-    return tag if is_tag(tag) else None
 
 
 class StoreUnavailable(Exception):
@@ -64,18 +61,6 @@ class ProjectUnreadable(StoreUnavailable):
         self.project_id = project_id
         self.key = key
         self.problem = problem
-
-
-#: Lifetime of the history a read creates for a project that has none (see ``lua.SNAPSHOT``).
-NO_HISTORY_TTL_MS = 24 * 3600 * 1000
-
-#: Problems the SNAPSHOT script reports, and the kind of foreign value each one is.
-_SCRIPT_PROBLEMS = {
-    b"meta_wrong_type": (ForeignKind.META, "meta", "is not a hash"),
-    b"meta_bad_epoch": (ForeignKind.META, "meta", "has an invalid epoch"),
-    b"meta_bad_seq": (ForeignKind.META, "meta", "has an invalid seq"),
-    b"stream_wrong_type": (ForeignKind.STREAM_KEY, "stream", "is not a stream"),
-}
 
 
 class ForeignValues:
@@ -169,15 +154,7 @@ class HistoryStore:
         :class:`StoreUnavailable` when Redis does not answer. Foreign stream entries are left
         out (``Snapshot.corrupt_at`` says where the first one was)."""
         keys = [self.keys.meta(project_id), self.keys.stream(project_id)]
-        args = [
-            new_epoch(),
-            epoch or "",
-            -1 if after is None else after,
-            limit,
-            NO_HISTORY_TTL_MS,
-            max_bytes,
-            MAX_ENTRY_BYTES,
-        ]
+        args = snapshot_args(epoch, after, limit, new_epoch(), max_bytes)
         try:
             if self._cluster:
                 async with self._cluster_slots:
@@ -189,63 +166,25 @@ class HistoryStore:
         return self._parse_snapshot(project_id, reply)
 
     def _parse_snapshot(self, project_id: int, reply: object) -> Snapshot:
-        # The script's shape, checked before anything is read from it: a reply of another shape
-        # (a server or proxy that is not Redis, or broken) is one more way of not answering.
-        if not (
-            isinstance(reply, list)
-            and len(reply) in (5, 7)
-            and isinstance(reply[3], list)
-            and isinstance(reply[4], bytes)
-            and all(isinstance(tag, bytes) for tag in reply[5:])
-        ):
-            raise StoreUnavailable(f"unexpected snapshot reply: {str(reply)[:80]}")
-        raw_epoch, top, created, raw_entries, problem = reply[:5]
-        if problem:
-            kind, which, text = _SCRIPT_PROBLEMS.get(
-                problem, (ForeignKind.META, "meta", problem.decode("ascii", "replace"))
+        """The reply read by :func:`schemas.history.parse_snapshot_reply` (shared with the
+        publisher's HTTP API), its foreign values reported here."""
+        try:
+            snapshot, foreign = parse_snapshot_reply(project_id, reply)
+        except SnapshotUnreadable as exc:
+            # A reply of another shape (a server or proxy that is not Redis, or broken) is one
+            # more way of not answering; a damaged key makes this project unreadable.
+            if exc.which is None:
+                raise StoreUnavailable(str(exc)) from None
+            key = (
+                self.keys.meta(project_id) if exc.which == "meta" else self.keys.stream(project_id)
             )
-            key = self.keys.meta(project_id) if which == "meta" else self.keys.stream(project_id)
-            self.foreign.report(kind, key, text, project_id)
-            raise ProjectUnreadable(project_id, key, text)
-        try:  # checked by the script already; a reply of another script version is refused
-            meta = parse_meta(raw_epoch, str(top).encode())
-        except ForeignValue as exc:
-            raise StoreUnavailable(f"unexpected snapshot reply: {exc}") from None
-        if meta is None:  # no epoch: the script creates the history when there is none
-            raise StoreUnavailable("unexpected snapshot reply: no epoch")
-        good, bad = parse_stream_entries(raw_entries, project_id)
-        corrupt_at = None
-        if bad:
-            stream_key = self.keys.stream(project_id)
-            for seq, exc in bad:
-                self.foreign.report(exc.kind, stream_key, exc.problem, project_id)
-                if seq is not None and seq <= meta.seq and (corrupt_at is None or seq < corrupt_at):
-                    corrupt_at = seq
-        entries = [
-            (seq, frame)
-            for seq, frame in good
-            if seq <= meta.seq and (corrupt_at is None or seq < corrupt_at)
-        ]
-        if len(entries) < len(good):
-            ahead = [seq for seq, _ in good if seq > meta.seq]
-            if ahead:  # written by hand beyond the top: never an event of this history (yet)
-                self.foreign.report(
-                    ForeignKind.STREAM_ENTRY,
-                    self.keys.stream(project_id),
-                    f"entry {ahead[0]} is beyond the top {meta.seq}",
-                    project_id,
-                )
-        tags = reply[5:] or (b"", b"")  # no tags: nothing to compare (a stand-in Redis's reply)
-        return Snapshot(
-            meta.epoch,
-            meta.seq,
-            entries,
-            bool(created),
-            corrupt_at,
-            len(raw_entries),
-            top_tag=_tag(tags[0]),
-            after_tag=_tag(tags[1]),
-        )
+            kind = ForeignKind.META if exc.which == "meta" else ForeignKind.STREAM_KEY
+            self.foreign.report(kind, key, exc.problem, project_id)
+            raise ProjectUnreadable(project_id, key, exc.problem) from None
+        stream_key = self.keys.stream(project_id)
+        for _seq, value in foreign:
+            self.foreign.report(value.kind, stream_key, value.problem, project_id)
+        return snapshot
 
     def _batched(self, keys: list[str], args: list) -> asyncio.Future[list]:
         loop = asyncio.get_running_loop()

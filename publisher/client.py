@@ -63,9 +63,19 @@ from schemas.events import (
     BlockerResolved,
     ProjectEvent,
 )
-from schemas.keys import DEFAULT_PREFIX, Keys
+from schemas.history import (
+    DEFAULT_PAGE_BYTES,
+    DEFAULT_POLL_LIMIT,
+    SnapshotUnreadable,
+    check_page,
+    parse_snapshot_reply,
+    plan_poll,
+    poll_response,
+    snapshot_args,
+)
+from schemas.keys import DEFAULT_PREFIX, Keys, new_epoch
 from schemas.presence import DEFAULT_MAX_MEMBERS
-from schemas.protocol import Member
+from schemas.protocol import Member, PollResponse
 from schemas.revocations import DEFAULT_MAX_REVOCATIONS, Revocation, parse_revoke_reply
 
 __all__ = ["AsyncPublisher", "Publisher"]
@@ -558,6 +568,7 @@ class Publisher(_ContractHelpers[Cursor]):
         self._cluster = is_cluster
         self._script = client.register_script(lua.PUBLISH)
         self._revoke_script = client.register_script(lua.REVOKE)
+        self._snapshot_script = client.register_script(lua.SNAPSHOT)
         self._direct = DirectCommands(client) if DirectCommands.supports(client) else None
 
     @classmethod
@@ -623,6 +634,42 @@ class Publisher(_ContractHelpers[Cursor]):
             )
         except redis.exceptions.RedisError as exc:
             raise PublishError(f"presence read failed: {exc}") from exc
+
+    def history(
+        self,
+        project_id: int,
+        *,
+        epoch: str | None = None,
+        after: int | None = None,
+        tag: str | None = None,
+        limit: int = DEFAULT_POLL_LIMIT,
+        max_bytes: int = DEFAULT_PAGE_BYTES,
+    ) -> PollResponse:
+        """A page of the project's stored history after the cursor ``(epoch, after)``, exactly
+        as the gateway's polling fallback answers it (docs/protocol.md, "HTTP polling"): up to
+        ``limit`` events (1-1,000) and ``max_bytes`` of them (a single larger event is still a
+        page), in order, each as stored; ``more`` when further events wait; the project's
+        ``epoch`` and top ``seq``. Without a cursor, no events: the cursor to start from.
+        A cursor of another epoch, one past what retention keeps, or one whose ``tag`` names
+        another event gets ``resync_required`` (and no events): reload your state, then page
+        on from its ``(epoch, seq)``. One atomic read; a project without history gets one
+        (that expires in a day unless something is published), so that its cursor is real.
+
+        Raises:
+            ValueError: a ``project_id``, cursor or ``limit`` out of range.
+            PublisherUnavailable: Redis unreachable or hung within ``timeout``.
+            PublishError: Redis refused the read, or the project's keys hold values the
+                publisher cannot have written (another writer).
+        """
+        keys, args = _page_request(
+            self._settings.keys, project_id, epoch, after, tag, limit, max_bytes
+        )
+        started = time.monotonic()
+        try:
+            reply = self._run(lambda: self._snapshot_script(keys=keys, args=args), started)
+        except redis.exceptions.RedisError as exc:
+            raise PublishError(f"history read failed: {exc}") from exc
+        return _page(project_id, epoch, after, tag, limit, reply)
 
     def revoke_tokens(
         self,
@@ -907,6 +954,7 @@ class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
         self._cluster = is_cluster
         self._script = client.register_script(lua.PUBLISH)
         self._revoke_script = client.register_script(lua.REVOKE)
+        self._snapshot_script = client.register_script(lua.SNAPSHOT)
         self._direct = AsyncDirectCommands(client) if AsyncDirectCommands.supports(client) else None
 
     @classmethod
@@ -959,6 +1007,34 @@ class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
             ) from exc
         except redis.exceptions.RedisError as exc:
             raise PublishError(f"presence read failed: {exc}") from exc
+
+    async def history(
+        self,
+        project_id: int,
+        *,
+        epoch: str | None = None,
+        after: int | None = None,
+        tag: str | None = None,
+        limit: int = DEFAULT_POLL_LIMIT,
+        max_bytes: int = DEFAULT_PAGE_BYTES,
+    ) -> PollResponse:
+        """See :meth:`Publisher.history`."""
+        keys, args = _page_request(
+            self._settings.keys, project_id, epoch, after, tag, limit, max_bytes
+        )
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self._policy.timeout):
+                reply = await self._run(
+                    lambda: self._snapshot_script(keys=keys, args=args), started
+                )
+        except TimeoutError as exc:
+            raise PublisherUnavailable(
+                f"Redis unavailable: no reply within {self._policy.timeout} s"
+            ) from exc
+        except redis.exceptions.RedisError as exc:
+            raise PublishError(f"history read failed: {exc}") from exc
+        return _page(project_id, epoch, after, tag, limit, reply)
 
     async def revoke_tokens(
         self,
@@ -1160,6 +1236,42 @@ def _after_out_of_step(exc: OutOfStep, args: list, policy: RetryPolicy) -> None:
         raise exc
     if policy.attempt_timeout is not None:
         raise redis.exceptions.ConnectionError(str(exc)) from exc
+
+
+def _page_request(
+    keys: Keys,
+    project_id: int,
+    epoch: str | None,
+    after: int | None,
+    tag: str | None,
+    limit: int,
+    max_bytes: int,
+) -> tuple[list[str], list[str | int]]:
+    """The keys and arguments of a history page's SNAPSHOT call, or ValueError."""
+    if not isinstance(project_id, int) or isinstance(project_id, bool) or project_id <= 0:
+        raise ValueError("project_id must be a positive integer")
+    check_page(epoch, after, tag, limit)
+    if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 1:
+        raise ValueError("max_bytes must be a positive integer")
+    args = snapshot_args(epoch, after, limit, new_epoch(), max_bytes)
+    return [keys.meta(project_id), keys.stream(project_id)], args
+
+
+def _page(
+    project_id: int,
+    epoch: str | None,
+    after: int | None,
+    tag: str | None,
+    limit: int,
+    reply: object,
+) -> PollResponse:
+    """The page a SNAPSHOT reply holds for the cursor (stream entries another writer left are
+    skipped; the first one after the cursor is a ``history_corrupt`` resync, as on a gateway)."""
+    try:
+        snapshot, _foreign = parse_snapshot_reply(project_id, reply)
+    except SnapshotUnreadable as exc:
+        raise PublishError(f"history read failed: project {project_id}: {exc}") from None
+    return poll_response(project_id, snapshot, plan_poll(epoch, after, snapshot, limit, tag))
 
 
 def _revocation(subject: str, reply: object) -> Revocation:

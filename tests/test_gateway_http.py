@@ -872,7 +872,8 @@ def test_poll_numbers_are_ascii_decimals_or_a_clear_error(name, value):
     """``after`` and ``limit`` are what the protocol says (ASCII decimal digits: no Unicode
     digit that Python's int() would take, no sign, no space; ``after`` at most 2**53 - 1, as a
     subscribe's) or a 400 naming the parameter."""
-    from gateway.http import MAX_POLL_LIMIT, _poll_query
+    from schemas.history import MAX_POLL_LIMIT
+    from schemas.history import parse_poll_query as _poll_query
 
     query = urlencode({"epoch": "e", name: value})
     after_ok = re.fullmatch(r"[0-9]{1,16}", value) is not None and int(value) < 2**53
