@@ -3,7 +3,10 @@
 ``POST /v1/projects/{id}/events`` publishes one event or a JSON array of events of that project
 through :class:`publisher.AsyncPublisher`, so an HTTP publish is exactly a library publish: the
 same validation, the same atomic Lua script, the same idempotency keys. ``POST /v1/revocations``
-is ``AsyncPublisher.revoke_tokens``, for the keys allowed to revoke. ``GET /healthz`` and
+is ``AsyncPublisher.revoke_tokens``, for the keys allowed to revoke. ``GET
+/v1/projects/{id}/presence`` and ``GET /v1/projects/{id}/events`` read a project's presence and a
+page of its history (``AsyncPublisher.presence``, ``AsyncPublisher.history``: the gateway's
+``presence`` message and poll answer), for the keys that may publish to it. ``GET /healthz`` and
 ``GET /readyz`` serve probes. Everything the API decides is in :mod:`publisher.http_api.core`.
 """
 
@@ -28,6 +31,7 @@ from publisher.core import (
 )
 from publisher.http_api.core import (
     MAX_REVOCATION_BODY,
+    PRESENCE,
     REVOCATIONS_PATH,
     ApiError,
     ApiKey,
@@ -36,11 +40,17 @@ from publisher.http_api.core import (
     cursor_body,
     error_body,
     header,
+    history_body,
     parse_events,
-    parse_project_path,
+    parse_history_query,
+    parse_presence_query,
     parse_revocation,
+    parse_route,
+    presence_body,
     revocation_body,
 )
+from schemas.history import DEFAULT_PAGE_BYTES, MAX_PAGE_BYTES
+from schemas.presence import DEFAULT_MAX_MEMBERS
 from serverkit import LogThrottle, SingleFlight
 
 __all__ = ["HttpApiSettings", "PublishApi"]
@@ -78,6 +88,13 @@ class HttpApiSettings(msgspec.Struct, kw_only=True, frozen=True):
     (``publisher.http_api.server``)."""
     max_header_bytes: int = 32 * 1024
     """Largest request line and headers in bytes (431 above it, ``publisher.http_api.server``)."""
+    presence_max_members: int = DEFAULT_MAX_MEMBERS
+    """The gateways' ``--presence-max-members``, for ``GET .../presence`` (a pod listing more than
+    a read of this many takes is another writer's, left out whole: ``publisher.presence``)."""
+    history_page_bytes: int = DEFAULT_PAGE_BYTES
+    """Bytes of stored events one ``GET .../events`` page carries at most (a single larger event
+    is still a page; the rest is paged on with ``more``), as the gateways' ``--poll-page-bytes``;
+    from 1024 to 4 MiB less 64 KiB."""
 
     def __post_init__(self) -> None:
         # Refused here, with the flag's name, instead of failing request by request: --rate 0
@@ -90,6 +107,10 @@ class HttpApiSettings(msgspec.Struct, kw_only=True, frozen=True):
             raise ValueError("--max-body and --burst must be at least 1")
         if self.max_header_bytes < 1024:
             raise ValueError("--max-header-bytes must be at least 1024")
+        if self.presence_max_members < 1:
+            raise ValueError("--presence-max-members must be at least 1")
+        if not 1024 <= self.history_page_bytes <= MAX_PAGE_BYTES:
+            raise ValueError(f"--history-page-bytes must be from 1024 to {MAX_PAGE_BYTES}")
         for name in ("rate", "body_timeout", "header_timeout", "send_timeout", "ready_timeout"):
             if not 0 < getattr(self, name) < math.inf:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive number")
@@ -175,6 +196,7 @@ class PublishApi:
 
     async def _http(self, scope: dict, receive, send) -> None:
         method, path = scope["method"], scope["path"]
+        allow = b"POST"  # the methods of the path, for a 405's Allow
         try:
             if path == "/healthz" and method in ("GET", "HEAD"):
                 await _respond(send, 200, b'{"status":"ok"}')
@@ -192,10 +214,19 @@ class PublishApi:
                 self.counters.count(status, "ok")
                 await _respond(send, status, body)
                 return
-            project_id = parse_project_path(path)
-            if method != "POST":
-                raise ApiError(405, "method_not_allowed", "use POST")
-            status, body = await self._publish(scope, receive, project_id)
+            project_id, resource = parse_route(path)
+            if resource == PRESENCE:
+                allow = b"GET"
+                if method != "GET":
+                    raise ApiError(405, "method_not_allowed", "use GET")
+                status, body = await self._presence(scope, project_id)
+            elif method == "POST":
+                status, body = await self._publish(scope, receive, project_id)
+            elif method == "GET":
+                status, body = await self._history(scope, project_id)
+            else:
+                allow = b"GET, POST"
+                raise ApiError(405, "method_not_allowed", "use POST to publish, GET to read")
             self.counters.count(status, "ok")
             await _respond(send, status, body)
         except ApiError as error:
@@ -204,7 +235,7 @@ class PublishApi:
             if error.retry_after is not None:
                 extra.append((b"retry-after", b"%d" % max(1, math.ceil(error.retry_after))))
             if error.status == 405:
-                extra.append((b"allow", b"POST"))
+                extra.append((b"allow", allow))
             await _respond(send, error.status, error_body(error), extra)
 
     async def _publish(self, scope: dict, receive, project_id: int) -> tuple[int, bytes]:
@@ -254,6 +285,61 @@ class PublishApi:
             raise ApiError(status, code, str(exc), cursors=cursors) from None
         self.counters.events += len(events)
         return 200, cursor_body(cursors, is_batch)
+
+    def _reader(self, scope: dict, project_id: int) -> ApiKey:
+        """The key of a read of ``project_id`` (its presence, its history), charged one event of
+        its rate limit; ApiError 401, 403 or 429. A key reads the projects it may publish to:
+        a backend that may publish to a project already decides what its dashboards show, so
+        reading who is there and what was published adds no trust; a key that publishes
+        nowhere (a revoke-only key) reads nothing."""
+        key = self.credentials.authenticate(header(_headers(scope), b"authorization"))
+        if not key.allows(project_id):
+            raise ApiError(
+                403,
+                "forbidden",
+                f"key {key.id!r} may not read project {project_id} (a key reads the projects it "
+                "may publish to)",
+            )
+        return key
+
+    async def _presence(self, scope: dict, project_id: int) -> tuple[int, bytes]:
+        """``GET /v1/projects/{id}/presence``: ``AsyncPublisher.presence``, as the gateway's
+        ``presence`` message."""
+        key = self._reader(scope, project_id)
+        parse_presence_query(scope.get("query_string", b""))
+        self.limiter.take(key, 1, self._clock())
+        try:
+            members = await self.publisher.presence(
+                project_id, max_members=self.settings.presence_max_members
+            )
+        except PublisherUnavailable as exc:
+            self._log_unavailable(project_id, exc)
+            raise ApiError(503, "unavailable", "Redis is unavailable", retry_after=1) from None
+        except PublishError as exc:
+            raise ApiError(502, "read_failed", str(exc)) from None
+        return 200, presence_body(project_id, members)
+
+    async def _history(self, scope: dict, project_id: int) -> tuple[int, bytes]:
+        """``GET /v1/projects/{id}/events?epoch=&after=&tag=&limit=``: ``AsyncPublisher.history``,
+        a page as the gateway's poll answers it."""
+        key = self._reader(scope, project_id)
+        query = parse_history_query(scope.get("query_string", b""))
+        self.limiter.take(key, 1, self._clock())
+        try:
+            page = await self.publisher.history(
+                project_id,
+                epoch=query.epoch,
+                after=query.after,
+                tag=query.tag,
+                limit=query.limit,
+                max_bytes=self.settings.history_page_bytes,
+            )
+        except PublisherUnavailable as exc:
+            self._log_unavailable(project_id, exc)
+            raise ApiError(503, "unavailable", "Redis is unavailable", retry_after=1) from None
+        except PublishError as exc:
+            raise ApiError(502, "read_failed", str(exc)) from None
+        return 200, history_body(page)
 
     async def _revoke(self, scope: dict, receive) -> tuple[int, bytes]:
         """``POST /v1/revocations``: ``revoke_tokens`` for a key with ``revoke``; one

@@ -24,6 +24,8 @@ from schemas.events import (
     decode_event,
     repeated_key,
 )
+from schemas.history import PollQuery, parse_poll_query
+from schemas.protocol import Member, PollResponse, Presence, encode
 
 __all__ = [
     "ApiError",
@@ -36,17 +38,26 @@ __all__ = [
     "cursor_body",
     "error_body",
     "hash_key",
+    "history_body",
     "new_key",
     "parse_events",
+    "parse_history_query",
+    "parse_presence_query",
     "parse_project_path",
     "parse_revocation",
+    "parse_route",
+    "presence_body",
     "revocation_body",
 ]
 
 #: A key as handed to a service: a fixed prefix (so a leaked key is recognisable in logs and by
 #: secret scanners) and 32 random bytes, URL-safe base64.
 KEY_PREFIX = "ebk_"
-_PATH_RE = re.compile(r"/v1/projects/([0-9]{1,16})/events")
+_PATH_RE = re.compile(r"/v1/projects/([0-9]{1,16})/(events|presence)")
+#: The resources of a project: its events (POST publishes, GET reads a page of its history) and
+#: its presence (GET).
+EVENTS = "events"
+PRESENCE = "presence"
 #: ``POST`` here revokes a subject's tokens (keys with ``"revoke": true`` only).
 REVOCATIONS_PATH = "/v1/revocations"
 #: Largest body of a revocation request: a subject is at most 1 KiB (MAX_SUBJECT_BYTES), so
@@ -219,19 +230,66 @@ class RateLimiter:
             )
 
 
-def parse_project_path(path: str) -> int:
-    """The project id of ``/v1/projects/{id}/events``, or ApiError 404."""
+def parse_route(path: str) -> tuple[int, str]:
+    """The project id and resource (:data:`EVENTS` or :data:`PRESENCE`) of
+    ``/v1/projects/{id}/events`` or ``/v1/projects/{id}/presence``, or ApiError 404."""
     match = _PATH_RE.fullmatch(path)
     if match is None:
         raise ApiError(
             404,
             "not_found",
-            f"the endpoints are POST /v1/projects/{{id}}/events and POST {REVOCATIONS_PATH}",
+            "the endpoints are POST and GET /v1/projects/{id}/events, "
+            f"GET /v1/projects/{{id}}/presence and POST {REVOCATIONS_PATH}",
         )
     project_id = int(match.group(1))
     if not 0 < project_id <= 2**53 - 1:
         raise ApiError(404, "not_found", "project ids are positive integers")
+    return project_id, match.group(2)
+
+
+def parse_project_path(path: str) -> int:
+    """The project id of ``/v1/projects/{id}/events``, or ApiError 404."""
+    project_id, resource = parse_route(path)
+    if resource != EVENTS:
+        raise ApiError(404, "not_found", "expected /v1/projects/{id}/events")
     return project_id
+
+
+def _query_text(query_string: bytes) -> str:
+    # The raw query as the client sent it; what is not ASCII is not percent-encoded, so no
+    # parameter of ours can hold it.
+    try:
+        return query_string.decode("ascii")
+    except UnicodeDecodeError:
+        raise ApiError(400, "invalid_query", "the query is not ASCII (percent-encode it)") from None
+
+
+def parse_history_query(query_string: bytes) -> PollQuery:
+    """The query of ``GET /v1/projects/{id}/events``: the gateway's poll query
+    (``epoch=&after=&tag=&limit=``, :func:`schemas.history.parse_poll_query`), or ApiError 400
+    ``invalid_query`` naming the parameter (unknown, repeated, out of range, malformed)."""
+    try:
+        return parse_poll_query(_query_text(query_string))
+    except ValueError as exc:
+        raise ApiError(400, "invalid_query", str(exc)) from None
+
+
+def parse_presence_query(query_string: bytes) -> None:
+    """``GET /v1/projects/{id}/presence`` takes no parameter: ApiError 400 for any (a client
+    that sends one expects it to mean something, and nothing would)."""
+    if query_string:
+        raise ApiError(400, "invalid_query", "the presence endpoint takes no query parameters")
+
+
+def presence_body(project_id: int, members: list[Member]) -> bytes:
+    """The gateway's ``presence`` message: ``{"type": "presence", "project_id": ...,
+    "members": [{"id", "name", "viewing", "answering", "since"}, ...]}``, sorted by id."""
+    return encode(Presence(project_id=project_id, members=members))
+
+
+def history_body(page: PollResponse) -> bytes:
+    """The gateway's poll answer (:class:`schemas.protocol.PollResponse`), events as stored."""
+    return encode(page)
 
 
 def _decoded(body: bytes) -> object:

@@ -1,0 +1,353 @@
+"""The HTTP API's reads: ``GET /v1/projects/{id}/presence`` and ``GET /v1/projects/{id}/events``
+(a page of history, the gateway's poll), for a backend in any language. Their pure parsing
+without sockets, the ASGI app without sockets for the fuzzing, then served against real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import time
+
+import msgspec
+import pytest
+import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from publisher import AsyncPublisher
+from publisher.http_api import ApiError, ApiKey, Credentials, HttpApiSettings, PublishApi, hash_key
+from publisher.http_api.core import (
+    parse_history_query,
+    parse_presence_query,
+    parse_route,
+    presence_body,
+)
+from schemas.history import MAX_POLL_LIMIT, PollQuery
+from schemas.keys import Keys
+from schemas.presence import WRITE, PodRecord, encode_record
+from schemas.protocol import MAX_SEQ, Member, PollResponse, Presence
+from tests.support.redis_server import RedisServer, hung
+from tests.test_http_api import EXPIRED, KEY_ALL, KEY_ONE, Api, _doc_snippet, serving_app
+
+KEY_REVOKE_ONLY = "ebk_revoke-only-key"
+KEY_SLOW = "ebk_slow-key"
+
+
+def read_credentials() -> Credentials:
+    return Credentials(
+        [
+            ApiKey(id="all", sha256=hash_key(KEY_ALL), projects="*"),
+            ApiKey(id="one", sha256=hash_key(KEY_ONE), projects=[1]),
+            ApiKey(id="accounts", sha256=hash_key(KEY_REVOKE_ONLY), projects=[], revoke=True),
+            ApiKey(id="slow", sha256=hash_key(KEY_SLOW), projects="*", rate=0.01, burst=2),
+        ]
+    )
+
+
+# --- pure core -------------------------------------------------------------------------------
+
+
+def test_routes_name_a_project_and_its_events_or_presence() -> None:
+    assert parse_route("/v1/projects/42/events") == (42, "events")
+    assert parse_route("/v1/projects/42/presence") == (42, "presence")
+    for bad in ("/v1/projects/0/presence", "/v1/projects/1/presence/", "/v1/projects/1/members"):
+        with pytest.raises(ApiError) as error:
+            parse_route(bad)
+        assert error.value.status == 404
+    with pytest.raises(ApiError) as error:
+        parse_route("/v1/projects/1/members")
+    assert "GET /v1/projects/{id}/presence" in error.value.message  # the 404 names the endpoints
+
+
+def test_the_history_query_is_the_gateways_poll_query_or_a_400_naming_the_parameter() -> None:
+    assert parse_history_query(b"") == PollQuery(None, None, None, 100)
+    assert parse_history_query(b"epoch=e1&after=3&limit=7") == PollQuery("e1", 3, None, 7)
+    for query, message in [
+        (b"epoch=e1&after=-1", "after must be an integer from 0 to"),
+        (b"epoch=e1&after=abc", "after must be"),
+        (b"epoch=e1&after=" + str(MAX_SEQ + 1).encode(), "after must be"),
+        (b"limit=0", f"limit must be an integer from 1 to {MAX_POLL_LIMIT}"),
+        (b"limit=" + b"9" * 5000, "limit must be"),
+        (b"limit=5&limit=6", "limit given more than once"),
+        (b"limit=&limit=6", "limit given more than once"),
+        (b"after=5", "give both epoch and after"),
+        (b"since=5", "unknown query parameters: since"),
+        (b"epoch=\xc3\xa9&after=1", "not ASCII"),
+    ]:
+        with pytest.raises(ApiError) as error:
+            parse_history_query(query)
+        assert (error.value.status, error.value.code) == (400, "invalid_query")
+        assert message in error.value.message, (query, error.value.message)
+
+
+def test_presence_takes_no_query_and_answers_the_gateways_presence_message() -> None:
+    parse_presence_query(b"")
+    with pytest.raises(ApiError) as error:
+        parse_presence_query(b"limit=5")
+    assert (error.value.status, error.value.code) == (400, "invalid_query")
+    members = [Member(id="alice", name="Alice", viewing=3, answering=None, since=1)]
+    body = presence_body(7, members)
+    assert msgspec.json.decode(body, type=Presence) == Presence(project_id=7, members=members)
+    assert json.loads(body)["type"] == "presence"
+
+
+def test_settings_of_the_reads_that_cannot_work_are_refused_by_name() -> None:
+    for flag, value in [
+        ("presence_max_members", 0),
+        ("history_page_bytes", 100),
+        ("history_page_bytes", 8 * 1024 * 1024),
+    ]:
+        with pytest.raises(ValueError, match=flag.replace("_", "-")):
+            HttpApiSettings(**{flag: value})
+
+
+class _Unused:
+    """A publisher the fuzzed requests below must never reach with a bad query."""
+
+    async def history(self, project_id, **page):
+        return PollResponse(project_id=project_id, epoch="e", seq=0, events=[])
+
+    async def presence(self, project_id, **options):
+        return []
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def _asgi_get(app: PublishApi, path: str, query: bytes, key: str = KEY_ALL):
+    answer: dict = {}
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        answer.update(message)
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": path,
+        "query_string": query,
+        "headers": [(b"authorization", f"Bearer {key}".encode())],
+    }
+    await app(scope, receive, send)
+    return answer["status"], answer["body"]
+
+
+_PARAM = st.sampled_from(["epoch", "after", "tag", "limit", "x", "", "after%00", "Limit"])
+_VALUE = st.one_of(
+    st.text(max_size=12).map(lambda t: t.encode("utf-8", "surrogatepass")),
+    st.integers(-(2**70), 2**70).map(lambda n: str(n).encode()),
+    st.sampled_from([b"e1", b"0123456789abcdef", b"%31", b"1e3", b" 5", b"\xff", b"+5"]),
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    st.lists(st.tuples(_PARAM, _VALUE), max_size=6).map(
+        lambda pairs: b"&".join(k.encode() + b"=" + v for k, v in pairs)
+    )
+    | st.binary(max_size=40)
+)
+def test_any_history_query_is_a_page_or_a_400_invalid_query(query: bytes) -> None:
+    """Negative, huge, non-numeric, repeated, unknown, percent-encoded, not ASCII: every query
+    is a valid page (answered 200) or a 400 ``invalid_query`` in the API's error body."""
+    app = PublishApi(_Unused(), read_credentials(), HttpApiSettings())  # type: ignore[arg-type]
+    try:
+        expected = parse_history_query(query)
+    except ApiError as error:
+        assert (error.status, error.code) == (400, "invalid_query") and error.message
+        expected = None
+    status, body = asyncio.run(_asgi_get(app, "/v1/projects/1/events", query))
+    if expected is None:
+        assert status == 400 and json.loads(body)["error"]["code"] == "invalid_query"
+    else:
+        assert status == 200, body
+        assert 0 <= (expected.after or 0) <= MAX_SEQ and 1 <= expected.limit <= MAX_POLL_LIMIT
+
+
+# --- served, against real Redis --------------------------------------------------------------
+
+
+class ReadApi(Api):
+    async def get(self, target: str, key: str | None = KEY_ALL) -> tuple[int, dict[str, str], dict]:
+        head = [f"GET {target} HTTP/1.1", "Host: t", "Connection: close"]
+        if key is not None:
+            head.append(f"Authorization: Bearer {key}")
+        status, headers, body = await self.raw(("\r\n".join(head) + "\r\n\r\n").encode())
+        return status, headers, json.loads(body) if body else {}
+
+
+def _serve(redis_url: str, redis_timeout: float | None = None, **settings_):
+    """The API with :func:`read_credentials`, as ``serving_app`` serves it."""
+    publisher = AsyncPublisher.from_url(redis_url, timeout=redis_timeout)
+    return serving_app(publisher, read_credentials(), **settings_)
+
+
+def _write_presence(redis_url: str, project: int, pod: str, members: dict[str, PodRecord]) -> None:
+    keys = Keys()
+    args: list = [keys.presence_pod_prefix(project), pod, 60_000, 0, 1, "PUBLISH"]
+    args += [keys.presence_channel(project), "1"]
+    for member_id, record in members.items():
+        args += [member_id, encode_record(record)]
+    client = redis.Redis.from_url(redis_url)
+    try:
+        client.eval(WRITE, 2, keys.presence_pods(project), keys.presence_versions(project), *args)
+    finally:
+        client.close()
+
+
+async def test_presence_lists_the_members_as_the_gateways_presence_message(redis_url) -> None:
+    now = int(time.time() * 1000)
+    _write_presence(
+        redis_url,
+        1,
+        "pod-a",
+        {
+            "bob": PodRecord(None, 4, None, now - 5, now),
+            "alice": PodRecord("Alice", 3, 9, now - 10, now),
+        },
+    )
+    _write_presence(redis_url, 1, "pod-b", {"alice": PodRecord("Alice", 3, 11, now - 20, now + 1)})
+    async with _serve(redis_url) as (_, _, port):
+        api = ReadApi(port)
+        status, _, body = await api.get("/v1/projects/1/presence", key=KEY_ONE)
+        assert status == 200
+        assert body == {
+            "type": "presence",
+            "project_id": 1,
+            "members": [
+                {"id": "alice", "name": "Alice", "viewing": 3, "answering": 11, "since": now - 20},
+                {"id": "bob", "name": None, "viewing": 4, "answering": None, "since": now - 5},
+            ],
+        }
+        assert (await api.get("/v1/projects/2/presence"))[2]["members"] == []
+
+
+async def test_presence_reads_as_many_members_as_the_gateways_are_set_to_list(redis_url) -> None:
+    """``--presence-max-members``: a pod listing more than a read of the default takes (2,064)
+    is taken for another writer's and left out whole, unless the API has the gateways' setting."""
+    now = int(time.time() * 1000)
+    many = {f"m{i:04}": PodRecord(None, None, None, now, now) for i in range(2_100)}
+    _write_presence(redis_url, 3, "pod-a", many)
+    async with _serve(redis_url) as (_, _, port):
+        assert (await ReadApi(port).get("/v1/projects/3/presence"))[2]["members"] == []
+    async with _serve(redis_url, presence_max_members=2_500) as (_, _, port):
+        assert len((await ReadApi(port).get("/v1/projects/3/presence"))[2]["members"]) == 2_100
+
+
+async def test_history_pages_through_what_was_published_with_the_epoch(redis_url) -> None:
+    async with _serve(redis_url) as (_, _, port):
+        api = ReadApi(port)
+        start = (await api.get("/v1/projects/1/events", key=KEY_ONE))[2]
+        assert (start["seq"], start["events"], start["resync_required"]) == (0, [], None)
+        for blocker in range(1, 6):
+            assert (await api.post(1, {**EXPIRED, "blocker_id": blocker}, key=KEY_ONE))[0] == 200
+        status, _, page = await api.get(
+            f"/v1/projects/1/events?epoch={start['epoch']}&after=0&limit=2", key=KEY_ONE
+        )
+        assert status == 200 and page["more"] and page["seq"] == 5
+        assert [(e["seq"], e["blocker_id"]) for e in page["events"]] == [(1, 1), (2, 2)]
+        rest = (
+            await api.get(
+                f"/v1/projects/1/events?epoch={page['epoch']}&after=2&tag={page['tag']}",
+                key=KEY_ONE,
+            )
+        )[2]
+        assert [e["seq"] for e in rest["events"]] == [3, 4, 5] and not rest["more"]
+        # The answer is the gateway's poll answer, field for field.
+        assert msgspec.json.decode(json.dumps(rest), type=PollResponse).seq == 5
+
+
+async def test_history_signals_resync_for_another_epoch_or_a_trimmed_cursor(
+    redis_url, redis_client
+) -> None:
+    async with _serve(redis_url) as (_, _, port):
+        api = ReadApi(port)
+        cursors = [(await api.post(2, EXPIRED))[2]["cursor"] for _ in range(5)]
+        epoch = cursors[0]["epoch"]
+        page = (await api.get("/v1/projects/2/events?epoch=gone&after=4"))[2]
+        assert page["events"] == [] and page["resync_required"]["reason"] == "epoch_changed"
+        assert (page["resync_required"]["epoch"], page["resync_required"]["seq"]) == (epoch, 5)
+        redis_client.xtrim(Keys().stream(2), maxlen=2, approximate=False)  # retention
+        page = (await api.get(f"/v1/projects/2/events?epoch={epoch}&after=1"))[2]
+        assert page["resync_required"]["reason"] == "history_trimmed"
+        page = (await api.get(f"/v1/projects/2/events?epoch={epoch}&after=3"))[2]
+        assert [e["seq"] for e in page["events"]] == [4, 5]
+
+
+async def test_reads_are_for_keys_that_may_publish_to_the_project(redis_url) -> None:
+    async with _serve(redis_url) as (_, _, port):
+        api = ReadApi(port)
+        for path in ("/v1/projects/2/presence", "/v1/projects/2/events"):
+            status, _, body = await api.get(path, key=KEY_ONE)
+            assert status == 403 and body["error"]["code"] == "forbidden"
+            status, _, body = await api.get(path, key=KEY_REVOKE_ONLY)
+            assert status == 403 and "may publish to" in body["error"]["message"]
+            for key in (None, "ebk_unknown"):
+                status, _, body = await api.get(path, key=key)
+                assert status == 401 and body["error"]["code"] == "unauthorized"
+        status, headers, body = await api.raw(
+            b"DELETE /v1/projects/1/presence HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+        )
+        assert (status, headers["allow"]) == (405, "GET")
+        status, headers, _ = await api.raw(
+            b"PUT /v1/projects/1/events HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+        )
+        assert (status, headers["allow"]) == (405, "GET, POST")
+        status, _, body = await api.get("/v1/projects/1/events?limit=-1")
+        assert status == 400 and body["error"]["code"] == "invalid_query"
+
+
+async def test_reads_are_rate_limited_like_publishes(redis_url) -> None:
+    async with _serve(redis_url) as (_, _, port):
+        api = ReadApi(port)
+        assert (await api.get("/v1/projects/1/presence", key=KEY_SLOW))[0] == 200
+        assert (await api.get("/v1/projects/1/events", key=KEY_SLOW))[0] == 200
+        status, headers, body = await api.get("/v1/projects/1/events", key=KEY_SLOW)
+        assert status == 429 and body["error"]["code"] == "rate_limited"
+        assert int(headers["retry-after"]) >= 1
+        assert (await api.get("/v1/projects/1/presence", key=KEY_ALL))[0] == 200  # per key
+
+
+async def test_reads_from_a_hung_redis_are_a_bounded_503() -> None:
+    with RedisServer() as server:
+        async with _serve(server.url, redis_timeout=1.0) as (_, _, port):
+            api = ReadApi(port)
+            assert (await api.get("/v1/projects/1/events"))[0] == 200
+            with hung(server):
+                for path in ("/v1/projects/1/presence", "/v1/projects/1/events"):
+                    started = time.monotonic()
+                    status, headers, body = await api.get(path)
+                    assert status == 503 and body["error"]["code"] == "unavailable"
+                    assert headers["retry-after"] == "1"
+                    assert time.monotonic() - started < 3
+
+
+async def test_damaged_keys_are_a_502(redis_url, redis_client) -> None:
+    redis_client.set(Keys().meta(4), "not a hash")
+    redis_client.set(Keys().presence_pods(4), "not a zset")  # (reads as nobody: advisory)
+    async with _serve(redis_url) as (_, _, port):
+        status, _, body = await ReadApi(port).get("/v1/projects/4/events")
+        assert status == 502 and body["error"]["code"] == "read_failed"
+        assert (await ReadApi(port).get("/v1/projects/4/presence"))[2]["members"] == []
+
+
+async def test_the_documented_curl_reads_answer(redis_url) -> None:
+    async with _serve(redis_url) as (_, _, port):
+        api = ReadApi(port)
+        await api.post(1, EXPIRED, key=KEY_ONE)
+        url = f"http://127.0.0.1:{port}/"
+        env = {"EVENTBUS_API_KEY": KEY_ONE, "PATH": "/usr/bin:/bin:/usr/local/bin"}
+        outputs = []
+        for marker in ("/v1/projects/1/presence \\", "while page="):
+            script = _doc_snippet("sh", marker).replace("http://127.0.0.1:8766/", url)
+            done = await asyncio.create_subprocess_exec(
+                "bash", "-c", script, env=env, stdout=subprocess.PIPE
+            )
+            out, _ = await done.communicate()
+            assert done.returncode == 0, script
+            outputs.append(out)
+    assert json.loads(outputs[0].splitlines()[0])["type"] == "presence"
+    assert [json.loads(line)["seq"] for line in outputs[1].splitlines()] == [1]
