@@ -634,6 +634,11 @@ _TOKEN = st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=1,
             "/v1/projects/%31/events",
             "/v1/revocations",
             "/v1/revocations/",
+            "/v1/projects/1/presence",
+            "/v1/projects/2/presence?x=1",
+            "/v1/projects/1/events?limit=-1",
+            "/v1/projects/1/events?epoch=e&after=1&after=2",
+            "/v1/projects/1/events?epoch=e&after=1&tag=0123456789abcdef&limit=1000",
         ]
     ),
     headers=st.lists(

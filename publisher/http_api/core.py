@@ -1,4 +1,5 @@
-"""The pure core of the HTTP publish API: credentials, rate limits, request bodies, answers.
+"""The pure core of the HTTP publish API: credentials, rate limits, routes, request bodies and
+queries, answers.
 
 Nothing here does I/O, so every rule is unit tested without a socket (``tests/test_http_api.py``).
 The ASGI application in :mod:`publisher.http_api.app` is a thin layer that reads the request,
@@ -94,8 +95,9 @@ class ApiKey(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
 
     id: Annotated[str, Meta(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._:-]+\Z")]
     sha256: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}\Z")]
-    #: The projects it may publish to: ids, or ``"*"``. Empty only for a key that revokes and
-    #: publishes nowhere (least privilege for an accounts service).
+    #: The projects it may publish to, and read the presence and history of: ids, or ``"*"``.
+    #: Empty only for a key that revokes and publishes nowhere (least privilege for an accounts
+    #: service).
     projects: list[Annotated[int, Meta(gt=0, le=2**53 - 1)]] | Literal["*"]
     rate: Annotated[float, Meta(gt=0)] | None = None
     burst: Annotated[int, Meta(ge=1)] | None = None
@@ -200,7 +202,8 @@ class TokenBucket:
 
 
 class RateLimiter:
-    """One :class:`TokenBucket` per credential; each event costs one token."""
+    """One :class:`TokenBucket` per credential; each event costs one token, and so does each
+    read (presence, a page of history) and each revocation."""
 
     def __init__(self, default_rate: float, default_burst: int) -> None:
         self.default_rate = default_rate
