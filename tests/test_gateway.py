@@ -1866,3 +1866,59 @@ async def test_a_refused_client_that_keeps_sending_is_dropped_after_the_close_ti
             await asyncio.sleep(0.5)
     writer.close()
     assert gateway.admission.open == 0
+
+
+async def test_a_close_behind_unsent_frames_to_a_client_that_reads_nothing_frees_its_socket(
+    gateways, publisher
+):
+    """The gateway closes a connection (here its token expires: 4002; a revocation, a drain's
+    1012 the same way) while frames it wrote wait unsent, well under --outbound-limit and
+    asyncio's write-buffer marks, and the client neither reads nor sends anything more: its
+    close frame never goes out, nor does the client's. The socket is dropped CLOSE_TIMEOUT
+    after the close, so it does not hold its place in --max-connections for ever."""
+    import itertools
+    import socket
+
+    from gateway.websocket import CLOSE_TIMEOUT
+
+    # Nothing else may end it first: a long stall timeout, a limit above what is published.
+    gateway = await gateways(outbound_limit=16 * 2**20, stall_timeout=60.0)
+    for listener in gateway.server.sockets:  # small kernel buffers: the transport's fills soon
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    stalled = await RawClient.connect(gateway.port, rcvbuf=4096)
+    try:
+        await stalled.send({"type": "auth", "token": issue_token(SECRET, [13], ttl=300)})
+        await stalled.send({"type": "subscribe", "project_id": 13})
+        async with asyncio.timeout(5):
+            while b'"subscribed"' not in (await stalled.receive())[1]:
+                pass
+        stalled.writer.transport.pause_reading()  # it reads nothing more from here on
+        (session,) = gateway.sessions
+        transport = session.transport
+        # One event at a time, until the first one left (partly) unsent: a few hundred bytes.
+        async with asyncio.timeout(20):
+            for n in itertools.count(1):
+                if transport.get_write_buffer_size():
+                    break
+                published = gateway.metrics.deliveries_total + 1
+                await publisher.publish_many(
+                    [
+                        BlockerResolved(
+                            project_id=13, blocker_id=n, answer="x" * 200, resolved_at=utc_now()
+                        )
+                    ]
+                )
+                while gateway.metrics.deliveries_total < published:  # noqa: ASYNC110
+                    await asyncio.sleep(0.005)
+        assert transport.get_write_buffer_size() < 4096  # far under asyncio's high-water mark
+        gateway.clients.expire(session)  # what the expiry wheel does at the token's exp
+        assert session.closing
+        loop = asyncio.get_running_loop()
+        closed = loop.time()
+        async with asyncio.timeout(CLOSE_TIMEOUT + 5):
+            while gateway.admission.open:  # noqa: ASYNC110 - no event to await
+                await asyncio.sleep(0.05)
+        assert loop.time() - closed >= CLOSE_TIMEOUT * 0.9  # the close deadline, not earlier
+        assert not gateway.sessions
+    finally:
+        stalled.writer.transport.abort()
