@@ -482,7 +482,11 @@ class SseSession(ClientSession):
         transport = self.transport
         if not transport.is_closing():
             transport.write(self._goodbye(code, reason))
-            transport.close()  # after the buffer is sent; a stall check still cuts a stuck one
+            # Closes once the buffer is sent. The stall check no longer looks at a closing
+            # stream: one whose client reads nothing is ended by the kernel, nothing sent for
+            # --ping-timeout (TCP_USER_TIMEOUT, set when the stream opened), or by a drain's
+            # deadline (tests/test_sse_faults.py, "closed while its client reads nothing").
+            transport.close()
 
     def ping(self, now: float) -> bytes | None:
         ClientSession.write(self, KEEPALIVE, [])

@@ -243,6 +243,63 @@ async def test_a_stream_that_stops_reading_is_cut_and_resumes_with_nothing_lost(
     back.close()
 
 
+async def test_a_stream_closed_while_its_client_reads_nothing_still_frees_its_socket(
+    gateways, publisher
+):
+    """The gateway ends a stream (here its token expires: 4002; a revocation, 1011 or a drain
+    close it the same way) while what it wrote last waits unsent in the transport's buffer,
+    the client's receive window closed, and the client reads and sends nothing more. That
+    close waits for the buffer to drain, and the stall check no longer looks at a closing
+    stream: the socket would hold its place in --max-connections for ever. The kernel ends it
+    instead, once nothing could be sent for --ping-timeout (``TCP_USER_TIMEOUT``, which covers
+    a closed receive window as it covers unacknowledged bytes)."""
+    ping_timeout = 1.0
+    # Nothing else may end it first: a long stall timeout, a limit above what is published.
+    gateway = await gateways(
+        outbound_limit=16 * 2**20, stall_timeout=60.0, ping_timeout=ping_timeout, max_replay=2000
+    )
+    for listener in gateway.server.sockets:  # small kernel buffers: the transport's fills soon
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()  # a bare socket: never read past the head (no stream reader)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", gateway.port))
+        token = issue_token(INPROC_SECRET, [12], ttl=300)
+        await loop.sock_sendall(
+            sock,
+            f"GET /v1/projects/12/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}"
+            "\r\n\r\n".encode(),
+        )
+        await wait_until(lambda: gateway.hub.subscriptions == 1, 5, "the subscription")
+        (session,) = gateway.sessions
+        transport = session.transport
+        # One event at a time, until the first one left (partly) unsent: a few hundred bytes,
+        # far under asyncio's write-buffer marks.
+        for n in range(1, 1000):
+            if transport.get_write_buffer_size():
+                break
+            published = gateway.metrics.deliveries_total + 1
+            await publisher.publish_many(
+                [
+                    BlockerResolved(
+                        project_id=12, blocker_id=n, answer="x" * 200, resolved_at=utc_now()
+                    )
+                ]
+            )
+            await wait_until(lambda p=published: gateway.metrics.deliveries_total >= p, 5, "it")
+        assert 0 < transport.get_write_buffer_size() < 4096
+        gateway.clients.expire(session)  # what the expiry wheel does at the token's exp
+        assert session.closing and transport.is_closing()
+        closed = loop.time()
+        await wait_until(lambda: session not in gateway.sessions, ping_timeout + 5, "the close")
+        assert loop.time() - closed < ping_timeout + 5
+        assert gateway.admission.open == 0  # its place in --max-connections is free again
+    finally:
+        sock.close()
+
+
 # --- a peer that vanishes without a FIN or RST -----------------------------------------------
 
 #: The SSE client run inside the namespace: it opens a stream, says "ready" once subscribed,
