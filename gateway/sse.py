@@ -61,6 +61,7 @@ if TYPE_CHECKING:
     from gateway.server import Gateway
 
 __all__ = [
+    "CLOSE_TIMEOUT",
     "Cursor",
     "SseEvent",
     "SseParser",
@@ -358,6 +359,10 @@ def _project_of(item: Outgoing, cursors: dict[int, Cursor]) -> int:
     return project_id
 
 
+#: Seconds a stream the gateway closed has to send what it still holds (the ``close`` event
+#: last) before it is aborted: a client that stopped reading cannot hold the socket longer.
+CLOSE_TIMEOUT = 5.0
+
 #: Closes caused by the stream's token: an ``error`` event (``invalid_token``) precedes the
 #: ``close``, with this message.
 _TOKEN_CLOSES = {CloseCode.TOKEN_EXPIRED: "token expired", CloseCode.TOKEN_REVOKED: "token revoked"}
@@ -483,10 +488,14 @@ class SseSession(ClientSession):
         if not transport.is_closing():
             transport.write(self._goodbye(code, reason))
             # Closes once the buffer is sent. The stall check no longer looks at a closing
-            # stream: one whose client reads nothing is ended by the kernel, nothing sent for
-            # --ping-timeout (TCP_USER_TIMEOUT, set when the stream opened), or by a drain's
-            # deadline (tests/test_sse_faults.py, "closed while its client reads nothing").
+            # stream: one whose client reads nothing would hold its socket (and its place in
+            # --max-connections) for as long as that. The kernel may end it (nothing sent for
+            # --ping-timeout: TCP_USER_TIMEOUT, set when the stream opened, which covers a
+            # closed receive window on Linux 5.11 and later); whatever it does, the stream is
+            # aborted CLOSE_TIMEOUT s after this, as a WebSocket close is. A client still
+            # reading the rest then resumes from the id of the last event it got.
             transport.close()
+            asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, transport.abort)
 
     def ping(self, now: float) -> bytes | None:
         ClientSession.write(self, KEEPALIVE, [])
