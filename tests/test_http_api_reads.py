@@ -341,7 +341,7 @@ async def test_the_documented_curl_reads_answer(redis_url) -> None:
         url = f"http://127.0.0.1:{port}/"
         env = {"EVENTBUS_API_KEY": KEY_ONE, "PATH": "/usr/bin:/bin:/usr/local/bin"}
         outputs = []
-        for marker in ("/v1/projects/1/presence \\", "while page="):
+        for marker in ("/v1/projects/1/presence \\", "read_pages()"):
             script = _doc_snippet("sh", marker).replace("http://127.0.0.1:8766/", url)
             done = await asyncio.create_subprocess_exec(
                 "bash", "-c", script, env=env, stdout=subprocess.PIPE
@@ -351,3 +351,22 @@ async def test_the_documented_curl_reads_answer(redis_url) -> None:
             outputs.append(out)
     assert json.loads(outputs[0].splitlines()[0])["type"] == "presence"
     assert [json.loads(line)["seq"] for line in outputs[1].splitlines()] == [1]
+
+
+async def test_the_documented_paging_loop_stops_loudly_on_an_error_answer(redis_url) -> None:
+    """The documented paging loop, its key's rate spent mid-way (a 429): it must not end as if
+    the history had been read to its end (exit 0, no word), but fail, saying what answered."""
+    async with _serve(redis_url) as (_, _, port):
+        api = ReadApi(port)
+        for _ in range(3):
+            await api.post(1, EXPIRED)
+        url = f"http://127.0.0.1:{port}/"
+        script = _doc_snippet("sh", "read_pages()").replace("http://127.0.0.1:8766/", url)
+        script = script.replace("limit=100", "limit=1")  # three pages: the third read is a 429
+        env = {"EVENTBUS_API_KEY": KEY_SLOW, "PATH": "/usr/bin:/bin:/usr/local/bin"}
+        done = await asyncio.create_subprocess_exec(
+            "bash", "-c", script, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        out, err = await done.communicate()
+    assert [json.loads(line)["seq"] for line in out.splitlines()] == [1]
+    assert done.returncode != 0 and b"rate_limited" in err
