@@ -337,3 +337,32 @@ async def test_a_read_names_the_tags_of_the_events_at_the_top_and_at_the_cursor(
     assert (empty.top, empty.top_tag) == (0, None)
     raw.close()
     await store.client.aclose()
+
+
+async def test_foreign_stream_entries_are_counted_and_placed_as_before_the_move(
+    redis_url, publisher
+):
+    """The gateway's read, since its reply is parsed by schemas.history: every foreign entry is
+    counted (``eventbus_foreign_values_total{kind="stream_entry"}``), one written beyond the top
+    too, none is delivered, and the first at or below the top is ``corrupt_at``."""
+    import redis
+
+    from tests.support.gateway_client import event
+
+    raw = redis.Redis.from_url(redis_url)
+    for _ in range(2):
+        cursor = await publisher.publish(event(8))
+    frame = raw.xrange(KEYS.stream(8), "2-0", "2-0")[0][1][b"f"]
+    raw.xadd(KEYS.stream(8), {"f": "garbage"}, id="3-0")
+    raw.xadd(KEYS.stream(8), {"f": frame.replace(b'"seq":2}', b'"seq":4}')}, id="4-0")
+    store = real_store(redis_url)
+    counted = store.foreign.metrics.foreign_values
+    beyond = await store.snapshot(8, cursor.epoch, 0, 10)
+    assert ([s for s, _ in beyond.entries], beyond.top, beyond.corrupt_at) == ([1, 2], 2, None)
+    assert counted["stream_entry"] == 2  # the garbage, and the event beyond the top
+    raw.hset(KEYS.meta(8), "seq", 4)  # now both are below the top
+    below = await store.snapshot(8, cursor.epoch, 0, 10)
+    assert ([s for s, _ in below.entries], below.corrupt_at) == ([1, 2], 3)
+    assert counted["stream_entry"] == 3
+    raw.close()
+    await store.client.aclose()
