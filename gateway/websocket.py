@@ -819,9 +819,7 @@ class WebSocketConnection(asyncio.Protocol):
             claims = self.endpoint.gateway.verify(message.token)
         except RevocationsUnknown as exc:
             # Not the token's fault, nor counted as an auth failure: the client retries later.
-            self.awaiting_auth = False
-            session.closing = True
-            return self.close(CloseCode.TRY_AGAIN_LATER, str(exc))
+            return self._end_before_auth(CloseCode.TRY_AGAIN_LATER, str(exc))
         except InvalidToken as exc:
             if isinstance(exc, TokenRevoked):
                 code = CloseCode.TOKEN_REVOKED
@@ -843,6 +841,10 @@ class WebSocketConnection(asyncio.Protocol):
             reason=reason[:200],
             code=int(code),
         )
+        self._end_before_auth(code, reason)
+
+    def _end_before_auth(self, code: CloseCode, reason: str) -> None:
+        """Close a connection that has no token (yet): no frame of it is handled any more."""
         self.awaiting_auth = False
         if self.session is not None:
             self.session.closing = True
