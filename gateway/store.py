@@ -173,13 +173,12 @@ class HistoryStore:
         except SnapshotUnreadable as exc:
             # A reply of another shape (a server or proxy that is not Redis, or broken) is one
             # more way of not answering; a damaged key makes this project unreadable.
-            if exc.which is None:
+            if exc.which is None or exc.kind is None:
                 raise StoreUnavailable(str(exc)) from None
             key = (
                 self.keys.meta(project_id) if exc.which == "meta" else self.keys.stream(project_id)
             )
-            kind = ForeignKind.META if exc.which == "meta" else ForeignKind.STREAM_KEY
-            self.foreign.report(kind, key, exc.problem, project_id)
+            self.foreign.report(exc.kind, key, exc.problem, project_id)
             raise ProjectUnreadable(project_id, key, exc.problem) from None
         stream_key = self.keys.stream(project_id)
         for _seq, value in foreign:

@@ -281,21 +281,24 @@ def snapshot_args(
 
 class SnapshotUnreadable(ValueError):
     """The project's keys hold values the publish script cannot have written (another writer):
-    ``which`` is ``"meta"`` or ``"stream"``, ``problem`` says what is wrong. Also raised, with
-    ``which`` None, for a reply :data:`schemas.lua.SNAPSHOT` cannot have given (a server or
-    proxy that is not Redis, or broken)."""
+    ``which`` is ``"meta"`` or ``"stream"``, ``kind`` the foreign value's kind (to count it),
+    ``problem`` says what is wrong. Also raised, with ``which`` and ``kind`` None, for a reply
+    :data:`schemas.lua.SNAPSHOT` cannot have given (a server or proxy that is not Redis, or
+    broken)."""
 
-    def __init__(self, which: str | None, problem: str) -> None:
+    def __init__(self, which: str | None, problem: str, kind: ForeignKind | None = None) -> None:
         super().__init__(problem if which is None else f"{which} {problem}")
         self.which = which
+        self.kind = kind
         self.problem = problem
 
 
+#: Problems the SNAPSHOT script reports: the key, what is wrong, the kind of foreign value.
 _SCRIPT_PROBLEMS = {
-    b"meta_wrong_type": ("meta", "is not a hash"),
-    b"meta_bad_epoch": ("meta", "has an invalid epoch"),
-    b"meta_bad_seq": ("meta", "has an invalid seq"),
-    b"stream_wrong_type": ("stream", "is not a stream"),
+    b"meta_wrong_type": ("meta", "is not a hash", ForeignKind.META),
+    b"meta_bad_epoch": ("meta", "has an invalid epoch", ForeignKind.META),
+    b"meta_bad_seq": ("meta", "has an invalid seq", ForeignKind.META),
+    b"stream_wrong_type": ("stream", "is not a stream", ForeignKind.STREAM_KEY),
 }
 
 
@@ -322,8 +325,10 @@ def parse_snapshot_reply(
         raise SnapshotUnreadable(None, f"unexpected snapshot reply: {str(reply)[:80]}")
     raw_epoch, top, created, raw_entries, problem = reply[:5]
     if problem:
-        which, text = _SCRIPT_PROBLEMS.get(problem, ("meta", problem.decode("ascii", "replace")))
-        raise SnapshotUnreadable(which, text)
+        which, text, kind = _SCRIPT_PROBLEMS.get(
+            problem, ("meta", problem.decode("ascii", "replace"), ForeignKind.META)
+        )
+        raise SnapshotUnreadable(which, text, kind)
     try:
         meta = parse_meta(raw_epoch, str(top).encode())
     except ForeignValue as exc:
@@ -340,7 +345,8 @@ def parse_snapshot_reply(
         for seq, frame in good
         if seq <= meta.seq and (corrupt_at is None or seq < corrupt_at)
     ]
-    ahead = [seq for seq, _ in good if seq > meta.seq]
+    # (Looked for only when entries were left out: a second pass over every read otherwise.)
+    ahead = [seq for seq, _ in good if seq > meta.seq] if len(entries) < len(good) else ()
     if ahead:  # written by hand beyond the top: never an event of this history (yet)
         problem_text = f"entry {ahead[0]} is beyond the top {meta.seq}"
         bad = [*bad, (ahead[0], ForeignValue(ForeignKind.STREAM_ENTRY, problem_text))]
