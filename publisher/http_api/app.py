@@ -16,7 +16,8 @@ import asyncio
 import hashlib
 import math
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import msgspec
 import structlog
@@ -62,6 +63,7 @@ _PUBLISHER_KEY_MAX = 200  # publisher.core: idempotency keys of 1-200 printable 
 _JSON = [(b"content-type", b"application/json")]
 _UNAVAILABLE_LOG_INTERVAL = 1.0  # seconds between "Redis unavailable" warnings
 _UNAVAILABLE = "unavailable"  # the throttle's key for those warnings
+_T = TypeVar("_T")
 _FULL = "revocation_list_full"  # the throttle's key for the full-list warnings
 
 
@@ -274,8 +276,7 @@ class PublishApi:
                     namespaced = _publisher_keys(key.id, idempotency_key, None, 1)[0]
                 cursors = [await self.publisher.publish(events[0], idempotency_key=namespaced)]
         except PublisherUnavailable as exc:
-            self._log_unavailable(project_id, exc)
-            raise ApiError(503, "unavailable", "Redis is unavailable", retry_after=1) from None
+            raise self._unavailable(project_id, exc) from None
         except PublishError as exc:
             status, code = _publish_error_status(exc)
             cursors = None
@@ -287,8 +288,8 @@ class PublishApi:
         return 200, cursor_body(cursors, is_batch)
 
     def _reader(self, scope: dict, project_id: int) -> ApiKey:
-        """The key of a read of ``project_id`` (its presence, its history), charged one event of
-        its rate limit; ApiError 401, 403 or 429. A key reads the projects it may publish to:
+        """The key of a read of ``project_id`` (its presence, its history); ApiError 401 or
+        403. A key reads the projects it may publish to:
         a backend that may publish to a project already decides what its dashboards show, so
         reading who is there and what was published adds no trust; a key that publishes
         nowhere (a revoke-only key) reads nothing."""
@@ -307,16 +308,10 @@ class PublishApi:
         ``presence`` message."""
         key = self._reader(scope, project_id)
         parse_presence_query(scope.get("query_string", b""))
-        self.limiter.take(key, 1, self._clock())
-        try:
-            members = await self.publisher.presence(
-                project_id, max_members=self.settings.presence_max_members
-            )
-        except PublisherUnavailable as exc:
-            self._log_unavailable(project_id, exc)
-            raise ApiError(503, "unavailable", "Redis is unavailable", retry_after=1) from None
-        except PublishError as exc:
-            raise ApiError(502, "read_failed", str(exc)) from None
+        max_members = self.settings.presence_max_members
+        members = await self._read(
+            key, project_id, lambda: self.publisher.presence(project_id, max_members=max_members)
+        )
         return 200, presence_body(project_id, members)
 
     async def _history(self, scope: dict, project_id: int) -> tuple[int, bytes]:
@@ -324,22 +319,31 @@ class PublishApi:
         a page as the gateway's poll answers it."""
         key = self._reader(scope, project_id)
         query = parse_history_query(scope.get("query_string", b""))
-        self.limiter.take(key, 1, self._clock())
-        try:
-            page = await self.publisher.history(
+        page = await self._read(
+            key,
+            project_id,
+            lambda: self.publisher.history(
                 project_id,
                 epoch=query.epoch,
                 after=query.after,
                 tag=query.tag,
                 limit=query.limit,
                 max_bytes=self.settings.history_page_bytes,
-            )
+            ),
+        )
+        return 200, history_body(page)
+
+    async def _read(self, key: ApiKey, project_id: int, read: Callable[[], Awaitable[_T]]) -> _T:
+        """``read()`` of ``project_id`` for ``key``, charged one event of its rate limit (429
+        past it, before Redis is asked); 503 when Redis does not answer, 502 ``read_failed``
+        when the project's keys hold what the publisher cannot read."""
+        self.limiter.take(key, 1, self._clock())
+        try:
+            return await read()
         except PublisherUnavailable as exc:
-            self._log_unavailable(project_id, exc)
-            raise ApiError(503, "unavailable", "Redis is unavailable", retry_after=1) from None
+            raise self._unavailable(project_id, exc) from None
         except PublishError as exc:
             raise ApiError(502, "read_failed", str(exc)) from None
-        return 200, history_body(page)
 
     async def _revoke(self, scope: dict, receive) -> tuple[int, bytes]:
         """``POST /v1/revocations``: ``revoke_tokens`` for a key with ``revoke``; one
@@ -366,8 +370,7 @@ class PublishApi:
         except ValueError as exc:  # out of range: a time to come, a keep_for of years
             raise ApiError(422, "invalid_revocation", str(exc)) from None
         except PublisherUnavailable as exc:
-            self._log_unavailable(None, exc)
-            raise ApiError(503, "unavailable", "Redis is unavailable", retry_after=1) from None
+            raise self._unavailable(None, exc) from None
         except RevocationListFull as exc:
             # 507 Insufficient Storage: the list has no room for the subject, not Redis failing
             # (502) nor the request's fault (4xx); no Retry-After: it takes an operator.
@@ -385,9 +388,10 @@ class PublishApi:
         )
         return 200, revocation_body(revocation)
 
-    def _log_unavailable(self, project_id: int | None, exc: Exception) -> None:
-        """At most one line a second (with how many were not logged): one per request made an
-        outage thousands of lines a second. The 503s are counted, every one."""
+    def _unavailable(self, project_id: int | None, exc: Exception) -> ApiError:
+        """The 503 of a request Redis did not answer, logged at most once a second (with how
+        many were not logged): one per request made an outage thousands of lines a second. The
+        503s are counted, every one."""
         self._log_throttle.log(
             _UNAVAILABLE,
             log.warning,
@@ -395,6 +399,7 @@ class PublishApi:
             project_id=project_id,
             error=str(exc),
         )
+        return ApiError(503, "unavailable", "Redis is unavailable", retry_after=1)
 
     def _log_full(self, key_id: str, exc: RevocationListFull) -> None:
         """A full revocation list needs an operator: a warning, at most one a second (a leaked
