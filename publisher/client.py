@@ -41,6 +41,7 @@ from publisher.core import (
     RetryPolicy,
     call_outcome,
     check_max_revocations,
+    check_positive,
     check_retry_guard,
     in_order_outcome,
     now_if_none,
@@ -1248,11 +1249,9 @@ def _page_request(
     max_bytes: int,
 ) -> tuple[list[str], list[str | int]]:
     """The keys and arguments of a history page's SNAPSHOT call, or ValueError."""
-    if not isinstance(project_id, int) or isinstance(project_id, bool) or project_id <= 0:
-        raise ValueError("project_id must be a positive integer")
+    check_positive(project_id, "project_id")
     check_page(epoch, after, tag, limit)
-    if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 1:
-        raise ValueError("max_bytes must be a positive integer")
+    check_positive(max_bytes, "max_bytes")
     args = snapshot_args(epoch, after, limit, new_epoch(), max_bytes)
     return [keys.meta(project_id), keys.stream(project_id)], args
 

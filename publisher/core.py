@@ -37,6 +37,7 @@ __all__ = [
     "RetryPolicy",
     "RevocationListFull",
     "check_max_revocations",
+    "check_positive",
     "in_order_outcome",
     "new_epoch",
     "pack_command",
@@ -326,6 +327,14 @@ MAX_KEEP_FOR = timedelta(days=366)
 #: How far past the publisher's clock ``issued_before`` may be: the clock skew between the
 #: machines that issue tokens. Later would also refuse the tokens they issue until then.
 ISSUED_BEFORE_SKEW = timedelta(minutes=1)
+
+
+def check_positive(value: object, name: str) -> int:
+    """``value`` when it is an integer of at least 1 (a bool is not one), else ``ValueError``
+    ("<name> must be a positive integer")."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer")
+    return value
 
 
 def check_max_revocations(value: object) -> int:

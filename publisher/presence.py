@@ -17,6 +17,7 @@ from typing import Any
 
 import redis.exceptions
 
+from publisher.core import check_positive
 from schemas.keys import Keys
 from schemas.presence import (
     DEFAULT_MAX_MEMBERS,
@@ -32,10 +33,8 @@ __all__ = ["aread_presence", "read_presence"]
 
 
 def _args(keys: Keys, project_id: int, max_members: int) -> tuple[list[str], list[str | int]]:
-    if not isinstance(project_id, int) or isinstance(project_id, bool) or project_id <= 0:
-        raise ValueError("project_id must be a positive integer")
-    if not isinstance(max_members, int) or isinstance(max_members, bool) or max_members < 1:
-        raise ValueError("max_members must be a positive integer")
+    check_positive(project_id, "project_id")
+    check_positive(max_members, "max_members")
     return (
         [keys.presence_pods(project_id), keys.presence_versions(project_id)],
         read_args(keys.presence_pod_prefix(project_id), max_members),
