@@ -1,11 +1,12 @@
 """Catch-up pages: one ``GET`` of the polling endpoint, read whole within a deadline.
 
 The consumer reads a long backlog from the gateway's polling endpoint (docs/consumer.md,
-"Catching up a long backlog"), page by page. urllib makes the request in a worker thread;
-:func:`read_page` bounds the whole request, not each read, and a cancelled caller ends the
-thread at once. A 503 (the gateway drains, is full, or Redis is away) is
-:class:`PageUnavailable`, with the ``Retry-After`` it gave: the page is to be asked again. A
-redirect is not followed (an HTTPError, like any other answer that is not a page).
+"Catching up a long backlog"), page by page. urllib makes the request in a thread of its own;
+:func:`read_page` bounds the whole request (the host name lookup included), not each read, and
+a cancelled caller ends the thread's request at once. A 503 (the gateway drains, is full, or
+Redis is away) is :class:`PageUnavailable`, with the ``Retry-After`` it gave: the page is to
+be asked again. A redirect is not followed (an HTTPError, like any other answer that is not a
+page).
 """
 
 from __future__ import annotations
@@ -49,14 +50,52 @@ def retry_after(header: str | None) -> float | None:
 
 async def read_page(url: str, token: str | None, within: float) -> bytes:
     """The body of ``url`` read whole within ``within`` seconds (TimeoutError after it); any
-    other failure raises. Cancelling the caller ends the request and its thread now."""
+    other failure raises. Cancelling the caller ends the request now.
+
+    The request runs in a daemon thread of its own, not the loop's executor, and the caller
+    waits for its answer at most ``within``: a cut ends the thread's reads and connects at once,
+    but nothing can end a host name lookup (``getaddrinfo``) blocked on a resolver that does not
+    answer. Such a lookup is left to finish in its thread (it then connects nowhere), while the
+    caller has its TimeoutError in time, and ``asyncio.run`` does not wait for it on exit (it
+    waits for the default executor's threads)."""
     request = PageRequest()
-    deadline = asyncio.get_running_loop().call_later(within, request.cut)
+    loop = asyncio.get_running_loop()
+    answer: asyncio.Future[bytes] = loop.create_future()
+
+    def run() -> None:
+        try:
+            body = request.get(url, token, within)
+        except BaseException as exc:  # every outcome is the awaiting caller's
+            _settle_threadsafe(loop, answer, None, exc)
+        else:
+            _settle_threadsafe(loop, answer, body, None)
+
+    threading.Thread(target=run, name="eventbus-consumer-page", daemon=True).start()
     try:
-        return await asyncio.to_thread(request.get, url, token, within)
+        return await asyncio.wait_for(answer, within)
     finally:
-        deadline.cancel()
-        request.cut()  # cancelled (the consumer closed): the thread ends now, too
+        request.cut()  # late, or cancelled (the consumer closed): the thread ends now, too
+
+
+def _settle_threadsafe(
+    loop: asyncio.AbstractEventLoop,
+    answer: asyncio.Future[bytes],
+    body: bytes | None,
+    error: BaseException | None,
+) -> None:
+    """Hand a page request's outcome to the loop; nothing when nobody waits for it any more
+    (the caller timed out or was cancelled, or the loop has closed)."""
+
+    def settle() -> None:
+        if answer.done():
+            return
+        if error is not None:
+            answer.set_exception(error)
+        else:
+            answer.set_result(body)  # type: ignore[arg-type]
+
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+        loop.call_soon_threadsafe(settle)
 
 
 class PageRequest:

@@ -18,6 +18,7 @@ import shutil
 import socket
 import sqlite3
 import tempfile
+import threading
 import urllib.error
 import zlib
 from dataclasses import replace
@@ -1676,6 +1677,53 @@ async def catching_up_from(url: str, token: str | None = None):
     consumer._states[1].subscribe_message()
     await consumer._on_frame(ws, too_far_behind(1, 5000))  # type: ignore[arg-type]
     return consumer, subscription
+
+
+@contextlib.contextmanager
+def a_resolver_that_does_not_answer(monkeypatch: pytest.MonkeyPatch):
+    """Host name lookups (``socket.getaddrinfo``) block until the ``with`` ends, as with a DNS
+    server that never answers; yields an Event set once a lookup is waiting."""
+    waiting, released = threading.Event(), threading.Event()
+
+    def getaddrinfo(*args: object, **kwargs: object) -> list:
+        waiting.set()
+        released.wait(30)
+        raise socket.gaierror(socket.EAI_AGAIN, "the resolver did not answer")
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    try:
+        yield waiting
+    finally:
+        released.set()
+
+
+async def test_a_catch_up_page_whose_host_name_lookup_hangs_ends_at_open_timeout(monkeypatch):
+    """The page's deadline shut its sockets down, but a lookup has none: a resolver that did not
+    answer held the catch-up (and the project silent) for as long as the resolver's own
+    timeouts, which the consumer does not set. Now the page ends at ``open_timeout`` (0.5 s
+    here) all the same, and the resync is surfaced."""
+    with a_resolver_that_does_not_answer(monkeypatch) as waiting:
+        consumer, subscription = await catching_up_from("http://gateway.example:8765")
+        async with asyncio.timeout(5) as bound:
+            await asyncio.gather(*consumer._helpers)
+        assert not bound.expired() and waiting.is_set()
+        assert drain(subscription) == [Resync(1, ResyncReason.TOO_FAR_BEHIND, EPOCH, 5000)]
+
+
+def test_asyncio_run_does_not_wait_for_a_page_whose_host_name_lookup_hangs(monkeypatch):
+    """A program's ``asyncio.run`` waits for the default executor's threads on exit, and the
+    page's lookup ran in one: a consumer's program did not end while the resolver hung."""
+    from consumer.pages import read_page
+
+    async def main() -> None:
+        with pytest.raises(TimeoutError):
+            await read_page("http://gateway.example:8765/v1/projects/1/events", None, 0.2)
+
+    with a_resolver_that_does_not_answer(monkeypatch):
+        program = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+        program.start()
+        program.join(10)
+        assert not program.is_alive()
 
 
 @pytest.mark.parametrize(
