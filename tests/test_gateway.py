@@ -1876,10 +1876,10 @@ async def test_a_close_behind_unsent_frames_to_a_client_that_reads_nothing_frees
     asyncio's write-buffer marks, and the client neither reads nor sends anything more: its
     close frame never goes out, nor does the client's. The socket is dropped CLOSE_TIMEOUT
     after the close, so it does not hold its place in --max-connections for ever."""
-    import itertools
     import socket
 
     from gateway.websocket import CLOSE_TIMEOUT
+    from tests.support.gateway_client import publish_until_unsent
 
     # Nothing else may end it first: a long stall timeout, a limit above what is published.
     gateway = await gateways(outbound_limit=16 * 2**20, stall_timeout=60.0)
@@ -1895,21 +1895,7 @@ async def test_a_close_behind_unsent_frames_to_a_client_that_reads_nothing_frees
         stalled.writer.transport.pause_reading()  # it reads nothing more from here on
         (session,) = gateway.sessions
         transport = session.transport
-        # One event at a time, until the first one left (partly) unsent: a few hundred bytes.
-        async with asyncio.timeout(20):
-            for n in itertools.count(1):
-                if transport.get_write_buffer_size():
-                    break
-                published = gateway.metrics.deliveries_total + 1
-                await publisher.publish_many(
-                    [
-                        BlockerResolved(
-                            project_id=13, blocker_id=n, answer="x" * 200, resolved_at=utc_now()
-                        )
-                    ]
-                )
-                while gateway.metrics.deliveries_total < published:  # noqa: ASYNC110
-                    await asyncio.sleep(0.005)
+        await publish_until_unsent(gateway, publisher, 13, transport)
         assert transport.get_write_buffer_size() < 4096  # far under asyncio's high-water mark
         gateway.clients.expire(session)  # what the expiry wheel does at the token's exp
         assert session.closing

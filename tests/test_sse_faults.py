@@ -18,7 +18,7 @@ from publisher import issue_token
 from schemas.events import BlockerResolved, utc_now
 from schemas.keys import Keys
 from tests.support.gateway_client import SECRET as INPROC_SECRET
-from tests.support.gateway_client import publish
+from tests.support.gateway_client import publish, publish_until_unsent
 from tests.support.gateway_process import GatewayGroup, GatewayProcess
 from tests.support.redis_server import RedisServer
 from tests.support.sse_client import ResumingSseClient, Stream, open_stream
@@ -278,20 +278,7 @@ async def test_a_stream_closed_while_its_client_reads_nothing_still_frees_its_so
         await wait_until(lambda: gateway.hub.subscriptions == 1, 5, "the subscription")
         (session,) = gateway.sessions
         transport = session.transport
-        # One event at a time, until the first one left (partly) unsent: a few hundred bytes,
-        # far under asyncio's write-buffer marks.
-        for n in range(1, 1000):
-            if transport.get_write_buffer_size():
-                break
-            published = gateway.metrics.deliveries_total + 1
-            await publisher.publish_many(
-                [
-                    BlockerResolved(
-                        project_id=12, blocker_id=n, answer="x" * 200, resolved_at=utc_now()
-                    )
-                ]
-            )
-            await wait_until(lambda p=published: gateway.metrics.deliveries_total >= p, 5, "it")
+        await publish_until_unsent(gateway, publisher, 12, transport)
         assert 0 < transport.get_write_buffer_size() < 4096
         gateway.clients.expire(session)  # what the expiry wheel does at the token's exp
         assert session.closing and transport.is_closing()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 from collections import defaultdict
 from collections.abc import Callable
@@ -209,6 +210,30 @@ async def client_for(gateway, projects="*", **kwargs) -> RecordingClient:
 
 async def publish(publisher, project_id: int, count: int) -> None:
     await publisher.publish_many(event(project_id, n + 1) for n in range(count))
+
+
+async def publish_until_unsent(gateway, publisher, project_id: int, transport) -> None:
+    """Publish one event of ``project_id`` at a time, each awaited until the in-process
+    ``gateway`` delivered it, until ``transport`` (a session's, whose client reads nothing) holds
+    bytes it could not send: a few hundred, far under asyncio's write-buffer marks. Give the
+    client a small receive buffer and the gateway's listeners a small send buffer, or the
+    kernel's buffers take thousands of events first."""
+    from schemas.events import BlockerResolved, utc_now
+
+    async with asyncio.timeout(20):
+        for n in itertools.count(1):
+            if transport.get_write_buffer_size():
+                return
+            published = gateway.metrics.deliveries_total + 1
+            await publisher.publish_many(
+                [
+                    BlockerResolved(
+                        project_id=project_id, blocker_id=n, answer="x" * 200, resolved_at=utc_now()
+                    )
+                ]
+            )
+            while gateway.metrics.deliveries_total < published:  # noqa: ASYNC110 - no event
+                await asyncio.sleep(0.005)
 
 
 # --- a raw WebSocket client, for clients that read slowly or not at all ----------------------
