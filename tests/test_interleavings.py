@@ -802,3 +802,38 @@ async def test_a_resume_that_read_the_new_epoch_is_not_told_to_resync_again(
     assert late.seqs(project) == [1, 2]
     await keeper.close()
     await late.close()
+
+
+async def test_a_client_resynced_into_the_new_epoch_ahead_of_the_feed_gets_its_events_not_a_resync(
+    gateways, publisher, redis_client
+):
+    """Redis restarted empty; a client resumes on a pod whose feed has not noticed yet. Its own
+    read creates the new history and tells it ``resync_required(epoch_changed)`` at 0. Then 37
+    events are published: the feed, still in the old epoch, learns of the new one from them and
+    resyncs its subscribers to where it found the top. That resync is about the feed's old
+    cursor, not this client's: the client stands in the new history at 0 and the stream holds
+    1..37, so it gets exactly them, in order, once, and no second ``resync_required`` (which
+    would also name as "changed" the epoch it has)."""
+    from tests.support.gateway_client import client_for, publish
+
+    project = 6
+    gateway = await gateways(reconcile_interval=3600)  # the feed learns only from the channel
+    keeper = await client_for(gateway, [project])
+    await keeper.subscribe(project)
+    await publish(publisher, project, 3)
+    await keeper.wait_for(lambda: keeper.seqs(project) == [1, 2, 3])
+    old_epoch = keeper.cursor(project)[0]
+    redis_client.flushall()  # what a restarted, empty Redis holds
+    late = await client_for(gateway, [project])
+    await late.subscribe(project, epoch="an-older-epoch", after=7)
+    (told,) = late.of("resync_required")
+    assert told["reason"] == "epoch_changed" and told["epoch"] != old_epoch
+    assert told["seq"] == 0
+    await publish(publisher, project, 37)
+    # The keeper, live on the feed, is moved to the new epoch by the feed's own resync.
+    await keeper.wait_for(lambda: keeper.cursor(project) == (told["epoch"], 37))
+    await late.wait_for(lambda: late.cursor(project) == (told["epoch"], 37))
+    assert late.count("resync_required", project) == 1, late.of("resync_required")
+    assert late.seqs(project) == list(range(1, 38))
+    await keeper.close()
+    await late.close()

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway import sequencing
 from gateway.frames import text_frame
 from gateway.sequencing import (
     LOST,
@@ -15,6 +16,7 @@ from gateway.sequencing import (
     SKIP,
     FeedSequencer,
     Joiner,
+    Resync,
     Snapshot,
     Step,
     plan_poll,
@@ -264,8 +266,65 @@ class TestJoiner:
         assert not joiner.offer_resync("new", 1, "resync")  # it would get 2 again after it
         assert (joiner.epoch, joiner.threshold) == ("new", 2)
         assert joiner.offer("new", 2, "g2") == (False, True)
-        assert joiner.offer_resync("new", 5, "resync")  # past it: it missed 3..5
-        assert (joiner.epoch, joiner.threshold) == ("new", 5)
+        # Past it: the feed's resync is about where the feed stood; the client stands in this
+        # history at 2 and reads 3..5 from it (below).
+        assert joiner.offer_resync("new", 5, "resync") == sequencing.CATCH_UP
+        assert joiner.catch_up_from() == ("new", 2, None)
+
+    def test_a_feed_resync_past_a_joiner_in_its_own_history_is_a_read_from_the_joiner_cursor(self):
+        """Redis restarted empty; a connection's own read created the new epoch and told the
+        client ``resync_required(epoch_changed)`` at ``("new", 0)``, ahead of the feed (still
+        in the old epoch). Events 1..37 are published; the feed learns of the new epoch from 37
+        (it missed 1..36: its pub/sub link was down) and resyncs its subscribers to 37. That
+        resync is about the feed's old cursor: the client, at ``("new", 0)``, is owed 1..37,
+        exactly once and in order, which its own history still holds. So the connection is not
+        told to resync a second time (nor that the epoch it has changed): it reads from its own
+        cursor, like a resume, and the feed's resync is kept behind that read (sent only if the
+        read does not answer)."""
+        feed = started("old", 3)
+        joiner: Joiner[str] = Joiner()
+        assert joiner.start_live("new", 0, None, feed=(feed.epoch, feed.last)) == []
+        assert feed.on_live("new", 37, frame(37)).needs_read
+        feed.begin_read()
+        step = feed.on_read(Snapshot("new", 37, top_tag="t37"), limit=1000)
+        assert step.resync == Resync(ResyncReason.EPOCH_CHANGED, "new", 37, "t37")
+        verdict = joiner.offer_resync("new", 37, "resync")
+        assert verdict != SEND  # it was sent: the client reloaded a second time, missing 1..37
+        assert verdict == sequencing.CATCH_UP
+        assert joiner.catch_up_from() == ("new", 0, None)
+        assert not joiner.caught_up("new", 37)  # it waits for its read
+        assert joiner.offer("new", 38, "f38") == (SKIP, False)  # captured meanwhile
+        # The read answers 1..37 (a replay, planned as for a resume), top 37: the feed's
+        # resync is behind it, 38 follows.
+        plan = plan_subscription("new", 0, Snapshot("new", 38, entries(1, 38)), 1000)
+        assert [s for s, _ in plan.replay] == list(range(1, 39)) and plan.resync is None
+        assert joiner.start_live(plan.epoch, plan.seq, plan.tag, feed=("new", 38)) == []
+        joiner = Joiner()
+        joiner.start_live("new", 0)
+        assert joiner.offer_resync("new", 37, "resync") == sequencing.CATCH_UP
+        joiner.offer("new", 38, "f38")
+        assert joiner.start_live("new", 37, feed=("new", 38)) == ["f38"]
+        assert joiner.caught_up("new", 38)
+
+    def test_a_joiner_whose_own_read_does_not_answer_gets_the_feeds_resync(self):
+        """Never silence: when the connection's read fails (Redis unavailable), it stays where
+        it stood and the feed's resync, captured first, is sent as it was before."""
+        joiner: Joiner[str] = Joiner()
+        joiner.start_live("new", 0)
+        assert joiner.offer_resync("new", 37, "resync") == sequencing.CATCH_UP
+        joiner.offer("new", 38, "f38")
+        assert joiner.start_live("new", 0, feed=("new", 38)) == ["resync", "f38"]
+        assert joiner.caught_up("new", 38)
+
+    def test_only_a_resync_in_the_joiners_own_history_is_read_for(self):
+        """Another epoch, or ``history_lost`` (the history the client read was rewritten),
+        is the client's own resync: sent at once, as before."""
+        joiner: Joiner[str] = Joiner()
+        joiner.start_live("new", 0)
+        assert joiner.offer_resync("newer", 5, "resync") == SEND
+        assert joiner.offer_resync("newer", 9, "lost", lost=True) == SEND
+        assert (joiner.epoch, joiner.threshold) == ("newer", 9)
+        assert joiner.catch_up_from() is None
 
     def test_a_captured_resync_the_read_is_past_is_not_passed_on(self):
         joiner = Joiner()
