@@ -45,6 +45,7 @@ from gateway.logs import describe, get_logger
 from gateway.metrics import Metrics
 from gateway.pubsub import PubSubLink
 from gateway.sequencing import (
+    CATCH_UP,
     LOST,
     SEND,
     FeedSequencer,
@@ -378,9 +379,14 @@ class Hub:
             self.metrics.resyncs_total += len(feed.live)
         lost = resync.reason is ResyncReason.HISTORY_LOST
         for session, joiner in list(feed.joining.items()):
-            if joiner.offer_resync(resync.epoch, resync.seq, item, lost=lost):
+            verdict = joiner.offer_resync(resync.epoch, resync.seq, item, lost=lost)
+            if verdict == SEND:
                 self.metrics.resyncs_total += 1
                 session.send(item)
+            elif verdict == CATCH_UP:
+                cursor = joiner.catch_up_from()
+                assert cursor is not None
+                spawn(self._catch_up(feed, session, joiner, cursor))
             self._promote_if_caught_up(feed, session, joiner)
 
     def _joiner(self) -> Joiner[Outgoing]:
@@ -781,10 +787,13 @@ class Hub:
         tag: str | None,
         snapshot: Snapshot,
         prebuilt: bool = False,
+        *,
+        acknowledge: bool = True,
     ) -> None:
         """``prebuilt``: the snapshot's entries are a window's ``(seq, item, size)`` triples,
         whose items are the :class:`Outgoing` frames the feed delivered; a replay from them is
-        built once per cursor and kept as the window's memo (:class:`Replay`)."""
+        built once per cursor and kept as the window's memo (:class:`Replay`). ``acknowledge``:
+        send ``subscribed`` (not for a connection subscribed already, :meth:`_catch_up`)."""
         # Synchronous from here on: nothing can be delivered to the feed in between.
         replay: Replay | None = None
         if prebuilt and not other_event_at_cursor(after, tag, snapshot):
@@ -823,7 +832,7 @@ class Hub:
             )
         if replay is not None:
             session.send(replay.subscribed)
-        else:
+        elif acknowledge:
             session.send_message(_subscribed(feed.project_id, plan))
         sequencer = feed.sequencer
         for item in joiner.start_live(
@@ -837,6 +846,45 @@ class Hub:
             # reads, and resyncs everyone, the connection included.
             self._start_reader(feed)
         self._promote_if_caught_up(feed, session, joiner)
+
+    async def _catch_up(
+        self, feed: Feed, session: Session, joiner: Joiner, cursor: tuple[str, int, str | None]
+    ) -> None:
+        """A joining connection that the feed's resync passed in the connection's own history
+        (:data:`~gateway.sequencing.CATCH_UP`): read that history after its cursor, as a resume
+        would, and send what the read plans (the events it missed, or a resync of its own with
+        its own reason), without a second ``subscribed``. When Redis does not answer, the
+        connection stays where it stood and is sent the feed's resync, as before: never
+        silence. The wait ends early, as a subscribe's does, when the subscription ends."""
+        if feed.joining.get(session) is not joiner:
+            return  # ended before this task started
+        epoch, after, tag = cursor
+        snapshot = None
+        wait = asyncio.timeout(self.subscribe_timeout)
+        try:
+            async with wait:
+                feed.waits[session] = wait
+                snapshot = await self.store.snapshot(feed.project_id, epoch, after, self.max_replay)
+        except (TimeoutError, StoreUnavailable, ProjectUnreadable) as exc:
+            if feed.joining.get(session) is joiner:  # (else the subscription ended the wait)
+                log.warning("catch-up read failed", project_id=feed.project_id, error=describe(exc))
+        finally:
+            if feed.waits.get(session) is wait:
+                del feed.waits[session]
+            del wait  # see subscribe
+        if feed.joining.get(session) is not joiner or self.feeds.get(feed.project_id) is not feed:
+            return  # unsubscribed, closed, or the feed failed or was released meanwhile
+        if snapshot is None:
+            sequencer = feed.sequencer
+            for item in joiner.start_live(
+                epoch, after, tag, feed=(sequencer.epoch, sequencer.last)
+            ):
+                if item.kind:
+                    self.metrics.resyncs_total += 1
+                session.send(item)
+            self._promote_if_caught_up(feed, session, joiner)
+            return
+        self._go_live(feed, session, joiner, epoch, after, tag, snapshot, acknowledge=False)
 
     def unsubscribe(self, session: Session, project_id: int) -> bool:
         """Stop a subscription; False if the session did not have it."""

@@ -317,6 +317,9 @@ _EVENT, _RESYNC, _LOST = 0, 1, 2  # what a Joiner captured: an event, a resync, 
 #: What a Joiner says of a frame the feed delivers: drop it, send it, or tell the client its
 #: history was rewritten (:attr:`Joiner.tag`).
 SKIP, SEND, LOST = 0, 1, 2
+#: What a Joiner says of a resync of the feed past where the connection stands in the same
+#: history: read that history after the connection's cursor (:meth:`Joiner.catch_up_from`).
+CATCH_UP = 3
 
 
 class Joiner(Generic[T]):
@@ -333,6 +336,15 @@ class Joiner(Generic[T]):
     then about what the feed missed, not the connection: it is not passed on (the client would
     reload its state again for nothing, and receive again the events it has after that
     cursor). Except ``history_lost``: the history the connection read was itself rewritten.
+
+    A resync of the feed to a later cursor of the connection's history (not ``history_lost``)
+    is about what the feed could not read from where *it* stood (an epoch it had not seen yet,
+    a trimmed gap): the connection's own events after its cursor may all be there. It is not
+    sent: the connection reads them itself, from its cursor (:meth:`catch_up_from`, tag
+    included), like a resume, capturing the feed's frames again meanwhile, with the feed's
+    resync first (:data:`CATCH_UP`). :meth:`start_live` then takes the read's answer (the
+    feed's resync is behind it, or still ahead of it and sent), or, when the read failed, the
+    cursor the connection stood at (the resync is sent, as it would have been at once).
 
     Ahead of the feed, the read may also have found events that a Redis failover then lost: the
     feed later delivers other events under those numbers. ``tag`` is the tag of the event the
@@ -382,17 +394,33 @@ class Joiner(Generic[T]):
     def _diverges(self, item: T) -> bool:
         return self.tag is not None and self.tag_of is not None and self.tag_of(item) != self.tag
 
-    def offer_resync(self, epoch: str, seq: int, item: T, *, lost: bool = False) -> bool:
-        """A resync of the whole feed (``lost``: history_lost): True when it must be sent now
-        (else it was captured, or the connection stands at or past it already)."""
+    def offer_resync(self, epoch: str, seq: int, item: T, *, lost: bool = False) -> int:
+        """A resync of the whole feed (``lost``: history_lost): :data:`SEND` it now,
+        :data:`SKIP` it (captured, or the connection stands at or past it already), or
+        :data:`CATCH_UP`: it passes the connection in the connection's own history, which is
+        read from :meth:`catch_up_from` (see the class doc) before anything more is sent."""
         if self.buffer is not None:
             self.buffer.append((epoch, seq, item, _LOST if lost else _RESYNC))
-            return False
+            return SKIP
         self.ahead = False  # the feed has moved: it stands where it says
         if self._past(epoch, seq, lost):
-            return False
-        self.epoch, self.threshold, self.tag = epoch, seq, None  # where the feed stands now
-        return True
+            return SKIP
+        if not lost and epoch == self.epoch:
+            self.buffer = [(epoch, seq, item, _RESYNC)]
+            return CATCH_UP
+        self.epoch, self.threshold, self.tag = epoch, seq, self._tag(item)  # where the feed is
+        return SEND
+
+    def catch_up_from(self) -> tuple[str, int, str | None] | None:
+        """After :data:`CATCH_UP`, until :meth:`start_live`: the cursor to read the connection's
+        history after, ``(epoch, seq, tag of the event there when known)``."""
+        if self.buffer is None or self.epoch is None:
+            return None
+        return self.epoch, self.threshold, self.tag
+
+    def _tag(self, item: T) -> str | None:
+        """The tag of the event at an item's cursor (an event's own, a resync's), if known."""
+        return self.tag_of(item) if self.tag_of is not None else None
 
     def _past(self, epoch: str | None, seq: int, lost: bool) -> bool:
         return not lost and epoch == self.epoch and seq <= self.threshold
@@ -417,7 +445,8 @@ class Joiner(Generic[T]):
                 self.ahead = False  # the feed has moved: it stands where it says
                 if not self._past(item_epoch, item_seq, kind == _LOST):
                     out.append(item)
-                    self.epoch, self.threshold, self.tag = item_epoch, item_seq, None
+                    self.epoch, self.threshold = item_epoch, item_seq
+                    self.tag = self._tag(item)
             elif item_epoch == self.epoch and item_seq > self.threshold:
                 if self.ahead or item_seq != self.threshold + 1:
                     # It follows events the read did not see: the feed was past the start
@@ -425,11 +454,11 @@ class Joiner(Generic[T]):
                     self.ahead = True
                     continue
                 out.append(item)
-                self.threshold, self.tag = item_seq, None
+                self.threshold, self.tag = item_seq, self._tag(item)
             elif item_epoch == self.epoch and item_seq == self.threshold and self._diverges(item):
                 assert self.lost is not None  # set with tag_of
                 out.append(self.lost(item_epoch, item_seq, item))
-                self.tag = None
+                self.tag = self._tag(item)  # the client reloads, this event included
         if feed is not None and not self.ahead:
             feed_epoch, feed_last = feed
             self.ahead = (

@@ -21,7 +21,7 @@ from gateway.hub import Feed, Hub
 from gateway.metrics import Metrics
 from gateway.sequencing import Snapshot
 from gateway.session import SlowConsumerPolicy
-from gateway.store import ProjectUnreadable
+from gateway.store import ProjectUnreadable, StoreUnavailable
 from gateway.websocket import WebSocketSession as Session
 from schemas.keys import Keys
 from schemas.stored import Meta
@@ -494,6 +494,67 @@ async def test_a_resync_captured_while_joining_is_counted_when_it_is_sent() -> N
     await next_iteration()
     assert received(first) == ["subscribed", "resync_required"]
     assert received(second) == [2, 3, "subscribed", "resync_required"]
+    assert hub.metrics.resyncs_total == 2
+
+
+class FlakyStore(OrderedStore):
+    """An OrderedStore whose reads after the cursor ``failing`` fail (Redis unavailable)."""
+
+    failing: int | None = None
+
+    async def snapshot(self, project_id, epoch=None, after=None, limit=0) -> Snapshot:
+        if after is not None and after == self.failing:
+            self.reads += 1
+            raise StoreUnavailable("connection refused")
+        return await super().snapshot(project_id, epoch, after, limit)
+
+
+async def joined_ahead_of_a_trimmed_gap(store: OrderedStore) -> tuple[Hub, Session, Session]:
+    """``first`` live at 3; ``second`` resumed from 1 and read up to 6, ahead of the feed (4..6
+    still in flight), so it is still joining; then 4 is trimmed, 12 arrives, and the feed,
+    which cannot fill its gap at 4, resyncs everyone to 12 (``history_trimmed``)."""
+    hub = await hub_with(store, window_events=0)  # every subscribe reads
+    first, second = session_of(hub), session_of(hub)
+    await hub.subscribe(first, PROJECT, None, None)
+    store.top = 6
+    await hub.subscribe(second, PROJECT, EPOCH, 1)
+    assert second in hub.feeds[PROJECT].joining
+    store.top, store.first = 12, 5
+    live(hub, 12)
+    await reader_done(hub)
+    return hub, first, second
+
+
+async def test_a_feed_resync_past_a_joining_connection_is_its_own_read_from_its_cursor() -> None:
+    """The feed's ``history_trimmed`` is about the gap at 4 after *its* cursor (3). The joining
+    connection stands at 6 and its own history still holds 7..12: it gets them, once, in order,
+    after the events of its resume, and no ``resync_required`` (nor a second ``subscribed``)."""
+    store = OrderedStore(top=3)
+    hub, first, second = await joined_ahead_of_a_trimmed_gap(store)
+    await until(lambda: second in hub.feeds[PROJECT].live)
+    await next_iteration()
+    assert received(first) == ["subscribed", "resync_required"]
+    assert received(second) == [2, 3, 4, 5, 6, "subscribed", *range(7, 13)]
+    live(hub, 13)
+    await next_iteration()
+    assert received(first)[-1:] == received(second)[-1:] == [13]
+    assert hub.metrics.resyncs_total == 1
+
+
+async def test_a_joining_connection_whose_own_read_fails_gets_the_feeds_resync() -> None:
+    """Never silence: when Redis does not answer the connection's read, it is sent the feed's
+    resync (as it was before it read for itself) and goes live from there."""
+    store = FlakyStore(top=3)
+    store.failing = 6  # the connection's read, after its cursor 6; the feed's is after 3
+    hub, first, second = await joined_ahead_of_a_trimmed_gap(store)
+    await until(lambda: second in hub.feeds[PROJECT].live)
+    await next_iteration()
+    assert received(second) == [2, 3, 4, 5, 6, "subscribed", "resync_required"]
+    resync = second.transport.messages()[-1]
+    assert (resync["reason"], resync["seq"]) == ("history_trimmed", 12)
+    live(hub, 13)
+    await next_iteration()
+    assert received(first)[-1:] == received(second)[-1:] == [13]
     assert hub.metrics.resyncs_total == 2
 
 
