@@ -15,7 +15,9 @@ Joining (gapless subscribe): the connection is registered first, so every frame 
 from then on is captured; then the pod makes sure it is subscribed to the channel; then one atomic
 read gives the history after the client's cursor and the top. The client is sent the replay, then
 ``subscribed``, then the captured frames after the top, and goes live. No frame can fall between
-the read and the capture, and duplicates are dropped by sequence number.
+the read and the capture, and duplicates are dropped by sequence number. A resync of the feed
+that passes a joining connection in the connection's own history is about the feed's cursor:
+the connection reads again from its own (:meth:`Hub._catch_up`) instead of reloading.
 
 Resuming from memory: each feed keeps the frames it delivered last in a
 :class:`~gateway.window.ResumeWindow` (``window_events`` per feed, ``window_bytes`` for the whole

@@ -541,6 +541,42 @@ async def test_a_feed_resync_past_a_joining_connection_is_its_own_read_from_its_
     assert hub.metrics.resyncs_total == 1
 
 
+class TrimmingStore(OrderedStore):
+    """An OrderedStore whose retention trims up to ``trim_to`` right after the read after 3
+    (the feed's) is answered: the joining connection's read, which follows it, finds its own
+    events gone too."""
+
+    trim_to = 9
+
+    def __init__(self, top: int) -> None:
+        super().__init__(top)
+        self.afters: list[int | None] = []  # the cursor of each read, in order
+
+    async def snapshot(self, project_id, epoch=None, after=None, limit=0) -> Snapshot:
+        self.afters.append(after)
+        snapshot = await super().snapshot(project_id, epoch, after, limit)
+        if after == 3 and self.top == 12:
+            self.first = self.trim_to
+        return snapshot
+
+
+async def test_a_joining_connection_whose_own_events_are_trimmed_is_told_so_once() -> None:
+    """Where the connection's own history no longer holds what it is owed (7 and 8 trimmed by
+    the time it reads), its read says so: one ``resync_required(history_trimmed)`` to the top,
+    then live, as a resume from 6 would be told."""
+    store = TrimmingStore(top=3)
+    hub, first, second = await joined_ahead_of_a_trimmed_gap(store)
+    await until(lambda: second in hub.feeds[PROJECT].live)
+    await next_iteration()
+    assert received(second) == [2, 3, 4, 5, 6, "subscribed", "resync_required"]
+    resync = second.transport.messages()[-1]
+    assert (resync["reason"], resync["seq"]) == ("history_trimmed", 12)
+    assert store.afters[-2:] == [3, 6]  # the feed's read, then the connection's own
+    live(hub, 13)
+    await next_iteration()
+    assert received(first)[-1:] == received(second)[-1:] == [13]
+
+
 async def test_a_joining_connection_whose_own_read_fails_gets_the_feeds_resync() -> None:
     """Never silence: when Redis does not answer the connection's read, it is sent the feed's
     resync (as it was before it read for itself) and goes live from there."""
