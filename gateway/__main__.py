@@ -185,22 +185,56 @@ async def supervise(config: GatewayConfig, workers: int, argv: list[str]) -> int
     # The workers bind with SO_REUSEPORT, which would let them join any other process of this
     # user listening there (another group started by mistake): refuse a port in use, as a single
     # gateway does. With port 0, choose the port once here: every worker must bind the same one.
-    with socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET) as probe:
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    with socket.socket(family) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((config.host, config.port))
         except OSError as exc:
             sys.stderr.write(f"python -m gateway: port {config.port}: {exc.strerror}\n")
             return 1
+        port = probe.getsockname()[1]
         if config.port == 0:
-            command += ["--port", str(probe.getsockname()[1])]
-    supervisor = Supervisor(
-        command,
-        workers,
-        drain_timeout=config.drain_delay + config.drain_timeout,
-        worker_timeout=config.worker_timeout,
-    )
-    return await supervisor.run()
+            command += ["--port", str(port)]
+    reservation = reserve_port(family, config.host, port)
+    try:
+        supervisor = Supervisor(
+            command,
+            workers,
+            drain_timeout=config.drain_delay + config.drain_timeout,
+            worker_timeout=config.worker_timeout,
+        )
+        return await supervisor.run()
+    finally:
+        if reservation is not None:
+            reservation.close()
+
+
+def reserve_port(family: socket.AddressFamily, host: str, port: int) -> socket.socket | None:
+    """A socket bound to the group's port for the supervisor's whole life, never listening (it
+    gets no connection): the port check above then fails for another group started meanwhile.
+
+    Without it the port was the group's only while a worker listened: a second group started
+    while the first one's workers were still starting, or all being restarted, passed the check
+    and its workers joined the first one's on the port (SO_REUSEPORT), each group getting a
+    share of the other's connections. Bound with SO_REUSEPORT alone: the workers (same user,
+    SO_REUSEPORT) bind beside it, a check or a single gateway (SO_REUSEADDR) does not. None,
+    logged, when the kernel refuses it: the port is free but holds TIME_WAIT connections of a
+    process that listened without SO_REUSEPORT (a single gateway stopped less than a minute
+    ago); the group then runs as before, its port its own only while a worker listens."""
+    holder = socket.socket(family)
+    try:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind((host, port))
+    except OSError as exc:
+        holder.close()
+        get_logger("gateway").info(
+            "port not reserved for the group while no worker listens",
+            port=port,
+            error=describe(exc),
+        )
+        return None
+    return holder
 
 
 def tune_gc() -> None:

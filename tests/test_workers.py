@@ -476,6 +476,7 @@ def test_a_worker_whose_slot_is_held_exits_1_and_a_single_gateway_claims_nothing
 import json  # noqa: E402
 import pathlib  # noqa: E402
 import signal  # noqa: E402
+import socket  # noqa: E402
 import time  # noqa: E402
 import urllib.request  # noqa: E402
 
@@ -1516,3 +1517,64 @@ async def test_a_copy_of_a_workers_command_exits_1_and_the_group_serves_on(redis
         os.kill(pids["1"], signal.SIGKILL)
         await _worker_1_replaced(group, pids["1"])
         assert group.terminate(timeout=20) == 0
+
+
+async def test_a_second_group_on_the_port_is_refused_even_before_the_first_listens(
+    redis_url,
+) -> None:
+    """The port is the group's from its supervisor's start: a second group started while the
+    first one's workers are still starting (or all being restarted: nobody listens then) exits
+    1, instead of passing the port check and joining the first one's workers on the port
+    through SO_REUSEPORT, each group taking a share of the other's connections."""
+    first = GatewayProcess(redis_url, args=["--workers", "2", "--drain-timeout", "1"])
+    second = GatewayProcess(
+        redis_url, port=first.port, args=["--workers", "2", "--drain-timeout", "1"]
+    )
+    try:
+        first.start(wait=False)
+        await wait_until(
+            lambda: first.log_lines("workers starting"), 20, "the first group's supervisor"
+        )
+        second.start(wait=False)
+        assert second.process is not None
+        try:
+            code = second.process.wait(20)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"a second group runs on the port: {second.tail()}") from None
+        assert code == 1 and second.log_lines("port"), second.tail()
+        first.wait_ready()
+        assert first.terminate(timeout=20) == 0
+    finally:
+        second.close()
+        first.close()
+
+
+def test_the_port_reservation_lets_the_workers_listen_and_nothing_else() -> None:
+    from gateway.__main__ import reserve_port
+
+    def check_refused(port: int) -> None:  # the supervisor's port check, as supervise() binds
+        with socket.socket() as check:
+            check.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            with pytest.raises(OSError):
+                check.bind(("127.0.0.1", port))
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    reservation = reserve_port(socket.AF_INET, "127.0.0.1", port)
+    assert reservation is not None
+    try:
+        check_refused(port)  # no worker listening yet
+        with contextlib.ExitStack() as workers:
+            for _ in range(2):  # bound as asyncio binds with reuse_port
+                worker = workers.enter_context(socket.socket())
+                worker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                worker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                worker.bind(("127.0.0.1", port))
+                worker.listen()
+            check_refused(port)
+            for _ in range(10):  # the reservation gets no connection: none is refused
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        check_refused(port)  # every worker gone again
+    finally:
+        reservation.close()
