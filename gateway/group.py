@@ -15,7 +15,9 @@ files as it happens.
 Readiness: each worker publishes 1 in ``eventbus_worker_ready`` while it is ready; the group is
 ready when the live workers' sum equals the group's size, i.e. every worker is up and ready. A
 worker that is not running (dead, being restarted, or that could not be started) has no live
-value: the group is not ready until it runs and is ready again.
+value: the group is not ready until it runs and is ready again. A worker whose event loop stopped
+(SIGSTOP, a deadlock) still has one, written before it stopped: each value carries when it was
+written, and one older than :data:`READY_STALE` is not counted (:func:`count_ready`).
 
 Files are named after the worker's slot (``counter_worker1.db``), not its process id, so the
 process started in a dead worker's place takes over its files: its counters continue from the
@@ -51,6 +53,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import glob
+import json
 import os
 import stat
 import time
@@ -68,6 +71,7 @@ __all__ = [
     "SlotTaken",
     "SupervisorCounters",
     "claim_slot",
+    "count_ready",
     "metrics_identity",
     "read_group",
     "render_families",
@@ -75,6 +79,11 @@ __all__ = [
 
 #: Seconds a worker serves its last rendered ``/metrics`` body again (see the module docstring).
 RENDER_REUSE = 0.5
+#: Seconds after which a worker's readiness in the group's files no longer counts: each worker
+#: writes it once a second from its event loop, so an older value is a worker whose loop stopped
+#: (SIGSTOP, a deadlock, a CPU-bound bug; the longest stall measured in a reconnect storm was
+#: 0.5 s). Such a worker gets no connection answered, and its last value said ready for good.
+READY_STALE = 5.0
 
 log = get_logger("eventbus.group")
 
@@ -250,7 +259,11 @@ class GroupView:
                 self._foreign_synced[kind] = value
         for gauge, read in self._gauges.values():
             gauge.set(read())  # type: ignore[attr-defined]
-        self._ready.set(1 if ready else 0)
+        # With when it was written (the value's timestamp, unused by a livesum gauge otherwise):
+        # the readers count it only while it is fresh (count_ready). The monotonic clock is one
+        # clock for every process of the machine (Linux), and steps with no wall clock change.
+        value = self._ready._value  # type: ignore[attr-defined]
+        value.set(1.0 if ready else 0.0, timestamp=time.monotonic())
 
     def _collect(self) -> list:
         families, unreadable = read_group(self.directory)
@@ -271,7 +284,12 @@ class GroupView:
         if self._rendered is not None and now - self._rendered[0] < RENDER_REUSE:
             return self._rendered[1]
         self.sync(ready)
-        text, broken = render_families(self._collect())
+        families = self._collect()
+        ready_count = float(count_ready(self.directory, now))
+        for family in families:
+            if family.name == "eventbus_worker_ready":  # the fresh values only, as /readyz
+                family.samples = [sample._replace(value=ready_count) for sample in family.samples]
+        text, broken = render_families(families)
         for name in broken:
             self._warn_once("a group metric could not be rendered, skipped", name)
         self._rendered = (now, text)
@@ -295,13 +313,32 @@ class GroupView:
         ):
             return counted[1]
         self.sync(ready)
-        count = 0
-        for family in self._collect():
-            if family.name == "eventbus_worker_ready":
-                count = int(sum(sample.value for sample in family.samples))
-                break
+        count = count_ready(self.directory, now)
         self._ready_counted = (now, count)
         return count
+
+
+def count_ready(directory: str, now: float, stale_after: float = READY_STALE) -> int:
+    """How many workers' files in ``directory`` say ready, written less than ``stale_after``
+    seconds before ``now`` (``time.monotonic()``). A file that cannot be read counts nothing
+    (:func:`read_group` names it); a dead worker's is gone (its live gauges are removed)."""
+    from prometheus_client.mmap_dict import MmapedDict
+
+    count = 0
+    for path in glob.glob(os.path.join(glob.escape(directory), "gauge_livesum_*.db")):
+        try:
+            if not stat.S_ISREG(os.lstat(path).st_mode):  # a FIFO would block the event loop
+                continue
+            count += sum(
+                1
+                for key, value, written, _ in MmapedDict.read_all_values_from_file(path)
+                if json.loads(key)[0] == "eventbus_worker_ready"
+                and value == 1
+                and now - written < stale_after
+            )
+        except Exception:  # any way a file can be broken: struct, UTF-8, JSON, types
+            continue
+    return count
 
 
 def _set_aside_unreadable(directory: str, identity: str) -> list[str]:

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 
 import pytest
 
@@ -295,8 +296,8 @@ _PROBED = textwrap.dedent(
     from gateway.metrics import Metrics
 
     reads = []
-    read_group = gateway.group.read_group
-    gateway.group.read_group = lambda directory: reads.append(1) or read_group(directory)
+    count_ready = gateway.group.count_ready
+    gateway.group.count_ready = lambda *args: reads.append(1) or count_ready(*args)
     view = GroupView(Metrics(), workers=2, directory=sys.argv[1], worker_id="0")
     counts = {view.ready_workers(True) for _ in range(200)}  # a flood of /readyz probes
     flooded = len(reads)
@@ -314,6 +315,16 @@ def test_a_flood_of_readiness_probes_reads_the_group_once_per_render_reuse(tmp_p
     _run_worker(directory, connections=1, ready="ready", worker_id="1")  # the other worker
     out = _in_group(directory, _PROBED)
     assert out == ["1", "[2]", "1", "2"]
+
+
+def test_a_readiness_not_written_again_within_ready_stale_is_not_counted(tmp_path) -> None:
+    from gateway.group import READY_STALE, count_ready
+
+    directory = str(tmp_path)
+    _run_worker(directory, connections=1, ready="ready", worker_id="1")
+    written = time.monotonic()  # (at most this late: the worker wrote it and exited)
+    assert count_ready(directory, written) == 1
+    assert count_ready(directory, written + READY_STALE) == 0
 
 
 def test_the_group_view_adds_up_every_worker_and_readiness_needs_all(tmp_path) -> None:
@@ -1578,3 +1589,50 @@ def test_the_port_reservation_lets_the_workers_listen_and_nothing_else() -> None
         check_refused(port)  # every worker gone again
     finally:
         reservation.close()
+
+
+def _answered(request: Callable[[], object]) -> object | None:
+    """What ``request`` returned, or None when nobody answered (it reached a stopped worker)."""
+    try:
+        return request()
+    except OSError:
+        return None
+
+
+async def test_a_stopped_worker_is_not_counted_ready_by_the_others(redis_url) -> None:
+    """A worker whose event loop stopped (SIGSTOP here; a deadlock, a CPU-bound bug) leaves its
+    last readiness in the group's files: the other workers answered 200 for the group, every
+    worker ready, while a share of the new connections went unanswered, for as long as it was
+    stopped (with ``--worker-timeout 0``, for good). It is counted as not ready once its value is
+    older than ``gateway.group.READY_STALE``, and again ready once it runs."""
+    group = GatewayProcess(
+        redis_url, args=["--workers", "2", "--worker-timeout", "0", "--drain-timeout", "1"]
+    )
+    victim = 0
+    with group:
+        try:
+            victim = _worker_pids(group.port, 2)["1"]
+            os.kill(victim, signal.SIGSTOP)
+
+            def short_of_a_worker() -> bool:
+                answer = _answered(lambda: group.get("/readyz", timeout=1))
+                if answer is None:
+                    return False
+                status, body = answer
+                return status == 503 and json.loads(body)["checks"]["all_workers"] is False
+
+            await wait_until(short_of_a_worker, 15, "the group not ready")
+            await wait_until(
+                lambda: (
+                    (metrics := _answered(lambda: group.get("/metrics", timeout=1))) is not None
+                    and parse_metrics(metrics[1].decode()).get("eventbus_worker_ready") == 1
+                ),
+                10,
+                "one worker ready in the group's /metrics",
+            )
+            os.kill(victim, signal.SIGCONT)
+            group.wait_ready(15)
+            assert group.terminate(timeout=20) == 0
+        finally:
+            if victim and _alive(victim):  # never leave a stopped process holding the port
+                os.kill(victim, signal.SIGCONT)
