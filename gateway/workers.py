@@ -231,6 +231,9 @@ class Supervisor:
         self.killed_unresponsive = 0
         #: Attempts to start a worker that failed (each retried after a delay).
         self.start_failures = 0
+        #: Workers that exited during the stop otherwise than by draining (killed, crashed).
+        self.undrained = 0
+        self._killing = False  # the stop's deadline passed: the supervisor kills the rest
         self._counters: SupervisorCounters | None = None
         self._prctl = _load_prctl()
         self._unresponsive: set[int] = set()  # killed for that, not started again yet
@@ -418,6 +421,14 @@ class Supervisor:
                 self.liveness.forget(index)
                 self._unwatch(index)
             if self._stopping.is_set():
+                if code not in (0, -signal.SIGTERM) and not self._killing:
+                    # Killed by another (the OOM killer, a kill -9) or crashed while it drained:
+                    # its clients were cut. -SIGTERM is a worker signalled before it could
+                    # handle the signal (being started): it had no clients yet.
+                    self.undrained += 1
+                    log.error(
+                        "worker exited during the stop", worker=index, pid=process.pid, code=code
+                    )
                 return
             delay = self.policy.delay(index, time.monotonic() - started)
             self.restarts += 1
@@ -434,7 +445,8 @@ class Supervisor:
 
     async def _stop(self, keepers: list[asyncio.Task]) -> int:
         """SIGTERM every worker, wait for each keeper to see its worker exit (within the drain
-        timeout; a worker still running then is killed), and return 0, or 1 if one was killed.
+        timeout; a worker still running then is killed), and return 0, or 1 if one was killed
+        or exited otherwise than by draining (its keeper logs it).
 
         The keepers are what is waited for, not the workers known now: a worker being started
         when the signal came is registered only once it has started (its keeper then signals
@@ -449,6 +461,7 @@ class Supervisor:
         _, pending = await asyncio.wait(keepers, timeout=self.drain_timeout + EXIT_GRACE)
         killed = 0
         if pending:
+            self._killing = True  # (those are counted here, not as dying by themselves)
             for process in self.processes.values():
                 if process.returncode is None:
                     killed += 1
@@ -460,7 +473,7 @@ class Supervisor:
         if killed:
             log.error("workers killed after the drain timeout", killed=killed)
         log.info("workers stopped")
-        return 1 if killed else 0
+        return 1 if killed or self.undrained else 0
 
 
 def start_heartbeat(environ: dict[str, str] | None = None) -> asyncio.Task | None:

@@ -1636,3 +1636,41 @@ async def test_a_stopped_worker_is_not_counted_ready_by_the_others(redis_url) ->
         finally:
             if victim and _alive(victim):  # never leave a stopped process holding the port
                 os.kill(victim, signal.SIGCONT)
+
+
+async def test_a_worker_that_dies_during_the_drain_is_logged_and_the_exit_status_says_so() -> None:
+    """A worker killed (OOM killer, a ``kill -9``) or crashing while the group drains did not
+    drain: its clients were cut. The supervisor returned 0, as for a clean drain, and logged
+    nothing of it (its keeper returned at once). It is logged at error level with its status,
+    and the supervisor exits 1, as when it had to kill a worker itself."""
+    import structlog
+
+    from gateway.workers import Supervisor
+
+    supervisor = Supervisor(
+        [sys.executable, "-c", _draining_worker("await asyncio.sleep(30)")], 2, drain_timeout=30
+    )
+    with structlog.testing.capture_logs() as logs:
+        run = asyncio.create_task(supervisor.run())
+        await wait_until(
+            lambda: (
+                len(supervisor.processes) == 2
+                and all(
+                    _signal_mask(p.pid, "SigCgt") & (1 << (signal.SIGTERM - 1))
+                    for p in supervisor.processes.values()
+                )
+            ),
+            10,
+            "workers draining on SIGTERM",
+        )
+        supervisor.stop()
+        for process in supervisor.processes.values():  # (both: no 30 s drain in a test)
+            process.send_signal(signal.SIGKILL)
+        async with asyncio.timeout(10):
+            code = await run
+    died = [record for record in logs if record["event"] == "worker exited during the stop"]
+    assert sorted((r["log_level"], r["worker"], r["code"]) for r in died) == [
+        ("error", 0, -signal.SIGKILL),
+        ("error", 1, -signal.SIGKILL),
+    ], logs
+    assert code == 1
