@@ -50,7 +50,7 @@ def configure_logging(fmt: str = "auto", level: str = "info") -> None:
         # One write per line (print() makes two: the line, then its newline): workers of a group
         # share the output, and with PYTHONUNBUFFERED (the container image sets it) two lines
         # written at the same moment interleaved into one that no log collector could parse.
-        logger_factory=structlog.WriteLoggerFactory(sys.stderr),
+        logger_factory=structlog.WriteLoggerFactory(_Unfailing(sys.stderr)),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
     # Library loggers (websockets' handshake failures, redis-py) go through the same renderer.
@@ -61,6 +61,32 @@ def configure_logging(fmt: str = "auto", level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(numeric, logging.WARNING))
+
+
+class _Unfailing:
+    """The log output: a line that cannot be written is dropped, never raised to the code that
+    logs it.
+
+    stderr may be a pipe whose reader is gone (``eventbus-gateway | jq`` stopped with Ctrl-C,
+    whose reader dies first; a log shipper that crashed): every write then fails with EPIPE,
+    and a log line raised from wherever it was logged. The supervisor's ``stop signal`` line
+    came before the stop, so SIGTERM changed nothing and only SIGKILL ended the group. (The
+    stdlib loggers' handler drops such lines by itself.)"""
+
+    def __init__(self, file) -> None:
+        self._file = file
+
+    def write(self, text: str) -> None:
+        try:
+            self._file.write(text)
+        except (OSError, ValueError):  # EPIPE, EIO, ENOSPC; ValueError: the file was closed
+            pass
+
+    def flush(self) -> None:
+        try:
+            self._file.flush()
+        except (OSError, ValueError):
+            pass
 
 
 def _identity(_logger, _name, event_dict):

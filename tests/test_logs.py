@@ -82,3 +82,30 @@ def test_an_exception_without_a_message_is_logged_by_its_type():
     # periodic check must still say what went wrong, not `error=`.
     assert logs.describe(TimeoutError()) == "TimeoutError"
     assert logs.describe(ConnectionError("Connection refused")) == "Connection refused"
+
+
+def test_a_log_line_that_cannot_be_written_is_dropped_not_raised(monkeypatch):
+    # stderr a pipe whose reader is gone: every write fails with EPIPE, and the line raised from
+    # wherever it was logged (the supervisor's "stop signal" came before its stop).
+    import logging
+    import sys
+
+    class Gone:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))  # restored after the test
+    monkeypatch.setattr(sys, "stderr", Gone())
+    level, before = root.level, structlog.get_config()
+    try:
+        logs.configure_logging("json", "info")
+        logger = logs.get_logger("eventbus.test")
+        logger.info("stop signal", signal="SIGTERM")
+        logger.error("worker exited during the stop", code=-9)
+    finally:
+        structlog.configure(**before)
+        root.setLevel(level)

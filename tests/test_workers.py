@@ -1674,3 +1674,47 @@ async def test_a_worker_that_dies_during_the_drain_is_logged_and_the_exit_status
         ("error", 1, -signal.SIGKILL),
     ], logs
     assert code == 1
+
+
+def test_a_group_whose_log_reader_died_still_stops_on_sigterm(redis_url) -> None:
+    """The group's output is a pipe whose reader ended (``eventbus-gateway --workers 2 | jq``
+    stopped with Ctrl-C: the reader dies first; a log shipper that crashed). Every log line
+    then fails with EPIPE, and the supervisor's first one on SIGTERM (``stop signal``) raised
+    before the stop: the signal changed nothing, the group kept serving and only SIGKILL ended
+    it. A log line that cannot be written is dropped; the drain goes on."""
+    from gateway.workers import EXIT_GRACE
+    from tests.support.redis_server import free_port
+
+    port = free_port()
+    pids: dict[str, int] = {}
+    command = [
+        sys.executable, "-m", "gateway", "--no-auth", "--host", "127.0.0.1", "--port", str(port),
+        "--redis-url", redis_url, "--log-format", "json", "--workers", "2",
+        "--drain-timeout", "2",
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+    )
+    try:
+        assert process.stdout is not None
+        listening = 0
+        while listening < 2:
+            line = process.stdout.readline()
+            assert line, "the group exited"
+            listening += b'"gateway listening"' in line
+        pids = _worker_pids(port, 2)
+        process.stdout.close()  # the reader is gone
+        process.send_signal(signal.SIGTERM)
+        try:
+            code = process.wait(2 + EXIT_GRACE + 10)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("SIGTERM did not stop a group whose output is gone") from None
+        assert code == 0
+        assert all(_gone(pid) for pid in pids.values())
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+        for pid in pids.values():  # (their output is gone too: never leave one behind)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
