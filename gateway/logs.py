@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-import sys
 from typing import Any
 
 import structlog
 
+import serverkit.logs
 from serverkit import LogThrottle
 
 __all__ = [
@@ -20,83 +20,13 @@ __all__ = [
 
 
 def configure_logging(fmt: str = "auto", level: str = "info") -> None:
-    """Route structlog (and the stdlib loggers of websockets and redis) to stderr.
+    """Route structlog (and the stdlib loggers of websockets and redis) to stderr
+    (:func:`serverkit.logs.configure_logging`).
 
     ``fmt`` is ``json``, ``console`` or ``auto`` (console on a terminal, JSON otherwise).
     """
-    if fmt == "auto":
-        fmt = "console" if sys.stderr.isatty() else "json"
-    renderer = (
-        structlog.processors.JSONRenderer()
-        if fmt == "json"
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
-    )
-    numeric = logging.getLevelNamesMapping()[level.upper()]
     global _debug_enabled
-    _debug_enabled = numeric <= logging.DEBUG
-    shared = [
-        structlog.contextvars.merge_contextvars,
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-    ]
-    structlog.configure(
-        processors=[
-            *shared,
-            structlog.processors.StackInfoRenderer(),
-            structlog.processors.format_exc_info if fmt == "json" else _identity,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        # One write per line (print() makes two: the line, then its newline): workers of a group
-        # share the output, and with PYTHONUNBUFFERED (the container image sets it) two lines
-        # written at the same moment interleaved into one that no log collector could parse.
-        logger_factory=structlog.WriteLoggerFactory(_Unfailing(sys.stderr)),  # type: ignore[arg-type]
-        cache_logger_on_first_use=True,
-    )
-    # Library loggers (websockets' handshake failures, redis-py) go through the same renderer.
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        structlog.stdlib.ProcessorFormatter(processors=[*shared, _drop_meta, renderer])
-    )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(max(numeric, logging.WARNING))
-
-
-class _Unfailing:
-    """The log output: a line that cannot be written is dropped, never raised to the code that
-    logs it.
-
-    stderr may be a pipe whose reader is gone (``eventbus-gateway | jq`` stopped with Ctrl-C,
-    whose reader dies first; a log shipper that crashed): every write then fails with EPIPE,
-    and a log line raised from wherever it was logged. The supervisor's ``stop signal`` line
-    came before the stop, so SIGTERM changed nothing and only SIGKILL ended the group. (The
-    stdlib loggers' handler drops such lines by itself.)"""
-
-    def __init__(self, file) -> None:
-        self._file = file
-
-    def write(self, text: str) -> None:
-        try:
-            self._file.write(text)
-        except (OSError, ValueError):  # EPIPE, EIO, ENOSPC; ValueError: the file was closed
-            pass
-
-    def flush(self) -> None:
-        try:
-            self._file.flush()
-        except (OSError, ValueError):
-            pass
-
-
-def _identity(_logger, _name, event_dict):
-    return event_dict
-
-
-def _drop_meta(logger, name, event_dict):
-    event_dict.pop("_record", None)
-    event_dict.pop("_from_structlog", None)
-    return event_dict
+    _debug_enabled = serverkit.logs.configure_logging(fmt, level) <= logging.DEBUG
 
 
 def describe(exc: BaseException) -> str:

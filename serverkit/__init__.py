@@ -1,8 +1,12 @@
 """Process utilities of the project's servers: the gateway and the HTTP publish API.
 
 The neutral home of what both server processes need and neither may take from the other
-(``gateway`` and ``publisher`` never import each other): it depends on the standard library only,
-never on ``gateway`` or ``publisher``, as :mod:`redisconn` is for Redis clients.
+(``gateway`` and ``publisher`` never import each other): it depends on the standard library and
+structlog only, never on ``gateway`` or ``publisher``, as :mod:`redisconn` is for Redis clients.
+
+* :func:`serverkit.logs.configure_logging`: JSON lines (or console columns) on stderr, the
+  libraries' loggers included, and a line that cannot be written dropped, never raised
+  (:mod:`serverkit.logs`; the gateway, the HTTP publish API and the outbox relay);
 
 * :func:`raise_descriptor_limit`, :func:`warn_lowered`: a server's descriptor limit at start,
   and the warning when a bound had to be lowered to fit it (:mod:`serverkit.descriptors`);

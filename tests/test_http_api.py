@@ -1209,3 +1209,78 @@ async def test_a_key_may_revoke_without_publishing_anywhere(redis_url, capsys) -
         assert (status, body["error"]["code"]) == (403, "forbidden")
         status, _, body = await post_revocation(api, {"subject": "user-7"}, key=key)
         assert status == 200, body
+
+
+# --- logs --------------------------------------------------------------------------------------
+
+
+def _serve_process(keys: Path, port: int, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "publisher.http_api", "serve", "--keys-file", str(keys),
+         "--port", str(port), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("EVENTBUS_")},
+    )  # fmt: skip
+
+
+def _json_lines(text: str) -> list[dict]:
+    """Every line of ``text`` as JSON (json.loads raises on a line that is not)."""
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_serve_logs_json_lines_to_stderr_its_own_and_uvicorns(tmp_path) -> None:
+    """``serve`` wrote structlog's development columns to stdout (the library's defaults: it
+    configured nothing) and uvicorn's lines as plain text: no log collector could parse either.
+    Now both are JSON lines on stderr (``--log-format auto`` off a terminal), as the gateway's."""
+    key = "a-key-of-the-logging-test"
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"keys": [{"id": "a", "sha256": hash_key(key), "projects": "*"}]}))
+    port = free_port()
+    # Redis refuses connections at port 1: a publish is 503 and logged.
+    server = _serve_process(keys, port, "--redis-url", "redis://127.0.0.1:1/0")
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                status, body = _post_event(port, key)
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "never listened"
+                time.sleep(0.05)
+        assert status == 503 and json.loads(body)["error"]["code"] == "unavailable"
+        # The same port again: uvicorn's own error line, and its exit code for a start that failed.
+        second = _serve_process(keys, port)
+        out, err = second.communicate(timeout=30)
+        assert second.returncode == 3 and out == ""  # uvicorn's STARTUP_FAILURE
+        assert any(
+            line["level"] == "error" and "address already in use" in line["event"]
+            for line in _json_lines(err)
+        ), err
+    finally:
+        server.terminate()
+        out, err = server.communicate(timeout=30)
+    assert out == ""
+    lines = _json_lines(err)
+    assert [line["level"] for line in lines if line["event"] == "http_publish_unavailable"] == [
+        "warning"
+    ], err
+    assert all("timestamp" in line for line in lines)
+
+
+def _post_event(port: int, key: str) -> tuple[int, bytes]:
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request(
+            "POST",
+            "/v1/projects/1/events",
+            body=json.dumps(EXPIRED),
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        )
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()

@@ -17,6 +17,7 @@ import msgspec
 from publisher.http_api.app import HttpApiSettings, PublishApi
 from publisher.http_api.core import ApiKey, Credentials, hash_key, new_key
 from schemas.revocations import DEFAULT_MAX_REVOCATIONS
+from serverkit.logs import LOG_FORMATS, configure_logging
 
 __all__ = ["main"]
 
@@ -70,6 +71,19 @@ def _parser(prog: str) -> argparse.ArgumentParser:
             default=getattr(defaults, field.name),
             help="default %(default)s (docs/http-publish.md)",
         )
+    serve.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=os.environ.get("EVENTBUS_LOG_FORMAT", "auto"),
+        help="json, or console (columns); auto: console on a terminal, else json "
+        "(default $EVENTBUS_LOG_FORMAT, else auto). Logs go to stderr",
+    )
+    serve.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default=os.environ.get("EVENTBUS_LOG_LEVEL", "info").lower(),
+        help="default $EVENTBUS_LOG_LEVEL, else info",
+    )
     serve.add_argument(
         "--limit-concurrency",
         type=int,
@@ -180,6 +194,7 @@ def _serve(args: argparse.Namespace, prog: str) -> int:
     except ValueError as exc:  # a --max-revocations of 0 or less, a bad URL or prefix
         sys.stderr.write(f"{prog}: error: {exc}\n")
         return 2
+    configure_logging(args.log_format, args.log_level)
     app = PublishApi(publisher, credentials, settings)
     limit_concurrency, backlog = fit_descriptors(args.limit_concurrency)
     config = server_config(

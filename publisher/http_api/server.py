@@ -406,6 +406,9 @@ def server_config(
         "lifespan": "on",
         "access_log": False,
         "log_level": "warning",
+        # uvicorn's own lines go through the root logger, as JSON like the API's own
+        # (serverkit.logs), not through the plain-text handlers of uvicorn's default log_config.
+        "log_config": None,
         "ws": "none",  # the API has no WebSocket endpoint (one answered 500, logged as an error)
         "backlog": LISTEN_BACKLOG,
         **options,

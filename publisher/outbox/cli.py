@@ -17,7 +17,6 @@ The same relay is ``eventbus-publish relay`` (:func:`relay_main` takes the argum
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import sqlite3
@@ -32,6 +31,7 @@ from publisher.outbox.relay import OutboxRelay
 from publisher.outbox.sql import DEFAULT_TABLE, POSTGRES, SQLITE, migration_sql, validate_table
 from publisher.outbox.sqlite import SQLiteOutboxStore
 from schemas.keys import DEFAULT_PREFIX
+from serverkit.logs import configure_logging
 
 __all__ = ["main", "relay_main"]
 
@@ -103,21 +103,8 @@ def _relay_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds to exit in after SIGTERM / SIGINT; the batch under way gets half of it (10)",
     )
     parser.add_argument("--stats-interval", type=float, default=10.0)
-    parser.add_argument("--log-level", default="info")
-
-
-def _configure_logging(level: str) -> None:
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]
-        ),
-        logger_factory=structlog.WriteLoggerFactory(sys.stderr),  # one write per line
+    parser.add_argument(
+        "--log-level", choices=("debug", "info", "warning", "error"), default="info"
     )
 
 
@@ -132,7 +119,9 @@ def _run_relay(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         )
     else:
         parser.error("give --dsn (or $EVENTBUS_OUTBOX_DSN) or --sqlite")
-    _configure_logging(args.log_level)
+    # JSON lines on stderr, as the gateway's and the HTTP API's (a line that cannot be written
+    # is dropped: a relay whose log reader is gone goes on relaying).
+    configure_logging("json", args.log_level)
     publisher = Publisher.from_url(
         args.redis_url,
         prefix=args.prefix,
