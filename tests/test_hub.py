@@ -473,9 +473,9 @@ class OrderedStore(FakeStore):
 
 
 async def test_a_resync_captured_while_joining_is_counted_when_it_is_sent() -> None:
-    """``eventbus_resyncs_total`` counts the ``resync_required`` frames sent: one the feed
-    issued while a connection's own read was in flight reaches it after ``subscribed``, and
-    counts then (it was counted nowhere: neither when captured nor when sent)."""
+    """``eventbus_resyncs_total`` counts the ``resync_required`` frames sent: one reaching a
+    connection after ``subscribed`` counts then (here its own catch-up read's: the feed's
+    resync passed it while its first read was in flight, and that one is not sent)."""
     store = OrderedStore(top=3)
     hub = await hub_with(store, window_events=0)  # every subscribe reads
     first = session_of(hub)
@@ -491,6 +491,11 @@ async def test_a_resync_captured_while_joining_is_counted_when_it_is_sent() -> N
     await until(lambda: received(first)[-1:] == ["resync_required"])  # the joiner captures it
     store.held[0].set()
     await joining
+    # The resync passes it (at 3) in its own history: it reads for itself from 3 and finds
+    # 4..7 gone too, which its own resync says.
+    await until(lambda: len(store.held) == 3)
+    store.held[2].set()
+    await until(lambda: second in hub.feeds[PROJECT].live)
     await next_iteration()
     assert received(first) == ["subscribed", "resync_required"]
     assert received(second) == [2, 3, "subscribed", "resync_required"]
@@ -656,3 +661,139 @@ async def test_a_joiner_whose_read_went_ahead_of_a_failover_is_told_history_lost
     )
     assert hub.metrics.resyncs_total == 1
     # Without a failover, the same race passes nothing but the events (see the first test).
+
+
+# --- a joiner's own catch-up read (Hub._catch_up) while the world moves ----------------------
+
+
+def catch_up_tasks() -> list[asyncio.Task]:
+    """The hub's catch-up reads still running."""
+    from gateway import tasks
+
+    return [t for t in tasks._running if not t.done() and "_catch_up" in repr(t.get_coro())]
+
+
+async def catching_up(
+    store: OrderedStore, subscribe_timeout: float = 5
+) -> tuple[Hub, Session, Session]:
+    """As :func:`joined_ahead_of_a_trimmed_gap`, but the joining connection's own catch-up read
+    (after 6) is held: ``store.held[1]`` answers it (taken at the call: 7..12, top 12)."""
+    hub = await hub_with(store, window_events=0)
+    first, second = session_of(hub), session_of(hub)
+    await hub.subscribe(first, PROJECT, None, None)
+    store.top = 6
+    await hub.subscribe(second, PROJECT, EPOCH, 1)
+    store.top, store.first = 12, 5
+    store.held = []
+    hub.subscribe_timeout = subscribe_timeout  # the catch-up read's bound
+    live(hub, 12)
+    await until(lambda: len(store.held) == 1)  # the feed's read after 3
+    store.held[0].set()
+    await until(lambda: len(store.held) == 2)  # the connection's own, after 6
+    assert second in hub.feeds[PROJECT].waits
+    return hub, first, second
+
+
+async def test_a_connection_that_unsubscribes_during_its_catch_up_read_leaves_nothing_behind() -> (
+    None
+):
+    store = OrderedStore(top=3)
+    hub, first, second = await catching_up(store)
+    feed = hub.feeds[PROJECT]
+    assert hub.unsubscribe(second, PROJECT)
+    assert second not in feed.waits and second not in feed.joining
+    await next_iteration()
+    assert not catch_up_tasks()  # its wait ended with the subscription, not at its deadline
+    live(hub, 13)
+    store.held[1].set()
+    await next_iteration()
+    await next_iteration()
+    assert received(second) == [2, 3, 4, 5, 6, "subscribed"]
+    assert hub.subscriptions == 1
+    hub.remove(first)
+    assert PROJECT not in hub.feeds
+
+
+async def test_a_second_feed_resync_during_the_catch_up_read_reaches_the_connection_once() -> None:
+    """While the connection reads after 6 (answer: 7..12), 13 arrives live, then 14..19 are
+    published and trimmed and 20 arrives: the feed resyncs everyone to 20. The connection gets
+    7..12 from its read, 13 from the feed, then that resync, once; then live."""
+    store = OrderedStore(top=3)
+    hub, first, second = await catching_up(store)
+    store.top = 13
+    live(hub, 13)
+    store.top, store.first = 20, 15
+    live(hub, 20)  # a gap at 14: the feed reads
+    await until(lambda: len(store.held) == 3)
+    store.held[2].set()
+    await until(lambda: received(first)[-1:] == ["resync_required"])
+    store.held[1].set()
+    await until(lambda: second in hub.feeds[PROJECT].live)
+    live(hub, 21)
+    await next_iteration()
+    assert received(second) == [2, 3, 4, 5, 6, "subscribed", *range(7, 14), "resync_required", 21]
+    assert second.transport.messages()[-2]["seq"] == 20
+    assert received(first) == ["subscribed", "resync_required", 13, "resync_required", 21]
+
+
+async def test_a_catch_up_read_that_redis_never_answers_ends_at_the_subscribe_timeout() -> None:
+    store = OrderedStore(top=3)
+    hub, _, second = await catching_up(store, subscribe_timeout=0.05)
+    feed = hub.feeds[PROJECT]
+    await until(lambda: second in feed.live)
+    await next_iteration()
+    assert received(second) == [2, 3, 4, 5, 6, "subscribed", "resync_required"]
+    assert second not in feed.waits
+
+
+async def test_a_project_that_fails_during_a_catch_up_read_ends_the_wait_and_says_so() -> None:
+    store = OrderedStore(top=3)
+    hub, _, second = await catching_up(store)
+    feed = hub.feeds[PROJECT]
+    hub._fail_feed(feed, ProjectUnreadable(PROJECT, KEYS.meta(PROJECT), "has an invalid seq"))
+    assert not feed.waits
+    store.held[1].set()
+    await next_iteration()
+    await next_iteration()
+    assert received(second) == [2, 3, 4, 5, 6, "subscribed", "error"]
+    assert PROJECT not in hub.feeds and hub.subscriptions == 0
+
+
+async def test_a_resubscribe_during_a_catch_up_read_is_answered_once_by_its_own_read() -> None:
+    store = OrderedStore(top=3)
+    hub, _, second = await catching_up(store)
+    store.held = None
+    await hub.subscribe(second, PROJECT, EPOCH, 10)
+    await next_iteration()
+    feed = hub.feeds[PROJECT]
+    await until(lambda: second in feed.live)
+    live(hub, 13)
+    await next_iteration()
+    assert received(second) == [2, 3, 4, 5, 6, "subscribed", 11, 12, "subscribed", 13]
+    assert not catch_up_tasks()
+
+
+async def test_a_feed_resync_captured_during_a_first_read_it_passes_is_read_for_too() -> None:
+    """The feed's ``history_trimmed`` to 12 (about the gap at 4 after *its* cursor, 3) arrives
+    while the connection's first read (after 1: 2..6) is in flight. Its own history still
+    holds 7..12: it gets them after ``subscribed``, from a read of its own, not a resync."""
+    store = OrderedStore(top=3)
+    hub = await hub_with(store, window_events=0)  # every subscribe reads
+    first, second = session_of(hub), session_of(hub)
+    await hub.subscribe(first, PROJECT, None, None)  # live from 3
+    store.top, store.held = 6, []
+    joining = asyncio.create_task(hub.subscribe(second, PROJECT, EPOCH, 1))
+    await until(lambda: len(store.held) == 1)  # its read answers 2..6, held
+    store.top, store.first = 12, 5
+    live(hub, 12)  # a gap: the feed reads after 3, finds 4 gone and resyncs everyone to 12
+    await until(lambda: len(store.held) == 2)
+    store.held[1].set()
+    await until(lambda: received(first)[-1:] == ["resync_required"])  # the joiner captures it
+    held, store.held = store.held, None  # the reads from now on answer at once
+    held[0].set()  # the connection's first read: 2..6, top 6 (taken at its call)
+    await joining
+    await until(lambda: second in hub.feeds[PROJECT].live)
+    live(hub, 13)
+    await next_iteration()
+    assert received(second) == [2, 3, 4, 5, 6, "subscribed", *range(7, 14)]
+    assert hub.metrics.resyncs_total == 1  # the live one's only

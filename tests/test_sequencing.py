@@ -306,6 +306,32 @@ class TestJoiner:
         assert joiner.start_live("new", 37, feed=("new", 38)) == ["f38"]
         assert joiner.caught_up("new", 38)
 
+    def test_a_feed_resync_captured_during_the_first_read_past_it_is_read_for_too(self):
+        """The same resync, captured while the connection's *first* read was in flight (the
+        read answered ``("new", 0)``: it created the new history): it is about the feed's
+        cursor, not the client's, so it is read for from the read's cursor like one that comes
+        after it, and what was captured after it waits behind that read."""
+        joiner: Joiner[str] = Joiner()
+        assert joiner.offer_resync("new", 37, "resync") == SKIP  # captured
+        assert joiner.offer("new", 38, "f38") == (SKIP, False)
+        assert joiner.start_live("new", 0, None, feed=("new", 38), catch_up=True) == []
+        assert joiner.catch_up_from() == ("new", 0, None)
+        assert not joiner.caught_up("new", 38) and not joiner.ahead
+        # Its read answers 1..38: the resync and 38 are behind it.
+        assert joiner.start_live("new", 38, feed=("new", 38), catch_up=True) == []
+        assert joiner.caught_up("new", 38)
+
+    def test_what_is_captured_before_a_resync_read_for_is_sent_first(self):
+        joiner: Joiner[str] = Joiner()
+        joiner.offer("new", 1, "f1")
+        joiner.offer_resync("new", 5, "resync")
+        joiner.offer("new", 6, "f6")
+        assert joiner.start_live("new", 0, feed=("new", 6), catch_up=True) == ["f1"]
+        assert joiner.catch_up_from() == ("new", 1, None)
+        # Without ``catch_up`` (the read for it failed), the resync is sent, as before.
+        assert joiner.start_live("new", 1, feed=("new", 6)) == ["resync", "f6"]
+        assert joiner.caught_up("new", 6)
+
     def test_a_joiner_whose_own_read_does_not_answer_gets_the_feeds_resync(self):
         """Never silence: when the connection's read fails (Redis unavailable), it stays where
         it stood and the feed's resync, captured first, is sent as it was before."""
