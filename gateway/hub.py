@@ -795,7 +795,13 @@ class Hub:
         """``prebuilt``: the snapshot's entries are a window's ``(seq, item, size)`` triples,
         whose items are the :class:`Outgoing` frames the feed delivered; a replay from them is
         built once per cursor and kept as the window's memo (:class:`Replay`). ``acknowledge``:
-        send ``subscribed`` (not for a connection subscribed already, :meth:`_catch_up`)."""
+        send ``subscribed`` (not for a connection subscribed already, :meth:`_catch_up`).
+
+        A resync of the feed captured during the read, past the read's cursor in its history,
+        is read for (:meth:`_catch_up`) after a subscribe's read; after a catch-up's own read
+        (``acknowledge`` False) it is sent: one more read at most, never a loop of them (a
+        failover that moved the history's top back below the feed's resync would otherwise
+        read again and again until the feed noticed)."""
         # Synchronous from here on: nothing can be delivered to the feed in between.
         replay: Replay | None = None
         if prebuilt and not other_event_at_cursor(after, tag, snapshot):
@@ -838,11 +844,21 @@ class Hub:
             session.send_message(_subscribed(feed.project_id, plan))
         sequencer = feed.sequencer
         for item in joiner.start_live(
-            plan.epoch, plan.seq, plan.tag, feed=(sequencer.epoch, sequencer.last)
+            plan.epoch,
+            plan.seq,
+            plan.tag,
+            feed=(sequencer.epoch, sequencer.last),
+            catch_up=acknowledge,
         ):
             if item.kind:  # a resync the feed issued during the read (counted when it is sent)
                 self.metrics.resyncs_total += 1
             session.send(item)
+        cursor = joiner.catch_up_from()
+        if cursor is not None:
+            # The feed resynced during the read, past where the read put the client in its
+            # history: read for what the client missed from there (see _fanout_resync).
+            spawn(self._catch_up(feed, session, joiner, cursor))
+            return
         if joiner.ahead and sequencer.history_behind(plan.epoch, plan.seq):
             # The read found the feed's history rewritten behind it (see Joiner): the feed
             # reads, and resyncs everyone, the connection included.
@@ -866,6 +882,7 @@ class Hub:
         try:
             async with wait:
                 feed.waits[session] = wait
+                self.metrics.subscribe_reads_total += 1
                 snapshot = await self.store.snapshot(feed.project_id, epoch, after, self.max_replay)
         except (TimeoutError, StoreUnavailable, ProjectUnreadable) as exc:
             if feed.joining.get(session) is joiner:  # (else the subscription ended the wait)

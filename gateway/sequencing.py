@@ -431,19 +431,30 @@ class Joiner(Generic[T]):
         seq: int,
         tag: str | None = None,
         feed: tuple[str | None, int | None] | None = None,
+        *,
+        catch_up: bool = False,
     ) -> list[T]:
         """The history read is done and the client starts after ``(epoch, seq)`` (the event
         there has tag ``tag``): the captured items to send after ``subscribed``, in order.
         ``feed``: where the feed stands now, ``(epoch, last)``; past the start in its epoch,
-        the connection waits for the feed's next resync (:attr:`ahead`, see the class doc)."""
+        the connection waits for the feed's next resync (:attr:`ahead`, see the class doc).
+
+        ``catch_up``: a captured resync of the feed past the start in its history (not
+        ``history_lost``) is read for, as :meth:`offer_resync` does after the read
+        (:data:`CATCH_UP`): the items before it are returned, it and the ones after it stay
+        captured, and :meth:`catch_up_from` says where to read. Without it (the read for such a
+        resync failed), the resync is sent."""
         self.epoch, self.threshold, self.tag = epoch, seq, tag
         captured, self.buffer = self.buffer or [], None
         out: list[T] = []
         self.ahead = False
-        for item_epoch, item_seq, item, kind in captured:
+        for index, (item_epoch, item_seq, item, kind) in enumerate(captured):
             if kind != _EVENT:
                 self.ahead = False  # the feed has moved: it stands where it says
                 if not self._past(item_epoch, item_seq, kind == _LOST):
+                    if catch_up and kind == _RESYNC and item_epoch == self.epoch:
+                        self.buffer = captured[index:]
+                        return out
                     out.append(item)
                     self.epoch, self.threshold = item_epoch, item_seq
                     self.tag = self._tag(item)
