@@ -344,7 +344,9 @@ class Joiner(Generic[T]):
     included), like a resume, capturing the feed's frames again meanwhile, with the feed's
     resync first (:data:`CATCH_UP`). :meth:`start_live` then takes the read's answer (the
     feed's resync is behind it, or still ahead of it and sent), or, when the read failed, the
-    cursor the connection stood at (the resync is sent, as it would have been at once).
+    cursor the connection stood at (the resync is sent, as it would have been at once). Such a
+    resync captured during the connection's first read is read for the same way
+    (:meth:`start_live` with ``catch_up``).
 
     Ahead of the feed, the read may also have found events that a Redis failover then lost: the
     feed later delivers other events under those numbers. ``tag`` is the tag of the event the

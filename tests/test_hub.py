@@ -734,6 +734,7 @@ async def test_a_second_feed_resync_during_the_catch_up_read_reaches_the_connect
     assert received(second) == [2, 3, 4, 5, 6, "subscribed", *range(7, 14), "resync_required", 21]
     assert second.transport.messages()[-2]["seq"] == 20
     assert received(first) == ["subscribed", "resync_required", 13, "resync_required", 21]
+    assert hub.subscribe_reads == 2  # the second one's subscribe read, then its catch-up read
 
 
 async def test_a_catch_up_read_that_redis_never_answers_ends_at_the_subscribe_timeout() -> None:
