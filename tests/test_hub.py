@@ -798,3 +798,35 @@ async def test_a_feed_resync_captured_during_a_first_read_it_passes_is_read_for_
     await next_iteration()
     assert received(second) == [2, 3, 4, 5, 6, "subscribed", *range(7, 14)]
     assert hub.metrics.resyncs_total == 1  # the live one's only
+
+
+class FailedOverStore(OrderedStore):
+    """An OrderedStore that a failover set back to ``top = 5`` (the events after it lost)
+    just before the read after 6, the joining connection's catch-up read."""
+
+    async def snapshot(self, project_id, epoch=None, after=None, limit=0) -> Snapshot:
+        if after == 6 and self.top == 12:
+            self.top, self.first = 5, 1
+        return await super().snapshot(project_id, epoch, after, limit)
+
+
+async def test_a_catch_up_read_behind_the_feeds_resync_proves_the_loss_to_everyone() -> None:
+    """The feed resynced everyone to 12; the connection's own read, begun after that, finds
+    the history's top at 5: only a failover moves a top back, so the events after 5 that the
+    feed stands past are lost. The feed is told (as by a subscribe read behind it) and resyncs
+    everyone with ``history_lost``, at once: not after whatever number the next publish
+    happens to reach, nor at the next periodic check."""
+    store = FailedOverStore(top=3)
+    hub, first, second = await joined_ahead_of_a_trimmed_gap(store)
+    await until(lambda: len(received(first)) == 3)
+    told = first.transport.messages()[-1]
+    assert (told["reason"], told["seq"]) == ("history_lost", 5)
+    await until(lambda: second in hub.feeds[PROJECT].live)
+    told = second.transport.messages()[-1]
+    assert (told["reason"], told["seq"]) == ("history_lost", 5)
+    # The next event published, numbered 6 again, reaches both (a feed still at 12 would have
+    # taken it for one it had delivered, and dropped it).
+    store.top = 6
+    live(hub, 6)
+    await next_iteration()
+    assert received(first)[-1:] == received(second)[-1:] == [6]
