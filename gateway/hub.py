@@ -878,6 +878,8 @@ class Hub:
             return  # ended before this task started
         epoch, after, tag = cursor
         snapshot = None
+        sequencer = feed.sequencer
+        standing = (sequencer.epoch, sequencer.last)  # past the feed's resync, in its epoch
         wait = asyncio.timeout(self.subscribe_timeout)
         try:
             async with wait:
@@ -894,7 +896,6 @@ class Hub:
         if feed.joining.get(session) is not joiner or self.feeds.get(feed.project_id) is not feed:
             return  # unsubscribed, closed, or the feed failed or was released meanwhile
         if snapshot is None:
-            sequencer = feed.sequencer
             for item in joiner.start_live(
                 epoch, after, tag, feed=(sequencer.epoch, sequencer.last)
             ):
@@ -903,6 +904,12 @@ class Hub:
                 session.send(item)
             self._promote_if_caught_up(feed, session, joiner)
             return
+        if (sequencer.epoch, sequencer.last) == standing and sequencer.history_behind(
+            snapshot.epoch, snapshot.top
+        ):
+            # A read begun after the feed resynced to its cursor found the top below it: a
+            # failover lost what the feed stands past; the feed resyncs everyone (history_lost).
+            self._start_reader(feed)
         self._go_live(feed, session, joiner, epoch, after, tag, snapshot, acknowledge=False)
 
     def unsubscribe(self, session: Session, project_id: int) -> bool:
