@@ -837,3 +837,46 @@ async def test_a_client_resynced_into_the_new_epoch_ahead_of_the_feed_gets_its_e
     assert late.seqs(project) == list(range(1, 38))
     await keeper.close()
     await late.close()
+
+
+async def test_a_feed_resync_during_the_clients_own_read_into_the_new_epoch_is_read_for_too(
+    gateways, publisher, redis_client
+):
+    """As above, but the feed's resync to 37 reaches the pod while the client's own read (which
+    created the new history at 0) is still on its way back: the client still gets 1..37 after
+    ``subscribed``, in order, once, and one ``resync_required`` (its read's)."""
+    from tests.support.gateway_client import client_for, publish
+
+    project = 7
+    gateway = await gateways(reconcile_interval=3600)  # the feed learns only from the channel
+    keeper = await client_for(gateway, [project])
+    await keeper.subscribe(project)
+    await publish(publisher, project, 3)
+    await keeper.wait_for(lambda: keeper.seqs(project) == [1, 2, 3])
+    redis_client.flushall()  # what a restarted, empty Redis holds
+    store = gateway.hub.store
+    read, answered, release = store.snapshot, asyncio.Event(), asyncio.Event()
+
+    async def held_after_redis_answered(project_id, epoch=None, after=None, limit=0):
+        snapshot = await read(project_id, epoch, after, limit)
+        if epoch == "an-older-epoch":  # the late client's read: answered by Redis, held here
+            answered.set()
+            await release.wait()
+        return snapshot
+
+    store.snapshot = held_after_redis_answered
+    late = await client_for(gateway, [project])
+    joining = asyncio.create_task(late.subscribe(project, epoch="an-older-epoch", after=7))
+    await answered.wait()
+    await publish(publisher, project, 37)
+    await keeper.wait_for(lambda: keeper.cursor(project)[1] == 37)  # the feed's resync
+    release.set()
+    await joining
+    (told,) = late.of("resync_required")
+    assert (told["reason"], told["seq"]) == ("epoch_changed", 0)
+    await late.wait_for(lambda: late.cursor(project) == (told["epoch"], 37))
+    assert late.count("resync_required", project) == 1, late.of("resync_required")
+    assert late.count("subscribed", project) == 1
+    assert late.seqs(project) == list(range(1, 38))
+    await keeper.close()
+    await late.close()
