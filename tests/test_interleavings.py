@@ -767,6 +767,20 @@ async def test_a_random_walk_of_interleaved_faults_keeps_the_promise(seed: int):
 # --- what the walk found, minimised ----------------------------------------------------------
 
 
+async def live_keeper_then_redis_emptied(gateway, publisher, redis_client, project: int):
+    """A client live on ``project`` at 3 (its feed in that epoch), then Redis flushed, as a
+    restarted, empty Redis: returns the client and the old epoch."""
+    from tests.support.gateway_client import client_for, publish
+
+    keeper = await client_for(gateway, [project])
+    await keeper.subscribe(project)
+    await publish(publisher, project, 3)
+    await keeper.wait_for(lambda: keeper.seqs(project) == [1, 2, 3])
+    old_epoch = keeper.cursor(project)[0]
+    redis_client.flushall()  # what a restarted, empty Redis holds
+    return keeper, old_epoch
+
+
 async def test_a_resume_that_read_the_new_epoch_is_not_told_to_resync_again(
     gateways, publisher, redis_client
 ):
@@ -779,12 +793,9 @@ async def test_a_resume_that_read_the_new_epoch_is_not_told_to_resync_again(
 
     project = 5
     gateway = await gateways(reconcile_interval=3600)  # the test runs the check itself
-    keeper = await client_for(gateway, [project])
-    await keeper.subscribe(project)
-    await publish(publisher, project, 3)
-    await keeper.wait_for(lambda: keeper.seqs(project) == [1, 2, 3])
-    old_epoch = keeper.cursor(project)[0]
-    redis_client.flushall()  # what a restarted, empty Redis holds
+    keeper, old_epoch = await live_keeper_then_redis_emptied(
+        gateway, publisher, redis_client, project
+    )
     late = await client_for(gateway, [project])
     # A cursor of an epoch the feed does not know takes the atomic read, which creates the new
     # history: the client resyncs to it and is acknowledged there, while the feed is still in
@@ -818,12 +829,9 @@ async def test_a_client_resynced_into_the_new_epoch_ahead_of_the_feed_gets_its_e
 
     project = 6
     gateway = await gateways(reconcile_interval=3600)  # the feed learns only from the channel
-    keeper = await client_for(gateway, [project])
-    await keeper.subscribe(project)
-    await publish(publisher, project, 3)
-    await keeper.wait_for(lambda: keeper.seqs(project) == [1, 2, 3])
-    old_epoch = keeper.cursor(project)[0]
-    redis_client.flushall()  # what a restarted, empty Redis holds
+    keeper, old_epoch = await live_keeper_then_redis_emptied(
+        gateway, publisher, redis_client, project
+    )
     late = await client_for(gateway, [project])
     await late.subscribe(project, epoch="an-older-epoch", after=7)
     (told,) = late.of("resync_required")
@@ -849,11 +857,7 @@ async def test_a_feed_resync_during_the_clients_own_read_into_the_new_epoch_is_r
 
     project = 7
     gateway = await gateways(reconcile_interval=3600)  # the feed learns only from the channel
-    keeper = await client_for(gateway, [project])
-    await keeper.subscribe(project)
-    await publish(publisher, project, 3)
-    await keeper.wait_for(lambda: keeper.seqs(project) == [1, 2, 3])
-    redis_client.flushall()  # what a restarted, empty Redis holds
+    keeper, _ = await live_keeper_then_redis_emptied(gateway, publisher, redis_client, project)
     store = gateway.hub.store
     read, answered, release = store.snapshot, asyncio.Event(), asyncio.Event()
 
