@@ -904,6 +904,7 @@ class Hub:
                 session.send(item)
             self._promote_if_caught_up(feed, session, joiner)
             return
+        joiner.read_found(snapshot.epoch)
         if (sequencer.epoch, sequencer.last) == standing and sequencer.history_behind(
             snapshot.epoch, snapshot.top
         ):

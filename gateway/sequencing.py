@@ -344,9 +344,10 @@ class Joiner(Generic[T]):
     included), like a resume, capturing the feed's frames again meanwhile, with the feed's
     resync first (:data:`CATCH_UP`). :meth:`start_live` then takes the read's answer (the
     feed's resync is behind it, or still ahead of it and sent), or, when the read failed, the
-    cursor the connection stood at (the resync is sent, as it would have been at once). Such a
-    resync captured during the connection's first read is read for the same way
-    (:meth:`start_live` with ``catch_up``).
+    cursor the connection stood at (the resync is sent, as it would have been at once); a read
+    that found another history (:meth:`read_found`) drops it. Such a resync captured during
+    the connection's first read is read for the same way (:meth:`start_live` with
+    ``catch_up``).
 
     Ahead of the feed, the read may also have found events that a Redis failover then lost: the
     feed later delivers other events under those numbers. ``tag`` is the tag of the event the
@@ -419,6 +420,15 @@ class Joiner(Generic[T]):
         if self.buffer is None or self.epoch is None:
             return None
         return self.epoch, self.threshold, self.tag
+
+    def read_found(self, epoch: str) -> None:
+        """After :data:`CATCH_UP`, the read for it answered with history ``epoch``: the resync
+        it read for, captured first and older than the read (which began after it), is
+        dropped when it names another history. Redis was emptied again: the read tells the
+        client ``epoch_changed`` to the new history, and that resync would then take it back
+        to the one before, which no gateway can resume from any more."""
+        if self.buffer and self.buffer[0][3] == _RESYNC and self.buffer[0][0] != epoch:
+            del self.buffer[0]
 
     def _tag(self, item: T) -> str | None:
         """The tag of the event at an item's cursor (an event's own, a resync's), if known."""

@@ -830,3 +830,34 @@ async def test_a_catch_up_read_behind_the_feeds_resync_proves_the_loss_to_everyo
     live(hub, 6)
     await next_iteration()
     assert received(first)[-1:] == received(second)[-1:] == [6]
+
+
+class FlushedAgainStore(OrderedStore):
+    """An OrderedStore whose Redis was flushed again (a new, empty history ``"again"``) just
+    before the read after 6, the joining connection's catch-up read."""
+
+    async def snapshot(self, project_id, epoch=None, after=None, limit=0) -> Snapshot:
+        if after == 6:
+            self.reads += 1
+            return Snapshot("again", 0, ())
+        return await super().snapshot(project_id, epoch, after, limit)
+
+
+async def test_a_catch_up_read_that_finds_another_history_drops_the_resync_it_read_for() -> None:
+    """The connection read for the feed's resync to 12 and found Redis emptied again: it is
+    told ``epoch_changed`` to the new history by its own read. The feed's resync it read for
+    (to 12 of the history before) is older than that read: it is not sent after it, which took
+    the client back to a history that is gone (one reload more, to a cursor no gateway can
+    resume from) until the feed itself moved on."""
+    store = FlushedAgainStore(top=3)
+    hub, first, second = await joined_ahead_of_a_trimmed_gap(store)
+    await until(lambda: received(second)[-1:] == ["resync_required"])
+    await next_iteration()
+    assert received(second) == [2, 3, 4, 5, 6, "subscribed", "resync_required"]
+    told = second.transport.messages()[-1]
+    assert (told["reason"], told["epoch"], told["seq"]) == ("epoch_changed", "again", 0)
+    # Still joining: its history is ahead of the feed's, which has not seen it yet.
+    assert second in hub.feeds[PROJECT].joining
+    live(hub, 13)  # the feed's old history goes on: nothing of it reaches the connection
+    await next_iteration()
+    assert received(first)[-1:] == [13] and received(second)[-1:] == ["resync_required"]

@@ -342,6 +342,24 @@ class TestJoiner:
         assert joiner.start_live("new", 0, feed=("new", 38)) == ["resync", "f38"]
         assert joiner.caught_up("new", 38)
 
+    def test_the_resync_read_for_is_dropped_when_the_read_finds_another_history(self):
+        """Redis was emptied again before the catch-up read: the read tells the client
+        ``epoch_changed`` to ``"again"``; the resync it read for, in the history before, must
+        not then take the client back there. A read in the same history keeps it (behind the
+        read, or still ahead of it and sent)."""
+        joiner: Joiner[str] = Joiner()
+        joiner.start_live("new", 0)
+        assert joiner.offer_resync("new", 37, "resync") == sequencing.CATCH_UP
+        joiner.offer("new", 38, "f38")
+        joiner.read_found("again")
+        assert joiner.start_live("again", 0, feed=("new", 38)) == []
+        assert not joiner.caught_up("new", 38)  # ahead of the feed by a history: it waits
+        joiner = Joiner()
+        joiner.start_live("new", 0)
+        assert joiner.offer_resync("new", 37, "resync") == sequencing.CATCH_UP
+        joiner.read_found("new")
+        assert joiner.start_live("new", 5, feed=("new", 37)) == ["resync"]
+
     def test_only_a_resync_in_the_joiners_own_history_is_read_for(self):
         """Another epoch, or ``history_lost`` (the history the client read was rewritten),
         is the client's own resync: sent at once, as before."""
