@@ -72,7 +72,10 @@ async def read_page(url: str, token: str | None, within: float) -> bytes:
 
     threading.Thread(target=run, name="eventbus-consumer-page", daemon=True).start()
     try:
-        return await asyncio.wait_for(answer, within)
+        # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation that arrives with the
+        # answer (it returns the page, or raises its error), and the closed consumer went on.
+        async with asyncio.timeout(within):
+            return await answer
     finally:
         request.cut()  # late, or cancelled (the consumer closed): the thread ends now, too
 

@@ -1726,6 +1726,46 @@ def test_asyncio_run_does_not_wait_for_a_page_whose_host_name_lookup_hangs(monke
         assert not program.is_alive()
 
 
+@pytest.mark.parametrize("outcome", ["a page", "an HTTP error"])
+async def test_a_page_caller_cancelled_as_the_answer_arrives_is_cancelled(monkeypatch, outcome):
+    """The consumer closing (its catch-up cancelled) just as a page's answer reaches the loop:
+    the caller is cancelled all the same. Python 3.11's ``asyncio.wait_for`` returned the page
+    (or raised its HTTP error) instead, the cancellation swallowed: the catch-up went on after
+    ``aclose``, asking for more pages, or surfacing a resync for a page that merely failed."""
+    import consumer.pages as pages
+
+    def get(self, url: str, token: str | None, timeout: float) -> bytes:
+        if outcome == "an HTTP error":
+            raise urllib.error.HTTPError(url, 500, "Internal Server Error", {}, None)  # type: ignore[arg-type]
+        return b"{}"
+
+    settle = pages._settle_threadsafe
+    caller: list[asyncio.Task[bytes]] = []
+
+    class CancelledWithTheAnswer:
+        """The loop, where the callback that settles the answer cancels the caller right
+        after (in the same callback: nothing of the loop runs between them)."""
+
+        def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+            self.loop = loop
+
+        def call_soon_threadsafe(self, settle_answer) -> None:
+            def settle_then_cancel() -> None:
+                settle_answer()
+                caller[0].cancel()  # aclose
+
+            self.loop.call_soon_threadsafe(settle_then_cancel)
+
+    def settle_then_cancel(loop, answer, body, error) -> None:
+        settle(CancelledWithTheAnswer(loop), answer, body, error)
+
+    monkeypatch.setattr(pages.PageRequest, "get", get)
+    monkeypatch.setattr(pages, "_settle_threadsafe", settle_then_cancel)
+    caller.append(asyncio.create_task(pages.read_page("http://gateway.example:8765/p", None, 5)))
+    with pytest.raises(asyncio.CancelledError):
+        await caller[0]
+
+
 @pytest.mark.parametrize(
     "header",
     [
