@@ -44,13 +44,10 @@ def configure_logging(fmt: str = "auto", level: str = "info") -> int:
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    # JSON carries an exception as its traceback's text; the console renderer draws it itself.
+    exc_text = structlog.processors.format_exc_info if fmt == "json" else _identity
     structlog.configure(
-        processors=[
-            *shared,
-            structlog.processors.StackInfoRenderer(),
-            structlog.processors.format_exc_info if fmt == "json" else _identity,
-            renderer,
-        ],
+        processors=[*shared, structlog.processors.StackInfoRenderer(), exc_text, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         # One write per line (print() makes two: the line, then its newline): workers of a group
         # share the output, and with PYTHONUNBUFFERED (the container image sets it) two lines
@@ -59,10 +56,11 @@ def configure_logging(fmt: str = "auto", level: str = "info") -> int:
         cache_logger_on_first_use=True,
     )
     # Library loggers (websockets' handshake failures, redis-py, uvicorn) go through the same
-    # renderer.
+    # renderer, their exceptions (``exc_info``: uvicorn's "Exception in ASGI application") as
+    # tracebacks too: JSON wrote an exc_info tuple as three reprs, the traceback's place lost.
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        structlog.stdlib.ProcessorFormatter(processors=[*shared, _drop_meta, renderer])
+        structlog.stdlib.ProcessorFormatter(processors=[*shared, _drop_meta, exc_text, renderer])
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]

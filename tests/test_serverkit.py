@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import resource
 import subprocess
 import sys
@@ -389,3 +390,34 @@ async def _interleave(ops) -> None:
     task = exc = run = None
     gc.collect()
     assert unretrieved == []
+
+
+def test_a_library_loggers_exception_is_written_with_its_traceback_as_json() -> None:
+    """uvicorn logs an exception in the ASGI app (or in the lifespan's start) through the
+    stdlib, with ``exc_info``; since the HTTP API's uvicorn lines go through
+    :func:`serverkit.logs.configure_logging`, its JSON line carried that as three reprs (the
+    traceback a ``<traceback object at 0x...>``): where the app failed was lost, which uvicorn's
+    plain text had shown. Its ``exception`` is the traceback, as in structlog's own lines."""
+    program = (
+        "import logging\n"
+        "from serverkit.logs import configure_logging\n"
+        "configure_logging('json', 'info')\n"
+        "def handler():\n"
+        "    raise ZeroDivisionError('in the app')\n"
+        "try:\n"
+        "    handler()\n"
+        "except ZeroDivisionError as exc:\n"
+        "    log = logging.getLogger('uvicorn.error')\n"
+        "    log.error('Exception in ASGI application', exc_info=exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0 and done.stdout == "", done.stderr
+    [line] = [json.loads(text) for text in done.stderr.splitlines()]
+    assert (line["level"], line["event"]) == ("error", "Exception in ASGI application")
+    assert "exc_info" not in line, line
+    assert line["exception"].startswith("Traceback (most recent call last):"), line
+    assert (
+        "in handler" in line["exception"] and "ZeroDivisionError: in the app" in line["exception"]
+    )
