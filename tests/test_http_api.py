@@ -1075,6 +1075,31 @@ async def test_a_full_revocation_list_is_507_and_changes_nothing(redis_url, redi
     ]
 
 
+@pytest.mark.parametrize(
+    ("variable", "value"), [("EVENTBUS_LOG_LEVEL", "verbose"), ("EVENTBUS_LOG_FORMAT", "text")]
+)
+def test_serve_refuses_a_log_setting_from_the_environment_it_does_not_know(
+    tmp_path, variable, value
+) -> None:
+    """argparse checks ``--log-level``/``--log-format`` against their choices, not the defaults
+    that the environment gives them: such a value crashed serve with a ValueError's traceback.
+    It is refused as the flags' are (exit 2, the variable named)."""
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"keys": [{"id": "a", "sha256": hash_key("k"), "projects": "*"}]}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTBUS_")}
+    out = subprocess.run(
+        [sys.executable, "-m", "publisher.http_api", "serve", "--keys-file", str(keys),
+         "--redis-url", "redis://127.0.0.1:1/0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env={**env, variable: value},
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr and variable in out.stderr and value in out.stderr
+
+
 def test_serve_refuses_a_cap_that_cannot_work(tmp_path) -> None:
     keys = tmp_path / "keys.json"
     keys.write_text(json.dumps({"keys": [{"id": "a", "sha256": hash_key("k"), "projects": "*"}]}))

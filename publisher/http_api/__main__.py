@@ -21,6 +21,8 @@ from serverkit.logs import LOG_FORMATS, configure_logging
 
 __all__ = ["main"]
 
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
@@ -80,7 +82,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--log-level",
-        choices=("debug", "info", "warning", "error"),
+        choices=_LOG_LEVELS,
         default=os.environ.get("EVENTBUS_LOG_LEVEL", "info").lower(),
         help="default $EVENTBUS_LOG_LEVEL, else info",
     )
@@ -159,6 +161,16 @@ def _serve(args: argparse.Namespace, prog: str) -> int:
     from publisher.client import AsyncPublisher
     from publisher.http_api.server import fit_descriptors, server_config
 
+    # argparse checks the flags against their choices, not the defaults the environment gave.
+    for variable, value, known in (
+        ("EVENTBUS_LOG_FORMAT", args.log_format, LOG_FORMATS),
+        ("EVENTBUS_LOG_LEVEL", args.log_level, _LOG_LEVELS),
+    ):
+        if value not in known:
+            sys.stderr.write(
+                f"{prog}: error: {variable}={value!r}: expected one of {', '.join(known)}\n"
+            )
+            return 2
     if not args.keys_file:
         sys.stderr.write(
             f"{prog}: error: --keys-file (or EVENTBUS_PUBLISH_KEYS_FILE) is required\n"
