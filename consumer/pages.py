@@ -55,9 +55,9 @@ async def read_page(url: str, token: str | None, within: float) -> bytes:
     The request runs in a daemon thread of its own, not the loop's executor, and the caller
     waits for its answer at most ``within``: a cut ends the thread's reads and connects at once,
     but nothing can end a host name lookup (``getaddrinfo``) blocked on a resolver that does not
-    answer. Such a lookup is left to finish in its thread (it then connects nowhere), while the
-    caller has its TimeoutError in time, and ``asyncio.run`` does not wait for it on exit (it
-    waits for the default executor's threads)."""
+    answer. Such a lookup is left to finish in its thread (a connection made then is closed at
+    once), while the caller has its TimeoutError in time, and ``asyncio.run`` does not wait for
+    it on exit (it waits for the default executor's threads)."""
     request = PageRequest()
     loop = asyncio.get_running_loop()
     answer: asyncio.Future[bytes] = loop.create_future()

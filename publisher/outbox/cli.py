@@ -104,7 +104,10 @@ def _relay_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--stats-interval", type=float, default=10.0)
     parser.add_argument(
-        "--log-level", choices=("debug", "info", "warning", "error"), default="info"
+        "--log-level",
+        type=str.lower,  # INFO as well as info, as before
+        choices=("debug", "info", "warning", "error", "critical"),
+        default="info",
     )
 
 
