@@ -1100,6 +1100,16 @@ def test_serve_refuses_a_log_setting_from_the_environment_it_does_not_know(
     assert "Traceback" not in out.stderr and variable in out.stderr and value in out.stderr
 
 
+def test_serve_takes_a_log_level_in_any_case(monkeypatch) -> None:
+    """As the relay's does: ``--log-level WARNING`` (or from the environment)."""
+    from publisher.http_api.__main__ import _parser
+
+    monkeypatch.delenv("EVENTBUS_LOG_LEVEL", raising=False)
+    assert _parser("x").parse_args(["serve", "--log-level", "WARNING"]).log_level == "warning"
+    monkeypatch.setenv("EVENTBUS_LOG_LEVEL", "Critical")
+    assert _parser("x").parse_args(["serve"]).log_level == "critical"
+
+
 def test_serve_refuses_a_cap_that_cannot_work(tmp_path) -> None:
     keys = tmp_path / "keys.json"
     keys.write_text(json.dumps({"keys": [{"id": "a", "sha256": hash_key("k"), "projects": "*"}]}))

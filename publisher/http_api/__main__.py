@@ -21,7 +21,7 @@ from serverkit.logs import LOG_FORMATS, configure_logging
 
 __all__ = ["main"]
 
-_LOG_LEVELS = ("debug", "info", "warning", "error")
+_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -82,6 +82,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--log-level",
+        type=str.lower,  # INFO as well as info
         choices=_LOG_LEVELS,
         default=os.environ.get("EVENTBUS_LOG_LEVEL", "info").lower(),
         help="default $EVENTBUS_LOG_LEVEL, else info",
