@@ -122,6 +122,25 @@ def test_rate_limiter_answers_429_with_the_wait_per_key() -> None:
         limiter.take(key, 1000, now=10.0)
 
 
+def run_serve(
+    keys: list[dict] | None, tmp_path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python -m publisher.http_api serve`` with a keys file holding ``keys`` (one key for
+    every project when None) and ``args``, as a refused start: its exit status and stderr."""
+    keys_file = tmp_path / "keys.json"
+    if keys is None:
+        keys = [{"id": "a", "sha256": hash_key("k"), "projects": "*"}]
+    keys_file.write_text(json.dumps({"keys": keys}))
+    return subprocess.run(
+        [sys.executable, "-m", "publisher.http_api", "serve", "--keys-file", str(keys_file), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env=env,
+    )
+
+
 @pytest.mark.parametrize(
     ("flag", "value"),
     [
@@ -139,41 +158,16 @@ def test_rate_limiter_answers_429_with_the_wait_per_key() -> None:
 def test_settings_that_cannot_work_are_refused_by_name(flag: str, value: float, tmp_path) -> None:
     with pytest.raises(ValueError, match=flag.replace("_", "-")):
         HttpApiSettings(**{flag: value})
-    keys = tmp_path / "keys.json"
-    keys.write_text('{"keys": []}')
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "publisher.http_api",
-            "serve",
-            "--keys-file",
-            str(keys),
-            f"--{flag.replace('_', '-')}",
-            str(value),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    out = run_serve([], tmp_path, f"--{flag.replace('_', '-')}", str(value))
     assert out.returncode == 2 and flag.replace("_", "-") in out.stderr, out.stderr
 
 
 def test_serve_refuses_a_keys_file_without_keys(tmp_path) -> None:
     # Such a server started without a word and answered 401 "unknown API key" to every request
     # (found by pasting the wrong line of new-key's output into the keys file).
-    keys = tmp_path / "keys.json"
-    keys.write_text('{"keys": []}')
-    out = subprocess.run(
-        [sys.executable, "-m", "publisher.http_api", "serve", "--keys-file", str(keys)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    out = run_serve([], tmp_path)
     assert out.returncode == 2, out.stderr
-    assert f"{keys}: no keys" in out.stderr and "new-key" in out.stderr
+    assert f"{tmp_path / 'keys.json'}: no keys" in out.stderr and "new-key" in out.stderr
 
 
 def test_project_path() -> None:
@@ -1084,18 +1078,10 @@ def test_serve_refuses_a_log_setting_from_the_environment_it_does_not_know(
     """argparse checks ``--log-level``/``--log-format`` against their choices, not the defaults
     that the environment gives them: such a value crashed serve with a ValueError's traceback.
     It is refused as the flags' are (exit 2, the variable named)."""
-    keys = tmp_path / "keys.json"
-    keys.write_text(json.dumps({"keys": [{"id": "a", "sha256": hash_key("k"), "projects": "*"}]}))
     env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTBUS_")}
-    out = subprocess.run(
-        [sys.executable, "-m", "publisher.http_api", "serve", "--keys-file", str(keys),
-         "--redis-url", "redis://127.0.0.1:1/0"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-        env={**env, variable: value},
-    )  # fmt: skip
+    out = run_serve(
+        None, tmp_path, "--redis-url", "redis://127.0.0.1:1/0", env={**env, variable: value}
+    )
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr and variable in out.stderr and value in out.stderr
 
@@ -1111,16 +1097,7 @@ def test_serve_takes_a_log_level_in_any_case(monkeypatch) -> None:
 
 
 def test_serve_refuses_a_cap_that_cannot_work(tmp_path) -> None:
-    keys = tmp_path / "keys.json"
-    keys.write_text(json.dumps({"keys": [{"id": "a", "sha256": hash_key("k"), "projects": "*"}]}))
-    out = subprocess.run(
-        [sys.executable, "-m", "publisher.http_api", "serve", "--keys-file", str(keys),
-         "--max-revocations", "0"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )  # fmt: skip
+    out = run_serve(None, tmp_path, "--max-revocations", "0")
     assert out.returncode == 2 and "max_revocations" in out.stderr, out.stderr
 
 
