@@ -781,6 +781,19 @@ async def live_keeper_then_redis_emptied(gateway, publisher, redis_client, proje
     return keeper, old_epoch
 
 
+async def late_client_resynced_into_the_new_epoch(gateway, project: int, old_epoch: str):
+    """A client resuming ``project`` from a cursor of an epoch the feed does not know: its own
+    read creates the new history, so it is told ``resync_required(epoch_changed)`` while the
+    feed is still in ``old_epoch``. Returns the client and that resync."""
+    from tests.support.gateway_client import client_for
+
+    late = await client_for(gateway, [project])
+    await late.subscribe(project, epoch="an-older-epoch", after=7)
+    (told,) = late.of("resync_required")
+    assert told["reason"] == "epoch_changed" and told["epoch"] != old_epoch
+    return late, told
+
+
 async def test_a_resume_that_read_the_new_epoch_is_not_told_to_resync_again(
     gateways, publisher, redis_client
 ):
@@ -789,20 +802,16 @@ async def test_a_resume_that_read_the_new_epoch_is_not_told_to_resync_again(
     ``subscribed``. When the feed notices (its reconcile), its resync to that same cursor goes
     to its live subscribers, but not again to this client, which stands there already (it would
     reload its state a second time for nothing)."""
-    from tests.support.gateway_client import client_for, publish
+    from tests.support.gateway_client import publish
 
     project = 5
     gateway = await gateways(reconcile_interval=3600)  # the test runs the check itself
     keeper, old_epoch = await live_keeper_then_redis_emptied(
         gateway, publisher, redis_client, project
     )
-    late = await client_for(gateway, [project])
-    # A cursor of an epoch the feed does not know takes the atomic read, which creates the new
-    # history: the client resyncs to it and is acknowledged there, while the feed is still in
-    # the old epoch.
-    await late.subscribe(project, epoch="an-older-epoch", after=7)
-    (told,) = late.of("resync_required")
-    assert told["reason"] == "epoch_changed" and told["epoch"] != old_epoch
+    # The client resyncs to the new history and is acknowledged there, while the feed is
+    # still in the old epoch.
+    late, told = await late_client_resynced_into_the_new_epoch(gateway, project, old_epoch)
     await gateway.hub.reconcile()  # the feed finds the new epoch and moves its subscribers
     await keeper.wait_for(lambda: keeper.count("resync_required", project) == 1)
     assert keeper.last("resync_required")["epoch"] == told["epoch"]
@@ -825,17 +834,14 @@ async def test_a_client_resynced_into_the_new_epoch_ahead_of_the_feed_gets_its_e
     cursor, not this client's: the client stands in the new history at 0 and the stream holds
     1..37, so it gets exactly them, in order, once, and no second ``resync_required`` (which
     would also name as "changed" the epoch it has)."""
-    from tests.support.gateway_client import client_for, publish
+    from tests.support.gateway_client import publish
 
     project = 6
     gateway = await gateways(reconcile_interval=3600)  # the feed learns only from the channel
     keeper, old_epoch = await live_keeper_then_redis_emptied(
         gateway, publisher, redis_client, project
     )
-    late = await client_for(gateway, [project])
-    await late.subscribe(project, epoch="an-older-epoch", after=7)
-    (told,) = late.of("resync_required")
-    assert told["reason"] == "epoch_changed" and told["epoch"] != old_epoch
+    late, told = await late_client_resynced_into_the_new_epoch(gateway, project, old_epoch)
     assert told["seq"] == 0
     await publish(publisher, project, 37)
     # The keeper, live on the feed, is moved to the new epoch by the feed's own resync.
