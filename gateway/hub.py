@@ -195,6 +195,37 @@ class Feed:
         return not self.live and not self.joining
 
 
+class _JoiningWait:
+    """``async with``: a joining connection's wait for Redis (a subscribe's, a catch-up's),
+    bounded by ``delay`` seconds (TimeoutError, as ``asyncio.timeout``) and registered in
+    ``feed.waits`` while it lasts, so that the subscription ending ends it at once
+    (:meth:`Hub._end_wait`)."""
+
+    __slots__ = ("feed", "session", "timeout")
+
+    def __init__(self, feed: Feed, session: Session, delay: float) -> None:
+        self.feed = feed
+        self.session = session
+        self.timeout: asyncio.Timeout | None = asyncio.timeout(delay)
+
+    async def __aenter__(self) -> None:
+        timeout = cast("asyncio.Timeout", self.timeout)
+        await timeout.__aenter__()
+        self.feed.waits[self.session] = timeout
+
+    async def __aexit__(self, *exc_info: object) -> bool | None:
+        timeout = cast("asyncio.Timeout", self.timeout)
+        # The Timeout holds its task: should the task end with an exception (cancelled by its
+        # transport), that exception's traceback holds the awaiting frame, this, and so the task.
+        self.timeout = None
+        try:
+            return await timeout.__aexit__(*exc_info)  # type: ignore[arg-type]
+        finally:
+            waits = self.feed.waits
+            if waits.get(self.session) is timeout:
+                del waits[self.session]
+
+
 class Hub:
     """Routes live messages to subscribers and runs the per-project recovery machinery."""
 
@@ -644,10 +675,8 @@ class Hub:
         session.projects.add(project_id)
         snapshot = None
         from_memory = False
-        wait = asyncio.timeout(self.subscribe_timeout)
         try:
-            async with wait:
-                feed.waits[session] = wait
+            async with _JoiningWait(feed, session, self.subscribe_timeout):
                 await feed.ready.wait()  # no suspension when the feed is ready
                 snapshot = self._from_window(feed, epoch, after, tag)
                 if snapshot is None and self._fill_would_answer(feed, epoch, after):
@@ -667,12 +696,6 @@ class Hub:
                 session.projects.discard(project_id)
                 self._release(feed)
                 raise SubscribeUnavailable(str(exc) or "Redis did not answer in time") from None
-        finally:
-            if feed.waits.get(session) is wait:
-                del feed.waits[session]
-            # The Timeout holds this task: should the task end with an exception (cancelled by
-            # its transport), that exception's traceback holds this frame, and so the task.
-            del wait
         if snapshot is None or feed.joining.get(session) is not joiner:
             # Unsubscribed (or the connection closed) while we waited, or the project turned
             # out unreadable and _fail_feed has told the client.
@@ -843,16 +866,7 @@ class Hub:
         elif acknowledge:
             session.send_message(_subscribed(feed.project_id, plan))
         sequencer = feed.sequencer
-        for item in joiner.start_live(
-            plan.epoch,
-            plan.seq,
-            plan.tag,
-            feed=(sequencer.epoch, sequencer.last),
-            catch_up=acknowledge,
-        ):
-            if item.kind:  # a resync the feed issued during the read (counted when it is sent)
-                self.metrics.resyncs_total += 1
-            session.send(item)
+        self._send_captured(feed, session, joiner, plan.epoch, plan.seq, plan.tag, acknowledge)
         cursor = joiner.catch_up_from()
         if cursor is not None:
             # The feed resynced during the read, past where the read put the client in its
@@ -880,28 +894,17 @@ class Hub:
         snapshot = None
         sequencer = feed.sequencer
         standing = (sequencer.epoch, sequencer.last)  # past the feed's resync, in its epoch
-        wait = asyncio.timeout(self.subscribe_timeout)
         try:
-            async with wait:
-                feed.waits[session] = wait
+            async with _JoiningWait(feed, session, self.subscribe_timeout):
                 self.metrics.subscribe_reads_total += 1
                 snapshot = await self.store.snapshot(feed.project_id, epoch, after, self.max_replay)
         except (TimeoutError, StoreUnavailable, ProjectUnreadable) as exc:
             if feed.joining.get(session) is joiner:  # (else the subscription ended the wait)
                 log.warning("catch-up read failed", project_id=feed.project_id, error=describe(exc))
-        finally:
-            if feed.waits.get(session) is wait:
-                del feed.waits[session]
-            del wait  # see subscribe
         if feed.joining.get(session) is not joiner or self.feeds.get(feed.project_id) is not feed:
             return  # unsubscribed, closed, or the feed failed or was released meanwhile
         if snapshot is None:
-            for item in joiner.start_live(
-                epoch, after, tag, feed=(sequencer.epoch, sequencer.last)
-            ):
-                if item.kind:
-                    self.metrics.resyncs_total += 1
-                session.send(item)
+            self._send_captured(feed, session, joiner, epoch, after, tag, False)
             self._promote_if_caught_up(feed, session, joiner)
             return
         joiner.read_found(snapshot.epoch)
@@ -912,6 +915,26 @@ class Hub:
             # failover lost what the feed stands past; the feed resyncs everyone (history_lost).
             self._start_reader(feed)
         self._go_live(feed, session, joiner, epoch, after, tag, snapshot, acknowledge=False)
+
+    def _send_captured(
+        self,
+        feed: Feed,
+        session: Session,
+        joiner: Joiner,
+        epoch: str,
+        seq: int,
+        tag: str | None,
+        catch_up: bool,
+    ) -> None:
+        """Send what the joiner captured past the connection's ``(epoch, seq)`` while it read
+        (:meth:`Joiner.start_live`); a resync the feed issued meanwhile is counted as sent."""
+        sequencer = feed.sequencer
+        for item in joiner.start_live(
+            epoch, seq, tag, feed=(sequencer.epoch, sequencer.last), catch_up=catch_up
+        ):
+            if item.kind:
+                self.metrics.resyncs_total += 1
+            session.send(item)
 
     def unsubscribe(self, session: Session, project_id: int) -> bool:
         """Stop a subscription; False if the session did not have it."""
