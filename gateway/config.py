@@ -271,7 +271,8 @@ class GatewayConfig(msgspec.Struct, kw_only=True, frozen=True):
         _doc("Log format; auto = console on a terminal, JSON otherwise."),
     ] = "auto"
     log_level: Annotated[
-        Literal["debug", "info", "warning", "error"], _doc("Minimum log level.")
+        Literal["debug", "info", "warning", "error", "critical"],
+        _doc("Minimum log level, in any case (INFO as well as info)."),
     ] = "info"
 
     def __post_init__(self) -> None:
@@ -409,6 +410,8 @@ def load_config(
         value = getattr(args, name)
         if value is not None:
             values[name] = value if _is_bool(tp) else _parse_env_value(tp, value)
+    if isinstance(values.get("log_level"), str):  # as the HTTP API's and the relay's take it
+        values["log_level"] = values["log_level"].lower()
     try:
         return msgspec.convert(values, GatewayConfig, strict=False)
     except msgspec.ValidationError as exc:

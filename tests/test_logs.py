@@ -109,3 +109,17 @@ def test_a_log_line_that_cannot_be_written_is_dropped_not_raised(monkeypatch):
     finally:
         structlog.configure(**before)
         root.setLevel(level)
+
+
+def test_the_gateways_log_level_is_taken_in_any_case_as_the_other_servers_take_it():
+    """``--log-level INFO`` (or ``EVENTBUS_LOG_LEVEL=Warning``) was refused by the gateway only:
+    the HTTP API and the outbox relay take any case, and ``critical``; so does the gateway."""
+    import pytest
+
+    from gateway.config import ConfigError, load_config
+
+    assert load_config(["--no-auth", "--log-level", "INFO"], environ={}).log_level == "info"
+    environ = {"EVENTBUS_LOG_LEVEL": "Critical"}
+    assert load_config(["--no-auth"], environ=environ).log_level == "critical"
+    with pytest.raises(ConfigError, match="log-level"):
+        load_config(["--no-auth", "--log-level", "verbose"], environ={})
