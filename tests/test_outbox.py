@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import select
 import signal
@@ -2781,3 +2782,54 @@ def test_the_applications_row_factories_do_not_matter(pg_url, pg_outbox, sqlite_
     snap = sqlite_outbox.snapshot(conn, 52, lambda c: c.execute("SELECT 2 AS two").fetchone())
     assert snap.data == {"two": 2} and snap.cursor.seq == 1
     conn.close()
+
+
+@pytest.mark.parametrize(
+    ("settings", "console"),
+    [
+        ({"EVENTBUS_LOG_FORMAT": "console"}, True),
+        ({"argv": ["--log-format", "console", "--log-level", "INFO"]}, True),
+        ({}, False),
+    ],
+)
+def test_cli_relay_log_format_and_level_come_from_flags_or_the_environment(
+    sqlite_path, table, redis_url, settings, console
+):
+    """As the gateway's and the HTTP API's: ``--log-format``/``--log-level`` or
+    ``$EVENTBUS_LOG_FORMAT``/``$EVENTBUS_LOG_LEVEL`` (the relay had no format choice: JSON
+    always). JSON stays the default."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTBUS_LOG")}
+    env.update({k: v for k, v in settings.items() if k != "argv"}, PYTHONPATH=str(ROOT))
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "publisher.outbox", "relay", "--sqlite", sqlite_path,
+            "--table", table, "--redis-url", redis_url, "--poll-interval", "0.1",
+            "--log-level", "info", *settings.get("argv", []),
+        ],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        first = process.stderr.readline()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, rest = process.communicate(timeout=15)
+    assert process.returncode == 0, first + rest
+    if console:
+        assert "outbox_relay_started" in first and not first.startswith("{"), first
+    else:
+        assert json.loads(first)["event"] == "outbox_relay_started", first
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"), [("EVENTBUS_LOG_FORMAT", "text"), ("EVENTBUS_LOG_LEVEL", "loud")]
+)
+def test_cli_relay_refuses_a_log_setting_from_the_environment_it_does_not_know(
+    sqlite_path, variable, value
+):
+    out = subprocess.run(
+        [sys.executable, "-m", "publisher.outbox", "relay", "--sqlite", sqlite_path],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), variable: value},
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert variable in out.stderr and value in out.stderr, out.stderr

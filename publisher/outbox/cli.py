@@ -7,8 +7,9 @@
 
 ``--dsn`` defaults to ``$EVENTBUS_OUTBOX_DSN``, ``--redis-url`` to ``$EVENTBUS_REDIS_URL`` (else
 ``redis://127.0.0.1:6379/0``), ``--prefix`` to ``$EVENTBUS_PREFIX``. The relay logs structlog
-JSON lines on stderr and on SIGTERM / SIGINT exits 0 within ``--stop-timeout`` (10 s), whatever
-the database does (see ``OutboxRelay.stop``). Exit 2: usage error; 1: the relay thread died.
+JSON lines on stderr (``--log-format``, ``--log-level``) and on SIGTERM / SIGINT exits 0
+within ``--stop-timeout`` (10 s), whatever the database does (see ``OutboxRelay.stop``).
+Exit 2: usage error; 1: the relay thread died.
 
 The same relay is ``eventbus-publish relay`` (:func:`relay_main` takes the arguments after
 ``relay``).
@@ -31,7 +32,7 @@ from publisher.outbox.relay import OutboxRelay
 from publisher.outbox.sql import DEFAULT_TABLE, POSTGRES, SQLITE, migration_sql, validate_table
 from publisher.outbox.sqlite import SQLiteOutboxStore
 from schemas.keys import DEFAULT_PREFIX
-from serverkit.logs import configure_logging
+from serverkit.logs import LOG_FORMATS, configure_logging
 
 __all__ = ["main", "relay_main"]
 
@@ -107,7 +108,15 @@ def _relay_arguments(parser: argparse.ArgumentParser) -> None:
         "--log-level",
         type=str.lower,  # INFO as well as info, as before
         choices=("debug", "info", "warning", "error", "critical"),
-        default="info",
+        default=os.environ.get("EVENTBUS_LOG_LEVEL", "info").lower(),
+        help="default $EVENTBUS_LOG_LEVEL, else info",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=os.environ.get("EVENTBUS_LOG_FORMAT", "json"),
+        help="json, or console (columns); auto: console on a terminal, else json "
+        "(default $EVENTBUS_LOG_FORMAT, else json). Logs go to stderr",
     )
 
 
@@ -122,9 +131,12 @@ def _run_relay(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         )
     else:
         parser.error("give --dsn (or $EVENTBUS_OUTBOX_DSN) or --sqlite")
-    # JSON lines on stderr, as the gateway's and the HTTP API's (a line that cannot be written
-    # is dropped: a relay whose log reader is gone goes on relaying).
-    configure_logging("json", args.log_level)
+    # On stderr, as the gateway's and the HTTP API's (a line that cannot be written is dropped:
+    # a relay whose log reader is gone goes on relaying).
+    try:
+        configure_logging(args.log_format, args.log_level)
+    except ValueError as exc:  # argparse checks the flags' choices, not the environment's
+        parser.error(f"{exc} ($EVENTBUS_LOG_FORMAT / $EVENTBUS_LOG_LEVEL)")
     publisher = Publisher.from_url(
         args.redis_url,
         prefix=args.prefix,
