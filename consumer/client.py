@@ -40,10 +40,12 @@ import structlog
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.frames import Close
+from websockets.proxy import get_proxy
 
 from consumer.answers import PendingAnswers, ReadingClock
 from consumer.buffer import BoundedQueue
 from consumer.frames import EVENT_TYPES, FrameError, decode_frame, event_seq
+from consumer.lookups import is_ip_address, open_socket
 from consumer.ordering import ProjectState, Verdict
 from consumer.pages import PageUnavailable, read_page
 from consumer.policy import (
@@ -229,10 +231,37 @@ class _connect(connect):
     """websockets' ``connect`` without following redirects: the gateway never answers a
     handshake with one (nor do browsers follow one for eventbus.js), and the token, sent in the
     first frame, would go to whatever host the ``Location`` names. A redirect is a refused
-    handshake (:class:`InvalidStatus`)."""
+    handshake (:class:`InvalidStatus`).
+
+    And without the event loop's default executor: websockets connects with
+    ``loop.create_connection``, which looks the host name up there (``loop.getaddrinfo``).
+    ``open_timeout`` ended the wait, not the lookup: on a resolver that does not answer, each
+    attempt's lookup held an executor thread until the resolver gave up, ``asyncio.run`` did not
+    return meanwhile (it waits for those threads), and once reconnects had them all, the
+    program's own ``asyncio.to_thread`` waited too. The name is looked up in a daemon thread
+    (:func:`consumer.lookups.open_socket`, one lookup of a name at a time, under ``open_timeout``
+    still), its addresses tried in order, and websockets is given the connected socket: TLS
+    still sends and checks the URL's host name, and the Host header is the URL's. An IP address
+    needs no lookup, and a connection through a proxy (websockets' ``proxy``, from the
+    environment by default) is websockets' own, its lookups included."""
 
     def process_redirect(self, exc: Exception) -> Exception | str:
         return exc
+
+    async def open_tcp_connection(self) -> ClientConnection:
+        host, kwargs = self.ws_uri.host, self.create_connection_kwargs
+        proxy = get_proxy(self.ws_uri) if self.proxy is True else self.proxy
+        if is_ip_address(host) or proxy is not None or "sock" in kwargs:
+            return await super().open_tcp_connection()
+        sock = await open_socket(host, self.ws_uri.port)
+        self.create_connection_kwargs = {**kwargs, "sock": sock}
+        try:
+            return await super().open_tcp_connection()
+        except BaseException:
+            sock.close()  # (asyncio closed it already when the TLS handshake failed)
+            raise
+        finally:
+            self.create_connection_kwargs = kwargs
 
 
 def _refused_frame(ws: ClientConnection) -> Close | None:

@@ -22,6 +22,8 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
+from consumer.lookups import in_daemon_thread
+
 __all__ = ["MAX_PAGE_BYTES", "PageRequest", "PageUnavailable", "read_page"]
 
 #: Largest catch-up page read: 1,000 of the largest events the contract allows are ~30 MB.
@@ -59,46 +61,15 @@ async def read_page(url: str, token: str | None, within: float) -> bytes:
     once), while the caller has its TimeoutError in time, and ``asyncio.run`` does not wait for
     it on exit (it waits for the default executor's threads)."""
     request = PageRequest()
-    loop = asyncio.get_running_loop()
-    answer: asyncio.Future[bytes] = loop.create_future()
-
-    def run() -> None:
-        try:
-            body = request.get(url, token, within)
-        except BaseException as exc:  # every outcome is the awaiting caller's
-            _settle_threadsafe(loop, answer, None, exc)
-        else:
-            _settle_threadsafe(loop, answer, body, None)
-
-    threading.Thread(target=run, name="eventbus-consumer-page", daemon=True).start()
     try:
         # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation that arrives with the
         # answer (it returns the page, or raises its error), and the closed consumer went on.
         async with asyncio.timeout(within):
-            return await answer
+            return await in_daemon_thread(
+                lambda: request.get(url, token, within), "eventbus-consumer-page"
+            )
     finally:
         request.cut()  # late, or cancelled (the consumer closed): the thread ends now, too
-
-
-def _settle_threadsafe(
-    loop: asyncio.AbstractEventLoop,
-    answer: asyncio.Future[bytes],
-    body: bytes | None,
-    error: BaseException | None,
-) -> None:
-    """Hand a page request's outcome to the loop; nothing when nobody waits for it any more
-    (the caller timed out or was cancelled, or the loop has closed)."""
-
-    def settle() -> None:
-        if answer.done():
-            return
-        if error is not None:
-            answer.set_exception(error)
-        else:
-            answer.set_result(body)  # type: ignore[arg-type]
-
-    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-        loop.call_soon_threadsafe(settle)
 
 
 class PageRequest:

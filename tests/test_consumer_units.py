@@ -1732,6 +1732,7 @@ async def test_a_page_caller_cancelled_as_the_answer_arrives_is_cancelled(monkey
     the caller is cancelled all the same. Python 3.11's ``asyncio.wait_for`` returned the page
     (or raised its HTTP error) instead, the cancellation swallowed: the catch-up went on after
     ``aclose``, asking for more pages, or surfacing a resync for a page that merely failed."""
+    import consumer.lookups as lookups
     import consumer.pages as pages
 
     def get(self, url: str, token: str | None, timeout: float) -> bytes:
@@ -1739,7 +1740,7 @@ async def test_a_page_caller_cancelled_as_the_answer_arrives_is_cancelled(monkey
             raise urllib.error.HTTPError(url, 500, "Internal Server Error", {}, None)  # type: ignore[arg-type]
         return b"{}"
 
-    settle = pages._settle_threadsafe
+    settle = lookups.settle_threadsafe
     caller: list[asyncio.Task[bytes]] = []
 
     class CancelledWithTheAnswer:
@@ -1760,7 +1761,7 @@ async def test_a_page_caller_cancelled_as_the_answer_arrives_is_cancelled(monkey
         settle(CancelledWithTheAnswer(loop), answer, body, error)
 
     monkeypatch.setattr(pages.PageRequest, "get", get)
-    monkeypatch.setattr(pages, "_settle_threadsafe", settle_then_cancel)
+    monkeypatch.setattr(lookups, "settle_threadsafe", settle_then_cancel)
     caller.append(asyncio.create_task(pages.read_page("http://gateway.example:8765/p", None, 5)))
     with pytest.raises(asyncio.CancelledError):
         await caller[0]
