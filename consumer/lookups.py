@@ -107,7 +107,12 @@ async def getaddrinfo(host: str, port: int) -> list[tuple[Any, ...]]:
         thread = threading.Thread(
             target=_look_up, args=(key,), name="eventbus-consumer-lookup", daemon=True
         )
-        thread.start()
+        try:
+            thread.start()
+        except BaseException:  # (no thread: nothing would ever answer this lookup's callers)
+            with _lookups_lock:
+                _lookups.pop(key, None)
+            raise
     try:
         return await answer
     finally:
@@ -124,7 +129,7 @@ def _look_up(key: tuple[str, int]) -> None:
     except BaseException as exc:
         error = exc
     with _lookups_lock:
-        waiting = _lookups.pop(key, [])
+        waiting = list(_lookups.pop(key, []))  # (a copy: callers leave the list meanwhile)
     for loop, answer in waiting:
         settle_threadsafe(loop, answer, result, error)
 

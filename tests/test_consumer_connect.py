@@ -185,3 +185,46 @@ async def test_wss_checks_the_certificate_against_the_urls_host_name(monkeypatch
         with resolver(monkeypatch, {"other-name.test": ["127.0.0.1"]}):
             assert await _handshakes(f"wss://other-name.test:{port}/") == (0, [])
     assert names[0] == "localhost" and names[-1] == "other-name.test"
+
+
+async def test_an_attempt_waiting_for_a_late_lookup_connects_when_it_answers(monkeypatch):
+    """Attempts share the lookup of a name still under way: one made while an earlier
+    attempt's lookup waits (the attempt given up at ``open_timeout``) connects as soon as the
+    resolver answers it."""
+    answer = threading.Event()
+    real = socket.getaddrinfo
+    lookups: list[str] = []
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host != "late.test":
+            return real(host, port, *args, **kwargs)
+        lookups.append(host)
+        answer.wait(60)
+        return real("127.0.0.1", port, *args, **kwargs)
+
+    import consumer.lookups
+
+    asked = asyncio.Event()
+    shared_lookup = consumer.lookups.getaddrinfo
+
+    async def asking(host: str, port: int) -> list:
+        asked.set()
+        return await shared_lookup(host, port)  # (waits for the lookup under way, if any)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    try:
+        async with serve(_record_host, "127.0.0.1", 0) as server:
+            port = server.sockets[0].getsockname()[1]
+            bus = Consumer(f"ws://late.test:{port}/", token="t", open_timeout=0.2)
+            await bus._connect_once()  # given up: the resolver has not answered
+            assert bus.connects == 0
+            bus._connect_options["open_timeout"] = 10
+            monkeypatch.setattr(consumer.lookups, "getaddrinfo", asking)
+            second = asyncio.create_task(bus._connect_once())
+            await asked.wait()  # the second attempt waits for the name
+            answer.set()
+            await second
+            await bus.aclose()
+    finally:
+        answer.set()
+    assert bus.connects == 1 and lookups == ["late.test"]
