@@ -58,8 +58,9 @@ _HASHES = {
 #: Longest display name (``name`` claim) a token may carry; longer ones are ignored on verify.
 MAX_NAME_LENGTH = 200
 #: Longest ``sub``, in UTF-8 bytes: the longest subject a revocation can name
-#: (:mod:`schemas.revocations`, 1 to this many bytes). A longer one, or an empty one, could never
-#: be revoked, so ``issue_token`` refuses to mint it and the gateway refuses a token that has one.
+#: (:mod:`schemas.revocations`, 1 to this many bytes). A longer one, an empty one, or one that is
+#: not text (half a surrogate pair) could never be revoked, so ``issue_token`` refuses to mint it
+#: and the gateway refuses a token that has one.
 MAX_SUBJECT_BYTES = 1024
 
 
@@ -359,6 +360,13 @@ _SUBJECT_TOO_LONG = (
 
 _SUBJECT_EMPTY = "'sub' is empty (no revocation could name it)"
 
+# Half a surrogate pair (JSON "\udc00", from a backend that cut a subject in UTF-16): no frame,
+# Redis command or revocation can carry it. Taken as no subject, it made a token that revoking
+# the person (by the subject the backend meant) never refused.
+_SUBJECT_NOT_TEXT = (
+    "'sub' is not text: it holds half a surrogate pair (no revocation could name it)"
+)
+
 
 def _unrevocable(subject: str) -> str | None:
     """Why no revocation could name ``subject`` (text): it is empty or over
@@ -394,7 +402,9 @@ def _claims(raw: dict) -> TokenClaims:
         iat = math.floor(iat)
     elif type(iat) is not int:  # a bool is no time, nor a string PyJWT's int() took
         iat = None
-    if is_text(sub):
+    if sub is not None:  # (PyJWT refused a sub that is not a string)
+        if not is_text(sub):
+            raise InvalidToken(f"invalid token: {_SUBJECT_NOT_TEXT}")
         unrevocable = _unrevocable(sub)
         if unrevocable is not None:
             raise InvalidToken(f"invalid token: {unrevocable}")
@@ -403,8 +413,7 @@ def _claims(raw: dict) -> TokenClaims:
     return TokenClaims(
         projects=allowed,
         exp=int(raw["exp"]),
-        # A subject that is not text names nobody (no frame could carry it): like a missing one.
-        sub=sub if is_text(sub) else None,
+        sub=sub,
         name=name,
         iat=iat,
     )
