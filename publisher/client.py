@@ -105,6 +105,10 @@ class _ContractHelpers(Generic[R]):
     now (UTC). Each returns what ``publish`` returns: a Cursor, or an awaitable of one."""
 
     _settings: _Settings
+    #: Stream entries that :meth:`history` reads skipped as not the event bus's (another writer
+    #: to the project's stream, or corruption: docs/operations.md, "A writer to Redis"), since
+    #: this publisher was made. The HTTP API reports it as ``eventbus_foreign_values_total``.
+    foreign_entries_skipped: int = 0
 
     @property
     def idempotency_window(self) -> timedelta:
@@ -670,7 +674,9 @@ class Publisher(_ContractHelpers[Cursor]):
             reply = self._run(lambda: self._snapshot_script(keys=keys, args=args), started)
         except redis.exceptions.RedisError as exc:
             raise PublishError(f"history read failed: {exc}") from exc
-        return _page(project_id, epoch, after, tag, limit, reply)
+        page, foreign = _page(project_id, epoch, after, tag, limit, reply)
+        self.foreign_entries_skipped += foreign
+        return page
 
     def revoke_tokens(
         self,
@@ -1035,7 +1041,9 @@ class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
             ) from exc
         except redis.exceptions.RedisError as exc:
             raise PublishError(f"history read failed: {exc}") from exc
-        return _page(project_id, epoch, after, tag, limit, reply)
+        page, foreign = _page(project_id, epoch, after, tag, limit, reply)
+        self.foreign_entries_skipped += foreign
+        return page
 
     async def revoke_tokens(
         self,
@@ -1263,14 +1271,16 @@ def _page(
     tag: str | None,
     limit: int,
     reply: object,
-) -> PollResponse:
-    """The page a SNAPSHOT reply holds for the cursor (stream entries another writer left are
-    skipped; the first one after the cursor is a ``history_corrupt`` resync, as on a gateway)."""
+) -> tuple[PollResponse, int]:
+    """The page a SNAPSHOT reply holds for the cursor, and how many stream entries another
+    writer left it skipped (the first one after the cursor is a ``history_corrupt`` resync, as
+    on a gateway)."""
     try:
-        snapshot, _foreign = parse_snapshot_reply(project_id, reply)
+        snapshot, foreign = parse_snapshot_reply(project_id, reply)
     except SnapshotUnreadable as exc:
         raise PublishError(f"history read failed: project {project_id}: {exc}") from None
-    return poll_response(project_id, snapshot, plan_poll(epoch, after, snapshot, limit, tag))
+    page = poll_response(project_id, snapshot, plan_poll(epoch, after, snapshot, limit, tag))
+    return page, len(foreign)
 
 
 def _revocation(subject: str, reply: object) -> Revocation:

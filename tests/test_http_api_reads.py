@@ -334,6 +334,31 @@ async def test_damaged_keys_are_a_502(redis_url, redis_client) -> None:
         assert (await ReadApi(port).get("/v1/projects/4/presence"))[2]["members"] == []
 
 
+async def test_foreign_stream_entries_a_history_read_skips_are_counted(
+    redis_url, redis_client
+) -> None:
+    """Another writer's entries in a project's stream are skipped by a history read (as by a
+    gateway, where they count in ``eventbus_foreign_values_total``): the API's ``/metrics``
+    counts them too, so an operator sees them (they were skipped without a trace)."""
+    keys = Keys()
+    async with _serve(redis_url) as (_, _, port):
+        api = ReadApi(port)
+        for blocker in (1, 2):
+            assert (await api.post(5, {**EXPIRED, "blocker_id": blocker}))[0] == 200
+        redis_client.xadd(keys.stream(5), {"x": "y"}, id="3-0")  # another writer's entry...
+        redis_client.hincrby(keys.meta(5), "seq", 1)  # ...counted as an event
+        metric = b'eventbus_foreign_values_total{kind="stream_entry"} '
+        before = (await api.raw(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n"))[2]
+        assert metric + b"0\n" in before
+        start = (await api.get("/v1/projects/5/events"))[2]  # no cursor: no entries read
+        assert start["seq"] == 3
+        status, _, page = await api.get(f"/v1/projects/5/events?epoch={start['epoch']}&after=0")
+        # The entry at 3 is no event: a page of 1 and 2, as a gateway's poll answers it.
+        assert status == 200 and [e["seq"] for e in page["events"]] == [1, 2], page
+        after = (await api.raw(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n"))[2]
+        assert metric + b"1\n" in after, after
+
+
 async def test_the_documented_curl_reads_answer(redis_url) -> None:
     async with _serve(redis_url) as (_, _, port):
         api = ReadApi(port)

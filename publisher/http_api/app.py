@@ -132,7 +132,8 @@ class Counters:
     def count(self, status: int, code: str) -> None:
         self.responses[status, code] = self.responses.get((status, code), 0) + 1
 
-    def render(self) -> bytes:
+    def render(self, foreign_entries: int = 0) -> bytes:
+        """``foreign_entries``: stream entries the publisher's history reads skipped."""
         lines = [
             "# HELP eventbus_http_publish_events_total Events published through the HTTP API.",
             "# TYPE eventbus_http_publish_events_total counter",
@@ -152,6 +153,12 @@ class Counters:
         for reason, value in sorted(self.closed.items()):
             labels = f'{{reason="{reason}"}}'
             lines.append(f"eventbus_http_publish_connections_closed_total{labels} {value}")
+        lines += [
+            "# HELP eventbus_foreign_values_total Values in Redis the event bus cannot have"
+            " written, skipped.",
+            "# TYPE eventbus_foreign_values_total counter",
+            f'eventbus_foreign_values_total{{kind="stream_entry"}} {foreign_entries}',
+        ]
         return ("\n".join(lines) + "\n").encode()
 
 
@@ -207,7 +214,8 @@ class PublishApi:
                 await self._readyz(send)
                 return
             if path == "/metrics" and method == "GET":
-                await _respond(send, 200, self.counters.render(), content_type=b"text/plain")
+                body = self.counters.render(getattr(self.publisher, "foreign_entries_skipped", 0))
+                await _respond(send, 200, body, content_type=b"text/plain")
                 return
             if path == REVOCATIONS_PATH:
                 if method != "POST":
