@@ -8,16 +8,41 @@ configure their logging here, so each writes the same lines the same way, its li
 
 from __future__ import annotations
 
+import argparse
 import logging
+import os
 import sys
 from typing import Any, TextIO
 
 import structlog
 
-__all__ = ["LOG_FORMATS", "UnfailingWriter", "configure_logging"]
+__all__ = ["LOG_FORMATS", "LOG_LEVELS", "UnfailingWriter", "add_log_arguments", "configure_logging"]
 
 #: What ``fmt`` of :func:`configure_logging` takes.
 LOG_FORMATS = ("auto", "json", "console")
+#: What ``--log-level`` takes (in any case).
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def add_log_arguments(parser: argparse.ArgumentParser, *, default_format: str = "auto") -> None:
+    """``--log-format`` and ``--log-level``, defaulting to ``$EVENTBUS_LOG_FORMAT`` (else
+    ``default_format``) and ``$EVENTBUS_LOG_LEVEL`` (else info), as the HTTP API and the outbox
+    relay take them. argparse checks the flags against their choices, not the defaults the
+    environment gives: :func:`configure_logging` raises ValueError for those."""
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=os.environ.get("EVENTBUS_LOG_FORMAT", default_format),
+        help="json, or console (columns); auto: console on a terminal, else json "
+        f"(default $EVENTBUS_LOG_FORMAT, else {default_format}). Logs go to stderr",
+    )
+    parser.add_argument(
+        "--log-level",
+        type=str.lower,  # INFO as well as info
+        choices=LOG_LEVELS,
+        default=os.environ.get("EVENTBUS_LOG_LEVEL", "info").lower(),
+        help="in any case (default $EVENTBUS_LOG_LEVEL, else info)",
+    )
 
 
 def configure_logging(fmt: str = "auto", level: str = "info") -> int:

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import socket
 import ssl
-import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +16,7 @@ import pytest
 from websockets.asyncio.server import serve
 
 from consumer import Consumer
+from tests.support.tls import localhost_certificate
 
 #: Made-up names this process's ``socket.getaddrinfo`` answers for (see :func:`resolver`).
 HUNG = "hung-resolver.test"
@@ -156,17 +155,7 @@ async def test_a_gateway_by_address_or_by_name_connects(monkeypatch):
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory) -> tuple[Path, Path]:
     """A self-signed certificate for the name ``localhost`` only (no IP address in it)."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is needed to make a certificate")
-    directory = tmp_path_factory.mktemp("tls")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost"],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return cert, key
+    return localhost_certificate(tmp_path_factory.mktemp("tls"))
 
 
 async def test_wss_checks_the_certificate_against_the_urls_host_name(monkeypatch, certificate):

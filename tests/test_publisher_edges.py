@@ -357,21 +357,10 @@ def test_a_resolver_that_never_answers_fails_a_publish_within_its_timeout(monkey
 def tls_server(tmp_path_factory) -> Iterator[tuple[RedisServer, int, str]]:
     """A private Redis on 127.0.0.1 and ::1, also serving TLS with a certificate for the name
     ``localhost`` only (no IP address in it): (server, TLS port, CA file)."""
-    import shutil
-    import subprocess
-
     from tests.support.redis_server import free_port
+    from tests.support.tls import localhost_certificate
 
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is needed to make a certificate")
-    directory = tmp_path_factory.mktemp("tls")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost"],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    cert, key = localhost_certificate(tmp_path_factory.mktemp("tls"))
     tls_port = free_port()
     with RedisServer(
         None,

@@ -17,11 +17,10 @@ import msgspec
 from publisher.http_api.app import HttpApiSettings, PublishApi
 from publisher.http_api.core import ApiKey, Credentials, hash_key, new_key
 from schemas.revocations import DEFAULT_MAX_REVOCATIONS
-from serverkit.logs import LOG_FORMATS, configure_logging
+from serverkit.logs import LOG_FORMATS, LOG_LEVELS, add_log_arguments, configure_logging
 
 __all__ = ["main"]
 
-_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -73,20 +72,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
             default=getattr(defaults, field.name),
             help="default %(default)s (docs/http-publish.md)",
         )
-    serve.add_argument(
-        "--log-format",
-        choices=LOG_FORMATS,
-        default=os.environ.get("EVENTBUS_LOG_FORMAT", "auto"),
-        help="json, or console (columns); auto: console on a terminal, else json "
-        "(default $EVENTBUS_LOG_FORMAT, else auto). Logs go to stderr",
-    )
-    serve.add_argument(
-        "--log-level",
-        type=str.lower,  # INFO as well as info
-        choices=_LOG_LEVELS,
-        default=os.environ.get("EVENTBUS_LOG_LEVEL", "info").lower(),
-        help="default $EVENTBUS_LOG_LEVEL, else info",
-    )
+    add_log_arguments(serve)
     serve.add_argument(
         "--limit-concurrency",
         type=int,
@@ -165,7 +151,7 @@ def _serve(args: argparse.Namespace, prog: str) -> int:
     # argparse checks the flags against their choices, not the defaults the environment gave.
     for variable, value, known in (
         ("EVENTBUS_LOG_FORMAT", args.log_format, LOG_FORMATS),
-        ("EVENTBUS_LOG_LEVEL", args.log_level, _LOG_LEVELS),
+        ("EVENTBUS_LOG_LEVEL", args.log_level, LOG_LEVELS),
     ):
         if value not in known:
             sys.stderr.write(

@@ -32,7 +32,7 @@ from publisher.outbox.relay import OutboxRelay
 from publisher.outbox.sql import DEFAULT_TABLE, POSTGRES, SQLITE, migration_sql, validate_table
 from publisher.outbox.sqlite import SQLiteOutboxStore
 from schemas.keys import DEFAULT_PREFIX
-from serverkit.logs import LOG_FORMATS, configure_logging
+from serverkit.logs import add_log_arguments, configure_logging
 
 __all__ = ["main", "relay_main"]
 
@@ -104,20 +104,7 @@ def _relay_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds to exit in after SIGTERM / SIGINT; the batch under way gets half of it (10)",
     )
     parser.add_argument("--stats-interval", type=float, default=10.0)
-    parser.add_argument(
-        "--log-level",
-        type=str.lower,  # INFO as well as info, as before
-        choices=("debug", "info", "warning", "error", "critical"),
-        default=os.environ.get("EVENTBUS_LOG_LEVEL", "info").lower(),
-        help="default $EVENTBUS_LOG_LEVEL, else info",
-    )
-    parser.add_argument(
-        "--log-format",
-        choices=LOG_FORMATS,
-        default=os.environ.get("EVENTBUS_LOG_FORMAT", "json"),
-        help="json, or console (columns); auto: console on a terminal, else json "
-        "(default $EVENTBUS_LOG_FORMAT, else json). Logs go to stderr",
-    )
+    add_log_arguments(parser, default_format="json")
 
 
 def _run_relay(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
