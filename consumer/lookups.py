@@ -144,15 +144,19 @@ async def open_socket(host: str, port: int) -> socket.socket:
         raise OSError(f"getaddrinfo() returned an empty list for {host!r}")
     errors: list[OSError] = []
     for family, type_, proto, _, address in infos:
-        sock = socket.socket(family, type_, proto)
+        sock = None
         try:
+            # (in the try: a family the system lacks, IPv6 disabled, is a failed address)
+            sock = socket.socket(family, type_, proto)
             sock.setblocking(False)
             await loop.sock_connect(sock, address)
         except OSError as exc:
-            sock.close()
+            if sock is not None:
+                sock.close()
             errors.append(exc)
         except BaseException:
-            sock.close()
+            if sock is not None:
+                sock.close()
             raise
         else:
             return sock

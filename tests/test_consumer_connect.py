@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import socket
 import ssl
 import threading
@@ -217,3 +218,24 @@ async def test_an_attempt_waiting_for_a_late_lookup_connects_when_it_answers(mon
     finally:
         answer.set()
     assert bus.connects == 1 and lookups == ["late.test"]
+
+
+class _NoIPv6Socket(socket.socket):
+    """A kernel without IPv6 (``ipv6.disable=1``): an IPv6 socket cannot even be made."""
+
+    def __init__(self, family=-1, type=-1, proto=-1, fileno=None):
+        if family == socket.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+        super().__init__(family, type, proto, fileno)
+
+
+async def test_a_name_whose_first_address_is_of_a_family_the_system_lacks_connects(monkeypatch):
+    """On a system without IPv6, ``localhost`` is still ``::1`` first (``/etc/hosts``) but an
+    IPv6 socket cannot be made: as ``loop.create_connection`` does, that address is a failed
+    one and the next is tried (the attempt failed with EAFNOSUPPORT, and every one after it)."""
+    async with serve(_record_host, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        with resolver(monkeypatch, {"two-addresses.test": ["::1", "127.0.0.1"]}):
+            monkeypatch.setattr(socket, "socket", _NoIPv6Socket)
+            url = f"ws://two-addresses.test:{port}/"
+            assert await _handshakes(url) == (1, [f"two-addresses.test:{port}"])
