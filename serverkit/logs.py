@@ -16,7 +16,14 @@ from typing import Any, TextIO
 
 import structlog
 
-__all__ = ["LOG_FORMATS", "LOG_LEVELS", "UnfailingWriter", "add_log_arguments", "configure_logging"]
+__all__ = [
+    "LOG_FORMATS",
+    "LOG_LEVELS",
+    "UnfailingWriter",
+    "add_log_arguments",
+    "configure_logging",
+    "log_arguments_error",
+]
 
 #: What ``fmt`` of :func:`configure_logging` takes.
 LOG_FORMATS = ("auto", "json", "console")
@@ -45,6 +52,19 @@ def add_log_arguments(parser: argparse.ArgumentParser, *, default_format: str = 
     )
 
 
+def log_arguments_error(args: argparse.Namespace) -> str | None:
+    """What is wrong with the ``--log-format``/``--log-level`` that :func:`add_log_arguments`
+    parsed, or None. argparse checks the flags against their choices, not the defaults that the
+    environment gave them: the message names the variable."""
+    for variable, value, known in (
+        ("EVENTBUS_LOG_FORMAT", args.log_format, LOG_FORMATS),
+        ("EVENTBUS_LOG_LEVEL", args.log_level, LOG_LEVELS),
+    ):
+        if value not in known:
+            return f"{variable}={value!r}: expected one of {', '.join(known)}"
+    return None
+
+
 def configure_logging(fmt: str = "auto", level: str = "info") -> int:
     """Route structlog, and the stdlib loggers of the libraries (at WARNING and above, or
     ``level`` when higher), to stderr; returns ``level`` as a number.
@@ -54,7 +74,10 @@ def configure_logging(fmt: str = "auto", level: str = "info") -> int:
     """
     if fmt not in LOG_FORMATS:
         raise ValueError(f"log format {fmt!r}: expected one of {', '.join(LOG_FORMATS)}")
-    numeric = logging.getLevelNamesMapping().get(level.upper())
+    # Only the five names: the logging module also knows WARN, FATAL and NOTSET (everything).
+    numeric = (
+        logging.getLevelNamesMapping().get(level.upper()) if level.lower() in LOG_LEVELS else None
+    )
     if numeric is None:
         raise ValueError(f"log level {level!r}: expected debug, info, warning, error or critical")
     if fmt == "auto":

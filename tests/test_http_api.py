@@ -1070,7 +1070,12 @@ async def test_a_full_revocation_list_is_507_and_changes_nothing(redis_url, redi
 
 
 @pytest.mark.parametrize(
-    ("variable", "value"), [("EVENTBUS_LOG_LEVEL", "verbose"), ("EVENTBUS_LOG_FORMAT", "text")]
+    ("variable", "value"),
+    [
+        ("EVENTBUS_LOG_LEVEL", "verbose"),
+        ("EVENTBUS_LOG_LEVEL", "notset"),
+        ("EVENTBUS_LOG_FORMAT", "text"),
+    ],
 )
 def test_serve_refuses_a_log_setting_from_the_environment_it_does_not_know(
     tmp_path, variable, value

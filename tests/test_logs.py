@@ -123,3 +123,13 @@ def test_the_gateways_log_level_is_taken_in_any_case_as_the_other_servers_take_i
     assert load_config(["--no-auth"], environ=environ).log_level == "critical"
     with pytest.raises(ConfigError, match="log-level"):
         load_config(["--no-auth", "--log-level", "verbose"], environ={})
+
+
+def test_configure_logging_takes_the_five_level_names_only():
+    """The logging module also knows WARN, FATAL and NOTSET (which logs everything): a server
+    given one of those from the environment started, where the docs say it is refused."""
+    import pytest
+
+    for level in ("warn", "fatal", "notset", "NOTSET", "verbose"):
+        with pytest.raises(ValueError, match="log level"):
+            logs.configure_logging("json", level)

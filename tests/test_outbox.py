@@ -2821,7 +2821,15 @@ def test_cli_relay_log_format_and_level_come_from_flags_or_the_environment(
 
 
 @pytest.mark.parametrize(
-    ("variable", "value"), [("EVENTBUS_LOG_FORMAT", "text"), ("EVENTBUS_LOG_LEVEL", "loud")]
+    ("variable", "value"),
+    [
+        ("EVENTBUS_LOG_FORMAT", "text"),
+        ("EVENTBUS_LOG_LEVEL", "loud"),
+        # Names the logging module knows but --log-level does not (nor the gateway, nor the
+        # HTTP API): the relay ran with them (notset logging debug lines).
+        ("EVENTBUS_LOG_LEVEL", "warn"),
+        ("EVENTBUS_LOG_LEVEL", "notset"),
+    ],
 )
 def test_cli_relay_refuses_a_log_setting_from_the_environment_it_does_not_know(
     sqlite_path, variable, value

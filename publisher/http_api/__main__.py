@@ -17,7 +17,7 @@ import msgspec
 from publisher.http_api.app import HttpApiSettings, PublishApi
 from publisher.http_api.core import ApiKey, Credentials, hash_key, new_key
 from schemas.revocations import DEFAULT_MAX_REVOCATIONS
-from serverkit.logs import LOG_FORMATS, LOG_LEVELS, add_log_arguments, configure_logging
+from serverkit.logs import add_log_arguments, configure_logging, log_arguments_error
 
 __all__ = ["main"]
 
@@ -148,16 +148,10 @@ def _serve(args: argparse.Namespace, prog: str) -> int:
     from publisher.client import AsyncPublisher
     from publisher.http_api.server import fit_descriptors, server_config
 
-    # argparse checks the flags against their choices, not the defaults the environment gave.
-    for variable, value, known in (
-        ("EVENTBUS_LOG_FORMAT", args.log_format, LOG_FORMATS),
-        ("EVENTBUS_LOG_LEVEL", args.log_level, LOG_LEVELS),
-    ):
-        if value not in known:
-            sys.stderr.write(
-                f"{prog}: error: {variable}={value!r}: expected one of {', '.join(known)}\n"
-            )
-            return 2
+    error = log_arguments_error(args)
+    if error is not None:
+        sys.stderr.write(f"{prog}: error: {error}\n")
+        return 2
     if not args.keys_file:
         sys.stderr.write(
             f"{prog}: error: --keys-file (or EVENTBUS_PUBLISH_KEYS_FILE) is required\n"

@@ -32,7 +32,7 @@ from publisher.outbox.relay import OutboxRelay
 from publisher.outbox.sql import DEFAULT_TABLE, POSTGRES, SQLITE, migration_sql, validate_table
 from publisher.outbox.sqlite import SQLiteOutboxStore
 from schemas.keys import DEFAULT_PREFIX
-from serverkit.logs import add_log_arguments, configure_logging
+from serverkit.logs import add_log_arguments, configure_logging, log_arguments_error
 
 __all__ = ["main", "relay_main"]
 
@@ -120,10 +120,10 @@ def _run_relay(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         parser.error("give --dsn (or $EVENTBUS_OUTBOX_DSN) or --sqlite")
     # On stderr, as the gateway's and the HTTP API's (a line that cannot be written is dropped:
     # a relay whose log reader is gone goes on relaying).
-    try:
-        configure_logging(args.log_format, args.log_level)
-    except ValueError as exc:  # argparse checks the flags' choices, not the environment's
-        parser.error(f"{exc} ($EVENTBUS_LOG_FORMAT / $EVENTBUS_LOG_LEVEL)")
+    error = log_arguments_error(args)
+    if error is not None:
+        parser.error(error)
+    configure_logging(args.log_format, args.log_level)
     publisher = Publisher.from_url(
         args.redis_url,
         prefix=args.prefix,
