@@ -402,7 +402,9 @@ def _claims(raw: dict) -> TokenClaims:
         iat = math.floor(iat)
     elif type(iat) is not int:  # a bool is no time, nor a string PyJWT's int() took
         iat = None
-    if sub is not None:  # (PyJWT refused a sub that is not a string)
+    if sub is not None:
+        if not isinstance(sub, str):  # (PyJWT 2.10+ refuses it first)
+            raise InvalidToken("invalid token: 'sub' must be a string")
         if not is_text(sub):
             raise InvalidToken(f"invalid token: {_SUBJECT_NOT_TEXT}")
         unrevocable = _unrevocable(sub)
