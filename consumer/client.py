@@ -38,9 +38,10 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 import msgspec
 import structlog
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.frames import Close
 from websockets.proxy import get_proxy
+from websockets.uri import parse_uri
 
 from consumer.answers import PendingAnswers, ReadingClock
 from consumer.buffer import BoundedQueue
@@ -348,6 +349,18 @@ def _item_bytes(item: object) -> int:
     return len(raw) if type(raw) is bytes else CONTROL_ITEM_BYTES
 
 
+def _check_url(url: object) -> None:
+    """ValueError unless ``url`` is a ``ws://`` or ``wss://`` URL whose host can be looked up:
+    taken, such a URL stopped the consumer at its first attempt (websockets' InvalidURI, or the
+    lookup's UnicodeError for an empty or over-long label), even with good URLs beside it."""
+    try:
+        host = parse_uri(url).host  # type: ignore[arg-type]
+        if not is_ip_address(host):
+            host.encode("idna")  # what socket.getaddrinfo does to it (labels of 1-63)
+    except (InvalidURI, UnicodeError, TypeError, AttributeError) as exc:
+        raise ValueError(f"not a gateway URL (ws:// or wss://): {url!r}: {exc}") from None
+
+
 def _check_bound(name: str, value: object) -> None:
     """ValueError unless ``value`` is an int >= 1 (a bool is no count)."""
     if type(value) is not int or value < 1:
@@ -521,6 +534,8 @@ class Consumer:
         urls = [url] if isinstance(url, str) else list(url)
         if not urls:
             raise ValueError("at least one gateway URL is required")
+        for each in urls:
+            _check_url(each)
         _check_start(start)
         _check_bound("buffer", buffer)
         _check_bound("buffer_bytes", buffer_bytes)

@@ -279,6 +279,9 @@ def run(args: argparse.Namespace, *, stdout: TextIO, stderr: TextIO, prog: str =
             )
         stderr.write(f"{prog}: error: {exc}{hint}\n")
         return EXIT_USAGE
+    except ValueError as exc:  # the consumer's arguments (a URL that is not ws:// or wss://)
+        stderr.write(f"{prog}: error: {exc}\n")
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:

@@ -1224,6 +1224,9 @@ def test_tail_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]):
         assert info.value.code == 2, argv
     assert consumer_main(["nope"]) == 2
     assert "usage: python -m consumer tail" in capsys.readouterr().err
+    # A URL no connection can be made to: a usage error too, not a traceback.
+    assert tail_main(["1", "--url", "http://127.0.0.1:8765/"]) == 2
+    assert "error: not a gateway URL" in capsys.readouterr().err
 
 
 async def test_a_subscription_dropped_without_closing_unfollows_its_projects():
@@ -3095,3 +3098,30 @@ async def test_a_subscription_not_read_holds_buffer_bytes_of_events_not_buffer_i
                     assert queue.qsize() <= held
                     assert queue.nbytes <= buffer_bytes or queue.qsize() <= 1
             assert seqs == list(range(1, count + 1))
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8765/",  # not a WebSocket URL
+        "127.0.0.1:8765",
+        "ws://a..b/",  # an empty label: getaddrinfo raised UnicodeError
+        "ws://" + "x" * 64 + ".example/",  # a label over 63 characters, the same
+        "ws:///",  # no host
+    ],
+)
+def test_a_gateway_url_that_cannot_be_connected_to_is_refused_when_the_consumer_is_made(url):
+    """Such a URL was taken, and its first connection attempt stopped the consumer for good as
+    an "internal error" (the name lookup's UnicodeError, websockets' InvalidURI), even with
+    other, good URLs in the list. ValueError naming the URL, as for the other arguments."""
+    with pytest.raises(ValueError, match="gateway URL"):
+        Consumer(url)
+    with pytest.raises(ValueError, match="gateway URL"):
+        Consumer(["ws://127.0.0.1:8765/", url])
+    for good in (
+        "ws://localhost/",
+        "wss://gateway.example:443/path",
+        "ws://[::1]:8765/",
+        "ws://bücher.example/",
+    ):
+        Consumer(good)
