@@ -8,7 +8,7 @@ import { connect } from "/eventbus.js";
  * (`id`: the event's blocker_id, which the test set to its publish number) and
  * `{project, resync: {epoch, seq}}` for every onResync call (the cursor delivery continues after).
  */
-export function start({ url, httpUrl, token, projectIds, backoff, websocket = true, pingInterval, pongTimeout, sseIdleTimeout, sse = true, pollInterval, pollTimeout }) {
+export function start({ url, httpUrl, token, projectIds, backoff, websocket = true, pingInterval, pongTimeout, sseIdleTimeout, sse = true, pollInterval, pollTimeout, options = {} }) {
   const log = [];
   const errors = [];
   const states = [];
@@ -29,6 +29,7 @@ export function start({ url, httpUrl, token, projectIds, backoff, websocket = tr
     },
     onError: (error) => errors.push(`${error.code}: ${error.message}`),
     onStateChange: (state, previous, { transport }) => states.push(`${state}/${transport}`),
+    ...options, // any other option of connect() (connectTimeout, stableAfter, ...)
   });
   for (const projectId of projectIds) {
     bus.subscribe(projectId, (event) => log.push({ project: event.project_id, seq: event.seq, id: event.blocker_id }));

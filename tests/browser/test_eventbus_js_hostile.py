@@ -1,0 +1,404 @@
+"""eventbus.js against a hostile server: the browser client in chromium, its real WebSocket, fetch
+and timers, talking to a scripted stand-in for the gateway that each test drives frame by frame
+(out of order, duplicated, with a gap, malformed, binary, closed with odd codes, silent, never
+upgraded, an SSE stream that stalls mid-event or sends garbage, the browser going offline).
+
+What the page's callbacks see is checked: every event once and in order, or an explicit resync;
+no silent gap; a stalled connection replaced within the documented bounds; no uncaught error in
+the page; no timer piling up across reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.server
+import json
+import queue
+import socket
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+import websockets
+from playwright.sync_api import Browser, Page
+
+from tests.browser.conftest import ROOT
+from tests.support.redis_server import free_port
+
+pytestmark = pytest.mark.browser
+
+CLIENT_JS = ROOT / "gateway" / "static" / "eventbus.js"
+DRIVER_JS = ROOT / "tests" / "browser" / "eventbus_churn.js"
+PROJECT = 1
+EPOCH = "e1"
+#: Fast schedules: a reconnect after 20-40 ms, not 1-30 s.
+FAST_BACKOFF = {"initial": 20, "max": 40, "factor": 2, "jitter": 0}
+
+
+def event(seq: int, project: int = PROJECT) -> dict:
+    return {"type": "blocker_resolved", "project_id": project, "blocker_id": seq, "seq": seq}
+
+
+class Conn:
+    """One WebSocket connection to :class:`ScriptedGateway`, driven from the test's thread."""
+
+    def __init__(self, server: ScriptedGateway, ws) -> None:
+        self.server = server
+        self.ws = ws
+        self.frames: queue.Queue = queue.Queue()
+        self.done = asyncio.Event()
+
+    def _run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.server.loop).result(10)
+
+    def recv(self, timeout: float = 10.0) -> dict:
+        """The next frame the client sent (its JSON); ``queue.Empty`` after ``timeout``."""
+        return json.loads(self.frames.get(timeout=timeout))
+
+    def expect(self, kind: str, timeout: float = 10.0) -> dict:
+        """The next frame of type ``kind`` (pings and others before it are skipped)."""
+        while True:
+            frame = self.recv(timeout)
+            if frame.get("type") == kind:
+                return frame
+
+    def send(self, *frames: dict | str | bytes) -> None:
+        for frame in frames:
+            self._run(self.ws.send(json.dumps(frame) if isinstance(frame, dict) else frame))
+
+    def handshake(self, seq: int = 0, *, resumed: bool = False, replay=()) -> dict:
+        """Answer the auth and the project's subscribe: `authenticated`, the replay, `subscribed`
+        naming ``seq``. Returns the subscribe frame."""
+        assert self.expect("auth")["token"] == "t"
+        self.send({"type": "authenticated", "expires_at": 4_000_000_000})
+        subscribe = self.expect("subscribe")
+        self.send(*(event(s) for s in replay))
+        self.send(
+            {
+                "type": "subscribed",
+                "project_id": PROJECT,
+                "epoch": EPOCH,
+                "seq": seq,
+                "resumed": resumed,
+                "replayed": len(replay),
+            }
+        )
+        return subscribe
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        self._run(self.ws.close(code, reason))
+
+    def abort(self) -> None:
+        """Drop the TCP connection without a close frame: the browser sees 1006."""
+        self.server.loop.call_soon_threadsafe(self.ws.transport.abort)
+
+
+class ScriptedGateway:
+    """A websockets server in a thread of its own; each connection becomes a :class:`Conn`
+    (``next_conn()``), which the test answers frame by frame. No automatic pings."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.loop = asyncio.new_event_loop()
+        self.conns: queue.Queue[Conn] = queue.Queue()
+        self.count = 0
+        started = threading.Event()
+        self.thread = threading.Thread(target=self._main, args=(started,), daemon=True)
+        self.thread.start()
+        started.wait(10)
+
+    def _main(self, started: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+
+        async def serve() -> None:
+            self.server = await websockets.serve(
+                self._handler, "127.0.0.1", self.port, ping_interval=None, max_size=None
+            )
+            started.set()
+
+        self.loop.run_until_complete(serve())
+        self.loop.run_forever()
+
+    async def _handler(self, ws) -> None:
+        conn = Conn(self, ws)
+        self.count += 1
+        self.conns.put(conn)
+        with contextlib.suppress(websockets.ConnectionClosed):
+            async for message in ws:
+                conn.frames.put(message)
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/"
+
+    def next_conn(self, timeout: float = 10.0) -> Conn:
+        return self.conns.get(timeout=timeout)
+
+    def close(self) -> None:
+        async def stop() -> None:
+            self.server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.server.wait_closed(), 5)
+            tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(stop(), self.loop).result(5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+class PageServer:
+    """Serves the driver page (same origin as the SSE endpoint) and, when a test sets
+    ``self.stream``, answers ``GET /v1/projects/<id>/stream`` by calling it with the request
+    handler (which writes whatever it likes). Other /v1 paths: 404."""
+
+    def __init__(self) -> None:
+        index = b"""<!doctype html><meta charset="utf-8"><title>eventbus.js hostile</title>
+<script type="module">
+  import * as driver from "/hostile/driver.js";
+  window.driver = driver;
+  window.driverReady = true;
+</script>"""
+        self.files = {
+            "/hostile/": (index, "text/html"),
+            "/eventbus.js": (CLIENT_JS.read_bytes(), "text/javascript"),
+            "/hostile/driver.js": (DRIVER_JS.read_bytes(), "text/javascript"),
+        }
+        self.stream: Callable | None = None
+        self.requests: queue.Queue = queue.Queue()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                if self.path.startswith("/v1/"):
+                    outer.requests.put((self.path, dict(self.headers)))
+                    if "/stream" in self.path and outer.stream is not None:
+                        outer.stream(self)
+                        return
+                    body = b'{"error":"not_found","message":"no"}'
+                    self.send_response(404)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
+                body, kind = outer.files.get(self.path, (b"not found", "text/plain"))
+                self.send_response(200 if self.path in outer.files else 404)
+                self.send_header("Content-Type", f"{kind}; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def gw() -> Iterator[ScriptedGateway]:
+    server = ScriptedGateway()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def site() -> Iterator[PageServer]:
+    server = PageServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def page(browser: Browser, site: PageServer) -> Iterator[Page]:
+    context = browser.new_context()
+    page = context.new_page()
+    page.problems = []  # type: ignore[attr-defined]
+    page.on("pageerror", lambda error: page.problems.append(str(error)))  # type: ignore[attr-defined]
+    page.goto(f"{site.url}/hostile/")
+    page.wait_for_function("window.driverReady === true")
+    yield page
+    context.close()
+
+
+def start(page: Page, gw: ScriptedGateway, site: PageServer, **options) -> None:
+    args = {
+        "url": options.pop("url", gw.url),
+        "httpUrl": site.url,
+        "token": "t",
+        "projectIds": [PROJECT],
+        "backoff": FAST_BACKOFF,
+        "options": {},
+    }
+    for key in ("websocket", "sse", "pingInterval", "pongTimeout", "sseIdleTimeout"):
+        if key in options:
+            args[key] = options.pop(key)
+    args["options"] = options
+    page.evaluate("(args) => window.driver.start(args)", args)
+
+
+def delivered(page: Page) -> list:
+    """What the application saw: event seqs, and ('resync', seq) for each onResync."""
+    return [
+        ("resync", entry["resync"]["seq"] if entry["resync"] else None)
+        if "resync" in entry
+        else entry["seq"]
+        for entry in page.evaluate("window.churn.log")
+    ]
+
+
+def wait_delivered(page: Page, count: int) -> list:
+    page.wait_for_function(f"window.churn.log.length >= {count}")
+    return delivered(page)
+
+
+def errors(page: Page) -> list[str]:
+    return page.evaluate("window.churn.errors")
+
+
+def live(page: Page, gw: ScriptedGateway, site: PageServer, **options) -> Conn:
+    """Started, connected, the first subscribe answered (top 0) and its reload done."""
+    start(page, gw, site, **options)
+    conn = gw.next_conn()
+    conn.handshake(0)
+    wait_delivered(page, 1)
+    return conn
+
+
+# --- ordering -------------------------------------------------------------------------------
+
+
+def test_duplicates_out_of_order_and_a_gap_are_each_event_once_in_order(
+    page: Page, gw: ScriptedGateway, site: PageServer
+) -> None:
+    conn = live(page, gw, site)
+    conn.send(event(1), event(2), event(2), event(1), event(4), event(3))
+    # 4 came past a gap: the client asks again from its cursor rather than skip 3.
+    repair = conn.expect("subscribe")
+    assert (repair["epoch"], repair["after"]) == (EPOCH, 2)
+    conn.send(event(3), event(4))
+    conn.send(
+        {
+            "type": "subscribed",
+            "project_id": PROJECT,
+            "epoch": EPOCH,
+            "seq": 4,
+            "resumed": True,
+            "replayed": 2,
+        }
+    )
+    conn.send(event(5))
+    assert wait_delivered(page, 6) == [("resync", 0), 1, 2, 3, 4, 5]
+    assert page.problems == []  # type: ignore[attr-defined]
+
+
+def subscribed(seq: int, *, resumed: bool = True, replayed: int = 0) -> dict:
+    return {
+        "type": "subscribed",
+        "project_id": PROJECT,
+        "epoch": EPOCH,
+        "seq": seq,
+        "resumed": resumed,
+        "replayed": replayed,
+    }
+
+
+def test_garbage_frames_are_reported_and_a_lost_event_is_asked_for_again(
+    page: Page, gw: ScriptedGateway, site: PageServer
+) -> None:
+    """Not JSON, JSON that is no object, a binary frame (here holding event 2: a browser hands it
+    over as a Blob), a frame of an unknown type, a huge one: reported or ignored, never thrown;
+    the event the binary frame held is not skipped: event 3 shows the gap, which is repaired."""
+    conn = live(page, gw, site)
+    huge = {**event(1), "answer": "x" * (3 * 1024 * 1024)}
+    conn.send(huge, "{not json", "[1, 2]", "null", json.dumps(event(2)).encode())
+    conn.send({"type": "mystery", "project_id": PROJECT}, {"type": "mystery"}, event(3))
+    repair = conn.expect("subscribe")
+    assert repair["after"] == 1
+    conn.send(event(2), event(3), subscribed(3, replayed=2), event(4))
+    assert wait_delivered(page, 5) == [("resync", 0), 1, 2, 3, 4]
+    assert [e for e in errors(page) if e.startswith("invalid_frame")] == [
+        "invalid_frame: gateway sent a frame that is not JSON",
+        "invalid_frame: gateway sent a frame that is not JSON",
+    ]
+    assert page.problems == []  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "close",
+    [
+        pytest.param(lambda conn: conn.close(1000), id="1000-no-reason"),
+        pytest.param(lambda conn: conn.close(1011, "internal"), id="1011"),
+        pytest.param(lambda conn: conn.close(4567, "made up"), id="4567-unlisted"),
+        pytest.param(lambda conn: conn.close(1001), id="1001"),
+        pytest.param(lambda conn: conn.abort(), id="1006-tcp-dropped"),
+    ],
+)
+def test_any_close_reconnects_and_resumes_from_the_cursor_with_its_tag(
+    page: Page, gw: ScriptedGateway, site: PageServer, close
+) -> None:
+    conn = live(page, gw, site)
+    conn.send(event(1), event(2))
+    wait_delivered(page, 3)
+    close(conn)
+    again = gw.next_conn()
+    resume = again.handshake(3, resumed=True, replay=[2, 3])  # 2 again: the replay overlaps
+    assert (resume["epoch"], resume["after"]) == (EPOCH, 2)
+    assert len(resume["tag"]) == 16
+    again.send(event(4))
+    assert wait_delivered(page, 5) == [("resync", 0), 1, 2, 3, 4]
+    assert not [e for e in errors(page) if e.startswith("closed")]
+    assert page.problems == []  # type: ignore[attr-defined]
+
+
+def test_a_gateway_that_never_answers_pings_is_replaced(
+    page: Page, gw: ScriptedGateway, site: PageServer
+) -> None:
+    conn = live(page, gw, site, pingInterval=200, pongTimeout=200)
+    conn.send(event(1))
+    assert conn.expect("ping")  # then silence
+    again = gw.next_conn()
+    assert again.handshake(1, resumed=True)["after"] == 1
+    again.send(event(2))
+    assert wait_delivered(page, 3) == [("resync", 0), 1, 2]
+    assert page.problems == []  # type: ignore[attr-defined]
+
+
+def test_a_connection_that_never_completes_the_upgrade_is_given_up(
+    page: Page, gw: ScriptedGateway, site: PageServer
+) -> None:
+    """TCP accepted, the HTTP upgrade never answered: connectTimeout ends it, the client tries
+    again (and meanwhile the fallbacks, refused here)."""
+    hold = socket.create_server(("127.0.0.1", 0))
+    try:
+        port = hold.getsockname()[1]
+        start(page, gw, site, connectTimeout=1000, url=f"ws://127.0.0.1:{port}/")
+        first, _ = hold.accept()  # the first attempt: never answered
+        hold.settimeout(10)
+        held2, _ = hold.accept()  # given up on, and tried again
+        page.wait_for_function("window.churn.errors.some((e) => e.startsWith('sse_http_404'))")
+        page.evaluate(f"window.churn.bus.url = '{gw.url}'")
+        held2.close()
+        first.close()
+        conn = gw.next_conn()
+        conn.handshake(0)
+        conn.send(event(1))
+        assert wait_delivered(page, 2) == [("resync", 0), 1]
+        assert page.evaluate("window.churn.bus.state") == "live"
+    finally:
+        hold.close()
+    assert page.problems == []  # type: ignore[attr-defined]
