@@ -188,7 +188,10 @@ export function decodeTokenClaims(token) {
  * Milliseconds from `now` until the token obtained at `obtainedAt` should be refreshed, or null
  * when its lifetime is unknown. Uses the token's own lifetime (exp - iat) measured on the local
  * clock from when it was obtained, so a browser clock that is off by minutes does not matter;
- * refreshes a minute before expiry, or at 3/4 of the lifetime for short-lived tokens.
+ * refreshes a minute before expiry, or at 3/4 of the lifetime for short-lived tokens. At most
+ * MAX_TIMER_DELAY (24.8 days): browsers take a longer setTimeout delay as 0, so a token living a
+ * month was refreshed at once, and again after each refresh, for ever. Such a token is
+ * refreshed early instead.
  */
 export function refreshDelay({ iat, exp, expiresAt, obtainedAt, now }) {
   let expiry;
@@ -202,8 +205,11 @@ export function refreshDelay({ iat, exp, expiresAt, obtainedAt, now }) {
   }
   const lifetime = Math.max(0, expiry - obtainedAt);
   const margin = Math.min(60000, lifetime / 4);
-  return Math.max(500, expiry - margin - now);
+  return Math.min(MAX_TIMER_DELAY, Math.max(500, expiry - margin - now));
 }
+
+/** The longest delay setTimeout waits (2^31 - 1 ms); browsers run a longer one at once. */
+const MAX_TIMER_DELAY = 2147483647;
 
 /**
  * SHA-1 of `bytes` (a Uint8Array), as 40 lowercase hex digits. Synchronous and small on purpose:

@@ -349,6 +349,9 @@ test("token refresh is scheduled before expiry, whatever the browser clock says"
   // Already late: refresh at once (but not in a busy loop).
   eq(eb.refreshDelay({ iat: 0, exp: 5, obtainedAt, now: obtainedAt + 60000 }), 500);
   eq(eb.refreshDelay({ obtainedAt, now: obtainedAt }), null, "unknown lifetime");
+  // A token of 30 days: no longer than setTimeout can wait (a longer delay runs at once).
+  eq(eb.refreshDelay({ iat: 0, exp: 30 * 86400, obtainedAt, now: obtainedAt }), 2 ** 31 - 1);
+  eq(eb.refreshDelay({ expiresAt: 4_000_000_000, obtainedAt, now: obtainedAt }), 2 ** 31 - 1);
   eq(eb.decodeTokenClaims(jwt(7, 9)).exp, 9);
   eq(eb.decodeTokenClaims("not a jwt"), null);
 });

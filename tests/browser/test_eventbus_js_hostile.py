@@ -11,12 +11,14 @@ the page; no timer piling up across reconnects.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import http.server
 import json
 import queue
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -67,11 +69,15 @@ class Conn:
         for frame in frames:
             self._run(self.ws.send(json.dumps(frame) if isinstance(frame, dict) else frame))
 
-    def handshake(self, seq: int = 0, *, resumed: bool = False, replay=()) -> dict:
+    def handshake(
+        self, seq: int = 0, *, resumed: bool = False, replay=(), token: str = "t", expires_at=None
+    ) -> dict:
         """Answer the auth and the project's subscribe: `authenticated`, the replay, `subscribed`
         naming ``seq``. Returns the subscribe frame."""
-        assert self.expect("auth")["token"] == "t"
-        self.send({"type": "authenticated", "expires_at": 4_000_000_000})
+        assert self.expect("auth")["token"] == token
+        self.send(
+            {"type": "authenticated", "subject": None, "projects": None, "expires_at": expires_at}
+        )
         subscribe = self.expect("subscribe")
         self.send(*(event(s) for s in replay))
         self.send(
@@ -239,7 +245,7 @@ def start(page: Page, gw: ScriptedGateway, site: PageServer, **options) -> None:
     args = {
         "url": options.pop("url", gw.url),
         "httpUrl": site.url,
-        "token": "t",
+        "token": options.pop("token", "t"),
         "projectIds": [PROJECT],
         "backoff": FAST_BACKOFF,
         "options": {},
@@ -402,3 +408,158 @@ def test_a_connection_that_never_completes_the_upgrade_is_given_up(
     finally:
         hold.close()
     assert page.problems == []  # type: ignore[attr-defined]
+
+
+# --- timers --------------------------------------------------------------------------------
+
+#: Installed before connect(): the page's pending timers (set, neither fired nor cleared), and
+#: every delay asked for. eventbus.js takes the page's setTimeout when it is constructed.
+TIMER_PROBE = """() => {
+  const set = window.setTimeout.bind(window);
+  const clear = window.clearTimeout.bind(window);
+  window.pendingTimers = new Set();
+  window.timerDelays = [];
+  window.setTimeout = (fn, ms, ...args) => {
+    window.timerDelays.push(ms);
+    const id = set(() => { window.pendingTimers.delete(id); fn(...args); }, ms);
+    window.pendingTimers.add(id);
+    return id;
+  };
+  window.clearTimeout = (id) => { window.pendingTimers.delete(id); clear(id); };
+}"""
+
+
+def test_many_reconnects_leave_no_timer_behind(
+    page: Page, gw: ScriptedGateway, site: PageServer
+) -> None:
+    page.evaluate(TIMER_PROBE)
+    conn = live(page, gw, site)
+    baseline = page.evaluate("window.pendingTimers.size")
+    closes = [
+        lambda c: c.close(1000),
+        lambda c: c.close(1011),
+        lambda c: c.close(1012),
+        lambda c: c.close(4008),
+        lambda c: c.abort(),
+        lambda c: c.send({"type": "error", "code": "unavailable", "project_id": PROJECT}),
+    ]
+    for cycle in range(60):
+        conn.send(event(cycle + 1))
+        closes[cycle % len(closes)](conn)
+        if cycle % len(closes) == len(closes) - 1:
+            conn.expect("subscribe")  # the retry of the unavailable subscribe, then a drop
+            conn.abort()
+        conn = gw.next_conn()
+        conn.handshake(cycle + 1, resumed=True)
+    conn.send(event(61))
+    assert wait_delivered(page, 62) == [("resync", 0), *range(1, 62)]
+    page.wait_for_function("window.churn.bus.state === 'live'")
+    assert page.evaluate("window.pendingTimers.size") <= baseline
+    assert page.problems == []  # type: ignore[attr-defined]
+
+
+def jwt(lifetime: int) -> str:
+    def part(value: dict) -> str:
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
+
+    now = int(time.time())
+    claims = {"iat": now, "exp": now + lifetime, "projects": [1]}
+    return f"{part({'alg': 'HS256', 'typ': 'JWT'})}.{part(claims)}.sig"
+
+
+def test_a_token_living_longer_than_a_timer_can_wait_is_not_refreshed_at_once(
+    page: Page, gw: ScriptedGateway, site: PageServer
+) -> None:
+    """A token of 30 days: a minute before its expiry is further away than setTimeout can wait
+    (2^31 - 1 ms, 24.8 days); a longer delay is taken as 0 by browsers."""
+    page.evaluate(TIMER_PROBE)
+    token = jwt(30 * 86400)
+    start(page, gw, site, token=token)
+    conn = gw.next_conn()
+    conn.handshake(0, token=token, expires_at=None)
+    conn.send(event(1))
+    assert wait_delivered(page, 2) == [("resync", 0), 1]
+    assert max(page.evaluate("window.timerDelays")) <= 2**31 - 1
+    with pytest.raises(queue.Empty):
+        conn.expect("auth", timeout=1.0)  # no refresh storm
+
+
+# --- Server-Sent Events ------------------------------------------------------------------------
+
+
+class Streams:
+    """The SSE streams the page opens (``site.stream``): each request is handed to the next
+    script of ``scripts`` (called with a writer, the request's headers); a script that returns
+    ends its response, one that waits on ``self.release`` holds it open."""
+
+    def __init__(self, site: PageServer, *scripts: Callable) -> None:
+        self.scripts = list(scripts)
+        self.release = threading.Event()
+        self.opened: queue.Queue = queue.Queue()
+        site.stream = self._serve
+
+    def _serve(self, handler) -> None:
+        headers = dict(handler.headers)
+        self.opened.put(headers)
+        script = self.scripts.pop(0) if self.scripts else (lambda write, headers: self.hold())
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream")
+        handler.send_header("Cache-Control", "no-store")
+        handler.send_header("Connection", "close")
+        handler.end_headers()
+
+        def write(text: str) -> None:
+            handler.wfile.write(text.encode())
+            handler.wfile.flush()
+
+        with contextlib.suppress(OSError):
+            script(write, headers)
+        handler.close_connection = True
+
+    def hold(self) -> None:
+        self.release.wait(30)
+
+
+def sse(data: dict, name: str | None = None) -> str:
+    return (f"event: {name}\n" if name else "") + f"data: {json.dumps(data)}\n\n"
+
+
+@pytest.fixture
+def streams(site: PageServer) -> Iterator[Callable[..., Streams]]:
+    made: list[Streams] = []
+
+    def make(*scripts: Callable) -> Streams:
+        made.append(Streams(site, *scripts))
+        return made[-1]
+
+    yield make
+    for each in made:
+        each.release.set()
+
+
+def test_sse_a_token_living_longer_than_a_timer_can_wait_does_not_reopen_the_stream_at_once(
+    page: Page, gw: ScriptedGateway, site: PageServer, streams
+) -> None:
+    page.evaluate(TIMER_PROBE)
+    token = jwt(30 * 86400)
+    exp = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))["exp"]
+    stream = streams()
+
+    def first(write, headers) -> None:
+        write(
+            sse(
+                {"type": "authenticated", "subject": None, "projects": None, "expires_at": exp},
+                "authenticated",
+            )
+        )
+        write(sse(subscribed(0, resumed=False), "subscribed"))
+        write(sse(event(1)))
+        stream.hold()
+
+    stream.scripts.append(first)
+    start(page, gw, site, token=token, websocket=False)
+    assert stream.opened.get(timeout=10)["Authorization"] == f"Bearer {token}"
+    assert wait_delivered(page, 2) == [("resync", 0), 1]
+    assert max(page.evaluate("window.timerDelays")) <= 2**31 - 1
+    with pytest.raises(queue.Empty):
+        stream.opened.get(timeout=1.0)  # not reopened (with a new token) at once
