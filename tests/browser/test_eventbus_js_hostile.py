@@ -563,3 +563,82 @@ def test_sse_a_token_living_longer_than_a_timer_can_wait_does_not_reopen_the_str
     assert max(page.evaluate("window.timerDelays")) <= 2**31 - 1
     with pytest.raises(queue.Empty):
         stream.opened.get(timeout=1.0)  # not reopened (with a new token) at once
+
+
+@pytest.mark.parametrize("ending", ["stalls", "ends"])
+def test_sse_a_stream_that_stops_mid_event_is_replaced_and_resumed_from_the_cursor(
+    page: Page, gw: ScriptedGateway, site: PageServer, streams, ending: str
+) -> None:
+    """Half of event 2's data line, then nothing (a stall: no line for sseIdleTimeout), or the
+    response ending there: the half event is not delivered, the next stream resumes after 1."""
+    stream = streams()
+
+    def first(write, headers) -> None:
+        write("retry: 1000\n\n")
+        write(sse(subscribed(0, resumed=False), "subscribed"))
+        write(sse(event(1)))
+        write(sse(event(2))[:30])
+        if ending == "stalls":
+            stream.hold()
+
+    def second(write, headers) -> None:
+        write(sse(event(2)) + sse(subscribed(2), "subscribed") + sse(event(3)))
+        stream.hold()
+
+    stream.scripts += [first, second]
+    start(page, gw, site, websocket=False, sseIdleTimeout=500)
+    assert "Last-Event-ID" not in stream.opened.get(timeout=10)
+    assert stream.opened.get(timeout=10)["Last-Event-ID"].startswith(f"{EPOCH}:1:")
+    assert wait_delivered(page, 4) == [("resync", 0), 1, 2, 3]
+    assert page.evaluate("[window.churn.bus.state, window.churn.bus.transport]") == ["live", "sse"]
+    assert page.problems == []  # type: ignore[attr-defined]
+
+
+def test_sse_garbage_lines_are_ignored_or_reported_and_nothing_is_skipped(
+    page: Page, gw: ScriptedGateway, site: PageServer, streams
+) -> None:
+    stream = streams()
+
+    def first(write, headers) -> None:
+        write("retry: soon\ngarbage without a colon\n: a comment\nid\n\n")
+        write(sse(subscribed(0, resumed=False), "subscribed"))
+        write("data: {not json\n\n")
+        write("data: [1, 2]\n\ndata: null\n\n")
+        write(sse({"type": "x"}, "made-up-event"))
+        write(sse(event(1)))
+        # No cursor: reported, ignored.
+        write(sse({"type": "subscribed", "project_id": PROJECT}, "subscribed"))
+        write(sse({**event(2), "seq": "2"}))  # not an event (seq not an integer): lost here
+        write("\r\n\r\n\n" + sse(event(3)).replace("\n", "\r\n"))  # shows the gap
+        stream.hold()
+
+    def second(write, headers) -> None:
+        write(sse(event(2)) + sse(event(3)) + sse(subscribed(3), "subscribed") + sse(event(4)))
+        stream.hold()
+
+    stream.scripts += [first, second]
+    start(page, gw, site, websocket=False)
+    stream.opened.get(timeout=10)
+    assert stream.opened.get(timeout=10)["Last-Event-ID"].startswith(f"{EPOCH}:1:")
+    assert wait_delivered(page, 5) == [("resync", 0), 1, 2, 3, 4]
+    reported = errors(page)
+    assert "invalid_frame: gateway sent an SSE event that is not JSON" in reported
+    assert any("subscribed without a valid" in e for e in reported)
+    assert page.problems == []  # type: ignore[attr-defined]
+
+
+def test_offline_then_online_resumes_from_the_cursor(
+    page: Page, gw: ScriptedGateway, site: PageServer
+) -> None:
+    conn = live(page, gw, site)
+    conn.send(event(1))
+    wait_delivered(page, 2)
+    page.context.set_offline(True)
+    page.wait_for_function("window.churn.bus.state === 'offline'")
+    page.context.set_offline(False)
+    again = gw.next_conn()
+    assert again.handshake(3, resumed=True, replay=[2, 3])["after"] == 1
+    again.send(event(4))
+    assert wait_delivered(page, 5) == [("resync", 0), 1, 2, 3, 4]
+    assert page.evaluate("window.churn.bus.state") == "live"
+    assert page.problems == []  # type: ignore[attr-defined]
