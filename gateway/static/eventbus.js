@@ -1739,6 +1739,10 @@ export class EventBus {
     this._clearTimeout(this._pacerTimer);
     this._pacerTimer = null;
     for (const sub of this._subs.values()) {
+      // The retry of a subscribe refused as `unavailable`: the next connection subscribes every
+      // project anyway (a retry of this one's sent there was a second subscribe, its replay twice).
+      this._clearTimeout(sub.retryTimer);
+      sub.retryTimer = null;
       sub.wsSubscribed = false;
       sub.gapWaiting = false; // the next connection's events are its own replay
       sub.subscribesSent = 0;

@@ -817,6 +817,24 @@ test("an unavailable subscribe is retried; unsubscribe and close stop everything
   eq(env.sockets.length, 1, "no reconnect after close()");
 });
 
+test("an unavailable subscribe's retry does not outlive its connection: the next one subscribes once", async () => {
+  const env = setup({ subscribe: [1], options: { promptDelayMax: 0 } });
+  const ws = await goLive(env, { 2: {} });
+  ws.receive({ type: "error", code: "unavailable", message: "Redis down", project_id: 1 });
+  await flush();
+  ws.serverClose(1012); // drained before the retry (1 s) was due
+  await env.clock.advance(0);
+  eq(env.sockets.length, 2, "reconnected at once");
+  const next = await goLive(env); // its subscribe from the cursor, not answered yet
+  eq(next.sentOf("subscribe").length, 1);
+  await env.clock.advance(5000);
+  eq(next.sentOf("subscribe").length, 1, "the old connection's retry sent no second subscribe");
+  next.receive({ type: "subscribed", project_id: 1, epoch: "e", seq: 0, resumed: false, replayed: 0 });
+  next.receive(event(1, 1));
+  await flush();
+  eq(env.events[1], [1]);
+});
+
 test("a rate_limited subscribe is retried after a delay, and the project follows", async () => {
   const env = setup({ subscribe: [1, 2] });
   const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
