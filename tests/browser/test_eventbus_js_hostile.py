@@ -109,6 +109,7 @@ class ScriptedGateway:
         self.loop = asyncio.new_event_loop()
         self.conns: queue.Queue[Conn] = queue.Queue()
         self.count = 0
+        self.auto_pong = False  # answer the client's pings (else: never)
         started = threading.Event()
         self.thread = threading.Thread(target=self._main, args=(started,), daemon=True)
         self.thread.start()
@@ -133,6 +134,8 @@ class ScriptedGateway:
         with contextlib.suppress(websockets.ConnectionClosed):
             async for message in ws:
                 conn.frames.put(message)
+                if self.auto_pong and json.loads(message).get("type") == "ping":
+                    await ws.send(json.dumps({"type": "pong"}))
 
     @property
     def url(self) -> str:
@@ -641,4 +644,55 @@ def test_offline_then_online_resumes_from_the_cursor(
     again.send(event(4))
     assert wait_delivered(page, 5) == [("resync", 0), 1, 2, 3, 4]
     assert page.evaluate("window.churn.bus.state") == "live"
+    assert page.problems == []  # type: ignore[attr-defined]
+
+
+def test_a_resume_answered_in_another_epoch_without_resync_required_reloads(
+    page: Page, gw: ScriptedGateway, site: PageServer
+) -> None:
+    """The history was recreated (epoch e2, seq 1 again) and the gateway says `resumed` anyway:
+    e2's events 1 and 2 are not dropped as duplicates of e1's."""
+    conn = live(page, gw, site)
+    conn.send(event(1), event(2))
+    wait_delivered(page, 3)
+    conn.close(1012)
+    again = gw.next_conn()
+    again.expect("auth")
+    again.send({"type": "authenticated", "subject": None, "projects": None, "expires_at": None})
+    assert again.expect("subscribe")["after"] == 2
+    again.send({**subscribed(0), "epoch": "e2"}, event(1), event(2))
+    assert wait_delivered(page, 6) == [("resync", 0), 1, 2, ("resync", 0), 1, 2]
+    assert page.evaluate(f"window.churn.bus.cursor({PROJECT}).epoch") == "e2"
+
+
+def test_a_gateway_that_upgrades_but_never_authenticates_is_given_up(
+    page: Page, gw: ScriptedGateway, site: PageServer
+) -> None:
+    start(page, gw, site, connectTimeout=1000)
+    silent = gw.next_conn()
+    silent.expect("auth")
+    silent.expect("subscribe")  # sent right behind the token; then nothing comes back
+    conn = gw.next_conn()
+    conn.handshake(0)
+    conn.send(event(1))
+    assert wait_delivered(page, 2) == [("resync", 0), 1]
+    assert page.problems == []  # type: ignore[attr-defined]
+
+
+def test_a_frozen_page_resumes_in_order(page: Page, gw: ScriptedGateway, site: PageServer) -> None:
+    """A page frozen (a hidden tab the browser suspends: no task runs) while events arrive, past
+    its ping and pong timeouts: thawed, it delivers them once each, in order, on the same
+    connection (the overdue ping is answered)."""
+    gw.auto_pong = True
+    conn = live(page, gw, site, pingInterval=300, pongTimeout=300)
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("Page.setWebLifecycleState", {"state": "frozen"})
+    conn.send(*(event(seq) for seq in range(1, 6)))
+    time.sleep(1.0)  # frozen past pingInterval + pongTimeout: the ping timer is overdue
+    cdp.send("Page.setWebLifecycleState", {"state": "active"})
+    assert wait_delivered(page, 6) == [("resync", 0), 1, 2, 3, 4, 5]
+    conn.expect("ping")
+    conn.send(event(6))
+    assert wait_delivered(page, 7) == [("resync", 0), 1, 2, 3, 4, 5, 6]
+    assert gw.count == 1
     assert page.problems == []  # type: ignore[attr-defined]
