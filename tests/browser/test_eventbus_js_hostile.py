@@ -505,6 +505,9 @@ class Streams:
         headers = dict(handler.headers)
         self.opened.put(headers)
         script = self.scripts.pop(0) if self.scripts else (lambda write, headers: self.hold())
+        if script is HANG:  # the request is taken, no answer ever comes
+            self.hold()
+            return
         handler.send_response(200)
         handler.send_header("Content-Type", "text/event-stream")
         handler.send_header("Cache-Control", "no-store")
@@ -521,6 +524,10 @@ class Streams:
 
     def hold(self) -> None:
         self.release.wait(30)
+
+
+#: A script of :class:`Streams`: no response at all (not even its headers).
+HANG = object()
 
 
 def sse(data: dict, name: str | None = None) -> str:
@@ -695,4 +702,64 @@ def test_a_frozen_page_resumes_in_order(page: Page, gw: ScriptedGateway, site: P
     conn.send(event(6))
     assert wait_delivered(page, 7) == [("resync", 0), 1, 2, 3, 4, 5, 6]
     assert gw.count == 1
+    assert page.problems == []  # type: ignore[attr-defined]
+
+
+def test_sse_a_stream_whose_response_never_comes_is_given_up(
+    page: Page, gw: ScriptedGateway, site: PageServer, streams
+) -> None:
+    stream = streams()
+
+    def second(write, headers) -> None:
+        write(sse(subscribed(0, resumed=False), "subscribed") + sse(event(1)))
+        stream.hold()
+
+    stream.scripts += [HANG, second]
+    start(page, gw, site, websocket=False, connectTimeout=500)
+    stream.opened.get(timeout=10)
+    stream.opened.get(timeout=10)  # given up after connectTimeout, asked again
+    assert wait_delivered(page, 2) == [("resync", 0), 1]
+    assert page.evaluate("window.churn.bus.transport") == "sse"
+    assert page.problems == []  # type: ignore[attr-defined]
+
+
+def test_sse_offline_then_online_reopens_the_stream_from_the_cursor(
+    page: Page, gw: ScriptedGateway, site: PageServer, streams
+) -> None:
+    stream = streams()
+
+    def first(write, headers) -> None:
+        write(sse(subscribed(0, resumed=False), "subscribed") + sse(event(1)))
+        stream.hold()
+
+    def second(write, headers) -> None:
+        write(sse(event(2)) + sse(subscribed(2), "subscribed") + sse(event(3)))
+        stream.hold()
+
+    stream.scripts += [first, second]
+    start(page, gw, site, websocket=False)
+    stream.opened.get(timeout=10)
+    wait_delivered(page, 2)
+    page.context.set_offline(True)
+    page.wait_for_function("window.churn.bus.state === 'offline'")
+    page.context.set_offline(False)
+    assert stream.opened.get(timeout=10)["Last-Event-ID"].startswith(f"{EPOCH}:1:")
+    assert wait_delivered(page, 4) == [("resync", 0), 1, 2, 3]
+    assert page.evaluate("[window.churn.bus.state, window.churn.bus.transport]") == ["live", "sse"]
+    assert page.problems == []  # type: ignore[attr-defined]
+
+
+def test_a_gap_the_gateway_never_fills_becomes_an_explicit_resync(
+    page: Page, gw: ScriptedGateway, site: PageServer
+) -> None:
+    """Event 2 never comes, whatever the client asks: two repairs from the cursor, then
+    history_corrupt and a reload that continues after the top; never a wait for ever."""
+    conn = live(page, gw, site)
+    conn.send(event(1), event(3))
+    for _ in range(2):
+        assert conn.expect("subscribe")["after"] == 1
+        conn.send(event(3), subscribed(3, replayed=1))
+    conn.send(event(4))
+    assert wait_delivered(page, 4) == [("resync", 0), 1, ("resync", 3), 4]
+    assert any(e.startswith("history_corrupt") for e in errors(page))
     assert page.problems == []  # type: ignore[attr-defined]
