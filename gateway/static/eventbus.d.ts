@@ -235,8 +235,8 @@ export declare class PresenceTable {
   list(): PresenceMember[];
 }
 
-/** Whether a value is a snapshot cursor {epoch: non-empty string, seq: integer >= 0} (a `tag`
- * is optional, and ignored when malformed). */
+/** Whether a value is a snapshot cursor {epoch: 1 to 64 of [A-Za-z0-9_-], seq: integer >= 0}
+ * (a `tag` is optional, and ignored when malformed). */
 export declare function isCursor(value: unknown): value is Cursor;
 
 /** SHA-1 of the bytes, as 40 lowercase hex digits (synchronous). */

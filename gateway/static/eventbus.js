@@ -792,13 +792,18 @@ ProjectCursor.MAX_BUFFERED = 10000;
 /** The gateway's page size when a poll gives no `limit` (docs/protocol.md, "Polling"). */
 const DEFAULT_POLL_LIMIT = 100;
 
-/** Whether `value` is a snapshot cursor {epoch: non-empty string, seq: integer >= 0}. */
+/** The protocol's epoch (docs/protocol.md): 1 to 64 of [A-Za-z0-9_-]. */
+const EPOCH = /^[A-Za-z0-9_-]{1,64}$/;
+
+/** Whether `value` is a cursor {epoch, seq: integer >= 0} the gateway can resume from: a
+ * subscribe from an epoch of another form is refused (invalid_cursor) on every connection, so a
+ * project that took one (a snapshot cursor) would never be subscribed again. */
 export function isCursor(value) {
   return (
     !!value &&
     typeof value === "object" &&
     typeof value.epoch === "string" &&
-    value.epoch.length > 0 &&
+    EPOCH.test(value.epoch) &&
     Number.isSafeInteger(value.seq) &&
     value.seq >= 0
   );

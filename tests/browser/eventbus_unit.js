@@ -1830,6 +1830,23 @@ test("snapshot cursor of another epoch: the bus re-subscribes from it; undefined
   eq(env.events[2], [10], "an invalid cursor is ignored: the gateway's rule applies");
 });
 
+test("a snapshot cursor whose epoch the gateway cannot take is ignored, not subscribed with for ever", async () => {
+  // The protocol's epoch: 1 to 64 of [A-Za-z0-9_-]. A subscribe from any other is refused
+  // (invalid_cursor) on every connection: the project would never be subscribed again.
+  for (const epoch of ["not an epoch!", "x".repeat(65), "caf\u00e9"]) {
+    const env = setup({ subscribe: [1] });
+    env.snapshot = () => ({ epoch, seq: 3 });
+    const ws = await goLive(env, { 1: { epoch: "e", seq: 10 } });
+    await flush();
+    assert(env.errors.some((e) => e.code === "invalid_snapshot_cursor"), `${epoch}: reported`);
+    eq(ws.sentOf("subscribe").length, 1, `${epoch}: not subscribed from it`);
+    ws.receive(event(1, 11));
+    await flush();
+    eq(env.events[1], [11], `${epoch}: the gateway's rule applies`);
+    eq(env.bus.cursor(1).epoch, "e");
+  }
+});
+
 // --- a hostile or buggy gateway, a hung token endpoint, throwing callbacks ------------------------
 
 test("a token function that never answers is abandoned after connectTimeout; the client connects", async () => {
