@@ -177,7 +177,8 @@ export interface ConnectOptions {
   sseIdleTimeout?: number;
   /** ms of silence before an application ping (default 25000). */
   pingInterval?: number;
-  /** ms to wait for any frame after a ping before reconnecting (default 10000). */
+  /** ms to wait for any frame after a ping before reconnecting (default 10000); doubled (up to
+   * 16 times) for the next connections after such a reconnect, until a ping is answered in time. */
   pongTimeout?: number;
   /** ms a handshake, or the token function, may take (default 10000); longer counts as a failure.
    * Also the bound on the gateway's answer to a subscribe (keep it above the gateway's

@@ -783,6 +783,9 @@ export class FramePacer {
   }
 }
 
+/** The longest pong timeout, in pongTimeouts, after connections dropped for unanswered pings. */
+const PONG_STRETCH_MAX = 16;
+
 /** Repairs of a gap from one cursor before it is surfaced as a resync (history_corrupt). */
 const GAP_REPAIRS = 2;
 
@@ -1021,6 +1024,13 @@ export class EventBus {
     this._reconnectTimer = null;
     this._pingTimer = null;
     this._pongTimer = null;
+    // The pong timeout of the next pings, in pongTimeouts: doubled (at most PONG_STRETCH_MAX)
+    // after each connection dropped for an unanswered ping, back to 1 once a ping is answered
+    // within pongTimeout. A frame slower to arrive than the timeout (a big event over a slow
+    // link) holds the pong behind it, and the browser shows no sign of its bytes: cut, the
+    // connection resumed and the same frame was replayed as slowly, for ever.
+    this._pongStretch = 1;
+    this._pingSentAt = null;
     this._connectTimer = null;
     this._refreshTimer = null;
     this._refreshSent = false; // a token refresh (`auth`) is sent and not answered yet
@@ -1596,16 +1606,21 @@ export class EventBus {
     this._pingTimer = this._setTimeout(() => {
       if (!this._wsLive) return;
       this._send({ type: "ping" });
+      this._pingSentAt = this._now();
       this._pongTimer = this._setTimeout(() => {
-        // Nothing at all came back: the connection is dead even if the browser has not noticed.
-        if (this._wsLive) this._dropSocket(CloseCode.ABNORMAL, "ping timeout", true);
-      }, this.options.pongTimeout);
+        // Nothing at all came back: the connection is dead even if the browser has not noticed
+        // (or a frame that long is still arriving: the next connection waits longer).
+        if (!this._wsLive) return;
+        this._pongStretch = Math.min(this._pongStretch * 2, PONG_STRETCH_MAX);
+        this._dropSocket(CloseCode.ABNORMAL, "ping timeout", true);
+      }, this.options.pongTimeout * this._pongStretch);
     }, this.options.pingInterval);
   }
 
   _onMessage(ws, data) {
     if (ws !== this._ws) return;
-    // Any frame proves the connection alive.
+    // Any frame proves the connection alive; one within pongTimeout of a ping, the link quick.
+    if (this._pongTimer !== null && this._now() - this._pingSentAt <= this.options.pongTimeout) this._pongStretch = 1;
     this._clearTimeout(this._pongTimer);
     this._pongTimer = null;
     if (this._wsLive) this._schedulePing();

@@ -1216,6 +1216,40 @@ test("a silent connection is dropped after the ping timeout", async () => {
   eq(env.sockets.length, 2);
 });
 
+test("after a ping timeout the next connection waits longer for the pong, until a ping is answered in time", async () => {
+  // A frame slower to arrive than pongTimeout (a big event on a slow link) holds the pong
+  // behind it: cut at the same bound each time, its replay would never arrive.
+  const env = setup();
+  env.autoPong = false;
+  let ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  const waits = [];
+  for (let i = 0; i < 6; i += 1) {
+    await env.clock.advance(25000);
+    eq(ws.sentOf("ping").length, 1);
+    const pinged = env.clock.now();
+    while (ws.closedWith === null) await env.clock.advance(1000);
+    waits.push(env.clock.now() - pinged);
+    while (env.sockets.length === i + 1) await env.clock.advance(1000);
+    ws = await goLive(env, { 1: { epoch: "e", seq: 0, resumed: true } });
+  }
+  eq(waits, [10000, 20000, 40000, 80000, 160000, 160000], "doubled, at most 16 times");
+  // The slow frame arrives, then the pong, late: the link is still taken as slow.
+  await env.clock.advance(25000);
+  await env.clock.advance(100000);
+  eq(ws.closedWith, null, "still waiting longer");
+  ws.receive({ type: "pong" });
+  await flush();
+  await env.clock.advance(25000);
+  eq(ws.sentOf("ping").length, 2);
+  await env.clock.advance(5000);
+  ws.receive({ type: "pong" }); // answered within pongTimeout: a quick link again
+  await flush();
+  await env.clock.advance(25000);
+  eq(ws.sentOf("ping").length, 3);
+  await env.clock.advance(10000);
+  assert(ws.closedWith !== null, "back to pongTimeout");
+});
+
 test("offline drops the socket and reconnects when back online", async () => {
   const env = setup();
   const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });

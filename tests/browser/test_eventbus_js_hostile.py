@@ -763,3 +763,30 @@ def test_a_gap_the_gateway_never_fills_becomes_an_explicit_resync(
     assert wait_delivered(page, 4) == [("resync", 0), 1, ("resync", 3), 4]
     assert any(e.startswith("history_corrupt") for e in errors(page))
     assert page.problems == []  # type: ignore[attr-defined]
+
+
+def test_a_big_event_slower_than_the_pong_timeout_is_not_a_livelock(
+    page: Page, gw: ScriptedGateway, site: PageServer
+) -> None:
+    """An event taking longer to arrive than pingInterval + pongTimeout (1 MiB over a slow link:
+    here 160 KiB in 16 fragments, 0.1 s apart, against 0.3 s + 0.3 s): the pong is queued behind
+    it, the browser gives no sign of the bytes arriving. Dropping the connection for it, then
+    resuming, replays the same event at the same speed: nothing is ever delivered again."""
+    gw.auto_pong = True
+    conn = live(page, gw, site, pingInterval=300, pongTimeout=300)
+    text = json.dumps({**event(1), "answer": "x" * (160 * 1024)})
+    pieces = [text[i : i + 10 * 1024] for i in range(0, len(text), 10 * 1024)]
+
+    async def slowly():
+        for piece in pieces:
+            yield piece
+            await asyncio.sleep(0.1)
+
+    for _ in range(4):
+        with contextlib.suppress(websockets.ConnectionClosed):
+            conn._run(conn.ws.send(slowly()))
+        if page.evaluate("window.churn.log.length") >= 2:
+            break
+        conn = gw.next_conn()
+        conn.handshake(0, resumed=True)
+    assert wait_delivered(page, 2) == [("resync", 0), 1]
