@@ -173,7 +173,8 @@ export interface ConnectOptions {
   websocket?: boolean;
   /** false: no SSE; polling is the only fallback (default true). */
   sse?: boolean;
-  /** ms without a completed line (not even a keepalive comment) before an SSE stream is reopened (45000). */
+  /** ms without a completed line (not even a keepalive comment), nor 16 KiB of one still
+   * arriving, before an SSE stream is reopened (45000). */
   sseIdleTimeout?: number;
   /** ms of silence before an application ping (default 25000). */
   pingInterval?: number;

@@ -783,6 +783,9 @@ export class FramePacer {
   }
 }
 
+/** Bytes of a line still arriving that keep an SSE stream alive for another sseIdleTimeout. */
+const SSE_PROGRESS_BYTES = 16 * 1024;
+
 /** The longest pong timeout, in pongTimeouts, after connections dropped for unanswered pings. */
 const PONG_STRETCH_MAX = 16;
 
@@ -2120,14 +2123,22 @@ export class EventBus {
       const reader = response.body.getReader();
       const decoder = new TextDecoder();
       const parser = new SseParser();
+      let progress = 0; // bytes since the idle timer was last restarted
       for (;;) {
         const { done, value } = await reader.read();
         if (done || this._sse !== attempt) break;
         const lines = parser.lines;
         const items = parser.feed(decoder.decode(value, { stream: true }));
-        // Alive when lines arrive (a keepalive comment is one), not bytes: a stream trickling
-        // the bytes of a line that never ends delivers nothing and must not look alive.
-        if (parser.lines !== lines) watch();
+        // Alive when lines arrive (a keepalive comment is one), or SSE_PROGRESS_BYTES of a line
+        // still arriving: a big event over a slow link (1 MiB at 20 KB/s) takes longer than
+        // sseIdleTimeout, and cut, its replay would be as slow, for ever. A stream trickling the
+        // bytes of a line that never ends slower than that does not look alive (and faster, it
+        // meets MAX_EVENT_LENGTH).
+        progress += value.length;
+        if (parser.lines !== lines || progress >= SSE_PROGRESS_BYTES) {
+          progress = 0;
+          watch();
+        }
         for (const item of items) {
           if (this._sse !== attempt) break;
           this._onSseEvent(attempt, item);

@@ -2061,6 +2061,29 @@ test("a handler, onResync or the token function throwing a value that cannot be 
   assert(third.sockets.length > 0, "a token function that failed so is asked again");
 });
 
+test("sse: a big event arriving slower than sseIdleTimeout keeps its stream, 16 KiB at a time", async () => {
+  const env = setup({ autoFailSockets: true });
+  sseServer(env);
+  await env.clock.advance(0);
+  const stream = await sseLive(env, { 1: { epoch: "e", seq: 0 } });
+  stream.send('data: {"type":"blocker_resolved","project_id":1,"blocker_id":1,"seq":1,"answer":"');
+  for (let i = 0; i < 5; i += 1) {
+    await env.clock.advance(40000); // 16 KiB every 40 s: 200 s for the event, idle bound 45 s
+    assert(!stream.closed, `kept after ${(i + 1) * 40} s`);
+    stream.send("x".repeat(16 * 1024));
+  }
+  stream.send('"}\n\n');
+  await flush();
+  eq(env.events[1], [1]);
+  stream.send("data: " + "x".repeat(10000)); // less than 16 KiB in 45 s: dropped
+  await env.clock.advance(30000);
+  stream.send("x".repeat(6000));
+  await env.clock.advance(14999);
+  assert(!stream.closed);
+  await env.clock.advance(1);
+  assert(stream.closed, "a slower line does not keep it");
+});
+
 test("sse: a line that never ends is bounded; a stream that trickles bytes of it is not kept alive", async () => {
   const bound = eb.SseParser.MAX_EVENT_LENGTH;
   eb.SseParser.MAX_EVENT_LENGTH = 1000;

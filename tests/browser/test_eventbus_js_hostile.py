@@ -790,3 +790,25 @@ def test_a_big_event_slower_than_the_pong_timeout_is_not_a_livelock(
         conn = gw.next_conn()
         conn.handshake(0, resumed=True)
     assert wait_delivered(page, 2) == [("resync", 0), 1]
+
+
+def test_sse_a_big_event_slower_than_the_idle_timeout_is_not_a_livelock(
+    page: Page, gw: ScriptedGateway, site: PageServer, streams
+) -> None:
+    """An SSE event whose one data line takes longer than sseIdleTimeout to arrive (1 MiB over a
+    slow link; here 160 KiB over 1.6 s against 0.5 s): its bytes keep coming, at a rate no
+    trickling server reaches, so the stream is not cut and the event replayed as slowly."""
+    stream = streams()
+    line = sse({**event(1), "answer": "x" * (160 * 1024)})
+
+    def slowly(write, headers) -> None:
+        write(sse(subscribed(0, resumed=headers.get("Last-Event-ID") is not None), "subscribed"))
+        for i in range(0, len(line), 10 * 1024):
+            write(line[i : i + 10 * 1024])
+            time.sleep(0.1)
+        stream.hold()
+
+    stream.scripts += [slowly] * 4
+    start(page, gw, site, websocket=False, sseIdleTimeout=500)
+    assert wait_delivered(page, 2) == [("resync", 0), 1]
+    assert page.problems == []  # type: ignore[attr-defined]
