@@ -165,7 +165,8 @@ export interface ConnectOptions {
   stableAfter?: number;
   /** ms between polls while WebSocket cannot connect (default 10000). */
   pollInterval?: number;
-  /** ms before an unanswered poll is abandoned and counted as failed (default 30000). */
+  /** ms before an unanswered poll is abandoned and counted as failed (default 30000); one whose
+   * answer was still arriving is asked for again in pages a quarter the size. */
   pollTimeout?: number;
   /** Failed WebSocket attempts before the fallbacks start: SSE, else polling (default 1). */
   pollAfterFailures?: number;

@@ -2415,7 +2415,13 @@ export class EventBus {
       let query;
       let position;
       const controller = typeof AbortController === "function" ? new AbortController() : null;
-      const deadline = controller ? this._setTimeout(() => controller.abort(), this.options.pollTimeout) : null;
+      let timedOut = false;
+      const deadline = controller
+        ? this._setTimeout(() => {
+            timedOut = true;
+            controller.abort();
+          }, this.options.pollTimeout)
+        : null;
       try {
         const headers = { Accept: "application/json" };
         if (this._hasAuth) headers.Authorization = `Bearer ${await this._getToken(false)}`;
@@ -2442,8 +2448,10 @@ export class EventBus {
         try {
           body = await readJson(response, EventBus.MAX_POLL_LENGTH);
         } catch (error) {
-          // Too long: ask for pages of a quarter the size next time (100, 25, 6, 1).
-          if (error && error.tooLong && query) sub.pollLimit = Math.max(1, Math.floor((sub.pollLimit ?? DEFAULT_POLL_LIMIT) / 4));
+          // Too long, or too slow to arrive within pollTimeout (big events over a slow link: asked
+          // for again in full, it would be as slow, for ever): ask for pages of a quarter the
+          // size next time (100, 25, 6, 1).
+          if (((error && error.tooLong) || timedOut) && query) sub.pollLimit = Math.max(1, Math.floor((sub.pollLimit ?? DEFAULT_POLL_LIMIT) / 4));
           throw error;
         }
         if (!isPollAnswer(body)) throw new Error("eventbus: the gateway's poll answer is not {epoch, seq, events, resync_required}");

@@ -179,6 +179,7 @@ class PageServer:
             "/hostile/driver.js": (DRIVER_JS.read_bytes(), "text/javascript"),
         }
         self.stream: Callable | None = None
+        self.poll: Callable | None = None
         self.requests: queue.Queue = queue.Queue()
         outer = self
 
@@ -190,6 +191,9 @@ class PageServer:
                     outer.requests.put((self.path, dict(self.headers)))
                     if "/stream" in self.path and outer.stream is not None:
                         outer.stream(self)
+                        return
+                    if "/events" in self.path and outer.poll is not None:
+                        outer.poll(self)
                         return
                     body = b'{"error":"not_found","message":"no"}'
                     self.send_response(404)
@@ -811,4 +815,53 @@ def test_sse_a_big_event_slower_than_the_idle_timeout_is_not_a_livelock(
     stream.scripts += [slowly] * 4
     start(page, gw, site, websocket=False, sseIdleTimeout=500)
     assert wait_delivered(page, 2) == [("resync", 0), 1]
+    assert page.problems == []  # type: ignore[attr-defined]
+
+
+def test_polling_a_page_slower_than_the_poll_timeout_is_asked_for_in_smaller_pages(
+    page: Page, gw: ScriptedGateway, site: PageServer
+) -> None:
+    """A poll answer that takes longer than pollTimeout to arrive (big events over a slow link;
+    here 100 KB/s, 8 KB events, pollTimeout 1 s): abandoned, then asked for again in full at
+    the same speed, for ever; smaller pages get through."""
+    from urllib.parse import parse_qs, urlparse
+
+    history = [{**event(seq), "answer": "x" * 8000} for seq in range(1, 31)]
+    limits: list[str] = []
+
+    def poll(handler) -> None:
+        query = {k: v[0] for k, v in parse_qs(urlparse(handler.path).query).items()}
+        limits.append(query.get("limit", "-"))
+        after = int(query.get("after", len(history)))
+        page_ = history[after : after + int(query.get("limit", 100))]
+        seq = page_[-1]["seq"] if page_ else after
+        body = json.dumps(
+            {
+                "project_id": PROJECT,
+                "epoch": EPOCH,
+                "seq": seq,
+                "events": page_,
+                "resync_required": None,
+                "more": seq < len(history),
+            }
+        ).encode()
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        with contextlib.suppress(OSError):
+            for i in range(0, len(body), 10_000):  # 100 KB/s
+                handler.wfile.write(body[i : i + 10_000])
+                handler.wfile.flush()
+                time.sleep(0.1)
+
+    history_start = history[:]
+    history.clear()  # the first poll: from now (seq 0), then the 30 events are published
+    site.poll = poll
+    start(page, gw, site, websocket=False, sse=False, pollInterval=200, pollTimeout=1000)
+    page.wait_for_function("window.churn.log.length >= 1")
+    history.extend(history_start)
+    page.wait_for_function("window.churn.log.length >= 31", timeout=30_000)
+    assert delivered(page) == [("resync", 0), *range(1, 31)]
+    assert "25" in limits and "6" in limits, limits  # a quarter, then a quarter again
     assert page.problems == []  # type: ignore[attr-defined]
