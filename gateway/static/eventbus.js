@@ -786,8 +786,10 @@ export class FramePacer {
 /** Bytes of a line still arriving that keep an SSE stream alive for another sseIdleTimeout. */
 const SSE_PROGRESS_BYTES = 16 * 1024;
 
-/** The longest pong timeout, in pongTimeouts, after connections dropped for unanswered pings. */
-const PONG_STRETCH_MAX = 16;
+/** The longest pong timeout (in pongTimeouts) after connections dropped for unanswered pings,
+ * and the longest bound on a subscribe's answer (in connectTimeouts) after connections given
+ * up on for one. */
+const STRETCH_MAX = 16;
 
 /** Repairs of a gap from one cursor before it is surfaced as a resync (history_corrupt). */
 const GAP_REPAIRS = 2;
@@ -943,7 +945,7 @@ async function errorDetail(response) {
 
 /** The subscribes of connection `conn` not answered yet (none), its clock from `progressAt`. */
 function answersOf(conn, progressAt) {
-  return { conn, asked: new Map(), progressAt, timer: null, seenAt: progressAt };
+  return { conn, asked: new Map(), progressAt, timer: null, seenAt: progressAt, slow: false };
 }
 
 function checkItemId(value, name) {
@@ -1027,7 +1029,7 @@ export class EventBus {
     this._reconnectTimer = null;
     this._pingTimer = null;
     this._pongTimer = null;
-    // The pong timeout of the next pings, in pongTimeouts: doubled (at most PONG_STRETCH_MAX)
+    // The pong timeout of the next pings, in pongTimeouts: doubled (at most STRETCH_MAX)
     // after each connection dropped for an unanswered ping, back to 1 once a ping is answered
     // within pongTimeout. A frame slower to arrive than the timeout (a big event over a slow
     // link) holds the pong behind it, and the browser shows no sign of its bytes: cut, the
@@ -1041,6 +1043,11 @@ export class EventBus {
     // The subscribes of the current connection (the WebSocket, or an SSE stream) not answered
     // yet: {conn, asked: Map projectId -> {sub, at}, progressAt, timer} (_checkAnswers).
     this._answers = answersOf(null, 0);
+    // The bound on those answers, in connectTimeouts: doubled (at most STRETCH_MAX) after each
+    // connection given up on for an unanswered subscribe, back to 1 once a subscribe is answered
+    // within connectTimeout. A replayed event slower to arrive than the bound (a big one over a
+    // slow link: it pushes the bound back only once complete) was cut, and replayed as slowly.
+    this._answerStretch = 1;
     // Frames refused by the gateway's rate limit, and those sent after them, go out paced
     // (FramePacer): one "not before" and one queue for the whole WebSocket.
     this._pacer = new FramePacer({ spacing: o.resendInterval, maxSpacing: o.backoff.max, fallbackDelay: o.backoff.initial });
@@ -1614,7 +1621,7 @@ export class EventBus {
         // Nothing at all came back: the connection is dead even if the browser has not noticed
         // (or a frame that long is still arriving: the next connection waits longer).
         if (!this._wsLive) return;
-        this._pongStretch = Math.min(this._pongStretch * 2, PONG_STRETCH_MAX);
+        this._pongStretch = Math.min(this._pongStretch * 2, STRETCH_MAX);
         this._dropSocket(CloseCode.ABNORMAL, "ping timeout", true);
       }, this.options.pongTimeout * this._pongStretch);
     }, this.options.pingInterval);
@@ -2273,7 +2280,14 @@ export class EventBus {
 
   /** The project's subscribe is answered (`subscribed`, an error). */
   _answered(projectId) {
-    if (this._answers.asked.delete(projectId)) this._answers.progressAt = this._answersNow();
+    const answers = this._answers;
+    const entry = answers.asked.get(projectId);
+    if (!entry) return;
+    answers.asked.delete(projectId);
+    answers.progressAt = this._answersNow();
+    // Every subscribe of a connection answered, each within connectTimeout: the bound is back.
+    if (answers.progressAt - entry.at > this.options.connectTimeout) answers.slow = true;
+    else if (answers.asked.size === 0 && !answers.slow) this._answerStretch = 1;
   }
 
   /**
@@ -2322,7 +2336,7 @@ export class EventBus {
     if (answers.conn !== conn) return;
     answers.timer = null;
     const now = this._answersNow();
-    const bound = this.options.connectTimeout;
+    const bound = this.options.connectTimeout * this._answerStretch;
     let earliest = null;
     for (const [projectId, { sub, at }] of answers.asked) {
       if (this._subs.get(projectId) !== sub) {
@@ -2337,6 +2351,7 @@ export class EventBus {
           projectId,
         });
         this._gaveUp = conn;
+        this._answerStretch = Math.min(this._answerStretch * 2, STRETCH_MAX);
         if (conn === this._ws) this._dropSocket(CloseCode.ABNORMAL, "no answer to a subscribe", true);
         else if (conn === this._sse) conn.controller.abort(); // _sseEnded reopens it on the backoff
         return;

@@ -2424,7 +2424,11 @@ test("WebSocket: a subscribe never answered ends the connection after connectTim
   ws = await goLive(env, { 1: { epoch: "a", seq: 9, resumed: true } });
   eq(ws.sentOf("subscribe"), [{ type: "subscribe", project_id: 1, epoch: "a", after: 9, tag: tag(1, 9) }, { type: "subscribe", project_id: 2 }], "every project resumes from its cursor");
   // Stuck again, up longer than stableAfter by the time it is given up: not a stable connection.
-  await env.clock.advance(10000);
+  // The bound is twice as long after a connection given up on (a replayed event that slow to
+  // arrive would otherwise be cut each time), until every subscribe of one is answered in time.
+  await env.clock.advance(19999);
+  assert(ws.closedWith === null, "the next connection waits twice as long");
+  await env.clock.advance(1);
   assert(ws.closedWith !== null, "given up again");
   const dropped = env.clock.now();
   await env.clock.advance(1999);
@@ -2433,6 +2437,40 @@ test("WebSocket: a subscribe never answered ends the connection after connectTim
   eq(env.sockets.length, 3, "next attempt after 2 s");
   eq(env.last().createdAt - dropped, 2000);
   eq(env.events[1], [1, 2, 3, 4, 5, 6, 7, 8, 9], "nothing lost or doubled");
+});
+
+test("WebSocket: after a connection given up on, the bound on answers doubles until every subscribe of one is answered in time", async () => {
+  // A replayed event slower to arrive than the bound (it pushes the bound back only once
+  // complete) would be cut, and replayed as slowly, on every connection.
+  const env = setup({ subscribe: [1, 2] });
+  let ws = await goLive(env, { 1: { epoch: "a", seq: 0 } }); // project 2 never answered
+  const bounds = [];
+  for (let i = 0; i < 6; i += 1) {
+    const asked = env.clock.now();
+    while (ws.closedWith === null) await env.clock.advance(1000);
+    bounds.push(env.clock.now() - asked);
+    const sockets = env.sockets.length;
+    while (env.sockets.length === sockets) await env.clock.advance(1000);
+    // Project 1 answered at once (another project's quick answer keeps the longer bound).
+    ws = await goLive(env, { 1: { epoch: "a", seq: 0, resumed: true } });
+  }
+  eq(bounds, [10000, 20000, 40000, 80000, 160000, 160000], "doubled, at most 16 times");
+  await env.clock.advance(5000);
+  ws.receive({ type: "subscribed", project_id: 2, epoch: "b", seq: 0, resumed: false, replayed: 0 });
+  await flush();
+  await env.clock.advance(200000);
+  assert(ws.closedWith === null, "answered: the connection is kept");
+  ws.serverClose(1006);
+  const sockets = env.sockets.length;
+  while (env.sockets.length === sockets) await env.clock.advance(1000);
+  ws = await goLive(env, { 1: { epoch: "a", seq: 0, resumed: true }, 2: { epoch: "b", seq: 0, resumed: true } });
+  ws.serverClose(1006); // every subscribe of it answered in time: the bound is back to 10 s
+  while (env.sockets.length === sockets + 1) await env.clock.advance(1000);
+  ws = await goLive(env, { 1: { epoch: "a", seq: 0, resumed: true } });
+  await env.clock.advance(9999);
+  assert(ws.closedWith === null);
+  await env.clock.advance(1);
+  assert(ws.closedWith !== null, "given up after connectTimeout again");
 });
 
 test("WebSocket: replayed events and answers to earlier subscribes push the bound back; dropped live events do not", async () => {
@@ -2505,7 +2543,9 @@ test("sse: a stream whose subscribed never comes is reopened after connectTimeou
   eq(env.streams.length, count + 1, "reopened on the backoff");
   eq(env.streams[count].headers["Last-Event-ID"], `1=a:9:${tag(1, 9)}`);
   const next = await sseLive(env, { 1: { epoch: "a", seq: 9, resumed: true } });
-  await env.clock.advance(10000);
+  await env.clock.advance(19999);
+  assert(!next.closed, "the next stream waits twice as long");
+  await env.clock.advance(1);
   assert(next.closed, "given up again");
   const dropped = env.clock.now();
   await env.clock.advance(1999);

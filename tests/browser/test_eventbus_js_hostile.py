@@ -865,3 +865,33 @@ def test_polling_a_page_slower_than_the_poll_timeout_is_asked_for_in_smaller_pag
     assert delivered(page) == [("resync", 0), *range(1, 31)]
     assert "25" in limits and "6" in limits, limits  # a quarter, then a quarter again
     assert page.problems == []  # type: ignore[attr-defined]
+
+
+def test_a_replayed_big_event_slower_than_the_subscribe_bound_is_not_a_livelock(
+    page: Page, gw: ScriptedGateway, site: PageServer
+) -> None:
+    """The same slow event in the replay of a resume: the bound on the subscribe's answer
+    (connectTimeout, pushed back by each replayed event as it completes) passes while it
+    arrives. Giving the connection up for it, and resuming, replays it as slowly."""
+    conn = live(page, gw, site, connectTimeout=1000)
+    conn.close(1012)
+    text = json.dumps({**event(1), "answer": "x" * (160 * 1024)})
+    pieces = [text[i : i + 10 * 1024] for i in range(0, len(text), 10 * 1024)]
+
+    async def slowly():
+        for piece in pieces:
+            yield piece
+            await asyncio.sleep(0.1)
+
+    for _ in range(5):
+        conn = gw.next_conn()
+        conn.expect("auth")
+        conn.send({"type": "authenticated", "subject": None, "projects": None, "expires_at": None})
+        assert conn.expect("subscribe")["after"] == 0
+        with contextlib.suppress(websockets.ConnectionClosed):
+            conn._run(conn.ws.send(slowly()))
+            conn.send(subscribed(1, replayed=1))
+        if page.evaluate("window.churn.log.length") >= 2:
+            break
+    assert wait_delivered(page, 2) == [("resync", 0), 1]
+    assert page.problems == []  # type: ignore[attr-defined]
