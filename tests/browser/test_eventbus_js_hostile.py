@@ -786,9 +786,12 @@ def test_a_big_event_slower_than_the_pong_timeout_is_not_a_livelock(
             yield piece
             await asyncio.sleep(0.1)
 
-    for _ in range(4):
+    for _ in range(7):
+        states = page.evaluate("window.churn.states.length")
         with contextlib.suppress(websockets.ConnectionClosed):
             conn._run(conn.ws.send(slowly()))
+        # Delivered, or the connection dropped (and then the next one replays it).
+        page.wait_for_function(f"churn.log.length >= 2 || churn.states.length > {states}")
         if page.evaluate("window.churn.log.length") >= 2:
             break
         conn = gw.next_conn()
@@ -812,7 +815,7 @@ def test_sse_a_big_event_slower_than_the_idle_timeout_is_not_a_livelock(
             time.sleep(0.1)
         stream.hold()
 
-    stream.scripts += [slowly] * 4
+    stream.scripts += [slowly] * 7
     start(page, gw, site, websocket=False, sseIdleTimeout=500)
     assert wait_delivered(page, 2) == [("resync", 0), 1]
     assert page.problems == []  # type: ignore[attr-defined]
@@ -883,14 +886,18 @@ def test_a_replayed_big_event_slower_than_the_subscribe_bound_is_not_a_livelock(
             yield piece
             await asyncio.sleep(0.1)
 
-    for _ in range(5):
+    for _ in range(7):
         conn = gw.next_conn()
         conn.expect("auth")
         conn.send({"type": "authenticated", "subject": None, "projects": None, "expires_at": None})
         assert conn.expect("subscribe")["after"] == 0
+        page.wait_for_function("churn.bus.state === 'live'")
+        states = page.evaluate("window.churn.states.length")
         with contextlib.suppress(websockets.ConnectionClosed):
             conn._run(conn.ws.send(slowly()))
             conn.send(subscribed(1, replayed=1))
+        # Delivered, or the connection given up (and then the next one replays it).
+        page.wait_for_function(f"churn.log.length >= 2 || churn.states.length > {states}")
         if page.evaluate("window.churn.log.length") >= 2:
             break
     assert wait_delivered(page, 2) == [("resync", 0), 1]
