@@ -200,6 +200,11 @@ export function refreshDelay({ iat, exp, expiresAt, obtainedAt, now }) {
     expiry = obtainedAt + (exp - iat) * 1000 - 1000;
   } else if (Number.isFinite(expiresAt ?? exp)) {
     expiry = (expiresAt ?? exp) * 1000; // server's clock; the best we have
+    // Expired already when obtained, yet taken by the gateway: this clock is ahead of the
+    // gateway's by an unknown amount, so the lifetime is unknown too. A refresh "due at once"
+    // was made again after every refresh, twice a second for ever; instead none (the gateway
+    // closes with 4002 at the expiry, and the reconnect takes a new token).
+    if (expiry <= obtainedAt) return null;
   } else {
     return null;
   }

@@ -349,6 +349,11 @@ test("token refresh is scheduled before expiry, whatever the browser clock says"
   // Already late: refresh at once (but not in a busy loop).
   eq(eb.refreshDelay({ iat: 0, exp: 5, obtainedAt, now: obtainedAt + 60000 }), 500);
   eq(eb.refreshDelay({ obtainedAt, now: obtainedAt }), null, "unknown lifetime");
+  // No iat: the expiry is on the gateway's clock. Past when obtained: this clock is ahead by an
+  // unknown amount, the lifetime unknown (not a refresh at once after every refresh).
+  eq(eb.refreshDelay({ exp: 4000, obtainedAt, now: obtainedAt }), null);
+  eq(eb.refreshDelay({ expiresAt: 4000, obtainedAt, now: obtainedAt }), null);
+  eq(eb.refreshDelay({ expiresAt: 5900, obtainedAt, now: obtainedAt }), 840000, "no iat, clocks agreeing");
   // A token of 30 days: no longer than setTimeout can wait (a longer delay runs at once).
   eq(eb.refreshDelay({ iat: 0, exp: 30 * 86400, obtainedAt, now: obtainedAt }), 2 ** 31 - 1);
   eq(eb.refreshDelay({ expiresAt: 4_000_000_000, obtainedAt, now: obtainedAt }), 2 ** 31 - 1);

@@ -902,3 +902,27 @@ def test_a_replayed_big_event_slower_than_the_subscribe_bound_is_not_a_livelock(
             break
     assert wait_delivered(page, 2) == [("resync", 0), 1]
     assert page.problems == []  # type: ignore[attr-defined]
+
+
+def test_a_token_without_iat_under_a_clock_ahead_of_the_gateways_is_not_refreshed_in_a_loop(
+    page: Page, gw: ScriptedGateway, site: PageServer
+) -> None:
+    """A token with `exp` and no `iat`: its lifetime is unknown, its expiry is on the gateway's
+    clock. The browser's clock an hour ahead, the token looks expired when it arrives, though the
+    gateway takes it: a refresh due at once, and again after each refresh, twice a second."""
+    page.evaluate(TIMER_PROBE)
+    now = int(time.time())
+    claims = {"exp": now - 1800, "projects": [1]}  # valid for 30 min on the gateway's clock
+    header = {"alg": "HS256", "typ": "JWT"}
+
+    def part(value: dict) -> str:
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
+
+    token = f"{part(header)}.{part(claims)}.sig"
+    start(page, gw, site, token=token)
+    conn = gw.next_conn()
+    conn.handshake(0, token=token, expires_at=claims["exp"])
+    conn.send(event(1))
+    assert wait_delivered(page, 2) == [("resync", 0), 1]
+    with pytest.raises(queue.Empty):
+        conn.expect("auth", timeout=1.5)  # no refresh loop
