@@ -372,7 +372,8 @@ export declare function computeState(facts: {
 export declare function decodeTokenClaims(token: string): Record<string, unknown> | null;
 
 /** Milliseconds until the token should be refreshed (a minute before expiry, or at 3/4 of a short
- * lifetime), at most 2^31 - 1 (24.8 days, the longest setTimeout waits); null when unknown. */
+ * lifetime), at most 2^31 - 1 (24.8 days, the longest setTimeout waits); null when unknown
+ * (no iat nor exp, or no iat and an exp already past when it was obtained). */
 export declare function refreshDelay(facts: {
   iat?: number;
   exp?: number;

@@ -1046,11 +1046,12 @@ export class EventBus {
     this._refreshSent = false; // a token refresh (`auth`) is sent and not answered yet
     this._liveAt = null; // when the WebSocket got live
     // The subscribes of the current connection (the WebSocket, or an SSE stream) not answered
-    // yet: {conn, asked: Map projectId -> {sub, at}, progressAt, timer} (_checkAnswers).
+    // yet: {conn, asked: Map projectId -> {sub, at}, progressAt, timer, seenAt, slow: one was
+    // answered later than connectTimeout} (_checkAnswers).
     this._answers = answersOf(null, 0);
     // The bound on those answers, in connectTimeouts: doubled (at most STRETCH_MAX) after each
-    // connection given up on for an unanswered subscribe, back to 1 once a subscribe is answered
-    // within connectTimeout. A replayed event slower to arrive than the bound (a big one over a
+    // connection given up on for an unanswered subscribe, back to 1 once every subscribe of a
+    // connection is answered within connectTimeout. A replayed event slower to arrive than the bound (a big one over a
     // slow link: it pushes the bound back only once complete) was cut, and replayed as slowly.
     this._answerStretch = 1;
     // Frames refused by the gateway's rate limit, and those sent after them, go out paced
