@@ -28,6 +28,7 @@ from pathlib import Path
 import fakeredis
 import msgspec
 import pytest
+import structlog
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from websockets.protocol import State
@@ -1224,8 +1225,13 @@ def test_tail_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]):
         assert info.value.code == 2, argv
     assert consumer_main(["nope"]) == 2
     assert "usage: python -m consumer tail" in capsys.readouterr().err
-    # A URL no connection can be made to: a usage error too, not a traceback.
-    assert tail_main(["1", "--url", "http://127.0.0.1:8765/"]) == 2
+    # A URL no connection can be made to: a usage error too, not a traceback. (run() points
+    # structlog at this test's stderr, closed after it: the configuration is put back.)
+    before = structlog.get_config()
+    try:
+        assert tail_main(["1", "--url", "http://127.0.0.1:8765/"]) == 2
+    finally:
+        structlog.configure(**before)
     assert "error: not a gateway URL" in capsys.readouterr().err
 
 
