@@ -39,6 +39,7 @@ import redis.asyncio.cluster
 import redis.exceptions
 
 from gateway.logs import describe, get_logger
+from gateway.node_limits import NodeLimits
 from gateway.presence import PresenceCore, SessionKey, Write
 from gateway.tasks import spawn
 from schemas.keys import Keys
@@ -84,12 +85,13 @@ OnUnannounced = Callable[[int, int], None]
 #: pods, members or announcements left out. Another writer's: the gateway counts them.
 OnLeftOut = Callable[[int, int], None]
 
-#: Presence reads (:data:`~schemas.presence.READ`, one call each) in flight at once per pod; the
-#: others wait their turn. Every Redis call of the gateway takes a connection of one pool
-#: (redis-py's, 100 at most, past which it refuses "Too many connections"): a read per
-#: ``presence_get`` or presence subscribe of a project not in memory, 300 of them at once (a
-#: reconnect storm of dashboards), took the pool, and the history reads, polls and readiness
-#: checks made meanwhile failed as if Redis were down.
+#: Presence reads (:data:`~schemas.presence.READ`, one call each) in flight at once per pod (per
+#: master on Redis Cluster: :class:`gateway.node_limits.NodeLimits`); the others wait their
+#: turn. Every Redis call of the gateway takes a connection of one pool (redis-py's, 100 at most,
+#: past which it refuses "Too many connections"): a read per ``presence_get`` or presence
+#: subscribe of a project not in memory, 300 of them at once (a reconnect storm of dashboards),
+#: took the pool, and the history reads, polls and readiness checks made meanwhile failed as if
+#: Redis were down.
 PRESENCE_READS = 16
 
 
@@ -139,7 +141,7 @@ class PresenceStore:
         self.ttl_ms = round(ttl * 1000)
         self.publish_command = publish_command
         self._read = client.register_script(READ)
-        self._reads = asyncio.Semaphore(PRESENCE_READS)
+        self._reads = NodeLimits(client, PRESENCE_READS)
         self._shas = {text: hashlib.sha1(text.encode()).hexdigest() for text in (WRITE, REFRESH)}
         self._cluster = isinstance(client, redis.asyncio.cluster.RedisCluster)
         #: Commands sent and round trips made: what the cost bounds count.
@@ -218,13 +220,15 @@ class PresenceStore:
 
     async def read(self, project_id: int) -> dict[str, PodState]:
         """A project's presence on every live pod, read atomically. At most
-        :data:`PRESENCE_READS` run at once; the others wait (callers bound the wait). Pods and
-        members past what pods can have written (``read_limit(max_members)``) are left out in
-        Redis, and counted to ``on_left_out``. A reply the script cannot have given raises
-        ``redis.exceptions.InvalidResponse`` (a ``RedisError``, as when Redis does not answer)."""
-        async with self._reads:
+        :data:`PRESENCE_READS` run at once (per master on Redis Cluster); the others wait
+        (callers bound the wait). Pods and members past what pods can have written
+        (``read_limit(max_members)``) are left out in Redis, and counted to ``on_left_out``. A
+        reply the script cannot have given raises ``redis.exceptions.InvalidResponse`` (a
+        ``RedisError``, as when Redis does not answer)."""
+        keys = self._keys(project_id)
+        async with self._reads.for_key(keys[0]):
             reply = await self._read(
-                keys=self._keys(project_id),
+                keys=keys,
                 args=read_args(self.keys.presence_pod_prefix(project_id), self.max_members),
             )
         self._count(1)

@@ -8,7 +8,7 @@ client, and redis-py's pool refuses more than ``max_connections`` (100 by defaul
 connections", which turned a storm into a wave of ``unavailable`` errors. On Redis Cluster the
 reads stay one call each (the slots live on different nodes), bounded by a semaphore per master
 instead: a hung master holds the reads of its own projects until their bound, never the reads of
-the projects the other masters serve (:meth:`HistoryStore._shard_slots`).
+the projects the other masters serve (:class:`gateway.node_limits.NodeLimits`).
 
 Every value read is checked by :mod:`schemas.stored` before it is used. A foreign value (written
 by someone else than the event bus) is skipped, counted in ``eventbus_foreign_values_total`` and
@@ -28,6 +28,7 @@ import redis.exceptions
 
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
+from gateway.node_limits import NodeLimits
 from gateway.sequencing import Snapshot
 from schemas import lua
 from schemas.history import (
@@ -133,9 +134,7 @@ class HistoryStore:
         self._cluster = isinstance(client, redis.asyncio.cluster.RedisCluster)
         self._queue: collections.deque[_Request] = collections.deque()
         self._senders: set[asyncio.Task] = set()
-        #: Places for snapshot calls on Redis Cluster, per master (by node name; None: the slot
-        #: map is not known yet).
-        self._cluster_slots: dict[str | None, asyncio.Semaphore] = {}
+        self._cluster_slots = NodeLimits(client, CLUSTER_CONCURRENCY)
 
     async def snapshot(
         self,
@@ -162,30 +161,13 @@ class HistoryStore:
         args = snapshot_args(epoch, after, limit, new_epoch(), max_bytes)
         try:
             if self._cluster:
-                async with self._shard_slots(keys[0]):
+                async with self._cluster_slots.for_key(keys[0]):
                     reply = await self._snapshot(keys=keys, args=args)
             else:
                 reply = await self._batched(keys, args)
         except (redis.exceptions.RedisError, OSError) as exc:
             raise StoreUnavailable(str(exc)) from exc
         return self._parse_snapshot(project_id, reply)
-
-    def _shard_slots(self, key: str) -> asyncio.Semaphore:
-        """The places for calls on the master that serves ``key`` in the client's slot map.
-
-        One semaphore for the whole cluster let a hung master's reads (each held until the
-        call's bound) take every place: the reads of projects on masters that answer then waited
-        behind them, past their callers' subscribe timeout. The master is the one the client
-        routes to when the call starts; a redirect (MOVED, ASK) does not move the place."""
-        try:
-            node = self.client.get_node_from_key(key)
-        except (redis.exceptions.RedisClusterException, LookupError):  # no map yet, or no owner
-            node = None
-        name = getattr(node, "name", None)
-        slots = self._cluster_slots.get(name)
-        if slots is None:
-            slots = self._cluster_slots[name] = asyncio.Semaphore(CLUSTER_CONCURRENCY)
-        return slots
 
     def _parse_snapshot(self, project_id: int, reply: object) -> Snapshot:
         """The reply read by :func:`schemas.history.parse_snapshot_reply` (shared with the

@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import redis.exceptions
 
 from gateway.metrics import Metrics
+from gateway.presence_store import PRESENCE_READS, PresenceStore
 from gateway.store import CLUSTER_CONCURRENCY, ForeignValues, HistoryStore, StoreUnavailable
 from redisconn import async_client
 from schemas.keys import Keys
@@ -58,6 +60,35 @@ async def test_history_reads_of_a_healthy_shard_do_not_wait_behind_a_hung_one(
             assert not any(task.done() for task in stuck), "the healthy read waited for them"
             for outcome in await asyncio.gather(*stuck, return_exceptions=True):
                 assert isinstance(outcome, StoreUnavailable)
+        finally:
+            hung.thaw()
+    finally:
+        await client.aclose()
+
+
+async def test_presence_reads_of_a_healthy_shard_do_not_wait_behind_a_hung_one(
+    partial_cluster: RedisCluster,
+):
+    """The same for presence reads (at most PRESENCE_READS at once): per master, so that the
+    dashboards of a hung shard's projects do not hold the presence of every other project."""
+    cluster = partial_cluster
+    spread = cluster.projects_by_master(range(1, 5000))
+    hung, healthy = cluster.masters()[:2]
+    stuck_projects = spread[hung][: PRESENCE_READS + 4]
+    project = spread[healthy][0]
+    client = async_client(cluster.url, call_timeout=4.0)
+    store = PresenceStore(client, "pod1", publish_command="SPUBLISH")
+    try:
+        await store.read(project)
+        await store.read(stuck_projects[0])
+        hung.freeze()
+        try:
+            stuck = [asyncio.create_task(store.read(p)) for p in stuck_projects]
+            await asyncio.sleep(0)
+            assert await store.read(project) == {}
+            assert not any(task.done() for task in stuck), "the healthy read waited for them"
+            for outcome in await asyncio.gather(*stuck, return_exceptions=True):
+                assert isinstance(outcome, redis.exceptions.TimeoutError)
         finally:
             hung.thaw()
     finally:
