@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import re
 from collections.abc import Callable, Iterator
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
@@ -54,15 +55,36 @@ class SlotMap:
         self._moved: dict[int, Address] = {}
 
     @classmethod
-    def from_cluster_slots(cls, reply: list, queried_host: str) -> SlotMap:
-        """Parse a ``CLUSTER SLOTS`` reply; an empty or ``?`` host means the queried node's."""
+    def from_cluster_slots(cls, reply: object, queried_host: str) -> SlotMap:
+        """Parse a ``CLUSTER SLOTS`` reply; an empty or ``?`` host means the queried node's.
+
+        A reply no Redis sends (a broken proxy, a server that is not Redis) raises
+        ``redis.exceptions.InvalidResponse``, as a node that does not answer: the caller asks
+        another one, or again later."""
+        if not isinstance(reply, list):
+            raise _bad_slots(reply, "not an array")
         ranges = []
         for entry in reply:
-            host, port = entry[2][0], entry[2][1]
-            host = host.decode() if isinstance(host, bytes) else str(host)
+            if not (
+                isinstance(entry, list)
+                and len(entry) >= 3
+                and isinstance(entry[2], list)
+                and len(entry[2]) >= 2
+            ):
+                raise _bad_slots(entry, "not a slot range with its master")
+            start, end, (host, port) = entry[0], entry[1], entry[2][:2]
+            if not (
+                _is_int(start) and _is_int(end) and 0 <= start <= end < 16384 and _is_int(port)
+            ):
+                raise _bad_slots(entry, "slots or port not numbers")
+            if not (0 <= port <= 65535) or not isinstance(host, bytes | str):
+                raise _bad_slots(entry, "not a node address")
+            host = host.decode("ascii", "replace") if isinstance(host, bytes) else host
             if host in ("", "?"):
                 host = queried_host
-            ranges.append((int(entry[0]), int(entry[1]), (host, int(port))))
+            elif not _HOST.fullmatch(host):
+                raise _bad_slots(entry, "not a host name or address")
+            ranges.append((start, end, (host, port)))
         return cls(ranges)
 
     def owner(self, slot: int) -> Address | None:
@@ -84,6 +106,21 @@ class SlotMap:
 
 def channel_slot(channel: bytes) -> int:
     return key_slot(channel)
+
+
+#: A host name, an IPv4 or an IPv6 address: what goes into a node's URL (nothing that would
+#: change its meaning there: ``@``, ``/``, ``?``, ``#``, brackets, spaces).
+_HOST = re.compile(r"[A-Za-z0-9._:-]{1,255}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _bad_slots(part: object, problem: str) -> redis.exceptions.InvalidResponse:
+    return redis.exceptions.InvalidResponse(
+        f"a CLUSTER SLOTS reply no Redis sends ({problem}): {part!r}"[:200]
+    )
 
 
 class ShardLink(PubSubLink):
@@ -418,13 +455,13 @@ class ClusterPubSub:
             )
             try:
                 reply = await client.execute_command("CLUSTER", "SLOTS")
+                if reply:
+                    return SlotMap.from_cluster_slots(reply, address[0])
             except (redis.exceptions.RedisError, OSError) as exc:
                 error = exc
                 continue
             finally:
                 await client.aclose()
-            if reply:
-                return SlotMap.from_cluster_slots(reply, address[0])
         raise redis.exceptions.ConnectionError(f"no cluster node answered: {error}")
 
 

@@ -13,11 +13,13 @@ import asyncio
 import pytest
 import redis.exceptions
 
+from gateway.cluster_pubsub import ClusterPubSub, SlotMap
 from gateway.metrics import Metrics
 from gateway.presence_store import PRESENCE_READS, PresenceStore
 from gateway.store import CLUSTER_CONCURRENCY, ForeignValues, HistoryStore, StoreUnavailable
 from redisconn import async_client
 from schemas.keys import Keys
+from tests.support.fake_resp import PROXY, FakeResp, proxy
 from tests.support.redis_cluster import RedisCluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -93,3 +95,60 @@ async def test_presence_reads_of_a_healthy_shard_do_not_wait_behind_a_hung_one(
             hung.thaw()
     finally:
         await client.aclose()
+
+
+# A CLUSTER SLOTS reply no Redis sends (a broken proxy, a server that is not Redis at the seed's
+# address): each is as good as no answer, never the end of the link's upkeep.
+GARBAGE_SLOT_MAPS = {
+    "port not a number": b"*1\r\n*3\r\n:0\r\n:16383\r\n*2\r\n$9\r\n127.0.0.1\r\n$3\r\nabc\r\n",
+    "entry too short": b"*1\r\n*2\r\n:0\r\n:16383\r\n",
+    "entry not an array": b"*1\r\n:7\r\n",
+    "not an array": b"$5\r\nhello\r\n",
+    "node without a port": b"*1\r\n*3\r\n:0\r\n:16383\r\n*1\r\n$9\r\n127.0.0.1\r\n",
+}
+
+
+@pytest.mark.parametrize("garbage", GARBAGE_SLOT_MAPS.values(), ids=GARBAGE_SLOT_MAPS.keys())
+async def test_a_garbage_slot_map_is_retried_not_the_end_of_cluster_pubsub(
+    redis_cluster: RedisCluster, redis_cluster_url: str, garbage: bytes
+):
+    """The seed answers CLUSTER SLOTS with garbage, then like Redis again: the sharded pub/sub
+    comes up and a subscribe is confirmed. Before, parsing the garbage raised (IndexError,
+    ValueError, TypeError) out of the task that keeps the slot map, which nobody awaited: the
+    map was never asked for again, no link was made, and every subscribe waited for ever (an
+    'unavailable' to every client of the pod, until it was restarted)."""
+    seed = redis_cluster.masters()[0]
+    asked = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def spoiled(command: list[bytes]) -> object:
+        if [part.upper() for part in command[:2]] == [b"CLUSTER", b"SLOTS"]:
+            loop.call_soon_threadsafe(asked.set)
+            return garbage
+        return PROXY
+
+    with FakeResp(("127.0.0.1", seed.port), spoiled) as fake:
+        pubsub = ClusterPubSub(
+            f"redis+cluster://127.0.0.1:{fake.port}",
+            on_message=lambda channel, data: None,
+            on_recovered=lambda channels: None,
+            metrics=Metrics(),
+        )
+        pubsub.start()
+        try:
+            async with asyncio.timeout(10):
+                await asked.wait()
+                fake.answer = proxy  # (the garbage is on its way: the answer was chosen)
+                assert await pubsub.subscribe(KEYS.channel(7).encode())
+        finally:
+            await pubsub.close()
+
+
+@pytest.mark.parametrize("host", [b"user:pw@evil", b"host/15", b"host?db=3", b"a b", b"[::1]"])
+def test_a_slot_map_naming_a_host_that_would_change_the_node_url_is_refused(host: bytes):
+    """The host goes into the node's URL: one that would change its meaning there (credentials,
+    a database, options) is a reply no Redis sends."""
+    reply = [[0, 16383, [host, 7000, b"id"]]]
+    with pytest.raises(redis.exceptions.InvalidResponse):
+        SlotMap.from_cluster_slots(reply, "127.0.0.1")
+    assert SlotMap.from_cluster_slots([[0, 16383, [b"::1", 7000]]], "h").owner(5) == ("::1", 7000)
