@@ -27,7 +27,7 @@ from redis.crc import key_slot
 
 from gateway.logs import describe, get_logger
 from gateway.metrics import Metrics
-from gateway.pubsub import PubSubLink
+from gateway.pubsub import MAX_DOUBLINGS, PubSubLink
 from gateway.tasks import spawn
 
 __all__ = ["ClusterPubSub", "ShardLink", "SlotMap", "channel_slot"]
@@ -409,7 +409,7 @@ class ClusterPubSub:
                 except (redis.exceptions.RedisError, OSError) as exc:
                     failures += 1
                     log.warning("cluster slot map unavailable", error=describe(exc))
-                    await asyncio.sleep(min(2.0, 0.05 * 2**failures))
+                    await asyncio.sleep(min(2.0, 0.05 * 2 ** min(failures, MAX_DOUBLINGS)))
                     continue
                 failures = 0
                 self._reload = False

@@ -49,15 +49,30 @@ from gateway.logs import describe, get_logger
 from gateway.metrics import Metrics
 from gateway.tasks import spawn
 
-__all__ = ["PONG_WINDOWS", "PongWait", "PubSubLink", "backoff_delays", "frame_problem"]
+__all__ = [
+    "MAX_DOUBLINGS",
+    "PONG_WINDOWS",
+    "PongWait",
+    "PubSubLink",
+    "backoff_delays",
+    "frame_problem",
+]
 
 log = get_logger("gateway.pubsub")
 
 
 def backoff_delays(base: float = 0.05, cap: float = 2.0) -> itertools.Iterator[float]:
-    """Reconnect delays: exponential from ``base`` to ``cap`` with full jitter, forever."""
+    """Reconnect delays: exponential from ``base`` to ``cap`` with full jitter, forever.
+
+    The exponent stops growing at :data:`MAX_DOUBLINGS`: ``base * 2**attempt`` raised
+    OverflowError at the 1,024th attempt (an int too large for a float), out of the task that
+    reconnects, after some 17 minutes of a Redis refusing connections."""
     for attempt in itertools.count():
-        yield random.uniform(0, min(cap, base * 2**attempt))
+        yield random.uniform(0, min(cap, base * 2 ** min(attempt, MAX_DOUBLINGS)))
+
+
+#: Doublings of a backoff delay at most: far past any cap (2**60 times the base).
+MAX_DOUBLINGS = 60
 
 
 #: Seconds a connection (TCP connect and handshake) may take before the link gives up on it and

@@ -152,3 +152,59 @@ def test_a_slot_map_naming_a_host_that_would_change_the_node_url_is_refused(host
     with pytest.raises(redis.exceptions.InvalidResponse):
         SlotMap.from_cluster_slots(reply, "127.0.0.1")
     assert SlotMap.from_cluster_slots([[0, 16383, [b"::1", 7000]]], "h").owner(5) == ("::1", 7000)
+
+
+async def test_cluster_pubsub_comes_back_after_more_than_a_thousand_failed_map_loads(
+    redis_cluster: RedisCluster, redis_cluster_url: str, monkeypatch
+):
+    """The seed refuses the slot map for a long outage (over 1,000 loads: some 35 minutes at
+    the 2 s cap), then answers: the sharded pub/sub comes up. Before, the pause after a failed
+    load was ``min(2.0, 0.05 * 2**failures)``, which raised OverflowError at the 1,075th
+    failure, out of the task that keeps the map: the pod never subscribed anything again. (The
+    module's pauses are skipped here, so that the test takes seconds.)"""
+    import types
+
+    import gateway.cluster_pubsub
+
+    real_sleep = asyncio.sleep
+
+    async def no_pause(delay: float, result: object = None) -> object:
+        return await real_sleep(0, result)
+
+    hurried = types.ModuleType("asyncio")
+    hurried.__dict__.update(vars(asyncio))
+    hurried.sleep = no_pause  # type: ignore[attr-defined]
+    monkeypatch.setattr(gateway.cluster_pubsub, "asyncio", hurried)
+    seed = redis_cluster.masters()[0]
+    refusals = 0
+    enough = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def refusing(command: list[bytes]) -> object:
+        nonlocal refusals
+        if command[0].upper() == b"CLUSTER":
+            refusals += 1
+            if refusals == 1100:
+                loop.call_soon_threadsafe(enough.set)
+            return b"-ERR not now\r\n"
+        return b"+OK\r\n"  # the handshake
+
+    with FakeResp(("127.0.0.1", seed.port), refusing) as fake:
+        pubsub = ClusterPubSub(
+            f"redis+cluster://127.0.0.1:{fake.port}",
+            on_message=lambda channel, data: None,
+            on_recovered=lambda channels: None,
+            metrics=Metrics(),
+        )
+        pubsub.start()
+        try:
+            waiting = asyncio.ensure_future(enough.wait())
+            async with asyncio.timeout(90):
+                await asyncio.wait([waiting, pubsub._task], return_when=asyncio.FIRST_COMPLETED)
+            waiting.cancel()
+            assert not pubsub._task.done(), f"the upkeep ended: {pubsub._task!r}"
+            fake.answer = proxy
+            async with asyncio.timeout(10):
+                assert await pubsub.subscribe(KEYS.channel(7).encode())
+        finally:
+            await pubsub.close()

@@ -553,6 +553,37 @@ async def test_a_pubsub_connect_to_a_peer_that_never_answers_is_given_up_and_ret
         proxy.close()
 
 
+async def test_a_pubsub_link_comes_back_after_more_than_a_thousand_failed_connects(
+    redis_url, monkeypatch
+):
+    """Redis away for a long outage (with the default delays, over 1,000 reconnects are some
+    17 minutes of refused connections): once it answers, the link subscribes. Before, the
+    backoff computed ``0.05 * 2**attempt`` before capping it, which raised OverflowError at the
+    1,024th delay, out of the link's task: the pod never had a pub/sub connection again, for
+    its life. (The delays are capped at 0 here so that the test takes seconds: the overflow
+    came before the cap.)"""
+    import functools
+
+    import gateway.pubsub
+    from tests.support.fake_resp import FakeResp, proxy, then_close
+
+    monkeypatch.setattr(
+        gateway.pubsub, "backoff_delays", functools.partial(gateway.pubsub.backoff_delays, cap=0)
+    )
+    host, port = redis_url.split("//")[1].split("/")[0].split(":")
+    with FakeResp((host, int(port)), lambda command: then_close(b"")) as fake:
+        link = plain_link(fake.url)
+        link.start()
+        try:
+            await wait_until(lambda: link.backoff_attempts > 1100, 60, "1,100 failed connects")
+            fake.answer = proxy
+            async with asyncio.timeout(10):
+                await link.subscribe(b"long-outage-test")
+            assert link.alive
+        finally:
+            await link.close()
+
+
 async def test_gateway_reads_recover_from_a_hung_redis_with_nothing_lost(monkeypatch):
     """Redis stopped (SIGSTOP: sockets open, no answer) under live subscribers: the gateway stays
     responsive, its periodic checks give up in time instead of piling up, and once Redis answers
