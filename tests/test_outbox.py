@@ -30,7 +30,13 @@ import pytest
 import redis
 import structlog
 
-from publisher import AsyncPublisher, Cursor, EventValidationError, Publisher
+from publisher import (
+    AsyncPublisher,
+    Cursor,
+    EventValidationError,
+    Publisher,
+    PublisherUnavailable,
+)
 from publisher.outbox import (
     InTransaction,
     LagHistogram,
@@ -2841,3 +2847,40 @@ def test_cli_relay_refuses_a_log_setting_from_the_environment_it_does_not_know(
     )  # fmt: skip
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert variable in out.stderr and value in out.stderr, out.stderr
+
+
+def test_the_relay_publishes_after_more_than_a_thousand_failed_rounds(sqlite_path, table, bus):
+    """Redis unavailable for a long outage (over 1,000 failed rounds: some 2 hours at the
+    default 5 s backoff), then back: the relay publishes the rows. Before, the pause computed
+    ``0.1 * 2 ** (failures - 1)`` before capping it, which raised OverflowError at the 1,025th
+    failure, out of the relay's thread: the outbox was never published again until a restart.
+    (``max_backoff=0`` so that the test takes seconds: the overflow came before the cap.)"""
+
+    class Outage:
+        """The publisher, refusing every publish while ``down``."""
+
+        down = True
+
+        def __getattr__(self, name: str) -> Any:
+            attribute = getattr(bus, name)
+            if name.startswith("publish") and self.down:
+
+                def refuse(*args: Any, **kwargs: Any) -> Any:
+                    raise PublisherUnavailable("Redis unavailable: down for the test")
+
+                return refuse
+            return attribute
+
+    project = 10**9 + uuid.uuid4().int % 10**9  # (the shared Redis: a project of its own)
+    _sqlite_rows(sqlite_path, table, [event(project, n) for n in range(1, 4)])
+    outage = Outage()
+    relay = OutboxRelay.sqlite(sqlite_path, outage, table=table, max_backoff=0, max_rate=None)
+    relay.start()
+    try:
+        wait_until(lambda: relay.metrics.unavailable > 1100 or not relay._thread.is_alive(), 60)
+        assert relay._thread.is_alive(), "the relay's thread ended"
+        outage.down = False
+        wait_until(lambda: relay.store.backlog() == 0, 30)
+    finally:
+        relay.stop()
+    assert stream_ids(bus.client, project) == [(1, 1), (2, 2), (3, 3)]

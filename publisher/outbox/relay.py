@@ -370,7 +370,7 @@ class OutboxRelay:
                     outage_started = time.monotonic()
                     log().warning("outbox_redis_unavailable", table=self.table, error=str(exc))
                 failures += 1
-                self._stop.wait(min(0.1 * 2 ** (failures - 1), self.max_backoff))
+                self._stop.wait(self._backoff(failures))
                 self._housekeeping()
                 continue
             except Exception as exc:  # a Redis error reply, the database gone, ...
@@ -383,7 +383,7 @@ class OutboxRelay:
                     )
                 if not isinstance(exc, PublishError):
                     self.store.reset()
-                self._stop.wait(min(0.1 * 2 ** (failures - 1), self.max_backoff))
+                self._stop.wait(self._backoff(failures))
                 continue
             failures = 0
             if self.metrics.leader != was_leader:
@@ -420,6 +420,13 @@ class OutboxRelay:
                     # before, made a leader lose the lead for its LISTEN session's failure.
                     self._database_error(exc, reset=False)
                     self._stop.wait(self.poll_interval)
+
+    def _backoff(self, failures: int) -> float:
+        """The pause after ``failures`` failed rounds in a row: 0.1 s doubling to
+        ``max_backoff``. The exponent stops growing far past any cap: ``0.1 * 2 ** (failures -
+        1)`` raised OverflowError at the 1,025th failure, out of the relay's thread, which then
+        published nothing more until a restart."""
+        return min(0.1 * 2 ** min(failures - 1, 60), self.max_backoff)
 
     def _housekeeping(self) -> None:
         now = time.monotonic()
