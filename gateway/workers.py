@@ -125,7 +125,8 @@ class RestartPolicy:
             return 0.0
         deaths = self._young_deaths.get(worker, 0) + 1
         self._young_deaths[worker] = deaths
-        return min(self.cap, self.base * 2 ** (deaths - 1))
+        # (The exponent stops growing far past any cap: 2**1024 is too large for a float.)
+        return min(self.cap, self.base * 2 ** min(deaths - 1, 60))
 
 
 @dataclass

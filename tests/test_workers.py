@@ -33,6 +33,15 @@ def test_a_worker_that_ran_long_is_restarted_at_once_a_crash_loop_backs_off() ->
     assert policy.delay(0, uptime=1) == 0.5
 
 
+def test_a_worker_crash_looping_for_a_thousand_restarts_still_gets_the_capped_delay() -> None:
+    """A worker that keeps dying young (a config it cannot start with, some 8 hours at the 30 s
+    cap) is still restarted after ``cap``. Before, ``base * 2 ** (deaths - 1)`` raised
+    OverflowError at the 1,025th death, in the supervisor."""
+    policy = RestartPolicy(healthy_after=10, base=0.5, cap=30)
+    assert {policy.delay(0, uptime=1) for _ in range(1100)} >= {30}
+    assert policy.delay(0, uptime=1) == 30
+
+
 def _supervise(
     liveness: Liveness, start: float, end: float, beating: dict[int, float]
 ) -> list[tuple[float, int, float]]:
