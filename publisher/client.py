@@ -772,9 +772,11 @@ class Publisher(_ContractHelpers[Cursor]):
         try:
             return client.execute_command("EVALSHA", sha, len(keys), *keys, *args)
         except redis.exceptions.NoScriptError:
-            # Redis restarted or SCRIPT FLUSH (on a cluster: a promoted replica): load, retry once.
-            self._script.sha = sha = client.script_load(lua.PUBLISH)
-            return client.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+            # Redis restarted or SCRIPT FLUSH (on a cluster: a promoted replica, a new node): the
+            # text once more, with EVAL, which also caches it there. Not SCRIPT LOAD: on a
+            # cluster redis-py sends that to every master, and one hung master failed the
+            # publishes to all the others.
+            return client.execute_command("EVAL", lua.PUBLISH, len(keys), *keys, *args)
 
     def publish_many(
         self,
@@ -1105,9 +1107,8 @@ class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
         client, sha = self.client, self._script.sha
         try:
             return await client.execute_command("EVALSHA", sha, len(keys), *keys, *args)
-        except redis.exceptions.NoScriptError:
-            self._script.sha = sha = await client.script_load(lua.PUBLISH)
-            return await client.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:  # (EVAL, not SCRIPT LOAD: see Publisher)
+            return await client.execute_command("EVAL", lua.PUBLISH, len(keys), *keys, *args)
 
     async def publish_many(
         self,

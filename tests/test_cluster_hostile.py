@@ -17,10 +17,13 @@ from gateway.cluster_pubsub import ClusterPubSub, SlotMap
 from gateway.metrics import Metrics
 from gateway.presence_store import PRESENCE_READS, PresenceStore
 from gateway.store import CLUSTER_CONCURRENCY, ForeignValues, HistoryStore, StoreUnavailable
+from publisher import AsyncPublisher, Publisher
 from redisconn import async_client
 from schemas.keys import Keys
 from tests.support.fake_resp import PROXY, FakeResp, proxy
+from tests.support.gateway_process import GatewayGroup
 from tests.support.redis_cluster import RedisCluster
+from tests.support.ws_client import ResumingClient, wait_live
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -208,3 +211,71 @@ async def test_cluster_pubsub_comes_back_after_more_than_a_thousand_failed_map_l
                 assert await pubsub.subscribe(KEYS.channel(7).encode())
         finally:
             await pubsub.close()
+
+
+async def test_the_periodic_top_check_of_healthy_shards_goes_on_while_one_hangs(
+    partial_cluster: RedisCluster,
+):
+    """The reconcile pass reads every followed project's top to find a last event that never
+    came live. With one master hung, the projects of the others are still checked: an event
+    of a healthy shard that its pub/sub never carried (published with classic PUBLISH here,
+    which the gateway's SSUBSCRIBE does not hear) reaches the client. Before, the tops of all
+    projects were read in one pipeline, which the hung master held until the pass gave up: no
+    project was checked for as long as it hung."""
+    cluster = partial_cluster
+    spread = cluster.projects_by_master(range(1, 5000))
+    hung, healthy = cluster.masters()[:2]
+    project, stuck = spread[healthy][0], spread[hung][0]
+    silent = Publisher.from_url(cluster.url, sharded=False)  # stored, never heard live
+    silent.blocker_resolved(project, blocker_id=0, answer="ok")  # (its script loaded)
+    with GatewayGroup() as gateways:
+        (pod,) = await asyncio.to_thread(
+            gateways.start, cluster.url, 1, args=["--reconcile-interval", "1"]
+        )
+        client = ResumingClient([pod.ws_url], [project, stuck]).start()
+        try:
+            await wait_live([client])
+            await asyncio.to_thread(hung.freeze)
+            try:
+                cursor = await asyncio.to_thread(
+                    silent.blocker_resolved, project, blocker_id=1, answer="ok"
+                )
+                await client.wait_for(
+                    lambda: client.cursors.get(project) == (cursor.epoch, cursor.seq),
+                    20,
+                    "the event found by the top check",
+                )
+            finally:
+                hung.thaw()
+        finally:
+            await client.stop()
+            silent.close()
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_publisher_new_to_a_node_publishes_there_while_another_master_hangs(
+    partial_cluster: RedisCluster, kind: str
+):
+    """A node that never ran the publish script (a new publisher, a promoted replica, a
+    restarted node) answers NOSCRIPT. Before, the publisher then loaded the script with
+    SCRIPT LOAD, which redis-py sends to every master: with one of them hung, publishing to
+    the healthy ones failed (PublisherUnavailable) for as long as it hung. The script is now
+    sent with EVAL to the node of the project's slot alone."""
+    cluster = partial_cluster
+    url = cluster.url  # (seeded from the first master: not the one that hangs)
+    spread = cluster.projects_by_master(range(1, 5000))
+    healthy, hung = cluster.masters()[1:]
+    project = spread[healthy][0]
+    await asyncio.to_thread(hung.freeze)
+    try:
+        if kind == "sync":
+            with Publisher.from_url(url, timeout=4) as bus:
+                cursor = await asyncio.to_thread(
+                    bus.blocker_resolved, project, blocker_id=1, answer="ok"
+                )
+        else:
+            async with AsyncPublisher.from_url(url, timeout=4) as abus:
+                cursor = await abus.blocker_resolved(project, blocker_id=1, answer="ok")
+    finally:
+        hung.thaw()
+    assert cursor.seq == 1
