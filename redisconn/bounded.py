@@ -141,11 +141,25 @@ class CallRetry(redis.asyncio.retry.Retry):
 
 class BoundedScript(AsyncScript):
     """A registered script whose call (EVALSHA, and SCRIPT LOAD and EVALSHA again after
-    ``NOSCRIPT``) is one bounded call."""
+    ``NOSCRIPT``) is one bounded call.
+
+    On a Redis Cluster, ``NOSCRIPT`` (a node that never ran the script: a promoted replica, a
+    restarted or new node) is followed by ``EVAL`` with the script's text, routed by the keys
+    to that node alone, which caches it too. redis-py's ``SCRIPT LOAD`` goes to every master:
+    one hung master failed the calls of every other shard's keys until the bound."""
 
     async def __call__(self, keys=None, args=None, client=None):
         bound = getattr(self.registered_client, "call_timeout", None)
+        target = self.registered_client if client is None else client
+        if isinstance(target, redis.asyncio.cluster.RedisCluster):
+            return await within(bound, self._on_its_node(target, keys or [], args or []))
         return await within(bound, super().__call__(keys, args, client))
+
+    async def _on_its_node(self, client: Any, keys: Any, args: Any) -> Any:
+        try:
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            return await client.execute_command("EVAL", self.script, len(keys), *keys, *args)
 
 
 class BoundedPipeline(redis.asyncio.client.Pipeline):

@@ -279,3 +279,30 @@ async def test_a_publisher_new_to_a_node_publishes_there_while_another_master_ha
     finally:
         hung.thaw()
     assert cursor.seq == 1
+
+
+async def test_gateway_reads_on_a_node_new_to_the_scripts_work_while_another_master_hangs(
+    partial_cluster: RedisCluster,
+):
+    """The gateway's history and presence reads are scripts too: on a node that never ran
+    them (a promoted replica, a restarted node) NOSCRIPT was followed by redis-py's SCRIPT
+    LOAD, sent to every master, so one hung master made the reads of every other shard's
+    projects fail. The text now goes with EVAL to the key's node alone."""
+    cluster = partial_cluster
+    url = cluster.url  # (seeded from the first master: not the one that hangs)
+    spread = cluster.projects_by_master(range(1, 5000))
+    healthy, hung = cluster.masters()[1:]
+    project = spread[healthy][0]
+    client = async_client(url, call_timeout=4.0)
+    try:
+        await client.ping()  # (the slot map loaded)
+        await asyncio.to_thread(hung.freeze)
+        try:
+            history = HistoryStore(client, KEYS, ForeignValues(Metrics()))
+            presence = PresenceStore(client, "pod1", publish_command="SPUBLISH")
+            assert (await history.snapshot(project)).top == 0
+            assert await presence.read(project) == {}
+        finally:
+            hung.thaw()
+    finally:
+        await client.aclose()
