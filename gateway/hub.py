@@ -535,7 +535,9 @@ class Hub:
         flushed while nobody published. A top that is merely in flight is given one interval
         to arrive before it counts. A project whose metadata is unreadable ends its
         subscriptions (:meth:`_fail_feed`); the others are compared as usual. The pass gives up
-        after ``RECONCILE_TIMEOUT`` seconds (raising ``TimeoutError``) when Redis hangs.
+        after ``RECONCILE_TIMEOUT`` seconds (raising ``TimeoutError``) when Redis hangs; on a
+        Redis Cluster, the projects of a master that does not answer are left for the next
+        pass and the others compared (:meth:`HistoryStore.cursors`).
         """
         feeds = [f for f in self.feeds.values() if f.ready.is_set() and not f.sequencer.reading]
         if not feeds:
@@ -549,14 +551,22 @@ class Hub:
             cursors = await self.store.cursors(
                 [f.project_id for f in feeds], waiting, [f.project_id for f in started]
             )
+        unanswered = {
+            feed.project_id
+            for feed, cursor in zip(feeds, cursors, strict=True)
+            if isinstance(cursor, StoreUnavailable) and not isinstance(cursor, ProjectUnreadable)
+        }
         for feed in started:
-            feed.permanent = True
+            if feed.project_id not in unanswered:
+                feed.permanent = True
         for feed, cursor in zip(feeds, cursors, strict=True):
             if self.feeds.get(feed.project_id) is not feed:
                 continue  # released while we waited
             if isinstance(cursor, ProjectUnreadable):
                 self._fail_feed(feed, cursor)
                 continue
+            if feed.project_id in unanswered:
+                continue  # its Redis Cluster master did not answer: checked at the next pass
             epoch, top = cursor if cursor is not None else (None, None)
             sequencer = feed.sequencer
             if not sequencer.behind(epoch, top):

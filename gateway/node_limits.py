@@ -13,7 +13,7 @@ import asyncio
 import redis.asyncio.cluster
 import redis.exceptions
 
-__all__ = ["NodeLimits"]
+__all__ = ["NodeLimits", "node_name"]
 
 
 class NodeLimits:
@@ -29,13 +29,19 @@ class NodeLimits:
         self._places: dict[str | None, asyncio.Semaphore] = {}
 
     def for_key(self, key: str) -> asyncio.Semaphore:
-        name = None
-        if self._client is not None:
-            try:
-                name = self._client.get_node_from_key(key).name
-            except (redis.exceptions.RedisClusterException, LookupError, AttributeError):
-                name = None  # no slot map yet, or the slot has no master in it
+        name = node_name(self._client, key) if self._client is not None else None
         places = self._places.get(name)
         if places is None:
             places = self._places[name] = asyncio.Semaphore(self.limit)
         return places
+
+
+def node_name(client: object, key: str) -> str | None:
+    """The name (``host:port``) of the master a Redis Cluster client routes ``key`` to; None
+    for a standalone client, or when its slot map is not loaded or has no master for the key."""
+    if not isinstance(client, redis.asyncio.cluster.RedisCluster):
+        return None
+    try:
+        return client.get_node_from_key(key).name
+    except (redis.exceptions.RedisClusterException, LookupError, AttributeError):
+        return None

@@ -28,7 +28,7 @@ import redis.exceptions
 
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
-from gateway.node_limits import NodeLimits
+from gateway.node_limits import NodeLimits, node_name
 from gateway.sequencing import Snapshot
 from schemas import lua
 from schemas.history import (
@@ -114,6 +114,9 @@ class ForeignValues:
 #: Snapshot reads per pipeline, and pipelines in flight at once (standalone Redis).
 SNAPSHOT_BATCH = 200
 SNAPSHOT_PIPELINES = 4
+#: Seconds each master of a Redis Cluster has to answer a :meth:`HistoryStore.cursors` call
+#: (under the hub's ``RECONCILE_TIMEOUT``, 5 s, so that the masters that answer are used).
+CLUSTER_CURSORS_TIMEOUT = 4.0
 #: Snapshot calls in flight at once per master of a Redis Cluster (below redis-py's pool size
 #: per node).
 CLUSTER_CONCURRENCY = 64
@@ -245,10 +248,16 @@ class HistoryStore:
         project_ids: Sequence[int],
         keep_alive: Collection[int] = (),
         make_permanent: Collection[int] = (),
-    ) -> list[Meta | ProjectUnreadable | None]:
+    ) -> list[Meta | StoreUnavailable | None]:
         """The cursor of each project: its :class:`Meta`, ``None`` where it has no history, or
         :class:`ProjectUnreadable` where its metadata is foreign (that project only: one bad key
         never hides the others). Raises :class:`StoreUnavailable` when Redis does not answer.
+
+        On Redis Cluster each master is asked on its own, within ``CLUSTER_CURSORS_TIMEOUT``:
+        the projects of a master that does not answer get a :class:`StoreUnavailable` (not a
+        :class:`ProjectUnreadable`) in their place, the others their cursor; only when no
+        master answers does the call raise. (One pipeline for all held every project's cursor
+        behind a hung master.)
 
         The projects of ``keep_alive`` (followed, nothing published yet) have the lifetime of
         their empty history renewed (``PEXPIRE ... XX``: only a history that expires), so a
@@ -257,6 +266,48 @@ class HistoryStore:
         gave their history before the first publish (``PERSIST``; a no-op otherwise)."""
         if not project_ids:
             return []
+        if not self._cluster:
+            return await self._cursors(project_ids, keep_alive, make_permanent)
+        keep, permanent = set(keep_alive), set(make_permanent)
+        groups: dict[str | None, list[int]] = {}
+        for project_id in project_ids:
+            groups.setdefault(node_name(self.client, self.keys.meta(project_id)), []).append(
+                project_id
+            )
+
+        async def ask(ids: list[int]) -> list[Meta | StoreUnavailable | None]:
+            try:
+                async with asyncio.timeout(CLUSTER_CURSORS_TIMEOUT):
+                    return await self._cursors(
+                        ids, [p for p in ids if p in keep], [p for p in ids if p in permanent]
+                    )
+            except TimeoutError:
+                raise StoreUnavailable(
+                    f"no answer from Redis within {CLUSTER_CURSORS_TIMEOUT:g} s"
+                ) from None
+
+        outcomes = await asyncio.gather(
+            *(ask(ids) for ids in groups.values()), return_exceptions=True
+        )
+        found: dict[int, Meta | StoreUnavailable | None] = {}
+        for ids, outcome in zip(groups.values(), outcomes, strict=True):
+            if isinstance(outcome, StoreUnavailable):
+                found.update(dict.fromkeys(ids, outcome))
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            else:
+                found.update(zip(ids, outcome, strict=True))
+        if all(isinstance(outcome, StoreUnavailable) for outcome in outcomes):
+            raise outcomes[0]  # type: ignore[misc]
+        return [found[project_id] for project_id in project_ids]
+
+    async def _cursors(
+        self,
+        project_ids: Sequence[int],
+        keep_alive: Collection[int],
+        make_permanent: Collection[int],
+    ) -> list[Meta | StoreUnavailable | None]:
+        """:meth:`cursors` in one pipeline."""
         try:
             async with self.client.pipeline(transaction=False) as pipe:
                 for project_id in project_ids:
@@ -268,7 +319,7 @@ class HistoryStore:
                 rows = await pipe.execute(raise_on_error=False)
         except (redis.exceptions.RedisError, OSError) as exc:
             raise StoreUnavailable(str(exc)) from exc
-        out: list[Meta | ProjectUnreadable | None] = []
+        out: list[Meta | StoreUnavailable | None] = []
         for project_id, row in zip(project_ids, rows[: len(project_ids)], strict=True):
             key = self.keys.meta(project_id)
             if isinstance(row, redis.exceptions.ResponseError):

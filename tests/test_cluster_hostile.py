@@ -227,7 +227,7 @@ async def test_the_periodic_top_check_of_healthy_shards_goes_on_while_one_hangs(
     hung, healthy = cluster.masters()[:2]
     project, stuck = spread[healthy][0], spread[hung][0]
     silent = Publisher.from_url(cluster.url, sharded=False)  # stored, never heard live
-    silent.blocker_resolved(project, blocker_id=0, answer="ok")  # (its script loaded)
+    silent.blocker_resolved(project, blocker_id=1, answer="ok")  # (its script loaded)
     with GatewayGroup() as gateways:
         (pod,) = await asyncio.to_thread(
             gateways.start, cluster.url, 1, args=["--reconcile-interval", "1"]
@@ -238,7 +238,7 @@ async def test_the_periodic_top_check_of_healthy_shards_goes_on_while_one_hangs(
             await asyncio.to_thread(hung.freeze)
             try:
                 cursor = await asyncio.to_thread(
-                    silent.blocker_resolved, project, blocker_id=1, answer="ok"
+                    silent.blocker_resolved, project, blocker_id=2, answer="ok"
                 )
                 await client.wait_for(
                     lambda: client.cursors.get(project) == (cursor.epoch, cursor.seq),
