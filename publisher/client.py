@@ -16,6 +16,7 @@ import redis
 import redis.asyncio
 import redis.cluster
 import redis.exceptions
+from redis.commands.core import Script as _Script
 
 from publisher import connection
 from publisher.connection import (
@@ -242,6 +243,21 @@ class _Settings:
             idempotency_keys=idempotency_keys,
             idempotency_window=self.idempotency_window,
         )
+
+
+class _NodeScript(_Script):
+    """A script of a synchronous Redis Cluster client: EVALSHA, and after NOSCRIPT (a node
+    that never ran it: a promoted replica, a restarted node) the text with EVAL, to the keys'
+    node alone, which caches it too. redis-py's Script sends SCRIPT LOAD to every master: one
+    hung master failed ``history`` and ``revoke_tokens`` on every other one."""
+
+    def __call__(self, keys=None, args=None, client=None):
+        client = self.registered_client if client is None else client
+        keys, args = list(keys or []), list(args or [])
+        try:
+            return client.evalsha(self.sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            return client.execute_command("EVAL", self.script, len(keys), *keys, *args)
 
 
 def _queue_eval(pipe, batch: PreparedBatch) -> None:
@@ -572,8 +588,9 @@ class Publisher(_ContractHelpers[Cursor]):
         self.client = client
         self._cluster = is_cluster
         self._script = client.register_script(lua.PUBLISH)
-        self._revoke_script = client.register_script(lua.REVOKE)
-        self._snapshot_script = client.register_script(lua.SNAPSHOT)
+        script = _NodeScript if isinstance(client, redis.cluster.RedisCluster) else _Script
+        self._revoke_script = script(client, lua.REVOKE)
+        self._snapshot_script = script(client, lua.SNAPSHOT)
         self._direct = DirectCommands(client) if DirectCommands.supports(client) else None
 
     @classmethod

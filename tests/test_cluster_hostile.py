@@ -306,3 +306,23 @@ async def test_gateway_reads_on_a_node_new_to_the_scripts_work_while_another_mas
             hung.thaw()
     finally:
         await client.aclose()
+
+
+def test_a_publisher_reads_history_on_a_node_new_to_the_script_while_another_master_hangs(
+    partial_cluster: RedisCluster,
+):
+    """``Publisher.history`` runs the SNAPSHOT script: after NOSCRIPT, redis-py's SCRIPT LOAD
+    went to every master, and one hung master failed the read of a healthy shard's project."""
+    cluster = partial_cluster
+    url = cluster.url  # (seeded from the first master: not the one that hangs)
+    spread = cluster.projects_by_master(range(1, 5000))
+    healthy, hung = cluster.masters()[1:]
+    project = spread[healthy][0]
+    with Publisher.from_url(url, timeout=4) as bus:
+        bus.client.execute_command("EVAL", "return 1", 1, KEYS.meta(project))  # (a connection)
+        hung.freeze()
+        try:
+            page = bus.history(project)
+        finally:
+            hung.thaw()
+    assert page.events == []
