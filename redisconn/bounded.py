@@ -207,8 +207,55 @@ class BoundedRedisCluster(redis.asyncio.cluster.RedisCluster):
 
     call_timeout: float | None = None
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: The nodes the client was given (the URL's), asked first for the command table.
+        self._seeds = list(self.nodes_manager.startup_nodes)
+
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        return await within(self.call_timeout, super().execute_command(*args, **kwargs))
+        return await within(self.call_timeout, self._initialized_first(*args, **kwargs))
+
+    async def _initialized_first(self, *args: Any, **kwargs: Any) -> Any:
+        # redis-py picks a command's routing policy from the command table before it loads
+        # the slot map and that table: a new client's first call found an empty table, took
+        # EVALSHA (the publisher's, the gateway's reads) for a keyless command and sent it to
+        # a random master, a hung one as well (the call then failed for a healthy shard).
+        if getattr(self, "_initialize", False):
+            await self.initialize()
+        return await super().execute_command(*args, **kwargs)
+
+    async def _refresh_topology(self, *args: Any, **kwargs: Any) -> None:
+        """redis-py's, with the command table (``COMMAND``, read once) read from a node that
+        answers. redis-py reads it from its default node, the master of slot 0: with that
+        master hung, a client started then failed every call, for every shard, for as long as
+        it hung (each call loading the slot map again, and asking the hung node again). Here
+        the seeds (the URL's node, which usually just answered ``CLUSTER SLOTS``) come first,
+        then every other master, the default node last; each is asked in turn."""
+        if self.commands_parser.commands:
+            return await super()._refresh_topology(*args, **kwargs)
+        manager = self.nodes_manager
+        await manager.initialize(*args, **kwargs)
+        default = manager.default_node
+        masters = self.get_primaries()
+        candidates = [
+            manager.nodes_cache[name] for name in self._seeds if name in manager.nodes_cache
+        ]
+        candidates += [node for node in masters if node not in candidates and node is not default]
+        candidates += [node for node in (default,) if node is not None and node not in candidates]
+        error: BaseException | None = None
+        for node in candidates:
+            try:
+                await self.commands_parser.initialize(node)
+                return
+            except (
+                redis.exceptions.ConnectionError,
+                redis.exceptions.TimeoutError,
+                OSError,
+            ) as exc:
+                error = exc
+        if error is not None:
+            raise error
+        await self.commands_parser.initialize(default)
 
     async def initialize(self, *args: Any, **kwargs: Any) -> Any:
         # Loading the slot map: inside a call, or on its own (entering a pipeline's context).

@@ -326,3 +326,30 @@ def test_a_publisher_reads_history_on_a_node_new_to_the_script_while_another_mas
         finally:
             hung.thaw()
     assert page.events == []
+
+
+async def test_asyncio_clients_started_while_the_first_master_hangs_serve_the_others(
+    partial_cluster: RedisCluster,
+):
+    """redis-py's asyncio cluster client reads the command table (COMMAND) from its "default
+    node", the master of slot 0, once, when it first loads the slot map. With that master hung,
+    an AsyncPublisher or a gateway started then failed every call, for every shard, for as long
+    as it hung (each call loading the map again, and asking the hung node again). The table is
+    now read from a node that answers, the seed first."""
+    cluster = partial_cluster
+    hung = cluster.master_of_slot(0)
+    seed = next(master for master in cluster.masters() if master is not hung)
+    project = next(p for p in range(1, 5000) if cluster.node_for_project(p) is seed)
+    url = f"redis+cluster://{seed.address}"
+    await asyncio.to_thread(hung.freeze)
+    try:
+        async with AsyncPublisher.from_url(url, timeout=4) as bus:
+            cursor = await bus.blocker_resolved(project, blocker_id=1, answer="ok")
+        client = async_client(url, call_timeout=4.0)
+        try:
+            history = HistoryStore(client, KEYS, ForeignValues(Metrics()))
+            assert (await history.snapshot(project)).top == cursor.seq == 1
+        finally:
+            await client.aclose()
+    finally:
+        hung.thaw()
