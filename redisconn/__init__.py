@@ -37,6 +37,7 @@ __all__ = [
     "CallRetry",
     "ResolvingConnection",
     "ResolvingSSLConnection",
+    "SeededRedisCluster",
     "WholeReplyUnixConnection",
     "async_client",
     "defer_refresh_after_timeouts",
@@ -96,7 +97,7 @@ def sync_client(
     if is_cluster_url(url):
         # redis-py's cluster client lets a rediss:// URL replace the connection class given,
         # so the URL says redis:// and the class brings TLS (the URL's TLS options still apply).
-        return redis.cluster.RedisCluster.from_url(
+        return SeededRedisCluster.from_url(
             urlunsplit(urlsplit(plain)._replace(scheme="redis")) if tls else plain,
             retry=retry,
             connection_class=ResolvingSSLConnection if tls else ResolvingConnection,
@@ -114,6 +115,43 @@ def sync_client(
         else [],
         **options,
     )
+
+
+class SeededRedisCluster(redis.cluster.RedisCluster):
+    """redis-py's synchronous cluster client, reading its command table from a node that
+    answers. redis-py reads it while the client is built, from its default node (the master
+    of slot 0): with that master hung, building the client (``Publisher.from_url``) raised
+    a ``TimeoutError`` every time, although the seed and the other masters answered. Here the
+    seed (the URL's node, which has just answered ``CLUSTER SLOTS``) comes first, then every
+    other master, the default node last."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        url = kwargs.get("url")
+        parts = urlsplit(url) if url else None
+        host = kwargs.get("host") or (parts.hostname if parts else None)
+        port = kwargs.get("port") or (parts.port if parts else None) or 6379
+        self._seed_name = f"{host}:{port}" if host else None
+        super().__init__(*args, **kwargs)
+
+    def command(self, **kwargs):
+        if kwargs or not hasattr(self, "nodes_manager"):
+            return super().command(**kwargs)
+        manager = self.nodes_manager
+        default = manager.default_node
+        candidates = (
+            [manager.nodes_cache[self._seed_name]] if self._seed_name in manager.nodes_cache else []
+        )
+        candidates += [n for n in self.get_primaries() if n not in candidates and n is not default]
+        candidates += [n for n in (default,) if n is not None and n not in candidates]
+        error: Exception | None = None
+        for node in candidates:
+            try:
+                return super().command(target_nodes=node)
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                error = exc
+        if error is not None:
+            raise error
+        return super().command()
 
 
 def async_client(

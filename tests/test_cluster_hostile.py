@@ -353,3 +353,23 @@ async def test_asyncio_clients_started_while_the_first_master_hangs_serve_the_ot
             await client.aclose()
     finally:
         hung.thaw()
+
+
+def test_a_publisher_started_while_the_first_master_hangs_serves_the_others(
+    partial_cluster: RedisCluster,
+):
+    """The same for a synchronous Publisher: redis-py's cluster client reads the command table
+    while it is built, from its default node, the master of slot 0. With that master hung,
+    ``Publisher.from_url`` raised redis-py's TimeoutError, every time, although the seed (and
+    the project's master) answered."""
+    cluster = partial_cluster
+    hung = cluster.master_of_slot(0)
+    seed = next(master for master in cluster.masters() if master is not hung)
+    project = next(p for p in range(1, 5000) if cluster.node_for_project(p) is seed)
+    hung.freeze()
+    try:
+        with Publisher.from_url(f"redis+cluster://{seed.address}", timeout=4) as bus:
+            cursor = bus.blocker_resolved(project, blocker_id=1, answer="ok")
+    finally:
+        hung.thaw()
+    assert cursor.seq == 1
