@@ -1045,10 +1045,12 @@ export class EventBus {
     this._refreshTimer = null;
     this._refreshSent = false; // a token refresh (`auth`) is sent and not answered yet
     this._liveAt = null; // when the WebSocket got live
-    // The subscribes of the current connection (the WebSocket, or an SSE stream) not answered
-    // yet: {conn, asked: Map projectId -> {sub, at}, progressAt, timer, seenAt, slow: one was
-    // answered later than connectTimeout} (_checkAnswers).
-    this._answers = answersOf(null, 0);
+    // The subscribes not answered yet, per connection (the WebSocket, an SSE stream): conn ->
+    // {conn, asked: Map projectId -> {sub, at}, progressAt, timer, seenAt, slow: one was answered
+    // later than connectTimeout} (_checkAnswers). One per connection: a WebSocket attempt opens
+    // (its subscribes sent) while an SSE stream is live, and whichever fails, the other's bound
+    // stays armed.
+    this._answers = new Map();
     // The bound on those answers, in connectTimeouts: doubled (at most STRETCH_MAX) after each
     // connection given up on for an unanswered subscribe, back to 1 once every subscribe of a
     // connection is answered within connectTimeout. A replayed event slower to arrive than the bound (a big one over a
@@ -1366,7 +1368,7 @@ export class EventBus {
       const subscribe = refused !== null ? refused === "subscribe" : sub.subscribesSent > 0;
       if (subscribe) {
         if (sub.subscribesSent > 0) sub.subscribesSent -= 1;
-        this._answered(projectId);
+        this._answered(this._ws, projectId);
         this._sendSubscribe(sub);
       } else if (refused === null || refused === "activity") {
         sub.activitySent = null; // (not executed: the gateway has the one before)
@@ -1602,7 +1604,7 @@ export class EventBus {
     this._liveAt = this._now();
     this._schedulePing();
     if (!this._wsOpen) this._openFrames();
-    else if (this._answers.asked.size > 0) this._answers.progressAt = this._answersNow(); // (the subscribes are read from here)
+    else this._heardAll(this._ws); // (the subscribes are read from here)
     this._updateState();
   }
 
@@ -1655,9 +1657,9 @@ export class EventBus {
         this._scheduleRefresh(message);
         return;
       case "subscribed":
-        return this._onSubscribed(message);
+        return this._onSubscribed(message, ws);
       case "resync_required":
-        return this._onResyncRequired(message);
+        return this._onResyncRequired(message, ws);
       case "error":
         return this._onGatewayError(message);
       case "presence":
@@ -1673,12 +1675,13 @@ export class EventBus {
     }
   }
 
-  _onSubscribed(message) {
+  /** `subscribed` on `conn` (the WebSocket, or an SSE stream). */
+  _onSubscribed(message, conn) {
     const sub = this._subs.get(message.project_id);
-    if (!sub) return this._answered(message.project_id); // dropped meanwhile: an answer all the same
+    if (!sub) return this._answered(conn, message.project_id); // dropped meanwhile: an answer all the same
     if (!this._hasCursor(sub, message)) return;
     this._tagsKnown(message);
-    this._answered(sub.projectId);
+    this._answered(conn, sub.projectId);
     this._clearTimeout(sub.retryTimer);
     sub.retry = 0;
     sub.gapWaiting = false; // a `subscribed` after a replay from the cursor: the repair's, or as good
@@ -1704,11 +1707,11 @@ export class EventBus {
     }
   }
 
-  _onResyncRequired(message) {
+  _onResyncRequired(message, conn) {
     const sub = this._subs.get(message.project_id);
     if (!sub || !this._hasCursor(sub, message)) return;
     this._tagsKnown(message);
-    this._heard(sub.projectId); // (its `subscribed` follows)
+    this._heard(conn, sub.projectId); // (its `subscribed` follows)
     if (sub.cursor.atTop(message)) return; // nothing missing (as the Python consumer)
     sub.cursor.beginResync(message.epoch, message.seq, tagOf(message), { live: true });
     this._runResync(sub);
@@ -1731,7 +1734,7 @@ export class EventBus {
   _onGatewayError(message) {
     this._reportError({ code: message.code, message: message.message, projectId: message.project_id });
     if (message.code === "rate_limited") return this._onRateLimited(message);
-    if (message.project_id != null) this._answered(message.project_id);
+    if (message.project_id != null) this._answered(this._ws, message.project_id);
     const sub = message.project_id != null ? this._subs.get(message.project_id) : null;
     if (sub && message.code !== "not_subscribed" && sub.subscribesSent > 0) sub.subscribesSent -= 1; // its answer
     if (sub && message.code === "unavailable") {
@@ -1791,7 +1794,7 @@ export class EventBus {
     // A connection up for stableAfter resets the backoff; one given up on for not answering a
     // subscribe was up, not stable: while a gateway stays stuck the delays keep growing.
     const stable = wasLive && this._gaveUp !== this._ws && this._now() - this._liveAt >= this.options.stableAfter;
-    this._gaveUp = null;
+    if (this._gaveUp === this._ws) this._gaveUp = null; // (an SSE stream given up on stays so)
     this._cleanupSocket();
     if (this._closed) return;
     if (stable) {
@@ -1874,7 +1877,7 @@ export class EventBus {
     const { deliver, gap } = sub.cursor.accept(event, origin);
     // A replay answering the project's subscribe in part; an event past a gap (a live one,
     // dropped while a repair is due) comes whether or not the gateway handles the subscribe.
-    if (!gap) this._heard(sub.projectId);
+    if (!gap && via !== "polling") this._heard(via === "websocket" ? this._ws : this._sse, sub.projectId);
     this._deliver(sub, deliver);
     if (!gap) return null;
     // A gap in a poll answer is judged once per answer (_pollProject).
@@ -2180,15 +2183,15 @@ export class EventBus {
         if (Number.isSafeInteger(message.seq) && Number.isSafeInteger(message.project_id)) this._onEvent(message, "sse", sseOrigin(item, message));
         return;
       case "subscribed":
-        return this._onSubscribed(message);
+        return this._onSubscribed(message, attempt);
       case "resync_required":
-        return this._onResyncRequired(message);
+        return this._onResyncRequired(message, attempt);
       case "authenticated":
         return this._scheduleSseRefresh(message);
       case "error":
         // The stream ends after an error it cannot recover from; we reopen it from the cursors.
         this._reportError({ code: message.code, message: message.message, projectId: message.project_id });
-        if (message.project_id != null) this._answered(message.project_id);
+        if (message.project_id != null) this._answered(attempt, message.project_id);
         return;
       case "presence":
       case "presence_diff":
@@ -2270,42 +2273,48 @@ export class EventBus {
 
   /** A subscribe of `sub` goes out now on `conn` (the WebSocket, or an SSE stream as it opens). */
   _asking(conn, sub) {
-    let answers = this._answers;
-    if (answers.conn !== conn) {
-      this._clearTimeout(answers.timer);
-      answers = this._answers = answersOf(conn, this._now());
+    let answers = this._answers.get(conn);
+    if (!answers) {
+      answers = answersOf(conn, this._now());
+      this._answers.set(conn, answers);
     }
-    answers.asked.set(sub.projectId, { sub, at: this._answersNow() });
+    answers.asked.set(sub.projectId, { sub, at: this._answersNow(answers) });
     if (answers.timer === null) answers.timer = this._setTimeout(() => this._checkAnswers(conn), this.options.connectTimeout);
   }
 
-  /** A frame answering the project's subscribe in part (its replay, a resync_required). */
-  _heard(projectId) {
-    if (this._answers.asked.has(projectId)) this._answers.progressAt = this._answersNow();
+  /** A frame on `conn` answering the project's subscribe in part (its replay, a resync_required). */
+  _heard(conn, projectId) {
+    const answers = this._answers.get(conn);
+    if (answers && answers.asked.has(projectId)) answers.progressAt = this._answersNow(answers);
   }
 
-  /** The project's subscribe is answered (`subscribed`, an error). */
-  _answered(projectId) {
-    const answers = this._answers;
-    const entry = answers.asked.get(projectId);
+  /** Every subscribe of `conn` is read from now (the WebSocket got live). */
+  _heardAll(conn) {
+    const answers = this._answers.get(conn);
+    if (answers && answers.asked.size > 0) answers.progressAt = this._answersNow(answers);
+  }
+
+  /** The project's subscribe on `conn` is answered (`subscribed`, an error). */
+  _answered(conn, projectId) {
+    const answers = this._answers.get(conn);
+    const entry = answers && answers.asked.get(projectId);
     if (!entry) return;
     answers.asked.delete(projectId);
-    answers.progressAt = this._answersNow();
+    answers.progressAt = this._answersNow(answers);
     // Every subscribe of a connection answered, each within connectTimeout: the bound is back.
     if (answers.progressAt - entry.at > this.options.connectTimeout) answers.slow = true;
     else if (answers.asked.size === 0 && !answers.slow) this._answerStretch = 1;
   }
 
   /**
-   * The time for the bound on subscribes' answers. `now` is the wall clock, while the timers
+   * The time for the bound on the subscribes' `answers`. `now` is the wall clock, while the timers
    * wait real time: when the clock is found set back (NTP, the user) since it was last read
    * here, the times taken before are moved back by as much, so a bound is not stretched by the
    * step (a subscribe left unanswered for an hour after the clock went back an hour). What part
    * of that was real time is unknown: a wait may count once more (twice connectTimeout at most).
    * A step forward can only end a wait early: one reconnect, which resumes from the cursors.
    */
-  _answersNow() {
-    const answers = this._answers;
+  _answersNow(answers) {
     const now = this._now();
     const step = now - answers.seenAt;
     if (step < 0) {
@@ -2316,11 +2325,13 @@ export class EventBus {
     return now;
   }
 
-  /** `conn` is gone: what it was asked is never answered (the next connection asks again). */
+  /** `conn` is gone: what it was asked is never answered (the next connection asks again); the
+   * other connection's bound (an SSE stream live while a WebSocket attempt failed) stays. */
   _forgetAnswers(conn) {
-    if (this._answers.conn !== conn) return;
-    this._clearTimeout(this._answers.timer);
-    this._answers = answersOf(null, 0);
+    const answers = this._answers.get(conn);
+    if (!answers) return;
+    this._clearTimeout(answers.timer);
+    this._answers.delete(conn);
   }
 
   /**
@@ -2338,10 +2349,10 @@ export class EventBus {
    * lazy: pushing the bound back is a store; when it fires it checks and sets itself again.
    */
   _checkAnswers(conn) {
-    const answers = this._answers;
-    if (answers.conn !== conn) return;
+    const answers = this._answers.get(conn);
+    if (!answers) return;
     answers.timer = null;
-    const now = this._answersNow();
+    const now = this._answersNow(answers);
     const bound = this.options.connectTimeout * this._answerStretch;
     let earliest = null;
     for (const [projectId, { sub, at }] of answers.asked) {

@@ -926,3 +926,35 @@ def test_a_token_without_iat_under_a_clock_ahead_of_the_gateways_is_not_refreshe
     assert wait_delivered(page, 2) == [("resync", 0), 1]
     with pytest.raises(queue.Empty):
         conn.expect("auth", timeout=1.5)  # no refresh loop
+
+
+def test_sse_a_subscribe_unanswered_stays_bounded_through_a_websocket_that_opens_and_fails(
+    page: Page, gw: ScriptedGateway, site: PageServer, streams
+) -> None:
+    """SSE is live (WebSocket refused), its `subscribed` withheld. A WebSocket attempt opens
+    (its auth and subscribe go out), then fails before `authenticated`: the stream's subscribe
+    is still given up on within its bound and the stream replaced, not left waiting for ever."""
+    stream = streams()
+
+    def withheld(write, headers) -> None:
+        write(": keepalive\n\n")  # live, the subscribe never answered
+        stream.hold()
+
+    def second(write, headers) -> None:
+        write(sse(subscribed(0, resumed=False), "subscribed") + sse(event(1)))
+        stream.hold()
+
+    stream.scripts += [withheld, second]
+    refused = f"ws://127.0.0.1:{free_port()}/"
+    start(page, gw, site, url=refused, connectTimeout=1000, sseIdleTimeout=30000)
+    stream.opened.get(timeout=10)
+    page.wait_for_function("window.churn.bus.transport === 'sse'")
+    page.evaluate(f"window.churn.bus.url = '{gw.url}'")
+    conn = gw.next_conn()  # a WebSocket attempt that opens
+    conn.expect("subscribe")
+    page.evaluate(f"window.churn.bus.url = '{refused}'")  # the next ones never open
+    conn.abort()  # and this one fails before `authenticated`
+    assert "Last-Event-ID" not in stream.opened.get(timeout=10)  # the stream replaced
+    assert wait_delivered(page, 2) == [("resync", 0), 1]
+    assert any(e.startswith("subscribe_timeout") for e in errors(page))
+    assert page.problems == []  # type: ignore[attr-defined]
