@@ -201,6 +201,8 @@ export interface ConnectOptions {
   clearTimeout?: (handle: unknown) => void;
   now?: () => number;
   random?: () => number;
+  /** Whether the browser says it is online (default: navigator.onLine !== false). While it says
+   * false, attempts are at most one per backoff.max (the first at once), never none. */
   isOnline?: () => boolean;
 }
 

@@ -163,8 +163,9 @@ export function shouldPoll({ websocketSupported, failuresSinceLive, threshold = 
 export function computeState({ closed, online, websocketLive, sseLive = false, pollingOk, everConnected }) {
   if (closed) return State.OFFLINE;
   if (websocketLive || sseLive) return State.LIVE;
-  if (!online) return State.OFFLINE;
+  // A poll answered shows the network is there, whatever navigator.onLine says.
   if (pollingOk) return State.POLLING;
+  if (!online) return State.OFFLINE;
   return everConnected ? State.RECONNECTING : State.CONNECTING;
 }
 
@@ -1032,6 +1033,7 @@ export class EventBus {
     this._wsOpen = false;
     this._failures = 0; // WebSocket attempts that never got live, since the last live connection
     this._reconnectTimer = null;
+    this._attemptAt = null; // when the last WebSocket attempt started (_connect)
     this._pingTimer = null;
     this._pongTimer = null;
     // The pong timeout of the next pings, in pongTimeouts: doubled (at most STRETCH_MAX)
@@ -1544,11 +1546,20 @@ export class EventBus {
       return;
     }
     if (!this._isOnline()) {
-      // The "online" event brings us back at once; the slow retry covers a missed event.
-      this._scheduleReconnect(this.options.backoff.max);
-      this._updateState();
-      return;
+      // The "online" event brings us back at once. navigator.onLine is not trusted for ever
+      // (it says false on some machines with only a loopback, or behind some VPNs, while the
+      // gateway is reachable): while it says offline, an attempt still goes, at most one per
+      // backoff.max (the first at once). A real offline period costs that; a wrong onLine
+      // cannot freeze the page. (The fallbacks are paced the same, _offlineDelay.)
+      const max = this.options.backoff.max;
+      const since = this._attemptAt === null ? max : this._now() - this._attemptAt;
+      if (since < max) {
+        this._scheduleReconnect(Math.min(max, max - since)); // (a clock set back: max)
+        this._updateState();
+        return;
+      }
     }
+    this._attemptAt = this._now();
     const attemptMarker = {};
     this._ws = attemptMarker; // claims the slot while the token is fetched
     let token = null;
@@ -1855,6 +1866,12 @@ export class EventBus {
     this._stopSse();
     this._scheduleReconnect(this.options.backoff.max);
     this._updateState();
+  }
+
+  /** `delay` of a fallback's retry, at least backoff.max while the browser says it is offline
+   * (each transport tries at most once per backoff.max then; see _connect). */
+  _offlineDelay(delay) {
+    return this._isOnline() ? delay : Math.max(delay, this.options.backoff.max);
   }
 
   _handleOnline() {
@@ -2264,7 +2281,7 @@ export class EventBus {
       this._sseRetryTimer = this._setTimeout(() => {
         this._sseRetryTimer = null;
         this._startSse();
-      }, Math.max(this._sseBackoff.next(), attempt.retryAfter || 0));
+      }, this._offlineDelay(Math.max(this._sseBackoff.next(), attempt.retryAfter || 0)));
     }
     this._updateState();
   }
@@ -2435,7 +2452,8 @@ export class EventBus {
     // With nothing subscribed there was no request to judge the transport by.
     if (subs.length > 0) this._pollOk = ok;
     this._updateState();
-    const delay = Math.max(this._pollAgain ? 0 : this.options.pollInterval, this._pollRetryAfter);
+    let delay = Math.max(this._pollAgain ? 0 : this.options.pollInterval, this._pollRetryAfter);
+    if (!ok) delay = this._offlineDelay(delay);
     this._pollTimer = this._setTimeout(() => this._pollAll(), delay);
   }
 

@@ -335,6 +335,7 @@ test("fallback and state decisions", () => {
   eq(eb.computeState({ ...base, pollingOk: true }), "polling");
   eq(eb.computeState({ ...base, websocketLive: true, pollingOk: true }), "live");
   eq(eb.computeState({ ...base, online: false, everConnected: true }), "offline");
+  eq(eb.computeState({ ...base, online: false, pollingOk: true }), "polling", "a poll answered: not offline");
   eq(eb.computeState({ ...base, websocketLive: true, closed: true }), "offline");
 });
 
@@ -1268,6 +1269,27 @@ test("offline drops the socket and reconnects when back online", async () => {
   env.bus._handleOnline();
   await flush();
   eq(env.sockets.length, 2, "at once when online");
+});
+
+test("a browser saying offline is still tried: at once, then at most once per backoff.max", async () => {
+  // navigator.onLine can be wrongly false (a machine with only a loopback): not trusted for ever.
+  const env = setup({ autoFailSockets: true, options: { sse: false } });
+  env.online = false;
+  await env.clock.advance(100);
+  eq(env.sockets.length, 1, "the first attempt goes at once");
+  eq(env.requests.length, 1, "and the fallback's first poll");
+  await env.clock.advance(28900);
+  eq(env.sockets.length, 1, "no attempt before backoff.max");
+  eq(env.requests.length, 1, "no poll before backoff.max");
+  await env.clock.advance(1500);
+  eq(env.sockets.length, 2, "one after backoff.max");
+  eq(env.requests.length, 2);
+  await env.clock.advance(28000);
+  eq(env.sockets.length, 2);
+  eq(env.bus.state, "offline");
+  env.online = true;
+  await env.clock.advance(2000);
+  assert(env.sockets.length >= 3, "back to the backoff once online");
 });
 
 // --- polling fallback ----------------------------------------------------------------------------

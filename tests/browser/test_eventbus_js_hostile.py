@@ -958,3 +958,27 @@ def test_sse_a_subscribe_unanswered_stays_bounded_through_a_websocket_that_opens
     assert wait_delivered(page, 2) == [("resync", 0), 1]
     assert any(e.startswith("subscribe_timeout") for e in errors(page))
     assert page.problems == []  # type: ignore[attr-defined]
+
+
+def test_a_browser_wrongly_saying_offline_still_connects_and_reconnects(
+    page: Page, gw: ScriptedGateway, site: PageServer
+) -> None:
+    """navigator.onLine false though the gateway is reachable (a machine with only loopback):
+    the client connects anyway, and after a drop reconnects (while it says offline, at most once
+    per backoff.max), rather than wait for an `online` event that never comes."""
+    page.add_init_script(
+        "Object.defineProperty(Navigator.prototype, 'onLine', { get: () => false })"
+    )
+    page.reload()
+    page.wait_for_function("window.driverReady === true && navigator.onLine === false")
+    conn = live(page, gw, site)
+    conn.send(event(1))
+    assert wait_delivered(page, 2) == [("resync", 0), 1]
+    assert page.evaluate("window.churn.bus.state") == "live"
+    conn.close(1011)
+    again = gw.next_conn()
+    assert again.handshake(1, resumed=True)["after"] == 1
+    again.send(event(2))
+    assert wait_delivered(page, 3) == [("resync", 0), 1, 2]
+    assert page.evaluate("window.churn.bus.state") == "live"
+    assert page.problems == []  # type: ignore[attr-defined]
