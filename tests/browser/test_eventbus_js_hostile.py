@@ -946,7 +946,7 @@ def test_sse_a_subscribe_unanswered_stays_bounded_through_a_websocket_that_opens
 
     stream.scripts += [withheld, second]
     refused = f"ws://127.0.0.1:{free_port()}/"
-    start(page, gw, site, url=refused, connectTimeout=1000, sseIdleTimeout=30000)
+    start(page, gw, site, url=refused, connectTimeout=2000, sseIdleTimeout=30000)
     stream.opened.get(timeout=10)
     page.wait_for_function("window.churn.bus.transport === 'sse'")
     page.evaluate(f"window.churn.bus.url = '{gw.url}'")
