@@ -287,6 +287,19 @@ class ClusterPubSub:
         )
 
     @property
+    def serving(self) -> bool:
+        """The slot map is known and a majority of the masters' links is connected: what
+        ``/readyz`` asks. Not every link (:attr:`connected`): one master hung or down made every
+        pod unready at once, and the load balancer then refused the other shards' projects too;
+        a pod cut off from most of the cluster is still unready."""
+        links = [
+            link
+            for address, link in self._links.items()
+            if self._map is not None and address in self._map.masters
+        ]
+        return bool(links) and 2 * sum(link.connected for link in links) > len(links)
+
+    @property
     def alive(self) -> bool:
         return self.connected and all(event.is_set() for event in self._wanted.values())
 

@@ -179,6 +179,11 @@ class PubSubLink:
         """Connected, and every wanted channel confirmed."""
         return self.connected and all(event.is_set() for event in self._channels.values())
 
+    @property
+    def serving(self) -> bool:
+        """Connected: what ``/readyz`` asks (see :attr:`ClusterPubSub.serving`)."""
+        return self.connected
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="pubsub-link")
 

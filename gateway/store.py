@@ -338,8 +338,22 @@ class HistoryStore:
             out.append(ProjectUnreadable(project_id, key, problem))
         return out
 
-    async def ping(self) -> bool:
+    async def ping(self, within: float | None = None) -> bool:
+        """Redis answers a ``PING`` (within ``within`` seconds). On Redis Cluster, a majority of
+        its masters do, each asked on its own: one hung or failed master must not make every pod
+        unready at once (the other shards are served), a pod cut off from most of them is."""
+        if self._cluster:
+            masters = self.client.get_primaries()
+            if masters:
+                answers = await asyncio.gather(*(self._ping(node, within) for node in masters))
+                return 2 * sum(answers) > len(masters)
+        return await self._ping(None, within)
+
+    async def _ping(self, node: object, within: float | None) -> bool:
         try:
-            return bool(await self.client.ping())
-        except (redis.exceptions.RedisError, OSError):
+            async with asyncio.timeout(within):
+                if node is None:
+                    return bool(await self.client.ping())
+                return bool(await self.client.ping(target_nodes=node))
+        except (redis.exceptions.RedisError, OSError, TimeoutError):
             return False

@@ -373,3 +373,35 @@ def test_a_publisher_started_while_the_first_master_hangs_serves_the_others(
     finally:
         hung.thaw()
     assert cursor.seq == 1
+
+
+async def test_a_gateway_stays_ready_while_a_majority_of_the_masters_answer(
+    partial_cluster: RedisCluster,
+):
+    """``/readyz`` was 503 while any master did not answer (its PING went to every master, its
+    pub/sub wanted a link to each): one hung master made every pod of a deployment unready at
+    once, and the load balancer then refused the projects of the shards that answer too. A pod
+    is ready while a majority of the masters answer and keep their pub/sub link (the other
+    shards' projects are served; the hung one's get ``unavailable`` and catch up later), and
+    unready once a majority does not (a pod cut off from most of the cluster)."""
+    cluster = partial_cluster
+    first, second, _ = cluster.masters()
+    with GatewayGroup() as gateways:
+        (pod,) = await asyncio.to_thread(gateways.start, cluster.url, 1)
+        await asyncio.to_thread(pod.wait_ready)
+        await asyncio.to_thread(first.freeze)
+        try:
+            # The hung master's link is found down (its pings unanswered): pubsub_up is 0.
+            deadline = asyncio.get_running_loop().time() + 30
+            while (await asyncio.to_thread(pod.metrics))["eventbus_pubsub_up"] != 0:
+                assert asyncio.get_running_loop().time() < deadline, "the hung link not noticed"
+                await asyncio.sleep(0.2)
+            status, body = await asyncio.to_thread(pod.readyz)
+            assert status == 200, body
+            await asyncio.to_thread(second.freeze)
+            try:
+                await asyncio.to_thread(pod.wait_ready, 30, status=503)
+            finally:
+                second.thaw()
+        finally:
+            first.thaw()
