@@ -604,7 +604,13 @@ class Publisher(_ContractHelpers[Cursor]):
         kwargs.setdefault("sharded", is_cluster_url(url))
         timeout = _valid_timeout(timeout)
         connect, read = _attempt_timeout(timeout)
-        client = sync_client(url, retries=0, connect_timeout=connect, socket_timeout=read)
+        try:
+            client = sync_client(url, retries=0, connect_timeout=connect, socket_timeout=read)
+        except redis.exceptions.RedisClusterUnreachableError as exc:
+            # A cluster client loads the slot map while it is built: no node of the URL answered
+            # (not a RedisError; other RedisClusterExceptions, such as a URL naming a node not
+            # in cluster mode, are mistakes to fix, not outages to wait out).
+            raise PublisherUnavailable(f"Redis unavailable: {exc}") from exc
         if isinstance(client, redis.cluster.RedisCluster):
             connection.defer_refresh_after_timeouts(client)  # else a hang costs 5 s per node
         return cls(client, timeout=timeout, _built=True, **kwargs)

@@ -405,3 +405,16 @@ async def test_a_gateway_stays_ready_while_a_majority_of_the_masters_answer(
                 second.thaw()
         finally:
             first.thaw()
+
+
+def test_a_publisher_started_while_its_seed_is_down_raises_publisher_unavailable():
+    """A synchronous cluster client connects while it is built: with the URL's node down,
+    ``Publisher.from_url`` raised redis-py's ``RedisClusterUnreachableError`` (not a
+    ``RedisError``), which code that catches ``PublisherUnavailable`` (as the docs say to, for
+    a Redis that cannot be reached) did not catch. (``AsyncPublisher`` connects at its first
+    call, and says ``PublisherUnavailable`` there.)"""
+    from publisher import PublisherUnavailable
+    from tests.support.redis_server import free_port
+
+    with pytest.raises(PublisherUnavailable, match="cannot be connected"):
+        Publisher.from_url(f"redis+cluster://127.0.0.1:{free_port()}", timeout=2)
