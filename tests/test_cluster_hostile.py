@@ -111,6 +111,16 @@ GARBAGE_SLOT_MAPS = {
 }
 
 
+def _pubsub_through(port: int) -> ClusterPubSub:
+    """A cluster pub/sub whose seed is ``127.0.0.1:port`` (a FakeResp in front of a node)."""
+    return ClusterPubSub(
+        f"redis+cluster://127.0.0.1:{port}",
+        on_message=lambda channel, data: None,
+        on_recovered=lambda channels: None,
+        metrics=Metrics(),
+    )
+
+
 @pytest.mark.parametrize("garbage", GARBAGE_SLOT_MAPS.values(), ids=GARBAGE_SLOT_MAPS.keys())
 async def test_a_garbage_slot_map_is_retried_not_the_end_of_cluster_pubsub(
     redis_cluster: RedisCluster, redis_cluster_url: str, garbage: bytes
@@ -131,12 +141,7 @@ async def test_a_garbage_slot_map_is_retried_not_the_end_of_cluster_pubsub(
         return PROXY
 
     with FakeResp(("127.0.0.1", seed.port), spoiled) as fake:
-        pubsub = ClusterPubSub(
-            f"redis+cluster://127.0.0.1:{fake.port}",
-            on_message=lambda channel, data: None,
-            on_recovered=lambda channels: None,
-            metrics=Metrics(),
-        )
+        pubsub = _pubsub_through(fake.port)
         pubsub.start()
         try:
             async with asyncio.timeout(10):
@@ -193,12 +198,7 @@ async def test_cluster_pubsub_comes_back_after_more_than_a_thousand_failed_map_l
         return b"+OK\r\n"  # the handshake
 
     with FakeResp(("127.0.0.1", seed.port), refusing) as fake:
-        pubsub = ClusterPubSub(
-            f"redis+cluster://127.0.0.1:{fake.port}",
-            on_message=lambda channel, data: None,
-            on_recovered=lambda channels: None,
-            metrics=Metrics(),
-        )
+        pubsub = _pubsub_through(fake.port)
         pubsub.start()
         try:
             waiting = asyncio.ensure_future(enough.wait())
