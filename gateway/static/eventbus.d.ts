@@ -114,7 +114,7 @@ export interface EventBusError {
   /** A gateway error code (docs/protocol.md) or a client one: "poll_failed", "token_failed",
    * "token_refresh_failed", "auth_failed" (close 4001: the token was refused), "token_revoked"
    * (close 4003: the person's tokens were revoked; both reconnect with a new token, backed off),
-   * "resync_failed", "handler_failed", "closed", "invalid_frame",
+   * "resync_failed", "resync_slow", "handler_failed", "closed", "invalid_frame",
    * "websocket_failed", "poll_http_<status>", "sse_failed", "sse_http_<status>",
    * "invalid_snapshot_cursor", "snapshot_cursor_ignored", "history_corrupt" (a gap still there
    * after two repairs from the same cursor: onResync runs, delivery continues after it),
@@ -186,6 +186,9 @@ export interface ConnectOptions {
    * Also the bound on the gateway's answer to a subscribe (keep it above the gateway's
    * --subscribe-timeout, 5 s): see docs/browser.md, "Reconnection and close codes". */
   connectTimeout?: number;
+  /** ms after which an onResync that has not settled is reported, once per call, as
+   * `resync_slow` (default 30000); the project's events stay held until it settles. */
+  resyncSlowAfter?: number;
   /** Upper bound of the random delay of a prompt reconnect (1012, 4008, 4002), ms (default 500). */
   promptDelayMax?: number;
   /** At most one `activity` frame per project per this many ms, carrying the latest state
@@ -302,6 +305,7 @@ export declare const DEFAULTS: Readonly<{
   pingInterval: number;
   pongTimeout: number;
   connectTimeout: number;
+  resyncSlowAfter: number;
   promptDelayMax: number;
   activityInterval: number;
   resendInterval: number;

@@ -68,6 +68,10 @@ export const DEFAULTS = Object.freeze({
   // sent, pushed back by every part of an answer; see EventBus._checkAnswers) take at most this
   // long. Above the gateway's --subscribe-timeout (5 s), which bounds its own wait for Redis.
   connectTimeout: 10000,
+  // An onResync not settled after this long is reported (resync_slow), once per call: the
+  // project's events are held until it settles (never applied to stale state), and a reload
+  // whose fetch never ends would otherwise hold them in silence.
+  resyncSlowAfter: 30000,
   // "Prompt" reconnects (gateway draining with 1012, slow consumer 4008, expired token) still get a
   // little jitter so that thousands of clients closed at once do not arrive in the same millisecond.
   promptDelayMax: 500,
@@ -1995,11 +1999,20 @@ export class EventBus {
         const generation = sub.cursor.generation;
         let ok = true;
         let snapshot;
+        const slow = this._setTimeout(() => {
+          this._reportError({
+            code: "resync_slow",
+            message: `onResync(${sub.projectId}) has not settled after ${this.options.resyncSlowAfter} ms: the project's events are held until it does`,
+            projectId: sub.projectId,
+          });
+        }, this.options.resyncSlowAfter);
         try {
           if (this.options.onResync) snapshot = await this.options.onResync(sub.projectId);
         } catch (error) {
           ok = false;
           this._reportError({ code: "resync_failed", message: describe(error), projectId: sub.projectId, error });
+        } finally {
+          this._clearTimeout(slow);
         }
         if (this._closed || this._subs.get(sub.projectId) !== sub) return;
         if (!ok) {

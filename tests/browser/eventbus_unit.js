@@ -527,6 +527,28 @@ test("events arriving while onResync is pending are delivered after it, in order
   eq(env.events[1], [11, 12, 13, 14]);
 });
 
+test("an onResync that does not settle is reported once, after resyncSlowAfter; events stay held", async () => {
+  // A reload whose fetch never ends (no timeout of the application's own) held the project for
+  // ever, and nothing said so: the page showed stale state in silence.
+  const env = setup();
+  let release;
+  env.resyncGate = new Promise((resolve) => (release = resolve));
+  const ws = await goLive(env, { 1: { epoch: "e1", seq: 10 } });
+  ws.receive(event(1, 11));
+  await flush();
+  await env.clock.advance(29_000);
+  eq(env.errors.filter((e) => e.code === "resync_slow").length, 0, "not before resyncSlowAfter");
+  await env.clock.advance(2_000);
+  const slow = env.errors.filter((e) => e.code === "resync_slow");
+  eq([slow.length, slow[0] && slow[0].projectId], [1, 1]);
+  await env.clock.advance(120_000);
+  eq(env.errors.filter((e) => e.code === "resync_slow").length, 1, "once per call");
+  eq([env.resyncs.length, env.events[1]], [1, []], "one call, events held (never stale state)");
+  release();
+  await flush();
+  eq(env.events[1], [11]);
+});
+
 test("a failing onResync is retried with backoff, events held meanwhile", async () => {
   const env = setup();
   env.resyncFailures = 2;
