@@ -20,6 +20,7 @@ from gateway.workers import HEARTBEAT_INTERVAL
 from schemas.history import DEFAULT_PAGE_BYTES, MAX_PAGE_BYTES
 from schemas.presence import DEFAULT_MAX_ANNOUNCEMENT, MAX_ANNOUNCEMENT_LIMIT, MAX_TTL_MS
 from schemas.tokens import TokenVerifier
+from serverkit.logs import LogLevel
 
 __all__ = ["ConfigError", "GatewayConfig", "load_config"]
 
@@ -31,8 +32,10 @@ ENV_PREFIX = "EVENTBUS_"
 POLL_PAGE_BYTES_MAX = MAX_PAGE_BYTES  # (schemas.history: the publisher's HTTP API pages alike)
 
 
-def _doc(text: str, **constraints: Any) -> Meta:
-    return Meta(description=text, **constraints)
+def _doc(text: str, *, any_case: bool = False, **constraints: Any) -> Meta:
+    """A setting's description and constraints; ``any_case``: its value is taken in any case
+    from the flag and the variable (lower-cased before it is checked)."""
+    return Meta(description=text, extra={"any_case": True} if any_case else None, **constraints)
 
 
 class GatewayConfig(msgspec.Struct, kw_only=True, frozen=True):
@@ -271,8 +274,8 @@ class GatewayConfig(msgspec.Struct, kw_only=True, frozen=True):
         _doc("Log format; auto = console on a terminal, JSON otherwise."),
     ] = "auto"
     log_level: Annotated[
-        Literal["debug", "info", "warning", "error", "critical"],
-        _doc("Minimum log level, in any case (INFO as well as info)."),
+        LogLevel,
+        _doc("Minimum log level, in any case (INFO as well as info).", any_case=True),
     ] = "info"
 
     def __post_init__(self) -> None:
@@ -362,7 +365,17 @@ def _is_list(tp: Any) -> bool:
     return isinstance(_unwrap(tp), msgspec.inspect.ListType)
 
 
+def _takes_any_case(tp: Any) -> bool:
+    while isinstance(tp, msgspec.inspect.Metadata):
+        if (tp.extra or {}).get("any_case"):
+            return True
+        tp = tp.type
+    return False
+
+
 def _parse_env_value(tp: Any, raw: str) -> Any:
+    if _takes_any_case(tp):
+        return raw.lower()
     if _is_bool(tp):
         lowered = raw.strip().lower()
         if lowered in ("1", "true", "yes", "on"):
@@ -410,8 +423,6 @@ def load_config(
         value = getattr(args, name)
         if value is not None:
             values[name] = value if _is_bool(tp) else _parse_env_value(tp, value)
-    if isinstance(values.get("log_level"), str):  # as the HTTP API's and the relay's take it
-        values["log_level"] = values["log_level"].lower()
     try:
         return msgspec.convert(values, GatewayConfig, strict=False)
     except msgspec.ValidationError as exc:

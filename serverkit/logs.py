@@ -12,13 +12,14 @@ import argparse
 import logging
 import os
 import sys
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO, get_args
 
 import structlog
 
 __all__ = [
     "LOG_FORMATS",
     "LOG_LEVELS",
+    "LogLevel",
     "UnfailingWriter",
     "add_log_arguments",
     "configure_logging",
@@ -27,8 +28,10 @@ __all__ = [
 
 #: What ``fmt`` of :func:`configure_logging` takes.
 LOG_FORMATS = ("auto", "json", "console")
+#: The log levels, lower-case; ``--log-level`` takes them in any case.
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 #: What ``--log-level`` takes (in any case).
-LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_LEVELS: tuple[str, ...] = get_args(LogLevel)
 
 
 def add_log_arguments(parser: argparse.ArgumentParser, *, default_format: str = "auto") -> None:
