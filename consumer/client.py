@@ -361,6 +361,17 @@ def _check_url(url: object) -> None:
         raise ValueError(f"not a gateway URL (ws:// or wss://): {url!r}: {exc}") from None
 
 
+def check_arguments(url: str | Sequence[str], *, start: Start = "now") -> None:
+    """Raise the ValueError :class:`Consumer` raises for these gateway URL(s) and ``start``,
+    without making one: a command line checks its arguments before it starts an event loop."""
+    urls = [url] if isinstance(url, str) else list(url)
+    if not urls:
+        raise ValueError("at least one gateway URL is required")
+    for each in urls:
+        _check_url(each)
+    _check_start(start)
+
+
 def _check_bound(name: str, value: object) -> None:
     """ValueError unless ``value`` is an int >= 1 (a bool is no count)."""
     if type(value) is not int or value < 1:
@@ -532,11 +543,7 @@ class Consumer:
         random: Callable[[], float] | None = None,
     ) -> None:
         urls = [url] if isinstance(url, str) else list(url)
-        if not urls:
-            raise ValueError("at least one gateway URL is required")
-        for each in urls:
-            _check_url(each)
-        _check_start(start)
+        check_arguments(urls, start=start)
         _check_bound("buffer", buffer)
         _check_bound("buffer_bytes", buffer_bytes)
         self.urls = urls

@@ -28,7 +28,7 @@ from typing import TextIO
 import msgspec
 import structlog
 
-from consumer.client import Consumer, Start, TokenSource
+from consumer.client import Consumer, Start, TokenSource, check_arguments
 from consumer.types import (
     AuthenticationFailed,
     ConsumerError,
@@ -255,6 +255,11 @@ def run(args: argparse.Namespace, *, stdout: TextIO, stderr: TextIO, prog: str =
     )
     secret = args.secret or (None if args.token else os.environ.get("EVENTBUS_AUTH_SECRET"))
     # The consumer's logs (connected, reconnecting, ...) go to stderr: stdout is the events.
+    try:
+        check_arguments(args.url, start=start)
+    except ValueError as exc:  # a URL that is not ws:// or wss://, a seq past 2**53-1
+        stderr.write(f"{prog}: error: {exc}\n")
+        return EXIT_USAGE
     structlog.configure(logger_factory=structlog.WriteLoggerFactory(stderr))  # a write per line
     try:
         asyncio.run(
@@ -278,9 +283,6 @@ def run(args: argparse.Namespace, *, stdout: TextIO, stderr: TextIO, prog: str =
                 " $EVENTBUS_AUTH_SECRET, the gateway's) to mint one"
             )
         stderr.write(f"{prog}: error: {exc}{hint}\n")
-        return EXIT_USAGE
-    except ValueError as exc:  # the consumer's arguments (a URL that is not ws:// or wss://)
-        stderr.write(f"{prog}: error: {exc}\n")
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED

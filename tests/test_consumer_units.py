@@ -1225,14 +1225,15 @@ def test_tail_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]):
         assert info.value.code == 2, argv
     assert consumer_main(["nope"]) == 2
     assert "usage: python -m consumer tail" in capsys.readouterr().err
-    # A URL no connection can be made to: a usage error too, not a traceback. (run() points
-    # structlog at this test's stderr, closed after it: the configuration is put back.)
+    # A URL no connection can be made to, a cursor past what the gateway takes: usage errors
+    # too, not a traceback, found before any connection is tried (and before run() points
+    # structlog at stderr).
     before = structlog.get_config()
-    try:
-        assert tail_main(["1", "--url", "http://127.0.0.1:8765/"]) == 2
-    finally:
-        structlog.configure(**before)
+    assert tail_main(["1", "--url", "http://127.0.0.1:8765/"]) == 2
     assert "error: not a gateway URL" in capsys.readouterr().err
+    assert tail_main(["1", "--after", str(2**53)]) == 2
+    assert "error: start must be" in capsys.readouterr().err
+    assert structlog.get_config() == before
 
 
 async def test_a_subscription_dropped_without_closing_unfollows_its_projects():
