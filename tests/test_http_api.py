@@ -423,7 +423,7 @@ async def test_bad_requests_get_their_documented_status_and_publish_nothing(redi
             b"PUT /v1/projects/1/events HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
         )
         # (GET reads a page of the history: tests/test_http_api_reads.py)
-        assert status == 405 and headers["allow"] == "GET, POST"
+        assert status == 405 and headers["allow"] == "GET, HEAD, POST"
     assert stream(redis_url, 1) == [] and stream(redis_url, 2) == []
 
 

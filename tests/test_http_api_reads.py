@@ -291,13 +291,40 @@ async def test_reads_are_for_keys_that_may_publish_to_the_project(redis_url) -> 
         status, headers, body = await api.raw(
             b"DELETE /v1/projects/1/presence HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
         )
-        assert (status, headers["allow"]) == (405, "GET")
+        assert (status, headers["allow"]) == (405, "GET, HEAD")
         status, headers, _ = await api.raw(
             b"PUT /v1/projects/1/events HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
         )
-        assert (status, headers["allow"]) == (405, "GET, POST")
+        assert (status, headers["allow"]) == (405, "GET, HEAD, POST")
         status, _, body = await api.get("/v1/projects/1/events?limit=-1")
         assert status == 400 and body["error"]["code"] == "invalid_query"
+
+
+async def test_head_of_a_read_answers_its_gets_headers_without_a_body(redis_url) -> None:
+    """HEAD is GET without the body (RFC 9110): monitoring and link checkers probe reads so.
+    The reads answered 405 to HEAD."""
+    async with _serve(redis_url) as (_, _, port):
+        api = ReadApi(port)
+        for path in ("/v1/projects/2/events", "/v1/projects/2/presence", "/metrics"):
+            head = f"HEAD {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
+            get = f"{head.replace('HEAD', 'GET', 1)}Authorization: Bearer {KEY_ALL}\r\n\r\n"
+            status, headers, body = await api.raw(get.encode())
+            assert status == 200 and body, path
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                writer.write(f"{head}Authorization: Bearer {KEY_ALL}\r\n\r\n".encode())
+                answer = await asyncio.wait_for(reader.read(), 10)  # to the close
+            finally:
+                writer.close()
+            lines = answer.decode("latin-1").split("\r\n")
+            assert lines[0].split()[1] == "200", (path, answer)
+            assert answer.endswith(b"\r\n\r\n"), (path, answer)  # no body
+            if path != "/metrics":  # (its counters moved with the GET)
+                assert f"content-length: {headers['content-length']}" in answer.decode().lower()
+        for path, allow in (("/v1/projects/1/presence", "GET, HEAD"), ("/metrics", "GET, HEAD")):
+            request = f"DELETE {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+            status, headers, _ = await api.raw(request.encode())
+            assert (status, headers.get("allow")) == (405, allow), path
 
 
 async def test_reads_are_rate_limited_like_publishes(redis_url) -> None:

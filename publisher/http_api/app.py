@@ -59,6 +59,8 @@ __all__ = ["HttpApiSettings", "PublishApi"]
 log = structlog.get_logger("eventbus.http_api")
 
 _IDEMPOTENCY_HEADER_MAX = 100
+#: A read answers HEAD as GET; the server (uvicorn) leaves the body out.
+_READ_METHODS = ("GET", "HEAD")
 _PUBLISHER_KEY_MAX = 200  # publisher.core: idempotency keys of 1-200 printable characters
 _JSON = [(b"content-type", b"application/json")]
 _UNAVAILABLE_LOG_INTERVAL = 1.0  # seconds between "Redis unavailable" warnings
@@ -207,13 +209,16 @@ class PublishApi:
         method, path = scope["method"], scope["path"]
         allow = b"POST"  # the methods of the path, for a 405's Allow
         try:
-            if path == "/healthz" and method in ("GET", "HEAD"):
+            if path == "/healthz" and method in _READ_METHODS:
                 await _respond(send, 200, b'{"status":"ok"}')
                 return
-            if path == "/readyz" and method in ("GET", "HEAD"):
+            if path == "/readyz" and method in _READ_METHODS:
                 await self._readyz(send)
                 return
-            if path == "/metrics" and method == "GET":
+            if path == "/metrics":
+                allow = b"GET, HEAD"
+                if method not in _READ_METHODS:
+                    raise ApiError(405, "method_not_allowed", "use GET")
                 body = self.counters.render(getattr(self.publisher, "foreign_entries_skipped", 0))
                 await _respond(send, 200, body, content_type=b"text/plain")
                 return
@@ -226,16 +231,16 @@ class PublishApi:
                 return
             project_id, resource = parse_route(path)
             if resource == PRESENCE:
-                allow = b"GET"
-                if method != "GET":
+                allow = b"GET, HEAD"
+                if method not in _READ_METHODS:
                     raise ApiError(405, "method_not_allowed", "use GET")
                 status, body = await self._presence(scope, project_id)
             elif method == "POST":
                 status, body = await self._publish(scope, receive, project_id)
-            elif method == "GET":
+            elif method in _READ_METHODS:
                 status, body = await self._history(scope, project_id)
             else:
-                allow = b"GET, POST"
+                allow = b"GET, HEAD, POST"
                 raise ApiError(405, "method_not_allowed", "use POST to publish, GET to read")
             self.counters.count(status, "ok")
             await _respond(send, status, body)
