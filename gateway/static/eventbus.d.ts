@@ -3,6 +3,8 @@
 
 export declare const VERSION: string;
 
+/** "live": events arrive live, over a WebSocket or an SSE stream that has answered (an open stream
+ * that has not, perhaps held by a buffering proxy, leaves the state as it was, polling meanwhile). */
 export type ConnectionState = "connecting" | "live" | "reconnecting" | "polling" | "offline";
 
 /** How events currently arrive: WebSocket, Server-Sent Events, HTTP polling, or nothing yet. */
@@ -119,7 +121,8 @@ export interface EventBusError {
    * "invalid_snapshot_cursor", "snapshot_cursor_ignored", "history_corrupt" (a gap still there
    * after two repairs from the same cursor: onResync runs, delivery continues after it),
    * "subscribe_timeout" (the gateway did not answer a subscribe within connectTimeout: the
-   * connection, or SSE stream, is closed and made again on the backoff). */
+   * connection, or SSE stream, is closed and made again on the backoff; an SSE stream that
+   * answered nothing at all may be held by a buffering proxy, and polling carries the events). */
   code: string;
   message?: string;
   projectId?: number;

@@ -6,7 +6,8 @@
 // `resync_required`). It reconnects forever with jittered exponential backoff and resumes each
 // project from its cursor. Transports, best first: WebSocket; Server-Sent Events (read with fetch(),
 // since EventSource cannot send the Authorization header) while WebSocket cannot connect; HTTP
-// polling every 10 s only while neither works. WebSocket is retried on its backoff all along, and
+// polling every 10 s only while neither works (an SSE stream counts once it has answered: a
+// proxy may pass its headers and hold its body). WebSocket is retried on its backoff all along, and
 // the client moves back up as soon as a better transport works again.
 //
 // The decisions (backoff schedule, cursor/dedupe, close-code policy, fallback and state) are small
@@ -17,7 +18,7 @@ export const VERSION = "1.0.0";
 /** Connection states, as exposed by `bus.state` and `onStateChange`. */
 export const State = Object.freeze({
   CONNECTING: "connecting", // never connected yet
-  LIVE: "live", // events arrive live: WebSocket open and authenticated, or an SSE stream open
+  LIVE: "live", // events arrive live: WebSocket open and authenticated, or an SSE stream that answered
   RECONNECTING: "reconnecting", // lost the connection; retrying (polling not working either)
   POLLING: "polling", // neither WebSocket nor SSE can connect; events arrive by HTTP polling
   OFFLINE: "offline", // the browser is offline, or bus.close() was called
@@ -791,6 +792,15 @@ export class FramePacer {
     this.resentSinceRefusal = true;
     if (this.queue.size === 0) this.spacing = this.initialSpacing;
   }
+}
+
+/** The SSE events that answer for a project of the stream (when they name one): the first makes
+ * the stream live (see EventBus._proveSse). */
+const SSE_ANSWERS = new Set(["message", "subscribed", "resync_required", "error"]);
+
+/** Where a project's cursor stands (epoch, seq, and which reload): whether it moved. */
+function cursorMark(cursor) {
+  return `${cursor.generation}:${cursor.epoch}:${cursor.seq}`;
 }
 
 /** Bytes of a line still arriving that keep an SSE stream alive for another sseIdleTimeout. */
@@ -2113,7 +2123,9 @@ export class EventBus {
   async _connectSse() {
     this._clearTimeout(this._sseRetryTimer);
     this._sseRetryTimer = null;
-    const attempt = { controller: new AbortController(), live: false, closeCode: null, reopen: false, openedAt: null, retryAfter: 0 };
+    // live: its response opened; proven: it answered for one of its projects (only then does it
+    // count as live, see _proveSse); asked: each project's cursor as the stream asked from it.
+    const attempt = { controller: new AbortController(), live: false, proven: false, stale: false, asked: new Map(), closeCode: null, reopen: false, openedAt: null, retryAfter: 0 };
     this._sse = attempt;
     const { signal } = attempt.controller;
     let response;
@@ -2137,6 +2149,7 @@ export class EventBus {
         return [projectId, cursor && !tags ? { epoch: cursor.epoch, seq: cursor.seq } : cursor];
       });
       const tagged = cursors.some(([, cursor]) => tagOf(cursor) !== null);
+      for (const sub of this._subs.values()) attempt.asked.set(sub.projectId, { sub, mark: cursorMark(sub.cursor) });
       const { path, lastEventId } = sseRequest(cursors, { presence });
       const headers = { Accept: "text/event-stream" };
       if (this._hasAuth) headers.Authorization = `Bearer ${await this._getToken(false)}`;
@@ -2161,9 +2174,9 @@ export class EventBus {
       // The gateway subscribes the stream's projects one after the other: each `subscribed` is
       // due, as after a WebSocket subscribe (keepalive comments are no answer).
       for (const sub of this._subs.values()) this._asking(attempt, sub);
-      this._sseLive = true;
-      this._everConnected = true;
-      this._stopPolling();
+      // Not live yet: a proxy that buffers response bodies passes the headers and holds the rest.
+      // Until the stream answers (_proveSse), polling goes on, or starts one pollInterval from now.
+      if (!this._polling) this._startPolling(this.options.pollInterval);
       this._updateState();
       watch();
       const reader = response.body.getReader();
@@ -2186,9 +2199,10 @@ export class EventBus {
           watch();
         }
         for (const item of items) {
-          if (this._sse !== attempt) break;
+          if (this._sse !== attempt || attempt.stale) break;
           this._onSseEvent(attempt, item);
         }
+        if (attempt.stale) break; // ended: the next stream resumes from where polling got
       }
     } catch (error) {
       if (this._sse === attempt && !attempt.reopen && this._gaveUp !== attempt) this._reportError({ code: "sse_failed", message: describe(error), error });
@@ -2208,6 +2222,7 @@ export class EventBus {
       return;
     }
     if (!message || typeof message !== "object") return;
+    if (!attempt.proven && SSE_ANSWERS.has(item.event) && attempt.asked.has(message.project_id) && !this._proveSse(attempt)) return;
     switch (item.event) {
       case "message":
         if (Number.isSafeInteger(message.seq) && Number.isSafeInteger(message.project_id)) this._onEvent(message, "sse", sseOrigin(item, message));
@@ -2233,6 +2248,32 @@ export class EventBus {
       default:
         return;
     }
+  }
+
+  /**
+   * The stream's first answer for one of its projects (one of their events, or a `subscribed`,
+   * `resync_required` or `error` naming one): it delivers, so it is live and polling stops. The
+   * `retry:` line the gateway writes with the response head, keepalive comments and
+   * `authenticated` do not count: a buffering proxy may pass the first, a gateway whose
+   * subscribes are stuck still sends the others. When polling has moved a project's cursor since
+   * the stream asked (its answer is for a cursor left behind: a `subscribed` naming a top behind
+   * the cursor would look like a history that moved back), the stream is ended unread, `stale`,
+   * and the next one, on the SSE backoff, resumes from the cursor polling reached; polling goes
+   * on meanwhile. Returns whether the stream is live.
+   */
+  _proveSse(attempt) {
+    for (const [projectId, { sub, mark }] of attempt.asked) {
+      if (this._subs.get(projectId) === sub && cursorMark(sub.cursor) !== mark) {
+        attempt.stale = true;
+        return false;
+      }
+    }
+    attempt.proven = true;
+    this._sseLive = true;
+    this._everConnected = true;
+    this._stopPolling();
+    this._updateState();
+    return true;
   }
 
   /** A stream cannot refresh its token in-band: open the next one with a new token before this
@@ -2271,7 +2312,7 @@ export class EventBus {
       return;
     }
     // Given up on for not answering a subscribe: up, not stable (the backoff keeps growing).
-    if (attempt.live && !gaveUp && this._now() - attempt.openedAt >= this.options.stableAfter) {
+    if (attempt.proven && !gaveUp && this._now() - attempt.openedAt >= this.options.stableAfter) {
       this._sseBackoff.reset();
       this._ssePrompted = false;
     }
@@ -2392,9 +2433,13 @@ export class EventBus {
       }
       const deadline = Math.max(at, answers.progressAt) + bound;
       if (deadline <= now) {
+        // A stream that never answered at all may be held by a proxy buffering response bodies.
+        const silent = conn === this._sse && !conn.proven;
         this._reportError({
           code: "subscribe_timeout",
-          message: `the gateway did not answer the subscribe of project ${projectId} within ${bound} ms: reconnecting`,
+          message: silent
+            ? `the SSE stream answered nothing for project ${projectId} within ${bound} ms (a proxy buffering it?): polling meanwhile, the stream retried on its backoff`
+            : `the gateway did not answer the subscribe of project ${projectId} within ${bound} ms: reconnecting`,
           projectId,
         });
         this._gaveUp = conn;
@@ -2410,11 +2455,17 @@ export class EventBus {
 
   // --- polling fallback --------------------------------------------------------------------------
 
-  _startPolling() {
+  /** Start polling: its first round at once, or after `delay` ms. */
+  _startPolling(delay = 0) {
     if (this._polling || this._closed || !this._fetch) return;
     this._polling = true;
     this._pollGeneration += 1;
-    this._pollSoon();
+    if (delay <= 0) return this._pollSoon();
+    this._clearTimeout(this._pollTimer);
+    this._pollTimer = this._setTimeout(() => {
+      this._pollTimer = null;
+      this._pollSoon();
+    }, delay);
   }
 
   _stopPolling() {

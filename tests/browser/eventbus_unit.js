@@ -1696,6 +1696,49 @@ test("SSE refused too: polling, SSE retried, then back up to WebSocket", async (
   eq(env.statuses.map((s) => s.transport).filter((t, i, all) => t !== all[i - 1]), ["polling", "sse", "websocket"]);
 });
 
+test("sse: a stream held by a buffering proxy is not live: polling carries events until it answers", async () => {
+  const env = setup({ autoFailSockets: true, options: { pollInterval: 2000 } }); // (connectTimeout: 10 s)
+  const history = [1, 2];
+  pollServer(env, history);
+  sseServer(env);
+  await env.clock.advance(0);
+  await flush();
+  eq(env.open.length, 1);
+  const held = env.open[0];
+  // What may come through before the body is flushed, or from a gateway whose subscribes are
+  // stuck: the head's retry line, a keepalive comment, `authenticated`. None is an answer.
+  held.send("retry: 1000\n\n:\n\n");
+  held.event("authenticated", { type: "authenticated", subject: "u", projects: null, expires_at: null });
+  await flush();
+  eq([env.bus.state, env.bus.transport], ["connecting", null], "open, not live");
+  eq(env.requests.length, 0, "polling starts one pollInterval after the stream opened");
+  await env.clock.advance(1999);
+  eq(env.requests.length, 0, "polling starts one pollInterval after the stream opened");
+  await env.clock.advance(1);
+  eq([env.bus.state, env.bus.transport], ["polling", "polling"]);
+  eq(env.resyncs, [1]);
+  eq(env.bus.cursor(1), { epoch: "p", seq: 2 });
+  history.push(3);
+  await env.clock.advance(2000);
+  eq(env.events[1], [3], "polled while the stream is held");
+  // The body comes through: it answers for the cursor it asked from (none), which polling has
+  // moved past since. Ended unread (a second reload otherwise); the next stream resumes from p:3.
+  held.event("subscribed", { type: "subscribed", project_id: 1, epoch: "p", seq: 0, resumed: false, replayed: 0 }, "p:0");
+  await flush();
+  assert(held.closed, "the stale stream is ended");
+  eq(env.bus.transport, "polling");
+  for (let i = 0; i < 40 && env.open.length < 2; i += 1) await env.clock.advance(1000);
+  eq(env.open[1].request.headers["Last-Event-ID"], "p:3");
+  const stream = await sseLive(env, { 1: { epoch: "p", seq: 3, resumed: true } });
+  eq([env.bus.state, env.bus.transport], ["live", "sse"]);
+  const polls = env.requests.length;
+  stream.event(null, event(1, 4), "p:4");
+  await env.clock.advance(30000);
+  eq(env.requests.length, polls, "polling stopped once the stream answered");
+  eq(env.events[1], [3, 4]);
+  eq(env.resyncs, [1], "one reload in all");
+});
+
 test("sse: false goes straight to polling; websocket: false starts with SSE", async () => {
   const polling = setup({ autoFailSockets: true, options: { sse: false } });
   pollServer(polling, [1]);

@@ -931,13 +931,14 @@ def test_a_token_without_iat_under_a_clock_ahead_of_the_gateways_is_not_refreshe
 def test_sse_a_subscribe_unanswered_stays_bounded_through_a_websocket_that_opens_and_fails(
     page: Page, gw: ScriptedGateway, site: PageServer, streams
 ) -> None:
-    """SSE is live (WebSocket refused), its `subscribed` withheld. A WebSocket attempt opens
-    (its auth and subscribe go out), then fails before `authenticated`: the stream's subscribe
-    is still given up on within its bound and the stream replaced, not left waiting for ever."""
+    """An SSE stream open (WebSocket refused), its `subscribed` withheld (so it is not live:
+    polling goes on meanwhile, refused here). A WebSocket attempt opens (its auth and subscribe
+    go out), then fails before `authenticated`: the stream's subscribe is still given up on
+    within its bound and the stream replaced, not left waiting for ever."""
     stream = streams()
 
     def withheld(write, headers) -> None:
-        write(": keepalive\n\n")  # live, the subscribe never answered
+        write(": keepalive\n\n")  # open, the subscribe never answered
         stream.hold()
 
     def second(write, headers) -> None:
@@ -946,9 +947,11 @@ def test_sse_a_subscribe_unanswered_stays_bounded_through_a_websocket_that_opens
 
     stream.scripts += [withheld, second]
     refused = f"ws://127.0.0.1:{free_port()}/"
-    start(page, gw, site, url=refused, connectTimeout=2000, sseIdleTimeout=30000)
+    start(page, gw, site, url=refused, connectTimeout=2000, sseIdleTimeout=30000, pollInterval=100)
     stream.opened.get(timeout=10)
-    page.wait_for_function("window.churn.bus.transport === 'sse'")
+    # The stream's response opened: polling started behind it (one pollInterval later).
+    page.wait_for_function("window.churn.errors.some((e) => e.startsWith('poll_http_404'))")
+    assert page.evaluate("window.churn.bus.transport") is None
     page.evaluate(f"window.churn.bus.url = '{gw.url}'")
     conn = gw.next_conn()  # a WebSocket attempt that opens
     conn.expect("subscribe")
@@ -981,4 +984,136 @@ def test_a_browser_wrongly_saying_offline_still_connects_and_reconnects(
     again.send(event(2))
     assert wait_delivered(page, 3) == [("resync", 0), 1, 2]
     assert page.evaluate("window.churn.bus.state") == "live"
+    assert page.problems == []  # type: ignore[attr-defined]
+
+
+# --- SSE behind a buffering proxy ---------------------------------------------------------------
+
+
+class BufferingProxy:
+    """A gateway behind a proxy that buffers response bodies: the stream's headers arrive, its
+    body (``retry:``, the replay, ``subscribed``, live events: what the gateway wrote) is held
+    until ``flush`` is set, then passed on, and live events as they are published. Polling
+    (``/events``) is not held. ``history`` is the project's history (seqs 1..top, epoch e1)."""
+
+    def __init__(self, site: PageServer, streams) -> None:
+        self.history: list[int] = []
+        self.changed = threading.Condition()
+        self.flush = threading.Event()
+        self.polls = 0
+        self.stream = streams()
+        self.stream.scripts += [self._stream] * 20
+        site.poll = self._poll
+
+    def publish(self, count: int) -> None:
+        with self.changed:
+            for _ in range(count):
+                self.history.append(len(self.history) + 1)
+            self.changed.notify_all()
+
+    def _poll(self, handler) -> None:
+        from urllib.parse import parse_qs, urlparse
+
+        query = {k: v[0] for k, v in parse_qs(urlparse(handler.path).query).items()}
+        with self.changed:
+            self.polls += 1
+            top = len(self.history)
+            after = int(query.get("after", top))  # no cursor: from now
+            page_ = [event(seq) for seq in self.history[after:]]
+        body = json.dumps(
+            {
+                "project_id": PROJECT,
+                "epoch": EPOCH,
+                "seq": top,
+                "events": page_,
+                "resync_required": None,
+                "more": False,
+            }
+        ).encode()
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    def _stream(self, write, headers) -> None:
+        resume = headers.get("Last-Event-ID")
+        with self.changed:
+            top = len(self.history)  # the gateway subscribes when the request comes
+        after = int(resume.split(":")[1]) if resume else top
+        self.flush.wait(30)
+        write(
+            "retry: 1000\n\n"
+            + "".join(sse(event(seq)) for seq in range(after + 1, top + 1))
+            + sse(subscribed(top, resumed=resume is not None, replayed=top - after), "subscribed")
+        )
+        sent = top
+        while not self.stream.release.is_set():
+            with self.changed:
+                self.changed.wait_for(lambda sent=sent: len(self.history) > sent, timeout=0.1)
+                now = len(self.history)
+            if now > sent:
+                write("".join(sse(event(seq)) for seq in range(sent + 1, now + 1)))
+                sent = now
+
+
+def test_sse_a_stream_held_by_a_buffering_proxy_does_not_stop_polling(
+    page: Page, gw: ScriptedGateway, site: PageServer, streams
+) -> None:
+    """The stream's headers come, its body is held: it is not `live`, polling goes on and
+    delivers what is published meanwhile within the poll interval. Once the body comes through,
+    the client climbs to SSE (`live`/`sse`), polling stops, and every event is delivered once, in
+    order, across the switch."""
+    proxy = BufferingProxy(site, streams)
+    start(page, gw, site, websocket=False, pollInterval=200, connectTimeout=60_000)
+    assert "Last-Event-ID" not in proxy.stream.opened.get(timeout=10)
+    # First contact by polling (the stream says nothing), then events published meanwhile.
+    page.wait_for_function("window.churn.log.length >= 1", timeout=5_000)
+    proxy.publish(3)
+    assert wait_delivered(page, 4) == [("resync", 0), 1, 2, 3]
+    assert page.evaluate("[window.churn.bus.state, window.churn.bus.transport]") == [
+        "polling",
+        "polling",
+    ]
+    assert not [s for s in page.evaluate("window.churn.states") if s.startswith("live")]
+    # The proxy lets the body through: the stream answers (for the cursor it asked from, which
+    # polling has moved past since), the client climbs to SSE, from where polling left off.
+    proxy.flush.set()
+    page.wait_for_function("window.churn.bus.transport === 'sse'", timeout=5_000)
+    assert page.evaluate("window.churn.bus.state") == "live"
+    proxy.publish(2)
+    assert wait_delivered(page, 6) == [("resync", 0), 1, 2, 3, 4, 5]
+    polls = proxy.polls
+    page.wait_for_timeout(600)  # three poll intervals: none comes (polling stopped)
+    assert proxy.polls == polls
+    proxy.publish(1)
+    assert wait_delivered(page, 7) == [("resync", 0), 1, 2, 3, 4, 5, 6]
+    assert page.problems == []  # type: ignore[attr-defined]
+
+
+def test_sse_a_resumed_stream_whose_replay_overlaps_what_polling_delivered_is_exact(
+    page: Page, gw: ScriptedGateway, site: PageServer, streams
+) -> None:
+    """A held stream is given up (its subscribe unanswered within connectTimeout) and the next one
+    resumes from the cursor polling had reached; polling goes on delivering while that one is
+    held too. When the body comes through, its replay repeats what polling delivered meanwhile:
+    nothing is delivered twice, nothing is missing, and SSE takes over."""
+    proxy = BufferingProxy(site, streams)
+    start(page, gw, site, websocket=False, pollInterval=200, connectTimeout=1500)
+    proxy.stream.opened.get(timeout=10)
+    page.wait_for_function("window.churn.log.length >= 1", timeout=5_000)
+    proxy.publish(2)
+    assert wait_delivered(page, 3) == [("resync", 0), 1, 2]
+    resumed = proxy.stream.opened.get(timeout=10)  # the first one given up, the next from 2
+    assert resumed["Last-Event-ID"].split(":")[:2] == [EPOCH, "2"]
+    assert any(e.startswith("subscribe_timeout") for e in errors(page))
+    proxy.publish(3)  # delivered by polling while the resumed stream is held
+    assert wait_delivered(page, 6) == [("resync", 0), 1, 2, 3, 4, 5]
+    assert page.evaluate("window.churn.bus.transport") == "polling"
+    proxy.flush.set()  # its replay (3, 4, 5) overlaps what polling delivered
+    page.wait_for_function("window.churn.bus.transport === 'sse'", timeout=5_000)
+    proxy.publish(2)
+    assert wait_delivered(page, 8) == [("resync", 0), 1, 2, 3, 4, 5, 6, 7]
+    page.wait_for_timeout(300)  # nothing more (no duplicate) arrives
+    assert delivered(page) == [("resync", 0), 1, 2, 3, 4, 5, 6, 7]
     assert page.problems == []  # type: ignore[attr-defined]
