@@ -672,7 +672,8 @@ class SseStreams:
         headers = Headers(
             [
                 ("Content-Type", "text/event-stream; charset=utf-8"),
-                ("Cache-Control", "no-store"),
+                # no-transform: a proxy that compresses holds bytes until a block is full.
+                ("Cache-Control", "no-store, no-transform"),
                 ("Connection", "close"),
                 ("X-Accel-Buffering", "no"),  # nginx: do not buffer the stream
                 *origin_headers,

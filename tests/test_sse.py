@@ -153,6 +153,11 @@ async def test_a_stream_carries_the_websocket_frames_with_cursor_ids(gateways, p
     await ws.subscribe(1)
     status, headers, stream = await open_stream(_url(gateway), "/v1/projects/1/stream", _auth([1]))
     assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    # Nothing between the gateway and the browser may store, transform (compress: buffered
+    # until a block is full) or buffer the stream (nginx honours X-Accel-Buffering).
+    cache_control = {d.strip() for d in headers["cache-control"].split(",")}
+    assert {"no-store", "no-transform"} <= cache_control
+    assert headers["x-accel-buffering"] == "no"
     head = await stream.until("subscribed")
     assert [e.event for e in head] == ["authenticated", "subscribed"]
     subscribed = json.loads(head[-1].data)
