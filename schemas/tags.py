@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-__all__ = ["TAG_LENGTH", "TAG_PATTERN", "event_tag", "is_tag", "tags_differ"]
+__all__ = ["TAG_LENGTH", "TAG_PATTERN", "event_tag", "is_tag", "stored_tag", "tags_differ"]
 
 #: Hex digits of SHA-1 kept: 64 bits, so that two different events at one number collide with a
 #: chance of one in 2**64.
@@ -29,6 +29,13 @@ _TAG_RE = re.compile(r"[0-9a-f]{16}")
 def event_tag(frame: bytes) -> str:
     """The tag of an event: the first 16 hex digits of SHA-1 over its UTF-8 JSON text."""
     return hashlib.sha1(frame, usedforsecurity=False).hexdigest()[:TAG_LENGTH]
+
+
+def stored_tag(payload: bytes, seq: int) -> str:
+    """The tag of the frame the publish script stores for an encoded event ``payload`` (a JSON
+    object, as ``encode_event`` makes it) numbered ``seq``: the payload with ``,"seq":<seq>``
+    spliced in before its closing brace (schemas.lua.PUBLISH)."""
+    return event_tag(payload[:-1] + b',"seq":%d}' % seq)
 
 
 def is_tag(value: object) -> bool:

@@ -28,6 +28,7 @@ from examples.dashboard.store import REVIEWER_PREFIX, Store
 from examples.dashboard.workers import AgentSimulation
 from schemas.events import decode_event
 from schemas.keys import Keys
+from schemas.tags import event_tag
 from schemas.tokens import verify_token
 from tests.support.dashboard_api import api as call
 from tests.support.dashboard_api import demo_apps, http_request, raw_exchange, raw_request
@@ -535,6 +536,9 @@ def test_state_comes_with_the_cursor_of_exactly_the_events_it_includes(app, redi
     assert state["cursor"]["seq"] == len(events) == 2
     client = redis.Redis.from_url(redis_url)
     assert state["cursor"]["epoch"] == client.hget(Keys().meta(1), "epoch").decode()
+    # With the tag of the event at that seq, which the page sends when it resumes from there.
+    ((_, fields),) = client.xrange(Keys().stream(1), "2-0", "2-0")
+    assert state["cursor"]["tag"] == event_tag(fields[b"f"])
     client.close()
     _, listed = call(app, "GET", "/api/projects/1/blockers")
     assert listed["cursor"] == state["cursor"]

@@ -1711,7 +1711,7 @@ def test_snapshot_waits_for_the_relay_and_returns_exactly_the_included_events_cu
         try:
             snap = pg_outbox.snapshot(conn, 1, lambda c: "data")
             assert snap.data == "data"
-            assert snap.cursor_json() == {"epoch": snap.cursor.epoch, "seq": 2}
+            assert snap.cursor_json() == {"epoch": snap.cursor.epoch, "seq": 2, "tag": snap.tag}
             pending.commit()
             wait_until(lambda: len(stream_ids(bus.client, 1)) == 3)
             assert pg_outbox.snapshot(conn, 1, lambda c: None).cursor.seq == 3

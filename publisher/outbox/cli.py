@@ -31,6 +31,7 @@ from publisher.outbox.postgres import PostgresOutboxStore
 from publisher.outbox.relay import OutboxRelay
 from publisher.outbox.sql import DEFAULT_TABLE, POSTGRES, SQLITE, migration_sql, validate_table
 from publisher.outbox.sqlite import SQLiteOutboxStore
+from publisher.outbox.writer import Outbox
 from schemas.keys import DEFAULT_PREFIX
 from serverkit.logs import add_log_arguments, configure_logging, log_arguments_error
 
@@ -195,8 +196,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "relay":
         return _run_relay(args, relay)
     if args.sqlite:
-        with sqlite3.connect(args.sqlite) as conn:
-            conn.executescript(migration_sql(SQLITE, args.table))
+        conn = sqlite3.connect(args.sqlite)
+        try:
+            with conn:  # (and the tag column on a table created before it: SQLite has no
+                # ADD COLUMN IF NOT EXISTS, so create_table looks first)
+                Outbox(args.table).create_table(conn)
+        finally:
+            conn.close()
         return 0
     if args.dsn and not args.dialect:
         import psycopg

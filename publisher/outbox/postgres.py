@@ -23,11 +23,10 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from typing import Any
 
-from publisher.core import Cursor
 from publisher.outbox.sql import (
     DEFAULT_TABLE,
     MAX_EVENT_BYTES,
@@ -36,7 +35,14 @@ from publisher.outbox.sql import (
     for_psycopg,
     migration_sql,
 )
-from publisher.outbox.store import OutboxRow, _ClosableStore, _size_problem, log
+from publisher.outbox.store import (
+    Mark,
+    OutboxRow,
+    _ClosableStore,
+    _size_problem,
+    log,
+    mark_tag,
+)
 
 __all__ = ["PostgresOutboxStore"]
 
@@ -328,15 +334,27 @@ class PostgresOutboxStore(_ClosableStore):
             for r in rows
         ]
 
-    def mark(self, published: list[tuple[int, Cursor]]) -> None:
-        self._q(
-            self.st.mark_many,
-            {
-                "ids": [i for i, _ in published],
-                "epochs": [c.epoch for _, c in published],
-                "seqs": [c.seq for _, c in published],
-            },
-        )
+    def mark(self, published: Sequence[Mark]) -> None:
+        params: dict[str, Any] = {
+            "ids": [m[0] for m in published],
+            "epochs": [m[1].epoch for m in published],
+            "seqs": [m[1].seq for m in published],
+        }
+        if self._tagged(self._columns):
+            params["tags"] = [mark_tag(m) for m in published]
+            self._q(self.st.mark_many, params)
+        else:
+            self._q(self.st.mark_many_untagged, params)
+
+    def _columns(self) -> set[str]:
+        conn = self._conn()
+        sent = time.monotonic()
+        with self._deadline(conn):
+            cur = conn.execute(self.st.columns)
+            names = {column.name for column in cur.description or ()}
+            cur.fetchall()
+        self._used = sent
+        return names
 
     def backlog(self) -> int:
         return int(self._q(self.st.backlog, {})[0][0])
@@ -479,6 +497,7 @@ class PostgresOutboxStore(_ClosableStore):
                         conn.close()
             self._work = self._listen = None
             self._is_leader = self._woken = False
+            self._tag_column = None
 
 
 _INTERRUPTED = "the connect was interrupted: the store was closed or reset"

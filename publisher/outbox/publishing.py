@@ -65,6 +65,9 @@ class KeyedPublisher:
         self.batched = isinstance(publisher, Publisher) and not isinstance(
             publisher.client, redis.cluster.RedisCluster
         )
+        #: The publisher stores each event as ``encode_event`` encodes it (this package's
+        #: ``Publisher``), so the relay knows the frame, and its tag, from the cursor.
+        self.stores_encoded = isinstance(publisher, Publisher)
 
     def publish(
         self, items: Sequence[tuple[ProjectEvent, str]]

@@ -37,8 +37,9 @@ from publisher.outbox.postgres import PostgresOutboxStore
 from publisher.outbox.publishing import CHUNK, KeyedPublisher
 from publisher.outbox.sql import DEFAULT_TABLE
 from publisher.outbox.sqlite import SQLiteOutboxStore
-from publisher.outbox.store import OutboxRow, OutboxStore, log
-from schemas.events import EventValidationError, decode_event
+from publisher.outbox.store import Mark, OutboxRow, OutboxStore, log
+from schemas.events import EventValidationError, decode_event, encode_event
+from schemas.tags import stored_tag
 
 #: The stores were defined here before they had modules of their own: still importable from here.
 __all__ = ["OutboxRelay", "OutboxRow", "PostgresOutboxStore", "SQLiteOutboxStore"]
@@ -152,7 +153,7 @@ class OutboxRelay:
         self.hold_interval = hold_interval
         self._held: dict[int, float] = {}  # project -> monotonic time of its next attempt
         #: Rows published whose marks failed, and their lags: marked first by the next batch.
-        self._unmarked: tuple[list[tuple[int, Cursor]], list[float]] | None = None
+        self._unmarked: tuple[list[Mark], list[float]] | None = None
         #: The last batch read as many rows as it could (see :meth:`run`).
         self._full_batch = False
         self._hold_logged: dict[int, float] = {}
@@ -210,7 +211,7 @@ class OutboxRelay:
             return 0
         fetched = _clocks()
         self.metrics.oldest_pending_s = max(time.time() - rows[0].created_at, 0.0)
-        published: list[tuple[int, Cursor]] = []
+        published: list[Mark] = []
         lags: list[float] = []
         try:
             # Chunks of at most the rate limiter's burst, so the limit holds within a batch, and
@@ -247,7 +248,7 @@ class OutboxRelay:
         )
         return len(published)
 
-    def _mark(self, published: list[tuple[int, Cursor]], lags: list[float]) -> None:
+    def _mark(self, published: list[Mark], lags: list[float]) -> None:
         """Record the cursors of rows this relay published. If that fails they are kept, and
         recorded before anything else is published: this relay never publishes such a row
         again. Before, a mark that kept failing (another session's row lock held past the
@@ -260,7 +261,7 @@ class OutboxRelay:
         self.metrics.record_published(lags)
 
     def _publish_chunk(
-        self, chunk: list[OutboxRow], published: list[tuple[int, Cursor]], lags: list[float]
+        self, chunk: list[OutboxRow], published: list[Mark], lags: list[float]
     ) -> None:
         items: list[tuple[OutboxRow, Any]] = []
         for row in chunk:
@@ -276,8 +277,8 @@ class OutboxRelay:
                 [(event, idempotency_key(self.table, row)) for row, event in items]
             )
             done = time.time()
-            for (row, _), cursor in zip(items, cursors, strict=False):
-                published.append((row.id, cursor))
+            for (row, event), cursor in zip(items, cursors, strict=False):
+                published.append((row.id, cursor, self._tag(event, cursor)))
                 lags.append((done - row.created_at) * 1000)
             if error is None:
                 return
@@ -293,6 +294,18 @@ class OutboxRelay:
             if items and not self.store.lead():
                 self.metrics.leader = False
                 return
+
+    def _tag(self, event: Any, cursor: Cursor) -> str | None:
+        """The tag of the frame Redis stored for ``event`` at ``cursor``, which snapshots hand
+        out with the cursor (docs/outbox.md, "Snapshot with a cursor"). The publish script
+        stores the event as the publisher encoded it with ``,"seq":N`` spliced in: this
+        process's ``encode_event``, exactly. Recorded now, not recomputed from the row later:
+        the row may be edited since, and another version may encode differently. None when the
+        publisher is not this package's ``Publisher`` (a wrapper of yours may store something
+        else), so that no snapshot names an event by a tag Redis does not have."""
+        if not self._keyed.stores_encoded:
+            return None
+        return stored_tag(encode_event(event), cursor.seq)
 
     def _abandoned(self) -> bool:
         """:meth:`stop` has returned (or is about to) while this thread was still in a batch,

@@ -22,12 +22,16 @@ __all__ = [
     "POSTGRES",
     "POSTGRES_DDL",
     "SQLITE",
+    "SQLITE_ADD_TAG",
     "SQLITE_DDL",
     "Statements",
+    "columns_query",
     "for_psycopg",
     "lock_key",
     "migration_sql",
     "notify_channel",
+    "sqlite_columns",
+    "sqlite_upgrade",
     "validate_table",
 ]
 
@@ -45,7 +49,11 @@ _TABLE_RE = re.compile(r"^(?:[a-z_][a-z0-9_]{0,62}\.)?[a-z_][a-z0-9_]{0,40}\Z")
 #: transaction-level advisory lock, see ``publisher.outbox.writer``); ``token`` is random per row
 #: and part of the idempotency key, so ids re-issued after a restore from backup or a re-created
 #: table can never be mistaken for rows already published. ``epoch``/``seq`` are the cursor the
-#: relay got for the row, which the snapshot helper returns.
+#: relay got for the row, ``tag`` the tag (schemas.tags) of the frame Redis stored there, which
+#: the snapshot helper returns. The ``DO`` block upgrades a table created before ``tag``; it
+#: looks first, because ``ALTER TABLE`` takes the table's exclusive lock even when the column
+#: exists (``IF NOT EXISTS`` is checked under it): a migration run at every deploy would wait for
+#: every transaction using the table, and hold up the writers behind it meanwhile.
 POSTGRES_DDL = """\
 CREATE TABLE IF NOT EXISTS {table} (
     id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -55,16 +63,28 @@ CREATE TABLE IF NOT EXISTS {table} (
     created_at   timestamptz NOT NULL DEFAULT clock_timestamp(),
     published_at timestamptz,
     epoch        text,
-    seq          bigint
+    seq          bigint,
+    tag          text
 );
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_attribute WHERE attrelid = to_regclass('{table}')
+                   AND attname = 'tag' AND NOT attisdropped) THEN
+        ALTER TABLE {table} ADD COLUMN IF NOT EXISTS tag text;
+    END IF;
+END $$;
 CREATE INDEX IF NOT EXISTS {name}_pending ON {table} (id) WHERE published_at IS NULL;
 CREATE INDEX IF NOT EXISTS {name}_project ON {table} (project_id, id);
 """
 
 #: SQLite. AUTOINCREMENT, because a plain INTEGER PRIMARY KEY reuses the highest id once that
 #: row is deleted. Times are unix seconds (REAL). SQLite runs one writer at a time, so id order is
-#: commit order without any lock of ours.
+#: commit order without any lock of ours. SQLite has no ``ADD COLUMN IF NOT EXISTS``: the upgrade
+#: of a table created before ``tag`` (:data:`SQLITE_ADD_TAG`) is run by ``migrate --sqlite`` and
+#: ``Outbox.create_table`` only when the column is missing (:func:`sqlite_upgrade`).
 SQLITE_DDL = """\
+-- A table created before the tag column needs, once (migrate --sqlite and Outbox.create_table
+-- run it when the column is missing): ALTER TABLE {table} ADD COLUMN tag TEXT
 CREATE TABLE IF NOT EXISTS {table} (
     id           INTEGER PRIMARY KEY AUTOINCREMENT,
     project_id   INTEGER NOT NULL,
@@ -73,11 +93,36 @@ CREATE TABLE IF NOT EXISTS {table} (
     created_at   REAL NOT NULL,
     published_at REAL,
     epoch        TEXT,
-    seq          INTEGER
+    seq          INTEGER,
+    tag          TEXT
 );
 CREATE INDEX IF NOT EXISTS {name}_pending ON {table} (id) WHERE published_at IS NULL;
 CREATE INDEX IF NOT EXISTS {name}_project ON {table} (project_id, id);
 """
+
+
+#: Upgrades a SQLite table created before the ``tag`` column (run only when it is missing).
+SQLITE_ADD_TAG = "ALTER TABLE {table} ADD COLUMN tag TEXT"
+
+
+def columns_query(table: str) -> str:
+    """A query that reads no row, whose result's columns are the table's (either dialect)."""
+    return f"SELECT * FROM {validate_table(table)} WHERE 1 = 0"
+
+
+def sqlite_columns(table: str) -> tuple[str, dict[str, str]]:
+    """A SQLite query (and its parameters) for the names of the table's columns."""
+    schema, _, name = validate_table(table).rpartition(".")
+    if schema:
+        sql = "SELECT name FROM pragma_table_info(:name, :schema)"
+        return sql, {"name": name, "schema": schema}
+    return "SELECT name FROM pragma_table_info(:name)", {"name": name}
+
+
+def sqlite_upgrade(table: str, columns: set[str]) -> list[str]:
+    """The statements that bring a SQLite outbox table with ``columns`` up to date (none when
+    it is)."""
+    return [] if "tag" in columns else [SQLITE_ADD_TAG.format(table=validate_table(table))]
 
 
 def validate_table(table: str) -> str:
@@ -93,7 +138,8 @@ def validate_table(table: str) -> str:
 
 def migration_sql(dialect: str, table: str = DEFAULT_TABLE) -> str:
     """The ``CREATE TABLE`` / ``CREATE INDEX`` script for ``dialect`` (idempotent: ``IF NOT
-    EXISTS`` everywhere)."""
+    EXISTS`` everywhere). PostgreSQL's also adds the ``tag`` column to an older table; SQLite
+    cannot say so in SQL alone: see :func:`sqlite_upgrade`."""
     validate_table(table)
     name = table.rpartition(".")[2]
     if dialect == POSTGRES:
@@ -184,16 +230,28 @@ class Statements:
         # statement (half the cost of one UPDATE per row).
         # A row is marked once: a relay's late retry of a mark that failed (kept while it stood
         # by) must not overwrite the cursor another relay marked since (a new epoch's, say).
+        # With the tag, and without it (a table not yet migrated: see OutboxStore.tagged).
         self.mark = (
+            f"UPDATE {t} SET published_at = :now, epoch = :epoch, seq = :seq, tag = :tag "
+            "WHERE id = :id AND published_at IS NULL"
+        )
+        self.mark_untagged = (
             f"UPDATE {t} SET published_at = :now, epoch = :epoch, seq = :seq "
             "WHERE id = :id AND published_at IS NULL"
         )
         self.mark_many = (
+            f"UPDATE {t} SET published_at = clock_timestamp(), epoch = v.epoch, seq = v.seq, "
+            "tag = v.tag FROM unnest(CAST(:ids AS bigint[]), CAST(:epochs AS text[]), "
+            "CAST(:seqs AS bigint[]), CAST(:tags AS text[])) AS v(id, epoch, seq, tag) "
+            f"WHERE {t}.id = v.id AND {t}.published_at IS NULL"
+        )
+        self.mark_many_untagged = (
             f"UPDATE {t} SET published_at = clock_timestamp(), epoch = v.epoch, seq = v.seq "
             "FROM unnest(CAST(:ids AS bigint[]), CAST(:epochs AS text[]), "
             f"CAST(:seqs AS bigint[])) AS v(id, epoch, seq) "
             f"WHERE {t}.id = v.id AND {t}.published_at IS NULL"
         )
+        self.columns = columns_query(t)
         self.backlog = f"SELECT count(*) FROM {t} WHERE published_at IS NULL"
         # Published rows older than the retention go, except each project's newest published
         # row: it holds the project's last cursor, which the snapshot helper may still need.
@@ -205,10 +263,10 @@ class Statements:
             "AND n.published_at IS NOT NULL) LIMIT :limit)"
         )
         self.newest_of_project = (
-            f"SELECT id, epoch, seq FROM {t} WHERE project_id = :project_id "
+            f"SELECT id, epoch, seq, tag FROM {t} WHERE project_id = :project_id "
             "ORDER BY id DESC LIMIT 1"
         )
-        self.cursor_of_row = f"SELECT epoch, seq FROM {t} WHERE id = :id"
+        self.cursor_of_row = f"SELECT epoch, seq, tag FROM {t} WHERE id = :id"
         self.try_lead = "SELECT pg_try_advisory_lock(:key)"
         # PostgreSQL 14+: the lock and the session's lease in one statement (the subquery, kept
         # apart by OFFSET 0, takes the lock first; each CASE sets its part of the lease only

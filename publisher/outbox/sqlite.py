@@ -15,13 +15,12 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from publisher.core import Cursor
 from publisher.outbox.sql import DEFAULT_TABLE, MAX_EVENT_BYTES, SQLITE, Statements
-from publisher.outbox.store import OutboxRow, _ClosableStore, _size_problem
+from publisher.outbox.store import Mark, OutboxRow, _ClosableStore, _size_problem, mark_tag
 
 __all__ = ["SQLiteOutboxStore"]
 
@@ -133,12 +132,24 @@ class SQLiteOutboxStore(_ClosableStore):
         rows = self._run(lambda db: db.execute(self.st.pending, params).fetchall())
         return [_sqlite_row(*row) for row in rows]
 
-    def mark(self, published: list[tuple[int, Cursor]]) -> None:
+    def mark(self, published: Sequence[Mark]) -> None:
         now = time.time()
-        self._transaction(
-            self.st.mark,
-            [{"id": i, "epoch": c.epoch, "seq": c.seq, "now": now} for i, c in published],
-        )
+        rows = [{"id": m[0], "epoch": m[1].epoch, "seq": m[1].seq, "now": now} for m in published]
+        if self._tagged(self._columns):
+            for row, m in zip(rows, published, strict=True):
+                row["tag"] = mark_tag(m)
+            self._transaction(self.st.mark, rows)
+        else:
+            self._transaction(self.st.mark_untagged, rows)
+
+    def _columns(self) -> set[str]:
+        def read(db: sqlite3.Connection) -> set[str]:
+            cur = db.execute(self.st.columns)
+            names = {str(column[0]) for column in cur.description or ()}
+            cur.fetchall()
+            return names
+
+        return self._run(read)
 
     def backlog(self) -> int:
         return int(self._run(lambda db: db.execute(self.st.backlog).fetchone()[0]))
@@ -163,6 +174,7 @@ class SQLiteOutboxStore(_ClosableStore):
         super().open()
 
     def reset(self) -> None:
+        self._tag_column = None
         with self._lock:
             conn, self._conn = self._conn, None
             if conn is not None and self._using:

@@ -9,7 +9,10 @@ application's.
 
 from __future__ import annotations
 
+import math
 import threading
+import time
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any, NamedTuple, Protocol
 
@@ -18,7 +21,19 @@ import structlog
 from publisher.core import Cursor
 from publisher.outbox.sql import MAX_EVENT_BYTES
 
-__all__ = ["OutboxRow", "OutboxStore"]
+__all__ = ["Mark", "OutboxRow", "OutboxStore"]
+
+#: A row published: ``(row id, cursor, tag)``, the tag (schemas.tags) of the frame Redis stored
+#: at that cursor, or None when unknown. ``(row id, cursor)`` is taken as a mark without a tag.
+Mark = tuple[int, Cursor, str | None] | tuple[int, Cursor]
+
+#: How often a store that found the table without the ``tag`` column looks again (the
+#: migration may run while the relay does).
+TAG_COLUMN_RECHECK = 60.0
+
+
+def mark_tag(mark: Mark) -> str | None:
+    return mark[2] if len(mark) > 2 else None  # type: ignore[misc]
 
 
 def log() -> structlog.typing.FilteringBoundLogger:
@@ -54,7 +69,9 @@ class OutboxStore(Protocol):
     def fetch(self, limit: int, held: list[int]) -> list[OutboxRow]:
         """Unpublished rows in id order, without those of the ``held`` projects."""
 
-    def mark(self, published: list[tuple[int, Cursor]]) -> None: ...
+    def mark(self, published: Sequence[Mark]) -> None:
+        """Record each row's cursor, and its tag where the table has the ``tag`` column (a
+        table not yet migrated gets the cursors alone: see :meth:`_ClosableStore._tagged`)."""
 
     def backlog(self) -> int: ...
 
@@ -88,12 +105,42 @@ class _ClosableStore:
     #: What a closed store's connect raises: the driver's ``OperationalError``.
     _closed_error: type[Exception]
 
+    table: str
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._closed = False
+        #: Whether the table has the ``tag`` column: None until looked (again after a reset).
+        self._tag_column: bool | None = None
+        self._tag_column_seen = -math.inf
+        self._untagged_warned = False
 
     def reset(self) -> None:
         raise NotImplementedError
+
+    def _tagged(self, columns: Callable[[], set[str]]) -> bool:
+        """Whether to record tags: the table has the ``tag`` column. ``columns()`` reads the
+        table's columns; it is asked once, and again every :data:`TAG_COLUMN_RECHECK` seconds
+        while the column is missing (and after a reset). A table not yet migrated is relayed
+        without tags (snapshot cursors of its rows have none), with a warning, rather than not
+        at all: a relay upgraded before the migration ran must not stop the events."""
+        if self._tag_column or (
+            self._tag_column is False
+            and time.monotonic() - self._tag_column_seen < TAG_COLUMN_RECHECK
+        ):
+            return bool(self._tag_column)
+        self._tag_column = "tag" in {name.lower() for name in columns()}
+        self._tag_column_seen = time.monotonic()
+        if not self._tag_column and not self._untagged_warned:
+            self._untagged_warned = True
+            log().warning(
+                "outbox_table_not_migrated",
+                table=self.table,
+                reason="the outbox table has no tag column: rows are published and marked "
+                "without tags, and snapshot cursors of them carry none; run "
+                "'python -m publisher.outbox migrate' (see docs/outbox.md)",
+            )
+        return self._tag_column
 
     def _check_open(self) -> None:
         """Fail a connect about to start on a closed store."""

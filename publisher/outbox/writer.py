@@ -21,8 +21,11 @@ from publisher.outbox.sql import (
     Statements,
     lock_key,
     migration_sql,
+    sqlite_columns,
+    sqlite_upgrade,
 )
 from schemas.events import ProjectEvent, encode_event
+from schemas.tags import is_tag
 
 __all__ = ["Outbox", "Snapshot", "SnapshotTimeout"]
 
@@ -51,18 +54,23 @@ class Snapshot(Generic[T]):
 
     ``cursor`` is the ``(epoch, seq)`` of the newest outbox event of the project that the read
     saw committed; a browser subscribing from there receives exactly the events after the data.
-    ``None`` means no event of this project has ever gone through the outbox.
+    ``None`` means no event of this project has ever gone through the outbox. ``tag`` is the tag
+    (docs/protocol.md, "Cursor tags") of the event at that cursor, which the relay recorded when
+    it published it: a resume with it is told ``history_lost`` when a Redis failover has since
+    given that number to another event. ``None`` when unknown (a row published by a relay
+    before tags, or on a table not yet migrated): the cursor is then taken at its number.
     """
 
     data: T
     cursor: Cursor | None
+    tag: str | None = None
 
     def cursor_json(self) -> dict[str, Any] | None:
-        """``{"epoch": "...", "seq": 42}`` or ``None``: the value of ``"cursor"`` in the
-        application's JSON answer."""
+        """``{"epoch": "...", "seq": 42, "tag": "..."}`` (``"tag"`` null when unknown) or
+        ``None``: the value of ``"cursor"`` in the application's JSON answer."""
         if self.cursor is None:
             return None
-        return {"epoch": self.cursor.epoch, "seq": self.cursor.seq}
+        return {"epoch": self.cursor.epoch, "seq": self.cursor.seq, "tag": self.tag}
 
 
 def _token() -> str:
@@ -110,12 +118,18 @@ class Outbox:
 
     def create_table(self, conn: Any) -> None:
         """Run the migration on a synchronous connection, in its current transaction (commit
-        it yourself; sqlite3 runs DDL in the transaction too)."""
+        it yourself; sqlite3 runs DDL in the transaction too): the table and its indexes where
+        missing, and the ``tag`` column on a table created before it."""
         db = adapt(conn)
         if not isinstance(db, SyncDB):
             raise TypeError("create_table needs a synchronous connection; use acreate_table")
         for statement in _split(migration_sql(db.dialect, self.table)):
             db.execute(statement, {})
+        if db.dialect == SQLITE:
+            sql, params = sqlite_columns(self.table)
+            columns = {str(row[0]) for row in db.execute(sql, params)}
+            for statement in sqlite_upgrade(self.table, columns):
+                db.execute(statement, {})
 
     async def acreate_table(self, conn: Any) -> None:
         db = adapt(conn)
@@ -123,6 +137,11 @@ class Outbox:
             raise TypeError("acreate_table needs an asyncio connection; use create_table")
         for statement in _split(migration_sql(db.dialect, self.table)):
             await db.execute(statement, {})
+        if db.dialect == SQLITE:
+            sql, params = sqlite_columns(self.table)
+            columns = {str(row[0]) for row in await db.execute(sql, params)}
+            for statement in sqlite_upgrade(self.table, columns):
+                await db.execute(statement, {})
 
     # --- writing ----------------------------------------------------------------------------
 
@@ -234,14 +253,14 @@ class Outbox:
         with db.snapshot_transaction():
             data = read(db.target)
             newest = db.execute(st.newest_of_project, {"project_id": project_id})
-        cursor, row_id = _cursor_or_wait(newest)
+        (cursor, tag), row_id = _cursor_or_wait(newest)
         deadline = time.monotonic() + max_wait
         while cursor is None and row_id is not None:
             if time.monotonic() > deadline:
                 raise _timeout(row_id, project_id, max_wait, data)
             time.sleep(_SNAPSHOT_POLL)
-            cursor = _published(db.fresh(st.cursor_of_row, {"id": row_id}))
-        return Snapshot(data, cursor)
+            cursor, tag = _published(db.fresh(st.cursor_of_row, {"id": row_id}))
+        return Snapshot(data, cursor, tag)
 
     async def asnapshot(
         self,
@@ -259,34 +278,43 @@ class Outbox:
         async with db.snapshot_transaction():
             data = await read(db.target)
             newest = await db.execute(st.newest_of_project, {"project_id": project_id})
-        cursor, row_id = _cursor_or_wait(newest)
+        (cursor, tag), row_id = _cursor_or_wait(newest)
         deadline = time.monotonic() + max_wait
         while cursor is None and row_id is not None:
             if time.monotonic() > deadline:
                 raise _timeout(row_id, project_id, max_wait, data)
             await asyncio.sleep(_SNAPSHOT_POLL)
-            cursor = _published(await db.fresh(st.cursor_of_row, {"id": row_id}))
-        return Snapshot(data, cursor)
+            cursor, tag = _published(await db.fresh(st.cursor_of_row, {"id": row_id}))
+        return Snapshot(data, cursor, tag)
 
 
-def _cursor_or_wait(newest: list[tuple]) -> tuple[Cursor | None, int | None]:
-    """(cursor, None) when the newest row is published; (None, row id) to wait for that row;
-    (None, None) when the project has no outbox row at all."""
+_Tagged = tuple[Cursor | None, str | None]
+
+
+def _cursor_or_wait(newest: list[tuple]) -> tuple[_Tagged, int | None]:
+    """((cursor, tag), None) when the newest row is published; ((None, None), row id) to wait
+    for that row; ((None, None), None) when the project has no outbox row at all."""
     if not newest:
-        return None, None
-    row_id, epoch, seq = newest[0]
+        return (None, None), None
+    row_id, epoch, seq, tag = newest[0]
     if epoch is not None:
-        return Cursor(epoch, int(seq)), None
-    return None, int(row_id)
+        return _tagged(epoch, seq, tag), None
+    return (None, None), int(row_id)
 
 
-def _published(rows: list[tuple]) -> Cursor | None:
+def _published(rows: list[tuple]) -> _Tagged:
     if not rows:
         # Deleted: only published rows older than the retention are (and never a project's
         # newest published one), so a row we are waiting for cannot be; say so if it happens.
         raise RuntimeError("the outbox row a snapshot waits for was deleted")
-    epoch, seq = rows[0]
-    return None if epoch is None else Cursor(epoch, int(seq))
+    epoch, seq, tag = rows[0]
+    return (None, None) if epoch is None else _tagged(epoch, seq, tag)
+
+
+def _tagged(epoch: str, seq: Any, tag: Any) -> _Tagged:
+    # A tag column holding anything else than a tag (a hand edit) is no tag: sent on, a client
+    # would refuse it (the Python consumer's cursor check) or the gateway the resume.
+    return Cursor(epoch, int(seq)), tag if is_tag(tag) else None
 
 
 def _timeout(row_id: int, project_id: int, timeout: float, data: Any) -> SnapshotTimeout:
@@ -298,4 +326,19 @@ def _timeout(row_id: int, project_id: int, timeout: float, data: Any) -> Snapsho
 
 
 def _split(script: str) -> list[str]:
-    return [part.strip() for part in script.split(";") if part.strip()]
+    """The statements of a migration script: split at each ``;`` outside ``$$`` bodies (the
+    PostgreSQL script's ``DO`` block), one statement per call (psycopg with parameters, and
+    SQLAlchemy, run one at a time)."""
+    statements: list[str] = []
+    current = ""
+    for index, part in enumerate(script.split("$$")):
+        if index % 2:  # inside a dollar-quoted body
+            current += f"$${part}$$"
+            continue
+        first, *rest = part.split(";")
+        current += first
+        for piece in rest:
+            statements.append(current)
+            current = piece
+    statements.append(current)
+    return [statement.strip() for statement in statements if statement.strip()]

@@ -1,0 +1,323 @@
+"""Outbox snapshot cursors carry the tag of their event (docs/outbox.md, "Snapshot with a
+cursor"; docs/protocol.md, "Cursor tags").
+
+What users rely on: a page that reloaded its state from ``Outbox.snapshot`` and resumes from its
+cursor is told ``history_lost`` when a Redis failover lost the event at that cursor and gave its
+number to another event, instead of silently keeping the lost event and skipping its
+replacement. The relay records the tag when it publishes (the frame Redis stored), in the
+``tag`` column; tables created before it are upgraded by the same migration, and a relay on a
+table not yet upgraded keeps publishing, without tags.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+import structlog
+
+from consumer import Cursor as ConsumerCursor
+from publisher import Publisher
+from publisher.outbox import Outbox, OutboxRelay
+from publisher.outbox import store as store_module
+from schemas import BlockerResolved
+from schemas.keys import Keys
+from schemas.tags import event_tag
+from tests.support.failover import failover
+from tests.support.gateway_client import client_for
+from tests.test_outbox import T0, pg_url  # noqa: F401 (the session's private database)
+
+ROOT = Path(__file__).resolve().parent.parent
+KEYS = Keys()
+
+#: The outbox table as the DDL created it before cursor tags (no ``tag`` column).
+OLD_POSTGRES = """\
+CREATE TABLE {table} (
+    id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    project_id   bigint NOT NULL,
+    token        text NOT NULL,
+    event        text NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT clock_timestamp(),
+    published_at timestamptz,
+    epoch        text,
+    seq          bigint
+)"""
+OLD_SQLITE = """\
+CREATE TABLE {table} (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    project_id   INTEGER NOT NULL,
+    token        TEXT NOT NULL,
+    event        TEXT NOT NULL,
+    created_at   REAL NOT NULL,
+    published_at REAL,
+    epoch        TEXT,
+    seq          INTEGER
+)"""
+
+
+def event(project_id: int, n: int) -> BlockerResolved:
+    return BlockerResolved(
+        project_id=project_id, blocker_id=n, answer=f"answer {n}", resolved_at=T0
+    )
+
+
+@pytest.fixture
+def table() -> str:
+    return f"outbox_{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def bus(redis_url):
+    publisher = Publisher.from_url(redis_url)
+    yield publisher
+    publisher.close()
+
+
+class Database:
+    """One outbox table on PostgreSQL or SQLite: connect, write committed events, relay them."""
+
+    def __init__(self, dialect: str, url: str, table: str) -> None:
+        self.dialect, self.url, self.table = dialect, url, table
+        self.outbox = Outbox(table)
+
+    def connect(self):
+        if self.dialect == "postgresql":
+            return psycopg.connect(self.url, autocommit=True)
+        return sqlite3.connect(self.url, isolation_level=None)
+
+    def execute(self, sql: str) -> list[tuple]:
+        conn = self.connect()
+        try:
+            cur = conn.execute(sql)
+            return list(cur.fetchall()) if cur.description is not None else []
+        finally:
+            conn.close()
+
+    def create(self) -> None:
+        conn = self.connect()
+        try:
+            self.outbox.create_table(conn)
+        finally:
+            conn.close()
+
+    def write(self, *events: BlockerResolved) -> None:
+        conn = self.connect()
+        try:
+            self.outbox.write_many(conn, events)
+        finally:
+            conn.close()
+
+    def relay(self, publisher) -> OutboxRelay:
+        if self.dialect == "postgresql":
+            return OutboxRelay.postgres(self.url, publisher, table=self.table)
+        return OutboxRelay.sqlite(self.url, publisher, table=self.table)
+
+    def drain(self, publisher) -> int:
+        relay = self.relay(publisher)
+        try:
+            total = 0
+            while count := relay.run_once():
+                total += count
+            return total
+        finally:
+            relay.store.close()
+
+    def snapshot(self, project_id: int):
+        conn = self.connect()
+        try:
+            return self.outbox.snapshot(conn, project_id, lambda c: None, max_wait=1)
+        finally:
+            conn.close()
+
+    def columns(self) -> set[str]:
+        conn = self.connect()
+        try:
+            cur = conn.execute(f"SELECT * FROM {self.table} WHERE 1 = 0")
+            names = {column[0] for column in cur.description}
+            cur.fetchall()
+            return names
+        finally:
+            conn.close()
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def db(request, tmp_path, table) -> Database:
+    if request.param == "postgresql":
+        return Database("postgresql", request.getfixturevalue("pg_url"), table)
+    return Database("sqlite", str(tmp_path / "app.db"), table)
+
+
+def stored_frame(client: redis.Redis, project_id: int, seq: int) -> bytes:
+    ((_, fields),) = client.xrange(KEYS.stream(project_id), f"{seq}-0", f"{seq}-0")
+    return fields[b"f"]
+
+
+def test_a_snapshot_cursor_carries_the_tag_of_the_event_redis_holds_at_its_seq(db, bus):
+    db.create()
+    db.write(event(1, 1), event(1, 2), event(2, 7), event(1, 3))
+    assert db.drain(bus) == 4
+    snap = db.snapshot(1)
+    tag = event_tag(stored_frame(bus.client, 1, 3))
+    assert snap.cursor_json() == {"epoch": snap.cursor.epoch, "seq": 3, "tag": tag}
+    assert snap.tag == tag
+    # Every published row records the tag of the frame Redis stored under its cursor.
+    for project_id, seq, row_tag in db.execute(f"SELECT project_id, seq, tag FROM {db.table}"):
+        assert row_tag == event_tag(stored_frame(bus.client, project_id, seq))
+    # The Python consumer takes it as it comes, tag included (sent with its resume).
+    assert ConsumerCursor(**snap.cursor_json()).tag == tag
+
+
+async def test_a_resume_from_a_snapshot_cursor_whose_event_a_failover_replaced_gets_history_lost(
+    db, bus, gateways, redis_url
+):
+    db.create()
+    db.write(event(1, 1), event(1, 2), event(1, 3))
+    db.drain(bus)
+    cursor = db.snapshot(1).cursor_json()
+    assert cursor["seq"] == 3
+    gateway = await gateways()
+    # Nothing changed: the resume from the snapshot is honoured.
+    client = await client_for(gateway, [1])
+    await client.send({"type": "subscribe", "project_id": 1, "epoch": cursor["epoch"],
+                       "after": cursor["seq"], "tag": cursor["tag"]})  # fmt: skip
+    await client.wait_for(lambda: client.count("subscribed") == 1)
+    assert client.last("subscribed")["resumed"] is True and client.last("resync_required") is None
+    await client.close()
+    # A failover lost event 3 (the page's state includes it); the new master's 3 is another.
+    failover(redis_url, 1, keep=2)
+    db.write(event(1, 30))
+    db.drain(bus)
+    resumed = await client_for(gateway, [1])
+    await resumed.send({"type": "subscribe", "project_id": 1, "epoch": cursor["epoch"],
+                        "after": cursor["seq"], "tag": cursor["tag"]})  # fmt: skip
+    await resumed.wait_for(lambda: resumed.count("subscribed") == 1)
+    resync = resumed.last("resync_required")
+    assert resync is not None and resync["reason"] == "history_lost"
+    assert resumed.seqs(1) == []
+    await resumed.close()
+    # The reload's snapshot names the new event 3: a resume from it is honoured (no loop).
+    again = db.snapshot(1).cursor_json()
+    assert (again["seq"], again["tag"]) == (3, event_tag(stored_frame(bus.client, 1, 3)))
+    assert again["tag"] != cursor["tag"]
+    client = await client_for(gateway, [1])
+    await client.send({"type": "subscribe", "project_id": 1, "epoch": again["epoch"],
+                       "after": again["seq"], "tag": again["tag"]})  # fmt: skip
+    await client.wait_for(lambda: client.count("subscribed") == 1)
+    assert client.last("subscribed")["resumed"] is True and client.last("resync_required") is None
+    await client.close()
+
+
+def test_rows_published_without_a_tag_give_a_cursor_without_one(db, bus):
+    """Rows an older relay published (tag NULL) are taken at their number, as before."""
+    db.create()
+    db.write(event(1, 1))
+    db.drain(bus)
+    db.execute(f"UPDATE {db.table} SET tag = NULL")
+    snap = db.snapshot(1)
+    assert snap.cursor_json() == {"epoch": snap.cursor.epoch, "seq": 1, "tag": None}
+    # A tag column holding something that is not a tag (a hand edit) is no tag either.
+    db.execute(f"UPDATE {db.table} SET tag = 'not a tag'")
+    assert db.snapshot(1).cursor_json()["tag"] is None
+
+
+def test_the_migration_adds_the_tag_column_to_an_older_table_and_runs_again_harmlessly(db, bus):
+    old = OLD_POSTGRES if db.dialect == "postgresql" else OLD_SQLITE
+    db.execute(old.format(table=db.table))
+    assert "tag" not in db.columns()
+    db.create()
+    assert "tag" in db.columns()
+    db.create()  # idempotent
+    db.write(event(1, 1))
+    db.drain(bus)
+    assert db.snapshot(1).cursor_json()["tag"] == event_tag(stored_frame(bus.client, 1, 1))
+
+
+def test_the_cli_migration_upgrades_an_older_table(db):
+    old = OLD_POSTGRES if db.dialect == "postgresql" else OLD_SQLITE
+    db.execute(old.format(table=db.table))
+    source = ["--dsn", db.url] if db.dialect == "postgresql" else ["--sqlite", db.url]
+    command = [sys.executable, "-m", "publisher.outbox", "migrate", *source, "--table", db.table]
+    for _ in range(2):  # idempotent
+        subprocess.run(command, cwd=ROOT, check=True, timeout=60)
+        assert "tag" in db.columns()
+
+
+def run(relay: OutboxRelay) -> int:
+    total = 0
+    while count := relay.run_once():
+        total += count
+    return total
+
+
+def test_a_relay_on_a_table_not_yet_migrated_keeps_publishing_without_tags(db, bus, monkeypatch):
+    old = OLD_POSTGRES if db.dialect == "postgresql" else OLD_SQLITE
+    db.execute(old.format(table=db.table))
+    db.write(event(1, 1), event(1, 2))
+    relay = db.relay(bus)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            assert run(relay) == 2
+            db.write(event(1, 3))
+            assert run(relay) == 1
+        assert db.execute(f"SELECT seq FROM {db.table} ORDER BY id") == [(1,), (2,), (3,)]
+        warnings = [entry for entry in logs if entry["event"] == "outbox_table_not_migrated"]
+        assert len(warnings) == 1 and warnings[0]["log_level"] == "warning"
+        # Migrated while the relay runs: it looks again (every minute; now at once) and records
+        # tags from then on.
+        db.create()
+        monkeypatch.setattr(store_module, "TAG_COLUMN_RECHECK", 0.0)
+        db.write(event(1, 4))
+        assert run(relay) == 1
+    finally:
+        relay.store.close()
+    rows = db.execute(f"SELECT seq, tag FROM {db.table} ORDER BY id")
+    assert [tag for _, tag in rows[:3]] == [None, None, None]
+    assert rows[3] == (4, event_tag(stored_frame(bus.client, 1, 4)))
+    # A snapshot ending at an untagged row has a cursor without a tag.
+    db.execute(f"DELETE FROM {db.table} WHERE seq = 4")
+    assert db.snapshot(1).cursor_json()["tag"] is None
+
+
+def test_a_relay_whose_publisher_is_not_ours_records_no_tag(db, bus):
+    """A wrapper may store something else than the event as encode_event encodes it: no tag
+    rather than one that names bytes Redis does not hold (a reload at every resume)."""
+
+    class Wrapped:
+        def publish(self, event, *, idempotency_key=None):
+            return bus.publish(event, idempotency_key=idempotency_key)
+
+    db.create()
+    db.write(event(1, 1))
+    assert db.drain(Wrapped()) == 1
+    snap = db.snapshot(1)
+    assert snap.cursor.seq == 1 and snap.tag is None
+
+
+async def test_asnapshot_and_acreate_table_on_postgresql(request, table, bus):
+    url = request.getfixturevalue("pg_url")
+    outbox = Outbox(table)
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        await conn.execute(OLD_POSTGRES.format(table=table))
+        await outbox.acreate_table(conn)
+        await outbox.acreate_table(conn)
+    db = Database("postgresql", url, table)
+    assert "tag" in db.columns()
+    db.write(event(5, 1), event(5, 2))
+    db.drain(bus)
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+
+        async def read(c):
+            return "data"
+
+        snap = await outbox.asnapshot(conn, 5, read)
+    assert snap.cursor_json() == {
+        "epoch": snap.cursor.epoch,
+        "seq": 2,
+        "tag": event_tag(stored_frame(bus.client, 5, 2)),
+    }
