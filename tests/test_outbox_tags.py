@@ -321,3 +321,34 @@ async def test_asnapshot_and_acreate_table_on_postgresql(request, table, bus):
         "seq": 2,
         "tag": event_tag(stored_frame(bus.client, 5, 2)),
     }
+
+
+async def test_the_python_consumer_resuming_from_a_snapshot_cursor_is_told_history_lost(
+    db, bus, gateways, redis_url
+):
+    """A backend worker that loads its state from a snapshot and follows the project from its
+    cursor with the Python consumer (``after=Cursor(**cursor)``): the consumer sends the tag,
+    and a failover that replaced the event at the cursor is a Resync(history_lost)."""
+    from consumer import Consumer, Delivery, Resync
+    from publisher import issue_token
+    from schemas.protocol import ResyncReason
+    from tests.support.gateway_client import SECRET, ws_url
+
+    db.create()
+    db.write(event(1, 1), event(1, 2), event(1, 3))
+    db.drain(bus)
+    cursor = db.snapshot(1).cursor_json()
+    failover(redis_url, 1, keep=2)
+    db.write(event(1, 30), event(1, 31))
+    db.drain(bus)
+    gateway = await gateways()
+    token = issue_token(SECRET, [1], ttl=300)
+    async with Consumer(ws_url(gateway), token=token) as consumer:
+        async with consumer.events(1, after=ConsumerCursor(**cursor)) as subscription:
+            first = await anext(aiter(subscription))
+            db.write(event(1, 32))
+            db.drain(bus)
+            second = await anext(aiter(subscription))
+    assert isinstance(first, Resync) and first.reason == ResyncReason.HISTORY_LOST
+    assert (first.seq, first.tag) == (4, event_tag(stored_frame(bus.client, 1, 4)))
+    assert isinstance(second, Delivery) and (second.seq, second.event.blocker_id) == (5, 32)
