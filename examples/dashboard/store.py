@@ -270,7 +270,9 @@ class Store:
 
     def state(self, project_id: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """Everything the page shows (agents, tasks, pending blockers, activity), read in one
-        transaction, and the cursor ``{"epoch", "seq"}`` of exactly the events it includes.
+        transaction, and the cursor ``{"epoch", "seq", "tag"}`` of exactly the events it
+        includes (``tag``: of the event at ``seq``, so that a resume from it notices a Redis
+        failover that replaced that event; null when unknown).
 
         The page subscribes from that cursor, so an event committed after this read is
         delivered and applied once, and none before it is applied on top of the state again
