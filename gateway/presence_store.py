@@ -6,7 +6,9 @@ something changed, with one script call per changed project; one pipeline per
 ``refresh_interval`` with one script call per project the pod has members in or watches; one
 read per project when a subscriber first needs it or an announcement was missed (a view
 outlives its last subscriber by ``view_linger``, a diff interval, so subscribing in a loop
-costs one read per interval). Nothing is sent per connection.
+costs one read per interval). Nothing is sent per connection. On Redis Cluster each of those
+pipelines is one per master that owns some of its projects, sent concurrently: a master that is
+down or hangs fails only its own projects' presence (see :class:`PresenceStore`).
 
 Bounds, with the defaults (all settable on :class:`PresenceService`):
 
@@ -39,7 +41,7 @@ import redis.asyncio.cluster
 import redis.exceptions
 
 from gateway.logs import describe, get_logger
-from gateway.node_limits import NodeLimits
+from gateway.node_limits import NodeLimits, node_name
 from gateway.presence import PresenceCore, SessionKey, Write
 from gateway.tasks import spawn
 from schemas.keys import Keys
@@ -94,6 +96,12 @@ OnLeftOut = Callable[[int, int], None]
 #: Redis were down.
 PRESENCE_READS = 16
 
+#: The per-project outcome of a write or a refresh that did not apply: the error Redis answered
+#: for that project alone (``ResponseError``: its keys are unusable), or, on Redis Cluster, the
+#: failure of the master that owns the project's slot (``ConnectionError``, ``TimeoutError``:
+#: it is down or did not answer within :attr:`PresenceStore.group_timeout`).
+ProjectFailure = redis.exceptions.RedisError
+
 
 class ChannelLink(Protocol):
     """A pub/sub connection someone else owns (the gateway's :class:`gateway.pubsub.PubSubLink`
@@ -118,7 +126,12 @@ def _text(value: Any) -> str:
 
 
 class PresenceStore:
-    """The Redis calls of one pod's presence. Each method is one round trip (a pipeline)."""
+    """The Redis calls of one pod's presence. Each method is one round trip (a pipeline) on a
+    standalone Redis; on Redis Cluster, :meth:`write` and :meth:`refresh` send one pipeline per
+    master that owns some of the projects, concurrently, each within ``group_timeout``: a master
+    that is down or hangs fails its own projects only (their outcome is the error), and the
+    call raises only when no master answered. (One pipeline for all held every project's
+    presence behind one hung master.)"""
 
     def __init__(
         self,
@@ -131,8 +144,11 @@ class PresenceStore:
         on_repaired: OnRepaired | None = None,
         max_members: int = DEFAULT_MAX_MEMBERS,
         on_left_out: OnLeftOut | None = None,
+        group_timeout: float = 1.0,
     ) -> None:
         self.client = client
+        #: Seconds each master of a Redis Cluster has to answer its part of a write or refresh.
+        self.group_timeout = group_timeout
         self.on_repaired = on_repaired
         self.on_left_out = on_left_out
         self.max_members = max_members
@@ -144,18 +160,21 @@ class PresenceStore:
         self._reads = NodeLimits(client, PRESENCE_READS)
         self._shas = {text: hashlib.sha1(text.encode()).hexdigest() for text in (WRITE, REFRESH)}
         self._cluster = isinstance(client, redis.asyncio.cluster.RedisCluster)
-        #: Commands sent and round trips made: what the cost bounds count.
+        #: Commands sent and round trips made: what the cost bounds count. A round trip is one
+        #: pipeline (or read): on Redis Cluster a write or refresh makes one per master its
+        #: projects live on, sent concurrently.
         self.commands = 0
         self.round_trips = 0
 
     def _keys(self, project_id: int) -> list[str]:
         return [self.keys.presence_pods(project_id), self.keys.presence_versions(project_id)]
 
-    async def write(self, writes: Sequence[Write]) -> list[bool | redis.exceptions.ResponseError]:
-        """Apply writes (one script call each, one pipeline); per write, whether it was applied
-        (False: Redis had lost this pod's records, so it must be written whole), or the error
-        Redis answered for that project alone. Index keys of another type that a write deleted
-        are reported to ``on_repaired``."""
+    async def write(self, writes: Sequence[Write]) -> list[bool | ProjectFailure]:
+        """Apply writes (one script call each, one pipeline; on a cluster one per master); per
+        write, whether it was applied (False: Redis had lost this pod's records, so it must be
+        written whole), or the :data:`ProjectFailure` of that project alone (the error Redis
+        answered for it, or its master's failure on a cluster: not known to be applied). Index
+        keys of another type that a write deleted are reported to ``on_repaired``."""
         if not writes:
             return []
         calls = []
@@ -173,11 +192,10 @@ class PresenceStore:
             for member_id, record in w.changes.items():
                 args += [member_id, b"" if record is None else encode_record(record)]
             calls.append((WRITE, self._keys(w.project_id), args))
-        replies = await self._pipeline(calls)
-        self._count(len(writes))
-        out: list[bool | redis.exceptions.ResponseError] = []
+        replies = await self._calls(calls)
+        out: list[bool | ProjectFailure] = []
         for w, reply in zip(writes, replies, strict=True):
-            if isinstance(reply, redis.exceptions.ResponseError):
+            if isinstance(reply, redis.exceptions.RedisError):
                 out.append(reply)
             else:
                 applied, repaired = reply
@@ -187,11 +205,12 @@ class PresenceStore:
 
     async def refresh(
         self, plan: Mapping[int, int | None], ttl_ms: int | None = None
-    ) -> dict[int, tuple[bool, dict[str, int]] | redis.exceptions.ResponseError]:
+    ) -> dict[int, tuple[bool, dict[str, int]] | ProjectFailure]:
         """Keep this pod's records alive in the projects mapped to a version (None: only watch
         the project) and report each project's live pods: project -> (ok, pod -> version), or
-        the error Redis answered for that project alone. Index keys of another type that a
-        refresh deleted are reported to ``on_repaired``."""
+        the :data:`ProjectFailure` of that project alone (the error Redis answered for it, or
+        its master's failure on a cluster). Index keys of another type that a refresh deleted
+        are reported to ``on_repaired``."""
         if not plan:
             return {}
         ttl_ms = self.ttl_ms if ttl_ms is None else ttl_ms
@@ -206,11 +225,10 @@ class PresenceStore:
                 version or 0,
             ]
             calls.append((REFRESH, self._keys(project_id), args))
-        replies = await self._pipeline(calls)
-        self._count(len(projects))
-        out: dict[int, tuple[bool, dict[str, int]] | redis.exceptions.ResponseError] = {}
+        replies = await self._calls(calls)
+        out: dict[int, tuple[bool, dict[str, int]] | ProjectFailure] = {}
         for project_id, reply in zip(projects, replies, strict=True):
-            if isinstance(reply, redis.exceptions.ResponseError):
+            if isinstance(reply, redis.exceptions.RedisError):
                 out[project_id] = reply
             else:
                 ok, flat, repaired = reply
@@ -240,6 +258,32 @@ class PresenceStore:
         if left_out and self.on_left_out is not None:
             self.on_left_out(project_id, left_out)
         return pods
+
+    async def _calls(self, calls: list[tuple[str, list, list]]) -> list:
+        """Run script calls and return their replies, a call's :data:`ProjectFailure` in its
+        place. Standalone: one pipeline, which raises when Redis fails. Cluster: one pipeline
+        per master (the master the slot map names for the call's first key: a project's keys
+        share its slot), concurrently, each within :attr:`group_timeout`; a master that fails
+        or does not answer gives its calls its error (a ``RedisError``), and only when every
+        master failed does this raise."""
+        if not self._cluster:
+            replies = await self._pipeline(calls)
+            self._count(len(calls))
+            return replies
+        groups = group_by_master(calls, lambda call: node_name(self.client, call[1][0]))
+
+        async def run(indexes: list[int]) -> list:
+            try:
+                async with asyncio.timeout(self.group_timeout):
+                    return await self._pipeline([calls[i] for i in indexes])
+            except TimeoutError:
+                raise redis.exceptions.TimeoutError(
+                    f"no answer from the master within {self.group_timeout:g} s"
+                ) from None
+
+        outcomes = await asyncio.gather(*(run(ix) for ix in groups), return_exceptions=True)
+        self._count(len(calls), len(groups))
+        return spread_outcomes(len(calls), groups, outcomes)
 
     async def _pipeline(self, calls: list[tuple[str, list, list]]) -> list:
         """Run script calls in one pipeline and return their replies, a call's error reply
@@ -283,9 +327,45 @@ class PresenceStore:
         if keys and self.on_repaired is not None:
             self.on_repaired(project_id, int(keys))
 
-    def _count(self, commands: int) -> None:
+    def _count(self, commands: int, round_trips: int = 1) -> None:
         self.commands += commands
-        self.round_trips += 1
+        self.round_trips += round_trips
+
+
+def group_by_master(
+    calls: Sequence[Any], master_of: Callable[[Any], str | None]
+) -> list[list[int]]:
+    """The indexes of ``calls`` grouped by the master ``master_of`` names for each (None, the
+    slot map not loaded yet, is a group of its own), in the order each master first appears."""
+    groups: dict[str | None, list[int]] = {}
+    for i, call in enumerate(calls):
+        groups.setdefault(master_of(call), []).append(i)
+    return list(groups.values())
+
+
+def spread_outcomes(n: int, groups: Sequence[Sequence[int]], outcomes: Sequence[Any]) -> list:
+    """The replies of ``n`` calls sent in ``groups`` (one pipeline each) whose pipelines ended
+    with ``outcomes`` (a list of replies, or what the pipeline raised): each call's reply, or
+    its group's failure (a ``RedisError``; an ``OSError`` is given as a ``ConnectionError``).
+    Raises the first failure when every group failed, and anything but a ``RedisError`` or an
+    ``OSError`` (a bug, a cancel) at once."""
+    replies: list[Any] = [None] * n
+    failures = []
+    for indexes, outcome in zip(groups, outcomes, strict=True):
+        if isinstance(outcome, OSError):
+            outcome = redis.exceptions.ConnectionError(describe(outcome))
+        if isinstance(outcome, redis.exceptions.RedisError):
+            failures.append(outcome)
+            for i in indexes:
+                replies[i] = outcome
+        elif isinstance(outcome, BaseException):
+            raise outcome
+        else:
+            for i, reply in zip(indexes, outcome, strict=True):
+                replies[i] = reply
+    if failures and len(failures) == len(groups):
+        raise failures[0]
+    return replies
 
 
 class PresenceService:
@@ -347,7 +427,15 @@ class PresenceService:
             on_repaired=self._repaired,
             max_members=max_members,
             on_left_out=self._left_out,
+            # Three per round: a refresh and two writes can each wait for a hung master and the
+            # round still end within its bound with the other masters' outcomes applied.
+            group_timeout=refresh_interval / 3,
         )
+        #: Projects whose master (Redis Cluster) failed or did not answer at the last refresh
+        #: or since: their writes wait for the next refresh that reaches it (which finds the
+        #: records to write whole), so that a hung master holds one call per refresh interval,
+        #: not every write round of the other masters' projects.
+        self._unreachable: set[int] = set()
         self._on_repaired = on_repaired
         self._on_left_out = on_left_out
         self._on_unannounced = on_unannounced
@@ -622,6 +710,11 @@ class PresenceService:
 
     async def _flush(self) -> None:
         writes = self.core.take_writes()
+        if self._unreachable:
+            for w in writes:
+                if w.project_id in self._unreachable:
+                    self.core.written(w, ok=False, retry=False)  # written whole when it answers
+            writes = [w for w in writes if w.project_id not in self._unreachable]
         if not writes:
             return
         try:
@@ -639,15 +732,25 @@ class PresenceService:
                 # Written whole at the next refresh (not every write interval while it fails).
                 self._project_error(w.project_id, result)
                 self.core.written(w, ok=False, retry=False)
+            elif isinstance(result, redis.exceptions.RedisError):
+                # Its master (Redis Cluster) failed or hangs: written whole at the next refresh
+                # that reaches it; the other masters' projects went on.
+                self._master_failed(w.project_id, result)
+                self.core.written(w, ok=False, retry=False)
             else:
                 self.core.written(w, result)
 
     async def _refresh(self) -> None:
         replies = await self.store.refresh(self.core.refresh_plan())
+        self._unreachable = set()
         for project_id, reply in replies.items():
             if isinstance(reply, redis.exceptions.ResponseError):
                 self._project_error(project_id, reply)
                 self.core.refresh_failed(project_id)
+            elif isinstance(reply, redis.exceptions.RedisError):
+                # Its master (Redis Cluster) failed or hangs: not refreshed, as in a failed
+                # round (the records live on until their ttl); tried again at the next refresh.
+                self._master_failed(project_id, reply)
             elif self.core.refreshed(project_id, *reply):
                 self._reread.add(project_id)
         await self._flush()  # rewrite whatever Redis lost, now
@@ -685,6 +788,18 @@ class PresenceService:
             "project_error",
             log.warning,
             "presence: a project's keys in Redis are unusable",
+            project_id=project_id,
+            error=describe(exc),
+        )
+
+    def _master_failed(self, project_id: int, exc: Exception) -> None:
+        """On Redis Cluster, the master of a project's slot failed or did not answer its part of
+        a write or refresh: the project waits for the next refresh; the others went on."""
+        self._unreachable.add(project_id)
+        self._throttle.log(
+            "master_failed",
+            log.warning,
+            "presence: a project's master is unavailable (the other masters' projects go on)",
             project_id=project_id,
             error=describe(exc),
         )

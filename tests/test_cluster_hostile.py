@@ -9,13 +9,14 @@ anyway with the default until the hung node is declared failed (``cluster-node-t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 import redis.exceptions
 
 from gateway.cluster_pubsub import ClusterPubSub, SlotMap
 from gateway.metrics import Metrics
-from gateway.presence_store import PRESENCE_READS, PresenceStore
+from gateway.presence_store import PRESENCE_READS, PresenceService, PresenceStore
 from gateway.store import CLUSTER_CONCURRENCY, ForeignValues, HistoryStore, StoreUnavailable
 from publisher import AsyncPublisher, Publisher
 from redisconn import async_client
@@ -24,6 +25,7 @@ from tests.support.fake_resp import PROXY, FakeResp, proxy
 from tests.support.gateway_process import GatewayGroup
 from tests.support.redis_cluster import RedisCluster
 from tests.support.ws_client import ResumingClient, wait_live
+from tests.test_presence_store import Watcher, eventually
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -418,3 +420,109 @@ def test_a_publisher_started_while_its_seed_is_down_raises_publisher_unavailable
 
     with pytest.raises(PublisherUnavailable, match="cannot be connected"):
         Publisher.from_url(f"redis+cluster://127.0.0.1:{free_port()}", timeout=2)
+
+
+class _ClusterPods:
+    """Presence services (pods) on a cluster, each with its own client and sharded pub/sub link
+    (as a gateway has), their deliveries routed to Watchers."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.watchers: dict[str, Watcher] = {}
+        self.closing: list = []
+
+    def deliver(self, sessions, frame: bytes) -> None:
+        for session in sessions:
+            if session in self.watchers:
+                self.watchers[session].receive(frame)
+
+    async def start(self, name: str) -> PresenceService:
+        client = async_client(self.url, call_timeout=10.0)  # the gateway's
+        holder: list[PresenceService] = []
+        link = ClusterPubSub(
+            self.url,
+            on_message=lambda channel, data: holder[0].on_message(channel, data),
+            on_recovered=lambda channels: holder[0].reread_all(),
+            metrics=Metrics(),
+            probe_interval=1.0,
+            probe_timeout=1.0,
+        )
+        service = PresenceService(
+            client,
+            self.deliver,
+            pod_id=name,
+            publish_command="SPUBLISH",
+            link=link,
+            ttl=3.0,
+            refresh_interval=1.0,
+            flush_interval=0.05,
+            diff_interval=0.2,
+        )
+        holder.append(service)
+        link.start()
+        await service.start()
+        self.closing += [service.stop, link.close, client.aclose]
+        return service
+
+    async def watch(self, service: PresenceService, session: str, project_id: int) -> Watcher:
+        watcher = self.watchers[session] = Watcher()
+        async with asyncio.timeout(10):
+            watcher.receive(await service.subscribe(session, project_id))
+        return watcher
+
+    async def close(self) -> None:
+        for close in self.closing:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(close(), 5)
+
+
+@pytest.mark.parametrize("trouble", ["hung", "down"])
+async def test_presence_of_a_healthy_shard_goes_on_while_another_master_hangs(
+    partial_cluster: RedisCluster, trouble: str
+):
+    """Pod a has members in a project of a healthy master and in one of a master that hangs
+    (SIGSTOP) or is down (SIGKILL, restarted empty afterwards); pod b watches both. Meanwhile a
+    member joining the healthy project is seen by b within seconds, and a's records there keep
+    being refreshed (nobody leaves); once the master is back, the troubled project's members,
+    those who joined meanwhile too, are seen. Before, a pod's presence writes and refreshes
+    went in one pipeline for all its projects, which the troubled master failed whole: a's
+    deadline in the healthy project was never pushed on while the master hung, so its
+    members were shown as gone once their records expired."""
+    cluster = partial_cluster
+    spread = cluster.projects_by_master(range(1, 5000))
+    troubled, healthy = cluster.masters()[:2]
+    g, h = spread[healthy][0], spread[troubled][0]
+    if trouble == "hung":
+        begin, end = troubled.freeze, troubled.thaw
+    else:
+        begin, end = troubled.kill, lambda: cluster.restart(troubled)
+    pods = _ClusterPods(cluster.url)
+    try:
+        a, b = await pods.start("a"), await pods.start("b")
+        a.join("alice-tab", g, "alice", "Alice")
+        a.join("hank-tab", h, "hank", "Hank")
+        on_g, on_h = await pods.watch(b, "wg", g), await pods.watch(b, "wh", h)
+        await on_g.until(lambda m: set(m) == {"alice"}, within=10)
+        await on_h.until(lambda m: set(m) == {"hank"}, within=10)
+        node = healthy.client()
+        await asyncio.to_thread(begin)
+        try:
+            began_at = (await asyncio.to_thread(node.time))[0] * 1000
+            a.join("hugo-tab", h, "hugo", "Hugo")  # in the same write round as bob
+            a.join("bob-tab", g, "bob", "Bob")
+            await on_g.until(lambda m: set(m) == {"alice", "bob"}, within=5)
+
+            async def refreshed_past_ttls() -> bool:
+                deadline = await asyncio.to_thread(node.zscore, KEYS.presence_pods(g), "a")
+                return deadline is not None and deadline > began_at + 3 * 3000
+
+            await eventually(refreshed_past_ttls, within=15)
+            assert set(on_g.members) == {"alice", "bob"} and on_g.left == []
+        finally:
+            await asyncio.to_thread(end)
+        a.join("carol-tab", h, "carol", "Carol")
+        await on_h.until(lambda m: set(m) == {"hank", "hugo", "carol"}, within=20)
+        a.join("dora-tab", g, "dora", "Dora")
+        await on_g.until(lambda m: set(m) == {"alice", "bob", "dora"}, within=5)
+    finally:
+        await pods.close()

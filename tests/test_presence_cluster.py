@@ -3,6 +3,7 @@ scripts run there as on a standalone Redis; announcements go out with SPUBLISH."
 
 from __future__ import annotations
 
+from gateway.node_limits import node_name
 from gateway.presence import PresenceCore
 from gateway.presence_store import PresenceStore
 from publisher.presence import aread_presence, read_presence
@@ -22,7 +23,14 @@ async def test_write_refresh_and_read_on_a_cluster(redis_cluster_url) -> None:
         for write, ok in zip(writes, await store.write(writes), strict=True):
             assert ok
             core.written(write, ok)
+        # Once the slot map is loaded (by the first call), one pipeline per master the
+        # projects live on (each master answers on its own).
+        masters = {node_name(client, store.keys.presence_pods(p)) for p in projects}
+        assert len(masters) > 1 and None not in masters
+        before = (store.commands, store.round_trips)
         replies = await store.refresh(core.refresh_plan())
+        after = (store.commands, store.round_trips)
+        assert (after[0] - before[0], after[1] - before[1]) == (len(projects), len(masters))
         assert {p: r for p, r in replies.items()} == {
             p: (True, {"pod1": core.stored_versions()[p]}) for p in projects
         }

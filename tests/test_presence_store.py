@@ -24,7 +24,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.presence import ProjectView, Write, apply_diff
-from gateway.presence_store import PresenceService, PresenceStore
+from gateway.presence_store import (
+    PresenceService,
+    PresenceStore,
+    group_by_master,
+    spread_outcomes,
+)
 from publisher.presence import aread_presence, read_presence
 from schemas.keys import Keys
 from schemas.presence import (
@@ -1626,3 +1631,96 @@ async def test_a_loop_busy_past_a_refresh_interval_does_not_reconnect_the_listen
         listener.cancel()
         await asyncio.gather(listener, return_exceptions=True)
         await client.aclose()
+
+
+def test_replies_of_per_master_pipelines_go_back_to_their_calls_and_a_failed_master_to_its_own():
+    """The pure part of a cluster write or refresh: calls grouped by master, each group's
+    replies put back in the calls' order; a group that failed gives its failure (an OSError as
+    a ConnectionError) to its calls alone; only when every group failed is it raised."""
+    masters = ["m1", "m2", "m1", None, "m2"]
+    groups = group_by_master(range(5), masters.__getitem__)
+    assert groups == [[0, 2], [1, 4], [3]]
+    down = redis.exceptions.TimeoutError("no answer")
+    replies = spread_outcomes(5, groups, [["r0", "r2"], down, ["r3"]])
+    assert replies == ["r0", down, "r2", "r3", down]
+    replies = spread_outcomes(
+        5, groups, [ConnectionRefusedError(111, "refused"), ["a", "b"], ["c"]]
+    )
+    assert isinstance(replies[0], redis.exceptions.ConnectionError) and replies[0] is replies[2]
+    assert replies[1:2] + replies[3:] == ["a", "c", "b"]
+    with pytest.raises(redis.exceptions.TimeoutError):
+        spread_outcomes(5, groups, [down, down, OSError("gone")])
+    with pytest.raises(ZeroDivisionError):  # a bug is not a master's failure
+        spread_outcomes(5, groups, [ZeroDivisionError(), ["a", "b"], ["c"]])
+
+
+class _StoreWithADeadMaster:
+    """A PresenceStore's write and refresh as on a cluster whose master of ``dead`` projects
+    fails: those projects get a ConnectionError, the others are applied."""
+
+    def __init__(self) -> None:
+        self.dead: set[int] = set()
+        self.written: list[Write] = []
+        self.refreshed: list[dict[int, int | None]] = []
+        self.stored: dict[int, int] = {}
+
+    def _down(self) -> redis.exceptions.ConnectionError:
+        return redis.exceptions.ConnectionError("master down")
+
+    async def write(self, writes):
+        self.written += writes
+        out = []
+        for w in writes:
+            if w.project_id in self.dead:
+                out.append(self._down())
+            elif w.base and self.stored.get(w.project_id) != w.base:
+                out.append(False)
+            else:
+                self.stored[w.project_id] = w.version
+                out.append(True)
+        return out
+
+    async def refresh(self, plan, ttl_ms=None):
+        self.refreshed.append(dict(plan))
+        return {
+            p: self._down()
+            if p in self.dead
+            else (v is None or (v != 0 and self.stored.get(p) == v), {})
+            for p, v in plan.items()
+        }
+
+
+async def test_a_project_whose_master_failed_waits_for_the_next_refresh_the_others_go_on():
+    """A write or refresh answered with its master's failure (Redis Cluster, a master down or
+    hung) leaves that project unwritten: its writes are not sent again each round (each would
+    wait for the hung master, holding the other masters' writes with it) but once a refresh
+    reaches the master again, which writes its members whole; the other projects go on."""
+
+    class Client:
+        def register_script(self, script: str) -> None:
+            return None
+
+    service = PresenceService(Client(), lambda s, f: None, pod_id="a", listen=False, **TIMINGS)
+    store = service.store = _StoreWithADeadMaster()  # type: ignore[assignment]
+    store.dead = {2}
+    service.join("t1", 1, "alice", None)
+    service.join("t2", 2, "hank", None)
+    await service._flush()
+    assert sorted(w.project_id for w in store.written) == [1, 2]
+    assert not service.core.has_pending_writes()  # not sent again at the next round
+    assert service.core.stored_versions().keys() == {1}
+    store.written.clear()
+    service.join("t3", 2, "hugo", None)
+    service.join("t4", 1, "bob", None)
+    await service._flush()
+    assert [w.project_id for w in store.written] == [1]  # the dead master's write waits
+    assert not service.core.has_pending_writes()
+    store.written.clear()
+    await service._refresh()  # still down: nothing written, and project 1 is refreshed
+    assert store.refreshed[-1].keys() == {1, 2} and store.written == []
+    store.dead = set()
+    await service._refresh()  # back: its refresh finds the records missing, written whole
+    (rewrite,) = store.written
+    assert rewrite.project_id == 2 and rewrite.base == 0
+    assert set(rewrite.changes) == {"hank", "hugo"}
+    assert service.core.stored_versions().keys() == {1, 2}
