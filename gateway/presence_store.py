@@ -160,11 +160,18 @@ class PresenceStore:
         self._reads = NodeLimits(client, PRESENCE_READS)
         self._shas = {text: hashlib.sha1(text.encode()).hexdigest() for text in (WRITE, REFRESH)}
         self._cluster = isinstance(client, redis.asyncio.cluster.RedisCluster)
+        #: On Redis Cluster, one master failing must not fail the calls of the others.
+        self.per_master = self._cluster
         #: Commands sent and round trips made: what the cost bounds count. A round trip is one
         #: pipeline (or read): on Redis Cluster a write or refresh makes one per master its
         #: projects live on, sent concurrently.
         self.commands = 0
         self.round_trips = 0
+
+    def master_of(self, project_id: int) -> str | None:
+        """The master (``host:port``) of the project's slot on Redis Cluster; None on a
+        standalone Redis, or before the client loaded the slot map."""
+        return node_name(self.client, self.keys.presence_pods(project_id))
 
     def _keys(self, project_id: int) -> list[str]:
         return [self.keys.presence_pods(project_id), self.keys.presence_versions(project_id)]
@@ -436,6 +443,8 @@ class PresenceService:
         #: records to write whole), so that a hung master holds one call per refresh interval,
         #: not every write round of the other masters' projects.
         self._unreachable: set[int] = set()
+        #: Re-reads of such projects, made after the next refresh that reaches their master.
+        self._reread_later: set[int] = set()
         self._on_repaired = on_repaired
         self._on_left_out = on_left_out
         self._on_unannounced = on_unannounced
@@ -673,6 +682,40 @@ class PresenceService:
         if self.core.views.get(project_id) is view and not self.core.load(project_id, snapshot):
             self._reread.add(project_id)
 
+    async def _reload_batch(self) -> None:
+        """Read the projects asked for now, each once.
+
+        On Redis Cluster each read is given ``refresh_interval`` / 3, like each master's part of
+        a write or refresh: a project whose master fails or does not answer in time (or had
+        already failed since the last refresh) is read after the next refresh that reaches it,
+        and the others are read now. Before, the first read of a hung master's project held the
+        round until its bound, and the other projects' reads waited for the master too (a
+        re-read of every view follows each pub/sub reconnect)."""
+        batch, self._reread = self._reread, set()
+        failed: set[str] = set()  # masters that failed a read of this batch
+        while batch:
+            project_id = batch.pop()
+            try:
+                if not self.store.per_master:
+                    await self._reload(project_id)
+                    continue
+                master = self.store.master_of(project_id)
+                if project_id in self._unreachable or master in failed:
+                    self._reread_later.add(project_id)
+                    continue
+                try:
+                    async with asyncio.timeout(self.store.group_timeout):
+                        await self._reload(project_id)
+                except (redis.exceptions.RedisError, OSError) as exc:
+                    self._master_failed(project_id, exc)
+                    self._reread_later.add(project_id)
+                    if master is not None:
+                        failed.add(master)  # its other projects of the batch: later too
+            except BaseException:
+                # read them again on the next round
+                self._reread |= batch | {project_id}
+                raise
+
     async def _watch(self, project_id: int) -> None:
         """Listen to the project's presence channel and wait (at most 2 s) until Redis confirms
         the subscription, so that a read made next misses no announcement. Without the built-in
@@ -743,6 +786,7 @@ class PresenceService:
     async def _refresh(self) -> None:
         replies = await self.store.refresh(self.core.refresh_plan())
         self._unreachable = set()
+        reread_later, self._reread_later = self._reread_later, set()
         for project_id, reply in replies.items():
             if isinstance(reply, redis.exceptions.ResponseError):
                 self._project_error(project_id, reply)
@@ -753,6 +797,9 @@ class PresenceService:
                 self._master_failed(project_id, reply)
             elif self.core.refreshed(project_id, *reply):
                 self._reread.add(project_id)
+        # The re-reads put off for a master that failed: now, if it answered this refresh.
+        self._reread_later = reread_later & self._unreachable
+        self._reread |= reread_later - self._unreachable
         await self._flush()  # rewrite whatever Redis lost, now
 
     def _repaired(self, project_id: int, keys: int) -> None:
@@ -794,7 +841,8 @@ class PresenceService:
 
     def _master_failed(self, project_id: int, exc: Exception) -> None:
         """On Redis Cluster, the master of a project's slot failed or did not answer its part of
-        a write or refresh: the project waits for the next refresh; the others went on."""
+        a write or refresh, or a read of the project: the project's writes and re-reads wait for
+        the next refresh; the others went on."""
         self._unreachable.add(project_id)
         self._throttle.log(
             "master_failed",
@@ -829,15 +877,7 @@ class PresenceService:
                     # asking for reads (writes too large to announce, from every pod that
                     # writes the project, or forged) cost at most one read per project per
                     # round, not one each as fast as Redis answers.
-                    batch, self._reread = self._reread, set()
-                    while batch:
-                        project_id = batch.pop()
-                        try:
-                            await self._reload(project_id)
-                        except BaseException:
-                            # read them again on the next round
-                            self._reread |= batch | {project_id}
-                            raise
+                    await self._reload_batch()
                 backoff = self.flush_interval
             except (redis.exceptions.RedisError, OSError) as exc:  # (TimeoutError is an OSError)
                 self._throttle.log(

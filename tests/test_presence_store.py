@@ -1658,17 +1658,41 @@ class _StoreWithADeadMaster:
     """A PresenceStore's write and refresh as on a cluster whose master of ``dead`` projects
     fails: those projects get a ConnectionError, the others are applied."""
 
+    per_master = True
+    group_timeout = 0.1
+
     def __init__(self) -> None:
         self.dead: set[int] = set()
         self.written: list[Write] = []
         self.refreshed: list[dict[int, int | None]] = []
         self.stored: dict[int, int] = {}
+        #: Projects whose reads hang (their master stopped answering) until they are removed.
+        self.hung_reads: set[int] = set()
+        self.answering = asyncio.Event()  # set: the hung reads answer again
+        self.reading: set[int] = set()  # reads begun
+        self.hung_waits = 0  # reads that found their master hung
+        self.reads: set[int] = set()  # reads answered
+        self.changed = asyncio.Event()  # set at each read or write
+
+    def master_of(self, project_id: int) -> str | None:
+        return "hung" if project_id in self.hung_reads else None
+
+    async def read(self, project_id: int) -> dict:
+        self.reading.add(project_id)
+        self.changed.set()
+        if project_id in self.hung_reads and not self.answering.is_set():
+            self.hung_waits += 1
+            await self.answering.wait()
+        self.reads.add(project_id)
+        self.changed.set()
+        return {}
 
     def _down(self) -> redis.exceptions.ConnectionError:
         return redis.exceptions.ConnectionError("master down")
 
     async def write(self, writes):
         self.written += writes
+        self.changed.set()
         out = []
         for w in writes:
             if w.project_id in self.dead:
@@ -1724,3 +1748,52 @@ async def test_a_project_whose_master_failed_waits_for_the_next_refresh_the_othe
     assert rewrite.project_id == 2 and rewrite.base == 0
     assert set(rewrite.changes) == {"hank", "hugo"}
     assert service.core.stored_versions().keys() == {1, 2}
+
+
+async def test_a_reread_of_a_project_whose_master_hangs_does_not_hold_the_others():
+    """On Redis Cluster, a re-read (after a pub/sub reconnect every view is read again) of a
+    project whose master hangs is given up within the per-master bound (a third of the refresh
+    interval) and made again after the next refresh; the other projects are read, and a change
+    written, meanwhile. Before, the round waited on it until the round's bound (the refresh
+    interval) and failed: a write made meanwhile waited that long, and the projects left in the
+    batch were not read (the hung one, tried first again, failed the next round too). Once one
+    read found the master hung, its other projects of the batch wait too, untried."""
+
+    class Client:
+        def register_script(self, script: str) -> None:
+            return None
+
+    timings = {**TIMINGS, "ttl": 10.0, "refresh_interval": 3.0}
+    service = PresenceService(Client(), lambda s, f: None, pod_id="a", listen=False, **timings)
+    store = service.store = _StoreWithADeadMaster()  # type: ignore[assignment]
+    store.group_timeout = 1.0  # (PresenceService gives its store refresh_interval / 3)
+    store.hung_reads = {1, 4}  # (on one master)
+    for project_id in (1, 2, 3, 4):
+        service.core.view(project_id)
+    service.reread_all()
+    loop = asyncio.create_task(service._redis_loop())
+    try:
+
+        async def until(check: Callable[[], bool]) -> None:
+            while not check():
+                store.changed.clear()
+                await store.changed.wait()
+
+        async with asyncio.timeout(2):
+            await until(lambda: store.hung_waits == 1)
+        service.join("bob-tab", 2, "bob", None)
+        started = time.monotonic()
+        async with asyncio.timeout(5):
+            await until(lambda: any(w.project_id == 2 for w in store.written))
+        assert time.monotonic() - started < 2.0, "the write waited for the hung read"
+        async with asyncio.timeout(2):
+            await until(lambda: {2, 3} <= store.reads)
+        assert not {1, 4} & store.reads
+        store.answering.set()  # it answers again: read after the next refresh
+        async with asyncio.timeout(3.0 + SLACK):
+            await until(lambda: {1, 4} <= store.reads)
+        # The second of its projects was not tried once the first read found it hung.
+        assert store.hung_waits == 1
+    finally:
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
