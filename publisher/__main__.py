@@ -596,7 +596,8 @@ def main(
 _DELEGATED = {
     "tail": "print a project's events live, through a gateway (docs/consumer.md)",
     "relay": "publish an outbox table to Redis (docs/outbox.md)",
-    "http-api": "serve the HTTP publish API, or make an API key (docs/http-publish.md)",
+    "http-api": "serve the HTTP publish API, make an API key, or print its OpenAPI document "
+    "(docs/http-publish.md)",
 }
 
 

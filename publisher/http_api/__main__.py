@@ -1,8 +1,9 @@
-"""``python -m publisher.http_api``: serve the HTTP publish API, or make an API key.
+"""``python -m publisher.http_api``: serve the HTTP API, make an API key, print its OpenAPI.
 
 python -m publisher.http_api new-key --id billing --projects 1,2   # prints the key and its entry
 python -m publisher.http_api new-key --id accounts --may-revoke   # only revokes tokens
 python -m publisher.http_api serve --keys-file keys.json --port 8766
+python -m publisher.http_api openapi > openapi.json   # the API's OpenAPI 3.1 document
 """
 
 from __future__ import annotations
@@ -64,14 +65,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         default=int(os.environ.get("EVENTBUS_HTTP_API_PORT", "8766")),
         help="default $EVENTBUS_HTTP_API_PORT, else 8766",
     )
-    defaults = HttpApiSettings()
-    for field in msgspec.structs.fields(HttpApiSettings):
-        serve.add_argument(
-            "--" + field.name.replace("_", "-"),
-            type=type(field.default),
-            default=getattr(defaults, field.name),
-            help="default %(default)s (docs/http-publish.md)",
-        )
+    _add_settings(serve)
     add_log_arguments(serve)
     serve.add_argument(
         "--limit-concurrency",
@@ -80,6 +74,13 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         help="requests in progress at once, more get 503 (uvicorn); connections past it and "
         "64 more are closed at accept",
     )
+
+    document = commands.add_parser(
+        "openapi",
+        help="print the API's OpenAPI 3.1 document (docs/openapi.json); the limits it states are "
+        "those of the settings given, as for serve",
+    )
+    _add_settings(document)
 
     key = commands.add_parser("new-key", help="print a new API key and its keys-file entry")
     key.add_argument("--id", required=True, help="a name for the credential (e.g. the service)")
@@ -103,11 +104,44 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     return parser
 
 
+def _add_settings(parser: argparse.ArgumentParser) -> None:
+    """A flag for each of :class:`HttpApiSettings`."""
+    defaults = HttpApiSettings()
+    for field in msgspec.structs.fields(HttpApiSettings):
+        parser.add_argument(
+            "--" + field.name.replace("_", "-"),
+            type=type(field.default),
+            default=getattr(defaults, field.name),
+            help="default %(default)s (docs/http-publish.md)",
+        )
+
+
+def _settings(args: argparse.Namespace) -> HttpApiSettings:
+    """The settings of the flags; ValueError naming the flag of one that cannot work."""
+    return HttpApiSettings(
+        **{f.name: getattr(args, f.name) for f in msgspec.structs.fields(HttpApiSettings)}
+    )
+
+
 def main(argv: list[str] | None = None, *, prog: str = "python -m publisher.http_api") -> int:
     args = _parser(prog).parse_args(argv)
     if args.command == "new-key":
         return _new_key(args, prog)
+    if args.command == "openapi":
+        return _openapi(args, prog)
     return _serve(args, prog)
+
+
+def _openapi(args: argparse.Namespace, prog: str) -> int:
+    from publisher.http_api.openapi import openapi_json
+
+    try:
+        settings = _settings(args)
+    except ValueError as exc:
+        sys.stderr.write(f"{prog}: error: {exc}\n")
+        return 2
+    sys.stdout.write(openapi_json(settings).decode())
+    return 0
 
 
 def _new_key(args: argparse.Namespace, prog: str) -> int:
@@ -163,9 +197,7 @@ def _serve(args: argparse.Namespace, prog: str) -> int:
         sys.stderr.write(f"{prog}: error: {args.keys_file}: {exc}\n")
         return 2
     try:
-        settings = HttpApiSettings(
-            **{f.name: getattr(args, f.name) for f in msgspec.structs.fields(HttpApiSettings)}
-        )
+        settings = _settings(args)
     except ValueError as exc:
         sys.stderr.write(f"{prog}: error: {exc}\n")
         return 2

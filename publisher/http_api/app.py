@@ -7,7 +7,9 @@ is ``AsyncPublisher.revoke_tokens``, for the keys allowed to revoke. ``GET
 /v1/projects/{id}/presence`` and ``GET /v1/projects/{id}/events`` read a project's presence and a
 page of its history (``AsyncPublisher.presence``, ``AsyncPublisher.history``: the gateway's
 ``presence`` message and poll answer), for the keys that may publish to it. ``GET /healthz`` and
-``GET /readyz`` serve probes. Everything the API decides is in :mod:`publisher.http_api.core`.
+``GET /readyz`` serve probes, ``GET /openapi.json`` the API's OpenAPI document
+(:mod:`publisher.http_api.openapi`). Everything the API decides is in
+:mod:`publisher.http_api.core`.
 """
 
 from __future__ import annotations
@@ -30,14 +32,18 @@ from publisher.core import (
     PublishManyError,
     RevocationListFull,
 )
+from publisher.http_api import openapi
 from publisher.http_api.core import (
     MAX_REVOCATION_BODY,
+    OPENAPI_PATH,
     PRESENCE,
     REVOCATIONS_PATH,
     ApiError,
     ApiKey,
     Credentials,
+    Health,
     RateLimiter,
+    Readiness,
     cursor_body,
     error_body,
     header,
@@ -67,6 +73,8 @@ _UNAVAILABLE_LOG_INTERVAL = 1.0  # seconds between "Redis unavailable" warnings
 _UNAVAILABLE = "unavailable"  # the throttle's key for those warnings
 _T = TypeVar("_T")
 _FULL = "revocation_list_full"  # the throttle's key for the full-list warnings
+_HEALTHY = msgspec.json.encode(Health())
+_READY = msgspec.json.encode(Readiness(ready=True))
 
 
 class HttpApiSettings(msgspec.Struct, kw_only=True, frozen=True):
@@ -187,6 +195,8 @@ class PublishApi:
         self._log_throttle = LogThrottle(interval=_UNAVAILABLE_LOG_INTERVAL, burst=1, clock=clock)
         #: The readiness ``PING`` in flight, shared by every ``/readyz`` made meanwhile.
         self._ping = SingleFlight(self._ping_redis)
+        #: The OpenAPI document of this app's settings (``GET /openapi.json``), once asked for.
+        self._openapi: bytes | None = None
 
     async def __call__(self, scope: dict, receive, send) -> None:
         kind = scope["type"]
@@ -210,10 +220,18 @@ class PublishApi:
         allow = b"POST"  # the methods of the path, for a 405's Allow
         try:
             if path == "/healthz" and method in _READ_METHODS:
-                await _respond(send, 200, b'{"status":"ok"}')
+                await _respond(send, 200, _HEALTHY)
                 return
             if path == "/readyz" and method in _READ_METHODS:
                 await self._readyz(send)
+                return
+            if path == OPENAPI_PATH:
+                allow = b"GET, HEAD"
+                if method not in _READ_METHODS:
+                    raise ApiError(405, "method_not_allowed", "use GET")
+                if self._openapi is None:  # built once, on the first request for it
+                    self._openapi = openapi.openapi_json(self.settings)
+                await _respond(send, 200, self._openapi)
                 return
             if path == "/metrics":
                 allow = b"GET, HEAD"
@@ -469,9 +487,9 @@ class PublishApi:
         a healthy Redis."""
         problem = await self._ping()
         if problem is not None:
-            await _respond(send, 503, msgspec.json.encode({"ready": False, "redis": problem}))
+            await _respond(send, 503, msgspec.json.encode(Readiness(ready=False, redis=problem)))
             return
-        await _respond(send, 200, b'{"ready":true}')
+        await _respond(send, 200, _READY)
 
     async def _ping_redis(self) -> str | None:
         """None when Redis answered in time, else what went wrong."""

@@ -26,14 +26,23 @@ from schemas.events import (
     repeated_key,
 )
 from schemas.history import PollQuery, parse_poll_query
-from schemas.protocol import Member, PollResponse, Presence, encode
+from schemas.protocol import Epoch, Member, PollResponse, Presence, Sequence, encode
+from schemas.revocations import Revocation
 
 __all__ = [
     "ApiError",
     "ApiKey",
     "ApiKeyFile",
     "Credentials",
+    "ErrorAnswer",
+    "ErrorInfo",
+    "EventCursor",
+    "Health",
+    "Published",
+    "PublishedBatch",
     "RateLimiter",
+    "Readiness",
+    "RevocationAnswer",
     "RevocationRequest",
     "TokenBucket",
     "cursor_body",
@@ -61,6 +70,8 @@ EVENTS = "events"
 PRESENCE = "presence"
 #: ``POST`` here revokes a subject's tokens (keys with ``"revoke": true`` only).
 REVOCATIONS_PATH = "/v1/revocations"
+#: ``GET`` here answers the API's OpenAPI document (:mod:`publisher.http_api.openapi`), no key.
+OPENAPI_PATH = "/openapi.json"
 #: Largest body of a revocation request: a subject is at most 1 KiB (MAX_SUBJECT_BYTES), so
 #: anything near this is not one (and is refused before it is all read).
 MAX_REVOCATION_BODY = 16 * 1024
@@ -377,31 +388,79 @@ def parse_revocation(body: bytes) -> RevocationRequest:
         raise ApiError(422, "invalid_revocation", str(exc)) from None
 
 
-def revocation_body(revocation: object) -> bytes:
+class EventCursor(msgspec.Struct):
+    """Where an event was written: its history's ``epoch`` and its number ``seq`` in it (the
+    cursor a consumer resumes after)."""
+
+    epoch: Epoch
+    seq: Sequence
+
+
+class Published(msgspec.Struct):
+    """The answer to one published event (or an idempotent retry of it)."""
+
+    cursor: EventCursor
+
+
+class PublishedBatch(msgspec.Struct):
+    """The answer to an array of events: their cursors, in the array's order."""
+
+    cursors: list[EventCursor]
+
+
+class ErrorInfo(msgspec.Struct):
+    """What was refused: a stable ``code`` (docs/http-publish.md) and a message for people."""
+
+    code: str
+    message: str
+
+
+class ErrorAnswer(msgspec.Struct, omit_defaults=True):
+    """Every refusal's body. ``cursors`` only for an array with an ``Idempotency-Key`` that was
+    partly written (409, 502): each event's cursor, ``null`` for those not written."""
+
+    error: ErrorInfo
+    cursors: list[EventCursor | None] | None = None
+
+
+class RevocationAnswer(msgspec.Struct):
+    """The answer to a revocation: the subject's entry after the merge (unix seconds)."""
+
+    revocation: Revocation
+
+
+class Health(msgspec.Struct):
+    """``GET /healthz``: the process is up."""
+
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(msgspec.Struct, omit_defaults=True):
+    """``GET /readyz``: whether Redis answered ``PING`` in time; ``redis`` says what went wrong
+    when not."""
+
+    ready: bool
+    redis: str | None = None
+
+
+def revocation_body(revocation: Revocation) -> bytes:
     """``{"revocation": {"subject": ..., "issued_before": ..., "expires_at": ...}}``."""
-    return msgspec.json.encode({"revocation": revocation})
-
-
-class _CursorBody(msgspec.Struct):
-    epoch: str
-    seq: int
+    return msgspec.json.encode(RevocationAnswer(revocation))
 
 
 def cursor_body(cursors: list, is_batch: bool) -> bytes:
     """``{"cursor": {...}}`` for one event, ``{"cursors": [...]}`` for an array."""
-    encoded = [_CursorBody(c.epoch, c.seq) for c in cursors]
+    encoded = [EventCursor(c.epoch, c.seq) for c in cursors]
     if is_batch:
-        return msgspec.json.encode({"cursors": encoded})
-    return msgspec.json.encode({"cursor": encoded[0]})
+        return msgspec.json.encode(PublishedBatch(encoded))
+    return msgspec.json.encode(Published(encoded[0]))
 
 
 def error_body(error: ApiError) -> bytes:
-    body: dict = {"error": {"code": error.code, "message": error.message}}
+    cursors = None
     if error.cursors is not None:
-        body["cursors"] = [
-            None if c is None else _CursorBody(c.epoch, c.seq) for c in error.cursors
-        ]
-    return msgspec.json.encode(body)
+        cursors = [None if c is None else EventCursor(c.epoch, c.seq) for c in error.cursors]
+    return msgspec.json.encode(ErrorAnswer(ErrorInfo(error.code, error.message), cursors))
 
 
 def header(headers: Mapping[bytes, list[bytes]], name: bytes) -> str | None:
