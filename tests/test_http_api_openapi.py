@@ -355,6 +355,64 @@ def test_the_cli_prints_the_document(capsys) -> None:
     assert printed == openapi_document(HttpApiSettings(max_events=3))
 
 
+def _codes(doc: dict, template: str, method: str) -> dict[int, set[str]]:
+    """The error codes the document gives each status of an operation (404 and 405 of the
+    extensions included)."""
+    item = doc["paths"][template]
+    responses = {**item[method]["responses"], "405": item["x-method-not-allowed"]}
+    codes: dict[int, set[str]] = {}
+    for status, response in responses.items():
+        response = _deref(doc, response)
+        schemas = [response.get("content", {}).get("application/json", {}).get("schema", {})]
+        while schemas:
+            schema = _deref(doc, schemas.pop())
+            schemas += schema.get("anyOf", [])
+            enum = schema.get("properties", {}).get("error", {}).get("properties", {})
+            codes.setdefault(int(status), set()).update(enum.get("code", {}).get("enum", []))
+    return codes
+
+
+def test_every_status_and_code_of_the_docs_tables_is_in_the_document() -> None:
+    """docs/http-publish.md's answer tables, row by row: each status is the operation's, with
+    each code the row names."""
+    doc = openapi_document()
+    known = {
+        code
+        for template in doc["paths"]
+        for method in ("get", "post")
+        if method in doc["paths"][template]
+        for codes in _codes(doc, template, method).values()
+        for code in codes
+    }
+    text = (ROOT / "docs" / "http-publish.md").read_text()
+    sections = {
+        "## `POST /v1/projects/{id}/events`": [("/v1/projects/{project_id}/events", "post")],
+        "## `GET /v1/projects/{id}/events` (history)": [
+            ("/v1/projects/{project_id}/events", "get"),
+            ("/v1/projects/{project_id}/presence", "get"),
+        ],
+        "## `POST /v1/revocations`": [("/v1/revocations", "post")],
+    }
+    rows = 0
+    for heading, operations in sections.items():
+        section = text.split(heading, 1)[1].split("\n## ", 1)[0]
+        for line in section.splitlines():
+            cells = line.split("|")
+            if len(cells) < 4 or not re.fullmatch(r"[0-9 /]+", cells[1].strip()):
+                continue
+            statuses = {int(s) for s in re.findall("[0-9]{3}", cells[1])}
+            named = set(re.findall(r"`([a-z_]+)`", cells[2])) & known | (
+                {"invalid_http"} if "invalid_http" in cells[2] else set()
+            )
+            for template, method in operations:
+                codes = _codes(doc, template, method)
+                assert statuses <= set(codes), (heading, line)
+                for code in named:
+                    assert any(code in codes[s] for s in statuses), (heading, template, code)
+                rows += 1
+    assert rows > 30
+
+
 # --- the routes: the document's are the app's ------------------------------------------------
 
 

@@ -218,7 +218,7 @@ def _components() -> dict[str, Any]:
     return dict(sorted(schemas.items()))
 
 
-def _error(codes: list[str], meanings: dict[str, str]) -> dict:
+def _error(codes: list[str]) -> dict:
     """The body schema of a refusal with one of ``codes``."""
     return {
         "allOf": [_ref("ErrorAnswer")],
@@ -244,7 +244,7 @@ def _responses(
         elif status == 429:
             response["headers"] = {"Retry-After": {"$ref": "#/components/headers/RetryAfter"}}
         if not head:
-            response["content"] = {"application/json": {"schema": _error(group, meanings)}}
+            response["content"] = {"application/json": {"schema": _error(group)}}
         responses[str(status)] = response
     return responses
 
@@ -557,13 +557,13 @@ def openapi_document(settings: HttpApiSettings | None = None) -> dict:
             "responses": {
                 "NotFound": _json(
                     "Not Found: no such path (`not_found`).",
-                    _error(["not_found"], meanings),
+                    _error(["not_found"]),
                 ),
                 "MethodNotAllowed": {
                     **_json(
                         "Method Not Allowed: the path does not serve this method "
                         "(`method_not_allowed`).",
-                        _error(["method_not_allowed"], meanings),
+                        _error(["method_not_allowed"]),
                     ),
                     "headers": {
                         "Allow": {
