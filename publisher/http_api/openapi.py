@@ -540,7 +540,6 @@ def openapi_document(settings: HttpApiSettings | None = None) -> dict:
             "shown are the settings this document was made with (`eventbus-publish http-api "
             "serve` flags); GET /openapi.json answers those of the running API.",
         },
-        "jsonSchemaDialect": "https://json-schema.org/draft/2020-12/schema",
         "servers": [
             {"url": "http://127.0.0.1:8766", "description": "serve's default --host and --port"}
         ],
