@@ -20,6 +20,7 @@ from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 
 from publisher import AsyncPublisher
+from publisher.__main__ import main as publisher_main
 from publisher.http_api import ApiKey, Credentials, HttpApiSettings, PublishApi, hash_key
 from publisher.http_api.__main__ import main as http_api_main
 from publisher.http_api.openapi import openapi_document, openapi_json
@@ -353,6 +354,10 @@ def test_the_cli_prints_the_document(capsys) -> None:
     assert http_api_main(["openapi", "--max-events", "3"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed == openapi_document(HttpApiSettings(max_events=3))
+    assert publisher_main(["http-api", "openapi"]) == 0  # eventbus-publish http-api openapi
+    assert capsys.readouterr().out.encode() == openapi_json()
+    assert http_api_main(["openapi", "--max-events", "0"]) == 2  # as serve refuses it
+    assert "--max-events must be from 1 to 500" in capsys.readouterr().err
 
 
 def _codes(doc: dict, template: str, method: str) -> dict[int, set[str]]:
