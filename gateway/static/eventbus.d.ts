@@ -122,7 +122,8 @@ export interface EventBusError {
    * after two repairs from the same cursor: onResync runs, delivery continues after it),
    * "subscribe_timeout" (the gateway did not answer a subscribe within connectTimeout: the
    * connection, or SSE stream, is closed and made again on the backoff; an SSE stream that
-   * answered nothing at all may be held by a buffering proxy, and polling carries the events). */
+   * answered nothing at all, given up after connectTimeout or cut after sseIdleTimeout without a
+   * byte, may be held by a buffering proxy, and polling carries the events). */
   code: string;
   message?: string;
   projectId?: number;

@@ -795,8 +795,9 @@ export class FramePacer {
 }
 
 /** The SSE events that answer for a project of the stream (when they name one): the first makes
- * the stream live (see EventBus._proveSse). */
-const SSE_ANSWERS = new Set(["message", "subscribed", "resync_required", "error"]);
+ * the stream live (see EventBus._proveSse). Not `error`: one naming a project says its
+ * subscription failed, and the gateway ends the stream after it (close 1011): nothing flows. */
+const SSE_ANSWERS = new Set(["message", "subscribed", "resync_required"]);
 
 /** Where a project's cursor stands (epoch, seq, and which reload): whether it moved. */
 function cursorMark(cursor) {
@@ -1086,6 +1087,7 @@ export class EventBus {
     this._polling = false;
     this._pollOk = false;
     this._pollTimer = null;
+    this._pollDeferred = false; // polling started, its first round put off (_startPolling's delay)
     this._pollGeneration = 0;
     this._pollRunning = false;
     this._pollAgain = false;
@@ -2124,8 +2126,9 @@ export class EventBus {
     this._clearTimeout(this._sseRetryTimer);
     this._sseRetryTimer = null;
     // live: its response opened; proven: it answered for one of its projects (only then does it
-    // count as live, see _proveSse); asked: each project's cursor as the stream asked from it.
-    const attempt = { controller: new AbortController(), live: false, proven: false, stale: false, asked: new Map(), closeCode: null, reopen: false, openedAt: null, retryAfter: 0 };
+    // count as live, see _proveSse); asked: each project's cursor as the stream asked from it;
+    // errored: an `error` named one of them; idle: cut for sseIdleTimeout without a line.
+    const attempt = { controller: new AbortController(), live: false, proven: false, stale: false, errored: false, idle: false, asked: new Map(), closeCode: null, reopen: false, openedAt: null, retryAfter: 0 };
     this._sse = attempt;
     const { signal } = attempt.controller;
     let response;
@@ -2133,7 +2136,13 @@ export class EventBus {
     const watch = () => {
       // No byte (not even a keepalive comment) for this long: the stream is dead.
       this._clearTimeout(idle);
-      idle = this._setTimeout(() => attempt.controller.abort(), attempt.live ? this.options.sseIdleTimeout : this.options.connectTimeout);
+      idle = this._setTimeout(
+        () => {
+          attempt.idle = attempt.live;
+          attempt.controller.abort();
+        },
+        attempt.live ? this.options.sseIdleTimeout : this.options.connectTimeout,
+      );
     };
     try {
       watch();
@@ -2205,7 +2214,7 @@ export class EventBus {
         if (attempt.stale) break; // ended: the next stream resumes from where polling got
       }
     } catch (error) {
-      if (this._sse === attempt && !attempt.reopen && this._gaveUp !== attempt) this._reportError({ code: "sse_failed", message: describe(error), error });
+      if (this._sse === attempt && !attempt.reopen && this._gaveUp !== attempt) this._reportSseFailed(attempt, error);
     } finally {
       this._clearTimeout(idle);
       attempt.controller.abort(); // a stream given up on (e.g. an event too long) is closed too
@@ -2236,7 +2245,10 @@ export class EventBus {
       case "error":
         // The stream ends after an error it cannot recover from; we reopen it from the cursors.
         this._reportError({ code: message.code, message: message.message, projectId: message.project_id });
-        if (message.project_id != null) this._answered(attempt, message.project_id);
+        if (message.project_id != null) {
+          attempt.errored = true;
+          this._answered(attempt, message.project_id);
+        }
         return;
       case "presence":
       case "presence_diff":
@@ -2274,6 +2286,36 @@ export class EventBus {
     this._stopPolling();
     this._updateState();
     return true;
+  }
+
+  /** Whether `conn` is an SSE stream that has answered nothing at all (perhaps held by a proxy
+   * buffering response bodies). */
+  _silentStream(conn) {
+    return conn === this._sse && !conn.proven && !conn.errored;
+  }
+
+  /** What a silent stream given up on says, whichever bound gave it up. */
+  _silentStreamMessage(projectId, ms) {
+    return `the SSE stream answered nothing for project ${projectId} within ${ms} ms (a proxy buffering it?): polling meanwhile, the stream retried on its backoff`;
+  }
+
+  /**
+   * The stream broke or was cut. Cut by sseIdleTimeout before it answered anything (no byte of
+   * its body came: the subscribe bound, stretched past sseIdleTimeout after streams given up in
+   * a row, was not reached first), it is reported as any silent stream is, `subscribe_timeout`,
+   * so that every such stream says the same thing; cut idle after it answered, it says so
+   * instead of the abort's "signal is aborted without reason".
+   */
+  _reportSseFailed(attempt, error) {
+    const answers = this._answers.get(attempt);
+    const waiting = answers ? Array.from(answers.asked.keys()) : [];
+    if (attempt.idle && this._silentStream(attempt) && waiting.length > 0) {
+      this._reportError({ code: "subscribe_timeout", message: this._silentStreamMessage(waiting[0], this.options.sseIdleTimeout), projectId: waiting[0] });
+    } else if (attempt.idle) {
+      this._reportError({ code: "sse_failed", message: `the SSE stream completed no line within ${this.options.sseIdleTimeout} ms: reopening`, error });
+    } else {
+      this._reportError({ code: "sse_failed", message: describe(error), error });
+    }
   }
 
   /** A stream cannot refresh its token in-band: open the next one with a new token before this
@@ -2329,9 +2371,11 @@ export class EventBus {
         if (!this._wsLive && !this._closed) this._connectSse();
       }, Math.round(this._random() * this.options.promptDelayMax));
     } else {
-      // The stream could not open, or broke: poll meanwhile, and try SSE again on its backoff,
-      // or after the refusal's Retry-After when that is longer (a full gateway asks for 5 s).
-      this._startPolling();
+      // The stream could not open, or broke: poll meanwhile (at once, also when the first round
+      // was put off for a stream that opened: it will not answer now), and try SSE again on its
+      // backoff, or after the refusal's Retry-After when that is longer (a full gateway asks 5 s).
+      if (this._pollDeferred) this._pollSoon();
+      else this._startPolling();
       this._sseRetryTimer = this._setTimeout(() => {
         this._sseRetryTimer = null;
         this._startSse();
@@ -2434,11 +2478,10 @@ export class EventBus {
       const deadline = Math.max(at, answers.progressAt) + bound;
       if (deadline <= now) {
         // A stream that never answered at all may be held by a proxy buffering response bodies.
-        const silent = conn === this._sse && !conn.proven;
         this._reportError({
           code: "subscribe_timeout",
-          message: silent
-            ? `the SSE stream answered nothing for project ${projectId} within ${bound} ms (a proxy buffering it?): polling meanwhile, the stream retried on its backoff`
+          message: this._silentStream(conn)
+            ? this._silentStreamMessage(projectId, bound)
             : `the gateway did not answer the subscribe of project ${projectId} within ${bound} ms: reconnecting`,
           projectId,
         });
@@ -2462,6 +2505,7 @@ export class EventBus {
     this._pollGeneration += 1;
     if (delay <= 0) return this._pollSoon();
     this._clearTimeout(this._pollTimer);
+    this._pollDeferred = true;
     this._pollTimer = this._setTimeout(() => {
       this._pollTimer = null;
       this._pollSoon();
@@ -2470,6 +2514,7 @@ export class EventBus {
 
   _stopPolling() {
     this._polling = false;
+    this._pollDeferred = false;
     this._pollOk = false;
     this._pollGeneration += 1; // responses of the old generation are ignored
     this._clearTimeout(this._pollTimer);
@@ -2477,8 +2522,13 @@ export class EventBus {
   }
 
   _pollSoon() {
+    this._pollDeferred = false;
     if (this._pollRunning) {
+      // After it (a round of a stopped generation ends early; a put-off first round's timer
+      // would hold this one back: _pollAll schedules the next only when no timer is pending).
       this._pollAgain = true;
+      this._clearTimeout(this._pollTimer);
+      this._pollTimer = null;
       return;
     }
     this._clearTimeout(this._pollTimer);

@@ -1739,6 +1739,49 @@ test("sse: a stream held by a buffering proxy is not live: polling carries event
   eq(env.resyncs, [1], "one reload in all");
 });
 
+test("sse: a stream that opens and ends before answering starts polling at once, as one that could not open", async () => {
+  const env = setup({ autoFailSockets: true }); // (pollInterval: 10 s)
+  pollServer(env, [1, 2]);
+  sseServer(env);
+  await env.clock.advance(0);
+  eq(env.open.length, 1);
+  env.open[0].end(); // a proxy that ends the response after its head, say
+  await env.clock.advance(0);
+  eq(env.requests.length, 1, "polled at once, not one pollInterval after the stream opened");
+  eq([env.bus.state, env.bus.transport], ["polling", "polling"]);
+  eq(env.resyncs, [1]);
+});
+
+test("sse: a stream whose only answer is an error (its subscription failed, then close 1011) is never live", async () => {
+  const env = setup({ autoFailSockets: true, options: { pollInterval: 2000 } });
+  pollServer(env, [1, 2]);
+  sseServer(env);
+  for (let i = 0; i < 4; i += 1) {
+    // Each stream (the first, then each retry on the SSE backoff) fails its subscription.
+    for (let j = 0; j < 60 && env.open.length <= i; j += 1) await env.clock.advance(500);
+    const stream = env.open[i];
+    stream.event("error", { type: "error", code: "unavailable", message: "Redis did not answer", project_id: 1 });
+    stream.event("close", { type: "close", code: 1011, reason: "subscription failed" });
+    stream.end();
+    await env.clock.advance(0);
+  }
+  eq(env.statuses.filter((s) => s.state === "live" || s.transport === "sse"), [], "nothing flowed over SSE");
+  eq([env.bus.state, env.bus.transport], ["polling", "polling"]);
+  eq(env.errors.filter((e) => e.code === "unavailable").length, 4, "each reported");
+});
+
+test("sse: a stream that never answers is reported as subscribe_timeout every time, also once its bound is past sseIdleTimeout", async () => {
+  const env = setup({ autoFailSockets: true }); // (connectTimeout 10 s, sseIdleTimeout 45 s)
+  pollServer(env, [1, 2]);
+  sseServer(env); // every stream held: not a byte of its body comes
+  for (let i = 0; i < 400 && env.open.length < 7; i += 1) await env.clock.advance(1000);
+  eq(env.open.length, 7);
+  const reports = env.errors.filter((e) => e.code === "subscribe_timeout" || e.code.startsWith("sse_"));
+  eq(reports.map((e) => e.code), Array(6).fill("subscribe_timeout"), "one report per stream, the same");
+  for (const report of reports) assert(report.message.includes("answered nothing"), report.message);
+  eq(env.bus.transport, "polling");
+});
+
 test("sse: false goes straight to polling; websocket: false starts with SSE", async () => {
   const polling = setup({ autoFailSockets: true, options: { sse: false } });
   pollServer(polling, [1]);
