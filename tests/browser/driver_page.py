@@ -8,7 +8,8 @@ from __future__ import annotations
 import contextlib
 import http.server
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler
 
 from playwright.sync_api import Browser, Page
 
@@ -18,42 +19,60 @@ CLIENT_JS = ROOT / "gateway" / "static" / "eventbus.js"
 DRIVER_JS = ROOT / "tests" / "browser" / "eventbus_churn.js"
 
 
-@contextlib.contextmanager
-def served_driver(name: str) -> Iterator[str]:
-    """Serve ``/<name>/`` (a page importing the driver as ``window.driver``), the driver and
-    ``/eventbus.js``; yields the server's base URL."""
-    index = f"""<!doctype html><meta charset="utf-8"><title>eventbus.js {name}</title>
+class DriverServer:
+    """Serves ``/<name>/`` (a page importing the driver as ``window.driver``), the driver and
+    ``/eventbus.js`` from a threaded HTTP/1.1 server on a port of its own (``url``). Every GET is
+    first offered to ``api(handler)``, which answers it itself and returns True (a test's fake
+    gateway endpoints on the page's origin), or returns False to leave it to the files (404 for
+    any other path)."""
+
+    def __init__(self, name: str, api: Callable[[BaseHTTPRequestHandler], bool] | None = None):
+        index = f"""<!doctype html><meta charset="utf-8"><title>eventbus.js {name}</title>
 <script type="module">
   import * as driver from "/{name}/driver.js";
   window.driver = driver;
   window.driverReady = true;
 </script>"""
-    files = {
-        f"/{name}/": (index.encode(), "text/html"),
-        "/eventbus.js": (CLIENT_JS.read_bytes(), "text/javascript"),
-        f"/{name}/driver.js": (DRIVER_JS.read_bytes(), "text/javascript"),
-    }
+        files = {
+            f"/{name}/": (index.encode(), "text/html"),
+            "/eventbus.js": (CLIENT_JS.read_bytes(), "text/javascript"),
+            f"/{name}/driver.js": (DRIVER_JS.read_bytes(), "text/javascript"),
+        }
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body, kind = files.get(self.path, (b"not found", "text/plain"))
-            self.send_response(200 if self.path in files else 404)
-            self.send_header("Content-Type", f"{kind}; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
 
-        def log_message(self, *args) -> None:
-            pass
+            def do_GET(self) -> None:
+                if api is not None and api(self):
+                    return
+                body, kind = files.get(self.path, (b"not found", "text/plain"))
+                self.send_response(200 if self.path in files else 404)
+                self.send_header("Content-Type", f"{kind}; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@contextlib.contextmanager
+def served_driver(name: str) -> Iterator[str]:
+    """A :class:`DriverServer` of ``name`` and nothing else; yields its base URL."""
+    server = DriverServer(name)
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield server.url
     finally:
-        server.shutdown()
-        server.server_close()
+        server.close()
 
 
 @contextlib.contextmanager

@@ -25,13 +25,11 @@ import pytest
 import websockets
 from playwright.sync_api import Browser, Page
 
-from tests.browser.conftest import ROOT
+from tests.browser.driver_page import DriverServer
 from tests.support.redis_server import free_port
 
 pytestmark = pytest.mark.browser
 
-CLIENT_JS = ROOT / "gateway" / "static" / "eventbus.js"
-DRIVER_JS = ROOT / "tests" / "browser" / "eventbus_churn.js"
 PROJECT = 1
 EPOCH = "e1"
 #: Fast schedules: a reconnect after 20-40 ms, not 1-30 s.
@@ -161,65 +159,34 @@ class ScriptedGateway:
         self.loop.close()
 
 
-class PageServer:
+class PageServer(DriverServer):
     """Serves the driver page (same origin as the SSE endpoint) and, when a test sets
     ``self.stream``, answers ``GET /v1/projects/<id>/stream`` by calling it with the request
-    handler (which writes whatever it likes). Other /v1 paths: 404."""
+    handler (which writes whatever it likes); ``self.poll`` likewise answers ``.../events``.
+    Other /v1 paths: 404. Every /v1 request is put on ``requests`` (path, headers)."""
 
     def __init__(self) -> None:
-        index = b"""<!doctype html><meta charset="utf-8"><title>eventbus.js hostile</title>
-<script type="module">
-  import * as driver from "/hostile/driver.js";
-  window.driver = driver;
-  window.driverReady = true;
-</script>"""
-        self.files = {
-            "/hostile/": (index, "text/html"),
-            "/eventbus.js": (CLIENT_JS.read_bytes(), "text/javascript"),
-            "/hostile/driver.js": (DRIVER_JS.read_bytes(), "text/javascript"),
-        }
         self.stream: Callable | None = None
         self.poll: Callable | None = None
         self.requests: queue.Queue = queue.Queue()
-        outer = self
+        super().__init__("hostile", api=self._api)
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self) -> None:
-                if self.path.startswith("/v1/"):
-                    outer.requests.put((self.path, dict(self.headers)))
-                    if "/stream" in self.path and outer.stream is not None:
-                        outer.stream(self)
-                        return
-                    if "/events" in self.path and outer.poll is not None:
-                        outer.poll(self)
-                        return
-                    body = b'{"error":"not_found","message":"no"}'
-                    self.send_response(404)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
-                    return
-                body, kind = outer.files.get(self.path, (b"not found", "text/plain"))
-                self.send_response(200 if self.path in outer.files else 404)
-                self.send_header("Content-Type", f"{kind}; charset=utf-8")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    def _api(self, handler: http.server.BaseHTTPRequestHandler) -> bool:
+        if not handler.path.startswith("/v1/"):
+            return False
+        self.requests.put((handler.path, dict(handler.headers)))
+        if "/stream" in handler.path and self.stream is not None:
+            self.stream(handler)
+        elif "/events" in handler.path and self.poll is not None:
+            self.poll(handler)
+        else:
+            body = b'{"error":"not_found","message":"no"}'
+            handler.send_response(404)
+            handler.send_header("Content-Type", "application/json")
+            handler.send_header("Content-Length", str(len(body)))
+            handler.end_headers()
+            handler.wfile.write(body)
+        return True
 
 
 @pytest.fixture
