@@ -1782,6 +1782,37 @@ test("sse: a stream that never answers is reported as subscribe_timeout every ti
   eq(env.bus.transport, "polling");
 });
 
+test("sse: a poll landing between a stream's request and its first answer ends that stream; the next takes over, every event once", async () => {
+  const env = setup({ autoFailSockets: true, options: { pollInterval: 2000 } });
+  const history = [1, 2];
+  pollServer(env, history);
+  sseServer(env);
+  await env.clock.advance(0);
+  env.open[0].end(); // the first stream breaks unanswered: polling at once (first contact)
+  await env.clock.advance(0);
+  eq(env.bus.cursor(1), { epoch: "p", seq: 2 });
+  for (let i = 0; i < 20 && env.open.length < 2; i += 1) await env.clock.advance(100);
+  const slow = env.open[1]; // on the SSE backoff, from p:2; the gateway is slow to answer it
+  eq(slow.request.headers["Last-Event-ID"], "p:2");
+  history.push(3);
+  for (let i = 0; i < 30 && env.events[1].length < 1; i += 1) await env.clock.advance(100);
+  eq(env.events[1], [3], "polled while the stream has not answered");
+  // Its answer, for p:2 (its subscribe was handled when the top was 2): ended unread.
+  slow.event("subscribed", { type: "subscribed", project_id: 1, epoch: "p", seq: 2, resumed: true, replayed: 0 }, "p:2");
+  await flush();
+  assert(slow.closed, "ended: its answer is for a cursor polling has left");
+  eq(env.bus.transport, "polling");
+  for (let i = 0; i < 40 && env.open.length < 3; i += 1) await env.clock.advance(100);
+  eq(env.open[2].request.headers["Last-Event-ID"], "p:3");
+  const stream = await sseLive(env, { 1: { epoch: "p", seq: 3, resumed: true } });
+  eq([env.bus.state, env.bus.transport], ["live", "sse"]);
+  stream.event(null, event(1, 4), "p:4");
+  await env.clock.advance(10000);
+  eq(env.events[1], [3, 4]);
+  eq(env.resyncs, [1], "no second reload");
+  eq(env.errors.filter((e) => e.code !== "websocket_failed").map((e) => e.code), [], "nothing to report");
+});
+
 test("sse: false goes straight to polling; websocket: false starts with SSE", async () => {
   const polling = setup({ autoFailSockets: true, options: { sse: false } });
   pollServer(polling, [1]);
