@@ -2361,7 +2361,8 @@ export class EventBus {
     const action = closeAction(attempt.closeCode);
     if (action.renewToken) this._token = null;
     if (attempt.reopen) {
-      this._connectSse();
+      // (Not for nothing: the last project was unsubscribed; subscribe() opens the next one.)
+      if (this._subs.size > 0) this._connectSse();
     } else if (attempt.live && attempt.closeCode !== null && action.delay === "prompt" && !this._ssePrompted) {
       // Draining (1012), slow consumer (4008), token expired (4002): resume at once, jittered;
       // once until a stream is stable (as the WebSocket's, see _onSocketClosed).

@@ -1813,6 +1813,27 @@ test("sse: a poll landing between a stream's request and its first answer ends t
   eq(env.errors.filter((e) => e.code !== "websocket_failed").map((e) => e.code), [], "nothing to report");
 });
 
+test("sse: unsubscribing the last project ends the stream and opens none, open or not yet answered", async () => {
+  for (const answered of [true, false]) {
+    const env = setup({ autoFailSockets: true });
+    pollServer(env, [1, 2]);
+    sseServer(env);
+    await env.clock.advance(0);
+    if (answered) await sseLive(env, { 1: { epoch: "p", seq: 2 } });
+    eq(env.open.length, 1);
+    env.unsubscribe[1]();
+    await env.clock.advance(120000);
+    assert(env.open[0].closed, "the stream is ended");
+    eq(env.streams.length, 1, `no stream for no project (answered: ${answered})`);
+    eq(env.errors.filter((e) => e.code !== "websocket_failed").map((e) => e.code), [], "nothing to report");
+    eq(env.requests.length, 0, "nothing to poll");
+    env.bus.subscribe(2, () => {});
+    await env.clock.advance(0);
+    eq(env.streams.length, 2, "a project subscribed again: a stream for it");
+    eq(new URL(env.streams[1].url).pathname, "/v1/projects/2/stream");
+  }
+});
+
 test("sse: false goes straight to polling; websocket: false starts with SSE", async () => {
   const polling = setup({ autoFailSockets: true, options: { sse: false } });
   pollServer(polling, [1]);
