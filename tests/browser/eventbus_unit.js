@@ -1834,6 +1834,50 @@ test("sse: unsubscribing the last project ends the stream and opens none, open o
   }
 });
 
+test("sse: close() while a stream is open and unanswered, polling put off or running, leaves no timer", async () => {
+  for (const polled of [false, true]) {
+    const env = setup({ autoFailSockets: true, options: { pollInterval: 2000 } });
+    pollServer(env, [1, 2]);
+    sseServer(env);
+    await env.clock.advance(0);
+    if (polled) await env.clock.advance(2000); // the put-off first round ran: polling on its schedule
+    eq(env.requests.length, polled ? 1 : 0);
+    assert(!env.open[0].closed, "the stream is open, unanswered");
+    env.bus.close();
+    await env.clock.advance(0);
+    assert(env.open[0].closed, "the stream is ended");
+    eq(env.clock.timers.size, 0, `no timer left (polled: ${polled})`);
+    await env.clock.advance(60000);
+    eq([env.requests.length, env.streams.length], [polled ? 1 : 0, 1], "nothing after close()");
+    eq(env.bus.state, "offline");
+  }
+});
+
+test("sse: a WebSocket getting live while a stream is unanswered ends it and stops polling; it resumes from the polled cursor", async () => {
+  const env = setup({ autoFailSockets: true, options: { pollInterval: 2000 } });
+  const history = [1, 2];
+  pollServer(env, history);
+  sseServer(env);
+  await env.clock.advance(2000); // the stream held; polling made the first contact
+  eq(env.bus.cursor(1), { epoch: "p", seq: 2 });
+  history.push(3);
+  await env.clock.advance(2000);
+  eq(env.events[1], [3]);
+  env.autoFailSockets = false;
+  for (let i = 0; i < 60 && !(env.last().readyState === 0 && env.last().onopen); i += 1) await env.clock.advance(500);
+  const ws = await goLive(env, { 1: { epoch: "p", seq: 3, resumed: true } });
+  eq(ws.sentOf("subscribe"), [{ type: "subscribe", project_id: 1, epoch: "p", after: 3 }], "from the polled cursor");
+  eq([env.bus.state, env.bus.transport], ["live", "websocket"]);
+  assert(env.open.every((stream) => stream.closed), "the unanswered stream is ended");
+  const polls = env.requests.length;
+  const streams = env.streams.length;
+  ws.receive(event(1, 4));
+  await env.clock.advance(60000);
+  eq([env.requests.length, env.streams.length], [polls, streams], "no poll, no stream while the WebSocket is live");
+  eq(env.events[1], [3, 4]);
+  eq(env.resyncs, [1]);
+});
+
 test("sse: false goes straight to polling; websocket: false starts with SSE", async () => {
   const polling = setup({ autoFailSockets: true, options: { sse: false } });
   pollServer(polling, [1]);
