@@ -1010,6 +1010,10 @@ class Subscription {
     this.wsSubscribed = false; // `subscribed` received on the current WebSocket
     this.staleSnapshots = 0; // snapshot cursors in a row of another epoch than the gateway's
     this.pollLimit = null; // the `limit` of this project's polls after an answer too long
+    // Poll answers that moved the cursor (events delivered, a reload begun), and their count
+    // when the last subscribe went out on the WebSocket (see EventBus._onSubscribed).
+    this.pollMoves = 0;
+    this.wsAskedPollMoves = 0;
     this.subscribesSent = 0; // subscribes sent on the current WebSocket and not answered yet
     this.activitySent = null; // the activity value last sent on the current WebSocket
     this.activitySentAt = null; // when an activity frame of the project last went out
@@ -1206,6 +1210,7 @@ export class EventBus {
   _subscribeMessage(sub) {
     const message = sub.cursor.subscribeMessage(sub.projectId);
     if (sub.presenceHandlers.size > 0) message.presence = true;
+    sub.wsAskedPollMoves = sub.pollMoves;
     this._asking(this._ws, sub);
     sub.subscribesSent += 1;
     return message;
@@ -1724,6 +1729,15 @@ export class EventBus {
       const activity = this._activity.get(sub.projectId);
       if (activity && (activity.viewing !== null || activity.answering !== null)) this._sendActivity(sub);
     }
+    if (conn === this._ws && sub.wsAskedPollMoves !== sub.pollMoves) {
+      // Polling (it runs until the WebSocket gets live) moved the cursor after this subscribe
+      // went out: the answer is for the cursor left behind. A top behind the polled cursor, or a
+      // first contact's when polling made it, would be taken for a history that moved back and
+      // reload the application. Not judged: subscribed again from the cursor (polling has
+      // stopped, so that one's answer is judged); the replay before it was deduped.
+      this._sendSubscribe(sub);
+      return;
+    }
     if (sub.cursor.onSubscribed(message)) this._runResync(sub);
     else if (!sub.cursor.resyncing && !sub.cursor.resyncSinceSubscribe && sub.cursor.seq < message.seq) {
       // A resume's replay (it comes before `subscribed`) stopped short of the top: a repair's,
@@ -1908,6 +1922,7 @@ export class EventBus {
     const sub = this._subs.get(event.project_id);
     if (!sub) return null;
     const { deliver, gap } = sub.cursor.accept(event, origin);
+    if (via === "polling" && deliver.length > 0) sub.pollMoves += 1;
     // A replay answering the project's subscribe in part; an event past a gap (a live one,
     // dropped while a repair is due) comes whether or not the gateway handles the subscribe.
     if (!gap && via !== "polling") this._heard(via === "websocket" ? this._ws : this._sse, sub.projectId);
@@ -2631,6 +2646,7 @@ export class EventBus {
       if (body.resync_required) {
         this._tagsKnown(body.resync_required);
         sub.cursor.beginResync(body.resync_required.epoch, body.resync_required.seq, tagOf(body.resync_required));
+        sub.pollMoves += 1;
         this._runResync(sub);
         return true;
       }
@@ -2641,6 +2657,7 @@ export class EventBus {
       if (!sub.cursor.known) {
         // First contact by polling: same as a first `subscribed`.
         sub.cursor.beginResync(body.epoch, body.seq, pageTag);
+        sub.pollMoves += 1;
         this._runResync(sub);
         return true;
       }

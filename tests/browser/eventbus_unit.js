@@ -1878,6 +1878,37 @@ test("sse: a WebSocket getting live while a stream is unanswered ends it and sto
   eq(env.resyncs, [1]);
 });
 
+test("a poll landing between a WebSocket's subscribe and its answer causes no reload", async () => {
+  const env = setup({ autoFailSockets: true, options: { sse: false, pollInterval: 2000 } });
+  const history = [1, 2];
+  pollServer(env, history);
+  await env.clock.advance(0);
+  eq(env.bus.cursor(1), { epoch: "p", seq: 2 });
+  env.autoFailSockets = false;
+  for (let i = 0; i < 60 && !(env.last().readyState === 0 && env.last().onopen); i += 1) await env.clock.advance(100);
+  const ws = env.last();
+  ws.open();
+  await flush();
+  eq(ws.sentOf("subscribe"), [{ type: "subscribe", project_id: 1, epoch: "p", after: 2 }]);
+  // The gateway handles the subscribe (top 2), then 3 is published; a poll sees it first.
+  history.push(3);
+  for (let i = 0; i < 30 && env.events[1].length < 1; i += 1) await env.clock.advance(100);
+  eq(env.events[1], [3]);
+  ws.receive({ type: "authenticated", subject: "u", projects: null, expires_at: null });
+  ws.receive({ type: "subscribed", project_id: 1, epoch: "p", seq: 2, resumed: true, replayed: 0 });
+  ws.receive(event(1, 3)); // its live event, after the answer
+  await env.clock.advance(0);
+  // That answer is for the cursor polling left: subscribed again from the polled one.
+  eq(ws.sentOf("subscribe").slice(1), [{ type: "subscribe", project_id: 1, epoch: "p", after: 3 }]);
+  ws.receive({ type: "subscribed", project_id: 1, epoch: "p", seq: 3, resumed: true, replayed: 0 });
+  ws.receive(event(1, 4));
+  await env.clock.advance(60000);
+  eq(env.events[1], [3, 4]);
+  eq(env.resyncs, [1], "no second reload");
+  eq(env.errors.filter((e) => e.code === "subscribe_timeout"), []);
+  eq(ws.sentOf("subscribe").length, 2, "once more only");
+});
+
 test("sse: false goes straight to polling; websocket: false starts with SSE", async () => {
   const polling = setup({ autoFailSockets: true, options: { sse: false } });
   pollServer(polling, [1]);
