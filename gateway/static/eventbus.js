@@ -1753,6 +1753,9 @@ export class EventBus {
     if (!sub || !this._hasCursor(sub, message)) return;
     this._tagsKnown(message);
     this._heard(conn, sub.projectId); // (its `subscribed` follows)
+    // Answering a subscribe sent before polling moved the cursor (as a replay then, _onEvent):
+    // it judges the cursor left behind. Its `subscribed` resubscribes from the polled one.
+    if (conn === this._ws && sub.subscribesSent > 0 && sub.wsAskedPollMoves !== sub.pollMoves) return;
     if (sub.cursor.atTop(message)) return; // nothing missing (as the Python consumer)
     sub.cursor.beginResync(message.epoch, message.seq, tagOf(message), { live: true });
     this._runResync(sub);
@@ -1921,6 +1924,14 @@ export class EventBus {
   _onEvent(event, via, origin = null) {
     const sub = this._subs.get(event.project_id);
     if (!sub) return null;
+    if (via === "websocket" && sub.subscribesSent > 0 && sub.wsAskedPollMoves !== sub.pollMoves) {
+      // A replay answering a subscribe sent before polling moved the cursor: for the cursor left
+      // behind, and maybe of a history a poll has since been told is gone (a new epoch; events
+      // carry none, so their seq alone would place them in the new one). Not taken: the project
+      // is subscribed again from the polled cursor when that answer ends (_onSubscribed).
+      this._heard(this._ws, sub.projectId);
+      return null;
+    }
     const { deliver, gap } = sub.cursor.accept(event, origin);
     if (via === "polling" && deliver.length > 0) sub.pollMoves += 1;
     // A replay answering the project's subscribe in part; an event past a gap (a live one,

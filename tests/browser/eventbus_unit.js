@@ -1909,6 +1909,54 @@ test("a poll landing between a WebSocket's subscribe and its answer causes no re
   eq(ws.sentOf("subscribe").length, 2, "once more only");
 });
 
+async function staleAnswerAfterAPollsResync(staleResync) {
+  // Events carry no epoch: a replay of the old history, arriving after polling was told the
+  // history is another (Redis emptied), would be placed in the new one by its seq alone; a
+  // resync of the stale answer would take the cursor back to the old history.
+  const env = setup({ autoFailSockets: true, options: { sse: false, pollInterval: 2000 } });
+  pollServer(env, [1]);
+  await env.clock.advance(0);
+  eq(env.bus.cursor(1), { epoch: "p", seq: 1 });
+  env.autoFailSockets = false;
+  for (let i = 0; i < 60 && !(env.last().readyState === 0 && env.last().onopen); i += 1) await env.clock.advance(100);
+  const ws = env.last();
+  ws.open();
+  await flush();
+  eq(ws.sentOf("subscribe"), [{ type: "subscribe", project_id: 1, epoch: "p", after: 1 }]);
+  // The gateway reads history p for that subscribe; meanwhile Redis is emptied, one event is
+  // published into the new history q, and a poll is told so first.
+  env.poll = () => ({
+    status: 200,
+    body: { project_id: 1, epoch: "q", seq: 1, events: [], more: false, resync_required: { type: "resync_required", project_id: 1, reason: "epoch_changed", epoch: "q", seq: 1 } },
+  });
+  for (let i = 0; i < 30 && env.resyncs.length < 2; i += 1) await env.clock.advance(100);
+  eq(env.resyncs, [1, 1]);
+  eq(env.bus.cursor(1), { epoch: "q", seq: 1 });
+  ws.receive({ type: "authenticated", subject: "u", projects: null, expires_at: null });
+  if (staleResync) {
+    // The gateway's read for that subscribe found p far ahead: a resync into the old history.
+    ws.receive({ type: "resync_required", project_id: 1, reason: "too_far_behind", epoch: "p", seq: 5 });
+    ws.receive({ type: "subscribed", project_id: 1, epoch: "p", seq: 5, resumed: false, replayed: 0 });
+  } else {
+    ws.receive(event(1, 2)); // history p's event 2, replayed for the old cursor
+    ws.receive({ type: "subscribed", project_id: 1, epoch: "p", seq: 2, resumed: true, replayed: 1 });
+  }
+  await env.clock.advance(0);
+  eq(env.events[1], [], "p's event 2 is not q's");
+  eq(env.resyncs, [1, 1], "no reload into the old history");
+  eq(ws.sentOf("subscribe").slice(1), [{ type: "subscribe", project_id: 1, epoch: "q", after: 1 }]);
+  ws.receive(event(1, 2)); // q's event 2, replayed for the new cursor
+  ws.receive({ type: "subscribed", project_id: 1, epoch: "q", seq: 2, resumed: true, replayed: 1 });
+  await env.clock.advance(60000);
+  eq(env.events[1], [2]);
+  eq(env.resyncs, [1, 1], "no third reload");
+  eq(env.errors.filter((e) => e.code === "subscribe_timeout"), []);
+}
+
+test("a WebSocket replay answering a subscribe sent before a poll's resync is not taken into the new epoch", () => staleAnswerAfterAPollsResync(false));
+
+test("a WebSocket resync answering a subscribe sent before a poll's resync does not take the cursor back", () => staleAnswerAfterAPollsResync(true));
+
 test("sse: false goes straight to polling; websocket: false starts with SSE", async () => {
   const polling = setup({ autoFailSockets: true, options: { sse: false } });
   pollServer(polling, [1]);
