@@ -352,3 +352,107 @@ async def test_the_python_consumer_resuming_from_a_snapshot_cursor_is_told_histo
     assert isinstance(first, Resync) and first.reason == ResyncReason.HISTORY_LOST
     assert (first.seq, first.tag) == (4, event_tag(stored_frame(bus.client, 1, 4)))
     assert isinstance(second, Delivery) and (second.seq, second.event.blocker_id) == (5, 32)
+
+
+# --- The migration on a live PostgreSQL table (hostile review of the tag column's upgrade) ----
+
+
+@pytest.fixture
+def pg(request) -> str:
+    """The session's private PostgreSQL database."""
+    return request.getfixturevalue("pg_url")
+
+
+def test_a_migration_run_again_on_a_live_table_does_not_wait_for_its_writers(pg, table):
+    """A deploy runs ``migrate`` every time: on a table already up to date it must take no lock
+    that waits for the writers' open transactions (and holds up every writer queued behind it
+    meanwhile). Before, the ``CREATE INDEX IF NOT EXISTS`` statements took the table's SHARE
+    lock even when the indexes existed."""
+    db = Database("postgresql", pg, table)
+    db.create()
+    writer = psycopg.connect(pg)
+    migrator = psycopg.connect(pg, autocommit=True)
+    try:
+        db.outbox.write(writer, event(1, 1))  # a writer's transaction, still open
+        migrator.execute("SET lock_timeout = '2s'")  # waiting for it fails the migration
+        db.outbox.create_table(migrator)
+        writer.commit()
+    finally:
+        writer.close()
+        migrator.close()
+
+
+def _wait_until_active(url: str, pid: int) -> None:
+    """Until the session ``pid`` is running a statement (the migration has started)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        for _ in range(2000):
+            row = conn.execute(
+                "SELECT state FROM pg_stat_activity WHERE pid = %s", (pid,)
+            ).fetchone()
+            if row is not None and row[0] == "active":
+                return
+            conn.execute("SELECT pg_sleep(0.005)")
+    raise AssertionError("the migration never started")
+
+
+def test_upgrading_a_table_a_long_transaction_holds_does_not_stop_the_writers(pg, table):
+    """The one-time ``ALTER TABLE ... ADD COLUMN tag`` needs the table's exclusive lock: while a
+    long transaction holds the table (a report, pg_dump), a plain ALTER waits in the lock queue,
+    and every writer queues behind it until that transaction ends, for minutes or hours (and
+    ``migrate``'s client-side timeout leaves the queued ALTER in the server). Now the migration
+    tries the lock briefly, lets the writers through between tries, and adds the column once
+    the table is free."""
+    import threading
+
+    db = Database("postgresql", pg, table)
+    db.execute(OLD_POSTGRES.format(table=table))
+    reader = psycopg.connect(pg)
+    migrator = psycopg.connect(pg, autocommit=True)
+    writer = psycopg.connect(pg, autocommit=True)
+    errors: list[BaseException] = []
+
+    def migrate() -> None:
+        try:
+            db.outbox.create_table(migrator)
+        except BaseException as exc:  # (reported by the assertion below)
+            errors.append(exc)
+
+    thread = threading.Thread(target=migrate)
+    try:
+        reader.execute(f"SELECT count(*) FROM {table}").fetchall()  # holds it until rollback
+        thread.start()
+        _wait_until_active(pg, migrator.info.backend_pid)
+        writer.execute("SET lock_timeout = '3s'")  # held longer: the writers are stopped
+        for n in range(1, 4):
+            with writer.transaction():
+                db.outbox.write(writer, event(1, n))
+        assert thread.is_alive()  # still waiting for the table
+    finally:
+        reader.rollback()
+        thread.join(30)
+        reader.close()
+        migrator.close()
+        writer.close()
+    assert not thread.is_alive() and errors == []
+    assert "tag" in db.columns()
+    assert len(db.execute(f"SELECT id FROM {table}")) == 3
+
+
+def test_the_migration_refuses_a_tag_column_of_another_type_with_a_clear_error(pg, table):
+    """A ``tag`` column that is not text (someone's own column of that name): before, the
+    migration took it, and the relay published one batch and then failed every mark (``column
+    "tag" is of type integer``), publishing nothing more for good. Now the migration says so."""
+    db = Database("postgresql", pg, table)
+    db.execute(OLD_POSTGRES.format(table=table))
+    db.execute(f"ALTER TABLE {table} ADD COLUMN tag integer")
+    with pytest.raises(psycopg.Error, match=r"tag .*integer.*text"):
+        db.create()
+    result = subprocess.run(
+        [sys.executable, "-m", "publisher.outbox", "migrate", "--dsn", pg, "--table", table],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0 and "integer" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -213,7 +213,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         store = PostgresOutboxStore(args.dsn, args.table, leader=False, timeout=args.timeout)
         try:
             store.apply_migration()
-        except (TimeoutError, psycopg.OperationalError) as exc:
+        except (TimeoutError, psycopg.Error) as exc:
+            # Any refusal of the database's (a table in use for too long, a ``tag`` column of
+            # another type: see sql.POSTGRES_DDL) is its message, not a traceback.
             sys.stderr.write(f"migrate failed: {exc}\n")
             return 1
         finally:

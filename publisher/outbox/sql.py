@@ -50,10 +50,19 @@ _TABLE_RE = re.compile(r"^(?:[a-z_][a-z0-9_]{0,62}\.)?[a-z_][a-z0-9_]{0,40}\Z")
 #: and part of the idempotency key, so ids re-issued after a restore from backup or a re-created
 #: table can never be mistaken for rows already published. ``epoch``/``seq`` are the cursor the
 #: relay got for the row, ``tag`` the tag (schemas.tags) of the frame Redis stored there, which
-#: the snapshot helper returns. The ``DO`` block upgrades a table created before ``tag``; it
-#: looks first, because ``ALTER TABLE`` takes the table's exclusive lock even when the column
-#: exists (``IF NOT EXISTS`` is checked under it): a migration run at every deploy would wait for
-#: every transaction using the table, and hold up the writers behind it meanwhile.
+#: the snapshot helper returns.
+#:
+#: The ``DO`` block adds what an existing table lacks (the ``tag`` column on a table created
+#: before it, an index) and nothing else; it looks first, because ``ALTER TABLE`` and ``CREATE
+#: INDEX`` take their locks even when ``IF NOT EXISTS`` then finds nothing to do (SHARE for an
+#: index: it waits for every writer's open transaction, and every writer queues behind it), so
+#: a migration run at every deploy would hold the writers up. What it must add, it tries with a
+#: ``lock_timeout`` of 100 ms and retries every 100 to 200 ms: a long transaction holding the
+#: table (a report, pg_dump) never queues the writers behind the ``ALTER`` for longer than one
+#: try; after 20 s the migration fails (lock_not_available) instead of waiting on, run it again.
+#: A ``tag`` column that is not text fails it with an error that says so (the relay's marks
+#: would fail on it, and the relay would publish nothing more). No ``%`` and no ``:name`` here:
+#: drivers take those for parameters.
 POSTGRES_DDL = """\
 CREATE TABLE IF NOT EXISTS {table} (
     id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -67,14 +76,47 @@ CREATE TABLE IF NOT EXISTS {table} (
     tag          text
 );
 DO $$
+DECLARE
+    tbl      regclass := to_regclass('{table}');
+    ns       oid := (SELECT relnamespace FROM pg_class WHERE oid = to_regclass('{table}'));
+    kept     text := current_setting('lock_timeout');
+    deadline timestamptz := clock_timestamp() + interval '20 seconds';
+    tag_type text;
 BEGIN
-    IF NOT EXISTS (SELECT FROM pg_attribute WHERE attrelid = to_regclass('{table}')
-                   AND attname = 'tag' AND NOT attisdropped) THEN
-        ALTER TABLE {table} ADD COLUMN IF NOT EXISTS tag text;
+    LOOP BEGIN  -- (a block per try: its changes are undone when it fails)
+        PERFORM set_config('lock_timeout', '100ms', true);
+        IF NOT EXISTS (SELECT FROM pg_attribute WHERE attrelid = tbl AND attname = 'tag'
+                       AND NOT attisdropped) THEN
+            ALTER TABLE {table} ADD COLUMN IF NOT EXISTS tag text;
+        END IF;
+        IF NOT EXISTS (SELECT FROM pg_class WHERE relname = '{name}_pending'
+                       AND relnamespace = ns) THEN
+            CREATE INDEX IF NOT EXISTS {name}_pending ON {table} (id) WHERE published_at IS NULL;
+        END IF;
+        IF NOT EXISTS (SELECT FROM pg_class WHERE relname = '{name}_project'
+                       AND relnamespace = ns) THEN
+            CREATE INDEX IF NOT EXISTS {name}_project ON {table} (project_id, id);
+        END IF;
+        EXIT;
+    EXCEPTION WHEN lock_not_available THEN
+        IF clock_timestamp() > deadline THEN
+            RAISE EXCEPTION USING ERRCODE = 'lock_not_available', MESSAGE = 'outbox '
+                || 'migration: {table} was in use for 20 s (a long transaction holds '
+                || 'it); nothing was changed: run the migration again';
+        END IF;
+        PERFORM pg_sleep(0.1 + random() / 10);
+    END; END LOOP;
+    PERFORM set_config('lock_timeout', kept, true);
+    SELECT format_type(atttypid, atttypmod) INTO tag_type FROM pg_attribute
+        WHERE attrelid = tbl AND attname = 'tag' AND NOT attisdropped
+        AND NOT (atttypid = CAST('text' AS regtype)
+                 OR (atttypid = CAST('varchar' AS regtype) AND (atttypmod < 0 OR atttypmod >= 20)));
+    IF tag_type IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'datatype_mismatch', MESSAGE = 'outbox migration: the '
+            || 'column tag of {table} is of type ' || tag_type || ', not text: the relay '
+            || 'records cursor tags there; rename or drop that column, then migrate again';
     END IF;
 END $$;
-CREATE INDEX IF NOT EXISTS {name}_pending ON {table} (id) WHERE published_at IS NULL;
-CREATE INDEX IF NOT EXISTS {name}_project ON {table} (project_id, id);
 """
 
 #: SQLite. AUTOINCREMENT, because a plain INTEGER PRIMARY KEY reuses the highest id once that
@@ -138,8 +180,9 @@ def validate_table(table: str) -> str:
 
 def migration_sql(dialect: str, table: str = DEFAULT_TABLE) -> str:
     """The ``CREATE TABLE`` / ``CREATE INDEX`` script for ``dialect`` (idempotent: ``IF NOT
-    EXISTS`` everywhere). PostgreSQL's also adds the ``tag`` column to an older table; SQLite
-    cannot say so in SQL alone: see :func:`sqlite_upgrade`."""
+    EXISTS`` everywhere). PostgreSQL's also adds the ``tag`` column to an older table, and
+    takes no lock on a table that lacks nothing (see :data:`POSTGRES_DDL`); SQLite cannot say
+    so in SQL alone: see :func:`sqlite_upgrade`."""
     validate_table(table)
     name = table.rpartition(".")[2]
     if dialect == POSTGRES:
