@@ -456,3 +456,43 @@ def test_the_migration_refuses_a_tag_column_of_another_type_with_a_clear_error(p
     )
     assert result.returncode != 0 and "integer" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_two_processes_upgrading_one_sqlite_table_at_once_both_succeed(tmp_path, table):
+    """Every worker process of an application may run ``create_table`` at startup (or two
+    ``migrate --sqlite`` at once): SQLite has no ``ADD COLUMN IF NOT EXISTS``, so each looks at
+    the columns first, and another may add ``tag`` between its look and its ``ALTER``. Before,
+    that one failed (``duplicate column name: tag``) and the worker did not start."""
+    path = str(tmp_path / "app.db")
+    with sqlite3.connect(path) as conn:
+        conn.execute(OLD_SQLITE.format(table=table))
+
+    class Interleaved(sqlite3.Cursor):
+        """Another process's migration runs right after this one has read the columns."""
+
+        def execute(self, sql, *args):
+            result = super().execute(sql, *args)
+            if "pragma_table_info" in sql:
+                rows = result.fetchall()
+                other = sqlite3.connect(path, isolation_level=None)
+                try:
+                    Outbox(table).create_table(other)
+                finally:
+                    other.close()
+                return FetchedRows(rows)
+            return result
+
+    class FetchedRows(list):
+        def fetchall(self):
+            return list(self)
+
+    class Connection(sqlite3.Connection):
+        def cursor(self, factory=Interleaved):
+            return super().cursor(factory)
+
+    conn = sqlite3.connect(path, isolation_level=None, factory=Connection)
+    try:
+        Outbox(table).create_table(conn)
+    finally:
+        conn.close()
+    assert "tag" in Database("sqlite", path, table).columns()

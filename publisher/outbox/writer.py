@@ -119,7 +119,9 @@ class Outbox:
     def create_table(self, conn: Any) -> None:
         """Run the migration on a synchronous connection, in its current transaction (commit
         it yourself; sqlite3 runs DDL in the transaction too): the table and its indexes where
-        missing, and the ``tag`` column on a table created before it."""
+        missing, and the ``tag`` column on a table created before it. Several processes may run
+        it at once (each worker of an application at startup): on SQLite, one that another
+        beat to adding the column takes that for done."""
         db = adapt(conn)
         if not isinstance(db, SyncDB):
             raise TypeError("create_table needs a synchronous connection; use acreate_table")
@@ -129,7 +131,11 @@ class Outbox:
             sql, params = sqlite_columns(self.table)
             columns = {str(row[0]) for row in db.execute(sql, params)}
             for statement in sqlite_upgrade(self.table, columns):
-                db.execute(statement, {})
+                try:
+                    db.execute(statement, {})
+                except Exception as exc:
+                    if not _added_meanwhile(exc, db.execute(sql, params)):
+                        raise
 
     async def acreate_table(self, conn: Any) -> None:
         db = adapt(conn)
@@ -141,7 +147,11 @@ class Outbox:
             sql, params = sqlite_columns(self.table)
             columns = {str(row[0]) for row in await db.execute(sql, params)}
             for statement in sqlite_upgrade(self.table, columns):
-                await db.execute(statement, {})
+                try:
+                    await db.execute(statement, {})
+                except Exception as exc:
+                    if not _added_meanwhile(exc, await db.execute(sql, params)):
+                        raise
 
     # --- writing ----------------------------------------------------------------------------
 
@@ -323,6 +333,14 @@ def _timeout(row_id: int, project_id: int, timeout: float, data: Any) -> Snapsho
         "(is the relay running, and Redis reachable?)",
         data,
     )
+
+
+def _added_meanwhile(error: Exception, columns: list[tuple]) -> bool:
+    """Whether a SQLite ``ALTER TABLE ... ADD COLUMN tag`` failed only because another
+    connection added the column between this one's look at the columns and its ``ALTER``
+    (SQLite has no ``ADD COLUMN IF NOT EXISTS``): the error says so (in the driver's words,
+    possibly wrapped by SQLAlchemy), and the column is there now."""
+    return "duplicate column name" in str(error) and "tag" in {str(row[0]) for row in columns}
 
 
 def _split(script: str) -> list[str]:
