@@ -66,8 +66,14 @@ class KeyedPublisher:
             publisher.client, redis.cluster.RedisCluster
         )
         #: The publisher stores each event as ``encode_event`` encodes it (this package's
-        #: ``Publisher``), so the relay knows the frame, and its tag, from the cursor.
-        self.stores_encoded = isinstance(publisher, Publisher)
+        #: ``Publisher``), so the relay knows the frame, and its tag, from the cursor. Not a
+        #: subclass that overrides ``publish`` or ``publish_many``: it may store another event
+        #: (a tag of the relay's encoding would then name bytes Redis does not hold, and every
+        #: resume from a snapshot ending there would be told history_lost).
+        self.stores_encoded = isinstance(publisher, Publisher) and all(
+            getattr(type(publisher), name) is getattr(Publisher, name)
+            for name in ("publish", "publish_many")
+        )
 
     def publish(
         self, items: Sequence[tuple[ProjectEvent, str]]
