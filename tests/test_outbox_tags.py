@@ -543,3 +543,29 @@ def test_a_publisher_subclass_that_only_adds_to_its_methods_keeps_the_tags(db, r
         assert db.snapshot(1).tag == event_tag(stored_frame(publisher.client, 1, 1))
     finally:
         publisher.close()
+
+
+def test_cli_migrate_sqlite_on_a_locked_database_fails_with_a_message_within_its_timeout(
+    tmp_path, table
+):
+    """``migrate --sqlite`` while another connection holds the database's write lock (a long
+    write transaction of the application): it waits ``--timeout`` seconds, then says why on
+    stderr and exits 1. Before, it ignored ``--timeout`` (5 s, sqlite3's default) and died with
+    a traceback (``database is locked``)."""
+    path = str(tmp_path / "app.db")
+    with sqlite3.connect(path) as conn:
+        conn.execute(OLD_SQLITE.format(table=table))
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        command = [sys.executable, "-m", "publisher.outbox", "migrate", "--sqlite", path,
+                   "--table", table, "--timeout", "0.5"]  # fmt: skip
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    finally:
+        holder.rollback()
+        holder.close()
+    assert result.returncode == 1
+    assert "migrate failed: database is locked" in result.stderr
+    assert "Traceback" not in result.stderr
+    subprocess.run(command, cwd=ROOT, check=True, timeout=60)  # the lock gone, it upgrades
+    assert "tag" in Database("sqlite", path, table).columns()

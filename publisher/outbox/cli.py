@@ -190,17 +190,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--timeout",
         type=float,
         default=30.0,
-        help="--dsn: seconds the connect, then the DDL, may wait for the database (30)",
+        help="--dsn: seconds the connect, then the DDL, may wait for the database; --sqlite: "
+        "for another connection's write lock (30)",
     )
     args = parser.parse_args(argv)
     if args.command == "relay":
         return _run_relay(args, relay)
     if args.sqlite:
-        conn = sqlite3.connect(args.sqlite)
+        # --timeout is how long it waits for another connection's write lock (a long write
+        # transaction of the application's); then, as any refusal, ``migrate failed: ...``.
+        conn = sqlite3.connect(args.sqlite, timeout=args.timeout)
         try:
             with conn:  # (and the tag column on a table created before it: SQLite has no
                 # ADD COLUMN IF NOT EXISTS, so create_table looks first)
                 Outbox(args.table).create_table(conn)
+        except sqlite3.Error as exc:
+            sys.stderr.write(f"migrate failed: {exc}\n")
+            return 1
         finally:
             conn.close()
         return 0
