@@ -33,6 +33,7 @@ __all__ = [
     "PublishManyError",
     "PublishManyUnavailable",
     "PublisherUnavailable",
+    "Republished",
     "Retention",
     "RetryPolicy",
     "RevocationListFull",
@@ -192,6 +193,20 @@ class Cursor(NamedTuple):
     seq: int
 
 
+class Republished(Cursor):
+    """A :class:`Cursor` the publish script answered from an idempotency record: the event was
+    published before under the same key, and nothing was written now. Equal to, and shown as,
+    the plain cursor; what it tells is that Redis holds the *first* publish's bytes there, which
+    may differ from this call's encoding of the event (in its timestamps, which the key does
+    not compare, or when another version encoded it). The outbox relay records no tag for such
+    a row (docs/outbox.md, "Snapshot with a cursor")."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"Cursor(epoch={self.epoch!r}, seq={self.seq!r})"
+
+
 class Retention(msgspec.Struct, frozen=True):
     """How much history each project keeps for replay.
 
@@ -244,6 +259,7 @@ class PreparedBatch(NamedTuple):
     def cursors(self, result: object) -> list[Cursor]:
         """The cursors of this call's events from the script's reply.
 
+        A publish answered from its idempotency record gives :class:`Republished` cursors.
         Raises :class:`IdempotencyConflict` when the idempotency key was used for another event,
         and :class:`PublishError` for a reply the script cannot have given.
         """
@@ -253,7 +269,8 @@ class PreparedBatch(NamedTuple):
             raise IdempotencyConflict(key, Cursor(reply.epoch, reply.last))
         if reply.last < self.size:
             raise PublishError(f"unexpected reply from the publish script: {result!r}")
-        return [Cursor(reply.epoch, reply.last - self.size + i + 1) for i in range(self.size)]
+        kind = Republished if reply.status == DUPLICATE else Cursor
+        return [kind(reply.epoch, reply.last - self.size + i + 1) for i in range(self.size)]
 
 
 #: Statuses of the publish script's reply (see schemas.lua.PUBLISH).

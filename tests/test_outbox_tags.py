@@ -569,3 +569,56 @@ def test_cli_migrate_sqlite_on_a_locked_database_fails_with_a_message_within_its
     assert "Traceback" not in result.stderr
     subprocess.run(command, cwd=ROOT, check=True, timeout=60)  # the lock gone, it upgrades
     assert "tag" in Database("sqlite", path, table).columns()
+
+
+def test_a_row_republished_as_a_no_op_records_no_tag_of_bytes_redis_does_not_hold(db, bus):
+    """A relay published a row and died before marking it; the row's timestamp was corrected
+    meanwhile (or another version encodes it differently). The next relay's publish of it is a
+    no-op under the row's idempotency key (timestamps are not part of what the key compares),
+    answered with the first publish's cursor: Redis holds the first bytes there. Before, the
+    relay recorded the tag of its own encoding, which named bytes Redis does not hold: every
+    resume from a snapshot ending there was answered history_lost (a reload at every page load
+    and reconnect). Now a no-op republish records no tag: the cursor is taken at its number."""
+    db.create()
+    db.write(event(1, 1))
+    dying = db.relay(bus)
+
+    def fail(published):
+        raise RuntimeError("the relay died before its mark")
+
+    dying.store.mark = fail
+    try:
+        with pytest.raises(RuntimeError, match="died"):
+            dying.run_once()  # published, not marked
+    finally:
+        dying.store.close()
+    assert db.execute(f"SELECT published_at FROM {db.table}") == [(None,)]
+    edited = BlockerResolved(project_id=1, blocker_id=1, answer="answer 1",
+                             resolved_at=T0.replace(second=31))  # fmt: skip
+    from schemas.events import encode_event
+
+    conn = db.connect()
+    try:
+        sql = f"UPDATE {db.table} SET event = ?" if db.dialect == "sqlite" else (
+            f"UPDATE {db.table} SET event = %s")  # fmt: skip
+        conn.execute(sql, (encode_event(edited).decode(),))
+    finally:
+        conn.close()
+    assert db.drain(bus) == 1
+    snap = db.snapshot(1)
+    assert snap.cursor.seq == 1 and bus.client.xlen(KEYS.stream(1)) == 1  # a no-op indeed
+    assert snap.tag in (None, event_tag(stored_frame(bus.client, 1, 1)))
+
+
+def test_a_publish_answered_from_its_idempotency_record_says_so(bus):
+    """What the relay goes by: the first publish under a key is a plain Cursor, a repeat one a
+    Republished, equal to it and shown alike (nothing changes for code that compares them)."""
+    from publisher.core import Cursor as PublisherCursor
+    from publisher.core import Republished
+
+    first = bus.publish(event(9, 1), idempotency_key="k-1")
+    again = bus.publish(event(9, 1), idempotency_key="k-1")
+    (many,) = bus.publish_many([event(9, 1)], idempotency_keys=["k-1"], in_order=True)
+    assert type(first) is PublisherCursor and not isinstance(first, Republished)
+    assert isinstance(again, Republished) and isinstance(many, Republished)
+    assert again == first == many and repr(again) == repr(first)

@@ -31,7 +31,13 @@ from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
-from publisher.core import Cursor, PublishError, PublisherUnavailable, valid_idempotency_key
+from publisher.core import (
+    Cursor,
+    PublishError,
+    PublisherUnavailable,
+    Republished,
+    valid_idempotency_key,
+)
 from publisher.outbox.metrics import RateLimiter, RelayMetrics
 from publisher.outbox.postgres import PostgresOutboxStore
 from publisher.outbox.publishing import CHUNK, KeyedPublisher
@@ -302,8 +308,11 @@ class OutboxRelay:
         process's ``encode_event``, exactly. Recorded now, not recomputed from the row later:
         the row may be edited since, and another version may encode differently. None when the
         publisher is not this package's ``Publisher`` (a wrapper of yours may store something
-        else), so that no snapshot names an event by a tag Redis does not have."""
-        if not self._keyed.stores_encoded:
+        else), nor for a publish that was a no-op under the row's idempotency key
+        (:class:`~publisher.core.Republished`: a relay published the row before and did not
+        mark it; Redis holds that publish's bytes, which may be encoded otherwise), so that no
+        snapshot names an event by a tag Redis does not have."""
+        if not self._keyed.stores_encoded or isinstance(cursor, Republished):
             return None
         return stored_tag(encode_event(event), cursor.seq)
 
