@@ -622,3 +622,25 @@ def test_a_publish_answered_from_its_idempotency_record_says_so(bus):
     assert type(first) is PublisherCursor and not isinstance(first, Republished)
     assert isinstance(again, Republished) and isinstance(many, Republished)
     assert again == first == many and repr(again) == repr(first)
+
+
+def test_a_relay_on_a_table_whose_tag_column_is_not_text_keeps_publishing(pg, table, bus):
+    """A ``tag`` column of another type (a column of the application's own, and the migration,
+    which now refuses it, not run): before, the relay published its first batch and then failed
+    every mark (``column "tag" is of type integer``), and published nothing more, for good. Now
+    it relays such a table as one without the column, and warns."""
+    db = Database("postgresql", pg, table)
+    db.execute(OLD_POSTGRES.format(table=table))
+    db.execute(f"ALTER TABLE {table} ADD COLUMN tag integer")
+    db.write(event(1, 1))
+    relay = db.relay(bus)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            assert run(relay) == 1
+            db.write(event(1, 2))
+            assert run(relay) == 1
+    finally:
+        relay.store.close()
+    assert db.execute(f"SELECT seq, tag FROM {table} ORDER BY id") == [(1, None), (2, None)]
+    warnings = [entry for entry in logs if entry["event"] == "outbox_table_not_migrated"]
+    assert len(warnings) == 1 and "of type int4, not text" in warnings[0]["reason"]

@@ -346,15 +346,15 @@ class PostgresOutboxStore(_ClosableStore):
         else:
             self._q(self.st.mark_many_untagged, params)
 
-    def _columns(self) -> set[str]:
+    def _columns(self) -> dict[str, str | None]:
         conn = self._conn()
         sent = time.monotonic()
         with self._deadline(conn):
             cur = conn.execute(self.st.columns)
-            names = {column.name for column in cur.description or ()}
+            kinds = {column.name: column.type_display for column in cur.description or ()}
             cur.fetchall()
         self._used = sent
-        return names
+        return kinds
 
     def backlog(self) -> int:
         return int(self._q(self.st.backlog, {})[0][0])

@@ -142,10 +142,12 @@ class SQLiteOutboxStore(_ClosableStore):
         else:
             self._transaction(self.st.mark_untagged, rows)
 
-    def _columns(self) -> set[str]:
-        def read(db: sqlite3.Connection) -> set[str]:
+    def _columns(self) -> dict[str, str | None]:
+        def read(db: sqlite3.Connection) -> dict[str, str | None]:
             cur = db.execute(self.st.columns)
-            names = {str(column[0]) for column in cur.description or ()}
+            names: dict[str, str | None] = {
+                str(column[0]): None for column in cur.description or ()
+            }
             cur.fetchall()
             return names
 

@@ -10,6 +10,7 @@ application's.
 from __future__ import annotations
 
 import math
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -30,6 +31,9 @@ Mark = tuple[int, Cursor, str | None] | tuple[int, Cursor]
 #: How often a store that found the table without the ``tag`` column looks again (the
 #: migration may run while the relay does).
 TAG_COLUMN_RECHECK = 60.0
+
+#: PostgreSQL's names (psycopg's ``type_display``) of the column types a tag fits in.
+_TEXT_TYPE = re.compile(r"^(?:text|varchar(?:\((?:1[6-9]|[2-9]\d|\d{3,})\))?)\Z")
 
 
 def mark_tag(mark: Mark) -> str | None:
@@ -118,27 +122,38 @@ class _ClosableStore:
     def reset(self) -> None:
         raise NotImplementedError
 
-    def _tagged(self, columns: Callable[[], set[str]]) -> bool:
-        """Whether to record tags: the table has the ``tag`` column. ``columns()`` reads the
-        table's columns; it is asked once, and again every :data:`TAG_COLUMN_RECHECK` seconds
-        while the column is missing (and after a reset). A table not yet migrated is relayed
-        without tags (snapshot cursors of its rows have none), with a warning, rather than not
-        at all: a relay upgraded before the migration ran must not stop the events."""
+    def _tagged(self, columns: Callable[[], dict[str, str | None]]) -> bool:
+        """Whether to record tags: the table has the ``tag`` column, of a type that takes them.
+        ``columns()`` reads the table's columns (name: the type as the database names it, None
+        where it does not say: SQLite, which stores text in a column of any type); it is asked
+        once, and again every :data:`TAG_COLUMN_RECHECK` seconds while the column is missing
+        (and after a reset). A table not yet migrated is relayed without tags (snapshot cursors
+        of its rows have none), with a warning, rather than not at all: a relay upgraded before
+        the migration ran must not stop the events. So is a ``tag`` column of another type (a
+        column of the application's own, which the migration refuses): every mark would fail
+        on it, and the relay would publish nothing more."""
         if self._tag_column or (
             self._tag_column is False
             and time.monotonic() - self._tag_column_seen < TAG_COLUMN_RECHECK
         ):
             return bool(self._tag_column)
-        self._tag_column = "tag" in {name.lower() for name in columns()}
+        kinds = {name.lower(): kind for name, kind in columns().items()}
+        kind = kinds.get("tag")
+        self._tag_column = "tag" in kinds and (kind is None or _TEXT_TYPE.match(kind) is not None)
         self._tag_column_seen = time.monotonic()
         if not self._tag_column and not self._untagged_warned:
             self._untagged_warned = True
+            what = (
+                f"the outbox table's tag column is of type {kind}, not text"
+                if "tag" in kinds
+                else "the outbox table has no tag column"
+            )
             log().warning(
                 "outbox_table_not_migrated",
                 table=self.table,
-                reason="the outbox table has no tag column: rows are published and marked "
-                "without tags, and snapshot cursors of them carry none; run "
-                "'python -m publisher.outbox migrate' (see docs/outbox.md)",
+                reason=f"{what}: rows are published and marked without tags, and snapshot "
+                "cursors of them carry none; run 'python -m publisher.outbox migrate' (see "
+                "docs/outbox.md)",
             )
         return self._tag_column
 
