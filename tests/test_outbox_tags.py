@@ -644,3 +644,30 @@ def test_a_relay_on_a_table_whose_tag_column_is_not_text_keeps_publishing(pg, ta
     assert db.execute(f"SELECT seq, tag FROM {table} ORDER BY id") == [(1, None), (2, None)]
     warnings = [entry for entry in logs if entry["event"] == "outbox_table_not_migrated"]
     assert len(warnings) == 1 and "of type int4, not text" in warnings[0]["reason"]
+
+
+def test_migrations_run_at_once_on_a_fresh_database_all_succeed(pg, table):
+    """Every pod of a first deploy may run the migration at the same moment (an init container
+    per pod, or ``create_table`` at each worker's startup). Before, ``CREATE TABLE IF NOT
+    EXISTS`` racing itself failed all but one (``relation ... already exists``: the check and
+    the creation are not atomic in PostgreSQL). Now the migrations of one table take turns."""
+    import threading
+
+    start = threading.Barrier(3)
+    errors: list[BaseException] = []
+
+    def migrate() -> None:
+        with psycopg.connect(pg, autocommit=True) as conn:
+            start.wait()
+            try:
+                Outbox(table).create_table(conn)
+            except BaseException as exc:  # (reported by the assertion below)
+                errors.append(exc)
+
+    threads = [threading.Thread(target=migrate) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    assert "tag" in Database("postgresql", pg, table).columns()

@@ -52,37 +52,44 @@ _TABLE_RE = re.compile(r"^(?:[a-z_][a-z0-9_]{0,62}\.)?[a-z_][a-z0-9_]{0,40}\Z")
 #: relay got for the row, ``tag`` the tag (schemas.tags) of the frame Redis stored there, which
 #: the snapshot helper returns.
 #:
-#: The ``DO`` block adds what an existing table lacks (the ``tag`` column on a table created
-#: before it, an index) and nothing else; it looks first, because ``ALTER TABLE`` and ``CREATE
+#: One ``DO`` block, so that the migrations of a table (every pod of a deploy may run one at once)
+#: take turns on a transaction-level advisory lock even on an autocommit connection: ``CREATE TABLE
+#: IF NOT EXISTS`` racing itself fails all but one (``relation ... already exists``). It creates the
+#: table where missing and adds what an existing table lacks (the ``tag`` column on a table created
+#: before it, an index), and nothing else; it looks first, because ``ALTER TABLE`` and ``CREATE
 #: INDEX`` take their locks even when ``IF NOT EXISTS`` then finds nothing to do (SHARE for an
-#: index: it waits for every writer's open transaction, and every writer queues behind it), so
-#: a migration run at every deploy would hold the writers up. What it must add, it tries with a
-#: ``lock_timeout`` of 100 ms and retries every 100 to 200 ms: a long transaction holding the
-#: table (a report, pg_dump) never queues the writers behind the ``ALTER`` for longer than one
-#: try; after 20 s the migration fails (lock_not_available) instead of waiting on, run it again.
-#: A ``tag`` column that is not text fails it with an error that says so (the relay's marks
-#: would fail on it, and the relay would publish nothing more). No ``%`` and no ``:name`` here:
-#: drivers take those for parameters.
+#: index: it waits for every writer's open transaction, and every writer queues behind it), so a
+#: migration run at every deploy would hold the writers up. What it must add, it tries with a
+#: ``lock_timeout`` of 100 ms and retries every 100 to 200 ms: a long transaction holding the table
+#: (a report, pg_dump) never queues the writers behind the ``ALTER`` for longer than one try; after
+#: 20 s the migration fails (lock_not_available) instead of waiting on, run it again. A ``tag``
+#: column that is not text fails it with an error that says so (the relay's marks would fail on it,
+#: and the relay would publish nothing more). No ``%`` and no ``:name`` here: drivers take those for
+#: parameters.
 POSTGRES_DDL = """\
-CREATE TABLE IF NOT EXISTS {table} (
-    id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    project_id   bigint NOT NULL,
-    token        text NOT NULL,
-    event        text NOT NULL,
-    created_at   timestamptz NOT NULL DEFAULT clock_timestamp(),
-    published_at timestamptz,
-    epoch        text,
-    seq          bigint,
-    tag          text
-);
 DO $$
 DECLARE
-    tbl      regclass := to_regclass('{table}');
-    ns       oid := (SELECT relnamespace FROM pg_class WHERE oid = to_regclass('{table}'));
+    tbl      regclass;
+    ns       oid;
     kept     text := current_setting('lock_timeout');
     deadline timestamptz := clock_timestamp() + interval '20 seconds';
     tag_type text;
 BEGIN
+    -- One migration of this table at a time (the two-key form: no other lock of the outbox's).
+    PERFORM pg_advisory_xact_lock(hashtext('eventbus outbox migration'), hashtext('{table}'));
+    CREATE TABLE IF NOT EXISTS {table} (
+        id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        project_id   bigint NOT NULL,
+        token        text NOT NULL,
+        event        text NOT NULL,
+        created_at   timestamptz NOT NULL DEFAULT clock_timestamp(),
+        published_at timestamptz,
+        epoch        text,
+        seq          bigint,
+        tag          text
+    );
+    tbl := to_regclass('{table}');
+    ns := (SELECT relnamespace FROM pg_class WHERE oid = tbl);
     LOOP BEGIN  -- (a block per try: its changes are undone when it fails)
         PERFORM set_config('lock_timeout', '100ms', true);
         IF NOT EXISTS (SELECT FROM pg_attribute WHERE attrelid = tbl AND attname = 'tag'
