@@ -671,3 +671,21 @@ def test_migrations_run_at_once_on_a_fresh_database_all_succeed(pg, table):
         thread.join(60)
     assert errors == []
     assert "tag" in Database("postgresql", pg, table).columns()
+
+
+def test_a_relay_on_a_table_with_a_quoted_mixed_case_tag_column_keeps_publishing(pg, table, bus):
+    """PostgreSQL keeps a quoted ``"Tag"`` apart from ``tag``: a table with only the former
+    has no tag column. Before, the relay's column check ignored case, took ``"Tag"`` for it and
+    failed every mark (``column "tag" does not exist``): it published nothing more."""
+    db = Database("postgresql", pg, table)
+    db.execute(OLD_POSTGRES.format(table=table))
+    db.execute(f'ALTER TABLE {table} ADD COLUMN "Tag" text')
+    db.write(event(1, 1))
+    relay = db.relay(bus)
+    try:
+        assert run(relay) == 1
+        db.write(event(1, 2))
+        assert run(relay) == 1
+    finally:
+        relay.store.close()
+    assert db.execute(f"SELECT seq FROM {table} ORDER BY id") == [(1,), (2,)]

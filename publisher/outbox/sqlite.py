@@ -145,8 +145,9 @@ class SQLiteOutboxStore(_ClosableStore):
     def _columns(self) -> dict[str, str | None]:
         def read(db: sqlite3.Connection) -> dict[str, str | None]:
             cur = db.execute(self.st.columns)
+            # Lower case: SQLite's column names ignore it. No type: it stores text in any column.
             names: dict[str, str | None] = {
-                str(column[0]): None for column in cur.description or ()
+                str(column[0]).lower(): None for column in cur.description or ()
             }
             cur.fetchall()
             return names

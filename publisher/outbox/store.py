@@ -124,8 +124,10 @@ class _ClosableStore:
 
     def _tagged(self, columns: Callable[[], dict[str, str | None]]) -> bool:
         """Whether to record tags: the table has the ``tag`` column, of a type that takes them.
-        ``columns()`` reads the table's columns (name: the type as the database names it, None
-        where it does not say: SQLite, which stores text in a column of any type); it is asked
+        ``columns()`` reads the table's columns (name, as the ``UPDATE`` would name it: lower
+        case on SQLite, where case does not matter, as it is on PostgreSQL, where a quoted
+        ``"Tag"`` is another column; to the type as the database names it, None where it does
+        not say: SQLite, which stores text in a column of any type); it is asked
         once, and again every :data:`TAG_COLUMN_RECHECK` seconds while the column is missing
         (and after a reset). A table not yet migrated is relayed without tags (snapshot cursors
         of its rows have none), with a warning, rather than not at all: a relay upgraded before
@@ -137,7 +139,7 @@ class _ClosableStore:
             and time.monotonic() - self._tag_column_seen < TAG_COLUMN_RECHECK
         ):
             return bool(self._tag_column)
-        kinds = {name.lower(): kind for name, kind in columns().items()}
+        kinds = columns()
         kind = kinds.get("tag")
         self._tag_column = "tag" in kinds and (kind is None or _TEXT_TYPE.match(kind) is not None)
         self._tag_column_seen = time.monotonic()
