@@ -9,11 +9,12 @@ the other masters serve wait behind them, past their callers' timeouts, for shar
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import redis.asyncio.cluster
 import redis.exceptions
 
-__all__ = ["NodeLimits", "node_name"]
+__all__ = ["NodeLimits", "node_name", "node_unanswered"]
 
 
 class NodeLimits:
@@ -45,3 +46,26 @@ def node_name(client: object, key: str) -> str | None:
         return client.get_node_from_key(key).name
     except (redis.exceptions.RedisClusterException, LookupError, AttributeError):
         return None
+
+
+def node_unanswered(client: object, name: str | None) -> None:
+    """Tell a Redis Cluster client that its node ``name`` did not answer within a bound of the
+    caller's own (an ``asyncio.timeout`` shorter than the client's socket timeout), as redis-py
+    tells itself after its own timeout: the client reloads its slot map before its next call,
+    asking that node last. Nothing for a standalone client, or without a name.
+
+    redis-py reloads the map only after errors it sees itself; a call it never saw end (the
+    caller cancelled it) leaves the map as it was. A master that hung and was failed over to its
+    replica was then asked again and again by the callers that bound their calls more tightly
+    (presence: a third of its refresh interval) for as long as it hung: its projects' presence
+    was not written at their new master at all."""
+    if name is None or not isinstance(client, redis.asyncio.cluster.RedisCluster):
+        return
+    manager = client.nodes_manager
+    with contextlib.suppress(AttributeError):  # (redis-py's own; older ones lack it)
+        manager.move_node_to_end_of_cached_nodes(name)
+    request = getattr(client, "_request_refresh", None)
+    if request is not None:  # redis-py 8.2: the next call reloads the map, this node last
+        request(last_failed_node_name=name)
+    else:  # before: the flag its error paths set
+        client._initialize = True

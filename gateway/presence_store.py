@@ -41,7 +41,7 @@ import redis.asyncio.cluster
 import redis.exceptions
 
 from gateway.logs import describe, get_logger
-from gateway.node_limits import NodeLimits, node_name
+from gateway.node_limits import NodeLimits, node_name, node_unanswered
 from gateway.presence import PresenceCore, SessionKey, Write
 from gateway.tasks import spawn
 from schemas.keys import Keys
@@ -280,10 +280,14 @@ class PresenceStore:
         groups = group_by_master(calls, lambda call: node_name(self.client, call[1][0]))
 
         async def run(indexes: list[int]) -> list:
+            master = node_name(self.client, calls[indexes[0]][1][0])  # (the map grouped by)
             try:
                 async with asyncio.timeout(self.group_timeout):
                     return await self._pipeline([calls[i] for i in indexes])
             except TimeoutError:
+                # redis-py never saw this end: it is told, and reloads its slot map (a master
+                # failed over meanwhile is then no longer asked).
+                node_unanswered(self.client, master)
                 raise redis.exceptions.TimeoutError(
                     f"no answer from the master within {self.group_timeout:g} s"
                 ) from None
@@ -707,6 +711,8 @@ class PresenceService:
                     async with asyncio.timeout(self.store.group_timeout):
                         await self._reload(project_id)
                 except (redis.exceptions.RedisError, OSError) as exc:
+                    if isinstance(exc, TimeoutError):  # our bound's: redis-py never saw it end
+                        node_unanswered(self.client, master)
                     self._master_failed(project_id, exc)
                     self._reread_later.add(project_id)
                     if master is not None:

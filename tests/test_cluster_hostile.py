@@ -526,3 +526,40 @@ async def test_presence_of_a_healthy_shard_goes_on_while_another_master_hangs(
         await on_g.until(lambda m: set(m) == {"alice", "bob", "dora"}, within=5)
     finally:
         await pods.close()
+
+
+async def test_presence_follows_a_hung_master_failed_over_to_its_replica(redis_cluster_factory):
+    """Pod a has members in a project whose master hangs (SIGSTOP) and is failed over to its
+    replica (cluster-node-timeout, 1 s), the old master staying hung; pod b watches. A member
+    who joins after the failover is seen by b, and the members listed before stay listed."""
+    cluster = redis_cluster_factory(3, 1)
+    spread = cluster.projects_by_master(range(1, 5000))
+    troubled = cluster.masters()[0]
+    (replica,) = cluster.replicas_of(troubled)
+    h = spread[troubled][0]
+    pods = _ClusterPods(cluster.url)
+    try:
+        a, b = await pods.start("a"), await pods.start("b")
+        a.join("hank-tab", h, "hank", "Hank")
+        on_h = await pods.watch(b, "wh", h)
+        await on_h.until(lambda m: set(m) == {"hank"}, within=10)
+        await asyncio.to_thread(troubled.freeze)
+        try:
+            await asyncio.to_thread(
+                cluster.wait_until,
+                "the replica to take over",
+                lambda: replica.role() == "master" or None,
+            )
+            a.join("hugo-tab", h, "hugo", "Hugo")
+            try:
+                await on_h.until(lambda m: set(m) == {"hank", "hugo"}, within=15)
+            except TimeoutError:
+                raise AssertionError(
+                    f"b shows {set(on_h.members)}; a routes the project to {a.store.master_of(h)}"
+                    f" (old master {troubled.address}, new {replica.address})"
+                ) from None
+            assert on_h.left == [], "a member of a healthy pod was shown leaving"
+        finally:
+            await asyncio.to_thread(troubled.thaw)
+    finally:
+        await pods.close()
