@@ -528,6 +528,10 @@ class PresenceCore:
         self._subscribed: dict[SessionKey, set[int]] = {}
         self._pending: dict[int, set[str]] = {}  # project -> members to write
         self._stored: dict[int, int] = {}  # project -> our version in Redis (absent: unknown)
+        #: Projects this pod has no member in any more whose records in Redis may still list
+        #: members: the write that removes them did not apply and waits for the next refresh
+        #: (``written(..., retry=False)``). The refresh plan carries them until it is applied.
+        self._unsettled: set[int] = set()
         self._versions = itertools.count(1)
 
     # the connection lifecycle
@@ -708,17 +712,28 @@ class PresenceCore:
         that write is pending now, else it waits for the next refresh (:meth:`refresh_failed`
         or a refused :meth:`refreshed`), which finds our records missing."""
         project_id = write.project_id
+        if ok:
+            self._unsettled.discard(project_id)
         if ok and self.table.member_count(project_id):  # (not records(): O(members))
             self._stored[project_id] = write.version
             return
         self._stored.pop(project_id, None)
         if not ok and retry:
             self._pending.setdefault(project_id, set())
+        elif not ok and not self.table.member_count(project_id):
+            # No member left here, so no refresh would carry the project: it is carried until
+            # the write that empties the pod's records there is applied (else the members
+            # listed there stay listed until the records expire, as for a dead pod).
+            self._unsettled.add(project_id)
 
     def refresh_plan(self) -> dict[int, int | None]:
-        """Projects to refresh: ours (with the version we expect stored; 0 = not written yet)
-        and the ones we only watch (None)."""
+        """Projects to refresh: ours (with the version we expect stored; 0 = not written yet,
+        or to be written again) and the ones we only watch (None). A project whose last
+        member left while the write could not be applied is ours until that write is (0:
+        the refresh that answers asks for it)."""
         plan: dict[int, int | None] = dict.fromkeys(self.views)
+        for project_id in self._unsettled:
+            plan[project_id] = 0
         for project_id in self.table.projects():
             plan[project_id] = self._stored.get(project_id, 0)
         return plan

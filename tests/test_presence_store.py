@@ -1797,3 +1797,38 @@ async def test_a_reread_of_a_project_whose_master_hangs_does_not_hold_the_others
     finally:
         loop.cancel()
         await asyncio.gather(loop, return_exceptions=True)
+
+
+async def test_a_last_member_who_left_while_the_master_failed_is_removed_once_it_answers():
+    """The last member of a project leaves this pod while the project's master (Redis Cluster)
+    is down or hangs: the write that would remove the pod's records there is not sent then
+    (it waits for the next refresh that reaches the master). Once the master answers, that
+    refresh writes the pod's (empty) list there, and the member is gone from every view.
+    Before, the project was in no refresh plan any more (the pod has no member there and may
+    not watch it), so nothing was ever written: the member stayed listed by every pod until
+    the pod's records expired and three refresh reports missed them (the bound of a dead pod,
+    for a pod that is healthy), and for ever for a pod that went on refreshing it elsewhere."""
+
+    class Client:
+        def register_script(self, script: str) -> None:
+            return None
+
+    service = PresenceService(Client(), lambda s, f: None, pod_id="a", listen=False, **TIMINGS)
+    store = service.store = _StoreWithADeadMaster()  # type: ignore[assignment]
+    service.join("t1", 1, "alice", None)
+    service.join("t2", 2, "hank", None)
+    await service._flush()
+    assert store.stored.keys() == {1, 2}
+    store.dead = {2}
+    await service._refresh()  # its master fails: project 2 waits for the next refresh
+    service.leave("t2", 2)
+    await service._flush()
+    store.written.clear()
+    store.dead = set()
+    await service._refresh()  # the master answers again
+    await service._flush()
+    assert [(w.project_id, w.base, w.changes) for w in store.written] == [(2, 0, {})]
+    store.written.clear()
+    await service._refresh()  # written once: nothing more to do there
+    await service._flush()
+    assert store.written == [] and 2 not in store.refreshed[-1]
