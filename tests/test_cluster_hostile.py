@@ -16,11 +16,13 @@ import redis.exceptions
 
 from gateway.cluster_pubsub import ClusterPubSub, SlotMap
 from gateway.metrics import Metrics
+from gateway.presence import Write
 from gateway.presence_store import PRESENCE_READS, PresenceService, PresenceStore
 from gateway.store import CLUSTER_CONCURRENCY, ForeignValues, HistoryStore, StoreUnavailable
 from publisher import AsyncPublisher, Publisher
 from redisconn import async_client
 from schemas.keys import Keys
+from schemas.presence import PodRecord
 from tests.support.fake_resp import PROXY, FakeResp, proxy
 from tests.support.gateway_process import GatewayGroup
 from tests.support.redis_cluster import RedisCluster
@@ -563,3 +565,42 @@ async def test_presence_follows_a_hung_master_failed_over_to_its_replica(redis_c
             await asyncio.to_thread(troubled.thaw)
     finally:
         await pods.close()
+
+
+async def test_replies_a_hung_master_sends_after_a_cut_off_presence_call_reach_no_later_call(
+    partial_cluster: RedisCluster,
+):
+    """A presence refresh cut off by its per-master bound while the master hangs (SIGSTOP):
+    after SIGCONT the master answers it (and runs it), but the next calls of that master read
+    their own replies, never the late ones (redis-py drops a connection whose read was
+    cancelled): a refresh of another project reports that project's pods, a read its records."""
+    cluster = partial_cluster
+    spread = cluster.projects_by_master(range(1, 5000))
+    hung = cluster.masters()[0]
+    p1, p2 = spread[hung][:2]
+    client = async_client(cluster.url, call_timeout=10.0)
+    x = PresenceStore(client, "x", publish_command="SPUBLISH", group_timeout=0.3)
+    y = PresenceStore(client, "y", publish_command="SPUBLISH", group_timeout=0.3)
+    record = PodRecord(name=None, viewing=None, answering=None, since=1, at=1)
+    try:
+        assert await x.write([Write(p1, 0, 7, {"xavier": record})]) == [True]
+        assert await y.write([Write(p2, 0, 9, {"yann": record})]) == [True]
+        await asyncio.to_thread(hung.freeze)
+        try:
+            # Sent on the connection the calls above left in the pool (a new one would wait
+            # in its handshake, nothing sent); one master: its failure is the call's.
+            with pytest.raises(redis.exceptions.TimeoutError):
+                await x.write([Write(p1, 7, 8, {"xena": record})])
+            with pytest.raises(redis.exceptions.TimeoutError):
+                await x.refresh({p1: 8})
+        finally:
+            await asyncio.to_thread(hung.thaw)
+        for _ in range(3):
+            replies = await y.refresh({p2: 9})
+            assert replies == {p2: (True, {"y": 9})}
+            assert set(await y.read(p2)) == {"y"}
+            assert (await y.read(p2))["y"].records.keys() == {"yann"}
+        # The late write ran when the master woke up: its reply was lost, not its effect.
+        assert (await x.read(p1))["x"].version == 8
+    finally:
+        await client.aclose()
