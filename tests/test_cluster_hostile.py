@@ -604,3 +604,36 @@ async def test_replies_a_hung_master_sends_after_a_cut_off_presence_call_reach_n
         assert (await x.read(p1))["x"].version == 8
     finally:
         await client.aclose()
+
+
+async def test_presence_follows_a_slot_migrated_between_two_rounds_and_during_one(
+    redis_cluster_factory,
+):
+    """A project's slot moves to another master while pods run (the slot map of their clients
+    changes between a round's grouping and its sending, and the writes and refreshes of the
+    migration meet MOVED and ASK): the members listed stay listed, and a member who joins
+    during and after the move is seen by the other pod."""
+    cluster = redis_cluster_factory(3, 0)
+    spread = cluster.projects_by_master(range(1, 5000))
+    source, target = cluster.masters()[:2]
+    h = spread[source][0]
+    slot = cluster.project_slot(h)
+    pods = _ClusterPods(cluster.url)
+    try:
+        a, b = await pods.start("a"), await pods.start("b")
+        a.join("hank-tab", h, "hank", "Hank")
+        on_h = await pods.watch(b, "wh", h)
+        await on_h.until(lambda m: set(m) == {"hank"}, within=10)
+        migration = await asyncio.to_thread(cluster.start_slot_migration, slot, target)
+        await asyncio.to_thread(migration.move_keys)
+        a.join("hugo-tab", h, "hugo", "Hugo")  # while MIGRATING/IMPORTING: ASK
+        await on_h.until(lambda m: set(m) == {"hank", "hugo"}, within=10)
+        await asyncio.sleep(2.5)  # refreshes of the moved keys, still ASKed
+        await asyncio.to_thread(migration.finish)
+        a.join("hilda-tab", h, "hilda", "Hilda")  # the clients learn the move from MOVED
+        await on_h.until(lambda m: set(m) == {"hank", "hugo", "hilda"}, within=10)
+        await asyncio.sleep(4.0)  # past a ttl: every record was refreshed where it lives now
+        assert set(on_h.members) == {"hank", "hugo", "hilda"} and on_h.left == []
+        assert a.store.master_of(h) == target.address
+    finally:
+        await pods.close()
