@@ -7,8 +7,9 @@ something changed, with one script call per changed project; one pipeline per
 read per project when a subscriber first needs it or an announcement was missed (a view
 outlives its last subscriber by ``view_linger``, a diff interval, so subscribing in a loop
 costs one read per interval). Nothing is sent per connection. On Redis Cluster each of those
-pipelines is one per master that owns some of its projects, sent concurrently: a master that is
-down or hangs fails only its own projects' presence (see :class:`PresenceStore`).
+pipelines is one per master that owns some of its projects (one per ``PIPELINE_CALLS`` calls
+there), sent concurrently: a master that is down or hangs fails only its own projects'
+presence (see :class:`PresenceStore`).
 
 Bounds, with the defaults (all settable on :class:`PresenceService`):
 
@@ -96,6 +97,14 @@ OnLeftOut = Callable[[int, int], None]
 #: Redis were down.
 PRESENCE_READS = 16
 
+#: On Redis Cluster, the most script calls of a write or refresh sent to one master in one
+#: pipeline; more go in further pipelines, one after the other, each within
+#: :attr:`PresenceStore.group_timeout`. A healthy master answers this many in well under that
+#: bound (3,000 took 1.4 s on a test machine, with three masters' replies read at once), so
+#: only one that hangs, or is overloaded, fails its projects; one pipeline for all of a
+#: master's projects was cut off every round for a pod with thousands of them there.
+PIPELINE_CALLS = 256
+
 #: The per-project outcome of a write or a refresh that did not apply: the error Redis answered
 #: for that project alone (``ResponseError``: its keys are unusable), or, on Redis Cluster, the
 #: failure of the master that owns the project's slot (``ConnectionError``, ``TimeoutError``:
@@ -128,7 +137,8 @@ def _text(value: Any) -> str:
 class PresenceStore:
     """The Redis calls of one pod's presence. Each method is one round trip (a pipeline) on a
     standalone Redis; on Redis Cluster, :meth:`write` and :meth:`refresh` send one pipeline per
-    master that owns some of the projects, concurrently, each within ``group_timeout``: a master
+    master that owns some of the projects (one per :data:`PIPELINE_CALLS` calls there, one
+    after the other), concurrently, each within ``group_timeout``: a master
     that is down or hangs fails its own projects only (their outcome is the error), and the
     call raises only when no master answered. (One pipeline for all held every project's
     presence behind one hung master.)"""
@@ -164,7 +174,7 @@ class PresenceStore:
         self.per_master = self._cluster
         #: Commands sent and round trips made: what the cost bounds count. A round trip is one
         #: pipeline (or read): on Redis Cluster a write or refresh makes one per master its
-        #: projects live on, sent concurrently.
+        #: projects live on (one per :data:`PIPELINE_CALLS` calls there), sent concurrently.
         self.commands = 0
         self.round_trips = 0
 
@@ -270,31 +280,54 @@ class PresenceStore:
         """Run script calls and return their replies, a call's :data:`ProjectFailure` in its
         place. Standalone: one pipeline, which raises when Redis fails. Cluster: one pipeline
         per master (the master the slot map names for the call's first key: a project's keys
-        share its slot), concurrently, each within :attr:`group_timeout`; a master that fails
-        or does not answer gives its calls its error (a ``RedisError``), and only when every
-        master failed does this raise."""
+        share its slot), concurrently, each within :attr:`group_timeout`; a master with more
+        than :data:`PIPELINE_CALLS` calls gets them in pipelines of that many, one after the
+        other, each within that bound. A master that fails or does not answer gives its calls
+        not answered yet its error (a ``RedisError``; the ones after are not sent), and only
+        when no master answered any does this raise."""
         if not self._cluster:
             replies = await self._pipeline(calls)
             self._count(len(calls))
             return replies
         groups = group_by_master(calls, lambda call: node_name(self.client, call[1][0]))
+        parts = [chunks(indexes, PIPELINE_CALLS) for indexes in groups]
+        sent = 0
 
-        async def run(indexes: list[int]) -> list:
-            master = node_name(self.client, calls[indexes[0]][1][0])  # (the map grouped by)
-            try:
-                async with asyncio.timeout(self.group_timeout):
-                    return await self._pipeline([calls[i] for i in indexes])
-            except TimeoutError:
-                # redis-py never saw this end: it is told, and reloads its slot map (a master
-                # failed over meanwhile is then no longer asked).
-                node_unanswered(self.client, master)
-                raise redis.exceptions.TimeoutError(
-                    f"no answer from the master within {self.group_timeout:g} s"
-                ) from None
+        async def run(own: list[Sequence[int]]) -> list:
+            """One master's pipelines, one after the other: the outcome of each (its replies,
+            or the failure that it and the ones after it, not sent, get)."""
+            nonlocal sent
+            master = node_name(self.client, calls[own[0][0]][1][0])  # (the map grouped by)
+            outcomes: list = []
+            for part in own:
+                sent += 1
+                try:
+                    async with asyncio.timeout(self.group_timeout):
+                        outcomes.append(await self._pipeline([calls[i] for i in part]))
+                        continue
+                except TimeoutError:
+                    # redis-py never saw this end: it is told, and reloads its slot map (a
+                    # master failed over meanwhile is then no longer asked).
+                    node_unanswered(self.client, master)
+                    failure: Exception = redis.exceptions.TimeoutError(
+                        f"no answer from the master within {self.group_timeout:g} s"
+                    )
+                except (redis.exceptions.RedisError, OSError) as exc:
+                    failure = exc
+                # The rest is not sent: it would wait for the master too.
+                return outcomes + [failure] * (len(own) - len(outcomes))
+            return outcomes
 
-        outcomes = await asyncio.gather(*(run(ix) for ix in groups), return_exceptions=True)
-        self._count(len(calls), len(groups))
-        return spread_outcomes(len(calls), groups, outcomes)
+        try:
+            per_master = await asyncio.gather(*(run(own) for own in parts), return_exceptions=True)
+        finally:
+            self._count(len(calls), sent)
+        outcomes = []
+        for result in per_master:
+            if isinstance(result, BaseException):
+                raise result  # a bug, not a master's failure
+            outcomes += result
+        return spread_outcomes(len(calls), [p for own in parts for p in own], outcomes)
 
     async def _pipeline(self, calls: list[tuple[str, list, list]]) -> list:
         """Run script calls in one pipeline and return their replies, a call's error reply
@@ -352,6 +385,11 @@ def group_by_master(
     for i, call in enumerate(calls):
         groups.setdefault(master_of(call), []).append(i)
     return list(groups.values())
+
+
+def chunks(indexes: Sequence[int], size: int) -> list[Sequence[int]]:
+    """``indexes`` in runs of at most ``size``, in order (one pipeline each)."""
+    return [indexes[i : i + size] for i in range(0, len(indexes), size)]
 
 
 def spread_outcomes(n: int, groups: Sequence[Sequence[int]], outcomes: Sequence[Any]) -> list:

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from gateway.presence import ProjectView, Write, apply_diff
 from gateway.presence_store import (
+    PIPELINE_CALLS,
     PresenceService,
     PresenceStore,
     group_by_master,
@@ -1832,3 +1833,45 @@ async def test_a_last_member_who_left_while_the_master_failed_is_removed_once_it
     await service._refresh()  # written once: nothing more to do there
     await service._flush()
     assert store.written == [] and 2 not in store.refreshed[-1]
+
+
+async def test_a_slow_but_healthy_master_with_many_projects_is_not_taken_for_hung(monkeypatch):
+    """On Redis Cluster each master's part of a refresh has ``group_timeout`` (a third of the
+    refresh interval) to answer. A healthy master with thousands of the pod's projects takes
+    longer than that for all of them (3,000 script calls per master took 1.4 s on a test
+    machine): its part is sent in pipelines of at most ``PIPELINE_CALLS`` calls, one after the
+    other, each with that bound, so it answers them all; a master that hangs still fails its
+    projects within the bound of one pipeline. Before, one pipeline per master was cut off at
+    the bound every round: none of the pod's projects there was ever refreshed or written."""
+    projects = range(1, 9001)
+
+    def master(key: str) -> str:
+        return f"m{int(key.split('{')[1].split('}')[0]) % 3}"
+
+    monkeypatch.setattr("gateway.presence_store.node_name", lambda client, key: master(key))
+
+    class Client:
+        def register_script(self, script: str) -> None:
+            return None
+
+    store = PresenceStore(Client(), "pod1", group_timeout=0.5)
+    store._cluster = True
+    sizes: list[int] = []
+
+    async def pipeline(calls):  # a healthy master answers 4,000 calls a second; m2 hangs
+        sizes.append(len(calls))
+        if master(calls[0][1][0]) == "m2":
+            await asyncio.Event().wait()
+        await asyncio.sleep(len(calls) / 4000)
+        return [[1, [], 0] for _ in calls]
+
+    store._pipeline = pipeline  # type: ignore[method-assign]
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    replies = await store.refresh(dict.fromkeys(projects, 1))
+    took = loop.time() - began
+    hung = {p for p in projects if p % 3 == 2}
+    assert {p for p, r in replies.items() if isinstance(r, redis.exceptions.TimeoutError)} == hung
+    assert all(replies[p] == (True, {}) for p in projects if p not in hung)
+    assert took < 0.5 + 1.0  # the hung master's bound, and the healthy ones' pipelines
+    assert max(sizes) <= PIPELINE_CALLS
