@@ -485,6 +485,9 @@ class PresenceService:
         #: records to write whole), so that a hung master holds one call per refresh interval,
         #: not every write round of the other masters' projects.
         self._unreachable: set[int] = set()
+        #: Their masters (``host:port``): the writes and re-reads of the masters' other
+        #: projects wait for the next refresh too (each would wait out the master's bound).
+        self._failed_masters: set[str] = set()
         #: Re-reads of such projects, made after the next refresh that reaches their master.
         self._reread_later: set[int] = set()
         self._on_repaired = on_repaired
@@ -734,7 +737,6 @@ class PresenceService:
         round until its bound, and the other projects' reads waited for the master too (a
         re-read of every view follows each pub/sub reconnect)."""
         batch, self._reread = self._reread, set()
-        failed: set[str] = set()  # masters that failed a read of this batch
         while batch:
             project_id = batch.pop()
             try:
@@ -742,7 +744,7 @@ class PresenceService:
                     await self._reload(project_id)
                     continue
                 master = self.store.master_of(project_id)
-                if project_id in self._unreachable or master in failed:
+                if project_id in self._unreachable or master in self._failed_masters:
                     self._reread_later.add(project_id)
                     continue
                 try:
@@ -751,10 +753,8 @@ class PresenceService:
                 except (redis.exceptions.RedisError, OSError) as exc:
                     if isinstance(exc, TimeoutError):  # our bound's: redis-py never saw it end
                         node_unanswered(self.client, master)
-                    self._master_failed(project_id, exc)
+                    self._master_failed(project_id, exc)  # its other projects: later too
                     self._reread_later.add(project_id)
-                    if master is not None:
-                        failed.add(master)  # its other projects of the batch: later too
             except BaseException:
                 # read them again on the next round
                 self._reread |= batch | {project_id}
@@ -798,10 +798,11 @@ class PresenceService:
     async def _flush(self) -> None:
         writes = self.core.take_writes()
         if self._unreachable:
+            waiting = {w.project_id for w in writes if self._waits_for_refresh(w.project_id)}
             for w in writes:
-                if w.project_id in self._unreachable:
+                if w.project_id in waiting:
                     self.core.written(w, ok=False, retry=False)  # written whole when it answers
-            writes = [w for w in writes if w.project_id not in self._unreachable]
+            writes = [w for w in writes if w.project_id not in waiting]
         if not writes:
             return
         try:
@@ -830,6 +831,7 @@ class PresenceService:
     async def _refresh(self) -> None:
         replies = await self.store.refresh(self.core.refresh_plan())
         self._unreachable = set()
+        self._failed_masters = set()
         reread_later, self._reread_later = self._reread_later, set()
         for project_id, reply in replies.items():
             if isinstance(reply, redis.exceptions.ResponseError):
@@ -883,11 +885,23 @@ class PresenceService:
             error=describe(exc),
         )
 
+    def _waits_for_refresh(self, project_id: int) -> bool:
+        """Whether the project's writes wait for the next refresh: its master (Redis Cluster)
+        failed or did not answer since the last one, for this project or another."""
+        if project_id in self._unreachable:
+            return True
+        return (
+            bool(self._failed_masters) and self.store.master_of(project_id) in self._failed_masters
+        )
+
     def _master_failed(self, project_id: int, exc: Exception) -> None:
         """On Redis Cluster, the master of a project's slot failed or did not answer its part of
         a write or refresh, or a read of the project: the project's writes and re-reads wait for
         the next refresh; the others went on."""
         self._unreachable.add(project_id)
+        master = self.store.master_of(project_id)
+        if master is not None:
+            self._failed_masters.add(master)
         self._throttle.log(
             "master_failed",
             log.warning,

@@ -1875,3 +1875,32 @@ async def test_a_slow_but_healthy_master_with_many_projects_is_not_taken_for_hun
     assert all(replies[p] == (True, {}) for p in projects if p not in hung)
     assert took < 0.5 + 1.0  # the hung master's bound, and the healthy ones' pipelines
     assert max(sizes) <= PIPELINE_CALLS
+
+
+async def test_a_new_project_of_a_master_that_failed_waits_for_the_refresh_not_its_round():
+    """On Redis Cluster, once a master failed a refresh (down or hung), a write of another of
+    its projects (a member joining a project new to the pod) waits for the next refresh that
+    reaches the master, as the writes of the projects that failed do: sent, it would wait out
+    the master's bound and hold the write round, and the writes of the other masters' projects
+    made meanwhile with it. Once the master answers, it is written."""
+
+    class Client:
+        def register_script(self, script: str) -> None:
+            return None
+
+    service = PresenceService(Client(), lambda s, f: None, pod_id="a", listen=False, **TIMINGS)
+    store = service.store = _StoreWithADeadMaster()  # type: ignore[assignment]
+    store.master_of = lambda project_id: "m2" if project_id % 2 == 0 else "m1"  # type: ignore
+    store.dead = {2, 4}  # m2's projects
+    service.join("t1", 1, "alice", None)
+    service.join("t2", 2, "hank", None)
+    await service._refresh()
+    store.written.clear()
+    service.join("t4", 4, "hugo", None)  # new to the pod, on m2
+    service.join("t3", 3, "bob", None)
+    await service._flush()
+    assert [w.project_id for w in store.written] == [3]
+    store.dead = set()
+    store.written.clear()
+    await service._refresh()
+    assert sorted(w.project_id for w in store.written) == [2, 4]
