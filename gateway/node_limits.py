@@ -9,7 +9,6 @@ the other masters serve wait behind them, past their callers' timeouts, for shar
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import redis.asyncio.cluster
 import redis.exceptions
@@ -61,11 +60,14 @@ def node_unanswered(client: object, name: str | None) -> None:
     was not written at their new master at all."""
     if name is None or not isinstance(client, redis.asyncio.cluster.RedisCluster):
         return
-    manager = client.nodes_manager
-    with contextlib.suppress(AttributeError):  # (redis-py's own; older ones lack it)
-        manager.move_node_to_end_of_cached_nodes(name)
+    # (redis-py's own, as its error paths use them; older versions lack some.)
+    last = getattr(client.nodes_manager, "move_node_to_end_of_cached_nodes", None)
     request = getattr(client, "_request_refresh", None)
+    if last is not None:
+        last(name)
     if request is not None:  # redis-py 8.2: the next call reloads the map, this node last
         request(last_failed_node_name=name)
-    else:  # before: the flag its error paths set
+    elif last is not None:  # before: the flag its error paths set (the map asked in order)
         client._initialize = True
+    # Else nothing: a reload asking the hung node first would wait out the bound of the call
+    # that runs it, whichever master that call is for.
