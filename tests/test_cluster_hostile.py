@@ -438,7 +438,7 @@ class _ClusterPods:
             if session in self.watchers:
                 self.watchers[session].receive(frame)
 
-    async def start(self, name: str) -> PresenceService:
+    async def start(self, name: str, ttl: float = 3.0) -> PresenceService:
         client = async_client(self.url, call_timeout=10.0)  # the gateway's
         holder: list[PresenceService] = []
         link = ClusterPubSub(
@@ -455,7 +455,7 @@ class _ClusterPods:
             pod_id=name,
             publish_command="SPUBLISH",
             link=link,
-            ttl=3.0,
+            ttl=ttl,
             refresh_interval=1.0,
             flush_interval=0.05,
             diff_interval=0.2,
@@ -635,5 +635,38 @@ async def test_presence_follows_a_slot_migrated_between_two_rounds_and_during_on
         await asyncio.sleep(4.0)  # past a ttl: every record was refreshed where it lives now
         assert set(on_h.members) == {"hank", "hugo", "hilda"} and on_h.left == []
         assert a.store.master_of(h) == target.address
+    finally:
+        await pods.close()
+
+
+async def test_a_member_who_left_while_the_master_hung_is_gone_soon_after_it_answers(
+    partial_cluster: RedisCluster,
+):
+    """Hank, pod a's only member in a project, closes his tab while the project's master hangs
+    (SIGSTOP, shorter than a's ttl; a's refresh already found it hung, so the write waits).
+    Once the master answers, pod b shows him leaving within a few refresh intervals. Before,
+    a had nothing of the project left to refresh and never wrote the removal: b listed him
+    until a's records expired (ttl, 10 s here) and three refresh reports missed them, as if
+    pod a had died. (Had the write been sent, it would have run late, once the master woke
+    up; and with no other master answering a's calls, they fail whole and are retried.)"""
+    cluster = partial_cluster
+    spread = cluster.projects_by_master(range(1, 5000))
+    troubled, healthy = cluster.masters()[:2]
+    h, g = spread[troubled][0], spread[healthy][0]
+    pods = _ClusterPods(cluster.url)
+    try:
+        a, b = await pods.start("a", ttl=10.0), await pods.start("b", ttl=10.0)
+        a.join("alice-tab", g, "alice", "Alice")  # (a healthy master answers a's calls)
+        a.join("hank-tab", h, "hank", "Hank")
+        on_h = await pods.watch(b, "wh", h)
+        await on_h.until(lambda m: set(m) == {"hank"}, within=10)
+        await asyncio.to_thread(troubled.freeze)
+        try:
+            await asyncio.sleep(1.5)  # a's refresh found the master hung: its writes wait
+            a.close_session("hank-tab")
+            await asyncio.sleep(0.5)
+        finally:
+            await asyncio.to_thread(troubled.thaw)
+        await on_h.until(lambda m: not m, within=4.0)
     finally:
         await pods.close()
