@@ -670,3 +670,34 @@ async def test_a_member_who_left_while_the_master_hung_is_gone_soon_after_it_ans
         await on_h.until(lambda m: not m, within=4.0)
     finally:
         await pods.close()
+
+
+async def test_a_member_who_joined_while_the_master_hung_is_seen_once_it_answers(
+    partial_cluster: RedisCluster,
+):
+    """Hugo joins a project of pod a while its master hangs (a's refresh already found it hung,
+    so the write waits), and nothing changes after: once the master answers, the next refresh
+    that reaches it writes a's members there whole, and pod b sees him, with hank still
+    listed (nobody shown leaving)."""
+    cluster = partial_cluster
+    spread = cluster.projects_by_master(range(1, 5000))
+    troubled, healthy = cluster.masters()[:2]
+    h, g = spread[troubled][0], spread[healthy][0]
+    pods = _ClusterPods(cluster.url)
+    try:
+        a, b = await pods.start("a", ttl=10.0), await pods.start("b", ttl=10.0)
+        a.join("alice-tab", g, "alice", "Alice")  # (a healthy master answers a's calls)
+        a.join("hank-tab", h, "hank", "Hank")
+        on_h = await pods.watch(b, "wh", h)
+        await on_h.until(lambda m: set(m) == {"hank"}, within=10)
+        await asyncio.to_thread(troubled.freeze)
+        try:
+            await asyncio.sleep(1.5)  # a's refresh found the master hung: its writes wait
+            a.join("hugo-tab", h, "hugo", "Hugo")
+            await asyncio.sleep(0.5)
+        finally:
+            await asyncio.to_thread(troubled.thaw)
+        await on_h.until(lambda m: set(m) == {"hank", "hugo"}, within=4.0)
+        assert on_h.left == []
+    finally:
+        await pods.close()
