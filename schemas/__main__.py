@@ -6,32 +6,13 @@ that file is stale. Regenerate it with ``python -m schemas > schemas/eventbus.sc
 
 from __future__ import annotations
 
-import inspect
 import sys
-from typing import Any
 
 import msgspec
 
 from schemas.events import Event
+from schemas.export import clean_descriptions
 from schemas.protocol import ClientMessage, PollResponse, ServerMessage
-
-
-def _clean_descriptions(node: Any) -> Any:
-    """Normalise every ``description`` with :func:`inspect.cleandoc`.
-
-    msgspec takes descriptions from docstrings, and how it strips their indentation changed in
-    0.23. Cleaning them here keeps the export byte-identical whichever msgspec is installed.
-    """
-    if isinstance(node, dict):
-        return {
-            key: inspect.cleandoc(value)
-            if key == "description" and isinstance(value, str)
-            else _clean_descriptions(value)
-            for key, value in node.items()
-        }
-    if isinstance(node, list):
-        return [_clean_descriptions(item) for item in node]
-    return node
 
 
 def json_schema() -> dict:
@@ -39,7 +20,7 @@ def json_schema() -> dict:
     (event, client, server, poll), components = msgspec.json.schema_components(
         [Event, ClientMessage, ServerMessage, PollResponse], ref_template="#/$defs/{name}"
     )
-    components = _clean_descriptions(components)
+    components = clean_descriptions(components)
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "eventbus",

@@ -15,7 +15,6 @@ does not serve (``x-not-found`` at the top) and the 405 of a method a path does 
 
 from __future__ import annotations
 
-import inspect
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -33,6 +32,7 @@ from publisher.http_api.core import (
     RevocationRequest,
 )
 from schemas.events import Event
+from schemas.export import clean_descriptions
 from schemas.history import DEFAULT_POLL_LIMIT, MAX_POLL_LIMIT
 from schemas.protocol import MAX_SEQ, PollResponse, Presence
 from schemas.tags import TAG_PATTERN
@@ -143,20 +143,6 @@ def _meanings(settings: HttpApiSettings) -> dict[str, str]:
     }
 
 
-def _clean(node: Any) -> Any:
-    """Descriptions from docstrings, dedented the same whichever msgspec is installed."""
-    if isinstance(node, dict):
-        return {
-            key: inspect.cleandoc(value)
-            if key == "description" and isinstance(value, str)
-            else _clean(value)
-            for key, value in node.items()
-        }
-    if isinstance(node, list):
-        return [_clean(item) for item in node]
-    return node
-
-
 def _ref(name: str) -> dict:
     return {"$ref": _SCHEMAS + name}
 
@@ -178,7 +164,7 @@ def _components() -> dict[str, Any]:
         Readiness,
     ]
     (event, *_), schemas = msgspec.json.schema_components(types, ref_template=_SCHEMAS + "{name}")
-    schemas = _clean(schemas)
+    schemas = clean_descriptions(schemas)
     schemas["Event"] = {
         "description": "An event of the contract (docs/contract.md), tagged by `type`.",
         **event,
