@@ -417,6 +417,25 @@ def spread_outcomes(n: int, groups: Sequence[Sequence[int]], outcomes: Sequence[
     return replies
 
 
+#: Error replies about the node, not the project's keys: the cluster reconfiguring around a
+#: master (CLUSTERDOWN, MASTERDOWN, TRYAGAIN while a slot moves, READONLY from a master demoted
+#: in a failover). Its projects wait for the next refresh that reaches it, as for a master that
+#: does not answer.
+_NODE_REPLIES = (
+    redis.exceptions.ClusterError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ReadOnlyError,
+)
+
+
+def _keys_at_fault(outcome: object) -> bool:
+    """Whether a write's or refresh's outcome is Redis refusing that project's own keys (an
+    error reply the scripts did not foresee), rather than a success or its node's trouble."""
+    return isinstance(outcome, redis.exceptions.ResponseError) and not isinstance(
+        outcome, _NODE_REPLIES
+    )
+
+
 class PresenceService:
     """Presence for one gateway pod: the calls the connection lifecycle makes, and the loops.
 
@@ -816,7 +835,7 @@ class PresenceService:
                 self.unannounced += 1
                 if self._on_unannounced is not None:
                     self._on_unannounced(w.project_id, 1)
-            if isinstance(result, redis.exceptions.ResponseError):
+            if _keys_at_fault(result):
                 # Written whole at the next refresh (not every write interval while it fails).
                 self._project_error(w.project_id, result)
                 self.core.written(w, ok=False, retry=False)
@@ -834,7 +853,7 @@ class PresenceService:
         self._failed_masters = set()
         reread_later, self._reread_later = self._reread_later, set()
         for project_id, reply in replies.items():
-            if isinstance(reply, redis.exceptions.ResponseError):
+            if _keys_at_fault(reply):
                 self._project_error(project_id, reply)
                 self.core.refresh_failed(project_id)
             elif isinstance(reply, redis.exceptions.RedisError):

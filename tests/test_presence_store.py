@@ -1688,8 +1688,12 @@ class _StoreWithADeadMaster:
         self.changed.set()
         return {}
 
-    def _down(self) -> redis.exceptions.ConnectionError:
-        return redis.exceptions.ConnectionError("master down")
+    #: What a dead master's projects are answered: the connection's failure, or an error reply
+    #: about the node rather than the keys (the cluster reconfiguring around it).
+    down: type[redis.exceptions.RedisError] = redis.exceptions.ConnectionError
+
+    def _down(self) -> redis.exceptions.RedisError:
+        return self.down("master down")
 
     async def write(self, writes):
         self.written += writes
@@ -1715,11 +1719,22 @@ class _StoreWithADeadMaster:
         }
 
 
-async def test_a_project_whose_master_failed_waits_for_the_next_refresh_the_others_go_on():
+@pytest.mark.parametrize(
+    "down",
+    [
+        redis.exceptions.ConnectionError,
+        redis.exceptions.ClusterDownError,  # CLUSTERDOWN, also MASTERDOWN
+        redis.exceptions.TryAgainError,  # TRYAGAIN: a slot being moved
+        redis.exceptions.ReadOnlyError,  # a master demoted to replica in a failover
+    ],
+)
+async def test_a_project_whose_master_failed_waits_for_the_next_refresh_the_others_go_on(down):
     """A write or refresh answered with its master's failure (Redis Cluster, a master down or
-    hung) leaves that project unwritten: its writes are not sent again each round (each would
-    wait for the hung master, holding the other masters' writes with it) but once a refresh
-    reaches the master again, which writes its members whole; the other projects go on."""
+    hung, or an error reply about the node while the cluster reconfigures) leaves that project
+    unwritten: its writes are not sent again each round (each would wait for the hung master,
+    holding the other masters' writes with it) but once a refresh reaches the master again,
+    which writes its members whole; the other projects go on. (The error replies were taken
+    for the project's keys being unusable, and its writes were sent again each round.)"""
 
     class Client:
         def register_script(self, script: str) -> None:
@@ -1727,7 +1742,7 @@ async def test_a_project_whose_master_failed_waits_for_the_next_refresh_the_othe
 
     service = PresenceService(Client(), lambda s, f: None, pod_id="a", listen=False, **TIMINGS)
     store = service.store = _StoreWithADeadMaster()  # type: ignore[assignment]
-    store.dead = {2}
+    store.dead, store.down = {2}, down
     service.join("t1", 1, "alice", None)
     service.join("t2", 2, "hank", None)
     await service._flush()
