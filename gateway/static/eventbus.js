@@ -2388,7 +2388,14 @@ export class EventBus {
     if (action.renewToken) this._token = null;
     if (attempt.reopen) {
       // (Not for nothing: the last project was unsubscribed; subscribe() opens the next one.)
-      if (this._subs.size > 0) this._connectSse();
+      // A planned reopen of a stream that delivered (a project added, a token about to expire,
+      // a gap) stays live meanwhile: the next stream takes the same path, and showing it as a
+      // loss blinked "reconnecting" at every token refresh. Should the next one fail or never
+      // answer, it ends as any other (_sseEnded: not live, polling).
+      if (this._subs.size > 0) {
+        this._sseLive = attempt.proven;
+        this._connectSse();
+      }
     } else if (attempt.live && attempt.closeCode !== null && action.delay === "prompt" && !this._ssePrompted) {
       // Draining (1012), slow consumer (4008), token expired (4002): resume at once, jittered;
       // once until a stream is stable (as the WebSocket's, see _onSocketClosed).

@@ -1669,6 +1669,27 @@ test("sse: several projects share one stream; a new subscribe reopens it with ev
   assert(stream.closed, "the old stream is closed");
 });
 
+test("sse: a live stream reopened for a new subscribe stays live meanwhile, no reconnecting flash", async () => {
+  // A reopen is planned (a project added, a token about to expire, a gap): the stream it
+  // replaces delivered, on the same path. Shown as a loss, the page blinked "reconnecting" at
+  // every token refresh.
+  const env = setup({ autoFailSockets: true, subscribe: [1] });
+  sseServer(env);
+  await env.clock.advance(0);
+  await sseLive(env, { 1: { epoch: "a", seq: 4 } });
+  eq(env.bus.state, "live");
+  const seen = env.statuses.length;
+  env.events[2] = [];
+  env.bus.subscribe(2, (e) => env.events[2].push(e.seq));
+  await env.clock.advance(0);
+  eq(env.open.length, 2, "reopened with both projects");
+  await env.clock.advance(500); // the new stream's answer takes a while
+  eq(env.bus.state, "live");
+  await sseLive(env, { 1: { epoch: "a", seq: 4, resumed: true }, 2: { epoch: "b", seq: 0 } });
+  eq(env.statuses.slice(seen), [], "no state change at all");
+  eq(env.requests.length, 0, "no poll");
+});
+
 test("SSE refused too: polling, SSE retried, then back up to WebSocket", async () => {
   const env = setup({ autoFailSockets: true });
   pollServer(env, [1, 2]);
