@@ -21,18 +21,31 @@ from schemas.protocol import (
     Error,
     ErrorCode,
     Pong,
+    Presence,
+    PresenceDiff,
     ResyncRequired,
     Sequence,
     Subscribed,
     Unsubscribed,
 )
 
-__all__ = ["CONTROL_TYPES", "EVENT_TYPES", "FrameError", "decode_frame", "event_seq", "is_event"]
+__all__ = [
+    "CONTROL_TYPES",
+    "EVENT_TYPES",
+    "PRESENCE_TYPES",
+    "FrameError",
+    "decode_frame",
+    "event_seq",
+    "is_event",
+]
 
 EVENT_TYPES: frozenset[type] = frozenset(event_types())
 CONTROL_TYPES = (Authenticated, Subscribed, Unsubscribed, ResyncRequired, Error, Pong)
+#: Presence messages (``docs/presence.md``): decoded here as the schema's Structs, checked
+#: further by :class:`consumer.presence.PresenceTable`.
+PRESENCE_TYPES = (Presence, PresenceDiff)
 
-_decoder = msgspec.json.Decoder(Union[(*event_types(), *CONTROL_TYPES)])
+_decoder = msgspec.json.Decoder(Union[(*event_types(), *CONTROL_TYPES, *PRESENCE_TYPES)])
 
 
 class _Header(msgspec.Struct):
@@ -46,6 +59,17 @@ class _Header(msgspec.Struct):
 
 
 _header_decoder = msgspec.json.Decoder(_Header)
+
+
+class _Tagged(msgspec.Struct):
+    """The type and project of a frame (to tell a malformed presence message's project)."""
+
+    type: str
+    project_id: int
+
+
+_tagged_decoder = msgspec.json.Decoder(_Tagged)
+_PRESENCE_TAGS = frozenset(t.__struct_config__.tag for t in PRESENCE_TYPES)
 
 
 class _LooseError(msgspec.Struct, tag_field="type", tag="error"):
@@ -88,7 +112,7 @@ def _loose_error(raw: bytes) -> Error | None:
     return Error(loose.code, loose.message, loose.project_id, retry_after_ms, refused)
 
 
-_CONTROL_TAGS = frozenset(t.__struct_config__.tag for t in CONTROL_TYPES)
+_CONTROL_TAGS = frozenset(t.__struct_config__.tag for t in (*CONTROL_TYPES, *PRESENCE_TYPES))
 _SEQ_KEY = b',"seq":'
 
 
@@ -96,12 +120,16 @@ class FrameError(ValueError):
     """A frame that is neither a known control message nor a known event.
 
     ``header`` holds ``(type, project_id, seq)`` when the frame at least looks like an event (so
-    its place in the order can still be kept), else None.
+    its place in the order can still be kept), else None. ``presence`` holds the project of a
+    malformed ``presence`` or ``presence_diff`` (its table counts it), else None.
     """
 
-    def __init__(self, message: str, header: tuple[str, int, int] | None) -> None:
+    def __init__(
+        self, message: str, header: tuple[str, int, int] | None, presence: int | None = None
+    ) -> None:
         super().__init__(message)
         self.header = header
+        self.presence = presence
 
 
 def event_seq(raw: bytes) -> int:
@@ -121,8 +149,9 @@ def event_seq(raw: bytes) -> int:
 
 
 def decode_frame(raw: bytes) -> object:
-    """Decode one gateway frame into an event Struct (see :data:`EVENT_TYPES`) or a control
-    message Struct (:data:`CONTROL_TYPES`); raise :class:`FrameError` for anything else."""
+    """Decode one gateway frame into an event Struct (see :data:`EVENT_TYPES`), a control
+    message Struct (:data:`CONTROL_TYPES`) or a presence message (:data:`PRESENCE_TYPES`);
+    raise :class:`FrameError` for anything else."""
     try:
         return _decode_frame(raw)
     except RecursionError:
@@ -139,6 +168,13 @@ def _decode_frame(raw: bytes) -> object:
         error = _loose_error(raw)
         if error is not None:
             return error
+        try:
+            tagged = _tagged_decoder.decode(raw)
+        except msgspec.DecodeError:
+            pass
+        else:
+            if tagged.type in _PRESENCE_TAGS:
+                raise FrameError(str(exc), None, tagged.project_id) from None
         try:
             header = _header_decoder.decode(raw)
         except msgspec.DecodeError:

@@ -1,0 +1,279 @@
+"""The consumer's presence core (consumer/presence.py), without sockets: the member table of a
+project from the gateway's ``presence`` and ``presence_diff`` frames, what it refuses, and the
+coalesced views a reader gets. Frames go through the consumer's own decoder (consumer/frames.py),
+as they do in the client."""
+
+from __future__ import annotations
+
+import msgspec
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from consumer.frames import FrameError, decode_frame
+from consumer.presence import (
+    PresenceChange,
+    PresenceTable,
+    PresenceView,
+    PresenceWatch,
+    changes,
+    is_member,
+)
+from gateway.presence import apply_diff
+from schemas.protocol import Member, Presence, PresenceDiff
+
+
+def member(mid: str, *, name: str | None = None, viewing=None, answering=None, since=1) -> dict:
+    return {"id": mid, "name": name, "viewing": viewing, "answering": answering, "since": since}
+
+
+def frame(message: dict) -> bytes:
+    return msgspec.json.encode(message)
+
+
+def feed(table: PresenceTable, message: dict) -> bool:
+    """A frame as the client hands it to the table: decoded, or rejected when it cannot be."""
+    try:
+        decoded = decode_frame(frame(message))
+    except FrameError as exc:
+        assert exc.presence == message.get("project_id")
+        table.reject()
+        return False
+    return table.receive(decoded)
+
+
+def presence(*members: dict, project_id: int = 1) -> dict:
+    return {"type": "presence", "project_id": project_id, "members": list(members)}
+
+
+def diff(joined=(), left=(), changed=(), project_id: int = 1) -> dict:
+    return {
+        "type": "presence_diff",
+        "project_id": project_id,
+        "joined": list(joined),
+        "left": list(left),
+        "changed": list(changed),
+    }
+
+
+def ids(table: PresenceTable) -> list[str] | None:
+    return None if table.members is None else [m.id for m in table.members]
+
+
+def test_presence_replaces_and_diffs_change_the_table_sorted_by_id():
+    table = PresenceTable(1)
+    assert table.members is None and not table.known
+    assert feed(table, presence(member("bob"), member("alice", name="Alice")))
+    assert ids(table) == ["alice", "bob"]
+    assert table.members[0] == Member("alice", "Alice", None, None, 1)
+    assert feed(table, diff(joined=[member("carol")], left=["bob"]))
+    assert ids(table) == ["alice", "carol"]
+    assert feed(table, diff(changed=[member("alice", name="Alice", answering=7)]))
+    assert table.members[0].answering == 7
+    # A new presence (a reconnect) replaces everything.
+    assert feed(table, presence(member("dave")))
+    assert ids(table) == ["dave"]
+    assert not feed(table, presence(member("dave")))  # the same list: no change
+    assert table.malformed == 0
+
+
+def test_a_diff_before_any_presence_is_dropped_and_forget_makes_presence_unknown():
+    table = PresenceTable(1)
+    assert not feed(table, diff(joined=[member("a")]))
+    assert table.members is None and table.ignored == 1 and table.malformed == 0
+    feed(table, presence(member("a")))
+    version = table.version
+    assert table.forget()
+    assert table.members is None and table.version > version
+    assert not table.forget()
+    assert not feed(table, diff(left=["a"]))  # diffs of the old connection: nothing to apply to
+    assert table.members is None
+
+
+bad_members = [
+    member(""),  # no id
+    member("x" * 256),  # longer than any sub the gateway lists
+    member("a", name=""),
+    member("a", name="n" * 201),
+    member("a", viewing=0),
+    member("a", answering=-3),
+    member("a", viewing=2**53),
+    member("a", since=-1),
+    member("a", viewing=True),
+    {"id": "a", "name": None, "viewing": None, "answering": None},  # no since
+    {"id": 7, "name": None, "viewing": None, "answering": None, "since": 1},
+    {"name": None, "viewing": None, "answering": None, "since": 1},
+    "a",
+    None,
+]
+
+
+def test_malformed_messages_are_counted_and_leave_the_table_as_it_was():
+    table = PresenceTable(1)
+    feed(table, presence(member("a"), member("b")))
+    before, version = table.members, table.version
+    messages = [presence(bad) for bad in bad_members]
+    messages += [diff(joined=[bad]) for bad in bad_members]
+    messages += [diff(changed=[bad]) for bad in bad_members]
+    messages += [
+        presence(member("c"), member("c", name="C")),  # one id twice
+        diff(left=[""]),
+        diff(left=[7]),
+        {**diff(), "left": "a"},
+        {"type": "presence_diff", "project_id": 1, "joined": []},  # fields missing
+        {"type": "presence", "project_id": 1, "members": {"a": member("a")}},
+        {"type": "presence", "project_id": 1},
+    ]
+    for message in messages:
+        assert not feed(table, message), message
+    assert table.malformed == len(messages)
+    assert table.members == before and table.version == version
+    # Another project's message is not this table's.
+    assert not table.receive(Presence(2, [Member("z", None, None, None, 1)]))
+    assert table.malformed == len(messages) + 1
+
+
+def test_changes_between_two_lists():
+    a, b, b2, c = (
+        Member("a", None, None, None, 1),
+        Member("b", None, None, None, 1),
+        Member("b", None, 5, None, 1),
+        Member("c", None, None, None, 1),
+    )
+    assert changes(None, (a, b)) == PresenceChange(joined=(a, b))
+    assert changes((a, b), (b2, c)) == PresenceChange(joined=(c,), left=("a",), changed=(b2,))
+    assert changes((a,), None) == PresenceChange(left=("a",))
+    assert not changes((a, b), (a, b))
+
+
+def test_a_watch_coalesces_to_the_latest_list_with_the_changes_since_the_last_it_gave():
+    table = PresenceTable(1)
+    watch = PresenceWatch()
+    assert watch.next_view(table) is None  # unknown at first: nothing to say yet
+    feed(table, presence(member("a")))
+    first = watch.next_view(table)
+    assert first == PresenceView(1, table.members, PresenceChange(joined=table.members))
+    assert watch.next_view(table) is None
+    # Three diffs while the reader is busy: one view, the changes summed up.
+    feed(table, diff(joined=[member("b")]))
+    feed(table, diff(changed=[member("b", viewing=3)]))
+    feed(table, diff(left=["a"], joined=[member("c")]))
+    view = watch.next_view(table)
+    assert [m.id for m in view.members] == ["b", "c"]
+    assert [m.id for m in view.change.joined] == ["b", "c"] and view.change.left == ("a",)
+    assert view.member("b").viewing == 3 and view.member("a") is None
+    # A diff that changes nothing makes no view.
+    feed(table, diff(left=["zed"]))
+    assert watch.next_view(table) is None
+    # Disconnected: one unknown view; then the reconnect's presence, changes since the last list.
+    table.forget()
+    unknown = watch.next_view(table)
+    assert unknown == PresenceView(1, None) and not unknown.known and not unknown.change
+    feed(table, presence(member("c"), member("d")))
+    back = watch.next_view(table)
+    assert [m.id for m in back.change.joined] == ["d"] and back.change.left == ("b",)
+    # Unknown and back with the same list before the reader looked: nothing new for it.
+    table.forget()
+    feed(table, presence(member("c"), member("d")))
+    assert watch.next_view(table) is None
+
+
+# --- hypothesis -------------------------------------------------------------------------------
+
+ids_ = st.sampled_from(["a", "b", "c", "d", "e"])
+items = st.none() | st.integers(1, 5)
+members_ = st.builds(
+    member,
+    ids_,
+    name=st.none() | st.sampled_from(["A", "B"]),
+    viewing=items,
+    answering=items,
+    since=st.integers(0, 3),
+)
+
+
+@st.composite
+def valid_messages(draw):
+    if draw(st.booleans()):
+        listed = {m["id"]: m for m in draw(st.lists(members_, max_size=5))}
+        return presence(*listed.values())
+    return diff(
+        joined=draw(st.lists(members_, max_size=3)),
+        left=draw(st.lists(ids_, max_size=3)),
+        changed=draw(st.lists(members_, max_size=3)),
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(valid_messages() | st.just("forget"), max_size=30))
+def test_the_table_is_the_gateways_reference_applied_in_order(messages):
+    """Valid messages: the table is what ``gateway.presence.apply_diff`` makes of them, and a
+    watch read after every step reports exactly the difference between lists it gave."""
+    table, watch = PresenceTable(1), PresenceWatch()
+    model: dict[str, Member] | None = None
+    last_known: tuple[Member, ...] | None = None
+    for message in messages:
+        if message == "forget":
+            table.forget()
+            model = None
+        else:
+            feed(table, message)
+            decoded = decode_frame(frame(message))
+            if type(decoded) is Presence:
+                model = {m.id: m for m in decoded.members}
+            elif model is not None:
+                assert type(decoded) is PresenceDiff
+                model = apply_diff(model, decoded)
+        expected = None if model is None else tuple(model[k] for k in sorted(model))
+        assert table.members == expected
+        view = watch.next_view(table)
+        if view is not None and view.known:
+            assert view.members == expected
+            assert view.change == changes(last_known, expected)
+            last_known = expected
+    assert table.malformed == 0
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=20,
+)
+member_like = st.fixed_dictionaries(
+    {},
+    optional={
+        "id": ids_ | json_values,
+        "name": st.none() | json_values,
+        "viewing": items | json_values,
+        "answering": items | json_values,
+        "since": st.integers(-2, 2**54) | json_values,
+    },
+)
+garbage = st.fixed_dictionaries(
+    {"type": st.sampled_from(["presence", "presence_diff"]), "project_id": st.just(1)},
+    optional={
+        "members": st.lists(member_like | json_values, max_size=4) | json_values,
+        "joined": st.lists(member_like | json_values, max_size=4) | json_values,
+        "left": st.lists(ids_ | json_values, max_size=4) | json_values,
+        "changed": st.lists(member_like | json_values, max_size=4) | json_values,
+    },
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(valid_messages() | garbage, max_size=20))
+def test_garbage_never_crashes_and_never_reaches_the_table(messages):
+    """Anything a broken gateway may send: the table only ever holds valid members, sorted and
+    unique, and each refused message is counted once."""
+    table, watch = PresenceTable(1), PresenceWatch()
+    refused = table.malformed
+    for message in messages:
+        version = table.version
+        feed(table, message)
+        if table.malformed > refused:
+            assert table.malformed == refused + 1 and table.version == version
+            refused = table.malformed
+        members = table.members
+        if members is not None:
+            assert all(is_member(m) for m in members)
+            assert [m.id for m in members] == sorted({m.id for m in members})
+        watch.next_view(table)
