@@ -9,8 +9,16 @@ the browser client (every event of a project in order, exactly once, or an expli
             ...
 """
 
-from consumer.client import Consumer, ConsumerStats, Start, Subscription, TokenSource
+from consumer.client import (
+    Consumer,
+    ConsumerStats,
+    PresenceSubscription,
+    Start,
+    Subscription,
+    TokenSource,
+)
 from consumer.policy import ReconnectPolicy
+from consumer.presence import PresenceChange, PresenceView
 from consumer.stores import (
     CursorStore,
     FileCursorStore,
@@ -45,6 +53,9 @@ __all__ = [
     "GatewayError",
     "Item",
     "MemoryCursorStore",
+    "PresenceChange",
+    "PresenceSubscription",
+    "PresenceView",
     "ReconnectPolicy",
     "RedisCursorStore",
     "Resync",

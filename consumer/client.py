@@ -45,7 +45,7 @@ from websockets.uri import parse_uri
 
 from consumer.answers import PendingAnswers, ReadingClock
 from consumer.buffer import BoundedQueue
-from consumer.frames import EVENT_TYPES, FrameError, decode_frame, event_seq
+from consumer.frames import EVENT_TYPES, PRESENCE_TYPES, FrameError, decode_frame, event_seq
 from consumer.lookups import is_ip_address, open_socket
 from consumer.ordering import ProjectState, Verdict
 from consumer.pages import PageUnavailable, read_page
@@ -59,6 +59,7 @@ from consumer.policy import (
     decode_token_claims,
     refresh_delay,
 )
+from consumer.presence import PresenceTable, PresenceView, PresenceWatch
 from consumer.stores import CursorStore
 from consumer.types import (
     AuthenticationFailed,
@@ -79,6 +80,7 @@ from schemas.protocol import (
     Authenticated,
     Error,
     ErrorCode,
+    Member,
     PollResponse,
     ResyncReason,
     ResyncRequired,
@@ -88,7 +90,14 @@ from schemas.protocol import (
 from schemas.tags import is_tag, tags_differ
 from schemas.tokens import MAX_EXP
 
-__all__ = ["Consumer", "ConsumerStats", "Start", "Subscription", "TokenSource"]
+__all__ = [
+    "Consumer",
+    "ConsumerStats",
+    "PresenceSubscription",
+    "Start",
+    "Subscription",
+    "TokenSource",
+]
 
 log = structlog.get_logger("eventbus.consumer")
 
@@ -338,6 +347,7 @@ class ConsumerStats:
     unavailable: int = 0  # subscribes the gateway answered 'unavailable' (Redis down), retried
     rate_limited: int = 0  # frames the gateway refused with 'rate_limited' (too many), resent
     ignored: int = 0  # frames the gateway never sends (see Consumer._ignored), dropped
+    presence_malformed: int = 0  # presence messages refused as malformed (also in `ignored`)
 
 
 def _item_bytes(item: object) -> int:
@@ -492,6 +502,90 @@ class Subscription:
             await self.aclose()
 
 
+class _PresenceRoute:
+    """A project's presence as the connection task keeps it: its member table, the wake-up of
+    every reader (held here apart from the :class:`PresenceSubscription` s, which can then be
+    collected), and the gateway's refusal of the project once it came."""
+
+    __slots__ = ("error", "table", "wakes")
+
+    def __init__(self, project_id: int) -> None:
+        self.table = PresenceTable(project_id)
+        self.wakes: set[asyncio.Event] = set()
+        self.error: ConsumerError | None = None
+
+    def notify(self) -> None:
+        for wake in self.wakes:
+            wake.set()
+
+
+class PresenceSubscription:
+    """Who is on a project's dashboards, pushed: ``async for view in subscription``.
+
+    Each :class:`~consumer.presence.PresenceView` is the whole member list (sorted by id) with
+    what changed since the last list this iterator gave; ``view.members`` is None when presence
+    became unknown (the connection went away; the next list after the reconnect replaces it).
+    Coalesced: a reader slower than the changes gets the latest list, never a backlog. A gateway
+    refusal of the project (:class:`~consumer.Forbidden`) is raised, then iteration ends; it ends
+    when the consumer is closed, and raises the consumer's fatal error if it failed. Dropped
+    without being closed, it is closed when Python collects it.
+    """
+
+    def __init__(self, consumer: Consumer, project_id: int, route: _PresenceRoute) -> None:
+        self._consumer = consumer
+        self.project_id = project_id
+        self._route = route
+        self._watch = PresenceWatch()
+        self._wake = asyncio.Event()
+        self._wake.set()  # (look at the table at once: it may be known already)
+        route.wakes.add(self._wake)
+        self._closed = False
+        # Must not reference `self`: it runs when nothing else does.
+        self._finalizer = weakref.finalize(
+            self, consumer._abandon_presence, route, project_id, self._wake
+        )
+
+    def __aiter__(self) -> PresenceSubscription:
+        return self
+
+    async def __anext__(self) -> PresenceView:
+        consumer, route = self._consumer, self._route
+        while True:
+            if self._closed or (consumer._closed and consumer._failure is None):
+                raise StopAsyncIteration
+            if consumer._failure is not None:
+                raise consumer._failure
+            if route.error is not None:
+                await self.aclose()
+                raise route.error
+            view = self._watch.next_view(route.table)
+            if view is not None:
+                return view
+            self._wake.clear()
+            await self._wake.wait()
+
+    @property
+    def members(self) -> tuple[Member, ...] | None:
+        """The project's members now (sorted by id), or None while presence is unknown."""
+        return self._route.table.members
+
+    async def aclose(self) -> None:
+        """Stop reading presence (the project's subscribe stops asking for it when no reader is
+        left; a project followed only for presence is unsubscribed)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._finalizer.detach()
+        self._wake.set()
+        await self._consumer._drop_presence(self._route, self.project_id, self._wake)
+
+    async def __aenter__(self) -> PresenceSubscription:
+        return self
+
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        await self.aclose()
+
+
 class Consumer:
     """An asyncio client of one or more gateways, following any number of projects.
 
@@ -574,6 +668,10 @@ class Consumer:
         self._url_index = itertools.count()
         self._states: dict[int, ProjectState] = {}
         self._routes: dict[int, _Route] = {}
+        #: Projects whose presence is read (see :meth:`presence`). A project in it has a
+        #: ProjectState whether or not it is followed for events (in ``_routes``): its
+        #: subscribe carries ``"presence": true``, and its events go to no one.
+        self._presence: dict[int, _PresenceRoute] = {}
         self._ws: ClientConnection | None = None
         # The connection whose subscribes went out: a project added later subscribes by itself.
         self._subscribed_on: ClientConnection | None = None
@@ -656,6 +754,9 @@ class Consumer:
                 await self._task
         for route in set(self._routes.values()):
             route.wake()
+        for presence in self._presence.values():
+            presence.table.forget()
+            presence.notify()
 
     @property
     def live(self) -> bool:
@@ -710,6 +811,69 @@ class Consumer:
             self._spawn(self._prepare(route, project_id, explicit.get(project_id), start))
         return Subscription(self, tuple(project_ids), route)
 
+    def presence(self, project_id: int) -> PresenceSubscription:
+        """Who is on the project's dashboards, pushed (``docs/presence.md``): returns an async
+        iterator of :class:`~consumer.presence.PresenceView` s (see :class:`PresenceSubscription`).
+
+        The project's subscribe carries ``"presence": true`` while a reader is open: a project
+        followed with :meth:`events` is subscribed again from its cursor with the flag (nothing
+        lost or repeated); one that is not is subscribed live for presence, and its events go to
+        no one. This consumer's token is listed as a member when it has a ``sub``; a service's
+        token without ``sub`` reads presence without being listed.
+        """
+        if not isinstance(project_id, int) or isinstance(project_id, bool) or project_id <= 0:
+            raise ValueError(f"project ids are positive integers, got {project_id!r}")
+        if self._closed:
+            raise ConsumerClosed("the consumer is closed")
+        self.start_connection()
+        route = self._presence.get(project_id)
+        first = route is None
+        if route is None:
+            route = self._presence[project_id] = _PresenceRoute(project_id)
+        subscription = PresenceSubscription(self, project_id, route)
+        if first:
+            state = self._states.get(project_id)
+            if state is None and project_id not in self._routes:
+                # Followed for presence only: live from now.
+                state = self._states[project_id] = ProjectState(project_id)
+            if state is not None and self._subscribed_on is not None:
+                # (a state still being prepared subscribes with the flag when it is ready)
+                self._spawn(self._send_subscribe(state))
+        return subscription
+
+    def members(self, project_id: int) -> tuple[Member, ...] | None:
+        """The project's members now (sorted by id), or None while presence is unknown (no
+        reader of its presence, not connected, or no list from the gateway yet)."""
+        route = self._presence.get(project_id)
+        return None if route is None else route.table.members
+
+    async def _drop_presence(
+        self, route: _PresenceRoute, project_id: int, wake: asyncio.Event
+    ) -> None:
+        route.wakes.discard(wake)
+        if route.wakes or self._presence.get(project_id) is not route:
+            return
+        del self._presence[project_id]
+        if self._closed or self._subscribed_on is None:
+            if project_id not in self._routes:
+                self._drop_state(project_id)
+            return
+        if project_id in self._routes:
+            state = self._states.get(project_id)
+            if state is not None:
+                await self._send_subscribe(state)  # without the flag: no more diffs
+        elif self._drop_state(project_id):
+            await self._unsubscribe(project_id)
+
+    def _abandon_presence(
+        self, route: _PresenceRoute, project_id: int, wake: asyncio.Event
+    ) -> None:
+        """A presence subscription was collected without being closed (see :meth:`_abandon`)."""
+        with contextlib.suppress(RuntimeError):  # no running loop: nothing left to unfollow
+            asyncio.get_running_loop().call_soon(
+                lambda: self._spawn(self._drop_presence(route, project_id, wake))
+            )
+
     async def _prepare(
         self, route: _Route, project_id: int, explicit: Cursor | None, start: Start
     ) -> None:
@@ -731,10 +895,15 @@ class Consumer:
         state = ProjectState(project_id, cursor, start_after)
         if self._routes.get(project_id) is not route:
             return  # unsubscribed meanwhile (and perhaps followed again by a newer subscription)
+        # A project whose presence is read has a subscription already (live from when presence
+        # was asked for): it is left first, its frames dropped until the gateway says so, so
+        # that none of them is taken for this cursor's.
+        leave = self._end_state(project_id)
         self._states[project_id] = state
         if cursor is not None:
             route.ready[project_id].set()
-        if self._subscribed_on is not None:
+        await leave
+        if self._subscribed_on is not None and self._states.get(project_id) is state:
             await self._send_subscribe(state)
 
     async def _unregister(self, route: _Route, project_ids: tuple[int, ...]) -> None:
@@ -776,18 +945,32 @@ class Consumer:
         for project_id in project_ids:
             if self._routes.get(project_id) is route:
                 del self._routes[project_id]
-                self._cancel_retry(project_id)
-                # Its held subscribe is moot; left in the queue until its turn, a caller
-                # following and leaving project after project would grow it without bound.
-                self._pacer.drop(project_id)
-                state = self._states.pop(project_id, None)
-                # Only a project the gateway may hold a subscription of (a subscribe sent, or
-                # answered, on this connection) is left there: an unsubscribe of a project whose
-                # subscribe never went out (held by the pacing) is one of nothing, which the
-                # gateway's rate limit counts (eventbus.js sends none either).
-                if state is not None and (state.pending or state.stream_epoch is not None):
+                if project_id in self._presence:
+                    continue  # its presence is still read: the subscription stays, unrouted
+                if self._drop_state(project_id):
                     forgotten.append(project_id)
         return forgotten
+
+    def _drop_state(self, project_id: int) -> bool:
+        """Forget the project's state; returns whether the gateway may hold a subscription of it
+        to leave (an unsubscribe to send)."""
+        self._cancel_retry(project_id)
+        # Its held subscribe is moot; left in the queue until its turn, a caller following and
+        # leaving project after project would grow it without bound.
+        self._pacer.drop(project_id)
+        state = self._states.pop(project_id, None)
+        # Only a project the gateway may hold a subscription of (a subscribe sent, or answered,
+        # on this connection) is left there: an unsubscribe of a project whose subscribe never
+        # went out (held by the pacing) is one of nothing, which the gateway's rate limit counts
+        # (eventbus.js sends none either).
+        return state is not None and (state.pending or state.stream_epoch is not None)
+
+    def _end_state(self, project_id: int) -> Awaitable[None]:
+        """Drop a project's state kept for presence only (when events of it are followed from
+        now on): the unsubscribe to await when the gateway holds its subscription."""
+        if project_id not in self._states or self._drop_state(project_id) is False:
+            return _nothing()
+        return self._unsubscribe(project_id)
 
     def _abandon(self, route: _Route, project_ids: tuple[int, ...]) -> None:
         """A subscription was collected without being closed: unfollow its projects.
@@ -858,6 +1041,9 @@ class Consumer:
             self._spawn(_close(ws))
         for route in set(self._routes.values()):
             route.wake()
+        for presence in self._presence.values():
+            presence.table.forget()
+            presence.notify()
 
     async def _run(self) -> None:
         try:
@@ -916,6 +1102,10 @@ class Consumer:
                 pass  # the connection ended; how is in its close code
             finally:
                 self._ws = self._subscribed_on = None
+                # Presence is unknown until the next connection's `presence` replaces it.
+                for presence in self._presence.values():
+                    if presence.table.forget():
+                        presence.notify()
                 was_live = self._authenticated.is_set()
                 self._authenticated.clear()
                 for project_id in list(self._retries):  # the next connection subscribes anyway
@@ -1007,6 +1197,11 @@ class Consumer:
             self._unsubscribing.clear()  # (what the last connection left, it answers no more)
             self._subscribed_on = ws
             self._answers.start(self._clock.now())
+            for project_id in list(self._states):
+                if project_id not in self._routes:
+                    # Followed for its presence only: live from now (the events it missed would
+                    # go to no one).
+                    self._states[project_id] = ProjectState(project_id)
             for state in self._states.values():
                 state.on_connection()
             for state in list(self._states.values()):
@@ -1077,6 +1272,10 @@ class Consumer:
         try:
             message = decode_frame(raw)
         except FrameError as exc:
+            if exc.presence is not None:
+                if not (self._unsubscribing and self._left(exc.presence, None)):
+                    self._malformed_presence(exc.presence, str(exc))
+                return None
             if exc.header is None:
                 self._ignored("ignored a frame that is not a protocol message", error=str(exc))
                 return None
@@ -1155,7 +1354,11 @@ class Consumer:
                 # resubscribe from there yet (see ProjectState.stands_at).
                 log.debug("resync at the cursor already surfaced", project_id=state.project_id)
                 return None
-            if self.catch_up and state.can_catch_up(reason, epoch):
+            if (
+                self.catch_up
+                and state.project_id in self._routes
+                and state.can_catch_up(reason, epoch)
+            ):
                 # Still in the history, only more than one replay carries: read it by pages.
                 state.begin_catch_up()
                 self.stats.catch_ups += 1
@@ -1171,7 +1374,36 @@ class Consumer:
             return None
         if cls is Unsubscribed:
             return None
+        if cls in PRESENCE_TYPES:
+            self._on_presence(message)
+            return None
         return message  # Authenticated, Pong
+
+    def _on_presence(self, message: Any) -> None:
+        """A ``presence`` or ``presence_diff``: applied to the project's table, whose readers
+        are woken when it changed. A project nobody reads the presence of any more (its
+        resubscribe without the flag not read yet) has none."""
+        route = self._presence.get(message.project_id)
+        if route is None:
+            return
+        table = route.table
+        refused = table.malformed
+        if table.receive(message):
+            route.notify()
+        elif table.malformed != refused:
+            self._malformed_presence(
+                message.project_id, "a member or id the gateway never sends", counted=True
+            )
+
+    def _malformed_presence(self, project_id: int, error: str, *, counted: bool = False) -> None:
+        """A presence message refused (the table's list as it was): counted (in the project's
+        table too, unless it ``counted`` it itself) and logged as a frame the gateway never
+        sends."""
+        route = self._presence.get(project_id)
+        if route is not None and not counted:
+            route.table.reject()
+        self.stats.presence_malformed += 1
+        self._ignored("ignored a malformed presence message", project_id=project_id, error=error)
 
     async def _on_event(
         self, state: ProjectState, event: ProjectEvent, raw: bytes, *, paged: bool = False
@@ -1190,9 +1422,12 @@ class Consumer:
             await self._surface_corrupt(state)
         if verdict is Verdict.DELIVER or verdict is Verdict.CORRUPT:
             project_id = state.project_id
+            route = self._routes.get(project_id)
+            if route is None:
+                return verdict  # followed for its presence only: the events go to no one
             delivery = Delivery(project_id, state.cursor[0], seq, event, raw)  # type: ignore[index]
             self.stats.delivered += 1
-            queue = self._routes[project_id].queue  # (routes and states change together)
+            queue = route.queue
             try:
                 queue.put_nowait(delivery)
             except asyncio.QueueFull:
@@ -1260,6 +1495,9 @@ class Consumer:
             await self._on_rate_limited(error, state)
             return
         if error.code == ErrorCode.UNAVAILABLE and state is not None:
+            presence = self._presence.get(state.project_id)
+            if presence is not None and presence.table.forget():
+                presence.notify()  # (no diffs come: unknown until the retry's `presence`)
             # Redis is unreachable behind the gateway: subscribe again later, with backoff (it
             # may last a while), logged when it starts and then every tenth attempt. One retry
             # per project at a time: more such errors while it sleeps answer no subscribe of
@@ -1292,6 +1530,11 @@ class Consumer:
             kind = Forbidden if error.code == ErrorCode.FORBIDDEN else GatewayError
             route = self._routes.get(project_id)  # type: ignore[arg-type]
             del self._states[project_id]  # type: ignore[arg-type]
+            presence = self._presence.pop(project_id, None)  # type: ignore[arg-type]
+            if presence is not None:
+                presence.error = kind(error.code, error.message, project_id)
+                presence.table.forget()
+                presence.notify()
             if route is not None:
                 del self._routes[project_id]  # type: ignore[arg-type]
                 route.active.discard(project_id)  # type: ignore[arg-type]
@@ -1590,6 +1833,8 @@ class Consumer:
     def _subscribe_message(self, state: ProjectState) -> dict[str, object]:
         """The project's subscribe frame, for a send now on the current connection."""
         message = state.subscribe_message()
+        if state.project_id in self._presence:
+            message["presence"] = True
         self._asking(state.project_id)
         return message
 

@@ -5,6 +5,8 @@ as they do in the client."""
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -277,3 +279,178 @@ def test_garbage_never_crashes_and_never_reaches_the_table(messages):
             assert all(is_member(m) for m in members)
             assert [m.id for m in members] == sorted({m.id for m in members})
         watch.next_view(table)
+
+
+# --- the client's presence handling, with a fake connection ------------------------------------
+
+
+class FakeConnection:
+    """Records what the client sends."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict] = []
+
+    async def send(self, data: bytes, text: bool = True) -> None:
+        self.sent.append(msgspec.json.decode(data))
+
+
+async def fake_consumer():
+    from consumer import Consumer
+
+    consumer = Consumer("ws://unused/")
+    consumer._task = asyncio.get_running_loop().create_future()  # no real connection task
+    ws = FakeConnection()
+    consumer._ws = consumer._subscribed_on = ws  # type: ignore[assignment]
+    return consumer, ws
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def subscribed(project_id: int, seq: int, epoch: str = "e1", resumed: bool = False) -> bytes:
+    return frame(
+        {
+            "type": "subscribed",
+            "project_id": project_id,
+            "epoch": epoch,
+            "seq": seq,
+            "resumed": resumed,
+        }
+    )
+
+
+def event_frame(project_id: int, seq: int) -> bytes:
+    from schemas.events import BlockerResolved, utc_now
+
+    body = msgspec.json.encode(
+        BlockerResolved(project_id=project_id, blocker_id=seq, answer="a", resolved_at=utc_now())
+    )
+    return body[:-1] + b',"seq":%d}' % seq
+
+
+async def test_presence_makes_the_subscribe_carry_the_flag_and_follows_nothing_else():
+    consumer, ws = await fake_consumer()
+    events = consumer.events(1)
+    await settle()
+    consumer._states[1].subscribe_message()
+    await consumer._on_frame(ws, subscribed(1, 3))
+    # A followed project: subscribed again from its cursor with the flag.
+    watch = consumer.presence(1)
+    await settle()
+    assert ws.sent[-1] == {
+        "type": "subscribe",
+        "project_id": 1,
+        "epoch": "e1",
+        "after": 3,
+        "presence": True,
+    }
+    # A project not followed: subscribed live, for presence only.
+    only = consumer.presence(2)
+    await settle()
+    assert ws.sent[-1] == {"type": "subscribe", "project_id": 2, "presence": True}
+    await consumer._on_frame(ws, subscribed(2, 7))
+    await consumer._on_frame(ws, frame(presence(member("a"), project_id=2)))
+    assert [m.id for m in (await anext(only)).members] == ["a"]
+    for seq in (8, 9):  # its events go to no one
+        await consumer._on_frame(ws, event_frame(2, seq))
+    assert consumer.stats.delivered == 0 and consumer.cursor(2).seq == 9
+    # The last reader leaves: the followed project is subscribed again without the flag, the
+    # other one left.
+    await watch.aclose()
+    assert ws.sent[-1] == {"type": "subscribe", "project_id": 1, "epoch": "e1", "after": 3}
+    await only.aclose()
+    assert ws.sent[-1] == {"type": "unsubscribe", "project_id": 2}
+    assert 2 not in consumer._states and consumer.members(2) is None
+    await events.aclose()
+    await consumer.aclose()
+
+
+async def test_malformed_presence_frames_are_counted_and_change_nothing():
+    consumer, ws = await fake_consumer()
+    watch = consumer.presence(1)
+    await settle()
+    await consumer._on_frame(ws, subscribed(1, 0))
+    await consumer._on_frame(ws, frame(presence(member("a"), member("b"))))
+    before = await anext(watch)
+    for bad in (
+        presence(member("")),  # decodes, refused by the table
+        {"type": "presence", "project_id": 1, "members": "everyone"},  # does not decode
+        {**diff(), "left": [3]},
+        {"type": "presence_diff", "project_id": 1},
+        diff(joined=[member("c", viewing=-1)]),
+    ):
+        await consumer._on_frame(ws, frame(bad))
+    assert consumer.stats.presence_malformed == 5 and consumer.stats.ignored == 5
+    assert consumer._presence[1].table.malformed == 5
+    assert consumer.members(1) == before.members
+    await consumer._on_frame(ws, frame(diff(left=["a"])))
+    assert ids_of(await anext(watch)) == ["b"]
+    await consumer.aclose()
+
+
+def ids_of(view: PresenceView) -> list[str] | None:
+    return None if view.members is None else [m.id for m in view.members]
+
+
+async def test_a_reader_that_does_not_read_holds_one_list_not_a_backlog():
+    consumer, ws = await fake_consumer()
+    watch = consumer.presence(1)
+    await settle()
+    await consumer._on_frame(ws, subscribed(1, 0))
+    await consumer._on_frame(ws, frame(presence()))
+    for n in range(2000):
+        await consumer._on_frame(
+            ws, frame(diff(joined=[member(f"m{n:04}")], left=[f"m{n - 1:04}"]))
+        )
+    view = await anext(watch)
+    assert ids_of(view) == ["m1999"] and [m.id for m in view.change.joined] == ["m1999"]
+    assert not view.change.left  # (the reader never had the others)
+    # The reader's state is one watch; the route keeps no queue at all.
+    assert not hasattr(consumer._presence[1], "queue")
+    await consumer.aclose()
+
+
+async def test_a_presence_reader_dropped_without_closing_is_unfollowed():
+    import gc
+
+    consumer, ws = await fake_consumer()
+    dropped = consumer.presence(5)
+    await settle()
+    assert ws.sent[-1] == {"type": "subscribe", "project_id": 5, "presence": True}
+    del dropped
+    gc.collect()
+    await settle()
+    assert ws.sent[-1] == {"type": "unsubscribe", "project_id": 5}
+    assert 5 not in consumer._presence and 5 not in consumer._states
+    await consumer.aclose()
+
+
+async def test_events_followed_after_presence_leave_the_live_subscription_first():
+    """A project read for presence (subscribed live, events dropped) then followed with a
+    cursor: the live subscription is left first, and nothing the gateway sent for it before the
+    ``unsubscribed`` is taken for the new subscription's (an event of another epoch would be
+    delivered under the cursor's)."""
+    from consumer import Cursor
+
+    consumer, ws = await fake_consumer()
+    watch = consumer.presence(1)
+    await settle()
+    await consumer._on_frame(ws, subscribed(1, 50, epoch="other"))
+    events = consumer.events(1, after=Cursor("e1", 3))
+    await settle()
+    assert ws.sent[-2:] == [
+        {"type": "unsubscribe", "project_id": 1},
+        {"type": "subscribe", "project_id": 1, "epoch": "e1", "after": 3, "presence": True},
+    ]
+    await consumer._on_frame(ws, event_frame(1, 4))  # the old subscription's (epoch "other")
+    await consumer._on_frame(ws, frame({"type": "unsubscribed", "project_id": 1}))
+    await consumer._on_frame(ws, event_frame(1, 4))  # the replay after e1:3
+    await consumer._on_frame(ws, subscribed(1, 4, epoch="e1", resumed=True))
+    await consumer._on_frame(ws, frame(presence(member("a"))))
+    item = await anext(events)
+    assert (item.epoch, item.seq) == ("e1", 4)
+    assert events._route.queue.empty()
+    assert ids_of(await anext(watch)) == ["a"]
+    await consumer.aclose()

@@ -1,0 +1,206 @@
+"""Presence in the Python consumer, end to end: real gateways on a real Redis, people driven by
+browser-like WebSocket clients with a ``sub`` (as in tests/test_presence_gateway.py), and a
+backend reading ``Consumer.presence()``: people arrive, change activity and leave across two
+pods; presence becomes unknown when its gateway is SIGKILLed and is replaced after the reconnect;
+events and presence share one connection, every event exactly once, in order."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from consumer import Consumer, Delivery, Forbidden, PresenceView, ReconnectPolicy
+from publisher import AsyncPublisher
+from tests.support.gateway_client import SECRET, RecordingClient, event, ws_url
+from tests.support.gateway_process import GatewayProcess
+from tests.test_consumer import history
+from tests.test_presence_gateway import FAST, person, token
+
+pytestmark = [pytest.mark.timeout(120)]
+
+
+def ids(view: PresenceView) -> list[str] | None:
+    return None if view.members is None else [m.id for m in view.members]
+
+
+async def views_until(presence, predicate, seen: list | None = None, within: float = 10.0):
+    """Views of ``presence`` until one satisfies ``predicate`` (returned); all go to ``seen``."""
+    async with asyncio.timeout(within):
+        async for view in presence:
+            if seen is not None:
+                seen.append(view)
+            if predicate(view):
+                return view
+    raise AssertionError("the presence iterator ended")
+
+
+async def test_a_service_sees_people_arrive_change_activity_and_leave_across_two_pods(gateways):
+    pods = [await gateways(**FAST) for _ in range(2)]
+    # A service's token: no `sub`, so it reads presence without being listed itself.
+    async with Consumer(ws_url(pods[0]), token=token("*")) as bus:
+        presence = bus.presence(1)
+        first = await views_until(presence, lambda v: v.known)
+        assert first.members == () and bus.members(1) == ()
+        alice = await person(pods[0], "alice", "Alice")
+        bob = await person(pods[1], "bob", "Bob")
+        await alice.subscribe(1, presence=True)
+        await bob.subscribe(1)  # listed without reading presence
+        seen: list[PresenceView] = []
+        both = await views_until(presence, lambda v: ids(v) == ["alice", "bob"], seen)
+        assert {m.id for v in seen for m in v.change.joined} == {"alice", "bob"}
+        assert not [v for v in seen if v.change.left]
+        assert both.member("alice").name == "Alice" and both.member("bob").answering is None
+        # Bob (on the other pod) starts answering blocker 5; Alice looks at it.
+        await bob.send({"type": "activity", "project_id": 1, "viewing": 5, "answering": 5})
+        await alice.send({"type": "activity", "project_id": 1, "viewing": 5})
+        seen.clear()
+        view = await views_until(
+            presence,
+            lambda v: v.member("bob").answering == 5 and v.member("alice").viewing == 5,
+            seen,
+        )
+        assert {m.id for v in seen for m in v.change.changed} == {"alice", "bob"}
+        assert not [v for v in seen if v.change.joined or v.change.left]
+        # Alice closes her tab: she leaves; Bob stays, as he was.
+        await alice.close()
+        seen.clear()
+        view = await views_until(presence, lambda v: ids(v) == ["bob"], seen)
+        assert view.change.left == ("alice",) and view.member("bob").answering == 5
+        assert bus.members(1) == view.members
+        await bob.close()
+        await views_until(presence, lambda v: v.members == ())
+        # Presence only: the project's events were subscribed for it, delivered to no one.
+        assert bus.stats.delivered == 0 and bus.stats.presence_malformed == 0
+        await presence.aclose()
+        assert bus.members(1) is None
+
+
+async def test_a_consumer_whose_token_has_a_sub_is_listed_and_a_forbidden_project_raises(
+    gateways,
+):
+    gateway = await gateways(**FAST)
+    watcher = await person(gateway, "watcher")
+    await watcher.subscribe(1, presence=True)
+    async with Consumer(ws_url(gateway), token=token([1], "agent-7", "Agent")) as bus:
+        presence = bus.presence(1)
+        view = await views_until(presence, lambda v: ids(v) == ["agent-7", "watcher"])
+        assert view.member("agent-7").name == "Agent"
+        # The people on the dashboard see the agent arrive.
+        await watcher.wait_for(
+            lambda: any(
+                m["id"] == "agent-7" for d in watcher.of("presence_diff") for m in d["joined"]
+            ),
+            5,
+        )
+        forbidden = bus.presence(2)
+        with pytest.raises(Forbidden):
+            await views_until(forbidden, lambda v: True)
+        with pytest.raises(StopAsyncIteration):
+            await forbidden.__anext__()
+        # The allowed project is unaffected.
+        await watcher.close()
+        await views_until(presence, lambda v: ids(v) == ["agent-7"])
+
+
+async def test_events_and_presence_on_one_connection_exactly_once_in_order(gateways, redis_url):
+    gateway = await gateways(**FAST)
+    publisher = AsyncPublisher.from_url(redis_url)
+    people: list[RecordingClient] = []
+    published = {1: 0, 2: 0}
+
+    async def publish(project_id: int, count: int) -> None:
+        for _ in range(count):
+            published[project_id] += 1
+            await publisher.publish(event(project_id, published[project_id]))
+
+    try:
+        async with Consumer(ws_url(gateway), token=token("*"), start="beginning") as bus:
+            events = bus.events(1)
+            await events.wait_subscribed()
+            await publish(1, 20)
+            # Asked for while events flow: the project is subscribed again from its cursor.
+            presence = bus.presence(1)
+            await publish(1, 20)
+            for n in range(3):
+                people.append(await person(gateway, f"user-{n}"))
+                await people[-1].subscribe(1)
+                await publish(1, 10)
+            await views_until(presence, lambda v: ids(v) == ["user-0", "user-1", "user-2"])
+            # Presence of a project whose events are not followed: they go to no one.
+            other = bus.presence(2)
+            await views_until(other, lambda v: v.known)
+            await publish(2, 15)
+            await people[0].close()
+            await views_until(presence, lambda v: ids(v) == ["user-1", "user-2"])
+            # The last reader leaves: subscribed again without the flag, events go on.
+            await presence.aclose()
+            await publish(1, 20)
+            # Followed for events after its presence: from the beginning, each event once.
+            events2 = bus.events(2, start="beginning")
+            await publish(2, 5)
+            items = []
+            async with asyncio.timeout(30):
+                async for item in events:
+                    items.append(item)
+                    if len(items) == published[1]:
+                        break
+                async for item in events2:
+                    items.append(item)
+                    if len([i for i in items if i.project_id == 2]) == published[2]:
+                        break
+            await other.aclose()
+            held = await history(redis_url, [1, 2])
+            for project_id in (1, 2):
+                got = [
+                    (i.epoch, i.seq, i.event.blocker_id)
+                    for i in items
+                    if isinstance(i, Delivery) and i.project_id == project_id
+                ]
+                assert got == held[project_id]
+            assert all(isinstance(i, Delivery) for i in items)
+            assert bus.stats.delivered == len(items)
+    finally:
+        for client in people:
+            await client.close()
+        await publisher.aclose()
+
+
+async def test_presence_is_unknown_when_its_gateway_is_killed_and_replaced_after_reconnect(
+    redis_url,
+):
+    args = [
+        "--presence-ttl", "2",
+        "--presence-refresh-interval", "0.5",
+        "--presence-diff-interval", "0.2",
+    ]  # fmt: skip
+    pods = [GatewayProcess(redis_url, auth_secret=SECRET, args=args) for _ in range(2)]
+    alice = bob = None
+    try:
+        for pod in pods:
+            await asyncio.to_thread(pod.start)
+        alice = await RecordingClient(pods[1].ws_url, token=token("*", "alice")).connect()
+        await alice.subscribe(1)
+        policy = ReconnectPolicy(initial=0.1, max=0.5)
+        urls = [pods[0].ws_url, pods[1].ws_url]
+        async with Consumer(urls, token=token("*"), reconnect=policy) as bus:
+            presence = bus.presence(1)
+            await views_until(presence, lambda v: ids(v) == ["alice"])
+            assert await asyncio.to_thread(pods[0].kill) == -9
+            unknown = await views_until(presence, lambda v: True)
+            assert unknown.members is None and not unknown.change
+            assert bus.members(1) is None
+            # Reconnected to the other pod: its `presence` replaces the list.
+            back = await views_until(presence, lambda v: v.known)
+            assert ids(back) == ["alice"] and not back.change  # as it was before
+            assert bus.connects == 2
+            bob = await RecordingClient(pods[1].ws_url, token=token("*", "bob")).connect()
+            await bob.subscribe(1)
+            view = await views_until(presence, lambda v: ids(v) == ["alice", "bob"])
+            assert [m.id for m in view.change.joined] == ["bob"]
+    finally:
+        for client in (alice, bob):
+            if client is not None:
+                await client.close()
+        for pod in pods:
+            await asyncio.to_thread(pod.close)
