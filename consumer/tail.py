@@ -3,6 +3,7 @@
     python -m consumer tail 1                    # live from now, one readable line per event
     python -m consumer tail 1 2 --from-start     # the history of the current epoch, then live
     python -m consumer tail 1 --after 40 --json  # raw frames after seq 40 of the current epoch
+    python -m consumer tail 1 --presence         # and a line per change of who is there
 
 It is a :class:`~consumer.Consumer` like any other (reconnects forever, resumes from its cursor,
 prints ``resync_required`` rather than ever skipping silently). The gateway URL comes from
@@ -28,7 +29,8 @@ from typing import TextIO
 import msgspec
 import structlog
 
-from consumer.client import Consumer, Start, TokenSource, check_arguments
+from consumer.client import Consumer, PresenceSubscription, Start, TokenSource, check_arguments
+from consumer.presence import PresenceView
 from consumer.types import (
     AuthenticationFailed,
     ConsumerError,
@@ -37,9 +39,18 @@ from consumer.types import (
     Resync,
     UndecodableEvent,
 )
+from schemas.protocol import Member
 from schemas.tokens import issue_token
 
-__all__ = ["add_arguments", "format_item", "main", "run", "service_token", "tail"]
+__all__ = [
+    "add_arguments",
+    "format_item",
+    "format_presence",
+    "main",
+    "run",
+    "service_token",
+    "tail",
+]
 
 DEFAULT_URL = "ws://127.0.0.1:8765/"
 EXIT_OK = 0
@@ -113,6 +124,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--count", type=_positive_int, metavar="N", help="exit after N events (default: never)"
+    )
+    parser.add_argument(
+        "--presence",
+        action="store_true",
+        help="also print a line when people arrive, leave or change activity (docs/presence.md)",
     )
 
 
@@ -193,6 +209,48 @@ def format_item(item: Item | UndecodableEvent, *, as_json: bool = False) -> str:
     return f"{_time(None)}  p{item.project_id} #{item.seq}  undecodable  {item.reason}"
 
 
+def _member(member: Member) -> str:
+    name = f" ({_short(member.name)})" if member.name is not None else ""
+    viewing = "-" if member.viewing is None else member.viewing
+    answering = "-" if member.answering is None else member.answering
+    return f"{_short(member.id)}{name} viewing={viewing} answering={answering}"
+
+
+def format_presence(view: PresenceView, *, as_json: bool = False) -> str:
+    """One line for a presence view: who arrived, left or changed, and how many are there (or
+    that presence is unknown: reconnecting); with ``as_json``, the view as a JSON object of
+    ``"type": "presence_view"`` (``members`` null while unknown)."""
+    change = view.change
+    if as_json:
+        return msgspec.json.encode(
+            {
+                "type": "presence_view",
+                "project_id": view.project_id,
+                "members": view.members,
+                "joined": change.joined,
+                "left": change.left,
+                "changed": change.changed,
+            }
+        ).decode()
+    head = f"{_time(None)}  p{view.project_id}  presence"
+    if view.members is None:
+        return f"{head}  unknown (disconnected: the list comes back after the reconnect)"
+    parts = [f"members={len(view.members)}"]
+    parts += [f"joined={_member(m)}" for m in change.joined]
+    parts += [f"left={_short(i)}" for i in change.left]
+    parts += [f"changed={_member(m)}" for m in change.changed]
+    return f"{head}  {'  '.join(parts)}"
+
+
+async def _print_presence(presence: PresenceSubscription, out: TextIO, as_json: bool) -> None:
+    try:
+        async for view in presence:
+            out.write(format_presence(view, as_json=as_json) + "\n")
+            out.flush()
+    except ConsumerError:
+        return  # (a refusal of the project: its events iterator raises it too)
+
+
 def service_token(secret: str, projects: list[int]) -> str:
     """A token for a service reading ``projects``: no ``sub``, so the gateway does not list it in
     the projects' presence (a tail is nobody on the dashboard)."""
@@ -209,9 +267,11 @@ async def tail(
     as_json: bool = False,
     count: int | None = None,
     out: TextIO | None = None,
+    presence: bool = False,
 ) -> int:
     """Print the projects' items to ``out`` until ``count`` events (forever without); returns
-    the number of events printed. Raises :class:`~consumer.ConsumerError` on a refusal."""
+    the number of events printed. Raises :class:`~consumer.ConsumerError` on a refusal. With
+    ``presence``, a line for each presence view of the projects too (not counted)."""
     out = out or sys.stdout
     source: TokenSource | None = token
     if token is None and secret:
@@ -225,17 +285,25 @@ async def tail(
     printed = 0
     async with Consumer(url, token=source, start=start) as consumer:
         events = consumer.events(*project_ids)
-        while count is None or printed < count:
-            try:
-                item = await anext(events)
-            except StopAsyncIteration:
-                break
-            except UndecodableEvent as exc:
-                item = exc
-            out.write(format_item(item, as_json=as_json) + "\n")
-            out.flush()
-            if not isinstance(item, Resync):
-                printed += 1
+        watchers = [
+            asyncio.create_task(_print_presence(consumer.presence(p), out, as_json))
+            for p in (project_ids if presence else ())
+        ]
+        try:
+            while count is None or printed < count:
+                try:
+                    item = await anext(events)
+                except StopAsyncIteration:
+                    break
+                except UndecodableEvent as exc:
+                    item = exc
+                out.write(format_item(item, as_json=as_json) + "\n")
+                out.flush()
+                if not isinstance(item, Resync):
+                    printed += 1
+        finally:
+            for watcher in watchers:
+                watcher.cancel()
     return printed
 
 
@@ -272,6 +340,7 @@ def run(args: argparse.Namespace, *, stdout: TextIO, stderr: TextIO, prog: str =
                 as_json=args.json,
                 count=args.count,
                 out=stdout,
+                presence=args.presence,
             )
         )
     except ConsumerError as exc:

@@ -454,3 +454,30 @@ async def test_events_followed_after_presence_leave_the_live_subscription_first(
     assert events._route.queue.empty()
     assert ids_of(await anext(watch)) == ["a"]
     await consumer.aclose()
+
+
+def test_tail_formats_a_presence_view_as_a_line_or_json():
+    from consumer.tail import format_presence
+
+    alice = Member("alice", "Alice", 3, None, 10)
+    bob = Member("bob", None, None, 7, 11)
+    view = PresenceView(1, (alice, bob), PresenceChange(joined=(bob,), left=("carol",)))
+    line = format_presence(view)
+    assert line.endswith(
+        'p1  presence  members=2  joined="bob" viewing=- answering=7  left="carol"'
+    )
+    assert format_presence(PresenceView(1, None)).split("  ")[2:4] == [
+        "presence",
+        "unknown (disconnected: the list comes back after the reconnect)",
+    ]
+    assert msgspec.json.decode(format_presence(view, as_json=True)) == {
+        "type": "presence_view",
+        "project_id": 1,
+        "members": [msgspec.structs.asdict(alice), msgspec.structs.asdict(bob)],
+        "joined": [msgspec.structs.asdict(bob)],
+        "left": ["carol"],
+        "changed": [],
+    }
+    assert (
+        msgspec.json.decode(format_presence(PresenceView(1, None), as_json=True))["members"] is None
+    )

@@ -204,3 +204,47 @@ async def test_presence_is_unknown_when_its_gateway_is_killed_and_replaced_after
                 await client.close()
         for pod in pods:
             await asyncio.to_thread(pod.close)
+
+
+async def test_tail_with_presence_prints_a_line_per_change_beside_the_events(gateways):
+    import io
+
+    from consumer.tail import tail
+
+    class Output(io.StringIO):
+        """tail's stdout, awaited: each write wakes the test."""
+
+        written = asyncio.Event()
+
+        def write(self, text: str) -> int:
+            self.written.set()
+            return super().write(text)
+
+        async def shows(self, text: str) -> None:
+            while text not in self.getvalue():
+                self.written.clear()
+                await self.written.wait()
+
+    gateway = await gateways(**FAST)
+    out = Output()
+    publisher = AsyncPublisher.from_url(gateway.config.redis_url)
+    alice = None
+    try:
+        task = asyncio.create_task(
+            tail(ws_url(gateway), [1], token=token("*"), count=1, out=out, presence=True)
+        )
+        async with asyncio.timeout(10):
+            await out.shows("p1  presence  members=0")
+            alice = await person(gateway, "alice", "Alice")
+            await alice.subscribe(1)
+            await alice.send({"type": "activity", "project_id": 1, "answering": 4})
+            await out.shows("answering=4")
+            await publisher.publish(event(1, 9))
+            assert await task == 1
+        lines = out.getvalue().splitlines()
+        assert any('joined="alice" ("Alice")' in line for line in lines), lines
+        assert "blocker_resolved" in lines[-1] and "blocker_id=9" in lines[-1]
+    finally:
+        if alice is not None:
+            await alice.close()
+        await publisher.aclose()
