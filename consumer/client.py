@@ -836,8 +836,9 @@ class Consumer:
             if state is None and project_id not in self._routes:
                 # Followed for presence only: live from now.
                 state = self._states[project_id] = ProjectState(project_id)
-            if state is not None and self._subscribed_on is not None:
-                # (a state still being prepared subscribes with the flag when it is ready)
+            if state is not None and self._subscribed_on is not None and state.ask_again():
+                # (a state still being prepared subscribes with the flag when it is ready; one
+                # whose subscribe is in flight, once it is answered)
                 self._spawn(self._send_subscribe(state))
         return subscription
 
@@ -860,7 +861,7 @@ class Consumer:
             return
         if project_id in self._routes:
             state = self._states.get(project_id)
-            if state is not None:
+            if state is not None and state.ask_again():
                 await self._send_subscribe(state)  # without the flag: no more diffs
         elif self._drop_state(project_id):
             await self._unsubscribe(project_id)

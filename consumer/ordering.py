@@ -131,6 +131,17 @@ class ProjectState:
                 message["tag"] = tag
         return message
 
+    def ask_again(self) -> bool:
+        """Whether a subscribe with other options (``presence`` asked for or dropped) may go
+        now. Not while one is in flight: the gateway's answer to it could not be told from the
+        answer to the new one (a live subscribe answered after a resume from the cursor was
+        sent looked like a resume refused: ``history_lost``); :meth:`on_subscribed` asks for
+        it when that one is answered."""
+        if self.pending:
+            self.resubscribe_when_acknowledged = True
+            return False
+        return True
+
     def on_event(self, seq: int, *, paged: bool = False, frame: bytes | None = None) -> Verdict:
         """An event frame from the WebSocket, or (``paged``) from a catch-up page; ``frame`` is
         its text as received, whose tag becomes the cursor's when it is delivered."""

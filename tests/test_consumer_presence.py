@@ -346,6 +346,7 @@ async def test_presence_makes_the_subscribe_carry_the_flag_and_follows_nothing_e
         "after": 3,
         "presence": True,
     }
+    await consumer._on_frame(ws, subscribed(1, 3, resumed=True))
     # A project not followed: subscribed live, for presence only.
     only = consumer.presence(2)
     await settle()
@@ -481,3 +482,32 @@ def test_tail_formats_a_presence_view_as_a_line_or_json():
     assert (
         msgspec.json.decode(format_presence(PresenceView(1, None), as_json=True))["members"] is None
     )
+
+
+async def test_presence_asked_while_a_subscribe_is_in_flight_waits_for_its_answer():
+    """Two subscribes of a project in flight cannot be told apart by their answers: a live one's
+    ``subscribed`` taken for the answer to a resume from the cursor said ``history_lost``. The
+    flag goes out in a subscribe sent once the one in flight is answered."""
+    consumer, ws = await fake_consumer()
+    events = consumer.events(1, start="beginning")
+    await settle()
+    assert ws.sent == [{"type": "subscribe", "project_id": 1}]
+    watch = consumer.presence(1)
+    await settle()
+    assert len(ws.sent) == 1  # nothing more while it is in flight
+    await consumer._on_frame(ws, subscribed(1, 5))
+    assert ws.sent[1:] == [{"type": "subscribe", "project_id": 1, "presence": True}]
+    await consumer._on_frame(ws, subscribed(1, 5))
+    assert ws.sent[2:] == [
+        {"type": "subscribe", "project_id": 1, "epoch": "e1", "after": 0, "presence": True}
+    ]
+    await watch.aclose()  # in flight again: dropped once it is answered
+    assert len(ws.sent) == 3
+    for seq in range(1, 6):
+        await consumer._on_frame(ws, event_frame(1, seq))
+    await consumer._on_frame(ws, subscribed(1, 5, resumed=True))
+    (last,) = ws.sent[3:]
+    assert "presence" not in last and (last["epoch"], last["after"]) == ("e1", 5)
+    assert [item.seq for item in [await anext(events) for _ in range(5)]] == [1, 2, 3, 4, 5]
+    assert consumer.stats.resyncs == 0
+    await consumer.aclose()

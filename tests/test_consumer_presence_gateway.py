@@ -248,3 +248,48 @@ async def test_tail_with_presence_prints_a_line_per_change_beside_the_events(gat
         if alice is not None:
             await alice.close()
         await publisher.aclose()
+
+
+async def test_presence_asked_and_dropped_at_any_moment_leaves_events_exactly_once(
+    gateways, redis_url
+):
+    """Readers opened and closed around every step of a subscription's life (before its cursor
+    is known, while its subscribe is in flight, live), while events flow: each toggle subscribes
+    the project again from its cursor, and every event still comes once, in order."""
+    gateway = await gateways(**FAST)
+    publisher = AsyncPublisher.from_url(redis_url)
+    published = 0
+
+    async def publish(count: int) -> None:
+        nonlocal published
+        for _ in range(count):
+            published += 1
+            await publisher.publish(event(1, published))
+
+    try:
+        for turns in (0, 1, 2, 3, 5, 8, 13, 40):
+            async with Consumer(ws_url(gateway), token=token("*"), start="beginning") as bus:
+                events = bus.events(1)
+                for _ in range(turns):
+                    await asyncio.sleep(0)
+                readers = [bus.presence(1)]
+                flow = asyncio.create_task(publish(10))
+                for n in range(6):
+                    for _ in range(turns % 4 + 1):
+                        await asyncio.sleep(0)
+                    if n % 2:
+                        readers.append(bus.presence(1))
+                    else:
+                        await readers.pop().aclose()
+                await flow
+                got = []
+                async with asyncio.timeout(20):
+                    async for item in events:
+                        assert isinstance(item, Delivery), item
+                        got.append(item.seq)
+                        if len(got) == published:
+                            break
+                assert got == list(range(1, published + 1)), turns
+                assert bus.stats.duplicates >= 0 and bus.stats.resyncs == 0
+    finally:
+        await publisher.aclose()
