@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 
 import msgspec
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -511,3 +512,25 @@ async def test_presence_asked_while_a_subscribe_is_in_flight_waits_for_its_answe
     assert [item.seq for item in [await anext(events) for _ in range(5)]] == [1, 2, 3, 4, 5]
     assert consumer.stats.resyncs == 0
     await consumer.aclose()
+
+
+async def test_a_subscribe_answered_unavailable_makes_presence_unknown_until_the_retry():
+    consumer, ws = await fake_consumer()
+    consumer._random = lambda: 0.0  # the retry at once
+    watch = consumer.presence(1)
+    await settle()
+    await consumer._on_frame(ws, subscribed(1, 0))
+    await consumer._on_frame(ws, frame(presence(member("a"))))
+    assert ids_of(await anext(watch)) == ["a"]
+    error = {"type": "error", "code": "unavailable", "message": "Redis", "project_id": 1}
+    await consumer._on_frame(ws, frame(error))
+    assert (await anext(watch)).members is None and consumer.members(1) is None
+    await settle()
+    assert ws.sent[-1]["presence"] is True  # subscribed again, with the flag
+    await consumer._on_frame(ws, subscribed(1, 0))
+    await consumer._on_frame(ws, frame(presence(member("a"), member("b"))))
+    view = await anext(watch)
+    assert ids_of(view) == ["a", "b"] and [m.id for m in view.change.joined] == ["b"]
+    await consumer.aclose()
+    with pytest.raises(StopAsyncIteration):
+        await anext(watch)
