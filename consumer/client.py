@@ -835,7 +835,7 @@ class Consumer:
             state = self._states.get(project_id)
             if state is None and project_id not in self._routes:
                 # Followed for presence only: live from now.
-                state = self._states[project_id] = ProjectState(project_id)
+                state = self._states[project_id] = ProjectState(project_id, delivers=False)
             if state is not None and self._subscribed_on is not None and state.ask_again():
                 # (a state still being prepared subscribes with the flag when it is ready; one
                 # whose subscribe is in flight, once it is answered)
@@ -947,7 +947,16 @@ class Consumer:
             if self._routes.get(project_id) is route:
                 del self._routes[project_id]
                 if project_id in self._presence:
-                    continue  # its presence is still read: the subscription stays, unrouted
+                    # Its presence is still read: the subscription stays, delivering nothing
+                    # (or, when its state was not prepared yet, one is made for presence).
+                    state = self._states.get(project_id)
+                    if state is not None:
+                        state.delivers = False
+                    else:
+                        state = self._states[project_id] = ProjectState(project_id, delivers=False)
+                        if self._subscribed_on is not None:
+                            self._spawn(self._send_subscribe(state))
+                    continue
                 if self._drop_state(project_id):
                     forgotten.append(project_id)
         return forgotten
@@ -1202,7 +1211,7 @@ class Consumer:
                 if project_id not in self._routes:
                     # Followed for its presence only: live from now (the events it missed would
                     # go to no one).
-                    self._states[project_id] = ProjectState(project_id)
+                    self._states[project_id] = ProjectState(project_id, delivers=False)
             for state in self._states.values():
                 state.on_connection()
             for state in list(self._states.values()):
@@ -1336,7 +1345,7 @@ class Consumer:
                 await self._send_subscribe(state)
             else:
                 route = self._routes.get(state.project_id)
-                if route is not None:
+                if route is not None and state.delivers:
                     route.ready[state.project_id].set()
             return None
         if cls is ResyncRequired:
@@ -1355,11 +1364,7 @@ class Consumer:
                 # resubscribe from there yet (see ProjectState.stands_at).
                 log.debug("resync at the cursor already surfaced", project_id=state.project_id)
                 return None
-            if (
-                self.catch_up
-                and state.project_id in self._routes
-                and state.can_catch_up(reason, epoch)
-            ):
+            if self.catch_up and state.delivers and state.can_catch_up(reason, epoch):
                 # Still in the history, only more than one replay carries: read it by pages.
                 state.begin_catch_up()
                 self.stats.catch_ups += 1
@@ -1424,8 +1429,11 @@ class Consumer:
         if verdict is Verdict.DELIVER or verdict is Verdict.CORRUPT:
             project_id = state.project_id
             route = self._routes.get(project_id)
-            if route is None:
-                return verdict  # followed for its presence only: the events go to no one
+            if route is None or not state.delivers:
+                # Followed for its presence only: the events go to no one (also while an
+                # events() subscription of the project prepares its own state: the live
+                # subscription's events are not the ones after that one's cursor).
+                return verdict
             delivery = Delivery(project_id, state.cursor[0], seq, event, raw)  # type: ignore[index]
             self.stats.delivered += 1
             queue = route.queue
@@ -1470,7 +1478,8 @@ class Consumer:
 
     async def _put(self, project_id: int, item: Any) -> None:
         route = self._routes.get(project_id)
-        if route is not None:
+        state = self._states.get(project_id)
+        if route is not None and (state is None or state.delivers):
             if type(item) is Resync:
                 self.stats.resyncs += 1
             await self._wait_for_room(route.queue, item)

@@ -102,6 +102,9 @@ class ProjectState:
     gap_repairs: int = 0
     #: The Resync of the last :attr:`Verdict.CORRUPT`.
     corrupt: Resync | None = None
+    #: Its items go to the caller. False for a project subscribed only for its presence
+    #: (``Consumer.presence``): ordered all the same, delivered to no one.
+    delivers: bool = True
 
     @property
     def known(self) -> bool:

@@ -534,3 +534,149 @@ async def test_a_subscribe_answered_unavailable_makes_presence_unknown_until_the
     await consumer.aclose()
     with pytest.raises(StopAsyncIteration):
         await anext(watch)
+
+
+# --- the client against a model gateway, with hypothesis ----------------------------------------
+
+
+class ModelGateway:
+    """One connection of a gateway, as the protocol says it behaves for project 1: frames are
+    handled in order; a subscribe replaces the subscription (a replay after a cursor, then
+    ``subscribed``, then ``presence`` with the flag); an unsubscribe answers ``unsubscribed`` or
+    ``not_subscribed``; events and ``presence_diff`` go to the subscription as they happen."""
+
+    def __init__(self) -> None:
+        self.top = 0
+        self.subscribed: bool | None = None  # None: not subscribed; else the presence flag
+        self.members: dict[str, dict] = {}
+        self.frames: list[bytes] = []  # to the consumer, in order
+
+    async def send(self, data: bytes, text: bool = True) -> None:
+        message = msgspec.json.decode(data)
+        assert message["project_id"] == 1
+        if message["type"] == "unsubscribe":
+            if self.subscribed is None:
+                error = {"type": "error", "code": "not_subscribed", "message": "no"}
+                self.frames.append(frame({**error, "project_id": 1}))
+            else:
+                self.subscribed = None
+                self.frames.append(frame({"type": "unsubscribed", "project_id": 1}))
+            return
+        assert message["type"] == "subscribe"
+        after = message.get("after")
+        if after is not None:
+            assert message["epoch"] == "e1" and after <= self.top
+            self.frames += [event_frame(1, seq) for seq in range(after + 1, self.top + 1)]
+        self.frames.append(subscribed(1, self.top, resumed=after is not None))
+        self.subscribed = bool(message.get("presence"))
+        if self.subscribed:
+            self.frames.append(frame(presence(*self.members.values())))
+
+    def publish(self) -> None:
+        self.top += 1
+        if self.subscribed is not None:
+            self.frames.append(event_frame(1, self.top))
+
+    def change(self, member_id: str, present: bool, viewing: int) -> None:
+        if present:
+            joined = member_id not in self.members
+            self.members[member_id] = member(member_id, viewing=viewing)
+            put = [self.members[member_id]]
+            message = diff(joined=put) if joined else diff(changed=put)
+        elif self.members.pop(member_id, None) is not None:
+            message = diff(left=[member_id])
+        else:
+            return
+        if self.subscribed:
+            self.frames.append(frame(message))
+
+
+steps = st.lists(
+    st.one_of(
+        st.tuples(st.sampled_from(["events", "presence", "close-events", "close-presence"])),
+        st.tuples(st.just("publish"), st.integers(1, 3)),
+        st.tuples(st.just("deliver"), st.integers(0, 6)),
+        st.tuples(st.just("turns"), st.integers(0, 3)),
+        st.tuples(st.just("member"), ids_, st.booleans(), st.integers(1, 3)),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(steps)
+async def test_events_and_presence_opened_and_closed_in_any_order_stay_exact(steps):
+    """Any interleaving of following the project's events and reading its presence, opening and
+    closing either while frames are in flight: every events subscription gets the project's
+    events from the first, once each, in order, never a Resync; and, once everything is
+    delivered, a presence reader sees exactly who is there."""
+    from consumer import Consumer, Delivery
+
+    consumer = Consumer("ws://unused/", start="beginning")
+    consumer._task = asyncio.get_running_loop().create_future()  # no real connection task
+    gateway = ModelGateway()
+    consumer._ws = consumer._subscribed_on = gateway  # type: ignore[assignment]
+    events = None
+    readers: list = []
+    got: list[int] = []
+
+    def take() -> None:
+        while events is not None and not events._route.queue.empty():
+            item = events._route.queue.get_nowait()
+            assert type(item) is Delivery, item
+            got.append(item.seq)
+        assert got == list(range(1, len(got) + 1))
+
+    async def deliver(count: int | None) -> None:
+        while gateway.frames and (count is None or count > 0):
+            await consumer._on_frame(gateway, gateway.frames.pop(0))  # type: ignore[arg-type]
+            count = None if count is None else count - 1
+            take()
+
+    try:
+        for step in steps:
+            kind = step[0]
+            if kind == "events" and events is None:
+                events, got = consumer.events(1), []
+            elif kind == "close-events" and events is not None:
+                take()
+                await events.aclose()
+                events = None
+            elif kind == "presence":
+                readers.append(consumer.presence(1))
+            elif kind == "close-presence" and readers:
+                await readers.pop(0).aclose()
+            elif kind == "publish":
+                for _ in range(step[1]):
+                    gateway.publish()
+            elif kind == "member":
+                gateway.change(*step[1:])
+            elif kind == "deliver":
+                await deliver(step[1])
+            elif kind == "turns":
+                for _ in range(step[1]):
+                    await asyncio.sleep(0)
+        for _ in range(10):  # everything in flight, and what it makes the consumer send
+            await settle()
+            await deliver(None)
+        await settle()
+        assert not gateway.frames
+        if events is not None:
+            assert got == list(range(1, gateway.top + 1))
+        if readers:
+            expected = sorted(gateway.members)
+            assert ids_of(PresenceView(1, consumer.members(1))) == expected
+            for reader in readers:
+                view = await anext(reader)
+                assert ids_of(view) == expected
+        else:
+            assert consumer.members(1) is None
+        # The gateway holds a subscription exactly when something is followed, with the flag
+        # exactly when presence is read.
+        if events is None and not readers:
+            assert gateway.subscribed is None
+        else:
+            assert gateway.subscribed is bool(readers)
+        assert consumer.stats.resyncs == 0 and consumer.stats.presence_malformed == 0
+    finally:
+        await consumer.aclose()
