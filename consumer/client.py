@@ -1111,24 +1111,9 @@ class Consumer:
             except (ConnectionClosed, OSError):
                 pass  # the connection ended; how is in its close code
             finally:
-                self._ws = self._subscribed_on = None
-                # Presence is unknown until the next connection's `presence` replaces it.
-                for presence in self._presence.values():
-                    if presence.table.forget():
-                        presence.notify()
+                self._connection_ended()
                 was_live = self._authenticated.is_set()
                 self._authenticated.clear()
-                for project_id in list(self._retries):  # the next connection subscribes anyway
-                    self._cancel_retry(project_id)
-                # The next connection has a bucket of its own on the gateway.
-                self._pacer.reset()
-                if self._pacing is not None:
-                    self._pacing.cancel()
-                    self._pacing = None
-                self._answers.start(self._clock.now())
-                if self._answer_timer is not None:
-                    self._answer_timer.cancel()
-                    self._answer_timer = None
                 await _close(ws)
                 # No close frame (killed gateway, reset, keepalive timeout): 1006.
                 code = ws.close_code if ws.close_code is not None else ABNORMAL_CLOSURE
@@ -1204,21 +1189,7 @@ class Consumer:
                 self._authenticated.set()
             # The gateway reads the auth frame before anything else: subscribes can follow it at
             # once (a refused token closes the connection with 4001 before they are read).
-            self._unsubscribing.clear()  # (what the last connection left, it answers no more)
-            self._subscribed_on = ws
-            self._answers.start(self._clock.now())
-            for project_id in list(self._states):
-                if project_id not in self._routes:
-                    # Followed for its presence only: live from now (the events it missed would
-                    # go to no one).
-                    self._states[project_id] = ProjectState(project_id, delivers=False)
-            for state in self._states.values():
-                state.on_connection()
-            for state in list(self._states.values()):
-                # Skipped: one unfollowed while an earlier send waited, and one catching up
-                # (it subscribes when its pages are read).
-                if self._states.get(state.project_id) is state and not state.catching_up:
-                    await ws.send(_encode(self._subscribe_message(state)), text=True)
+            await self._subscribe_all(ws)
             # A gateway that never answers the token (its handler stuck, a proxy that accepts
             # and forwards nothing) would hold this connection, answering pings, for ever.
             auth_deadline = None
@@ -1252,6 +1223,43 @@ class Consumer:
             if self._refresh is not None:
                 self._refresh.cancel()
                 self._refresh = None
+
+    async def _subscribe_all(self, ws: ClientConnection) -> None:
+        """A new connection (its token sent): subscribe every project on it."""
+        self._unsubscribing.clear()  # (what the last connection left, it answers no more)
+        self._subscribed_on = ws
+        self._answers.start(self._clock.now())
+        for project_id, state in list(self._states.items()):
+            if not state.delivers:
+                # Followed for its presence only: live from now (the events it missed would go
+                # to no one).
+                self._states[project_id] = ProjectState(project_id, delivers=False)
+        for state in self._states.values():
+            state.on_connection()
+        for state in list(self._states.values()):
+            # Skipped: one unfollowed while an earlier send waited, and one catching up (it
+            # subscribes when its pages are read).
+            if self._states.get(state.project_id) is state and not state.catching_up:
+                await ws.send(_encode(self._subscribe_message(state)), text=True)
+
+    def _connection_ended(self) -> None:
+        """The connection is gone: nothing sent on it will be answered."""
+        self._ws = self._subscribed_on = None
+        # Presence is unknown until the next connection's `presence` replaces it.
+        for presence in self._presence.values():
+            if presence.table.forget():
+                presence.notify()
+        for project_id in list(self._retries):  # the next connection subscribes anyway
+            self._cancel_retry(project_id)
+        # The next connection has a bucket of its own on the gateway.
+        self._pacer.reset()
+        if self._pacing is not None:
+            self._pacing.cancel()
+            self._pacing = None
+        self._answers.start(self._clock.now())
+        if self._answer_timer is not None:
+            self._answer_timer.cancel()
+            self._answer_timer = None
 
     def _ignored(self, event: str, *, level: str = "warning", **fields: object) -> None:
         """A frame the gateway never sends, dropped: counted, and logged once, then every

@@ -539,43 +539,19 @@ async def test_a_subscribe_answered_unavailable_makes_presence_unknown_until_the
 # --- the client against a model gateway, with hypothesis ----------------------------------------
 
 
-class ModelGateway:
-    """One connection of a gateway, as the protocol says it behaves for project 1: frames are
-    handled in order; a subscribe replaces the subscription (a replay after a cursor, then
-    ``subscribed``, then ``presence`` with the flag); an unsubscribe answers ``unsubscribed`` or
-    ``not_subscribed``; events and ``presence_diff`` go to the subscription as they happen."""
+class ModelWorld:
+    """Project 1 as the gateways know it: its history (seqs 1..top of epoch "e1") and who is
+    present; and the consumer's connection of the moment (:class:`ModelGateway`)."""
 
     def __init__(self) -> None:
         self.top = 0
-        self.subscribed: bool | None = None  # None: not subscribed; else the presence flag
         self.members: dict[str, dict] = {}
-        self.frames: list[bytes] = []  # to the consumer, in order
-
-    async def send(self, data: bytes, text: bool = True) -> None:
-        message = msgspec.json.decode(data)
-        assert message["project_id"] == 1
-        if message["type"] == "unsubscribe":
-            if self.subscribed is None:
-                error = {"type": "error", "code": "not_subscribed", "message": "no"}
-                self.frames.append(frame({**error, "project_id": 1}))
-            else:
-                self.subscribed = None
-                self.frames.append(frame({"type": "unsubscribed", "project_id": 1}))
-            return
-        assert message["type"] == "subscribe"
-        after = message.get("after")
-        if after is not None:
-            assert message["epoch"] == "e1" and after <= self.top
-            self.frames += [event_frame(1, seq) for seq in range(after + 1, self.top + 1)]
-        self.frames.append(subscribed(1, self.top, resumed=after is not None))
-        self.subscribed = bool(message.get("presence"))
-        if self.subscribed:
-            self.frames.append(frame(presence(*self.members.values())))
+        self.connection: ModelGateway | None = None
 
     def publish(self) -> None:
         self.top += 1
-        if self.subscribed is not None:
-            self.frames.append(event_frame(1, self.top))
+        if self.connection is not None and self.connection.subscribed is not None:
+            self.connection.frames.append(event_frame(1, self.top))
 
     def change(self, member_id: str, present: bool, viewing: int) -> None:
         if present:
@@ -587,8 +563,52 @@ class ModelGateway:
             message = diff(left=[member_id])
         else:
             return
+        if self.connection is not None and self.connection.subscribed:
+            self.connection.frames.append(frame(message))
+
+
+class ModelGateway:
+    """One connection of a gateway, as the protocol says it behaves for project 1: frames are
+    handled in order; a subscribe replaces the subscription (a replay after a cursor, then
+    ``subscribed``, then ``presence`` with the flag); an unsubscribe answers ``unsubscribed`` or
+    ``not_subscribed``; events and ``presence_diff`` go to the subscription as they happen. A
+    connection that ended takes nothing more."""
+
+    def __init__(self, world: ModelWorld) -> None:
+        self.world = world
+        self.subscribed: bool | None = None  # None: not subscribed; else the presence flag
+        self.frames: list[bytes] = []  # to the consumer, in order
+        self.alive = True
+        world.connection = self
+
+    async def send(self, data: bytes, text: bool = True) -> None:
+        if not self.alive:
+            return
+        message = msgspec.json.decode(data)
+        assert message["project_id"] == 1
+        if message["type"] == "unsubscribe":
+            if self.subscribed is None:
+                error = {"type": "error", "code": "not_subscribed", "message": "no"}
+                self.frames.append(frame({**error, "project_id": 1}))
+            else:
+                self.subscribed = None
+                self.frames.append(frame({"type": "unsubscribed", "project_id": 1}))
+            return
+        assert message["type"] == "subscribe"
+        top, after = self.world.top, message.get("after")
+        if after is not None:
+            assert message["epoch"] == "e1" and after <= top
+            self.frames += [event_frame(1, seq) for seq in range(after + 1, top + 1)]
+        self.frames.append(subscribed(1, top, resumed=after is not None))
+        self.subscribed = bool(message.get("presence"))
         if self.subscribed:
-            self.frames.append(frame(message))
+            self.frames.append(frame(presence(*self.world.members.values())))
+
+    def end(self) -> None:
+        self.alive = False
+        self.frames.clear()
+        self.subscribed = None
+        self.world.connection = None
 
 
 steps = st.lists(
@@ -598,6 +618,7 @@ steps = st.lists(
         st.tuples(st.just("deliver"), st.integers(0, 6)),
         st.tuples(st.just("turns"), st.integers(0, 3)),
         st.tuples(st.just("member"), ids_, st.booleans(), st.integers(1, 3)),
+        st.tuples(st.sampled_from(["disconnect", "connect"])),
     ),
     max_size=40,
 )
@@ -614,7 +635,8 @@ async def test_events_and_presence_opened_and_closed_in_any_order_stay_exact(ste
 
     consumer = Consumer("ws://unused/", start="beginning")
     consumer._task = asyncio.get_running_loop().create_future()  # no real connection task
-    gateway = ModelGateway()
+    world = ModelWorld()
+    gateway = ModelGateway(world)
     consumer._ws = consumer._subscribed_on = gateway  # type: ignore[assignment]
     events = None
     readers: list = []
@@ -648,26 +670,39 @@ async def test_events_and_presence_opened_and_closed_in_any_order_stay_exact(ste
                 await readers.pop(0).aclose()
             elif kind == "publish":
                 for _ in range(step[1]):
-                    gateway.publish()
+                    world.publish()
             elif kind == "member":
-                gateway.change(*step[1:])
+                world.change(*step[1:])
+            elif kind == "disconnect" and gateway.alive:
+                gateway.end()
+                consumer._connection_ended()
+                assert consumer.members(1) is None
+            elif kind == "connect" and not gateway.alive:
+                gateway = ModelGateway(world)
+                consumer._ws = gateway  # type: ignore[assignment]
+                await consumer._subscribe_all(gateway)  # type: ignore[arg-type]
             elif kind == "deliver":
                 await deliver(step[1])
             elif kind == "turns":
                 for _ in range(step[1]):
                     await asyncio.sleep(0)
+        if not gateway.alive:
+            gateway = ModelGateway(world)
+            consumer._ws = gateway  # type: ignore[assignment]
+            await consumer._subscribe_all(gateway)  # type: ignore[arg-type]
         for _ in range(10):  # everything in flight, and what it makes the consumer send
             await settle()
             await deliver(None)
         await settle()
         assert not gateway.frames
         if events is not None:
-            assert got == list(range(1, gateway.top + 1))
+            assert got == list(range(1, world.top + 1))
         if readers:
-            expected = sorted(gateway.members)
+            expected = sorted(world.members)
             assert ids_of(PresenceView(1, consumer.members(1))) == expected
             for reader in readers:
-                view = await anext(reader)
+                async with asyncio.timeout(5):  # (a view is due: a hang is a failure)
+                    view = await anext(reader)
                 assert ids_of(view) == expected
         else:
             assert consumer.members(1) is None
