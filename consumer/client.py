@@ -18,6 +18,8 @@ before it expires, and reconnects forever with full-jitter exponential backoff. 
 typed items bounded by count and by bytes (:mod:`consumer.buffer`). When the caller reads slower
 than events arrive the queue fills and the connection stops reading (TCP backpressure; the gateway
 may then cut it as a slow consumer, after which it resumes from its cursor, losing nothing).
+:meth:`Consumer.presence` returns a :class:`PresenceSubscription`: the project's members pushed
+as coalesced views (:mod:`consumer.presence`), on the same connection.
 """
 
 from __future__ import annotations

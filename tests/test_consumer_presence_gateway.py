@@ -17,7 +17,7 @@ from tests.support.gateway_process import GatewayProcess
 from tests.test_consumer import history
 from tests.test_presence_gateway import FAST, person, token
 
-pytestmark = [pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 
 def ids(view: PresenceView) -> list[str] | None:
