@@ -2289,8 +2289,8 @@ export class EventBus {
   }
 
   /**
-   * The stream's first answer for one of its projects (one of their events, or a `subscribed`,
-   * `resync_required` or `error` naming one): it delivers, so it is live and polling stops. The
+   * The stream's first answer for one of its projects (one of their events, or a `subscribed` or
+   * `resync_required` naming one; see SSE_ANSWERS): it delivers, so it is live and polling stops. The
    * `retry:` line the gateway writes with the response head, keepalive comments and
    * `authenticated` do not count: a buffering proxy may pass the first, a gateway whose
    * subscribes are stuck still sends the others. When polling has moved a project's cursor since
