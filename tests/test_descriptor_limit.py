@@ -21,6 +21,7 @@ from websockets.exceptions import InvalidHandshake, InvalidStatus
 
 from gateway.__main__ import DESCRIPTOR_RESERVE, fitted_connections
 from gateway.server import ACCEPT_SLACK
+from gateway.store import CLUSTER_CONCURRENCY
 from tests.support.gateway_client import RecordingClient, publish
 from tests.support.gateway_process import GatewayProcess
 
@@ -207,3 +208,73 @@ async def test_a_burst_of_handshakes_past_the_descriptor_limit_is_refused_polite
     await client.close()
     await late.close()
     assert_quiet(gateway)
+
+
+#: A cluster pod: 6 masters, each owning some of the projects a storm reads at once.
+CLUSTER_MASTERS = 6
+CLUSTER_LIMIT = 1600
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_a_full_pod_on_a_cluster_keeps_descriptors_for_every_masters_redis_sockets(
+    redis_cluster_factory,
+) -> None:
+    """On Redis Cluster the gateway holds Redis sockets per master (history and presence reads
+    are limited per master), far more than the reserve a standalone Redis needs. A pod held full
+    by a flood, whose clients then subscribe to projects on every master while the masters
+    hang (each read holds its socket until the subscribe times out), must still find a
+    descriptor for every one of those sockets: before, the reads' connects failed with EMFILE
+    ("Too many open files"), and the pod's accept() with them."""
+    cluster = redis_cluster_factory(
+        CLUSTER_MASTERS, 0, extra_args=["--cluster-require-full-coverage", "no"]
+    )
+    spread = cluster.projects_by_master(range(1, 20_000))
+    projects = [p for own in spread.values() for p in own[: CLUSTER_CONCURRENCY + 6]]
+    gateway = GatewayProcess(
+        cluster.url, descriptor_limit=CLUSTER_LIMIT, args=["--auth-timeout", "30"]
+    )
+    holders: list[RecordingClient] = []
+    clients: list[RecordingClient] = []
+    try:
+        await asyncio.to_thread(gateway.start)
+        lowered = json.loads(gateway.log_lines("max_connections lowered")[-1])
+        bound = lowered["effective"]
+        # Every project followed (its channel subscribed) by a holder, 70 projects each: the
+        # resumes below then wait for their reads alone.
+        for start in range(0, len(projects), 70):
+            holder = await RecordingClient(gateway.ws_url).connect(auth=False)
+            holders.append(holder)
+            for project_id in projects[start : start + 70]:
+                await holder.subscribe(project_id)
+        clients = await asyncio.gather(
+            *(RecordingClient(gateway.ws_url).connect(auth=False) for _ in projects)
+        )
+        flood = await asyncio.to_thread(open_silent_sockets, gateway.port, CLUSTER_LIMIT)
+        try:
+            kept = bound + ACCEPT_SLACK - len(clients) - len(holders)
+            await asyncio.to_thread(wait_until_dropped, flood, CLUSTER_LIMIT - kept)
+            for node in cluster.masters():
+                node.freeze()
+            try:
+                # One history read per client (a resume from an epoch the window does not
+                # know), each held by its hung master until the subscribe's timeout: then
+                # 'unavailable', every one.
+                for client, project_id in zip(clients, projects, strict=True):
+                    await client.send(
+                        {"type": "subscribe", "project_id": project_id, "epoch": "old", "after": 1}
+                    )
+                for client in clients:
+                    await client.wait_for(lambda c=client: c.count("error") == 1, within=30)
+            finally:
+                for node in cluster.nodes:
+                    node.thaw()
+        finally:
+            for sock in flood:
+                sock.close()
+        text = gateway.log_path.read_text()
+        assert "Too many open files" not in text, gateway.tail(40)
+        assert "out of system resource" not in text, gateway.tail(40)
+    finally:
+        await asyncio.gather(*(client.close() for client in [*holders, *clients]))
+        gateway.close()
