@@ -15,6 +15,7 @@ from typing import BinaryIO
 import msgspec
 
 from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.descriptors import fitted_connections
 from gateway.group import SlotTaken, claim_slot
 from gateway.logs import configure_logging, describe, get_logger, throttle_loop_errors
 from gateway.workers import (
@@ -149,19 +150,12 @@ def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-#: Descriptors a gateway needs besides its clients: its own (the listening socket, Redis
-#: connections, epoll, log files, the interpreter's: 9 when idle), and the sockets a burst has
-#: accepted but the admission bound has not dropped yet (up to three accept batches, 96 with
-#: asyncio: see ``gateway.server.ACCEPT_BATCH``). A flood of 4,000 sockets at once at a full
-#: pod first made accept() fail with a reserve of 100.
-DESCRIPTOR_RESERVE = 256
-
-
 def fit_descriptors(config: GatewayConfig, slack: int) -> GatewayConfig:
     """Raise the soft descriptor limit to the hard one, and lower ``max_connections`` to what
     it can hold (with a warning) rather than run out of descriptors under load: past the limit
     every accept fails, and the admission bound (``max_connections`` + ``slack`` sockets) is
-    what must refuse connections first."""
+    what must refuse connections first. On Redis Cluster the gateway lowers it further once it
+    knows the masters (``Gateway.fit_to_masters``)."""
     limit = raise_descriptor_limit()
     fitted = fitted_connections(config.max_connections, slack, limit)
     if fitted < config.max_connections:
@@ -170,13 +164,6 @@ def fit_descriptors(config: GatewayConfig, slack: int) -> GatewayConfig:
         )
         config = msgspec.structs.replace(config, max_connections=fitted)
     return config
-
-
-def fitted_connections(max_connections: int, slack: int, descriptor_limit: int) -> int:
-    """The most connections (>= 1) whose sockets, plus ``slack`` and the reserve, fit the
-    descriptor limit (pure)."""
-    room = descriptor_limit - slack - DESCRIPTOR_RESERVE
-    return max(1, min(max_connections, room))
 
 
 async def supervise(config: GatewayConfig, workers: int, argv: list[str]) -> int:

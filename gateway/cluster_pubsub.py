@@ -287,6 +287,13 @@ class ClusterPubSub:
         )
 
     @property
+    def masters(self) -> int:
+        """The masters of the slot map last loaded, with the former ones whose links are still
+        kept (each holds a connection): 0 before the first map."""
+        known = set(self._map.masters) if self._map is not None else set()
+        return len(known | set(self._links))
+
+    @property
     def serving(self) -> bool:
         """The slot map is known and a majority of the masters' links is connected: what
         ``/readyz`` asks. Not every link (:attr:`connected`): one master hung or down made every

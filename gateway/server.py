@@ -12,16 +12,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import signal
 import time
 
 import redis.asyncio
 import redis.asyncio.cluster
+import redis.exceptions
+from redis.asyncio.cluster import RedisCluster
 from websockets.http11 import Response
 
 from gateway.clients import MAX_CONSECUTIVE_ERRORS, ClientProtocol, presence_item
 from gateway.cluster_pubsub import ClusterPubSub
 from gateway.config import GatewayConfig
+from gateway.descriptors import NODE_CONNECTIONS, REDIS_SOCKETS_PER_MASTER, fitted_connections
 from gateway.group import GroupView
 from gateway.http import HttpRoutes, json_response
 from gateway.hub import Hub
@@ -42,6 +46,7 @@ from schemas.protocol import CloseCode
 from schemas.stored import ForeignKind
 from schemas.tokens import TokenClaims, TokenVerifier
 from serverkit import LogThrottle, SingleFlight
+from serverkit.descriptors import LIMIT_HINT
 
 __all__ = ["MAX_CONSECUTIVE_ERRORS", "Gateway", "run"]
 
@@ -105,6 +110,8 @@ class Gateway:
         self.draining = False
         self.policy = SlowConsumerPolicy(config.outbound_limit, config.stall_timeout)
         self.admission = Admission(config.max_connections, ACCEPT_SLACK)
+        #: Redis Cluster masters the admission bound was last fitted to (:meth:`fit_to_masters`).
+        self.fitted_masters = 0
         # Lines caused by clients (failed auth, refused handshakes, unavailable subscribes): a few
         # per minute per kind; the counters count every one.
         self.client_log_throttle = LogThrottle()
@@ -273,6 +280,14 @@ class Gateway:
             config.sse_keepalive_interval, config.ping_timeout, _keepalive_timeout
         )
         self.streams.keepalive.start()
+        if is_cluster_url(config.redis_url):
+            # The masters are known before the port opens (unless the cluster is slow to
+            # answer: then within a second of the first map), and followed after.
+            with contextlib.suppress(redis.exceptions.RedisError, OSError, TimeoutError):
+                async with asyncio.timeout(FIRST_REVOCATIONS_WAIT):
+                    await self.redis.initialize()
+            self.fit_to_masters()
+            self._tasks.append(asyncio.create_task(self._every(1.0, self.fit_to_masters)))
         group_size = os.environ.get(GROUP_SIZE_ENV)
         if group_size:
             self.group = GroupView(
@@ -374,6 +389,54 @@ class Gateway:
                     await result
             except Exception as exc:
                 log.warning("periodic check failed", job=job.__name__, error=describe(exc))
+
+    def cluster_masters(self) -> int:
+        """The Redis Cluster masters this process may hold sockets to: those of its client's
+        slot map, or of its pub/sub's (with the links it still keeps), whichever is more; 0 on a
+        standalone Redis or before either map is loaded."""
+        client = self.redis
+        known = len(client.get_primaries()) if isinstance(client, RedisCluster) else 0
+        if isinstance(self.link, ClusterPubSub):
+            known = max(known, self.link.masters)
+        return known
+
+    def fit_to_masters(self) -> None:
+        """On Redis Cluster, lower the admission bound (``--max-connections``, already fitted to
+        the descriptor limit for a standalone Redis by ``gateway.__main__``) so that the sockets
+        this process may hold to each master (:data:`~gateway.descriptors.REDIS_SOCKETS_PER_MASTER`)
+        fit the descriptor limit too; run at start and every second, so that masters added
+        later (a re-shard) lower it again, and masters removed give the room back, up to the
+        configured bound. Connections already open stay: new ones are refused until the pod is
+        below the new bound. Nothing on a standalone Redis."""
+        masters = self.cluster_masters()
+        if masters == self.fitted_masters:
+            return
+        self.fitted_masters = masters
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if limit == resource.RLIM_INFINITY or limit < 0:
+            return
+        configured = self.config.max_connections
+        fitted = fitted_connections(configured, ACCEPT_SLACK, limit, masters)
+        current = self.admission.max_connections
+        if fitted == current:
+            return
+        self.admission.max_connections = fitted
+        fields = {
+            "configured": configured,
+            "effective": fitted,
+            "descriptor_limit": limit,
+            "masters": masters,
+            "sockets_per_master": REDIS_SOCKETS_PER_MASTER,
+        }
+        if fitted < current:
+            log.warning(
+                "max_connections lowered to fit the descriptor limit with every Redis Cluster "
+                "master's sockets",
+                **fields,
+                hint=LIMIT_HINT,
+            )
+        else:
+            log.info("max_connections raised: fewer Redis Cluster masters", **fields)
 
     def _check_stalls(self) -> None:
         now = time.monotonic()
@@ -604,8 +667,10 @@ def redis_client(url: str) -> redis.asyncio.Redis | redis.asyncio.cluster.RedisC
     readiness): with a server that accepts connections and never answers, a call fails after one
     read timeout (5 s; redis-py's nested retries cost 84 s before), and no call outlasts
     ``REDIS_CALL_TIMEOUT``; quick failures (a refused connection while Redis restarts, a
-    Cluster failover) are still retried within that time (:func:`redisconn.async_client`)."""
-    return async_client(url, call_timeout=REDIS_CALL_TIMEOUT)
+    Cluster failover) are still retried within that time (:func:`redisconn.async_client`). On
+    Redis Cluster it holds at most :data:`~gateway.descriptors.NODE_CONNECTIONS` connections to
+    each master: what the descriptor budget counts (:meth:`Gateway.fit_to_masters`)."""
+    return async_client(url, call_timeout=REDIS_CALL_TIMEOUT, node_connections=NODE_CONNECTIONS)
 
 
 def _close_revoked(session: ClientSession) -> None:

@@ -161,6 +161,7 @@ def async_client(
     connect_timeout: float | None = None,
     socket_timeout: float | None = None,
     call_timeout: float | None = None,
+    node_connections: int | None = None,
 ) -> BoundedRedis | BoundedRedisCluster:
     """An asyncio client for ``url`` (same arguments as :func:`sync_client`).
 
@@ -173,6 +174,10 @@ def async_client(
     reply is read within ``socket_timeout`` in all, on TCP and Unix sockets alike (redis-py's
     asyncio connections read a reply under one timeout). Pub/sub reads are not bounded by
     either: see :mod:`redisconn.bounded`.
+
+    ``node_connections``: on Redis Cluster, the connections the client may hold to each node
+    (redis-py's pool per node; a call past them fails with "Too many connections", no socket
+    opened), redis-py's 100 unless given. Not used for a standalone Redis.
     """
     connect_timeout = CONNECT_TIMEOUT if connect_timeout is None else connect_timeout
     socket_timeout = SOCKET_TIMEOUT if socket_timeout is None else socket_timeout
@@ -184,6 +189,8 @@ def async_client(
     options = _options(connect_timeout, socket_timeout)
     client: BoundedRedis | BoundedRedisCluster
     if is_cluster_url(url):
+        if node_connections is not None:
+            options["max_connections"] = node_connections
         client = BoundedRedisCluster.from_url(_plain_url(url), retry=retry, **options)
     else:
         client = BoundedRedis.from_url(

@@ -19,7 +19,13 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidHandshake, InvalidStatus
 
-from gateway.__main__ import DESCRIPTOR_RESERVE, fitted_connections
+from gateway.descriptors import (
+    DESCRIPTOR_RESERVE,
+    NODE_CONNECTIONS,
+    REDIS_SOCKETS_PER_MASTER,
+    fitted_connections,
+)
+from gateway.presence_store import PRESENCE_READS
 from gateway.server import ACCEPT_SLACK
 from gateway.store import CLUSTER_CONCURRENCY
 from tests.support.gateway_client import RecordingClient, publish
@@ -36,6 +42,29 @@ def test_fitted_connections() -> None:
     assert fitted_connections(20_000, 64, 1_048_576) == 20_000
     assert fitted_connections(20_000, 64, 20_000) == 20_000 - 64 - DESCRIPTOR_RESERVE
     assert fitted_connections(20_000, 64, 100) == 1
+
+
+def test_fitted_connections_on_a_cluster_leave_room_for_every_masters_sockets() -> None:
+    """On Redis Cluster each master costs its client pool and its pub/sub link on top of the
+    reserve; a standalone Redis (no master counted) keeps the figures above."""
+    assert REDIS_SOCKETS_PER_MASTER == NODE_CONNECTIONS + 1 == 101
+    assert fitted_connections(20_000, 64, 20_000, 0) == 19_680
+    assert fitted_connections(20_000, 64, 20_000, 3) == 19_680 - 3 * 101
+    assert fitted_connections(20_000, 64, 20_000, 6) == 19_680 - 6 * 101
+    assert fitted_connections(20_000, 64, 1_048_576, 6) == 20_000
+    assert fitted_connections(400, 64, 600, 3) == 1
+
+
+def test_the_reads_limited_per_master_fit_the_pool_counted_per_master() -> None:
+    """What the gateway limits per master (history and presence reads) stays below the pool it
+    counts per master, leaving room for its other calls, and its Cluster client is built with
+    that pool: the count is the real bound, not a guess."""
+    from gateway.server import redis_client
+
+    assert CLUSTER_CONCURRENCY + PRESENCE_READS + 16 <= NODE_CONNECTIONS
+    client = redis_client("redis+cluster://127.0.0.1:7000")
+    (seed,) = client.nodes_manager.startup_nodes.values()
+    assert seed.max_connections == NODE_CONNECTIONS
 
 
 @pytest.fixture
@@ -238,8 +267,15 @@ async def test_a_full_pod_on_a_cluster_keeps_descriptors_for_every_masters_redis
     clients: list[RecordingClient] = []
     try:
         await asyncio.to_thread(gateway.start)
-        lowered = json.loads(gateway.log_lines("max_connections lowered")[-1])
-        bound = lowered["effective"]
+        # Lowered for the descriptor limit at start, then for the cluster's masters once its
+        # slot map is known (before the port opens).
+        bound = fitted_connections(20_000, ACCEPT_SLACK, CLUSTER_LIMIT, CLUSTER_MASTERS)
+        assert bound == CLUSTER_LIMIT - ACCEPT_SLACK - DESCRIPTOR_RESERVE - 6 * 101 == 674
+        lowered = [json.loads(line) for line in gateway.log_lines("max_connections lowered")]
+        assert [(line["effective"], line.get("masters")) for line in lowered] == [
+            (CLUSTER_LIMIT - ACCEPT_SLACK - DESCRIPTOR_RESERVE, None),
+            (bound, CLUSTER_MASTERS),
+        ]
         # Every project followed (its channel subscribed) by a holder, 70 projects each: the
         # resumes below then wait for their reads alone.
         for start in range(0, len(projects), 70):
@@ -278,3 +314,46 @@ async def test_a_full_pod_on_a_cluster_keeps_descriptors_for_every_masters_redis
     finally:
         await asyncio.gather(*(client.close() for client in [*holders, *clients]))
         gateway.close()
+
+
+def test_the_admission_bound_follows_the_masters_of_a_re_shard(monkeypatch) -> None:
+    """Masters added later (a re-shard) lower the bound again; masters removed give the room
+    back, never past what the descriptor limit left for a standalone Redis. The arithmetic
+    only: the masters are counted by :meth:`Gateway.cluster_masters`."""
+    import gateway.server
+    from gateway.config import GatewayConfig
+
+    monkeypatch.setattr(gateway.server.resource, "getrlimit", lambda _: (2_000, 2_000))
+    standalone = fitted_connections(20_000, ACCEPT_SLACK, 2_000)  # what __main__ left: 1,680
+    config = GatewayConfig(
+        no_auth=True, redis_url="redis+cluster://127.0.0.1:7000", max_connections=standalone
+    )
+    pod = gateway.server.Gateway(config)
+    known = [0]
+    monkeypatch.setattr(pod, "cluster_masters", lambda: known[0])
+    bounds = []
+    for masters in (0, 3, 3, 6, 4, 3):
+        known[0] = masters
+        pod.fit_to_masters()
+        bounds.append(pod.admission.max_connections)
+    assert bounds == [
+        1_680,
+        1_680 - 3 * 101,
+        1_680 - 3 * 101,
+        1_680 - 6 * 101,
+        1_680 - 4 * 101,
+        1_680 - 3 * 101,
+    ]
+
+
+@pytest.mark.slow
+async def test_an_in_process_gateway_counts_the_clusters_masters(gateways, redis_cluster_url):
+    """The masters are counted from the slot map before the port opens."""
+    import resource
+
+    pod = await gateways(redis_url=redis_cluster_url, auth_secret=None, no_auth=True)
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    assert pod.fitted_masters == 3
+    assert pod.admission.max_connections == fitted_connections(
+        pod.config.max_connections, ACCEPT_SLACK, limit, 3
+    )
