@@ -283,7 +283,13 @@ class Gateway:
         if is_cluster_url(config.redis_url):
             # The masters are known before the port opens (unless the cluster is slow to
             # answer: then within a second of the first map), and followed after.
-            with contextlib.suppress(redis.exceptions.RedisError, OSError, TimeoutError):
+            # (redis-py's "cluster unreachable" is not a RedisError.)
+            with contextlib.suppress(
+                redis.exceptions.RedisError,
+                redis.exceptions.RedisClusterException,
+                OSError,
+                TimeoutError,
+            ):
                 async with asyncio.timeout(FIRST_REVOCATIONS_WAIT):
                     await self.redis.initialize()
             self.fit_to_masters()

@@ -357,3 +357,13 @@ async def test_an_in_process_gateway_counts_the_clusters_masters(gateways, redis
     assert pod.admission.max_connections == fitted_connections(
         pod.config.max_connections, ACCEPT_SLACK, limit, 3
     )
+
+
+async def test_a_gateway_starts_while_no_cluster_node_answers(gateways) -> None:
+    """The masters are looked up before the port opens, but a cluster that does not answer
+    yet (its seed down) does not stop the start: the bound is fitted once the map is read."""
+    from tests.support.redis_server import free_port
+
+    pod = await gateways(redis_url=f"redis+cluster://127.0.0.1:{free_port()}", no_auth=True)
+    assert pod.fitted_masters == 0
+    assert pod.admission.max_connections == pod.config.max_connections
