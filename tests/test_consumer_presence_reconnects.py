@@ -1,0 +1,264 @@
+"""Presence in the Python consumer across reconnects and 'unavailable' presence reads, with
+hypothesis: the consumer's real connection task against a model gateway whose connections can be
+dropped at any moment, and whose presence read can fail (``subscribed``, then ``error``
+``unavailable``, events flowing all the same: docs/presence.md). Events and presence readers open
+and close at any moment; every events subscription still gets each event once, in order, never
+a Resync, and presence ends exactly as the gateway has it."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from websockets.exceptions import ConnectionClosed
+
+import consumer.client as client_module
+from consumer import Consumer, Delivery, ReconnectPolicy
+from consumer.presence import PresenceView
+from tests.test_consumer_presence import (
+    diff,
+    event_frame,
+    frame,
+    ids_of,
+    member,
+    presence,
+    settle,
+    subscribed,
+)
+
+pytestmark = [pytest.mark.timeout(300)]
+
+
+class World:
+    """The gateway's side of project 1 across connections: its top and its members."""
+
+    def __init__(self) -> None:
+        self.top = 0
+        self.members: dict[str, dict] = {}
+        self.connections: list[ModelConnection] = []
+        self.fail_presence = 0  # presence reads still to fail ('unavailable')
+        self.reading = asyncio.Event()  # set when a connection's reader starts waiting
+
+    @property
+    def current(self) -> ModelConnection | None:
+        live = [c for c in self.connections if not c.closed]
+        return live[-1] if live else None
+
+    def publish(self) -> None:
+        self.top += 1
+        for connection in self.connections:
+            if not connection.closed and connection.subscribed is not None:
+                connection.push(event_frame(1, self.top))
+
+    def change(self, member_id: str, present: bool, viewing: int) -> None:
+        if present:
+            joined = member_id not in self.members
+            self.members[member_id] = member(member_id, viewing=viewing)
+            put = [self.members[member_id]]
+            message = diff(joined=put) if joined else diff(changed=put)
+        elif self.members.pop(member_id, None) is not None:
+            message = diff(left=[member_id])
+        else:
+            return
+        for connection in self.connections:
+            if not connection.closed and connection.subscribed:
+                connection.push(frame(message))
+
+
+class ModelConnection:
+    """One WebSocket connection of the model gateway: frames to the consumer are released by
+    the test (``release``), in order; subscribes are handled as the gateway does."""
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self.subscribed: bool | None = None
+        self.pending: list[bytes] = []  # produced, not yet released to the consumer
+        self.released: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.closed = False
+        self.reads = False  # the consumer's session reads it (its subscribes went out)
+        self.close_code: int | None = None
+        self.protocol = SimpleNamespace(close_sent=None, close_rcvd_then_sent=False)
+        self.transport = SimpleNamespace(abort=lambda: None)
+
+    def push(self, data: bytes) -> None:
+        self.pending.append(data)
+
+    def release(self, count: int | None) -> None:
+        while self.pending and (count is None or count > 0):
+            self.released.put_nowait(self.pending.pop(0))
+            count = None if count is None else count - 1
+
+    def drop(self) -> None:
+        """The connection is lost (a killed gateway, a drain): nothing more comes."""
+        self.closed = True
+        self.close_code = 1006
+        self.pending.clear()
+        self.released.put_nowait(None)
+
+    async def recv(self, decode: bool = False) -> bytes:
+        self.reads = True
+        self.world.reading.set()
+        data = await self.released.get()
+        if data is None or self.closed:
+            self.released.put_nowait(None)
+            raise ConnectionClosed(None, None)
+        return data
+
+    async def send(self, data: bytes, text: bool = True) -> None:
+        if self.closed:
+            raise ConnectionClosed(None, None)
+        message = msgspec.json.decode(data)
+        assert message["project_id"] == 1
+        if message["type"] == "unsubscribe":
+            if self.subscribed is None:
+                error = {"type": "error", "code": "not_subscribed", "message": "no"}
+                self.push(frame({**error, "project_id": 1}))
+            else:
+                self.subscribed = None
+                self.push(frame({"type": "unsubscribed", "project_id": 1}))
+            return
+        assert message["type"] == "subscribe"
+        top = self.world.top
+        after = message.get("after")
+        if after is not None:
+            assert message["epoch"] == "e1" and after <= top
+            self.pending += [event_frame(1, seq) for seq in range(after + 1, top + 1)]
+        self.push(subscribed(1, top, resumed=after is not None))
+        wants = bool(message.get("presence"))
+        self.subscribed = False
+        if wants and self.world.fail_presence:
+            self.world.fail_presence -= 1
+            error = {"type": "error", "code": "unavailable", "message": "presence", "project_id": 1}
+            self.push(frame(error))
+        elif wants:
+            self.subscribed = True
+            self.push(frame(presence(*self.world.members.values())))
+
+    async def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.close_code = 1000
+            self.released.put_nowait(None)
+
+
+steps = st.lists(
+    st.one_of(
+        st.tuples(st.sampled_from(["events", "presence", "close-events", "close-presence"])),
+        st.tuples(st.sampled_from(["drop", "fail-presence"])),
+        st.tuples(st.just("publish"), st.integers(1, 3)),
+        st.tuples(st.just("deliver"), st.integers(0, 6)),
+        st.tuples(st.just("turns"), st.integers(0, 3)),
+        st.tuples(
+            st.just("member"),
+            st.sampled_from(["a", "b", "c"]),
+            st.booleans(),
+            st.integers(1, 3),
+        ),
+    ),
+    max_size=40,
+)
+
+
+async def run_steps(steps, monkeypatch) -> None:
+    world = World()
+
+    async def connect(url, **options):
+        connection = ModelConnection(world)
+        world.connections.append(connection)
+        return connection
+
+    monkeypatch.setattr(client_module, "_connect", connect)
+    policy = ReconnectPolicy(initial=0.0001, max=0.0001, prompt_max=0.0001, resend_interval=0.0001)
+    bus = Consumer("ws://model/", start="beginning", reconnect=policy, random=lambda: 0.0)
+    bus.start_connection()
+    events = None
+    readers: list = []
+    got: list[int] = []
+
+    def take() -> None:
+        while events is not None and not events._route.queue.empty():
+            item = events._route.queue.get_nowait()
+            assert type(item) is Delivery, item
+            got.append(item.seq)
+        assert got == list(range(1, len(got) + 1))
+
+    async def until_connected() -> ModelConnection:
+        async with asyncio.timeout(5):
+            while world.current is None or not world.current.reads:
+                world.reading.clear()
+                await world.reading.wait()
+        return world.current  # type: ignore[return-value]
+
+    async def deliver(count: int | None) -> None:
+        connection = await until_connected()
+        connection.release(count)
+        await settle()
+        take()
+
+    try:
+        await until_connected()
+        for step in steps:
+            kind = step[0]
+            if kind == "events" and events is None:
+                events, got = bus.events(1), []
+            elif kind == "close-events" and events is not None:
+                take()
+                await events.aclose()
+                events = None
+            elif kind == "presence":
+                readers.append(bus.presence(1))
+            elif kind == "close-presence" and readers:
+                await readers.pop(0).aclose()
+            elif kind == "publish":
+                for _ in range(step[1]):
+                    world.publish()
+            elif kind == "member":
+                world.change(*step[1:])
+            elif kind == "deliver":
+                await deliver(step[1])
+            elif kind == "turns":
+                for _ in range(step[1]):
+                    await asyncio.sleep(0)
+            elif kind == "drop":
+                connection = await until_connected()
+                connection.drop()
+                await settle()
+            elif kind == "fail-presence":
+                world.fail_presence += 1
+        world.fail_presence = 0
+        for _ in range(20):  # everything in flight, and what it makes the consumer send
+            await settle()
+            await deliver(None)
+        await settle()
+        connection = await until_connected()
+        assert not connection.pending and connection.released.empty()
+        take()
+        if events is not None:
+            assert got == list(range(1, world.top + 1))
+        if readers:
+            expected = sorted(world.members)
+            assert ids_of(PresenceView(1, bus.members(1))) == expected
+            for reader in readers:
+                if reader._watch._version != reader._route.table.version:
+                    view = await anext(reader)
+                    assert ids_of(view) == expected
+        else:
+            assert bus.members(1) is None
+        if events is None and not readers:
+            assert connection.subscribed is None
+        else:
+            assert connection.subscribed is bool(readers)
+        assert bus.stats.resyncs == 0 and bus.stats.presence_malformed == 0
+    finally:
+        await bus.aclose()
+
+
+@settings(max_examples=1000, deadline=None)
+@given(steps)
+async def test_events_and_presence_across_reconnects_and_failed_presence_reads(steps):
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        await run_steps(steps, monkeypatch)
