@@ -12,6 +12,7 @@ import pytest
 
 from consumer import Consumer, Delivery, Forbidden, PresenceView, ReconnectPolicy
 from publisher import AsyncPublisher
+from schemas.tokens import issue_token
 from tests.support.gateway_client import SECRET, RecordingClient, event, ws_url
 from tests.support.gateway_process import GatewayProcess
 from tests.test_consumer import history
@@ -292,4 +293,74 @@ async def test_presence_asked_and_dropped_at_any_moment_leaves_events_exactly_on
                 assert got == list(range(1, published + 1)), turns
                 assert bus.stats.duplicates >= 0 and bus.stats.resyncs == 0
     finally:
+        await publisher.aclose()
+
+
+async def test_a_drain_and_a_refresh_that_drops_a_project_keep_events_exact_and_presence_right(
+    gateways, redis_url
+):
+    """Events of project 1 and presence of projects 1 and 2 (2 for presence only) on one
+    connection, while events flow on both: the gateway drains (1012) and the consumer moves to
+    the other pod; presence goes unknown and comes back as it is there; then a refreshed token
+    that no longer allows project 2 raises Forbidden from its reader only. Every event of
+    project 1 comes once, in order, never a Resync."""
+    old, new = await gateways(**FAST), await gateways(**FAST)
+    publisher = AsyncPublisher.from_url(redis_url)
+    published = {1: 0, 2: 0}
+    allowed: list = ["*"]
+
+    async def publish(count: int) -> None:
+        for _ in range(count):
+            for project_id in (1, 2):
+                published[project_id] += 1
+                await publisher.publish(event(project_id, published[project_id]))
+
+    def mint() -> str:
+        return issue_token(SECRET, allowed[0], ttl=3)
+
+    people: list[RecordingClient] = []
+    try:
+        people.append(await person(new, "ann"))
+        await people[-1].subscribe(1)
+        people.append(await person(new, "bob"))
+        await people[-1].subscribe(2)
+        policy = ReconnectPolicy(initial=0.05, max=0.2, prompt_max=0.05)
+        urls = [ws_url(old), ws_url(new)]
+        async with Consumer(urls, token=mint, start="beginning", reconnect=policy) as bus:
+            events = bus.events(1)
+            one, two = bus.presence(1), bus.presence(2)
+            await views_until(one, lambda v: ids(v) == ["ann"])
+            await views_until(two, lambda v: ids(v) == ["bob"])
+            flow = asyncio.create_task(publish(30))
+            await asyncio.sleep(0.05)
+            await old.drain()
+            await views_until(one, lambda v: v.members is None)
+            back = await views_until(one, lambda v: v.known)  # from the other pod
+            assert ids(back) == ["ann"] and not back.change
+            await flow
+            assert bus.members(1) is not None and [m.id for m in bus.members(1)] == ["ann"]
+            assert [m.id for m in bus.members(2)] == ["bob"]
+            assert 1012 in bus.close_codes
+            # The next refresh (3-second tokens) no longer allows project 2.
+            allowed[0] = [1]
+            with pytest.raises(Forbidden):
+                async with asyncio.timeout(10):
+                    async for _view in two:
+                        pass
+            await publish(5)
+            people.append(await person(new, "cat"))
+            await people[-1].subscribe(1)
+            await views_until(one, lambda v: ids(v) == ["ann", "cat"])
+            got = []
+            async with asyncio.timeout(20):
+                async for item in events:
+                    assert isinstance(item, Delivery), item
+                    got.append(item.seq)
+                    if len(got) == published[1]:
+                        break
+            assert got == list(range(1, published[1] + 1))
+            assert bus.stats.resyncs == 0
+    finally:
+        for client in people:
+            await client.close()
         await publisher.aclose()
