@@ -84,6 +84,7 @@ from schemas.protocol import (
     ErrorCode,
     Member,
     PollResponse,
+    Presence,
     ResyncReason,
     ResyncRequired,
     Subscribed,
@@ -1342,7 +1343,9 @@ class Consumer:
                 tag,
             )
             self._answered(state.project_id)
-            self._unavailable.pop(state.project_id, None)
+            if state.project_id not in self._presence:
+                # (with the flag, the presence read may still fail: its list is the answer)
+                self._unavailable.pop(state.project_id, None)
             self._cancel_retry(state.project_id)  # answered: nothing left to retry
             if outcome.resync is not None:
                 log.info(
@@ -1399,6 +1402,10 @@ class Consumer:
         """A ``presence`` or ``presence_diff``: applied to the project's table, whose readers
         are woken when it changed. A project nobody reads the presence of any more (its
         resubscribe without the flag not read yet) has none."""
+        if type(message) is Presence:
+            # The presence read answered: a later 'unavailable' starts its backoff over (the
+            # `subscribed` before a failed read does not: the retries would never back off).
+            self._unavailable.pop(message.project_id, None)
         route = self._presence.get(message.project_id)
         if route is None:
             return

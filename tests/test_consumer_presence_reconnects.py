@@ -262,3 +262,62 @@ async def run_steps(steps, monkeypatch) -> None:
 async def test_events_and_presence_across_reconnects_and_failed_presence_reads(steps):
     with pytest.MonkeyPatch.context() as monkeypatch:
         await run_steps(steps, monkeypatch)
+
+
+async def test_presence_reads_failing_again_and_again_are_retried_with_growing_backoff():
+    """The gateway answers each subscribe with the flag ``subscribed`` (events flow) and then
+    ``unavailable`` for its presence read (Redis did not answer it in time). Each retry is a
+    resubscribe, which the gateway's rate limit counts: the delays must grow as for any other
+    'unavailable', not start over because the ``subscribed`` before each error looked like an
+    answered subscribe."""
+    from tests.test_consumer_presence import FakeConnection
+
+    class Connection(FakeConnection):
+        def __init__(self) -> None:
+            super().__init__()
+            self.sent_one = asyncio.Event()
+
+        async def send(self, data: bytes, text: bool = True) -> None:
+            await super().send(data, text)
+            self.sent_one.set()
+
+    policy = ReconnectPolicy(initial=0.001, max=10.0, factor=2.0, resend_interval=0.001)
+    bus = Consumer("ws://unused/", reconnect=policy, random=lambda: 1.0)
+    bus._task = asyncio.get_running_loop().create_future()  # no real connection task
+    ws = Connection()
+    bus._ws = bus._subscribed_on = ws  # type: ignore[assignment]
+    delays: list[float] = []
+    retry = bus._resubscribe_later
+
+    async def recorded(ws, state, delay):
+        delays.append(delay)
+        await retry(ws, state, delay)
+
+    bus._resubscribe_later = recorded  # type: ignore[method-assign]
+    reader = bus.presence(1)
+    unavailable = {"type": "error", "code": "unavailable", "message": "presence", "project_id": 1}
+    try:
+        for answered in range(6):
+            async with asyncio.timeout(5):
+                while len(ws.sent) <= answered:
+                    ws.sent_one.clear()
+                    await ws.sent_one.wait()
+            assert ws.sent[-1]["presence"] is True
+            await bus._on_frame(ws, subscribed(1, 0))
+            await bus._on_frame(ws, frame(unavailable))
+        await asyncio.sleep(0)  # (the last retry starts)
+        assert delays == [0.001 * 2**n for n in range(6)]
+        assert bus.members(1) is None
+        # The list comes at last: the next failure starts over.
+        async with asyncio.timeout(5):
+            while len(ws.sent) <= 6:
+                ws.sent_one.clear()
+                await ws.sent_one.wait()
+        await bus._on_frame(ws, subscribed(1, 0))
+        await bus._on_frame(ws, frame(presence(member("a"))))
+        assert ids_of(await anext(reader)) == ["a"]
+        await bus._on_frame(ws, frame(unavailable))
+        await asyncio.sleep(0)
+        assert delays[-1] == 0.001
+    finally:
+        await bus.aclose()
