@@ -1412,8 +1412,8 @@ class Consumer:
         table = route.table
         refused = table.malformed
         if table.receive(message):
-            route.notify()
-        elif table.malformed != refused:
+            route.notify()  # (also when it became unknown: a list past MAX_MEMBERS)
+        if table.malformed != refused:
             self._malformed_presence(
                 message.project_id, "a member or id the gateway never sends", counted=True
             )

@@ -8,7 +8,9 @@ and then puts ``joined`` and ``changed``; a diff before any ``presence`` (the ta
 nothing to apply to and is dropped. Whatever it is given is checked first: a message that is not
 one the gateway sends (a member without an id, an id longer than a token's ``sub`` may be, an
 activity that is no item id, two members with one id in a list) is counted in
-:attr:`PresenceTable.malformed` and ignored, the table as it was.
+:attr:`PresenceTable.malformed` and ignored, the table as it was; one that would make the list
+longer than :data:`MAX_MEMBERS` is counted so too, and the table becomes unknown (bounded memory,
+never a list cut short) until a ``presence`` within the bound replaces it.
 
 :class:`PresenceWatch` is one reader's side: it hands out :class:`PresenceView` s, immutable,
 coalesced (a reader slower than the changes gets the latest list, with what changed since the
@@ -24,6 +26,7 @@ from schemas.protocol import Member, Presence, PresenceDiff
 
 __all__ = [
     "MAX_ITEM_ID",
+    "MAX_MEMBERS",
     "MAX_MEMBER_ID",
     "MAX_NAME",
     "PresenceChange",
@@ -38,6 +41,11 @@ __all__ = [
 MAX_MEMBER_ID = 255
 #: The longest ``name`` a token may carry.
 MAX_NAME = 200
+#: The most members a table holds. A gateway lists at most ``--presence-max-members`` (1,000 by
+#: default) per pod that writes the project; one sending more (a broken or hostile one, joining
+#: ever new ids in its diffs) would otherwise grow the table without bound: past this, presence
+#: is unknown until a ``presence`` list within it comes.
+MAX_MEMBERS = 100_000
 #: The largest item id (``viewing``, ``answering``) and ``since``: exact in every client.
 MAX_ITEM_ID = 2**53 - 1
 
@@ -181,6 +189,8 @@ class PresenceTable:
         ):
             self.malformed += 1
             return False
+        if len(members) > MAX_MEMBERS:
+            return self._too_many()
         table = {m.id: m for m in members}
         if len(table) != len(members):  # one id twice: which one is present?
             self.malformed += 1
@@ -212,10 +222,18 @@ class PresenceTable:
             table.pop(member_id, None)
         for member in (*diff.joined, *diff.changed):
             table[member.id] = member
+        if len(table) > MAX_MEMBERS:
+            return self._too_many()
         if table == before:
             return False
         self._changed()
         return True
+
+    def _too_many(self) -> bool:
+        """A list past :data:`MAX_MEMBERS`: counted as malformed, and presence is unknown (a
+        list cut short would be a wrong one) until a ``presence`` within the bound comes."""
+        self.malformed += 1
+        return self.forget()
 
 
 class PresenceWatch:

@@ -321,3 +321,33 @@ async def test_presence_reads_failing_again_and_again_are_retried_with_growing_b
         assert delays[-1] == 0.001
     finally:
         await bus.aclose()
+
+
+async def test_a_gateway_flooding_new_members_cannot_grow_the_table_without_bound():
+    """A broken or hostile gateway joining ever new members in its diffs: the table stops at
+    MAX_MEMBERS (presence becomes unknown, the message counted as malformed) instead of holding
+    every id it was ever sent; the next ``presence`` list within the bound replaces it."""
+    from consumer.presence import MAX_MEMBERS
+    from tests.test_consumer_presence import fake_consumer
+
+    bus, ws = await fake_consumer()
+    reader = bus.presence(1)
+    await settle()
+    await bus._on_frame(ws, subscribed(1, 0))
+    await bus._on_frame(ws, frame(presence(member("a"))))
+    assert ids_of(await anext(reader)) == ["a"]
+    batch = 20_000
+    for start in range(0, MAX_MEMBERS + batch, batch):
+        joined = [member(f"m{n:07}") for n in range(start, start + batch)]
+        await bus._on_frame(ws, frame(diff(joined=joined)))
+    assert bus.members(1) is None and (await anext(reader)).members is None
+    assert bus.stats.presence_malformed >= 1
+    # Diffs have nothing to apply to; a list within the bound is taken.
+    await bus._on_frame(ws, frame(diff(joined=[member("z")])))
+    assert bus.members(1) is None
+    await bus._on_frame(ws, frame(presence(member("a"), member("b"))))
+    assert ids_of(await anext(reader)) == ["a", "b"]
+    too_many = [member(f"m{n:07}") for n in range(MAX_MEMBERS + 1)]
+    await bus._on_frame(ws, frame(presence(*too_many)))
+    assert bus.members(1) is None and (await anext(reader)).members is None
+    await bus.aclose()
