@@ -351,3 +351,44 @@ async def test_a_gateway_flooding_new_members_cannot_grow_the_table_without_boun
     await bus._on_frame(ws, frame(presence(*too_many)))
     assert bus.members(1) is None and (await anext(reader)).members is None
     await bus.aclose()
+
+
+async def test_a_waiting_reader_survives_cancellation_and_ends_when_the_consumer_stops():
+    """A reader's task cancelled while it waits loses nothing (the next wait gets the change);
+    readers waiting when the consumer closes end, and when it fails, raise its error."""
+    from consumer import ConsumerClosed
+    from tests.test_consumer_presence import fake_consumer
+
+    bus, ws = await fake_consumer()
+
+    async def close() -> None:
+        pass
+
+    ws.close = close  # (closed when the consumer fails)
+    reader = bus.presence(1)
+    await settle()
+    await bus._on_frame(ws, subscribed(1, 0))
+    await bus._on_frame(ws, frame(presence(member("a"))))
+    assert ids_of(await anext(reader)) == ["a"]
+    waiting = asyncio.ensure_future(anext(reader))
+    await settle()
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await bus._on_frame(ws, frame(diff(joined=[member("b")])))
+    view = await anext(reader)
+    assert ids_of(view) == ["a", "b"] and [m.id for m in view.change.joined] == ["b"]
+    # Waiting when the consumer fails: its error; another consumer's, when it closes: the end.
+    waiting = asyncio.ensure_future(anext(reader))
+    other, _ = await fake_consumer()
+    other_reader = other.presence(2)
+    other_waiting = asyncio.ensure_future(anext(other_reader))
+    await settle()
+    bus._fail(ConsumerClosed("internal error: test"))
+    async with asyncio.timeout(5):
+        with pytest.raises(ConsumerClosed):
+            await waiting
+        await other.aclose()
+        with pytest.raises(StopAsyncIteration):
+            await other_waiting
+    await bus.aclose()
