@@ -1240,9 +1240,16 @@ class Consumer:
         for state in self._states.values():
             state.on_connection()
         for state in list(self._states.values()):
-            # Skipped: one unfollowed while an earlier send waited, and one catching up (it
-            # subscribes when its pages are read).
-            if self._states.get(state.project_id) is state and not state.catching_up:
+            # Skipped: one unfollowed while an earlier send waited, one catching up (it
+            # subscribes when its pages are read), and one subscribed on this connection
+            # meanwhile (presence asked for while a send waited on a full write buffer: a
+            # second subscribe in flight could not be told from it, and two live ones made the
+            # second's answer look like a resume refused, a Resync history_lost).
+            if (
+                self._states.get(state.project_id) is state
+                and not state.catching_up
+                and not state.pending
+            ):
                 await ws.send(_encode(self._subscribe_message(state)), text=True)
 
     def _connection_ended(self) -> None:

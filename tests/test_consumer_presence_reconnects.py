@@ -112,7 +112,10 @@ class ModelConnection:
         if self.closed:
             raise ConnectionClosed(None, None)
         message = msgspec.json.decode(data)
-        assert message["project_id"] == 1
+        if message["project_id"] != 1:  # another project, with no events: subscribed live
+            assert message["type"] == "subscribe" and "after" not in message
+            self.push(subscribed(message["project_id"], 0))
+            return
         if message["type"] == "unsubscribe":
             if self.subscribed is None:
                 error = {"type": "error", "code": "not_subscribed", "message": "no"}
@@ -392,3 +395,61 @@ async def test_a_waiting_reader_survives_cancellation_and_ends_when_the_consumer
         with pytest.raises(StopAsyncIteration):
             await other_waiting
     await bus.aclose()
+
+
+async def test_presence_asked_while_the_reconnect_subscribes_sends_one_subscribe(monkeypatch):
+    """A reconnect subscribes every project, one frame after the other; a send waits when the
+    socket's write buffer is full (many projects, a slow link). Presence asked for meanwhile, of
+    a project the loop has not reached yet, must not make a second subscribe of it go out while
+    the first is in flight: two live subscribes' answers made the second look like a resume
+    refused (a Resync history_lost with every event there)."""
+    world = World()
+    world.top = 5
+
+    async def connect(url, **options):
+        connection = ModelConnection(world)
+        world.connections.append(connection)
+        return connection
+
+    monkeypatch.setattr(client_module, "_connect", connect)
+    policy = ReconnectPolicy(initial=0.0001, max=0.0001, prompt_max=0.0001, resend_interval=0.0001)
+    bus = Consumer("ws://model/", reconnect=policy, random=lambda: 0.0)
+    readers = []
+    try:
+        other = bus.events(2)  # noqa: F841 (kept: a dropped one is unfollowed)
+        events = bus.events(1)  # live from now: no cursor until its first `subscribed`
+        async with asyncio.timeout(5):
+            while len(world.connections) < 1 or not world.connections[0].reads:
+                world.reading.clear()
+                await world.reading.wait()
+        world.connections[0].drop()  # before any answer: project 1 has no cursor yet
+        sent: list[dict] = []
+        plain_send = ModelConnection.send
+
+        async def slow_send(self, data: bytes, text: bool = True) -> None:
+            message = msgspec.json.decode(data)
+            sent.append(message)
+            if message.get("project_id") == 2 and not readers:
+                readers.append(bus.presence(1))  # (another task, while this send waits)
+            await plain_send(self, data, text)
+            for _ in range(3):
+                await asyncio.sleep(0)  # the write buffer drains
+
+        monkeypatch.setattr(ModelConnection, "send", slow_send)
+        async with asyncio.timeout(5):
+            while len(world.connections) < 2 or not world.connections[1].reads:
+                world.reading.clear()
+                await world.reading.wait()
+        connection = world.connections[1]
+        for _ in range(5):
+            connection.release(None)
+            await settle()
+        assert [m["project_id"] for m in sent if m["type"] == "subscribe"].count(1) == 1, sent
+        world.publish()
+        connection.release(None)
+        await settle()
+        item = await anext(events)
+        assert type(item) is Delivery and item.seq == 6, item
+        assert bus.stats.resyncs == 0
+    finally:
+        await bus.aclose()
