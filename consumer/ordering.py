@@ -183,10 +183,11 @@ class ProjectState:
         the tag of the event at ``seq`` it gave (a valid one, or None)."""
         self.pending = False
         self.stream_epoch = epoch
-        if self.resubscribe_when_acknowledged:
-            self.resubscribe_when_acknowledged = False
-            return SubscribedOutcome(resubscribe=True)
+        again = self.resubscribe_when_acknowledged
+        self.resubscribe_when_acknowledged = False
         if self.cursor is None:
+            # (first, also when another subscribe is asked for: the answer places the cursor,
+            # which that one goes from; live again, it dropped the events between the answers)
             start = self.start_after
             self.start_after = None
             if start is not None and start < seq:
@@ -194,7 +195,9 @@ class ProjectState:
                 self.cursor = Cursor(epoch, start)
                 return SubscribedOutcome(resubscribe=True)
             self.cursor = Cursor(epoch, seq, tag)
-            return SubscribedOutcome()
+            return SubscribedOutcome(resubscribe=again)
+        if again:
+            return SubscribedOutcome(resubscribe=True)
         if self.resync_seen:
             own = self.cursor
             if not self.resync_live or (epoch == own.epoch and seq >= own.seq):

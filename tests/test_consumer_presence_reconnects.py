@@ -41,6 +41,7 @@ class World:
         self.members: dict[str, dict] = {}
         self.connections: list[ModelConnection] = []
         self.fail_presence = 0  # presence reads still to fail ('unavailable')
+        self.slow = 0  # event-loop turns each send waits after it went out (a full write buffer)
         self.reading = asyncio.Event()  # set when a connection's reader starts waiting
 
     @property
@@ -111,7 +112,11 @@ class ModelConnection:
     async def send(self, data: bytes, text: bool = True) -> None:
         if self.closed:
             raise ConnectionClosed(None, None)
-        message = msgspec.json.decode(data)
+        self.handle(msgspec.json.decode(data))
+        for _ in range(self.world.slow):
+            await asyncio.sleep(0)
+
+    def handle(self, message: dict) -> None:
         if message["project_id"] != 1:  # another project, with no events: subscribed live
             assert message["type"] == "subscribe" and "after" not in message
             self.push(subscribed(message["project_id"], 0))
@@ -152,6 +157,7 @@ steps = st.lists(
     st.one_of(
         st.tuples(st.sampled_from(["events", "presence", "close-events", "close-presence"])),
         st.tuples(st.sampled_from(["drop", "fail-presence"])),
+        st.tuples(st.just("slow"), st.integers(0, 3)),
         st.tuples(st.just("publish"), st.integers(1, 3)),
         st.tuples(st.just("deliver"), st.integers(0, 6)),
         st.tuples(st.just("turns"), st.integers(0, 3)),
@@ -232,6 +238,8 @@ async def run_steps(steps, monkeypatch) -> None:
                 await settle()
             elif kind == "fail-presence":
                 world.fail_presence += 1
+            elif kind == "slow":
+                world.slow = step[1]
         world.fail_presence = 0
         for _ in range(20):  # everything in flight, and what it makes the consumer send
             await settle()
@@ -453,3 +461,35 @@ async def test_presence_asked_while_the_reconnect_subscribes_sends_one_subscribe
         assert bus.stats.resyncs == 0
     finally:
         await bus.aclose()
+
+
+async def test_presence_asked_before_the_first_answer_loses_no_event_after_it():
+    """events(1) live from now, presence asked while its first subscribe is in flight: the
+    subscribe with the flag waits for that answer, which places the project's cursor; it goes
+    from that cursor. Before, it went live again (no cursor yet), and an event published after
+    the first answer, before the second, was dropped: lost in silence."""
+    from tests.test_consumer_presence import fake_consumer
+
+    bus, ws = await fake_consumer()
+    events = bus.events(1)
+    await settle()
+    assert ws.sent == [{"type": "subscribe", "project_id": 1}]
+    reader = bus.presence(1)
+    await settle()
+    assert len(ws.sent) == 1  # (in flight: the next waits for its answer)
+    await bus._on_frame(ws, subscribed(1, 5))  # live after 5
+    assert ws.sent[1] == {
+        "type": "subscribe",
+        "project_id": 1,
+        "epoch": "e1",
+        "after": 5,
+        "presence": True,
+    }
+    await bus._on_frame(ws, event_frame(1, 6))  # published after the answer: after "now"
+    await bus._on_frame(ws, subscribed(1, 6, resumed=True))
+    await bus._on_frame(ws, frame(presence(member("a"))))
+    item = await anext(events)
+    assert type(item) is Delivery and item.seq == 6, item
+    assert ids_of(await anext(reader)) == ["a"]
+    assert bus.stats.resyncs == 0
+    await bus.aclose()
