@@ -49,8 +49,12 @@ class World:
         live = [c for c in self.connections if not c.closed]
         return live[-1] if live else None
 
-    def publish(self) -> None:
+    def publish(self, *, lost: bool = False) -> None:
+        """An event; ``lost``: its live frame never reaches the consumer (the next shows a gap,
+        repaired by a resubscribe from the cursor)."""
         self.top += 1
+        if lost:
+            return
         for connection in self.connections:
             if not connection.closed and connection.subscribed is not None:
                 connection.push(event_frame(1, self.top))
@@ -158,6 +162,7 @@ steps = st.lists(
         st.tuples(st.sampled_from(["events", "presence", "close-events", "close-presence"])),
         st.tuples(st.sampled_from(["drop", "fail-presence"])),
         st.tuples(st.just("slow"), st.integers(0, 3)),
+        st.tuples(st.just("lose")),
         st.tuples(st.just("publish"), st.integers(1, 3)),
         st.tuples(st.just("deliver"), st.integers(0, 6)),
         st.tuples(st.just("turns"), st.integers(0, 3)),
@@ -238,9 +243,12 @@ async def run_steps(steps, monkeypatch) -> None:
                 await settle()
             elif kind == "fail-presence":
                 world.fail_presence += 1
+            elif kind == "lose":
+                world.publish(lost=True)
             elif kind == "slow":
                 world.slow = step[1]
         world.fail_presence = 0
+        world.publish()  # (a lost last event shows as a gap only when another comes)
         for _ in range(20):  # everything in flight, and what it makes the consumer send
             await settle()
             await deliver(None)
