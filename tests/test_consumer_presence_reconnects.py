@@ -42,6 +42,8 @@ class World:
         self.connections: list[ModelConnection] = []
         self.fail_presence = 0  # presence reads still to fail ('unavailable')
         self.slow = 0  # event-loop turns each send waits after it went out (a full write buffer)
+        self.refuse = 0  # subscribes still to refuse as 'rate_limited' (not executed)
+        self.refused = False
         self.reading = asyncio.Event()  # set when a connection's reader starts waiting
 
     @property
@@ -134,6 +136,12 @@ class ModelConnection:
                 self.push(frame({"type": "unsubscribed", "project_id": 1}))
             return
         assert message["type"] == "subscribe"
+        if self.world.refuse:
+            self.world.refuse -= 1
+            self.world.refused = True
+            error = {"type": "error", "code": "rate_limited", "message": "slow down"}
+            self.push(frame({**error, "project_id": 1, "retry_after_ms": 1}))
+            return
         top = self.world.top
         after = message.get("after")
         if after is not None:
@@ -163,6 +171,7 @@ steps = st.lists(
         st.tuples(st.sampled_from(["drop", "fail-presence"])),
         st.tuples(st.just("slow"), st.integers(0, 3)),
         st.tuples(st.just("lose")),
+        st.tuples(st.just("refuse"), st.integers(1, 3)),
         st.tuples(st.just("publish"), st.integers(1, 3)),
         st.tuples(st.just("deliver"), st.integers(0, 6)),
         st.tuples(st.just("turns"), st.integers(0, 3)),
@@ -243,14 +252,19 @@ async def run_steps(steps, monkeypatch) -> None:
                 await settle()
             elif kind == "fail-presence":
                 world.fail_presence += 1
+            elif kind == "refuse":
+                world.refuse += step[1]
             elif kind == "lose":
                 world.publish(lost=True)
             elif kind == "slow":
                 world.slow = step[1]
         world.fail_presence = 0
         world.publish()  # (a lost last event shows as a gap only when another comes)
+        world.refuse = 0
         for _ in range(20):  # everything in flight, and what it makes the consumer send
             await settle()
+            if world.refused:
+                await asyncio.sleep(0.002)  # (a subscribe held after 'rate_limited' goes out)
             await deliver(None)
         await settle()
         connection = await until_connected()
