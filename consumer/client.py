@@ -1343,6 +1343,7 @@ class Consumer:
             if state is None:
                 return None
             tag = self._tags_known(_given_tag(message.tag, message.seq))  # type: ignore[attr-defined]
+            state.presence_due = state.asked_presence  # (its list, or its failure, follows)
             outcome = state.on_subscribed(
                 message.epoch,  # type: ignore[attr-defined]
                 message.seq,  # type: ignore[attr-defined]
@@ -1413,6 +1414,9 @@ class Consumer:
             # The presence read answered: a later 'unavailable' starts its backoff over (the
             # `subscribed` before a failed read does not: the retries would never back off).
             self._unavailable.pop(message.project_id, None)
+            state = self._states.get(message.project_id)
+            if state is not None:
+                state.presence_due = False
         route = self._presence.get(message.project_id)
         if route is None:
             return
@@ -1523,7 +1527,12 @@ class Consumer:
     async def _on_error(self, ws: ClientConnection, error: Error) -> None:
         project_id = error.project_id
         state = self._states.get(project_id) if project_id is not None else None
-        if state is not None:
+        # The gateway's read of presence for the subscribe answered last failed (its events
+        # flow): this answers no subscribe in flight.
+        presence_read = (
+            error.code == ErrorCode.UNAVAILABLE and state is not None and state.presence_due
+        )
+        if state is not None and not presence_read:
             self._answered(state.project_id)
         if error.code == ErrorCode.RATE_LIMITED:
             await self._on_rate_limited(error, state)
@@ -1532,6 +1541,15 @@ class Consumer:
             presence = self._presence.get(state.project_id)
             if presence is not None and presence.table.forget():
                 presence.notify()  # (no diffs come: unknown until the retry's `presence`)
+            if presence_read:
+                state.presence_due = False
+                if state.pending:
+                    # A subscribe is in flight (sent after that one was answered): it asks
+                    # for presence again while presence is read; a retry now would be a second
+                    # in flight, whose answers could not be told apart.
+                    return
+            else:
+                state.pending = False  # (answered: it failed, the gateway holds none)
             # Redis is unreachable behind the gateway: subscribe again later, with backoff (it
             # may last a while), logged when it starts and then every tenth attempt. One retry
             # per project at a time: more such errors while it sleeps answer no subscribe of
@@ -1770,7 +1788,9 @@ class Consumer:
         await asyncio.sleep(delay)
         if self._retries.get(state.project_id) is asyncio.current_task():
             del self._retries[state.project_id]  # awake: the next 'unavailable' may retry again
-        if self._ws is ws:
+        if self._ws is ws and not state.pending:
+            # (one sent meanwhile, a gap's repair say, is in flight: it is the retry, its
+            # answer either cancels this or fails again)
             await self._send_subscribe(state)
 
     # --- pacing after rate_limited ---------------------------------------------------------------
@@ -1867,7 +1887,8 @@ class Consumer:
     def _subscribe_message(self, state: ProjectState) -> dict[str, object]:
         """The project's subscribe frame, for a send now on the current connection."""
         message = state.subscribe_message()
-        if state.project_id in self._presence:
+        state.asked_presence = state.project_id in self._presence
+        if state.asked_presence:
             message["presence"] = True
         self._asking(state.project_id)
         return message

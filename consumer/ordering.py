@@ -105,6 +105,12 @@ class ProjectState:
     #: Its items go to the caller. False for a project subscribed only for its presence
     #: (``Consumer.presence``): ordered all the same, delivered to no one.
     delivers: bool = True
+    #: The subscribe in flight asked for presence (``"presence": true``).
+    asked_presence: bool = False
+    #: The subscribe answered last asked for presence, whose answer (the ``presence`` list, or
+    #: ``unavailable`` when the gateway's read of it failed) has not come yet: the gateway sends
+    #: it after the ``subscribed``, before anything about a later subscribe.
+    presence_due: bool = False
 
     @property
     def known(self) -> bool:
@@ -117,6 +123,7 @@ class ProjectState:
         self.pending = False
         self.resubscribe_when_acknowledged = False
         self.stream_epoch = None
+        self.asked_presence = self.presence_due = False
 
     def subscribe_message(self) -> dict[str, object]:
         """The subscribe frame to send now (on every connect, and after a gap), with the tag of

@@ -515,3 +515,36 @@ async def test_presence_asked_before_the_first_answer_loses_no_event_after_it():
     assert ids_of(await anext(reader)) == ["a"]
     assert bus.stats.resyncs == 0
     await bus.aclose()
+
+
+async def test_a_failed_presence_read_answered_after_another_subscribe_went_sends_no_second():
+    """The gateway answers a subscribe with the flag ``subscribed``, then reads presence; the
+    reader closes meanwhile, and the subscribe without the flag goes. The read's 'unavailable'
+    then answers the first subscribe, not the one in flight: no retry goes while it is in flight
+    (two in flight cannot be told apart), and that one's answer is still awaited."""
+    from consumer import Cursor
+    from tests.test_consumer_presence import fake_consumer
+
+    bus, ws = await fake_consumer()
+    bus._random = lambda: 0.0  # a retry at once
+    events = bus.events(1, after=Cursor("e1", 3))
+    reader = bus.presence(1)
+    await settle()
+    assert ws.sent == [
+        {"type": "subscribe", "project_id": 1, "epoch": "e1", "after": 3, "presence": True}
+    ]
+    await bus._on_frame(ws, subscribed(1, 3, resumed=True))
+    await reader.aclose()
+    assert ws.sent[1] == {"type": "subscribe", "project_id": 1, "epoch": "e1", "after": 3}
+    unavailable = {"type": "error", "code": "unavailable", "message": "presence", "project_id": 1}
+    await bus._on_frame(ws, frame(unavailable))
+    await settle()
+    assert len(ws.sent) == 2, ws.sent[2:]
+    assert 1 in bus._answers  # (the bound on the answer of the one in flight still runs)
+    await bus._on_frame(ws, event_frame(1, 4))
+    await bus._on_frame(ws, subscribed(1, 4, resumed=True))
+    item = await anext(events)
+    assert type(item) is Delivery and item.seq == 4 and bus.stats.resyncs == 0
+    await settle()
+    assert len(ws.sent) == 2
+    await bus.aclose()
