@@ -907,7 +907,15 @@ class Consumer:
         if cursor is not None:
             route.ready[project_id].set()
         await leave
-        if self._subscribed_on is not None and self._states.get(project_id) is state:
+        # Unless its subscribe went out meanwhile (presence asked for or dropped while the
+        # unsubscribe was being sent subscribes a state with no subscribe in flight; two in
+        # flight could not be told apart: the second answer was taken for a resume refused).
+        if (
+            self._subscribed_on is not None
+            and self._states.get(project_id) is state
+            and not state.pending
+            and state.stream_epoch is None
+        ):
             await self._send_subscribe(state)
 
     async def _unregister(self, route: _Route, project_ids: tuple[int, ...]) -> None:

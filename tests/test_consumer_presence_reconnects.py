@@ -297,6 +297,16 @@ async def test_events_and_presence_across_reconnects_and_failed_presence_reads(s
         await run_steps(steps, monkeypatch)
 
 
+async def test_presence_closed_while_events_leave_the_presence_only_subscription_sends_one():
+    """Found by the test above in CI: events() of a project read for presence only leaves that
+    live subscription first; presence closed while that unsubscribe was being sent subscribed
+    the new state (none in flight yet), and events() then sent its own subscribe too: two in
+    flight, the second answer taken for a resume refused (a Resync history_lost at seq 0)."""
+    steps = [("presence",), ("slow", 1), ("events",), ("turns", 1), ("close-presence",)]
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        await run_steps(steps, monkeypatch)
+
+
 async def test_presence_reads_failing_again_and_again_are_retried_with_growing_backoff():
     """The gateway answers each subscribe with the flag ``subscribed`` (events flow) and then
     ``unavailable`` for its presence read (Redis did not answer it in time). Each retry is a
