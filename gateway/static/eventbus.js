@@ -1011,7 +1011,7 @@ class Subscription {
     this.staleSnapshots = 0; // snapshot cursors in a row of another epoch than the gateway's
     this.pollLimit = null; // the `limit` of this project's polls after an answer too long
     // Poll answers that moved the cursor (events delivered, a reload begun), and their count
-    // when the last subscribe went out on the WebSocket (see EventBus._onSubscribed).
+    // when the last subscribe went out on the WebSocket (see answersStaleSubscribe).
     this.pollMoves = 0;
     this.wsAskedPollMoves = 0;
     this.subscribesSent = 0; // subscribes sent on the current WebSocket and not answered yet
@@ -1022,6 +1022,20 @@ class Subscription {
 
   get idle() {
     return this.handlers.size === 0 && this.presenceHandlers.size === 0;
+  }
+
+  /**
+   * Whether a frame of this project on the WebSocket answers a subscribe that went out before
+   * polling (it runs until the WebSocket gets live) moved the cursor: that answer is for the
+   * cursor left behind, and judged against the polled one it would mislead (EventBus._onEvent,
+   * _onResyncRequired, _onSubscribed). `final`: the frame is a `subscribed`, which answers a
+   * subscribe whatever the count of unanswered ones says (the caller has taken its own off the
+   * count already, and a rate-limit refusal may have been taken for it, _onRateLimited). Any
+   * other frame (an event, a `resync_required`) may also come live, when no subscribe is
+   * unanswered: it is an answer only while one is.
+   */
+  answersStaleSubscribe({ final = false } = {}) {
+    return (final || this.subscribesSent > 0) && this.wsAskedPollMoves !== this.pollMoves;
   }
 }
 
@@ -1729,7 +1743,7 @@ export class EventBus {
       const activity = this._activity.get(sub.projectId);
       if (activity && (activity.viewing !== null || activity.answering !== null)) this._sendActivity(sub);
     }
-    if (conn === this._ws && sub.wsAskedPollMoves !== sub.pollMoves) {
+    if (conn === this._ws && sub.answersStaleSubscribe({ final: true })) {
       // Polling (it runs until the WebSocket gets live) moved the cursor after this subscribe
       // went out: the answer is for the cursor left behind. A top behind the polled cursor, or a
       // first contact's when polling made it, would be taken for a history that moved back and
@@ -1755,7 +1769,7 @@ export class EventBus {
     this._heard(conn, sub.projectId); // (its `subscribed` follows)
     // Answering a subscribe sent before polling moved the cursor (as a replay then, _onEvent):
     // it judges the cursor left behind. Its `subscribed` resubscribes from the polled one.
-    if (conn === this._ws && sub.subscribesSent > 0 && sub.wsAskedPollMoves !== sub.pollMoves) return;
+    if (conn === this._ws && sub.answersStaleSubscribe()) return;
     if (sub.cursor.atTop(message)) return; // nothing missing (as the Python consumer)
     sub.cursor.beginResync(message.epoch, message.seq, tagOf(message), { live: true });
     this._runResync(sub);
@@ -1924,7 +1938,7 @@ export class EventBus {
   _onEvent(event, via, origin = null) {
     const sub = this._subs.get(event.project_id);
     if (!sub) return null;
-    if (via === "websocket" && sub.subscribesSent > 0 && sub.wsAskedPollMoves !== sub.pollMoves) {
+    if (via === "websocket" && sub.answersStaleSubscribe()) {
       // A replay answering a subscribe sent before polling moved the cursor: for the cursor left
       // behind, and maybe of a history a poll has since been told is gone (a new epoch; events
       // carry none, so their seq alone would place them in the new one). Not taken: the project
