@@ -965,8 +965,8 @@ async function errorDetail(response) {
 }
 
 /** The subscribes of connection `conn` not answered yet (none), its clock from `progressAt`. */
-function answersOf(conn, progressAt) {
-  return { conn, asked: new Map(), progressAt, timer: null, seenAt: progressAt, slow: false };
+function answersOf(conn, kind, progressAt) {
+  return { conn, kind, asked: new Map(), progressAt, timer: null, seenAt: progressAt, slow: false };
 }
 
 function checkItemId(value, name) {
@@ -1081,16 +1081,19 @@ export class EventBus {
     this._refreshSent = false; // a token refresh (`auth`) is sent and not answered yet
     this._liveAt = null; // when the WebSocket got live
     // The subscribes not answered yet, per connection (the WebSocket, an SSE stream): conn ->
-    // {conn, asked: Map projectId -> {sub, at}, progressAt, timer, seenAt, slow: one was answered
+    // {conn, kind: "websocket" or "sse", asked: Map projectId -> {sub, at}, progressAt, timer, seenAt, slow: one was answered
     // later than connectTimeout} (_checkAnswers). One per connection: a WebSocket attempt opens
     // (its subscribes sent) while an SSE stream is live, and whichever fails, the other's bound
     // stays armed.
     this._answers = new Map();
-    // The bound on those answers, in connectTimeouts: doubled (at most STRETCH_MAX) after each
-    // connection given up on for an unanswered subscribe, back to 1 once every subscribe of a
-    // connection is answered within connectTimeout. A replayed event slower to arrive than the bound (a big one over a
-    // slow link: it pushes the bound back only once complete) was cut, and replayed as slowly.
-    this._answerStretch = 1;
+    // The bound on those answers, in connectTimeouts, per kind of connection: doubled (at most
+    // STRETCH_MAX) after each connection of that kind given up on for an unanswered subscribe,
+    // back to 1 once every subscribe of one is answered within connectTimeout. A replayed event
+    // slower to arrive than the bound (a big one over a slow link: it pushes the bound back only
+    // once complete) was cut, and replayed as slowly. Per kind: SSE streams held by a buffering
+    // proxy say nothing of how soon the gateway answers a WebSocket subscribe (nor the other way
+    // round), and a stuck one would be waited on up to STRETCH_MAX times as long.
+    this._answerStretch = { websocket: 1, sse: 1 };
     // Frames refused by the gateway's rate limit, and those sent after them, go out paced
     // (FramePacer): one "not before" and one queue for the whole WebSocket.
     this._pacer = new FramePacer({ spacing: o.resendInterval, maxSpacing: o.backoff.max, fallbackDelay: o.backoff.initial });
@@ -2438,7 +2441,7 @@ export class EventBus {
   _asking(conn, sub) {
     let answers = this._answers.get(conn);
     if (!answers) {
-      answers = answersOf(conn, this._now());
+      answers = answersOf(conn, conn === this._ws ? "websocket" : "sse", this._now());
       this._answers.set(conn, answers);
     }
     answers.asked.set(sub.projectId, { sub, at: this._answersNow(answers) });
@@ -2464,9 +2467,9 @@ export class EventBus {
     if (!entry) return;
     answers.asked.delete(projectId);
     answers.progressAt = this._answersNow(answers);
-    // Every subscribe of a connection answered, each within connectTimeout: the bound is back.
+    // Every subscribe of a connection answered, each within connectTimeout: its kind's bound is back.
     if (answers.progressAt - entry.at > this.options.connectTimeout) answers.slow = true;
-    else if (answers.asked.size === 0 && !answers.slow) this._answerStretch = 1;
+    else if (answers.asked.size === 0 && !answers.slow) this._answerStretch[answers.kind] = 1;
   }
 
   /**
@@ -2516,7 +2519,7 @@ export class EventBus {
     if (!answers) return;
     answers.timer = null;
     const now = this._answersNow(answers);
-    const bound = this.options.connectTimeout * this._answerStretch;
+    const bound = this.options.connectTimeout * this._answerStretch[answers.kind];
     let earliest = null;
     for (const [projectId, { sub, at }] of answers.asked) {
       if (this._subs.get(projectId) !== sub) {
@@ -2534,7 +2537,7 @@ export class EventBus {
           projectId,
         });
         this._gaveUp = conn;
-        this._answerStretch = Math.min(this._answerStretch * 2, STRETCH_MAX);
+        this._answerStretch[answers.kind] = Math.min(this._answerStretch[answers.kind] * 2, STRETCH_MAX);
         if (conn === this._ws) this._dropSocket(CloseCode.ABNORMAL, "no answer to a subscribe", true);
         else if (conn === this._sse) conn.controller.abort(); // _sseEnded reopens it on the backoff
         return;

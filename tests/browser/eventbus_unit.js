@@ -2887,6 +2887,61 @@ test("sse: a stream whose subscribed never comes is reopened after connectTimeou
   eq(env.events[1], [1, 2, 3, 4, 5, 6, 7, 8, 9]);
 });
 
+test("the bound on a subscribe's answer stretches per transport: SSE streams given up leave a WebSocket subscribe's at connectTimeout", async () => {
+  // Streams held by a buffering proxy, given up one after the other, say nothing of how fast the
+  // gateway answers a WebSocket subscribe: a stuck one is given up after connectTimeout, not
+  // after up to 16 times it (the project silent meanwhile, nothing said).
+  const env = setup({ autoFailSockets: true, options: { pollInterval: 2000 } });
+  const history = [1, 2];
+  pollServer(env, history);
+  sseServer(env); // every stream held: not a byte of its body comes
+  for (let i = 0; i < 400 && env.open.length < 5; i += 1) await env.clock.advance(1000);
+  eq(env.errors.filter((e) => e.code === "subscribe_timeout").length, 4, "four streams given up (10, 20, 40 s, then idle)");
+  history.push(3, 4);
+  await env.clock.advance(2000);
+  eq(env.events[1], [3, 4], "polled meanwhile");
+  env.autoFailSockets = false;
+  for (let i = 0; i < 60 && env.last().readyState !== 0; i += 1) await env.clock.advance(1000);
+  let ws = await goLive(env); // its subscribe of project 1 is never answered
+  eq(ws.sentOf("subscribe"), [{ type: "subscribe", project_id: 1, epoch: "p", after: 4 }]);
+  const asked = env.clock.now();
+  while (ws.closedWith === null && env.clock.now() - asked < 200000) await env.clock.advance(1000);
+  eq(env.clock.now() - asked, 10000, "given up after connectTimeout, as the first WebSocket given up is");
+  const sockets = env.sockets.length;
+  while (env.sockets.length === sockets) await env.clock.advance(1000);
+  ws = await goLive(env, { 1: { epoch: "p", seq: 4, resumed: true } });
+  ws.receive(event(1, 5));
+  await flush();
+  eq(env.events[1], [3, 4, 5], "every event once, in order");
+  eq(env.resyncs, [1]);
+});
+
+test("the bound on a subscribe's answer stretches per transport: WebSockets given up leave an SSE stream's at connectTimeout", async () => {
+  const env = setup({ subscribe: [1, 2] });
+  let ws = await goLive(env, { 1: { epoch: "a", seq: 0 } }); // project 2's subscribe is stuck
+  ws.receive(event(1, 1));
+  for (let i = 0; i < 2; i += 1) {
+    while (ws.closedWith === null) await env.clock.advance(1000);
+    const sockets = env.sockets.length;
+    while (env.sockets.length === sockets) await env.clock.advance(1000);
+    ws = await goLive(env, { 1: { epoch: "a", seq: 1, resumed: true } });
+  }
+  ws.receive(event(1, 2));
+  while (ws.closedWith === null) await env.clock.advance(1000); // the third given up: 40 s
+  eq(env.errors.filter((e) => e.code === "subscribe_timeout").map((e) => e.projectId), [2, 2, 2]);
+  // WebSocket is refused from now on: SSE, whose stream answers project 1 and not project 2.
+  env.autoFailSockets = true;
+  sseServer(env);
+  for (let i = 0; i < 60 && env.open.length === 0; i += 1) await env.clock.advance(1000);
+  const stream = await sseLive(env, { 1: { epoch: "a", seq: 2, resumed: true } });
+  eq(env.streams[0].headers["Last-Event-ID"], `1=a:2:${tag(1, 2)}`);
+  const opened = env.clock.now();
+  stream.event(null, event(1, 3), "1=a:3");
+  while (!stream.closed && env.clock.now() - opened < 200000) await env.clock.advance(1000);
+  eq(env.clock.now() - opened, 10000, "the stream's bound is SSE's own: connectTimeout");
+  eq(env.events[1], [1, 2, 3], "every event once, in order");
+});
+
 // --- cursor tags (docs/protocol.md, "Cursor tags") ------------------------------------------------
 
 test("tags: sha1Hex matches the standard vectors; eventTag hashes the UTF-8 bytes", () => {
