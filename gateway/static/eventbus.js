@@ -1118,6 +1118,9 @@ export class EventBus {
     this._sseBackoff = new Backoff(o.backoff, this._random);
     this._sseRetryTimer = null;
     this._sseRefreshTimer = null;
+    // The last stream answered, but for a cursor polling had moved meanwhile (_proveSse): the
+    // next one holds polls until it answers (see _connectSse).
+    this._nextStreamHoldsPolls = false;
     this._reportedTransport = null;
     // A gateway refused a poll or SSE resume that carried a tag (400: one from before cursor
     // tags, after a rollback): those go without tags until a gateway shows it knows them.
@@ -2146,6 +2149,7 @@ export class EventBus {
   _stopSse() {
     this._clearTimeout(this._sseRetryTimer);
     this._sseRetryTimer = null;
+    this._nextStreamHoldsPolls = false; // (polling stops too: nothing to hold)
     this._clearTimeout(this._sseRefreshTimer);
     this._sseRefreshTimer = null;
     const attempt = this._sse;
@@ -2170,12 +2174,26 @@ export class EventBus {
     this._sseRetryTimer = null;
     // live: its response opened; proven: it answered for one of its projects (only then does it
     // count as live, see _proveSse); asked: each project's cursor as the stream asked from it;
-    // errored: an `error` named one of them; idle: cut for sseIdleTimeout without a line.
-    const attempt = { controller: new AbortController(), live: false, proven: false, stale: false, errored: false, idle: false, asked: new Map(), closeCode: null, reopen: false, openedAt: null, retryAfter: 0 };
+    // errored: an `error` named one of them; idle: cut for sseIdleTimeout without a line;
+    // holdsPolls: polls wait for its first answer.
+    const attempt = { controller: new AbortController(), live: false, proven: false, stale: false, errored: false, idle: false, asked: new Map(), closeCode: null, reopen: false, openedAt: null, retryAfter: 0, holdsPolls: this._nextStreamHoldsPolls };
+    this._nextStreamHoldsPolls = false;
     this._sse = attempt;
     const { signal } = attempt.controller;
     let response;
     let idle = null;
+    let holdTimer = null;
+    if (attempt.holdsPolls) {
+      // The stream before this one answered, for a cursor polling had moved before its answer
+      // came (a gateway slower to answer than pollInterval, on a busy project): were polls to go
+      // on, this one's answer would be as stale, and the next's, for ever. Nothing moves the
+      // cursors while it is unanswered (a round under way is dropped: its answer moves nothing),
+      // so its answer is for the cursors it asked from; it replays what polls would have
+      // delivered. Held for connectTimeout at most: should this stream be held by a proxy after
+      // all, polling carries on after that (and the stream is given up on its own bound).
+      this._holdPolls();
+      holdTimer = this._setTimeout(() => this._releasePolls(attempt), this.options.connectTimeout);
+    }
     const watch = () => {
       // No byte (not even a keepalive comment) for this long: the stream is dead.
       this._clearTimeout(idle);
@@ -2227,7 +2245,8 @@ export class EventBus {
       // due, as after a WebSocket subscribe (keepalive comments are no answer).
       for (const sub of this._subs.values()) this._asking(attempt, sub);
       // Not live yet: a proxy that buffers response bodies passes the headers and holds the rest.
-      // Until the stream answers (_proveSse), polling goes on, or starts one pollInterval from now.
+      // Until the stream answers (_proveSse), polling goes on, or starts one pollInterval from now
+      // (its rounds wait while the stream holds polls).
       if (!this._polling) this._startPolling(this.options.pollInterval);
       this._updateState();
       watch();
@@ -2260,9 +2279,31 @@ export class EventBus {
       if (this._sse === attempt && !attempt.reopen && this._gaveUp !== attempt) this._reportSseFailed(attempt, error);
     } finally {
       this._clearTimeout(idle);
+      this._clearTimeout(holdTimer);
       attempt.controller.abort(); // a stream given up on (e.g. an event too long) is closed too
       this._sseEnded(attempt);
     }
+  }
+
+  /** Polls wait (a round under way is dropped, no round starts) while the stream holds them;
+   * polling stays on, and so does the `polling` state (_pollOk): the stream has not answered. */
+  _holdPolls() {
+    this._pollGeneration += 1;
+    this._clearTimeout(this._pollTimer);
+    this._pollTimer = null;
+    this._pollDeferred = false;
+  }
+
+  /** Whether polls wait for the current stream's first answer. */
+  _pollsHeld() {
+    return this._sse !== null && this._sse.holdsPolls;
+  }
+
+  /** `attempt` holds polls no longer (it answered, ended, or took connectTimeout): they go on. */
+  _releasePolls(attempt) {
+    if (!attempt.holdsPolls) return;
+    attempt.holdsPolls = false;
+    if (this._polling && !this._pollsHeld()) this._pollSoon();
   }
 
   _onSseEvent(attempt, item) {
@@ -2314,16 +2355,19 @@ export class EventBus {
    * the stream asked (its answer is for a cursor left behind: a `subscribed` naming a top behind
    * the cursor would look like a history that moved back), the stream is ended unread, `stale`,
    * and the next one, on the SSE backoff, resumes from the cursor polling reached; polling goes
-   * on meanwhile. Returns whether the stream is live.
+   * on meanwhile, and stops moving the cursors while that next stream is unanswered (it holds
+   * polls, see _connectSse), so its answer cannot be stale too. Returns whether the stream is live.
    */
   _proveSse(attempt) {
     for (const [projectId, { sub, mark }] of attempt.asked) {
       if (this._subs.get(projectId) === sub && cursorMark(sub.cursor) !== mark) {
         attempt.stale = true;
+        this._nextStreamHoldsPolls = true;
         return false;
       }
     }
     attempt.proven = true;
+    attempt.holdsPolls = false; // (polling stops)
     this._sseLive = true;
     this._everConnected = true;
     this._stopPolling();
@@ -2411,6 +2455,8 @@ export class EventBus {
       // answer, it ends as any other (_sseEnded: not live, polling).
       if (this._subs.size > 0) {
         this._sseLive = attempt.proven;
+        // A stream that held polls passes the hold on: the same path, the cursors unmoved since.
+        if (attempt.holdsPolls) this._nextStreamHoldsPolls = true;
         this._connectSse();
       }
     } else if (attempt.live && attempt.closeCode !== null && action.delay === "prompt" && !this._ssePrompted) {
@@ -2432,6 +2478,7 @@ export class EventBus {
         this._startSse();
       }, this._offlineDelay(Math.max(this._sseBackoff.next(), attempt.retryAfter || 0)));
     }
+    this._releasePolls(attempt);
     this._updateState();
   }
 
@@ -2588,7 +2635,8 @@ export class EventBus {
 
   async _pollAll() {
     this._pollTimer = null;
-    if (!this._polling || this._closed) return;
+    // (Held by a stream: _releasePolls asks for the next round.)
+    if (!this._polling || this._closed || this._pollsHeld()) return;
     const generation = this._pollGeneration;
     this._pollRunning = true;
     this._pollAgain = false;

@@ -1834,6 +1834,108 @@ test("sse: a poll landing between a stream's request and its first answer ends t
   eq(env.errors.filter((e) => e.code !== "websocket_failed").map((e) => e.code), [], "nothing to report");
 });
 
+/** A gateway for project 1 (epoch "p", `history` its seqs 1..n) whose streams answer
+ * `answerTime` ms after their request: the replay after the stream's Last-Event-ID, then
+ * `subscribed` at the top of then, then every event `publish`ed later. Its polls answer at once. */
+function slowSseGateway(env, history, answerTime) {
+  pollServer(env, history);
+  sseServer(env);
+  const answered = [];
+  const serve = env.sse;
+  env.sse = (url, init, request) => {
+    const reply = serve(url, init, request);
+    const handle = env.open[env.open.length - 1];
+    const asked = request.headers["Last-Event-ID"];
+    const after = asked ? Number(asked.split(":")[1]) : null;
+    env.clock.setTimeout(() => {
+      if (handle.closed) return;
+      const top = history.length;
+      for (let seq = (after ?? top) + 1; seq <= top; seq += 1) handle.event(null, event(1, seq), `p:${seq}`);
+      handle.event("subscribed", { type: "subscribed", project_id: 1, epoch: "p", seq: top, resumed: after !== null, replayed: 0 }, `p:${top}`);
+      answered.push(handle);
+    }, answerTime);
+    return reply;
+  };
+  return (seq) => {
+    history.push(seq);
+    for (const handle of answered) if (!handle.closed) handle.event(null, event(1, seq), `p:${seq}`);
+  };
+}
+
+test("sse: a gateway slower to answer a stream than pollInterval, on a busy project: SSE takes over all the same, every event once", async () => {
+  // Each stream's answer comes 3 s after its request; polls (every 2 s) move the cursor in
+  // between, as an event comes every 2 s. Judged stale one after the other, no stream ever got live.
+  const env = setup({ autoFailSockets: true, options: { pollInterval: 2000 } });
+  const history = [1, 2];
+  const publish = slowSseGateway(env, history, 3000);
+  await env.clock.advance(0);
+  for (let seq = 3; seq <= 60; seq += 1) {
+    await env.clock.advance(2000);
+    publish(seq);
+  }
+  await env.clock.advance(2000);
+  eq([env.bus.state, env.bus.transport], ["live", "sse"], "live over SSE");
+  const polls = env.requests.length;
+  for (let seq = 61; seq <= 70; seq += 1) {
+    await env.clock.advance(2000);
+    publish(seq);
+  }
+  await env.clock.advance(1);
+  eq(env.requests.length, polls, "no poll once SSE is live");
+  eq(env.events[1], Array.from({ length: 68 }, (_, i) => i + 3), "every event once, in order");
+  eq(env.resyncs, [1], "one reload (the first contact)");
+  eq(env.errors.filter((e) => e.code !== "websocket_failed").map((e) => e.code), [], "nothing to report");
+});
+
+test("sse: the stream after a stale one holds polls for connectTimeout at most: held by a proxy after all, polling carries on, every event once", async () => {
+  const env = setup({ autoFailSockets: true, options: { pollInterval: 2000 } });
+  const history = [1, 2];
+  pollServer(env, history);
+  sseServer(env);
+  await env.clock.advance(0);
+  // The first stream is never answered: given up after connectTimeout (polling meanwhile, from
+  // one pollInterval after it opened), which doubles the next streams' bound to 20 s.
+  await env.clock.advance(10000);
+  assert(env.open[0].closed);
+  eq(env.errors.filter((e) => e.code === "subscribe_timeout").length, 1);
+  eq(env.bus.cursor(1), { epoch: "p", seq: 2 });
+  for (let i = 0; i < 20 && env.open.length < 2; i += 1) await env.clock.advance(100);
+  const slow = env.open[1];
+  history.push(3);
+  for (let i = 0; i < 30 && env.events[1].length < 1; i += 1) await env.clock.advance(100);
+  slow.event("subscribed", { type: "subscribed", project_id: 1, epoch: "p", seq: 2, resumed: true, replayed: 0 }, "p:2");
+  await flush();
+  assert(slow.closed, "stale: ended unread");
+  for (let i = 0; i < 100 && env.open.length < 3; i += 1) await env.clock.advance(100);
+  const held = env.open[2]; // polls wait for its answer; but a proxy holds it
+  eq(held.request.headers["Last-Event-ID"], "p:3");
+  eq(env.bus.state, "polling", "the state stays what it was");
+  const polls = env.requests.length;
+  history.push(4);
+  await env.clock.advance(held.request.at + 9999 - env.clock.now());
+  eq(env.requests.length, polls, "no poll while the stream may answer");
+  eq(env.events[1], [3]);
+  await env.clock.advance(1);
+  assert(env.requests.length > polls, "polls go on after connectTimeout");
+  eq(env.events[1], [3, 4]);
+  assert(!held.closed, "the stream itself waits its own bound");
+  history.push(5);
+  await env.clock.advance(10000);
+  eq(env.events[1], [3, 4, 5]);
+  assert(held.closed, "given up after its bound (20 s)");
+  eq(env.errors.filter((e) => e.code === "subscribe_timeout").length, 2);
+  for (let i = 0; i < 100 && env.open.length < 4; i += 1) await env.clock.advance(100);
+  const before = env.requests.length;
+  await env.clock.advance(2000);
+  assert(env.requests.length > before, "the next stream does not hold polls (that one was not stale)");
+  const stream = await sseLive(env, { 1: { epoch: "p", seq: 5, resumed: true } });
+  eq([env.bus.state, env.bus.transport], ["live", "sse"]);
+  stream.event(null, event(1, 6), "p:6");
+  await env.clock.advance(10000);
+  eq(env.events[1], [3, 4, 5, 6], "every event once, in order");
+  eq(env.resyncs, [1]);
+});
+
 test("sse: unsubscribing the last project ends the stream and opens none, open or not yet answered", async () => {
   for (const answered of [true, false]) {
     const env = setup({ autoFailSockets: true });
