@@ -1119,8 +1119,9 @@ export class EventBus {
     this._sseRetryTimer = null;
     this._sseRefreshTimer = null;
     // The last stream answered, but for a cursor polling had moved meanwhile (_proveSse): the
-    // next one holds polls until it answers (see _connectSse).
-    this._nextStreamHoldsPolls = false;
+    // next one holds polls until it answers, for this long at most (ms; 0: it holds none). A
+    // planned reopen passes on what is left of it (see _connectSse).
+    this._nextStreamHold = 0;
     this._reportedTransport = null;
     // A gateway refused a poll or SSE resume that carried a tag (400: one from before cursor
     // tags, after a rollback): those go without tags until a gateway shows it knows them.
@@ -2149,7 +2150,7 @@ export class EventBus {
   _stopSse() {
     this._clearTimeout(this._sseRetryTimer);
     this._sseRetryTimer = null;
-    this._nextStreamHoldsPolls = false; // (polling stops too: nothing to hold)
+    this._nextStreamHold = 0; // (polling stops too: nothing to hold)
     this._clearTimeout(this._sseRefreshTimer);
     this._sseRefreshTimer = null;
     const attempt = this._sse;
@@ -2175,9 +2176,10 @@ export class EventBus {
     // live: its response opened; proven: it answered for one of its projects (only then does it
     // count as live, see _proveSse); asked: each project's cursor as the stream asked from it;
     // errored: an `error` named one of them; idle: cut for sseIdleTimeout without a line;
-    // holdsPolls: polls wait for its first answer.
-    const attempt = { controller: new AbortController(), live: false, proven: false, stale: false, errored: false, idle: false, asked: new Map(), closeCode: null, reopen: false, openedAt: null, retryAfter: 0, holdsPolls: this._nextStreamHoldsPolls };
-    this._nextStreamHoldsPolls = false;
+    // holdsPolls: polls wait for its first answer, until holdEndsAt at the latest.
+    const hold = this._nextStreamHold;
+    this._nextStreamHold = 0;
+    const attempt = { controller: new AbortController(), live: false, proven: false, stale: false, errored: false, idle: false, asked: new Map(), closeCode: null, reopen: false, openedAt: null, retryAfter: 0, holdsPolls: hold > 0, holdEndsAt: this._now() + hold };
     this._sse = attempt;
     const { signal } = attempt.controller;
     let response;
@@ -2189,10 +2191,11 @@ export class EventBus {
       // on, this one's answer would be as stale, and the next's, for ever. Nothing moves the
       // cursors while it is unanswered (a round under way is dropped: its answer moves nothing),
       // so its answer is for the cursors it asked from; it replays what polls would have
-      // delivered. Held for connectTimeout at most: should this stream be held by a proxy after
-      // all, polling carries on after that (and the stream is given up on its own bound).
+      // delivered. Held for connectTimeout at most, counted from the first stream that held
+      // them (a reopen passes on what is left): should the streams be held by a proxy after all,
+      // polling carries on after that (and each stream is given up on its own bound).
       this._holdPolls();
-      holdTimer = this._setTimeout(() => this._releasePolls(attempt), this.options.connectTimeout);
+      holdTimer = this._setTimeout(() => this._releasePolls(attempt), hold);
     }
     const watch = () => {
       // No byte (not even a keepalive comment) for this long: the stream is dead.
@@ -2362,7 +2365,7 @@ export class EventBus {
     for (const [projectId, { sub, mark }] of attempt.asked) {
       if (this._subs.get(projectId) === sub && cursorMark(sub.cursor) !== mark) {
         attempt.stale = true;
-        this._nextStreamHoldsPolls = true;
+        this._nextStreamHold = this.options.connectTimeout;
         return false;
       }
     }
@@ -2455,8 +2458,11 @@ export class EventBus {
       // answer, it ends as any other (_sseEnded: not live, polling).
       if (this._subs.size > 0) {
         this._sseLive = attempt.proven;
-        // A stream that held polls passes the hold on: the same path, the cursors unmoved since.
-        if (attempt.holdsPolls) this._nextStreamHoldsPolls = true;
+        // A stream that held polls passes the hold on (the same path, the cursors unmoved since),
+        // what is left of it: reopened again and again (presence or projects changing more often
+        // than connectTimeout), a hold begun afresh each time would poll nothing for as long.
+        // (A wall clock stepped back cannot make it longer than connectTimeout.)
+        if (attempt.holdsPolls) this._nextStreamHold = Math.min(this.options.connectTimeout, Math.max(0, attempt.holdEndsAt - this._now()));
         this._connectSse();
       }
     } else if (attempt.live && attempt.closeCode !== null && action.delay === "prompt" && !this._ssePrompted) {

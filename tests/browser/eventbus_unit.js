@@ -1936,6 +1936,50 @@ test("sse: the stream after a stale one holds polls for connectTimeout at most: 
   eq(env.resyncs, [1]);
 });
 
+test("sse: a stream holding polls and reopened again and again (presence turned on and off) holds them connectTimeout in all, not connectTimeout from each reopen", async () => {
+  // Each reopen passes the hold on (the cursors are unmoved); were it a new connectTimeout each
+  // time, a page toggling presence (or subscribing projects) more often than that while a proxy
+  // holds the streams would poll nothing, the project silent for as long, nothing said.
+  const env = setup({ autoFailSockets: true, options: { pollInterval: 2000 } });
+  const history = [1, 2];
+  pollServer(env, history);
+  sseServer(env);
+  await env.clock.advance(0);
+  await env.clock.advance(10000); // the first stream, never answered, is given up
+  for (let i = 0; i < 20 && env.open.length < 2; i += 1) await env.clock.advance(100);
+  const slow = env.open[1];
+  history.push(3);
+  for (let i = 0; i < 30 && env.events[1].length < 1; i += 1) await env.clock.advance(100);
+  slow.event("subscribed", { type: "subscribed", project_id: 1, epoch: "p", seq: 2, resumed: true, replayed: 0 }, "p:2");
+  await flush();
+  assert(slow.closed, "stale: ended unread");
+  for (let i = 0; i < 100 && env.open.length < 3; i += 1) await env.clock.advance(100);
+  const held = env.open[2]; // holds polls; a proxy holds it, and each stream after it
+  const heldAt = held.request.at;
+  history.push(4);
+  let stopPresence = null;
+  while (env.clock.now() < heldAt + 40000) {
+    await env.clock.advance(4000);
+    if (stopPresence) {
+      stopPresence();
+      stopPresence = null;
+    } else stopPresence = env.bus.presence(1, () => {});
+  }
+  assert(env.open.length > 10, "reopened at each change");
+  eq(env.events[1], [3, 4], "polled again once connectTimeout passed since the hold began");
+  const pollsAfterHold = env.requests.filter((r) => r.at > heldAt).map((r) => r.at - heldAt);
+  assert(pollsAfterHold.length > 0 && pollsAfterHold[0] <= 10000, `the first poll after the hold began came ${pollsAfterHold[0]} ms after it`);
+  // The streams are answered at last: live over SSE, every event once, in order.
+  if (stopPresence) stopPresence();
+  await env.clock.advance(0);
+  const stream = await sseLive(env, { 1: { epoch: "p", seq: 4, resumed: true } });
+  eq([env.bus.state, env.bus.transport], ["live", "sse"]);
+  stream.event(null, event(1, 5), "p:5");
+  await flush();
+  eq(env.events[1], [3, 4, 5], "every event once, in order");
+  eq(env.resyncs, [1]);
+});
+
 test("sse: unsubscribing the last project ends the stream and opens none, open or not yet answered", async () => {
   for (const answered of [true, false]) {
     const env = setup({ autoFailSockets: true });
