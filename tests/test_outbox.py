@@ -472,6 +472,60 @@ async def test_sqlalchemy_async_session(pg_url, pg_outbox, bus):
     assert_exact(bus.client, {13: [1, 2]})
 
 
+async def test_sqlalchemy_async_session_and_connection_on_sqlite(sqlite_path, table, bus):
+    """aiosqlite (``sqlite+aiosqlite://``): what the synchronous SQLAlchemy test does on SQLite,
+    through an ``AsyncSession`` and an ``AsyncConnection``; and their snapshots."""
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+    outbox = Outbox(table)
+    engine = create_async_engine(f"sqlite+aiosqlite:///{sqlite_path}")
+    relay = OutboxRelay.sqlite(sqlite_path, bus, table=table)
+    try:
+        async with AsyncSession(engine) as session, session.begin():
+            await outbox.awrite(session, event(14, 1))
+            await session.execute(text("SELECT 1"))
+        async with AsyncSession(engine) as session:
+            await outbox.awrite(session, event(14, 99))
+            await session.rollback()
+        async with engine.begin() as connection:
+            await outbox.awrite_many(connection, [event(14, 2), event(15, 1)])
+        async with engine.connect() as connection:
+            await outbox.awrite(connection, event(14, 3))
+            await connection.commit()
+        await asyncio.to_thread(drain, relay)
+        assert_exact(bus.client, {14: [1, 2, 3], 15: [1]})
+
+        def commit_another_event() -> None:
+            with contextlib.closing(sqlite3.connect(sqlite_path)) as other, other:
+                outbox.write(other, event(14, 100))
+
+        async def read(conn) -> int:
+            # Another connection commits an event of the project while the snapshot reads: the
+            # snapshot sees neither it nor its row (else it would wait for its publish).
+            counted = f"SELECT count(*) FROM {table} WHERE project_id = 14"
+            before = (await conn.execute(text(counted))).scalar_one()
+            commit_another_event()
+            assert (await conn.execute(text(counted))).scalar_one() == before
+            return before
+
+        for connect in (lambda: AsyncSession(engine), engine.connect):
+            async with connect() as conn:
+                await asyncio.to_thread(drain, relay)  # (the event the last read committed)
+                snap = await outbox.asnapshot(conn, 14, read, max_wait=0.5)
+                assert snap.data == snap.cursor.seq  # the cursor covers exactly the data
+                assert not conn.in_transaction()
+                await asyncio.to_thread(drain, relay)  # the event committed meanwhile
+                again = await outbox.asnapshot(conn, 14, read, max_wait=0.5)
+                assert again.cursor.seq == snap.cursor.seq + 1 == again.data
+                async with conn.begin():
+                    with pytest.raises(InTransaction):
+                        await outbox.asnapshot(conn, 14, read)
+    finally:
+        relay.store.close()
+        await engine.dispose()
+
+
 # --- the relay under faults --------------------------------------------------------------------
 
 

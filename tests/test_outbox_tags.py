@@ -323,6 +323,39 @@ async def test_asnapshot_and_acreate_table_on_postgresql(request, table, bus):
     }
 
 
+async def test_asnapshot_and_acreate_table_on_sqlite_through_sqlalchemy(tmp_path, table, bus):
+    """aiosqlite: ``acreate_table`` on an ``AsyncConnection`` and an ``AsyncSession`` upgrades a
+    table created before the tag column (and runs again harmlessly); ``asnapshot`` on either
+    returns the tag the relay recorded."""
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+    db = Database("sqlite", str(tmp_path / "app.db"), table)
+    db.execute(OLD_SQLITE.format(table=table))
+    outbox = Outbox(table)
+    engine = create_async_engine(f"sqlite+aiosqlite:///{db.url}")
+    try:
+        async with engine.begin() as connection:
+            await outbox.acreate_table(connection)
+        assert "tag" in db.columns()
+        async with engine.begin() as connection:
+            await outbox.acreate_table(connection)
+        async with AsyncSession(engine) as session, session.begin():
+            await outbox.acreate_table(session)
+        db.write(event(5, 1), event(5, 2))
+        db.drain(bus)
+
+        async def read(conn):
+            return "data"
+
+        tag = event_tag(stored_frame(bus.client, 5, 2))
+        for connect in (lambda: AsyncSession(engine), engine.connect):
+            async with connect() as conn:
+                snap = await outbox.asnapshot(conn, 5, read)
+            assert snap.cursor_json() == {"epoch": snap.cursor.epoch, "seq": 2, "tag": tag}
+    finally:
+        await engine.dispose()
+
+
 async def test_the_python_consumer_resuming_from_a_snapshot_cursor_is_told_history_lost(
     db, bus, gateways, redis_url
 ):
