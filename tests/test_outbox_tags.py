@@ -284,6 +284,49 @@ def test_a_relay_on_a_table_not_yet_migrated_keeps_publishing_without_tags(db, b
     assert db.snapshot(1).cursor_json()["tag"] is None
 
 
+def test_a_snapshot_on_a_table_not_yet_migrated_gives_cursors_without_tags_and_warns_once(db, bus):
+    """Application code of this version deployed before the migration ran: its snapshots keep
+    answering, with cursors taken at their number as before tags (the relay, on such a table,
+    publishes without tags), instead of failing every reload with ``no such column: tag``."""
+    old = OLD_POSTGRES if db.dialect == "postgresql" else OLD_SQLITE
+    db.execute(old.format(table=db.table))
+    db.write(event(1, 1), event(1, 2))
+    with structlog.testing.capture_logs() as logs:
+        db.drain(bus)
+        first, second = db.snapshot(1), db.snapshot(1)
+    for snap in (first, second):
+        assert snap.cursor_json() == {"epoch": snap.cursor.epoch, "seq": 2, "tag": None}
+    warnings = [
+        entry
+        for entry in logs
+        if entry["event"] == "outbox_table_not_migrated" and entry.get("by") == "snapshot"
+    ]
+    assert len(warnings) == 1 and warnings[0]["log_level"] == "warning"
+    assert "python -m publisher.outbox migrate" in warnings[0]["reason"]
+    # Migrated meanwhile: the same Outbox's next snapshot reads the tags.
+    db.create()
+    db.write(event(1, 3))
+    db.drain(bus)
+    assert db.snapshot(1).cursor_json()["tag"] == event_tag(stored_frame(bus.client, 1, 3))
+
+
+async def test_an_asnapshot_on_a_table_not_yet_migrated_gives_a_cursor_without_a_tag(
+    request, table, bus
+):
+    url = request.getfixturevalue("pg_url")
+    db = Database("postgresql", url, table)
+    db.execute(OLD_POSTGRES.format(table=table))
+    db.write(event(6, 1))
+    db.drain(bus)
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+
+        async def read(c):
+            return "data"
+
+        snap = await db.outbox.asnapshot(conn, 6, read)
+    assert snap.cursor_json() == {"epoch": snap.cursor.epoch, "seq": 1, "tag": None}
+
+
 def test_a_relay_whose_publisher_is_not_ours_records_no_tag(db, bus):
     """A wrapper may store something else than the event as encode_event encodes it: no tag
     rather than one that names bytes Redis does not hold (a reload at every resume)."""

@@ -317,6 +317,25 @@ class Statements:
             "ORDER BY id DESC LIMIT 1"
         )
         self.cursor_of_row = f"SELECT epoch, seq, tag FROM {t} WHERE id = :id"
+        # The same on a table not yet migrated (no tag column): the snapshot's cursors then
+        # carry no tag, as the relay's marks do not (see Outbox.snapshot).
+        self.newest_of_project_untagged = (
+            f"SELECT id, epoch, seq, NULL FROM {t} WHERE project_id = :project_id "
+            "ORDER BY id DESC LIMIT 1"
+        )
+        self.cursor_of_row_untagged = f"SELECT epoch, seq, NULL FROM {t} WHERE id = :id"
+        # One row, one value: how many columns named tag the table has (0 or 1), as the
+        # statements above would name it (SQLite ignores case; on PostgreSQL a quoted "Tag" is
+        # another column). A table that does not exist has none.
+        if pg:
+            self.tag_column = (
+                "SELECT count(*) FROM pg_attribute WHERE attrelid = "
+                "to_regclass(CAST(:table AS text)) AND attname = 'tag' AND NOT attisdropped"
+            )
+            self.tag_column_params: dict[str, str] = {"table": t}
+        else:
+            pragma, self.tag_column_params = sqlite_columns(t)
+            self.tag_column = f"SELECT count(*) FROM ({pragma}) WHERE lower(name) = 'tag'"
         self.try_lead = "SELECT pg_try_advisory_lock(:key)"
         # PostgreSQL 14+: the lock and the session's lease in one statement (the subquery, kept
         # apart by OFFSET 0, takes the lock first; each CASE sets its part of the lease only

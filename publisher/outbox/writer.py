@@ -24,6 +24,7 @@ from publisher.outbox.sql import (
     sqlite_columns,
     sqlite_upgrade,
 )
+from publisher.outbox.store import log
 from schemas.events import ProjectEvent, encode_event
 from schemas.tags import is_tag
 
@@ -109,6 +110,10 @@ class Outbox:
         self.table = table
         self.notify = notify
         self._statements = {dialect: Statements(table, dialect) for dialect in (POSTGRES, SQLITE)}
+        #: The dialects on which a snapshot found the table with its tag column: not looked at
+        #: again (a column is not dropped by anything of ours). Until then, each snapshot looks.
+        self._tag_column_seen: set[str] = set()
+        self._untagged_warned: set[str] = set()
 
     # --- schema -----------------------------------------------------------------------------
 
@@ -262,14 +267,18 @@ class Outbox:
         st = self._statements[db.dialect]
         with db.snapshot_transaction():
             data = read(db.target)
-            newest = db.execute(st.newest_of_project, {"project_id": project_id})
+            tagged = db.dialect in self._tag_column_seen or self._found_tag_column(
+                db.dialect, db.execute(st.tag_column, st.tag_column_params)
+            )
+            newest_sql, row_sql = _snapshot_queries(st, tagged)
+            newest = db.execute(newest_sql, {"project_id": project_id})
         (cursor, tag), row_id = _cursor_or_wait(newest)
         deadline = time.monotonic() + max_wait
         while cursor is None and row_id is not None:
             if time.monotonic() > deadline:
                 raise _timeout(row_id, project_id, max_wait, data)
             time.sleep(_SNAPSHOT_POLL)
-            cursor, tag = _published(db.fresh(st.cursor_of_row, {"id": row_id}))
+            cursor, tag = _published(db.fresh(row_sql, {"id": row_id}))
         return Snapshot(data, cursor, tag)
 
     async def asnapshot(
@@ -287,18 +296,52 @@ class Outbox:
         st = self._statements[db.dialect]
         async with db.snapshot_transaction():
             data = await read(db.target)
-            newest = await db.execute(st.newest_of_project, {"project_id": project_id})
+            tagged = db.dialect in self._tag_column_seen or self._found_tag_column(
+                db.dialect, await db.execute(st.tag_column, st.tag_column_params)
+            )
+            newest_sql, row_sql = _snapshot_queries(st, tagged)
+            newest = await db.execute(newest_sql, {"project_id": project_id})
         (cursor, tag), row_id = _cursor_or_wait(newest)
         deadline = time.monotonic() + max_wait
         while cursor is None and row_id is not None:
             if time.monotonic() > deadline:
                 raise _timeout(row_id, project_id, max_wait, data)
             await asyncio.sleep(_SNAPSHOT_POLL)
-            cursor, tag = _published(await db.fresh(st.cursor_of_row, {"id": row_id}))
+            cursor, tag = _published(await db.fresh(row_sql, {"id": row_id}))
         return Snapshot(data, cursor, tag)
+
+    def _found_tag_column(self, dialect: str, counted: list[tuple]) -> bool:
+        """Whether the table has its tag column, from the rows of ``Statements.tag_column``;
+        remembered once found. A table not yet migrated (application code of this version
+        deployed before the migration ran) gets snapshots whose cursors carry no tag, taken at
+        their number as before tags, rather than every snapshot failing with the database's
+        ``no such column``; this says so once per Outbox and dialect (the relay, on such a
+        table, publishes without tags and warns the same way)."""
+        if counted and counted[0][0]:
+            self._tag_column_seen.add(dialect)
+            return True
+        if dialect not in self._untagged_warned:
+            self._untagged_warned.add(dialect)
+            log().warning(
+                "outbox_table_not_migrated",
+                table=self.table,
+                by="snapshot",
+                reason="the outbox table has no tag column: snapshot cursors carry no tag (a "
+                "resume from one is taken at its number, as before tags); run 'python -m "
+                "publisher.outbox migrate' (or Outbox.create_table; see docs/outbox.md)",
+            )
+        return False
 
 
 _Tagged = tuple[Cursor | None, str | None]
+
+
+def _snapshot_queries(st: Statements, tagged: bool) -> tuple[str, str]:
+    """The snapshot's query of the project's newest row and its wait's query of that row's
+    cursor: with the tag, or (a table without the column) with NULL in its place."""
+    if tagged:
+        return st.newest_of_project, st.cursor_of_row
+    return st.newest_of_project_untagged, st.cursor_of_row_untagged
 
 
 def _cursor_or_wait(newest: list[tuple]) -> tuple[_Tagged, int | None]:
