@@ -155,6 +155,50 @@ def test_migration_sql_for_both_dialects_and_table_names_are_checked():
         migration_sql("mysql")
 
 
+def run_migration(dialect: str, answers: list) -> list[str]:
+    """Drive ``migration_steps`` as create_table does, answering each statement after the
+    script's with the next of ``answers`` (rows, or an exception it raised); the statements."""
+    from publisher.outbox.sql import migration_steps, split_script
+
+    script = split_script(migration_sql(dialect, "t"))
+    steps = migration_steps(dialect, "t")
+    ran: list[str] = []
+    answer: Any = None
+    while True:
+        try:
+            if isinstance(answer, Exception):
+                sql, _ = steps.throw(answer)
+            else:
+                sql, _ = steps.send(answer)
+        except StopIteration:
+            return ran
+        ran.append(sql)
+        answer = [] if sql in script else answers.pop(0)  # (DDL returns no rows)
+
+
+def test_the_migration_steps_decide_the_sqlite_upgrade_from_the_columns_found():
+    from publisher.outbox.sql import split_script
+
+    script = split_script(migration_sql("sqlite", "t"))
+    pragma = "SELECT name FROM pragma_table_info(:name)"
+    add = "ALTER TABLE t ADD COLUMN tag TEXT"
+    # PostgreSQL: the script alone (its DO block looks at the table itself).
+    assert run_migration("postgresql", []) == split_script(migration_sql("postgresql", "t"))
+    # SQLite: the script, then the columns; the ALTER only where tag is missing.
+    assert run_migration("sqlite", [[("id",), ("tag",)]]) == [*script, pragma]
+    assert run_migration("sqlite", [[("id",)], []]) == [*script, pragma, add]
+    # Another connection added it in between: taken for done once the columns show it.
+    duplicate = sqlite3.OperationalError("duplicate column name: tag")
+    done = run_migration("sqlite", [[("id",)], duplicate, [("id",), ("tag",)]])
+    assert done == [*script, pragma, add, pragma]
+    # Any other failure, or a duplicate whose column is still not there, is raised.
+    locked = sqlite3.OperationalError("database is locked")
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        run_migration("sqlite", [[("id",)], locked])
+    with pytest.raises(sqlite3.OperationalError, match="duplicate"):
+        run_migration("sqlite", [[("id",)], duplicate, [("id",)]])
+
+
 def test_psycopg_parameters_and_lock_keys():
     assert for_psycopg("SELECT :a, CAST(:b AS text) WHERE x = :c") == (
         "SELECT %(a)s, CAST(%(b)s AS text) WHERE x = %(c)s"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Generator
 
 from schemas.stored import MAX_FRAME_BYTES
 
@@ -29,7 +30,9 @@ __all__ = [
     "for_psycopg",
     "lock_key",
     "migration_sql",
+    "migration_steps",
     "notify_channel",
+    "split_script",
     "sqlite_columns",
     "sqlite_upgrade",
     "validate_table",
@@ -172,6 +175,59 @@ def sqlite_upgrade(table: str, columns: set[str]) -> list[str]:
     """The statements that bring a SQLite outbox table with ``columns`` up to date (none when
     it is)."""
     return [] if "tag" in columns else [SQLITE_ADD_TAG.format(table=validate_table(table))]
+
+
+#: One statement of a migration, as :func:`migration_steps` yields it: SQL, parameters.
+Step = tuple[str, dict[str, str]]
+
+
+def migration_steps(dialect: str, table: str) -> Generator[Step, list[tuple] | None, None]:
+    """The migration of ``table`` as the statements to run, one at a time, in the caller's
+    transaction; pure (``Outbox.create_table`` and ``acreate_table`` are the I/O around it).
+
+    The caller runs each yielded ``(sql, params)`` and sends back its rows (a list of tuples),
+    or, if it raised, throws the exception in: the next statement may depend on what an earlier
+    one found. The script of :func:`migration_sql` first, one statement each; then, on SQLite
+    (no ``ADD COLUMN IF NOT EXISTS``), the table's columns, and :func:`sqlite_upgrade`'s
+    statements for what is missing. An ``ADD COLUMN tag`` that fails because another connection
+    added the column in between (every worker of an application may migrate at startup) is
+    taken for done once the columns, read again, show it; any other failure is raised out of
+    the ``throw``."""
+    for statement in split_script(migration_sql(dialect, table)):
+        yield statement, {}
+    if dialect != SQLITE:
+        return
+    sql, params = sqlite_columns(table)
+    columns = yield sql, params
+    for statement in sqlite_upgrade(table, _names(columns)):
+        try:
+            yield statement, {}
+        except Exception as exc:
+            if not ("duplicate column name" in str(exc) and "tag" in _names((yield sql, params))):
+                raise
+
+
+def _names(rows: list[tuple] | None) -> set[str]:
+    return {str(row[0]) for row in rows or ()}
+
+
+def split_script(script: str) -> list[str]:
+    """The statements of a migration script: split at each ``;`` outside ``$$`` bodies (the
+    PostgreSQL script's ``DO`` block), one statement per call (psycopg with parameters, and
+    SQLAlchemy, run one at a time)."""
+    statements: list[str] = []
+    current = ""
+    for index, part in enumerate(script.split("$$")):
+        if index % 2:  # inside a dollar-quoted body
+            current += f"$${part}$$"
+            continue
+        first, *rest = part.split(";")
+        current += first
+        for piece in rest:
+            statements.append(current)
+            current = piece
+    statements.append(current)
+    return [statement.strip() for statement in statements if statement.strip()]
 
 
 def validate_table(table: str) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -19,10 +19,10 @@ from publisher.outbox.sql import (
     POSTGRES,
     SQLITE,
     Statements,
+    Step,
     lock_key,
     migration_sql,
-    sqlite_columns,
-    sqlite_upgrade,
+    migration_steps,
 )
 from publisher.outbox.store import log
 from schemas.events import ProjectEvent, encode_event
@@ -126,37 +126,32 @@ class Outbox:
         it yourself; sqlite3 runs DDL in the transaction too): the table and its indexes where
         missing, and the ``tag`` column on a table created before it. Several processes may run
         it at once (each worker of an application at startup): on SQLite, one that another
-        beat to adding the column takes that for done."""
+        beat to adding the column takes that for done (see :func:`.sql.migration_steps`)."""
         db = adapt(conn)
         if not isinstance(db, SyncDB):
             raise TypeError("create_table needs a synchronous connection; use acreate_table")
-        for statement in _split(migration_sql(db.dialect, self.table)):
-            db.execute(statement, {})
-        if db.dialect == SQLITE:
-            sql, params = sqlite_columns(self.table)
-            columns = {str(row[0]) for row in db.execute(sql, params)}
-            for statement in sqlite_upgrade(self.table, columns):
-                try:
-                    db.execute(statement, {})
-                except Exception as exc:
-                    if not _added_meanwhile(exc, db.execute(sql, params)):
-                        raise
+        steps = migration_steps(db.dialect, self.table)
+        rows: list[tuple] | None = None
+        error: Exception | None = None
+        while (step := _next_step(steps, rows, error)) is not None:
+            try:
+                rows, error = db.execute(*step), None
+            except Exception as exc:
+                rows, error = None, exc
 
     async def acreate_table(self, conn: Any) -> None:
+        """:meth:`create_table` for asyncio connections."""
         db = adapt(conn)
         if not isinstance(db, AsyncDB):
             raise TypeError("acreate_table needs an asyncio connection; use create_table")
-        for statement in _split(migration_sql(db.dialect, self.table)):
-            await db.execute(statement, {})
-        if db.dialect == SQLITE:
-            sql, params = sqlite_columns(self.table)
-            columns = {str(row[0]) for row in await db.execute(sql, params)}
-            for statement in sqlite_upgrade(self.table, columns):
-                try:
-                    await db.execute(statement, {})
-                except Exception as exc:
-                    if not _added_meanwhile(exc, await db.execute(sql, params)):
-                        raise
+        steps = migration_steps(db.dialect, self.table)
+        rows: list[tuple] | None = None
+        error: Exception | None = None
+        while (step := _next_step(steps, rows, error)) is not None:
+            try:
+                rows, error = await db.execute(*step), None
+            except Exception as exc:
+                rows, error = None, exc
 
     # --- writing ----------------------------------------------------------------------------
 
@@ -378,28 +373,15 @@ def _timeout(row_id: int, project_id: int, timeout: float, data: Any) -> Snapsho
     )
 
 
-def _added_meanwhile(error: Exception, columns: list[tuple]) -> bool:
-    """Whether a SQLite ``ALTER TABLE ... ADD COLUMN tag`` failed only because another
-    connection added the column between this one's look at the columns and its ``ALTER``
-    (SQLite has no ``ADD COLUMN IF NOT EXISTS``): the error says so (in the driver's words,
-    possibly wrapped by SQLAlchemy), and the column is there now."""
-    return "duplicate column name" in str(error) and "tag" in {str(row[0]) for row in columns}
-
-
-def _split(script: str) -> list[str]:
-    """The statements of a migration script: split at each ``;`` outside ``$$`` bodies (the
-    PostgreSQL script's ``DO`` block), one statement per call (psycopg with parameters, and
-    SQLAlchemy, run one at a time)."""
-    statements: list[str] = []
-    current = ""
-    for index, part in enumerate(script.split("$$")):
-        if index % 2:  # inside a dollar-quoted body
-            current += f"$${part}$$"
-            continue
-        first, *rest = part.split(";")
-        current += first
-        for piece in rest:
-            statements.append(current)
-            current = piece
-    statements.append(current)
-    return [statement.strip() for statement in statements if statement.strip()]
+def _next_step(
+    steps: Generator[Step, list[tuple] | None, None],
+    rows: list[tuple] | None,
+    error: Exception | None,
+) -> Step | None:
+    """The migration's next statement, given what the last one returned or raised (the first
+    call gives neither); None when done. A failure the migration does not take for done is
+    raised here."""
+    try:
+        return steps.send(rows) if error is None else steps.throw(error)
+    except StopIteration:
+        return None
