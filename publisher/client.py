@@ -874,7 +874,19 @@ class Publisher(_ContractHelpers[Cursor]):
     def _publish_in_order(
         self, events: Iterable[ProjectEvent], idempotency_keys: Iterable[str | None] | None
     ) -> list[Cursor]:
-        calls = self._settings.in_order(events, idempotency_keys)
+        return self._send_in_order(self._plan_in_order(events, idempotency_keys))
+
+    def _plan_in_order(
+        self, events: Iterable[ProjectEvent], idempotency_keys: Iterable[str | None] | None
+    ) -> list[PreparedBatch]:
+        """The calls of ``publish_many(events, idempotency_keys=..., in_order=True)``, one per
+        event (:func:`publisher.core.plan_in_order`), validated and encoded, not sent. With
+        :meth:`_send_in_order`, for the outbox relay: it reads each event's payload, the bytes
+        Redis stores, off its call (``PreparedBatch.payloads``) instead of encoding it again."""
+        return self._settings.in_order(events, idempotency_keys)
+
+    def _send_in_order(self, calls: list[PreparedBatch]) -> list[Cursor]:
+        """``publish_many(..., in_order=True)`` of calls planned by :meth:`_plan_in_order`."""
         cursors: list[Cursor | None] = [None] * len(calls)
         timeout = self._policy.timeout
         for start in range(0, len(calls), TRANSACTION_SIZE):

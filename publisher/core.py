@@ -256,6 +256,11 @@ class PreparedBatch(NamedTuple):
         args[IDEMPOTENCY_ARG] = ""
         return self._replace(args=args)
 
+    def payloads(self) -> list[bytes]:
+        """The encoded events of this call, in order: what the script stores, each with
+        ``,"seq":N`` spliced in (schemas.tags.stored_tag gives the tag of that frame)."""
+        return self.args[len(self.args) - self.size :]  # type: ignore[return-value]
+
     def cursors(self, result: object) -> list[Cursor]:
         """The cursors of this call's events from the script's reply.
 

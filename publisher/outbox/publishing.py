@@ -28,14 +28,15 @@ per row, stopping at the first error.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import redis.cluster
 import structlog
 
 from publisher.client import Publisher
-from publisher.core import TRANSACTION_SIZE, Cursor, PublishManyError
+from publisher.core import TRANSACTION_SIZE, Cursor, PreparedBatch, PublishManyError, Republished
 from schemas.events import ProjectEvent
+from schemas.tags import stored_tag
 
 __all__ = ["CHUNK", "KeyedPublisher"]
 
@@ -50,9 +51,15 @@ def log() -> structlog.typing.FilteringBoundLogger:
     return structlog.get_logger("publisher.outbox")
 
 
+#: A row published: its cursor, and the tag (schemas.tags) of the frame Redis stored there, or
+#: None when unknown.
+Tagged = tuple[Cursor, str | None]
+
+
 class KeyedPublisher:
     """``publish(items)``: publish ``(event, idempotency_key)`` pairs in order; returns the
-    cursors of the prefix that was published and the error that stopped it (or None)."""
+    cursors, each with its tag, of the prefix that was published and the error that stopped it
+    (or None)."""
 
     def __init__(self, publisher: Publisher, cancelled: Callable[[], bool] | None = None) -> None:
         self.publisher = publisher
@@ -69,7 +76,11 @@ class KeyedPublisher:
         #: ``Publisher``), so the relay knows the frame, and its tag, from the cursor. Not a
         #: subclass that overrides ``publish`` or ``publish_many``: it may store another event
         #: (a tag of the relay's encoding would then name bytes Redis does not hold, and every
-        #: resume from a snapshot ending there would be told history_lost).
+        #: resume from a snapshot ending there would be told history_lost). Such a publisher's
+        #: calls are planned here (``Publisher._plan_in_order``: validated and encoded once) and
+        #: sent as its ``publish_many(..., in_order=True)`` sends them
+        #: (``Publisher._send_in_order``), so that each tag is that of the bytes the call sent,
+        #: read off the call rather than encoded a second time.
         self.stores_encoded = isinstance(publisher, Publisher) and all(
             getattr(type(publisher), name) is getattr(Publisher, name)
             for name in ("publish", "publish_many")
@@ -77,37 +88,59 @@ class KeyedPublisher:
 
     def publish(
         self, items: Sequence[tuple[ProjectEvent, str]]
-    ) -> tuple[list[Cursor], Exception | None]:
+    ) -> tuple[list[Tagged], Exception | None]:
         cancelled = self.cancelled
-        cursors: list[Cursor] = []
+        published: list[Tagged] = []
         step = CHUNK if self.batched else 1
         for start in range(0, len(items), step):
             if start and cancelled is not None and cancelled():
-                return cursors, None
+                return published, None
             chunk = items[start : start + step]
+            calls: list[PreparedBatch] = []
             try:
-                if self.batched:
-                    cursors.extend(
-                        self.publisher.publish_many(
-                            [event for event, _ in chunk],
-                            idempotency_keys=[key for _, key in chunk],
-                            in_order=True,
-                        )
+                if self.stores_encoded:
+                    calls = self.publisher._plan_in_order(
+                        [event for event, _ in chunk], [key for _, key in chunk]
                     )
+                    published.extend(_tagged(calls, self.publisher._send_in_order(calls)))
+                elif self.batched:
+                    cursors = self.publisher.publish_many(
+                        [event for event, _ in chunk],
+                        idempotency_keys=[key for _, key in chunk],
+                        in_order=True,
+                    )
+                    published.extend((cursor, None) for cursor in cursors)
                 else:
                     event, key = chunk[0]
-                    cursors.append(self.publisher.publish(event, idempotency_key=key))
+                    published.append((self.publisher.publish(event, idempotency_key=key), None))
             except PublishManyError as error:
                 stopped = error.stopped_at
                 if stopped is None:  # (in_order always says where it stopped)
-                    return cursors, error
-                cursors.extend(error.cursors[:stopped])  # type: ignore[arg-type]
+                    return published, error
+                done: list[Cursor] = error.cursors[:stopped]  # type: ignore[assignment]
+                if calls:  # (planned here: the tags are known)
+                    published.extend(_tagged(calls, done))
+                else:
+                    published.extend((cursor, None) for cursor in done)
                 project_id = chunk[stopped][0].project_id
                 _report_overtaking(chunk, error, stopped)
-                return cursors, error.errors.get(project_id, error)
+                return published, error.errors.get(project_id, error)
             except Exception as exc:
-                return cursors, exc
-        return cursors, None
+                return published, exc
+        return published, None
+
+
+def _tagged(calls: Sequence[PreparedBatch], cursors: Sequence[Cursor]) -> Iterator[Tagged]:
+    """Each cursor with the tag of the frame its call stored: the call's payload with
+    ``,"seq":N`` spliced in, as the publish script stores it. No tag for a publish answered from
+    its idempotency record (:class:`~publisher.core.Republished`: a relay published the row
+    before and did not mark it; Redis holds that publish's bytes, which may be encoded
+    otherwise), so that no snapshot names an event by a tag Redis does not have."""
+    for call, cursor in zip(calls, cursors, strict=False):
+        if isinstance(cursor, Republished):
+            yield cursor, None
+        else:
+            yield cursor, stored_tag(call.payloads()[0], cursor.seq)
 
 
 def _report_overtaking(

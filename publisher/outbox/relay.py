@@ -32,10 +32,8 @@ from datetime import timedelta
 from typing import Any
 
 from publisher.core import (
-    Cursor,
     PublishError,
     PublisherUnavailable,
-    Republished,
     valid_idempotency_key,
 )
 from publisher.outbox.metrics import RateLimiter, RelayMetrics
@@ -44,8 +42,7 @@ from publisher.outbox.publishing import CHUNK, KeyedPublisher
 from publisher.outbox.sql import DEFAULT_TABLE
 from publisher.outbox.sqlite import SQLiteOutboxStore
 from publisher.outbox.store import Mark, OutboxRow, OutboxStore, log
-from schemas.events import EventValidationError, decode_event, encode_event
-from schemas.tags import stored_tag
+from schemas.events import EventValidationError, decode_event
 
 #: The stores were defined here before they had modules of their own: still importable from here.
 __all__ = ["OutboxRelay", "OutboxRow", "PostgresOutboxStore", "SQLiteOutboxStore"]
@@ -279,12 +276,17 @@ class OutboxRelay:
                 continue
             items.append((row, event))
         while items and not self._abandoned():
+            # Each cursor comes with the tag of the frame Redis stored there, which snapshots
+            # hand out with it (docs/outbox.md, "Snapshot with a cursor"): recorded now, from
+            # the bytes the publish sent, not recomputed from the row later (the row may be
+            # edited since, and another version may encode differently); None where unknown
+            # (see KeyedPublisher).
             cursors, error = self._keyed.publish(
                 [(event, idempotency_key(self.table, row)) for row, event in items]
             )
             done = time.time()
-            for (row, event), cursor in zip(items, cursors, strict=False):
-                published.append((row.id, cursor, self._tag(event, cursor)))
+            for (row, _), (cursor, tag) in zip(items, cursors, strict=False):
+                published.append((row.id, cursor, tag))
                 lags.append((done - row.created_at) * 1000)
             if error is None:
                 return
@@ -300,21 +302,6 @@ class OutboxRelay:
             if items and not self.store.lead():
                 self.metrics.leader = False
                 return
-
-    def _tag(self, event: Any, cursor: Cursor) -> str | None:
-        """The tag of the frame Redis stored for ``event`` at ``cursor``, which snapshots hand
-        out with the cursor (docs/outbox.md, "Snapshot with a cursor"). The publish script
-        stores the event as the publisher encoded it with ``,"seq":N`` spliced in: this
-        process's ``encode_event``, exactly. Recorded now, not recomputed from the row later:
-        the row may be edited since, and another version may encode differently. None when the
-        publisher is not this package's ``Publisher`` (a wrapper of yours may store something
-        else), nor for a publish that was a no-op under the row's idempotency key
-        (:class:`~publisher.core.Republished`: a relay published the row before and did not
-        mark it; Redis holds that publish's bytes, which may be encoded otherwise), so that no
-        snapshot names an event by a tag Redis does not have."""
-        if not self._keyed.stores_encoded or isinstance(cursor, Republished):
-            return None
-        return stored_tag(encode_event(event), cursor.seq)
 
     def _abandoned(self) -> bool:
         """:meth:`stop` has returned (or is about to) while this thread was still in a batch,
