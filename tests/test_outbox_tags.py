@@ -327,6 +327,23 @@ async def test_an_asnapshot_on_a_table_not_yet_migrated_gives_a_cursor_without_a
     assert snap.cursor_json() == {"epoch": snap.cursor.epoch, "seq": 1, "tag": None}
 
 
+def test_rows_published_before_and_after_a_refused_row_record_their_tags(db, bus):
+    """A row Redis refuses (its project's key damaged) stops its round trip: the rows before it
+    in that round trip, and those after it that Redis ran in the same transaction (other
+    projects'), record the tags of their frames. The latter are published again under their
+    keys, a no-op answered from the idempotency record; they got no tag before, and a snapshot
+    ending at one had a cursor without one."""
+    db.create()
+    db.write(event(1, 1), event(1, 2), event(2, 1), event(1, 3))
+    bus.client.set(KEYS.meta(2), "not a hash")
+    assert db.drain(bus) == 3
+    rows = db.execute(f"SELECT project_id, seq, tag FROM {db.table} ORDER BY id")
+    assert [(p, s) for p, s, _ in rows] == [(1, 1), (1, 2), (2, None), (1, 3)]
+    for project_id, seq, tag in rows:
+        if seq is not None:
+            assert tag == event_tag(stored_frame(bus.client, project_id, seq))
+
+
 def test_a_relay_whose_publisher_is_not_ours_records_no_tag(db, bus):
     """A wrapper may store something else than the event as encode_event encodes it: no tag
     rather than one that names bytes Redis does not hold (a reload at every resume)."""

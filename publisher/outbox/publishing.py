@@ -85,12 +85,19 @@ class KeyedPublisher:
             getattr(type(publisher), name) is getattr(Publisher, name)
             for name in ("publish", "publish_many")
         )
+        #: The calls Redis ran after a refused one in the same transaction (other projects'),
+        #: by idempotency key: their cursors and tags. The relay publishes those rows again
+        #: under the same keys, a no-op answered from the idempotency record with the same
+        #: cursor (:class:`~publisher.core.Republished`); Redis holds these bytes there, so
+        #: their tags are known. Kept from one :meth:`publish` to the next only.
+        self._ran_after_refusal: dict[str, Tagged] = {}
 
     def publish(
         self, items: Sequence[tuple[ProjectEvent, str]]
     ) -> tuple[list[Tagged], Exception | None]:
         cancelled = self.cancelled
         published: list[Tagged] = []
+        earlier, self._ran_after_refusal = self._ran_after_refusal, {}
         step = CHUNK if self.batched else 1
         for start in range(0, len(items), step):
             if start and cancelled is not None and cancelled():
@@ -102,7 +109,8 @@ class KeyedPublisher:
                     calls = self.publisher._plan_in_order(
                         [event for event, _ in chunk], [key for _, key in chunk]
                     )
-                    published.extend(_tagged(calls, self.publisher._send_in_order(calls)))
+                    cursors = self.publisher._send_in_order(calls)
+                    published.extend(_tagged(calls, chunk, cursors, earlier))
                 elif self.batched:
                     cursors = self.publisher.publish_many(
                         [event for event, _ in chunk],
@@ -117,11 +125,17 @@ class KeyedPublisher:
                 stopped = error.stopped_at
                 if stopped is None:  # (in_order always says where it stopped)
                     return published, error
-                done: list[Cursor] = error.cursors[:stopped]  # type: ignore[assignment]
                 if calls:  # (planned here: the tags are known)
-                    published.extend(_tagged(calls, done))
+                    tagged = list(_tagged(calls, chunk, error.cursors, earlier))
+                    published.extend(tagged[:stopped])  # type: ignore[arg-type]
+                    self._ran_after_refusal = {
+                        chunk[index][1]: tagged[index]  # type: ignore[misc]
+                        for index in range(stopped + 1, len(chunk))
+                        if tagged[index][0] is not None
+                    }
                 else:
-                    published.extend((cursor, None) for cursor in done)
+                    done = error.cursors[:stopped]  # (all published: not None)
+                    published.extend((cursor, None) for cursor in done)  # type: ignore[misc]
                 project_id = chunk[stopped][0].project_id
                 _report_overtaking(chunk, error, stopped)
                 return published, error.errors.get(project_id, error)
@@ -130,17 +144,27 @@ class KeyedPublisher:
         return published, None
 
 
-def _tagged(calls: Sequence[PreparedBatch], cursors: Sequence[Cursor]) -> Iterator[Tagged]:
+def _tagged(
+    calls: Sequence[PreparedBatch],
+    items: Sequence[tuple[ProjectEvent, str]],
+    cursors: Sequence[Cursor | None],
+    earlier: dict[str, Tagged],
+) -> Iterator[tuple[Cursor | None, str | None]]:
     """Each cursor with the tag of the frame its call stored: the call's payload with
-    ``,"seq":N`` spliced in, as the publish script stores it. No tag for a publish answered from
-    its idempotency record (:class:`~publisher.core.Republished`: a relay published the row
-    before and did not mark it; Redis holds that publish's bytes, which may be encoded
-    otherwise), so that no snapshot names an event by a tag Redis does not have."""
-    for call, cursor in zip(calls, cursors, strict=False):
-        if isinstance(cursor, Republished):
-            yield cursor, None
-        else:
+    ``,"seq":N`` spliced in, as the publish script stores it. A publish answered from its
+    idempotency record (:class:`~publisher.core.Republished`) stored nothing: Redis holds the
+    first publish's bytes, which may be encoded otherwise (a relay published the row before
+    and did not mark it), so no tag, that no snapshot names an event by a tag Redis does not
+    have; unless that first publish was this one's round trip refused after it (``earlier``,
+    by idempotency key), whose bytes and cursor are known. None stays None (not published)."""
+    for call, (_, key), cursor in zip(calls, items, cursors, strict=False):
+        if cursor is None:
+            yield None, None
+        elif not isinstance(cursor, Republished):
             yield cursor, stored_tag(call.payloads()[0], cursor.seq)
+        else:
+            known = earlier.get(key)
+            yield cursor, known[1] if known is not None and known[0] == cursor else None
 
 
 def _report_overtaking(
