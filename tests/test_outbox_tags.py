@@ -344,6 +344,20 @@ def test_rows_published_before_and_after_a_refused_row_record_their_tags(db, bus
             assert tag == event_tag(stored_frame(bus.client, project_id, seq))
 
 
+def test_a_relay_publishing_to_a_redis_cluster_records_the_tags(tmp_path, table, redis_cluster_url):
+    """On a cluster the relay publishes one row per round trip (a transaction cannot span the
+    projects' slots); each row still records the tag of the frame its shard stored."""
+    db = Database("sqlite", str(tmp_path / "app.db"), table)
+    db.create()
+    db.write(*[event(project_id, n) for n in range(1, 4) for project_id in (1, 2, 3)])
+    with Publisher.from_url(redis_cluster_url) as publisher:
+        assert db.drain(publisher) == 9
+        rows = db.execute(f"SELECT project_id, seq, tag FROM {db.table}")
+        assert sorted((p, s) for p, s, _ in rows) == [(p, s) for p in (1, 2, 3) for s in (1, 2, 3)]
+        for project_id, seq, tag in rows:
+            assert tag == event_tag(stored_frame(publisher.client, project_id, seq))
+
+
 def test_a_relay_whose_publisher_is_not_ours_records_no_tag(db, bus):
     """A wrapper may store something else than the event as encode_event encodes it: no tag
     rather than one that names bytes Redis does not hold (a reload at every resume)."""
