@@ -652,6 +652,63 @@ def test_a_publisher_subclass_that_only_adds_to_its_methods_keeps_the_tags(db, r
         publisher.close()
 
 
+def test_a_publisher_subclass_that_changes_the_calls_it_sends_records_no_wrong_tag(db, redis_url):
+    """A subclass of ``Publisher`` that overrides the in-order internals the relay goes
+    through (here ``_send_in_order``, rewriting each call's event before it is sent) stores
+    other bytes than the calls the relay planned: a tag read off those would name bytes Redis
+    does not hold (every resume from a snapshot ending there told history_lost). Such a
+    subclass publishes as one overriding ``publish_many`` does: through its own methods,
+    without tags."""
+
+    class Rewriting(Publisher):
+        def _send_in_order(self, calls):
+            rewritten = [
+                call._replace(args=[*call.args[:-1], call.args[-1].replace(b"answer", b"ANSWER")])
+                for call in calls
+            ]
+            return super()._send_in_order(rewritten)
+
+    publisher = Rewriting.from_url(redis_url)
+    try:
+        db.create()
+        db.write(event(1, 1))
+        assert db.drain(publisher) == 1
+        frame = stored_frame(publisher.client, 1, 1)
+        assert b"ANSWER 1" in frame  # (the subclass's own sending did run)
+        snap = db.snapshot(1)
+        assert snap.cursor.seq == 1 and snap.tag in (None, event_tag(frame))
+    finally:
+        publisher.close()
+
+
+def test_a_publish_many_replaced_on_the_publisher_object_is_still_what_the_relay_calls(
+    db, redis_url
+):
+    """``publish_many`` replaced on the ``Publisher`` object itself (a wrapper set on the
+    instance: instrumentation, a redaction, a test double) is what the relay publishes through,
+    as it was before the relay planned its calls itself; its rows get no tag (the wrapper may
+    store another event)."""
+    import msgspec
+
+    publisher = Publisher.from_url(redis_url)
+    original = publisher.publish_many
+
+    def redacting(events, **options):
+        return original([msgspec.structs.replace(e, answer="x") for e in events], **options)
+
+    publisher.publish_many = redacting
+    try:
+        db.create()
+        db.write(event(1, 1))
+        assert db.drain(publisher) == 1
+        frame = stored_frame(publisher.client, 1, 1)
+        assert b'"answer":"x"' in frame
+        snap = db.snapshot(1)
+        assert snap.cursor.seq == 1 and snap.tag in (None, event_tag(frame))
+    finally:
+        publisher.close()
+
+
 def test_cli_migrate_sqlite_on_a_locked_database_fails_with_a_message_within_its_timeout(
     tmp_path, table
 ):

@@ -80,11 +80,10 @@ class KeyedPublisher:
         #: calls are planned here (``Publisher._plan_in_order``: validated and encoded once) and
         #: sent as its ``publish_many(..., in_order=True)`` sends them
         #: (``Publisher._send_in_order``), so that each tag is that of the bytes the call sent,
-        #: read off the call rather than encoded a second time.
-        self.stores_encoded = isinstance(publisher, Publisher) and all(
-            getattr(type(publisher), name) is getattr(Publisher, name)
-            for name in ("publish", "publish_many")
-        )
+        #: read off the call rather than encoded a second time. That bypasses ``publish_many``
+        #: and ``_publish_in_order``: only when they, and the two it calls instead, are the
+        #: package's own (see :func:`_publishes_as_the_package_does`).
+        self.stores_encoded = _publishes_as_the_package_does(publisher)
         #: The calls Redis ran after a refused one in the same transaction (other projects'),
         #: by idempotency key: their cursors and tags. The relay publishes those rows again
         #: under the same keys, a no-op answered from the idempotency record with the same
@@ -142,6 +141,27 @@ class KeyedPublisher:
             except Exception as exc:
                 return published, exc
         return published, None
+
+
+#: The methods through which a Publisher's publishes go, from the relay's calls down to the
+#: ones it now makes itself (Publisher._plan_in_order, Publisher._send_in_order).
+_PUBLISHING_METHODS = ("publish", "publish_many", "_publish_in_order", "_plan_in_order",
+                       "_send_in_order")  # fmt: skip
+
+
+def _publishes_as_the_package_does(publisher: object) -> bool:
+    """Whether ``publisher`` is this package's ``Publisher`` publishing through its own methods:
+    not a subclass overriding any of :data:`_PUBLISHING_METHODS` (it may store other bytes than
+    the calls the relay plans: a tag read off those would be wrong), nor one with such a method
+    replaced on the object itself (a wrapper set on the instance: the relay, calling
+    ``_send_in_order`` directly, would bypass it)."""
+    if not isinstance(publisher, Publisher):
+        return False
+    replaced = getattr(publisher, "__dict__", {})
+    return all(
+        getattr(type(publisher), name) is getattr(Publisher, name) and name not in replaced
+        for name in _PUBLISHING_METHODS
+    )
 
 
 def _tagged(
