@@ -21,9 +21,10 @@ Why that keeps the stream exact:
 * A reply lost with the connection: the publisher sends the same transaction again under the
   same keys, which returns the first cursors for the calls that ran.
 
-Anything else with ``publish(event, idempotency_key=)`` (a wrapper of your own), and a cluster
-``Publisher`` (whose in-order mode makes one round trip per row anyway), gets one ``publish``
-per row, stopping at the first error.
+Anything else with ``publish(event, idempotency_key=)`` (a wrapper of your own) gets one
+``publish`` per row, stopping at the first error; a cluster ``Publisher`` (whose in-order mode
+makes one round trip per row anyway) one in-order call of one row per round trip, the same
+script call ``publish`` makes.
 """
 
 from __future__ import annotations
@@ -66,9 +67,11 @@ class KeyedPublisher:
         #: Asked before each round trip after the first: True ends :meth:`publish` there (what
         #: was published is returned, without an error). The relay's: stop() gave up waiting.
         self.cancelled = cancelled
-        #: Rows go :data:`CHUNK` at a time through ``publish_many(..., in_order=True)``; else one
-        #: ``publish`` per row. A cluster publisher's in-order mode makes a round trip per row
-        #: too, and one ``publish`` per row lets ``cancelled`` end the rows between any two.
+        #: Rows go :data:`CHUNK` at a time through the in-order path (``publish_many(...,
+        #: in_order=True)``, or its two halves: see ``stores_encoded``); else one row per round
+        #: trip (``publish``, or that path with one row). A cluster publisher's in-order mode
+        #: makes a round trip per row too, and one row at a time lets ``cancelled`` end the
+        #: rows between any two.
         self.batched = isinstance(publisher, Publisher) and not isinstance(
             publisher.client, redis.cluster.RedisCluster
         )
