@@ -186,6 +186,7 @@ def test_the_migration_steps_decide_the_sqlite_upgrade_from_the_columns_found():
     assert run_migration("postgresql", []) == split_script(migration_sql("postgresql", "t"))
     # SQLite: the script, then the columns; the ALTER only where tag is missing.
     assert run_migration("sqlite", [[("id",), ("tag",)]]) == [*script, pragma]
+    assert run_migration("sqlite", [[("id",), ("Tag",)]]) == [*script, pragma]  # (case ignored)
     assert run_migration("sqlite", [[("id",)], []]) == [*script, pragma, add]
     # Another connection added it in between: taken for done once the columns show it.
     duplicate = sqlite3.OperationalError("duplicate column name: tag")

@@ -238,6 +238,24 @@ def test_the_migration_adds_the_tag_column_to_an_older_table_and_runs_again_harm
     assert db.snapshot(1).cursor_json()["tag"] == event_tag(stored_frame(bus.client, 1, 1))
 
 
+def test_the_sqlite_migration_takes_a_tag_column_declared_in_another_case_for_the_column(
+    tmp_path, table, bus
+):
+    """A SQLite table whose DDL the application wrote itself, declaring ``Tag TEXT``: SQLite's
+    column names ignore case, and the relay and snapshots take it for the tag column (they
+    record and read tags in it). The migration (``Outbox.create_table`` at every start, ``migrate
+    --sqlite``) looked for ``tag`` exactly, ran ``ADD COLUMN tag``, and failed with ``duplicate
+    column name: tag``: an application migrating at startup could not start."""
+    db = Database("sqlite", str(tmp_path / "app.db"), table)
+    own_ddl = OLD_SQLITE.format(table=table).replace("seq          INTEGER", "seq INT, Tag TEXT")
+    db.execute(own_ddl)
+    db.create()
+    db.create()
+    db.write(event(1, 1))
+    db.drain(bus)
+    assert db.snapshot(1).tag == event_tag(stored_frame(bus.client, 1, 1))
+
+
 def test_the_cli_migration_upgrades_an_older_table(db):
     old = OLD_POSTGRES if db.dialect == "postgresql" else OLD_SQLITE
     db.execute(old.format(table=db.table))

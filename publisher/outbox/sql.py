@@ -208,7 +208,9 @@ def migration_steps(dialect: str, table: str) -> Generator[Step, list[tuple] | N
 
 
 def _names(rows: list[tuple] | None) -> set[str]:
-    return {str(row[0]) for row in rows or ()}
+    # Lower case: SQLite's column names ignore it (a "Tag" column of the application's own DDL
+    # is the column ADD COLUMN tag would duplicate), as the relay and snapshots take them.
+    return {str(row[0]).lower() for row in rows or ()}
 
 
 def split_script(script: str) -> list[str]:
