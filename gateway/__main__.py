@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import os
 import socket
@@ -47,11 +48,13 @@ def main(argv: list[str] | None = None) -> None:
     slot = claim_worker_slot()
     from gateway.server import ACCEPT_SLACK, run
 
+    configured = config.max_connections  # (what the warnings name, once it is lowered)
     config = fit_descriptors(config, ACCEPT_SLACK)
     tune_gc()
+    serve = functools.partial(run, configured_connections=configured)
     with slot or contextlib.nullcontext():
         with asyncio.Runner(loop_factory=loop_factory(config.loop)) as runner:
-            runner.run(_serve(config, run))
+            runner.run(_serve(config, serve))
 
 
 def claim_worker_slot(environ: dict[str, str] | None = None) -> BinaryIO | None:

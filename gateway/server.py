@@ -102,8 +102,14 @@ FIRST_REVOCATIONS_WAIT = 1.0
 class Gateway:
     """One gateway process. ``await start()``, then ``await drain()`` to stop."""
 
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, *, configured_connections: int | None = None) -> None:
         self.config = config
+        #: ``--max-connections`` as the operator set it, before ``gateway.__main__`` lowered it
+        #: (``config.max_connections``) to fit the descriptor limit: what the warnings of
+        #: :meth:`fit_to_masters` name as ``configured``.
+        self.configured_connections = (
+            config.max_connections if configured_connections is None else configured_connections
+        )
         self.keys = Keys(config.prefix)
         self.metrics = Metrics()
         self.sessions: dict[ClientSession, None] = {}
@@ -421,14 +427,13 @@ class Gateway:
         limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         if limit == resource.RLIM_INFINITY or limit < 0:
             return
-        configured = self.config.max_connections
-        fitted = fitted_connections(configured, ACCEPT_SLACK, limit, masters)
+        fitted = fitted_connections(self.config.max_connections, ACCEPT_SLACK, limit, masters)
         current = self.admission.max_connections
         if fitted == current:
             return
         self.admission.max_connections = fitted
         fields = {
-            "configured": configured,
+            "configured": self.configured_connections,
             "effective": fitted,
             "descriptor_limit": limit,
             "masters": masters,
@@ -700,7 +705,7 @@ def _redact(url: str) -> str:
     return url
 
 
-async def run(config: GatewayConfig) -> None:
+async def run(config: GatewayConfig, *, configured_connections: int | None = None) -> None:
     """Run until SIGTERM, SIGINT or SIGHUP, then drain.
 
     SIGHUP drains too (its default action ended the process at once, cutting every client
@@ -708,7 +713,7 @@ async def run(config: GatewayConfig) -> None:
     gateway closing); there is no configuration to reload. Unless it was ignored when the
     process started (``nohup``; a ``--workers`` worker, whose supervisor decides): then it
     stays ignored."""
-    gateway = Gateway(config)
+    gateway = Gateway(config, configured_connections=configured_connections)
     await gateway.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

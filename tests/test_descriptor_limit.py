@@ -367,3 +367,27 @@ async def test_a_gateway_starts_while_no_cluster_node_answers(gateways) -> None:
     pod = await gateways(redis_url=f"redis+cluster://127.0.0.1:{free_port()}", no_auth=True)
     assert pod.fitted_masters == 0
     assert pod.admission.max_connections == pod.config.max_connections
+
+
+def test_the_cluster_warning_names_the_bound_the_operator_configured(monkeypatch) -> None:
+    """The warning that the masters' sockets lowered the bound says what the operator asked for
+    (``--max-connections``) as ``configured``, not the figure ``gateway.__main__`` had already
+    lowered it to for a standalone Redis (the operator could not find 1,680 anywhere in their
+    configuration)."""
+    import structlog
+
+    import gateway.server
+    from gateway.config import GatewayConfig
+
+    monkeypatch.setattr(gateway.server.resource, "getrlimit", lambda _: (2_000, 2_000))
+    standalone = fitted_connections(20_000, ACCEPT_SLACK, 2_000)
+    config = GatewayConfig(
+        no_auth=True, redis_url="redis+cluster://127.0.0.1:7000", max_connections=standalone
+    )
+    pod = gateway.server.Gateway(config, configured_connections=20_000)
+    monkeypatch.setattr(pod, "cluster_masters", lambda: 3)
+    with structlog.testing.capture_logs() as logs:
+        pod.fit_to_masters()
+    [warning] = [line for line in logs if line["log_level"] == "warning"]
+    assert warning["configured"] == 20_000
+    assert warning["effective"] == standalone - 3 * REDIS_SOCKETS_PER_MASTER
