@@ -639,6 +639,53 @@ async def test_presence_follows_a_slot_migrated_between_two_rounds_and_during_on
         await pods.close()
 
 
+@contextlib.asynccontextmanager
+async def _hanks_master_hung(cluster: RedisCluster):
+    """Pod a lists hank in project h and alice in a project of a healthy master (so that a
+    healthy master answers a's calls); pod b watches h. Then h's master hangs (SIGSTOP, to be
+    shorter than a's ttl of 10 s): yields ``(a, h, on_h, thaw)`` (b's view of h; ``thaw`` makes
+    the master answer again) once a's refresh found the master hung, so that a's writes of h
+    wait for the next refresh that reaches it. The master is thawed at the end in any case."""
+    spread = cluster.projects_by_master(range(1, 5000))
+    troubled, healthy = cluster.masters()[:2]
+    h, g = spread[troubled][0], spread[healthy][0]
+    pods = _ClusterPods(cluster.url)
+    frozen = False
+
+    async def thaw() -> None:
+        nonlocal frozen
+        if frozen:
+            frozen = False
+            await asyncio.to_thread(troubled.thaw)
+
+    try:
+        a, b = await pods.start("a", ttl=10.0), await pods.start("b", ttl=10.0)
+        a.join("alice-tab", g, "alice", "Alice")
+        a.join("hank-tab", h, "hank", "Hank")
+        on_h = await pods.watch(b, "wh", h)
+        await on_h.until(lambda m: set(m) == {"hank"}, within=10)
+        await asyncio.to_thread(troubled.freeze)
+        frozen = True
+
+        async def found_hung() -> bool:
+            return a._waits_for_refresh(h)
+
+        await eventually(found_hung, within=5)
+        yield a, h, on_h, thaw
+    finally:
+        await thaw()
+        await pods.close()
+
+
+async def _write_taken(pod: PresenceService) -> None:
+    """Until the pod took its pending writes (those of a hung master's project: put off)."""
+
+    async def taken() -> bool:
+        return not pod.core.has_pending_writes()
+
+    await eventually(taken, within=5)
+
+
 async def test_a_member_who_left_while_the_master_hung_is_gone_soon_after_it_answers(
     partial_cluster: RedisCluster,
 ):
@@ -649,27 +696,11 @@ async def test_a_member_who_left_while_the_master_hung_is_gone_soon_after_it_ans
     until a's records expired (ttl, 10 s here) and three refresh reports missed them, as if
     pod a had died. (Had the write been sent, it would have run late, once the master woke
     up; and with no other master answering a's calls, they fail whole and are retried.)"""
-    cluster = partial_cluster
-    spread = cluster.projects_by_master(range(1, 5000))
-    troubled, healthy = cluster.masters()[:2]
-    h, g = spread[troubled][0], spread[healthy][0]
-    pods = _ClusterPods(cluster.url)
-    try:
-        a, b = await pods.start("a", ttl=10.0), await pods.start("b", ttl=10.0)
-        a.join("alice-tab", g, "alice", "Alice")  # (a healthy master answers a's calls)
-        a.join("hank-tab", h, "hank", "Hank")
-        on_h = await pods.watch(b, "wh", h)
-        await on_h.until(lambda m: set(m) == {"hank"}, within=10)
-        await asyncio.to_thread(troubled.freeze)
-        try:
-            await asyncio.sleep(1.5)  # a's refresh found the master hung: its writes wait
-            a.close_session("hank-tab")
-            await asyncio.sleep(0.5)
-        finally:
-            await asyncio.to_thread(troubled.thaw)
+    async with _hanks_master_hung(partial_cluster) as (a, _, on_h, thaw):
+        a.close_session("hank-tab")
+        await _write_taken(a)
+        await thaw()
         await on_h.until(lambda m: not m, within=4.0)
-    finally:
-        await pods.close()
 
 
 async def test_a_member_who_joined_while_the_master_hung_is_seen_once_it_answers(
@@ -679,25 +710,9 @@ async def test_a_member_who_joined_while_the_master_hung_is_seen_once_it_answers
     so the write waits), and nothing changes after: once the master answers, the next refresh
     that reaches it writes a's members there whole, and pod b sees him, with hank still
     listed (nobody shown leaving)."""
-    cluster = partial_cluster
-    spread = cluster.projects_by_master(range(1, 5000))
-    troubled, healthy = cluster.masters()[:2]
-    h, g = spread[troubled][0], spread[healthy][0]
-    pods = _ClusterPods(cluster.url)
-    try:
-        a, b = await pods.start("a", ttl=10.0), await pods.start("b", ttl=10.0)
-        a.join("alice-tab", g, "alice", "Alice")  # (a healthy master answers a's calls)
-        a.join("hank-tab", h, "hank", "Hank")
-        on_h = await pods.watch(b, "wh", h)
-        await on_h.until(lambda m: set(m) == {"hank"}, within=10)
-        await asyncio.to_thread(troubled.freeze)
-        try:
-            await asyncio.sleep(1.5)  # a's refresh found the master hung: its writes wait
-            a.join("hugo-tab", h, "hugo", "Hugo")
-            await asyncio.sleep(0.5)
-        finally:
-            await asyncio.to_thread(troubled.thaw)
+    async with _hanks_master_hung(partial_cluster) as (a, h, on_h, thaw):
+        a.join("hugo-tab", h, "hugo", "Hugo")
+        await _write_taken(a)
+        await thaw()
         await on_h.until(lambda m: set(m) == {"hank", "hugo"}, within=4.0)
         assert on_h.left == []
-    finally:
-        await pods.close()
