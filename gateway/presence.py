@@ -686,10 +686,15 @@ class PresenceCore:
 
     # Redis writes and refreshes
 
-    def take_writes(self) -> list[Write]:
-        """The pending writes, one per project; afterwards call :meth:`written` with each."""
+    def take_writes(self, which: Callable[[int], bool] | None = None) -> list[Write]:
+        """The pending writes, one per project (only of the projects ``which`` accepts, the
+        others left pending); afterwards call :meth:`written` with each."""
         writes = []
+        taken = []
         for project_id, members in self._pending.items():
+            if which is not None and not which(project_id):
+                continue
+            taken.append(project_id)
             base = self._stored.get(project_id, 0)
             if base == 0:
                 changes: dict[str, PodRecord | None] = dict(self.table.records(project_id))
@@ -703,7 +708,11 @@ class PresenceCore:
                 # which a view keeps as after a flush, until refreshes miss it three times.
                 base, changes, announce = 0, {}, True
             writes.append(Write(project_id, base, next(self._versions), changes, announce))
-        self._pending.clear()
+        if len(taken) == len(self._pending):
+            self._pending.clear()
+        else:
+            for project_id in taken:
+                del self._pending[project_id]
         return writes
 
     def written(self, write: Write, ok: bool, *, retry: bool = True) -> None:

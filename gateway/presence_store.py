@@ -8,8 +8,9 @@ read per project when a subscriber first needs it or an announcement was missed 
 outlives its last subscriber by ``view_linger``, a diff interval, so subscribing in a loop
 costs one read per interval). Nothing is sent per connection. On Redis Cluster each of those
 pipelines is one per master that owns some of its projects (one per ``PIPELINE_CALLS`` calls
-there), sent concurrently: a master that is down or hangs fails only its own projects'
-presence (see :class:`PresenceStore`).
+there), each master in a lane of its own (:class:`MasterLanes`): a master that is down or hangs
+fails only its own projects' presence (see :class:`PresenceStore`), and delays no other
+master's writes or refreshes.
 
 Bounds, with the defaults (all settable on :class:`PresenceService`):
 
@@ -34,7 +35,7 @@ import hashlib
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import redis.asyncio
@@ -69,7 +70,7 @@ from schemas.presence import (
 from schemas.protocol import encode
 from serverkit import LogThrottle
 
-__all__ = ["PresenceService", "PresenceStore", "new_pod_id"]
+__all__ = ["MasterLanes", "PresenceService", "PresenceStore", "new_pod_id"]
 
 log = get_logger("gateway.presence")
 
@@ -99,10 +100,12 @@ PRESENCE_READS = 16
 
 #: On Redis Cluster, the most script calls of a write or refresh sent to one master in one
 #: pipeline; more go in further pipelines, one after the other, each within
-#: :attr:`PresenceStore.group_timeout`. A healthy master answers this many in well under that
-#: bound (3,000 took 1.4 s on a test machine, with three masters' replies read at once), so
-#: only one that hangs, or is overloaded, fails its projects; one pipeline for all of a
-#: master's projects was cut off every round for a pod with thousands of them there.
+#: :attr:`PresenceStore.group_timeout` (the pod's lane of that master has no bound in all: each
+#: pipeline that answered counts, also when a later one is cut off). A healthy master answers
+#: this many in well under that bound (3,000 took 1.4 s on a test machine, with three
+#: masters' replies read at once), so only one that hangs, or is overloaded, fails its
+#: projects; one pipeline for all of a master's projects was cut off every round for a pod
+#: with thousands of them there.
 PIPELINE_CALLS = 256
 
 #: The per-project outcome of a write or a refresh that did not apply: the error Redis answered
@@ -417,6 +420,45 @@ def spread_outcomes(n: int, groups: Sequence[Sequence[int]], outcomes: Sequence[
     return replies
 
 
+class MasterLanes:
+    """Which Redis Cluster masters a pod may send a presence pipeline now (pure bookkeeping;
+    :class:`PresenceService` runs it). Each master is a lane: at most one call of the pod
+    (a refresh of its projects and the writes that follow, or writes) is outstanding there at
+    a time, and the lanes do not wait for one another, so a master that hangs holds its own
+    projects only, for the bound of the pipeline it was sent.
+
+    A refresh that comes due for a master whose lane is busy is owed, once (not queued: a
+    master that hangs through several refresh intervals is sent one refresh when it is free,
+    whatever it missed); writes of its projects stay pending in the core meanwhile, merged
+    into one write per project. So nothing piles up for a hung master but one flag."""
+
+    def __init__(self) -> None:
+        #: Masters with a call outstanding (None: the slot map does not name one yet).
+        self.busy: set[str | None] = set()
+        #: Masters whose refresh came due and was not sent yet.
+        self.owed: set[str | None] = set()
+
+    def refresh_due(self, masters: Iterable[str | None]) -> None:
+        """A refresh interval ended: each of ``masters`` (those owning a project to refresh)
+        is owed a refresh."""
+        self.owed.update(masters)
+
+    def is_free(self, master: str | None) -> bool:
+        return master not in self.busy
+
+    def start(self, with_writes: Iterable[str | None]) -> dict[str | None, bool]:
+        """The lanes to start now: each free master owed a refresh or with writes in
+        ``with_writes``, mapped to whether its call begins with that refresh. They are busy
+        until :meth:`finish`."""
+        started = {m: m in self.owed for m in {*self.owed, *with_writes} if m not in self.busy}
+        self.busy.update(started)
+        self.owed.difference_update(started)
+        return started
+
+    def finish(self, master: str | None) -> None:
+        self.busy.discard(master)
+
+
 #: Error replies about the node, not the project's keys: the cluster reconfiguring around a
 #: master (CLUSTERDOWN, MASTERDOWN, TRYAGAIN while a slot moves, READONLY from a master demoted
 #: in a failover). Its projects wait for the next refresh that reaches it, as for a master that
@@ -426,6 +468,14 @@ _NODE_REPLIES = (
     redis.exceptions.TryAgainError,
     redis.exceptions.ReadOnlyError,
 )
+
+
+def _as_redis_error(exc: BaseException) -> redis.exceptions.RedisError:
+    """What a call raised as the failure of its projects (an ``OSError`` as a
+    ``ConnectionError``, as :func:`spread_outcomes` gives it)."""
+    if isinstance(exc, redis.exceptions.RedisError):
+        return exc
+    return redis.exceptions.ConnectionError(describe(exc))
 
 
 def _keys_at_fault(outcome: object) -> bool:
@@ -495,8 +545,8 @@ class PresenceService:
             on_repaired=self._repaired,
             max_members=max_members,
             on_left_out=self._left_out,
-            # Three per round: a refresh and two writes can each wait for a hung master and the
-            # round still end within its bound with the other masters' outcomes applied.
+            # A third of an interval per pipeline: a hung master's lane is free again well
+            # before the next refresh (and on a standalone Redis, unused: the round's bound).
             group_timeout=refresh_interval / 3,
         )
         #: Projects whose master (Redis Cluster) failed or did not answer at the last refresh
@@ -509,6 +559,10 @@ class PresenceService:
         self._failed_masters: set[str] = set()
         #: Re-reads of such projects, made after the next refresh that reaches their master.
         self._reread_later: set[int] = set()
+        #: On Redis Cluster, one lane per master (:class:`MasterLanes`), and the tasks running
+        #: their calls: a master that hangs holds its own lane only.
+        self._lanes = MasterLanes()
+        self._lane_tasks: set[asyncio.Task] = set()
         self._on_repaired = on_repaired
         self._on_left_out = on_left_out
         self._on_unannounced = on_unannounced
@@ -584,7 +638,7 @@ class PresenceService:
     async def stop(self) -> None:
         """Stop every loop without touching Redis (what a crash looks like to other pods)."""
         self.stopped = True
-        tasks = self._tasks + list(self._loading.values())
+        tasks = self._tasks + list(self._loading.values()) + list(self._lane_tasks)
         tasks += [task for _, task in self._answers.values() if not task.done()]
         self._tasks = []
         for _ in range(3):
@@ -815,13 +869,9 @@ class PresenceService:
             await self._link.unsubscribe(channel.encode())
 
     async def _flush(self) -> None:
-        writes = self.core.take_writes()
-        if self._unreachable:
-            waiting = {w.project_id for w in writes if self._waits_for_refresh(w.project_id)}
-            for w in writes:
-                if w.project_id in waiting:
-                    self.core.written(w, ok=False, retry=False)  # written whole when it answers
-            writes = [w for w in writes if w.project_id not in waiting]
+        """Every pending write now, in one call (on a cluster, every master's part at once,
+        waited for: the loop of a standalone Redis, and :meth:`drain`)."""
+        writes = self._put_off(self.core.take_writes())
         if not writes:
             return
         try:
@@ -830,6 +880,21 @@ class PresenceService:
             for w in writes:
                 self.core.written(w, ok=False)
             raise
+        self._apply_writes(writes, results)
+
+    def _put_off(self, writes: list[Write]) -> list[Write]:
+        """``writes`` but those that wait for the next refresh that reaches their master (it
+        failed since the last one): counted as not applied, written whole then."""
+        if not self._unreachable:
+            return writes
+        waiting = {w.project_id for w in writes if self._waits_for_refresh(w.project_id)}
+        for w in writes:
+            if w.project_id in waiting:
+                self.core.written(w, ok=False, retry=False)  # written whole when it answers
+        return [w for w in writes if w.project_id not in waiting]
+
+    def _apply_writes(self, writes: list[Write], results: list[bool | ProjectFailure]) -> None:
+        """The outcomes of ``writes``, each the store's for it."""
         for w, result in zip(writes, results, strict=True):
             if result is True and not w.announce:
                 self.unannounced += 1
@@ -848,9 +913,17 @@ class PresenceService:
                 self.core.written(w, result)
 
     async def _refresh(self) -> None:
+        """Refresh every project now, in one call (on a cluster, every master's part at once,
+        waited for), then write what Redis lost."""
         replies = await self.store.refresh(self.core.refresh_plan())
         self._unreachable = set()
         self._failed_masters = set()
+        self._apply_refresh(replies)
+        await self._flush()  # rewrite whatever Redis lost, now
+
+    def _apply_refresh(self, replies: Mapping[int, Any]) -> None:
+        """The outcomes of a refresh (of every project, or of one master's), each the store's
+        for it; the projects' masters were cleared of their failures before."""
         reread_later, self._reread_later = self._reread_later, set()
         for project_id, reply in replies.items():
             if _keys_at_fault(reply):
@@ -863,9 +936,81 @@ class PresenceService:
             elif self.core.refreshed(project_id, *reply):
                 self._reread.add(project_id)
         # The re-reads put off for a master that failed: now, if it answered this refresh.
-        self._reread_later = reread_later & self._unreachable
-        self._reread |= reread_later - self._unreachable
-        await self._flush()  # rewrite whatever Redis lost, now
+        waiting = {p for p in reread_later if self._waits_for_refresh(p)}
+        self._reread_later = waiting
+        self._reread |= reread_later - waiting
+
+    def _dispatch(self, refresh_due: bool) -> None:
+        """Redis Cluster: start the calls of the masters whose lane is free (:class:`MasterLanes`):
+        a refresh of each master owed one (all of them when ``refresh_due``), followed by its
+        projects' pending writes, or those writes alone. A busy master's writes stay pending
+        and its refresh owed, for when its call ends (it wakes the loop). Nothing here waits."""
+        lanes, master_of = self._lanes, self.store.master_of
+        parts: dict[str | None, dict[int, int | None]] = {}
+        if refresh_due:
+            plan = self.core.refresh_plan()
+            for project_id, version in plan.items():
+                parts.setdefault(master_of(project_id), {})[project_id] = version
+            lanes.refresh_due(parts)
+            self._unreachable &= plan.keys()  # (a project no longer refreshed is forgotten)
+        # The writes of a master owed a refresh go after it, taken then (the refresh may find
+        # records lost: those writes are whole ones).
+        held = lanes.busy | lanes.owed
+        writes = self._put_off(self.core.take_writes(lambda p: master_of(p) not in held))
+        by_master: dict[str | None, list[Write]] = {}
+        for w in writes:
+            by_master.setdefault(master_of(w.project_id), []).append(w)
+        started = lanes.start(by_master)
+        if any(started.values()) and not refresh_due:
+            for project_id, version in self.core.refresh_plan().items():
+                master = master_of(project_id)
+                if started.get(master):
+                    parts.setdefault(master, {})[project_id] = version
+        for master, refresh in started.items():
+            part = parts.get(master, {}) if refresh else {}
+            task = asyncio.create_task(self._lane(master, part, by_master.get(master, [])))
+            self._lane_tasks.add(task)
+            task.add_done_callback(self._lane_tasks.discard)
+
+    async def _lane(
+        self, master: str | None, part: dict[int, int | None], writes: list[Write]
+    ) -> None:
+        """One master's call (Redis Cluster): the refresh of its projects in ``part`` (if any),
+        then its writes (those taken with it, and its projects' pending ones once refreshed),
+        each in pipelines of at most :data:`PIPELINE_CALLS`, each within the store's bound.
+        A failure of the master is its projects' alone: they wait for its next refresh."""
+        applied = False  # (writes taken and not applied are pending again, whatever ends this)
+        try:
+            if part:
+                try:
+                    replies: Mapping[int, Any] = await self.store.refresh(part)
+                except (redis.exceptions.RedisError, OSError) as exc:  # none of it answered
+                    failure = _as_redis_error(exc)
+                    replies = dict.fromkeys(part, failure)
+                self._failed_masters.discard(master)
+                self._unreachable.difference_update(part)
+                self._apply_refresh(replies)
+                # Whatever Redis lost there is written now, with the writes pending meanwhile.
+                writes = self._put_off(
+                    writes + self.core.take_writes(lambda p: self.store.master_of(p) == master)
+                )
+            if writes:
+                try:
+                    results: list[Any] = await self.store.write(writes)
+                except (redis.exceptions.RedisError, OSError) as exc:
+                    results = [_as_redis_error(exc)] * len(writes)
+                applied = True
+                self._apply_writes(writes, results)
+        except Exception as exc:  # a reply nobody foresaw must not end the master's lane
+            self._throttle.log(
+                "loop_failed", log.warning, "presence: a round failed", error=repr(exc)
+            )
+        finally:
+            if not applied:  # (failed, or cancelled by stop(): drain() writes them)
+                for w in writes:
+                    self.core.written(w, ok=False)
+            self._lanes.finish(master)
+            self._wake.set()
 
     def _repaired(self, project_id: int, keys: int) -> None:
         """A write or refresh deleted index keys of another type in a project (another writer's;
@@ -930,7 +1075,8 @@ class PresenceService:
         )
 
     async def _redis_loop(self) -> None:
-        """Writes, refreshes and re-reads, one at a time (a write and a refresh never race).
+        """Writes, refreshes and re-reads, one at a time (a write and a refresh never race; on
+        Redis Cluster, one at a time per master).
 
         A round gives up after ``refresh_interval`` (``TimeoutError``, logged as Redis being
         unavailable), and the next one, which refreshes at once, takes a new connection: a
@@ -938,17 +1084,28 @@ class PresenceService:
         intervals). Before, a round waited on a hung connection as long as the client retried
         (each retry waiting out its timeouts: about 100 s with the gateway's client), and the
         pod's members were shown as gone to every pod meanwhile, also after Redis was back at
-        its address (a failover)."""
+        its address (a failover).
+
+        On Redis Cluster a round waits for no master: it starts the writes and refreshes of the
+        masters whose lane is free (:meth:`_dispatch`), each master's in a task of its own, and
+        the next round starts those of the masters free then. (A round that waited for every
+        master's part of the refresh held the healthy masters' next writes for the bound of a
+        hung one, up to a third of the refresh interval, at every refresh.)"""
         loop = asyncio.get_running_loop()
         next_refresh = loop.time()
         backoff = self.flush_interval
         while True:
             try:
                 async with asyncio.timeout(self.refresh_interval):
-                    if loop.time() >= next_refresh:
+                    refresh_due = loop.time() >= next_refresh
+                    if refresh_due:
                         next_refresh = loop.time() + self.refresh_interval
-                        await self._refresh()
-                    await self._flush()
+                    if self.store.per_master:
+                        self._dispatch(refresh_due)
+                    else:
+                        if refresh_due:
+                            await self._refresh()
+                        await self._flush()
                     # The projects asked for now, each read once: one asked for again while
                     # a read is under way waits for the next round, so that announcements
                     # asking for reads (writes too large to announce, from every pod that

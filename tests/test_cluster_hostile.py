@@ -16,13 +16,14 @@ import redis.exceptions
 
 from gateway.cluster_pubsub import ClusterPubSub, SlotMap
 from gateway.metrics import Metrics
+from gateway.node_limits import node_name
 from gateway.presence import Write
 from gateway.presence_store import PRESENCE_READS, PresenceService, PresenceStore
 from gateway.store import CLUSTER_CONCURRENCY, ForeignValues, HistoryStore, StoreUnavailable
 from publisher import AsyncPublisher, Publisher
 from redisconn import async_client
 from schemas.keys import Keys
-from schemas.presence import PodRecord
+from schemas.presence import REFRESH, WRITE, PodRecord
 from tests.support.fake_resp import PROXY, FakeResp, proxy
 from tests.support.gateway_process import GatewayGroup
 from tests.support.redis_cluster import RedisCluster
@@ -438,7 +439,9 @@ class _ClusterPods:
             if session in self.watchers:
                 self.watchers[session].receive(frame)
 
-    async def start(self, name: str, ttl: float = 3.0) -> PresenceService:
+    async def start(
+        self, name: str, ttl: float = 3.0, refresh_interval: float = 1.0
+    ) -> PresenceService:
         client = async_client(self.url, call_timeout=10.0)  # the gateway's
         holder: list[PresenceService] = []
         link = ClusterPubSub(
@@ -456,7 +459,7 @@ class _ClusterPods:
             publish_command="SPUBLISH",
             link=link,
             ttl=ttl,
-            refresh_interval=1.0,
+            refresh_interval=refresh_interval,
             flush_interval=0.05,
             diff_interval=0.2,
         )
@@ -526,6 +529,65 @@ async def test_presence_of_a_healthy_shard_goes_on_while_another_master_hangs(
         await on_h.until(lambda m: set(m) == {"hank", "hugo", "carol"}, within=20)
         a.join("dora-tab", g, "dora", "Dora")
         await on_g.until(lambda m: set(m) == {"alice", "bob", "dora"}, within=5)
+    finally:
+        await pods.close()
+
+
+async def test_a_join_on_a_healthy_master_is_written_while_a_hung_masters_refresh_waits(
+    partial_cluster: RedisCluster,
+):
+    """Pod a (the default refresh interval, 3 s: each master's pipeline has 1 s) refreshes its
+    projects while one of their masters hangs (SIGSTOP): a member who joins a project of a
+    healthy master meanwhile is written there while the hung master's refresh pipeline is still
+    outstanding, and pod b sees him. Before, the round waited for every master's part of the
+    refresh, the hung one's until its bound: at each refresh, a join on a healthy master was
+    written up to 1 s late (and shown that late on every other pod)."""
+    cluster = partial_cluster
+    spread = cluster.projects_by_master(range(1, 5000))
+    troubled, healthy = cluster.masters()[:2]
+    g, h = spread[healthy][0], spread[troubled][0]
+    pods = _ClusterPods(cluster.url)
+    try:
+        a = await pods.start("a", ttl=10.0, refresh_interval=3.0)
+        b = await pods.start("b", ttl=10.0)
+        a.join("alice-tab", g, "alice", "Alice")
+        a.join("hank-tab", h, "hank", "Hank")
+        on_g, on_h = await pods.watch(b, "wg", g), await pods.watch(b, "wh", h)
+        await on_g.until(lambda m: set(m) == {"alice"}, within=10)
+        await on_h.until(lambda m: set(m) == {"hank"}, within=10)  # (a's writes are done)
+        outstanding = {troubled.address: 0}  # the hung master's pipelines sent, not ended
+        hung_refresh = asyncio.Event()
+        #: For each write pipeline sent to the healthy master after bob joined: the hung
+        #: master's pipelines outstanding then.
+        healthy_writes: list[int] = []
+        joined = False
+        pipeline = a.store._pipeline
+
+        async def watched(calls):
+            master = node_name(a.store.client, calls[0][1][0])
+            if joined and master == healthy.address and calls[0][0] == WRITE:
+                healthy_writes.append(outstanding[troubled.address])
+            if master != troubled.address:
+                return await pipeline(calls)
+            outstanding[master] += 1
+            if calls[0][0] == REFRESH:
+                hung_refresh.set()
+            try:
+                return await pipeline(calls)
+            finally:
+                outstanding[master] -= 1
+
+        await asyncio.to_thread(troubled.freeze)
+        a.store._pipeline = watched  # type: ignore[method-assign]
+        try:
+            async with asyncio.timeout(10):  # the next refresh (within 3 s)
+                await hung_refresh.wait()
+            a.join("bob-tab", g, "bob", "Bob")
+            joined = True
+            await on_g.until(lambda m: set(m) == {"alice", "bob"}, within=5)
+            assert healthy_writes[0] == 1, "the write waited for the hung master's refresh"
+        finally:
+            await asyncio.to_thread(troubled.thaw)
     finally:
         await pods.close()
 

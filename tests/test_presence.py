@@ -824,3 +824,17 @@ def test_a_view_takes_no_more_members_than_pods_can_have_written() -> None:
     assert len(view.current()) == 172 and view.left_out == 3 and view.versions["p1"] == 2
     assert view.apply(Announcement("p1", 3, 2, {"p1-1": None}))  # and go on: no gap
     assert len(view.current()) == 171
+
+
+def test_take_writes_of_some_projects_leaves_the_others_pending():
+    """A pod on Redis Cluster takes the writes of the masters free to be sent one now; the
+    others stay pending, with every member changed since, for when their master is free."""
+    core = PresenceCore("pod", lambda: 1_000)
+    core.join("s1", 1, "alice", None)
+    core.join("s2", 2, "bob", None)
+    [first] = core.take_writes(lambda project_id: project_id == 1)
+    assert first.project_id == 1 and core.has_pending_writes()
+    core.join("s3", 2, "carol", None)
+    [later] = core.take_writes()
+    assert later.project_id == 2 and later.changes.keys() == {"bob", "carol"}
+    assert not core.has_pending_writes()

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from gateway.presence import ProjectView, Write, apply_diff
 from gateway.presence_store import (
     PIPELINE_CALLS,
+    MasterLanes,
     PresenceService,
     PresenceStore,
     group_by_master,
@@ -37,6 +38,7 @@ from schemas.presence import (
     MAX_MEMBER_ID_LENGTH,
     MAX_TTL_MS,
     READ,
+    REFRESH,
     PodRecord,
     PodState,
     encode_record,
@@ -1919,3 +1921,186 @@ async def test_a_new_project_of_a_master_that_failed_waits_for_the_refresh_not_i
     store.written.clear()
     await service._refresh()
     assert sorted(w.project_id for w in store.written) == [2, 4]
+
+
+class _StoreWithAHungMaster(_StoreWithADeadMaster):
+    """As :class:`_StoreWithADeadMaster`, with the projects spread over two masters (odd: m1,
+    even: m2); while ``hung`` a call that has any project of m2 waits until ``answer`` is set
+    (the real store's bound, a third of the refresh interval, is left out: the call is simply
+    outstanding). Counts the calls each master has outstanding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hung = True
+        self.answer = asyncio.Event()
+        self.outstanding = {"m1": 0, "m2": 0}
+        self.most_outstanding = 0  # the most calls one master had outstanding at once
+        self.calls = {"m1": 0, "m2": 0}
+
+    def master_of(self, project_id: int) -> str | None:
+        return "m2" if project_id % 2 == 0 else "m1"
+
+    async def _call(self, projects, call):
+        masters = {self.master_of(p) for p in projects}
+        for m in masters:
+            self.calls[m] += 1
+            self.outstanding[m] += 1
+        self.most_outstanding = max(self.most_outstanding, *self.outstanding.values())
+        self.changed.set()
+        try:
+            if "m2" in masters and self.hung:
+                await self.answer.wait()
+            return await call()
+        finally:
+            for m in masters:
+                self.outstanding[m] -= 1
+            self.changed.set()
+
+    async def write(self, writes):
+        return await self._call(
+            [w.project_id for w in writes], lambda: _StoreWithADeadMaster.write(self, writes)
+        )
+
+    async def refresh(self, plan, ttl_ms=None):
+        return await self._call(
+            list(plan), lambda: _StoreWithADeadMaster.refresh(self, plan, ttl_ms)
+        )
+
+
+async def _until(store: _StoreWithADeadMaster, check: Callable[[], bool], within: float) -> None:
+    """Until ``check`` holds, woken by the store's calls; bounded."""
+    async with asyncio.timeout(within):
+        while not check():
+            store.changed.clear()
+            await store.changed.wait()
+
+
+async def test_a_hung_masters_refresh_does_not_hold_the_writes_of_the_other_masters():
+    """On Redis Cluster each master has its own lane: while m2 hangs with the pod's refresh of
+    its projects outstanding, a member joining a project of m1 is written at once (the refresh
+    of m2 still outstanding, not cut off first), and the next refresh reaches m1 while m2 is
+    still not sent a second call (one pipeline outstanding per master at most: no work piles
+    up for it). Once m2 answers, its projects are refreshed again and written. Before, a round
+    waited for every master's part of the refresh (up to its bound, a third of the refresh
+    interval) before writing anything: a join on a healthy master was written up to 1 s late
+    at each refresh while a master hung, and shown that late on every other pod."""
+
+    class Client:
+        def register_script(self, script: str) -> None:
+            return None
+
+    service = PresenceService(Client(), lambda s, f: None, pod_id="a", listen=False, **TIMINGS)
+    store = service.store = _StoreWithAHungMaster()  # type: ignore[assignment]
+    service.join("t1", 1, "alice", None)
+    service.join("t2", 2, "hank", None)
+    await service.start()
+    try:
+        await _until(store, lambda: store.outstanding["m2"] == 1, within=5)
+        service.join("t3", 3, "bob", None)
+        await _until(store, lambda: any(w.project_id == 3 for w in store.written), within=5)
+        assert store.outstanding["m2"] == 1, "the hung master's call was cut off first"
+        m1_refreshes = sum(1 in plan for plan in store.refreshed)
+        await _until(
+            store, lambda: sum(1 in plan for plan in store.refreshed) > m1_refreshes, within=5
+        )
+        assert store.calls["m2"] == 1 and store.outstanding["m2"] == 1
+        assert store.most_outstanding == 1
+        store.hung = False
+        store.answer.set()
+        refreshes = len(store.refreshed)
+        await _until(
+            store,
+            lambda: any(2 in plan for plan in store.refreshed[refreshes:]),
+            within=5,
+        )
+        assert store.most_outstanding == 1
+    finally:
+        await service.stop()
+
+
+def test_master_lanes_keep_one_call_per_master_and_owe_a_hung_one_a_single_refresh():
+    """The lanes' rounds: a refresh due starts every free master's call; a busy master (hung)
+    is started nothing more, whatever comes due meanwhile (one refresh owed, however many
+    intervals it missed), and the free masters' writes are started at once."""
+    lanes = MasterLanes()
+    lanes.refresh_due(["m1", "m2"])
+    assert lanes.start([]) == {"m1": True, "m2": True}
+    lanes.finish("m1")  # m2 hangs
+    assert lanes.start(["m1", "m2"]) == {"m1": False}  # m1's writes go; m2's stay pending
+    lanes.finish("m1")
+    for _ in range(3):  # three refresh intervals while m2 hangs
+        lanes.refresh_due(["m1", "m2"])
+        assert lanes.start([]) == {"m1": True}
+        lanes.finish("m1")
+    assert lanes.owed == {"m2"} and lanes.busy == {"m2"}
+    lanes.finish("m2")  # its pipeline's bound ended
+    assert lanes.start(["m2"]) == {"m2": True}  # one refresh, its writes after it
+    assert lanes.start(["m2"]) == {}
+
+
+async def test_a_large_pods_refresh_keeps_the_pipelines_that_answered_past_the_rounds_bound(
+    monkeypatch,
+):
+    """A pod with thousands of projects on one master (Redis Cluster) refreshes them in
+    pipelines of ``PIPELINE_CALLS``, each within a third of the refresh interval, and together
+    longer than the interval: each pipeline that answered counts (its projects' replies are
+    applied), also when a later one is cut off by its bound (its projects, and the ones not
+    sent after it, wait for the next refresh). Before, the round's own bound (the refresh
+    interval) cut the whole refresh off first: none of those projects was refreshed, round
+    after round, and their records expired although every pipeline but the last answered."""
+    monkeypatch.setattr("gateway.presence_store.node_name", lambda client, key: "m1")
+
+    class Client:
+        def register_script(self, script: str) -> None:
+            return None
+
+    service = PresenceService(
+        Client(),
+        lambda s, f: None,
+        pod_id="a",
+        listen=False,
+        ttl=2.0,
+        refresh_interval=0.6,  # each pipeline's bound: 0.2 s
+        flush_interval=0.02,
+        diff_interval=0.2,
+    )
+    store = service.store
+    store._cluster = store.per_master = True
+    answered, hang = asyncio.Event(), asyncio.Event()
+    sent = 0
+
+    async def pipeline(calls):
+        nonlocal sent
+        if calls[0][0] != REFRESH:
+            return [[1, 0] for _ in calls]
+        sent += 1
+        if sent == 6:  # the first refresh's last pipeline: cut off by its bound
+            answered.set()
+            await hang.wait()
+        await asyncio.sleep(0.15)  # within the bound; the five answered take 0.75 s
+        return [[1, [], 0] for _ in calls]
+
+    store._pipeline = pipeline  # type: ignore[method-assign]
+    applied: list[int] = []
+    refreshed = service.core.refreshed
+
+    def record(project_id, ok, live):
+        applied.append(project_id)
+        return refreshed(project_id, ok, live)
+
+    service.core.refreshed = record  # type: ignore[method-assign]
+    projects = range(1, 6 * PIPELINE_CALLS + 1)
+    for p in projects:
+        service.join(f"t{p}", p, "alice", None)
+    await service.start()
+    try:
+        async with asyncio.timeout(5):
+            await answered.wait()
+
+        async def first_refresh_applied() -> bool:
+            return len(applied) >= 5 * PIPELINE_CALLS
+
+        await eventually(first_refresh_applied, within=5)
+        assert applied[: 5 * PIPELINE_CALLS] == list(projects[: 5 * PIPELINE_CALLS])
+    finally:
+        await service.stop()
