@@ -563,6 +563,13 @@ class PresenceService:
         #: their calls: a master that hangs holds its own lane only.
         self._lanes = MasterLanes()
         self._lane_tasks: set[asyncio.Task] = set()
+        #: Projects with a write outstanding in a lane: their next write waits for its outcome,
+        #: also when the project's slot moved to another master meanwhile (a re-shard, a
+        #: failover), whose lane is free. Two writes of a project outstanding at once, both
+        #: based on the same version, may be answered out of order: the later one refused (the
+        #: earlier applied first), then the earlier one's success recorded, and the later
+        #: one's changes (a leave) never written.
+        self._writing: set[int] = set()
         self._on_repaired = on_repaired
         self._on_left_out = on_left_out
         self._on_unannounced = on_unannounced
@@ -956,7 +963,7 @@ class PresenceService:
         # The writes of a master owed a refresh go after it, taken then (the refresh may find
         # records lost: those writes are whole ones).
         held = lanes.busy | lanes.owed
-        writes = self._put_off(self.core.take_writes(lambda p: master_of(p) not in held))
+        writes = self._take_writes(lambda p: master_of(p) not in held)
         by_master: dict[str | None, list[Write]] = {}
         for w in writes:
             by_master.setdefault(master_of(w.project_id), []).append(w)
@@ -971,6 +978,15 @@ class PresenceService:
             task = asyncio.create_task(self._lane(master, part, by_master.get(master, [])))
             self._lane_tasks.add(task)
             task.add_done_callback(self._lane_tasks.discard)
+
+    def _take_writes(self, which: Callable[[int], bool]) -> list[Write]:
+        """The pending writes of the projects ``which`` accepts and no write of which is
+        outstanding (:attr:`_writing`), but those put off (:meth:`_put_off`): outstanding from
+        now until their lane applies their outcome."""
+        writing = self._writing
+        writes = self._put_off(self.core.take_writes(lambda p: p not in writing and which(p)))
+        writing.update(w.project_id for w in writes)
+        return writes
 
     async def _lane(
         self, master: str | None, part: dict[int, int | None], writes: list[Write]
@@ -991,9 +1007,7 @@ class PresenceService:
                 self._unreachable.difference_update(part)
                 self._apply_refresh(replies)
                 # Whatever Redis lost there is written now, with the writes pending meanwhile.
-                writes = self._put_off(
-                    writes + self.core.take_writes(lambda p: self.store.master_of(p) == master)
-                )
+                writes = writes + self._take_writes(lambda p: self.store.master_of(p) == master)
             if writes:
                 try:
                     results: list[Any] = await self.store.write(writes)
@@ -1009,6 +1023,7 @@ class PresenceService:
             if not applied:  # (failed, or cancelled by stop(): drain() writes them)
                 for w in writes:
                     self.core.written(w, ok=False)
+            self._writing.difference_update(w.project_id for w in writes)
             self._lanes.finish(master)
             self._wake.set()
 

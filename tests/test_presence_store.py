@@ -2104,3 +2104,94 @@ async def test_a_large_pods_refresh_keeps_the_pipelines_that_answered_past_the_r
         assert applied[: 5 * PIPELINE_CALLS] == list(projects[: 5 * PIPELINE_CALLS])
     finally:
         await service.stop()
+
+
+class _ClusterOfRecords:
+    """A PresenceStore's write and refresh against a cluster modelled by one pod's records per
+    project (version and members, as :data:`WRITE` and :data:`REFRESH` keep them), each
+    project's master settable (``masters``, a slot moving, a failover). A write to ``slow``
+    is applied when it is sent and answered only once ``answer`` is set (its pipeline's other
+    calls, or its reply, still on the way)."""
+
+    per_master = True
+    group_timeout = 0.1
+
+    def __init__(self) -> None:
+        self.masters: dict[int, str] = {}
+        self.records: dict[int, tuple[int, dict[str, object]]] = {}
+        self.slow: set[str] = set()
+        self.answer = asyncio.Event()
+        self.sent = asyncio.Event()
+
+    def master_of(self, project_id: int) -> str | None:
+        return self.masters.get(project_id)
+
+    async def write(self, writes):
+        slow = any(self.master_of(w.project_id) in self.slow for w in writes)
+        out = []
+        for w in writes:
+            version, members = self.records.get(w.project_id, (0, {}))
+            if w.base and version != w.base:
+                out.append(False)
+                continue
+            members = {} if not w.base else dict(members)
+            for member_id, record in w.changes.items():
+                if record is None:
+                    members.pop(member_id, None)
+                else:
+                    members[member_id] = record
+            self.records[w.project_id] = (w.version, members)
+            out.append(True)
+        self.sent.set()
+        if slow:
+            await self.answer.wait()
+        return out
+
+    async def refresh(self, plan, ttl_ms=None):
+        return {
+            p: (v is None or (v != 0 and self.records.get(p, (0, {}))[0] == v), {})
+            for p, v in plan.items()
+        }
+
+
+async def test_a_leave_written_while_the_projects_write_is_outstanding_at_its_old_master_is_kept():
+    """Redis Cluster: a project's slot moves to another master (a re-shard, a failover) while
+    a write of it is outstanding in its old master's lane (applied there, its reply not back
+    yet: the other calls of its pipeline). A member leaving meanwhile must be written once the
+    first write is answered, not sent at once in the new master's lane, where it is refused
+    (based on the version before the outstanding write) and, the outstanding write then
+    answering applied, left out for good: the pod's next write carried no change, and its
+    refreshes kept the member who left listed on every pod for as long as the pod lived."""
+
+    class Client:
+        def register_script(self, script: str) -> None:
+            return None
+
+    service = PresenceService(Client(), lambda s, f: None, pod_id="a", listen=False, **TIMINGS)
+    store = service.store = _ClusterOfRecords()  # type: ignore[assignment]
+    store.masters[1] = "m1"
+
+    async def settle() -> None:
+        while service._lane_tasks:
+            await asyncio.wait(set(service._lane_tasks))
+
+    service.join("t1", 1, "alice", None)
+    service._dispatch(refresh_due=True)
+    await settle()
+    assert store.records[1][1].keys() == {"alice"}
+    store.slow.add("m1")
+    store.sent.clear()
+    service.join("t2", 1, "bob", None)
+    service._dispatch(refresh_due=False)  # bob's join: outstanding at m1
+    async with asyncio.timeout(5):
+        await store.sent.wait()
+    store.masters[1] = "m2"  # the project's slot moves
+    service.leave("t1", 1)
+    service._dispatch(refresh_due=False)
+    await asyncio.sleep(0)
+    store.answer.set()
+    await settle()
+    for _ in range(3):
+        service._dispatch(refresh_due=True)
+        await settle()
+    assert store.records[1][1].keys() == {"bob"}, "alice left, and is listed for good"
