@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import re
 import secrets
@@ -570,6 +571,10 @@ class PresenceService:
         #: earlier applied first), then the earlier one's success recorded, and the later
         #: one's changes (a leave) never written.
         self._writing: set[int] = set()
+        #: Per master with a lane task, the writes it took and has not applied: pending again
+        #: when the task ends (:meth:`_lane_done`), also when stop() cancelled it before its
+        #: first step (its ``finally`` never runs then: drain() must still write them).
+        self._lane_writes: dict[str | None, list[Write]] = {}
         self._on_repaired = on_repaired
         self._on_left_out = on_left_out
         self._on_unannounced = on_unannounced
@@ -975,9 +980,11 @@ class PresenceService:
                     parts.setdefault(master, {})[project_id] = version
         for master, refresh in started.items():
             part = parts.get(master, {}) if refresh else {}
-            task = asyncio.create_task(self._lane(master, part, by_master.get(master, [])))
+            self._lane_writes[master] = by_master.get(master, [])
+            task = asyncio.create_task(self._lane(master, part))
             self._lane_tasks.add(task)
             task.add_done_callback(self._lane_tasks.discard)
+            task.add_done_callback(functools.partial(self._lane_done, master))
 
     def _take_writes(self, which: Callable[[int], bool]) -> list[Write]:
         """The pending writes of the projects ``which`` accepts and no write of which is
@@ -988,14 +995,12 @@ class PresenceService:
         writing.update(w.project_id for w in writes)
         return writes
 
-    async def _lane(
-        self, master: str | None, part: dict[int, int | None], writes: list[Write]
-    ) -> None:
+    async def _lane(self, master: str | None, part: dict[int, int | None]) -> None:
         """One master's call (Redis Cluster): the refresh of its projects in ``part`` (if any),
         then its writes (those taken with it, and its projects' pending ones once refreshed),
         each in pipelines of at most :data:`PIPELINE_CALLS`, each within the store's bound.
-        A failure of the master is its projects' alone: they wait for its next refresh."""
-        applied = False  # (writes taken and not applied are pending again, whatever ends this)
+        A failure of the master is its projects' alone: they wait for its next refresh. The
+        writes taken and not applied are pending again, whatever ends this (:meth:`_lane_done`)."""
         try:
             if part:
                 try:
@@ -1007,25 +1012,32 @@ class PresenceService:
                 self._unreachable.difference_update(part)
                 self._apply_refresh(replies)
                 # Whatever Redis lost there is written now, with the writes pending meanwhile.
-                writes = writes + self._take_writes(lambda p: self.store.master_of(p) == master)
+                self._lane_writes[master] += self._take_writes(
+                    lambda p: self.store.master_of(p) == master
+                )
+            writes = self._lane_writes[master]
             if writes:
                 try:
                     results: list[Any] = await self.store.write(writes)
                 except (redis.exceptions.RedisError, OSError) as exc:
                     results = [_as_redis_error(exc)] * len(writes)
-                applied = True
+                self._lane_writes[master] = []
+                self._writing.difference_update(w.project_id for w in writes)
                 self._apply_writes(writes, results)
         except Exception as exc:  # a reply nobody foresaw must not end the master's lane
             self._throttle.log(
                 "loop_failed", log.warning, "presence: a round failed", error=repr(exc)
             )
-        finally:
-            if not applied:  # (failed, or cancelled by stop(): drain() writes them)
-                for w in writes:
-                    self.core.written(w, ok=False)
-            self._writing.difference_update(w.project_id for w in writes)
-            self._lanes.finish(master)
-            self._wake.set()
+
+    def _lane_done(self, master: str | None, task: asyncio.Task) -> None:
+        """A lane's task ended (done, failed, or cancelled by stop(), maybe before its first
+        step): the writes it took and did not apply are pending again (drain() writes them),
+        and the master is free."""
+        for w in self._lane_writes.pop(master, []):
+            self.core.written(w, ok=False)
+            self._writing.discard(w.project_id)
+        self._lanes.finish(master)
+        self._wake.set()
 
     def _repaired(self, project_id: int, keys: int) -> None:
         """A write or refresh deleted index keys of another type in a project (another writer's;

@@ -2195,3 +2195,22 @@ async def test_a_leave_written_while_the_projects_write_is_outstanding_at_its_ol
         service._dispatch(refresh_due=True)
         await settle()
     assert store.records[1][1].keys() == {"bob"}, "alice left, and is listed for good"
+
+
+async def test_drain_writes_what_a_lane_took_and_never_sent():
+    """Redis Cluster: a drain that begins after a round took a master's writes for its lane
+    and before the lane's task ran (it is cancelled before its first step) writes them: they
+    are pending again. Before, they were in no lane and not pending: a member who left just
+    then stayed listed through the drain's grace, one who joined was not listed."""
+
+    class Client:
+        def register_script(self, script: str) -> None:
+            return None
+
+    service = PresenceService(Client(), lambda s, f: None, pod_id="a", listen=False, **TIMINGS)
+    store = service.store = _ClusterOfRecords()  # type: ignore[assignment]
+    store.masters[1] = "m1"
+    service.join("t1", 1, "alice", None)
+    service._dispatch(refresh_due=False)  # alice's write taken for m1's lane, not sent yet
+    await service.drain()
+    assert store.records[1][1].keys() == {"alice"}
