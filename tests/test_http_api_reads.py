@@ -327,6 +327,28 @@ async def test_head_of_a_read_answers_its_gets_headers_without_a_body(redis_url)
             assert (status, headers.get("allow")) == (405, allow), path
 
 
+async def test_every_read_answers_another_method_405_with_allow(redis_url) -> None:
+    """docs/http-publish.md: every read (presence, history, the probes, ``/metrics``,
+    ``/openapi.json``) answers another method 405 with ``Allow``. The probes answered 404
+    ``not_found`` (found by schemathesis' unsupported_method check: TRACE /healthz)."""
+    reads = {
+        "/v1/projects/1/presence": "GET, HEAD",
+        "/v1/projects/1/events": "GET, HEAD, POST",
+        "/healthz": "GET, HEAD",
+        "/readyz": "GET, HEAD",
+        "/metrics": "GET, HEAD",
+        "/openapi.json": "GET, HEAD",
+    }
+    async with _serve(redis_url) as (_, _, port):
+        api = ReadApi(port)
+        for path, allow in reads.items():
+            for method in ("DELETE", "PUT", "PATCH", "OPTIONS", "TRACE"):
+                request = f"{method} {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+                status, headers, body = await api.raw(request.encode())
+                assert (status, headers.get("allow")) == (405, allow), (method, path)
+                assert json.loads(body)["error"]["code"] == "method_not_allowed", (method, path)
+
+
 async def test_reads_are_rate_limited_like_publishes(redis_url) -> None:
     async with _serve(redis_url) as (_, _, port):
         api = ReadApi(port)

@@ -67,6 +67,8 @@ log = structlog.get_logger("eventbus.http_api")
 _IDEMPOTENCY_HEADER_MAX = 100
 #: A read answers HEAD as GET; the server (uvicorn) leaves the body out.
 _READ_METHODS = ("GET", "HEAD")
+#: The probes: reads like the others, so another method is a 405 (it was a 404 ``not_found``).
+_PROBES = ("/healthz", "/readyz")
 _PUBLISHER_KEY_MAX = 200  # publisher.core: idempotency keys of 1-200 printable characters
 _JSON = [(b"content-type", b"application/json")]
 _UNAVAILABLE_LOG_INTERVAL = 1.0  # seconds between "Redis unavailable" warnings
@@ -219,11 +221,14 @@ class PublishApi:
         method, path = scope["method"], scope["path"]
         allow = b"POST"  # the methods of the path, for a 405's Allow
         try:
-            if path == "/healthz" and method in _READ_METHODS:
-                await _respond(send, 200, _HEALTHY)
-                return
-            if path == "/readyz" and method in _READ_METHODS:
-                await self._readyz(send)
+            if path in _PROBES:
+                allow = b"GET, HEAD"
+                if method not in _READ_METHODS:
+                    raise ApiError(405, "method_not_allowed", "use GET")
+                if path == "/healthz":
+                    await _respond(send, 200, _HEALTHY)
+                else:
+                    await self._readyz(send)
                 return
             if path == OPENAPI_PATH:
                 allow = b"GET, HEAD"
