@@ -10,7 +10,7 @@ import contextlib
 import json
 import re
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import jsonschema
 import msgspec
@@ -197,6 +197,7 @@ OAS_SUBSET = {
                 "in": {"enum": ["query", "header", "path", "cookie"]},
                 "description": {"type": "string"},
                 "required": {"type": "boolean"},
+                "allowEmptyValue": {"type": "boolean"},
                 "schema": {"type": "object"},
                 "example": {},
             },
@@ -758,6 +759,39 @@ async def test_real_answers_of_every_route_validate_against_the_document(redis_u
         await req("GET", "/healthz", 431, key=None, headers={"X-Big": "x" * 40_000})
     seen = {(m, t, s) for m, t, s in req.seen}
     assert ("POST", "/v1/projects/{project_id}/events", 409) in seen
+
+
+def _query_admitted(doc: dict, template: str, method: str, query: str) -> None:
+    """Fails unless the document admits each parameter of ``query`` as given: a blank value
+    (``tag=``) only where the parameter says ``allowEmptyValue`` (OpenAPI's way of saying that a
+    client may send one), any other one where it validates against the parameter's schema."""
+    item = doc["paths"][template]
+    params = {p["name"]: p for p in [*item.get("parameters", []), *item[method]["parameters"]]}
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        param = params[name]
+        assert param["in"] == "query", name
+        if value == "":
+            assert param.get("allowEmptyValue") is True, f"{name}= is not admitted"
+            continue
+        typed = int(value) if param["schema"].get("type") == "integer" else value
+        jsonschema.validate(typed, param["schema"], cls=Draft202012Validator)
+
+
+async def test_a_blank_query_value_the_api_takes_as_absent_is_one_the_document_admits(
+    redis_url,
+) -> None:
+    """docs/http-publish.md: a blank history parameter is the parameter's absence (its loop
+    sends ``tag=`` on the first page). The document admitted no blank value (``tag`` a pattern
+    of 16 hex digits, ``epoch`` at least one character), so a client generated from it, or a
+    fuzzer (schemathesis' negative_data_rejection, which found it), took the 200 for a
+    malformed request accepted."""
+    async with _checked(redis_url) as (req, _):
+        doc = req.doc
+        for query in ("tag=", "epoch=&after=&tag=&limit=", "limit=&tag=", "epoch=&after="):
+            await req("GET", f"{EVENTS}?{query}", 200)
+            await req("HEAD", f"{EVENTS}?{query}", 200)
+            for method in ("get", "head"):
+                _query_admitted(doc, "/v1/projects/{project_id}/events", method, query)
 
 
 async def test_slow_bodies_damaged_keys_and_a_full_revocation_list_validate(

@@ -328,6 +328,12 @@ def openapi_document(settings: HttpApiSettings | None = None) -> dict:
             },
         },
     ]
+    # A blank value (``tag=``) is the parameter's absence (schemas.history.parse_poll_query; the
+    # loop in docs/http-publish.md sends one on the first page): without allowEmptyValue the
+    # document said ``tag=`` was malformed, and a fuzzer took its 200 for a refusal missed.
+    for parameter in history_query:
+        parameter["allowEmptyValue"] = True
+        parameter["description"] += " A blank value is the parameter's absence."
     events_body = (
         "One event, or an array of 1 to "
         f"{settings.max_events} events (serve --max-events, default 500, at most 500), of "
