@@ -794,6 +794,28 @@ async def test_a_blank_query_value_the_api_takes_as_absent_is_one_the_document_a
                 _query_admitted(doc, "/v1/projects/{project_id}/events", method, query)
 
 
+async def test_revocations_the_api_refuses_for_their_range_the_document_refuses(redis_url) -> None:
+    """The ranges docs/http-publish.md gives a revocation that do not depend on the time: a
+    ``keep_for`` of at most 366 days and a subject of at most 1,024 bytes (so characters). The
+    document's RevocationRequest admitted any ``keep_for`` up to 2**53 - 1 and any subject, so a
+    client generated from it sent them and got a 422 it could not foresee (schemathesis'
+    positive_data_acceptance found the keep_for)."""
+    year = 366 * 86400
+    async with _checked(redis_url) as (req, _):
+        doc = req.doc
+        schema = {"$ref": DOC_URI + "#/components/schemas/RevocationRequest"}
+        validator = Draft202012Validator(schema, registry=_registry(doc))
+        for body, status in (
+            ({"subject": "u", "keep_for": year}, 200),
+            ({"subject": "u", "keep_for": year + 1}, 422),
+            ({"subject": "u", "keep_for": 2**53 - 1}, 422),
+            ({"subject": "s" * 1024}, 200),
+            ({"subject": "s" * 1025}, 422),
+        ):
+            await req("POST", REVOKE, status, body, key=KEY_REVOKE)
+            assert validator.is_valid(body) == (status == 200), body
+
+
 async def test_slow_bodies_damaged_keys_and_a_full_revocation_list_validate(
     redis_url, redis_client
 ) -> None:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from publisher.core import MAX_KEEP_FOR
 from publisher.http_api.core import (
     MAX_REVOCATION_BODY,
     OPENAPI_PATH,
@@ -35,6 +36,7 @@ from schemas.events import Event
 from schemas.export import clean_descriptions
 from schemas.history import DEFAULT_POLL_LIMIT, MAX_POLL_LIMIT
 from schemas.protocol import MAX_SEQ, PollResponse, Presence
+from schemas.revocations import MAX_SUBJECT_BYTES
 from schemas.tags import TAG_PATTERN
 
 if TYPE_CHECKING:
@@ -201,6 +203,16 @@ def _components() -> dict[str, Any]:
         "type": "array",
         "items": {"anyOf": [_ref("EventCursor"), {"type": "null"}]},
     }
+    # The publisher checks these ranges (its messages are the 422's), not the struct; the
+    # document states them so that a client cannot send what is refused for them. A subject is
+    # bounded in UTF-8 bytes, which JSON Schema cannot count: at most as many characters.
+    revocation = schemas["RevocationRequest"]["properties"]
+    revocation["subject"]["maxLength"] = MAX_SUBJECT_BYTES
+    revocation["subject"]["description"] = (
+        f"The tokens' `sub`: 1 to {MAX_SUBJECT_BYTES} UTF-8 bytes."
+    )
+    keep_for = revocation["keep_for"]["anyOf"][0]
+    keep_for["maximum"] = int(MAX_KEEP_FOR.total_seconds())
     return dict(sorted(schemas.items()))
 
 
