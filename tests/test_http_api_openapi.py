@@ -816,6 +816,23 @@ async def test_revocations_the_api_refuses_for_their_range_the_document_refuses(
             assert validator.is_valid(body) == (status == 200), body
 
 
+async def test_an_integer_written_with_a_fraction_is_refused_as_the_docs_say(redis_url) -> None:
+    """docs/http-publish.md: JSON Schema's ``integer`` admits ``3600.0`` and ``1e3`` (the same
+    numbers as 3600 and 1000), but the API refuses them 422 naming the field, in an event as in
+    a revocation (what Python's ``json.dumps(delta.total_seconds())`` sends). The fuzz test
+    expects this refusal and no other of a valid request, so it is pinned here."""
+    async with _checked(redis_url) as (req, _):
+        for target, body, key, field in (
+            (EVENTS, {**EXPIRED, "task_id": 2.0}, KEY_ALL, "$.task_id"),
+            (EVENTS, [{**EXPIRED, "blocker_id": 1e3}], KEY_ALL, "$.blocker_id"),
+            (REVOKE, {"subject": "u", "keep_for": 3600.0}, KEY_REVOKE, "$.keep_for"),
+        ):
+            answer = await req("POST", target, 422, body, key=key)
+            assert "got `float`" in answer["error"]["message"], answer
+            assert field in answer["error"]["message"], answer
+        await req("POST", REVOKE, 200, {"subject": "u", "keep_for": 3600}, key=KEY_REVOKE)
+
+
 async def test_slow_bodies_damaged_keys_and_a_full_revocation_list_validate(
     redis_url, redis_client
 ) -> None:
