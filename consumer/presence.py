@@ -88,6 +88,10 @@ class PresenceView(msgspec.Struct, frozen=True):
         return None
 
 
+#: What :meth:`PresenceTable._apply` records for an id that was not listed.
+_ABSENT = object()
+
+
 def _item(value: object) -> bool:
     return value is None or (type(value) is int and 0 < value <= MAX_ITEM_ID)
 
@@ -217,15 +221,23 @@ class PresenceTable:
         if table is None:
             self.ignored += 1
             return False
-        before = dict(table)
+        # What each id the diff touches was before it (_ABSENT: not listed): whether anything
+        # changed is then a look at those ids alone, never a copy or compare of the whole table
+        # (a flood of tiny diffs against a large table would cost its size each).
+        before: dict[str, Member | object] = {}
         for member_id in diff.left:
+            if member_id not in before:
+                before[member_id] = table.get(member_id, _ABSENT)
             table.pop(member_id, None)
         for member in (*diff.joined, *diff.changed):
-            table[member.id] = member
+            member_id = member.id
+            if member_id not in before:
+                before[member_id] = table.get(member_id, _ABSENT)
+            table[member_id] = member
         if len(table) > MAX_MEMBERS:
             return self._too_many()
-        if table == before:
-            return False
+        if all(table.get(i, _ABSENT) == was for i, was in before.items()):
+            return False  # (left an absent id, put a member equal to the one listed, ...)
         self._changed()
         return True
 

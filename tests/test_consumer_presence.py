@@ -180,6 +180,103 @@ def test_a_watch_coalesces_to_the_latest_list_with_the_changes_since_the_last_it
     assert watch.next_view(table) is None
 
 
+A, B = member("a", viewing=1), member("b", viewing=2)
+
+
+@pytest.mark.parametrize(
+    ("case", "changes_members"),
+    [
+        (diff(), False),
+        (diff(left=["z"]), False),  # left an id that is not listed
+        (diff(left=["z", "z"]), False),
+        (diff(left=["a"]), True),
+        (diff(left=["a", "a"]), True),
+        (diff(joined=[member("c")]), True),
+        (diff(joined=[A]), False),  # joined a member listed already, equal
+        (diff(joined=[member("a", viewing=3)]), True),
+        (diff(changed=[B]), False),  # changed to the member it is
+        (diff(changed=[member("b", name="B")]), True),
+        (diff(changed=[member("c")]), True),  # changed an id not listed: it is put
+        (diff(left=["a"], joined=[A]), False),  # went and came back as it was
+        (diff(left=["a"], changed=[A]), False),
+        (diff(left=["a"], joined=[member("a", since=2)]), True),
+        (diff(left=["z"], joined=[member("z")]), True),
+        (diff(joined=[member("a", viewing=3)], changed=[A]), False),  # the last put wins
+        (diff(joined=[A], changed=[member("a", viewing=3)]), True),
+        (diff(left=["a", "z"], joined=[A], changed=[B]), False),
+        (diff(left=["b"], joined=[A, member("c")]), True),
+    ],
+)
+def test_a_diff_changes_the_version_exactly_when_it_changes_the_members(case, changes_members):
+    """A reader is woken (the version grows) for a diff that changes the list, and only then,
+    whatever the diff repeats, undoes or names that is not listed; the list is the gateway's
+    ``apply_diff`` of it."""
+    table = PresenceTable(1)
+    feed(table, presence(A, B))
+    before, version = table.members, table.version
+    decoded = decode_frame(frame(case))
+    expected = apply_diff({m.id: m for m in before}, decoded)
+    assert feed(table, case) is changes_members
+    assert table.members == tuple(expected[k] for k in sorted(expected))
+    assert (table.members != before) is changes_members
+    assert table.version == version + changes_members
+    assert table.malformed == 0
+
+
+class WholeTableSpy(dict):
+    """A member table counting the operations that visit every member (a copy, a compare)."""
+
+    visits = 0
+
+    def _visit(self) -> None:
+        WholeTableSpy.visits += 1
+
+    def __iter__(self):
+        self._visit()
+        return super().__iter__()
+
+    def keys(self):
+        self._visit()
+        return super().keys()
+
+    def values(self):
+        self._visit()
+        return super().values()
+
+    def items(self):
+        self._visit()
+        return super().items()
+
+    def copy(self):
+        self._visit()
+        return super().copy()
+
+    def __eq__(self, other):
+        self._visit()
+        return super().__eq__(other)
+
+    def __ne__(self, other):
+        self._visit()
+        return super().__ne__(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def test_a_diff_costs_its_own_size_not_the_tables():
+    """A hostile gateway flooding tiny diffs against a large table: each diff looks at the ids
+    it names, never at every member (before, each diff copied and compared the whole table)."""
+    table = PresenceTable(1)
+    feed(table, presence(*(member(f"m{n:05}") for n in range(10_000))))
+    table._members = WholeTableSpy(table._members)  # type: ignore[arg-type]
+    WholeTableSpy.visits = 0
+    for n in range(50):
+        feed(table, diff(changed=[member("m00001", viewing=n % 2 + 1)]))
+        feed(table, diff(left=["absent"], joined=[member("m00002")]))
+    assert WholeTableSpy.visits == 0
+    assert table.members[1] == Member("m00001", None, 2, None, 1)
+    assert len(table.members) == 10_000
+
+
 # --- hypothesis -------------------------------------------------------------------------------
 
 ids_ = st.sampled_from(["a", "b", "c", "d", "e"])
