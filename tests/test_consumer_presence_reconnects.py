@@ -186,17 +186,23 @@ steps = st.lists(
 )
 
 
-async def run_steps(steps, monkeypatch) -> None:
-    world = World()
+def model_consumer(world: World, monkeypatch, **options) -> Consumer:
+    """A consumer whose connections are ``world``'s (each connect opens a new
+    :class:`ModelConnection`), reconnecting at once; ``options`` go to :class:`Consumer`."""
 
-    async def connect(url, **options):
+    async def connect(url, **connect_options):
         connection = ModelConnection(world)
         world.connections.append(connection)
         return connection
 
     monkeypatch.setattr(client_module, "_connect", connect)
     policy = ReconnectPolicy(initial=0.0001, max=0.0001, prompt_max=0.0001, resend_interval=0.0001)
-    bus = Consumer("ws://model/", start="beginning", reconnect=policy, random=lambda: 0.0)
+    return Consumer("ws://model/", reconnect=policy, random=lambda: 0.0, **options)
+
+
+async def run_steps(steps, monkeypatch) -> None:
+    world = World()
+    bus = model_consumer(world, monkeypatch, start="beginning")
     bus.start_connection()
     events = None
     readers: list = []
@@ -445,15 +451,7 @@ async def test_presence_asked_while_the_reconnect_subscribes_sends_one_subscribe
     refused (a Resync history_lost with every event there)."""
     world = World()
     world.top = 5
-
-    async def connect(url, **options):
-        connection = ModelConnection(world)
-        world.connections.append(connection)
-        return connection
-
-    monkeypatch.setattr(client_module, "_connect", connect)
-    policy = ReconnectPolicy(initial=0.0001, max=0.0001, prompt_max=0.0001, resend_interval=0.0001)
-    bus = Consumer("ws://model/", reconnect=policy, random=lambda: 0.0)
+    bus = model_consumer(world, monkeypatch)
     readers = []
     try:
         other = bus.events(2)  # noqa: F841 (kept: a dropped one is unfollowed)
