@@ -1352,13 +1352,16 @@ class Consumer:
                 return None
             tag = self._tags_known(_given_tag(message.tag, message.seq))  # type: ignore[attr-defined]
             state.presence_due = state.asked_presence  # (its list, or its failure, follows)
+            if state.presence_due:
+                self._heard(state.project_id)  # (answered in part: the bound covers the rest)
+            else:
+                self._answered(state.project_id)
             outcome = state.on_subscribed(
                 message.epoch,  # type: ignore[attr-defined]
                 message.seq,  # type: ignore[attr-defined]
                 message.resumed,  # type: ignore[attr-defined]
                 tag,
             )
-            self._answered(state.project_id)
             if state.project_id not in self._presence:
                 # (with the flag, the presence read may still fail: its list is the answer)
                 self._unavailable.pop(state.project_id, None)
@@ -1411,6 +1414,10 @@ class Consumer:
             return None
         if cls in PRESENCE_TYPES:
             self._on_presence(message)
+            if cls is Presence:
+                state = self._states.get(message.project_id)  # type: ignore[attr-defined]
+                if state is not None and state.resubscribe_when_acknowledged and not state.pending:
+                    await self._send_subscribe(state)  # (the one held while the list was owed)
             return None
         return message  # Authenticated, Pong
 
@@ -1423,8 +1430,9 @@ class Consumer:
             # `subscribed` before a failed read does not: the retries would never back off).
             self._unavailable.pop(message.project_id, None)
             state = self._states.get(message.project_id)
-            if state is not None:
+            if state is not None and state.presence_due:
                 state.presence_due = False
+                self._answered(state.project_id)
         route = self._presence.get(message.project_id)
         if route is None:
             return
@@ -1536,11 +1544,13 @@ class Consumer:
         project_id = error.project_id
         state = self._states.get(project_id) if project_id is not None else None
         # The gateway's read of presence for the subscribe answered last failed (its events
-        # flow): this answers no subscribe in flight.
+        # flow): no other subscribe went since (ProjectState.answer_due), so this answers that
+        # one; or the gateway never sent that answer and ended the subscription (its project
+        # unreadable): subscribe again later all the same.
         presence_read = (
             error.code == ErrorCode.UNAVAILABLE and state is not None and state.presence_due
         )
-        if state is not None and not presence_read:
+        if state is not None and not (presence_read and state.pending):
             self._answered(state.project_id)
         if error.code == ErrorCode.RATE_LIMITED:
             await self._on_rate_limited(error, state)
@@ -1552,9 +1562,15 @@ class Consumer:
             if presence_read:
                 state.presence_due = False
                 if state.pending:
-                    # A subscribe is in flight (sent after that one was answered): it asks
-                    # for presence again while presence is read; a retry now would be a second
-                    # in flight, whose answers could not be told apart.
+                    # A subscribe is in flight (one sent before that one was answered, or on
+                    # an older gateway): it asks for presence again while presence is read; a
+                    # retry now would be a second in flight, whose answers could not be told
+                    # apart.
+                    return
+                if state.resubscribe_when_acknowledged and project_id not in self._presence:
+                    # One held while the answer was owed, without the flag (nobody reads
+                    # presence any more): nothing to retry, it goes now.
+                    await self._send_subscribe(state)
                     return
             else:
                 state.pending = False  # (answered: it failed, the gateway holds none)
@@ -1846,6 +1862,11 @@ class Consumer:
         def message() -> dict[str, object] | None:
             if self._states.get(state.project_id) is not state or state.catching_up:
                 return None  # unfollowed since, or its catch-up subscribes when it ends
+            if state.presence_due and not state.pending:
+                # The last one's presence answer is owed: this one goes when it comes
+                # (ProjectState.answer_due).
+                state.resubscribe_when_acknowledged = True
+                return None
             return self._subscribe_message(state)
 
         await self._send_paced(state.project_id, message)
@@ -1937,7 +1958,7 @@ class Consumer:
 
         def waiting(project_id: int) -> bool:
             state = self._states.get(project_id)
-            return state is not None and state.pending
+            return state is not None and state.answer_due
 
         overdue, earliest = self._answers.overdue(now, waiting)
         if overdue is not None:

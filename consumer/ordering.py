@@ -113,6 +113,21 @@ class ProjectState:
     presence_due: bool = False
 
     @property
+    def answer_due(self) -> bool:
+        """Whether the gateway still owes an answer to a subscribe of ours: its ``subscribed``
+        (:attr:`pending`), or after it its presence answer (:attr:`presence_due`). No other
+        subscribe goes meanwhile: the gateway reads a connection's frames in order (it would
+        wait behind that one there anyway), and answers to two could not be told apart (an
+        ``unavailable`` after a presence answer never sent was taken for that answer)."""
+        return self.pending or self.presence_due
+
+    @property
+    def subscribe_coming(self) -> bool:
+        """Whether a subscribe from the cursor is in flight, or held until the presence answer
+        owed comes (:attr:`answer_due`): its replay covers an event past a gap meanwhile."""
+        return self.pending or (self.presence_due and self.resubscribe_when_acknowledged)
+
+    @property
     def known(self) -> bool:
         return self.cursor is not None
 
@@ -146,8 +161,8 @@ class ProjectState:
         now. Not while one is in flight: the gateway's answer to it could not be told from the
         answer to the new one (a live subscribe answered after a resume from the cursor was
         sent looked like a resume refused: ``history_lost``); :meth:`on_subscribed` asks for
-        it when that one is answered."""
-        if self.pending:
+        it when that one is answered (the client, when its presence answer comes)."""
+        if self.answer_due:
             self.resubscribe_when_acknowledged = True
             return False
         return True
@@ -165,14 +180,14 @@ class ProjectState:
             # A catch-up's page moved the cursor to a newer epoch; this event is of the old one
             # (it carries no epoch of its own), whatever its number: the resubscribe brings the
             # new epoch's.
-            return Verdict.DROP if self.pending else Verdict.GAP
+            return Verdict.DROP if self.subscribe_coming else Verdict.GAP
         last = cursor[1]
         if seq == last + 1:
             self.cursor = Cursor(cursor[0], seq, frame=frame)
             return Verdict.DELIVER
         if seq <= last:
             return Verdict.DUPLICATE
-        if self.pending and not paged:
+        if self.subscribe_coming and not paged:
             return Verdict.DROP  # (a page's gap is not in that replay: the pages stop at it)
         if self.gap_from != cursor:
             self.gap_from, self.gap_repairs = cursor, 0
@@ -333,7 +348,7 @@ class ProjectState:
         ``subscribed`` cannot be told from the answer to a new one): :meth:`on_subscribed` asks
         for the resubscribe then."""
         self.catching_up = False
-        if self.pending:
+        if self.answer_due:
             self.resubscribe_when_acknowledged = True
             return None
         return self.subscribe_message()

@@ -445,6 +445,7 @@ async def test_presence_makes_the_subscribe_carry_the_flag_and_follows_nothing_e
         "presence": True,
     }
     await consumer._on_frame(ws, subscribed(1, 3, resumed=True))
+    await consumer._on_frame(ws, frame(presence(member("b"))))  # (its answer, after subscribed)
     # A project not followed: subscribed live, for presence only.
     only = consumer.presence(2)
     await settle()
@@ -603,6 +604,8 @@ async def test_presence_asked_while_a_subscribe_is_in_flight_waits_for_its_answe
     for seq in range(1, 6):
         await consumer._on_frame(ws, event_frame(1, seq))
     await consumer._on_frame(ws, subscribed(1, 5, resumed=True))
+    assert len(ws.sent) == 2  # (its presence answer is owed: the next goes after it)
+    await consumer._on_frame(ws, frame(presence()))
     (last,) = ws.sent[2:]
     assert "presence" not in last and (last["epoch"], last["after"]) == ("e1", 5)
     assert [item.seq for item in [await anext(events) for _ in range(5)]] == [1, 2, 3, 4, 5]

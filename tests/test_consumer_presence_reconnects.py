@@ -525,16 +525,17 @@ async def test_presence_asked_before_the_first_answer_loses_no_event_after_it():
     await bus.aclose()
 
 
-async def test_a_failed_presence_read_answered_after_another_subscribe_went_sends_no_second():
+async def test_a_failed_presence_read_lets_the_subscribe_held_without_the_flag_go_at_once():
     """The gateway answers a subscribe with the flag ``subscribed``, then reads presence; the
-    reader closes meanwhile, and the subscribe without the flag goes. The read's 'unavailable'
-    then answers the first subscribe, not the one in flight: no retry goes while it is in flight
-    (two in flight cannot be told apart), and that one's answer is still awaited."""
+    reader closes meanwhile. The subscribe without the flag waits for the read's answer (two in
+    flight cannot be told apart: an ``unavailable`` then was taken for the wrong one's), and
+    when that answer is ``unavailable`` it goes at once: nobody reads presence, there is
+    nothing to retry with backoff."""
     from consumer import Cursor
     from tests.test_consumer_presence import fake_consumer
 
     bus, ws = await fake_consumer()
-    bus._random = lambda: 0.0  # a retry at once
+    bus._random = lambda: 1.0  # (a retry would wait: none is made)
     events = bus.events(1, after=Cursor("e1", 3))
     reader = bus.presence(1)
     await settle()
@@ -543,16 +544,78 @@ async def test_a_failed_presence_read_answered_after_another_subscribe_went_send
     ]
     await bus._on_frame(ws, subscribed(1, 3, resumed=True))
     await reader.aclose()
-    assert ws.sent[1] == {"type": "subscribe", "project_id": 1, "epoch": "e1", "after": 3}
+    await settle()
+    assert len(ws.sent) == 1, ws.sent[1:]
     unavailable = {"type": "error", "code": "unavailable", "message": "presence", "project_id": 1}
     await bus._on_frame(ws, frame(unavailable))
     await settle()
-    assert len(ws.sent) == 2, ws.sent[2:]
-    assert 1 in bus._answers  # (the bound on the answer of the one in flight still runs)
+    assert ws.sent[1:] == [{"type": "subscribe", "project_id": 1, "epoch": "e1", "after": 3}]
+    assert 1 in bus._answers and not bus._retries
     await bus._on_frame(ws, event_frame(1, 4))
     await bus._on_frame(ws, subscribed(1, 4, resumed=True))
     item = await anext(events)
     assert type(item) is Delivery and item.seq == 4 and bus.stats.resyncs == 0
     await settle()
+    assert len(ws.sent) == 2 and 1 not in bus._answers
+    await bus.aclose()
+
+
+async def test_no_subscribe_goes_while_a_presence_answer_is_owed_so_unavailable_is_matched():
+    """A subscribe with the flag is answered by ``subscribed`` and then its presence answer (the
+    list, or ``unavailable``). Another subscribe sent in between (a gap's repair) made a later
+    ``unavailable`` ambiguous: from a gateway that never sent the answer it owed, the repair's
+    own ``unavailable`` was taken for the presence read's, no retry went, and only the bound on
+    answers (a reconnect) recovered. Now nothing goes while the answer is owed (the gateway
+    reads a connection's frames in order: the repair would wait behind it there anyway), the
+    bound covers the owed answer, and the ``unavailable`` has one meaning: subscribe again."""
+    from consumer import Cursor
+    from tests.test_consumer_presence import fake_consumer
+
+    bus, ws = await fake_consumer()
+    bus._random = lambda: 0.0  # a retry at once
+    events = bus.events(1, after=Cursor("e1", 3))
+    reader = bus.presence(1)
+    await settle()
+    with_flag = {"type": "subscribe", "project_id": 1, "epoch": "e1", "after": 3, "presence": True}
+    assert ws.sent == [with_flag]
+    await bus._on_frame(ws, subscribed(1, 3, resumed=True))
+    assert 1 in bus._answers  # (its presence answer is still due)
+    for seq in range(5, 12):  # past a gap (4 is missing): one repair, held, covers them all
+        await bus._on_frame(ws, event_frame(1, seq))
+    await settle()
+    assert ws.sent == [with_flag], ws.sent[1:]  # the repair waits for the answer owed
+    unavailable = {"type": "error", "code": "unavailable", "message": "x", "project_id": 1}
+    await bus._on_frame(ws, frame(unavailable))
+    await settle()
+    assert ws.sent == [with_flag, with_flag]  # subscribe again, from the cursor: the repair too
+    for seq in range(4, 12):
+        await bus._on_frame(ws, event_frame(1, seq))
+    await bus._on_frame(ws, subscribed(1, 11, resumed=True))
+    await bus._on_frame(ws, frame(presence(member("a"))))
+    assert [(await anext(events)).seq for _ in range(8)] == list(range(4, 12))
+    assert ids_of(await anext(reader)) == ["a"]
+    assert bus.stats.resyncs == 0 and 1 not in bus._answers
+    await settle()
     assert len(ws.sent) == 2
+    await bus.aclose()
+
+
+async def test_a_subscribe_asked_for_while_a_presence_answer_is_owed_goes_after_it():
+    """The reader closes after the ``subscribed`` of its subscribe, before the list: the
+    subscribe without the flag goes when the list has come, not while it is owed."""
+    from tests.test_consumer_presence import fake_consumer
+
+    bus, ws = await fake_consumer()
+    events = bus.events(1)  # noqa: F841 (kept: a dropped one is unfollowed)
+    reader = bus.presence(1)
+    await settle()
+    assert ws.sent == [{"type": "subscribe", "project_id": 1, "presence": True}]
+    await bus._on_frame(ws, subscribed(1, 3))
+    await reader.aclose()
+    await settle()
+    assert len(ws.sent) == 1, ws.sent[1:]
+    await bus._on_frame(ws, frame(presence(member("a"))))
+    await settle()
+    assert ws.sent[1:] == [{"type": "subscribe", "project_id": 1, "epoch": "e1", "after": 3}]
+    assert bus.members(1) is None
     await bus.aclose()
