@@ -685,6 +685,9 @@ class Consumer:
         self._task: asyncio.Task[None] | None = None
         self._helpers: set[asyncio.Task[Any]] = set()
         self._closed = False
+        #: ``aclose()``'s shutdown, in a task of its own: a caller cancelled meanwhile does not
+        #: stop it half way (readers never woken, the connection task left running).
+        self._shutdown: asyncio.Future[None] | None = None
         self._stopped = asyncio.Event()  # set when closed or failed
         self._failure: ConsumerError | None = None
         self._token: tuple[str, float] | None = None  # (token, monotonic time it was obtained)
@@ -740,11 +743,18 @@ class Consumer:
             self._task = asyncio.create_task(self._run(), name="eventbus-consumer")
 
     async def aclose(self) -> None:
-        """Close the connection for good; iterators end (``StopAsyncIteration``)."""
-        if self._closed:
-            return
-        self._closed = True
-        self._stopped.set()
+        """Close the connection for good; iterators end (``StopAsyncIteration``). The shutdown
+        runs to its end even if the calling task is cancelled meanwhile (the close handshake
+        waits for the gateway, up to ``CLOSE_TIMEOUT``); a later call waits for it."""
+        if self._shutdown is None:
+            if self._closed:
+                return  # failed: _fail stopped everything
+            self._closed = True
+            self._stopped.set()
+            self._shutdown = asyncio.ensure_future(self._shut_down())
+        await asyncio.shield(self._shutdown)
+
+    async def _shut_down(self) -> None:
         for task in list(self._helpers):
             task.cancel()
         ws = self._ws
@@ -919,7 +929,14 @@ class Consumer:
             await self._send_subscribe(state)
 
     async def _unregister(self, route: _Route, project_ids: tuple[int, ...]) -> None:
-        for project_id in self._forget(route, project_ids):
+        forgotten = self._forget(route, project_ids)
+        if forgotten:
+            # In a task of its own: a caller cancelled while one was being written would leave
+            # the others subscribed on the gateway, sending events to no one.
+            await asyncio.shield(self._spawn(self._unsubscribe_each(forgotten)))
+
+    async def _unsubscribe_each(self, project_ids: list[int]) -> None:
+        for project_id in project_ids:
             await self._unsubscribe(project_id)
 
     def _unsubscribe(self, project_id: int) -> Awaitable[None]:

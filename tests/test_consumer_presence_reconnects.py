@@ -619,3 +619,88 @@ async def test_a_subscribe_asked_for_while_a_presence_answer_is_owed_goes_after_
     assert ws.sent[1:] == [{"type": "subscribe", "project_id": 1, "epoch": "e1", "after": 3}]
     assert bus.members(1) is None
     await bus.aclose()
+
+
+class BlockingConnection:
+    """A connection whose sends (each written at once, as websockets writes a frame before it
+    waits for the write buffer to drain) and close wait until ``flowing`` is set."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict] = []
+        self.flowing = asyncio.Event()
+        self.waiting = asyncio.Event()
+        self.closed = False
+
+    async def send(self, data: bytes, text: bool = True) -> None:
+        self.sent.append(msgspec.json.decode(data))
+        self.waiting.set()
+        await self.flowing.wait()
+
+    async def close(self) -> None:
+        self.waiting.set()
+        await self.flowing.wait()
+        self.closed = True
+
+
+async def test_consumer_aclose_cancelled_while_closing_still_ends_everything():
+    """The task calling ``aclose()`` cancelled while the close frame was being written: before,
+    the consumer counted as closed but its readers were never woken (they waited for ever), its
+    connection task was neither cancelled nor awaited, and a second ``aclose()`` returned at
+    once. The shutdown now goes on by itself; a later ``aclose()`` waits for its end."""
+    from tests.test_consumer_presence import fake_consumer
+
+    bus, _ = await fake_consumer()
+    ws = BlockingConnection()
+    bus._ws = bus._subscribed_on = ws  # type: ignore[assignment]
+    task = bus._task = asyncio.ensure_future(asyncio.Event().wait())  # a connection task
+    events, reader = bus.events(1), bus.presence(1)
+    await settle()
+    ws.flowing.set()  # (the subscribes go)
+    await settle()
+    waiting = [asyncio.ensure_future(anext(events)), asyncio.ensure_future(anext(reader))]
+    await settle()
+    ws.flowing.clear()
+    ws.waiting.clear()
+    closing = asyncio.ensure_future(bus.aclose())
+    async with asyncio.timeout(5):
+        await ws.waiting.wait()
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    ws.flowing.set()  # the close handshake ends
+    async with asyncio.timeout(5):
+        for reader_waiting in waiting:
+            with pytest.raises(StopAsyncIteration):
+                await reader_waiting
+        await bus.aclose()  # waits for the shutdown the cancelled call started
+    assert ws.closed and task.cancelled()
+
+
+async def test_subscription_aclose_cancelled_mid_send_still_leaves_every_project():
+    """``aclose()`` of a subscription of two projects, cancelled while the first unsubscribe was
+    being written: the second went all the same (before, never: the gateway kept that project
+    subscribed and sending its events, each dropped)."""
+    from tests.test_consumer_presence import fake_consumer
+
+    bus, _ = await fake_consumer()
+    ws = BlockingConnection()
+    ws.flowing.set()
+    bus._ws = bus._subscribed_on = ws  # type: ignore[assignment]
+    events = bus.events(1, 2)
+    await settle()
+    await bus._on_frame(ws, subscribed(1, 0))
+    await bus._on_frame(ws, subscribed(2, 0))
+    ws.flowing.clear()
+    ws.waiting.clear()
+    closing = asyncio.ensure_future(events.aclose())
+    async with asyncio.timeout(5):
+        await ws.waiting.wait()
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    ws.flowing.set()
+    await settle()
+    left = sorted(m["project_id"] for m in ws.sent if m["type"] == "unsubscribe")
+    assert left == [1, 2], ws.sent
+    assert bus._unsubscribing == {1: 1, 2: 1}
+    await bus.aclose()
