@@ -83,6 +83,9 @@ async def test_a_consumer_whose_token_has_a_sub_is_listed_and_a_forbidden_projec
     gateway = await gateways(**FAST)
     watcher = await person(gateway, "watcher")
     await watcher.subscribe(1, presence=True)
+    # Its list first (it follows the `subscribed`): else the agent, connecting meanwhile, may be
+    # in it already, and no diff tells the watcher of the agent's arrival.
+    await watcher.wait_for(lambda: bool(watcher.of("presence")), 5)
     async with Consumer(ws_url(gateway), token=token([1], "agent-7", "Agent")) as bus:
         presence = bus.presence(1)
         view = await views_until(presence, lambda v: ids(v) == ["agent-7", "watcher"])
