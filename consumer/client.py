@@ -47,7 +47,14 @@ from websockets.uri import parse_uri
 
 from consumer.answers import PendingAnswers, ReadingClock
 from consumer.buffer import BoundedQueue
-from consumer.frames import EVENT_TYPES, PRESENCE_TYPES, FrameError, decode_frame, event_seq
+from consumer.frames import (
+    EVENT_TYPES,
+    PRESENCE_TYPES,
+    FrameError,
+    decode_frame,
+    event_header,
+    event_seq,
+)
 from consumer.lookups import is_ip_address, open_socket
 from consumer.ordering import ProjectState, Verdict
 from consumer.pages import PageUnavailable, read_page
@@ -1322,6 +1329,8 @@ class Consumer:
         return True
 
     async def _on_frame(self, ws: ClientConnection, raw: bytes) -> object:
+        if self._presence and await self._on_unread_event(ws, raw):
+            return None
         try:
             message = decode_frame(raw)
         except FrameError as exc:
@@ -1437,6 +1446,27 @@ class Consumer:
                     await self._send_subscribe(state)  # (the one held while the list was owed)
             return None
         return message  # Authenticated, Pong
+
+    async def _on_unread_event(self, ws: ClientConnection, raw: bytes) -> bool:
+        """An event of a project followed for its presence only (the protocol has no presence
+        without events: ``docs/consumer.md``): ordered by its header alone, its body never
+        decoded, nothing queued. Returns False for any other frame (decoded as usual)."""
+        header = event_header(raw)
+        if header is None:
+            return False
+        project_id, seq = header
+        state = self._states.get(project_id)
+        if state is None or state.delivers:
+            return False
+        if self._unsubscribing and self._left(project_id, None):
+            return True
+        pending = state.pending
+        verdict = state.on_event(seq, frame=raw)
+        if pending and verdict is Verdict.DELIVER:
+            self._heard(project_id)  # (its subscribe's replay: see _on_frame)
+        elif verdict is Verdict.GAP:
+            await self._on_gap(ws, state)
+        return True
 
     def _on_presence(self, message: Any) -> None:
         """A ``presence`` or ``presence_diff``: applied to the project's table, whose readers

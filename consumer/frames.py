@@ -35,6 +35,7 @@ __all__ = [
     "PRESENCE_TYPES",
     "FrameError",
     "decode_frame",
+    "event_header",
     "event_seq",
     "is_event",
 ]
@@ -146,6 +147,20 @@ def event_seq(raw: bytes) -> int:
             if 0 <= seq <= MAX_SEQ:
                 return seq
     return _header_decoder.decode(raw).seq
+
+
+def event_header(raw: bytes) -> tuple[int, int] | None:
+    """``(project_id, seq)`` of a frame that is an event (of any type, known or not), read
+    without decoding its body (the other fields are skipped, not built); None for a control or
+    presence message, or a frame with no such header (:func:`decode_frame` says what it is).
+    For events nobody reads: those of a project followed for its presence only."""
+    try:
+        header = _header_decoder.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    if header.type in _CONTROL_TAGS:
+        return None
+    return header.project_id, header.seq
 
 
 def decode_frame(raw: bytes) -> object:

@@ -814,3 +814,47 @@ async def test_events_and_presence_opened_and_closed_in_any_order_stay_exact(ste
         assert consumer.stats.resyncs == 0 and consumer.stats.presence_malformed == 0
     finally:
         await consumer.aclose()
+
+
+async def test_events_of_a_project_read_for_presence_only_are_never_decoded(monkeypatch):
+    """The protocol has no presence without events: a project read for its presence only gets
+    them all the same. They go to no one: each is ordered by its header alone (a gap is still
+    repaired), its body never decoded (an unknown type or a body no schema fits is no more
+    than its header), and nothing is queued."""
+    import consumer.client as client_module
+
+    consumer, ws = await fake_consumer()
+    only = consumer.presence(2)
+    await settle()
+    await consumer._on_frame(ws, subscribed(2, 7))
+    await consumer._on_frame(ws, frame(presence(member("a"), project_id=2)))
+    decoded: list[bytes] = []
+    plain = client_module.decode_frame
+
+    def counted(raw: bytes) -> object:
+        decoded.append(raw)
+        return plain(raw)
+
+    monkeypatch.setattr(client_module, "decode_frame", counted)
+    unknown = frame({"type": "from_the_future", "project_id": 2, "x": [1, 2], "seq": 10})
+    broken = frame({"type": "blocker_resolved", "project_id": 2, "blocker_id": "?", "seq": 11})
+    for raw in (event_frame(2, 8), event_frame(2, 9), unknown, broken):
+        await consumer._on_frame(ws, raw)
+    assert decoded == []
+    assert consumer.cursor(2).seq == 11
+    assert consumer.stats.delivered == 0 and consumer.stats.ignored == 0
+    await consumer._on_frame(ws, event_frame(2, 13))  # past a gap: repaired as ever
+    repair = {k: v for k, v in ws.sent[-1].items() if k != "tag"}
+    assert repair == {
+        "type": "subscribe",
+        "project_id": 2,
+        "epoch": "e1",
+        "after": 11,
+        "presence": True,
+    }
+    # Its presence messages are decoded as ever.
+    await consumer._on_frame(ws, frame(diff(joined=[member("b")], project_id=2)))
+    assert [m.id for m in consumer.members(2)] == ["a", "b"]
+    assert len(decoded) == 1
+    await only.aclose()
+    await consumer.aclose()
