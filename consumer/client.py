@@ -939,8 +939,9 @@ class Consumer:
         forgotten = self._forget(route, project_ids)
         if forgotten:
             # In a task of its own: a caller cancelled while one was being written would leave
-            # the others subscribed on the gateway, sending events to no one.
-            await asyncio.shield(self._spawn(self._unsubscribe_each(forgotten)))
+            # the others subscribed on the gateway, sending events to no one. (Waited for, not
+            # shielded: the consumer closing meanwhile cancels it, which is no error here.)
+            await asyncio.wait((self._spawn(self._unsubscribe_each(forgotten)),))
 
     async def _unsubscribe_each(self, project_ids: list[int]) -> None:
         for project_id in project_ids:

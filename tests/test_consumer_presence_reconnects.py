@@ -704,3 +704,30 @@ async def test_subscription_aclose_cancelled_mid_send_still_leaves_every_project
     assert left == [1, 2], ws.sent
     assert bus._unsubscribing == {1: 1, 2: 1}
     await bus.aclose()
+
+
+async def test_subscription_aclose_while_the_consumer_closes_returns_quietly():
+    """A subscription closed while the consumer closes: its unsubscribes are cancelled with the
+    consumer's other work, and its ``aclose()`` returns (no CancelledError its caller never
+    asked for)."""
+    from tests.test_consumer_presence import fake_consumer
+
+    bus, _ = await fake_consumer()
+    ws = BlockingConnection()
+    ws.flowing.set()
+    bus._ws = bus._subscribed_on = ws  # type: ignore[assignment]
+    events = bus.events(1, 2)
+    await settle()
+    await bus._on_frame(ws, subscribed(1, 0))
+    await bus._on_frame(ws, subscribed(2, 0))
+    ws.flowing.clear()
+    ws.waiting.clear()
+    leaving = asyncio.ensure_future(events.aclose())
+    async with asyncio.timeout(5):
+        await ws.waiting.wait()
+        closing = asyncio.ensure_future(bus.aclose())
+        await settle()
+        ws.flowing.set()
+        await leaving  # returns
+        await closing
+    assert not leaving.cancelled()
