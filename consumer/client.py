@@ -1338,6 +1338,11 @@ class Consumer:
             if exc.presence is not None:
                 if not (self._unsubscribing and self._left(exc.presence, None)):
                     self._malformed_presence(exc.presence, str(exc))
+                    if exc.listing:
+                        # Still the presence answer owed (in order), only unreadable: taken
+                        # for none, the subscribe held behind it never went and the bound
+                        # gave the connection up, on every connection again.
+                        await self._presence_answered(ws, exc.presence)
                 return None
             if exc.header is None:
                 self._ignored("ignored a frame that is not a protocol message", error=str(exc))
@@ -1440,11 +1445,14 @@ class Consumer:
         if cls is Unsubscribed:
             return None
         if cls in PRESENCE_TYPES:
+            if cls is Presence:
+                # The presence read answered: a later 'unavailable' starts its backoff over
+                # (the `subscribed` before a failed read does not: the retries would never
+                # back off).
+                self._unavailable.pop(message.project_id, None)  # type: ignore[attr-defined]
             self._on_presence(message)
             if cls is Presence:
-                state = self._states.get(message.project_id)  # type: ignore[attr-defined]
-                if state is not None and state.resubscribe_when_acknowledged and not state.pending:
-                    await self._send_subscribe(state)  # (the one held while the list was owed)
+                await self._presence_answered(ws, message.project_id)  # type: ignore[attr-defined]
             return None
         return message  # Authenticated, Pong
 
@@ -1473,14 +1481,6 @@ class Consumer:
         """A ``presence`` or ``presence_diff``: applied to the project's table, whose readers
         are woken when it changed. A project nobody reads the presence of any more (its
         resubscribe without the flag not read yet) has none."""
-        if type(message) is Presence:
-            # The presence read answered: a later 'unavailable' starts its backoff over (the
-            # `subscribed` before a failed read does not: the retries would never back off).
-            self._unavailable.pop(message.project_id, None)
-            state = self._states.get(message.project_id)
-            if state is not None and state.presence_due:
-                state.presence_due = False
-                self._answered(state.project_id)
         route = self._presence.get(message.project_id)
         if route is None:
             return
@@ -1492,6 +1492,18 @@ class Consumer:
             self._malformed_presence(
                 message.project_id, "a member or id the gateway never sends", counted=True
             )
+
+    async def _presence_answered(self, ws: ClientConnection, project_id: int) -> None:
+        """A ``presence`` list came (applied, refused, or not even decodable): the answer owed
+        to the last subscribe with the flag (:attr:`ProjectState.presence_due`), after which the
+        subscribe held meanwhile goes."""
+        state = self._states.get(project_id)
+        if state is None or not state.presence_due:
+            return
+        state.presence_due = False
+        self._answered(project_id)
+        if state.resubscribe_when_acknowledged and not state.pending:
+            await self._send_subscribe(state)  # (the one held while the list was owed)
 
     def _malformed_presence(self, project_id: int, error: str, *, counted: bool = False) -> None:
         """A presence message refused (the table's list as it was): counted (in the project's

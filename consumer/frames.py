@@ -122,15 +122,22 @@ class FrameError(ValueError):
 
     ``header`` holds ``(type, project_id, seq)`` when the frame at least looks like an event (so
     its place in the order can still be kept), else None. ``presence`` holds the project of a
-    malformed ``presence`` or ``presence_diff`` (its table counts it), else None.
+    malformed ``presence`` or ``presence_diff`` (its table counts it), else None; ``listing``
+    says it is a ``presence`` (a list: the answer a subscribe with the flag is owed).
     """
 
     def __init__(
-        self, message: str, header: tuple[str, int, int] | None, presence: int | None = None
+        self,
+        message: str,
+        header: tuple[str, int, int] | None,
+        presence: int | None = None,
+        *,
+        listing: bool = False,
     ) -> None:
         super().__init__(message)
         self.header = header
         self.presence = presence
+        self.listing = listing
 
 
 def event_seq(raw: bytes) -> int:
@@ -189,7 +196,8 @@ def _decode_frame(raw: bytes) -> object:
             pass
         else:
             if tagged.type in _PRESENCE_TAGS:
-                raise FrameError(str(exc), None, tagged.project_id) from None
+                listing = tagged.type == Presence.__struct_config__.tag
+                raise FrameError(str(exc), None, tagged.project_id, listing=listing) from None
         try:
             header = _header_decoder.decode(raw)
         except msgspec.DecodeError:
