@@ -6,12 +6,14 @@ as they do in the client."""
 from __future__ import annotations
 
 import asyncio
+from unittest import mock
 
 import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import consumer.presence as presence_module
 from consumer.frames import FrameError, decode_frame
 from consumer.presence import (
     PresenceChange,
@@ -377,6 +379,65 @@ def test_garbage_never_crashes_and_never_reaches_the_table(messages):
             assert all(is_member(m) for m in members)
             assert [m.id for m in members] == sorted({m.id for m in members})
         watch.next_view(table)
+
+
+class CopyingTable(PresenceTable):
+    """The table as it was before 6cdd7c6: ``_apply`` copied the whole table and compared it
+    after the diff (kept here, verbatim but for the name, as the reference of the new one)."""
+
+    __slots__ = ()
+
+    def _apply(self, diff: PresenceDiff) -> bool:
+        if (
+            diff.project_id != self.project_id
+            or type(diff.left) is not list
+            or type(diff.joined) is not list
+            or type(diff.changed) is not list
+            or not all(presence_module._is_id(i) for i in diff.left)
+            or not all(is_member(m) for m in diff.joined)
+            or not all(is_member(m) for m in diff.changed)
+        ):
+            self.malformed += 1
+            return False
+        table = self._members
+        if table is None:
+            self.ignored += 1
+            return False
+        before = dict(table)
+        for member_id in diff.left:
+            table.pop(member_id, None)
+        for member in (*diff.joined, *diff.changed):
+            table[member.id] = member
+        if len(table) > presence_module.MAX_MEMBERS:
+            return self._too_many()
+        if table == before:
+            return False
+        self._changed()
+        return True
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(valid_messages() | garbage | st.just("forget"), max_size=25),
+    st.sampled_from([3, 5, presence_module.MAX_MEMBERS]),
+)
+def test_a_diff_is_applied_as_the_copying_table_applied_it(messages, max_members):
+    """Whatever comes (valid, repeated, undone, hostile, past MAX_MEMBERS): the table that looks
+    at the ids a diff names says what the one that copied the whole table said, step by step:
+    the same answer (changed or not), members, version, malformed and ignored counts."""
+    new, old = PresenceTable(1), CopyingTable(1)
+    with mock.patch.object(presence_module, "MAX_MEMBERS", max_members):
+        for message in messages:
+            if message == "forget":
+                assert new.forget() == old.forget()
+            else:
+                assert feed(new, message) == feed(old, message)
+            assert new.members == old.members
+            assert (new.version, new.malformed, new.ignored) == (
+                old.version,
+                old.malformed,
+                old.ignored,
+            )
 
 
 # --- the client's presence handling, with a fake connection ------------------------------------
