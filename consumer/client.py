@@ -1627,9 +1627,15 @@ class Consumer:
                     # retry now would be a second in flight, whose answers could not be told
                     # apart.
                     return
-                if state.resubscribe_when_acknowledged and project_id not in self._presence:
-                    # One held while the answer was owed, without the flag (nobody reads
-                    # presence any more): nothing to retry, it goes now.
+                if state.resubscribe_when_acknowledged:
+                    # One held while the answer was owed (a replay, a gap's repair, the reader
+                    # closed): it goes now. Without the flag there is nothing to retry; with
+                    # it, it is the retry (counted as one), not held for the retry's backoff:
+                    # a failure of presence does not delay the events.
+                    if project_id in self._presence:
+                        self._cancel_retry(project_id)
+                        self.stats.unavailable += 1
+                        self._unavailable[project_id] = self._unavailable.get(project_id, 0) + 1
                     await self._send_subscribe(state)
                     return
             else:

@@ -758,3 +758,37 @@ async def test_a_presence_answer_that_cannot_be_decoded_still_answers_the_subscr
     assert not bus._states[1].presence_due  # answered
     assert ws.sent[1:] == [{"type": "subscribe", "project_id": 1, "epoch": "e1", "after": 3}]
     await bus.aclose()
+
+
+async def test_a_replay_held_behind_a_failed_presence_read_goes_at_once_not_after_its_backoff():
+    """``start="beginning"`` with a presence reader: the first ``subscribed`` places the cursor
+    and asks for the replay from the start, a subscribe held while the presence answer is owed.
+    That answer is ``unavailable`` (presence's Redis down, the events' up): the held subscribe is
+    the retry too (it asks for presence again), and it goes at once. It waited for the
+    presence retry's backoff instead (up to ``ReconnectPolicy.max``, growing with every failed
+    read): a quiet project's history came that much later, for a failure of presence only."""
+    from tests.test_consumer_presence import fake_consumer
+
+    bus, ws = await fake_consumer()
+    bus._random = lambda: 1.0  # a retry waits its whole backoff
+    bus._unavailable[1] = 20  # presence has been failing a while: the backoff is at its max
+    events = bus.events(1, start="beginning")
+    reader = bus.presence(1)  # noqa: F841 (kept: a dropped one is unfollowed)
+    await settle()
+    assert ws.sent == [{"type": "subscribe", "project_id": 1, "presence": True}]
+    await bus._on_frame(ws, subscribed(1, 2))
+    await settle()
+    assert len(ws.sent) == 1, ws.sent[1:]  # held while the presence answer is owed
+    unavailable = {"type": "error", "code": "unavailable", "message": "x", "project_id": 1}
+    await bus._on_frame(ws, frame(unavailable))
+    await settle()
+    replay = {"type": "subscribe", "project_id": 1, "epoch": "e1", "after": 0, "presence": True}
+    assert ws.sent[1:] == [replay]
+    for seq in (1, 2):
+        await bus._on_frame(ws, event_frame(1, seq))
+    await bus._on_frame(ws, subscribed(1, 2, resumed=True))
+    assert [(await anext(events)).seq for _ in range(2)] == [1, 2]
+    await bus._on_frame(ws, frame(unavailable))  # its presence read fails too: retried later
+    await settle()
+    assert len(ws.sent) == 2 and 1 in bus._retries
+    await bus.aclose()
