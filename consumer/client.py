@@ -1610,7 +1610,10 @@ class Consumer:
         presence_read = (
             error.code == ErrorCode.UNAVAILABLE and state is not None and state.presence_due
         )
-        if state is not None and not (presence_read and state.pending):
+        if state is not None and state.pending != presence_read:
+            # (the subscribe in flight, or the presence answer owed; an error answering neither,
+            # a broken gateway's, must not lift the bound on that answer: the subscribe held
+            # behind it would never go)
             self._answered(state.project_id)
         if error.code == ErrorCode.RATE_LIMITED:
             await self._on_rate_limited(error, state)

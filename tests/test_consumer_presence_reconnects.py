@@ -792,3 +792,38 @@ async def test_a_replay_held_behind_a_failed_presence_read_goes_at_once_not_afte
     await settle()
     assert len(ws.sent) == 2 and 1 in bus._retries
     await bus.aclose()
+
+
+async def test_an_error_answering_nothing_does_not_lift_the_bound_on_an_owed_presence_answer():
+    """After a subscribe's ``subscribed`` its presence answer is owed, under the bound on answers.
+    An error naming the project that answers no subscribe of ours (none is in flight: a broken
+    or hostile gateway's ``rate_limited``) lifted that bound: then, the answer never coming, the
+    subscribe held behind it (a gap's repair) never went and never would, every event past the
+    gap dropped in silence, no reconnect. The bound stays: the connection is given up."""
+    from consumer import Cursor
+    from tests.test_consumer_presence import fake_consumer
+
+    bus, ws = await fake_consumer()
+    bus._ws = bus._subscribed_on = ws  # (the bound's timer checks this connection)
+    events = bus.events(1, after=Cursor("e1", 3))  # noqa: F841 (kept: a dropped one is unfollowed)
+    reader = bus.presence(1)  # noqa: F841
+    await settle()
+    await bus._on_frame(ws, subscribed(1, 3, resumed=True))
+    await bus._on_frame(ws, event_frame(1, 5))  # past a gap: its repair is held
+    limited = {
+        "type": "error",
+        "code": "rate_limited",
+        "message": "x",
+        "project_id": 1,
+        "retry_after_ms": 1,
+    }
+    await bus._on_frame(ws, frame(limited))
+    await settle()
+    assert len(ws.sent) == 1, ws.sent[1:]  # still held: the presence answer is owed
+    later = bus._clock.now() + bus._open_timeout + 1
+
+    def waiting(project_id: int) -> bool:
+        return bus._states[project_id].answer_due
+
+    assert bus._answers.overdue(later, waiting)[0] == 1  # the bound still holds it
+    await bus.aclose()
