@@ -827,3 +827,42 @@ async def test_an_error_answering_nothing_does_not_lift_the_bound_on_an_owed_pre
 
     assert bus._answers.overdue(later, waiting)[0] == 1  # the bound still holds it
     await bus.aclose()
+
+
+async def test_events_followed_while_a_presence_only_repair_is_held_start_at_their_cursor():
+    """A project read for presence only, ordered by headers, a gap's repair held while its
+    presence answer is owed; then ``events()`` of it from a cursor behind all that. The old
+    subscription's frames (its list, its events) are dropped until the gateway's
+    ``unsubscribed``; the first event delivered is the one after the cursor, each once, in
+    order, no Resync, and the held repair never goes."""
+    from consumer import Cursor
+    from tests.test_consumer_presence import fake_consumer
+
+    bus, ws = await fake_consumer()
+    reader = bus.presence(1)
+    await settle()
+    await bus._on_frame(ws, subscribed(1, 3))
+    for seq in (4, 6):  # 5 missing: the repair waits for the presence answer
+        await bus._on_frame(ws, event_frame(1, seq))
+    await settle()
+    assert len(ws.sent) == 1, ws.sent[1:]
+    events = bus.events(1, after=Cursor("e1", 2))
+    await settle()
+    assert ws.sent[1:] == [
+        {"type": "unsubscribe", "project_id": 1},
+        {"type": "subscribe", "project_id": 1, "epoch": "e1", "after": 2, "presence": True},
+    ]
+    await bus._on_frame(ws, frame(presence(member("old"))))  # the old subscription's
+    await bus._on_frame(ws, event_frame(1, 7))
+    await bus._on_frame(ws, frame({"type": "unsubscribed", "project_id": 1}))
+    for seq in range(3, 8):
+        await bus._on_frame(ws, event_frame(1, seq))
+    await bus._on_frame(ws, subscribed(1, 7, resumed=True))
+    await bus._on_frame(ws, frame(presence(member("a"))))
+    await bus._on_frame(ws, event_frame(1, 8))
+    assert [(await anext(events)).seq for _ in range(6)] == [3, 4, 5, 6, 7, 8]
+    assert bus.stats.resyncs == 0 and bus.stats.duplicates == 0
+    assert ids_of(await anext(reader)) == ["a"]  # the new subscription's list, not the old
+    await settle()
+    assert len(ws.sent) == 3, ws.sent[3:]
+    await bus.aclose()
