@@ -465,8 +465,8 @@ def test_a_transaction_reply_of_the_wrong_shape_keeps_the_relay_batching(fake, r
         assert cursors == [] and isinstance(error, PublisherUnavailable)
         fake.answer = proxy
         sent = len(fake.commands)
-        cursors, error = keyed.publish(rows)
-    assert error is None and [c.seq for c in cursors] == [1, 2, 3]
+        published, error = keyed.publish(rows)
+    assert error is None and [cursor.seq for cursor, _tag in published] == [1, 2, 3]
     names = fake.names()[sent:]  # one round trip: MULTI, the three calls, EXEC
     assert names.count(b"MULTI") == 1 and names[names.index(b"EXEC") + 1 :] == []
     assert history(redis_server, 1) == [1, 2, 3]
@@ -496,7 +496,8 @@ def test_a_proxy_that_spoils_every_exec_reply_still_gets_each_row_published_once
     ]
     if flavour == "sync":
         with Publisher.from_url(fake.url, prefix=PREFIX, timeout=2) as publisher:
-            cursors, error = KeyedPublisher(publisher).publish(rows)
+            published, error = KeyedPublisher(publisher).publish(rows)
+            cursors = [cursor for cursor, _tag in published]  # (each with its stored frame's tag)
     else:
 
         async def publish() -> list:
