@@ -444,3 +444,25 @@ async def test_the_documented_paging_loop_stops_loudly_on_an_error_answer(redis_
         out, err = await done.communicate()
     assert [json.loads(line)["seq"] for line in out.splitlines()] == [1]
     assert done.returncode != 0 and b"rate_limited" in err
+
+
+async def test_a_path_is_routed_as_sent_not_as_decoded(redis_url) -> None:
+    """Each resource has one spelling. uvicorn percent-decodes the path it hands over, so
+    ``/v1/projects/1%2Fpresence`` was served as ``/v1/projects/1/presence`` and ``/v1/projects/01/``
+    as project 1: a proxy in front that allows or refuses by path (say, refusing
+    ``/v1/projects/1/...`` to some callers) was passed by another spelling of the same resource.
+    Now the API routes the path as it was sent (ASGI ``raw_path``), and a project id has no
+    leading zero, as in the gateway: anything else is 404 ``not_found``."""
+    async with _serve(redis_url) as (_, _, port):
+        api = ReadApi(port)
+        assert (await api.get("/v1/projects/1/presence", key=KEY_ALL))[0] == 200
+        for path in (
+            "/v1/projects/1%2Fpresence",
+            "/v1/projects/1%2fevents",
+            "/v1/projects/%31/presence",
+            "/v1/projects/01/presence",
+            "/v1/projects/1/%70resence",
+            "/%68ealthz",
+        ):
+            status, _, body = await api.get(path, key=KEY_ALL)
+            assert (status, body["error"]["code"]) == (404, "not_found"), path

@@ -218,7 +218,10 @@ class PublishApi:
                 return
 
     async def _http(self, scope: dict, receive, send) -> None:
-        method, path = scope["method"], scope["path"]
+        # Routed as sent: ``path`` is percent-decoded, so ``/v1/projects/1%2Fpresence`` would be
+        # the same resource as ``/v1/projects/1/presence``, and a proxy that allows or refuses by
+        # path would be passed by the other spelling. No route of ours needs an escape.
+        method, path = scope["method"], _sent_path(scope)
         allow = b"POST"  # the methods of the path, for a 405's Allow
         try:
             if path in _PROBES:
@@ -578,3 +581,13 @@ async def _respond(
     ]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+def _sent_path(scope: dict) -> str:
+    """The request's path as the client sent it (ASGI ``raw_path``, without the query), or the
+    decoded ``path`` from a server that gives no ``raw_path``. What is not ASCII matches no
+    route either way."""
+    raw = scope.get("raw_path")
+    if raw is None:
+        return scope["path"]
+    return raw.decode("latin-1")

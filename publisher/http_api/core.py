@@ -63,7 +63,7 @@ __all__ = [
 #: A key as handed to a service: a fixed prefix (so a leaked key is recognisable in logs and by
 #: secret scanners) and 32 random bytes, URL-safe base64.
 KEY_PREFIX = "ebk_"
-_PATH_RE = re.compile(r"/v1/projects/([0-9]{1,16})/(events|presence)")
+_PATH_RE = re.compile(r"/v1/projects/([1-9][0-9]{0,15})/(events|presence)")  # one spelling of an id
 #: The resources of a project: its events (POST publishes, GET reads a page of its history) and
 #: its presence (GET).
 EVENTS = "events"
