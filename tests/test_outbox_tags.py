@@ -345,6 +345,59 @@ async def test_an_asnapshot_on_a_table_not_yet_migrated_gives_a_cursor_without_a
     assert snap.cursor_json() == {"epoch": snap.cursor.epoch, "seq": 1, "tag": None}
 
 
+@pytest.fixture
+def tenants(request, tmp_path, table) -> tuple[Database, Database]:
+    """Two databases holding one outbox table of the same name, as one application serving a
+    database (SQLite: a file; PostgreSQL: a schema, chosen by the connection's search_path)
+    per tenant sees them; each with its own Outbox, which the test replaces by a shared one."""
+    if request.param == "sqlite":
+        return (
+            Database("sqlite", str(tmp_path / "a.db"), table),
+            Database("sqlite", str(tmp_path / "b.db"), table),
+        )
+    url = request.getfixturevalue("pg_url")
+    out = []
+    for name in ("a", "b"):
+        schema = f"tenant_{name}_{table}"
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f"CREATE SCHEMA {schema}")
+        out.append(Database("postgresql", f"{url}?options=-csearch_path%3D{schema}", table))
+    return out[0], out[1]
+
+
+@pytest.mark.parametrize("tenants", ["postgresql", "sqlite"], indirect=True)
+def test_one_outbox_on_a_migrated_and_a_not_yet_migrated_database_snapshots_both(tenants, bus):
+    """One Outbox object shared by the databases (or schemas) of several tenants, some not yet
+    migrated. Before, once a snapshot had found the tag column on one of them, the Outbox took
+    it for present everywhere: every snapshot on the others failed (``no such column: tag``,
+    ``column "tag" does not exist``). Now each snapshot reads the tag of the database it runs
+    on: tags where the column is, none (and the one warning) where it is not."""
+    migrated, old = tenants
+    shared = Outbox(migrated.table)
+    migrated.create()
+    old.execute(
+        (OLD_POSTGRES if old.dialect == "postgresql" else OLD_SQLITE).format(table=old.table)
+    )
+    migrated.write(event(1, 1))
+    old.write(event(2, 1))
+    migrated.drain(bus)
+    old.drain(bus)
+    migrated.outbox = old.outbox = shared
+    with structlog.testing.capture_logs() as logs:
+        tagged = migrated.snapshot(1)
+        untagged = old.snapshot(2)
+        again = migrated.snapshot(1)
+    assert tagged.tag == again.tag == event_tag(stored_frame(bus.client, 1, 1))
+    assert untagged.cursor_json() == {"epoch": untagged.cursor.epoch, "seq": 1, "tag": None}
+    warnings = [entry for entry in logs if entry["event"] == "outbox_table_not_migrated"]
+    assert len(warnings) == 1 and warnings[0]["by"] == "snapshot"
+    # The other one migrated meanwhile: the same Outbox's next snapshot there reads its tags.
+    old.create()
+    old.write(event(2, 2))
+    old.drain(bus)
+    assert old.snapshot(2).tag == event_tag(stored_frame(bus.client, 2, 2))
+
+
 def test_rows_published_before_and_after_a_refused_row_record_their_tags(db, bus):
     """A row Redis refuses (its project's key damaged) stops its round trip: the rows before it
     in that round trip, and those after it that Redis ran in the same transaction (other

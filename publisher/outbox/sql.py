@@ -20,6 +20,7 @@ from schemas.stored import MAX_FRAME_BYTES
 __all__ = [
     "DEFAULT_TABLE",
     "MAX_EVENT_BYTES",
+    "NO_TAG_COLUMN",
     "POSTGRES",
     "POSTGRES_DDL",
     "SQLITE",
@@ -277,6 +278,28 @@ def leader_key(table: str) -> int:
     return int.from_bytes(digest.digest(), "big", signed=True)
 
 
+#: What the snapshot statements return in the tag's place on a table without the column (not
+#: migrated yet): no tag (:func:`schemas.tags.is_tag` refuses it), and tells the snapshot to warn.
+NO_TAG_COLUMN = "(no tag column)"
+
+
+def _with_tag(table: str, rows: str) -> str:
+    """``rows`` (a query of ``id, epoch, seq`` on ``table``) with a fourth column: the row's
+    ``tag`` as text, or :data:`NO_TAG_COLUMN` when ``table`` has no such column, without failing
+    (``no such column``) and without a query of the catalog first. The ``tag`` in the subquery
+    is the column of ``table`` where it has one (the innermost name wins); where it has none, the
+    name is resolved in the enclosing query, where only ``absent`` has it. Both databases
+    resolve it when the statement is prepared, again after a change of the table or of the
+    search_path: a prepared statement follows a migration, and the schema a connection is on.
+    Written so on both dialects (SQLite has no LATERAL); it costs one primary key lookup of the
+    row found. The name ``tag`` as the other statements name it: on PostgreSQL a quoted
+    ``"Tag"`` is another column, SQLite ignores case."""
+    return (
+        f"SELECT o.id, o.epoch, o.seq, (SELECT CAST(tag AS TEXT) FROM {table} AS r "
+        f"WHERE r.id = o.id) FROM ({rows}) AS o, (SELECT '{NO_TAG_COLUMN}' AS tag) AS absent"
+    )
+
+
 _NAMED = re.compile(r"(?<![:\w]):([a-z_][a-z0-9_]*)")
 
 
@@ -370,30 +393,16 @@ class Statements:
             f"AND o.id < (SELECT max(n.id) FROM {t} n WHERE n.project_id = o.project_id "
             "AND n.published_at IS NOT NULL) LIMIT :limit)"
         )
-        self.newest_of_project = (
-            f"SELECT id, epoch, seq, tag FROM {t} WHERE project_id = :project_id "
-            "ORDER BY id DESC LIMIT 1"
+        # A snapshot's statements read the tag in the same query whether or not the table has
+        # its tag column (one Outbox may serve several databases or schemas, some not migrated
+        # yet; looking first would cost a query per snapshot, and remembering what was found
+        # holds only for the database it was found on): see _with_tag.
+        self.newest_of_project = _with_tag(
+            t,
+            f"SELECT id, epoch, seq FROM {t} WHERE project_id = :project_id "
+            "ORDER BY id DESC LIMIT 1",
         )
-        self.cursor_of_row = f"SELECT epoch, seq, tag FROM {t} WHERE id = :id"
-        # The same on a table not yet migrated (no tag column): the snapshot's cursors then
-        # carry no tag, as the relay's marks do not (see Outbox.snapshot).
-        self.newest_of_project_untagged = (
-            f"SELECT id, epoch, seq, NULL FROM {t} WHERE project_id = :project_id "
-            "ORDER BY id DESC LIMIT 1"
-        )
-        self.cursor_of_row_untagged = f"SELECT epoch, seq, NULL FROM {t} WHERE id = :id"
-        # One row, one value: how many columns named tag the table has (0 or 1), as the
-        # statements above would name it (SQLite ignores case; on PostgreSQL a quoted "Tag" is
-        # another column). A table that does not exist has none.
-        if pg:
-            self.tag_column = (
-                "SELECT count(*) FROM pg_attribute WHERE attrelid = "
-                "to_regclass(CAST(:table AS text)) AND attname = 'tag' AND NOT attisdropped"
-            )
-            self.tag_column_params: dict[str, str] = {"table": t}
-        else:
-            pragma, self.tag_column_params = sqlite_columns(t)
-            self.tag_column = f"SELECT count(*) FROM ({pragma}) WHERE lower(name) = 'tag'"
+        self.cursor_of_row = _with_tag(t, f"SELECT id, epoch, seq FROM {t} WHERE id = :id")
         self.try_lead = "SELECT pg_try_advisory_lock(:key)"
         # PostgreSQL 14+: the lock and the session's lease in one statement (the subquery, kept
         # apart by OFFSET 0, takes the lock first; each CASE sets its part of the lease only

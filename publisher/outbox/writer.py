@@ -16,6 +16,7 @@ from publisher.core import Cursor
 from publisher.outbox.db import AsyncDB, SyncDB, adapt
 from publisher.outbox.sql import (
     DEFAULT_TABLE,
+    NO_TAG_COLUMN,
     POSTGRES,
     SQLITE,
     Statements,
@@ -110,9 +111,9 @@ class Outbox:
         self.table = table
         self.notify = notify
         self._statements = {dialect: Statements(table, dialect) for dialect in (POSTGRES, SQLITE)}
-        #: The dialects on which a snapshot found the table with its tag column: not looked at
-        #: again (a column is not dropped by anything of ours). Until then, each snapshot looks.
-        self._tag_column_seen: set[str] = set()
+        #: The dialects on which a snapshot found a table without its tag column, and said so.
+        #: Nothing else is remembered about the table: each snapshot's query reads the tag of the
+        #: database it runs on, or finds that it has none (one Outbox may serve several).
         self._untagged_warned: set[str] = set()
 
     # --- schema -----------------------------------------------------------------------------
@@ -262,18 +263,15 @@ class Outbox:
         st = self._statements[db.dialect]
         with db.snapshot_transaction():
             data = read(db.target)
-            tagged = db.dialect in self._tag_column_seen or self._found_tag_column(
-                db.dialect, db.execute(st.tag_column, st.tag_column_params)
-            )
-            newest_sql, row_sql = _snapshot_queries(st, tagged)
-            newest = db.execute(newest_sql, {"project_id": project_id})
+            newest = db.execute(st.newest_of_project, {"project_id": project_id})
+        self._warn_if_untagged(db.dialect, newest)
         (cursor, tag), row_id = _cursor_or_wait(newest)
         deadline = time.monotonic() + max_wait
         while cursor is None and row_id is not None:
             if time.monotonic() > deadline:
                 raise _timeout(row_id, project_id, max_wait, data)
             time.sleep(_SNAPSHOT_POLL)
-            cursor, tag = _published(db.fresh(row_sql, {"id": row_id}))
+            cursor, tag = _published(db.fresh(st.cursor_of_row, {"id": row_id}))
         return Snapshot(data, cursor, tag)
 
     async def asnapshot(
@@ -291,30 +289,27 @@ class Outbox:
         st = self._statements[db.dialect]
         async with db.snapshot_transaction():
             data = await read(db.target)
-            tagged = db.dialect in self._tag_column_seen or self._found_tag_column(
-                db.dialect, await db.execute(st.tag_column, st.tag_column_params)
-            )
-            newest_sql, row_sql = _snapshot_queries(st, tagged)
-            newest = await db.execute(newest_sql, {"project_id": project_id})
+            newest = await db.execute(st.newest_of_project, {"project_id": project_id})
+        self._warn_if_untagged(db.dialect, newest)
         (cursor, tag), row_id = _cursor_or_wait(newest)
         deadline = time.monotonic() + max_wait
         while cursor is None and row_id is not None:
             if time.monotonic() > deadline:
                 raise _timeout(row_id, project_id, max_wait, data)
             await asyncio.sleep(_SNAPSHOT_POLL)
-            cursor, tag = _published(await db.fresh(row_sql, {"id": row_id}))
+            cursor, tag = _published(await db.fresh(st.cursor_of_row, {"id": row_id}))
         return Snapshot(data, cursor, tag)
 
-    def _found_tag_column(self, dialect: str, counted: list[tuple]) -> bool:
-        """Whether the table has its tag column, from the rows of ``Statements.tag_column``;
-        remembered once found. A table not yet migrated (application code of this version
-        deployed before the migration ran) gets snapshots whose cursors carry no tag, taken at
-        their number as before tags, rather than every snapshot failing with the database's
-        ``no such column``; this says so once per Outbox and dialect (the relay, on such a
-        table, publishes without tags and warns the same way)."""
-        if counted and counted[0][0]:
-            self._tag_column_seen.add(dialect)
-            return True
+    def _warn_if_untagged(self, dialect: str, newest: list[tuple]) -> None:
+        """Say so, once per Outbox and dialect, when the rows of ``Statements.newest_of_project``
+        show a table without its tag column. A table not yet migrated (application code of this
+        version deployed before the migration ran) gets snapshots whose cursors carry no tag,
+        taken at their number as before tags, rather than every snapshot failing with the
+        database's ``no such column`` (the relay, on such a table, publishes without tags and
+        warns the same way). A project without rows shows nothing either way (and gets no
+        cursor)."""
+        if not newest or newest[0][3] != NO_TAG_COLUMN:
+            return
         if dialect not in self._untagged_warned:
             self._untagged_warned.add(dialect)
             log().warning(
@@ -325,18 +320,9 @@ class Outbox:
                 "resume from one is taken at its number, as before tags); run 'python -m "
                 "publisher.outbox migrate' (or Outbox.create_table; see docs/outbox.md)",
             )
-        return False
 
 
 _Tagged = tuple[Cursor | None, str | None]
-
-
-def _snapshot_queries(st: Statements, tagged: bool) -> tuple[str, str]:
-    """The snapshot's query of the project's newest row and its wait's query of that row's
-    cursor: with the tag, or (a table without the column) with NULL in its place."""
-    if tagged:
-        return st.newest_of_project, st.cursor_of_row
-    return st.newest_of_project_untagged, st.cursor_of_row_untagged
 
 
 def _cursor_or_wait(newest: list[tuple]) -> tuple[_Tagged, int | None]:
@@ -355,13 +341,14 @@ def _published(rows: list[tuple]) -> _Tagged:
         # Deleted: only published rows older than the retention are (and never a project's
         # newest published one), so a row we are waiting for cannot be; say so if it happens.
         raise RuntimeError("the outbox row a snapshot waits for was deleted")
-    epoch, seq, tag = rows[0]
+    _, epoch, seq, tag = rows[0]
     return (None, None) if epoch is None else _tagged(epoch, seq, tag)
 
 
 def _tagged(epoch: str, seq: Any, tag: Any) -> _Tagged:
     # A tag column holding anything else than a tag (a hand edit) is no tag: sent on, a client
-    # would refuse it (the Python consumer's cursor check) or the gateway the resume.
+    # would refuse it (the Python consumer's cursor check) or the gateway the resume. Nor is
+    # NO_TAG_COLUMN, what a table without the column gives.
     return Cursor(epoch, int(seq)), tag if is_tag(tag) else None
 
 
