@@ -838,7 +838,7 @@ class PresenceService:
                 except (redis.exceptions.RedisError, OSError) as exc:
                     if isinstance(exc, TimeoutError):  # our bound's: redis-py never saw it end
                         node_unanswered(self.client, master)
-                    self._master_failed(project_id, exc)  # its other projects: later too
+                    self._master_failed(project_id, exc, master)  # its others: later too
                     self._reread_later.add(project_id)
             except BaseException:
                 # read them again on the next round
@@ -886,18 +886,19 @@ class PresenceService:
         writes = self._put_off(self.core.take_writes())
         if not writes:
             return
+        sent_to = self._masters(w.project_id for w in writes)
         try:
             results = await self.store.write(writes)
         except BaseException:
             for w in writes:
                 self.core.written(w, ok=False)
             raise
-        self._apply_writes(writes, results)
+        self._apply_writes(writes, results, sent_to.get)
 
     def _put_off(self, writes: list[Write]) -> list[Write]:
         """``writes`` but those that wait for the next refresh that reaches their master (it
         failed since the last one): counted as not applied, written whole then."""
-        if not self._unreachable:
+        if not (self._unreachable or self._failed_masters):
             return writes
         waiting = {w.project_id for w in writes if self._waits_for_refresh(w.project_id)}
         for w in writes:
@@ -905,8 +906,14 @@ class PresenceService:
                 self.core.written(w, ok=False, retry=False)  # written whole when it answers
         return [w for w in writes if w.project_id not in waiting]
 
-    def _apply_writes(self, writes: list[Write], results: list[bool | ProjectFailure]) -> None:
-        """The outcomes of ``writes``, each the store's for it."""
+    def _apply_writes(
+        self,
+        writes: list[Write],
+        results: list[bool | ProjectFailure],
+        sent_to: Callable[[int], str | None],
+    ) -> None:
+        """The outcomes of ``writes``, each the store's for it; ``sent_to`` names the master
+        each project's write was sent to (:meth:`_master_failed`)."""
         for w, result in zip(writes, results, strict=True):
             if result is True and not w.announce:
                 self.unannounced += 1
@@ -918,24 +925,30 @@ class PresenceService:
                 self.core.written(w, ok=False, retry=False)
             elif isinstance(result, redis.exceptions.RedisError):
                 # Its master (Redis Cluster) failed or hangs: written whole at the next refresh
-                # that reaches it; the other masters' projects went on.
-                self._master_failed(w.project_id, result)
-                self.core.written(w, ok=False, retry=False)
+                # that reaches it (or at once, whole, if the project moved to another master
+                # meanwhile); the other masters' projects went on.
+                waits = self._master_failed(w.project_id, result, sent_to(w.project_id))
+                self.core.written(w, ok=False, retry=not waits)
             else:
                 self.core.written(w, result)
 
     async def _refresh(self) -> None:
         """Refresh every project now, in one call (on a cluster, every master's part at once,
         waited for), then write what Redis lost."""
-        replies = await self.store.refresh(self.core.refresh_plan())
+        plan = self.core.refresh_plan()
+        sent_to = self._masters(plan)
+        replies = await self.store.refresh(plan)
         self._unreachable = set()
         self._failed_masters = set()
-        self._apply_refresh(replies)
+        self._apply_refresh(replies, sent_to.get)
         await self._flush()  # rewrite whatever Redis lost, now
 
-    def _apply_refresh(self, replies: Mapping[int, Any]) -> None:
+    def _apply_refresh(
+        self, replies: Mapping[int, Any], sent_to: Callable[[int], str | None]
+    ) -> None:
         """The outcomes of a refresh (of every project, or of one master's), each the store's
-        for it; the projects' masters were cleared of their failures before."""
+        for it; the projects' masters were cleared of their failures before. ``sent_to`` names
+        the master each project's refresh was sent to (:meth:`_master_failed`)."""
         reread_later, self._reread_later = self._reread_later, set()
         for project_id, reply in replies.items():
             if _keys_at_fault(reply):
@@ -944,7 +957,7 @@ class PresenceService:
             elif isinstance(reply, redis.exceptions.RedisError):
                 # Its master (Redis Cluster) failed or hangs: not refreshed, as in a failed
                 # round (the records live on until their ttl); tried again at the next refresh.
-                self._master_failed(project_id, reply)
+                self._master_failed(project_id, reply, sent_to(project_id))
             elif self.core.refreshed(project_id, *reply):
                 self._reread.add(project_id)
         # The re-reads put off for a master that failed: now, if it answered this refresh.
@@ -1010,7 +1023,7 @@ class PresenceService:
                     replies = dict.fromkeys(part, failure)
                 self._failed_masters.discard(master)
                 self._unreachable.difference_update(part)
-                self._apply_refresh(replies)
+                self._apply_refresh(replies, lambda p: master)
                 # Whatever Redis lost there is written now, with the writes pending meanwhile.
                 self._lane_writes[master] += self._take_writes(
                     lambda p: self.store.master_of(p) == master
@@ -1023,7 +1036,7 @@ class PresenceService:
                     results = [_as_redis_error(exc)] * len(writes)
                 self._lane_writes[master] = []
                 self._writing.difference_update(w.project_id for w in writes)
-                self._apply_writes(writes, results)
+                self._apply_writes(writes, results, lambda p: master)
         except Exception as exc:  # a reply nobody foresaw must not end the master's lane
             self._throttle.log(
                 "loop_failed", log.warning, "presence: a round failed", error=repr(exc)
@@ -1085,14 +1098,27 @@ class PresenceService:
             bool(self._failed_masters) and self.store.master_of(project_id) in self._failed_masters
         )
 
-    def _master_failed(self, project_id: int, exc: Exception) -> None:
-        """On Redis Cluster, the master of a project's slot failed or did not answer its part of
-        a write or refresh, or a read of the project: the project's writes and re-reads wait for
-        the next refresh; the others went on."""
-        self._unreachable.add(project_id)
-        master = self.store.master_of(project_id)
-        if master is not None:
-            self._failed_masters.add(master)
+    def _masters(self, projects: Iterable[int]) -> dict[int, str | None]:
+        """The master each project's call goes to if made now: the store groups its calls by
+        the same slot map, read in the same step (nothing is awaited in between)."""
+        return {p: self.store.master_of(p) for p in projects}
+
+    def _master_failed(self, project_id: int, exc: Exception, sent_to: str | None) -> bool:
+        """On Redis Cluster, the master ``sent_to`` failed or did not answer its part of a
+        write or refresh of a project, or a read of it: that master's projects' writes and
+        re-reads wait for the next refresh that reaches it; the others went on. Whether this
+        project waits too: not if its slot has moved to another master since the call was sent
+        (a failover, a re-shard; the cluster client reloads its map after a call cut off by
+        its bound), which is not charged with the old one's failure: the project is planned
+        for its new master, as any of that master's. (Before, the failure was charged to the
+        project's master when its outcome was applied: after a slot moved, the healthy new
+        master, whose projects' writes then waited up to a refresh interval for nothing.)"""
+        current = self.store.master_of(project_id)
+        moved = sent_to is not None and current is not None and current != sent_to
+        if sent_to is not None:
+            self._failed_masters.add(sent_to)
+        if not moved:
+            self._unreachable.add(project_id)
         self._throttle.log(
             "master_failed",
             log.warning,
@@ -1100,6 +1126,7 @@ class PresenceService:
             project_id=project_id,
             error=describe(exc),
         )
+        return not moved
 
     async def _redis_loop(self) -> None:
         """Writes, refreshes and re-reads, one at a time (a write and a refresh never race; on

@@ -2214,3 +2214,93 @@ async def test_drain_writes_what_a_lane_took_and_never_sent():
     service._dispatch(refresh_due=False)  # alice's write taken for m1's lane, not sent yet
     await service.drain()
     assert store.records[1][1].keys() == {"alice"}
+
+
+class _ClusterWithAHungMaster(_ClusterOfRecords):
+    """As :class:`_ClusterOfRecords`, where a call to a master in ``hung`` (the master the slot
+    map names when the call is sent, as the real store groups its calls) applies nothing and
+    ends once ``answer`` is set, each of its projects answered the TimeoutError the real store
+    gives a master that did not answer within its bound. (A lane's call is one master's.)"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hung: set[str] = set()
+
+    async def _hangs(self, projects) -> redis.exceptions.TimeoutError | None:
+        if not any(self.master_of(p) in self.hung for p in projects):
+            return None
+        self.sent.set()
+        await self.answer.wait()
+        return redis.exceptions.TimeoutError("no answer from the master within 0.1 s")
+
+    async def write(self, writes):
+        failure = await self._hangs([w.project_id for w in writes])
+        if failure is not None:
+            return [failure] * len(writes)
+        return await super().write(writes)
+
+    async def refresh(self, plan, ttl_ms=None):
+        failure = await self._hangs(plan)
+        if failure is not None:
+            return dict.fromkeys(plan, failure)
+        return await super().refresh(plan, ttl_ms)
+
+
+@pytest.mark.parametrize("outstanding", ["write", "refresh"])
+async def test_a_call_that_timed_out_at_a_projects_old_master_does_not_hold_its_new_master(
+    outstanding,
+):
+    """Redis Cluster: a project's slot moves from m1 to m2 (a re-shard, a failover) while a
+    write or refresh of it is outstanding in m1's lane, and m1 does not answer within its
+    bound. The failure is m1's, the master the call was sent to: m1's other projects' writes
+    wait for the next refresh that reaches it, while m2's projects, and the project that moved,
+    are written at once. Before, the failure was charged to the project's master when its
+    outcome was applied, m2: the healthy master's writes, the moved project's with them,
+    waited up to a refresh interval (3 s) for nothing, and m1's other projects were sent
+    their writes, each to wait out m1's bound."""
+
+    class Client:
+        def register_script(self, script: str) -> None:
+            return None
+
+    service = PresenceService(Client(), lambda s, f: None, pod_id="a", listen=False, **TIMINGS)
+    store = service.store = _ClusterWithAHungMaster()  # type: ignore[assignment]
+    store.masters.update({1: "m1", 2: "m2", 3: "m1"})
+
+    async def settle() -> None:
+        while service._lane_tasks:
+            await asyncio.wait(set(service._lane_tasks))
+
+    def members(project_id: int) -> set[str]:
+        return set(store.records.get(project_id, (0, {}))[1])
+
+    service.join("t1", 1, "alice", None)
+    service.join("t2", 2, "hank", None)
+    service.join("t3", 3, "carol", None)
+    service._dispatch(refresh_due=True)
+    await settle()
+    store.hung.add("m1")
+    store.sent.clear()
+    if outstanding == "write":
+        service.join("t4", 1, "bob", None)
+        service._dispatch(refresh_due=False)  # bob's join: outstanding at m1
+    else:
+        service._dispatch(refresh_due=True)  # m1's refresh of projects 1 and 3: outstanding
+    async with asyncio.timeout(5):
+        await store.sent.wait()
+    store.masters[1] = "m2"  # project 1's slot moves
+    store.answer.set()  # m1's call ends: not answered within its bound
+    await settle()
+    service.join("t5", 2, "hugo", None)  # m2's other project
+    service.join("t6", 1, "bea", None)  # the project that moved
+    service.join("t7", 3, "dave", None)  # m1's other project
+    service._dispatch(refresh_due=False)
+    await settle()
+    assert members(2) == {"hank", "hugo"}, "m2 was taken for failed"
+    moved = {"alice", "bea"} | ({"bob"} if outstanding == "write" else set())
+    assert members(1) == moved, "the moved project waited for a refresh of m1"
+    assert members(3) == {"carol"}, "m1 failed: its projects' writes wait for its next refresh"
+    store.hung.clear()  # m1 answers again
+    service._dispatch(refresh_due=True)
+    await settle()
+    assert members(3) == {"carol", "dave"}
