@@ -116,6 +116,22 @@ PIPELINE_CALLS = 256
 ProjectFailure = redis.exceptions.RedisError
 
 
+class _Moved:
+    def __repr__(self) -> str:
+        return "MOVED"
+
+
+#: Redis Cluster: the outcome of a call made for one master (``at`` of
+#: :meth:`PresenceStore.write`, :meth:`PresenceStore.refresh`) that was not sent, because when
+#: its pipeline was to be sent the slot map named another master for its project (a re-shard,
+#: a failover). Not a failure of anything: the caller sends it again, to its new master.
+MOVED: Any = _Moved()
+
+#: ``at`` of :meth:`PresenceStore.write` and :meth:`PresenceStore.refresh`: every call goes to
+#: the master that owns its project.
+ANYWHERE: Any = object()
+
+
 class ChannelLink(Protocol):
     """A pub/sub connection someone else owns (the gateway's :class:`gateway.pubsub.PubSubLink`
     or its cluster counterpart) that presence channels can ride on: the owner routes their
@@ -190,12 +206,15 @@ class PresenceStore:
     def _keys(self, project_id: int) -> list[str]:
         return [self.keys.presence_pods(project_id), self.keys.presence_versions(project_id)]
 
-    async def write(self, writes: Sequence[Write]) -> list[bool | ProjectFailure]:
+    async def write(
+        self, writes: Sequence[Write], *, at: Any = ANYWHERE
+    ) -> list[bool | ProjectFailure]:
         """Apply writes (one script call each, one pipeline; on a cluster one per master); per
         write, whether it was applied (False: Redis had lost this pod's records, so it must be
         written whole), or the :data:`ProjectFailure` of that project alone (the error Redis
-        answered for it, or its master's failure on a cluster: not known to be applied). Index
-        keys of another type that a write deleted are reported to ``on_repaired``."""
+        answered for it, or its master's failure on a cluster: not known to be applied), or,
+        with ``at`` (a master, on a cluster), :data:`MOVED` (not sent: see :meth:`_calls`).
+        Index keys of another type that a write deleted are reported to ``on_repaired``."""
         if not writes:
             return []
         calls = []
@@ -213,10 +232,10 @@ class PresenceStore:
             for member_id, record in w.changes.items():
                 args += [member_id, b"" if record is None else encode_record(record)]
             calls.append((WRITE, self._keys(w.project_id), args))
-        replies = await self._calls(calls)
+        replies = await self._calls(calls, at)
         out: list[bool | ProjectFailure] = []
         for w, reply in zip(writes, replies, strict=True):
-            if isinstance(reply, redis.exceptions.RedisError):
+            if reply is MOVED or isinstance(reply, redis.exceptions.RedisError):
                 out.append(reply)
             else:
                 applied, repaired = reply
@@ -225,13 +244,14 @@ class PresenceStore:
         return out
 
     async def refresh(
-        self, plan: Mapping[int, int | None], ttl_ms: int | None = None
+        self, plan: Mapping[int, int | None], ttl_ms: int | None = None, *, at: Any = ANYWHERE
     ) -> dict[int, tuple[bool, dict[str, int]] | ProjectFailure]:
         """Keep this pod's records alive in the projects mapped to a version (None: only watch
         the project) and report each project's live pods: project -> (ok, pod -> version), or
         the :data:`ProjectFailure` of that project alone (the error Redis answered for it, or
-        its master's failure on a cluster). Index keys of another type that a refresh deleted
-        are reported to ``on_repaired``."""
+        its master's failure on a cluster), or, with ``at`` (a master, on a cluster),
+        :data:`MOVED` (not sent: see :meth:`_calls`). Index keys of another type that a
+        refresh deleted are reported to ``on_repaired``."""
         if not plan:
             return {}
         ttl_ms = self.ttl_ms if ttl_ms is None else ttl_ms
@@ -246,10 +266,10 @@ class PresenceStore:
                 version or 0,
             ]
             calls.append((REFRESH, self._keys(project_id), args))
-        replies = await self._calls(calls)
+        replies = await self._calls(calls, at)
         out: dict[int, tuple[bool, dict[str, int]] | ProjectFailure] = {}
         for project_id, reply in zip(projects, replies, strict=True):
-            if isinstance(reply, redis.exceptions.RedisError):
+            if reply is MOVED or isinstance(reply, redis.exceptions.RedisError):
                 out[project_id] = reply
             else:
                 ok, flat, repaired = reply
@@ -280,7 +300,7 @@ class PresenceStore:
             self.on_left_out(project_id, left_out)
         return pods
 
-    async def _calls(self, calls: list[tuple[str, list, list]]) -> list:
+    async def _calls(self, calls: list[tuple[str, list, list]], at: Any = ANYWHERE) -> list:
         """Run script calls and return their replies, a call's :data:`ProjectFailure` in its
         place. Standalone: one pipeline, which raises when Redis fails. Cluster: one pipeline
         per master (the master the slot map names for the call's first key: a project's keys
@@ -288,26 +308,44 @@ class PresenceStore:
         than :data:`PIPELINE_CALLS` calls gets them in pipelines of that many, one after the
         other, each within that bound. A master that fails or does not answer gives its calls
         not answered yet its error (a ``RedisError``; the ones after are not sent), and only
-        when no master answered any does this raise."""
+        when no master answered any does this raise.
+
+        With ``at`` (a master's name, or None for the calls the slot map names no master for),
+        on a cluster: one master's calls only, in pipelines as above, each sent with the calls
+        the slot map names ``at`` for right before it is sent (redis-py routes each call by
+        the map it has then); a call it names another master for is not sent, its outcome
+        :data:`MOVED`. A pod's lane of a master (:class:`MasterLanes`) so sends only there,
+        whatever the map became since the lane took its calls."""
         if not self._cluster:
             replies = await self._pipeline(calls)
             self._count(len(calls))
             return replies
-        groups = group_by_master(calls, lambda call: node_name(self.client, call[1][0]))
+
+        def master_of(i: int) -> str | None:
+            return node_name(self.client, calls[i][1][0])
+
+        if at is ANYWHERE:
+            groups = group_by_master(range(len(calls)), master_of)
+        else:
+            groups = [list(range(len(calls)))]
         parts = [chunks(indexes, PIPELINE_CALLS) for indexes in groups]
         sent = 0
 
-        async def run(own: list[Sequence[int]]) -> list:
-            """One master's pipelines, one after the other: the outcome of each (its replies,
-            or the failure that it and the ones after it, not sent, get)."""
+        async def run(own: list[Sequence[int]]) -> list[tuple[Sequence[int], Any]]:
+            """One master's pipelines, one after the other: the calls and the outcome of each
+            (its replies, or the failure that it and the ones after it, not sent, get)."""
             nonlocal sent
-            master = node_name(self.client, calls[own[0][0]][1][0])  # (the map grouped by)
-            outcomes: list = []
-            for part in own:
+            master = master_of(own[0][0]) if at is ANYWHERE else at  # (the map grouped by)
+            outcomes: list[tuple[Sequence[int], Any]] = []
+            for n, part in enumerate(own):
+                if at is not ANYWHERE:
+                    part = [i for i in part if master_of(i) == at]  # (the map now)
+                    if not part:
+                        continue
                 sent += 1
                 try:
                     async with asyncio.timeout(self.group_timeout):
-                        outcomes.append(await self._pipeline([calls[i] for i in part]))
+                        outcomes.append((part, await self._pipeline([calls[i] for i in part])))
                         continue
                 except TimeoutError:
                     # redis-py never saw this end: it is told, and reloads its slot map (a
@@ -319,19 +357,23 @@ class PresenceStore:
                 except (redis.exceptions.RedisError, OSError) as exc:
                     failure = exc
                 # The rest is not sent: it would wait for the master too.
-                return outcomes + [failure] * (len(own) - len(outcomes))
+                outcomes.append((part, failure))
+                outcomes += [(rest, failure) for rest in own[n + 1 :]]
+                return outcomes
             return outcomes
 
         try:
             per_master = await asyncio.gather(*(run(own) for own in parts), return_exceptions=True)
         finally:
             self._count(len(calls), sent)
-        outcomes = []
+        ran: list[tuple[Sequence[int], Any]] = []
         for result in per_master:
             if isinstance(result, BaseException):
                 raise result  # a bug, not a master's failure
-            outcomes += result
-        return spread_outcomes(len(calls), [p for own in parts for p in own], outcomes)
+            ran += result
+        replies = spread_outcomes(len(calls), [p for p, _ in ran], [o for _, o in ran])
+        answered = {i for p, _ in ran for i in p}
+        return [r if i in answered else MOVED for i, r in enumerate(replies)]
 
     async def _pipeline(self, calls: list[tuple[str, list, list]]) -> list:
         """Run script calls in one pipeline and return their replies, a call's error reply
@@ -915,6 +957,12 @@ class PresenceService:
         """The outcomes of ``writes``, each the store's for it; ``sent_to`` names the master
         each project's write was sent to (:meth:`_master_failed`)."""
         for w, result in zip(writes, results, strict=True):
+            if result is MOVED:
+                # Not sent (its slot moved away from the lane's master): pending again, for
+                # the next round to send in its new master's lane (written whole: the core's
+                # retry of a write whose outcome it does not know).
+                self.core.written(w, ok=False)
+                continue
             if result is True and not w.announce:
                 self.unannounced += 1
                 if self._on_unannounced is not None:
@@ -951,6 +999,11 @@ class PresenceService:
         the master each project's refresh was sent to (:meth:`_master_failed`)."""
         reread_later, self._reread_later = self._reread_later, set()
         for project_id, reply in replies.items():
+            if reply is MOVED:
+                # Not sent (its slot moved away from the lane's master): its new master is
+                # owed a refresh, sent in that master's lane when it is free.
+                self._lanes.refresh_due([self.store.master_of(project_id)])
+                continue
             if _keys_at_fault(reply):
                 self._project_error(project_id, reply)
                 self.core.refresh_failed(project_id)
@@ -1011,18 +1064,23 @@ class PresenceService:
     async def _lane(self, master: str | None, part: dict[int, int | None]) -> None:
         """One master's call (Redis Cluster): the refresh of its projects in ``part`` (if any),
         then its writes (those taken with it, and its projects' pending ones once refreshed),
-        each in pipelines of at most :data:`PIPELINE_CALLS`, each within the store's bound.
+        each in pipelines of at most :data:`PIPELINE_CALLS`, each within the store's bound,
+        sent to this master only: a call whose slot moved to another master since it was
+        taken (a re-shard, a failover reloading the slot map) is not sent (:data:`MOVED`) but
+        left to that master's lane, a write pending again, a refresh owed to it. (Before,
+        the store sent it where the map said then: another master had a second pipeline
+        outstanding beside its own lane's, and its failure was charged to this one.)
         A failure of the master is its projects' alone: they wait for its next refresh. The
         writes taken and not applied are pending again, whatever ends this (:meth:`_lane_done`)."""
         try:
             if part:
                 try:
-                    replies: Mapping[int, Any] = await self.store.refresh(part)
+                    replies: Mapping[int, Any] = await self.store.refresh(part, at=master)
                 except (redis.exceptions.RedisError, OSError) as exc:  # none of it answered
                     failure = _as_redis_error(exc)
                     replies = dict.fromkeys(part, failure)
                 self._failed_masters.discard(master)
-                self._unreachable.difference_update(part)
+                self._unreachable.difference_update(p for p in part if replies[p] is not MOVED)
                 self._apply_refresh(replies, lambda p: master)
                 # Whatever Redis lost there is written now, with the writes pending meanwhile.
                 self._lane_writes[master] += self._take_writes(
@@ -1031,7 +1089,7 @@ class PresenceService:
             writes = self._lane_writes[master]
             if writes:
                 try:
-                    results: list[Any] = await self.store.write(writes)
+                    results: list[Any] = await self.store.write(writes, at=master)
                 except (redis.exceptions.RedisError, OSError) as exc:
                     results = [_as_redis_error(exc)] * len(writes)
                 self._lane_writes[master] = []

@@ -25,6 +25,8 @@ from hypothesis import strategies as st
 
 from gateway.presence import ProjectView, Write, apply_diff
 from gateway.presence_store import (
+    ANYWHERE,
+    MOVED,
     PIPELINE_CALLS,
     MasterLanes,
     PresenceService,
@@ -39,6 +41,7 @@ from schemas.presence import (
     MAX_TTL_MS,
     READ,
     REFRESH,
+    WRITE,
     PodRecord,
     PodState,
     encode_record,
@@ -1697,7 +1700,7 @@ class _StoreWithADeadMaster:
     def _down(self) -> redis.exceptions.RedisError:
         return self.down("master down")
 
-    async def write(self, writes):
+    async def write(self, writes, *, at=ANYWHERE):
         self.written += writes
         self.changed.set()
         out = []
@@ -1711,7 +1714,7 @@ class _StoreWithADeadMaster:
                 out.append(True)
         return out
 
-    async def refresh(self, plan, ttl_ms=None):
+    async def refresh(self, plan, ttl_ms=None, *, at=ANYWHERE):
         self.refreshed.append(dict(plan))
         return {
             p: self._down()
@@ -1956,14 +1959,14 @@ class _StoreWithAHungMaster(_StoreWithADeadMaster):
                 self.outstanding[m] -= 1
             self.changed.set()
 
-    async def write(self, writes):
+    async def write(self, writes, *, at=ANYWHERE):
         return await self._call(
-            [w.project_id for w in writes], lambda: _StoreWithADeadMaster.write(self, writes)
+            [w.project_id for w in writes], lambda: _StoreWithADeadMaster.write(self, writes, at=at)
         )
 
-    async def refresh(self, plan, ttl_ms=None):
+    async def refresh(self, plan, ttl_ms=None, *, at=ANYWHERE):
         return await self._call(
-            list(plan), lambda: _StoreWithADeadMaster.refresh(self, plan, ttl_ms)
+            list(plan), lambda: _StoreWithADeadMaster.refresh(self, plan, ttl_ms, at=at)
         )
 
 
@@ -2126,10 +2129,13 @@ class _ClusterOfRecords:
     def master_of(self, project_id: int) -> str | None:
         return self.masters.get(project_id)
 
-    async def write(self, writes):
+    async def write(self, writes, *, at=ANYWHERE):
         slow = any(self.master_of(w.project_id) in self.slow for w in writes)
         out = []
         for w in writes:
+            if at is not ANYWHERE and self.master_of(w.project_id) != at:
+                out.append(MOVED)  # (not sent: as the real store, a lane sends to its master)
+                continue
             version, members = self.records.get(w.project_id, (0, {}))
             if w.base and version != w.base:
                 out.append(False)
@@ -2147,9 +2153,11 @@ class _ClusterOfRecords:
             await self.answer.wait()
         return out
 
-    async def refresh(self, plan, ttl_ms=None):
+    async def refresh(self, plan, ttl_ms=None, *, at=ANYWHERE):
         return {
-            p: (v is None or (v != 0 and self.records.get(p, (0, {}))[0] == v), {})
+            p: MOVED
+            if at is not ANYWHERE and self.master_of(p) != at
+            else (v is None or (v != 0 and self.records.get(p, (0, {}))[0] == v), {})
             for p, v in plan.items()
         }
 
@@ -2233,17 +2241,17 @@ class _ClusterWithAHungMaster(_ClusterOfRecords):
         await self.answer.wait()
         return redis.exceptions.TimeoutError("no answer from the master within 0.1 s")
 
-    async def write(self, writes):
+    async def write(self, writes, *, at=ANYWHERE):
         failure = await self._hangs([w.project_id for w in writes])
         if failure is not None:
             return [failure] * len(writes)
-        return await super().write(writes)
+        return await super().write(writes, at=at)
 
-    async def refresh(self, plan, ttl_ms=None):
+    async def refresh(self, plan, ttl_ms=None, *, at=ANYWHERE):
         failure = await self._hangs(plan)
         if failure is not None:
             return dict.fromkeys(plan, failure)
-        return await super().refresh(plan, ttl_ms)
+        return await super().refresh(plan, ttl_ms, at=at)
 
 
 @pytest.mark.parametrize("outstanding", ["write", "refresh"])
@@ -2304,3 +2312,106 @@ async def test_a_call_that_timed_out_at_a_projects_old_master_does_not_hold_its_
     service._dispatch(refresh_due=True)
     await settle()
     assert members(3) == {"carol", "dave"}
+
+
+@pytest.mark.parametrize("moves", ["before_its_lane_sends", "between_two_pipelines_of_its_lane"])
+async def test_a_lane_sends_only_to_its_own_master_when_a_slot_moves_meanwhile(moves, monkeypatch):
+    """Redis Cluster: a project's slot moves from m1 to m2 (a re-shard, a failover reloading
+    the slot map) after m1's lane took its call and before that call is sent: between the
+    round that starts the lane and the lane's task sending it, or while the lane's earlier
+    pipeline is outstanding (a call of more than ``PIPELINE_CALLS`` projects). m2 hangs
+    meanwhile, with its own lane's call outstanding. The moved project's call is not sent
+    to m2 by m1's lane (m2 would have two pipelines outstanding, and a hung master work piled
+    up); it is sent in m2's lane once that one is free, its write applied there. Before, the
+    store grouped the lane's calls again by the slot map when sending: the moved project's
+    call went to m2 beside m2's own outstanding pipeline."""
+    monkeypatch.setattr("gateway.presence_store.PIPELINE_CALLS", 2)
+
+    class Client:
+        def register_script(self, script: str) -> None:
+            return None
+
+    service = PresenceService(Client(), lambda s, f: None, pod_id="a", listen=False, **TIMINGS)
+    store = service.store
+    store._cluster = store.per_master = True
+    store.group_timeout = 30.0  # (a hung master is released by the test, not cut off)
+    masters = {1: "m1", 3: "m1", 5: "m1", 2: "m2"}
+    project_of = {service.keys.presence_pods(p): p for p in masters}
+    monkeypatch.setattr(
+        "gateway.presence_store.node_name", lambda client, key: masters[project_of[key]]
+    )
+    hung: dict[str, asyncio.Event] = {}
+    outstanding = {"m1": 0, "m2": 0}
+    most = 0
+    written: list[tuple[str, int, set[str]]] = []  # (master, project, members) answered
+    changed = asyncio.Event()  # set when a pipeline is sent or answered
+
+    async def pipeline(calls):
+        """As redis-py's cluster pipeline: each call goes where the slot map says now."""
+        nonlocal most
+        sent = [(masters[project_of[keys[0]]], text, keys, args) for text, keys, args in calls]
+        at = {m for m, *_ in sent}
+        for m in at:
+            outstanding[m] += 1
+        most = max(most, *outstanding.values())
+        changed.set()
+        try:
+            for m in at:
+                if m in hung:
+                    await hung[m].wait()
+            for m, text, keys, args in sent:
+                if text == WRITE:
+                    written.append((m, project_of[keys[0]], set(args[8::2])))
+            return [[1, 0] if text == WRITE else [1, [], 0] for text, _, _ in calls]
+        finally:
+            for m in at:
+                outstanding[m] -= 1
+            changed.set()
+
+    store._pipeline = pipeline  # type: ignore[method-assign]
+
+    async def until(check: Callable[[], bool]) -> None:
+        """Until ``check`` holds, woken by a pipeline sent or answered, or a lane ending."""
+        async with asyncio.timeout(5):
+            while not check():
+                changed.clear()
+                service._wake.clear()  # (set when a lane ends)
+                waits = {asyncio.ensure_future(e.wait()) for e in (changed, service._wake)}
+                try:
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for w in waits:
+                        w.cancel()
+
+    async def settle() -> None:
+        while service._lane_tasks:
+            await asyncio.wait(set(service._lane_tasks))
+
+    for p in masters:
+        service.join(f"t{p}", p, "alice", None)
+    service._dispatch(refresh_due=True)
+    await settle()
+    hung["m2"] = asyncio.Event()
+    if moves == "before_its_lane_sends":
+        service._dispatch(refresh_due=True)  # m2's refresh: outstanding, hung
+        await until(lambda: outstanding["m2"] == 1 and "m1" not in service._lanes.busy)
+        service.join("t7", 5, "bob", None)
+        service._dispatch(refresh_due=False)  # bob's join taken for m1's lane, not sent yet
+        masters[5] = "m2"
+    else:
+        hung["m1"] = asyncio.Event()
+        service.join("t7", 5, "bob", None)
+        service._dispatch(refresh_due=True)  # m1: refresh of 1, 3 | of 5, then writes
+        await until(lambda: outstanding["m1"] == 1 and outstanding["m2"] == 1)
+        masters[5] = "m2"  # while m1's first pipeline is outstanding
+        hung.pop("m1").set()
+    await until(lambda: "m1" not in service._lanes.busy or most > 1)
+    assert most == 1, "m1's lane sent a pipeline to m2 beside m2's own"
+    hung.pop("m2").set()
+    await settle()
+    for _ in range(2):
+        service._dispatch(refresh_due=False)
+        await settle()
+    assert most == 1
+    assert any(m == "m2" and p == 5 and "bob" in members for m, p, members in written)
+    assert not service.core.has_pending_writes()
