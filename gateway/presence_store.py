@@ -314,8 +314,10 @@ class PresenceStore:
         on a cluster: one master's calls only, in pipelines as above, each sent with the calls
         the slot map names ``at`` for right before it is sent (redis-py routes each call by
         the map it has then); a call it names another master for is not sent, its outcome
-        :data:`MOVED`. A pod's lane of a master (:class:`MasterLanes`) so sends only there,
-        whatever the map became since the lane took its calls."""
+        :data:`MOVED`, also when the master failed: a call not sent, beside or after the
+        pipeline that failed, is MOVED, not given the failure (and the failure is not raised
+        while a call was MOVED). A pod's lane of a master (:class:`MasterLanes`) so sends only
+        there, whatever the map became since the lane took its calls."""
         if not self._cluster:
             replies = await self._pipeline(calls)
             self._count(len(calls))
@@ -356,9 +358,14 @@ class PresenceStore:
                     )
                 except (redis.exceptions.RedisError, OSError) as exc:
                     failure = exc
-                # The rest is not sent: it would wait for the master too.
+                # The rest is not sent: it would wait for the master too. (With ``at``, a
+                # call the map names another master for now is MOVED, not this one's failure.)
                 outcomes.append((part, failure))
-                outcomes += [(rest, failure) for rest in own[n + 1 :]]
+                for rest in own[n + 1 :]:
+                    if at is not ANYWHERE:
+                        rest = [i for i in rest if master_of(i) == at]
+                    if rest:
+                        outcomes.append((rest, failure))
                 return outcomes
             return outcomes
 
@@ -371,9 +378,13 @@ class PresenceStore:
             if isinstance(result, BaseException):
                 raise result  # a bug, not a master's failure
             ran += result
-        replies = spread_outcomes(len(calls), [p for p, _ in ran], [o for _, o in ran])
+        # The calls not sent (MOVED) are a group of their own that did not fail: the others'
+        # failure is not raised for them, their new master is owed them.
         answered = {i for p, _ in ran for i in p}
-        return [r if i in answered else MOVED for i, r in enumerate(replies)]
+        moved = [i for i in range(len(calls)) if i not in answered]
+        if moved:
+            ran.append((moved, [MOVED] * len(moved)))
+        return spread_outcomes(len(calls), [p for p, _ in ran], [o for _, o in ran])
 
     async def _pipeline(self, calls: list[tuple[str, list, list]]) -> list:
         """Run script calls in one pipeline and return their replies, a call's error reply

@@ -2415,3 +2415,48 @@ async def test_a_lane_sends_only_to_its_own_master_when_a_slot_moves_meanwhile(m
     assert most == 1
     assert any(m == "m2" and p == 5 and "bob" in members for m, p, members in written)
     assert not service.core.has_pending_writes()
+
+
+@pytest.mark.parametrize(
+    "moves", ["a_call_not_sent_beside_a_failed_one", "after_its_pipeline_failed"]
+)
+async def test_a_lane_call_whose_slot_moved_is_moved_even_when_its_master_failed(
+    moves, monkeypatch
+):
+    """Redis Cluster: m1's lane refreshes projects 1 and 3; project 3's slot moves to m2 before
+    its call is sent, and m1 fails. Project 3's call was never sent to m1: its outcome is
+    MOVED (its refresh owed to m2, :meth:`PresenceService._apply_refresh`), not m1's failure,
+    whether its call was to go out beside the failed one or in a pipeline after it. Before,
+    the store raised m1's failure for the whole call when every pipeline it sent failed
+    (the lane then gave every call, the moved one too, that failure), and gave the calls of
+    the pipelines after a failed one its failure without looking at the map: the moved
+    project's refresh was owed to nobody, and skipped until the next refresh interval."""
+    if moves == "after_its_pipeline_failed":
+        monkeypatch.setattr("gateway.presence_store.PIPELINE_CALLS", 1)
+
+    class Client:
+        def register_script(self, script: str) -> None:
+            return None
+
+    service = PresenceService(Client(), lambda s, f: None, pod_id="a", listen=False, **TIMINGS)
+    store = service.store
+    store._cluster = store.per_master = True
+    masters = {1: "m1", 3: "m1"}
+    if moves == "a_call_not_sent_beside_a_failed_one":
+        masters[3] = "m2"
+    project_of = {service.keys.presence_pods(p): p for p in masters}
+    monkeypatch.setattr(
+        "gateway.presence_store.node_name", lambda client, key: masters[project_of[key]]
+    )
+    sent: list[int] = []
+
+    async def pipeline(calls):
+        sent.extend(project_of[keys[0]] for _, keys, _ in calls)
+        masters[3] = "m2"  # (a failover reloads the map while m1's call is cut off)
+        raise redis.exceptions.ConnectionError("m1 is gone")
+
+    store._pipeline = pipeline  # type: ignore[method-assign]
+    replies = await store.refresh({1: None, 3: None}, at="m1")
+    assert sent == [1]
+    assert isinstance(replies[1], redis.exceptions.ConnectionError)
+    assert replies[3] is MOVED
