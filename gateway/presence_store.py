@@ -1020,8 +1020,11 @@ class PresenceService:
                 self.core.refresh_failed(project_id)
             elif isinstance(reply, redis.exceptions.RedisError):
                 # Its master (Redis Cluster) failed or hangs: not refreshed, as in a failed
-                # round (the records live on until their ttl); tried again at the next refresh.
-                self._master_failed(project_id, reply, sent_to(project_id))
+                # round (the records live on until their ttl); tried again at the next refresh
+                # (at once if the project moved to another master meanwhile: that one is
+                # owed its refresh, as for a call not sent there, MOVED).
+                if not self._master_failed(project_id, reply, sent_to(project_id)):
+                    self._lanes.refresh_due([self.store.master_of(project_id)])
             elif self.core.refreshed(project_id, *reply):
                 self._reread.add(project_id)
         # The re-reads put off for a master that failed: now, if it answered this refresh.

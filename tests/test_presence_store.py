@@ -2460,3 +2460,52 @@ async def test_a_lane_call_whose_slot_moved_is_moved_even_when_its_master_failed
     assert sent == [1]
     assert isinstance(replies[1], redis.exceptions.ConnectionError)
     assert replies[3] is MOVED
+
+
+async def test_a_refresh_that_timed_out_at_a_projects_old_master_is_sent_at_once_to_its_new_one():
+    """Redis Cluster: a project's slot moves from m1 to m2 (a failover reloading the map) while
+    m1's refresh of it is outstanding, and m1 does not answer within its bound. The project's
+    records were not refreshed: its new master is owed the refresh now, as for a call not sent
+    (:data:`MOVED`), and as a write that failed at the old master is written at once at the
+    new one. Before, nothing was owed: the project was refreshed at the next refresh interval
+    only, its records (already aging while m1 hung) a refresh interval (3 s) nearer to expiry,
+    and its members to vanishing on every pod."""
+
+    class Client:
+        def register_script(self, script: str) -> None:
+            return None
+
+    class Store(_ClusterWithAHungMaster):
+        def __init__(self) -> None:
+            super().__init__()
+            self.refreshed: list[tuple[str, int]] = []  # (master, project) answered
+
+        async def refresh(self, plan, ttl_ms=None, *, at=ANYWHERE):
+            replies = await super().refresh(plan, ttl_ms, at=at)
+            self.refreshed += [(at, p) for p, r in replies.items() if isinstance(r, tuple)]
+            return replies
+
+    service = PresenceService(Client(), lambda s, f: None, pod_id="a", listen=False, **TIMINGS)
+    store = service.store = Store()  # type: ignore[assignment]
+    store.masters.update({1: "m1"})
+
+    async def settle() -> None:
+        while service._lane_tasks:
+            await asyncio.wait(set(service._lane_tasks))
+
+    service.join("t1", 1, "alice", None)
+    service._dispatch(refresh_due=True)
+    await settle()
+    store.hung.add("m1")
+    store.sent.clear()
+    service._dispatch(refresh_due=True)  # m1's refresh of project 1: outstanding
+    async with asyncio.timeout(5):
+        await store.sent.wait()
+    store.refreshed.clear()
+    store.masters[1] = "m2"  # project 1's slot moves
+    store.answer.set()  # m1's call ends: not answered within its bound
+    await settle()
+    service._dispatch(refresh_due=False)  # the next round, before the next refresh interval
+    await settle()
+    assert store.refreshed == [("m2", 1)], "the moved project waited for the next interval"
+    assert store.records[1][1].keys() == {"alice"}
