@@ -870,8 +870,9 @@ class PresenceService:
 
         On Redis Cluster each read is given ``refresh_interval`` / 3, like each master's part of
         a write or refresh: a project whose master fails or does not answer in time (or had
-        already failed since the last refresh) is read after the next refresh that reaches it,
-        and the others are read now. Before, the first read of a hung master's project held the
+        already failed since the last refresh) is read after the next refresh that reaches it
+        (at the next round if its slot moved to another master meanwhile), and the others are
+        read now. Before, the first read of a hung master's project held the
         round until its bound, and the other projects' reads waited for the master too (a
         re-read of every view follows each pub/sub reconnect)."""
         batch, self._reread = self._reread, set()
@@ -891,8 +892,10 @@ class PresenceService:
                 except (redis.exceptions.RedisError, OSError) as exc:
                     if isinstance(exc, TimeoutError):  # our bound's: redis-py never saw it end
                         node_unanswered(self.client, master)
-                    self._master_failed(project_id, exc, master)  # its others: later too
-                    self._reread_later.add(project_id)
+                    if self._master_failed(project_id, exc, master):  # its others: later too
+                        self._reread_later.add(project_id)
+                    else:  # moved to another master meanwhile: read there next round
+                        self._reread.add(project_id)
             except BaseException:
                 # read them again on the next round
                 self._reread |= batch | {project_id}

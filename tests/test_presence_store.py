@@ -2509,3 +2509,35 @@ async def test_a_refresh_that_timed_out_at_a_projects_old_master_is_sent_at_once
     await settle()
     assert store.refreshed == [("m2", 1)], "the moved project waited for the next interval"
     assert store.records[1][1].keys() == {"alice"}
+
+
+async def test_a_reread_that_failed_at_a_projects_old_master_is_made_at_once_at_its_new_one():
+    """Redis Cluster: a project's slot moves from m1 to m2 (a failover reloading the map) while
+    a re-read of its view is outstanding at m1, and m1 fails. The failure is m1's: the view is
+    read again at the next round, at m2, as a write or refresh of a project that moved is made
+    at once at its new master. Before, the re-read waited for the next refresh to reach a
+    master, up to a refresh interval (3 s), the view shown as it was meanwhile."""
+
+    class Client:
+        def register_script(self, script: str) -> None:
+            return None
+
+    service = PresenceService(Client(), lambda s, f: None, pod_id="a", listen=False, **TIMINGS)
+    store = service.store = _ClusterOfRecords()  # type: ignore[assignment]
+    store.masters[1] = "m1"
+    reads: list[str] = []  # the master of each read
+
+    async def read(project_id: int) -> dict:
+        reads.append(store.masters[project_id])
+        if store.masters[project_id] == "m1":
+            store.masters[project_id] = "m2"  # (the map reloaded while m1's read fails)
+            raise redis.exceptions.ConnectionError("m1 is gone")
+        return {}
+
+    store.read = read  # type: ignore[attr-defined]
+    service.core.view(1)
+    service.reread_all()
+    await service._reload_batch()  # m1 fails
+    await service._reload_batch()  # the next round, before any refresh
+    assert reads == ["m1", "m2"], "the re-read waited for the next refresh"
+    assert service.core.views[1].loaded
