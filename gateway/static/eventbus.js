@@ -1064,7 +1064,14 @@ export class EventBus {
     this._wsLive = false;
     // Frames may go on the WebSocket: it is open and its `auth` sent (live comes with `authenticated`).
     this._wsOpen = false;
-    this._failures = 0; // WebSocket attempts that never got live, since the last live connection
+    // WebSocket attempts that did not prove useful (never got live, or dropped before every
+    // subscribe sent on it was answered), since the last one that did.
+    this._failures = 0;
+    // The WebSocket has answered every subscribe sent on it since it got live (or had none to
+    // answer): only then does it count as a success (_failures back to 0, polling stopped), and
+    // only a proven one is stable. A gateway that authenticates and drops each connection
+    // before answering would otherwise keep the client "reconnecting" for ever, nothing polled.
+    this._wsProven = false;
     this._reconnectTimer = null;
     this._attemptAt = null; // when the last WebSocket attempt started (_connect)
     this._pingTimer = null;
@@ -1650,14 +1657,28 @@ export class EventBus {
   _goLive() {
     this._clearTimeout(this._connectTimer);
     this._wsLive = true;
+    this._wsProven = false;
     this._everConnected = true;
-    this._failures = 0;
-    this._stopPolling();
     this._stopSse(); // back at the top of the ladder
     this._liveAt = this._now();
     this._schedulePing();
     if (!this._wsOpen) this._openFrames();
     else this._heardAll(this._ws); // (the subscribes are read from here)
+    // Live, not proven yet: polling goes on until every subscribe is answered, or starts one
+    // pollInterval from now (as while an SSE stream is unanswered), so a connection that never
+    // answers leaves no silence longer than that.
+    const answers = this._answers.get(this._ws);
+    if (!answers || answers.asked.size === 0) this._proveSocket();
+    else if (!this._polling) this._startPolling(this.options.pollInterval);
+    this._updateState();
+  }
+
+  /** The live WebSocket answered every subscribe sent on it: a success (see _wsProven). */
+  _proveSocket() {
+    if (this._wsProven || !this._wsLive) return;
+    this._wsProven = true;
+    this._failures = 0;
+    this._stopPolling();
     this._updateState();
   }
 
@@ -1836,6 +1857,7 @@ export class EventBus {
     this._forgetAnswers(this._ws);
     this._ws = null;
     this._wsLive = false;
+    this._wsProven = false;
     this._wsOpen = false;
     this._refreshSent = false;
     // The next connection has a bucket of its own on the gateway: nothing held, nothing to wait.
@@ -1858,7 +1880,10 @@ export class EventBus {
     const wasLive = this._wsLive;
     // A connection up for stableAfter resets the backoff; one given up on for not answering a
     // subscribe was up, not stable: while a gateway stays stuck the delays keep growing.
-    const stable = wasLive && this._gaveUp !== this._ws && this._now() - this._liveAt >= this.options.stableAfter;
+    // One never proven (its subscribes unanswered) is no success either: it counts as a failed
+    // attempt, so a gateway dropping every connection before answering gets the fallbacks.
+    const proven = wasLive && this._wsProven;
+    const stable = proven && this._gaveUp !== this._ws && this._now() - this._liveAt >= this.options.stableAfter;
     if (this._gaveUp === this._ws) this._gaveUp = null; // (an SSE stream given up on stays so)
     this._cleanupSocket();
     if (this._closed) return;
@@ -1890,11 +1915,12 @@ export class EventBus {
       this._updateState();
       return;
     }
-    this._afterFailure(code, wasLive);
+    this._afterFailure(code, proven);
   }
 
-  _afterFailure(code, wasLive = false) {
-    if (!wasLive) this._failures += 1;
+  /** A WebSocket attempt ended: one that was not `proven` (see _wsProven) counts as failed. */
+  _afterFailure(code, proven = false) {
+    if (!proven) this._failures += 1;
     if (shouldPoll({ websocketSupported: true, failuresSinceLive: this._failures, threshold: this.options.pollAfterFailures })) {
       this._fallBack();
     }
@@ -2133,6 +2159,7 @@ export class EventBus {
    * polling. */
   _fallBack() {
     if (this._sseSupported()) this._startSse();
+    else if (this._pollDeferred) this._pollSoon(); // (started while a WebSocket was unproven)
     else this._startPolling();
   }
 
@@ -2523,6 +2550,7 @@ export class EventBus {
     // Every subscribe of a connection answered, each within connectTimeout: its kind's bound is back.
     if (answers.progressAt - entry.at > this.options.connectTimeout) answers.slow = true;
     else if (answers.asked.size === 0 && !answers.slow) this._answerStretch[answers.kind] = 1;
+    if (answers.asked.size === 0 && conn === this._ws) this._proveSocket();
   }
 
   /**
@@ -2577,6 +2605,7 @@ export class EventBus {
     for (const [projectId, { sub, at }] of answers.asked) {
       if (this._subs.get(projectId) !== sub) {
         answers.asked.delete(projectId); // unsubscribed (perhaps subscribed again): not waiting
+        if (answers.asked.size === 0 && conn === this._ws) this._proveSocket();
         continue;
       }
       const deadline = Math.max(at, answers.progressAt) + bound;

@@ -1365,6 +1365,63 @@ test("WebSocket refused: polls every 10 s with the token, then switches back", a
   eq(env.requests.length, polls, "polling stopped");
 });
 
+/** A gateway whose every WebSocket gets live (authenticated) and drops `dropAfter` ms later,
+ * its subscribes never answered, while polls are answered from a history growing by one event
+ * a second, for `duration` ms. Returns the seqs delivered, the cursor of the first contact
+ * (state loaded: onResync) and when it came, and the longest time without a delivery after it. */
+async function flappingUnanswered(env, { dropAfter, duration }) {
+  const history = [];
+  pollServer(env, history);
+  const delivered = [];
+  env.unsubscribe[1]();
+  env.bus.subscribe(1, (e) => delivered.push({ seq: e.seq, at: env.clock.now() }));
+  const liveAt = new Map();
+  const start = env.clock.now();
+  let first = null; // {seq, at}: the first cursor known
+  let lastDelivery = null;
+  let maxSilence = 0;
+  await env.clock.advance(0);
+  while (env.clock.now() - start < duration) {
+    history.push(history.length + 1);
+    for (let step = 0; step < 4; step += 1) {
+      for (const ws of env.sockets) {
+        if (ws.readyState === 0) {
+          ws.open();
+          await flush();
+          ws.receive({ type: "authenticated", subject: "u", projects: null, expires_at: Math.floor(env.clock.now() / 1000) + 900 });
+          liveAt.set(ws, env.clock.now());
+        } else if (ws.readyState === 1 && liveAt.has(ws) && env.clock.now() - liveAt.get(ws) >= dropAfter) ws.serverClose(1006);
+      }
+      await env.clock.advance(250);
+      const now = env.clock.now();
+      if (first === null && env.bus.cursor(1) !== null) {
+        first = { seq: env.bus.cursor(1).seq, at: now - start };
+        lastDelivery = now;
+      }
+      if (delivered.length > 0) lastDelivery = Math.max(lastDelivery, delivered[delivered.length - 1].at);
+      if (first !== null) maxSilence = Math.max(maxSilence, now - lastDelivery);
+    }
+  }
+  return { seqs: delivered.map((d) => d.seq), first, maxSilence, top: history.length };
+}
+
+test("a WebSocket that gets live and drops before its subscribes are answered falls back: the events come, in order, by polling", async () => {
+  for (const dropAfter of [500, 3000, 9000, 15000]) {
+    const env = setup({ options: { sse: false } });
+    const { seqs, first, maxSilence, top } = await flappingUnanswered(env, { dropAfter, duration: 300000 });
+    // Before, each connection's `authenticated` counted as success (failures back to 0) and
+    // stopped polling: nothing fell back, and the project stayed silent for the whole run.
+    assert(first !== null, `dropAfter ${dropAfter}: no state loaded in 300 s`);
+    assert(first.at <= 10250, `dropAfter ${dropAfter}: state loaded after ${first.at} ms`);
+    eq(seqs, Array.from({ length: seqs.length }, (_, i) => first.seq + 1 + i), `dropAfter ${dropAfter}: once each, in order, from the cursor`);
+    assert(top - seqs[seqs.length - 1] <= 11, `dropAfter ${dropAfter}: up to the end (${seqs[seqs.length - 1]} of ${top})`);
+    // One event a second: a poll round every pollInterval (10 s) delivers; a little slack.
+    assert(maxSilence <= 12000, `dropAfter ${dropAfter}: silent for ${maxSilence} ms`);
+    assert(env.sockets.length < 20, `dropAfter ${dropAfter}: the backoff grows (${env.sockets.length} connections in 300 s)`);
+    env.bus.close();
+  }
+});
+
 test("no WebSocket support at all: polling only", async () => {
   const env = setup({ options: { WebSocket: null } });
   pollServer(env, [1]);
@@ -3077,10 +3134,13 @@ test("the bound on a subscribe's answer stretches per transport: WebSockets give
   eq(env.errors.filter((e) => e.code === "subscribe_timeout").map((e) => e.projectId), [2, 2, 2]);
   // WebSocket is refused from now on: SSE, whose stream answers project 1 and not project 2.
   env.autoFailSockets = true;
+  // (Streams were asked for already, refused: each WebSocket given up, never having answered,
+  // counted as a failed attempt.)
+  const refused = env.streams.length;
   sseServer(env);
   for (let i = 0; i < 60 && env.open.length === 0; i += 1) await env.clock.advance(1000);
   const stream = await sseLive(env, { 1: { epoch: "a", seq: 2, resumed: true } });
-  eq(env.streams[0].headers["Last-Event-ID"], `1=a:2:${tag(1, 2)}`);
+  eq(env.streams[refused].headers["Last-Event-ID"], `1=a:2:${tag(1, 2)}`);
   const opened = env.clock.now();
   stream.event(null, event(1, 3), "1=a:3");
   while (!stream.closed && env.clock.now() - opened < 200000) await env.clock.advance(1000);
