@@ -965,8 +965,8 @@ async function errorDetail(response) {
 }
 
 /** The subscribes of connection `conn` not answered yet (none), its clock from `progressAt`. */
-function answersOf(conn, kind, progressAt) {
-  return { conn, kind, asked: new Map(), progressAt, timer: null, seenAt: progressAt, slow: false };
+function answersOf(conn, kind, progressAt, stretch) {
+  return { conn, kind, stretch, asked: new Map(), progressAt, timer: null, seenAt: progressAt, slow: false };
 }
 
 function checkItemId(value, name) {
@@ -1099,8 +1099,11 @@ export class EventBus {
     // slower to arrive than the bound (a big one over a slow link: it pushes the bound back only
     // once complete) was cut, and replayed as slowly. Per kind: SSE streams held by a buffering
     // proxy say nothing of how soon the gateway answers a WebSocket subscribe (nor the other way
-    // round), and a stuck one would be waited on up to STRETCH_MAX times as long.
+    // round), and a stuck one would be waited on up to STRETCH_MAX times as long. The stretch
+    // also halves for every _stretchDecay() without a give-up of that kind (_stretchOf): a kind
+    // given up on long ago (a WebSocket before a long SSE period) says nothing of a subscribe now.
     this._answerStretch = { websocket: 1, sse: 1 };
+    this._stretchedAt = { websocket: null, sse: null }; // the last give-up (or halving) of each kind
     // Frames refused by the gateway's rate limit, and those sent after them, go out paced
     // (FramePacer): one "not before" and one queue for the whole WebSocket.
     this._pacer = new FramePacer({ spacing: o.resendInterval, maxSpacing: o.backoff.max, fallbackDelay: o.backoff.initial });
@@ -2521,7 +2524,8 @@ export class EventBus {
   _asking(conn, sub) {
     let answers = this._answers.get(conn);
     if (!answers) {
-      answers = answersOf(conn, conn === this._ws ? "websocket" : "sse", this._now());
+      const kind = conn === this._ws ? "websocket" : "sse";
+      answers = answersOf(conn, kind, this._now(), this._stretchOf(kind));
       this._answers.set(conn, answers);
     }
     answers.asked.set(sub.projectId, { sub, at: this._answersNow(answers) });
@@ -2551,6 +2555,33 @@ export class EventBus {
     if (answers.progressAt - entry.at > this.options.connectTimeout) answers.slow = true;
     else if (answers.asked.size === 0 && !answers.slow) this._answerStretch[answers.kind] = 1;
     if (answers.asked.size === 0 && conn === this._ws) this._proveSocket();
+  }
+
+  /**
+   * How long after a give-up of a kind its stretch halves (and again after as long, down to 1):
+   * twice the longest time from a give-up to the next connection of that kind asking (the backoff,
+   * at most backoff.max, then a token and a handshake, connectTimeout each). A link slow enough to
+   * be given up on meets the doubled bound at its next connection; one not given up on for that
+   * long is waited on as recent evidence says, not up to STRETCH_MAX connectTimeouts for ever.
+   */
+  _stretchDecay() {
+    return 2 * (this.options.backoff.max + 2 * this.options.connectTimeout);
+  }
+
+  /** The stretch of `kind`'s bound for a connection asking now (the stretch decayed, see
+   * _stretchDecay). It is taken once per connection: its own wait does not shrink it. */
+  _stretchOf(kind) {
+    const at = this._stretchedAt[kind];
+    if (this._answerStretch[kind] <= 1 || at === null) return this._answerStretch[kind];
+    const now = this._now();
+    // (A clock set back: counted from now, so the stretch waits one period, not the step too.)
+    if (now < at) this._stretchedAt[kind] = now;
+    const halvings = Math.floor(Math.max(0, now - at) / this._stretchDecay());
+    if (halvings > 0) {
+      this._answerStretch[kind] = Math.max(1, this._answerStretch[kind] / Math.pow(2, halvings));
+      this._stretchedAt[kind] = at + halvings * this._stretchDecay();
+    }
+    return this._answerStretch[kind];
   }
 
   /**
@@ -2600,7 +2631,7 @@ export class EventBus {
     if (!answers) return;
     answers.timer = null;
     const now = this._answersNow(answers);
-    const bound = this.options.connectTimeout * this._answerStretch[answers.kind];
+    const bound = this.options.connectTimeout * answers.stretch;
     let earliest = null;
     for (const [projectId, { sub, at }] of answers.asked) {
       if (this._subs.get(projectId) !== sub) {
@@ -2619,7 +2650,8 @@ export class EventBus {
           projectId,
         });
         this._gaveUp = conn;
-        this._answerStretch[answers.kind] = Math.min(this._answerStretch[answers.kind] * 2, STRETCH_MAX);
+        this._answerStretch[answers.kind] = Math.min(answers.stretch * 2, STRETCH_MAX);
+        this._stretchedAt[answers.kind] = now;
         if (conn === this._ws) this._dropSocket(CloseCode.ABNORMAL, "no answer to a subscribe", true);
         else if (conn === this._sse) conn.controller.abort(); // _sseEnded reopens it on the backoff
         return;

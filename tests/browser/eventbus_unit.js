@@ -3148,6 +3148,40 @@ test("the bound on a subscribe's answer stretches per transport: WebSockets give
   eq(env.events[1], [1, 2, 3], "every event once, in order");
 });
 
+test("the bound on a subscribe's answer shrinks back with time: a WebSocket stuck after a long SSE period is given up after connectTimeout", async () => {
+  const env = setup({ subscribe: [1, 2] });
+  let ws = await goLive(env, { 1: { epoch: "a", seq: 0 } }); // project 2's subscribe is stuck
+  const bounds = [];
+  for (let i = 0; i < 4; i += 1) {
+    const asked = env.clock.now();
+    while (ws.closedWith === null) await env.clock.advance(1000);
+    bounds.push(env.clock.now() - asked);
+    const sockets = env.sockets.length;
+    while (env.sockets.length === sockets) await env.clock.advance(1000);
+    ws = await goLive(env, { 1: { epoch: "a", seq: 0, resumed: true } });
+  }
+  eq(bounds, [10000, 20000, 40000, 80000], "given up in a row: each bound twice the last");
+  ws.serverClose(1006);
+  // WebSocket refused for 10 minutes: SSE, whose streams answer every project at once.
+  env.autoFailSockets = true;
+  sseServer(env);
+  env.sse = ((serve) => (url, init, request) => {
+    const reply = serve(url, init, request);
+    queueMicrotask(() => sseLive(env, { 1: { epoch: "a", seq: 0, resumed: true }, 2: { epoch: "b", seq: 0 } }));
+    return reply;
+  })(env.sse);
+  await env.clock.advance(600000);
+  eq(env.bus.transport, "sse");
+  // A WebSocket connects again and its subscribe of project 2 is stuck: the last evidence of a
+  // slow WebSocket is 10 minutes old. Before, it was waited on 16 times connectTimeout (160 s).
+  env.autoFailSockets = false;
+  for (let i = 0; i < 60 && env.last().readyState !== 0; i += 1) await env.clock.advance(1000);
+  ws = await goLive(env, { 1: { epoch: "a", seq: 0, resumed: true } });
+  const asked = env.clock.now();
+  while (ws.closedWith === null && env.clock.now() - asked < 200000) await env.clock.advance(1000);
+  eq(env.clock.now() - asked, 10000, "given up after connectTimeout");
+});
+
 // --- cursor tags (docs/protocol.md, "Cursor tags") ------------------------------------------------
 
 test("tags: sha1Hex matches the standard vectors; eventTag hashes the UTF-8 bytes", () => {
