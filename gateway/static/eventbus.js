@@ -1775,11 +1775,12 @@ export class EventBus {
       if (activity && (activity.viewing !== null || activity.answering !== null)) this._sendActivity(sub);
     }
     if (conn === this._ws && sub.answersStaleSubscribe({ final: true })) {
-      // Polling (it runs until the WebSocket gets live) moved the cursor after this subscribe
-      // went out: the answer is for the cursor left behind. A top behind the polled cursor, or a
-      // first contact's when polling made it, would be taken for a history that moved back and
-      // reload the application. Not judged: subscribed again from the cursor (polling has
-      // stopped, so that one's answer is judged); the replay before it was deduped.
+      // Polling (it runs until the WebSocket has answered every subscribe, _proveSocket) moved
+      // the cursor after this subscribe went out: the answer is for the cursor left behind. A
+      // top behind the polled cursor, or a first contact's when polling made it, would be taken
+      // for a history that moved back and reload the application. Not judged: subscribed again
+      // from the cursor (that answer is judged alike: once polling has stopped, it is taken);
+      // the replay before it was deduped.
       this._sendSubscribe(sub);
       return;
     }
