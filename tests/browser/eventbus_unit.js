@@ -1367,10 +1367,9 @@ test("WebSocket refused: polls every 10 s with the token, then switches back", a
 
 /** A gateway whose every WebSocket gets live (authenticated) and drops `dropAfter` ms later,
  * its subscribes never answered, while polls are answered from a history growing by one event
- * a second, for `duration` ms. Returns the seqs delivered, the cursor of the first contact
+ * a second (`feed` passes each on to open SSE streams), for `duration` ms. Returns the seqs delivered, the cursor of the first contact
  * (state loaded: onResync) and when it came, and the longest time without a delivery after it. */
-async function flappingUnanswered(env, { dropAfter, duration }) {
-  const history = [];
+async function flappingUnanswered(env, { dropAfter, duration, history = [], feed = () => {} }) {
   pollServer(env, history);
   const delivered = [];
   env.unsubscribe[1]();
@@ -1383,6 +1382,7 @@ async function flappingUnanswered(env, { dropAfter, duration }) {
   await env.clock.advance(0);
   while (env.clock.now() - start < duration) {
     history.push(history.length + 1);
+    feed();
     for (let step = 0; step < 4; step += 1) {
       for (const ws of env.sockets) {
         if (ws.readyState === 0) {
@@ -1418,6 +1418,55 @@ test("a WebSocket that gets live and drops before its subscribes are answered fa
     // One event a second: a poll round every pollInterval (10 s) delivers; a little slack.
     assert(maxSilence <= 12000, `dropAfter ${dropAfter}: silent for ${maxSilence} ms`);
     assert(env.sockets.length < 20, `dropAfter ${dropAfter}: the backoff grows (${env.sockets.length} connections in 300 s)`);
+    env.bus.close();
+  }
+});
+
+test("a WebSocket that gets live and drops before its subscribes are answered falls back to SSE: the events come, in order, never long silent", async () => {
+  for (const dropAfter of [500, 3000, 9000, 15000]) {
+    const env = setup();
+    // SSE streams of project 1 over the same history (epoch "p"): the replay after Last-Event-ID,
+    // then every new event while the stream is open.
+    const history = [];
+    const streams = [];
+    const encoder = new TextEncoder();
+    env.sse = (url, init) => {
+      const handle = { closed: false };
+      handle.stream = new ReadableStream({ start: (controller) => (handle.controller = controller) });
+      handle.send = (name, data, id) => {
+        if (!handle.closed) handle.controller.enqueue(encoder.encode(`${name ? `event: ${name}\n` : ""}${id ? `id: ${id}\n` : ""}data: ${JSON.stringify(data)}\n\n`));
+      };
+      init.signal.addEventListener("abort", () => {
+        handle.closed = true;
+        try {
+          handle.controller.error(new DOMException("aborted", "AbortError"));
+        } catch {
+          /* already closed */
+        }
+      });
+      const last = init.headers["Last-Event-ID"];
+      const after = last ? Number(last.split(":")[1]) : null;
+      queueMicrotask(() => {
+        handle.send("authenticated", { type: "authenticated", subject: "u", projects: null, expires_at: Math.floor(env.clock.now() / 1000) + 900 });
+        if (after !== null) for (let seq = after + 1; seq <= history.length; seq += 1) handle.send(null, event(1, seq), `p:${seq}`);
+        const top = history.length;
+        handle.send("subscribed", { type: "subscribed", project_id: 1, epoch: "p", seq: top, resumed: after !== null, replayed: 0 }, `p:${top}`);
+        handle.sent = top;
+        streams.push(handle);
+      });
+      return { stream: handle.stream };
+    };
+    const feed = () => {
+      for (const handle of streams) {
+        for (let seq = handle.sent + 1; seq <= history.length; seq += 1) handle.send(null, event(1, seq), `p:${seq}`);
+        handle.sent = history.length;
+      }
+    };
+    const { seqs, first, maxSilence, top } = await flappingUnanswered(env, { dropAfter, duration: 300000, history, feed });
+    assert(first !== null && first.at <= 10250, `dropAfter ${dropAfter}: state loaded after ${first && first.at} ms`);
+    eq(seqs, Array.from({ length: seqs.length }, (_, i) => first.seq + 1 + i), `dropAfter ${dropAfter}: once each, in order, from the cursor`);
+    assert(top - seqs[seqs.length - 1] <= 11, `dropAfter ${dropAfter}: up to the end (${seqs[seqs.length - 1]} of ${top})`);
+    assert(maxSilence <= 12000, `dropAfter ${dropAfter}: silent for ${maxSilence} ms`);
     env.bus.close();
   }
 });
