@@ -1064,8 +1064,8 @@ export class EventBus {
     this._wsLive = false;
     // Frames may go on the WebSocket: it is open and its `auth` sent (live comes with `authenticated`).
     this._wsOpen = false;
-    // WebSocket attempts that did not prove useful (never got live, or dropped before every
-    // subscribe sent on it was answered), since the last one that did.
+    // WebSocket attempts that failed (never got live, or ended before stable: see
+    // _onSocketClosed) since the last one that proved useful (_wsProven).
     this._failures = 0;
     // The WebSocket has answered every subscribe sent on it since it got live (or had none to
     // answer): only then does it count as a success (_failures back to 0, polling stopped), and
@@ -1884,8 +1884,10 @@ export class EventBus {
     const wasLive = this._wsLive;
     // A connection up for stableAfter resets the backoff; one given up on for not answering a
     // subscribe was up, not stable: while a gateway stays stuck the delays keep growing.
-    // One never proven (its subscribes unanswered) is no success either: it counts as a failed
-    // attempt, so a gateway dropping every connection before answering gets the fallbacks.
+    // One that ends before it is stable is no success either: it counts as a failed attempt, so
+    // the fallbacks (SSE, else polling) carry the events through the backoff's delay. Before, a
+    // gateway dropping every connection before answering got no fallback at all, and one
+    // answering and dropping each soon after left a silence as long as the delay (up to 30 s).
     const proven = wasLive && this._wsProven;
     const stable = proven && this._gaveUp !== this._ws && this._now() - this._liveAt >= this.options.stableAfter;
     if (this._gaveUp === this._ws) this._gaveUp = null; // (an SSE stream given up on stays so)
@@ -1919,12 +1921,12 @@ export class EventBus {
       this._updateState();
       return;
     }
-    this._afterFailure(code, proven);
+    this._afterFailure(code, stable);
   }
 
-  /** A WebSocket attempt ended: one that was not `proven` (see _wsProven) counts as failed. */
-  _afterFailure(code, proven = false) {
-    if (!proven) this._failures += 1;
+  /** A WebSocket attempt ended: one that was not `stable` (see _onSocketClosed) counts as failed. */
+  _afterFailure(code, stable = false) {
+    if (!stable) this._failures += 1;
     if (shouldPoll({ websocketSupported: true, failuresSinceLive: this._failures, threshold: this.options.pollAfterFailures })) {
       this._fallBack();
     }

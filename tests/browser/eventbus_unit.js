@@ -1367,9 +1367,11 @@ test("WebSocket refused: polls every 10 s with the token, then switches back", a
 
 /** A gateway whose every WebSocket gets live (authenticated) and drops `dropAfter` ms later,
  * its subscribes never answered, while polls are answered from a history growing by one event
- * a second (`feed` passes each on to open SSE streams), for `duration` ms. Returns the seqs delivered, the cursor of the first contact
+ * a second (`feed` passes each on to open SSE streams), for `duration` ms. With `answer`, each
+ * connection answers its subscribes at once (replay, `subscribed`) and sends the new events
+ * until it drops. Returns the seqs delivered, the cursor of the first contact
  * (state loaded: onResync) and when it came, and the longest time without a delivery after it. */
-async function flappingUnanswered(env, { dropAfter, duration, history = [], feed = () => {} }) {
+async function flappingUnanswered(env, { dropAfter, duration, history = [], feed = () => {}, answer = false }) {
   pollServer(env, history);
   const delivered = [];
   env.unsubscribe[1]();
@@ -1383,6 +1385,11 @@ async function flappingUnanswered(env, { dropAfter, duration, history = [], feed
   while (env.clock.now() - start < duration) {
     history.push(history.length + 1);
     feed();
+    for (const ws of env.sockets) {
+      if (ws.readyState !== 1 || ws.fed === undefined) continue;
+      for (let seq = ws.fed + 1; seq <= history.length; seq += 1) ws.receive(event(1, seq));
+      ws.fed = history.length;
+    }
     for (let step = 0; step < 4; step += 1) {
       for (const ws of env.sockets) {
         if (ws.readyState === 0) {
@@ -1390,6 +1397,15 @@ async function flappingUnanswered(env, { dropAfter, duration, history = [], feed
           await flush();
           ws.receive({ type: "authenticated", subject: "u", projects: null, expires_at: Math.floor(env.clock.now() / 1000) + 900 });
           liveAt.set(ws, env.clock.now());
+          if (answer) {
+            await flush();
+            for (const m of ws.sentOf("subscribe")) {
+              const after = m.after === undefined ? null : m.after;
+              if (after !== null) for (let seq = after + 1; seq <= history.length; seq += 1) ws.receive(event(1, seq));
+              ws.receive({ type: "subscribed", project_id: 1, epoch: "p", seq: history.length, resumed: after !== null, replayed: 0 });
+            }
+            ws.fed = history.length;
+          }
         } else if (ws.readyState === 1 && liveAt.has(ws) && env.clock.now() - liveAt.get(ws) >= dropAfter) ws.serverClose(1006);
       }
       await env.clock.advance(250);
@@ -1422,51 +1438,74 @@ test("a WebSocket that gets live and drops before its subscribes are answered fa
   }
 });
 
+/** SSE streams of project 1 over `history` (epoch "p", seq = index + 1): each answers at once, the
+ * replay after its Last-Event-ID, then `subscribed`. Returns `feed`: sends the new events to every
+ * open stream. */
+function sseHistoryServer(env, history) {
+  const streams = [];
+  const encoder = new TextEncoder();
+  env.sse = (url, init) => {
+    const handle = { closed: false };
+    handle.stream = new ReadableStream({ start: (controller) => (handle.controller = controller) });
+    handle.send = (name, data, id) => {
+      if (!handle.closed) handle.controller.enqueue(encoder.encode(`${name ? `event: ${name}\n` : ""}${id ? `id: ${id}\n` : ""}data: ${JSON.stringify(data)}\n\n`));
+    };
+    init.signal.addEventListener("abort", () => {
+      handle.closed = true;
+      try {
+        handle.controller.error(new DOMException("aborted", "AbortError"));
+      } catch {
+        /* already closed */
+      }
+    });
+    const last = init.headers["Last-Event-ID"];
+    const after = last ? Number(last.split(":")[1]) : null;
+    queueMicrotask(() => {
+      handle.send("authenticated", { type: "authenticated", subject: "u", projects: null, expires_at: Math.floor(env.clock.now() / 1000) + 900 });
+      if (after !== null) for (let seq = after + 1; seq <= history.length; seq += 1) handle.send(null, event(1, seq), `p:${seq}`);
+      const top = history.length;
+      handle.send("subscribed", { type: "subscribed", project_id: 1, epoch: "p", seq: top, resumed: after !== null, replayed: 0 }, `p:${top}`);
+      handle.sent = top;
+      streams.push(handle);
+    });
+    return { stream: handle.stream };
+  };
+  const feed = () => {
+    for (const handle of streams) {
+      for (let seq = handle.sent + 1; seq <= history.length; seq += 1) handle.send(null, event(1, seq), `p:${seq}`);
+      handle.sent = history.length;
+    }
+  };
+  return feed;
+}
+
 test("a WebSocket that gets live and drops before its subscribes are answered falls back to SSE: the events come, in order, never long silent", async () => {
   for (const dropAfter of [500, 3000, 9000, 15000]) {
     const env = setup();
-    // SSE streams of project 1 over the same history (epoch "p"): the replay after Last-Event-ID,
-    // then every new event while the stream is open.
     const history = [];
-    const streams = [];
-    const encoder = new TextEncoder();
-    env.sse = (url, init) => {
-      const handle = { closed: false };
-      handle.stream = new ReadableStream({ start: (controller) => (handle.controller = controller) });
-      handle.send = (name, data, id) => {
-        if (!handle.closed) handle.controller.enqueue(encoder.encode(`${name ? `event: ${name}\n` : ""}${id ? `id: ${id}\n` : ""}data: ${JSON.stringify(data)}\n\n`));
-      };
-      init.signal.addEventListener("abort", () => {
-        handle.closed = true;
-        try {
-          handle.controller.error(new DOMException("aborted", "AbortError"));
-        } catch {
-          /* already closed */
-        }
-      });
-      const last = init.headers["Last-Event-ID"];
-      const after = last ? Number(last.split(":")[1]) : null;
-      queueMicrotask(() => {
-        handle.send("authenticated", { type: "authenticated", subject: "u", projects: null, expires_at: Math.floor(env.clock.now() / 1000) + 900 });
-        if (after !== null) for (let seq = after + 1; seq <= history.length; seq += 1) handle.send(null, event(1, seq), `p:${seq}`);
-        const top = history.length;
-        handle.send("subscribed", { type: "subscribed", project_id: 1, epoch: "p", seq: top, resumed: after !== null, replayed: 0 }, `p:${top}`);
-        handle.sent = top;
-        streams.push(handle);
-      });
-      return { stream: handle.stream };
-    };
-    const feed = () => {
-      for (const handle of streams) {
-        for (let seq = handle.sent + 1; seq <= history.length; seq += 1) handle.send(null, event(1, seq), `p:${seq}`);
-        handle.sent = history.length;
-      }
-    };
+    const feed = sseHistoryServer(env, history);
     const { seqs, first, maxSilence, top } = await flappingUnanswered(env, { dropAfter, duration: 300000, history, feed });
     assert(first !== null && first.at <= 10250, `dropAfter ${dropAfter}: state loaded after ${first && first.at} ms`);
     eq(seqs, Array.from({ length: seqs.length }, (_, i) => first.seq + 1 + i), `dropAfter ${dropAfter}: once each, in order, from the cursor`);
     assert(top - seqs[seqs.length - 1] <= 11, `dropAfter ${dropAfter}: up to the end (${seqs[seqs.length - 1]} of ${top})`);
     assert(maxSilence <= 12000, `dropAfter ${dropAfter}: silent for ${maxSilence} ms`);
+    env.bus.close();
+  }
+});
+
+test("WebSockets that answer but drop before they are stable fall back at once: the backoff's delays are covered, never long silent", async () => {
+  for (const dropAfter of [500, 3000, 9000]) {
+    const env = setup();
+    const history = [];
+    const feed = sseHistoryServer(env, history);
+    const { seqs, first, maxSilence, top } = await flappingUnanswered(env, { dropAfter, duration: 300000, history, feed, answer: true });
+    assert(first !== null, `dropAfter ${dropAfter}: no state loaded`);
+    eq(seqs, Array.from({ length: seqs.length }, (_, i) => first.seq + 1 + i), `dropAfter ${dropAfter}: once each, in order, from the cursor`);
+    assert(top - seqs[seqs.length - 1] <= 11, `dropAfter ${dropAfter}: up to the end (${seqs[seqs.length - 1]} of ${top})`);
+    // Before, a connection that answered and dropped within stableAfter was no failure: nothing
+    // fell back, and the project was silent for the backoff's whole delay (up to 30 s).
+    assert(maxSilence <= 12000, `dropAfter ${dropAfter}: silent for ${maxSilence} ms`);
+    assert(env.sockets.length < 20, `dropAfter ${dropAfter}: the backoff grows (${env.sockets.length} connections in 300 s)`);
     env.bus.close();
   }
 });
