@@ -1673,6 +1673,9 @@ export class EventBus {
     const answers = this._answers.get(this._ws);
     if (!answers || answers.asked.size === 0) this._proveSocket();
     else if (!this._polling) this._startPolling(this.options.pollInterval);
+    // Polling on with no round due nor under way: a stream held its rounds (_pollsHeld), and
+    // _stopSse ended it without letting them go.
+    else if (this._pollTimer === null && !this._pollRunning) this._pollSoon();
     this._updateState();
   }
 

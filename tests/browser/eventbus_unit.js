@@ -2165,6 +2165,41 @@ test("sse: close() while a stream is open and unanswered, polling put off or run
   }
 });
 
+test("sse: a WebSocket live and unanswered while a stream held polls: polling goes on from the stream's end", async () => {
+  const env = setup({ autoFailSockets: true, options: { pollInterval: 2000 } });
+  const history = [1, 2];
+  pollServer(env, history);
+  sseServer(env);
+  await env.clock.advance(0);
+  await env.clock.advance(10000); // the first stream never answered: given up
+  for (let i = 0; i < 20 && env.open.length < 2; i += 1) await env.clock.advance(100);
+  const slow = env.open[1];
+  history.push(3);
+  for (let i = 0; i < 30 && env.events[1].length < 1; i += 1) await env.clock.advance(100);
+  slow.event("subscribed", { type: "subscribed", project_id: 1, epoch: "p", seq: 2, resumed: true, replayed: 0 }, "p:2");
+  await flush();
+  for (let i = 0; i < 100 && env.open.length < 3; i += 1) await env.clock.advance(100);
+  const held = env.open[2]; // polls wait for its answer
+  const polls = env.requests.length;
+  // A WebSocket gets live (the stream ends), and its subscribe is not answered.
+  env.autoFailSockets = false;
+  env.bus.reconnect();
+  await flush();
+  const ws = env.last();
+  ws.open();
+  await flush();
+  ws.receive({ type: "authenticated", subject: "u", projects: null, expires_at: null });
+  await flush();
+  assert(held.closed, "the stream is ended");
+  eq(env.bus.transport, "websocket");
+  history.push(4);
+  await env.clock.advance(2000);
+  // Before, the hold went with the stream but the polls it had held were never rounded up again:
+  // polling stayed on with no round due, silent until the WebSocket dropped.
+  assert(env.requests.length > polls, "polls go on");
+  eq(env.events[1], [3, 4], "every event once, in order");
+});
+
 test("sse: a WebSocket getting live while a stream is unanswered ends it and stops polling; it resumes from the polled cursor", async () => {
   const env = setup({ autoFailSockets: true, options: { pollInterval: 2000 } });
   const history = [1, 2];
