@@ -1924,12 +1924,17 @@ export class EventBus {
       this._updateState();
       return;
     }
-    this._afterFailure(code, stable);
+    // Nor is one that answered and was closed to be resumed at once (a drain's 1001/1012 after
+    // the prompt reconnect was used): a rolling restart moves a tab from pod to pod within
+    // stableAfter, and counting those closes sent every tab of the fleet to SSE (else polling)
+    // against the gateway being deployed. It waits the backoff, as before.
+    this._afterFailure(code, stable || (proven && action.delay === "prompt"));
   }
 
-  /** A WebSocket attempt ended: one that was not `stable` (see _onSocketClosed) counts as failed. */
-  _afterFailure(code, stable = false) {
-    if (!stable) this._failures += 1;
+  /** A WebSocket attempt ended: it counts as failed unless `spared` (stable, or a proven one
+   * closed to be resumed at once: see _onSocketClosed). */
+  _afterFailure(code, spared = false) {
+    if (!spared) this._failures += 1;
     if (shouldPoll({ websocketSupported: true, failuresSinceLive: this._failures, threshold: this.options.pollAfterFailures })) {
       this._fallBack();
     }

@@ -684,6 +684,32 @@ test("a gateway closing each live connection at once gets one prompt reconnect, 
   }
 });
 
+test("a rolling restart (each live, answered connection drained with 1001/1012 after a few seconds) falls back to nothing: no SSE stream, no poll", async () => {
+  for (const codes of [[1012, 1012], [1012, 1001, 1012], [1001, 1012, 1001, 1012]]) {
+    const env = setup();
+    let ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+    let seq = 0;
+    for (const code of codes) {
+      // Each pod drains a few seconds after the client reached it: every subscribe answered.
+      await env.clock.advance(3000);
+      seq += 1;
+      ws.receive(event(1, seq));
+      await flush();
+      ws.serverClose(code);
+      const sockets = env.sockets.length;
+      for (let i = 0; i < 600 && env.sockets.length === sockets; i += 1) await env.clock.advance(50);
+      ws = await goLive(env, { 1: { epoch: "e", seq, resumed: true } });
+    }
+    // Before, the second drain within stableAfter counted as a failed attempt: every tab of the
+    // fleet opened an SSE stream (else polled) against the gateway being deployed.
+    eq(env.streams.length, 0, `${codes}: no SSE stream asked for`);
+    eq(env.requests.length, 0, `${codes}: no poll`);
+    eq(env.bus.transport, "websocket");
+    eq(env.events[1], Array.from({ length: seq }, (_, i) => i + 1), `${codes}: every event once, in order`);
+    env.bus.close();
+  }
+});
+
 /** A bus live over SSE whose stream is closed for a drain (1012) three times, each as soon as
  * it is live (with `stableAt` live for stableAfter first): how each reopen came. */
 async function sseDrainedThrice(stableAt = -1) {
