@@ -2538,6 +2538,11 @@ export class EventBus {
       const kind = conn === this._ws ? "websocket" : "sse";
       answers = answersOf(conn, kind, this._now(), this._stretchOf(kind));
       this._answers.set(conn, answers);
+    } else if (answers.asked.size === 0) {
+      // Nothing waited on: the stretch as it is now, not as at the connection's first subscribe
+      // (since answered at once, or decayed). A connection answering everything fast after a
+      // run of give-ups otherwise waited 16 times connectTimeout on a later stuck subscribe.
+      answers.stretch = this._stretchOf(answers.kind);
     }
     answers.asked.set(sub.projectId, { sub, at: this._answersNow(answers) });
     if (answers.timer === null) answers.timer = this._setTimeout(() => this._checkAnswers(conn), this.options.connectTimeout);
@@ -2580,7 +2585,7 @@ export class EventBus {
   }
 
   /** The stretch of `kind`'s bound for a connection asking now (the stretch decayed, see
-   * _stretchDecay). It is taken once per connection: its own wait does not shrink it. */
+   * _stretchDecay). It is taken by a connection asking with nothing waited on: its own wait does not shrink it. */
   _stretchOf(kind) {
     const at = this._stretchedAt[kind];
     if (this._answerStretch[kind] <= 1 || at === null) return this._answerStretch[kind];

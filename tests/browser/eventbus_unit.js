@@ -3297,6 +3297,28 @@ test("the bound on a subscribe's answer stretches per transport: WebSockets give
   eq(env.events[1], [1, 2, 3], "every event once, in order");
 });
 
+test("the bound on a subscribe's answer is back at connectTimeout for a later subscribe once a connection answered every subscribe at once", async () => {
+  const env = setup({ subscribe: [1, 2] });
+  let ws = await goLive(env, { 1: { epoch: "a", seq: 0 } }); // project 2's subscribe is stuck
+  for (let i = 0; i < 4; i += 1) {
+    while (ws.closedWith === null) await env.clock.advance(1000);
+    const sockets = env.sockets.length;
+    while (env.sockets.length === sockets) await env.clock.advance(1000);
+    ws = await goLive(env, i < 3 ? { 1: { epoch: "a", seq: 0, resumed: true } } : { 1: { epoch: "a", seq: 0, resumed: true }, 2: { epoch: "b", seq: 0 } });
+  }
+  // Given up 4 times, then a connection answering both at once: the gateway is fast again.
+  await env.clock.advance(20000);
+  env.events[3] = [];
+  env.bus.subscribe(3, (e) => env.events[3].push(e.seq));
+  await flush();
+  eq(ws.sentOf("subscribe").filter((m) => m.project_id === 3).length, 1, "project 3 asked for");
+  const asked = env.clock.now();
+  while (ws.closedWith === null && env.clock.now() - asked < 200000) await env.clock.advance(1000);
+  // Before, the connection kept the stretch taken at its first subscribe (16): project 3 was
+  // silent 160 s before the stuck subscribe was given up.
+  eq(env.clock.now() - asked, 10000, "given up after connectTimeout");
+});
+
 test("the bound on a subscribe's answer shrinks back with time: a WebSocket stuck after a long SSE period is given up after connectTimeout", async () => {
   const env = setup({ subscribe: [1, 2] });
   let ws = await goLive(env, { 1: { epoch: "a", seq: 0 } }); // project 2's subscribe is stuck
