@@ -1927,8 +1927,13 @@ export class EventBus {
     // Nor is one that answered and was closed to be resumed at once (a drain's 1001/1012 after
     // the prompt reconnect was used): a rolling restart moves a tab from pod to pod within
     // stableAfter, and counting those closes sent every tab of the fleet to SSE (else polling)
-    // against the gateway being deployed. It waits the backoff, as before.
-    this._afterFailure(code, stable || (proven && action.delay === "prompt"));
+    // against the gateway being deployed. It waits the backoff; polling starts one
+    // pollInterval from now (stopped, unused, by a next connection answering sooner), so a
+    // gateway draining every connection soon after it answers, the backoff grown, leaves no
+    // silence longer than that.
+    const drained = !stable && proven && action.delay === "prompt";
+    if (drained) this._startPolling(this.options.pollInterval);
+    this._afterFailure(code, stable || drained);
   }
 
   /** A WebSocket attempt ended: it counts as failed unless `spared` (stable, or a proven one

@@ -1395,9 +1395,9 @@ test("WebSocket refused: polls every 10 s with the token, then switches back", a
  * its subscribes never answered, while polls are answered from a history growing by one event
  * a second (`feed` passes each on to open SSE streams), for `duration` ms. With `answer`, each
  * connection answers its subscribes at once (replay, `subscribed`) and sends the new events
- * until it drops. Returns the seqs delivered, the cursor of the first contact
+ * until it drops (with close `code`). Returns the seqs delivered, the cursor of the first contact
  * (state loaded: onResync) and when it came, and the longest time without a delivery after it. */
-async function flappingUnanswered(env, { dropAfter, duration, history = [], feed = () => {}, answer = false }) {
+async function flappingUnanswered(env, { dropAfter, duration, history = [], feed = () => {}, answer = false, code = 1006 }) {
   pollServer(env, history);
   const delivered = [];
   env.unsubscribe[1]();
@@ -1432,7 +1432,7 @@ async function flappingUnanswered(env, { dropAfter, duration, history = [], feed
             }
             ws.fed = history.length;
           }
-        } else if (ws.readyState === 1 && liveAt.has(ws) && env.clock.now() - liveAt.get(ws) >= dropAfter) ws.serverClose(1006);
+        } else if (ws.readyState === 1 && liveAt.has(ws) && env.clock.now() - liveAt.get(ws) >= dropAfter) ws.serverClose(code);
       }
       await env.clock.advance(250);
       const now = env.clock.now();
@@ -1533,6 +1533,27 @@ test("WebSockets that answer but drop before they are stable fall back at once: 
     assert(maxSilence <= 12000, `dropAfter ${dropAfter}: silent for ${maxSilence} ms`);
     assert(env.sockets.length < 20, `dropAfter ${dropAfter}: the backoff grows (${env.sockets.length} connections in 300 s)`);
     env.bus.close();
+  }
+});
+
+test("WebSockets that answer and are drained (1001/1012) before they are stable, again and again: no fallback stream, polling covers the backoff's delays", async () => {
+  for (const code of [1012, 1001]) {
+    for (const dropAfter of [500, 3000, 9000]) {
+      const env = setup();
+      const history = [];
+      const feed = sseHistoryServer(env, history);
+      const { seqs, first, maxSilence, top } = await flappingUnanswered(env, { dropAfter, duration: 300000, history, feed, answer: true, code });
+      assert(first !== null, `${code} after ${dropAfter}: no state loaded`);
+      eq(seqs, Array.from({ length: seqs.length }, (_, i) => first.seq + 1 + i), `${code} after ${dropAfter}: once each, in order, from the cursor`);
+      assert(top - seqs[seqs.length - 1] <= 11, `${code} after ${dropAfter}: up to the end (${seqs[seqs.length - 1]} of ${top})`);
+      // A drain is no failed attempt (no SSE stream: see the rolling restart), but a gateway
+      // draining every connection soon after it answers grows the backoff: a poll one
+      // pollInterval after the close covers a delay longer than that.
+      assert(maxSilence <= 12000, `${code} after ${dropAfter}: silent for ${maxSilence} ms`);
+      eq(env.streams.length, 0, `${code} after ${dropAfter}: no SSE stream`);
+      assert(env.sockets.length < 20, `${code} after ${dropAfter}: the backoff grows (${env.sockets.length} connections in 300 s)`);
+      env.bus.close();
+    }
   }
 });
 
