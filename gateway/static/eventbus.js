@@ -1120,6 +1120,7 @@ export class EventBus {
     this._pollTimer = null;
     this._pollDeferred = false; // polling started, its first round put off (_startPolling's delay)
     this._pollGeneration = 0;
+    this._pollAbort = null; // the AbortController of the poll request under way
     this._pollRunning = false;
     this._pollAgain = false;
     this._pollRetryAfter = 0; // the Retry-After of this round's refusal, in ms (0: none)
@@ -2705,6 +2706,10 @@ export class EventBus {
     this._pollGeneration += 1; // responses of the old generation are ignored
     this._clearTimeout(this._pollTimer);
     this._pollTimer = null;
+    // A request under way is not left to hang for up to pollTimeout (its answer would be
+    // ignored): the page holds no connection, and no timer, for a transport it left.
+    if (this._pollAbort) this._pollAbort.abort();
+    this._pollAbort = null;
   }
 
   _pollSoon() {
@@ -2765,7 +2770,9 @@ export class EventBus {
       let body;
       let query;
       let position;
+      if (generation !== this._pollGeneration) return true; // stopped meanwhile (following `more`)
       const controller = typeof AbortController === "function" ? new AbortController() : null;
+      this._pollAbort = controller;
       let timedOut = false;
       const deadline = controller
         ? this._setTimeout(() => {
@@ -2807,10 +2814,12 @@ export class EventBus {
         }
         if (!isPollAnswer(body)) throw new Error("eventbus: the gateway's poll answer is not {epoch, seq, events, resync_required}");
       } catch (error) {
+        if (generation !== this._pollGeneration) return true; // aborted by _stopPolling: no failure
         this._reportError({ code: "poll_failed", message: describe(error), projectId: sub.projectId, error });
         return false;
       } finally {
         if (deadline !== null) this._clearTimeout(deadline);
+        if (this._pollAbort === controller) this._pollAbort = null;
       }
       if (generation !== this._pollGeneration || this._subs.get(sub.projectId) !== sub) return true;
       this._everConnected = true;

@@ -3840,3 +3840,26 @@ test("tags: sse: events held during a reload are not kept over a new stream's re
   eq(answers, ["6c", "7c", "8c"], "history C's events, not A's 6 and 7 (lost) and C's 8 after them");
 });
 
+
+test("a poll under way when polling stops is aborted, not left hanging, and is no failure", async () => {
+  // Polling runs while the WebSocket fails; a poll request hangs (a slow proxy). Then a
+  // WebSocket gets live and answers: polling stops, and the request under way is aborted: the
+  // page held it (and its pollTimeout timer) for up to 30 s, its answer ignored; the hostile
+  // test of reconnects leaving no timer behind found that timer, now and then.
+  const env = setup({ autoFailSockets: true, options: { pollAfterFailures: 1 } });
+  const hanging = [];
+  env.poll = (url, init) => new Promise(() => hanging.push({ signal: init.signal, at: env.clock.t })); // never answered
+  await env.clock.advance(0);
+  await env.clock.advance(1000);
+  assert(hanging.length === 1, `one poll under way, got ${hanging.length}`);
+  env.autoFailSockets = false;
+  await env.clock.advance(2000);
+  await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  await flush();
+  eq(env.bus.state, "live");
+  assert(hanging[0].signal.aborted, "the poll under way was aborted when polling stopped");
+  await flush();
+  eq(env.errors.filter((e) => e.code === "poll_failed").length, 0, "an abort of our own is no failure");
+  const deadline = hanging[0].at + 30000; // its pollTimeout timer
+  eq([...env.clock.timers.values()].filter((t) => t.at === deadline).length, 0, "no pollTimeout timer left");
+});
