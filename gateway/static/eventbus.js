@@ -1934,7 +1934,12 @@ export class EventBus {
     // silence longer than that.
     const drained = !stable && proven && action.delay === "prompt";
     if (drained) this._startPolling(this.options.pollInterval);
-    this._afterFailure(code, stable || drained);
+    // Nor is a token refused (4001), expired (4002) or revoked (4003) on a connection that had
+    // answered: the WebSocket works, the token was what failed, and the next attempt asks for
+    // a new one. Counting it sent the tab to SSE and polling with a token minted in the
+    // revocation's second, each refused (401) and asking the token endpoint again.
+    const tokenRefused = proven && action.renewToken;
+    this._afterFailure(code, stable || drained || tokenRefused);
   }
 
   /** A WebSocket attempt ended: it counts as failed unless `spared` (stable, or a proven one

@@ -802,6 +802,29 @@ test("4003 (token revoked) is reported, gets a new token and reconnects with bac
   await flush();
   assert(env.tokens.length > tokensBefore, "a new token was asked for");
   eq(next.sent[0].token, env.tokens[env.tokens.length - 1], "and sent");
+  // The WebSocket works; the token was what failed. Before, a connection revoked before it
+  // was stable counted as a failed attempt: an SSE stream and polls were opened with a token
+  // minted in the revocation's second, each refused and asking the endpoint for another.
+  eq(env.streams.length, 0, "no SSE stream");
+  eq(env.requests.length, 0, "no poll");
+});
+
+test("a token refused or expired on an answered connection (4001/4002/4003) is no failed attempt: no fallback, even when the prompt reconnect was used", async () => {
+  for (const codes of [[4003], [4001], [4002, 4002], [4003, 4003]]) {
+    const env = setup();
+    let ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+    for (const code of codes) {
+      await env.clock.advance(2000); // answered, not stable
+      ws.serverClose(code);
+      const sockets = env.sockets.length;
+      for (let i = 0; i < 600 && env.sockets.length === sockets; i += 1) await env.clock.advance(50);
+      ws = await goLive(env, { 1: { epoch: "e", seq: 0, resumed: true } });
+    }
+    eq(env.streams.length, 0, `${codes}: no SSE stream`);
+    eq(env.requests.length, 0, `${codes}: no poll`);
+    eq(env.bus.transport, "websocket");
+    env.bus.close();
+  }
 });
 
 test("1002, 1007, 1008, 1009 and 4009 are reported as client bugs and still reconnect", async () => {
