@@ -839,7 +839,11 @@ class Publisher(_ContractHelpers[Cursor]):
         trip's failure is raised as it is. A transaction Redis discards (``EXECABORT``)
         or answers leaving unknown which calls ran (every one keyed or guarded) is sent again one
         call per round trip. On Redis Cluster (a transaction cannot span the slots of several
-        projects) each call is a round trip of its own.
+        projects) each call is a round trip of its own. Each cursor (in ``PublishManyError.cursors``
+        too) carries the tag of the frame its call stored (``Cursor.tag``; None for one answered
+        from an idempotency record): what the outbox relay records. A subclass that changes what
+        is stored overrides this method (and ``publish``) and passes what it stores to
+        ``super()``: the cursors it returns then carry the tags of the bytes Redis holds.
         """
         if in_order:
             return self._publish_in_order(events, idempotency_keys)
@@ -874,19 +878,13 @@ class Publisher(_ContractHelpers[Cursor]):
     def _publish_in_order(
         self, events: Iterable[ProjectEvent], idempotency_keys: Iterable[str | None] | None
     ) -> list[Cursor]:
-        return self._send_in_order(self._plan_in_order(events, idempotency_keys))
-
-    def _plan_in_order(
-        self, events: Iterable[ProjectEvent], idempotency_keys: Iterable[str | None] | None
-    ) -> list[PreparedBatch]:
-        """The calls of ``publish_many(events, idempotency_keys=..., in_order=True)``, one per
-        event (:func:`publisher.core.plan_in_order`), validated and encoded, not sent. With
-        :meth:`_send_in_order`, for the outbox relay: it reads each event's payload, the bytes
-        Redis stores, off its call (``PreparedBatch.payloads``) instead of encoding it again."""
-        return self._settings.in_order(events, idempotency_keys)
+        return self._send_in_order(self._settings.in_order(events, idempotency_keys))
 
     def _send_in_order(self, calls: list[PreparedBatch]) -> list[Cursor]:
-        """``publish_many(..., in_order=True)`` of calls planned by :meth:`_plan_in_order`."""
+        """``publish_many(..., in_order=True)`` of its calls, one per event
+        (:func:`publisher.core.plan_in_order`); each cursor carries the tag of the frame its
+        call stored (``Cursor.tag``, read off the call that was sent:
+        :func:`publisher.core.with_stored_tag`)."""
         cursors: list[Cursor | None] = [None] * len(calls)
         timeout = self._policy.timeout
         for start in range(0, len(calls), TRANSACTION_SIZE):

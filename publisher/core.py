@@ -23,6 +23,7 @@ from schemas.revocations import (
     MAX_TIMESTAMP,
     parse_full_error,
 )
+from schemas.tags import stored_tag
 from schemas.tokens import is_text
 
 __all__ = [
@@ -191,6 +192,13 @@ class Cursor(NamedTuple):
 
     epoch: str
     seq: int
+    #: The tag (schemas.tags) of the frame Redis holds at this cursor, as the call that returned
+    #: it stored it, or None when that call does not say. ``publish_many(..., in_order=True)``
+    #: gives each cursor the tag of the bytes its call sent (the outbox relay records it:
+    #: docs/outbox.md); a cursor answered from an idempotency record, a cursor of ``publish``
+    #: or of a plain ``publish_many``, and one built from its two numbers carry None. Not a
+    #: field: equality, unpacking and ``repr`` are those of ``(epoch, seq)``.
+    tag = None  # (a class attribute: a Cursor has no instance attributes)
 
 
 class Republished(Cursor):
@@ -202,6 +210,20 @@ class Republished(Cursor):
     a row (docs/outbox.md, "Snapshot with a cursor")."""
 
     __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"Cursor(epoch={self.epoch!r}, seq={self.seq!r})"
+
+
+class _Stored(Cursor):
+    """A :class:`Cursor` that carries its ``tag`` (no ``__slots__``: the tag is an instance
+    attribute); shown as the plain cursor."""
+
+    def __new__(cls, epoch: str, seq: int, tag: str | None = None) -> _Stored:
+        return super().__new__(cls, epoch, seq)
+
+    def __init__(self, epoch: str, seq: int, tag: str | None = None) -> None:
+        self.tag = tag  # (a copy or unpickling passes none, then sets the one it had)
 
     def __repr__(self) -> str:
         return f"Cursor(epoch={self.epoch!r}, seq={self.seq!r})"
@@ -791,8 +813,19 @@ def in_order_outcome(
             if refused is None:
                 refused = index
         else:
-            cursors[index] = outcome
+            cursors[index] = with_stored_tag(call, outcome)
     return cursors, refused, errors
+
+
+def with_stored_tag(call: PreparedBatch, cursor: Cursor) -> Cursor:
+    """``cursor``, the reply to ``call`` (a call of one event), carrying the tag of the frame the
+    call stored there (:attr:`Cursor.tag`): the call's payload, the bytes it sent, with
+    ``,"seq":N`` spliced in as the publish script does. A :class:`Republished` cursor stays as
+    it is (no tag): the call stored nothing, and Redis holds another call's bytes there, which
+    may be encoded otherwise."""
+    if isinstance(cursor, Republished):
+        return cursor
+    return _Stored(cursor.epoch, cursor.seq, stored_tag(call.payloads()[0], cursor.seq))
 
 
 def pack_command(*args: bytes | str | int) -> bytes:

@@ -681,8 +681,10 @@ def test_a_publisher_subclass_that_stores_another_event_records_no_wrong_tag(db,
     redact the answer) stores other bytes than the relay's encoding of the row: a tag computed
     from the row would name bytes Redis does not hold, and every resume from a snapshot ending
     there would answer history_lost (a reload at every page load and reconnect). Before, any
-    subclass counted as this package's Publisher and got such a tag; now a tag is recorded only
-    when the publishing methods are the package's own."""
+    subclass counted as this package's Publisher and got such a tag. The relay publishes through
+    the subclass's ``publish_many`` (never around it: the redaction holds), and records the tag
+    its cursors carry, that of the redacted frame Redis stored; before, such a subclass's rows
+    got no tag (the relay could not tell what it stored)."""
     import msgspec
 
     class Redacting(Publisher):
@@ -699,9 +701,10 @@ def test_a_publisher_subclass_that_stores_another_event_records_no_wrong_tag(db,
         db.create()
         db.write(event(1, 1))
         assert db.drain(publisher) == 1
+        frame = stored_frame(publisher.client, 1, 1)
+        assert b'"answer":"x"' in frame  # (not bypassed)
         snap = db.snapshot(1)
-        assert snap.cursor.seq == 1
-        assert snap.tag in (None, event_tag(stored_frame(publisher.client, 1, 1)))
+        assert snap.cursor.seq == 1 and snap.tag == event_tag(frame)
     finally:
         publisher.close()
 
@@ -724,12 +727,11 @@ def test_a_publisher_subclass_that_only_adds_to_its_methods_keeps_the_tags(db, r
 
 
 def test_a_publisher_subclass_that_changes_the_calls_it_sends_records_no_wrong_tag(db, redis_url):
-    """A subclass of ``Publisher`` that overrides the in-order internals the relay goes
-    through (here ``_send_in_order``, rewriting each call's event before it is sent) stores
-    other bytes than the calls the relay planned: a tag read off those would name bytes Redis
-    does not hold (every resume from a snapshot ending there told history_lost). Such a
-    subclass publishes as one overriding ``publish_many`` does: through its own methods,
-    without tags."""
+    """A subclass of ``Publisher`` that overrides the in-order internals (here
+    ``_send_in_order``, rewriting each call's event before it is sent; no supported seam) stores
+    other bytes than the relay's events encode to: a tag of those would name bytes Redis does
+    not hold (every resume from a snapshot ending there told history_lost). The subclass's own
+    sending runs, and no tag but that of the bytes it sent is recorded."""
 
     class Rewriting(Publisher):
         def _send_in_order(self, calls):
@@ -752,19 +754,67 @@ def test_a_publisher_subclass_that_changes_the_calls_it_sends_records_no_wrong_t
         publisher.close()
 
 
+def test_a_publisher_subclass_that_makes_its_own_cursors_records_no_tag(db, redis_url):
+    """A subclass whose ``publish_many`` returns cursors it made itself (not those the package's
+    sending returned) says nothing of the bytes Redis holds there: its rows get no tag, never
+    one of the relay's own encoding of the row."""
+    from publisher.core import Cursor as PublisherCursor
+
+    class Copying(Publisher):
+        def publish_many(self, events, **options):
+            cursors = super().publish_many(events, **options)
+            return [PublisherCursor(cursor.epoch, cursor.seq) for cursor in cursors]
+
+    publisher = Copying.from_url(redis_url)
+    try:
+        db.create()
+        db.write(event(1, 1))
+        assert db.drain(publisher) == 1
+        snap = db.snapshot(1)
+        assert snap.cursor.seq == 1 and snap.tag is None
+    finally:
+        publisher.close()
+
+
+def test_in_order_cursors_carry_the_tag_of_the_frame_their_call_stored(bus):
+    """What the relay records: each cursor of ``publish_many(..., in_order=True)`` carries the
+    tag of the frame its call stored (``Cursor.tag``), and a cursor answered from an idempotency
+    record from another call, none (Redis holds that call's bytes). The cursors stay equal to,
+    and shown as, plain cursors; ``publish``'s carry no tag."""
+    from publisher.core import Cursor as PublisherCursor
+
+    cursors = bus.publish_many([event(7, 1), event(8, 1), event(7, 2)],
+                               idempotency_keys=["a", "b", None], in_order=True)  # fmt: skip
+    assert [(c.seq, c.tag) for c in cursors] == [
+        (1, event_tag(stored_frame(bus.client, 7, 1))),
+        (1, event_tag(stored_frame(bus.client, 8, 1))),
+        (2, event_tag(stored_frame(bus.client, 7, 2))),
+    ]
+    assert cursors[0] == PublisherCursor(cursors[0].epoch, 1)
+    assert repr(cursors[0]) == repr(PublisherCursor(cursors[0].epoch, 1))
+    assert bus.publish(event(7, 3)).tag is None
+    stamped = BlockerResolved(project_id=7, blocker_id=1, answer="answer 1",
+                              resolved_at=T0.replace(second=31))  # fmt: skip
+    (again,) = bus.publish_many([stamped], idempotency_keys=["a"], in_order=True)
+    assert again == cursors[0] and again.tag is None
+
+
 def test_a_publish_many_replaced_on_the_publisher_object_is_still_what_the_relay_calls(
     db, redis_url
 ):
     """``publish_many`` replaced on the ``Publisher`` object itself (a wrapper set on the
     instance: instrumentation, a redaction, a test double) is what the relay publishes through,
-    as it was before the relay planned its calls itself; its rows get no tag (the wrapper may
-    store another event)."""
+    as it was before the relay planned its calls itself. Its rows get the tags of what the
+    wrapper's call of the original stored (the redacted frame); before, they got none."""
     import msgspec
 
     publisher = Publisher.from_url(redis_url)
     original = publisher.publish_many
 
+    calls = []
+
     def redacting(events, **options):
+        calls.append(options)
         return original([msgspec.structs.replace(e, answer="x") for e in events], **options)
 
     publisher.publish_many = redacting
@@ -772,10 +822,11 @@ def test_a_publish_many_replaced_on_the_publisher_object_is_still_what_the_relay
         db.create()
         db.write(event(1, 1))
         assert db.drain(publisher) == 1
+        assert calls and all(options.get("in_order") for options in calls)
         frame = stored_frame(publisher.client, 1, 1)
         assert b'"answer":"x"' in frame
         snap = db.snapshot(1)
-        assert snap.cursor.seq == 1 and snap.tag in (None, event_tag(frame))
+        assert snap.cursor.seq == 1 and snap.tag == event_tag(frame)
     finally:
         publisher.close()
 

@@ -21,10 +21,18 @@ Why that keeps the stream exact:
 * A reply lost with the connection: the publisher sends the same transaction again under the
   same keys, which returns the first cursors for the calls that ran.
 
+Each cursor of that call carries the tag of the frame its call stored (``Cursor.tag``: the bytes
+the call sent, ``"seq"`` spliced in), which the relay records. That is the seam for a subclass
+of ``Publisher`` that changes what is stored (a redaction): it overrides ``publish_many`` (and
+``publish``) and passes what it stores to ``super()``, whose cursors then carry the tags of the
+bytes Redis holds; a ``publish_many`` replaced on the object (instrumentation) is called the
+same way. Cursors made otherwise carry no tag, and their rows get none: no tag names bytes
+Redis does not hold.
+
 Anything else with ``publish(event, idempotency_key=)`` (a wrapper of your own) gets one
-``publish`` per row, stopping at the first error; a cluster ``Publisher`` (whose in-order mode
-makes one round trip per row anyway) one in-order call of one row per round trip, the same
-script call ``publish`` makes.
+``publish`` per row, stopping at the first error, without tags; a cluster ``Publisher`` (whose
+in-order mode makes one round trip per row anyway) one in-order call of one row per round trip,
+the same script call ``publish`` makes.
 """
 
 from __future__ import annotations
@@ -35,9 +43,8 @@ import redis.cluster
 import structlog
 
 from publisher.client import Publisher
-from publisher.core import TRANSACTION_SIZE, Cursor, PreparedBatch, PublishManyError, Republished
+from publisher.core import TRANSACTION_SIZE, Cursor, PublishManyError, Republished
 from schemas.events import ProjectEvent
-from schemas.tags import stored_tag
 
 __all__ = ["CHUNK", "KeyedPublisher"]
 
@@ -67,31 +74,20 @@ class KeyedPublisher:
         #: Asked before each round trip after the first: True ends :meth:`publish` there (what
         #: was published is returned, without an error). The relay's: stop() gave up waiting.
         self.cancelled = cancelled
-        #: Rows go :data:`CHUNK` at a time through the in-order path (``publish_many(...,
-        #: in_order=True)``, or its two halves: see ``stores_encoded``); else one row per round
-        #: trip (``publish``, or that path with one row). A cluster publisher's in-order mode
-        #: makes a round trip per row too, and one row at a time lets ``cancelled`` end the
-        #: rows between any two.
-        self.batched = isinstance(publisher, Publisher) and not isinstance(
+        #: A ``Publisher`` (or a subclass): rows go through ``publish_many(..., in_order=True)``,
+        #: whose cursors carry their tags; anything else gets ``publish`` per row, no tags.
+        self.in_order = isinstance(publisher, Publisher)
+        #: Rows go :data:`CHUNK` at a time through the in-order path; else one row per round
+        #: trip. A cluster publisher's in-order mode makes a round trip per row too, and one row
+        #: at a time lets ``cancelled`` end the rows between any two.
+        self.batched = self.in_order and not isinstance(
             publisher.client, redis.cluster.RedisCluster
         )
-        #: The publisher stores each event as ``encode_event`` encodes it (this package's
-        #: ``Publisher``), so the relay knows the frame, and its tag, from the cursor. Not a
-        #: subclass that overrides ``publish`` or ``publish_many``: it may store another event
-        #: (a tag of the relay's encoding would then name bytes Redis does not hold, and every
-        #: resume from a snapshot ending there would be told history_lost). Such a publisher's
-        #: calls are planned here (``Publisher._plan_in_order``: validated and encoded once) and
-        #: sent as its ``publish_many(..., in_order=True)`` sends them
-        #: (``Publisher._send_in_order``), so that each tag is that of the bytes the call sent,
-        #: read off the call rather than encoded a second time. That bypasses ``publish_many``
-        #: and ``_publish_in_order``: only when they, and the two it calls instead, are the
-        #: package's own (see :func:`_publishes_as_the_package_does`).
-        self.stores_encoded = _publishes_as_the_package_does(publisher)
         #: The calls Redis ran after a refused one in the same transaction (other projects'),
         #: by idempotency key: their cursors and tags. The relay publishes those rows again
         #: under the same keys, a no-op answered from the idempotency record with the same
-        #: cursor (:class:`~publisher.core.Republished`); Redis holds these bytes there, so
-        #: their tags are known. Kept from one :meth:`publish` to the next only.
+        #: cursor (:class:`~publisher.core.Republished`, no tag); Redis holds these bytes there,
+        #: so their tags are known. Kept from one :meth:`publish` to the next only.
         self._ran_after_refusal: dict[str, Tagged] = {}
 
     def publish(
@@ -105,39 +101,28 @@ class KeyedPublisher:
             if start and cancelled is not None and cancelled():
                 return published, None
             chunk = items[start : start + step]
-            calls: list[PreparedBatch] = []
             try:
-                if self.stores_encoded:
-                    calls = self.publisher._plan_in_order(
-                        [event for event, _ in chunk], [key for _, key in chunk]
-                    )
-                    cursors = self.publisher._send_in_order(calls)
-                    published.extend(_tagged(calls, chunk, cursors, earlier))
-                elif self.batched:
+                if self.in_order:
                     cursors = self.publisher.publish_many(
                         [event for event, _ in chunk],
                         idempotency_keys=[key for _, key in chunk],
                         in_order=True,
                     )
-                    published.extend((cursor, None) for cursor in cursors)
                 else:
                     event, key = chunk[0]
-                    published.append((self.publisher.publish(event, idempotency_key=key), None))
+                    cursors = [self.publisher.publish(event, idempotency_key=key)]
+                published.extend(_tagged(chunk, cursors, earlier))  # type: ignore[arg-type]
             except PublishManyError as error:
                 stopped = error.stopped_at
                 if stopped is None:  # (in_order always says where it stopped)
                     return published, error
-                if calls:  # (planned here: the tags are known)
-                    tagged = list(_tagged(calls, chunk, error.cursors, earlier))
-                    published.extend(tagged[:stopped])  # type: ignore[arg-type]
-                    self._ran_after_refusal = {
-                        chunk[index][1]: tagged[index]  # type: ignore[misc]
-                        for index in range(stopped + 1, len(chunk))
-                        if tagged[index][0] is not None
-                    }
-                else:
-                    done = error.cursors[:stopped]  # (all published: not None)
-                    published.extend((cursor, None) for cursor in done)  # type: ignore[misc]
+                tagged = list(_tagged(chunk, error.cursors, earlier))
+                published.extend(tagged[:stopped])  # type: ignore[arg-type]
+                self._ran_after_refusal = {
+                    chunk[index][1]: tagged[index]  # type: ignore[misc]
+                    for index in range(stopped + 1, len(chunk))
+                    if tagged[index][0] is not None and tagged[index][1] is not None
+                }
                 project_id = chunk[stopped][0].project_id
                 _report_overtaking(chunk, error, stopped)
                 return published, error.errors.get(project_id, error)
@@ -146,48 +131,26 @@ class KeyedPublisher:
         return published, None
 
 
-#: The methods through which a Publisher's publishes go, from the relay's calls down to the
-#: ones it now makes itself (Publisher._plan_in_order, Publisher._send_in_order).
-_PUBLISHING_METHODS = ("publish", "publish_many", "_publish_in_order", "_plan_in_order",
-                       "_send_in_order")  # fmt: skip
-
-
-def _publishes_as_the_package_does(publisher: object) -> bool:
-    """Whether ``publisher`` is this package's ``Publisher`` publishing through its own methods:
-    not a subclass overriding any of :data:`_PUBLISHING_METHODS` (it may store other bytes than
-    the calls the relay plans: a tag read off those would be wrong), nor one with such a method
-    replaced on the object itself (a wrapper set on the instance: the relay, calling
-    ``_send_in_order`` directly, would bypass it)."""
-    if not isinstance(publisher, Publisher):
-        return False
-    replaced = getattr(publisher, "__dict__", {})
-    return all(
-        getattr(type(publisher), name) is getattr(Publisher, name) and name not in replaced
-        for name in _PUBLISHING_METHODS
-    )
-
-
 def _tagged(
-    calls: Sequence[PreparedBatch],
     items: Sequence[tuple[ProjectEvent, str]],
     cursors: Sequence[Cursor | None],
     earlier: dict[str, Tagged],
 ) -> Iterator[tuple[Cursor | None, str | None]]:
-    """Each cursor with the tag of the frame its call stored: the call's payload with
-    ``,"seq":N`` spliced in, as the publish script stores it. A publish answered from its
-    idempotency record (:class:`~publisher.core.Republished`) stored nothing: Redis holds the
-    first publish's bytes, which may be encoded otherwise (a relay published the row before
-    and did not mark it), so no tag, that no snapshot names an event by a tag Redis does not
-    have; unless that first publish was this one's round trip refused after it (``earlier``,
-    by idempotency key), whose bytes and cursor are known. None stays None (not published)."""
-    for call, (_, key), cursor in zip(calls, items, cursors, strict=False):
+    """Each cursor with the tag of the frame Redis holds there: the one it carries
+    (``Cursor.tag``, set by the call that stored it). A publish answered from its idempotency
+    record (:class:`~publisher.core.Republished`) carries none: Redis holds the first publish's
+    bytes, which may be encoded otherwise (a relay published the row before and did not mark
+    it); unless that first publish was this one's round trip refused after it (``earlier``, by
+    idempotency key), whose tag and cursor are known. None stays None (not published)."""
+    for (_, key), cursor in zip(items, cursors, strict=False):
         if cursor is None:
             yield None, None
-        elif not isinstance(cursor, Republished):
-            yield cursor, stored_tag(call.payloads()[0], cursor.seq)
-        else:
+            continue
+        tag = getattr(cursor, "tag", None)  # (a wrapper's cursor may be another tuple)
+        if tag is None and isinstance(cursor, Republished):
             known = earlier.get(key)
-            yield cursor, known[1] if known is not None and known[0] == cursor else None
+            tag = known[1] if known is not None and known[0] == cursor else None
+        yield cursor, tag
 
 
 def _report_overtaking(
