@@ -206,8 +206,9 @@ class Republished(Cursor):
     published before under the same key, and nothing was written now. Equal to, and shown as,
     the plain cursor; what it tells is that Redis holds the *first* publish's bytes there, which
     may differ from this call's encoding of the event (in its timestamps, which the key does
-    not compare, or when another version encoded it). The outbox relay records no tag for such
-    a row (docs/outbox.md, "Snapshot with a cursor")."""
+    not compare, or when another version encoded it). Such a cursor of an in-order burst carries
+    no tag, unless the publish script found there exactly the frame this call would have
+    stored (docs/outbox.md, "Snapshot with a cursor")."""
 
     __slots__ = ()
 
@@ -216,17 +217,23 @@ class Republished(Cursor):
 
 
 class _Stored(Cursor):
-    """A :class:`Cursor` that carries its ``tag`` (no ``__slots__``: the tag is an instance
-    attribute); shown as the plain cursor."""
+    """A :class:`Cursor` whose call stored its frame, carrying its ``tag`` (no ``__slots__``:
+    the tag is an instance attribute); shown as the plain cursor."""
 
-    def __new__(cls, epoch: str, seq: int, tag: str | None = None) -> _Stored:
-        return super().__new__(cls, epoch, seq)
+    __repr__ = Republished.__repr__
 
-    def __init__(self, epoch: str, seq: int, tag: str | None = None) -> None:
-        self.tag = tag  # (a copy or unpickling passes none, then sets the one it had)
 
-    def __repr__(self) -> str:
-        return f"Cursor(epoch={self.epoch!r}, seq={self.seq!r})"
+class _RepublishedAsSent(Republished):
+    """A :class:`Republished` cursor where Redis holds exactly the frame this call would have
+    stored (the publish script compared them: status 3), so this call's payload gives its tag:
+    a retry of a call whose reply was lost, or the same bytes published before. Carries the
+    tag once :func:`with_stored_tag` gives it one (no ``__slots__``)."""
+
+
+def _carrying(kind: type[Cursor], cursor: Cursor, tag: str) -> Cursor:
+    tagged = kind(cursor.epoch, cursor.seq)
+    tagged.tag = tag  # type: ignore[misc]
+    return tagged
 
 
 class Retention(msgspec.Struct, frozen=True):
@@ -296,12 +303,18 @@ class PreparedBatch(NamedTuple):
             raise IdempotencyConflict(key, Cursor(reply.epoch, reply.last))
         if reply.last < self.size:
             raise PublishError(f"unexpected reply from the publish script: {result!r}")
-        kind = Republished if reply.status == DUPLICATE else Cursor
+        kind = _KINDS[reply.status]
         return [kind(reply.epoch, reply.last - self.size + i + 1) for i in range(self.size)]
 
 
 #: Statuses of the publish script's reply (see schemas.lua.PUBLISH).
-PUBLISHED, DUPLICATE, CONFLICT = 0, 1, 2
+PUBLISHED, DUPLICATE, CONFLICT, DUPLICATE_AS_SENT = 0, 1, 2, 3
+#: The cursors of each status but CONFLICT.
+_KINDS: dict[int, type[Cursor]] = {
+    PUBLISHED: Cursor,
+    DUPLICATE: Republished,
+    DUPLICATE_AS_SENT: _RepublishedAsSent,
+}
 _REPLY_EPOCH_RE = re.compile(rb"^[A-Za-z0-9_-]{1,64}\Z")
 
 
@@ -324,7 +337,7 @@ def parse_reply(result: object) -> ScriptReply:
             and _REPLY_EPOCH_RE.match(epoch)
             and isinstance(last, int)
             and 0 < last < 2**53
-            and status in (PUBLISHED, DUPLICATE, CONFLICT)
+            and status in (PUBLISHED, DUPLICATE, CONFLICT, DUPLICATE_AS_SENT)
         ):
             return ScriptReply(epoch.decode(), last, status)
     raise PublishError(f"unexpected reply from the publish script: {result!r}"[:300])
@@ -818,14 +831,16 @@ def in_order_outcome(
 
 
 def with_stored_tag(call: PreparedBatch, cursor: Cursor) -> Cursor:
-    """``cursor``, the reply to ``call`` (a call of one event), carrying the tag of the frame the
-    call stored there (:attr:`Cursor.tag`): the call's payload, the bytes it sent, with
-    ``,"seq":N`` spliced in as the publish script does. A :class:`Republished` cursor stays as
-    it is (no tag): the call stored nothing, and Redis holds another call's bytes there, which
-    may be encoded otherwise."""
-    if isinstance(cursor, Republished):
+    """``cursor``, the reply to ``call`` (a call of one event), carrying the tag of the frame
+    Redis holds there (:attr:`Cursor.tag`): the call's payload, the bytes it sent, with
+    ``,"seq":N`` spliced in as the publish script does, when the call stored it, or when the
+    script found exactly that frame there (a retry whose first reply was lost). Any other
+    :class:`Republished` cursor stays as it is (no tag): Redis holds another call's bytes
+    there, which may be encoded otherwise."""
+    kind = _Stored if type(cursor) is Cursor else type(cursor)
+    if kind is Republished:
         return cursor
-    return _Stored(cursor.epoch, cursor.seq, stored_tag(call.payloads()[0], cursor.seq))
+    return _carrying(kind, cursor, stored_tag(call.payloads()[0], cursor.seq))
 
 
 def pack_command(*args: bytes | str | int) -> bytes:

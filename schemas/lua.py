@@ -28,7 +28,10 @@ __all__ = ["HISTORY", "PUBLISH", "REVOKE", "SNAPSHOT"]
 #: Returns {epoch, last seq, status}: for a batch of n events, their sequence numbers are
 #: last-n+1 .. last; status 0 = published. With an idempotency key whose record belongs to the
 #: current epoch, nothing is written and the recorded cursor is returned with status 1 (same
-#: event: a duplicate) or 2 (the record's digest differs: another event under the same key).
+#: event: a duplicate), 3 (a duplicate, and the stream holds at last-n+1 .. last exactly the
+#: frames this call would have stored: a retry of a call whose reply was lost, or the same
+#: bytes published before, so their tags are those of this call's payloads) or 2 (the record's
+#: digest differs: another event under the same key).
 #: A record of another epoch is stale (the history it points into is gone): the batch is
 #: published again and the record replaced. Records are "<epoch>|<seq>|<digest>", or
 #: "<epoch>|<seq>" (retry guards, and records written before digests existed: never a conflict).
@@ -48,6 +51,25 @@ end
 local function wrong_type(reply)
   if type(reply) ~= 'table' or not reply['err'] then return false end
   return string.find(tostring(reply['err']), '^WRONGTYPE') ~= nil
+end
+-- Whether the stream holds, at the numbers last-n+1 .. last, exactly the frames this call's
+-- payloads make there (a duplicate's bytes: status 3). Read only, errors taken as no.
+local function stored_as_sent(last)
+  local n = #ARGV - 8
+  if n < 1 or last < n then return false end
+  local first = string.format('%d', last - n + 1) .. '-0'
+  local entries = redis.pcall('XRANGE', KEYS[2], first, string.format('%d', last) .. '-0')
+  if type(entries) ~= 'table' or entries['err'] or #entries ~= n then return false end
+  for i = 1, n do
+    local id = string.format('%d', last - n + i)
+    local fields = entries[i][2]
+    local payload = ARGV[8 + i]
+    if entries[i][1] ~= id .. '-0' or fields[1] ~= 'f'
+        or fields[2] ~= string.sub(payload, 1, -2) .. ',"seq":' .. id .. '}' then
+      return false
+    end
+  end
+  return true
 end
 local meta = redis.pcall('HMGET', KEYS[1], 'epoch', 'seq')
 if wrong_type(meta) then return corrupt(KEYS[1], 'is not a hash') end
@@ -84,7 +106,11 @@ if idempotency_key ~= '' then
     if not e or #s > 15 then return corrupt(idempotency_key, 'is not an idempotency record') end
     if e == epoch then
       local status = 1
-      if d ~= '' and ARGV[8] ~= '' and d ~= ARGV[8] then status = 2 end
+      if d ~= '' and ARGV[8] ~= '' and d ~= ARGV[8] then
+        status = 2
+      elseif stored_as_sent(tonumber(s)) then
+        status = 3
+      end
       return {e, tonumber(s), status}
     end
   end

@@ -799,6 +799,18 @@ def test_in_order_cursors_carry_the_tag_of_the_frame_their_call_stored(bus):
     assert again == cursors[0] and again.tag is None
 
 
+def test_a_republished_cursor_whose_frame_redis_no_longer_holds_carries_no_tag(bus):
+    """The publish script gives a no-op's cursor the tag of this call's bytes only when the
+    stream holds exactly them at that number: after the entry is gone (trimmed, deleted), the
+    cursor carries none, though the event and its encoding are the same."""
+    (first,) = bus.publish_many([event(6, 1)], idempotency_keys=["g"], in_order=True)
+    (same,) = bus.publish_many([event(6, 1)], idempotency_keys=["g"], in_order=True)
+    assert same == first and same.tag == first.tag is not None
+    bus.client.xdel(KEYS.stream(6), "1-0")
+    (gone,) = bus.publish_many([event(6, 1)], idempotency_keys=["g"], in_order=True)
+    assert gone == first and gone.tag is None
+
+
 def test_a_publish_many_replaced_on_the_publisher_object_is_still_what_the_relay_calls(
     db, redis_url
 ):
@@ -857,16 +869,8 @@ def test_cli_migrate_sqlite_on_a_locked_database_fails_with_a_message_within_its
     assert "tag" in Database("sqlite", path, table).columns()
 
 
-def test_a_row_republished_as_a_no_op_records_no_tag_of_bytes_redis_does_not_hold(db, bus):
-    """A relay published a row and died before marking it; the row's timestamp was corrected
-    meanwhile (or another version encodes it differently). The next relay's publish of it is a
-    no-op under the row's idempotency key (timestamps are not part of what the key compares),
-    answered with the first publish's cursor: Redis holds the first bytes there. Before, the
-    relay recorded the tag of its own encoding, which named bytes Redis does not hold: every
-    resume from a snapshot ending there was answered history_lost (a reload at every page load
-    and reconnect). Now a no-op republish records no tag: the cursor is taken at its number."""
-    db.create()
-    db.write(event(1, 1))
+def publish_and_die_before_marking(db: Database, bus: Publisher) -> None:
+    """A relay publishes the table's rows and dies before it marks them."""
     dying = db.relay(bus)
 
     def fail(published):
@@ -878,7 +882,39 @@ def test_a_row_republished_as_a_no_op_records_no_tag_of_bytes_redis_does_not_hol
             dying.run_once()  # published, not marked
     finally:
         dying.store.close()
-    assert db.execute(f"SELECT published_at FROM {db.table}") == [(None,)]
+    assert {published for (published,) in db.execute(f"SELECT published_at FROM {db.table}")} == {
+        None
+    }
+
+
+def test_a_row_republished_as_a_no_op_of_the_same_bytes_records_their_tag(db, bus):
+    """A relay published a row and died before marking it; the next relay's publish of the row,
+    unchanged, is a no-op under its idempotency key, and Redis holds at its cursor exactly the
+    bytes this publish would have stored (the publish script compares them): the row records
+    their tag. Before, any no-op republish recorded none, and a snapshot ending there had a
+    cursor without a tag."""
+    db.create()
+    db.write(event(1, 1), event(2, 1))
+    publish_and_die_before_marking(db, bus)
+    assert db.drain(bus) == 2
+    assert bus.client.xlen(KEYS.stream(1)) == bus.client.xlen(KEYS.stream(2)) == 1  # no-ops
+    for project_id in (1, 2):
+        snap = db.snapshot(project_id)
+        assert snap.cursor.seq == 1
+        assert snap.tag == event_tag(stored_frame(bus.client, project_id, 1))
+
+
+def test_a_row_republished_as_a_no_op_records_no_tag_of_bytes_redis_does_not_hold(db, bus):
+    """A relay published a row and died before marking it; the row's timestamp was corrected
+    meanwhile (or another version encodes it differently). The next relay's publish of it is a
+    no-op under the row's idempotency key (timestamps are not part of what the key compares),
+    answered with the first publish's cursor: Redis holds the first bytes there. Before, the
+    relay recorded the tag of its own encoding, which named bytes Redis does not hold: every
+    resume from a snapshot ending there was answered history_lost (a reload at every page load
+    and reconnect). Now a no-op republish records no tag: the cursor is taken at its number."""
+    db.create()
+    db.write(event(1, 1))
+    publish_and_die_before_marking(db, bus)
     edited = BlockerResolved(project_id=1, blocker_id=1, answer="answer 1",
                              resolved_at=T0.replace(second=31))  # fmt: skip
     from schemas.events import encode_event

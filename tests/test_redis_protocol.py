@@ -44,6 +44,7 @@ from redisconn import async_client
 from schemas import lua
 from schemas.events import BlockerResolved, utc_now
 from schemas.keys import Keys
+from schemas.tags import event_tag
 from tests.support.fake_resp import PROXY, FakeResp, Rewrite, proxy, trickle
 
 PREFIX = "protocoltest"
@@ -532,7 +533,10 @@ def test_an_in_order_transaction_whose_reply_is_lost_is_sent_again_and_returns_f
     """The first EXEC runs in Redis and its connection drops before the reply: the publisher
     sends that transaction again under the same keys and retry guards, and gets the first
     cursors of its calls. Every event published once, in order, its cursor exact (a regression
-    guard for publish_many(in_order=True): it held before this test)."""
+    guard for publish_many(in_order=True): it held before this test). Each cursor also carries
+    the tag of the frame Redis stored (what the outbox relay records): the retry's calls are
+    answered from the records the first run wrote, of these very bytes (the publish script
+    compares them); before, those cursors carried no tag."""
     loader = redis_server.client()
     loader.script_load(lua.PUBLISH)
     loader.close()
@@ -564,6 +568,13 @@ def test_an_in_order_transaction_whose_reply_is_lost_is_sent_again_and_returns_f
     for project_id in (1, 2):
         seqs = [c.seq for e, c in zip(events, cursors, strict=True) if e.project_id == project_id]
         assert seqs == list(range(1, 76)) == history(redis_server, project_id)
+    client = redis_server.client()
+    try:
+        for event, cursor in zip(events, cursors, strict=True):
+            ((_, fields),) = client.xrange(KEYS.stream(event.project_id), cursor.seq, cursor.seq)
+            assert cursor.tag == event_tag(fields[b"f"])
+    finally:
+        client.close()
 
 
 # --- the gateway's pub/sub link -------------------------------------------------------------------

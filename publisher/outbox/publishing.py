@@ -37,13 +37,13 @@ the same script call ``publish`` makes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import redis.cluster
 import structlog
 
 from publisher.client import Publisher
-from publisher.core import TRANSACTION_SIZE, Cursor, PublishManyError, Republished
+from publisher.core import TRANSACTION_SIZE, Cursor, PublishManyError
 from schemas.events import ProjectEvent
 
 __all__ = ["CHUNK", "KeyedPublisher"]
@@ -83,19 +83,12 @@ class KeyedPublisher:
         self.batched = self.in_order and not isinstance(
             publisher.client, redis.cluster.RedisCluster
         )
-        #: The calls Redis ran after a refused one in the same transaction (other projects'),
-        #: by idempotency key: their cursors and tags. The relay publishes those rows again
-        #: under the same keys, a no-op answered from the idempotency record with the same
-        #: cursor (:class:`~publisher.core.Republished`, no tag); Redis holds these bytes there,
-        #: so their tags are known. Kept from one :meth:`publish` to the next only.
-        self._ran_after_refusal: dict[str, Tagged] = {}
 
     def publish(
         self, items: Sequence[tuple[ProjectEvent, str]]
     ) -> tuple[list[Tagged], Exception | None]:
         cancelled = self.cancelled
         published: list[Tagged] = []
-        earlier, self._ran_after_refusal = self._ran_after_refusal, {}
         step = CHUNK if self.batched else 1
         for start in range(0, len(items), step):
             if start and cancelled is not None and cancelled():
@@ -111,18 +104,12 @@ class KeyedPublisher:
                 else:
                     event, key = chunk[0]
                     cursors = [self.publisher.publish(event, idempotency_key=key)]
-                published.extend(_tagged(chunk, cursors, earlier))  # type: ignore[arg-type]
+                published.extend(_tagged(cursors))
             except PublishManyError as error:
                 stopped = error.stopped_at
                 if stopped is None:  # (in_order always says where it stopped)
                     return published, error
-                tagged = list(_tagged(chunk, error.cursors, earlier))
-                published.extend(tagged[:stopped])  # type: ignore[arg-type]
-                self._ran_after_refusal = {
-                    chunk[index][1]: tagged[index]  # type: ignore[misc]
-                    for index in range(stopped + 1, len(chunk))
-                    if tagged[index][0] is not None and tagged[index][1] is not None
-                }
+                published.extend(_tagged(error.cursors[:stopped]))  # (all published)
                 project_id = chunk[stopped][0].project_id
                 _report_overtaking(chunk, error, stopped)
                 return published, error.errors.get(project_id, error)
@@ -131,26 +118,14 @@ class KeyedPublisher:
         return published, None
 
 
-def _tagged(
-    items: Sequence[tuple[ProjectEvent, str]],
-    cursors: Sequence[Cursor | None],
-    earlier: dict[str, Tagged],
-) -> Iterator[tuple[Cursor | None, str | None]]:
+def _tagged(cursors: Sequence[Cursor | None]) -> list[Tagged]:
     """Each cursor with the tag of the frame Redis holds there: the one it carries
-    (``Cursor.tag``, set by the call that stored it). A publish answered from its idempotency
-    record (:class:`~publisher.core.Republished`) carries none: Redis holds the first publish's
-    bytes, which may be encoded otherwise (a relay published the row before and did not mark
-    it); unless that first publish was this one's round trip refused after it (``earlier``, by
-    idempotency key), whose tag and cursor are known. None stays None (not published)."""
-    for (_, key), cursor in zip(items, cursors, strict=False):
-        if cursor is None:
-            yield None, None
-            continue
-        tag = getattr(cursor, "tag", None)  # (a wrapper's cursor may be another tuple)
-        if tag is None and isinstance(cursor, Republished):
-            known = earlier.get(key)
-            tag = known[1] if known is not None and known[0] == cursor else None
-        yield cursor, tag
+    (``Cursor.tag``, given by the call that sent those bytes). A publish answered from its
+    idempotency record carries one only when Redis holds exactly the bytes it sent (the publish
+    script compares them: a retry of a call whose reply was lost, a row republished unchanged);
+    otherwise (a row edited since a relay published it and died before marking it) none, that
+    no snapshot names an event by a tag Redis does not have."""
+    return [(cursor, getattr(cursor, "tag", None)) for cursor in cursors]  # type: ignore[misc]
 
 
 def _report_overtaking(
