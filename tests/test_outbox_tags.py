@@ -843,6 +843,46 @@ def test_a_publish_many_replaced_on_the_publisher_object_is_still_what_the_relay
         publisher.close()
 
 
+@pytest.mark.parametrize("where", ["subclass", "object"])
+def test_a_publish_overridden_alone_is_not_bypassed_by_the_relay(db, redis_url, where):
+    """A ``Publisher`` whose ``publish`` alone redacts (overridden in a subclass, or replaced on
+    the object: the method the typed helpers call, the obvious one to override) and whose
+    ``publish_many`` is the package's own: the relay publishes each row through that
+    ``publish``, never around it, so Redis stores the redacted event. Before, the relay sent
+    the rows through ``publish_many(..., in_order=True)``, which does not call ``publish``: the
+    unredacted event was stored and broadcast to every browser of the project."""
+    import msgspec
+
+    class Redacting(Publisher):
+        def publish(self, event, *, idempotency_key=None):
+            return super().publish(msgspec.structs.replace(event, answer="x"),
+                                   idempotency_key=idempotency_key)  # fmt: skip
+
+    if where == "subclass":
+        publisher = Redacting.from_url(redis_url)
+    else:
+        publisher = Publisher.from_url(redis_url)
+        original = publisher.publish
+
+        def redacting(event, *, idempotency_key=None):
+            return original(msgspec.structs.replace(event, answer="x"),
+                            idempotency_key=idempotency_key)  # fmt: skip
+
+        publisher.publish = redacting
+    try:
+        db.create()
+        db.write(event(1, 1), event(1, 2))
+        assert db.drain(publisher) == 2
+        for seq in (1, 2):
+            frame = stored_frame(publisher.client, 1, seq)
+            assert b'"answer":"x"' in frame  # (not bypassed)
+        snap = db.snapshot(1)
+        assert snap.cursor.seq == 2
+        assert snap.tag in (None, event_tag(stored_frame(publisher.client, 1, 2)))
+    finally:
+        publisher.close()
+
+
 def test_cli_migrate_sqlite_on_a_locked_database_fails_with_a_message_within_its_timeout(
     tmp_path, table
 ):

@@ -29,10 +29,11 @@ bytes Redis holds; a ``publish_many`` replaced on the object (instrumentation) i
 same way. Cursors made otherwise carry no tag, and their rows get none: no tag names bytes
 Redis does not hold.
 
-Anything else with ``publish(event, idempotency_key=)`` (a wrapper of your own) gets one
-``publish`` per row, stopping at the first error, without tags; a cluster ``Publisher`` (whose
-in-order mode makes one round trip per row anyway) one in-order call of one row per round trip,
-the same script call ``publish`` makes.
+Anything else with ``publish(event, idempotency_key=)`` (a wrapper of your own), and a
+``Publisher`` whose ``publish`` alone is overridden or replaced (``publish_many`` would go
+around it), gets one ``publish`` per row, stopping at the first error, without tags; a cluster
+``Publisher`` (whose in-order mode makes one round trip per row anyway) one in-order call of
+one row per round trip, the same script call ``publish`` makes.
 """
 
 from __future__ import annotations
@@ -75,8 +76,13 @@ class KeyedPublisher:
         #: was published is returned, without an error). The relay's: stop() gave up waiting.
         self.cancelled = cancelled
         #: A ``Publisher`` (or a subclass): rows go through ``publish_many(..., in_order=True)``,
-        #: whose cursors carry their tags; anything else gets ``publish`` per row, no tags.
-        self.in_order = isinstance(publisher, Publisher)
+        #: whose cursors carry their tags; anything else gets ``publish`` per row, no tags. So
+        #: does a ``Publisher`` whose ``publish`` alone is its own (overridden, or replaced on
+        #: the object: a redaction in the method the typed helpers call): the package's
+        #: ``publish_many`` does not call ``publish``, and would store the unredacted event.
+        self.in_order = isinstance(publisher, Publisher) and not _publish_overridden_alone(
+            publisher
+        )
         #: Rows go :data:`CHUNK` at a time through the in-order path; else one row per round
         #: trip. A cluster publisher's in-order mode makes a round trip per row too, and one row
         #: at a time lets ``cancelled`` end the rows between any two.
@@ -116,6 +122,20 @@ class KeyedPublisher:
             except Exception as exc:
                 return published, exc
         return published, None
+
+
+def _publish_overridden_alone(publisher: Publisher) -> bool:
+    """Whether ``publisher``'s ``publish`` is not the package's own (a subclass's override, or
+    one replaced on the object) while its ``publish_many`` is: sending rows through that
+    ``publish_many`` would go around whatever its ``publish`` does to the event (a redaction),
+    and store what it was written to keep out of Redis. Not a guard against subclasses: it only
+    picks the public method that publishes as the publisher's owner made it publish."""
+    own = getattr(publisher, "__dict__", {})
+    publish_is_own = "publish" not in own and type(publisher).publish is Publisher.publish
+    many_is_own = (
+        "publish_many" not in own and type(publisher).publish_many is Publisher.publish_many
+    )
+    return many_is_own and not publish_is_own
 
 
 def _tagged(cursors: Sequence[Cursor | None]) -> list[Tagged]:
