@@ -218,16 +218,44 @@ class Republished(Cursor):
 
 class _Stored(Cursor):
     """A :class:`Cursor` whose call stored its frame, carrying its ``tag`` (no ``__slots__``:
-    the tag is an instance attribute); shown as the plain cursor."""
+    the tag is an instance attribute); shown as the plain cursor. Pickled as the plain cursor,
+    without its tag (see :func:`_as_public`)."""
 
     __repr__ = Republished.__repr__
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return _as_public(Cursor, self)
+
+    def __copy__(self) -> _Stored:
+        return self  # (immutable: a copy that dropped the tag would be a loss for nothing)
+
+    def __deepcopy__(self, memo: object) -> _Stored:
+        return self
 
 
 class _RepublishedAsSent(Republished):
     """A :class:`Republished` cursor where Redis holds exactly the frame this call would have
     stored (the publish script compared them: status 3), so this call's payload gives its tag:
     a retry of a call whose reply was lost, or the same bytes published before. Carries the
-    tag once :func:`with_stored_tag` gives it one (no ``__slots__``)."""
+    tag once :func:`with_stored_tag` gives it one (no ``__slots__``). Pickled as a plain
+    :class:`Republished`, without its tag (see :func:`_as_public`)."""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return _as_public(Republished, self)
+
+    def __copy__(self) -> _RepublishedAsSent:
+        return self
+
+    def __deepcopy__(self, memo: object) -> _RepublishedAsSent:
+        return self
+
+
+def _as_public(kind: type[Cursor], cursor: Cursor) -> tuple[object, ...]:
+    """How a cursor of a private class pickles: as the public ``kind`` with its two numbers,
+    which every version of the package has, so that a process of an older version (a rolling
+    deploy, a rollback) reads what a newer one pickled (a task queue, a cache). Its tag is not
+    kept: ``kind`` cannot hold one, and a cursor without a tag claims nothing."""
+    return (kind, (cursor.epoch, cursor.seq))
 
 
 def _carrying(kind: type[Cursor], cursor: Cursor, tag: str) -> Cursor:

@@ -811,6 +811,33 @@ def test_a_republished_cursor_whose_frame_redis_no_longer_holds_carries_no_tag(b
     assert gone == first and gone.tag is None
 
 
+def test_cursors_pickled_by_this_version_are_read_by_an_older_one(bus, monkeypatch):
+    """A cursor pickled here (a task queue, a cache, a multiprocessing result) is read by a
+    process of an older version during a rolling deploy or a rollback: it pickles as the public
+    ``Cursor`` or ``Republished`` those versions have, equal to the cursor (its tag, which they
+    do not know, is not kept: no tag is no claim). Before, an in-order cursor pickled as
+    ``publisher.core._Stored`` and a retried ``publish``'s as ``_RepublishedAsSent``, classes an
+    older version lacks: unpickling raised AttributeError."""
+    import pickle
+
+    from publisher import core
+
+    (stored,) = bus.publish_many([event(9, 1)], idempotency_keys=["p"], in_order=True)
+    (as_sent,) = bus.publish_many([event(9, 1)], idempotency_keys=["p"], in_order=True)
+    bus.publish(event(9, 2), idempotency_key="q")
+    retried = bus.publish(event(9, 2), idempotency_key="q")
+    cursors = [stored, as_sent, retried]
+    assert stored.tag is not None and as_sent.tag is not None  # (what is pickled)
+    pickled = [pickle.dumps(cursor, protocol) for cursor in cursors for protocol in (2, 5)]
+    monkeypatch.delattr(core, "_Stored")  # (an older version)
+    monkeypatch.delattr(core, "_RepublishedAsSent")
+    loaded = [pickle.loads(data) for data in pickled]
+    assert loaded == [cursor for cursor in cursors for _ in (2, 5)]
+    kinds = [type(cursor).__name__ for cursor in loaded]
+    assert kinds == ["Cursor"] * 2 + ["Republished"] * 4
+    assert all(cursor.tag is None for cursor in loaded)
+
+
 def test_a_publish_many_replaced_on_the_publisher_object_is_still_what_the_relay_calls(
     db, redis_url
 ):
