@@ -42,6 +42,7 @@ import structlog
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.frames import Close
+from websockets.protocol import State
 from websockets.proxy import get_proxy
 from websockets.uri import parse_uri
 
@@ -309,8 +310,8 @@ async def _close(ws: ClientConnection) -> None:
         ws.transport.abort()
 
 
-async def _nothing() -> None:
-    pass
+async def _none() -> None:
+    return None
 
 
 async def _send_on(ws: ClientConnection, message: dict[str, object]) -> None:
@@ -493,7 +494,16 @@ class Subscription:
             await self._consumer.commit(done)
 
     async def aclose(self) -> None:
-        """Stop following these projects (unsubscribes them on the gateway)."""
+        """Stop following these projects (unsubscribes them on the gateway).
+
+        The projects are unfollowed whatever happens; the other subscriptions never notice.
+        An unexpected error sending an unsubscribe (anything but the connection closing: a bug
+        in websockets or a transport) is raised here, to the caller leaving, after it was
+        logged (``cannot send an unsubscribe; reconnecting``) and the connection dropped to be
+        made again (nobody knows whether the frame went; on the next connection the gateway
+        holds no subscription of these projects, and the others resume from their cursors).
+        A send failing on a connection that is ending anyway is no error: the gateway drops
+        every subscription of a connection that ends."""
         if self._closed:
             return
         self._closed = True
@@ -581,13 +591,16 @@ class PresenceSubscription:
 
     async def aclose(self) -> None:
         """Stop reading presence (the project's subscribe stops asking for it when no reader is
-        left; a project followed only for presence is unsubscribed)."""
+        left; a project followed only for presence is unsubscribed). An unexpected error
+        sending that unsubscribe is raised here, as :meth:`Subscription.aclose` says."""
         if self._closed:
             return
         self._closed = True
         self._finalizer.detach()
         self._wake.set()
-        await self._consumer._drop_presence(self._route, self.project_id, self._wake)
+        error = await self._consumer._drop_presence(self._route, self.project_id, self._wake)
+        if error is not None:
+            raise error
 
     async def __aenter__(self) -> PresenceSubscription:
         return self
@@ -870,26 +883,31 @@ class Consumer:
 
     async def _drop_presence(
         self, route: _PresenceRoute, project_id: int, wake: asyncio.Event
-    ) -> None:
+    ) -> Exception | None:
+        """A presence reader closed. Returns the unexpected error of the unsubscribe's send
+        when the last reader of a project read for presence only left (see
+        :meth:`_send_unsubscribe`), for the caller who closed it to raise."""
         route.wakes.discard(wake)
         if route.wakes or self._presence.get(project_id) is not route:
-            return
+            return None
         del self._presence[project_id]
         if self._closed or self._subscribed_on is None:
             if project_id not in self._routes:
                 self._drop_state(project_id)
-            return
+            return None
         if project_id in self._routes:
             state = self._states.get(project_id)
             if state is not None and state.ask_again():
                 await self._send_subscribe(state)  # without the flag: no more diffs
         elif self._drop_state(project_id):
-            await self._unsubscribe(project_id)
+            return await self._unsubscribe(project_id)
+        return None
 
     def _abandon_presence(
         self, route: _PresenceRoute, project_id: int, wake: asyncio.Event
     ) -> None:
-        """A presence subscription was collected without being closed (see :meth:`_abandon`)."""
+        """A presence subscription was collected without being closed (see :meth:`_abandon`).
+        An unexpected failure of its unsubscribe has no caller to reach: it was logged."""
         with contextlib.suppress(RuntimeError):  # no running loop: nothing left to unfollow
             asyncio.get_running_loop().call_soon(
                 lambda: self._spawn(self._drop_presence(route, project_id, wake))
@@ -923,7 +941,8 @@ class Consumer:
         self._states[project_id] = state
         if cursor is not None:
             route.ready[project_id].set()
-        await leave
+        if await leave is not None:
+            return  # (the connection is dropped: the next one subscribes it, from its cursor)
         # Unless its subscribe went out meanwhile (presence asked for or dropped while the
         # unsubscribe was being sent subscribes a state with no subscribe in flight; two in
         # flight could not be told apart: the second answer was taken for a resume refused).
@@ -936,29 +955,81 @@ class Consumer:
             await self._send_subscribe(state)
 
     async def _unregister(self, route: _Route, project_ids: tuple[int, ...]) -> None:
+        """Unfollow a subscription's projects; raises the unexpected error of an unsubscribe's
+        send (see :meth:`_send_unsubscribe`) to the caller leaving, and to no one else."""
         forgotten = self._forget(route, project_ids)
         if forgotten:
             # In a task of its own: a caller cancelled while one was being written would leave
             # the others subscribed on the gateway, sending events to no one. (Waited for, not
             # shielded: the consumer closing meanwhile cancels it, which is no error here.)
-            await asyncio.wait((self._spawn(self._unsubscribe_each(forgotten)),))
+            task = self._spawn(self._unsubscribe_each(forgotten))
+            await asyncio.wait((task,))
+            error = None if task.cancelled() else task.result()
+            if error is not None:
+                raise error
 
-    async def _unsubscribe_each(self, project_ids: list[int]) -> None:
+    async def _unsubscribe_each(self, project_ids: list[int]) -> Exception | None:
+        """Unsubscribe the projects; returns the first unexpected error of a send, after which
+        the rest need none (the connection is dropped). Returned, not raised: a helper task's
+        exception stops the consumer, and this one is only the leaving caller's."""
         for project_id in project_ids:
-            await self._unsubscribe(project_id)
+            error = await self._unsubscribe(project_id)
+            if error is not None:
+                return error
+        return None
 
-    def _unsubscribe(self, project_id: int) -> Awaitable[None]:
-        """Unsubscribe on the current connection (the send to await). Until the gateway answers
-        (``unsubscribed``, or ``not_subscribed`` when it had ended the subscription itself),
-        the project's frames are the old subscription's: events, ``subscribed``, errors sent
-        before the gateway read the unsubscribe. A subscription following the project again
-        meanwhile must not take them for its own (an event of another epoch under its cursor's
-        epoch; a ``not_subscribed`` ending it)."""
+    def _unsubscribe(self, project_id: int) -> Awaitable[Exception | None]:
+        """Unsubscribe on the current connection (the send to await; it returns what
+        :meth:`_send_unsubscribe` does). Until the gateway answers (``unsubscribed``, or
+        ``not_subscribed`` when it had ended the subscription itself), the project's frames
+        are the old subscription's: events, ``subscribed``, errors sent before the gateway read
+        the unsubscribe. A subscription following the project again meanwhile must not take
+        them for its own (an event of another epoch under its cursor's epoch; a
+        ``not_subscribed`` ending it)."""
         ws = self._ws
         if ws is None or ws is not self._subscribed_on:
-            return _nothing()  # no connection, or not subscribed on it yet: nothing to leave
+            return _none()  # no connection, or not subscribed on it yet: nothing to leave
         self._unsubscribing[project_id] = self._unsubscribing.get(project_id, 0) + 1
-        return _send_on(ws, {"type": "unsubscribe", "project_id": project_id})
+        return self._send_unsubscribe(ws, project_id)
+
+    async def _send_unsubscribe(self, ws: ClientConnection, project_id: int) -> Exception | None:
+        """Send the project's unsubscribe on ``ws``. Returns None when it went, or needed not:
+        ``ws`` closed (ConnectionClosed), or any failure on a connection ending anyway (closing,
+        dropped, given up, or no longer the consumer's), whose subscriptions the gateway drops
+        with it. Any other failure is unexpected (a bug in websockets, a transport's): logged
+        at error with the project, and returned for the caller who asked to raise (leaving a
+        project never stops the consumer); nobody knows whether the frame went, so the
+        connection is dropped (1006) and made again with backoff, the other projects resuming
+        from their cursors."""
+        try:
+            await ws.send(_encode({"type": "unsubscribe", "project_id": project_id}), text=True)
+        except ConnectionClosed:
+            return None
+        except Exception as exc:
+            if (
+                self._ws is not ws
+                or self._given_up is ws
+                or ws.state is not State.OPEN
+                or ws.transport.is_closing()
+            ):
+                log.debug(
+                    "unsubscribe not sent on a connection going away",
+                    project_id=project_id,
+                    error=repr(exc),
+                )
+                return None
+            log.error(
+                "cannot send an unsubscribe; reconnecting",
+                project_id=project_id,
+                error=repr(exc),
+                exc_info=exc,
+            )
+            # Not a stable connection (see _connect_once): a send that breaks on every
+            # connection must not reconnect at once each time.
+            self._given_up = ws
+            ws.transport.abort()
+            return exc
+        return None
 
     def _left(self, project_id: int | None, message: object) -> bool:
         """Whether a frame of ``project_id`` belongs to a subscription left on this connection
@@ -1011,11 +1082,11 @@ class Consumer:
         # (eventbus.js sends none either).
         return state is not None and (state.pending or state.stream_epoch is not None)
 
-    def _end_state(self, project_id: int) -> Awaitable[None]:
+    def _end_state(self, project_id: int) -> Awaitable[Exception | None]:
         """Drop a project's state kept for presence only (when events of it are followed from
         now on): the unsubscribe to await when the gateway holds its subscription."""
         if project_id not in self._states or self._drop_state(project_id) is False:
-            return _nothing()
+            return _none()
         return self._unsubscribe(project_id)
 
     def _abandon(self, route: _Route, project_ids: tuple[int, ...]) -> None:
@@ -1030,8 +1101,8 @@ class Consumer:
         forgotten = self._forget(route, project_ids)
         if forgotten and self._subscribed_on is not None and not self._closed:
             log.info("unsubscribing the projects of a dropped subscription", projects=forgotten)
-            for project_id in forgotten:
-                self._spawn(self._unsubscribe(project_id))
+            # (an unexpected failure of a send has no caller to reach: it was logged)
+            self._spawn(self._unsubscribe_each(forgotten))
 
     async def commit(self, item: Item | UndecodableEvent) -> None:
         """Save the cursor of ``item`` (processed by the caller) to the store, if any; a save

@@ -12,6 +12,7 @@ import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from websockets.protocol import State
 
 import consumer.presence as presence_module
 from consumer.frames import FrameError, decode_frame
@@ -443,22 +444,36 @@ def test_a_diff_is_applied_as_the_copying_table_applied_it(messages, max_members
 # --- the client's presence handling, with a fake connection ------------------------------------
 
 
+class FakeTransport:
+    def __init__(self) -> None:
+        self.aborted = False
+
+    def is_closing(self) -> bool:
+        return self.aborted
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
 class FakeConnection:
     """Records what the client sends."""
 
+    state = State.OPEN
+
     def __init__(self) -> None:
         self.sent: list[dict] = []
+        self.transport = FakeTransport()
 
     async def send(self, data: bytes, text: bool = True) -> None:
         self.sent.append(msgspec.json.decode(data))
 
 
-async def fake_consumer():
+async def fake_consumer(ws: FakeConnection | None = None):
     from consumer import Consumer
 
     consumer = Consumer("ws://unused/")
     consumer._task = asyncio.get_running_loop().create_future()  # no real connection task
-    ws = FakeConnection()
+    ws = ws or FakeConnection()
     consumer._ws = consumer._subscribed_on = ws  # type: ignore[assignment]
     return consumer, ws
 
@@ -614,6 +629,77 @@ async def test_events_followed_after_presence_leave_the_live_subscription_first(
     assert (item.epoch, item.seq) == ("e1", 4)
     assert events._route.queue.empty()
     assert ids_of(await anext(watch)) == ["a"]
+    await consumer.aclose()
+
+
+class BrokenUnsubscribe(FakeConnection):
+    """A connection whose send of an unsubscribe raises what websockets' send never should."""
+
+    async def send(self, data: bytes, text: bool = True) -> None:
+        if msgspec.json.decode(data)["type"] == "unsubscribe":
+            raise RuntimeError("the send broke")
+        await super().send(data, text)
+
+
+async def test_leaving_a_presence_only_project_when_the_send_breaks_fails_that_caller_only():
+    """The last presence reader of a project read for presence only leaves (its unsubscribe's
+    send raising an unexpected error): ``aclose()`` raises it, the connection is dropped to be
+    made again, and the consumer goes on; dropped without closing, or left by ``events()``
+    following the project (its live subscription left first), nothing is raised to anyone.
+    Each stopped the whole consumer, every iterator raising ConsumerClosed."""
+    import gc
+
+    from consumer import Cursor
+
+    # Closed: the caller gets the error.
+    ws = BrokenUnsubscribe()
+    consumer, _ = await fake_consumer(ws)
+    kept = consumer.events(1)
+    only = consumer.presence(2)
+    await settle()
+    await consumer._on_frame(ws, subscribed(1, 0))
+    await consumer._on_frame(ws, subscribed(2, 0))
+    with pytest.raises(RuntimeError, match="the send broke"):
+        await only.aclose()
+    assert ws.transport.aborted and consumer._failure is None
+    await consumer._on_frame(ws, event_frame(1, 1))
+    assert (await anext(kept)).seq == 1
+
+    # Dropped without closing: nobody to tell (it was logged).
+    ws = BrokenUnsubscribe()
+    consumer, _ = await fake_consumer(ws)
+    kept = consumer.events(1)
+    dropped = consumer.presence(2)
+    await settle()
+    await consumer._on_frame(ws, subscribed(1, 0))
+    await consumer._on_frame(ws, subscribed(2, 0))
+    del dropped
+    gc.collect()
+    await settle()
+    assert ws.transport.aborted and consumer._failure is None and 2 not in consumer._states
+    await consumer._on_frame(ws, event_frame(1, 1))
+    assert (await anext(kept)).seq == 1
+
+    # Followed with events(): the live subscription's unsubscribe breaks; the connection is
+    # dropped and the next one subscribes the project from the cursor given.
+    ws = BrokenUnsubscribe()
+    consumer, _ = await fake_consumer(ws)
+    kept = consumer.events(1)
+    watch = consumer.presence(2)
+    await settle()
+    await consumer._on_frame(ws, subscribed(1, 0))
+    await consumer._on_frame(ws, subscribed(2, 50))
+    events = consumer.events(2, after=Cursor("e1", 3))
+    await settle()
+    assert ws.transport.aborted and consumer._failure is None
+    assert consumer._states[2].cursor == Cursor("e1", 3) and not consumer._states[2].pending
+    assert {"type": "subscribe", "project_id": 2, "epoch": "e1", "after": 3} not in [
+        {k: v for k, v in sent.items() if k != "presence"} for sent in ws.sent
+    ]
+    await consumer._on_frame(ws, event_frame(1, 1))
+    assert (await anext(kept)).seq == 1
+    for closing in (kept, events, watch):
+        await closing.aclose()
     await consumer.aclose()
 
 

@@ -21,6 +21,7 @@ import tempfile
 import threading
 import urllib.error
 import zlib
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -668,22 +669,40 @@ async def test_a_cursor_the_gateway_would_refuse_is_refused_before_it_is_sent():
 # --- the client's frame handling, with a fake connection ------------------------------------------
 
 
+class FakeTransport:
+    """What the client reads of a connection's transport: whether it is closing, and abort."""
+
+    def __init__(self) -> None:
+        self.aborted = False
+
+    def is_closing(self) -> bool:
+        return self.aborted
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
 class FakeConnection:
     """Records what the client sends."""
 
+    state = State.OPEN
+
     def __init__(self) -> None:
         self.sent: list[dict] = []
+        self.transport = FakeTransport()
 
     async def send(self, data: bytes, text: bool = True) -> None:
         self.sent.append(json.loads(data))
 
 
-async def fed_consumer(*project_ids: int) -> tuple[Consumer, FakeConnection, list]:
+async def fed_consumer(
+    *project_ids: int, ws: FakeConnection | None = None
+) -> tuple[Consumer, FakeConnection, list]:
     consumer = Consumer("ws://unused/")
     consumer._task = asyncio.get_running_loop().create_future()  # no real connection task
     subscription = consumer.events(*project_ids)
     await asyncio.sleep(0)  # the cursors are prepared
-    ws = FakeConnection()
+    ws = ws or FakeConnection()
     consumer._ws = consumer._subscribed_on = ws  # type: ignore[assignment]
     for state in consumer._states.values():
         state.subscribe_message()
@@ -1254,6 +1273,105 @@ async def test_a_subscription_dropped_without_closing_unfollows_its_projects():
     await consumer._on_frame(ws, frame(1, 1))  # type: ignore[arg-type]  # ignored, not queued
     again = consumer.events(1)
     assert again.project_ids == (1,)
+
+
+class BrokenUnsubscribe(FakeConnection):
+    """A connection whose send of an unsubscribe raises what websockets' send never should
+    (a bug in it, or in a transport): not ConnectionClosed."""
+
+    #: Called as the send breaks (the connection task ending the connection meanwhile, say).
+    meanwhile: Callable[[], None] = staticmethod(lambda: None)
+
+    async def send(self, data: bytes, text: bool = True) -> None:
+        if json.loads(data)["type"] == "unsubscribe":
+            self.meanwhile()
+            raise RuntimeError("the send broke")
+        await super().send(data, text)
+
+
+async def _two_followed(ws: FakeConnection):
+    """A consumer following project 1 (kept) and project 2 (to leave), both answered."""
+    consumer, ws, kept = await fed_consumer(1, ws=ws)
+    leaving = consumer.events(2)
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert ws.sent[-1] == {"type": "subscribe", "project_id": 2}
+    await consumer._on_frame(ws, subscribed(1, 0))  # type: ignore[arg-type]
+    await consumer._on_frame(ws, subscribed(2, 0))  # type: ignore[arg-type]
+    return consumer, kept, leaving
+
+
+async def _still_delivers(consumer: Consumer, ws: FakeConnection, kept) -> None:
+    assert consumer._failure is None and not consumer._closed
+    await consumer._on_frame(ws, frame(1, 1))  # type: ignore[arg-type]
+    async with asyncio.timeout(5):
+        item = await anext(kept)
+    assert isinstance(item, Delivery) and item.seq == 1
+
+
+async def test_an_unsubscribe_whose_send_fails_unexpectedly_reaches_the_one_leaving_only():
+    """Leaving a project must never break the others: an unexpected error sending its
+    unsubscribe (not ConnectionClosed) is raised to the caller of ``aclose()`` and logged,
+    and the connection, in a state nobody knows (did the frame go?), is dropped to be made
+    again (every other project resumes from its cursor). It stopped the whole consumer: every
+    other iterator raised ConsumerClosed, and ``aclose()`` returned as if all went well."""
+    from structlog.testing import capture_logs
+
+    ws = BrokenUnsubscribe()
+    consumer, kept, leaving = await _two_followed(ws)
+    with capture_logs() as logs:
+        with pytest.raises(RuntimeError, match="the send broke"):
+            await leaving.aclose()
+        await asyncio.sleep(0)
+    assert [
+        (entry["log_level"], entry["project_id"], entry["error"])
+        for entry in logs
+        if entry["event"] == "cannot send an unsubscribe; reconnecting"
+    ] == [("error", 2, "RuntimeError('the send broke')")]
+    assert ws.transport.aborted and consumer._given_up is ws  # made again, with backoff
+    assert 2 not in consumer._states and 2 not in consumer._routes
+    await _still_delivers(consumer, ws, kept)
+
+    # A subscription Python collected: nobody to raise it to; logged, the connection dropped.
+    ws = BrokenUnsubscribe()
+    consumer, kept, leaving = await _two_followed(ws)
+    with capture_logs() as logs:
+        del leaving
+        gc.collect()
+        for _ in range(4):
+            await asyncio.sleep(0)
+    assert [entry["project_id"] for entry in logs if entry["log_level"] == "error"] == [2]
+    assert ws.transport.aborted and 2 not in consumer._states
+    await _still_delivers(consumer, ws, kept)
+
+
+@pytest.mark.parametrize("going", ["closing", "aborted", "given up", "replaced"])
+async def test_an_unsubscribe_failing_on_a_connection_going_away_is_nothing_to_report(going):
+    """On a connection that is ending anyway (closing, dropped, given up, or no longer the
+    consumer's), the gateway drops every subscription of it: a failed unsubscribe there is no
+    error, and no reason to drop a connection again."""
+    from structlog.testing import capture_logs
+
+    ws = BrokenUnsubscribe()
+    consumer, kept, leaving = await _two_followed(ws)
+    if going == "closing":
+        ws.state = State.CLOSING
+    elif going == "aborted":
+        ws.transport.abort()
+    elif going == "given up":
+        consumer._given_up = ws  # type: ignore[assignment]
+    elif going == "replaced":  # the connection ended while the unsubscribe was being sent
+
+        def replaced() -> None:
+            consumer._ws = consumer._subscribed_on = None
+
+        ws.meanwhile = replaced  # type: ignore[method-assign]
+    with capture_logs() as logs:
+        await leaving.aclose()
+    assert [entry for entry in logs if entry["log_level"] in ("error", "warning")] == []
+    assert consumer._given_up is (ws if going == "given up" else None)
+    assert ws.transport.aborted is (going == "aborted")
+    await _still_delivers(consumer, ws, kept)
 
 
 async def test_unavailable_subscribes_are_retried_with_backoff_per_project():
