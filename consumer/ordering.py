@@ -8,7 +8,9 @@ are the ones of ``eventbus.js``'s ``ProjectCursor``:
 * an event is delivered only when it is exactly ``seq + 1``; lower numbers are duplicates (replay
   overlap after a reconnect) and are dropped;
 * a higher number is a gap, which the gateway never leaves on purpose: the client resubscribes
-  from its cursor (the gateway replays what is missing) instead of skipping an event; after
+  from its cursor (the gateway replays what is missing) instead of skipping an event (except for
+  a project whose events go to no one, :attr:`ProjectState.delivers` False: its cursor moves
+  past the gap, as past a replay stopping short of its top; nothing to repair); after
   :data:`GAP_REPAIRS` such repairs from the same cursor (the history does not have the missing
   event, or numbers an entry wrongly), the next gap from it is surfaced as ``history_corrupt``
   to just before the event, which is then delivered: asking again would loop for ever, nothing
@@ -103,7 +105,8 @@ class ProjectState:
     #: The Resync of the last :attr:`Verdict.CORRUPT`.
     corrupt: Resync | None = None
     #: Its items go to the caller. False for a project subscribed only for its presence
-    #: (``Consumer.presence``): ordered all the same, delivered to no one.
+    #: (``Consumer.presence``): ordered all the same, delivered to no one, and a gap in its
+    #: events (or a replay short of its top) skipped, not repaired.
     delivers: bool = True
     #: The subscribe in flight asked for presence (``"presence": true``).
     asked_presence: bool = False
@@ -189,6 +192,12 @@ class ProjectState:
             return Verdict.DUPLICATE
         if self.subscribe_coming and not paged:
             return Verdict.DROP  # (a page's gap is not in that replay: the pages stop at it)
+        if not self.delivers:
+            # Its events go to no one (presence only): a gap has nothing to repair, and a
+            # resubscribe would cost the gateway a replay nobody reads. The cursor moves past
+            # it (a retry's subscribe from there replays little).
+            self.cursor = Cursor(cursor[0], seq, frame=frame)
+            return Verdict.DELIVER
         if self.gap_from != cursor:
             self.gap_from, self.gap_repairs = cursor, 0
         if self.gap_repairs < GAP_REPAIRS:
@@ -243,6 +252,10 @@ class ProjectState:
             )
             self.cursor = Cursor(epoch, seq, tag)
             return SubscribedOutcome(resync=Resync(self.project_id, reason, epoch, seq, tag))
+        if self.cursor.seq < seq and not self.delivers:
+            # A replay short of its top, of events that go to no one: nothing to ask again.
+            self.cursor = Cursor(epoch, seq, tag)
+            return SubscribedOutcome()
         if self.cursor.seq < seq:
             if self.short_replay == self.cursor:
                 # The replay from this cursor stopped short twice: the event after it is one no

@@ -965,8 +965,8 @@ async def test_events_and_presence_opened_and_closed_in_any_order_stay_exact(ste
 
 async def test_events_of_a_project_read_for_presence_only_are_never_decoded(monkeypatch):
     """The protocol has no presence without events: a project read for its presence only gets
-    them all the same. They go to no one: each is ordered by its header alone (a gap is still
-    repaired), its body never decoded (an unknown type or a body no schema fits is no more
+    them all the same. They go to no one: each is ordered by its header alone, its body never
+    decoded (an unknown type or a body no schema fits is no more
     than its header), and nothing is queued."""
     import consumer.client as client_module
 
@@ -990,19 +990,44 @@ async def test_events_of_a_project_read_for_presence_only_are_never_decoded(monk
     assert decoded == []
     assert consumer.cursor(2).seq == 11
     assert consumer.stats.delivered == 0 and consumer.stats.ignored == 0
-    await consumer._on_frame(ws, event_frame(2, 13))  # past a gap: repaired as ever
-    repair = {k: v for k, v in ws.sent[-1].items() if k != "tag"}
-    assert repair == {
-        "type": "subscribe",
-        "project_id": 2,
-        "epoch": "e1",
-        "after": 11,
-        "presence": True,
-    }
     # Its presence messages are decoded as ever.
     await consumer._on_frame(ws, frame(diff(joined=[member("b")], project_id=2)))
     assert [m.id for m in consumer.members(2)] == ["a", "b"]
     assert len(decoded) == 1
+    await only.aclose()
+    await consumer.aclose()
+
+
+async def test_a_gap_in_a_presence_only_projects_events_costs_no_subscribe():
+    """Events of a project read for presence only go to no one: a gap in their seq (or a
+    replay stopping short of its top) has nothing to repair. Each was repaired by a subscribe
+    from the cursor, a replay of events nobody reads for the gateway, twice per gap before
+    a ``history_corrupt`` surfaced to no one."""
+    consumer, ws = await fake_consumer()
+    only = consumer.presence(2)
+    await settle()
+    await consumer._on_frame(ws, subscribed(2, 7))
+    await consumer._on_frame(ws, frame(presence(member("a"), project_id=2)))
+
+    def subscribes() -> int:
+        return sum(1 for sent in ws.sent if sent["type"] == "subscribe")
+
+    assert subscribes() == 1
+    for seq in (8, 11, 12, 20, 30, 31, 40, 25):
+        await consumer._on_frame(ws, event_frame(2, seq))
+    assert subscribes() == 1
+    assert consumer.cursor(2).seq == 40
+    assert (consumer.stats.gaps, consumer.stats.resyncs, consumer.stats.delivered) == (0, 0, 0)
+    # A subscribe from the cursor (the retry after an 'unavailable', say) whose replay stops
+    # short of the top its answer names: not asked again either; the cursor takes the top.
+    await consumer._send_subscribe(consumer._states[2])
+    assert subscribes() == 2 and ws.sent[-1]["after"] == 40
+    await consumer._on_frame(ws, event_frame(2, 41))
+    await consumer._on_frame(ws, subscribed(2, 45, resumed=True))
+    await consumer._on_frame(ws, frame(presence(member("a"), project_id=2)))
+    assert subscribes() == 2 and consumer.cursor(2).seq == 45
+    await consumer._on_frame(ws, event_frame(2, 46))
+    assert subscribes() == 2 and consumer.cursor(2).seq == 46
     await only.aclose()
     await consumer.aclose()
 
