@@ -11,6 +11,10 @@ process) runs on core 0. Three measurements, each over ``N`` events of one proje
   ``N`` events in bursts of 1,000 with ``publish_many``, as fast as it can.
 * ``floor``: a bare ``websockets`` client receiving the same replay without decoding anything:
   what the transport alone costs this process, for reference.
+* ``resume_presence`` (with ``--presence``): ``resume`` while the consumer also reads the
+  presence of another project (read for presence only): each frame's header is read first, to
+  tell that project's events (never decoded) from the rest, which are then decoded as ever. Run
+  right after ``resume`` in the same round, so the two compare.
 
 Each figure is ``N`` divided by the time from the first item to the ``N``-th (wall clock), and by
 the CPU time this process used meanwhile (``events per CPU-second``: the figure that does not
@@ -18,6 +22,7 @@ depend on what else the machine runs). Every run checks that the items were exac
 
     python -m bench.consumer            # N = 200,000, median of 3 rounds
     python -m bench.consumer --quick    # N = 50,000, one round
+    python -m bench.consumer --quick --presence   # and resume with a presence reader open
 """
 
 from __future__ import annotations
@@ -87,9 +92,19 @@ def _rates(count: int, wall: float, cpu: float) -> dict[str, float]:
     }
 
 
-async def _consume(url: str, count: int, start: str, ready: asyncio.Event | None = None):
-    """Consume ``count`` deliveries; returns (wall, cpu) from the first item to the last."""
+async def _consume(
+    url: str,
+    count: int,
+    start: str,
+    ready: asyncio.Event | None = None,
+    *,
+    presence: bool = False,
+):
+    """Consume ``count`` deliveries; returns (wall, cpu) from the first item to the last.
+    ``presence``: with a presence reader of another project open throughout (checked to be
+    still open at the end: a refusal would have ended it, and the measurement with it)."""
     async with Consumer(url, start=start, buffer=10_000) as consumer:  # type: ignore[arg-type]
+        reader = consumer.presence(PROJECT + 1) if presence else None
         events = consumer.events(PROJECT)
         if ready is not None:
             async with asyncio.timeout(20):
@@ -106,7 +121,10 @@ async def _consume(url: str, count: int, start: str, ready: asyncio.Event | None
                 if expected == count:
                     break
                 expected += 1
-        return time.perf_counter() - started, time.process_time() - cpu_started
+        wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+        if reader is not None and PROJECT + 1 not in consumer._presence:
+            raise SystemExit("the presence reader ended before the measurement did")
+        return wall, cpu
 
 
 async def _floor(url: str, count: int) -> tuple[float, float]:
@@ -158,13 +176,15 @@ async def _live(url: str, redis_url: str, count: int) -> tuple[float, float]:
     return result
 
 
-def run(count: int, rounds: int, log) -> dict[str, Any]:
+def run(count: int, rounds: int, log, presence: bool = False) -> dict[str, Any]:
     results: dict[str, list[dict[str, float]]] = {
         "resume": [],
         "paged": [],
         "live": [],
         "floor": [],
     }
+    if presence:
+        results["resume_presence"] = []
     with BenchRedis() as redis, pin_self(BENCH_CPU) as pinned:
         for round_ in range(rounds):
             redis.client().flushall()
@@ -175,6 +195,10 @@ def run(count: int, rounds: int, log) -> dict[str, Any]:
                 _publish_backlog(redis.url, count)
                 wall, cpu = asyncio.run(_consume(gateway.url, count, "beginning"))
                 results["resume"].append(_rates(count, wall, cpu))
+                if presence:
+                    consume = _consume(gateway.url, count, "beginning", presence=True)
+                    wall, cpu = asyncio.run(consume)
+                    results["resume_presence"].append(_rates(count, wall, cpu))
                 wall, cpu = asyncio.run(_consume(paging.url, count, "beginning"))
                 results["paged"].append(_rates(count, wall, cpu))
                 wall, cpu = asyncio.run(_floor(gateway.url, count))
@@ -237,6 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, help="events per measurement")
     parser.add_argument("--rounds", type=int, help="rounds (the median is reported)")
     parser.add_argument("--json", type=Path, help="write the results to this file")
+    parser.add_argument(
+        "--presence",
+        action="store_true",
+        help="also measure resume with a presence reader of another project open",
+    )
     args = parser.parse_args(argv)
     count = args.events or (50_000 if args.quick else 200_000)
     rounds = args.rounds or (1 if args.quick else 3)
@@ -251,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
     )
     try:
-        result = run(count, rounds, log)
+        result = run(count, rounds, log, presence=args.presence)
     finally:
         structlog.configure(**previous)
     if args.json:

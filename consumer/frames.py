@@ -31,6 +31,7 @@ from schemas.protocol import (
 
 __all__ = [
     "CONTROL_TYPES",
+    "EVENT_TAGS",
     "EVENT_TYPES",
     "PRESENCE_TYPES",
     "FrameError",
@@ -41,6 +42,8 @@ __all__ = [
 ]
 
 EVENT_TYPES: frozenset[type] = frozenset(event_types())
+#: The ``type`` of each event type this consumer knows.
+EVENT_TAGS: tuple[str, ...] = tuple(sorted(t.__struct_config__.tag for t in EVENT_TYPES))
 CONTROL_TYPES = (Authenticated, Subscribed, Unsubscribed, ResyncRequired, Error, Pong)
 #: Presence messages (``docs/presence.md``): decoded here as the schema's Structs, checked
 #: further by :class:`consumer.presence.PresenceTable`.

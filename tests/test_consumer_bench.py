@@ -17,9 +17,9 @@ def test_consumer_bench_measures_every_figure_and_checks_the_sequence(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "consumer.json"
-    assert main(["--events", "3000", "--rounds", "1", "--json", str(out)]) == 0
+    assert main(["--events", "3000", "--rounds", "1", "--presence", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert set(result["summary"]) == {"resume", "paged", "live", "floor"}
+    assert set(result["summary"]) == {"resume", "paged", "live", "floor", "resume_presence"}
     for figures in result["summary"].values():
         assert figures["events_per_s"] > 0 and figures["events_per_cpu_s"] > 0
     assert result["events"] == 3000 and result["target_events_per_s"] == 50_000
