@@ -982,13 +982,18 @@ class Consumer:
 
     async def _unsubscribe_each(self, project_ids: list[int]) -> Exception | None:
         """Unsubscribe the projects; returns the first unexpected error of a send, after which
-        the rest need none (the connection is dropped). Returned, not raised: a helper task's
-        exception stops the consumer, and this one is only the leaving caller's."""
+        the rest are sent none (the connection is dropped), yet are left all the same: until
+        it ends, the frames it still holds of them are their old subscriptions' (see
+        :meth:`_unsubscribe`), never taken for those of a subscription following one of them
+        again meanwhile. Returned, not raised: a helper task's exception stops the consumer,
+        and this one is only the leaving caller's."""
+        error = None
         for project_id in project_ids:
-            error = await self._unsubscribe(project_id)
-            if error is not None:
-                return error
-        return None
+            if error is None:
+                error = await self._unsubscribe(project_id)
+            else:
+                self._leaving(project_id)
+        return error
 
     def _unsubscribe(self, project_id: int) -> Awaitable[Exception | None]:
         """Unsubscribe on the current connection (the send to await; it returns what
@@ -998,11 +1003,20 @@ class Consumer:
         the unsubscribe. A subscription following the project again meanwhile must not take
         them for its own (an event of another epoch under its cursor's epoch; a
         ``not_subscribed`` ending it)."""
+        ws = self._leaving(project_id)
+        if ws is None:
+            return _none()  # no connection, or not subscribed on it yet: nothing to leave
+        return self._send_unsubscribe(ws, project_id)
+
+    def _leaving(self, project_id: int) -> ClientConnection | None:
+        """Count the project's subscription on the current connection as left (its frames
+        dropped until the gateway's answer, or the connection's end); returns that connection,
+        or None when there is none to leave (no connection, or not subscribed on it yet)."""
         ws = self._ws
         if ws is None or ws is not self._subscribed_on:
-            return _none()  # no connection, or not subscribed on it yet: nothing to leave
+            return None
         self._unsubscribing[project_id] = self._unsubscribing.get(project_id, 0) + 1
-        return self._send_unsubscribe(ws, project_id)
+        return ws
 
     async def _send_unsubscribe(self, ws: ClientConnection, project_id: int) -> Exception | None:
         """Send the project's unsubscribe on ``ws``. Returns None when it went, or needed not:

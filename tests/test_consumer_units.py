@@ -1374,6 +1374,45 @@ async def test_an_unsubscribe_failing_on_a_connection_going_away_is_nothing_to_r
     await _still_delivers(consumer, ws, kept)
 
 
+@pytest.mark.parametrize("breaks", [False, True])
+async def test_the_frames_left_behind_by_a_failed_leave_are_never_taken_for_a_new_follows(breaks):
+    """Leaving projects 2 and 3 together, the send of 2's unsubscribe breaking: the connection
+    is dropped, but until it ends, the frames it still holds of 3's old subscription are that
+    subscription's, as any left one's (see Consumer._unsubscribe). Project 3 followed again
+    meanwhile, from a cursor in another epoch, took the old subscription's next event for the
+    one after its cursor: delivered under the wrong epoch. (With the send working, it is
+    dropped: 3's unsubscribe was sent, and its frames are the left subscription's until the
+    gateway answers it.)"""
+    ws = BrokenUnsubscribe() if breaks else FakeConnection()
+    consumer, ws, kept = await fed_consumer(1, ws=ws)
+    leaving = consumer.events(2, 3)
+    for _ in range(3):
+        await asyncio.sleep(0)
+    for project_id in (1, 2, 3):
+        await consumer._on_frame(ws, subscribed(project_id, 5))  # type: ignore[arg-type]
+    if breaks:
+        with pytest.raises(RuntimeError, match="the send broke"):
+            await leaving.aclose()
+    else:
+        await leaving.aclose()
+    again = consumer.events(3, after=Cursor("another-epoch", 5))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    # Still queued from the old subscription of 3 (its epoch EPOCH), read before the
+    # connection ends:
+    await consumer._on_frame(ws, frame(3, 6))  # type: ignore[arg-type]
+    assert drain(again) == []
+    await _still_delivers_at(consumer, ws, kept, 6)
+
+
+async def _still_delivers_at(consumer: Consumer, ws: FakeConnection, kept, seq: int) -> None:
+    assert consumer._failure is None and not consumer._closed
+    await consumer._on_frame(ws, frame(1, seq))  # type: ignore[arg-type]
+    async with asyncio.timeout(5):
+        item = await anext(kept)
+    assert isinstance(item, Delivery) and item.seq == seq
+
+
 async def test_unavailable_subscribes_are_retried_with_backoff_per_project():
     consumer, ws, _subscription = await fed_consumer(1)  # kept: a dropped one unsubscribes
     consumer._random = lambda: 1.0  # the whole cap: the delays are the caps
