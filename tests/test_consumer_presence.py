@@ -1154,3 +1154,106 @@ def test_an_events_header_places_it_where_its_full_decode_did(raw):
 
     place = event_header(raw)
     assert place is None or place == _place_when_decoded(raw)
+
+
+def _spelled(project_id: int, seq: int, spelling: int) -> bytes:
+    """An event frame of ``project_id``, written as the gateway relays it (0), or otherwise: a
+    space, the project before the type, an escaped type, the seq before the body, a type this
+    consumer does not know, the project given twice (the last one counts)."""
+    from datetime import UTC, datetime
+
+    from schemas.events import BlockerResolved
+
+    event = BlockerResolved(
+        project_id=project_id,
+        blocker_id=seq,
+        answer="a",
+        resolved_at=datetime(2025, 11, 8, 12, 45, 30, tzinfo=UTC),
+    )
+    plain = msgspec.json.encode(event)[:-1] + b',"seq":%d}' % seq
+    fields = msgspec.json.decode(plain)
+    other = 12 if project_id != 12 else 1
+    return [
+        plain,
+        plain.replace(b'"project_id":', b'"project_id": '),
+        msgspec.json.encode({"project_id": project_id, **fields}),
+        plain.replace(b'"blocker_resolved"', b'"blocker\\u005fresolved"'),
+        msgspec.json.encode({"type": fields["type"], "seq": seq, **fields}),
+        b'{"type":"from_a_newer_gateway","project_id":%d,"x":{"seq":1},"seq":%d}'
+        % (project_id, seq),
+        plain.replace(b'"project_id":%d,' % project_id, b'"project_id":%d,"project_id":%d,')
+        % (other, project_id),
+    ][spelling]
+
+
+async def _placed(steps: list[tuple], read_every_header: bool) -> tuple:
+    """What a consumer following 1 and 2, reading presence of 1, 2 and 12 (12: presence only),
+    made of ``steps`` (frames, and subscriptions closed and opened meanwhile): the items each
+    iterator got, the cursors, the frames sent."""
+    from consumer import Cursor
+
+    consumer, ws = await fake_consumer()
+    if read_every_header:  # as before frames were told apart by their beginning
+        consumer._unread_prefixes = lambda: (b"{",)  # type: ignore[method-assign]
+    followed: dict[int, object] = {1: consumer.events(1), 2: consumer.events(2)}
+    readers = {p: consumer.presence(p) for p in (1, 2, 12)}
+    await settle()
+    for p in (1, 2):
+        consumer._states[p].subscribe_message()
+    for p in (1, 2, 12):
+        await consumer._on_frame(ws, subscribed(p, 5))
+        await consumer._on_frame(ws, frame({"type": "presence", "project_id": p, "members": []}))
+    got: dict[int, list] = {1: [], 2: [], 12: []}
+
+    def take(project_id: int) -> None:
+        subscription = followed.get(project_id)
+        while subscription is not None and not subscription._route.queue.empty():
+            got[project_id].append(repr(subscription._route.queue.get_nowait()))
+
+    for step in steps:
+        kind, project_id = step[0], step[1]
+        if kind == "event":
+            await consumer._on_frame(ws, _spelled(project_id, step[2], step[3]))
+        elif kind == "subscribed":
+            await consumer._on_frame(ws, subscribed(project_id, step[2], resumed=True))
+        elif kind == "unsubscribed":
+            await consumer._on_frame(ws, frame({"type": "unsubscribed", "project_id": project_id}))
+        elif kind == "leave" and project_id in followed:
+            take(project_id)
+            await followed.pop(project_id).aclose()  # type: ignore[attr-defined]
+        elif kind == "follow" and project_id not in followed:
+            followed[project_id] = consumer.events(project_id, after=Cursor("e1", step[2]))
+        elif kind == "unwatch" and project_id in readers:
+            await readers.pop(project_id).aclose()
+        await settle()
+    for project_id in followed:
+        take(project_id)
+    return got, {p: consumer.cursor(p) for p in (1, 2, 12)}, ws.sent
+
+
+_steps = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("event"), st.sampled_from([1, 2, 12]), st.integers(3, 12), st.integers(0, 6)
+        ),
+        st.tuples(st.just("subscribed"), st.sampled_from([1, 2, 12]), st.integers(3, 14)),
+        st.tuples(st.just("unsubscribed"), st.sampled_from([1, 2, 12])),
+        st.tuples(st.sampled_from(["leave", "unwatch"]), st.sampled_from([1, 2, 12])),
+        st.tuples(st.just("follow"), st.sampled_from([1, 2, 12]), st.integers(3, 9)),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_steps)
+def test_telling_presence_only_frames_by_their_beginning_places_every_frame_as_reading_each_header(
+    steps: list[tuple],
+):
+    """Only a frame beginning as a presence-only project's event does as the gateway relays it
+    has its header read; the others go to the full decode (Consumer._unread_prefixes). That is
+    a shortcut, never a placement: whatever the frames' spelling (spaces, key order, escapes, a
+    newer gateway's type, the project twice) and whichever projects become followed or
+    presence-only between them, every iterator gets the same items, every cursor ends the same
+    and the same frames are sent as when every frame's header is read."""
+    assert asyncio.run(_placed(steps, False)) == asyncio.run(_placed(steps, True))
