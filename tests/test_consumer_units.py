@@ -1413,6 +1413,72 @@ async def _still_delivers_at(consumer: Consumer, ws: FakeConnection, kept, seq: 
     assert isinstance(item, Delivery) and item.seq == seq
 
 
+async def test_a_broken_unsubscribe_on_a_real_connection_reconnects_once_and_the_others_resume(
+    monkeypatch,
+):
+    """End to end, on a local WebSocket server: the unsubscribe's send breaking (not
+    ConnectionClosed) fails that aclose() only; the connection is dropped once and made again,
+    the project kept resumes from its cursor (each event once), and the one left is not
+    subscribed again."""
+    from structlog.testing import capture_logs
+    from websockets.asyncio.server import serve
+
+    plain_send = consumer_client._Connection.send
+
+    async def send(self, message, text=None):
+        if b'"unsubscribe"' in message:
+            raise RuntimeError("the send broke")
+        return await plain_send(self, message, text=text)
+
+    monkeypatch.setattr(consumer_client._Connection, "send", send)
+    seen: list[list[dict]] = []
+    second = asyncio.Event()
+
+    async def gateway(connection) -> None:
+        frames: list[dict] = []
+        seen.append(frames)
+        if len(seen) == 1:
+            for _ in range(2):
+                frames.append(json.loads(await connection.recv()))
+            for raw in (subscribed(1, 0), subscribed(2, 0), frame(1, 1), frame(1, 2)):
+                await connection.send(raw.decode())
+        else:
+            frames.append(json.loads(await connection.recv()))
+            for raw in (frame(1, 2), frame(1, 3), subscribed(1, 3, resumed=True), frame(1, 4)):
+                await connection.send(raw.decode())
+            second.set()
+        with contextlib.suppress(Exception):
+            async for message in connection:
+                frames.append(json.loads(message))
+
+    policy = ReconnectPolicy(initial=0.05, max=0.1)
+    async with serve(gateway, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with Consumer(f"ws://127.0.0.1:{port}/", reconnect=policy) as consumer:
+            kept = consumer.events(1)
+            leaving = consumer.events(2)
+            async with asyncio.timeout(10):
+                assert [(await anext(kept)).seq for _ in range(2)] == [1, 2]
+                with capture_logs() as logs:
+                    with pytest.raises(RuntimeError, match="the send broke"):
+                        await leaving.aclose()
+                    assert [(await anext(kept)).seq for _ in range(2)] == [3, 4]
+                await second.wait()
+            assert consumer.connects == 2 and consumer._failure is None
+            assert consumer.close_codes == [1006]  # dropped once, by the consumer
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == [
+        "cannot send an unsubscribe; reconnecting"
+    ]
+    assert seen[1][0] == {
+        "type": "subscribe",
+        "project_id": 1,
+        "epoch": EPOCH,
+        "after": 2,
+        "tag": event_tag(frame(1, 2)),
+    }
+    assert all(f.get("project_id") != 2 for f in seen[1])
+
+
 async def test_unavailable_subscribes_are_retried_with_backoff_per_project():
     consumer, ws, _subscription = await fed_consumer(1)  # kept: a dropped one unsubscribes
     consumer._random = lambda: 1.0  # the whole cap: the delays are the caps
