@@ -12,9 +12,9 @@ process) runs on core 0. Three measurements, each over ``N`` events of one proje
 * ``floor``: a bare ``websockets`` client receiving the same replay without decoding anything:
   what the transport alone costs this process, for reference.
 * ``resume_presence`` (with ``--presence``): ``resume`` while the consumer also reads the
-  presence of another project (read for presence only): each frame's header is read first, to
-  tell that project's events (never decoded) from the rest, which are then decoded as ever. Run
-  right after ``resume`` in the same round, so the two compare.
+  presence of another project (read for presence only): each frame's beginning is compared with
+  how that project's events begin (those have their header read, never their body), and the
+  rest are decoded as ever. Run right after ``resume`` in the same round, so the two compare.
 
 Each figure is ``N`` divided by the time from the first item to the ``N``-th (wall clock), and by
 the CPU time this process used meanwhile (``events per CPU-second``: the figure that does not
