@@ -1257,3 +1257,64 @@ def test_telling_presence_only_frames_by_their_beginning_places_every_frame_as_r
     presence-only between them, every iterator gets the same items, every cursor ends the same
     and the same frames are sent as when every frame's header is read."""
     assert asyncio.run(_placed(steps, False)) == asyncio.run(_placed(steps, True))
+
+
+@pytest.mark.parametrize("resume", ["store", "beginning"])
+async def test_following_a_project_whose_presence_only_cursor_skipped_a_gap_replays_the_gap(
+    resume: str,
+):
+    """A presence-only project's cursor moves past a gap (nothing reads those events); events()
+    opened later, its frames still in flight, must not inherit that cursor: it follows from its
+    own (the store's, or the start of the history), so the gap's events reach it once, in order,
+    and none of the live subscription's frames in flight before the gateway's ``unsubscribed``."""
+    from consumer import Cursor, MemoryCursorStore
+
+    consumer, ws = await fake_consumer()
+    if resume == "store":
+        consumer.store = MemoryCursorStore()
+        await consumer.store.save(12, Cursor("e1", 5))
+    only = consumer.presence(12)
+    await settle()
+    await consumer._on_frame(ws, subscribed(12, 5))
+    await consumer._on_frame(ws, frame(presence(member("a"), project_id=12)))
+    await consumer._on_frame(ws, event_frame(12, 6))
+    await consumer._on_frame(ws, event_frame(12, 9))  # 7 and 8 missing: skipped
+    assert consumer.cursor(12).seq == 9
+    events = consumer.events(12, start="beginning") if resume == "beginning" else None
+    events = events or consumer.events(12)
+    await consumer._on_frame(ws, event_frame(12, 10))  # in flight (the store being read)
+    await settle()
+    await consumer._on_frame(ws, event_frame(12, 11))  # in flight (the unsubscribe sent)
+    assert ws.sent[-2] == {"type": "unsubscribe", "project_id": 12}
+    await consumer._on_frame(ws, frame({"type": "unsubscribed", "project_id": 12}))
+    if resume == "beginning":  # live first: the answer names the top, then a replay from 0
+        assert ws.sent[-1] == {"type": "subscribe", "project_id": 12, "presence": True}
+        await consumer._on_frame(ws, subscribed(12, 11))
+        await consumer._on_frame(ws, frame(presence(member("a"), project_id=12)))
+        assert ws.sent[-1] == {
+            "type": "subscribe",
+            "project_id": 12,
+            "epoch": "e1",
+            "after": 0,
+            "presence": True,
+        }
+        first = 1
+    else:
+        assert ws.sent[-1] == {
+            "type": "subscribe",
+            "project_id": 12,
+            "epoch": "e1",
+            "after": 5,
+            "presence": True,
+        }
+        first = 6
+    for seq in range(first, 12):
+        await consumer._on_frame(ws, event_frame(12, seq))
+    await consumer._on_frame(ws, subscribed(12, 11, resumed=True))
+    got = []
+    while not events._route.queue.empty():
+        got.append(events._route.queue.get_nowait().seq)
+    assert got == list(range(first, 12))
+    await only.aclose()
+    await events.aclose()
+    await consumer.aclose()
