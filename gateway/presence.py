@@ -762,6 +762,15 @@ class PresenceCore:
         if self.table.member_count(project_id):
             self._pending.setdefault(project_id, set())
 
+    def write_whole(self, project_ids: Iterable[int]) -> None:
+        """The projects' next write replaces this pod's whole member list there (for one whose
+        last member left, the write that empties it), pending now instead of waiting for a
+        refresh to find the records missing (:meth:`written` without ``retry``): for a drain,
+        after which no refresh comes."""
+        for project_id in project_ids:
+            self._stored.pop(project_id, None)
+            self._pending.setdefault(project_id, set())
+
     def has_pending_writes(self) -> bool:
         return bool(self._pending)
 

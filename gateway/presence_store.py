@@ -109,6 +109,12 @@ PRESENCE_READS = 16
 #: with thousands of them there.
 PIPELINE_CALLS = 256
 
+#: Redis Cluster, outside the lanes (a drain): the most times one write or refresh is sent,
+#: to the master the slot map names each time, while its slot keeps moving away before it is
+#: sent (:meth:`PresenceService._at_masters`): each send waits for the others of its round,
+#: so a drain is bounded by this many store bounds.
+MOVED_ROUNDS = 3
+
 #: The per-project outcome of a write or a refresh that did not apply: the error Redis answered
 #: for that project alone (``ResponseError``: its keys are unusable), or, on Redis Cluster, the
 #: failure of the master that owns the project's slot (``ConnectionError``, ``TimeoutError``:
@@ -532,6 +538,14 @@ def _as_redis_error(exc: BaseException) -> redis.exceptions.RedisError:
     return redis.exceptions.ConnectionError(describe(exc))
 
 
+def _answered(outcome: object) -> bool:
+    """Whether a call's outcome came from the master it was sent to (a reply, or an error
+    reply about the project's own keys), not MOVED (not sent) nor the node's failure."""
+    if outcome is MOVED:
+        return False
+    return not isinstance(outcome, redis.exceptions.RedisError) or _keys_at_fault(outcome)
+
+
 def _keys_at_fault(outcome: object) -> bool:
     """Whether a write's or refresh's outcome is Redis refusing that project's own keys (an
     error reply the scripts did not foresee), rather than a success or its node's trouble."""
@@ -693,12 +707,35 @@ class PresenceService:
     async def drain(self) -> None:
         """Hand over for a rolling restart: write what is pending, then keep this pod's records
         for ``drain_grace`` (its clients reconnect elsewhere meanwhile) and stop. No leave is
-        announced: members who come back within the grace never appear to leave."""
+        announced: members who come back within the grace never appear to leave.
+
+        What waits for a refresh to reach its master (Redis Cluster: a master marked failed,
+        :meth:`_master_failed`) is written now, whole, with the rest: no refresh comes after a
+        drain, and the master may have recovered since. So a last member who left there is
+        gone at once (not listed by every pod until the records expire), and the members still
+        connected there are kept for the grace too. A master still down cuts those writes off
+        within the store's bound (``refresh_interval`` / 3 per pipeline) and is then not sent
+        the drain's refresh (its projects' records expire at the ttl): the drain waits for it
+        once, not twice. On a cluster each master's calls go to that master only, as a
+        lane's (:meth:`_at_masters`)."""
         await self.stop()
+        self.core.write_whole(p for p, v in self.core.refresh_plan().items() if v == 0)
+        self._unreachable.clear()
+        self._failed_masters.clear()
         with contextlib.suppress(redis.exceptions.RedisError, OSError):
             await self._flush()
-            plan = {p: v for p, v in self.core.refresh_plan().items() if v}
-            await self.store.refresh(plan, ttl_ms=round(self.drain_grace * 1000))
+            plan = {
+                p: v
+                for p, v in self.core.refresh_plan().items()
+                if v and not self._waits_for_refresh(p)  # (its master failed the drain's write)
+            }
+            ttl_ms = round(self.drain_grace * 1000)
+            if self.store.per_master:
+                await self._at_masters(
+                    plan, lambda master, part: self.store.refresh(part, ttl_ms, at=master)
+                )
+            else:
+                await self.store.refresh(plan, ttl_ms=ttl_ms)
 
     async def stop(self) -> None:
         """Stop every loop without touching Redis (what a crash looks like to other pods)."""
@@ -937,19 +974,66 @@ class PresenceService:
             await self._link.unsubscribe(channel.encode())
 
     async def _flush(self) -> None:
-        """Every pending write now, in one call (on a cluster, every master's part at once,
-        waited for: the loop of a standalone Redis, and :meth:`drain`)."""
+        """Every pending write now, waited for (the loop of a standalone Redis, and
+        :meth:`drain`): one call, or on a cluster every master's part at once, each sent to
+        that master only (:meth:`_at_masters`)."""
         writes = self._put_off(self.core.take_writes())
         if not writes:
             return
-        sent_to = self._masters(w.project_id for w in writes)
         try:
-            results = await self.store.write(writes)
+            if self.store.per_master:
+                outcomes = await self._at_masters({w.project_id: w for w in writes}, self._write_at)
+                results = [outcomes[w.project_id][1] for w in writes]
+                masters = {p: master for p, (master, _) in outcomes.items()}
+            else:
+                masters = self._masters(w.project_id for w in writes)
+                results = await self.store.write(writes)
         except BaseException:
             for w in writes:
                 self.core.written(w, ok=False)
             raise
-        self._apply_writes(writes, results, sent_to.get)
+        self._apply_writes(writes, results, masters.get)
+
+    async def _write_at(self, master: str | None, part: Mapping[int, Write]) -> dict[int, Any]:
+        results = await self.store.write(list(part.values()), at=master)
+        return dict(zip(part, results, strict=True))
+
+    async def _at_masters(
+        self,
+        calls: Mapping[int, Any],
+        send: Callable[[str | None, dict[int, Any]], Awaitable[Mapping[int, Any]]],
+    ) -> dict[int, tuple[str | None, Any]]:
+        """Redis Cluster, outside the lanes (:meth:`drain`, and :meth:`_flush` and
+        :meth:`_refresh`, which the drain uses): each project's call (a write, a refresh)
+        sent by ``send(master, {project: call})`` to the master the slot map names for it,
+        with ``at`` that master, as a lane's call (:meth:`_lane`): every master's at once,
+        waited for. A call whose slot moved away before it was sent is not sent there
+        (:data:`MOVED`) and is sent again to the master the map names then, up to
+        :data:`MOVED_ROUNDS` sends in all (MOVED after that). Returns, per project, the master
+        it was last sent to and its outcome (a master's failure as its projects'
+        ``RedisError``). (Before, these calls were sent without ``at``: a slot moving during
+        the drain put a pipeline on another master, beside that master's own, and its failure
+        was charged to the master the call was grouped for.)"""
+        out: dict[int, tuple[str | None, Any]] = {}
+
+        async def one(master: str | None, part: dict[int, Any]) -> None:
+            try:
+                replies = await send(master, part)
+            except (redis.exceptions.RedisError, OSError) as exc:  # none of it answered
+                replies = dict.fromkeys(part, _as_redis_error(exc))
+            for project_id in part:
+                out[project_id] = (master, replies[project_id])
+
+        todo = dict(calls)
+        for _ in range(MOVED_ROUNDS):
+            parts: dict[str | None, dict[int, Any]] = {}
+            for project_id, call in todo.items():
+                parts.setdefault(self.store.master_of(project_id), {})[project_id] = call
+            await asyncio.gather(*(one(master, part) for master, part in parts.items()))
+            todo = {p: call for p, call in todo.items() if out[p][1] is MOVED}
+            if not todo:
+                break
+        return out
 
     def _put_off(self, writes: list[Write]) -> list[Write]:
         """``writes`` but those that wait for the next refresh that reaches their master (it
@@ -995,14 +1079,28 @@ class PresenceService:
                 self.core.written(w, result)
 
     async def _refresh(self) -> None:
-        """Refresh every project now, in one call (on a cluster, every master's part at once,
-        waited for), then write what Redis lost."""
+        """Refresh every project now, waited for, then write what Redis lost: one call, or on
+        a cluster every master's part at once, each sent to that master only
+        (:meth:`_at_masters`), whose failed mark goes if it answered some call itself."""
         plan = self.core.refresh_plan()
-        sent_to = self._masters(plan)
-        replies = await self.store.refresh(plan)
-        self._unreachable = set()
-        self._failed_masters = set()
-        self._apply_refresh(replies, sent_to.get)
+        if not self.store.per_master:
+            masters = self._masters(plan)
+            replies = await self.store.refresh(plan)
+            self._unreachable = set()
+            self._failed_masters = set()
+            self._apply_refresh(replies, masters.get)
+        else:
+            outcomes = await self._at_masters(
+                plan, lambda master, part: self.store.refresh(part, at=master)
+            )
+            self._failed_masters -= {m for m, reply in outcomes.values() if _answered(reply)}
+            # Those still MOVED wait, as in a lane, for the refresh their new master is owed.
+            self._unreachable = {
+                p for p in self._unreachable if p in outcomes and outcomes[p][1] is MOVED
+            }
+            self._apply_refresh(
+                {p: reply for p, (_, reply) in outcomes.items()}, lambda p: outcomes[p][0]
+            )
         await self._flush()  # rewrite whatever Redis lost, now
 
     def _apply_refresh(
@@ -1096,7 +1194,12 @@ class PresenceService:
                 except (redis.exceptions.RedisError, OSError) as exc:  # none of it answered
                     failure = _as_redis_error(exc)
                     replies = dict.fromkeys(part, failure)
-                self._failed_masters.discard(master)
+                # The master's failed mark goes only if it answered some call itself: a
+                # refresh all MOVED (every project's slot moved away before it was sent)
+                # reached no one there. (Before, the mark went anyway, and the next write of
+                # a project of a master still down was sent, to wait out its bound.)
+                if any(_answered(replies[p]) for p in part):
+                    self._failed_masters.discard(master)
                 self._unreachable.difference_update(p for p in part if replies[p] is not MOVED)
                 self._apply_refresh(replies, lambda p: master)
                 # Whatever Redis lost there is written now, with the writes pending meanwhile.

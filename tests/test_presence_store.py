@@ -2541,3 +2541,178 @@ async def test_a_reread_that_failed_at_a_projects_old_master_is_made_at_once_at_
     await service._reload_batch()  # the next round, before any refresh
     assert reads == ["m1", "m2"], "the re-read waited for the next refresh"
     assert service.core.views[1].loaded
+
+
+class _ClusterCallsLogged(_ClusterWithAHungMaster):
+    """As :class:`_ClusterWithAHungMaster`, each call noted: (kind, ``at``, projects, ttl)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, object, tuple[int, ...], int | None]] = []
+
+    async def write(self, writes, *, at=ANYWHERE):
+        self.calls.append(("write", at, tuple(w.project_id for w in writes), None))
+        return await super().write(writes, at=at)
+
+    async def refresh(self, plan, ttl_ms=None, *, at=ANYWHERE):
+        self.calls.append(("refresh", at, tuple(plan), ttl_ms))
+        return await super().refresh(plan, ttl_ms, at=at)
+
+
+async def _mark_m1_failed(service: PresenceService, store: _ClusterWithAHungMaster) -> None:
+    """m1 does not answer a refresh within its bound: marked failed, then answers again."""
+
+    async def settle() -> None:
+        while service._lane_tasks:
+            await asyncio.wait(set(service._lane_tasks))
+
+    service._dispatch(refresh_due=True)
+    await settle()
+    store.hung.add("m1")
+    store.sent.clear()
+    service._dispatch(refresh_due=True)
+    async with asyncio.timeout(5):
+        await store.sent.wait()
+    store.answer.set()
+    await settle()
+    store.hung.clear()  # it has recovered; no refresh has reached it yet
+    store.answer.clear()
+
+
+async def test_a_drain_writes_the_leave_and_keeps_the_members_of_a_master_still_marked_failed():
+    """Redis Cluster: a master failed a refresh (marked failed: its projects' writes wait for
+    the next refresh that reaches it) and has recovered since, unknown to the pod. A last
+    member of one of its projects leaves, and the pod drains before that refresh. The drain
+    sends the leave there (the master may have recovered; a call to one still down is cut off
+    by its bound): the member is gone at once, not listed by every pod until the pod's records
+    expire. And the members still connected there are kept for ``drain_grace``, as on the
+    other masters. Before, the drain skipped every write of a master marked failed and did not
+    refresh its projects: the member who left was listed for up to the ttl and three refresh
+    reports more, and those still connected expired at the ttl, not the grace."""
+
+    class Client:
+        def register_script(self, script: str) -> None:
+            return None
+
+    service = PresenceService(Client(), lambda s, f: None, pod_id="a", listen=False, **TIMINGS)
+    store = service.store = _ClusterCallsLogged()  # type: ignore[assignment]
+    store.masters.update({1: "m1", 2: "m1", 3: "m2"})
+    service.join("t1", 1, "alice", None)
+    service.join("t2", 2, "hank", None)
+    service.join("t3", 3, "carol", None)
+    await _mark_m1_failed(service, store)
+    service.leave("t1", 1)  # alice, the last member of project 1, leaves
+    service._dispatch(refresh_due=False)  # put off: m1 is marked failed
+    assert store.records[1][1].keys() == {"alice"}
+    store.calls.clear()
+    await service.drain()
+    assert store.records[1][1].keys() == set(), "the leave was not written at the drain"
+    grace = round(service.drain_grace * 1000)
+    kept = {
+        p
+        for kind, _, projects, ttl in store.calls
+        if kind == "refresh" and ttl == grace
+        for p in projects
+    }
+    assert kept == {2, 3}, "a member still connected on m1 expires at the ttl, not the grace"
+
+
+async def test_a_lane_whose_refresh_was_all_moved_leaves_its_master_marked_failed():
+    """Redis Cluster: m1 failed a refresh (marked failed) and still hangs; at its next refresh
+    every one of its projects has moved to m2 before its lane sends (a re-shard): nothing was
+    sent to m1, nothing answered there. m1 stays marked failed: a project of m1 new to the pod
+    waits for a refresh that reaches m1, rather than being sent a write that waits out its
+    bound. Before, the lane cleared m1's mark as if m1 had answered."""
+
+    class Client:
+        def register_script(self, script: str) -> None:
+            return None
+
+    service = PresenceService(Client(), lambda s, f: None, pod_id="a", listen=False, **TIMINGS)
+    store = service.store = _ClusterCallsLogged()  # type: ignore[assignment]
+    store.masters.update({1: "m1", 3: "m1"})
+    service.join("t1", 1, "alice", None)
+    service.join("t3", 3, "carol", None)
+    await _mark_m1_failed(service, store)
+    store.hung.add("m1")  # down again (or still): a call sent there is cut off by its bound
+    store.answer.set()
+
+    async def settle() -> None:
+        while service._lane_tasks:
+            await asyncio.wait(set(service._lane_tasks))
+
+    service._dispatch(refresh_due=True)  # m1's lane takes the refresh of 1 and 3 ...
+    store.masters.update({1: "m2", 3: "m2"})  # ... and both move before it is sent
+    await settle()
+    store.calls.clear()
+    store.masters[5] = "m1"
+    service.join("t5", 5, "bob", None)  # a project of m1, new to the pod
+    service._dispatch(refresh_due=False)
+    await settle()
+    assert not any(at == "m1" for _, at, _, _ in store.calls), "m1 was taken for answered"
+
+
+async def test_a_drain_sends_each_masters_writes_to_that_master_when_a_slot_moves(monkeypatch):
+    """Redis Cluster: a drain writes each master's pending writes as a lane does, sent to that
+    master only: a project whose slot moves to m2 while m1's earlier pipeline is outstanding
+    is not sent to m2 by m1's part (m2, hung, would have a second pipeline outstanding, and
+    its failure would be charged to m1) but sent to m2 after, and written there. Before, the
+    drain's write sent each call where the slot map said then."""
+    monkeypatch.setattr("gateway.presence_store.PIPELINE_CALLS", 2)
+
+    class Client:
+        def register_script(self, script: str) -> None:
+            return None
+
+    service = PresenceService(Client(), lambda s, f: None, pod_id="a", listen=False, **TIMINGS)
+    store = service.store
+    store._cluster = store.per_master = True
+    store.group_timeout = 30.0  # (a hung master is released by the test, not cut off)
+    masters = {1: "m1", 3: "m1", 5: "m1", 2: "m2"}
+    project_of = {service.keys.presence_pods(p): p for p in masters}
+    monkeypatch.setattr(
+        "gateway.presence_store.node_name", lambda client, key: masters[project_of[key]]
+    )
+    hung = {"m1": asyncio.Event(), "m2": asyncio.Event()}
+    outstanding = {"m1": 0, "m2": 0}
+    most = 0
+    written: list[tuple[str, int]] = []
+    changed = asyncio.Event()
+
+    async def pipeline(calls):
+        """As redis-py's cluster pipeline: each call goes where the slot map says now."""
+        nonlocal most
+        sent = [(masters[project_of[keys[0]]], text, keys) for text, keys, _ in calls]
+        at = {m for m, *_ in sent}
+        for m in at:
+            outstanding[m] += 1
+        most = max(most, *outstanding.values())
+        changed.set()
+        try:
+            for m in at:
+                if m in hung:
+                    await hung[m].wait()
+            written.extend((m, project_of[keys[0]]) for m, text, keys in sent if text == WRITE)
+            return [[1, 0] if text == WRITE else [1, [], 0] for text, _, _ in calls]
+        finally:
+            for m in at:
+                outstanding[m] -= 1
+            changed.set()
+
+    store._pipeline = pipeline  # type: ignore[method-assign]
+    for p in masters:
+        service.join(f"t{p}", p, "alice", None)
+    drain = asyncio.create_task(service.drain())
+    async with asyncio.timeout(5):
+        while not (outstanding["m1"] == 1 and outstanding["m2"] == 1):
+            changed.clear()
+            await changed.wait()
+        masters[5] = "m2"  # while m1's first pipeline is outstanding
+        hung.pop("m1").set()
+        while outstanding["m1"]:  # (m1's part sends its next pipeline as this one ends)
+            changed.clear()
+            await changed.wait()
+        assert most == 1, "the drain sent m1's call to m2 beside m2's own pipeline"
+        hung.pop("m2").set()
+        await drain
+    assert ("m2", 5) in written
