@@ -774,6 +774,10 @@ class PresenceCore:
     def has_pending_writes(self) -> bool:
         return bool(self._pending)
 
+    def pending_projects(self) -> Iterable[int]:
+        """The projects with a pending write (a view: do not change the writes while reading)."""
+        return self._pending.keys()
+
     def stored_versions(self) -> dict[int, int]:
         return dict(self._stored)
 

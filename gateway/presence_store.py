@@ -1167,6 +1167,26 @@ class PresenceService:
             task.add_done_callback(self._lane_tasks.discard)
             task.add_done_callback(functools.partial(self._lane_done, master))
 
+    def _writes_to_send(self) -> bool:
+        """Whether a round could send a pending write now: on a standalone Redis, whether any
+        is pending; on a cluster, one of a project with no write outstanding whose master's
+        lane is free (:meth:`_dispatch`). The others are held until that lane ends, which
+        wakes the loop (:meth:`_lane_done`), so the loop sleeps until then, or a change, or
+        the next refresh, instead of going round every ``flush_interval`` to look at them
+        again for as long as a master hangs. (A held write whose slot moves to a free master
+        meanwhile is sent at the next wake: at the latest when the busy lane ends, within
+        its master's bound.)"""
+        if not self.store.per_master:
+            return self.core.has_pending_writes()
+        held, writing, master_of = (
+            self._lanes.busy | self._lanes.owed,
+            self._writing,
+            self.store.master_of,
+        )
+        return any(
+            p not in writing and master_of(p) not in held for p in self.core.pending_projects()
+        )
+
     def _take_writes(self, which: Callable[[int], bool]) -> list[Write]:
         """The pending writes of the projects ``which`` accepts and no write of which is
         outstanding (:attr:`_writing`), but those put off (:meth:`_put_off`): outstanding from
@@ -1322,7 +1342,10 @@ class PresenceService:
         masters whose lane is free (:meth:`_dispatch`), each master's in a task of its own, and
         the next round starts those of the masters free then. (A round that waited for every
         master's part of the refresh held the healthy masters' next writes for the bound of a
-        hung one, up to a third of the refresh interval, at every refresh.)"""
+        hung one, up to a third of the refresh interval, at every refresh.) Between rounds the
+        loop sleeps ``flush_interval`` (coalescing changes), then until there is something it
+        can send (:meth:`_writes_to_send`, a re-read), a wake (a change, a lane ending) or the
+        next refresh."""
         loop = asyncio.get_running_loop()
         next_refresh = loop.time()
         backoff = self.flush_interval
@@ -1356,7 +1379,7 @@ class PresenceService:
                 )
                 backoff = min(backoff * 2, self.refresh_interval)
             await asyncio.sleep(backoff)  # coalesces a burst of changes into one write
-            if not (self.core.has_pending_writes() or self._reread):
+            if not (self._writes_to_send() or self._reread):
                 with contextlib.suppress(TimeoutError):
                     timeout = max(0.0, next_refresh - loop.time())
                     await asyncio.wait_for(self._wake.wait(), timeout)

@@ -2716,3 +2716,46 @@ async def test_a_drain_sends_each_masters_writes_to_that_master_when_a_slot_move
         hung.pop("m2").set()
         await drain
     assert ("m2", 5) in written
+
+
+async def test_a_write_held_for_a_busy_master_wakes_the_loop_when_its_lane_ends_not_each_round():
+    """Redis Cluster: a write of a project whose master's lane is busy (its call outstanding,
+    hung) is held until that lane ends. The pod's loop does not go round every
+    ``flush_interval`` meanwhile to look at it again (each round taking the pending writes
+    apart), but sleeps until something it can send comes: a refresh due, a new change, a lane
+    ending; once the hung master's call ends, the held write is sent at once. Before, the loop
+    went round every ``flush_interval`` for as long as the master hung."""
+
+    class Client:
+        def register_script(self, script: str) -> None:
+            return None
+
+    service = PresenceService(Client(), lambda s, f: None, pod_id="a", listen=False, **TIMINGS)
+    store = service.store = _StoreWithAHungMaster()  # type: ignore[assignment]
+    rounds = 0
+    dispatch = service._dispatch
+
+    def counted(refresh_due: bool) -> None:
+        nonlocal rounds
+        rounds += 1
+        dispatch(refresh_due)
+
+    service._dispatch = counted  # type: ignore[method-assign]
+    service.join("t1", 1, "alice", None)
+    service.join("t2", 2, "hank", None)
+    await service.start()
+    try:
+        await _until(store, lambda: store.outstanding["m2"] == 1, within=5)
+        service.join("t4", 2, "bob", None)  # held: m2's lane is busy
+        m1_refreshes = sum(1 in plan for plan in store.refreshed)
+        rounds = 0
+        await _until(
+            store, lambda: sum(1 in plan for plan in store.refreshed) >= m1_refreshes + 2, within=5
+        )
+        # Two refresh intervals: a round for each refresh due and each lane ending, the join's.
+        assert rounds <= 6, f"{rounds} rounds in two refresh intervals: the loop polls"
+        store.hung = False
+        store.answer.set()
+        await _until(store, lambda: any(w.project_id == 2 for w in store.written), within=5)
+    finally:
+        await service.stop()
