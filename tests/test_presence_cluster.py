@@ -3,9 +3,11 @@ scripts run there as on a standalone Redis; announcements go out with SPUBLISH."
 
 from __future__ import annotations
 
+import time
+
 from gateway.node_limits import node_name
 from gateway.presence import PresenceCore
-from gateway.presence_store import PresenceStore
+from gateway.presence_store import PresenceService, PresenceStore
 from publisher.presence import aread_presence, read_presence
 from redisconn import async_client, sync_client
 
@@ -39,5 +41,45 @@ async def test_write_refresh_and_read_on_a_cluster(redis_cluster_url) -> None:
             assert [m.name for m in await aread_presence(client, project_id)] == ["Name"]
             assert set((await store.read(project_id))["pod1"].records) == {f"user-{project_id}"}
     finally:
+        await client.aclose()
+        sync.close()
+
+
+async def test_a_drain_on_a_cluster_writes_a_leave_and_keeps_the_others_for_the_grace(
+    redis_cluster_url,
+) -> None:
+    """A pod drains on a Redis Cluster right after a member left: each master is sent its
+    projects' writes and the drain's refresh (with ``at`` that master, as a lane's): the
+    member who left is gone at once, and the pod's deadline everywhere else is the grace."""
+    client = async_client(redis_cluster_url)
+    sync = sync_client(redis_cluster_url)
+    service = PresenceService(
+        client,
+        lambda sessions, frame: None,
+        pod_id="pod-drain",
+        listen=False,
+        publish_command="SPUBLISH",
+        ttl=2.0,
+        refresh_interval=0.5,
+        flush_interval=0.02,
+        diff_interval=0.2,
+        drain_grace=30.0,
+    )
+    projects = range(101, 109)  # spread over the masters' slots
+    try:
+        for project_id in projects:
+            service.join("tab", project_id, f"user-{project_id}", "Name")
+        await service._flush()  # (what the loop's rounds would have written by now)
+        assert all(read_presence(sync, p) for p in projects)
+        service.leave("tab", 101)
+        await service.drain()
+        assert read_presence(sync, 101) == []
+        now_ms = time.time() * 1000
+        for project_id in projects[1:]:
+            deadline = sync.zscore(service.keys.presence_pods(project_id), "pod-drain")
+            assert deadline is not None and deadline > now_ms + 20_000, project_id
+            assert [m.id for m in read_presence(sync, project_id)] == [f"user-{project_id}"]
+    finally:
+        await service.stop()
         await client.aclose()
         sync.close()
