@@ -111,8 +111,9 @@ PIPELINE_CALLS = 256
 
 #: Redis Cluster, outside the lanes (a drain): the most times one write or refresh is sent,
 #: to the master the slot map names each time, while its slot keeps moving away before it is
-#: sent (:meth:`PresenceService._at_masters`): each send waits for the others of its round,
-#: so a drain is bounded by this many store bounds.
+#: sent (:meth:`PresenceService._drain_masters`, :meth:`PresenceService._at_masters`): each
+#: round waits for every master's part of it, so a drain is bounded by this many rounds, each
+#: of one master's writes and refresh (each pipeline within the store's bound).
 MOVED_ROUNDS = 3
 
 #: The per-project outcome of a write or a refresh that did not apply: the error Redis answered
@@ -716,26 +717,114 @@ class PresenceService:
         connected there are kept for the grace too. A master still down cuts those writes off
         within the store's bound (``refresh_interval`` / 3 per pipeline) and is then not sent
         the drain's refresh (its projects' records expire at the ttl): the drain waits for it
-        once, not twice. On a cluster each master's calls go to that master only, as a
-        lane's (:meth:`_at_masters`)."""
+        once, not twice. On a cluster each master's writes and then its refresh go to that
+        master only, as a lane's, every master's at once (:meth:`_drain_masters`): a master
+        that hangs holds its own projects only."""
         await self.stop()
         self.core.write_whole(p for p, v in self.core.refresh_plan().items() if v == 0)
         self._unreachable.clear()
         self._failed_masters.clear()
+        ttl_ms = round(self.drain_grace * 1000)
+        if self.store.per_master:
+            await self._drain_masters(ttl_ms)
+            return
         with contextlib.suppress(redis.exceptions.RedisError, OSError):
             await self._flush()
-            plan = {
-                p: v
-                for p, v in self.core.refresh_plan().items()
-                if v and not self._waits_for_refresh(p)  # (its master failed the drain's write)
-            }
-            ttl_ms = round(self.drain_grace * 1000)
-            if self.store.per_master:
-                await self._at_masters(
-                    plan, lambda master, part: self.store.refresh(part, ttl_ms, at=master)
+            plan = {p: v for p, v in self.core.refresh_plan().items() if v}
+            await self.store.refresh(plan, ttl_ms=ttl_ms)
+
+    async def _drain_masters(self, ttl_ms: int) -> None:
+        """Redis Cluster, :meth:`drain`: each master's pending writes, then the refresh of its
+        projects that keeps them for the grace (``ttl_ms``), in a sequence of its own, every
+        master's at once, each call sent to that master only (``at``, as a lane's). A master
+        that fails or hangs holds its own sequence only, for its bound, and is not sent its
+        refresh once its writes failed (its projects' records expire at the ttl); the other
+        masters' grace is set meanwhile. A call whose slot moved away before it was sent
+        (:data:`MOVED`; a write with the refresh of its project) is sent again to the master
+        the map names then, once every master's part of the round ended (no master has two
+        pipelines outstanding), up to :data:`MOVED_ROUNDS` rounds. (Before, every master's
+        writes were waited for before any refresh was sent: a hung master held every other
+        master's grace for its bound, and the gateway bounds the whole presence drain by 2 s,
+        so with a refresh interval of 6 s or more that grace was never set.)"""
+        master_of = self.store.master_of
+        writes = {w.project_id: w for w in self.core.take_writes()}
+        refresh = set(self.core.refresh_plan())
+        unapplied = dict(writes)  # pending again if the drain ends before their outcome
+        try:
+            for _ in range(MOVED_ROUNDS):
+                if not (writes or refresh):
+                    break
+                parts: dict[str | None, tuple[dict[int, Write], set[int]]] = {}
+                for project_id, w in writes.items():
+                    parts.setdefault(master_of(project_id), ({}, set()))[0][project_id] = w
+                for project_id in refresh:
+                    parts.setdefault(master_of(project_id), ({}, set()))[1].add(project_id)
+                moved = await asyncio.gather(
+                    *(
+                        self._drain_master(master, own, plan, ttl_ms, unapplied)
+                        for master, (own, plan) in parts.items()
+                    )
                 )
+                writes = {p: w for own, _ in moved for p, w in own.items()}
+                refresh = {p for _, plan in moved for p in plan}
+        finally:
+            # Not sent (cancelled, or still MOVED after the last round): pending again.
+            for w in unapplied.values():
+                self.core.written(w, ok=False)
+        if unapplied or refresh:
+            self._throttle.log(
+                "drain_moved",
+                log.warning,
+                "presence: a drain's writes or refreshes were not sent: their slots kept "
+                "moving (their records expire at the ttl)",
+                writes=len(unapplied),
+                refreshes=len(refresh),
+            )
+
+    async def _drain_master(
+        self,
+        master: str | None,
+        writes: dict[int, Write],
+        projects: set[int],
+        ttl_ms: int,
+        unapplied: dict[int, Write],
+    ) -> tuple[dict[int, Write], set[int]]:
+        """One master's part of a drain round (:meth:`_drain_masters`): its ``writes``, then
+        the refresh of its ``projects`` to ``ttl_ms`` unless its writes failed; each applied
+        write is taken out of ``unapplied``. Returns the writes and refreshes MOVED (a write's
+        project with it: its refresh goes after it, at its new master)."""
+        moved_writes: dict[int, Write] = {}
+        moved_projects: set[int] = set()
+        if writes:
+            try:
+                results: list[Any] = await self.store.write(list(writes.values()), at=master)
+            except (redis.exceptions.RedisError, OSError) as exc:
+                results = [_as_redis_error(exc)] * len(writes)
+            applied = []
+            for w, result in zip(writes.values(), results, strict=True):
+                if result is MOVED:
+                    moved_writes[w.project_id] = w
+                    moved_projects.add(w.project_id)
+                else:
+                    applied.append((w, result))
+                    del unapplied[w.project_id]
+            self._apply_writes([w for w, _ in applied], [r for _, r in applied], lambda p: master)
+        if master in self._failed_masters:
+            return moved_writes, moved_projects  # its writes failed: waited for once, not twice
+        versions = self.core.refresh_plan()
+        part = {
+            p: versions[p]
+            for p in projects - moved_projects
+            if versions.get(p) and not self._waits_for_refresh(p)
+        }
+        if part:
+            try:
+                replies = await self.store.refresh(part, ttl_ms, at=master)
+            except (redis.exceptions.RedisError, OSError):
+                pass  # (its projects' records expire at the ttl)
             else:
-                await self.store.refresh(plan, ttl_ms=ttl_ms)
+                moved_projects.update(p for p, reply in replies.items() if reply is MOVED)
+        return moved_writes, moved_projects
 
     async def stop(self) -> None:
         """Stop every loop without touching Redis (what a crash looks like to other pods)."""
@@ -974,7 +1063,7 @@ class PresenceService:
             await self._link.unsubscribe(channel.encode())
 
     async def _flush(self) -> None:
-        """Every pending write now, waited for (the loop of a standalone Redis, and
+        """Every pending write now, waited for (the loop of a standalone Redis, and its
         :meth:`drain`): one call, or on a cluster every master's part at once, each sent to
         that master only (:meth:`_at_masters`)."""
         writes = self._put_off(self.core.take_writes())
@@ -1003,8 +1092,9 @@ class PresenceService:
         calls: Mapping[int, Any],
         send: Callable[[str | None, dict[int, Any]], Awaitable[Mapping[int, Any]]],
     ) -> dict[int, tuple[str | None, Any]]:
-        """Redis Cluster, outside the lanes (:meth:`drain`, and :meth:`_flush` and
-        :meth:`_refresh`, which the drain uses): each project's call (a write, a refresh)
+        """Redis Cluster, outside the lanes (:meth:`_flush` and :meth:`_refresh`; a drain
+        sends each master's writes and refresh in one sequence, :meth:`_drain_masters`): each
+        project's call (a write, a refresh)
         sent by ``send(master, {project: call})`` to the master the slot map names for it,
         with ``at`` that master, as a lane's call (:meth:`_lane`): every master's at once,
         waited for. A call whose slot moved away before it was sent is not sent there

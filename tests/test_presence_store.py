@@ -2759,3 +2759,87 @@ async def test_a_write_held_for_a_busy_master_wakes_the_loop_when_its_lane_ends_
         await _until(store, lambda: any(w.project_id == 2 for w in store.written), within=5)
     finally:
         await service.stop()
+
+
+class _ClusterAtMasters(_ClusterOfRecords):
+    """As :class:`_ClusterOfRecords`, each call made for one master (``at``) as the real store
+    makes it: a call whose project the map names another master for is not sent (MOVED), and
+    a call sent to a master in ``hung`` applies nothing and ends once ``answer`` is set, each
+    of its projects answered the TimeoutError of the store's bound. Each call is noted
+    (kind, ``at``, projects, ttl) and sets ``called``; ``on_hang(at)`` runs as one begins to
+    hang."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hung: set[str] = set()
+        self.calls: list[tuple[str, object, tuple[int, ...], int | None]] = []
+        self.called = asyncio.Event()
+        self.on_hang: Callable[[object], None] = lambda at: None
+
+    async def _hangs(self, at, projects) -> redis.exceptions.TimeoutError | None:
+        if at not in self.hung or not any(self.master_of(p) == at for p in projects):
+            return None
+        self.on_hang(at)
+        await self.answer.wait()
+        return redis.exceptions.TimeoutError("no answer from the master within its bound")
+
+    def _note(self, kind, at, projects, ttl) -> None:
+        self.calls.append((kind, at, tuple(projects), ttl))
+        self.called.set()
+
+    async def write(self, writes, *, at=ANYWHERE):
+        self._note("write", at, [w.project_id for w in writes], None)
+        failure = await self._hangs(at, [w.project_id for w in writes])
+        if failure is not None:
+            return [MOVED if self.master_of(w.project_id) != at else failure for w in writes]
+        return await super().write(writes, at=at)
+
+    async def refresh(self, plan, ttl_ms=None, *, at=ANYWHERE):
+        self._note("refresh", at, plan, ttl_ms)
+        failure = await self._hangs(at, plan)
+        if failure is not None:
+            return {p: MOVED if self.master_of(p) != at else failure for p in plan}
+        return await super().refresh(plan, ttl_ms, at=at)
+
+
+async def test_a_drain_keeps_the_other_masters_members_for_the_grace_while_one_master_hangs():
+    """Redis Cluster: a pod drains while m1 hangs with a write of its projects to send (a
+    member left there). The drain's refresh of m2's projects (their deadline set to the grace)
+    is sent at once, not after m1's write is cut off by its bound: a hung master must not hold
+    the other masters' calls. Before, the drain sent every master's writes, waited for all of
+    them, and only then refreshed: m2's grace waited out m1's bound (a third of the refresh
+    interval), and the gateway bounds the whole presence drain by 2 s (``CLOSE_STEP_TIMEOUT``),
+    so with a refresh interval of 6 s or more the grace refresh was never sent: m2's members
+    expired at the ttl, not the grace."""
+
+    class Client:
+        def register_script(self, script: str) -> None:
+            return None
+
+    service = PresenceService(Client(), lambda s, f: None, pod_id="a", listen=False, **TIMINGS)
+    store = service.store = _ClusterAtMasters()  # type: ignore[assignment]
+    store.masters.update({1: "m1", 2: "m1", 3: "m2"})
+    service.join("t1", 1, "alice", None)
+    service.join("t2", 2, "hank", None)
+    service.join("t3", 3, "carol", None)
+    service._dispatch(refresh_due=True)
+    while service._lane_tasks:
+        await asyncio.wait(set(service._lane_tasks))
+    store.hung.add("m1")
+    service.leave("t1", 1)  # a write of m1 to send at the drain
+    grace = round(service.drain_grace * 1000)
+    drain = asyncio.create_task(service.drain())
+    try:
+        async with asyncio.timeout(5):
+            while not any(
+                kind == "refresh" and at == "m2" and ttl == grace
+                for kind, at, _, ttl in store.calls
+            ):
+                store.called.clear()
+                await store.called.wait()
+        assert ("write", "m1", (1,), None) in store.calls  # and m1's write is outstanding
+    finally:
+        store.answer.set()
+        async with asyncio.timeout(5):
+            await drain
+    assert store.records[3][1].keys() == {"carol"}
