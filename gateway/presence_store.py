@@ -752,6 +752,12 @@ class PresenceService:
         unapplied = dict(writes)  # pending again if the drain ends before their outcome
         try:
             for _ in range(MOVED_ROUNDS):
+                # A master that failed during the drain is sent nothing more (its bound is
+                # waited for once): a call moved there waits, as its own projects do.
+                for project_id in [p for p in writes if self._waits_for_refresh(p)]:
+                    self.core.written(writes.pop(project_id), ok=False, retry=False)
+                    del unapplied[project_id]
+                refresh = {p for p in refresh if not self._waits_for_refresh(p)}
                 if not (writes or refresh):
                     break
                 parts: dict[str | None, tuple[dict[int, Write], set[int]]] = {}
@@ -790,9 +796,10 @@ class PresenceService:
         unapplied: dict[int, Write],
     ) -> tuple[dict[int, Write], set[int]]:
         """One master's part of a drain round (:meth:`_drain_masters`): its ``writes``, then
-        the refresh of its ``projects`` to ``ttl_ms`` unless its writes failed; each applied
-        write is taken out of ``unapplied``. Returns the writes and refreshes MOVED (a write's
-        project with it: its refresh goes after it, at its new master)."""
+        the refresh of its ``projects`` to ``ttl_ms`` unless its writes failed (a failure of
+        either marks it failed, :meth:`_master_failed`: the drain sends it nothing more); each
+        applied write is taken out of ``unapplied``. Returns the writes and refreshes MOVED
+        (a write's project with it: its refresh goes after it, at its new master)."""
         moved_writes: dict[int, Write] = {}
         moved_projects: set[int] = set()
         if writes:
@@ -819,11 +826,15 @@ class PresenceService:
         }
         if part:
             try:
-                replies = await self.store.refresh(part, ttl_ms, at=master)
-            except (redis.exceptions.RedisError, OSError):
-                pass  # (its projects' records expire at the ttl)
-            else:
-                moved_projects.update(p for p, reply in replies.items() if reply is MOVED)
+                replies: Mapping[int, Any] = await self.store.refresh(part, ttl_ms, at=master)
+            except (redis.exceptions.RedisError, OSError) as exc:  # none of it answered
+                replies = dict.fromkeys(part, _as_redis_error(exc))
+            for project_id, reply in replies.items():
+                if reply is MOVED:
+                    moved_projects.add(project_id)
+                elif isinstance(reply, redis.exceptions.RedisError) and not _keys_at_fault(reply):
+                    # (its records expire at the ttl; the master is sent nothing more)
+                    self._master_failed(project_id, reply, master)
         return moved_writes, moved_projects
 
     async def stop(self) -> None:
