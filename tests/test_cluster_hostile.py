@@ -778,3 +778,51 @@ async def test_a_member_who_joined_while_the_master_hung_is_seen_once_it_answers
         await thaw()
         await on_h.until(lambda m: set(m) == {"hank", "hugo"}, within=4.0)
         assert on_h.left == []
+
+
+async def test_a_drain_sets_the_grace_on_the_healthy_masters_while_another_master_hangs(
+    partial_cluster: RedisCluster,
+):
+    """A pod drains while one master of its projects hangs (SIGSTOP) with a write of its to
+    send (a member left there), within the 2 s the gateway gives the presence drain
+    (``CLOSE_STEP_TIMEOUT``), with a refresh interval of 6 s: each master's pipeline has 2 s.
+    The pod's deadline on the healthy master is set to the grace all the same. Before, the
+    drain waited for every master's writes, the hung one's until its bound, before sending
+    any refresh: the gateway's bound cut it off first, and the healthy master's members
+    expired at the ttl, not the grace."""
+    cluster = partial_cluster
+    spread = cluster.projects_by_master(range(1, 5000))
+    troubled, healthy = cluster.masters()[:2]
+    g, h = spread[healthy][0], spread[troubled][0]
+    client = async_client(cluster.url, call_timeout=10.0)
+    service = PresenceService(
+        client,
+        lambda sessions, frame: None,
+        pod_id="a",
+        listen=False,
+        publish_command="SPUBLISH",
+        ttl=13.0,
+        refresh_interval=6.0,
+        drain_grace=60.0,
+    )
+    node = healthy.client()
+    try:
+        service.join("alice-tab", g, "alice", "Alice")
+        service.join("hank-tab", h, "hank", "Hank")
+        service.join("hugo-tab", h, "hugo", "Hugo")
+        await service._flush()  # (what the loop's rounds would have written by now)
+        await asyncio.to_thread(troubled.freeze)
+        try:
+            service.leave("hank-tab", h)  # a write of the hung master's, for the drain
+            began_at = (await asyncio.to_thread(node.time))[0] * 1000
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2.0):  # the gateway's bound (CLOSE_STEP_TIMEOUT)
+                    await service.drain()
+            deadline = await asyncio.to_thread(node.zscore, KEYS.presence_pods(g), "a")
+            assert deadline is not None and deadline > began_at + 30_000, "not the grace"
+        finally:
+            await asyncio.to_thread(troubled.thaw)
+    finally:
+        await service.stop()
+        await client.aclose()
+        node.close()
