@@ -730,6 +730,8 @@ class PresenceService:
             return
         with contextlib.suppress(redis.exceptions.RedisError, OSError):
             await self._flush()
+            if self.core.has_pending_writes():  # refused (Redis lost the records): whole now
+                await self._flush()
             plan = {p: v for p, v in self.core.refresh_plan().items() if v}
             await self.store.refresh(plan, ttl_ms=ttl_ms)
 
@@ -795,14 +797,17 @@ class PresenceService:
         ttl_ms: int,
         unapplied: dict[int, Write],
     ) -> tuple[dict[int, Write], set[int]]:
-        """One master's part of a drain round (:meth:`_drain_masters`): its ``writes``, then
-        the refresh of its ``projects`` to ``ttl_ms`` unless its writes failed (a failure of
+        """One master's part of a drain round (:meth:`_drain_masters`): its ``writes`` (those
+        refused, Redis having lost the records, once more, whole), then the refresh of its
+        ``projects`` to ``ttl_ms`` unless its writes failed (a failure of
         either marks it failed, :meth:`_master_failed`: the drain sends it nothing more); each
         applied write is taken out of ``unapplied``. Returns the writes and refreshes MOVED
         (a write's project with it: its refresh goes after it, at its new master)."""
         moved_writes: dict[int, Write] = {}
         moved_projects: set[int] = set()
-        if writes:
+        for _ in range(2):
+            if not writes:
+                break
             try:
                 results: list[Any] = await self.store.write(list(writes.values()), at=master)
             except (redis.exceptions.RedisError, OSError) as exc:
@@ -816,6 +821,12 @@ class PresenceService:
                     applied.append((w, result))
                     del unapplied[w.project_id]
             self._apply_writes([w for w, _ in applied], [r for _, r in applied], lambda p: master)
+            # A write refused because Redis lost the pod's records there (a flush, a failover
+            # that lost writes) is pending again, whole: sent now, as the next round would
+            # (none comes after a drain), so that its members are kept for the grace.
+            refused = {w.project_id for w, result in applied if result is False}
+            writes = {w.project_id: w for w in self.core.take_writes(refused.__contains__)}
+            unapplied.update(writes)
         if master in self._failed_masters:
             return moved_writes, moved_projects  # its writes failed: waited for once, not twice
         versions = self.core.refresh_plan()

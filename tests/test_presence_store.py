@@ -2886,3 +2886,36 @@ async def test_a_drain_never_sends_more_to_a_master_that_failed_during_it(call):
     sent_to_m1 = [(kind, projects) for kind, at, projects, _ in store.calls if at == "m1"]
     assert sent_to_m1 == [(call, (1,))], "the drain sent more to a master that failed in it"
     assert (call, "m2", (2,)) in [(kind, at, projects) for kind, at, projects, _ in store.calls]
+
+
+@pytest.mark.parametrize("per_master", [True, False], ids=["cluster", "standalone"])
+async def test_a_drain_rewrites_the_members_of_a_project_whose_records_redis_lost(per_master):
+    """Redis lost the pod's records of a project (a flush, a failover that lost the last
+    writes) and a member leaves there just before the pod drains: the drain's write of the
+    change is refused (its base is gone). The drain writes the pod's members there whole and
+    keeps them for the grace, as the next round would have: its clients reconnect elsewhere
+    without being shown leaving. Before, the refused write was left pending, and nothing came
+    after the drain to send it: the members still connected there were not listed by any pod
+    until they reconnected elsewhere (shown leaving and joining again)."""
+
+    class Client:
+        def register_script(self, script: str) -> None:
+            return None
+
+    service = PresenceService(Client(), lambda s, f: None, pod_id="a", listen=False, **TIMINGS)
+    store = service.store = _ClusterAtMasters()  # type: ignore[assignment]
+    store.per_master = per_master
+    store.masters.update({1: "m1", 2: "m2"})
+    service.join("t1", 1, "alice", None)
+    service.join("t2", 1, "bob", None)
+    service.join("t3", 2, "carol", None)
+    await service._flush()
+    assert store.records[1][1].keys() == {"alice", "bob"}
+    del store.records[1]  # Redis lost them
+    service.leave("t1", 1)
+    store.calls.clear()
+    await service.drain()
+    assert store.records.get(1, (0, {}))[1].keys() == {"bob"}, "bob is not listed"
+    grace = round(service.drain_grace * 1000)
+    kept = {p for kind, _, ps, ttl in store.calls if kind == "refresh" and ttl == grace for p in ps}
+    assert kept == {1, 2}
