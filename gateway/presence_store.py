@@ -547,6 +547,12 @@ def _answered(outcome: object) -> bool:
     return not isinstance(outcome, redis.exceptions.RedisError) or _keys_at_fault(outcome)
 
 
+def _node_failure(outcome: object) -> bool:
+    """Whether a write's or refresh's outcome is its master's failure (Redis Cluster: down,
+    hung, or an error reply about the node), rather than a reply, MOVED or its keys' fault."""
+    return isinstance(outcome, redis.exceptions.RedisError) and not _keys_at_fault(outcome)
+
+
 def _keys_at_fault(outcome: object) -> bool:
     """Whether a write's or refresh's outcome is Redis refusing that project's own keys (an
     error reply the scripts did not foresee), rather than a success or its node's trouble."""
@@ -799,10 +805,11 @@ class PresenceService:
     ) -> tuple[dict[int, Write], set[int]]:
         """One master's part of a drain round (:meth:`_drain_masters`): its ``writes`` (those
         refused, Redis having lost the records, once more, whole), then the refresh of its
-        ``projects`` to ``ttl_ms`` unless its writes failed (a failure of
-        either marks it failed, :meth:`_master_failed`: the drain sends it nothing more); each
-        applied write is taken out of ``unapplied``. Returns the writes and refreshes MOVED
-        (a write's project with it: its refresh goes after it, at its new master)."""
+        ``projects`` to ``ttl_ms`` unless its writes failed (a failure of either marks it
+        failed, :meth:`_master_failed`: the drain sends it nothing more); each applied write
+        is taken out of ``unapplied``. Returns the writes and refreshes for the next round:
+        those MOVED (a write's project with it: its refresh goes after it, at its new master),
+        and those that failed here while their slot moved to another master."""
         moved_writes: dict[int, Write] = {}
         moved_projects: set[int] = set()
         for _ in range(2):
@@ -827,8 +834,22 @@ class PresenceService:
             refused = {w.project_id for w, result in applied if result is False}
             writes = {w.project_id: w for w in self.core.take_writes(refused.__contains__)}
             unapplied.update(writes)
+            # A write that failed here while its slot moved to another master (a failover
+            # reloading the map) is pending again, whole: sent there in the next round, with
+            # its refresh, as a lane sends it at once (:meth:`_master_failed`).
+            elsewhere = {
+                w.project_id
+                for w, result in applied
+                if _node_failure(result) and self.store.master_of(w.project_id) != master
+            }
+            for w in self.core.take_writes(elsewhere.__contains__):
+                unapplied[w.project_id] = moved_writes[w.project_id] = w
+                moved_projects.add(w.project_id)
         if master in self._failed_masters:
-            return moved_writes, moved_projects  # its writes failed: waited for once, not twice
+            # Its writes failed: not sent its refresh (its bound is waited for once); those of
+            # its projects whose slot moved since (a failover) are refreshed at their new one.
+            moved_projects.update(p for p in projects if self.store.master_of(p) != master)
+            return moved_writes, moved_projects
         versions = self.core.refresh_plan()
         part = {
             p: versions[p]
@@ -843,9 +864,9 @@ class PresenceService:
             for project_id, reply in replies.items():
                 if reply is MOVED:
                     moved_projects.add(project_id)
-                elif isinstance(reply, redis.exceptions.RedisError) and not _keys_at_fault(reply):
-                    # (its records expire at the ttl; the master is sent nothing more)
-                    self._master_failed(project_id, reply, master)
+                elif _node_failure(reply) and not self._master_failed(project_id, reply, master):
+                    moved_projects.add(project_id)  # (failed here, moved since: sent there)
+                # (else its records expire at the ttl; the master is sent nothing more)
         return moved_writes, moved_projects
 
     async def stop(self) -> None:

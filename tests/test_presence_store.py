@@ -2789,16 +2789,18 @@ class _ClusterAtMasters(_ClusterOfRecords):
 
     async def write(self, writes, *, at=ANYWHERE):
         self._note("write", at, [w.project_id for w in writes], None)
+        sent = [self.master_of(w.project_id) == at for w in writes]  # (the map when sent)
         failure = await self._hangs(at, [w.project_id for w in writes])
         if failure is not None:
-            return [MOVED if self.master_of(w.project_id) != at else failure for w in writes]
+            return [failure if s else MOVED for s in sent]
         return await super().write(writes, at=at)
 
     async def refresh(self, plan, ttl_ms=None, *, at=ANYWHERE):
         self._note("refresh", at, plan, ttl_ms)
+        sent = {p: self.master_of(p) == at for p in plan}  # (the map when sent)
         failure = await self._hangs(at, plan)
         if failure is not None:
-            return {p: MOVED if self.master_of(p) != at else failure for p in plan}
+            return {p: failure if sent[p] else MOVED for p in plan}
         return await super().refresh(plan, ttl_ms, at=at)
 
 
@@ -2919,3 +2921,45 @@ async def test_a_drain_rewrites_the_members_of_a_project_whose_records_redis_los
     grace = round(service.drain_grace * 1000)
     kept = {p for kind, _, ps, ttl in store.calls if kind == "refresh" and ttl == grace for p in ps}
     assert kept == {1, 2}
+
+
+@pytest.mark.parametrize("call", ["write", "refresh"])
+async def test_a_drain_sends_a_call_cut_off_at_a_projects_old_master_to_its_new_one(call):
+    """Redis Cluster: at a drain m1 hangs, and while the drain's call there is outstanding
+    m1 is failed over (the slot map reloaded after the call was cut off by its bound names
+    m3 for its project). The project's write (whole) and its refresh to the grace go to m3 in
+    the drain's next round, as a lane sends a call that failed at a project's old master to
+    its new one at once: the member who left is gone, the others kept for the grace. Before,
+    the drain left them (the write pending for a round that never comes): the member who left
+    was listed until the records expired, and the others expired at the ttl."""
+
+    class Client:
+        def register_script(self, script: str) -> None:
+            return None
+
+    service = PresenceService(Client(), lambda s, f: None, pod_id="a", listen=False, **TIMINGS)
+    store = service.store = _ClusterAtMasters()  # type: ignore[assignment]
+    store.masters.update({1: "m1", 3: "m1"})
+    service.join("t1", 1, "alice", None)
+    service.join("t2", 1, "bob", None)
+    service.join("t3", 3, "carol", None)  # (refreshed only, at the drain)
+    service._dispatch(refresh_due=True)
+    while service._lane_tasks:
+        await asyncio.wait(set(service._lane_tasks))
+    if call == "write":
+        service.leave("t1", 1)
+    store.hung.add("m1")
+    store.on_hang = lambda at: store.masters.update({1: "m3", 3: "m3"})
+    store.answer.set()  # (cut off at once)
+    store.calls.clear()
+    await service.drain()
+    grace = round(service.drain_grace * 1000)
+    kept = {
+        p
+        for kind, at, ps, ttl in store.calls
+        if (kind, at, ttl) == ("refresh", "m3", grace)
+        for p in ps
+    }
+    assert kept == {1, 3}, "not kept for the grace at m3"
+    if call == "write":
+        assert store.records[1][1].keys() == {"bob"}, "the leave was not written at m3"
