@@ -2963,3 +2963,39 @@ async def test_a_drain_sends_a_call_cut_off_at_a_projects_old_master_to_its_new_
     assert kept == {1, 3}, "not kept for the grace at m3"
     if call == "write":
         assert store.records[1][1].keys() == {"bob"}, "the leave was not written at m3"
+
+
+async def test_a_drain_cut_off_by_the_gateways_bound_leaves_what_it_did_not_send_pending():
+    """Redis Cluster: the gateway bounds the presence drain (2 s); a drain cut off while m1's
+    write hangs ends at once (the healthy master's grace already set), m1's write pending
+    again (not lost half-taken), and a stop() after it, as the gateway's close makes, ends."""
+
+    class Client:
+        def register_script(self, script: str) -> None:
+            return None
+
+    service = PresenceService(Client(), lambda s, f: None, pod_id="a", listen=False, **TIMINGS)
+    store = service.store = _ClusterAtMasters()  # type: ignore[assignment]
+    store.masters.update({1: "m1", 2: "m2"})
+    service.join("t1", 1, "alice", None)
+    service.join("t2", 2, "hank", None)
+    service._dispatch(refresh_due=True)
+    while service._lane_tasks:
+        await asyncio.wait(set(service._lane_tasks))
+    store.hung.add("m1")
+    service.leave("t1", 1)
+    grace = round(service.drain_grace * 1000)
+    drain = asyncio.create_task(service.drain())
+    async with asyncio.timeout(5):
+        while not (
+            ("write", "m1", (1,), None) in store.calls
+            and ("refresh", "m2", (2,), grace) in store.calls
+        ):
+            store.called.clear()
+            await store.called.wait()
+    drain.cancel()  # (the gateway's bound)
+    with pytest.raises(asyncio.CancelledError):
+        await drain
+    assert list(service.core.pending_projects()) == [1]
+    async with asyncio.timeout(5):
+        await service.stop()
