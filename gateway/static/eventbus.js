@@ -1015,6 +1015,9 @@ class Subscription {
     this.pollMoves = 0;
     this.wsAskedPollMoves = 0;
     this.subscribesSent = 0; // subscribes sent on the current WebSocket and not answered yet
+    // Polls of the project wait for the answer to its subscribe sent again after a stale one
+    // (EventBus._holdPollsOf): the timer ending the wait after connectTimeout; null: not held.
+    this.pollHoldTimer = null;
     this.activitySent = null; // the activity value last sent on the current WebSocket
     this.activitySentAt = null; // when an activity frame of the project last went out
     this.activityTimer = null; // the latest activity, due activityInterval after the last one
@@ -1230,6 +1233,7 @@ export class EventBus {
     sub.gapTimer = null;
     this._clearTimeout(sub.activityTimer);
     sub.activityTimer = null;
+    this._releasePollsOf(sub);
     const wait = sub.resyncWait;
     sub.resyncWait = null;
     if (wait) {
@@ -1773,6 +1777,7 @@ export class EventBus {
       // for it is moot (the activity goes again below).
       if (sub.subscribesSent > 0) sub.subscribesSent -= 1;
       else this._pacer.drop(`subscribe:${sub.projectId}`);
+      if (sub.subscribesSent === 0) this._releasePollsOf(sub);
       // A (re)subscribe lists this tab afresh, with no activity: say it again.
       sub.activitySent = null;
       const activity = this._activity.get(sub.projectId);
@@ -1783,9 +1788,10 @@ export class EventBus {
       // the cursor after this subscribe went out: the answer is for the cursor left behind. A
       // top behind the polled cursor, or a first contact's when polling made it, would be taken
       // for a history that moved back and reload the application. Not judged: subscribed again
-      // from the cursor (that answer is judged alike: once polling has stopped, it is taken);
-      // the replay before it was deduped.
+      // from the cursor, and the project's polls wait for that answer (_holdPollsOf), so it is
+      // for the cursor it asked from and is judged as any; the replay before it was ignored.
       this._sendSubscribe(sub);
+      if (this._polling) this._holdPollsOf(sub);
       return;
     }
     if (sub.cursor.onSubscribed(message)) this._runResync(sub);
@@ -1831,6 +1837,7 @@ export class EventBus {
     if (message.project_id != null) this._answered(this._ws, message.project_id);
     const sub = message.project_id != null ? this._subs.get(message.project_id) : null;
     if (sub && message.code !== "not_subscribed" && sub.subscribesSent > 0) sub.subscribesSent -= 1; // its answer
+    if (sub && sub.subscribesSent === 0) this._releasePollsOf(sub); // (a retry's answer is its own)
     if (sub && message.code === "unavailable") {
       // Redis is unreachable behind the gateway: try that subscribe again later, on the
       // project's backoff (and the connection's pacing).
@@ -1872,7 +1879,12 @@ export class EventBus {
     this._pacer.reset();
     this._clearTimeout(this._pacerTimer);
     this._pacerTimer = null;
+    let held = false;
     for (const sub of this._subs.values()) {
+      // Polls held for a subscribe's answer that will not come now go on at once (the project
+      // unpolled since its stale answer, up to connectTimeout: not a pollInterval on top).
+      held = held || sub.pollHoldTimer !== null;
+      this._releasePollsOf(sub);
       // The retry of a subscribe refused as `unavailable`: the next connection subscribes every
       // project anyway (a retry of this one's sent there was a second subscribe, its replay twice).
       this._clearTimeout(sub.retryTimer);
@@ -1882,6 +1894,7 @@ export class EventBus {
       sub.subscribesSent = 0;
       sub.activitySent = null;
     }
+    if (held && this._polling) this._pollSoon();
   }
 
   _onSocketClosed(code) {
@@ -2690,6 +2703,34 @@ export class EventBus {
 
   // --- polling fallback --------------------------------------------------------------------------
 
+  /**
+   * The project's subscribe on the live WebSocket was answered stale (a poll moved its cursor
+   * before the answer came: a gateway slower to answer than pollInterval, on a busy project) and
+   * goes again from the polled cursor. Were its polls to go on, that answer would be as stale,
+   * and the next, for as long as the gateway stays slow: a resubscribe (and a history replay on
+   * the gateway) at every answer, and while any project's is outstanding the WebSocket is not
+   * proven and polling never stops. So the project's polls wait for that answer: nothing moves
+   * its cursor meanwhile (a poll of it under way is dropped, its answer moves nothing), so the
+   * answer is for the cursor it asked from, judged as any (a new epoch included), and its replay
+   * carries what the polls would have delivered. For connectTimeout at most: a gateway that does
+   * not answer by then (its bound stretched after give-ups) leaves the project polled again,
+   * and the bound on the answer gives the connection up as before. (The SSE stream after a
+   * stale one holds polls alike, _connectSse.)
+   */
+  _holdPollsOf(sub) {
+    this._clearTimeout(sub.pollHoldTimer);
+    sub.pollHoldTimer = this._setTimeout(() => {
+      sub.pollHoldTimer = null;
+      if (this._polling && this._subs.get(sub.projectId) === sub) this._pollSoon();
+    }, this.options.connectTimeout);
+  }
+
+  /** The project's polls go on (its subscribe answered, the WebSocket gone, the project dropped). */
+  _releasePollsOf(sub) {
+    this._clearTimeout(sub.pollHoldTimer);
+    sub.pollHoldTimer = null;
+  }
+
   /** Start polling: its first round at once, or after `delay` ms. */
   _startPolling(delay = 0) {
     if (this._polling || this._closed || !this._fetch) return;
@@ -2708,6 +2749,7 @@ export class EventBus {
     this._polling = false;
     this._pollDeferred = false;
     this._pollOk = false;
+    for (const sub of this._subs.values()) this._releasePollsOf(sub); // (nothing left to hold)
     this._pollGeneration += 1; // responses of the old generation are ignored
     this._clearTimeout(this._pollTimer);
     this._pollTimer = null;
@@ -2740,10 +2782,13 @@ export class EventBus {
     this._pollAgain = false;
     const subs = Array.from(this._subs.values());
     let ok = true;
+    let polled = 0;
     try {
       this._pollRetryAfter = 0;
       for (const sub of subs) {
         if (generation !== this._pollGeneration) break;
+        if (sub.pollHoldTimer !== null) continue; // waits for its subscribe's answer (_holdPollsOf)
+        polled += 1;
         if (!(await this._pollProject(sub, generation))) ok = false;
         // Refused with Retry-After (a draining or full gateway): the other projects would be
         // too; the round ends, and the next waits at least as long as asked.
@@ -2760,8 +2805,8 @@ export class EventBus {
       }
       return;
     }
-    // With nothing subscribed there was no request to judge the transport by.
-    if (subs.length > 0) this._pollOk = ok;
+    // With nothing polled (nothing subscribed, or all held) no request judges the transport.
+    if (polled > 0) this._pollOk = ok;
     this._updateState();
     let delay = Math.max(this._pollAgain ? 0 : this.options.pollInterval, this._pollRetryAfter);
     if (!ok) delay = this._offlineDelay(delay);
@@ -2776,6 +2821,7 @@ export class EventBus {
       let query;
       let position;
       if (generation !== this._pollGeneration) return true; // stopped meanwhile (following `more`)
+      if (sub.pollHoldTimer !== null) return true; // held meanwhile (_holdPollsOf)
       const controller = typeof AbortController === "function" ? new AbortController() : null;
       this._pollAbort = controller;
       let timedOut = false;
@@ -2827,6 +2873,9 @@ export class EventBus {
         if (this._pollAbort === controller) this._pollAbort = null;
       }
       if (generation !== this._pollGeneration || this._subs.get(sub.projectId) !== sub) return true;
+      // Held while this poll was under way: its answer moves nothing, so the subscribe's answer
+      // is for the cursor it asked from (_holdPollsOf). It replays the same events.
+      if (sub.pollHoldTimer !== null) return true;
       this._everConnected = true;
       if (body.resync_required) {
         this._tagsKnown(body.resync_required);

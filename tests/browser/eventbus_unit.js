@@ -2374,6 +2374,223 @@ test("a WebSocket replay answering a subscribe sent before a poll's resync is no
 
 test("a WebSocket resync answering a subscribe sent before a poll's resync does not take the cursor back", () => staleAnswerAfterAPollsResync(true));
 
+/** A gateway of the projects of `histories` (projectId -> its history: epoch "p", seq = index + 1)
+ * whose WebSocket answers each subscribe `answerTime` ms after the client sent it: the replay
+ * after its cursor, then `subscribed`; the project's live events follow once no subscribe of it
+ * is outstanding on the connection. Polls are answered at once, two events a page. Records each
+ * subscribe in `env.wsSubscribes` ({at, message}) and each answer in `env.wsAnswers` ({at,
+ * projectId}); `answers(ws, message)` false: that subscribe is never answered. Returns
+ * `publish(projectId)`: the project's next event, sent to every connection that answered for it. */
+function slowWebSocketGateway(env, histories, answerTime, answers = () => true) {
+  env.poll = (url) => {
+    const projectId = Number(new URL(url).pathname.split("/")[3]);
+    const history = histories[projectId];
+    const query = new URL(url).searchParams;
+    const top = history.length;
+    const answer = { project_id: projectId, epoch: "p", seq: top, resync_required: null, more: false };
+    if (!query.has("after")) return { status: 200, body: { ...answer, events: [] } };
+    const after = Number(query.get("after"));
+    const events = history.slice(after, after + 2).map((_, i) => event(projectId, after + i + 1));
+    return { status: 200, body: { ...answer, events, more: after + 2 < top } };
+  };
+  env.wsSubscribes = [];
+  env.wsAnswers = [];
+  const send = env.FakeSocket.prototype.send;
+  const feed = (ws, projectId) => {
+    const state = ws.gateway && ws.gateway[projectId];
+    if (ws.readyState !== 1 || !state || state.pending > 0 || state.fed === null) return;
+    for (let seq = state.fed + 1; seq <= histories[projectId].length; seq += 1) ws.receive(event(projectId, seq));
+    state.fed = histories[projectId].length;
+  };
+  env.FakeSocket.prototype.send = function (data) {
+    send.call(this, data);
+    const message = JSON.parse(data);
+    if (message.type !== "subscribe") return;
+    const projectId = message.project_id;
+    env.wsSubscribes.push({ at: env.clock.now(), message });
+    this.gateway = this.gateway || {};
+    const state = (this.gateway[projectId] = this.gateway[projectId] || { pending: 0, fed: null });
+    state.pending += 1;
+    if (!answers(this, message)) return;
+    env.clock.setTimeout(() => {
+      if (this.readyState !== 1) return;
+      const after = message.after === undefined ? null : message.after;
+      const top = histories[projectId].length;
+      if (after !== null) for (let seq = after + 1; seq <= top; seq += 1) this.receive(event(projectId, seq));
+      this.receive({ type: "subscribed", project_id: projectId, epoch: "p", seq: top, resumed: after !== null, replayed: after === null ? 0 : top - after });
+      env.wsAnswers.push({ at: env.clock.now(), projectId });
+      state.pending -= 1;
+      state.fed = top;
+      feed(this, projectId);
+    }, answerTime);
+  };
+  return (projectId) => {
+    histories[projectId].push(histories[projectId].length + 1);
+    for (const ws of env.sockets) feed(ws, projectId);
+  };
+}
+
+test("a WebSocket gateway slower to answer a subscribe than pollInterval, on busy projects: the WebSocket takes over after one resubscribe each, every event once", async () => {
+  // Polling runs beside a live WebSocket until it has answered every subscribe. Each answer
+  // comes 3 s (1.5 pollIntervals) after its subscribe, events every 500 ms: a poll moves the
+  // cursor before the answer comes, so the answer is stale and the project subscribed again
+  // from the polled cursor. Before, that answer was stale too, and the next (one project's
+  // resubscribe always outstanding, polling never stopped): a resubscribe, and a history
+  // replay on the gateway, every 3 s per project, and the WebSocket never took over.
+  const env = setup({ subscribe: [1, 2], autoFailSockets: true, options: { sse: false, pollInterval: 2000 } });
+  const histories = { 1: [1, 2], 2: [1, 2] };
+  const publish = slowWebSocketGateway(env, histories, 3000);
+  await env.clock.advance(0);
+  eq([env.bus.cursor(1), env.bus.cursor(2)], [{ epoch: "p", seq: 2 }, { epoch: "p", seq: 2 }]);
+  env.autoFailSockets = false;
+  for (let i = 0; i < 60 && !(env.last().readyState === 0 && env.last().onopen); i += 1) await env.clock.advance(100);
+  const ws = env.last();
+  ws.open();
+  await flush();
+  ws.receive({ type: "authenticated", subject: "u", projects: null, expires_at: Math.floor(env.clock.now() / 1000) + 900 });
+  await flush();
+  const step = async () => {
+    await env.clock.advance(500);
+    publish(1);
+    publish(2);
+  };
+  for (let i = 0; i < 80; i += 1) await step();
+  eq(env.wsSubscribes.map((s) => s.message.project_id), [1, 2, 1, 2], "subscribed once more after the stale answer, not after every answer");
+  for (const projectId of [1, 2]) {
+    const [first, again] = env.wsSubscribes.filter((s) => s.message.project_id === projectId);
+    assert(again.message.after > first.message.after, "the first answer was stale: a poll had moved the cursor");
+    const polled = env.requests.filter((r) => r.url.includes(`/projects/${projectId}/`) && r.at > again.at && r.at < again.at + 3000);
+    eq(polled, [], `project ${projectId}: no poll while its resubscribe is outstanding`);
+  }
+  eq([env.bus.state, env.bus.transport], ["live", "websocket"]);
+  const polls = env.requests.length;
+  for (let i = 0; i < 40; i += 1) await step();
+  await env.clock.advance(1);
+  eq(env.requests.length, polls, "no poll once the WebSocket answered: it took over");
+  for (const projectId of [1, 2]) {
+    const top = histories[projectId].length;
+    eq(env.events[projectId], Array.from({ length: top - 2 }, (_, i) => i + 3), `project ${projectId}: every event once, in order`);
+  }
+  eq(env.resyncs, [1, 2], "one reload each (the first contact)");
+  eq(env.errors.filter((e) => e.code !== "websocket_failed").map((e) => e.code), [], "nothing to report");
+  eq(ws.closedWith, null);
+});
+
+test("a poll of a project under way when its subscribe is sent again after a stale answer: its answer is dropped, the resubscribe's taken, every event once", async () => {
+  const env = setup({ subscribe: [1, 2], autoFailSockets: true, options: { sse: false, pollInterval: 2000 } });
+  const histories = { 1: [1, 2], 2: [1, 2] };
+  const hanging = [];
+  let hold = false;
+  env.poll = (url) => {
+    const projectId = Number(new URL(url).pathname.split("/")[3]);
+    const after = new URL(url).searchParams.get("after");
+    const top = histories[projectId].length;
+    const events = after === null ? [] : histories[projectId].slice(Number(after)).map((seq) => event(projectId, seq));
+    const reply = { status: 200, body: { project_id: projectId, epoch: "p", seq: top, events, resync_required: null, more: false } };
+    return hold ? new Promise((resolve) => hanging.push({ projectId, resolve: () => resolve(reply) })) : reply;
+  };
+  await env.clock.advance(0);
+  eq([env.bus.cursor(1), env.bus.cursor(2)], [{ epoch: "p", seq: 2 }, { epoch: "p", seq: 2 }]);
+  env.autoFailSockets = false;
+  for (let i = 0; i < 60 && !(env.last().readyState === 0 && env.last().onopen); i += 1) await env.clock.advance(100);
+  const ws = env.last();
+  ws.open();
+  await flush();
+  ws.receive({ type: "authenticated", subject: "u", projects: null, expires_at: Math.floor(env.clock.now() / 1000) + 900 });
+  await flush();
+  eq(ws.sentOf("subscribe").map((m) => [m.project_id, m.after]), [[1, 2], [2, 2]]);
+  // Event 3 is published; a poll delivers it before the gateway answers the subscribe.
+  histories[1].push(3);
+  for (let i = 0; i < 30 && env.events[1].length < 1; i += 1) await env.clock.advance(100);
+  eq(env.events[1], [3]);
+  // Event 4 is published; the next poll of project 1 hangs a while (a slow proxy).
+  hold = true;
+  histories[1].push(4);
+  for (let i = 0; i < 30 && hanging.length < 1; i += 1) await env.clock.advance(100);
+  eq(hanging.map((h) => h.projectId), [1]);
+  // The gateway answers the first subscribe, for the cursor polling left: stale, sent again.
+  ws.receive(event(1, 3));
+  ws.receive(event(1, 4));
+  ws.receive({ type: "subscribed", project_id: 1, epoch: "p", seq: 4, resumed: true, replayed: 2 });
+  await flush();
+  eq(ws.sentOf("subscribe").map((m) => [m.project_id, m.after]), [[1, 2], [2, 2], [1, 3]]);
+  hanging[0].resolve(); // the poll under way answers: dropped, the cursor stays where the resubscribe asked from
+  await flush();
+  eq(env.events[1], [3]);
+  eq(env.bus.cursor(1).seq, 3);
+  ws.receive(event(1, 4));
+  ws.receive({ type: "subscribed", project_id: 1, epoch: "p", seq: 4, resumed: true, replayed: 1 });
+  ws.receive({ type: "subscribed", project_id: 2, epoch: "p", seq: 2, resumed: true, replayed: 0 });
+  await flush();
+  hold = false;
+  eq([env.bus.state, env.bus.transport], ["live", "websocket"]);
+  const polls = env.requests.length;
+  await env.clock.advance(20000);
+  eq(env.requests.length, polls, "the WebSocket answered everything: no more polls");
+  eq(ws.sentOf("subscribe").length, 3, "the resubscribe's answer was taken");
+  eq(env.events[1], [3, 4], "every event once, in order");
+  eq(env.resyncs, [1, 2]);
+  eq(env.errors.filter((e) => e.code !== "websocket_failed").map((e) => e.code), [], "nothing to report");
+});
+
+test("the project's polls wait for its resubscribe after a stale answer for connectTimeout at most: not answered by then, polling carries on, every event once", async () => {
+  const env = setup({ subscribe: [1, 2], options: { sse: false, pollInterval: 2000 } });
+  const histories = { 1: [1, 2], 2: [1, 2] };
+  // The first connection answers nothing: given up after connectTimeout, which doubles the next
+  // one's bound to 20 s. The second answers each first subscribe after 3 s (stale: polls moved
+  // the cursors), project 2's resubscribe too, and never project 1's.
+  const publish = slowWebSocketGateway(env, histories, 3000, (ws, message) => {
+    if (env.sockets.indexOf(ws) === 0) return false;
+    return message.project_id !== 1 || env.wsSubscribes.filter((s) => s.message.project_id === 1).length < 3;
+  });
+  const contact = {}; // each project's cursor at its first contact (a poll's)
+  const step = async () => {
+    await env.clock.advance(500);
+    for (const projectId of [1, 2]) {
+      if (!(projectId in contact) && env.bus.cursor(projectId)) contact[projectId] = env.bus.cursor(projectId).seq;
+      publish(projectId);
+    }
+  };
+  const live = async () => {
+    await flush();
+    for (let i = 0; i < 60 && !(env.last() && env.last().readyState === 0 && env.last().onopen); i += 1) await step();
+    const ws = env.last();
+    ws.open();
+    await flush();
+    ws.receive({ type: "authenticated", subject: "u", projects: null, expires_at: Math.floor(env.clock.now() / 1000) + 900 });
+    await flush();
+    return ws;
+  };
+  const first = await live();
+  while (first.closedWith === null) await step();
+  eq(env.errors.filter((e) => e.code === "subscribe_timeout").length, 1);
+  eq(env.bus.state, "polling");
+  const ws = await live();
+  while (env.wsSubscribes.length < 6) await step();
+  const again = env.wsSubscribes[4];
+  eq(again.message.project_id, 1);
+  assert(again.message.after > env.wsSubscribes[2].message.after, "the first answer was stale: a poll had moved the cursor");
+  const pollsOf1 = () => env.requests.filter((r) => r.url.includes("/projects/1/") && r.at > again.at);
+  while (env.clock.now() < again.at + 9500) await step();
+  eq(pollsOf1(), [], "project 1: no poll while its resubscribe may be answered");
+  const held = env.events[1].length;
+  await env.clock.advance(again.at + 10000 - env.clock.now());
+  eq(Array.from(new Set(pollsOf1().map((r) => r.at - again.at))), [10000], "polled again at once after connectTimeout (following `more`)");
+  assert(env.events[1].length > held, "its events come by polling");
+  assert(ws.closedWith === null, "the connection waits its own bound (20 s)");
+  eq(env.bus.transport, "websocket");
+  while (ws.closedWith === null) await step();
+  eq(env.errors.filter((e) => e.code === "subscribe_timeout").map((e) => e.projectId), [1, 1]);
+  for (let i = 0; i < 10; i += 1) await step();
+  await env.clock.advance(2000);
+  for (const projectId of [1, 2]) {
+    const top = histories[projectId].length;
+    const from = contact[projectId];
+    eq(env.events[projectId], Array.from({ length: top - from }, (_, i) => from + 1 + i), `project ${projectId}: every event once, in order`);
+  }
+  eq(env.resyncs, [1, 2], "one reload each (the first contact)");
+});
+
 test("sse: false goes straight to polling; websocket: false starts with SSE", async () => {
   const polling = setup({ autoFailSockets: true, options: { sse: false } });
   pollServer(polling, [1]);
