@@ -1837,7 +1837,14 @@ export class EventBus {
     if (message.project_id != null) this._answered(this._ws, message.project_id);
     const sub = message.project_id != null ? this._subs.get(message.project_id) : null;
     if (sub && message.code !== "not_subscribed" && sub.subscribesSent > 0) sub.subscribesSent -= 1; // its answer
-    if (sub && sub.subscribesSent === 0) this._releasePollsOf(sub); // (a retry's answer is its own)
+    if (sub && sub.subscribesSent === 0 && sub.pollHoldTimer !== null) {
+      // A resubscribe after a stale answer refused: nothing carries the project but polls now
+      // (a retry's answer is its own). Polled at once, as when its hold ends or the WebSocket
+      // goes: unpolled since its hold began, the next round could be up to pollInterval away,
+      // an answer keeping it unpolled longer than no answer at all.
+      this._releasePollsOf(sub);
+      if (this._polling) this._pollSoon();
+    }
     if (sub && message.code === "unavailable") {
       // Redis is unreachable behind the gateway: try that subscribe again later, on the
       // project's backoff (and the connection's pacing).

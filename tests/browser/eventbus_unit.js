@@ -2591,6 +2591,62 @@ test("the project's polls wait for its resubscribe after a stale answer for conn
   eq(env.resyncs, [1, 2], "one reload each (the first contact)");
 });
 
+test("a resubscribe after a stale answer refused with an error: the project is polled again at once, not a pollInterval after its hold would have ended", async () => {
+  // Defaults: pollInterval and connectTimeout 10 s. Project 1's subscribe is answered stale
+  // 500 ms after a round: subscribed again, its polls held. The round 9.5 s later polls project
+  // 2 alone, whose subscribe is then answered stale too (its resubscribe outstanding: polling
+  // goes on). At 9.7 s the gateway refuses project 1's resubscribe (`unavailable`: retried on
+  // the backoff): nothing carries project 1 now but polls. Before, its next poll was the next
+  // round's, at 19.5 s: an answer kept the project unpolled longer than no answer at all (its
+  // hold ends at 10 s, then polled at once), and its event waited 19.5 s.
+  const env = setup({ subscribe: [1, 2], autoFailSockets: true, options: { sse: false } });
+  const histories = { 1: [1, 2], 2: [1, 2] };
+  env.poll = (url) => {
+    const projectId = Number(new URL(url).pathname.split("/")[3]);
+    const after = new URL(url).searchParams.get("after");
+    const top = histories[projectId].length;
+    const events = after === null ? [] : histories[projectId].slice(Number(after)).map((seq) => event(projectId, seq));
+    return { status: 200, body: { project_id: projectId, epoch: "p", seq: top, events, resync_required: null, more: false } };
+  };
+  await env.clock.advance(0);
+  eq([env.bus.cursor(1), env.bus.cursor(2)], [{ epoch: "p", seq: 2 }, { epoch: "p", seq: 2 }]);
+  env.autoFailSockets = false;
+  for (let i = 0; i < 600 && !(env.last().readyState === 0 && env.last().onopen); i += 1) await env.clock.advance(100);
+  const ws = env.last();
+  ws.open();
+  await flush();
+  ws.receive({ type: "authenticated", subject: "u", projects: null, expires_at: Math.floor(env.clock.now() / 1000) + 900 });
+  await flush();
+  eq(ws.sentOf("subscribe").map((m) => [m.project_id, m.after]), [[1, 2], [2, 2]]);
+  histories[1].push(3);
+  for (let i = 0; i < 300 && env.events[1].length < 1; i += 1) await env.clock.advance(100);
+  eq(env.events[1], [3], "a poll delivered event 3 before the subscribe's answer");
+  await env.clock.advance(500);
+  ws.receive(event(1, 3));
+  ws.receive({ type: "subscribed", project_id: 1, epoch: "p", seq: 3, resumed: true, replayed: 1 });
+  await flush();
+  const heldAt = env.clock.now();
+  eq(ws.sentOf("subscribe").map((m) => [m.project_id, m.after]), [[1, 2], [2, 2], [1, 3]], "stale: subscribed again");
+  const pollsOf = (projectId) => env.requests.filter((r) => r.url.includes(`/projects/${projectId}/`) && r.at > heldAt).map((r) => r.at - heldAt);
+  histories[1].push(4);
+  histories[2].push(3);
+  await env.clock.advance(9600);
+  eq([pollsOf(1), pollsOf(2)], [[], [9500]], "the round polled project 2 alone");
+  ws.receive(event(2, 2));
+  ws.receive({ type: "subscribed", project_id: 2, epoch: "p", seq: 2, resumed: true, replayed: 0 });
+  await flush();
+  eq(ws.sentOf("subscribe").map((m) => [m.project_id, m.after]), [[1, 2], [2, 2], [1, 3], [2, 3]], "project 2 subscribed again too");
+  await env.clock.advance(100);
+  ws.receive({ type: "error", code: "unavailable", message: "Redis is unavailable; subscribe again later", project_id: 1 });
+  await env.clock.advance(0);
+  eq(pollsOf(1), [9700], "project 1 polled at once");
+  eq(env.events[1], [3, 4], "its event delivered");
+  await env.clock.advance(300);
+  eq(pollsOf(1), [9700], "nor again at 10 s, when its hold would have ended");
+  eq(env.errors.map((e) => e.code), ["unavailable"]);
+  eq(ws.closedWith, null);
+});
+
 test("sse: false goes straight to polling; websocket: false starts with SSE", async () => {
   const polling = setup({ autoFailSockets: true, options: { sse: false } });
   pollServer(polling, [1]);
