@@ -1010,10 +1010,13 @@ class Subscription {
     this.wsSubscribed = false; // `subscribed` received on the current WebSocket
     this.staleSnapshots = 0; // snapshot cursors in a row of another epoch than the gateway's
     this.pollLimit = null; // the `limit` of this project's polls after an answer too long
-    // Poll answers that moved the cursor (events delivered, a reload begun), and their count
-    // when the last subscribe went out on the WebSocket (see answersStaleSubscribe).
-    this.pollMoves = 0;
-    this.wsAskedPollMoves = 0;
+    // Moves of the cursor by the fallbacks (events delivered, a reload begun by a poll answer or
+    // an SSE frame), and their count when the last subscribe went out on the WebSocket (see
+    // answersStaleSubscribe). Both may deliver after it went out: polling runs until the
+    // WebSocket has answered every subscribe, and an SSE stream until the WebSocket is
+    // authenticated (its subscribes go out with the token).
+    this.fallbackMoves = 0;
+    this.wsAskedFallbackMoves = 0;
     this.subscribesSent = 0; // subscribes sent on the current WebSocket and not answered yet
     // Polls of the project wait for the answer to its subscribe sent again after a stale one
     // (EventBus._holdPollsOf): the timer ending the wait after connectTimeout; null: not held.
@@ -1029,8 +1032,8 @@ class Subscription {
 
   /**
    * Whether a frame of this project on the WebSocket answers a subscribe that went out before
-   * polling (it runs until the WebSocket gets live) moved the cursor: that answer is for the
-   * cursor left behind, and judged against the polled one it would mislead (EventBus._onEvent,
+   * polling or an SSE stream (see fallbackMoves) moved the cursor: that answer is for the
+   * cursor left behind, and judged against the one they reached it would mislead (EventBus._onEvent,
    * _onResyncRequired, _onSubscribed). `final`: the frame is a `subscribed`, which answers a
    * subscribe whatever the count of unanswered ones says (the caller has taken its own off the
    * count already, and a rate-limit refusal may have been taken for it, _onRateLimited). Any
@@ -1038,7 +1041,7 @@ class Subscription {
    * unanswered: it is an answer only while one is.
    */
   answersStaleSubscribe({ final = false } = {}) {
-    return (final || this.subscribesSent > 0) && this.wsAskedPollMoves !== this.pollMoves;
+    return (final || this.subscribesSent > 0) && this.wsAskedFallbackMoves !== this.fallbackMoves;
   }
 }
 
@@ -1246,7 +1249,7 @@ export class EventBus {
   _subscribeMessage(sub) {
     const message = sub.cursor.subscribeMessage(sub.projectId);
     if (sub.presenceHandlers.size > 0) message.presence = true;
-    sub.wsAskedPollMoves = sub.pollMoves;
+    sub.wsAskedFallbackMoves = sub.fallbackMoves;
     this._asking(this._ws, sub);
     sub.subscribesSent += 1;
     return message;
@@ -1784,18 +1787,21 @@ export class EventBus {
       if (activity && (activity.viewing !== null || activity.answering !== null)) this._sendActivity(sub);
     }
     if (conn === this._ws && sub.answersStaleSubscribe({ final: true })) {
-      // Polling (it runs until the WebSocket has answered every subscribe, _proveSocket) moved
-      // the cursor after this subscribe went out: the answer is for the cursor left behind. A
-      // top behind the polled cursor, or a first contact's when polling made it, would be taken
-      // for a history that moved back and reload the application. Not judged: subscribed again
+      // Polling (it runs until the WebSocket has answered every subscribe, _proveSocket), or the
+      // SSE stream the WebSocket replaces (it runs until `authenticated`), moved the cursor
+      // after this subscribe went out: the answer is for the cursor left behind. A top behind
+      // the cursor they reached, or a first contact's when they made it, would be taken for a
+      // history that moved back and reload the application. Not judged: subscribed again
       // from the cursor, and the project's polls wait for that answer (_holdPollsOf), so it is
       // for the cursor it asked from and is judged as any; the replay before it was ignored.
       this._sendSubscribe(sub);
       if (this._polling) this._holdPollsOf(sub);
       return;
     }
-    if (sub.cursor.onSubscribed(message)) this._runResync(sub);
-    else if (!sub.cursor.resyncing && !sub.cursor.resyncSinceSubscribe && sub.cursor.seq < message.seq) {
+    if (sub.cursor.onSubscribed(message)) {
+      if (conn !== this._ws) sub.fallbackMoves += 1; // (a stream's: see answersStaleSubscribe)
+      this._runResync(sub);
+    } else if (!sub.cursor.resyncing && !sub.cursor.resyncSinceSubscribe && sub.cursor.seq < message.seq) {
       // A resume's replay (it comes before `subscribed`) stopped short of the top: a repair's,
       // or a reconnect's (every project resumes from its cursor on a new WebSocket or SSE
       // stream). Either way it is a gap, even if no later event comes to show it, paced and
@@ -1809,11 +1815,13 @@ export class EventBus {
     if (!sub || !this._hasCursor(sub, message)) return;
     this._tagsKnown(message);
     this._heard(conn, sub.projectId); // (its `subscribed` follows)
-    // Answering a subscribe sent before polling moved the cursor (as a replay then, _onEvent):
-    // it judges the cursor left behind. Its `subscribed` resubscribes from the polled one.
+    // Answering a subscribe sent before polling or SSE moved the cursor (as a replay then,
+    // _onEvent): it judges the cursor left behind. Its `subscribed` resubscribes from the one
+    // reached.
     if (conn === this._ws && sub.answersStaleSubscribe()) return;
     if (sub.cursor.atTop(message)) return; // nothing missing (as the Python consumer)
     sub.cursor.beginResync(message.epoch, message.seq, tagOf(message), { live: true });
+    if (conn !== this._ws) sub.fallbackMoves += 1;
     this._runResync(sub);
   }
 
@@ -2017,15 +2025,16 @@ export class EventBus {
     const sub = this._subs.get(event.project_id);
     if (!sub) return null;
     if (via === "websocket" && sub.answersStaleSubscribe()) {
-      // A replay answering a subscribe sent before polling moved the cursor: for the cursor left
-      // behind, and maybe of a history a poll has since been told is gone (a new epoch; events
-      // carry none, so their seq alone would place them in the new one). Not taken: the project
-      // is subscribed again from the polled cursor when that answer ends (_onSubscribed).
+      // A replay answering a subscribe sent before polling or SSE moved the cursor: for the
+      // cursor left behind, and maybe of a history a poll has since been told is gone (a new
+      // epoch; events carry none, so their seq alone would place them in the new one). Not
+      // taken: the project is subscribed again from the cursor reached when that answer ends
+      // (_onSubscribed).
       this._heard(this._ws, sub.projectId);
       return null;
     }
     const { deliver, gap } = sub.cursor.accept(event, origin);
-    if (via === "polling" && deliver.length > 0) sub.pollMoves += 1;
+    if (via !== "websocket" && deliver.length > 0) sub.fallbackMoves += 1;
     // A replay answering the project's subscribe in part; an event past a gap (a live one,
     // dropped while a repair is due) comes whether or not the gateway handles the subscribe.
     if (!gap && via !== "polling") this._heard(via === "websocket" ? this._ws : this._sse, sub.projectId);
@@ -2081,6 +2090,7 @@ export class EventBus {
       // Reloaded up to `top`, the cursor takes the tag its `subscribed` named there (resumes stay
       // checked); before an event past a gap, the tag is unknown (that event follows at once).
       sub.cursor.beginResync(sub.cursor.epoch, seq, event ? null : topTag);
+      if (via !== "websocket") sub.fallbackMoves += 1;
       if (event) sub.cursor.accept(event); // held, delivered after the reload
       this._runResync(sub);
       return;
@@ -2887,7 +2897,7 @@ export class EventBus {
       if (body.resync_required) {
         this._tagsKnown(body.resync_required);
         sub.cursor.beginResync(body.resync_required.epoch, body.resync_required.seq, tagOf(body.resync_required));
-        sub.pollMoves += 1;
+        sub.fallbackMoves += 1;
         this._runResync(sub);
         return true;
       }
@@ -2898,7 +2908,7 @@ export class EventBus {
       if (!sub.cursor.known) {
         // First contact by polling: same as a first `subscribed`.
         sub.cursor.beginResync(body.epoch, body.seq, pageTag);
-        sub.pollMoves += 1;
+        sub.fallbackMoves += 1;
         this._runResync(sub);
         return true;
       }

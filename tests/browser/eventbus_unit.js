@@ -1785,6 +1785,44 @@ test("WebSocket refused: live over SSE with the token header, no polling", async
   assert(env.sockets.length >= 3, "WebSocket retried in the background");
 });
 
+test("an SSE stream delivering while the WebSocket that replaces it authenticates: its subscribe's answer, for the cursor left behind, is no reload", async () => {
+  // Live over SSE (WebSocket refused), project 1 at seq 2. The next WebSocket opens: the token
+  // and the subscribe (after 2) go out at once, and the stream runs until `authenticated`. It
+  // delivers event 3 meanwhile; the gateway had read the subscribe before 3 was published, so
+  // its answer names top 2: behind the cursor. Before, that answer was judged (only polls were
+  // counted as moving the cursor after a subscribe) and taken for a history that moved back:
+  // onResync at 2, event 3 delivered twice (seen ~1 run in 8 of the churn test, WebSocket).
+  const env = setup({ autoFailSockets: true });
+  sseServer(env);
+  await env.clock.advance(0);
+  const stream = await sseLive(env, { 1: { epoch: "e", seq: 0 } });
+  for (let seq = 1; seq <= 2; seq += 1) stream.event(null, event(1, seq), `e:${seq}`);
+  await flush();
+  eq([env.bus.transport, env.events[1]], ["sse", [1, 2]]);
+  env.autoFailSockets = false;
+  for (let i = 0; i < 600 && !(env.last().readyState === 0 && env.last().onopen); i += 1) await env.clock.advance(100);
+  const ws = env.last();
+  ws.open();
+  await flush();
+  eq(ws.sentOf("subscribe").map((m) => [m.project_id, m.after]), [[1, 2]]);
+  stream.event(null, event(1, 3), "e:3");
+  await flush();
+  eq(env.events[1], [1, 2, 3], "the stream delivers until the WebSocket is live");
+  ws.receive({ type: "authenticated", subject: "u", projects: null, expires_at: Math.floor(env.clock.now() / 1000) + 900 });
+  await flush();
+  assert(stream.closed, "the stream ends as the WebSocket gets live");
+  ws.receive({ type: "subscribed", project_id: 1, epoch: "e", seq: 2, resumed: true, replayed: 0 });
+  await flush();
+  eq(env.resyncs, [1], "no reload: the answer is for the cursor the stream left behind");
+  eq(ws.sentOf("subscribe").map((m) => [m.project_id, m.after]), [[1, 2], [1, 3]], "subscribed again from the cursor");
+  ws.receive({ type: "subscribed", project_id: 1, epoch: "e", seq: 3, resumed: true, replayed: 0 });
+  ws.receive(event(1, 4));
+  await flush();
+  eq(env.events[1], [1, 2, 3, 4], "every event once, in order");
+  eq([env.bus.state, env.bus.transport], ["live", "websocket"]);
+  eq(env.errors.filter((e) => e.code !== "websocket_failed").map((e) => e.code), []);
+});
+
 /** A bus live over SSE on project 1 whose stream delivered `seqs`, then was closed for a
  * gateway restart (1012): 500 ms later, within the prompt delay, a second stream is open. */
 async function sseRestartedAfter(seqs) {
