@@ -2948,6 +2948,261 @@ def test_cli_relay_refuses_a_log_setting_from_the_environment_it_does_not_know(
     assert variable in out.stderr and value in out.stderr, out.stderr
 
 
+# --- a publisher whose answer does not match the rows it was given --------------------------------
+
+
+def _marks(path: str, table: str) -> list[tuple]:
+    """(id, seq, tag) of every row, in id order: seq None while the row is unmarked."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return conn.execute(f"SELECT id, seq, tag FROM {table} ORDER BY id").fetchall()
+
+
+def _assert_each_row_marked_with_its_own_event(path: str, table: str, client, project_id) -> None:
+    """Every row is marked, with the cursor at which Redis holds the row's own event (row n
+    carries blocker n), and the tag of the frame stored there."""
+    from schemas.tags import event_tag
+
+    stored = dict(stream_ids(client, project_id))
+    for row_id, seq, tag in _marks(path, table):
+        assert seq is not None and stored[seq] == row_id, f"row {row_id}"
+        ((_, fields),) = client.xrange(KEYS.stream(project_id), f"{seq}-0", f"{seq}-0")
+        assert tag == event_tag(fields[b"f"]), f"row {row_id}"
+
+
+class _Faulty(Publisher):
+    """A ``Publisher`` subclass whose ``publish_many`` answers wrongly while ``broken``: how is
+    up to ``answer(events, keys, options)``; fixed, it is the package's own."""
+
+    broken = True
+
+    def answer(self, events, keys, options):  # pragma: no cover (each test's own)
+        raise NotImplementedError
+
+    def publish_many(self, events, *, idempotency_keys=None, **options):
+        if not self.broken:
+            return super().publish_many(events, idempotency_keys=idempotency_keys, **options)
+        return self.answer(list(events), list(idempotency_keys or ()), options)
+
+
+def _faulty(redis_url: str, answer) -> _Faulty:
+    kind = type("Faulty", (_Faulty,), {"answer": answer})
+    return kind.from_url(redis_url)
+
+
+def test_a_publish_many_that_returns_a_cursor_too_few_marks_no_row(sqlite_path, table, redis_url):
+    """A subclass whose ``publish_many`` leaves an event out (a filter, a dedupe) returns one
+    cursor fewer than the rows it was given. The relay cannot tell which row has none: it fails
+    the round trip with an error naming the class and the counts, marks none of its rows, and
+    once the publisher is fixed publishes them again under their keys, each row then marked
+    with the cursor of its own event. Before, the relay paired the cursors with the rows in
+    order: row 2, never stored, was marked published with the cursor (and tag) of row 3's
+    event, and was never published (silent loss)."""
+    from publisher.outbox import PublisherContractError
+
+    def dropping_the_second(self, events, keys, options):
+        del events[1], keys[1]
+        return Publisher.publish_many(self, events, idempotency_keys=keys, **options)
+
+    publisher = _faulty(redis_url, dropping_the_second)
+    _sqlite_rows(sqlite_path, table, [event(1, n) for n in (1, 2, 3)])
+    relay = OutboxRelay.sqlite(sqlite_path, publisher, table=table)
+    try:
+        with pytest.raises(PublisherContractError, match=r"returned 2 cursors for 3 events"):
+            relay.run_once()
+        assert [seq for _, seq, _ in _marks(sqlite_path, table)] == [None, None, None]
+        publisher.broken = False
+        assert drain(relay) == 3
+        _assert_each_row_marked_with_its_own_event(sqlite_path, table, publisher.client, 1)
+    finally:
+        relay.store.close()
+        publisher.close()
+
+
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_a_publish_many_that_returns_a_cursor_too_many_marks_no_row(
+    sqlite_path, table, redis_url, where
+):
+    """A subclass whose ``publish_many`` publishes an event of its own with the rows (an audit
+    event) and returns its cursor too: one cursor more than rows. The round trip fails loudly,
+    no row is marked, and the fixed publisher's relay marks each row with its own cursor.
+    Before, with the extra cursor first, every row was marked with its predecessor's cursor
+    (row 1 with the audit event's, of another project); with it last, the extra was dropped
+    without a word."""
+    from publisher.outbox import PublisherContractError
+
+    def with_an_audit_event(self, events, keys, options):
+        audit, events = [event(99, len(events))], list(events)
+        events = [*audit, *events] if where == "first" else [*events, *audit]
+        keys = [None, *keys] if where == "first" else [*keys, None]
+        return Publisher.publish_many(self, events, idempotency_keys=keys, **options)
+
+    publisher = _faulty(redis_url, with_an_audit_event)
+    _sqlite_rows(sqlite_path, table, [event(1, n) for n in (1, 2, 3)])
+    relay = OutboxRelay.sqlite(sqlite_path, publisher, table=table)
+    try:
+        with pytest.raises(PublisherContractError, match=r"returned 4 cursors for 3 events"):
+            relay.run_once()
+        assert [seq for _, seq, _ in _marks(sqlite_path, table)] == [None, None, None]
+        publisher.broken = False
+        assert drain(relay) == 3
+        _assert_each_row_marked_with_its_own_event(sqlite_path, table, publisher.client, 1)
+    finally:
+        relay.store.close()
+        publisher.close()
+
+
+@pytest.mark.parametrize("answer", ["None", "a None among the cursors", "plain tuples"])
+def test_a_publish_many_that_returns_no_cursors_marks_no_row_and_the_relay_recovers(
+    sqlite_path, table, redis_url, answer
+):
+    """``publish_many`` answers with something other than one ``Cursor`` per event: None (a
+    wrapper that forgot its ``return``), a list with a None in it, ``(epoch, seq)`` tuples. The
+    relay fails the round trip with an error naming the class and what it returned, marks no
+    row, and publishes them all as soon as the publisher is fixed. Before, None raised a bare
+    ``TypeError: 'NoneType' object is not iterable``; a None among the cursors, or a tuple, was
+    paired with its row, whose mark then failed (``AttributeError``) before and after every
+    later publish: the relay kept retrying that mark and never published anything again."""
+    from publisher.outbox import PublisherContractError
+
+    def wrong(self, events, keys, options):
+        cursors = Publisher.publish_many(self, events, idempotency_keys=keys, **options)
+        if answer == "None":
+            return None
+        if answer == "plain tuples":
+            return [(cursor.epoch, cursor.seq) for cursor in cursors]
+        return [cursors[0], None, *cursors[2:]]
+
+    publisher = _faulty(redis_url, wrong)
+    _sqlite_rows(sqlite_path, table, [event(1, n) for n in (1, 2, 3)])
+    relay = OutboxRelay.sqlite(sqlite_path, publisher, table=table)
+    try:
+        with pytest.raises(PublisherContractError, match=r"Faulty\.publish_many returned"):
+            relay.run_once()
+        assert [seq for _, seq, _ in _marks(sqlite_path, table)] == [None, None, None]
+        publisher.broken = False
+        assert drain(relay) == 3
+        _assert_each_row_marked_with_its_own_event(sqlite_path, table, publisher.client, 1)
+    finally:
+        relay.store.close()
+        publisher.close()
+
+
+def test_a_wrapper_whose_publish_returns_none_marks_no_row(sqlite_path, table, bus):
+    """The same for a publisher object of your own (one ``publish`` per row): a ``publish`` that
+    returns None fails the row loudly instead of being recorded as its cursor. Before, the
+    row's mark failed with AttributeError, and kept failing: the relay was stuck."""
+    from publisher.outbox import PublisherContractError
+
+    class Forgetful:
+        broken = True
+
+        def publish(self, event, *, idempotency_key=None):
+            cursor = bus.publish(event, idempotency_key=idempotency_key)
+            return None if self.broken else cursor
+
+    wrapper = Forgetful()
+    _sqlite_rows(sqlite_path, table, [event(1, n) for n in (1, 2)])
+    relay = OutboxRelay.sqlite(sqlite_path, wrapper, table=table)
+    try:
+        with pytest.raises(PublisherContractError, match=r"Forgetful\.publish returned None"):
+            relay.run_once()
+        assert [seq for _, seq, _ in _marks(sqlite_path, table)] == [None, None]
+        wrapper.broken = False
+        assert drain(relay) == 2
+        assert [seq for _, seq, _ in _marks(sqlite_path, table)] == [1, 2]
+    finally:
+        relay.store.close()
+
+
+@pytest.mark.parametrize("shape", ["too few cursors", "stopped past the events"])
+def test_a_publish_many_error_that_does_not_match_the_rows_marks_none_of_them(
+    sqlite_path, table, redis_url, shape
+):
+    """A ``PublishManyError`` (a refusal) whose ``cursors`` are not one per event, or whose
+    ``stopped_at`` names no event given, says nothing exact about which rows were published:
+    the round trip fails as a contract error, none of its rows is marked and no project is
+    held for it. Before, the relay took the short list as the published prefix and then failed
+    with an IndexError, or held the project of whichever row came at that length."""
+    from publisher.core import PublishError, PublishManyError
+    from publisher.outbox import PublisherContractError
+
+    def misshapen(self, events, keys, options):
+        cursors = Publisher.publish_many(self, events, idempotency_keys=keys, **options)
+        if shape == "too few cursors":
+            raise PublishManyError(cursors[:1], {1: PublishError("refused")}, stopped_at=1)
+        raise PublishManyError([*cursors], {1: PublishError("refused")}, stopped_at=5)
+
+    publisher = _faulty(redis_url, misshapen)
+    _sqlite_rows(sqlite_path, table, [event(1, n) for n in (1, 2, 3)])
+    relay = OutboxRelay.sqlite(sqlite_path, publisher, table=table)
+    try:
+        with pytest.raises(PublisherContractError, match=r"Faulty\.publish_many raised"):
+            relay.run_once()
+        assert [seq for _, seq, _ in _marks(sqlite_path, table)] == [None, None, None]
+        assert not relay._held
+        publisher.broken = False
+        assert drain(relay) == 3
+        _assert_each_row_marked_with_its_own_event(sqlite_path, table, publisher.client, 1)
+    finally:
+        relay.store.close()
+        publisher.close()
+
+
+def test_a_publish_many_that_returns_a_generator_of_cursors_is_taken_as_they_come(
+    sqlite_path, table, redis_url
+):
+    """One cursor per event is the contract, not the list: a ``publish_many`` that yields them
+    (a generator) has its rows marked as a list's would be, tags included."""
+
+    def yielding(self, events, keys, options):
+        yield from Publisher.publish_many(self, events, idempotency_keys=keys, **options)
+
+    publisher = _faulty(redis_url, yielding)
+    _sqlite_rows(sqlite_path, table, [event(1, n) for n in (1, 2, 3)])
+    relay = OutboxRelay.sqlite(sqlite_path, publisher, table=table)
+    try:
+        assert drain(relay) == 3
+        _assert_each_row_marked_with_its_own_event(sqlite_path, table, publisher.client, 1)
+    finally:
+        relay.store.close()
+        publisher.close()
+
+
+def test_a_running_relay_reports_a_publisher_contract_error_and_backs_off(
+    sqlite_path, table, redis_url
+):
+    """In the relay's loop, a publisher that breaks its contract is reported as the
+    publisher's error (``outbox_relay_error``, at error level, ``source="publisher"``, naming
+    the class), counted in ``errors``, retried with the usual backoff, and the rows go out once
+    it is fixed; the database session is not reset for it (nothing is wrong with it). Before,
+    the same failure (then a TypeError) was reported as ``source="database"`` and the store
+    was reconnected each round."""
+
+    def answering_none(self, events, keys, options):
+        return None
+
+    publisher = _faulty(redis_url, answering_none)
+    _sqlite_rows(sqlite_path, table, [event(1, n) for n in (1, 2)])
+    relay = OutboxRelay.sqlite(sqlite_path, publisher, table=table, max_backoff=0.05)
+    resets = []
+    reset = relay.store.reset
+    relay.store.reset = lambda: resets.append(1) or reset()
+    with structlog.testing.capture_logs() as logs:
+        relay.start()
+        try:
+            wait_until(lambda: relay.metrics.errors >= 3)
+            publisher.broken = False
+            wait_until(lambda: relay.metrics.published == 2)
+            assert not resets  # (stop() closes the store, which resets it: counted before)
+        finally:
+            relay.stop()
+            publisher.close()
+    (reported,) = [entry for entry in logs if entry["event"] == "outbox_relay_error"]
+    assert reported["log_level"] == "error" and reported["source"] == "publisher"
+    assert "Faulty.publish_many returned None" in reported["error"]
+    assert [seq for _, seq, _ in _marks(sqlite_path, table)] == [1, 2]
+
+
 def test_the_relay_publishes_after_more_than_a_thousand_failed_rounds(sqlite_path, table, bus):
     """Redis unavailable for a long outage (over 1,000 failed rounds: some 2 hours at the
     default 5 s backoff), then back: the relay publishes the rows. Before, the pause computed

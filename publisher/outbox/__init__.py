@@ -21,6 +21,7 @@ Usage (see ``docs/outbox.md``)::
 from publisher.outbox.db import InTransaction
 from publisher.outbox.metrics import LagHistogram, RateLimiter, RelayMetrics
 from publisher.outbox.postgres import PostgresOutboxStore
+from publisher.outbox.publishing import PublisherContractError
 from publisher.outbox.relay import OutboxRelay, idempotency_key
 from publisher.outbox.sql import (
     DEFAULT_TABLE,
@@ -42,6 +43,7 @@ __all__ = [
     "OutboxRelay",
     "OutboxRow",
     "PostgresOutboxStore",
+    "PublisherContractError",
     "RateLimiter",
     "RelayMetrics",
     "SQLiteOutboxStore",

@@ -29,6 +29,16 @@ bytes Redis holds; a ``publish_many`` replaced on the object (instrumentation) i
 same way. Cursors made otherwise carry no tag, and their rows get none: no tag names bytes
 Redis does not hold.
 
+Whatever publishes, the relay marks a row only with a cursor it was given for exactly that row:
+one cursor per event, in their order, is the contract of ``publish_many`` (and one cursor that of
+``publish``). An answer that breaks it (a cursor fewer: an event filtered out or deduplicated; one
+more: an event of the publisher's own; None, a non-cursor, a ``PublishManyError`` whose
+``cursors`` are not one per event) cannot be paired with the rows: the round trip fails with
+:class:`PublisherContractError` naming the publisher's class, and none of its rows is marked.
+Before, the cursors were paired with the rows in order: a row never stored could be marked with
+the cursor and tag of another row's event (lost without a word), and a None recorded as a cursor
+made every later mark fail (the relay published nothing more).
+
 Anything else with ``publish(event, idempotency_key=)`` (a wrapper of your own), and a
 ``Publisher`` whose ``publish`` alone is overridden or replaced (``publish_many`` would go
 around it), gets one ``publish`` per row, stopping at the first error, without tags; a cluster
@@ -38,7 +48,8 @@ one row per round trip, the same script call ``publish`` makes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import redis.cluster
 import structlog
@@ -47,7 +58,7 @@ from publisher.client import Publisher
 from publisher.core import TRANSACTION_SIZE, Cursor, PublishManyError
 from schemas.events import ProjectEvent
 
-__all__ = ["CHUNK", "KeyedPublisher"]
+__all__ = ["CHUNK", "KeyedPublisher", "PublisherContractError"]
 
 #: Rows per MULTI/EXEC round trip: the publisher's in-order transaction size (about 1-2 ms of
 #: Redis time, which other clients wait for).
@@ -58,6 +69,35 @@ def log() -> structlog.typing.FilteringBoundLogger:
     """The logger, looked up per message (rare ones): a logger cached at first use would keep
     the structlog configuration of that moment (tests capture logs by reconfiguring)."""
     return structlog.get_logger("publisher.outbox")
+
+
+class PublisherContractError(RuntimeError):
+    """The relay's publisher answered a round trip with something that does not give each row
+    its own cursor: ``publish_many`` returned more or fewer cursors than events, or anything but
+    cursors (None, a None among them, ``(epoch, seq)`` tuples), or raised a ``PublishManyError``
+    whose ``cursors`` are not one per event or whose ``stopped_at`` names no event given; or a
+    ``publish`` returned anything but a cursor.
+
+    A bug of that publisher (a subclass's or wrapper's): the relay cannot tell which row Redis
+    holds where, so it marks none of the round trip's rows (the rows of earlier round trips,
+    answered properly, are marked), raises this out of :meth:`OutboxRelay.run_once`, and in its
+    loop reports it (``outbox_relay_error``, error level, ``source="publisher"``) and retries
+    with backoff: the rows go out, under their idempotency keys, once the publisher is fixed.
+
+    ``publisher_class`` is the publisher's class (``module.QualName``), ``method`` the method
+    that answered (``"publish_many"`` or ``"publish"``), ``rows`` how many rows it was given."""
+
+    def __init__(self, publisher: Any, method: str, problem: str, rows: int) -> None:
+        kind = type(publisher)
+        self.publisher_class = f"{kind.__module__}.{kind.__qualname__}"
+        self.method = method
+        self.rows = rows
+        super().__init__(
+            f"{self.publisher_class}.{method} {problem}: the relay marks a row only with the "
+            f"cursor Redis holds for that row (one per event, in their order), so none of these "
+            f"{rows} rows is marked; they are published again under their idempotency keys once "
+            'the publisher is fixed (docs/outbox.md, "Publishers of your own")'
+        )
 
 
 #: A row published: its cursor, and the tag (schemas.tags) of the frame Redis stored there, or
@@ -100,21 +140,34 @@ class KeyedPublisher:
             if start and cancelled is not None and cancelled():
                 return published, None
             chunk = items[start : start + step]
+            method = "publish_many" if self.in_order else "publish"
             try:
                 if self.in_order:
-                    cursors = self.publisher.publish_many(
+                    answer = self.publisher.publish_many(
                         [event for event, _ in chunk],
                         idempotency_keys=[key for _, key in chunk],
                         in_order=True,
                     )
+                    # (inside the try: a generator's own PublishManyError is met here)
+                    cursors = _cursors_of(self.publisher, answer, len(chunk))
                 else:
                     event, key = chunk[0]
-                    cursors = [self.publisher.publish(event, idempotency_key=key)]
+                    answer = self.publisher.publish(event, idempotency_key=key)
+                    if not _is_cursor(answer):
+                        raise PublisherContractError(
+                            self.publisher, method, f"returned {_shown(answer)}, not a cursor", 1
+                        )
+                    cursors = [answer]
                 published.extend(_tagged(cursors))
             except PublishManyError as error:
                 stopped = error.stopped_at
                 if stopped is None:  # (in_order always says where it stopped)
                     return published, error
+                problem = _misshapen(error, len(chunk))
+                if problem is not None:
+                    return published, PublisherContractError(
+                        self.publisher, method, problem, len(chunk)
+                    )
                 published.extend(_tagged(error.cursors[:stopped]))  # (all published)
                 project_id = chunk[stopped][0].project_id
                 _report_overtaking(chunk, error, stopped)
@@ -138,6 +191,60 @@ def _publish_overridden_alone(publisher: Publisher) -> bool:
     return many_is_own and not publish_is_own
 
 
+def _is_cursor(value: object) -> bool:
+    """Whether ``value`` can be recorded as a row's cursor: a ``Cursor`` (or anything with a
+    string ``epoch`` and an integer ``seq``, as a wrapper's own cursor type may be). None, a
+    plain tuple or a string is not: recorded, its row's mark would fail, and so would every
+    mark after it (the relay retries the marks it owes before publishing anything else)."""
+    epoch, seq = getattr(value, "epoch", None), getattr(value, "seq", None)
+    return isinstance(epoch, str) and isinstance(seq, int) and not isinstance(seq, bool)
+
+
+def _shown(value: object) -> str:
+    """``value`` for an error message: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _cursors_of(publisher: Any, answer: object, count: int) -> list[Cursor]:
+    """``publish_many``'s answer for ``count`` events, as a list of exactly ``count`` cursors (a
+    list, a tuple or a generator of them), else :class:`PublisherContractError`."""
+    if not isinstance(answer, Iterable) or isinstance(answer, str | bytes):
+        raise PublisherContractError(
+            publisher, "publish_many", f"returned {_shown(answer)}, not one cursor per event", count
+        )
+    cursors = list(answer)
+    if len(cursors) != count:
+        raise PublisherContractError(
+            publisher, "publish_many", f"returned {len(cursors)} cursors for {count} events", count
+        )
+    for index, cursor in enumerate(cursors):
+        if not _is_cursor(cursor):
+            problem = f"returned {_shown(cursor)} as the cursor of event {index}, not a cursor"
+            raise PublisherContractError(publisher, "publish_many", problem, count)
+    return cursors
+
+
+def _misshapen(error: PublishManyError, count: int) -> str | None:
+    """What makes an in-order ``PublishManyError`` for ``count`` events unusable (None if
+    nothing): ``cursors`` not one per event, ``stopped_at`` naming no event given, or a
+    non-cursor before it (every event before ``stopped_at`` was published)."""
+    name = type(error).__name__
+    cursors, stopped = error.cursors, error.stopped_at
+    if not isinstance(cursors, Sequence) or len(cursors) != count:
+        shown = f"{len(cursors)} cursors" if isinstance(cursors, Sequence) else _shown(cursors)
+        return f"raised {name} with {shown} for {count} events"
+    if not isinstance(stopped, int) or isinstance(stopped, bool) or not 0 <= stopped < count:
+        return f"raised {name} with stopped_at={stopped!r} for {count} events"
+    for index in range(stopped):
+        if not _is_cursor(cursors[index]):
+            return (
+                f"raised {name} with {_shown(cursors[index])} as the cursor of event {index}, "
+                f"before stopped_at={stopped} (every event before it was published)"
+            )
+    return None
+
+
 def _tagged(cursors: Sequence[Cursor | None]) -> list[Tagged]:
     """Each cursor with the tag of the frame Redis holds there: the one it carries
     (``Cursor.tag``, given by the call that sent those bytes). A publish answered from its
@@ -145,7 +252,11 @@ def _tagged(cursors: Sequence[Cursor | None]) -> list[Tagged]:
     script compares them: a retry of a call whose reply was lost, a row republished unchanged);
     otherwise (a row edited since a relay published it and died before marking it) none, that
     no snapshot names an event by a tag Redis does not have."""
-    return [(cursor, getattr(cursor, "tag", None)) for cursor in cursors]  # type: ignore[misc]
+    tagged = []
+    for cursor in cursors:
+        tag = getattr(cursor, "tag", None)
+        tagged.append((cursor, tag if isinstance(tag, str) else None))  # (a wrapper's own type)
+    return tagged  # type: ignore[return-value]
 
 
 def _report_overtaking(

@@ -38,14 +38,20 @@ from publisher.core import (
 )
 from publisher.outbox.metrics import RateLimiter, RelayMetrics
 from publisher.outbox.postgres import PostgresOutboxStore
-from publisher.outbox.publishing import CHUNK, KeyedPublisher
+from publisher.outbox.publishing import CHUNK, KeyedPublisher, PublisherContractError
 from publisher.outbox.sql import DEFAULT_TABLE
 from publisher.outbox.sqlite import SQLiteOutboxStore
 from publisher.outbox.store import Mark, OutboxRow, OutboxStore, log
 from schemas.events import EventValidationError, decode_event
 
 #: The stores were defined here before they had modules of their own: still importable from here.
-__all__ = ["OutboxRelay", "OutboxRow", "PostgresOutboxStore", "SQLiteOutboxStore"]
+__all__ = [
+    "OutboxRelay",
+    "OutboxRow",
+    "PostgresOutboxStore",
+    "PublisherContractError",
+    "SQLiteOutboxStore",
+]
 
 
 def idempotency_key(table: str, row: OutboxRow) -> str:
@@ -192,9 +198,11 @@ class OutboxRelay:
         A project whose row does not validate, or whose publish Redis refuses (a damaged key,
         an idempotency conflict), is *held*: nothing later of that project is published, the
         other projects go on, and the project is tried again after ``hold_interval``.
-        ``PublisherUnavailable`` (Redis unreachable) and database errors are raised, after
-        marking what was published before them. Rows whose marks failed are marked first by
-        the next call, before anything is published (see :meth:`_mark`)."""
+        ``PublisherUnavailable`` (Redis unreachable), database errors and
+        :class:`~publisher.outbox.publishing.PublisherContractError` (the publisher answered a
+        round trip without one cursor per row: none of that round trip's rows is marked) are
+        raised, after marking what was published before them. Rows whose marks failed are
+        marked first by the next call, before anything is published (see :meth:`_mark`)."""
         if self._unmarked is not None:
             self._mark(*self._unmarked)
         if not self.store.lead():
@@ -285,6 +293,8 @@ class OutboxRelay:
                 [(event, idempotency_key(self.table, row)) for row, event in items]
             )
             done = time.time()
+            # One cursor per row, in order, for a prefix of the rows: KeyedPublisher checked the
+            # publisher's answer (PublisherContractError when it was not one per event).
             for (row, _), (cursor, tag) in zip(items, cursors, strict=False):
                 published.append((row.id, cursor, tag))
                 lags.append((done - row.created_at) * 1000)
@@ -386,11 +396,22 @@ class OutboxRelay:
                 self.metrics.errors += 1
                 failures += 1
                 if failures == 1 or failures % 50 == 0:  # bounded logging during an outage
-                    kind = "redis" if isinstance(exc, PublishError) else "database"
-                    log().warning(
-                        "outbox_relay_error", table=self.table, source=kind, error=repr(exc)
-                    )
-                if not isinstance(exc, PublishError):
+                    if isinstance(exc, PublisherContractError):
+                        # A bug of the user's publisher, which no retry heals: an error, not a
+                        # warning, and not the database's (its session is not reset for it).
+                        log().error(
+                            "outbox_relay_error",
+                            table=self.table,
+                            source="publisher",
+                            error=repr(exc),
+                            failures=failures,
+                        )
+                    else:
+                        kind = "redis" if isinstance(exc, PublishError) else "database"
+                        log().warning(
+                            "outbox_relay_error", table=self.table, source=kind, error=repr(exc)
+                        )
+                if not isinstance(exc, PublishError | PublisherContractError):
                     self.store.reset()
                 self._stop.wait(self._backoff(failures))
                 continue
