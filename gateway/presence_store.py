@@ -111,9 +111,9 @@ PIPELINE_CALLS = 256
 
 #: Redis Cluster, outside the lanes (a drain): the most times one write or refresh is sent,
 #: to the master the slot map names each time, while its slot keeps moving away before it is
-#: sent (:meth:`PresenceService._drain_masters`, :meth:`PresenceService._at_masters`): each
-#: round waits for every master's part of it, so a drain is bounded by this many rounds, each
-#: of one master's writes and refresh (each pipeline within the store's bound).
+#: sent (:meth:`PresenceService._drain_masters`): each round waits for every master's part of
+#: it, so a drain is bounded by this many rounds, each of one master's writes and refresh
+#: (each pipeline within the store's bound).
 MOVED_ROUNDS = 3
 
 #: The per-project outcome of a write or a refresh that did not apply: the error Redis answered
@@ -1106,67 +1106,31 @@ class PresenceService:
             await self._link.unsubscribe(channel.encode())
 
     async def _flush(self) -> None:
-        """Every pending write now, waited for (the loop of a standalone Redis, and its
-        :meth:`drain`): one call, or on a cluster every master's part at once, each sent to
-        that master only (:meth:`_at_masters`)."""
+        """Standalone Redis only (the loop's rounds there, and its :meth:`drain`): every
+        pending write now, in one call, waited for. On a cluster the rounds send each master's
+        writes in its lane (:meth:`_dispatch`, :meth:`_lane`) and a drain in its own sequence
+        (:meth:`_drain_masters`); this is not called there."""
+        self._standalone_only("_flush")
         writes = self._put_off(self.core.take_writes())
         if not writes:
             return
         try:
-            if self.store.per_master:
-                outcomes = await self._at_masters({w.project_id: w for w in writes}, self._write_at)
-                results = [outcomes[w.project_id][1] for w in writes]
-                masters = {p: master for p, (master, _) in outcomes.items()}
-            else:
-                masters = self._masters(w.project_id for w in writes)
-                results = await self.store.write(writes)
+            masters = self._masters(w.project_id for w in writes)
+            results = await self.store.write(writes)
         except BaseException:
             for w in writes:
                 self.core.written(w, ok=False)
             raise
         self._apply_writes(writes, results, masters.get)
 
-    async def _write_at(self, master: str | None, part: Mapping[int, Write]) -> dict[int, Any]:
-        results = await self.store.write(list(part.values()), at=master)
-        return dict(zip(part, results, strict=True))
-
-    async def _at_masters(
-        self,
-        calls: Mapping[int, Any],
-        send: Callable[[str | None, dict[int, Any]], Awaitable[Mapping[int, Any]]],
-    ) -> dict[int, tuple[str | None, Any]]:
-        """Redis Cluster, outside the lanes (:meth:`_flush` and :meth:`_refresh`; a drain
-        sends each master's writes and refresh in one sequence, :meth:`_drain_masters`): each
-        project's call (a write, a refresh)
-        sent by ``send(master, {project: call})`` to the master the slot map names for it,
-        with ``at`` that master, as a lane's call (:meth:`_lane`): every master's at once,
-        waited for. A call whose slot moved away before it was sent is not sent there
-        (:data:`MOVED`) and is sent again to the master the map names then, up to
-        :data:`MOVED_ROUNDS` sends in all (MOVED after that). Returns, per project, the master
-        it was last sent to and its outcome (a master's failure as its projects'
-        ``RedisError``). (Before, these calls were sent without ``at``: a slot moving during
-        the drain put a pipeline on another master, beside that master's own, and its failure
-        was charged to the master the call was grouped for.)"""
-        out: dict[int, tuple[str | None, Any]] = {}
-
-        async def one(master: str | None, part: dict[int, Any]) -> None:
-            try:
-                replies = await send(master, part)
-            except (redis.exceptions.RedisError, OSError) as exc:  # none of it answered
-                replies = dict.fromkeys(part, _as_redis_error(exc))
-            for project_id in part:
-                out[project_id] = (master, replies[project_id])
-
-        todo = dict(calls)
-        for _ in range(MOVED_ROUNDS):
-            parts: dict[str | None, dict[int, Any]] = {}
-            for project_id, call in todo.items():
-                parts.setdefault(self.store.master_of(project_id), {})[project_id] = call
-            await asyncio.gather(*(one(master, part) for master, part in parts.items()))
-            todo = {p: call for p, call in todo.items() if out[p][1] is MOVED}
-            if not todo:
-                break
-        return out
+    def _standalone_only(self, method: str) -> None:
+        """A call on a cluster of what only a standalone Redis runs is a bug: said at once,
+        rather than answered by a second cluster path no production round takes."""
+        if self.store.per_master:
+            raise RuntimeError(
+                f"PresenceService.{method} is for a standalone Redis: on a cluster the rounds "
+                "run the masters' lanes (_dispatch) and a drain _drain_masters"
+            )
 
     def _put_off(self, writes: list[Write]) -> list[Write]:
         """``writes`` but those that wait for the next refresh that reaches their master (it
@@ -1212,28 +1176,16 @@ class PresenceService:
                 self.core.written(w, result)
 
     async def _refresh(self) -> None:
-        """Refresh every project now, waited for, then write what Redis lost: one call, or on
-        a cluster every master's part at once, each sent to that master only
-        (:meth:`_at_masters`), whose failed mark goes if it answered some call itself."""
+        """Standalone Redis only (the loop's rounds there): refresh every project now, in one
+        call, waited for, then write what Redis lost. On a cluster each master's refresh is
+        its lane's (:meth:`_dispatch`, :meth:`_lane`); this is not called there."""
+        self._standalone_only("_refresh")
         plan = self.core.refresh_plan()
-        if not self.store.per_master:
-            masters = self._masters(plan)
-            replies = await self.store.refresh(plan)
-            self._unreachable = set()
-            self._failed_masters = set()
-            self._apply_refresh(replies, masters.get)
-        else:
-            outcomes = await self._at_masters(
-                plan, lambda master, part: self.store.refresh(part, at=master)
-            )
-            self._failed_masters -= {m for m, reply in outcomes.values() if _answered(reply)}
-            # Those still MOVED wait, as in a lane, for the refresh their new master is owed.
-            self._unreachable = {
-                p for p in self._unreachable if p in outcomes and outcomes[p][1] is MOVED
-            }
-            self._apply_refresh(
-                {p: reply for p, (_, reply) in outcomes.items()}, lambda p: outcomes[p][0]
-            )
+        masters = self._masters(plan)
+        replies = await self.store.refresh(plan)
+        self._unreachable = set()
+        self._failed_masters = set()
+        self._apply_refresh(replies, masters.get)
         await self._flush()  # rewrite whatever Redis lost, now
 
     def _apply_refresh(

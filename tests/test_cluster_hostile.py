@@ -28,7 +28,7 @@ from tests.support.fake_resp import PROXY, FakeResp, proxy
 from tests.support.gateway_process import GatewayGroup
 from tests.support.redis_cluster import RedisCluster
 from tests.support.ws_client import ResumingClient, wait_live
-from tests.test_presence_store import Watcher, eventually
+from tests.test_presence_store import Watcher, cluster_round, eventually
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -810,7 +810,7 @@ async def test_a_drain_sets_the_grace_on_the_healthy_masters_while_another_maste
         service.join("alice-tab", g, "alice", "Alice")
         service.join("hank-tab", h, "hank", "Hank")
         service.join("hugo-tab", h, "hugo", "Hugo")
-        await service._flush()  # (what the loop's rounds would have written by now)
+        await cluster_round(service)  # (what the loop's rounds would have written by now)
         await asyncio.to_thread(troubled.freeze)
         try:
             service.leave("hank-tab", h)  # a write of the hung master's, for the drain

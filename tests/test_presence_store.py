@@ -112,6 +112,19 @@ async def eventually(check: Callable[[], Awaitable[bool]], within: float) -> Non
         await asyncio.sleep(0.05)
 
 
+async def cluster_round(service: PresenceService, *, refresh_due: bool = False) -> None:
+    """One round of the loop on a Redis Cluster, as ``_redis_loop`` runs it there: the lanes
+    ``_dispatch`` starts (each free master's refresh, when ``refresh_due``, then its writes),
+    waited for until they have ended. (Their done callbacks, ``_lane_done``, have run by then:
+    ``asyncio.wait`` is woken after them.) Tests drive a cluster store through this, not
+    through ``_flush``/``_refresh``, which only a standalone Redis runs."""
+    before = set(service._lane_tasks)
+    service._dispatch(refresh_due)
+    started = service._lane_tasks - before
+    if started:
+        await asyncio.wait(started)
+
+
 class Pods:
     """Start pods (PresenceService) on one Redis; route their deliveries to Watchers."""
 
@@ -1750,21 +1763,23 @@ async def test_a_project_whose_master_failed_waits_for_the_next_refresh_the_othe
     store.dead, store.down = {2}, down
     service.join("t1", 1, "alice", None)
     service.join("t2", 2, "hank", None)
-    await service._flush()
+    await cluster_round(service)
     assert sorted(w.project_id for w in store.written) == [1, 2]
     assert not service.core.has_pending_writes()  # not sent again at the next round
     assert service.core.stored_versions().keys() == {1}
     store.written.clear()
     service.join("t3", 2, "hugo", None)
     service.join("t4", 1, "bob", None)
-    await service._flush()
+    await cluster_round(service)
     assert [w.project_id for w in store.written] == [1]  # the dead master's write waits
     assert not service.core.has_pending_writes()
     store.written.clear()
-    await service._refresh()  # still down: nothing written, and project 1 is refreshed
+    # Still down: nothing written, and project 1 is refreshed.
+    await cluster_round(service, refresh_due=True)
     assert store.refreshed[-1].keys() == {1, 2} and store.written == []
     store.dead = set()
-    await service._refresh()  # back: its refresh finds the records missing, written whole
+    # Back: its refresh finds the records missing, written whole.
+    await cluster_round(service, refresh_due=True)
     (rewrite,) = store.written
     assert rewrite.project_id == 2 and rewrite.base == 0
     assert set(rewrite.changes) == {"hank", "hugo"}
@@ -1838,20 +1853,22 @@ async def test_a_last_member_who_left_while_the_master_failed_is_removed_once_it
     store = service.store = _StoreWithADeadMaster()  # type: ignore[assignment]
     service.join("t1", 1, "alice", None)
     service.join("t2", 2, "hank", None)
-    await service._flush()
+    await cluster_round(service)
     assert store.stored.keys() == {1, 2}
     store.dead = {2}
-    await service._refresh()  # its master fails: project 2 waits for the next refresh
+    # Its master fails: project 2 waits for the next refresh.
+    await cluster_round(service, refresh_due=True)
     service.leave("t2", 2)
-    await service._flush()
+    await cluster_round(service)
     store.written.clear()
     store.dead = set()
-    await service._refresh()  # the master answers again
-    await service._flush()
+    await cluster_round(service, refresh_due=True)  # the master answers again
+    await cluster_round(service)
     assert [(w.project_id, w.base, w.changes) for w in store.written] == [(2, 0, {})]
     store.written.clear()
-    await service._refresh()  # written once: nothing more to do there
-    await service._flush()
+    # Written once: nothing more to do there.
+    await cluster_round(service, refresh_due=True)
+    await cluster_round(service)
     assert store.written == [] and 2 not in store.refreshed[-1]
 
 
@@ -1914,15 +1931,15 @@ async def test_a_new_project_of_a_master_that_failed_waits_for_the_refresh_not_i
     store.dead = {2, 4}  # m2's projects
     service.join("t1", 1, "alice", None)
     service.join("t2", 2, "hank", None)
-    await service._refresh()
+    await cluster_round(service, refresh_due=True)
     store.written.clear()
     service.join("t4", 4, "hugo", None)  # new to the pod, on m2
     service.join("t3", 3, "bob", None)
-    await service._flush()
+    await cluster_round(service)
     assert [w.project_id for w in store.written] == [3]
     store.dead = set()
     store.written.clear()
-    await service._refresh()
+    await cluster_round(service, refresh_due=True)
     assert sorted(w.project_id for w in store.written) == [2, 4]
 
 
@@ -2911,7 +2928,7 @@ async def test_a_drain_rewrites_the_members_of_a_project_whose_records_redis_los
     service.join("t1", 1, "alice", None)
     service.join("t2", 1, "bob", None)
     service.join("t3", 2, "carol", None)
-    await service._flush()
+    await (cluster_round(service) if per_master else service._flush())  # a round's writes
     assert store.records[1][1].keys() == {"alice", "bob"}
     del store.records[1]  # Redis lost them
     service.leave("t1", 1)
