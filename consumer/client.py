@@ -319,9 +319,8 @@ async def _none() -> None:
     return None
 
 
-async def _send_on(ws: ClientConnection, message: dict[str, object]) -> None:
-    with contextlib.suppress(ConnectionClosed):
-        await ws.send(_encode(message), text=True)
+#: How the error log names a frame whose send failed (``cannot send a subscribe; reconnecting``).
+_SENT_FRAMES = {"auth": "the token", "subscribe": "a subscribe", "unsubscribe": "an unsubscribe"}
 
 
 def _http_url(ws_url: str) -> str:
@@ -896,7 +895,7 @@ class Consumer:
     ) -> Exception | None:
         """A presence reader closed. Returns the unexpected error of the unsubscribe's send
         when the last reader of a project read for presence only left (see
-        :meth:`_send_unsubscribe`), for the caller who closed it to raise."""
+        :meth:`_send`), for the caller who closed it to raise."""
         route.wakes.discard(wake)
         if route.wakes or self._presence.get(project_id) is not route:
             return None
@@ -968,7 +967,7 @@ class Consumer:
 
     async def _unregister(self, route: _Route, project_ids: tuple[int, ...]) -> None:
         """Unfollow a subscription's projects; raises the unexpected error of an unsubscribe's
-        send (see :meth:`_send_unsubscribe`) to the caller leaving, and to no one else."""
+        send (see :meth:`_send`) to the caller leaving, and to no one else."""
         forgotten = self._forget(route, project_ids)
         if forgotten:
             # In a task of its own: a caller cancelled while one was being written would leave
@@ -997,7 +996,7 @@ class Consumer:
 
     def _unsubscribe(self, project_id: int) -> Awaitable[Exception | None]:
         """Unsubscribe on the current connection (the send to await; it returns what
-        :meth:`_send_unsubscribe` does). Until the gateway answers (``unsubscribed``, or
+        :meth:`_send` does). Until the gateway answers (``unsubscribed``, or
         ``not_subscribed`` when it had ended the subscription itself), the project's frames
         are the old subscription's: events, ``subscribed``, errors sent before the gateway read
         the unsubscribe. A subscription following the project again meanwhile must not take
@@ -1006,7 +1005,7 @@ class Consumer:
         ws = self._leaving(project_id)
         if ws is None:
             return _none()  # no connection, or not subscribed on it yet: nothing to leave
-        return self._send_unsubscribe(ws, project_id)
+        return self._send(ws, {"type": "unsubscribe", "project_id": project_id})
 
     def _leaving(self, project_id: int) -> ClientConnection | None:
         """Count the project's subscription on the current connection as left (its frames
@@ -1018,20 +1017,26 @@ class Consumer:
         self._unsubscribing[project_id] = self._unsubscribing.get(project_id, 0) + 1
         return ws
 
-    async def _send_unsubscribe(self, ws: ClientConnection, project_id: int) -> Exception | None:
-        """Send the project's unsubscribe on ``ws``. Returns None when it went, or needed not:
+    async def _send(self, ws: ClientConnection, frame: dict[str, object]) -> Exception | None:
+        """Send ``frame`` (any the consumer sends: the token, a subscribe, an unsubscribe) on
+        ``ws``; the one way every frame goes out. Returns None when it went, or needed not:
         ``ws`` closed (ConnectionClosed), or any failure on a connection ending anyway (closing,
-        dropped, given up, or no longer the consumer's), whose subscriptions the gateway drops
-        with it. Any other failure is unexpected (a bug in websockets, a transport's): logged
-        at error with the project, and returned for the caller who asked to raise (leaving a
-        project never stops the consumer); nobody knows whether the frame went, so the
-        connection is dropped (1006) and made again with backoff, the other projects resuming
-        from their cursors."""
+        dropped, given up, or no longer the consumer's), which the next connection replaces
+        (the gateway drops a connection's subscriptions with it; the next one subscribes every
+        project, and sends a fresh token). Any other failure is unexpected (a bug in
+        websockets, a transport's): logged once at error with the frame's type and project,
+        and returned, for a caller who asked to raise it (only leaving a project does:
+        :meth:`_unregister`); never raised, so that no frame stops the consumer (a helper
+        task's exception does, the connection task's too). Nobody knows whether the frame
+        went, or what of it: the connection is dropped (1006) and made again with backoff,
+        every project resuming from its cursor."""
         try:
-            await ws.send(_encode({"type": "unsubscribe", "project_id": project_id}), text=True)
+            await ws.send(_encode(frame), text=True)
         except ConnectionClosed:
             return None
         except Exception as exc:
+            kind = frame["type"]
+            about = {} if "project_id" not in frame else {"project_id": frame["project_id"]}
             if (
                 self._ws is not ws
                 or self._given_up is ws
@@ -1039,16 +1044,18 @@ class Consumer:
                 or ws.transport.is_closing()
             ):
                 log.debug(
-                    "unsubscribe not sent on a connection going away",
-                    project_id=project_id,
+                    "frame not sent on a connection going away",
+                    type=kind,
                     error=repr(exc),
+                    **about,
                 )
                 return None
+            # (The frame itself is never logged: an auth frame carries the token.)
             log.error(
-                "cannot send an unsubscribe; reconnecting",
-                project_id=project_id,
+                f"cannot send {_SENT_FRAMES.get(kind, kind)}; reconnecting",
                 error=repr(exc),
                 exc_info=exc,
+                **about,
             )
             # Not a stable connection (see _connect_once): a send that breaks on every
             # connection must not reconnect at once each time.
@@ -1319,7 +1326,8 @@ class Consumer:
     async def _session(self, ws: ClientConnection, token: str | None) -> None:
         try:
             if token is not None:
-                await ws.send(_encode({"type": "auth", "token": token}), text=True)
+                if await self._send(ws, {"type": "auth", "token": token}) is not None:
+                    return  # dropped: the next connection sends a fresh token
             else:
                 self._authenticated.set()
             # The gateway reads the auth frame before anything else: subscribes can follow it at
@@ -1382,7 +1390,8 @@ class Consumer:
                 and not state.catching_up
                 and not state.pending
             ):
-                await ws.send(_encode(self._subscribe_message(state)), text=True)
+                if await self._send(ws, self._subscribe_message(state)) is not None:
+                    return  # dropped: the next connection subscribes every project
 
     def _connection_ended(self) -> None:
         """The connection is gone: nothing sent on it will be answered."""
@@ -2078,7 +2087,7 @@ class Consumer:
         if self._pacer.may_send_now(self._now()):
             frame = message()
             if frame is not None:
-                await _send_on(ws, frame)
+                await self._send(ws, frame)  # (a failure is logged, the connection dropped)
             return
         self._pacer.hold(key, message)
         if self._pacing is None or self._pacing.done():
@@ -2100,7 +2109,8 @@ class Consumer:
             frame = message() if message is not None else None
             if frame is not None:
                 pacer.resent(self._now())
-                await _send_on(ws, frame)
+                if await self._send(ws, frame) is not None:
+                    return  # dropped: what is held is sent on the next connection, or moot
 
     def _cancel_retry(self, project_id: int) -> None:
         retry = self._retries.pop(project_id, None)

@@ -703,6 +703,49 @@ async def test_leaving_a_presence_only_project_when_the_send_breaks_fails_that_c
     await consumer.aclose()
 
 
+class BrokenSubscribe(FakeConnection):
+    """A connection whose send of a subscribe raises what websockets' send never should,
+    once ``broken``."""
+
+    broken = False
+
+    async def send(self, data: bytes, text: bool = True) -> None:
+        if self.broken and msgspec.json.decode(data)["type"] == "subscribe":
+            raise RuntimeError("the send broke")
+        await super().send(data, text)
+
+
+async def test_closing_the_last_presence_reader_when_the_resubscribe_breaks_stops_nothing():
+    """The last presence reader of a followed project closes; its subscribe without the flag
+    breaks (not ConnectionClosed): ``aclose()`` returns (nothing it asked is lost: the next
+    connection subscribes the project without the flag, from its cursor), the failure is
+    logged at error, the connection dropped to be made again, and the consumer goes on. It
+    raised to that ``aclose()`` while the connection, in a state nobody knew, was kept."""
+    from structlog.testing import capture_logs
+
+    ws = BrokenSubscribe()
+    consumer, _ = await fake_consumer(ws)
+    events = consumer.events(1)
+    await settle()
+    consumer._states[1].subscribe_message()
+    await consumer._on_frame(ws, subscribed(1, 3))
+    watch = consumer.presence(1)
+    await settle()
+    await consumer._on_frame(ws, subscribed(1, 3, resumed=True))
+    await consumer._on_frame(ws, frame(presence(member("b"))))
+    ws.broken = True
+    with capture_logs() as logs:
+        await watch.aclose()
+    assert [(e["event"], e["project_id"]) for e in logs if e["log_level"] == "error"] == [
+        ("cannot send a subscribe; reconnecting", 1)
+    ]
+    assert ws.transport.aborted and consumer._given_up is ws and consumer._failure is None
+    await consumer._on_frame(ws, event_frame(1, 4))
+    assert (await anext(events)).seq == 4
+    await events.aclose()
+    await consumer.aclose()
+
+
 def test_tail_formats_a_presence_view_as_a_line_or_json():
     from consumer.tail import format_presence
 

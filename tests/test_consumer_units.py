@@ -1479,6 +1479,138 @@ async def test_a_broken_unsubscribe_on_a_real_connection_reconnects_once_and_the
     assert all(f.get("project_id") != 2 for f in seen[1])
 
 
+class BrokenSend(FakeConnection):
+    """A connection whose send of the frame types in ``breaks`` raises what websockets' send
+    never should (a bug in it, or in a transport): not ConnectionClosed."""
+
+    breaks: tuple[str, ...] = ()
+
+    async def send(self, data: bytes, text: bool = True) -> None:
+        if json.loads(data)["type"] in self.breaks:
+            raise RuntimeError("the send broke")
+        await super().send(data, text)
+
+
+@pytest.mark.parametrize("path", ["follow", "gap repair", "presence", "token refresh"])
+async def test_any_frame_whose_send_fails_unexpectedly_drops_the_connection_not_the_consumer(
+    path,
+):
+    """Every frame the consumer sends, not only an unsubscribe: a send raising anything but
+    ConnectionClosed leaves the connection in a state nobody knows (did the frame go?). It is
+    logged once at error with the project and dropped (1006, with backoff), to be made again,
+    every project resuming from its cursor. It stopped the whole consumer: every iterator
+    raised ConsumerClosed('internal error') (a subscribe of a project followed once connected,
+    of a presence reader), or the error escaped the connection task (a gap's repair), or
+    went unheard in a task of its own while the token expired (a refresh)."""
+    from structlog.testing import capture_logs
+
+    ws = BrokenSend()
+    consumer, ws, kept = await fed_consumer(1, ws=ws)
+    await consumer._on_frame(ws, subscribed(1, 0))  # type: ignore[arg-type]
+    if path in ("gap repair", "presence"):
+        other = consumer.events(2)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        await consumer._on_frame(ws, subscribed(2, 0))  # type: ignore[arg-type]
+    ws.breaks = ("auth",) if path == "token refresh" else ("subscribe",)
+    with capture_logs() as logs:
+        if path == "follow":
+            other = consumer.events(2)  # noqa: F841  (kept open)
+        elif path == "gap repair":
+            await consumer._on_frame(ws, frame(2, 1))  # type: ignore[arg-type]
+            await consumer._on_frame(ws, frame(2, 3))  # type: ignore[arg-type]
+        elif path == "presence":
+            reader = consumer.presence(2)  # noqa: F841  (kept open)
+        else:
+            consumer._token_source = lambda: "t2"
+            await consumer._refresh_later(ws, 0)  # type: ignore[arg-type]
+        for _ in range(4):
+            await asyncio.sleep(0)
+    errors = [
+        (entry["event"], entry.get("project_id"), entry["error"])
+        for entry in logs
+        if entry["log_level"] == "error"
+    ]
+    if path == "token refresh":
+        assert errors == [
+            ("cannot send the token; reconnecting", None, "RuntimeError('the send broke')")
+        ]
+    else:
+        assert errors == [
+            ("cannot send a subscribe; reconnecting", 2, "RuntimeError('the send broke')")
+        ]
+    assert ws.transport.aborted and consumer._given_up is ws  # made again, with backoff
+    await _still_delivers(consumer, ws, kept)
+
+
+@pytest.mark.parametrize("breaking", ["auth", "subscribe"])
+async def test_a_broken_send_on_a_real_connection_reconnects_once_and_every_project_resumes(
+    monkeypatch, breaking
+):
+    """End to end, on a local WebSocket server: the first send of the token, or of project 2's
+    first subscribe, breaking (not ConnectionClosed), written by the connection task itself or
+    by a helper: the connection is dropped once and made again, and both projects deliver
+    each event once, in order. It stopped the consumer: every iterator raised
+    ConsumerClosed('internal error')."""
+    from structlog.testing import capture_logs
+    from websockets.asyncio.server import serve
+
+    plain_send = consumer_client._Connection.send
+    broke: list[bytes] = []
+
+    async def send(self, message, text=None):
+        sent = json.loads(message)
+        if not broke and sent["type"] == breaking and sent.get("project_id", 2) == 2:
+            broke.append(message)
+            raise RuntimeError("the send broke")
+        return await plain_send(self, message, text=text)
+
+    monkeypatch.setattr(consumer_client._Connection, "send", send)
+    seen: list[list[dict]] = []
+
+    async def gateway(connection) -> None:
+        frames: list[dict] = []
+        seen.append(frames)
+        with contextlib.suppress(Exception):
+            async for message in connection:
+                sent = json.loads(message)
+                frames.append(sent)
+                if sent["type"] == "auth":
+                    await connection.send(
+                        '{"type":"authenticated","subject":null,"projects":null,"expires_at":null}'
+                    )
+                elif sent["type"] == "subscribe":
+                    project_id, after = sent["project_id"], sent.get("after")
+                    if after is None:
+                        answer = [subscribed(project_id, 0)]
+                        answer += [frame(project_id, seq) for seq in (1, 2, 3)]
+                    else:  # the replay from the cursor, then the answer
+                        answer = [frame(project_id, seq) for seq in range(after + 1, 4)]
+                        answer.append(subscribed(project_id, 3, resumed=True))
+                    for raw in answer:
+                        await connection.send(raw.decode())
+
+    policy = ReconnectPolicy(initial=0.05, max=0.1)
+    token = "t" if breaking == "auth" else None
+    with capture_logs() as logs:
+        async with serve(gateway, "127.0.0.1", 0) as server:
+            port = server.sockets[0].getsockname()[1]
+            url = f"ws://127.0.0.1:{port}/"
+            async with Consumer(url, token=token, reconnect=policy) as consumer:
+                first, second = consumer.events(1), consumer.events(2)
+                async with asyncio.timeout(10):
+                    assert [(await anext(first)).seq for _ in range(3)] == [1, 2, 3]
+                    assert [(await anext(second)).seq for _ in range(3)] == [1, 2, 3]
+                assert consumer._failure is None
+                assert consumer.connects == 2
+                assert consumer.close_codes == [1006]  # dropped once, by the consumer
+    what = "the token" if breaking == "auth" else "a subscribe"
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == [
+        f"cannot send {what}; reconnecting"
+    ]
+    assert broke
+
+
 async def test_unavailable_subscribes_are_retried_with_backoff_per_project():
     consumer, ws, _subscription = await fed_consumer(1)  # kept: a dropped one unsubscribes
     consumer._random = lambda: 1.0  # the whole cap: the delays are the caps
