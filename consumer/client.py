@@ -397,6 +397,18 @@ def check_arguments(url: str | Sequence[str], *, start: Start = "now") -> None:
     _check_start(start)
 
 
+def _sendable_token(token: str) -> bool:
+    """Whether ``token`` can go in an auth frame: a text frame is UTF-8, and a str read with
+    ``errors="surrogateescape"`` (os.environ, a file) holds lone surrogates for bytes that are
+    not. Such a token's frame fails to encode on every connection, and the encoder's error
+    carries the token's text: it is refused before any frame is made, saying so without it."""
+    try:
+        token.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_bound(name: str, value: object) -> None:
     """ValueError unless ``value`` is an int >= 1 (a bool is no count)."""
     if type(value) is not int or value < 1:
@@ -621,7 +633,9 @@ class Consumer:
             goes to the next one (round robin), like a client behind a load balancer.
         token: a fixed token, or a function (plain or async) returning a fresh token. A function
             is called for every new connection and again before the token expires (refreshed
-            in-band). None for a gateway running ``--no-auth``.
+            in-band). None for a gateway running ``--no-auth``. A token that is not UTF-8 (a
+            str with lone surrogates) can never be sent: a fixed one raises ValueError here, a
+            function's counts as the function failing.
         store: where cursors are loaded from and saved to (see :mod:`consumer.stores`); None keeps
             them in memory only (resumes across reconnects, not across restarts).
         start: where a project without a saved cursor starts (:data:`Start`), "now" by default.
@@ -678,6 +692,8 @@ class Consumer:
         self.http_url = http_url.rstrip("/") if http_url else None
         self._current_url = urls[0]
         self._open_timeout = self._poll_timeout = open_timeout
+        if isinstance(token, str) and not _sendable_token(token):
+            raise ValueError("the token is not UTF-8 (lone surrogates): it cannot be sent")
         self._token_source = token
         self._connect_options: dict[str, Any] = {
             "open_timeout": open_timeout,
@@ -2199,6 +2215,9 @@ class Consumer:
             value = await self._bounded(value, "the token function")
         if not isinstance(value, str) or not value:
             raise TypeError("the token function returned no token")
+        if not _sendable_token(value):
+            # (Not the encoder's error: its message holds the token.)
+            raise ValueError("the token function returned a token that is not UTF-8")
         self._token = (value, time.monotonic())
         return value
 

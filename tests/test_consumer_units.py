@@ -1611,6 +1611,60 @@ async def test_a_broken_send_on_a_real_connection_reconnects_once_and_every_proj
     assert broke
 
 
+#: A token as os.environ or a file read with errors="surrogateescape" gives it for bytes that
+#: are not UTF-8: it can never be sent (not UTF-8), and its text must never reach a log.
+UNSENDABLE_TOKEN = "eyJhbGciOiJIUzI1NiJ9.secret-part\udcff"
+
+
+def test_a_fixed_token_that_cannot_be_sent_is_refused_when_the_consumer_is_made():
+    """A fixed token that is not UTF-8 can never be sent: ValueError at once, without the
+    token's text. It was taken, and every connection's auth frame then failed to encode: logged
+    at error with the token in the error and the traceback, and the connection made again for
+    ever."""
+    with pytest.raises(ValueError, match="UTF-8") as raised:
+        Consumer("ws://gateway:8765/", token=UNSENDABLE_TOKEN)
+    assert "secret" not in str(raised.value)
+
+
+async def test_a_token_function_returning_a_token_that_cannot_be_sent_is_a_failing_function():
+    """End to end, on a local WebSocket server: a token function whose token is not UTF-8 once
+    fails as one raising would (``token function failed`` at warning, then again after a
+    backoff delay), no connection is made for it, and the token's text is in no log line. It
+    was sent: the auth frame failed to encode, logged at error with the token in ``error`` and
+    in the traceback, and the connection dropped."""
+    from structlog.testing import capture_logs
+    from websockets.asyncio.server import serve
+
+    async def gateway(connection) -> None:
+        with contextlib.suppress(Exception):
+            async for message in connection:
+                sent = json.loads(message)
+                if sent["type"] == "auth":
+                    await connection.send(
+                        '{"type":"authenticated","subject":null,"projects":null,"expires_at":null}'
+                    )
+                elif sent["type"] == "subscribe":
+                    for raw in [subscribed(sent["project_id"], 0), frame(sent["project_id"], 1)]:
+                        await connection.send(raw.decode())
+
+    tokens = iter([UNSENDABLE_TOKEN, "t"])
+    policy = ReconnectPolicy(initial=0.05, max=0.1)
+    with capture_logs() as logs:
+        async with serve(gateway, "127.0.0.1", 0) as server:
+            port = server.sockets[0].getsockname()[1]
+            url = f"ws://127.0.0.1:{port}/"
+            async with Consumer(url, token=lambda: next(tokens), reconnect=policy) as consumer:
+                events = consumer.events(1)
+                async with asyncio.timeout(10):
+                    assert (await anext(events)).seq == 1
+                assert consumer._failure is None
+                assert consumer.connects == 1
+    assert [e["event"] for e in logs if e["log_level"] in ("warning", "error")] == [
+        "token function failed"
+    ]
+    assert not any("secret" in repr(entry) for entry in logs)
+
+
 async def test_unavailable_subscribes_are_retried_with_backoff_per_project():
     consumer, ws, _subscription = await fed_consumer(1)  # kept: a dropped one unsubscribes
     consumer._random = lambda: 1.0  # the whole cap: the delays are the caps
