@@ -30,6 +30,7 @@ import inspect
 import itertools
 import random as _random
 import time
+import traceback
 import urllib.error
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -1066,11 +1067,19 @@ class Consumer:
                     **about,
                 )
                 return None
-            # (The frame itself is never logged: an auth frame carries the token.)
+            # The frame itself is never logged: an auth frame carries the token. Nor, for that
+            # one, the exception as exc_info: the tracebacks structlog draws (rich's in its
+            # console renderer, dict_tracebacks) show every frame's locals, this frame and
+            # websockets' encoded message among them. Its text says what broke, and where.
+            trace: dict[str, object] = (
+                {"traceback": "".join(traceback.format_exception(exc))}
+                if kind == "auth"
+                else {"exc_info": exc}
+            )
             log.error(
                 f"cannot send {_SENT_FRAMES.get(kind, kind)}; reconnecting",
                 error=repr(exc),
-                exc_info=exc,
+                **trace,
                 **about,
             )
             # Not a stable connection (see _connect_once): a send that breaks on every

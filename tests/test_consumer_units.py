@@ -1665,6 +1665,40 @@ async def test_a_token_function_returning_a_token_that_cannot_be_sent_is_a_faili
     assert not any("secret" in repr(entry) for entry in logs)
 
 
+@pytest.mark.parametrize("renderer", ["console", "json"])
+async def test_a_broken_send_of_the_token_never_writes_the_token_to_the_log(renderer):
+    """``cannot send the token; reconnecting`` with the renderers structlog's documentation
+    configures (and eventbus-tail uses: structlog's defaults): the console's traceback drawn by
+    rich, and ``dict_tracebacks``, both show each frame's locals, the frame sent and websockets'
+    encoded message among them. The token was written in full (cut at 80 characters) into the
+    service's log."""
+    ws = BrokenSend()
+    consumer, ws, kept = await fed_consumer(1, ws=ws)
+    await consumer._on_frame(ws, subscribed(1, 0))  # type: ignore[arg-type]
+    ws.breaks = ("auth",)
+    token = "eyJhbGciOiJIUzI1NiJ9.secret-part"
+    consumer._token_source = lambda: token
+    out = io.StringIO()
+    processors: list = [structlog.processors.add_log_level]
+    if renderer == "console":
+        processors.append(structlog.dev.ConsoleRenderer(colors=False))
+    else:
+        processors += [structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer()]
+    before = structlog.get_config()
+    structlog.configure(processors=processors, logger_factory=structlog.WriteLoggerFactory(out))
+    try:
+        await consumer._refresh_later(ws, 0)  # type: ignore[arg-type]
+    finally:
+        structlog.configure(**before)
+    written = out.getvalue()
+    assert "cannot send the token; reconnecting" in written
+    assert "RuntimeError" in written and "the send broke" in written  # what broke, and where
+    assert "_send" in written
+    assert "secret" not in written
+    assert ws.transport.aborted and consumer._given_up is ws
+    await _still_delivers(consumer, ws, kept)
+
+
 async def test_unavailable_subscribes_are_retried_with_backoff_per_project():
     consumer, ws, _subscription = await fed_consumer(1)  # kept: a dropped one unsubscribes
     consumer._random = lambda: 1.0  # the whole cap: the delays are the caps
