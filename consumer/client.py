@@ -1233,7 +1233,14 @@ class Consumer:
             self._fail(exc)
         except Exception as exc:
             # A bug here must not leave the iterators waiting forever: they raise it.
-            log.exception("consumer connection task failed")
+            # Its traceback's text, not exc_info: the tracebacks structlog draws (rich's in its
+            # console renderer, dict_tracebacks) show every frame's locals, and this task's hold
+            # the token (_connect_once, _session).
+            log.error(
+                "consumer connection task failed",
+                error=repr(exc),
+                traceback="".join(traceback.format_exception(exc)),
+            )
             self._fail(ConsumerClosed(f"internal error: {exc!r}"))
 
     async def _connect_once(self) -> float:

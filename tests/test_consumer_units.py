@@ -1699,6 +1699,48 @@ async def test_a_broken_send_of_the_token_never_writes_the_token_to_the_log(rend
     await _still_delivers(consumer, ws, kept)
 
 
+async def test_a_bug_in_the_connection_task_never_writes_the_token_to_the_log(monkeypatch):
+    """``consumer connection task failed`` (a bug: every iterator raises ConsumerClosed) with
+    structlog's default console renderer, whose traceback (rich's) shows each frame's locals:
+    the connection task's frames hold the token (``_connect_once``, ``_session``). It was
+    written into the log."""
+    from websockets.asyncio.server import serve
+
+    async def broken(self, ws) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Consumer, "_subscribe_all", broken)
+
+    async def gateway(connection) -> None:
+        with contextlib.suppress(Exception):
+            async for _message in connection:
+                pass
+
+    out = io.StringIO()
+    before = structlog.get_config()
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.dev.ConsoleRenderer(colors=False),
+        ],
+        logger_factory=structlog.WriteLoggerFactory(out),
+    )
+    try:
+        async with serve(gateway, "127.0.0.1", 0) as server:
+            port = server.sockets[0].getsockname()[1]
+            token = "eyJhbGciOiJIUzI1NiJ9.secret-part"
+            async with Consumer(f"ws://127.0.0.1:{port}/", token=lambda: token) as consumer:
+                with pytest.raises(ConsumerClosed, match="internal error"):
+                    async with asyncio.timeout(10):
+                        await anext(consumer.events(1))
+    finally:
+        structlog.configure(**before)
+    written = out.getvalue()
+    assert "consumer connection task failed" in written
+    assert "RuntimeError: a bug" in written and "in broken" in written  # what, and where
+    assert "secret" not in written
+
+
 async def test_unavailable_subscribes_are_retried_with_backoff_per_project():
     consumer, ws, _subscription = await fed_consumer(1)  # kept: a dropped one unsubscribes
     consumer._random = lambda: 1.0  # the whole cap: the delays are the caps
