@@ -387,15 +387,20 @@ def _check_url(url: object) -> None:
         raise ValueError(f"not a gateway URL (ws:// or wss://): {url!r}: {exc}") from None
 
 
-def check_arguments(url: str | Sequence[str], *, start: Start = "now") -> None:
-    """Raise the ValueError :class:`Consumer` raises for these gateway URL(s) and ``start``,
-    without making one: a command line checks its arguments before it starts an event loop."""
+def check_arguments(
+    url: str | Sequence[str], *, start: Start = "now", token: TokenSource | None = None
+) -> None:
+    """Raise the ValueError :class:`Consumer` raises for these gateway URL(s), ``start`` and
+    ``token``, without making one: a command line checks its arguments before it starts an
+    event loop."""
     urls = [url] if isinstance(url, str) else list(url)
     if not urls:
         raise ValueError("at least one gateway URL is required")
     for each in urls:
         _check_url(each)
     _check_start(start)
+    if isinstance(token, str) and not _sendable_token(token):
+        raise ValueError("the token is not UTF-8 (lone surrogates): it cannot be sent")
 
 
 def _sendable_token(token: str) -> bool:
@@ -679,7 +684,7 @@ class Consumer:
         random: Callable[[], float] | None = None,
     ) -> None:
         urls = [url] if isinstance(url, str) else list(url)
-        check_arguments(urls, start=start)
+        check_arguments(urls, start=start, token=token)
         _check_bound("buffer", buffer)
         _check_bound("buffer_bytes", buffer_bytes)
         self.urls = urls
@@ -693,8 +698,6 @@ class Consumer:
         self.http_url = http_url.rstrip("/") if http_url else None
         self._current_url = urls[0]
         self._open_timeout = self._poll_timeout = open_timeout
-        if isinstance(token, str) and not _sendable_token(token):
-            raise ValueError("the token is not UTF-8 (lone surrogates): it cannot be sent")
         self._token_source = token
         self._connect_options: dict[str, Any] = {
             "open_timeout": open_timeout,

@@ -324,8 +324,9 @@ def run(args: argparse.Namespace, *, stdout: TextIO, stderr: TextIO, prog: str =
     secret = args.secret or (None if args.token else os.environ.get("EVENTBUS_AUTH_SECRET"))
     # The consumer's logs (connected, reconnecting, ...) go to stderr: stdout is the events.
     try:
-        check_arguments(args.url, start=start)
-    except ValueError as exc:  # a URL that is not ws:// or wss://, a seq past 2**53-1
+        check_arguments(args.url, start=start, token=args.token)
+    except ValueError as exc:  # a URL that is not ws:// or wss://, a seq past 2**53-1, a token
+        # that is not UTF-8 (argv and the environment hold lone surrogates for such bytes)
         stderr.write(f"{prog}: error: {exc}\n")
         return EXIT_USAGE
     structlog.configure(logger_factory=structlog.WriteLoggerFactory(stderr))  # a write per line

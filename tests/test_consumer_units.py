@@ -2954,6 +2954,27 @@ def test_tail_says_how_to_give_a_token_when_none_was_given(given, monkeypatch):
     assert (hint in stderr.getvalue()) == (given is None), stderr.getvalue()
 
 
+def test_tail_refuses_a_token_that_is_not_utf8_as_a_usage_error(monkeypatch):
+    # `--token` (or $EVENTBUS_TOKEN) with bytes that are not UTF-8: Python decodes argv and the
+    # environment with surrogateescape, so the token holds lone surrogates and can never be
+    # sent. A usage error, without the token's text; Consumer's ValueError escaped as a
+    # traceback.
+    import argparse
+    import io
+
+    from consumer import tail as tail_module
+
+    monkeypatch.delenv("EVENTBUS_AUTH_SECRET", raising=False)
+    parser = argparse.ArgumentParser()
+    tail_module.add_arguments(parser)
+    stderr = io.StringIO()
+    args = parser.parse_args(["1", "--token", "secret-part\udcff"])
+    code = tail_module.run(args, stdout=io.StringIO(), stderr=stderr)
+    assert code == tail_module.EXIT_USAGE
+    assert "error: the token is not UTF-8" in stderr.getvalue()
+    assert "secret" not in stderr.getvalue()
+
+
 def test_the_reconnect_jitter_leaves_the_global_random_state_alone():
     # An application seeding ``random`` (a simulation, a property-based test) draws the same
     # numbers whether or not a consumer reconnected meanwhile.
