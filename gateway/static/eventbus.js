@@ -1018,6 +1018,17 @@ class Subscription {
     this.fallbackMoves = 0;
     this.wsAskedFallbackMoves = 0;
     this.subscribesSent = 0; // subscribes sent on the current WebSocket and not answered yet
+    // Whether each of them asked presence, oldest first (taken off as they are answered): the
+    // answer `subscribed` of one that did is followed by `presence`, or by error `unavailable`
+    // when only the presence read failed (presenceDue).
+    this.presenceAsks = [];
+    // `subscribed` came for a subscribe that asked presence, and neither its `presence` nor the
+    // error saying presence is unavailable yet: the gateway answers a connection's frames in
+    // order, so an `unavailable` of the project now is that presence read's, not a refusal.
+    this.presenceDue = false;
+    // The current WebSocket refused the project's subscribe for its subscription limit
+    // (`too_many_subscriptions`): polling carries it while that connection lives.
+    this.refusedForLimit = false;
     // Polls of the project wait for the answer to its subscribe sent again after a stale one
     // (EventBus._holdPollsOf): the timer ending the wait after connectTimeout; null: not held.
     this.pollHoldTimer = null;
@@ -1225,6 +1236,7 @@ export class EventBus {
     this._pacer.drop(`activity:${sub.projectId}`);
     const onGateway = sub.wsSubscribed || sub.subscribesSent > 0;
     if (this._wsOpen && onGateway) this._send({ type: "unsubscribe", project_id: sub.projectId });
+    if (sub.refusedForLimit) this._pollRefusedOnly(); // (the last one polled: polling ends)
     if (!this._wsLive && this._sse) this._reopenSse();
   }
 
@@ -1252,7 +1264,15 @@ export class EventBus {
     sub.wsAskedFallbackMoves = sub.fallbackMoves;
     this._asking(this._ws, sub);
     sub.subscribesSent += 1;
+    sub.presenceAsks.push(message.presence === true);
     return message;
+  }
+
+  /** The oldest unanswered subscribe of `sub` on the WebSocket is answered (`subscribed`, a
+   * refusal): whether it asked presence. */
+  _subscribeAnswered(sub) {
+    sub.subscribesSent -= 1;
+    return sub.presenceAsks.shift() === true;
   }
 
   /** Subscribe `sub` on the live WebSocket, now or (paced) later: the frame is made when it goes
@@ -1429,7 +1449,7 @@ export class EventBus {
     if (sub) {
       const subscribe = refused !== null ? refused === "subscribe" : sub.subscribesSent > 0;
       if (subscribe) {
-        if (sub.subscribesSent > 0) sub.subscribesSent -= 1;
+        if (sub.subscribesSent > 0) this._subscribeAnswered(sub);
         this._answered(this._ws, projectId);
         this._sendSubscribe(sub);
       } else if (refused === null || refused === "activity") {
@@ -1449,6 +1469,7 @@ export class EventBus {
 
   _onPresence(message) {
     const sub = this._subs.get(message.project_id);
+    if (sub && message.type === "presence") sub.presenceDue = false; // (its read succeeded)
     if (!sub || sub.presenceHandlers.size === 0) return;
     if (!isPresenceMessage(message)) {
       // A buggy gateway: the frame is ignored (the list stays as it was), nothing else changes.
@@ -1692,7 +1713,10 @@ export class EventBus {
     if (this._wsProven || !this._wsLive) return;
     this._wsProven = true;
     this._failures = 0;
+    // The rounds under way (of every project) end; a project the gateway refused for its
+    // subscription limit is polled on, alone, from now (_pollAll).
     this._stopPolling();
+    if (this._anyRefusedForLimit()) this._startPolling(0);
     this._updateState();
   }
 
@@ -1778,8 +1802,16 @@ export class EventBus {
       // An answer when none was counted as unanswered: a refusal was taken for this subscribe's
       // (an activity refused while it was unanswered, _onRateLimited), and the subscribe held
       // for it is moot (the activity goes again below).
-      if (sub.subscribesSent > 0) sub.subscribesSent -= 1;
-      else this._pacer.drop(`subscribe:${sub.projectId}`);
+      if (sub.subscribesSent > 0) sub.presenceDue = this._subscribeAnswered(sub);
+      else {
+        this._pacer.drop(`subscribe:${sub.projectId}`);
+        sub.presenceDue = sub.presenceHandlers.size > 0; // (its own ask was taken off with the refusal)
+      }
+      if (sub.refusedForLimit) {
+        // A subscribe sent again (a presence listener) found room: the WebSocket carries it now.
+        sub.refusedForLimit = false;
+        this._pollRefusedOnly();
+      }
       if (sub.subscribesSent === 0) this._releasePollsOf(sub);
       // A (re)subscribe lists this tab afresh, with no activity: say it again.
       sub.activitySent = null;
@@ -1839,12 +1871,38 @@ export class EventBus {
     return false;
   }
 
+  /**
+   * An `error` from the gateway (each is reported to onError). What it does to the project it
+   * names depends on its code (docs/browser.md, "Subscribe errors"):
+   * - `rate_limited`: the frame is sent again, paced (_onRateLimited);
+   * - `unavailable` right after the `subscribed` of a subscribe that asked presence
+   *   (presenceDue): only the presence read failed, the events flow. Not a subscribe's answer:
+   *   nothing is counted, no poll hold ends; presence is asked again on the project's backoff
+   *   (a subscribe with presence from the cursor, as docs/protocol.md says);
+   * - `unavailable` otherwise: the subscribe was refused (Redis): sent again on the backoff;
+   * - `too_many_subscriptions`: the connection follows as many projects as the gateway allows;
+   *   polling, which has no such limit, carries this one while the connection lives;
+   * - `not_subscribed`: answers an `unsubscribe` or `activity`, never a subscribe;
+   * - any other (`forbidden`, `invalid_cursor`, ...): the subscribe's answer, reported only
+   *   (polling would be refused alike).
+   */
   _onGatewayError(message) {
     this._reportError({ code: message.code, message: message.message, projectId: message.project_id });
     if (message.code === "rate_limited") return this._onRateLimited(message);
-    if (message.project_id != null) this._answered(this._ws, message.project_id);
     const sub = message.project_id != null ? this._subs.get(message.project_id) : null;
-    if (sub && message.code !== "not_subscribed" && sub.subscribesSent > 0) sub.subscribesSent -= 1; // its answer
+    if (sub && message.code === "unavailable" && sub.presenceDue && this._wsLive) {
+      sub.presenceDue = false;
+      if (sub.presence) {
+        sub.presence = null; // (a list from before is stale, and no diff will come)
+        this._notify(sub, null);
+      }
+      // (A subscribe of the project asking presence is on its way already: its answer brings it.)
+      if (sub.presenceHandlers.size > 0 && !sub.presenceAsks.includes(true)) this._retrySubscribe(sub);
+      return;
+    }
+    if (message.code === "not_subscribed") return;
+    if (message.project_id != null) this._answered(this._ws, message.project_id);
+    if (sub && sub.subscribesSent > 0) this._subscribeAnswered(sub); // its answer
     if (sub && sub.subscribesSent === 0 && sub.pollHoldTimer !== null) {
       // A resubscribe after a stale answer refused: nothing carries the project but polls now
       // (a retry's answer is its own). Polled at once, as when its hold ends or the WebSocket
@@ -1853,15 +1911,43 @@ export class EventBus {
       this._releasePollsOf(sub);
       if (this._polling) this._pollSoon();
     }
-    if (sub && message.code === "unavailable") {
-      // Redis is unreachable behind the gateway: try that subscribe again later, on the
-      // project's backoff (and the connection's pacing).
-      sub.retry = (sub.retry || 0) + 1;
-      this._clearTimeout(sub.retryTimer);
-      sub.retryTimer = this._setTimeout(() => {
-        if (this._wsOpen && this._subs.get(sub.projectId) === sub) this._sendSubscribe(sub);
-      }, backoffDelay(sub.retry - 1, this.options.backoff, this._random));
+    if (sub && message.code === "too_many_subscriptions" && this._wsLive) {
+      // The gateway's --max-subscriptions: more projects than that on one connection. Polled,
+      // alone once the WebSocket is proven (_pollAll), until this connection ends; the next
+      // one subscribes it again (the limit may differ there). Presence comes by WebSocket only.
+      sub.refusedForLimit = true;
+      if (sub.presence) {
+        sub.presence = null;
+        this._notify(sub, null);
+      }
+      if (!this._wsProven) {
+        /* polling runs until every subscribe is answered, then goes on for it (_proveSocket) */
+      } else if (this._polling) this._pollSoon();
+      else this._startPolling(0);
     }
+    if (sub && message.code === "unavailable") this._retrySubscribe(sub);
+  }
+
+  /** Subscribe `sub` again later, on the project's backoff (and the connection's pacing): a
+   * subscribe refused as `unavailable`, or presence unavailable. */
+  _retrySubscribe(sub) {
+    sub.retry = (sub.retry || 0) + 1;
+    this._clearTimeout(sub.retryTimer);
+    sub.retryTimer = this._setTimeout(() => {
+      if (this._wsOpen && this._subs.get(sub.projectId) === sub) this._sendSubscribe(sub);
+    }, backoffDelay(sub.retry - 1, this.options.backoff, this._random));
+  }
+
+  /** Whether a project refused for the gateway's subscription limit is carried by polling. */
+  _anyRefusedForLimit() {
+    for (const sub of this._subs.values()) if (sub.refusedForLimit) return true;
+    return false;
+  }
+
+  /** With the WebSocket proven, polling goes on only while it carries a project refused for the
+   * subscription limit. */
+  _pollRefusedOnly() {
+    if (this._wsProven && this._polling && !this._anyRefusedForLimit()) this._stopPolling();
   }
 
   _dropSocket(code, reason, treatAsClose = false) {
@@ -1880,6 +1966,10 @@ export class EventBus {
   }
 
   _cleanupSocket() {
+    // Polling that carried only projects this connection refused for its subscription limit
+    // ends with it: the next connection subscribes them again, and the fallbacks are its own
+    // (_onSocketClosed), not a round of every project at once.
+    const pollingRefusedOnly = this._wsProven && this._polling;
     for (const timer of ["_connectTimer", "_pingTimer", "_pongTimer", "_refreshTimer"]) {
       this._clearTimeout(this[timer]);
       this[timer] = null;
@@ -1907,8 +1997,12 @@ export class EventBus {
       sub.wsSubscribed = false;
       sub.gapWaiting = false; // the next connection's events are its own replay
       sub.subscribesSent = 0;
+      sub.presenceAsks = [];
+      sub.presenceDue = false;
+      sub.refusedForLimit = false;
       sub.activitySent = null;
     }
+    if (pollingRefusedOnly) this._stopPolling();
     if (held && this._polling) this._pollSoon();
   }
 
@@ -2805,6 +2899,7 @@ export class EventBus {
       for (const sub of subs) {
         if (generation !== this._pollGeneration) break;
         if (sub.pollHoldTimer !== null) continue; // waits for its subscribe's answer (_holdPollsOf)
+        if (this._wsProven && !sub.refusedForLimit) continue; // the WebSocket carries it
         polled += 1;
         if (!(await this._pollProject(sub, generation))) ok = false;
         // Refused with Retry-After (a draining or full gateway): the other projects would be

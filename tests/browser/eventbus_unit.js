@@ -2685,6 +2685,125 @@ test("a resubscribe after a stale answer refused with an error: the project is p
   eq(ws.closedWith, null);
 });
 
+test("a project refused for the gateway's subscription limit is carried by polling while the connection lives, the others by the WebSocket", async () => {
+  // A page following more projects than the gateway's --max-subscriptions: the subscribe of
+  // project 2 is refused (too_many_subscriptions). Before, that counted as an answer: the
+  // WebSocket was proven once project 1 answered, polling stopped, and project 2 got nothing
+  // while the page showed `live`: an onError report and silence.
+  const env = setup({ subscribe: [1, 2], options: { sse: false } });
+  const histories = { 1: [], 2: [] };
+  env.poll = (url) => {
+    const projectId = Number(new URL(url).pathname.split("/")[3]);
+    const after = new URL(url).searchParams.get("after");
+    const top = histories[projectId].length;
+    const events = after === null ? [] : histories[projectId].slice(Number(after)).map((seq) => event(projectId, seq));
+    return { status: 200, body: { project_id: projectId, epoch: "e", seq: top, events, resync_required: null, more: false } };
+  };
+  const ws = await goLive(env);
+  ws.receive({ type: "subscribed", project_id: 1, epoch: "e", seq: 0, resumed: false, replayed: 0 });
+  ws.receive({ type: "error", code: "too_many_subscriptions", message: "at most 1 projects per connection", project_id: 2 });
+  await env.clock.advance(0);
+  eq(env.errors.map((e) => e.code), ["too_many_subscriptions"], "reported");
+  eq([env.bus.state, env.bus.transport], ["live", "websocket"]);
+  const pollsOf = (projectId) => env.requests.filter((r) => r.url.includes(`/projects/${projectId}/`)).length;
+  eq([pollsOf(1), pollsOf(2)], [0, 1], "project 2 polled at once, project 1 left to the WebSocket");
+  histories[2].push(1, 2);
+  await env.clock.advance(10000);
+  eq(env.events[2], [1, 2], "project 2's events come by polling");
+  eq([pollsOf(1), pollsOf(2)], [0, 2], "a round polls project 2 alone");
+  ws.receive(event(1, 1));
+  await flush();
+  eq(env.events[1], [1], "project 1's come by the WebSocket");
+  eq([env.bus.state, env.bus.transport], ["live", "websocket"], "the state stays live over WebSocket");
+  // The next connection subscribes project 2 again (the limit may have changed); answered,
+  // nothing is polled any more.
+  ws.serverClose(1006);
+  await env.clock.advance(0);
+  const polls = pollsOf(2);
+  await env.clock.advance(1000);
+  const next = await goLive(env, { 1: { epoch: "e", seq: 1 }, 2: { epoch: "e", seq: 2 } });
+  eq(next.sentOf("subscribe").map((m) => [m.project_id, m.after]), [[1, 1], [2, 2]]);
+  await env.clock.advance(60000);
+  eq(pollsOf(1), 0, "project 1 never polled");
+  assert(pollsOf(2) <= polls + 1, `polling stopped once every subscribe was answered (${pollsOf(2) - polls} more polls)`);
+  eq(env.bus.state, "live");
+});
+
+test("a project refused for the subscription limit on a proven connection (a project added later) starts polling for it alone", async () => {
+  const env = setup({ subscribe: [1], options: { sse: false } });
+  pollServer(env, []);
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  await env.clock.advance(0);
+  eq(env.requests.length, 0, "proven: nothing polled");
+  env.events[2] = [];
+  const off2 = env.bus.subscribe(2, (e) => env.events[2].push(e.seq));
+  ws.receive({ type: "error", code: "too_many_subscriptions", message: "at most 1 projects per connection", project_id: 2 });
+  await env.clock.advance(0);
+  eq(env.requests.map((r) => new URL(r.url).pathname), ["/v1/projects/2/events"], "project 2 polled at once");
+  await env.clock.advance(10000);
+  eq(env.requests.map((r) => new URL(r.url).pathname).filter((p) => p.includes("/1/")), [], "project 1 not polled");
+  eq(env.requests.length, 2, "project 2 polled every round");
+  eq([env.bus.state, env.bus.transport], ["live", "websocket"]);
+  // Dropped: nothing left to poll.
+  off2();
+  await env.clock.advance(30000);
+  eq(env.requests.length, 2, "dropped: polling stopped");
+  eq([env.bus.state, env.bus.transport], ["live", "websocket"]);
+});
+
+test("presence unavailable after a subscribed is no refused subscribe: no count taken, no retry at once, presence re-asked later", async () => {
+  // The gateway answers a presence subscribe whose presence read failed (Redis for presence
+  // down) with `subscribed` and then error `unavailable` ("events are not affected"). Before, the
+  // client took it for a refused subscribe: the subscribe was sent again (a replay for the
+  // gateway) and the count of unanswered subscribes taken down, so a resubscribe outstanding
+  // was taken for answered.
+  const env = setup({ subscribe: [1] });
+  const seen = [];
+  env.bus.presence(1, (members) => seen.push(members && members.map((m) => m.id)));
+  const ws = await goLive(env);
+  eq(ws.sentOf("subscribe"), [{ type: "subscribe", project_id: 1, presence: true }]);
+  ws.receive({ type: "subscribed", project_id: 1, epoch: "e", seq: 0, resumed: false, replayed: 0 });
+  ws.receive({
+    type: "error",
+    code: "unavailable",
+    message: "presence is unavailable (Redis did not answer); events are not affected; subscribe again later for presence",
+    project_id: 1,
+  });
+  await flush();
+  eq(env.errors.map((e) => e.code), ["unavailable"], "reported");
+  ws.receive(event(1, 1));
+  await flush();
+  eq(env.events[1], [1], "events flow");
+  eq(ws.sentOf("subscribe").length, 1, "not subscribed again at once");
+  // Presence is asked again later (a subscribe with presence from the cursor, on the backoff).
+  await env.clock.advance(1000);
+  eq(ws.sentOf("subscribe").slice(1), [{ type: "subscribe", project_id: 1, epoch: "e", after: 1, tag: tag(1, 1), presence: true }], "presence asked again");
+  ws.receive({ type: "subscribed", project_id: 1, epoch: "e", seq: 1, resumed: true, replayed: 0 });
+  ws.receive({ type: "presence", project_id: 1, members: [member("u1")] });
+  await flush();
+  eq(seen, [["u1"]]);
+  await env.clock.advance(60000);
+  eq(ws.sentOf("subscribe").length, 2, "no more once presence came");
+  eq(ws.closedWith, null);
+});
+
+test("presence unavailable while the project's gap repair is outstanding leaves the repair unanswered: it is still waited on", async () => {
+  // Project 1's subscribe (with presence) is answered, and a gap then sends a repair subscribe;
+  // the first subscribe's presence read fails. The error is not the repair's answer: before, it
+  // was taken for it, and a repair the gateway never answers was waited on no more (silence).
+  const env = setup({ subscribe: [1] });
+  env.bus.presence(1, () => {});
+  const ws = await goLive(env);
+  ws.receive({ type: "subscribed", project_id: 1, epoch: "e", seq: 0, resumed: false, replayed: 0 });
+  ws.receive(event(1, 2)); // event 1 missing: a repair
+  await env.clock.advance(0);
+  eq(ws.sentOf("subscribe").length, 2, "the repair went out");
+  ws.receive({ type: "error", code: "unavailable", message: "presence is unavailable (Redis did not answer); events are not affected", project_id: 1 });
+  await env.clock.advance(10500);
+  assert(env.errors.some((e) => e.code === "subscribe_timeout"), `the repair is still waited on: ${JSON.stringify(env.errors.map((e) => e.code))}`);
+  eq(ws.sentOf("subscribe").length, 2, "presence not asked again meanwhile: the repair asks it");
+});
+
 test("sse: false goes straight to polling; websocket: false starts with SSE", async () => {
   const polling = setup({ autoFailSockets: true, options: { sse: false } });
   pollServer(polling, [1]);
