@@ -2804,6 +2804,47 @@ test("presence unavailable while the project's gap repair is outstanding leaves 
   eq(ws.sentOf("subscribe").length, 2, "presence not asked again meanwhile: the repair asks it");
 });
 
+test("presence unavailable after a stale answer's subscribed does not end the project's poll hold: its resubscribe is still awaited", async () => {
+  // Polling moved project 1's cursor after its presence subscribe went out: the answer is stale,
+  // the project subscribed again and its polls held for that answer. The stale subscribe's
+  // presence read then fails (`unavailable`). Before, that was taken for the resubscribe's
+  // refusal: its hold released, the resubscribe no longer waited on (the WebSocket taken for
+  // proven), and the project subscribed a third time a second later, another replay.
+  const env = setup({ subscribe: [1], autoFailSockets: true, options: { sse: false } });
+  env.bus.presence(1, () => {});
+  const history = [1, 2];
+  env.poll = (url) => {
+    const after = new URL(url).searchParams.get("after");
+    const events = after === null ? [] : history.slice(Number(after)).map((seq) => event(1, seq));
+    return { status: 200, body: { project_id: 1, epoch: "p", seq: history.length, events, resync_required: null, more: false } };
+  };
+  await env.clock.advance(0);
+  eq(env.bus.cursor(1), { epoch: "p", seq: 2 });
+  env.autoFailSockets = false;
+  for (let i = 0; i < 600 && !(env.last().readyState === 0 && env.last().onopen); i += 1) await env.clock.advance(100);
+  const ws = env.last();
+  ws.open();
+  await flush();
+  ws.receive({ type: "authenticated", subject: "u", projects: null, expires_at: Math.floor(env.clock.now() / 1000) + 900 });
+  await flush();
+  history.push(3);
+  for (let i = 0; i < 300 && env.events[1].length < 1; i += 1) await env.clock.advance(100);
+  eq(env.events[1], [3], "a poll delivered event 3 before the subscribe's answer");
+  ws.receive({ type: "subscribed", project_id: 1, epoch: "p", seq: 2, resumed: true, replayed: 0 });
+  await flush();
+  eq(ws.sentOf("subscribe").map((m) => [m.after, m.presence]), [[2, true], [3, true]], "stale: subscribed again");
+  const polled = env.requests.length;
+  ws.receive({ type: "error", code: "unavailable", message: "presence is unavailable (Redis did not answer); events are not affected", project_id: 1 });
+  await env.clock.advance(5000);
+  eq(env.requests.slice(polled).map((r) => r.url), [], "the hold stands: not polled");
+  eq(ws.sentOf("subscribe").length, 2, "presence not asked again: the resubscribe asks it");
+  ws.receive({ type: "subscribed", project_id: 1, epoch: "p", seq: 3, resumed: true, replayed: 0 });
+  ws.receive({ type: "presence", project_id: 1, members: [] });
+  await env.clock.advance(30000);
+  eq(env.requests.slice(polled).map((r) => r.url), [], "the WebSocket carries the project: polling stopped");
+  eq(env.bus.state, "live");
+});
+
 test("sse: false goes straight to polling; websocket: false starts with SSE", async () => {
   const polling = setup({ autoFailSockets: true, options: { sse: false } });
   pollServer(polling, [1]);
