@@ -1026,6 +1026,7 @@ class Subscription {
     // error saying presence is unavailable yet: the gateway answers a connection's frames in
     // order, so an `unavailable` of the project now is that presence read's, not a refusal.
     this.presenceDue = false;
+    this.presenceRetry = 0; // presence reads failed since the last `presence` (its re-asks' backoff)
     // The current WebSocket refused the project's subscribe for its subscription limit
     // (`too_many_subscriptions`): polling carries it while that connection lives.
     this.refusedForLimit = false;
@@ -1469,7 +1470,10 @@ export class EventBus {
 
   _onPresence(message) {
     const sub = this._subs.get(message.project_id);
-    if (sub && message.type === "presence") sub.presenceDue = false; // (its read succeeded)
+    if (sub && message.type === "presence") {
+      sub.presenceDue = false; // (its read succeeded)
+      sub.presenceRetry = 0;
+    }
     if (!sub || sub.presenceHandlers.size === 0) return;
     if (!isPresenceMessage(message)) {
       // A buggy gateway: the frame is ignored (the list stays as it was), nothing else changes.
@@ -1873,7 +1877,8 @@ export class EventBus {
 
   /**
    * An `error` from the gateway (each is reported to onError). What it does to the project it
-   * names depends on its code (docs/browser.md, "Subscribe errors"):
+   * names depends on its code (docs/browser.md, the table of errors in "Reconnection and close
+   * codes"):
    * - `rate_limited`: the frame is sent again, paced (_onRateLimited);
    * - `unavailable` right after the `subscribed` of a subscribe that asked presence
    *   (presenceDue): only the presence read failed, the events flow. Not a subscribe's answer:
@@ -1897,7 +1902,11 @@ export class EventBus {
         this._notify(sub, null);
       }
       // (A subscribe of the project asking presence is on its way already: its answer brings it.)
-      if (sub.presenceHandlers.size > 0 && !sub.presenceAsks.includes(true)) this._retrySubscribe(sub);
+      // Its own backoff, grown by each failure and reset by a `presence` only: every re-ask
+      // is answered `subscribed`, which resets the subscribe's, and a presence outage would
+      // cost a subscribe a second.
+      sub.presenceRetry += 1;
+      if (sub.presenceHandlers.size > 0 && !sub.presenceAsks.includes(true)) this._retrySubscribe(sub, sub.presenceRetry);
       return;
     }
     if (message.code === "not_subscribed") return;
@@ -1925,17 +1934,19 @@ export class EventBus {
       } else if (this._polling) this._pollSoon();
       else this._startPolling(0);
     }
-    if (sub && message.code === "unavailable") this._retrySubscribe(sub);
+    if (sub && message.code === "unavailable") {
+      sub.retry = (sub.retry || 0) + 1;
+      this._retrySubscribe(sub, sub.retry);
+    }
   }
 
-  /** Subscribe `sub` again later, on the project's backoff (and the connection's pacing): a
-   * subscribe refused as `unavailable`, or presence unavailable. */
-  _retrySubscribe(sub) {
-    sub.retry = (sub.retry || 0) + 1;
+  /** Subscribe `sub` again later, the backoff's delay for its `attempt`-th retry (and the
+   * connection's pacing): a subscribe refused as `unavailable`, or presence unavailable. */
+  _retrySubscribe(sub, attempt) {
     this._clearTimeout(sub.retryTimer);
     sub.retryTimer = this._setTimeout(() => {
       if (this._wsOpen && this._subs.get(sub.projectId) === sub) this._sendSubscribe(sub);
-    }, backoffDelay(sub.retry - 1, this.options.backoff, this._random));
+    }, backoffDelay(attempt - 1, this.options.backoff, this._random));
   }
 
   /** Whether a project refused for the gateway's subscription limit is carried by polling. */

@@ -2779,11 +2779,17 @@ test("presence unavailable after a subscribed is no refused subscribe: no count 
   await env.clock.advance(1000);
   eq(ws.sentOf("subscribe").slice(1), [{ type: "subscribe", project_id: 1, epoch: "e", after: 1, tag: tag(1, 1), presence: true }], "presence asked again");
   ws.receive({ type: "subscribed", project_id: 1, epoch: "e", seq: 1, resumed: true, replayed: 0 });
+  ws.receive({ type: "error", code: "unavailable", message: "presence is unavailable (Redis did not answer); events are not affected", project_id: 1 });
+  await env.clock.advance(1000);
+  eq(ws.sentOf("subscribe").length, 2, "presence still down: the next ask waits longer (its backoff, not reset by subscribed)");
+  await env.clock.advance(1000);
+  eq(ws.sentOf("subscribe").length, 3, "asked again 2 s later");
+  ws.receive({ type: "subscribed", project_id: 1, epoch: "e", seq: 1, resumed: true, replayed: 0 });
   ws.receive({ type: "presence", project_id: 1, members: [member("u1")] });
   await flush();
   eq(seen, [["u1"]]);
   await env.clock.advance(60000);
-  eq(ws.sentOf("subscribe").length, 2, "no more once presence came");
+  eq(ws.sentOf("subscribe").length, 3, "no more once presence came");
   eq(ws.closedWith, null);
 });
 
