@@ -2793,6 +2793,32 @@ test("presence unavailable after a subscribed is no refused subscribe: no count 
   eq(ws.closedWith, null);
 });
 
+test("a subscription ended (project unreadable) while its presence read waits is subscribed again, not left silent", async () => {
+  // The gateway sends `subscribed`, then waits for the presence read; meanwhile the hub finds
+  // the project's metadata unreadable and ends the subscription with error `unavailable`
+  // (gateway/hub.py, _fail_feed; docs/protocol.md). By frame order alone the client cannot tell
+  // it from presence's own failure, and takes it for that: the presence re-ask (a subscribe
+  // with presence from the cursor) must then come, within the presence backoff, or the project
+  // would stay unsubscribed on the gateway while the page shows `live`. Nothing else follows
+  // from the gateway: the presence read that finishes later finds the project gone and sends
+  // nothing.
+  const env = setup({ subscribe: [1] });
+  env.bus.presence(1, () => {});
+  const ws = await goLive(env);
+  ws.receive({ type: "subscribed", project_id: 1, epoch: "e", seq: 0, resumed: false, replayed: 0 });
+  await flush();
+  ws.receive({ type: "error", code: "unavailable", message: "the project's data in Redis is unreadable (not a hash); subscribe again later", project_id: 1 });
+  await flush();
+  eq(ws.sentOf("subscribe").length, 1);
+  await env.clock.advance(1200);
+  eq(ws.sentOf("subscribe").map((m) => [m.type, m.presence]), [["subscribe", true], ["subscribe", true]], "subscribed again");
+  // Still unreadable: refused before any `subscribed`, a refusal: retried on the subscribe's backoff.
+  ws.receive({ type: "error", code: "unavailable", message: "the project's data in Redis is unreadable (not a hash); subscribe again later", project_id: 1 });
+  await env.clock.advance(2500);
+  eq(ws.sentOf("subscribe").length, 3, "a refused subscribe is retried");
+  eq(ws.closedWith, null);
+});
+
 test("presence unavailable while the project's gap repair is outstanding leaves the repair unanswered: it is still waited on", async () => {
   // Project 1's subscribe (with presence) is answered, and a gap then sends a repair subscribe;
   // the first subscribe's presence read fails. The error is not the repair's answer: before, it
