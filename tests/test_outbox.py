@@ -3203,6 +3203,118 @@ def test_a_running_relay_reports_a_publisher_contract_error_and_backs_off(
     assert [seq for _, seq, _ in _marks(sqlite_path, table)] == [1, 2]
 
 
+# --- a publisher that raises ------------------------------------------------------------------
+
+
+def _raising(stored_first: bool):
+    """A ``_Faulty`` answer that raises a ValueError (a bug of the publisher's own, e.g. in a
+    redaction), before storing anything or (``stored_first``) after ``super().publish_many``
+    stored every event."""
+
+    def answer(self, events, keys, options):
+        if stored_first:
+            Publisher.publish_many(self, events, idempotency_keys=keys, **options)
+        raise ValueError("redaction bug")
+
+    return answer
+
+
+@pytest.mark.parametrize("stored_first", [False, True], ids=["before storing", "after storing"])
+def test_a_publish_many_that_raises_marks_no_row_and_names_the_publisher(
+    sqlite_path, table, redis_url, stored_first
+):
+    """A subclass whose ``publish_many`` raises (a ValueError of its own) fails the round trip
+    with ``PublisherFailed``, naming the class and the error, and marks none of its rows. Raised
+    after ``super().publish_many`` stored the events, the rows are in Redis but unconfirmed:
+    the fixed publisher's relay sends them again under their idempotency keys, which Redis
+    answers with the first cursors (no event is stored twice), and each row is marked with its
+    own event's cursor and tag. Before, the bare ValueError came out of ``run_once``, which the
+    loop took for a database error."""
+    from publisher.outbox import PublisherFailed
+
+    publisher = _faulty(redis_url, _raising(stored_first))
+    _sqlite_rows(sqlite_path, table, [event(1, n) for n in (1, 2, 3)])
+    relay = OutboxRelay.sqlite(sqlite_path, publisher, table=table)
+    try:
+        with pytest.raises(PublisherFailed, match=r"Faulty\.publish_many raised ValueError"):
+            relay.run_once()
+        assert [seq for _, seq, _ in _marks(sqlite_path, table)] == [None, None, None]
+        assert len(stream_ids(publisher.client, 1)) == (3 if stored_first else 0)
+        publisher.broken = False
+        assert drain(relay) == 3
+        assert stream_ids(publisher.client, 1) == [(1, 1), (2, 2), (3, 3)]  # none twice
+        _assert_each_row_marked_with_its_own_event(sqlite_path, table, publisher.client, 1)
+    finally:
+        relay.store.close()
+        publisher.close()
+
+
+def test_a_wrapper_whose_publish_raises_after_storing_marks_the_rows_before_it(
+    sqlite_path, table, bus
+):
+    """A publisher object of your own (one ``publish`` per row) that raises at row 2 after
+    storing it: row 1, confirmed by its cursor, is marked; row 2 and 3 are not, and go out (row
+    2 as a no-op under its key) once the wrapper is fixed."""
+    from publisher.outbox import PublisherFailed
+
+    class Raising:
+        broken = True
+
+        def publish(self, event, *, idempotency_key=None):
+            cursor = bus.publish(event, idempotency_key=idempotency_key)
+            if self.broken and cursor.seq == 2:
+                raise ValueError("redaction bug")
+            return cursor
+
+    wrapper = Raising()
+    _sqlite_rows(sqlite_path, table, [event(1, n) for n in (1, 2, 3)])
+    relay = OutboxRelay.sqlite(sqlite_path, wrapper, table=table)
+    try:
+        with pytest.raises(PublisherFailed, match=r"Raising\.publish raised ValueError"):
+            relay.run_once()
+        assert [seq for _, seq, _ in _marks(sqlite_path, table)] == [1, None, None]
+        wrapper.broken = False
+        assert drain(relay) == 2
+        assert [seq for _, seq, _ in _marks(sqlite_path, table)] == [1, 2, 3]
+        assert stream_ids(bus.client, 1) == [(1, 1), (2, 2), (3, 3)]
+    finally:
+        relay.store.close()
+
+
+def test_a_running_relay_reports_a_raising_publisher_as_the_publishers_error(
+    sqlite_path, table, redis_url
+):
+    """In the relay's loop, a publisher that raises is reported as the publisher's error
+    (``outbox_relay_error``, error level, ``source="publisher"``, the class and the error),
+    counted in ``errors``, retried with the usual doubling backoff, and the database session is
+    not reset for it; once fixed, the rows go out. Before, it was a warning with
+    ``source="database"`` (operators looked at the database) and the store reconnected each
+    round."""
+    publisher = _faulty(redis_url, _raising(stored_first=True))
+    _sqlite_rows(sqlite_path, table, [event(1, n) for n in (1, 2)])
+    relay = OutboxRelay.sqlite(sqlite_path, publisher, table=table, max_backoff=0.05)
+    resets, pauses = [], []
+    reset, backoff = relay.store.reset, relay._backoff
+    relay.store.reset = lambda: resets.append(1) or reset()
+    relay._backoff = lambda failures: pauses.append(failures) or backoff(failures)
+    with structlog.testing.capture_logs() as logs:
+        relay.start()
+        try:
+            wait_until(lambda: relay.metrics.errors >= 3)
+            publisher.broken = False
+            wait_until(lambda: relay.metrics.published == 2)
+            assert not resets  # (stop() closes the store, which resets it: counted before)
+        finally:
+            relay.stop()
+            publisher.close()
+    assert pauses[:3] == [1, 2, 3]  # consecutive failures: the pause doubles
+    (reported,) = [entry for entry in logs if entry["event"] == "outbox_relay_error"]
+    assert reported["log_level"] == "error" and reported["source"] == "publisher"
+    assert "Faulty.publish_many raised ValueError(" in reported["error"]
+    assert "redaction bug" in reported["error"]
+    assert [seq for _, seq, _ in _marks(sqlite_path, table)] == [1, 2]
+
+
 def test_the_relay_publishes_after_more_than_a_thousand_failed_rounds(sqlite_path, table, bus):
     """Redis unavailable for a long outage (over 1,000 failed rounds: some 2 hours at the
     default 5 s backoff), then back: the relay publishes the rows. Before, the pause computed

@@ -21,7 +21,7 @@ Usage (see ``docs/outbox.md``)::
 from publisher.outbox.db import InTransaction
 from publisher.outbox.metrics import LagHistogram, RateLimiter, RelayMetrics
 from publisher.outbox.postgres import PostgresOutboxStore
-from publisher.outbox.publishing import PublisherContractError
+from publisher.outbox.publishing import PublisherContractError, PublisherFailed
 from publisher.outbox.relay import OutboxRelay, idempotency_key
 from publisher.outbox.sql import (
     DEFAULT_TABLE,
@@ -44,6 +44,7 @@ __all__ = [
     "OutboxRow",
     "PostgresOutboxStore",
     "PublisherContractError",
+    "PublisherFailed",
     "RateLimiter",
     "RelayMetrics",
     "SQLiteOutboxStore",

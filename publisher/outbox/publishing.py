@@ -55,10 +55,10 @@ import redis.cluster
 import structlog
 
 from publisher.client import Publisher
-from publisher.core import TRANSACTION_SIZE, Cursor, PublishManyError
+from publisher.core import TRANSACTION_SIZE, Cursor, PublishError, PublishManyError
 from schemas.events import ProjectEvent
 
-__all__ = ["CHUNK", "KeyedPublisher", "PublisherContractError"]
+__all__ = ["CHUNK", "KeyedPublisher", "PublisherContractError", "PublisherFailed"]
 
 #: Rows per MULTI/EXEC round trip: the publisher's in-order transaction size (about 1-2 ms of
 #: Redis time, which other clients wait for).
@@ -97,6 +97,36 @@ class PublisherContractError(RuntimeError):
             f"cursor Redis holds for that row (one per event, in their order), so none of these "
             f"{rows} rows is marked; they are published again under their idempotency keys once "
             'the publisher is fixed (docs/outbox.md, "Publishers of your own")'
+        )
+
+
+class PublisherFailed(RuntimeError):
+    """The relay's publisher raised an exception of its own from ``publish_many`` or
+    ``publish``: not a Redis error (``PublishError``, ``PublisherUnavailable``, a
+    ``redis.RedisError``), but e.g. a ValueError from a subclass's or wrapper's redaction. The
+    original is ``error`` (and ``__cause__``).
+
+    As with :class:`PublisherContractError`, the round trip's rows are not marked (rows
+    confirmed by earlier cursors are), and the relay's loop reports it as the publisher's error
+    (``outbox_relay_error``, error level, ``source="publisher"``) and retries with backoff,
+    without resetting its database session. Events that Redis stored before the publisher
+    raised (a wrapper raising after ``super().publish_many`` returned) are sent again under
+    their idempotency keys: Redis answers with their first cursors, nothing is stored twice.
+
+    ``publisher_class``, ``method`` and ``rows`` as for :class:`PublisherContractError`."""
+
+    def __init__(self, publisher: Any, method: str, error: BaseException, rows: int) -> None:
+        kind = type(publisher)
+        self.publisher_class = f"{kind.__module__}.{kind.__qualname__}"
+        self.method = method
+        self.rows = rows
+        self.error = error
+        self.__cause__ = error
+        super().__init__(
+            f"{self.publisher_class}.{method} raised {error!r}: a failure of the publisher, not of "
+            f"Redis or the database; none of these {rows} rows is marked, they are published "
+            "again under their idempotency keys (as no-ops where Redis stored them) on the "
+            'next try (docs/outbox.md, "Publishers of your own")'
         )
 
 
@@ -172,8 +202,14 @@ class KeyedPublisher:
                 project_id = chunk[stopped][0].project_id
                 _report_overtaking(chunk, error, stopped)
                 return published, error.errors.get(project_id, error)
+            except (PublishError, PublisherContractError, redis.RedisError) as exc:
+                return published, exc  # (Redis's answer, or a contract already named)
             except Exception as exc:
-                return published, exc
+                # Anything else is the publisher's own failure (a bug in a subclass or wrapper:
+                # a ValueError from a redaction), which the relay must not take for the
+                # database's. Raised after Redis stored some of these events or not, none of
+                # them was confirmed: they go again under their keys, as no-ops where stored.
+                return published, PublisherFailed(self.publisher, method, exc, len(chunk))
         return published, None
 
 

@@ -31,6 +31,8 @@ from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
+import redis
+
 from publisher.core import (
     PublishError,
     PublisherUnavailable,
@@ -38,7 +40,12 @@ from publisher.core import (
 )
 from publisher.outbox.metrics import RateLimiter, RelayMetrics
 from publisher.outbox.postgres import PostgresOutboxStore
-from publisher.outbox.publishing import CHUNK, KeyedPublisher, PublisherContractError
+from publisher.outbox.publishing import (
+    CHUNK,
+    KeyedPublisher,
+    PublisherContractError,
+    PublisherFailed,
+)
 from publisher.outbox.sql import DEFAULT_TABLE
 from publisher.outbox.sqlite import SQLiteOutboxStore
 from publisher.outbox.store import Mark, OutboxRow, OutboxStore, log
@@ -50,8 +57,15 @@ __all__ = [
     "OutboxRow",
     "PostgresOutboxStore",
     "PublisherContractError",
+    "PublisherFailed",
     "SQLiteOutboxStore",
 ]
+
+#: Errors out of :meth:`OutboxRelay.run_once` that the publisher raised, by their source in the
+#: loop's report: Redis's (a refusal; a ``redis.RedisError`` a wrapper let through), and the
+#: publisher's own faults. Neither resets the database session; anything else is the database's.
+_REDIS_ERRORS = (PublishError, redis.RedisError)
+_PUBLISHER_FAULTS = (PublisherContractError, PublisherFailed)
 
 
 def idempotency_key(table: str, row: OutboxRow) -> str:
@@ -200,8 +214,10 @@ class OutboxRelay:
         other projects go on, and the project is tried again after ``hold_interval``.
         ``PublisherUnavailable`` (Redis unreachable), database errors and
         :class:`~publisher.outbox.publishing.PublisherContractError` (the publisher answered a
-        round trip without one cursor per row: none of that round trip's rows is marked) are
-        raised, after marking what was published before them. Rows whose marks failed are
+        round trip without one cursor per row: none of that round trip's rows is marked) and
+        :class:`~publisher.outbox.publishing.PublisherFailed` (the publisher raised an exception
+        of its own, not a Redis error: likewise) are raised, after marking what was published
+        before them. Rows whose marks failed are
         marked first by the next call, before anything is published (see :meth:`_mark`)."""
         if self._unmarked is not None:
             self._mark(*self._unmarked)
@@ -396,9 +412,10 @@ class OutboxRelay:
                 self.metrics.errors += 1
                 failures += 1
                 if failures == 1 or failures % 50 == 0:  # bounded logging during an outage
-                    if isinstance(exc, PublisherContractError):
-                        # A bug of the user's publisher, which no retry heals: an error, not a
-                        # warning, and not the database's (its session is not reset for it).
+                    if isinstance(exc, _PUBLISHER_FAULTS):
+                        # A bug of the user's publisher (a wrong answer, or an exception of its
+                        # own), which no retry heals: an error, not a warning, and not the
+                        # database's (its session is not reset for it).
                         log().error(
                             "outbox_relay_error",
                             table=self.table,
@@ -407,11 +424,11 @@ class OutboxRelay:
                             failures=failures,
                         )
                     else:
-                        kind = "redis" if isinstance(exc, PublishError) else "database"
+                        kind = "redis" if isinstance(exc, _REDIS_ERRORS) else "database"
                         log().warning(
                             "outbox_relay_error", table=self.table, source=kind, error=repr(exc)
                         )
-                if not isinstance(exc, PublishError | PublisherContractError):
+                if not isinstance(exc, _REDIS_ERRORS + _PUBLISHER_FAULTS):
                     self.store.reset()
                 self._stop.wait(self._backoff(failures))
                 continue
