@@ -1142,6 +1142,10 @@ export class EventBus {
     this._pollRunning = false;
     this._pollAgain = false;
     this._pollRetryAfter = 0; // the Retry-After of this round's refusal, in ms (0: none)
+    // Until when (this._now()) the gateway asked polls to wait: a round refused with Retry-After
+    // sets it, and every round, asked for at once or not, waits for it (_pollWait).
+    this._pollNotBefore = -Infinity;
+    this._pollClockSeen = -Infinity; // the latest this._now() _pollWait saw
     this._sse = null; // the SSE attempt in progress or open: {controller, live, closeCode, reopen}
     this._sseLive = false;
     this._sseBackoff = new Backoff(o.backoff, this._random);
@@ -2881,6 +2885,29 @@ export class EventBus {
     this._pollAbort = null;
   }
 
+  /**
+   * How long (ms, 0: none) the next round still waits for the gateway's Retry-After. The wall
+   * clock stepped back since last asked moves the "not before" back by as much (as FramePacer
+   * does): a step never adds its size to the wait.
+   */
+  _pollWait() {
+    const now = this._now();
+    if (now < this._pollClockSeen) this._pollNotBefore -= this._pollClockSeen - now;
+    this._pollClockSeen = now;
+    return Math.max(0, this._pollNotBefore - now);
+  }
+
+  /** A round refused with Retry-After (ms): no round before that long from now, whoever asks. */
+  _pollRefused(retryAfter) {
+    this._pollWait(); // (observes the clock)
+    this._pollNotBefore = Math.max(this._pollNotBefore, this._pollClockSeen + retryAfter);
+  }
+
+  /**
+   * A round at once (a hold ended, back online...): after the round under way if one is, and
+   * never before the Retry-After a refused round was given (_pollWait): asked early, the
+   * gateway that is shedding load would refuse it again.
+   */
   _pollSoon() {
     this._pollDeferred = false;
     if (this._pollRunning) {
@@ -2892,7 +2919,7 @@ export class EventBus {
       return;
     }
     this._clearTimeout(this._pollTimer);
-    this._pollTimer = this._setTimeout(() => this._pollAll(), 0);
+    this._pollTimer = this._setTimeout(() => this._pollAll(), this._pollWait());
   }
 
   async _pollAll() {
@@ -2924,14 +2951,14 @@ export class EventBus {
       // Polling was stopped (WebSocket got live) and perhaps restarted while this round ran.
       if (this._polling && this._pollAgain && !this._pollTimer) {
         this._pollAgain = false;
-        this._pollTimer = this._setTimeout(() => this._pollAll(), 0);
+        this._pollTimer = this._setTimeout(() => this._pollAll(), this._pollWait());
       }
       return;
     }
     // With nothing polled (nothing subscribed, or all held) no request judges the transport.
     if (polled > 0) this._pollOk = ok;
     this._updateState();
-    let delay = Math.max(this._pollAgain ? 0 : this.options.pollInterval, this._pollRetryAfter);
+    let delay = Math.max(this._pollAgain ? 0 : this.options.pollInterval, this._pollWait());
     if (!ok) delay = this._offlineDelay(delay);
     this._pollTimer = this._setTimeout(() => this._pollAll(), delay);
   }
@@ -2968,6 +2995,7 @@ export class EventBus {
         if (response.status === 401) this._token = null; // re-asked on the next round
         if (!response.ok) {
           this._pollRetryAfter = retryAfterDelay(response, this.options.backoff.max);
+          if (this._pollRetryAfter > 0) this._pollRefused(this._pollRetryAfter);
           const detail = await errorDetail(response);
           this._reportError({ code: `poll_http_${response.status}`, message: detail, projectId: sub.projectId });
           if (response.status === 400 && query.includes("&tag=") && !this._tagsRefused) {

@@ -1905,6 +1905,84 @@ test("polling: a 503 with Retry-After ends the round, and the next waits at leas
   eq(env.requests.length > before + 1, true, "asked again after 5 s");
 });
 
+test("polling: a poll asked for at once (back online) after a 503 with Retry-After still waits as long as asked", async () => {
+  // Holds released, the browser back online: each asked for a round at once, one request the
+  // gateway (draining or full) had asked not to get yet; with many tabs, a burst against it.
+  const env = setup({ autoFailSockets: true, options: { sse: false, pollInterval: 1000 } });
+  pollServer(env, [1]);
+  await env.clock.advance(0);
+  const serve = env.poll;
+  let full = true;
+  env.poll = (url) => (full ? { status: 503, headers: { "Retry-After": "5" }, body: { error: "unavailable", message: "full" } } : serve(url));
+  await env.clock.advance(1000);
+  const before = env.requests.length;
+  await env.clock.advance(1000);
+  env.bus._handleOnline();
+  await env.clock.advance(3999);
+  eq(env.requests.length, before, "no poll before the 5 s the gateway asked for");
+  full = false;
+  await env.clock.advance(1);
+  eq(env.requests.length > before, true, "asked again after 5 s");
+});
+
+test("polling: a wall clock stepped back after a 503 with Retry-After does not hold polls for as long as the step", async () => {
+  const env = setup({ autoFailSockets: true, options: { sse: false, pollInterval: 1000 } });
+  pollServer(env, [1]);
+  await env.clock.advance(0);
+  const serve = env.poll;
+  let full = true;
+  env.poll = (url) => (full ? { status: 503, headers: { "Retry-After": "5" }, body: { error: "unavailable", message: "full" } } : serve(url));
+  await env.clock.advance(1000);
+  const before = env.requests.length;
+  await env.clock.advance(1000);
+  env.clock.wallStep = -3600 * 1000; // NTP, the user: an hour back
+  env.bus._handleOnline();
+  full = false;
+  await env.clock.advance(0);
+  eq(env.requests.length, before, "still waits");
+  await env.clock.advance(5000);
+  assert(env.requests.length > before, "asked again within the wait asked for, not an hour later");
+});
+
+test("sse: polls let go by a stream after a 503 with Retry-After still wait as long as asked", async () => {
+  const env = setup({ autoFailSockets: true, options: { pollInterval: 2000 } });
+  const history = [1, 2];
+  pollServer(env, history);
+  sseServer(env);
+  await env.clock.advance(0);
+  await env.clock.advance(10000); // the first stream never answers: given up (polling meanwhile)
+  for (let i = 0; i < 20 && env.open.length < 2; i += 1) await env.clock.advance(100);
+  history.push(3);
+  for (let i = 0; i < 30 && env.events[1].length < 1; i += 1) await env.clock.advance(100);
+  const serve = env.poll;
+  let full = false;
+  let refusedAt = null;
+  env.poll = (url) => {
+    if (!full) return serve(url);
+    refusedAt ??= env.clock.now();
+    return { status: 503, headers: { "Retry-After": "5" }, body: { error: "unavailable", message: "full" } };
+  };
+  full = true;
+  for (let i = 0; i < 30 && refusedAt === null; i += 1) await env.clock.advance(100);
+  assert(refusedAt !== null, "a poll refused");
+  const slow = env.open[1];
+  slow.event("subscribed", { type: "subscribed", project_id: 1, epoch: "p", seq: 2, resumed: true, replayed: 0 }, "p:2");
+  await flush();
+  assert(slow.closed, "stale: ended unread");
+  for (let i = 0; i < 100 && env.open.length < 3; i += 1) await env.clock.advance(100);
+  const held = env.open[2]; // polls wait for its answer
+  assert(held.request.at - refusedAt < 4000, "the test's premise: the stream holds polls within the 5 s");
+  const polls = env.requests.length;
+  await env.clock.advance(refusedAt + 4000 - env.clock.now());
+  eq(env.requests.length, polls, "held");
+  held.end(); // the stream breaks: its hold ends, 4 s after the refusal
+  await env.clock.advance(999);
+  eq(env.requests.length, polls, "no poll before the 5 s the gateway asked for");
+  full = false;
+  await env.clock.advance(1);
+  assert(env.requests.length > polls, "asked again after 5 s");
+});
+
 test("sse: several projects share one stream; a new subscribe reopens it with every cursor", async () => {
   const env = setup({ autoFailSockets: true, subscribe: [1, 2] });
   sseServer(env);
