@@ -71,7 +71,20 @@ def log() -> structlog.typing.FilteringBoundLogger:
     return structlog.get_logger("publisher.outbox")
 
 
-class PublisherContractError(RuntimeError):
+class _PublisherFault(RuntimeError):
+    """What :class:`PublisherContractError` and :class:`PublisherFailed` both say: the
+    publisher's class (``publisher_class``, ``module.QualName``), the method that answered
+    (``method``) and how many rows it was given (``rows``)."""
+
+    def __init__(self, publisher: Any, method: str, rows: int, message: str) -> None:
+        kind = type(publisher)
+        self.publisher_class = f"{kind.__module__}.{kind.__qualname__}"
+        self.method = method
+        self.rows = rows
+        super().__init__(f"{self.publisher_class}.{method} {message}")
+
+
+class PublisherContractError(_PublisherFault):
     """The relay's publisher answered a round trip with something that does not give each row
     its own cursor: ``publish_many`` returned more or fewer cursors than events, or anything but
     cursors (None, a None among them, ``(epoch, seq)`` tuples), or raised a ``PublishManyError``
@@ -88,19 +101,18 @@ class PublisherContractError(RuntimeError):
     that answered (``"publish_many"`` or ``"publish"``), ``rows`` how many rows it was given."""
 
     def __init__(self, publisher: Any, method: str, problem: str, rows: int) -> None:
-        kind = type(publisher)
-        self.publisher_class = f"{kind.__module__}.{kind.__qualname__}"
-        self.method = method
-        self.rows = rows
         super().__init__(
-            f"{self.publisher_class}.{method} {problem}: the relay marks a row only with the "
+            publisher,
+            method,
+            rows,
+            f"{problem}: the relay marks a row only with the "
             f"cursor Redis holds for that row (one per event, in their order), so none of these "
             f"{rows} rows is marked; they are published again under their idempotency keys once "
-            'the publisher is fixed (docs/outbox.md, "Publishers of your own")'
+            'the publisher is fixed (docs/outbox.md, "Publishers of your own")',
         )
 
 
-class PublisherFailed(RuntimeError):
+class PublisherFailed(_PublisherFault):
     """The relay's publisher raised an exception of its own from ``publish_many`` or
     ``publish``: not a Redis error (``PublishError``, ``PublisherUnavailable``, a
     ``redis.RedisError``), but e.g. a ValueError from a subclass's or wrapper's redaction. The
@@ -116,18 +128,17 @@ class PublisherFailed(RuntimeError):
     ``publisher_class``, ``method`` and ``rows`` as for :class:`PublisherContractError`."""
 
     def __init__(self, publisher: Any, method: str, error: BaseException, rows: int) -> None:
-        kind = type(publisher)
-        self.publisher_class = f"{kind.__module__}.{kind.__qualname__}"
-        self.method = method
-        self.rows = rows
-        self.error = error
-        self.__cause__ = error
         super().__init__(
-            f"{self.publisher_class}.{method} raised {error!r}: a failure of the publisher, not of "
+            publisher,
+            method,
+            rows,
+            f"raised {error!r}: a failure of the publisher, not of "
             f"Redis or the database; none of these {rows} rows is marked, they are published "
             "again under their idempotency keys (as no-ops where Redis stored them) on the "
-            'next try (docs/outbox.md, "Publishers of your own")'
+            'next try (docs/outbox.md, "Publishers of your own")',
         )
+        self.error = error
+        self.__cause__ = error
 
 
 #: A row published: its cursor, and the tag (schemas.tags) of the frame Redis stored there, or

@@ -45,6 +45,7 @@ from publisher.outbox.publishing import (
     KeyedPublisher,
     PublisherContractError,
     PublisherFailed,
+    _PublisherFault,
 )
 from publisher.outbox.sql import DEFAULT_TABLE
 from publisher.outbox.sqlite import SQLiteOutboxStore
@@ -65,7 +66,7 @@ __all__ = [
 #: loop's report: Redis's (a refusal; a ``redis.RedisError`` a wrapper let through), and the
 #: publisher's own faults. Neither resets the database session; anything else is the database's.
 _REDIS_ERRORS = (PublishError, redis.RedisError)
-_PUBLISHER_FAULTS = (PublisherContractError, PublisherFailed)
+_PUBLISHER_FAULTS = (_PublisherFault,)
 
 
 def idempotency_key(table: str, row: OutboxRow) -> str:
