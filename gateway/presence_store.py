@@ -720,7 +720,9 @@ class PresenceService:
         :meth:`_master_failed`) is written now, whole, with the rest: no refresh comes after a
         drain, and the master may have recovered since. So a last member who left there is
         gone at once (not listed by every pod until the records expire), and the members still
-        connected there are kept for the grace too. A master still down cuts those writes off
+        connected there are kept for the grace too. A project whose records Redis lost (found
+        by a refused write, or by the drain's refresh alone) is written whole and refreshed
+        once more (:meth:`_lost_at_drain`). A master still down cuts those writes off
         within the store's bound (``refresh_interval`` / 3 per pipeline) and is then not sent
         the drain's refresh (its projects' records expire at the ttl): the drain waits for it
         once, not twice. On a cluster each master's writes and then its refresh go to that
@@ -739,7 +741,21 @@ class PresenceService:
             if self.core.has_pending_writes():  # refused (Redis lost the records): whole now
                 await self._flush()
             plan = {p: v for p, v in self.core.refresh_plan().items() if v}
-            await self.store.refresh(plan, ttl_ms=ttl_ms)
+            lost = self._lost_at_drain(await self.store.refresh(plan, ttl_ms=ttl_ms))
+            if lost:  # found by the refresh alone: written whole, then kept for the grace
+                await self._flush()
+                plan = {p: v for p, v in self.core.refresh_plan().items() if v and p in lost}
+                await self.store.refresh(plan, ttl_ms=ttl_ms)
+
+    def _lost_at_drain(self, replies: Mapping[int, Any]) -> set[int]:
+        """The projects a drain's refresh found without this pod's records (Redis lost them: a
+        flush, a failover that lost writes, since the last refresh), each made a whole write
+        pending: no round comes after a drain to find them, so the drain writes them itself
+        and refreshes them once more, for its members to be kept through the grace."""
+        lost = {p for p, reply in replies.items() if isinstance(reply, tuple) and not reply[0]}
+        for project_id in lost:
+            self.core.refreshed(project_id, False, {})
+        return lost
 
     async def _drain_masters(self, ttl_ms: int) -> None:
         """Redis Cluster, :meth:`drain`: each master's pending writes, then the refresh of its
@@ -813,6 +829,32 @@ class PresenceService:
         moved_writes: dict[int, Write] = {}
         moved_projects: set[int] = set()
         for _ in range(2):
+            # The second pass: projects whose refresh found the records lost, written whole
+            # and refreshed again (:meth:`_lost_at_drain`).
+            lost = await self._drain_master_pass(
+                master, writes, projects, ttl_ms, unapplied, moved_writes, moved_projects
+            )
+            if not lost:
+                break
+            writes = {w.project_id: w for w in self.core.take_writes(lost.__contains__)}
+            unapplied.update(writes)
+            projects = lost
+        return moved_writes, moved_projects
+
+    async def _drain_master_pass(
+        self,
+        master: str | None,
+        writes: dict[int, Write],
+        projects: set[int],
+        ttl_ms: int,
+        unapplied: dict[int, Write],
+        moved_writes: dict[int, Write],
+        moved_projects: set[int],
+    ) -> set[int]:
+        """One pass of :meth:`_drain_master`: the writes, then the refresh (adding to
+        ``moved_writes`` and ``moved_projects`` what goes to another master). Returns the
+        projects whose refresh found this pod's records lost there."""
+        for _ in range(2):
             if not writes:
                 break
             try:
@@ -849,7 +891,7 @@ class PresenceService:
             # Its writes failed: not sent its refresh (its bound is waited for once); those of
             # its projects whose slot moved since (a failover) are refreshed at their new one.
             moved_projects.update(p for p in projects if self.store.master_of(p) != master)
-            return moved_writes, moved_projects
+            return set()
         versions = self.core.refresh_plan()
         part = {
             p: versions[p]
@@ -867,7 +909,8 @@ class PresenceService:
                 elif _node_failure(reply) and not self._master_failed(project_id, reply, master):
                     moved_projects.add(project_id)  # (failed here, moved since: sent there)
                 # (else its records expire at the ttl; the master is sent nothing more)
-        return moved_writes, moved_projects
+            return self._lost_at_drain(replies)
+        return set()
 
     async def stop(self) -> None:
         """Stop every loop without touching Redis (what a crash looks like to other pods)."""

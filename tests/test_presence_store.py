@@ -2940,6 +2940,37 @@ async def test_a_drain_rewrites_the_members_of_a_project_whose_records_redis_los
     assert kept == {1, 2}
 
 
+@pytest.mark.parametrize("per_master", [True, False], ids=["cluster", "standalone"])
+async def test_a_drain_whose_refresh_finds_the_records_lost_writes_them_and_keeps_them(per_master):
+    """Redis lost the pod's records of a project (a flush, a failover that lost the last
+    writes) after the pod's last refresh, and nothing changed there since: only the drain's
+    refresh finds them gone. The drain writes the pod's members there whole and keeps them for
+    the grace, as the next round would have. Before, the refresh's answer was not looked at:
+    the members still connected there were listed by no pod until they reconnected elsewhere
+    (shown leaving and joining again), although the pod could still have written them."""
+
+    class Client:
+        def register_script(self, script: str) -> None:
+            return None
+
+    service = PresenceService(Client(), lambda s, f: None, pod_id="a", listen=False, **TIMINGS)
+    store = service.store = _ClusterAtMasters()  # type: ignore[assignment]
+    store.per_master = per_master
+    store.masters.update({1: "m1", 2: "m2"})
+    service.join("t1", 1, "alice", None)
+    service.join("t2", 1, "bob", None)
+    service.join("t3", 2, "carol", None)
+    await (cluster_round(service) if per_master else service._flush())  # a round's writes
+    del store.records[1]  # Redis lost them; no change is pending
+    store.calls.clear()
+    await service.drain()
+    assert store.records.get(1, (0, {}))[1].keys() == {"alice", "bob"}, "not written again"
+    grace = round(service.drain_grace * 1000)
+    last_call_of_1 = [(kind, ttl) for kind, _, ps, ttl in store.calls if 1 in ps][-1]
+    assert last_call_of_1 == ("refresh", grace), store.calls  # kept for the grace, after it
+    assert store.records[2][1].keys() == {"carol"}
+
+
 @pytest.mark.parametrize("call", ["write", "refresh"])
 async def test_a_drain_sends_a_call_cut_off_at_a_projects_old_master_to_its_new_one(call):
     """Redis Cluster: at a drain m1 hangs, and while the drain's call there is outstanding
