@@ -19,6 +19,7 @@ import socket
 import sqlite3
 import tempfile
 import threading
+import time
 import urllib.error
 import zlib
 from collections.abc import Callable
@@ -1697,6 +1698,185 @@ async def test_a_broken_send_of_the_token_never_writes_the_token_to_the_log(rend
     assert "secret" not in written
     assert ws.transport.aborted and consumer._given_up is ws
     await _still_delivers(consumer, ws, kept)
+
+
+def _expiring_soon() -> str:
+    """An ``authenticated`` whose token expires in about two seconds: with a token that is no
+    JWT (no ``iat``), its refresh falls due in about one."""
+    expires_at = int(time.time()) + 2
+    authenticated = {"type": "authenticated", "subject": None, "projects": None}
+    return json.dumps(authenticated | {"expires_at": expires_at})
+
+
+async def test_a_bug_in_the_scheduled_token_refresh_stops_the_consumer_as_any_helpers_does(
+    monkeypatch,
+):
+    """A failure of the refresh task that is not the token function's (those are retried with
+    backoff): a bug of the consumer's, as in any of its helper tasks, which stops it. Every
+    iterator raises ConsumerClosed, and it is logged once, at error. The refresh scheduled by
+    ``authenticated`` ran in a task nobody watched: the exception went unheard (``Task
+    exception was never retrieved``, at best, when the task was collected), the connection
+    kept its old token until the gateway closed it (4002), and the next refresh broke again."""
+    from structlog.testing import capture_logs
+    from websockets.asyncio.server import serve
+
+    async def gateway(connection) -> None:
+        with contextlib.suppress(Exception):
+            async for raw in connection:
+                message = json.loads(raw)
+                if message["type"] == "auth":
+                    await connection.send(_expiring_soon())
+                elif message["type"] == "subscribe":
+                    await connection.send(subscribed(1, 0).decode())
+                    await connection.send(frame(1, 1).decode())
+
+    async with serve(gateway, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        consumer = Consumer(f"ws://127.0.0.1:{port}/", token=lambda: "t")
+        plain_send_paced = consumer._send_paced
+
+        async def send_paced(key, message) -> None:
+            if key == "auth":
+                raise RuntimeError("a bug in the refresh")
+            await plain_send_paced(key, message)
+
+        monkeypatch.setattr(consumer, "_send_paced", send_paced)
+        with capture_logs() as logs:
+            async with consumer:
+                events = consumer.events(1)
+                async with asyncio.timeout(10):
+                    assert (await anext(events)).seq == 1
+                    with pytest.raises(ConsumerClosed, match="a bug in the refresh"):
+                        await anext(events)
+    assert [(e["event"], e["error"]) for e in logs if e["log_level"] == "error"] == [
+        ("consumer helper failed", "RuntimeError('a bug in the refresh')"),
+        ("consumer stopped", "internal error: RuntimeError('a bug in the refresh')"),
+    ]
+    assert consumer.connects == 1
+
+
+async def test_the_token_refresh_is_watched_and_cancelled_with_its_connection():
+    """The refresh scheduled by ``authenticated`` is one of the consumer's helper tasks
+    (watched: see the test above), tied to its connection: when the connection ends (here the
+    gateway restarting, 1012) it is cancelled, the next connection schedules its own, and
+    ``aclose()`` cancels that one; none is left pending."""
+    from websockets.asyncio.server import serve
+
+    async def gateway(connection) -> None:
+        with contextlib.suppress(Exception):
+            async for raw in connection:
+                message = json.loads(raw)
+                if message["type"] == "auth":
+                    authenticated = {"type": "authenticated", "subject": None, "projects": None}
+                    expires_at = int(time.time()) + 600
+                    await connection.send(json.dumps(authenticated | {"expires_at": expires_at}))
+
+    policy = ReconnectPolicy(initial=0.05, max=0.1, prompt_max=0.05)
+    async with serve(gateway, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        consumer = Consumer(f"ws://127.0.0.1:{port}/", token=lambda: "t", reconnect=policy)
+        async with consumer:
+            async with asyncio.timeout(10):
+                await consumer._authenticated.wait()
+            first = consumer._refresh
+            assert first is not None and first in consumer._helpers and not first.done()
+            for connection in server.connections:
+                await connection.close(1012)  # service restart: a prompt reconnect
+            async with asyncio.timeout(10):
+                await asyncio.wait([first])
+                # (cleared as the first connection ended, before its refresh was cancelled)
+                await consumer._authenticated.wait()
+            assert consumer.connects == 2
+            second = consumer._refresh
+            assert first.cancelled() and first not in consumer._helpers
+            assert second is not None and second in consumer._helpers and not second.done()
+        assert second.cancelled() and not consumer._helpers
+        assert consumer._failure is None
+
+
+async def test_a_send_that_fails_on_every_connection_logs_at_error_the_first_and_every_50th():
+    """A send failing unexpectedly on every connection (a bug in websockets or a transport that
+    no reconnect heals): each connection is dropped and made again with backoff (up to every
+    ``max``, 30 s, for as long as it lasts), and an error with its traceback was logged for
+    each, for ever. The first is logged at error, then every 50th (with ``failures``, the
+    count); the ones between at debug."""
+    from structlog.testing import capture_logs
+
+    consumer, ws, _kept = await fed_consumer(1)
+    with capture_logs() as logs:
+        for _ in range(100):
+            ws = BrokenSend()
+            ws.breaks = ("subscribe",)
+            consumer._ws = consumer._subscribed_on = ws  # type: ignore[assignment]
+            assert await consumer._send(ws, {"type": "subscribe", "project_id": 1}) is not None
+            assert ws.transport.aborted and consumer._given_up is ws
+    sends = [e for e in logs if e["event"] == "cannot send a subscribe; reconnecting"]
+    assert [e["failures"] for e in sends] == list(range(1, 101))
+    assert [(e["failures"], "exc_info" in e) for e in sends if e["log_level"] == "error"] == [
+        (1, True),
+        (50, True),
+        (100, True),
+    ]
+    assert {e["log_level"] for e in sends if e["failures"] not in (1, 50, 100)} == {"debug"}
+
+
+async def test_unexpected_send_failures_are_counted_until_a_connection_is_stable_again(
+    monkeypatch,
+):
+    """End to end, on a local WebSocket server: the subscribe's send breaks on the first two
+    connections (an error, then a debug line: the same failure again), works on the third,
+    which stays up past ``stable_after``, and breaks again on the fourth: a new failure, after a
+    connection that worked, logged at error again. A connection where a send broke is never
+    stable: another frame sent on it (the token before a subscribe that breaks) does not end
+    the count. The project delivers each event once."""
+    from structlog.testing import capture_logs
+    from websockets.asyncio.server import serve
+
+    plain_send = consumer_client._Connection.send
+    consumer: Consumer | None = None
+
+    async def send(self, message, text=None):
+        assert consumer is not None
+        if json.loads(message)["type"] == "subscribe" and consumer.connects in (1, 2, 4):
+            raise RuntimeError("the send broke")
+        return await plain_send(self, message, text=text)
+
+    monkeypatch.setattr(consumer_client._Connection, "send", send)
+    subscribes = 0
+
+    async def gateway(connection) -> None:
+        nonlocal subscribes
+        with contextlib.suppress(Exception):
+            async for raw in connection:
+                message = json.loads(raw)
+                if message["type"] == "auth":
+                    await connection.send(AUTHENTICATED)
+                elif message["type"] == "subscribe":
+                    subscribes += 1
+                    if subscribes == 1:
+                        await connection.send(subscribed(1, 0).decode())
+                        await connection.send(frame(1, 1).decode())
+                        await asyncio.sleep(0.3)  # past stable_after
+                        await connection.close(1001)
+                    else:
+                        await connection.send(frame(1, 2).decode())
+                        await connection.send(subscribed(1, 2, resumed=True).decode())
+
+    policy = ReconnectPolicy(initial=0.05, max=0.1, stable_after=0.2)
+    with capture_logs() as logs:
+        async with serve(gateway, "127.0.0.1", 0) as server:
+            port = server.sockets[0].getsockname()[1]
+            url = f"ws://127.0.0.1:{port}/"
+            async with Consumer(url, token=lambda: "t", reconnect=policy) as consumer:
+                events = consumer.events(1)
+                async with asyncio.timeout(10):
+                    assert [(await anext(events)).seq for _ in range(2)] == [1, 2]
+                assert consumer.connects == 5 and consumer._failure is None
+    assert [
+        (e["log_level"], e["failures"])
+        for e in logs
+        if e["event"] == "cannot send a subscribe; reconnecting"
+    ] == [("error", 1), ("debug", 2), ("error", 1)]
 
 
 async def test_a_bug_in_the_connection_task_never_writes_the_token_to_the_log(monkeypatch):
