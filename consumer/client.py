@@ -132,6 +132,9 @@ POLL_PAGE = 1000
 
 #: How many connections' close codes :attr:`Consumer.close_codes` keeps.
 CLOSE_CODES_KEPT = 1000
+#: Unexpected send failures in a row (see Consumer._send) are logged at error the first and
+#: every this many times; the others at debug.
+SEND_FAILURES_LOGGED_EVERY = 50
 
 
 #: Seconds websockets waits for the gateway's answer to the consumer's close frame; and, from
@@ -763,6 +766,8 @@ class Consumer:
         self._answer_timer: asyncio.TimerHandle | None = None
         #: The connection the consumer gave up on for not answering (not a stable one).
         self._given_up: ClientConnection | None = None
+        #: Sends that failed unexpectedly since the last stable connection (see :meth:`_send`).
+        self._send_failures = 0
         #: A catch-up page with a tag was refused (400: a gateway from before cursor tags): pages
         #: are asked for without tags until a gateway names a tag (:meth:`_tags_known`), or the
         #: next connection.
@@ -1044,12 +1049,17 @@ class Consumer:
         dropped, given up, or no longer the consumer's), which the next connection replaces
         (the gateway drops a connection's subscriptions with it; the next one subscribes every
         project, and sends a fresh token). Any other failure is unexpected (a bug in
-        websockets, a transport's): logged once at error with the frame's type and project,
-        and returned, for a caller who asked to raise it (only leaving a project does:
+        websockets, a transport's): logged with the frame's type and project (below), and
+        returned, for a caller who asked to raise it (only leaving a project does:
         :meth:`_unregister`); never raised, so that no frame stops the consumer (a helper
         task's exception does, the connection task's too). Nobody knows whether the frame
         went, or what of it: the connection is dropped (1006) and made again with backoff,
-        every project resuming from its cursor."""
+        every project resuming from its cursor.
+
+        Such failures are counted (``failures`` in the log line) until a connection is stable
+        again (:meth:`_connect_once`): the first, and then one in every
+        :data:`SEND_FAILURES_LOGGED_EVERY`, is logged at error with the traceback; the ones
+        between at debug, without it."""
         try:
             await ws.send(_encode(frame), text=True)
         except ConnectionClosed:
@@ -1070,21 +1080,28 @@ class Consumer:
                     **about,
                 )
                 return None
-            # The frame itself is never logged: an auth frame carries the token. Nor, for that
-            # one, the exception as exc_info: the tracebacks structlog draws (rich's in its
-            # console renderer, dict_tracebacks) show every frame's locals, this frame and
-            # websockets' encoded message among them. Its text says what broke, and where.
-            trace: dict[str, object] = (
-                {"traceback": "".join(traceback.format_exception(exc))}
-                if kind == "auth"
-                else {"exc_info": exc}
-            )
-            log.error(
-                f"cannot send {_SENT_FRAMES.get(kind, kind)}; reconnecting",
-                error=repr(exc),
-                **trace,
-                **about,
-            )
+            # A send that breaks on every connection (a bug no reconnect heals) is dropped and
+            # made again up to every `max` (30 s) for as long as it lasts: an error each time
+            # filled the logs. Counted until a connection is stable (the backoff's reset): a
+            # connection where a send broke never is, and the frames that went before it there
+            # (the token before a subscribe that breaks) do not end the count.
+            self._send_failures += 1
+            failures = self._send_failures
+            event = f"cannot send {_SENT_FRAMES.get(kind, kind)}; reconnecting"
+            if failures != 1 and failures % SEND_FAILURES_LOGGED_EVERY:
+                log.debug(event, error=repr(exc), failures=failures, **about)
+            else:
+                # The frame itself is never logged: an auth frame carries the token. Nor, for
+                # that one, the exception as exc_info: the tracebacks structlog draws (rich's in
+                # its console renderer, dict_tracebacks) show every frame's locals, this frame
+                # and websockets' encoded message among them. Its text says what broke, and
+                # where.
+                trace: dict[str, object] = (
+                    {"traceback": "".join(traceback.format_exception(exc))}
+                    if kind == "auth"
+                    else {"exc_info": exc}
+                )
+                log.error(event, error=repr(exc), failures=failures, **trace, **about)
             # Not a stable connection (see _connect_once): a send that breaks on every
             # connection must not reconnect at once each time.
             self._given_up = ws
@@ -1204,7 +1221,14 @@ class Consumer:
             if isinstance(exc, ConsumerError):
                 self._fail(exc)
             elif not isinstance(exc, ConnectionClosed):
-                log.error("consumer helper failed", error=repr(exc))
+                # Where it broke, as the connection task's (_run): the traceback's text, not
+                # exc_info, whose renderers show every frame's locals (the token refresh's hold
+                # the token).
+                log.error(
+                    "consumer helper failed",
+                    error=repr(exc),
+                    traceback="".join(traceback.format_exception(exc)),
+                )
                 self._fail(ConsumerClosed(f"internal error: {exc!r}"))
 
     def _fail(self, error: ConsumerError) -> None:
@@ -1308,6 +1332,7 @@ class Consumer:
             ):
                 self._backoff.reset()
                 self._prompted = False
+                self._send_failures = 0
             self._given_up = None
         if self._closed:
             return 0.0
@@ -2242,7 +2267,10 @@ class Consumer:
 
     def _schedule_refresh(
         self, ws: ClientConnection, message: Authenticated
-    ) -> asyncio.Task[None] | None:
+    ) -> asyncio.Future[None] | None:
+        """The next in-band refresh of ``ws``'s token, after ``message``: a helper task (the
+        caller keeps it in ``_refresh``; the connection's end cancels it), or None when there is
+        none to make (a fixed token, an unknown lifetime)."""
         if not callable(self._token_source) or self._token is None:
             return None  # a fixed token cannot be renewed
         token, obtained_at = self._token
@@ -2262,9 +2290,18 @@ class Consumer:
         )
         if delay is None:
             return None
-        return asyncio.create_task(self._refresh_later(ws, delay))
+        # A helper like any other (as the retry after `invalid_token` is): an exception out of
+        # it, which is never the token function's (those are retried below), is a bug of ours
+        # and stops the consumer (_helper_done), loudly. Not a reconnect, as a failed send gets
+        # (_send): that heals a connection in a state nobody knows, while this bug would break
+        # every connection's refresh again, each one ending at the token's expiry (4002). In a
+        # task nobody watched, it went unheard while exactly that happened.
+        return self._spawn(self._refresh_later(ws, delay))
 
     async def _refresh_later(self, ws: ClientConnection, delay: float) -> None:
+        """After ``delay``, send a fresh token on ``ws`` (while it is the consumer's), calling
+        the token function again with backoff while it fails. Runs as a helper (:meth:`_spawn`):
+        any other exception stops the consumer."""
         await asyncio.sleep(delay)
         backoff = Backoff(ReconnectPolicy(initial=1.0, max=10.0), self._random)
         while self._ws is ws:

@@ -1752,6 +1752,8 @@ async def test_a_bug_in_the_scheduled_token_refresh_stops_the_consumer_as_any_he
         ("consumer helper failed", "RuntimeError('a bug in the refresh')"),
         ("consumer stopped", "internal error: RuntimeError('a bug in the refresh')"),
     ]
+    (failed,) = [e for e in logs if e["event"] == "consumer helper failed"]
+    assert "_refresh_later" in failed["traceback"]  # where it broke
     assert consumer.connects == 1
 
 
