@@ -297,6 +297,9 @@ async def test_an_unreadable_project_ends_its_subscriptions_and_spares_the_other
     assert received(poisoned) == ["subscribed", "error"]
     error = poisoned.transport.messages()[-1]
     assert (error["code"], error["project_id"]) == ("unavailable", 2)
+    # Says the subscription ended: a client cannot tell it by its place among the frames from
+    # the `unavailable` of a failed presence read, which leaves the subscription standing.
+    assert error.get("ended") is True
     assert 2 not in hub.feeds and 2 not in poisoned.projects
 
 
@@ -307,8 +310,8 @@ async def test_subscribing_to_an_unreadable_project_is_an_explicit_error() -> No
     session = session_of(hub)
     await hub.subscribe(session, 1, None, None)  # the feed's first read fails and tells it
     await next_iteration()
-    assert [(m["type"], m["code"]) for m in session.transport.messages()] == [
-        ("error", "unavailable")
+    assert [(m["type"], m["code"], m.get("ended")) for m in session.transport.messages()] == [
+        ("error", "unavailable", True)
     ]
     assert 1 not in hub.feeds and 1 not in session.projects
     store.unreadable.clear()  # repaired: the next subscribe works

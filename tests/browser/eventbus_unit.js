@@ -2829,6 +2829,90 @@ test("a project refused for the subscription limit on a proven connection (a pro
   eq([env.bus.state, env.bus.transport], ["live", "websocket"]);
 });
 
+/** Projects 1..n on a gateway whose polls answer from `histories` (epoch "e"). */
+function limitedGateway(env, histories) {
+  env.poll = (url) => {
+    const projectId = Number(new URL(url).pathname.split("/")[3]);
+    const after = new URL(url).searchParams.get("after");
+    const history = histories[projectId] || [];
+    const events = after === null ? [] : history.slice(Number(after)).map((seq) => event(projectId, seq));
+    return { status: 200, body: { project_id: projectId, epoch: "e", seq: history.length, events, resync_required: null, more: false } };
+  };
+  return (projectId) => env.requests.filter((r) => r.url.includes(`/projects/${projectId}/`)).length;
+}
+
+test("a slot freed on the connection subscribes the project refused for the limit again, from its polled cursor: nothing lost, nothing twice", async () => {
+  // Project 2 was refused for --max-subscriptions and is polled; the page then drops project 1.
+  // Before, project 2 stayed polled (every pollInterval, 10 s late at worst) for as long as the
+  // connection lived, though the gateway had room for it.
+  const env = setup({ subscribe: [1, 2], options: { sse: false } });
+  const histories = { 1: [], 2: [] };
+  const pollsOf = limitedGateway(env, histories);
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  ws.receive({ type: "error", code: "too_many_subscriptions", message: "at most 1 projects per connection", project_id: 2 });
+  await env.clock.advance(0);
+  histories[2].push(1, 2);
+  await env.clock.advance(10000);
+  eq(env.events[2], [1, 2], "polled");
+  env.unsubscribe[1]();
+  await flush();
+  const frames = ws.sent.filter((m) => m.type === "subscribe" || m.type === "unsubscribe").slice(-2);
+  eq(frames, [{ type: "unsubscribe", project_id: 1 }, { type: "subscribe", project_id: 2, epoch: "e", after: 2 }], "the slot goes to project 2, from its cursor, after the unsubscribe freed it");
+  // A poll round before the answer delivers event 3; the answer (a replay of 3 from the cursor
+  // the subscribe carried) comes after: it is not delivered again, and nothing is skipped.
+  histories[2].push(3);
+  await env.clock.advance(10000);
+  eq(env.events[2], [1, 2, 3], "polling goes on until the subscribe is answered");
+  ws.receive(event(2, 3));
+  ws.receive({ type: "subscribed", project_id: 2, epoch: "e", seq: 3, resumed: true, replayed: 1 });
+  await flush();
+  const last = ws.sentOf("subscribe").slice(-1)[0];
+  eq(last, { type: "subscribe", project_id: 2, epoch: "e", after: 3 }, "a stale answer: asked again from the polled cursor");
+  ws.receive({ type: "subscribed", project_id: 2, epoch: "e", seq: 3, resumed: true, replayed: 0 });
+  await flush();
+  const polls = pollsOf(2);
+  ws.receive(event(2, 4));
+  await env.clock.advance(60000);
+  eq(env.events[2], [1, 2, 3, 4], "exactly once, the WebSocket carrying it now");
+  eq(pollsOf(2), polls, "polling ended");
+  eq([env.bus.state, env.bus.transport], ["live", "websocket"]);
+  eq(ws.closedWith, null);
+});
+
+test("freed slots go to the projects refused for the limit one each, oldest refusal first; refused again, the project stays polled", async () => {
+  const env = setup({ subscribe: [1, 2, 3, 4], options: { sse: false } });
+  const pollsOf = limitedGateway(env, { 1: [], 2: [], 3: [], 4: [] });
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 0 }, 2: { epoch: "e", seq: 0 } });
+  for (const projectId of [4, 3]) {
+    ws.receive({ type: "error", code: "too_many_subscriptions", message: "at most 2 projects per connection", project_id: projectId });
+  }
+  await env.clock.advance(0);
+  eq([pollsOf(3), pollsOf(4)], [1, 1]);
+  const subscribes = () => ws.sentOf("subscribe").length;
+  const before = subscribes();
+  env.unsubscribe[1]();
+  await flush();
+  eq(ws.sentOf("subscribe").slice(before).map((m) => m.project_id), [4], "one slot: the project refused first");
+  // Another connection of the gateway's took the slot meanwhile (or the limit went down):
+  // refused again, polled again, and not asked again without another freed slot.
+  ws.receive({ type: "error", code: "too_many_subscriptions", message: "at most 2 projects per connection", project_id: 4 });
+  await env.clock.advance(30000);
+  eq(ws.sentOf("subscribe").length, before + 1, "no retry without a freed slot");
+  eq([pollsOf(3), pollsOf(4)], [4, 4], "both polled every round");
+  env.unsubscribe[2]();
+  await flush();
+  eq(ws.sentOf("subscribe").slice(before + 1).map((m) => m.project_id), [4], "the next slot: still the oldest refusal");
+  ws.receive({ type: "subscribed", project_id: 4, epoch: "e", seq: 0, resumed: true, replayed: 0 });
+  await env.clock.advance(10000);
+  eq([pollsOf(3), pollsOf(4)], [5, 4], "project 4 left polling, project 3 still polled");
+  // A project refused for the limit that the page drops frees no slot (the gateway never held it).
+  env.unsubscribe[3]();
+  await flush();
+  eq(ws.sentOf("subscribe").length, before + 2);
+  eq(ws.sentOf("unsubscribe").map((m) => m.project_id), [1, 2], "no unsubscribe for a project the gateway refused");
+  eq(ws.closedWith, null);
+});
+
 test("presence unavailable after a subscribed is no refused subscribe: no count taken, no retry at once, presence re-asked later", async () => {
   // The gateway answers a presence subscribe whose presence read failed (Redis for presence
   // down) with `subscribed` and then error `unavailable` ("events are not affected"). Before, the
@@ -2894,6 +2978,47 @@ test("a subscription ended (project unreadable) while its presence read waits is
   ws.receive({ type: "error", code: "unavailable", message: "the project's data in Redis is unreadable (not a hash); subscribe again later", project_id: 1 });
   await env.clock.advance(2500);
   eq(ws.sentOf("subscribe").length, 3, "a refused subscribe is retried");
+  eq(ws.closedWith, null);
+});
+
+test("a subscription the gateway says it ended (`ended`) while the presence read waits is subscribed again on the subscribe's backoff, not presence's", async () => {
+  // Presence has failed three times (its backoff grown to 8 s); on the third re-ask the hub
+  // ends the subscription (the project's metadata unreadable) while the presence read waits.
+  // Before, the client took that `unavailable` for presence's own failure too, and left the
+  // project unsubscribed on the gateway for presence's 8 s (up to 30 s) while the page showed
+  // `live`; the gateway's `ended` tells the two apart.
+  const env = setup({ subscribe: [1] });
+  const seen = [];
+  env.bus.presence(1, (members) => seen.push(members && members.map((m) => m.id)));
+  const ws = await goLive(env);
+  const subscribed = () => ws.receive({ type: "subscribed", project_id: 1, epoch: "e", seq: 0, resumed: true, replayed: 0 });
+  const presenceFailed = () =>
+    ws.receive({ type: "error", code: "unavailable", message: "presence is unavailable (Redis did not answer); events are not affected; subscribe again later for presence", project_id: 1 });
+  subscribed();
+  presenceFailed();
+  await env.clock.advance(1000);
+  eq(ws.sentOf("subscribe").length, 2, "presence re-asked after 1 s");
+  for (const delay of [2000, 4000]) {
+    const count = ws.sentOf("subscribe").length;
+    subscribed();
+    presenceFailed();
+    await env.clock.advance(delay - 1);
+    eq(ws.sentOf("subscribe").length, count, "presence's backoff");
+    await env.clock.advance(1);
+    eq(ws.sentOf("subscribe").length, count + 1, `presence re-asked after ${delay} ms`);
+  }
+  subscribed();
+  await flush();
+  const count = ws.sentOf("subscribe").length;
+  ws.receive({ type: "error", code: "unavailable", message: "the project's data in Redis is unreadable (not a hash); subscribe again later", project_id: 1, ended: true });
+  await env.clock.advance(1000);
+  eq(ws.sentOf("subscribe").length, count + 1, "subscribed again after the subscribe's first delay (1 s), not presence's 8 s");
+  eq(ws.sentOf("subscribe")[count], { type: "subscribe", project_id: 1, epoch: "e", after: 0, presence: true });
+  // Repaired: answered, and presence comes with it.
+  subscribed();
+  ws.receive({ type: "presence", project_id: 1, members: [member("b")] });
+  await flush();
+  eq(seen[seen.length - 1], ["b"]);
   eq(ws.closedWith, null);
 });
 
