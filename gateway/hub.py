@@ -583,9 +583,9 @@ class Hub:
     def _fail_feed(self, feed: Feed, exc: ProjectUnreadable) -> None:
         """The project's metadata in Redis is unreadable: end its subscriptions explicitly.
 
-        Every subscriber, live or joining, gets ``error`` ``unavailable`` naming the project
-        (clients subscribe again later, as after any ``unavailable``) and the subscription
-        ends. The feed is dropped, so the next subscribe reads the metadata afresh.
+        Every subscriber, live or joining, gets ``error`` ``unavailable`` naming the project,
+        with ``ended`` (clients subscribe again later, as after any ``unavailable``) and the
+        subscription ends. The feed is dropped, so the next subscribe reads the metadata afresh.
         """
         if exc.key not in self._unreadable_logged:  # once per key: clients retry subscribing
             if len(self._unreadable_logged) >= ForeignValues.MAX_KEYS:
@@ -606,6 +606,9 @@ class Hub:
             message=f"the project's data in Redis is unreadable ({exc.problem}); "
             "subscribe again later",
             project_id=feed.project_id,
+            # A live subscriber may be waiting for its presence read: an `unavailable` then is
+            # otherwise presence's failure, which leaves the subscription standing.
+            ended=True,
         )
         for session in [*feed.live, *feed.joining]:
             session.projects.discard(feed.project_id)

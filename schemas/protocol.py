@@ -234,13 +234,18 @@ class Error(msgspec.Struct, tag_field="type", tag="error", omit_defaults=True):
     rate limit would allow the refused frame (absent from gateways before it was added: a
     client then waits a delay of its own). ``refused``: only with ``rate_limited``, the
     ``type`` of the frame that was not executed (``subscribe``, ``activity``, ``auth``, ...;
-    absent when the frame could not be read, and from gateways before it was added)."""
+    absent when the frame could not be read, and from gateways before it was added).
+    ``ended``: only with ``unavailable``, true when the gateway itself ends the project's
+    subscription (live or being made: its metadata in Redis became unreadable); absent
+    otherwise, e.g. from the failed presence read after a ``subscribed``, which leaves the
+    subscription standing, and from gateways before it was added."""
 
     code: ErrorCode
     message: str
     project_id: int | None = None
     retry_after_ms: int | None = None
     refused: str | None = None
+    ended: bool = False
 
 
 class Pong(msgspec.Struct, tag_field="type", tag="pong"):
