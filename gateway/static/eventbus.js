@@ -1028,8 +1028,11 @@ class Subscription {
     this.presenceDue = false;
     this.presenceRetry = 0; // presence reads failed since the last `presence` (its re-asks' backoff)
     // The current WebSocket refused the project's subscribe for its subscription limit
-    // (`too_many_subscriptions`): polling carries it while that connection lives.
+    // (`too_many_subscriptions`): polling carries it while that connection lives, or until a
+    // slot the page freed on it subscribes it again (EventBus._offerFreedSlot).
     this.refusedForLimit = false;
+    this.refusedForLimitAt = 0; // the order of that refusal among the connection's (oldest first)
+    this.slotOffered = false; // subscribed again for a freed slot, its answer not come yet
     // Polls of the project wait for the answer to its subscribe sent again after a stale one
     // (EventBus._holdPollsOf): the timer ending the wait after connectTimeout; null: not held.
     this.pollHoldTimer = null;
@@ -1073,6 +1076,7 @@ export class EventBus {
     this._isOnline = o.isOnline || (() => typeof navigator === "undefined" || navigator.onLine !== false);
 
     this._subs = new Map();
+    this._limitRefusals = 0; // refusals for the subscription limit so far (their order)
     this._activity = new Map(); // projectId -> {viewing, answering}, this tab's latest
     this._backoff = new Backoff(o.backoff, this._random);
     this._state = State.CONNECTING;
@@ -1241,6 +1245,9 @@ export class EventBus {
     this._pacer.drop(`activity:${sub.projectId}`);
     const onGateway = sub.wsSubscribed || sub.subscribesSent > 0;
     if (this._wsOpen && onGateway) this._send({ type: "unsubscribe", project_id: sub.projectId });
+    // The unsubscribe (sent first) frees the project's slot on the gateway; a project given a
+    // freed slot whose subscribe never went out passes that slot on.
+    if (this._wsLive && (onGateway || sub.slotOffered)) this._offerFreedSlot();
     if (sub.refusedForLimit) this._pollRefusedOnly(); // (the last one polled: polling ends)
     if (!this._wsLive && this._sse) this._reopenSse();
   }
@@ -1816,8 +1823,10 @@ export class EventBus {
         sub.presenceDue = sub.presenceHandlers.size > 0; // (its own ask was taken off with the refusal)
       }
       if (sub.refusedForLimit) {
-        // A subscribe sent again (a presence listener) found room: the WebSocket carries it now.
+        // A subscribe sent again (a presence listener, a freed slot) found room: the WebSocket
+        // carries it now.
         sub.refusedForLimit = false;
+        sub.slotOffered = false;
         this._pollRefusedOnly();
       }
       if (sub.subscribesSent === 0) this._releasePollsOf(sub);
@@ -1888,7 +1897,11 @@ export class EventBus {
    *   (presenceDue): only the presence read failed, the events flow. Not a subscribe's answer:
    *   nothing is counted, no poll hold ends; presence is asked again on the project's backoff
    *   (a subscribe with presence from the cursor, as docs/protocol.md says);
-   * - `unavailable` otherwise: the subscribe was refused (Redis): sent again on the backoff;
+   * - `unavailable` with `ended` in that moment: the gateway ended the subscription (its
+   *   project's data unreadable) while the presence read waited: subscribed again on the
+   *   project's subscribe backoff;
+   * - `unavailable` otherwise: the subscribe was refused (Redis), or the subscription ended:
+   *   sent again on the backoff;
    * - `too_many_subscriptions`: the connection follows as many projects as the gateway allows;
    *   polling, which has no such limit, carries this one while the connection lives;
    * - `not_subscribed`: answers an `unsubscribe` or `activity`, never a subscribe;
@@ -1899,7 +1912,26 @@ export class EventBus {
     this._reportError({ code: message.code, message: message.message, projectId: message.project_id });
     if (message.code === "rate_limited") return this._onRateLimited(message);
     const sub = message.project_id != null ? this._subs.get(message.project_id) : null;
+    if (sub && message.code === "unavailable" && message.ended === true && sub.presenceDue && this._wsLive) {
+      // The gateway ended the subscription while its presence read waited (the project's data
+      // unreadable): not presence's failure, and no subscribe's answer either (the gateway
+      // takes up a connection's next frame after that read). The read that finishes later
+      // finds the project gone and sends nothing. Subscribed again on the subscribe's backoff,
+      // not presence's (grown to 30 s while presence fails), unless a subscribe is on its way:
+      // its answer, or its refusal's retry, brings the project back.
+      sub.presenceDue = false;
+      sub.wsSubscribed = false;
+      if (sub.presence) {
+        sub.presence = null; // (the gateway took the tab out of the project's presence)
+        this._notify(sub, null);
+      }
+      sub.retry = (sub.retry || 0) + 1;
+      if (sub.subscribesSent === 0) this._retrySubscribe(sub, sub.retry);
+      return;
+    }
     if (sub && message.code === "unavailable" && sub.presenceDue && this._wsLive) {
+      // (Without `ended`, from a gateway before it, a subscription ended in this moment is
+      // taken for presence's failure too: the re-ask below subscribes it again, later.)
       sub.presenceDue = false;
       if (sub.presence) {
         sub.presence = null; // (a list from before is stale, and no diff will come)
@@ -1928,13 +1960,19 @@ export class EventBus {
       // The gateway's --max-subscriptions: more projects than that on one connection. Polled,
       // alone once the WebSocket is proven (_pollAll), until this connection ends; the next
       // one subscribes it again (the limit may differ there). Presence comes by WebSocket only.
+      // Refused again (the subscribe sent for a freed slot, which a subscribe of a project the
+      // page added took first): it keeps its place among the refused, and its polls, which
+      // went on while that subscribe was unanswered, their pace (no round at once).
+      const again = sub.refusedForLimit;
+      if (!again) sub.refusedForLimitAt = ++this._limitRefusals;
       sub.refusedForLimit = true;
+      sub.slotOffered = false; // (the next slot freed may go to it)
       if (sub.presence) {
         sub.presence = null;
         this._notify(sub, null);
       }
-      if (!this._wsProven) {
-        /* polling runs until every subscribe is answered, then goes on for it (_proveSocket) */
+      if (again || !this._wsProven) {
+        /* polling runs (until every subscribe is answered, then on for it: _proveSocket) */
       } else if (this._polling) this._pollSoon();
       else this._startPolling(0);
     }
@@ -1951,6 +1989,26 @@ export class EventBus {
     sub.retryTimer = this._setTimeout(() => {
       if (this._wsOpen && this._subs.get(sub.projectId) === sub) this._sendSubscribe(sub);
     }, backoffDelay(attempt - 1, this.options.backoff, this._random));
+  }
+
+  /**
+   * A project the connection followed was dropped: the gateway has room for one more, and the
+   * project it refused for its subscription limit first (and not given a slot already) is
+   * subscribed again, on the connection's pacing, from its cursor like any subscribe (polling
+   * goes on until it is answered; a poll that moves the cursor meanwhile makes its answer a
+   * stale one, asked again, nothing lost or twice). Polled until the next connection, it could
+   * otherwise lag by a pollInterval for hours on a long-lived page. Refused again (a project
+   * the page added took the slot first), it stays polled, and waits for another slot.
+   */
+  _offerFreedSlot() {
+    let oldest = null;
+    for (const sub of this._subs.values()) {
+      if (!sub.refusedForLimit || sub.slotOffered) continue;
+      if (oldest === null || sub.refusedForLimitAt < oldest.refusedForLimitAt) oldest = sub;
+    }
+    if (oldest === null) return;
+    oldest.slotOffered = true;
+    this._sendSubscribe(oldest);
   }
 
   /** Whether a project refused for the gateway's subscription limit is carried by polling. */
@@ -2015,6 +2073,7 @@ export class EventBus {
       sub.presenceAsks = [];
       sub.presenceDue = false;
       sub.refusedForLimit = false;
+      sub.slotOffered = false;
       sub.activitySent = null;
     }
     if (pollingRefusedOnly) this._stopPolling();

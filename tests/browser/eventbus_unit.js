@@ -2854,6 +2854,7 @@ test("a slot freed on the connection subscribes the project refused for the limi
   histories[2].push(1, 2);
   await env.clock.advance(10000);
   eq(env.events[2], [1, 2], "polled");
+  await env.clock.advance(5000); // (the next round, at 20 s, within the subscribe's answer bound)
   env.unsubscribe[1]();
   await flush();
   const frames = ws.sent.filter((m) => m.type === "subscribe" || m.type === "unsubscribe").slice(-2);
@@ -2861,7 +2862,7 @@ test("a slot freed on the connection subscribes the project refused for the limi
   // A poll round before the answer delivers event 3; the answer (a replay of 3 from the cursor
   // the subscribe carried) comes after: it is not delivered again, and nothing is skipped.
   histories[2].push(3);
-  await env.clock.advance(10000);
+  await env.clock.advance(5000);
   eq(env.events[2], [1, 2, 3], "polling goes on until the subscribe is answered");
   ws.receive(event(2, 3));
   ws.receive({ type: "subscribed", project_id: 2, epoch: "e", seq: 3, resumed: true, replayed: 1 });
@@ -2893,8 +2894,8 @@ test("freed slots go to the projects refused for the limit one each, oldest refu
   env.unsubscribe[1]();
   await flush();
   eq(ws.sentOf("subscribe").slice(before).map((m) => m.project_id), [4], "one slot: the project refused first");
-  // Another connection of the gateway's took the slot meanwhile (or the limit went down):
-  // refused again, polled again, and not asked again without another freed slot.
+  // A subscribe of the page's took the slot first (a project it added meanwhile): refused
+  // again, still polled at its pace, and not asked again without another freed slot.
   ws.receive({ type: "error", code: "too_many_subscriptions", message: "at most 2 projects per connection", project_id: 4 });
   await env.clock.advance(30000);
   eq(ws.sentOf("subscribe").length, before + 1, "no retry without a freed slot");
@@ -2958,8 +2959,9 @@ test("presence unavailable after a subscribed is no refused subscribe: no count 
 test("a subscription ended (project unreadable) while its presence read waits is subscribed again, not left silent", async () => {
   // The gateway sends `subscribed`, then waits for the presence read; meanwhile the hub finds
   // the project's metadata unreadable and ends the subscription with error `unavailable`
-  // (gateway/hub.py, _fail_feed; docs/protocol.md). By frame order alone the client cannot tell
-  // it from presence's own failure, and takes it for that: the presence re-ask (a subscribe
+  // (gateway/hub.py, _fail_feed; docs/protocol.md). A gateway from before `ended` (the next
+  // test) does not say so, and by frame order alone the client cannot tell it from presence's
+  // own failure, and takes it for that: the presence re-ask (a subscribe
   // with presence from the cursor) must then come, within the presence backoff, or the project
   // would stay unsubscribed on the gateway while the page shows `live`. Nothing else follows
   // from the gateway: the presence read that finishes later finds the project gone and sends
