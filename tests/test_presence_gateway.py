@@ -484,6 +484,7 @@ async def test_a_live_subscription_ended_as_unavailable_leaves_the_presence_too(
         await raw.aclose()
     await gone.wait_for(lambda: gone.last("error") is not None)
     assert (gone.last("error")["code"], gone.last("error")["project_id"]) == ("unavailable", 1)
+    assert gone.last("error").get("ended") is True  # (not a failed presence read: docs/protocol.md)
     assert gateway.presence.core.subscribers.get(1, set()) == set()  # no more diffs for it
     newcomer = await person(gateway, "newcomer")
     # No subscription needed; the answer is at most a diff interval old (docs/presence.md).
