@@ -2971,6 +2971,45 @@ async def test_a_drain_whose_refresh_finds_the_records_lost_writes_them_and_keep
     assert store.records[2][1].keys() == {"carol"}
 
 
+async def test_a_drain_sends_no_rewrite_to_a_master_that_failed_in_the_refresh_finding_it_lost():
+    """Redis Cluster: at a drain m1 answers the first pipeline of its refresh, which finds the
+    pod's records of a project lost there (a failover that lost the last writes), and then
+    hangs: the next pipeline is cut off by the store's bound, m1 marked failed. The project
+    lost there is not written again at m1: the drain waits for a master that failed in it
+    once, not twice (the gateway gives the whole drain 2 s), as for any call of the drain.
+    Before, the second pass sent m1 the project's whole write, which waited out the bound
+    again."""
+
+    class Client:
+        def register_script(self, script: str) -> None:
+            return None
+
+    class HangsAfterItsFirstPipeline(_ClusterAtMasters):
+        async def refresh(self, plan, ttl_ms=None, *, at=ANYWHERE):
+            replies = await super().refresh(plan, ttl_ms, at=at)
+            if at == "m1" and ttl_ms == grace:  # the drain's: project 2 in a later pipeline
+                self.hung.add("m1")
+                replies[2] = redis.exceptions.TimeoutError("no answer within the bound")
+            return replies
+
+    service = PresenceService(Client(), lambda s, f: None, pod_id="a", listen=False, **TIMINGS)
+    grace = round(service.drain_grace * 1000)
+    store = service.store = HangsAfterItsFirstPipeline()  # type: ignore[assignment]
+    store.masters.update({1: "m1", 2: "m1", 3: "m2"})
+    service.join("t1", 1, "alice", None)
+    service.join("t2", 2, "hank", None)
+    service.join("t3", 3, "carol", None)
+    await cluster_round(service)  # a round's writes
+    del store.records[1]  # Redis lost them; no change is pending
+    store.calls.clear()
+    store.answer.set()  # (a call to a hung master ends at once: counted, not waited for)
+    async with asyncio.timeout(5):
+        await service.drain()
+    sent_to_m1 = [(kind, projects) for kind, at, projects, _ in store.calls if at == "m1"]
+    assert sent_to_m1 == [("refresh", (1, 2))], "the drain sent more to a master that failed"
+    assert ("refresh", "m2", (3,), grace) in store.calls
+
+
 @pytest.mark.parametrize("call", ["write", "refresh"])
 async def test_a_drain_sends_a_call_cut_off_at_a_projects_old_master_to_its_new_one(call):
     """Redis Cluster: at a drain m1 hangs, and while the drain's call there is outstanding
