@@ -836,9 +836,16 @@ class PresenceService:
             )
             if not lost:
                 break
-            writes = {w.project_id: w for w in self.core.take_writes(lost.__contains__)}
+            writes = {}
+            for w in self.core.take_writes(lost.__contains__):
+                if self._waits_for_refresh(w.project_id):
+                    # The master failed in that very refresh (a later pipeline cut off): sent
+                    # nothing more, as in :meth:`_drain_masters` (its bound is waited for once).
+                    self.core.written(w, ok=False, retry=False)
+                else:
+                    writes[w.project_id] = w
             unapplied.update(writes)
-            projects = lost
+            projects = set(writes)
         return moved_writes, moved_projects
 
     async def _drain_master_pass(
