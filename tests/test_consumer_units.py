@@ -1881,6 +1881,66 @@ async def test_unexpected_send_failures_are_counted_until_a_connection_is_stable
     ] == [("error", 1), ("debug", 2), ("error", 1)]
 
 
+async def test_a_send_that_fails_once_on_a_long_working_connection_is_logged_at_error(
+    monkeypatch,
+):
+    """A send breaks on the first connection (logged at error), and the next one works, up
+    past ``stable_after``, until a send breaks on it too (a subscribe of a project followed
+    later, days later in production): a new failure after a connection that worked, logged
+    at error again with ``failures`` 1, not at debug as the same failure repeated on every
+    connection. Before, the count was reset only when a connection ended stable, and one
+    that ended by its send breaking never did: after the first failure ever, each sporadic
+    one (one per long-lived connection) went to debug, up to the 50th."""
+    from structlog.testing import capture_logs
+    from websockets.asyncio.server import serve
+
+    plain_send = consumer_client._Connection.send
+    consumer: Consumer | None = None
+
+    async def send(self, message, text=None):
+        assert consumer is not None
+        sent = json.loads(message)
+        if sent["type"] == "subscribe" and (
+            consumer.connects == 1 or (consumer.connects == 2 and sent["project_id"] == 2)
+        ):
+            raise RuntimeError("the send broke")
+        return await plain_send(self, message, text=text)
+
+    monkeypatch.setattr(consumer_client._Connection, "send", send)
+
+    async def gateway(connection) -> None:
+        with contextlib.suppress(Exception):
+            async for raw in connection:
+                message = json.loads(raw)
+                if message["type"] == "auth":
+                    await connection.send(AUTHENTICATED)
+                elif message["type"] == "subscribe":
+                    project_id = message["project_id"]
+                    await connection.send(subscribed(project_id, 0).decode())
+                    await connection.send(frame(project_id, 1).decode())
+
+    policy = ReconnectPolicy(initial=0.05, max=0.1, stable_after=0.2)
+    with capture_logs() as logs:
+        async with serve(gateway, "127.0.0.1", 0) as server:
+            port = server.sockets[0].getsockname()[1]
+            url = f"ws://127.0.0.1:{port}/"
+            async with Consumer(url, token=lambda: "t", reconnect=policy) as consumer:
+                first = consumer.events(1)
+                async with asyncio.timeout(10):
+                    assert (await anext(first)).seq == 1
+                assert consumer.connects == 2
+                await asyncio.sleep(0.3)  # the connection is up past stable_after
+                second = consumer.events(2)
+                async with asyncio.timeout(10):
+                    assert (await anext(second)).seq == 1
+                assert consumer.connects == 3 and consumer._failure is None
+    assert [
+        (e["log_level"], e["failures"], e["project_id"])
+        for e in logs
+        if e["event"] == "cannot send a subscribe; reconnecting"
+    ] == [("error", 1, 1), ("error", 1, 2)]
+
+
 async def test_a_bug_in_the_connection_task_never_writes_the_token_to_the_log(monkeypatch):
     """``consumer connection task failed`` (a bug: every iterator raises ConsumerClosed) with
     structlog's default console renderer, whose traceback (rich's) shows each frame's locals:
