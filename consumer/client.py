@@ -768,6 +768,8 @@ class Consumer:
         self._given_up: ClientConnection | None = None
         #: Sends that failed unexpectedly since the last stable connection (see :meth:`_send`).
         self._send_failures = 0
+        #: When (``time.monotonic()``) the current connection opened.
+        self._opened_at: float | None = None
         #: A catch-up page with a tag was refused (400: a gateway from before cursor tags): pages
         #: are asked for without tags until a gateway names a tag (:meth:`_tags_known`), or the
         #: next connection.
@@ -1057,9 +1059,9 @@ class Consumer:
         every project resuming from its cursor.
 
         Such failures are counted (``failures`` in the log line) until a connection is stable
-        again (:meth:`_connect_once`): the first, and then one in every
-        :data:`SEND_FAILURES_LOGGED_EVERY`, is logged at error with the traceback; the ones
-        between at debug, without it."""
+        again (:meth:`_connect_once`; or was, up ``stable_after`` before its send broke): the
+        first, and then one in every :data:`SEND_FAILURES_LOGGED_EVERY`, is logged at error
+        with the traceback; the ones between at debug, without it."""
         try:
             await ws.send(_encode(frame), text=True)
         except ConnectionClosed:
@@ -1084,7 +1086,13 @@ class Consumer:
             # made again up to every `max` (30 s) for as long as it lasts: an error each time
             # filled the logs. Counted until a connection is stable (the backoff's reset): a
             # connection where a send broke never is, and the frames that went before it there
-            # (the token before a subscribe that breaks) do not end the count.
+            # (the token before a subscribe that breaks) do not end the count. One that was up
+            # `stable_after` before its send broke was stable: this failure is a new one (else,
+            # after the first failure ever, each sporadic one, a long-lived connection apart,
+            # went to debug).
+            opened_at = self._opened_at
+            if opened_at is not None and time.monotonic() - opened_at >= self.policy.stable_after:
+                self._send_failures = 0
             self._send_failures += 1
             failures = self._send_failures
             event = f"cannot send {_SENT_FRAMES.get(kind, kind)}; reconnecting"
@@ -1301,7 +1309,7 @@ class Consumer:
         except (OSError, TimeoutError, InvalidHandshake) as exc:
             self._log_failure("cannot connect", url=url, error=str(exc) or type(exc).__name__)
         else:
-            opened_at = time.monotonic()
+            opened_at = self._opened_at = time.monotonic()
             self.connects += 1
             self._ws = ws
             self._current_url = url
