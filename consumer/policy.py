@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from schemas.protocol import CloseCode
+from schemas.tokens import MAX_EXP
 
 __all__ = [
     "Backoff",
@@ -176,6 +177,13 @@ def decode_token_claims(token: str) -> dict | None:
     return claims if isinstance(claims, dict) else None
 
 
+def _claim_time(value: object) -> bool:
+    """Whether a claim read unverified from a token is a time a token can carry: a number (not a
+    bool) of 0..2**53-1 seconds. Others (an int of 400 digits, ``Infinity``) count as absent:
+    their arithmetic overflowed, or scheduled a refresh that never comes."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= MAX_EXP
+
+
 def refresh_delay(
     *,
     iat: float | None,
@@ -191,12 +199,13 @@ def refresh_delay(
     a local clock that is off by minutes does not matter. Refreshes a minute before expiry, or at
     3/4 of the lifetime for tokens shorter than 4 minutes. ``expires_at`` (the gateway's
     ``authenticated.expires_at`` converted by the caller to the clock of ``now``) is only a
-    fallback for tokens without ``iat``.
+    fallback for tokens without ``iat``. Claims that are no time a token can carry (below 0,
+    past 2**53-1, not finite, not numbers) count as absent.
     """
-    if isinstance(iat, int | float) and isinstance(exp, int | float) and exp > iat:
+    if _claim_time(iat) and _claim_time(exp) and exp > iat:
         # iat is truncated to the second: the token may have been minted up to 1 s after it.
         expiry = obtained_at + (exp - iat) - 1.0
-    elif isinstance(expires_at, int | float):
+    elif isinstance(expires_at, int | float) and math.isfinite(expires_at):
         expiry = float(expires_at)
     else:
         return None

@@ -449,6 +449,29 @@ def test_refresh_is_scheduled_from_the_tokens_own_lifetime():
     assert decode_token_claims(f"x.{deep}.y") is None  # (was a RecursionError)
 
 
+_CLAIM_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(min_value=-(10**400), max_value=10**400),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=3),
+)
+
+
+@given(iat=_CLAIM_VALUES, exp=_CLAIM_VALUES)
+def test_refresh_delay_of_any_claims_is_none_or_a_finite_delay(iat, exp) -> None:
+    """A token's ``iat``/``exp`` are whatever its issuer wrote, read unverified (the gateway
+    checks ``exp`` only): ``{"iat": -1e400}`` as an int made ``exp - iat`` an int no float can
+    hold, and the OverflowError, raised in the connection task as ``authenticated`` came, stopped
+    the consumer; ``Infinity`` (which Python's JSON reads) scheduled a refresh never to come.
+    Claims no token can carry (not 0..2**53-1, not finite) count as an unknown lifetime."""
+    delay = refresh_delay(iat=iat, exp=exp, obtained_at=5.0, now=6.0)
+    assert delay is None or (math.isfinite(delay) and delay >= 0.5)
+    fallback = refresh_delay(iat=iat, exp=exp, obtained_at=5.0, now=6.0, expires_at=100.0)
+    assert fallback is not None and math.isfinite(fallback)
+
+
 def test_a_refusal_body_nested_too_deeply_has_no_error_code():
     """The error code of a page request's refusal is read from its body (4 KiB at most): one
     nested 2,000 lists deep raised RecursionError out of the page read."""
