@@ -825,6 +825,151 @@ async def test_a_subscribe_answered_unavailable_makes_presence_unknown_until_the
         await anext(watch)
 
 
+async def consumer_with_recorded_retries(*, hold: set[int] | None = None):
+    """A fake consumer whose full-jitter delays are their caps (a policy of 1 s doubling to
+    30 s), each recorded in ``delays``: a retry then subscribes at once, unless its delay is in
+    ``hold`` (it sleeps until cancelled, as a long backoff would)."""
+    from consumer import ReconnectPolicy
+
+    consumer, ws = await fake_consumer()
+    consumer.policy = ReconnectPolicy(initial=1.0, max=30.0, factor=2.0)
+    consumer._backoff.policy = consumer.policy
+    consumer._random = consumer._backoff.random = lambda: 1.0
+    delays: list[float] = []
+    retry = consumer._resubscribe_later
+
+    async def recorded(ws, state, delay):
+        delays.append(delay)
+        if hold is not None and delay in hold:
+            await asyncio.Event().wait()
+        await retry(ws, state, 0)
+
+    consumer._resubscribe_later = recorded  # type: ignore[method-assign]
+    return consumer, ws, delays
+
+
+UNAVAILABLE = {"type": "error", "code": "unavailable", "message": "x", "project_id": 1}
+ENDED = {**UNAVAILABLE, "message": "the project's data in Redis is unreadable", "ended": True}
+
+
+async def fail_presence_reads(consumer, ws, delays: list[float], times: int, top: int) -> None:
+    """The project's presence read fails ``times`` times in a row (the events flow): each
+    subscribe is answered ``subscribed`` at ``top``, then ``unavailable``, and retried."""
+    for _ in range(times):
+        sent = len(ws.sent)
+        await consumer._on_frame(ws, subscribed(1, top, resumed=True))
+        await consumer._on_frame(ws, frame(UNAVAILABLE))
+        await settle()
+        assert len(ws.sent) == sent + 1 and ws.sent[-1]["presence"] is True
+    assert delays[-times:] == [2.0**n for n in range(times)]  # presence's backoff, grown
+
+
+async def test_a_subscription_ended_while_its_presence_read_waits_is_retried_on_its_own_backoff():
+    """After a ``subscribed`` with presence, the gateway owes the presence answer; an
+    ``unavailable`` then was presence's failure, whose retry waits presence's backoff (grown
+    by every failed read, up to 30 s). The gateway ending the subscription in that moment (its
+    project's metadata unreadable) sends the same error with ``"ended": true``: the events of
+    the project stop, so it is subscribed again on the subscribe's backoff (1 s, then 2 s while
+    the gateway refuses it), from its cursor, and every event comes once, in order."""
+    from consumer import Cursor
+
+    consumer, ws, delays = await consumer_with_recorded_retries()
+    events = consumer.events(1, after=Cursor("e1", 0))
+    reader = consumer.presence(1)
+    await settle()
+    await consumer._on_frame(ws, subscribed(1, 0, resumed=True))
+    await settle()
+    assert ws.sent[-1] == {
+        "type": "subscribe",
+        "project_id": 1,
+        "epoch": "e1",
+        "after": 0,
+        "presence": True,
+    }
+    await consumer._on_frame(ws, event_frame(1, 1))
+    await fail_presence_reads(consumer, ws, delays, 5, top=1)
+    sent = len(ws.sent)
+    await consumer._on_frame(ws, subscribed(1, 1, resumed=True))
+    assert consumer._states[1].presence_due
+    await consumer._on_frame(ws, frame(ENDED))  # the subscription ends: not presence's failure
+    await settle()
+    assert delays[-1] == 1.0  # the subscribe's backoff, not presence's (32 s, capped at 30 s)
+    assert not consumer._states[1].presence_due and consumer.members(1) is None
+    (again,) = ws.sent[sent:]
+    assert (again["epoch"], again["after"], again["presence"]) == ("e1", 1, True)
+    await consumer._on_frame(ws, frame(ENDED))  # refused: the metadata is still unreadable
+    await settle()
+    assert delays[-1] == 2.0 and len(ws.sent) == sent + 2
+    # Repaired: the replay after the cursor, `subscribed`, the presence list.
+    for seq in (2, 3):
+        await consumer._on_frame(ws, event_frame(1, seq))
+    await consumer._on_frame(ws, subscribed(1, 3, resumed=True))
+    await consumer._on_frame(ws, frame(presence(member("a"))))
+    await consumer._on_frame(ws, event_frame(1, 4))
+    assert [(await anext(events)).seq for _ in range(4)] == [1, 2, 3, 4]
+    assert consumer.stats.resyncs == 0 and consumer.members(1) is not None
+    view = await anext(reader)
+    while view.members is None:
+        view = await anext(reader)
+    assert ids_of(view) == ["a"]
+    await consumer.aclose()
+
+
+async def test_a_subscription_ended_while_presence_waits_to_be_asked_again_is_retried_at_once():
+    """Presence's read failed (its retry sleeps presence's backoff, the subscription stands),
+    then the gateway ends the subscription (``"ended": true``): one retry per project at a time
+    left the project unsubscribed, its events silent, until presence's retry woke (up to 30 s).
+    The subscribe's retry replaces it, on the subscribe's backoff."""
+    from consumer import Cursor
+
+    consumer, ws, delays = await consumer_with_recorded_retries(hold={16.0})
+    events = consumer.events(1, after=Cursor("e1", 0))
+    reader = consumer.presence(1)  # noqa: F841 (kept: a dropped one is unfollowed)
+    await settle()
+    await consumer._on_frame(ws, subscribed(1, 0, resumed=True))
+    await settle()
+    await fail_presence_reads(consumer, ws, delays, 4, top=0)
+    await consumer._on_frame(ws, subscribed(1, 0, resumed=True))
+    await consumer._on_frame(ws, frame(UNAVAILABLE))  # presence fails a fifth time
+    await settle()
+    assert delays[-1] == 16.0 and 1 in consumer._retries  # presence's retry sleeps
+    await consumer._on_frame(ws, event_frame(1, 1))  # the events flow meanwhile
+    sent = len(ws.sent)
+    await consumer._on_frame(ws, frame(ENDED))
+    await settle()
+    assert delays[-1] == 1.0
+    (again,) = ws.sent[sent:]
+    assert (again["epoch"], again["after"], again["presence"]) == ("e1", 1, True)
+    await consumer._on_frame(ws, frame(UNAVAILABLE))  # (a stray one, while it is in flight)
+    for seq in (2, 3):
+        await consumer._on_frame(ws, event_frame(1, seq))
+    await consumer._on_frame(ws, subscribed(1, 3, resumed=True))
+    await consumer._on_frame(ws, frame(presence(member("a"))))
+    assert [(await anext(events)).seq for _ in range(3)] == [1, 2, 3]
+    assert consumer.stats.resyncs == 0
+    await consumer.aclose()
+
+
+async def test_without_ended_an_unavailable_while_presence_is_owed_is_presences_failure():
+    """A gateway from before ``ended``: the ``unavailable`` after a ``subscribed`` with presence
+    is taken for the presence read's failure, as it always was: retried on presence's backoff,
+    grown by the reads that failed before it."""
+    from consumer import Cursor
+
+    consumer, ws, delays = await consumer_with_recorded_retries(hold={4.0})
+    events = consumer.events(1, after=Cursor("e1", 0))  # noqa: F841
+    reader = consumer.presence(1)  # noqa: F841
+    await settle()
+    await consumer._on_frame(ws, subscribed(1, 0, resumed=True))
+    await settle()
+    await fail_presence_reads(consumer, ws, delays, 2, top=0)
+    await consumer._on_frame(ws, subscribed(1, 0, resumed=True))
+    await consumer._on_frame(ws, frame(UNAVAILABLE))
+    await settle()
+    assert delays[-1] == 4.0  # still presence's backoff
+    await consumer.aclose()
+
+
 # --- the client against a model gateway, with hypothesis ----------------------------------------
 
 

@@ -3533,6 +3533,29 @@ def test_a_rate_limited_error_with_foreign_retry_after_ms_or_refused_is_still_an
     assert decoded.refused == (refused if type(refused) is str else None)
 
 
+@pytest.mark.parametrize(
+    "extra, ended",
+    [
+        ({"ended": True}, True),
+        ({}, False),  # a gateway from before it, or any other error
+        ({"ended": True, "retry_after_ms": "soon"}, True),  # a foreign hint: the loose decoder
+        ({"ended": True, "refused": 7}, True),
+        ({"ended": "yes"}, False),  # not the protocol's: taken as absent, as before it
+        ({"ended": 1, "retry_after_ms": "soon"}, False),
+    ],
+)
+def test_an_error_that_ends_a_subscription_says_so_through_either_decoder(extra, ended):
+    """``ended`` tells an ``unavailable`` that ended the subscription (the project's metadata
+    unreadable) from a failed presence read's, which leaves it standing. The decoder taking an
+    error with a foreign hint (:func:`consumer.frames._loose_error`) dropped every field it did
+    not list: ``ended`` with it, and the ended subscription was taken for presence's failure."""
+    message = {"type": "error", "code": "unavailable", "message": "m", "project_id": 2} | extra
+    decoded = decode_frame(json.dumps(message).encode())
+    assert type(decoded) is Error
+    assert (decoded.code, decoded.project_id, decoded.ended) == ("unavailable", 2, ended)
+    assert decoded.retry_after_ms is None and decoded.refused is None
+
+
 async def test_a_subscribe_refused_with_a_foreign_retry_after_ms_is_sent_again():
     policy = ReconnectPolicy(initial=0.05, max=1.0)
     consumer, ws, _subscription = await fed_consumer(1)
