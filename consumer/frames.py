@@ -85,6 +85,8 @@ class _LooseError(msgspec.Struct, tag_field="type", tag="error"):
     # Raw: a number no Python type holds (1e999) is still a hint left out, not a frame dropped.
     retry_after_ms: msgspec.Raw = msgspec.Raw(b"null")
     refused: msgspec.Raw = msgspec.Raw(b"null")
+    # Kept like the hints: dropped, an ended subscription was taken for a failed presence read.
+    ended: msgspec.Raw = msgspec.Raw(b"false")
 
 
 _loose_error_decoder = msgspec.json.Decoder(_LooseError)
@@ -100,11 +102,12 @@ def _hint(raw: msgspec.Raw, kind: type) -> Any:
 
 
 def _loose_error(raw: bytes) -> Error | None:
-    """An ``error`` frame whose ``retry_after_ms`` or ``refused`` is not what the protocol says
-    (a string, a float, a negative number: another gateway's, a proxy's), as the error it is with
-    those hints left out; None when it is malformed elsewhere. A ``rate_limited`` error dropped
-    whole would leave its refused frame never sent again, where one without hints is sent again
-    on the client's own delay."""
+    """An ``error`` frame whose ``retry_after_ms``, ``refused`` or ``ended`` is not what the
+    protocol says (a string, a float, a negative number: another gateway's, a proxy's), as the
+    error it is with those hints left out (``ended`` false, as from a gateway before it); None
+    when it is malformed elsewhere. A ``rate_limited`` error dropped whole would leave its
+    refused frame never sent again, where one without hints is sent again on the client's own
+    delay. The hints that are what the protocol says are kept, ``ended`` among them."""
     try:
         loose = _loose_error_decoder.decode(raw)
     except msgspec.DecodeError:
@@ -113,7 +116,8 @@ def _loose_error(raw: bytes) -> Error | None:
     # decode); not a bool, a float or anything else.
     retry_after_ms = _hint(loose.retry_after_ms, int)
     refused = _hint(loose.refused, str)
-    return Error(loose.code, loose.message, loose.project_id, retry_after_ms, refused)
+    ended = _hint(loose.ended, bool) is True
+    return Error(loose.code, loose.message, loose.project_id, retry_after_ms, refused, ended)
 
 
 _CONTROL_TAGS = frozenset(t.__struct_config__.tag for t in (*CONTROL_TYPES, *PRESENCE_TYPES))
