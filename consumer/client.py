@@ -746,12 +746,22 @@ class Consumer:
         self._failed_attempts = 0  # connection attempts in a row that did not open
         #: A prompt reconnect was made since the last stable connection (the next is backoff).
         self._prompted = False
-        #: Project -> 'unavailable' answers in a row.
+        #: Project -> subscribes answered 'unavailable' in a row (refused, or the subscription
+        #: ended by the gateway): the subscribe's backoff; a `subscribed` starts it over.
         self._unavailable: dict[int, int] = {}
+        #: Project -> presence reads failed in a row ('unavailable' after a `subscribed` with
+        #: the flag; the subscription stands): presence's backoff, which only a `presence` list
+        #: starts over (the `subscribed` before each failure does not: the re-asks would never
+        #: back off). Apart from the subscribe's: a subscription the gateway ended waited the
+        #: delay presence had grown (up to ``max``), its events silent meanwhile.
+        self._presence_unavailable: dict[int, int] = {}
         #: The connection's pending token refresh (scheduled, or a retry): one at a time.
         self._refresh: asyncio.Future[None] | None = None
         #: Project -> its retry after 'unavailable', while it sleeps (one at a time per project).
         self._retries: dict[int, asyncio.Future[None]] = {}
+        #: The projects whose retry in ``_retries`` asks for presence again after a failed
+        #: read (their subscription stands): one the gateway then ends is retried sooner.
+        self._presence_retries: set[int] = set()
         #: Frames refused by the gateway's rate limit, and those sent after them, go out paced
         #: (policy.FramePacer, on the event loop's clock): one pacing for the whole connection,
         #: keyed by project (its subscribe) and "auth" (the token refresh); and its task.
@@ -1573,9 +1583,8 @@ class Consumer:
                 message.resumed,  # type: ignore[attr-defined]
                 tag,
             )
-            if state.project_id not in self._presence:
-                # (with the flag, the presence read may still fail: its list is the answer)
-                self._unavailable.pop(state.project_id, None)
+            # (with the flag, the presence read may still fail: that backoff is presence's own)
+            self._unavailable.pop(state.project_id, None)
             self._cancel_retry(state.project_id)  # answered: nothing left to retry
             if outcome.resync is not None:
                 log.info(
@@ -1625,10 +1634,9 @@ class Consumer:
             return None
         if cls in PRESENCE_TYPES:
             if cls is Presence:
-                # The presence read answered: a later 'unavailable' starts its backoff over
-                # (the `subscribed` before a failed read does not: the retries would never
-                # back off).
-                self._unavailable.pop(message.project_id, None)  # type: ignore[attr-defined]
+                # The presence read answered: a later failure starts its backoff over (the
+                # `subscribed` before a failed read does not: the retries would never back off).
+                self._presence_unavailable.pop(message.project_id, None)  # type: ignore[attr-defined]
             self._on_presence(message)
             if cls is Presence:
                 await self._presence_answered(ws, message.project_id)  # type: ignore[attr-defined]
@@ -1806,14 +1814,21 @@ class Consumer:
     async def _on_error(self, ws: ClientConnection, error: Error) -> None:
         project_id = error.project_id
         state = self._states.get(project_id) if project_id is not None else None
+        unavailable = error.code == ErrorCode.UNAVAILABLE and state is not None
+        presence_due = state is not None and state.presence_due
+        # The gateway ended the project's subscription itself (its metadata in Redis
+        # unreadable), live or being made: it says so with `ended` (docs/protocol.md).
+        ended = unavailable and error.ended
         # The gateway's read of presence for the subscribe answered last failed (its events
         # flow): no other subscribe went since (ProjectState.answer_due), so this answers that
-        # one; or the gateway never sent that answer and ended the subscription (its project
-        # unreadable): subscribe again later all the same.
-        presence_read = (
-            error.code == ErrorCode.UNAVAILABLE and state is not None and state.presence_due
-        )
-        if state is not None and state.pending != presence_read:
+        # one. A gateway from before `ended` sends the same error when it ends the subscription
+        # in that moment: taken for presence's failure, whose retry subscribes it again too.
+        presence_read = unavailable and not ended and presence_due
+        # Ended while that answer was owed: the answer never comes (the read that finishes
+        # later finds the project gone), and this answers no subscribe in flight (the gateway
+        # reads the connection's next frame after that read).
+        cut_short = ended and presence_due
+        if state is not None and state.pending != (presence_read or cut_short):
             # (the subscribe in flight, or the presence answer owed; an error answering neither,
             # a broken gateway's, must not lift the bound on that answer: the subscribe held
             # behind it would never go)
@@ -1821,7 +1836,7 @@ class Consumer:
         if error.code == ErrorCode.RATE_LIMITED:
             await self._on_rate_limited(error, state)
             return
-        if error.code == ErrorCode.UNAVAILABLE and state is not None:
+        if unavailable and state is not None:
             presence = self._presence.get(state.project_id)
             if presence is not None and presence.table.forget():
                 presence.notify()  # (no diffs come: unknown until the retry's `presence`)
@@ -1838,31 +1853,21 @@ class Consumer:
                     # closed): it goes now. Without the flag there is nothing to retry; with
                     # it, it is the retry (counted as one), not held for the retry's backoff:
                     # a failure of presence does not delay the events.
-                    if project_id in self._presence:
-                        self._cancel_retry(project_id)
+                    if state.project_id in self._presence:
+                        self._cancel_retry(state.project_id)
                         self.stats.unavailable += 1
-                        self._unavailable[project_id] = self._unavailable.get(project_id, 0) + 1
+                        failures = self._presence_unavailable
+                        failures[state.project_id] = failures.get(state.project_id, 0) + 1
                     await self._send_subscribe(state)
                     return
+            elif cut_short:
+                state.presence_due = False
+                if state.pending:
+                    return  # (its answer brings the project back, or its refusal's retry)
+                # A subscribe held while the answer was owed goes as the retry, on its backoff.
             else:
                 state.pending = False  # (answered: it failed, the gateway holds none)
-            # Redis is unreachable behind the gateway: subscribe again later, with backoff (it
-            # may last a while), logged when it starts and then every tenth attempt. One retry
-            # per project at a time: more such errors while it sleeps answer no subscribe of
-            # ours (a gateway bug, or a hostile one) and would each have started a task and,
-            # when it woke, a subscribe.
-            retry = self._retries.get(state.project_id)
-            if retry is not None and not retry.done():
-                return
-            self.stats.unavailable += 1
-            attempts = self._unavailable.get(state.project_id, 0)
-            self._unavailable[state.project_id] = attempts + 1
-            if attempts % 10 == 0:
-                log.warning(
-                    "subscribe unavailable; retrying", project_id=project_id, attempts=attempts + 1
-                )
-            delay = self._random() * self._backoff.cap(attempts)
-            self._retries[state.project_id] = self._spawn(self._resubscribe_later(ws, state, delay))
+            await self._retry_unavailable(ws, state, presence=presence_read, ended=ended)
             return
         if error.code == ErrorCode.INVALID_TOKEN:
             # An in-band refresh was refused; the connection keeps its token until it expires
@@ -2081,10 +2086,48 @@ class Consumer:
         url = f"{base}/v1/projects/{project_id}/events?{urlencode(params)}"
         return _poll_decoder.decode(await read_page(url, token, self._poll_timeout))
 
+    async def _retry_unavailable(
+        self, ws: ClientConnection, state: ProjectState, *, presence: bool, ended: bool
+    ) -> None:
+        """Subscribe the project again later, after ``unavailable``: with backoff (Redis may stay
+        away a while), logged when it starts and then every tenth attempt. ``presence``: its
+        presence read failed (the subscription stands), on presence's backoff; else a subscribe
+        was refused or (``ended``) the gateway ended the subscription, on the subscribe's.
+
+        One retry per project at a time: more such errors while it sleeps answer no subscribe
+        of ours (a gateway bug, or a hostile one) and would each have started a task and, when
+        it woke, a subscribe. But a subscription ended while presence's retry sleeps is not
+        left waiting for it: the subscribe's retry replaces it."""
+        project_id = state.project_id
+        retry = self._retries.get(project_id)
+        if retry is not None and not retry.done():
+            if not (ended and project_id in self._presence_retries):
+                return
+            self._cancel_retry(project_id)
+        self.stats.unavailable += 1
+        counts = self._presence_unavailable if presence else self._unavailable
+        attempts = counts.get(project_id, 0)
+        counts[project_id] = attempts + 1
+        if attempts % 10 == 0:
+            if presence:
+                what = "presence unavailable; retrying"
+            elif ended:
+                what = "subscription ended by the gateway; subscribing again"
+            else:
+                what = "subscribe unavailable; retrying"
+            log.warning(what, project_id=project_id, attempts=attempts + 1)
+        delay = self._random() * self._backoff.cap(attempts)
+        self._retries[project_id] = self._spawn(self._resubscribe_later(ws, state, delay))
+        if presence:
+            self._presence_retries.add(project_id)
+        else:
+            self._presence_retries.discard(project_id)
+
     async def _resubscribe_later(self, ws: ClientConnection, state: ProjectState, delay: float):
         await asyncio.sleep(delay)
         if self._retries.get(state.project_id) is asyncio.current_task():
             del self._retries[state.project_id]  # awake: the next 'unavailable' may retry again
+            self._presence_retries.discard(state.project_id)
         if self._ws is ws and not state.pending:
             # (one sent meanwhile, a gap's repair say, is in flight: it is the retry, its
             # answer either cancels this or fails again)
@@ -2181,6 +2224,7 @@ class Consumer:
                     return  # dropped: what is held is sent on the next connection, or moot
 
     def _cancel_retry(self, project_id: int) -> None:
+        self._presence_retries.discard(project_id)
         retry = self._retries.pop(project_id, None)
         if retry is not None:
             retry.cancel()

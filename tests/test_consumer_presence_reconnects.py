@@ -771,7 +771,7 @@ async def test_a_replay_held_behind_a_failed_presence_read_goes_at_once_not_afte
 
     bus, ws = await fake_consumer()
     bus._random = lambda: 1.0  # a retry waits its whole backoff
-    bus._unavailable[1] = 20  # presence has been failing a while: the backoff is at its max
+    bus._presence_unavailable[1] = 20  # presence has been failing a while: its backoff is at max
     events = bus.events(1, start="beginning")
     reader = bus.presence(1)  # noqa: F841 (kept: a dropped one is unfollowed)
     await settle()
