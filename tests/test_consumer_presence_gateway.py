@@ -367,3 +367,96 @@ async def test_a_drain_and_a_refresh_that_drops_a_project_keep_events_exact_and_
         for client in people:
             await client.close()
         await publisher.aclose()
+
+
+async def wait_for_stat(bus: Consumer, name: str, at_least: int, within: float = 10.0) -> None:
+    async with asyncio.timeout(within):
+        while getattr(bus.stats, name) < at_least:  # noqa: ASYNC110 - a counter
+            await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize("presence_fails", [False, True])
+async def test_a_project_whose_metadata_turns_unreadable_resumes_exactly_once_when_repaired(
+    gateways, redis_url, presence_fails
+):
+    """The gateway's periodic check finds project 1's metadata in Redis unreadable and ends its
+    subscriptions (``error`` ``unavailable``, ``"ended": true``); project 2 goes on. The consumer
+    follows 1's events and presence: its subscribe is retried (refused while the metadata stays
+    unreadable, on the subscribe's backoff), and once the metadata is repaired every event of
+    project 1 comes once, in order, on the same connection, never a Resync; its presence comes
+    back. ``presence_fails``: the gateway's presence reads fail meanwhile (Redis did not answer
+    them), each after a ``subscribed``: presence's retries and the subscription's end mix."""
+    import redis.asyncio
+
+    from schemas.keys import Keys
+
+    gateway = await gateways(reconcile_interval=0.2, **FAST)
+    failing = [presence_fails]
+    read_presence = gateway.presence.subscribe
+
+    async def presence_read(session, project_id):
+        if failing[0]:
+            raise TimeoutError  # (as when Redis does not answer within --subscribe-timeout)
+        return await read_presence(session, project_id)
+
+    gateway.presence.subscribe = presence_read
+    publisher = AsyncPublisher.from_url(redis_url)
+    published = {1: 0, 2: 0}
+
+    async def publish(project_id: int, count: int) -> None:
+        for _ in range(count):
+            published[project_id] += 1
+            await publisher.publish(event(project_id, published[project_id]))
+
+    async def read(events, count: int) -> list[int]:
+        got: list[int] = []
+        async with asyncio.timeout(20):
+            async for item in events:
+                assert isinstance(item, Delivery), item
+                got.append(item.seq)
+                if len(got) == count:
+                    return got
+        raise AssertionError("the events ended")
+
+    raw = redis.asyncio.Redis.from_url(redis_url)
+    watcher = await person(gateway, "watcher")
+    policy = ReconnectPolicy(initial=0.05, max=0.4)
+    try:
+        await watcher.subscribe(1)
+        await publish(1, 3)
+        await publish(2, 2)
+        async with Consumer(
+            ws_url(gateway), token=token("*"), start="beginning", reconnect=policy
+        ) as bus:
+            events, other = bus.events(1), bus.events(2)
+            presence = bus.presence(1)
+            if presence_fails:
+                await wait_for_stat(bus, "unavailable", 3)  # presence's reads, retried
+            else:
+                await views_until(presence, lambda v: ids(v) == ["watcher"])
+            assert await read(events, 3) == [1, 2, 3]
+            assert await read(other, 2) == [1, 2]
+            unavailable = bus.stats.unavailable
+            seq = await raw.hget(Keys().meta(1), "seq")
+            await raw.hset(Keys().meta(1), "seq", "garbage")  # (not written by the event bus)
+            if not presence_fails:
+                await views_until(presence, lambda v: v.members is None)  # the subscription ended
+            await publish(2, 2)  # the others go on
+            assert await read(other, 2) == [3, 4]
+            # Ended, then refused again while it stays unreadable.
+            await wait_for_stat(bus, "unavailable", unavailable + 3)
+            await raw.hset(Keys().meta(1), "seq", seq)  # repaired
+            failing[0] = False
+            await watcher.subscribe(1)  # (its subscription ended too, and its listing with it)
+            await publish(1, 4)
+            assert await read(events, 4) == [4, 5, 6, 7]
+            await views_until(presence, lambda v: ids(v) == ["watcher"])
+            await publish(1, 1)
+            assert await read(events, 1) == [8]
+            held = await history(redis_url, [1])
+            assert [s for (_epoch, s, _blocker) in held[1]] == list(range(1, 9))
+            assert bus.stats.resyncs == 0 and bus.connects == 1
+    finally:
+        await watcher.close()
+        await raw.aclose()
+        await publisher.aclose()
