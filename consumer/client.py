@@ -752,8 +752,8 @@ class Consumer:
         #: Project -> presence reads failed in a row ('unavailable' after a `subscribed` with
         #: the flag; the subscription stands): presence's backoff, which only a `presence` list
         #: starts over (the `subscribed` before each failure does not: the re-asks would never
-        #: back off). Apart from the subscribe's: a subscription the gateway ended waited the
-        #: delay presence had grown (up to ``max``), its events silent meanwhile.
+        #: back off). Apart from the subscribe's: shared, a subscription the gateway ended would
+        #: wait the delay presence had grown (up to ``max``), its events silent meanwhile.
         self._presence_unavailable: dict[int, int] = {}
         #: The connection's pending token refresh (scheduled, or a retry): one at a time.
         self._refresh: asyncio.Future[None] | None = None
