@@ -2914,6 +2914,45 @@ test("freed slots go to the projects refused for the limit one each, oldest refu
   eq(ws.closedWith, null);
 });
 
+test("a refusal answering another subscribe of the project given a freed slot does not offer it the next slot too", async () => {
+  // Projects 4 and 5 were refused for the limit. The page opens presence on 4 (a subscribe of
+  // it with presence, refused: the gateway is full), then drops project 1: the freed slot goes
+  // to 4 (its subscribe follows the unsubscribe). The refusal of the presence subscribe arrives
+  // while that one is on its way. Before, it was taken as the end of 4's slot offer: the next
+  // slot freed (the page drops 2) went to 4 again, a second subscribe for a slot it was already
+  // getting, and project 5 stayed polled for as long as the connection lived.
+  const env = setup({ subscribe: [1, 2, 3, 4, 5], options: { sse: false } });
+  const pollsOf = limitedGateway(env, { 1: [], 2: [], 3: [], 4: [], 5: [] });
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 0 }, 2: { epoch: "e", seq: 0 }, 3: { epoch: "e", seq: 0 } });
+  const full = (projectId) => ws.receive({ type: "error", code: "too_many_subscriptions", message: "at most 3 projects per connection", project_id: projectId });
+  full(4);
+  full(5);
+  await env.clock.advance(0);
+  env.bus.presence(4, () => {});
+  await flush();
+  const before = ws.sent.length;
+  env.unsubscribe[1]();
+  await flush();
+  full(4); // the presence subscribe's answer (the gateway read it before the unsubscribe)
+  ws.receive({ type: "unsubscribed", project_id: 1 });
+  await flush();
+  env.unsubscribe[2]();
+  await flush();
+  const frames = () => ws.sent.slice(before).filter((m) => m.type === "subscribe" || m.type === "unsubscribe").map((m) => `${m.type} ${m.project_id}`);
+  eq(frames(), ["unsubscribe 1", "subscribe 4", "unsubscribe 2", "subscribe 5"], "one slot each: the second to project 5");
+  ws.receive({ type: "subscribed", project_id: 4, epoch: "e", seq: 0, resumed: true, replayed: 0 });
+  ws.receive({ type: "presence", project_id: 4, members: [] });
+  ws.receive({ type: "unsubscribed", project_id: 2 });
+  ws.receive({ type: "subscribed", project_id: 5, epoch: "e", seq: 0, resumed: true, replayed: 0 });
+  await flush();
+  const polls = [pollsOf(4), pollsOf(5)];
+  await env.clock.advance(30000);
+  eq([pollsOf(4), pollsOf(5)], polls, "both on the WebSocket: polling ended");
+  eq(frames().length, 4, "nothing asked again");
+  eq([env.bus.state, env.bus.transport], ["live", "websocket"]);
+  eq(ws.closedWith, null);
+});
+
 test("presence unavailable after a subscribed is no refused subscribe: no count taken, no retry at once, presence re-asked later", async () => {
   // The gateway answers a presence subscribe whose presence read failed (Redis for presence
   // down) with `subscribed` and then error `unavailable` ("events are not affected"). Before, the
