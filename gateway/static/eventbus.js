@@ -1966,7 +1966,11 @@ export class EventBus {
       const again = sub.refusedForLimit;
       if (!again) sub.refusedForLimitAt = ++this._limitRefusals;
       sub.refusedForLimit = true;
-      sub.slotOffered = false; // (the next slot freed may go to it)
+      // The next slot freed may go to it, once no subscribe of it is on its way (sent, or held
+      // by the pacing): this refusal may answer another one (sent for a presence listener
+      // before the freed slot's), and the freed slot's, still to come, takes that slot (a
+      // second offer would be moot, and the next refused project left polled).
+      if (sub.subscribesSent === 0 && !this._pacer.queue.has(`subscribe:${sub.projectId}`)) sub.slotOffered = false;
       if (sub.presence) {
         sub.presence = null;
         this._notify(sub, null);
