@@ -499,6 +499,32 @@ async def test_a_live_subscription_ended_as_unavailable_leaves_the_presence_too(
     assert newcomer.last("presence")["members"] == []
 
 
+async def test_a_subscription_ended_while_its_presence_read_fails_gets_no_presence_error(gateways):
+    """The hub ends the subscription (its project unreadable: ``error`` ``unavailable`` with
+    ``ended``) while the subscribe's presence read waits, and that read then fails. The client
+    was told the subscription ended: an ``unavailable`` without ``ended`` now would say the
+    opposite (only presence failed, the events flow, docs/protocol.md), and a client that
+    subscribed again meanwhile would take it for the answer to that subscribe."""
+    import redis.exceptions
+
+    from gateway.store import ProjectUnreadable
+
+    gateway = await gateways(**FAST)
+
+    async def read_failing_as_the_feed_fails(session, project_id):
+        hub = gateway.hub
+        hub._fail_feed(hub.feeds[project_id], ProjectUnreadable(project_id, "meta", "garbage"))
+        raise redis.exceptions.ConnectionError("presence's Redis did not answer")
+
+    gateway.presence.subscribe = read_failing_as_the_feed_fails
+    client = await person(gateway, "alice")
+    await client.subscribe(1, presence=True)
+    await client.send({"type": "ping"})  # answered after the subscribe, frames in order
+    await client.wait_for(lambda: client.last("pong") is not None)
+    errors = [(m["code"], m.get("ended")) for m in client.of("error")]
+    assert errors == [("unavailable", True)]
+
+
 async def test_a_name_or_subject_that_is_not_text_breaks_nothing(gateways, redis_url):
     """A backend that cuts a display name at a fixed length in UTF-16 (JavaScript's slice) can
     split an emoji and sign a token whose ``name`` ends in half a surrogate pair; JSON carries
