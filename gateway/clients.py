@@ -436,6 +436,12 @@ class ClientProtocol:
             async with asyncio.timeout(self.config.subscribe_timeout):
                 frame = await service.subscribe(session, project_id)
         except (TimeoutError, redis.exceptions.RedisError, OSError):
+            if project_id not in session.projects:
+                # The subscription ended while presence was read (the hub's ``error`` with
+                # ``ended`` said so): an ``unavailable`` without ``ended`` would say the events
+                # flow, and a client that subscribed again meanwhile would take it for the
+                # answer to that subscribe.
+                return True
             self.client_error(
                 session,
                 ErrorCode.UNAVAILABLE,
