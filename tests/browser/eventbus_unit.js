@@ -2953,6 +2953,53 @@ test("a refusal answering another subscribe of the project given a freed slot do
   eq(ws.closedWith, null);
 });
 
+test("a poll's resync_required for a cursor the WebSocket moved while it was under way is not a second reload: nothing delivered twice", async () => {
+  // Projects 2 and 3 were refused for the limit and are polled; project 2's poll (from after=0,
+  // a history since trimmed) is under way when the page drops project 1 and the freed slot
+  // subscribes 2 again. The WebSocket answers first: resync_required, one reload, `subscribed`,
+  // and event 10 is delivered. Polling goes on (for project 3), so the poll's answer, the same
+  // resync_required for the cursor left behind, is not dropped with a stopped round. Before,
+  // it reloaded the application a second time and set the cursor back to 9: event 10 came
+  // again with the repair that followed.
+  const env = setup({ subscribe: [1, 2, 3], options: { sse: false } });
+  let gate = null;
+  env.poll = async (url) => {
+    const projectId = Number(new URL(url).pathname.split("/")[3]);
+    const after = new URL(url).searchParams.get("after");
+    if (projectId === 2 && gate) await gate;
+    const trimmed = projectId === 2 && after === "0";
+    const resync = trimmed ? { reason: "too_far_behind", epoch: "e", seq: 9 } : null;
+    return { status: 200, body: { project_id: projectId, epoch: "e", seq: trimmed ? 9 : 0, events: [], resync_required: resync, more: false } };
+  };
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  for (const projectId of [2, 3]) {
+    ws.receive({ type: "error", code: "too_many_subscriptions", message: "at most 1 projects per connection", project_id: projectId });
+  }
+  await env.clock.advance(0);
+  eq(env.resyncs, [1, 2, 3], "first contacts");
+  let release;
+  gate = new Promise((resolve) => (release = resolve));
+  await env.clock.advance(10000);
+  eq(env.requests.filter((r) => r.url.includes("/projects/2/")).length, 2, "project 2's poll under way");
+  env.unsubscribe[1]();
+  await flush();
+  eq(ws.sentOf("subscribe").slice(-1)[0], { type: "subscribe", project_id: 2, epoch: "e", after: 0 });
+  ws.receive({ type: "resync_required", project_id: 2, reason: "too_far_behind", epoch: "e", seq: 9 });
+  ws.receive({ type: "subscribed", project_id: 2, epoch: "e", seq: 9, resumed: false, replayed: 0 });
+  await flush();
+  ws.receive(event(2, 10));
+  await flush();
+  eq(env.events[2], [10]);
+  release();
+  await flush();
+  ws.receive(event(2, 11));
+  await env.clock.advance(30000);
+  eq(env.resyncs, [1, 2, 3, 2], "one reload for the WebSocket's resync_required");
+  eq(env.events[2], [10, 11], "exactly once");
+  eq(ws.sentOf("subscribe").filter((m) => m.project_id === 2).length, 2, "no repair");
+  eq(ws.closedWith, null);
+});
+
 test("presence unavailable after a subscribed is no refused subscribe: no count taken, no retry at once, presence re-asked later", async () => {
   // The gateway answers a presence subscribe whose presence read failed (Redis for presence
   // down) with `subscribed` and then error `unavailable` ("events are not affected"). Before, the
