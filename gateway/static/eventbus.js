@@ -3091,6 +3091,13 @@ export class EventBus {
       // is for the cursor it asked from (_holdPollsOf). It replays the same events.
       if (sub.pollHoldTimer !== null) return true;
       this._everConnected = true;
+      // The WebSocket (a slot freed on it, a subscribe answered while polling runs on for
+      // other projects) or an SSE stream moved the cursor while this poll was under way: the
+      // answer is for the cursor left behind, and they deliver. Taken, its resync_required
+      // would reload the application again and set the cursor back (the events after it,
+      // delivered already, would come twice), and its events, of the epoch it asked in, would
+      // be placed by seq alone in the one they reached. A next poll asks from there.
+      if (sub.cursor.pollQuery({ tags: false }) !== position) return true;
       if (body.resync_required) {
         this._tagsKnown(body.resync_required);
         sub.cursor.beginResync(body.resync_required.epoch, body.resync_required.seq, tagOf(body.resync_required));
