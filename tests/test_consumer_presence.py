@@ -970,6 +970,66 @@ async def test_without_ended_an_unavailable_while_presence_is_owed_is_presences_
     await consumer.aclose()
 
 
+async def test_presence_read_again_later_starts_its_backoff_over():
+    """Presence's failures in a row grow its backoff, which a ``presence`` list starts over.
+    A reader that closes while presence fails ends that run: presence is no longer asked, and
+    asked again later (a new reader, maybe hours on) its first failure waits the first delay
+    (1 s), not the delay the old run had grown to (up to 30 s, members unknown meanwhile). So
+    for a project unfollowed and followed again."""
+    from consumer import Cursor
+
+    consumer, ws, delays = await consumer_with_recorded_retries(hold={16.0})
+    events = consumer.events(1, after=Cursor("e1", 0))  # noqa: F841
+    reader = consumer.presence(1)
+    await settle()
+    await consumer._on_frame(ws, subscribed(1, 0, resumed=True))
+    await settle()
+    await fail_presence_reads(consumer, ws, delays, 4, top=0)
+    await consumer._on_frame(ws, subscribed(1, 0, resumed=True))
+    await consumer._on_frame(ws, frame(UNAVAILABLE))  # a fifth time: its retry sleeps 16 s
+    await settle()
+    assert delays[-1] == 16.0 and 1 in consumer._retries
+    await reader.aclose()  # presence no longer read: subscribed again without the flag
+    await settle()
+    assert "presence" not in ws.sent[-1]
+    await consumer._on_frame(ws, subscribed(1, 0, resumed=True))
+    await settle()
+    assert 1 not in consumer._retries
+    reader = consumer.presence(1)  # read again, later
+    await settle()
+    assert ws.sent[-1]["presence"] is True
+    await consumer._on_frame(ws, subscribed(1, 0, resumed=True))
+    await consumer._on_frame(ws, frame(UNAVAILABLE))  # one failed read
+    await settle()
+    assert delays[-1] == 1.0
+    await reader.aclose()
+    await settle()
+    await consumer._on_frame(ws, subscribed(1, 0, resumed=True))
+    await consumer.aclose()
+
+    # Unfollowed whole, then followed again: the same.
+    consumer, ws, delays = await consumer_with_recorded_retries(hold={16.0})
+    reader = consumer.presence(1)
+    await settle()
+    await consumer._on_frame(ws, subscribed(1, 0))
+    await settle()
+    await fail_presence_reads(consumer, ws, delays, 4, top=0)
+    await consumer._on_frame(ws, subscribed(1, 0))
+    await consumer._on_frame(ws, frame(UNAVAILABLE))
+    await settle()
+    assert delays[-1] == 16.0
+    await reader.aclose()
+    await settle()
+    assert 1 not in consumer._states
+    reader = consumer.presence(1)
+    await settle()
+    await consumer._on_frame(ws, subscribed(1, 0))
+    await consumer._on_frame(ws, frame(UNAVAILABLE))
+    await settle()
+    assert delays[-1] == 1.0
+    await consumer.aclose()
+
+
 # --- the client against a model gateway, with hypothesis ----------------------------------------
 
 
