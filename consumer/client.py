@@ -937,6 +937,10 @@ class Consumer:
         if route.wakes or self._presence.get(project_id) is not route:
             return None
         del self._presence[project_id]
+        # Presence is no longer asked: its failures in a row end here (no `presence` list comes
+        # to say so), and a reader opened later starts from the first delay, not from the one
+        # this run had grown to (up to ``max``, its members unknown meanwhile).
+        self._presence_unavailable.pop(project_id, None)
         self._unread = None
         if self._closed or self._subscribed_on is None:
             if project_id not in self._routes:
@@ -1169,6 +1173,10 @@ class Consumer:
         """Forget the project's state; returns whether the gateway may hold a subscription of it
         to leave (an unsubscribe to send)."""
         self._cancel_retry(project_id)
+        # Its refusals in a row end with it (followed again, it starts from the first delay),
+        # and a caller following and leaving project after project does not grow them without
+        # bound (presence's end when presence is no longer read: _drop_presence).
+        self._unavailable.pop(project_id, None)
         # Its held subscribe is moot; left in the queue until its turn, a caller following and
         # leaving project after project would grow it without bound.
         self._pacer.drop(project_id)

@@ -979,7 +979,7 @@ async def test_presence_read_again_later_starts_its_backoff_over():
     from consumer import Cursor
 
     consumer, ws, delays = await consumer_with_recorded_retries(hold={16.0})
-    events = consumer.events(1, after=Cursor("e1", 0))  # noqa: F841
+    events = consumer.events(1, after=Cursor("e1", 0))
     reader = consumer.presence(1)
     await settle()
     await consumer._on_frame(ws, subscribed(1, 0, resumed=True))
@@ -1007,7 +1007,7 @@ async def test_presence_read_again_later_starts_its_backoff_over():
     await consumer._on_frame(ws, subscribed(1, 0, resumed=True))
     await consumer.aclose()
 
-    # Unfollowed whole, then followed again: the same.
+    # Unfollowed whole, then followed again: the same, and so for refused subscribes.
     consumer, ws, delays = await consumer_with_recorded_retries(hold={16.0})
     reader = consumer.presence(1)
     await settle()
@@ -1020,11 +1020,29 @@ async def test_presence_read_again_later_starts_its_backoff_over():
     assert delays[-1] == 16.0
     await reader.aclose()
     await settle()
-    assert 1 not in consumer._states
+    assert 1 not in consumer._states and ws.sent[-1]["type"] == "unsubscribe"
+    await consumer._on_frame(ws, frame({"type": "unsubscribed", "project_id": 1}))
     reader = consumer.presence(1)
     await settle()
     await consumer._on_frame(ws, subscribed(1, 0))
     await consumer._on_frame(ws, frame(UNAVAILABLE))
+    await settle()
+    assert delays[-1] == 1.0
+    await reader.aclose()
+    await settle()
+    await consumer._on_frame(ws, frame({"type": "unsubscribed", "project_id": 1}))
+    events = consumer.events(2, after=Cursor("e1", 0))
+    await settle()
+    for n in range(5):  # refused five times: the subscribe's backoff grows
+        await consumer._on_frame(ws, frame({**UNAVAILABLE, "project_id": 2}))
+        await settle()
+        assert delays[-1] == 2.0**n
+    await events.aclose()
+    await settle()
+    events = consumer.events(2, after=Cursor("e1", 0))
+    await settle()
+    assert ws.sent[-1]["project_id"] == 2
+    await consumer._on_frame(ws, frame({**UNAVAILABLE, "project_id": 2}))
     await settle()
     assert delays[-1] == 1.0
     await consumer.aclose()
