@@ -184,6 +184,15 @@ def _claim_time(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= MAX_EXP
 
 
+def _finite(value: int | float) -> bool:
+    """Whether a number is a finite one a float holds (an int of 400 digits is not: the
+    arithmetic on it raises OverflowError, as ``math.isfinite`` itself does)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def refresh_delay(
     *,
     iat: float | None,
@@ -205,7 +214,7 @@ def refresh_delay(
     if _claim_time(iat) and _claim_time(exp) and exp > iat:
         # iat is truncated to the second: the token may have been minted up to 1 s after it.
         expiry = obtained_at + (exp - iat) - 1.0
-    elif isinstance(expires_at, int | float) and math.isfinite(expires_at):
+    elif isinstance(expires_at, int | float) and _finite(expires_at):
         expiry = float(expires_at)
     else:
         return None

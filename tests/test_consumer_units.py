@@ -470,6 +470,10 @@ def test_refresh_delay_of_any_claims_is_none_or_a_finite_delay(iat, exp) -> None
     assert delay is None or (math.isfinite(delay) and delay >= 0.5)
     fallback = refresh_delay(iat=iat, exp=exp, obtained_at=5.0, now=6.0, expires_at=100.0)
     assert fallback is not None and math.isfinite(fallback)
+    assert refresh_delay(iat=iat, exp=exp, obtained_at=5.0, now=6.0, expires_at=10**400) in (
+        None,
+        delay,
+    )
 
 
 def test_a_refusal_body_nested_too_deeply_has_no_error_code():
