@@ -341,6 +341,24 @@ export declare class FramePacer<T = unknown> {
   resent(now: number): void;
 }
 
+/** A bound on a wait, in multiples of its configured length: doubled (at most `max`) after each
+ * wait given up on, back to 1 after one met in time, and with `decayAfter` (ms) halved for every
+ * decayAfter without a give-up. Times in ms on the caller's clock; a clock stepped back since the
+ * last give-up waits one period from the new `now`. */
+export declare class StretchedBound {
+  constructor(options?: { max?: number; decayAfter?: number });
+  readonly max: number;
+  readonly decayAfter: number;
+  stretch: number;
+  stretchedAt: number | null;
+  /** The stretch for a wait starting at `now` (decayed); at least 1. */
+  factor(now: number): number;
+  /** A wait that took stretch `taken` (default: the current one) was given up on at `now`. */
+  gaveUp(now: number, taken?: number): void;
+  /** A wait was met within the configured length: the stretch is back to 1. */
+  answeredInTime(): void;
+}
+
 export declare function backoffDelay(
   attempt: number,
   options?: BackoffOptions,

@@ -812,6 +812,54 @@ const SSE_PROGRESS_BYTES = 16 * 1024;
  * up on for one. */
 const STRETCH_MAX = 16;
 
+/**
+ * A bound on a wait (a pong, a subscribe's answer), in multiples of its configured length, that
+ * stretches after waits given up on and shrinks back (the client keeps one per kind of wait and
+ * connection). A reply slower to arrive than the bound (a big frame over a slow link: it counts
+ * only once complete) was cut at the same bound each time and came as slowly again, for ever; so
+ * each give-up doubles the stretch (at most `max`), and a wait met within the configured length
+ * puts it back to 1. With `decayAfter` (ms) it also halves for every decayAfter without a
+ * give-up, down to 1: a give-up long ago says little of a wait now.
+ *
+ * Times are the caller's clock (ms): the page's is the wall clock, which the system may step back
+ * (NTP, the user); a `now` earlier than the last give-up (or halving) counts the period from
+ * `now`, so the stretch waits one period, not the step too.
+ */
+export class StretchedBound {
+  constructor({ max = STRETCH_MAX, decayAfter = Infinity } = {}) {
+    this.max = max;
+    this.decayAfter = decayAfter;
+    this.stretch = 1;
+    this.stretchedAt = null; // the last give-up (or halving)
+  }
+
+  /** The stretch for a wait starting at `now` (decayed, see decayAfter); at least 1. */
+  factor(now) {
+    const at = this.stretchedAt;
+    if (this.stretch <= 1 || at === null) return this.stretch;
+    // (A clock set back: counted from now, so the stretch waits one period, not the step too.)
+    if (now < at) this.stretchedAt = now;
+    const halvings = Math.floor(Math.max(0, now - at) / this.decayAfter);
+    if (halvings > 0) {
+      this.stretch = Math.max(1, this.stretch / Math.pow(2, halvings));
+      this.stretchedAt = at + halvings * this.decayAfter;
+    }
+    return this.stretch;
+  }
+
+  /** A wait that took stretch `taken` (by default the stretch as it is) was given up on at `now`:
+   * the next waits twice as long, at most `max` (and at least 1). */
+  gaveUp(now, taken = this.stretch) {
+    this.stretch = Math.max(1, Math.min(taken * 2, this.max));
+    this.stretchedAt = now;
+  }
+
+  /** A wait was met within the configured length: the bound is back to it. */
+  answeredInTime() {
+    this.stretch = 1;
+  }
+}
+
 /** Repairs of a gap from one cursor before it is surfaced as a resync (history_corrupt). */
 const GAP_REPAIRS = 2;
 

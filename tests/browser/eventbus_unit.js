@@ -1197,6 +1197,43 @@ test("FramePacer against a model of the gateway's bucket: a burst of refusals ne
   }
 });
 
+test("StretchedBound: doubled from the stretch a given-up wait took, at most max, back to 1 when met in time", () => {
+  const bound = new eb.StretchedBound({ max: 16, decayAfter: 1000 });
+  eq(bound.factor(0), 1, "a bound never given up on: as configured");
+  const factors = [];
+  for (let i = 0; i < 6; i += 1) {
+    bound.gaveUp(0);
+    factors.push(bound.factor(0));
+  }
+  eq(factors, [2, 4, 8, 16, 16, 16], "doubled, at most max");
+  bound.gaveUp(0, 2); // a connection that took the stretch when it was 2
+  eq(bound.factor(0), 4, "doubled from the stretch the wait took, not the current one");
+  bound.answeredInTime();
+  eq(bound.factor(0), 1, "a wait met within the bound: back to 1");
+  bound.gaveUp(0, 0.5);
+  eq(bound.factor(0), 1, "never below 1");
+});
+
+test("StretchedBound: halves every decayAfter without a give-up, down to 1, a clock stepped back waiting one period", () => {
+  const bound = new eb.StretchedBound({ max: 16, decayAfter: 1000 });
+  bound.gaveUp(0, 8); // 16
+  eq(bound.factor(999), 16);
+  eq(bound.factor(1000), 8, "one period: halved");
+  eq(bound.factor(2500), 4, "halved again at 2000, counted from there");
+  eq(bound.factor(2999), 4);
+  eq(bound.factor(3000), 2);
+  eq(bound.factor(1e9), 1, "down to 1, no lower");
+  bound.gaveUp(10_000); // 2
+  eq(bound.factor(10_000 - 3_600_000), 2, "a clock set back 1 h: not decayed");
+  eq(bound.factor(10_999 - 3_600_000), 2, "the period counts from the stepped-back now, not the step too");
+  eq(bound.factor(11_000 - 3_600_000), 1);
+  const lasting = new eb.StretchedBound({ max: 16 }); // no decayAfter: kept until met in time
+  lasting.gaveUp(0);
+  eq(lasting.factor(1e12), 2);
+  lasting.answeredInTime();
+  eq(lasting.factor(1e12), 1);
+});
+
 test("a wall clock stepped back does not hold refused frames for as long as the step", async () => {
   const env = setup({ subscribe: [1, 2] });
   const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
