@@ -1150,8 +1150,9 @@ export class EventBus {
     // after each connection dropped for an unanswered ping, back to 1 once a ping is answered
     // within pongTimeout. A frame slower to arrive than the timeout (a big event over a slow
     // link) holds the pong behind it, and the browser shows no sign of its bytes: cut, the
-    // connection resumed and the same frame was replayed as slowly, for ever.
-    this._pongStretch = 1;
+    // connection resumed and the same frame was replayed as slowly, for ever. (No decay: a
+    // link is taken as slow until a ping shows otherwise.)
+    this._pongBound = new StretchedBound();
     this._pingSentAt = null;
     this._connectTimer = null;
     this._refreshTimer = null;
@@ -1170,10 +1171,15 @@ export class EventBus {
     // once complete) was cut, and replayed as slowly. Per kind: SSE streams held by a buffering
     // proxy say nothing of how soon the gateway answers a WebSocket subscribe (nor the other way
     // round), and a stuck one would be waited on up to STRETCH_MAX times as long. The stretch
-    // also halves for every _stretchDecay() without a give-up of that kind (_stretchOf): a kind
+    // also halves for every `decayAfter` without a give-up of that kind (_stretchOf): a kind
     // given up on long ago (a WebSocket before a long SSE period) says nothing of a subscribe now.
-    this._answerStretch = { websocket: 1, sse: 1 };
-    this._stretchedAt = { websocket: null, sse: null }; // the last give-up (or halving) of each kind
+    // decayAfter is twice the longest time from a give-up to the next connection of that kind
+    // asking (the backoff, at most backoff.max, then a token and a handshake, connectTimeout
+    // each). A link slow enough to be given up on meets the doubled bound at its next connection;
+    // one not given up on for that long is waited on as recent evidence says, not up to
+    // STRETCH_MAX connectTimeouts for ever.
+    const decayAfter = 2 * (o.backoff.max + 2 * o.connectTimeout);
+    this._answerBounds = { websocket: new StretchedBound({ decayAfter }), sse: new StretchedBound({ decayAfter }) };
     // Frames refused by the gateway's rate limit, and those sent after them, go out paced
     // (FramePacer): one "not before" and one queue for the whole WebSocket.
     this._pacer = new FramePacer({ spacing: o.resendInterval, maxSpacing: o.backoff.max, fallbackDelay: o.backoff.initial });
@@ -1804,16 +1810,16 @@ export class EventBus {
         // Nothing at all came back: the connection is dead even if the browser has not noticed
         // (or a frame that long is still arriving: the next connection waits longer).
         if (!this._wsLive) return;
-        this._pongStretch = Math.min(this._pongStretch * 2, STRETCH_MAX);
+        this._pongBound.gaveUp(this._now());
         this._dropSocket(CloseCode.ABNORMAL, "ping timeout", true);
-      }, this.options.pongTimeout * this._pongStretch);
+      }, this.options.pongTimeout * this._pongBound.factor(this._now()));
     }, this.options.pingInterval);
   }
 
   _onMessage(ws, data) {
     if (ws !== this._ws) return;
     // Any frame proves the connection alive; one within pongTimeout of a ping, the link quick.
-    if (this._pongTimer !== null && this._now() - this._pingSentAt <= this.options.pongTimeout) this._pongStretch = 1;
+    if (this._pongTimer !== null && this._now() - this._pingSentAt <= this.options.pongTimeout) this._pongBound.answeredInTime();
     this._clearTimeout(this._pongTimer);
     this._pongTimer = null;
     if (this._wsLive) this._schedulePing();
@@ -2830,35 +2836,14 @@ export class EventBus {
     answers.progressAt = this._answersNow(answers);
     // Every subscribe of a connection answered, each within connectTimeout: its kind's bound is back.
     if (answers.progressAt - entry.at > this.options.connectTimeout) answers.slow = true;
-    else if (answers.asked.size === 0 && !answers.slow) this._answerStretch[answers.kind] = 1;
+    else if (answers.asked.size === 0 && !answers.slow) this._answerBounds[answers.kind].answeredInTime();
     if (answers.asked.size === 0 && conn === this._ws) this._proveSocket();
   }
 
-  /**
-   * How long after a give-up of a kind its stretch halves (and again after as long, down to 1):
-   * twice the longest time from a give-up to the next connection of that kind asking (the backoff,
-   * at most backoff.max, then a token and a handshake, connectTimeout each). A link slow enough to
-   * be given up on meets the doubled bound at its next connection; one not given up on for that
-   * long is waited on as recent evidence says, not up to STRETCH_MAX connectTimeouts for ever.
-   */
-  _stretchDecay() {
-    return 2 * (this.options.backoff.max + 2 * this.options.connectTimeout);
-  }
-
-  /** The stretch of `kind`'s bound for a connection asking now (the stretch decayed, see
-   * _stretchDecay). It is taken by a connection asking with nothing waited on: its own wait does not shrink it. */
+  /** The stretch of `kind`'s bound for a connection asking now (decayed: see _answerBounds). It
+   * is taken by a connection asking with nothing waited on: its own wait does not shrink it. */
   _stretchOf(kind) {
-    const at = this._stretchedAt[kind];
-    if (this._answerStretch[kind] <= 1 || at === null) return this._answerStretch[kind];
-    const now = this._now();
-    // (A clock set back: counted from now, so the stretch waits one period, not the step too.)
-    if (now < at) this._stretchedAt[kind] = now;
-    const halvings = Math.floor(Math.max(0, now - at) / this._stretchDecay());
-    if (halvings > 0) {
-      this._answerStretch[kind] = Math.max(1, this._answerStretch[kind] / Math.pow(2, halvings));
-      this._stretchedAt[kind] = at + halvings * this._stretchDecay();
-    }
-    return this._answerStretch[kind];
+    return this._answerBounds[kind].factor(this._now());
   }
 
   /**
@@ -2927,8 +2912,7 @@ export class EventBus {
           projectId,
         });
         this._gaveUp = conn;
-        this._answerStretch[answers.kind] = Math.min(answers.stretch * 2, STRETCH_MAX);
-        this._stretchedAt[answers.kind] = now;
+        this._answerBounds[answers.kind].gaveUp(now, answers.stretch);
         if (conn === this._ws) this._dropSocket(CloseCode.ABNORMAL, "no answer to a subscribe", true);
         else if (conn === this._sse) conn.controller.abort(); // _sseEnded reopens it on the backoff
         return;
