@@ -372,6 +372,45 @@ export declare class Backoff {
   reset(): void;
 }
 
+/** The health of the WebSocket rung across its attempts: when to fall back, how long to wait
+ * before the next attempt, whether a close may be resumed at once, whether a connection counted
+ * as a success. Times in ms on the caller's clock. */
+export declare class SocketHealth {
+  constructor(options?: { stableAfter?: number; pollAfterFailures?: number; backoff?: Backoff });
+  readonly stableAfter: number;
+  readonly pollAfterFailures: number;
+  readonly backoff: Backoff;
+  failures: number;
+  proven: boolean;
+  prompted: boolean;
+  attemptAt: number | null;
+  liveAt: number | null;
+  /** An attempt starts at `now`. */
+  attempting(now: number): void;
+  /** While offline: null when an attempt may go at `now`, else the ms to wait (at most `max`). */
+  offlineWait(now: number, max: number): number | null;
+  /** The connection got live at `now` (not proven yet). */
+  live(now: number): void;
+  /** Every subscribe answered: a success, failures cleared; false when already proven. */
+  prove(): boolean;
+  /** The connection is gone: the next one proves itself again. */
+  ended(): void;
+  /** What the connection ending at `now` was (nothing changes). */
+  closedOutcome(now: number, facts: { wasLive: boolean; gaveUp: boolean }): { proven: boolean; stable: boolean };
+  /** The connection that ended was stable: the backoff and the prompt reconnect start over. */
+  wasStable(): void;
+  /** Takes the one prompt reconnect allowed until a stable connection (false: already taken). */
+  takePrompt(): boolean;
+  /** An attempt ended: counted as failed unless `spared`. */
+  attemptFailed(options?: { spared?: boolean }): void;
+  /** Whether the attempts failed often enough to use the fallbacks. */
+  shouldFallBack(): boolean;
+  /** The delay before the next attempt (the backoff, grown by each call). */
+  reconnectDelay(): number;
+  /** The backoff starts over. */
+  resetBackoff(): void;
+}
+
 export interface CloseAction {
   delay: "prompt" | "backoff";
   renewToken: boolean;

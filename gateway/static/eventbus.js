@@ -164,6 +164,113 @@ export function shouldPoll({ websocketSupported, failuresSinceLive, threshold = 
   return !websocketSupported || failuresSinceLive >= threshold;
 }
 
+/**
+ * The health of the WebSocket rung of the transport ladder, across its attempts: the decisions of
+ * when to fall back (SSE, else polling), how long to wait before the next attempt, whether a
+ * close may be resumed at once, and whether a connection counted as a success. Pure: times are
+ * the caller's clock (ms), passed in; the attempts themselves are the caller's.
+ *
+ * `backoff` (a Backoff) is the reconnect delay's; `stableAfter` (ms) how long a proven connection
+ * stays up to reset it; `pollAfterFailures` the failed attempts in a row that send the client to
+ * the fallbacks.
+ */
+export class SocketHealth {
+  constructor({ stableAfter = DEFAULTS.stableAfter, pollAfterFailures = DEFAULTS.pollAfterFailures, backoff = new Backoff() } = {}) {
+    this.stableAfter = stableAfter;
+    this.pollAfterFailures = pollAfterFailures;
+    this.backoff = backoff;
+    // WebSocket attempts that failed (never got live, or ended before stable: see
+    // EventBus._onSocketClosed) since the last one that proved useful (`proven`).
+    this.failures = 0;
+    // The WebSocket has answered every subscribe sent on it since it got live (or had none to
+    // answer): only then does it count as a success (failures back to 0, polling stopped), and
+    // only a proven one is stable. A gateway that authenticates and drops each connection
+    // before answering would otherwise keep the client "reconnecting" for ever, nothing polled.
+    this.proven = false;
+    // A prompt reconnect was made since the last stable WebSocket (the next one waits for the backoff).
+    this.prompted = false;
+    this.attemptAt = null; // when the last attempt started (attempting)
+    this.liveAt = null; // when the last connection got live (live)
+  }
+
+  /** An attempt starts at `now`. */
+  attempting(now) {
+    this.attemptAt = now;
+  }
+
+  /** While the browser says it is offline, an attempt goes at most once per `max` ms (see
+   * EventBus._connect): null when one may go at `now`, else how long to wait first (a clock set
+   * back since the last attempt: `max`, not the step too). */
+  offlineWait(now, max) {
+    const since = this.attemptAt === null ? max : now - this.attemptAt;
+    return since < max ? Math.min(max, max - since) : null;
+  }
+
+  /** The connection got live at `now`: not proven yet. */
+  live(now) {
+    this.proven = false;
+    this.liveAt = now;
+  }
+
+  /** The live connection answered every subscribe sent on it: a success, the failures cleared.
+   * Returns whether it was not proven before (the caller acts once per connection). */
+  prove() {
+    if (this.proven) return false;
+    this.proven = true;
+    this.failures = 0;
+    return true;
+  }
+
+  /** The connection is gone (closed, dropped): the next one proves itself again. */
+  ended() {
+    this.proven = false;
+  }
+
+  /** What the connection ending at `now` was, read before `ended()`: `proven` (it was live and
+   * answered), `stable` (proven, not given up on for not answering, and up for stableAfter).
+   * Nothing changes: see wasStable. */
+  closedOutcome(now, { wasLive, gaveUp }) {
+    const proven = wasLive && this.proven;
+    const stable = proven && !gaveUp && now - this.liveAt >= this.stableAfter;
+    return { proven, stable };
+  }
+
+  /** The connection that ended was stable: the backoff starts over, and a prompt reconnect may be
+   * made again. */
+  wasStable() {
+    this.backoff.reset();
+    this.prompted = false;
+  }
+
+  /** Takes the one prompt reconnect allowed until a connection is stable: true (and taken) if
+   * not taken yet, false when the next attempt waits for the backoff. */
+  takePrompt() {
+    if (this.prompted) return false;
+    this.prompted = true;
+    return true;
+  }
+
+  /** An attempt ended: it counts as failed unless `spared`. */
+  attemptFailed({ spared = false } = {}) {
+    if (!spared) this.failures += 1;
+  }
+
+  /** Whether the attempts have failed often enough to use the fallbacks (SSE, else polling). */
+  shouldFallBack() {
+    return shouldPoll({ websocketSupported: true, failuresSinceLive: this.failures, threshold: this.pollAfterFailures });
+  }
+
+  /** The delay before the next attempt (the backoff, grown by each call). */
+  reconnectDelay() {
+    return this.backoff.next();
+  }
+
+  /** The backoff starts over (the network came back: the next attempt goes soon). */
+  resetBackoff() {
+    this.backoff.reset();
+  }
+}
+
 /** The user-visible state, derived from the transport facts. */
 export function computeState({ closed, online, websocketLive, sseLive = false, pollingOk, everConnected }) {
   if (closed) return State.OFFLINE;

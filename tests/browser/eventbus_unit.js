@@ -1234,6 +1234,67 @@ test("StretchedBound: halves every decayAfter without a give-up, down to 1, a cl
   eq(lasting.factor(1e12), 1);
 });
 
+function socketHealth({ stableAfter = 10000, pollAfterFailures = 2 } = {}) {
+  const backoff = new eb.Backoff({ initial: 1000, max: 8000, factor: 2, jitter: 0.2 }, () => 0.5); // no jitter
+  return new eb.SocketHealth({ stableAfter, pollAfterFailures, backoff });
+}
+
+test("SocketHealth: failed attempts send the client down the ladder; a proven connection clears them", () => {
+  const health = socketHealth({ pollAfterFailures: 2 });
+  assert(!health.shouldFallBack(), "nothing failed yet");
+  health.attemptFailed();
+  assert(!health.shouldFallBack(), "one failure, the threshold is two");
+  health.attemptFailed({ spared: true }); // a stable one, or a drain's close: not a failure
+  assert(!health.shouldFallBack(), "a spared attempt is not counted");
+  eq(health.failures, 1);
+  health.attemptFailed();
+  assert(health.shouldFallBack(), "two failures in a row: the fallbacks");
+  health.live(0);
+  assert(health.shouldFallBack() && !health.proven, "live is not proven: still falling back");
+  assert(health.prove(), "the first proof is a success");
+  assert(health.proven && !health.shouldFallBack(), "proven: the failures are cleared");
+  eq(health.failures, 0);
+  assert(!health.prove(), "proven once per connection");
+  health.ended();
+  assert(!health.proven, "the next connection proves itself again");
+});
+
+test("SocketHealth: only a proven connection up for stableAfter, not given up on, is stable", () => {
+  const health = socketHealth({ stableAfter: 10000 });
+  health.live(1000);
+  eq(health.closedOutcome(50000, { wasLive: true, gaveUp: false }), { proven: false, stable: false }, "never proven");
+  health.prove();
+  eq(health.closedOutcome(10999, { wasLive: true, gaveUp: false }), { proven: true, stable: false }, "up for less than stableAfter");
+  eq(health.closedOutcome(11000, { wasLive: true, gaveUp: false }), { proven: true, stable: true });
+  eq(health.closedOutcome(50000, { wasLive: true, gaveUp: true }), { proven: true, stable: false }, "given up on for not answering");
+  eq(health.closedOutcome(50000, { wasLive: false, gaveUp: false }), { proven: false, stable: false }, "not live");
+  assert(health.proven, "an outcome is read, nothing changes");
+});
+
+test("SocketHealth: the backoff grows and one prompt reconnect is taken, until a connection is stable", () => {
+  const health = socketHealth();
+  eq([health.reconnectDelay(), health.reconnectDelay(), health.reconnectDelay()], [1000, 2000, 4000]);
+  assert(health.takePrompt(), "the first prompt reconnect");
+  assert(!health.takePrompt(), "a second waits for the backoff");
+  health.wasStable();
+  eq(health.reconnectDelay(), 1000, "stable: the backoff starts over");
+  assert(health.takePrompt(), "and a prompt reconnect may be taken again");
+  health.reconnectDelay();
+  health.resetBackoff(); // back online
+  eq(health.reconnectDelay(), 1000);
+  assert(!health.takePrompt(), "the network coming back says nothing of the gateway's closes");
+});
+
+test("SocketHealth: while the browser says offline, an attempt at most once per max, a clock set back waiting max", () => {
+  const health = socketHealth();
+  eq(health.offlineWait(5000, 30000), null, "no attempt yet: at once");
+  health.attempting(5000);
+  eq(health.offlineWait(5000, 30000), 30000);
+  eq(health.offlineWait(25000, 30000), 10000, "the rest of max since the last attempt");
+  eq(health.offlineWait(35000, 30000), null, "max since the last attempt: at once");
+  eq(health.offlineWait(5000 - 3_600_000, 30000), 30000, "a clock set back: max, not the step too");
+});
+
 test("a wall clock stepped back does not hold refused frames for as long as the step", async () => {
   const env = setup({ subscribe: [1, 2] });
   const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
