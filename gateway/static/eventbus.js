@@ -1233,7 +1233,12 @@ export class EventBus {
     this._subs = new Map();
     this._limitRefusals = 0; // refusals for the subscription limit so far (their order)
     this._activity = new Map(); // projectId -> {viewing, answering}, this tab's latest
-    this._backoff = new Backoff(o.backoff, this._random);
+    // The WebSocket rung's failures, proof, backoff and prompt reconnect (see SocketHealth).
+    this._wsHealth = new SocketHealth({
+      stableAfter: o.stableAfter,
+      pollAfterFailures: o.pollAfterFailures,
+      backoff: new Backoff(o.backoff, this._random),
+    });
     this._state = State.CONNECTING;
     this._closed = false;
     this._everConnected = false;
@@ -1241,16 +1246,7 @@ export class EventBus {
     this._wsLive = false;
     // Frames may go on the WebSocket: it is open and its `auth` sent (live comes with `authenticated`).
     this._wsOpen = false;
-    // WebSocket attempts that failed (never got live, or ended before stable: see
-    // _onSocketClosed) since the last one that proved useful (_wsProven).
-    this._failures = 0;
-    // The WebSocket has answered every subscribe sent on it since it got live (or had none to
-    // answer): only then does it count as a success (_failures back to 0, polling stopped), and
-    // only a proven one is stable. A gateway that authenticates and drops each connection
-    // before answering would otherwise keep the client "reconnecting" for ever, nothing polled.
-    this._wsProven = false;
     this._reconnectTimer = null;
-    this._attemptAt = null; // when the last WebSocket attempt started (_connect)
     this._pingTimer = null;
     this._pongTimer = null;
     // The pong timeout of the next pings, in pongTimeouts: doubled (at most STRETCH_MAX)
@@ -1264,7 +1260,6 @@ export class EventBus {
     this._connectTimer = null;
     this._refreshTimer = null;
     this._refreshSent = false; // a token refresh (`auth`) is sent and not answered yet
-    this._liveAt = null; // when the WebSocket got live
     // The subscribes not answered yet, per connection (the WebSocket, an SSE stream): conn ->
     // {conn, kind: "websocket" or "sse", asked: Map projectId -> {sub, at}, progressAt, timer, seenAt, slow: one was answered
     // later than connectTimeout} (_checkAnswers). One per connection: a WebSocket attempt opens
@@ -1292,9 +1287,8 @@ export class EventBus {
     this._pacer = new FramePacer({ spacing: o.resendInterval, maxSpacing: o.backoff.max, fallbackDelay: o.backoff.initial });
     this._pacerTimer = null;
     this._gaveUp = null; // the connection given up on for not answering (not a stable one)
-    // A prompt reconnect was made since the last stable WebSocket / SSE stream (the next one
-    // waits for the backoff).
-    this._prompted = false;
+    // A prompt reconnect was made since the last stable SSE stream (the next one waits for the
+    // backoff; the WebSocket's: SocketHealth.prompted).
     this._ssePrompted = false;
     this._token = null; // {value, obtainedAt}
     this._tokenPromise = null;
@@ -1808,15 +1802,14 @@ export class EventBus {
       // gateway is reachable): while it says offline, an attempt still goes, at most one per
       // backoff.max (the first at once). A real offline period costs that; a wrong onLine
       // cannot freeze the page. (The fallbacks are paced the same, _offlineDelay.)
-      const max = this.options.backoff.max;
-      const since = this._attemptAt === null ? max : this._now() - this._attemptAt;
-      if (since < max) {
-        this._scheduleReconnect(Math.min(max, max - since)); // (a clock set back: max)
+      const wait = this._wsHealth.offlineWait(this._now(), this.options.backoff.max); // (a clock set back: max)
+      if (wait !== null) {
+        this._scheduleReconnect(wait);
         this._updateState();
         return;
       }
     }
-    this._attemptAt = this._now();
+    this._wsHealth.attempting(this._now());
     const attemptMarker = {};
     this._ws = attemptMarker; // claims the slot while the token is fetched
     let token = null;
@@ -1865,10 +1858,9 @@ export class EventBus {
   _goLive() {
     this._clearTimeout(this._connectTimer);
     this._wsLive = true;
-    this._wsProven = false;
+    this._wsHealth.live(this._now());
     this._everConnected = true;
     this._stopSse(); // back at the top of the ladder
-    this._liveAt = this._now();
     this._schedulePing();
     if (!this._wsOpen) this._openFrames();
     else this._heardAll(this._ws); // (the subscribes are read from here)
@@ -1884,11 +1876,9 @@ export class EventBus {
     this._updateState();
   }
 
-  /** The live WebSocket answered every subscribe sent on it: a success (see _wsProven). */
+  /** The live WebSocket answered every subscribe sent on it: a success (see SocketHealth.proven). */
   _proveSocket() {
-    if (this._wsProven || !this._wsLive) return;
-    this._wsProven = true;
-    this._failures = 0;
+    if (!this._wsLive || !this._wsHealth.prove()) return;
     // The rounds under way (of every project) end; a project the gateway refused for its
     // subscription limit is polled on, alone, from now (_pollAll).
     this._stopPolling();
@@ -2136,7 +2126,7 @@ export class EventBus {
         sub.presence = null;
         this._notify(sub, null);
       }
-      if (again || !this._wsProven) {
+      if (again || !this._wsHealth.proven) {
         /* polling runs (until every subscribe is answered, then on for it: _proveSocket) */
       } else if (this._polling) this._pollSoon();
       else this._startPolling(0);
@@ -2185,7 +2175,7 @@ export class EventBus {
   /** With the WebSocket proven, polling goes on only while it carries a project refused for the
    * subscription limit. */
   _pollRefusedOnly() {
-    if (this._wsProven && this._polling && !this._anyRefusedForLimit()) this._stopPolling();
+    if (this._wsHealth.proven && this._polling && !this._anyRefusedForLimit()) this._stopPolling();
   }
 
   _dropSocket(code, reason, treatAsClose = false) {
@@ -2207,7 +2197,7 @@ export class EventBus {
     // Polling that carried only projects this connection refused for its subscription limit
     // ends with it: the next connection subscribes them again, and the fallbacks are its own
     // (_onSocketClosed), not a round of every project at once.
-    const pollingRefusedOnly = this._wsProven && this._polling;
+    const pollingRefusedOnly = this._wsHealth.proven && this._polling;
     for (const timer of ["_connectTimer", "_pingTimer", "_pongTimer", "_refreshTimer"]) {
       this._clearTimeout(this[timer]);
       this[timer] = null;
@@ -2215,7 +2205,7 @@ export class EventBus {
     this._forgetAnswers(this._ws);
     this._ws = null;
     this._wsLive = false;
-    this._wsProven = false;
+    this._wsHealth.ended();
     this._wsOpen = false;
     this._refreshSent = false;
     // The next connection has a bucket of its own on the gateway: nothing held, nothing to wait.
@@ -2253,15 +2243,11 @@ export class EventBus {
     // the fallbacks (SSE, else polling) carry the events through the backoff's delay. Before, a
     // gateway dropping every connection before answering got no fallback at all, and one
     // answering and dropping each soon after left a silence as long as the delay (up to 30 s).
-    const proven = wasLive && this._wsProven;
-    const stable = proven && this._gaveUp !== this._ws && this._now() - this._liveAt >= this.options.stableAfter;
+    const { proven, stable } = this._wsHealth.closedOutcome(this._now(), { wasLive, gaveUp: this._gaveUp === this._ws });
     if (this._gaveUp === this._ws) this._gaveUp = null; // (an SSE stream given up on stays so)
     this._cleanupSocket();
     if (this._closed) return;
-    if (stable) {
-      this._backoff.reset();
-      this._prompted = false;
-    }
+    if (stable) this._wsHealth.wasStable();
     const action = closeAction(code);
     if (action.clientBug) this._reportError({ code: "closed", message: `gateway closed the connection with ${code}`, closeCode: code });
     if (code === CloseCode.AUTH_FAILED || code === CloseCode.TOKEN_REVOKED) {
@@ -2280,8 +2266,7 @@ export class EventBus {
     // second such close soon after is no drain moving us elsewhere. A gateway (or proxy) that
     // takes each connection and closes it at once so was reconnected to, by every tab, several
     // times a second for ever.
-    if (wasLive && action.delay === "prompt" && !this._prompted) {
-      this._prompted = true;
+    if (wasLive && action.delay === "prompt" && this._wsHealth.takePrompt()) {
       this._scheduleReconnect(Math.round(this._random() * this.options.promptDelayMax));
       this._updateState();
       return;
@@ -2306,11 +2291,9 @@ export class EventBus {
   /** A WebSocket attempt ended: it counts as failed unless `spared` (stable, or a proven one
    * closed to be resumed at once: see _onSocketClosed). */
   _afterFailure(code, spared = false) {
-    if (!spared) this._failures += 1;
-    if (shouldPoll({ websocketSupported: true, failuresSinceLive: this._failures, threshold: this.options.pollAfterFailures })) {
-      this._fallBack();
-    }
-    this._scheduleReconnect(this._backoff.next());
+    this._wsHealth.attemptFailed({ spared });
+    if (this._wsHealth.shouldFallBack()) this._fallBack();
+    this._scheduleReconnect(this._wsHealth.reconnectDelay());
     this._updateState();
   }
 
@@ -2343,7 +2326,7 @@ export class EventBus {
   _handleOnline() {
     this._updateState();
     if (!this._wsLive) {
-      this._backoff.reset();
+      this._wsHealth.resetBackoff();
       this._sseBackoff.reset();
       this.reconnect();
       if (this._polling) this._pollSoon();
@@ -2553,7 +2536,7 @@ export class EventBus {
 
   /** Whether WebSocket is off, unsupported, or has failed often enough to use the fallbacks. */
   _fallingBack() {
-    return typeof this._WebSocket !== "function" || this._failures >= this.options.pollAfterFailures;
+    return typeof this._WebSocket !== "function" || this._wsHealth.shouldFallBack();
   }
 
   _startSse() {
@@ -3139,7 +3122,7 @@ export class EventBus {
       for (const sub of subs) {
         if (generation !== this._pollGeneration) break;
         if (sub.pollHoldTimer !== null) continue; // waits for its subscribe's answer (_holdPollsOf)
-        if (this._wsProven && !sub.refusedForLimit) continue; // the WebSocket carries it
+        if (this._wsHealth.proven && !sub.refusedForLimit) continue; // the WebSocket carries it
         polled += 1;
         if (!(await this._pollProject(sub, generation))) ok = false;
         // Refused with Retry-After (a draining or full gateway): the other projects would be
