@@ -2907,15 +2907,9 @@ async def test_a_drain_never_sends_more_to_a_master_that_failed_during_it(call):
     assert (call, "m2", (2,)) in [(kind, at, projects) for kind, at, projects, _ in store.calls]
 
 
-@pytest.mark.parametrize("per_master", [True, False], ids=["cluster", "standalone"])
-async def test_a_drain_rewrites_the_members_of_a_project_whose_records_redis_lost(per_master):
-    """Redis lost the pod's records of a project (a flush, a failover that lost the last
-    writes) and a member leaves there just before the pod drains: the drain's write of the
-    change is refused (its base is gone). The drain writes the pod's members there whole and
-    keeps them for the grace, as the next round would have: its clients reconnect elsewhere
-    without being shown leaving. Before, the refused write was left pending, and nothing came
-    after the drain to send it: the members still connected there were not listed by any pod
-    until they reconnected elsewhere (shown leaving and joining again)."""
+async def _written_pod(per_master: bool) -> tuple[PresenceService, _ClusterAtMasters]:
+    """A pod whose members are written: alice and bob in project 1 (at m1), carol in 2 (m2),
+    on Redis Cluster (``per_master``, a lane round) or standalone Redis (a flush)."""
 
     class Client:
         def register_script(self, script: str) -> None:
@@ -2929,6 +2923,20 @@ async def test_a_drain_rewrites_the_members_of_a_project_whose_records_redis_los
     service.join("t2", 1, "bob", None)
     service.join("t3", 2, "carol", None)
     await (cluster_round(service) if per_master else service._flush())  # a round's writes
+    return service, store
+
+
+@pytest.mark.parametrize("per_master", [True, False], ids=["cluster", "standalone"])
+async def test_a_drain_rewrites_the_members_of_a_project_whose_records_redis_lost(per_master):
+    """Redis lost the pod's records of a project (a flush, a failover that lost the last
+    writes) and a member leaves there just before the pod drains: the drain's write of the
+    change is refused (its base is gone). The drain writes the pod's members there whole and
+    keeps them for the grace, as the next round would have: its clients reconnect elsewhere
+    without being shown leaving. Before, the refused write was left pending, and nothing came
+    after the drain to send it: the members still connected there were not listed by any pod
+    until they reconnected elsewhere (shown leaving and joining again)."""
+
+    service, store = await _written_pod(per_master)
     assert store.records[1][1].keys() == {"alice", "bob"}
     del store.records[1]  # Redis lost them
     service.leave("t1", 1)
@@ -2949,18 +2957,7 @@ async def test_a_drain_whose_refresh_finds_the_records_lost_writes_them_and_keep
     the members still connected there were listed by no pod until they reconnected elsewhere
     (shown leaving and joining again), although the pod could still have written them."""
 
-    class Client:
-        def register_script(self, script: str) -> None:
-            return None
-
-    service = PresenceService(Client(), lambda s, f: None, pod_id="a", listen=False, **TIMINGS)
-    store = service.store = _ClusterAtMasters()  # type: ignore[assignment]
-    store.per_master = per_master
-    store.masters.update({1: "m1", 2: "m2"})
-    service.join("t1", 1, "alice", None)
-    service.join("t2", 1, "bob", None)
-    service.join("t3", 2, "carol", None)
-    await (cluster_round(service) if per_master else service._flush())  # a round's writes
+    service, store = await _written_pod(per_master)
     del store.records[1]  # Redis lost them; no change is pending
     store.calls.clear()
     await service.drain()
