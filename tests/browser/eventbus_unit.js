@@ -642,6 +642,27 @@ test("backoff resets after a stable connection, not after a flapping one", async
   eq(env.last().createdAt - dropped2, 1000, "stable: backoff starts over at 1 s");
 });
 
+test("a connection that answered every subscribe clears the failed attempts: its drop alone does not send the client to the fallbacks", async () => {
+  const env = setup({ autoFailSockets: true, options: { pollAfterFailures: 2 } });
+  await env.clock.advance(0); // the first attempt fails: one failure of two
+  eq(env.sockets.length, 1);
+  env.autoFailSockets = false;
+  await env.clock.advance(1000);
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } }); // answered: proven
+  eq(env.bus.transport, "websocket");
+  await env.clock.advance(2000); // not stable
+  ws.serverClose(1006); // a failed attempt, the first since the proof
+  await flush();
+  eq(env.streams.length, 0, "no SSE stream: one failure since the connection that answered");
+  eq(env.requests.length, 0, "no poll");
+  eq(env.bus.state, "reconnecting");
+  // The next attempt failing too is two in a row: the fallbacks.
+  env.autoFailSockets = true;
+  await env.clock.advance(2000);
+  eq(env.sockets.length, 3);
+  assert(env.streams.length > 0, "two failures in a row: an SSE stream is tried");
+});
+
 test("1012 and 4008 reconnect promptly and resume", async () => {
   for (const code of [1012, 4008, 1001]) {
     const env = setup();
