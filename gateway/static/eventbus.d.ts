@@ -411,6 +411,27 @@ export declare class SocketHealth {
   resetBackoff(): void;
 }
 
+/** The health of the SSE rung across its streams: when the next stream opens after one ended,
+ * whether a stream that ended was stable. Times in ms on the caller's clock. */
+export declare class SseHealth {
+  constructor(options?: { stableAfter?: number; backoff?: Backoff });
+  readonly stableAfter: number;
+  readonly backoff: Backoff;
+  prompted: boolean;
+  /** Whether the stream ending at `now` was stable (nothing changes). */
+  isStable(now: number, facts: { proven: boolean; openedAt: number | null; gaveUp: boolean }): boolean;
+  /** The stream that ended was stable: the backoff and the prompt reconnect start over. */
+  wasStable(): void;
+  /** How the next stream opens: at once (a planned reopen), promptly (the one prompt reconnect
+   * allowed until a stable stream, taken), else after `delay` ms (the backoff, grown; at least
+   * `retryAfter`). */
+  nextStream(ended: { reopen: boolean; live: boolean; closeCode: number | null; retryAfter?: number }):
+    | { open: "reopen" | "prompt" }
+    | { open: "backoff"; delay: number };
+  /** The backoff starts over. */
+  resetBackoff(): void;
+}
+
 export interface CloseAction {
   delay: "prompt" | "backoff";
   renewToken: boolean;

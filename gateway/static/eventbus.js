@@ -271,6 +271,64 @@ export class SocketHealth {
   }
 }
 
+/**
+ * The health of the SSE rung of the transport ladder, across its streams: when the next stream
+ * opens after one ended (at once for a planned reopen, promptly for a close asking to resume,
+ * else on the backoff, polling meanwhile), and whether a stream that ended was stable. Unlike the
+ * WebSocket's (SocketHealth), failed streams are not counted: polling carries the events after
+ * each one that could not open or broke. Pure: times are the caller's clock (ms), passed in; the
+ * streams themselves are the caller's.
+ *
+ * `backoff` (a Backoff) is the delay's before the next stream; `stableAfter` (ms) how long a
+ * stream that answered stays open to reset it.
+ */
+export class SseHealth {
+  constructor({ stableAfter = DEFAULTS.stableAfter, backoff = new Backoff() } = {}) {
+    this.stableAfter = stableAfter;
+    this.backoff = backoff;
+    // A prompt reconnect was made since the last stable stream (the next one waits for the
+    // backoff).
+    this.prompted = false;
+  }
+
+  /** Whether the stream ending at `now` was stable: it answered (`proven`), was not given up on
+   * for not answering a subscribe (`gaveUp`: up, not stable, the backoff keeps growing), and was
+   * open (since `openedAt`) for stableAfter. Nothing changes: see wasStable. */
+  isStable(now, { proven, openedAt, gaveUp }) {
+    return proven && !gaveUp && now - openedAt >= this.stableAfter;
+  }
+
+  /** The stream that ended was stable: the backoff starts over, and a prompt reconnect may be
+   * made again. */
+  wasStable() {
+    this.backoff.reset();
+    this.prompted = false;
+  }
+
+  /**
+   * How the next stream opens after one ended (the client not closed, no WebSocket live), from
+   * what the one that ended was: `{open: "reopen"}` at once when it was a planned `reopen` (other
+   * projects, a gap, a token about to expire); `{open: "prompt"}` when it was `live` and the
+   * gateway closed it with a `closeCode` asking to resume at once (draining, slow consumer, token
+   * expired), the one prompt reconnect allowed until a stream is stable (taken); else
+   * `{open: "backoff", delay}`: it could not open, or broke, and the next one goes after `delay`
+   * ms, the backoff (grown by the call) or the refusal's `retryAfter` (ms) when that is longer.
+   */
+  nextStream({ reopen, live, closeCode, retryAfter = 0 }) {
+    if (reopen) return { open: "reopen" };
+    if (live && closeCode !== null && closeAction(closeCode).delay === "prompt" && !this.prompted) {
+      this.prompted = true;
+      return { open: "prompt" };
+    }
+    return { open: "backoff", delay: Math.max(this.backoff.next(), retryAfter || 0) };
+  }
+
+  /** The backoff starts over (the network came back: the next stream goes soon). */
+  resetBackoff() {
+    this.backoff.reset();
+  }
+}
+
 /** The user-visible state, derived from the transport facts. */
 export function computeState({ closed, online, websocketLive, sseLive = false, pollingOk, everConnected }) {
   if (closed) return State.OFFLINE;

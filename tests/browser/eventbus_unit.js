@@ -1316,6 +1316,52 @@ test("SocketHealth: while the browser says offline, an attempt at most once per 
   eq(health.offlineWait(5000 - 3_600_000, 30000), 30000, "a clock set back: max, not the step too");
 });
 
+function sseHealth({ stableAfter = 10000 } = {}) {
+  const backoff = new eb.Backoff({ initial: 1000, max: 8000, factor: 2, jitter: 0.2 }, () => 0.5); // no jitter
+  return new eb.SseHealth({ stableAfter, backoff });
+}
+
+test("SseHealth: only a stream that answered, open for stableAfter, not given up on, is stable", () => {
+  const health = sseHealth({ stableAfter: 10000 });
+  eq(health.isStable(11000, { proven: true, openedAt: 1000, gaveUp: false }), true);
+  eq(health.isStable(10999, { proven: true, openedAt: 1000, gaveUp: false }), false, "open for less than stableAfter");
+  eq(health.isStable(50000, { proven: false, openedAt: 1000, gaveUp: false }), false, "never answered");
+  eq(health.isStable(50000, { proven: true, openedAt: 1000, gaveUp: true }), false, "given up on for not answering");
+  eq(health.isStable(50000, { proven: false, openedAt: null, gaveUp: false }), false, "never opened");
+});
+
+test("SseHealth: a planned reopen opens the next stream at once, taking neither the prompt reconnect nor the backoff", () => {
+  const health = sseHealth();
+  for (const closeCode of [null, 1012]) eq(health.nextStream({ reopen: true, live: true, closeCode, retryAfter: 0 }), { open: "reopen" });
+  assert(!health.prompted, "the prompt reconnect is not taken");
+  eq(health.nextStream({ reopen: false, live: false, closeCode: null, retryAfter: 0 }), { open: "backoff", delay: 1000 }, "the backoff is not grown");
+});
+
+test("SseHealth: a close asking to resume is resumed promptly once until a stream is stable, then on the backoff", () => {
+  const health = sseHealth();
+  eq(health.nextStream({ reopen: false, live: true, closeCode: 1012, retryAfter: 0 }), { open: "prompt" });
+  eq(health.nextStream({ reopen: false, live: true, closeCode: 4008, retryAfter: 0 }), { open: "backoff", delay: 1000 }, "the second waits for the backoff");
+  health.wasStable();
+  eq(health.nextStream({ reopen: false, live: true, closeCode: 4002, retryAfter: 0 }), { open: "prompt" }, "stable: a prompt reconnect again");
+  eq(health.nextStream({ reopen: false, live: true, closeCode: 4008, retryAfter: 0 }), { open: "backoff", delay: 1000 }, "stable: the backoff started over");
+  health.wasStable();
+  eq(health.nextStream({ reopen: false, live: false, closeCode: 1012, retryAfter: 0 }), { open: "backoff", delay: 1000 }, "a stream that never opened: not resumed at once");
+  eq(health.nextStream({ reopen: false, live: true, closeCode: null, retryAfter: 0 }), { open: "backoff", delay: 2000 }, "broken without a close: the backoff");
+  eq(health.nextStream({ reopen: false, live: true, closeCode: 4001, retryAfter: 0 }), { open: "backoff", delay: 4000 }, "a close not asking to resume: the backoff");
+  assert(!health.prompted, "none of them took the prompt reconnect");
+});
+
+test("SseHealth: the backoff grows per stream that could not open or broke, a refusal's longer Retry-After waited", () => {
+  const health = sseHealth();
+  const broke = { reopen: false, live: false, closeCode: null, retryAfter: 0 };
+  eq([1, 2, 3, 4, 5].map(() => health.nextStream(broke).delay), [1000, 2000, 4000, 8000, 8000]);
+  health.resetBackoff(); // back online
+  eq(health.nextStream({ ...broke, retryAfter: 5000 }).delay, 5000, "Retry-After longer than the backoff");
+  eq(health.nextStream({ ...broke, retryAfter: 1000 }).delay, 2000, "the backoff longer than Retry-After (grown by the call before)");
+  health.wasStable();
+  eq(health.nextStream(broke).delay, 1000, "stable: the backoff starts over");
+});
+
 test("a wall clock stepped back does not hold refused frames for as long as the step", async () => {
   const env = setup({ subscribe: [1, 2] });
   const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
