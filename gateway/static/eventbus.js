@@ -1345,9 +1345,6 @@ export class EventBus {
     this._pacer = new FramePacer({ spacing: o.resendInterval, maxSpacing: o.backoff.max, fallbackDelay: o.backoff.initial });
     this._pacerTimer = null;
     this._gaveUp = null; // the connection given up on for not answering (not a stable one)
-    // A prompt reconnect was made since the last stable SSE stream (the next one waits for the
-    // backoff; the WebSocket's: SocketHealth.prompted).
-    this._ssePrompted = false;
     this._token = null; // {value, obtainedAt}
     this._tokenPromise = null;
     this._polling = false;
@@ -1365,7 +1362,8 @@ export class EventBus {
     this._pollClockSeen = -Infinity; // the latest this._now() _pollWait saw
     this._sse = null; // the SSE attempt in progress or open: {controller, live, closeCode, reopen}
     this._sseLive = false;
-    this._sseBackoff = new Backoff(o.backoff, this._random);
+    // The SSE rung's backoff, stable streams and prompt reconnect (see SseHealth).
+    this._sseHealth = new SseHealth({ stableAfter: o.stableAfter, backoff: new Backoff(o.backoff, this._random) });
     this._sseRetryTimer = null;
     this._sseRefreshTimer = null;
     // The last stream answered, but for a cursor polling had moved meanwhile (_proveSse): the
@@ -2385,7 +2383,7 @@ export class EventBus {
     this._updateState();
     if (!this._wsLive) {
       this._wsHealth.resetBackoff();
-      this._sseBackoff.reset();
+      this._sseHealth.resetBackoff();
       this.reconnect();
       if (this._polling) this._pollSoon();
     }
@@ -2900,13 +2898,10 @@ export class EventBus {
       return;
     }
     // Given up on for not answering a subscribe: up, not stable (the backoff keeps growing).
-    if (attempt.proven && !gaveUp && this._now() - attempt.openedAt >= this.options.stableAfter) {
-      this._sseBackoff.reset();
-      this._ssePrompted = false;
-    }
-    const action = closeAction(attempt.closeCode);
-    if (action.renewToken) this._token = null;
-    if (attempt.reopen) {
+    if (this._sseHealth.isStable(this._now(), { proven: attempt.proven, openedAt: attempt.openedAt, gaveUp })) this._sseHealth.wasStable();
+    if (closeAction(attempt.closeCode).renewToken) this._token = null;
+    const next = this._sseHealth.nextStream(attempt);
+    if (next.open === "reopen") {
       // (Not for nothing: the last project was unsubscribed; subscribe() opens the next one.)
       // A planned reopen of a stream that delivered (a project added, a token about to expire,
       // a gap) stays live meanwhile: the next stream takes the same path, and showing it as a
@@ -2921,10 +2916,9 @@ export class EventBus {
         if (attempt.holdsPolls) this._nextStreamHold = Math.min(this.options.connectTimeout, Math.max(0, attempt.holdEndsAt - this._now()));
         this._connectSse();
       }
-    } else if (attempt.live && attempt.closeCode !== null && action.delay === "prompt" && !this._ssePrompted) {
+    } else if (next.open === "prompt") {
       // Draining (1012), slow consumer (4008), token expired (4002): resume at once, jittered;
       // once until a stream is stable (as the WebSocket's, see _onSocketClosed).
-      this._ssePrompted = true;
       this._sseRetryTimer = this._setTimeout(() => {
         this._sseRetryTimer = null;
         if (!this._wsLive && !this._closed) this._connectSse();
@@ -2938,7 +2932,7 @@ export class EventBus {
       this._sseRetryTimer = this._setTimeout(() => {
         this._sseRetryTimer = null;
         this._startSse();
-      }, this._offlineDelay(Math.max(this._sseBackoff.next(), attempt.retryAfter || 0)));
+      }, this._offlineDelay(next.delay));
     }
     this._releasePolls(attempt);
     this._updateState();
