@@ -2035,6 +2035,41 @@ test("retryAfterDelay: Retry-After in seconds, capped; none, a date or garbage i
   eq(eb.retryAfterDelay({}, 30000), 0, "a response without headers (old fetch polyfills)");
 });
 
+test("sse: a stream up stableAfter starts the backoff over: broken, the next is asked after backoff.initial; broken sooner, after the grown backoff", async () => {
+  const gaps = {};
+  for (const upFor of [10000, 9000]) {
+    const env = setup({ autoFailSockets: true });
+    pollServer(env, [1]);
+    sseServer(env);
+    const serve = env.sse;
+    env.sse = (url, init, request) => (env.streams.length <= 3 ? { status: 500, body: { error: "internal", message: "down" } } : serve(url, init, request));
+    await env.clock.advance(0);
+    while (env.streams.length < 4) await env.clock.advance(100); // refused thrice: the backoff grown to 8 s
+    const stream = await sseLive(env, { 1: { epoch: "p", seq: 1 } });
+    eq(env.bus.transport, "sse");
+    await env.clock.advance(upFor);
+    stream.end(); // broken, no close frame
+    await flush();
+    const broke = env.clock.now();
+    while (env.streams.length < 5) await env.clock.advance(100);
+    gaps[upFor] = env.streams[4].at - broke;
+    env.bus.close();
+  }
+  eq(gaps, { 10000: 1000, 9000: 8000 }, "stable (up stableAfter): the backoff starts over; not stable: it keeps growing");
+});
+
+test("sse: back online, the streams refused meanwhile are asked again on the backoff started over, not the grown one", async () => {
+  const env = setup({ autoFailSockets: true });
+  pollServer(env, [1]);
+  env.sse = () => ({ status: 500, body: { error: "internal", message: "down" } });
+  await env.clock.advance(0);
+  while (env.streams.length < 4) await env.clock.advance(100); // 1 s, 2 s, 4 s: the next after 8 s
+  env.bus._handleOnline();
+  while (env.streams.length < 6) await env.clock.advance(100);
+  const at = env.streams.map((request) => request.at);
+  eq(at.slice(1).map((t, i) => t - at[i]), [1000, 2000, 4000, 8000, 1000], "the retry pending goes as planned; the next after backoff.initial");
+});
+
 test("sse: a stream refused with 503 and Retry-After is asked again no sooner than that, polling meanwhile", async () => {
   const env = setup({ autoFailSockets: true });
   pollServer(env, [1]);
