@@ -538,6 +538,29 @@ async def test_malformed_stream_requests_get_4xx_not_500(gateways):
     stream.close()
 
 
+async def test_a_stream_request_offering_another_upgrade_is_still_a_stream(gateways):
+    """An ``Upgrade`` the gateway does not speak (``curl --http2`` offers ``h2c`` on every
+    http:// request) is ignored, as HTTP lets a server do: the stream is served, not a 404 "no
+    route" for the stream's own path. A WebSocket upgrade of the path, and a repeated
+    ``Upgrade``, are still the WebSocket transport's (answered 400 here: no key; repeated)."""
+    gateway = await gateways()
+    h2c = {"Connection": "Upgrade, HTTP2-Settings", "Upgrade": "h2c", "HTTP2-Settings": "AAMAAABk"}
+    for path in ("/v1/projects/17/stream", "/v1/stream?project=17"):
+        status, headers, stream = await open_stream(_url(gateway), path, _auth([17], **h2c))
+        assert status == 200 and headers["content-type"].startswith("text/event-stream")
+        await stream.until("subscribed")
+        stream.close()
+    token = issue_token(SECRET, [17], ttl=300)
+    head = f"GET /v1/projects/17/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    writer.write(f"{head}Connection: Upgrade\r\nUpgrade: WebSocket\r\n\r\n".encode())
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"Sec-WebSocket-Key" in answer
+    status, body = await _raw(gateway.port, f"{head}Upgrade: h2c\r\nUpgrade: h2c\r\n\r\n".encode())
+    assert status == 400 and "Upgrade" in body["message"]
+
+
 class _Transport:
     """A transport double that keeps what is written (no socket: every write is buffered)."""
 
