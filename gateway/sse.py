@@ -569,7 +569,7 @@ class SseStreams:
         if (
             request.method == "OPTIONS"  # a CORS preflight: gateway.http answers it
             or not is_stream_target(request.path)
-            or "Upgrade" in request.headers  # (never .get: it raises on a repeated header)
+            or _websocket_upgrade(request.headers)
         ):
             return False
         transport, counted = connection.detach(_Detached())
@@ -724,6 +724,15 @@ class SseStreams:
                 # client reconnects with its Last-Event-ID.
                 session.close_later(CloseCode.INTERNAL_ERROR, "subscription failed")
                 return
+
+
+def _websocket_upgrade(headers: Headers) -> bool:
+    """Whether the WebSocket transport judges the request (``WebSocketEndpoint.check_request``):
+    an ``Upgrade: websocket``, or a repeated ``Upgrade`` (refused 400 there). Another upgrade
+    (``curl --http2`` offers ``h2c`` on every http:// request) is ignored, as HTTP lets a
+    server do: the request is still a stream's."""
+    upgrades = headers.get_all("Upgrade")  # (never .get: it raises on a repeated header)
+    return len(upgrades) > 1 or (len(upgrades) == 1 and upgrades[0].lower() == "websocket")
 
 
 def _with(response: Response, headers: list[tuple[str, str]]) -> Response:
