@@ -214,7 +214,14 @@ def parse_stream_target(target: str, max_projects: int) -> StreamRequest:
     path, _, query = target.partition("?")
     query = query.partition("#")[0]
     match = _SINGLE_PATH.match(path)
-    params = parse_qs(query, keep_blank_values=True, max_num_fields=max_projects + 2)
+    # Read no further than the most a stream may ask for (its projects, presence, one spare):
+    # thousands of ids cost nothing, and get the limit, not parse_qs's own message.
+    if query.count("&") + 1 > max_projects + 2:
+        raise ValueError(
+            f"at most {max_projects} projects per stream (a query of at most "
+            f"{max_projects + 2} parameters)"
+        )
+    params = parse_qs(query, keep_blank_values=True)
     allowed = {"presence"} if match else {"project", "presence"}
     unknown = set(params) - allowed
     if unknown:

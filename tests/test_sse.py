@@ -133,7 +133,7 @@ def test_stream_targets():
     # Thousands of ids (or of anything) get the documented limit, not the query parser's own
     # "Max number of fields exceeded"; it is read no further than that.
     for query in ("&".join(["project=1"] * 5), "&".join(f"project={p}" for p in range(1, 5001))):
-        with pytest.raises(ValueError, match="^at most 2 projects per stream"):
+        with pytest.raises(ValueError, match=r"^at most 2 projects per stream"):
             parse_stream_target("/v1/stream?" + query, 2)
 
 
