@@ -442,6 +442,13 @@ paths = st.one_of(
             "/v1/projects/0/events",
             "/v1/projects/1/events?epoch=e&after=1&limit=5",
             "/v1/projects/" + "9" * 40 + "/events",
+            # SSE streams (gateway.sse takes these over before anything else reads them)
+            "/v1/projects/1/stream",
+            "/v1/projects/1/stream?presence=1",
+            "/v1/projects/01/stream",
+            "/v1/stream?project=1&project=2",
+            "/v1/stream?project=1&project=1&project=" + "9" * 20,
+            "/v1/stream?" + "&".join(["project=1"] * 50),
             "/../etc/passwd",
             "*",
             "//[x",
@@ -452,6 +459,10 @@ paths = st.one_of(
         lambda project, query: f"/v1/projects/{project}/events?{query}",
         st.text(string.ascii_letters + string.digits + "%-_.", max_size=12),
         st.text(string.ascii_letters + string.digits + "=&%;+-_.", max_size=40),
+    ),
+    st.builds(
+        lambda query: f"/v1/stream?{query}",
+        st.text(string.ascii_letters + string.digits + "=&%;+-_.#", max_size=40),
     ),
     st.text(string.ascii_letters + string.digits + "/?=&%.-_~;:@!$'()*+,[]#", max_size=60).map(
         lambda tail: "/" + tail
@@ -470,7 +481,10 @@ header_values = st.one_of(
         [
             "websocket",
             "Upgrade",
+            "h2c",
             "13",
+            "a:1",
+            "1=a:1,2=b:2:0123456789abcdef",
             "dGhlIHNhbXBsZSBub25jZQ==",
             ORIGIN,
             "https://evil.example",
@@ -504,6 +518,7 @@ header_names = st.one_of(
             "Transfer-Encoding",
             "Host",
             "Access-Control-Request-Method",
+            "Last-Event-ID",
         ]
     ),
     st.text(string.ascii_letters + "-", min_size=1, max_size=12),
