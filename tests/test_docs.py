@@ -1,6 +1,8 @@
-"""The documentation stands on its own: every link resolves inside the repository, the
-contract page (docs/contract.md) names every field of every event the code defines, and
-docs/publisher.md's samples run as written."""
+"""The documentation stands on its own: every link resolves inside the repository (a link
+to a section, to one of the page's headings), every test it cites exists, the contract page
+(docs/contract.md) names every field of every event the code defines, docs/operations.md's
+settings table gives the gateway's real defaults, and docs/publisher.md's samples run as
+written."""
 
 from __future__ import annotations
 
@@ -43,6 +45,80 @@ def test_every_link_resolves_inside_the_repository(doc: Path):
         assert resolved.exists(), f"{doc.name} links to a missing file: {target}"
     mentions = OUTSIDE.findall(text)
     assert not mentions, f"{doc.name} refers to files that are not in the repository: {mentions}"
+
+
+def _anchors(doc: Path) -> set[str]:
+    """The anchors GitHub gives the headings of ``doc`` (lowercased, punctuation dropped,
+    spaces as hyphens; a repeated heading's gets -1, -2, ...), outside fenced code."""
+    anchors: set[str] = set()
+    seen: dict[str, int] = {}
+    fenced = False
+    for line in doc.read_text().splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+            continue
+        heading = None if fenced else re.match(r"^#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if heading is None:
+            continue
+        slug = re.sub(r"[^\w\- ]", "", heading.group(1).lower()).replace(" ", "-")
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        anchors.add(slug if count == 0 else f"{slug}-{count}")
+    return anchors
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda path: str(path.relative_to(ROOT)))
+def test_every_link_to_a_section_names_a_heading_there(doc: Path):
+    """A link to a renamed section still opens the page, at its top: the reader is left to
+    find the section, or to conclude it is gone."""
+    for target in LINK.findall(doc.read_text()):
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target) or "#" not in target:
+            continue
+        path, anchor = target.split("#", 1)
+        page = (doc.parent / path).resolve() if path else doc
+        if page.suffix == ".md":
+            assert anchor in _anchors(page), f"{doc.name} links to no heading: {target}"
+
+
+def test_every_test_the_docs_cite_exists():
+    """The docs cite tests as the evidence of what they state: a test renamed or removed leaves
+    the statement with none."""
+    sources = "\n".join(
+        path.read_text() for path in (ROOT / "tests").rglob("*") if path.suffix in (".py", ".js")
+    )
+    defined = set(re.findall(r"(?:def|function)\s+(test_\w+)\s*\(", sources))
+    cited = {name for doc in DOCS for name in re.findall(r"`(test_\w+)`", doc.read_text())}
+    assert cited, "the docs cite no test: the pattern is wrong"
+    assert sorted(cited - defined) == []
+
+
+def test_the_settings_table_gives_the_gateways_real_defaults():
+    """docs/operations.md's table of settings: one row per setting of the gateway, each with
+    its flag, its environment variable and the default the gateway takes when neither is set."""
+    from gateway.config import ENV_PREFIX, _fields
+
+    rows = {}
+    for line in (ROOT / "docs/operations.md").read_text().splitlines():
+        row = re.match(r"^\| `(EVENTBUS_[A-Z_]+)` \| `(--[a-z-]+)` \| ([^|]*) \|", line)
+        if row:
+            rows[row.group(2)] = (row.group(1), row.group(3).strip())
+    for name, _, _, default in _fields():
+        flag = "--" + name.replace("_", "-")
+        assert flag in rows, f"docs/operations.md: no row for {flag}"
+        env, shown = rows[flag]
+        assert env == ENV_PREFIX + name.upper()
+        if name == "sharded_pubsub":  # None: decided by the URL
+            assert shown == "on for `+cluster` URLs"
+            continue
+        if default is None:
+            expected = "unset"
+        elif default is False:
+            expected = "off"
+        elif default == []:
+            expected = "empty (any)"
+        else:
+            expected = f"`{default:g}`" if isinstance(default, float) else f"`{default}`"
+        assert shown == expected, f"{flag}: {shown}, the default is {default!r}"
 
 
 def _sections(text: str) -> dict[str, str]:
