@@ -92,6 +92,22 @@ def test_every_test_the_docs_cite_exists():
     assert sorted(cited - defined) == []
 
 
+def test_protocol_page_lists_every_error_code_and_close_code():
+    """docs/protocol.md's tables are where a client author learns what each code asks of them:
+    a code the gateway (or a proxy in front of it) may send and the table leaves out is one
+    their client meets unexplained."""
+    from schemas.protocol import CloseCode, ErrorCode
+
+    text = (ROOT / "docs/protocol.md").read_text()
+    missing = [code.value for code in ErrorCode if f"| `{code.value}` |" not in text]
+    missing += [
+        f"{int(code)} {code.name}"
+        for code in CloseCode
+        if f"| {int(code)} | {code.name} |" not in text
+    ]
+    assert missing == []
+
+
 def test_the_settings_table_gives_the_gateways_real_defaults():
     """docs/operations.md's table of settings: one row per setting of the gateway, each with
     its flag, its environment variable and the default the gateway takes when neither is set."""
