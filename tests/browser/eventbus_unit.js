@@ -1328,6 +1328,8 @@ test("SseHealth: only a stream that answered, open for stableAfter, not given up
   eq(health.isStable(50000, { proven: false, openedAt: 1000, gaveUp: false }), false, "never answered");
   eq(health.isStable(50000, { proven: true, openedAt: 1000, gaveUp: true }), false, "given up on for not answering");
   eq(health.isStable(50000, { proven: false, openedAt: null, gaveUp: false }), false, "never opened");
+  // (Not `now - null`, open since time zero.)
+  eq(health.isStable(50000, { proven: true, openedAt: null, gaveUp: false }), false, "no opening time: not stable");
 });
 
 test("SseHealth: a planned reopen opens the next stream at once, taking neither the prompt reconnect nor the backoff", () => {
@@ -3502,6 +3504,96 @@ test("presence: over SSE the stream asks presence=1, gets named events and sends
   eq(seen, [["me"], ["me", "you"]]);
   assert(env.sockets.every((ws) => ws.sentOf("activity").length === 0));
   eq(eb.sseRequest([[1, null], [2, null]], { presence: true }).path, "/v1/stream?project=1&project=2&presence=1");
+});
+
+test("presence: over SSE a failed presence read reopens the stream on presence's backoff, several projects at once costing one reopen; events gapless", async () => {
+  // Over SSE the gateway reports a failed presence read (`unavailable` after the project's
+  // `subscribed`, no `ended`) and the stream goes on: a stream cannot ask again. Before, presence
+  // stayed unknown until the stream reopened for some other reason (possibly for hours).
+  const env = setup({ autoFailSockets: true, subscribe: [1, 2] });
+  sseServer(env);
+  const seen = { 1: [], 2: [] };
+  for (const id of [1, 2]) env.bus.presence(id, (members) => seen[id].push(members && members.map((m) => m.id)));
+  await env.clock.advance(0);
+  const presenceDown = (stream, projectId) =>
+    stream.event("error", { type: "error", code: "unavailable", message: "presence is unavailable (Redis did not answer); events are not affected", project_id: projectId });
+  const first = await sseLive(env, { 1: { epoch: "e", seq: 0 }, 2: { epoch: "f", seq: 0 } });
+  presenceDown(first, 1);
+  presenceDown(first, 2);
+  first.event(null, event(1, 1), "e:1");
+  await env.clock.advance(999);
+  eq(env.errors.map((e) => e.code), ["unavailable", "unavailable"], "reported");
+  eq(env.events[1], [1], "events flow");
+  eq(env.streams.length, 1, "not reopened at once");
+  assert(!first.closed);
+  await env.clock.advance(1);
+  eq(env.streams.length, 2, "reopened once for both projects, after presence's backoff (1 s)");
+  assert(first.closed);
+  eq(new URL(env.streams[1].url).searchParams.get("presence"), "1");
+  eq(env.streams[1].headers["Last-Event-ID"], eb.sseRequest([[1, env.bus.cursor(1)], [2, env.bus.cursor(2)]]).lastEventId, "resumed from the cursors");
+  const second = await sseLive(env, { 1: { epoch: "e", seq: 1, resumed: true }, 2: { epoch: "f", seq: 0, resumed: true } });
+  presenceDown(second, 1);
+  presenceDown(second, 2);
+  second.event(null, event(1, 2), "e:2");
+  await env.clock.advance(1999);
+  eq(env.streams.length, 2, "presence still down: the next reopen waits longer (its backoff grows)");
+  await env.clock.advance(1);
+  eq(env.streams.length, 3, "reopened 2 s later");
+  const third = await sseLive(env, { 1: { epoch: "e", seq: 2, resumed: true }, 2: { epoch: "f", seq: 0, resumed: true } });
+  third.event("presence", { type: "presence", project_id: 1, members: [member("u1")] });
+  third.event("presence", { type: "presence", project_id: 2, members: [member("u2")] });
+  third.event(null, event(1, 3), "e:3");
+  await env.clock.advance(30000); // (within sseIdleTimeout)
+  eq(seen, { 1: [["u1"]], 2: [["u2"]] });
+  eq(env.streams.length, 3, "no more reopens once presence came");
+  eq(env.events[1], [1, 2, 3], "nothing lost or twice");
+  assert(!third.closed);
+});
+
+test("presence: over SSE a presence read failing again and again reopens the stream at most once per presence backoff delay, up to backoff.max", async () => {
+  const env = setup({ autoFailSockets: true });
+  sseServer(env);
+  env.bus.presence(1, () => {});
+  await env.clock.advance(0);
+  const opened = [];
+  for (let i = 0; i < 8; i += 1) {
+    const stream = await sseLive(env, { 1: { epoch: "e", seq: 0, resumed: i > 0 } });
+    opened.push(env.clock.now());
+    stream.event("error", { type: "error", code: "unavailable", message: "presence is unavailable", project_id: 1 });
+    const streams = env.streams.length;
+    for (let waited = 0; env.streams.length === streams && waited < 40000; waited += 500) {
+      stream.send(":\n\n");
+      await env.clock.advance(500);
+    }
+  }
+  const gaps = opened.slice(1).map((at, i) => at - opened[i]);
+  eq(gaps, [1000, 2000, 4000, 8000, 16000, 30000, 30000]);
+});
+
+test("presence: over SSE a stream reopened anyway after a failed presence read (a project added) takes the re-ask's place: one reopen, not two", async () => {
+  const env = setup({ autoFailSockets: true });
+  sseServer(env);
+  env.bus.presence(1, () => {});
+  await env.clock.advance(0);
+  const first = await sseLive(env, { 1: { epoch: "e", seq: 0 } });
+  first.event("error", { type: "error", code: "unavailable", message: "presence is unavailable", project_id: 1 });
+  await env.clock.advance(500);
+  env.bus.subscribe(2, () => {});
+  await env.clock.advance(0);
+  eq(env.streams.length, 2, "reopened for the project added");
+  const second = await sseLive(env, { 1: { epoch: "e", seq: 0, resumed: true }, 2: { epoch: "f", seq: 0 } });
+  await env.clock.advance(1000);
+  eq(env.streams.length, 2, "the failed read's re-ask was that reopen");
+  second.event("error", { type: "error", code: "unavailable", message: "presence is unavailable", project_id: 1 });
+  await env.clock.advance(1999);
+  eq(env.streams.length, 2, "failing again: its backoff grew (2 s)");
+  await env.clock.advance(1);
+  eq(env.streams.length, 3);
+  const third = await sseLive(env, { 1: { epoch: "e", seq: 0, resumed: true }, 2: { epoch: "f", seq: 0, resumed: true } });
+  third.event("presence", { type: "presence", project_id: 1, members: [member("u1")] });
+  await env.clock.advance(30000);
+  eq(env.streams.length, 3, "none once presence came");
+  assert(!third.closed);
 });
 
 test("presence: falling back to polling makes it unknown, once", async () => {
