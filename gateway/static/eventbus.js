@@ -293,9 +293,10 @@ export class SseHealth {
 
   /** Whether the stream ending at `now` was stable: it answered (`proven`), was not given up on
    * for not answering a subscribe (`gaveUp`: up, not stable, the backoff keeps growing), and was
-   * open (since `openedAt`) for stableAfter. Nothing changes: see wasStable. */
+   * open (since `openedAt`; null: it never opened, not stable) for stableAfter. Nothing changes:
+   * see wasStable. */
   isStable(now, { proven, openedAt, gaveUp }) {
-    return proven && !gaveUp && now - openedAt >= this.stableAfter;
+    return proven && !gaveUp && openedAt !== null && now - openedAt >= this.stableAfter;
   }
 
   /** The stream that ended was stable: the backoff starts over, and a prompt reconnect may be
@@ -2611,6 +2612,8 @@ export class EventBus {
     this._sse = null;
     this._sseLive = false;
     if (attempt) {
+      this._clearTimeout(attempt.presenceRetry); // (the WebSocket asks presence now)
+      attempt.presenceRetry = null;
       this._forgetAnswers(attempt);
       attempt.controller.abort();
     }
@@ -2630,10 +2633,13 @@ export class EventBus {
     // live: its response opened; proven: it answered for one of its projects (only then does it
     // count as live, see _proveSse); asked: each project's cursor as the stream asked from it;
     // errored: an `error` named one of them; idle: cut for sseIdleTimeout without a line;
-    // holdsPolls: polls wait for its first answer, until holdEndsAt at the latest.
+    // holdsPolls: polls wait for its first answer, until holdEndsAt at the latest; presence: it
+    // asked presence (?presence=1); presenceDue: the projects whose `subscribed` came and neither
+    // their `presence` nor the error saying their presence read failed; presenceRetry: the timer
+    // of the reopen asking presence again after such a failure, due at presenceRetryAt.
     const hold = this._nextStreamHold;
     this._nextStreamHold = 0;
-    const attempt = { controller: new AbortController(), live: false, proven: false, stale: false, errored: false, idle: false, asked: new Map(), closeCode: null, reopen: false, openedAt: null, retryAfter: 0, holdsPolls: hold > 0, holdEndsAt: this._now() + hold };
+    const attempt = { controller: new AbortController(), live: false, proven: false, stale: false, errored: false, idle: false, asked: new Map(), closeCode: null, reopen: false, openedAt: null, retryAfter: 0, holdsPolls: hold > 0, holdEndsAt: this._now() + hold, presence: false, presenceDue: new Set(), presenceRetry: null, presenceRetryAt: 0 };
     this._sse = attempt;
     const { signal } = attempt.controller;
     let response;
@@ -2665,6 +2671,7 @@ export class EventBus {
     try {
       watch();
       const presence = Array.from(this._subs.values()).some((sub) => sub.presenceHandlers.size > 0);
+      attempt.presence = presence;
       // A new stream is a new resume of every project: its `subscribed` is judged afresh, as
       // after a WebSocket subscribe (an earlier reload must not excuse an unhonoured resume),
       // and what was held back during a reload is replayed again (ProjectCursor.resume).
@@ -2778,14 +2785,22 @@ export class EventBus {
         if (Number.isSafeInteger(message.seq) && Number.isSafeInteger(message.project_id)) this._onEvent(message, "sse", sseOrigin(item, message));
         return;
       case "subscribed":
+        // With ?presence=1 the project's presence read follows (the gateway subscribes the
+        // stream's projects one after the other): `presence`, or `unavailable` if it fails.
+        if (attempt.presence && this._subs.has(message.project_id)) attempt.presenceDue.add(message.project_id);
         return this._onSubscribed(message, attempt);
       case "resync_required":
         return this._onResyncRequired(message, attempt);
       case "authenticated":
         return this._scheduleSseRefresh(message);
       case "error":
-        // The stream ends after an error it cannot recover from; we reopen it from the cursors.
         this._reportError({ code: message.code, message: message.message, projectId: message.project_id });
+        if (message.code === "unavailable" && message.ended !== true && attempt.presenceDue.delete(message.project_id)) {
+          // Only the project's presence read failed: the stream goes on, its events flow.
+          return this._ssePresenceFailed(attempt, this._subs.get(message.project_id));
+        }
+        // Any other error naming a project (its subscribe refused, its subscription ended:
+        // `ended`) ends the stream; the next one resumes from the cursors (_sseEnded).
         if (message.project_id != null) {
           attempt.errored = true;
           this._answered(attempt, message.project_id);
@@ -2793,14 +2808,43 @@ export class EventBus {
         return;
       case "presence":
       case "presence_diff":
-        if (message.type === item.event) this._onPresence(message);
-        return;
+        if (message.type !== item.event) return;
+        if (message.type === "presence") attempt.presenceDue.delete(message.project_id);
+        return this._onPresence(message);
       case "close":
         attempt.closeCode = message.code;
         return;
       default:
         return;
     }
+  }
+
+  /**
+   * The project's presence read on stream `attempt` failed (docs/browser.md, the error table):
+   * its listeners get null if they had a list (a stale one: no diff will come), and presence is
+   * asked again the only way a stream can, by a planned reopen (every project resumed from its
+   * cursor), after presence's backoff delay: the project's presenceRetry, grown by each failed
+   * read and reset by a `presence` only, as on the WebSocket. One reopen for all the projects
+   * failing on the stream, at the shortest of their delays; none if the stream ends first (the
+   * next one asks presence anyway) or the WebSocket takes over. While presence keeps failing, a
+   * stream is reopened at most once per delay, which grows to backoff.max.
+   */
+  _ssePresenceFailed(attempt, sub) {
+    if (!sub) return;
+    if (sub.presence) {
+      sub.presence = null;
+      this._notify(sub, null);
+    }
+    sub.presenceRetry += 1;
+    if (sub.presenceHandlers.size === 0) return;
+    const delay = backoffDelay(sub.presenceRetry - 1, this.options.backoff, this._random);
+    if (attempt.presenceRetry !== null && attempt.presenceRetryAt <= this._now() + delay) return;
+    this._clearTimeout(attempt.presenceRetry);
+    attempt.presenceRetryAt = this._now() + delay;
+    attempt.presenceRetry = this._setTimeout(() => {
+      attempt.presenceRetry = null;
+      if (this._sse === attempt && !this._wsLive && !this._closed) this._reopenSse();
+    }, delay);
   }
 
   /**
@@ -2885,6 +2929,8 @@ export class EventBus {
   }
 
   _sseEnded(attempt) {
+    this._clearTimeout(attempt.presenceRetry); // (the next stream asks presence anyway)
+    attempt.presenceRetry = null;
     if (this._sse !== attempt) return;
     this._sse = null;
     this._sseLive = false;
