@@ -3596,6 +3596,33 @@ test("presence: over SSE a stream reopened anyway after a failed presence read (
   assert(!third.closed);
 });
 
+test("presence: over SSE a failed presence read's reopen is dropped when the WebSocket takes over first; the WebSocket asks presence", async () => {
+  const env = setup({ autoFailSockets: true });
+  sseServer(env);
+  env.bus.presence(1, () => {});
+  await env.clock.advance(0);
+  const stream = await sseLive(env, { 1: { epoch: "e", seq: 0 } });
+  env.autoFailSockets = false;
+  for (let i = 0; i < 600 && !(env.last().readyState === 0 && env.last().onopen); i += 1) {
+    stream.send(":\n\n");
+    await env.clock.advance(100);
+  }
+  stream.event("error", { type: "error", code: "unavailable", message: "presence is unavailable", project_id: 1 });
+  await flush();
+  const ws = env.last();
+  ws.open();
+  await flush();
+  ws.receive({ type: "authenticated", subject: "u", projects: null, expires_at: Math.floor(env.clock.now() / 1000) + 900 });
+  await flush();
+  eq(env.bus.transport, "websocket");
+  assert(stream.closed, "the stream ended");
+  ws.receive({ type: "subscribed", project_id: 1, epoch: "e", seq: 0, resumed: true, replayed: 0 });
+  const streams = env.streams.length;
+  await env.clock.advance(60000);
+  eq(env.streams.length, streams, "no stream reopened for presence");
+  eq(ws.sentOf("subscribe").map((m) => m.presence), [true], "the WebSocket's subscribe asks presence");
+});
+
 test("presence: falling back to polling makes it unknown, once", async () => {
   const env = setup();
   const seen = [];
