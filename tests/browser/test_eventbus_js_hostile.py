@@ -470,10 +470,12 @@ class Streams:
         self.scripts = list(scripts)
         self.release = threading.Event()
         self.opened: queue.Queue = queue.Queue()
+        self.paths: list[str] = []  # each request's path, in order
         site.stream = self._serve
 
     def _serve(self, handler) -> None:
         headers = dict(handler.headers)
+        self.paths.append(handler.path)
         self.opened.put(headers)
         script = self.scripts.pop(0) if self.scripts else (lambda write, headers: self.hold())
         if script is HANG:  # the request is taken, no answer ever comes
@@ -572,6 +574,73 @@ def test_sse_a_stream_that_stops_mid_event_is_replaced_and_resumed_from_the_curs
     assert stream.opened.get(timeout=10)["Last-Event-ID"].startswith(f"{EPOCH}:1:")
     assert wait_delivered(page, 4) == [("resync", 0), 1, 2, 3]
     assert page.evaluate("[window.churn.bus.state, window.churn.bus.transport]") == ["live", "sse"]
+    assert page.problems == []  # type: ignore[attr-defined]
+
+
+def test_sse_a_failed_presence_read_reopens_the_stream_after_the_backoff_and_presence_comes(
+    page: Page, gw: ScriptedGateway, site: PageServer, streams
+) -> None:
+    """With ?presence=1 the project's presence read fails (`unavailable` after its `subscribed`,
+    no `ended`): the stream goes on, and after presence's backoff the client reopens it from the
+    cursor; that stream's presence comes. Every event once, one reopen."""
+    stream = streams()
+
+    def first(write, headers) -> None:
+        write(sse(subscribed(0, resumed=False), "subscribed") + sse(event(1)))
+        stream.hold()
+
+    def failing(write, headers) -> None:
+        write(sse(subscribed(1), "subscribed"))
+        write(
+            sse(
+                {
+                    "type": "error",
+                    "code": "unavailable",
+                    "message": "presence is unavailable",
+                    "project_id": PROJECT,
+                },
+                "error",
+            )
+        )
+        write(sse(event(2)))
+        stream.hold()
+
+    def answering(write, headers) -> None:
+        write(sse(subscribed(2), "subscribed"))
+        write(
+            sse(
+                {
+                    "type": "presence",
+                    "project_id": PROJECT,
+                    "members": [
+                        {"id": "u1", "name": "U", "viewing": None, "answering": None, "since": 1}
+                    ],
+                },
+                "presence",
+            )
+        )
+        write(sse(event(3)))
+        stream.hold()
+
+    stream.scripts += [first, failing, answering]
+    start(page, gw, site, websocket=False)
+    stream.opened.get(timeout=10)
+    assert wait_delivered(page, 2) == [("resync", 0), 1]
+    page.evaluate(
+        """() => {
+          window.seen = [];
+          const ids = (members) => members && members.map((m) => m.id);
+          window.churn.bus.presence(1, (members) => window.seen.push(ids(members)));
+        }"""
+    )
+    assert stream.opened.get(timeout=10)["Last-Event-ID"].startswith(f"{EPOCH}:1:")
+    assert stream.opened.get(timeout=10)["Last-Event-ID"].startswith(f"{EPOCH}:2:")
+    assert wait_delivered(page, 4) == [("resync", 0), 1, 2, 3]
+    page.wait_for_function("window.seen.length > 0")
+    assert page.evaluate("window.seen") == [["u1"]]
+    assert [path.endswith("?presence=1") for path in stream.paths] == [False, True, True]
+    with pytest.raises(queue.Empty):
+        stream.opened.get(timeout=0.5)  # presence came: no more reopens
     assert page.problems == []  # type: ignore[attr-defined]
 
 
