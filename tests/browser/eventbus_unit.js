@@ -3570,6 +3570,48 @@ test("presence: over SSE a presence read failing again and again reopens the str
   eq(gaps, [1000, 2000, 4000, 8000, 16000, 30000, 30000]);
 });
 
+test("presence: over SSE presence reads failing by turns (one project's, then the other's) back the stream's reopens off too, not one a second for ever", async () => {
+  // Each reopen reads every project's presence again: one read before succeeded (its backoff
+  // reset) may fail on the next stream at a delay started over, and with a flaky presence store
+  // and a few projects the stream was reopened every second for as long as it flapped.
+  const env = setup({ autoFailSockets: true, subscribe: [1, 2] });
+  sseServer(env);
+  for (const id of [1, 2]) env.bus.presence(id, () => {});
+  await env.clock.advance(0);
+  const opened = [];
+  for (let i = 0; i < 7; i += 1) {
+    const stream = await sseLive(env, { 1: { epoch: "e", seq: 0, resumed: i > 0 }, 2: { epoch: "f", seq: 0, resumed: i > 0 } });
+    opened.push(env.clock.now());
+    const [down, up] = i % 2 === 0 ? [1, 2] : [2, 1];
+    stream.event("presence", { type: "presence", project_id: up, members: [member("u")] });
+    stream.event("error", { type: "error", code: "unavailable", message: "presence is unavailable", project_id: down });
+    const streams = env.streams.length;
+    for (let waited = 0; env.streams.length === streams && waited < 40000; waited += 500) {
+      stream.send(":\n\n");
+      await env.clock.advance(500);
+    }
+  }
+  const gaps = opened.slice(1).map((at, i) => at - opened[i]);
+  eq(gaps, [1000, 2000, 4000, 8000, 16000, 30000]);
+});
+
+test("presence: over SSE a stream whose subscription ended (`unavailable` with `ended`) is not reopened for an earlier presence failure before it closes: it ends on the SSE backoff", async () => {
+  const env = setup({ autoFailSockets: true, subscribe: [1, 2] });
+  sseServer(env);
+  env.bus.presence(1, () => {});
+  await env.clock.advance(0);
+  const stream = await sseLive(env, { 1: { epoch: "e", seq: 0 }, 2: { epoch: "f", seq: 0 } });
+  stream.event("error", { type: "error", code: "unavailable", message: "presence is unavailable", project_id: 1 });
+  await env.clock.advance(500);
+  stream.event("error", { type: "error", code: "unavailable", message: "events of project 2 are unavailable", project_id: 2, ended: true });
+  await env.clock.advance(600); // (the gateway's close is on its way)
+  eq(env.streams.length, 1, "no reopen at once: the stream is ending");
+  stream.event("close", { type: "close", code: 1011 });
+  stream.end();
+  await env.clock.advance(0);
+  eq(env.streams.length, 1, "a stream ended with 1011 is opened again on the SSE backoff, not at once");
+});
+
 test("presence: over SSE a stream reopened anyway after a failed presence read (a project added) takes the re-ask's place: one reopen, not two", async () => {
   const env = setup({ autoFailSockets: true });
   sseServer(env);
