@@ -1371,6 +1371,9 @@ export class EventBus {
     // next one holds polls until it answers, for this long at most (ms; 0: it holds none). A
     // planned reopen passes on what is left of it (see _connectSse).
     this._nextStreamHold = 0;
+    // Streams reopened for a failed presence read in a row, since a stream read every presence it
+    // asked (or the WebSocket took over): the reopens' own backoff (see _ssePresenceFailed).
+    this._ssePresenceReopens = 0;
     this._reportedTransport = null;
     // A gateway refused a poll or SSE resume that carried a tag (400: one from before cursor
     // tags, after a rollback): those go without tags until a gateway shows it knows them.
@@ -2614,6 +2617,7 @@ export class EventBus {
     if (attempt) {
       this._clearTimeout(attempt.presenceRetry); // (the WebSocket asks presence now)
       attempt.presenceRetry = null;
+      this._ssePresenceReopens = 0; // (a stream opened later starts them over)
       this._forgetAnswers(attempt);
       attempt.controller.abort();
     }
@@ -2635,11 +2639,13 @@ export class EventBus {
     // errored: an `error` named one of them; idle: cut for sseIdleTimeout without a line;
     // holdsPolls: polls wait for its first answer, until holdEndsAt at the latest; presence: it
     // asked presence (?presence=1); presenceDue: the projects whose `subscribed` came and neither
-    // their `presence` nor the error saying their presence read failed; presenceRetry: the timer
-    // of the reopen asking presence again after such a failure, due at presenceRetryAt.
+    // their `presence` nor the error saying their presence read failed; presenceWanted: the
+    // projects with presence listeners as it opened, whose `presence` has not come on it;
+    // presenceFailed: a presence read failed on it; presenceRetry: the timer of the reopen asking
+    // presence again after such a failure, due at presenceRetryAt.
     const hold = this._nextStreamHold;
     this._nextStreamHold = 0;
-    const attempt = { controller: new AbortController(), live: false, proven: false, stale: false, errored: false, idle: false, asked: new Map(), closeCode: null, reopen: false, openedAt: null, retryAfter: 0, holdsPolls: hold > 0, holdEndsAt: this._now() + hold, presence: false, presenceDue: new Set(), presenceRetry: null, presenceRetryAt: 0 };
+    const attempt = { controller: new AbortController(), live: false, proven: false, stale: false, errored: false, idle: false, asked: new Map(), closeCode: null, reopen: false, openedAt: null, retryAfter: 0, holdsPolls: hold > 0, holdEndsAt: this._now() + hold, presence: false, presenceDue: new Set(), presenceWanted: new Set(), presenceFailed: false, presenceRetry: null, presenceRetryAt: 0 };
     this._sse = attempt;
     const { signal } = attempt.controller;
     let response;
@@ -2672,6 +2678,7 @@ export class EventBus {
       watch();
       const presence = Array.from(this._subs.values()).some((sub) => sub.presenceHandlers.size > 0);
       attempt.presence = presence;
+      for (const sub of this._subs.values()) if (sub.presenceHandlers.size > 0) attempt.presenceWanted.add(sub.projectId);
       // A new stream is a new resume of every project: its `subscribed` is judged afresh, as
       // after a WebSocket subscribe (an earlier reload must not excuse an unhonoured resume),
       // and what was held back during a reload is replayed again (ProjectCursor.resume).
@@ -2809,7 +2816,12 @@ export class EventBus {
       case "presence":
       case "presence_diff":
         if (message.type !== item.event) return;
-        if (message.type === "presence") attempt.presenceDue.delete(message.project_id);
+        if (message.type === "presence") {
+          attempt.presenceDue.delete(message.project_id);
+          attempt.presenceWanted.delete(message.project_id);
+          // Every presence the stream asked was read: presence is back, reopens for it start over.
+          if (attempt.presenceWanted.size === 0 && !attempt.presenceFailed) this._ssePresenceReopens = 0;
+        }
         return this._onPresence(message);
       case "close":
         attempt.closeCode = message.code;
@@ -2825,9 +2837,13 @@ export class EventBus {
    * asked again the only way a stream can, by a planned reopen (every project resumed from its
    * cursor), after presence's backoff delay: the project's presenceRetry, grown by each failed
    * read and reset by a `presence` only, as on the WebSocket. One reopen for all the projects
-   * failing on the stream, at the shortest of their delays; none if the stream ends first (the
-   * next one asks presence anyway) or the WebSocket takes over. While presence keeps failing, a
-   * stream is reopened at most once per delay, which grows to backoff.max.
+   * failing on the stream, at the shortest of their delays, and no sooner than the reopens' own
+   * backoff (_ssePresenceReopens: grown by each, reset by a stream reading every presence it
+   * asked): a reopen reads every project's presence again, and a read that succeeded before may
+   * fail on it, its delay started over (a flaky presence store, projects failing by turns). None
+   * if the stream ends first or is ending (an error ended a subscription: the next one asks
+   * presence anyway), or the WebSocket takes over. While presence keeps failing, a stream is
+   * reopened at most once per delay, which grows to backoff.max.
    */
   _ssePresenceFailed(attempt, sub) {
     if (!sub) return;
@@ -2837,13 +2853,18 @@ export class EventBus {
     }
     sub.presenceRetry += 1;
     if (sub.presenceHandlers.size === 0) return;
-    const delay = backoffDelay(sub.presenceRetry - 1, this.options.backoff, this._random);
+    attempt.presenceFailed = true;
+    const delay = Math.max(backoffDelay(sub.presenceRetry - 1, this.options.backoff, this._random), backoffDelay(this._ssePresenceReopens, this.options.backoff, this._random));
     if (attempt.presenceRetry !== null && attempt.presenceRetryAt <= this._now() + delay) return;
     this._clearTimeout(attempt.presenceRetry);
     attempt.presenceRetryAt = this._now() + delay;
     attempt.presenceRetry = this._setTimeout(() => {
       attempt.presenceRetry = null;
-      if (this._sse === attempt && !this._wsLive && !this._closed) this._reopenSse();
+      // (errored, or a close frame come: the gateway is ending the stream, on the SSE rung's
+      // terms, 1011 on its backoff: a reopen now would open the next one at once.)
+      if (this._sse !== attempt || this._wsLive || this._closed || attempt.errored || attempt.closeCode !== null) return;
+      this._ssePresenceReopens = Math.min(this._ssePresenceReopens + 1, 60);
+      this._reopenSse();
     }, delay);
   }
 
