@@ -3595,6 +3595,35 @@ test("presence: over SSE presence reads failing by turns (one project's, then th
   eq(gaps, [1000, 2000, 4000, 8000, 16000, 30000]);
 });
 
+test("presence: over SSE a reopen for a failed presence read waits for the stream's last subscribe: with slow reads, the projects after them are not cut off for ever", async () => {
+  // The gateway subscribes a stream's projects one after the other, each waiting for its
+  // presence read (up to its --subscribe-timeout, 5 s, when presence's Redis does not answer).
+  // Reopened 1 s, 2 s, ... up to 30 s after the first read failed, a stream of projects 1, 2, 3
+  // was cut before project 3 was subscribed, every time once 30 s < 3 reads: project 3 got no
+  // event while the page showed live (nothing polled it).
+  const env = setup({ autoFailSockets: true, subscribe: [1, 2, 3] });
+  sseServer(env);
+  env.bus.presence(1, () => {});
+  await env.clock.advance(0);
+  const down = (stream, projectId) => stream.event("error", { type: "error", code: "unavailable", message: "presence is unavailable", project_id: projectId });
+  const stream = await sseLive(env, { 1: { epoch: "a", seq: 0 } });
+  await env.clock.advance(5000);
+  down(stream, 1);
+  stream.event("subscribed", { type: "subscribed", project_id: 2, epoch: "b", seq: 0, resumed: false, replayed: 0 }, "b:0");
+  await env.clock.advance(5000);
+  eq(env.streams.length, 1, "not cut while its subscribes are under way");
+  down(stream, 2);
+  stream.event("subscribed", { type: "subscribed", project_id: 3, epoch: "c", seq: 0, resumed: false, replayed: 0 }, "c:0");
+  stream.event(null, event(3, 1), "c:1");
+  await env.clock.advance(4000);
+  eq(env.streams.length, 1, "nor while the last project's presence read is");
+  eq(env.events[3], [1], "project 3 delivers");
+  down(stream, 3);
+  await env.clock.advance(0);
+  eq(env.streams.length, 2, "reopened once the gateway has subscribed the whole stream (its delay passed)");
+  eq(env.streams[1].headers["Last-Event-ID"], eb.sseRequest([[1, env.bus.cursor(1)], [2, env.bus.cursor(2)], [3, env.bus.cursor(3)]]).lastEventId, "resumed from the cursors");
+});
+
 test("presence: over SSE a stream whose subscription ended (`unavailable` with `ended`) is not reopened for an earlier presence failure before it closes: it ends on the SSE backoff", async () => {
   const env = setup({ autoFailSockets: true, subscribe: [1, 2] });
   sseServer(env);
