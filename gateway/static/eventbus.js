@@ -2642,10 +2642,11 @@ export class EventBus {
     // their `presence` nor the error saying their presence read failed; presenceWanted: the
     // projects with presence listeners as it opened, whose `presence` has not come on it;
     // presenceFailed: a presence read failed on it; presenceRetry: the timer of the reopen asking
-    // presence again after such a failure, due at presenceRetryAt.
+    // presence again after such a failure, due at presenceRetryAt; presenceReopen: that reopen is
+    // due, and waits for the gateway to have subscribed every project of the stream.
     const hold = this._nextStreamHold;
     this._nextStreamHold = 0;
-    const attempt = { controller: new AbortController(), live: false, proven: false, stale: false, errored: false, idle: false, asked: new Map(), closeCode: null, reopen: false, openedAt: null, retryAfter: 0, holdsPolls: hold > 0, holdEndsAt: this._now() + hold, presence: false, presenceDue: new Set(), presenceWanted: new Set(), presenceFailed: false, presenceRetry: null, presenceRetryAt: 0 };
+    const attempt = { controller: new AbortController(), live: false, proven: false, stale: false, errored: false, idle: false, asked: new Map(), closeCode: null, reopen: false, openedAt: null, retryAfter: 0, holdsPolls: hold > 0, holdEndsAt: this._now() + hold, presence: false, presenceDue: new Set(), presenceWanted: new Set(), presenceFailed: false, presenceRetry: null, presenceRetryAt: 0, presenceReopen: false };
     this._sse = attempt;
     const { signal } = attempt.controller;
     let response;
@@ -2743,6 +2744,7 @@ export class EventBus {
         for (const item of items) {
           if (this._sse !== attempt || attempt.stale) break;
           this._onSseEvent(attempt, item);
+          if (attempt.presenceReopen) this._ssePresenceReopen(attempt);
         }
         if (attempt.stale) break; // ended: the next stream resumes from where polling got
       }
@@ -2860,12 +2862,30 @@ export class EventBus {
     attempt.presenceRetryAt = this._now() + delay;
     attempt.presenceRetry = this._setTimeout(() => {
       attempt.presenceRetry = null;
-      // (errored, or a close frame come: the gateway is ending the stream, on the SSE rung's
-      // terms, 1011 on its backoff: a reopen now would open the next one at once.)
-      if (this._sse !== attempt || this._wsLive || this._closed || attempt.errored || attempt.closeCode !== null) return;
-      this._ssePresenceReopens = Math.min(this._ssePresenceReopens + 1, 60);
-      this._reopenSse();
+      attempt.presenceReopen = true;
+      this._ssePresenceReopen(attempt);
     }, delay);
+  }
+
+  /**
+   * The reopen asking presence again on stream `attempt` is due: made now, unless the gateway is
+   * still subscribing the stream's projects (one after the other, each waiting for its presence
+   * read, up to its --subscribe-timeout when presence's Redis does not answer): cut then, the
+   * projects after them would never be subscribed once the reads outlast the delay, their events
+   * not carried (nothing polls them). Then it is made when the last `subscribed` comes (see
+   * _connectSse; the bound on a subscribe's answer ends a stream that never says it). The last
+   * project's own presence read is not waited for: nothing else may come (a gateway need not
+   * answer a read it dropped), and the next stream reads it again.
+   */
+  _ssePresenceReopen(attempt) {
+    // (errored, or a close frame come: the gateway is ending the stream, on the SSE rung's
+    // terms, 1011 on its backoff: a reopen now would open the next one at once.)
+    if (this._sse !== attempt || this._wsLive || this._closed || attempt.errored || attempt.closeCode !== null) return;
+    const answers = this._answers.get(attempt);
+    if (answers && answers.asked.size > 0) return;
+    attempt.presenceReopen = false;
+    this._ssePresenceReopens = Math.min(this._ssePresenceReopens + 1, 60);
+    this._reopenSse();
   }
 
   /**
