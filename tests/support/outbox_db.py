@@ -32,8 +32,10 @@ def _admin_urls() -> list[str]:
 
 
 @contextlib.contextmanager
-def private_database() -> Iterator[str]:
-    """Create ``eventbus_test_<pid>`` and yield its URL; drop it afterwards."""
+def private_database(suffix: str = "") -> Iterator[str]:
+    """Create ``eventbus_test_<pid><suffix>`` and yield its URL; drop it afterwards (a module
+    with a session database of its own passes a suffix, so that two such modules in one run
+    never drop each other's database)."""
     import psycopg
 
     errors = []
@@ -45,7 +47,7 @@ def private_database() -> Iterator[str]:
             errors.append(str(exc).strip())
     else:
         pytest.skip(f"no PostgreSQL server for the outbox tests: {errors}")
-    name = f"eventbus_test_{os.getpid()}"
+    name = f"eventbus_test_{os.getpid()}{suffix}"
     admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
     admin.execute(f"CREATE DATABASE {name}")
     try:

@@ -1,0 +1,258 @@
+"""From a committed PostgreSQL transaction to a Python consumer's iterator, under faults.
+
+Every piece has fault tests of its own (test_outbox.py: the relay; test_faults.py and
+test_consumer.py: gateways and the consumer); this one follows the events across all of them at
+once. Writers on three threads commit outbox rows for three projects continuously (every fourth
+transaction rolled back); a relay process (``python -m publisher.outbox relay``) publishes them to
+a private redis-server; two gateway processes relay them; one ``Consumer`` given both gateways'
+URLs follows the three projects through the first. During the run the relay is SIGKILLed in the
+middle of a batch (rows published but not yet marked) and a new relay takes over, and the
+consumer's gateway is drained (SIGTERM: close 1012), so the consumer resumes on the other one.
+
+What a user relies on, per project: the consumer gets every committed event exactly once, in commit
+order, and never an event whose transaction rolled back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from consumer import Consumer, Delivery
+from publisher.outbox import Outbox
+from schemas import BlockerResolved, decode_event
+from tests.support.gateway_process import ROOT, GatewayGroup
+from tests.support.outbox_db import private_database, stream_ids
+from tests.support.redis_server import RedisServer
+from tests.support.ws_client import wait_until
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+
+PROJECTS = (1, 2, 3)
+T0 = datetime(2026, 1, 5, 9, 30, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def pg_url():
+    with private_database("_e2e") as url:
+        yield url
+
+
+def resolved(project_id: int, ident: int) -> BlockerResolved:
+    return BlockerResolved(
+        project_id=project_id, blocker_id=ident, answer=f"answer {ident}", resolved_at=T0
+    )
+
+
+class Writers:
+    """Threads committing outbox rows until ``stop()``: transactions of 1-3 events over the three
+    projects, every fourth one rolled back. ``blocker_id`` is unique across all of them."""
+
+    def __init__(self, url: str, outbox: Outbox, threads: int = 3) -> None:
+        self.url = url
+        self.outbox = outbox
+        self.rolled_back: set[int] = set()
+        self.commits = 0
+        self.errors: list[BaseException] = []
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(w,)) for w in range(threads)]
+
+    def transaction(self, conn: psycopg.Connection, n: int, worker: int) -> None:
+        with self._lock:
+            idents = [next(self._ids) for _ in range(1 + (n + worker) % 3)]
+        events = [resolved(PROJECTS[(n + k + worker) % 3], i) for k, i in enumerate(idents)]
+        # write_many locks the projects in one fixed order: transactions writing the same
+        # projects serialize (commit order is id order per project) and never deadlock.
+        self.outbox.write_many(conn, events)
+        if n % 4 == 3:
+            conn.rollback()
+            with self._lock:
+                self.rolled_back.update(idents)
+        else:
+            conn.commit()
+            with self._lock:
+                self.commits += 1
+
+    def _run(self, worker: int) -> None:
+        try:
+            with psycopg.connect(self.url) as conn:
+                for n in itertools.count():
+                    if self._stop.wait(0.02):  # paced: a loaded 2-core machine runs the rest too
+                        return
+                    self.transaction(conn, n, worker)
+        except BaseException as exc:
+            self.errors.append(exc)
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(30)
+        assert not any(t.is_alive() for t in self._threads)
+        assert not self.errors, self.errors
+
+
+class RelayProcess:
+    """``python -m publisher.outbox relay`` as a subprocess, its stderr in a file."""
+
+    def __init__(self, log: Path, pg_url: str, table: str, redis_url: str, *args: str) -> None:
+        self.log = log
+        with log.open("ab") as out:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable, "-m", "publisher.outbox", "relay",
+                    "--dsn", pg_url, "--table", table, "--redis-url", redis_url,
+                    "--poll-interval", "0.05", *args,
+                ],
+                cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=out,
+            )  # fmt: skip
+
+    def end(self, sig: signal.Signals) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(15)
+
+    def tail(self) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-20:])
+
+
+def committed_in_order(url: str, table: str) -> dict[int, list[int]]:
+    """Each project's committed events (blocker ids) in id order, which is commit order."""
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(f"SELECT project_id, event FROM {table} ORDER BY id").fetchall()
+    out: dict[int, list[int]] = {p: [] for p in PROJECTS}
+    for project_id, payload in rows:
+        out[project_id].append(decode_event(payload).blocker_id)
+    return out
+
+
+def unpublished(url: str, table: str) -> int:
+    with psycopg.connect(url) as conn:
+        sql = f"SELECT count(*) FROM {table} WHERE published_at IS NULL"
+        return conn.execute(sql).fetchone()[0]
+
+
+def marked(url: str, table: str) -> int:
+    with psycopg.connect(url) as conn:
+        sql = f"SELECT count(*) FROM {table} WHERE published_at IS NOT NULL"
+        return conn.execute(sql).fetchone()[0]
+
+
+async def test_committed_events_reach_the_consumer_once_in_order_across_relay_and_gateway_faults(
+    pg_url, tmp_path
+):
+    table = "outbox_e2e"
+    outbox = Outbox(table)
+    with psycopg.connect(pg_url) as conn:
+        conn.execute(f"DROP TABLE IF EXISTS {table}")
+        outbox.create_table(conn)
+    writers = Writers(pg_url, outbox)
+    relays: list[RelayProcess] = []
+    with RedisServer() as redis_server, GatewayGroup() as group:
+        client = redis_server.client()
+        first, second = await asyncio.to_thread(group.start, redis_server.url, 2)
+
+        def in_stream() -> int:
+            return sum(len(stream_ids(client, p)) for p in PROJECTS)
+
+        def start_relay(*args: str) -> None:
+            log = tmp_path / "relay.log"
+            relays.append(RelayProcess(log, pg_url, table, redis_server.url, *args))
+
+        items: list = []
+        async with Consumer([first.ws_url, second.ws_url]) as consumer:
+            subscription = consumer.events(*PROJECTS)
+            async with asyncio.timeout(20):
+                await subscription.wait_subscribed()
+
+            async def read() -> None:
+                async for item in subscription:
+                    items.append(item)
+
+            reader = asyncio.create_task(read())
+            try:
+                # A backlog of 300 committed rows (and a rolled-back transaction among them)
+                # before the first relay starts: its first batch holds all of them, published at
+                # 200 events/s and marked only at its end, so it is killed in the middle of it.
+                with psycopg.connect(pg_url) as conn:
+                    for n in range(120):
+                        writers.transaction(conn, n, 0)
+                assert marked(pg_url, table) == 0
+                writers.start()
+                start_relay("--max-rate", "200", "--batch-size", "1000")
+                await wait_until(lambda: in_stream() >= 60, 30, "60 events from the first relay")
+                assert await asyncio.to_thread(relays[0].end, signal.SIGKILL) == -9
+                published, done = in_stream(), await asyncio.to_thread(marked, pg_url, table)
+                # Published but not marked: the next relay must publish them again, and the
+                # idempotency keys must make that a no-op.
+                assert done < published, relays[0].tail()
+                await wait_until(lambda: len(items) >= 30, 30, "the consumer's first events")
+
+                start_relay("--max-rate", "2000", "--batch-size", "50")
+                seen = len(items)
+                await wait_until(lambda: len(items) >= seen + 300, 30, "events of the new relay")
+
+                # Drain the consumer's gateway (the first URL): it closes with 1012 and the
+                # consumer resumes on the other one from its cursors.
+                assert consumer.connects == 1
+                assert await asyncio.to_thread(first.terminate) == 0
+                await wait_until(
+                    lambda: consumer.connects == 2 and consumer.live, 30, "the resume on :second"
+                )
+                assert consumer.close_codes == [1012]
+                seen = len(items)
+                await wait_until(lambda: len(items) >= seen + 200, 30, "events after the resume")
+
+                await asyncio.to_thread(writers.stop)
+                await wait_until(
+                    lambda: unpublished(pg_url, table) == 0, 30, "every committed row marked"
+                )
+                expected = await asyncio.to_thread(committed_in_order, pg_url, table)
+                total = sum(map(len, expected.values()))
+                await wait_until(lambda: len(items) >= total, 30, f"{total} items")
+                await asyncio.sleep(0.2)  # a duplicate would have been delivered by now
+            finally:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
+                with contextlib.suppress(AssertionError):
+                    writers.stop()
+                for relay in relays:
+                    relay.end(signal.SIGTERM)
+        streams = {p: stream_ids(client, p) for p in PROJECTS}
+        client.close()
+
+    assert relays[1].process.returncode == 0, relays[1].tail()
+    assert writers.commits > 200 and len(writers.rolled_back) > 50
+    assert consumer.stats.resyncs == 0 and consumer.stats.gaps == 0
+    assert all(isinstance(item, Delivery) for item in items), [
+        i for i in items if not isinstance(i, Delivery)
+    ]
+    got: dict[int, list[int]] = {p: [] for p in PROJECTS}
+    for item in items:
+        got[item.project_id].append(item.event.blocker_id)
+    for project in PROJECTS:
+        # Every committed event exactly once, in commit order; none rolled back.
+        assert got[project] == expected[project], f"project {project}"
+        assert not set(got[project]) & writers.rolled_back
+        seqs = [item.seq for item in items if item.project_id == project]
+        assert seqs == list(range(1, len(expected[project]) + 1)), f"project {project}"
+        assert len({item.epoch for item in items if item.project_id == project}) == 1
+        assert [b for _, b in streams[project]] == expected[project], f"project {project}"
