@@ -29,9 +29,10 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from consumer import Consumer, Delivery
+from consumer import Consumer, Delivery, Resync
 from publisher.outbox import Outbox
 from schemas import BlockerResolved, decode_event
+from schemas.protocol import ResyncReason
 from tests.support.gateway_process import ROOT, GatewayGroup
 from tests.support.outbox_db import private_database, stream_ids
 from tests.support.redis_server import RedisServer
@@ -155,10 +156,15 @@ def marked(url: str, table: str) -> int:
         return conn.execute(sql).fetchone()[0]
 
 
+@pytest.mark.parametrize("redis_restart", [False, True], ids=["", "redis-restarted-empty"])
 async def test_committed_events_reach_the_consumer_once_in_order_across_relay_and_gateway_faults(
-    pg_url, tmp_path
+    pg_url, tmp_path, redis_restart
 ):
-    table = "outbox_e2e"
+    """With ``redis_restart``, Redis is also killed and started again empty (no persistence)
+    after the drain: the relay publishes its backlog into a new epoch, and each project's
+    consumer gets an explicit ``Resync(epoch_changed)`` standing for what was lost, then the
+    events of the new epoch, each once, in commit order, up to the last one committed."""
+    table = f"outbox_e2e_{int(redis_restart)}"
     outbox = Outbox(table)
     with psycopg.connect(pg_url) as conn:
         conn.execute(f"DROP TABLE IF EXISTS {table}")
@@ -182,9 +188,13 @@ async def test_committed_events_reach_the_consumer_once_in_order_across_relay_an
             async with asyncio.timeout(20):
                 await subscription.wait_subscribed()
 
+            latest: dict[int, int] = {}  # project -> blocker id of its latest delivery
+
             async def read() -> None:
                 async for item in subscription:
                     items.append(item)
+                    if isinstance(item, Delivery):
+                        latest[item.project_id] = item.event.blocker_id
 
             reader = asyncio.create_task(read())
             try:
@@ -220,13 +230,36 @@ async def test_committed_events_reach_the_consumer_once_in_order_across_relay_an
                 seen = len(items)
                 await wait_until(lambda: len(items) >= seen + 200, 30, "events after the resume")
 
+                if redis_restart:
+                    await asyncio.to_thread(redis_server.kill)
+                    await wait_until(
+                        lambda: "outbox_redis_unavailable" in relays[1].log.read_text(),
+                        30,
+                        "the relay to find Redis gone",
+                    )
+                    await asyncio.to_thread(redis_server.start)
+                    await asyncio.to_thread(second.wait_ready, 30)
+                    await wait_until(
+                        lambda: (
+                            {i.project_id for i in items if isinstance(i, Resync)} == set(PROJECTS)
+                        ),
+                        30,
+                        "a resync of every project",
+                    )
+                    seen = len(items)
+                    await wait_until(
+                        lambda: len(items) >= seen + 200, 30, "events after the resyncs"
+                    )
+
                 await asyncio.to_thread(writers.stop)
                 await wait_until(
                     lambda: unpublished(pg_url, table) == 0, 30, "every committed row marked"
                 )
                 expected = await asyncio.to_thread(committed_in_order, pg_url, table)
-                total = sum(map(len, expected.values()))
-                await wait_until(lambda: len(items) >= total, 30, f"{total} items")
+                last = {p: ids[-1] for p, ids in expected.items()}
+                await wait_until(
+                    lambda: latest == last, 30, "the last committed event of each project"
+                )
                 await asyncio.sleep(0.2)  # a duplicate would have been delivered by now
             finally:
                 reader.cancel()
@@ -241,18 +274,48 @@ async def test_committed_events_reach_the_consumer_once_in_order_across_relay_an
 
     assert relays[1].process.returncode == 0, relays[1].tail()
     assert writers.commits > 200 and len(writers.rolled_back) > 50
-    assert consumer.stats.resyncs == 0 and consumer.stats.gaps == 0
-    assert all(isinstance(item, Delivery) for item in items), [
-        i for i in items if not isinstance(i, Delivery)
-    ]
-    got: dict[int, list[int]] = {p: [] for p in PROJECTS}
-    for item in items:
-        got[item.project_id].append(item.event.blocker_id)
+    assert consumer.stats.gaps == 0
+    assert consumer.stats.resyncs == (len(PROJECTS) if redis_restart else 0)
     for project in PROJECTS:
-        # Every committed event exactly once, in commit order; none rolled back.
-        assert got[project] == expected[project], f"project {project}"
-        assert not set(got[project]) & writers.rolled_back
-        seqs = [item.seq for item in items if item.project_id == project]
-        assert seqs == list(range(1, len(expected[project]) + 1)), f"project {project}"
-        assert len({item.epoch for item in items if item.project_id == project}) == 1
-        assert [b for _, b in streams[project]] == expected[project], f"project {project}"
+        mine = [item for item in items if item.project_id == project]
+        check_project(project, mine, expected[project], writers.rolled_back)
+        # The stream holds the committed events in commit order (the new epoch's: the last ones)
+        in_redis = [b for _, b in streams[project]]
+        if redis_restart:
+            assert in_redis == expected[project][len(expected[project]) - len(in_redis) :]
+        else:
+            assert in_redis == expected[project], f"project {project}"
+
+
+def check_project(project: int, items: list, committed: list[int], rolled_back: set[int]) -> None:
+    """A project's items are its committed events (blocker ids, in commit order) exactly once,
+    in order, seq after seq of one epoch, save where a ``Resync`` stands for what was lost: each
+    stretch of deliveries (before the first resync, between two, after the last) is a run of
+    consecutive committed events, the first starting at the first event (seq 1), the last ending
+    at the last one, each after a resync continuing at the resync's ``seq + 1`` of its epoch.
+    Never an event whose transaction rolled back."""
+    assert not {i.event.blocker_id for i in items if isinstance(i, Delivery)} & rolled_back
+    stretches: list[tuple[Resync | None, list[Delivery]]] = [(None, [])]
+    for item in items:
+        if isinstance(item, Resync):
+            assert item.reason is ResyncReason.EPOCH_CHANGED, item
+            stretches.append((item, []))
+        else:
+            assert isinstance(item, Delivery), item
+            stretches[-1][1].append(item)
+    position = {ident: n for n, ident in enumerate(committed)}
+    for n, (resync, deliveries) in enumerate(stretches):
+        where = f"project {project}, stretch {n}"
+        ids = [d.event.blocker_id for d in deliveries]
+        assert set(ids) <= position.keys(), where
+        if resync is None:
+            assert ids == committed[: len(ids)], where
+            first_seq = 1
+        else:
+            start = position[ids[0]] if ids else len(committed)
+            assert ids == committed[start : start + len(ids)], where
+            first_seq = resync.seq + 1
+        assert [d.seq for d in deliveries] == list(range(first_seq, first_seq + len(ids))), where
+        epochs = {d.epoch for d in deliveries} | ({resync.epoch} if resync else set())
+        assert len(epochs) <= 1, where
+    assert [d.event.blocker_id for d in stretches[-1][1]][-1:] == committed[-1:], project
