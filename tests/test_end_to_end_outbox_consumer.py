@@ -156,7 +156,11 @@ def marked(url: str, table: str) -> int:
         return conn.execute(sql).fetchone()[0]
 
 
-@pytest.mark.parametrize("redis_restart", [False, True], ids=["", "redis-restarted-empty"])
+@pytest.mark.parametrize(
+    "redis_restart",
+    [False, True],
+    ids=["relay-killed-gateway-drained", "and-redis-restarted-empty"],
+)
 async def test_committed_events_reach_the_consumer_once_in_order_across_relay_and_gateway_faults(
     pg_url, tmp_path, redis_restart
 ):
@@ -198,12 +202,15 @@ async def test_committed_events_reach_the_consumer_once_in_order_across_relay_an
 
             reader = asyncio.create_task(read())
             try:
-                # A backlog of 300 committed rows (and a rolled-back transaction among them)
+                # A backlog of ~450 committed rows (75 transactions rolled back among them)
                 # before the first relay starts: its first batch holds all of them, published at
                 # 200 events/s and marked only at its end, so it is killed in the middle of it.
-                with psycopg.connect(pg_url) as conn:
-                    for n in range(120):
-                        writers.transaction(conn, n, 0)
+                def backlog() -> None:
+                    with psycopg.connect(pg_url) as conn:
+                        for n in range(300):
+                            writers.transaction(conn, n, 0)
+
+                await asyncio.to_thread(backlog)
                 assert marked(pg_url, table) == 0
                 writers.start()
                 start_relay("--max-rate", "200", "--batch-size", "1000")
