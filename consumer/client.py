@@ -1875,7 +1875,7 @@ class Consumer:
                 # A subscribe held while the answer was owed goes as the retry, on its backoff.
             else:
                 state.pending = False  # (answered: it failed, the gateway holds none)
-            await self._retry_unavailable(ws, state, presence=presence_read, ended=ended)
+            self._retry_unavailable(ws, state, presence=presence_read, ended=ended)
             return
         if error.code == ErrorCode.INVALID_TOKEN:
             # An in-band refresh was refused; the connection keeps its token until it expires
@@ -2094,7 +2094,7 @@ class Consumer:
         url = f"{base}/v1/projects/{project_id}/events?{urlencode(params)}"
         return _poll_decoder.decode(await read_page(url, token, self._poll_timeout))
 
-    async def _retry_unavailable(
+    def _retry_unavailable(
         self, ws: ClientConnection, state: ProjectState, *, presence: bool, ended: bool
     ) -> None:
         """Subscribe the project again later, after ``unavailable``: with backoff (Redis may stay
