@@ -3693,6 +3693,107 @@ test("presence: over SSE a failed presence read's reopen is dropped when the Web
   eq(ws.sentOf("subscribe").map((m) => m.presence), [true], "the WebSocket's subscribe asks presence");
 });
 
+test("presence: over SSE the WebSocket taking over while the stream waits between streams starts the presence reopens' backoff over too", async () => {
+  // The reopens' backoff counts reopens in a row; the WebSocket taking over (and reading
+  // presence) ends the row. Taking over between two streams (one broke, the next waits on the
+  // SSE backoff) it did not: back on SSE after a WebSocket that read presence, the first failed
+  // read was asked again 16 s later, not 1 s (the project's own backoff reset by that read).
+  const env = setup({ autoFailSockets: true });
+  sseServer(env);
+  const serve = env.sse;
+  env.bus.presence(1, () => {});
+  await env.clock.advance(0);
+  const down = (stream) => stream.event("error", { type: "error", code: "unavailable", message: "presence is unavailable", project_id: 1 });
+  const untilNextStream = async (stream) => {
+    const streams = env.streams.length;
+    for (let waited = 0; env.streams.length === streams && waited < 40000; waited += 500) {
+      if (!stream.closed) stream.send(":\n\n");
+      await env.clock.advance(500);
+    }
+  };
+  for (let i = 0; i < 4; i += 1) {
+    const stream = await sseLive(env, { 1: { epoch: "e", seq: 0, resumed: i > 0 } });
+    down(stream);
+    await untilNextStream(stream); // reopened 1 s, 2 s, 4 s, 8 s later
+  }
+  // That stream breaks; the next ones are refused: the WebSocket takes over between streams.
+  env.sse = () => ({ status: 503, body: { error: "unavailable", message: "down" } });
+  env.open[env.open.length - 1].end();
+  env.autoFailSockets = false;
+  for (let i = 0; i < 600 && !(env.last().readyState === 0 && env.last().onopen); i += 1) await env.clock.advance(100);
+  const ws = env.last();
+  ws.open();
+  await flush();
+  ws.receive({ type: "authenticated", subject: "u", projects: null, expires_at: Math.floor(env.clock.now() / 1000) + 900 });
+  ws.receive({ type: "subscribed", project_id: 1, epoch: "e", seq: 0, resumed: true, replayed: 0 });
+  ws.receive({ type: "presence", project_id: 1, members: [member("u1")] });
+  await flush();
+  eq(env.bus.transport, "websocket");
+  // The WebSocket goes (and keeps failing): back on SSE, whose presence read fails.
+  env.sse = serve;
+  env.autoFailSockets = true;
+  ws.serverClose(1006);
+  const open = env.open.length;
+  for (let i = 0; i < 1200 && env.open.length === open; i += 1) await env.clock.advance(100);
+  const stream = await sseLive(env, { 1: { epoch: "e", seq: 0, resumed: true } });
+  const opened = env.clock.now();
+  down(stream);
+  await untilNextStream(stream);
+  eq(env.clock.now() - opened, 1000, "asked again after presence's first delay (1 s)");
+});
+
+test("presence: over SSE close() with a presence reopen due (its timer pending, or waiting for the stream's last subscribe) leaves no timer and opens nothing", async () => {
+  for (const waiting of [false, true]) {
+    const env = setup({ autoFailSockets: true, subscribe: [1, 2] });
+    sseServer(env);
+    env.bus.presence(1, () => {});
+    await env.clock.advance(0);
+    const stream = await sseLive(env, { 1: { epoch: "a", seq: 0 } }); // (project 2 unanswered)
+    stream.event("error", { type: "error", code: "unavailable", message: "presence is unavailable", project_id: 1 });
+    await env.clock.advance(waiting ? 1500 : 100);
+    eq(env.streams.length, 1);
+    env.bus.close();
+    await env.clock.advance(0);
+    eq(Array.from(env.clock.timers.values()).map((t) => t.at - env.clock.now()), [], `no timer pending after close() (waiting: ${waiting})`);
+    assert(stream.closed, "the stream is ended");
+    await env.clock.advance(60000);
+    eq(env.streams.length, 1, "nothing opened after close()");
+  }
+});
+
+test("presence: over SSE a token renewal while a presence reopen waits for the stream's last subscribe is the one reopen, with the new token", async () => {
+  const env = setup({ subscribe: [], tokenLifetime: 100, options: { WebSocket: null } });
+  sseServer(env);
+  env.bus.presence(1, () => {});
+  await env.clock.advance(0);
+  let stream = await sseLive(env, { 1: { epoch: "a", seq: 0 } });
+  stream.event("presence", { type: "presence", project_id: 1, members: [member("u1")] });
+  // The stream's token is renewed at 74.25 s (its expiry less a quarter of its life).
+  for (let t = 0; t < 71000; t += 1000) {
+    stream.send(":\n\n");
+    await env.clock.advance(1000);
+  }
+  await env.clock.advance(250);
+  env.bus.subscribe(2, () => {});
+  await env.clock.advance(0);
+  eq(env.streams.length, 2, "a stream for both projects");
+  stream = await sseLive(env, { 1: { epoch: "a", seq: 0, resumed: true } }); // (project 2 unanswered)
+  stream.event("error", { type: "error", code: "unavailable", message: "presence is unavailable", project_id: 1 });
+  await env.clock.advance(2999); // the presence reopen is due (1 s), and waits
+  eq(env.streams.length, 2);
+  await env.clock.advance(1);
+  eq(env.streams.length, 3, "reopened for the token");
+  eq(env.streams[2].headers.Authorization, `Bearer ${env.tokens[1]}`, "with a new token");
+  const third = await sseLive(env, { 1: { epoch: "a", seq: 0, resumed: true }, 2: { epoch: "b", seq: 0 } });
+  third.event("presence", { type: "presence", project_id: 1, members: [member("u1")] });
+  for (let t = 0; t < 40000; t += 1000) {
+    third.send(":\n\n");
+    await env.clock.advance(1000);
+  }
+  eq(env.streams.length, 3, "no second reopen");
+  assert(!third.closed);
+});
+
 test("presence: falling back to polling makes it unknown, once", async () => {
   const env = setup();
   const seen = [];
