@@ -2611,13 +2611,15 @@ export class EventBus {
     this._nextStreamHold = 0; // (polling stops too: nothing to hold)
     this._clearTimeout(this._sseRefreshTimer);
     this._sseRefreshTimer = null;
+    // A stream opened later starts the presence reopens over: also when no stream was open (the
+    // WebSocket took over between two, one broken and the next waiting on the SSE backoff).
+    this._ssePresenceReopens = 0;
     const attempt = this._sse;
     this._sse = null;
     this._sseLive = false;
     if (attempt) {
       this._clearTimeout(attempt.presenceRetry); // (the WebSocket asks presence now)
       attempt.presenceRetry = null;
-      this._ssePresenceReopens = 0; // (a stream opened later starts them over)
       this._forgetAnswers(attempt);
       attempt.controller.abort();
     }
@@ -2841,7 +2843,7 @@ export class EventBus {
    * read and reset by a `presence` only, as on the WebSocket. One reopen for all the projects
    * failing on the stream, at the shortest of their delays, and no sooner than the reopens' own
    * backoff (_ssePresenceReopens: grown by each, reset by a stream reading every presence it
-   * asked): a reopen reads every project's presence again, and a read that succeeded before may
+   * asked, or by the WebSocket taking over, see _stopSse): a reopen reads every project's presence again, and a read that succeeded before may
    * fail on it, its delay started over (a flaky presence store, projects failing by turns). None
    * if the stream ends first or is ending (an error ended a subscription: the next one asks
    * presence anyway), or the WebSocket takes over. While presence keeps failing, a stream is
