@@ -1730,11 +1730,15 @@ export class EventBus {
 
   /** Presence is unknown now (polling, offline, closed): tell the listeners once. */
   _forgetPresence() {
-    for (const sub of this._subs.values()) {
-      if (!sub.presence) continue;
-      sub.presence = null;
-      this._notify(sub, null);
-    }
+    for (const sub of this._subs.values()) this._presenceUnknown(sub);
+  }
+
+  /** The project's presence is unknown now (a list it had is stale: no diff will come for it):
+   * its listeners are told null, once (not again while it stays unknown). */
+  _presenceUnknown(sub) {
+    if (!sub.presence) return;
+    sub.presence = null;
+    this._notify(sub, null);
   }
 
   /** Reconnect now instead of waiting for the backoff (e.g. a "retry now" button). */
@@ -2132,10 +2136,7 @@ export class EventBus {
       // its answer, or its refusal's retry, brings the project back.
       sub.presenceDue = false;
       sub.wsSubscribed = false;
-      if (sub.presence) {
-        sub.presence = null; // (the gateway took the tab out of the project's presence)
-        this._notify(sub, null);
-      }
+      this._presenceUnknown(sub); // (the gateway took the tab out of the project's presence)
       sub.retry = (sub.retry || 0) + 1;
       if (sub.subscribesSent === 0) this._retrySubscribe(sub, sub.retry);
       return;
@@ -2144,10 +2145,7 @@ export class EventBus {
       // (Without `ended`, from a gateway before it, a subscription ended in this moment is
       // taken for presence's failure too: the re-ask below subscribes it again, later.)
       sub.presenceDue = false;
-      if (sub.presence) {
-        sub.presence = null; // (a list from before is stale, and no diff will come)
-        this._notify(sub, null);
-      }
+      this._presenceUnknown(sub);
       // (A subscribe of the project asking presence is on its way already: its answer brings it.)
       // Its own backoff, grown by each failure and reset by a `presence` only: every re-ask
       // is answered `subscribed`, which resets the subscribe's, and a presence outage would
@@ -2182,10 +2180,7 @@ export class EventBus {
       // before the freed slot's), and the freed slot's, still to come, takes that slot (a
       // second offer would be moot, and the next refused project left polled).
       if (sub.subscribesSent === 0 && !this._pacer.queue.has(`subscribe:${sub.projectId}`)) sub.slotOffered = false;
-      if (sub.presence) {
-        sub.presence = null;
-        this._notify(sub, null);
-      }
+      this._presenceUnknown(sub);
       if (again || !this._wsHealth.proven) {
         /* polling runs (until every subscribe is answered, then on for it: _proveSocket) */
       } else if (this._polling) this._pollSoon();
@@ -2851,10 +2846,7 @@ export class EventBus {
    */
   _ssePresenceFailed(attempt, sub) {
     if (!sub) return;
-    if (sub.presence) {
-      sub.presence = null;
-      this._notify(sub, null);
-    }
+    this._presenceUnknown(sub);
     sub.presenceRetry += 1;
     if (sub.presenceHandlers.size === 0) return;
     attempt.presenceFailed = true;
