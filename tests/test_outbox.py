@@ -3168,6 +3168,28 @@ def test_a_publish_many_that_returns_a_generator_of_cursors_is_taken_as_they_com
         publisher.close()
 
 
+def _loop_until_the_publisher_is_fixed(relay, publisher) -> tuple[list[dict], list[int]]:
+    """Run ``relay``'s loop until it failed three rounds on ``publisher``, fix it (``broken =
+    False``) and wait for its two rows to go out; the database session must not have been
+    reset meanwhile. Returns the captured logs and the failure counts the loop's pauses were
+    computed for."""
+    resets, pauses = [], []
+    reset, backoff = relay.store.reset, relay._backoff
+    relay.store.reset = lambda: resets.append(1) or reset()
+    relay._backoff = lambda failures: pauses.append(failures) or backoff(failures)
+    with structlog.testing.capture_logs() as logs:
+        relay.start()
+        try:
+            wait_until(lambda: relay.metrics.errors >= 3)
+            publisher.broken = False
+            wait_until(lambda: relay.metrics.published == 2)
+            assert not resets  # (stop() closes the store, which resets it: counted before)
+        finally:
+            relay.stop()
+            publisher.close()
+    return logs, pauses
+
+
 def test_a_running_relay_reports_a_publisher_contract_error_and_backs_off(
     sqlite_path, table, redis_url
 ):
@@ -3184,19 +3206,7 @@ def test_a_running_relay_reports_a_publisher_contract_error_and_backs_off(
     publisher = _faulty(redis_url, answering_none)
     _sqlite_rows(sqlite_path, table, [event(1, n) for n in (1, 2)])
     relay = OutboxRelay.sqlite(sqlite_path, publisher, table=table, max_backoff=0.05)
-    resets = []
-    reset = relay.store.reset
-    relay.store.reset = lambda: resets.append(1) or reset()
-    with structlog.testing.capture_logs() as logs:
-        relay.start()
-        try:
-            wait_until(lambda: relay.metrics.errors >= 3)
-            publisher.broken = False
-            wait_until(lambda: relay.metrics.published == 2)
-            assert not resets  # (stop() closes the store, which resets it: counted before)
-        finally:
-            relay.stop()
-            publisher.close()
+    logs, _ = _loop_until_the_publisher_is_fixed(relay, publisher)
     (reported,) = [entry for entry in logs if entry["event"] == "outbox_relay_error"]
     assert reported["log_level"] == "error" and reported["source"] == "publisher"
     assert "Faulty.publish_many returned None" in reported["error"]
@@ -3293,20 +3303,7 @@ def test_a_running_relay_reports_a_raising_publisher_as_the_publishers_error(
     publisher = _faulty(redis_url, _raising(stored_first=True))
     _sqlite_rows(sqlite_path, table, [event(1, n) for n in (1, 2)])
     relay = OutboxRelay.sqlite(sqlite_path, publisher, table=table, max_backoff=0.05)
-    resets, pauses = [], []
-    reset, backoff = relay.store.reset, relay._backoff
-    relay.store.reset = lambda: resets.append(1) or reset()
-    relay._backoff = lambda failures: pauses.append(failures) or backoff(failures)
-    with structlog.testing.capture_logs() as logs:
-        relay.start()
-        try:
-            wait_until(lambda: relay.metrics.errors >= 3)
-            publisher.broken = False
-            wait_until(lambda: relay.metrics.published == 2)
-            assert not resets  # (stop() closes the store, which resets it: counted before)
-        finally:
-            relay.stop()
-            publisher.close()
+    logs, pauses = _loop_until_the_publisher_is_fixed(relay, publisher)
     assert pauses[:3] == [1, 2, 3]  # consecutive failures: the pause doubles
     (reported,) = [entry for entry in logs if entry["event"] == "outbox_relay_error"]
     assert reported["log_level"] == "error" and reported["source"] == "publisher"
