@@ -9,9 +9,10 @@ sent before it on the same connection:
 * the replay comes before ``subscribed``, and a ``resync_required`` before its ``subscribed``
   (an event the consumer has already is no progress: a gateway sending old events again and
   again would hold the subscribe for ever);
-* the gateway handles a connection's messages one after the other (each subscribe may wait for
-  Redis up to its ``--subscribe-timeout``), so subscribes sent together are answered one after
-  the other, and a long replay of one holds the others back;
+* the gateway handles up to 8 projects' subscribes of a connection at a time (each may wait for
+  Redis up to its ``--subscribe-timeout``; one before that handled them one after the other), so
+  of subscribes sent together the later ones may wait for the earlier ones, and a long replay of
+  one holds others back;
 * a live event of a project whose subscribe is unanswered does not count: it comes whether or
   not the gateway handles the subscribe.
 

@@ -1834,7 +1834,7 @@ class Consumer:
         presence_read = unavailable and not ended and presence_due
         # Ended while that answer was owed: the answer never comes (the read that finishes
         # later finds the project gone), and this answers no subscribe in flight (the gateway
-        # reads the connection's next frame after that read).
+        # handles the project's next frame after that read).
         cut_short = ended and presence_due
         if state is not None and state.pending != (presence_read or cut_short):
             # (the subscribe in flight, or the presence answer owed; an error answering neither,

@@ -119,7 +119,7 @@ class ProjectState:
     def answer_due(self) -> bool:
         """Whether the gateway still owes an answer to a subscribe of ours: its ``subscribed``
         (:attr:`pending`), or after it its presence answer (:attr:`presence_due`). No other
-        subscribe goes meanwhile: the gateway reads a connection's frames in order (it would
+        subscribe goes meanwhile: the gateway handles a project's frames in order (it would
         wait behind that one there anyway), and answers to two could not be told apart (an
         ``unavailable`` after a presence answer never sent was taken for that answer)."""
         return self.pending or self.presence_due

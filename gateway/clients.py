@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Collection, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import redis.exceptions
@@ -43,6 +43,7 @@ from gateway.client_input import decode_frame
 from gateway.expiry import ExpiryWheel
 from gateway.http import draining_response, json_response
 from gateway.hub import SubscribeUnavailable
+from gateway.lanes import BARRIER, FREE, Lane
 from gateway.logs import describe, get_logger
 from gateway.ratelimit import CLOSE, REFUSED, frame_rate_limit
 from gateway.revocations import RevocationsUnknown, TokenRevoked
@@ -216,19 +217,56 @@ class ClientProtocol:
 
     # --- messages ----------------------------------------------------------------------------
 
+    def decode(self, data: bytes | str) -> tuple[Any, ProtocolError | None]:
+        """One frame from an authenticated client, parsed: (the message, None), or (None, the
+        error) when it is malformed. Nothing is answered or counted yet (:meth:`handle_decoded`
+        does that)."""
+        try:
+            return decode_frame(data), None
+        except ProtocolError as exc:
+            return None, exc
+
+    def lane_of(self, session: ClientSession, message: Any, busy: Collection[int]) -> Lane:
+        """What a decoded frame must wait for while some of the connection's frames wait for
+        Redis (gateway.lanes; ``busy``: the projects with frames being handled or held): its
+        project's earlier frames; every earlier frame (:data:`~gateway.lanes.BARRIER`) for an
+        ``auth`` (the token every later frame is judged by) and for a subscribe that might find
+        the connection at ``--max-subscriptions`` (counting the busy projects, which a subscribe
+        among their frames may yet add, and not the unsubscribes held among them: in the
+        frames' order, its answer depends on all of them); nothing (:data:`~gateway.lanes.FREE`)
+        for a ping or a malformed frame."""
+        if isinstance(message, Subscribe):
+            project_id = message.project_id
+            projects = session.projects
+            if project_id not in projects:
+                reachable = len(projects) + sum(1 for p in busy if p not in projects)
+                if project_id not in busy:
+                    reachable += 1
+                if reachable > self.config.max_subscriptions:
+                    return BARRIER
+            return project_id
+        if isinstance(message, (Unsubscribe, Activity, PresenceGet)):
+            return message.project_id
+        if isinstance(message, Auth):
+            return BARRIER
+        return FREE
+
     def handle_now(
         self, session: ClientSession, data: bytes | str, clog
     ) -> Coroutine[Any, Any, Any] | None:
-        """One frame from an authenticated client (malformed ones answer ``error``), handled
+        """One frame from an authenticated client: :meth:`decode`, then
+        :meth:`handle_decoded`."""
+        message, error = self.decode(data)
+        return self.handle_decoded(session, message, error, clog)
+
+    def handle_decoded(
+        self, session: ClientSession, message: Any, error: ProtocolError | None, clog
+    ) -> Coroutine[Any, Any, Any] | None:
+        """One decoded frame (``error``: it was malformed, answered ``error`` here), handled
         here and now when nothing has to wait for Redis: None then. Else the coroutine that
         finishes it (a subscribe that the feed's memory cannot answer, presence), which the
-        transport runs before the connection's next frame. Every frame takes a token of the
-        rate limit first (:meth:`_over_limit` answers one over it)."""
-        error: ProtocolError | None = None
-        try:
-            message = decode_frame(data)
-        except ProtocolError as exc:
-            message, error = None, exc
+        transport runs before any frame that must come after it (:meth:`lane_of`). Every frame
+        takes a token of the rate limit first (:meth:`_over_limit` answers one over it)."""
         limit = self.rate_limit
         if limit is not None and not (
             # Leaving a subscription is free: its subscribe took a token. Churn (a page flipping

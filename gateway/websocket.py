@@ -26,14 +26,16 @@ Per connection, in order:
    token). The handshake and the ``auth`` together must arrive within ``auth_timeout`` of the
    TCP accept, or the socket is dropped (no handshake) or closed with 4001.
 3. **Messages**, in the order received: each text or binary message (fragments joined; a text
-   message that is not UTF-8 closes with 1007) goes to :meth:`ClientProtocol.handle_now`. When
-   that returns work still to do, later messages wait in the connection's backlog until it is
-   done (reading pauses at :data:`MAX_BACKLOG` of them), so a subscribe is never overtaken by the
-   unsubscribe after it; time reading is paused does not count against the client's pong
-   deadline (:meth:`WebSocketConnection.paused_for`, :mod:`gateway.keepalive`). With
-   permessage-deflate, a read is given to websockets :data:`INFLATE_SLICE` bytes at a time,
-   and what is left of it when the backlog fills waits, compressed, until it drains: a read of
-   tiny messages is never decompressed whole.
+   message that is not UTF-8 closes with 1007) is decoded and handled by the client protocol
+   (:meth:`ClientProtocol.handle_decoded`). When that returns work still to do (it waits for
+   Redis), a task finishes it, and the messages that must come after it are held back until it
+   is done (:mod:`gateway.lanes`: those of the same project, or all after an ``auth``), so a
+   subscribe is never overtaken by the unsubscribe after it, while other projects' messages and
+   pings go on; reading pauses at :data:`MAX_BACKLOG` held back. Time reading is paused does
+   not count against the client's pong deadline (:meth:`WebSocketConnection.paused_for`,
+   :mod:`gateway.keepalive`). With permessage-deflate, a read is given to websockets
+   :data:`INFLATE_SLICE` bytes at a time, and what is left of it when the backlog fills waits,
+   compressed, until it drains: a read of tiny messages is never decompressed whole.
 4. **Closing.** A close frame from either side, or a protocol error (1002, 1007, 1009, sent by
    websockets), ends with a half-close; a peer that does not close its side within
    :data:`CLOSE_TIMEOUT` s is dropped.
@@ -72,6 +74,8 @@ from gateway.client_input import (
     repeated_header,
 )
 from gateway.http import json_response, tokens_unchecked_response
+from gateway.lanes import CONCURRENCY as LANES_CONCURRENCY
+from gateway.lanes import FrameLanes, Lane
 from gateway.logs import ConnectionLog, get_logger
 from gateway.revocations import RevocationsUnknown, TokenRevoked
 from gateway.session import (
@@ -115,8 +119,9 @@ CLOSE_TIMEOUT = 5.0
 #: (:meth:`WebSocketConnection._answer_wait`), as the stall check looks at sessions.
 ANSWER_CHECK_INTERVAL = 1.0
 
-#: Messages a connection may have waiting behind one that waits for Redis before reading from
-#: its socket pauses (websockets' ``max_queue``): the kernel's buffers, then TCP, hold the rest.
+#: Messages a connection may have held back behind ones that wait for Redis (gateway.lanes)
+#: before reading from its socket pauses (websockets' ``max_queue``): the kernel's buffers, then
+#: TCP, hold the rest.
 MAX_BACKLOG = 4
 
 #: Bytes of a read handed to websockets at a time on a connection with permessage-deflate
@@ -287,7 +292,6 @@ class WebSocketConnection(asyncio.Protocol):
         "answer_unsent",
         "answering_http",
         "awaiting_auth",
-        "backlog",
         "close_armed",
         "counted",
         "endpoint",
@@ -298,6 +302,7 @@ class WebSocketConnection(asyncio.Protocol):
         "head_bytes",
         "head_tail",
         "inflating",
+        "lanes",
         "paused",
         "paused_at",
         "paused_total",
@@ -307,6 +312,7 @@ class WebSocketConnection(asyncio.Protocol):
         "timer",
         "transport",
         "unfed",
+        "workers",
     )
 
     def __init__(self, endpoint: WebSocketEndpoint) -> None:
@@ -332,8 +338,11 @@ class WebSocketConnection(asyncio.Protocol):
         self.answer_stalled_since: float | None = None
         #: When an HTTP answer must have been sent, whatever its progress (--answer-min-rate).
         self.answer_deadline = 0.0
-        #: Messages received while an earlier one still waits for Redis (None: nothing waits).
-        self.backlog: list[bytes | str] | None = None
+        #: The order of messages while some wait for Redis (gateway.lanes; None: nothing waits).
+        self.lanes: FrameLanes[tuple[Any, ProtocolError | None]] | None = None
+        #: The tasks finishing messages that wait for Redis, each with the message's coroutine
+        #: it was started with (None: no task).
+        self.workers: dict[asyncio.Task, Coroutine[Any, Any, Any]] | None = None
         self.paused = False
         #: When reading was last paused, and for how long it was paused before that in all:
         #: time the keepalive does not count against the client (:meth:`paused_for`).
@@ -341,10 +350,10 @@ class WebSocketConnection(asyncio.Protocol):
         self.paused_total = 0.0
         #: permessage-deflate is negotiated: reads are fed to websockets in slices (_inflate).
         self.inflating = False
-        #: What websockets was not given yet of the read that filled the backlog (compressed).
+        #: What websockets was not given yet of the read that filled the lanes' backlog
+        #: (compressed).
         self.unfed: bytes | None = None
-        #: The task finishing a message that waits for Redis, and that message's coroutine (or
-        #: the task answering an HTTP request, and its coroutine).
+        #: The task answering an HTTP request, and its coroutine.
         self.finishing: tuple[asyncio.Task, Coroutine[Any, Any, Any]] | None = None
         #: The fragments of a message in progress (rare: browsers send small messages whole).
         self.fragments: list[bytes] | None = None
@@ -572,35 +581,38 @@ class WebSocketConnection(asyncio.Protocol):
         if self.counted:
             self.counted = False
             self.endpoint.admission.release()
-        self.backlog = None
         self.unfed = None
         if session is None:
             if self.answering_http:
                 self.endpoint.gateway.answer_closed(self.transport)
             self._stop_finishing()  # an HTTP answer still waiting (a poll, for Redis)
             return
+        self._stop_workers()
         sent = protocol.close_sent
         if sent is not None and sent.code in PROTOCOL_VIOLATIONS:
             self.endpoint.metrics.protocol_violations_total += 1
         self.endpoint.gateway.remove_session(session)
         self.log().debug("disconnected", code=self.close_code)
         self.session = None
-        self._stop_finishing()
 
     def _stop_finishing(self) -> None:
-        """The connection is gone: what its messages still wait for (Redis, for a subscribe's
-        presence, a ``presence_get`` or a poll) is of no use, and must not hold the task and the
-        session (or the request) until ``--subscribe-timeout``. Cancelled as that timeout would
-        (every such wait is cancellation-safe); a message not started yet is closed instead of
-        left unawaited."""
+        """The connection is gone: the HTTP answer it waits for (a poll, for Redis) is of no
+        use (:func:`_stop`)."""
         finishing = self.finishing
-        if finishing is None:
-            return
-        self.finishing = None
-        task, pending = finishing
-        if inspect.getcoroutinestate(pending) == inspect.CORO_CREATED:
-            pending.close()
-        task.cancel()
+        if finishing is not None:
+            self.finishing = None
+            _stop(*finishing)
+
+    def _stop_workers(self) -> None:
+        """The connection is gone: what its messages still wait for (Redis, for a subscribe, its
+        presence, a ``presence_get``) is of no use (:func:`_stop`), nor what they held back."""
+        lanes, workers = self.lanes, self.workers
+        self.lanes = self.workers = None
+        if lanes is not None:
+            lanes.clear()
+        if workers:
+            for task, pending in workers.items():
+                _stop(task, pending)
 
     # --- what the session and the SSE takeover use -------------------------------------------
 
@@ -873,25 +885,25 @@ class WebSocketConnection(asyncio.Protocol):
                 self._dispatch(protocol.events_received())
                 if start >= size or transport.is_closing():
                     return  # all fed; or aborted (a slow consumer): the rest is of no use
-                backlog = self.backlog
-                if backlog is not None and len(backlog) >= MAX_BACKLOG:
+                lanes = self.lanes
+                if lanes is not None and lanes.full:
                     self.unfed = data[start:]  # reading is paused: _resume goes on from here
                     return
         except Exception:
             self._failed()
 
     def _resume(self) -> None:
-        """The backlog has room again (or is gone): what was left unfed of the read that filled
-        it is fed first, then the socket is read again, unless that filled the backlog again."""
+        """The lanes' backlog has room again (or is gone): what was left unfed of the read that
+        filled it is fed first, then the socket is read again, unless that filled it again."""
         transport = self.transport
         unfed = self.unfed
         if unfed is not None:
             self.unfed = None
             if not transport.is_closing():
-                self._inflate(unfed)  # its messages join the backlog behind the waiting ones
-            backlog = self.backlog
-            if backlog is not None and len(backlog) >= MAX_BACKLOG:
-                return  # still paused: the next _finish round comes back here
+                self._inflate(unfed)  # its messages are held behind the waiting ones, or handled
+            lanes = self.lanes
+            if lanes is not None and lanes.full:
+                return  # still paused: the next _work round comes back here
         self.paused = False
         self.paused_total += asyncio.get_running_loop().time() - self.paused_at
         if not transport.is_closing():
@@ -939,52 +951,87 @@ class WebSocketConnection(asyncio.Protocol):
         session = self.session
         if session is None or session.closing:
             return
-        backlog = self.backlog
-        if backlog is not None:
-            backlog.append(data)
-            if len(backlog) >= MAX_BACKLOG and not self.paused:
-                self.paused = True
-                self.paused_at = asyncio.get_running_loop().time()
-                self.transport.pause_reading()
-            return
         if self.awaiting_auth:
             self._first_auth(data)
             return
+        clients = self.endpoint.clients
         try:
-            pending = self.endpoint.clients.handle_now(session, data, self.log())
+            message, error = clients.decode(data)
+            lanes = self.lanes
+            if lanes is not None:
+                # Some messages wait for Redis: this one may have to wait behind them.
+                if not lanes.admit(
+                    clients.lane_of(session, message, lanes.projects()), (message, error)
+                ):
+                    if lanes.full and not self.paused:
+                        self.paused = True
+                        self.paused_at = asyncio.get_running_loop().time()
+                        self.transport.pause_reading()
+                    return
+            pending = clients.handle_decoded(session, message, error, self.log())
         except Exception:
             log.exception("message handling failed", conn_id=session.id)
             session.abort(CloseCode.INTERNAL_ERROR, "internal error")
             return
         if pending is not None:
-            self.backlog = []
-            self.finishing = (spawn(self._finish(session, pending)), pending)
+            # What it holds back: its project's frames, or all (a subscribe at the limit). Its
+            # coroutine has not started, so the state it is judged by is still the frame's.
+            if lanes is None:
+                lanes = self.lanes = FrameLanes(LANES_CONCURRENCY, MAX_BACKLOG)
+                lane = clients.lane_of(session, message, ())
+            else:
+                lane = clients.lane_of(session, message, lanes.projects())
+            lanes.started(lane)
+            task = spawn(self._work(session, lanes, lane, pending))
+            if self.workers is None:
+                self.workers = {}
+            self.workers[task] = pending
 
-    async def _finish(self, session: WebSocketSession, pending: Coroutine[Any, Any, Any]) -> None:
-        """Finish a message that waits for Redis, then the messages that came meanwhile."""
+    async def _work(
+        self,
+        session: WebSocketSession,
+        lanes: FrameLanes[tuple[Any, ProtocolError | None]],
+        lane: Lane,
+        pending: Coroutine[Any, Any, Any],
+    ) -> None:
+        """Finish a message that waits for Redis, then the messages that were held back behind
+        it, and those of other projects waiting for a place (gateway.lanes), until none is
+        left for this task."""
         clients = self.endpoint.clients
+        task = asyncio.current_task()
         try:
             if session.closing:  # the connection went before this task started
                 pending.close()
                 return
-            await pending
-            while self.backlog:
-                data = self.backlog.pop(0)
-                if self.paused and len(self.backlog) < MAX_BACKLOG // 2:
-                    self._resume()
-                if session.closing:
-                    break
-                pending = clients.handle_now(session, data, self.log())
-                if pending is not None:
-                    await pending
+            while True:
+                await pending
+                while True:
+                    if session.closing or self.lanes is not lanes:
+                        return
+                    turn = lanes.next(lane)
+                    if turn is None:
+                        return
+                    if self.paused and lanes.roomy:
+                        self._resume()
+                        if session.closing or self.lanes is not lanes:
+                            return  # (a close frame in what was fed)
+                    lane, (message, error) = turn
+                    next_pending = clients.handle_decoded(session, message, error, self.log())
+                    if next_pending is not None:
+                        pending = next_pending
+                        break
         except Exception:
             log.exception("message handling failed", conn_id=session.id)
             session.abort(CloseCode.INTERNAL_ERROR, "internal error")
         finally:
-            self.finishing = None
-            if self.backlog is not None:
-                self.backlog = None
-            if self.paused:
+            workers = self.workers
+            if workers is not None:
+                workers.pop(task, None)  # type: ignore[arg-type]
+                if not workers:
+                    self.workers = None
+            if self.lanes is lanes and not lanes.busy:
+                self.lanes = None
+            if self.paused and (self.lanes is None or self.lanes.roomy):
                 self._resume()  # the rest of a compressed read first (its close frame, say)
 
     # --- timers ------------------------------------------------------------------------------
@@ -1148,5 +1195,15 @@ class WebSocketSession(ClientSession):
         return self.pings is not None and data in self.pings
 
     def read_paused_for(self, now: float) -> float:
-        # While the backlog is full nothing is read, pongs included: the gateway's wait.
+        # While the lanes' backlog is full nothing is read, pongs included: the gateway's wait.
         return self.connection.paused_for(now)
+
+
+def _stop(task: asyncio.Task, pending: Coroutine[Any, Any, Any]) -> None:
+    """A wait for Redis that the connection no longer needs must not hold its task and session
+    (or request) until ``--subscribe-timeout``: cancelled as that timeout would (every such wait
+    is cancellation-safe); a coroutine its task has not started yet is closed instead of left
+    unawaited."""
+    if inspect.getcoroutinestate(pending) == inspect.CORO_CREATED:
+        pending.close()
+    task.cancel()

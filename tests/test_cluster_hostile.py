@@ -25,6 +25,7 @@ from redisconn import async_client
 from schemas.keys import Keys
 from schemas.presence import REFRESH, WRITE, PodRecord
 from tests.support.fake_resp import PROXY, FakeResp, proxy
+from tests.support.gateway_client import RecordingClient
 from tests.support.gateway_process import GatewayGroup
 from tests.support.redis_cluster import RedisCluster
 from tests.support.ws_client import ResumingClient, wait_live
@@ -255,6 +256,73 @@ async def test_the_periodic_top_check_of_healthy_shards_goes_on_while_one_hangs(
         finally:
             await client.stop()
             silent.close()
+
+
+async def test_a_connection_s_other_projects_are_answered_while_one_waits_for_a_hung_master(
+    partial_cluster: RedisCluster,
+):
+    """A page follows projects on two masters, one of which hangs (SIGSTOP). Its subscribes
+    (with presence) to the hung master's projects, new to the pod, wait for Redis up to
+    --subscribe-timeout (3 s); meanwhile the same connection's ping, subscribes and presence
+    reads of the healthy master's projects are answered at once, and their events flow.
+    Before, every frame waited behind the ones before it: the healthy projects' ``subscribed``
+    came 3 s late per hung project sent before them (a minute for a page of twenty). Answers
+    about one project still come in the order of its frames: the hung project's unsubscribe,
+    sent right after its subscribe, is answered after that subscribe's ``unavailable``."""
+    cluster = partial_cluster
+    spread = cluster.projects_by_master(range(1, 5000))
+    hung, healthy = cluster.masters()[:2]
+    stuck, fine = spread[hung][:3], spread[healthy][:3]
+    publisher = AsyncPublisher.from_url(cluster.url)
+    with GatewayGroup() as gateways:
+        (pod,) = await asyncio.to_thread(
+            gateways.start, cluster.url, 1, args=["--subscribe-timeout", "3"]
+        )
+        client = await RecordingClient(pod.ws_url).connect()  # (--no-auth)
+        try:
+            # (The publisher's slot map is loaded and its script on the healthy master.)
+            await publisher.blocker_resolved(fine[2], blocker_id=1, answer="ok")
+            await asyncio.to_thread(hung.freeze)
+            try:
+                for project in stuck:
+                    await client.send(
+                        {"type": "subscribe", "project_id": project, "presence": True}
+                    )
+                await client.send({"type": "unsubscribe", "project_id": stuck[0]})
+                await client.send({"type": "ping"})
+                for project in fine:
+                    await client.send(
+                        {"type": "subscribe", "project_id": project, "presence": True}
+                    )
+                await client.wait_for(
+                    lambda: client.count("presence") == len(fine) and client.count("pong") == 1
+                )
+                cursor = await publisher.blocker_resolved(fine[0], blocker_id=1, answer="ok")
+                await client.wait_for(lambda: client.events[fine[0]] == [cursor.seq])
+                # Nothing about the hung projects yet: their wait is not over.
+                assert not client.of("error"), client.of("error")
+                await client.wait_for(lambda: client.count("error") == len(stuck) + 1, within=15)
+            finally:
+                await asyncio.to_thread(hung.thaw)
+            about = {
+                project: [
+                    (m["type"], m.get("code"))
+                    for m in client.messages
+                    if m.get("project_id") == project
+                ]
+                for project in stuck
+            }
+            # In the order of each project's frames: the unsubscribe answered after its
+            # subscribe's refusal (the subscription was never made: not_subscribed).
+            assert about == {
+                stuck[0]: [("error", "unavailable"), ("error", "not_subscribed")],
+                stuck[1]: [("error", "unavailable")],
+                stuck[2]: [("error", "unavailable")],
+            }
+            await client.subscribe(stuck[1], presence=True)  # the master is back
+        finally:
+            await client.close()
+            await publisher.aclose()
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
