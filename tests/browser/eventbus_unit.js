@@ -3155,6 +3155,150 @@ test("a refusal answering another subscribe of the project given a freed slot do
   eq(ws.closedWith, null);
 });
 
+/** The connection's subscribe and unsubscribe frames sent after `from`, as "subscribe 3". */
+function slotFrames(ws, from) {
+  return ws.sent.slice(from).filter((m) => m.type === "subscribe" || m.type === "unsubscribe").map((m) => `${m.type} ${m.project_id}`);
+}
+
+test("a slot the gateway frees by ending a subscription (project unreadable) goes to the project refused for the limit first; the ended one, refused on its retry, is polled and gets the next slot", async () => {
+  // Projects 1 and 2 are on the connection (--max-subscriptions 2); 3 was refused and is
+  // polled. The gateway ends project 1's subscription (its data in Redis unreadable: error
+  // `unavailable` with `ended`). Before, the slot went to nobody: project 3 stayed polled while
+  // the gateway had room for it, and the slot sat empty for as long as project 1's retries
+  // failed. Now project 3 takes it at once; project 1, subscribed again on its backoff, is
+  // refused, polled, and the next slot freed is its own. Neither asks again meanwhile.
+  const env = setup({ subscribe: [1, 2, 3], options: { sse: false } });
+  const pollsOf = limitedGateway(env, { 1: [], 2: [], 3: [] });
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 0 }, 2: { epoch: "e", seq: 0 } });
+  const full = (projectId) => ws.receive({ type: "error", code: "too_many_subscriptions", message: "at most 2 projects per connection", project_id: projectId });
+  full(3);
+  await env.clock.advance(0);
+  eq([pollsOf(1), pollsOf(3)], [0, 1]);
+  const before = ws.sent.length;
+  ws.receive({ type: "error", code: "unavailable", message: "the project's data in Redis is unreadable (not a hash); subscribe again later", project_id: 1, ended: true });
+  await flush();
+  eq(slotFrames(ws, before), ["subscribe 3"], "the freed slot goes to project 3 at once");
+  eq(ws.sentOf("subscribe").slice(-1)[0], { type: "subscribe", project_id: 3, epoch: "e", after: 0 }, "from its polled cursor");
+  ws.receive({ type: "subscribed", project_id: 3, epoch: "e", seq: 0, resumed: true, replayed: 0 });
+  await env.clock.advance(1000);
+  eq(slotFrames(ws, before), ["subscribe 3", "subscribe 1"], "project 1 subscribed again on its backoff");
+  full(1);
+  await env.clock.advance(0);
+  eq(pollsOf(1), 1, "refused: project 1 polled at once");
+  const polls = [pollsOf(1), pollsOf(3)];
+  await env.clock.advance(60000);
+  eq(slotFrames(ws, before), ["subscribe 3", "subscribe 1"], "no one asked again without another freed slot: no back and forth");
+  eq([pollsOf(1) - polls[0], pollsOf(3) - polls[1]], [6, 0], "project 1 polled every round, project 3 carried by the WebSocket");
+  eq(env.errors.map((e) => e.code), ["too_many_subscriptions", "unavailable", "too_many_subscriptions"]);
+  // The page drops project 2: its slot goes to project 1.
+  env.unsubscribe[2]();
+  await flush();
+  eq(slotFrames(ws, before).slice(2), ["unsubscribe 2", "subscribe 1"]);
+  ws.receive({ type: "unsubscribed", project_id: 2 });
+  ws.receive({ type: "subscribed", project_id: 1, epoch: "e", seq: 0, resumed: true, replayed: 0 });
+  await flush();
+  const polled = pollsOf(1);
+  await env.clock.advance(60000);
+  eq(pollsOf(1), polled, "on the WebSocket now: polling ended");
+  eq(slotFrames(ws, before).length, 4);
+  eq([env.bus.state, env.bus.transport], ["live", "websocket"]);
+  eq(ws.closedWith, null);
+});
+
+test("a subscription the gateway ends while its presence read waits frees its slot for the project refused for the limit first too", async () => {
+  const env = setup({ subscribe: [2], options: { sse: false } });
+  limitedGateway(env, { 1: [], 2: [] });
+  env.bus.presence(1, () => {});
+  const ws = await goLive(env);
+  ws.receive({ type: "subscribed", project_id: 1, epoch: "e", seq: 0, resumed: false, replayed: 0 }); // (its presence read waits)
+  ws.receive({ type: "error", code: "too_many_subscriptions", message: "at most 1 projects per connection", project_id: 2 });
+  await env.clock.advance(0);
+  const before = ws.sent.length;
+  ws.receive({ type: "error", code: "unavailable", message: "the project's data in Redis is unreadable (not a hash); subscribe again later", project_id: 1, ended: true });
+  await flush();
+  eq(slotFrames(ws, before), ["subscribe 2"], "the freed slot goes to project 2 at once");
+  ws.receive({ type: "subscribed", project_id: 2, epoch: "e", seq: 0, resumed: true, replayed: 0 });
+  await env.clock.advance(1000);
+  eq(slotFrames(ws, before), ["subscribe 2", "subscribe 1"], "project 1 subscribed again on its subscribe backoff");
+  eq(ws.closedWith, null);
+});
+
+test("a slot the gateway frees when a refreshed token no longer allows a project (forbidden + unsubscribed) goes to the project refused for the limit first", async () => {
+  // A token refresh took project 1 off the token: the gateway answers error `forbidden` and
+  // `unsubscribed` for it (gateway/clients.py, authenticate). Before, projects 2 and 3, refused
+  // for the limit, stayed polled though the gateway had room for one of them.
+  const env = setup({ subscribe: [1, 2, 3], options: { sse: false } });
+  const pollsOf = limitedGateway(env, { 1: [], 2: [], 3: [] });
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  for (const projectId of [2, 3]) {
+    ws.receive({ type: "error", code: "too_many_subscriptions", message: "at most 1 projects per connection", project_id: projectId });
+  }
+  await env.clock.advance(0);
+  const before = ws.sent.length;
+  ws.receive({ type: "error", code: "forbidden", message: "the refreshed token does not allow this project", project_id: 1 });
+  ws.receive({ type: "unsubscribed", project_id: 1 });
+  ws.receive({ type: "authenticated", subject: "u", projects: [2, 3], expires_at: Math.floor(env.clock.now() / 1000) + 900 });
+  await flush();
+  eq(slotFrames(ws, before), ["subscribe 2"], "the freed slot goes to project 2, refused first");
+  ws.receive({ type: "subscribed", project_id: 2, epoch: "e", seq: 0, resumed: true, replayed: 0 });
+  await flush();
+  const polls = [pollsOf(1), pollsOf(2), pollsOf(3)];
+  await env.clock.advance(60000);
+  eq([pollsOf(1) - polls[0], pollsOf(2) - polls[1], pollsOf(3) - polls[2]], [0, 0, 6], "project 2 on the WebSocket, 3 still polled, 1 (forbidden) not at all");
+  eq(slotFrames(ws, before), ["subscribe 2"], "project 1, forbidden, not asked again");
+  // Dropped by the page now, project 1 frees nothing: the gateway follows it no more.
+  env.unsubscribe[1]();
+  await flush();
+  eq(slotFrames(ws, before), ["subscribe 2"], "no unsubscribe of a project the gateway dropped, and no second slot offered");
+  eq(env.errors.map((e) => e.code), ["too_many_subscriptions", "too_many_subscriptions", "forbidden"]);
+  eq(ws.closedWith, null);
+});
+
+test("a project the page drops and adds back in the same task (an effect's cleanup, then its setup) keeps its slot: the project refused for the limit is not offered it", async () => {
+  // React runs an effect's cleanup and then its setup together (a re-render with new
+  // dependencies, StrictMode's double run). Before, the drop offered the slot at once: project
+  // 2's subscribe followed the unsubscribe, took the slot, and project 1, added back, was
+  // refused and polled in its stead (until another slot freed).
+  const env = setup({ subscribe: [1, 2], options: { sse: false } });
+  const pollsOf = limitedGateway(env, { 1: [], 2: [] });
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  ws.receive({ type: "error", code: "too_many_subscriptions", message: "at most 1 projects per connection", project_id: 2 });
+  await env.clock.advance(0);
+  const before = ws.sent.length;
+  env.unsubscribe[1]();
+  env.unsubscribe[1] = env.bus.subscribe(1, (e) => env.events[1].push(e.seq));
+  await flush();
+  eq(slotFrames(ws, before), ["unsubscribe 1", "subscribe 1"], "project 1's subscribe follows its unsubscribe, and none of project 2");
+  ws.receive({ type: "unsubscribed", project_id: 1 });
+  ws.receive({ type: "subscribed", project_id: 1, epoch: "e", seq: 0, resumed: false, replayed: 0 });
+  await flush();
+  const polls = [pollsOf(1), pollsOf(2)];
+  await env.clock.advance(30000);
+  eq([pollsOf(1) - polls[0], pollsOf(2) - polls[1]], [0, 3], "project 1 on the WebSocket, project 2 still polled");
+  eq(slotFrames(ws, before).length, 2, "nothing else asked");
+  // The same through presence(): a project held by a presence listener alone, dropped and
+  // added back in one task.
+  env.unsubscribe[1]();
+  const offPresence = env.bus.presence(1, () => {});
+  await flush();
+  eq(slotFrames(ws, before).slice(2), ["unsubscribe 1", "subscribe 1"], "presence() re-adding it keeps the slot too");
+  ws.receive({ type: "unsubscribed", project_id: 1 });
+  ws.receive({ type: "subscribed", project_id: 1, epoch: "e", seq: 0, resumed: false, replayed: 0 });
+  ws.receive({ type: "presence", project_id: 1, members: [] });
+  await flush();
+  // Dropped for good (nothing added back): the slot goes to project 2 once the task is over.
+  offPresence();
+  await flush();
+  eq(slotFrames(ws, before).slice(4), ["unsubscribe 1", "subscribe 2"]);
+  ws.receive({ type: "unsubscribed", project_id: 1 });
+  ws.receive({ type: "subscribed", project_id: 2, epoch: "e", seq: 0, resumed: true, replayed: 0 });
+  await flush();
+  const polled = pollsOf(2);
+  await env.clock.advance(30000);
+  eq(pollsOf(2), polled, "project 2 on the WebSocket: polling ended");
+  eq(ws.closedWith, null);
+});
+
 test("a poll's resync_required for a cursor the WebSocket moved while it was under way is not a second reload: nothing delivered twice", async () => {
   // Projects 2 and 3 were refused for the limit and are polled; project 2's poll (from after=0,
   // a history since trimmed) is under way when the page drops project 1 and the freed slot
