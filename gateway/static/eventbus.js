@@ -1291,6 +1291,13 @@ export class EventBus {
 
     this._subs = new Map();
     this._limitRefusals = 0; // refusals for the subscription limit so far (their order)
+    // Projects the page dropped in the current task, each freeing a slot on the connection that
+    // is offered once the task is over (_slotFreedByPage), and whether that offer is queued.
+    this._slotsFreed = [];
+    this._slotOfferQueued = false;
+    // projectId -> unsubscribes sent on the current WebSocket and not answered yet: an
+    // `unsubscribed` answering none is the gateway's own (_onUnsubscribed).
+    this._unsubscribesDue = new Map();
     this._activity = new Map(); // projectId -> {viewing, answering}, this tab's latest
     // The WebSocket rung's failures, proof, backoff and prompt reconnect (see SocketHealth).
     this._wsHealth = new SocketHealth({
@@ -1428,6 +1435,7 @@ export class EventBus {
     if (!sub) {
       sub = new Subscription(projectId);
       this._subs.set(projectId, sub);
+      this._keepFreedSlot(projectId);
       // (On a WebSocket not yet live too: the gateway reads it after the token.)
       if (this._wsOpen) this._sendSubscribe(sub);
       if (this._wsLive) {
@@ -1459,10 +1467,13 @@ export class EventBus {
     this._pacer.drop(`subscribe:${sub.projectId}`);
     this._pacer.drop(`activity:${sub.projectId}`);
     const onGateway = sub.wsSubscribed || sub.subscribesSent > 0;
-    if (this._wsOpen && onGateway) this._send({ type: "unsubscribe", project_id: sub.projectId });
+    if (this._wsOpen && onGateway) {
+      this._send({ type: "unsubscribe", project_id: sub.projectId });
+      this._unsubscribesDue.set(sub.projectId, (this._unsubscribesDue.get(sub.projectId) || 0) + 1);
+    }
     // The unsubscribe (sent first) frees the project's slot on the gateway; a project given a
     // freed slot whose subscribe never went out passes that slot on.
-    if (this._wsLive && (onGateway || sub.slotOffered)) this._offerFreedSlot();
+    if (this._wsLive && (onGateway || sub.slotOffered)) this._slotFreedByPage(sub.projectId);
     if (sub.refusedForLimit) this._pollRefusedOnly(); // (the last one polled: polling ends)
     if (!this._wsLive && this._sse) this._reopenSse();
   }
@@ -1526,6 +1537,7 @@ export class EventBus {
     if (!sub) {
       sub = new Subscription(projectId);
       this._subs.set(projectId, sub);
+      this._keepFreedSlot(projectId);
     }
     const first = sub.presenceHandlers.size === 0;
     sub.presenceHandlers.add(onChange);
@@ -2008,6 +2020,7 @@ export class EventBus {
       case "presence_diff":
         return this._onPresence(message);
       case "unsubscribed":
+        return this._onUnsubscribed(message);
       case "pong":
         return;
       default:
@@ -2135,7 +2148,7 @@ export class EventBus {
       // not presence's (grown to 30 s while presence fails), unless a subscribe is on its way:
       // its answer, or its refusal's retry, brings the project back.
       sub.presenceDue = false;
-      sub.wsSubscribed = false;
+      this._slotFreedByGateway(sub);
       this._presenceUnknown(sub); // (the gateway took the tab out of the project's presence)
       sub.retry = (sub.retry || 0) + 1;
       if (sub.subscribesSent === 0) this._retrySubscribe(sub, sub.retry);
@@ -2154,7 +2167,14 @@ export class EventBus {
       if (sub.presenceHandlers.size > 0 && !sub.presenceAsks.includes(true)) this._retrySubscribe(sub, sub.presenceRetry);
       return;
     }
-    if (message.code === "not_subscribed") return;
+    if (message.code === "not_subscribed") {
+      // An unsubscribe's answer when the gateway had ended the subscription already (crossing
+      // the frame that said so), or an activity's: one of those went out before any unsubscribe
+      // of the project (none goes for a project not followed, nor an activity before its
+      // `subscribed`), so that unsubscribe's own `not_subscribed` follows: the count ends right.
+      if (message.project_id != null) this._unsubscribeAnswered(message.project_id);
+      return;
+    }
     if (message.project_id != null) this._answered(this._ws, message.project_id);
     if (sub && sub.subscribesSent > 0) this._subscribeAnswered(sub); // its answer
     if (sub && sub.subscribesSent === 0 && sub.pollHoldTimer !== null) {
@@ -2187,6 +2207,9 @@ export class EventBus {
       else this._startPolling(0);
     }
     if (sub && message.code === "unavailable") {
+      // A subscription the gateway followed ended (`ended`; or a subscribe of it sent again
+      // failed, which ends the one before): its slot is free.
+      if (sub.wsSubscribed) this._slotFreedByGateway(sub);
       sub.retry = (sub.retry || 0) + 1;
       this._retrySubscribe(sub, sub.retry);
     }
@@ -2219,6 +2242,70 @@ export class EventBus {
     if (oldest === null) return;
     oldest.slotOffered = true;
     this._sendSubscribe(oldest);
+  }
+
+  /**
+   * The page dropped a project whose slot on the connection is free now (its unsubscribe went,
+   * or the subscribe of a slot it was offered never did): the slot is offered
+   * (_offerFreedSlot) once the page's current task is over (a microtask), unless the page adds
+   * the project back before (_keepFreedSlot). React runs an effect's cleanup and then its setup
+   * in one go; offered at once, the slot went to the refused project (its subscribe following
+   * the unsubscribe), and the project added back was refused and polled in its stead.
+   */
+  _slotFreedByPage(projectId) {
+    this._slotsFreed.push(projectId);
+    if (this._slotOfferQueued) return;
+    this._slotOfferQueued = true;
+    Promise.resolve().then(() => {
+      const freed = this._slotsFreed.length;
+      this._slotsFreed = [];
+      this._slotOfferQueued = false;
+      if (this._closed || !this._wsLive) return; // (a new connection subscribes every project)
+      for (let i = 0; i < freed; i += 1) this._offerFreedSlot();
+    });
+  }
+
+  /** A project the page dropped in this task is added back: the slot it freed is its own again
+   * (its subscribe follows its unsubscribe), not offered. */
+  _keepFreedSlot(projectId) {
+    const i = this._slotsFreed.indexOf(projectId);
+    if (i >= 0) this._slotsFreed.splice(i, 1);
+  }
+
+  /**
+   * The gateway ended a subscription of `sub` itself (its data unreadable, a subscribe of it
+   * sent again failed, or a refreshed token no longer allows it): the slot is offered at once,
+   * as one the page freed, to the project refused first. An ended project is subscribed again
+   * on its backoff (1 s): the slot taken by then, it is refused in turn, polled, and waits for
+   * the next slot freed like any refused project (the last refused: after those refused before).
+   * No slot stays empty while a project's data stays unreadable, and the two do not trade it
+   * back and forth: only a slot freed is offered, never one taken.
+   */
+  _slotFreedByGateway(sub) {
+    sub.wsSubscribed = false;
+    if (this._wsLive) this._offerFreedSlot();
+  }
+
+  /**
+   * `unsubscribed`: the answer to an unsubscribe of the page's, or, answering none, the gateway
+   * dropped a project itself (a refreshed token no longer allows it, after error `forbidden`):
+   * the project's slot is free, and nothing of it comes until a later connection.
+   */
+  _onUnsubscribed(message) {
+    if (this._unsubscribeAnswered(message.project_id)) return;
+    const sub = this._subs.get(message.project_id);
+    if (!sub) return;
+    this._presenceUnknown(sub); // (the gateway took the tab out of the project's presence)
+    this._slotFreedByGateway(sub);
+  }
+
+  /** Takes one unsubscribe of `projectId` off those unanswered: false when none was. */
+  _unsubscribeAnswered(projectId) {
+    const due = this._unsubscribesDue.get(projectId) || 0;
+    if (due === 0) return false;
+    if (due === 1) this._unsubscribesDue.delete(projectId);
+    else this._unsubscribesDue.set(projectId, due - 1);
+    return true;
   }
 
   /** Whether a project refused for the gateway's subscription limit is carried by polling. */
@@ -2267,6 +2354,8 @@ export class EventBus {
     this._pacer.reset();
     this._clearTimeout(this._pacerTimer);
     this._pacerTimer = null;
+    this._unsubscribesDue.clear();
+    this._slotsFreed = []; // (the next connection subscribes every project: no slot to offer)
     let held = false;
     for (const sub of this._subs.values()) {
       // Polls held for a subscribe's answer that will not come now go on at once (the project

@@ -3229,7 +3229,10 @@ test("a slot the gateway frees when a refreshed token no longer allows a project
   // for the limit, stayed polled though the gateway had room for one of them.
   const env = setup({ subscribe: [1, 2, 3], options: { sse: false } });
   const pollsOf = limitedGateway(env, { 1: [], 2: [], 3: [] });
+  const seen = [];
+  env.bus.presence(1, (members) => seen.push(members && members.map((m) => m.id)));
   const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  ws.receive({ type: "presence", project_id: 1, members: [member("u1")] });
   for (const projectId of [2, 3]) {
     ws.receive({ type: "error", code: "too_many_subscriptions", message: "at most 1 projects per connection", project_id: projectId });
   }
@@ -3240,6 +3243,7 @@ test("a slot the gateway frees when a refreshed token no longer allows a project
   ws.receive({ type: "authenticated", subject: "u", projects: [2, 3], expires_at: Math.floor(env.clock.now() / 1000) + 900 });
   await flush();
   eq(slotFrames(ws, before), ["subscribe 2"], "the freed slot goes to project 2, refused first");
+  eq(seen, [["u1"], null], "project 1's presence listeners told its list is gone");
   ws.receive({ type: "subscribed", project_id: 2, epoch: "e", seq: 0, resumed: true, replayed: 0 });
   await flush();
   const polls = [pollsOf(1), pollsOf(2), pollsOf(3)];
@@ -3296,6 +3300,38 @@ test("a project the page drops and adds back in the same task (an effect's clean
   const polled = pollsOf(2);
   await env.clock.advance(30000);
   eq(pollsOf(2), polled, "project 2 on the WebSocket: polling ended");
+  eq(ws.closedWith, null);
+});
+
+test("the answer to the page's unsubscribe is not taken for the gateway dropping the project: added, dropped and added back in one task (StrictMode), no slot is offered", async () => {
+  // React's StrictMode runs a new effect's setup, cleanup and setup again: subscribe, unsubscribe,
+  // subscribe of project 2 in one task. The gateway answers them in order: `subscribed` (taken
+  // by the project added back), `unsubscribed`, `subscribed`. That `unsubscribed` answers the
+  // page's unsubscribe, though project 2 is on the gateway by then: it frees no slot, and
+  // project 3, refused for the limit, is not subscribed again for a slot that is not free.
+  const env = setup({ subscribe: [1, 3], options: { sse: false } });
+  const pollsOf = limitedGateway(env, { 1: [], 2: [], 3: [] });
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  ws.receive({ type: "error", code: "too_many_subscriptions", message: "at most 2 projects per connection", project_id: 3 });
+  await env.clock.advance(0);
+  const before = ws.sent.length;
+  env.events[2] = [];
+  env.bus.subscribe(2, (e) => env.events[2].push(e.seq))();
+  env.unsubscribe[2] = env.bus.subscribe(2, (e) => env.events[2].push(e.seq));
+  await flush();
+  eq(slotFrames(ws, before), ["subscribe 2", "unsubscribe 2", "subscribe 2"]);
+  ws.receive({ type: "subscribed", project_id: 2, epoch: "e", seq: 0, resumed: false, replayed: 0 });
+  ws.receive({ type: "unsubscribed", project_id: 2 });
+  ws.receive({ type: "subscribed", project_id: 2, epoch: "e", seq: 0, resumed: false, replayed: 0 });
+  await flush();
+  const polls = pollsOf(3);
+  await env.clock.advance(30000);
+  eq(slotFrames(ws, before), ["subscribe 2", "unsubscribe 2", "subscribe 2"], "project 3 not asked again: no slot freed");
+  eq(pollsOf(3) - polls, 3, "project 3 still polled");
+  // Its unsubscribe answered, the page dropping project 2 for good frees its slot, once.
+  env.unsubscribe[2]();
+  await flush();
+  eq(slotFrames(ws, before).slice(3), ["unsubscribe 2", "subscribe 3"]);
   eq(ws.closedWith, null);
 });
 
