@@ -3223,6 +3223,33 @@ test("a subscription the gateway ends while its presence read waits frees its sl
   eq(ws.closedWith, null);
 });
 
+test("a subscribe of a followed project sent again and refused unavailable ends its subscription: the slot goes to the project refused for the limit first", async () => {
+  // The page opens presence on project 1 (a subscribe of it sent again, with presence); Redis
+  // does not answer the gateway in time: error `unavailable`, and the gateway no longer follows
+  // project 1 (a failed resubscribe ends the subscription before it). Its slot is free.
+  const env = setup({ subscribe: [1, 2], options: { sse: false } });
+  const pollsOf = limitedGateway(env, { 1: [], 2: [] });
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  ws.receive({ type: "error", code: "too_many_subscriptions", message: "at most 1 projects per connection", project_id: 2 });
+  await env.clock.advance(0);
+  const before = ws.sent.length;
+  env.bus.presence(1, () => {});
+  await flush();
+  ws.receive({ type: "error", code: "unavailable", message: "Redis is unavailable; subscribe again later", project_id: 1 });
+  await flush();
+  eq(slotFrames(ws, before), ["subscribe 1", "subscribe 2"], "the freed slot goes to project 2 at once");
+  ws.receive({ type: "subscribed", project_id: 2, epoch: "e", seq: 0, resumed: true, replayed: 0 });
+  await env.clock.advance(1000);
+  eq(slotFrames(ws, before), ["subscribe 1", "subscribe 2", "subscribe 1"], "project 1 subscribed again on its backoff");
+  ws.receive({ type: "error", code: "too_many_subscriptions", message: "at most 1 projects per connection", project_id: 1 });
+  await env.clock.advance(0);
+  const polls = [pollsOf(1), pollsOf(2)];
+  await env.clock.advance(30000);
+  eq([pollsOf(1) - polls[0], pollsOf(2) - polls[1]], [3, 0], "project 1 polled now, project 2 on the WebSocket");
+  eq(slotFrames(ws, before).length, 3, "nothing asked again");
+  eq(ws.closedWith, null);
+});
+
 test("a slot the gateway frees when a refreshed token no longer allows a project (forbidden + unsubscribed) goes to the project refused for the limit first", async () => {
   // A token refresh took project 1 off the token: the gateway answers error `forbidden` and
   // `unsubscribed` for it (gateway/clients.py, authenticate). Before, projects 2 and 3, refused
