@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterable
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import parse_qs
 
@@ -40,6 +40,7 @@ from websockets.http11 import Request, Response
 
 from gateway.client_input import parse_project_id, repeated_header
 from gateway.http import answer_to, cors_headers, json_response, tokens_unchecked_response
+from gateway.lanes import CONCURRENCY
 from gateway.logs import ConnectionLog, get_logger
 from gateway.revocations import RevocationsUnknown
 from gateway.session import (
@@ -703,7 +704,7 @@ class SseStreams:
     async def _subscribe(
         self,
         session: SseSession,
-        projects: Iterable[int],
+        projects: Sequence[int],
         cursors,
         claims,
         clog,
@@ -719,18 +720,31 @@ class SseStreams:
                 gateway.metrics.revocation_disconnects_total += 1
                 session.close_later(CloseCode.TOKEN_REVOKED, "token revoked")
                 return
-        for project_id in projects:
-            if session.closing:
-                return
-            cursor = cursors.get(project_id)
-            epoch, after, tag = cursor if cursor is not None else (None, None, None)
-            if not await clients.subscribe(
-                session, project_id, epoch, after, clog, presence=presence, tag=tag
-            ):
-                # The ``error`` event says why; a stream cannot ask again: it ends, and the
-                # client reconnects with its Last-Event-ID.
-                session.close_later(CloseCode.INTERNAL_ERROR, "subscription failed")
-                return
+        # Up to CONCURRENCY projects at once, as a WebSocket's subscribes: one waiting for a
+        # hung Redis Cluster master does not hold back the stream's projects on the others.
+        # Their ``subscribed`` come in the order they are answered (each names its project).
+        queue = iter(projects)
+
+        async def subscribe_next() -> None:
+            for project_id in queue:
+                if session.closing:
+                    return
+                cursor = cursors.get(project_id)
+                epoch, after, tag = cursor if cursor is not None else (None, None, None)
+                if not await clients.subscribe(
+                    session, project_id, epoch, after, clog, presence=presence, tag=tag
+                ):
+                    # The ``error`` event says why; a stream cannot ask again: it ends, and the
+                    # client reconnects with its Last-Event-ID.
+                    session.close_later(CloseCode.INTERNAL_ERROR, "subscription failed")
+                    return
+
+        if len(projects) == 1:
+            await subscribe_next()  # (the common stream: no task more)
+        else:
+            await asyncio.gather(
+                *(subscribe_next() for _ in range(min(CONCURRENCY, len(projects))))
+            )
 
 
 def _websocket_upgrade(headers: Headers) -> bool:

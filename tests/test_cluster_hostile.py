@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 
 import pytest
 import redis.exceptions
@@ -28,6 +29,7 @@ from tests.support.fake_resp import PROXY, FakeResp, proxy
 from tests.support.gateway_client import RecordingClient
 from tests.support.gateway_process import GatewayGroup
 from tests.support.redis_cluster import RedisCluster
+from tests.support.sse_client import open_stream, stream_path
 from tests.support.ws_client import ResumingClient, wait_live
 from tests.test_presence_store import Watcher, cluster_round, eventually
 
@@ -322,6 +324,55 @@ async def test_a_connection_s_other_projects_are_answered_while_one_waits_for_a_
             await client.subscribe(stuck[1], presence=True)  # the master is back
         finally:
             await client.close()
+            await publisher.aclose()
+
+
+async def test_a_stream_s_other_projects_are_subscribed_while_one_waits_for_a_hung_master(
+    partial_cluster: RedisCluster,
+):
+    """The same over SSE: a stream of projects on two masters, presence asked, the hung
+    master's projects first. The healthy ones are subscribed (with their presence) at once,
+    and their events flow; the hung ones' subscribes are refused after --subscribe-timeout,
+    which ends the stream (1011: the client opens the next one with its Last-Event-ID). Before,
+    the stream's projects were subscribed one after the other: the healthy ones waited for the
+    hung ones' timeouts (and never came when the first was refused)."""
+    cluster = partial_cluster
+    spread = cluster.projects_by_master(range(1, 5000))
+    hung, healthy = cluster.masters()[:2]
+    stuck, fine = spread[hung][:2], spread[healthy][:2]
+    publisher = AsyncPublisher.from_url(cluster.url)
+    with GatewayGroup() as gateways:
+        (pod,) = await asyncio.to_thread(
+            gateways.start, cluster.url, 1, args=["--subscribe-timeout", "3"]
+        )
+        try:
+            await publisher.blocker_resolved(fine[1], blocker_id=1, answer="ok")
+            await asyncio.to_thread(hung.freeze)
+            try:
+                path = stream_path([*stuck, *fine]) + "&presence=1"
+                status, _, stream = await open_stream(pod.ws_url, path)
+                assert status == 200
+                head = []
+                while sum(e.event == "presence" for e in head) < len(fine):
+                    head.append(await stream.next(within=2))
+                cursor = await publisher.blocker_resolved(fine[0], blocker_id=1, answer="ok")
+                event = await stream.next(within=2)
+                assert event is not None and event.event == "message"
+                assert json.loads(event.data)["seq"] == cursor.seq
+                subscribed = [
+                    json.loads(e.data)["project_id"] for e in head if e.event == "subscribed"
+                ]
+                assert sorted(subscribed) == sorted(fine)
+                assert not [e for e in head if e.event == "error"]
+                rest = await stream.rest(within=10)
+            finally:
+                await asyncio.to_thread(hung.thaw)
+            errors = [json.loads(e.data) for e in rest if e.event == "error"]
+            assert {(e["code"], e["project_id"]) for e in errors} <= {
+                ("unavailable", p) for p in stuck
+            }
+            assert errors and json.loads(rest[-1].data)["code"] == 1011
+        finally:
             await publisher.aclose()
 
 
