@@ -960,32 +960,31 @@ class WebSocketConnection(asyncio.Protocol):
             lanes = self.lanes
             if lanes is not None:
                 # Some messages wait for Redis: this one may have to wait behind them.
-                if not lanes.admit(
-                    clients.lane_of(session, message, lanes.projects()), (message, error)
-                ):
+                lane = clients.lane_of(session, message, lanes.projects())
+                if not lanes.admit(lane, (message, error)):
                     if lanes.full and not self.paused:
                         self.paused = True
                         self.paused_at = asyncio.get_running_loop().time()
                         self.transport.pause_reading()
                     return
             pending = clients.handle_decoded(session, message, error, self.log())
+            if pending is None:
+                return
+            # It waits for Redis: what it holds back is its project's frames, or all (a
+            # subscribe at the limit). Its coroutine has not started, so the connection is
+            # still as the frame found it.
+            if lanes is None:
+                lanes = self.lanes = FrameLanes(LANES_CONCURRENCY, MAX_BACKLOG)
+                lane = clients.lane_of(session, message, ())
+            lanes.started(lane)
         except Exception:
             log.exception("message handling failed", conn_id=session.id)
             session.abort(CloseCode.INTERNAL_ERROR, "internal error")
             return
-        if pending is not None:
-            # What it holds back: its project's frames, or all (a subscribe at the limit). Its
-            # coroutine has not started, so the state it is judged by is still the frame's.
-            if lanes is None:
-                lanes = self.lanes = FrameLanes(LANES_CONCURRENCY, MAX_BACKLOG)
-                lane = clients.lane_of(session, message, ())
-            else:
-                lane = clients.lane_of(session, message, lanes.projects())
-            lanes.started(lane)
-            task = spawn(self._work(session, lanes, lane, pending))
-            if self.workers is None:
-                self.workers = {}
-            self.workers[task] = pending
+        task = spawn(self._work(session, lanes, lane, pending))
+        if self.workers is None:
+            self.workers = {}
+        self.workers[task] = pending
 
     async def _work(
         self,
