@@ -3250,6 +3250,42 @@ test("a subscribe of a followed project sent again and refused unavailable ends 
   eq(ws.closedWith, null);
 });
 
+test("a project refused for the limit whose subscribe for a freed slot is ended while being made (its data unreadable) passes the slot on to the next refused project; refused on its retry, it stays polled", async () => {
+  // Projects 2 and 3 were refused for the limit (2 first). The page drops project 1: the slot
+  // goes to project 2, whose data in Redis turns out unreadable: the gateway ends the
+  // subscription it was making (error `unavailable` with `ended`), and the slot is free again.
+  // Before, nobody was offered it: project 2 kept a claim on it (its retries took it back, each
+  // ended in turn, the slot empty between them for up to 30 s), and project 3 stayed polled
+  // for as long as the connection lived though the gateway had room for it.
+  const env = setup({ subscribe: [1, 2, 3], options: { sse: false } });
+  const pollsOf = limitedGateway(env, { 1: [], 2: [], 3: [] });
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  const full = (projectId) => ws.receive({ type: "error", code: "too_many_subscriptions", message: "at most 1 projects per connection", project_id: projectId });
+  full(2);
+  full(3);
+  await env.clock.advance(0);
+  const before = ws.sent.length;
+  env.unsubscribe[1]();
+  await flush();
+  eq(slotFrames(ws, before), ["unsubscribe 1", "subscribe 2"], "the freed slot goes to project 2, refused first");
+  ws.receive({ type: "unsubscribed", project_id: 1 });
+  ws.receive({ type: "error", code: "unavailable", message: "the project's data in Redis is unreadable (not a hash); subscribe again later", project_id: 2, ended: true });
+  await flush();
+  eq(slotFrames(ws, before), ["unsubscribe 1", "subscribe 2", "subscribe 3"], "the slot, free again, goes to project 3 at once");
+  ws.receive({ type: "subscribed", project_id: 3, epoch: "e", seq: 0, resumed: true, replayed: 0 });
+  await env.clock.advance(1000);
+  eq(slotFrames(ws, before).slice(3), ["subscribe 2"], "project 2 subscribed again on its backoff");
+  full(2);
+  await env.clock.advance(0);
+  const polls = [pollsOf(2), pollsOf(3)];
+  await env.clock.advance(60000);
+  eq([pollsOf(2) - polls[0], pollsOf(3) - polls[1]], [6, 0], "project 2 polled every round, project 3 carried by the WebSocket");
+  eq(slotFrames(ws, before).length, 4, "no one asked again without another freed slot: no back and forth");
+  eq(env.errors.map((e) => e.code), ["too_many_subscriptions", "too_many_subscriptions", "unavailable", "too_many_subscriptions"]);
+  eq([env.bus.state, env.bus.transport], ["live", "websocket"]);
+  eq(ws.closedWith, null);
+});
+
 test("a slot the gateway frees when a refreshed token no longer allows a project (forbidden + unsubscribed) goes to the project refused for the limit first", async () => {
   // A token refresh took project 1 off the token: the gateway answers error `forbidden` and
   // `unsubscribed` for it (gateway/clients.py, authenticate). Before, projects 2 and 3, refused
