@@ -2208,8 +2208,13 @@ export class EventBus {
     }
     if (sub && message.code === "unavailable") {
       // A subscription the gateway followed ended (`ended`; or a subscribe of it sent again
-      // failed, which ends the one before): its slot is free.
-      if (sub.wsSubscribed) this._slotFreedByGateway(sub);
+      // failed, which ends the one before): its slot is free. So is the one a project refused
+      // for the limit was given, when the gateway ends the subscription it was making there
+      // (`ended`: its data unreadable, which may last): passed on to the next refused project
+      // (not back to this one: its offer stands until its retry is answered), as it keeps no
+      // claim on it. (A plain `unavailable` there is Redis failing, for the others too: its
+      // retry takes the slot back.)
+      if (sub.wsSubscribed || (message.ended === true && sub.slotOffered)) this._slotFreedByGateway(sub);
       sub.retry = (sub.retry || 0) + 1;
       this._retrySubscribe(sub, sub.retry);
     }
