@@ -3321,6 +3321,42 @@ test("a slot the gateway frees when a refreshed token no longer allows a project
   eq(ws.closedWith, null);
 });
 
+test("a refreshed token's drop of a project the page drops and adds back while the refresh is on its way is the gateway's own: its slot goes to the project refused for the limit first", async () => {
+  // The token refresh (`auth`) is on its way when the page drops project 1 and adds it back in
+  // one run (an effect's cleanup, then its setup): the unsubscribe and the subscribe follow the
+  // auth. The new token no longer allows project 1: the gateway, reading the auth first, drops
+  // it itself (error `forbidden`, `unsubscribed`), then answers the page's unsubscribe
+  // `not_subscribed` and its subscribe `forbidden`. Before, that `unsubscribed` was taken for
+  // the answer to the page's unsubscribe: nobody was offered the slot the gateway freed, and
+  // project 2, refused for the limit, stayed polled for as long as the connection lived.
+  const env = setup({ subscribe: [1, 2], options: { sse: false }, tokenLifetime: 100 });
+  const pollsOf = limitedGateway(env, { 1: [], 2: [] });
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  ws.receive({ type: "error", code: "too_many_subscriptions", message: "at most 1 projects per connection", project_id: 2 });
+  await env.clock.advance(75000);
+  eq(ws.sentOf("auth").length, 2, "the refresh is on its way");
+  const before = ws.sent.length;
+  env.unsubscribe[1]();
+  env.unsubscribe[1] = env.bus.subscribe(1, (e) => env.events[1].push(e.seq));
+  await flush();
+  eq(slotFrames(ws, before), ["unsubscribe 1", "subscribe 1"], "project 1 keeps its slot: nothing offered");
+  ws.receive({ type: "error", code: "forbidden", message: "the refreshed token does not allow this project", project_id: 1 });
+  ws.receive({ type: "unsubscribed", project_id: 1 });
+  await flush();
+  eq(slotFrames(ws, before), ["unsubscribe 1", "subscribe 1", "subscribe 2"], "the slot the gateway freed goes to project 2 at once");
+  ws.receive({ type: "authenticated", subject: "u", projects: [2], expires_at: Math.floor(env.clock.now() / 1000) + 100 });
+  ws.receive({ type: "error", code: "not_subscribed", message: "not subscribed to project 1", project_id: 1 });
+  ws.receive({ type: "error", code: "forbidden", message: "the token does not allow project 1", project_id: 1 });
+  ws.receive({ type: "subscribed", project_id: 2, epoch: "e", seq: 0, resumed: true, replayed: 0 });
+  await flush();
+  const polls = [pollsOf(1), pollsOf(2)];
+  await env.clock.advance(30000);
+  eq([pollsOf(1) - polls[0], pollsOf(2) - polls[1]], [0, 0], "project 2 on the WebSocket: polling ended");
+  eq(slotFrames(ws, before).length, 3, "nothing asked again");
+  eq(env.errors.map((e) => e.code), ["too_many_subscriptions", "forbidden", "not_subscribed", "forbidden"]);
+  eq(ws.closedWith, null);
+});
+
 test("a project the page drops and adds back in the same task (an effect's cleanup, then its setup) keeps its slot: the project refused for the limit is not offered it", async () => {
   // React runs an effect's cleanup and then its setup together (a re-render with new
   // dependencies, StrictMode's double run). Before, the drop offered the slot at once: project
