@@ -1298,6 +1298,9 @@ export class EventBus {
     // projectId -> unsubscribes sent on the current WebSocket and not answered yet: an
     // `unsubscribed` answering none is the gateway's own (_onUnsubscribed).
     this._unsubscribesDue = new Map();
+    // The project of the last frame of the WebSocket when it was error `forbidden` (else null):
+    // an `unsubscribed` right after it is the gateway's own (_onUnsubscribed).
+    this._forbiddenLast = null;
     this._activity = new Map(); // projectId -> {viewing, answering}, this tab's latest
     // The WebSocket rung's failures, proof, backoff and prompt reconnect (see SocketHealth).
     this._wsHealth = new SocketHealth({
@@ -2004,6 +2007,8 @@ export class EventBus {
       return;
     }
     if (!message || typeof message !== "object") return;
+    const afterForbidden = this._forbiddenLast;
+    this._forbiddenLast = message.type === "error" && message.code === "forbidden" ? message.project_id : null;
     switch (message.type) {
       case "authenticated":
         this._refreshSent = false;
@@ -2020,7 +2025,7 @@ export class EventBus {
       case "presence_diff":
         return this._onPresence(message);
       case "unsubscribed":
-        return this._onUnsubscribed(message);
+        return this._onUnsubscribed(message, afterForbidden === message.project_id);
       case "pong":
         return;
       default:
@@ -2294,10 +2299,15 @@ export class EventBus {
   /**
    * `unsubscribed`: the answer to an unsubscribe of the page's, or, answering none, the gateway
    * dropped a project itself (a refreshed token no longer allows it, after error `forbidden`):
-   * the project's slot is free, and nothing of it comes until a later connection.
+   * the project's slot is free, and nothing of it comes until a later connection. The gateway
+   * sends that `forbidden` and its `unsubscribed` back to back (`afterForbidden`), and never so
+   * for an unsubscribe of the page's (a project it refuses `forbidden` is one it does not
+   * follow: the page's unsubscribe after it is answered `not_subscribed`): its own even when
+   * an unsubscribe of the page's is unanswered, one sent after the token refresh (the page
+   * dropped the project and added it back meanwhile), whose `not_subscribed` follows.
    */
-  _onUnsubscribed(message) {
-    if (this._unsubscribeAnswered(message.project_id)) return;
+  _onUnsubscribed(message, afterForbidden) {
+    if (!afterForbidden && this._unsubscribeAnswered(message.project_id)) return;
     const sub = this._subs.get(message.project_id);
     if (!sub) return;
     this._presenceUnknown(sub); // (the gateway took the tab out of the project's presence)
