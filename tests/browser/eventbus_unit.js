@@ -3321,6 +3321,43 @@ test("a slot the gateway frees when a refreshed token no longer allows a project
   eq(ws.closedWith, null);
 });
 
+test("a refused project that passed on the slot it was given (its subscribe ended while being made) and is dropped by the page before its retry frees no slot again", async () => {
+  // Project 2, given the slot project 1 freed, had its subscribe ended (its data unreadable):
+  // the slot went on to project 3 at once. The page drops project 2 before its retry: it holds
+  // no slot and was offered none it has not passed on. Before, the drop offered the slot again,
+  // to project 4: a subscribe sure to be refused (the connection full), reported to onError.
+  const env = setup({ subscribe: [1, 2, 3, 4], options: { sse: false } });
+  const pollsOf = limitedGateway(env, { 1: [], 2: [], 3: [], 4: [] });
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  const full = (projectId) => ws.receive({ type: "error", code: "too_many_subscriptions", message: "at most 1 projects per connection", project_id: projectId });
+  full(2);
+  full(3);
+  full(4);
+  await env.clock.advance(0);
+  const before = ws.sent.length;
+  env.unsubscribe[1]();
+  await flush();
+  ws.receive({ type: "unsubscribed", project_id: 1 });
+  ws.receive({ type: "error", code: "unavailable", message: "the project's data in Redis is unreadable (not a hash); subscribe again later", project_id: 2, ended: true });
+  await flush();
+  eq(slotFrames(ws, before), ["unsubscribe 1", "subscribe 2", "subscribe 3"], "the slot went on to project 3");
+  env.unsubscribe[2]();
+  await flush();
+  eq(slotFrames(ws, before), ["unsubscribe 1", "subscribe 2", "subscribe 3"], "project 2, holding nothing, frees nothing: project 4 not asked");
+  ws.receive({ type: "subscribed", project_id: 3, epoch: "e", seq: 0, resumed: true, replayed: 0 });
+  await env.clock.advance(0);
+  const polls = [pollsOf(2), pollsOf(3), pollsOf(4)];
+  await env.clock.advance(30000);
+  eq([pollsOf(2) - polls[0], pollsOf(3) - polls[1], pollsOf(4) - polls[2]], [0, 0, 3], "project 4 still polled, 3 on the WebSocket, 2 gone");
+  eq(slotFrames(ws, before).length, 3, "nothing else asked (no retry of the dropped project 2)");
+  // The next slot freed goes to project 4.
+  env.unsubscribe[3]();
+  await flush();
+  eq(slotFrames(ws, before).slice(3), ["unsubscribe 3", "subscribe 4"]);
+  eq(env.errors.map((e) => e.code), ["too_many_subscriptions", "too_many_subscriptions", "too_many_subscriptions", "unavailable"]);
+  eq(ws.closedWith, null);
+});
+
 test("a refreshed token's drop of a project the page drops and adds back while the refresh is on its way is the gateway's own: its slot goes to the project refused for the limit first", async () => {
   // The token refresh (`auth`) is on its way when the page drops project 1 and adds it back in
   // one run (an effect's cleanup, then its setup): the unsubscribe and the subscribe follow the
