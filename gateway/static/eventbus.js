@@ -2216,10 +2216,13 @@ export class EventBus {
       // failed, which ends the one before): its slot is free. So is the one a project refused
       // for the limit was given, when the gateway ends the subscription it was making there
       // (`ended`: its data unreadable, which may last): passed on to the next refused project
-      // (not back to this one: its offer stands until its retry is answered), as it keeps no
-      // claim on it. (A plain `unavailable` there is Redis failing, for the others too: its
-      // retry takes the slot back.)
-      if (sub.wsSubscribed || (message.ended === true && sub.slotOffered)) this._slotFreedByGateway(sub);
+      // (not back to this one), as it keeps no claim on it. It holds no offer then (unless
+      // another subscribe of it is on its way: that one takes the slot), so dropped before its
+      // retry it frees none. (A plain `unavailable` there is Redis failing, for the others too:
+      // its retry takes the slot back.)
+      const passedOn = !sub.wsSubscribed && message.ended === true && sub.slotOffered;
+      if (sub.wsSubscribed || passedOn) this._slotFreedByGateway(sub);
+      if (passedOn && sub.subscribesSent === 0 && !this._pacer.queue.has(`subscribe:${sub.projectId}`)) sub.slotOffered = false;
       sub.retry = (sub.retry || 0) + 1;
       this._retrySubscribe(sub, sub.retry);
     }
