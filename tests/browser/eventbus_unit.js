@@ -3471,6 +3471,39 @@ test("the answer to the page's unsubscribe is not taken for the gateway dropping
   eq(ws.closedWith, null);
 });
 
+test("a project refused for the limit that the page drops and adds back in one run (an effect's cleanup, then its setup) keeps its place among the refused: the next slot freed is still its own", async () => {
+  // Projects 2 and 3 were refused for the limit, 2 first. React runs the cleanup and then the
+  // setup of project 2's effect (new dependencies, StrictMode): the project is dropped and added
+  // back in one run, and its subscribe, refused again, was counted as the newest refusal. Before,
+  // the next slot freed went to project 3, and project 2 stayed polled; on a page re-rendering
+  // it often, never to get a slot while later refusals got theirs.
+  const env = setup({ subscribe: [1, 2, 3], options: { sse: false } });
+  const pollsOf = limitedGateway(env, { 1: [], 2: [], 3: [] });
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  const full = (projectId) => ws.receive({ type: "error", code: "too_many_subscriptions", message: "at most 1 projects per connection", project_id: projectId });
+  full(2);
+  full(3);
+  await env.clock.advance(0);
+  const before = ws.sent.length;
+  env.unsubscribe[2]();
+  env.unsubscribe[2] = env.bus.subscribe(2, (e) => env.events[2].push(e.seq));
+  await flush();
+  eq(slotFrames(ws, before), ["subscribe 2"], "added back: subscribed again (a slot may be free)");
+  full(2);
+  await env.clock.advance(0);
+  env.unsubscribe[1]();
+  await flush();
+  eq(slotFrames(ws, before), ["subscribe 2", "unsubscribe 1", "subscribe 2"], "the slot freed goes to project 2, refused first");
+  ws.receive({ type: "unsubscribed", project_id: 1 });
+  ws.receive({ type: "subscribed", project_id: 2, epoch: "e", seq: 0, resumed: true, replayed: 0 });
+  await env.clock.advance(0);
+  const polls = [pollsOf(2), pollsOf(3)];
+  await env.clock.advance(30000);
+  eq([pollsOf(2) - polls[0], pollsOf(3) - polls[1]], [0, 3], "project 2 on the WebSocket, project 3 still polled");
+  eq(slotFrames(ws, before).length, 3, "nothing else asked");
+  eq(ws.closedWith, null);
+});
+
 test("a poll's resync_required for a cursor the WebSocket moved while it was under way is not a second reload: nothing delivered twice", async () => {
   // Projects 2 and 3 were refused for the limit and are polled; project 2's poll (from after=0,
   // a history since trimmed) is under way when the page drops project 1 and the freed slot
