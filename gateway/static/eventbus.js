@@ -1247,6 +1247,9 @@ class Subscription {
     this.refusedForLimit = false;
     this.refusedForLimitAt = 0; // the order of that refusal among the connection's (oldest first)
     this.slotOffered = false; // subscribed again for a freed slot, its answer not come yet
+    // The place among the refusals of the same project refused, dropped and added back in one
+    // run (EventBus._keepFreedSlot): its next refusal takes it (0: none).
+    this.refusalKept = 0;
     // Polls of the project wait for the answer to its subscribe sent again after a stale one
     // (EventBus._holdPollsOf): the timer ending the wait after connectTimeout; null: not held.
     this.pollHoldTimer = null;
@@ -1295,6 +1298,9 @@ export class EventBus {
     // is offered once the task is over (_slotFreedByPage), and whether that offer is queued.
     this._slotsFreed = [];
     this._slotOfferQueued = false;
+    // projectId -> place among the refusals (refusedForLimitAt) of a project refused for the
+    // limit that the page dropped in the current task: added back, it keeps it (_keepFreedSlot).
+    this._refusalsDropped = new Map();
     // projectId -> unsubscribes sent on the current WebSocket and not answered yet: an
     // `unsubscribed` answering none is the gateway's own (_onUnsubscribed).
     this._unsubscribesDue = new Map();
@@ -1438,7 +1444,7 @@ export class EventBus {
     if (!sub) {
       sub = new Subscription(projectId);
       this._subs.set(projectId, sub);
-      this._keepFreedSlot(projectId);
+      this._keepFreedSlot(sub);
       // (On a WebSocket not yet live too: the gateway reads it after the token.)
       if (this._wsOpen) this._sendSubscribe(sub);
       if (this._wsLive) {
@@ -1477,7 +1483,14 @@ export class EventBus {
     // The unsubscribe (sent first) frees the project's slot on the gateway; a project given a
     // freed slot whose subscribe never went out passes that slot on.
     if (this._wsLive && (onGateway || sub.slotOffered)) this._slotFreedByPage(sub.projectId);
-    if (sub.refusedForLimit) this._pollRefusedOnly(); // (the last one polled: polling ends)
+    if (sub.refusedForLimit) {
+      // Added back in this task, refused again, it keeps its place among the refused.
+      if (this._wsLive) {
+        if (this._refusalsDropped.size === 0) Promise.resolve().then(() => this._refusalsDropped.clear());
+        this._refusalsDropped.set(sub.projectId, sub.refusedForLimitAt);
+      }
+      this._pollRefusedOnly(); // (the last one polled: polling ends)
+    }
     if (!this._wsLive && this._sse) this._reopenSse();
   }
 
@@ -1540,7 +1553,7 @@ export class EventBus {
     if (!sub) {
       sub = new Subscription(projectId);
       this._subs.set(projectId, sub);
-      this._keepFreedSlot(projectId);
+      this._keepFreedSlot(sub);
     }
     const first = sub.presenceHandlers.size === 0;
     sub.presenceHandlers.add(onChange);
@@ -2047,6 +2060,7 @@ export class EventBus {
     sub.gapWaiting = false; // a `subscribed` after a replay from the cursor: the repair's, or as good
     if (this._wsLive) {
       sub.wsSubscribed = true;
+      sub.refusalKept = 0; // (found room: no place to keep)
       // An answer when none was counted as unanswered: a refusal was taken for this subscribe's
       // (an activity refused while it was unanswered, _onRateLimited), and the subscribe held
       // for it is moot (the activity goes again below).
@@ -2198,7 +2212,8 @@ export class EventBus {
       // page added took first): it keeps its place among the refused, and its polls, which
       // went on while that subscribe was unanswered, their pace (no round at once).
       const again = sub.refusedForLimit;
-      if (!again) sub.refusedForLimitAt = ++this._limitRefusals;
+      if (!again) sub.refusedForLimitAt = sub.refusalKept || ++this._limitRefusals;
+      sub.refusalKept = 0;
       sub.refusedForLimit = true;
       // The next slot freed may go to it, once no subscribe of it is on its way (sent, or held
       // by the pacing): this refusal may answer another one (sent for a presence listener
@@ -2278,11 +2293,17 @@ export class EventBus {
     });
   }
 
-  /** A project the page dropped in this task is added back: the slot it freed is its own again
-   * (its subscribe follows its unsubscribe), not offered. */
-  _keepFreedSlot(projectId) {
-    const i = this._slotsFreed.indexOf(projectId);
+  /** A project the page dropped in this task is added back (`sub`): the slot it freed is its own
+   * again (its subscribe follows its unsubscribe), not offered; refused for the limit, it keeps
+   * its place among the refused (its subscribe refused again takes it). */
+  _keepFreedSlot(sub) {
+    const i = this._slotsFreed.indexOf(sub.projectId);
     if (i >= 0) this._slotsFreed.splice(i, 1);
+    const at = this._refusalsDropped.get(sub.projectId);
+    if (at !== undefined) {
+      this._refusalsDropped.delete(sub.projectId);
+      sub.refusalKept = at;
+    }
   }
 
   /**
@@ -2374,6 +2395,7 @@ export class EventBus {
     this._pacerTimer = null;
     this._unsubscribesDue.clear();
     this._slotsFreed = []; // (the next connection subscribes every project: no slot to offer)
+    this._refusalsDropped.clear(); // (nor a refusal's place: its refusals are its own)
     let held = false;
     for (const sub of this._subs.values()) {
       // Polls held for a subscribe's answer that will not come now go on at once (the project
@@ -2391,6 +2413,7 @@ export class EventBus {
       sub.presenceDue = false;
       sub.refusedForLimit = false;
       sub.slotOffered = false;
+      sub.refusalKept = 0;
       sub.activitySent = null;
     }
     if (pollingRefusedOnly) this._stopPolling();
