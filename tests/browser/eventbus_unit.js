@@ -3504,6 +3504,33 @@ test("a project refused for the limit that the page drops and adds back in one r
   eq(ws.closedWith, null);
 });
 
+test("a project refused for the limit dropped and added back twice in one run keeps its place among the refused too", async () => {
+  // StrictMode's double run on top of a re-render: cleanup, setup, cleanup, setup of project 2's
+  // effect in one go. The second drop finds the project added back, its subscribe unanswered.
+  const env = setup({ subscribe: [1, 2, 3], options: { sse: false } });
+  limitedGateway(env, { 1: [], 2: [], 3: [] });
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  const full = (projectId) => ws.receive({ type: "error", code: "too_many_subscriptions", message: "at most 1 projects per connection", project_id: projectId });
+  full(2);
+  full(3);
+  await env.clock.advance(0);
+  const before = ws.sent.length;
+  for (let i = 0; i < 2; i += 1) {
+    env.unsubscribe[2]();
+    env.unsubscribe[2] = env.bus.subscribe(2, (e) => env.events[2].push(e.seq));
+  }
+  await flush();
+  eq(slotFrames(ws, before), ["subscribe 2", "unsubscribe 2", "subscribe 2"]);
+  full(2);
+  ws.receive({ type: "error", code: "not_subscribed", message: "not subscribed to project 2", project_id: 2 });
+  full(2);
+  await env.clock.advance(0);
+  env.unsubscribe[1]();
+  await flush();
+  eq(slotFrames(ws, before).slice(3), ["unsubscribe 1", "subscribe 2"], "the slot freed goes to project 2, refused first");
+  eq(ws.closedWith, null);
+});
+
 test("a poll's resync_required for a cursor the WebSocket moved while it was under way is not a second reload: nothing delivered twice", async () => {
   // Projects 2 and 3 were refused for the limit and are polled; project 2's poll (from after=0,
   // a history since trimmed) is under way when the page drops project 1 and the freed slot
