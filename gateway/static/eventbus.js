@@ -1483,14 +1483,14 @@ export class EventBus {
     // The unsubscribe (sent first) frees the project's slot on the gateway; a project given a
     // freed slot whose subscribe never went out passes that slot on.
     if (this._wsLive && (onGateway || sub.slotOffered)) this._slotFreedByPage(sub.projectId);
-    if (sub.refusedForLimit) {
-      // Added back in this task, refused again, it keeps its place among the refused.
-      if (this._wsLive) {
-        if (this._refusalsDropped.size === 0) Promise.resolve().then(() => this._refusalsDropped.clear());
-        this._refusalsDropped.set(sub.projectId, sub.refusedForLimitAt);
-      }
-      this._pollRefusedOnly(); // (the last one polled: polling ends)
+    // Refused for the limit (or added back so in this task, its new refusal to come): added
+    // back in this task, refused again, it keeps its place among the refused.
+    const place = sub.refusedForLimit ? sub.refusedForLimitAt : sub.refusalKept;
+    if (place && this._wsLive) {
+      if (this._refusalsDropped.size === 0) Promise.resolve().then(() => this._refusalsDropped.clear());
+      this._refusalsDropped.set(sub.projectId, place);
     }
+    if (sub.refusedForLimit) this._pollRefusedOnly(); // (the last one polled: polling ends)
     if (!this._wsLive && this._sse) this._reopenSse();
   }
 
