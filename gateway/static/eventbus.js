@@ -1237,7 +1237,7 @@ class Subscription {
     // when only the presence read failed (presenceDue).
     this.presenceAsks = [];
     // `subscribed` came for a subscribe that asked presence, and neither its `presence` nor the
-    // error saying presence is unavailable yet: the gateway answers a connection's frames in
+    // error saying presence is unavailable yet: the gateway answers a project's frames in
     // order, so an `unavailable` of the project now is that presence read's, not a refusal.
     this.presenceDue = false;
     this.presenceRetry = 0; // presence reads failed since the last `presence` (its re-asks' backoff)
@@ -1691,7 +1691,7 @@ export class EventBus {
   /** `error` `rate_limited`: the frame was not executed. It is held and sent again when the
    * pacing allows, with everything sent after it. Which frame: the error's `refused` says (its
    * `type`). From a gateway that does not say, one naming a project is taken for its subscribe
-   * when one is unanswered (the gateway answers a connection's frames in order, and a
+   * when one is unanswered (the gateway answers a project's frames in order, and a
    * subscribe's answer is `subscribed` or an `error`), else for its activity (eventbus.js sends
    * no other frame naming a project that can be refused); one naming none, a token refresh.
    * Taken for an activity, it leaves the bound on a subscribe's answer alone: were it a
@@ -2162,7 +2162,7 @@ export class EventBus {
     if (sub && message.code === "unavailable" && message.ended === true && sub.presenceDue && this._wsLive) {
       // The gateway ended the subscription while its presence read waited (the project's data
       // unreadable): not presence's failure, and no subscribe's answer either (the gateway
-      // takes up a connection's next frame after that read). The read that finishes later
+      // takes up the project's next frame after that read). The read that finishes later
       // finds the project gone and sends nothing. Subscribed again on the subscribe's backoff,
       // not presence's (grown to 30 s while presence fails), unless a subscribe is on its way:
       // its answer, or its refusal's retry, brings the project back.
@@ -2840,8 +2840,9 @@ export class EventBus {
       }
       attempt.live = true;
       attempt.openedAt = this._now();
-      // The gateway subscribes the stream's projects one after the other: each `subscribed` is
-      // due, as after a WebSocket subscribe (keepalive comments are no answer).
+      // The gateway subscribes the stream's projects (up to 8 at a time, one after the other
+      // before): each `subscribed` is due, as after a WebSocket subscribe (keepalive comments
+      // are no answer).
       for (const sub of this._subs.values()) this._asking(attempt, sub);
       // Not live yet: a proxy that buffers response bodies passes the headers and holds the rest.
       // Until the stream answers (_proveSse), polling goes on, or starts one pollInterval from now
@@ -2921,8 +2922,8 @@ export class EventBus {
         if (Number.isSafeInteger(message.seq) && Number.isSafeInteger(message.project_id)) this._onEvent(message, "sse", sseOrigin(item, message));
         return;
       case "subscribed":
-        // With ?presence=1 the project's presence read follows (the gateway subscribes the
-        // stream's projects one after the other): `presence`, or `unavailable` if it fails.
+        // With ?presence=1 the project's presence read follows (the gateway reads it before the
+        // next project it subscribes there): `presence`, or `unavailable` if it fails.
         if (attempt.presence && this._subs.has(message.project_id)) attempt.presenceDue.add(message.project_id);
         return this._onSubscribed(message, attempt);
       case "resync_required":
@@ -2993,7 +2994,7 @@ export class EventBus {
 
   /**
    * The reopen asking presence again on stream `attempt` is due: made now, unless the gateway is
-   * still subscribing the stream's projects (one after the other, each waiting for its presence
+   * still subscribing the stream's projects (up to 8 at a time, each waiting for its presence
    * read, up to its --subscribe-timeout when presence's Redis does not answer): cut then, the
    * projects after them would never be subscribed once the reads outlast the delay, their events
    * not carried (nothing polls them). Then it is made when the last `subscribed` comes (see
@@ -3233,8 +3234,9 @@ export class EventBus {
    * live events of other projects may keep flowing) would leave a subscribe unanswered for ever:
    * the project silent, its gap repairs on hold, nothing said. So a subscribe is given
    * connectTimeout from when it was sent, pushed back by every frame answering it or a subscribe
-   * sent before it: the replay comes before `subscribed`, and the gateway handles a connection's
-   * subscribes one after the other (each may wait for Redis up to its --subscribe-timeout). An
+   * sent before it: the replay comes before `subscribed`, and the gateway handles up to 8 of a
+   * connection's subscribes at a time (each may wait for Redis up to its --subscribe-timeout;
+   * one before that, one after the other), so later ones may wait for earlier ones. An
    * event past a gap does not count (a live one: it comes whether or not the subscribe is
    * handled). When the bound passes, it is reported (`subscribe_timeout`) and the connection is
    * given up: reconnected on the backoff (not counted as stable), every project resuming from
