@@ -1580,6 +1580,7 @@ class Consumer:
             if state is None:
                 return None
             tag = self._tags_known(_given_tag(message.tag, message.seq))  # type: ignore[attr-defined]
+            answering = state.pending  # (else a broken gateway's, answering nothing of ours)
             state.presence_due = state.asked_presence  # (its list, or its failure, follows)
             if state.presence_due:
                 self._heard(state.project_id)  # (answered in part: the bound covers the rest)
@@ -1592,7 +1593,11 @@ class Consumer:
                 tag,
             )
             # (with the flag, the presence read may still fail: that backoff is presence's own)
-            self._unavailable.pop(state.project_id, None)
+            if answering:
+                # Only an answer to our subscribe starts the backoff (and its warnings) over: a
+                # gateway sending `subscribed` and `unavailable` by turns, unasked, would have
+                # each `unavailable` be a first failure, a warning each.
+                self._unavailable.pop(state.project_id, None)
             self._cancel_retry(state.project_id)  # answered: nothing left to retry
             if outcome.resync is not None:
                 log.info(

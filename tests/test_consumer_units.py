@@ -2023,11 +2023,37 @@ async def test_unavailable_subscribes_are_retried_with_backoff_per_project():
     for _ in range(7):
         await consumer._on_frame(ws, json.dumps(error).encode())  # type: ignore[arg-type]
         await asyncio.sleep(0)
+        consumer._states[1].subscribe_message()  # (the retry's subscribe)
     assert delays == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
     await consumer._on_frame(ws, subscribed(1, 0))  # type: ignore[arg-type]
     await consumer._on_frame(ws, json.dumps(error).encode())  # type: ignore[arg-type]
     await asyncio.sleep(0)
-    assert delays[-1] == 1.0  # a subscribed starts the backoff over
+    assert delays[-1] == 1.0  # a subscribed answering the retry starts the backoff over
+
+
+async def test_a_gateway_alternating_unsolicited_subscribed_and_unavailable_is_not_a_warning_each():
+    """A gateway (buggy or hostile) sending ``subscribed`` and ``unavailable`` by turns, answering
+    no subscribe of ours: each ``subscribed`` started the backoff over, so every ``unavailable``
+    was the first failure again, a warning each (about once a second per project, for ever).
+    Only a ``subscribed`` answering a subscribe in flight starts it over now: the warnings come
+    every tenth failure, as for a gateway that keeps refusing."""
+    from structlog.testing import capture_logs
+
+    consumer, ws, _subscription = await fed_consumer(1)
+    await consumer._on_frame(ws, subscribed(1, 0))  # type: ignore[arg-type]
+
+    async def record(ws, state, delay: float) -> None:
+        pass
+
+    consumer._resubscribe_later = record  # type: ignore[method-assign]
+    error = {"type": "error", "code": "unavailable", "message": "redis", "project_id": 1}
+    with capture_logs() as logs:
+        for _ in range(20):
+            await consumer._on_frame(ws, json.dumps(error).encode())  # type: ignore[arg-type]
+            await asyncio.sleep(0)
+            await consumer._on_frame(ws, subscribed(1, 0, resumed=True))  # type: ignore[arg-type]
+    warnings = [e for e in logs if e["log_level"] == "warning"]
+    assert [e.get("attempts") for e in warnings] == [1, 11], warnings
 
 
 @settings(max_examples=300, deadline=None)
