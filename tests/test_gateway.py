@@ -1649,6 +1649,59 @@ async def test_a_hung_redis_does_not_get_a_client_that_answers_its_pings_closed(
             await gateway.drain()
 
 
+def _masked_frame(opcode: int, payload: bytes) -> bytes:
+    """One client frame (masked), for writing several in one write."""
+    import os
+
+    mask = os.urandom(4)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    assert len(payload) < 126
+    return bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + masked
+
+
+async def test_a_connection_closed_while_reading_is_paused_reads_the_close_reply_after_redis():
+    # Reading paused behind a subscribe waiting for a hung Redis (MAX_BACKLOG held back), and
+    # the same read then gets the connection closed (ten malformed frames: 4009). Once the wait
+    # for Redis ends (--subscribe-timeout), the gateway reads again: the client's close reply
+    # is read and the TCP connection ends then, not CLOSE_TIMEOUT (5 s) later with the held
+    # frames (of no use any more) still keeping reading paused.
+    import os
+    import signal
+
+    from tests.support.redis_server import RedisServer
+
+    with RedisServer() as server:
+        gateway = await _hung_redis_gateway(server, subscribe_timeout=0.5)
+        client = await RawClient.connect(gateway.port, rcvbuf=65536)
+        try:
+            await client.send({"type": "auth", "token": issue_token(SECRET, "*", ttl=300)})
+            opcode, payload = await client.receive()
+            assert json.loads(payload)["type"] == "authenticated"
+            os.kill(server.process.pid, signal.SIGSTOP)
+            try:
+                subscribe = json.dumps({"type": "subscribe", "project_id": 41}).encode()
+                client.writer.write(
+                    _masked_frame(1, subscribe) * 6 + _masked_frame(1, b"not json") * 10
+                )
+                async with asyncio.timeout(5):
+                    while opcode != 8:
+                        opcode, payload = await client.receive()
+                assert int.from_bytes(payload[:2], "big") == 4009
+                closed_at = time.monotonic()
+                client.writer.write(_masked_frame(8, payload[:2]))
+                with contextlib.suppress(ConnectionResetError):  # (dropped: the failure)
+                    async with asyncio.timeout(10):
+                        while await client.reader.read(4096):
+                            pass
+                elapsed = time.monotonic() - closed_at
+            finally:
+                os.kill(server.process.pid, signal.SIGCONT)
+        finally:
+            client.close()
+            await gateway.drain()
+    assert elapsed < 2.5, f"the TCP connection ended {elapsed:.2f} s after the close"
+
+
 async def test_a_client_that_never_answers_pings_is_dropped_once_reading_resumes():
     # Subscribes of one project, each held back behind the one before, from a client that
     # never answers a ping: the time reading was paused is not counted against it, but once
