@@ -1028,7 +1028,10 @@ class WebSocketConnection(asyncio.Protocol):
                 workers.pop(task, None)  # type: ignore[arg-type]
                 if not workers:
                     self.workers = None
-            if self.lanes is lanes and not lanes.busy:
+            if self.lanes is lanes and (session.closing or not lanes.busy):
+                # Closing: what is held back is of no use, and must not keep reading paused
+                # (the client's close reply is read, or the close waits for CLOSE_TIMEOUT).
+                lanes.clear()
                 self.lanes = None
             if self.paused and (self.lanes is None or self.lanes.roomy):
                 self._resume()  # the rest of a compressed read first (its close frame, say)
