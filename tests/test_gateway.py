@@ -1702,6 +1702,54 @@ async def test_a_connection_closed_while_reading_is_paused_reads_the_close_reply
     assert elapsed < 2.5, f"the TCP connection ended {elapsed:.2f} s after the close"
 
 
+async def test_one_read_of_thousands_of_frames_is_held_back_no_more_than_the_backlog():
+    # A client writes thousands of presence_get frames, each of another project, at once while
+    # Redis hangs: LANES_CONCURRENCY of them wait for Redis and reading pauses with MAX_BACKLOG
+    # held back, also within the read that brought them (the rest of it waits, as read, until
+    # the backlog drains: decoded and held per project, each frame would cost ten times its
+    # bytes, a megabyte per connection for one 64 KiB read).
+    # Once Redis answers, every project gets its presence, once.
+    import os
+    import signal
+
+    from gateway.websocket import MAX_BACKLOG
+    from tests.support.redis_server import RedisServer
+
+    projects = range(1000, 4000)
+    with RedisServer() as server:
+        gateway = await _hung_redis_gateway(server, subscribe_timeout=2.0, client_rate=0)
+        client = await RawClient.connect(gateway.port, rcvbuf=1 << 20)
+        try:
+            await client.send({"type": "auth", "token": issue_token(SECRET, "*", ttl=300)})
+            _, payload = await client.receive()
+            assert json.loads(payload)["type"] == "authenticated"
+            (session,) = gateway.sessions
+            connection = session.connection
+            os.kill(server.process.pid, signal.SIGSTOP)
+            try:
+                client.writer.write(
+                    b"".join(
+                        _masked_frame(1, b'{"type":"presence_get","project_id":%d}' % p)
+                        for p in projects
+                    )
+                )
+                await wait_until_true(lambda: connection.paused)
+                held = connection.lanes.waiting
+            finally:
+                os.kill(server.process.pid, signal.SIGCONT)
+            answered = []
+            async with asyncio.timeout(30):
+                while len(answered) < len(projects):
+                    _, payload = await client.receive()
+                    message = json.loads(payload)
+                    answered.append((message["type"], message["project_id"]))
+        finally:
+            client.close()
+            await gateway.drain()
+    assert held <= MAX_BACKLOG, f"{held} frames held back"
+    assert sorted(answered) == [("presence", p) for p in projects]
+
+
 async def test_a_client_that_never_answers_pings_is_dropped_once_reading_resumes():
     # Subscribes of one project, each held back behind the one before, from a client that
     # never answers a ping: the time reading was paused is not counted against it, but once
