@@ -312,6 +312,7 @@ class WebSocketConnection(asyncio.Protocol):
         "timer",
         "transport",
         "unfed",
+        "unread",
         "workers",
     )
 
@@ -353,6 +354,9 @@ class WebSocketConnection(asyncio.Protocol):
         #: What websockets was not given yet of the read that filled the lanes' backlog
         #: (compressed).
         self.unfed: bytes | None = None
+        #: The frames websockets made of a read and not handled yet, when the lanes' backlog
+        #: filled before the last of them (kept as read, not decoded: :meth:`_frames`).
+        self.unread: list | None = None
         #: The task answering an HTTP request, and its coroutine.
         self.finishing: tuple[asyncio.Task, Coroutine[Any, Any, Any]] | None = None
         #: The fragments of a message in progress (rare: browsers send small messages whole).
@@ -523,8 +527,23 @@ class WebSocketConnection(asyncio.Protocol):
         if self.protocol.close_expected():
             self._expect_close()
         if self.session is not None:
-            for event in events:
-                self._frame(event)
+            if self.unread is not None:  # not expected: nothing is read while paused
+                self.unread.extend(events)
+                return
+            self._frames(events)
+
+    def _frames(self, events: list) -> None:
+        """Handle a read's frames in order, until the lanes' backlog is full: the rest wait in
+        ``unread`` for :meth:`_resume`, as read. One read holds hundreds of tiny frames, and
+        each held back decoded, in its project's queue, would cost ten times its bytes."""
+        last = len(events) - 1
+        for index, event in enumerate(events):
+            self._frame(event)
+            if index < last:
+                lanes = self.lanes
+                if lanes is not None and lanes.full:
+                    self.unread = events[index + 1 :]
+                    return
 
     def _answers_over_limit(self) -> bool:
         """Whether websockets' answers to a read (pongs, written at once) took the connection
@@ -581,7 +600,7 @@ class WebSocketConnection(asyncio.Protocol):
         if self.counted:
             self.counted = False
             self.endpoint.admission.release()
-        self.unfed = None
+        self.unfed = self.unread = None
         if session is None:
             if self.answering_http:
                 self.endpoint.gateway.answer_closed(self.transport)
@@ -893,9 +912,21 @@ class WebSocketConnection(asyncio.Protocol):
             self._failed()
 
     def _resume(self) -> None:
-        """The lanes' backlog has room again (or is gone): what was left unfed of the read that
-        filled it is fed first, then the socket is read again, unless that filled it again."""
+        """The lanes' backlog has room again (or is gone): what was left unhandled (``unread``)
+        and unfed of the read that filled it goes first, then the socket is read again, unless
+        that filled it again."""
         transport = self.transport
+        unread = self.unread
+        if unread is not None:
+            self.unread = None
+            if not transport.is_closing() and self.session is not None:
+                try:
+                    self._frames(unread)  # held behind the waiting ones, or handled
+                except Exception:
+                    self._failed()
+            lanes = self.lanes
+            if lanes is not None and lanes.full:
+                return  # still paused: the next _work round comes back here
         unfed = self.unfed
         if unfed is not None:
             self.unfed = None
