@@ -1750,6 +1750,42 @@ async def test_one_read_of_thousands_of_frames_is_held_back_no_more_than_the_bac
     assert sorted(answered) == [("presence", p) for p in projects]
 
 
+async def test_malformed_frames_count_in_a_row_in_the_order_sent_while_frames_wait():
+    # Ten malformed frames in a row close a connection (4009), in the order they were sent: a
+    # valid frame between them starts the count again, also when it is held back behind a
+    # frame of its project waiting for Redis while the malformed ones (which wait for nothing)
+    # are answered at once. A client sending a frame type this gateway does not know (a newer
+    # client) between its others is not closed because Redis is slow.
+    import os
+    import signal
+
+    from tests.support.redis_server import RedisServer
+
+    with RedisServer() as server:
+        gateway = await _hung_redis_gateway(server, subscribe_timeout=1.0)
+        client = await client_for(gateway, [41])
+        try:
+            os.kill(server.process.pid, signal.SIGSTOP)
+            try:
+                await client.send({"type": "presence_get", "project_id": 41})
+                for _ in range(2):
+                    for _ in range(6):
+                        await client.send({"type": "typing", "project_id": 41})
+                    await client.send({"type": "presence_get", "project_id": 41})
+                await client.send({"type": "ping"})
+                await client.wait_for(lambda: client.count("pong") or client.closed.is_set())
+            finally:
+                os.kill(server.process.pid, signal.SIGCONT)
+            assert not client.closed.is_set(), client.close_code
+            await client.wait_for(
+                lambda: client.count("presence") + client.count("error") == 15, within=5
+            )
+            assert not client.closed.is_set(), client.close_code
+        finally:
+            await client.close()
+            await gateway.drain()
+
+
 async def test_a_client_that_never_answers_pings_is_dropped_once_reading_resumes():
     # Subscribes of one project, each held back behind the one before, from a client that
     # never answers a ping: the time reading was paused is not counted against it, but once
