@@ -993,6 +993,10 @@ class WebSocketConnection(asyncio.Protocol):
                 # Some messages wait for Redis: this one may have to wait behind them.
                 lane = clients.lane_of(session, message, lanes.projects())
                 if not lanes.admit(lane, (message, error)):
+                    if error is None:
+                        # Malformed frames count "in a row" in the order sent, and those after
+                        # this one are answered before it (they wait for nothing).
+                        session.errors = 0
                     if lanes.full and not self.paused:
                         self.paused = True
                         self.paused_at = asyncio.get_running_loop().time()
