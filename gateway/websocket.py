@@ -31,7 +31,9 @@ Per connection, in order:
    Redis), a task finishes it, and the messages that must come after it are held back until it
    is done (:mod:`gateway.lanes`: those of the same project, or all after an ``auth``), so a
    subscribe is never overtaken by the unsubscribe after it, while other projects' messages and
-   pings go on; reading pauses at :data:`MAX_BACKLOG` held back. Time reading is paused does
+   pings go on; reading pauses at :data:`MAX_BACKLOG` held back (the rest of the read that
+   filled it waits undecoded, ``unread``; a closing connection drops what it held back and
+   reads again, for the client's side of the close). Time reading is paused does
    not count against the client's pong deadline (:meth:`WebSocketConnection.paused_for`,
    :mod:`gateway.keepalive`). With permessage-deflate, a read is given to websockets
    :data:`INFLATE_SLICE` bytes at a time, and what is left of it when the backlog fills waits,
