@@ -215,3 +215,135 @@ def test_what_cannot_wait_for_redis_is_refused():
         lanes.started(BARRIER)  # (only when nothing else is busy)
     with pytest.raises(ValueError):
         FrameLanes(concurrency=0, backlog=4)
+
+
+# --- the subscription limit: ClientProtocol.lane_of with FrameLanes ---------------------------
+
+
+def _sequential(frames, limit: int, followed: set[int]) -> dict[int, str]:
+    """Each subscribe's outcome with the frames handled one after the other."""
+    projects, outcome = set(followed), {}
+    for index, (kind, project, waits, succeeds) in enumerate(frames):
+        if kind == "subscribe":
+            if project not in projects and len(projects) >= limit:
+                outcome[index] = "too_many_subscriptions"
+            elif waits and not succeeds:
+                projects.discard(project)
+                outcome[index] = "unavailable"
+            else:
+                projects.add(project)
+                outcome[index] = "subscribed"
+        elif kind == "unsubscribe":
+            projects.discard(project)
+    return outcome
+
+
+def _with_lanes(frames, limit: int, followed: set[int], schedule) -> dict[int, str]:
+    """The same frames as gateway.websocket runs them: classified by ``lane_of`` on arrival,
+    held or handled, a frame waiting for Redis in a task (a subscribe's limit checked when the
+    task starts, its project followed from then, dropped if Redis fails it), arrivals and the
+    tasks' steps in the order ``schedule`` draws."""
+    from types import SimpleNamespace
+
+    from gateway.clients import ClientProtocol
+    from schemas.protocol import PresenceGet, Subscribe, Unsubscribe
+
+    protocol = SimpleNamespace(config=SimpleNamespace(max_subscriptions=limit))
+    session = SimpleNamespace(projects=set(followed))
+    projects = session.projects
+    messages = {"subscribe": Subscribe, "unsubscribe": Unsubscribe, "presence_get": PresenceGet}
+    outcome: dict[int, str] = {}
+    lanes: FrameLanes | None = None
+    tasks: list[list] = []  # [lane, frame index, stage: "start" or "wait"]
+
+    def lane_of(index: int, busy) -> object:
+        kind, project = frames[index][:2]
+        message = messages[kind](project_id=project)
+        return ClientProtocol.lane_of(protocol, session, message, busy)  # type: ignore[arg-type]
+
+    def handle(index: int) -> bool:
+        """Whether the frame waits for Redis (else it is done)."""
+        kind, project, waits, _ = frames[index]
+        if kind == "unsubscribe":
+            projects.discard(project)
+            return False
+        if kind == "subscribe" and not waits:  # from the feed's memory
+            if project not in projects and len(projects) >= limit:
+                outcome[index] = "too_many_subscriptions"
+            else:
+                projects.add(project)
+                outcome[index] = "subscribed"
+            return False
+        return True
+
+    def step(task: list) -> None:
+        nonlocal lanes
+        _, index, stage = task
+        kind, project, _, succeeds = frames[index]
+        if stage == "start":
+            task[2] = "wait"
+            if kind != "subscribe":
+                return
+            if project in projects or len(projects) < limit:
+                projects.add(project)
+                return
+            outcome[index] = "too_many_subscriptions"
+        elif kind == "subscribe":
+            if not succeeds:
+                projects.discard(project)
+            outcome[index] = "subscribed" if succeeds else "unavailable"
+        assert lanes is not None
+        while True:
+            turn = lanes.next(task[0])
+            if turn is None:
+                tasks.remove(task)
+                if not lanes.busy:
+                    lanes = None
+                return
+            task[0], index = turn
+            if handle(index):
+                task[1], task[2] = index, "start"
+                return
+
+    arrivals = list(range(len(frames)))
+    while arrivals or tasks:
+        if arrivals and (not tasks or schedule.random() < 0.5):
+            index = arrivals.pop(0)
+            if lanes is not None:
+                lane = lane_of(index, lanes.projects())
+                if not lanes.admit(lane, index):
+                    continue
+            if handle(index):
+                if lanes is None:
+                    lanes = FrameLanes(concurrency=2, backlog=4)
+                    lane = lane_of(index, ())
+                lanes.started(lane)
+                tasks.append([lane, index, "start"])
+        else:
+            step(schedule.choice(tasks))
+    return outcome
+
+
+client_frames = st.tuples(
+    st.sampled_from(["subscribe", "subscribe", "unsubscribe", "presence_get"]),
+    st.integers(1, 4),
+    st.booleans(),  # a subscribe waits for Redis (presence_get always does)
+    st.booleans(),  # ... and Redis answers it (else: unavailable)
+).map(lambda f: (f[0], f[1], f[2] or f[0] == "presence_get", f[3] or f[0] == "presence_get"))
+
+
+@settings(max_examples=800, deadline=None)
+@given(
+    frames=st.lists(client_frames, max_size=12),
+    limit=st.integers(1, 3),
+    followed=st.sets(st.integers(1, 4), max_size=3),
+    schedule=st.randoms(use_true_random=False),
+)
+def test_the_subscription_limit_answers_as_if_frames_were_handled_one_after_the_other(
+    frames, limit, followed, schedule
+):
+    # A subscribe near --max-subscriptions is a barrier (ClientProtocol.lane_of): whatever the
+    # order of arrivals and Redis answers, each subscribe is accepted or refused for the limit
+    # as it would be with the connection's frames handled one after the other.
+    followed = set(sorted(followed)[:limit])
+    assert _with_lanes(frames, limit, followed, schedule) == _sequential(frames, limit, followed)
