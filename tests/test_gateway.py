@@ -1786,6 +1786,44 @@ async def test_malformed_frames_count_in_a_row_in_the_order_sent_while_frames_wa
             await gateway.drain()
 
 
+async def test_the_rate_limit_counts_frames_in_the_order_sent_while_some_are_held_back():
+    # The rate limit's tokens go to the frames in the order they were sent: a ping (answered at
+    # once, never refused) sent after a frame held back behind its project's Redis wait does
+    # not take that frame's token. With a burst of 4 and the clock stopped: a presence_get of
+    # 41 waits for Redis, a second one waits behind it, one of 42 waits, then three pings: the
+    # pings are the frames over the limit (executed all the same), no presence_get is refused.
+    import os
+    import signal
+
+    from tests.support.redis_server import RedisServer
+
+    with RedisServer() as server:
+        gateway = await _hung_redis_gateway(
+            server, subscribe_timeout=1.0, client_rate=2, client_burst=4, max_subscriptions=2
+        )
+        gateway.clients.clock = StoppedClock()
+        client = await client_for(gateway, [41, 42])
+        try:
+            os.kill(server.process.pid, signal.SIGSTOP)
+            try:
+                await client.send({"type": "presence_get", "project_id": 41})
+                await client.send({"type": "presence_get", "project_id": 41})
+                await client.send({"type": "presence_get", "project_id": 42})
+                for _ in range(3):
+                    await client.send({"type": "ping"})
+                await client.wait_for(lambda: client.count("pong") == 3)
+            finally:
+                os.kill(server.process.pid, signal.SIGCONT)
+            await client.wait_for(
+                lambda: client.count("presence") + client.count("error") == 3, within=5
+            )
+            assert [m for m in client.of("error") if m["code"] == "rate_limited"] == []
+            assert not client.closed.is_set()
+        finally:
+            await client.close()
+            await gateway.drain()
+
+
 async def test_a_client_that_never_answers_pings_is_dropped_once_reading_resumes():
     # Subscribes of one project, each held back behind the one before, from a client that
     # never answers a ping: the time reading was paused is not counted against it, but once
