@@ -45,7 +45,7 @@ from gateway.http import draining_response, json_response
 from gateway.hub import SubscribeUnavailable
 from gateway.lanes import BARRIER, FREE, Lane
 from gateway.logs import describe, get_logger
-from gateway.ratelimit import CLOSE, REFUSED, frame_rate_limit
+from gateway.ratelimit import ALLOWED, CLOSE, REFUSED, frame_rate_limit
 from gateway.revocations import RevocationsUnknown, TokenRevoked
 from gateway.session import Outgoing
 from schemas.protocol import (
@@ -259,24 +259,47 @@ class ClientProtocol:
         message, error = self.decode(data)
         return self.handle_decoded(session, message, error, clog)
 
+    def take_token(self, session: ClientSession, message: Any) -> int | None:
+        """A frame's rate-limit token, taken when it is read while some frames wait for Redis
+        (gateway.lanes), for :meth:`handle_decoded`: so the tokens go to the frames in the order
+        they were sent, and a ping or malformed frame answered before a frame held back does
+        not take its token. None for an ``unsubscribe``, judged when handled (free when it
+        leaves a subscription: a subscribe held before it may yet make one)."""
+        limit = self.rate_limit
+        if limit is None:
+            return ALLOWED
+        if type(message) is Unsubscribe:
+            return None
+        return limit.take(session, self.clock())
+
     def handle_decoded(
-        self, session: ClientSession, message: Any, error: ProtocolError | None, clog
+        self,
+        session: ClientSession,
+        message: Any,
+        error: ProtocolError | None,
+        clog,
+        verdict: int | None = None,
     ) -> Coroutine[Any, Any, Any] | None:
         """One decoded frame (``error``: it was malformed, answered ``error`` here), handled
         here and now when nothing has to wait for Redis: None then. Else the coroutine that
         finishes it (a subscribe that the feed's memory cannot answer, presence), which the
         transport runs before any frame that must come after it (:meth:`lane_of`). Every frame
-        takes a token of the rate limit first (:meth:`_over_limit` answers one over it)."""
+        takes a token of the rate limit first (:meth:`_over_limit` answers one over it), unless
+        it took it when read (``verdict``: :meth:`take_token`)."""
         limit = self.rate_limit
-        if limit is not None and not (
-            # Leaving a subscription is free: its subscribe took a token. Churn (a page flipping
-            # between projects) is then bounded by its subscribes alone, which clients pace;
-            # an unsubscribe of nothing counts like any frame (a flood of them is closed).
-            type(message) is Unsubscribe and message.project_id in session.projects
+        if verdict is None and (
+            limit is not None
+            and not (
+                # Leaving a subscription is free: its subscribe took a token. Churn (a page
+                # flipping between projects) is then bounded by its subscribes alone, which
+                # clients pace; an unsubscribe of nothing counts like any frame (a flood of them
+                # is closed).
+                type(message) is Unsubscribe and message.project_id in session.projects
+            )
         ):
             verdict = limit.take(session, self.clock())
-            if verdict and self._over_limit(session, message, verdict):
-                return None
+        if verdict and self._over_limit(session, message, verdict):
+            return None
         if error is not None:
             self.client_error(session, error.code, error.message)
             return None

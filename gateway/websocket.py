@@ -342,7 +342,7 @@ class WebSocketConnection(asyncio.Protocol):
         #: When an HTTP answer must have been sent, whatever its progress (--answer-min-rate).
         self.answer_deadline = 0.0
         #: The order of messages while some wait for Redis (gateway.lanes; None: nothing waits).
-        self.lanes: FrameLanes[tuple[Any, ProtocolError | None]] | None = None
+        self.lanes: FrameLanes[tuple[Any, ProtocolError | None, int | None]] | None = None
         #: The tasks finishing messages that wait for Redis, each with the message's coroutine
         #: it was started with (None: no task).
         self.workers: dict[asyncio.Task, Coroutine[Any, Any, Any]] | None = None
@@ -991,10 +991,14 @@ class WebSocketConnection(asyncio.Protocol):
         try:
             message, error = clients.decode(data)
             lanes = self.lanes
+            verdict = None
             if lanes is not None:
-                # Some messages wait for Redis: this one may have to wait behind them.
+                # Some messages wait for Redis: this one may have to wait behind them. It takes
+                # its rate-limit token now, in the order sent (answered at once, a ping does not
+                # take the token of a message held back before it).
                 lane = clients.lane_of(session, message, lanes.projects())
-                if not lanes.admit(lane, (message, error)):
+                verdict = clients.take_token(session, message)
+                if not lanes.admit(lane, (message, error, verdict)):
                     if error is None:
                         # Malformed frames count "in a row" in the order sent, and those after
                         # this one are answered before it (they wait for nothing).
@@ -1004,7 +1008,7 @@ class WebSocketConnection(asyncio.Protocol):
                         self.paused_at = asyncio.get_running_loop().time()
                         self.transport.pause_reading()
                     return
-            pending = clients.handle_decoded(session, message, error, self.log())
+            pending = clients.handle_decoded(session, message, error, self.log(), verdict)
             if pending is None:
                 return
             # It waits for Redis: what it holds back is its project's frames, or all (a
@@ -1026,7 +1030,7 @@ class WebSocketConnection(asyncio.Protocol):
     async def _work(
         self,
         session: WebSocketSession,
-        lanes: FrameLanes[tuple[Any, ProtocolError | None]],
+        lanes: FrameLanes[tuple[Any, ProtocolError | None, int | None]],
         lane: Lane,
         pending: Coroutine[Any, Any, Any],
     ) -> None:
@@ -1051,8 +1055,10 @@ class WebSocketConnection(asyncio.Protocol):
                         self._resume()
                         if session.closing or self.lanes is not lanes:
                             return  # (a close frame in what was fed)
-                    lane, (message, error) = turn
-                    next_pending = clients.handle_decoded(session, message, error, self.log())
+                    lane, (message, error, verdict) = turn
+                    next_pending = clients.handle_decoded(
+                        session, message, error, self.log(), verdict
+                    )
                     if next_pending is not None:
                         pending = next_pending
                         break
