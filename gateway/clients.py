@@ -260,10 +260,10 @@ class ClientProtocol:
         return self.handle_decoded(session, message, error, clog)
 
     def take_token(self, session: ClientSession, message: Any) -> int | None:
-        """A frame's rate-limit token, taken when it is read while some frames wait for Redis
-        (gateway.lanes), for :meth:`handle_decoded`: so the tokens go to the frames in the order
-        they were sent, and a ping or malformed frame answered before a frame held back does
-        not take its token. None for an ``unsubscribe``, judged when handled (free when it
+        """The rate-limit token of a frame held back while some wait for Redis (gateway.lanes),
+        taken before it is handled when a frame sent after it is handled first (a ping, at
+        once), so that the tokens go to the frames in the order sent: its verdict for
+        :meth:`handle_decoded`. None for an ``unsubscribe``, judged when handled (free when it
         leaves a subscription: a subscribe held before it may yet make one)."""
         limit = self.rate_limit
         if limit is None:
@@ -285,7 +285,7 @@ class ClientProtocol:
         finishes it (a subscribe that the feed's memory cannot answer, presence), which the
         transport runs before any frame that must come after it (:meth:`lane_of`). Every frame
         takes a token of the rate limit first (:meth:`_over_limit` answers one over it), unless
-        it took it when read (``verdict``: :meth:`take_token`)."""
+        it took it before (``verdict``: :meth:`take_token`)."""
         limit = self.rate_limit
         if verdict is None and (
             limit is not None

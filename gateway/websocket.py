@@ -56,6 +56,7 @@ import logging
 import random
 import struct
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from websockets.datastructures import Headers
@@ -293,6 +294,7 @@ class WebSocketConnection(asyncio.Protocol):
         "answer_stalled_since",
         "answer_unsent",
         "answering_http",
+        "arrivals",
         "awaiting_auth",
         "close_armed",
         "counted",
@@ -315,6 +317,7 @@ class WebSocketConnection(asyncio.Protocol):
         "transport",
         "unfed",
         "unread",
+        "untaken",
         "workers",
     )
 
@@ -342,7 +345,11 @@ class WebSocketConnection(asyncio.Protocol):
         #: When an HTTP answer must have been sent, whatever its progress (--answer-min-rate).
         self.answer_deadline = 0.0
         #: The order of messages while some wait for Redis (gateway.lanes; None: nothing waits).
-        self.lanes: FrameLanes[tuple[Any, ProtocolError | None, int | None]] | None = None
+        self.lanes: FrameLanes[Held] | None = None
+        #: The messages held back whose rate-limit token is not taken yet, oldest first: one
+        #: handled before them (a ping at once, another project's) first takes theirs.
+        self.untaken: deque[Held] | None = None
+        self.arrivals = 0  # messages read while some were held back: their order
         #: The tasks finishing messages that wait for Redis, each with the message's coroutine
         #: it was started with (None: no task).
         self.workers: dict[asyncio.Task, Coroutine[Any, Any, Any]] | None = None
@@ -628,7 +635,7 @@ class WebSocketConnection(asyncio.Protocol):
         """The connection is gone: what its messages still wait for (Redis, for a subscribe, its
         presence, a ``presence_get``) is of no use (:func:`_stop`), nor what they held back."""
         lanes, workers = self.lanes, self.workers
-        self.lanes = self.workers = None
+        self.lanes = self.workers = self.untaken = None
         if lanes is not None:
             lanes.clear()
         if workers:
@@ -991,14 +998,15 @@ class WebSocketConnection(asyncio.Protocol):
         try:
             message, error = clients.decode(data)
             lanes = self.lanes
-            verdict = None
             if lanes is not None:
-                # Some messages wait for Redis: this one may have to wait behind them. It takes
-                # its rate-limit token now, in the order sent (answered at once, a ping does not
-                # take the token of a message held back before it).
+                # Some messages wait for Redis: this one may have to wait behind them.
                 lane = clients.lane_of(session, message, lanes.projects())
-                verdict = clients.take_token(session, message)
-                if not lanes.admit(lane, (message, error, verdict)):
+                held = Held(message, error, self.arrivals)
+                self.arrivals += 1
+                if not lanes.admit(lane, held):
+                    if self.untaken is None:
+                        self.untaken = deque()
+                    self.untaken.append(held)
                     if error is None:
                         # Malformed frames count "in a row" in the order sent, and those after
                         # this one are answered before it (they wait for nothing).
@@ -1008,7 +1016,8 @@ class WebSocketConnection(asyncio.Protocol):
                         self.paused_at = asyncio.get_running_loop().time()
                         self.transport.pause_reading()
                     return
-            pending = clients.handle_decoded(session, message, error, self.log(), verdict)
+                self._take_tokens(session, held)  # (it overtakes every message held back)
+            pending = clients.handle_decoded(session, message, error, self.log())
             if pending is None:
                 return
             # It waits for Redis: what it holds back is its project's frames, or all (a
@@ -1027,10 +1036,21 @@ class WebSocketConnection(asyncio.Protocol):
             self.workers = {}
         self.workers[task] = pending
 
+    def _take_tokens(self, session: WebSocketSession, handled: Held) -> None:
+        """``handled`` is handled now: the messages held back that came before it take their
+        rate-limit tokens first, in the order sent (ClientProtocol.take_token), so that one
+        answered before them (a ping) does not take theirs; then ``handled`` its own, if it is
+        among them (a message handled at once takes it when handled)."""
+        untaken = self.untaken
+        clients = self.endpoint.clients
+        while untaken and untaken[0].arrival <= handled.arrival:
+            held = untaken.popleft()
+            held.verdict = clients.take_token(session, held.message)
+
     async def _work(
         self,
         session: WebSocketSession,
-        lanes: FrameLanes[tuple[Any, ProtocolError | None, int | None]],
+        lanes: FrameLanes[Held],
         lane: Lane,
         pending: Coroutine[Any, Any, Any],
     ) -> None:
@@ -1055,9 +1075,10 @@ class WebSocketConnection(asyncio.Protocol):
                         self._resume()
                         if session.closing or self.lanes is not lanes:
                             return  # (a close frame in what was fed)
-                    lane, (message, error, verdict) = turn
+                    lane, held = turn
+                    self._take_tokens(session, held)
                     next_pending = clients.handle_decoded(
-                        session, message, error, self.log(), verdict
+                        session, held.message, held.error, self.log(), held.verdict
                     )
                     if next_pending is not None:
                         pending = next_pending
@@ -1075,7 +1096,7 @@ class WebSocketConnection(asyncio.Protocol):
                 # Closing: what is held back is of no use, and must not keep reading paused
                 # (the client's close reply is read, or the close waits for CLOSE_TIMEOUT).
                 lanes.clear()
-                self.lanes = None
+                self.lanes = self.untaken = None
             if self.paused and (self.lanes is None or self.lanes.roomy):
                 self._resume()  # the rest of a compressed read first (its close frame, say)
 
@@ -1242,6 +1263,19 @@ class WebSocketSession(ClientSession):
     def read_paused_for(self, now: float) -> float:
         # While the lanes' backlog is full nothing is read, pongs included: the gateway's wait.
         return self.connection.paused_for(now)
+
+
+class Held:
+    """A message held back (gateway.lanes): decoded, with its rate-limit verdict once taken
+    (None: taken when handled)."""
+
+    __slots__ = ("arrival", "error", "message", "verdict")
+
+    def __init__(self, message: Any, error: ProtocolError | None, arrival: int) -> None:
+        self.message = message
+        self.error = error
+        self.arrival = arrival
+        self.verdict: int | None = None
 
 
 def _stop(task: asyncio.Task, pending: Coroutine[Any, Any, Any]) -> None:
