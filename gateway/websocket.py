@@ -294,7 +294,6 @@ class WebSocketConnection(asyncio.Protocol):
         "answer_stalled_since",
         "answer_unsent",
         "answering_http",
-        "arrivals",
         "awaiting_auth",
         "close_armed",
         "counted",
@@ -317,7 +316,6 @@ class WebSocketConnection(asyncio.Protocol):
         "transport",
         "unfed",
         "unread",
-        "untaken",
         "workers",
     )
 
@@ -345,11 +343,7 @@ class WebSocketConnection(asyncio.Protocol):
         #: When an HTTP answer must have been sent, whatever its progress (--answer-min-rate).
         self.answer_deadline = 0.0
         #: The order of messages while some wait for Redis (gateway.lanes; None: nothing waits).
-        self.lanes: FrameLanes[Held] | None = None
-        #: The messages held back whose rate-limit token is not taken yet, oldest first: one
-        #: handled before them (a ping at once, another project's) first takes theirs.
-        self.untaken: deque[Held] | None = None
-        self.arrivals = 0  # messages read while some were held back: their order
+        self.lanes: HeldBack | None = None
         #: The tasks finishing messages that wait for Redis, each with the message's coroutine
         #: it was started with (None: no task).
         self.workers: dict[asyncio.Task, Coroutine[Any, Any, Any]] | None = None
@@ -635,7 +629,7 @@ class WebSocketConnection(asyncio.Protocol):
         """The connection is gone: what its messages still wait for (Redis, for a subscribe, its
         presence, a ``presence_get``) is of no use (:func:`_stop`), nor what they held back."""
         lanes, workers = self.lanes, self.workers
-        self.lanes = self.workers = self.untaken = None
+        self.lanes = self.workers = None
         if lanes is not None:
             lanes.clear()
         if workers:
@@ -1001,12 +995,9 @@ class WebSocketConnection(asyncio.Protocol):
             if lanes is not None:
                 # Some messages wait for Redis: this one may have to wait behind them.
                 lane = clients.lane_of(session, message, lanes.projects())
-                held = Held(message, error, self.arrivals)
-                self.arrivals += 1
+                held = lanes.read(message, error)
                 if not lanes.admit(lane, held):
-                    if self.untaken is None:
-                        self.untaken = deque()
-                    self.untaken.append(held)
+                    lanes.untaken.append(held)
                     if error is None:
                         # Malformed frames count "in a row" in the order sent, and those after
                         # this one are answered before it (they wait for nothing).
@@ -1016,7 +1007,7 @@ class WebSocketConnection(asyncio.Protocol):
                         self.paused_at = asyncio.get_running_loop().time()
                         self.transport.pause_reading()
                     return
-                self._take_tokens(session, held)  # (it overtakes every message held back)
+                self._take_tokens(session, lanes, held)  # (it overtakes every one held back)
             pending = clients.handle_decoded(session, message, error, self.log())
             if pending is None:
                 return
@@ -1024,7 +1015,7 @@ class WebSocketConnection(asyncio.Protocol):
             # subscribe at the limit). Its coroutine has not started, so the connection is
             # still as the frame found it.
             if lanes is None:
-                lanes = self.lanes = FrameLanes(LANES_CONCURRENCY, MAX_BACKLOG)
+                lanes = self.lanes = HeldBack()
                 lane = clients.lane_of(session, message, ())
             lanes.started(lane)
         except Exception:
@@ -1036,12 +1027,12 @@ class WebSocketConnection(asyncio.Protocol):
             self.workers = {}
         self.workers[task] = pending
 
-    def _take_tokens(self, session: WebSocketSession, handled: Held) -> None:
+    def _take_tokens(self, session: WebSocketSession, lanes: HeldBack, handled: Held) -> None:
         """``handled`` is handled now: the messages held back that came before it take their
         rate-limit tokens first, in the order sent (ClientProtocol.take_token), so that one
         answered before them (a ping) does not take theirs; then ``handled`` its own, if it is
         among them (a message handled at once takes it when handled)."""
-        untaken = self.untaken
+        untaken = lanes.untaken
         clients = self.endpoint.clients
         while untaken and untaken[0].arrival <= handled.arrival:
             held = untaken.popleft()
@@ -1050,7 +1041,7 @@ class WebSocketConnection(asyncio.Protocol):
     async def _work(
         self,
         session: WebSocketSession,
-        lanes: FrameLanes[Held],
+        lanes: HeldBack,
         lane: Lane,
         pending: Coroutine[Any, Any, Any],
     ) -> None:
@@ -1076,7 +1067,7 @@ class WebSocketConnection(asyncio.Protocol):
                         if session.closing or self.lanes is not lanes:
                             return  # (a close frame in what was fed)
                     lane, held = turn
-                    self._take_tokens(session, held)
+                    self._take_tokens(session, lanes, held)
                     next_pending = clients.handle_decoded(
                         session, held.message, held.error, self.log(), held.verdict
                     )
@@ -1096,7 +1087,7 @@ class WebSocketConnection(asyncio.Protocol):
                 # Closing: what is held back is of no use, and must not keep reading paused
                 # (the client's close reply is read, or the close waits for CLOSE_TIMEOUT).
                 lanes.clear()
-                self.lanes = self.untaken = None
+                self.lanes = None
             if self.paused and (self.lanes is None or self.lanes.roomy):
                 self._resume()  # the rest of a compressed read first (its close frame, say)
 
@@ -1266,8 +1257,8 @@ class WebSocketSession(ClientSession):
 
 
 class Held:
-    """A message held back (gateway.lanes): decoded, with its rate-limit verdict once taken
-    (None: taken when handled)."""
+    """A message read while some wait for Redis (gateway.lanes): decoded, its place in the
+    order sent, and its rate-limit verdict once taken (None: taken when handled)."""
 
     __slots__ = ("arrival", "error", "message", "verdict")
 
@@ -1276,6 +1267,27 @@ class Held:
         self.error = error
         self.arrival = arrival
         self.verdict: int | None = None
+
+
+class HeldBack(FrameLanes[Held]):
+    """A connection's :class:`~gateway.lanes.FrameLanes` while some of its messages wait for
+    Redis (none otherwise: an idle connection carries no such state), with the order the
+    messages were read in, for the rate limit: the messages held back whose token is not taken
+    yet, oldest first (``untaken``); one handled before them (a ping at once, another
+    project's) first has theirs taken (:meth:`WebSocketConnection._take_tokens`)."""
+
+    __slots__ = ("arrivals", "untaken")
+
+    def __init__(self) -> None:
+        super().__init__(LANES_CONCURRENCY, MAX_BACKLOG)
+        self.arrivals = 0
+        self.untaken: deque[Held] = deque()
+
+    def read(self, message: Any, error: ProtocolError | None) -> Held:
+        """A message read now, numbered in the order sent."""
+        held = Held(message, error, self.arrivals)
+        self.arrivals += 1
+        return held
 
 
 def _stop(task: asyncio.Task, pending: Coroutine[Any, Any, Any]) -> None:
