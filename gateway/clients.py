@@ -279,13 +279,20 @@ class ClientProtocol:
         error: ProtocolError | None,
         clog,
         verdict: int | None = None,
+        *,
+        held: bool = False,
     ) -> Coroutine[Any, Any, Any] | None:
         """One decoded frame (``error``: it was malformed, answered ``error`` here), handled
         here and now when nothing has to wait for Redis: None then. Else the coroutine that
         finishes it (a subscribe that the feed's memory cannot answer, presence), which the
         transport runs before any frame that must come after it (:meth:`lane_of`). Every frame
         takes a token of the rate limit first (:meth:`_over_limit` answers one over it), unless
-        it took it before (``verdict``: :meth:`take_token`)."""
+        it took it before (``verdict``: :meth:`take_token`).
+
+        ``held``: the frame was held back behind frames waiting for Redis (gateway.lanes), and
+        the transport ended the connection's run of malformed frames when it read it (malformed
+        frames are handled at once: a well-formed frame ends the run where it was sent, not
+        again where it is handled)."""
         limit = self.rate_limit
         if verdict is None and (
             limit is not None
@@ -303,7 +310,8 @@ class ClientProtocol:
         if error is not None:
             self.client_error(session, error.code, error.message)
             return None
-        session.errors = 0
+        if not held:
+            session.errors = 0
         if isinstance(message, Subscribe):
             if (message.epoch is None) != (message.after is None):
                 self.client_error(

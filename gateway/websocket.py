@@ -1069,7 +1069,7 @@ class WebSocketConnection(asyncio.Protocol):
                     lane, held = turn
                     self._take_tokens(session, lanes, held)
                     next_pending = clients.handle_decoded(
-                        session, held.message, held.error, self.log(), held.verdict
+                        session, held.message, held.error, self.log(), held.verdict, held=True
                     )
                     if next_pending is not None:
                         pending = next_pending
