@@ -1750,6 +1750,55 @@ async def test_one_read_of_thousands_of_frames_is_held_back_no_more_than_the_bac
     assert sorted(answered) == [("presence", p) for p in projects]
 
 
+async def test_a_paused_connection_keeps_no_more_than_a_slice_of_a_read_parsed():
+    # Reading pauses with MAX_BACKLOG frames held behind a subscribe waiting for a hung Redis,
+    # in the middle of one read of ~200 KB of empty pongs (6 bytes each on the wire). What the
+    # connection keeps of that read until the backlog drains is at most a slice's frames
+    # parsed (INFLATE_SLICE bytes' worth, ~140 bytes each), the rest as the bytes it read: a
+    # read parsed whole and kept as ~35,000 frames is ~5 MB a connection for as long as Redis
+    # hangs. Once Redis answers, every subscribe is answered, in order, and the client goes on.
+    import os
+    import signal
+
+    from gateway.websocket import INFLATE_SLICE, MAX_BACKLOG
+    from tests.support.redis_server import RedisServer
+
+    with RedisServer() as server:
+        gateway = await _hung_redis_gateway(server, subscribe_timeout=0.5, client_rate=0)
+        client = await RawClient.connect(gateway.port, rcvbuf=1 << 20)
+        try:
+            await client.send({"type": "auth", "token": issue_token(SECRET, "*", ttl=300)})
+            _, payload = await client.receive()
+            assert json.loads(payload)["type"] == "authenticated"
+            (session,) = gateway.sessions
+            connection = session.connection
+            kept = 0
+            os.kill(server.process.pid, signal.SIGSTOP)
+            try:
+                subscribe = json.dumps({"type": "subscribe", "project_id": 41}).encode()
+                client.writer.write(
+                    _masked_frame(1, subscribe) * (1 + MAX_BACKLOG)
+                    + _masked_frame(10, b"") * 35_000
+                )
+                await wait_until_true(lambda: connection.paused)
+                kept = len(connection.unread or ())
+            finally:
+                os.kill(server.process.pid, signal.SIGCONT)
+            answers = []
+            async with asyncio.timeout(10):
+                while len(answers) < 1 + MAX_BACKLOG:
+                    _, payload = await client.receive()
+                    answers.append(json.loads(payload))
+            assert [a["project_id"] for a in answers] == [41] * (1 + MAX_BACKLOG)
+            await client.send({"type": "ping"})
+            _, payload = await client.receive()
+            assert json.loads(payload) == {"type": "pong"}
+        finally:
+            client.close()
+            await gateway.drain()
+    assert kept <= INFLATE_SLICE // 6, f"{kept} frames kept parsed while paused"
+
+
 async def test_malformed_frames_count_in_a_row_in_the_order_sent_while_frames_wait():
     # Ten malformed frames in a row close a connection (4009), in the order they were sent: a
     # valid frame between them starts the count again, also when it is held back behind a
