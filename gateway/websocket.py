@@ -35,9 +35,10 @@ Per connection, in order:
    filled it waits undecoded, ``unread``; a closing connection drops what it held back and
    reads again, for the client's side of the close). Time reading is paused does
    not count against the client's pong deadline (:meth:`WebSocketConnection.paused_for`,
-   :mod:`gateway.keepalive`). With permessage-deflate, a read is given to websockets
-   :data:`INFLATE_SLICE` bytes at a time, and what is left of it when the backlog fills waits,
-   compressed, until it drains: a read of tiny messages is never decompressed whole.
+   :mod:`gateway.keepalive`). With permessage-deflate, or once open a read of more than
+   :data:`INFLATE_SLICE` bytes, a read is given to websockets that many bytes at a time, and what
+   is left of it when the backlog fills waits, as read, until it drains: a read of tiny messages
+   is never decompressed, nor kept parsed, whole.
 4. **Closing.** A close frame from either side, or a protocol error (1002, 1007, 1009, sent by
    websockets), ends with a half-close; a peer that does not close its side within
    :data:`CLOSE_TIMEOUT` s is dropped.
@@ -134,7 +135,8 @@ MAX_BACKLOG = 4
 #: nearly ``--max-frame-bytes`` could be ~140 MB (36 MB measured in one connection). A slice is
 #: at most ~2 MiB of messages, plus one begun in an earlier slice (at most ``--max-frame-bytes``);
 #: once the backlog is full the rest of the read waits, compressed, until it drains. A raw
-#: connection's read is fed whole (its messages are at most the read).
+#: connection's read over this size is fed the same way: kept parsed while the backlog is full,
+#: a 256 KiB read of empty frames is ~40,000 websockets frames (~5 MB); kept as read, 256 KiB.
 INFLATE_SLICE = 2048
 
 #: Close codes websockets itself sends when a client breaks the WebSocket protocol: 1002 (a bad
@@ -355,7 +357,7 @@ class WebSocketConnection(asyncio.Protocol):
         #: permessage-deflate is negotiated: reads are fed to websockets in slices (_inflate).
         self.inflating = False
         #: What websockets was not given yet of the read that filled the lanes' backlog
-        #: (compressed).
+        #: (as read: compressed with permessage-deflate).
         self.unfed: bytes | None = None
         #: The frames websockets made of a read and not handled yet, when the lanes' backlog
         #: filled before the last of them (kept as read, not decoded: :meth:`_frames`).
@@ -388,7 +390,13 @@ class WebSocketConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.answering_http:
             return  # nothing after an HTTP request is read (websockets would parse it as frames)
-        if self.inflating:
+        if (
+            self.inflating
+            or self.unfed is not None
+            or (self.session is not None and len(data) > INFLATE_SLICE)
+        ):
+            # Sliced: reading may pause part way through it (the lanes' backlog full), and the
+            # rest then waits as read, not as thousands of frames parsed (_inflate).
             self._inflate(data)
             return
         if len(data) == 10 and data.startswith(_PONG_HEADER) and self.between_frames():
@@ -404,6 +412,7 @@ class WebSocketConnection(asyncio.Protocol):
             if request is not None:
                 self._plain_request(request)
                 return
+        rest = None
         if self.head_bytes >= 0 and self.session is None and not self.close_armed:
             part, ended = self._head_part(data)
             self.head_bytes += part
@@ -412,6 +421,9 @@ class WebSocketConnection(asyncio.Protocol):
                 return
             if ended:
                 self.head_bytes = -1  # what follows is frames: counted no more
+                if len(data) - part > INFLATE_SLICE:
+                    # Frames right behind the request: fed in slices once it is open.
+                    data, rest = data[:part], data[part:]
         protocol = self.protocol
         protocol.receive_data(data)
         events = protocol.events_received()
@@ -428,6 +440,9 @@ class WebSocketConnection(asyncio.Protocol):
             self._dispatch(events)
         except Exception:
             self._failed()
+            return
+        if rest is not None and self.session is not None:
+            self._inflate(rest)
 
     def _plain_request(self, request: Request) -> None:
         """The first read was a plain request, exactly (:func:`parse_plain_request`): handled
@@ -887,10 +902,10 @@ class WebSocketConnection(asyncio.Protocol):
     # --- messages ----------------------------------------------------------------------------
 
     def _inflate(self, data: bytes) -> None:
-        """A read of a connection with permessage-deflate: given to websockets
+        """A read of a connection with permessage-deflate (or a large one): given to websockets
         :data:`INFLATE_SLICE` bytes at a time, each slice's frames handled before the next is
         fed, so that no more than a slice's messages are ever decompressed at once. When the
-        backlog is full (reading paused), the rest of the read is kept in ``unfed``, compressed,
+        backlog is full (reading paused), the rest of the read is kept in ``unfed``, as read,
         until :meth:`_resume` feeds it, before anything read later."""
         if self.unfed is not None:  # not expected: nothing is read while paused
             self.unfed += data
