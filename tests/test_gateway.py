@@ -1799,6 +1799,59 @@ async def test_a_paused_connection_keeps_no_more_than_a_slice_of_a_read_parsed()
     assert kept <= INFLATE_SLICE // 6, f"{kept} frames kept parsed while paused"
 
 
+async def test_frames_in_the_handshake_read_are_kept_no_more_than_a_slice_parsed():
+    # The same, with the frames in the read that brings the handshake (a client sending its
+    # auth and subscribes without waiting for the 101): reading pauses part way through them,
+    # and what is kept of that read parsed is at most a slice's frames.
+    import base64
+    import os
+    import signal
+
+    from gateway.websocket import INFLATE_SLICE, MAX_BACKLOG
+    from tests.support.redis_server import RedisServer
+
+    with RedisServer() as server:
+        gateway = await _hung_redis_gateway(server, subscribe_timeout=0.5, client_rate=0)
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        try:
+            key = base64.b64encode(os.urandom(16)).decode()
+            auth = json.dumps({"type": "auth", "token": issue_token(SECRET, "*", ttl=300)})
+            subscribe = json.dumps({"type": "subscribe", "project_id": 41}).encode()
+            kept = 0
+            os.kill(server.process.pid, signal.SIGSTOP)
+            try:
+                writer.write(
+                    "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                    f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+                    + b"\x81\xfe"  # a text frame, masked, a 16-bit length
+                    + len(auth).to_bytes(2, "big")
+                    + b"\0\0\0\0"  # (a mask of zeros: the payload as it is)
+                    + auth.encode()
+                    + _masked_frame(1, subscribe) * (1 + MAX_BACKLOG)
+                    + _masked_frame(10, b"") * 10_000
+                )
+                await wait_until_true(lambda: len(gateway.sessions) == 1)
+                (session,) = gateway.sessions
+                connection = session.connection
+                await wait_until_true(lambda: connection.paused)
+                kept = len(connection.unread or ())
+            finally:
+                os.kill(server.process.pid, signal.SIGCONT)
+            await reader.readuntil(b"\r\n\r\n")
+            client = RawClient(reader, writer)
+            answers = []
+            async with asyncio.timeout(10):
+                while len(answers) < 2 + MAX_BACKLOG:
+                    _, payload = await client.receive()
+                    answers.append(json.loads(payload))
+            assert answers[0]["type"] == "authenticated"
+            assert [a["project_id"] for a in answers[1:]] == [41] * (1 + MAX_BACKLOG)
+        finally:
+            writer.close()
+            await gateway.drain()
+    assert kept <= INFLATE_SLICE // 6, f"{kept} frames kept parsed while paused"
+
+
 async def test_malformed_frames_count_in_a_row_in_the_order_sent_while_frames_wait():
     # Ten malformed frames in a row close a connection (4009), in the order they were sent: a
     # valid frame between them starts the count again, also when it is held back behind a
