@@ -10,7 +10,8 @@ lets one through, in the order they came (a release with nobody waiting is banke
 caller). Hypothesis picks the frames a client sends (subscribe with or without presence, with
 no cursor, a current one, one of another epoch, or half a cursor; unsubscribe; presence_get;
 activity; ping; a malformed frame; an ``auth`` refreshing the token to another set of projects
-or with an invalid token), drawn from 10 projects with ``--max-subscriptions 3``, and where
+or with an invalid token; some several in one write, so that reading pauses part way through a
+read), drawn from 10 projects with ``--max-subscriptions 3``, and where
 among them each release comes. After each step the test waits until the gateway has read what
 was sent (or paused reading: its backlog of held frames is full) and every project being handled
 waits at its gate, so the interleaving is the one hypothesis chose; at the end every gate opens.
@@ -232,7 +233,20 @@ frame = st.one_of(
     st.tuples(st.just("auth_invalid")),
 )
 release = st.tuples(st.just("release"), project)
-steps_strategy = st.lists(st.one_of(frame, release), max_size=30)
+#: Several frames in one write (one read, often): reading may pause part way through it.
+burst = st.tuples(st.just("burst"), st.lists(frame, min_size=2, max_size=8).map(tuple))
+steps_strategy = st.lists(st.one_of(frame, release, burst), max_size=30)
+
+
+def sent_frames(steps) -> list:
+    """The frames the steps send, in order (a burst's one by one)."""
+    frames = []
+    for step in steps:
+        if step[0] == "burst":
+            frames.extend(step[1])
+        elif step[0] != "release":
+            frames.append(step)
+    return frames
 
 
 class Run:
@@ -354,6 +368,14 @@ class Connection:
         await self.client.send(text)
         self.sent += 1
 
+    def send_at_once(self, texts) -> None:
+        """The frames in one write."""
+        ws = self.client.ws
+        for text in texts:
+            ws.protocol.send_text(text.encode())
+        ws.transport.write(b"".join(ws.protocol.data_to_send()))
+        self.sent += len(texts)
+
     def pongs(self) -> int:
         return self.client.count("pong")
 
@@ -419,6 +441,8 @@ async def with_lanes(gateway, run: Run, initial, steps) -> Answers:
         for step in steps:
             if step[0] == "release":
                 GATES.release(run.ids[step[1]])
+            elif step[0] == "burst":
+                connection.send_at_once([run.render(f) for f in step[1]])
             else:
                 await connection.send(run.render(step))
                 pings += step[0] == "ping"
@@ -530,7 +554,7 @@ def owner_check(steps, frames, answers: Answers, owners) -> None:
 async def test_answers_per_project_are_those_of_the_frames_handled_one_after_the_other(
     gateways, publisher, gated, initial, steps
 ):
-    frames = [step for step in steps if step[0] != "release"]
+    frames = sent_frames(steps)
     assume(sum(1 for step in frames if step[0] == "malformed") <= MAX_MALFORMED)
     # One gateway for every example of the test (each example has projects of its own).
     gateway = getattr(gateways, "frame_order_gateway", None)
