@@ -11,15 +11,17 @@ turns its own input into these calls and the session's output into its own bytes
 * :meth:`ClientProtocol.authenticate`: claims for a session, with its expiry (one timer for
   all, :mod:`gateway.expiry`), and a refreshed token dropping the projects it no longer allows;
 * :meth:`ClientProtocol.subscribe` / :meth:`ClientProtocol.unsubscribe` with their checks and
-  errors; :meth:`ClientProtocol.handle_now` for a frame (WebSocket: the client messages),
-  handled at once unless it has to wait for Redis;
+  errors; :meth:`ClientProtocol.decode` then :meth:`ClientProtocol.handle_decoded` for a
+  frame (WebSocket: the client messages; :meth:`ClientProtocol.handle_now` does both), handled
+  at once unless it has to wait for Redis, and :meth:`ClientProtocol.lane_of`: what it must
+  wait for while others do (gateway.lanes);
 * :meth:`ClientProtocol.activity` / :meth:`ClientProtocol.presence_get`: presence (who is
   here, what they are doing; docs/presence.md), which :meth:`ClientProtocol.subscribe` joins
   the connection to and :meth:`ClientProtocol.unsubscribe` leaves;
 * :meth:`ClientProtocol.client_error`: an ``error`` message, counted, and the rule that ten
   malformed frames in a row close the connection (4009);
 * the rate limit on client frames (``--client-rate``, ``--client-burst``; the token bucket is
-  :mod:`gateway.ratelimit`): every frame :meth:`ClientProtocol.handle_now` gets takes a token;
+  :mod:`gateway.ratelimit`): every frame takes a token, in the order sent;
   one over the limit is not executed and answered ``error`` ``rate_limited`` (its project, if
   it names one), except ``unsubscribe`` and ``ping``, executed all the same (answering them
   costs what refusing them would, and a refused unsubscribe would keep a subscription the client
@@ -231,9 +233,9 @@ class ClientProtocol:
         Redis (gateway.lanes; ``busy``: the projects with frames being handled or held): its
         project's earlier frames; every earlier frame (:data:`~gateway.lanes.BARRIER`) for an
         ``auth`` (the token every later frame is judged by) and for a subscribe that might find
-        the connection at ``--max-subscriptions`` (counting the busy projects, which a subscribe
-        among their frames may yet add, and not the unsubscribes held among them: in the
-        frames' order, its answer depends on all of them); nothing (:data:`~gateway.lanes.FREE`)
+        the connection at ``--max-subscriptions`` (the busy projects counted as subscribed, since
+        a subscribe among their frames may yet add them; an unsubscribe held among them is not
+        counted off: the subscribe waits for it instead); nothing (:data:`~gateway.lanes.FREE`)
         for a ping or a malformed frame."""
         if isinstance(message, Subscribe):
             project_id = message.project_id
@@ -375,12 +377,6 @@ class ClientProtocol:
                 return None
             self.authenticate(session, claims)
         return None
-
-    async def handle(self, session: ClientSession, data: bytes | str, clog) -> None:
-        """:meth:`handle_now`, awaiting what it leaves to do."""
-        pending = self.handle_now(session, data, clog)
-        if pending is not None:
-            await pending
 
     def _over_limit(self, session: ClientSession, message: Any, verdict: int) -> bool:
         """A frame over the rate limit (``message`` None: a malformed one): True when it is not
