@@ -2922,8 +2922,9 @@ export class EventBus {
         if (Number.isSafeInteger(message.seq) && Number.isSafeInteger(message.project_id)) this._onEvent(message, "sse", sseOrigin(item, message));
         return;
       case "subscribed":
-        // With ?presence=1 the project's presence read follows (the gateway reads it before the
-        // next project it subscribes there): `presence`, or `unavailable` if it fails.
+        // With ?presence=1 the project's presence read follows: `presence`, or `unavailable` if
+        // it fails (other projects' answers may come between: the gateway subscribes up to 8 of
+        // a stream's projects at a time).
         if (attempt.presence && this._subs.has(message.project_id)) attempt.presenceDue.add(message.project_id);
         return this._onSubscribed(message, attempt);
       case "resync_required":
