@@ -764,8 +764,12 @@ async def test_replies_a_hung_master_sends_after_a_cut_off_presence_call_reach_n
     y = PresenceStore(client, "y", publish_command="SPUBLISH", group_timeout=0.3)
     record = PodRecord(name=None, viewing=None, answering=None, since=1, at=1)
     try:
+        # The first calls also connect to the master: not bounded by the cut-off's 0.3 s (a
+        # busy machine took longer, and the test failed before the master ever hung).
+        x.group_timeout = y.group_timeout = 10.0
         assert await x.write([Write(p1, 0, 7, {"xavier": record})]) == [True]
         assert await y.write([Write(p2, 0, 9, {"yann": record})]) == [True]
+        x.group_timeout = y.group_timeout = 0.3
         await asyncio.to_thread(hung.freeze)
         try:
             # Sent on the connection the calls above left in the pool (a new one would wait
@@ -776,6 +780,7 @@ async def test_replies_a_hung_master_sends_after_a_cut_off_presence_call_reach_n
                 await x.refresh({p1: 8})
         finally:
             await asyncio.to_thread(hung.thaw)
+        x.group_timeout = y.group_timeout = 10.0  # (what follows reconnects, on a busy machine)
         for _ in range(3):
             replies = await y.refresh({p2: 9})
             assert replies == {p2: (True, {"y": 9})}

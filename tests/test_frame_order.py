@@ -208,6 +208,9 @@ def gated(monkeypatch):
     OBSERVER._event = None
     yield
     GATES.arm(())
+    # (Keyed by connection: kept, they would outlive the test, and the later tests that check
+    # what a closed connection leaves behind would find them.)
+    OBSERVER.reads.clear()
 
 
 # --- what a client sends -----------------------------------------------------------------------
