@@ -739,12 +739,19 @@ class SseStreams:
                     session.close_later(CloseCode.INTERNAL_ERROR, "subscription failed")
                     return
 
-        if len(projects) == 1:
-            await subscribe_next()  # (the common stream: no task more)
-        else:
-            await asyncio.gather(
-                *(subscribe_next() for _ in range(min(CONCURRENCY, len(projects))))
-            )
+        try:
+            if len(projects) == 1:
+                await subscribe_next()  # (the common stream: no task more)
+            else:
+                # A TaskGroup, not gather: when one raises, the others stop with it.
+                async with asyncio.TaskGroup() as group:
+                    for _ in range(min(CONCURRENCY, len(projects))):
+                        group.create_task(subscribe_next())
+        except Exception:
+            # A bug: this stream ends (1011) and its client reconnects; never a stream left
+            # open without some of its projects. No other stream is affected.
+            log.exception("stream failed")
+            session.close_later(CloseCode.INTERNAL_ERROR, "internal error")
 
 
 def _websocket_upgrade(headers: Headers) -> bool:

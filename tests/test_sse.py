@@ -255,6 +255,43 @@ async def test_several_projects_share_one_stream_with_a_compound_cursor(gateways
     stream.close()
 
 
+async def test_a_subscribe_that_raises_ends_the_stream_and_stops_the_others(gateways):
+    """A bug while subscribing one of a stream's projects (here a planted exception) ends that
+    stream with a ``close`` event (1011), so its client reconnects, and stops the stream's other
+    subscribes then and there: never a stream left open with some projects silently missing,
+    nor a subscribe left waiting for a stream that has ended."""
+    gateway = await gateways()
+    clients = gateway.clients
+    real_subscribe = clients.subscribe
+    hanging = asyncio.Event()
+    stopped = asyncio.Event()
+
+    async def subscribe(session, project_id, *args, **kwargs):
+        if project_id == 7:  # waits (as for a hung Redis) until stopped
+            hanging.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                stopped.set()
+                raise
+        if project_id == 8:
+            await hanging.wait()
+            raise RuntimeError("planted bug")
+        return await real_subscribe(session, project_id, *args, **kwargs)
+
+    clients.subscribe = subscribe
+    path = "/v1/stream?project=7&project=8"
+    status, _, stream = await open_stream(_url(gateway), path, _auth([7, 8]))
+    assert status == 200
+    events = await stream.rest()
+    assert [e.event for e in events] == ["authenticated", "close"]
+    close = json.loads(events[-1].data)
+    assert close == {"type": "close", "code": 1011, "reason": "internal error"}
+    await asyncio.wait_for(stopped.wait(), 5)
+    await wait_until(lambda: not gateway.sessions, 5, "the stream to be gone")
+    stream.close()
+
+
 async def test_streams_are_authorised_by_the_header_only(gateways):
     gateway = await gateways()
     url = _url(gateway)
