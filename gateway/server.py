@@ -495,18 +495,12 @@ class Gateway:
         self.client_log("bad request", kind="bad_request", message=message)
         return json_response(400, {"error": "bad_request", "message": message})
 
-    def request_too_large(self, limit: int) -> Response:
-        """A request whose head is over ``--max-request-bytes`` (the client's mistake): 431,
-        counted with the malformed ones, logged a few times a minute."""
+    def request_too_large(self, message: str, status: int = 431) -> Response:
+        """A request over a bound of its head (the client's mistake): 431 (414 for the request
+        line), counted with the malformed ones, logged a few times a minute."""
         self.metrics.bad_requests_total += 1
-        self.client_log("request too large", kind="request_too_large", limit=limit)
-        return json_response(
-            431,
-            {
-                "error": "request_too_large",
-                "message": f"the request line and headers take more than {limit} bytes",
-            },
-        )
+        self.client_log("request too large", kind="request_too_large", message=message)
+        return json_response(status, {"error": "request_too_large", "message": message})
 
     def client_log(self, event: str, *, kind: str, **fields) -> None:
         """Log a line caused by a client at info level, throttled per ``kind``."""

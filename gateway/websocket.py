@@ -61,11 +61,16 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from websockets.datastructures import Headers
-from websockets.exceptions import InvalidMessage
+from websockets.exceptions import (
+    HeaderLineTooLong,
+    InvalidMessage,
+    RequestLineTooLong,
+    TooManyHeaders,
+)
 from websockets.extensions.permessage_deflate import enable_server_permessage_deflate
 from websockets.frames import CloseCode as WebSocketCloseCode
 from websockets.frames import Frame, Opcode
-from websockets.http11 import Request, Response
+from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS, Request, Response
 from websockets.protocol import Protocol, State
 from websockets.server import ServerProtocol
 from websockets.streams import StreamReader
@@ -157,6 +162,12 @@ _PONG_HEADER = b"\x8a\x84"
 _MASKED_PONG = struct.Struct("!II")
 #: The generators websockets' parser is made of (a server's handshake, then frames), and the one
 #: it waits in between two frames: how :meth:`WebSocketConnection.between_frames` tells.
+#: What websockets refuses itself while reading a request (a status, and the gateway's message).
+_OVER_WEBSOCKETS_BOUNDS: dict[type, tuple[int, str]] = {
+    RequestLineTooLong: (414, f"the request line takes more than {MAX_LINE_LENGTH} bytes"),
+    HeaderLineTooLong: (431, f"a header line takes more than {MAX_LINE_LENGTH} bytes"),
+    TooManyHeaders: (431, f"the request has more than {MAX_NUM_HEADERS} headers"),
+}
 _SERVER_PARSE = ServerProtocol.parse.__code__
 _FRAMES_PARSE = Protocol.parse.__code__
 _AT_EOF = StreamReader.at_eof.__code__
@@ -492,13 +503,27 @@ class WebSocketConnection(asyncio.Protocol):
         request body or ``Transfer-Encoding``: the gateway takes none) and only half-closes:
         answer 400 first, so the client learns why. True when answered (now or before)."""
         exc = self.protocol.handshake_exc
-        if type(exc) is not InvalidMessage:
-            return False  # none, or one websockets answered itself (414, 431)
+        if type(exc) is InvalidMessage:
+            if not self.close_armed:
+                reason = str(exc.__cause__)[:200]  # (it may quote the request line)
+                response = self.endpoint.gateway.bad_request(f"unreadable request: {reason}")
+                self.transport.write(response.serialize())
+                self.send_data()  # websockets' half-close
+                self._expect_close()
+            return True
+        over = _OVER_WEBSOCKETS_BOUNDS.get(type(exc))
+        if over is None:
+            return False  # none
+        # websockets bounds a line and the number of headers itself, below
+        # --max-request-bytes, and wrote its own plain-text answer: the gateway's JSON one,
+        # counted, goes instead, as for every other refusal.
         if not self.close_armed:
-            reason = str(exc.__cause__)[:200]  # (it may quote the request line)
-            response = self.endpoint.gateway.bad_request(f"unreadable request: {reason}")
+            status, message = over
+            self.protocol.data_to_send()  # websockets' answer and half-close: dropped
+            response = self.endpoint.gateway.request_too_large(message, status)
             self.transport.write(response.serialize())
-            self.send_data()  # websockets' half-close
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
             self._expect_close()
         return True
 
@@ -531,7 +556,10 @@ class WebSocketConnection(asyncio.Protocol):
         close is seen at once); the socket is dropped CLOSE_TIMEOUT s after the answer."""
         self.answering_http = True  # what the client sends next is dropped unread
         self.protocol.data_to_send()  # websockets' own answer to a part it read, if any: dropped
-        response = self.endpoint.gateway.request_too_large(self.endpoint.max_request_bytes)
+        limit = self.endpoint.max_request_bytes
+        response = self.endpoint.gateway.request_too_large(
+            f"the request line and headers take more than {limit} bytes"
+        )
         self.transport.write(response.serialize())
         if self.transport.can_write_eof():
             self.transport.write_eof()

@@ -764,6 +764,49 @@ async def test_a_request_head_over_the_limit_gets_431_and_its_socket_is_closed(g
     await wait_until(lambda: not gateway.admission.open, 5, "the connection to be closed")
 
 
+@pytest.mark.parametrize(
+    ("raw", "status", "message"),
+    [
+        (
+            b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+            414,
+            "the request line takes more than 8192 bytes",
+        ),
+        (
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nCookie: " + b"c" * 9000 + b"\r\n\r\n",
+            431,
+            "a header line takes more than 8192 bytes",
+        ),
+        (
+            b"GET /healthz HTTP/1.1\r\n"
+            + b"".join(b"X-H%d: v\r\n" % n for n in range(129))
+            + b"\r\n",
+            431,
+            "the request has more than 128 headers",
+        ),
+    ],
+    ids=["request_line", "header_line", "headers"],
+)
+async def test_a_line_or_a_header_count_over_websockets_bounds_gets_a_json_answer(
+    gateways, raw, status, message
+):
+    """websockets bounds a line (8,192 bytes with its end) and the headers (128) itself, under
+    --max-request-bytes: such a request gets the gateway's JSON answer, as every other refusal
+    (not websockets' plain text), is counted as a bad request, and its socket is closed."""
+    gateway = await gateways()
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    writer.write(raw)
+    async with asyncio.timeout(5):
+        answer = await reader.read()
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d " % status), answer[:200]
+    assert b"content-type: application/json" in head.lower(), head
+    assert json.loads(body) == {"error": "request_too_large", "message": message}
+    assert gateway.metrics.bad_requests_total == 1
+    await wait_until(lambda: not gateway.admission.open, 5, "the connection to be closed")
+
+
 async def test_a_large_head_within_the_limit_is_answered(gateways):
     """A browser's head can be large (cookies of up to ~8 KB, a token of up to 8 KiB): under
     --max-request-bytes it is answered as ever."""
