@@ -722,16 +722,23 @@ async def test_a_request_that_cannot_be_read_gets_400_not_a_silent_close(gateway
     Transfer-Encoding, or a request line that is not HTTP/1.1 is told why, in the JSON every
     other refusal has, rather than having the connection closed without a word."""
     gateway = await gateways()
+    head, body = await _answer_and_close(gateway, raw)
+    assert head.startswith(b"HTTP/1.1 400 "), head
+    assert json.loads(body)["error"] == "bad_request"
+    assert gateway.metrics.bad_requests_total == 1
+
+
+async def _answer_and_close(gateway, raw: bytes) -> tuple[bytes, bytes]:
+    """The gateway's answer to ``raw`` (its head and body), read to the end: the gateway closes
+    the connection after it."""
     reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
     writer.write(raw)
     async with asyncio.timeout(5):
         answer = await reader.read()
     writer.close()
-    head, _, body = answer.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 400 "), answer[:200]
-    assert json.loads(body)["error"] == "bad_request"
-    assert gateway.metrics.bad_requests_total == 1
     await wait_until(lambda: not gateway.admission.open, 5, "the connection to be closed")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return head, body
 
 
 @pytest.mark.parametrize(
@@ -794,17 +801,11 @@ async def test_a_line_or_a_header_count_over_websockets_bounds_gets_a_json_answe
     --max-request-bytes: such a request gets the gateway's JSON answer, as every other refusal
     (not websockets' plain text), is counted as a bad request, and its socket is closed."""
     gateway = await gateways()
-    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
-    writer.write(raw)
-    async with asyncio.timeout(5):
-        answer = await reader.read()
-    writer.close()
-    head, _, body = answer.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 %d " % status), answer[:200]
+    head, body = await _answer_and_close(gateway, raw)
+    assert head.startswith(b"HTTP/1.1 %d " % status), head
     assert b"content-type: application/json" in head.lower(), head
     assert json.loads(body) == {"error": "request_too_large", "message": message}
     assert gateway.metrics.bad_requests_total == 1
-    await wait_until(lambda: not gateway.admission.open, 5, "the connection to be closed")
 
 
 async def test_a_large_head_within_the_limit_is_answered(gateways):
