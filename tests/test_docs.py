@@ -276,3 +276,36 @@ def test_the_demo_backend_alone_finds_a_gateway_on_its_default_port(monkeypatch)
         timeout=60,
     )
     assert "port of the gateway (default 8765)" in " ".join(result.stdout.split())
+
+
+def test_the_metrics_table_names_every_metric_the_gateway_exports():
+    """docs/operations.md's metrics table is where an operator learns what a series means: a
+    metric the gateway exports and the table leaves out is one their dashboards meet unexplained
+    (and one the table names that is not exported, an alert that never fires)."""
+    from gateway.config import GatewayConfig
+    from gateway.group import SUPERVISOR_COUNTERS
+    from gateway.metrics import Metrics
+    from gateway.server import Gateway
+    from schemas.stored import ForeignKind
+
+    gateway = Gateway(GatewayConfig(no_auth=True))  # registers its gauges; nothing is started
+    names = [*Metrics.COUNTERS, *gateway.metrics.gauges, *SUPERVISOR_COUNTERS]
+    exported = {
+        *(f"eventbus_{name}" for name in names),
+        "eventbus_foreign_values_total",
+        "eventbus_relay_lag_seconds",
+        "eventbus_worker_ready",  # with --workers (gateway.group)
+        "eventbus_workers",
+    }
+    rows = [
+        line
+        for line in (ROOT / "docs/operations.md").read_text().splitlines()
+        if line.startswith("| `eventbus_")
+    ]
+    tabled = {
+        name for row in rows for name in re.findall(r"`(eventbus_[a-z_]+)", row.split(" | ")[0])
+    }
+    assert sorted(exported - tabled) == [], "exported, not in the table"
+    assert sorted(tabled - exported) == [], "in the table, not exported"
+    foreign = next(row for row in rows if row.startswith("| `eventbus_foreign_values_total"))
+    assert [kind.value for kind in ForeignKind if f"`{kind.value}`" not in foreign] == []
