@@ -1,8 +1,8 @@
 """The documentation stands on its own: every link resolves inside the repository (a link
 to a section, to one of the page's headings), every test it cites exists, the contract page
 (docs/contract.md) names every field of every event the code defines, docs/operations.md's
-settings table gives the gateway's real defaults, and docs/publisher.md's samples run as
-written."""
+settings table gives the gateway's real defaults and its metrics table every metric it exports,
+and docs/publisher.md's samples run as written."""
 
 from __future__ import annotations
 
