@@ -316,3 +316,27 @@ def test_the_metrics_table_names_every_metric_the_gateway_exports():
     assert sorted(tabled - exported) == [], "in the table, not exported"
     foreign = next(row for row in rows if row.startswith("| `eventbus_foreign_values_total"))
     assert [kind.value for kind in ForeignKind if f"`{kind.value}`" not in foreign] == []
+
+
+def test_the_contract_pages_connection_rules_are_eventbus_js_defaults():
+    """docs/contract.md answers the contract's connection rules (reconnect 1 s to 30 s, poll
+    every 10 s) with eventbus.js's figures: the defaults it ships must be those figures."""
+    source = (ROOT / "gateway/static/eventbus.js").read_text()
+    defaults = source[source.index("export const DEFAULTS") :]
+    defaults = defaults[: defaults.index("\n});")]
+
+    def value(name: str) -> str:
+        return re.search(rf"\b{name}: ([\w.]+)", defaults).group(1)
+
+    rows = (ROOT / "docs/contract.md").read_text().split("## Connection management", 1)[1]
+    # each row: | the contract's rule | this project's answer |: the second cell is ours
+    reconnection = next(row for row in rows.splitlines() if "**Reconnection**" in row)
+    reconnection = reconnection.split(" | ")[1]
+    fallback = next(row for row in rows.splitlines() if "**Fallback**" in row).split(" | ")[1]
+    assert (value("initial"), value("max"), value("factor")) == ("1000", "30000", "2")
+    assert "1, 2, 4, 8, 16, 30, 30, ... s" in reconnection
+    assert f"±{round(float(value('jitter')) * 100)} % jitter" in reconnection
+    assert f"stays up {int(value('stableAfter')) // 1000} s" in reconnection
+    assert f"within {int(value('promptDelayMax')) / 1000:g} s" in reconnection
+    assert value("sse") == "true" and "Server-Sent Events" in fallback
+    assert f"every {int(value('pollInterval')) // 1000} s" in fallback
