@@ -1,6 +1,7 @@
 """The documentation stands on its own: every link resolves inside the repository (a link
 to a section, to one of the page's headings), every test it cites exists, the contract page
-(docs/contract.md) names every field of every event the code defines, docs/operations.md's
+(docs/contract.md) names every field of every event the code defines and answers the contract's
+connection rules with eventbus.js's real defaults, docs/operations.md's
 settings table gives the gateway's real defaults and its metrics table every metric it exports,
 and docs/publisher.md's samples run as written."""
 
