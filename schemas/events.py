@@ -29,6 +29,9 @@ from typing import Annotated, Any, Literal, TypeAlias, Union
 import msgspec
 from msgspec import Meta
 
+from schemas.protocol import PROTOCOL_TYPES
+from schemas.stored import MAX_EVENT_BYTES
+
 __all__ = [
     "AgentResumed",
     "Blocker",
@@ -177,8 +180,18 @@ class BlockerExpired(ProjectEvent, tag="blocker_expired"):
 
 
 def event_types() -> tuple[type[ProjectEvent], ...]:
-    """Every concrete event type, in definition order."""
-    return tuple(ProjectEvent.__subclasses__())
+    """Every concrete event type, in definition order. Raises ``TypeError`` for one whose tag is
+    the ``type`` of a protocol message (``activity``, ``subscribed``...: ``PROTOCOL_TYPES``):
+    clients would take its events for control messages, and gateways skip them."""
+    types = tuple(ProjectEvent.__subclasses__())
+    for event_type in types:
+        tag = event_type.__struct_config__.tag
+        if tag in PROTOCOL_TYPES:
+            raise TypeError(
+                f"event type {event_type.__name__}: its tag {tag!r} is the type of a protocol "
+                f"message; choose another (the protocol's: {', '.join(sorted(PROTOCOL_TYPES))})"
+            )
+    return types
 
 
 # The tagged union of every event type defined above; decode with ``decode_event``.
@@ -258,7 +271,9 @@ def encode_event(event: ProjectEvent | Any) -> bytes:
     ``__init__`` skips. The validated copy is then encoded once more: fields assigned after
     construction (a datetime with a +02:00 offset, an ISO string in a datetime field) would
     otherwise reach the wire as given, while the contract wants UTC with ``Z``. The returned bytes
-    are exactly what is stored and relayed.
+    are exactly what is stored and relayed: at most ``schemas.stored.MAX_EVENT_BYTES`` (a
+    longer event, possible only for an added type with an unbounded field, is refused with
+    :class:`EventValidationError`: stored, every gateway would skip it).
     """
     if not isinstance(event, ProjectEvent):
         raise EventValidationError(
@@ -272,6 +287,12 @@ def encode_event(event: ProjectEvent | Any) -> bytes:
     # Re-encoding the decoded copy costs ~0.5 us, far less than the decode that validates it.
     # (msgspec's own bytes cannot repeat a key: _decoder, not decode_event's extra check)
     try:
-        return _encoder.encode(_decoder.decode(data))
+        data = _encoder.encode(_decoder.decode(data))
     except msgspec.DecodeError as exc:
         raise EventValidationError(str(exc)) from None
+    if len(data) > MAX_EVENT_BYTES:
+        raise EventValidationError(
+            f"the event's JSON takes {len(data)} bytes, more than an event can be "
+            f"({MAX_EVENT_BYTES} bytes: its stored frame, with its seq, is at most 1 MiB)"
+        )
+    return data

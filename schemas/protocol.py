@@ -9,7 +9,7 @@ live in :class:`CloseCode`, error codes in :class:`ErrorCode`, resync reasons in
 from __future__ import annotations
 
 import enum
-from typing import Annotated, TypeAlias, Union
+from typing import Annotated, TypeAlias, Union, get_args
 
 import msgspec
 from msgspec import Meta
@@ -18,6 +18,7 @@ from schemas.tags import TAG_PATTERN
 
 __all__ = [
     "MAX_SEQ",
+    "PROTOCOL_TYPES",
     "Activity",
     "Auth",
     "Authenticated",
@@ -296,6 +297,12 @@ ServerMessage: TypeAlias = Union[  # noqa: UP007
     Presence,
     PresenceDiff,
 ]
+
+#: The ``type`` of every protocol message, a client's or the gateway's: no event type may take one
+#: (a client tells events from control messages by ``type``; schemas.events refuses such a tag).
+PROTOCOL_TYPES: frozenset[str] = frozenset(
+    message.__struct_config__.tag for message in get_args(ClientMessage) + get_args(ServerMessage)
+)
 
 
 class PollResponse(msgspec.Struct):

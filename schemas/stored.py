@@ -62,13 +62,14 @@ import enum
 import json
 import re
 from collections.abc import Sequence
-from typing import NamedTuple, get_args
+from typing import NamedTuple
 
 from schemas.keys import Envelope, MalformedEnvelope, parse_envelope
-from schemas.protocol import ClientMessage, ServerMessage
+from schemas.protocol import MAX_SEQ, PROTOCOL_TYPES
 
 __all__ = [
     "MAX_ENTRY_BYTES",
+    "MAX_EVENT_BYTES",
     "MAX_FRAME_BYTES",
     "ForeignKind",
     "ForeignValue",
@@ -83,6 +84,10 @@ __all__ = [
 #: Largest frame the gateway relays: far above any event of the contract, below every client's
 #: message limit (the Python consumer's is 4 MiB).
 MAX_FRAME_BYTES = 1 << 20
+#: Largest event JSON (what ``schemas.events.encode_event`` returns, which refuses a longer one):
+#: the publish script makes its frame ``,"seq":<seq>`` longer (a seq has at most 16 digits), and
+#: the frame must fit :data:`MAX_FRAME_BYTES`, else every gateway would skip it as not the bus's.
+MAX_EVENT_BYTES = MAX_FRAME_BYTES - len(',"seq":') - len(str(MAX_SEQ))
 #: Largest stream entry (the bytes of its field names and values) a history read returns whole:
 #: the publish script writes ``f`` (a frame) and ``t`` (a Unix ms), at most this much.
 MAX_ENTRY_BYTES = MAX_FRAME_BYTES + 64
@@ -106,9 +111,7 @@ _PLACING_KEY_RE = re.compile(rb',[ \t\n\r]*"(?:type|project_id|seq)"')
 #: Headers of frames whose type is a protocol message's (``authenticated``, ``subscribed``...):
 #: a client reads the type first, so such a "event" would act on its connection (a forged
 #: ``authenticated`` moves the browser client's token refresh). No event can have one.
-_PROTOCOL_TYPES = frozenset(
-    message.__struct_config__.tag for message in get_args(ClientMessage) + get_args(ServerMessage)
-)
+_PROTOCOL_TYPES = PROTOCOL_TYPES
 _PROTOCOL_HEADERS = frozenset(b'{"type":"%s","project_id":' % t.encode() for t in _PROTOCOL_TYPES)
 
 

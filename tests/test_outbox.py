@@ -1480,6 +1480,49 @@ def test_an_invalid_row_holds_its_project_only_and_is_reported_once(sqlite_path,
     assert_exact(bus.client, {5: [1, 2], 6: [3]})
 
 
+def test_a_row_the_publisher_would_refuse_holds_its_project_only(
+    sqlite_path, table, bus, monkeypatch
+):
+    """A row whose event decodes but that ``encode_event`` refuses (a hand-made row just under
+    the size limit can encode longer: a time "...00.1Z" is written "...00.100000Z") is reported
+    and holds its project, as an invalid row does. Refused in the publish instead, it stopped
+    every project's rows (the relay took the publisher's refusal for its failure)."""
+    import publisher.core
+    import publisher.outbox.relay
+    from schemas.events import EventValidationError
+
+    def refusing(real):
+        def encode(event):
+            if getattr(event, "blocker_id", None) == 9:
+                raise EventValidationError("the event's JSON takes 1048560 bytes, more than")
+            return real(event)
+
+        return encode
+
+    monkeypatch.setattr(publisher.core, "encode_event", refusing(publisher.core.encode_event))
+    monkeypatch.setattr(
+        publisher.outbox.relay,
+        "encode_event",
+        refusing(getattr(publisher.outbox.relay, "encode_event", encode_event)),
+        raising=False,
+    )
+    outbox = Outbox(table)
+    with sqlite3.connect(sqlite_path) as conn:
+        outbox.write_many(conn, [event(5, 1), event(6, 2)])
+        conn.execute(
+            f"INSERT INTO {table} (project_id, token, event, created_at) VALUES (5, 'tok', ?, 0)",
+            (encode_event(event(5, 9)).decode(),),
+        )
+        outbox.write_many(conn, [event(5, 3), event(6, 4)])
+    relay = OutboxRelay.sqlite(sqlite_path, bus, table=table, hold_interval=0)
+    try:
+        assert relay.run_once() == 3  # project 5's first event and both of project 6's
+        assert relay.metrics.invalid_rows == 1
+        assert_exact(bus.client, {5: [1], 6: [2, 4]})
+    finally:
+        relay.store.close()
+
+
 def test_rows_behind_a_full_batch_of_invalid_rows_go_out_without_waiting_a_poll_interval(
     sqlite_path, table, bus
 ):

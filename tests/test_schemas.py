@@ -4,6 +4,7 @@ tests of the decoders, the committed JSON Schema, and the Redis key layout."""
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import re
 import subprocess
@@ -899,6 +900,63 @@ def test_event_tags_never_collide_with_control_messages() -> None:
     control = {t.__struct_config__.tag for t in ServerMessage.__args__}
     assert control >= {"authenticated", "subscribed", "resync_required", "error", "pong"}
     assert not control & set(EVENT_TAGS)
+
+
+def _events_module_with(added: str):
+    """schemas/events.py as a user changes it to add an event type (docs/events.md): ``added``
+    (a Struct's source) above ``event_types()``, loaded as a module of its own (its own
+    ProjectEvent: the real module's types are untouched)."""
+    import types
+
+    source = Path("schemas/events.py").read_text()
+    anchor = "\ndef event_types()"
+    assert source.count(anchor) == 1
+    module = types.ModuleType(f"schemas_events_with_an_added_type_{next(_added_types)}")
+    sys.modules[module.__name__] = module  # (msgspec resolves annotations through it, later)
+    code = source.replace(anchor, "\n" + added + "\n" + anchor, 1)
+    exec(compile(code, "schemas/events.py (with an added type)", "exec"), module.__dict__)
+    return module
+
+
+_added_types = itertools.count()
+
+
+@pytest.mark.parametrize("tag", ["activity", "subscribed", "presence_diff", "auth", "pong"])
+def test_an_added_event_type_named_like_a_protocol_message_is_refused(tag) -> None:
+    """Clients tell events from control messages by ``type``, and gateways skip a stored event
+    of a protocol message's type (schemas.stored): an event type so named is refused when the
+    module loads, with a message naming it, instead of publishing events no one receives."""
+    added = f'class Clash(ProjectEvent, tag="{tag}"):\n    note: ShortText\n'
+    with pytest.raises(TypeError, match=rf"event type Clash: its tag '{tag}' is the type of a"):
+        _events_module_with(added)
+    # Another tag is fine, and joins the union.
+    fine = _events_module_with(added.replace(f'"{tag}"', '"task_noted"'))
+    assert [t.__struct_config__.tag for t in fine.event_types()][-1] == "task_noted"
+
+
+def test_an_event_over_the_largest_frame_is_refused_before_it_is_stored() -> None:
+    """An added event type with an unbounded field can make an event larger than a stored frame
+    may be (1 MiB with its seq): every gateway would skip it (clients get ``resync_required``
+    ``history_corrupt``) after the publisher had answered with a cursor. ``encode_event``, which
+    every publish goes through, refuses it with a message; one byte less is published, and its
+    frame at the largest seq is still one that gateways relay."""
+    from schemas.protocol import MAX_SEQ
+    from schemas.stored import MAX_EVENT_BYTES, MAX_FRAME_BYTES, ForeignKind, check_frame
+
+    module = _events_module_with(
+        'class TaskNoted(ProjectEvent, tag="task_noted"):\n    notes: str\n'
+    )
+    empty = len(module.encode_event(module.TaskNoted(project_id=1, notes="")))
+    largest = module.TaskNoted(project_id=1, notes="x" * (MAX_EVENT_BYTES - empty))
+    payload = module.encode_event(largest)
+    assert len(payload) == MAX_EVENT_BYTES
+    frame = payload[:-1] + b',"seq":%d}' % MAX_SEQ  # (what the publish script stores)
+    assert len(frame) == MAX_FRAME_BYTES
+    assert check_frame(frame, ForeignKind.STREAM_ENTRY, 1, MAX_SEQ) == frame
+    with pytest.raises(module.EventValidationError, match=r"takes 1048554 bytes, more than"):
+        module.encode_event(
+            module.TaskNoted(project_id=1, notes="x" * (MAX_EVENT_BYTES - empty + 1))
+        )
 
 
 def test_eventbus_js_knows_every_close_code_of_the_protocol() -> None:

@@ -15,7 +15,7 @@ import hashlib
 import re
 from collections.abc import Generator
 
-from schemas.stored import MAX_FRAME_BYTES
+from schemas.stored import MAX_EVENT_BYTES as STORED_MAX_EVENT_BYTES
 
 __all__ = [
     "DEFAULT_TABLE",
@@ -43,9 +43,9 @@ POSTGRES = "postgresql"
 SQLITE = "sqlite"
 DEFAULT_TABLE = "eventbus_outbox"
 
-#: The largest outbox event the relay reads: the largest frame a stream takes (1 MiB), far
-#: above any event of the contract (~30 KB).
-MAX_EVENT_BYTES = MAX_FRAME_BYTES
+#: The largest outbox event the relay reads: the largest an event can be (its frame, with its
+#: seq, the largest a stream takes: 1 MiB), far above any event of the contract (~30 KB).
+MAX_EVENT_BYTES = STORED_MAX_EVENT_BYTES
 
 _TABLE_RE = re.compile(r"^(?:[a-z_][a-z0-9_]{0,62}\.)?[a-z_][a-z0-9_]{0,40}\Z")
 
