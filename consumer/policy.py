@@ -35,6 +35,8 @@ __all__ = [
 
 #: websockets reports a connection that ended without a close frame (reset, killed peer) as 1006.
 ABNORMAL_CLOSURE = 1006
+#: RFC 6455: a frame that breaks the protocol (sent by websockets, not in CloseCode).
+PROTOCOL_ERROR = 1002
 #: RFC 6455: a text frame that is not UTF-8 (sent by the gateway's websockets, not in CloseCode).
 INVALID_DATA = 1007
 #: The shortest wait, seconds, after a 4003 (token revoked) before the next attempt. A token's
@@ -156,6 +158,7 @@ def close_action(code: int | None) -> CloseAction:
             Retry.BACKOFF, renew_token=True, auth_failure=True, min_delay=REVOKED_RETRY_FLOOR
         )
     if code in (
+        PROTOCOL_ERROR,
         INVALID_DATA,
         CloseCode.POLICY_VIOLATION,
         CloseCode.MESSAGE_TOO_BIG,

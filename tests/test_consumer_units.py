@@ -411,6 +411,7 @@ def test_close_codes_map_to_the_documented_reaction():
     assert close_action(4009).client_bug and close_action(1008).client_bug
     assert close_action(4029).client_bug and close_action(4029).retry is Retry.BACKOFF
     assert close_action(1007).client_bug and close_action(1009).client_bug
+    assert close_action(1002).client_bug  # a broken frame, sent by this client (or a proxy)
     for code in (None, 1000, 1006, 1011, 1013, 4999):
         action = close_action(code)
         assert action.retry is Retry.BACKOFF and not action.auth_failure
@@ -2801,11 +2802,18 @@ async def test_a_gateway_closing_each_new_connection_for_a_prompt_reconnect_gets
         await consumer.aclose()
 
 
-async def test_a_frame_the_consumer_refuses_is_the_gateways_fault_not_its_own():
-    """A gateway sends a frame over the consumer's ``max_size`` (4 MiB): the consumer closes the
-    connection with 1009 and reconnects with backoff, logging a warning that names the refused
-    frame. Before, nothing said why: websockets discards what follows a failure, the gateway's
-    echo of 1009 included, so the connection ended as a plain 1006 ('disconnected')."""
+@pytest.mark.parametrize(
+    ("code", "why"),
+    [(1009, "exceeds limit"), (1002, "invalid opcode")],
+    ids=["oversized", "broken_frame"],
+)
+async def test_a_frame_the_consumer_refuses_is_the_gateways_fault_not_its_own(code, why):
+    """A gateway sends a frame over the consumer's ``max_size`` (4 MiB), or one that breaks the
+    WebSocket protocol: the consumer closes the connection with 1009 (1002) and reconnects with
+    backoff, logging a warning that names the refused frame. Before, nothing said why:
+    websockets discards what follows a failure, the gateway's echo of 1009 included, so the
+    connection ended as a plain 1006 ('disconnected'); and a broken frame's 1002 was not counted
+    as a protocol violation at all."""
     from structlog.testing import capture_logs
     from websockets.asyncio.server import serve
     from websockets.exceptions import ConnectionClosed
@@ -2815,7 +2823,10 @@ async def test_a_frame_the_consumer_refuses_is_the_gateways_fault_not_its_own():
         await connection.send(
             '{"type":"authenticated","subject":null,"projects":null,"expires_at":null}'
         )
-        await connection.send("x" * (2**22 + 1))
+        if code == 1009:
+            await connection.send("x" * (2**22 + 1))
+        else:
+            connection.transport.write(b"\x83\x00")  # opcode 3: reserved
         with contextlib.suppress(ConnectionClosed):
             await connection.recv()
 
@@ -2828,8 +2839,8 @@ async def test_a_frame_the_consumer_refuses_is_the_gateways_fault_not_its_own():
     assert consumer.close_codes == [1006]  # (no close frame is read after a failure)
     assert delay == 0.5  # the backoff's first (random 0.5), not a prompt reconnect
     refused = [e for e in logs if e["event"] == "refused a frame from the gateway"]
-    assert [(e["log_level"], e["code"]) for e in refused] == [("warning", 1009)]
-    assert "exceeds limit" in refused[0]["reason"]
+    assert [(e["log_level"], e["code"]) for e in refused] == [("warning", code)]
+    assert why in refused[0]["reason"]
     assert not [e for e in logs if e["log_level"] == "error"]
 
 
