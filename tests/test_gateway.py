@@ -1454,24 +1454,19 @@ async def test_a_gateway_and_publishers_on_a_unix_socket_deliver_live_events(gat
 
 
 async def test_a_subscribe_against_a_hung_redis_gets_unavailable_in_time_then_works():
-    import os
-    import signal
 
     from publisher import AsyncPublisher
-    from tests.support.redis_server import RedisServer
+    from tests.support.redis_server import RedisServer, hung
 
     with RedisServer() as server:
         gateway = await _hung_redis_gateway(server, subscribe_timeout=1.0)
         client = await client_for(gateway, [31])
         try:
-            os.kill(server.process.pid, signal.SIGSTOP)  # sockets open, nothing answers
-            try:
+            with hung(server):  # sockets open, nothing answers
                 started = time.monotonic()
                 await client.send({"type": "subscribe", "project_id": 31})
                 await client.wait_for(lambda: client.last("error") is not None, within=4)
                 elapsed = time.monotonic() - started
-            finally:
-                os.kill(server.process.pid, signal.SIGCONT)
             assert client.last("error") == {
                 "type": "error",
                 "code": "unavailable",
@@ -1502,12 +1497,10 @@ async def test_a_connection_closed_while_presence_waits_for_a_hung_redis_is_let_
     # As a subscribe's own wait (below): a client that goes while its presence read waits for
     # Redis does not leave its handler task, and the session, waiting for --subscribe-timeout.
     # The feed answers the subscribe from memory; only presence waits.
-    import os
-    import signal
     import weakref
 
     from publisher import AsyncPublisher
-    from tests.support.redis_server import RedisServer
+    from tests.support.redis_server import RedisServer, hung
 
     with RedisServer() as server:
         gateway = await _hung_redis_gateway(server, subscribe_timeout=5.0)
@@ -1515,8 +1508,7 @@ async def test_a_connection_closed_while_presence_waits_for_a_hung_redis_is_let_
         await staying.subscribe(33)
         leaving = await client_for(gateway, [33])
         try:
-            os.kill(server.process.pid, signal.SIGSTOP)  # sockets open, nothing answers
-            try:
+            with hung(server):  # sockets open, nothing answers
                 # Measured from the send: --subscribe-timeout (5 s) cannot end the wait sooner,
                 # so a let-go within 4 s of it can only be the close's doing, however slow the
                 # machine is between the send and the close.
@@ -1529,8 +1521,6 @@ async def test_a_connection_closed_while_presence_waits_for_a_hung_redis_is_let_
                 await leaving.close()
                 await wait_until_true(lambda: not handlers() and session() is None, within=8)
                 elapsed = time.monotonic() - sent
-            finally:
-                os.kill(server.process.pid, signal.SIGCONT)
             assert elapsed < 4, f"let go {elapsed:.2f} s after the send (subscribe timeout: 5 s)"
             publisher = AsyncPublisher.from_url(server.url)
             await publish(publisher, 33, 3)
@@ -1548,20 +1538,17 @@ async def test_a_connection_closed_while_its_subscribe_waits_for_a_hung_redis_is
     # feed's channel confirmation never comes) does not leave its handler task, and with it the
     # session, waiting for --subscribe-timeout. A client of the same project that stays still
     # waits, and once Redis answers gets subscribed, then every event once, in order.
-    import os
-    import signal
     import weakref
 
     from publisher import AsyncPublisher
-    from tests.support.redis_server import RedisServer
+    from tests.support.redis_server import RedisServer, hung
 
     with RedisServer() as server:
         gateway = await _hung_redis_gateway(server, subscribe_timeout=5.0)
         staying = await client_for(gateway, [33])
         leaving = await client_for(gateway, [33])
         try:
-            os.kill(server.process.pid, signal.SIGSTOP)  # sockets open, nothing answers
-            try:
+            with hung(server):  # sockets open, nothing answers
                 # Measured from the sends: --subscribe-timeout (5 s) cannot end the wait sooner,
                 # so a let-go within 4 s of them can only be the close's doing, however slow the
                 # machine is between the sends and the close.
@@ -1576,8 +1563,6 @@ async def test_a_connection_closed_while_its_subscribe_waits_for_a_hung_redis_is
                 await wait_until_true(lambda: len(handlers()) == 1 and session() is None, within=8)
                 elapsed = time.monotonic() - sent
                 assert len(gateway.sessions) == 1 and not staying.of("subscribed")
-            finally:
-                os.kill(server.process.pid, signal.SIGCONT)
             assert elapsed < 4, f"let go {elapsed:.2f} s after the sends (subscribe timeout: 5 s)"
             await staying.wait_for(lambda: staying.count("subscribed") == 1, within=4)
             publisher = AsyncPublisher.from_url(server.url)
@@ -1609,13 +1594,11 @@ async def test_a_hung_redis_does_not_get_a_client_that_answers_its_pings_closed(
     # gateway's, not the client's: the keepalive does not count it, and the client gets an
     # `unavailable` error for each project, then subscribes once Redis is back, on the same
     # connection.
-    import os
-    import signal
 
     from gateway.lanes import CONCURRENCY as LANES_CONCURRENCY
     from gateway.websocket import MAX_BACKLOG
     from publisher import AsyncPublisher
-    from tests.support.redis_server import RedisServer
+    from tests.support.redis_server import RedisServer, hung
 
     with RedisServer() as server:
         gateway = await _hung_redis_gateway(
@@ -1623,16 +1606,13 @@ async def test_a_hung_redis_does_not_get_a_client_that_answers_its_pings_closed(
         )
         client = await client_for(gateway)
         try:
-            os.kill(server.process.pid, signal.SIGSTOP)
-            try:
+            with hung(server):
                 for project_id in _WAITING:
                     await client.send({"type": "subscribe", "project_id": project_id})
                 await client.wait_for(
                     lambda: client.count("error") == len(_WAITING) or client.closed.is_set(),
                     within=len(_WAITING) * 0.4 + 5,
                 )
-            finally:
-                os.kill(server.process.pid, signal.SIGCONT)
             assert len(_WAITING) > LANES_CONCURRENCY + MAX_BACKLOG  # (reading paused)
             assert not client.closed.is_set(), client.close_code
             errors = client.of("error")
@@ -1665,10 +1645,8 @@ async def test_a_connection_closed_while_reading_is_paused_reads_the_close_reply
     # for Redis ends (--subscribe-timeout), the gateway reads again: the client's close reply
     # is read and the TCP connection ends then, not CLOSE_TIMEOUT (5 s) later with the held
     # frames (of no use any more) still keeping reading paused.
-    import os
-    import signal
 
-    from tests.support.redis_server import RedisServer
+    from tests.support.redis_server import RedisServer, hung
 
     with RedisServer() as server:
         gateway = await _hung_redis_gateway(server, subscribe_timeout=0.5)
@@ -1677,8 +1655,7 @@ async def test_a_connection_closed_while_reading_is_paused_reads_the_close_reply
             await client.send({"type": "auth", "token": issue_token(SECRET, "*", ttl=300)})
             opcode, payload = await client.receive()
             assert json.loads(payload)["type"] == "authenticated"
-            os.kill(server.process.pid, signal.SIGSTOP)
-            try:
+            with hung(server):
                 subscribe = json.dumps({"type": "subscribe", "project_id": 41}).encode()
                 client.writer.write(
                     _masked_frame(1, subscribe) * 6 + _masked_frame(1, b"not json") * 10
@@ -1694,8 +1671,6 @@ async def test_a_connection_closed_while_reading_is_paused_reads_the_close_reply
                         while await client.reader.read(4096):
                             pass
                 elapsed = time.monotonic() - closed_at
-            finally:
-                os.kill(server.process.pid, signal.SIGCONT)
         finally:
             client.close()
             await gateway.drain()
@@ -1709,11 +1684,9 @@ async def test_one_read_of_thousands_of_frames_is_held_back_no_more_than_the_bac
     # the backlog drains: decoded and held per project, each frame would cost ten times its
     # bytes, a megabyte per connection for one 64 KiB read).
     # Once Redis answers, every project gets its presence, once.
-    import os
-    import signal
 
     from gateway.websocket import MAX_BACKLOG
-    from tests.support.redis_server import RedisServer
+    from tests.support.redis_server import RedisServer, hung
 
     projects = range(1000, 4000)
     with RedisServer() as server:
@@ -1725,8 +1698,7 @@ async def test_one_read_of_thousands_of_frames_is_held_back_no_more_than_the_bac
             assert json.loads(payload)["type"] == "authenticated"
             (session,) = gateway.sessions
             connection = session.connection
-            os.kill(server.process.pid, signal.SIGSTOP)
-            try:
+            with hung(server):
                 client.writer.write(
                     b"".join(
                         _masked_frame(1, b'{"type":"presence_get","project_id":%d}' % p)
@@ -1735,8 +1707,6 @@ async def test_one_read_of_thousands_of_frames_is_held_back_no_more_than_the_bac
                 )
                 await wait_until_true(lambda: connection.paused)
                 held = connection.lanes.waiting
-            finally:
-                os.kill(server.process.pid, signal.SIGCONT)
             answered = []
             async with asyncio.timeout(30):
                 while len(answered) < len(projects):
@@ -1757,11 +1727,9 @@ async def test_a_paused_connection_keeps_no_more_than_a_slice_of_a_read_parsed()
     # parsed (INFLATE_SLICE bytes' worth, ~140 bytes each), the rest as the bytes it read: a
     # read parsed whole and kept as ~35,000 frames is ~5 MB a connection for as long as Redis
     # hangs. Once Redis answers, every subscribe is answered, in order, and the client goes on.
-    import os
-    import signal
 
     from gateway.websocket import INFLATE_SLICE, MAX_BACKLOG
-    from tests.support.redis_server import RedisServer
+    from tests.support.redis_server import RedisServer, hung
 
     with RedisServer() as server:
         gateway = await _hung_redis_gateway(server, subscribe_timeout=0.5, client_rate=0)
@@ -1773,8 +1741,7 @@ async def test_a_paused_connection_keeps_no_more_than_a_slice_of_a_read_parsed()
             (session,) = gateway.sessions
             connection = session.connection
             kept = 0
-            os.kill(server.process.pid, signal.SIGSTOP)
-            try:
+            with hung(server):
                 subscribe = json.dumps({"type": "subscribe", "project_id": 41}).encode()
                 client.writer.write(
                     _masked_frame(1, subscribe) * (1 + MAX_BACKLOG)
@@ -1782,8 +1749,6 @@ async def test_a_paused_connection_keeps_no_more_than_a_slice_of_a_read_parsed()
                 )
                 await wait_until_true(lambda: connection.paused)
                 kept = len(connection.unread or ())
-            finally:
-                os.kill(server.process.pid, signal.SIGCONT)
             answers = []
             async with asyncio.timeout(10):
                 while len(answers) < 1 + MAX_BACKLOG:
@@ -1805,10 +1770,9 @@ async def test_frames_in_the_handshake_read_are_kept_no_more_than_a_slice_parsed
     # and what is kept of that read parsed is at most a slice's frames.
     import base64
     import os
-    import signal
 
     from gateway.websocket import INFLATE_SLICE, MAX_BACKLOG
-    from tests.support.redis_server import RedisServer
+    from tests.support.redis_server import RedisServer, hung
 
     with RedisServer() as server:
         gateway = await _hung_redis_gateway(server, subscribe_timeout=0.5, client_rate=0)
@@ -1818,8 +1782,7 @@ async def test_frames_in_the_handshake_read_are_kept_no_more_than_a_slice_parsed
             auth = json.dumps({"type": "auth", "token": issue_token(SECRET, "*", ttl=300)})
             subscribe = json.dumps({"type": "subscribe", "project_id": 41}).encode()
             kept = 0
-            os.kill(server.process.pid, signal.SIGSTOP)
-            try:
+            with hung(server):
                 writer.write(
                     "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                     f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
@@ -1835,8 +1798,6 @@ async def test_frames_in_the_handshake_read_are_kept_no_more_than_a_slice_parsed
                 connection = session.connection
                 await wait_until_true(lambda: connection.paused)
                 kept = len(connection.unread or ())
-            finally:
-                os.kill(server.process.pid, signal.SIGCONT)
             await reader.readuntil(b"\r\n\r\n")
             client = RawClient(reader, writer)
             answers = []
@@ -1858,17 +1819,14 @@ async def test_malformed_frames_count_in_a_row_in_the_order_sent_while_frames_wa
     # frame of its project waiting for Redis while the malformed ones (which wait for nothing)
     # are answered at once. A client sending a frame type this gateway does not know (a newer
     # client) between its others is not closed because Redis is slow.
-    import os
-    import signal
 
-    from tests.support.redis_server import RedisServer
+    from tests.support.redis_server import RedisServer, hung
 
     with RedisServer() as server:
         gateway = await _hung_redis_gateway(server, subscribe_timeout=1.0)
         client = await client_for(gateway, [41])
         try:
-            os.kill(server.process.pid, signal.SIGSTOP)
-            try:
+            with hung(server):
                 await client.send({"type": "presence_get", "project_id": 41})
                 for _ in range(2):
                     for _ in range(6):
@@ -1876,8 +1834,6 @@ async def test_malformed_frames_count_in_a_row_in_the_order_sent_while_frames_wa
                     await client.send({"type": "presence_get", "project_id": 41})
                 await client.send({"type": "ping"})
                 await client.wait_for(lambda: client.count("pong") or client.closed.is_set())
-            finally:
-                os.kill(server.process.pid, signal.SIGCONT)
             assert not client.closed.is_set(), client.close_code
             await client.wait_for(
                 lambda: client.count("presence") + client.count("error") == 15, within=5
@@ -1894,10 +1850,8 @@ async def test_the_rate_limit_counts_frames_in_the_order_sent_while_some_are_hel
     # not take that frame's token. With a burst of 4 and the clock stopped: a presence_get of
     # 41 waits for Redis, a second one waits behind it, one of 42 waits, then three pings: the
     # pings are the frames over the limit (executed all the same), no presence_get is refused.
-    import os
-    import signal
 
-    from tests.support.redis_server import RedisServer
+    from tests.support.redis_server import RedisServer, hung
 
     with RedisServer() as server:
         gateway = await _hung_redis_gateway(
@@ -1906,16 +1860,13 @@ async def test_the_rate_limit_counts_frames_in_the_order_sent_while_some_are_hel
         gateway.clients.clock = StoppedClock()
         client = await client_for(gateway, [41, 42])
         try:
-            os.kill(server.process.pid, signal.SIGSTOP)
-            try:
+            with hung(server):
                 await client.send({"type": "presence_get", "project_id": 41})
                 await client.send({"type": "presence_get", "project_id": 41})
                 await client.send({"type": "presence_get", "project_id": 42})
                 for _ in range(3):
                     await client.send({"type": "ping"})
                 await client.wait_for(lambda: client.count("pong") == 3)
-            finally:
-                os.kill(server.process.pid, signal.SIGCONT)
             await client.wait_for(
                 lambda: client.count("presence") + client.count("error") == 3, within=5
             )
@@ -1935,10 +1886,8 @@ async def test_a_client_that_never_answers_pings_is_dropped_once_reading_resumes
     # Redis (the 6th to 8th read, the 9th and 10th left), and for good with the 7th waiting
     # and the 8th to 10th behind it, nothing more to read, so the close comes within
     # ping_timeout + a tick (0.4 s), before the 7th's answer (0.6 s).
-    import os
-    import signal
 
-    from tests.support.redis_server import RedisServer
+    from tests.support.redis_server import RedisServer, hung
 
     with RedisServer() as server:
         gateway = await _hung_redis_gateway(
@@ -1947,8 +1896,7 @@ async def test_a_client_that_never_answers_pings_is_dropped_once_reading_resumes
         client = await RawClient.connect(gateway.port, rcvbuf=65536)
         try:
             await client.send({"type": "auth", "token": issue_token(SECRET, "*", ttl=300)})
-            os.kill(server.process.pid, signal.SIGSTOP)
-            try:
+            with hung(server):
                 for _ in range(10):
                     await client.send({"type": "subscribe", "project_id": 41})
                 errors, close = [], None
@@ -1959,8 +1907,6 @@ async def test_a_client_that_never_answers_pings_is_dropped_once_reading_resumes
                             errors.append(json.loads(payload)["project_id"])
                         elif opcode == 8:
                             close = int.from_bytes(payload[:2], "big")
-            finally:
-                os.kill(server.process.pid, signal.SIGCONT)
         finally:
             client.close()
             await gateway.drain()
@@ -2020,10 +1966,8 @@ async def test_a_subscribe_at_the_limit_waits_for_the_unsubscribe_sent_before_it
     # project's unsubscribe is held behind its presence_get, which waits for a hung Redis; the
     # subscribe after it (whose answer depends on it) waits for it too: answered `subscribed`,
     # not `too_many_subscriptions`, as if the frames were handled one after the other.
-    import os
-    import signal
 
-    from tests.support.redis_server import RedisServer
+    from tests.support.redis_server import RedisServer, hung
 
     with RedisServer() as server:
         gateway = await _hung_redis_gateway(server, subscribe_timeout=0.5, max_subscriptions=2)
@@ -2034,14 +1978,11 @@ async def test_a_subscribe_at_the_limit_waits_for_the_unsubscribe_sent_before_it
             await client.subscribe(1)
             await client.subscribe(2)
             since = len(client.messages)
-            os.kill(server.process.pid, signal.SIGSTOP)
-            try:
+            with hung(server):
                 await client.send({"type": "presence_get", "project_id": 1})
                 await client.send({"type": "unsubscribe", "project_id": 1})
                 await client.send({"type": "subscribe", "project_id": 3})
                 await client.wait_for(lambda: len(client.messages) >= since + 3)
-            finally:
-                os.kill(server.process.pid, signal.SIGCONT)
             assert _answers(client, since) == [
                 ("error", "unavailable", 1),
                 ("unsubscribed", None, 1),
@@ -2058,10 +1999,8 @@ async def test_a_token_refresh_waits_for_the_frames_before_it_and_judges_those_a
     # the client sent after the `auth` is judged by the new token: in the order of the frames,
     # the old token's answer, then the refresh (its project dropped), then a subscribe only the
     # new token allows.
-    import os
-    import signal
 
-    from tests.support.redis_server import RedisServer
+    from tests.support.redis_server import RedisServer, hung
 
     with RedisServer() as server:
         gateway = await _hung_redis_gateway(server, subscribe_timeout=0.5)
@@ -2071,14 +2010,11 @@ async def test_a_token_refresh_waits_for_the_frames_before_it_and_judges_those_a
         try:
             await client.subscribe(1)
             since = len(client.messages)
-            os.kill(server.process.pid, signal.SIGSTOP)
-            try:
+            with hung(server):
                 await client.send({"type": "presence_get", "project_id": 1})
                 await client.send({"type": "auth", "token": issue_token(SECRET, [3, 4], ttl=300)})
                 await client.send({"type": "subscribe", "project_id": 4})
                 await client.wait_for(lambda: len(client.messages) >= since + 5)
-            finally:
-                os.kill(server.process.pid, signal.SIGCONT)
             assert _answers(client, since) == [
                 ("error", "unavailable", 1),
                 ("error", "forbidden", 1),
