@@ -20,7 +20,7 @@ from gateway.websocket import CLOSE_TIMEOUT
 from publisher import issue_token
 from schemas.events import BlockerResolved, utc_now
 from tests.support.gateway_client import REQUIRED_METRICS, SECRET, publish, start_gateway
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import RedisServer, hung
 from tests.support.ws_client import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -331,8 +331,6 @@ async def test_a_poll_from_an_origin_not_allowed_is_refused_like_a_stream(gatewa
 async def test_polling_against_a_hung_redis_gets_503_within_the_subscribe_timeout(auth_timeout):
     # Also with --auth-timeout shorter than --subscribe-timeout: the request, once read, is
     # answered, not dropped at the handshake deadline (which bounds reading it, not the answer).
-    import os
-    import signal
     import time
 
     with RedisServer() as server:
@@ -342,8 +340,7 @@ async def test_polling_against_a_hung_redis_gets_503_within_the_subscribe_timeou
         headers = bearer([6])
         try:
             assert (await request(gateway.port, "/v1/projects/6/events", headers=headers))[0] == 200
-            os.kill(server.process.pid, signal.SIGSTOP)  # sockets open, nothing answers
-            try:
+            with hung(server):  # sockets open, nothing answers
                 started = time.monotonic()
                 status, got_headers, body = await asyncio.wait_for(
                     request(
@@ -354,8 +351,6 @@ async def test_polling_against_a_hung_redis_gets_503_within_the_subscribe_timeou
                     4,
                 )
                 elapsed = time.monotonic() - started
-            finally:
-                os.kill(server.process.pid, signal.SIGCONT)
             assert status == 503 and got_headers["retry-after"] == "5"
             # ... which a page can read (exposed to CORS), so a browser waits as long as asked.
             assert got_headers["access-control-expose-headers"] == "Retry-After"
@@ -528,16 +523,13 @@ async def test_a_poll_whose_client_left_stops_waiting_for_redis_at_once():
     and the request it holds (headers of up to ~1 MB), are not kept until --subscribe-timeout.
     The socket leaves --max-connections at once, so otherwise a client that opens and closes
     polls as fast as it can would pile them up beyond that bound."""
-    import os
-    import signal
 
     with RedisServer() as server:
         gateway = await start_gateway(server.url, subscribe_timeout=10.0, drain_timeout=1)
         headers = bearer([6])
         try:
             assert (await request(gateway.port, "/v1/projects/6/events", headers=headers))[0] == 200
-            os.kill(server.process.pid, signal.SIGSTOP)  # sockets open, nothing answers
-            try:
+            with hung(server):  # sockets open, nothing answers
                 _, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
                 head = ["GET /v1/projects/6/events?epoch=e&after=0 HTTP/1.1", "Host: x"]
                 head += [f"{name}: {value}" for name, value in headers.items()]
@@ -549,8 +541,6 @@ async def test_a_poll_whose_client_left_stops_waiting_for_redis_at_once():
                 writer.transport.abort()
                 await wait_until(lambda: gateway.admission.open == 0, 5, "the socket to close")
                 await wait_until(lambda: not _answers_in_flight(), 2, "the poll to end")
-            finally:
-                os.kill(server.process.pid, signal.SIGCONT)
         finally:
             await gateway.drain()
 
@@ -563,8 +553,6 @@ async def test_concurrent_polls_at_one_cursor_share_one_history_read():
     wait for it and share its answer: 30 such polls, made while Redis is stopped, cost one read
     (``eventbus_poll_reads_total``), and each gets the same page. A different cursor reads for
     itself."""
-    import os
-    import signal
 
     import redis.asyncio
 
@@ -583,8 +571,7 @@ async def test_concurrent_polls_at_one_cursor_share_one_history_read():
             reads_before = gateway.metrics.poll_reads_total
             paths = [f"/v1/projects/6/events?epoch={epoch}&after=1"] * 30
             paths.append(f"/v1/projects/6/events?epoch={epoch}&after=2")
-            os.kill(server.process.pid, signal.SIGSTOP)  # every poll waits, none is answered
-            try:
+            with hung(server):  # every poll waits, none is answered
                 polls = [
                     asyncio.ensure_future(request(gateway.port, path, headers=headers))
                     for path in paths
@@ -592,8 +579,6 @@ async def test_concurrent_polls_at_one_cursor_share_one_history_read():
                 await wait_until(
                     lambda: len(_answers_in_flight()) == len(paths), 5, "every poll to wait"
                 )
-            finally:
-                os.kill(server.process.pid, signal.SIGCONT)
             answers = await asyncio.gather(*polls)
             assert [status for status, _, _ in answers] == [200] * len(paths)
             pages = [json.loads(body) for _, _, body in answers]
@@ -616,8 +601,6 @@ async def test_a_shared_poll_read_outlives_a_client_that_leaves_not_the_last_one
     when every client of a read has gone, the read is cancelled and forgotten (not kept until
     --subscribe-timeout); a poll still waiting on a shared read when a drain reaches its deadline
     is answered 503 draining, and the read is forgotten too."""
-    import os
-    import signal
 
     with RedisServer() as server:
         gateway = await start_gateway(server.url, subscribe_timeout=10.0, drain_timeout=1)
@@ -642,16 +625,13 @@ async def test_a_shared_poll_read_outlives_a_client_that_leaves_not_the_last_one
 
         try:
             reads_before = gateway.metrics.poll_reads_total
-            os.kill(server.process.pid, signal.SIGSTOP)
-            try:
+            with hung(server):
                 clients = [await poll() for _ in range(3)]
                 await wait_until(lambda: len(_answers_in_flight()) == 3, 5, "the polls to wait")
                 assert len(reads) == 1
                 reset(clients[0][1])
                 await wait_until(lambda: len(_answers_in_flight()) == 2, 5, "the first to end")
                 assert len(reads) == 1 and len(_reads_in_flight()) == 1, "the others wait for it"
-            finally:
-                os.kill(server.process.pid, signal.SIGCONT)
             async with asyncio.timeout(5):
                 answers = [await reader.read() for reader, _ in clients[1:]]
             for _, writer in clients:
@@ -660,8 +640,7 @@ async def test_a_shared_poll_read_outlives_a_client_that_leaves_not_the_last_one
             assert gateway.metrics.poll_reads_total - reads_before == 1
             assert len(reads) == 0
 
-            os.kill(server.process.pid, signal.SIGSTOP)
-            try:
+            with hung(server):
                 clients = [await poll() for _ in range(2)]
                 await wait_until(lambda: len(reads) == 1, 5, "the read to start")
                 for _, writer in clients:
@@ -680,8 +659,6 @@ async def test_a_shared_poll_read_outlives_a_client_that_leaves_not_the_last_one
                 writer.close()
                 assert answer.startswith(b"HTTP/1.1 503 ") and b'"draining"' in answer, answer
                 await wait_until(lambda: not reads and not _reads_in_flight(), 2, "the read to end")
-            finally:
-                os.kill(server.process.pid, signal.SIGCONT)
             await drain
         finally:
             await gateway.drain()
