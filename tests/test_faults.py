@@ -22,7 +22,7 @@ import redis.asyncio
 from publisher import PublisherUnavailable, issue_token
 from schemas.keys import Keys
 from tests.support.gateway_process import GatewayGroup, GatewayProcess
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import RedisServer, hung
 from tests.support.ws_client import (
     Publishers,
     ResumingClient,
@@ -588,8 +588,6 @@ async def test_gateway_reads_recover_from_a_hung_redis_with_nothing_lost(monkeyp
     """Redis stopped (SIGSTOP: sockets open, no answer) under live subscribers: the gateway stays
     responsive, its periodic checks give up in time instead of piling up, and once Redis answers
     again a lost message is still repaired and every event arrives in order."""
-    import os
-    import signal
 
     import gateway.hub
     from gateway.config import GatewayConfig
@@ -617,15 +615,12 @@ async def test_gateway_reads_recover_from_a_hung_redis_with_nothing_lost(monkeyp
                 await client.subscribe(project_id)
                 await publish(publisher, project_id, 3)
             await client.wait_for(lambda: len(client.seqs(1)) == 3 and len(client.seqs(2)) == 3)
-            os.kill(server.process.pid, signal.SIGSTOP)
-            try:
+            with hung(server):
                 for _ in range(3):  # the gateway answers while Redis does not
                     pongs = client.count("pong")
                     await client.send({"type": "ping"})
                     await client.wait_for(lambda p=pongs: client.count("pong") > p, 2)
                     await asyncio.sleep(0.3)  # let reconcile passes start and time out
-            finally:
-                os.kill(server.process.pid, signal.SIGCONT)
             # A message lost while the project is quiet: only the periodic check can find it.
             raw = redis.Redis.from_url(server.url)
             frame = b'{"type":"x","project_id":1,"seq":4}'
