@@ -260,6 +260,39 @@ async def test_the_periodic_top_check_of_healthy_shards_goes_on_while_one_hangs(
             silent.close()
 
 
+@contextlib.asynccontextmanager
+async def _pod_beside_a_hung_master(cluster: RedisCluster, projects: int):
+    """A gateway pod (--subscribe-timeout 3 s) on ``cluster``, ``projects`` projects on each of
+    two masters, and a publisher: yields ``(pod, publisher, stuck, fine, hung)``. ``async with
+    hung():`` hangs the master of ``stuck`` (SIGSTOP) for its block and thaws it (SIGCONT)
+    after, however the block ends; ``fine`` are a healthy master's projects. The publisher
+    has already published to the last of ``fine`` (its slot map loaded, its script on the
+    healthy master), so publishing to them needs nothing of the hung master. The publisher is
+    closed, and the pod stopped, at the end."""
+    spread = cluster.projects_by_master(range(1, 5000))
+    troubled, healthy = cluster.masters()[:2]
+    stuck, fine = spread[troubled][:projects], spread[healthy][:projects]
+
+    @contextlib.asynccontextmanager
+    async def hung():
+        await asyncio.to_thread(troubled.freeze)
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(troubled.thaw)
+
+    publisher = AsyncPublisher.from_url(cluster.url)
+    with GatewayGroup() as gateways:
+        (pod,) = await asyncio.to_thread(
+            gateways.start, cluster.url, 1, args=["--subscribe-timeout", "3"]
+        )
+        try:
+            await publisher.blocker_resolved(fine[-1], blocker_id=1, answer="ok")
+            yield pod, publisher, stuck, fine, hung
+        finally:
+            await publisher.aclose()
+
+
 async def test_a_connection_s_other_projects_are_answered_while_one_waits_for_a_hung_master(
     partial_cluster: RedisCluster,
 ):
@@ -271,21 +304,10 @@ async def test_a_connection_s_other_projects_are_answered_while_one_waits_for_a_
     came 3 s late per hung project sent before them (a minute for a page of twenty). Answers
     about one project still come in the order of its frames: the hung project's unsubscribe,
     sent right after its subscribe, is answered after that subscribe's ``unavailable``."""
-    cluster = partial_cluster
-    spread = cluster.projects_by_master(range(1, 5000))
-    hung, healthy = cluster.masters()[:2]
-    stuck, fine = spread[hung][:3], spread[healthy][:3]
-    publisher = AsyncPublisher.from_url(cluster.url)
-    with GatewayGroup() as gateways:
-        (pod,) = await asyncio.to_thread(
-            gateways.start, cluster.url, 1, args=["--subscribe-timeout", "3"]
-        )
+    async with _pod_beside_a_hung_master(partial_cluster, 3) as (pod, publisher, stuck, fine, hung):
         client = await RecordingClient(pod.ws_url).connect()  # (--no-auth)
         try:
-            # (The publisher's slot map is loaded and its script on the healthy master.)
-            await publisher.blocker_resolved(fine[2], blocker_id=1, answer="ok")
-            await asyncio.to_thread(hung.freeze)
-            try:
+            async with hung():
                 for project in stuck:
                     await client.send(
                         {"type": "subscribe", "project_id": project, "presence": True}
@@ -304,8 +326,6 @@ async def test_a_connection_s_other_projects_are_answered_while_one_waits_for_a_
                 # Nothing about the hung projects yet: their wait is not over.
                 assert not client.of("error"), client.of("error")
                 await client.wait_for(lambda: client.count("error") == len(stuck) + 1, within=15)
-            finally:
-                await asyncio.to_thread(hung.thaw)
             about = {
                 project: [
                     (m["type"], m.get("code"))
@@ -324,7 +344,6 @@ async def test_a_connection_s_other_projects_are_answered_while_one_waits_for_a_
             await client.subscribe(stuck[1], presence=True)  # the master is back
         finally:
             await client.close()
-            await publisher.aclose()
 
 
 async def test_a_stream_s_other_projects_are_subscribed_while_one_waits_for_a_hung_master(
@@ -336,44 +355,25 @@ async def test_a_stream_s_other_projects_are_subscribed_while_one_waits_for_a_hu
     which ends the stream (1011: the client opens the next one with its Last-Event-ID). Before,
     the stream's projects were subscribed one after the other: the healthy ones waited for the
     hung ones' timeouts (and never came when the first was refused)."""
-    cluster = partial_cluster
-    spread = cluster.projects_by_master(range(1, 5000))
-    hung, healthy = cluster.masters()[:2]
-    stuck, fine = spread[hung][:2], spread[healthy][:2]
-    publisher = AsyncPublisher.from_url(cluster.url)
-    with GatewayGroup() as gateways:
-        (pod,) = await asyncio.to_thread(
-            gateways.start, cluster.url, 1, args=["--subscribe-timeout", "3"]
-        )
-        try:
-            await publisher.blocker_resolved(fine[1], blocker_id=1, answer="ok")
-            await asyncio.to_thread(hung.freeze)
-            try:
-                path = stream_path([*stuck, *fine]) + "&presence=1"
-                status, _, stream = await open_stream(pod.ws_url, path)
-                assert status == 200
-                head = []
-                while sum(e.event == "presence" for e in head) < len(fine):
-                    head.append(await stream.next(within=2))
-                cursor = await publisher.blocker_resolved(fine[0], blocker_id=1, answer="ok")
-                event = await stream.next(within=2)
-                assert event is not None and event.event == "message"
-                assert json.loads(event.data)["seq"] == cursor.seq
-                subscribed = [
-                    json.loads(e.data)["project_id"] for e in head if e.event == "subscribed"
-                ]
-                assert sorted(subscribed) == sorted(fine)
-                assert not [e for e in head if e.event == "error"]
-                rest = await stream.rest(within=10)
-            finally:
-                await asyncio.to_thread(hung.thaw)
-            errors = [json.loads(e.data) for e in rest if e.event == "error"]
-            assert {(e["code"], e["project_id"]) for e in errors} <= {
-                ("unavailable", p) for p in stuck
-            }
-            assert errors and json.loads(rest[-1].data)["code"] == 1011
-        finally:
-            await publisher.aclose()
+    async with _pod_beside_a_hung_master(partial_cluster, 2) as (pod, publisher, stuck, fine, hung):
+        async with hung():
+            path = stream_path([*stuck, *fine]) + "&presence=1"
+            status, _, stream = await open_stream(pod.ws_url, path)
+            assert status == 200
+            head = []
+            while sum(e.event == "presence" for e in head) < len(fine):
+                head.append(await stream.next(within=2))
+            cursor = await publisher.blocker_resolved(fine[0], blocker_id=1, answer="ok")
+            event = await stream.next(within=2)
+            assert event is not None and event.event == "message"
+            assert json.loads(event.data)["seq"] == cursor.seq
+            subscribed = [json.loads(e.data)["project_id"] for e in head if e.event == "subscribed"]
+            assert sorted(subscribed) == sorted(fine)
+            assert not [e for e in head if e.event == "error"]
+            rest = await stream.rest(within=10)
+        errors = [json.loads(e.data) for e in rest if e.event == "error"]
+        assert {(e["code"], e["project_id"]) for e in errors} <= {("unavailable", p) for p in stuck}
+        assert errors and json.loads(rest[-1].data)["code"] == 1011
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
