@@ -597,19 +597,16 @@ def test_state_without_redis_answers_without_a_cursor(make_app):
 def test_stopping_the_backend_while_redis_hangs_is_bounded(make_app):
     # Ctrl-C while Redis answers nothing: the relay's publish gives up within the demo's 2 s
     # bound (not the library's 10 s), so stop() returns promptly with the event still queued.
-    from tests.support.redis_server import RedisServer
+    from tests.support.redis_server import RedisServer, hung
 
     with RedisServer() as server:
         app = make_app(redis_url=server.url)
-        os.kill(server.process.pid, signal.SIGSTOP)
-        try:
+        with hung(server):
             raise_blocker(app, "SYNC", "backend-worker-001")  # committed; the relay is stuck
             started = time.monotonic()
             app.stop()
             assert time.monotonic() - started < 5
             assert Store(app.config.db).unpublished_count() == 1  # kept for the next start
-        finally:
-            os.kill(server.process.pid, signal.SIGCONT)
 
 
 # --- the agents wait for their answers through the bus --------------------------------------
