@@ -233,7 +233,7 @@ async def test_drain_is_bounded_while_redis_hangs():
     process exits within --drain-timeout plus the bounded shutdown steps (docs/operations.md)."""
     from publisher import issue_token
     from tests.support.gateway_process import GatewayProcess
-    from tests.support.redis_server import RedisServer
+    from tests.support.redis_server import RedisServer, hung
 
     with (
         RedisServer() as server,
@@ -245,15 +245,12 @@ async def test_drain_is_bounded_while_redis_hangs():
         ]
         for project_id, client in zip((1, 2, 3), clients, strict=True):
             await client.subscribe(project_id)
-        os.kill(server.process.pid, signal.SIGSTOP)
-        try:
+        with hung(server):
             # A subscribe in flight when Redis stopped, and one more project to let go of.
             await clients[0].send({"type": "subscribe", "project_id": 1})
             started = time.monotonic()
             code = await asyncio.to_thread(gateway.terminate, 30)
             elapsed = time.monotonic() - started
-        finally:
-            os.kill(server.process.pid, signal.SIGCONT)
         assert code == 0, gateway.tail()
         assert elapsed < 2 + 8 + 1, f"exited after {elapsed:.1f}s; {gateway.tail()}"
         for client in clients:
