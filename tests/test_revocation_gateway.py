@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import time
 
 import jwt
@@ -32,7 +30,7 @@ from tests.support.gateway_client import (
     start_gateway,
     ws_url,
 )
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import RedisServer, hung
 from tests.support.sse_client import open_stream
 from tests.support.ws_client import wait_until
 
@@ -279,8 +277,7 @@ async def test_a_gateway_started_while_redis_hangs_refuses_every_token_until_it_
     with RedisServer() as server:
         now = int(time.time())
         revoke(server.client(), "alice", now - 50)
-        os.kill(server.process.pid, signal.SIGSTOP)
-        try:
+        with hung(server):
             started = time.monotonic()
             gateway = await start_gateway(
                 server.url, revocation_poll_interval=INTERVAL, drain_timeout=1
@@ -308,8 +305,6 @@ async def test_a_gateway_started_while_redis_hangs_refuses_every_token_until_it_
             # A bad token is still told it is bad.
             refused = await refused_at_auth(gateway, "not-a-token")
             assert refused.close_code == 4001
-        finally:
-            os.kill(server.process.pid, signal.SIGCONT)
         try:
             await wait_until(gateway.revocations.loaded.is_set, 10, "the list read")
             assert (await gateway.readiness())["revocations"] is True
@@ -403,8 +398,7 @@ async def test_a_hung_redis_does_not_hold_the_poll_beyond_its_timeout(monkeypatc
             await wait_until(lambda: len(watcher.current) == 1, 5, "the list read")
             alice = await connected(gateway, token("alice", [6], iat=now - 100))
             metrics = gateway.metrics
-            os.kill(server.process.pid, signal.SIGSTOP)  # sockets open, nothing answers
-            try:
+            with hung(server):  # sockets open, nothing answers
                 failed = metrics.revocation_poll_failures_total
                 started = time.monotonic()
                 # Each poll gives up after 0.5 s and the next follows 0.1 s later: three in
@@ -418,8 +412,6 @@ async def test_a_hung_redis_does_not_hold_the_poll_beyond_its_timeout(monkeypatc
                 assert refused.close_code == 4003
                 other = await connected(gateway, token("bob", [6]))
                 assert not alice.closed.is_set()
-            finally:
-                os.kill(server.process.pid, signal.SIGCONT)
             # Redis answers again: the next revocation acts within the interval.
             revoke(client, "alice", now - 50)
             await asyncio.wait_for(alice.closed.wait(), 0.5 + 0.1 + SLACK)
