@@ -66,7 +66,7 @@ class Metrics:
         "polls_total": "HTTP polling requests answered.",
         "poll_reads_total": "History reads made for polls (shared by concurrent ones at a cursor).",
         "bad_requests_total": (
-            "HTTP requests and handshakes refused as malformed (400) or too large (414, 431)."
+            "HTTP requests and handshakes refused as malformed (400, 426) or too large (414, 431)."
         ),
         "resumes_from_memory_total": "Subscribes answered from a feed's resume window (no read).",
         "subscribe_reads_total": "History reads made for subscribes (shared by concurrent ones).",

@@ -20,6 +20,8 @@ import redis.asyncio
 import redis.asyncio.cluster
 import redis.exceptions
 from redis.asyncio.cluster import RedisCluster
+from websockets.datastructures import Headers
+from websockets.exceptions import InvalidHeaderValue
 from websockets.http11 import Response
 
 from gateway.clients import MAX_CONSECUTIVE_ERRORS, ClientProtocol, presence_item
@@ -494,6 +496,20 @@ class Gateway:
         self.metrics.bad_requests_total += 1
         self.client_log("bad request", kind="bad_request", message=message)
         return json_response(400, {"error": "bad_request", "message": message})
+
+    def bad_handshake(self, status: int, error: Exception | None, refused: Headers) -> Response:
+        """websockets refused a handshake (the client's mistake: 400, or 426 for one without a
+        valid ``Upgrade``/``Connection``): its status, with the gateway's JSON answer and the
+        headers that tell the client what to send (websockets' ``Upgrade: websocket``; RFC 6455's
+        ``Sec-WebSocket-Version: 13`` for another version), counted with the malformed requests,
+        logged a few times a minute."""
+        message = str(error) if error is not None else "malformed WebSocket handshake"
+        headers = [("Upgrade", value) for value in refused.get_all("Upgrade")]
+        if isinstance(error, InvalidHeaderValue) and error.name == "Sec-WebSocket-Version":
+            headers.append(("Sec-WebSocket-Version", "13"))
+        self.metrics.bad_requests_total += 1
+        self.client_log("bad handshake", kind="bad_request", message=message)
+        return json_response(status, {"error": "bad_request", "message": message}, headers)
 
     def request_too_large(self, message: str, status: int = 431) -> Response:
         """A request over a bound of its head (the client's mistake): 431 (414 for the request

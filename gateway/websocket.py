@@ -797,7 +797,11 @@ class WebSocketConnection(asyncio.Protocol):
                     protocol.accept_called = True
                     protocol.origin = request.headers.get("Origin")  # type: ignore[assignment]
                 else:
-                    response = protocol.accept(request)  # 400/426: a malformed handshake
+                    response = protocol.accept(request)
+                    if response.status_code != 101:  # 400/426: a malformed handshake
+                        response = endpoint.gateway.bad_handshake(
+                            response.status_code, protocol.handshake_exc, response.headers
+                        )
         except Exception:
             log.exception("request failed", path=request.path[:200])
             response = json_response(500, {"error": "internal", "message": "internal error"})

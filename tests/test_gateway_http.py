@@ -785,6 +785,53 @@ async def test_a_line_or_a_header_count_over_websockets_bounds_gets_a_json_answe
     assert gateway.metrics.bad_requests_total == 1
 
 
+_UPGRADE = b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+_KEY = b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "message", "headers"),
+    [
+        (
+            _UPGRADE + b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            400,
+            "missing Sec-WebSocket-Key header",
+            {},
+        ),
+        (
+            _UPGRADE + b"Connection: Upgrade\r\n" + _KEY + b"Sec-WebSocket-Version: 8\r\n\r\n",
+            400,
+            "invalid Sec-WebSocket-Version header: 8",
+            {"sec-websocket-version": "13"},  # RFC 6455 4.4: the version the server speaks
+        ),
+        (
+            _UPGRADE + _KEY + b"Sec-WebSocket-Version: 13\r\n\r\n",
+            426,
+            "missing Connection header",
+            {"upgrade": "websocket"},
+        ),
+    ],
+    ids=["no_key", "version", "no_connection"],
+)
+async def test_a_malformed_handshake_gets_a_json_answer_and_is_counted(
+    gateways, raw, status, message, headers
+):
+    """websockets checks a handshake's headers itself: a malformed one gets the gateway's JSON
+    answer with websockets' status (and the headers that tell the client what to send), counted
+    as a bad request, as every other refusal is, instead of websockets' uncounted plain text."""
+    gateway = await gateways()
+    head, body = await _answer_and_close(gateway, raw)
+    assert head.startswith(b"HTTP/1.1 %d " % status), head
+    fields = dict(
+        (name.strip().lower(), value.strip())
+        for name, _, value in (line.decode().partition(":") for line in head.split(b"\r\n")[1:])
+    )
+    assert fields["content-type"] == "application/json", head
+    assert json.loads(body) == {"error": "bad_request", "message": message}
+    assert headers.items() <= fields.items(), head
+    assert gateway.metrics.bad_requests_total == 1
+
+
 async def test_a_large_head_within_the_limit_is_answered(gateways):
     """A browser's head can be large (cookies of up to ~8 KB, a token of up to 8 KiB): under
     --max-request-bytes it is answered as ever."""
