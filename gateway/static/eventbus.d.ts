@@ -132,18 +132,22 @@ export interface EventBusError {
 }
 
 export interface BackoffOptions {
-  /** First delay, ms (default 1000). */
+  /** First delay, ms (default 1000): 1 to 2147483647. */
   initial?: number;
-  /** Largest delay, ms (default 30000). */
+  /** Largest delay, ms (default 30000): from `initial` to 2147483647. */
   max?: number;
-  /** Growth per attempt (default 2). */
+  /** Growth per attempt (default 2): finite, at least 1. */
   factor?: number;
-  /** Random spread, as a fraction of the delay (default 0.2 = +/-20%). */
+  /** Random spread, as a fraction of the delay (default 0.2 = +/-20%): 0 to 1. */
   jitter?: number;
 }
 
 export type TokenSource = string | (() => string | Promise<string>);
 
+/** The options of connect(). Checked when the client is made (checkOptions): an unknown name or
+ * a value of the wrong type throws a TypeError, a number out of its bounds a RangeError, each
+ * naming the option. An option given as undefined is one not given (its default). Times are ms;
+ * a timer's is at most 2147483647 (a browser runs a longer one at once). */
 export interface ConnectOptions {
   /** WebSocket URL of the gateway, e.g. "wss://events.example.com/". Default: this page's host. */
   url?: string;
@@ -152,7 +156,7 @@ export interface ConnectOptions {
   httpUrl?: string;
   /** The gateway token, or a function returning it (asked again on every reconnect, before
    * expiry, and after a 401/4001/4002/4003). Omit only for a gateway run with --no-auth. */
-  token?: TokenSource;
+  token?: TokenSource | null;
   /** Reload the application's state of a project from its own API. Called on the first subscribe
    * and on every resync_required; events arriving meanwhile are held back and delivered after the
    * returned promise resolves. A rejected promise is retried with backoff. Resolve to the
@@ -165,41 +169,45 @@ export interface ConnectOptions {
   onStateChange?: (state: ConnectionState, previous: ConnectionState, status: ConnectionStatus) => void;
   onError?: (error: EventBusError) => void;
   backoff?: BackoffOptions;
-  /** ms a connection must stay up before the backoff starts over (default 10000). */
+  /** ms a connection must stay up before the backoff starts over (default 10000; 0 to 2147483647). */
   stableAfter?: number;
-  /** ms between polls while WebSocket cannot connect (default 10000). */
+  /** ms between polls while WebSocket cannot connect (default 10000; 1 to 2147483647). */
   pollInterval?: number;
-  /** ms before an unanswered poll is abandoned and counted as failed (default 30000); one whose
-   * answer was still arriving is asked for again in pages a quarter the size. */
+  /** ms before an unanswered poll is abandoned and counted as failed (default 30000; 1 to
+   * 2147483647); one whose answer was still arriving is asked for again in pages a quarter the size. */
   pollTimeout?: number;
-  /** Failed WebSocket attempts before the fallbacks start: SSE, else polling (default 1). */
+  /** Failed WebSocket attempts before the fallbacks start: SSE, else polling (default 1; a whole
+   * number from 1 up, or Infinity: never, WebSocket only while the browser has it). */
   pollAfterFailures?: number;
   /** false: WebSocket off; SSE (else polling) from the start (default true). */
   websocket?: boolean;
   /** false: no SSE; polling is the only fallback (default true). */
   sse?: boolean;
   /** ms without a completed line (not even a keepalive comment), nor 16 KiB of one still
-   * arriving, before an SSE stream is reopened (45000). */
+   * arriving, before an SSE stream is reopened (45000; 1 to 2147483647). */
   sseIdleTimeout?: number;
-  /** ms of silence before an application ping (default 25000). */
+  /** ms of silence before an application ping (default 25000; 1 to 2147483647). */
   pingInterval?: number;
-  /** ms to wait for any frame after a ping before reconnecting (default 10000); doubled (up to
-   * 16 times) for the next connections after such a reconnect, until a ping is answered in time. */
+  /** ms to wait for any frame after a ping before reconnecting (default 10000; 1 to 134217727,
+   * a sixteenth of 2147483647); doubled (up to 16 times) for the next connections after such a
+   * reconnect, until a ping is answered in time. */
   pongTimeout?: number;
-  /** ms a handshake, or the token function, may take (default 10000); longer counts as a failure.
+  /** ms a handshake, or the token function, may take (default 10000; 1 to 134217727, as
+   * pongTimeout: the bound on a subscribe's answer stretches alike); longer counts as a failure.
    * Also the bound on the gateway's answer to a subscribe (keep it above the gateway's
    * --subscribe-timeout, 5 s): see docs/browser.md, "Reconnection and close codes". */
   connectTimeout?: number;
   /** ms after which an onResync that has not settled is reported, once per call, as
-   * `resync_slow` (default 30000); the project's events stay held until it settles. */
+   * `resync_slow` (default 30000; 1 to 2147483647); the project's events stay held until it settles. */
   resyncSlowAfter?: number;
-  /** Upper bound of the random delay of a prompt reconnect (1012, 4008, 4002), ms (default 500). */
+  /** Upper bound of the random delay of a prompt reconnect (1012, 4008, 4002), ms (default 500;
+   * 0 to 2147483647). */
   promptDelayMax?: number;
   /** At most one `activity` frame per project per this many ms, carrying the latest state
-   * (default 1000): see docs/browser.md, "Presence". */
+   * (default 1000; 0 to 2147483647, 0: unpaced): see docs/browser.md, "Presence". */
   activityInterval?: number;
-  /** ms between frames sent again after the gateway's rate limit refused one (default 100;
-   * doubled while they are refused again, up to backoff.max): see FramePacer. */
+  /** ms between frames sent again after the gateway's rate limit refused one (default 100; 1 to
+   * 2147483647; doubled while they are refused again, up to backoff.max): see FramePacer. */
   resendInterval?: number;
   // Injection points for tests and non-browser runtimes.
   WebSocket?: typeof WebSocket | null;
@@ -314,6 +322,13 @@ export declare const DEFAULTS: Readonly<{
   activityInterval: number;
   resendInterval: number;
 }>;
+
+/** The options of connect() with the defaults filled in (`backoff` merged with DEFAULTS.backoff),
+ * after checking every one (see ConnectOptions): throws a TypeError for an unknown name or a value
+ * of the wrong type, a RangeError for a number out of its bounds, naming the option. */
+export declare function checkOptions(
+  options?: ConnectOptions,
+): ConnectOptions & Omit<typeof DEFAULTS, "backoff"> & { backoff: Required<BackoffOptions> };
 
 /** The connection-wide pacing of frames after `rate_limited` (one "not before" instant and one
  * queue of held frames, by key; times in ms on the caller's clock). */

@@ -1189,6 +1189,154 @@ function checkItemId(value, name) {
   return value;
 }
 
+// --- options -----------------------------------------------------------------------------------
+
+/** The longest pongTimeout and connectTimeout: the waits they bound stretch up to STRETCH_MAX
+ * times (StretchedBound), and a stretched wait must still be a delay setTimeout honours. */
+const MAX_STRETCHED_DELAY = Math.floor(MAX_TIMER_DELAY / STRETCH_MAX);
+
+/** How a value is shown in an option's error: a string quoted (`"1000"` is not 1000). */
+function shown(value) {
+  if (typeof value === "string") return JSON.stringify(value.length > 80 ? `${value.slice(0, 80)}...` : value);
+  if (typeof value === "function") return "a function";
+  if (Array.isArray(value)) return "an array";
+  if (value !== null && typeof value === "object") return "an object";
+  return String(value);
+}
+
+/** The check of a number of milliseconds from `min` to `max` (both included). */
+function millis(min, max = MAX_TIMER_DELAY) {
+  return {
+    expects: `a number of milliseconds from ${min} to ${max}`,
+    type: (value) => typeof value === "number",
+    range: (value) => value >= min && value <= max, // (false for NaN)
+  };
+}
+
+const FUNCTION = { expects: "a function", type: (value) => typeof value === "function" };
+const FLAG = { expects: "true or false", type: (value) => typeof value === "boolean" };
+const URL_STRING = { expects: "a non-empty string", type: (value) => typeof value === "string" && value !== "" };
+
+/**
+ * What each option of `connect()` takes, by name (none other exists): `type` (a TypeError when it
+ * fails) and `range` (a RangeError), `expects` for the message. The bounds come from how each is
+ * used: a delay setTimeout runs at once (over MAX_TIMER_DELAY, NaN) or a zero one that repeats
+ * would retry in a tight loop against the gateway, so every timer's option is at most
+ * MAX_TIMER_DELAY and the repeating ones at least 1 ms; only a one-off wait or a comparison may be 0.
+ */
+const OPTION_CHECKS = {
+  url: URL_STRING,
+  httpUrl: URL_STRING,
+  // null or absent: no token (a --no-auth gateway). An empty string would be sent as
+  // "Bearer " and refused (4001) on every attempt.
+  token: {
+    expects: "a non-empty string, a function returning one, or null",
+    type: (value) => value === null || typeof value === "function" || (typeof value === "string" && value !== ""),
+  },
+  onResync: FUNCTION,
+  onStateChange: FUNCTION,
+  onError: FUNCTION,
+  backoff: { expects: "an object {initial, max, factor, jitter}", type: (value) => value !== null && typeof value === "object" && !Array.isArray(value) },
+  stableAfter: millis(0), // a comparison: 0 counts every proven connection as stable
+  pollInterval: millis(1),
+  pollTimeout: millis(1),
+  // Infinity: never fall back while WebSocket is supported (WebSocket only, retried for ever).
+  pollAfterFailures: {
+    expects: "a whole number from 1 up, or Infinity (never fall back)",
+    type: (value) => typeof value === "number",
+    range: (value) => value === Infinity || (Number.isInteger(value) && value >= 1),
+  },
+  websocket: FLAG,
+  sse: FLAG,
+  sseIdleTimeout: millis(1),
+  pingInterval: millis(1),
+  pongTimeout: millis(1, MAX_STRETCHED_DELAY),
+  connectTimeout: millis(1, MAX_STRETCHED_DELAY),
+  resyncSlowAfter: millis(1),
+  promptDelayMax: millis(0), // a one-off jitter: 0 reconnects promptly at once
+  activityInterval: millis(0), // 0: every activity change goes at once, unpaced
+  resendInterval: millis(1),
+  // null: no WebSocket (as `websocket: false`).
+  WebSocket: { expects: "a constructor or null", type: (value) => value === null || typeof value === "function" },
+  fetch: FUNCTION,
+  setTimeout: FUNCTION,
+  clearTimeout: FUNCTION,
+  now: FUNCTION,
+  random: FUNCTION,
+  isOnline: FUNCTION,
+};
+
+const BACKOFF_CHECKS = {
+  initial: millis(1),
+  max: null, // from backoff.initial: checked with it below
+  factor: { expects: "a finite number of at least 1", type: (value) => typeof value === "number", range: (value) => Number.isFinite(value) && value >= 1 },
+  jitter: { expects: "a number from 0 to 1", type: (value) => typeof value === "number", range: (value) => value >= 0 && value <= 1 },
+};
+
+/** `object`'s own properties that are not undefined: one given as undefined is not given. */
+function givenOf(object) {
+  return Object.fromEntries(Object.entries(object).filter(([, value]) => value !== undefined));
+}
+
+function checkValue(name, check, value, given) {
+  const fails = !check.type(value) ? TypeError : check.range && !check.range(value) ? RangeError : null;
+  if (fails) throw new fails(`eventbus: ${name} must be ${check.expects}, got ${shown(value)}${given ? "" : " (the default)"}`);
+}
+
+/** The number of single-character edits (insert, delete, replace) from `a` to `b`. */
+function editDistance(a, b) {
+  let previous = Array.from({ length: b.length + 1 }, (_, j) => j);
+  for (let i = 1; i <= a.length; i += 1) {
+    const row = [i];
+    for (let j = 1; j <= b.length; j += 1) row.push(Math.min(previous[j] + 1, row[j - 1] + 1, previous[j - 1] + (a[i - 1] === b[j - 1] ? 0 : 1)));
+    previous = row;
+  }
+  return previous[b.length];
+}
+
+/** Unknown names are refused: a misspelt option (`pingIntreval`) would otherwise be ignored,
+ * its default used in silence. The message names the closest known one. */
+function checkNames(given, checks, prefix) {
+  for (const name of Object.keys(given)) {
+    if (Object.prototype.hasOwnProperty.call(checks, name)) continue;
+    const known = Object.keys(checks);
+    const distance = (candidate) => editDistance(name.toLowerCase(), candidate.toLowerCase());
+    const closest = known.reduce((best, candidate) => (distance(candidate) < distance(best) ? candidate : best));
+    // A slip is a few edits, fewer in a short name: `foo` is no misspelling of `now`.
+    const slip = distance(closest) <= Math.max(1, Math.floor(name.length / 3));
+    const hint = slip ? `did you mean ${prefix}${closest}?` : `the options are ${prefix}${known.join(`, ${prefix}`)}`;
+    throw new TypeError(`eventbus: unknown option ${prefix}${name} (${hint})`);
+  }
+}
+
+/**
+ * The options of `connect()` (`new EventBus`) with the defaults filled in (DEFAULTS; `backoff`
+ * merged with DEFAULTS.backoff), after checking them all, so that a bad value fails at once with
+ * an error naming it instead of later in silence (a browser runs a timer of NaN, or over
+ * 2^31 - 1 ms, at once: a tight reconnect or polling loop). Throws a TypeError for an unknown
+ * name or a value of the wrong type, a RangeError for a number out of its bounds (see
+ * OPTION_CHECKS; backoff.max is at least backoff.initial). An option given as undefined is one
+ * not given. Pure: reads nothing but `options`.
+ */
+export function checkOptions(options = {}) {
+  if (options === null || typeof options !== "object" || Array.isArray(options)) {
+    throw new TypeError(`eventbus: the options must be an object, got ${shown(options)}`);
+  }
+  const given = givenOf(options);
+  checkNames(given, OPTION_CHECKS, "");
+  for (const [name, value] of Object.entries(given)) checkValue(name, OPTION_CHECKS[name], value, true);
+  const backoffGiven = givenOf(given.backoff || {});
+  checkNames(backoffGiven, BACKOFF_CHECKS, "backoff.");
+  const merged = { ...DEFAULTS, ...given, backoff: { ...DEFAULTS.backoff, ...backoffGiven } };
+  for (const [name, check] of Object.entries(BACKOFF_CHECKS)) {
+    if (check) checkValue(`backoff.${name}`, check, merged.backoff[name], name in backoffGiven);
+  }
+  const { initial, max } = merged.backoff;
+  const maxCheck = { ...millis(initial), expects: `a number of milliseconds from backoff.initial (${initial}) to ${MAX_TIMER_DELAY}` };
+  checkValue("backoff.max", maxCheck, max, "max" in backoffGiven);
+  return merged;
+}
+
 // ----------------------------------------------------------------------------------------------
 // The client
 // ----------------------------------------------------------------------------------------------
@@ -1279,7 +1427,8 @@ class Subscription {
 
 export class EventBus {
   constructor(options = {}) {
-    this.options = { ...DEFAULTS, ...options, backoff: { ...DEFAULTS.backoff, ...(options.backoff || {}) } };
+    // Checked once, here: a bad value throws now, naming the option (checkOptions).
+    this.options = checkOptions(options);
     const o = this.options;
     this.url = o.url || defaultWebSocketUrl();
     this.httpUrl = (o.httpUrl || defaultHttpUrl(this.url)).replace(/\/+$/, "");

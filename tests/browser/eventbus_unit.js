@@ -299,6 +299,186 @@ test("backoff jitter spreads delays by 20% within 1 s .. 30 s", () => {
 
 // --- pure policies ---------------------------------------------------------------------------
 
+// --- options (checkOptions) --------------------------------------------------------------------
+
+/** What `fn()` throws: [its class name, its message]; fails when it throws nothing. */
+function thrown(fn) {
+  try {
+    fn();
+  } catch (error) {
+    return [error.constructor.name, error.message];
+  }
+  throw new Error("nothing thrown");
+}
+
+test("options: the defaults and every option value used in the repo pass, with the defaults filled in", () => {
+  for (const empty of [undefined, {}]) {
+    const merged = eb.checkOptions(empty);
+    eq(merged, { ...eb.DEFAULTS, backoff: { ...eb.DEFAULTS.backoff } }, "nothing given: the defaults");
+  }
+  const noop = () => {};
+  const used = [
+    // tests/browser/eventbus_unit.js's setup(), and the options its tests add
+    { url: "ws://gw.test/", httpUrl: "http://gw.test", WebSocket: class {}, fetch: noop, setTimeout: noop, clearTimeout: noop, now: noop, random: noop, isOnline: noop, token: async () => "t", onResync: noop, onStateChange: noop, onError: noop },
+    { sse: false, websocket: false, WebSocket: null, token: "static-token", promptDelayMax: 0, activityInterval: 200, connectTimeout: 10000 },
+    { pollAfterFailures: 1, pollInterval: 1000 },
+    { pollAfterFailures: 2, pollInterval: 2000 },
+    // examples/dashboard/static/app.js without auth; docs/browser.md, README.md
+    { url: "ws://127.0.0.1:8765/", httpUrl: "http://127.0.0.1:8765", token: undefined, onResync: noop, onStateChange: noop, onError: noop },
+    { url: "ws://localhost:8765/", token: noop },
+    // tests/browser/test_eventbus_js_hostile.py (FAST_BACKOFF and its options)
+    { backoff: { initial: 20, max: 40, factor: 2, jitter: 0 }, websocket: true, sse: true, connectTimeout: 500, sseIdleTimeout: 500 },
+    { connectTimeout: 60_000, sseIdleTimeout: 30000, pollInterval: 100, pollTimeout: 1000 },
+    { connectTimeout: 1500, pollInterval: 200 },
+    // test_eventbus_js_churn.py, test_eventbus_js_tags.py
+    { backoff: { initial: 200, max: 2000 }, pingInterval: 1000, pongTimeout: 1000, sseIdleTimeout: 1500, pollInterval: 200, pollTimeout: 1500 },
+    { backoff: { initial: 200, max: 1000 } },
+    // eventbus_churn.js leaves out what the test did not set
+    { backoff: undefined, pingInterval: undefined, pongTimeout: undefined },
+  ];
+  for (const options of used) eb.checkOptions(options);
+  const merged = eb.checkOptions({ backoff: { initial: 200 }, pollInterval: 200, pingInterval: undefined });
+  eq([merged.backoff, merged.pollInterval, merged.pingInterval], [{ initial: 200, max: 30000, factor: 2, jitter: 0.2 }, 200, 25000], "backoff merged; undefined is the default");
+});
+
+test("options: the bounds of each are inclusive, and out of them is a RangeError naming the option", () => {
+  const most = 2147483647;
+  const bounds = {
+    stableAfter: [0, most],
+    pollInterval: [1, most],
+    pollTimeout: [1, most],
+    sseIdleTimeout: [1, most],
+    pingInterval: [1, most],
+    pongTimeout: [1, Math.floor(most / 16)],
+    connectTimeout: [1, Math.floor(most / 16)],
+    resyncSlowAfter: [1, most],
+    promptDelayMax: [0, most],
+    activityInterval: [0, most],
+    resendInterval: [1, most],
+  };
+  for (const [name, [low, high]] of Object.entries(bounds)) {
+    eb.checkOptions({ [name]: low });
+    eb.checkOptions({ [name]: high });
+    for (const bad of [low - 1, low === 0 ? -0.5 : 0.5, high + 1, NaN, Infinity, -Infinity]) {
+      eq(thrown(() => eb.checkOptions({ [name]: bad })), ["RangeError", `eventbus: ${name} must be a number of milliseconds from ${low} to ${high}, got ${bad}`]);
+    }
+  }
+  eq(thrown(() => eb.checkOptions({ pollInterval: 3e9 })), ["RangeError", "eventbus: pollInterval must be a number of milliseconds from 1 to 2147483647, got 3000000000"]);
+});
+
+test("options: a number given as a string, or a flag as a number, is a TypeError naming the option", () => {
+  for (const name of ["stableAfter", "pollInterval", "pollTimeout", "sseIdleTimeout", "pingInterval", "pongTimeout", "connectTimeout", "resyncSlowAfter", "promptDelayMax", "activityInterval", "resendInterval", "pollAfterFailures"]) {
+    for (const bad of ["30000", null, true, {}, [1000], () => 1000, 10n]) {
+      const [kind, message] = thrown(() => eb.checkOptions({ [name]: bad }));
+      eq(kind, "TypeError", `${name}: ${String(bad)}`);
+      assert(message.startsWith(`eventbus: ${name} must be `), message);
+    }
+  }
+  eq(thrown(() => eb.checkOptions({ connectTimeout: "30000" }))[1], 'eventbus: connectTimeout must be a number of milliseconds from 1 to 134217727, got "30000"');
+  for (const name of ["sse", "websocket"]) {
+    eb.checkOptions({ [name]: true });
+    eb.checkOptions({ [name]: false });
+    for (const bad of [0, 1, "false", null]) eq(thrown(() => eb.checkOptions({ [name]: bad })), ["TypeError", `eventbus: ${name} must be true or false, got ${typeof bad === "string" ? JSON.stringify(bad) : bad}`]);
+  }
+});
+
+test("options: backoff's initial, max, factor and jitter are checked, max against initial", () => {
+  eb.checkOptions({ backoff: { initial: 1, max: 1, factor: 1, jitter: 0 } });
+  eb.checkOptions({ backoff: { initial: 2147483647, max: 2147483647, factor: 1e6, jitter: 1 } });
+  eq(thrown(() => eb.checkOptions({ backoff: { initial: "1000" } })), ["TypeError", 'eventbus: backoff.initial must be a number of milliseconds from 1 to 2147483647, got "1000"']);
+  eq(thrown(() => eb.checkOptions({ backoff: { initial: 0 } })), ["RangeError", "eventbus: backoff.initial must be a number of milliseconds from 1 to 2147483647, got 0"]);
+  eq(thrown(() => eb.checkOptions({ backoff: { initial: 3e9, max: 3e9 } }))[0], "RangeError");
+  eq(thrown(() => eb.checkOptions({ backoff: { initial: 60000 } })), ["RangeError", "eventbus: backoff.max must be a number of milliseconds from backoff.initial (60000) to 2147483647, got 30000 (the default)"]);
+  eq(thrown(() => eb.checkOptions({ backoff: { max: 500 } })), ["RangeError", "eventbus: backoff.max must be a number of milliseconds from backoff.initial (1000) to 2147483647, got 500"]);
+  eq(thrown(() => eb.checkOptions({ backoff: { max: 2147483648 } }))[0], "RangeError");
+  eq(thrown(() => eb.checkOptions({ backoff: { max: "30000" } }))[0], "TypeError");
+  for (const bad of [0.99, 0, -2, Infinity, NaN]) eq(thrown(() => eb.checkOptions({ backoff: { factor: bad } })), ["RangeError", `eventbus: backoff.factor must be a finite number of at least 1, got ${bad}`]);
+  eq(thrown(() => eb.checkOptions({ backoff: { factor: "2" } }))[0], "TypeError");
+  for (const bad of [-0.1, 1.1, NaN]) eq(thrown(() => eb.checkOptions({ backoff: { jitter: bad } })), ["RangeError", `eventbus: backoff.jitter must be a number from 0 to 1, got ${bad}`]);
+  for (const bad of [null, 1000, "fast", [1000]]) eq(thrown(() => eb.checkOptions({ backoff: bad }))[0], "TypeError", `backoff: ${String(bad)}`);
+  eq(thrown(() => eb.checkOptions({ backoff: { intial: 500 } })), ["TypeError", "eventbus: unknown option backoff.intial (did you mean backoff.initial?)"]);
+});
+
+test("options: pollAfterFailures is a whole number from 1, or Infinity for never", () => {
+  for (const good of [1, 2, 1000, Infinity]) eb.checkOptions({ pollAfterFailures: good });
+  for (const bad of [0, -1, 1.5, NaN, -Infinity]) {
+    eq(thrown(() => eb.checkOptions({ pollAfterFailures: bad })), ["RangeError", `eventbus: pollAfterFailures must be a whole number from 1 up, or Infinity (never fall back), got ${bad}`]);
+  }
+});
+
+test("options: pollAfterFailures Infinity keeps to the WebSocket: no SSE stream, no poll, for ever", async () => {
+  const env = setup({ autoFailSockets: true, options: { pollAfterFailures: Infinity } });
+  await env.clock.advance(0);
+  for (let i = 0; i < 10; i += 1) await env.clock.advance(30000);
+  assert(env.sockets.length >= 10, `the WebSocket is retried on its backoff: ${env.sockets.length} attempts`);
+  eq([env.streams.length, env.requests.length], [0, 0], "no fallback");
+  eq(env.bus.state, "connecting");
+});
+
+test("options: functions, urls, token and WebSocket are checked for their type", () => {
+  for (const name of ["fetch", "setTimeout", "clearTimeout", "now", "random", "isOnline", "onResync", "onStateChange", "onError"]) {
+    for (const bad of [null, true, "fn", 1, {}]) {
+      const [kind, message] = thrown(() => eb.checkOptions({ [name]: bad }));
+      eq(kind, "TypeError");
+      assert(message.startsWith(`eventbus: ${name} must be a function, got `), message);
+    }
+  }
+  for (const name of ["url", "httpUrl"]) {
+    for (const bad of ["", null, 8765, new URL("ws://gw.test/")]) eq(thrown(() => eb.checkOptions({ [name]: bad }))[0], "TypeError", `${name}: ${String(bad)}`);
+  }
+  for (const good of ["t", () => "t", async () => "t", null]) eb.checkOptions({ token: good });
+  for (const bad of ["", 42, {}, true]) eq(thrown(() => eb.checkOptions({ token: bad }))[0], "TypeError", `token: ${String(bad)}`);
+  eq(thrown(() => eb.checkOptions({ token: "" }))[1], 'eventbus: token must be a non-empty string, a function returning one, or null, got ""');
+  eq(thrown(() => eb.checkOptions({ WebSocket: "ws" })), ["TypeError", 'eventbus: WebSocket must be a constructor or null, got "ws"']);
+});
+
+test("options: an unknown name is a TypeError naming it and the option it resembles", () => {
+  eq(thrown(() => eb.checkOptions({ pingIntreval: 5000 })), ["TypeError", "eventbus: unknown option pingIntreval (did you mean pingInterval?)"]);
+  eq(thrown(() => eb.checkOptions({ pollinterval: 5000 })), ["TypeError", "eventbus: unknown option pollinterval (did you mean pollInterval?)"]);
+  eq(thrown(() => eb.checkOptions({ webSocket: false }))[1], "eventbus: unknown option webSocket (did you mean websocket?)");
+  const [kind, message] = thrown(() => eb.checkOptions({ foo: 1 }));
+  eq(kind, "TypeError");
+  assert(message.startsWith("eventbus: unknown option foo (the options are url, httpUrl, token,") && message.includes("pollInterval") && message.includes("isOnline)"), message);
+  eb.checkOptions({ pingIntreval: undefined }); // undefined is no option given
+  for (const bad of [null, "ws://gw.test/", 42, [{}]]) eq(thrown(() => eb.checkOptions(bad))[0], "TypeError", `options: ${String(bad)}`);
+});
+
+test("options: connect() and new EventBus() check them before doing anything", async () => {
+  let opened = 0;
+  class Counting {
+    constructor() {
+      opened += 1;
+    }
+  }
+  const base = { url: "ws://gw.test/", WebSocket: Counting, fetch: () => new Promise(() => {}), setTimeout: () => 0, clearTimeout: () => {}, isOnline: () => true };
+  eq(thrown(() => eb.connect({ ...base, pollInterval: 3e9 })), ["RangeError", "eventbus: pollInterval must be a number of milliseconds from 1 to 2147483647, got 3000000000"]);
+  eq(thrown(() => new eb.EventBus({ ...base, backoff: { initial: "1000" } }))[0], "TypeError");
+  eq(thrown(() => eb.connect({ ...base, pingIntreval: 1000 }))[0], "TypeError");
+  await flush();
+  eq(opened, 0, "no connection attempted");
+  const bus = eb.connect(base);
+  await flush();
+  eq(opened, 1, "good options: connects");
+  bus.close();
+});
+
+test("options: one given as undefined takes its default (a ping every 25 s, not a timer of NaN)", async () => {
+  const env = setup({ options: { pingInterval: undefined, pongTimeout: undefined, backoff: { initial: undefined } } });
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  env.autoPong = false;
+  // (Checked before advancing: a ping timer of NaN runs at once, and again, for ever.)
+  const pingDue = [...env.clock.timers.values()].filter((timer) => timer.at === env.clock.t + 25_000);
+  eq(pingDue.length, 1, "the ping timer waits pingInterval's default");
+  await env.clock.advance(24_999);
+  eq(ws.sentOf("ping").length, 0, "no ping before pingInterval's default");
+  await env.clock.advance(1);
+  eq(ws.sentOf("ping").length, 1, "the ping after 25 s");
+  await env.clock.advance(9_999);
+  eq(ws.closedWith, null, "pongTimeout's default: still waiting");
+  await env.clock.advance(1);
+  assert(ws.closedWith !== null, "dropped after 10 s without a pong");
+});
+
 test("every close code of the protocol has a sensible action", () => {
   const table = {
     1000: ["backoff", false, false],
