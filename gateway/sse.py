@@ -710,6 +710,29 @@ class SseStreams:
         clog,
         presence: bool = False,
     ) -> None:
+        """The stream's task: give the session its token's claims, then subscribe its projects.
+        An exception anywhere in it (a bug) ends the stream with 1011, logged; the client's
+        disconnect cancels it (CancelledError goes through, nothing logged)."""
+        try:
+            await self._authenticate_and_subscribe(
+                session, projects, cursors, claims, clog, presence
+            )
+        except Exception:
+            # A bug: this stream ends (1011) and its client reconnects; never a stream left
+            # open without some of its projects. No other stream is affected.
+            log.exception("stream failed")
+            session.close_later(CloseCode.INTERNAL_ERROR, "internal error")
+
+    async def _authenticate_and_subscribe(
+        self,
+        session: SseSession,
+        projects: Sequence[int],
+        cursors,
+        claims,
+        clog,
+        presence: bool,
+    ) -> None:
+        """What :meth:`_subscribe` does; any exception it raises is a bug (the stream ends)."""
         gateway = self.gateway
         clients = gateway.clients
         if claims is not None:
@@ -739,19 +762,13 @@ class SseStreams:
                     session.close_later(CloseCode.INTERNAL_ERROR, "subscription failed")
                     return
 
-        try:
-            if len(projects) == 1:
-                await subscribe_next()  # (the common stream: no task more)
-            else:
-                # A TaskGroup, not gather: when one raises, the others stop with it.
-                async with asyncio.TaskGroup() as group:
-                    for _ in range(min(CONCURRENCY, len(projects))):
-                        group.create_task(subscribe_next())
-        except Exception:
-            # A bug: this stream ends (1011) and its client reconnects; never a stream left
-            # open without some of its projects. No other stream is affected.
-            log.exception("stream failed")
-            session.close_later(CloseCode.INTERNAL_ERROR, "internal error")
+        if len(projects) == 1:
+            await subscribe_next()  # (the common stream: no task more)
+        else:
+            # A TaskGroup, not gather: when one raises, the others stop with it.
+            async with asyncio.TaskGroup() as group:
+                for _ in range(min(CONCURRENCY, len(projects))):
+                    group.create_task(subscribe_next())
 
 
 def _websocket_upgrade(headers: Headers) -> bool:

@@ -292,6 +292,30 @@ async def test_a_subscribe_that_raises_ends_the_stream_and_stops_the_others(gate
     stream.close()
 
 
+@pytest.mark.parametrize("projects", [[7], [7, 8]], ids=["one_project", "several"])
+async def test_a_bug_before_the_subscribes_ends_the_stream_too(gateways, projects):
+    """A bug in what a stream does before subscribing (here a planted exception in giving the
+    session its token's claims) ends the stream with a ``close`` event (1011) as a bug in a
+    subscribe does, so its client reconnects. Before, the exception escaped the stream's task
+    unretrieved and the stream stayed open without any of its projects, sending keepalives only:
+    its client waited for events that never came."""
+    gateway = await gateways()
+
+    def authenticate(session, claims):
+        raise RuntimeError("planted bug")
+
+    gateway.clients.authenticate = authenticate
+    path = "/v1/stream?" + "&".join(f"project={p}" for p in projects)
+    status, _, stream = await open_stream(_url(gateway), path, _auth(projects))
+    assert status == 200
+    events = await stream.rest()
+    assert [e.event for e in events] == ["close"]
+    close = json.loads(events[-1].data)
+    assert close == {"type": "close", "code": 1011, "reason": "internal error"}
+    await wait_until(lambda: not gateway.sessions, 5, "the stream to be gone")
+    stream.close()
+
+
 async def test_streams_are_authorised_by_the_header_only(gateways):
     gateway = await gateways()
     url = _url(gateway)
