@@ -29,9 +29,10 @@ right after the event before it in the history it belongs to, or an explicit
 ``resync_required``. So after an event a failover lost, the next thing in the client's record
 of that project is the next event lost with it or a ``resync_required``, never an event of the
 new history, and no record ends on a lost event (except an event retention had already trimmed
-from the stream when the failover came, after a trim step to 0 to 3 entries: nothing is left
-to compare the client's tag with, as docs/protocol.md says, so that one may pass unwarned,
-seed 179); a ``subscribed`` that acknowledges a cursor names (by its tag) the event the client
+from the stream when the failover came, after a trim step to 0 to 3 entries, or whose position
+a trim took later, before a client or a gateway's feed that held it resumed there: nothing is
+left to compare its tag with, as docs/protocol.md says, so that one may pass unwarned, seeds
+179 and 1230); a ``subscribed`` that acknowledges a cursor names (by its tag) the event the client
 has there. And :func:`resync_problems`': each resync
 follows a fault that justifies its reason (a trim: ``history_trimmed``; a deleted project or an
 emptied Redis: ``epoch_changed``; ``too_far_behind``: more than ``--max-replay`` behind;
@@ -326,6 +327,29 @@ def test_a_lineage_knows_the_order_of_lost_events_a_trim_took_from_the_stream():
     assert lineage.untraced == {127} and lineage.follows(127, 228)
 
 
+def test_a_lost_event_whose_position_a_later_trim_took_can_pass_unwarned():
+    """Seed 1230: a failover lost 104 and 105 (the new history: 204, 205), retention then took
+    everything up to 5 from the stream, and 206 was published. A gateway whose feed had 105 at
+    5 (its pub/sub link down through the failover) reads on from 5: the stream has no entry 5
+    left to compare 105 with (docs/protocol.md, "Cursor tags"), so its clients get 206 after 105
+    unwarned. Before the trim, that was a silent swap; after it, the documented limit."""
+    lineage = Lineage()
+    for seq in (1, 2, 3, 4, 5):
+        lineage.add(("e", seq), 100 + seq, f"t{100 + seq}")
+    stream = [(seq, 100 + seq, f"t{100 + seq}") for seq in (1, 2, 3, 4, 5)]
+    lineage.add_failover("e", 5, 3, stream)
+    for seq in (4, 5, 6):
+        lineage.add(("e", seq), 200 + seq, f"t{200 + seq}")
+    assert not lineage.follows(105, 206) and not lineage.follows(104, 205)
+    lineage.add_trim("e", 5)  # entries 1 to 4 gone: 4's position, not 5's
+    assert lineage.untraced == {104}
+    assert lineage.follows(104, 205) and not lineage.follows(105, 206)
+    lineage.add_trim("other", 7)  # another epoch's trim takes nothing of this one
+    lineage.add_trim("e", 6)
+    assert lineage.untraced == {104, 105} and lineage.follows(105, 206)
+    assert lineage.follows(204, 205) and not lineage.follows(205, 104)
+
+
 # --- running it ----------------------------------------------------------------------------
 
 
@@ -528,7 +552,12 @@ class Walk:
             project_id, keep = args
             await self.remember()
             self.justify("history_trimmed", [project_id])
-            await self.redis(lambda r: r.xtrim(KEYS.stream(project_id), maxlen=keep))
+            found = await self.redis(
+                lambda r: r.eval(_TRIM, 2, KEYS.stream(project_id), KEYS.meta(project_id), keep)
+            )
+            if found:
+                epoch, below = found
+                self.lineage.add_trim(epoch.decode(), int(below))
         elif kind == "delete":
             (project_id,) = args
             await self.remember()
@@ -620,6 +649,18 @@ for _, entry in ipairs(entries) do
 end
 redis.call('HSET', KEYS[2], 'seq', keep)
 return {epoch, top, keep, entries}
+"""
+
+
+#: The trim step: KEYS stream, meta; ARGV entries to keep. Returns the epoch and the first seq
+#: the stream still holds (its top + 1 when it holds none), or nil for a project without one.
+_TRIM = """
+redis.call('XTRIM', KEYS[1], 'MAXLEN', ARGV[1])
+local epoch = redis.call('HGET', KEYS[2], 'epoch')
+if not epoch then return false end
+local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1]
+if first then return {epoch, tonumber(string.match(first[1], '^%d+'))} end
+return {epoch, tonumber(redis.call('HGET', KEYS[2], 'seq') or '0') + 1}
 """
 
 

@@ -458,8 +458,9 @@ class Lineage:
 
     * an event never lost followed the one never lost at the position before (a failover that
       took that one would have taken it too, and never-lost events are one per position);
-    * an event lost by a failover while retention had already trimmed it from the stream is
-      :attr:`untraced`: anything may follow it (nothing can tell the client);
+    * an event lost by a failover while retention had already trimmed it from the stream, or
+      whose position retention trimmed later (:meth:`add_trim`), is :attr:`untraced`:
+      anything may follow it (nothing can tell the client);
     * an event lost by failover #n followed the event the stream held before it when #n
       happened (where trimmed, the one last known there); when even that is unknown, any event
       not lost by a failover before #n is accepted (the one check that is not exact).
@@ -514,6 +515,16 @@ class Lineage:
             if chain.get(seq - 1) is not None:
                 self.pred[ident] = chain[seq - 1]  # type: ignore[assignment]
         return number
+
+    def add_trim(self, epoch: str, below: int) -> None:
+        """Retention trimmed the stream of ``epoch`` below ``below`` (its first entry left, or
+        its top + 1 when none is). An event a failover lost at such a position is now
+        :attr:`untraced`: the position's entry is gone, so a client (or a gateway's feed)
+        holding the lost event and resuming there has nothing to compare its tag with
+        (docs/protocol.md, "Cursor tags"), however well the failover itself could be seen."""
+        for (at_epoch, seq), idents in self.held.items():
+            if at_epoch == epoch and seq < below:
+                self.untraced.update(ident for ident in idents if ident in self.lost)
 
     def follows(self, before: int, after: int) -> bool:
         """Whether ``after`` was published right after ``before``, in some history (or
