@@ -150,10 +150,10 @@ export type TokenSource = string | (() => string | Promise<string>);
  * a timer's is at most 2147483647 (a browser runs a longer one at once). */
 export interface ConnectOptions {
   /** WebSocket URL of the gateway, e.g. "wss://events.example.com/". Default: this page's host. */
-  url?: string;
+  url?: string | URL;
   /** HTTP base URL of the fallbacks (SSE: GET {httpUrl}/v1/projects/{id}/stream; polling:
    * GET {httpUrl}/v1/projects/{id}/events). Default: the origin of `url`. */
-  httpUrl?: string;
+  httpUrl?: string | URL;
   /** The gateway token, or a function returning it (asked again on every reconnect, before
    * expiry, and after a 401/4001/4002/4003). Omit only for a gateway run with --no-auth. */
   token?: TokenSource | null;

@@ -1215,7 +1215,11 @@ function millis(min, max = MAX_TIMER_DELAY) {
 
 const FUNCTION = { expects: "a function", type: (value) => typeof value === "function" };
 const FLAG = { expects: "true or false", type: (value) => typeof value === "boolean" };
-const URL_STRING = { expects: "a non-empty string", type: (value) => typeof value === "string" && value !== "" };
+// A URL object too, as the WebSocket constructor and fetch take one (used as its text).
+const URL_STRING = {
+  expects: "a non-empty string or a URL",
+  type: (value) => (typeof value === "string" && value !== "") || (typeof URL !== "undefined" && value instanceof URL),
+};
 
 /**
  * What each option of `connect()` takes, by name (none other exists): `type` (a TypeError when it
@@ -1430,8 +1434,8 @@ export class EventBus {
     // Checked once, here: a bad value throws now, naming the option (checkOptions).
     this.options = checkOptions(options);
     const o = this.options;
-    this.url = o.url || defaultWebSocketUrl();
-    this.httpUrl = (o.httpUrl || defaultHttpUrl(this.url)).replace(/\/+$/, "");
+    this.url = o.url ? String(o.url) : defaultWebSocketUrl();
+    this.httpUrl = (o.httpUrl ? String(o.httpUrl) : defaultHttpUrl(this.url)).replace(/\/+$/, "");
     // `websocket: false` configures WebSocket off (SSE, else polling, from the start).
     this._WebSocket = o.websocket === false ? null : "WebSocket" in o ? o.WebSocket : globalThis.WebSocket;
     this._fetch = o.fetch || (globalThis.fetch ? globalThis.fetch.bind(globalThis) : null);

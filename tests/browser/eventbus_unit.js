@@ -424,12 +424,22 @@ test("options: functions, urls, token and WebSocket are checked for their type",
     }
   }
   for (const name of ["url", "httpUrl"]) {
-    for (const bad of ["", null, 8765, new URL("ws://gw.test/")]) eq(thrown(() => eb.checkOptions({ [name]: bad }))[0], "TypeError", `${name}: ${String(bad)}`);
+    for (const bad of ["", null, 8765, {}]) eq(thrown(() => eb.checkOptions({ [name]: bad }))[0], "TypeError", `${name}: ${String(bad)}`);
+    eb.checkOptions({ [name]: new URL("ws://gw.test/") }); // as WebSocket and fetch take one
   }
   for (const good of ["t", () => "t", async () => "t", null]) eb.checkOptions({ token: good });
   for (const bad of ["", 42, {}, true]) eq(thrown(() => eb.checkOptions({ token: bad }))[0], "TypeError", `token: ${String(bad)}`);
   eq(thrown(() => eb.checkOptions({ token: "" }))[1], 'eventbus: token must be a non-empty string, a function returning one, or null, got ""');
   eq(thrown(() => eb.checkOptions({ WebSocket: "ws" })), ["TypeError", 'eventbus: WebSocket must be a constructor or null, got "ws"']);
+});
+
+test("options: url and httpUrl may be URL objects, used as their text", async () => {
+  const env = setup({ options: { url: new URL("ws://gw.test/path"), httpUrl: new URL("http://gw.test/api/") } });
+  await env.clock.advance(0);
+  eq(env.sockets[0].url, "ws://gw.test/path");
+  eq(env.bus.httpUrl, "http://gw.test/api");
+  const derived = setup({ options: { url: new URL("wss://gw.test/"), httpUrl: undefined } });
+  eq(derived.bus.httpUrl, "https://gw.test");
 });
 
 test("options: an unknown name is a TypeError naming it and the option it resembles", () => {
