@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import parse_qs
 
 import msgspec
@@ -698,8 +698,24 @@ class SseStreams:
             self.keepalive.add(session)
         clog = ConnectionLog(log, session.id, transport="sse")
         protocol.task = spawn(
-            self._subscribe(session, stream.projects, cursors, claims, clog, stream.presence)
+            self._guarded(
+                session,
+                self._subscribe(session, stream.projects, cursors, claims, clog, stream.presence),
+            )
         )
+
+    @staticmethod
+    async def _guarded(session: SseSession, task: Coroutine[Any, Any, None]) -> None:
+        """Run a stream's task (:meth:`_subscribe`): an exception anywhere in it (a bug) ends the
+        stream with 1011, logged; the client's disconnect cancels it (CancelledError goes
+        through, nothing logged)."""
+        try:
+            await task
+        except Exception:
+            # A bug: this stream ends (1011) and its client reconnects; never a stream left
+            # open without some of its projects. No other stream is affected.
+            log.exception("stream failed")
+            session.close_later(CloseCode.INTERNAL_ERROR, "internal error")
 
     async def _subscribe(
         self,
@@ -708,31 +724,10 @@ class SseStreams:
         cursors,
         claims,
         clog,
-        presence: bool = False,
-    ) -> None:
-        """The stream's task: give the session its token's claims, then subscribe its projects.
-        An exception anywhere in it (a bug) ends the stream with 1011, logged; the client's
-        disconnect cancels it (CancelledError goes through, nothing logged)."""
-        try:
-            await self._authenticate_and_subscribe(
-                session, projects, cursors, claims, clog, presence
-            )
-        except Exception:
-            # A bug: this stream ends (1011) and its client reconnects; never a stream left
-            # open without some of its projects. No other stream is affected.
-            log.exception("stream failed")
-            session.close_later(CloseCode.INTERNAL_ERROR, "internal error")
-
-    async def _authenticate_and_subscribe(
-        self,
-        session: SseSession,
-        projects: Sequence[int],
-        cursors,
-        claims,
-        clog,
         presence: bool,
     ) -> None:
-        """What :meth:`_subscribe` does; any exception it raises is a bug (the stream ends)."""
+        """Give the session its token's claims, then subscribe its projects (any exception is
+        a bug: :meth:`_guarded` ends the stream)."""
         gateway = self.gateway
         clients = gateway.clients
         if claims is not None:
