@@ -160,14 +160,14 @@ _PING_HEADER = b"\x89\x04"
 #: bit and a 4-byte payload, then the mask and the masked payload (ten bytes in all).
 _PONG_HEADER = b"\x8a\x84"
 _MASKED_PONG = struct.Struct("!II")
-#: The generators websockets' parser is made of (a server's handshake, then frames), and the one
-#: it waits in between two frames: how :meth:`WebSocketConnection.between_frames` tells.
 #: What websockets refuses itself while reading a request (a status, and the gateway's message).
 _OVER_WEBSOCKETS_BOUNDS: dict[type, tuple[int, str]] = {
     RequestLineTooLong: (414, f"the request line takes more than {MAX_LINE_LENGTH} bytes"),
     HeaderLineTooLong: (431, f"a header line takes more than {MAX_LINE_LENGTH} bytes"),
     TooManyHeaders: (431, f"the request has more than {MAX_NUM_HEADERS} headers"),
 }
+#: The generators websockets' parser is made of (a server's handshake, then frames), and the one
+#: it waits in between two frames: how :meth:`WebSocketConnection.between_frames` tells.
 _SERVER_PARSE = ServerProtocol.parse.__code__
 _FRAMES_PARSE = Protocol.parse.__code__
 _AT_EOF = StreamReader.at_eof.__code__
