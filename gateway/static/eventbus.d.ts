@@ -146,14 +146,15 @@ export type TokenSource = string | (() => string | Promise<string>);
 
 /** The options of connect(). Checked when the client is made (checkOptions): an unknown name or
  * a value of the wrong type throws a TypeError, a number out of its bounds a RangeError, each
- * naming the option. An option given as undefined is one not given (its default). Times are ms;
+ * naming the option. An option given as undefined is one not given (its default), and so is null
+ * for url, httpUrl, backoff, the callbacks, the functions but WebSocket, websocket and sse. Times are ms;
  * a timer's is at most 2147483647 (a browser runs a longer one at once). */
 export interface ConnectOptions {
   /** WebSocket URL of the gateway, e.g. "wss://events.example.com/". Default: this page's host. */
-  url?: string | URL;
+  url?: string | URL | null;
   /** HTTP base URL of the fallbacks (SSE: GET {httpUrl}/v1/projects/{id}/stream; polling:
    * GET {httpUrl}/v1/projects/{id}/events). Default: the origin of `url`. */
-  httpUrl?: string | URL;
+  httpUrl?: string | URL | null;
   /** The gateway token, or a function returning it (asked again on every reconnect, before
    * expiry, and after a 401/4001/4002/4003). Omit only for a gateway run with --no-auth. */
   token?: TokenSource | null;
@@ -163,12 +164,12 @@ export interface ConnectOptions {
    * snapshot's cursor (the position the reloaded state includes, e.g. from
    * publisher.outbox's snapshot helper) and the bus continues exactly after it: events at or
    * before it are dropped, the ones after it delivered once, asked for again if not held. */
-  onResync?: (projectId: number) => void | Cursor | null | Promise<void | Cursor | null>;
+  onResync?: ((projectId: number) => void | Cursor | null | Promise<void | Cursor | null>) | null;
   /** Called when the state or the live transport changes ("live" over SSE, then over
    * WebSocket: state and previous are both "live", status.transport says which). */
-  onStateChange?: (state: ConnectionState, previous: ConnectionState, status: ConnectionStatus) => void;
-  onError?: (error: EventBusError) => void;
-  backoff?: BackoffOptions;
+  onStateChange?: ((state: ConnectionState, previous: ConnectionState, status: ConnectionStatus) => void) | null;
+  onError?: ((error: EventBusError) => void) | null;
+  backoff?: BackoffOptions | null;
   /** ms a connection must stay up before the backoff starts over (default 10000; 0 to 2147483647). */
   stableAfter?: number;
   /** ms between polls while WebSocket cannot connect (default 10000; 1 to 2147483647). */
@@ -180,9 +181,9 @@ export interface ConnectOptions {
    * number from 1 up, or Infinity: never, WebSocket only while the browser has it). */
   pollAfterFailures?: number;
   /** false: WebSocket off; SSE (else polling) from the start (default true). */
-  websocket?: boolean;
+  websocket?: boolean | null;
   /** false: no SSE; polling is the only fallback (default true). */
-  sse?: boolean;
+  sse?: boolean | null;
   /** ms without a completed line (not even a keepalive comment), nor 16 KiB of one still
    * arriving, before an SSE stream is reopened (45000; 1 to 2147483647). */
   sseIdleTimeout?: number;
@@ -211,14 +212,14 @@ export interface ConnectOptions {
   resendInterval?: number;
   // Injection points for tests and non-browser runtimes.
   WebSocket?: typeof WebSocket | null;
-  fetch?: typeof fetch;
-  setTimeout?: (fn: () => void, ms: number) => unknown;
-  clearTimeout?: (handle: unknown) => void;
-  now?: () => number;
-  random?: () => number;
+  fetch?: typeof fetch | null;
+  setTimeout?: ((fn: () => void, ms: number) => unknown) | null;
+  clearTimeout?: ((handle: unknown) => void) | null;
+  now?: (() => number) | null;
+  random?: (() => number) | null;
   /** Whether the browser says it is online (default: navigator.onLine !== false). While it says
    * false, attempts are at most one per backoff.max (the first at once), never none. */
-  isOnline?: () => boolean;
+  isOnline?: (() => boolean) | null;
 }
 
 // --- presence (docs/presence.md) ----------------------------------------------------------------

@@ -1277,9 +1277,19 @@ const BACKOFF_CHECKS = {
   jitter: { expects: "a number from 0 to 1", type: (value) => typeof value === "number", range: (value) => value >= 0 && value <= 1 },
 };
 
-/** `object`'s own properties that are not undefined: one given as undefined is not given. */
-function givenOf(object) {
-  return Object.fromEntries(Object.entries(object).filter(([, value]) => value !== undefined));
+/**
+ * The options whose null the client has always taken as not given (each was read as
+ * `o.url || default`, `if (o.onError)`, `o.sse !== false`...): a page passing
+ * `onError: props.onError ?? null` worked, and must go on working. Not `token` nor `WebSocket`,
+ * whose null means something (no token, no WebSocket), nor the numbers: null there was a timer
+ * of 0, a tight loop, and is refused.
+ */
+const NULL_IS_DEFAULT = new Set(["url", "httpUrl", "onResync", "onStateChange", "onError", "backoff", "fetch", "setTimeout", "clearTimeout", "now", "random", "isOnline", "websocket", "sse"]);
+
+/** `object`'s own properties that are given: not undefined, nor null where null is the default
+ * (`nullIsDefault`, a set of names). */
+function givenOf(object, nullIsDefault = new Set()) {
+  return Object.fromEntries(Object.entries(object).filter(([name, value]) => value !== undefined && !(value === null && nullIsDefault.has(name))));
 }
 
 function checkValue(name, check, value, given) {
@@ -1320,13 +1330,14 @@ function checkNames(given, checks, prefix) {
  * 2^31 - 1 ms, at once: a tight reconnect or polling loop). Throws a TypeError for an unknown
  * name or a value of the wrong type, a RangeError for a number out of its bounds (see
  * OPTION_CHECKS; backoff.max is at least backoff.initial). An option given as undefined is one
- * not given. Pure: reads nothing but `options`.
+ * not given, and so is a null one where null was always the default (NULL_IS_DEFAULT). Pure:
+ * reads nothing but `options`.
  */
 export function checkOptions(options = {}) {
   if (options === null || typeof options !== "object" || Array.isArray(options)) {
     throw new TypeError(`eventbus: the options must be an object, got ${shown(options)}`);
   }
-  const given = givenOf(options);
+  const given = givenOf(options, NULL_IS_DEFAULT);
   checkNames(given, OPTION_CHECKS, "");
   for (const [name, value] of Object.entries(given)) checkValue(name, OPTION_CHECKS[name], value, true);
   const backoffGiven = givenOf(given.backoff || {});

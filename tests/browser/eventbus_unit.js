@@ -378,7 +378,7 @@ test("options: a number given as a string, or a flag as a number, is a TypeError
   for (const name of ["sse", "websocket"]) {
     eb.checkOptions({ [name]: true });
     eb.checkOptions({ [name]: false });
-    for (const bad of [0, 1, "false", null]) eq(thrown(() => eb.checkOptions({ [name]: bad })), ["TypeError", `eventbus: ${name} must be true or false, got ${typeof bad === "string" ? JSON.stringify(bad) : bad}`]);
+    for (const bad of [0, 1, "false"]) eq(thrown(() => eb.checkOptions({ [name]: bad })), ["TypeError", `eventbus: ${name} must be true or false, got ${typeof bad === "string" ? JSON.stringify(bad) : bad}`]);
   }
 });
 
@@ -395,7 +395,7 @@ test("options: backoff's initial, max, factor and jitter are checked, max agains
   for (const bad of [0.99, 0, -2, Infinity, NaN]) eq(thrown(() => eb.checkOptions({ backoff: { factor: bad } })), ["RangeError", `eventbus: backoff.factor must be a finite number of at least 1, got ${bad}`]);
   eq(thrown(() => eb.checkOptions({ backoff: { factor: "2" } }))[0], "TypeError");
   for (const bad of [-0.1, 1.1, NaN]) eq(thrown(() => eb.checkOptions({ backoff: { jitter: bad } })), ["RangeError", `eventbus: backoff.jitter must be a number from 0 to 1, got ${bad}`]);
-  for (const bad of [null, 1000, "fast", [1000]]) eq(thrown(() => eb.checkOptions({ backoff: bad }))[0], "TypeError", `backoff: ${String(bad)}`);
+  for (const bad of [1000, "fast", [1000]]) eq(thrown(() => eb.checkOptions({ backoff: bad }))[0], "TypeError", `backoff: ${String(bad)}`);
   eq(thrown(() => eb.checkOptions({ backoff: { intial: 500 } })), ["TypeError", "eventbus: unknown option backoff.intial (did you mean backoff.initial?)"]);
 });
 
@@ -417,14 +417,14 @@ test("options: pollAfterFailures Infinity keeps to the WebSocket: no SSE stream,
 
 test("options: functions, urls, token and WebSocket are checked for their type", () => {
   for (const name of ["fetch", "setTimeout", "clearTimeout", "now", "random", "isOnline", "onResync", "onStateChange", "onError"]) {
-    for (const bad of [null, true, "fn", 1, {}]) {
+    for (const bad of [true, "fn", 1, {}]) {
       const [kind, message] = thrown(() => eb.checkOptions({ [name]: bad }));
       eq(kind, "TypeError");
       assert(message.startsWith(`eventbus: ${name} must be a function, got `), message);
     }
   }
   for (const name of ["url", "httpUrl"]) {
-    for (const bad of ["", null, 8765, {}]) eq(thrown(() => eb.checkOptions({ [name]: bad }))[0], "TypeError", `${name}: ${String(bad)}`);
+    for (const bad of ["", 8765, {}]) eq(thrown(() => eb.checkOptions({ [name]: bad }))[0], "TypeError", `${name}: ${String(bad)}`);
     eb.checkOptions({ [name]: new URL("ws://gw.test/") }); // as WebSocket and fetch take one
   }
   for (const good of ["t", () => "t", async () => "t", null]) eb.checkOptions({ token: good });
@@ -440,6 +440,20 @@ test("options: url and httpUrl may be URL objects, used as their text", async ()
   eq(env.bus.httpUrl, "http://gw.test/api");
   const derived = setup({ options: { url: new URL("wss://gw.test/"), httpUrl: undefined } });
   eq(derived.bus.httpUrl, "https://gw.test");
+});
+
+test("options: null is the default where it was before (urls, functions, backoff, flags)", async () => {
+  // Before checkOptions, `onError: props.onError ?? null` and the like ran as if not given
+  // (each was read as `o.x || default`, `if (o.onError)`, `o.sse !== false`): such a page must
+  // still work. (Numbers are not among them: null there was a timer of 0, a tight loop.)
+  const nullable = ["url", "httpUrl", "onResync", "onStateChange", "onError", "backoff", "fetch", "setTimeout", "clearTimeout", "now", "random", "isOnline", "websocket", "sse"];
+  const merged = eb.checkOptions(Object.fromEntries(nullable.map((name) => [name, null])));
+  eq(merged, { ...eb.DEFAULTS, backoff: { ...eb.DEFAULTS.backoff } }, "every such null: the defaults");
+  eq(eb.checkOptions({ token: null, WebSocket: null }), { ...eb.DEFAULTS, backoff: { ...eb.DEFAULTS.backoff }, token: null, WebSocket: null }, "token and WebSocket keep their null (no token, no WebSocket)");
+  const env = setup({ options: { onError: null, onStateChange: null, httpUrl: null, backoff: null, sse: null } });
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  eq([env.bus.state, env.bus.httpUrl], ["live", "http://gw.test"]);
+  assert(ws.sentOf("subscribe").length >= 1, "subscribed");
 });
 
 test("options: an unknown name is a TypeError naming it and the option it resembles", () => {
