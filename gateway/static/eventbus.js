@@ -1215,10 +1215,14 @@ function millis(min, max = MAX_TIMER_DELAY) {
 
 const FUNCTION = { expects: "a function", type: (value) => typeof value === "function" };
 const FLAG = { expects: "true or false", type: (value) => typeof value === "boolean" };
-// A URL object too, as the WebSocket constructor and fetch take one (used as its text).
+// A URL object too, as the WebSocket constructor and fetch take one (used as its text); one of
+// another frame (an iframe's URL: another realm, not `instanceof URL` here) by its tag.
 const URL_STRING = {
   expects: "a non-empty string or a URL",
-  type: (value) => (typeof value === "string" && value !== "") || (typeof URL !== "undefined" && value instanceof URL),
+  type: (value) =>
+    (typeof value === "string" && value !== "") ||
+    (typeof URL !== "undefined" && value instanceof URL) ||
+    (value !== null && typeof value === "object" && Object.prototype.toString.call(value) === "[object URL]"),
 };
 
 /**

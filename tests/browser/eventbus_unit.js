@@ -442,6 +442,21 @@ test("options: url and httpUrl may be URL objects, used as their text", async ()
   eq(derived.bus.httpUrl, "https://gw.test");
 });
 
+test("options: a URL object of another frame is a URL too", () => {
+  // `instanceof URL` is false for an iframe's URL (another realm), which the WebSocket
+  // constructor took before the option check, as it takes any URL.
+  const frame = document.createElement("iframe");
+  document.body.appendChild(frame);
+  try {
+    const FrameURL = frame.contentWindow.URL;
+    const merged = eb.checkOptions({ url: new FrameURL("ws://gw.test/x"), httpUrl: new FrameURL("http://gw.test/") });
+    eq([String(merged.url), String(merged.httpUrl)], ["ws://gw.test/x", "http://gw.test/"]);
+  } finally {
+    frame.remove();
+  }
+  eq(thrown(() => eb.checkOptions({ url: { href: "ws://gw.test/", toString: () => "ws://gw.test/" } }))[0], "TypeError", "an object that only looks like one is not");
+});
+
 test("options: null is the default where it was before (urls, functions, backoff, flags)", async () => {
   // Before checkOptions, `onError: props.onError ?? null` and the like ran as if not given
   // (each was read as `o.x || default`, `if (o.onError)`, `o.sse !== false`): such a page must
