@@ -146,8 +146,9 @@ export type TokenSource = string | (() => string | Promise<string>);
 
 /** The options of connect(). Checked when the client is made (checkOptions): an unknown name or
  * a value of the wrong type throws a TypeError, a number out of its bounds a RangeError, each
- * naming the option. An option given as undefined is one not given (its default), and so is null
- * for url, httpUrl, backoff, the callbacks, the functions but WebSocket, websocket and sse. Times are ms;
+ * naming the option. An option given as undefined is one not given (its default), and so is
+ * null (any false value) for url, httpUrl, backoff, the callbacks and the functions but WebSocket,
+ * and null for websocket and sse. Times are ms;
  * a timer's is at most 2147483647 (a browser runs a longer one at once). */
 export interface ConnectOptions {
   /** WebSocket URL of the gateway, e.g. "wss://events.example.com/". Default: this page's host. */

@@ -1282,18 +1282,25 @@ const BACKOFF_CHECKS = {
 };
 
 /**
- * The options whose null the client has always taken as not given (each was read as
- * `o.url || default`, `if (o.onError)`, `o.sse !== false`...): a page passing
- * `onError: props.onError ?? null` worked, and must go on working. Not `token` nor `WebSocket`,
- * whose null means something (no token, no WebSocket), nor the numbers: null there was a timer
- * of 0, a tight loop, and is refused.
+ * The options a page could always leave out with any false value: the client read them as
+ * `o.url || default`, `o.fetch || default`, `if (o.onError)`, so `onError: props.onError ?? null`,
+ * `onStateChange: debug && log` or `url: env.GATEWAY_URL || ""` (same host) worked, and must go
+ * on working: null, false, "", 0 there are not given. The flags `websocket` and `sse` took only
+ * `false` as off: null is their default. Not `token` nor `WebSocket`, whose null means something
+ * (no token, no WebSocket), nor the numbers: null there was a timer of 0, a tight loop.
  */
-const NULL_IS_DEFAULT = new Set(["url", "httpUrl", "onResync", "onStateChange", "onError", "backoff", "fetch", "setTimeout", "clearTimeout", "now", "random", "isOnline", "websocket", "sse"]);
+const FALSY_IS_DEFAULT = new Set(["url", "httpUrl", "onResync", "onStateChange", "onError", "backoff", "fetch", "setTimeout", "clearTimeout", "now", "random", "isOnline"]);
+const NULL_IS_DEFAULT = new Set(["websocket", "sse"]);
 
-/** `object`'s own properties that are given: not undefined, nor null where null is the default
- * (`nullIsDefault`, a set of names). */
-function givenOf(object, nullIsDefault = new Set()) {
-  return Object.fromEntries(Object.entries(object).filter(([name, value]) => value !== undefined && !(value === null && nullIsDefault.has(name))));
+/** Whether option `name` given as `value` is one not given: undefined, or one of the above. */
+function notGiven(name, value) {
+  return value === undefined || (!value && FALSY_IS_DEFAULT.has(name)) || (value === null && NULL_IS_DEFAULT.has(name));
+}
+
+/** `object`'s own properties that are given (`isNotGiven(name, value)` false; by default, not
+ * undefined). */
+function givenOf(object, isNotGiven = (name, value) => value === undefined) {
+  return Object.fromEntries(Object.entries(object).filter(([name, value]) => !isNotGiven(name, value)));
 }
 
 function checkValue(name, check, value, given) {
@@ -1334,14 +1341,14 @@ function checkNames(given, checks, prefix) {
  * 2^31 - 1 ms, at once: a tight reconnect or polling loop). Throws a TypeError for an unknown
  * name or a value of the wrong type, a RangeError for a number out of its bounds (see
  * OPTION_CHECKS; backoff.max is at least backoff.initial). An option given as undefined is one
- * not given, and so is a null one where null was always the default (NULL_IS_DEFAULT). Pure:
- * reads nothing but `options`.
+ * not given, and so is a false one (null, "") where that was always the default (notGiven).
+ * Pure: reads nothing but `options`.
  */
 export function checkOptions(options = {}) {
   if (options === null || typeof options !== "object" || Array.isArray(options)) {
     throw new TypeError(`eventbus: the options must be an object, got ${shown(options)}`);
   }
-  const given = givenOf(options, NULL_IS_DEFAULT);
+  const given = givenOf(options, notGiven);
   checkNames(given, OPTION_CHECKS, "");
   for (const [name, value] of Object.entries(given)) checkValue(name, OPTION_CHECKS[name], value, true);
   const backoffGiven = givenOf(given.backoff || {});

@@ -424,7 +424,7 @@ test("options: functions, urls, token and WebSocket are checked for their type",
     }
   }
   for (const name of ["url", "httpUrl"]) {
-    for (const bad of ["", 8765, {}]) eq(thrown(() => eb.checkOptions({ [name]: bad }))[0], "TypeError", `${name}: ${String(bad)}`);
+    for (const bad of [8765, {}, true]) eq(thrown(() => eb.checkOptions({ [name]: bad }))[0], "TypeError", `${name}: ${String(bad)}`);
     eb.checkOptions({ [name]: new URL("ws://gw.test/") }); // as WebSocket and fetch take one
   }
   for (const good of ["t", () => "t", async () => "t", null]) eb.checkOptions({ token: good });
@@ -457,15 +457,18 @@ test("options: a URL object of another frame is a URL too", () => {
   eq(thrown(() => eb.checkOptions({ url: { href: "ws://gw.test/", toString: () => "ws://gw.test/" } }))[0], "TypeError", "an object that only looks like one is not");
 });
 
-test("options: null is the default where it was before (urls, functions, backoff, flags)", async () => {
-  // Before checkOptions, `onError: props.onError ?? null` and the like ran as if not given
-  // (each was read as `o.x || default`, `if (o.onError)`, `o.sse !== false`): such a page must
-  // still work. (Numbers are not among them: null there was a timer of 0, a tight loop.)
-  const nullable = ["url", "httpUrl", "onResync", "onStateChange", "onError", "backoff", "fetch", "setTimeout", "clearTimeout", "now", "random", "isOnline", "websocket", "sse"];
-  const merged = eb.checkOptions(Object.fromEntries(nullable.map((name) => [name, null])));
-  eq(merged, { ...eb.DEFAULTS, backoff: { ...eb.DEFAULTS.backoff } }, "every such null: the defaults");
-  eq(eb.checkOptions({ token: null, WebSocket: null }), { ...eb.DEFAULTS, backoff: { ...eb.DEFAULTS.backoff }, token: null, WebSocket: null }, "token and WebSocket keep their null (no token, no WebSocket)");
-  const env = setup({ options: { onError: null, onStateChange: null, httpUrl: null, backoff: null, sse: null } });
+test("options: a false value is the default where it was before (urls, functions, backoff)", async () => {
+  // Before checkOptions these were read as `o.url || default`, `if (o.onError)`: a page passing
+  // `onError: props.onError ?? null`, `onStateChange: debug && log` or `url: env.URL || ""` ran
+  // as if not given, and must still work. The flags took only false as off: null is their
+  // default. (Not the numbers: null there was a timer of 0, a tight loop.)
+  const falsy = ["url", "httpUrl", "onResync", "onStateChange", "onError", "backoff", "fetch", "setTimeout", "clearTimeout", "now", "random", "isOnline"];
+  const defaults = { ...eb.DEFAULTS, backoff: { ...eb.DEFAULTS.backoff } };
+  for (const value of [null, false, "", 0]) eq(eb.checkOptions(Object.fromEntries(falsy.map((name) => [name, value]))), defaults, `every such ${JSON.stringify(value)}: the defaults`);
+  eq(eb.checkOptions({ websocket: null, sse: null }), defaults, "flags: null is the default");
+  eq(eb.checkOptions({ token: null, WebSocket: null }), { ...defaults, token: null, WebSocket: null }, "token and WebSocket keep their null (no token, no WebSocket)");
+  for (const bad of [null, false, ""]) eq(thrown(() => eb.checkOptions({ pollInterval: bad }))[0], "TypeError", `pollInterval: ${JSON.stringify(bad)}`);
+  const env = setup({ options: { onError: null, onStateChange: false, httpUrl: "", backoff: null, sse: null } });
   const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
   eq([env.bus.state, env.bus.httpUrl], ["live", "http://gw.test"]);
   assert(ws.sentOf("subscribe").length >= 1, "subscribed");
