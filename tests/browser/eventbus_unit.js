@@ -442,6 +442,36 @@ test("options: url and httpUrl may be URL objects, used as their text", async ()
   eq(derived.bus.httpUrl, "https://gw.test");
 });
 
+test("options: at their largest accepted values every timer set is a delay setTimeout honours", async () => {
+  const most = 2147483647;
+  const largest = { backoff: { initial: most, max: most, factor: 1e6, jitter: 1 }, stableAfter: most, pollInterval: most, pollTimeout: most, sseIdleTimeout: most, pingInterval: most, pongTimeout: Math.floor(most / 16), connectTimeout: Math.floor(most / 16), resyncSlowAfter: most, promptDelayMax: most, activityInterval: most, resendInterval: most };
+  const env = setup({ options: largest });
+  const delays = [];
+  const setTimeoutOf = env.clock.setTimeout;
+  env.bus._setTimeout = (fn, ms) => {
+    delays.push(ms);
+    return setTimeoutOf(fn, ms);
+  };
+  const ws = await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  env.autoPong = false;
+  // Unanswered pings: each connection dropped so stretches the next pong timeout (up to 16x).
+  for (let round = 0; round < 40; round += 1) {
+    await env.clock.advance(most);
+    const last = env.last();
+    if (last.readyState === 0) await goLive(env, { 1: { epoch: "e", seq: 0 } });
+  }
+  env.bus.activity(1, { viewing: 1, answering: null });
+  env.bus.activity(1, { viewing: 2, answering: null });
+  await env.clock.advance(most);
+  assert(ws.closedWith !== null, "the first connection was dropped for its unanswered ping");
+  assert(delays.length > 10, `timers set: ${delays.length}`);
+  // (Other drops, for an unanswered token refresh, come between: 4 times is as far as it gets here.)
+  assert(delays.includes(Math.floor(most / 16) * 4), `the pong timeout was stretched: ${[...new Set(delays)].join(" ")}`);
+  const bad = delays.filter((ms) => !(typeof ms === "number" && ms >= 0 && ms <= most));
+  eq(bad, [], "every delay within 0..2147483647");
+  env.bus.close();
+});
+
 test("options: a URL object of another frame is a URL too", () => {
   // `instanceof URL` is false for an iframe's URL (another realm), which the WebSocket
   // constructor took before the option check, as it takes any URL.
