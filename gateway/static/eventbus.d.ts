@@ -142,7 +142,8 @@ export interface BackoffOptions {
   jitter?: number;
 }
 
-export type TokenSource = string | (() => string | Promise<string>);
+/** A promise of a token is a fixed token (awaited once, never renewed): prefer the function. */
+export type TokenSource = string | PromiseLike<string> | (() => string | Promise<string>);
 
 /** The options of connect(). Checked when the client is made (checkOptions): an unknown name or
  * a value of the wrong type throws a TypeError, a number out of its bounds a RangeError, each

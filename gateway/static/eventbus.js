@@ -1237,9 +1237,14 @@ const OPTION_CHECKS = {
   httpUrl: URL_STRING,
   // null or absent: no token (a --no-auth gateway). An empty string would be sent as
   // "Bearer " and refused (4001) on every attempt.
+  // A promise of one too: awaited as a function's answer is (_getToken), a fixed token after.
   token: {
-    expects: "a non-empty string, a function returning one, or null",
-    type: (value) => value === null || typeof value === "function" || (typeof value === "string" && value !== ""),
+    expects: "a non-empty string, a function returning one (or a promise of one), or null",
+    type: (value) =>
+      value === null ||
+      typeof value === "function" ||
+      (typeof value === "string" && value !== "") ||
+      (typeof value === "object" && typeof value.then === "function"),
   },
   onResync: FUNCTION,
   onStateChange: FUNCTION,

@@ -429,7 +429,7 @@ test("options: functions, urls, token and WebSocket are checked for their type",
   }
   for (const good of ["t", () => "t", async () => "t", null]) eb.checkOptions({ token: good });
   for (const bad of ["", 42, {}, true]) eq(thrown(() => eb.checkOptions({ token: bad }))[0], "TypeError", `token: ${String(bad)}`);
-  eq(thrown(() => eb.checkOptions({ token: "" }))[1], 'eventbus: token must be a non-empty string, a function returning one, or null, got ""');
+  eq(thrown(() => eb.checkOptions({ token: "" }))[1], 'eventbus: token must be a non-empty string, a function returning one (or a promise of one), or null, got ""');
   eq(thrown(() => eb.checkOptions({ WebSocket: "ws" })), ["TypeError", 'eventbus: WebSocket must be a constructor or null, got "ws"']);
 });
 
@@ -1137,6 +1137,16 @@ test("a token string is used as is; no token means no auth frame", async () => {
   open.last().open();
   await flush();
   eq(open.last().sent, [{ type: "subscribe", project_id: 1 }], "--no-auth gateway");
+});
+
+test("options: a token given as a promise of one is used as that fixed token, as before the check", async () => {
+  // `token: getToken()` (the promise, not the function) was awaited like a function's answer
+  // before checkOptions: a page doing so connected, and must still.
+  const env = setup({ options: { token: Promise.resolve("static-token") } });
+  await flush();
+  env.last().open();
+  await flush();
+  eq(env.last().sent, [{ type: "auth", token: "static-token" }, { type: "subscribe", project_id: 1 }]);
 });
 
 test("a gap on the WebSocket resubscribes from the cursor", async () => {
