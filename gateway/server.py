@@ -493,9 +493,7 @@ class Gateway:
 
     def bad_request(self, message: str) -> Response:
         """A malformed request (the client's mistake): 400, counted, logged a few times a minute."""
-        self.metrics.bad_requests_total += 1
-        self.client_log("bad request", kind="bad_request", message=message)
-        return json_response(400, {"error": "bad_request", "message": message})
+        return self._refused(400, "bad_request", message, "bad request")
 
     def bad_handshake(self, status: int, error: Exception | None, refused: Headers) -> Response:
         """websockets refused a handshake (the client's mistake: 400, or 426 for one without a
@@ -507,16 +505,26 @@ class Gateway:
         headers = [("Upgrade", value) for value in refused.get_all("Upgrade")]
         if isinstance(error, InvalidHeaderValue) and error.name == "Sec-WebSocket-Version":
             headers.append(("Sec-WebSocket-Version", "13"))
-        self.metrics.bad_requests_total += 1
-        self.client_log("bad handshake", kind="bad_request", message=message)
-        return json_response(status, {"error": "bad_request", "message": message}, headers)
+        return self._refused(status, "bad_request", message, "bad handshake", headers)
 
     def request_too_large(self, message: str, status: int = 431) -> Response:
         """A request over a bound of its head (the client's mistake): 431 (414 for the request
         line), counted with the malformed ones, logged a few times a minute."""
+        return self._refused(status, "request_too_large", message, "request too large")
+
+    def _refused(
+        self,
+        status: int,
+        error: str,
+        message: str,
+        event: str,
+        headers: list[tuple[str, str]] | None = None,
+    ) -> Response:
+        """A request refused for the client's mistake: counted in ``bad_requests_total``,
+        logged (throttled per ``error``), answered ``{"error": error, "message": message}``."""
         self.metrics.bad_requests_total += 1
-        self.client_log("request too large", kind="request_too_large", message=message)
-        return json_response(status, {"error": "request_too_large", "message": message})
+        self.client_log(event, kind=error, message=message)
+        return json_response(status, {"error": error, "message": message}, headers)
 
     def client_log(self, event: str, *, kind: str, **fields) -> None:
         """Log a line caused by a client at info level, throttled per ``kind``."""
