@@ -519,12 +519,7 @@ class WebSocketConnection(asyncio.Protocol):
         # counted, goes instead, as for every other refusal.
         if not self.close_armed:
             status, message = over
-            self.protocol.data_to_send()  # websockets' answer and half-close: dropped
-            response = self.endpoint.gateway.request_too_large(message, status)
-            self.transport.write(response.serialize())
-            if self.transport.can_write_eof():
-                self.transport.write_eof()
-            self._expect_close()
+            self._answer_instead(self.endpoint.gateway.request_too_large(message, status))
         return True
 
     def _head_part(self, data: bytes) -> tuple[int, bool]:
@@ -555,11 +550,17 @@ class WebSocketConnection(asyncio.Protocol):
         connection holds ~9 KiB). What the client sends after it is read and dropped (so its
         close is seen at once); the socket is dropped CLOSE_TIMEOUT s after the answer."""
         self.answering_http = True  # what the client sends next is dropped unread
-        self.protocol.data_to_send()  # websockets' own answer to a part it read, if any: dropped
         limit = self.endpoint.max_request_bytes
-        response = self.endpoint.gateway.request_too_large(
-            f"the request line and headers take more than {limit} bytes"
+        self._answer_instead(
+            self.endpoint.gateway.request_too_large(
+                f"the request line and headers take more than {limit} bytes"
+            )
         )
+
+    def _answer_instead(self, response: Response) -> None:
+        """Answer ``response`` instead of whatever websockets wrote in reply to the request so
+        far (dropped), half-close, and give the client CLOSE_TIMEOUT s to close."""
+        self.protocol.data_to_send()
         self.transport.write(response.serialize())
         if self.transport.can_write_eof():
             self.transport.write_eof()
