@@ -111,8 +111,7 @@ _PLACING_KEY_RE = re.compile(rb',[ \t\n\r]*"(?:type|project_id|seq)"')
 #: Headers of frames whose type is a protocol message's (``authenticated``, ``subscribed``...):
 #: a client reads the type first, so such a "event" would act on its connection (a forged
 #: ``authenticated`` moves the browser client's token refresh). No event can have one.
-_PROTOCOL_TYPES = PROTOCOL_TYPES
-_PROTOCOL_HEADERS = frozenset(b'{"type":"%s","project_id":' % t.encode() for t in _PROTOCOL_TYPES)
+_PROTOCOL_HEADERS = frozenset(b'{"type":"%s","project_id":' % t.encode() for t in PROTOCOL_TYPES)
 
 
 class ForeignKind(enum.StrEnum):
@@ -214,7 +213,7 @@ def _top_level_problem(frame: bytes) -> str | None:
         if key in seen and key in _PLACING_KEYS:
             return f"frame has a duplicate top-level key {key!r}"
         seen.add(key)
-    if top[0] and top[0][0][1] in _PROTOCOL_TYPES:  # the first key is "type" (the header's)
+    if top[0] and top[0][0][1] in PROTOCOL_TYPES:  # the first key is "type" (the header's)
         return _PROTOCOL_TYPE
     return None
 
