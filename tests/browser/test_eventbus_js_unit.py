@@ -64,7 +64,9 @@ def test_every_js_test_is_collected(unit_page: Page) -> None:
     assert unit_page.evaluate("window.unit.names()") == NAMES
 
 
-@pytest.mark.parametrize("name", NAMES)
+# ids=NAMES: pytest replaces a string parameter over 100 characters by "name<N>" in the test's id,
+# so that ``-k`` could not select those tests by their names; an explicit id is kept whole.
+@pytest.mark.parametrize("name", NAMES, ids=NAMES)
 def test_eventbus_js(unit_page: Page, name: str) -> None:
     result = unit_page.evaluate("(name) => window.unit.runTest(name)", name)
     assert result["ok"], result["error"]
