@@ -273,6 +273,7 @@ class SqlCursorStore:
         )
 
     def create_table(self) -> None:
+        """Create the cursor table unless it exists (:meth:`ddl`), and commit."""
         cursor = self.connection.cursor()
         try:
             cursor.execute(self.ddl())

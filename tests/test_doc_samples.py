@@ -1,0 +1,404 @@
+"""The Python samples of docs/consumer.md and docs/outbox.md, run as written against real
+processes: a gateway, Redis and PostgreSQL.
+
+A sample is taken from the page verbatim; the test only replaces what the page says is the
+reader's own (the gateway's URL, the database's address, ``SECRET`` and the application's
+functions ``page_someone`` and ``reload_pending_blockers``), so a sample that drifts from the API
+(a renamed argument, a field that does not exist, a store that needs a table first) fails here
+before a reader meets it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from publisher import Publisher
+from schemas import Blocker, BlockerCreated, BlockerResolved
+from tests.support.gateway_process import GatewayProcess, parse_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+SECRET = "doc-sample-secret-" + "s" * 32
+#: A line of structlog's default console output: the consumer logs there (stdout) unless the
+#: application configures structlog, as consumer.md asks; the samples configure nothing.
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[")
+
+
+def python_block(doc: str, marker: str) -> str:
+    """The ```python block of ``docs/<doc>`` that contains ``marker``."""
+    text = (ROOT / "docs" / doc).read_text()
+    blocks = [block.split("```", 1)[0] for block in text.split("```python\n")[1:]]
+    found = [block for block in blocks if marker in block]
+    assert len(found) == 1, f"{doc}: {len(found)} python blocks contain {marker!r}"
+    return found[0]
+
+
+def replace_once(text: str, old: str, new: str) -> str:
+    assert text.count(old) == 1, f"the sample no longer has exactly one {old!r}"
+    return text.replace(old, new)
+
+
+class Script:
+    """A sample run as a Python program in ``cwd``; its stdout read line by line."""
+
+    def __init__(self, code: str, cwd: Path) -> None:
+        self.path = cwd / "sample.py"
+        self.path.write_text(code)
+        self.cwd = cwd
+        self.process: subprocess.Popen[str] | None = None
+        self.stderr = cwd / "sample.stderr"
+
+    def start(self) -> Script:
+        self.process = subprocess.Popen(
+            [sys.executable, str(self.path)],
+            cwd=self.cwd,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
+            stdout=subprocess.PIPE,
+            stderr=self.stderr.open("w"),
+            text=True,
+        )
+        return self
+
+    def lines(self, count: int, timeout: float = 30.0) -> list[str]:
+        """The next ``count`` lines it prints, log lines aside (fails, with its stderr, if it
+        exits first)."""
+        assert self.process is not None and self.process.stdout is not None
+        stdout = self.process.stdout
+        lines: list[str] = []
+
+        def read() -> None:
+            while len(lines) < count and (line := stdout.readline()):
+                if not LOG_LINE.match(line):
+                    lines.append(line.rstrip("\n"))
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(timeout)
+        assert len(lines) == count, (
+            f"the sample printed {lines} (exit code {self.process.poll()}); "
+            f"stderr: {self.stderr.read_text()[-3000:]}"
+        )
+        return lines
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, nothing saved on the way out."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.communicate(timeout=10)
+
+    def close(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.kill()
+
+
+def wait_for_subscriptions(gateway: GatewayProcess, count: int, timeout: float = 30.0) -> None:
+    """Until the gateway holds ``count`` subscriptions (the sample starts live: what is
+    published before its subscribe is not for it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status, body = gateway.get("/metrics")
+        if status == 200 and parse_metrics(body.decode()).get("eventbus_subscriptions") == count:
+            return
+        assert time.monotonic() < deadline, f"never {count} subscriptions: {body.decode()}"
+        time.sleep(0.05)
+
+
+def blocker_created(blocker_id: int, blocker_type: str) -> BlockerCreated:
+    return BlockerCreated(
+        project_id=1,
+        blocker=Blocker(
+            id=blocker_id,
+            agent_id="backend-worker-001",
+            agent_name="Backend Worker #1",
+            task_id=456,
+            task_title="Implement authentication",
+            blocker_type=blocker_type,  # type: ignore[arg-type]
+            question="Should we use JWT or sessions?",
+            status="PENDING",
+            created_at=datetime(2025, 11, 8, 12, 34, 56, tzinfo=UTC),
+        ),
+    )
+
+
+def blocker_resolved(blocker_id: int, answer: str) -> BlockerResolved:
+    return BlockerResolved(
+        project_id=1,
+        blocker_id=blocker_id,
+        answer=answer,
+        resolved_at=datetime(2025, 11, 8, 12, 40, tzinfo=UTC),
+    )
+
+
+@pytest.fixture
+def gateway(redis_url: str) -> Iterator[GatewayProcess]:
+    with GatewayProcess(redis_url, auth_secret=SECRET) as process:
+        yield process
+
+
+@pytest.fixture
+def publisher(redis_url: str) -> Iterator[Publisher]:
+    bus = Publisher.from_url(redis_url)
+    yield bus
+    bus.close()
+
+
+def test_consumer_quick_start_runs_as_written_and_resumes_from_its_file(
+    gateway: GatewayProcess, publisher: Publisher, tmp_path: Path
+) -> None:
+    """consumer.md's first sample: pages for a SYNC blocker only, prints each answer, and,
+    killed and started again, goes on from the cursor its file store saved: the event published
+    while it was down comes, nothing before it again."""
+    sample = python_block("consumer.md", "FileCursorStore(")
+    sample = replace_once(sample, '"ws://gateway:8765/"', repr(gateway.ws_url))
+    application = f"""\
+SECRET = {SECRET!r}
+
+
+async def page_someone(blocker):
+    print("paged", blocker.id)
+
+
+async def reload_pending_blockers():
+    print("reload")
+
+
+"""
+    # The sample's own imports come first in the file, the application's names before main().
+    head, _, rest = sample.partition("\ndef token()")
+    script = Script(head + "\n" + application + "def token()" + rest, tmp_path)
+    try:
+        script.start()
+        wait_for_subscriptions(gateway, 1)
+        publisher.publish(blocker_created(123, "SYNC"))
+        publisher.publish(blocker_created(124, "ASYNC"))
+        publisher.publish(blocker_resolved(123, "Use JWT"))
+        assert script.lines(2) == ["paged 123", "3 123 Use JWT"]
+        # The cursor of an item is saved when the next one is asked for: the loop asks at once.
+        cursors = tmp_path / "notifier-cursors.json"
+        deadline = time.monotonic() + 10
+        while not (cursors.exists() and json.loads(cursors.read_text())["1"][1] == 3):
+            assert time.monotonic() < deadline, "the cursor of item 3 was never saved"
+            time.sleep(0.02)
+        script.kill()
+        wait_for_subscriptions(gateway, 0)
+        publisher.publish(blocker_resolved(124, "Sessions"))
+        script.start()
+        assert script.lines(1) == ["4 124 Sessions"]
+        publisher.publish(blocker_resolved(125, "Later"))
+        assert script.lines(1) == ["5 125 Later"]
+    finally:
+        script.close()
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    from tests.support.outbox_db import private_database
+
+    with private_database("_doc_samples") as url:
+        yield url
+
+
+def test_consumer_exactly_once_sample_runs_as_written_on_postgresql(
+    gateway: GatewayProcess, publisher: Publisher, postgres_url: str, tmp_path: Path
+) -> None:
+    """consumer.md's "exactly-once across crashes" sample (psycopg): each event in the audit
+    table once, in order, across a SIGKILL, the cursor saved with it in one transaction."""
+    import psycopg
+
+    with psycopg.connect(postgres_url) as db:
+        db.execute("CREATE TABLE audit (project_id INT, seq INT, body TEXT)")
+    sample = python_block("consumer.md", 'SqlCursorStore(db, "audit-logger")')
+    # The page's fragment needs the reader's DSN, url and token, and an async function to run in.
+    script = Script(
+        f"""\
+import asyncio
+
+import psycopg
+
+from consumer import Consumer, Delivery, SqlCursorStore
+from publisher import issue_token
+
+DSN = {postgres_url!r}
+url = {gateway.ws_url!r}
+
+
+def token() -> str:
+    return issue_token({SECRET!r}, projects=[1])
+
+
+async def main() -> None:
+{textwrap.indent(sample, "    ")}
+
+asyncio.run(main())
+""",
+        tmp_path,
+    )
+
+    def audited() -> list[int]:
+        with psycopg.connect(postgres_url) as db:
+            return [row[0] for row in db.execute("SELECT seq FROM audit ORDER BY seq")]
+
+    def wait_for_audited(count: int) -> list[int]:
+        deadline = time.monotonic() + 30
+        while len(seqs := audited()) < count:
+            assert time.monotonic() < deadline, f"audited {seqs}: {script.stderr.read_text()}"
+            time.sleep(0.05)
+        return seqs
+
+    try:
+        script.start()
+        wait_for_subscriptions(gateway, 1)
+        for blocker_id in (1, 2, 3):
+            publisher.publish(blocker_resolved(blocker_id, "yes"))
+        assert wait_for_audited(3) == [1, 2, 3]
+        script.kill()
+        wait_for_subscriptions(gateway, 0)
+        for blocker_id in (4, 5):
+            publisher.publish(blocker_resolved(blocker_id, "yes"))
+        script.start()
+        assert wait_for_audited(5) == [1, 2, 3, 4, 5]
+        with psycopg.connect(postgres_url) as db:
+            bodies = [json.loads(row[0]) for row in db.execute("SELECT body FROM audit")]
+        assert sorted(body["blocker_id"] for body in bodies) == [1, 2, 3, 4, 5]
+    finally:
+        script.close()
+
+
+def sh_line(doc: str, marker: str) -> str:
+    """The line of a ```sh block of ``docs/<doc>`` that contains ``marker``, its comment cut."""
+    text = (ROOT / "docs" / doc).read_text()
+    blocks = [block.split("```", 1)[0] for block in text.split("```sh\n")[1:]]
+    lines = [line for block in blocks for line in block.splitlines() if marker in line]
+    assert len(lines) == 1, f"{doc}: {len(lines)} shell lines contain {marker!r}"
+    return lines[0].partition("  #")[0].strip()
+
+
+def python_command(line: str, **replace: str) -> list[str]:
+    """A documented ``python -m ...`` line as this interpreter's argument list, with the
+    reader's own values replaced."""
+    for old, new in replace.items():
+        line = replace_once(line, old, new)
+    words = line.split()
+    assert words[0] == "python"
+    return [sys.executable, *words[1:]]
+
+
+def outbox_events(redis_url: str) -> list[tuple[int, int, str]]:
+    """(seq, blocker_id, answer) of project 1's events in Redis."""
+    import redis
+
+    from schemas import Keys, decode_event
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        entries = client.xrange(Keys().stream(1))
+    finally:
+        client.close()
+    events = []
+    for entry_id, fields in entries:
+        frame = fields[b"f"]
+        event = decode_event(frame[: frame.rindex(b',"seq":')] + b"}")
+        events.append((int(entry_id.split(b"-")[0]), event.blocker_id, event.answer))
+    return events
+
+
+def test_outbox_quick_start_runs_as_written_on_postgresql(
+    redis_url: str, postgres_url: str, tmp_path: Path
+) -> None:
+    """outbox.md's PostgreSQL path: `migrate --dsn`, the psycopg sample's transaction, then
+    `relay --dsn ... --redis-url ...` publishes its event; SIGTERM ends the relay with 0."""
+    import psycopg
+
+    from tests.support.outbox_db import wait_until
+
+    reader = {"postgresql://app@db/app": postgres_url}
+    migrate = python_command(sh_line("outbox.md", "migrate --dsn"), **reader)
+    done = subprocess.run(migrate, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    with psycopg.connect(postgres_url) as db:  # the application's own table
+        db.execute("CREATE TABLE blockers (id INT PRIMARY KEY, status TEXT, answer TEXT)")
+        db.execute("INSERT INTO blockers VALUES (123, 'PENDING', NULL)")
+    sample = python_block("outbox.md", 'psycopg.connect("postgresql://app@localhost/app")')
+    sample = replace_once(sample, '"postgresql://app@localhost/app"', repr(postgres_url))
+    script = Script(sample, tmp_path).start()
+    assert script.process is not None and script.process.wait(60) == 0, script.stderr.read_text()
+    relay_line = sh_line("outbox.md", "relay --dsn")
+    relay = subprocess.Popen(
+        python_command(relay_line, **reader, **{"redis://redis:6379/0": redis_url}),
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert wait_until(lambda: outbox_events(redis_url), timeout=30) == [(1, 123, "Use JWT")]
+    finally:
+        relay.send_signal(signal.SIGTERM)
+        _, stderr = relay.communicate(timeout=30)
+    assert relay.returncode == 0, stderr
+    with psycopg.connect(postgres_url) as db:
+        assert db.execute("SELECT status, answer FROM blockers").fetchall() == [
+            ("RESOLVED", "Use JWT")
+        ]
+
+
+def test_outbox_sqlite_sample_runs_as_written_with_an_in_process_relay(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """outbox.md's SQLite path: `migrate --sqlite`, then the SQLite sample beside the page's
+    in-process relay (`OutboxRelay.sqlite(path, ...)`): its event reaches Redis once."""
+    import sqlite3
+
+    database = tmp_path / "app.db"
+    migrate = python_command(
+        sh_line("outbox.md", "migrate --sqlite"), **{"/var/lib/app/app.db": str(database)}
+    )
+    done = subprocess.run(migrate, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    with sqlite3.connect(database) as db:  # the application's own table
+        db.execute("CREATE TABLE blockers (id INT PRIMARY KEY, status TEXT)")
+        db.execute("INSERT INTO blockers VALUES (123, 'PENDING')")
+    db.close()
+    imports = python_block("outbox.md", "import psycopg\n").split("\n\n")[0]
+    relay = python_block("outbox.md", "OutboxRelay.postgres(dsn")
+    relay = replace_once(relay, "OutboxRelay.postgres(dsn,", "OutboxRelay.sqlite(path,")
+    relay = relay.replace("...\n", "")
+    sample = python_block("outbox.md", 'sqlite3.connect("app.db")')
+    # The page's fragments in the order a program has them: imports, the outbox, the relay
+    # started, the SQLite write, then the relay stopped once the event is out.
+    code = f"""\
+{imports.replace("import psycopg", "")}
+import time
+
+import redis as redis_py
+
+from schemas import Keys
+
+path = {str(database)!r}
+redis_url = {redis_url!r}
+outbox = Outbox()
+{relay.split("relay.stop()")[0]}
+{sample}
+stream = redis_py.Redis.from_url(redis_url)
+deadline = time.monotonic() + 30
+while not stream.xlen(Keys().stream(1)) and time.monotonic() < deadline:
+    time.sleep(0.01)
+{"relay.stop()" + relay.split("relay.stop()")[1]}
+"""
+    script = Script(code, tmp_path).start()
+    assert script.process is not None and script.process.wait(60) == 0, script.stderr.read_text()
+    assert outbox_events(redis_url) == [(1, 123, "Use JWT")]
+    with sqlite3.connect(database) as db:
+        assert db.execute("SELECT status FROM blockers").fetchall() == [("RESOLVED",)]
+    db.close()
