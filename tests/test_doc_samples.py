@@ -402,3 +402,55 @@ while not stream.xlen(Keys().stream(1)) and time.monotonic() < deadline:
     with sqlite3.connect(database) as db:
         assert db.execute("SELECT status FROM blockers").fetchall() == [("RESOLVED",)]
     db.close()
+
+
+def json_block_after(doc: str, marker: str) -> str:
+    """The first ```json block of ``docs/<doc>`` after ``marker``."""
+    text = (ROOT / "docs" / doc).read_text()
+    return text[text.index(marker) :].split("```json\n", 1)[1].split("```", 1)[0].strip()
+
+
+def test_adding_an_event_type_works_as_events_md_says(redis_url: str, tmp_path: Path) -> None:
+    """events.md's worked example: the Struct pasted into schemas/events.py above
+    event_types() (in a copy of the package), the page's publish call, and what Redis stores is
+    the page's JSON, field for field and in its order (the timestamp and seq are the run's)."""
+    import shutil
+
+    shutil.copytree(ROOT / "schemas", tmp_path / "schemas")
+    events_py = tmp_path / "schemas" / "events.py"
+    struct = python_block("events.md", "class TaskStatusChanged(")
+    source = events_py.read_text()
+    anchor = "\ndef event_types("
+    assert source.count(anchor) == 1
+    events_py.write_text(source.replace(anchor, "\n" + struct + "\n" + anchor))
+    publish = python_block("events.md", "bus.publish(TaskStatusChanged(")
+    script = tmp_path / "publish.py"
+    script.write_text(
+        f"from publisher import Publisher\n\nbus = Publisher.from_url({redis_url!r})\n{publish}"
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    import redis
+
+    from schemas import Keys
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        [(_, fields)] = client.xrange(Keys().stream(1))
+    finally:
+        client.close()
+    stored = json.loads(fields[b"f"])
+    documented = json.loads(json_block_after("events.md", "bus.publish(TaskStatusChanged("))
+    assert list(stored) == list(documented)
+    run_values = {"changed_at", "seq"}
+    assert {k: v for k, v in stored.items() if k not in run_values} == {
+        k: v for k, v in documented.items() if k not in run_values
+    }
+    assert stored["seq"] == 1 and stored["changed_at"].endswith("Z")
