@@ -454,3 +454,63 @@ def test_adding_an_event_type_works_as_events_md_says(redis_url: str, tmp_path: 
         k: v for k, v in documented.items() if k not in run_values
     }
     assert stored["seq"] == 1 and stored["changed_at"].endswith("Z")
+
+
+def test_consumer_presence_sample_runs_as_written(gateway: GatewayProcess, tmp_path: Path) -> None:
+    """consumer.md's presence sample (a fragment: the reader's url, token and blocker_id, and an
+    async function around it): a person's tab arriving, then leaving, as the sample prints it."""
+    sample = python_block("consumer.md", "bus.presence(1)")
+    watcher = Script(
+        f"""\
+import asyncio
+
+from consumer import Consumer
+from publisher import issue_token
+
+url = {gateway.ws_url!r}
+blocker_id = 123
+
+
+def token() -> str:
+    return issue_token({SECRET!r}, projects=[1])
+
+
+async def main() -> None:
+{textwrap.indent(sample, "    ")}
+
+asyncio.run(main())
+""",
+        tmp_path,
+    )
+    person_dir = tmp_path / "person"
+    person_dir.mkdir()
+    # A person's connection (a token with a subject): what a dashboard tab is to presence.
+    person = Script(
+        f"""\
+import asyncio
+
+from consumer import Consumer
+from publisher import issue_token
+
+token = issue_token({SECRET!r}, projects=[1], subject="user-7", name="Alice")
+
+
+async def main() -> None:
+    async with Consumer({gateway.ws_url!r}, token=token) as bus:
+        async for item in bus.events(1):
+            pass
+
+asyncio.run(main())
+""",
+        person_dir,
+    )
+    try:
+        watcher.start()
+        assert watcher.lines(1) == ["left ()"]  # the first view: nobody there
+        person.start()
+        assert watcher.lines(2) == ["arrived user-7 Alice", "left ()"]
+        person.kill()
+        assert watcher.lines(1) == ["left ('user-7',)"]
+    finally:
+        person.close()
+        watcher.close()
