@@ -514,3 +514,17 @@ asyncio.run(main())
     finally:
         person.close()
         watcher.close()
+
+
+def test_publisher_idempotency_and_revocation_samples_run_as_written(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """publisher.md's idempotent retry (its own assert holds) and its revocation calls."""
+    retry = python_block("publisher.md", 'idempotency_key="blocker-123-resolved"')
+    revoke = python_block("publisher.md", 'bus.revoke_tokens("user-7")')
+    revoke = replace_once(revoke, '"redis://localhost:6379/0"', repr(redis_url))
+    script = Script(revoke + "\n" + retry + '\nprint("retried", again.seq)\n', tmp_path).start()
+    assert script.process is not None and script.process.wait(60) == 0, script.stderr.read_text()
+    issued_before, expires_at = map(int, script.lines(1)[0].split())
+    assert expires_at > issued_before > time.time() - 60
+    assert script.lines(1) == ["retried 1"]
