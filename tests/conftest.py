@@ -85,6 +85,16 @@ async def publisher(redis_url):
 
 
 @pytest.fixture
+def bus(redis_url):
+    """A (synchronous) ``Publisher`` on the clean real Redis of ``redis_url``."""
+    from publisher import Publisher
+
+    publisher = Publisher.from_url(redis_url)
+    yield publisher
+    publisher.close()
+
+
+@pytest.fixture
 async def gateways(redis_url):
     """Start in-process gateways on free ports (``await gateways(**config overrides)``); all are
     drained at the end of the test."""

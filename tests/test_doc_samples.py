@@ -26,7 +26,8 @@ from pathlib import Path
 import pytest
 
 from publisher import Publisher
-from schemas import Blocker, BlockerCreated, BlockerResolved
+from schemas import BlockerResolved
+from tests.support.doc_samples import DOCS, code_block, contract_blocker, shell_line
 from tests.support.gateway_process import GatewayProcess, parse_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,12 +38,7 @@ LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[")
 
 
 def python_block(doc: str, marker: str) -> str:
-    """The ```python block of ``docs/<doc>`` that contains ``marker``."""
-    text = (ROOT / "docs" / doc).read_text()
-    blocks = [block.split("```", 1)[0] for block in text.split("```python\n")[1:]]
-    found = [block for block in blocks if marker in block]
-    assert len(found) == 1, f"{doc}: {len(found)} python blocks contain {marker!r}"
-    return found[0]
+    return code_block(doc, "python", marker)
 
 
 def replace_once(text: str, old: str, new: str) -> str:
@@ -103,6 +99,15 @@ class Script:
             self.kill()
 
 
+def async_program(fragment: str, imports: str, names: str) -> str:
+    """A program around a page's fragment (``async with`` at its top level): the reader's
+    ``imports`` and ``names``, then the fragment inside ``async def main()``, run."""
+    return (
+        f"import asyncio\n\n{imports}\n\n{names}\n\n"
+        f"async def main() -> None:\n{textwrap.indent(fragment, '    ')}\n\nasyncio.run(main())\n"
+    )
+
+
 def wait_for_subscriptions(gateway: GatewayProcess, count: int, timeout: float = 30.0) -> None:
     """Until the gateway holds ``count`` subscriptions (the sample starts live: what is
     published before its subscribe is not for it)."""
@@ -113,23 +118,6 @@ def wait_for_subscriptions(gateway: GatewayProcess, count: int, timeout: float =
             return
         assert time.monotonic() < deadline, f"never {count} subscriptions: {body.decode()}"
         time.sleep(0.05)
-
-
-def blocker_created(blocker_id: int, blocker_type: str) -> BlockerCreated:
-    return BlockerCreated(
-        project_id=1,
-        blocker=Blocker(
-            id=blocker_id,
-            agent_id="backend-worker-001",
-            agent_name="Backend Worker #1",
-            task_id=456,
-            task_title="Implement authentication",
-            blocker_type=blocker_type,  # type: ignore[arg-type]
-            question="Should we use JWT or sessions?",
-            status="PENDING",
-            created_at=datetime(2025, 11, 8, 12, 34, 56, tzinfo=UTC),
-        ),
-    )
 
 
 def blocker_resolved(blocker_id: int, answer: str) -> BlockerResolved:
@@ -147,15 +135,8 @@ def gateway(redis_url: str) -> Iterator[GatewayProcess]:
         yield process
 
 
-@pytest.fixture
-def publisher(redis_url: str) -> Iterator[Publisher]:
-    bus = Publisher.from_url(redis_url)
-    yield bus
-    bus.close()
-
-
 def test_consumer_quick_start_runs_as_written_and_resumes_from_its_file(
-    gateway: GatewayProcess, publisher: Publisher, tmp_path: Path
+    gateway: GatewayProcess, bus: Publisher, tmp_path: Path
 ) -> None:
     """consumer.md's first sample: pages for a SYNC blocker only, prints each answer, and,
     killed and started again, goes on from the cursor its file store saved: the event published
@@ -181,9 +162,9 @@ async def reload_pending_blockers():
     try:
         script.start()
         wait_for_subscriptions(gateway, 1)
-        publisher.publish(blocker_created(123, "SYNC"))
-        publisher.publish(blocker_created(124, "ASYNC"))
-        publisher.publish(blocker_resolved(123, "Use JWT"))
+        bus.blocker_created(1, contract_blocker(123, "SYNC"))
+        bus.blocker_created(1, contract_blocker(124, "ASYNC"))
+        bus.publish(blocker_resolved(123, "Use JWT"))
         assert script.lines(2) == ["paged 123", "3 123 Use JWT"]
         # The cursor of an item is saved when the next one is asked for: the loop asks at once.
         cursors = tmp_path / "notifier-cursors.json"
@@ -193,10 +174,10 @@ async def reload_pending_blockers():
             time.sleep(0.02)
         script.kill()
         wait_for_subscriptions(gateway, 0)
-        publisher.publish(blocker_resolved(124, "Sessions"))
+        bus.publish(blocker_resolved(124, "Sessions"))
         script.start()
         assert script.lines(1) == ["4 124 Sessions"]
-        publisher.publish(blocker_resolved(125, "Later"))
+        bus.publish(blocker_resolved(125, "Later"))
         assert script.lines(1) == ["5 125 Later"]
     finally:
         script.close()
@@ -211,7 +192,7 @@ def postgres_url() -> Iterator[str]:
 
 
 def test_consumer_exactly_once_sample_runs_as_written_on_postgresql(
-    gateway: GatewayProcess, publisher: Publisher, postgres_url: str, tmp_path: Path
+    gateway: GatewayProcess, bus: Publisher, postgres_url: str, tmp_path: Path
 ) -> None:
     """consumer.md's "exactly-once across crashes" sample (psycopg): each event in the audit
     table once, in order, across a SIGKILL, the cursor saved with it in one transaction."""
@@ -222,27 +203,13 @@ def test_consumer_exactly_once_sample_runs_as_written_on_postgresql(
     sample = python_block("consumer.md", 'SqlCursorStore(db, "audit-logger")')
     # The page's fragment needs the reader's DSN, url and token, and an async function to run in.
     script = Script(
-        f"""\
-import asyncio
-
-import psycopg
-
-from consumer import Consumer, Delivery, SqlCursorStore
-from publisher import issue_token
-
-DSN = {postgres_url!r}
-url = {gateway.ws_url!r}
-
-
-def token() -> str:
-    return issue_token({SECRET!r}, projects=[1])
-
-
-async def main() -> None:
-{textwrap.indent(sample, "    ")}
-
-asyncio.run(main())
-""",
+        async_program(
+            sample,
+            "import psycopg\n\nfrom consumer import Consumer, Delivery, SqlCursorStore\n"
+            "from publisher import issue_token",
+            f"DSN = {postgres_url!r}\nurl = {gateway.ws_url!r}\n\n\n"
+            f"def token() -> str:\n    return issue_token({SECRET!r}, projects=[1])",
+        ),
         tmp_path,
     )
 
@@ -261,12 +228,12 @@ asyncio.run(main())
         script.start()
         wait_for_subscriptions(gateway, 1)
         for blocker_id in (1, 2, 3):
-            publisher.publish(blocker_resolved(blocker_id, "yes"))
+            bus.publish(blocker_resolved(blocker_id, "yes"))
         assert wait_for_audited(3) == [1, 2, 3]
         script.kill()
         wait_for_subscriptions(gateway, 0)
         for blocker_id in (4, 5):
-            publisher.publish(blocker_resolved(blocker_id, "yes"))
+            bus.publish(blocker_resolved(blocker_id, "yes"))
         script.start()
         assert wait_for_audited(5) == [1, 2, 3, 4, 5]
         with psycopg.connect(postgres_url) as db:
@@ -274,15 +241,6 @@ asyncio.run(main())
         assert sorted(body["blocker_id"] for body in bodies) == [1, 2, 3, 4, 5]
     finally:
         script.close()
-
-
-def sh_line(doc: str, marker: str) -> str:
-    """The line of a ```sh block of ``docs/<doc>`` that contains ``marker``, its comment cut."""
-    text = (ROOT / "docs" / doc).read_text()
-    blocks = [block.split("```", 1)[0] for block in text.split("```sh\n")[1:]]
-    lines = [line for block in blocks for line in block.splitlines() if marker in line]
-    assert len(lines) == 1, f"{doc}: {len(lines)} shell lines contain {marker!r}"
-    return lines[0].partition("  #")[0].strip()
 
 
 def python_command(line: str, **replace: str) -> list[str]:
@@ -324,7 +282,7 @@ def test_outbox_quick_start_runs_as_written_on_postgresql(
     from tests.support.outbox_db import wait_until
 
     reader = {"postgresql://app@db/app": postgres_url}
-    migrate = python_command(sh_line("outbox.md", "migrate --dsn"), **reader)
+    migrate = python_command(shell_line("outbox.md", "migrate --dsn"), **reader)
     done = subprocess.run(migrate, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     with psycopg.connect(postgres_url) as db:  # the application's own table
@@ -334,7 +292,7 @@ def test_outbox_quick_start_runs_as_written_on_postgresql(
     sample = replace_once(sample, '"postgresql://app@localhost/app"', repr(postgres_url))
     script = Script(sample, tmp_path).start()
     assert script.process is not None and script.process.wait(60) == 0, script.stderr.read_text()
-    relay_line = sh_line("outbox.md", "relay --dsn")
+    relay_line = shell_line("outbox.md", "relay --dsn")
     relay = subprocess.Popen(
         python_command(relay_line, **reader, **{"redis://redis:6379/0": redis_url}),
         cwd=ROOT,
@@ -362,7 +320,7 @@ def test_outbox_sqlite_sample_runs_as_written_with_an_in_process_relay(
 
     database = tmp_path / "app.db"
     migrate = python_command(
-        sh_line("outbox.md", "migrate --sqlite"), **{"/var/lib/app/app.db": str(database)}
+        shell_line("outbox.md", "migrate --sqlite"), **{"/var/lib/app/app.db": str(database)}
     )
     done = subprocess.run(migrate, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -406,7 +364,7 @@ while not stream.xlen(Keys().stream(1)) and time.monotonic() < deadline:
 
 def json_block_after(doc: str, marker: str) -> str:
     """The first ```json block of ``docs/<doc>`` after ``marker``."""
-    text = (ROOT / "docs" / doc).read_text()
+    text = (DOCS / doc).read_text()
     return text[text.index(marker) :].split("```json\n", 1)[1].split("```", 1)[0].strip()
 
 
@@ -461,25 +419,12 @@ def test_consumer_presence_sample_runs_as_written(gateway: GatewayProcess, tmp_p
     async function around it): a person's tab arriving, then leaving, as the sample prints it."""
     sample = python_block("consumer.md", "bus.presence(1)")
     watcher = Script(
-        f"""\
-import asyncio
-
-from consumer import Consumer
-from publisher import issue_token
-
-url = {gateway.ws_url!r}
-blocker_id = 123
-
-
-def token() -> str:
-    return issue_token({SECRET!r}, projects=[1])
-
-
-async def main() -> None:
-{textwrap.indent(sample, "    ")}
-
-asyncio.run(main())
-""",
+        async_program(
+            sample,
+            "from consumer import Consumer\nfrom publisher import issue_token",
+            f"url = {gateway.ws_url!r}\nblocker_id = 123\n\n\n"
+            f"def token() -> str:\n    return issue_token({SECRET!r}, projects=[1])",
+        ),
         tmp_path,
     )
     person_dir = tmp_path / "person"

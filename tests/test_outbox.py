@@ -96,13 +96,6 @@ def sqlite_path(tmp_path, table) -> str:
     return path
 
 
-@pytest.fixture
-def bus(redis_url):
-    publisher = Publisher.from_url(redis_url)
-    yield publisher
-    publisher.close()
-
-
 def drain(relay: OutboxRelay) -> int:
     """Run batches until the table has nothing left to publish; the number published."""
     total = 0

@@ -72,13 +72,6 @@ def table() -> str:
     return f"outbox_{uuid.uuid4().hex[:12]}"
 
 
-@pytest.fixture
-def bus(redis_url):
-    publisher = Publisher.from_url(redis_url)
-    yield publisher
-    publisher.close()
-
-
 class Database:
     """One outbox table on PostgreSQL or SQLite: connect, write committed events, relay them."""
 

@@ -13,8 +13,6 @@ import json
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
-from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import msgspec
@@ -22,30 +20,15 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from publisher import Publisher, issue_token
-from schemas import Blocker, BlockerCreated
-from tests.browser.conftest import ROOT, SECRET, GatewayProcess
+from tests.browser.conftest import SECRET, GatewayProcess
+from tests.support.doc_samples import code_block, contract_blocker
 from tests.support.gateway_process import parse_metrics
 
 pytestmark = pytest.mark.browser
 
 
 def quick_start_html() -> str:
-    text = (ROOT / "docs" / "browser.md").read_text()
-    return text.split("```html\n", 1)[1].split("```", 1)[0]
-
-
-def blocker(blocker_id: int, blocker_type: str, question: str) -> Blocker:
-    return Blocker(
-        id=blocker_id,
-        agent_id="backend-worker-001",
-        agent_name="Backend Worker #1",
-        task_id=456,
-        task_title="Implement authentication",
-        blocker_type=blocker_type,  # type: ignore[arg-type]
-        question=question,
-        status="PENDING",
-        created_at=datetime(2025, 11, 8, 12, 34, 56, tzinfo=UTC),
-    )
+    return code_block("browser.md", "html", "<title>Blockers</title>")
 
 
 def wait_subscribed(gateway: GatewayProcess, timeout: float = 10.0) -> None:
@@ -61,22 +44,15 @@ def wait_subscribed(gateway: GatewayProcess, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-@pytest.fixture
-def publisher(redis_url: str) -> Iterator[Publisher]:
-    bus = Publisher.from_url(redis_url)
-    yield bus
-    bus.close()
-
-
 def test_the_quick_start_page_shows_the_state_then_live_events(
-    new_page, gateway: GatewayProcess, publisher: Publisher
+    new_page, gateway: GatewayProcess, bus: Publisher
 ) -> None:
     html = quick_start_html()
     for old in ("http://localhost:8765/eventbus.js", "ws://localhost:8765/"):
         assert html.count(old) == 1, f"the page no longer has exactly one {old!r}"
     html = html.replace("http://localhost:8765/", f"{gateway.http_url}/")
     html = html.replace("ws://localhost:8765/", f"ws://127.0.0.1:{gateway.port}/")
-    existing = blocker(100, "ASYNC", "Which logging library?")
+    existing = contract_blocker(100, "ASYNC", "Which logging library?")
     token_requests: list[str] = []
 
     class App(BaseHTTPRequestHandler):
@@ -112,14 +88,14 @@ def test_the_quick_start_page_shows_the_state_then_live_events(
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         page = new_page(f"http://127.0.0.1:{server.server_port}/", wait_live=False)
-        check_the_page(page, gateway, publisher, token_requests)
+        check_the_page(page, gateway, bus, token_requests)
     finally:
         server.shutdown()
         server.server_close()
 
 
 def check_the_page(
-    page: Page, gateway: GatewayProcess, publisher: Publisher, token_requests: list[str]
+    page: Page, gateway: GatewayProcess, bus: Publisher, token_requests: list[str]
 ) -> None:
     # The first subscribe's resync loaded the state from the page's API.
     expect(page.locator("#state")).to_have_text("live")
@@ -127,13 +103,11 @@ def check_the_page(
     expect(page.locator("#count")).to_have_text("1")
     assert token_requests == ["/api/gateway-token"]
     wait_subscribed(gateway)
-    publisher.publish(
-        BlockerCreated(project_id=1, blocker=blocker(123, "SYNC", "JWT or sessions?"))
-    )
+    bus.blocker_created(1, contract_blocker(123, "SYNC", "JWT or sessions?"))
     expect(page.locator("#blockers li")).to_have_text(
         ["#100 [ASYNC] Which logging library?", "#123 [SYNC] JWT or sessions?"]
     )
-    publisher.blocker_resolved(1, 100, "structlog")
+    bus.blocker_resolved(1, 100, "structlog")
     expect(page.locator("#blockers li")).to_have_text(["#123 [SYNC] JWT or sessions?"])
     expect(page.locator("#count")).to_have_text("1")
     errors = [m for m in page.console_messages_seen if m.startswith("error")]  # type: ignore[attr-defined]
