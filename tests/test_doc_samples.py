@@ -1,5 +1,6 @@
-"""The Python samples of docs/consumer.md and docs/outbox.md, run as written against real
-processes: a gateway, Redis and PostgreSQL.
+"""The samples of docs/consumer.md, outbox.md, events.md and publisher.md, run as written
+against real processes: a gateway, Redis and PostgreSQL (browser.md's page: tests/browser/
+test_quick_start_page.py).
 
 A sample is taken from the page verbatim; the test only replaces what the page says is the
 reader's own (the gateway's URL, the database's address, ``SECRET`` and the application's
@@ -20,13 +21,11 @@ import textwrap
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from publisher import Publisher
-from schemas import BlockerResolved
 from tests.support.doc_samples import DOCS, code_block, contract_blocker, shell_line
 from tests.support.gateway_process import GatewayProcess, parse_metrics
 
@@ -57,14 +56,15 @@ class Script:
         self.stderr = cwd / "sample.stderr"
 
     def start(self) -> Script:
-        self.process = subprocess.Popen(
-            [sys.executable, str(self.path)],
-            cwd=self.cwd,
-            env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
-            stdout=subprocess.PIPE,
-            stderr=self.stderr.open("w"),
-            text=True,
-        )
+        with self.stderr.open("w") as stderr:  # (the child writes to its own copy)
+            self.process = subprocess.Popen(
+                [sys.executable, str(self.path)],
+                cwd=self.cwd,
+                env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+            )
         return self
 
     def lines(self, count: int, timeout: float = 30.0) -> list[str]:
@@ -120,15 +120,6 @@ def wait_for_subscriptions(gateway: GatewayProcess, count: int, timeout: float =
         time.sleep(0.05)
 
 
-def blocker_resolved(blocker_id: int, answer: str) -> BlockerResolved:
-    return BlockerResolved(
-        project_id=1,
-        blocker_id=blocker_id,
-        answer=answer,
-        resolved_at=datetime(2025, 11, 8, 12, 40, tzinfo=UTC),
-    )
-
-
 @pytest.fixture
 def gateway(redis_url: str) -> Iterator[GatewayProcess]:
     with GatewayProcess(redis_url, auth_secret=SECRET) as process:
@@ -164,7 +155,7 @@ async def reload_pending_blockers():
         wait_for_subscriptions(gateway, 1)
         bus.blocker_created(1, contract_blocker(123, "SYNC"))
         bus.blocker_created(1, contract_blocker(124, "ASYNC"))
-        bus.publish(blocker_resolved(123, "Use JWT"))
+        bus.blocker_resolved(1, 123, "Use JWT")
         assert script.lines(2) == ["paged 123", "3 123 Use JWT"]
         # The cursor of an item is saved when the next one is asked for: the loop asks at once.
         cursors = tmp_path / "notifier-cursors.json"
@@ -174,10 +165,10 @@ async def reload_pending_blockers():
             time.sleep(0.02)
         script.kill()
         wait_for_subscriptions(gateway, 0)
-        bus.publish(blocker_resolved(124, "Sessions"))
+        bus.blocker_resolved(1, 124, "Sessions")
         script.start()
         assert script.lines(1) == ["4 124 Sessions"]
-        bus.publish(blocker_resolved(125, "Later"))
+        bus.blocker_resolved(1, 125, "Later")
         assert script.lines(1) == ["5 125 Later"]
     finally:
         script.close()
@@ -228,12 +219,12 @@ def test_consumer_exactly_once_sample_runs_as_written_on_postgresql(
         script.start()
         wait_for_subscriptions(gateway, 1)
         for blocker_id in (1, 2, 3):
-            bus.publish(blocker_resolved(blocker_id, "yes"))
+            bus.blocker_resolved(1, blocker_id, "yes")
         assert wait_for_audited(3) == [1, 2, 3]
         script.kill()
         wait_for_subscriptions(gateway, 0)
         for blocker_id in (4, 5):
-            bus.publish(blocker_resolved(blocker_id, "yes"))
+            bus.blocker_resolved(1, blocker_id, "yes")
         script.start()
         assert wait_for_audited(5) == [1, 2, 3, 4, 5]
         with psycopg.connect(postgres_url) as db:
