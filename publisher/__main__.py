@@ -20,7 +20,7 @@ publisher's default cap of the revocation list; the HTTP API reads the same vari
 
 Exit codes: 0 success, 1 Redis answered with an error, 2 usage or validation error (nothing was
 published or revoked), 3 Redis unavailable, 4 the token revocation list is full (a new subject
-was not revoked, nothing written), 130 interrupted.
+was not revoked), 130 interrupted.
 """
 
 from __future__ import annotations

@@ -735,7 +735,7 @@ class Publisher(_ContractHelpers[Cursor]):
                 range, an ``issued_before`` in the future or so early that the revocation has
                 already ended; nothing was written.
             RevocationListFull: a new subject and the list full (a ``PublishError``); nothing
-                was written.
+                was revoked (the expired entries the call read are removed all the same).
             PublisherUnavailable: Redis unreachable or hung within ``timeout``.
             PublishError: Redis refused the call (the revocation keys damaged by another writer,
                 OOM); nothing was written.

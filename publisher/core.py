@@ -86,8 +86,10 @@ class IdempotencyConflict(PublishError):
 class RevocationListFull(PublishError):
     """``revoke_tokens`` of a subject not in the revocation list, which holds ``limit`` entries
     (the publisher's ``max_revocations``) even after the expired ones the call swept. Nothing
-    was written: the entries stored, their expiry and the list's version are unchanged. A
-    subject already in the list is still updated at the cap.
+    was revoked: no entry was added or changed and the list's version did not move (the
+    expired and malformed entries the call read are removed all the same: no gateway uses
+    them, and the next call finds more room). A subject already in the list is still updated
+    at the cap.
 
     What to do (docs/publisher.md, "When the list is full"): raise ``max_revocations`` (on
     every publisher that revokes), revoke with a shorter ``keep_for`` so that entries leave
@@ -97,7 +99,7 @@ class RevocationListFull(PublishError):
     def __init__(self, entries: int, limit: int) -> None:
         super().__init__(
             f"the token revocation list is full ({entries} entries, at most {limit}): a new "
-            "subject cannot be added, nothing was written (raise max_revocations, revoke with "
+            "subject cannot be added, nothing was revoked (raise max_revocations, revoke with "
             "a shorter keep_for, or rotate the signing secret)"
         )
         self.entries = entries

@@ -386,10 +386,12 @@ return {meta, oldest, entries}
 #: subject that has a field in the hash (live, expired or malformed) is always written: it
 #: replaces its own field and the hash does not grow. A new subject is written when the hash,
 #: less the entries this call sweeps, holds fewer than max_entries; else the call is refused
-#: with "EVENTBUS_REVOCATIONS_FULL <fields in the hash> <max_entries>" and writes nothing (not
-#: even the sweep, nor the version: a refused call changes nothing a reader sees). The check
-#: costs one HLEN (which the script makes anyway) and one HEXISTS, both O(1), so a full hash
-#: costs a call no more than a large one did.
+#: with "EVENTBUS_REVOCATIONS_FULL <fields in the hash> <max_entries>": no entry is added or
+#: changed and the version does not move (a refused call changes nothing a reader sees), but the
+#: expired and malformed entries it read are removed all the same (readers leave them out), so
+#: that calls on a list over the cap make room a slice at a time instead of each finding the
+#: same pile. The check costs one HLEN (which the script makes anyway) and one HEXISTS, both
+#: O(1), so a full hash costs a call no more than a large one did.
 #:
 #: The entry written is {issued_before, issued_before + keep_for}, merged with the subject's
 #: live entry by taking the larger of each field: a revocation never lowers or shortens another.
@@ -511,7 +513,11 @@ if whole_hash then
 else
   -- A slice, from a position that differs from call to call (the clock's microseconds pick the
   -- first bucket), and the subject's own entry (twice, if the slice has it too: no matter).
-  local cursor = string.format('%d', tonumber(time[2]) * 1000 + (version % 1000))
+  -- The microseconds are the cursor's low bits: a scan goes through the buckets in the order of
+  -- the cursor's reversed bits, so its low bits say how far along it starts. (Microseconds
+  -- times 1000 left the three lowest bits to version % 8, which a refused call does not move:
+  -- every call started in the same last eighth of the hash, and read the same few entries.)
+  local cursor = string.format('%d', tonumber(time[2]) + 1000000 * (version % 1000))
   entries = redis.call('HSCAN', KEYS[1], cursor, 'COUNT', SWEEP)[2]
   local own = redis.call('HGET', KEYS[1], subject)
   if own then
@@ -540,8 +546,13 @@ end
 -- The cap, before the first write. A subject with a field of its own replaces it: the hash
 -- does not grow, so it is never refused (an update must work on a full list). An entry that
 -- is not stored (expired at once) does not grow it either.
+-- A refused call still removes what it swept (entries no reader uses: expired or malformed),
+-- and nothing else: a list over the cap (the cap lowered, or raised by another publisher) is
+-- read a slice at a time, and calls that each found the same pile, swept nothing and were
+-- refused would refuse every new subject until the live entries expire.
 if now < expires_at and size - #drop >= max_entries
     and redis.call('HEXISTS', KEYS[1], subject) == 0 then
+  for _, field in ipairs(drop) do redis.call('HDEL', KEYS[1], field) end
   return redis.error_reply(
     'EVENTBUS_REVOCATIONS_FULL ' .. fmt(size) .. ' ' .. fmt(max_entries))
 end

@@ -410,6 +410,44 @@ def test_at_the_cap_the_sweep_of_expired_entries_makes_room(
             publisher.revoke_tokens("newest")
 
 
+def test_refused_calls_sweep_what_they_read_so_a_list_over_the_cap_makes_room(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    """A list larger than a publisher's cap (the cap lowered, or grown by a publisher with a
+    larger one) of mostly expired entries: each call reads a slice of it, too little to make
+    room at once. The refused calls must still remove the expired entries they read (which no
+    gateway uses), else every call finds the same pile and new subjects are refused until the
+    live entries expire (days) although the list holds far fewer than the cap. Before, a
+    refused call removed nothing: the 20 calls below were all refused."""
+    now = int(time.time())
+    gone = b'{"issued_before":1,"expires_at":%d}' % (now - 1)
+    kept = live(100, keep=86400)
+    redis_client.hset(
+        KEYS.revocations(),
+        mapping={**kept, **dict.fromkeys((f"old-{i}" for i in range(1900)), gone)},
+    )
+    redis_client.set(KEYS.revocations_version(), 7)
+    sizes = [redis_client.hlen(KEYS.revocations())]
+    with Publisher.from_url(redis_url, max_revocations=1000) as publisher:
+        for _ in range(20):
+            try:
+                publisher.revoke_tokens("new")
+                break
+            except RevocationListFull:
+                # Refused: nothing a gateway reads changed, the version did not move.
+                assert redis_client.get(KEYS.revocations_version()) == b"7"
+                in_force, _ = RevocationList.from_hash(
+                    redis_client.hgetall(KEYS.revocations()), time.time()
+                )
+                assert {r.subject for r in in_force} == set(kept)
+                sizes.append(redis_client.hlen(KEYS.revocations()))
+        else:
+            pytest.fail(f"refused 20 times with 100 live entries, cap 1000: sizes {sizes}")
+    fields = {field.decode() for field in redis_client.hkeys(KEYS.revocations())}
+    assert set(kept) | {"new"} <= fields
+    assert len(sizes) > 1  # (the first call was refused: the case under test)
+
+
 async def test_the_async_publisher_refuses_alike(redis_url: str, redis_client) -> None:
     redis_client.hset(KEYS.revocations(), mapping=live(2))
     publisher = AsyncPublisher.from_url(redis_url, max_revocations=2)
