@@ -58,9 +58,10 @@ __all__ = [
 
 log = get_logger("gateway")
 
-#: Seconds one poll (the ``GET`` of the version, and the ``HSCAN`` when it changed) may wait
-#: for Redis: past it the poll gives up, the last list stays in force, and the next poll comes
-#: ``--revocation-poll-interval`` later on a new connection.
+#: Seconds each wait of a poll for Redis may last (the ``GET`` of the version, each ``HSCAN``
+#: slice when it changed): past it the poll gives up, the last list stays in force, and the next
+#: poll comes ``--revocation-poll-interval`` later on a new connection. Not a bound on the whole
+#: read: a large list takes what its slices take (~0.3 s per 100,000 entries).
 READ_TIMEOUT = 5.0
 
 #: Seconds after which the hash is read again even though the version did not change. A backstop:
@@ -278,12 +279,11 @@ class RevocationWatcher(Generic[S]):
             )
 
     async def poll_once(self) -> bool:
-        """One poll, bounded by :attr:`read_timeout`; never raises (but CancelledError). True
-        when Redis answered it."""
+        """One poll, each of its waits for Redis bounded by :attr:`read_timeout`; never raises
+        (but CancelledError). True when Redis answered it."""
         self.polls += 1
         try:
-            async with asyncio.timeout(self.read_timeout):
-                reply = await self._read()
+            reply = await self._read()
         except (redis.exceptions.RedisError, OSError) as exc:  # (TimeoutError is an OSError)
             self.metrics.revocation_poll_failures_total += 1
             self._warn(
@@ -308,8 +308,14 @@ class RevocationWatcher(Generic[S]):
         stays)."""
         keys = self.keys
         version_key = keys.revocations_version()
+        # Each wait for Redis is bounded, not the whole read: a hung Redis ends the poll within
+        # read_timeout wherever it stops, and a large list takes what its slices take (a bound
+        # on the whole read made a list of ~700,000 entries unreadable for good on a loaded
+        # machine: every poll timed out, new pods never became ready).
+        timeout = self.read_timeout
         try:
-            version = await self.redis.get(version_key)
+            async with asyncio.timeout(timeout):
+                version = await self.redis.get(version_key)
         except redis.exceptions.ResponseError as exc:
             if not _wrong_type(exc):
                 raise  # (CLUSTERDOWN and the like: Redis is unavailable, not the key foreign)
@@ -340,7 +346,8 @@ class RevocationWatcher(Generic[S]):
         cursor = 0
         try:
             while True:
-                cursor, items = await self.redis.hscan(hash_key, cursor, count=SCAN_COUNT)
+                async with asyncio.timeout(timeout):
+                    cursor, items = await self.redis.hscan(hash_key, cursor, count=SCAN_COUNT)
                 part, bad = RevocationList.from_hash(items, wall)
                 malformed += bad
                 for revocation in part:

@@ -506,3 +506,56 @@ async def test_a_failed_poll_is_tried_again_soon_whatever_the_interval():
         assert watcher.metrics.revocation_poll_failures_total == 1
     finally:
         await watcher.stop()
+
+
+class SlowSlices:
+    """A Redis (fakeredis underneath) whose every ``HSCAN`` slice takes ``delay`` seconds, and
+    whose slice number ``hang_at`` (if any) never answers."""
+
+    def __init__(self, client, delay: float, hang_at: int | None = None) -> None:
+        self.client = client
+        self.delay = delay
+        self.hang_at = hang_at
+        self.slices = 0
+
+    async def get(self, key):
+        return await self.client.get(key)
+
+    async def hscan(self, key, cursor=0, count=None):
+        self.slices += 1
+        if self.slices == self.hang_at:
+            await asyncio.Event().wait()
+        await asyncio.sleep(self.delay)
+        return await self.client.hscan(key, cursor, count=count)
+
+
+async def test_a_list_longer_to_read_than_the_timeout_is_read_and_a_hang_in_it_still_ends(
+    monkeypatch,
+):
+    """The timeout bounds each wait for Redis (the GET, each slice), not the whole read: a list
+    that takes longer than it to read, a slice at a time, is read (a large list: ~3 s for
+    300,000 entries on a loaded machine, so a cap raised to 700,000 made every poll of every
+    pod time out for ever: new pods never ready, refusing every token; running ones never
+    seeing a new revocation, and re-reading for 5 s every 6 s). A Redis that stops answering
+    in the middle of the read still ends the poll within the timeout, the last list in force.
+    Failed before: the poll timed out after 0.2 s of its 0.5 s read."""
+    client = fakeredis.FakeAsyncRedis()
+    value = encode_entry(Revocation("x", NOW - 10, NOW + 3600))
+    await client.hset(KEYS.revocations(), mapping={f"user-{n}": value for n in range(50)})
+    await client.incr(KEYS.revocations_version())
+    slow = SlowSlices(client, delay=0.05)
+    watcher = make_watcher(slow, read_timeout=0.2)
+    monkeypatch.setattr(revocations_module, "SCAN_COUNT", 5)  # (fakeredis honours COUNT)
+    assert await watcher.poll_once(), "the read of a slow list failed"
+    assert slow.slices >= 8 and len(watcher.current) == 50  # 10 slices, 0.5 s in all
+    assert watcher.metrics.revocation_poll_failures_total == 0
+    # A slice that never comes: the poll ends within the timeout, the list stays.
+    await client.hset(KEYS.revocations(), "alice", value)
+    await client.incr(KEYS.revocations_version())
+    hanging = SlowSlices(client, delay=0.0, hang_at=3)
+    watcher.redis = hanging
+    started = time.monotonic()
+    assert not await watcher.poll_once()
+    assert time.monotonic() - started < 0.2 + 0.5
+    assert hanging.slices == 3 and len(watcher.current) == 50
+    assert watcher.metrics.revocation_poll_failures_total == 1
