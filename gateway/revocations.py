@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Generic, NamedTuple, Protocol, TypeVar
 import redis.exceptions
 
 from gateway.logs import describe, get_logger
-from schemas.revocations import Revocation, RevocationList
+from schemas.revocations import MAX_REVOCATIONS, Revocation, RevocationList
 from schemas.stored import ForeignKind
 from schemas.tokens import InvalidToken, TokenClaims
 from serverkit import LogThrottle
@@ -345,6 +345,14 @@ class RevocationWatcher(Generic[S]):
         wall = self.clock()
         cursor = 0
         try:
+            # Every entry is held in memory: a hash larger than any publisher writes (another
+            # writer's) is not read, one O(1) HLEN first, and a read that grows past the bound
+            # is dropped. Its version is not remembered: it is looked at again at every poll.
+            async with asyncio.timeout(timeout):
+                size = await self.redis.hlen(hash_key)
+            if size > MAX_REVOCATIONS:
+                self._foreign(hash_key, f"holds {size} fields, more than {MAX_REVOCATIONS}", b"")
+                return None
             while True:
                 async with asyncio.timeout(timeout):
                     cursor, items = await self.redis.hscan(hash_key, cursor, count=SCAN_COUNT)
@@ -357,6 +365,9 @@ class RevocationWatcher(Generic[S]):
                         raised[subject] = revocation
                     else:
                         raised.pop(subject, None)  # (a slice read twice: its last value)
+                if len(entries) > MAX_REVOCATIONS:
+                    self._foreign(hash_key, f"holds more than {MAX_REVOCATIONS} fields", b"")
+                    return None
                 if not cursor:
                     break
         except redis.exceptions.ResponseError as exc:

@@ -54,7 +54,7 @@ from schemas.events import (
 )
 from schemas.keys import DEFAULT_PREFIX, Keys, stream_entry_seq
 from schemas.presence import DEFAULT_MAX_MEMBERS
-from schemas.revocations import DEFAULT_MAX_REVOCATIONS
+from schemas.revocations import DEFAULT_MAX_REVOCATIONS, MAX_REVOCATIONS
 from schemas.stored import MAX_ENTRY_BYTES, ForeignValue, parse_meta, parse_stream_entries
 from schemas.tokens import issue_token
 
@@ -303,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="the cap of the revocation list: a new subject is refused (exit code 4) when the "
         "list holds N entries after the expired ones are swept; a subject already in it is "
-        f"updated (default: $EVENTBUS_MAX_REVOCATIONS or {DEFAULT_MAX_REVOCATIONS})",
+        f"updated; at most {MAX_REVOCATIONS}, the most a gateway reads (default: "
+        f"$EVENTBUS_MAX_REVOCATIONS or {DEFAULT_MAX_REVOCATIONS})",
     )
     connection_options(revoke, top=False)
     return parser

@@ -19,6 +19,7 @@ from schemas.events import ProjectEvent, encode_event, utc_now
 from schemas.keys import Keys, new_epoch
 from schemas.revocations import (
     DEFAULT_MAX_REVOCATIONS,
+    MAX_REVOCATIONS,
     MAX_SUBJECT_BYTES,
     MAX_TIMESTAMP,
     parse_full_error,
@@ -426,11 +427,12 @@ def check_positive(value: object, name: str) -> int:
 
 def check_max_revocations(value: object) -> int:
     """A publisher's ``max_revocations`` (the cap of the revocation list): a whole number of 1
-    to 2**53 - 1 (what the script's Lua numbers hold exactly), else ``ValueError``."""
-    if type(value) is not int or not 1 <= value <= MAX_TIMESTAMP:
+    to :data:`schemas.revocations.MAX_REVOCATIONS` (the most fields a gateway reads: a larger
+    list would not be read at all), else ``ValueError``."""
+    if type(value) is not int or not 1 <= value <= MAX_REVOCATIONS:
         raise ValueError(
-            f"max_revocations must be a positive whole number (default "
-            f"{DEFAULT_MAX_REVOCATIONS}), got {value!r}"[:200]
+            f"max_revocations must be a whole number of 1 to {MAX_REVOCATIONS}, the most a "
+            f"gateway reads (default {DEFAULT_MAX_REVOCATIONS}), got {value!r}"[:200]
         )
     return value
 

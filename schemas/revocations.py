@@ -37,6 +37,7 @@ from schemas import tokens
 __all__ = [
     "DEFAULT_MAX_REVOCATIONS",
     "FULL_MARK",
+    "MAX_REVOCATIONS",
     "MAX_SUBJECT_BYTES",
     "MAX_TIMESTAMP",
     "REVOKE_SWEEP",
@@ -60,9 +61,14 @@ MAX_SUBJECT_BYTES = tokens.MAX_SUBJECT_BYTES
 REVOKE_SWEEP = 500
 #: Most fields the revocations hash may hold, unless the publisher is given another cap
 #: (``max_revocations``): the script refuses a new subject beyond it (schemas.lua.REVOKE). Each
-#: gateway process holds every live entry (~38 bytes for a subject of the size of a user id,
-#: more with long subjects) and re-reads them all when the list changes: ~0.3 s at 100,000.
+#: gateway process holds every live entry (~250 bytes for a subject of the size of a user id,
+#: 36 characters: ~24 MB at 100,000; more with long subjects) and re-reads them all when the
+#: list changes: ~0.3 s at 100,000.
 DEFAULT_MAX_REVOCATIONS = 100_000
+#: The largest cap a publisher may be given, and the most fields a gateway reads: a hash of more
+#: (only another writer can make one) is not read, as a hash of another type (~250 MB in every
+#: gateway process at this size; 10 million would be ~2.5 GB, read whole).
+MAX_REVOCATIONS = 1_000_000
 #: Prefix of the error reply with which the script refuses a new subject on a full hash:
 #: ``EVENTBUS_REVOCATIONS_FULL <fields in the hash> <cap>``.
 FULL_MARK = "EVENTBUS_REVOCATIONS_FULL "

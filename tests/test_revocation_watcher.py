@@ -284,6 +284,10 @@ class HungRedis:
         self.calls += 1
         await asyncio.Event().wait()
 
+    async def hlen(self, key):
+        self.calls += 1
+        await asyncio.Event().wait()
+
     async def hscan(self, key, cursor=0, count=None):
         self.calls += 1
         await asyncio.Event().wait()
@@ -292,6 +296,9 @@ class HungRedis:
 class FailingRedis:
     async def get(self, key):
         raise redis.exceptions.ConnectionError("Connection refused")
+
+    async def hlen(self, key):
+        raise AssertionError("not reached")
 
     async def hscan(self, key, cursor=0, count=None):
         raise AssertionError("not reached")
@@ -329,6 +336,9 @@ async def test_a_reply_nobody_foresaw_is_a_failed_poll_not_a_dead_loop():
     class OddRedis:
         async def get(self, key):
             return None
+
+        async def hlen(self, key):
+            return 1
 
         async def hscan(self, key, cursor=0, count=None):
             return 0, [b"a list", b"not a dict"]
@@ -491,6 +501,9 @@ async def test_a_failed_poll_is_tried_again_soon_whatever_the_interval():
                 raise redis.exceptions.ConnectionError("Connection refused")
             return await self.client.get(key)
 
+        async def hlen(self, key):
+            return await self.client.hlen(key)
+
         async def hscan(self, key, cursor=0, count=None):
             return await self.client.hscan(key, cursor, count=count)
 
@@ -520,6 +533,9 @@ class SlowSlices:
 
     async def get(self, key):
         return await self.client.get(key)
+
+    async def hlen(self, key):
+        return await self.client.hlen(key)
 
     async def hscan(self, key, cursor=0, count=None):
         self.slices += 1
@@ -559,3 +575,53 @@ async def test_a_list_longer_to_read_than_the_timeout_is_read_and_a_hang_in_it_s
     assert time.monotonic() - started < 0.2 + 0.5
     assert hanging.slices == 3 and len(watcher.current) == 50
     assert watcher.metrics.revocation_poll_failures_total == 1
+
+
+class LyingLength(SlowSlices):
+    """Says the hash holds ``length`` fields, whatever it holds (it grows during the read)."""
+
+    def __init__(self, client, length: int) -> None:
+        super().__init__(client, delay=0.0)
+        self.length = length
+
+    async def hlen(self, key):
+        return self.length
+
+
+async def test_a_hash_of_more_fields_than_any_reader_holds_is_not_read(monkeypatch):
+    """Every entry is in each gateway process's memory (~250 bytes each), and the publishers
+    never write more than MAX_REVOCATIONS fields; a hash of more (another writer: 10 million
+    would be ~2.5 GB in every process, read whole) is left unread, as a hash of another type:
+    counted in foreign_values (revocation_key), the last list in force, a process started
+    meanwhile ready without one. Its version is not remembered: once it is small again, the
+    next poll reads it. A hash that grows past the bound while being read is dropped too."""
+    monkeypatch.setattr(revocations_module, "MAX_REVOCATIONS", 20)
+    monkeypatch.setattr(revocations_module, "SCAN_COUNT", 5)
+    client = fakeredis.FakeAsyncRedis()
+    value = encode_entry(Revocation("x", NOW - 10, NOW + 3600))
+    await revoke(client, "alice", NOW - 10)
+    watcher = make_watcher(client)
+    assert await watcher.poll_once() and watcher.is_revoked(claims("alice", NOW - 20))
+    await client.hset(KEYS.revocations(), mapping={f"user-{n}": value for n in range(20)})
+    await client.incr(KEYS.revocations_version())
+    spy = SlowSlices(client, delay=0.0)
+    watcher.redis = spy
+    assert await watcher.poll_once()
+    assert spy.slices == 0, "the hash was read"
+    assert watcher.metrics.foreign_values["revocation_key"] == 1
+    assert len(watcher.current) == 1 and watcher.is_revoked(claims("alice", NOW - 20))
+    assert await watcher.poll_once()  # not remembered: looked at again, and again too large
+    assert watcher.metrics.foreign_values["revocation_key"] == 2
+    # Grown past the bound during the read (HLEN said 1): dropped as soon as it is.
+    lying = LyingLength(client, 1)
+    watcher.redis = lying
+    assert await watcher.poll_once()
+    assert 0 < lying.slices < 10 and len(watcher.current) == 1
+    assert watcher.metrics.foreign_values["revocation_key"] == 3
+    # A process started meanwhile is ready, without a list (as with a hash of another type).
+    fresh = make_watcher(client)
+    assert await fresh.poll_once() and fresh.loaded.is_set() and len(fresh.current) == 0
+    # Small again: read at the next poll, version unchanged.
+    await client.hdel(KEYS.revocations(), "user-0", "user-1")
+    watcher.redis = client
+    assert await watcher.poll_once() and len(watcher.current) == 19

@@ -216,7 +216,7 @@ def _serve(args: argparse.Namespace, prog: str) -> int:
         publisher = AsyncPublisher.from_url(
             args.redis_url, prefix=args.prefix, max_revocations=args.max_revocations
         )
-    except ValueError as exc:  # a --max-revocations of 0 or less, a bad URL or prefix
+    except ValueError as exc:  # a --max-revocations out of range, a bad URL or prefix
         sys.stderr.write(f"{prog}: error: {exc}\n")
         return 2
     configure_logging(args.log_format, args.log_level)
