@@ -22,7 +22,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from gateway.client_input import parse_project_id
-from gateway.revocations import RevocationsUnknown
+from gateway.revocations import RevocationsUnknown, TokenRevoked
 from gateway.sequencing import Snapshot, plan_poll
 from gateway.store import ProjectUnreadable, StoreUnavailable
 from schemas.history import parse_poll_query, poll_response
@@ -254,6 +254,7 @@ class HttpRoutes:
             project_id = parse_project_id(raw_id)
         except ValueError as exc:
             return refuse(400, "invalid_project", str(exc))
+        claims = None
         if self.verify is not None:
             header = request.headers.get("Authorization", "")
             scheme, _, token = header.partition(" ")
@@ -292,6 +293,13 @@ class HttpRoutes:
                 else "Redis is unavailable; poll again later"
             )
             return _error(503, "unavailable", message, [("Retry-After", str(POLL_RETRY_AFTER))])
+        if claims is not None and self.gateway.token_revoked(claims):
+            # Revoked while the page was read (this pod read a new list meanwhile): refused as
+            # at arrival, as an open stream or WebSocket is closed.
+            self.gateway.metrics.revoked_tokens_refused_total += 1
+            return refuse(
+                401, "invalid_token", str(TokenRevoked()), [("WWW-Authenticate", "Bearer")]
+            )
         plan = plan_poll(epoch, after, snapshot, limit, tag)
         metrics = self.gateway.metrics
         metrics.polls_total += 1

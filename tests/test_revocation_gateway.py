@@ -242,6 +242,35 @@ async def test_polls_and_handshakes_with_a_revoked_token_get_401(gateways, publi
     assert gateway.metrics.auth_failures_total == failures + 2
 
 
+async def test_a_poll_whose_token_is_revoked_while_its_page_is_read_gets_401(
+    gateways, publisher, redis_client, monkeypatch
+):
+    """A poll's token is checked when it arrives; its page is read from Redis after (up to
+    --subscribe-timeout on a slow Redis). A revocation this pod reads meanwhile must refuse
+    the answer, as it closes an open stream or WebSocket: before, the page was answered to
+    the revoked token (200, the events)."""
+    gateway = await gateways(revocation_poll_interval=INTERVAL)
+    now = int(time.time())
+    old = token("alice", [9], iat=now - 100)
+    await publish(publisher, 9, 1)
+    reading, release = asyncio.Event(), asyncio.Event()
+    read = gateway.store.snapshot
+
+    async def held(*args, **kwargs):
+        reading.set()
+        await release.wait()
+        return await read(*args, **kwargs)
+
+    monkeypatch.setattr(gateway.store, "snapshot", held)
+    answer = asyncio.create_task(poll(gateway, old, 9))
+    await asyncio.wait_for(reading.wait(), 5)
+    revoke(redis_client, "alice", now - 50)
+    await wait_until(lambda: len(gateway.revocations.current) == 1, 5, "the list read")
+    release.set()
+    assert await answer == (401, {"error": "invalid_token", "message": "token revoked"})
+    assert gateway.metrics.revoked_tokens_refused_total == 1
+
+
 # --- configuration and readiness ---------------------------------------------------------------
 
 
