@@ -7,10 +7,11 @@ verify`: the first ``auth``, a refresh, a handshake's or a stream's ``Authorizat
 poll), so a check costs a dictionary lookup and never waits for Redis.
 
 The list is polled, not pushed: every ``--revocation-poll-interval`` (1 s) the watcher reads the
-version key (one ``GET``) and reads the hash (``HSCAN``, a slice at a time: :data:`SCAN_COUNT`)
-only when the version changed, on its first poll, while the version is unusable, and every
-:data:`RELOAD_INTERVAL` seconds anyway. A poll cannot lose a revocation across a reconnect or a
-failover, as a pub/sub message can; the delay is bounded by the interval. On each new list the
+version key (one ``GETRANGE`` of its first 21 bytes) and reads the hash (``HSCAN``, a slice at
+a time: :data:`SCAN_COUNT`) only when the version changed, on its first poll, while the version
+is unusable, and every :data:`RELOAD_INTERVAL` seconds anyway. A poll cannot lose a revocation
+across a reconnect or a failover, as a pub/sub message can; the delay is bounded by the
+interval. On each new list the
 connections of this process whose token it newly revokes (among its entries new or changed:
 :func:`_revokes_more`) are closed with 4003, found through a subject index
 (:class:`SubjectIndex`) rather than a walk over every connection.
@@ -58,7 +59,7 @@ __all__ = [
 
 log = get_logger("gateway")
 
-#: Seconds each wait of a poll for Redis may last (the ``GET`` of the version, each ``HSCAN``
+#: Seconds each wait of a poll for Redis may last (the read of the version, each ``HSCAN``
 #: slice when it changed): past it the poll gives up, the last list stays in force, and the next
 #: poll comes ``--revocation-poll-interval`` later on a new connection. Not a bound on the whole
 #: read: a large list takes what its slices take (~0.3 s per 100,000 entries).
@@ -81,7 +82,8 @@ SCAN_COUNT = 1000
 #: the newest list, nor unready when it failed the first, for a whole interval (up to an hour).
 FAILED_POLL_RETRY = 1.0
 
-#: The longest version value taken as one (INCR's replies have at most 20 digits).
+#: The longest version value taken as one (INCR's replies have at most 20 digits); the poll
+#: reads one byte more, to tell a longer value.
 _MAX_VERSION_DIGITS = 20
 
 
@@ -315,7 +317,10 @@ class RevocationWatcher(Generic[S]):
         timeout = self.read_timeout
         try:
             async with asyncio.timeout(timeout):
-                version = await self.redis.get(version_key)
+                # Its first bytes only, not GET: a version key another writer filled with
+                # megabytes would be fetched whole every second by every process. More than
+                # _MAX_VERSION_DIGITS is no version anyway; an empty value reads as no key.
+                version = await self.redis.getrange(version_key, 0, _MAX_VERSION_DIGITS) or None
         except redis.exceptions.ResponseError as exc:
             if not _wrong_type(exc):
                 raise  # (CLUSTERDOWN and the like: Redis is unavailable, not the key foreign)
@@ -458,7 +463,8 @@ def _wrong_type(exc: redis.exceptions.ResponseError) -> bool:
 
 
 def _is_version(value: object) -> bool:
-    """Whether a ``GET`` reply is a version INCR can have written (a non-negative integer)."""
+    """Whether the version key's value (its first bytes) is a version the revoke script can have
+    written (a non-negative integer)."""
     return (
         isinstance(value, bytes)
         and 0 < len(value) <= _MAX_VERSION_DIGITS
