@@ -11,10 +11,10 @@ version key (one ``GETRANGE`` of its first 21 bytes) and reads the hash (``HSCAN
 a time: :data:`SCAN_COUNT`) only when the version changed, on its first poll, while the version
 is unusable, and every :data:`RELOAD_INTERVAL` seconds anyway. A poll cannot lose a revocation
 across a reconnect or a failover, as a pub/sub message can; the delay is bounded by the
-interval. On each new list the
-connections of this process whose token it newly revokes (among its entries new or changed:
-:func:`_revokes_more`) are closed with 4003, found through a subject index
-(:class:`SubjectIndex`) rather than a walk over every connection.
+interval. On each new list the connections of this process whose token it newly revokes (among
+its entries new or changed: :func:`_revokes_more`) are closed with 4003, found through a subject
+index (:class:`SubjectIndex`) rather than a walk over every connection. A hash of more than
+:data:`schemas.revocations.MAX_REVOCATIONS` fields is not read (as a hash of another type).
 
 Failures never reach the clients: a Redis that does not answer within :data:`READ_TIMEOUT`
 (hung, unreachable, failing over) leaves the last list in force and is tried again after
