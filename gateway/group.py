@@ -17,7 +17,8 @@ ready when the live workers' sum equals the group's size, i.e. every worker is u
 worker that is not running (dead, being restarted, or that could not be started) has no live
 value: the group is not ready until it runs and is ready again. A worker whose event loop stopped
 (SIGSTOP, a deadlock) still has one, written before it stopped: each value carries when it was
-written, and one older than :data:`READY_STALE` is not counted (:func:`count_ready`).
+written, and one older than :data:`READY_STALE` is not counted (:func:`count_ready`); that
+worker's other live gauges leave the view's sums with it (:func:`read_group`).
 
 Files are named after the worker's slot (``counter_worker1.db``), not its process id, so the
 process started in a dead worker's place takes over its files: its counters continue from the
@@ -57,7 +58,7 @@ import json
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import BinaryIO
 
 from gateway import groupdir
@@ -265,8 +266,8 @@ class GroupView:
         value = self._ready._value  # type: ignore[attr-defined]
         value.set(1.0 if ready else 0.0, timestamp=time.monotonic())
 
-    def _collect(self) -> list:
-        families, unreadable = read_group(self.directory)
+    def _collect(self, stopped: set[str]) -> list:
+        families, unreadable = read_group(self.directory, stopped=stopped)
         for name in unreadable:
             self._warn_once("unreadable file in the group's metrics directory, skipped", name)
         return families
@@ -284,8 +285,8 @@ class GroupView:
         if self._rendered is not None and now - self._rendered[0] < RENDER_REUSE:
             return self._rendered[1]
         self.sync(ready)
-        families = self._collect()
-        ready_count = float(count_ready(self.directory, now))
+        ready_count, stopped = _readiness(self.directory, now, READY_STALE)
+        families = self._collect(stopped)
         for family in families:
             if family.name == "eventbus_worker_ready":  # the fresh values only, as /readyz
                 family.samples = [sample._replace(value=ready_count) for sample in family.samples]
@@ -322,23 +323,32 @@ def count_ready(directory: str, now: float, stale_after: float = READY_STALE) ->
     """How many workers' files in ``directory`` say ready, written less than ``stale_after``
     seconds before ``now`` (``time.monotonic()``). A file that cannot be read counts nothing
     (:func:`read_group` names it); a dead worker's is gone (its live gauges are removed)."""
+    return _readiness(directory, now, stale_after)[0]
+
+
+def _readiness(directory: str, now: float, stale_after: float) -> tuple[int, set[str]]:
+    """How many workers are ready (as :func:`count_ready`), and the identities of the workers
+    whose readiness was written ``stale_after`` seconds or more before ``now``: workers whose
+    event loop stopped, whose live gauges do not count either (:func:`read_group`)."""
     from prometheus_client.mmap_dict import MmapedDict
 
     count = 0
-    for path in glob.glob(os.path.join(glob.escape(directory), "gauge_livesum_*.db")):
+    stopped = set()
+    prefix = "gauge_livesum_"
+    for path in glob.glob(os.path.join(glob.escape(directory), f"{prefix}*.db")):
         try:
             if not stat.S_ISREG(os.lstat(path).st_mode):  # a FIFO would block the event loop
                 continue
-            count += sum(
-                1
-                for key, value, written, _ in MmapedDict.read_all_values_from_file(path)
-                if json.loads(key)[0] == "eventbus_worker_ready"
-                and value == 1
-                and now - written < stale_after
-            )
+            for key, value, written, _ in MmapedDict.read_all_values_from_file(path):
+                if json.loads(key)[0] != "eventbus_worker_ready":
+                    continue
+                if now - written < stale_after:
+                    count += value == 1
+                else:
+                    stopped.add(os.path.basename(path).removeprefix(prefix).removesuffix(".db"))
         except Exception:  # any way a file can be broken: struct, UTF-8, JSON, types
             continue
-    return count
+    return count, stopped
 
 
 def _set_aside_unreadable(directory: str, identity: str) -> list[str]:
@@ -378,9 +388,13 @@ def _used_bytes(path: str) -> int:
     return int.from_bytes(header, "little", signed=True) if len(header) == 4 else -1
 
 
-def read_group(directory: str) -> tuple[list, list[str]]:
+def read_group(directory: str, *, stopped: Collection[str] = ()) -> tuple[list, list[str]]:
     """The merged metric families of every readable file in ``directory``, and the names of the
-    files skipped as unreadable.
+    files skipped as unreadable. The live gauges (``gauge_live*``) of the workers ``stopped``
+    (identities, :func:`metrics_identity`: workers whose event loop stopped, :func:`_readiness`)
+    are left out, as a dead worker's are: their last values stayed in the group's gauges (a
+    stopped worker's connections in ``eventbus_connections``) until ``--worker-timeout`` killed
+    it, for good with 0. Their counters stay (totals never go backwards).
 
     prometheus-client's own reader stops at the first bad file, and then every ``/metrics`` and
     ``/readyz`` of the group failed, for as long as the file stayed: an empty file (a worker
@@ -399,7 +413,12 @@ def read_group(directory: str) -> tuple[list, list[str]]:
         return []  # files vanishing at every read: nothing consistent to answer
 
     paths, unreadable = [], []
-    for path in sorted(glob.glob(os.path.join(directory, "*.db"))):
+    for path in sorted(glob.glob(os.path.join(glob.escape(directory), "*.db"))):
+        name = os.path.basename(path)
+        if name.startswith("gauge_live") and stopped:
+            # gauge_<mode>_<identity>.db (an identity holds no "_": a slot, a process id)
+            if name.removesuffix(".db").split("_", 2)[-1] in stopped:
+                continue
         try:
             regular = stat.S_ISREG(os.lstat(path).st_mode)
         except FileNotFoundError:  # a dead worker's live gauges, removed meanwhile

@@ -270,7 +270,7 @@ _SCRAPED = textwrap.dedent(
 
     reads = []
     read_group = gateway.group.read_group
-    gateway.group.read_group = lambda directory: reads.append(1) or read_group(directory)
+    gateway.group.read_group = lambda *args, **kw: reads.append(1) or read_group(*args, **kw)
     metrics = Metrics()
     view = GroupView(metrics, workers=2, directory=sys.argv[1], worker_id="0")
     metrics.deliveries_total = 5
@@ -334,6 +334,58 @@ def test_a_readiness_not_written_again_within_ready_stale_is_not_counted(tmp_pat
     written = time.monotonic()  # (at most this late: the worker wrote it and exited)
     assert count_ready(directory, written) == 1
     assert count_ready(directory, written + READY_STALE) == 0
+
+
+_RENDERED_LATER = textwrap.dedent(
+    """
+    import json, sys, time
+    import gateway.group
+    from gateway.group import READY_STALE, RENDER_REUSE, GroupView
+    from gateway.metrics import Metrics
+
+    def values(body):
+        return {
+            name: value
+            for name, _, value in (line.partition(" ") for line in body.decode().splitlines())
+            if name in ("eventbus_connections", "eventbus_worker_ready", "eventbus_workers",
+                        "eventbus_deliveries_total")
+        }
+
+    metrics = Metrics()
+    metrics.gauge("connections", "Open WebSocket connections.", lambda: 2)
+    view = GroupView(metrics, workers=2, directory=sys.argv[1], worker_id="0")
+    now = view.render(True)
+    # This worker's clock moves on by more than READY_STALE (and RENDER_REUSE): its own values
+    # are written again at the render, the other worker's are not (its loop stopped).
+    real = time.monotonic
+    later = real() + READY_STALE + RENDER_REUSE
+    gateway.group.time = type("Clock", (), {"monotonic": staticmethod(lambda: later)})
+    print(json.dumps([values(now), values(view.render(True))], separators=(",", ":")))
+    """
+)
+
+
+def test_a_stopped_workers_gauges_leave_the_group_view_with_its_readiness(tmp_path) -> None:
+    """A worker whose event loop stopped (SIGSTOP, a deadlock) keeps its last gauges in its
+    files: its connections stayed in the group's eventbus_connections until ``--worker-timeout``
+    killed it (for good with 0), while its readiness no longer counted after READY_STALE. Its
+    live gauges leave the view with its readiness; its counters stay (totals never go back)."""
+    directory = str(tmp_path)
+    _run_worker(directory, connections=3, ready="ready", worker_id="1")  # then "stopped"
+    (out,) = _in_group(directory, _RENDERED_LATER)
+    now, later = json.loads(out)
+    assert now == {
+        "eventbus_connections": "5.0",
+        "eventbus_worker_ready": "2.0",
+        "eventbus_workers": "2.0",
+        "eventbus_deliveries_total": "31.0",
+    }
+    assert later == {
+        "eventbus_connections": "2.0",  # this worker's own only
+        "eventbus_worker_ready": "1.0",
+        "eventbus_workers": "2.0",
+        "eventbus_deliveries_total": "31.0",  # the stopped worker's counters stay
+    }
 
 
 def test_the_group_view_adds_up_every_worker_and_readiness_needs_all(tmp_path) -> None:
@@ -1727,3 +1779,4 @@ def test_a_group_whose_log_reader_died_still_stops_on_sigterm(redis_url) -> None
         for pid in pids.values():  # (their output is gone too: never leave one behind)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
