@@ -519,9 +519,19 @@ async def _beat(fd: int, interval: float) -> None:
 
 
 def _signal(process: asyncio.subprocess.Process, signum: int) -> None:
-    """Send ``signum`` to ``process``; one that has exited already (not yet reaped) is fine."""
-    with contextlib.suppress(ProcessLookupError):
-        process.send_signal(signum)
+    """Send ``signum`` to ``process``; one that has exited already (not yet reaped) is fine.
+
+    ``os.kill``, not ``process.send_signal``: Popen's ``send_signal`` first polls the process
+    (``waitpid``), and so reaped a worker that had just exited before asyncio's child watcher
+    could: the watcher logged "Unknown child process pid ..." and reported 255 as its status,
+    which the supervisor logged as the worker's exit code (``worker exited during the stop``,
+    ``code: 255``, for a worker crashing as the group stopped). Unreaped, an exited worker is a
+    zombie whose pid nobody else can get; once asyncio has its status, it is not signalled. (In
+    between, from the watcher's ``waitpid`` to its callback on this loop, the pid is free: it
+    would take every pid of the machine being handed out meanwhile to reach another process.)"""
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signum)
 
 
 def _load_prctl() -> Callable[..., int] | None:

@@ -1780,3 +1780,53 @@ def test_a_group_whose_log_reader_died_still_stops_on_sigterm(redis_url) -> None
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
+
+async def test_a_signal_to_a_worker_that_just_exited_leaves_its_exit_status_to_the_watcher(
+    monkeypatch,
+) -> None:
+    """The supervisor signals workers (SIGTERM at the stop, to a worker started meanwhile;
+    SIGKILL to a silent one or after the drain) through ``Process.send_signal``, whose Popen
+    reaps a child that has exited (``poll()``) before asyncio's child watcher does: the watcher
+    then logged "Unknown child process pid ..., will report returncode 255" and the supervisor
+    logged code 255 for the worker (seen: a group stopped while a worker crashed at its start,
+    ``worker exited during the stop`` with ``code: 255``). The real status is kept."""
+    import logging
+    import threading
+    import warnings
+    from asyncio.unix_events import ThreadedChildWatcher
+
+    from gateway.workers import _signal
+
+    with warnings.catch_warnings():  # (deprecated in 3.12, where asyncio picks its own)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        watcher = asyncio.get_child_watcher()
+    if not isinstance(watcher, ThreadedChildWatcher):
+        pytest.skip("the supervisor's child watcher (asyncio.run's) is ThreadedChildWatcher")
+    release = threading.Event()
+    do_waitpid = ThreadedChildWatcher._do_waitpid
+
+    def late_waitpid(self, *args):  # the watcher's thread not scheduled yet (a loaded machine)
+        release.wait(10)
+        do_waitpid(self, *args)
+
+    monkeypatch.setattr(ThreadedChildWatcher, "_do_waitpid", late_waitpid)
+    process = await asyncio.create_subprocess_exec(sys.executable, "-c", "raise SystemExit(3)")
+    await wait_until(lambda: _exited_unreaped(process.pid), 10, "the worker exited")
+    warnings = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("asyncio").addHandler(handler)
+    try:
+        _signal(process, signal.SIGTERM)
+        release.set()
+        async with asyncio.timeout(10):
+            code = await process.wait()
+    finally:
+        release.set()
+        logging.getLogger("asyncio").removeHandler(handler)
+    assert code == 3 and warnings == []
+
+
+def _exited_unreaped(pid: int) -> bool:
+    """Whether child ``pid`` has exited and is not reaped yet (a zombie), without reaping it."""
+    return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
