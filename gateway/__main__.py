@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import gc
 import os
@@ -208,23 +209,47 @@ def reserve_port(family: socket.AddressFamily, host: str, port: int) -> socket.s
     while the first one's workers were still starting, or all being restarted, passed the check
     and its workers joined the first one's on the port (SO_REUSEPORT), each group getting a
     share of the other's connections. Bound with SO_REUSEPORT alone: the workers (same user,
-    SO_REUSEPORT) bind beside it, a check or a single gateway (SO_REUSEADDR) does not. None,
-    logged, when the kernel refuses it: the port is free but holds TIME_WAIT connections of a
-    process that listened without SO_REUSEPORT (a single gateway stopped less than a minute
-    ago); the group then runs as before, its port its own only while a worker listens."""
-    holder = socket.socket(family)
-    try:
-        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        holder.bind((host, port))
-    except OSError as exc:
-        holder.close()
-        get_logger("gateway").info(
-            "port not reserved for the group while no worker listens",
-            port=port,
-            error=describe(exc),
-        )
-        return None
-    return holder
+    SO_REUSEPORT) bind beside it, a check or a single gateway (SO_REUSEADDR) does not.
+
+    A port whose closed connections of a process that listened without SO_REUSEPORT (a single
+    gateway stopped less than a minute ago) are still in TIME_WAIT refuses that bind: the
+    socket is then bound with SO_REUSEADDR too, which the kernel checks at the bind only, and
+    SO_REUSEADDR is cleared at once, so that the check and a single gateway are refused as
+    before (verified here: a kernel that lets the check bind beside it gets no reservation).
+    None, logged, when no way works; the group then runs as before, its port its own only while
+    a worker listens."""
+    error: OSError | None = None
+    for reuse_address in (False, True):
+        holder = socket.socket(family)
+        try:
+            holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if reuse_address:
+                holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            holder.bind((host, port))
+            if reuse_address:
+                holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+                _check_refused(family, host, port)
+            return holder
+        except OSError as exc:
+            holder.close()
+            error = exc
+    get_logger("gateway").info(
+        "port not reserved for the group while no worker listens",
+        port=port,
+        error=describe(error) if error is not None else None,
+    )
+    return None
+
+
+def _check_refused(family: socket.AddressFamily, host: str, port: int) -> None:
+    """Raise OSError unless the port check (a bind with SO_REUSEADDR) is refused."""
+    with socket.socket(family) as check:
+        check.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            check.bind((host, port))
+        except OSError:
+            return
+    raise OSError(errno.EADDRINUSE, "the reservation does not keep the port from others")
 
 
 def tune_gc() -> None:

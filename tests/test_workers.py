@@ -1830,3 +1830,47 @@ async def test_a_signal_to_a_worker_that_just_exited_leaves_its_exit_status_to_t
 def _exited_unreaped(pid: int) -> bool:
     """Whether child ``pid`` has exited and is not reaped yet (a zombie), without reaping it."""
     return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+
+
+def test_the_port_is_reserved_even_with_a_single_gateways_connections_in_time_wait() -> None:
+    """A port a single gateway (or any process listening without SO_REUSEPORT) just served holds
+    its closed connections in TIME_WAIT for up to a minute: the reservation, bound with
+    SO_REUSEPORT alone, was refused then ("port not reserved for the group while no worker
+    listens") and a second group started while nobody listened could join the first on the port.
+    It is bound past them now, and still refuses everything but the workers."""
+    from gateway.__main__ import reserve_port
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with socket.socket() as single:  # as asyncio binds a single gateway: SO_REUSEADDR
+        single.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        single.bind(("127.0.0.1", port))
+        single.listen()
+        client = socket.create_connection(("127.0.0.1", port), timeout=2)
+        served, _ = single.accept()
+        served.close()  # the gateway closes first: its side of the connection stays behind
+        assert client.recv(1) == b""
+        client.close()
+    reservation = reserve_port(socket.AF_INET, "127.0.0.1", port)
+    assert reservation is not None
+    try:
+        for options in ([socket.SO_REUSEADDR], []):  # the port check, a single gateway
+            with socket.socket() as other, pytest.raises(OSError):
+                for option in options:
+                    other.setsockopt(socket.SOL_SOCKET, option, 1)
+                other.bind(("127.0.0.1", port))
+        with contextlib.ExitStack() as workers:
+            for _ in range(2):  # bound as asyncio binds with reuse_port
+                worker = workers.enter_context(socket.socket())
+                worker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                worker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                worker.bind(("127.0.0.1", port))
+                worker.listen()
+            for _ in range(10):  # the reservation gets no connection: none is refused
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        with socket.socket() as check, pytest.raises(OSError):
+            check.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            check.bind(("127.0.0.1", port))
+    finally:
+        reservation.close()
