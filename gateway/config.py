@@ -290,6 +290,12 @@ class GatewayConfig(msgspec.Struct, kw_only=True, frozen=True):
                 TokenVerifier(self.auth_secret)
             except ValueError as exc:  # a PEM, SSH or DER key, a JWK: every token refused
                 raise ConfigError(f"--auth-secret / EVENTBUS_AUTH_SECRET: {exc}") from None
+        try:
+            _check_redis_url(self.redis_url)
+        except ValueError as exc:
+            # Found only once connecting before: a traceback, and in a --workers group every
+            # worker crashing at its start, restarted for good, the supervisor never exiting.
+            raise ConfigError(f"--redis-url / EVENTBUS_REDIS_URL: {exc}") from None
         if 0 < self.worker_timeout < 2 * HEARTBEAT_INTERVAL:
             raise ConfigError(
                 f"--worker-timeout must be 0 (off) or at least {2 * HEARTBEAT_INTERVAL:g} s: "
@@ -386,6 +392,15 @@ def _parse_env_value(tp: Any, raw: str) -> Any:
     if _is_list(tp):
         return [item.strip() for item in raw.split(",") if item.strip()]
     return raw
+
+
+def _check_redis_url(url: str) -> None:
+    """Raise ValueError (whose message does not repeat the URL) unless redis-py can parse
+    ``url`` as redisconn passes it on: a ``+cluster`` scheme without its suffix."""
+    from redis.connection import parse_url
+
+    scheme, separator, rest = url.partition("://")
+    parse_url(f"{scheme.removesuffix('+cluster')}{separator}{rest}")
 
 
 def load_config(

@@ -1874,3 +1874,34 @@ def test_the_port_is_reserved_even_with_a_single_gateways_connections_in_time_wa
             check.bind(("127.0.0.1", port))
     finally:
         reservation.close()
+
+
+def test_a_redis_url_no_worker_could_use_is_refused_before_any_worker_starts() -> None:
+    """A --redis-url redis-py cannot parse (a wrong scheme, a port that is not a number) was
+    only found by each worker as it started: every worker exited 1 with a traceback and was
+    started again, for good (0.5 s ... 30 s apart), the group never ready and its supervisor
+    never exiting; a single gateway exited 1 with a traceback. It is a configuration error now,
+    named, exit status 2, before any worker starts (the URL's password is not repeated)."""
+    from gateway.config import ConfigError, load_config
+
+    for url in (
+        "redis://127.0.0.1:6379/0",
+        "rediss://user:pw@redis.example:6380",
+        "unix:///run/redis/redis.sock",
+        "redis+cluster://127.0.0.1:7000",
+        "rediss+cluster://:pw@redis.example:7000",
+    ):
+        assert load_config(["--no-auth", "--redis-url", url], {}).redis_url == url
+    for url in ("foo://h", "redis://:secret@h:notaport", "redis://h:1/0?socket_timeout=x"):
+        with pytest.raises(ConfigError, match="--redis-url") as refused:
+            load_config(["--no-auth", "--redis-url", url], {})
+        assert "secret" not in str(refused.value)
+    group = subprocess.run(
+        [sys.executable, "-m", "gateway", "--workers", "2", "--no-auth", "--port", "0"],
+        env={**os.environ, "EVENTBUS_REDIS_URL": "redis://127.0.0.1:not-a-port"},
+        capture_output=True,
+        text=True,
+        timeout=15,
+    )
+    assert group.returncode == 2, group.stderr[-2000:]
+    assert "EVENTBUS_REDIS_URL" in group.stderr and "worker started" not in group.stderr
