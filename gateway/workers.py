@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import math
 import os
 import shutil
 import signal
@@ -92,17 +93,92 @@ EXIT_GRACE = 5.0
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
-def resolve_workers(value: str | int) -> int:
-    """``auto`` is one worker per usable core; otherwise a positive integer."""
+_NO_QUOTA = object()
+
+
+def resolve_workers(value: str | int, *, quota: float | object | None = _NO_QUOTA) -> int:
+    """``auto`` is one worker per usable core: the cores the process may run on, at most its
+    cgroup's CPU quota rounded up (:func:`cpu_quota`; ``quota`` given replaces reading it);
+    otherwise a positive integer.
+
+    The quota, because a container given 2 CPUs on a 64-core host (``docker run --cpus 2``,
+    a Kubernetes CPU limit) may run on all 64 cores, 2 CPUs' worth of time between them:
+    ``auto`` started 64 workers there, each with its own Redis connections and memory."""
     if isinstance(value, str) and value.strip().lower() == "auto":
         try:
-            return max(1, len(os.sched_getaffinity(0)))
+            cores = max(1, len(os.sched_getaffinity(0)))
         except AttributeError:  # not Linux
-            return max(1, os.cpu_count() or 1)
+            cores = max(1, os.cpu_count() or 1)
+        limit = cpu_quota() if quota is _NO_QUOTA else quota
+        if isinstance(limit, float):
+            cores = max(1, min(cores, math.ceil(limit)))
+        return cores
     count = int(value)
     if count < 1:
         raise ValueError("workers must be >= 1 or 'auto'")
     return count
+
+
+def cpu_quota(root: str = "/sys/fs/cgroup", own: str = "/proc/self/cgroup") -> float | None:
+    """The CPUs' worth of time this process' cgroup may use (its CPU quota over its period),
+    the lowest of its cgroup's and its ancestors'; None when there is none or it cannot be read.
+
+    cgroup v2 (``cpu.max``: ``<quota> <period>`` or ``max <period>``) when the cpu controller
+    is in the unified hierarchy, v1 (``cpu.cfs_quota_us``, -1 for none, and
+    ``cpu.cfs_period_us``) when it has a hierarchy of its own (``<root>/<controllers>``; a
+    container may mount its own cgroup there, in which case the path ``own`` names is not in
+    that mount, and the mount itself is read)."""
+    try:
+        with open(own) as file:
+            lines = file.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2) if line.count(":") >= 2 else ("", "", "")
+        if "cpu" in controllers.split(","):
+            return _lowest_quota(os.path.join(root, controllers), path, _v1_quota)
+    for line in lines:
+        if line.startswith("0::"):
+            return _lowest_quota(root, line[3:], _v2_quota)
+    return None
+
+
+def _lowest_quota(mount: str, path: str, read: Callable[[str], float | None]) -> float | None:
+    """The lowest quota ``read`` finds in ``mount``/``path`` and its ancestors up to ``mount``."""
+    quotas = []
+    directory = os.path.normpath(os.path.join(mount, path.strip().lstrip("/")))
+    while True:
+        quota = read(directory)
+        if quota is not None:
+            quotas.append(quota)
+        if os.path.normpath(directory) == os.path.normpath(mount) or len(directory) <= len(mount):
+            break
+        directory = os.path.dirname(directory)
+    return min(quotas) if quotas else None
+
+
+def _v2_quota(directory: str) -> float | None:
+    try:
+        with open(os.path.join(directory, "cpu.max")) as file:
+            quota, period = file.read().split()[:2]
+        return None if quota == "max" else _ratio(int(quota), int(period))
+    except (OSError, ValueError):
+        return None
+
+
+def _v1_quota(directory: str) -> float | None:
+    try:
+        with open(os.path.join(directory, "cpu.cfs_quota_us")) as file:
+            quota = int(file.read().strip())
+        with open(os.path.join(directory, "cpu.cfs_period_us")) as file:
+            period = int(file.read().strip())
+    except (OSError, ValueError):
+        return None
+    return _ratio(quota, period)
+
+
+def _ratio(quota: int, period: int) -> float | None:
+    return quota / period if quota > 0 and period > 0 else None
 
 
 @dataclass

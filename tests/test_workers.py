@@ -181,7 +181,8 @@ def test_worker_timeout_setting() -> None:
 
 
 def test_workers_setting_and_worker_command() -> None:
-    assert resolve_workers("auto") == len(os.sched_getaffinity(0))
+    assert resolve_workers("auto", quota=None) == len(os.sched_getaffinity(0))
+    assert 1 <= resolve_workers("auto") <= len(os.sched_getaffinity(0))
     assert resolve_workers("3") == 3 and resolve_workers(2) == 2
     with pytest.raises(ValueError):
         resolve_workers("0")
@@ -189,6 +190,56 @@ def test_workers_setting_and_worker_command() -> None:
         resolve_workers("many")
     command = worker_command(["--port", "9", "--workers", "4", "--workers=auto", "--no-auth"])
     assert command == [sys.executable, "-m", "gateway", "--port", "9", "--no-auth"]
+
+
+def test_auto_workers_are_bounded_by_the_cgroups_cpu_quota(tmp_path) -> None:
+    """``--workers auto`` counted the cores the process may run on (its affinity): in a
+    container given 2 CPUs (``docker run --cpus 2``, a Kubernetes CPU limit) on a 64-core host
+    that was 64 workers, each with its own Redis connections and memory, throttled to 2 CPUs
+    between them. The cgroup's CPU quota bounds it now (rounded up), v2 and v1, the lowest
+    quota of the process' cgroup and its ancestors."""
+    from gateway.workers import cpu_quota
+
+    cores = len(os.sched_getaffinity(0))
+
+    def tree(files: dict[str, str], cgroup: str) -> tuple[str, str]:
+        for name, text in files.items():
+            path = tmp_path / "fs" / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        (tmp_path / "cgroup").write_text(cgroup)
+        return str(tmp_path / "fs"), str(tmp_path / "cgroup")
+
+    # cgroup v2: the process' own cgroup, or an ancestor, holds cpu.max "<quota> <period>"
+    root, own = tree(
+        {
+            "cgroup.controllers": "cpu\n",
+            "cpu.max": "max 100000\n",
+            "kubepods/cpu.max": "250000 100000\n",
+            "kubepods/pod1/cpu.max": "max 100000\n",
+        },
+        "0::/kubepods/pod1\n",
+    )
+    assert cpu_quota(root, own) == 2.5
+    assert resolve_workers("auto", quota=2.5) == min(cores, 3)
+    assert resolve_workers("auto", quota=0.2) == 1
+    assert resolve_workers("auto", quota=None) == cores
+    assert resolve_workers("4", quota=1.0) == 4  # a number is taken as given
+    # cgroup v1: cpu.cfs_quota_us / cpu.cfs_period_us (-1: none) in the cpu controller's mount,
+    # which a container may mount at its own cgroup (the path of /proc/self/cgroup missing)
+    for controllers in ("cpu,cpuacct", "cpu"):
+        root, own = tree(
+            {
+                f"{controllers}/cpu.cfs_quota_us": "150000\n",
+                f"{controllers}/cpu.cfs_period_us": "100000\n",
+            },
+            f"5:memory:/x\n3:{controllers}:/docker/abc\n",
+        )
+        assert cpu_quota(root, own) == 1.5
+        (tmp_path / "fs" / controllers / "cpu.cfs_quota_us").write_text("-1\n")
+        assert cpu_quota(root, own) is None
+    # nothing readable: no quota
+    assert cpu_quota(str(tmp_path / "none"), str(tmp_path / "none")) is None
 
 
 _WORKER = textwrap.dedent(
