@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     configure_logging(config.log_format, config.log_level)
     workers = resolve_workers(config.workers)
+    # An event loop that cannot be loaded ends the process here (SystemExit, named), the
+    # supervisor's too: its workers would each fail on it at start and be restarted for good.
+    make_loop = loop_factory(config.loop)
     if workers > 1:
         raise SystemExit(
             asyncio.run(supervise(config, workers, sys.argv[1:] if argv is None else argv))
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     tune_gc()
     serve = functools.partial(run, configured_connections=configured)
     with slot or contextlib.nullcontext():
-        with asyncio.Runner(loop_factory=loop_factory(config.loop)) as runner:
+        with asyncio.Runner(loop_factory=make_loop) as runner:
             runner.run(_serve(config, serve))
 
 

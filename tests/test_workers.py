@@ -1956,3 +1956,27 @@ def test_a_redis_url_no_worker_could_use_is_refused_before_any_worker_starts() -
     )
     assert group.returncode == 2, group.stderr[-2000:]
     assert "EVENTBUS_REDIS_URL" in group.stderr and "worker started" not in group.stderr
+
+
+def test_a_group_asked_for_an_event_loop_it_cannot_load_exits_before_any_worker_starts(
+    tmp_path,
+) -> None:
+    """``--loop uvloop`` without uvloop was found by each worker only: every worker exited 1
+    ("uvloop is not installed") and was started again, for good, the supervisor never exiting.
+    The supervisor checks it first, as a single gateway does, and exits 1 with that message."""
+    (tmp_path / "uvloop.py").write_text("raise ImportError('not installed here')\n")
+    group = subprocess.run(
+        [sys.executable, "-m", "gateway", "--workers", "2", "--no-auth", "--port", "0"],
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+            "EVENTBUS_LOOP": "uvloop",
+            "EVENTBUS_LOG_FORMAT": "json",
+        },
+        capture_output=True,
+        text=True,
+        timeout=15,
+    )
+    assert group.returncode == 1, group.stderr[-2000:]
+    assert "uvloop is not installed" in group.stderr
+    assert "worker started" not in group.stdout + group.stderr
