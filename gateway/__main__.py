@@ -197,6 +197,7 @@ async def supervise(config: GatewayConfig, workers: int, argv: list[str]) -> int
             workers,
             drain_timeout=config.drain_delay + config.drain_timeout,
             worker_timeout=config.worker_timeout,
+            hold_late_signals=True,  # the supervisor's run is this process' last act
         )
         return await supervisor.run()
     finally:

@@ -294,8 +294,13 @@ class Supervisor:
         env: dict[str, str] | None = None,
         policy: RestartPolicy | None = None,
         worker_timeout: float = 0.0,
+        hold_late_signals: bool = False,
     ) -> None:
         self.command = list(command)
+        #: When :meth:`run` returns, leave the stop signals blocked (held pending, dropped when
+        #: the process exits) rather than back to their default action: for the process whose
+        #: last act the run is (``python -m gateway``), never for a caller that goes on.
+        self.hold_late_signals = hold_late_signals
         self.workers = workers
         self.drain_timeout = drain_timeout
         self.env = dict(os.environ if env is None else env)
@@ -346,11 +351,20 @@ class Supervisor:
                 await asyncio.gather(watcher, return_exceptions=True)
             for index in list(self._heartbeats):
                 self._unwatch(index)
-            for signum in STOP_SIGNALS:
-                loop.remove_signal_handler(signum)
-            self._counters.close()
-            shutil.rmtree(self._metrics_dir, ignore_errors=True)
-            os.close(group_lock)
+            try:
+                self._counters.close()
+                shutil.rmtree(self._metrics_dir, ignore_errors=True)
+                os.close(group_lock)
+            finally:
+                # Removing the loop's handlers gives the signals back their default action: a
+                # second SIGTERM sent as the group stopped (in milliseconds, with no client to
+                # drain) killed the supervisor then, status 143, and before the directory was
+                # removed (it is removed first now) left it behind. Blocked, it is dropped at
+                # the exit, whose status is the group's.
+                if self.hold_late_signals:
+                    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+                for signum in STOP_SIGNALS:
+                    loop.remove_signal_handler(signum)
 
     def stop(self) -> None:
         """Ask :meth:`run` to drain the workers and return (what SIGTERM does)."""

@@ -1980,3 +1980,55 @@ def test_a_group_asked_for_an_event_loop_it_cannot_load_exits_before_any_worker_
     assert group.returncode == 1, group.stderr[-2000:]
     assert "uvloop is not installed" in group.stderr
     assert "worker started" not in group.stdout + group.stderr
+
+
+_STOPPED_TWICE = textwrap.dedent(
+    """
+    import asyncio, os, signal, sys
+    from gateway.workers import Supervisor
+
+    supervisor = Supervisor(
+        [sys.executable, "-c", "import time; time.sleep(60)"], 2, drain_timeout=5,
+        hold_late_signals=True,
+    )
+
+    async def main():
+        run = asyncio.create_task(supervisor.run())
+        while len(supervisor.processes) < 2:
+            await asyncio.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)  # the stop
+        return await run
+
+    code = asyncio.run(main())
+    print("returned", code, supervisor._metrics_dir, flush=True)
+    sys.stdin.readline()  # the second stop signal is sent now, while the process ends
+    sys.exit(code)
+    """
+)
+
+
+def test_a_stop_signal_sent_as_the_group_ends_does_not_kill_the_supervisor() -> None:
+    """A second SIGTERM (or Ctrl-C) sent right after the first, which a group with no client
+    to drain obeys in milliseconds, came after the supervisor had given the signals back to
+    their default action: it killed the supervisor (status 143, 'Terminated') instead of
+    letting it exit 0, and, arriving before the supervisor removed its metrics directory,
+    left that behind (seen by hand: two ``kill -TERM`` back to back). The supervisor of a
+    group holds them from then on: its exit status is its own."""
+    supervisor = subprocess.Popen(
+        [sys.executable, "-c", _STOPPED_TWICE],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert supervisor.stdout is not None and supervisor.stdin is not None
+        returned = next(line for line in supervisor.stdout if line.startswith("returned "))
+        _, code, directory = returned.split()
+        supervisor.send_signal(signal.SIGTERM)
+        supervisor.stdin.write("\n")
+        supervisor.stdin.flush()
+        assert supervisor.wait(10) == int(code) == 0
+        assert not os.path.exists(directory)
+    finally:
+        supervisor.kill()
+        supervisor.wait()
