@@ -653,8 +653,12 @@ def _die_with_supervisor(supervisor: int, prctl: Callable[..., int] | None) -> N
         os._exit(1)
     # A hangup (the terminal of a foreground group closing) reaches every process of the group:
     # the supervisor drains the workers on it, which would otherwise die at once, undrained.
-    # Ignored stays ignored across the exec.
+    # Ignored stays ignored across the exec. Ctrl-C too: a worker still starting (no handler of
+    # its own yet) died of it, a KeyboardInterrupt traceback, and "worker exited during the
+    # stop" when it died before the supervisor's SIGTERM. A running gateway installs its own
+    # SIGINT handler (a drain), so a SIGINT sent to a worker alone still drains it.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _forget_process(metrics_dir: str | None, identity: str) -> None:

@@ -2032,3 +2032,44 @@ def test_a_stop_signal_sent_as_the_group_ends_does_not_kill_the_supervisor() -> 
     finally:
         supervisor.kill()
         supervisor.wait()
+
+
+async def test_a_ctrl_c_leaves_a_starting_worker_to_the_supervisors_drain() -> None:
+    """Ctrl-C reaches every process of a foreground group: a worker still starting (importing,
+    no handler of its own yet) died of it with a KeyboardInterrupt traceback in the group's
+    output, and, when it died before the supervisor's SIGTERM came, was logged at error level
+    ("worker exited during the stop", code -2) and made the supervisor exit 1 (seen by hand:
+    the traceback, with Ctrl-C half a second after the start). Workers start with SIGINT
+    ignored, as SIGHUP: the supervisor drains them on it (a running gateway still drains on
+    its own SIGINT handler)."""
+    import structlog
+
+    from gateway.workers import Supervisor
+
+    supervisor = Supervisor(
+        [sys.executable, "-c", "import time; time.sleep(30)"], 1, drain_timeout=5
+    )
+    sigint = 1 << (signal.SIGINT - 1)
+    with structlog.testing.capture_logs() as logs:
+        run = asyncio.create_task(supervisor.run())
+        await wait_until(
+            lambda: (
+                0 in supervisor.processes
+                and (
+                    _signal_mask(supervisor.processes[0].pid, "SigIgn") & sigint
+                    or _signal_mask(supervisor.processes[0].pid, "SigCgt") & sigint
+                )
+                and b"time.sleep"
+                in pathlib.Path(f"/proc/{supervisor.processes[0].pid}/cmdline").read_bytes()
+            ),
+            10,
+            "the worker's interpreter started",
+        )
+        worker = supervisor.processes[0]
+        assert _signal_mask(worker.pid, "SigIgn") & sigint
+        os.kill(worker.pid, signal.SIGINT)  # the terminal's Ctrl-C, to the worker
+        supervisor.stop()  # and to the supervisor
+        async with asyncio.timeout(15):
+            code = await run
+    assert code == 0 and worker.returncode == -signal.SIGTERM
+    assert not [r for r in logs if r["log_level"] in ("warning", "error")], logs
