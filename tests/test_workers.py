@@ -1844,15 +1844,16 @@ async def test_a_signal_to_a_worker_that_just_exited_leaves_its_exit_status_to_t
     import logging
     import threading
     import warnings
-    from asyncio.unix_events import ThreadedChildWatcher
 
     from gateway.workers import _signal
 
+    get_watcher = getattr(asyncio, "get_child_watcher", None)  # (gone in 3.14)
+    ThreadedChildWatcher = getattr(asyncio.unix_events, "ThreadedChildWatcher", None)
     with warnings.catch_warnings():  # (deprecated in 3.12, where asyncio picks its own)
         warnings.simplefilter("ignore", DeprecationWarning)
-        watcher = asyncio.get_child_watcher()
-    if not isinstance(watcher, ThreadedChildWatcher):
-        pytest.skip("the supervisor's child watcher (asyncio.run's) is ThreadedChildWatcher")
+        watcher = get_watcher() if get_watcher is not None else None
+    if ThreadedChildWatcher is None or not isinstance(watcher, ThreadedChildWatcher):
+        pytest.skip("made for asyncio's ThreadedChildWatcher (Python 3.11's default)")
     release = threading.Event()
     do_waitpid = ThreadedChildWatcher._do_waitpid
 
