@@ -181,7 +181,7 @@ class GroupView:
         self._rendered: tuple[float, bytes] | None = None  # (when, body) of the last render
         self._ready_counted: tuple[float, int] | None = None  # (when, count) of the last count
         # A member's shared lock: no supervisor's sweep removes the directory while it is held.
-        self._lock: int | None = groupdir.hold(directory)
+        self._lock: groupdir.Hold | None = groupdir.hold(directory)
         if worker_id is not None:
             identity = metrics_identity(worker_id)
             for name in _set_aside_unreadable(directory, identity):
@@ -241,7 +241,7 @@ class GroupView:
     def close(self) -> None:
         """Let go of the group's directory (the last step of a worker's shutdown)."""
         if self._lock is not None:
-            os.close(self._lock)
+            self._lock.close()
             self._lock = None
 
     def sync(self, ready: bool) -> None:

@@ -9,7 +9,14 @@ memory-mapped files per group (on a tmpfs, memory), one more per killed group.
 So every member holds a shared ``flock`` on the directory's ``group.lock`` for its whole life
 (the kernel drops it when the process ends, however it ends), and a supervisor starting a group
 first removes the other groups' directories that nobody holds (:func:`sweep_abandoned`): a lock it
-can take exclusively means no process of that group is left. A directory is only ever found under
+can take exclusively means no process of that group is left.
+
+Every member also holds a shared ``flock`` on the directory itself (:class:`Hold`):
+systemd-tmpfiles, which ages the temporary directory (10 days on Fedora, RHEL, Arch), skips a
+directory it cannot lock exclusively. Without it a running group's directory was aged like any
+other: on a tmpfs the metrics files' times do not move with their memory-mapped writes and the
+lock files are never read, so after 10 days the group lost its lock files and every file that
+no scrape or probe had read meanwhile. A directory is only ever found under
 its final name with its lock already held: :func:`create` locks it under a staging name and then
 renames it, so a sweep can never take a directory being made.
 """
@@ -26,7 +33,7 @@ import time
 
 from gateway.logs import get_logger
 
-__all__ = ["LOCK_NAME", "PREFIX", "create", "hold", "sweep_abandoned"]
+__all__ = ["LOCK_NAME", "PREFIX", "Hold", "create", "hold", "sweep_abandoned"]
 
 log = get_logger("eventbus.workers")
 
@@ -44,9 +51,26 @@ LOCK_NAME = "group.lock"
 STAGING_AGE = 3600.0
 
 
-def create(parent: str | None = None) -> tuple[str, int]:
-    """Make a group directory in ``parent`` (the temporary directory), its lock held by the
-    caller: returns its path and the lock's descriptor, to keep open for the group's life."""
+class Hold:
+    """A member's hold on a group directory: shared ``flock`` locks on its ``group.lock`` (what
+    :func:`sweep_abandoned` asks) and on the directory itself (what systemd-tmpfiles asks), both
+    let go by :meth:`close` or by the kernel when the process ends."""
+
+    __slots__ = ("_fds",)
+
+    def __init__(self, fds: list[int]) -> None:
+        self._fds = fds
+
+    def close(self) -> None:
+        """Let go of the directory (twice is fine)."""
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            os.close(fd)
+
+
+def create(parent: str | None = None) -> tuple[str, Hold]:
+    """Make a group directory in ``parent`` (the temporary directory), held by the caller:
+    returns its path and the :class:`Hold`, to keep for the group's life."""
     for attempt in range(3):
         staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=parent)
         try:
@@ -59,7 +83,7 @@ def create(parent: str | None = None) -> tuple[str, int]:
     try:
         os.rename(staging, final)  # (replaces the empty directory just made: one atomic step)
     except BaseException:
-        os.close(lock)
+        lock.close()
         shutil.rmtree(staging, ignore_errors=True)
         with contextlib.suppress(OSError):
             os.rmdir(final)
@@ -67,20 +91,32 @@ def create(parent: str | None = None) -> tuple[str, int]:
     return final, lock
 
 
-def hold(directory: str) -> int:
-    """Take a shared lock on ``directory``'s ``group.lock`` (made if missing) and return its
-    descriptor: while it is open, no sweep removes the directory. Raises OSError."""
-    fd = os.open(
-        os.path.join(directory, LOCK_NAME),
-        os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
-        0o600,
-    )
+def hold(directory: str) -> Hold:
+    """Take shared locks on ``directory``'s ``group.lock`` (made if missing) and on
+    ``directory`` itself: while they are held, no sweep removes the directory, and
+    systemd-tmpfiles does not age it. Raises OSError."""
+    fds: list[int] = []
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH)  # (only ever blocked by a sweep's short exclusive hold)
+        fds.append(
+            os.open(
+                os.path.join(directory, LOCK_NAME),
+                os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                0o600,
+            )
+        )
+        fcntl.flock(fds[0], fcntl.LOCK_SH)  # (only ever blocked by a sweep's short hold)
     except BaseException:
-        os.close(fd)
+        for fd in fds:
+            os.close(fd)
         raise
-    return fd
+    try:
+        fds.append(os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+        # (systemd-tmpfiles only tries, LOCK_NB: never blocks this)
+        fcntl.flock(fds[1], fcntl.LOCK_SH)
+    except OSError:  # a filesystem without locks on directories: the lock file is what counts
+        if len(fds) > 1:
+            os.close(fds.pop())
+    return Hold(fds)
 
 
 def sweep_abandoned(parent: str | None = None, *, now: float | None = None) -> list[str]:

@@ -354,7 +354,7 @@ class Supervisor:
             try:
                 self._counters.close()
                 shutil.rmtree(self._metrics_dir, ignore_errors=True)
-                os.close(group_lock)
+                group_lock.close()
             finally:
                 # Removing the loop's handlers gives the signals back their default action: a
                 # second SIGTERM sent as the group stopped (in milliseconds, with no client to

@@ -4,6 +4,7 @@ open files, so two opens in one process contend as two processes would."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import time
 from pathlib import Path
@@ -17,10 +18,10 @@ def test_a_group_directory_is_removed_only_once_nobody_holds_it(tmp_path: Path) 
     assert [p.name for p in tmp_path.iterdir()] == [Path(directory).name]  # no staging left
     worker = groupdir.hold(directory)
     assert groupdir.sweep_abandoned(str(tmp_path)) == []
-    os.close(supervisor)  # killed: the kernel drops its lock; a draining worker still holds one
+    supervisor.close()  # killed: the kernel drops its lock; a draining worker still holds one
     assert groupdir.sweep_abandoned(str(tmp_path)) == []
     assert Path(directory).is_dir()
-    os.close(worker)
+    worker.close()
     assert groupdir.sweep_abandoned(str(tmp_path)) == [directory]
     assert list(tmp_path.iterdir()) == []
 
@@ -81,7 +82,7 @@ def test_an_old_staging_directory_its_creator_holds_or_fills_is_kept(tmp_path: P
         assert groupdir.sweep_abandoned(str(tmp_path), now=later) == []
         assert (held / groupdir.LOCK_NAME).exists() and (filled / "something").exists()
     finally:
-        os.close(lock)
+        lock.close()
 
 
 def test_a_creator_whose_empty_staging_directory_was_swept_makes_another(
@@ -92,7 +93,7 @@ def test_a_creator_whose_empty_staging_directory_was_swept_makes_another(
     real_hold = groupdir.hold
     swept = []
 
-    def stalled_hold(directory: str) -> int:
+    def stalled_hold(directory: str) -> groupdir.Hold:
         if not swept:  # the first staging directory is swept before the lock file is made
             swept.append(directory)
             later = time.time() + groupdir.STAGING_AGE + 1
@@ -105,4 +106,36 @@ def test_a_creator_whose_empty_staging_directory_was_swept_makes_another(
     try:
         assert swept and [p.name for p in tmp_path.iterdir()] == [Path(directory).name]
     finally:
-        os.close(lock)
+        lock.close()
+
+
+def test_systemd_tmpfiles_skips_a_group_directory_while_a_member_holds_it(tmp_path: Path) -> None:
+    """systemd-tmpfiles ages /tmp (10 days on Fedora, RHEL, Arch) and takes
+    ``flock(LOCK_EX|LOCK_NB)`` on each directory before cleaning it, skipping one it cannot
+    lock. The members locked only the lock file inside: the group's directory was aged like
+    any other. On a tmpfs the metrics files' times do not move with their memory-mapped
+    writes, and the lock files are never read, so after 10 days a running group lost its lock
+    files (one process per slot, the sweep's marker) and every file no scrape or probe had
+    read. Every member also holds a shared lock on the directory itself now."""
+    directory, supervisor = groupdir.create(str(tmp_path))
+    worker = groupdir.hold(directory)
+
+    def tmpfiles_may_clean() -> bool:  # what systemd-tmpfiles' dir_cleanup asks first
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)
+        return True
+
+    try:
+        assert not tmpfiles_may_clean()
+        supervisor.close()
+        assert not tmpfiles_may_clean()  # a worker still holds it
+    finally:
+        supervisor.close()  # (twice is fine)
+        worker.close()
+    assert tmpfiles_may_clean()
+    assert groupdir.sweep_abandoned(str(tmp_path)) == [directory]
