@@ -380,7 +380,7 @@ class SseSession(ClientSession):
     """A :class:`ClientSession` on an SSE stream: bytes built from ``items`` (not the WebSocket
     frames the hub joined), the cursor of each project kept for the events' ``id``."""
 
-    __slots__ = ("cursor", "cursors", "multi", "single")
+    __slots__ = ("cursor", "cursors", "multi", "replays", "single")
 
     transport_name = "sse"
 
@@ -402,16 +402,50 @@ class SseSession(ClientSession):
         #: as in ``cursors``; identical across streams that took the same bytes from the cache).
         self.single = 0 if multi else project_id
         self.cursor: Cursor | None = self.cursors.get(self.single) if self.single else None
+        #: Where the replays queued since the last flush are in ``outbox`` (start, stop).
+        self.replays: list[tuple[int, int]] = []
 
     def is_open(self) -> bool:
         return not self.closing and not self.transport.is_closing()
 
+    def send_replay(self, items: list[Outgoing], wire: bytes) -> None:
+        """:meth:`ClientSession.send_replay`, with the allowance granted in this stream's bytes,
+        once they are built (:meth:`flush`): an event takes more of them than its WebSocket
+        frame (its ``data:`` and ``id:`` lines; on a stream of several projects, every
+        project's cursor in each ``id``), and a resume read slowly was cut as a slow consumer
+        when only ``wire`` was tolerated."""
+        if not items:
+            return
+        start = len(self.outbox)
+        ClientSession.send_replay(self, items, b"")
+        if not self.closing:
+            self.replays.append((start, start + len(items)))
+
     def flush(self) -> bool:
         outbox = self.outbox
+        replays, self.replays = self.replays, []
         if not outbox:
             return True
         self.outbox = []
-        return self.write(b"", outbox)
+        if not replays:
+            return self.write(b"", outbox)
+        # The replays' bytes (encoded on their own, in order with the rest) are their allowance.
+        parts = []
+        done = 0
+        for start, stop in replays:
+            if stop > len(outbox):
+                break  # (not expected: the outbox was cleared meanwhile, by an abort)
+            if start > done:
+                parts.append(self._encode(outbox[done:start]))
+            data = self._encode(outbox[start:stop])
+            self.allowance_granted += len(data)
+            parts.append(data)
+            done = stop
+        if done < len(outbox):
+            parts.append(self._encode(outbox[done:]))
+        if self.single:
+            self.cursor = self.cursors.get(self.single)
+        return ClientSession.write(self, b"".join(parts), outbox)
 
     def write(self, wire: bytes, items: list[Outgoing]) -> bool:
         """Write ``items`` as SSE events (``wire``, their WebSocket frames, is not used)."""

@@ -14,6 +14,7 @@ import socket
 import pytest
 
 from gateway.sse import CLOSE_TIMEOUT as SSE_CLOSE_TIMEOUT
+from gateway.sse import SseParser
 from publisher import issue_token
 from schemas.events import BlockerResolved, utc_now
 from schemas.keys import Keys
@@ -21,7 +22,7 @@ from tests.support.gateway_client import SECRET as INPROC_SECRET
 from tests.support.gateway_client import publish, publish_until_unsent
 from tests.support.gateway_process import GatewayGroup, GatewayProcess
 from tests.support.redis_server import RedisServer
-from tests.support.sse_client import ResumingSseClient, Stream, open_stream
+from tests.support.sse_client import ResumingSseClient, Stream, open_stream, stream_path
 from tests.support.ws_client import (
     Publishers,
     stop_clients,
@@ -242,6 +243,77 @@ async def test_a_stream_that_stops_reading_is_cut_and_resumes_with_nothing_lost(
     assert json.loads(head[-1].data)["resumed"] is True
     healthy.close()
     back.close()
+
+
+@pytest.mark.parametrize(
+    ("projects", "limit"),
+    [([31], 16 * 1024), (list(range(32, 42)), 2**20)],
+    ids=["one_project", "ten_projects"],
+)
+async def test_a_resume_read_slowly_is_not_taken_for_a_slow_consumer(
+    gateways, publisher, projects, limit
+):
+    """A stream resumed far behind (a replay of 1,000 events per project) by a client that reads
+    it slowly (nothing for 2.5 s, a small receive window) gets all of it, as a WebSocket
+    resuming from the same cursor does: the replay's bytes are tolerated on top of
+    --outbound-limit. Before, that allowance was the size of the events' WebSocket frames, not
+    of the stream's bytes, which are larger (``data:`` and ``id:`` lines per event, and on a
+    stream of several projects every project's cursor in each ``id``): the stream was cut as a
+    slow consumer (no ``close``, the connection reset) in the middle of its replay, here with
+    the default limit on a stream of ten projects."""
+    gateway = await gateways(outbound_limit=limit, stall_timeout=30.0)
+    url = f"http://127.0.0.1:{gateway.port}"
+    path = stream_path(projects)
+    _, _, stream = await open_stream(url, path, _auth(projects))
+    head: list = []
+    for _ in projects:
+        head += await stream.until("subscribed")
+    last_id = head[-1].id
+    stream.close()
+    total = 1000
+    for project_id in projects:
+        await publisher.publish_many(
+            BlockerResolved(project_id=project_id, blocker_id=n, answer="x" * 100, resolved_at=now)
+            for n, now in ((n, utc_now()) for n in range(1, total + 1))
+        )
+    for listener in gateway.server.sockets:  # small kernel buffers: the transport's fills
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", gateway.port))
+        token = issue_token(INPROC_SECRET, projects, ttl=300)
+        await loop.sock_sendall(
+            sock,
+            f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+            f"Last-Event-ID: {last_id}\r\n\r\n".encode(),
+        )
+        await asyncio.sleep(2.5)  # reads nothing: the stall check looks at least twice
+        received = b""
+        events: list = []
+        parser = None
+        async with asyncio.timeout(20):
+            while sum(e.event == "subscribed" for e in events) < len(projects):
+                chunk = await loop.sock_recv(sock, 65536)
+                assert chunk, f"the stream ended: {[e for e in events if e.event != 'message']}"
+                if parser is None:
+                    received += chunk
+                    head_end = received.find(b"\r\n\r\n")
+                    if head_end < 0:
+                        continue
+                    parser, chunk = SseParser(), received[head_end + 4 :]
+                events += parser.feed(chunk)
+    finally:
+        sock.close()
+    assert gateway.metrics.slow_consumer_disconnects_total == 0
+    seqs: dict[int, list[int]] = {p: [] for p in projects}
+    for item in events:
+        if item.event == "message":
+            message = json.loads(item.data)
+            seqs[message["project_id"]].append(message["seq"])
+    assert seqs == {p: list(range(1, total + 1)) for p in projects}
 
 
 @pytest.mark.parametrize("ping_timeout", [1.0, 30.0])
