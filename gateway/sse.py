@@ -84,6 +84,8 @@ _EPOCH = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _SEQ = re.compile(r"0|[1-9][0-9]{0,15}")
 #: Any of the three line ends SSE knows (CRLF first, so it counts as one).
 _LINE_END = re.compile(rb"\r\n|\r|\n")
+#: CR and LF as spaces (bytes.translate).
+_SPACES = bytes.maketrans(b"\r\n", b"  ")
 
 #: Sent first on every stream: how long EventSource-style clients wait before reconnecting (ms).
 RETRY_MS = 1000
@@ -102,13 +104,21 @@ class Cursor(NamedTuple):
 
 
 def data_lines(payload: bytes) -> bytes:
-    """``payload`` as ``data:`` lines: one per line of it, so no byte of it can end a field
-    early or start another one (a parser joins them back with ``\\n``; a CR or CRLF inside
-    ``payload`` comes back as ``\\n``, which in JSON is the same whitespace, but other bytes: a
-    client takes such an event's tag from its ``id``, not from the data)."""
+    """``payload`` as ``data:`` lines, so that no byte of it can end a field early or start
+    another one: one line, or, when it holds line breaks (CR, LF, CRLF: only a foreign frame
+    does, the bus's are compact JSON), two, cut at the first one, every later CR or LF turned
+    into a space. A parser joins them back with ``\\n``: in JSON the same whitespace, but other
+    bytes (a client takes such an event's tag from its ``id``, not from the data).
+
+    Two lines, not one per line break: a frame of a megabyte of line breaks written to Redis by
+    hand took 7 MB on every stream (a ``data:`` line each) and ~0.3 s to build, per stream of
+    several projects (their ``id`` differs, so each builds its own bytes)."""
     if b"\n" not in payload and b"\r" not in payload:
         return b"data: " + payload + b"\n"
-    return b"".join([b"data: " + line + b"\n" for line in _LINE_END.split(payload)])
+    first = _LINE_END.search(payload)
+    assert first is not None
+    rest = payload[first.end() :].translate(_SPACES)
+    return b"data: " + payload[: first.start()] + b"\ndata: " + rest + b"\n"
 
 
 def format_event(payload: bytes, *, event: str | None = None, event_id: str | None = None) -> bytes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 
 import pytest
@@ -33,13 +34,26 @@ from tests.support.ws_client import wait_until
 
 
 def _normalised(payload: bytes) -> str:
-    """What SSE can carry of ``payload``: its lines, joined with LF."""
-    return payload.decode().replace("\r\n", "\n").replace("\r", "\n")
+    """What SSE carries of ``payload``: its first line break (CR, LF or CRLF) as LF, every
+    later CR or LF as a space (the same JSON whitespace)."""
+    text = payload.decode()
+    first = re.search(r"\r\n|\r|\n", text)
+    if first is None:
+        return text
+    rest = text[first.end() :].replace("\r", " ").replace("\n", " ")
+    return text[: first.start()] + "\n" + rest
+
+
+#: Frames full of line breaks and SSE field names, as someone writing to Redis by hand may make.
+_broken_frames = st.lists(
+    st.sampled_from(["\r", "\n", "\r\n", "\n\n", " ", "{", "a", "id: x", "event: y", "data: z"]),
+    max_size=30,
+).map("".join)
 
 
 @settings(max_examples=300, deadline=None)
 @given(
-    payload=st.text().map(str.encode),
+    payload=st.one_of(st.text(), _broken_frames).map(str.encode),
     event=st.sampled_from([None, "subscribed", "resync_required", "error"]),
     event_id=st.one_of(st.none(), st.from_regex(r"\A[A-Za-z0-9_-]{1,20}:[0-9]{1,6}\Z")),
     cut=st.lists(st.integers(min_value=0, max_value=400), max_size=5),
@@ -65,11 +79,14 @@ def test_any_frame_parses_back_to_its_data_and_injects_no_field(payload, event, 
     assert got.id == (event_id if event_id is not None else "e:1")
     assert parser.retry is None
     assert parser.comments == 1
+    # At most two data lines, whatever the frame holds: its size, not a line per line break.
+    assert len(data_lines(payload)) <= len(payload) + len(b"data: \ndata: \n")
 
 
-def test_data_lines_split_every_line_end():
+def test_data_lines_cut_at_the_first_line_break_and_space_the_rest():
     assert data_lines(b'{"a":1}') == b'data: {"a":1}\n'
-    assert data_lines(b"{\n\r\n\r}") == b"data: {\ndata: \ndata: \ndata: }\n"
+    assert data_lines(b"{\n\r\n\r}") == b"data: {\ndata:    }\n"
+    assert data_lines(b"{\r\n1\r}") == b"data: {\ndata: 1 }\n"  # a CRLF is one line break
     assert data_lines(b" x") == b"data:  x\n"  # the one space after the colon is dropped
 
 
@@ -465,6 +482,62 @@ async def test_a_foreign_frame_with_line_breaks_cannot_inject_sse_fields(
     after = await stream.next()
     assert after.event == "message" and untagged(after.id) == f"{epoch}:3"
     stream.close()
+
+
+async def test_a_foreign_frame_of_line_breaks_costs_streams_its_size_and_freezes_nothing(
+    gateways, publisher, redis_url
+):
+    """Someone writes into Redis a frame that passes the gateway's check but is a megabyte of
+    raw line breaks (JSON whitespace), followed on streams of several projects, each of which
+    builds its own bytes (every ``id`` differs). Each stream gets it as one event of about the
+    frame's size, within --outbound-limit, and the gateway goes on answering. Before, every
+    line break became a ``data:`` line of its own: 7 MB per stream (each cut as a slow
+    consumer, and cut again by the replay of its resume), built a line at a time, about 0.3 s
+    of the event loop per stream: 9 s for these ten, every client of the pod frozen."""
+    gateway = await gateways()
+    await publish(publisher, 17, 1)
+    path = "/v1/stream?project=17&project=18"
+    streams = []
+    for _ in range(10):
+        _, _, stream = await open_stream(_url(gateway), path, _auth([17, 18]))
+        head = await stream.until("subscribed")
+        head += await stream.until("subscribed")
+        streams.append(stream)
+    (epoch,) = [
+        json.loads(e.data)["epoch"]
+        for e in head
+        if e.event == "subscribed" and json.loads(e.data)["project_id"] == 17
+    ]
+    frame = b'{"type":"x","project_id":17,"a":1' + b"\n" * 1_000_000 + b',"seq":2}'
+    keys = Keys()
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        await client.xadd(keys.stream(17), {"f": frame, "t": 0}, id="2-0")
+        await client.hset(keys.meta(17), "seq", 2)
+        ms = int(time.time() * 1000)
+        await client.publish(keys.channel(17), f"{epoch}|2|{ms}|".encode() + frame)
+    finally:
+        await client.aclose()
+    for stream in streams:
+        got = await stream.next(within=10)
+        assert got.event == "message" and untagged(got.id) == f"17={epoch}:2,18={epoch_18(head)}:0"
+        assert json.loads(got.data) == json.loads(frame)  # the same JSON
+        assert len(got.data) == len(frame)  # a line break for a line break, or a space
+    assert gateway.metrics.slow_consumer_disconnects_total == 0
+    await publish(publisher, 18, 1)
+    for stream in streams:
+        got = await stream.next()
+        assert untagged(got.id) == f"17={epoch}:2,18={epoch_18(head)}:1"
+        stream.close()
+
+
+def epoch_18(head) -> str:
+    (epoch,) = [
+        json.loads(e.data)["epoch"]
+        for e in head
+        if e.event == "subscribed" and json.loads(e.data)["project_id"] == 18
+    ]
+    return epoch
 
 
 @pytest.mark.parametrize(
