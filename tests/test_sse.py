@@ -4,6 +4,7 @@ against in-process gateways on a private Redis, every delivery compared as a ful
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import time
@@ -24,9 +25,16 @@ from gateway.sse import (
     parse_stream_target,
 )
 from publisher import issue_token
+from schemas.events import BlockerResolved, utc_now
 from schemas.keys import Keys
 from schemas.tags import event_tag
-from tests.support.gateway_client import SECRET, client_for, publish, served_transport
+from tests.support.gateway_client import (
+    CONTROL_TYPES,
+    SECRET,
+    client_for,
+    publish,
+    served_transport,
+)
 from tests.support.sse_client import open_stream, untagged
 from tests.support.ws_client import wait_until
 
@@ -374,6 +382,144 @@ async def test_an_expired_token_ends_the_stream_with_a_named_error(gateways):
     assert [e.event for e in rest] == ["error", "close"]
     assert json.loads(rest[0].data)["code"] == "invalid_token"
     assert json.loads(rest[1].data)["code"] == 4002
+
+
+async def _sse_leg(url, project_id, cursor, rng, publishing) -> tuple[list[str], tuple]:
+    """Events of one stream resumed from ``cursor`` (epoch, seq, tag), read for a while."""
+    epoch, seq, tag = cursor
+    last_id = f"{epoch}:{seq}" + (f":{tag}" if tag else "")
+    headers = _auth([project_id], **{"Last-Event-ID": last_id})
+    _, _, stream = await open_stream(url, f"/v1/projects/{project_id}/stream", headers)
+    texts = []
+    try:
+        wanted = rng.randint(0, 15)
+        while True:
+            try:
+                item = await stream.next(within=0.3 if not publishing() else 2)
+            except TimeoutError:
+                break
+            assert item is not None and item.event in ("message", "authenticated", "subscribed")
+            if item.event != "authenticated":
+                epoch, seq, *rest = item.id.split(":")
+                cursor = (epoch, int(seq), rest[0] if rest else None)
+            if item.event == "message":
+                texts.append(item.data)
+            if item.event != "authenticated" and len(texts) >= wanted and rng.random() < 0.5:
+                break
+    finally:
+        stream.close()
+    return texts, cursor
+
+
+async def _poll_leg(port, project_id, cursor) -> tuple[list[str], tuple]:
+    """Pages polled from ``cursor`` until one says ``more`` no longer (events re-encoded as
+    the WebSocket sends them: compact JSON of the same object)."""
+    from tests.test_gateway_http import request
+
+    texts = []
+    epoch, seq, tag = cursor
+    while True:
+        query = f"epoch={epoch}&after={seq}&limit=7" + (f"&tag={tag}" if tag else "")
+        status, _, body = await request(
+            port, f"/v1/projects/{project_id}/events?{query}", headers=_auth([project_id])
+        )
+        assert status == 200, body
+        page = json.loads(body)
+        assert page["resync_required"] is None, page
+        texts += [json.dumps(e, separators=(",", ":")) for e in page["events"]]
+        if page["events"]:
+            seq = page["events"][-1]["seq"]
+        tag = page["tag"]
+        if not page["more"]:
+            return texts, (epoch, seq, tag)
+
+
+async def _websocket_leg(gateway, project_id, cursor, rng, publishing) -> tuple[list[str], tuple]:
+    epoch, seq, tag = cursor
+    client = await client_for(gateway, [project_id])
+    try:
+        await client.subscribe(project_id, epoch=epoch, after=seq, **({"tag": tag} if tag else {}))
+        subscribed = client.last("subscribed")
+        assert subscribed["resumed"] is True, subscribed
+        wanted = rng.randint(0, 15)
+        with contextlib.suppress(TimeoutError):
+            await client.wait_for(
+                lambda: len(client.seqs(project_id)) >= wanted, 0.3 if not publishing() else 2
+            )
+        assert client.count("resync_required") == 0
+        texts = [
+            text
+            for text, message in zip(client.texts, client.messages, strict=True)
+            if message.get("type") not in CONTROL_TYPES
+        ]
+    finally:
+        await client.close()
+    if texts:
+        cursor = (epoch, json.loads(texts[-1])["seq"], event_tag(texts[-1].encode()))
+    return texts, cursor
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+async def test_a_client_handed_between_sse_polls_and_websocket_gets_every_event_once(
+    gateways, publisher, seed
+):
+    """A client carries one cursor (epoch, seq, tag) from transport to transport while events
+    are published: a stream resumed with the ``id`` of its last event as ``Last-Event-ID``,
+    polls from the cursor that gives (``tag`` included), a WebSocket subscribe from the
+    cursor the last page gave, a stream again from the WebSocket's last event, and so on.
+    What it gets, joined, is exactly what a WebSocket client subscribed throughout gets: every
+    event once, in order, the same JSON, and no resync (every cursor it carried was exact)."""
+    import random
+
+    rng = random.Random(seed)
+    gateway = await gateways()
+    url = _url(gateway)
+    project_id = 40 + seed
+    reference = await client_for(gateway, [project_id])
+    subscribed = await reference.subscribe(project_id)
+    total = 300
+    done = asyncio.Event()
+
+    async def publish_slowly() -> None:
+        for n in range(1, total + 1):
+            await publisher.publish(
+                BlockerResolved(
+                    project_id=project_id, blocker_id=n, answer="ok", resolved_at=utc_now()
+                )
+            )
+            if n % 5 == 0:
+                await asyncio.sleep(0.01)
+        done.set()
+
+    def publishing() -> bool:
+        return not done.is_set()
+
+    task = asyncio.create_task(publish_slowly())
+    cursor = (subscribed["epoch"], 0, None)
+    got: list[str] = []
+    legs = []
+    try:
+        while publishing() or cursor[1] < total:
+            leg = rng.choice(["sse", "poll", "websocket"])
+            legs.append(leg)
+            if leg == "sse":
+                texts, cursor = await _sse_leg(url, project_id, cursor, rng, publishing)
+            elif leg == "poll":
+                texts, cursor = await _poll_leg(gateway.port, project_id, cursor)
+            else:
+                texts, cursor = await _websocket_leg(gateway, project_id, cursor, rng, publishing)
+            got += texts
+    finally:
+        await task
+    await reference.wait_for(lambda: len(reference.seqs(project_id)) == total)
+    expected = [
+        json.loads(text)
+        for text, message in zip(reference.texts, reference.messages, strict=True)
+        if message.get("type") not in CONTROL_TYPES
+    ]
+    assert [json.loads(text) for text in got] == expected, legs
+    assert set(legs) == {"sse", "poll", "websocket"}
+    await reference.close()
 
 
 async def test_cors_for_the_dashboard_origin(gateways):
