@@ -550,7 +550,12 @@ class SseSession(ClientSession):
             asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, transport.abort)
 
     def ping(self, now: float) -> bytes | None:
-        ClientSession.write(self, KEEPALIVE, [])
+        # None behind bytes still waiting in the buffer: they are what a proxy sees go, or the
+        # stall check sees stuck. Written, the comment could be the write that finds the buffer
+        # over --outbound-limit and cuts the stream, which only the hub's writes and the stall
+        # check count (slow_consumer_disconnects_total): the check judges it within a second.
+        if not self.transport.get_write_buffer_size():
+            ClientSession.write(self, KEEPALIVE, [])
         return None
 
 

@@ -316,6 +316,50 @@ async def test_a_resume_read_slowly_is_not_taken_for_a_slow_consumer(
     assert seqs == {p: list(range(1, total + 1)) for p in projects}
 
 
+async def test_a_stream_cut_as_a_slow_consumer_is_counted_whatever_write_finds_it_over(
+    gateways, publisher
+):
+    """An event larger than --outbound-limit is written behind the few bytes waiting in a
+    stream's buffer (a write is checked against the limit before it, not after); what is
+    written next finds the buffer over the limit, and the stream is cut as a slow consumer,
+    counted in ``eventbus_slow_consumer_disconnects_total``. Before, when that next write was the
+    stream's keepalive comment (every --sse-keepalive-interval, more often than the
+    once-a-second stall check), the cut was not counted: an operator saw streams cut, and
+    resuming, without the metric that says why."""
+    if not isinstance(asyncio.get_running_loop(), asyncio.BaseEventLoop):
+        # (The same code runs on uvloop, but its socket takes the event whole into the kernel
+        # here: nothing is left over the limit in the transport's buffer to find.)
+        pytest.skip("uvloop: the kernel takes the whole event")
+    gateway = await gateways(outbound_limit=1024, stall_timeout=30.0, sse_keepalive_interval=0.05)
+    for listener in gateway.server.sockets:  # small kernel buffers: the transport's fills
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()  # never read past the head
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", gateway.port))
+        token = issue_token(INPROC_SECRET, [22], ttl=300)
+        await loop.sock_sendall(
+            sock,
+            f"GET /v1/projects/22/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}"
+            "\r\n\r\n".encode(),
+        )
+        await wait_until(lambda: gateway.hub.subscriptions == 1, 5, "the subscription")
+        (session,) = gateway.sessions
+        # The kernel's buffers full, a few hundred bytes waiting in the transport's, under the
+        # limit: the next event is written behind them, and takes the buffer over the limit.
+        await publish_until_unsent(gateway, publisher, 22, session.transport)
+        assert gateway.metrics.slow_consumer_disconnects_total == 0
+        await publisher.publish(
+            BlockerResolved(project_id=22, blocker_id=1, answer="x" * 5000, resolved_at=utc_now())
+        )
+        await wait_until(lambda: not gateway.sessions, 5, "the cut")
+        assert gateway.metrics.slow_consumer_disconnects_total == 1
+    finally:
+        sock.close()
+
+
 @pytest.mark.parametrize("ping_timeout", [1.0, 30.0])
 async def test_a_stream_closed_while_its_client_reads_nothing_still_frees_its_socket(
     gateways, publisher, ping_timeout
