@@ -24,7 +24,7 @@ from gateway.sse import (
     parse_last_event_id,
     parse_stream_target,
 )
-from publisher import issue_token
+from publisher import AsyncPublisher, issue_token
 from schemas.events import BlockerResolved, utc_now
 from schemas.keys import Keys
 from schemas.tags import event_tag
@@ -34,7 +34,9 @@ from tests.support.gateway_client import (
     client_for,
     publish,
     served_transport,
+    start_gateway,
 )
+from tests.support.redis_server import RedisServer, hung
 from tests.support.sse_client import open_stream, untagged
 from tests.support.ws_client import wait_until
 
@@ -520,6 +522,77 @@ async def test_a_client_handed_between_sse_polls_and_websocket_gets_every_event_
     assert [json.loads(text) for text in got] == expected, legs
     assert set(legs) == {"sse", "poll", "websocket"}
     await reference.close()
+
+
+@pytest.mark.parametrize("resume", [False, True], ids=["new", "resumed"])
+async def test_a_stream_opened_while_redis_hangs_ends_in_time_and_resumes_exactly(resume):
+    """Redis stops answering (SIGSTOP: its sockets open, nothing answers). A stream opened
+    meanwhile, new or resumed with its ``Last-Event-ID``, of one project or several, gets
+    ``error`` ``unavailable`` and ``close`` 1011 within --subscribe-timeout, never a stream
+    left open without its projects; a stream already open goes on (its keepalives). Once Redis
+    answers again, the ended stream's client resumes from the id it had and gets every event
+    once, in order."""
+    with RedisServer() as server:
+        gateway = await start_gateway(
+            server.url, subscribe_timeout=1.0, drain_timeout=1, sse_keepalive_interval=0.2
+        )
+        publisher = AsyncPublisher.from_url(server.url)
+        try:
+            url = _url(gateway)
+            _, _, open_before = await open_stream(url, "/v1/projects/50/stream", _auth([50]))
+            await open_before.until("subscribed")
+            paths = {"one": "/v1/projects/51/stream", "several": "/v1/stream?project=51&project=52"}
+            ids = {}
+            for name, path in paths.items():
+                _, _, stream = await open_stream(url, path, _auth([51, 52]))
+                head = await stream.until("subscribed")
+                if name == "several":
+                    head += await stream.until("subscribed")
+                ids[name] = head[-1].id
+                stream.close()
+            with hung(server):
+                for name, path in paths.items():
+                    extra = {"Last-Event-ID": ids[name]} if resume else {}
+                    started = time.monotonic()
+                    status, _, stream = await open_stream(url, path, _auth([51, 52], **extra))
+                    events = await stream.rest(within=5)
+                    elapsed = time.monotonic() - started
+                    assert status == 200
+                    assert [e.event for e in events] == ["authenticated", "error", "close"], name
+                    assert json.loads(events[1].data)["code"] == "unavailable"
+                    assert json.loads(events[2].data)["code"] == 1011
+                    assert elapsed < 3, (name, elapsed)
+                comments = open_before.parser.comments
+
+                async def keepalive() -> None:
+                    while open_before.parser.comments == comments:
+                        chunk = await open_before.reader.read(65536)
+                        assert chunk, "the stream open before ended"
+                        open_before.pending += open_before.parser.feed(chunk)
+
+                await asyncio.wait_for(keepalive(), 3)
+            await publish(publisher, 51, 3)
+            await publish(publisher, 52, 2)
+            for name, path in paths.items():
+                headers = _auth([51, 52], **{"Last-Event-ID": ids[name]})
+                _, _, stream = await open_stream(url, path, headers)
+                head = await stream.until("subscribed")
+                if name == "several":
+                    head += await stream.until("subscribed")
+                seqs = sorted(
+                    (json.loads(e.data)["project_id"], json.loads(e.data)["seq"])
+                    for e in head
+                    if e.event == "message"
+                )
+                wanted = [(51, 1), (51, 2), (51, 3)] + (
+                    [(52, 1), (52, 2)] if name == "several" else []
+                )
+                assert seqs == wanted, name
+                stream.close()
+            open_before.close()
+        finally:
+            await publisher.aclose()
+            await gateway.drain()
 
 
 async def test_cors_for_the_dashboard_origin(gateways):
