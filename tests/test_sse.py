@@ -1012,3 +1012,67 @@ def _ids_of(items, epoch: str) -> tuple[list[str], str]:
         elif not item.kind:
             ids.append(f"{epoch}:{int(item.payload.rsplit(b':', 1)[1][:-1])}")
     return ids, epoch
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    resumed=st.dictionaries(st.integers(1, 30), st.integers(0, 50), max_size=6),
+    steps=st.lists(
+        st.tuples(st.integers(1, 30), st.sampled_from(["event", "subscribed", "resync"])),
+        max_size=40,
+    ),
+    cuts=st.lists(st.integers(0, 40), max_size=4),
+)
+def test_a_stream_of_several_projects_ids_each_item_with_every_projects_cursor(
+    resumed, steps, cuts
+):
+    """Whatever its projects' items (events, ``subscribed`` and ``resync_required`` of projects
+    new to the stream or not) and however they are cut into writes, the ``id`` of each is the
+    cursor of every project the stream has one for, sorted (:func:`format_cursor`)."""
+    from gateway.session import Outgoing, SlowConsumerPolicy
+    from gateway.sse import SseSession
+    from schemas.protocol import ResyncReason, ResyncRequired, Subscribed
+
+    cursors = {p: Cursor(f"e{p}", seq) for p, seq in resumed.items()}
+    stream = SseSession(
+        _Transport(),
+        SlowConsumerPolicy(1 << 30, 30),
+        lambda s: None,
+        multi=True,
+        cursors=cursors,
+    )
+    model = dict(cursors)
+    items, expected = [], []
+    for project_id, kind in steps:
+        if kind == "event" and project_id not in model:
+            continue  # (the hub sends no event of a project before its cursor)
+        if kind == "event":
+            seq = model[project_id].seq + 1
+            item = Outgoing(b'{"type":"x","project_id":%d,"seq":%d}' % (project_id, seq))
+            item.project_id, item.seq = project_id, seq
+            model[project_id] = Cursor(model[project_id].epoch, seq, item.tag)
+        elif kind == "subscribed":
+            seq = model[project_id].seq if project_id in model else 0
+            epoch = model[project_id].epoch if project_id in model else f"e{project_id}"
+            item = Outgoing.message(
+                Subscribed(project_id=project_id, epoch=epoch, seq=seq, resumed=True, replayed=0)
+            )
+            model[project_id] = Cursor(epoch, seq, None)
+        else:
+            epoch = f"r{project_id}"
+            item = Outgoing.message(
+                ResyncRequired(
+                    project_id=project_id, reason=ResyncReason.EPOCH_CHANGED, epoch=epoch, seq=7
+                )
+            )
+            model[project_id] = Cursor(epoch, 7, None)
+        items.append(item)
+        expected.append(format_cursor(model, True))
+    bounds = sorted({min(c, len(items)) for c in cuts})
+    start = 0
+    for bound in [*bounds, len(items)]:
+        if bound > start:
+            stream.write(b"", items[start:bound])
+        start = bound
+    got = [e.id for e in SseParser().feed(stream.transport.data)]
+    assert got == expected
