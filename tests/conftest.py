@@ -39,7 +39,9 @@ BOTH_LOOPS = {
 
 
 def pytest_asyncio_loop_factories(config, item):
-    if item.module.__name__.rpartition(".")[2] in BOTH_LOOPS:
+    # asyncio_loop_only: a case that only asyncio's transports can set up (say so in the test).
+    both = item.get_closest_marker("asyncio_loop_only") is None
+    if both and item.module.__name__.rpartition(".")[2] in BOTH_LOOPS:
         return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
     return {"asyncio": asyncio.new_event_loop}
 
