@@ -8,6 +8,7 @@ README's table is generated from the same descriptions.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -279,6 +280,14 @@ class GatewayConfig(msgspec.Struct, kw_only=True, frozen=True):
     ] = "info"
 
     def __post_init__(self) -> None:
+        for name in self.__struct_fields__:
+            value = getattr(self, name)
+            if isinstance(value, float) and not math.isfinite(value):
+                # "inf" parses as a float and passes every bound: a --drain-timeout or
+                # --worker-timeout of inf waits for ever, which no setting may mean (0 is "off"
+                # where a setting has an off).
+                flag = f"--{name.replace('_', '-')} / {ENV_PREFIX}{name.upper()}"
+                raise ConfigError(f"{flag}: expected a finite number, got {value}")
         if not self.no_auth and not self.auth_secret:
             raise ConfigError(
                 "an auth secret is required: set --auth-secret / EVENTBUS_AUTH_SECRET, "
