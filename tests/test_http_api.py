@@ -733,6 +733,8 @@ def test_new_key_sets_the_keys_own_rate_and_burst(capsys) -> None:
         (["--projects", "0"], "$.projects[0]"),
         (["--projects", "1", "--rate", "0"], "$.rate"),
         (["--projects", "1", "--burst", "0"], "$.burst"),
+        # (JSON has no infinity: the entry was printed with "rate": null, serve's rate.)
+        (["--projects", "1", "--rate", "inf"], "a key's rate must be a finite number"),
     ],
 )
 def test_new_key_with_a_wrong_argument_is_an_error_not_a_traceback(args, message, capsys) -> None:

@@ -1983,6 +1983,32 @@ def test_cli_prints_and_applies_the_migration(tmp_path):
     assert bad.returncode == 2 and "lower-case identifier" in bad.stderr
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["relay", "--stop-timeout", "inf"],  # was a traceback (OverflowError)
+        ["relay", "--stop-timeout", "nan"],  # was a traceback (ValueError)
+        ["relay", "--retention", "nan"],  # was a traceback
+        ["relay", "--poll-interval", "-1"],  # was taken: no wait between looks
+        ["relay", "--poll-interval", "0"],
+        ["relay", "--leader-lease", "inf"],  # was taken: a frozen leader kept the lead for ever
+        ["relay", "--idempotency-window", "0"],
+        ["relay", "--stats-interval", "0"],
+        ["relay", "--max-rate", "inf"],
+        ["relay", "--max-rate", "-5"],
+        ["relay", "--batch-size", "0"],
+        ["migrate", "--sqlite", "x.db", "--timeout", "inf"],
+    ],
+)
+def test_cli_refuses_numbers_it_cannot_use_with_a_usage_error(args, capsys):
+    from publisher.outbox.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"argument {args[-2]}:" in err and "Traceback" not in err
+
+
 def test_cli_migrate_against_a_hung_database_fails_within_its_timeout(pg_url, table):
     """``migrate --dsn`` (a deploy step, an init container) against a PostgreSQL that accepts
     TCP and never answers (a frozen proxy: a hung server, a frozen VM) exits 1 within

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import re
 import secrets
 from collections.abc import Iterable, Mapping
@@ -117,6 +118,8 @@ class ApiKey(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     revoke: bool = False
 
     def __post_init__(self) -> None:
+        if self.rate is not None and not math.isfinite(self.rate):
+            raise ValueError("a key's rate must be a finite number of events per second")
         if not self.projects and not self.revoke:
             # (msgspec reports it with the entry's place in the file)
             raise ValueError('a key with no projects could do nothing (unless "revoke": true)')
