@@ -192,8 +192,10 @@ class PodTable:
     def join(
         self, session: SessionKey, project_id: int, member_id: str, name: str | None, now_ms: int
     ) -> list[str]:
-        """Add (or re-identify) a tab; returns the member ids whose record may have changed."""
+        """Add (or re-identify) a tab; returns the member ids whose record may have changed. A
+        tab re-identified as another member moves to it with its activity."""
         touched = []
+        viewing = answering = None
         tab = self._tabs.get((session, project_id))
         if tab is not None:
             if tab.member_id == member_id:
@@ -203,8 +205,14 @@ class PodTable:
                 tab.at = now_ms
                 self._members[project_id][member_id].reported(session, tab)
                 return [member_id]
-            touched = self.leave(session, project_id)  # the token now names someone else
-        tab = self._tabs[(session, project_id)] = _Tab(member_id, name, None, None, now_ms, now_ms)
+            # The token now names someone else: the tab moves to them, with its activity (the
+            # tab's, for as long as the connection lives; a client sends it again only when it
+            # changes).
+            viewing, answering = tab.viewing, tab.answering
+            touched = self.leave(session, project_id)
+        tab = self._tabs[(session, project_id)] = _Tab(
+            member_id, name, viewing, answering, now_ms, now_ms
+        )
         member = self._members.setdefault(project_id, {}).get(member_id)
         if member is None:
             member = self._members[project_id][member_id] = _Member()

@@ -163,6 +163,18 @@ def test_a_token_for_someone_else_moves_the_tab() -> None:
     assert set(table.records(1)) == {"bob"}
 
 
+def test_a_tab_moved_to_another_person_keeps_its_activity() -> None:
+    """Activity is the tab's and lives as long as the connection (docs/presence.md): a token
+    refresh naming another ``sub`` lists the tab under the new person with what it was doing.
+    (Before, the moved tab showed no activity, and eventbus.js, which sends an activity only
+    when it changes, never said it again: the new person looked idle while answering.)"""
+    table = PodTable()
+    table.join("tab", 1, "alice", "Alice", now_ms=1)
+    table.activity("tab", 1, viewing=7, answering=8, now_ms=2)
+    table.join("tab", 1, "bob", "Bob", now_ms=3)
+    assert table.records(1) == {"bob": PodRecord("Bob", 7, 8, since=3, at=3)}
+
+
 def test_activity_without_join_is_refused() -> None:
     core = PresenceCore("pod", clock_ms=lambda: 1)
     assert core.activity("tab", 1, 5, None) is False
@@ -315,6 +327,8 @@ operations = st.lists(
 # A pod's last member leaves in a write too large to announce: the read finds the pod gone
 # from Redis, which a view takes for a flush and keeps (not found by the draws above).
 @example([("join", 1, 0, "u1"), ("tick",), ("leave", 1, 0)], 0)
+# A tab whose token names another person moves with its activity.
+@example([("join", 1, 0, "u1"), ("activity", 1, 0, 2, 3), ("join", 1, 0, "u2")], 60)
 def test_diffs_reproduce_the_members_across_pods_and_tabs(ops, max_announcement) -> None:
     """Also with writes announced without their records (``max_announcement`` 0: all of
     them; 60 bytes: those of more than one member), which the other pods read instead."""
@@ -329,11 +343,12 @@ def test_diffs_reproduce_the_members_across_pods_and_tabs(ops, max_announcement)
             if key in tabs and tabs[key]["member"] == member:
                 continue
             cluster.cores[pod].join(key[1], 1, member, member.upper())
+            moved = tabs.get(key, {})  # a tab moved to another person keeps its activity
             tabs[key] = {
                 "member": member,
                 "name": member.upper(),
-                "viewing": None,
-                "answering": None,
+                "viewing": moved.get("viewing"),
+                "answering": moved.get("answering"),
                 "since": cluster.now,
                 "at": cluster.now,
             }

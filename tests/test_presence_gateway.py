@@ -142,6 +142,24 @@ async def test_a_refreshed_token_that_drops_the_project_leaves_it(gateways):
     assert len([m for m in erin.messages if m.get("type", "").startswith("presence")]) == seen
 
 
+async def test_a_refreshed_token_naming_another_person_moves_the_tab_with_its_activity(gateways):
+    """A token refresh naming another ``sub`` (someone else signed in in the same tab) lists
+    the tab under the new person on every pod, with the activity the tab reported: activity
+    lives as long as the connection, and eventbus.js sends it again only when it changes."""
+    pods = [await gateways(**FAST) for _ in range(2)]
+    watcher = await person(pods[0], "watcher")
+    await watcher.subscribe(1, presence=True)
+    tab = await person(pods[1], "erin", "Erin")
+    await tab.subscribe(1, presence=True)
+    await tab.send({"type": "activity", "project_id": 1, "viewing": 5, "answering": 6})
+    await until(watcher, lambda: (view(watcher, 1) or {}).get("erin", {}).get("answering") == 6)
+    await tab.send({"type": "auth", "token": token("*", "frank", "Frank")})
+    await until(watcher, lambda: ids(watcher) == {"watcher", "frank"})
+    frank = view(watcher, 1)["frank"]
+    assert (frank["name"], frank["viewing"], frank["answering"]) == ("Frank", 5, 6)
+    await until(tab, lambda: view(tab, 1) == view(watcher, 1))
+
+
 async def test_a_forbidden_project_leaks_nothing(gateways):
     gateway = await gateways(**FAST)
     insider = await person(gateway, "insider", "Insider", projects=[1])
