@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import redis.exceptions
+from redis.client import NEVER_DECODE
 
 from publisher.core import check_positive
 from schemas.keys import Keys
@@ -41,6 +42,13 @@ def _args(keys: Keys, project_id: int, max_members: int) -> tuple[list[str], lis
     )
 
 
+def _command(key_names: list[str], args: list[str | int]) -> tuple[tuple, dict]:
+    """The read's command, its reply left as bytes whatever the client's ``decode_responses``:
+    a client that decodes replies raised ``UnicodeDecodeError`` for the whole read when
+    another writer left bytes that are not UTF-8 in a record (the parse skips such a record)."""
+    return ("EVAL", READ, len(key_names), *key_names, *args), {NEVER_DECODE: True}
+
+
 def _members(reply: list) -> list[Member]:
     try:
         parsed = parse_read_reply(reply)
@@ -64,8 +72,8 @@ def read_presence(
     :func:`~schemas.presence.read_limit` of it is taken for another writer's and left out whole
     (so are members past that many), so a deployment that raised the setting passes it here.
     A reply the read script cannot have given raises ``redis.exceptions.InvalidResponse``."""
-    key_names, args = _args(keys or Keys(), project_id, max_members)
-    return _members(client.eval(READ, len(key_names), *key_names, *args))
+    command, options = _command(*_args(keys or Keys(), project_id, max_members))
+    return _members(client.execute_command(*command, **options))
 
 
 async def aread_presence(
@@ -76,5 +84,5 @@ async def aread_presence(
     max_members: int = DEFAULT_MAX_MEMBERS,
 ) -> list[Member]:
     """:func:`read_presence` for a ``redis.asyncio`` client."""
-    key_names, args = _args(keys or Keys(), project_id, max_members)
-    return _members(await client.eval(READ, len(key_names), *key_names, *args))
+    command, options = _command(*_args(keys or Keys(), project_id, max_members))
+    return _members(await client.execute_command(*command, **options))

@@ -962,6 +962,59 @@ def test_a_huge_foreign_member_or_record_never_leaves_redis(redis_url) -> None:
         sync.close()
 
 
+def test_a_backend_client_that_decodes_replies_skips_bytes_that_are_not_text(redis_url) -> None:
+    """A backend's redis-py client made with ``decode_responses=True`` (common in
+    applications) reads presence as any other: another writer's member or record that is not
+    UTF-8 is skipped, the real members listed. (Before, redis-py's decoding of the reply
+    raised ``UnicodeDecodeError`` out of ``read_presence`` and ``Publisher.presence``, which
+    promise a member list or a Redis error.)"""
+    from publisher import AsyncPublisher, Publisher
+
+    keys = Keys()  # (the publisher's prefix)
+    project = 911
+    raw = redis.Redis.from_url(redis_url)
+    record = PodRecord(name="Alice", viewing=1, answering=None, since=1, at=1)
+
+    async def write() -> None:
+        client = redis.asyncio.Redis.from_url(redis_url, socket_timeout=5)
+        try:
+            store = PresenceStore(client, "a", keys=keys)
+            assert await store.write([Write(project, 0, 1, {"alice": record})]) == [True]
+        finally:
+            await client.aclose()
+
+    async def aread() -> tuple[list[Member], list[Member]]:
+        client = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
+        try:
+            return (
+                await aread_presence(client, project, keys=keys),
+                await AsyncPublisher(client).presence(project),
+            )
+        finally:
+            await client.aclose()
+
+    decoding = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        raw.delete(keys.presence_pods(project), keys.presence_versions(project))
+        asyncio.run(write())
+        raw.hset(
+            keys.presence_pod(project, "a"),
+            mapping={b"\xffmallory": encode_record(record), "bob": b'["\xff",null,null,1,1]'},
+        )
+        alice = [Member("alice", "Alice", 1, None, 1)]
+        assert read_presence(decoding, project, keys=keys) == alice
+        assert Publisher(decoding).presence(project) == alice
+        assert asyncio.run(aread()) == (alice, alice)
+    finally:
+        raw.delete(
+            keys.presence_pods(project),
+            keys.presence_versions(project),
+            keys.presence_pod(project, "a"),
+        )
+        raw.close()
+        decoding.close()
+
+
 async def test_subscribing_and_unsubscribing_in_a_loop_costs_one_read_per_interval(pods) -> None:
     """A client that subscribes to a project's presence and unsubscribes again, in a loop (or
     many clients taking turns), is each time the project's only subscriber on the pod: it must
