@@ -354,8 +354,9 @@ class ProjectView:
                 self.set_record(pod, member_id, record)
             self.versions[pod] = announcement.version
             self._misses.pop(pod, None)
-        if len(self.pods.get(pod, ())) > self.most or len(self.pods) > self.most:
-            # No pod lists that many, nor are there that many pods: another writer's
+        if len(self.pods.get(pod, ())) > self.most or len(self.versions) > self.most:
+            # No pod lists that many, nor are there that many pods (pods with nothing listed
+            # count too, as their versions are kept): another writer's
             # announcements. The pod goes, and the read that follows takes from Redis only what
             # pods can have written there.
             self.left_out += 1
@@ -401,7 +402,9 @@ class ProjectView:
         :data:`MISSES_BEFORE_DROP` times in a row; True when a pod has stayed ahead of this view
         since the previous report (an announcement was lost), or this view has stayed ahead of
         Redis (a forged announcement): re-read the project."""
-        for pod in [p for p in self.pods if p != self.own_pod and p not in live]:
+        # Pods with records here, and pods whose last member left (their version is kept
+        # for as long as a read made before the leave may come back, then forgotten).
+        for pod in [p for p in self.versions if p != self.own_pod and p not in live]:
             misses = self._misses.get(pod, 0) + 1
             if misses >= self.MISSES_BEFORE_DROP:
                 self.drop_pod(pod)

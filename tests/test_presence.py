@@ -841,6 +841,45 @@ def test_a_view_takes_no_more_members_than_pods_can_have_written() -> None:
     assert len(view.current()) == 171
 
 
+def test_empty_announcements_of_ever_new_pods_keep_a_view_bounded() -> None:
+    """Another writer publishing ``<new pod>|1|0|{}`` on a project's presence channel, each
+    with a pod id never seen (a pod that has nothing to list): a view keeps no more pods than
+    it takes (``most``), counts the rest as left out and re-reads (False), and the real members
+    stay listed. (Before, every such pod's version was kept for as long as the view lived:
+    memory grew with every message, 100,000 of them 100,000 entries.)"""
+    record = PodRecord(name=None, viewing=None, answering=None, since=1, at=1)
+    view = ProjectView(1, "me", most=10)
+    view.load({}, {"alice": record})
+    assert view.apply(Announcement("real", 1, 0, {"bob": record}))
+    outcomes = [view.apply(Announcement(f"forged{i}", 1, 0, {})) for i in range(1_000)]
+    assert len(view.versions) <= 10 and len(view._misses) <= 10
+    assert outcomes.count(False) == view.left_out >= 990
+    assert set(view.current()) == {"alice", "bob"}
+    assert view.apply(Announcement("real", 2, 1, {"carol": record}))  # no gap: still known
+    assert set(view.current()) == {"alice", "bob", "carol"}
+
+
+def test_a_pod_that_left_is_forgotten_once_refreshes_miss_it_not_before() -> None:
+    """A pod whose last member left keeps its version in the view while a read made before
+    the leave may still come back (it would list the member again), and is forgotten once
+    :data:`ProjectView.MISSES_BEFORE_DROP` refresh reports missed it, as a dead pod is: over
+    months of deploys (every pod id is new) a view would otherwise keep every pod that ever
+    wrote the project."""
+    record = PodRecord(name=None, viewing=None, answering=None, since=1, at=1)
+    view = ProjectView(1, "me")
+    view.load({}, {})
+    assert view.apply(Announcement("old", 1, 0, {"alice": record}))
+    assert view.apply(Announcement("old", 2, 1, {"alice": None}))
+    assert view.current() == {}
+    view.load({"old": PodState(1, {"alice": record})}, {})  # a read from before the leave
+    assert view.current() == {}
+    for _ in range(ProjectView.MISSES_BEFORE_DROP - 1):
+        view.check_live({})
+        assert "old" in view.versions
+    view.check_live({})
+    assert "old" not in view.versions and view._misses == {}
+
+
 def test_take_writes_of_some_projects_leaves_the_others_pending():
     """A pod on Redis Cluster takes the writes of the masters free to be sent one now; the
     others stay pending, with every member changed since, for when their master is free."""
