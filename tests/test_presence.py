@@ -8,6 +8,7 @@ the members the tabs imply, merged across tabs and pods.
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass, field
 
@@ -37,6 +38,7 @@ from schemas.presence import (
     encode_record,
     fits_announcement,
     merge_member,
+    merge_pods,
     parse_announcement,
     parse_read_reply,
     parse_versions,
@@ -381,6 +383,113 @@ def test_diffs_reproduce_the_members_across_pods_and_tabs(ops, max_announcement)
     assert cluster.cores[1].snapshot_of_read(1, cluster.redis.read(1)).members == [
         want[k] for k in sorted(want)
     ]
+
+
+# A watching pod that learns late: announcements delivered whenever, a read answered after
+# announcements made since it ran, pods that die (their records expire) or leave, new pod ids.
+_late_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("join"), st.integers(0, 3), st.integers(0, 2), member_ids),
+        st.tuples(st.just("activity"), st.integers(0, 3), st.integers(0, 2), st.integers(1, 3)),
+        st.tuples(st.just("leave"), st.integers(0, 3), st.integers(0, 2)),
+        st.tuples(st.just("write"), st.integers(0, 3)),
+        st.tuples(st.just("deliver"), st.integers(1, 4)),
+        st.tuples(st.just("read")),  # a read runs in Redis now...
+        st.tuples(st.just("answer")),  # ...and its reply arrives now
+        st.tuples(st.just("refresh")),
+        st.tuples(st.just("die"), st.integers(0, 3)),  # its records expire; a new pod starts
+        st.tuples(st.just("flush")),  # Redis loses everything
+        st.tuples(st.just("pod_refresh"), st.integers(0, 3)),  # (finds its records lost)
+        st.tuples(st.just("reconnect")),  # the announcements not delivered yet are lost
+    ),
+    max_size=50,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_late_ops)
+def test_a_watching_pod_converges_with_late_announcements_stale_reads_and_dying_pods(ops) -> None:
+    """Whatever the order in which a watching pod gets announcements, read replies (made
+    before announcements it already applied) and refresh reports, and however pods die and
+    new ones start: once everything is delivered and refreshes have missed the dead pods, its
+    subscriber's view is exactly what Redis lists, and the view keeps no pod Redis does not."""
+    redis_ = FakeRedis()
+    clock = itertools.count(1)
+    names = itertools.count()
+    writers = [PresenceCore(f"w{next(names)}", clock_ms=lambda: next(clock)) for _ in range(4)]
+    watcher = PresenceCore("watcher", clock_ms=lambda: next(clock))
+    watcher.load(1, {})
+    client = {m.id: m for m in watcher.subscribe("screen", 1).members}
+    delivered = 0
+    pending_read: dict[str, PodState] | None = None
+    wanted_read = False
+
+    def live() -> dict[str, int]:
+        return {pod: state.version for pod, state in redis_.pods.get(1, {}).items()}
+
+    def write(core: PresenceCore) -> None:
+        for w in core.take_writes():
+            core.written(w, redis_.write(core.pod_id, w))
+
+    for op in ops:
+        kind = op[0]
+        if kind == "join":
+            writers[op[1]].join(f"tab{op[2]}", 1, op[3], None)
+        elif kind == "activity":
+            writers[op[1]].activity(f"tab{op[2]}", 1, op[3], None)
+        elif kind == "leave":
+            writers[op[1]].leave(f"tab{op[2]}", 1)
+        elif kind == "write":
+            write(writers[op[1]])
+        elif kind == "deliver":
+            for project_id, announcement in redis_.outbox[delivered : delivered + op[1]]:
+                wanted_read |= not watcher.on_announcement(project_id, announcement)
+            delivered = min(delivered + op[1], len(redis_.outbox))
+        elif kind == "read":
+            if pending_read is None:
+                pending_read, wanted_read = redis_.read(1), False
+        elif kind == "answer":
+            if pending_read is not None:
+                wanted_read |= not watcher.load(1, pending_read)
+                pending_read = None
+        elif kind == "refresh":
+            wanted_read |= watcher.refreshed(1, True, live())
+        elif kind == "flush":
+            redis_.pods.pop(1, None)
+        elif kind == "pod_refresh":
+            core = writers[op[1]]
+            if 1 in core.refresh_plan():
+                stored = core.stored_versions().get(1, 0)
+                ok = stored != 0 and live().get(core.pod_id) == stored
+                core.refreshed(1, ok, live())
+        elif kind == "reconnect":
+            delivered, wanted_read = len(redis_.outbox), True
+        else:  # die: its records expire (no announcement), and a pod with a new id starts
+            redis_.pods.get(1, {}).pop(writers[op[1]].pod_id, None)
+            writers[op[1]] = PresenceCore(f"w{next(names)}", clock_ms=lambda: next(clock))
+        for sessions, diff in watcher.tick():
+            assert sessions == ["screen"]
+            client = apply_diff(client, diff)
+
+    # Everything arrives, the reads asked for are made, and refreshes miss the dead.
+    for core in writers:
+        if 1 in core.refresh_plan():  # (what Redis lost is written again)
+            stored = core.stored_versions().get(1, 0)
+            core.refreshed(1, stored != 0 and live().get(core.pod_id) == stored, live())
+        write(core)
+    if pending_read is not None:
+        wanted_read |= not watcher.load(1, pending_read)
+    for project_id, announcement in redis_.outbox[delivered:]:
+        wanted_read |= not watcher.on_announcement(project_id, announcement)
+    for _ in range(ProjectView.MISSES_BEFORE_DROP + 2):
+        wanted_read |= watcher.refreshed(1, True, live())
+        while wanted_read:
+            wanted_read = not watcher.load(1, redis_.read(1))
+    for _, diff in watcher.tick():
+        client = apply_diff(client, diff)
+    stored = redis_.read(1)
+    assert client == merge_pods({pod: state.records for pod, state in stored.items()})
+    assert set(watcher.views[1].versions) <= set(stored) | {"watcher"}
 
 
 def test_at_most_one_diff_per_tick_whatever_the_changes() -> None:
