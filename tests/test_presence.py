@@ -309,6 +309,8 @@ def expected_members(tabs: dict[tuple[int, str], dict]) -> dict[str, Member]:
 operations = st.lists(
     st.one_of(
         st.tuples(st.just("join"), st.integers(0, 2), st.integers(0, 5), member_ids),
+        # a refreshed token with another display name
+        st.tuples(st.just("rename"), st.integers(0, 2), st.integers(0, 5), st.sampled_from("AB")),
         st.tuples(
             st.just("activity"),
             st.integers(0, 2),
@@ -354,6 +356,13 @@ def test_diffs_reproduce_the_members_across_pods_and_tabs(ops, max_announcement)
                 "since": cluster.now,
                 "at": cluster.now,
             }
+        elif op[0] == "rename":
+            _, pod, tab, name = op
+            key = (pod, f"tab{tab}")
+            if key in tabs:
+                cluster.cores[pod].join(key[1], 1, tabs[key]["member"], name)
+                if name != tabs[key]["name"]:  # (a name change counts as a report)
+                    tabs[key].update(name=name, at=cluster.now)
         elif op[0] == "activity":
             _, pod, tab, viewing, answering = op
             key = (pod, f"tab{tab}")
