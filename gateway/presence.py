@@ -659,7 +659,11 @@ class PresenceCore:
         return view.snapshot()
 
     def load(self, project_id: int, snapshot: Mapping[str, PodState]) -> bool:
-        """Install a read of the project; False when it must be read again."""
+        """Install a read of the project; False when it must be read again. A view nobody is
+        subscribed to once loaded (the subscriber that asked for it stopped waiting) is idle
+        from now on: :meth:`sweep` drops it after ``view_linger_ms`` unless one subscribes."""
+        if not self.subscribers.get(project_id):
+            self._idle.setdefault(project_id, self._now())
         return self.view(project_id).load(snapshot, self.table.records(project_id))
 
     def snapshot_of_read(self, project_id: int, snapshot: Mapping[str, PodState]) -> Presence:

@@ -504,6 +504,43 @@ async def test_a_reread_finishing_after_the_last_subscriber_left_leaves_no_unwat
     assert 1 not in b.core.views or channel in b._channels, "a loaded view nobody watches"
 
 
+@pytest.mark.parametrize("linger", [0.0, None])
+async def test_a_first_read_answered_after_its_subscriber_gave_up_leaves_no_view(
+    pods, linger
+) -> None:
+    """A presence subscribe whose first read of the project outlasts the subscriber's wait
+    (the gateway's ``--subscribe-timeout``: Redis slow or hung for a while; the client is
+    answered ``unavailable``): once the read answers, nobody is subscribed, and the view is
+    dropped (at once, or after the linger) and its channel unwatched. Before, the view stayed
+    loaded for as long as the pod ran, nobody subscribed to it and no sweep reaching it: its
+    channel watched and a refresh of it sent every interval, for each project so asked."""
+    service = await pods.start("a", view_linger=linger)
+    gate = asyncio.Event()
+    reading = asyncio.Event()
+    read = service.store.read
+
+    async def slow_read(project_id: int):
+        reading.set()
+        await gate.wait()
+        return await read(project_id)
+
+    service.store.read = slow_read
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.3):  # the gateway's bound on the wait
+            await service.subscribe("tab", 7)
+    assert reading.is_set()
+    gate.set()
+    service.store.read = read
+
+    async def forgotten() -> bool:
+        return 7 not in service.core.views and service.keys.presence_channel(7) not in (
+            service._channels
+        )
+
+    await eventually(forgotten, 2 * TIMINGS["diff_interval"] + SLACK)
+    assert 7 not in service.core.refresh_plan()
+
+
 @pytest.mark.parametrize("damage", ["pods", "versions"])
 async def test_a_damaged_project_does_not_stop_the_pods_other_projects(
     pods, redis_client, damage
