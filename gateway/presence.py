@@ -297,6 +297,9 @@ class ProjectView:
         self._ahead: dict[str, int] = {}
         self._distrusted: set[str] = set()
         self._early: list[Announcement] = []  # received while the first read is under way
+        #: Announcements came past ``most`` of them while the first read waited (not kept: the
+        #: read is made again, which lists what they announced).
+        self._early_dropped = False
 
     # updates
 
@@ -335,7 +338,10 @@ class ProjectView:
         if pod == self.own_pod:
             return True
         if not self.loaded:
-            self._early.append(announcement)  # applied after the read, in order
+            if len(self._early) < self.most:
+                self._early.append(announcement)  # applied after the read, in order
+            else:  # (a channel flooded while Redis is slow: memory stays bounded)
+                self._early_dropped = True
             return True
         known = self.versions.get(pod, 0)
         if announcement.version <= known:
@@ -378,8 +384,8 @@ class ProjectView:
         """Install a read of the whole project (this pod's part comes from ``own_records``, which
         is fresher than Redis). A pod this view already knows at a newer version keeps it; a pod
         absent from the read is kept until :meth:`check_live` finds it dead.
-        Announcements received before the first read are applied after it; False when one of
-        them shows a gap (read again)."""
+        Announcements received before the first read are applied after it (at most ``most``
+        of them); False when one of them shows a gap, or more came (read again)."""
         # A pod absent from the read is kept: it may be rewriting what a Redis flush or restart
         # lost. Dead pods are dropped by check_live; pods that left announced it.
         for pod, state in snapshot.items():
@@ -395,7 +401,8 @@ class ProjectView:
         self._distrusted.clear()
         self.loaded = True
         early, self._early = self._early, []
-        return all([self.apply(announcement) for announcement in early])
+        dropped, self._early_dropped = self._early_dropped, False
+        return all([self.apply(announcement) for announcement in early]) and not dropped
 
     def check_live(self, live: Mapping[str, int]) -> bool:
         """Compare with a refresh's report of live pods and their versions: drop pods missing

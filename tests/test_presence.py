@@ -652,6 +652,21 @@ def test_announcements_before_the_first_read_are_applied_after_it() -> None:
     assert set(view.current()) == {"early", "late"}
 
 
+def test_announcements_while_the_first_read_waits_are_kept_up_to_a_bound() -> None:
+    """Announcements that arrive while a view's first read waits (Redis slow: up to the read's
+    bound) are kept to apply after it, but no more than ``most`` of them: another writer
+    publishing on the channel as fast as Redis takes it grew the list without bound. Past it
+    they are not kept, and the read is made again (False), which lists what they announced."""
+    record = PodRecord(None, None, None, 1, 1)
+    view = ProjectView(1, "me", most=10)
+    for version in range(2, 10_002):
+        assert view.apply(Announcement("other", version, version - 1, {"late": record}))
+    assert len(view._early) <= 10
+    assert not view.load({"other": PodState(1, {"early": record})}, {})  # read again
+    assert view.load({"other": PodState(10_001, {"late": record})}, {})
+    assert set(view.current()) == {"late"} and view._early == []
+
+
 def test_a_read_without_a_pod_keeps_it_until_refreshes_miss_it() -> None:
     # After a Redis flush or restart, a read may come before the pod has rewritten its records:
     # dropping it then would show all its members leaving and joining again.
