@@ -987,17 +987,22 @@ class PresenceService:
         (the state its subscribers' diffs start from), else read from Redis.
 
         Either is at most ``diff_interval`` old, as a view is: a read's frame answers every
-        ``presence_get`` of the project for that long (and concurrent ones share the read), so
-        a client asking in a loop costs Redis one read per project per interval, not one per
-        request."""
+        ``presence_get`` of the project for that long (and concurrent ones share the read, also
+        past that while it has not answered), so a client asking in a loop costs Redis one read
+        per project per interval, not one per request."""
         view = self.core.views.get(project_id)
         if view is not None and view.loaded:
             return view.snapshot_frame()
         now = asyncio.get_running_loop().time()
         answer = self._answers.get(project_id)
-        if answer is None or answer[0] <= now:
+        # A read still in flight is shared however old (Redis slow or hung): its answer is as
+        # fresh as when Redis runs it, and one more read per interval would only queue behind
+        # it, a backlog nobody waits for once Redis answers.
+        if answer is None or (answer[0] <= now and answer[1].done()):
             if len(self._answers) >= 256:  # frames of projects nobody asked for lately
-                self._answers = {p: a for p, a in self._answers.items() if a[0] > now}
+                self._answers = {
+                    p: a for p, a in self._answers.items() if a[0] > now or not a[1].done()
+                }
             task = asyncio.ensure_future(self._read_frame(project_id))
             answer = self._answers[project_id] = (now + self.diff_interval, task)
             task.add_done_callback(lambda t, p=project_id, a=answer: self._read_done(p, a))

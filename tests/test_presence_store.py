@@ -691,6 +691,37 @@ async def test_a_presence_get_flood_costs_one_read_and_one_encoding_per_interval
     assert len(encodings) <= 1 and len(set(frames)) == 1
 
 
+async def test_presence_gets_asked_again_while_redis_hangs_share_the_read_in_flight(pods) -> None:
+    """``presence_get`` of a project asked every interval while its read hangs (Redis stopped;
+    each asker gives up at its ``--subscribe-timeout``, answered ``unavailable``, and asks
+    again): the askers share the read in flight however long it takes, rather than each
+    interval starting one more. Before, each interval queued another read of the project
+    (16 at once per pod, the rest waiting for a place): with many projects asked so, a backlog
+    of reads nobody waited for any more grew for as long as Redis hung, and once it answered
+    they went first, ahead of the reads asked then."""
+    service = await pods.start("a", diff_interval=0.05)
+    gate = asyncio.Event()
+    started = []
+    read = service.store.read
+
+    async def hung_read(project_id: int):
+        started.append(project_id)
+        await gate.wait()
+        return await read(project_id)
+
+    service.store.read = hung_read
+    try:
+        for _ in range(10):  # ten intervals of askers giving up
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.1):
+                    await service.get(5)
+        assert started == [5]
+    finally:
+        gate.set()
+        service.store.read = read
+    assert msgspec.json.decode(await asyncio.wait_for(service.get(5), 5))["members"] == []
+
+
 @pytest.mark.parametrize("damage", ["pods", "versions", "records"])
 async def test_a_presence_key_of_the_wrong_type_is_rebuilt_by_the_pods(
     pods, redis_client, damage
