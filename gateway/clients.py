@@ -531,7 +531,7 @@ class ClientProtocol:
         if claims is None or not claims.sub:
             service.leave(session, project_id, messages=False)
         elif not service.core.can_list(claims.sub) or service.core.is_full(
-            project_id, claims.sub, self.config.presence_max_members
+            project_id, claims.sub, self.config.presence_max_members, session
         ):
             self.metrics.presence_unlisted_total += 1
             service.leave(session, project_id, messages=False)

@@ -185,6 +185,11 @@ class PodTable:
         """Members with a tab on this pod in the project."""
         return len(self._members.get(project_id, ()))
 
+    def tab_count(self, project_id: int, member_id: str) -> int:
+        """The member's tabs on this pod in the project."""
+        member = self._members.get(project_id, {}).get(member_id)
+        return 0 if member is None else len(member.tabs)
+
     def member_of(self, session: SessionKey, project_id: int) -> str | None:
         tab = self._tabs.get((session, project_id))
         return tab.member_id if tab else None
@@ -442,6 +447,12 @@ class ProjectView:
 
     # reading
 
+    def listed_elsewhere(self, member_id: str) -> bool:
+        """Whether another pod's records list the member."""
+        return any(
+            member_id in records for pod, records in self.pods.items() if pod != self.own_pod
+        )
+
     def current(self) -> dict[str, Member]:
         """The merged members, re-merging only those touched since the last call."""
         for member_id in self._dirty:
@@ -576,16 +587,30 @@ class PresenceCore:
         :data:`~schemas.presence.MAX_MEMBER_ID_LENGTH` characters of text."""
         return bool(member_id) and len(member_id) <= MAX_MEMBER_ID_LENGTH and is_text(member_id)
 
-    def is_full(self, project_id: int, member_id: str, cap: int) -> bool:
+    def is_full(
+        self, project_id: int, member_id: str, cap: int, session: SessionKey | None = None
+    ) -> bool:
         """Whether listing ``member_id`` would take the project past ``cap`` members, as far as
         this pod knows: from its view of every pod when it has one, else from its own tabs.
         Approximate across pods (joins on several pods within one write interval may pass
-        the cap by a few); a member already listed is never refused."""
+        the cap by a few); a member already listed is never refused. With ``session``, a tab
+        moving to ``member_id`` from the only tab of another member (a refreshed token naming
+        someone else) frees that member's place."""
         view = self.views.get(project_id)
         known = view.members if view is not None and view.loaded else {}
         if member_id in known or self.table.hosts(project_id, member_id):
             return False
-        return max(len(known), self.table.member_count(project_id)) >= cap
+        listed, own = len(known), self.table.member_count(project_id)
+        moving = None if session is None else self.table.member_of(session, project_id)
+        if (
+            moving is not None
+            and self.table.tab_count(project_id, moving) == 1
+            and not (view is not None and view.listed_elsewhere(moving))
+        ):
+            own -= 1
+            if moving in known:
+                listed -= 1
+        return max(listed, own) >= cap
 
     def activity(
         self, session: SessionKey, project_id: int, viewing: int | None, answering: int | None

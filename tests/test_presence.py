@@ -177,6 +177,23 @@ def test_a_tab_moved_to_another_person_keeps_its_activity() -> None:
     assert table.records(1) == {"bob": PodRecord("Bob", 7, 8, since=3, at=3)}
 
 
+def test_a_tab_moving_from_a_person_it_alone_lists_takes_their_place_under_the_cap() -> None:
+    """``is_full`` with the session: the tab moving to another person frees the place of the
+    person it leaves only when it is that person's last tab, here and on the other pods."""
+    record = PodRecord(None, None, None, 1, 1)
+    core = PresenceCore("me", clock_ms=lambda: 1)
+    core.join("tab", 1, "erin", None)
+    core.join("w", 1, "watcher", None)
+    assert core.is_full(1, "frank", 2) and not core.is_full(1, "frank", 2, "tab")
+    core.join("tab2", 1, "erin", None)  # erin stays listed through another tab
+    assert core.is_full(1, "frank", 2, "tab")
+    core.leave("tab2", 1)
+    core.load(1, {"other": PodState(1, {"erin": record})})  # and through another pod
+    assert core.is_full(1, "frank", 2, "tab")
+    core.load(1, {"other": PodState(2, {})})
+    assert not core.is_full(1, "frank", 2, "tab")
+
+
 def test_activity_without_join_is_refused() -> None:
     core = PresenceCore("pod", clock_ms=lambda: 1)
     assert core.activity("tab", 1, 5, None) is False

@@ -275,6 +275,36 @@ async def test_past_the_member_cap_people_read_but_are_not_listed(gateways):
     await until(people[1], lambda: ids(people[1]) == {"p1"})
 
 
+async def test_a_person_signing_in_as_another_in_a_full_project_takes_their_own_place(gateways):
+    """At the member cap, a tab whose refreshed token names another person moves to that
+    person when the tab was the only one of the person it leaves: the move frees the place it
+    takes. (Before, the cap was checked with the person leaving still counted: the tab was left
+    listed as nobody, one place empty, counted as past the cap.) A person still listed
+    elsewhere keeps their place, so the new one is refused then."""
+    gateway = await gateways(**FAST, presence_max_members=2)
+    watcher = await person(gateway, "watcher")
+    await watcher.subscribe(1, presence=True)
+    tab = await person(gateway, "erin")
+    await tab.subscribe(1)
+    await until(watcher, lambda: ids(watcher) == {"watcher", "erin"})
+    await tab.send({"type": "auth", "token": token("*", "frank")})
+    await until(watcher, lambda: ids(watcher) == {"watcher", "frank"})
+    assert gateway.metrics.presence_unlisted_total == 0
+    # frank's other tab keeps him listed: this one moving to gina would take a third place.
+    other = await person(gateway, "frank")
+    await other.subscribe(1)
+    await other.send({"type": "ping"})
+    await other.wait_for(lambda: other.last("pong") is not None)
+    await tab.send({"type": "auth", "token": token("*", "gina")})
+    await tab.wait_for(lambda: tab.count("authenticated") == 3)
+    await tab.send({"type": "ping"})
+    await tab.wait_for(lambda: tab.count("pong") == 1)
+    assert gateway.metrics.presence_unlisted_total == 1
+    await watcher.send({"type": "activity", "project_id": 1, "viewing": 2})
+    await until(watcher, lambda: view(watcher, 1)["watcher"]["viewing"] == 2)
+    assert ids(watcher) == {"watcher", "frank"}
+
+
 async def test_a_sigkilled_pods_members_leave_every_view_within_the_bound(redis_url):
     args = [
         "--presence-ttl", "2",
