@@ -691,12 +691,17 @@ class PresenceCore:
         return view.snapshot()
 
     def load(self, project_id: int, snapshot: Mapping[str, PodState]) -> bool:
-        """Install a read of the project; False when it must be read again. A view nobody is
-        subscribed to once loaded (the subscriber that asked for it stopped waiting) is idle
-        from now on: :meth:`sweep` drops it after ``view_linger_ms`` unless one subscribes."""
-        if not self.subscribers.get(project_id):
-            self._idle.setdefault(project_id, self._now())
+        """Install a read of the project; False when it must be read again."""
         return self.view(project_id).load(snapshot, self.table.records(project_id))
+
+    def first_read_done(self, project_id: int) -> None:
+        """The read a subscriber waited for has answered: a view nobody is subscribed to then
+        (the subscribers that asked for it stopped waiting) is idle from now on, and
+        :meth:`sweep` drops it after ``view_linger_ms`` unless one subscribes. (Not at any
+        :meth:`load`: a re-read may load a view whose first read a subscriber still waits
+        for.)"""
+        if project_id in self.views and not self.subscribers.get(project_id):
+            self._idle.setdefault(project_id, self._now())
 
     def snapshot_of_read(self, project_id: int, snapshot: Mapping[str, PodState]) -> Presence:
         """A ``presence`` answer from a Redis read, for a project without a view (this pod's

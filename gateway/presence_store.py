@@ -1069,6 +1069,7 @@ class PresenceService:
             if not self.core.load(project_id, await self.store.read(project_id)):
                 self._reread.add(project_id)  # loaded; an early announcement showed a gap
                 self._wake.set()
+            self.core.first_read_done(project_id)  # (its subscribers, if any, come next)
         except BaseException:
             if not self.core.subscribers.get(project_id):
                 self.core.views.pop(project_id, None)  # nobody waits for it any more
