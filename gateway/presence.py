@@ -799,6 +799,20 @@ class PresenceCore:
             plan[project_id] = self._stored.get(project_id, 0)
         return plan
 
+    def refresh_counts(
+        self, plan: Mapping[int, int | None], outstanding: Iterable[int] = ()
+    ) -> dict[int, int]:
+        """How many records this pod has stored in the projects of ``plan`` it has written and
+        has no write pending in (nor ``outstanding``): its members there. The refresh checks
+        them (a record another writer added to the pod's hash would otherwise be listed by
+        every read for as long as the pod lives)."""
+        skip = set(outstanding)
+        return {
+            project_id: self.table.member_count(project_id)
+            for project_id, version in plan.items()
+            if version and project_id not in self._pending and project_id not in skip
+        }
+
     def refreshed(self, project_id: int, ok: bool, live: Mapping[str, int]) -> bool:
         """Apply a refresh reply; True when the project's view must be re-read."""
         if not ok:

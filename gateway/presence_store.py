@@ -251,16 +251,25 @@ class PresenceStore:
         return out
 
     async def refresh(
-        self, plan: Mapping[int, int | None], ttl_ms: int | None = None, *, at: Any = ANYWHERE
+        self,
+        plan: Mapping[int, int | None],
+        ttl_ms: int | None = None,
+        *,
+        at: Any = ANYWHERE,
+        counts: Mapping[int, int] | None = None,
     ) -> dict[int, tuple[bool, dict[str, int]] | ProjectFailure]:
         """Keep this pod's records alive in the projects mapped to a version (None: only watch
         the project) and report each project's live pods: project -> (ok, pod -> version), or
         the :data:`ProjectFailure` of that project alone (the error Redis answered for it, or
         its master's failure on a cluster), or, with ``at`` (a master, on a cluster),
         :data:`MOVED` (not sent: see :meth:`_calls`). Index keys of another type that a
-        refresh deleted are reported to ``on_repaired``."""
+        refresh deleted are reported to ``on_repaired``. ``counts``: how many records the pod
+        has stored in some of the projects (:meth:`PresenceCore.refresh_counts`): a project
+        whose records there are not as many is answered not ok (written whole again), and
+        counted to ``on_repaired``."""
         if not plan:
             return {}
+        counts = counts or {}
         ttl_ms = self.ttl_ms if ttl_ms is None else ttl_ms
         calls = []
         projects = list(plan)
@@ -271,6 +280,7 @@ class PresenceStore:
                 "" if version is None else self.pod_id,
                 ttl_ms,
                 version or 0,
+                counts.get(project_id, ""),
             ]
             calls.append((REFRESH, self._keys(project_id), args))
         replies = await self._calls(calls, at)
@@ -1238,7 +1248,7 @@ class PresenceService:
         self._standalone_only("_refresh")
         plan = self.core.refresh_plan()
         masters = self._masters(plan)
-        replies = await self.store.refresh(plan)
+        replies = await self.store.refresh(plan, counts=self.core.refresh_counts(plan))
         self._unreachable = set()
         self._failed_masters = set()
         self._apply_refresh(replies, masters.get)
@@ -1350,8 +1360,12 @@ class PresenceService:
         writes taken and not applied are pending again, whatever ends this (:meth:`_lane_done`)."""
         try:
             if part:
+                # (Not the projects whose write is outstanding: the count is of what is stored.)
+                counts = self.core.refresh_counts(part, self._writing)
                 try:
-                    replies: Mapping[int, Any] = await self.store.refresh(part, at=master)
+                    replies: Mapping[int, Any] = await self.store.refresh(
+                        part, at=master, counts=counts
+                    )
                 except (redis.exceptions.RedisError, OSError) as exc:  # none of it answered
                     failure = _as_redis_error(exc)
                     replies = dict.fromkeys(part, failure)

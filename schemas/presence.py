@@ -463,12 +463,15 @@ return {1, repaired}
 #: dead pods, and report every live pod's version.
 #:
 #: KEYS: pods, versions. ARGV: pod hash prefix, pod ('' = only prune and report), ttl ms, the
-#: version the pod expects to be stored.
+#: version the pod expects to be stored, and optionally how many records it expects there
+#: ('' or absent: not checked; the pod gives it when it has no write pending there).
 #: Returns {ok, {pod, version, pod, version, ...}, repaired}: ok 0 when the pod's stored version
 #: is not the expected one or its records key is not a hash (its records were lost: the caller
-#: rewrites them with :data:`WRITE`, base '0'); the pods listed are those with a version and a
-#: deadline ahead, by at most :data:`MAX_TTL_MS` (a version without a deadline is deleted);
-#: ``repaired`` as for :data:`WRITE`.
+#: rewrites them with :data:`WRITE`, base '0'), or when the records there are not as many as
+#: expected (another writer added or removed some: rewritten so too, and counted in
+#: ``repaired``); the pods listed are those with a version and a deadline ahead, by at most
+#: :data:`MAX_TTL_MS` (a version without a deadline is deleted); ``repaired`` as for
+#: :data:`WRITE`.
 REFRESH = (
     _NOW_AND_PRUNE
     + """
@@ -476,6 +479,12 @@ local ok = 1
 if ARGV[2] ~= '' then
   if not intact(ARGV[2], ARGV[4]) then
     ok = 0
+  elseif ARGV[5] and ARGV[5] ~= ''
+      and redis.call('HLEN', ARGV[1] .. ARGV[2]) ~= tonumber(ARGV[5]) then
+    -- Members the pod did not write (another writer's, listed by every read for as long as
+    -- the pod lives), or some of its own removed: it writes its records whole again.
+    ok = 0
+    repaired = repaired + 1
   else
     keep_alive(ARGV[2], tonumber(ARGV[3]))
   end

@@ -722,6 +722,37 @@ async def test_presence_gets_asked_again_while_redis_hangs_share_the_read_in_fli
     assert msgspec.json.decode(await asyncio.wait_for(service.get(5), 5))["members"] == []
 
 
+@pytest.mark.parametrize("damage", ["added", "removed"])
+async def test_members_another_writer_adds_to_or_removes_from_a_live_pods_records_are_repaired(
+    pods, redis_client, damage
+) -> None:
+    """Another writer adds a well-formed member to a live pod's records (or removes one of
+    its members): the pod's next refresh finds its records not as many as it wrote and writes
+    them whole again, counted as a repair; a watcher sees the forged member go (or the removed
+    one come back), nobody else leave. Before, the refresh checked only the version: the
+    forged member was listed by every read (a new subscriber, ``presence_get``, a backend's
+    ``Publisher.presence``) for as long as the pod lived."""
+    a, b = await pods.start("a"), await pods.start("b")
+    a.join("tab1", 1, "alice", None)
+    a.join("tab2", 1, "bob", None)
+    watcher = await pods.watch(b, "watcher")
+    await watcher.until(lambda m: set(m) == {"alice", "bob"}, within=5)
+    records = a.keys.presence_pod(1, "a")
+    if damage == "added":
+        forged = encode_record(PodRecord(name="M", viewing=None, answering=None, since=1, at=1))
+        redis_client.hset(records, "mallory", forged)
+    else:
+        redis_client.hdel(records, "bob")
+    await eventually(
+        _reads(redis_client, {"alice", "bob"}), 3 * TIMINGS["refresh_interval"] + SLACK
+    )
+    assert a.repaired_keys >= 1
+    late = await pods.watch(b, "late")  # (b's view: re-read once a's whole list is announced)
+    assert set(late.members) == {"alice", "bob"}
+    await watcher.until(lambda m: set(m) == {"alice", "bob"}, within=5)
+    assert watcher.left == []
+
+
 @pytest.mark.parametrize("damage", ["pods", "versions", "records"])
 async def test_a_presence_key_of_the_wrong_type_is_rebuilt_by_the_pods(
     pods, redis_client, damage
@@ -1844,7 +1875,7 @@ class _StoreWithADeadMaster:
                 out.append(True)
         return out
 
-    async def refresh(self, plan, ttl_ms=None, *, at=ANYWHERE):
+    async def refresh(self, plan, ttl_ms=None, *, at=ANYWHERE, counts=None):
         self.refreshed.append(dict(plan))
         return {
             p: self._down()
@@ -2098,7 +2129,7 @@ class _StoreWithAHungMaster(_StoreWithADeadMaster):
             [w.project_id for w in writes], lambda: _StoreWithADeadMaster.write(self, writes, at=at)
         )
 
-    async def refresh(self, plan, ttl_ms=None, *, at=ANYWHERE):
+    async def refresh(self, plan, ttl_ms=None, *, at=ANYWHERE, counts=None):
         return await self._call(
             list(plan), lambda: _StoreWithADeadMaster.refresh(self, plan, ttl_ms, at=at)
         )
@@ -2287,7 +2318,7 @@ class _ClusterOfRecords:
             await self.answer.wait()
         return out
 
-    async def refresh(self, plan, ttl_ms=None, *, at=ANYWHERE):
+    async def refresh(self, plan, ttl_ms=None, *, at=ANYWHERE, counts=None):
         return {
             p: MOVED
             if at is not ANYWHERE and self.master_of(p) != at
@@ -2381,7 +2412,7 @@ class _ClusterWithAHungMaster(_ClusterOfRecords):
             return [failure] * len(writes)
         return await super().write(writes, at=at)
 
-    async def refresh(self, plan, ttl_ms=None, *, at=ANYWHERE):
+    async def refresh(self, plan, ttl_ms=None, *, at=ANYWHERE, counts=None):
         failure = await self._hangs(plan)
         if failure is not None:
             return dict.fromkeys(plan, failure)
@@ -2614,7 +2645,7 @@ async def test_a_refresh_that_timed_out_at_a_projects_old_master_is_sent_at_once
             super().__init__()
             self.refreshed: list[tuple[str, int]] = []  # (master, project) answered
 
-        async def refresh(self, plan, ttl_ms=None, *, at=ANYWHERE):
+        async def refresh(self, plan, ttl_ms=None, *, at=ANYWHERE, counts=None):
             replies = await super().refresh(plan, ttl_ms, at=at)
             self.refreshed += [(at, p) for p, r in replies.items() if isinstance(r, tuple)]
             return replies
@@ -2688,7 +2719,7 @@ class _ClusterCallsLogged(_ClusterWithAHungMaster):
         self.calls.append(("write", at, tuple(w.project_id for w in writes), None))
         return await super().write(writes, at=at)
 
-    async def refresh(self, plan, ttl_ms=None, *, at=ANYWHERE):
+    async def refresh(self, plan, ttl_ms=None, *, at=ANYWHERE, counts=None):
         self.calls.append(("refresh", at, tuple(plan), ttl_ms))
         return await super().refresh(plan, ttl_ms, at=at)
 
@@ -2929,7 +2960,7 @@ class _ClusterAtMasters(_ClusterOfRecords):
             return [failure if s else MOVED for s in sent]
         return await super().write(writes, at=at)
 
-    async def refresh(self, plan, ttl_ms=None, *, at=ANYWHERE):
+    async def refresh(self, plan, ttl_ms=None, *, at=ANYWHERE, counts=None):
         self._note("refresh", at, plan, ttl_ms)
         sent = {p: self.master_of(p) == at for p in plan}  # (the map when sent)
         failure = await self._hangs(at, plan)
@@ -3099,7 +3130,7 @@ async def test_a_drain_sends_no_rewrite_to_a_master_that_failed_in_the_refresh_f
             return None
 
     class HangsAfterItsFirstPipeline(_ClusterAtMasters):
-        async def refresh(self, plan, ttl_ms=None, *, at=ANYWHERE):
+        async def refresh(self, plan, ttl_ms=None, *, at=ANYWHERE, counts=None):
             replies = await super().refresh(plan, ttl_ms, at=at)
             if at == "m1" and ttl_ms == grace:  # the drain's: project 2 in a later pipeline
                 self.hung.add("m1")
