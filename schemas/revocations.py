@@ -1,9 +1,9 @@
 """Token revocation: "refuse the tokens of subject S issued before T" (docs/publisher.md).
 
 The publisher writes revocations with the script :data:`schemas.lua.REVOKE`; every gateway
-reads them (one ``GET`` of the version key per poll, one ``HGETALL`` of the hash when the
-version changed) and refuses, and closes, the connections whose token they name. Both sides
-agree on what is stored here, with no I/O:
+reads them (one ``GETRANGE`` of the version key per poll, the hash a slice at a time,
+``HSCAN``, when the version changed) and refuses, and closes, the connections whose token they
+name. Both sides agree on what is stored here, with no I/O:
 
 * the hash :meth:`schemas.keys.Keys.revocations`: field = the subject (the token's ``sub``, as
   UTF-8, 1 to :data:`MAX_SUBJECT_BYTES` bytes), value = :func:`encode_entry`'s JSON
