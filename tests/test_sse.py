@@ -1076,3 +1076,117 @@ def test_a_stream_of_several_projects_ids_each_item_with_every_projects_cursor(
         start = bound
     got = [e.id for e in SseParser().feed(stream.transport.data)]
     assert got == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    single=st.booleans(),
+    resumed=st.dictionaries(st.integers(1, 12), st.integers(0, 50), max_size=4),
+    steps=st.lists(
+        st.tuples(
+            st.integers(1, 12),
+            st.sampled_from(
+                ["event", "unsaid", "replay", "subscribed", "resync", "presence", "authenticated"]
+            ),
+            st.integers(1, 3),
+            st.booleans(),
+        ),
+        max_size=30,
+    ),
+)
+def test_every_id_is_the_streams_cursors_whatever_moved_them(single, resumed, steps):
+    """The ``id`` after each event of a stream, one project or several, is exactly the cursor
+    of every project the stream has one for (:func:`format_cursor`), whatever moved it: a live
+    event (its project and seq said by the hub or not), a resume's replay queued with its
+    ``subscribed`` (flushed with what was queued before and after it: the replay's allowance
+    path), a ``subscribed`` of a project new to the stream, a resync; messages without a
+    cursor (presence, ``authenticated``) leave it as it was (a client keeps the last ``id``)."""
+    from gateway.session import Outgoing, SlowConsumerPolicy
+    from gateway.sse import SseSession
+    from schemas.protocol import Authenticated, Presence, ResyncReason, ResyncRequired, Subscribed
+
+    only = min([*resumed, *(step[0] for step in steps), 1])
+    if single:
+        resumed = {p: seq for p, seq in resumed.items() if p == only}
+        steps = [(only, *rest) for _, *rest in steps]
+    cursors = {p: Cursor(f"e{p}", seq) for p, seq in resumed.items()}
+    stream = SseSession(
+        _Transport(),
+        SlowConsumerPolicy(1 << 30, 30),
+        lambda s: None,
+        multi=not single,
+        cursors=cursors,
+        project_id=only if single else 0,
+    )
+    model = dict(cursors)
+    expected: list[str | None] = []
+
+    def moved() -> None:
+        expected.append(format_cursor(model, not single))
+
+    def event(project_id: int, said: bool) -> Outgoing:
+        seq = model[project_id].seq + 1
+        payload = b'{"type":"x","project_id":%d,"seq":%d}' % (project_id, seq)
+        item = Outgoing(payload, project_id, seq) if said else Outgoing(payload)
+        tag = event_tag(payload) if said else None
+        model[project_id] = Cursor(model[project_id].epoch, seq, tag)
+        return item
+
+    for project_id, kind, n, flush in steps:
+        if kind in ("event", "unsaid", "replay") and project_id not in model:
+            continue  # (the hub sends no event of a project before its cursor)
+        if kind in ("event", "unsaid"):
+            assert stream.flush()  # (the hub flushes a stream's own items before live ones)
+            stream.write(b"", [event(project_id, kind == "event")])
+            moved()
+            continue
+        if kind == "replay":
+            items = []
+            for _ in range(n):
+                items.append(event(project_id, True))
+                moved()
+            stream.send_replay(items, b"")
+            cursor = model[project_id]
+            stream.send_message(
+                Subscribed(
+                    project_id=project_id,
+                    epoch=cursor.epoch,
+                    seq=cursor.seq,
+                    resumed=True,
+                    replayed=n,
+                )
+            )
+            model[project_id] = Cursor(cursor.epoch, cursor.seq, None)
+            moved()
+        elif kind == "subscribed":
+            cursor = model.get(project_id, Cursor(f"e{project_id}", 0))
+            stream.send_message(
+                Subscribed(
+                    project_id=project_id,
+                    epoch=cursor.epoch,
+                    seq=cursor.seq,
+                    resumed=False,
+                    replayed=0,
+                )
+            )
+            model[project_id] = Cursor(cursor.epoch, cursor.seq, None)
+            moved()
+        elif kind == "resync":
+            stream.send_message(
+                ResyncRequired(
+                    project_id=project_id, reason=ResyncReason.EPOCH_CHANGED, epoch="r", seq=n
+                )
+            )
+            model[project_id] = Cursor("r", n, None)
+            moved()
+        else:
+            if kind == "presence":
+                stream.send_message(Presence(project_id=project_id, members=[]))
+            else:
+                stream.send_message(Authenticated(subject="s", projects=None, expires_at=None))
+            expected.append(expected[-1] if expected else None)
+        if flush:
+            assert stream.flush()
+    assert stream.flush()
+    got = [e.id for e in SseParser().feed(stream.transport.data)]
+    assert got == expected
