@@ -45,12 +45,12 @@ from tests.support.ws_client import wait_until
 
 def _normalised(payload: bytes) -> str:
     """What SSE carries of ``payload``: its first line break (CR, LF or CRLF) as LF, every
-    later CR or LF as a space (the same JSON whitespace)."""
+    later CR or LF as a tab (the same JSON whitespace, the same error inside a string)."""
     text = payload.decode()
     first = re.search(r"\r\n|\r|\n", text)
     if first is None:
         return text
-    rest = text[first.end() :].replace("\r", " ").replace("\n", " ")
+    rest = text[first.end() :].replace("\r", "\t").replace("\n", "\t")
     return text[: first.start()] + "\n" + rest
 
 
@@ -93,11 +93,46 @@ def test_any_frame_parses_back_to_its_data_and_injects_no_field(payload, event, 
     assert len(data_lines(payload)) <= len(payload) + len(b"data: \ndata: \n")
 
 
-def test_data_lines_cut_at_the_first_line_break_and_space_the_rest():
+def test_data_lines_cut_at_the_first_line_break_and_tab_the_rest():
     assert data_lines(b'{"a":1}') == b'data: {"a":1}\n'
-    assert data_lines(b"{\n\r\n\r}") == b"data: {\ndata:    }\n"
-    assert data_lines(b"{\r\n1\r}") == b"data: {\ndata: 1 }\n"  # a CRLF is one line break
+    assert data_lines(b"{\n\r\n\r}") == b"data: {\ndata: \t\t\t}\n"
+    assert data_lines(b"{\r\n1\r}") == b"data: {\ndata: 1\t}\n"  # a CRLF is one line break
     assert data_lines(b" x") == b"data:  x\n"  # the one space after the colon is dropped
+
+
+def _json(text: str) -> object:
+    """``text`` as a strict JSON decoder reads it (``JSON.parse``: a raw control character in a
+    string, CR, LF and TAB included, is an error), or the exception type."""
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        return type(exc)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    pieces=st.lists(
+        st.tuples(
+            st.sampled_from(['"a"', '"b c"', "1", "[", "]", ",", ":", "{", "}", "null", " "]),
+            st.sampled_from(["", "", "\n", "\r", "\r\n"]),
+        ),
+        max_size=20,
+    ),
+    inside=st.lists(st.sampled_from(["", "\n", "\r", "\r\n"]), min_size=1, max_size=3),
+)
+def test_an_sse_data_is_json_exactly_when_its_frame_is(pieces, inside):
+    """A frame holding line breaks (a foreign one) reaches an SSE client as the same JSON when
+    it is JSON, and as no JSON when it is not, as its WebSocket frame does: a client drops it
+    (``invalid_frame``) on either transport, or applies the same value. A line break inside a
+    string (a raw control character: not JSON) must not become a space there (a valid string,
+    another value): the SSE client applied an event the WebSocket client refused, so a client
+    handed between them got other events than one subscribed throughout."""
+    head = '{"type":"x","project_id":1,"k":'
+    body = "".join(token + br for token, br in pieces)
+    text = '"v' + "w".join(inside) + 'v"'  # a string, maybe with raw line breaks in it
+    frame = f'{head}\n[{text},{body or "0"}],"seq":1}}'.encode()
+    (got,) = SseParser().feed(format_event(frame, event_id="e:1"))
+    assert _json(got.data) == _json(frame.decode())
 
 
 @settings(max_examples=100, deadline=None)
@@ -741,7 +776,7 @@ async def test_a_foreign_frame_of_line_breaks_costs_streams_its_size_and_freezes
         got = await stream.next(within=10)
         assert got.event == "message" and untagged(got.id) == f"17={epoch}:2,18={epoch_18(head)}:0"
         assert json.loads(got.data) == json.loads(frame)  # the same JSON
-        assert len(got.data) == len(frame)  # a line break for a line break, or a space
+        assert len(got.data) == len(frame)  # a line break for a line break, or a tab
     assert gateway.metrics.slow_consumer_disconnects_total == 0
     await publish(publisher, 18, 1)
     for stream in streams:

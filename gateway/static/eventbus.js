@@ -600,7 +600,7 @@ export function sseRequest(cursors, { presence = false } = {}) {
 /**
  * Where the tag of an SSE event `item` (the parsed `message`) comes from: its data as received,
  * unless it spans lines. The gateway writes a frame holding a CR or LF (JSON whitespace) as
- * two `data` lines (its later CRs and LFs as spaces), which a parser joins with LF: its bytes
+ * two `data` lines (its later CRs and LFs as tabs), which a parser joins with LF: its bytes
  * are not at hand, and their hash
  * would be another event's tag (a spurious history_lost on the next resume). Then the tag is
  * the one the gateway wrote in the event's `id` for this project at this seq (of the bytes it
