@@ -445,6 +445,20 @@ class TestPlanPoll:
         assert plan.events == [] and plan.resync.reason is ResyncReason.HISTORY_CORRUPT
         assert (plan.resync.epoch, plan.resync.seq) == ("e1", 10)
 
+    def test_a_frame_that_is_not_json_ends_the_page_then_resyncs(self):
+        """A frame another writer put in the stream that passes the frame check (its header and
+        ``seq`` are right) but is not JSON: embedded in the page as stored, it made the whole
+        answer invalid JSON, so a poller failed on that page for ever (eventbus.js: poll_failed,
+        the same page again). It is a corrupt entry: the events before it are paged, then a
+        resync past it."""
+        bad = b'{"type":"blocker_resolved","project_id":1,garbage,"seq":5}'
+        snapshot = Snapshot("e1", 10, [*entries(3, 4), (5, bad), *entries(6, 8)])
+        plan = plan_poll("e1", 2, snapshot, limit=6)
+        assert [s for s, _ in plan.events] == [3, 4] and plan.more and plan.resync is None
+        plan = plan_poll("e1", 4, Snapshot("e1", 10, [(5, bad), *entries(6, 8)]), limit=5)
+        assert plan.events == [] and plan.resync.reason is ResyncReason.HISTORY_CORRUPT
+        assert (plan.resync.epoch, plan.resync.seq) == ("e1", 10)
+
     def test_a_hole_in_the_history_ends_the_page_then_resyncs(self):
         snapshot = Snapshot("e1", 10, [*entries(3, 4), *entries(6, 8)])
         plan = plan_poll("e1", 2, snapshot, limit=5)
