@@ -57,6 +57,7 @@ from schemas.presence import DEFAULT_MAX_MEMBERS
 from schemas.revocations import DEFAULT_MAX_REVOCATIONS, MAX_REVOCATIONS
 from schemas.stored import MAX_ENTRY_BYTES, ForeignValue, parse_meta, parse_stream_entries
 from schemas.tokens import issue_token
+from serverkit.arguments import non_negative_int, positive_int, seconds
 
 __all__ = ["main"]
 
@@ -99,40 +100,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
 def _limit(text: str) -> int:
-    value = _positive_int(text)
+    value = positive_int(text)
     if value > MAX_HISTORY_LIMIT:
         raise argparse.ArgumentTypeError(f"at most {MAX_HISTORY_LIMIT}, got {value}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
     return value
 
 
@@ -204,9 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
         "count, more, trimmed) and then the stored frames with seq > AFTER, one per line, "
         "oldest first. Read-only.",
     )
-    history.add_argument("project_id", type=_positive_int, metavar="PROJECT_ID")
+    history.add_argument("project_id", type=positive_int, metavar="PROJECT_ID")
     history.add_argument(
-        "--after", type=_non_negative_int, default=0, help="last seq already seen (default 0)"
+        "--after", type=non_negative_int, default=0, help="last seq already seen (default 0)"
     )
     history.add_argument(
         "--limit",
@@ -222,11 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print the project's members, merged over every gateway pod: one line per "
         "member (id, name, viewing, answering), or JSON with --json. Read-only.",
     )
-    presence.add_argument("project_id", type=_positive_int, metavar="PROJECT_ID")
+    presence.add_argument("project_id", type=positive_int, metavar="PROJECT_ID")
     presence.add_argument("--json", action="store_true", help="one JSON array of members")
     presence.add_argument(
         "--presence-max-members",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_MAX_MEMBERS,
         metavar="N",
         help="the gateways' --presence-max-members, when not the default 1000 (a pod listing "
@@ -254,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     projects.add_argument(
         "--project",
         dest="projects",
-        type=_positive_int,
+        type=positive_int,
         action="append",
         metavar="ID",
         help="a project the token may read (repeat for several)",
@@ -263,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--all-projects", action="store_true", help="every project (trusted tools only)"
     )
     token.add_argument(
-        "--ttl", type=_seconds, default=900.0, help="lifetime in seconds (default 900)"
+        "--ttl", type=seconds, default=900.0, help="lifetime in seconds (default 900)"
     )
     token.add_argument("--subject", help="who the token is for (the JWT 'sub')")
 
@@ -289,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     revoke.add_argument(
         "--keep-for",
-        type=_seconds,
+        type=seconds,
         default=DEFAULT_KEEP_FOR.total_seconds(),
         metavar="SECONDS",
         help="how long the gateways keep refusing them, from --issued-before: at least the "
@@ -298,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     revoke.add_argument(
         "--max-revocations",
-        type=_positive_int,
+        type=positive_int,
         default=os.environ.get("EVENTBUS_MAX_REVOCATIONS", str(DEFAULT_MAX_REVOCATIONS)),
         metavar="N",
         help="the cap of the revocation list: a new subject is refused (exit code 4) when the "

@@ -8,6 +8,8 @@ structlog only, never on ``gateway`` or ``publisher``, as :mod:`redisconn` is fo
   libraries' loggers included, and a line that cannot be written dropped, never raised
   (:mod:`serverkit.logs`; the gateway, the HTTP publish API and the outbox relay);
 
+* :mod:`serverkit.arguments`: ``argparse`` types of the command lines (positive, finite
+  seconds; a rate; whole numbers), so that a value a command cannot use is a usage error;
 * :func:`raise_descriptor_limit`, :func:`warn_lowered`: a server's descriptor limit at start,
   and the warning when a bound had to be lowered to fit it (:mod:`serverkit.descriptors`);
 * :class:`LogThrottle`: at most a few log lines per kind and interval, with the number dropped

@@ -18,7 +18,6 @@ The same relay is ``eventbus-publish relay`` (:func:`relay_main` takes the argum
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import signal
 import sqlite3
@@ -34,6 +33,7 @@ from publisher.outbox.sql import DEFAULT_TABLE, POSTGRES, SQLITE, migration_sql,
 from publisher.outbox.sqlite import SQLiteOutboxStore
 from publisher.outbox.writer import Outbox
 from schemas.keys import DEFAULT_PREFIX
+from serverkit.arguments import events_per_second, positive_int, seconds
 from serverkit.logs import add_log_arguments, configure_logging, log_arguments_error
 
 __all__ = ["main", "relay_main"]
@@ -46,41 +46,6 @@ def _table(text: str) -> str:
         return validate_table(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _seconds(text: str) -> float:
-    """A positive, finite number of seconds (``inf`` would mean waiting for ever: a
-    ``--stop-timeout inf`` ended in a traceback, ``--poll-interval -1`` polled in a tight loop)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return value
-
-
-def _rate(text: str) -> float:
-    """Events per second: a finite number, 0 for no limit."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected events per second, got {text!r}") from None
-    if not 0 <= value < math.inf:
-        raise argparse.ArgumentTypeError(
-            f"expected a finite number of events per second (0: no limit), got {text!r}"
-        )
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def _source(parser: argparse.ArgumentParser) -> None:
@@ -100,27 +65,25 @@ def _relay_arguments(parser: argparse.ArgumentParser) -> None:
         "--redis-url", default=os.environ.get("EVENTBUS_REDIS_URL", DEFAULT_REDIS_URL)
     )
     parser.add_argument("--prefix", default=os.environ.get("EVENTBUS_PREFIX", DEFAULT_PREFIX))
-    parser.add_argument(
-        "--batch-size", type=_positive_int, default=500, help="rows per batch (500)"
-    )
+    parser.add_argument("--batch-size", type=positive_int, default=500, help="rows per batch (500)")
     parser.add_argument(
         "--max-rate",
-        type=_rate,
+        type=events_per_second,
         default=5_000,
         help="events/s at most, e.g. while catching up after an outage (5000; 0: no limit)",
     )
     parser.add_argument(
-        "--poll-interval", type=_seconds, default=1.0, help="seconds between looks when not woken"
+        "--poll-interval", type=seconds, default=1.0, help="seconds between looks when not woken"
     )
     parser.add_argument(
         "--retention",
-        type=_seconds,
+        type=seconds,
         default=3600,
         help="seconds published rows are kept (3600; each project's newest is always kept)",
     )
     parser.add_argument(
         "--idempotency-window",
-        type=_seconds,
+        type=seconds,
         default=600,
         help="seconds a published row stays recognisable if published again (600)",
     )
@@ -131,18 +94,18 @@ def _relay_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--leader-lease",
-        type=_seconds,
+        type=seconds,
         default=30.0,
         help="PostgreSQL 14+: seconds a frozen leader keeps the lead before a standby takes "
         "over (30)",
     )
     parser.add_argument(
         "--stop-timeout",
-        type=_seconds,
+        type=seconds,
         default=10.0,
         help="seconds to exit in after SIGTERM / SIGINT; the batch under way gets half of it (10)",
     )
-    parser.add_argument("--stats-interval", type=_seconds, default=10.0)
+    parser.add_argument("--stats-interval", type=seconds, default=10.0)
     add_log_arguments(parser, default_format="json")
 
 
@@ -226,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _source(migrate)
     migrate.add_argument(
         "--timeout",
-        type=_seconds,
+        type=seconds,
         default=30.0,
         help="--dsn: seconds the connect, then the DDL, may wait for the database; --sqlite: "
         "for another connection's write lock (30)",
