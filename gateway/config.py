@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
@@ -404,12 +405,32 @@ def _parse_env_value(tp: Any, raw: str) -> Any:
 
 
 def _check_redis_url(url: str) -> None:
-    """Raise ValueError (whose message does not repeat the URL) unless redis-py can parse
-    ``url`` as redisconn passes it on: a ``+cluster`` scheme without its suffix."""
+    """Raise ValueError (whose message shows no part of the URL's password) unless redis-py can
+    parse ``url`` as redisconn passes it on: a ``+cluster`` scheme (any case, as redisconn
+    reads it) without its suffix.
+
+    redis-py's own messages never repeat the URL, but urllib's do repeat what it read as the
+    port or the netloc: a password holding an unencoded ``/``, ``?`` or ``#`` (a base64 one) is
+    cut there, and its first part was printed as the port. A message holding any piece of the
+    URL's user information is replaced by a hint."""
     from redis.connection import parse_url
 
     scheme, separator, rest = url.partition("://")
-    parse_url(f"{scheme.removesuffix('+cluster')}{separator}{rest}")
+    lowered = scheme.lower()
+    if lowered.endswith("+cluster"):
+        scheme = lowered.removesuffix("+cluster")
+    try:
+        parse_url(f"{scheme}{separator}{rest}")
+    except ValueError as exc:
+        userinfo = rest.rpartition("@")[0]  # (up to the last "@": a password's own "/" too)
+        pieces = [userinfo, *re.split(r"[:/?#@\[\]]", userinfo)]
+        if any(piece and piece in str(exc) for piece in pieces):
+            raise ValueError(
+                "not a URL redis-py can parse (the reason is left out: it would show part of "
+                "the password); a password's '/', '?', '#' and '%' must be percent-encoded "
+                "(%2F, %3F, %23, %25)"
+            ) from None
+        raise
 
 
 def load_config(

@@ -2074,3 +2074,28 @@ async def test_a_ctrl_c_leaves_a_starting_worker_to_the_supervisors_drain() -> N
             code = await run
     assert code == 0 and worker.returncode == -signal.SIGTERM
     assert not [r for r in logs if r["log_level"] in ("warning", "error")], logs
+
+
+def test_a_refused_redis_url_never_shows_a_piece_of_its_password() -> None:
+    """The refusal of an unparsable --redis-url quoted urllib's reason, which repeats what it
+    read as the port or the netloc: a password with an unencoded '/', '?' or '#' (a base64 one,
+    say) was cut there and its first part printed as the port, on stderr and in the logs
+    ("Port could not be cast to integer value as 'Zm9vYmFy'"). The reason is left out then; the
+    URL is still refused, named, with a hint. And a +cluster scheme in capitals (schemes are
+    case-insensitive, and redisconn reads one so) is still taken."""
+    from gateway.config import ConfigError, load_config
+
+    for url, secret in (
+        ("redis://default:Zm9vYmFy/c2VjcmV0@redis.example:6379/0", "Zm9vYmFy"),
+        ("redis://:s3cr3t#more@redis.example:6379", "s3cr3t"),
+        ("rediss+cluster://:p4ss?word@redis.example:7000", "p4ss"),
+        ("redis://:p\uff1a4ss@redis.example:6379", "4ss"),  # NFKC: urllib quotes the netloc
+    ):
+        with pytest.raises(ConfigError, match="--redis-url") as refused:
+            load_config(["--no-auth", "--redis-url", url], {})
+        assert secret not in str(refused.value), str(refused.value)
+        assert "percent-encoded" in str(refused.value)
+    with pytest.raises(ConfigError, match="Port out of range"):  # no password: the reason
+        load_config(["--no-auth", "--redis-url", "redis://redis.example:99999"], {})
+    for url in ("REDIS+CLUSTER://127.0.0.1:7000", "Rediss+Cluster://:pw@redis.example:7000"):
+        assert load_config(["--no-auth", "--redis-url", url], {}).redis_url == url
