@@ -129,7 +129,8 @@ def cpu_quota(root: str = "/sys/fs/cgroup", own: str = "/proc/self/cgroup") -> f
     container may mount its own cgroup there, in which case the path ``own`` names is not in
     that mount, and the mount itself is read)."""
     try:
-        with open(own) as file:
+        # (a cgroup's name is any bytes but "/": kept as they are, for the paths built on it)
+        with open(own, encoding="utf-8", errors="surrogateescape") as file:
             lines = file.read().splitlines()
     except OSError:
         return None

@@ -240,6 +240,12 @@ def test_auto_workers_are_bounded_by_the_cgroups_cpu_quota(tmp_path) -> None:
         assert cpu_quota(root, own) is None
     # nothing readable: no quota
     assert cpu_quota(str(tmp_path / "none"), str(tmp_path / "none")) is None
+    # a cgroup name is any bytes but "/": one that is not UTF-8 is still read (it raised
+    # UnicodeDecodeError, and the supervisor ended with a traceback at its start)
+    (tmp_path / "fs" / "caf\udce9").mkdir()
+    (tmp_path / "fs" / "caf\udce9" / "cpu.max").write_text("50000 100000\n")
+    (tmp_path / "cgroup").write_bytes(b"0::/caf\xe9\n")
+    assert cpu_quota(str(tmp_path / "fs"), str(tmp_path / "cgroup")) == 0.5
 
 
 _WORKER = textwrap.dedent(
