@@ -406,21 +406,27 @@ def _parse_env_value(tp: Any, raw: str) -> Any:
 
 def _check_redis_url(url: str) -> None:
     """Raise ValueError (whose message shows no part of the URL's password) unless redis-py can
-    parse ``url`` as redisconn passes it on: a ``+cluster`` scheme (any case, as redisconn
-    reads it) without its suffix.
+    parse ``url`` as redisconn passes it on (a cluster URL rebuilt without its ``+cluster``, as
+    redisconn does it), and a cluster over TCP (redis-py has no Unix socket cluster).
 
     redis-py's own messages never repeat the URL, but urllib's do repeat what it read as the
     port or the netloc: a password holding an unencoded ``/``, ``?`` or ``#`` (a base64 one) is
     cut there, and its first part was printed as the port. A message holding any piece of the
     URL's user information is replaced by a hint."""
+    from urllib.parse import urlsplit
+
     from redis.connection import parse_url
 
-    scheme, separator, rest = url.partition("://")
-    lowered = scheme.lower()
-    if lowered.endswith("+cluster"):
-        scheme = lowered.removesuffix("+cluster")
-    try:
-        parse_url(f"{scheme}{separator}{rest}")
+    from redisconn import _plain_url, is_cluster_url
+
+    rest = url.partition("://")[2]
+    try:  # (urlsplit raises the same as redis-py's parse: its messages too)
+        cluster = is_cluster_url(url)
+        if cluster and urlsplit(url).scheme == "unix+cluster":
+            raise ValueError(
+                "a Redis Cluster is reached over TCP: redis+cluster:// or rediss+cluster://"
+            )
+        parse_url(_plain_url(url) if cluster else url)
     except ValueError as exc:
         userinfo = rest.rpartition("@")[0]  # (up to the last "@": a password's own "/" too)
         pieces = [userinfo, *re.split(r"[:/?#@\[\]]", userinfo)]

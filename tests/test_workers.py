@@ -2105,3 +2105,15 @@ def test_a_refused_redis_url_never_shows_a_piece_of_its_password() -> None:
         load_config(["--no-auth", "--redis-url", "redis://redis.example:99999"], {})
     for url in ("REDIS+CLUSTER://127.0.0.1:7000", "Rediss+Cluster://:pw@redis.example:7000"):
         assert load_config(["--no-auth", "--redis-url", url], {}).redis_url == url
+
+
+def test_a_cluster_url_over_a_unix_socket_is_refused_at_start() -> None:
+    """``unix+cluster:///path`` passed the start's check of the URL (the suffix stripped as a
+    string), but redisconn rebuilds a cluster URL with urllib, which makes it ``unix:/path``:
+    refused by redis-py at the connection, a traceback, and in a --workers group every worker
+    crashing at its start, restarted for good. A Redis Cluster is reached over TCP only (redis-py
+    has no Unix socket cluster): refused at start, named."""
+    from gateway.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"--redis-url.*TCP"):
+        load_config(["--no-auth", "--redis-url", "unix+cluster:///run/redis.sock"], {})
