@@ -730,7 +730,8 @@ async def run(config: GatewayConfig, *, configured_connections: int | None = Non
     without a close frame: ``kill -HUP``, a reload elsewhere, the terminal of a foreground
     gateway closing); there is no configuration to reload. Unless it was ignored when the
     process started (``nohup``; a ``--workers`` worker, whose supervisor decides): then it
-    stays ignored."""
+    stays ignored. SIGTERM and SIGINT drain even when ignored at the start (a worker's SIGINT,
+    sent to it alone), and are ignored again once the drain is over (:func:`_ignore_again`)."""
     gateway = Gateway(config, configured_connections=configured_connections)
     await gateway.start()
     stop = asyncio.Event()
@@ -744,7 +745,31 @@ async def run(config: GatewayConfig, *, configured_connections: int | None = Non
             log.info("stop signal", signal=received.name)
         stop.set()
 
+    ignored = [sig for sig in signals if signal.getsignal(sig) is signal.SIG_IGN]
     for sig in signals:
         loop.add_signal_handler(sig, on_stop_signal, sig)
     await stop.wait()
-    await gateway.drain()
+    try:
+        await gateway.drain()
+    finally:
+        _ignore_again(loop, ignored)
+
+
+def _ignore_again(loop: asyncio.AbstractEventLoop, signals: list[signal.Signals]) -> None:
+    """Ignore ``signals`` again, those ignored when the process started (a ``--workers``
+    worker's SIGINT), now that the drain is over.
+
+    asyncio gives a signal it handled Python's default handler back when the loop closes, not
+    what the signal was before (SIGINT: KeyboardInterrupt): a Ctrl-C pressed again as a group
+    stopped reached a worker in its last milliseconds, after its drain, and it died of it (a
+    traceback in the group's output; the supervisor logged ``worker exited during the stop``,
+    code -2, and exited 1). Blocked meanwhile: one that comes between the steps is dropped."""
+    if not signals:
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)  # (a pending one is discarded)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)

@@ -2117,3 +2117,31 @@ def test_a_cluster_url_over_a_unix_socket_is_refused_at_start() -> None:
 
     with pytest.raises(ConfigError, match=r"--redis-url.*TCP"):
         load_config(["--no-auth", "--redis-url", "unix+cluster:///run/redis.sock"], {})
+
+
+async def test_ctrl_c_pressed_again_as_the_workers_end_leaves_them_drained(redis_url) -> None:
+    """Ctrl-C reaches every process of a foreground group, and an impatient user presses it
+    again. A worker's SIGINT drains it while its loop runs, but asyncio gives SIGINT back to
+    Python's default handler when the loop closes (whatever it was at the start: ignored for a
+    worker): a Ctrl-C in the worker's last milliseconds raised KeyboardInterrupt (a traceback in
+    the group's output), the worker died of SIGINT after its drain, and the supervisor logged
+    ``worker exited during the stop`` (code -2) at error level and exited 1 (seen by hand, 3
+    runs of 3: Ctrl-C held down as the group stopped). A worker ignores SIGINT again once its
+    drain is over, as it did before it could drain."""
+    group = GatewayProcess(redis_url, args=["--workers", "2", "--drain-timeout", "3"])
+    with group:
+        pids = _worker_pids(group.port, 2)
+        assert group.process is not None
+        group.process.send_signal(signal.SIGINT)  # the first Ctrl-C, to the supervisor ...
+        deadline = time.monotonic() + 20
+        while not all(_gone(pid) for pid in pids.values()):  # ... and to the workers, again
+            assert time.monotonic() < deadline, group.tail()
+            for pid in pids.values():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGINT)
+            await asyncio.sleep(0.001)
+        assert group.terminate(timeout=20) == 0, group.tail()
+        assert not group.log_lines("exited during the stop"), group.tail()
+        assert not group.log_lines("KeyboardInterrupt"), group.tail()
+        drained = sum(line.count('"event": "drained"') for line in group.log_lines("drained"))
+        assert drained == 2, group.tail()
