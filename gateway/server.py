@@ -717,9 +717,12 @@ def event_loop_name(loop: asyncio.AbstractEventLoop) -> str:
 
 
 def _redact(url: str) -> str:
+    """``url`` with everything up to its last '@' after the scheme hidden: a password's own
+    unencoded '@' (which redis-py reads, as urllib takes the netloc's last '@') left the rest of
+    it shown when the cut was at the first."""
     if "@" in url:
         scheme, _, rest = url.partition("://")
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+        return f"{scheme}://***@{rest.rpartition('@')[2]}"
     return url
 
 

@@ -2145,3 +2145,16 @@ async def test_ctrl_c_pressed_again_as_the_workers_end_leaves_them_drained(redis
         assert not group.log_lines("KeyboardInterrupt"), group.tail()
         drained = sum(line.count('"event": "drained"') for line in group.log_lines("drained"))
         assert drained == 2, group.tail()
+
+
+def test_the_redis_url_logged_at_start_shows_no_piece_of_its_password() -> None:
+    """``gateway listening`` logs the Redis URL with its user information hidden, cut at the
+    first '@': a password holding an unencoded '@' (redis-py reads it: urllib takes the last
+    '@' of the netloc) left what followed it in every start's log line
+    ("redis://***@ss@redis.example:6379" for "p@ss")."""
+    from gateway.server import _redact
+
+    assert _redact("redis://:p@ss@redis.example:6379/0") == "redis://***@redis.example:6379/0"
+    assert _redact("rediss://user:s3cr3t@redis.example:6380") == "rediss://***@redis.example:6380"
+    assert _redact("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    assert _redact("unix:///run/redis.sock") == "unix:///run/redis.sock"
