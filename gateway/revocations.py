@@ -14,7 +14,9 @@ across a reconnect or a failover, as a pub/sub message can; the delay is bounded
 interval. On each new list the connections of this process whose token it newly revokes (among
 its entries new or changed: :func:`_revokes_more`) are closed with 4003, found through a subject
 index (:class:`SubjectIndex`) rather than a walk over every connection. A hash of more than
-:data:`schemas.revocations.MAX_REVOCATIONS` fields is not read (as a hash of another type).
+:data:`schemas.revocations.MAX_REVOCATIONS` fields is not read: the last list stays in force,
+and a process without one yet stays without one (not ready, refusing tokens), looking again
+every :data:`FAILED_POLL_RETRY`.
 
 Failures never reach the clients: a Redis that does not answer within :data:`READ_TIMEOUT`
 (hung, unreachable, failing over) leaves the last list in force and is tried again after
@@ -85,6 +87,11 @@ FAILED_POLL_RETRY = 1.0
 #: The longest version value taken as one (INCR's replies have at most 20 digits); the poll
 #: reads one byte more, to tell a longer value.
 _MAX_VERSION_DIGITS = 20
+
+
+class _ListTooLong(Exception):
+    """The revocation hash holds more than :data:`schemas.revocations.MAX_REVOCATIONS` fields:
+    not read (see :meth:`RevocationWatcher.poll_once`)."""
 
 
 class TokenRevoked(InvalidToken):
@@ -296,6 +303,13 @@ class RevocationWatcher(Generic[S]):
                 entries=len(self.current),
             )
             return False
+        except _ListTooLong:
+            # Not read (warned and counted as a foreign key), and no list either: unlike a key
+            # of another type, which no publisher writes, a list this long may be real revocations
+            # (a publisher of a release whose cap went higher), so a process without a list stays
+            # without one, not ready and refusing tokens (fail closed), and looks again soon.
+            self.metrics.revocation_poll_failures_total += 1
+            return False
         except Exception as exc:  # a reply nobody foresaw must not end the checks
             self.metrics.revocation_poll_failures_total += 1
             self._warn("poll_failed", "revocations: a poll failed", error=repr(exc))
@@ -357,7 +371,7 @@ class RevocationWatcher(Generic[S]):
                 size = await self.redis.hlen(hash_key)
             if size > MAX_REVOCATIONS:
                 self._foreign(hash_key, f"holds {size} fields, more than {MAX_REVOCATIONS}", b"")
-                return None
+                raise _ListTooLong
             while True:
                 async with asyncio.timeout(timeout):
                     cursor, items = await self.redis.hscan(hash_key, cursor, count=SCAN_COUNT)
@@ -372,7 +386,7 @@ class RevocationWatcher(Generic[S]):
                         raised.pop(subject, None)  # (a slice read twice: its last value)
                 if len(entries) > MAX_REVOCATIONS:
                     self._foreign(hash_key, f"holds more than {MAX_REVOCATIONS} fields", b"")
-                    return None
+                    raise _ListTooLong
                 if not cursor:
                     break
         except redis.exceptions.ResponseError as exc:

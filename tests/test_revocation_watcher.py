@@ -640,9 +640,11 @@ class LyingLength(SlowSlices):
 async def test_a_hash_of_more_fields_than_any_reader_holds_is_not_read(monkeypatch):
     """Every entry is in each gateway process's memory (~250 bytes each), and the publishers
     never write more than MAX_REVOCATIONS fields; a hash of more (another writer: 10 million
-    would be ~2.5 GB in every process, read whole) is left unread, as a hash of another type:
-    counted in foreign_values (revocation_key), the last list in force, a process started
-    meanwhile ready without one. Its version is not remembered: once it is small again, the
+    would be ~2.5 GB in every process, read whole) is left unread: counted in foreign_values
+    (revocation_key), the last list in force. A process started meanwhile stays without a list,
+    not ready (fail closed): unlike a key of another type, such a list may be real revocations
+    (a publisher of a release that allowed a larger cap), and a process ready without it would
+    take the tokens they revoke. Its version is not remembered: once it is small again, the
     next poll reads it. A hash that grows past the bound while being read is dropped too."""
     monkeypatch.setattr(revocations_module, "MAX_REVOCATIONS", 20)
     monkeypatch.setattr(revocations_module, "SCAN_COUNT", 5)
@@ -655,25 +657,27 @@ async def test_a_hash_of_more_fields_than_any_reader_holds_is_not_read(monkeypat
     await client.incr(KEYS.revocations_version())
     spy = SlowSlices(client, delay=0.0)
     watcher.redis = spy
-    assert await watcher.poll_once()
+    assert not await watcher.poll_once()  # (a failed poll: tried again soon)
     assert spy.slices == 0, "the hash was read"
     assert watcher.metrics.foreign_values["revocation_key"] == 1
     assert len(watcher.current) == 1 and watcher.is_revoked(claims("alice", NOW - 20))
-    assert await watcher.poll_once()  # not remembered: looked at again, and again too large
+    assert not await watcher.poll_once()  # not remembered: looked at again, again too large
     assert watcher.metrics.foreign_values["revocation_key"] == 2
     # Grown past the bound during the read (HLEN said 1): dropped as soon as it is.
     lying = LyingLength(client, 1)
     watcher.redis = lying
-    assert await watcher.poll_once()
+    assert not await watcher.poll_once()
     assert 0 < lying.slices < 10 and len(watcher.current) == 1
     assert watcher.metrics.foreign_values["revocation_key"] == 3
-    # A process started meanwhile is ready, without a list (as with a hash of another type).
+    # A process started meanwhile stays without a list: not ready, every token refused until
+    # it has one (the gateway's check of `loaded`, tests/test_revocation_gateway.py).
     fresh = make_watcher(client)
-    assert await fresh.poll_once() and fresh.loaded.is_set() and len(fresh.current) == 0
+    assert not await fresh.poll_once() and not fresh.loaded.is_set()
     # Small again: read at the next poll, version unchanged.
     await client.hdel(KEYS.revocations(), "user-0", "user-1")
     watcher.redis = client
     assert await watcher.poll_once() and len(watcher.current) == 19
+    assert await fresh.poll_once() and fresh.loaded.is_set() and len(fresh.current) == 19
 
 
 # --- a property: after each poll, no open connection holds a token the list revokes ----------
