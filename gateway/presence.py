@@ -302,8 +302,10 @@ class ProjectView:
         self._ahead: dict[str, int] = {}
         self._distrusted: set[str] = set()
         self._early: list[Announcement] = []  # received while the first read is under way
-        #: Announcements came past ``most`` of them while the first read waited (not kept: the
-        #: read is made again, which lists what they announced).
+        self._early_records = 0  # the records they carry, in all
+        #: Announcements came past ``most`` of them (or their records past ``LISTED_PODS * most``)
+        #: while the first read waited (not kept: the read is made again, which lists what they
+        #: announced).
         self._early_dropped = False
 
     # updates
@@ -343,8 +345,15 @@ class ProjectView:
         if pod == self.own_pod:
             return True
         if not self.loaded:
-            if len(self._early) < self.most:
+            # At most ``most`` of them, holding at most what a loaded view lists in all
+            # (``listed_limit``): ``most`` of ``most`` records each were millions of records.
+            records = len(announcement.changes or ())
+            if (
+                len(self._early) < self.most
+                and self._early_records + records <= LISTED_PODS * self.most
+            ):
                 self._early.append(announcement)  # applied after the read, in order
+                self._early_records += records
             else:  # (a channel flooded while Redis is slow: memory stays bounded)
                 self._early_dropped = True
             return True
@@ -390,7 +399,8 @@ class ProjectView:
         is fresher than Redis). A pod this view already knows at a newer version keeps it; a pod
         absent from the read is kept until :meth:`check_live` finds it dead.
         Announcements received before the first read are applied after it (at most ``most``
-        of them); False when one of them shows a gap, or more came (read again)."""
+        of them, with at most ``LISTED_PODS * most`` records in all); False when one of them
+        shows a gap, or more came (read again)."""
         # A pod absent from the read is kept: it may be rewriting what a Redis flush or restart
         # lost. Dead pods are dropped by check_live; pods that left announced it.
         for pod, state in snapshot.items():
@@ -405,7 +415,7 @@ class ProjectView:
         self._ahead.clear()
         self._distrusted.clear()
         self.loaded = True
-        early, self._early = self._early, []
+        early, self._early, self._early_records = self._early, [], 0
         dropped, self._early_dropped = self._early_dropped, False
         return all([self.apply(announcement) for announcement in early]) and not dropped
 

@@ -27,6 +27,7 @@ from gateway.presence import (
 )
 from schemas.presence import (
     DEFAULT_MAX_ANNOUNCEMENT,
+    LISTED_PODS,
     MAX_MEMBER_ID_LENGTH,
     Announcement,
     MalformedAnnouncement,
@@ -682,6 +683,23 @@ def test_announcements_while_the_first_read_waits_are_kept_up_to_a_bound() -> No
     assert not view.load({"other": PodState(1, {"early": record})}, {})  # read again
     assert view.load({"other": PodState(10_001, {"late": record})}, {})
     assert set(view.current()) == {"late"} and view._early == []
+
+
+def test_announcements_kept_while_the_first_read_waits_hold_at_most_a_views_worth_of_records():
+    """The announcements kept while a view's first read waits hold no more records in all than
+    a loaded view lists (``listed_limit``, LISTED_PODS x ``most``); past that the read is made
+    again, as past ``most`` announcements. Before, ``most`` announcements of ``most`` records
+    each were kept: with the default cap, 2,064 x 2,064 (4.3 million records, about 850 MB) per
+    project whose first read Redis was slow to answer, from another writer flooding the
+    channel."""
+    most = 100
+    records = {f"m{i}": PodRecord(None, None, None, 1, 1) for i in range(most)}
+    view = ProjectView(1, "me", most=most)
+    for version in range(1, most + 1):
+        assert view.apply(Announcement(f"p{version % 8}", version, 0, records))
+    kept = sum(len(a.changes or ()) for a in view._early)
+    assert kept <= LISTED_PODS * most
+    assert not view.load({}, {})  # read again: the read lists what they announced
 
 
 def test_a_read_without_a_pod_keeps_it_until_refreshes_miss_it() -> None:
