@@ -541,6 +541,13 @@ _NODE_REPLIES = (
 )
 
 
+def _retrieved(task: asyncio.Task) -> None:
+    """A done callback that marks the task's exception retrieved (it is raised to whoever
+    awaits the task; this only keeps asyncio from reporting it when nobody does)."""
+    if not task.cancelled():
+        task.exception()
+
+
 def _as_redis_error(exc: BaseException) -> redis.exceptions.RedisError:
     """What a call raised as the failure of its projects (an ``OSError`` as a
     ``ConnectionError``, as :func:`spread_outcomes` gives it)."""
@@ -1071,6 +1078,11 @@ class PresenceService:
         task = self._loading.get(project_id)
         if task is None:
             task = self._loading[project_id] = asyncio.create_task(self._load(project_id))
+            # Its failure is raised to the subscribers waiting then; with none left (each
+            # stopped at its bound), it is retrieved here: a cancelled shield no longer does
+            # (Python 3.11.7+), and asyncio logged "Task exception was never retrieved" at
+            # error level for each project whose first read failed in an outage.
+            task.add_done_callback(_retrieved)
         await asyncio.shield(task)
 
     async def _load(self, project_id: int) -> None:

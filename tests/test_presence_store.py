@@ -8,6 +8,7 @@ defaults give in seconds are exercised in fractions of one; every wait is bounde
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import json
 import signal
@@ -539,6 +540,43 @@ async def test_a_first_read_answered_after_its_subscriber_gave_up_leaves_no_view
 
     await eventually(forgotten, 2 * TIMINGS["diff_interval"] + SLACK)
     assert 7 not in service.core.refresh_plan()
+
+
+async def test_a_first_read_that_fails_after_its_subscriber_gave_up_logs_no_asyncio_error(
+    pods,
+) -> None:
+    """A presence subscribe whose first read fails (Redis down) after the subscriber stopped
+    waiting (``--subscribe-timeout``, answered ``unavailable``): the failure is the pod's
+    throttled ``redis unavailable`` warning's business, not asyncio's. Before, nobody retrieved
+    the read task's exception (a cancelled ``asyncio.shield`` does not, on Python 3.11.7 and
+    later): asyncio logged "Task exception was never retrieved" with a traceback at error
+    level, for each project so asked during an outage, and the view stayed as before."""
+    service = await pods.start("a")
+    gate = asyncio.Event()
+
+    async def failing_read(project_id: int):
+        await gate.wait()
+        raise redis.exceptions.ConnectionError("Redis went away")
+
+    reported: list[dict] = []
+    loop = asyncio.get_running_loop()
+    handler = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    try:
+        service.store.read = failing_read
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):  # the gateway's bound on the wait
+                await service.subscribe("tab", 7)
+        loading = service._loading[7]
+        gate.set()
+        await asyncio.wait([loading])
+        del loading
+        gc.collect()  # (an unretrieved exception is reported when its task is collected)
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(handler)
+    assert [c.get("message") for c in reported] == []
+    assert 7 not in service.core.views
 
 
 @pytest.mark.parametrize("damage", ["pods", "versions"])
