@@ -15,15 +15,22 @@ K = TypeVar("K")
 T = TypeVar("T")
 
 
+def _retrieve(task: asyncio.Future) -> None:
+    """Mark a run's exception retrieved (it is still raised to every caller awaiting it)."""
+    if not task.cancelled():
+        task.exception()
+
+
 class SingleFlight(Generic[T]):
     """Calls made while a run of ``run`` is in flight wait for that run and share its outcome;
     the first call after it ended starts the next one.
 
     A caller that is cancelled (its client left) stops waiting, never the run: the others still
     get its result, so ``run`` must end by itself (put its own timeout inside). An exception of
-    the run is raised to every caller waiting then (asyncio.shield retrieves it for callers that
-    left, so none is reported as never retrieved). :meth:`cancel` ends a run in flight for good
-    (at shutdown): its waiters get ``CancelledError``.
+    the run is raised to every caller waiting then; a run that fails after every caller left
+    is not reported as never retrieved (a cancelled ``asyncio.shield`` does not retrieve it:
+    Python 3.11.7+ removes its callback from the run). :meth:`cancel` ends a run in flight for
+    good (at shutdown): its waiters get ``CancelledError``.
 
         ping = SingleFlight(ping_redis)
         ok = await ping()
@@ -39,6 +46,7 @@ class SingleFlight(Generic[T]):
         task = self._task
         if task is None or task.done():
             task = self._task = asyncio.ensure_future(self._run())
+            task.add_done_callback(_retrieve)
         return await asyncio.shield(task)
 
     @property

@@ -187,6 +187,37 @@ async def test_a_failed_run_reaches_its_callers_and_is_retrieved_without_them() 
     assert unretrieved == []
 
 
+async def test_a_run_that_fails_after_every_caller_left_is_not_reported_as_never_retrieved():
+    """A readiness probe whose own timeout passed before the shared ping failed (Redis down:
+    the ping fails only at its socket timeout): nobody waits for the run when it fails. Its
+    exception must not reach asyncio's "Task exception was never retrieved" (an error-level
+    line with a traceback per probe during an outage). A cancelled ``asyncio.shield`` does not
+    retrieve it once the caller's cancellation has been handled (Python 3.11.7+ removes its
+    callback from the run); the test above has the run fail before that."""
+    gate = asyncio.Event()
+
+    async def ping() -> None:
+        await gate.wait()
+        raise ConnectionError("down")
+
+    ping_once = SingleFlight(ping)
+    unretrieved: list[dict] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _, context: unretrieved.append(context))
+    caller = asyncio.ensure_future(ping_once())
+    await asyncio.sleep(0)
+    caller.cancel()  # the probe's timeout
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    await asyncio.sleep(0.01)  # long after: the caller is gone
+    gate.set()
+    await asyncio.sleep(0.01)
+    assert not ping_once.in_flight
+    del caller
+    ping_once._task = None
+    gc.collect()
+    assert [c.get("message") for c in unretrieved] == []
+
+
 async def test_cancel_ends_the_run_in_flight_for_its_waiters() -> None:
     ping_once = SingleFlight(asyncio.Event().wait)
     waiter = asyncio.ensure_future(ping_once())
