@@ -1420,7 +1420,8 @@ class PresenceService:
     def _repaired(self, project_id: int, keys: int) -> None:
         """A write or refresh deleted index keys of another type in a project (another writer's;
         the live pods rebuild them, as after a flush), or removed pods whose deadline no pod can
-        have set (and their records). Said in the log (someone writes where only the gateway
+        have set (and their records), or found this pod's records not as many as it wrote (it
+        writes them whole again). Said in the log (someone writes where only the gateway
         should) and counted."""
         self.repaired_keys += keys
         if self._on_repaired is not None:
@@ -1428,8 +1429,9 @@ class PresenceService:
         self._throttle.log(
             "repaired",
             log.warning,
-            "presence: repaired a project's keys (an index key of another type, or a "
-            "pod deadline beyond the longest ttl)",
+            "presence: repaired a project's keys (an index key of another type, a pod "
+            "deadline beyond the longest ttl, or members another writer added to or removed "
+            "from a pod's records)",
             project_id=project_id,
             keys=keys,
         )
