@@ -95,7 +95,7 @@ class RevocationListFull(PublishError):
     What to do (docs/publisher.md, "When the list is full"): raise ``max_revocations`` (on
     every publisher that revokes), revoke with a shorter ``keep_for`` so that entries leave
     sooner, or rotate the token signing secret, which logs everyone out and makes the list
-    useless (then delete its hash). ``entries``: the fields the hash held."""
+    useless (then delete its hash). ``entries``: the fields the hash holds, after the sweep."""
 
     def __init__(self, entries: int, limit: int) -> None:
         super().__init__(

@@ -554,7 +554,7 @@ if now < expires_at and size - #drop >= max_entries
     and redis.call('HEXISTS', KEYS[1], subject) == 0 then
   for _, field in ipairs(drop) do redis.call('HDEL', KEYS[1], field) end
   return redis.error_reply(
-    'EVENTBUS_REVOCATIONS_FULL ' .. fmt(size) .. ' ' .. fmt(max_entries))
+    'EVENTBUS_REVOCATIONS_FULL ' .. fmt(size - #drop) .. ' ' .. fmt(max_entries))
 end
 
 local micros = now * 1000000 + tonumber(time[2])

@@ -439,9 +439,11 @@ def test_refused_calls_sweep_what_they_read_so_a_list_over_the_cap_makes_room(
             try:
                 publisher.revoke_tokens("new")
                 break
-            except RevocationListFull:
-                # Refused: nothing a gateway reads changed, the version did not move.
+            except RevocationListFull as full:
+                # Refused: nothing a gateway reads changed, the version did not move; the error
+                # tells how many entries the list holds now, after the sweep.
                 assert redis_client.get(KEYS.revocations_version()) == b"7"
+                assert full.entries == redis_client.hlen(KEYS.revocations())
                 in_force, _ = RevocationList.from_hash(
                     redis_client.hgetall(KEYS.revocations()), time.time()
                 )
