@@ -417,7 +417,7 @@ def _check_redis_url(url: str) -> None:
 
     from redis.connection import parse_url
 
-    from redisconn import _plain_url, is_cluster_url
+    from redisconn import is_cluster_url, plain_url
 
     rest = url.partition("://")[2]
     try:  # (urlsplit raises the same as redis-py's parse: its messages too)
@@ -426,7 +426,7 @@ def _check_redis_url(url: str) -> None:
             raise ValueError(
                 "a Redis Cluster is reached over TCP: redis+cluster:// or rediss+cluster://"
             )
-        parse_url(_plain_url(url) if cluster else url)
+        parse_url(plain_url(url) if cluster else url)
     except ValueError as exc:
         userinfo = rest.rpartition("@")[0]  # (up to the last "@": a password's own "/" too)
         pieces = [userinfo, *re.split(r"[:/?#@\[\]]", userinfo)]

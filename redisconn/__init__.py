@@ -42,6 +42,7 @@ __all__ = [
     "async_client",
     "defer_refresh_after_timeouts",
     "is_cluster_url",
+    "plain_url",
     "sync_client",
 ]
 
@@ -62,7 +63,8 @@ def is_cluster_url(url: str) -> bool:
     return urlsplit(url).scheme.endswith("+cluster")
 
 
-def _plain_url(url: str) -> str:
+def plain_url(url: str) -> str:
+    """A cluster URL as redis-py's cluster client takes it: the scheme without ``+cluster``."""
     parts = urlsplit(url)
     return urlunsplit(parts._replace(scheme=parts.scheme.removesuffix("+cluster")))
 
@@ -92,7 +94,7 @@ def sync_client(
 
     retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), retries)
     options = _options(connect_timeout, socket_timeout)
-    plain = _plain_url(url)
+    plain = plain_url(url)
     tls = urlsplit(plain).scheme == "rediss"
     if is_cluster_url(url):
         # redis-py's cluster client lets a rediss:// URL replace the connection class given,
@@ -191,7 +193,7 @@ def async_client(
     if is_cluster_url(url):
         if node_connections is not None:
             options["max_connections"] = node_connections
-        client = BoundedRedisCluster.from_url(_plain_url(url), retry=retry, **options)
+        client = BoundedRedisCluster.from_url(plain_url(url), retry=retry, **options)
     else:
         client = BoundedRedis.from_url(
             url,
