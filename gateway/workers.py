@@ -110,7 +110,7 @@ def resolve_workers(value: str | int, *, quota: float | object | None = _NO_QUOT
         except AttributeError:  # not Linux
             cores = max(1, os.cpu_count() or 1)
         limit = cpu_quota() if quota is _NO_QUOTA else quota
-        if isinstance(limit, float):
+        if isinstance(limit, int | float) and not isinstance(limit, bool):  # (2 as well as 2.0)
             cores = max(1, min(cores, math.ceil(limit)))
         return cores
     count = int(value)

@@ -223,6 +223,7 @@ def test_auto_workers_are_bounded_by_the_cgroups_cpu_quota(tmp_path) -> None:
     assert cpu_quota(root, own) == 2.5
     assert resolve_workers("auto", quota=2.5) == min(cores, 3)
     assert resolve_workers("auto", quota=0.2) == 1
+    assert resolve_workers("auto", quota=1) == 1  # a whole number of CPUs as well
     assert resolve_workers("auto", quota=None) == cores
     assert resolve_workers("4", quota=1.0) == 4  # a number is taken as given
     # cgroup v1: cpu.cfs_quota_us / cpu.cfs_period_us (-1: none) in the cpu controller's mount,
