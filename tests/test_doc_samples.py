@@ -48,10 +48,11 @@ def replace_once(text: str, old: str, new: str) -> str:
 class Script:
     """A sample run as a Python program in ``cwd``; its stdout read line by line."""
 
-    def __init__(self, code: str, cwd: Path) -> None:
+    def __init__(self, code: str, cwd: Path, env: dict[str, str] | None = None) -> None:
         self.path = cwd / "sample.py"
         self.path.write_text(code)
         self.cwd = cwd
+        self.env = env or {}
         self.process: subprocess.Popen[str] | None = None
         self.stderr = cwd / "sample.stderr"
 
@@ -60,7 +61,7 @@ class Script:
             self.process = subprocess.Popen(
                 [sys.executable, str(self.path)],
                 cwd=self.cwd,
-                env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **self.env},
                 stdout=subprocess.PIPE,
                 stderr=stderr,
                 text=True,
@@ -464,3 +465,46 @@ def test_publisher_idempotency_and_revocation_samples_run_as_written(
     issued_before, expires_at = map(int, script.lines(1)[0].split())
     assert expires_at > issued_before > time.time() - 60
     assert script.lines(1) == ["retried 1"]
+
+
+def stream_types(redis_url: str) -> list[str]:
+    """The types of project 1's events in Redis, in order."""
+    import redis
+
+    from schemas import Keys
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return [json.loads(fields[b"f"])["type"] for _, fields in client.xrange(Keys().stream(1))]
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize(
+    ("marker", "published"),
+    [
+        (
+            "from publisher import Publisher\nfrom schemas import Blocker, utc_now",
+            ["blocker_created", "blocker_resolved", "agent_resumed", "blocker_expired"],
+        ),
+        ("from publisher import AsyncPublisher", ["blocker_resolved"]),
+    ],
+)
+def test_publisher_quick_start_samples_run_as_written(
+    marker: str, published: list[str], redis_url: str, tmp_path: Path
+) -> None:
+    """publisher.md's first two samples, pasted into a file, publish (only the URL is the
+    test's)."""
+    sample = replace_once(
+        python_block("publisher.md", marker), '"redis://localhost:6379/0"', repr(redis_url)
+    )
+    script = Script(sample, tmp_path).start()
+    assert script.process is not None and script.process.wait(60) == 0, script.stderr.read_text()
+    assert stream_types(redis_url) == published
+
+
+def test_publisher_token_sample_runs_as_written(tmp_path: Path) -> None:
+    """publisher.md's token sample, with the secret in the environment as the page says."""
+    sample = python_block("publisher.md", "issue_token(SECRET")
+    script = Script(sample, tmp_path, {"EVENTBUS_AUTH_SECRET": "s" * 32}).start()
+    assert script.process is not None and script.process.wait(60) == 0, script.stderr.read_text()

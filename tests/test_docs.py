@@ -2,12 +2,11 @@
 to a section, to one of the page's headings), every test it cites exists, the contract page
 (docs/contract.md) names every field of every event the code defines and answers the contract's
 connection rules with eventbus.js's real defaults, docs/operations.md's
-settings table gives the gateway's real defaults and its metrics table every metric it exports,
-and docs/publisher.md's samples run as written."""
+settings table gives the gateway's real defaults and its metrics table every metric it exports
+(the samples run as written: tests/test_doc_samples.py)."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -16,10 +15,8 @@ from pathlib import Path
 
 import msgspec
 import pytest
-import redis
 
 from schemas.events import event_types
-from schemas.keys import Keys
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
@@ -226,52 +223,6 @@ def test_documented_blocker_ttl_defaults_are_the_real_ones(monkeypatch):
     assert "86,400 s (24 h) for the backend alone" in docs
     assert "180 s under `make run`" in docs
     assert "(default 180.0)" in " ".join(_runner_help(monkeypatch).split())
-
-
-# --- docs/publisher.md's samples run as written, against a private Redis ----------------------
-
-PUBLISHER_DOC = ROOT / "docs" / "publisher.md"
-
-
-def _python_blocks(doc: Path) -> list[str]:
-    return re.findall(r"^```python\n(.*?)^```", doc.read_text(), flags=re.S | re.M)
-
-
-def _run_sample(code: str, tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    script = tmp_path / "sample.py"
-    script.write_text(code)
-    return subprocess.run(
-        [sys.executable, str(script)],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
-@pytest.mark.parametrize("start", ["from publisher import Publisher", "import asyncio"])
-def test_publisher_quick_start_samples_run_as_written(start, redis_url, tmp_path):
-    """The page's first two samples, pasted into a file, publish (only the URL is the test's)."""
-    sample = next(block for block in _python_blocks(PUBLISHER_DOC) if block.startswith(start))
-    assert sample.count('"redis://localhost:6379/0"') == 1
-    result = _run_sample(sample.replace("redis://localhost:6379/0", redis_url), tmp_path, {})
-    assert result.returncode == 0, result.stderr
-    client = redis.Redis.from_url(redis_url)
-    try:
-        types = [json.loads(f[b"f"])["type"] for _, f in client.xrange(Keys().stream(1))]
-    finally:
-        client.close()
-    expected = ["blocker_resolved"] if start == "import asyncio" else [
-        "blocker_created", "blocker_resolved", "agent_resumed", "blocker_expired",
-    ]  # fmt: skip
-    assert types == expected
-
-
-def test_publisher_token_sample_runs_as_written(tmp_path):
-    sample = next(b for b in _python_blocks(PUBLISHER_DOC) if "issue_token(SECRET" in b)
-    result = _run_sample(sample, tmp_path, {"EVENTBUS_AUTH_SECRET": "s" * 32})
-    assert result.returncode == 0, result.stderr
 
 
 def test_the_demo_backend_alone_finds_a_gateway_on_its_default_port(monkeypatch):
