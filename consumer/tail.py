@@ -41,6 +41,7 @@ from consumer.types import (
 )
 from schemas.protocol import Member
 from schemas.tokens import issue_token
+from serverkit.arguments import non_negative_int, positive_int
 
 __all__ = [
     "add_arguments",
@@ -63,31 +64,11 @@ DESCRIPTION = (
 )
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``tail`` options, for a subcommand parser (``eventbus-publish tail``) or our own."""
     parser.add_argument(
         "project_ids",
-        type=_positive_int,
+        type=positive_int,
         nargs="+",
         metavar="PROJECT_ID",
         help="project(s) to follow",
@@ -100,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     where.add_argument(
         "--after",
-        type=_non_negative_int,
+        type=non_negative_int,
         metavar="SEQ",
         help="start after SEQ of the current epoch",
     )
@@ -123,7 +104,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="mint tokens with this secret (default, without --token: $EVENTBUS_AUTH_SECRET)",
     )
     parser.add_argument(
-        "--count", type=_positive_int, metavar="N", help="exit after N events (default: never)"
+        "--count", type=positive_int, metavar="N", help="exit after N events (default: never)"
     )
     parser.add_argument(
         "--presence",

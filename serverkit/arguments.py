@@ -1,6 +1,7 @@
-"""``argparse`` types of the command lines (the publisher's, the outbox relay's): each refuses,
-as a usage error naming the flag (exit 2), a value the command cannot use, rather than a
-traceback later or a silent change of meaning (``inf`` seconds would mean waiting for ever)."""
+"""``argparse`` types of the command lines (the publisher's, the outbox relay's, ``tail``'s):
+each refuses, as a usage error naming the flag (exit 2), a value the command cannot use, rather
+than a traceback later or a silent change of meaning (``inf`` seconds would mean waiting for
+ever)."""
 
 from __future__ import annotations
 

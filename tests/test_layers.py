@@ -23,9 +23,10 @@ FORBIDDEN = {
 }
 
 
-#: The command line composes the packages (``eventbus-publish tail`` runs the consumer); the
-#: library modules themselves keep to the rule.
-COMPOSERS = {"publisher/__main__.py": {"consumer"}}
+#: The command line composes the packages (``eventbus-publish tail`` runs the consumer), and
+#: the consumer's own command line (``tail``) takes its arguments as every other one does
+#: (:mod:`serverkit.arguments`); the library modules themselves keep to the rule.
+COMPOSERS = {"publisher/__main__.py": {"consumer"}, "consumer/tail.py": {"serverkit"}}
 
 
 def imports(path: Path) -> set[str]:
