@@ -34,6 +34,7 @@ MODULES = [
     "bench.presence",
     "bench.scrape_flood",
     "bench.http_flood",
+    "bench.frame_check",
 ]
 
 

@@ -126,10 +126,6 @@ class PollPlan:
     tag: str | None = None
 
 
-#: Decodes a frame only as far as telling whether it is JSON (nothing is built from it).
-_JSON_CHECK = msgspec.json.Decoder(msgspec.Raw)
-
-
 def plan_poll(
     epoch: str | None,
     after: int | None,
@@ -164,19 +160,6 @@ def plan_poll(
     # the hole, gets ``history_trimmed`` (as a subscribe and a feed do), never a silent skip.
     for count, (seq, _) in enumerate(entries):
         if seq != after + 1 + count:
-            del entries[count:]
-            break
-    # The frame check (schemas.stored) reads a frame's header and seq, not all of its JSON: a
-    # frame another writer put there may pass it and still not be JSON. Embedded as stored, it
-    # would make the whole page invalid JSON, and a poller would fail on that page for ever; it
-    # is a corrupt entry instead (the events before it paged, then a resync past it). ~0.15 µs a
-    # typical frame; a WebSocket or SSE replay relays frames unread, as it always has.
-    for count, (_, frame) in enumerate(entries):
-        try:
-            _JSON_CHECK.decode(frame)
-        except msgspec.DecodeError:
-            if count == 0:
-                return resync(ResyncReason.HISTORY_CORRUPT)
             del entries[count:]
             break
     if after < top and not entries:

@@ -105,8 +105,17 @@ def epoch_of(redis_client, project_id: int) -> str:
         {"x": "y"},  # no field f (issue 11 #1)
         {"f": b'{"type":"x","text":"\xff\xfe"}'},  # not UTF-8 (issue 11 #2)
         {"f": b"[1,2,3]"},  # not a JSON object
+        # Its header, project and seq right, but no JSON: it was relayed to every subscriber
+        # as stored (eventbus.js: invalid_frame, two repairs of the gap, then a resync).
+        {
+            "f": b'{"type":"blocker_expired","project_id":%d,"blocker_id":,"seq":%d}'
+            % (
+                POISONED,
+                BEFORE + 1,
+            )
+        },
     ],
-    ids=["no_f", "not_utf8", "not_object"],
+    ids=["no_f", "not_utf8", "not_object", "not_json"],
 )
 async def test_a_foreign_stream_entry_gives_a_resync_and_the_project_carries_on(
     live, publisher, redis_client, fields
@@ -142,28 +151,23 @@ async def test_a_foreign_stream_entry_gives_a_resync_and_the_project_carries_on(
 
 
 @pytest.mark.parametrize(
-    ("frame", "relayed"),
+    "frame",
     [
-        # Passes the gateway's bytes check (it names project 10 and seq 4), but is no JSON.
-        (b'{"type":"blocker_expired","project_id":10,"blocker_id":,"seq":4}', True),
-        # Refused by the gateway: it says history_corrupt itself.
-        (b'{"x":1}', False),  # no type, no project, no seq
-        (
-            b'{"type":"blocker_expired","project_id":10,"blocker_id":1,"task_id":2,'
-            b'"expired_at":"2026-12-03T08:00:00Z","seq":99}',  # a valid event, the wrong seq
-            False,
-        ),
+        # Right header, project 10 and seq 4, but no JSON: it was relayed as stored, and the
+        # consumer, which cannot place it, resynced past it on its own.
+        b'{"type":"blocker_expired","project_id":10,"blocker_id":,"seq":4}',
+        b'{"x":1}',  # no type, no project, no seq
+        b'{"type":"blocker_expired","project_id":10,"blocker_id":1,"task_id":2,'
+        b'"expired_at":"2026-12-03T08:00:00Z","seq":99}',  # a valid event, the wrong seq
     ],
     ids=["not_json", "no_header", "wrong_seq"],
 )
-async def test_the_python_consumer_resyncs_past_a_relayed_entry_it_cannot_place(
-    gateways, publisher, redis_client, frame, relayed
+async def test_the_python_consumer_gets_history_corrupt_for_an_entry_it_cannot_place(
+    gateways, publisher, redis_client, frame
 ):
-    """A foreign entry that passes the gateway's check is relayed as it is, and the consumer
-    cannot place it: every replay from before it stopped there, and the consumer resubscribed in
-    a busy loop (about 5,000 times a second), silent, never past it. Now it says history_corrupt
-    to the top and carries on live. An entry the gateway refuses (another seq than its id, no
-    header) gives the gateway's own history_corrupt: the same outcome for the application."""
+    """An entry no client can place is never relayed: the gateway says history_corrupt to the
+    top, and the consumer carries on live. (Relayed, it stopped every replay there, and the
+    consumer resubscribed in a busy loop, about 5,000 times a second, silent, never past it.)"""
     from consumer import Consumer, Delivery, Resync
     from publisher import issue_token
     from schemas.protocol import ResyncReason
@@ -188,8 +192,6 @@ async def test_the_python_consumer_resyncs_past_a_relayed_entry_it_cannot_place(
                 elif item.seq == top + 1:
                     break
     *delivered, resync, last = items
-    if relayed:  # the replay up to the entry, then the consumer's own resync
-        assert len(delivered) == BEFORE
     assert all(isinstance(i, Delivery) for i in delivered)
     assert [i.seq for i in delivered] == list(range(1, len(delivered) + 1))
     assert resync == Resync(POISONED, ResyncReason.HISTORY_CORRUPT, resync.epoch, top, resync.tag)
@@ -198,7 +200,7 @@ async def test_the_python_consumer_resyncs_past_a_relayed_entry_it_cannot_place(
     ((_, fields),) = redis_client.xrange(KEYS.stream(POISONED), f"{top}-0", f"{top}-0")
     assert resync.tag == event_tag(fields[b"f"])
     assert isinstance(last, Delivery) and last.seq == top + 1
-    assert (gateway.metrics.foreign_values["stream_entry"] > 0) is not relayed
+    assert gateway.metrics.foreign_values["stream_entry"] > 0
 
 
 async def test_an_oversized_entry_is_corrupt_and_stops_no_consumer(
@@ -254,8 +256,6 @@ async def test_polling_pages_up_to_a_corrupt_entry_then_resyncs(
 ):
     import urllib.request
 
-    # (No WebSocket client: a frame that is not JSON would be relayed to it as stored, see
-    # test_the_python_consumer_resyncs_past_a_relayed_entry_it_cannot_place.)
     gateway = await gateways()
     await publish(publisher, POISONED, BEFORE)
     stream, meta = KEYS.stream(POISONED), KEYS.meta(POISONED)

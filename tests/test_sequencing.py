@@ -23,6 +23,7 @@ from gateway.sequencing import (
     plan_subscription,
 )
 from gateway.session import SlowConsumerPolicy
+from schemas.history import parse_snapshot_reply
 from schemas.protocol import ResyncReason
 from schemas.tags import event_tag
 
@@ -446,16 +447,23 @@ class TestPlanPoll:
         assert (plan.resync.epoch, plan.resync.seq) == ("e1", 10)
 
     def test_a_frame_that_is_not_json_ends_the_page_then_resyncs(self):
-        """A frame another writer put in the stream that passes the frame check (its header and
-        ``seq`` are right) but is not JSON: embedded in the page as stored, it made the whole
-        answer invalid JSON, so a poller failed on that page for ever (eventbus.js: poll_failed,
-        the same page again). It is a corrupt entry: the events before it are paged, then a
-        resync past it."""
+        """A frame another writer put in the stream, with its header and ``seq`` right but no
+        JSON: embedded in the page as stored, it made the whole answer invalid JSON, so a
+        poller failed on that page for ever (eventbus.js: poll_failed, the same page again).
+        The read takes it for a corrupt entry (schemas.stored's frame check): the events before
+        it are paged, then a resync past it."""
         bad = b'{"type":"blocker_resolved","project_id":1,garbage,"seq":5}'
-        snapshot = Snapshot("e1", 10, [*entries(3, 4), (5, bad), *entries(6, 8)])
-        plan = plan_poll("e1", 2, snapshot, limit=6)
+
+        def read(after: int) -> Snapshot:
+            """What the read after ``after`` gives (as the store reads it from Redis)."""
+            good = b'{"type":"x","project_id":1,"seq":%d}'
+            frames = {seq: good % seq for seq in range(after + 1, 9)} | {5: bad}
+            raw = [[b"%d-0" % seq, [b"f", frames[seq]]] for seq in sorted(frames)]
+            return parse_snapshot_reply(1, [b"e1", 10, 0, raw, b"", b"", b""])[0]
+
+        plan = plan_poll("e1", 2, read(2), limit=6)
         assert [s for s, _ in plan.events] == [3, 4] and plan.more and plan.resync is None
-        plan = plan_poll("e1", 4, Snapshot("e1", 10, [(5, bad), *entries(6, 8)]), limit=5)
+        plan = plan_poll("e1", 4, read(4), limit=5)
         assert plan.events == [] and plan.resync.reason is ResyncReason.HISTORY_CORRUPT
         assert (plan.resync.epoch, plan.resync.seq) == ("e1", 10)
 

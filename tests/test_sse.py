@@ -708,33 +708,47 @@ async def test_draining_ends_streams_with_close_1012(gateways):
     assert not gateway.sessions
 
 
+async def _write_by_hand(redis_url: str, project_id: int, epoch: str, seq: int, frame: bytes):
+    """``frame`` as the project's event ``seq``, written into Redis by someone else than the
+    bus: in the stream, the meta's seq, and on the channel."""
+    keys = Keys()
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        await client.xadd(keys.stream(project_id), {"f": frame, "t": 0}, id=f"{seq}-0")
+        await client.hset(keys.meta(project_id), "seq", seq)
+        ms = int(time.time() * 1000)
+        await client.publish(keys.channel(project_id), f"{epoch}|{seq}|{ms}|".encode() + frame)
+    finally:
+        await client.aclose()
+
+
 async def test_a_foreign_frame_with_line_breaks_cannot_inject_sse_fields(
     gateways, publisher, redis_url
 ):
-    """Someone else writes the next event into Redis by hand, its JSON full of raw line breaks
-    and SSE field names (after its project, before its seq: the gateway's frame check passes it):
-    the stream still carries it as one event with its own id."""
+    """Someone else writes the next event into Redis by hand, JSON with raw line breaks between
+    its tokens and SSE field names at the starts of lines: the stream carries it as one event
+    with its own id. The same lines where JSON cannot hold them (no JSON: an SSE field on a line
+    of its own) are never relayed: a resync past them."""
     gateway = await gateways()
     await publish(publisher, 13, 1)
     _, _, stream = await open_stream(_url(gateway), "/v1/projects/13/stream", _auth([13]))
     subscribed = json.loads((await stream.until("subscribed"))[-1].data)
     epoch = subscribed["epoch"]
-    frame = b'{"type":"x","project_id":13,\r\n"a":1,\n\nid: evil\nevent: evil\r,"seq":2}'
-    keys = Keys()
-    client = redis.asyncio.Redis.from_url(redis_url)
-    try:
-        await client.xadd(keys.stream(13), {"f": frame, "t": 0}, id="2-0")
-        await client.hset(keys.meta(13), "seq", 2)
-        ms = int(time.time() * 1000)
-        await client.publish(keys.channel(13), f"{epoch}|2|{ms}|".encode() + frame)
-    finally:
-        await client.aclose()
+    frame = b'{"type":"x","project_id":13,\r\n"a":1,\n\n"id":\n"evil",\n"event"\r:"evil","seq":2}'
+    await _write_by_hand(redis_url, 13, epoch, 2, frame)
     got = await stream.next()
     assert got.event == "message" and untagged(got.id) == f"{epoch}:2"
     assert got.data == _normalised(frame)
+    assert json.loads(got.data) == json.loads(frame)
+    injection = b'{"type":"x","project_id":13,\r\n"a":1,\n\nid: evil\nevent: evil\r,"seq":3}'
+    await _write_by_hand(redis_url, 13, epoch, 3, injection)
+    await publish(publisher, 13, 1)
+    resync = await stream.next()
+    assert resync.event == "resync_required" and untagged(resync.id) == f"{epoch}:4"
+    assert json.loads(resync.data)["reason"] == "history_corrupt"
     await publish(publisher, 13, 1)
     after = await stream.next()
-    assert after.event == "message" and untagged(after.id) == f"{epoch}:3"
+    assert after.event == "message" and untagged(after.id) == f"{epoch}:5"
     stream.close()
 
 

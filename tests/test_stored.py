@@ -506,6 +506,59 @@ def test_a_frame_the_exact_check_reads_must_be_json() -> None:
     assert info.value.problem == "frame is not valid JSON"
 
 
+@pytest.mark.parametrize(
+    "middle",
+    [
+        b'"blocker_id":,',  # a value left out
+        b'"a":1,,',
+        b'"a":[1,',  # an array never closed
+        b'"a":tru,',
+        b'"a":"\x01",',  # a raw control character inside a string
+        b'"a":NaN,',
+        b'"a":1 "b":2,',  # a comma left out
+        b"'a':1,",
+    ],
+)
+def test_a_frame_whose_middle_is_not_json_is_foreign(middle: bytes) -> None:
+    """A frame whose header, project, seq and encoding are right but whose middle is no JSON
+    (another writer's) is foreign: relayed, every client's parser refused it (eventbus.js
+    repaired the gap twice, then resynced past it), while a poll took it for corrupt."""
+    frame = b'{"type":"x","project_id":7,' + middle + b'"seq":5}'
+    with pytest.raises(ForeignValue) as info:
+        check_frame(frame, ForeignKind.STREAM_ENTRY, PROJECT, 5)
+    assert info.value.problem == "frame is not valid JSON"
+    with pytest.raises(ForeignValue):
+        parse_channel_message(b"e1|5|0|" + frame, PROJECT)
+
+
+_JSONISH = st.lists(
+    st.sampled_from(
+        [
+            *(b'"a"', b'"seq"', b":", b",", b"1", b"-", b"[", b"]", b"{", b"}", b'"', b" "),
+            *(b"\\", b"true", b"tru", b"null", b"NaN", b"\x01", b"\xc3\xa9", b"\\u0041"),
+        ]
+    ),
+    max_size=12,
+).map(b"".join)
+
+
+@FUZZ
+@given(st.one_of(_JSONISH, _JSONISH.map(lambda middle: middle + b","), st.binary(max_size=40)))
+def test_a_frame_that_passes_is_json_a_client_can_read(middle: bytes) -> None:
+    """Whatever is between the header and the tail, a frame that passes the check is a JSON
+    object that the standard library's strict decoder reads, with the project and the seq the
+    check was given (what every client's parser relies on)."""
+    import json
+
+    frame = b'{"type":"x","project_id":7,' + middle + b'"seq":5}'
+    try:
+        checked = check_frame(frame, ForeignKind.STREAM_ENTRY, PROJECT, 5)
+    except ForeignValue:
+        return
+    value = json.loads(checked, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+    assert (value["project_id"], value["seq"]) == (7, 5)
+
+
 def _top_level_ends(frame: str) -> list[int]:
     """Where each top-level member of the JSON object ``frame`` ends (the index of the ``,`` or
     ``}`` after its value), by the standard library's decoder."""
