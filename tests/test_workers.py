@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -725,7 +726,11 @@ async def test_killed_workers_leave_no_files_behind_and_the_totals_never_go_back
             os.kill(victim, signal.SIGKILL)
             await _worker_1_replaced(group, victim)
             assert sorted(os.listdir(directory)) == files
-        assert totals == [5, 10, 15]  # each replacement went on from its slot's counters
+        # Each replacement went on from its slot's counters. (Once in a CI run the group
+        # counted one 400 more per restart, 5, 11, 17, never reproduced since: the refusals
+        # the workers logged, polls' aside, say which request it was if it happens again.)
+        refusals = [line for line in group.log_lines() if _REFUSAL.search(line)]
+        assert totals == [5, 10, 15], (seen, refusals)
         await wait_until(lambda: counted(15), 5, "the last replacement's view of the total")
         assert group.terminate(timeout=20) == 0
 
@@ -746,6 +751,10 @@ async def _worker_1_replaced(group: GatewayProcess, old_pid: int) -> None:
         "worker 1 replaced",
     )
     await wait_until(lambda: group.readyz()[0] == 200, 20, "group ready again")
+
+
+#: The log lines of requests refused as the client's mistake (server.Gateway._refused's events).
+_REFUSAL = re.compile(r'"event": "(bad request|bad handshake|request too large)"')
 
 
 def _watched_group(redis_url: str) -> GatewayProcess:
