@@ -112,35 +112,51 @@ class _Tab:
     viewing: int | None
     answering: int | None
     since: int  # unix ms when the tab joined
-    at: int  # unix ms of its last activity report (join counts as one)
+    at: int  # unix ms of its last activity report (join counts as one; a move does not)
     closed: bool = False
+    seq: int = 0  # the order of its last report on this pod (ties of ``at``: the later wins)
 
 
 class _Member:
     """One member's tabs on this pod, kept so that its record costs the same whatever the
     number of tabs (one person may have thousands: a kiosk token shared by many screens)."""
 
-    __slots__ = ("joined", "tabs")
+    __slots__ = ("joined", "latest", "tabs")
 
     def __init__(self) -> None:
-        #: Session -> tab, in the order they reported (a join counts): the last one wins.
         self.tabs: dict[SessionKey, _Tab] = {}
         #: A heap of (since, join order, tab): the earliest-joined open tab on top. Closed tabs
         #: are dropped when they reach the top, or all at once when they outnumber open ones.
         self.joined: list[tuple[int, int, _Tab]] = []
+        #: A heap of (-at, -report order, tab): the tab that reported last on top, by when it
+        #: reported (``at``), not by when it came here: a tab moved from another member brings
+        #: its report's time. Entries of closed tabs, or of a tab's earlier reports, are
+        #: dropped as above.
+        self.latest: list[tuple[int, int, _Tab]] = []
 
-    def reported(self, session: SessionKey, tab: _Tab) -> None:
-        self.tabs.pop(session, None)
+    def reported(self, session: SessionKey, tab: _Tab, seq: int) -> None:
         self.tabs[session] = tab
+        tab.seq = seq
+        heapq.heappush(self.latest, (-tab.at, -seq, tab))
+        if len(self.latest) > 2 * len(self.tabs) + 8:
+            self._compact()
+
+    def _compact(self) -> None:
+        self.latest = [e for e in self.latest if not e[2].closed and -e[1] == e[2].seq]
+        heapq.heapify(self.latest)
 
     def close(self, session: SessionKey) -> None:
         self.tabs.pop(session).closed = True
         if len(self.joined) > 2 * len(self.tabs) + 8:
             self.joined = [entry for entry in self.joined if not entry[2].closed]
             heapq.heapify(self.joined)
+        if len(self.latest) > 2 * len(self.tabs) + 8:
+            self._compact()
 
     def record(self) -> PodRecord:
-        latest = self.tabs[next(reversed(self.tabs))]
+        while self.latest[0][2].closed or -self.latest[0][1] != self.latest[0][2].seq:
+            heapq.heappop(self.latest)
+        latest = self.latest[0][2]
         while self.joined[0][2].closed:
             heapq.heappop(self.joined)
         return PodRecord(
@@ -162,6 +178,14 @@ class PodTable:
         self._members: dict[int, dict[str, _Member]] = {}
         self._sessions: dict[SessionKey, set[int]] = {}
         self._order = itertools.count()
+        self._last_ms = 0  # the latest report time given: ``at`` never goes back on this pod
+
+    def _at(self, now_ms: int) -> int:
+        """A report's time: ``now_ms``, or the latest given if the clock stepped back (a
+        member's latest report is the one with the greatest ``at``, so a report made after a
+        step back would otherwise lose to the ones made before it)."""
+        self._last_ms = max(self._last_ms, now_ms)
+        return self._last_ms
 
     def record(self, project_id: int, member_id: str) -> PodRecord | None:
         member = self._members.get(project_id, {}).get(member_id)
@@ -207,21 +231,24 @@ class PodTable:
                 if tab.name == name:
                     return []
                 tab.name = name
-                tab.at = now_ms
-                self._members[project_id][member_id].reported(session, tab)
+                tab.at = self._at(now_ms)
+                self._members[project_id][member_id].reported(session, tab, next(self._order))
                 return [member_id]
             # The token now names someone else: the tab moves to them, with its activity (the
             # tab's, for as long as the connection lives; a client sends it again only when it
-            # changes).
-            viewing, answering = tab.viewing, tab.answering
+            # changes) and when it was reported: the move is no report, and must not hide
+            # what the person's other tabs reported since.
+            viewing, answering, at = tab.viewing, tab.answering, tab.at
             touched = self.leave(session, project_id)
+        else:
+            at = self._at(now_ms)
         tab = self._tabs[(session, project_id)] = _Tab(
-            member_id, name, viewing, answering, now_ms, now_ms
+            member_id, name, viewing, answering, now_ms, at
         )
         member = self._members.setdefault(project_id, {}).get(member_id)
         if member is None:
             member = self._members[project_id][member_id] = _Member()
-        member.reported(session, tab)
+        member.reported(session, tab, next(self._order))
         heapq.heappush(member.joined, (now_ms, next(self._order), tab))
         self._sessions.setdefault(session, set()).add(project_id)
         return [*touched, member_id]
@@ -239,8 +266,8 @@ class PodTable:
         if tab is None:
             return []
         tab.viewing, tab.answering = viewing, answering
-        tab.at = now_ms
-        self._members[project_id][tab.member_id].reported(session, tab)
+        tab.at = self._at(now_ms)
+        self._members[project_id][tab.member_id].reported(session, tab, next(self._order))
         return [tab.member_id]
 
     def leave(self, session: SessionKey, project_id: int) -> list[str]:

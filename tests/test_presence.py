@@ -175,7 +175,36 @@ def test_a_tab_moved_to_another_person_keeps_its_activity() -> None:
     table.join("tab", 1, "alice", "Alice", now_ms=1)
     table.activity("tab", 1, viewing=7, answering=8, now_ms=2)
     table.join("tab", 1, "bob", "Bob", now_ms=3)
-    assert table.records(1) == {"bob": PodRecord("Bob", 7, 8, since=3, at=3)}
+    # (its report of 2: the move is not one)
+    assert table.records(1) == {"bob": PodRecord("Bob", 7, 8, since=3, at=2)}
+
+
+def test_a_tab_moved_to_a_person_does_not_hide_what_they_reported_since() -> None:
+    """A moved tab brings the activity it reported, when it reported it: it is not a new
+    report. Bob answers 5 in one tab; his token then reaches a tab that was Alice's (viewing
+    7 since before): Bob is still shown answering 5, here and merged with another pod (before,
+    the move counted as Bob's latest report, and he was shown viewing 7, answering nothing,
+    until his answering tab reported a change: eventbus.js sends one only on a change)."""
+    table = PodTable()
+    table.join("old", 1, "alice", "Alice", now_ms=1)
+    table.activity("old", 1, viewing=7, answering=None, now_ms=2)
+    table.join("bobs", 1, "bob", "Bob", now_ms=3)
+    table.activity("bobs", 1, viewing=5, answering=5, now_ms=4)
+    table.join("old", 1, "bob", "Bob", now_ms=10)  # the token refresh
+    assert table.records(1) == {"bob": PodRecord("Bob", 5, 5, since=3, at=4)}
+    table.leave("bobs", 1)  # then the moved tab's activity is the latest left
+    assert table.records(1) == {"bob": PodRecord("Bob", 7, None, since=10, at=2)}
+    table.activity("old", 1, viewing=9, answering=None, now_ms=11)
+    assert table.records(1) == {"bob": PodRecord("Bob", 9, None, since=10, at=11)}
+
+    here, there = PodTable(), PodTable()  # the same across pods
+    here.join("old", 1, "alice", None, now_ms=1)
+    here.activity("old", 1, viewing=7, answering=None, now_ms=2)
+    there.join("bobs", 1, "bob", None, now_ms=3)
+    there.activity("bobs", 1, viewing=5, answering=5, now_ms=4)
+    here.join("old", 1, "bob", None, now_ms=10)
+    merged = merge_pods({"here": here.records(1), "there": there.records(1)})
+    assert (merged["bob"].viewing, merged["bob"].answering) == (5, 5)
 
 
 def test_a_tab_moving_from_a_person_it_alone_lists_takes_their_place_under_the_cap() -> None:
