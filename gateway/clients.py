@@ -530,11 +530,17 @@ class ClientProtocol:
         claims = session.claims
         if claims is None or not claims.sub:
             service.leave(session, project_id, messages=False)
-        elif not service.core.can_list(claims.sub) or service.core.is_full(
-            project_id, claims.sub, self.config.presence_max_members, session
-        ):
+        elif not service.core.can_list(claims.sub):
             self.metrics.presence_unlisted_total += 1
             service.leave(session, project_id, messages=False)
+        elif service.core.is_full(
+            project_id, claims.sub, self.config.presence_max_members, session
+        ):
+            # Not listed now, but once a place frees (someone leaves): it waits for one.
+            self.metrics.presence_unlisted_total += 1
+            service.wait(
+                session, project_id, claims.sub, claims.name, self.config.presence_max_members
+            )
         else:
             service.join(session, project_id, claims.sub, claims.name)
 

@@ -214,6 +214,10 @@ class PodTable:
         member = self._members.get(project_id, {}).get(member_id)
         return 0 if member is None else len(member.tabs)
 
+    def tab(self, session: SessionKey, project_id: int) -> _Tab | None:
+        """The session's tab in the project (not to be changed), or None."""
+        return self._tabs.get((session, project_id))
+
     def member_of(self, session: SessionKey, project_id: int) -> str | None:
         tab = self._tabs.get((session, project_id))
         return tab.member_id if tab else None
@@ -538,6 +542,18 @@ class ProjectView:
 # --- everything ------------------------------------------------------------------------------
 
 
+@dataclass(slots=True)
+class _Waiting:
+    """A tab refused a place at the member cap (:meth:`PresenceCore.wait`): who it would be
+    listed as, under which cap, and the activity it reported meanwhile."""
+
+    member_id: str
+    name: str | None
+    cap: int
+    viewing: int | None = None
+    answering: int | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Write:
     """One project's pending write (:data:`schemas.presence.WRITE`): ``changes`` (member id ->
@@ -599,6 +615,9 @@ class PresenceCore:
         #: (``written(..., retry=False)``). The refresh plan carries them until it is applied.
         self._unsettled: set[int] = set()
         self._versions = itertools.count(1)
+        #: project -> tabs refused a place at the cap, in arrival order (:meth:`wait`).
+        self._waiting: dict[int, dict[SessionKey, _Waiting]] = {}
+        self._waits_of: dict[SessionKey, set[int]] = {}
 
     # the connection lifecycle
 
@@ -614,9 +633,60 @@ class PresenceCore:
             )
         if name is not None and not is_text(name):
             raise ValueError("a display name must be text")
+        self._unwait(session, project_id)
         self._changed(
             project_id, self.table.join(session, project_id, member_id, name, self._now())
         )
+
+    def wait(
+        self, session: SessionKey, project_id: int, member_id: str, name: str | None, cap: int
+    ) -> None:
+        """The tab is not listed (:meth:`is_full` refused ``member_id`` a place under ``cap``;
+        it leaves whatever member it was listed as) but waits for a place: :meth:`promote`
+        lists it once the project has room, with the activity it reported meanwhile. A join,
+        a leave or the connection's close ends the wait."""
+        # The tab's activity goes with it (a tab listed as another person until its token
+        # was refreshed, or one waiting already).
+        before = self._waiting.get(project_id, {}).get(session)
+        tab = self.table.tab(session, project_id)
+        if before is not None:
+            activity = before.viewing, before.answering
+        elif tab is not None:
+            activity = tab.viewing, tab.answering
+        else:
+            activity = None, None
+        self.leave(session, project_id)
+        self._waiting.setdefault(project_id, {})[session] = _Waiting(
+            member_id, name, cap, *activity
+        )
+        self._waits_of.setdefault(session, set()).add(project_id)
+
+    def promote(self) -> int:
+        """List the waiting tabs of every project that has room now, in the order they came
+        (a tab of a member listed meanwhile is listed too); returns how many were listed. Call
+        once per diff interval: a place freed by a leave here, or on another pod that this
+        pod's view of the project shows, is taken within one."""
+        promoted = 0
+        for project_id in list(self._waiting):
+            for session, tab in list(self._waiting[project_id].items()):
+                if self.is_full(project_id, tab.member_id, tab.cap):
+                    continue
+                self.join(session, project_id, tab.member_id, tab.name)
+                if tab.viewing is not None or tab.answering is not None:
+                    self.activity(session, project_id, tab.viewing, tab.answering)
+                promoted += 1
+        return promoted
+
+    def _unwait(self, session: SessionKey, project_id: int) -> None:
+        waiting = self._waiting.get(project_id)
+        if waiting is None or waiting.pop(session, None) is None:
+            return
+        if not waiting:
+            del self._waiting[project_id]
+        projects = self._waits_of[session]
+        projects.discard(project_id)
+        if not projects:
+            del self._waits_of[session]
 
     @staticmethod
     def can_list(member_id: str | None) -> bool:
@@ -634,7 +704,8 @@ class PresenceCore:
         moving to ``member_id`` from the only tab of another member (a refreshed token naming
         someone else) frees that member's place."""
         view = self.views.get(project_id)
-        known = view.members if view is not None and view.loaded else {}
+        # (current(), not members: the joins and leaves since the last tick count too)
+        known = view.current() if view is not None and view.loaded else {}
         if member_id in known or self.table.hosts(project_id, member_id):
             return False
         listed, own = len(known), self.table.member_count(project_id)
@@ -652,12 +723,18 @@ class PresenceCore:
     def activity(
         self, session: SessionKey, project_id: int, viewing: int | None, answering: int | None
     ) -> bool:
-        """False when the session has not joined the project (nothing changes)."""
+        """False when the session has not joined the project (nothing changes; a tab waiting
+        for a place keeps it for when it is listed)."""
+        waiting = self._waiting.get(project_id, {}).get(session)
+        if waiting is not None:
+            waiting.viewing, waiting.answering = viewing, answering
+            return False
         touched = self.table.activity(session, project_id, viewing, answering, self._now())
         self._changed(project_id, touched)
         return bool(touched)
 
     def leave(self, session: SessionKey, project_id: int) -> None:
+        self._unwait(session, project_id)
         self._changed(project_id, self.table.leave(session, project_id))
 
     def unsubscribe(self, session: SessionKey, project_id: int) -> bool:
@@ -704,6 +781,8 @@ class PresenceCore:
         dropped (stop listening to them)."""
         for project_id in self.table.projects_of(session):
             self.leave(session, project_id)
+        for project_id in sorted(self._waits_of.get(session, ())):
+            self._unwait(session, project_id)
         projects = sorted(self._subscribed.get(session, ()))
         return [p for p in projects if self.unsubscribe(session, p)]
 

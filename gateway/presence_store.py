@@ -962,6 +962,14 @@ class PresenceService:
         self.core.join(session, project_id, member_id, name)
         self._wake.set()
 
+    def wait(
+        self, session: SessionKey, project_id: int, member_id: str, name: str | None, cap: int
+    ) -> None:
+        """The tab is not listed, the project being at ``cap`` members: it is listed once a
+        place frees (:meth:`PresenceCore.wait`), within a diff interval."""
+        self.core.wait(session, project_id, member_id, name, cap)
+        self._wake.set()
+
     def activity(
         self, session: SessionKey, project_id: int, viewing: int | None, answering: int | None
     ) -> bool:
@@ -1559,6 +1567,8 @@ class PresenceService:
             await asyncio.sleep(self.diff_interval)
             for project_id in self.core.sweep():
                 self._unwatch(project_id)
+            if self.core.promote():  # tabs waiting at the cap, listed as places freed
+                self._wake.set()
             for sessions, diff in self.core.tick():
                 frame = encode(diff)
                 self.diffs += 1

@@ -224,6 +224,33 @@ def test_a_tab_moving_from_a_person_it_alone_lists_takes_their_place_under_the_c
     assert not core.is_full(1, "frank", 2, "tab")
 
 
+def test_a_person_past_the_cap_is_listed_once_room_frees() -> None:
+    """A tab refused a place at the cap waits for one: when someone leaves (here, or on
+    another pod the view shows), it is listed at the next tick, with the activity it reported
+    meanwhile (before, it stayed unlisted for as long as the connection lived, while the list
+    had room: present, and shown to nobody)."""
+    core = PresenceCore("me", clock_ms=lambda: 1)
+    core.view(1)
+    core.load(1, {"other": PodState(1, {"bob": PodRecord(None, None, None, 1, 1)})})
+    core.join("a", 1, "alice", None)
+    assert core.is_full(1, "carol", 2)
+    core.wait("c", 1, "carol", "Carol", 2)
+    assert core.activity("c", 1, 5, None) is False  # not listed yet: kept for later
+    core.wait("d", 1, "dave", None, 2)
+    assert core.promote() == 0 and set(core.table.records(1)) == {"alice"}
+    core.on_announcement(1, Announcement("other", 2, 1, {"bob": None}))  # bob leaves there
+    assert core.promote() == 1  # carol, who came first
+    carol = core.table.records(1)["carol"]
+    assert (carol.name, carol.viewing, carol.answering) == ("Carol", 5, None)
+    assert set(core.view(1).current()) == {"alice", "carol"}
+    core.leave("d", 1)  # dave left while waiting: forgotten
+    core.leave("a", 1)
+    assert core.promote() == 0 and set(core.table.records(1)) == {"carol"}
+    core.wait("e", 1, "erin", None, 2)
+    core.close_session("e")  # so is a closed connection
+    assert core.promote() == 0 and set(core.table.records(1)) == {"carol"}
+
+
 def test_activity_without_join_is_refused() -> None:
     core = PresenceCore("pod", clock_ms=lambda: 1)
     assert core.activity("tab", 1, 5, None) is False

@@ -263,16 +263,26 @@ async def test_sse_streams_get_presence_as_named_events(gateways):
 
 
 async def test_past_the_member_cap_people_read_but_are_not_listed(gateways):
-    gateway = await gateways(**FAST, presence_max_members=2)
-    people = [await person(gateway, f"p{n}") for n in range(3)]
-    for client in people:
+    """Past the cap a person reads presence and is not listed, until a place frees: then
+    they are listed, with the activity they reported meanwhile (before, they stayed unlisted
+    for as long as their connection lived, the list having room)."""
+    gateways_ = [await gateways(**FAST, presence_max_members=2) for _ in range(2)]
+    people = [await person(gateways_[n % 2], f"p{n}") for n in range(3)]
+    for client in people[:2]:
         await client.subscribe(1, presence=True)
-        await client.wait_for(lambda c=client: c.count("presence") == 1)
+    # (the cap is checked against what the gateway knows: p2's sees p1 before p2 comes)
+    await until(people[0], lambda: ids(people[0]) == {"p0", "p1"})
+    await people[2].subscribe(1, presence=True)
     await until(people[2], lambda: ids(people[2]) == {"p0", "p1"})
-    assert gateway.metrics.presence_unlisted_total == 1
+    assert gateways_[0].metrics.presence_unlisted_total == 1
     await people[2].send({"type": "activity", "project_id": 1, "viewing": 1})  # no error
-    await people[0].close()
-    await until(people[1], lambda: ids(people[1]) == {"p1"})
+    await people[2].send({"type": "ping"})
+    await people[2].wait_for(lambda: people[2].last("pong") is not None)
+    await until(people[1], lambda: ids(people[1]) == {"p0", "p1"})
+    await people[1].close()  # a place frees on the other gateway
+    for client in (people[0], people[2]):
+        await until(client, lambda c=client: ids(c) == {"p0", "p2"})
+        assert view(client, 1)["p2"]["viewing"] == 1
 
 
 async def test_a_person_signing_in_as_another_in_a_full_project_takes_their_own_place(gateways):
