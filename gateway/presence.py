@@ -552,6 +552,7 @@ class _Waiting:
     cap: int
     viewing: int | None = None
     answering: int | None = None
+    reported: int = 0  # the order of its last activity report (0: none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -618,6 +619,7 @@ class PresenceCore:
         #: project -> tabs refused a place at the cap, in arrival order (:meth:`wait`).
         self._waiting: dict[int, dict[SessionKey, _Waiting]] = {}
         self._waits_of: dict[SessionKey, set[int]] = {}
+        self._reports = itertools.count(1)
 
     # the connection lifecycle
 
@@ -650,11 +652,11 @@ class PresenceCore:
         before = self._waiting.get(project_id, {}).get(session)
         tab = self.table.tab(session, project_id)
         if before is not None:
-            activity = before.viewing, before.answering
-        elif tab is not None:
-            activity = tab.viewing, tab.answering
+            activity = before.viewing, before.answering, before.reported
+        elif tab is not None and (tab.viewing is not None or tab.answering is not None):
+            activity = tab.viewing, tab.answering, next(self._reports)
         else:
-            activity = None, None
+            activity = None, None, 0
         self.leave(session, project_id)
         self._waiting.setdefault(project_id, {})[session] = _Waiting(
             member_id, name, cap, *activity
@@ -668,13 +670,23 @@ class PresenceCore:
         pod's view of the project shows, is taken within one."""
         promoted = 0
         for project_id in list(self._waiting):
-            for session, tab in list(self._waiting[project_id].items()):
-                if self.is_full(project_id, tab.member_id, tab.cap):
-                    continue
-                self.join(session, project_id, tab.member_id, tab.name)
-                if tab.viewing is not None or tab.answering is not None:
-                    self.activity(session, project_id, tab.viewing, tab.answering)
-                promoted += 1
+            # O(tabs listed), not O(tabs waiting): with no place for a new member ("" is
+            # nobody) the project is left at once. (A waiting tab whose person another pod
+            # lists meanwhile waits for a place too: the person is shown all the same.)
+            while (waiting := self._waiting.get(project_id)) is not None:
+                first = next(iter(waiting.values()))
+                if self.is_full(project_id, "", first.cap):
+                    break
+                # The person's every waiting tab here takes the one place (O(tabs waiting) per
+                # person listed: one per leave at most).
+                tabs = [(s, t) for s, t in waiting.items() if t.member_id == first.member_id]
+                for session, tab in tabs:
+                    self.join(session, project_id, tab.member_id, tab.name)  # (ends the wait)
+                # then their activity, in the order they reported it: the last shows
+                for session, tab in sorted(tabs, key=lambda entry: entry[1].reported):
+                    if tab.reported:
+                        self.activity(session, project_id, tab.viewing, tab.answering)
+                promoted += len(tabs)
         return promoted
 
     def _unwait(self, session: SessionKey, project_id: int) -> None:
@@ -728,6 +740,7 @@ class PresenceCore:
         waiting = self._waiting.get(project_id, {}).get(session)
         if waiting is not None:
             waiting.viewing, waiting.answering = viewing, answering
+            waiting.reported = next(self._reports)
             return False
         touched = self.table.activity(session, project_id, viewing, answering, self._now())
         self._changed(project_id, touched)

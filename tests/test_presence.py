@@ -235,11 +235,13 @@ def test_a_person_past_the_cap_is_listed_once_room_frees() -> None:
     core.join("a", 1, "alice", None)
     assert core.is_full(1, "carol", 2)
     core.wait("c", 1, "carol", "Carol", 2)
+    core.wait("c2", 1, "carol", "Carol", 2)  # carol's second tab
     assert core.activity("c", 1, 5, None) is False  # not listed yet: kept for later
     core.wait("d", 1, "dave", None, 2)
     assert core.promote() == 0 and set(core.table.records(1)) == {"alice"}
     core.on_announcement(1, Announcement("other", 2, 1, {"bob": None}))  # bob leaves there
-    assert core.promote() == 1  # carol, who came first
+    assert core.promote() == 2  # carol, who came first, with both her tabs
+    assert core.table.tab_count(1, "carol") == 2
     carol = core.table.records(1)["carol"]
     assert (carol.name, carol.viewing, carol.answering) == ("Carol", 5, None)
     assert set(core.view(1).current()) == {"alice", "carol"}
