@@ -338,6 +338,9 @@ class ProjectView:
         #: while the first read waited (not kept: the read is made again, which lists what they
         #: announced).
         self._early_dropped = False
+        #: Members may be left out for the most members in all (an announcement's, or a read
+        #: that listed that many): once there is room, the next refresh report asks for a read.
+        self._cut = False
 
     # updates
 
@@ -423,6 +426,7 @@ class ProjectView:
             for member_id in fresh[-over:]:
                 self.set_record(pod, member_id, None)
             self.left_out += min(over, len(fresh))
+            self._cut = self._cut or bool(fresh)
         return True
 
     def load(self, snapshot: Mapping[str, PodState], own_records: Mapping[str, PodRecord]) -> bool:
@@ -446,6 +450,8 @@ class ProjectView:
         self._ahead.clear()
         self._distrusted.clear()
         self.loaded = True
+        # A read lists at most that many in all: as many may mean some were left out.
+        self._cut = len(self.current()) >= LISTED_PODS * self.most
         early, self._early, self._early_records = self._early, [], 0
         dropped, self._early_dropped = self._early_dropped, False
         return all([self.apply(announcement) for announcement in early]) and not dropped
@@ -484,6 +490,12 @@ class ProjectView:
                     stale = True
         self._behind = behind
         self._ahead = ahead
+        if self._cut and len(self.current()) < LISTED_PODS * self.most:
+            # Room for members left out while the view was full (others left since): a read
+            # lists them, as it lists them to anyone else. Asked here, at most once per
+            # refresh interval, not at each leave: a large project's read is not cheap.
+            self._cut = False
+            stale = True
         return stale
 
     # reading

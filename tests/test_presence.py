@@ -1083,6 +1083,30 @@ def test_a_view_takes_no_more_members_than_pods_can_have_written() -> None:
     assert len(view.current()) == 171
 
 
+def test_a_view_that_left_members_out_reads_them_once_room_frees() -> None:
+    """Past the most members in all (``LISTED_PODS * most``) a view leaves out the members an
+    announcement adds; once others leave and there is room, the next refresh report asks for a
+    read, which lists them (before, they stayed left out for as long as the view lived, while a
+    presence read of the same project listed them: two answers to "who is here")."""
+    most = 20
+    view = ProjectView(1, "me", most=most)
+    view.load({}, {})
+    record = PodRecord(None, None, None, 1, 1)
+    pods = {f"p{n:02}": {f"p{n:02}-{i}": record for i in range(most)} for n in range(17)}
+    for pod, records in pods.items():
+        assert view.apply(Announcement(pod, 1, 0, dict(records)))
+    assert len(view.current()) == LISTED_PODS * most and view.left_out == most
+    live = dict.fromkeys(pods, 1)
+    assert view.check_live(live) is False  # still no room: no read (it would list no more)
+    assert view.apply(Announcement("p00", 2, 0, {}))  # p00's people leave
+    live["p00"] = 2
+    del pods["p00"]
+    assert view.check_live(live) is True  # room: read the project
+    view.load({pod: PodState(1, records) for pod, records in pods.items()}, {})
+    assert set(view.current()) == {m for records in pods.values() for m in records}
+    assert view.check_live(live) is False
+
+
 def test_empty_announcements_of_ever_new_pods_keep_a_view_bounded() -> None:
     """Another writer publishing ``<new pod>|1|0|{}`` on a project's presence channel, each
     with a pod id never seen (a pod that has nothing to list): a view keeps no more pods than
