@@ -38,6 +38,7 @@ from schemas.presence import (
     merge_member,
     merge_pods,
     read_limit,
+    records_digest,
 )
 from schemas.protocol import Member, Presence, PresenceDiff, encode
 from schemas.tokens import is_text
@@ -632,6 +633,8 @@ class PresenceCore:
         self._waiting: dict[int, dict[SessionKey, _Waiting]] = {}
         self._waits_of: dict[SessionKey, set[int]] = {}
         self._reports = itertools.count(1)
+        #: project -> records_digest() of this pod's records there (dropped at each change).
+        self._digests: dict[int, int] = {}
 
     # the connection lifecycle
 
@@ -942,17 +945,23 @@ class PresenceCore:
 
     def refresh_counts(
         self, plan: Mapping[int, int | None], outstanding: Iterable[int] = ()
-    ) -> dict[int, int]:
-        """How many records this pod has stored in the projects of ``plan`` it has written and
-        has no write pending in (nor ``outstanding``): its members there. The refresh checks
-        them (a record another writer added to the pod's hash would otherwise be listed by
-        every read for as long as the pod lives)."""
+    ) -> dict[int, tuple[int, int]]:
+        """What this pod has stored in the projects of ``plan`` it has written and has no
+        write pending in (nor ``outstanding``): how many records (its members there) and their
+        :func:`~schemas.presence.records_digest`. The refresh checks both (a record another
+        writer added to the pod's hash, put in place of one, or changed, would otherwise be
+        listed by every read for as long as the pod lives). A project's digest is computed
+        once per change of its records here, not at every refresh."""
         skip = set(outstanding)
-        return {
-            project_id: self.table.member_count(project_id)
-            for project_id, version in plan.items()
-            if version and project_id not in self._pending and project_id not in skip
-        }
+        out = {}
+        for project_id, version in plan.items():
+            if version and project_id not in self._pending and project_id not in skip:
+                digest = self._digests.get(project_id)
+                if digest is None:
+                    digest = records_digest(self.table.records(project_id))
+                    self._digests[project_id] = digest
+                out[project_id] = (self.table.member_count(project_id), digest)
+        return out
 
     def refreshed(self, project_id: int, ok: bool, live: Mapping[str, int]) -> bool:
         """Apply a refresh reply; True when the project's view must be re-read."""
@@ -996,6 +1005,7 @@ class PresenceCore:
     def _changed(self, project_id: int, members: list[str]) -> None:
         if not members:
             return
+        self._digests.pop(project_id, None)
         self._pending.setdefault(project_id, set()).update(members)
         view = self.views.get(project_id)
         if view is not None:

@@ -256,7 +256,7 @@ class PresenceStore:
         ttl_ms: int | None = None,
         *,
         at: Any = ANYWHERE,
-        counts: Mapping[int, int] | None = None,
+        counts: Mapping[int, tuple[int, int]] | None = None,
     ) -> dict[int, tuple[bool, dict[str, int]] | ProjectFailure]:
         """Keep this pod's records alive in the projects mapped to a version (None: only watch
         the project) and report each project's live pods: project -> (ok, pod -> version), or
@@ -264,9 +264,10 @@ class PresenceStore:
         its master's failure on a cluster), or, with ``at`` (a master, on a cluster),
         :data:`MOVED` (not sent: see :meth:`_calls`). Index keys of another type that a
         refresh deleted are reported to ``on_repaired``. ``counts``: how many records the pod
-        has stored in some of the projects (:meth:`PresenceCore.refresh_counts`): a project
-        whose records there are not as many is answered not ok (written whole again), and
-        counted to ``on_repaired``."""
+        has stored in some of the projects, and their digest
+        (:meth:`PresenceCore.refresh_counts`): a project whose records there are not as many,
+        or not those, is answered not ok (written whole again), and counted to
+        ``on_repaired``."""
         if not plan:
             return {}
         counts = counts or {}
@@ -280,7 +281,7 @@ class PresenceStore:
                 "" if version is None else self.pod_id,
                 ttl_ms,
                 version or 0,
-                counts.get(project_id, ""),
+                *counts.get(project_id, ("", "")),
             ]
             calls.append((REFRESH, self._keys(project_id), args))
         replies = await self._calls(calls, at)

@@ -31,6 +31,7 @@ pod then goes through a reconnect), so one project's large write must never be p
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, NamedTuple
@@ -138,6 +139,19 @@ def decode_record(data: bytes | str) -> PodRecord:
         return _record_decoder.decode(data)
     except RecursionError:
         raise msgspec.DecodeError(_TOO_DEEP) from None
+
+
+def records_digest(records: Mapping[str, PodRecord]) -> int:
+    """What :data:`REFRESH` compares a pod's records hash with, to know it holds exactly what
+    the pod wrote: the sum (mod 2**32) of each record's digest, the first 32 bits of the SHA-1
+    of ``<id length in bytes>:<id><record JSON>``, so in no particular order (Redis gives a
+    hash's fields in none)."""
+    total = 0
+    for member_id, record in records.items():
+        key = member_id.encode()
+        pair = b"%d:%s%s" % (len(key), key, encode_record(record))
+        total += int.from_bytes(hashlib.sha1(pair).digest()[:4], "big")
+    return total % 2**32
 
 
 def merge_member(member_id: str, records: Iterable[tuple[str, PodRecord]]) -> Member:
@@ -464,25 +478,40 @@ return {1, repaired}
 #:
 #: KEYS: pods, versions. ARGV: pod hash prefix, pod ('' = only prune and report), ttl ms, the
 #: version the pod expects to be stored, and optionally how many records it expects there
-#: ('' or absent: not checked; the pod gives it when it has no write pending there).
+#: ('' or absent: not checked; the pod gives it when it has no write pending there) and their
+#: :func:`records_digest` ('' or absent: not checked).
 #: Returns {ok, {pod, version, pod, version, ...}, repaired}: ok 0 when the pod's stored version
 #: is not the expected one or its records key is not a hash (its records were lost: the caller
 #: rewrites them with :data:`WRITE`, base '0'), or when the records there are not as many as
-#: expected (another writer added or removed some: rewritten so too, and counted in
+#: expected, or not as the pod wrote them (their digest differs: another writer added,
+#: removed, replaced or changed some: rewritten so too, and counted in
 #: ``repaired``); the pods listed are those with a version and a deadline ahead, by at most
 #: :data:`MAX_TTL_MS` (a version without a deadline is deleted); ``repaired`` as for
 #: :data:`WRITE`.
 REFRESH = (
     _NOW_AND_PRUNE
     + """
+-- records_digest() of a pod's records hash: the sum of each pair's digest, in any order.
+local function digest(hash)
+  local flat = redis.call('HGETALL', hash)
+  local sum = 0
+  for i = 1, #flat - 1, 2 do
+    local pair = #flat[i] .. ':' .. flat[i] .. flat[i + 1]
+    sum = (sum + tonumber(string.sub(redis.sha1hex(pair), 1, 8), 16)) % 4294967296
+  end
+  return sum
+end
 local ok = 1
 if ARGV[2] ~= '' then
+  local hash = ARGV[1] .. ARGV[2]
   if not intact(ARGV[2], ARGV[4]) then
     ok = 0
-  elseif ARGV[5] and ARGV[5] ~= ''
-      and redis.call('HLEN', ARGV[1] .. ARGV[2]) ~= tonumber(ARGV[5]) then
+  elseif ARGV[5] and ARGV[5] ~= '' and (
+      redis.call('HLEN', hash) ~= tonumber(ARGV[5])
+      or (ARGV[6] and ARGV[6] ~= '' and digest(hash) ~= tonumber(ARGV[6]))) then
     -- Members the pod did not write (another writer's, listed by every read for as long as
-    -- the pod lives), or some of its own removed: it writes its records whole again.
+    -- the pod lives), some of its own removed, or records not as it wrote them (as many, but
+    -- another member in one's place, or a record changed): it writes them whole again.
     ok = 0
     repaired = repaired + 1
   else

@@ -760,35 +760,64 @@ async def test_presence_gets_asked_again_while_redis_hangs_share_the_read_in_fli
     assert msgspec.json.decode(await asyncio.wait_for(service.get(5), 5))["members"] == []
 
 
-@pytest.mark.parametrize("damage", ["added", "removed"])
+@pytest.mark.parametrize("damage", ["added", "removed", "swapped", "changed"])
 async def test_members_another_writer_adds_to_or_removes_from_a_live_pods_records_are_repaired(
     pods, redis_client, damage
 ) -> None:
     """Another writer adds a well-formed member to a live pod's records (or removes one of
-    its members): the pod's next refresh finds its records not as many as it wrote and writes
-    them whole again, counted as a repair; a watcher sees the forged member go (or the removed
-    one come back), nobody else leave. Before, the refresh checked only the version: the
-    forged member was listed by every read (a new subscriber, ``presence_get``, a backend's
-    ``Publisher.presence``) for as long as the pod lived."""
+    its members, puts another in one's place, or changes one's record): the pod's next refresh
+    finds its records not as it wrote them and writes them whole again, counted as a repair; a
+    watcher sees the forged member go (or the removed one come back), nobody else leave.
+    Before, the refresh checked only the version: the forged member was listed by every read
+    (a new subscriber, ``presence_get``, a backend's ``Publisher.presence``) for as long as the
+    pod lived; and until the records' content was checked, only their number: a member put
+    in another's place, or a record changed, stayed for as long as the pod lived."""
     a, b = await pods.start("a"), await pods.start("b")
     a.join("tab1", 1, "alice", None)
     a.join("tab2", 1, "bob", None)
     watcher = await pods.watch(b, "watcher")
     await watcher.until(lambda m: set(m) == {"alice", "bob"}, within=5)
     records = a.keys.presence_pod(1, "a")
-    if damage == "added":
-        forged = encode_record(PodRecord(name="M", viewing=None, answering=None, since=1, at=1))
+    forged = encode_record(PodRecord(name="M", viewing=66, answering=66, since=1, at=1))
+    if damage in ("added", "swapped"):
         redis_client.hset(records, "mallory", forged)
-    else:
+    if damage in ("removed", "swapped"):
         redis_client.hdel(records, "bob")
-    await eventually(
-        _reads(redis_client, {"alice", "bob"}), 3 * TIMINGS["refresh_interval"] + SLACK
-    )
+    if damage == "changed":
+        redis_client.hset(records, "alice", forged)
+
+    async def repaired() -> bool:
+        members = read_presence(redis_client, 1)
+        return [(m.id, m.name, m.viewing) for m in members] == [
+            ("alice", None, None),
+            ("bob", None, None),
+        ]
+
+    await eventually(repaired, 3 * TIMINGS["refresh_interval"] + SLACK)
     assert a.repaired_keys >= 1
     late = await pods.watch(b, "late")  # (b's view: re-read once a's whole list is announced)
     assert set(late.members) == {"alice", "bob"}
     await watcher.until(lambda m: set(m) == {"alice", "bob"}, within=5)
     assert watcher.left == []
+
+
+async def test_records_as_the_pod_wrote_them_are_never_taken_for_damaged(pods) -> None:
+    """The refresh's digest of a pod's records is the pod's own, whatever the ids and names
+    (bytes outside ASCII, characters JSON escapes) and however they changed: no repair, no
+    rewrite, refresh after refresh."""
+    a = await pods.start("a")
+    a.join("tab1", 1, 'ålice\n"x"', "Zoë 🙂 \u2028")
+    a.join("tab2", 1, "bob", None)
+    a.activity("tab2", 1, 7, 8)
+    a.join("tab3", 2, "карл", "Карл")
+    for _ in range(4):
+        await asyncio.sleep(TIMINGS["refresh_interval"])
+        a.activity("tab2", 1, 9, None)
+    written = a.store.commands
+    await asyncio.sleep(3 * TIMINGS["refresh_interval"])
+    assert a.repaired_keys == 0
+    # only refreshes since (one call per project each), no write of the whole list
+    assert a.store.commands - written <= 2 * 4
 
 
 @pytest.mark.parametrize("damage", ["pods", "versions", "records"])
