@@ -409,6 +409,17 @@ operations = st.lists(
 @example([("join", 1, 0, "u1"), ("tick",), ("leave", 1, 0)], 0)
 # A tab whose token names another person moves with its activity.
 @example([("join", 1, 0, "u1"), ("activity", 1, 0, 2, 3), ("join", 1, 0, "u2")], 60)
+# ... and does not hide what the person's other tab (here on another pod) reported since.
+@example(
+    [
+        ("join", 1, 0, "u1"),
+        ("activity", 1, 0, 2, 3),
+        ("join", 2, 1, "u2"),
+        ("activity", 2, 1, 1, 1),
+        ("join", 1, 0, "u2"),
+    ],
+    DEFAULT_MAX_ANNOUNCEMENT,
+)
 def test_diffs_reproduce_the_members_across_pods_and_tabs(ops, max_announcement) -> None:
     """Also with writes announced without their records (``max_announcement`` 0: all of
     them; 60 bytes: those of more than one member), which the other pods read instead."""
@@ -423,14 +434,15 @@ def test_diffs_reproduce_the_members_across_pods_and_tabs(ops, max_announcement)
             if key in tabs and tabs[key]["member"] == member:
                 continue
             cluster.cores[pod].join(key[1], 1, member, member.upper())
-            moved = tabs.get(key, {})  # a tab moved to another person keeps its activity
+            # A tab moved to another person keeps its activity, and when it reported it.
+            moved = tabs.get(key, {})
             tabs[key] = {
                 "member": member,
                 "name": member.upper(),
                 "viewing": moved.get("viewing"),
                 "answering": moved.get("answering"),
                 "since": cluster.now,
-                "at": cluster.now,
+                "at": moved.get("at", cluster.now),
             }
         elif op[0] == "rename":
             _, pod, tab, name = op
