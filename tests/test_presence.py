@@ -482,6 +482,85 @@ def test_diffs_reproduce_the_members_across_pods_and_tabs(ops, max_announcement)
     ]
 
 
+_capped_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("join"), st.integers(0, 2), st.integers(0, 5), member_ids),
+        st.tuples(
+            st.just("activity"), st.integers(0, 2), st.integers(0, 5), st.none() | st.integers(1, 3)
+        ),
+        st.tuples(st.just("leave"), st.integers(0, 2), st.integers(0, 5)),
+        st.tuples(st.just("tick")),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_capped_ops, st.integers(1, 3), st.integers(1, 3))
+@example([("join", 0, 0, "u1"), ("join", 0, 1, "u2"), ("leave", 0, 0)], 1, 1)
+def test_at_the_cap_waiting_tabs_take_freed_places_and_every_view_agrees(ops, cap, n_pods) -> None:
+    """Tabs joining as the gateway lists them (at the cap they wait), reporting activity and
+    leaving, on 1 to 3 pods that all watch the project: once the pods have settled, no pod
+    holds a waiting tab while its view has room, a listed tab shows the last activity it
+    reported (waiting or not), on one pod the list never passes the cap, and every
+    subscriber's diffs, a late subscriber and a Redis read give the same members as the pods'
+    own tables merged."""
+    cluster = Cluster(n_pods)
+    for pod in range(n_pods):
+        cluster.subscribe(pod, f"watcher{pod}")
+    reported: dict[tuple[int, str], tuple[int | None, int | None]] = {}
+
+    def settle() -> None:
+        for _ in range(3):
+            cluster.flush()
+            for core in cluster.cores:
+                core.promote()
+            cluster.tick()
+
+    for op in ops:
+        if op[0] == "join":
+            _, pod, tab, member = op
+            pod %= n_pods
+            core, session = cluster.cores[pod], f"tab{tab}"
+            if core.is_full(1, member, cap, session):  # as gateway.clients does
+                core.wait(session, 1, member, None, cap)
+            else:
+                core.join(session, 1, member, None)
+            reported.setdefault((pod, session), (None, None))
+        elif op[0] == "activity":
+            _, pod, tab, viewing = op
+            pod %= n_pods
+            if (pod, f"tab{tab}") in reported:
+                cluster.cores[pod].activity(f"tab{tab}", 1, viewing, None)
+                reported[(pod, f"tab{tab}")] = (viewing, None)
+        elif op[0] == "leave":
+            _, pod, tab = op
+            cluster.cores[pod % n_pods].leave(f"tab{tab}", 1)
+            reported.pop((pod % n_pods, f"tab{tab}"), None)
+        else:
+            cluster.flush()
+            for core in cluster.cores:
+                core.promote()
+            cluster.tick()
+        if n_pods == 1:
+            assert cluster.cores[0].table.member_count(1) <= cap
+    settle()
+    for pod, core in enumerate(cluster.cores):
+        assert not core._waiting or core.is_full(1, "", cap)
+        for (p, session), activity in reported.items():
+            tab = core.table.tab(session, 1) if p == pod else None
+            if tab is not None:
+                assert (tab.viewing, tab.answering) == activity
+    want = merge_pods({core.pod_id: core.table.records(1) for core in cluster.cores})
+    for pod in range(n_pods):
+        assert cluster.clients[(pod, f"watcher{pod}")] == want
+    cluster.subscribe(0, "late")
+    assert cluster.clients[(0, "late")] == want
+    assert cluster.cores[0].snapshot_of_read(1, cluster.redis.read(1)).members == [
+        want[k] for k in sorted(want)
+    ]
+
+
 # A watching pod that learns late: announcements delivered whenever, a read answered after
 # announcements made since it ran, pods that die (their records expire) or leave, new pod ids.
 _late_ops = st.lists(
