@@ -665,6 +665,10 @@ class PresenceCore:
         # The tab's activity goes with it (a tab listed as another person until its token
         # was refreshed, or one waiting already).
         before = self._waiting.get(project_id, {}).get(session)
+        if before is not None and before.member_id == member_id:
+            # (a re-subscribe: the tab keeps its place in the queue)
+            before.name, before.cap = name, cap
+            return
         tab = self.table.tab(session, project_id)
         if before is not None:
             activity = before.viewing, before.answering, before.reported

@@ -238,6 +238,8 @@ def test_a_person_past_the_cap_is_listed_once_room_frees() -> None:
     core.wait("c2", 1, "carol", "Carol", 2)  # carol's second tab
     assert core.activity("c", 1, 5, None) is False  # not listed yet: kept for later
     core.wait("d", 1, "dave", None, 2)
+    for tab in ("c", "c2"):  # re-subscribes keep her place, and her activity
+        core.wait(tab, 1, "carol", "Carol", 2)
     assert core.promote() == 0 and set(core.table.records(1)) == {"alice"}
     core.on_announcement(1, Announcement("other", 2, 1, {"bob": None}))  # bob leaves there
     assert core.promote() == 2  # carol, who came first, with both her tabs
