@@ -299,6 +299,12 @@ class PodTable:
 # --- one project's replica --------------------------------------------------------------------
 
 
+def _fingerprint(announcement: Announcement) -> int:
+    """Tells two announcements of one pod and version apart (O(changes), as applying it is)."""
+    changes = announcement.changes
+    return hash((announcement.base, None if changes is None else frozenset(changes.items())))
+
+
 class ProjectView:
     """One project's presence as this pod knows it: every pod's records, merged members, and
     the members last sent to subscribers (``emitted``)."""
@@ -342,6 +348,8 @@ class ProjectView:
         #: Members may be left out for the most members in all (an announcement's, or a read
         #: that listed that many): once there is room, the next refresh report asks for a read.
         self._cut = False
+        #: pod -> (version, fingerprint) of the last announcement of it applied here.
+        self._announced: dict[str, tuple[int, int]] = {}
 
     # updates
 
@@ -369,6 +377,7 @@ class ProjectView:
     def drop_pod(self, pod: str) -> None:
         self._touch(self.pods.pop(pod, {}))
         self.versions.pop(pod, None)
+        self._announced.pop(pod, None)
         self._misses.pop(pod, None)
         self._behind.pop(pod, None)
 
@@ -393,7 +402,15 @@ class ProjectView:
                 self._early_dropped = True
             return True
         known = self.versions.get(pod, 0)
+        fingerprint = _fingerprint(announcement)
         if announcement.version <= known:
+            seen = self._announced.get(pod)
+            if seen is not None and seen[0] == announcement.version and seen[1] != fingerprint:
+                # Two different announcements of one version: one is another writer's (a
+                # pod announces each version once). Nothing else would tell: Redis reports
+                # the same version. The read replaces the pod whatever its version.
+                self._distrusted.add(pod)
+                return False
             return True  # already have it (or newer), e.g. from a read
         if announcement.changes is None:
             return False  # its records are in Redis only
@@ -409,6 +426,7 @@ class ProjectView:
                 self.set_record(pod, member_id, record)
             self.versions[pod] = announcement.version
             self._misses.pop(pod, None)
+        self._announced[pod] = (announcement.version, fingerprint)
         if len(self.pods.get(pod, ())) > self.most or len(self.versions) > self.most:
             # No pod lists that many, nor are there that many pods (pods with nothing listed
             # count too, as their versions are kept): another writer's
@@ -444,6 +462,7 @@ class ProjectView:
                 state.version >= self.versions.get(pod, 0) or pod in self._distrusted
             ):
                 self.replace_pod(pod, state.records, state.version)
+                self._announced.pop(pod, None)  # (this version is Redis's, not announced)
         for pod in self._distrusted - set(snapshot):
             self.drop_pod(pod)  # its version here is forged, and Redis no longer has it
         self.replace_pod(self.own_pod, own_records, 0)

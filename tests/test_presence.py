@@ -904,6 +904,28 @@ def test_a_view_ahead_of_redis_twice_running_is_forged_and_replaced_by_a_read() 
     assert not view.check_live({"other": 4})
 
 
+@pytest.mark.parametrize("forged_first", [True, False])
+def test_two_announcements_of_one_version_mean_a_forged_one_and_a_read(forged_first) -> None:
+    """Another writer publishing a pod's next version (seen on the channel: versions count up)
+    with its own records, before or after the pod's real announcement of it: the view takes
+    the second for one it already has, and, Redis reporting that very version, nothing ever
+    told it apart. Two different announcements of one version ask for a read, which replaces
+    the pod whatever its version (before, the forged member stayed listed, the real change
+    missing, until the pod wrote its whole list again)."""
+    record = PodRecord(None, None, None, 1, 1)
+    view = ProjectView(1, "me")
+    view.load({"a": PodState(5, {"alice": record})}, {})
+    forged = Announcement("a", 6, 5, {"mallory": record})
+    real = Announcement("a", 6, 5, {"bob": record})
+    first, second = (forged, real) if forged_first else (real, forged)
+    assert view.apply(first)
+    assert view.apply(first)  # (the same again is no conflict)
+    assert not view.apply(second)  # read the project
+    assert view.load({"a": PodState(6, {"alice": record, "bob": record})}, {})
+    assert set(view.current()) == {"alice", "bob"}
+    assert not view.check_live({"a": 6}) and not view.check_live({"a": 6})
+
+
 def test_closing_a_session_leaves_and_unsubscribes_everywhere() -> None:
     core = PresenceCore("p", clock_ms=lambda: 1)
     core.load(1, {})
