@@ -179,14 +179,6 @@ class PodTable:
         self._members: dict[int, dict[str, _Member]] = {}
         self._sessions: dict[SessionKey, set[int]] = {}
         self._order = itertools.count()
-        self._last_ms = 0  # the latest report time given: ``at`` never goes back on this pod
-
-    def _at(self, now_ms: int) -> int:
-        """A report's time: ``now_ms``, or the latest given if the clock stepped back (a
-        member's latest report is the one with the greatest ``at``, so a report made after a
-        step back would otherwise lose to the ones made before it)."""
-        self._last_ms = max(self._last_ms, now_ms)
-        return self._last_ms
 
     def record(self, project_id: int, member_id: str) -> PodRecord | None:
         member = self._members.get(project_id, {}).get(member_id)
@@ -236,7 +228,7 @@ class PodTable:
                 if tab.name == name:
                     return []
                 tab.name = name
-                tab.at = self._at(now_ms)
+                tab.at = now_ms
                 self._members[project_id][member_id].reported(session, tab, next(self._order))
                 return [member_id]
             # The token now names someone else: the tab moves to them, with its activity (the
@@ -246,7 +238,7 @@ class PodTable:
             viewing, answering, at = tab.viewing, tab.answering, tab.at
             touched = self.leave(session, project_id)
         else:
-            at = self._at(now_ms)
+            at = now_ms
         tab = self._tabs[(session, project_id)] = _Tab(
             member_id, name, viewing, answering, now_ms, at
         )
@@ -271,7 +263,7 @@ class PodTable:
         if tab is None:
             return []
         tab.viewing, tab.answering = viewing, answering
-        tab.at = self._at(now_ms)
+        tab.at = now_ms
         self._members[project_id][tab.member_id].reported(session, tab, next(self._order))
         return [tab.member_id]
 
