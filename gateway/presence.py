@@ -654,6 +654,13 @@ class PresenceCore:
         :data:`~schemas.presence.MAX_MEMBER_ID_LENGTH` (see :meth:`can_list`), or an id or name
         that is not text (:func:`schemas.tokens.is_text`; ``verify_token`` passes neither on):
         one such record would fail the write of every project of the pod, and the diffs."""
+        self._check(member_id, name)
+        self._unwait(session, project_id)
+        self._changed(
+            project_id, self.table.join(session, project_id, member_id, name, self._now())
+        )
+
+    def _check(self, member_id: str, name: str | None) -> None:
         if not self.can_list(member_id):
             raise ValueError(
                 f"a member needs an id of 1 to {MAX_MEMBER_ID_LENGTH} characters of text "
@@ -661,10 +668,6 @@ class PresenceCore:
             )
         if name is not None and not is_text(name):
             raise ValueError("a display name must be text")
-        self._unwait(session, project_id)
-        self._changed(
-            project_id, self.table.join(session, project_id, member_id, name, self._now())
-        )
 
     def wait(
         self, session: SessionKey, project_id: int, member_id: str, name: str | None, cap: int
@@ -672,7 +675,9 @@ class PresenceCore:
         """The tab is not listed (:meth:`is_full` refused ``member_id`` a place under ``cap``;
         it leaves whatever member it was listed as) but waits for a place: :meth:`promote`
         lists it once the project has room, with the activity it reported meanwhile. A join,
-        a leave or the connection's close ends the wait."""
+        a leave or the connection's close ends the wait. Raises ``ValueError`` as :meth:`join`
+        does, now: not later, in :meth:`promote`, on the diff loop."""
+        self._check(member_id, name)
         # The tab's activity goes with it (a tab listed as another person until its token
         # was refreshed, or one waiting already).
         before = self._waiting.get(project_id, {}).get(session)

@@ -250,6 +250,8 @@ def test_a_person_past_the_cap_is_listed_once_room_frees() -> None:
     core.leave("d", 1)  # dave left while waiting: forgotten
     core.leave("a", 1)
     assert core.promote() == 0 and set(core.table.records(1)) == {"carol"}
+    with pytest.raises(ValueError):  # refused now, as a join is, not when listed
+        core.wait("x", 1, "", None, 2)
     core.wait("e", 1, "erin", None, 2)
     core.close_session("e")  # so is a closed connection
     assert core.promote() == 0 and set(core.table.records(1)) == {"carol"}
