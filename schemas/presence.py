@@ -143,15 +143,15 @@ def decode_record(data: bytes | str) -> PodRecord:
 
 def records_digest(records: Mapping[str, PodRecord]) -> int:
     """What :data:`REFRESH` compares a pod's records hash with, to know it holds exactly what
-    the pod wrote: the sum (mod 2**32) of each record's digest, the first 32 bits of the SHA-1
+    the pod wrote: the sum (mod 2**48) of each record's digest, the first 48 bits of the SHA-1
     of ``<id length in bytes>:<id><record JSON>``, so in no particular order (Redis gives a
     hash's fields in none)."""
     total = 0
     for member_id, record in records.items():
         key = member_id.encode()
         pair = b"%d:%s%s" % (len(key), key, encode_record(record))
-        total += int.from_bytes(hashlib.sha1(pair).digest()[:4], "big")
-    return total % 2**32
+        total += int.from_bytes(hashlib.sha1(pair).digest()[:6], "big")
+    return total % 2**48
 
 
 def merge_member(member_id: str, records: Iterable[tuple[str, PodRecord]]) -> Member:
@@ -497,7 +497,8 @@ local function digest(hash)
   local sum = 0
   for i = 1, #flat - 1, 2 do
     local pair = #flat[i] .. ':' .. flat[i] .. flat[i + 1]
-    sum = (sum + tonumber(string.sub(redis.sha1hex(pair), 1, 8), 16)) % 4294967296
+    -- 48 bits: every sum stays exact in Lua's doubles (below 2^53)
+    sum = (sum + tonumber(string.sub(redis.sha1hex(pair), 1, 12), 16)) % 281474976710656
   end
   return sum
 end
