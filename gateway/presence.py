@@ -122,9 +122,12 @@ class _Member:
     """One member's tabs on this pod, kept so that its record costs the same whatever the
     number of tabs (one person may have thousands: a kiosk token shared by many screens)."""
 
-    __slots__ = ("joined", "latest", "tabs")
+    __slots__ = ("joined", "latest", "name", "tabs")
 
     def __init__(self) -> None:
+        #: The display name of the latest token given here (a join, a move, a refresh with
+        #: a new name): the person's, whichever tab reported last.
+        self.name: str | None = None
         self.tabs: dict[SessionKey, _Tab] = {}
         #: A heap of (since, join order, tab): the earliest-joined open tab on top. Closed tabs
         #: are dropped when they reach the top, or all at once when they outnumber open ones.
@@ -161,7 +164,7 @@ class _Member:
         while self.joined[0][2].closed:
             heapq.heappop(self.joined)
         return PodRecord(
-            name=latest.name,
+            name=self.name,
             viewing=latest.viewing,
             answering=latest.answering,
             since=self.joined[0][0],
@@ -227,9 +230,10 @@ class PodTable:
             if tab.member_id == member_id:
                 if tab.name == name:
                     return []
+                # A new display name renames the person, and is no activity report: the
+                # activity shown stays that of the tab that reported last.
                 tab.name = name
-                tab.at = now_ms
-                self._members[project_id][member_id].reported(session, tab, next(self._order))
+                self._members[project_id][member_id].name = name
                 return [member_id]
             # The token now names someone else: the tab moves to them, with its activity (the
             # tab's, for as long as the connection lives; a client sends it again only when it
@@ -245,6 +249,7 @@ class PodTable:
         member = self._members.setdefault(project_id, {}).get(member_id)
         if member is None:
             member = self._members[project_id][member_id] = _Member()
+        member.name = name
         member.reported(session, tab, next(self._order))
         heapq.heappush(member.joined, (now_ms, next(self._order), tab))
         self._sessions.setdefault(session, set()).add(project_id)

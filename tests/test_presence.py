@@ -207,6 +207,23 @@ def test_a_tab_moved_to_a_person_does_not_hide_what_they_reported_since() -> Non
     assert (merged["bob"].viewing, merged["bob"].answering) == (5, 5)
 
 
+def test_a_new_display_name_does_not_count_as_an_activity_report() -> None:
+    """A refreshed token with a new ``name`` renames the person on this pod at once, and is no
+    report of the tab's activity: Alice answering in one tab stays shown answering when her
+    other tab's token is refreshed with her new name (before, the rename counted as that tab's
+    latest report, and she was shown with its old activity until the answering tab reported
+    a change)."""
+    table = PodTable()
+    table.join("fg", 1, "alice", "Alice", now_ms=1)
+    table.join("bg", 1, "alice", "Alice", now_ms=2)
+    table.activity("bg", 1, viewing=7, answering=None, now_ms=3)
+    table.activity("fg", 1, viewing=5, answering=5, now_ms=4)
+    assert table.join("bg", 1, "alice", "Alice B.", now_ms=5) == ["alice"]
+    assert table.records(1) == {"alice": PodRecord("Alice B.", 5, 5, since=1, at=4)}
+    table.join("fg", 1, "alice", "Alice B.", now_ms=6)  # (its own refresh: nothing changes)
+    assert table.records(1) == {"alice": PodRecord("Alice B.", 5, 5, since=1, at=4)}
+
+
 def test_a_tab_moving_from_a_person_it_alone_lists_takes_their_place_under_the_cap() -> None:
     """``is_full`` with the session: the tab moving to another person frees the place of the
     person it leaves only when it is that person's last tab, here and on the other pods."""
@@ -370,18 +387,22 @@ class Cluster:
                     self.clients[key] = apply_diff(self.clients[key], diff)
 
 
-def expected_members(tabs: dict[tuple[int, str], dict]) -> dict[str, Member]:
-    """The members the open tabs imply, computed without the code under test's tables."""
+def expected_members(
+    tabs: dict[tuple[int, str], dict], names: dict[tuple[int, str], str | None]
+) -> dict[str, Member]:
+    """The members the open tabs imply, computed without the code under test's tables:
+    the activity of the tab that reported last, and the name last given on its pod
+    (``names``: (pod, member) -> name)."""
     out: dict[str, Member] = {}
     for member_id in {tab["member"] for tab in tabs.values()}:
-        mine = [tab for tab in tabs.values() if tab["member"] == member_id]
-        latest = max(mine, key=lambda tab: tab["at"])
+        mine = [(key, tab) for key, tab in tabs.items() if tab["member"] == member_id]
+        (pod, _), latest = max(mine, key=lambda entry: entry[1]["at"])
         out[member_id] = Member(
             member_id,
-            latest["name"],
+            names[(pod, member_id)],
             latest["viewing"],
             latest["answering"],
-            min(tab["since"] for tab in mine),
+            min(tab["since"] for _, tab in mine),
         )
     return out
 
@@ -431,6 +452,7 @@ def test_diffs_reproduce_the_members_across_pods_and_tabs(ops, max_announcement)
     cluster.subscribe(0, "watcher0")
     cluster.subscribe(2, "watcher2")
     tabs: dict[tuple[int, str], dict] = {}
+    names: dict[tuple[int, str], str | None] = {}  # (pod, member) -> the name last given
     for op in ops:
         if op[0] == "join":
             _, pod, tab, member = op
@@ -438,6 +460,7 @@ def test_diffs_reproduce_the_members_across_pods_and_tabs(ops, max_announcement)
             if key in tabs and tabs[key]["member"] == member:
                 continue
             cluster.cores[pod].join(key[1], 1, member, member.upper())
+            names[(pod, member)] = member.upper()
             # A tab moved to another person keeps its activity, and when it reported it.
             moved = tabs.get(key, {})
             tabs[key] = {
@@ -453,8 +476,9 @@ def test_diffs_reproduce_the_members_across_pods_and_tabs(ops, max_announcement)
             key = (pod, f"tab{tab}")
             if key in tabs:
                 cluster.cores[pod].join(key[1], 1, tabs[key]["member"], name)
-                if name != tabs[key]["name"]:  # (a name change counts as a report)
-                    tabs[key].update(name=name, at=cluster.now)
+                if name != tabs[key]["name"]:  # (renames the person there; no report)
+                    tabs[key]["name"] = name
+                    names[(pod, tabs[key]["member"])] = name
         elif op[0] == "activity":
             _, pod, tab, viewing, answering = op
             key = (pod, f"tab{tab}")
@@ -475,7 +499,7 @@ def test_diffs_reproduce_the_members_across_pods_and_tabs(ops, max_announcement)
         else:
             cluster.tick()
     cluster.tick()
-    want = expected_members(tabs)
+    want = expected_members(tabs, names)
     assert cluster.clients[(0, "watcher0")] == want
     assert cluster.clients[(2, "watcher2")] == want
     # A late subscriber starts from the same state, and Redis holds it too.
