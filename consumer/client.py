@@ -42,7 +42,7 @@ import msgspec
 import structlog
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
-from websockets.frames import Close
+from websockets.frames import Close, Frame, Opcode
 from websockets.protocol import State
 from websockets.proxy import get_proxy
 from websockets.uri import parse_uri
@@ -127,6 +127,18 @@ _CLOSED = object()  # queue sentinel: wake a waiting iterator
 #: a refusal, the close sentinel): about what such an object takes in memory.
 CONTROL_ITEM_BYTES = 256
 _poll_decoder = msgspec.json.Decoder(PollResponse)
+
+
+def _decode_page(body: bytes) -> PollResponse:
+    """A catch-up page's body. JSON is UTF-8, and a page's events are embedded without being
+    parsed (``msgspec.Raw``), their fields that no event type has skipped unchecked: a page
+    from a broken gateway (or a proxy) with bytes that are not UTF-8 there delivered events
+    whose ``raw`` did not decode. Such a page raises (UnicodeDecodeError, a ValueError): a page
+    that cannot be read."""
+    body.decode()
+    return _poll_decoder.decode(body)
+
+
 #: Events per page when catching up (the polling endpoint's maximum).
 POLL_PAGE = 1000
 
@@ -173,6 +185,10 @@ class _Connection(ClientConnection):
 
     _unread: asyncio.TimerHandle | None = None
     _given_up = False
+    #: The frames of a binary message are being dropped (its continuations follow).
+    _binary = False
+    #: Called for each binary message dropped (the consumer counts and logs it).
+    on_binary: Callable[[], None] | None = None
     #: Bytes read from the socket and not handed to websockets yet: reading is paused.
     _held = b""
 
@@ -205,6 +221,23 @@ class _Connection(ClientConnection):
             if view and self.recv_messages.paused:
                 self._held = bytes(view)
                 return
+
+    def process_event(self, event: object) -> None:
+        """Drop binary messages, frame by frame: the gateway sends text frames only, and
+        websockets checks only those for UTF-8 (a text frame that is not closes with 1007).
+        Taken as text (``recv(decode=False)`` returns either as bytes), a binary frame made a
+        :class:`~consumer.Delivery` whose ``raw`` was not UTF-8 (the unknown fields of an event
+        are skipped unchecked): ``raw.decode()`` raised in the application, for that event again
+        after every restart. Dropped, it is a frame the gateway never sends (``stats.ignored``),
+        and an event it held leaves a gap, repaired like any other."""
+        if isinstance(event, Frame) and (
+            event.opcode is Opcode.BINARY or (self._binary and event.opcode is Opcode.CONT)
+        ):
+            self._binary = not event.fin
+            if event.opcode is Opcode.BINARY and self.on_binary is not None:
+                self.on_binary()
+            return
+        super().process_event(event)  # type: ignore[arg-type]
 
     def eof_received(self) -> bool | None:
         if self._held:  # what came before the end goes first (the queue's bound aside)
@@ -1331,6 +1364,8 @@ class Consumer:
             self.connects += 1
             self._ws = ws
             self._current_url = url
+            if isinstance(ws, _Connection):
+                ws.on_binary = self._on_binary
             self._untagged_pages = False
             log.info("connected", url=url)
             try:
@@ -1505,6 +1540,9 @@ class Consumer:
         self.stats.ignored += 1
         if self.stats.ignored % 1000 == 1:
             getattr(log, level)(event, ignored=self.stats.ignored, **fields)
+
+    def _on_binary(self) -> None:
+        self._ignored("ignored a binary frame (the gateway sends text frames only)")
 
     def _has_valid_cursor(self, message: Subscribed | ResyncRequired) -> bool:
         """Whether a ``subscribed`` or ``resync_required`` names a cursor the gateway accepts;
@@ -2086,7 +2124,7 @@ class Consumer:
         if tag is not None:
             url = f"{base}/v1/projects/{project_id}/events?{urlencode({**params, 'tag': tag})}"
             try:
-                return _poll_decoder.decode(await read_page(url, token, self._poll_timeout))
+                return _decode_page(await read_page(url, token, self._poll_timeout))
             except urllib.error.HTTPError as exc:
                 if exc.code != 400:
                     raise
@@ -2097,7 +2135,7 @@ class Consumer:
                     project_id=project_id,
                 )
         url = f"{base}/v1/projects/{project_id}/events?{urlencode(params)}"
-        return _poll_decoder.decode(await read_page(url, token, self._poll_timeout))
+        return _decode_page(await read_page(url, token, self._poll_timeout))
 
     def _retry_unavailable(
         self, ws: ClientConnection, state: ProjectState, *, presence: bool, ended: bool

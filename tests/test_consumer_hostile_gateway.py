@@ -1,0 +1,81 @@
+"""The consumer against a broken or hostile gateway: a fake gateway (a websockets server this
+test controls) sends what no gateway of this project sends, and the application must see every
+event once, in order, or an explicit Resync, never an item it cannot use."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from websockets.asyncio.server import serve
+
+import consumer.client as consumer_client
+from consumer import Consumer, Cursor, Delivery, ReconnectPolicy, Resync
+from schemas.protocol import ResyncReason
+from tests.test_consumer_units import (
+    EPOCH,
+    drain,
+    fed_consumer,
+    frame,
+    subscribed,
+    too_far_behind,
+)
+
+
+async def test_a_binary_frame_is_ignored_never_delivered_with_a_raw_that_is_not_utf8():
+    """The protocol's frames are text, which websockets checks for UTF-8 (1007 otherwise); a
+    binary frame (one message, or fragments) was read as text, unchecked: an event in it,
+    with bytes that are not UTF-8 in a field the consumer skips, became a Delivery whose ``raw``
+    did not decode (consumer.md's exactly-once sample stores ``item.raw.decode()``: it raised,
+    for the same event after every restart). Now binary messages are ignored and counted, and
+    the events sent as text are delivered, once, in order."""
+    bad = frame(1, 1)[:1] + b'"x":"\xff",' + frame(1, 1)[1:]
+
+    async def gateway(connection) -> None:
+        async for raw in connection:
+            if json.loads(raw)["type"] == "subscribe":
+                await connection.send(subscribed(1, 0, resumed=True).decode())
+                await connection.send(bad)  # binary
+                await connection.send([bad[:10], bad[10:]])  # binary, in two fragments
+                await connection.send(frame(1, 1).decode())
+                await connection.send(frame(1, 2).decode())
+
+    async with serve(gateway, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        policy = ReconnectPolicy(initial=0.1, max=0.1)
+        async with Consumer(f"ws://127.0.0.1:{port}/", reconnect=policy) as bus:
+            events = bus.events(1, after=Cursor(EPOCH, 0))
+            async with asyncio.timeout(10):
+                items = [await anext(events), await anext(events)]
+    assert all(type(item) is Delivery for item in items)
+    assert [item.raw for item in items] == [frame(1, 1), frame(1, 2)]
+    assert [item.raw.decode() for item in items]  # (what an application stores)
+    assert bus.stats.ignored == 2 and bus.stats.gaps == 0 and bus.connects == 1
+
+
+async def test_a_catch_up_page_that_is_not_utf8_is_a_failed_catch_up_never_a_delivery(
+    monkeypatch,
+):
+    """A page's events are embedded without re-encoding (``msgspec.Raw``), and the fields an
+    event decoder skips are not checked for UTF-8: a page from a broken gateway (or a proxy)
+    with such bytes in an event delivered it with a ``raw`` that did not decode. JSON is UTF-8:
+    such a page cannot be read, and the catch-up surfaces the gateway's resync, as for any page
+    that cannot be read."""
+    bad = frame(1, 6)[:1] + b'"x":"\xff",' + frame(1, 6)[1:]
+    page = b'{"project_id":1,"epoch":"%s","seq":7,"events":[%s,%s]}' % (
+        EPOCH.encode(),
+        bad,
+        frame(1, 7),
+    )
+
+    async def read_page(url: str, token: str | None, within: float) -> bytes:
+        return page
+
+    monkeypatch.setattr(consumer_client, "read_page", read_page)
+    consumer, ws, subscription = await fed_consumer(1)
+    await consumer._on_frame(ws, subscribed(1, 5))  # type: ignore[arg-type]
+    consumer._states[1].subscribe_message()  # a resume from (e1, 5)
+    await consumer._on_frame(ws, too_far_behind(1, 5000))  # type: ignore[arg-type]
+    await asyncio.gather(*consumer._helpers)
+    assert drain(subscription) == [Resync(1, ResyncReason.TOO_FAR_BEHIND, EPOCH, 5000)]
+    assert consumer.stats.delivered == 0
