@@ -327,12 +327,22 @@ class SqlCursorStore:
         return None if row is None else checked_cursor(tuple(row))
 
     async def save(self, project_id: int, cursor: Cursor) -> None:
-        db_cursor = self.connection.cursor()
+        """Write the cursor and commit the connection; a save that fails rolls the connection
+        back before it raises. A statement that fails (a ``lock_timeout`` or
+        ``statement_timeout``, a deadlock) aborts a PostgreSQL transaction, which refuses every
+        statement until a rollback: without it, every later save failed too, although the
+        database had recovered."""
         try:
-            self.save_in(db_cursor, project_id, cursor)
-        finally:
-            db_cursor.close()
-        self.connection.commit()
+            db_cursor = self.connection.cursor()
+            try:
+                self.save_in(db_cursor, project_id, cursor)
+            finally:
+                db_cursor.close()
+            self.connection.commit()
+        except BaseException:
+            with contextlib.suppress(Exception):  # (a connection lost: its own error is raised)
+                self.connection.rollback()
+            raise
 
     def save_in(self, db_cursor: Any, project_id: int, cursor: Cursor) -> None:
         """Write the cursor with ``db_cursor`` inside the caller's open transaction (no commit)."""

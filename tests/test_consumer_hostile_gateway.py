@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 
+import pytest
 from websockets.asyncio.server import serve
 
 import consumer.client as consumer_client
@@ -79,3 +81,39 @@ async def test_a_catch_up_page_that_is_not_utf8_is_a_failed_catch_up_never_a_del
     await asyncio.gather(*consumer._helpers)
     assert drain(subscription) == [Resync(1, ResyncReason.TOO_FAR_BEHIND, EPOCH, 5000)]
     assert consumer.stats.delivered == 0
+
+
+async def test_a_sql_store_save_that_failed_does_not_fail_every_save_after_it():
+    """``save`` (auto-commit) on PostgreSQL: a statement that fails (a ``lock_timeout`` or
+    ``statement_timeout``, which consumer.md advises for a slow database, a deadlock, a
+    serialization failure) aborts the transaction, and psycopg then refuses every statement
+    until a rollback, which the store never made: every later save failed
+    (``InFailedSqlTransaction``), for as long as the process ran, although the database had
+    recovered ("the next save covers it" was false; a restart delivered everything since
+    again). Now a failed save rolls its own transaction back."""
+    import psycopg
+
+    from consumer import SqlCursorStore
+    from tests.test_consumer_units import _postgres_admin
+
+    admin_url, admin = _postgres_admin()
+    name = f"eventbus_consumer_hostile_{os.getpid()}"
+    admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    admin.execute(f"CREATE DATABASE {name}")
+    url = admin_url.rpartition("/")[0] + "/" + name
+    try:
+        with psycopg.connect(url) as db, psycopg.connect(url) as other:
+            store = SqlCursorStore(db, "notifier")
+            store.create_table()
+            await store.save(7, Cursor("e", 1))
+            db.execute("SET lock_timeout = '100ms'")
+            db.commit()
+            other.execute("SELECT * FROM eventbus_cursors FOR UPDATE")  # a slow writer's lock
+            with pytest.raises(psycopg.errors.LockNotAvailable):
+                await store.save(7, Cursor("e", 2))
+            other.rollback()  # the database answers again
+            await store.save(7, Cursor("e", 3))
+            assert await store.load(7) == Cursor("e", 3)
+    finally:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()
