@@ -1930,7 +1930,15 @@ class Consumer:
             log.warning("token refresh refused", message=error.message)
             self._refresh = self._spawn(self._refresh_later(ws, self._random() * self.policy.max))
             return
-        if state is not None:
+        if state is not None and (
+            error.code == ErrorCode.FORBIDDEN
+            or (state.pending and error.code != ErrorCode.NOT_SUBSCRIBED)
+        ):
+            # A refusal of the subscribe in flight; or `forbidden`, which the gateway also
+            # sends unasked (a refreshed token that no longer allows the project, with its
+            # `unsubscribed`). Any other error answers nothing of ours (`not_subscribed`
+            # answers an unsubscribe, an activity): from a broken or hostile gateway, it ended
+            # the project for good, its later events never delivered. Ignored, below.
             kind = Forbidden if error.code == ErrorCode.FORBIDDEN else GatewayError
             route = self._routes.get(project_id)  # type: ignore[arg-type]
             del self._states[project_id]  # type: ignore[arg-type]
@@ -1946,9 +1954,14 @@ class Consumer:
                 route.ready[project_id].set()  # type: ignore[index]
                 await self._wait_for_room(route.queue, kind(error.code, error.message, project_id))
             return
-        # An error naming no project we follow, or none: it answers nothing of ours.
+        # An error naming no project we follow, or none, or answering no subscribe of it: it
+        # answers nothing of ours.
         self._ignored(
-            "gateway error", level="error", code=str(error.code), message=error.message[:200]
+            "gateway error",
+            level="error",
+            code=str(error.code),
+            message=error.message[:200],
+            project_id=project_id,
         )
 
     # --- catching up by pages -----------------------------------------------------------------

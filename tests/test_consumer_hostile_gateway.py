@@ -117,3 +117,34 @@ async def test_a_sql_store_save_that_failed_does_not_fail_every_save_after_it():
     finally:
         admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         admin.close()
+
+
+async def test_an_error_answering_no_subscribe_does_not_end_a_followed_project():
+    """An ``error`` naming a followed project while no subscribe of it is in flight answers
+    nothing of the consumer's (the gateway sends ``invalid_cursor`` or
+    ``too_many_subscriptions`` only to refuse a subscribe, ``not_subscribed`` only for an
+    unsubscribe or an activity). From a broken or hostile gateway it ended the project for
+    good: raised as a GatewayError, no longer followed, its events after it never delivered.
+    Now it is ignored, as an error naming no project followed is (``gateway error``, counted
+    in ``stats.ignored``); only ``forbidden`` ends a project unasked (a refreshed token that no
+    longer allows it)."""
+
+    async def gateway(connection) -> None:
+        async for raw in connection:
+            if json.loads(raw)["type"] == "subscribe":
+                await connection.send(subscribed(1, 0, resumed=True).decode())
+                await connection.send(frame(1, 1).decode())
+                for code in ("invalid_cursor", "not_subscribed", "too_many_subscriptions"):
+                    error = {"type": "error", "code": code, "message": "?", "project_id": 1}
+                    await connection.send(json.dumps(error))
+                await connection.send(frame(1, 2).decode())
+
+    async with serve(gateway, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        policy = ReconnectPolicy(initial=0.1, max=0.1)
+        async with Consumer(f"ws://127.0.0.1:{port}/", reconnect=policy) as bus:
+            events = bus.events(1, after=Cursor(EPOCH, 0))
+            async with asyncio.timeout(10):
+                items = [await anext(events), await anext(events)]
+    assert [(type(item).__name__, item.seq) for item in items] == [("Delivery", 1), ("Delivery", 2)]
+    assert bus.stats.ignored == 3 and bus.connects == 1
