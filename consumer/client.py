@@ -129,14 +129,16 @@ CONTROL_ITEM_BYTES = 256
 _poll_decoder = msgspec.json.Decoder(PollResponse)
 
 
-def _decode_page(body: bytes) -> PollResponse:
-    """A catch-up page's body. JSON is UTF-8, and a page's events are embedded without being
-    parsed (``msgspec.Raw``), their fields that no event type has skipped unchecked: a page
-    from a broken gateway (or a proxy) with bytes that are not UTF-8 there delivered events
-    whose ``raw`` did not decode. Such a page raises (UnicodeDecodeError, a ValueError): a page
-    that cannot be read."""
-    body.decode()
-    return _poll_decoder.decode(body)
+def _page_frame(raw: msgspec.Raw) -> bytes:
+    """An event of a catch-up page, checked for UTF-8. A page's events are embedded without
+    being parsed (``msgspec.Raw``), and the fields of an event that no event type has are
+    skipped unchecked: a page from a broken gateway (or a proxy) with bytes that are not UTF-8
+    there delivered events whose ``raw`` did not decode. JSON is UTF-8: such a page raises
+    (UnicodeDecodeError, a ValueError), a page that cannot be read. (Each event, not the whole
+    body at once: up to 64 MiB of text, 4 bytes a character with one wide one among them.)"""
+    frame = bytes(raw)
+    frame.decode()
+    return frame
 
 
 #: Events per page when catching up (the polling endpoint's maximum).
@@ -1995,7 +1997,7 @@ class Consumer:
                     break
                 more = page.more and bool(page.events)
                 for raw in page.events:
-                    frame = bytes(raw)
+                    frame = _page_frame(raw)
                     # The page speaks for this project only: an event naming another one (a
                     # broken gateway's) would take this project's place of its seq, and this
                     # project's own event of that seq be dropped as a duplicate. Skipped (as
@@ -2137,7 +2139,7 @@ class Consumer:
         if tag is not None:
             url = f"{base}/v1/projects/{project_id}/events?{urlencode({**params, 'tag': tag})}"
             try:
-                return _decode_page(await read_page(url, token, self._poll_timeout))
+                return _poll_decoder.decode(await read_page(url, token, self._poll_timeout))
             except urllib.error.HTTPError as exc:
                 if exc.code != 400:
                     raise
@@ -2148,7 +2150,7 @@ class Consumer:
                     project_id=project_id,
                 )
         url = f"{base}/v1/projects/{project_id}/events?{urlencode(params)}"
-        return _decode_page(await read_page(url, token, self._poll_timeout))
+        return _poll_decoder.decode(await read_page(url, token, self._poll_timeout))
 
     def _retry_unavailable(
         self, ws: ClientConnection, state: ProjectState, *, presence: bool, ended: bool
