@@ -313,15 +313,25 @@ class SqlCursorStore:
         return self._tagged
 
     async def load(self, project_id: int) -> Cursor | None:
-        select = self._select if self._has_tag_column() else self._select_untagged
-        cursor = self.connection.cursor()
-        try:
-            cursor.execute(select, (self.name, project_id))
-            row = cursor.fetchone()
-        finally:
-            cursor.close()
         # No commit here: the connection may be the caller's, in the middle of its own
-        # transaction (a project subscribed while another one's event is being applied).
+        # transaction (a project subscribed while another one's event is being applied). But
+        # a transaction the driver began for this read, on a connection that had none open
+        # (the store's own, in auto-commit mode), is ended: left open until the first save,
+        # hours later for a quiet project, PostgreSQL's idle_in_transaction_session_timeout
+        # ended the connection, and every save after it failed.
+        began = _in_transaction(self.connection) is False
+        try:
+            select = self._select if self._has_tag_column() else self._select_untagged
+            cursor = self.connection.cursor()
+            try:
+                cursor.execute(select, (self.name, project_id))
+                row = cursor.fetchone()
+            finally:
+                cursor.close()
+        finally:
+            if began and _in_transaction(self.connection):
+                with contextlib.suppress(Exception):  # (a read only: nothing to lose)
+                    self.connection.rollback()
         # As stored (SQLite keeps any type in any column): a float or text seq is garbage, not
         # a position to round to.
         return None if row is None else checked_cursor(tuple(row))
@@ -351,6 +361,20 @@ class SqlCursorStore:
             db_cursor.execute(self._upsert, row)
         else:
             db_cursor.execute(self._upsert_untagged, (self.name, project_id, cursor[0], cursor[1]))
+
+
+def _in_transaction(connection: Any) -> bool | None:
+    """Whether a DB-API connection has a transaction open, for the drivers that say (sqlite3,
+    psycopg 3, psycopg2); None when unknown."""
+    flag = getattr(connection, "in_transaction", None)  # sqlite3
+    if isinstance(flag, bool):
+        return flag
+    status = getattr(getattr(connection, "info", None), "transaction_status", None)  # psycopg 3
+    if status is None and callable(getattr(connection, "get_transaction_status", None)):
+        status = connection.get_transaction_status()  # psycopg2
+    if isinstance(status, int):
+        return status != 0  # IDLE (both psycopgs): none open
+    return None
 
 
 def _paramstyle_of(connection: Any) -> str:

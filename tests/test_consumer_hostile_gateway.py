@@ -148,3 +148,42 @@ async def test_an_error_answering_no_subscribe_does_not_end_a_followed_project()
                 items = [await anext(events), await anext(events)]
     assert [(type(item).__name__, item.seq) for item in items] == [("Delivery", 1), ("Delivery", 2)]
     assert bus.stats.ignored == 3 and bus.connects == 1
+
+
+async def test_a_sql_store_load_leaves_no_transaction_open_on_the_stores_own_connection():
+    """``load`` on a connection of the store's own (auto-commit mode) began a transaction (the
+    driver's, for its SELECT) and left it open until the first save, which may come hours
+    later for a quiet project: PostgreSQL's ``idle_in_transaction_session_timeout`` (common on
+    managed databases) then ended the connection, and every save failed for the life of the
+    process. Now a load that found no transaction open ends the one it began; one that found
+    the caller's open leaves it alone."""
+    import psycopg
+
+    from consumer import SqlCursorStore
+    from tests.test_consumer_units import _postgres_admin
+
+    admin_url, admin = _postgres_admin()
+    name = f"eventbus_consumer_idle_{os.getpid()}"
+    admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    admin.execute(f"CREATE DATABASE {name}")
+    url = admin_url.rpartition("/")[0] + "/" + name
+    idle = psycopg.pq.TransactionStatus.IDLE
+    try:
+        with psycopg.connect(url) as db:
+            store = SqlCursorStore(db, "notifier")
+            store.create_table()
+            db.execute("SET idle_in_transaction_session_timeout = '100ms'")
+            db.commit()
+            assert await store.load(7) is None
+            assert db.info.transaction_status == idle
+            await asyncio.sleep(0.3)  # (past the timeout: a connection idle in a transaction ends)
+            await store.save(7, Cursor("e", 1))
+            assert await store.load(7) == Cursor("e", 1)
+            # The caller's transaction open (exactly-once: the effect, then save_in): kept.
+            db.execute("CREATE TABLE effects (seq BIGINT)")
+            assert await store.load(7) == Cursor("e", 1)
+            assert db.info.transaction_status != idle
+            db.rollback()
+    finally:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()
