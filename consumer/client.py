@@ -181,12 +181,16 @@ class _Connection(ClientConnection):
     send waits for that buffer to drain, the keepalive's ping and the close frame included, so
     no timeout ended the connection, nor did ``aclose()`` return. So more than
     :data:`MAX_UNSENT` bytes waiting, or writing paused (the buffer above websockets'
-    ``write_limit``) for ``ping_timeout``, gives the connection up: such a gateway would have
-    answered no ping either.
+    ``write_limit``) for ``ping_timeout`` (:attr:`write_timeout` with keepalive off), gives the
+    connection up: such a gateway would have answered no ping either.
     """
 
     _unread: asyncio.TimerHandle | None = None
     _given_up = False
+    #: How long writing may stay held up when keepalive is off (``ping_timeout`` None): the
+    #: consumer's ``open_timeout``, set once connected. Without it, a gateway reading nothing
+    #: held every send for ever, the unsubscribe of ``aclose()`` included.
+    write_timeout: float | None = None
     #: The frames of a binary message are being dropped (its continuations follow).
     _binary = False
     #: Called for each binary message dropped (the consumer counts and logs it).
@@ -265,8 +269,9 @@ class _Connection(ClientConnection):
 
     def pause_writing(self) -> None:
         super().pause_writing()
-        if self.ping_timeout is not None:
-            self._unread = self.loop.call_later(self.ping_timeout, self._give_up)
+        limit = self.ping_timeout if self.ping_timeout is not None else self.write_timeout
+        if limit is not None:
+            self._unread = self.loop.call_later(limit, self._give_up)
 
     def resume_writing(self) -> None:
         super().resume_writing()
@@ -1368,6 +1373,7 @@ class Consumer:
             self._current_url = url
             if isinstance(ws, _Connection):
                 ws.on_binary = self._on_binary
+                ws.write_timeout = self._open_timeout
             self._untagged_pages = False
             log.info("connected", url=url)
             try:

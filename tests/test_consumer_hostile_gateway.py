@@ -14,6 +14,7 @@ from websockets.asyncio.server import serve
 import consumer.client as consumer_client
 from consumer import Consumer, Cursor, Delivery, ReconnectPolicy, Resync
 from schemas.protocol import ResyncReason
+from tests.support.ws_client import wait_until
 from tests.test_consumer_units import (
     EPOCH,
     drain,
@@ -187,3 +188,45 @@ async def test_a_sql_store_load_leaves_no_transaction_open_on_the_stores_own_con
     finally:
         admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         admin.close()
+
+
+async def test_with_keepalive_off_a_gateway_that_stops_reading_holds_no_aclose_for_ever(
+    monkeypatch,
+):
+    """Keepalive off (``ping_interval=None, ping_timeout=None``): a gateway that answers the
+    subscribe, then reads nothing more and sends pings, which websockets answers by itself,
+    fills the consumer's write buffer, and every send waits for it to drain. The unsubscribe of
+    ``aclose()`` waited for ever (no ping_timeout to give the connection up). Now writing held
+    up for ``open_timeout`` gives it up (1006), and ``aclose()`` returns."""
+    monkeypatch.setattr(consumer_client, "MAX_UNSENT", 2**40)  # only the time bound
+    stopped_reading = asyncio.Event()
+
+    async def gateway(connection) -> None:
+        async for raw in connection:
+            if json.loads(raw)["type"] == "subscribe":
+                await connection.send(subscribed(1, 0, resumed=True).decode())
+                await connection.send(frame(1, 1).decode())
+                connection.transport.pause_reading()
+                stopped_reading.set()
+                while not connection.transport.is_closing():  # empty pings, unmasked
+                    connection.transport.write(b"\x89\x00" * 50_000)
+                    await asyncio.sleep(0.01)
+                return
+
+    async with serve(gateway, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        bus = Consumer(
+            f"ws://127.0.0.1:{port}/",
+            open_timeout=1,
+            ping_interval=None,
+            ping_timeout=None,
+            reconnect=ReconnectPolicy(initial=0.1, max=0.1),
+        )
+        async with bus:
+            events = bus.events(1, after=Cursor(EPOCH, 0))
+            async with asyncio.timeout(10):
+                assert (await anext(events)).seq == 1
+                await stopped_reading.wait()
+                ws = bus._ws
+                await wait_until(lambda: ws.transport.get_write_buffer_size() > 0, 10, "pongs")
+                await events.aclose()
