@@ -219,12 +219,22 @@ class PodTable:
         return tab.member_id if tab else None
 
     def join(
-        self, session: SessionKey, project_id: int, member_id: str, name: str | None, now_ms: int
+        self,
+        session: SessionKey,
+        project_id: int,
+        member_id: str,
+        name: str | None,
+        now_ms: int,
+        *,
+        viewing: int | None = None,
+        answering: int | None = None,
+        at: int | None = None,
     ) -> list[str]:
         """Add (or re-identify) a tab; returns the member ids whose record may have changed. A
-        tab re-identified as another member moves to it with its activity."""
+        tab re-identified as another member moves to it with its activity. A new tab may bring
+        the activity it reported before it was listed and when (``at``; default: ``now_ms``,
+        the join being its report), as one that waited at the member cap does."""
         touched = []
-        viewing = answering = None
         tab = self._tabs.get((session, project_id))
         if tab is not None:
             if tab.member_id == member_id:
@@ -241,7 +251,7 @@ class PodTable:
             # what the person's other tabs reported since.
             viewing, answering, at = tab.viewing, tab.answering, tab.at
             touched = self.leave(session, project_id)
-        else:
+        elif at is None:
             at = now_ms
         tab = self._tabs[(session, project_id)] = _Tab(
             member_id, name, viewing, answering, now_ms, at
@@ -574,14 +584,16 @@ class ProjectView:
 @dataclass(slots=True)
 class _Waiting:
     """A tab refused a place at the member cap (:meth:`PresenceCore.wait`): who it would be
-    listed as, under which cap, and the activity it reported meanwhile."""
+    listed as, under which cap, and the activity it reported meanwhile, and when: listed, it
+    reports nothing new (its arrival counts as a report, as a join does)."""
 
     member_id: str
     name: str | None
     cap: int
-    viewing: int | None = None
-    answering: int | None = None
-    reported: int = 0  # the order of its last activity report (0: none)
+    viewing: int | None
+    answering: int | None
+    at: int  # unix ms of its last report (its arrival, or activity)
+    reported: int  # the order of that report on this pod (ties of ``at``: the later wins)
 
 
 @dataclass(frozen=True, slots=True)
@@ -647,6 +659,9 @@ class PresenceCore:
         self._versions = itertools.count(1)
         #: project -> tabs refused a place at the cap, in arrival order (:meth:`wait`).
         self._waiting: dict[int, dict[SessionKey, _Waiting]] = {}
+        #: project -> member -> their tabs in ``_waiting`` (so that listing a person costs
+        #: their tabs, not every waiting one).
+        self._waiting_members: dict[int, dict[str, dict[SessionKey, None]]] = {}
         self._waits_of: dict[SessionKey, set[int]] = {}
         self._reports = itertools.count(1)
         #: project -> records_digest() of this pod's records there (dropped at each change).
@@ -692,15 +707,17 @@ class PresenceCore:
             return
         tab = self.table.tab(session, project_id)
         if before is not None:
-            activity = before.viewing, before.answering, before.reported
-        elif tab is not None and (tab.viewing is not None or tab.answering is not None):
-            activity = tab.viewing, tab.answering, next(self._reports)
+            activity = before.viewing, before.answering, before.at, before.reported
+        elif tab is not None:
+            activity = tab.viewing, tab.answering, tab.at, next(self._reports)
         else:
-            activity = None, None, 0
+            activity = None, None, self._now(), next(self._reports)
         self.leave(session, project_id)
         self._waiting.setdefault(project_id, {})[session] = _Waiting(
             member_id, name, cap, *activity
         )
+        members = self._waiting_members.setdefault(project_id, {})
+        members.setdefault(member_id, {})[session] = None
         self._waits_of.setdefault(session, set()).add(project_id)
 
     def promote(self) -> int:
@@ -710,31 +727,54 @@ class PresenceCore:
         pod's view of the project shows, is taken within one."""
         promoted = 0
         for project_id in list(self._waiting):
-            # O(tabs listed), not O(tabs waiting): with no place for a new member ("" is
-            # nobody) the project is left at once. (A waiting tab whose person another pod
-            # lists meanwhile waits for a place too: the person is shown all the same.)
+            # O(tabs listed), not O(tabs waiting): with no place for a new member the project
+            # is left at once. The first tab's person may be listed meanwhile (by another
+            # pod, or here by a tab that came when another pod listed them): listed at once,
+            # taking no place.
             while (waiting := self._waiting.get(project_id)) is not None:
                 first = next(iter(waiting.values()))
-                if self.is_full(project_id, "", first.cap):
+                if not self._listed(project_id, first.member_id) and self._no_place(
+                    project_id, first.cap
+                ):
                     break
-                # The person's every waiting tab here takes the one place (O(tabs waiting) per
-                # person listed: one per leave at most).
-                tabs = [(s, t) for s, t in waiting.items() if t.member_id == first.member_id]
+                # The person's every waiting tab here takes the one place, in the order they
+                # reported, with what and when they reported: the promotion is no report (it
+                # must not hide what the person's other tabs reported since).
+                sessions = self._waiting_members[project_id][first.member_id]
+                tabs = sorted(
+                    ((s, waiting[s]) for s in sessions), key=lambda entry: entry[1].reported
+                )
+                now = self._now()
                 for session, tab in tabs:
-                    self.join(session, project_id, tab.member_id, tab.name)  # (ends the wait)
-                # then their activity, in the order they reported it: the last shows
-                for session, tab in sorted(tabs, key=lambda entry: entry[1].reported):
-                    if tab.reported:
-                        self.activity(session, project_id, tab.viewing, tab.answering)
+                    self._unwait(session, project_id)
+                    touched = self.table.join(
+                        session,
+                        project_id,
+                        tab.member_id,
+                        tab.name,
+                        now,
+                        viewing=tab.viewing,
+                        answering=tab.answering,
+                        at=tab.at,
+                    )
+                    self._changed(project_id, touched)
                 promoted += len(tabs)
         return promoted
 
     def _unwait(self, session: SessionKey, project_id: int) -> None:
         waiting = self._waiting.get(project_id)
-        if waiting is None or waiting.pop(session, None) is None:
+        tab = None if waiting is None else waiting.pop(session, None)
+        if tab is None:
             return
         if not waiting:
             del self._waiting[project_id]
+        members = self._waiting_members[project_id]
+        sessions = members[tab.member_id]
+        del sessions[session]
+        if not sessions:
+            del members[tab.member_id]
+            if not members:
+                del self._waiting_members[project_id]
         projects = self._waits_of[session]
         projects.discard(project_id)
         if not projects:
@@ -754,23 +794,40 @@ class PresenceCore:
         Approximate across pods (joins on several pods within one write interval may pass
         the cap by a few); a member already listed is never refused. With ``session``, a tab
         moving to ``member_id`` from the only tab of another member (a refreshed token naming
-        someone else) frees that member's place."""
-        view = self.views.get(project_id)
-        # (current(), not members: the joins and leaves since the last tick count too)
-        known = view.current() if view is not None and view.loaded else {}
-        if member_id in known or self.table.hosts(project_id, member_id):
+        someone else) frees that member's place. While tabs of other people wait here
+        (:meth:`wait`), a new person waits behind them, whatever the room: a place freed
+        goes to who came first, at the next :meth:`promote`."""
+        if self._listed(project_id, member_id):
             return False
-        listed, own = len(known), self.table.member_count(project_id)
+        view = self.views.get(project_id)
         moving = None if session is None else self.table.member_of(session, project_id)
         if (
             moving is not None
             and self.table.tab_count(project_id, moving) == 1
             and not (view is not None and view.listed_elsewhere(moving))
         ):
-            own -= 1
-            if moving in known:
-                listed -= 1
-        return max(listed, own) >= cap
+            # (it takes the place it frees: no one waiting is passed over)
+            known = view.current() if view is not None and view.loaded else {}
+            listed = len(known) - (moving in known)
+            return max(listed, self.table.member_count(project_id) - 1) >= cap
+        waiting = self._waiting_members.get(project_id)
+        if waiting and (len(waiting) > 1 or member_id not in waiting):
+            return True
+        return self._no_place(project_id, cap)
+
+    def _listed(self, project_id: int, member_id: str) -> bool:
+        """Whether the member is listed, as far as this pod knows (here, or in its view)."""
+        if self.table.hosts(project_id, member_id):
+            return True
+        view = self.views.get(project_id)
+        return view is not None and view.loaded and member_id in view.current()
+
+    def _no_place(self, project_id: int, cap: int) -> bool:
+        """Whether the project has ``cap`` members or more, as far as this pod knows."""
+        view = self.views.get(project_id)
+        # (current(), not members: the joins and leaves since the last tick count too)
+        listed = len(view.current()) if view is not None and view.loaded else 0
+        return max(listed, self.table.member_count(project_id)) >= cap
 
     def activity(
         self, session: SessionKey, project_id: int, viewing: int | None, answering: int | None
@@ -780,7 +837,7 @@ class PresenceCore:
         waiting = self._waiting.get(project_id, {}).get(session)
         if waiting is not None:
             waiting.viewing, waiting.answering = viewing, answering
-            waiting.reported = next(self._reports)
+            waiting.at, waiting.reported = self._now(), next(self._reports)
             return False
         touched = self.table.activity(session, project_id, viewing, answering, self._now())
         self._changed(project_id, touched)

@@ -574,7 +574,7 @@ def test_at_the_cap_waiting_tabs_take_freed_places_and_every_view_agrees(ops, ca
             assert cluster.cores[0].table.member_count(1) <= cap
     settle()
     for pod, core in enumerate(cluster.cores):
-        assert not core._waiting or core.is_full(1, "", cap)
+        assert not core._waiting or core._no_place(1, cap)
         for (p, session), activity in reported.items():
             tab = core.table.tab(session, 1) if p == pod else None
             if tab is not None:
@@ -1299,3 +1299,52 @@ def test_take_writes_of_some_projects_leaves_the_others_pending():
     [later] = core.take_writes()
     assert later.project_id == 2 and later.changes.keys() == {"bob", "carol"}
     assert not core.has_pending_writes()
+
+
+def test_a_promoted_tab_keeps_when_it_reported_and_hides_no_later_report() -> None:
+    """A tab waiting at the cap is listed with the activity it reported while waiting, and
+    when it reported it (or, with none, when it came): its promotion is no new report. Carol
+    waits here from t=10, viewing 5; her tab on another pod (listed there, its pod without a
+    view of the project) reports answering 7 at t=20; a place frees and she is listed here at
+    t=30: she is still shown answering 7 (before, the promotion stamped her waiting tab's old
+    activity t=30, and she was shown viewing 5, answering nothing, on every pod)."""
+    now = [10]
+    core = PresenceCore("me", clock_ms=lambda: now[0])
+    core.view(1)
+    bob = PodRecord(None, None, None, 1, 1)
+    core.load(1, {"other": PodState(1, {"bob": bob})})
+    core.join("a", 1, "alice", None)
+    assert core.is_full(1, "carol", 2)
+    core.wait("c", 1, "carol", None, 2)
+    core.activity("c", 1, 5, None)
+    now[0] = 20
+    carol = PodRecord(None, 7, 7, since=20, at=20)
+    core.on_announcement(1, Announcement("other", 2, 1, {"carol": carol}))
+    now[0] = 30
+    core.on_announcement(1, Announcement("other", 3, 2, {"bob": None}))  # a place frees
+    assert core.promote() == 1
+    assert core.table.records(1)["carol"].at == 10
+    shown = core.view(1).current()["carol"]
+    assert (shown.viewing, shown.answering) == (7, 7)
+    # a tab waiting with no report counts as having reported when it came
+    core.wait("d", 1, "dave", None, 2)
+    now[0] = 40
+    core.leave("a", 1)
+    assert core.promote() == 1 and core.table.records(1)["dave"].at == 30
+
+
+def test_a_tab_arriving_as_a_place_frees_waits_behind_those_waiting() -> None:
+    """Waiting tabs take freed places in the order they came: one that comes after a leave
+    and before the next tick waits behind them (before, it took the freed place at once, and
+    the tabs waiting for it kept waiting: under steady arrivals, for ever)."""
+    core = PresenceCore("me", clock_ms=lambda: 1)
+    core.view(1)
+    core.load(1, {})
+    core.join("a", 1, "alice", None)
+    core.wait("b", 1, "bob", None, 1)
+    core.leave("a", 1)
+    assert core.is_full(1, "dave", 1)  # bob came first
+    core.wait("d", 1, "dave", None, 1)
+    core.wait("b", 1, "bob", None, 1)  # (a re-subscribe keeps his place)
+    assert core.promote() == 1 and set(core.table.records(1)) == {"bob"}
+    assert core.is_full(1, "dave", 1)
