@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from schemas.presence import (
     DEFAULT_MAX_ANNOUNCEMENT,
+    DIGEST_MODULUS,
     LISTED_PODS,
     MAX_MEMBER_ID_LENGTH,
     Announcement,
@@ -38,7 +39,7 @@ from schemas.presence import (
     merge_member,
     merge_pods,
     read_limit,
-    records_digest,
+    record_digest,
 )
 from schemas.protocol import Member, Presence, PresenceDiff, encode
 from schemas.tokens import is_text
@@ -664,8 +665,10 @@ class PresenceCore:
         self._waiting_members: dict[int, dict[str, dict[SessionKey, None]]] = {}
         self._waits_of: dict[SessionKey, set[int]] = {}
         self._reports = itertools.count(1)
-        #: project -> records_digest() of this pod's records there (dropped at each change).
-        self._digests: dict[int, int] = {}
+        #: project -> [records_digest() of this pod's records there, member -> its part], as
+        #: of the last refresh_counts(); and the members changed there since.
+        self._digests: dict[int, tuple[list[int], dict[str, int]]] = {}
+        self._undigested: dict[int, set[str]] = {}
 
     # the connection lifecycle
 
@@ -1032,18 +1035,25 @@ class PresenceCore:
         write pending in (nor ``outstanding``): how many records (its members there) and their
         :func:`~schemas.presence.records_digest`. The refresh checks both (a record another
         writer added to the pod's hash, put in place of one, or changed, would otherwise be
-        listed by every read for as long as the pod lives). A project's digest is computed
-        once per change of its records here, not at every refresh."""
+        listed by every read for as long as the pod lives). A project's digest is updated
+        with the records that changed since the last refresh: O(changes), not O(members)."""
         skip = set(outstanding)
         out = {}
         for project_id, version in plan.items():
             if version and project_id not in self._pending and project_id not in skip:
-                digest = self._digests.get(project_id)
-                if digest is None:
-                    digest = records_digest(self.table.records(project_id))
-                    self._digests[project_id] = digest
-                out[project_id] = (self.table.member_count(project_id), digest)
+                out[project_id] = (self.table.member_count(project_id), self._digest(project_id))
         return out
+
+    def _digest(self, project_id: int) -> int:
+        total, parts = self._digests.setdefault(project_id, ([0], {}))
+        for member_id in self._undigested.pop(project_id, ()):
+            total[0] -= parts.pop(member_id, 0)
+            record = self.table.record(project_id, member_id)
+            if record is not None:
+                parts[member_id] = record_digest(member_id, record)
+                total[0] += parts[member_id]
+        total[0] %= DIGEST_MODULUS
+        return total[0]
 
     def refreshed(self, project_id: int, ok: bool, live: Mapping[str, int]) -> bool:
         """Apply a refresh reply; True when the project's view must be re-read."""
@@ -1087,7 +1097,11 @@ class PresenceCore:
     def _changed(self, project_id: int, members: list[str]) -> None:
         if not members:
             return
-        self._digests.pop(project_id, None)
+        if self.table.member_count(project_id):
+            self._undigested.setdefault(project_id, set()).update(members)
+        else:  # (the digest of nothing: the next members are all changes)
+            self._digests.pop(project_id, None)
+            self._undigested.pop(project_id, None)
         self._pending.setdefault(project_id, set()).update(members)
         view = self.views.get(project_id)
         if view is not None:

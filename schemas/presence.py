@@ -72,6 +72,7 @@ __all__ = [
     "read_args",
     "read_left_out",
     "read_limit",
+    "record_digest",
 ]
 
 
@@ -146,12 +147,19 @@ def records_digest(records: Mapping[str, PodRecord]) -> int:
     the pod wrote: the sum (mod 2**48) of each record's digest, the first 48 bits of the SHA-1
     of ``<id length in bytes>:<id><record JSON>``, so in no particular order (Redis gives a
     hash's fields in none)."""
-    total = 0
-    for member_id, record in records.items():
-        key = member_id.encode()
-        pair = b"%d:%s%s" % (len(key), key, encode_record(record))
-        total += int.from_bytes(hashlib.sha1(pair).digest()[:6], "big")
-    return total % 2**48
+    return sum(record_digest(m, r) for m, r in records.items()) % DIGEST_MODULUS
+
+
+#: :func:`records_digest` is a sum modulo this (48 bits: exact in Lua's doubles).
+DIGEST_MODULUS = 2**48
+
+
+def record_digest(member_id: str, record: PodRecord) -> int:
+    """One record's part of :func:`records_digest` (a pod keeps them, so that a change costs
+    the digest of the record that changed, not of all)."""
+    key = member_id.encode()
+    pair = b"%d:%s%s" % (len(key), key, encode_record(record))
+    return int.from_bytes(hashlib.sha1(pair).digest()[:6], "big")
 
 
 def merge_member(member_id: str, records: Iterable[tuple[str, PodRecord]]) -> Member:

@@ -43,6 +43,7 @@ from schemas.presence import (
     parse_announcement,
     parse_read_reply,
     parse_versions,
+    records_digest,
 )
 from schemas.protocol import (
     Activity,
@@ -1348,3 +1349,48 @@ def test_a_tab_arriving_as_a_place_frees_waits_behind_those_waiting() -> None:
     core.wait("b", 1, "bob", None, 1)  # (a re-subscribe keeps his place)
     assert core.promote() == 1 and set(core.table.records(1)) == {"bob"}
     assert core.is_full(1, "dave", 1)
+
+
+def test_the_refresh_digest_after_one_change_costs_that_member_not_every_member(
+    monkeypatch,
+) -> None:
+    """One member's activity in a project of 1,000 members on this pod: the refresh's digest
+    of the pod's records there is updated by that member's record alone (before, every
+    change meant a digest of all 1,000 records at the next refresh: O(members) a refresh
+    interval, of every project with an activity in it), and it stays the digest of them
+    all, through joins, leaves, moves and the last member leaving."""
+    import gateway.presence
+
+    core = PresenceCore("p", clock_ms=iter(range(1, 10**6)).__next__)
+    for i in range(1000):
+        core.join(f"tab{i}", 1, f"u{i}", None)
+
+    def counts() -> tuple[int, int]:
+        for w in core.take_writes():
+            core.written(w, True)
+        plan = core.refresh_plan()
+        return core.refresh_counts(plan).get(1, (0, records_digest({})))
+
+    assert counts() == (1000, records_digest(core.table.records(1)))
+    merged = []
+    record = gateway.presence._Member.record
+    monkeypatch.setattr(
+        gateway.presence._Member, "record", lambda self: merged.append(1) or record(self)
+    )
+    core.activity("tab7", 1, 5, None)
+    assert counts()[1] == records_digest(core.table.records(1))
+    core.activity("tab8", 1, 5, None)
+    for w in core.take_writes():
+        core.written(w, True)
+    merged.clear()
+    core.refresh_counts(core.refresh_plan())
+    assert len(merged) <= 2
+    core.join("tab9", 1, "u7", "Moved")  # a move: two members change
+    core.leave("tab10", 1)
+    core.join("new", 1, "u-new", None)
+    assert counts() == (999, records_digest(core.table.records(1)))
+    for i in range(1000):
+        core.leave(f"tab{i}", 1)
+    core.leave("new", 1)
+    assert counts() == (0, records_digest({}))
+    assert not core._digests
