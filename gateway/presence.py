@@ -676,12 +676,26 @@ class PresenceCore:
         """List a tab as ``member_id``. Raises ``ValueError`` for an empty id, one longer than
         :data:`~schemas.presence.MAX_MEMBER_ID_LENGTH` (see :meth:`can_list`), or an id or name
         that is not text (:func:`schemas.tokens.is_text`; ``verify_token`` passes neither on):
-        one such record would fail the write of every project of the pod, and the diffs."""
+        one such record would fail the write of every project of the pod, and the diffs.
+        A tab waiting for a place (:meth:`wait`) is listed with the activity it reported
+        meanwhile, and when it reported it: being listed is no report."""
         self._check(member_id, name)
-        self._unwait(session, project_id)
-        self._changed(
-            project_id, self.table.join(session, project_id, member_id, name, self._now())
-        )
+        waiting = self._waiting.get(project_id, {}).get(session)
+        if waiting is None:
+            touched = self.table.join(session, project_id, member_id, name, self._now())
+        else:
+            self._unwait(session, project_id)
+            touched = self.table.join(
+                session,
+                project_id,
+                member_id,
+                name,
+                self._now(),
+                viewing=waiting.viewing,
+                answering=waiting.answering,
+                at=waiting.at,
+            )
+        self._changed(project_id, touched)
 
     def _check(self, member_id: str, name: str | None) -> None:
         if not self.can_list(member_id):
@@ -747,20 +761,8 @@ class PresenceCore:
                 tabs = sorted(
                     ((s, waiting[s]) for s in sessions), key=lambda entry: entry[1].reported
                 )
-                now = self._now()
                 for session, tab in tabs:
-                    self._unwait(session, project_id)
-                    touched = self.table.join(
-                        session,
-                        project_id,
-                        tab.member_id,
-                        tab.name,
-                        now,
-                        viewing=tab.viewing,
-                        answering=tab.answering,
-                        at=tab.at,
-                    )
-                    self._changed(project_id, touched)
+                    self.join(session, project_id, tab.member_id, tab.name)  # (ends the wait)
                 promoted += len(tabs)
         return promoted
 

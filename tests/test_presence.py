@@ -527,6 +527,17 @@ _capped_ops = st.lists(
 @settings(max_examples=200, deadline=None)
 @given(_capped_ops, st.integers(1, 3), st.integers(1, 3))
 @example([("join", 0, 0, "u1"), ("join", 0, 1, "u2"), ("leave", 0, 0)], 1, 1)
+@example(  # a waiting tab re-subscribes once a place freed: listed with what it reported
+    [
+        ("join", 0, 0, "u1"),
+        ("join", 0, 1, "u0"),
+        ("leave", 0, 0),
+        ("activity", 0, 1, 1),
+        ("join", 0, 1, "u0"),
+    ],
+    1,
+    1,
+)
 def test_at_the_cap_waiting_tabs_take_freed_places_and_every_view_agrees(ops, cap, n_pods) -> None:
     """Tabs joining as the gateway lists them (at the cap they wait), reporting activity and
     leaving, on 1 to 3 pods that all watch the project: once the pods have settled, no pod
@@ -538,6 +549,10 @@ def test_at_the_cap_waiting_tabs_take_freed_places_and_every_view_agrees(ops, ca
     for pod in range(n_pods):
         cluster.subscribe(pod, f"watcher{pod}")
     reported: dict[tuple[int, str], tuple[int | None, int | None]] = {}
+    # (pod, tab) -> (member, the order of its last report): arriving, listed or waiting, is
+    # one; activity is one; a move or a re-subscribe is none
+    last: dict[tuple[int, str], tuple[str, int]] = {}
+    order = itertools.count()
 
     def settle() -> None:
         for _ in range(3):
@@ -556,16 +571,20 @@ def test_at_the_cap_waiting_tabs_take_freed_places_and_every_view_agrees(ops, ca
             else:
                 core.join(session, 1, member, None)
             reported.setdefault((pod, session), (None, None))
+            before = last.get((pod, session))
+            last[(pod, session)] = (member, next(order) if before is None else before[1])
         elif op[0] == "activity":
             _, pod, tab, viewing = op
             pod %= n_pods
             if (pod, f"tab{tab}") in reported:
                 cluster.cores[pod].activity(f"tab{tab}", 1, viewing, None)
                 reported[(pod, f"tab{tab}")] = (viewing, None)
+                last[(pod, f"tab{tab}")] = (last[(pod, f"tab{tab}")][0], next(order))
         elif op[0] == "leave":
             _, pod, tab = op
             cluster.cores[pod % n_pods].leave(f"tab{tab}", 1)
             reported.pop((pod % n_pods, f"tab{tab}"), None)
+            last.pop((pod % n_pods, f"tab{tab}"), None)
         else:
             cluster.flush()
             for core in cluster.cores:
@@ -581,6 +600,15 @@ def test_at_the_cap_waiting_tabs_take_freed_places_and_every_view_agrees(ops, ca
             if tab is not None:
                 assert (tab.viewing, tab.answering) == activity
     want = merge_pods({core.pod_id: core.table.records(1) for core in cluster.cores})
+    # a person listed shows what their listed tab that reported last reported (a promotion
+    # is no report: it must not hide a later one)
+    latest: dict[str, tuple[int, tuple[int | None, int | None]]] = {}
+    for (pod, session), (member, when) in last.items():
+        if cluster.cores[pod].table.tab(session, 1) is not None:
+            latest[member] = max(latest.get(member, (-1, None)), (when, reported[(pod, session)]))
+    assert {m: (w.viewing, w.answering) for m, w in want.items()} == {
+        m: activity for m, (_, activity) in latest.items()
+    }
     for pod in range(n_pods):
         assert cluster.clients[(pod, f"watcher{pod}")] == want
     cluster.subscribe(0, "late")
