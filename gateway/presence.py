@@ -339,6 +339,9 @@ class ProjectView:
         self._frame: bytes | None = None  # ``snapshot()`` encoded, while ``emitted`` stays
         self._dirty: set[str] = set()  # members to re-merge
         self._unsent: set[str] = set()  # members that may differ from ``emitted``
+        #: When a set (tabs wait at the cap on this pod): the members :meth:`current` found
+        #: newly listed, for :meth:`PresenceCore.promote` (O(changes), not O(waiting)).
+        self.arrivals: set[str] | None = None
         self._misses: dict[str, int] = {}
         self._behind: dict[str, int] = {}  # pod -> version Redis reported that we lacked
         #: Pods whose version here was ahead of Redis in the last report (pod -> that version).
@@ -541,6 +544,8 @@ class ProjectView:
                 (pod, recs[member_id]) for pod, recs in self.pods.items() if member_id in recs
             ]
             if records:
+                if self.arrivals is not None and member_id not in self.members:
+                    self.arrivals.add(member_id)
                 self.members[member_id] = merge_member(member_id, records)
             else:
                 self.members.pop(member_id, None)
@@ -680,6 +685,11 @@ class PresenceCore:
         A tab waiting for a place (:meth:`wait`) is listed with the activity it reported
         meanwhile, and when it reported it: being listed is no report."""
         self._check(member_id, name)
+        self._join(session, project_id, member_id, name)
+        # The person is listed here now: their tabs waiting here need no place.
+        self._list_waiting(project_id, member_id)
+
+    def _join(self, session: SessionKey, project_id: int, member_id: str, name: str | None) -> None:
         waiting = self._waiting.get(project_id, {}).get(session)
         if waiting is None:
             touched = self.table.join(session, project_id, member_id, name, self._now())
@@ -696,6 +706,18 @@ class PresenceCore:
                 at=waiting.at,
             )
         self._changed(project_id, touched)
+
+    def _list_waiting(self, project_id: int, member_id: str) -> int:
+        """List the member's tabs waiting in the project, in the order they reported (the
+        last shows), each with what and when it reported; returns how many."""
+        sessions = self._waiting_members.get(project_id, {}).get(member_id)
+        if not sessions:
+            return 0
+        waiting = self._waiting[project_id]
+        tabs = sorted(((s, waiting[s]) for s in sessions), key=lambda entry: entry[1].reported)
+        for session, tab in tabs:
+            self._join(session, project_id, tab.member_id, tab.name)  # (ends the wait)
+        return len(tabs)
 
     def _check(self, member_id: str, name: str | None) -> None:
         if not self.can_list(member_id):
@@ -735,6 +757,9 @@ class PresenceCore:
         )
         members = self._waiting_members.setdefault(project_id, {})
         members.setdefault(member_id, {})[session] = None
+        view = self.views.get(project_id)
+        if view is not None and view.arrivals is None:
+            view.arrivals = set()
         self._waits_of.setdefault(session, set()).add(project_id)
 
     def promote(self) -> int:
@@ -744,10 +769,17 @@ class PresenceCore:
         pod's view of the project shows, is taken within one."""
         promoted = 0
         for project_id in list(self._waiting):
+            # People another pod lists meanwhile need no place: their tabs here are listed
+            # (O(members newly listed), from the view).
+            view = self.views.get(project_id)
+            if view is not None and view.loaded:
+                view.current()
+                arrivals, view.arrivals = view.arrivals or set(), set()
+                for member_id in arrivals:
+                    if member_id in view.members:
+                        promoted += self._list_waiting(project_id, member_id)
             # O(tabs listed), not O(tabs waiting): with no place for a new member the project
-            # is left at once. The first tab's person may be listed meanwhile (by another
-            # pod, or here by a tab that came when another pod listed them): listed at once,
-            # taking no place.
+            # is left at once.
             while (waiting := self._waiting.get(project_id)) is not None:
                 first = next(iter(waiting.values()))
                 if not self._listed(project_id, first.member_id) and self._no_place(
@@ -757,13 +789,7 @@ class PresenceCore:
                 # The person's every waiting tab here takes the one place, in the order they
                 # reported, with what and when they reported: the promotion is no report (it
                 # must not hide what the person's other tabs reported since).
-                sessions = self._waiting_members[project_id][first.member_id]
-                tabs = sorted(
-                    ((s, waiting[s]) for s in sessions), key=lambda entry: entry[1].reported
-                )
-                for session, tab in tabs:
-                    self.join(session, project_id, tab.member_id, tab.name)  # (ends the wait)
-                promoted += len(tabs)
+                promoted += self._list_waiting(project_id, first.member_id)
         return promoted
 
     def _unwait(self, session: SessionKey, project_id: int) -> None:
@@ -773,6 +799,8 @@ class PresenceCore:
             return
         if not waiting:
             del self._waiting[project_id]
+            if (view := self.views.get(project_id)) is not None:
+                view.arrivals = None  # (no tab waits there any more)
         members = self._waiting_members[project_id]
         sessions = members[tab.member_id]
         del sessions[session]
@@ -908,6 +936,8 @@ class PresenceCore:
         view = self.views.get(project_id)
         if view is None:
             view = self.views[project_id] = ProjectView(project_id, self.pod_id, self.most)
+            if project_id in self._waiting:
+                view.arrivals = set()
             view.replace_pod(self.pod_id, self.table.records(project_id), 0)
         return view
 

@@ -527,6 +527,11 @@ _capped_ops = st.lists(
 @settings(max_examples=200, deadline=None)
 @given(_capped_ops, st.integers(1, 3), st.integers(1, 3))
 @example([("join", 0, 0, "u1"), ("join", 0, 1, "u2"), ("leave", 0, 0)], 1, 1)
+@example(  # a person listed (by a move) while their tab waits behind another person's
+    [("join", 0, 0, "u0"), ("join", 0, 2, "u2"), ("join", 0, 1, "u1"), ("join", 0, 0, "u1")],
+    1,
+    1,
+)
 @example(  # a waiting tab re-subscribes once a place freed: listed with what it reported
     [
         ("join", 0, 0, "u1"),
@@ -595,6 +600,8 @@ def test_at_the_cap_waiting_tabs_take_freed_places_and_every_view_agrees(ops, ca
     settle()
     for pod, core in enumerate(cluster.cores):
         assert not core._waiting or core._no_place(1, cap)
+        for waiting in core._waiting.get(1, {}).values():  # (listed: no place needed)
+            assert not core._listed(1, waiting.member_id)
         for (p, session), activity in reported.items():
             tab = core.table.tab(session, 1) if p == pod else None
             if tab is not None:
@@ -1422,3 +1429,26 @@ def test_the_refresh_digest_after_one_change_costs_that_member_not_every_member(
     core.leave("new", 1)
     assert counts() == (0, records_digest({}))
     assert not core._digests
+
+
+def test_a_waiting_tab_of_a_person_listed_meanwhile_is_listed_whatever_its_place() -> None:
+    """A tab waits at the cap behind another person; meanwhile its person is listed, by
+    another pod or here (a tab of theirs moved by a refreshed token into a place it freed):
+    it is listed at once or at the next tick, whatever its place in the queue, with what it
+    reported (before, it waited behind the other person, for a place it did not need, its
+    activity shown nowhere)."""
+    core = PresenceCore("me", clock_ms=iter(range(1, 10**6)).__next__)
+    core.view(1)
+    core.load(1, {})
+    core.join("a", 1, "alice", None)
+    core.wait("b", 1, "bob", None, 1)
+    core.wait("c", 1, "carol", None, 1)
+    core.activity("c", 1, 5, None)
+    core.join("a", 1, "carol", None)  # alice's tab moves to carol (its place)
+    assert core.table.tab_count(1, "carol") == 2 and core.table.records(1)["carol"].viewing == 5
+    core.wait("d", 1, "dave", None, 1)
+    core.activity("d", 1, 6, None)
+    record = PodRecord(None, None, None, since=1, at=1)
+    core.on_announcement(1, Announcement("other", 1, 0, {"dave": record}))  # listed there
+    assert core.promote() == 1 and core.table.records(1)["dave"].viewing == 6
+    assert list(core._waiting[1]) == ["b"]
