@@ -602,6 +602,12 @@ def test_at_the_cap_waiting_tabs_take_freed_places_and_every_view_agrees(ops, ca
         assert not core._waiting or core._no_place(1, cap)
         for waiting in core._waiting.get(1, {}).values():  # (listed: no place needed)
             assert not core._listed(1, waiting.member_id)
+        # the refresh finds Redis holding what the pod wrote: no rewrite (its digest, kept
+        # up to date change by change, is that of the records stored)
+        stored = cluster.redis.pods.get(1, {}).get(core.pod_id)
+        counts = core.refresh_counts(core.refresh_plan())
+        if stored is not None:
+            assert counts[1] == (len(stored.records), records_digest(stored.records))
         for (p, session), activity in reported.items():
             tab = core.table.tab(session, 1) if p == pod else None
             if tab is not None:
