@@ -1390,6 +1390,11 @@ def test_a_tab_arriving_as_a_place_frees_waits_behind_those_waiting() -> None:
     core.wait("b", 1, "bob", None, 1)  # (a re-subscribe keeps his place)
     assert core.promote() == 1 and set(core.table.records(1)) == {"bob"}
     assert core.is_full(1, "dave", 1)
+    core.wait("e", 1, "erin", None, 1)
+    core.wait("d", 1, "dave", None, 1)  # a refreshed token for dave: his place kept
+    assert list(core._waiting[1]) == ["d", "e"]
+    core.wait("d", 1, "frank", None, 1)  # one naming someone else: at the back, as them
+    assert list(core._waiting[1]) == ["e", "d"]
 
 
 def test_the_refresh_digest_after_one_change_costs_that_member_not_every_member(
