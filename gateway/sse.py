@@ -13,8 +13,14 @@ on the gateway's port answers ``text/event-stream`` carrying exactly what a WebS
   cursor as their ``id`` too;
 * the stream's last event is ``close``, ``{"type":"close","code":<the WebSocket close code>,
   "reason":...}`` (1012 draining, 4002 token expired and 4003 token revoked (each after an
-  ``error``), 4008 slow consumer, 1011 a subscription that could not be made), when the gateway
-  gets to write it;
+  ``error``), 4008 slow consumer, 1011 once none of its projects is subscribed any more), when
+  the gateway gets to write it;
+* a project whose subscription is refused or ended (``error`` ``unavailable`` naming it, with
+  ``"ended": true`` when the hub ended it: Redis did not answer, or the project's keys hold
+  garbage) does not end a stream of several projects: the others go on, and the failed
+  project's last cursor stays in every later ``id``, so a stream reopened from any of them
+  resumes it exactly (the client polls it meanwhile, and reopens the stream to try it live
+  again); only when no project is left subscribed does the stream end (1011);
 * a comment line every ``--sse-keepalive-interval`` (15 s) keeps proxies from closing the stream;
   what the peer leaves unacknowledged for ``--ping-timeout`` ends it (``TCP_USER_TIMEOUT``: a
   peer that vanished without a FIN or RST is not held for the kernel's ~15 minutes).
@@ -396,7 +402,17 @@ class SseSession(ClientSession):
     """A :class:`ClientSession` on an SSE stream: bytes built from ``items`` (not the WebSocket
     frames the hub joined), the cursor of each project kept for the events' ``id``."""
 
-    __slots__ = ("cursor", "cursors", "multi", "order", "parts", "replays", "single")
+    __slots__ = (
+        "cursor",
+        "cursors",
+        "failed",
+        "multi",
+        "order",
+        "parts",
+        "replays",
+        "single",
+        "width",
+    )
 
     transport_name = "sse"
 
@@ -409,9 +425,14 @@ class SseSession(ClientSession):
         multi: bool,
         cursors: dict[int, Cursor],
         project_id: int = 0,
+        width: int = 1,
     ) -> None:
         super().__init__(transport, policy, schedule_flush)
         self.multi = multi
+        #: How many projects the stream follows, and those whose subscription failed (refused
+        #: or ended: :meth:`subscription_failed`); the stream ends when they are all failed.
+        self.width = width
+        self.failed: set[int] = set()
         #: Per project, the cursor of the last event or control message written: the ``id``.
         self.cursors = dict(cursors)
         #: A single-project stream's project (0 for several), and its cursor (the same object
@@ -536,13 +557,28 @@ class SseSession(ClientSession):
                 out.append(format_event(item.payload, event=kind, event_id=event_id))
             else:
                 if kind == "error" and item.project_id and item.project_id not in self.projects:
-                    # A subscription this stream needs is gone (the project is unreadable, or
-                    # Redis did not answer): end the stream; the client reconnects and resumes.
-                    asyncio.get_running_loop().call_soon(
-                        self.close_later, CloseCode.INTERNAL_ERROR, "subscription failed"
-                    )
+                    # A subscription of this stream is gone (refused: Redis did not answer or
+                    # the project is unreadable; or ended by the hub, ``ended``). Not now: a
+                    # close from inside a write would cut what is being written.
+                    asyncio.get_running_loop().call_soon(self.subscription_failed, item.project_id)
                 out.append(format_event(item.payload, event=kind))
         return b"".join(out)
+
+    def subscription_failed(self, project_id: int) -> None:
+        """The subscription of ``project_id`` (a project of this stream) was refused or ended;
+        its ``error`` is on its way. A stream cannot subscribe again, but it goes on for its
+        other projects: one project's failure (garbage in its keys) must not take the live
+        events of the others away. Once none of its projects is left subscribed (a stream of
+        one project, or every project failed), the stream ends with 1011: its client reopens
+        it from its ``Last-Event-ID``. The failed project's cursor stays in the ``id`` of
+        every later event, unchanged (no event of it comes after its ``error``): a stream
+        reopened from any later id resumes it exactly where it stopped."""
+        failed = self.failed
+        if project_id in failed or self.closing:
+            return
+        failed.add(project_id)
+        if len(failed) >= self.width:
+            self.close_later(CloseCode.INTERNAL_ERROR, "subscription failed")
 
     def _goodbye(self, code: CloseCode, reason: str) -> bytes:
         data = b""
@@ -748,6 +784,7 @@ class SseStreams:
             multi=stream.multi,
             cursors=cursors,
             project_id=stream.projects[0],
+            width=len(stream.projects),
         )
         protocol.session = session
         headers = Headers(
@@ -825,10 +862,10 @@ class SseStreams:
                 if not await clients.subscribe(
                     session, project_id, epoch, after, clog, presence=presence, tag=tag
                 ):
-                    # The ``error`` event says why; a stream cannot ask again: it ends, and the
-                    # client reconnects with its Last-Event-ID.
-                    session.close_later(CloseCode.INTERNAL_ERROR, "subscription failed")
-                    return
+                    # The ``error`` event says why; a stream cannot ask again: it goes on
+                    # for its other projects, or ends once none is left (the client reopens it
+                    # with its Last-Event-ID).
+                    session.subscription_failed(project_id)
 
         if len(projects) == 1:
             await subscribe_next()  # (the common stream: no task more)

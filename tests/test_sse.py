@@ -563,7 +563,8 @@ async def test_a_client_handed_between_sse_polls_and_websocket_gets_every_event_
 async def test_a_stream_opened_while_redis_hangs_ends_in_time_and_resumes_exactly(resume):
     """Redis stops answering (SIGSTOP: its sockets open, nothing answers). A stream opened
     meanwhile, new or resumed with its ``Last-Event-ID``, of one project or several, gets
-    ``error`` ``unavailable`` and ``close`` 1011 within --subscribe-timeout, never a stream
+    ``error`` ``unavailable`` (one per project) and, none of its projects left, ``close`` 1011
+    within --subscribe-timeout, never a stream
     left open without its projects; a stream already open goes on (its keepalives). Once Redis
     answers again, the ended stream's client resumes from the id it had and gets every event
     once, in order."""
@@ -593,9 +594,13 @@ async def test_a_stream_opened_while_redis_hangs_ends_in_time_and_resumes_exactl
                     events = await stream.rest(within=5)
                     elapsed = time.monotonic() - started
                     assert status == 200
-                    assert [e.event for e in events] == ["authenticated", "error", "close"], name
-                    assert json.loads(events[1].data)["code"] == "unavailable"
-                    assert json.loads(events[2].data)["code"] == 1011
+                    # Each project's failure is named; the stream ends once none is left.
+                    errors = ["error"] * (2 if name == "several" else 1)
+                    assert [e.event for e in events] == ["authenticated", *errors, "close"], name
+                    failed = [json.loads(e.data) for e in events if e.event == "error"]
+                    assert {e["code"] for e in failed} == {"unavailable"}
+                    assert sorted(e["project_id"] for e in failed) == [51, 52][: len(errors)]
+                    assert json.loads(events[-1].data)["code"] == 1011
                     assert elapsed < 3, (name, elapsed)
                 comments = open_before.parser.comments
 
@@ -1239,3 +1244,101 @@ def test_every_id_is_the_streams_cursors_whatever_moved_them(single, resumed, st
     assert stream.flush()
     got = [e.id for e in SseParser().feed(stream.transport.data)]
     assert got == expected
+
+
+class _ClosableTransport(_Transport):
+    """:class:`_Transport` that a stream can close (its close is recorded)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed = False
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize("how", ["refused", "ended"])
+async def test_a_failed_project_leaves_a_stream_of_several_open_until_none_is_left(how):
+    """A stream of three projects: the subscription of one is refused (its subscribe failed,
+    the project no longer followed) or ended by the hub (``ended``). Its ``error`` is written
+    and the stream goes on for the other two, their events' ids still naming the failed
+    project's last cursor (a stream reopened from any of them resumes it where it stopped).
+    Only when the last of them fails too does the stream end, 1011. A stream of one project
+    ends at its first failure, as before."""
+    from gateway.session import Outgoing, SlowConsumerPolicy
+    from gateway.sse import SseSession
+    from schemas.protocol import Error, ErrorCode
+
+    def fail(stream, project_id: int) -> None:
+        stream.projects.discard(project_id)
+        stream.send_message(
+            Error(
+                code=ErrorCode.UNAVAILABLE,
+                message="unreadable",
+                project_id=project_id,
+                ended=True if how == "ended" else None,
+            )
+        )
+        if how == "refused":  # what _subscribe does once its error is queued, not yet written
+            stream.subscription_failed(project_id)
+        stream.flush()
+
+    def event(project_id: int, seq: int) -> Outgoing:
+        payload = b'{"type":"x","project_id":%d,"seq":%d}' % (project_id, seq)
+        return Outgoing(payload, project_id, seq)
+
+    stream = SseSession(
+        _ClosableTransport(),
+        SlowConsumerPolicy(1 << 30, 30),
+        lambda s: None,
+        multi=True,
+        cursors={p: Cursor(f"e{p}", 5) for p in (1, 2, 3)},
+        width=3,
+    )
+    stream.projects.update((1, 2, 3))
+    stream.write(b"", [event(2, 6)])
+    fail(stream, 2)
+    await asyncio.sleep(0)  # (the close, if any, is scheduled: not from inside a write)
+    assert not stream.closing
+    stream.write(b"", [event(1, 6)])
+    stream.write(b"", [event(3, 6)])
+    got = SseParser().feed(stream.transport.data)
+    assert [e.event for e in got] == ["message", "error", "message", "message"]
+    assert json.loads(got[1].data)["project_id"] == 2
+    assert [untagged(e.id) for e in got if e.event == "message"] == [
+        "1=e1:5,2=e2:6,3=e3:5",
+        "1=e1:6,2=e2:6,3=e3:5",
+        "1=e1:6,2=e2:6,3=e3:6",
+    ]
+    fail(stream, 3)
+    await asyncio.sleep(0)
+    assert not stream.closing
+    fail(stream, 1)
+    await asyncio.sleep(0)
+    assert stream.closing
+    rest = SseParser().feed(stream.transport.data)[len(got) :]
+    assert [e.event for e in rest][-1] == "close"
+    assert json.loads(rest[-1].data)["code"] == 1011
+    assert [e.event for e in rest].count("error") == 2
+
+    single = SseSession(
+        _ClosableTransport(),
+        SlowConsumerPolicy(1 << 30, 30),
+        lambda s: None,
+        multi=False,
+        cursors={4: Cursor("e4", 1)},
+        project_id=4,
+    )
+    single.projects.add(4)
+    fail(single, 4)
+    await asyncio.sleep(0)
+    assert single.closing
+    ended = SseParser().feed(single.transport.data)
+    assert [e.event for e in ended] == ["error", "close"]
+    assert json.loads(ended[-1].data)["code"] == 1011

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import socket
 
 import pytest
@@ -22,7 +23,13 @@ from tests.support.gateway_client import SECRET as INPROC_SECRET
 from tests.support.gateway_client import publish, publish_until_unsent
 from tests.support.gateway_process import GatewayGroup, GatewayProcess
 from tests.support.redis_server import RedisServer
-from tests.support.sse_client import ResumingSseClient, Stream, open_stream, stream_path
+from tests.support.sse_client import (
+    ResumingSseClient,
+    Stream,
+    open_stream,
+    stream_path,
+    untagged,
+)
 from tests.support.ws_client import (
     Publishers,
     stop_clients,
@@ -490,3 +497,81 @@ async def test_a_stream_whose_peer_vanished_is_dropped_after_the_ping_timeout(
     assert [json.loads(e.data)["seq"] for e in events] == [1]
     assert list(gateway.sessions) == [control]
     healthy.close()
+
+
+# --- one project's garbage on a stream of several ---------------------------------------------
+
+
+@pytest.mark.parametrize("when", ["before_open", "while_live"])
+async def test_a_garbage_project_leaves_the_others_of_its_stream_live(
+    group: GatewayGroup, redis_url: str, publisher, redis_client, when: str
+):
+    """A stream of three projects on a gateway process; project 72's metadata in Redis is
+    overwritten with garbage (not written by the event bus), before the stream opens (its
+    subscribe is refused) or while it is live (the periodic check ends its subscription,
+    ``ended``). 72 gets its ``error`` ``unavailable``; the stream goes on: the events of 71 and
+    73 published after it arrive on the same stream, in order, exactly once, their ids still
+    naming 72's last cursor. Once 72 is repaired, a stream reopened from the last id resumes
+    every project exactly: 72's events from where it stopped, nothing of 71 and 73 again."""
+    (pod,) = group.start(redis_url, 1, args=["--reconcile-interval", "0.2"])
+    projects, bad = (71, 72, 73), 72
+    path = stream_path(projects)
+    for project_id in projects:
+        await publish(publisher, project_id, 2)
+    meta = KEYS.meta(bad)
+    saved = redis_client.hgetall(meta)
+    start = ",".join(f"{p}={redis_client.hget(KEYS.meta(p), 'epoch').decode()}:2" for p in projects)
+    if when == "before_open":
+        redis_client.hset(meta, "seq", "garbage")
+    _, _, stream = await open_stream(pod.http_url, path, {"Last-Event-ID": start})
+    head = []
+    while sum(e.event in ("subscribed", "error") for e in head) < 3:
+        item = await stream.next(within=10)
+        assert item is not None, head
+        head.append(item)
+    if when == "while_live":
+        assert [e.event for e in head].count("subscribed") == 3
+        await publish(publisher, bad, 2)  # 72's events before the garbage: 3, 4
+        assert await _seqs(stream, 2) == [3, 4]
+        saved = redis_client.hgetall(meta)
+        redis_client.hset(meta, "seq", "garbage")
+        head += await stream.until("error", within=10)
+    errors = [json.loads(e.data) for e in head if e.event == "error"]
+    assert [(e["code"], e["project_id"]) for e in errors] == [("unavailable", bad)]
+    if when == "while_live":
+        assert errors[0]["ended"] is True
+    top = 4 if when == "while_live" else 2
+    bad_cursor = re.search(rf"{bad}=([^,]+)", head[-1].id).group(1)
+    assert untagged(bad_cursor).split(":")[1] == str(top)
+    # The others go on, on the same stream: every event once, in order, nothing else.
+    await publish(publisher, 71, 3)
+    await publish(publisher, 73, 2)
+    got: dict[int, list[int]] = {71: [], 73: []}
+    last_id = None
+    while len(got[71]) < 3 or len(got[73]) < 2:
+        item = await stream.next(within=10)
+        assert item is not None and item.event == "message", item
+        frame = json.loads(item.data)
+        got[frame["project_id"]].append(frame["seq"])
+        last_id = item.id
+        assert f"{bad}={bad_cursor}" in item.id  # the failed project's cursor, kept
+    assert got == {71: [3, 4, 5], 73: [3, 4]}
+    stream.close()
+    # Repaired: reopened from the last id, every project resumes exactly.
+    redis_client.delete(meta)
+    redis_client.hset(meta, mapping=saved)
+    await publish(publisher, bad, 1)
+    await publish(publisher, 71, 1)
+    _, _, stream = await open_stream(pod.http_url, path, {"Last-Event-ID": last_id})
+    reopened = []
+    while sum(e.event == "subscribed" for e in reopened) < 3:
+        item = await stream.next(within=10)
+        assert item is not None and item.event != "error", reopened
+        reopened.append(item)
+    replayed = [
+        (json.loads(e.data)["project_id"], json.loads(e.data)["seq"])
+        for e in reopened
+        if e.event == "message"
+    ]
+    assert sorted(replayed) == [(71, 6), (bad, top + 1)]
+    stream.close()
