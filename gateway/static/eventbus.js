@@ -1421,6 +1421,10 @@ class Subscription {
     // order, so an `unavailable` of the project now is that presence read's, not a refusal.
     this.presenceDue = false;
     this.presenceRetry = 0; // presence reads failed since the last `presence` (its re-asks' backoff)
+    // Its subscription failed (refused, or ended by the gateway: `unavailable` naming it) on the
+    // SSE streams in a row since its last `subscribed` on one: the backoff of the reopens trying
+    // it live again (EventBus._sseSubscriptionFailed).
+    this.sseFailures = 0;
     // The current WebSocket refused the project's subscribe for its subscription limit
     // (`too_many_subscriptions`): polling carries it while that connection lives, or until a
     // slot the page freed on it subscribes it again (EventBus._offerFreedSlot).
@@ -1568,8 +1572,9 @@ export class EventBus {
     // next one holds polls until it answers, for this long at most (ms; 0: it holds none). A
     // planned reopen passes on what is left of it (see _connectSse).
     this._nextStreamHold = 0;
-    // Streams reopened for a failed presence read in a row, since a stream read every presence it
-    // asked (or the WebSocket took over): the reopens' own backoff (see _ssePresenceFailed).
+    // Streams reopened for a failed presence read or a failed subscription in a row, since a
+    // stream read every presence it asked and subscribed every project (or the WebSocket took
+    // over): the reopens' own backoff (see _ssePresenceFailed, _sseSubscriptionFailed).
     this._ssePresenceReopens = 0;
     this._reportedTransport = null;
     // A gateway refused a poll or SSE resume that carried a tag (400: one from before cursor
@@ -2924,8 +2929,8 @@ export class EventBus {
     this._sse = null;
     this._sseLive = false;
     if (attempt) {
-      this._clearTimeout(attempt.presenceRetry); // (the WebSocket asks presence now)
-      attempt.presenceRetry = null;
+      this._clearTimeout(attempt.reopenTimer); // (the WebSocket asks presence now)
+      attempt.reopenTimer = null;
       this._forgetAnswers(attempt);
       attempt.controller.abort();
     }
@@ -2944,17 +2949,20 @@ export class EventBus {
     this._sseRetryTimer = null;
     // live: its response opened; proven: it answered for one of its projects (only then does it
     // count as live, see _proveSse); asked: each project's cursor as the stream asked from it;
-    // errored: an `error` named one of them; idle: cut for sseIdleTimeout without a line;
+    // failed: the projects whose subscription an `error` said failed (refused or ended: the
+    // stream goes on for the others, these are polled, _sseSubscriptionFailed); idle: cut for
+    // sseIdleTimeout without a line;
     // holdsPolls: polls wait for its first answer, until holdEndsAt at the latest; presence: it
     // asked presence (?presence=1); presenceDue: the projects whose `subscribed` came and neither
     // their `presence` nor the error saying their presence read failed; presenceWanted: the
     // projects with presence listeners as it opened, whose `presence` has not come on it;
-    // presenceFailed: a presence read failed on it; presenceRetry: the timer of the reopen asking
-    // presence again after such a failure, due at presenceRetryAt; presenceReopen: that reopen is
-    // due, and waits for the gateway to have subscribed every project of the stream.
+    // presenceFailed: a presence read failed on it; reopenTimer: the timer of the planned reopen
+    // asking presence again after such a failure, or a failed subscription, due at reopenAt;
+    // reopenDue: that reopen is due, and waits for the gateway to have subscribed every project
+    // of the stream.
     const hold = this._nextStreamHold;
     this._nextStreamHold = 0;
-    const attempt = { controller: new AbortController(), live: false, proven: false, stale: false, errored: false, idle: false, asked: new Map(), closeCode: null, reopen: false, openedAt: null, retryAfter: 0, holdsPolls: hold > 0, holdEndsAt: this._now() + hold, presence: false, presenceDue: new Set(), presenceWanted: new Set(), presenceFailed: false, presenceRetry: null, presenceRetryAt: 0, presenceReopen: false };
+    const attempt = { controller: new AbortController(), live: false, proven: false, stale: false, failed: new Set(), idle: false, asked: new Map(), closeCode: null, reopen: false, openedAt: null, retryAfter: 0, holdsPolls: hold > 0, holdEndsAt: this._now() + hold, presence: false, presenceDue: new Set(), presenceWanted: new Set(), presenceFailed: false, reopenTimer: null, reopenAt: 0, reopenDue: false };
     this._sse = attempt;
     const { signal } = attempt.controller;
     let response;
@@ -3053,7 +3061,7 @@ export class EventBus {
         for (const item of items) {
           if (this._sse !== attempt || attempt.stale) break;
           this._onSseEvent(attempt, item);
-          if (attempt.presenceReopen) this._ssePresenceReopen(attempt);
+          if (attempt.reopenDue) this._ssePlannedReopen(attempt);
         }
         if (attempt.stale) break; // ended: the next stream resumes from where polling got
       }
@@ -3107,7 +3115,9 @@ export class EventBus {
         // it fails (other projects' answers may come between: the gateway subscribes up to 8 of
         // a stream's projects at a time).
         if (attempt.presence && this._subs.has(message.project_id)) attempt.presenceDue.add(message.project_id);
-        return this._onSubscribed(message, attempt);
+        if (this._subs.has(message.project_id)) this._subs.get(message.project_id).sseFailures = 0;
+        this._onSubscribed(message, attempt);
+        return this._sseReopensSettled(attempt);
       case "resync_required":
         return this._onResyncRequired(message, attempt);
       case "authenticated":
@@ -3118,12 +3128,10 @@ export class EventBus {
           // Only the project's presence read failed: the stream goes on, its events flow.
           return this._ssePresenceFailed(attempt, this._subs.get(message.project_id));
         }
-        // Any other error naming a project (its subscribe refused, its subscription ended:
-        // `ended`) ends the stream; the next one resumes from the cursors (_sseEnded).
-        if (message.project_id != null) {
-          attempt.errored = true;
-          this._answered(attempt, message.project_id);
-        }
+        // Any other error naming a project: its subscribe refused, its subscription ended
+        // (`ended`). The stream goes on for its other projects (a gateway from before that, or
+        // one left with no project, closes it: 1011, and _sseEnded resumes every project).
+        if (message.project_id != null) this._sseSubscriptionFailed(attempt, message.project_id);
         return;
       case "presence":
       case "presence_diff":
@@ -3132,7 +3140,7 @@ export class EventBus {
           attempt.presenceDue.delete(message.project_id);
           attempt.presenceWanted.delete(message.project_id);
           // Every presence the stream asked was read: presence is back, reopens for it start over.
-          if (attempt.presenceWanted.size === 0 && !attempt.presenceFailed) this._ssePresenceReopens = 0;
+          this._sseReopensSettled(attempt);
         }
         return this._onPresence(message);
       case "close":
@@ -3153,8 +3161,9 @@ export class EventBus {
    * backoff (_ssePresenceReopens: grown by each, reset by a stream reading every presence it
    * asked, or by the WebSocket taking over, see _stopSse): a reopen reads every project's presence again, and a read that succeeded before may
    * fail on it, its delay started over (a flaky presence store, projects failing by turns). None
-   * if the stream ends first or is ending (an error ended a subscription: the next one asks
-   * presence anyway), or the WebSocket takes over. While presence keeps failing, a stream is
+   * if the stream ends first or is ending (a close frame came: the next one asks presence
+   * anyway), or the WebSocket takes over. The same planned reopen tries again a project whose
+   * subscription failed on the stream (_sseSubscriptionFailed). While presence keeps failing, a stream is
    * reopened at most once per delay, which grows to backoff.max.
    */
   _ssePresenceFailed(attempt, sub) {
@@ -3163,15 +3172,66 @@ export class EventBus {
     sub.presenceRetry += 1;
     if (sub.presenceHandlers.size === 0) return;
     attempt.presenceFailed = true;
-    const delay = Math.max(backoffDelay(sub.presenceRetry - 1, this.options.backoff, this._random), backoffDelay(this._ssePresenceReopens, this.options.backoff, this._random));
-    if (attempt.presenceRetry !== null && attempt.presenceRetryAt <= this._now() + delay) return;
-    this._clearTimeout(attempt.presenceRetry);
-    attempt.presenceRetryAt = this._now() + delay;
-    attempt.presenceRetry = this._setTimeout(() => {
-      attempt.presenceRetry = null;
-      attempt.presenceReopen = true;
-      this._ssePresenceReopen(attempt);
+    this._sseReopenLater(attempt, sub.presenceRetry);
+  }
+
+  /**
+   * The subscription of project `projectId` on stream `attempt` failed: its subscribe was refused
+   * (Redis did not answer, the project's data in Redis is unreadable) or the gateway ended it
+   * (`ended`: its data turned unreadable). A stream cannot subscribe again, but the gateway goes
+   * on with its other projects (docs/protocol.md, "Server-Sent Events"): garbage in one project's
+   * keys must not take the others off the stream. So the stream stays live for them; the project
+   * alone is polled (_sseCarries, from its cursor: nothing lost, its events placed by seq as
+   * any), its presence unknown; and it is tried live again by a planned reopen (every project
+   * resumed from its cursor), after the project's backoff delay, grown by each failure in a
+   * row and reset by its `subscribed` (the machinery of a failed presence read: one reopen for
+   * all that wait, _sseReopenLater). A gateway from before this, or one whose stream is left
+   * with no project, closes it (1011) right after: it ends as before (_sseEnded, every project
+   * polled, the stream reopened on the SSE backoff), the planned reopen dropped.
+   */
+  _sseSubscriptionFailed(attempt, projectId) {
+    this._answered(attempt, projectId);
+    const sub = this._subs.get(projectId);
+    if (!sub || attempt.failed.has(projectId) || !attempt.asked.has(projectId)) return;
+    attempt.failed.add(projectId);
+    attempt.presenceDue.delete(projectId);
+    this._presenceUnknown(sub); // (no diff of it comes on this stream any more)
+    sub.sseFailures += 1;
+    // Polled from now: at once when polling runs (for the stream's projects until it is proven,
+    // then for the failed ones), else polling starts for it.
+    if (this._polling) this._pollSoon();
+    else this._startPolling(0);
+    this._sseReopenLater(attempt, sub.sseFailures);
+  }
+
+  /** A planned reopen of stream `attempt`, after the backoff delay of the `failures`-th failure
+   * in a row (a presence read's, a subscription's), and no sooner than the reopens' own backoff
+   * (_ssePresenceReopens); one for all that wait on the stream, at the shortest of their delays. */
+  _sseReopenLater(attempt, failures) {
+    const delay = Math.max(backoffDelay(failures - 1, this.options.backoff, this._random), backoffDelay(this._ssePresenceReopens, this.options.backoff, this._random));
+    if (attempt.reopenTimer !== null && attempt.reopenAt <= this._now() + delay) return;
+    this._clearTimeout(attempt.reopenTimer);
+    attempt.reopenAt = this._now() + delay;
+    attempt.reopenTimer = this._setTimeout(() => {
+      attempt.reopenTimer = null;
+      attempt.reopenDue = true;
+      this._ssePlannedReopen(attempt);
     }, delay);
+  }
+
+  /** The planned reopens start over once a stream read every presence it asked and subscribed
+   * every project it asked (none failed, none waited on). */
+  _sseReopensSettled(attempt) {
+    if (attempt.presenceWanted.size > 0 || attempt.presenceFailed || attempt.failed.size > 0) return;
+    const answers = this._answers.get(attempt);
+    if (!answers || answers.asked.size === 0) this._ssePresenceReopens = 0;
+  }
+
+  /** Whether the live stream carries project `sub` (it answered, and the project's subscription
+   * on it did not fail): polling leaves it alone. */
+  _sseCarries(sub) {
+    const attempt = this._sse;
+    return attempt !== null && attempt.proven && this._sseLive && attempt.asked.has(sub.projectId) && !attempt.failed.has(sub.projectId);
   }
 
   /**
@@ -3184,14 +3244,17 @@ export class EventBus {
    * project's own presence read is not waited for: nothing else may come (a gateway need not
    * answer a read it dropped), and the next stream reads it again.
    */
-  _ssePresenceReopen(attempt) {
-    // (errored, or a close frame come: the gateway is ending the stream, on the SSE rung's
-    // terms, 1011 on its backoff: a reopen now would open the next one at once.)
-    if (this._sse !== attempt || this._wsLive || this._closed || attempt.errored || attempt.closeCode !== null) return;
+  _ssePlannedReopen(attempt) {
+    // (A close frame come: the gateway is ending the stream, on the SSE rung's terms, 1011 on
+    // its backoff: a reopen now would open the next one at once.)
+    if (this._sse !== attempt || this._wsLive || this._closed || attempt.closeCode !== null) return;
     const answers = this._answers.get(attempt);
     if (answers && answers.asked.size > 0) return;
-    attempt.presenceReopen = false;
+    attempt.reopenDue = false;
     this._ssePresenceReopens = Math.min(this._ssePresenceReopens + 1, 60);
+    // Polls (of the failed projects) wait for the next stream's first answer, so that it is not
+    // for a cursor they moved meanwhile (stale: one more stream); see _connectSse.
+    if (attempt.failed.size > 0) this._nextStreamHold = this.options.connectTimeout;
     this._reopenSse();
   }
 
@@ -3219,7 +3282,9 @@ export class EventBus {
     attempt.holdsPolls = false; // (polling stops)
     this._sseLive = true;
     this._everConnected = true;
-    this._stopPolling();
+    // (On for its failed projects alone, if any: _sseCarries.)
+    if (attempt.failed.size === 0) this._stopPolling();
+    else if (this._polling) this._pollSoon();
     this._updateState();
     return true;
   }
@@ -3227,7 +3292,7 @@ export class EventBus {
   /** Whether `conn` is an SSE stream that has answered nothing at all (perhaps held by a proxy
    * buffering response bodies). */
   _silentStream(conn) {
-    return conn === this._sse && !conn.proven && !conn.errored;
+    return conn === this._sse && !conn.proven && conn.failed.size === 0;
   }
 
   /** What a silent stream given up on says, whichever bound gave it up. */
@@ -3277,8 +3342,8 @@ export class EventBus {
   }
 
   _sseEnded(attempt) {
-    this._clearTimeout(attempt.presenceRetry); // (the next stream asks presence anyway)
-    attempt.presenceRetry = null;
+    this._clearTimeout(attempt.reopenTimer); // (the next stream asks presence anyway)
+    attempt.reopenTimer = null;
     if (this._sse !== attempt) return;
     this._sse = null;
     this._sseLive = false;
@@ -3570,6 +3635,7 @@ export class EventBus {
         if (generation !== this._pollGeneration) break;
         if (sub.pollHoldTimer !== null) continue; // waits for its subscribe's answer (_holdPollsOf)
         if (this._wsHealth.proven && !sub.refusedForLimit) continue; // the WebSocket carries it
+        if (this._sseCarries(sub)) continue; // (a project whose subscription failed on it is polled)
         polled += 1;
         if (!(await this._pollProject(sub, generation))) ok = false;
         // Refused with Retry-After (a draining or full gateway): the other projects would be

@@ -4261,7 +4261,7 @@ test("presence: over SSE a reopen for a failed presence read waits for the strea
   eq(env.events[3], [1], "project 3 delivers");
 });
 
-test("presence: over SSE a stream whose subscription ended (`unavailable` with `ended`) is not reopened for an earlier presence failure before it closes: it ends on the SSE backoff", async () => {
+test("presence: over SSE a stream whose subscription ended (`unavailable` with `ended`) and that a gateway from before closes is not reopened for an earlier presence failure: it ends on the SSE backoff", async () => {
   const env = setup({ autoFailSockets: true, subscribe: [1, 2] });
   sseServer(env);
   env.bus.presence(1, () => {});
@@ -4270,12 +4270,81 @@ test("presence: over SSE a stream whose subscription ended (`unavailable` with `
   stream.event("error", { type: "error", code: "unavailable", message: "presence is unavailable", project_id: 1 });
   await env.clock.advance(500);
   stream.event("error", { type: "error", code: "unavailable", message: "events of project 2 are unavailable", project_id: 2, ended: true });
-  await env.clock.advance(600); // (the gateway's close is on its way)
-  eq(env.streams.length, 1, "no reopen at once: the stream is ending");
-  stream.event("close", { type: "close", code: 1011 });
+  stream.event("close", { type: "close", code: 1011 }); // (a gateway from before: the stream ends)
   stream.end();
   await env.clock.advance(0);
+  await env.clock.advance(600); // (past the presence reopen's delay: dropped with its stream)
   eq(env.streams.length, 1, "a stream ended with 1011 is opened again on the SSE backoff, not at once");
+});
+
+test("sse: one project's failed subscription on a stream of several (`ended`, the stream going on) is polled alone, the others stay live on it, and a planned reopen on a growing backoff tries it again", async () => {
+  const env = setup({ autoFailSockets: true, subscribe: [1, 2, 3], options: { pollInterval: 300 } });
+  const history = { 1: [], 2: [], 3: [] };
+  env.poll = (url) => {
+    const projectId = Number(new URL(url).pathname.split("/")[3]);
+    const after = Number(new URL(url).searchParams.get("after"));
+    const top = history[projectId].length;
+    const events = history[projectId].slice(after).map((seq) => event(projectId, seq));
+    return { status: 200, body: { project_id: projectId, epoch: `e${projectId}`, seq: top, events, resync_required: null, more: false } };
+  };
+  sseServer(env);
+  await env.clock.advance(0);
+  const stream = await sseLive(env, { 1: { epoch: "e1", seq: 0 }, 2: { epoch: "e2", seq: 0 }, 3: { epoch: "e3", seq: 0 } });
+  eq(env.bus.transport, "sse");
+  history[2].push(1);
+  stream.event(null, event(2, 1), "1=e1:0,2=e2:1,3=e3:0");
+  stream.event("error", { type: "error", code: "unavailable", message: "unreadable", project_id: 2, ended: true });
+  await env.clock.advance(0);
+  eq(env.requests.map((r) => new URL(r.url).pathname), ["/v1/projects/2/events"], "project 2 alone is polled, at once");
+  eq([env.bus.state, env.bus.transport], ["live", "sse"], "the stream stays live");
+  // The others go on on the stream; project 2 comes by polls, from its cursor.
+  history[1].push(1);
+  stream.event(null, event(1, 1), "1=e1:1,2=e2:1,3=e3:0");
+  history[2].push(2, 3);
+  for (let i = 0; i < 100 && env.streams.length < 2; i += 1) await env.clock.advance(100);
+  eq(env.requests.map((r) => new URL(r.url).pathname).filter((p) => p !== "/v1/projects/2/events"), [], "the live projects are never polled");
+  assert(env.requests.length >= 2, "project 2 is polled on pollInterval");
+  eq([env.events[1], env.events[2], env.events[3]], [[1], [1, 2, 3], []], "every event once, in order");
+  // The planned reopen came on the backoff (about 1 s): every project resumed from its cursor.
+  eq(env.streams.length, 2, "one planned reopen");
+  eq(env.streams[1].headers["Last-Event-ID"], `1=e1:1:${tag(1, 1)},2=e2:3,3=e3:0`, "project 2 from where its polls got");
+  // Project 2 fails again there: polled, and the next reopen waits longer.
+  const again = await sseLive(env, { 1: { epoch: "e1", seq: 1, resumed: true }, 3: { epoch: "e3", seq: 0, resumed: true } });
+  const opened = env.clock.now();
+  again.event("error", { type: "error", code: "unavailable", message: "unreadable", project_id: 2 });
+  await env.clock.advance(0);
+  eq([env.bus.state, env.bus.transport], ["live", "sse"]);
+  for (let i = 0; i < 100 && env.streams.length < 3; i += 1) await env.clock.advance(100);
+  assert(env.clock.now() - opened >= 2000, `the second reopen waits longer: ${env.clock.now() - opened} ms`);
+  // Repaired: subscribed on the next stream, polling stops, nothing again.
+  const polls = env.requests.length;
+  history[2].push(4);
+  const repaired = await sseLive(env, { 1: { epoch: "e1", seq: 1, resumed: true }, 2: { epoch: "e2", seq: 3, resumed: true }, 3: { epoch: "e3", seq: 0, resumed: true } });
+  repaired.event(null, event(2, 4), "1=e1:1,2=e2:4,3=e3:0");
+  await env.clock.advance(0);
+  const polled = env.requests.length;
+  await env.clock.advance(20000);
+  eq(env.requests.length, polled, "no project polled once every one is live");
+  assert(polled <= polls + 1, "(at most a round under way as the stream answered)");
+  eq(env.streams.length, 3, "no reopen more");
+  eq([env.events[1], env.events[2], env.events[3]], [[1], [1, 2, 3, 4], []]);
+});
+
+test("sse: a gateway from before that closes the stream (1011) after one project's failed subscription: every project polled and the stream reopened on the SSE backoff, as before", async () => {
+  const env = setup({ autoFailSockets: true, subscribe: [1, 2], options: { pollInterval: 60000 } });
+  pollServer(env, []);
+  sseServer(env);
+  await env.clock.advance(0);
+  const stream = await sseLive(env, { 1: { epoch: "p", seq: 0 }, 2: { epoch: "p", seq: 0 } });
+  stream.event("error", { type: "error", code: "unavailable", message: "unreadable", project_id: 2, ended: true });
+  stream.event("close", { type: "close", code: 1011, reason: "subscription failed" });
+  stream.end();
+  await env.clock.advance(0);
+  eq(env.requests.map((r) => new URL(r.url).pathname).sort(), ["/v1/projects/1/events", "/v1/projects/2/events"]);
+  eq(env.bus.transport, "polling");
+  eq(env.streams.length, 1, "not reopened at once");
+  for (let i = 0; i < 100 && env.streams.length < 2; i += 1) await env.clock.advance(100);
+  eq(env.streams.length, 2, "reopened on the SSE backoff");
 });
 
 test("presence: over SSE a stream reopened anyway after a failed presence read (a project added) takes the re-ask's place: one reopen, not two", async () => {
