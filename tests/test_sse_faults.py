@@ -502,9 +502,10 @@ async def test_a_stream_whose_peer_vanished_is_dropped_after_the_ping_timeout(
 # --- one project's garbage on a stream of several ---------------------------------------------
 
 
+@pytest.mark.parametrize("presence", [False, True], ids=["events", "presence"])
 @pytest.mark.parametrize("when", ["before_open", "while_live"])
 async def test_a_garbage_project_leaves_the_others_of_its_stream_live(
-    group: GatewayGroup, redis_url: str, publisher, redis_client, when: str
+    group: GatewayGroup, redis_url: str, publisher, redis_client, when: str, presence: bool
 ):
     """A stream of three projects on a gateway process; project 72's metadata in Redis is
     overwritten with garbage (not written by the event bus), before the stream opens (its
@@ -512,10 +513,11 @@ async def test_a_garbage_project_leaves_the_others_of_its_stream_live(
     ``ended``). 72 gets its ``error`` ``unavailable``; the stream goes on: the events of 71 and
     73 published after it arrive on the same stream, in order, exactly once, their ids still
     naming 72's last cursor. Once 72 is repaired, a stream reopened from the last id resumes
-    every project exactly: 72's events from where it stopped, nothing of 71 and 73 again."""
+    every project exactly: 72's events from where it stopped, nothing of 71 and 73 again.
+    With ``?presence=1`` nothing of 72's presence comes after its ``error``."""
     (pod,) = group.start(redis_url, 1, args=["--reconcile-interval", "0.2"])
     projects, bad = (71, 72, 73), 72
-    path = stream_path(projects)
+    path = stream_path(projects) + ("&presence=1" if presence else "")
     for project_id in projects:
         await publish(publisher, project_id, 2)
     meta = KEYS.meta(bad)
@@ -550,8 +552,12 @@ async def test_a_garbage_project_leaves_the_others_of_its_stream_live(
     last_id = None
     while len(got[71]) < 3 or len(got[73]) < 2:
         item = await stream.next(within=10)
-        assert item is not None and item.event == "message", item
+        assert item is not None, got
         frame = json.loads(item.data)
+        if presence and item.event in ("presence", "presence_diff"):
+            assert frame["project_id"] != bad, item  # its presence ended with its subscription
+            continue
+        assert item.event == "message", item
         got[frame["project_id"]].append(frame["seq"])
         last_id = item.id
         assert f"{bad}={bad_cursor}" in item.id  # the failed project's cursor, kept
