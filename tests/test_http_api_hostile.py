@@ -531,3 +531,67 @@ async def test_a_client_that_stops_reading_short_of_64_kib_is_dropped(redis_url)
             await lost.wait()
         assert not server.server_state.connections
         assert app.counters.closed["send_timeout"] == 1
+
+
+async def test_a_request_target_uvicorn_cannot_parse_is_refused_and_its_connection_closed(
+    redis_url,
+) -> None:
+    """``CONNECT example.com:443`` (a CONNECT's only valid target, the authority form) passes
+    httptools' parser, and uvicorn's URL split then raised inside the headers' callback: the
+    request was counted as unanswered but never started, so the 400 waited for its answer for
+    ever, and the header deadline had been cancelled. The connection stayed open without an
+    answer and counted against --limit-concurrency for good: a thousand such requests, one
+    small packet each, shut the API. Now it is answered 400 ``invalid_http`` and closed."""
+    async with serving(redis_url, header_timeout=60) as (app, server, port):
+        for target in (b"example.com:443", b"[::1]:8766"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"CONNECT " + target + b" HTTP/1.1\r\nHost: t\r\n\r\n" + HEALTHZ)
+            async with asyncio.timeout(5):
+                status, headers, body = await read_answer(reader)
+                assert await reader.read() == b""  # and the connection is closed
+            writer.close()
+            assert status == 400 and headers["connection"] == "close", (status, body)
+            assert msgspec.json.decode(body)["error"]["code"] == "invalid_http"
+        async with asyncio.timeout(5):
+            while server.server_state.connections:  # noqa: ASYNC110 - closed by the server
+                await asyncio.sleep(0.01)
+        assert app.counters.responses[400, "invalid_http"] == 2
+
+
+async def test_trailers_of_a_chunked_body_are_bounded_like_headers(redis_url) -> None:
+    """A chunked body may end with trailer fields, which httptools parses as headers and uvicorn
+    keeps with the request's headers, but --max-header-bytes counted only the head before the
+    body: a client sending trailers as fast as it could after a body's last chunk made the
+    process hold hundreds of megabytes a second until --body-timeout answered 408, and then
+    --header-timeout closed the connection (1.7 GB in 6 s with both at 3 s). Trailers now
+    count as a head of their own: past --max-header-bytes the request is refused with 431 and
+    its connection closed."""
+    head = (
+        b"POST /v1/projects/1/events HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer " + KEY_ALL.encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    body = json.dumps(EXPIRED).encode()
+    chunked = head + b"%x\r\n" % len(body) + body + b"\r\n0\r\n"
+    trailer = b"X-Trailer: " + b"t" * 100 + b"\r\n"
+    limits = {"max_header_bytes": 16384, "header_timeout": 60, "body_timeout": 1}
+    async with serving(redis_url, **limits) as (app, _, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        sending = asyncio.create_task(send_all(writer, chunked + trailer * 100_000))  # 11 MB
+        async with asyncio.timeout(5):
+            # The request is still waiting for its body's end: its answer is the 408 of
+            # --body-timeout, then the refusal, and the connection is closed.
+            answers = [await read_answer(reader) for _ in range(2)]
+            assert await reader.read() == b""
+            await sending
+        writer.close()
+        codes = [(status, msgspec.json.decode(b)["error"]["code"]) for status, _, b in answers]
+        assert codes == [(408, "body_timeout"), (431, "headers_too_large")]
+        assert app.counters.responses[431, "headers_too_large"] == 1
+        assert not stream(redis_url, 1)  # the request was not published: its body never ended
+        # A few trailers are a request's business: read as a chunked body's end, published.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(chunked + trailer * 10 + b"\r\n")
+        async with asyncio.timeout(5):
+            status, _, answer = await read_answer(reader)
+        writer.close()
+        assert status == 200 and b'"seq":1' in answer, answer

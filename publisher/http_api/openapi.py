@@ -131,9 +131,9 @@ def _meanings(settings: HttpApiSettings) -> dict[str, str]:
         "range; the message says which",
         "rate_limited": "the key's rate is spent (Retry-After: seconds to wait); an array "
         "larger than the key's burst can never pass (split it; no Retry-After then)",
-        "headers_too_large": f"the request line and headers exceed "
-        f"{settings.max_header_bytes} bytes (serve --max-header-bytes); the connection is "
-        "closed after the answer",
+        "headers_too_large": f"the request line and headers (or a chunked body's chunk lines "
+        f"and trailers) exceed {settings.max_header_bytes} bytes (serve --max-header-bytes); the "
+        "connection is closed after the answer",
         "publish_failed": "Redis refused the write (a damaged key)",
         "read_failed": "the project's keys hold values the bus did not write",
         "revocation_failed": "Redis refused the write (a revocation key of another type)",

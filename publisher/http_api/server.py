@@ -12,7 +12,8 @@ received cancels. :class:`BoundedHttpProtocol` adds the bounds it lacks:
 * **Size of the headers.** httptools and uvicorn keep a request's line and headers until they end:
   one client sending headers as fast as it could (or one endless header, or an endless URL) made
   the process hold gigabytes within the header timeout. Past ``--max-header-bytes`` the request
-  is answered 431 and the connection closed.
+  is answered 431 and the connection closed. A chunked body's chunk lines and trailers (which
+  httptools parses as headers, and uvicorn keeps with the request's) are bounded the same way.
 * **Time to read the answers.** uvicorn's answer waits for the client to read it (past 64 KiB
   unsent) without a bound: a client that pipelined requests and never read the answers held its
   connection and a task for ever, both counted against ``--limit-concurrency``; and below 64 KiB
@@ -194,7 +195,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
                     self._refuse(
                         431,
                         "headers_too_large",
-                        f"the request line and headers exceed {self.max_header_bytes} bytes",
+                        f"the request line and headers (or a chunked body's chunk lines and "
+                        f"trailers) exceed {self.max_header_bytes} bytes",
                     )
                     return
         if self._unread:
@@ -205,6 +207,17 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._in_head = False
         self._boundaries += 1
         self._cancel_deadline()
+        try:
+            self._start_request()
+        except BaseException:
+            # uvicorn raised before the request started (its URL split refuses a CONNECT's
+            # ``host:port``, which httptools passes): no answer of it will ever complete, so it
+            # must not count as one the 400 that follows waits for (it waited for ever, and the
+            # connection stayed open, its header deadline cancelled).
+            self._unanswered -= 1
+            raise
+
+    def _start_request(self) -> None:
         limit = self._limit
         # (This connection is one of ``connections``: at most ``limit`` of them are served, as
         # documented. uvicorn's own ``<`` served limit - 1, and none at a limit of 1.)
@@ -218,6 +231,27 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             super().on_headers_complete()
         finally:
             self.app = app
+
+    # A chunked body's chunk lines and trailer fields are a head of their own: the bytes from a
+    # chunk's header to its data, and from its end to the next chunk's header, count against
+    # --max-header-bytes as a request's head does. httptools parses trailers as headers, which
+    # uvicorn keeps with the request's: uncounted, a client sending trailers after the last
+    # chunk made the process hold hundreds of megabytes a second until --body-timeout.
+
+    def on_chunk_header(self) -> None:
+        self._enter_head(True)
+
+    def on_body(self, body: bytes) -> None:
+        self._enter_head(False)
+        super().on_body(body)
+
+    def on_chunk_complete(self) -> None:
+        self._enter_head(True)
+
+    def _enter_head(self, in_head: bool) -> None:
+        if self._in_head != in_head:
+            self._in_head = in_head
+            self._boundaries += 1
 
     def on_message_complete(self) -> None:
         self._in_head = True
