@@ -791,26 +791,56 @@ async def test_an_array_retried_with_its_idempotency_key_publishes_each_event_on
     assert [f["seq"] for f in stream(redis_url, 6)] == [1, 2, 3, 4, 5, 6]
 
 
+async def test_one_event_and_an_array_of_it_under_one_key_publish_it_once(redis_url) -> None:
+    """One event is the first of an array of one: a client that retries a single event as an
+    array (a retry loop that sends what is pending as a batch), or an array's first event alone,
+    under the same Idempotency-Key, publishes it once. The single event had a publisher key of
+    its own, beside the array's ``<key>:0``: both were written, each answered 200."""
+    long_key = "k" * 96  # (its plain form fits 200 characters alone, not with an index)
+    async with served(redis_url) as api:
+        for key, project in (("pending-1", 3), (long_key, 4)):
+            headers = {"Idempotency-Key": key}
+            single = await api.post(project, resolved(1), headers=headers)
+            as_array = await api.post(project, [resolved(1)], headers=headers)
+            longer = await api.post(project, [resolved(1), resolved(2)], headers=headers)
+            again = await api.post(project, resolved(1), headers=headers)
+            other = await api.post(project, resolved(3), headers=headers)
+            assert single[0] == as_array[0] == longer[0] == again[0] == 200
+            cursor = single[2]["cursor"]
+            assert as_array[2]["cursors"] == [cursor] and again[2]["cursor"] == cursor
+            assert [c["seq"] for c in longer[2]["cursors"]] == [1, 2]
+            assert other[0] == 409 and other[2]["error"]["code"] == "idempotency_conflict"
+            assert [f["blocker_id"] for f in stream(redis_url, project)] == [1, 2]
+        # And the other way round: an array first, then its first event alone.
+        headers = {"Idempotency-Key": "pending-2"}
+        first = await api.post(5, [resolved(1), resolved(2)], headers=headers)
+        alone = await api.post(5, resolved(1), headers=headers)
+        assert alone[0] == 200 and alone[2]["cursor"] == first[2]["cursors"][0]
+    assert [f["blocker_id"] for f in stream(redis_url, 5)] == [1, 2]
+
+
 # Short ones, with and without ':'; long ones (whose plain form would pass 200 characters).
 _KEY_ID = st.text("ab:._-0", min_size=1, max_size=4) | st.text("k", min_size=90, max_size=100)
 _IDEMPOTENCY = st.text("ab:~!0", min_size=1, max_size=4) | st.text("i:", min_size=90, max_size=100)
-_INDEX = st.none() | st.integers(0, 499)
+_INDEX = st.integers(0, 499)
 
 
 @settings(max_examples=500, deadline=None)
 @given(st.tuples(_KEY_ID, _IDEMPOTENCY, _INDEX), st.tuples(_KEY_ID, _IDEMPOTENCY, _INDEX))
 def test_publisher_keys_are_valid_and_never_shared_by_two_requests(first, second) -> None:
-    """Each (credential, Idempotency-Key, index in the array or None) has its own publisher key,
-    one the publisher takes: any pair of them meeting would publish one service's event in
-    place of another's."""
+    """Each (credential, Idempotency-Key, index in the array) has its own publisher key, one
+    the publisher takes: any pair of them meeting would publish one service's event in place
+    of another's. A single event is index 0 (the first of an array of one), whatever the
+    length of the array it is compared with."""
     from publisher.core import valid_idempotency_key
     from publisher.http_api.app import _publisher_keys
 
-    def key(key_id: str, idempotency_key: str, index: int | None) -> str:
-        if index is None:
-            return _publisher_keys(key_id, idempotency_key, None, 500)[0]
+    def key(key_id: str, idempotency_key: str, index: int) -> str:
         return _publisher_keys(key_id, idempotency_key, index + 1, 500)[index]
 
+    for key_id, idempotency_key, index in (first, second):
+        keys = _publisher_keys(key_id, idempotency_key, 500, 500)
+        assert keys[index] == key(key_id, idempotency_key, index)  # whatever the array's length
     assert valid_idempotency_key(key(*first)) and valid_idempotency_key(key(*second))
     assert (key(*first) == key(*second)) == (first == second)
 

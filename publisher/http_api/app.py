@@ -312,7 +312,9 @@ class PublishApi:
             else:
                 namespaced = None
                 if idempotency_key is not None:
-                    namespaced = _publisher_keys(key.id, idempotency_key, None, 1)[0]
+                    namespaced = _publisher_keys(
+                        key.id, idempotency_key, 1, self.settings.max_events
+                    )[0]
                 cursors = [await self.publisher.publish(events[0], idempotency_key=namespaced)]
         except PublisherUnavailable as exc:
             raise self._unavailable(project_id, exc) from None
@@ -526,19 +528,23 @@ def _valid_idempotency_key(value: str) -> bool:
     return 0 < len(value) <= _IDEMPOTENCY_HEADER_MAX and all("!" <= char <= "~" for char in value)
 
 
-def _publisher_keys(
-    key_id: str, idempotency_key: str, count: int | None, max_events: int
-) -> list[str]:
-    """The publisher's idempotency keys of a request: ``http:<key id>:<Idempotency-Key>``, with
-    ``:<index>`` per event of an array (``count`` events; None: one event, no suffix).
+def _publisher_keys(key_id: str, idempotency_key: str, count: int, max_events: int) -> list[str]:
+    """The publisher's idempotency keys of a request of ``count`` events (1 for a single
+    event): ``http:<key id>:<Idempotency-Key>`` for the first, with ``:<index>`` after it for
+    each further event of an array.
+
+    A single event is the first of an array of one: a retry of it as an array (a client that
+    sends what is pending as a batch), or of an array's first event alone, finds it. It had a
+    key of its own beside the array's ``:0``, and both were published, each answered 200.
 
     Namespaced by credential, so two services choosing the same key never collide. A key id
     and an Idempotency-Key may each be 100 characters, which made keys longer than the
     publisher's 200: ``publish`` raised ValueError and the client got a bare 500. Such keys
     are replaced by a digest of the whole (``~`` never occurs in a key id, so the two forms
-    cannot meet). Which form an array's keys take depends on the longest index an array may
+    cannot meet). Which form a request's keys take depends on the longest index an array may
     have (``max_events``), not on this one's length: a retry of the same key with more events
-    then finds the first ones' keys (published once), instead of a form of its own.
+    (or fewer, or one) then finds the first ones' keys (published once), instead of a form of
+    its own.
 
     Both may contain ':', which made the plain form ambiguous: an array under ``x`` and one
     event under ``x:1`` had a key in common, and so did key id ``a`` with ``b:c`` and key id
@@ -546,15 +552,14 @@ def _publisher_keys(
     pair (the plain text, the digest's input before, is unambiguous without one: keys without
     a ':' are unchanged)."""
     namespaced = f"http:{key_id}:{idempotency_key}"
-    suffixes = [""] if count is None else [f":{index}" for index in range(count)]
-    longest = 0 if count is None else len(f":{max(0, max_events - 1)}")
+    longest = len(f":{max(0, max_events - 1)}")
     if ":" in key_id or ":" in idempotency_key:
         # (A JSON array never equals the plain text, which starts with "http:".)
         whole = msgspec.json.encode([key_id, idempotency_key])
         namespaced = "http:~" + hashlib.blake2b(whole, digest_size=16).hexdigest()
     elif len(namespaced) + longest > _PUBLISHER_KEY_MAX:
         namespaced = "http:~" + hashlib.blake2b(namespaced.encode(), digest_size=16).hexdigest()
-    return [namespaced + suffix for suffix in suffixes]
+    return [namespaced] + [f"{namespaced}:{index}" for index in range(1, count)]
 
 
 def _publish_error_status(exc: PublishError) -> tuple[int, str]:
