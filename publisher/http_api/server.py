@@ -224,13 +224,13 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         if limit is None or (len(self.connections) <= limit and len(self.tasks) < limit):
             super().on_headers_complete()
             return
-        if self.counters is not None:
-            self.counters.count(503, "overloaded")
         app, self.app = self.app, _overloaded  # for this request only
         try:
             super().on_headers_complete()
         finally:
             self.app = app
+        if self.counters is not None:  # (a request uvicorn refused is the 400's, not a 503)
+            self.counters.count(503, "overloaded")
 
     # A chunked body's chunk lines and trailer fields are a head of their own: the bytes from a
     # chunk's header to its data, and from its end to the next chunk's header, count against
