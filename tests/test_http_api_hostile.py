@@ -13,11 +13,12 @@ import resource
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import msgspec
 import redis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
 from publisher import AsyncPublisher
@@ -595,3 +596,171 @@ async def test_trailers_of_a_chunked_body_are_bounded_like_headers(redis_url) ->
             status, _, answer = await read_answer(reader)
         writer.close()
         assert status == 200 and b'"seq":1' in answer, answer
+
+
+_METHODS = st.sampled_from(
+    ["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "CONNECT", "PATCH", "QUERY", "TRACE"]
+)
+_TARGETS = st.sampled_from(
+    [
+        "/v1/projects/1/events",
+        "/v1/projects/1/presence",
+        "/v1/revocations",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/openapi.json",
+        "*",
+        "example.com:443",
+        "[::1]:80",
+        "http://t/v1/projects/1/events",
+        "/v1/projects/1/events?limit=2",
+        "/%2e%2e/",
+        "//x",
+        "/v1/projects/01/events",
+        "/nowhere?a=%ff",
+    ]
+) | st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=20)
+_VERSIONS = st.sampled_from(["HTTP/1.1", "HTTP/1.0", "HTTP/0.9", "HTTP/2.0", "HTTP/1.2", ""])
+_HEADERS = st.lists(
+    st.sampled_from(
+        [
+            f"Authorization: Bearer {KEY_ALL}",
+            "Authorization: Bearer nope",
+            "Authorization: x",
+            "Content-Type: application/json",
+            "Content-Type: text/plain",
+            "Content-Length: 0",
+            "Content-Length: 2",
+            "Content-Length: 99",
+            "Content-Length: -1",
+            "Content-Length: x",
+            "Content-Length: 99999999999999999999999",
+            "Transfer-Encoding: chunked",
+            "Transfer-Encoding: identity",
+            "Transfer-Encoding: gzip, chunked",
+            "Expect: 100-continue",
+            "Connection: close",
+            "Connection: keep-alive, Upgrade",
+            "Upgrade: websocket",
+            "Upgrade: h2c",
+            "Idempotency-Key: k",
+            "Idempotency-Key: a b",
+            "Host: t",
+            "X-Bad-\x7f: 1",
+            "X: \x01",
+            " Folded: 1",
+            "NoColon",
+        ]
+    ),
+    max_size=6,
+)
+_BODIES = st.sampled_from(
+    [b"", b"{}", b"[]", json.dumps(EXPIRED).encode(), b"2\r\n{}\r\n0\r\n\r\n", b"0\r\n\r\n",
+     b"zz\r\n", b"0\r\nX-T: 1\r\n\r\n", b"\x00\xff", b"GET /healthz HTTP/1.1\r\n\r\n"]
+) | st.binary(max_size=64)  # fmt: skip
+#: Every code an answer may carry, and the statuses they go with (docs/http-publish.md).
+_CODES = {
+    400: {"invalid_json", "invalid_body", "repeated_key", "repeated_header", "invalid_header",
+          "invalid_idempotency_key", "invalid_query", "invalid_http"},
+    401: {"unauthorized"}, 403: {"forbidden"}, 404: {"not_found"}, 405: {"method_not_allowed"},
+    408: {"body_timeout"}, 409: {"idempotency_conflict"},
+    413: {"body_too_large", "too_many_events"}, 415: {"unsupported_media_type"},
+    422: {"invalid_event", "invalid_revocation"},
+    429: {"rate_limited"}, 431: {"headers_too_large"}, 503: {"overloaded"},
+}  # fmt: skip
+
+
+@contextlib.contextmanager
+def _api_in_a_thread(redis_url: str, **overrides):
+    """The API served in a thread's event loop (as ``serving``), for synchronous clients:
+    yields ``(app, server, port)``."""
+    started, stop = [], None
+    ready = threading.Event()
+
+    async def run() -> None:
+        nonlocal stop
+        stop = asyncio.Event()
+        async with serving(redis_url, **overrides) as served:
+            started.append(served)
+            ready.set()
+            await stop.wait()
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_until_complete, args=(run(),))
+    thread.start()
+    try:
+        assert ready.wait(10)
+        yield started[0]
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(30)
+        loop.close()
+
+
+def _answers(data: bytes, head_only: bool) -> list[tuple[int, dict[str, str], bytes]]:
+    """The answers in ``data``, a connection's whole output (interim 1xx ones left out);
+    ``head_only``: the first answer is to a HEAD (no body, whatever its Content-Length)."""
+    answers = []
+    while data:
+        head, separator, data = data.partition(b"\r\n\r\n")
+        assert separator, head
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        # (uvicorn's answer to a HEAD has no body; the server's own refusals, without a
+        # ``server`` header, are to what it could not read as a request, and have one)
+        answer_to_head = head_only and status >= 200 and "server" in headers
+        length = 0 if answer_to_head else int(headers.get("content-length", 0))
+        body, data = data[:length], data[length:]
+        if status >= 200:
+            answers.append((status, headers, body))
+            head_only = False  # (a later answer is the refusal that ends the connection)
+    return answers
+
+
+def test_any_request_is_answered_as_documented_and_its_connection_ends(redis_url) -> None:
+    """Requests made of any method, target, version, headers and body bytes, on their own
+    connection, which the client then stops writing to: every answer is a documented status
+    with a JSON body carrying a documented code (a probe's, the metrics' or a page otherwise),
+    and the server ends the connection within its timeouts (a CONNECT to ``host:port`` held
+    its connection for ever, unanswered)."""
+    limits = {"header_timeout": 0.5, "body_timeout": 0.5, "send_timeout": 0.5}
+    with _api_in_a_thread(redis_url, **limits) as (_, server, port):
+
+        @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(_METHODS, _TARGETS, _VERSIONS, _HEADERS, _BODIES)
+        def check(method, target, version, headers, body) -> None:
+            request = f"{method} {target} {version}".rstrip() + "\r\n"
+            request += "".join(f"{line}\r\n" for line in headers) + "\r\n"
+            with socket.create_connection(("127.0.0.1", port), timeout=6) as client:
+                client.sendall(request.encode("latin-1") + body)
+                client.shutdown(socket.SHUT_WR)  # (the server may still answer and close)
+                started, received = time.monotonic(), b""
+                with contextlib.suppress(ConnectionResetError):
+                    while chunk := client.recv(65536):
+                        received += chunk
+                # header, body and send timeouts, the linger after a refusal, and slack
+                assert time.monotonic() - started < 5, (request, body, received)
+            note(f"{request!r} {body!r} -> {received!r}")
+            for status, answer_headers, answer in _answers(received, method == "HEAD"):
+                if answer_headers.get("content-type") == "text/plain":
+                    assert (status, target) == (200, "/metrics"), answer
+                    continue
+                assert answer_headers.get("content-type") == "application/json", answer
+                if not answer:
+                    assert method == "HEAD", (status, answer_headers)
+                    continue
+                decoded = msgspec.json.decode(answer)
+                if status in (200, 503) and "error" not in decoded:
+                    continue  # a page, presence, a probe, a cursor
+                assert decoded["error"]["code"] in _CODES[status], (status, answer)
+
+        check()
+        deadline = time.monotonic() + 5
+        while server.server_state.connections:  # none is left open
+            assert time.monotonic() < deadline, server.server_state.connections
+            time.sleep(0.05)
