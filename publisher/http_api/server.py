@@ -33,7 +33,8 @@ received cancels. :class:`BoundedHttpProtocol` adds the bounds it lacks:
 
 Requests past ``--limit-concurrency`` are answered the documented JSON 503 (``overloaded``) and
 counted, where uvicorn answered plain text and logged a warning for each; requests that are not
-HTTP/1.1 are answered 400 (``invalid_http``) and counted, not logged;
+HTTP/1.1 are answered 400 (``invalid_http``) and counted, not logged (a request whose body breaks
+off gets that answer at once, not the 408 of a body that never ends);
 Upgrade requests (WebSocket, h2c) are answered as plain requests, then the connection is closed.
 
 Imported only to serve (uvicorn is the ``http-api`` extra).
@@ -294,6 +295,22 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._cancel_deadline()
         if self.counters is not None:
             self.counters.count(status, code)
+        cycle = self.cycle
+        if (
+            self._unanswered == 1
+            and not self.pipeline
+            and cycle is not None
+            and cycle.more_body
+            and not cycle.response_started
+        ):
+            # The request in progress is the one whose body broke off: that body never ends,
+            # so the refusal is its answer, now. It waited for --body-timeout (a 408 telling a
+            # client its malformed body was slow, ten seconds later, and then this answer).
+            # Its application sees the client gone (its answer, if any, goes nowhere); it has
+            # written nothing: a publish or a revocation waits for the whole body.
+            cycle.disconnected = True
+            cycle.message_event.set()
+            self._unanswered = 0
         body = error_body(ApiError(status, code, message))
         self._refusal = b"".join(
             [
