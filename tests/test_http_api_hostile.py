@@ -793,3 +793,40 @@ def test_any_request_is_answered_as_documented_and_its_connection_ends(redis_url
         while server.server_state.connections:  # none is left open
             assert time.monotonic() < deadline, server.server_state.connections
             time.sleep(0.05)
+
+
+async def test_a_client_that_half_closes_after_its_requests_gets_their_answers(redis_url) -> None:
+    """A client may end its side once its request is sent (``shutdown(SHUT_WR)``: ``nc -N``, a
+    script's one-shot request): uvicorn closed the connection at that end of input, so every
+    answer not written in the same instant was lost, a publish included, published and
+    counted 200 but never told. The requests that arrived are answered, then the connection
+    is closed (not at --header-timeout); a body that breaks off at the end still ends it."""
+    history = f"GET /v1/projects/1/events HTTP/1.1\r\nAuthorization: Bearer {KEY_ALL}\r\n\r\n"
+    loop = asyncio.get_running_loop()
+    async with serving(redis_url, header_timeout=60, body_timeout=60) as (_, server, port):
+
+        async def half_closed(request: bytes) -> bytes:
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.setblocking(False)
+            try:
+                await loop.sock_sendall(sock, request)
+                sock.shutdown(socket.SHUT_WR)
+                received = b""
+                async with asyncio.timeout(5):
+                    while chunk := await loop.sock_recv(sock, 65536):
+                        received += chunk
+                return received
+            finally:
+                sock.close()
+
+        event = publish_request(json.dumps(EXPIRED).encode())
+        assert b'"seq":1' in await half_closed(event)
+        assert b'"events":[' in await half_closed(history.encode())
+        pipelined = await half_closed(event + HEALTHZ + history.encode())
+        assert pipelined.count(b"HTTP/1.1 200") == 3 and b'"seq":2' in pipelined, pipelined
+        cut = publish_request(json.dumps(EXPIRED).encode())[:-5]  # the body breaks off
+        assert await half_closed(cut) == b""
+        async with asyncio.timeout(5):
+            while server.server_state.connections:  # noqa: ASYNC110 - closed by the server
+                await asyncio.sleep(0.01)
+    assert len(stream(redis_url, 1)) == 2

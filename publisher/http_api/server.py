@@ -36,6 +36,8 @@ counted, where uvicorn answered plain text and logged a warning for each; reques
 HTTP/1.1 are answered 400 (``invalid_http``) and counted, not logged (a request whose body breaks
 off gets that answer at once, not the 408 of a body that never ends);
 Upgrade requests (WebSocket, h2c) are answered as plain requests, then the connection is closed.
+A client that ends its side once its requests are sent (a half-close) gets their answers, where
+uvicorn closed the connection at once and they were lost.
 
 Imported only to serve (uvicorn is the ``http-api`` extra).
 """
@@ -144,6 +146,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._header_deadline: asyncio.TimerHandle | None = None
         self._linger: asyncio.TimerHandle | None = None
         self._send_deadline: asyncio.TimerHandle | None = None
+        self._eof = False  # the client ended its side: close once its requests are answered
         if self.max_connections is not None and len(self.connections) > self.max_connections:
             self._count_closed("full")
             transport.abort()  # before its descriptor is needed for Redis, or for accept()
@@ -157,6 +160,22 @@ class BoundedHttpProtocol(HttpToolsProtocol):
                 timer.cancel()
         self._unread = _NOTHING
         super().connection_lost(exc)
+
+    def eof_received(self) -> bool | None:
+        """The client ended its side (``shutdown(SHUT_WR)``) once its requests were sent: they
+        are still answered, then the connection is closed. uvicorn closed it at once, so every
+        answer not yet written was lost (a publish's too: written, counted, never told). A
+        body still being read can never end: the connection is closed, as before."""
+        cycle = self.cycle
+        body_cut = cycle is not None and cycle.more_body and not cycle.response_complete
+        if body_cut or not self._pending():
+            return None  # (asyncio closes the transport)
+        self._eof = True
+        return True  # keep the transport open for the answers
+
+    def _pending(self) -> bool:
+        """Whether requests wait for their answers, or bytes to be parsed."""
+        return self._unanswered > 0 or bool(self._unread) or self._refusal is not None
 
     def _holding(self) -> bool:
         return bool(self._unread) or self._refusal is not None
@@ -272,6 +291,9 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             self._feed()
             if not self._holding():
                 self.flow.resume_reading()  # what uvicorn did while bytes were held
+        if self._eof and not self._pending():  # the client sends nothing more
+            self.transport.close()
+            return
         if self._unanswered == 0:  # (a pipelined request's headers are already in)
             self._await_headers()
 
