@@ -203,7 +203,7 @@ async def test_requests_that_are_not_http_are_counted_and_upgrades_are_not_serve
         assert app.counters.responses[400, "invalid_http"] == len(not_http) + 1
 
 
-async def test_a_body_that_cannot_be_read_to_its_end_is_answered_at_once(redis_url) -> None:
+async def test_a_body_that_cannot_be_read_to_its_end_is_answered_at_once(redis_url, caplog) -> None:
     """A request whose body turns out not to be HTTP (a broken chunk, a Transfer-Encoding
     that is not chunked) waited for the rest of its body until --body-timeout and was answered
     408 ``body_timeout``, a second answer (the 400) following it: a client was told its body
@@ -217,6 +217,8 @@ async def test_a_body_that_cannot_be_read_to_its_end_is_answered_at_once(redis_u
     broken = [
         head + b"Transfer-Encoding: chunked\r\n\r\n%x\r\n" % len(body) + body + b"\r\nzz\r\n",
         head + b"Transfer-Encoding: identity\r\n\r\n" + body,
+        # (sent without waiting for 100 Continue, which must not follow the refusal)
+        head + b"Expect: 100-continue\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
     ]
     async with serving(redis_url, body_timeout=60, header_timeout=60) as (app, _, port):
         for request in broken:
@@ -230,7 +232,9 @@ async def test_a_body_that_cannot_be_read_to_its_end_is_answered_at_once(redis_u
             assert msgspec.json.decode(answer)["error"]["code"] == "invalid_http"
         assert app.counters.responses[400, "invalid_http"] == len(broken)
         assert (408, "body_timeout") not in app.counters.responses
+        await asyncio.sleep(0.1)  # (the cut requests' applications end)
     assert not stream(redis_url, 1)
+    assert "Exception" not in caplog.text and "Traceback" not in caplog.text, caplog.text
 
 
 def test_fitted_concurrency() -> None:

@@ -331,6 +331,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             # Its application sees the client gone (its answer, if any, goes nowhere); it has
             # written nothing: a publish or a revocation waits for the whole body.
             cycle.disconnected = True
+            # (its body read would write the 100 Continue it owes after the refusal's end)
+            cycle.waiting_for_100_continue = False
             cycle.message_event.set()
             self._unanswered = 0
         body = error_body(ApiError(status, code, message))
