@@ -13,14 +13,16 @@ on the gateway's port answers ``text/event-stream`` carrying exactly what a WebS
   cursor as their ``id`` too;
 * the stream's last event is ``close``, ``{"type":"close","code":<the WebSocket close code>,
   "reason":...}`` (1012 draining, 4002 token expired and 4003 token revoked (each after an
-  ``error``), 4008 slow consumer, 1011 once none of its projects is subscribed any more), when
-  the gateway gets to write it;
+  ``error``), 4008 slow consumer, 1011 a subscription failed), when the gateway gets to write
+  it;
 * a project whose subscription is refused or ended (``error`` ``unavailable`` naming it, with
   ``"ended": true`` when the hub ended it: Redis did not answer, or the project's keys hold
-  garbage) does not end a stream of several projects: the others go on, and the failed
-  project's last cursor stays in every later ``id``, so a stream reopened from any of them
-  resumes it exactly (the client polls it meanwhile, and reopens the stream to try it live
-  again); only when no project is left subscribed does the stream end (1011);
+  garbage) ends the stream (1011), unless the request says ``?partial=1``: then the others go
+  on, and the failed project's last cursor stays in every later ``id``, so a stream reopened
+  from any of them resumes it exactly (the client polls it meanwhile, and reopens the stream
+  to try it live again); only when no project is left subscribed does such a stream end
+  (1011). Opt-in, so that a client which does not poll the failed project (an older
+  eventbus.js, a bare ``EventSource``) is never left silent on it;
 * a comment line every ``--sse-keepalive-interval`` (15 s) keeps proxies from closing the stream;
   what the peer leaves unacknowledged for ``--ping-timeout`` ends it (``TCP_USER_TIMEOUT``: a
   peer that vanished without a FIN or RST is not held for the kernel's ~15 minutes).
@@ -218,12 +220,16 @@ def parse_last_event_id(value: str | None, projects: list[int]) -> dict[int, Cur
 
 class StreamRequest(NamedTuple):
     """What a stream request asks for: its projects, in order, whether the stream is the
-    several-project kind (compound cursors), and whether it wants presence messages
-    (``?presence=1``: ``presence`` and ``presence_diff`` events, docs/presence.md)."""
+    several-project kind (compound cursors), whether it wants presence messages
+    (``?presence=1``: ``presence`` and ``presence_diff`` events, docs/presence.md), and
+    whether it goes on for its other projects when one's subscription fails (``?partial=1``:
+    a client that polls that project itself; without it the stream ends at the first
+    failure, as it always has, so that a client unaware of it is never left silent)."""
 
     projects: list[int]
     multi: bool
     presence: bool = False
+    partial: bool = False
 
 
 def is_stream_target(target: str) -> bool:
@@ -237,28 +243,29 @@ def parse_stream_target(target: str, max_projects: int) -> StreamRequest:
     path, _, query = target.partition("?")
     query = query.partition("#")[0]
     match = _SINGLE_PATH.match(path)
-    # Read no further than the most a stream may ask for (its projects, presence, one spare):
-    # thousands of ids cost nothing, and get the limit, not parse_qs's own message.
-    if query.count("&") + 1 > max_projects + 2:
+    # Read no further than the most a stream may ask for (its projects, presence, partial, one
+    # spare): thousands of ids cost nothing, and get the limit, not parse_qs's own message.
+    if query.count("&") + 1 > max_projects + 3:
         raise ValueError(
             f"at most {max_projects} projects per stream (a query of at most "
-            f"{max_projects + 2} parameters)"
+            f"{max_projects + 3} parameters)"
         )
     params = parse_qs(query, keep_blank_values=True)
-    allowed = {"presence"} if match else {"project", "presence"}
+    allowed = {"presence", "partial"} if match else {"project", "presence", "partial"}
     unknown = set(params) - allowed
     if unknown:
         raise ValueError(f"unknown query parameters: {', '.join(sorted(unknown))[:200]}")
     presence = _flag(params.get("presence", []), "presence")
+    partial = _flag(params.get("partial", []), "partial")
     if match:
-        return StreamRequest([parse_project_id(match.group(1))], False, presence)
+        return StreamRequest([parse_project_id(match.group(1))], False, presence, partial)
     raw = params.get("project", [])
     if not raw:
         raise ValueError("name the projects: /v1/stream?project=1&project=2")
     projects = list(dict.fromkeys(parse_project_id(value) for value in raw))
     if len(projects) > max_projects:
         raise ValueError(f"at most {max_projects} projects per stream")
-    return StreamRequest(projects, True, presence)
+    return StreamRequest(projects, True, presence, partial)
 
 
 def _flag(values: list[str], name: str) -> bool:
@@ -429,8 +436,9 @@ class SseSession(ClientSession):
     ) -> None:
         super().__init__(transport, policy, schedule_flush)
         self.multi = multi
-        #: How many projects the stream follows, and those whose subscription failed (refused
-        #: or ended: :meth:`subscription_failed`); the stream ends when they are all failed.
+        #: How many of its projects' subscriptions may fail (refused or ended:
+        #: :meth:`subscription_failed`) before the stream ends: every project it follows with
+        #: ``?partial=1``, else 1. And those that failed.
         self.width = width
         self.failed: set[int] = set()
         #: Per project, the cursor of the last event or control message written: the ``id``.
@@ -566,13 +574,15 @@ class SseSession(ClientSession):
 
     def subscription_failed(self, project_id: int) -> None:
         """The subscription of ``project_id`` (a project of this stream) was refused or ended;
-        its ``error`` is on its way. A stream cannot subscribe again, but it goes on for its
-        other projects: one project's failure (garbage in its keys) must not take the live
-        events of the others away. Once none of its projects is left subscribed (a stream of
-        one project, or every project failed), the stream ends with 1011: its client reopens
-        it from its ``Last-Event-ID``. The failed project's cursor stays in the ``id`` of
-        every later event, unchanged (no event of it comes after its ``error``): a stream
-        reopened from any later id resumes it exactly where it stopped."""
+        its ``error`` is on its way. A stream cannot subscribe again, but with ``?partial=1`` it
+        goes on for its other projects: one project's failure (garbage in its keys) must not
+        take the live events of the others away (the client polls that one). Once none of its
+        projects is left subscribed (a stream of one project, or every project failed), or at
+        the first failure without ``?partial=1`` (a client that does not know the parameter
+        would not poll the failed project: it would be left silent), the stream ends with
+        1011: its client reopens it from its ``Last-Event-ID``. The failed project's cursor
+        stays in the ``id`` of every later event, unchanged (no event of it comes after its
+        ``error``): a stream reopened from any later id resumes it exactly where it stopped."""
         failed = self.failed
         if project_id in failed or self.closing:
             return
@@ -784,7 +794,7 @@ class SseStreams:
             multi=stream.multi,
             cursors=cursors,
             project_id=stream.projects[0],
-            width=len(stream.projects),
+            width=len(stream.projects) if stream.partial else 1,
         )
         protocol.session = session
         headers = Headers(

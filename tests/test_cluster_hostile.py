@@ -358,7 +358,7 @@ async def test_a_stream_s_other_projects_are_subscribed_while_one_waits_for_a_hu
     the first refusal ended the whole stream (1011)."""
     async with _pod_beside_a_hung_master(partial_cluster, 2) as (pod, publisher, stuck, fine, hung):
         async with hung():
-            path = stream_path([*stuck, *fine]) + "&presence=1"
+            path = stream_path([*stuck, *fine]) + "&presence=1&partial=1"
             status, _, stream = await open_stream(pod.ws_url, path)
             assert status == 200
             head = []

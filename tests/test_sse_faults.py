@@ -514,10 +514,11 @@ async def test_a_garbage_project_leaves_the_others_of_its_stream_live(
     73 published after it arrive on the same stream, in order, exactly once, their ids still
     naming 72's last cursor. Once 72 is repaired, a stream reopened from the last id resumes
     every project exactly: 72's events from where it stopped, nothing of 71 and 73 again.
-    With ``?presence=1`` nothing of 72's presence comes after its ``error``."""
+    With ``?presence=1`` nothing of 72's presence comes after its ``error``. (All with
+    ``?partial=1``, the client's word that it polls a failed project itself.)"""
     (pod,) = group.start(redis_url, 1, args=["--reconcile-interval", "0.2"])
     projects, bad = (71, 72, 73), 72
-    path = stream_path(projects) + ("&presence=1" if presence else "")
+    path = stream_path(projects) + "&partial=1" + ("&presence=1" if presence else "")
     for project_id in projects:
         await publish(publisher, project_id, 2)
     meta = KEYS.meta(bad)
@@ -581,3 +582,21 @@ async def test_a_garbage_project_leaves_the_others_of_its_stream_live(
     ]
     assert sorted(replayed) == [(71, 6), (bad, top + 1)]
     stream.close()
+
+
+async def test_a_garbage_project_ends_a_stream_that_did_not_ask_partial(
+    group: GatewayGroup, redis_url: str, publisher, redis_client
+):
+    """Without ``?partial=1`` (an older eventbus.js, a bare ``EventSource``: clients that do not
+    poll a project whose subscription failed), the first failure ends the stream with 1011, as
+    it always did: its client reopens it, or polls, and is never left silent on that project
+    while the stream stays open for the others."""
+    (pod,) = group.start(redis_url, 1)
+    for project_id in (74, 75):
+        await publish(publisher, project_id, 1)
+    redis_client.hset(KEYS.meta(75), "seq", "garbage")
+    _, _, stream = await open_stream(pod.http_url, stream_path([74, 75]), {})
+    rest = await stream.rest(within=10)
+    errors = [json.loads(e.data) for e in rest if e.event == "error"]
+    assert [(e["code"], e["project_id"]) for e in errors] == [("unavailable", 75)]
+    assert rest[-1].event == "close" and json.loads(rest[-1].data)["code"] == 1011

@@ -572,9 +572,10 @@ SseParser.MAX_EVENT_LENGTH = 4 * 1024 * 1024;
  * Last-Event-ID (null when no project has a cursor). One project: `/v1/projects/{id}/stream` and
  * `<epoch>:<seq>`; several: `/v1/stream?project=..` and `<id>=<epoch>:<seq>,...` (docs/protocol.md).
  * A cursor with a tag is `<epoch>:<seq>:<tag>`. With `presence`, the stream also carries presence
- * messages (`presence=1`).
+ * messages (`presence=1`). With `partial`, a stream of several projects goes on for the others when
+ * one project's subscription fails (`partial=1`: the client polls that one; docs/protocol.md).
  */
-export function sseRequest(cursors, { presence = false } = {}) {
+export function sseRequest(cursors, { presence = false, partial = false } = {}) {
   const known = cursors.filter(([, cursor]) => cursor);
   const id = (cursor) => {
     const tag = tagOf(cursor);
@@ -587,7 +588,7 @@ export function sseRequest(cursors, { presence = false } = {}) {
       lastEventId: cursor ? id(cursor) : null,
     };
   }
-  const path = "/v1/stream?" + cursors.map(([projectId]) => `project=${projectId}`).join("&") + (presence ? "&presence=1" : "");
+  const path = "/v1/stream?" + cursors.map(([projectId]) => `project=${projectId}`).join("&") + (presence ? "&presence=1" : "") + (partial ? "&partial=1" : "");
   const lastEventId = known.length
     ? known
         .sort((a, b) => a[0] - b[0])
@@ -1580,6 +1581,7 @@ export class EventBus {
     // A gateway refused a poll or SSE resume that carried a tag (400: one from before cursor
     // tags, after a rollback): those go without tags until a gateway shows it knows them.
     this._tagsRefused = false;
+    this._partialRefused = false; // the last stream's gateway refused ?partial=1 (see _connectSse)
     this.nextRetryAt = null;
     this.lastError = null;
 
@@ -3008,7 +3010,10 @@ export class EventBus {
       });
       const tagged = cursors.some(([, cursor]) => tagOf(cursor) !== null);
       for (const sub of this._subs.values()) attempt.asked.set(sub.projectId, { sub, mark: cursorMark(sub.cursor) });
-      const { path, lastEventId } = sseRequest(cursors, { presence });
+      // ?partial=1 (a stream that goes on past one project's failure), unless the last stream's
+      // gateway, one from before it, refused it (400): without it then, as that gateway wants.
+      const partial = !this._partialRefused;
+      const { path, lastEventId } = sseRequest(cursors, { presence, partial });
       const headers = { Accept: "text/event-stream" };
       if (this._hasAuth) headers.Authorization = `Bearer ${await this._getToken(false)}`;
       if (lastEventId) headers["Last-Event-ID"] = lastEventId;
@@ -3020,13 +3025,20 @@ export class EventBus {
         attempt.retryAfter = retryAfterDelay(response, this.options.backoff.max);
         const detail = await errorDetail(response);
         this._reportError({ code: `sse_http_${response.status}`, message: detail });
-        if (response.status === 400 && tagged && !this._tagsRefused) {
+        if (response.status === 400 && partial && cursors.length > 1 && /\bpartial\b/.test(detail)) {
+          // A gateway from before ?partial=1 refuses it ("unknown query parameters: partial"):
+          // at once without it (a project's failure then ends the stream, as that gateway does).
+          this._partialRefused = true;
+          attempt.reopen = true;
+        } else if (response.status === 400 && tagged && !this._tagsRefused) {
           // A gateway from before cursor tags refuses a 3-part Last-Event-ID: at once without tags.
           this._tagsRefused = true;
           attempt.reopen = true;
         }
         return;
       }
+      // Every stream asks ?partial=1 again: the next one may reach an upgraded gateway.
+      this._partialRefused = false;
       attempt.live = true;
       attempt.openedAt = this._now();
       // The gateway subscribes the stream's projects (up to 8 at a time, one after the other

@@ -187,7 +187,7 @@ function setup({ options = {}, subscribe = [1], tokenLifetime = 900, autoFailSoc
       if (reply instanceof Error) throw reply;
       if (reply.stream) return { ok: true, status: 200, body: reply.stream, json: async () => ({}) };
       const headers = new Headers(reply.headers || {});
-      return { ok: false, status: reply.status, headers, body: null, json: async () => reply.body };
+      return { ok: false, status: reply.status, headers, body: null, json: async () => reply.body, text: async () => JSON.stringify(reply.body) };
     }
     env.requests.push({ url, headers: (init && init.headers) || {}, at: clock.now() });
     const reply = await new Promise((resolve, reject) => {
@@ -2451,7 +2451,7 @@ test("sse: several projects share one stream; a new subscribe reopens it with ev
   const env = setup({ autoFailSockets: true, subscribe: [1, 2] });
   sseServer(env);
   await env.clock.advance(0);
-  eq(new URL(env.streams[0].url).search, "?project=1&project=2");
+  eq(new URL(env.streams[0].url).search, "?project=1&project=2&partial=1");
   const stream = await sseLive(env, { 1: { epoch: "a", seq: 4 }, 2: { epoch: "b", seq: 0 } });
   stream.event(null, event(2, 1), "1=a:4,2=b:1");
   await flush();
@@ -2459,7 +2459,7 @@ test("sse: several projects share one stream; a new subscribe reopens it with ev
   env.bus.subscribe(3, (e) => env.events[3].push(e.seq));
   await env.clock.advance(0);
   eq(env.streams.length, 2);
-  eq(new URL(env.streams[1].url).search, "?project=1&project=2&project=3");
+  eq(new URL(env.streams[1].url).search, "?project=1&project=2&project=3&partial=1");
   eq(env.streams[1].headers["Last-Event-ID"], `1=a:4,2=b:1:${tag(2, 1)}`);
   assert(stream.closed, "the old stream is closed");
 });
@@ -4345,6 +4345,26 @@ test("sse: a gateway from before that closes the stream (1011) after one project
   eq(env.streams.length, 1, "not reopened at once");
   for (let i = 0; i < 100 && env.streams.length < 2; i += 1) await env.clock.advance(100);
   eq(env.streams.length, 2, "reopened on the SSE backoff");
+});
+
+test("sse: a stream of several asks ?partial=1; a gateway from before it refuses it (400), and the stream is asked again at once without it, the next stream with it again", async () => {
+  eq(eb.sseRequest([[1, null], [2, null]], { partial: true }).path, "/v1/stream?project=1&project=2&partial=1");
+  eq(eb.sseRequest([[1, null]], { partial: true }).path, "/v1/projects/1/stream", "one project: nothing to go on with");
+  const env = setup({ autoFailSockets: true, subscribe: [1, 2], options: { pollInterval: 60000 } });
+  pollServer(env, []);
+  sseServer(env);
+  const serve = env.sse;
+  const refused = { status: 400, body: { error: "bad_request", message: "unknown query parameters: partial" } };
+  env.sse = (url, init, request) => (new URL(url).searchParams.has("partial") ? refused : serve(url, init, request));
+  for (let i = 0; i < 10 && env.streams.length < 2; i += 1) await env.clock.advance(0);
+  eq(env.streams.map((r) => new URL(r.url).searchParams.get("partial")), ["1", null], "refused, then at once without");
+  assert(env.errors.some((e) => e.code === "sse_http_400"));
+  const stream = await sseLive(env, { 1: { epoch: "p", seq: 0 }, 2: { epoch: "p", seq: 0 } });
+  eq(env.bus.transport, "sse");
+  stream.event("close", { type: "close", code: 1012, reason: "draining" });
+  stream.end();
+  for (let i = 0; i < 100 && env.streams.length < 3; i += 1) await env.clock.advance(100);
+  eq(new URL(env.streams[2].url).searchParams.get("partial"), "1", "the next stream asks again");
 });
 
 test("presence: over SSE a stream reopened anyway after a failed presence read (a project added) takes the re-ask's place: one reopen, not two", async () => {
