@@ -830,7 +830,16 @@ def test_run_starts_everything_and_stops_it_on_a_signal(tmp_path, stop_signal):
         export = re.search(r"export EVENTBUS_REDIS_URL=(redis://[\d.]+:\d+/0)\n", "".join(output))
         assert export, "".join(output)
         env_file = tmp_path / "demo.env"
-        assert env_file.read_text() == f"export EVENTBUS_REDIS_URL={export.group(1)}\n"
+        lines = env_file.read_text().splitlines()
+        assert lines[:2] == [
+            f"export EVENTBUS_REDIS_URL={export.group(1)}",
+            f"export EVENTBUS_GATEWAY_URL=ws://{gateway.group(1)}/",
+        ]
+        # The demo's token secret, for `eventbus-publish tail` in `make shell`: never printed,
+        # in a file only its owner reads.
+        assert lines[2].startswith("export EVENTBUS_AUTH_SECRET=") and len(lines) == 3
+        assert lines[2].split("=", 1)[1] not in "".join(output)
+        assert env_file.stat().st_mode & 0o777 == 0o600
         redis.Redis.from_url(export.group(1)).ping()
         with urllib.request.urlopen(url + "api/config", timeout=5) as response:
             assert json.loads(response.read())["auth"] is True

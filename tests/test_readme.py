@@ -138,7 +138,14 @@ def test_make_shell_has_the_commands_and_the_demos_environment(running_demo, tmp
     result = subprocess.run(
         ["make", "-s", "-o", "install", f"DEMO_ENV={env_file}", "shell"],
         cwd=ROOT,
-        input='echo "url=$EVENTBUS_REDIS_URL"; command -v eventbus-publish\n',
+        input=(
+            'echo "url=$EVENTBUS_REDIS_URL"; command -v eventbus-publish\n'
+            # The banner's line: tail follows the Sandbox with the demo's secret and gateway.
+            'seq=$(eventbus-publish publish \'{"type":"blocker_resolved","project_id":2,'
+            '"blocker_id":77,"answer":"tailed","resolved_at":"2025-11-08T12:45:30Z"}\''
+            " | sed -E 's/.*\"seq\":([0-9]+).*/\\1/')\n"
+            'eventbus-publish tail 2 --after "$((seq - 1))" --count 1 --json\n'
+        ),
         env={**os.environ, "SHELL": "/bin/bash"},
         capture_output=True,
         text=True,
@@ -146,7 +153,9 @@ def test_make_shell_has_the_commands_and_the_demos_environment(running_demo, tmp
     )
     assert result.returncode == 0, result.stderr
     assert f"url={running_demo['EVENTBUS_REDIS_URL']}" in result.stdout
-    assert result.stdout.strip().endswith(".venv/bin/eventbus-publish")
+    lines = result.stdout.strip().splitlines()
+    assert any(line.endswith(".venv/bin/eventbus-publish") for line in lines), lines
+    assert json.loads(lines[-1])["answer"] == "tailed", result.stderr
 
 
 def test_readme_documents_the_set_up_variables_a_user_sets():

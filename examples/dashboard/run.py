@@ -13,6 +13,7 @@ import argparse
 import logging
 import os
 import secrets
+import shlex
 import signal
 import socket
 import subprocess
@@ -40,6 +41,16 @@ ENV_FILE = "demo.env"
 def demo_environment(redis_url: str) -> dict[str, str]:
     """What a shell needs to publish into the running demo (the README's snippet, the CLI)."""
     return {"EVENTBUS_REDIS_URL": redis_url}
+
+
+def shell_environment(redis_url: str, gateway_url: str, secret: str | None) -> dict[str, str]:
+    """What ``make shell`` gets (the file, not the banner): to publish, and to follow a project
+    with ``eventbus-publish tail``, which mints its tokens with the demo's secret (random per
+    run, never printed) and finds the demo's gateway."""
+    env = {**demo_environment(redis_url), "EVENTBUS_GATEWAY_URL": gateway_url}
+    if secret is not None:
+        env["EVENTBUS_AUTH_SECRET"] = secret
+    return env
 
 
 def banner(
@@ -85,6 +96,7 @@ def banner(
                 if env_file == Path(Config.db).parent / ENV_FILE
                 else f"  or `make shell DEMO_ENV={env_file}`: this environment, .venv/bin on PATH."
             ),
+            f"  There, `eventbus-publish tail {sandbox}` prints the Sandbox's events as they come.",
             "",
         ]
     lines += ["  Press Ctrl-C to stop.", ""]
@@ -181,12 +193,17 @@ class Gateway:
 
 
 class EnvFile:
-    """``export NAME=value`` lines in a file that exists while the demo runs."""
+    """``export NAME=value`` lines in a file that exists while the demo runs (readable by its
+    owner only: it holds the demo's token secret)."""
 
     def __init__(self, path: Path, values: dict[str, str]) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(f"export {k}={v}\n" for k, v in values.items()))
+        text = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in values.items())
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # (a file left by an older demo kept its mode)
+        with os.fdopen(fd, "w") as file:
+            file.write(text)
 
     def stop(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -277,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         gateway.start()
         started.append(gateway)
 
+        # Where processes of this machine reach it (the backend's consumer, `make shell`'s tail).
+        gateway_url = f"ws://{_connect_host(host)}:{gateway_port}/"
         config = config_from_args(
             args,
             port=backend_port,
@@ -284,11 +303,13 @@ def main(argv: list[str] | None = None) -> int:
             auth_secret=secret,
             gateway_port=gateway_port,
             # The backend's own consumer (the agents wait for answers through it).
-            consumer_url=f"ws://{_connect_host(host)}:{gateway_port}/",
+            consumer_url=gateway_url,
         )
         app = DemoApp(config).start()
         started.append(app)
-        env_file = EnvFile(Path(config.db).parent / ENV_FILE, demo_environment(redis_url))
+        env_file = EnvFile(
+            Path(config.db).parent / ENV_FILE, shell_environment(redis_url, gateway_url, secret)
+        )
         started.append(env_file)
 
         print(
