@@ -2961,10 +2961,12 @@ export class EventBus {
     // presenceFailed: a presence read failed on it; reopenTimer: the timer of the planned reopen
     // asking presence again after such a failure, or a failed subscription, due at reopenAt;
     // reopenDue: that reopen is due, and waits for the gateway to have subscribed every project
-    // of the stream.
+    // of the stream; passedLive: it replaces a stream that delivered (a planned reopen: shown
+    // live meanwhile, see _sseEnded); refusedAsked: refused for asking what a gateway from before
+    // does not know (400: ?partial=1, a tag), it is asked again at once without.
     const hold = this._nextStreamHold;
     this._nextStreamHold = 0;
-    const attempt = { controller: new AbortController(), live: false, proven: false, stale: false, failed: new Set(), idle: false, asked: new Map(), closeCode: null, reopen: false, openedAt: null, retryAfter: 0, holdsPolls: hold > 0, holdEndsAt: this._now() + hold, presence: false, presenceDue: new Set(), presenceWanted: new Set(), presenceFailed: false, reopenTimer: null, reopenAt: 0, reopenDue: false };
+    const attempt = { controller: new AbortController(), live: false, proven: false, stale: false, failed: new Set(), idle: false, asked: new Map(), closeCode: null, reopen: false, openedAt: null, retryAfter: 0, holdsPolls: hold > 0, holdEndsAt: this._now() + hold, presence: false, presenceDue: new Set(), presenceWanted: new Set(), presenceFailed: false, reopenTimer: null, reopenAt: 0, reopenDue: false, passedLive: this._sseLive, refusedAsked: false };
     this._sse = attempt;
     const { signal } = attempt.controller;
     let response;
@@ -3030,10 +3032,12 @@ export class EventBus {
           // at once without it (a project's failure then ends the stream, as that gateway does).
           this._partialRefused = true;
           attempt.reopen = true;
+          attempt.refusedAsked = true;
         } else if (response.status === 400 && tagged && !this._tagsRefused) {
           // A gateway from before cursor tags refuses a 3-part Last-Event-ID: at once without tags.
           this._tagsRefused = true;
           attempt.reopen = true;
+          attempt.refusedAsked = true;
         }
         return;
       }
@@ -3379,7 +3383,10 @@ export class EventBus {
       // loss blinked "reconnecting" at every token refresh. Should the next one fail or never
       // answer, it ends as any other (_sseEnded: not live, polling).
       if (this._subs.size > 0) {
-        this._sseLive = attempt.proven;
+        // (A stream refused for what it asked, a gateway from before ?partial=1 or tags, passes
+        // on the liveness of the one it replaced: every planned reopen asks partial again, and
+        // the 400 of such a gateway blinked "reconnecting" at each.)
+        this._sseLive = attempt.proven || (attempt.refusedAsked && attempt.passedLive);
         // A stream that held polls passes the hold on (the same path, the cursors unmoved since),
         // what is left of it: reopened again and again (presence or projects changing more often
         // than connectTimeout), a hold begun afresh each time would poll nothing for as long.

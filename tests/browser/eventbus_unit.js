@@ -4367,6 +4367,33 @@ test("sse: a stream of several asks ?partial=1; a gateway from before it refuses
   eq(new URL(env.streams[2].url).searchParams.get("partial"), "1", "the next stream asks again");
 });
 
+test("sse: a live stream of a gateway from before ?partial=1 reopened for a new subscribe stays live through the refused ask (400) and the ask without it: no reconnecting flash, no poll", async () => {
+  // Every stream asks partial again (the next may reach an upgraded gateway): against a gateway
+  // from before it, every planned reopen (a project added, a token about to expire) is refused
+  // once. That 400 is the fallback's, not a loss: the stream it replaces delivered, on the same
+  // path.
+  const env = setup({ autoFailSockets: true, subscribe: [1, 2], options: { pollInterval: 300 } });
+  pollServer(env, []);
+  sseServer(env);
+  const serve = env.sse;
+  const refused = { status: 400, body: { error: "bad_request", message: "unknown query parameters: partial" } };
+  env.sse = (url, init, request) => (new URL(url).searchParams.has("partial") ? refused : serve(url, init, request));
+  for (let i = 0; i < 10 && env.open.length < 1; i += 1) await env.clock.advance(0);
+  await sseLive(env, { 1: { epoch: "p", seq: 0 }, 2: { epoch: "p", seq: 0 } });
+  eq([env.bus.state, env.bus.transport], ["live", "sse"]);
+  const seen = env.statuses.length;
+  const polls = env.requests.length;
+  env.events[3] = [];
+  env.bus.subscribe(3, (e) => env.events[3].push(e.seq));
+  for (let i = 0; i < 10 && env.open.length < 2; i += 1) await env.clock.advance(0);
+  eq(env.streams.slice(-2).map((r) => new URL(r.url).searchParams.get("partial")), ["1", null], "refused, then at once without");
+  await env.clock.advance(200); // the new stream's answer takes a while
+  eq(env.bus.state, "live");
+  await sseLive(env, { 1: { epoch: "p", seq: 0, resumed: true }, 2: { epoch: "p", seq: 0, resumed: true }, 3: { epoch: "p", seq: 0 } });
+  eq(env.statuses.slice(seen).map((s) => s.state), [], "no state change at all");
+  eq(env.requests.length, polls, "no poll");
+});
+
 test("presence: over SSE a stream reopened anyway after a failed presence read (a project added) takes the re-ask's place: one reopen, not two", async () => {
   const env = setup({ autoFailSockets: true });
   sseServer(env);
