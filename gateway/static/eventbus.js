@@ -3298,9 +3298,18 @@ export class EventBus {
     attempt.holdsPolls = false; // (polling stops)
     this._sseLive = true;
     this._everConnected = true;
-    // (On for its failed projects alone, if any: _sseCarries.)
+    // (On for its failed projects alone, if any: _sseCarries.) A round under way is dropped all
+    // the same, as when polling stops: a poll of a project the stream carries, answered after
+    // this, would move its cursor past the one the stream asked from, and the stream's
+    // `subscribed` for it, a top read before, would look like a history that moved back (a
+    // reload). The next round polls the failed projects alone.
     if (attempt.failed.size === 0) this._stopPolling();
-    else if (this._polling) this._pollSoon();
+    else if (this._polling) {
+      this._pollGeneration += 1; // (its answers are ignored)
+      if (this._pollAbort) this._pollAbort.abort();
+      this._pollAbort = null;
+      this._pollSoon();
+    }
     this._updateState();
     return true;
   }
