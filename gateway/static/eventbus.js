@@ -3268,10 +3268,7 @@ export class EventBus {
     if (answers && answers.asked.size > 0) return;
     attempt.reopenDue = false;
     this._ssePresenceReopens = Math.min(this._ssePresenceReopens + 1, 60);
-    // Polls (of the failed projects) wait for the next stream's first answer, so that it is not
-    // for a cursor they moved meanwhile (stale: one more stream); see _connectSse.
-    if (attempt.failed.size > 0) this._nextStreamHold = this.options.connectTimeout;
-    this._reopenSse();
+    this._reopenSse(); // (polls of the failed projects wait for its first answer: _sseEnded)
   }
 
   /**
@@ -3401,6 +3398,12 @@ export class EventBus {
         // than connectTimeout), a hold begun afresh each time would poll nothing for as long.
         // (A wall clock stepped back cannot make it longer than connectTimeout.)
         if (attempt.holdsPolls) this._nextStreamHold = Math.min(this.options.connectTimeout, Math.max(0, attempt.holdEndsAt - this._now()));
+        // Polling runs on for projects whose subscription failed on it: any reopen (the planned
+        // one trying them live again, a project added, a token about to expire) holds their
+        // polls until the next stream answers, so that its answer is not for a cursor they moved
+        // meanwhile (stale: that stream ended unread, the next one on the SSE backoff, every
+        // project polled meanwhile); see _connectSse.
+        else if (attempt.failed.size > 0 && this._polling) this._nextStreamHold = this.options.connectTimeout;
         this._connectSse();
       }
     } else if (next.open === "prompt") {
