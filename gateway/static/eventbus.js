@@ -3408,7 +3408,10 @@ export class EventBus {
       }
     } else if (next.open === "prompt") {
       // Draining (1012), slow consumer (4008), token expired (4002): resume at once, jittered;
-      // once until a stream is stable (as the WebSocket's, see _onSocketClosed).
+      // once until a stream is stable (as the WebSocket's, see _onSocketClosed). Polls running on
+      // for projects whose subscription failed on it wait for the next stream's first answer,
+      // as for a reopen (above): else that answer could be stale, and the stream ended unread.
+      if (attempt.failed.size > 0 && this._polling) this._nextStreamHold = this.options.connectTimeout;
       this._sseRetryTimer = this._setTimeout(() => {
         this._sseRetryTimer = null;
         if (!this._wsLive && !this._closed) this._connectSse();

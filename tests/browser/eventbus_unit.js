@@ -4411,6 +4411,37 @@ test("sse: a stream reopened (a project added) while a project failed on it is p
   eq(env.events[2], [1], "project 2's event once");
 });
 
+test("sse: a stream drained (1012) while a project failed on it is polled: the prompt next stream holds polls until it answers, and goes live at once", async () => {
+  const env = setup({ autoFailSockets: true, subscribe: [1, 2], options: { pollInterval: 300 } });
+  const history = { 1: [], 2: [] };
+  env.poll = (url) => {
+    const projectId = Number(new URL(url).pathname.split("/")[3]);
+    const after = Number(new URL(url).searchParams.get("after"));
+    const events = history[projectId].slice(after).map((seq) => event(projectId, seq));
+    return { status: 200, body: { project_id: projectId, epoch: "e", seq: history[projectId].length, events, resync_required: null, more: false } };
+  };
+  sseServer(env);
+  await env.clock.advance(0);
+  const first = await sseLive(env, { 1: { epoch: "e", seq: 0 }, 2: { epoch: "e", seq: 0 } });
+  first.event("error", { type: "error", code: "unavailable", message: "unreadable", project_id: 2, ended: true });
+  await env.clock.advance(0);
+  first.event("close", { type: "close", code: 1012, reason: "draining" });
+  first.end();
+  for (let i = 0; i < 20 && env.open.length < 2; i += 1) await env.clock.advance(50);
+  eq(env.open.length, 2, "resumed promptly");
+  // The new stream takes a while to answer; project 2 gets an event meanwhile.
+  history[2].push(1);
+  await env.clock.advance(1000);
+  const second = await sseLive(env, { 1: { epoch: "e", seq: 0, resumed: true } });
+  await env.clock.advance(0);
+  assert(!second.closed, "the new stream is kept (not ended as stale)");
+  eq([env.bus.state, env.bus.transport], ["live", "sse"], "live on the new stream");
+  second.event(null, event(2, 1), "1=e:0,2=e:1");
+  second.event("subscribed", { type: "subscribed", project_id: 2, epoch: "e", seq: 1, resumed: true, replayed: 1 }, "1=e:0,2=e:1");
+  await env.clock.advance(0);
+  eq(env.events[2], [1], "project 2's event once");
+});
+
 test("sse: a gateway from before that closes the stream (1011) after one project's failed subscription: every project polled and the stream reopened on the SSE backoff, as before", async () => {
   const env = setup({ autoFailSockets: true, subscribe: [1, 2], options: { pollInterval: 60000 } });
   pollServer(env, []);
