@@ -3213,10 +3213,16 @@ export class EventBus {
     attempt.presenceDue.delete(projectId);
     this._presenceUnknown(sub); // (no diff of it comes on this stream any more)
     sub.sseFailures += 1;
-    // Polled from now: at once when polling runs (for the stream's projects until it is proven,
-    // then for the failed ones), else polling starts for it.
-    if (this._polling) this._pollSoon();
-    else this._startPolling(0);
+    // Polled from now: at once on a stream that answered (the failed projects alone), else
+    // polling starts for it. Not at once on one that has not answered yet: every project is
+    // polled until it does (a proxy may be buffering it), and a poll moving another project's
+    // cursor now would make the stream's coming answer for it stale (the stream ended unread,
+    // the next on the SSE backoff); its first answer polls the failed ones at once (_proveSse),
+    // and until then polling goes on its schedule, as when the stream opened.
+    if (attempt.proven) {
+      if (this._polling) this._pollSoon();
+      else this._startPolling(0);
+    } else if (!this._polling) this._startPolling(this.options.pollInterval);
     this._sseReopenLater(attempt, sub.sseFailures);
   }
 

@@ -4442,6 +4442,23 @@ test("sse: a stream drained (1012) while a project failed on it is polled: the p
   eq(env.events[2], [1], "project 2's event once");
 });
 
+test("sse: a project's failed subscription before the stream's first answer polls nothing at once: the stream's answer for the others is not stale, it goes live", async () => {
+  const env = setup({ autoFailSockets: true, subscribe: [1, 2], options: { pollInterval: 300 } });
+  pollServer(env, []);
+  sseServer(env);
+  await env.clock.advance(0);
+  eq(env.open.length, 1);
+  const stream = env.open[0];
+  stream.event("authenticated", { type: "authenticated", subject: "u", projects: null, expires_at: Math.floor(env.clock.now() / 1000) + 900 });
+  stream.event("error", { type: "error", code: "unavailable", message: "unreadable", project_id: 1 });
+  await env.clock.advance(0);
+  stream.event("subscribed", { type: "subscribed", project_id: 2, epoch: "p", seq: 0, resumed: false, replayed: 0 }, "2=p:0");
+  await env.clock.advance(0);
+  assert(!stream.closed, "the stream is kept (not ended as stale)");
+  eq([env.bus.state, env.bus.transport], ["live", "sse"]);
+  eq(env.requests.map((r) => new URL(r.url).pathname), ["/v1/projects/1/events"], "project 1 alone polled, once the stream answered");
+});
+
 test("sse: a gateway from before that closes the stream (1011) after one project's failed subscription: every project polled and the stream reopened on the SSE backoff, as before", async () => {
   const env = setup({ autoFailSockets: true, subscribe: [1, 2], options: { pollInterval: 60000 } });
   pollServer(env, []);
