@@ -2240,6 +2240,9 @@ export class EventBus {
   _onSubscribed(message, conn) {
     const sub = this._subs.get(message.project_id);
     if (!sub) return this._answered(conn, message.project_id); // dropped meanwhile: an answer all the same
+    // Subscribed, on the WebSocket too: a later failure on an SSE stream is the first of its run
+    // (the reopens trying it live again start from the first delay, _sseSubscriptionFailed).
+    sub.sseFailures = 0;
     if (!this._hasCursor(sub, message)) return;
     this._tagsKnown(message);
     this._answered(conn, sub.projectId);
@@ -3131,8 +3134,7 @@ export class EventBus {
         // it fails (other projects' answers may come between: the gateway subscribes up to 8 of
         // a stream's projects at a time).
         if (attempt.presence && this._subs.has(message.project_id)) attempt.presenceDue.add(message.project_id);
-        if (this._subs.has(message.project_id)) this._subs.get(message.project_id).sseFailures = 0;
-        this._onSubscribed(message, attempt);
+        this._onSubscribed(message, attempt); // (the project's SSE failures start over)
         return this._sseReopensSettled(attempt);
       case "resync_required":
         return this._onResyncRequired(message, attempt);

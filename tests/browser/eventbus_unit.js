@@ -4459,6 +4459,35 @@ test("sse: a project's failed subscription before the stream's first answer poll
   eq(env.requests.map((r) => new URL(r.url).pathname), ["/v1/projects/1/events"], "project 1 alone polled, once the stream answered");
 });
 
+test("sse: a project subscribed on the WebSocket meanwhile starts its SSE failures over: failing on a later stream, it is tried live again after the first delay, not where the old run of failures left off", async () => {
+  const env = setup({ autoFailSockets: true, subscribe: [1, 2], options: { pollInterval: 60000 } });
+  pollServer(env, []);
+  sseServer(env);
+  await env.clock.advance(0);
+  // Project 2 fails on four streams in a row: its reopens' delay grows (1, 2, 4, 8 s).
+  for (let i = 0; i < 4; i += 1) {
+    const stream = await sseLive(env, { 1: { epoch: "p", seq: 0, resumed: i > 0 } });
+    stream.event("error", { type: "error", code: "unavailable", message: "unreadable", project_id: 2 });
+    for (let t = 0; t < 200 && env.open.length < i + 2; t += 1) await env.clock.advance(100);
+  }
+  // The WebSocket comes back, and subscribes project 2: its data is readable again.
+  env.autoFailSockets = false;
+  for (let i = 0; i < 120 && env.last().readyState !== 0; i += 1) await env.clock.advance(1000);
+  const ws = await goLive(env, { 1: { epoch: "p", seq: 0, resumed: true }, 2: { epoch: "p", seq: 0, resumed: true } });
+  eq(env.bus.transport, "websocket");
+  // Later the WebSocket is lost again: SSE; project 2 fails once (a hiccup).
+  env.autoFailSockets = true;
+  ws.serverClose(1006);
+  for (let i = 0; i < 100 && (env.open.length === 0 || env.open[env.open.length - 1].closed); i += 1) await env.clock.advance(100);
+  const opened = env.open.length;
+  const stream = await sseLive(env, { 1: { epoch: "p", seq: 0, resumed: true } });
+  const failedAt = env.clock.now();
+  stream.event("error", { type: "error", code: "unavailable", message: "unreadable", project_id: 2 });
+  for (let t = 0; t < 300 && env.open.length === opened; t += 1) await env.clock.advance(100);
+  assert(env.open.length > opened, "tried live again");
+  assert(env.clock.now() - failedAt <= 2000, `after the first delay (about 1 s): ${env.clock.now() - failedAt} ms`);
+});
+
 test("sse: a gateway from before that closes the stream (1011) after one project's failed subscription: every project polled and the stream reopened on the SSE backoff, as before", async () => {
   const env = setup({ autoFailSockets: true, subscribe: [1, 2], options: { pollInterval: 60000 } });
   pollServer(env, []);
