@@ -3029,14 +3029,18 @@ export class EventBus {
         if (response.status === 401) this._token = null;
         attempt.retryAfter = retryAfterDelay(response, this.options.backoff.max);
         const detail = await errorDetail(response);
-        this._reportError({ code: `sse_http_${response.status}`, message: detail });
         if (response.status === 400 && partial && cursors.length > 1 && /\bpartial\b/.test(detail)) {
           // A gateway from before ?partial=1 refuses it ("unknown query parameters: partial"):
           // at once without it (a project's failure then ends the stream, as that gateway does).
+          // Not reported: a question of what the gateway knows, asked again on every stream
+          // (reported, every token refresh against such a gateway was an sse_http_400).
           this._partialRefused = true;
           attempt.reopen = true;
           attempt.refusedAsked = true;
-        } else if (response.status === 400 && tagged && !this._tagsRefused) {
+          return;
+        }
+        this._reportError({ code: `sse_http_${response.status}`, message: detail });
+        if (response.status === 400 && tagged && !this._tagsRefused) {
           // A gateway from before cursor tags refuses a 3-part Last-Event-ID: at once without tags.
           this._tagsRefused = true;
           attempt.reopen = true;
