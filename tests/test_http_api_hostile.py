@@ -843,3 +843,53 @@ async def test_a_client_that_half_closes_after_its_requests_gets_their_answers(r
             while server.server_state.connections:  # noqa: ASYNC110 - closed by the server
                 await asyncio.sleep(0.01)
     assert len(stream(redis_url, 1)) == 2
+
+
+async def test_a_pipelined_request_whose_body_breaks_off_gets_one_answer_at_once(
+    redis_url, caplog
+) -> None:
+    """A request queued behind another (pipelined) whose body breaks off (a broken chunk) was
+    started once the first was answered, waited --body-timeout for a body that could never end
+    and was answered 408 ``body_timeout``, then the refusal followed: two answers to one
+    request, the 400 ten seconds late. It never starts now: the first request's answer, then
+    the refusal at once. A client that half-closes after such a pipeline (a complete request,
+    then one whose body is cut by the end of its input) gets the first one's answer, where the
+    connection was closed at once and that answer (of a publish) was lost."""
+    head = (
+        b"POST /v1/projects/1/events HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer " + KEY_ALL.encode() + b"\r\n"
+    )
+    body = json.dumps(EXPIRED).encode()
+    broken = head + b"Transfer-Encoding: chunked\r\n\r\n%x\r\n" % len(body) + body + b"\r\nzz\r\n"
+    event = publish_request(body)
+    loop = asyncio.get_running_loop()
+    async with serving(redis_url, body_timeout=60, header_timeout=60) as (app, server, port):
+
+        async def exchange(request: bytes, *, half_close: bool) -> bytes:
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.setblocking(False)
+            try:
+                await loop.sock_sendall(sock, request)
+                if half_close:
+                    sock.shutdown(socket.SHUT_WR)
+                received = b""
+                async with asyncio.timeout(5):
+                    while chunk := await loop.sock_recv(sock, 65536):
+                        received += chunk
+                return received
+            finally:
+                sock.close()
+
+        answers = _answers(await exchange(event + broken + HEALTHZ, half_close=False), False)
+        assert [status for status, _, _ in answers] == [200, 400], answers
+        assert msgspec.json.decode(answers[1][2])["error"]["code"] == "invalid_http"
+        answers = _answers(await exchange(event + event[:-5], half_close=True), False)
+        assert [status for status, _, _ in answers] == [200], answers
+        async with asyncio.timeout(5):
+            while server.server_state.connections:  # noqa: ASYNC110 - closed by the server
+                await asyncio.sleep(0.01)
+        assert (408, "body_timeout") not in app.counters.responses
+        assert app.counters.responses[400, "invalid_http"] == 1
+        assert app.counters.responses[200, "ok"] == 2
+    assert len(stream(redis_url, 1)) == 2
+    assert "Exception" not in caplog.text and "Traceback" not in caplog.text, caplog.text

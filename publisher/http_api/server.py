@@ -168,10 +168,26 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         body still being read can never end: the connection is closed, as before."""
         cycle = self.cycle
         body_cut = cycle is not None and cycle.more_body and not cycle.response_complete
+        if body_cut and self._drop_queued_cut():
+            body_cut = False  # (the requests before it are still answered)
         if body_cut or not self._pending():
             return None  # (asyncio closes the transport)
         self._eof = True
         return True  # keep the transport open for the answers
+
+    def _drop_queued_cut(self) -> bool:
+        """Whether the request whose body broke off (the last parsed, ``self.cycle``) was
+        queued behind another one, and is now dropped: it never starts. Started after the
+        answers before it, it waited --body-timeout for a body that can never end, and was
+        answered 408 before the refusal (two answers to one request, the first ten seconds
+        late); and a half-close cutting it closed the connection at once, losing the answers
+        to the complete requests before it."""
+        cycle = self.cycle
+        if not self.pipeline or self.pipeline[0][0] is not cycle:
+            return False
+        self.pipeline.popleft()  # (uvicorn queues at the left, starts from the right)
+        self._unanswered -= 1
+        return True
 
     def _pending(self) -> bool:
         """Whether requests wait for their answers, or bytes to be parsed."""
@@ -318,13 +334,10 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         if self.counters is not None:
             self.counters.count(status, code)
         cycle = self.cycle
-        if (
-            self._unanswered == 1
-            and not self.pipeline
-            and cycle is not None
-            and cycle.more_body
-            and not cycle.response_started
-        ):
+        cut = cycle is not None and cycle.more_body and not cycle.response_started
+        if cut and self._drop_queued_cut():
+            pass  # the refusal is its answer, after the answers before it
+        elif cut and self._unanswered == 1 and not self.pipeline:
             # The request in progress is the one whose body broke off: that body never ends,
             # so the refusal is its answer, now. It waited for --body-timeout (a 408 telling a
             # client its malformed body was slow, ten seconds later, and then this answer).
