@@ -176,6 +176,12 @@ async def test_requests_that_are_not_http_are_counted_and_upgrades_are_not_serve
         b"HELLO\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
         b"GET /healthz HTTP/1.1\r\nHost: t\r\nNo colon\r\n\r\n",
+        # Versions the API does not speak, which llhttp passes: they were answered as HTTP/1.1
+        # (a request line without a version is HTTP/0.9 to it), where the API is documented to
+        # refuse them; an HTTP/2 client would read an HTTP/1.1 answer.
+        b"GET /healthz HTTP/2.0\r\nHost: t\r\n\r\n",
+        b"GET /healthz HTTP/0.9\r\nHost: t\r\n\r\n",
+        b"GET /healthz\r\nHost: t\r\n\r\n",
     ]
     async with serving(redis_url) as (app, _, port):
         for request in [upgrade, *not_http]:

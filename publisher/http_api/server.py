@@ -99,6 +99,12 @@ ACCEPT_BATCHES = 4
 MIN_LISTEN_BACKLOG = 32
 
 _NOTHING = memoryview(b"")
+#: The HTTP versions served (1.0 is read like 1.1).
+_VERSIONS = ("1.1", "1.0")
+
+
+class _NotHttp11(Exception):
+    """A request of another HTTP version than :data:`_VERSIONS`."""
 
 
 class _HeldFlowControl(FlowControl):
@@ -239,6 +245,11 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             self.flow.pause_reading()
 
     def on_headers_complete(self) -> None:
+        if self.parser.get_http_version() not in _VERSIONS:
+            # llhttp passes any ``HTTP/d.d`` and a request line without one (HTTP/0.9), and
+            # uvicorn answered each as HTTP/1.1: an HTTP/2 or HTTP/0.9 client read an answer
+            # it cannot parse. Raised here, it is the parser's error: the 400 ``invalid_http``.
+            raise _NotHttp11
         self._unanswered += 1
         self._in_head = False
         self._boundaries += 1
