@@ -37,6 +37,7 @@ from publisher.http_api.core import (
     MAX_REVOCATION_BODY,
     OPENAPI_PATH,
     PRESENCE,
+    REFUSED_SCOPE_KEY,
     REVOCATIONS_PATH,
     ApiError,
     ApiKey,
@@ -252,7 +253,7 @@ class PublishApi:
                 if method != "POST":
                     raise ApiError(405, "method_not_allowed", "use POST")
                 status, body = await self._revoke(scope, receive)
-                self.counters.count(status, "ok")
+                self._count(scope, status, "ok")
                 await _respond(send, status, body)
                 return
             project_id, resource = parse_route(path)
@@ -268,16 +269,23 @@ class PublishApi:
             else:
                 allow = b"GET, HEAD, POST"
                 raise ApiError(405, "method_not_allowed", "use POST to publish, GET to read")
-            self.counters.count(status, "ok")
+            self._count(scope, status, "ok")
             await _respond(send, status, body)
         except ApiError as error:
-            self.counters.count(error.status, error.code)
+            self._count(scope, error.status, error.code)
             extra = []
             if error.retry_after is not None:
                 extra.append((b"retry-after", b"%d" % max(1, math.ceil(error.retry_after))))
             if error.status == 405:
                 extra.append((b"allow", allow))
             await _respond(send, error.status, error_body(error), extra)
+
+    def _count(self, scope: dict, status: int, code: str) -> None:
+        """Count an answer, unless the server answered the request itself (its refusal is
+        counted there): a request whose body broke off was counted twice, the refusal's 400
+        and this application's ``disconnected`` (or whatever it would have answered)."""
+        if not scope.get(REFUSED_SCOPE_KEY):
+            self.counters.count(status, code)
 
     async def _publish(self, scope: dict, receive, project_id: int) -> tuple[int, bytes]:
         headers = _headers(scope)

@@ -73,6 +73,10 @@ PRESENCE = "presence"
 REVOCATIONS_PATH = "/v1/revocations"
 #: ``GET`` here answers the API's OpenAPI document (:mod:`publisher.http_api.openapi`), no key.
 OPENAPI_PATH = "/openapi.json"
+#: Set (True) in a request's ASGI scope by the server when it answered the request itself (a
+#: 400/431 for a body that broke off): the application's own outcome goes nowhere, and is not
+#: counted beside the server's.
+REFUSED_SCOPE_KEY = "eventbus.refused"
 #: Largest body of a revocation request: a subject is at most 1 KiB (MAX_SUBJECT_BYTES), so
 #: anything near this is not one (and is refused before it is all read).
 MAX_REVOCATION_BODY = 16 * 1024

@@ -55,7 +55,7 @@ from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from publisher.http_api.app import Counters, HttpApiSettings, PublishApi
-from publisher.http_api.core import ApiError, error_body
+from publisher.http_api.core import REFUSED_SCOPE_KEY, ApiError, error_body
 from serverkit import raise_descriptor_limit, warn_lowered
 
 __all__ = [
@@ -355,6 +355,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             # Its application sees the client gone (its answer, if any, goes nowhere); it has
             # written nothing: a publish or a revocation waits for the whole body.
             cycle.disconnected = True
+            cycle.scope[REFUSED_SCOPE_KEY] = True  # (counted here, not by the application)
             # (its body read would write the 100 Continue it owes after the refusal's end)
             cycle.waiting_for_100_continue = False
             cycle.message_event.set()
