@@ -900,3 +900,33 @@ async def test_a_pipelined_request_whose_body_breaks_off_gets_one_answer_at_once
         assert app.counters.responses[200, "ok"] == 2
     assert len(stream(redis_url, 1)) == 2
     assert "Exception" not in caplog.text and "Traceback" not in caplog.text, caplog.text
+
+
+async def test_a_body_breaking_off_after_its_answer_gets_no_second_answer(redis_url) -> None:
+    """A request answered before its body ended (401 for an unknown key, 413 past --max-body:
+    the rest of the body is read and dropped) whose body then broke off (a broken chunk) got
+    the refusal as well: a second answer to one request, which a client that pipelined its next
+    request reads as that one's. The connection now ends after the one answer."""
+    chunked = (
+        b"POST /v1/projects/1/events HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\nAuthorization: Bearer "
+    )
+    cases = [
+        (chunked + b"ebk_unknown\r\n\r\n5\r\nhello\r\n", 401),
+        (chunked + KEY_ALL.encode() + b"\r\n\r\n400\r\n" + b"x" * 1024 + b"\r\n", 413),
+    ]
+    async with serving(redis_url, body_timeout=60, header_timeout=60, max_body=100) as (
+        app,
+        _,
+        port,
+    ):
+        for request, status in cases:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(request)
+            async with asyncio.timeout(5):
+                assert (await read_answer(reader))[0] == status
+                writer.write(b"zz\r\n" + HEALTHZ)  # the body breaks off
+                assert await reader.read() == b""  # no second answer; the connection ends
+            writer.close()
+        await asyncio.sleep(0.1)
+        assert app.counters.responses == {(401, "unauthorized"): 1, (413, "body_too_large"): 1}

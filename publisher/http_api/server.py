@@ -147,6 +147,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._in_head = True  # the next bytes parsed are a request's line or headers
         self._head_bytes = 0  # of the request line and headers being parsed (about: per slice)
         self._boundaries = 0  # request heads and messages completed, to see one in a slice
+        self._in_message = False  # between a request's headers and its message's end
         self._refusal: bytes | None = None  # an answer to write once the earlier ones are out
         self._dropping = False  # refused or upgraded: further bytes are not requests
         self._header_deadline: asyncio.TimerHandle | None = None
@@ -252,6 +253,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             raise _NotHttp11
         self._unanswered += 1
         self._in_head = False
+        self._in_message = True
         self._boundaries += 1
         self._cancel_deadline()
         try:
@@ -301,6 +303,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             self._boundaries += 1
 
     def on_message_complete(self) -> None:
+        self._in_message = False
         self._in_head = True
         self._head_bytes = 0
         self._boundaries += 1
@@ -342,9 +345,18 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._dropping = True
         self._unread = _NOTHING
         self._cancel_deadline()
+        cycle = self.cycle
+        if self._in_message and cycle is not None and cycle.response_started:
+            # Its body broke off after its answer began (a 401, a 413: the rest of a body is
+            # read and dropped): that answer is its one, and the connection ends after it. The
+            # refusal followed it, a second answer to one request, which a client that
+            # pipelined its next request reads as that one's.
+            cycle.keep_alive = False
+            if cycle.response_complete:
+                self._half_close()
+            return
         if self.counters is not None:
             self.counters.count(status, code)
-        cycle = self.cycle
         cut = cycle is not None and cycle.more_body and not cycle.response_started
         if cut and self._drop_queued_cut():
             pass  # the refusal is its answer, after the answers before it
@@ -378,6 +390,9 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     def _write_refusal(self) -> None:
         refusal, self._refusal = self._refusal, None
         self.transport.write(refusal)  # type: ignore[arg-type]
+        self._half_close()
+
+    def _half_close(self) -> None:
         if not self.transport.can_write_eof():
             self.transport.close()
             return
