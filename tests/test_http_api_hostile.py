@@ -586,8 +586,11 @@ async def test_a_request_target_uvicorn_cannot_parse_is_refused_and_its_connecti
     answer and counted against --limit-concurrency for good: a thousand such requests, one
     small packet each, shut the API. Now it is answered 400 ``invalid_http`` and closed."""
     async with serving(redis_url, header_timeout=60) as (app, server, port):
-        for target in (b"example.com:443", b"[::1]:8766"):
+        for target, after_an_answer in ((b"example.com:443", False), (b"[::1]:8766", True)):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            if after_an_answer:  # (the connection's previous request answered)
+                writer.write(HEALTHZ)
+                assert (await read_answer(reader))[0] == 200
             writer.write(b"CONNECT " + target + b" HTTP/1.1\r\nHost: t\r\n\r\n" + HEALTHZ)
             async with asyncio.timeout(5):
                 status, headers, body = await read_answer(reader)

@@ -253,7 +253,6 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             raise _NotHttp11
         self._unanswered += 1
         self._in_head = False
-        self._in_message = True
         self._boundaries += 1
         self._cancel_deadline()
         try:
@@ -265,6 +264,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             # connection stayed open, its header deadline cancelled).
             self._unanswered -= 1
             raise
+        self._in_message = True  # (a request that never started is in no message)
 
     def _start_request(self) -> None:
         limit = self._limit
