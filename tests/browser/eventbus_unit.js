@@ -4381,12 +4381,7 @@ test("sse: a poll under way as the stream answers, one of its projects failed on
 test("sse: a stream reopened (a project added) while a project failed on it is polled holds polls until it answers: its answer is not stale, it goes live at once", async () => {
   const env = setup({ autoFailSockets: true, subscribe: [1, 2], options: { pollInterval: 300 } });
   const history = { 1: [], 2: [], 3: [] };
-  env.poll = (url) => {
-    const projectId = Number(new URL(url).pathname.split("/")[3]);
-    const after = Number(new URL(url).searchParams.get("after"));
-    const events = history[projectId].slice(after).map((seq) => event(projectId, seq));
-    return { status: 200, body: { project_id: projectId, epoch: "e", seq: history[projectId].length, events, resync_required: null, more: false } };
-  };
+  limitedGateway(env, history);
   sseServer(env);
   await env.clock.advance(0);
   const first = await sseLive(env, { 1: { epoch: "e", seq: 0 }, 2: { epoch: "e", seq: 0 } });
@@ -4414,12 +4409,7 @@ test("sse: a stream reopened (a project added) while a project failed on it is p
 test("sse: a stream drained (1012) while a project failed on it is polled: the prompt next stream holds polls until it answers, and goes live at once", async () => {
   const env = setup({ autoFailSockets: true, subscribe: [1, 2], options: { pollInterval: 300 } });
   const history = { 1: [], 2: [] };
-  env.poll = (url) => {
-    const projectId = Number(new URL(url).pathname.split("/")[3]);
-    const after = Number(new URL(url).searchParams.get("after"));
-    const events = history[projectId].slice(after).map((seq) => event(projectId, seq));
-    return { status: 200, body: { project_id: projectId, epoch: "e", seq: history[projectId].length, events, resync_required: null, more: false } };
-  };
+  limitedGateway(env, history);
   sseServer(env);
   await env.clock.advance(0);
   const first = await sseLive(env, { 1: { epoch: "e", seq: 0 }, 2: { epoch: "e", seq: 0 } });
