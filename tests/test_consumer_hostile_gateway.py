@@ -25,6 +25,28 @@ from tests.test_consumer_units import (
 )
 
 
+async def _two_items_from_a_fake_gateway(messages: list) -> tuple[list, Consumer]:
+    """The first two items of project 1, followed from ``(EPOCH, 0)``, from a fake gateway that
+    answers its subscribe with ``subscribed`` then ``messages`` as given (``str``: text,
+    ``bytes``: binary, a list: the fragments of one message); and the consumer, closed."""
+
+    async def gateway(connection) -> None:
+        async for raw in connection:
+            if json.loads(raw)["type"] == "subscribe":
+                await connection.send(subscribed(1, 0, resumed=True).decode())
+                for message in messages:
+                    await connection.send(message)
+
+    async with serve(gateway, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        policy = ReconnectPolicy(initial=0.1, max=0.1)
+        async with Consumer(f"ws://127.0.0.1:{port}/", reconnect=policy) as bus:
+            events = bus.events(1, after=Cursor(EPOCH, 0))
+            async with asyncio.timeout(10):
+                items = [await anext(events), await anext(events)]
+    return items, bus
+
+
 async def test_a_binary_frame_is_ignored_never_delivered_with_a_raw_that_is_not_utf8():
     """The protocol's frames are text, which websockets checks for UTF-8 (1007 otherwise); a
     binary frame (one message, or fragments) was read as text, unchecked: an event in it,
@@ -34,22 +56,14 @@ async def test_a_binary_frame_is_ignored_never_delivered_with_a_raw_that_is_not_
     the events sent as text are delivered, once, in order."""
     bad = frame(1, 1)[:1] + b'"x":"\xff",' + frame(1, 1)[1:]
 
-    async def gateway(connection) -> None:
-        async for raw in connection:
-            if json.loads(raw)["type"] == "subscribe":
-                await connection.send(subscribed(1, 0, resumed=True).decode())
-                await connection.send(bad)  # binary
-                await connection.send([bad[:10], bad[10:]])  # binary, in two fragments
-                await connection.send(frame(1, 1).decode())
-                await connection.send(frame(1, 2).decode())
-
-    async with serve(gateway, "127.0.0.1", 0) as server:
-        port = server.sockets[0].getsockname()[1]
-        policy = ReconnectPolicy(initial=0.1, max=0.1)
-        async with Consumer(f"ws://127.0.0.1:{port}/", reconnect=policy) as bus:
-            events = bus.events(1, after=Cursor(EPOCH, 0))
-            async with asyncio.timeout(10):
-                items = [await anext(events), await anext(events)]
+    items, bus = await _two_items_from_a_fake_gateway(
+        [
+            bad,  # binary
+            [bad[:10], bad[10:]],  # binary, in two fragments
+            frame(1, 1).decode(),
+            frame(1, 2).decode(),
+        ]
+    )
     assert all(type(item) is Delivery for item in items)
     assert [item.raw for item in items] == [frame(1, 1), frame(1, 2)]
     assert [item.raw.decode() for item in items]  # (what an application stores)
@@ -130,23 +144,13 @@ async def test_an_error_answering_no_subscribe_does_not_end_a_followed_project()
     in ``stats.ignored``); only ``forbidden`` ends a project unasked (a refreshed token that no
     longer allows it)."""
 
-    async def gateway(connection) -> None:
-        async for raw in connection:
-            if json.loads(raw)["type"] == "subscribe":
-                await connection.send(subscribed(1, 0, resumed=True).decode())
-                await connection.send(frame(1, 1).decode())
-                for code in ("invalid_cursor", "not_subscribed", "too_many_subscriptions"):
-                    error = {"type": "error", "code": code, "message": "?", "project_id": 1}
-                    await connection.send(json.dumps(error))
-                await connection.send(frame(1, 2).decode())
-
-    async with serve(gateway, "127.0.0.1", 0) as server:
-        port = server.sockets[0].getsockname()[1]
-        policy = ReconnectPolicy(initial=0.1, max=0.1)
-        async with Consumer(f"ws://127.0.0.1:{port}/", reconnect=policy) as bus:
-            events = bus.events(1, after=Cursor(EPOCH, 0))
-            async with asyncio.timeout(10):
-                items = [await anext(events), await anext(events)]
+    errors = [
+        json.dumps({"type": "error", "code": code, "message": "?", "project_id": 1})
+        for code in ("invalid_cursor", "not_subscribed", "too_many_subscriptions")
+    ]
+    items, bus = await _two_items_from_a_fake_gateway(
+        [frame(1, 1).decode(), *errors, frame(1, 2).decode()]
+    )
     assert [(type(item).__name__, item.seq) for item in items] == [("Delivery", 1), ("Delivery", 2)]
     assert bus.stats.ignored == 3 and bus.connects == 1
 
