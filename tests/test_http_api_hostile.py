@@ -818,6 +818,25 @@ def test_any_request_is_answered_as_documented_and_its_connection_ends(redis_url
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
+async def exchange(port: int, request: bytes, *, half_close: bool) -> bytes:
+    """Send ``request`` on a connection of its own (then stop writing, with ``half_close``) and
+    read everything until the server ends the connection (within 5 s)."""
+    loop = asyncio.get_running_loop()
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setblocking(False)
+    try:
+        await loop.sock_sendall(sock, request)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        received = b""
+        async with asyncio.timeout(5):
+            while chunk := await loop.sock_recv(sock, 65536):
+                received += chunk
+        return received
+    finally:
+        sock.close()
+
+
 async def test_a_client_that_half_closes_after_its_requests_gets_their_answers(redis_url) -> None:
     """A client may end its side once its request is sent (``shutdown(SHUT_WR)``: ``nc -N``, a
     script's one-shot request): uvicorn closed the connection at that end of input, so every
@@ -825,22 +844,10 @@ async def test_a_client_that_half_closes_after_its_requests_gets_their_answers(r
     counted 200 but never told. The requests that arrived are answered, then the connection
     is closed (not at --header-timeout); a body that breaks off at the end still ends it."""
     history = f"GET /v1/projects/1/events HTTP/1.1\r\nAuthorization: Bearer {KEY_ALL}\r\n\r\n"
-    loop = asyncio.get_running_loop()
     async with serving(redis_url, header_timeout=60, body_timeout=60) as (_, server, port):
 
         async def half_closed(request: bytes) -> bytes:
-            sock = socket.create_connection(("127.0.0.1", port))
-            sock.setblocking(False)
-            try:
-                await loop.sock_sendall(sock, request)
-                sock.shutdown(socket.SHUT_WR)
-                received = b""
-                async with asyncio.timeout(5):
-                    while chunk := await loop.sock_recv(sock, 65536):
-                        received += chunk
-                return received
-            finally:
-                sock.close()
+            return await exchange(port, request, half_close=True)
 
         event = publish_request(json.dumps(EXPIRED).encode())
         assert b'"seq":1' in await half_closed(event)
@@ -872,28 +879,11 @@ async def test_a_pipelined_request_whose_body_breaks_off_gets_one_answer_at_once
     body = json.dumps(EXPIRED).encode()
     broken = head + b"Transfer-Encoding: chunked\r\n\r\n%x\r\n" % len(body) + body + b"\r\nzz\r\n"
     event = publish_request(body)
-    loop = asyncio.get_running_loop()
     async with serving(redis_url, body_timeout=60, header_timeout=60) as (app, server, port):
-
-        async def exchange(request: bytes, *, half_close: bool) -> bytes:
-            sock = socket.create_connection(("127.0.0.1", port))
-            sock.setblocking(False)
-            try:
-                await loop.sock_sendall(sock, request)
-                if half_close:
-                    sock.shutdown(socket.SHUT_WR)
-                received = b""
-                async with asyncio.timeout(5):
-                    while chunk := await loop.sock_recv(sock, 65536):
-                        received += chunk
-                return received
-            finally:
-                sock.close()
-
-        answers = _answers(await exchange(event + broken + HEALTHZ, half_close=False), False)
+        answers = _answers(await exchange(port, event + broken + HEALTHZ, half_close=False), False)
         assert [status for status, _, _ in answers] == [200, 400], answers
         assert msgspec.json.decode(answers[1][2])["error"]["code"] == "invalid_http"
-        answers = _answers(await exchange(event + event[:-5], half_close=True), False)
+        answers = _answers(await exchange(port, event + event[:-5], half_close=True), False)
         assert [status for status, _, _ in answers] == [200], answers
         async with asyncio.timeout(5):
             while server.server_state.connections:  # noqa: ASYNC110 - closed by the server
