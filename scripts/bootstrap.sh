@@ -8,6 +8,26 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-}
 
+# apt-get, waiting up to 5 minutes while another apt holds its locks (a second bootstrap, a
+# system update just after boot): apt-get update does not wait itself (DPkg::Lock::Timeout covers
+# only the dpkg lock), and failing there made a CI run red for a race with nothing to do with it.
+apt_get() {
+  local attempt output
+  for attempt in $(seq 60); do
+    if output=$(apt-get -o DPkg::Lock::Timeout=5 "$@" 2>&1); then
+      return 0
+    fi
+    if ! grep -q "Could not get lock" <<<"$output"; then
+      echo "$output" >&2
+      return 1
+    fi
+    [ "$attempt" = 1 ] && echo "bootstrap: another apt-get holds its lock; waiting" >&2
+    sleep 5
+  done
+  echo "$output" >&2
+  return 1
+}
+
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 if [ "${EVENTBUS_SKIP_BROWSER:-0}" != 1 ] && ! command -v chromium >/dev/null 2>&1; then
@@ -17,8 +37,8 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "bootstrap: installing ${need_apt[*]} with apt-get"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+    apt_get update -qq
+    apt_get install -y -qq --no-install-recommends "${need_apt[@]}"
   else
     echo "bootstrap: please install: ${need_apt[*]} (needs root and apt-get)" >&2
     exit 1
