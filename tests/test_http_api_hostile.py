@@ -35,7 +35,7 @@ from publisher.http_api.server import (
     listen_backlog,
 )
 from tests.support.redis_server import free_port
-from tests.test_http_api import EXPIRED, KEY_ALL, serving_app, stream
+from tests.test_http_api import EXPIRED, KEY_ALL, KEY_ONE, serving_app, stream
 
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
 
@@ -243,6 +243,66 @@ async def test_a_body_that_cannot_be_read_to_its_end_is_answered_at_once(redis_u
         assert app.counters.responses == {(400, "invalid_http"): len(broken)}
     assert not stream(redis_url, 1)
     assert "Exception" not in caplog.text and "Traceback" not in caplog.text, caplog.text
+
+
+async def test_bodies_held_at_once_are_bounded_in_all_and_per_key(redis_url) -> None:
+    """1,000 connections (--limit-concurrency) each sending a 4 MiB body, slowly, held 4-8 GB:
+    nothing bounded their sum. Bodies now count against --max-body-memory from their headers
+    (for their declared length) or as their chunks arrive; past it, or past a quarter of it for
+    one key, a request is answered 503 ``overloaded`` at once and its connection closed, while
+    other keys go on publishing."""
+    limits = {"max_body": 4096, "max_body_memory": 16384, "body_timeout": 60}
+    async with serving(redis_url, **limits) as (app, _, port):
+        body = json.dumps(EXPIRED).encode()
+        padded = body + b" " * (4096 - len(body))
+        taken = asyncio.Event()
+        take = app.bodies.take
+
+        def taking(key_id: str, size: int) -> bool:
+            taken.set()
+            return take(key_id, size)
+
+        app.bodies.take = taking  # type: ignore[method-assign]
+        # A body of key "all" trickling in holds its whole declared length: the key's share.
+        slow_reader, slow_writer = await asyncio.open_connection("127.0.0.1", port)
+        slow_writer.write(publish_request(padded)[:-4000])
+        async with asyncio.timeout(5):
+            await taken.wait()
+        assert app.bodies.held == 4096
+        refused = [
+            publish_request(body),  # declared: refused before a byte of it is read
+            publish_request(b"").replace(b"Content-Length: 0", b"Transfer-Encoding: chunked")
+            + b"%x\r\n" % len(body)
+            + body
+            + b"\r\n0\r\n\r\n",  # chunked: refused as its first chunk arrives
+        ]
+        for request in refused:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(request)
+            async with asyncio.timeout(5):
+                status, headers, answer = await read_answer(reader)
+                assert await reader.read() == b""  # and the connection is closed
+            writer.close()
+            assert (status, headers["retry-after"]) == (503, "1"), answer
+            assert msgspec.json.decode(answer)["error"]["code"] == "overloaded"
+        # Another key publishes meanwhile, and /metrics shows what is held.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(publish_request(body).replace(KEY_ALL.encode(), KEY_ONE.encode()))
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        async with asyncio.timeout(5):
+            assert (await read_answer(reader))[0] == 200
+            status, _, metrics = await read_answer(reader)
+        writer.close()
+        assert b"eventbus_http_publish_body_bytes 4096\n" in metrics
+        # The slow body ends: published, and its memory given back.
+        slow_writer.write(publish_request(padded)[-4000:])
+        async with asyncio.timeout(5):
+            status, _, answer = await read_answer(slow_reader)
+        slow_writer.close()
+        assert status == 200, answer
+        assert app.bodies.held == 0
+        assert app.counters.responses[503, "overloaded"] == 2
+    assert len(stream(redis_url, 1)) == 2
 
 
 def test_fitted_concurrency() -> None:

@@ -33,6 +33,7 @@ from publisher.core import (
     RevocationListFull,
 )
 from publisher.http_api import openapi
+from publisher.http_api.bodies import KEY_SHARE, BodyHold, BodyMemory
 from publisher.http_api.core import (
     MAX_REVOCATION_BODY,
     OPENAPI_PATH,
@@ -57,6 +58,7 @@ from publisher.http_api.core import (
     presence_body,
     revocation_body,
 )
+from schemas.events import ProjectEvent
 from schemas.history import DEFAULT_PAGE_BYTES, MAX_PAGE_BYTES
 from schemas.presence import DEFAULT_MAX_MEMBERS
 from serverkit import LogThrottle, SingleFlight
@@ -85,6 +87,10 @@ class HttpApiSettings(msgspec.Struct, kw_only=True, frozen=True):
 
     max_body: int = 4 * 1024 * 1024
     """Largest request body in bytes (413 above it)."""
+    max_body_memory: int = 128 * 1024 * 1024
+    """Bytes of request bodies held at once, all requests together (503 ``overloaded`` past
+    it); one key's at most a quarter of it (:mod:`publisher.http_api.bodies`). At least four
+    times ``max_body``."""
     max_events: int = 500
     """Most events in one request (one atomic script call in Redis)."""
     rate: float = 5000.0
@@ -120,6 +126,11 @@ class HttpApiSettings(msgspec.Struct, kw_only=True, frozen=True):
             raise ValueError(f"--max-events must be from 1 to {BATCH_SIZE} (one script call)")
         if self.max_body < 1 or self.burst < 1:
             raise ValueError("--max-body and --burst must be at least 1")
+        if self.max_body_memory < KEY_SHARE * self.max_body:
+            raise ValueError(
+                f"--max-body-memory must be at least {KEY_SHARE} x --max-body "
+                f"({KEY_SHARE * self.max_body}): one key holds at most a {KEY_SHARE}th of it"
+            )
         if self.max_header_bytes < 1024:
             raise ValueError("--max-header-bytes must be at least 1024")
         if self.presence_max_members < 1:
@@ -145,8 +156,9 @@ class Counters:
     def count(self, status: int, code: str) -> None:
         self.responses[status, code] = self.responses.get((status, code), 0) + 1
 
-    def render(self, foreign_entries: int = 0) -> bytes:
-        """``foreign_entries``: stream entries the publisher's history reads skipped."""
+    def render(self, foreign_entries: int = 0, body_bytes: int = 0) -> bytes:
+        """``foreign_entries``: stream entries the publisher's history reads skipped;
+        ``body_bytes``: bytes of request bodies held now (``--max-body-memory``)."""
         lines = [
             "# HELP eventbus_http_publish_events_total Events published through the HTTP API.",
             "# TYPE eventbus_http_publish_events_total counter",
@@ -166,6 +178,12 @@ class Counters:
         for reason, value in sorted(self.closed.items()):
             labels = f'{{reason="{reason}"}}'
             lines.append(f"eventbus_http_publish_connections_closed_total{labels} {value}")
+        lines += [
+            "# HELP eventbus_http_publish_body_bytes Bytes of request bodies held now"
+            " (--max-body-memory).",
+            "# TYPE eventbus_http_publish_body_bytes gauge",
+            f"eventbus_http_publish_body_bytes {body_bytes}",
+        ]
         lines += [
             "# HELP eventbus_foreign_values_total Values in Redis the event bus cannot have"
             " written, skipped.",
@@ -193,6 +211,8 @@ class PublishApi:
         self.settings = settings or HttpApiSettings()
         self.limiter = RateLimiter(self.settings.rate, self.settings.burst)
         self.counters = Counters()
+        #: The bytes of request bodies held now (``--max-body-memory``).
+        self.bodies = BodyMemory(self.settings.max_body_memory)
         self._clock = clock
         # The unavailable warning: one a second, with how many were not logged since.
         self._log_throttle = LogThrottle(interval=_UNAVAILABLE_LOG_INTERVAL, burst=1, clock=clock)
@@ -246,7 +266,9 @@ class PublishApi:
                 allow = b"GET, HEAD"
                 if method not in _READ_METHODS:
                     raise ApiError(405, "method_not_allowed", "use GET")
-                body = self.counters.render(getattr(self.publisher, "foreign_entries_skipped", 0))
+                body = self.counters.render(
+                    getattr(self.publisher, "foreign_entries_skipped", 0), self.bodies.held
+                )
                 await _respond(send, 200, body, content_type=b"text/plain")
                 return
             if path == REVOCATIONS_PATH:
@@ -278,6 +300,8 @@ class PublishApi:
                 extra.append((b"retry-after", b"%d" % max(1, math.ceil(error.retry_after))))
             if error.status == 405:
                 extra.append((b"allow", allow))
+            if error.code == "overloaded":  # (as the server's own: the client comes back later)
+                extra.append((b"connection", b"close"))
             await _respond(send, error.status, error_body(error), extra)
 
     def _count(self, scope: dict, status: int, code: str) -> None:
@@ -301,8 +325,24 @@ class PublishApi:
                 f"Idempotency-Key must be 1-{_IDEMPOTENCY_HEADER_MAX} printable ASCII "
                 "characters without spaces",
             )
-        body = await self._body(headers, receive)
-        events, is_batch = parse_events(body, project_id, self.settings.max_events)
+        hold = self.bodies.hold(key.id)
+        try:
+            body = await self._body(headers, receive, hold)
+            events, is_batch = parse_events(body, project_id, self.settings.max_events)
+            del body  # (its events stay counted as the body until Redis has answered)
+            return await self._publish_events(key, project_id, idempotency_key, events, is_batch)
+        finally:
+            hold.release()
+
+    async def _publish_events(
+        self,
+        key: ApiKey,
+        project_id: int,
+        idempotency_key: str | None,
+        events: list[ProjectEvent],
+        is_batch: bool,
+    ) -> tuple[int, bytes]:
+        """Publish a request's parsed events (its key's rate limit taken first)."""
         self.limiter.take(key, len(events), self._clock())
         try:
             if is_batch and idempotency_key is None:
@@ -406,8 +446,12 @@ class PublishApi:
                 f"key {key.id!r} may not revoke tokens (make one with new-key --may-revoke)",
             )
         _check_json(headers)
-        body = await self._body(headers, receive, min(self.settings.max_body, MAX_REVOCATION_BODY))
-        request = parse_revocation(body)
+        hold = self.bodies.hold(key.id)
+        try:
+            limit = min(self.settings.max_body, MAX_REVOCATION_BODY)
+            request = parse_revocation(await self._body(headers, receive, hold, limit))
+        finally:
+            hold.release()  # (the request holds a subject of at most a few KiB from here)
         self.limiter.take(key, 1, self._clock())
         options: dict[str, int] = {}
         if request.issued_before is not None:
@@ -462,9 +506,15 @@ class PublishApi:
         )
 
     async def _body(
-        self, headers: dict[bytes, list[bytes]], receive, limit: int | None = None
+        self,
+        headers: dict[bytes, list[bytes]],
+        receive,
+        hold: BodyHold,
+        limit: int | None = None,
     ) -> bytes:
-        """The request body, of at most ``limit`` bytes (default ``max_body``; 413 above it)."""
+        """The request body, of at most ``limit`` bytes (default ``max_body``; 413 above it),
+        held in ``hold``: from its headers for its declared length, else as it arrives; 503
+        ``overloaded`` when ``--max-body-memory`` (or the key's share of it) has no room."""
         limit = self.settings.max_body if limit is None else limit
         declared = header(headers, b"content-length")
         if declared is not None:
@@ -476,6 +526,8 @@ class PublishApi:
             digits = declared.lstrip("0")
             if len(digits) > len(str(limit)) or int(digits or "0") > limit:
                 raise ApiError(413, "body_too_large", f"the body exceeds {limit} bytes")
+            if not hold.cover(int(digits or "0")):
+                raise _no_room_for_bodies()
         chunks: list[bytes] = []
         size = 0
         try:
@@ -488,6 +540,8 @@ class PublishApi:
                     size += len(chunk)
                     if size > limit:
                         raise ApiError(413, "body_too_large", f"the body exceeds {limit} bytes")
+                    if not hold.cover(size):
+                        raise _no_room_for_bodies()
                     chunks.append(chunk)
                     if not message.get("more_body", False):
                         break
@@ -517,6 +571,15 @@ class PublishApi:
         except Exception as exc:  # any failure means "not ready"; the reason is in the body
             return str(exc) or type(exc).__name__
         return None
+
+
+def _no_room_for_bodies() -> ApiError:
+    return ApiError(
+        503,
+        "overloaded",
+        "the API holds as many request bodies as --max-body-memory allows: retry",
+        retry_after=1,
+    )
 
 
 def _headers(scope: dict) -> dict[bytes, list[bytes]]:

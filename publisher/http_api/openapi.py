@@ -138,8 +138,9 @@ def _meanings(settings: HttpApiSettings) -> dict[str, str]:
         "read_failed": "the project's keys hold values the bus did not write",
         "revocation_failed": "Redis refused the write (a revocation key of another type)",
         "unavailable": "Redis did not answer in time: retry (with the same Idempotency-Key)",
-        "overloaded": "more connections or requests at once than serve --limit-concurrency; "
-        "the connection is closed after the answer",
+        "overloaded": "more connections or requests at once than serve --limit-concurrency, "
+        f"or more bytes of request bodies than {settings.max_body_memory} (serve "
+        "--max-body-memory; one key: a quarter of it); the connection is closed after the answer",
         "revocation_list_full": "a new subject, and the revocation list is full "
         "(serve --max-revocations); retrying does not help until an operator acts",
     }
