@@ -122,7 +122,9 @@ class HttpRoutes:
             "/metrics": self.metrics,
         }
 
-    async def handle(self, request: Request) -> Response:
+    async def handle(self, request: Request, peer: str | None = None) -> Response:
+        """The answer to ``request``; ``peer`` (``host:port``, when known) names the client in
+        the log lines of its refusals."""
         gateway = self.gateway
         try:
             # Open-ended, unless the gateway drains: a request still being handled at the
@@ -131,7 +133,7 @@ class HttpRoutes:
             async with asyncio.timeout(None) as bound:
                 gateway.answer_started(bound)
                 try:
-                    response = await self._route(request)
+                    response = await self._route(request, peer)
                 finally:
                     gateway.answer_ended(bound)
         except TimeoutError:
@@ -142,7 +144,7 @@ class HttpRoutes:
                 response.headers[name] = value
         return answer_to(request, response)
 
-    async def _route(self, request: Request) -> Response:
+    async def _route(self, request: Request, peer: str | None) -> Response:
         path, query = _split_target(request.path)
         cors = self._cors_headers(request)
         if request.method == "OPTIONS":
@@ -183,7 +185,7 @@ class HttpRoutes:
             # first) polls another pod, and the catch-up pages of a pod going away are not read
             # from it. The answer carries CORS headers, so a page sees the 503 itself.
             response = self.gateway.clients.pod_refusal() or await self.poll(
-                request, match.group(1), query
+                request, match.group(1), query, peer
             )
             for name, value in cors or ():
                 response.headers[name] = value
@@ -247,9 +249,16 @@ class HttpRoutes:
             [("Cache-Control", "public, max-age=300"), ("Access-Control-Allow-Origin", "*")],
         )
 
-    async def poll(self, request: Request, raw_id: str, query: str = "") -> Response:
+    async def poll(
+        self, request: Request, raw_id: str, query: str = "", peer: str | None = None
+    ) -> Response:
         """``GET /v1/projects/{id}/events?epoch=&after=&tag=&limit=``: the polling fallback."""
-        refuse = self._refuse
+
+        def refuse(
+            status: int, code: str, message: str, headers: list[tuple[str, str]] | None = None
+        ) -> Response:
+            return self._refuse(status, code, message, headers, peer=peer)
+
         try:
             project_id = parse_project_id(raw_id)
         except ValueError as exc:
@@ -327,18 +336,37 @@ class HttpRoutes:
             )
 
     def _refuse(
-        self, status: int, code: str, message: str, headers: list[tuple[str, str]] | None = None
+        self,
+        status: int,
+        code: str,
+        message: str,
+        headers: list[tuple[str, str]] | None = None,
+        *,
+        peer: str | None = None,
     ) -> Response:
         """A poll refused for the client's own mistake, counted as the same mistake is on a
         stream or a handshake: 400 in ``bad_requests_total``, 401 in ``auth_failures_total``,
-        403 in ``client_errors_total``."""
-        metrics = self.gateway.metrics
+        403 in ``client_errors_total``; and logged as a refused handshake is: "poll refused" at
+        info (the client's mistake, never a warning), throttled per ``code`` (a few lines a
+        minute each, the next one logged saying how many were ``suppressed``), with ``error``
+        (the code), ``reason`` (the message), ``status`` and ``peer`` (when known). Without the
+        line, a refusal showed in the totals and in no log."""
+        gateway = self.gateway
+        metrics = gateway.metrics
         if status == 400:
             metrics.bad_requests_total += 1
         elif status == 401:
             metrics.auth_failures_total += 1
         else:
             metrics.client_errors_total += 1
+        gateway.client_log(
+            "poll refused",
+            kind=f"poll_{code}",  # a fixed set of codes: the throttle's table stays small
+            error=code,
+            reason=message[:200],
+            status=status,
+            peer=peer,
+        )
         return _error(status, code, message, headers)
 
 

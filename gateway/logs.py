@@ -15,6 +15,7 @@ __all__ = [
     "configure_logging",
     "describe",
     "get_logger",
+    "peer_of",
     "throttle_loop_errors",
 ]
 
@@ -63,7 +64,7 @@ class ConnectionLog:
         if self._bound is None:
             fields: dict[str, Any] = {"conn_id": self.conn_id}
             if self._connection is not None:
-                fields["peer"] = _peer(self._connection)
+                fields["peer"] = peer_of(self._connection)
             if self.transport is not None:
                 fields["transport"] = self.transport
             self._bound = self._logger.bind(**fields)
@@ -84,7 +85,9 @@ class ConnectionLog:
         self._get().error(event, **fields)
 
 
-def _peer(connection: Any) -> str | None:
+def peer_of(connection: Any) -> str | None:
+    """``host:port`` of a connection's peer (anything with websockets' ``remote_address``), or
+    None when it is not known (a closed transport, a Unix socket)."""
     try:
         host, port = connection.remote_address[:2]
         return f"{host}:{port}"

@@ -85,7 +85,7 @@ from gateway.client_input import (
 from gateway.http import json_response, tokens_unchecked_response
 from gateway.lanes import CONCURRENCY as LANES_CONCURRENCY
 from gateway.lanes import FrameLanes, Lane
-from gateway.logs import ConnectionLog, get_logger
+from gateway.logs import ConnectionLog, get_logger, peer_of
 from gateway.revocations import RevocationsUnknown, TokenRevoked
 from gateway.session import (
     Admission,
@@ -285,10 +285,11 @@ class WebSocketEndpoint:
                 return tokens_unchecked_response(exc), None, True
         return None, None, True
 
-    async def answer_http(self, request: Request) -> Response:
-        """A plain HTTP request on the port (health, metrics, polling, CORS preflight)."""
+    async def answer_http(self, request: Request, peer: str | None = None) -> Response:
+        """A plain HTTP request on the port (health, metrics, polling, CORS preflight), from
+        ``peer`` (``host:port``, for the log lines of its refusals)."""
         try:
-            return await self.gateway.http.handle(request)
+            return await self.gateway.http.handle(request, peer)
         except Exception:
             log.exception("request failed", path=request.path[:200])
             return json_response(500, {"error": "internal", "message": "internal error"})
@@ -827,7 +828,7 @@ class WebSocketConnection(asyncio.Protocol):
 
     async def _answer_http(self, request: Request) -> None:
         endpoint = self.endpoint
-        response = await endpoint.answer_http(request)
+        response = await endpoint.answer_http(request, peer_of(self))
         self.finishing = None
         transport = self.transport
         if transport is None or transport.is_closing():

@@ -263,6 +263,51 @@ async def test_polling_rejects_bad_requests_clearly(gateways, path, headers, sta
     assert after == {**before, counted[status]: before[counted[status]] + 1}
 
 
+async def test_a_refused_poll_is_logged_at_info_with_its_reason_status_and_peer(gateways):
+    """A poll refused for the client's mistake is one info line (never a warning: the client's
+    mistake, not the gateway's) saying why, with the status and the client's address, as a
+    refused handshake is. Before, it was counted only: a refusal in a group's totals that no
+    worker's log showed (tests/test_workers.py's diagnostic)."""
+    from structlog.testing import capture_logs
+
+    gateway = await gateways()
+    with capture_logs() as logs:
+        status, _, _ = await request(
+            gateway.port, "/v1/projects/4/events?epoch=x&after=nope", headers=bearer([4])
+        )
+    assert status == 400
+    (line,) = [entry for entry in logs if entry["event"] == "poll refused"]
+    assert line["log_level"] == "info"
+    assert line["error"] == "invalid_query" and line["status"] == 400
+    assert line["reason"].startswith("after must be")
+    assert re.fullmatch(r"127\.0\.0\.1:\d+", line["peer"])
+    assert "suppressed" not in line
+
+
+async def test_a_burst_of_refused_polls_logs_a_few_lines_then_how_many_were_dropped(gateways):
+    """Anyone can send refused polls as fast as they like: each is counted, a few a minute per
+    kind are logged, and the next line logged says how many were dropped meanwhile."""
+    from structlog.testing import capture_logs
+
+    from serverkit import LogThrottle
+
+    gateway = await gateways()
+    now = [0.0]
+    gateway.client_log_throttle = LogThrottle(clock=lambda: now[0])
+    failures = gateway.metrics.auth_failures_total
+    with capture_logs() as logs:
+        for _ in range(30):
+            assert (await request(gateway.port, "/v1/projects/4/events"))[0] == 401
+        now[0] += gateway.client_log_throttle.interval
+        assert (await request(gateway.port, "/v1/projects/4/events"))[0] == 401
+    assert gateway.metrics.auth_failures_total == failures + 31
+    lines = [entry for entry in logs if entry["event"] == "poll refused"]
+    assert len(lines) == gateway.client_log_throttle.burst + 1 == 6
+    assert all(entry["log_level"] == "info" for entry in lines)
+    assert all(entry["error"] == "missing_token" for entry in lines)
+    assert [entry.get("suppressed") for entry in lines] == [None] * 5 + [25]
+
+
 async def test_cors_preflight_for_polling(gateways):
     gateway = await gateways(allowed_origins=["https://dash.example"])
     status, headers, _ = await request(

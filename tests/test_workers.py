@@ -728,7 +728,7 @@ async def test_killed_workers_leave_no_files_behind_and_the_totals_never_go_back
             assert sorted(os.listdir(directory)) == files
         # Each replacement went on from its slot's counters. (Once in a CI run the group
         # counted one 400 more per restart, 5, 11, 17, never reproduced since: the refusals
-        # the workers logged, polls' aside, say which request it was if it happens again.)
+        # the workers logged, polls' included, say which request it was if it happens again.)
         refusals = [line for line in group.log_lines() if _REFUSAL.search(line)]
         assert totals == [5, 10, 15], (seen, refusals)
         await wait_until(lambda: counted(15), 5, "the last replacement's view of the total")
@@ -753,8 +753,9 @@ async def _worker_1_replaced(group: GatewayProcess, old_pid: int) -> None:
     await wait_until(lambda: group.readyz()[0] == 200, 20, "group ready again")
 
 
-#: The log lines of requests refused as the client's mistake (server.Gateway._refused's events).
-_REFUSAL = re.compile(r'"event": "(bad request|bad handshake|request too large)"')
+#: The log lines of requests refused as the client's mistake (server.Gateway._refused's events,
+#: and http.HttpRoutes._refuse's for polls).
+_REFUSAL = re.compile(r'"event": "(bad request|bad handshake|request too large|poll refused)"')
 
 
 def _watched_group(redis_url: str) -> GatewayProcess:
