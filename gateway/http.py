@@ -282,6 +282,12 @@ class HttpRoutes:
                 return tokens_unchecked_response(exc)
             if not claims.allows(project_id):
                 return refuse(403, "forbidden", f"the token does not allow project {project_id}")
+            if self._expired(claims):
+                # Taken (up to 5 s past ``exp``, the verifier's allowance for clock skew), but
+                # answered after ``exp``: refused below anyway, so without the read.
+                return refuse(
+                    401, "invalid_token", "token expired", [("WWW-Authenticate", "Bearer")]
+                )
         try:
             epoch, after, tag, limit = parse_poll_query(query)
         except ValueError as exc:
@@ -309,6 +315,10 @@ class HttpRoutes:
             return refuse(
                 401, "invalid_token", str(TokenRevoked()), [("WWW-Authenticate", "Bearer")]
             )
+        if claims is not None and self._expired(claims):
+            # Expired while the page was read: nothing is sent on a token after its ``exp``,
+            # as a WebSocket or a stream is closed then (4002).
+            return refuse(401, "invalid_token", "token expired", [("WWW-Authenticate", "Bearer")])
         plan = plan_poll(epoch, after, snapshot, limit, tag)
         metrics = self.gateway.metrics
         metrics.polls_total += 1
@@ -317,6 +327,12 @@ class HttpRoutes:
             metrics.resyncs_total += 1
         body = poll_response(project_id, snapshot, plan)
         return json_response(200, encode(body))
+
+    def _expired(self, claims: TokenClaims) -> bool:
+        """Whether the token's ``exp`` has passed, by the clock the expiry of the WebSockets'
+        and streams' tokens is judged by (:class:`gateway.expiry.ExpiryWheel`'s: tests set
+        their own)."""
+        return self.gateway.clients.expiry.clock() >= claims.exp
 
     async def _read(
         self, project_id: int, epoch: str | None, after: int | None, limit: int

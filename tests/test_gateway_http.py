@@ -308,6 +308,64 @@ async def test_a_burst_of_refused_polls_logs_a_few_lines_then_how_many_were_drop
     assert [entry.get("suppressed") for entry in lines] == [None] * 5 + [25]
 
 
+async def test_a_poll_whose_token_expires_while_its_page_is_read_gets_401(
+    gateways, publisher, monkeypatch
+):
+    """A poll's token is checked when it arrives; its page is read from Redis after (up to
+    --subscribe-timeout on a slow Redis). A token whose ``exp`` passes meanwhile gets the 401
+    "token expired" of a poll that arrives with it then, as a WebSocket or a stream is closed
+    at its ``exp`` (the same clock judges both): before, the page was answered (200, the
+    events) after the token had expired."""
+    gateway = await gateways()
+    await publish(publisher, 4, 1)
+    now = [time.time()]
+    gateway.clients.expiry.clock = lambda: now[0]
+    token = issue_token(SECRET, [4], ttl=60)
+    reading, release = asyncio.Event(), asyncio.Event()
+    read = gateway.store.snapshot
+
+    async def held(*args, **kwargs):
+        reading.set()
+        await release.wait()
+        return await read(*args, **kwargs)
+
+    monkeypatch.setattr(gateway.store, "snapshot", held)
+    failures, polls = gateway.metrics.auth_failures_total, gateway.metrics.polls_total
+    headers = {"Authorization": f"Bearer {token}"}
+    answer = asyncio.create_task(request(gateway.port, "/v1/projects/4/events", headers=headers))
+    await asyncio.wait_for(reading.wait(), 5)
+    now[0] += 61  # past exp (a whole second after the mint's)
+    release.set()
+    status, got, body = await answer
+    assert (status, json.loads(body)) == (
+        401,
+        {"error": "invalid_token", "message": "token expired"},
+    )
+    assert got["www-authenticate"] == "Bearer"
+    assert gateway.metrics.auth_failures_total == failures + 1
+    assert gateway.metrics.polls_total == polls
+    # A poll that arrives before exp and is answered before it is answered.
+    now[0] -= 61
+    status, _, body = await request(gateway.port, "/v1/projects/4/events", headers=headers)
+    assert status == 200 and json.loads(body)["seq"] == 1
+
+
+async def test_a_poll_with_a_token_past_its_exp_is_refused_without_a_read(gateways):
+    """The gateway takes a token up to 5 s past its ``exp`` (its allowance for clock skew), but
+    a WebSocket or a stream taking one then is closed at once (4002), and a poll answered then
+    would get the 401 above: it gets it without its page read. (The gateway's expiry clock is
+    moved past ``exp`` here; the verifier's own, PyJWT's, still takes the token.)"""
+    gateway = await gateways()
+    now = [time.time()]
+    gateway.clients.expiry.clock = lambda: now[0]
+    headers = {"Authorization": f"Bearer {issue_token(SECRET, [4], ttl=60)}"}
+    now[0] += 61
+    reads = gateway.metrics.poll_reads_total
+    status, _, body = await request(gateway.port, "/v1/projects/4/events", headers=headers)
+    assert (status, json.loads(body)["message"]) == (401, "token expired")
+    assert gateway.metrics.poll_reads_total == reads
+
+
 async def test_cors_preflight_for_polling(gateways):
     gateway = await gateways(allowed_origins=["https://dash.example"])
     status, headers, _ = await request(
