@@ -50,7 +50,7 @@ from websockets.http11 import Request, Response
 from gateway.client_input import parse_project_id, repeated_header
 from gateway.http import answer_to, cors_headers, json_response, tokens_unchecked_response
 from gateway.lanes import CONCURRENCY
-from gateway.logs import ConnectionLog, get_logger
+from gateway.logs import ConnectionLog, get_logger, peer_of
 from gateway.revocations import RevocationsUnknown
 from gateway.session import (
     Admission,
@@ -274,6 +274,20 @@ def _flag(values: list[str], name: str) -> bool:
     if len(values) > 1 or values[0] not in ("0", "1", "true", "false"):
         raise ValueError(f"{name} takes one of 1, true, 0, false")
     return values[0] in ("1", "true")
+
+
+def _log_refusal(gateway: Gateway, status: int, code: str, message: str, peer: str | None) -> None:
+    """A stream refused 401/403 for its token: "stream refused" at info (the client's mistake),
+    throttled per ``code`` as a refused poll or handshake (its 400s are logged as "bad
+    request" by ``Gateway.bad_request``)."""
+    gateway.client_log(
+        "stream refused",
+        kind=f"stream_{code}",
+        error=code,
+        reason=message[:200],
+        status=status,
+        peer=peer,
+    )
 
 
 # --- pure: parsing (tests, benchmarks, non-browser clients) ----------------------------------
@@ -699,12 +713,13 @@ class SseStreams:
             or _websocket_upgrade(request.headers)
         ):
             return False
+        peer = peer_of(connection)  # (the connection has no transport once detached)
         transport, counted = connection.detach(_Detached())
         protocol = SseConnection(self.gateway, connection.admission, counted)
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
         try:
-            response, session_args = self._check(request)
+            response, session_args = self._check(request, peer)
         except Exception:
             log.exception("stream request failed", path=request.path[:200])
             response = json_response(500, {"error": "internal", "message": "internal error"})
@@ -719,7 +734,7 @@ class SseStreams:
             transport.abort()
         return True
 
-    def _check(self, request: Request):
+    def _check(self, request: Request, peer: str | None = None):
         gateway = self.gateway
         clients = gateway.clients
         repeated = repeated_header(request.headers, ("Origin", "Authorization", "Last-Event-ID"))
@@ -745,14 +760,17 @@ class SseStreams:
             header = request.headers.get("Authorization")
             if not header:
                 clients.metrics.auth_failures_total += 1
+                message = "send 'Authorization: Bearer <token>'"
+                _log_refusal(gateway, 401, "missing_token", message, peer)
                 return json_response(
                     401,
-                    {"error": "missing_token", "message": "send 'Authorization: Bearer <token>'"},
+                    {"error": "missing_token", "message": message},
                     [("WWW-Authenticate", "Bearer"), *origin_headers],
                 ), ()
             try:
                 claims = clients.verify_bearer(header)
             except InvalidToken as exc:
+                _log_refusal(gateway, 401, "invalid_token", str(exc), peer)
                 return json_response(
                     401,
                     {"error": "invalid_token", "message": str(exc)},
@@ -763,10 +781,10 @@ class SseStreams:
             refused = [p for p in stream.projects if not claims.allows(p)]
             if refused:
                 gateway.metrics.client_errors_total += 1
+                message = f"the token does not allow {refused}"
+                _log_refusal(gateway, 403, "forbidden", message, peer)
                 return json_response(
-                    403,
-                    {"error": "forbidden", "message": f"the token does not allow {refused}"},
-                    origin_headers,
+                    403, {"error": "forbidden", "message": message}, origin_headers
                 ), ()
         return None, (stream, cursors, claims, origin_headers)
 

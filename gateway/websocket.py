@@ -257,7 +257,9 @@ class WebSocketEndpoint:
     def connection(self) -> WebSocketConnection:
         return WebSocketConnection(self)
 
-    def check_request(self, request: Request) -> tuple[Response | None, TokenClaims | None, bool]:
+    def check_request(
+        self, request: Request, peer: str | None = None
+    ) -> tuple[Response | None, TokenClaims | None, bool]:
         """Judge a request that is not an SSE stream's: ``(refusal, claims, is_websocket)``.
 
         A request without ``Upgrade: websocket`` is HTTP (``is_websocket`` False, for
@@ -279,6 +281,14 @@ class WebSocketEndpoint:
             try:
                 return None, self.clients.verify_bearer(header), True
             except InvalidToken as exc:
+                gateway.client_log(
+                    "handshake refused",
+                    kind="handshake_invalid_token",
+                    error="invalid_token",
+                    reason=str(exc)[:200],
+                    status=401,
+                    peer=peer,
+                )
                 refusal = json_response(401, {"error": "invalid_token", "message": str(exc)})
                 return refusal, None, True
             except RevocationsUnknown as exc:
@@ -768,7 +778,7 @@ class WebSocketConnection(asyncio.Protocol):
         try:
             if endpoint.takeover(self, request):
                 return
-            response, claims, websocket = endpoint.check_request(request)
+            response, claims, websocket = endpoint.check_request(request, peer_of(self))
             if not websocket:
                 # An HTTP request (health, metrics, polling): answered once its handler has run,
                 # written here (websockets may have failed on bytes after the request already).

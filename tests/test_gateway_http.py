@@ -308,6 +308,29 @@ async def test_a_burst_of_refused_polls_logs_a_few_lines_then_how_many_were_drop
     assert [entry.get("suppressed") for entry in lines] == [None] * 5 + [25]
 
 
+async def test_a_handshake_refused_for_its_bearer_token_is_logged_at_info(gateways):
+    """A WebSocket handshake refused 401 for its ``Authorization`` header: one info line, as a
+    refused poll or stream (before, counted only)."""
+    from structlog.testing import capture_logs
+
+    gateway = await gateways()
+    upgrade = {
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version": "13",
+        "Authorization": "Bearer nope",
+    }
+    with capture_logs() as logs:
+        status, _, _ = await request(gateway.port, "/", headers=upgrade)
+    assert status == 401
+    (line,) = [entry for entry in logs if entry["event"] == "handshake refused"]
+    assert line["log_level"] == "info"
+    assert (line["error"], line["status"]) == ("invalid_token", 401)
+    assert line["reason"].startswith("invalid token")
+    assert re.fullmatch(r"127\.0\.0\.1:\d+", line["peer"])
+
+
 async def test_a_poll_whose_token_expires_while_its_page_is_read_gets_401(
     gateways, publisher, monkeypatch
 ):

@@ -414,6 +414,33 @@ async def test_streams_are_authorised_by_the_header_only(gateways):
     assert gateway.metrics.auth_failures_total == before + 1
 
 
+async def test_a_stream_refused_for_its_token_is_logged_at_info_with_the_reason(gateways):
+    """A stream refused 401 or 403 is one info line, "stream refused", with the code, the
+    reason, the status and the client's address, as a refused poll or handshake is (before, it
+    was counted only; its 400s were logged already, as "bad request")."""
+    from structlog.testing import capture_logs
+
+    gateway = await gateways()
+    url = _url(gateway)
+    token = issue_token(SECRET, [6], ttl=300)
+    cases = [
+        ({}, 401, "missing_token"),
+        ({"Authorization": "Bearer nope"}, 401, "invalid_token"),
+        ({"Authorization": f"Bearer {token}"}, 403, "forbidden"),
+    ]
+    for headers, status, error in cases:
+        with capture_logs() as logs:
+            got, _, stream = await open_stream(url, "/v1/projects/7/stream", headers)
+            await stream.reader.read()
+            stream.close()
+        assert got == status
+        (line,) = [entry for entry in logs if entry["event"] == "stream refused"]
+        assert line["log_level"] == "info"
+        assert (line["error"], line["status"]) == (error, status)
+        assert line["reason"]
+        assert re.fullmatch(r"127\.0\.0\.1:\d+", line["peer"])
+
+
 async def test_an_expired_token_ends_the_stream_with_a_named_error(gateways):
     gateway = await gateways()
     token = issue_token(SECRET, [8], ttl=2)
