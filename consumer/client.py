@@ -2137,15 +2137,16 @@ class Consumer:
         without tags until a gateway names a tag (:meth:`_tags_known`: a ``subscribed``, a
         ``resync_required``, a page), or the next connection (else, behind a load balancer of
         old gateways, each page was asked for twice). Any other 400 is answered so again, and
-        raises then."""
+        raises then. A 401 (the token expired or was revoked since it was taken) is asked once
+        more with the token function's next token, when there is a token function (as
+        eventbus.js does); a second 401 raises."""
         base = self.http_url or _http_url(self._current_url)
         params: dict[str, object] = {"epoch": cursor[0], "after": cursor[1], "limit": POLL_PAGE}
         tag = cursor.tag if isinstance(cursor, Cursor) and not self._untagged_pages else None
-        token = await self._get_token(renew=False)
         if tag is not None:
             url = f"{base}/v1/projects/{project_id}/events?{urlencode({**params, 'tag': tag})}"
             try:
-                return _poll_decoder.decode(await read_page(url, token, self._poll_timeout))
+                return _poll_decoder.decode(await self._read_page(url))
             except urllib.error.HTTPError as exc:
                 if exc.code != 400:
                     raise
@@ -2156,7 +2157,18 @@ class Consumer:
                     project_id=project_id,
                 )
         url = f"{base}/v1/projects/{project_id}/events?{urlencode(params)}"
-        return _poll_decoder.decode(await read_page(url, token, self._poll_timeout))
+        return _poll_decoder.decode(await self._read_page(url))
+
+    async def _read_page(self, url: str) -> bytes:
+        """The body of the page at ``url``, asked with the current token, and once more with a
+        fresh one after a 401 (the connection's token expired meanwhile: a gateway refuses a
+        page once its ``exp`` has passed)."""
+        try:
+            return await read_page(url, await self._get_token(renew=False), self._poll_timeout)
+        except urllib.error.HTTPError as exc:
+            if exc.code != 401 or not callable(self._token_source):
+                raise
+        return await read_page(url, await self._get_token(renew=True), self._poll_timeout)
 
     def _retry_unavailable(
         self, ws: ClientConnection, state: ProjectState, *, presence: bool, ended: bool

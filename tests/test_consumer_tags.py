@@ -327,6 +327,10 @@ class PageServer(LocalHttpServer):
         head = await reader.readuntil(b"\r\n\r\n")
         target = head.split(b" ")[1].decode()
         query = {k: v[0] for k, v in parse_qs(urlsplit(target).query).items()}
+        for line in head.decode("latin-1").split("\r\n"):
+            name, _, value = line.partition(":")
+            if name.lower() == "authorization":
+                query["(token)"] = value.strip().removeprefix("Bearer ")
         self.queries.append(query)
         status, body = self.answer(query)
         writer.write(
@@ -412,6 +416,55 @@ async def test_a_gateway_before_tags_refusing_the_pages_tag_is_asked_again_witho
         ("6", None),
     ]
     assert consumer.stats.resyncs == 0
+
+
+async def test_a_page_refused_401_is_asked_again_once_with_a_fresh_token():
+    """The pages were asked with the token taken for the connection: one that expired since
+    (a gateway answers 401 once ``exp`` passes, also while it reads the page) ended the
+    catch-up and surfaced a resync, a reload, where a fresh token reads on. Asked once more
+    with the token function's next token (as eventbus.js does); a second 401 is an answer."""
+
+    def answer(query: dict[str, str]) -> tuple[bytes, bytes]:
+        if query.get("(token)") == "stale":
+            return b"401 Unauthorized", b'{"error":"invalid_token","message":"token expired"}'
+        after = int(query["after"])
+        return b"200 OK", page_of(after, min(after + 3, 9), more=after + 3 < 9)
+
+    tokens = iter(["fresh", "later"])
+    server = PageServer(answer)
+    consumer, ws, subscription = await fed_consumer(1)
+    consumer._token_source = lambda: next(tokens)
+    consumer._token = ("stale", 0.0)
+    async with server as url:
+        consumer.http_url = url
+        consumer._poll_timeout = 5
+        consumer._states[1].on_subscribed(EPOCH, 0, resumed=False)
+        consumer._states[1].cursor = Cursor(EPOCH, 3)
+        consumer._states[1].subscribe_message()
+        await consumer._on_frame(ws, too_far_behind(1, 5000))  # type: ignore[arg-type]
+        async with asyncio.timeout(10):
+            await asyncio.gather(*consumer._helpers)
+    items = drain(subscription)
+    assert [(type(i).__name__, i.seq) for i in items] == [("Delivery", s) for s in range(4, 10)]
+    assert [(q["after"], q["(token)"]) for q in server.queries] == [
+        ("3", "stale"),
+        ("3", "fresh"),
+        ("6", "fresh"),
+    ]
+    # Refused again with a fresh token: not asked a third time; the resync is surfaced.
+    server = PageServer(
+        lambda query: (b"401 Unauthorized", b'{"error":"invalid_token","message":"revoked"}')
+    )
+    consumer._token = ("stale", 0.0)
+    async with server as url:
+        consumer.http_url = url
+        consumer._states[1].cursor = Cursor(EPOCH, 9)
+        consumer._states[1].subscribe_message()
+        await consumer._on_frame(ws, too_far_behind(1, 5000))  # type: ignore[arg-type]
+        async with asyncio.timeout(10):
+            await asyncio.gather(*consumer._helpers)
+    assert [q["(token)"] for q in server.queries] == ["stale", "later"]
+    assert [type(i).__name__ for i in drain(subscription)] == ["Resync"]
 
 
 async def test_pages_carry_tags_again_once_a_gateway_names_a_tag():
