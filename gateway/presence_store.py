@@ -44,9 +44,9 @@ import redis.asyncio.cluster
 import redis.exceptions
 
 from gateway.logs import describe, get_logger
-from gateway.node_limits import NodeLimits, node_name, node_unanswered
 from gateway.presence import PresenceCore, SessionKey, Write
 from gateway.tasks import spawn
+from redisconn.node_limits import NodeLimits, node_name, node_unanswered
 from schemas.keys import Keys
 from schemas.presence import (
     DEFAULT_MAX_ANNOUNCEMENT,
@@ -91,7 +91,7 @@ OnUnannounced = Callable[[int, int], None]
 OnLeftOut = Callable[[int, int], None]
 
 #: Presence reads (:data:`~schemas.presence.READ`, one call each) in flight at once per pod (per
-#: master on Redis Cluster: :class:`gateway.node_limits.NodeLimits`); the others wait their
+#: master on Redis Cluster: :class:`redisconn.node_limits.NodeLimits`); the others wait their
 #: turn. Every Redis call of the gateway takes a connection of one pool (redis-py's, 100 at most,
 #: past which it refuses "Too many connections"): a read per ``presence_get`` or presence
 #: subscribe of a project not in memory, 300 of them at once (a reconnect storm of dashboards),

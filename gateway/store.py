@@ -8,7 +8,7 @@ client, and redis-py's pool refuses more than ``max_connections`` (100 by defaul
 connections", which turned a storm into a wave of ``unavailable`` errors. On Redis Cluster the
 reads stay one call each (the slots live on different nodes), bounded by a semaphore per master
 instead: a hung master holds the reads of its own projects until their bound, never the reads of
-the projects the other masters serve (:class:`gateway.node_limits.NodeLimits`).
+the projects the other masters serve (:class:`redisconn.node_limits.NodeLimits`).
 
 Every value read is checked by :mod:`schemas.stored` before it is used. A foreign value (written
 by someone else than the event bus) is skipped, counted in ``eventbus_foreign_values_total`` and
@@ -28,8 +28,8 @@ import redis.exceptions
 
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
-from gateway.node_limits import NodeLimits, node_name
 from gateway.sequencing import Snapshot
+from redisconn.node_limits import NodeLimits, node_name
 from schemas import lua
 from schemas.history import (
     NO_HISTORY_TTL_MS,

@@ -106,6 +106,7 @@ class _ContractHelpers(Generic[R]):
     now (UTC). Each returns what ``publish`` returns: a Cursor, or an awaitable of one."""
 
     _settings: _Settings
+    _policy: RetryPolicy
     #: Stream entries that :meth:`history` reads skipped as not the event bus's (another writer
     #: to the project's stream, or corruption: docs/operations.md, "A writer to Redis"), since
     #: this publisher was made. The HTTP API reports it as ``eventbus_foreign_values_total``.
@@ -117,6 +118,17 @@ class _ContractHelpers(Generic[R]):
         publishing the same event under the same key within it is a no-op returning the first
         cursor. Read-only."""
         return self._settings.idempotency_window
+
+    @property
+    def keys(self) -> Keys:
+        """The deployment's key names (the constructor's ``prefix``). Read-only."""
+        return self._settings.keys
+
+    @property
+    def timeout(self) -> float:
+        """The bound, in seconds, on a call when Redis does not answer (the constructor's
+        ``timeout``, default 10; see its documentation for clients you built). Read-only."""
+        return self._policy.timeout
 
     @property
     def max_revocations(self) -> int:

@@ -17,12 +17,12 @@ import redis.exceptions
 
 from gateway.cluster_pubsub import ClusterPubSub, SlotMap
 from gateway.metrics import Metrics
-from gateway.node_limits import node_name
 from gateway.presence import Write
 from gateway.presence_store import PRESENCE_READS, PresenceService, PresenceStore
 from gateway.store import CLUSTER_CONCURRENCY, ForeignValues, HistoryStore, StoreUnavailable
 from publisher import AsyncPublisher, Publisher
 from redisconn import async_client
+from redisconn.node_limits import node_name
 from schemas.keys import Keys
 from schemas.presence import REFRESH, WRITE, PodRecord
 from tests.support.fake_resp import PROXY, FakeResp, proxy

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from publisher import AsyncPublisher
 from publisher.http_api import ApiError, ApiKey, Credentials, HttpApiSettings, PublishApi, hash_key
+from publisher.http_api.app import redis_places
 from publisher.http_api.core import (
     parse_history_query,
     parse_presence_query,
@@ -100,6 +101,27 @@ def test_settings_of_the_reads_that_cannot_work_are_refused_by_name() -> None:
     ]:
         with pytest.raises(ValueError, match=flag.replace("_", "-")):
             HttpApiSettings(**{flag: value})
+
+
+def test_the_api_runs_as_many_redis_calls_at_once_as_its_pool_holds_with_room_for_readyz() -> None:
+    """redis-py's pool refuses a call past its size at once ("Too many connections"), so the
+    API runs at most that many, less the idle connections the publisher keeps and one for
+    ``/readyz``'s PING; per node on Redis Cluster."""
+    from publisher.connection import idle_limit
+
+    for url, size in [
+        ("redis://127.0.0.1:1/0", 100),
+        ("redis://127.0.0.1:1/0?max_connections=10", 10),
+    ]:
+        client = AsyncPublisher.from_url(url).client
+        places = redis_places(client)
+        assert places >= 1 and places + idle_limit(client.connection_pool) + 1 == size, url
+
+    class Cluster:  # (what a redis-py cluster client shows of its nodes' pools)
+        connection_kwargs = {"max_connections": 40}
+
+    assert redis_places(Cluster()) == 39
+    assert redis_places(None) == 99  # a stand-in publisher without a client: redis-py's 100
 
 
 class _Unused:
@@ -466,3 +488,55 @@ async def test_a_path_is_routed_as_sent_not_as_decoded(redis_url) -> None:
         ):
             status, _, body = await api.get(path, key=KEY_ALL)
             assert (status, body["error"]["code"]) == (404, "not_found"), path
+
+
+async def test_a_burst_of_reads_past_the_redis_pool_waits_its_turn() -> None:
+    """Every request in progress (``--limit-concurrency``, 1,000) made its Redis call at once,
+    each taking a connection of redis-py's pool (100), which refuses the next one at once with
+    "Too many connections": 300 history reads arriving while Redis was busy for a moment
+    answered about 200 of them 503 ``unavailable`` (and ``/readyz`` not ready) against a
+    healthy Redis. They wait their turn now, and a connection is left to ``/readyz``."""
+    with RedisServer() as server:
+        async with _serve(server.url, limit_concurrency=1000) as (_, uvicorn_server, port):
+            api = ReadApi(port)
+            start = (await api.get("/v1/projects/1/events"))[2]
+            page = f"/v1/projects/1/events?epoch={start['epoch']}&after=0"
+            with hung(server):  # busy: the calls made meanwhile hold their connections
+                reads = [asyncio.create_task(api.get(page)) for _ in range(300)]
+                # (every request started: uvicorn's tasks, no event to wait for)
+                while len(uvicorn_server.server_state.tasks) < 300:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+                # Longer than the publisher's retries of a refused connection (0.7 s), far
+                # shorter than its timeout (10 s): a pause of Redis, not an outage.
+                await asyncio.sleep(1.5)
+                ready = asyncio.create_task(api.get("/readyz", key=None))
+                await asyncio.sleep(0.2)  # the probe's PING sent (or refused) meanwhile
+            answers = await asyncio.gather(*reads)
+            assert sorted({status for status, _, _ in answers}) == [200], {
+                (status, body.get("error", {}).get("message")) for status, _, body in answers
+            }
+            status, _, body = await ready
+            assert (status, body) == (200, {"ready": True})
+
+
+async def test_reads_waiting_for_a_hung_redis_answer_503_within_the_bound() -> None:
+    """The wait for a place among the Redis calls counts against the publisher's timeout:
+    300 reads of a hung Redis (most of them waiting behind the 49 calls in flight) are each
+    answered 503 within it, not one timeout per turn; the probes and /metrics answer meanwhile."""
+    with RedisServer() as server:
+        async with _serve(server.url, redis_timeout=1.0, limit_concurrency=1000) as (_, _, port):
+            api = ReadApi(port)
+            with hung(server):
+                started = time.monotonic()
+                reads = [api.get(f"/v1/projects/{1 + i % 3}/presence") for i in range(300)]
+                probes = [
+                    api.raw(f"GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
+                    for path in ("/healthz", "/metrics")
+                ]
+                answers = await asyncio.gather(*reads, *probes)
+                elapsed = time.monotonic() - started
+            assert {(status, body["error"]["code"]) for status, _, body in answers[:300]} == {
+                (503, "unavailable")
+            }
+            assert [status for status, _, _ in answers[300:]] == [200, 200]
+            assert elapsed < 3, elapsed

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import time
 
-from gateway.node_limits import node_name
 from gateway.presence import PresenceCore
 from gateway.presence_store import PresenceService, PresenceStore
 from publisher.presence import aread_presence, read_presence
 from redisconn import async_client, sync_client
+from redisconn.node_limits import node_name
 from tests.test_presence_store import cluster_round
 
 

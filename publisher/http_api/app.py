@@ -24,6 +24,8 @@ from typing import Any, TypeVar
 import msgspec
 import structlog
 
+from publisher.client import DEFAULT_TIMEOUT
+from publisher.connection import idle_limit
 from publisher.core import (
     BATCH_SIZE,
     IdempotencyConflict,
@@ -58,8 +60,10 @@ from publisher.http_api.core import (
     presence_body,
     revocation_body,
 )
+from redisconn.node_limits import NodeLimits
 from schemas.events import ProjectEvent
 from schemas.history import DEFAULT_PAGE_BYTES, MAX_PAGE_BYTES
+from schemas.keys import Keys
 from schemas.presence import DEFAULT_MAX_MEMBERS
 from serverkit import LogThrottle, SingleFlight
 
@@ -78,6 +82,8 @@ _UNAVAILABLE_LOG_INTERVAL = 1.0  # seconds between "Redis unavailable" warnings
 _UNAVAILABLE = "unavailable"  # the throttle's key for those warnings
 _T = TypeVar("_T")
 _FULL = "revocation_list_full"  # the throttle's key for the full-list warnings
+#: redis-py's pool size when the client does not say (its default).
+_DEFAULT_POOL = 100
 _HEALTHY = msgspec.json.encode(Health())
 _READY = msgspec.json.encode(Readiness(ready=True))
 
@@ -220,6 +226,11 @@ class PublishApi:
         self._ping = SingleFlight(self._ping_redis)
         #: The OpenAPI document of this app's settings (``GET /openapi.json``), once asked for.
         self._openapi: bytes | None = None
+        client = getattr(publisher, "client", None)
+        #: The places of the Redis calls in flight (per Cluster master): see :func:`redis_places`.
+        self._places = NodeLimits(client, redis_places(client))
+        self._keys: Keys = getattr(publisher, "keys", None) or Keys()
+        self._redis_timeout: float = getattr(publisher, "timeout", DEFAULT_TIMEOUT)
 
     async def __call__(self, scope: dict, receive, send) -> None:
         kind = scope["type"]
@@ -344,26 +355,21 @@ class PublishApi:
     ) -> tuple[int, bytes]:
         """Publish a request's parsed events (its key's rate limit taken first)."""
         self.limiter.take(key, len(events), self._clock())
+        keys: list[str] | None = None
+        if idempotency_key is not None:
+            # One key per event: a retry of the same request publishes exactly what is
+            # missing (each keyed event is its own script call).
+            count = len(events) if is_batch else 1
+            keys = _publisher_keys(key.id, idempotency_key, count, self.settings.max_events)
+
+        async def call() -> list:
+            if is_batch:
+                return await self.publisher.publish_many(events, idempotency_keys=keys)
+            only = None if keys is None else keys[0]
+            return [await self.publisher.publish(events[0], idempotency_key=only)]
+
         try:
-            if is_batch and idempotency_key is None:
-                cursors = await self.publisher.publish_many(events)
-            elif is_batch:
-                # One key per event: a retry of the same request publishes exactly what is
-                # missing (each keyed event is its own script call).
-                keys = _publisher_keys(
-                    key.id,
-                    idempotency_key,  # type: ignore[arg-type]
-                    len(events),
-                    self.settings.max_events,
-                )
-                cursors = await self.publisher.publish_many(events, idempotency_keys=keys)
-            else:
-                namespaced = None
-                if idempotency_key is not None:
-                    namespaced = _publisher_keys(
-                        key.id, idempotency_key, 1, self.settings.max_events
-                    )[0]
-                cursors = [await self.publisher.publish(events[0], idempotency_key=namespaced)]
+            cursors = await self._redis(self._keys.meta(project_id), call)
         except PublisherUnavailable as exc:
             raise self._unavailable(project_id, exc) from None
         except PublishError as exc:
@@ -428,7 +434,7 @@ class PublishApi:
         when the project's keys hold what the publisher cannot read."""
         self.limiter.take(key, 1, self._clock())
         try:
-            return await read()
+            return await self._redis(self._keys.meta(project_id), read)
         except PublisherUnavailable as exc:
             raise self._unavailable(project_id, exc) from None
         except PublishError as exc:
@@ -459,7 +465,10 @@ class PublishApi:
         if request.keep_for is not None:
             options["keep_for"] = request.keep_for
         try:
-            revocation = await self.publisher.revoke_tokens(request.subject, **options)
+            revocation = await self._redis(
+                self._keys.revocations(),
+                lambda: self.publisher.revoke_tokens(request.subject, **options),
+            )
         except ValueError as exc:  # out of range: a time to come, a keep_for of years
             raise ApiError(422, "invalid_revocation", str(exc)) from None
         except PublisherUnavailable as exc:
@@ -480,6 +489,25 @@ class PublishApi:
             expires_at=revocation.expires_at,
         )
         return 200, revocation_body(revocation)
+
+    async def _redis(self, key: str, call: Callable[[], Awaitable[_T]]) -> _T:
+        """``call()``, one publisher call about ``key``, once it has a place among the Redis
+        calls in flight (:func:`redis_places`, per Cluster master); PublisherUnavailable when
+        the wait and the call together take longer than the publisher's timeout.
+
+        Every request in progress (``--limit-concurrency``, 1,000) made its call at once, each
+        taking a connection of redis-py's pool (100), which refuses the next at once with "Too
+        many connections": 400 history reads at once answered half of them 503 ``unavailable``,
+        and ``/readyz`` not ready, against a healthy Redis. Now they wait their turn, within the
+        same bound as the call itself, and a connection is always left to ``/readyz``."""
+        try:
+            async with asyncio.timeout(self._redis_timeout):
+                async with self._places.for_key(key):
+                    return await call()
+        except TimeoutError as exc:  # the publisher turns its own into PublisherUnavailable
+            raise PublisherUnavailable(
+                f"Redis unavailable: no reply within {self._redis_timeout:g} s"
+            ) from exc
 
     def _unavailable(self, project_id: int | None, exc: Exception) -> ApiError:
         """The 503 of a request Redis did not answer, logged at most once a second (with how
@@ -580,6 +608,21 @@ def _no_room_for_bodies() -> ApiError:
         "the API holds as many request bodies as --max-body-memory allows: retry",
         retry_after=1,
     )
+
+
+def redis_places(client: object) -> int:
+    """How many Redis calls the API runs at once (per master on Redis Cluster): as many as
+    ``client``'s connection pool (per node on Cluster; redis-py's 100 unless the URL sets
+    ``max_connections``) holds besides the idle connections the publisher keeps
+    (:func:`publisher.connection.idle_limit`) and one for ``/readyz``'s ``PING``: 49 of 100.
+    The pool refuses a call past its size at once, however healthy Redis is."""
+    pool = getattr(client, "connection_pool", None)
+    size = getattr(pool, "max_connections", None)
+    if size is None:  # Redis Cluster: each node's pool
+        size = (getattr(client, "connection_kwargs", None) or {}).get("max_connections")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        size = _DEFAULT_POOL
+    return max(1, size - idle_limit(pool) - 1)
 
 
 def _headers(scope: dict) -> dict[bytes, list[bytes]]:
