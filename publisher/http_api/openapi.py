@@ -137,7 +137,8 @@ def _meanings(settings: HttpApiSettings) -> dict[str, str]:
         "publish_failed": "Redis refused the write (a damaged key)",
         "read_failed": "the project's keys hold values the bus did not write",
         "revocation_failed": "Redis refused the write (a revocation key of another type)",
-        "unavailable": "Redis did not answer in time: retry (with the same Idempotency-Key)",
+        "unavailable": "Redis did not answer in time: retry (a publish with the same "
+        "Idempotency-Key)",
         "overloaded": "more connections or requests at once than serve --limit-concurrency, "
         f"or more bytes of request bodies than {settings.max_body_memory} (serve "
         "--max-body-memory; one key: a quarter of it); the connection is closed after the answer",
