@@ -101,6 +101,17 @@ _UNAVAILABLE = (
 )
 
 
+def _unavailable(exc: object) -> bool:
+    """Whether ``exc`` means "Redis did not answer: try again later" (:data:`_UNAVAILABLE`), a
+    ``BUSY`` refusal included: Redis runs another client's script past its
+    ``busy-reply-threshold`` (5 s) and runs nothing else until it ends or is killed, a Redis
+    that does not answer. The command was not run. redis-py raises it as a plain
+    ``ResponseError``, which was taken for the script's own refusal (a damaged key)."""
+    return isinstance(exc, _UNAVAILABLE) or (
+        isinstance(exc, redis.exceptions.ResponseError) and str(exc).startswith("BUSY ")
+    )
+
+
 class _ContractHelpers(Generic[R]):
     """Typed helpers mirroring the contract's ``broadcast_*`` functions; timestamps default to
     now (UTC). Each returns what ``publish`` returns: a Cursor, or an awaitable of one."""
@@ -308,7 +319,7 @@ def _unless_unavailable(results: list) -> list:
     attempted again: every call in it is guarded or keyed, so a call that did run is not
     published twice."""
     for result in results:
-        if isinstance(result, _UNAVAILABLE):
+        if _unavailable(result):
             raise result
     return results
 
@@ -773,7 +784,9 @@ class Publisher(_ContractHelpers[Cursor]):
         while True:
             try:
                 return attempt()
-            except _UNAVAILABLE as exc:
+            except Exception as exc:
+                if not _unavailable(exc):
+                    raise
                 failures += 1
                 pause = self._policy.delay(failures, time.monotonic() - started)
                 if pause is None:
@@ -1126,7 +1139,9 @@ class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
         while True:
             try:
                 return await attempt()
-            except _UNAVAILABLE as exc:
+            except Exception as exc:
+                if not _unavailable(exc):
+                    raise
                 failures += 1
                 pause = self._policy.delay(failures, time.monotonic() - started)
                 if pause is None:

@@ -5,9 +5,12 @@ without sockets, the ASGI app without sockets for the fuzzing, then served again
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
 
 import msgspec
 import pytest
@@ -540,3 +543,61 @@ async def test_reads_waiting_for_a_hung_redis_answer_503_within_the_bound() -> N
             }
             assert [status for status, _, _ in answers[300:]] == [200, 200]
             assert elapsed < 3, elapsed
+
+
+@contextlib.contextmanager
+def busy(server: RedisServer) -> Iterator[None]:
+    """Redis running another client's endless script for the block: past its
+    ``busy-reply-threshold`` (set to 0.1 s here) it answers every other command ``BUSY``, until
+    the script is killed (after the block)."""
+    client = server.client()
+    client.config_set("busy-reply-threshold", 100)
+    blocker = redis.Redis.from_url(server.url)
+
+    def endless() -> None:
+        with contextlib.suppress(redis.exceptions.ResponseError):  # "Script killed by user"
+            blocker.eval("while true do end", 0)
+
+    thread = threading.Thread(target=endless, daemon=True)
+    thread.start()
+    try:
+        while True:  # until Redis answers BUSY (the script is running, past the threshold)
+            try:
+                client.ping()
+            except redis.exceptions.ResponseError as exc:
+                assert str(exc).startswith("BUSY"), exc
+                break
+        yield
+    finally:
+        while thread.is_alive():
+            with contextlib.suppress(redis.exceptions.ResponseError):  # (not running yet)
+                client.script_kill()
+            thread.join(0.1)
+        client.close()
+        blocker.close()
+
+
+async def test_a_redis_busy_running_a_script_is_503_unavailable_not_a_damaged_key() -> None:
+    """Redis answers ``BUSY`` to every command while another client's script runs past
+    ``busy-reply-threshold`` (5 s): it runs nothing else until the script ends or is killed, a
+    Redis that does not answer. Reads were answered 502 ``read_failed`` ("the project's keys hold
+    values the bus did not write") and publishes 502 ``publish_failed`` ("a damaged key"), while
+    ``/readyz`` said not ready: now 503 ``unavailable`` with ``Retry-After``, as for a hung
+    Redis, and nothing is written."""
+    with RedisServer() as server:
+        async with _serve(server.url) as (_, _, port):
+            api = ReadApi(port)
+            start = (await api.get("/v1/projects/1/events"))[2]
+            with busy(server):
+                for path in (
+                    f"/v1/projects/1/events?epoch={start['epoch']}&after=0",
+                    "/v1/projects/1/presence",
+                ):
+                    status, headers, body = await api.get(path)
+                    assert (status, body["error"]["code"]) == (503, "unavailable"), (path, body)
+                    assert headers["retry-after"] == "1"
+                status, _, body = await api.post(1, EXPIRED)
+                assert (status, body["error"]["code"]) == (503, "unavailable"), body
+                status, _, body = await api.post(1, [EXPIRED, EXPIRED])
+                assert (status, body["error"]["code"]) == (503, "unavailable"), body
+            assert (await api.get("/v1/projects/1/events"))[2]["seq"] == 0  # nothing written
