@@ -601,3 +601,40 @@ async def test_a_redis_busy_running_a_script_is_503_unavailable_not_a_damaged_ke
                 status, _, body = await api.post(1, [EXPIRED, EXPIRED])
                 assert (status, body["error"]["code"]) == (503, "unavailable"), body
             assert (await api.get("/v1/projects/1/events"))[2]["seq"] == 0  # nothing written
+
+
+async def test_reads_of_a_hung_cluster_master_take_the_places_of_that_master_only(
+    redis_cluster_factory,
+) -> None:
+    """The places of the Redis calls in flight are per master on Redis Cluster (each node has a
+    pool of its own): 250 reads of projects of a hung master take all of its places, and a read
+    of a project another master serves is answered at once, not after them."""
+    cluster = redis_cluster_factory(masters=3, replicas=0)
+    hung_node = cluster.masters()[0]
+    projects = range(1, 300)
+    on_hung = [p for p in projects if cluster.node_for_project(p) == hung_node][:5]
+    elsewhere = next(p for p in projects if cluster.node_for_project(p) != hung_node)
+    async with _serve(cluster.url, redis_timeout=3.0, limit_concurrency=1000) as (
+        _,
+        uvicorn_server,
+        port,
+    ):
+        api = ReadApi(port)
+        for project in (*on_hung, elsewhere):  # (the client's slot map loaded)
+            assert (await api.get(f"/v1/projects/{project}/presence"))[0] == 200
+        hung_node.freeze()
+        try:
+            stuck = [
+                asyncio.create_task(api.get(f"/v1/projects/{on_hung[i % 5]}/presence"))
+                for i in range(250)
+            ]
+            # (every request started: uvicorn's tasks, no event to wait for)
+            while len(uvicorn_server.server_state.tasks) < 250:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+            started = time.monotonic()
+            status, _, body = await api.get(f"/v1/projects/{elsewhere}/presence")
+            assert status == 200, body
+            assert time.monotonic() - started < 1
+        finally:
+            hung_node.thaw()
+        assert {status for status, _, _ in await asyncio.gather(*stuck)} <= {200, 503}
