@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import msgspec
 import pytest
 import redis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from publisher import AsyncPublisher
@@ -638,3 +638,96 @@ async def test_reads_of_a_hung_cluster_master_take_the_places_of_that_master_onl
         finally:
             hung_node.thaw()
         assert {status for status, _, _ in await asyncio.gather(*stuck)} <= {200, 503}
+
+
+def _frame(project: int, seq: int) -> bytes:
+    return b'{"type":"x","project_id":%d,"seq":%d}' % (project, seq)
+
+
+_GARBAGE_VALUES = st.one_of(
+    st.binary(max_size=12),
+    st.sampled_from([b"{}", b"7", b"Ep0ch", b"\xff"]),
+    st.tuples(st.sampled_from([7, 17, 70, 1]), st.integers(0, 14)).map(lambda ps: _frame(*ps)),
+)
+
+
+_OURS_META = st.integers(0, 14).map(lambda top: {"epoch": b"Ep0ch", "seq": top})
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    meta=st.one_of(
+        _OURS_META,  # (weighted: the bus's meta, with garbage in the stream, is the case to read)
+        _OURS_META,
+        _OURS_META,
+        st.none(),
+        st.just("a string"),
+        st.dictionaries(st.sampled_from(["epoch", "seq", "x"]), _GARBAGE_VALUES, max_size=3),
+    ),
+    entries=st.lists(  # seq 1, 2, ...: the bus's frame, nothing (a hole) or another value
+        st.one_of(
+            st.just("ours"),
+            st.just("ours"),
+            st.just(None),
+            st.dictionaries(st.sampled_from([b"f", b"t", b"x"]), _GARBAGE_VALUES, min_size=1),
+        ),
+        max_size=14,
+    ).map(lambda kinds: {seq: kind for seq, kind in enumerate(kinds, 1) if kind is not None}),
+    stream_is_a_hash=st.integers(0, 9).map(lambda n: n == 9),
+    query=st.sampled_from(
+        [
+            b"epoch=Ep0ch&after=0",
+            b"",
+            b"epoch=Ep0ch&after=0&limit=3",
+            b"epoch=Ep0ch&after=2",
+            b"epoch=Ep0ch&after=14",
+        ]
+    ),
+)
+def test_any_stored_values_read_as_a_page_of_the_projects_events_or_a_502(
+    redis_url, meta, entries, stream_is_a_hash, query
+) -> None:
+    """Whatever another writer left in project 7's meta and stream keys (values of any type,
+    frames of other projects, of other seqs, not JSON), a history read answers 200 with events of
+    project 7 only, in order, up to its top, or 502 ``read_failed``: never a 500, never another
+    project's event."""
+    keys = Keys()
+    raw = redis.Redis.from_url(redis_url)
+    try:
+        raw.flushall()
+        if isinstance(meta, str):
+            raw.set(keys.meta(7), meta)
+        elif meta:
+            raw.hset(keys.meta(7), mapping=meta)
+        if stream_is_a_hash:
+            raw.hset(keys.stream(7), "f", _frame(7, 1))
+        else:
+            for seq in sorted(entries):
+                fields = entries[seq]
+                if fields == "ours":
+                    fields = {b"f": _frame(7, seq), b"t": b"1"}
+                raw.xadd(keys.stream(7), fields, id=f"{seq}-0")
+    finally:
+        raw.close()
+
+    async def read() -> tuple[int, bytes]:
+        publisher = AsyncPublisher.from_url(redis_url)
+        try:
+            app = PublishApi(publisher, read_credentials(), HttpApiSettings())
+            return await _asgi_get(app, "/v1/projects/7/events", query)
+        finally:
+            await publisher.aclose()
+
+    status, body = asyncio.run(read())
+    answer = json.loads(body)
+    event(f"{status}{' with events' if answer.get('events') else ''}")
+    if status == 502:
+        assert answer["error"]["code"] == "read_failed", answer
+        return
+    assert status == 200, answer
+    page = msgspec.json.decode(body, type=PollResponse)
+    seqs = [event["seq"] for event in answer["events"]]
+    assert all(event["project_id"] == 7 for event in answer["events"]), answer
+    assert seqs == sorted(set(seqs)) and all(0 < seq <= page.seq for seq in seqs), answer
+    if page.resync_required is not None:
+        assert seqs == []
