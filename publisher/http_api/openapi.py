@@ -135,7 +135,8 @@ def _meanings(settings: HttpApiSettings) -> dict[str, str]:
         f"and trailers) exceed {settings.max_header_bytes} bytes (serve --max-header-bytes); the "
         "connection is closed after the answer",
         "publish_failed": "Redis refused the write (a damaged key)",
-        "read_failed": "the project's keys hold values the bus did not write",
+        "read_failed": "the project's keys hold values the bus did not write, or Redis refused "
+        "the read otherwise (READONLY, MISCONF, NOPERM: the message has Redis' words)",
         "revocation_failed": "Redis refused the write (a revocation key of another type)",
         "unavailable": "Redis did not answer in time: retry (a publish with the same "
         "Idempotency-Key)",
