@@ -38,6 +38,8 @@ from tests.support.redis_server import free_port
 from tests.test_http_api import EXPIRED, KEY_ALL, KEY_ONE, serving_app, stream
 
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
+#: A request the API answers at once, and not past --limit-concurrency (the probes are): 401.
+CHEAP = b"GET /v1/projects/1/presence HTTP/1.1\r\nHost: t\r\n\r\n"
 
 
 def publish_request(body: bytes, *, close: bool = False, extra: bytes = b"") -> bytes:
@@ -341,7 +343,7 @@ async def test_connections_past_the_limit_are_closed_at_accept(redis_url, caplog
         writer.close()
         assert app.counters.closed["full"] == 1
         # The held ones are served (uvicorn's 503: past the limit of requests in progress)...
-        held[0][1].write(HEALTHZ)
+        held[0][1].write(CHEAP)
         async with asyncio.timeout(5):
             status, headers, body = await read_answer(held[0][0])
         assert status == 503 and headers["retry-after"] == "1", (status, body)
@@ -557,7 +559,7 @@ async def test_the_limit_counts_the_connection_asking(redis_url) -> None:
             assert (await read_answer(reader))[0] == 200
         # A second connection is past the limit: refused, and the first is served again.
         other_reader, other_writer = await asyncio.open_connection("127.0.0.1", port)
-        other_writer.write(HEALTHZ)
+        other_writer.write(CHEAP)
         async with asyncio.timeout(5):
             assert (await read_answer(other_reader))[0] == 503
         writer.write(HEALTHZ)
@@ -566,6 +568,52 @@ async def test_the_limit_counts_the_connection_asking(redis_url) -> None:
         writer.close()
         other_writer.close()
         assert app.counters.responses[503, "overloaded"] == 1
+
+
+async def test_the_probes_and_metrics_are_answered_past_the_limit(redis_url) -> None:
+    """Past --limit-concurrency every request was answered 503 ``overloaded``, the probes too:
+    while Redis hangs every request in progress waits 10 s, and a liveness probe (``/healthz``)
+    then failed under load, so Kubernetes restarted a process that was only waiting, losing the
+    requests in progress. The probes and ``/metrics`` hold no Redis connection (``/readyz``'s
+    PING is shared) and end at once: they are answered past the limit."""
+    async with serving(redis_url, gated=True, limit_concurrency=2) as (app, server, port):
+        held = []
+        for _ in range(2):  # the limit's requests in progress, waiting at the gate
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(publish_request(json.dumps(EXPIRED).encode()))
+            held.append((reader, writer))
+        # (both started: uvicorn's tasks, no event to wait for)
+        async with asyncio.timeout(5):
+            while len(server.server_state.tasks) < 2:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        for request, expected in [
+            (HEALTHZ, b'{"status":"ok"}'),
+            (b"GET /readyz HTTP/1.1\r\nHost: t\r\n\r\n", b'{"ready":true}'),
+        ]:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(request)
+            async with asyncio.timeout(5):
+                status, _, body = await read_answer(reader)
+            writer.close()
+            assert (status, body) == (200, expected), request
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
+        async with asyncio.timeout(5):
+            status, _, body = await read_answer(reader)
+        writer.close()
+        assert status == 200 and b'responses_total{status="503",code="overloaded"} ' not in body
+        # Anything else is still refused past the limit.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(CHEAP)
+        async with asyncio.timeout(5):
+            status, _, body = await read_answer(reader)
+        writer.close()
+        assert (status, msgspec.json.decode(body)["error"]["code"]) == (503, "overloaded")
+        app.publisher.gate.set()
+        for reader, writer in held:
+            async with asyncio.timeout(10):
+                assert (await read_answer(reader))[0] == 200
+            writer.close()
 
 
 async def test_a_flood_of_readiness_probes_does_not_take_the_api_out(redis_url) -> None:

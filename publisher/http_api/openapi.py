@@ -228,12 +228,20 @@ def _error(codes: list[str]) -> dict:
 
 
 def _responses(
-    ok: dict, codes: tuple[str, ...], meanings: dict[str, str], *, head: bool = False
+    ok: dict,
+    codes: tuple[str, ...],
+    meanings: dict[str, str],
+    *,
+    head: bool = False,
+    bounded: bool = True,
 ) -> dict:
     """An operation's responses: ``ok`` (200), and a refusal for each status of ``codes`` (and
-    of those any request may get). ``head``: headers only."""
+    of those any request may get). ``head``: headers only. ``bounded``: refused past
+    ``--limit-concurrency`` (``overloaded``), which the probes and /metrics are not
+    (``publisher.http_api.server.UNBOUNDED_PATHS``)."""
     by_status: dict[int, list[str]] = {}
-    for code in (*codes, *_ANY_REQUEST):
+    anyway = _ANY_REQUEST if bounded else tuple(c for c in _ANY_REQUEST if c != "overloaded")
+    for code in (*codes, *anyway):
         by_status.setdefault(_STATUS[code], []).append(code)
     responses: dict[str, Any] = {"200": _headless(ok) if head else ok}
     for status in sorted(by_status):
@@ -291,10 +299,10 @@ def openapi_document(settings: HttpApiSettings | None = None) -> dict:
     )
     no_key: list = []
 
-    def reads(ok: dict, codes: tuple[str, ...]) -> dict:
+    def reads(ok: dict, codes: tuple[str, ...], *, bounded: bool = True) -> dict:
         return {
-            "get": _responses(ok, codes, meanings),
-            "head": _responses(ok, codes, meanings, head=True),
+            "get": _responses(ok, codes, meanings, bounded=bounded),
+            "head": _responses(ok, codes, meanings, head=True, bounded=bounded),
         }
 
     project = {
@@ -495,7 +503,7 @@ def openapi_document(settings: HttpApiSettings | None = None) -> dict:
             "health",
             "The process is up",
             "Liveness probe; no key.",
-            reads(_json("Up.", _ref("Health")), ()),
+            reads(_json("Up.", _ref("Health")), (), bounded=False),
             tags=["probes"],
             security=no_key,
         ),
@@ -519,6 +527,7 @@ def openapi_document(settings: HttpApiSettings | None = None) -> dict:
                     "content": {"text/plain": {"schema": {"type": "string"}}},
                 },
                 (),
+                bounded=False,
             ),
             tags=["probes"],
             security=no_key,
@@ -606,21 +615,16 @@ def openapi_document(settings: HttpApiSettings | None = None) -> dict:
 
 
 def _ready_responses(meanings: dict[str, str]) -> dict:
-    """/readyz: 200 ready, 503 not ready (no Retry-After) or overloaded."""
+    """/readyz: 200 ready, 503 not ready (no Retry-After); answered past --limit-concurrency."""
     ok = _json("Redis answered PING in time.", _ref("Readiness"))
     by_method = {}
     for method, head in (("get", False), ("head", True)):
-        responses = _responses(ok, (), meanings, head=head)
+        responses = _responses(ok, (), meanings, head=head, bounded=False)
         not_ready: dict[str, Any] = {
-            "description": "Redis did not answer PING in time (`redis` says what went wrong), "
-            "or `overloaded`: " + meanings["overloaded"],
-            "headers": {"Retry-After": {"$ref": "#/components/headers/RetryAfter"}},
+            "description": "Redis did not answer PING in time (`redis` says what went wrong)",
         }
         if not head:
-            overloaded = responses["503"]["content"]["application/json"]["schema"]
-            not_ready["content"] = {
-                "application/json": {"schema": {"anyOf": [_ref("Readiness"), overloaded]}}
-            }
+            not_ready["content"] = {"application/json": {"schema": _ref("Readiness")}}
         responses["503"] = not_ready
         by_method[method] = responses
     return by_method

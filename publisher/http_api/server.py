@@ -32,7 +32,8 @@ received cancels. :class:`BoundedHttpProtocol` adds the bounds it lacks:
   :data:`MAX_PIPELINED` requests are parsed ahead; the rest stays unread, in the socket.
 
 Requests past ``--limit-concurrency`` are answered the documented JSON 503 (``overloaded``) and
-counted, where uvicorn answered plain text and logged a warning for each; requests that are not
+counted, where uvicorn answered plain text and logged a warning for each (the probes and
+``/metrics`` are answered past it: :data:`UNBOUNDED_PATHS`); requests that are not
 HTTP/1.1 are answered 400 (``invalid_http``) and counted, not logged (a request whose body breaks
 off gets that answer at once, not the 408 of a body that never ends);
 Upgrade requests (WebSocket, h2c) are answered as plain requests, then the connection is closed.
@@ -61,6 +62,7 @@ from serverkit import raise_descriptor_limit, warn_lowered
 __all__ = [
     "ACCEPT_SLACK",
     "MAX_PIPELINED",
+    "UNBOUNDED_PATHS",
     "BoundedHttpProtocol",
     "fit_descriptors",
     "fitted_concurrency",
@@ -97,6 +99,9 @@ LISTEN_BACKLOG = 1024
 ACCEPT_BATCHES = 4
 #: The smallest backlog :func:`listen_backlog` fits to a low descriptor limit.
 MIN_LISTEN_BACKLOG = 32
+
+#: Paths answered past ``--limit-concurrency`` (see :meth:`BoundedHttpProtocol._start_request`).
+UNBOUNDED_PATHS = frozenset((b"/healthz", b"/readyz", b"/metrics"))
 
 _NOTHING = memoryview(b"")
 #: The HTTP versions served (1.0 is read like 1.1).
@@ -271,6 +276,14 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         # (This connection is one of ``connections``: at most ``limit`` of them are served, as
         # documented. uvicorn's own ``<`` served limit - 1, and none at a limit of 1.)
         if limit is None or (len(self.connections) <= limit and len(self.tasks) < limit):
+            super().on_headers_complete()
+            return
+        if self.url.partition(b"?")[0] in UNBOUNDED_PATHS:
+            # The probes and /metrics past the limit too: they hold no Redis connection
+            # (/readyz's PING is shared, bounded by --ready-timeout) and end at once, and the
+            # connections asking are bounded at accept. Refused, a liveness probe failed while
+            # a hung Redis held every request in progress for 10 s, and the process was
+            # restarted for waiting (its requests in progress lost).
             super().on_headers_complete()
             return
         app, self.app = self.app, _overloaded  # for this request only
