@@ -11,6 +11,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from unittest.mock import ANY
 
 import msgspec
 import pytest
@@ -731,3 +732,31 @@ def test_any_stored_values_read_as_a_page_of_the_projects_events_or_a_502(
     assert seqs == sorted(set(seqs)) and all(0 < seq <= page.seq for seq in seqs), answer
     if page.resync_required is not None:
         assert seqs == []
+
+
+async def test_readyz_on_a_cluster_asks_every_master_and_wants_a_majority(
+    redis_cluster_factory,
+) -> None:
+    """``/readyz`` sent one ``PING``, which redis-py sends to one master (its default node, the
+    master of slot 0): that master hung, every API process said not ready at once, and a load
+    balancer had none to send the publishes of the other masters' projects to; another master
+    hung, they said ready. It asks every master now, as the gateway does, and is ready while a
+    majority of them answer."""
+    cluster = redis_cluster_factory(masters=3, replicas=0)
+    async with _serve(cluster.url, redis_timeout=3.0, ready_timeout=0.5) as (app, _, port):
+        api = ReadApi(port)
+        assert await api.get("/readyz", key=None) == (200, ANY, {"ready": True})
+        default = app.publisher.client.get_default_node()
+        masters = sorted(cluster.masters(), key=lambda node: node.port != default.port)
+        masters[0].freeze()  # the node a plain PING goes to
+        try:
+            assert (await api.get("/readyz", key=None))[2] == {"ready": True}
+            masters[1].freeze()
+            try:
+                status, _, body = await api.get("/readyz", key=None)
+                assert (status, body["ready"]) == (503, False)
+                assert "2 of 3 Redis Cluster masters" in body["redis"], body
+            finally:
+                masters[1].thaw()
+        finally:
+            masters[0].thaw()

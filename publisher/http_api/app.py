@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import msgspec
 import structlog
+from redis.asyncio.cluster import RedisCluster
 
 from publisher.client import DEFAULT_TIMEOUT
 from publisher.connection import idle_limit
@@ -592,10 +593,29 @@ class PublishApi:
         await _respond(send, 200, _READY)
 
     async def _ping_redis(self) -> str | None:
-        """None when Redis answered in time, else what went wrong."""
+        """None when Redis answered in time, else what went wrong. On Redis Cluster, when a
+        majority of its masters did, each asked on its own (as the gateway's ``/readyz``): a
+        plain ``PING`` goes to one master (redis-py's default node), so that master hung made
+        every API process unready at once, the other masters' projects with them, and another
+        master hung left them ready."""
+        client = self.publisher.client
+        masters = client.get_primaries() if isinstance(client, RedisCluster) else []
+        if not masters:
+            return await self._ping_one(client, None)
+        problems = await asyncio.gather(*(self._ping_one(client, node) for node in masters))
+        failed = [problem for problem in problems if problem is not None]
+        if 2 * len(failed) < len(masters):
+            return None
+        return f"{len(failed)} of {len(masters)} Redis Cluster masters: {failed[0]}"
+
+    async def _ping_one(self, client: Any, node: Any) -> str | None:
+        """None when ``client`` (``node``, if not None) answered PING within --ready-timeout."""
         try:
             async with asyncio.timeout(self.settings.ready_timeout):
-                await self.publisher.client.ping()
+                if node is None:
+                    await client.ping()
+                else:
+                    await client.ping(target_nodes=node)
         except Exception as exc:  # any failure means "not ready"; the reason is in the body
             return str(exc) or type(exc).__name__
         return None

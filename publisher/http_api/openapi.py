@@ -511,7 +511,8 @@ def openapi_document(settings: HttpApiSettings | None = None) -> dict:
             "readiness",
             "Redis answers",
             f"Readiness probe: 200 when Redis answered PING within {settings.ready_timeout:g} s "
-            "(serve --ready-timeout), else 503 with the reason; no key.",
+            "(serve --ready-timeout; on Redis Cluster, a majority of its masters did), else 503 "
+            "with the reason; no key.",
             _ready_responses(meanings),
             tags=["probes"],
             security=no_key,
