@@ -23,6 +23,7 @@ invalid event built in Python is rejected before anything reaches Redis.
 from __future__ import annotations
 
 import json
+import math
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, TypeAlias, Union
 
@@ -42,6 +43,7 @@ __all__ = [
     "BlockerType",
     "Event",
     "EventValidationError",
+    "NumberOutOfRange",
     "ProjectEvent",
     "decode_event",
     "encode_event",
@@ -232,17 +234,47 @@ class _RepeatedKey(Exception):
     pass
 
 
-def _no_repeated_keys(pairs: list[tuple[str, object]]) -> None:
+class NumberOutOfRange(Exception):
+    """A number msgspec does not decode, found by :func:`repeated_key` (``numbers=True``). Not
+    a ValueError: ``json`` would take it for malformed JSON."""
+
+
+#: The longest integer msgspec decodes, in characters (its sign counted): past it "Integer value
+#: out of range", as a float past 1.8e308 is "Number out of range".
+_LONGEST_INT = 4300
+
+
+def _int_text(text: str) -> str:
+    if len(text) > _LONGEST_INT:
+        raise NumberOutOfRange(text[:20])
+    return text
+
+
+def _float_text(text: str) -> str:
+    if math.isinf(float(text)):  # (float() rounds as msgspec does: correctly)
+        raise NumberOutOfRange(text[:20])
+    return text
+
+
+def _repeat(pairs: list[tuple[str, object]]) -> str | None:
+    """The first key of ``pairs`` given twice, or None."""
     if len(pairs) > 1 and len({key for key, _ in pairs}) != len(pairs):
         seen: set[str] = set()
         for key, _ in pairs:
             if key in seen:
-                raise _RepeatedKey(key)
+                return key
             seen.add(key)
+    return None
+
+
+def _no_repeated_keys(pairs: list[tuple[str, object]]) -> None:
+    key = _repeat(pairs)
+    if key is not None:
+        raise _RepeatedKey(key)
     # (None: the objects themselves are never needed, only whether their keys repeat)
 
 
-def repeated_key(data: bytes | str) -> str | None:
+def repeated_key(data: bytes | str, *, numbers: bool = False) -> str | None:
     """The first key found twice in one object of the JSON document ``data``, or None.
 
     JSON leaves a repeated key's meaning open and decoders differ (msgspec, Python's ``json`` and
@@ -254,16 +286,29 @@ def repeated_key(data: bytes | str) -> str | None:
     there would let a repeated key through behind a deep enough value.
     About 5 us for an event of a few hundred bytes (msgspec decodes it in under 1): paid by
     :func:`decode_event` (JSON from outside), not by :func:`encode_event` (msgspec's own bytes).
+
+    ``numbers``: read every number too, and raise :class:`NumberOutOfRange` for one msgspec
+    does not decode (a float past 1.8e308, an integer written in over 4,300 characters), wherever
+    it is (after a repeated key too), for a caller whose msgspec decoders skip values unread (an
+    event's unknown fields): msgspec decoding all of it refused the whole document for one.
     """
-    try:  # (numbers kept as text: int() refuses over 4,300 digits, JSON does not)
-        json.loads(data, object_pairs_hook=_no_repeated_keys, parse_int=str, parse_float=str)
-    except _RepeatedKey as found:
-        return str(found.args[0])
+    found: list[str] = []
+
+    def first_repeat(pairs: list[tuple[str, object]]) -> None:
+        if not found and (key := _repeat(pairs)) is not None:
+            found.append(key)  # (and read on, for the numbers after it)
+
+    # (numbers kept as text: int() refuses over 4,300 digits, JSON does not)
+    hooks = (first_repeat, _int_text, _float_text) if numbers else (_no_repeated_keys, str, str)
+    try:  # (one frame, as deep as ever: the depth refused as TOO_DEEP is the same)
+        json.loads(data, object_pairs_hook=hooks[0], parse_int=hooks[1], parse_float=hooks[2])
+    except _RepeatedKey as repeat:
+        return str(repeat.args[0])
     except ValueError:  # (UnicodeDecodeError is one)
         return None
     except RecursionError:
         raise EventValidationError(TOO_DEEP) from None
-    return None
+    return found[0] if found else None
 
 
 def encode_event(event: ProjectEvent | Any) -> bytes:

@@ -199,9 +199,9 @@ def test_a_body_is_scanned_for_repeated_keys_once(monkeypatch) -> None:
     scanned: list[int] = []
     scan = schemas.events.repeated_key
 
-    def counting(data):
+    def counting(data, **options):
         scanned.append(len(data))
-        return scan(data)
+        return scan(data, **options)
 
     monkeypatch.setattr(core, "repeated_key", counting)
     monkeypatch.setattr(schemas.events, "repeated_key", counting)
@@ -279,6 +279,32 @@ def test_an_event_without_project_id_is_the_same_event_with_the_paths(
             return (error.status, error.code, str(error))
 
     assert answer(without) == answer(with_project)
+
+
+@pytest.mark.parametrize(
+    "number", ["1e400", "-1e309", "1.7976931348623159e308", "9" * 4301, "-" + "9" * 4300]
+)
+@pytest.mark.parametrize(
+    "document",
+    [
+        '{"project_id": %s, "type": "blocker_expired"}',  # (was a 500: msgspec's error escaped)
+        '{**, "unknown": [%s]}',  # (was accepted: a skipped value's number is never read)
+        '{"type": "blocker_expired", "blocker_id": %s}',  # (was a 422 naming the field)
+        '[{"x": 1, "x": 2}, {**, "unknown": %s}]',  # (was 400 repeated_key)
+        "[%s, {**}, {**}, {**}]",  # (was 413 too_many_events)
+    ],
+)
+def test_a_number_msgspec_cannot_read_is_invalid_json_wherever_it_is(
+    document: str, number: str
+) -> None:
+    """msgspec decodes neither a float past 1.8e308 nor an integer written in over 4,300
+    characters: the whole body was refused 400 ``invalid_json``, wherever the number was. Skipped
+    (an unknown field) it is never read, so the body's numbers are checked on their own."""
+    body = document.replace("{**", json.dumps(EXPIRED)[:-1]).replace("%s", number).encode()
+    with pytest.raises(ApiError) as error:
+        parse_events(body, 1, 3)
+    assert (error.value.status, error.value.code) == (400, "invalid_json")
+    assert str(error.value) == "the body is not valid JSON"
 
 
 def test_a_large_body_is_parsed_without_the_garbage_collector() -> None:

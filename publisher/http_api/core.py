@@ -24,6 +24,7 @@ from msgspec import Meta
 from schemas.events import (
     TOO_DEEP,
     EventValidationError,
+    NumberOutOfRange,
     ProjectEvent,
     decode_event,
     repeated_key,
@@ -337,6 +338,33 @@ def _refuse_repeated_keys(body: bytes) -> None:
         raise ApiError(400, "repeated_key", f"the key {key!r} is given twice in one object")
 
 
+#: What :func:`_first_repeated_key` answers for JSON too deep to check for repeated keys.
+_TOO_DEEP = object()
+
+
+def _first_repeated_key(body: bytes) -> str | object | None:
+    """:func:`repeated_key` of ``body`` (:data:`_TOO_DEEP` when it is nested too deeply to
+    check), whose every number is read too: ApiError 400 ``invalid_json`` for one msgspec does
+    not decode, wherever it is. msgspec skips the values it does not decode (an event's unknown
+    fields) without reading their numbers; when it decoded everything, such a number refused the
+    whole body, whatever else was wrong with it (a repeated key, too many events)."""
+    try:
+        return repeated_key(body, numbers=True)
+    except NumberOutOfRange:
+        raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
+    except EventValidationError:  # (too deep to check)
+        pass
+    # Too deep to check, a few levels less deep than msgspec decodes: the numbers past that
+    # depth are read by msgspec (the old price, for such bodies only).
+    try:
+        msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
+    except RecursionError:
+        raise ApiError(400, "invalid_json", TOO_DEEP) from None
+    return _TOO_DEEP
+
+
 def parse_events(body: bytes, project_id: int, max_events: int) -> tuple[list[ProjectEvent], bool]:
     """Decode a request body into validated events of ``project_id``.
 
@@ -348,10 +376,11 @@ def parse_events(body: bytes, project_id: int, max_events: int) -> tuple[list[Pr
 
     What a body costs is bounded by its length, not by what it holds: an event's fields the
     contract does not know (ignored) are skipped by msgspec without becoming Python objects, and
-    the one pass that must read all of them, the repeated-key check, runs with the cyclic garbage
-    collector paused. A 5 MB event of a million tiny unknown arrays took about a second of the
-    event loop (several collections over the millions of objects the decoders built); now
-    ~0.1 s (docs/http-publish.md).
+    the one pass that must read all of them, the repeated-key check (which also refuses a number
+    msgspec would not have decoded, as it did when it decoded them all), runs with the cyclic
+    garbage collector paused. A 5 MB event of a million tiny unknown arrays took about a second
+    of the event loop (several collections over the millions of objects the decoders built);
+    now ~0.1 s (docs/http-publish.md).
     """
     with _collector_paused():
         _check_document(body)
@@ -359,11 +388,17 @@ def parse_events(body: bytes, project_id: int, max_events: int) -> tuple[list[Pr
         items: list[bytes | msgspec.Raw] = _ITEMS.decode(body) if is_batch else [body]
         if not items:
             raise ApiError(400, "invalid_body", "an empty array publishes nothing")
+        # A number msgspec cannot read refuses the body before its count (msgspec decoded all
+        # of it first); JSON too deep to check its keys after it (the check came then).
+        key = _first_repeated_key(body)
         if len(items) > max_events:
             raise ApiError(
                 413, "too_many_events", f"at most {max_events} events per request, got {len(items)}"
             )
-        _refuse_repeated_keys(body)
+        if key is _TOO_DEEP:
+            raise ApiError(400, "invalid_json", TOO_DEEP)
+        if key is not None:
+            raise ApiError(400, "repeated_key", f"the key {key!r} is given twice in one object")
         events: list[ProjectEvent] = []
         for index, item in enumerate(items):
             where = f"event {index}: " if is_batch else ""
