@@ -328,6 +328,47 @@ def test_a_large_body_is_parsed_without_the_garbage_collector() -> None:
     assert gc.isenabled()
 
 
+def test_an_interrupt_anywhere_in_a_parse_leaves_the_garbage_collector_as_it_was() -> None:
+    """A KeyboardInterrupt (or any exception) raised at any point of a parse, as a signal is:
+    after whichever C call returns. One raised as ``gc.disable()`` returned, before the pause's
+    ``try``, left the collector off for the rest of the process's life (memory of every cycle
+    never freed)."""
+    body = json.dumps([EXPIRED, resolved(1)]).encode()
+    calls = 0
+
+    def count(frame, event: str, arg) -> None:
+        nonlocal calls
+        calls += event == "c_return"
+
+    sys.setprofile(count)
+    try:
+        parse_events(body, 1, 500)
+    finally:
+        sys.setprofile(None)
+    assert calls > 10
+    for at in range(calls):
+        seen = 0
+
+        def interrupt(frame, event: str, arg, at: int = at) -> None:
+            nonlocal seen
+            if event == "c_return":
+                seen += 1
+                if seen > at:
+                    sys.setprofile(None)
+                    raise KeyboardInterrupt
+
+        sys.setprofile(interrupt)
+        try:
+            parse_events(body, 1, 500)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.setprofile(None)
+        enabled = gc.isenabled()
+        gc.enable()
+        assert enabled, f"interrupted after C call {at + 1} of {calls}"
+
+
 def test_body_memory_is_bounded_in_all_and_per_key() -> None:
     memory = BodyMemory(16_000)  # a key's share: 4,000
     first, second = memory.hold("a"), memory.hold("a")

@@ -14,8 +14,7 @@ import hmac
 import math
 import re
 import secrets
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from typing import Annotated, Literal
 
 import msgspec
@@ -382,7 +381,15 @@ def parse_events(body: bytes, project_id: int, max_events: int) -> tuple[list[Pr
     of the event loop (several collections over the millions of objects the decoders built);
     now ~0.1 s (docs/http-publish.md).
     """
-    with _collector_paused():
+    # The collector off while the parse builds nothing but acyclic, short-lived objects
+    # (refcounting frees them): its generations, filled by a body's millions of values, made it
+    # run again and again over them, most of a large body's cost. The parse never awaits, so no
+    # other task's work runs in the pause. Paused inside the ``try`` (and restored only if it
+    # was on): an exception raised as ``gc.disable()`` returns (a KeyboardInterrupt, as a
+    # signal raises it) must not leave it off for the rest of the process's life.
+    enabled = gc.isenabled()
+    try:
+        gc.disable()
         _check_document(body)
         is_batch = _first_byte(body) == b"["
         items: list[bytes | msgspec.Raw] = _ITEMS.decode(body) if is_batch else [body]
@@ -410,6 +417,9 @@ def parse_events(body: bytes, project_id: int, max_events: int) -> tuple[list[Pr
             except EventValidationError as exc:
                 raise ApiError(422, "invalid_event", f"{where}{exc}") from None
         return events, is_batch
+    finally:
+        if enabled:
+            gc.enable()
 
 
 #: An array body's events, each as its own bytes (validated JSON, never decoded to objects).
@@ -469,22 +479,6 @@ def _with_project(item: bytes | msgspec.Raw, project_id: int, where: str) -> byt
     after_space = _SPACE.match(rest).end()  # type: ignore[union-attr]  (matches the empty string)
     separator = b"" if rest[after_space : after_space + 1] == b"}" else b","
     return b'{"project_id":%d%s%s' % (project_id, separator, rest)
-
-
-@contextmanager
-def _collector_paused() -> Iterator[None]:
-    """The cyclic garbage collector off for a parse that builds nothing but acyclic, short-lived
-    objects (refcounting frees them): its generations filled by a body's millions of values
-    made it run again and again over them, most of a large body's cost. The parse never awaits,
-    so no other task's work runs in the pause."""
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 class RevocationRequest(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
