@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from publisher import AsyncPublisher
+from publisher.core import Cursor, PublisherUnavailable
 from publisher.http_api import ApiError, ApiKey, Credentials, HttpApiSettings, PublishApi, hash_key
 from publisher.http_api.bodies import BodyMemory
 from publisher.http_api.core import (
@@ -387,6 +388,149 @@ def test_body_memory_is_bounded_in_all_and_per_key() -> None:
     for hold in (second, *others):
         hold.release()
     assert memory.held == 3_000 and memory.held_by("a") == 0
+
+
+class _GatePublisher:
+    """A publisher whose writes wait for ``gate`` (Redis slow or hung) and then succeed, or
+    fail unavailable when ``down``."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.down = False
+
+    async def _write(self, count: int) -> list[Cursor]:
+        await self.gate.wait()
+        if self.down:
+            raise PublisherUnavailable("down")
+        return [Cursor("e", 1)] * count
+
+    async def publish(self, event, idempotency_key=None) -> Cursor:
+        return (await self._write(1))[0]
+
+    async def publish_many(self, events, idempotency_keys=None) -> list[Cursor]:
+        return await self._write(len(events))
+
+
+_REQUEST_KINDS = [
+    "declared",  # Content-Length, the body in pieces
+    "chunked",  # no Content-Length: held as it arrives
+    "invalid_json",
+    "unknown_key",  # 401 before any hold
+    "other_project",  # 403 before any hold
+    "declared_too_large",  # 413 from the headers
+    "chunked_too_large",  # 413 after a partial hold
+    "disconnect",  # the client goes away mid-body
+    "stalls",  # the body stops arriving: its task is cancelled (server shutdown)
+]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(_REQUEST_KINDS), st.sampled_from(["all", "one"]), st.booleans()),
+        min_size=1,
+        max_size=12,
+    ),
+    st.booleans(),
+)
+def test_bodies_held_return_to_nothing_whatever_requests_came(
+    requests: list[tuple[str, str, bool]], redis_down: bool
+) -> None:
+    """Whatever requests come, all at once (bodies whole or cut, refused before, while or after
+    their bodies are read, cancelled, their writes waiting for Redis, which then answers or is
+    down), the bytes held never pass the bound or a key's share, and are all given back once
+    the requests end: a hold never released would refuse everything 503 for ever."""
+    publisher = _GatePublisher()
+    publisher.down = redis_down
+    app = PublishApi(
+        publisher,  # type: ignore[arg-type]
+        credentials(),
+        HttpApiSettings(max_body=2048, max_body_memory=8192, body_timeout=60),
+    )
+    memory = app.bodies
+    event = json.dumps(EXPIRED).encode() + b" " * 1000
+    answers: list[int] = []
+    unanswered: list[int] = []
+    blocked: set[asyncio.Task] = set()
+
+    def check() -> None:
+        assert 0 <= memory.held <= memory.limit
+        assert all(0 < held <= memory.key_limit for held in memory._by_key.values())
+        assert memory.held == sum(memory._by_key.values())
+
+    async def request(kind: str, key_name: str, large: bool) -> None:
+        key = {"all": KEY_ALL, "one": KEY_ONE}[key_name]
+        body = event * 2 if large and kind != "invalid_json" else event
+        if kind == "invalid_json":
+            body = b"{" + b" " * 1500
+        headers = [(b"content-type", b"application/json")]
+        headers.append(
+            (b"authorization", f"Bearer {'ebk_unknown' if kind == 'unknown_key' else key}".encode())
+        )
+        project = 2 if kind == "other_project" else 1
+        if kind == "declared_too_large":
+            headers.append((b"content-length", b"4096"))
+        elif not kind.startswith("chunked"):
+            headers.append((b"content-length", b"%d" % len(body)))
+        if kind == "chunked_too_large":
+            body = event * 3
+        pieces = [body[: len(body) // 2], body[len(body) // 2 :]]
+        messages = [{"type": "http.request", "body": piece, "more_body": True} for piece in pieces]
+        messages[-1]["more_body"] = False
+        if kind in ("disconnect", "stalls"):
+            messages = messages[:1]
+        if kind == "disconnect":
+            messages.append({"type": "http.disconnect"})
+        stalled = asyncio.Event()
+
+        async def receive() -> dict:
+            check()
+            if messages:
+                await asyncio.sleep(0)  # (the next piece arrives later)
+                return messages.pop(0)
+            blocked.add(asyncio.current_task())
+            await stalled.wait()  # (never set: a body that stops arriving)
+            raise AssertionError
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                answers.append(message["status"])
+
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": f"/v1/projects/{project}/events",
+            "raw_path": f"/v1/projects/{project}/events".encode(),
+            "query_string": b"",
+            "headers": headers,
+        }
+        await app(scope, receive, send)
+        check()
+
+    async def run() -> None:
+        tasks = [asyncio.create_task(request(*spec)) for spec in requests]
+        for _ in range(20):  # every piece of every body arrives, the bounds checked on the way
+            await asyncio.sleep(0)
+            check()
+        publisher.gate.set()  # Redis answers (or is found down)
+        for _ in range(1000):  # (no clock: every step is the event loop's)
+            if all(task.done() or task in blocked for task in tasks):
+                break
+            await asyncio.sleep(0)
+        pending = [task for task in tasks if not task.done()]
+        assert set(pending) == blocked  # (stalled bodies only; the others were answered)
+        unanswered.append(len(pending))
+        for task in pending:
+            task.cancel()  # (the server shutting down)
+        await asyncio.gather(*pending, return_exceptions=True)
+        for task in tasks:
+            if task not in blocked:
+                task.result()
+
+    asyncio.run(run())
+    check()
+    assert (memory.held, memory._by_key) == (0, {}), (requests, answers)
+    assert len(answers) == len(requests) - unanswered[0]
 
 
 def test_body_memory_must_fit_a_body_of_every_key() -> None:
