@@ -955,3 +955,17 @@ def test_the_bodies_the_document_models_as_structs_are_the_bytes_the_api_sends()
     assert cursor_body([Cursor("e", 1)], False) == b'{"cursor":{"epoch":"e","seq":1}}'
     assert cursor_body([Cursor("e", 1)], True) == b'{"cursors":[{"epoch":"e","seq":1}]}'
     assert msgspec.json.decode(_OVERLOADED)["error"]["code"] == "overloaded"
+
+
+def test_only_requests_with_a_body_are_said_to_be_refused_for_body_memory() -> None:
+    """A 503 ``overloaded`` past --max-body-memory comes only to a request whose body the API
+    reads (a publish, a revocation): a GET of /healthz or of a history was documented as
+    refused for it too."""
+    document = openapi_document(HttpApiSettings())
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            if method not in METHODS:
+                continue
+            overloaded = operation["responses"]["503"]["description"]
+            assert "limit-concurrency" in overloaded, (path, method)
+            assert ("--max-body-memory" in overloaded) == (method == "post"), (path, method)

@@ -52,6 +52,8 @@ _PRESENCE = "/v1/projects/{project_id}/presence"
 #: What the API answers a request it cannot serve at all, whatever its route (the server,
 #: ``publisher.http_api.server``): not HTTP/1.1, headers too large, too many at once.
 _ANY_REQUEST = ("invalid_http", "headers_too_large", "overloaded")
+#: The meaning of ``overloaded`` for a request whose body is read (--max-body-memory too).
+_OVERLOADED_BODY = "overloaded (a body)"
 _STATUS = {
     "invalid_json": 400,
     "invalid_body": 400,
@@ -140,7 +142,10 @@ def _meanings(settings: HttpApiSettings) -> dict[str, str]:
         "revocation_failed": "Redis refused the write (a revocation key of another type)",
         "unavailable": "Redis did not answer in time: retry (a publish with the same "
         "Idempotency-Key)",
-        "overloaded": "more connections or requests at once than serve --limit-concurrency, "
+        "overloaded": "more connections or requests at once than serve --limit-concurrency; "
+        "the connection is closed after the answer",
+        # (a request whose body is read: :func:`_responses` with ``body``)
+        _OVERLOADED_BODY: "more connections or requests at once than serve --limit-concurrency, "
         f"or more bytes of request bodies than {settings.max_body_memory} (serve "
         "--max-body-memory; one key: a quarter of it); the connection is closed after the answer",
         "revocation_list_full": "a new subject, and the revocation list is full "
@@ -234,11 +239,15 @@ def _responses(
     *,
     head: bool = False,
     bounded: bool = True,
+    body: bool = False,
 ) -> dict:
     """An operation's responses: ``ok`` (200), and a refusal for each status of ``codes`` (and
     of those any request may get). ``head``: headers only. ``bounded``: refused past
     ``--limit-concurrency`` (``overloaded``), which the probes and /metrics are not
-    (``publisher.http_api.server.UNBOUNDED_PATHS``)."""
+    (``publisher.http_api.server.UNBOUNDED_PATHS``). ``body``: the request's body is read, so
+    it may also be refused past --max-body-memory."""
+    if body:
+        meanings = {**meanings, "overloaded": meanings[_OVERLOADED_BODY]}
     by_status: dict[int, list[str]] = {}
     anyway = _ANY_REQUEST if bounded else tuple(c for c in _ANY_REQUEST if c != "overloaded")
     for code in (*codes, *anyway):
@@ -434,6 +443,7 @@ def openapi_document(settings: HttpApiSettings | None = None) -> dict:
                         "unavailable",
                     ),
                     meanings,
+                    body=True,
                 ),
             },
             **_read(
@@ -496,6 +506,7 @@ def openapi_document(settings: HttpApiSettings | None = None) -> dict:
                         "revocation_list_full",
                     ),
                     meanings,
+                    body=True,
                 ),
             }
         },
