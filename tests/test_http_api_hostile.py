@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import json
 import logging
 import resource
@@ -305,6 +306,51 @@ async def test_bodies_held_at_once_are_bounded_in_all_and_per_key(redis_url) -> 
         assert app.bodies.held == 0
         assert app.counters.responses[503, "overloaded"] == 2
     assert len(stream(redis_url, 1)) == 2
+
+
+async def test_a_client_still_sending_its_body_reads_the_503_overloaded(redis_url) -> None:
+    """A body refused 503 ``overloaded`` from its headers (no room under --max-body-memory) had
+    its connection closed at once, its body still arriving: the kernel answered the rest with
+    a reset, and Python's http.client, sending it, got BrokenPipeError or ConnectionResetError
+    instead of the answer and its Retry-After. The API now closes its side after the answer and
+    drops what still arrives for a while (as after a 431), so the client reads the answer."""
+    mib = 1024 * 1024
+    limits = {"max_body": 4 * mib, "max_body_memory": 16 * mib, "body_timeout": 60}
+    async with serving(redis_url, **limits) as (app, _, port):
+        body = json.dumps(EXPIRED).encode()
+        padded = body + b" " * (4 * mib - len(body))
+        taken = asyncio.Event()
+        take = app.bodies.take
+
+        def taking(key_id: str, size: int) -> bool:
+            taken.set()
+            return take(key_id, size)
+
+        app.bodies.take = taking  # type: ignore[method-assign]
+        # A body of key "all" trickling in holds its whole declared length: the key's share.
+        _, slow_writer = await asyncio.open_connection("127.0.0.1", port)
+        slow_writer.write(publish_request(padded)[:-4000])
+        async with asyncio.timeout(5):
+            await taken.wait()
+        assert app.bodies.held == 4 * mib
+
+        def post() -> tuple[int, str | None] | str:
+            client = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            try:
+                headers = {"Authorization": f"Bearer {KEY_ALL}", "Content-Type": "application/json"}
+                client.request("POST", "/v1/projects/1/events", body=padded, headers=headers)
+                answer = client.getresponse()
+                answer.read()
+                return answer.status, answer.getheader("retry-after")
+            except OSError as exc:
+                return repr(exc)
+            finally:
+                client.close()
+
+        answers = [await asyncio.to_thread(post) for _ in range(3)]
+        slow_writer.close()
+        assert answers == [(503, "1")] * 3
+        assert app.counters.responses[503, "overloaded"] == 3
 
 
 def test_fitted_concurrency() -> None:

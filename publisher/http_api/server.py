@@ -38,7 +38,10 @@ HTTP/1.1 are answered 400 (``invalid_http``) and counted, not logged (a request 
 off gets that answer at once, not the 408 of a body that never ends);
 Upgrade requests (WebSocket, h2c) are answered as plain requests, then the connection is closed.
 A client that ends its side once its requests are sent (a half-close) gets their answers, where
-uvicorn closed the connection at once and they were lost.
+uvicorn closed the connection at once and they were lost. An answer that ends its connection
+(``Connection: close``: a 503 ``overloaded``) while its request's body still arrives closes our
+side and drops what still arrives for :data:`LINGER` seconds, as a refusal does: uvicorn closed
+at once, and a client still sending the body got a reset rather than the answer.
 
 Imported only to serve (uvicorn is the ``http-api`` extra).
 """
@@ -277,6 +280,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         # documented. uvicorn's own ``<`` served limit - 1, and none at a limit of 1.)
         if limit is None or (len(self.connections) <= limit and len(self.tasks) < limit):
             super().on_headers_complete()
+            self._close_gently(self.cycle)
             return
         if self.url.partition(b"?")[0] in UNBOUNDED_PATHS:
             # The probes and /metrics past the limit too: they hold no Redis connection
@@ -291,8 +295,30 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             super().on_headers_complete()
         finally:
             self.app = app
+        self._close_gently(self.cycle)
         if self.counters is not None:  # (a request uvicorn refused is the 400's, not a 503)
             self.counters.count(503, "overloaded")
+
+    def _close_gently(self, cycle: Any) -> None:
+        """Give the request's cycle a transport whose close, while its body is still arriving,
+        is :meth:`_close_after_answer`'s: uvicorn closed the connection at once after an answer
+        with ``Connection: close`` (a 503 ``overloaded``, from a body's headers past
+        --max-body-memory), and the kernel answered the body's next bytes with a reset, which a
+        client still sending it (Python's http.client) got instead of the answer."""
+        if cycle is not None and cycle.transport is self.transport:
+            cycle.transport = _GentleClose(self.transport, cycle, self._close_after_answer)
+
+    def _close_after_answer(self) -> None:
+        """End the connection after an answer written while its request's body still arrives:
+        the requests queued behind it are not answered (the answer said ``Connection:
+        close``), and what still arrives is read and dropped for LINGER seconds, as after a
+        refusal."""
+        self._dropping = True
+        self._unread = _NOTHING
+        self._unanswered -= len(self.pipeline)
+        self.pipeline.clear()
+        self._cancel_deadline()
+        self._half_close()
 
     # A chunked body's chunk lines and trailer fields are a head of their own: the bytes from a
     # chunk's header to its data, and from its end to the next chunk's header, count against
@@ -325,8 +351,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         self._unanswered -= 1
         super().on_response_complete()  # starts the next queued request
-        if self.transport.is_closing():
-            return
+        if self.transport.is_closing() or self._linger is not None:
+            return  # (closing: no further request is read, nor awaited)
         if self._unanswered == 0 and self._refusal is not None:
             self._write_refusal()
             return
@@ -406,6 +432,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._half_close()
 
     def _half_close(self) -> None:
+        if self._linger is not None or self.transport.is_closing():
+            return  # (closing already)
         if not self.transport.can_write_eof():
             self.transport.close()
             return
@@ -457,6 +485,26 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     def _count_closed(self, reason: str) -> None:
         if self.counters is not None:
             self.counters.closed[reason] += 1
+
+
+class _GentleClose:
+    """A request's view of its connection's transport (uvicorn's cycle writes its answer
+    through it): closed while the request's body still arrives, it calls ``gently`` (the
+    protocol's :meth:`BoundedHttpProtocol._close_after_answer`) instead."""
+
+    def __init__(self, transport: asyncio.Transport, cycle: Any, gently: Callable[[], None]):
+        self._transport = transport
+        self._cycle = cycle
+        self._gently = gently
+
+    def close(self) -> None:
+        if self._cycle.more_body and not self._transport.is_closing():
+            self._gently()
+        else:
+            self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 _OVERLOADED = error_body(
