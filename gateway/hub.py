@@ -63,6 +63,7 @@ from gateway.session import Outgoing, Session, joined
 from gateway.store import ForeignValues, HistoryStore, ProjectUnreadable, StoreUnavailable
 from gateway.tasks import spawn
 from gateway.window import ResumeWindow, WindowBudget, seed_run
+from schemas.history import CheckedFrames
 from schemas.keys import Keys
 from schemas.protocol import CloseCode, Error, ErrorCode, ResyncReason, ResyncRequired, Subscribed
 from schemas.stored import ForeignKind, ForeignValue, parse_channel_message
@@ -255,6 +256,7 @@ class Hub:
         self._unreadable_logged: set[str] = set()
         if isinstance(store, HistoryStore):
             store.foreign = self.foreign  # counted in this gateway's metrics, logged once per key
+            store.checked = self.checked_frames  # a window's frames are not checked twice
         self._dirty: list[Session] = []  # sessions with frames of their own queued
         self._dirty_feeds: list[Feed] = []  # feeds with pending frames
         self._flush_scheduled = False
@@ -759,6 +761,25 @@ class Hub:
         ):
             return None
         return window.snapshot(epoch, after, self.max_replay, tag)
+
+    def checked_frames(self, project_id: int) -> CheckedFrames | None:
+        """The frames of the project's window, for a history read parsed now: each passed the
+        frame check for its project and seq when the feed took it (live, or from a read), so
+        an entry of the same bytes at that seq needs no second check (a resume read from Redis
+        reads back what the window holds). None when the pod holds none."""
+        feed = self.feeds.get(project_id)
+        if feed is None:
+            return None
+        window = feed.window
+        if window.epoch is None or not window.entries:
+            return None
+        item_at = window.item_at
+
+        def frame_at(seq: int) -> bytes | None:
+            item = item_at(seq)
+            return item.payload if item is not None else None
+
+        return CheckedFrames(window.epoch, frame_at)
 
     def _fill_would_answer(self, feed: Feed, epoch: str | None, after: int | None) -> bool:
         """Whether a read extending the window back to its capacity would cover this cursor."""

@@ -10,7 +10,9 @@ reads stay one call each (the slots live on different nodes), bounded by a semap
 instead: a hung master holds the reads of its own projects until their bound, never the reads of
 the projects the other masters serve (:class:`redisconn.node_limits.NodeLimits`).
 
-Every value read is checked by :mod:`schemas.stored` before it is used. A foreign value (written
+Every value read is checked by :mod:`schemas.stored` before it is used, but for the frames of a
+project that this pod already checked (:attr:`HistoryStore.checked`, the hub's resume windows):
+an entry holding exactly those bytes at that seq is not checked twice. A foreign value (written
 by someone else than the event bus) is skipped, counted in ``eventbus_foreign_values_total`` and
 logged once per key (:class:`ForeignValues`); a project whose metadata is unreadable raises
 :class:`ProjectUnreadable` for that project only.
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import redis.asyncio
 import redis.asyncio.cluster
@@ -33,6 +35,7 @@ from redisconn.node_limits import NodeLimits, node_name
 from schemas import lua
 from schemas.history import (
     NO_HISTORY_TTL_MS,
+    CheckedFrames,
     SnapshotUnreadable,
     parse_snapshot_reply,
     snapshot_args,
@@ -133,6 +136,10 @@ class HistoryStore:
         self.client = client
         self.keys = keys
         self.foreign = foreign if foreign is not None else ForeignValues(Metrics())
+        #: The frames of a project this pod has already checked (the hub's resume window), asked
+        #: for when a read's reply is parsed: entries holding the same bytes are not checked
+        #: again (:class:`schemas.history.CheckedFrames`). None: every entry is checked.
+        self.checked: Callable[[int], CheckedFrames | None] | None = None
         self._snapshot = client.register_script(lua.SNAPSHOT)
         self._cluster = isinstance(client, redis.asyncio.cluster.RedisCluster)
         self._queue: collections.deque[_Request] = collections.deque()
@@ -175,8 +182,9 @@ class HistoryStore:
     def _parse_snapshot(self, project_id: int, reply: object) -> Snapshot:
         """The reply read by :func:`schemas.history.parse_snapshot_reply` (shared with the
         publisher's HTTP API), its foreign values reported here."""
+        checked = self.checked(project_id) if self.checked is not None else None
         try:
-            snapshot, foreign = parse_snapshot_reply(project_id, reply)
+            snapshot, foreign = parse_snapshot_reply(project_id, reply, checked)
         except SnapshotUnreadable as exc:
             # A reply of another shape (a server or proxy that is not Redis, or broken) is one
             # more way of not answering; a damaged key makes this project unreadable.

@@ -12,7 +12,7 @@ or one that names an event the history no longer holds.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 from urllib.parse import parse_qs
@@ -35,6 +35,7 @@ __all__ = [
     "MAX_PAGE_BYTES",
     "MAX_POLL_LIMIT",
     "NO_HISTORY_TTL_MS",
+    "CheckedFrames",
     "Entry",
     "PollPlan",
     "PollQuery",
@@ -302,6 +303,16 @@ _SCRIPT_PROBLEMS = {
 }
 
 
+class CheckedFrames(NamedTuple):
+    """Frames of a project that the reader has already checked (``schemas.stored``), in the
+    history ``epoch``: ``frame_at(seq)`` is the frame it checked at that seq, or None. A read of
+    that history takes an entry holding the same bytes without checking its frame again
+    (:func:`parse_snapshot_reply`); a read that finds another epoch uses none of them."""
+
+    epoch: str
+    frame_at: Callable[[int], bytes | None]
+
+
 def _tag(raw: bytes) -> str | None:
     """A tag as the script computed it (``redis.sha1hex``); anything else is no tag."""
     tag = raw.decode("ascii", "replace")
@@ -309,12 +320,15 @@ def _tag(raw: bytes) -> str | None:
 
 
 def parse_snapshot_reply(
-    project_id: int, reply: object
+    project_id: int, reply: object, checked: CheckedFrames | None = None
 ) -> tuple[Snapshot, list[tuple[int | None, ForeignValue]]]:
     """The :class:`Snapshot` of a :data:`schemas.lua.SNAPSHOT` reply, and the foreign stream
     entries it skipped (``(seq or None, ForeignValue)``, for the caller to report; the first
     one at or below the top is the snapshot's ``corrupt_at``). Raises
-    :class:`SnapshotUnreadable`."""
+    :class:`SnapshotUnreadable`.
+
+    ``checked``: frames of the project the caller already checked; used only when the reply
+    is of their epoch (see :class:`CheckedFrames`)."""
     if not (
         isinstance(reply, list)
         and len(reply) in (5, 7)
@@ -335,7 +349,8 @@ def parse_snapshot_reply(
         raise SnapshotUnreadable(None, f"unexpected snapshot reply: {exc}") from None
     if meta is None:  # no epoch: the script creates the history when there is none
         raise SnapshotUnreadable(None, "unexpected snapshot reply: no epoch")
-    good, bad = parse_stream_entries(raw_entries, project_id)
+    frame_at = checked.frame_at if checked is not None and checked.epoch == meta.epoch else None
+    good, bad = parse_stream_entries(raw_entries, project_id, frame_at)
     corrupt_at = None
     for seq, _ in bad:
         if seq is not None and seq <= meta.seq and (corrupt_at is None or seq < corrupt_at):

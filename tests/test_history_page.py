@@ -12,11 +12,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import schemas.stored
 from publisher import AsyncPublisher, Publisher
 from publisher.core import PublishError, PublisherUnavailable
 from schemas.history import (
     DEFAULT_POLL_LIMIT,
     MAX_POLL_LIMIT,
+    CheckedFrames,
     PollQuery,
     SnapshotUnreadable,
     check_page,
@@ -121,6 +123,97 @@ def test_a_snapshot_reply_skips_foreign_entries_and_says_where_the_first_was() -
     snapshot, foreign = parse_snapshot_reply(1, reply)
     assert snapshot.corrupt_at == 1 and snapshot.entries == []
     assert [seq for seq, _ in foreign] == [1]
+
+
+def _ours(seq: int, project_id: int = 1) -> bytes:
+    return b'{"type":"blocker_expired","project_id":%d,"blocker_id":1,"task_id":2,"seq":%d}' % (
+        project_id,
+        seq,
+    )
+
+
+@pytest.fixture
+def frame_checks(monkeypatch) -> list[int]:
+    """The seqs whose frame the parser checks, in order (the check itself still runs)."""
+    checked: list[int] = []
+    check = schemas.stored._check_frame
+
+    def counting(frame, kind, project, tail):
+        checked.append(int(tail[len(b',"seq":') : -1]))
+        return check(frame, kind, project, tail)
+
+    monkeypatch.setattr(schemas.stored, "_check_frame", counting)
+    return checked
+
+
+def _reply(epoch: bytes, top: int, frames: dict[int, bytes]) -> list:
+    entries = [[b"%d-0" % seq, [b"f", frame, b"t", b"0"]] for seq, frame in frames.items()]
+    return [epoch, top, 0, entries, b"", b"", b""]
+
+
+def test_entries_the_reader_already_checked_at_their_seq_are_not_checked_again(
+    frame_checks,
+) -> None:
+    """A resume read from Redis reads back what the pod's window holds (seqs 6-10 here): those
+    entries, the same bytes at the same seq of the same history, skip the frame check; the ones
+    below the window are checked, and the snapshot is the same either way."""
+    window = {seq: _ours(seq) for seq in range(6, 11)}
+    reply = _reply(b"e1", 10, {seq: _ours(seq) for seq in range(3, 11)})
+    snapshot, foreign = parse_snapshot_reply(1, reply, CheckedFrames("e1", window.get))
+    assert frame_checks == [3, 4, 5]
+    assert foreign == [] and snapshot.corrupt_at is None
+    assert snapshot.entries == [(seq, _ours(seq)) for seq in range(3, 11)]
+    frame_checks.clear()
+    assert parse_snapshot_reply(1, reply) == (snapshot, [])  # without: all checked, same result
+    assert frame_checks == list(range(3, 11))
+
+
+def test_an_entry_whose_bytes_differ_from_the_checked_frame_at_its_seq_is_checked_in_full(
+    frame_checks,
+) -> None:
+    """A writer replaced the stream after the window took its frames: garbage at a seq the
+    window holds (a frame without JSON, with its header, project and seq right) is found as
+    it would be without a window, and so is another valid event under that number."""
+    window = {seq: _ours(seq) for seq in range(1, 6)}
+    garbage = b'{"type":"blocker_expired","project_id":1,"blocker_id":,"seq":3}'
+    other = b'{"type":"blocker_expired","project_id":1,"blocker_id":9,"task_id":2,"seq":4}'
+    frames = {1: _ours(1), 2: _ours(2), 3: garbage, 4: other, 5: _ours(5)}
+    snapshot, foreign = parse_snapshot_reply(
+        1, _reply(b"e1", 5, frames), CheckedFrames("e1", window.get)
+    )
+    assert frame_checks == [3, 4]
+    assert [(seq, exc.problem) for seq, exc in foreign] == [(3, "frame is not valid JSON")]
+    assert snapshot.corrupt_at == 3 and snapshot.entries == [(1, _ours(1)), (2, _ours(2))]
+
+
+def test_frames_checked_in_another_epoch_are_not_used(frame_checks) -> None:
+    """The history was made again (another epoch) since the window took its frames: every
+    entry is checked, even one of the same bytes at the same seq."""
+    window = {seq: _ours(seq) for seq in range(1, 4)}
+    reply = _reply(b"e2", 3, {seq: _ours(seq) for seq in range(1, 4)})
+    snapshot, _ = parse_snapshot_reply(1, reply, CheckedFrames("e1", window.get))
+    assert frame_checks == [1, 2, 3] and len(snapshot.entries) == 3
+
+
+def test_the_checked_frames_never_excuse_a_foreign_id_or_a_missing_field(frame_checks) -> None:
+    """Only the frame's check is skipped: an entry numbered otherwise, or without ``f``, is
+    foreign whatever the window holds."""
+    window = {seq: _ours(seq) for seq in range(1, 4)}
+    reply = [
+        b"e1",
+        3,
+        0,
+        [[b"1-0", [b"f", _ours(1)]], [b"2-1", [b"f", _ours(2)]], [b"3-0", [b"g", _ours(3)]]],
+        b"",
+        b"",
+        b"",
+    ]
+    snapshot, foreign = parse_snapshot_reply(1, reply, CheckedFrames("e1", window.get))
+    assert frame_checks == [] and snapshot.entries == [(1, _ours(1))]
+    assert [(seq, exc.problem) for seq, exc in foreign] == [
+        (None, "entry id is not '<seq>-0'"),
+        (3, "entry has no field 'f'"),
+    ]
 
 
 # --- Publisher.history against real Redis ----------------------------------------------------

@@ -631,3 +631,55 @@ async def test_a_resume_inside_the_window_is_exact_even_with_the_stream_key_dama
     assert late.seqs(POISONED) == list(range(2, BEFORE + 1))
     await others_get_everything(healthy, publisher, redis_client)
     await late.close()
+
+
+async def test_garbage_replacing_an_entry_the_window_holds_is_found_by_a_resume_read(
+    gateways, publisher, redis_client, monkeypatch
+):
+    """A resume read from Redis takes the entries of the same bytes as the frames the feed's
+    window holds at their seqs without checking them again. A writer then replaces the stream
+    (the window took its frames before): the garbage left at a seq the window holds is other
+    bytes, checked in full, and a client resuming from before it is told ``history_corrupt``
+    (then gets what follows), as without a window; the valid entries the window holds are
+    the only ones not checked twice."""
+    import schemas.stored
+
+    gateway = await gateways(resume_window_events=5)  # 16..20 held, a resume at 3 reads
+    keeper = await client_for(gateway, [POISONED])
+    await keeper.subscribe(POISONED)
+    await publish(publisher, POISONED, 20)
+    await keeper.wait_for(lambda: len(keeper.seqs(POISONED)) == 20)
+    stream, garbage = KEYS.stream(POISONED), 18
+    frames = {
+        int(entry_id.split(b"-")[0]): fields[b"f"]
+        for entry_id, fields in redis_client.xrange(stream)
+    }
+    frames[garbage] = b'{"type":"blocker_expired","project_id":10,"blocker_id":,"seq":18}'
+    redis_client.delete(stream)
+    for seq, frame in frames.items():
+        redis_client.xadd(stream, {"f": frame, "t": "0"}, id=f"{seq}-0")
+
+    checked: list[int] = []
+    check = schemas.stored._check_frame
+
+    def counting(frame, kind, project, tail):
+        if kind is schemas.stored.ForeignKind.STREAM_ENTRY:
+            checked.append(int(tail[len(b',"seq":') : -1]))
+        return check(frame, kind, project, tail)
+
+    monkeypatch.setattr(schemas.stored, "_check_frame", counting)
+    reads = gateway.hub.subscribe_reads
+    late = await client_for(gateway, [POISONED])
+    subscribed = await late.subscribe(POISONED, epoch=epoch_of(redis_client, POISONED), after=3)
+    assert gateway.hub.subscribe_reads == reads + 1  # from Redis, not the window
+    resync = late.last("resync_required")
+    assert (resync["reason"], resync["seq"], subscribed["seq"]) == ("history_corrupt", 20, 20)
+    assert late.seqs(POISONED) == []  # nothing replayed past a corrupt entry
+    assert sorted(checked) == [*range(4, 16), garbage]  # 16, 17, 19, 20: the window's bytes
+    assert gateway.metrics.foreign_values["stream_entry"] >= 1
+    await publish(publisher, POISONED, 1)
+    await late.wait_for(lambda: late.seqs(POISONED) == [21])
+    await keeper.wait_for(lambda: keeper.seqs(POISONED)[-1:] == [21])
+    assert keeper.seqs(POISONED) == list(range(1, 22))
+    await late.close()
+    await keeper.close()
