@@ -62,9 +62,14 @@ from schemas.keys import Keys
 from schemas.tags import event_tag
 
 SERVERS = {"gateway": "gateway", "no window": "bench.gateway_without_window"}
-#: Not run by default: the gateway under cProfile (:mod:`bench.profiled_gateway`), and on
-#: uvloop instead of asyncio's event loop (:mod:`bench.gateway_uvloop`).
-EXTRA_SERVERS = {"profiled": "bench.profiled_gateway", "uvloop": "bench.gateway_uvloop"}
+#: Not run by default: the gateway under cProfile (:mod:`bench.profiled_gateway`), on uvloop
+#: instead of asyncio's event loop (:mod:`bench.gateway_uvloop`), and with windows of 50 events
+#: (:mod:`bench.gateway_small_window`: every resume reads from Redis, half of it the window's).
+EXTRA_SERVERS = {
+    "profiled": "bench.profiled_gateway",
+    "uvloop": "bench.gateway_uvloop",
+    "small window": "bench.gateway_small_window",
+}
 
 
 class Scenario(NamedTuple):

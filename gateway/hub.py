@@ -63,10 +63,9 @@ from gateway.session import Outgoing, Session, joined
 from gateway.store import ForeignValues, HistoryStore, ProjectUnreadable, StoreUnavailable
 from gateway.tasks import spawn
 from gateway.window import ResumeWindow, WindowBudget, seed_run
-from schemas.history import CheckedFrames
 from schemas.keys import Keys
 from schemas.protocol import CloseCode, Error, ErrorCode, ResyncReason, ResyncRequired, Subscribed
-from schemas.stored import ForeignKind, ForeignValue, parse_channel_message
+from schemas.stored import CheckedFrames, ForeignKind, ForeignValue, parse_channel_message
 from schemas.tags import event_tag
 
 __all__ = ["Feed", "Hub", "SubscribeUnavailable"]
@@ -763,23 +762,24 @@ class Hub:
         return window.snapshot(epoch, after, self.max_replay, tag)
 
     def checked_frames(self, project_id: int) -> CheckedFrames | None:
-        """The frames of the project's window, for a history read parsed now: each passed the
-        frame check for its project and seq when the feed took it (live, or from a read), so
-        an entry of the same bytes at that seq needs no second check (a resume read from Redis
-        reads back what the window holds). None when the pod holds none."""
+        """The frames of the project's window, for a history read parsed now (synchronously:
+        the window cannot change meanwhile). Each passed the frame check for its project and
+        seq when the feed took it (live, or from a read), so an entry of the same bytes at that
+        seq needs no second check: a resume read from Redis reads back what the window holds.
+        None when the pod holds none."""
         feed = self.feeds.get(project_id)
         if feed is None:
             return None
         window = feed.window
-        if window.epoch is None or not window.entries:
+        entries = window.entries
+        if window.epoch is None or not entries:
             return None
-        item_at = window.item_at
+        lo = window.lo
 
-        def frame_at(seq: int) -> bytes | None:
-            item = item_at(seq)
-            return item.payload if item is not None else None
+        def frame_at(seq: int) -> bytes:
+            return entries[seq - lo][1].payload  # (lo <= seq <= last: held, contiguous)
 
-        return CheckedFrames(window.epoch, frame_at)
+        return CheckedFrames(window.epoch, lo, window.last, frame_at)
 
     def _fill_would_answer(self, feed: Feed, epoch: str | None, after: int | None) -> bool:
         """Whether a read extending the window back to its capacity would cover this cursor."""

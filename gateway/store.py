@@ -35,13 +35,13 @@ from redisconn.node_limits import NodeLimits, node_name
 from schemas import lua
 from schemas.history import (
     NO_HISTORY_TTL_MS,
-    CheckedFrames,
     SnapshotUnreadable,
     parse_snapshot_reply,
     snapshot_args,
 )
 from schemas.keys import Keys, new_epoch
 from schemas.stored import (
+    CheckedFrames,
     ForeignKind,
     ForeignValue,
     Meta,
@@ -138,7 +138,7 @@ class HistoryStore:
         self.foreign = foreign if foreign is not None else ForeignValues(Metrics())
         #: The frames of a project this pod has already checked (the hub's resume window), asked
         #: for when a read's reply is parsed: entries holding the same bytes are not checked
-        #: again (:class:`schemas.history.CheckedFrames`). None: every entry is checked.
+        #: again (:class:`schemas.stored.CheckedFrames`). None: every entry is checked.
         self.checked: Callable[[int], CheckedFrames | None] | None = None
         self._snapshot = client.register_script(lua.SNAPSHOT)
         self._cluster = isinstance(client, redis.asyncio.cluster.RedisCluster)

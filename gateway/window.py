@@ -313,14 +313,6 @@ class ResumeWindow(Generic[T]):
             after_tag=after_tag,
         )
 
-    def item_at(self, seq: int) -> T | None:
-        """The item the window holds at ``seq``, or None (not held)."""
-        entries = self.entries
-        index = seq - self.last + len(entries) - 1  # (seq - lo)
-        if 0 <= index < len(entries):
-            return entries[index][1]
-        return None
-
     def tag_at(self, seq: int) -> str | None:
         """The tag of the event at ``seq`` when the window knows it: one it holds, or the one
         just before them (:attr:`base_tag`, :attr:`base_item`)."""

@@ -12,7 +12,7 @@ or one that names an event the history no longer holds.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 from urllib.parse import parse_qs
@@ -22,6 +22,7 @@ import msgspec
 from schemas.protocol import MAX_SEQ, PollResponse, ResyncReason, ResyncRequired
 from schemas.stored import (
     MAX_ENTRY_BYTES,
+    CheckedFrames,
     ForeignKind,
     ForeignValue,
     parse_meta,
@@ -35,7 +36,6 @@ __all__ = [
     "MAX_PAGE_BYTES",
     "MAX_POLL_LIMIT",
     "NO_HISTORY_TTL_MS",
-    "CheckedFrames",
     "Entry",
     "PollPlan",
     "PollQuery",
@@ -303,16 +303,6 @@ _SCRIPT_PROBLEMS = {
 }
 
 
-class CheckedFrames(NamedTuple):
-    """Frames of a project that the reader has already checked (``schemas.stored``), in the
-    history ``epoch``: ``frame_at(seq)`` is the frame it checked at that seq, or None. A read of
-    that history takes an entry holding the same bytes without checking its frame again
-    (:func:`parse_snapshot_reply`); a read that finds another epoch uses none of them."""
-
-    epoch: str
-    frame_at: Callable[[int], bytes | None]
-
-
 def _tag(raw: bytes) -> str | None:
     """A tag as the script computed it (``redis.sha1hex``); anything else is no tag."""
     tag = raw.decode("ascii", "replace")
@@ -327,8 +317,9 @@ def parse_snapshot_reply(
     one at or below the top is the snapshot's ``corrupt_at``). Raises
     :class:`SnapshotUnreadable`.
 
-    ``checked``: frames of the project the caller already checked; used only when the reply
-    is of their epoch (see :class:`CheckedFrames`)."""
+    ``checked``: frames of the project the caller already checked
+    (:class:`schemas.stored.CheckedFrames`); used only when the reply is of their epoch: an
+    entry of the same bytes at a seq they hold is not checked again."""
     if not (
         isinstance(reply, list)
         and len(reply) in (5, 7)
@@ -349,8 +340,9 @@ def parse_snapshot_reply(
         raise SnapshotUnreadable(None, f"unexpected snapshot reply: {exc}") from None
     if meta is None:  # no epoch: the script creates the history when there is none
         raise SnapshotUnreadable(None, "unexpected snapshot reply: no epoch")
-    frame_at = checked.frame_at if checked is not None and checked.epoch == meta.epoch else None
-    good, bad = parse_stream_entries(raw_entries, project_id, frame_at)
+    if checked is not None and checked.epoch != meta.epoch:
+        checked = None  # another history than the one they were checked in
+    good, bad = parse_stream_entries(raw_entries, project_id, checked)
     corrupt_at = None
     for seq, _ in bad:
         if seq is not None and seq <= meta.seq and (corrupt_at is None or seq < corrupt_at):

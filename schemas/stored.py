@@ -82,6 +82,7 @@ __all__ = [
     "MAX_ENTRY_BYTES",
     "MAX_EVENT_BYTES",
     "MAX_FRAME_BYTES",
+    "CheckedFrames",
     "ForeignKind",
     "ForeignValue",
     "Meta",
@@ -272,14 +273,29 @@ def parse_stream_entry(entry_id: object, fields: object, project_id: int) -> tup
     """``(seq, frame)`` of one entry of project ``project_id``'s stream as ``XRANGE`` returns it
     (a flat ``[field, value, ...]`` list inside a script, a dict through redis-py), or
     :class:`ForeignValue`."""
-    return _parse_stream_entry(entry_id, fields, b"%d," % project_id, None)
+    return _parse_stream_entry(entry_id, fields, b"%d," % project_id)
+
+
+class CheckedFrames(NamedTuple):
+    """Frames of one project that a reader has already checked (each passed
+    :func:`check_frame` for that project and its seq), at every seq from ``lo`` to ``last``:
+    ``frame_at(seq)`` is the one at ``seq`` (called only within that range, during the parse it
+    is given to). ``epoch``: the history they belong to; a read of another one uses none of
+    them (:func:`schemas.history.parse_snapshot_reply`)."""
+
+    epoch: str
+    lo: int
+    last: int
+    frame_at: Callable[[int], bytes]
 
 
 def _parse_stream_entry(
     entry_id: object,
     fields: object,
     project: bytes,
-    checked: Callable[[int], bytes | None] | None,
+    known_lo: int = 1,
+    known_last: int = 0,
+    frame_at: Callable[[int], bytes] | None = None,
 ) -> tuple[int, bytes]:
     kind = ForeignKind.STREAM_ENTRY
     if isinstance(entry_id, str):
@@ -304,9 +320,11 @@ def _parse_stream_entry(
     seq = int(digits)
     # The same bytes as a frame already checked at this seq of this project: the check would
     # pass them again (it depends on nothing else). Anything else, garbage a writer put in
-    # place of such an entry included, is checked in full. (None never equals a frame.)
-    if checked is not None and type(frame) is bytes and frame == checked(seq):
-        return seq, frame
+    # place of such an entry included, is checked in full. (Outside the known seqs, the cost is
+    # two comparisons; without any, lo > last and frame_at is never called.)
+    if known_lo <= seq <= known_last and type(frame) is bytes:
+        if frame == frame_at(seq):  # type: ignore[misc]
+            return seq, frame
     return seq, _check_frame(frame, kind, project, b',"seq":' + digits + b"}")
 
 
@@ -333,22 +351,24 @@ def parse_meta(epoch: object, seq: object) -> Meta | None:
 def parse_stream_entries(
     raw_entries: Sequence[object],
     project_id: int,
-    checked: Callable[[int], bytes | None] | None = None,
+    checked: CheckedFrames | None = None,
 ) -> tuple[list[tuple[int, bytes]], list[tuple[int | None, ForeignValue]]]:
     """Parse the entries of one ``XRANGE`` of project ``project_id``'s stream in order: the valid
     ``(seq, frame)`` entries, and the foreign ones as ``(seq or None when the id itself is
     foreign, ForeignValue)``.
 
-    ``checked``: the frame of this project the caller already checked at a seq (it passed
-    :func:`check_frame` for that project and seq), or None. An entry whose frame is exactly
-    those bytes is taken without checking its frame again; any other is checked in full."""
+    ``checked``: frames of this project the caller already checked, of the history these
+    entries were read from (its epoch is the caller's to compare). An entry whose frame is
+    exactly the bytes of the one checked at its seq is taken without checking its frame again;
+    any other is checked in full."""
     good: list[tuple[int, bytes]] = []
     bad: list[tuple[int | None, ForeignValue]] = []
     project = b"%d," % project_id
+    lo, last, frame_at = (1, 0, None) if checked is None else checked[1:]
     for raw in raw_entries:
         entry_id, fields = _pair(raw)
         try:
-            good.append(_parse_stream_entry(entry_id, fields, project, checked))
+            good.append(_parse_stream_entry(entry_id, fields, project, lo, last, frame_at))
         except ForeignValue as exc:
             bad.append((_entry_seq(entry_id), exc))
     return good, bad

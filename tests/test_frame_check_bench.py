@@ -17,9 +17,14 @@ def test_frame_check_bench_times_the_check_and_its_json_scan(
 ) -> None:
     out = tmp_path / "frame_check.json"
     assert main(["--quick", "--json", str(out)]) == 0
-    results = json.loads(out.read_text())["results"]
+    written = json.loads(out.read_text())
+    results = written["results"]
     assert set(results) == {"typical", "largest"}
     assert results["typical"]["bytes"] < 400 < 30_000 < results["largest"]["bytes"]
     for row in results.values():
         assert 0 < row["json_scan_us"] and 0 < row["check_us"]
-    assert "| typical, 324 bytes |" in capsys.readouterr().out
+    read = written["resume_read"]
+    assert read["entries"] == 100 and 0 < read["window_frames_us"] and 0 < read["all_checked_us"]
+    printed = capsys.readouterr().out
+    assert "| typical, 324 bytes |" in printed
+    assert "| every frame the window's (not checked again) |" in printed

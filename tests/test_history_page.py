@@ -18,7 +18,6 @@ from publisher.core import PublishError, PublisherUnavailable
 from schemas.history import (
     DEFAULT_POLL_LIMIT,
     MAX_POLL_LIMIT,
-    CheckedFrames,
     PollQuery,
     SnapshotUnreadable,
     check_page,
@@ -27,6 +26,7 @@ from schemas.history import (
 )
 from schemas.keys import Keys
 from schemas.protocol import MAX_SEQ, ResyncReason
+from schemas.stored import CheckedFrames
 from schemas.tags import event_tag
 from tests.support.redis_server import RedisServer, hung
 
@@ -159,7 +159,9 @@ def test_entries_the_reader_already_checked_at_their_seq_are_not_checked_again(
     below the window are checked, and the snapshot is the same either way."""
     window = {seq: _ours(seq) for seq in range(6, 11)}
     reply = _reply(b"e1", 10, {seq: _ours(seq) for seq in range(3, 11)})
-    snapshot, foreign = parse_snapshot_reply(1, reply, CheckedFrames("e1", window.get))
+    snapshot, foreign = parse_snapshot_reply(
+        1, reply, CheckedFrames("e1", min(window), max(window), window.__getitem__)
+    )
     assert frame_checks == [3, 4, 5]
     assert foreign == [] and snapshot.corrupt_at is None
     assert snapshot.entries == [(seq, _ours(seq)) for seq in range(3, 11)]
@@ -179,7 +181,9 @@ def test_an_entry_whose_bytes_differ_from_the_checked_frame_at_its_seq_is_checke
     other = b'{"type":"blocker_expired","project_id":1,"blocker_id":9,"task_id":2,"seq":4}'
     frames = {1: _ours(1), 2: _ours(2), 3: garbage, 4: other, 5: _ours(5)}
     snapshot, foreign = parse_snapshot_reply(
-        1, _reply(b"e1", 5, frames), CheckedFrames("e1", window.get)
+        1,
+        _reply(b"e1", 5, frames),
+        CheckedFrames("e1", min(window), max(window), window.__getitem__),
     )
     assert frame_checks == [3, 4]
     assert [(seq, exc.problem) for seq, exc in foreign] == [(3, "frame is not valid JSON")]
@@ -191,7 +195,9 @@ def test_frames_checked_in_another_epoch_are_not_used(frame_checks) -> None:
     entry is checked, even one of the same bytes at the same seq."""
     window = {seq: _ours(seq) for seq in range(1, 4)}
     reply = _reply(b"e2", 3, {seq: _ours(seq) for seq in range(1, 4)})
-    snapshot, _ = parse_snapshot_reply(1, reply, CheckedFrames("e1", window.get))
+    snapshot, _ = parse_snapshot_reply(
+        1, reply, CheckedFrames("e1", min(window), max(window), window.__getitem__)
+    )
     assert frame_checks == [1, 2, 3] and len(snapshot.entries) == 3
 
 
@@ -208,7 +214,9 @@ def test_the_checked_frames_never_excuse_a_foreign_id_or_a_missing_field(frame_c
         b"",
         b"",
     ]
-    snapshot, foreign = parse_snapshot_reply(1, reply, CheckedFrames("e1", window.get))
+    snapshot, foreign = parse_snapshot_reply(
+        1, reply, CheckedFrames("e1", min(window), max(window), window.__getitem__)
+    )
     assert frame_checks == [] and snapshot.entries == [(1, _ours(1))]
     assert [(seq, exc.problem) for seq, exc in foreign] == [
         (None, "entry id is not '<seq>-0'"),

@@ -37,21 +37,6 @@ def test_keeps_the_last_capacity_frames_contiguous_up_to_last():
     assert [seq for seq, _, _ in window.entries] == [6, 7, 8, 9, 10]
 
 
-def test_item_at_is_the_item_held_at_a_seq_and_nothing_outside_the_window():
-    window = filled(last=10, capacity=5)
-    assert [window.item_at(seq) for seq in range(4, 13)] == [
-        None,
-        None,
-        *(item("e1", seq) for seq in range(6, 11)),
-        None,
-        None,
-    ]
-    window.drop_oldest(evict=True)
-    assert window.item_at(6) is None and window.item_at(7) == item("e1", 7)
-    window.reset("e2", 10)
-    assert window.item_at(10) is None
-
-
 def test_a_cursor_just_inside_the_window_is_answered_and_just_outside_is_not():
     window = filled(last=10, capacity=5)
     assert replayed(window.snapshot("e1", 5, 1000)) == [6, 7, 8, 9, 10]  # lo - 1: inside
