@@ -224,6 +224,41 @@ def test_the_checked_frames_never_excuse_a_foreign_id_or_a_missing_field(frame_c
     ]
 
 
+_GARBAGE = [
+    b'{"type":"blocker_expired","project_id":1,"blocker_id":,"seq":%d}',  # no JSON
+    b'{"type":"blocker_expired","project_id":2,"blocker_id":1,"task_id":2,"seq":%d}',
+    b'{"type":"blocker_expired","project_id":1,"blocker_id":1,"task_id":2,"seq":%d} ',
+    b'{"type":"subscribed","project_id":1,"seq":%d}',
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    kinds=st.lists(st.integers(-1, len(_GARBAGE) - 1), min_size=0, max_size=12),
+    window=st.tuples(st.integers(1, 14), st.integers(0, 14)),
+    same_epoch=st.booleans(),
+)
+def test_a_read_parses_the_same_with_the_frames_the_reader_checked_as_without(
+    kinds: list[int], window: tuple[int, int], same_epoch: bool
+) -> None:
+    """Whatever the stream holds (our frames, garbage at any seq) and wherever the window
+    stands, a reply parses to the same snapshot and the same foreign entries with the frames
+    the window checked (ours, at its seqs) as with every frame checked."""
+    frames = {
+        seq: _ours(seq) if kind < 0 else _GARBAGE[kind] % seq for seq, kind in enumerate(kinds, 1)
+    }
+    reply = _reply(b"e1", len(kinds), frames)
+    lo, last = window
+    held = {seq: _ours(seq) for seq in range(lo, last + 1)}
+    checked = CheckedFrames("e1" if same_epoch else "e0", lo, last, held.__getitem__)
+    plain, plain_foreign = parse_snapshot_reply(1, reply)
+    known, known_foreign = parse_snapshot_reply(1, reply, checked)
+    assert known == plain
+    assert [(seq, exc.problem) for seq, exc in known_foreign] == [
+        (seq, exc.problem) for seq, exc in plain_foreign
+    ]
+
+
 # --- Publisher.history against real Redis ----------------------------------------------------
 
 
