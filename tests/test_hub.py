@@ -10,6 +10,7 @@ already queued for the others.
 from __future__ import annotations
 
 import asyncio
+import collections
 import gc
 import json
 
@@ -23,6 +24,7 @@ from gateway.sequencing import Snapshot
 from gateway.session import SlowConsumerPolicy
 from gateway.store import ProjectUnreadable, StoreUnavailable
 from gateway.websocket import WebSocketSession as Session
+from schemas.history import parse_snapshot_reply
 from schemas.keys import Keys
 from schemas.stored import Meta
 from schemas.tags import event_tag
@@ -864,3 +866,55 @@ async def test_a_catch_up_read_that_finds_another_history_drops_the_resync_it_re
     live(hub, 13)  # the feed's old history goes on: nothing of it reaches the connection
     await next_iteration()
     assert received(first)[-1:] == [13] and received(second)[-1:] == ["resync_required"]
+
+
+async def test_a_read_in_the_middle_of_a_large_window_looks_up_no_frame_far_from_its_ends(
+    monkeypatch,
+):
+    """A read's entries are compared with the window's frames at their seqs (Hub.checked_frames)
+    instead of being checked again, but a deque is indexed in O(distance from its nearer end):
+    with a window of a million events, a read in its middle took ~40 us per entry to look up
+    what the check does in ~1.5 us (a 1,000-entry poll page 19 ms instead of 3 ms). Only the
+    frames near the window's top (4,096: 64 of the deque's blocks), where a resume read lands,
+    are looked up; the others are checked in full, and the read parses the same."""
+    import schemas.stored
+    from gateway.hub import CHECKED_FRAMES_SPAN as near
+
+    events = 3 * near
+    hub = await hub_with(FakeStore(0), window_events=events)
+    await hub.subscribe(session_of(hub), PROJECT, None, None)
+    live(hub, *range(1, events + 1))
+    window = hub.feeds[PROJECT].window
+    assert (window.lo, window.last) == (1, events)
+    depths: list[int] = []
+
+    class Watched(collections.deque):
+        def __getitem__(self, index):
+            depths.append(min(index, len(self) - 1 - index))
+            return super().__getitem__(index)
+
+    window.entries = Watched(window.entries)
+    checks: list[int] = []
+    check = schemas.stored._check_frame
+
+    def counting(frame_, kind, project, tail):
+        checks.append(int(tail[len(b',"seq":') : -1]))
+        return check(frame_, kind, project, tail)
+
+    monkeypatch.setattr(schemas.stored, "_check_frame", counting)
+
+    def read(first: int, last: int) -> list[int]:
+        depths.clear()
+        checks.clear()
+        entries = [[b"%d-0" % s, [b"f", frame(s), b"t", b"0"]] for s in range(first, last + 1)]
+        reply = [EPOCH.encode(), events, 0, entries, b"", b"", b""]
+        snapshot, foreign = parse_snapshot_reply(PROJECT, reply, hub.checked_frames(PROJECT))
+        assert foreign == [] and [s for s, _ in snapshot.entries] == list(range(first, last + 1))
+        return checks[:]
+
+    middle = events // 2
+    assert read(middle - 500, middle + 500) == list(range(middle - 500, middle + 501))
+    assert depths == []  # nothing looked up in the middle: checked instead
+    # A resume read near the top still takes the window's frames without checking them again.
+    assert read(events - 999, events) == []
+    assert len(depths) == 1000 and max(depths) < near
