@@ -4,7 +4,9 @@ the edge of or outside the window), every connection's record is gapless and exa
 its starting point, with explicit resyncs only when the history really moved (a new epoch) or the
 cursor is too far behind, and ends at the project's top; every cursor the gateway names carries
 the tag of its event. Driven through the hub with a model of Redis, so the window answers some
-subscribes and reads answer the others."""
+subscribes and reads answer the others. After every step, the frames a history read would take
+without checking them again (Hub.checked_frames) are the window's own, at their seqs, of its
+epoch, each passing the frame check for this project and that seq."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from gateway.hub import Hub
 from gateway.metrics import Metrics
 from gateway.sequencing import Snapshot
 from schemas.keys import Keys
-from schemas.stored import Meta
+from schemas.stored import ForeignKind, Meta, check_frame
 from schemas.tags import event_tag
 from tests.test_hub import FakeLink, session_of
 
@@ -88,6 +90,14 @@ operation = st.one_of(
 # its clients get the event too (the memo built before it must not answer them).
 @example(
     ops=[("publish", "live")] * 5 + [("storm", 3), ("publish", "live"), ("storm", 3)],
+    window_events=6,
+    max_replay=10,
+    window_bytes=1 << 20,
+)
+# The feed's first read done, then events into the window: what a read parsed then would skip
+# the frame check for is the window's frame at each seq (check_checked_frames).
+@example(
+    ops=[("run", 2)] + [("publish", "live")] * 3 + [("run", 1)],
     window_events=6,
     max_replay=10,
     window_bytes=1 << 20,
@@ -176,6 +186,7 @@ async def scenario(ops, window_events: int, max_replay: int, window_bytes: int =
         elif op == "run":
             for _ in range(arg):
                 await asyncio.sleep(0)
+        check_checked_frames(hub)
     # Settle: late messages arrive, subscribes finish, the periodic check finds what was lost.
     for message in late:
         live(message)
@@ -193,6 +204,26 @@ async def scenario(ops, window_events: int, max_replay: int, window_bytes: int =
     await asyncio.sleep(0)
     for session, epoch, after in starts:
         check_record(session, epoch, after, redis)
+
+
+def check_checked_frames(hub: Hub) -> None:
+    """What a history read parsed now would skip the frame check for (Hub.checked_frames): at
+    every seq it names, the frame the window holds there, of the window's epoch, which passed
+    the check for this project and that seq. A read's entry of the same bytes is then one the
+    check passes too."""
+    checked = hub.checked_frames(PROJECT)
+    feed = hub.feeds.get(PROJECT)
+    if checked is None:
+        assert feed is None or not feed.window.entries or feed.window.epoch is None
+        return
+    window = feed.window
+    assert checked.epoch == window.epoch and checked.last == window.last
+    assert window.lo <= checked.lo <= checked.last
+    held = {seq: item.payload for seq, item, _ in window.entries}
+    for seq in range(checked.lo, checked.last + 1):
+        frame_ = checked.frame_at(seq)
+        assert frame_ is held[seq] and frame_ == frame(window.epoch, seq)
+        check_frame(frame_, ForeignKind.STREAM_ENTRY, PROJECT, seq)
 
 
 def check_record(session, epoch, after, redis: ModelRedis) -> None:
