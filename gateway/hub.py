@@ -88,10 +88,10 @@ WINDOW_EVENTS = 1000
 WINDOW_BYTES = 64 * 1024 * 1024
 #: Bytes a window entry is counted for beyond its payload and frame (the objects around them).
 WINDOW_ENTRY_OVERHEAD = 160
-#: The newest frames of a window that a history read's entries are compared with instead of
-#: being checked again (:meth:`Hub.checked_frames`). A deque is indexed in O(distance from its
-#: nearer end), 64 entries a block: ~0.1 us this deep, where the check costs ~1.5 us; in the
-#: middle of a window of a million, ~40 us.
+#: How deep into a window a history read's entries are looked up, to be compared with its
+#: frames instead of being checked again (:meth:`Hub.checked_frames`): a deque is indexed in
+#: O(distance from its nearer end), 64 entries a block, ~0.1 us this deep where the check costs
+#: ~1.5 us; in the middle of a window of a million, ~40 us. A larger window gives its newest.
 CHECKED_FRAMES_SPAN = 4096
 
 
@@ -771,8 +771,9 @@ class Hub:
         the window cannot change meanwhile). Each passed the frame check for its project and
         seq when the feed took it (live, or from a read), so an entry of the same bytes at that
         seq needs no second check: a resume read from Redis reads back what the window holds.
-        Only the newest :data:`CHECKED_FRAMES_SPAN` are given, where a resume read lands and a
-        lookup is cheap. None when the pod holds none."""
+        A window of over twice :data:`CHECKED_FRAMES_SPAN` gives only its newest that many,
+        where a resume read lands (each lookup stays that close to an end of the deque, and
+        cheap). None when the pod holds none."""
         feed = self.feeds.get(project_id)
         if feed is None:
             return None
@@ -785,7 +786,10 @@ class Hub:
         def frame_at(seq: int) -> bytes:
             return entries[seq - lo][1].payload  # (lo <= seq <= last: held, contiguous)
 
-        return CheckedFrames(window.epoch, max(lo, last - CHECKED_FRAMES_SPAN + 1), last, frame_at)
+        span = CHECKED_FRAMES_SPAN
+        return CheckedFrames(
+            window.epoch, lo if last - lo < 2 * span else last - span + 1, last, frame_at
+        )
 
     def _fill_would_answer(self, feed: Feed, epoch: str | None, after: int | None) -> bool:
         """Whether a read extending the window back to its capacity would cover this cursor."""

@@ -918,3 +918,7 @@ async def test_a_read_in_the_middle_of_a_large_window_looks_up_no_frame_far_from
     # A resume read near the top still takes the window's frames without checking them again.
     assert read(events - 999, events) == []
     assert len(depths) == 1000 and max(depths) < near
+    # A window of up to twice that is looked up whole: no frame of it is further from an end.
+    while len(window.entries) > 2 * near:
+        window.drop_oldest()
+    assert read(window.lo, events) == [] and max(depths) < near
