@@ -962,3 +962,44 @@ async def test_a_drain_sets_the_grace_on_the_healthy_masters_while_another_maste
         await service.stop()
         await client.aclose()
         node.close()
+
+
+async def test_the_http_api_s_readyz_follows_a_master_failed_over_to_its_replica(
+    redis_cluster_factory,
+):
+    """The HTTP API's ``/readyz`` asks the masters of redis-py's slot map, each PING cut off at
+    ``--ready-timeout``, a bound redis-py never sees: a master hung and failed over to its replica
+    stayed in the map, asked and unanswered by every probe, its replica never asked (redis-py
+    reloads its map only after errors it sees itself, and an unready process gets no publish
+    whose own timeout would show it one). Another master then hung (its slots unserved, the
+    replica's too), the process said "2 of 3 masters" not ready for good, where two of the three
+    masters serving the slots answered. The unanswered master is reported to redis-py, whose
+    next call reloads the map."""
+    from tests.test_http_api_reads import ReadApi, _serve
+
+    cluster = redis_cluster_factory(3, 1, extra_args=PARTIAL)
+    first, _, third = cluster.masters()
+    (promoted,) = cluster.replicas_of(first)
+    third_replicas = cluster.replicas_of(third)
+    async with _serve(cluster.url, redis_timeout=3.0, ready_timeout=0.5) as (_, _, port):
+        api = ReadApi(port)
+        assert (await api.get("/readyz", key=None))[0] == 200
+        frozen = [first]
+        await asyncio.to_thread(first.freeze)
+        try:
+            await asyncio.to_thread(
+                cluster.wait_until,
+                "the replica to take over",
+                lambda: promoted.role() == "master" or None,
+            )
+            for node in (*third_replicas, third):  # (its replica first: no failover of it)
+                await asyncio.to_thread(node.freeze)
+                frozen.append(node)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while (answer := await api.get("/readyz", key=None))[0] != 200:
+                assert loop.time() < deadline, answer[2]  # (each probe: 0.5 s at most)
+            assert answer[2] == {"ready": True}
+        finally:
+            for node in frozen:
+                node.thaw()

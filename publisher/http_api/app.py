@@ -61,7 +61,7 @@ from publisher.http_api.core import (
     presence_body,
     revocation_body,
 )
-from redisconn.node_limits import NodeLimits
+from redisconn.node_limits import NodeLimits, node_unanswered
 from schemas.events import ProjectEvent
 from schemas.history import DEFAULT_PAGE_BYTES, MAX_PAGE_BYTES
 from schemas.keys import Keys
@@ -617,6 +617,14 @@ class PublishApi:
                 else:
                     await client.ping(target_nodes=node)
         except Exception as exc:  # any failure means "not ready"; the reason is in the body
+            if isinstance(exc, TimeoutError) and node is not None:
+                # Cut off by our bound, the PING's error is never seen by redis-py, which
+                # reloads its slot map only after errors it sees: a master failed over to its
+                # replica stayed in the map, asked (and unanswered) by every probe, and its
+                # replica never was. Two such failovers, with no publish to make redis-py
+                # see the hung node itself (none comes to an unready process), left every API
+                # process unready for good against a cluster whose every slot was served.
+                node_unanswered(client, node.name)
             return str(exc) or type(exc).__name__
         return None
 
