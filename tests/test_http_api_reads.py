@@ -33,7 +33,15 @@ from schemas.keys import Keys
 from schemas.presence import WRITE, PodRecord, encode_record
 from schemas.protocol import MAX_SEQ, Member, PollResponse, Presence
 from tests.support.redis_server import RedisServer, hung
-from tests.test_http_api import EXPIRED, KEY_ALL, KEY_ONE, Api, _doc_snippet, serving_app
+from tests.test_http_api import (
+    EXPIRED,
+    KEY_ALL,
+    KEY_ONE,
+    Api,
+    _doc_snippet,
+    resolved,
+    serving_app,
+)
 
 KEY_REVOKE_ONLY = "ebk_revoke-only-key"
 KEY_SLOW = "ebk_slow-key"
@@ -760,3 +768,59 @@ async def test_readyz_on_a_cluster_asks_every_master_and_wants_a_majority(
                 masters[1].thaw()
         finally:
             masters[0].thaw()
+
+
+async def _all_events(api: ReadApi, project: int, epoch: str) -> dict[int, int]:
+    """A project's whole history read page by page: blocker_id by seq."""
+    events: dict[int, int] = {}
+    after = 0
+    while True:
+        status, _, page = await api.get(
+            f"/v1/projects/{project}/events?epoch={epoch}&after={after}"
+        )
+        assert status == 200 and page.get("resync_required") is None, page
+        for entry in page["events"]:
+            events[entry["seq"]] = entry["blocker_id"]
+            after = entry["seq"]
+        if not page["more"]:
+            return events
+
+
+async def test_calls_cut_off_by_the_wait_and_call_bound_leave_no_reply_behind() -> None:
+    """The bound on a Redis call counts its wait for a place, so calls of a hung Redis are
+    cut off by it mid-call, their scripts sent (and run once Redis resumes). A connection given
+    back to the pool with such a reply still to come would hand it to a later call (another
+    event's cursor). Each later publish gets its own event's cursor, no event is written twice,
+    and the cut-off publishes retried with their Idempotency-Keys are each written exactly once."""
+    with RedisServer() as server:
+        async with _serve(server.url, redis_timeout=1.0, limit_concurrency=1000) as (_, _, port):
+            api = ReadApi(port)
+            epoch = (await api.get("/v1/projects/1/events"))[2]["epoch"]
+
+            def keyed(i: int):
+                return api.post(1, resolved(i), headers={"Idempotency-Key": f"k{i}"})
+
+            # Connections opened and kept (idle) first: a hung Redis does not finish a new one's
+            # handshake, so only those kept are cut off with a script sent.
+            warm = await asyncio.gather(*(api.post(1, resolved(i)) for i in range(2001, 2101)))
+            assert {status for status, _, _ in warm} == {200}
+            with hung(server):
+                reads = [
+                    api.get(f"/v1/projects/1/events?epoch={epoch}&after=0") for _ in range(100)
+                ]
+                answers = await asyncio.gather(*(keyed(i) for i in range(1, 301)), *reads)
+            assert {status for status, _, _ in answers} == {503}
+            later = await asyncio.gather(*(api.post(1, resolved(i)) for i in range(1001, 1201)))
+            events = await _all_events(api, 1, epoch)
+            assert len(set(events.values())) == len(events), "an event written twice"
+            for i, (status, _, body) in zip(range(1001, 1201), later, strict=True):
+                assert status == 200 and events[body["cursor"]["seq"]] == i, (i, body)
+            assert {
+                status for status, _, _ in await asyncio.gather(*map(keyed, range(1, 301)))
+            } == {200}
+            events = await _all_events(api, 1, epoch)
+            assert sorted(events.values()) == [
+                *range(1, 301),
+                *range(1001, 1201),
+                *range(2001, 2101),
+            ]
