@@ -31,7 +31,7 @@ import redis.exceptions
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
 from gateway.sequencing import Snapshot
-from redisconn.node_limits import NodeLimits, node_name
+from redisconn.node_limits import NodeLimits, node_name, node_unanswered
 from schemas import lua
 from schemas.history import (
     NO_HISTORY_TTL_MS,
@@ -363,5 +363,14 @@ class HistoryStore:
                 if node is None:
                     return bool(await self.client.ping())
                 return bool(await self.client.ping(target_nodes=node))
-        except (redis.exceptions.RedisError, OSError, TimeoutError):
+        except TimeoutError:
+            # Cut off by our bound, the PING's error is never seen by redis-py, which reloads
+            # its slot map only after errors it sees: a master failed over to its replica
+            # stayed in the map, asked by every probe and its replica never, and an idle pod
+            # (nothing else to show redis-py an error) with another master hung was unready
+            # for good. The next call reloads the map, this node last.
+            if node is not None:
+                node_unanswered(self.client, getattr(node, "name", None))
+            return False
+        except (redis.exceptions.RedisError, OSError):
             return False

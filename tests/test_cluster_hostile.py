@@ -1003,3 +1003,41 @@ async def test_the_http_api_s_readyz_follows_a_master_failed_over_to_its_replica
         finally:
             for node in frozen:
                 node.thaw()
+
+
+async def test_the_gateway_s_readiness_ping_follows_a_master_failed_over_to_its_replica(
+    redis_cluster_factory,
+):
+    """The gateway's readiness PING (``HistoryStore.ping``) asks the masters of redis-py's slot
+    map, each cut off at the readiness bound, which redis-py never sees: a master hung and failed
+    over to its replica stayed in the map, asked and unanswered by every probe. With another
+    master then hung (its slots unserved), an idle pod said not ready for good, where two of the
+    three masters serving the slots answered."""
+    cluster = redis_cluster_factory(3, 1, extra_args=PARTIAL)
+    first, _, third = cluster.masters()
+    (promoted,) = cluster.replicas_of(first)
+    third_replicas = cluster.replicas_of(third)
+    client = async_client(cluster.url, call_timeout=4.0)
+    store = HistoryStore(client, KEYS, ForeignValues(Metrics()))
+    try:
+        assert await store.ping(0.5)
+        frozen = [first]
+        await asyncio.to_thread(first.freeze)
+        try:
+            await asyncio.to_thread(
+                cluster.wait_until,
+                "the replica to take over",
+                lambda: promoted.role() == "master" or None,
+            )
+            for node in (*third_replicas, third):  # (its replica first: no failover of it)
+                await asyncio.to_thread(node.freeze)
+                frozen.append(node)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while not await store.ping(0.5):
+                assert loop.time() < deadline, "not ready: the map still names the old master"
+        finally:
+            for node in frozen:
+                node.thaw()
+    finally:
+        await client.aclose()
