@@ -964,6 +964,30 @@ async def test_a_drain_sets_the_grace_on_the_healthy_masters_while_another_maste
         node.close()
 
 
+@contextlib.asynccontextmanager
+async def one_master_failed_over_and_another_hung(cluster):
+    """The first master hung until its replica has taken over, then the third hung with its
+    replicas (its slots unserved: no failover of it), two of the three masters serving the
+    slots answering, until the block ends."""
+    first, _, third = cluster.masters()
+    (promoted,) = cluster.replicas_of(first)
+    frozen = [first]
+    await asyncio.to_thread(first.freeze)
+    try:
+        await asyncio.to_thread(
+            cluster.wait_until,
+            "the replica to take over",
+            lambda: promoted.role() == "master" or None,
+        )
+        for node in (*cluster.replicas_of(third), third):  # (its replicas first)
+            await asyncio.to_thread(node.freeze)
+            frozen.append(node)
+        yield
+    finally:
+        for node in frozen:
+            node.thaw()
+
+
 async def test_the_http_api_s_readyz_follows_a_master_failed_over_to_its_replica(
     redis_cluster_factory,
 ):
@@ -978,31 +1002,15 @@ async def test_the_http_api_s_readyz_follows_a_master_failed_over_to_its_replica
     from tests.test_http_api_reads import ReadApi, _serve
 
     cluster = redis_cluster_factory(3, 1, extra_args=PARTIAL)
-    first, _, third = cluster.masters()
-    (promoted,) = cluster.replicas_of(first)
-    third_replicas = cluster.replicas_of(third)
     async with _serve(cluster.url, redis_timeout=3.0, ready_timeout=0.5) as (_, _, port):
         api = ReadApi(port)
         assert (await api.get("/readyz", key=None))[0] == 200
-        frozen = [first]
-        await asyncio.to_thread(first.freeze)
-        try:
-            await asyncio.to_thread(
-                cluster.wait_until,
-                "the replica to take over",
-                lambda: promoted.role() == "master" or None,
-            )
-            for node in (*third_replicas, third):  # (its replica first: no failover of it)
-                await asyncio.to_thread(node.freeze)
-                frozen.append(node)
+        async with one_master_failed_over_and_another_hung(cluster):
             loop = asyncio.get_running_loop()
             deadline = loop.time() + 10
             while (answer := await api.get("/readyz", key=None))[0] != 200:
                 assert loop.time() < deadline, answer[2]  # (each probe: 0.5 s at most)
             assert answer[2] == {"ready": True}
-        finally:
-            for node in frozen:
-                node.thaw()
 
 
 async def test_the_gateway_s_readiness_ping_follows_a_master_failed_over_to_its_replica(
@@ -1014,30 +1022,14 @@ async def test_the_gateway_s_readiness_ping_follows_a_master_failed_over_to_its_
     master then hung (its slots unserved), an idle pod said not ready for good, where two of the
     three masters serving the slots answered."""
     cluster = redis_cluster_factory(3, 1, extra_args=PARTIAL)
-    first, _, third = cluster.masters()
-    (promoted,) = cluster.replicas_of(first)
-    third_replicas = cluster.replicas_of(third)
     client = async_client(cluster.url, call_timeout=4.0)
     store = HistoryStore(client, KEYS, ForeignValues(Metrics()))
     try:
         assert await store.ping(0.5)
-        frozen = [first]
-        await asyncio.to_thread(first.freeze)
-        try:
-            await asyncio.to_thread(
-                cluster.wait_until,
-                "the replica to take over",
-                lambda: promoted.role() == "master" or None,
-            )
-            for node in (*third_replicas, third):  # (its replica first: no failover of it)
-                await asyncio.to_thread(node.freeze)
-                frozen.append(node)
+        async with one_master_failed_over_and_another_hung(cluster):
             loop = asyncio.get_running_loop()
             deadline = loop.time() + 10
             while not await store.ping(0.5):
                 assert loop.time() < deadline, "not ready: the map still names the old master"
-        finally:
-            for node in frozen:
-                node.thaw()
     finally:
         await client.aclose()

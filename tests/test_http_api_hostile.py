@@ -248,6 +248,27 @@ async def test_a_body_that_cannot_be_read_to_its_end_is_answered_at_once(redis_u
     assert "Exception" not in caplog.text and "Traceback" not in caplog.text, caplog.text
 
 
+async def hold_a_share(
+    app, port: int, padded: bytes
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A publish of key "all" whose body (``padded``) trickles in, all but its last 4,000 bytes
+    sent: it holds its whole declared length (the key's share, when ``padded`` is a full
+    ``--max-body``) once the API has taken it; returns its connection."""
+    taken = asyncio.Event()
+    take = app.bodies.take
+
+    def taking(key_id: str, size: int) -> bool:
+        taken.set()
+        return take(key_id, size)
+
+    app.bodies.take = taking
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(publish_request(padded)[:-4000])
+    async with asyncio.timeout(5):
+        await taken.wait()
+    return reader, writer
+
+
 async def test_bodies_held_at_once_are_bounded_in_all_and_per_key(redis_url) -> None:
     """1,000 connections (--limit-concurrency) each sending a 4 MiB body, slowly, held 4-8 GB:
     nothing bounded their sum. Bodies now count against --max-body-memory from their headers
@@ -258,19 +279,7 @@ async def test_bodies_held_at_once_are_bounded_in_all_and_per_key(redis_url) -> 
     async with serving(redis_url, **limits) as (app, _, port):
         body = json.dumps(EXPIRED).encode()
         padded = body + b" " * (4096 - len(body))
-        taken = asyncio.Event()
-        take = app.bodies.take
-
-        def taking(key_id: str, size: int) -> bool:
-            taken.set()
-            return take(key_id, size)
-
-        app.bodies.take = taking  # type: ignore[method-assign]
-        # A body of key "all" trickling in holds its whole declared length: the key's share.
-        slow_reader, slow_writer = await asyncio.open_connection("127.0.0.1", port)
-        slow_writer.write(publish_request(padded)[:-4000])
-        async with asyncio.timeout(5):
-            await taken.wait()
+        slow_reader, slow_writer = await hold_a_share(app, port, padded)
         assert app.bodies.held == 4096
         refused = [
             publish_request(body),  # declared: refused before a byte of it is read
@@ -319,19 +328,7 @@ async def test_a_client_still_sending_its_body_reads_the_503_overloaded(redis_ur
     async with serving(redis_url, **limits) as (app, _, port):
         body = json.dumps(EXPIRED).encode()
         padded = body + b" " * (4 * mib - len(body))
-        taken = asyncio.Event()
-        take = app.bodies.take
-
-        def taking(key_id: str, size: int) -> bool:
-            taken.set()
-            return take(key_id, size)
-
-        app.bodies.take = taking  # type: ignore[method-assign]
-        # A body of key "all" trickling in holds its whole declared length: the key's share.
-        _, slow_writer = await asyncio.open_connection("127.0.0.1", port)
-        slow_writer.write(publish_request(padded)[:-4000])
-        async with asyncio.timeout(5):
-            await taken.wait()
+        _, slow_writer = await hold_a_share(app, port, padded)
         assert app.bodies.held == 4 * mib
 
         def post() -> tuple[int, str | None] | str:
