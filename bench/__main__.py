@@ -35,6 +35,7 @@ MODULES = [
     "bench.scrape_flood",
     "bench.http_flood",
     "bench.frame_check",
+    "bench.http_parse",
 ]
 
 
