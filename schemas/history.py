@@ -189,7 +189,9 @@ def parse_poll_query(query: str) -> PollQuery:
     params = parse_qs(query, keep_blank_values=True, max_num_fields=10)
     unknown = set(params) - _QUERY_NAMES
     if unknown:
-        raise ValueError(f"unknown query parameters: {', '.join(sorted(unknown))}")
+        # (An empty name, ``?=1``, is named so: else the message ended in nothing.)
+        names = ", ".join(name or '""' for name in sorted(unknown))
+        raise ValueError(f"unknown query parameters: {names}")
 
     def one(name: str) -> str | None:
         values = params.get(name)
@@ -204,17 +206,18 @@ def parse_poll_query(query: str) -> PollQuery:
     tag = one("tag")
     # ASCII digits only: str.isdigit() and int() also take other scripts' digits (Arabic-Indic,
     # fullwidth), isdigit() superscripts that int() then refuses with a message of its own, and
-    # int() refuses more than 4,300 digits likewise.
+    # int() refuses more than 4,300 digits likewise. Leading zeros are a number's own (a
+    # cursor padded to a fixed width was refused as out of range, a message that misled).
     after: int | None = None
     if raw_after is not None:
-        if not _DECIMAL.fullmatch(raw_after) or len(raw_after) > 16:
+        if not _DECIMAL.fullmatch(raw_after) or len(raw_after.lstrip("0")) > 16:
             raise ValueError(_AFTER_RANGE)
-        after = int(raw_after)
+        after = int(raw_after.lstrip("0") or "0")
     limit = DEFAULT_POLL_LIMIT
     if raw_limit is not None:
-        if not _DECIMAL.fullmatch(raw_limit) or len(raw_limit) > 4:
+        if not _DECIMAL.fullmatch(raw_limit) or len(raw_limit.lstrip("0")) > 4:
             raise ValueError(_LIMIT_RANGE)
-        limit = int(raw_limit)
+        limit = int(raw_limit.lstrip("0") or "0")
     check_page(epoch, after, tag, limit)
     return PollQuery(epoch, after, tag, limit)
 

@@ -38,6 +38,10 @@ def test_a_query_gives_the_cursor_and_page_size_or_a_message_naming_the_paramete
     tag = "0123456789abcdef"
     assert parse_poll_query(f"epoch=e1&after=7&tag={tag}&limit=5") == PollQuery("e1", 7, tag, 5)
     assert parse_poll_query("epoch=&after=&limit=") == PollQuery(None, None, None, 100)
+    # Leading zeros (a cursor padded to a width) are the number's, however many.
+    padded = f"epoch=e1&after={'0' * 5000}7&limit=0005"
+    assert parse_poll_query(padded) == PollQuery("e1", 7, None, 5)
+    assert parse_poll_query("epoch=e1&after=0000") == PollQuery("e1", 0, None, DEFAULT_POLL_LIMIT)
     for query, message in [
         ("epoch=e1", "give both epoch and after"),
         ("after=1", "give both epoch and after"),
@@ -53,6 +57,8 @@ def test_a_query_gives_the_cursor_and_page_size_or_a_message_naming_the_paramete
         (f"tag={tag}", "tag: 16 hex digits"),
         ("limit=5&limit=5", "limit given more than once"),
         ("cursor=1", "unknown query parameters: cursor"),
+        ("=1", 'unknown query parameters: ""$'),
+        ("limit=0000", "limit must be"),
         ("&".join(f"x{i}=1" for i in range(11)), "Max number of fields"),  # more than any query has
     ]:
         with pytest.raises(ValueError, match=message):
