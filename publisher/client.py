@@ -107,9 +107,37 @@ def _unavailable(exc: object) -> bool:
     ``busy-reply-threshold`` (5 s) and runs nothing else until it ends or is killed, a Redis
     that does not answer. The command was not run. redis-py raises it as a plain
     ``ResponseError``, which was taken for the script's own refusal (a damaged key)."""
-    return isinstance(exc, _UNAVAILABLE) or (
+    return isinstance(exc, (*_UNAVAILABLE, redis.exceptions.ReadOnlyError)) or (
         isinstance(exc, redis.exceptions.ResponseError) and str(exc).startswith("BUSY ")
     )
+
+
+# A ``READONLY`` refusal (redis-py's ReadOnlyError) is "unavailable" too: the address pointed at
+# a replica for a while (a managed-Redis failover, a DNS switch), whose every write is refused
+# and nothing written (a script refused at its first write has written nothing: a replica takes
+# none). A connection to the replica stays one to the replica, though: the idle connections are
+# dropped after it (see _drop_idle), so that the next attempt connects afresh, to wherever the
+# address points by then (as redis-py's Sentinel connections do).
+
+
+def _drop_idle(client: object, direct: DirectCommands | None) -> None:
+    """After a ``READONLY`` refusal: disconnect the idle connections of a standalone client's
+    pool (the lane's idle ones given back to it first); those in use by other calls are theirs
+    (each one dropped in turn after its own refusal). A cluster client follows its slot map."""
+    pool = getattr(client, "connection_pool", None)
+    if isinstance(client, redis.Redis) and isinstance(pool, redis.ConnectionPool):
+        if direct is not None:
+            direct.close()
+        pool.disconnect(inuse_connections=False)
+
+
+async def _adrop_idle(client: object, direct: AsyncDirectCommands | None) -> None:
+    """:func:`_drop_idle` for an asyncio client."""
+    pool = getattr(client, "connection_pool", None)
+    if isinstance(client, redis.asyncio.Redis) and isinstance(pool, redis.asyncio.ConnectionPool):
+        if direct is not None:
+            await direct.aclose()
+        await pool.disconnect(inuse_connections=False)
 
 
 class _ContractHelpers(Generic[R]):
@@ -402,6 +430,8 @@ def _checked_transaction(calls: list[PreparedBatch], replies: object) -> list | 
         raise _out_of_step_transaction(calls, replies)
     if all(isinstance(reply, redis.exceptions.NoScriptError) for reply in replies):
         return None
+    if replies and all(isinstance(reply, redis.exceptions.ReadOnlyError) for reply in replies):
+        raise replies[0]  # a replica: none ran ("unavailable": sent again, see _unavailable)
     return replies
 
 
@@ -787,6 +817,8 @@ class Publisher(_ContractHelpers[Cursor]):
             except Exception as exc:
                 if not _unavailable(exc):
                     raise
+                if isinstance(exc, redis.exceptions.ReadOnlyError):
+                    _drop_idle(self.client, self._direct)
                 failures += 1
                 pause = self._policy.delay(failures, time.monotonic() - started)
                 if pause is None:
@@ -1142,6 +1174,8 @@ class AsyncPublisher(_ContractHelpers[Awaitable[Cursor]]):
             except Exception as exc:
                 if not _unavailable(exc):
                     raise
+                if isinstance(exc, redis.exceptions.ReadOnlyError):
+                    await _adrop_idle(self.client, self._direct)
                 failures += 1
                 pause = self._policy.delay(failures, time.monotonic() - started)
                 if pause is None:
