@@ -106,7 +106,8 @@ def _unavailable(exc: object) -> bool:
     ``BUSY`` refusal included: Redis runs another client's script past its
     ``busy-reply-threshold`` (5 s) and runs nothing else until it ends or is killed, a Redis
     that does not answer. The command was not run. redis-py raises it as a plain
-    ``ResponseError``, which was taken for the script's own refusal (a damaged key)."""
+    ``ResponseError``, which was taken for the script's own refusal (a damaged key). And a
+    replica's ``READONLY`` (redis-py's ``ReadOnlyError``), once a damaged key too: see below."""
     return isinstance(exc, (*_UNAVAILABLE, redis.exceptions.ReadOnlyError)) or (
         isinstance(exc, redis.exceptions.ResponseError) and str(exc).startswith("BUSY ")
     )

@@ -65,7 +65,8 @@ class PublishError(Exception):
 
 class PublisherUnavailable(PublishError):
     """Redis could not be reached (refused, reset, timed out, hung, busy running another
-    client's script (``BUSY``), or answered what no Redis can: a broken proxy) within the
+    client's script (``BUSY``), a replica refusing writes (``READONLY``: the address led to a
+    replica during a failover), or answered what no Redis can: a broken proxy) within the
     publisher's ``timeout``. Nothing was published, or, if the
     script was sent before the connection failed, the event may have been published exactly
     once: pass an ``idempotency_key`` to make retrying such a publish safe."""

@@ -19,7 +19,7 @@ from publisher import AsyncPublisher, Publisher, PublisherUnavailable
 from schemas.keys import Keys
 from tests.support.redis_server import RedisServer
 from tests.test_http_api import EXPIRED, Api, serving_app
-from tests.test_http_api_reads import read_credentials
+from tests.test_http_api_reads import ReadApi, read_credentials
 from tests.test_publisher import resolved
 
 KEYS = Keys()
@@ -154,6 +154,11 @@ async def test_the_http_api_answers_a_replica_503_unavailable(replica) -> None:
         assert headers["retry-after"] == "1"
         status, _, body = await api.post(1, [EXPIRED, EXPIRED])
         assert (status, body["error"]["code"]) == (503, "unavailable"), body
+        # The history read of a project without history writes one: refused too (was 502
+        # read_failed). Presence is a plain read: a replica answers it.
+        status, headers, body = await ReadApi(port).get("/v1/projects/1/events")
+        assert (status, body["error"]["code"]) == (503, "unavailable"), body
+        assert (await ReadApi(port).get("/v1/projects/1/presence"))[0] == 200
         with after_a_refusal(replica, _promote):
             status, _, body = await api.post(1, EXPIRED)
         assert status == 200, body
