@@ -15,6 +15,7 @@ import redis
 import uvloop
 from hypothesis import settings
 
+import schemas.stored
 from tests.support.redis_server import RedisServer
 
 pytest_plugins = ["tests.support.cluster_fixtures"]
@@ -113,3 +114,17 @@ async def gateways(redis_url):
     for gateway in started:
         if not gateway.draining:
             await gateway.drain()
+
+
+@pytest.fixture
+def frame_checks(monkeypatch) -> list[int]:
+    """The seqs whose frame ``schemas.stored`` checks, in order (the check itself still runs)."""
+    checked: list[int] = []
+    check = schemas.stored._check_frame
+
+    def counting(frame, kind, project, tail):
+        checked.append(int(tail[len(b',"seq":') : -1]))
+        return check(frame, kind, project, tail)
+
+    monkeypatch.setattr(schemas.stored, "_check_frame", counting)
+    return checked

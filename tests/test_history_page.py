@@ -12,7 +12,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import schemas.stored
 from publisher import AsyncPublisher, Publisher
 from publisher.core import PublishError, PublisherUnavailable
 from schemas.history import (
@@ -136,20 +135,6 @@ def _ours(seq: int, project_id: int = 1) -> bytes:
         project_id,
         seq,
     )
-
-
-@pytest.fixture
-def frame_checks(monkeypatch) -> list[int]:
-    """The seqs whose frame the parser checks, in order (the check itself still runs)."""
-    checked: list[int] = []
-    check = schemas.stored._check_frame
-
-    def counting(frame, kind, project, tail):
-        checked.append(int(tail[len(b',"seq":') : -1]))
-        return check(frame, kind, project, tail)
-
-    monkeypatch.setattr(schemas.stored, "_check_frame", counting)
-    return checked
 
 
 def _reply(epoch: bytes, top: int, frames: dict[int, bytes]) -> list:

@@ -869,7 +869,7 @@ async def test_a_catch_up_read_that_finds_another_history_drops_the_resync_it_re
 
 
 async def test_a_read_in_the_middle_of_a_large_window_looks_up_no_frame_far_from_its_ends(
-    monkeypatch,
+    frame_checks: list[int],
 ):
     """A read's entries are compared with the window's frames at their seqs (Hub.checked_frames)
     instead of being checked again, but a deque is indexed in O(distance from its nearer end):
@@ -877,7 +877,6 @@ async def test_a_read_in_the_middle_of_a_large_window_looks_up_no_frame_far_from
     what the check does in ~1.5 us (a 1,000-entry poll page 19 ms instead of 3 ms). Only the
     frames near the window's top (4,096: 64 of the deque's blocks), where a resume read lands,
     are looked up; the others are checked in full, and the read parses the same."""
-    import schemas.stored
     from gateway.hub import CHECKED_FRAMES_SPAN as near
 
     events = 3 * near
@@ -894,14 +893,7 @@ async def test_a_read_in_the_middle_of_a_large_window_looks_up_no_frame_far_from
             return super().__getitem__(index)
 
     window.entries = Watched(window.entries)
-    checks: list[int] = []
-    check = schemas.stored._check_frame
-
-    def counting(frame_, kind, project, tail):
-        checks.append(int(tail[len(b',"seq":') : -1]))
-        return check(frame_, kind, project, tail)
-
-    monkeypatch.setattr(schemas.stored, "_check_frame", counting)
+    checks = frame_checks
 
     def read(first: int, last: int) -> list[int]:
         depths.clear()
