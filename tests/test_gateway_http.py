@@ -19,7 +19,13 @@ from hypothesis import strategies as st
 from gateway.websocket import CLOSE_TIMEOUT
 from publisher import issue_token
 from schemas.events import BlockerResolved, utc_now
-from tests.support.gateway_client import REQUIRED_METRICS, SECRET, publish, start_gateway
+from tests.support.gateway_client import (
+    REQUIRED_METRICS,
+    SECRET,
+    hold_reads,
+    publish,
+    start_gateway,
+)
 from tests.support.redis_server import RedisServer, hung
 from tests.support.ws_client import wait_until
 
@@ -344,15 +350,7 @@ async def test_a_poll_whose_token_expires_while_its_page_is_read_gets_401(
     now = [time.time()]
     gateway.clients.expiry.clock = lambda: now[0]
     token = issue_token(SECRET, [4], ttl=60)
-    reading, release = asyncio.Event(), asyncio.Event()
-    read = gateway.store.snapshot
-
-    async def held(*args, **kwargs):
-        reading.set()
-        await release.wait()
-        return await read(*args, **kwargs)
-
-    monkeypatch.setattr(gateway.store, "snapshot", held)
+    reading, release = hold_reads(gateway, monkeypatch)
     failures, polls = gateway.metrics.auth_failures_total, gateway.metrics.polls_total
     headers = {"Authorization": f"Bearer {token}"}
     answer = asyncio.create_task(request(gateway.port, "/v1/projects/4/events", headers=headers))

@@ -26,6 +26,7 @@ from schemas.tokens import AUDIENCE
 from tests.support.gateway_client import (
     SECRET,
     RecordingClient,
+    hold_reads,
     publish,
     start_gateway,
     ws_url,
@@ -253,15 +254,7 @@ async def test_a_poll_whose_token_is_revoked_while_its_page_is_read_gets_401(
     now = int(time.time())
     old = token("alice", [9], iat=now - 100)
     await publish(publisher, 9, 1)
-    reading, release = asyncio.Event(), asyncio.Event()
-    read = gateway.store.snapshot
-
-    async def held(*args, **kwargs):
-        reading.set()
-        await release.wait()
-        return await read(*args, **kwargs)
-
-    monkeypatch.setattr(gateway.store, "snapshot", held)
+    reading, release = hold_reads(gateway, monkeypatch)
     answer = asyncio.create_task(poll(gateway, old, 9))
     await asyncio.wait_for(reading.wait(), 5)
     revoke(redis_client, "alice", now - 50)

@@ -291,3 +291,18 @@ class RawClient:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def hold_reads(gateway, monkeypatch) -> tuple[asyncio.Event, asyncio.Event]:
+    """Hold an in-process gateway's history reads (``store.snapshot``): the first event is set
+    when a read starts, which waits until the second is set, then reads."""
+    reading, release = asyncio.Event(), asyncio.Event()
+    read = gateway.store.snapshot
+
+    async def held(*args, **kwargs):
+        reading.set()
+        await release.wait()
+        return await read(*args, **kwargs)
+
+    monkeypatch.setattr(gateway.store, "snapshot", held)
+    return reading, release
